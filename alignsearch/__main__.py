@@ -1,0 +1,3 @@
+from alignsearch.cli import main
+
+main(prog_name="alignsearch")

@@ -1,0 +1,163 @@
+"""The FAISS index: which kind for N vectors (pure functions), building it, searching it.
+
+Exact search below FLAT_BELOW vectors, where 8-bit PQ and k-means cannot be trained well; IVF-PQ
+above, with candidates re-ranked exactly from the vector store by the query layer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+FLAT_BELOW = 10_000
+PQ_SIZES = (64, 40, 32, 20, 16, 8, 4, 2, 1)  # bytes per code; the large ones are GPU-legal for d=640
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str  # "flat" or "ivfpq"
+    nlist: int = 0
+    m: int = 0  # PQ sub-quantizers (bytes per vector at 8 bits)
+    nbits: int = 8
+
+    @property
+    def factory(self) -> str:
+        return "IDMap,Flat" if self.kind == "flat" else f"IVF{self.nlist},PQ{self.m}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_index(n: int, dim: int, flat_below: int = FLAT_BELOW) -> IndexPlan:
+    """Flat below flat_below vectors; otherwise IVF-PQ with nlist ~ 8*sqrt(N) (a power of two,
+    at least 39 training points per list) and the largest PQ code that splits dim evenly."""
+    if n < max(flat_below, 256):
+        return IndexPlan("flat")
+    nlist = 2 ** round(math.log2(8 * math.sqrt(n)))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    m = next(m for m in PQ_SIZES if (dim % m == 0 and dim // m >= 2) or m == 1)
+    return IndexPlan("ivfpq", nlist=nlist, m=m)
+
+
+def default_nprobe(plan: IndexPlan) -> int:
+    """Lists to visit per query: 1/32 of them, at least 8. Re-ranking makes up for PQ's error."""
+    if plan.kind == "flat":
+        return 0
+    return min(plan.nlist, max(8, plan.nlist // 32))
+
+
+def train_size(n: int, plan: IndexPlan) -> int:
+    """Random training sample: 64 points per list (faiss wants >= 39), enough for 256 PQ centroids."""
+    if plan.kind == "flat":
+        return 0
+    return min(n, max(64 * plan.nlist, 256 * 64))
+
+
+def candidate_count(k: int, plan: IndexPlan, rerank_factor: int = 10) -> int:
+    """How many ANN candidates to re-rank exactly for a top-k query."""
+    return k if plan.kind == "flat" else max(k * rerank_factor, 100)
+
+
+def needs_rebuild(trained: IndexPlan | None, trained_n: int, n: int, dim: int) -> bool:
+    """Retrain when the right kind of index changed or N grew 4x past what the index was trained for."""
+    if trained is None:
+        return True
+    wanted = plan_index(n, dim)
+    if wanted.kind != trained.kind:
+        return True
+    return trained.kind == "ivfpq" and n > 4 * max(trained_n, 1)
+
+
+def _gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def create(plan: IndexPlan, dim: int) -> faiss.Index:
+    return faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+
+
+def train_and_fill(index: faiss.Index, sample: np.ndarray, chunks) -> faiss.Index:
+    """Train on the sample and add every (vectors, ids) chunk; on a GPU when faiss has one.
+
+    Returns a CPU index ready to be written.
+    """
+    use_gpu = _gpu_count() > 0 and isinstance(index, faiss.IndexIVF)
+    if use_gpu:
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True  # 64-byte PQ codes need float16 lookup tables on the GPU
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index, options)
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    for vectors, ids in chunks:
+        add(index, vectors, ids)
+    return faiss.index_gpu_to_cpu(index) if use_gpu else index
+
+
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+
+
+def remove(index: faiss.Index, ids) -> int:
+    ids = np.asarray(list(ids), dtype=np.int64)
+    return int(index.remove_ids(faiss.IDSelectorBatch(ids))) if len(ids) else 0
+
+
+def write_atomic(index: faiss.Index, path: Path) -> None:
+    """Temporary file, fsync, rename: a reader sees the old index or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path) -> faiss.Index:
+    return faiss.read_index(str(path))
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (len(queries), k'), ids -1 where fewer than k exist."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = max(1, min(k, index.ntotal))
+    if isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        return index.search(queries, k, params=params)
+    return index.search(queries, k)
+
+
+def describe(index: faiss.Index) -> IndexPlan:
+    """The plan an existing index was built with, read from the index itself."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return IndexPlan("flat")
+    pq = faiss.downcast_index(ivf).pq
+    return IndexPlan("ivfpq", nlist=int(ivf.nlist), m=int(pq.M), nbits=int(pq.nbits))
+
+
+def stored_ids(index: faiss.Index) -> np.ndarray:
+    """Every id an IDMap or IVF index holds."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    lists = ivf.invlists
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if lists.list_size(i)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,159 @@
+"""The catalog: one SQLite row per file, plus the index's metadata, through SQLAlchemy.
+
+WAL mode lets queries read while an indexing run writes; a file's row and its vector row are
+committed in one transaction together with the vector store's committed length.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+SCHEMA_VERSION = 1
+INDEXED, FAILED = "indexed", "failed"
+
+metadata = MetaData()
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("root", Text, nullable=False),
+    Column("relpath", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("mtime", Float, nullable=False),
+    Column("sha256", String(64)),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("format", String(16)),
+    Column("status", String(8), nullable=False),
+    Column("reason", Text),
+    Column("indexed_at", Float, nullable=False),
+    Column("vec_row", Integer),  # row in the vector store; NULL for failed files
+    UniqueConstraint("root", "relpath"),
+    sqlite_autoincrement=True,  # ids are never reused, so a stale FAISS id never names a new file
+)
+
+meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    root: str
+    relpath: str
+    size: int
+    mtime: float
+    sha256: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    status: str
+    reason: str | None
+    indexed_at: float
+    vec_row: int | None
+
+    @property
+    def path(self) -> str:
+        return str(Path(self.root) / self.relpath)
+
+
+def connect(db_path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{db_path}")
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        version = get_meta(conn, "schema_version")
+        if version is None:
+            set_meta(conn, "schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(f"index schema version {version} is not supported by this alignsearch ({SCHEMA_VERSION})")
+    return engine
+
+
+def get_meta(conn: Connection, key: str, default: Any = None) -> Any:
+    value = conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+    return default if value is None else json.loads(value)
+
+
+def set_meta(conn: Connection, key: str, value: Any) -> None:
+    text = json.dumps(value)
+    if conn.execute(update(meta).where(meta.c.key == key).values(value=text)).rowcount == 0:
+        conn.execute(insert(meta).values(key=key, value=text))
+
+
+def _rows(result) -> list[FileRow]:
+    return [FileRow(**row._mapping) for row in result]
+
+
+def files_under(conn: Connection, root: str) -> dict[str, FileRow]:
+    """Every catalogued file of one root, by relative path."""
+    return {r.relpath: r for r in _rows(conn.execute(select(files).where(files.c.root == root)))}
+
+
+def get_files(conn: Connection, ids: Iterable[int]) -> dict[int, FileRow]:
+    ids = list(ids)
+    out: dict[int, FileRow] = {}
+    for start in range(0, len(ids), 500):  # SQLite caps bound parameters
+        chunk = ids[start : start + 500]
+        out.update({r.id: r for r in _rows(conn.execute(select(files).where(files.c.id.in_(chunk))))})
+    return out
+
+
+def failed_files(conn: Connection) -> list[FileRow]:
+    return _rows(conn.execute(select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)))
+
+
+def live_vectors(conn: Connection) -> Iterator[tuple[int, int]]:
+    """(file id, vector row) of every indexed file, in id order."""
+    query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED).order_by(files.c.id)
+    yield from conn.execute(query).tuples()
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    found = {status: n for status, n in conn.execute(select(files.c.status, func.count()).group_by(files.c.status))}
+    return {INDEXED: found.get(INDEXED, 0), FAILED: found.get(FAILED, 0)}
+
+
+def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
+    """Insert or replace the row of (root, relpath). A replaced file gets a new id, so the ANN
+    index never confuses its old vector with its new one."""
+    conn.execute(delete(files).where(files.c.root == values["root"], files.c.relpath == values["relpath"]))
+    values = {"indexed_at": time.time(), **values}
+    return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+
+
+def delete_files(conn: Connection, ids: Iterable[int]) -> None:
+    ids = list(ids)
+    for start in range(0, len(ids), 500):
+        conn.execute(delete(files).where(files.c.id.in_(ids[start : start + 500])))

@@ -1,0 +1,180 @@
+"""The `alignsearch` command: a thin layer over the Python API.
+
+Exit codes: 0 done (per-file failures are listed, not fatal), 1 unexpected error, 2 bad usage,
+3 no index, 4 model cannot be loaded, 5 model differs from the index's, 6 unusable query input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+
+import click
+
+from alignsearch.errors import AlignSearchError
+
+index_option = click.option(
+    "--index", "index_dir", envvar="ALIGNSEARCH_INDEX", type=click.Path(file_okay=False),
+    help="Index directory (default: the nearest .alignsearch/ in this folder or above; env ALIGNSEARCH_INDEX).",
+)
+model_option = click.option("--model", default=None, help="ALIGN checkpoint: hub id or local directory (default: the index's own).")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def reports_errors(fn):
+    """Turn AlignSearchError into a one-line message and its exit code, not a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AlignSearchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="alignsearch")
+def main() -> None:
+    """Semantic search over image folders with ALIGN: index once, query by text, image, or both."""
+
+
+@main.command()
+@click.argument("roots", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@index_option
+@model_option
+@device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch (default 32 on CPU, 256 on CUDA).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (default: cores - 1; 0 decodes in-process).")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--rebuild", is_flag=True, help="Retrain the ANN index from scratch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@reports_errors
+def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, as_json):
+    """Index the images under ROOTS (and every folder this index already holds)."""
+    _quiet_transformers()
+    from indexer.job import index_folders  # the write path lives outside the core package
+
+    s = index_folders(
+        list(roots), index_dir, model, device, batch_size, workers, include_hidden, rebuild,
+        progress=not as_json and sys.stderr.isatty(),
+    )
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    click.echo(
+        f"{s.added} added, {s.updated} updated, {s.removed} removed, {s.failed} failed, {s.unchanged} unchanged"
+    )
+    click.echo(f"index: {s.index['plan']['kind']} with {s.index['vectors']} vectors ({s.index['action']}) in {s.index_dir}")
+    for path in s.skipped_names:
+        click.echo(f"skipped (file name is not valid UTF-8): {path!r}", err=True)
+    if s.failed:
+        click.echo("see the failures with: alignsearch info --failed", err=True)
+
+
+def _print_hits(query: dict, hits, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"query": query, "results": [h.to_dict() for h in hits]}, indent=2))
+        return
+    if not hits:
+        click.echo("no results")
+    for rank, h in enumerate(hits, 1):
+        click.echo(f"{rank:>3}. {h.score:.4f}  {h.path}")
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image to search with (alone or with TEXT).")
+@click.option("--negative", help="Text whose concept to subtract from the query.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results.")
+@click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query.")
+@click.option("--image-weight", type=float, default=1.0, show_default=True)
+@click.option("--negative-weight", type=float, default=1.0, show_default=True)
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value).")
+@click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
+@index_option
+@model_option
+@device_option
+@reports_errors
+def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, as_json, index_dir, model, device):
+    """Search the index by TEXT, by --image, or by both."""
+    if text is None and image is None:
+        raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
+    _quiet_transformers()
+    from alignsearch.engine import open as open_index
+
+    engine = open_index(index_dir, model=model, device=device)
+    hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
+                         image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe)
+    q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
+         "image_weight": image_weight, "negative_weight": negative_weight}
+    _print_hits(q, hits, as_json)
+
+
+@main.command()
+@click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Image to embed (repeatable).")
+@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
+@index_option
+@model_option
+@device_option
+@reports_errors
+def embed(texts, images, as_json, index_dir, model, device):
+    """Print normalised embeddings as a JSON array, for other tools."""
+    if not texts and not images:
+        raise click.UsageError("give at least one --text or --image")
+    _quiet_transformers()
+    from alignsearch.engine import find_index_dir, open as open_index
+    from alignsearch.model import DEFAULT_MODEL, Encoder
+
+    if model is None and (index_dir or find_index_dir()):
+        encoder = open_index(index_dir).encoder  # the index's own model
+    else:
+        encoder = Encoder(model or DEFAULT_MODEL, device)
+    out = []
+    if texts:
+        out += [{"kind": "text", "input": t, "embedding": v.tolist()} for t, v in zip(texts, encoder.encode_text(list(texts)))]
+    for path in images:
+        out.append({"kind": "image", "input": path, "embedding": encoder.encode_images([path])[0].tolist()})
+    click.echo(json.dumps(out))
+
+
+@main.command()
+@click.option("--failed", is_flag=True, help="List the files that could not be indexed, with the reason.")
+@click.option("--json", "as_json", is_flag=True)
+@index_option
+@reports_errors
+def info(failed, as_json, index_dir):
+    """What the index holds: model, counts, index type and parameters."""
+    from alignsearch.engine import open as open_index
+
+    engine = open_index(index_dir)
+    data = engine.info()
+    if failed:
+        data["failed_files"] = [{"id": r.id, "path": r.path, "reason": r.reason} for r in engine.failed()]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    ix = data["index"]
+    click.echo(f"index:   {data['index_dir']}")
+    click.echo(f"model:   {data['model']} (dim {data['dim']})")
+    click.echo(f"roots:   {', '.join(data['roots'])}")
+    click.echo(f"images:  {data['images']} indexed, {data['failed']} failed")
+    params = f" nlist={ix['nlist']} PQ{ix['pq_m']} nprobe={ix['nprobe']}" if ix["type"] != "flat" else ""
+    click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
+    for f in data.get("failed_files", []):
+        click.echo(f"failed:  {f['path']}: {f['reason']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The Python API: open an index directory and search it by text, image or both."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignsearch import ann, catalog
+from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
+from alignsearch.vectors import VectorStore
+
+INDEX_DIRNAME = ".alignsearch"
+DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    path: str
+    score: float
+    root: str
+    relpath: str
+    width: int | None
+    height: int | None
+    format: str | None
+    size: int
+    mtime: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
+    """The nearest `.alignsearch` directory in start (default: cwd) or its parents, like `.git`."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / INDEX_DIRNAME / DB_FILE).exists():
+            return folder / INDEX_DIRNAME
+    return None
+
+
+def resolve_index_dir(index_dir: str | os.PathLike | None) -> Path:
+    """An explicit directory, else $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` in cwd or above."""
+    chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX")
+    if chosen:
+        path = Path(chosen)
+        if not (path / DB_FILE).exists():
+            raise IndexNotFoundError(f"{path} is not an alignsearch index: run `alignsearch index ROOT --index {path}` first")
+        return path
+    found = find_index_dir()
+    if found is None:
+        raise IndexNotFoundError(
+            f"no {INDEX_DIRNAME}/ index in {os.getcwd()} or its parents: run `alignsearch index FOLDER` "
+            "first, or point --index / ALIGNSEARCH_INDEX at one"
+        )
+    return found
+
+
+class Engine:
+    """An opened index. The model loads on first use; searches may run from several threads."""
+
+    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto"):
+        self.dir = Path(index_dir)
+        self.db = catalog.connect(self.dir / DB_FILE)
+        with self.db.connect() as conn:
+            self.model_info = catalog.get_meta(conn, "model")
+            self.roots = catalog.get_meta(conn, "roots", [])
+            rows = catalog.get_meta(conn, "vector_rows", 0)
+            self._nprobe = catalog.get_meta(conn, "nprobe")
+        if self.model_info is None:
+            raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
+        self.store = VectorStore(self.dir / VECTORS_FILE, int(self.model_info["dim"]), rows)
+        self._model_name = model
+        self._device = device
+        self._encoder = None
+        self._encoder_lock = threading.Lock()
+        self._load_index()
+
+    def _load_index(self) -> None:
+        path = self.dir / ANN_FILE
+        if not path.exists():
+            raise IndexNotFoundError(f"{path} is missing: run `alignsearch index` to build it")
+        self._index_mtime = path.stat().st_mtime_ns
+        self.index = ann.read(path)
+        self.plan = ann.describe(self.index)
+
+    def refresh(self) -> bool:
+        """Pick up an index rebuilt since opening (the file is replaced atomically); True if it changed."""
+        path = self.dir / ANN_FILE
+        if path.stat().st_mtime_ns == self._index_mtime:
+            return False
+        with self.db.connect() as conn:
+            self.store = VectorStore(self.store.path, self.store.dim, catalog.get_meta(conn, "vector_rows", 0))
+            self._nprobe = catalog.get_meta(conn, "nprobe")
+        self._load_index()
+        return True
+
+    @property
+    def nprobe(self) -> int:
+        return int(self._nprobe or ann.default_nprobe(self.plan))
+
+    @property
+    def encoder(self):
+        """The index's own model, loaded once; a different model given at open() is an error."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                from alignsearch.model import Encoder
+
+                enc = Encoder(self._model_name or self.model_info["model"], self._device)
+                if enc.fingerprint != self.model_info["fingerprint"]:
+                    raise ModelMismatchError(
+                        f"this index was built with {self.model_info['model']} "
+                        f"(fingerprint {self.model_info['fingerprint']}), but {enc.name} has fingerprint "
+                        f"{enc.fingerprint}: query with the index's model, or re-index with the new one"
+                    )
+                self._encoder = enc
+            return self._encoder
+
+    def embed(self, text: str | None = None, image=None, negative: str | None = None,
+              text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> np.ndarray:
+        """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative."""
+        from alignsearch.query import compose
+
+        if text is None and image is None:
+            raise BadInputError("give a text, an image, or both to search for")
+        enc = self.encoder
+        with self._encoder_lock:  # torch modules are not safe to call from two threads at once
+            t = enc.encode_text([text])[0] if text is not None else None
+            i = enc.encode_images([image])[0] if image is not None else None
+            n = enc.encode_text([negative])[0] if negative else None
+        try:
+            return compose(t, i, n, text_weight, image_weight, negative_weight)
+        except ValueError as exc:
+            raise BadInputError(str(exc)) from None
+
+    def search(self, text: str | None = None, image=None, k: int = 10, negative: str | None = None,
+               text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
+               nprobe: int | None = None) -> list[Hit]:
+        """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1)."""
+        query = self.embed(text, image, negative, text_weight, image_weight, negative_weight)
+        return self.search_vector(query, k, nprobe)
+
+    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[Hit]:
+        from alignsearch.query import rerank
+
+        if k < 1:
+            raise BadInputError(f"k must be at least 1, got {k}")
+        if self.index.ntotal == 0:
+            return []
+        want = ann.candidate_count(k, self.plan)
+        scores, ids = ann.search(self.index, query[None, :], want, nprobe or self.nprobe)
+        keep = ids[0] >= 0
+        ids, scores = ids[0][keep], scores[0][keep]
+        with self.db.connect() as conn:
+            rows = catalog.get_files(conn, ids.tolist())
+        known = np.array([i in rows and rows[i].vec_row is not None for i in ids.tolist()], dtype=bool)
+        ids, scores = ids[known], scores[known]
+        if self.plan.kind != "flat":  # PQ scores are approximate: re-score from the stored vectors
+            vectors = self.store.get(np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
+            ids, scores = rerank(query, ids, vectors, k)
+        return [_hit(rows[int(i)], float(s)) for i, s in zip(ids[:k], scores[:k])]
+
+    def info(self) -> dict[str, Any]:
+        with self.db.connect() as conn:
+            count = catalog.counts(conn)
+        return {
+            "index_dir": str(self.dir.resolve()),
+            "model": self.model_info["model"],
+            "fingerprint": self.model_info["fingerprint"],
+            "dim": self.model_info["dim"],
+            "roots": self.roots,
+            "images": count[catalog.INDEXED],
+            "failed": count[catalog.FAILED],
+            "index": {
+                "type": self.plan.kind,
+                "factory": self.plan.factory,
+                "nlist": self.plan.nlist,
+                "pq_m": self.plan.m,
+                "nprobe": self.nprobe if self.plan.kind != "flat" else None,
+                "vectors": int(self.index.ntotal),
+                "metric": "inner_product",
+            },
+        }
+
+    def failed(self) -> list[catalog.FileRow]:
+        with self.db.connect() as conn:
+            return catalog.failed_files(conn)
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def _hit(row: catalog.FileRow, score: float) -> Hit:
+    return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime)
+
+
+def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto") -> Engine:  # noqa: A001
+    """Open an index: the given directory, $ALIGNSEARCH_INDEX, or the nearest `.alignsearch` above cwd."""
+    return Engine(resolve_index_dir(index_dir), model=model, device=device)

@@ -1,0 +1,27 @@
+"""Errors a user can act on. Each carries the CLI exit code that reports it."""
+
+
+class AlignSearchError(Exception):
+    exit_code = 1
+
+
+class IndexNotFoundError(AlignSearchError):
+    exit_code = 3
+
+
+class ModelLoadError(AlignSearchError):
+    exit_code = 4
+
+
+class ModelMismatchError(AlignSearchError):
+    exit_code = 5
+
+
+class BadInputError(AlignSearchError):
+    """A query argument that cannot be used (unreadable image, nothing to search for)."""
+
+    exit_code = 6
+
+
+class BadImageError(Exception):
+    """One image file that cannot be used; the indexer records the reason and moves on."""

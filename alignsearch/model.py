@@ -1,0 +1,202 @@
+"""The ALIGN encoder: loads a checkpoint with from_pretrained and turns text and images into unit vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alignsearch.errors import BadImageError, BadInputError, ModelLoadError
+from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
+
+DEFAULT_MODEL = "kakaobrain/align-base"
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _pair(value, key_h: str = "height", key_w: str = "width") -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    get = value.get if hasattr(value, "get") else lambda k: getattr(value, k)
+    return int(get(key_h)), int(get(key_w))
+
+
+def _triple(value) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)
+
+
+def image_spec_from_processor(proc) -> ImageSpec:
+    """Read what a transformers EfficientNet/ALIGN image processor does from its attributes.
+
+    Attributes rather than class defaults: align-base's saved config overrides most of them.
+    """
+    if not getattr(proc, "do_resize", True):
+        raise ModelLoadError("the checkpoint's image processor does not resize; alignsearch needs a fixed input size")
+    resample = getattr(proc, "resample", Image.BILINEAR)
+    do_rescale = getattr(proc, "do_rescale", True)
+    do_normalize = getattr(proc, "do_normalize", False)
+    std = _triple(getattr(proc, "image_std", None))
+    return ImageSpec(
+        resize=_pair(proc.size),
+        resample=int(resample if resample is not None else Image.BILINEAR),
+        crop=_pair(proc.crop_size) if getattr(proc, "do_center_crop", False) else None,
+        rescale_factor=float(getattr(proc, "rescale_factor", 1 / 255)) if do_rescale else 1.0,
+        rescale_offset=bool(getattr(proc, "rescale_offset", False)) and do_rescale,
+        mean=_triple(getattr(proc, "image_mean", None)) if do_normalize else None,
+        std=std if do_normalize else None,
+        include_top_std=std if getattr(proc, "include_top", False) else None,
+    )
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """Identifies config and weights without hashing all 690 MB: shapes plus evenly spaced samples."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _normalise(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32)
+
+
+def _embedding(output) -> torch.Tensor:
+    # transformers 4.x returns the tensor; 5.x an output object whose pooler_output is the embedding.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class Encoder:
+    """One loaded ALIGN checkpoint on one device. Not thread-safe: serialise calls."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto"):
+        from transformers import AlignModel, AutoImageProcessor, AutoTokenizer
+
+        # A local directory is remembered by absolute path, so later runs find it from anywhere.
+        self.name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
+        self.device = resolve_device(device)
+        try:
+            self.model = AlignModel.from_pretrained(self.name).float().eval().to(self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name)
+            image_processor = AutoImageProcessor.from_pretrained(self.name)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not load the ALIGN checkpoint {self.name!r}: {exc}\n"
+                "Without network access, download it once elsewhere "
+                "(huggingface-cli download kakaobrain/align-base --local-dir ./align-base) "
+                "and pass --model ./align-base (or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache)."
+            ) from None
+        self.spec = image_spec_from_processor(image_processor)
+        self.dim = int(self.model.config.projection_dim)
+        text_limit = int(self.model.config.text_config.max_position_embeddings)
+        tok_limit = int(getattr(self.tokenizer, "model_max_length", text_limit) or text_limit)
+        # ALIGN was trained on 64 tokens; tokenizers without a saved limit report a huge sentinel.
+        self.max_length = min(text_limit, tok_limit, 64)
+        self.fingerprint = _fingerprint(self.model)
+        self.temperature = float(self.model.temperature.detach().cpu())
+        self._autocast = self.device.type == "cuda"
+        spec = self.spec
+        self._scale = torch.tensor(spec.rescale_factor, device=self.device)
+        self._mean = None if spec.mean is None else torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = None if spec.std is None else torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self._top = (
+            None if spec.include_top_std is None else torch.tensor(spec.include_top_std, device=self.device).view(1, 3, 1, 1)
+        )
+
+    def describe(self) -> dict:
+        """What an index records about the model that built it."""
+        s = self.spec
+        return {
+            "model": self.name,
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "max_text_tokens": self.max_length,
+            "preprocessing": {
+                "resize": list(s.resize),
+                "resample": s.resample,
+                "crop": list(s.crop) if s.crop else None,
+                "rescale_factor": s.rescale_factor,
+                "rescale_offset": s.rescale_offset,
+                "mean": s.mean,
+                "std": s.std,
+                "include_top_std": s.include_top_std,
+            },
+        }
+
+    def _context(self):
+        if self._autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, dim) float32 unit vectors. Long texts are truncated to the model's token limit."""
+        if isinstance(texts, str):
+            texts = [texts]
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self._context():
+            out = self.model.get_text_features(**batch)
+        return _normalise(_embedding(out))
+
+    def pixels(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device."""
+        x = torch.from_numpy(np.ascontiguousarray(crops))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float() * self._scale
+        if self.spec.rescale_offset:
+            x = x - 1.0
+        if self._mean is not None:
+            x = (x - self._mean) / self._std
+        if self._top is not None:
+            x = x / self._top
+        return x
+
+    @torch.inference_mode()
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """(N, dim) float32 unit vectors from uint8 crops made by images.crop_uint8."""
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._context():
+            out = self.model.get_image_features(pixel_values=self.pixels(crops))
+        return _normalise(_embedding(out))
+
+    def crop(self, image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """A path, bytes or PIL image to the uint8 crop; BadInputError when it cannot be read."""
+        if isinstance(image, Image.Image):
+            return crop_uint8(to_rgb(image), self.spec)
+        try:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            return crop_uint8(open_rgb(data, max_pixels)[0], self.spec)
+        except (OSError, BadImageError) as exc:
+            raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {exc}") from None
+
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        return self.encode_crops(np.stack([self.crop(im) for im in images]))

@@ -1,0 +1,42 @@
+"""The reader stage, run in worker processes: file bytes to a uint8 crop, or a reason it failed."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignsearch.errors import BadImageError
+from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
+from indexer.scan import Found
+
+
+@dataclass
+class Item:
+    found: Found
+    crop: np.ndarray | None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    reason: str | None = None
+    seconds: float = 0.0  # time this worker spent reading and decoding
+
+
+def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
+    start = time.perf_counter()
+    if found.error:
+        return Item(found, None, reason=found.error)
+    try:
+        with open(found.path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return Item(found, None, reason=f"cannot read: {exc.strerror or exc}", seconds=time.perf_counter() - start)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        img = decode(data, spec, max_pixels)
+    except BadImageError as exc:
+        return Item(found, None, sha, reason=str(exc), seconds=time.perf_counter() - start)
+    return Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start)

@@ -1,0 +1,141 @@
+"""`alignsearch index`: scan the roots, encode what is new or changed, update the index."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignsearch import catalog
+from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, VECTORS_FILE, find_index_dir
+from alignsearch.errors import BadInputError, ModelMismatchError
+from alignsearch.model import DEFAULT_MODEL, Encoder
+from alignsearch.vectors import VectorStore
+from indexer import build, pipeline, scan
+from indexer.writer import catalog_writer
+
+
+@dataclass
+class Summary:
+    index_dir: str
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    skipped_names: list[str] = field(default_factory=list)  # names SQLite cannot store (not UTF-8)
+    index: dict = field(default_factory=dict)
+    times: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _storable(found: scan.Found) -> bool:
+    try:
+        found.relpath.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def index_folders(
+    roots: list[str | os.PathLike],
+    index_dir: str | os.PathLike | None = None,
+    model: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    include_hidden: bool = False,
+    rebuild: bool = False,
+    progress: bool = False,
+) -> Summary:
+    """Index `roots` (plus every root the index already knows) into index_dir.
+
+    index_dir defaults to $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above cwd, else a new
+    `.alignsearch` in cwd.
+    """
+    for root in roots:
+        if not Path(root).is_dir():
+            raise BadInputError(f"{root} is not a directory: give the folder that holds the images")
+    chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
+    out = Path(chosen)
+    out.mkdir(parents=True, exist_ok=True)
+    db = catalog.connect(out / DB_FILE)
+    try:
+        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress)
+    finally:
+        db.dispose()
+
+
+def _load_encoder(db, model: str | None, device: str) -> Encoder:
+    with db.connect() as conn:
+        recorded = catalog.get_meta(conn, "model")
+    enc = Encoder(model or (recorded or {}).get("model") or DEFAULT_MODEL, device)
+    if recorded is None:
+        with db.begin() as conn:
+            catalog.set_meta(conn, "model", enc.describe())
+    elif recorded["fingerprint"] != enc.fingerprint:
+        raise ModelMismatchError(
+            f"this index was built with {recorded['model']} (fingerprint {recorded['fingerprint']}), "
+            f"not {enc.name} ({enc.fingerprint}): leave out --model, or index into a new --index DIR"
+        )
+    return enc
+
+
+def _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress) -> Summary:
+    from tqdm import tqdm
+
+    summary = Summary(str(out.resolve()))
+    encoder = _load_encoder(db, model, device)
+    with db.begin() as conn:
+        known_roots = catalog.get_meta(conn, "roots", [])
+        all_roots = list(dict.fromkeys(known_roots + [str(Path(r).resolve()) for r in roots]))
+        catalog.set_meta(conn, "roots", all_roots)
+        rows = catalog.get_meta(conn, "vector_rows", 0)
+    if not all_roots:
+        raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
+
+    todo: list[scan.Found] = []
+    with db.begin() as conn:
+        for root in all_roots:
+            if not Path(root).is_dir():
+                print(f"warning: root {root} is missing; its files stay in the index", file=sys.stderr)
+                continue
+            found = []
+            for f in scan.scan(root, include_hidden):
+                if _storable(f):
+                    found.append(f)
+                else:
+                    summary.skipped_names.append(f.path)
+            d = scan.diff(found, catalog.files_under(conn, root))
+            catalog.delete_files(conn, d.removed_ids)
+            todo += d.todo
+            summary.updated += len(d.changed_ids)
+            summary.removed += len(d.removed_ids)
+            summary.unchanged += d.unchanged
+    summary.added = len(todo) - summary.updated
+
+    store = VectorStore(out / VECTORS_FILE, encoder.dim, rows)
+    store.truncate_uncommitted()
+    if workers is None:
+        workers = default_workers()
+    if batch_size is None:
+        batch_size = 256 if encoder.device.type == "cuda" else 32
+    if batch_size < 1:
+        raise BadInputError("--batch-size must be at least 1")
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="indexing")
+    items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0)
+    times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update)
+    bar.close()
+    summary.failed = times.failed
+    built = build.sync_index(db, store, out / ANN_FILE, rebuild=rebuild)
+    times.extra["index_build"] = round(built.pop("seconds"), 3)
+    summary.index = built
+    summary.times = times.to_dict()
+    return summary

@@ -1,0 +1,45 @@
+"""The writer stage: one transaction per batch for catalog rows, vector rows and the row count."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from sqlalchemy.engine import Engine
+
+from alignsearch import catalog
+from alignsearch.vectors import VectorStore
+from indexer.decode import Item
+
+
+def catalog_writer(db: Engine, store: VectorStore) -> Callable[[list[Item], np.ndarray], None]:
+    """A write(batch, vectors) that appends the vectors (fsync'ed) and then commits the rows that
+    point at them. Killed in between, the next run cuts the uncommitted vectors off."""
+
+    def write(batch: list[Item], vectors: np.ndarray) -> None:
+        good = [it for it in batch if it.crop is not None]
+        start = store.append(vectors) if good else store.rows
+        rows = iter(range(start, start + len(good)))
+        with db.begin() as conn:
+            for it in batch:
+                f = it.found
+                ok = it.crop is not None
+                catalog.upsert_file(
+                    conn,
+                    dict(
+                        root=f.root,
+                        relpath=f.relpath,
+                        size=f.size,
+                        mtime=f.mtime,
+                        sha256=it.sha256,
+                        width=it.width,
+                        height=it.height,
+                        format=it.format,
+                        status=catalog.INDEXED if ok else catalog.FAILED,
+                        reason=it.reason,
+                        vec_row=next(rows) if ok else None,
+                    ),
+                )
+            catalog.set_meta(conn, "vector_rows", store.rows)
+
+    return write

@@ -1,0 +1,68 @@
+"""Builds a tiny random ALIGN checkpoint in a directory, saved the way real checkpoints are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "a an the of on in at with and photo picture image red green blue yellow black white car beach dog cat "
+    "night day small big circle square triangle sky road tree house person man woman"
+).split()
+
+
+def build_tiny_align(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(str(out), model_max_length=64)
+
+    vision = dict(
+        image_size=64,
+        width_coefficient=1.0,
+        depth_coefficient=0.25,
+        hidden_dim=64,
+        in_channels=[32, 16, 24],
+        out_channels=[16, 24, 32],
+        kernel_sizes=[3, 3, 5],
+        strides=[1, 2, 2],
+        num_block_repeats=[1, 1, 1],
+        expand_ratios=[1, 6, 6],
+        depthwise_padding=[],
+    )
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    config = AlignConfig(text_config=text, vision_config=vision, projection_dim=8)
+    torch.manual_seed(seed)
+    model = AlignModel(config)
+    probe = model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32))
+    dim = (probe if isinstance(probe, torch.Tensor) else probe.pooler_output).shape[-1]
+    if dim != config.projection_dim:  # the image embedding's width is the vision tower's last channels
+        config = AlignConfig(text_config=text, vision_config=vision, projection_dim=int(dim))
+        torch.manual_seed(seed)
+        model = AlignModel(config)
+    model.eval().save_pretrained(out)
+    image_processor = EfficientNetImageProcessor(
+        do_resize=True,
+        size={"height": 40, "width": 40},
+        resample=2,
+        do_center_crop=True,
+        crop_size={"height": 32, "width": 32},
+        do_rescale=True,
+        rescale_factor=1 / 127.5,
+        rescale_offset=True,
+        do_normalize=False,
+        include_top=False,
+    )
+    AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out

@@ -137,7 +137,8 @@ def failed_files(conn: Connection) -> list[FileRow]:
 def live_vectors(conn: Connection) -> Iterator[tuple[int, int]]:
     """(file id, vector row) of every indexed file, in id order."""
     query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED).order_by(files.c.id)
-    yield from conn.execute(query).tuples()
+    for file_id, vec_row in conn.execute(query):
+        yield file_id, vec_row
 
 
 def counts(conn: Connection) -> dict[str, int]:

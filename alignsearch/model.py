@@ -81,8 +81,10 @@ def _fingerprint(model: torch.nn.Module) -> str:
 
 
 def _normalise(x: torch.Tensor) -> np.ndarray:
+    # Not F.normalize: its eps of 1e-12 would leave small (e.g. freshly initialised) embeddings un-normalised.
     x = x.float()
-    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return x.cpu().numpy()
 
 
 def _embedding(output) -> torch.Tensor:

@@ -41,6 +41,7 @@ def build_tiny_align(out: Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        initializer_range=1.0,  # large random weights, so distinct texts get distinct vectors
     )
     config = AlignConfig(text_config=text, vision_config=vision, projection_dim=8)
     torch.manual_seed(seed)

@@ -1,0 +1,132 @@
+"""End to end through the `alignsearch` command: index generated images, query by text, image and both."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from alignsearch.cli import main
+from conftest import make_images
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture
+def indexed(tmp_path, corpus, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    out = run("index", corpus, "--model", tiny_model, "--device", "cpu", "--batch-size", "4", "--workers", "2", "--json")
+    return json.loads(out.output)
+
+
+def test_index_summary_and_failures(indexed, tmp_path):
+    assert indexed["added"] == 19 and indexed["failed"] == 1 and indexed["removed"] == 0
+    assert indexed["index"]["plan"]["kind"] == "flat" and indexed["index"]["vectors"] == 18
+    assert set(indexed["times"]) >= {"read_wait", "encode", "write", "decode_worker", "extra"}
+    assert (tmp_path / ".alignsearch" / "catalog.db").exists()
+    info = json.loads(run("info", "--failed", "--json").output)
+    assert info["images"] == 18 and info["failed"] == 1
+    assert info["index"]["type"] == "flat"
+    assert [os.path.basename(f["path"]) for f in info["failed_files"]] == ["broken.jpg"]
+    assert "not an image" in info["failed_files"][0]["reason"]
+    assert "broken.jpg" in run("info", "--failed").output
+
+
+def test_text_query_json_schema(indexed):
+    out = json.loads(run("query", "red car on beach", "-k", "5", "--json").output)
+    assert out["query"]["text"] == "red car on beach"
+    assert len(out["results"]) == 5
+    for hit in out["results"]:
+        assert {"id", "path", "score", "width", "height", "format"} <= set(hit)
+        assert os.path.exists(hit["path"])
+    scores = [h["score"] for h in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_image_query_finds_the_image_itself(indexed, corpus):
+    target = corpus / "img004.jpg"
+    out = json.loads(run("query", "--image", target, "-k", "3", "--json").output)
+    assert out["results"][0]["path"] == str(target)
+    assert out["results"][0]["score"] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_compound_and_negative_queries_differ_from_their_parts(indexed, corpus):
+    image = corpus / "img005.jpg"
+    def ids(*args):
+        return [h["id"] for h in json.loads(run("query", *args, "-k", "18", "--json").output)["results"]]
+    text_only, image_only = ids("at night"), ids("--image", image)
+    both = ids("at night", "--image", image)
+    assert len(both) == 18 and both != image_only and both != text_only
+    assert ids("at night", "--image", image, "--negative", "dog") != both
+    human = run("query", "at night", "--image", image, "-k", "2").output
+    assert str(image.parent) in human and "1." in human
+
+
+def test_k_beyond_the_collection_returns_all(indexed):
+    out = json.loads(run("query", "dog", "-k", "500", "--json").output)
+    assert len(out["results"]) == 18 and len({h["id"] for h in out["results"]}) == 18
+
+
+def test_rerun_is_incremental_and_tracks_changes(indexed, corpus, tmp_path):
+    again = json.loads(run("index", "--json").output)  # roots remembered, model remembered
+    assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, 19)
+    (corpus / "img001.jpg").unlink()
+    make_images(tmp_path / "tmpimg", 3, seed=9)[2].replace(corpus / "img002.jpg")  # same name, new content
+    second = tmp_path / "second"
+    make_images(second, 2, seed=4)
+    out = json.loads(run("index", second, "--json").output)
+    assert (out["added"], out["updated"], out["removed"]) == (2, 1, 1)
+    info = json.loads(run("info", "--json").output)
+    assert info["images"] == 19 and len(info["roots"]) == 2
+    paths = [h["path"] for h in json.loads(run("query", "x", "-k", "100", "--json").output)["results"]]
+    assert str(corpus / "img001.jpg") not in paths and str(second / "img000.png") in paths
+    top = json.loads(run("query", "--image", corpus / "img002.jpg", "-k", "1", "--json").output)["results"][0]
+    assert top["path"] == str(corpus / "img002.jpg") and top["score"] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_querying_with_another_model_is_a_clear_error(indexed, other_model):
+    result = CliRunner().invoke(main, ["query", "dog", "--model", str(other_model)])
+    assert result.exit_code == 5
+    assert "built with" in result.output
+    result = CliRunner().invoke(main, ["index", "--model", str(other_model)])
+    assert result.exit_code == 5
+
+
+def test_embed_matches_transformers(indexed, corpus, tiny_model):
+    from test_model import reference_embeddings
+    from PIL import Image
+
+    out = json.loads(run("embed", "--text", "a red car", "--image", corpus / "img004.jpg").output)
+    assert [o["kind"] for o in out] == ["text", "image"]
+    text_ref = reference_embeddings(tiny_model, texts=["a red car"])[0]
+    image_ref = reference_embeddings(tiny_model, images=[Image.open(corpus / "img004.jpg").convert("RGB")])[0]
+    assert float(np.dot(out[0]["embedding"], text_ref)) >= 0.9999
+    assert float(np.dot(out[1]["embedding"], image_ref)) >= 0.9999
+    assert abs(np.linalg.norm(out[0]["embedding"]) - 1) < 1e-5
+
+
+def test_bad_arguments_get_messages(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    assert "no .alignsearch/ index" in run("query", "dog", code=3).output
+    assert "give TEXT" in run("query", code=2).output
+    assert run("query", "dog", "-k", "0", code=2).exit_code == 2
+    assert run("index", tmp_path / "missing", code=2).exit_code == 2
+    result = CliRunner().invoke(main, ["embed", "--text", "x", "--model", str(tmp_path / "nothing")])
+    assert result.exit_code == 4 and "--model" in result.output
+
+
+def test_console_script_runs_as_a_module(indexed, tmp_path):
+    env = {**os.environ, "ALIGNSEARCH_INDEX": str(tmp_path / ".alignsearch")}
+    proc = subprocess.run([sys.executable, "-m", "alignsearch", "query", "a dog", "-k", "2", "--json"],
+                          capture_output=True, text=True, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["results"]) == 2

@@ -1,0 +1,113 @@
+"""The Python API, and the IVF-PQ path end to end (fed synthetic vectors to cross the exact threshold)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import alignsearch
+from alignsearch import catalog
+from alignsearch.engine import ANN_FILE
+from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
+from indexer import build
+from indexer.decode import Item
+from indexer.job import index_folders
+from indexer.scan import Found
+from indexer.writer import catalog_writer
+from test_ann import clustered
+
+
+@pytest.fixture
+def index_dir(tmp_path, corpus, tiny_model):
+    out = tmp_path / "ix"
+    index_folders([corpus], out, model=str(tiny_model), device="cpu", workers=0)
+    return out
+
+
+def test_open_discovers_the_index_like_git(index_dir, tmp_path, monkeypatch):
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    (tmp_path / "ix").rename(tmp_path / ".alignsearch")
+    monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    monkeypatch.chdir(deep)
+    engine = alignsearch.open()
+    assert engine.info()["images"] == 18
+    monkeypatch.chdir("/")
+    with pytest.raises(IndexNotFoundError):
+        alignsearch.open()
+    monkeypatch.setenv("ALIGNSEARCH_INDEX", str(tmp_path / ".alignsearch"))
+    assert alignsearch.open().info()["images"] == 18
+
+
+def test_search_by_text_image_and_both(index_dir, corpus):
+    engine = alignsearch.open(index_dir, device="cpu")
+    target = corpus / "img007.jpg"
+    for image in (str(target), target.read_bytes(), Image.open(target)):
+        hits = engine.search(image=image, k=3)
+        assert hits[0].path == str(target) and hits[0].score == pytest.approx(1.0, abs=2e-3)
+    hits = engine.search(text="red car", image=target, k=10, text_weight=2.0)
+    assert len(hits) == 10 and all(isinstance(h, alignsearch.Hit) for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # the compound vector is the paper's: normalised parts, weighted, summed, renormalised
+    t = engine.encoder.encode_text(["red car"])[0]
+    i = engine.encoder.encode_images([target])[0]
+    expected = (2 * t + i) / np.linalg.norm(2 * t + i)
+    assert np.allclose(engine.embed(text="red car", image=target), expected, atol=1e-5)
+    with pytest.raises(BadInputError):
+        engine.search()
+    with pytest.raises(BadInputError):
+        engine.search(text="x", k=0)
+
+
+def test_model_mismatch_is_an_error(index_dir, other_model):
+    engine = alignsearch.open(index_dir, model=str(other_model), device="cpu")
+    with pytest.raises(ModelMismatchError, match="built with"):
+        engine.search(text="dog")
+
+
+def add_synthetic(index_dir, n, dim, seed=0):
+    """n catalog rows with clustered unit vectors, written by the real writer."""
+    db = catalog.connect(index_dir / "catalog.db")
+    engine = alignsearch.open(index_dir)
+    store = engine.store
+    write = catalog_writer(db, store)
+    x = clustered(n, dim, seed=seed)
+    for start in range(0, n, 2000):
+        chunk = x[start : start + 2000]
+        items = [Item(Found("/synthetic", f"{start + j}.jpg", 1, 0.0), crop=np.zeros(1)) for j in range(len(chunk))]
+        write(items, chunk)
+    return db, store
+
+
+def test_ivfpq_path_end_to_end(index_dir, corpus):
+    dim = alignsearch.open(index_dir).store.dim
+    db, store = add_synthetic(index_dir, 12_000, dim)
+    built = build.sync_index(db, store, index_dir / ANN_FILE)
+    assert built["plan"]["kind"] == "ivfpq" and built["vectors"] == 12_018
+
+    engine = alignsearch.open(index_dir, device="cpu")
+    info = engine.info()["index"]
+    assert info["type"] == "ivfpq" and info["nlist"] >= 16 and info["nprobe"] >= 1
+
+    # a real image still finds itself through IVF-PQ candidates and exact re-ranking
+    target = corpus / "img010.jpg"
+    hit = engine.search(image=target, k=1)[0]
+    assert hit.path == str(target) and hit.score == pytest.approx(1.0, abs=2e-3)
+
+    # recall@10 against exact search over the stored vectors, for queries that are not database vectors
+    with db.connect() as conn:
+        ids, rows = np.array(list(catalog.live_vectors(conn))).T
+    allv = store.get(rows)
+    queries = clustered(100, dim, seed=42)
+    found = 0
+    for q in queries:
+        truth = set(ids[np.argsort(-(allv @ q))[:10]])
+        found += len(truth & {h.id for h in engine.search_vector(q, 10)})
+    assert found / 1000 >= 0.9
+
+    # an update adds and removes without retraining
+    with db.begin() as conn:
+        catalog.delete_files(conn, ids[:5].tolist())
+    updated = build.sync_index(db, store, index_dir / ANN_FILE)
+    assert updated["action"].startswith("updated") and updated["vectors"] == 12_013
+    assert engine.refresh()
+    assert engine.index.ntotal == 12_013

@@ -10,7 +10,9 @@ WORDS = (
 ).split()
 
 
-def build_tiny_align(out: Path, seed: int = 0) -> Path:
+def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False) -> Path:
+    """full_size: align-base's geometry (EfficientNet-B7, BERT-base, 640-d, 289 px) with random
+    weights, for speed benchmarks; otherwise a model small enough for unit tests."""
     import torch
     from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessor
 
@@ -43,22 +45,26 @@ def build_tiny_align(out: Path, seed: int = 0) -> Path:
         max_position_embeddings=64,
         initializer_range=1.0,  # large random weights, so distinct texts get distinct vectors
     )
-    config = AlignConfig(text_config=text, vision_config=vision, projection_dim=8)
+    size, crop = 40, 32
+    if full_size:
+        text, vision, (size, crop) = {"vocab_size": len(vocab)}, {"image_size": 289}, (346, 289)
+    config = AlignConfig(text_config=text, vision_config=vision, projection_dim=640 if full_size else 8)
     torch.manual_seed(seed)
-    model = AlignModel(config)
-    probe = model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32))
+    model = AlignModel(config).eval()
+    with torch.no_grad():
+        probe = model.get_image_features(pixel_values=torch.zeros(1, 3, crop, crop))
     dim = (probe if isinstance(probe, torch.Tensor) else probe.pooler_output).shape[-1]
     if dim != config.projection_dim:  # the image embedding's width is the vision tower's last channels
         config = AlignConfig(text_config=text, vision_config=vision, projection_dim=int(dim))
         torch.manual_seed(seed)
-        model = AlignModel(config)
-    model.eval().save_pretrained(out)
+        model = AlignModel(config).eval()
+    model.save_pretrained(out)
     image_processor = EfficientNetImageProcessor(
         do_resize=True,
-        size={"height": 40, "width": 40},
+        size={"height": size, "width": size},
         resample=2,
         do_center_crop=True,
-        crop_size={"height": 32, "width": 32},
+        crop_size={"height": crop, "width": crop},
         do_rescale=True,
         rescale_factor=1 / 127.5,
         rescale_offset=True,

@@ -7,6 +7,7 @@ committed in one transaction together with the vector store's committed length.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any, Iterable, Iterator
 from sqlalchemy import (
     Column,
     Float,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -41,7 +44,8 @@ files = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("root", Text, nullable=False),
-    Column("relpath", Text, nullable=False),
+    Column("relpath", Text, nullable=False),  # for display; non-UTF-8 bytes shown as \xNN
+    Column("relpath_raw", LargeBinary),  # the name's bytes, only when they are not UTF-8
     Column("size", Integer, nullable=False),
     Column("mtime", Float, nullable=False),
     Column("sha256", String(64)),
@@ -53,6 +57,7 @@ files = Table(
     Column("indexed_at", Float, nullable=False),
     Column("vec_row", Integer),  # row in the vector store; NULL for failed files
     UniqueConstraint("root", "relpath"),
+    Index("files_sha256", "sha256"),
     sqlite_autoincrement=True,  # ids are never reused, so a stale FAISS id never names a new file
 )
 
@@ -64,6 +69,7 @@ class FileRow:
     id: int
     root: str
     relpath: str
+    relpath_raw: bytes | None
     size: int
     mtime: float
     sha256: str | None
@@ -77,7 +83,8 @@ class FileRow:
 
     @property
     def path(self) -> str:
-        return str(Path(self.root) / self.relpath)
+        """The path to open: non-UTF-8 names come back as os.fsdecode gives them."""
+        return os.path.join(self.root, os.fsdecode(self.relpath_raw) if self.relpath_raw else self.relpath)
 
 
 def connect(db_path: Path) -> Engine:
@@ -141,6 +148,18 @@ def live_vectors(conn: Connection) -> Iterator[tuple[int, int]]:
         yield file_id, vec_row
 
 
+def vectors_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
+    """Vector rows of already indexed content, by SHA-256: moved, renamed and duplicated files reuse them."""
+    hashes = list(set(hashes))
+    out: dict[str, int] = {}
+    for start in range(0, len(hashes), 500):
+        query = select(files.c.sha256, files.c.vec_row).where(
+            files.c.sha256.in_(hashes[start : start + 500]), files.c.status == INDEXED
+        )
+        out.update({sha: row for sha, row in conn.execute(query)})
+    return out
+
+
 def counts(conn: Connection) -> dict[str, int]:
     found = {status: n for status, n in conn.execute(select(files.c.status, func.count()).group_by(files.c.status))}
     return {INDEXED: found.get(INDEXED, 0), FAILED: found.get(FAILED, 0)}
@@ -152,6 +171,14 @@ def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     conn.execute(delete(files).where(files.c.root == values["root"], files.c.relpath == values["relpath"]))
     values = {"indexed_at": time.time(), **values}
     return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+
+
+def delete_meta(conn: Connection, key: str) -> None:
+    conn.execute(delete(meta).where(meta.c.key == key))
+
+
+def delete_all_files(conn: Connection) -> None:
+    conn.execute(delete(files))
 
 
 def delete_files(conn: Connection, ids: Iterable[int]) -> None:

@@ -57,27 +57,30 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch (default 32 on CPU, 256 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (default: cores - 1; 0 decodes in-process).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
-@click.option("--rebuild", is_flag=True, help="Retrain the ANN index from scratch.")
+@click.option("--rebuild", is_flag=True, help="Retrain the ANN index from the stored vectors.")
+@click.option("--reindex", is_flag=True, help="Encode every file again, e.g. with a new --model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
-def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, as_json):
-    """Index the images under ROOTS (and every folder this index already holds)."""
+def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex, as_json):
+    """Index the images under ROOTS (and every folder this index already holds).
+
+    Re-runs encode only new and changed files; moved or renamed files keep their vectors.
+    """
     _quiet_transformers()
     from indexer.job import index_folders  # the write path lives outside the core package
 
     s = index_folders(
-        list(roots), index_dir, model, device, batch_size, workers, include_hidden, rebuild,
+        list(roots), index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex,
         progress=not as_json and sys.stderr.isatty(),
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
         return
     click.echo(
-        f"{s.added} added, {s.updated} updated, {s.removed} removed, {s.failed} failed, {s.unchanged} unchanged"
+        f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
+        f"{s.failed} failed, {s.unchanged} unchanged"
     )
     click.echo(f"index: {s.index['plan']['kind']} with {s.index['vectors']} vectors ({s.index['action']}) in {s.index_dir}")
-    for path in s.skipped_names:
-        click.echo(f"skipped (file name is not valid UTF-8): {path!r}", err=True)
     if s.failed:
         click.echo("see the failures with: alignsearch info --failed", err=True)
 
@@ -89,7 +92,8 @@ def _print_hits(query: dict, hits, as_json: bool) -> None:
     if not hits:
         click.echo("no results")
     for rank, h in enumerate(hits, 1):
-        click.echo(f"{rank:>3}. {h.score:.4f}  {h.path}")
+        shown = h.path.encode("utf-8", "backslashreplace").decode()  # names that are not UTF-8
+        click.echo(f"{rank:>3}. {h.score:.4f}  {shown}")
 
 
 @main.command()

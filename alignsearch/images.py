@@ -72,9 +72,37 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.I
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
+        if _is_heif(data) and _register_heif():
+            return open_rgb(data, max_pixels)
+        if _is_heif(data):
+            raise BadImageError(
+                "HEIC/HEIF/AVIF image, but no decoder is installed: pip install 'alignsearch[heif]'"
+            ) from None
         raise BadImageError("not an image (format not recognised)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(f"cannot decode image: {exc}") from None
+
+
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def _is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
+
+
+def _register_heif() -> bool:
+    """Teach PIL HEIF/AVIF through the optional pillow-heif; False when it is not installed
+    or already registered (so a file it cannot open is not retried forever)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    if "HEIF" in Image.OPEN:  # PIL's own plugin registry
+        return False
+    pillow_heif.register_heif_opener()
+    if hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
+    return True
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

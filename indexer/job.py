@@ -21,10 +21,11 @@ class Summary:
     index_dir: str
     added: int = 0
     updated: int = 0
+    moved: int = 0  # new paths whose content was indexed under a path that is gone: vector reused
     removed: int = 0
     failed: int = 0
     unchanged: int = 0
-    skipped_names: list[str] = field(default_factory=list)  # names SQLite cannot store (not UTF-8)
+    reused: int = 0  # files not encoded because identical content was already indexed
     index: dict = field(default_factory=dict)
     times: dict = field(default_factory=dict)
 
@@ -36,14 +37,6 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _storable(found: scan.Found) -> bool:
-    try:
-        found.relpath.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def index_folders(
     roots: list[str | os.PathLike],
     index_dir: str | os.PathLike | None = None,
@@ -53,12 +46,14 @@ def index_folders(
     workers: int | None = None,
     include_hidden: bool = False,
     rebuild: bool = False,
+    reindex: bool = False,
     progress: bool = False,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
     index_dir defaults to $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above cwd, else a new
-    `.alignsearch` in cwd.
+    `.alignsearch` in cwd. rebuild retrains the ANN index; reindex forgets every vector and
+    encodes everything again (the way to switch an index to another model).
     """
     for root in roots:
         if not Path(root).is_dir():
@@ -68,9 +63,20 @@ def index_folders(
     out.mkdir(parents=True, exist_ok=True)
     db = catalog.connect(out / DB_FILE)
     try:
-        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress)
+        if reindex:
+            _forget_vectors(db, out)
+        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild or reindex, progress)
     finally:
         db.dispose()
+
+
+def _forget_vectors(db, out: Path) -> None:
+    """Empty the catalog and vector store in one commit (roots are kept); the model is chosen anew."""
+    with db.begin() as conn:
+        catalog.delete_all_files(conn)
+        catalog.set_meta(conn, "vector_rows", 0)
+        catalog.delete_meta(conn, "model")
+    VectorStore(out / VECTORS_FILE, 1, 0).truncate_uncommitted()
 
 
 def _load_encoder(db, model: str | None, device: str) -> Encoder:
@@ -102,24 +108,17 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
 
     todo: list[scan.Found] = []
-    with db.begin() as conn:
+    removed: list[catalog.FileRow] = []
+    with db.connect() as conn:
         for root in all_roots:
             if not Path(root).is_dir():
                 print(f"warning: root {root} is missing; its files stay in the index", file=sys.stderr)
                 continue
-            found = []
-            for f in scan.scan(root, include_hidden):
-                if _storable(f):
-                    found.append(f)
-                else:
-                    summary.skipped_names.append(f.path)
-            d = scan.diff(found, catalog.files_under(conn, root))
-            catalog.delete_files(conn, d.removed_ids)
+            d = scan.diff(list(scan.scan(root, include_hidden)), catalog.files_under(conn, root))
             todo += d.todo
+            removed += d.removed
             summary.updated += len(d.changed_ids)
-            summary.removed += len(d.removed_ids)
             summary.unchanged += d.unchanged
-    summary.added = len(todo) - summary.updated
 
     store = VectorStore(out / VECTORS_FILE, encoder.dim, rows)
     store.truncate_uncommitted()
@@ -131,9 +130,25 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
         raise BadInputError("--batch-size must be at least 1")
     bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="indexing")
     items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0)
-    times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update)
+    gone_hashes = {r.sha256 for r in removed if r.status == catalog.INDEXED}
+    moved_in = []
+
+    def known(hashes: list[str]) -> dict[str, int]:
+        with db.connect() as conn:
+            rows = catalog.vectors_by_hash(conn, hashes)
+        moved_in.extend(h for h in hashes if h in rows and h in gone_hashes)
+        return rows
+
+    times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update, known)
     bar.close()
+    # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
+    with db.begin() as conn:
+        catalog.delete_files(conn, [r.id for r in removed])
+    summary.moved = len(set(moved_in))
+    summary.removed = len(removed) - summary.moved
+    summary.added = len(todo) - summary.updated - summary.moved
     summary.failed = times.failed
+    summary.reused = times.reused
     built = build.sync_index(db, store, out / ANN_FILE, rebuild=rebuild)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built

@@ -34,6 +34,7 @@ class StageTimes:
     write: float = 0.0
     items: int = 0
     failed: int = 0
+    reused: int = 0
     wall: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -69,8 +70,13 @@ def run(
     write: Callable[[list[Item], np.ndarray], None],
     batch_size: int,
     on_batch: Callable[[int], None] = lambda n: None,
+    known: Callable[[list[str]], dict[str, int]] = lambda hashes: {},
 ) -> StageTimes:
-    """Encode and write every batch; returns where the time went."""
+    """Encode and write every batch; returns where the time went.
+
+    `known` maps content hashes to vector rows already stored: those items reuse the row and skip
+    the encoder (renamed, moved, duplicated or merely touched files).
+    """
     times = StageTimes()
     start = time.perf_counter()
     source = batches(items, batch_size)
@@ -82,7 +88,11 @@ def run(
         if batch is None:
             break
         good = [it for it in batch if it.crop is not None]
-        vectors = encoder.encode_crops(np.stack([it.crop for it in good])) if good else np.zeros((0, 0), np.float32)
+        rows = known([it.sha256 for it in good])
+        for it in good:
+            it.reuse_row = rows.get(it.sha256)
+        fresh = [it for it in good if it.reuse_row is None]
+        vectors = encoder.encode_crops(np.stack([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
         t2 = time.perf_counter()
         write(batch, vectors)
         t3 = time.perf_counter()
@@ -91,6 +101,7 @@ def run(
         times.decode_worker += sum(it.seconds for it in batch)
         times.items += len(batch)
         times.failed += len(batch) - len(good)
+        times.reused += len(good) - len(fresh)
         on_batch(len(batch))
     times.wall = time.perf_counter() - start
     return times

@@ -16,14 +16,25 @@ JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 @dataclass(frozen=True)
 class Found:
     root: str
-    relpath: str
+    relpath: str  # printable: bytes that are not UTF-8 appear as \xNN
     size: int
     mtime: float
-    error: str | None = None  # set when the entry cannot even be stat'ed (broken link, no permission)
+    error: str | None = None  # set when the entry cannot even be stat'ed (broken link, loop)
+    relpath_raw: bytes | None = None  # the real bytes, only for names that are not UTF-8
 
     @property
     def path(self) -> str:
-        return os.path.join(self.root, self.relpath)
+        return os.path.join(self.root, os.fsdecode(self.relpath_raw) if self.relpath_raw else self.relpath)
+
+
+def printable(relpath: str) -> tuple[str, bytes | None]:
+    """(text SQLite can store, raw bytes when the name is not UTF-8)."""
+    try:
+        relpath.encode("utf-8")
+        return relpath, None
+    except UnicodeEncodeError:
+        raw = os.fsencode(relpath)
+        return raw.decode("utf-8", "backslashreplace"), raw
 
 
 def _hidden(name: str) -> bool:
@@ -42,22 +53,23 @@ def scan(root: str | os.PathLike, include_hidden: bool = False) -> Iterator[Foun
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(folder, name)
-            relpath = os.path.relpath(path, root)
+            relpath, raw = printable(os.path.relpath(path, root))
             try:
                 st = os.stat(path)
             except OSError as exc:
-                yield Found(root, relpath, 0, 0.0, f"cannot stat: {exc.strerror or exc}")
+                reason = "broken symlink" if os.path.islink(path) and exc.errno == 2 else f"cannot stat: {exc.strerror or exc}"
+                yield Found(root, relpath, 0, 0.0, reason, raw)
                 continue
             if not os.path.isfile(path):
                 continue
-            yield Found(root, relpath, st.st_size, st.st_mtime)
+            yield Found(root, relpath, st.st_size, st.st_mtime, None, raw)
 
 
 @dataclass
 class Diff:
     todo: list[Found] = field(default_factory=list)  # new or changed: to decode and encode
     changed_ids: list[int] = field(default_factory=list)  # catalog ids replaced by re-encoding
-    removed_ids: list[int] = field(default_factory=list)  # catalog ids whose file is gone
+    removed: list = field(default_factory=list)  # catalog rows whose file is gone
     unchanged: int = 0
 
 
@@ -75,5 +87,5 @@ def diff(found: list[Found], known: dict) -> Diff:
             out.changed_ids.append(row.id)
         else:
             out.unchanged += 1
-    out.removed_ids = [row.id for rel, row in known.items() if rel not in seen]
+    out.removed = [row for rel, row in known.items() if rel not in seen]
     return out

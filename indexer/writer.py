@@ -17,18 +17,21 @@ def catalog_writer(db: Engine, store: VectorStore) -> Callable[[list[Item], np.n
     point at them. Killed in between, the next run cuts the uncommitted vectors off."""
 
     def write(batch: list[Item], vectors: np.ndarray) -> None:
-        good = [it for it in batch if it.crop is not None]
-        start = store.append(vectors) if good else store.rows
-        rows = iter(range(start, start + len(good)))
+        encoded = [it for it in batch if it.crop is not None and it.reuse_row is None]
+        start = store.append(vectors) if encoded else store.rows
+        rows = iter(range(start, start + len(encoded)))
         with db.begin() as conn:
             for it in batch:
                 f = it.found
                 ok = it.crop is not None
+                if ok:
+                    row = it.reuse_row if it.reuse_row is not None else next(rows)
                 catalog.upsert_file(
                     conn,
                     dict(
                         root=f.root,
                         relpath=f.relpath,
+                        relpath_raw=f.relpath_raw,
                         size=f.size,
                         mtime=f.mtime,
                         sha256=it.sha256,
@@ -37,7 +40,7 @@ def catalog_writer(db: Engine, store: VectorStore) -> Callable[[list[Item], np.n
                         format=it.format,
                         status=catalog.INDEXED if ok else catalog.FAILED,
                         reason=it.reason,
-                        vec_row=next(rows) if ok else None,
+                        vec_row=row if ok else None,
                     ),
                 )
             catalog.set_meta(conn, "vector_rows", store.rows)

@@ -7,6 +7,7 @@ Exit codes: 0 done (per-file failures are listed, not fatal), 1 unexpected error
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import wraps
 
@@ -92,7 +93,7 @@ def _print_hits(query: dict, hits, as_json: bool) -> None:
     if not hits:
         click.echo("no results")
     for rank, h in enumerate(hits, 1):
-        shown = h.path.encode("utf-8", "backslashreplace").decode()  # names that are not UTF-8
+        shown = os.fsencode(h.path).decode("utf-8", "backslashreplace")  # names that are not UTF-8
         click.echo(f"{rank:>3}. {h.score:.4f}  {shown}")
 
 

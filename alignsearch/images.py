@@ -60,7 +60,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.I
             width, height = img.size
             if width * height > max_pixels:
                 raise BadImageError(
-                    f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,}"
+                    f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)"
                 )
             img.seek(0)
             img.load()
@@ -70,7 +70,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.I
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(f"decompression bomb: {exc}") from None
+        raise BadImageError(f"image too large (decompression bomb guard): {exc}") from None
     except Image.UnidentifiedImageError:
         if _is_heif(data) and _register_heif():
             return open_rgb(data, max_pixels)

@@ -82,7 +82,7 @@ def diff(found: list[Found], known: dict) -> Diff:
         row = known.get(f.relpath)
         if row is None:
             out.todo.append(f)
-        elif row.size != f.size or row.mtime != f.mtime or f.error:
+        elif row.size != f.size or row.mtime != f.mtime:
             out.todo.append(f)
             out.changed_ids.append(row.id)
         else:

@@ -1,0 +1,171 @@
+"""Every kind of odd file a real photo folder holds: nothing stops a run, each failure has a reason."""
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from alignsearch.cli import main
+from alignsearch.errors import BadImageError
+from alignsearch.images import open_rgb
+from indexer.decode import read_item
+from indexer.scan import Found
+
+
+def rgb(w=64, h=48, seed=0):
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def png_bomb(width, height) -> bytes:
+    """A valid PNG whose header claims width x height pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def build_odd_corpus(root):
+    """Returns (names expected indexed, {name: reason fragment} expected failed)."""
+    root.mkdir()
+    ok, bad = set(), {}
+
+    def save(name, img, **kw):
+        img.save(root / name, **kw)
+        ok.add(name)
+
+    full = io.BytesIO()
+    rgb(300, 200).save(full, "JPEG")
+    (root / "truncated.jpg").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    bad["truncated.jpg"] = "cannot decode"
+    (root / "empty.jpg").write_bytes(b"")
+    bad["empty.jpg"] = "empty file"
+    (root / "notes.png").write_text("just some text, not a picture")
+    bad["notes.png"] = "not an image"
+    (root / "bomb.png").write_bytes(png_bomb(50_000, 50_000))
+    bad["bomb.png"] = "too large"
+    (root / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    bad["photo.heic"] = "heif"
+
+    save("wide.png", rgb(4000, 3, 1))
+    save("tall.png", rgb(2, 3000, 2))
+    save("cmyk.jpg", rgb(seed=3).convert("CMYK"))
+    save("grey16.png", Image.fromarray((np.random.default_rng(4).random((40, 50)) * 65535).astype(np.uint16)))
+    save("palette.png", rgb(seed=5).convert("P"))
+    pal = rgb(seed=6).convert("P")
+    pal.info["transparency"] = 0
+    save("palette_transparent.png", pal, transparency=0)
+    save("la.png", rgb(seed=7).convert("LA"))
+    rgba = rgb(seed=8).convert("RGBA")
+    rgba.putalpha(128)
+    save("rgba.png", rgba)
+    frames = [rgb(seed=s) for s in (9, 10)]
+    save("anim.gif", frames[0], save_all=True, append_images=frames[1:])
+    save("anim.webp", frames[0], save_all=True, append_images=frames[1:])
+    save("pages.tiff", frames[0], save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    save("rotated.jpg", rgb(80, 40, 11), exif=exif)
+    save("café 猫.png", rgb(seed=12))
+    nonutf8 = os.fsdecode(b"caf\xe9.jpg")
+    rgb(seed=13).save(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), "JPEG")
+    ok.add("caf\\xe9.jpg")
+
+    os.symlink(root / "missing-target.jpg", root / "dangling.jpg")
+    bad["dangling.jpg"] = "broken symlink"
+    os.symlink(root / "loop_b.jpg", root / "loop_a.jpg")
+    os.symlink(root / "loop_a.jpg", root / "loop_b.jpg")
+    bad["loop_a.jpg"] = "symbolic links"
+    bad["loop_b.jpg"] = "symbolic links"
+    os.symlink(root, root / "dir_loop")  # a directory symlink to itself: never followed
+
+    rgb(seed=14).save(root / "._resource_fork.jpg", "JPEG")
+    (root / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (root / "album.jpg").mkdir()  # a directory named like an image
+    rgb(seed=15).save(root / "album.jpg" / "inside.png")
+    ok.add("album.jpg/inside.png")
+    (root / ".hidden").mkdir()
+    rgb(seed=16).save(root / ".hidden" / "secret.png")
+    return ok, bad, nonutf8
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def test_odd_corpus_indexes_what_it_can_and_records_the_rest(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    corpus = tmp_path / "odd"
+    ok, bad, nonutf8 = build_odd_corpus(corpus)
+    ix = tmp_path / "ix"
+    summary = json.loads(run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json").output)
+    assert summary["failed"] == len(bad)
+
+    info = json.loads(run("info", "--failed", "--json", "--index", ix).output)
+    failed = {os.path.relpath(f["path"], corpus): f["reason"] for f in info["failed_files"]}
+    assert set(failed) == set(bad)
+    for name, fragment in bad.items():
+        assert fragment.lower() in failed[name].lower(), (name, failed[name])
+    assert info["images"] == len(ok)
+
+    hits = json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).output)["results"]
+    assert {h["relpath"] for h in hits} == ok
+    paths = {h["relpath"]: h for h in hits}
+    assert (paths["rotated.jpg"]["width"], paths["rotated.jpg"]["height"]) == (40, 80)  # EXIF applied
+    assert os.path.exists(paths["caf\\xe9.jpg"]["path"])  # the real non-UTF-8 name, openable
+    assert paths["caf\\xe9.jpg"]["path"].endswith(nonutf8)
+    assert "caf\\xe9.jpg" in run("query", "x", "-k", "100", "--index", ix).output
+
+    # hidden folders only on request
+    again = json.loads(run("index", "--index", ix, "--include-hidden", "--json").output)
+    assert again["added"] == 1 and again["failed"] == 0
+
+
+def test_frames_and_modes_decode_like_their_first_frame():
+    frames = [rgb(seed=1), rgb(seed=2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    first = io.BytesIO()
+    frames[0].save(first, "GIF")
+    a, _ = open_rgb(buf.getvalue())
+    b, _ = open_rgb(first.getvalue())
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    buf = io.BytesIO()
+    transparent.save(buf, "PNG")
+    img, _ = open_rgb(buf.getvalue())
+    assert img.getpixel((0, 0)) == (255, 255, 255)  # transparency on white, not black
+
+
+def test_bomb_is_refused_from_the_header_without_decoding():
+    with pytest.raises(BadImageError, match="too large"):
+        open_rgb(png_bomb(100_000, 100_000))
+
+
+def test_file_that_vanishes_before_reading_is_a_failure_not_a_crash(tmp_path, tiny_model):
+    from alignsearch.model import Encoder
+
+    spec = Encoder(str(tiny_model), device="cpu").spec
+    item = read_item(Found(str(tmp_path), "gone.jpg", 10, 0.0), spec)
+    assert item.crop is None and "cannot read" in item.reason
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_recorded(tmp_path, tiny_model):
+    from alignsearch.model import Encoder
+
+    path = tmp_path / "locked.jpg"
+    rgb().save(path)
+    path.chmod(0)
+    item = read_item(Found(str(tmp_path), "locked.jpg", 10, 0.0), Encoder(str(tiny_model), device="cpu").spec)
+    assert "cannot read" in item.reason

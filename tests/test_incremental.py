@@ -1,0 +1,161 @@
+"""Add / delete / rename / modify cycles, kill -9 at random points, and a reader querying during updates."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import alignsearch
+from alignsearch import catalog
+from alignsearch.cli import main
+from conftest import make_images
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def index(ix, *args):
+    return json.loads(run("index", *args, "--index", ix, "--json").output)
+
+
+def vector_rows(ix) -> int:
+    """Committed vector rows, read-only (safe while an indexer creates or writes the catalog)."""
+    try:
+        conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'vector_rows'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+    return json.loads(row[0]) if row else 0
+
+
+def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    paths = make_images(root, 8)
+    first = index(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert first["added"] == 8 and vector_rows(ix) == 8
+
+    (root / "sub").mkdir()
+    paths[1].rename(root / "sub" / "moved.jpg")  # move
+    paths[2].rename(root / "renamed.jpg")  # rename
+    shutil.copy(paths[4], root / "copy.jpg")  # duplicate
+    os.utime(paths[5], (time.time() + 100, time.time() + 100))  # touched, same bytes
+    s = index(ix)
+    assert (s["moved"], s["added"], s["removed"], s["updated"], s["reused"]) == (2, 1, 0, 1, 4)
+    assert vector_rows(ix) == 8  # nothing was encoded again
+    engine = alignsearch.open(ix)
+    assert engine.info()["images"] == 9
+    hit = engine.search(image=root / "sub" / "moved.jpg", k=1)[0]
+    assert hit.relpath == os.path.join("sub", "moved.jpg") and hit.score == pytest.approx(1, abs=2e-3)
+    top2 = {h.relpath for h in engine.search(image=root / "copy.jpg", k=2)}
+    assert top2 == {"copy.jpg", paths[4].name}
+
+    paths[6].unlink()
+    make_images(tmp_path / "new", 10, seed=3)[9].replace(paths[7])  # modified in place
+    s = index(ix)
+    assert (s["removed"], s["updated"], s["moved"]) == (1, 1, 0)
+    assert vector_rows(ix) == 9
+    info = json.loads(run("info", "--json", "--index", ix).output)
+    assert info["images"] == 8 and info["index"]["vectors"] == 8
+
+
+def test_reindex_switches_the_model(tmp_path, tiny_model, other_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 4)
+    index(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert run("index", "--index", ix, "--model", other_model, code=5)
+    s = index(ix, "--model", other_model, "--reindex")
+    assert s["added"] == 4 and vector_rows(ix) == 4
+    engine = alignsearch.open(ix)
+    assert engine.model_info["model"] == str(other_model)
+    assert engine.search(image=root / "img001.jpg", k=1)[0].score == pytest.approx(1, abs=2e-3)
+
+
+def consistent(ix, expected_paths):
+    """Every image exactly once in catalog and index; vectors agree with the images."""
+    engine = alignsearch.open(ix)
+    with engine.db.connect() as conn:
+        live = list(catalog.live_vectors(conn))
+        rows = catalog.get_files(conn, [i for i, _ in live])
+    assert sorted(r.path for r in rows.values()) == sorted(map(str, expected_paths))
+    from alignsearch.ann import stored_ids
+
+    ids = stored_ids(engine.index)
+    assert len(ids) == len(set(ids)) == len(live)
+    assert set(ids.tolist()) == {i for i, _ in live}
+    assert engine.store.path.stat().st_size == engine.store.rows * engine.store.row_bytes
+    # each stored vector is its own image's: an image query finds itself first
+    for path in random.Random(0).sample(list(expected_paths), 5):
+        assert engine.search(image=path, k=1)[0].path == str(path)
+
+
+def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    paths = make_images(root, 240)
+    cmd = [sys.executable, "-m", "alignsearch", "index", str(root), "--index", str(ix), "--model", str(tiny_model),
+           "--device", "cpu", "--batch-size", "4", "--workers", "1"]
+    rng = random.Random(1)
+    kills = 0
+    for _ in range(4):
+        before = vector_rows(ix)
+        target = before + rng.randint(4, 40)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # kill -9 mid-run: once it has committed a random number of new vectors
+        while proc.poll() is None and vector_rows(ix) < target:
+            time.sleep(rng.uniform(0.0, 0.03))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills == 4, "the indexer finished before a kill: make the corpus bigger"
+    done = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["failed"] == 0
+    consistent(ix, paths)
+    assert vector_rows(ix) == 240  # no vector written twice for a committed file
+
+
+def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 10)
+    index(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix)
+    query = engine.embed(text="red car")
+    errors, counts, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                engine.refresh()
+                counts.append(len(engine.search_vector(query, k=1000)))
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for round_ in range(3):
+            make_images(root / f"batch{round_}", 15, seed=10 + round_)
+            proc = subprocess.run([sys.executable, "-m", "alignsearch", "index", "--index", str(ix), "--batch-size", "4"],
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:3]
+    assert counts and counts[-1] == 55 and min(counts) >= 10
+    assert all(b >= a for a, b in zip(counts, counts[1:]))  # never a half-updated view

@@ -1,7 +1,8 @@
 """The `alignsearch` command: a thin layer over the Python API.
 
 Exit codes: 0 done (per-file failures are listed, not fatal), 1 unexpected error, 2 bad usage,
-3 no index, 4 model cannot be loaded, 5 model differs from the index's, 6 unusable query input.
+3 no index, 4 model cannot be loaded, 5 model differs from the index's, 6 unusable query input,
+7 `verify` found the index inconsistent.
 """
 
 from __future__ import annotations
@@ -179,6 +180,31 @@ def info(failed, as_json, index_dir):
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
     for f in data.get("failed_files", []):
         click.echo(f"failed:  {f['path']}: {f['reason']}")
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Fix what can be fixed: cut uncommitted vectors, resync the ANN index.")
+@click.option("--skip-model", is_flag=True, help="Do not load the model to check its fingerprint.")
+@click.option("--json", "as_json", is_flag=True)
+@index_option
+@reports_errors
+def verify(repair, skip_model, as_json, index_dir):
+    """Check that catalog, vector store, ANN index and model agree; exit 7 if they do not."""
+    _quiet_transformers()
+    from alignsearch.engine import resolve_index_dir
+    from indexer.verify import verify as run_verify
+
+    report = run_verify(resolve_index_dir(index_dir), repair=repair, check_model=not skip_model)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
+    else:
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
+        for line in report.problems:
+            click.echo(f"problem:  {line}")
+        click.echo("ok: " + ", ".join(f"{k}={v}" for k, v in report.checked.items()) if report.ok else "index is inconsistent")
+    if not report.ok:
+        sys.exit(7)
 
 
 if __name__ == "__main__":

@@ -159,3 +159,24 @@ def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model)
     assert not errors, errors[:3]
     assert counts and counts[-1] == 55 and min(counts) >= 10
     assert all(b >= a for a, b in zip(counts, counts[1:]))  # never a half-updated view
+
+
+def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
+    from alignsearch.ann import read, remove, write_atomic
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 6)
+    index(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert json.loads(run("verify", "--index", ix, "--json").output)["ok"]
+
+    with open(ix / "vectors.f16", "ab") as f:  # a killed writer's uncommitted tail
+        f.write(b"\0" * 100)
+    faiss_index = read(ix / "index.faiss")
+    remove(faiss_index, [1, 2])  # two files missing from the ANN index
+    write_atomic(faiss_index, ix / "index.faiss")
+    out = run("verify", "--index", ix, code=7).output
+    assert "uncommitted bytes" in out and "missing from the ANN index" in out
+
+    report = json.loads(run("verify", "--index", ix, "--repair", "--json").output)
+    assert report["ok"] and report["repaired"]
+    assert json.loads(run("info", "--json", "--index", ix).output)["index"]["vectors"] == 6

@@ -1,0 +1,122 @@
+"""`alignsearch verify`: do catalog, vector store, FAISS index and model agree? `--repair` mends what it can."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alignsearch import ann, catalog
+from alignsearch.engine import ANN_FILE, DB_FILE, VECTORS_FILE
+from alignsearch.errors import AlignSearchError
+from alignsearch.vectors import VectorStore
+from indexer.build import sync_index
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> Report:
+    report = _check(index_dir, check_model)
+    if repair and report.problems:
+        fixed = _repair(index_dir)
+        report = _check(index_dir, check_model)
+        report.repaired = fixed
+    return report
+
+
+def _check(index_dir: Path, check_model: bool) -> Report:
+    r = Report()
+    db = catalog.connect(index_dir / DB_FILE)
+    try:
+        with db.connect() as conn:
+            model = catalog.get_meta(conn, "model")
+            rows = catalog.get_meta(conn, "vector_rows", 0)
+            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+    finally:
+        db.dispose()
+    if model is None:
+        r.problems.append("no model recorded: the index was never built")
+        return r
+    store = VectorStore(index_dir / VECTORS_FILE, int(model["dim"]), rows)
+    size = store.path.stat().st_size if store.path.exists() else 0
+    r.checked.update(images=len(live), vector_rows=rows, vector_file_bytes=size)
+    if size < rows * store.row_bytes:
+        r.problems.append(f"vector store holds {size // store.row_bytes} rows but the catalog committed {rows}")
+    elif size > rows * store.row_bytes:
+        r.problems.append(f"vector store has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
+    dangling = int(((live[:, 1] < 0) | (live[:, 1] >= min(rows, size // store.row_bytes))).sum())
+    if dangling:
+        r.problems.append(f"{dangling} indexed files point past the stored vectors")
+    path = index_dir / ANN_FILE
+    if not path.exists():
+        r.problems.append(f"{path.name} is missing")
+    else:
+        index = ann.read(path)
+        ids = ann.stored_ids(index)
+        r.checked.update(index_vectors=len(ids), index_type=ann.describe(index).kind)
+        if index.d != store.dim:
+            r.problems.append(f"index dimension {index.d} differs from the model's {store.dim}")
+        if len(ids) != len(np.unique(ids)):
+            r.problems.append(f"{len(ids) - len(np.unique(ids))} ids appear twice in the index")
+        missing, extra = np.setdiff1d(live[:, 0], ids), np.setdiff1d(ids, live[:, 0])
+        if len(missing):
+            r.problems.append(f"{len(missing)} indexed files are missing from the ANN index")
+        if len(extra):
+            r.problems.append(f"{len(extra)} ANN ids name no indexed file")
+    if check_model:
+        from alignsearch.model import Encoder
+
+        try:
+            fingerprint = Encoder(model["model"], "cpu").fingerprint
+        except AlignSearchError as exc:
+            r.problems.append(f"the index's model cannot be loaded: {exc}".splitlines()[0])
+        else:
+            r.checked["model_fingerprint"] = fingerprint
+            if fingerprint != model["fingerprint"]:
+                r.problems.append(f"model {model['model']} now has fingerprint {fingerprint}, the index {model['fingerprint']}")
+    return r
+
+
+def _repair(index_dir: Path) -> list[str]:
+    done = []
+    db = catalog.connect(index_dir / DB_FILE)
+    try:
+        with db.connect() as conn:
+            model = catalog.get_meta(conn, "model")
+            rows = catalog.get_meta(conn, "vector_rows", 0)
+        if model is None:
+            return done
+        store = VectorStore(index_dir / VECTORS_FILE, int(model["dim"]), rows)
+        size = store.path.stat().st_size if store.path.exists() else 0
+        store.rows = min(rows, size // store.row_bytes)
+        store.truncate_uncommitted()
+        with db.begin() as conn:
+            lost = [i for i, row in catalog.live_vectors(conn) if row >= store.rows]
+            catalog.delete_files(conn, lost)  # forgotten, so the next `alignsearch index` encodes them again
+            catalog.set_meta(conn, "vector_rows", store.rows)
+        if lost:
+            done.append(f"forgot {len(lost)} files whose vectors were lost; `alignsearch index` re-encodes them")
+        if size != store.rows * store.row_bytes:
+            done.append(f"vector store cut to {store.rows} committed rows")
+        built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir / ANN_FILE))
+        done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
+    finally:
+        db.dispose()
+    return done
+
+
+def _has_duplicates(path: Path) -> bool:
+    if not path.exists():
+        return False
+    ids = ann.stored_ids(ann.read(path))
+    return len(ids) != len(np.unique(ids))

@@ -61,8 +61,8 @@ def train_size(n: int, plan: IndexPlan) -> int:
 
 
 def candidate_count(k: int, plan: IndexPlan, rerank_factor: int = 10) -> int:
-    """How many ANN candidates to re-rank exactly for a top-k query."""
-    return k if plan.kind == "flat" else max(k * rerank_factor, 100)
+    """How many ANN candidates to re-rank exactly for a top-k query (at least 50)."""
+    return k if plan.kind == "flat" else max(k * rerank_factor, 50)
 
 
 def needs_rebuild(trained: IndexPlan | None, trained_n: int, n: int, dim: int) -> bool:

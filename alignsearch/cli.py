@@ -176,10 +176,32 @@ def info(failed, as_json, index_dir):
     click.echo(f"model:   {data['model']} (dim {data['dim']})")
     click.echo(f"roots:   {', '.join(data['roots'])}")
     click.echo(f"images:  {data['images']} indexed, {data['failed']} failed")
-    params = f" nlist={ix['nlist']} PQ{ix['pq_m']} nprobe={ix['nprobe']}" if ix["type"] != "flat" else ""
+    params = (
+        f" nlist={ix['nlist']} PQ{ix['pq_m']} nprobe={ix['nprobe']} rerank={ix['rerank_factor']}x"
+        f" (recall@10 {ix['tuned_recall_at_10']} measured for target {ix['target_recall']})"
+        if ix["type"] != "flat" else ""
+    )
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
     for f in data.get("failed_files", []):
         click.echo(f"failed:  {f['path']}: {f['reason']}")
+
+
+@main.command()
+@click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Target recall@10 against exact search.")
+@index_option
+@reports_errors
+def tune(recall, index_dir):
+    """Re-tune nprobe and the re-rank depth for a target recall, on this index's own vectors."""
+    from alignsearch.engine import resolve_index_dir
+    from indexer.job import tune_index
+
+    t = tune_index(resolve_index_dir(index_dir), recall)["tuning"]
+    if t.get("nprobe"):
+        click.echo(f"nprobe={t['nprobe']} rerank_factor={t['rerank_factor']}: recall@10 {t['recall']:.3f} "
+                   f"(target {t['target']}, {t['queries']} off-distribution queries)")
+    else:
+        click.echo("exact index: recall is 1.0, nothing to tune")
 
 
 @main.command()

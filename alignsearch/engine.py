@@ -71,7 +71,7 @@ class Engine:
             self.model_info = catalog.get_meta(conn, "model")
             self.roots = catalog.get_meta(conn, "roots", [])
             rows = catalog.get_meta(conn, "vector_rows", 0)
-            self._nprobe = catalog.get_meta(conn, "nprobe")
+            self.tuning = catalog.get_meta(conn, "tuning") or {}
         if self.model_info is None:
             raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
         self.store = VectorStore(self.dir / VECTORS_FILE, int(self.model_info["dim"]), rows)
@@ -96,13 +96,14 @@ class Engine:
             return False
         with self.db.connect() as conn:
             self.store = VectorStore(self.store.path, self.store.dim, catalog.get_meta(conn, "vector_rows", 0))
-            self._nprobe = catalog.get_meta(conn, "nprobe")
+            self.tuning = catalog.get_meta(conn, "tuning") or {}
         self._load_index()
         return True
 
     @property
     def nprobe(self) -> int:
-        return int(self._nprobe or ann.default_nprobe(self.plan))
+        """Tuned for the target recall after each build (indexer/tune.py), else the size rule."""
+        return int(self.tuning.get("nprobe") or ann.default_nprobe(self.plan))
 
     @property
     def encoder(self):
@@ -152,7 +153,7 @@ class Engine:
             raise BadInputError(f"k must be at least 1, got {k}")
         if self.index.ntotal == 0:
             return []
-        want = ann.candidate_count(k, self.plan)
+        want = ann.candidate_count(k, self.plan, self.tuning.get("rerank_factor", 10))
         scores, ids = ann.search(self.index, query[None, :], want, nprobe or self.nprobe)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep], scores[0][keep]
@@ -182,6 +183,9 @@ class Engine:
                 "nlist": self.plan.nlist,
                 "pq_m": self.plan.m,
                 "nprobe": self.nprobe if self.plan.kind != "flat" else None,
+                "rerank_factor": self.tuning.get("rerank_factor") if self.plan.kind != "flat" else None,
+                "tuned_recall_at_10": self.tuning.get("recall"),
+                "target_recall": self.tuning.get("target"),
                 "vectors": int(self.index.ntotal),
                 "metric": "inner_product",
             },

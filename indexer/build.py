@@ -10,6 +10,9 @@ from sqlalchemy.engine import Engine
 
 from alignsearch import ann, catalog
 from alignsearch.vectors import VectorStore
+from indexer.tune import tune
+
+DEFAULT_RECALL = 0.95
 
 CHUNK = 65_536
 
@@ -19,17 +22,21 @@ def _chunks(store: VectorStore, ids: np.ndarray, rows: np.ndarray):
         yield store.get(rows[start : start + CHUNK]), ids[start : start + CHUNK]
 
 
-def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False, seed: int = 0) -> dict:
+def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False, seed: int = 0,
+               target_recall: float | None = None) -> dict:
     """Make the index at `path` hold exactly the catalog's indexed files; written atomically.
 
     An existing IVF-PQ index is updated in place (no retraining) unless the collection crossed the
     exact/IVF-PQ threshold or grew 4x past its training size; a flat index is always rebuilt (cheap).
     Comparing ids rather than replaying a log makes this repair any earlier interrupted run.
+    nprobe and the re-rank depth are tuned after a (re)build, when N changed by a quarter since the
+    last tuning, or when a target recall is given.
     """
     start = time.perf_counter()
     with db.connect() as conn:
         live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
         trained_n = catalog.get_meta(conn, "index_trained_n", 0)
+        tuning = catalog.get_meta(conn, "tuning") or {}
     ids, rows = live[:, 0], live[:, 1]
     n, dim = len(ids), store.dim
     index = ann.read(path) if path.exists() and not rebuild else None
@@ -47,8 +54,14 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
         for vectors, chunk_ids in _chunks(store, ids[new], rows[new]):
             ann.add(index, vectors, chunk_ids)
         action = f"updated (+{int(new.sum())} -{len(gone)})"
+    target = target_recall or tuning.get("target", DEFAULT_RECALL)
+    stale = action == "built" or abs(n - tuning.get("n", 0)) > 0.25 * max(n, 1) or target_recall is not None
+    if stale or tuning.get("target") != target:
+        tuning = {**tune(index, store, ids, rows, target=target, seed=seed), "n": n}
     ann.write_atomic(index, path)
     with db.begin() as conn:
         catalog.set_meta(conn, "index_trained_n", trained_n)
+        catalog.set_meta(conn, "tuning", tuning)
     plan = ann.describe(index)
-    return {"action": action, "plan": plan.to_dict(), "vectors": int(index.ntotal), "seconds": time.perf_counter() - start}
+    return {"action": action, "plan": plan.to_dict(), "vectors": int(index.ntotal), "tuning": tuning,
+            "seconds": time.perf_counter() - start}

@@ -154,3 +154,18 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
     summary.index = built
     summary.times = times.to_dict()
     return summary
+
+
+def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
+    """Re-tune nprobe and the re-rank depth of an existing index for a new target recall@10."""
+    if not 0 < target_recall <= 1:
+        raise BadInputError(f"--recall must be in (0, 1], got {target_recall}")
+    out = Path(index_dir)
+    db = catalog.connect(out / DB_FILE)
+    try:
+        with db.connect() as conn:
+            model, rows = catalog.get_meta(conn, "model"), catalog.get_meta(conn, "vector_rows", 0)
+        store = VectorStore(out / VECTORS_FILE, int(model["dim"]), rows)
+        return build.sync_index(db, store, out / ANN_FILE, target_recall=target_recall)
+    finally:
+        db.dispose()

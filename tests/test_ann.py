@@ -88,3 +88,28 @@ def test_flat_is_exact_and_remove_ids_works():
     assert ann.remove(index, [1, 2]) == 2
     _, found = ann.search(index, x[:1], 1000, 0)
     assert found.shape[1] == 498 and 1 not in found[0]
+
+
+def test_pick_takes_the_cheapest_setting_that_reaches_the_target():
+    from indexer.tune import pick
+
+    table = {(1, 5): 0.5, (1, 40): 0.8, (2, 5): 0.9, (2, 10): 0.96, (4, 5): 0.97, (4, 40): 0.99}
+    assert pick(table, 0.95) == (2, 10, 0.96)
+    assert pick(table, 0.999) == (4, 40, 0.99)  # unreachable: the best there is
+
+
+def test_tuning_reaches_the_target_on_off_distribution_queries(tmp_path):
+    from alignsearch.vectors import VectorStore
+    from indexer.tune import tune
+
+    dim, n = 32, 12_000
+    x = clustered(n, dim, seed=3)
+    store = VectorStore(tmp_path / "v.f16", dim, 0)
+    store.append(x)
+    ids, rows = np.arange(n, dtype=np.int64) + 1, np.arange(n, dtype=np.int64)
+    plan = ann.plan_index(n, dim)
+    index = ann.train_and_fill(ann.create(plan, dim), store.get(rows[: ann.train_size(n, plan)]), [(store.get(rows), ids)])
+    t = tune(index, store, ids, rows, target=0.9, queries=100)
+    assert t["recall"] >= 0.9 and 1 <= t["nprobe"] <= plan.nlist
+    strict = tune(index, store, ids, rows, target=0.99, queries=100)
+    assert (strict["nprobe"], strict["rerank_factor"]) >= (t["nprobe"], t["rerank_factor"])

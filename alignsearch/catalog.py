@@ -61,6 +61,15 @@ files = Table(
     sqlite_autoincrement=True,  # ids are never reused, so a stale FAISS id never names a new file
 )
 
+tags = Table(
+    "tags",
+    metadata,
+    Column("file_id", Integer, primary_key=True),
+    Column("label", Text, primary_key=True),
+    Column("probability", Float, nullable=False),
+    Index("tags_label", "label"),
+)
+
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 
 
@@ -171,6 +180,25 @@ def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     conn.execute(delete(files).where(files.c.root == values["root"], files.c.relpath == values["relpath"]))
     values = {"indexed_at": time.time(), **values}
     return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+
+
+def replace_tags(conn: Connection, rows: list[dict]) -> None:
+    """Forget every tag and store these ({file_id, label, probability}); one transaction with the caller's."""
+    conn.execute(delete(tags))
+    for start in range(0, len(rows), 10_000):
+        conn.execute(insert(tags), rows[start : start + 10_000])
+
+
+def ids_with_tag(conn: Connection, label: str) -> list[int]:
+    query = select(tags.c.file_id).join(files, files.c.id == tags.c.file_id).where(
+        tags.c.label == label, files.c.status == INDEXED
+    )
+    return [i for (i,) in conn.execute(query)]
+
+
+def tags_of(conn: Connection, file_id: int) -> list[tuple[str, float]]:
+    query = select(tags.c.label, tags.c.probability).where(tags.c.file_id == file_id).order_by(tags.c.probability.desc())
+    return [(label, p) for label, p in conn.execute(query)]
 
 
 def delete_meta(conn: Connection, key: str) -> None:

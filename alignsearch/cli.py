@@ -107,12 +107,13 @@ def _print_hits(query: dict, hits, as_json: bool) -> None:
 @click.option("--image-weight", type=float, default=1.0, show_default=True)
 @click.option("--negative-weight", type=float, default=1.0, show_default=True)
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value).")
+@click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`).")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option
 @model_option
 @device_option
 @reports_errors
-def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, as_json, index_dir, model, device):
+def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, as_json, index_dir, model, device):
     """Search the index by TEXT, by --image, or by both."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
@@ -121,10 +122,20 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
 
     engine = open_index(index_dir, model=model, device=device)
     hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                         image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe)
+                         image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
-         "image_weight": image_weight, "negative_weight": negative_weight}
+         "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
     _print_hits(q, hits, as_json)
+
+
+def _encoder_for(index_dir, model, device):
+    """--model when given, else the index's own model when there is an index, else the default."""
+    from alignsearch.engine import find_index_dir, open as open_index
+    from alignsearch.model import DEFAULT_MODEL, Encoder
+
+    if model is None and (index_dir or find_index_dir()):
+        return open_index(index_dir, device=device).encoder
+    return Encoder(model or DEFAULT_MODEL, device)
 
 
 @main.command()
@@ -140,19 +151,80 @@ def embed(texts, images, as_json, index_dir, model, device):
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image")
     _quiet_transformers()
-    from alignsearch.engine import find_index_dir, open as open_index
-    from alignsearch.model import DEFAULT_MODEL, Encoder
-
-    if model is None and (index_dir or find_index_dir()):
-        encoder = open_index(index_dir).encoder  # the index's own model
-    else:
-        encoder = Encoder(model or DEFAULT_MODEL, device)
+    encoder = _encoder_for(index_dir, model, device)
     out = []
     if texts:
         out += [{"kind": "text", "input": t, "embedding": v.tolist()} for t, v in zip(texts, encoder.encode_text(list(texts)))]
     for path in images:
         out.append({"kind": "image", "input": path, "embedding": encoder.encode_images([path])[0].tolist()})
     click.echo(json.dumps(out))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--labels", "labels", multiple=True, required=True, help='A candidate label (repeat), e.g. --labels "a cat".')
+@click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble), e.g. "a photo of {}".')
+@click.option("--json", "as_json", is_flag=True)
+@index_option
+@model_option
+@device_option
+@reports_errors
+def classify(images, labels, templates, as_json, index_dir, model, device):
+    """Zero-shot: the probability of each label for each image (softmax over similarity / temperature)."""
+    _quiet_transformers()
+    encoder = _encoder_for(index_dir, model, device)
+    results = encoder.classify(list(images), list(labels), tuple(templates) or ("{}",))
+    if as_json:
+        click.echo(json.dumps([{"image": img, "labels": r} for img, r in zip(images, results)], indent=2))
+        return
+    for img, r in zip(images, results):
+        click.echo(img)
+        for entry in sorted(r, key=lambda e: -e["probability"]):
+            click.echo(f"  {entry['probability']:7.2%}  {entry['label']}  (similarity {entry['similarity']:.4f})")
+
+
+@main.command()
+@click.option("--text", required=True)
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@index_option
+@model_option
+@device_option
+@reports_errors
+def similarity(text, image, as_json, index_dir, model, device):
+    """Cosine similarity of a text and an image, and the model's logit."""
+    _quiet_transformers()
+    result = _encoder_for(index_dir, model, device).similarity(text, image)
+    if as_json:
+        click.echo(json.dumps({"text": text, "image": image, **result}))
+    else:
+        click.echo(f"similarity {result['similarity']:.4f}  logit {result['logit']:.4f}")
+
+
+@main.command()
+@click.option("--labels-file", required=True, type=click.Path(exists=True, dir_okay=False), help="One label per line.")
+@click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble).')
+@click.option("--threshold", type=float, default=0.3, show_default=True, help="Minimum probability to tag.")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="At most this many tags per image.")
+@click.option("--json", "as_json", is_flag=True)
+@index_option
+@device_option
+@reports_errors
+def tag(labels_file, templates, threshold, top, as_json, index_dir, device):
+    """Tag every indexed image from its stored vector; later `index` runs tag new images too."""
+    _quiet_transformers()
+    from alignsearch.engine import resolve_index_dir
+    from indexer.job import tag_index
+
+    with open(labels_file, encoding="utf-8") as f:
+        labels = f.read().splitlines()
+    result = tag_index(resolve_index_dir(index_dir), labels, list(templates), threshold, top, device)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['tags']} tags on {result['images']} images")
+    for label, n in result["per_label"].items():
+        click.echo(f"  {n:>8}  {label}")
 
 
 @main.command()

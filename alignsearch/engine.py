@@ -141,20 +141,27 @@ class Engine:
 
     def search(self, text: str | None = None, image=None, k: int = 10, negative: str | None = None,
                text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
-               nprobe: int | None = None) -> list[Hit]:
-        """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1)."""
+               nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
+        """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1).
+        tag: only images tagged with this label (see `alignsearch tag`)."""
         query = self.embed(text, image, negative, text_weight, image_weight, negative_weight)
-        return self.search_vector(query, k, nprobe)
+        return self.search_vector(query, k, nprobe, tag)
 
-    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[Hit]:
+    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
         from alignsearch.query import rerank
 
         if k < 1:
             raise BadInputError(f"k must be at least 1, got {k}")
+        allowed = None
+        if tag is not None:
+            with self.db.connect() as conn:
+                allowed = np.array(catalog.ids_with_tag(conn, tag), dtype=np.int64)
+            if len(allowed) == 0:
+                return []
         if self.index.ntotal == 0:
             return []
         want = ann.candidate_count(k, self.plan, self.tuning.get("rerank_factor", 10))
-        scores, ids = ann.search(self.index, query[None, :], want, nprobe or self.nprobe)
+        scores, ids = ann.search(self.index, query[None, :], want, nprobe or self.nprobe, allowed)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep], scores[0][keep]
         with self.db.connect() as conn:
@@ -190,6 +197,16 @@ class Engine:
                 "metric": "inner_product",
             },
         }
+
+    def classify(self, image, labels: list[str], templates: tuple[str, ...] = ("{}",)) -> list[dict]:
+        """Label probabilities for one image, with the index's model (see Encoder.classify)."""
+        enc = self.encoder
+        with self._encoder_lock:
+            return enc.classify([image], labels, templates)[0]
+
+    def tags(self, file_id: int) -> list[tuple[str, float]]:
+        with self.db.connect() as conn:
+            return catalog.tags_of(conn, file_id)
 
     def failed(self) -> list[catalog.FileRow]:
         with self.db.connect() as conn:

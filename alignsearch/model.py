@@ -212,3 +212,27 @@ class Encoder:
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         return self.encode_crops(np.stack([self.crop(im) for im in images]))
+
+    def encode_labels(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
+        """One unit vector per label: its prompts' embeddings averaged (prompt ensembling)."""
+        from alignsearch.classify import ensemble, prompts
+
+        return np.stack([ensemble(self.encode_text(prompts(label, tuple(templates)))) for label in labels])
+
+    def classify(self, images: Sequence[ImageInput], labels: Sequence[str],
+                 templates: Sequence[str] = ("{}",)) -> list[list[dict]]:
+        """Per image, per label: probability (softmax of similarity / temperature) and similarity."""
+        from alignsearch.classify import probabilities
+
+        if not labels:
+            raise BadInputError("give at least one label")
+        sims, probs = probabilities(self.encode_images(images), self.encode_labels(labels, templates), self.temperature)
+        return [
+            [{"label": lab, "probability": float(p), "similarity": float(s)} for lab, p, s in zip(labels, prow, srow)]
+            for prow, srow in zip(probs, sims)
+        ]
+
+    def similarity(self, text: str, image: ImageInput) -> dict:
+        """Cosine similarity of a text and an image, and the model's logit (similarity / temperature)."""
+        sim = float(self.encode_text([text])[0] @ self.encode_images([image])[0])
+        return {"similarity": sim, "logit": sim / self.temperature}

@@ -27,6 +27,7 @@ class Summary:
     unchanged: int = 0
     reused: int = 0  # files not encoded because identical content was already indexed
     index: dict = field(default_factory=dict)
+    tags: dict | None = None
     times: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -152,8 +153,43 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
     built = build.sync_index(db, store, out / ANN_FILE, rebuild=rebuild)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
+    with db.connect() as conn:
+        tagging = catalog.get_meta(conn, "tagging")
+    if tagging:  # new images get the labels the library was tagged with
+        summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     return summary
+
+
+def _tag(db, store: VectorStore, encoder: Encoder, tagging: dict) -> dict:
+    from indexer.tag import tag_all
+
+    labels = tagging["labels"]
+    vectors = encoder.encode_labels(labels, tagging["templates"])
+    return tag_all(db, store, vectors, labels, encoder.temperature, tagging["threshold"], tagging["top"])
+
+
+def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[str], threshold: float, top: int,
+              device: str = "auto") -> dict:
+    """Tag every indexed image with the labels it matches, from stored vectors; remembered for later runs."""
+    labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
+    if not labels:
+        raise BadInputError("the labels file holds no labels: write one label per line")
+    if not 0 <= threshold <= 1 or top < 1:
+        raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
+    out = Path(index_dir)
+    db = catalog.connect(out / DB_FILE)
+    try:
+        encoder = _load_encoder(db, None, device)
+        with db.connect() as conn:
+            rows = catalog.get_meta(conn, "vector_rows", 0)
+        tagging = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
+        result = _tag(db, VectorStore(out / VECTORS_FILE, encoder.dim, rows), encoder, tagging)
+        with db.begin() as conn:
+            catalog.set_meta(conn, "tagging", tagging)
+        return result
+    finally:
+        db.dispose()
 
 
 def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:

@@ -8,7 +8,7 @@ from alignsearch import ann
 
 @pytest.mark.parametrize(
     "n,kind,nlist",
-    [(0, "flat", 0), (9_999, "flat", 0), (10_000, "ivfpq", 256), (100_000, "ivfpq", 2048), (1_000_000, "ivfpq", 8192)],
+    [(0, "flat", 0), (9_999, "flat", 0), (10_000, "ivfpq", 256), (100_000, "ivfpq", 1024), (1_000_000, "ivfpq", 4096)],
 )
 def test_plan_index_follows_the_size_rules(n, kind, nlist):
     plan = ann.plan_index(n, 640)

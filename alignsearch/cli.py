@@ -117,14 +117,25 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     """Search the index by TEXT, by --image, or by both."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
-    _quiet_transformers()
-    from alignsearch.engine import open as open_index
-
-    engine = open_index(index_dir, model=model, device=device)
-    hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                         image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
+    from alignsearch.engine import Hit, open as open_index, resolve_index_dir
+
+    found = resolve_index_dir(index_dir)
+    answer = None
+    if model is None and nprobe is None:  # a warm `alignsearch serve` answers in milliseconds
+        from alignsearch.client import search_via_server
+
+        fields = {"q": text, "k": k, "negative": negative, "text_weight": text_weight,
+                  "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
+        answer = search_via_server(found, fields, image)
+    if answer is not None:
+        hits = [Hit(**h) for h in answer["results"]]
+    else:
+        _quiet_transformers()
+        engine = open_index(found, model=model, device=device)
+        hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
+                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     _print_hits(q, hits, as_json)
 
 
@@ -256,6 +267,37 @@ def info(failed, as_json, index_dir):
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
     for f in data.get("failed_files", []):
         click.echo(f"failed:  {f['path']}: {f['reason']}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on; another than loopback only when you mean it.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--token", envvar="ALIGNSEARCH_TOKEN", help="Require this token on every API request (env ALIGNSEARCH_TOKEN).")
+@click.option("--verbose", is_flag=True, help="Log every request.")
+@index_option
+@device_option
+@reports_errors
+def serve(host, port, token, verbose, index_dir, device):
+    """Serve the index warm: a JSON API and a search page at http://HOST:PORT/."""
+    _quiet_transformers()
+    from alignsearch.engine import open as open_index
+    from alignsearch.server import LOOPBACK, ServerConfig, serve as run_server
+
+    if host not in LOOPBACK and not token:
+        click.echo(f"warning: serving on {host} without --token: anyone who can reach it can search and view "
+                   "the indexed images", err=True)
+    engine = open_index(index_dir, device=device)
+    config = ServerConfig(host=host, port=port, token=token)
+
+    def ready(server):
+        click.echo(f"serving {engine.dir} on http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)", err=True)
+
+    try:
+        run_server(engine, config, ready, verbose)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @main.command()

@@ -204,6 +204,17 @@ class Engine:
         with self._encoder_lock:
             return enc.classify([image], labels, templates)[0]
 
+    def file(self, file_id: int) -> catalog.FileRow | None:
+        """The catalog row of an indexed file, or None."""
+        with self.db.connect() as conn:
+            row = catalog.get_files(conn, [file_id]).get(file_id)
+        return row if row is not None and row.vec_row is not None else None
+
+    def vector_of(self, file_id: int) -> np.ndarray | None:
+        """The stored unit vector of an indexed file ("more like this"), or None."""
+        row = self.file(file_id)
+        return None if row is None else self.store.get(np.array([row.vec_row]))[0]
+
     def tags(self, file_id: int) -> list[tuple[str, float]]:
         with self.db.connect() as conn:
             return catalog.tags_of(conn, file_id)

@@ -239,6 +239,38 @@ def tag(labels_file, templates, threshold, top, as_json, index_dir, device):
 
 
 @main.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "base", default=None, help="Checkpoint to start from (hub id or directory; default kakaobrain/align-base).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the fine-tuned checkpoint.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True, help="Pairs per contrastive batch.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Batches per optimizer step.")
+@click.option("--freeze", type=click.Choice(["text", "vision"]), default=None, help="Keep one tower fixed.")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
+@click.option("--no-flip", is_flag=True, help="No mirror augmentation (when captions say left/right).")
+@click.option("--image-column", default="image", show_default=True)
+@click.option("--caption-column", default="caption", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint, the last finished epoch.")
+@device_option
+@reports_errors
+def finetune(data, base, out, epochs, batch_size, lr, accumulate, freeze, val_fraction, no_flip, image_column,
+             caption_column, seed, resume, device):
+    """Fine-tune ALIGN on image-caption pairs: a folder of images with .txt captions, or a CSV/JSONL/parquet file."""
+    _quiet_transformers()
+    from alignsearch.finetune import FinetuneConfig, finetune as run_finetune
+    from alignsearch.model import DEFAULT_MODEL
+
+    config = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, accumulate=accumulate, freeze=freeze,
+                            val_fraction=val_fraction, flip=not no_flip, seed=seed, device=device)
+    metrics = run_finetune(data, base or DEFAULT_MODEL, out, config, resume=resume, image_column=image_column,
+                           caption_column=caption_column, progress=sys.stderr.isatty(),
+                           log=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps({"out": str(out), **metrics}))
+
+
+@main.command()
 @click.option("--failed", is_flag=True, help="List the files that could not be indexed, with the reason.")
 @click.option("--json", "as_json", is_flag=True)
 @index_option

@@ -98,11 +98,32 @@ def _embedding(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def to_pixel_values(crops: np.ndarray, spec: ImageSpec, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device."""
+    x = torch.from_numpy(np.ascontiguousarray(crops))
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float() * spec.rescale_factor
+    if spec.rescale_offset:
+        x = x - 1.0
+    if spec.mean is not None:
+        x = (x - torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    if spec.include_top_std is not None:
+        x = x / torch.tensor(spec.include_top_std, device=device).view(1, 3, 1, 1)
+    return x
+
+
+def load_image_spec(model: str) -> ImageSpec:
+    from transformers import AutoImageProcessor
+
+    return image_spec_from_processor(AutoImageProcessor.from_pretrained(model))
+
+
 class Encoder:
     """One loaded ALIGN checkpoint on one device. Not thread-safe: serialise calls."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto"):
-        from transformers import AlignModel, AutoImageProcessor, AutoTokenizer
+        from transformers import AlignModel, AutoTokenizer
 
         # A local directory is remembered by absolute path, so later runs find it from anywhere.
         self.name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
@@ -110,7 +131,7 @@ class Encoder:
         try:
             self.model = AlignModel.from_pretrained(self.name).float().eval().to(self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(self.name)
-            image_processor = AutoImageProcessor.from_pretrained(self.name)
+            self.spec = load_image_spec(self.name)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"could not load the ALIGN checkpoint {self.name!r}: {exc}\n"
@@ -118,7 +139,6 @@ class Encoder:
                 "(huggingface-cli download kakaobrain/align-base --local-dir ./align-base) "
                 "and pass --model ./align-base (or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache)."
             ) from None
-        self.spec = image_spec_from_processor(image_processor)
         self.dim = int(self.model.config.projection_dim)
         text_limit = int(self.model.config.text_config.max_position_embeddings)
         tok_limit = int(getattr(self.tokenizer, "model_max_length", text_limit) or text_limit)
@@ -127,13 +147,6 @@ class Encoder:
         self.fingerprint = _fingerprint(self.model)
         self.temperature = float(self.model.temperature.detach().cpu())
         self._autocast = self.device.type == "cuda"
-        spec = self.spec
-        self._scale = torch.tensor(spec.rescale_factor, device=self.device)
-        self._mean = None if spec.mean is None else torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = None if spec.std is None else torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
-        self._top = (
-            None if spec.include_top_std is None else torch.tensor(spec.include_top_std, device=self.device).view(1, 3, 1, 1)
-        )
 
     def describe(self) -> dict:
         """What an index records about the model that built it."""
@@ -173,20 +186,6 @@ class Encoder:
             out = self.model.get_text_features(**batch)
         return _normalise(_embedding(out))
 
-    def pixels(self, crops: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device."""
-        x = torch.from_numpy(np.ascontiguousarray(crops))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float() * self._scale
-        if self.spec.rescale_offset:
-            x = x - 1.0
-        if self._mean is not None:
-            x = (x - self._mean) / self._std
-        if self._top is not None:
-            x = x / self._top
-        return x
-
     @torch.inference_mode()
     def encode_crops(self, crops: np.ndarray) -> np.ndarray:
         """(N, dim) float32 unit vectors from uint8 crops made by images.crop_uint8."""
@@ -196,7 +195,7 @@ class Encoder:
         parts = []
         with self._context():
             for start in range(0, len(crops), step):
-                out = self.model.get_image_features(pixel_values=self.pixels(crops[start : start + step]))
+                out = self.model.get_image_features(pixel_values=to_pixel_values(crops[start : start + step], self.spec, self.device))
                 parts.append(_normalise(_embedding(out)))
         return np.concatenate(parts)
 

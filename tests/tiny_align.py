@@ -6,11 +6,12 @@ from pathlib import Path
 
 WORDS = (
     "a an the of on in at with and photo picture image red green blue yellow black white car beach dog cat "
-    "night day small big circle square triangle sky road tree house person man woman"
+    "night day small big large circle square triangle purple top bottom sky road tree house person man woman"
 ).split()
 
 
-def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False) -> Path:
+def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False, image: tuple[int, int] = (40, 32),
+                     text_init: float = 1.0) -> Path:
     """full_size: align-base's geometry (EfficientNet-B7, BERT-base, 640-d, 289 px) with random
     weights, for speed benchmarks; otherwise a model small enough for unit tests."""
     import torch
@@ -43,9 +44,9 @@ def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
-        initializer_range=1.0,  # large random weights, so distinct texts get distinct vectors
+        initializer_range=text_init,  # 1.0: large random weights, so distinct texts get distinct vectors
     )
-    size, crop = 40, 32
+    size, crop = image
     if full_size:
         text, vision, (size, crop) = {"vocab_size": len(vocab)}, {"image_size": 289}, (346, 289)
     config = AlignConfig(text_config=text, vision_config=vision, projection_dim=640 if full_size else 8)

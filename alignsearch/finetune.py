@@ -1,0 +1,230 @@
+"""`alignsearch finetune`: adapt an ALIGN checkpoint to your own image-caption pairs.
+
+The ALIGN recipe: L2-normalised embeddings, a learned temperature, symmetric cross-entropy over the
+in-batch similarities with label smoothing 0.1 (AlignModel's own loss), AdamW with warm-up and cosine
+decay, random crop (and flip) at the model's resolution, retrieval metrics on a held-out split each epoch.
+The output is a save_pretrained directory that `--model DIR` takes everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from alignsearch.errors import BadImageError, BadInputError, ModelLoadError
+from alignsearch.images import ImageSpec, open_rgb
+from alignsearch.model import load_image_spec, resolve_device, to_pixel_values
+from alignsearch.pairs import Pair, load_pairs
+
+CHECKPOINT = "checkpoint"  # inside the output directory: the last finished epoch, for --resume
+INITIAL_TEMPERATURE = 0.07  # the config default of 1.0 learns too slowly from a fresh initialisation
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    accumulate: int = 1  # optimizer step every N batches (the contrastive batch stays batch_size)
+    freeze: str | None = None  # "text" or "vision"
+    val_fraction: float = 0.1
+    flip: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+
+def retrieval_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray) -> dict[str, float]:
+    """R@1/5/10 both ways, where image i and text i belong together."""
+    sims = image_vectors @ text_vectors.T
+    n = len(sims)
+    out = {}
+    for name, matrix in (("image_to_text", sims), ("text_to_image", sims.T)):
+        rank = (matrix > matrix[np.arange(n), np.arange(n)][:, None]).sum(axis=1)
+        for k in (1, 5, 10):
+            out[f"{name}_R@{k}"] = float((rank < k).mean())
+    return out
+
+
+def train_crop(img, spec: ImageSpec, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """Resize as the processor does, then a random (not centre) crop and an optional mirror."""
+    height, width = spec.resize
+    arr = np.asarray(img.resize((width, height), resample=spec.resample), dtype=np.uint8)
+    crop_h, crop_w = spec.crop or spec.resize
+    top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+    arr = arr[top : top + crop_h, left : left + crop_w]
+    if flip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr)
+
+
+def _embedding(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class _Images:
+    """Decodes pairs' images, remembering the ones that fail so they are reported once and skipped."""
+
+    def __init__(self, spec: ImageSpec):
+        self.spec, self.bad = spec, {}
+
+    def load(self, pairs: list[Pair]):
+        good, images = [], []
+        for pair in pairs:
+            if pair.image in self.bad:
+                continue
+            try:
+                images.append(open_rgb(pair.image.read_bytes())[0])
+                good.append(pair)
+            except (OSError, BadImageError) as exc:
+                self.bad[pair.image] = str(exc)
+        return good, images
+
+
+def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
+             resume: bool = False, image_column: str = "image", caption_column: str = "caption",
+             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Train, evaluate each epoch, checkpoint, and save the model to `out`. Returns the last metrics."""
+    from tqdm import tqdm
+    from transformers import AlignModel, AutoImageProcessor, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    if config.freeze not in (None, "text", "vision"):
+        raise BadInputError("--freeze takes text or vision")
+    out = Path(out)
+    loaded = load_pairs(data, image_column, caption_column)
+    for what, why in loaded.skipped:
+        log(f"skipped {what}: {why}")
+    if len(loaded.pairs) < 2:
+        raise BadInputError(f"{data} holds {len(loaded.pairs)} usable image-caption pairs; at least 2 are needed")
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    order = rng.permutation(len(loaded.pairs))
+    n_val = int(len(order) * config.val_fraction) if len(order) >= 20 else 0
+    val = [loaded.pairs[i] for i in order[:n_val]]
+    train = [loaded.pairs[i] for i in order[n_val:]]
+
+    device = resolve_device(config.device)
+    checkpoint = out / CHECKPOINT
+    source = str(checkpoint) if resume and (checkpoint / "config.json").exists() else base
+    try:
+        model = AlignModel.from_pretrained(source).float().to(device)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        image_processor = AutoImageProcessor.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the ALIGN checkpoint {base!r}: {exc}") from None
+    spec = load_image_spec(base)
+    max_length = min(64, int(model.config.text_config.max_position_embeddings))
+    if source == base and float(model.temperature) > 0.5:
+        model.temperature.data.fill_(INITIAL_TEMPERATURE)
+    if config.freeze == "text":
+        for p in [*model.text_model.parameters(), *model.text_projection.parameters()]:
+            p.requires_grad_(False)
+    elif config.freeze == "vision":
+        for p in model.vision_model.parameters():
+            p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],  # no decay on norms, biases, temperature
+        lr=config.lr,
+    )
+    steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.accumulate)
+    total = steps_per_epoch * config.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * config.warmup_fraction), total)
+    start_epoch = 0
+    if source != base:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, rng = state["epoch"], state["rng"]
+        log(f"resumed from {checkpoint} after epoch {start_epoch}")
+    images, reported = _Images(spec), set()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    metrics: dict = {}
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        perm = rng.permutation(len(train))
+        bar = tqdm(range(0, len(perm), config.batch_size), disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}")
+        seen, started, losses = 0, time.perf_counter(), []
+        for step, start in enumerate(bar):
+            batch, pil = images.load([train[i] for i in perm[start : start + config.batch_size]])
+            if len(batch) < 2:  # a contrastive batch needs negatives
+                continue
+            crops = np.stack([train_crop(img, spec, rng, config.flip) for img in pil])
+            text = tokenizer([p.caption for p in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            with autocast:
+                output = model(**{k: v.to(device) for k, v in text.items()},
+                               pixel_values=to_pixel_values(crops, spec, device), return_loss=True)
+            (output.loss / config.accumulate).backward()
+            if (step + 1) % config.accumulate == 0 or start + config.batch_size >= len(perm):
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    model.temperature.clamp_(min=0.005)
+            seen += len(batch)
+            losses.append(float(output.loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        for path in images.bad.keys() - reported:
+            log(f"skipped {path}: {images.bad[path]}")
+        reported |= images.bad.keys()
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "temperature": float(model.temperature), **_evaluate(model, tokenizer, images, val, spec, device, max_length)}
+        log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                 "rng": rng, "config": asdict(config)}
+        _save(model, tokenizer, image_processor, checkpoint, state)
+    _save(model, tokenizer, image_processor, out)
+    return metrics
+
+
+@torch.inference_mode()
+def _evaluate(model, tokenizer, images: _Images, val: list[Pair], spec: ImageSpec, device, max_length: int) -> dict:
+    if len(val) < 2:
+        return {}
+    from alignsearch.images import crop_uint8
+
+    model.eval()
+    pairs, pil = images.load(val)
+    image_vecs, text_vecs = [], []
+    for start in range(0, len(pairs), 64):
+        crops = np.stack([crop_uint8(img, spec) for img in pil[start : start + 64]])
+        v = _embedding(model.get_image_features(pixel_values=to_pixel_values(crops, spec, device))).float()
+        image_vecs.append(torch.nn.functional.normalize(v, dim=-1).cpu().numpy())
+        text = tokenizer([p.caption for p in pairs[start : start + 64]], padding=True, truncation=True,
+                         max_length=max_length, return_tensors="pt")
+        t = _embedding(model.get_text_features(**{k: v.to(device) for k, v in text.items()})).float()
+        text_vecs.append(torch.nn.functional.normalize(t, dim=-1).cpu().numpy())
+    return retrieval_metrics(np.concatenate(image_vecs), np.concatenate(text_vecs))
+
+
+def _save(model, tokenizer, image_processor, folder: Path, trainer_state: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then swap it in: a kill leaves the old copy whole."""
+    from transformers import AlignProcessor
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    keep = [p for p in folder.iterdir() if p.name == CHECKPOINT] if folder.exists() else []
+    for p in keep:
+        os.replace(p, tmp / p.name)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,69 @@
+"""Image-caption pairs for fine-tuning: a folder with sidecar .txt captions, or a CSV / JSONL / parquet table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignsearch.errors import BadInputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    caption: str
+
+
+@dataclass
+class Pairs:
+    pairs: list[Pair] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+
+
+def _check(image: Path, caption, out: Pairs) -> None:
+    caption = (caption or "").strip() if isinstance(caption, str) or caption is None else str(caption).strip()
+    if not caption:
+        out.skipped.append((str(image), "empty caption"))
+    elif not image.is_file():
+        out.skipped.append((str(image), "image file missing"))
+    else:
+        out.pairs.append(Pair(image, caption))
+
+
+def load_pairs(data: str | Path, image_column: str = "image", caption_column: str = "caption") -> Pairs:
+    """Read pairs; bad ones (missing image, empty caption) are listed in .skipped, never fatal.
+    Relative image paths in a table are relative to the table's folder."""
+    data = Path(data)
+    out = Pairs()
+    if data.is_dir():
+        for image in sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            sidecar = image.with_suffix(".txt")
+            if not sidecar.exists():
+                out.skipped.append((str(image), "no caption file " + sidecar.name))
+                continue
+            _check(image, sidecar.read_text(encoding="utf-8", errors="replace"), out)
+        return out
+    if not data.is_file():
+        raise BadInputError(f"{data} is neither a folder of images with .txt captions nor a CSV/JSONL/parquet file")
+    suffix = data.suffix.lower()
+    if suffix == ".csv":
+        with open(data, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(data, columns=[image_column, caption_column]).to_pylist()
+    else:
+        raise BadInputError(f"unsupported pairs file {data.name}: use .csv, .jsonl or .parquet")
+    for i, row in enumerate(rows):
+        if image_column not in row or caption_column not in row:
+            raise BadInputError(f"row {i + 1} of {data.name} lacks the columns {image_column!r} and {caption_column!r} "
+                                "(name them with --image-column / --caption-column)")
+        _check(data.parent / str(row[image_column]), row[caption_column], out)
+    return out

@@ -1,0 +1,108 @@
+"""Retrieval quality of a fine-tuned ALIGN, end to end through `alignsearch finetune`, `index` and `query`.
+
+    python benchmarks/bench_quality.py [--epochs 30] [--per-spec 40]
+
+A tiny ALIGN starts from random weights and is fine-tuned on CPU on generated captioned shapes; some
+(colour, shape) combinations are held out of training entirely. The held-out images, with as many
+distractors of trained combinations, are indexed and queried through the engine:
+- text -> image: P@10 (colour and shape right) and R@1 (all four attributes right) for held-out captions
+- image -> image: P@10 (colour and shape right) for fresh images of held-out combinations
+- compound: an image of X plus a text naming a new colour -> top hit has the new colour and X's shape,
+  size and position. Chance levels, measured with the untrained model, are the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import record  # noqa: E402  (also puts tests/ on the path)
+
+from shapes_data import COLOURS, all_specs, write_set  # noqa: E402
+from tiny_align import build_tiny_align  # noqa: E402
+
+
+def evaluate(index_dir: Path, truth: dict, queries: dict, queries_dir: Path) -> dict:
+    import alignsearch
+
+    engine = alignsearch.open(index_dir, device="cpu")
+    spec_of = {name: spec for name, spec in truth.items()}
+
+    def spec(hit):
+        return spec_of[Path(hit.path).name]
+
+    held = sorted({s for s in queries.values()}, key=lambda s: s.caption())
+    p10 = r1 = 0
+    for s in held:
+        hits = engine.search(text=s.caption(), k=10)
+        p10 += sum(spec(h).colour == s.colour and spec(h).shape == s.shape for h in hits) / 10
+        r1 += spec(hits[0]) == s
+    img_p10 = compound = n_compound = 0
+    for name, s in queries.items():
+        hits = engine.search(image=queries_dir / name, k=10)
+        img_p10 += sum(spec(h).colour == s.colour and spec(h).shape == s.shape for h in hits) / 10
+        for colour in COLOURS:
+            if colour == s.colour:
+                continue
+            top = spec(engine.search(text=colour, image=queries_dir / name, k=1)[0])
+            compound += (top.colour, top.shape, top.size, top.position) == (colour, s.shape, s.size, s.position)
+            n_compound += 1
+    return {"text_P@10": p10 / len(held), "text_R@1": r1 / len(held), "image_P@10": img_p10 / len(queries),
+            "compound_top1": compound / n_compound}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--per-spec", type=int, default=40, help="training images per attribute combination")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = build_tiny_align(tmp / "base", image=(72, 64), text_init=0.02)
+        write_set(tmp / "train", all_specs(held_out=False), args.per_spec, seed=1)
+        truth = write_set(tmp / "corpus", all_specs(held_out=True), 5, seed=2, captions=False)
+        truth |= write_set(tmp / "corpus", all_specs(held_out=False), 2, seed=3, captions=False)
+        queries = write_set(tmp / "queries", all_specs(held_out=True), 1, seed=4, captions=False)
+        cli = [sys.executable, "-m", "alignsearch"]
+        results = {}
+        for label, model in (("untrained (chance baseline)", base), ("fine-tuned", tmp / "tuned")):
+            if model != base:
+                t = time.perf_counter()
+                done = subprocess.run(cli + ["finetune", str(tmp / "train"), "--model", str(base), "--out", str(model),
+                                             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                                             "--lr", str(args.lr), "--device", "cpu"], capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(done.stderr[-3000:])
+                results["train_seconds"] = round(time.perf_counter() - t, 1)
+                results["last_epoch"] = json.loads(done.stdout.splitlines()[-1])
+            index_dir = tmp / f"ix-{model.name}"
+            subprocess.run(cli + ["index", str(tmp / "corpus"), "--index", str(index_dir), "--model", str(model),
+                                  "--device", "cpu"], check=True, capture_output=True)
+            results[label] = evaluate(index_dir, truth, queries, tmp / "queries")
+    lines = [f"- training: {len(all_specs(False)) * args.per_spec} images of {len(all_specs(False)) // 4} trained (colour, shape) "
+             f"combinations, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, CPU, {results['train_seconds']} s",
+             f"- index: {len(truth)} images ({len(all_specs(True)) * 5} of held-out combinations, the rest distractors)"]
+    for label in ("untrained (chance baseline)", "fine-tuned"):
+        r = results[label]
+        lines.append(f"- {label}: text->image P@10 {r['text_P@10']:.3f}, R@1 {r['text_R@1']:.3f}; image->image P@10 "
+                     f"{r['image_P@10']:.3f}; compound (image + new colour) top-1 {r['compound_top1']:.3f}")
+    lines.append(f"- last epoch (held-out split of the training pairs): {results['last_epoch']}")
+    if args.record:
+        record("Retrieval quality after fine-tuning, generated shapes, held-out combinations", lines)
+    else:
+        print("\n".join(lines))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

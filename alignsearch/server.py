@@ -300,7 +300,7 @@ class AlignSearchServer(ThreadingHTTPServer):
 def serve(engine: Engine, config: ServerConfig, ready=None, verbose: bool = False) -> None:
     """Serve until interrupted. Writes SERVER_FILE into the index so `alignsearch query` finds the
     warm server, and removes it on the way out. ready(server) is called once listening."""
-    engine.encoder  # load the model now, not on the first request
+    _ = engine.encoder  # load the model now, not on the first request
     server = AlignSearchServer(engine, config, verbose)
     host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
     record = engine.dir / SERVER_FILE

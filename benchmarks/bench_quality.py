@@ -14,7 +14,6 @@ distractors of trained combinations, are indexed and queried through the engine:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Fine-tuning: pairs loading, the recipe end to end on CPU, resume, and quality well above chance."""
 
 import json
-import sys
 
 import numpy as np
 import pytest

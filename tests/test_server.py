@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -18,9 +17,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import alignsearch
 from alignsearch.cli import main
-from alignsearch.server import SERVER_FILE, ServerConfig, search_params, thumb_size
+from alignsearch.server import SERVER_FILE, ApiError, ServerConfig, search_params, thumb_size
 
 
 def free_port() -> int:
@@ -196,7 +194,6 @@ def test_cli_query_goes_through_the_warm_server(served):
     assert record["pid"] == served["proc"].pid
     assert oct(os.stat(served["ix"] / SERVER_FILE).st_mode & 0o777) == "0o600"
     env = {**os.environ, "ALIGNSEARCH_INDEX": str(served["ix"])}
-    start = time.perf_counter()
     warm = subprocess.run([sys.executable, "-m", "alignsearch", "query", "red car", "-k", "4", "--json"],
                           capture_output=True, text=True, env=env)
     assert warm.returncode == 0, warm.stderr
@@ -219,7 +216,7 @@ def test_server_picks_up_a_rebuilt_index(served, tiny_model):
 
 def test_params_and_sizes_are_pure_functions():
     assert search_params({"k": "5"}, 10)["k"] == 5
-    with pytest.raises(Exception):
+    with pytest.raises(ApiError, match="between 1 and 10"):
         search_params({"k": "11"}, 10)
     assert [thumb_size(n) for n in (1, 64, 65, 300, 5000)] == [64, 64, 128, 512, 1024]
     assert ServerConfig().host == "127.0.0.1"  # loopback unless asked

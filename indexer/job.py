@@ -49,12 +49,15 @@ def index_folders(
     rebuild: bool = False,
     reindex: bool = False,
     progress: bool = False,
+    ray_address: str | None = None,
+    use_ray: bool = False,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
     index_dir defaults to $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above cwd, else a new
     `.alignsearch` in cwd. rebuild retrains the ANN index; reindex forgets every vector and
-    encodes everything again (the way to switch an index to another model).
+    encodes everything again (the way to switch an index to another model). use_ray runs the stages
+    on Ray Data (a local instance, or the cluster at ray_address).
     """
     for root in roots:
         if not Path(root).is_dir():
@@ -66,7 +69,8 @@ def index_folders(
     try:
         if reindex:
             _forget_vectors(db, out)
-        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild or reindex, progress)
+        ray = (use_ray or ray_address is not None, ray_address)
+        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild or reindex, progress, ray)
     finally:
         db.dispose()
 
@@ -95,7 +99,7 @@ def _load_encoder(db, model: str | None, device: str) -> Encoder:
     return enc
 
 
-def _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress) -> Summary:
+def _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress, ray) -> Summary:
     from tqdm import tqdm
 
     summary = Summary(str(out.resolve()))
@@ -140,7 +144,13 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
         moved_in.extend(h for h in hashes if h in rows and h in gone_hashes)
         return rows
 
-    times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update, known)
+    if ray[0]:
+        from indexer.ray_pipeline import run_ray
+
+        times = run_ray(todo, encoder.name, device, encoder.spec, catalog_writer(db, store), batch_size, ray[1],
+                        on_batch=bar.update)
+    else:
+        times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update, known)
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:

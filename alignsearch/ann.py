@@ -180,3 +180,11 @@ def stored_ids(index: faiss.Index) -> np.ndarray:
         if lists.list_size(i)
     ]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def layout(index: faiss.Index) -> str:
+    """"ondisk" when the inverted lists are memory-mapped from a file, else "memory"."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return "memory"
+    return "ondisk" if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists) else "memory"

@@ -63,9 +63,12 @@ def main() -> None:
 @click.option("--reindex", is_flag=True, help="Encode every file again, e.g. with a new --model.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run on Ray Data: a local instance, or the cluster at ADDRESS (pip install '.[ray]').")
+@click.option("--ondisk-shards", type=click.IntRange(min=0), default=None,
+              help="Build IVF-PQ from N shards in parallel, lists on disk and memory-mapped (0: off; remembered).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
-def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex, ray_address, as_json):
+def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
+          ondisk_shards, as_json):
     """Index the images under ROOTS (and every folder this index already holds).
 
     Re-runs encode only new and changed files; moved or renamed files keep their vectors.
@@ -76,7 +79,7 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
     s = index_folders(
         list(roots), index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex,
         progress=not as_json and sys.stderr.isatty(), use_ray=ray_address is not None,
-        ray_address=None if ray_address in (None, "local") else ray_address,
+        ray_address=None if ray_address in (None, "local") else ray_address, ondisk_shards=ondisk_shards,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))

@@ -195,6 +195,7 @@ class Engine:
                 "target_recall": self.tuning.get("target"),
                 "vectors": int(self.index.ntotal),
                 "metric": "inner_product",
+                "layout": ann.layout(self.index),
             },
         }
 

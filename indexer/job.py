@@ -51,13 +51,15 @@ def index_folders(
     progress: bool = False,
     ray_address: str | None = None,
     use_ray: bool = False,
+    ondisk_shards: int | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
     index_dir defaults to $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above cwd, else a new
     `.alignsearch` in cwd. rebuild retrains the ANN index; reindex forgets every vector and
     encodes everything again (the way to switch an index to another model). use_ray runs the stages
-    on Ray Data (a local instance, or the cluster at ray_address).
+    on Ray Data (a local instance, or the cluster at ray_address). ondisk_shards > 0 builds IVF-PQ
+    indexes from that many parallel shards with lists on disk (0 turns it off; None keeps the index's choice).
     """
     for root in roots:
         if not Path(root).is_dir():
@@ -70,7 +72,8 @@ def index_folders(
         if reindex:
             _forget_vectors(db, out)
         ray = (use_ray or ray_address is not None, ray_address)
-        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild or reindex, progress, ray)
+        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild or reindex, progress, ray,
+                      ondisk_shards)
     finally:
         db.dispose()
 
@@ -99,7 +102,8 @@ def _load_encoder(db, model: str | None, device: str) -> Encoder:
     return enc
 
 
-def _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress, ray) -> Summary:
+def _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress, ray,
+           ondisk_shards) -> Summary:
     from tqdm import tqdm
 
     summary = Summary(str(out.resolve()))
@@ -160,7 +164,7 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
     summary.added = len(todo) - summary.updated - summary.moved
     summary.failed = times.failed
     summary.reused = times.reused
-    built = build.sync_index(db, store, out / ANN_FILE, rebuild=rebuild)
+    built = build.sync_index(db, store, out / ANN_FILE, rebuild=rebuild, ondisk_shards=ondisk_shards)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
     with db.connect() as conn:

@@ -1,0 +1,66 @@
+"""Sharded build of an IVF-PQ index whose inverted lists live on disk, memory-mapped when served.
+
+Train once on a random sample, add disjoint shards of (catalog id, vector) in parallel processes,
+merge the shards' lists into one file with faiss.contrib.ondisk.merge_ondisk. The result searches
+like the in-memory index while only the coarse quantizer and PQ tables stay in RAM.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import faiss
+import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
+
+from alignsearch import ann
+from alignsearch.vectors import VectorStore
+
+
+def add_shard(trained_path: str, store_path: str, dim: int, store_rows: int, ids: np.ndarray, rows: np.ndarray,
+              out_path: str) -> str:
+    """One worker's share: the trained (empty) index plus these vectors, written to out_path."""
+    index = faiss.read_index(trained_path)
+    store = VectorStore(Path(store_path), dim, store_rows)
+    for start in range(0, len(ids), 65_536):
+        ann.add(index, store.get(rows[start : start + 65_536]), ids[start : start + 65_536])
+    faiss.write_index(index, out_path)
+    return out_path
+
+
+def train_empty(store: VectorStore, rows: np.ndarray, seed: int = 0) -> faiss.Index:
+    """The IVF-PQ index for len(rows) vectors, trained on a random sample of them, holding nothing yet."""
+    n, dim = len(rows), store.dim
+    plan = ann.plan_index(n, dim)
+    if plan.kind != "ivfpq":
+        raise ValueError(f"{n} vectors make a flat index; on-disk lists are for IVF-PQ")
+    sample = np.sort(np.random.default_rng(seed).choice(rows, size=ann.train_size(n, plan), replace=False))
+    return ann.train_and_fill(ann.create(plan, dim), store.get(sample), [])
+
+
+def build_ondisk(store: VectorStore, ids: np.ndarray, rows: np.ndarray, lists_path: Path, shards: int,
+                 workers: int = 1, seed: int = 0) -> faiss.Index:
+    """A populated IVF-PQ index whose lists are in lists_path (a new file: readers of an older index keep
+    theirs). The caller writes the returned index next to it."""
+    trained = train_empty(store, rows, seed)
+    dim = store.dim
+    with tempfile.TemporaryDirectory(dir=lists_path.parent) as tmp:
+        trained_path = str(Path(tmp) / "trained.index")
+        faiss.write_index(trained, trained_path)
+        jobs = [(trained_path, str(store.path), dim, store.rows, ids[s::shards], rows[s::shards], str(Path(tmp) / f"shard{s}.index"))
+                for s in range(shards)]
+        if workers > 1:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                paths = list(pool.map(add_shard, *zip(*jobs)))
+        else:
+            paths = [add_shard(*job) for job in jobs]
+        merge_ondisk(trained, paths, str(lists_path))
+    return trained
+
+
+def lists_file(folder: Path) -> Path:
+    return folder / f"lists-{time.time_ns()}.ivfdata"

@@ -93,15 +93,15 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
         click.echo("see the failures with: alignsearch info --failed", err=True)
 
 
-def _print_hits(query: dict, hits, as_json: bool) -> None:
+def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"query": query, "results": [h.to_dict() for h in hits]}, indent=2))
+        click.echo(json.dumps({"query": query, "results": hits}, indent=2))
         return
     if not hits:
         click.echo("no results")
     for rank, h in enumerate(hits, 1):
-        shown = os.fsencode(h.path).decode("utf-8", "backslashreplace")  # names that are not UTF-8
-        click.echo(f"{rank:>3}. {h.score:.4f}  {shown}")
+        shown = os.fsencode(h["path"]).decode("utf-8", "backslashreplace")  # names that are not UTF-8
+        click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}")
 
 
 @main.command()
@@ -125,7 +125,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
-    from alignsearch.engine import Hit, open as open_index, resolve_index_dir
+    from alignsearch.paths import resolve_index_dir
 
     found = resolve_index_dir(index_dir)
     answer = None
@@ -136,12 +136,15 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
                   "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
         answer = search_via_server(found, fields, image)
     if answer is not None:
-        hits = [Hit(**h) for h in answer["results"]]
+        hits = answer["results"]
     else:
         _quiet_transformers()
+        from alignsearch.engine import open as open_index
+
         engine = open_index(found, model=model, device=device)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                              image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
+        hits = [h.to_dict() for h in hits]
     _print_hits(q, hits, as_json)
 
 

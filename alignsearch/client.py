@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 from urllib.request import Request, urlopen
 
 from alignsearch.errors import BadInputError
-from alignsearch.server import SERVER_FILE
+from alignsearch.paths import SERVER_FILE
 
 
 def _running(index_dir: Path) -> dict | None:

@@ -12,11 +12,11 @@ import numpy as np
 
 from alignsearch import ann, catalog
 from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
+from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 from alignsearch.vectors import VectorStore
 
-INDEX_DIRNAME = ".alignsearch"
-DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
-
+__all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
+           "open", "resolve_index_dir"]
 
 @dataclass(frozen=True)
 class Hit:
@@ -33,32 +33,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
-    """The nearest `.alignsearch` directory in start (default: cwd) or its parents, like `.git`."""
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / INDEX_DIRNAME / DB_FILE).exists():
-            return folder / INDEX_DIRNAME
-    return None
-
-
-def resolve_index_dir(index_dir: str | os.PathLike | None) -> Path:
-    """An explicit directory, else $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` in cwd or above."""
-    chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX")
-    if chosen:
-        path = Path(chosen)
-        if not (path / DB_FILE).exists():
-            raise IndexNotFoundError(f"{path} is not an alignsearch index: run `alignsearch index ROOT --index {path}` first")
-        return path
-    found = find_index_dir()
-    if found is None:
-        raise IndexNotFoundError(
-            f"no {INDEX_DIRNAME}/ index in {os.getcwd()} or its parents: run `alignsearch index FOLDER` "
-            "first, or point --index / ALIGNSEARCH_INDEX at one"
-        )
-    return found
 
 
 class Engine:

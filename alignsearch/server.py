@@ -25,11 +25,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from alignsearch.engine import Engine
+from alignsearch.paths import SERVER_FILE
 from alignsearch.errors import AlignSearchError, BadImageError
 from alignsearch.images import open_rgb
 
 WEB_DIR = Path(__file__).parent / "web"
-SERVER_FILE = "server.json"
 THUMB_SIZES = (64, 128, 256, 512, 1024)
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}

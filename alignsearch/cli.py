@@ -315,10 +315,11 @@ def info(failed, as_json, index_dir):
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--token", envvar="ALIGNSEARCH_TOKEN", help="Require this token on every API request (env ALIGNSEARCH_TOKEN).")
 @click.option("--verbose", is_flag=True, help="Log every request.")
+@click.option("--bf16-text", is_flag=True, help="Encode text queries in bfloat16 on the CPU (about 2x faster on CPUs with AVX512-BF16/AMX).")
 @index_option
 @device_option
 @reports_errors
-def serve(host, port, token, verbose, index_dir, device):
+def serve(host, port, token, verbose, bf16_text, index_dir, device):
     """Serve the index warm: a JSON API and a search page at http://HOST:PORT/."""
     _quiet_transformers()
     from alignsearch.engine import open as open_index
@@ -327,7 +328,7 @@ def serve(host, port, token, verbose, index_dir, device):
     if host not in LOOPBACK and not token:
         click.echo(f"warning: serving on {host} without --token: anyone who can reach it can search and view "
                    "the indexed images", err=True)
-    engine = open_index(index_dir, device=device)
+    engine = open_index(index_dir, device=device, text_bf16=bf16_text)
     config = ServerConfig(host=host, port=port, token=token)
 
     def ready(server):

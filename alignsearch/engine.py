@@ -38,7 +38,7 @@ class Hit:
 class Engine:
     """An opened index. The model loads on first use; searches may run from several threads."""
 
-    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto"):
+    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", text_bf16: bool = False):
         self.dir = Path(index_dir)
         self.db = catalog.connect(self.dir / DB_FILE)
         with self.db.connect() as conn:
@@ -51,6 +51,7 @@ class Engine:
         self.store = VectorStore(self.dir / VECTORS_FILE, int(self.model_info["dim"]), rows)
         self._model_name = model
         self._device = device
+        self._text_bf16 = text_bf16
         self._encoder = None
         self._encoder_lock = threading.Lock()
         self._load_index()
@@ -86,7 +87,7 @@ class Engine:
             if self._encoder is None:
                 from alignsearch.model import Encoder
 
-                enc = Encoder(self._model_name or self.model_info["model"], self._device)
+                enc = Encoder(self._model_name or self.model_info["model"], self._device, self._text_bf16)
                 if enc.fingerprint != self.model_info["fingerprint"]:
                     raise ModelMismatchError(
                         f"this index was built with {self.model_info['model']} "
@@ -206,6 +207,8 @@ def _hit(row: catalog.FileRow, score: float) -> Hit:
     return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime)
 
 
-def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto") -> Engine:  # noqa: A001
-    """Open an index: the given directory, $ALIGNSEARCH_INDEX, or the nearest `.alignsearch` above cwd."""
-    return Engine(resolve_index_dir(index_dir), model=model, device=device)
+def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001
+         text_bf16: bool = False) -> Engine:
+    """Open an index: the given directory, $ALIGNSEARCH_INDEX, or the nearest `.alignsearch` above cwd.
+    text_bf16: faster text queries on CPUs with bfloat16 support (see Encoder)."""
+    return Engine(resolve_index_dir(index_dir), model=model, device=device, text_bf16=text_bf16)

@@ -77,6 +77,10 @@ def main() -> None:
         img = timed(lambda: engine.search(image=image, k=10), max(5, args.repeats // 3))
         both = timed(lambda: engine.search(text="at night", image=image, k=10), max(5, args.repeats // 3))
         encode_only = timed(lambda: engine.encoder.encode_text(["a red car parked on the beach at night"]), args.repeats)
+        fast = alignsearch.open(index_dir, device="cpu", text_bf16=True)
+        fast_text = timed(lambda: fast.search(text="a red car parked on the beach at night", k=10), args.repeats)
+        probe = ["a red car parked on the beach at night", "a dog", "two people in the snow"]
+        cosine = (engine.encoder.encode_text(probe) * fast.encoder.encode_text(probe)).sum(axis=1).min()
 
         import torch
         from transformers import AlignModel, AutoTokenizer
@@ -105,6 +109,8 @@ def main() -> None:
             f"{ix['tuned_recall_at_10']}; built in {build_s:.0f} s",
             f"- warm text query, end to end (encode + ANN + re-rank + catalog): {ms(text)}",
             f"  - of which text encoding alone: {ms(encode_only)}",
+            f"- warm text query with bf16 text encoding on the CPU (`serve --bf16-text`): {ms(fast_text)}; "
+            f"cosine to fp32 text vectors >= {cosine:.5f}",
             f"- warm image query (decode + encode + search): {ms(img)}",
             f"- warm text+image query: {ms(both)}",
             f"- baseline, same run: transformers tokenizer + get_text_features + exact numpy search: {ms(baseline)}",

@@ -27,6 +27,8 @@ from common import record  # noqa: E402  (also puts tests/ on the path)
 from shapes_data import COLOURS, all_specs, write_set  # noqa: E402
 from tiny_align import build_tiny_align  # noqa: E402
 
+TEXT_WEIGHTS = (2.0, 1.0, 0.5)  # compound text weight against the image's 1; the paper's default first
+
 
 def evaluate(index_dir: Path, truth: dict, queries: dict, queries_dir: Path) -> dict:
     import alignsearch
@@ -43,18 +45,20 @@ def evaluate(index_dir: Path, truth: dict, queries: dict, queries_dir: Path) -> 
         hits = engine.search(text=s.caption(), k=10)
         p10 += sum(spec(h).colour == s.colour and spec(h).shape == s.shape for h in hits) / 10
         r1 += spec(hits[0]) == s
-    img_p10 = compound = n_compound = 0
+    img_p10 = n_compound = 0
+    compound = dict.fromkeys(TEXT_WEIGHTS, 0)
     for name, s in queries.items():
         hits = engine.search(image=queries_dir / name, k=10)
         img_p10 += sum(spec(h).colour == s.colour and spec(h).shape == s.shape for h in hits) / 10
         for colour in COLOURS:
             if colour == s.colour:
                 continue
-            top = spec(engine.search(text=colour, image=queries_dir / name, k=1)[0])
-            compound += (top.colour, top.shape, top.size, top.position) == (colour, s.shape, s.size, s.position)
             n_compound += 1
+            for w in TEXT_WEIGHTS:
+                top = spec(engine.search(text=colour, image=queries_dir / name, k=1, text_weight=w)[0])
+                compound[w] += (top.colour, top.shape, top.size, top.position) == (colour, s.shape, s.size, s.position)
     return {"text_P@10": p10 / len(held), "text_R@1": r1 / len(held), "image_P@10": img_p10 / len(queries),
-            "compound_top1": compound / n_compound}
+            **{f"compound_top1_w{w}": compound[w] / n_compound for w in TEXT_WEIGHTS}}
 
 
 def main() -> None:
@@ -93,8 +97,9 @@ def main() -> None:
              f"- index: {len(truth)} images ({len(all_specs(True)) * 5} of held-out combinations, the rest distractors)"]
     for label in ("untrained (chance baseline)", "fine-tuned"):
         r = results[label]
+        compound = ", ".join(f"{r[f'compound_top1_w{w}']:.3f} at text weight {w}" for w in TEXT_WEIGHTS)
         lines.append(f"- {label}: text->image P@10 {r['text_P@10']:.3f}, R@1 {r['text_R@1']:.3f}; image->image P@10 "
-                     f"{r['image_P@10']:.3f}; compound (image + new colour) top-1 {r['compound_top1']:.3f}")
+                     f"{r['image_P@10']:.3f}; compound (image + new colour) top-1 {compound}")
     lines.append(f"- last epoch (held-out split of the training pairs): {results['last_epoch']}")
     if args.record:
         record("Retrieval quality after fine-tuning, generated shapes, held-out combinations", lines)

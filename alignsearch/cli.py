@@ -77,9 +77,10 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
     from indexer.job import index_folders  # the write path lives outside the core package
 
     s = index_folders(
-        list(roots), index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex,
-        progress=not as_json and sys.stderr.isatty(), use_ray=ray_address is not None,
-        ray_address=None if ray_address in (None, "local") else ray_address, ondisk_shards=ondisk_shards,
+        list(roots), index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
+        include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json and sys.stderr.isatty(),
+        use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
+        ondisk_shards=ondisk_shards,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))

@@ -34,6 +34,20 @@ class Summary:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    model: str | None
+    device: str
+    batch_size: int | None
+    workers: int | None
+    include_hidden: bool
+    rebuild: bool
+    progress: bool
+    use_ray: bool
+    ray_address: str | None
+    ondisk_shards: int | None
+
+
 def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -71,9 +85,9 @@ def index_folders(
     try:
         if reindex:
             _forget_vectors(db, out)
-        ray = (use_ray or ray_address is not None, ray_address)
-        return _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild or reindex, progress, ray,
-                      ondisk_shards)
+        options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild or reindex, progress,
+                               use_ray or ray_address is not None, ray_address, ondisk_shards)
+        return _index(db, out, roots, options)
     finally:
         db.dispose()
 
@@ -102,12 +116,11 @@ def _load_encoder(db, model: str | None, device: str) -> Encoder:
     return enc
 
 
-def _index(db, out, roots, model, device, batch_size, workers, include_hidden, rebuild, progress, ray,
-           ondisk_shards) -> Summary:
+def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     from tqdm import tqdm
 
     summary = Summary(str(out.resolve()))
-    encoder = _load_encoder(db, model, device)
+    encoder = _load_encoder(db, opts.model, opts.device)
     with db.begin() as conn:
         known_roots = catalog.get_meta(conn, "roots", [])
         all_roots = list(dict.fromkeys(known_roots + [str(Path(r).resolve()) for r in roots]))
@@ -123,7 +136,7 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
             if not Path(root).is_dir():
                 print(f"warning: root {root} is missing; its files stay in the index", file=sys.stderr)
                 continue
-            d = scan.diff(list(scan.scan(root, include_hidden)), catalog.files_under(conn, root))
+            d = scan.diff(list(scan.scan(root, opts.include_hidden)), catalog.files_under(conn, root))
             todo += d.todo
             removed += d.removed
             summary.updated += len(d.changed_ids)
@@ -131,14 +144,11 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
 
     store = VectorStore(out / VECTORS_FILE, encoder.dim, rows)
     store.truncate_uncommitted()
-    if workers is None:
-        workers = default_workers()
-    if batch_size is None:
-        batch_size = 256 if encoder.device.type == "cuda" else 32
+    workers = default_workers() if opts.workers is None else opts.workers
+    batch_size = opts.batch_size or (256 if encoder.device.type == "cuda" else 32)
     if batch_size < 1:
         raise BadInputError("--batch-size must be at least 1")
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="indexing")
-    items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0)
+    bar = tqdm(total=len(todo), unit="img", disable=not opts.progress, desc="indexing")
     gone_hashes = {r.sha256 for r in removed if r.status == catalog.INDEXED}
     moved_in = []
 
@@ -148,12 +158,13 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
         moved_in.extend(h for h in hashes if h in rows and h in gone_hashes)
         return rows
 
-    if ray[0]:
+    if opts.use_ray:
         from indexer.ray_pipeline import run_ray
 
-        times = run_ray(todo, encoder.name, device, encoder.spec, catalog_writer(db, store), batch_size, ray[1],
-                        on_batch=bar.update)
+        times = run_ray(todo, encoder.name, opts.device, encoder.spec, catalog_writer(db, store), batch_size,
+                        opts.ray_address, on_batch=bar.update)
     else:
+        items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0)
         times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update, known)
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
@@ -164,7 +175,7 @@ def _index(db, out, roots, model, device, batch_size, workers, include_hidden, r
     summary.added = len(todo) - summary.updated - summary.moved
     summary.failed = times.failed
     summary.reused = times.reused
-    built = build.sync_index(db, store, out / ANN_FILE, rebuild=rebuild, ondisk_shards=ondisk_shards)
+    built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
     with db.connect() as conn:

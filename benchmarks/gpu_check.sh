@@ -11,11 +11,11 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
   rm -rf .wheelhouse && mkdir -p .wheelhouse
-  # faiss-cpu (~30 MB) rather than a GPU build (hundreds of MB): the carry limit is 64 MiB. FAISS on the
-  # GPU is therefore not exercised by this check; the encoder, the pipeline and bf16 autocast are.
-  pip download -q -d .wheelhouse --only-binary=:all: --python-version 3.12 \
-    faiss-cpu transformers tokenizers safetensors huggingface-hub sqlalchemy click tqdm regex pyyaml \
-    filelock fsspec packaging typing-extensions greenlet hf-xet
+  # The GPU image (Python 3.12) has torch, transformers, pillow, pyarrow, click, tqdm and pytest; it lacks
+  # faiss and sqlalchemy. faiss-cpu (~30 MB) rather than a GPU build (hundreds of MB): the carry limit is
+  # 64 MiB, so FAISS on the GPU is not exercised by this check; the encoder, pipeline and bf16 autocast are.
+  pip download -q -d .wheelhouse --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --no-deps faiss-cpu sqlalchemy greenlet
   du -sh .wheelhouse
   exit 0
 fi
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 } > "$OUT/machine.txt" 2>&1
-pip install -q --no-index --find-links .wheelhouse faiss-cpu transformers sqlalchemy click tqdm pytest 2>&1 | tail -3 || true
+pip install -q --no-index --no-deps .wheelhouse/*.whl 2>&1 | tail -3 || true
 pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3 || true
 
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu_util.csv" &

@@ -21,10 +21,12 @@ def encoder(tiny_model):
 
 
 def test_probabilities_equal_transformers_forward(encoder, tiny_model, corpus):
-    from transformers import AlignModel, AlignProcessor
+    from transformers import AlignModel
+
+    from test_model import reference_processor
 
     model = AlignModel.from_pretrained(tiny_model).eval()
-    processor = AlignProcessor.from_pretrained(tiny_model)
+    processor = reference_processor(tiny_model)
     paths = [corpus / "img001.jpg", corpus / "img002.jpg"]
     images = [Image.open(p).convert("RGB") for p in paths]
     with torch.no_grad():

@@ -18,6 +18,7 @@ from alignsearch.vectors import VectorStore
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
            "open", "resolve_index_dir"]
 
+
 @dataclass(frozen=True)
 class Hit:
     id: int
@@ -72,6 +73,7 @@ class Engine:
         with self.db.connect() as conn:
             self.store = VectorStore(self.store.path, self.store.dim, catalog.get_meta(conn, "vector_rows", 0))
             self.tuning = catalog.get_meta(conn, "tuning") or {}
+            self.roots = catalog.get_meta(conn, "roots", [])
         self._load_index()
         return True
 

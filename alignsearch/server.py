@@ -109,6 +109,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
 class Handler(BaseHTTPRequestHandler):
     server: "AlignSearchServer"
     protocol_version = "HTTP/1.1"
+    timeout = 60  # a client that stops sending mid-request frees its thread
 
     def log_message(self, fmt, *args):  # quiet by default; the CLI prints one line per start
         if self.server.verbose:

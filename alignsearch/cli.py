@@ -62,7 +62,8 @@ def main() -> None:
 @click.option("--rebuild", is_flag=True, help="Retrain the ANN index from the stored vectors.")
 @click.option("--reindex", is_flag=True, help="Encode every file again, e.g. with a new --model.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Run on Ray Data: a local instance, or the cluster at ADDRESS (pip install '.[ray]').")
+              help="Run on Ray Data: a local instance, or the cluster at --ray=ADDRESS (pip install '.[ray]'). "
+                   "Put a bare --ray after the folders.")
 @click.option("--ondisk-shards", type=click.IntRange(min=0), default=None,
               help="Build IVF-PQ from N shards in parallel, lists on disk and memory-mapped (0: off; remembered).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -11,7 +11,7 @@ WORDS = (
 
 
 def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False, image: tuple[int, int] = (40, 32),
-                     text_init: float = 1.0) -> Path:
+                     text_init: float = 1.0, text_hidden: int = 32) -> Path:
     """full_size: align-base's geometry (EfficientNet-B7, BERT-base, 640-d, 289 px) with random
     weights, for speed benchmarks; otherwise a model small enough for unit tests."""
     import torch
@@ -39,10 +39,10 @@ def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False, image: t
     )
     text = dict(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=text_hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * text_hidden,
         max_position_embeddings=64,
         initializer_range=text_init,  # 1.0: large random weights, so distinct texts get distinct vectors
     )

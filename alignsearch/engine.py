@@ -182,6 +182,12 @@ class Engine:
         with self._encoder_lock:
             return enc.classify([image], labels, templates)[0]
 
+    def similarity(self, text: str, image) -> dict:
+        """Cosine similarity and logit of a text and an image, with the index's model (see Encoder.similarity)."""
+        enc = self.encoder
+        with self._encoder_lock:
+            return enc.similarity(text, image)
+
     def file(self, file_id: int) -> catalog.FileRow | None:
         """The catalog row of an indexed file, or None."""
         with self.db.connect() as conn:

@@ -97,6 +97,11 @@ def test_tags_from_stored_vectors_equal_tags_from_encoding(tmp_path, corpus, tin
         assert {h["id"] for h in filtered} == tagged
     assert json.loads(run("query", "x", "--tag", "no such label", "--json", "--index", ix).output)["results"] == []
 
+    # the engine answers classify and similarity with the index's model, as the encoder does
+    assert engine.classify(hits[0].path, LABELS)[0]["probability"] == pytest.approx(
+        encoder.classify([hits[0].path], LABELS)[0][0]["probability"], abs=1e-6)
+    assert engine.similarity("a dog", hits[0].path) == pytest.approx(encoder.similarity("a dog", hits[0].path))
+
     # images indexed later are tagged with the same labels
     from conftest import make_images
 

@@ -86,10 +86,11 @@ def micro_batch(device_type: str) -> int | None:
 
 
 def _normalise(x: torch.Tensor) -> np.ndarray:
-    # Not F.normalize: its eps of 1e-12 would leave small (e.g. freshly initialised) embeddings un-normalised.
-    x = x.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return x.cpu().numpy()
+    # In float64: an untrained tower's outputs can be so small (1e-20) that float32 squares underflow,
+    # and F.normalize's eps of 1e-12 would leave them un-normalised.
+    x = x.double()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return x.float().cpu().numpy()
 
 
 def _embedding(output) -> torch.Tensor:

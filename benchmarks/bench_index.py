@@ -34,22 +34,30 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--fast-decode", action="store_true", help="also measure `index --fast-decode` and its cosine to exact")
     args = ap.parse_args()
 
     model = align_base_checkpoint()
     corpus = jpeg_corpus(args.images)
-    naive, ours, stages = [], [], []
-    for _ in range(args.repeats):
-        t, _ = timed([sys.executable, str(HERE / "naive_loop.py"), str(model), str(corpus), str(args.batch_size)])
-        naive.append(t)
+    naive, ours, stages, fast = [], [], [], []
+
+    def index_once(*extra) -> tuple[float, dict]:
         with tempfile.TemporaryDirectory() as index_dir:
             cmd = [sys.executable, "-m", "alignsearch", "index", str(corpus), "--index", index_dir, "--model", str(model),
-                   "--device", args.device, "--batch-size", str(args.batch_size), "--json"]
+                   "--device", args.device, "--batch-size", str(args.batch_size), "--json", *extra]
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]
             t, out = timed(cmd)
+        return t, json.loads(out)["times"]
+
+    for _ in range(args.repeats):
+        t, _ = timed([sys.executable, str(HERE / "naive_loop.py"), str(model), str(corpus), str(args.batch_size)])
+        naive.append(t)
+        t, times = index_once()
         ours.append(t)
-        stages.append(json.loads(out)["times"])
+        stages.append(times)
+        if args.fast_decode:
+            fast.append(index_once("--fast-decode"))
     n = args.images
     med_naive, med_ours = statistics.median(naive), statistics.median(ours)
 
@@ -67,8 +75,29 @@ def main() -> None:
             f"{stage('decode_worker'):.1f} (overlapped), encode {stage('encode'):.1f}, write {stage('write'):.2f}, "
             f"index build {stage('index_build'):.2f}, pipeline wall {stage('wall'):.1f}",
             f"- all runs naive: {', '.join(f'{t:.1f}' for t in naive)}; ours: {', '.join(f'{t:.1f}' for t in ours)}",
-        ],
+        ] + (fast_lines(fast, n, med_naive, model, corpus) if fast else []),
     )
+
+
+def fast_lines(fast, n, med_naive, model, corpus) -> list[str]:
+    """`--fast-decode` figures, and how far its embeddings move from the exact decode's."""
+    import numpy as np
+
+    from alignsearch.images import decode
+    from alignsearch.model import Encoder
+
+    med = statistics.median(t for t, _ in fast)
+    decode_s = statistics.median(times["decode_worker"] for _, times in fast)
+    enc = Encoder(str(model), "cpu")
+    data = [p.read_bytes() for p in sorted(corpus.glob("*.jpg"))[:16]]
+    exact_crops = np.stack([decode(d, enc.spec).crop for d in data])
+    fast_crops = np.stack([decode(d, enc.spec, fast=True).crop for d in data])
+    cosine = (enc.encode_crops(exact_crops) * enc.encode_crops(fast_crops)).sum(axis=1)
+    diff = np.abs(exact_crops.astype(int) - fast_crops.astype(int))
+    return [f"- alignsearch index --fast-decode: {med:.1f} s, {n / med:.2f} images/s, {med_naive / med:.2f}x the naive loop; "
+            f"decode in workers {decode_s:.1f} s; embedding cosine to the exact decode (16 images, random weights): "
+            f"min {cosine.min():.4f}, mean {cosine.mean():.4f}; crop pixels differ by {diff.mean():.2f} levels on "
+            f"average (p99 {np.percentile(diff, 99):.0f}, max {diff.max()})"]
 
 
 if __name__ == "__main__":

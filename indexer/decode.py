@@ -26,7 +26,7 @@ class Item:
     reuse_row: int | None = None  # vector row of identical content already indexed: no encoding needed
 
 
-def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
+def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Item:
     start = time.perf_counter()
     if found.error:
         return Item(found, None, reason=found.error)
@@ -37,7 +37,7 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
         return Item(found, None, reason=f"cannot read: {exc.strerror or exc}", seconds=time.perf_counter() - start)
     sha = hashlib.sha256(data).hexdigest()
     try:
-        img = decode(data, spec, max_pixels)
+        img = decode(data, spec, max_pixels, fast)
     except BadImageError as exc:
         return Item(found, None, sha, reason=str(exc), seconds=time.perf_counter() - start)
     return Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start)

@@ -46,6 +46,7 @@ class IndexOptions:
     use_ray: bool
     ray_address: str | None
     ondisk_shards: int | None
+    fast_decode: bool
 
 
 def default_workers() -> int:
@@ -66,6 +67,7 @@ def index_folders(
     ray_address: str | None = None,
     use_ray: bool = False,
     ondisk_shards: int | None = None,
+    fast_decode: bool = False,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -74,6 +76,7 @@ def index_folders(
     encodes everything again (the way to switch an index to another model). use_ray runs the stages
     on Ray Data (a local instance, or the cluster at ray_address). ondisk_shards > 0 builds IVF-PQ
     indexes from that many parallel shards with lists on disk (0 turns it off; None keeps the index's choice).
+    fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
     """
     for root in roots:
         if not Path(root).is_dir():
@@ -86,7 +89,7 @@ def index_folders(
         if reindex:
             _forget_vectors(db, out)
         options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild or reindex, progress,
-                               use_ray or ray_address is not None, ray_address, ondisk_shards)
+                               use_ray or ray_address is not None, ray_address, ondisk_shards, fast_decode)
         return _index(db, out, roots, options)
     finally:
         db.dispose()
@@ -162,9 +165,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         from indexer.ray_pipeline import run_ray
 
         times = run_ray(todo, encoder.name, opts.device, encoder.spec, catalog_writer(db, store), batch_size,
-                        opts.ray_address, on_batch=bar.update)
+                        opts.ray_address, on_batch=bar.update, fast=opts.fast_decode)
     else:
-        items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0)
+        items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
+                                    fast=opts.fast_decode)
         times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update, known)
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.

@@ -42,9 +42,10 @@ class StageTimes:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Item]:
+def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               fast: bool = False) -> Iterator[Item]:
     """Decoded items in scan order; in `workers` processes, or in this one when workers is 0."""
-    fn = partial(read_item, spec=spec, max_pixels=max_pixels)
+    fn = partial(read_item, spec=spec, max_pixels=max_pixels, fast=fast)
     if workers <= 0:
         yield from map(fn, todo)
         return

@@ -30,9 +30,9 @@ def _found(batch: dict, i: int) -> Found:
                  str(batch["error"][i]) or None, bytes(batch["relpath_raw"][i]) or None)
 
 
-def decode_batch(batch: dict, spec: ImageSpec) -> dict:
+def decode_batch(batch: dict, spec: ImageSpec, fast: bool = False) -> dict:
     """CPU stage: rows of Found fields -> crops (zeros where decoding failed) and metadata."""
-    items = [read_item(_found(batch, i), spec) for i in range(len(batch["relpath"]))]
+    items = [read_item(_found(batch, i), spec, fast=fast) for i in range(len(batch["relpath"]))]
     h, w = spec.output_size
     out = {f: batch[f] for f in FOUND_FIELDS}
     out["crop"] = np.stack([it.crop if it.crop is not None else np.zeros((h, w, 3), np.uint8) for it in items])
@@ -66,7 +66,8 @@ class EncoderActor:
 
 
 def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, write, batch_size: int,
-            address: str | None = None, encoders: int | None = None, on_batch=lambda n: None) -> StageTimes:
+            address: str | None = None, encoders: int | None = None, on_batch=lambda n: None,
+            fast: bool = False) -> StageTimes:
     """Index `todo` on Ray (local when address is None); `write(items, vectors)` commits on the driver."""
     import ray
 
@@ -82,7 +83,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, write, 
         actors = encoders or max(1, gpus)
         rows = [_row(found) for found in todo]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy")
+        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec, "fast": fast}, batch_size=batch_size, batch_format="numpy")
         ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model": model, "device": "cuda" if gpus else device},
                             batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0)
         start = time.perf_counter()

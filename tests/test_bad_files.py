@@ -169,3 +169,18 @@ def test_unreadable_file_is_recorded(tmp_path, tiny_model):
     path.chmod(0)
     item = read_item(Found(str(tmp_path), "locked.jpg", 10, 0.0), Encoder(str(tiny_model), device="cpu").spec)
     assert "cannot read" in item.reason
+
+
+def test_fast_decode_is_close_to_the_exact_crop_and_reports_the_stored_size(tiny_model):
+    from alignsearch.images import ImageSpec, decode
+
+    spec = ImageSpec((346, 346), 2, (289, 289), 1 / 127.5, True, None, None, None)
+    big = Image.fromarray((np.random.default_rng(1).random((60, 80, 3)) * 255).astype(np.uint8)).resize((3200, 2400))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92, exif=exif)
+    exact, fast = decode(buf.getvalue(), spec), decode(buf.getvalue(), spec, fast=True)
+    assert (exact.width, exact.height) == (fast.width, fast.height) == (2400, 3200)
+    diff = np.abs(exact.crop.astype(int) - fast.crop.astype(int))
+    assert diff.mean() < 4 and not np.array_equal(exact.crop, fast.crop)  # close, not identical

@@ -87,7 +87,8 @@ def test_search_shows_thumbnails_opens_images_and_finds_similar(page_url, browse
     clicked = browser.find_elements(By.CSS_SELECTOR, "#grid .card")[5]
     clicked_id = clicked.get_attribute("data-id")
     clicked.find_element(By.CSS_SELECTOR, "button.similar").click()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#grid .card").get_attribute("data-id") == clicked_id)
+    first_id = "const c = document.querySelector('#grid .card'); return c && c.dataset.id"  # atomic: the grid re-renders
+    wait.until(lambda d: d.execute_script(first_id) == clicked_id)
 
     box = browser.find_element(By.ID, "q")  # keyboard: "/" focuses the search box
     browser.find_element(By.TAG_NAME, "body").send_keys("/")

@@ -152,7 +152,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = max(1, min(k, index.ntotal))
     selector = None if allowed is None else faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
-    if isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVF):
+    if isinstance(faiss.try_extract_index_ivf(parts(index)[0]), faiss.IndexIVF):  # IndexShards pass params on
         params = faiss.SearchParametersIVF(nprobe=int(nprobe), sel=selector)
     else:
         params = faiss.SearchParameters(sel=selector)
@@ -160,8 +160,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int,
 
 
 def describe(index: faiss.Index) -> IndexPlan:
-    """The plan an existing index was built with, read from the index itself."""
-    ivf = faiss.try_extract_index_ivf(index)
+    """The plan an existing index was built with, read from the index itself (its first shard)."""
+    ivf = faiss.try_extract_index_ivf(parts(index)[0])
     if ivf is None:
         return IndexPlan("flat")
     pq = faiss.downcast_index(ivf).pq
@@ -169,22 +169,35 @@ def describe(index: faiss.Index) -> IndexPlan:
 
 
 def stored_ids(index: faiss.Index) -> np.ndarray:
-    """Every id an IDMap or IVF index holds."""
+    """Every id an IDMap or IVF index (or each of its shards) holds."""
+    if isinstance(index, faiss.IndexShards):
+        found = [stored_ids(part) for part in parts(index)]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     lists = ivf.invlists
-    parts = [
+    chunks = [
         faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
         for i in range(ivf.nlist)
         if lists.list_size(i)
     ]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, dtype=np.int64)
 
 
 def layout(index: faiss.Index) -> str:
-    """"ondisk" when the inverted lists are memory-mapped from a file, else "memory"."""
+    """"ondisk" when the inverted lists are memory-mapped from one merged file, "sharded (N files)" for
+    an IndexShards, else "memory"."""
+    if isinstance(index, faiss.IndexShards):
+        return f"sharded ({index.count()} files)"
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return "memory"
     return "ondisk" if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists) else "memory"
+
+
+def parts(index: faiss.Index) -> list[faiss.Index]:
+    """The shards of an IndexShards, else the index itself."""
+    if isinstance(index, faiss.IndexShards):
+        return [index.at(i) for i in range(index.count())]
+    return [index]

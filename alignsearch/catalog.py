@@ -7,7 +7,6 @@ committed in one transaction together with the vector store's committed length.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+
+from alignsearch import sources
 
 SCHEMA_VERSION = 1
 INDEXED, FAILED = "indexed", "failed"
@@ -92,8 +93,11 @@ class FileRow:
 
     @property
     def path(self) -> str:
-        """The path to open: non-UTF-8 names come back as os.fsdecode gives them."""
-        return os.path.join(self.root, os.fsdecode(self.relpath_raw) if self.relpath_raw else self.relpath)
+        """The path or URL to show (sources.location); non-UTF-8 names come back as os.fsdecode gives them."""
+        return sources.location(self.root, self.relpath, self.relpath_raw)
+
+    def read(self) -> bytes:
+        return sources.read_bytes(self.root, self.relpath, self.relpath_raw)
 
 
 def connect(db_path: Path) -> Engine:

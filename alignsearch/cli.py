@@ -52,7 +52,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("roots", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.argument("roots", nargs=-1)
 @index_option
 @model_option
 @device_option
@@ -66,15 +66,22 @@ def main() -> None:
                    "Put a bare --ray after the folders.")
 @click.option("--ondisk-shards", type=click.IntRange(min=0), default=None,
               help="Build IVF-PQ from N shards in parallel, lists on disk and memory-mapped (0: off; remembered).")
+@click.option("--index-shards", type=click.IntRange(min=0), default=None,
+              help="Keep IVF-PQ as N shard files searched together (faiss IndexShards, memory-mapped), "
+                   "updated in place (0: one file; remembered).")
 @click.option("--fast-decode", is_flag=True,
               help="Decode JPEGs at reduced scale (Pillow draft): faster on big photos, pixels differ slightly.")
+@click.option("--list-column", default=None, metavar="NAME",
+              help="For a .csv/.parquet list root: the column of paths or URLs (default: path, url, uri, image...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, fast_decode, as_json):
-    """Index the images under ROOTS (and every folder this index already holds).
+          ondisk_shards, index_shards, fast_decode, list_column, as_json):
+    """Index the images under ROOTS (and every root this index already holds).
 
-    Re-runs encode only new and changed files; moved or renamed files keep their vectors.
+    A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
+    (shards-{000..099}.tar), or a URL prefix such as s3://bucket/photos (needs s3fs; any fsspec
+    protocol). Re-runs encode only new and changed files; moved or renamed files keep their vectors.
     """
     _quiet_transformers()
     from indexer.job import index_folders  # the write path lives outside the core package
@@ -83,7 +90,7 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
         list(roots), index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
         include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json and sys.stderr.isatty(),
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
-        ondisk_shards=ondisk_shards, fast_decode=fast_decode,
+        ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch import ann, catalog
+from alignsearch import ann, catalog, shards
 from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 from alignsearch.vectors import VectorStore
@@ -58,17 +58,15 @@ class Engine:
         self._load_index()
 
     def _load_index(self) -> None:
-        path = self.dir / ANN_FILE
-        if not path.exists():
-            raise IndexNotFoundError(f"{path} is missing: run `alignsearch index` to build it")
-        self._index_mtime = path.stat().st_mtime_ns
-        self.index = ann.read(path)
+        if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
+            raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
+        self._index_stamp = shards.stamp(self.dir)
+        self.index = shards.open_served(self.dir)
         self.plan = ann.describe(self.index)
 
     def refresh(self) -> bool:
-        """Pick up an index rebuilt since opening (the file is replaced atomically); True if it changed."""
-        path = self.dir / ANN_FILE
-        if path.stat().st_mtime_ns == self._index_mtime:
+        """Pick up an index rebuilt since opening (files are replaced atomically); True if it changed."""
+        if shards.stamp(self.dir) == self._index_stamp:
             return False
         with self.db.connect() as conn:
             self.store = VectorStore(self.store.path, self.store.dim, catalog.get_meta(conn, "vector_rows", 0))
@@ -209,6 +207,12 @@ class Engine:
 
     def close(self) -> None:
         self.db.dispose()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _hit(row: catalog.FileRow, score: float) -> Hit:

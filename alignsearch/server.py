@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from alignsearch.engine import Engine
 from alignsearch.paths import SERVER_FILE
-from alignsearch.errors import AlignSearchError, BadImageError
+from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
 from alignsearch.images import open_rgb
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -245,9 +245,9 @@ class Handler(BaseHTTPRequestHandler):
         cache = {"Cache-Control": "private, max-age=3600"}
         if size is None and row.format in BROWSER_FORMATS:
             try:
-                data = Path(row.path).read_bytes()
-            except OSError:
-                raise ApiError(HTTPStatus.NOT_FOUND, "the file is gone from disk: re-run alignsearch index") from None
+                data = row.read()
+            except (OSError, BadInputError):
+                raise ApiError(HTTPStatus.NOT_FOUND, "the file is gone from its source: re-run alignsearch index") from None
             self._send(HTTPStatus.OK, data, BROWSER_FORMATS[row.format], cache)
             return
         self._send(HTTPStatus.OK, self.server.thumbnail(row, thumb_size(size or 1024)), "image/jpeg", cache)
@@ -284,8 +284,8 @@ class AlignSearchServer(ThreadingHTTPServer):
         if path.exists():
             return path.read_bytes()
         try:
-            img, _ = open_rgb(Path(row.path).read_bytes())
-        except (OSError, BadImageError) as exc:
+            img, _ = open_rgb(row.read())
+        except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(HTTPStatus.NOT_FOUND, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))
         buf = io.BytesIO()

@@ -6,10 +6,12 @@ import os
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch import ann, catalog
+from alignsearch import ann, catalog, shards
+from alignsearch.errors import BadInputError
 from alignsearch.vectors import VectorStore
 from indexer import ondisk
 from indexer.tune import tune
@@ -25,7 +27,8 @@ def _chunks(store: VectorStore, ids: np.ndarray, rows: np.ndarray):
 
 
 def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False, seed: int = 0,
-               target_recall: float | None = None, ondisk_shards: int | None = None) -> dict:
+               target_recall: float | None = None, ondisk_shards: int | None = None,
+               index_shards: int | None = None) -> dict:
     """Make the index at `path` hold exactly the catalog's indexed files; written atomically.
 
     An existing IVF-PQ index is updated in place (no retraining) unless the collection crossed the
@@ -34,6 +37,8 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     nprobe and the re-rank depth are tuned after a (re)build, when N changed by a quarter since the
     last tuning, or when a target recall is given. With ondisk_shards (remembered by the index), an
     IVF-PQ index is rebuilt from shards added in parallel and merged into on-disk lists (indexer/ondisk.py).
+    With index_shards (remembered), an IVF-PQ index is kept as that many shard files searched together
+    (alignsearch/shards.py): built in parallel, then updated shard by shard.
     """
     start = time.perf_counter()
     with db.connect() as conn:
@@ -42,12 +47,19 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
         tuning = catalog.get_meta(conn, "tuning") or {}
         if ondisk_shards is None:
             ondisk_shards = catalog.get_meta(conn, "ondisk_shards", 0)
+        if index_shards is None:
+            index_shards = catalog.get_meta(conn, "index_shards", 0)
+    if ondisk_shards and index_shards:
+        raise BadInputError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
     ids, rows = live[:, 0], live[:, 1]
     n, dim = len(ids), store.dim
-    index = ann.read(path) if path.exists() and not rebuild else None
+    sharded = bool(index_shards) and ann.plan_index(n, dim).kind == "ivfpq"
+    index = ann.read(path) if path.exists() and not rebuild and not sharded else None
     current = ann.describe(index) if index is not None else None
     lists = None
-    if ondisk_shards and ann.plan_index(n, dim).kind == "ivfpq":
+    if sharded:
+        index, trained_n, action = _sync_shards(store, ids, rows, path.parent, index_shards, trained_n, rebuild, seed)
+    elif ondisk_shards and ann.plan_index(n, dim).kind == "ivfpq":
         lists = ondisk.lists_file(path.parent)  # lists on disk cannot drop ids: rebuilt from shards each time
         index = ondisk.build_ondisk(store, ids, rows, lists, ondisk_shards, min(ondisk_shards, os.cpu_count() or 1), seed)
         trained_n, action = n, f"built on disk from {ondisk_shards} shards"
@@ -65,10 +77,12 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
             ann.add(index, vectors, chunk_ids)
         action = f"updated (+{int(new.sum())} -{len(gone)})"
     target = target_recall or tuning.get("target", DEFAULT_RECALL)
-    stale = action == "built" or abs(n - tuning.get("n", 0)) > 0.25 * max(n, 1) or target_recall is not None
+    stale = action.startswith("built") or abs(n - tuning.get("n", 0)) > 0.25 * max(n, 1) or target_recall is not None
     if stale or tuning.get("target") != target:
         tuning = {**tune(index, store, ids, rows, target=target, seed=seed), "n": n}
-    ann.write_atomic(index, path)
+    if not sharded:
+        ann.write_atomic(index, path)
+        shards.unpublish(path.parent)
     for old in path.parent.glob("lists-*.ivfdata"):  # open readers keep their mapping of an unlinked file
         if old != lists:
             old.unlink()
@@ -76,6 +90,40 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
         catalog.set_meta(conn, "index_trained_n", trained_n)
         catalog.set_meta(conn, "tuning", tuning)
         catalog.set_meta(conn, "ondisk_shards", ondisk_shards)
+        catalog.set_meta(conn, "index_shards", index_shards)
     plan = ann.describe(index)
     return {"action": action, "plan": plan.to_dict(), "vectors": int(index.ntotal), "tuning": tuning,
             "layout": ann.layout(index), "seconds": time.perf_counter() - start}
+
+
+def _sync_shards(store: VectorStore, ids: np.ndarray, rows: np.ndarray, folder: Path, count: int, trained_n: int,
+                 rebuild: bool, seed: int) -> tuple[faiss.Index, int, str]:
+    """Bring the shard files in line with (ids, rows): in place shard by shard, or built anew in parallel
+    when there are none, their number changed, or the collection outgrew their training."""
+    current = shards.files(folder)
+    owner = shards.shard_of(ids, count)
+    if current and len(current) == count and not rebuild:
+        plan = ann.describe(faiss.read_index(str(current[0]), faiss.IO_FLAG_MMAP_IFC))
+        if not ann.needs_rebuild(plan, trained_n, len(ids), store.dim):
+            paths, added, removed, changed = [], 0, 0, 0
+            for s, path in enumerate(current):  # one shard in memory at a time
+                index = ann.read(path)
+                mine, my_rows = ids[owner == s], rows[owner == s]
+                present = ann.stored_ids(index)
+                gone, new = np.setdiff1d(present, mine), np.isin(mine, present, invert=True)
+                if len(gone) or new.any():
+                    ann.remove(index, gone)
+                    for vectors, chunk_ids in _chunks(store, mine[new], my_rows[new]):
+                        ann.add(index, vectors, chunk_ids)
+                    path = shards.new_name(folder, s)
+                    ann.write_atomic(index, path)
+                    added, removed, changed = added + int(new.sum()), removed + len(gone), changed + 1
+                paths.append(path)
+            shards.publish(folder, paths)
+            return shards.open_shards(paths), trained_n, f"updated {changed} of {count} shards (+{added} -{removed})"
+    trained = ondisk.train_empty(store, rows, seed)
+    paths = [shards.new_name(folder, s) for s in range(count)]
+    parts = [(ids[owner == s], rows[owner == s]) for s in range(count)]
+    ondisk.add_shards(trained, store, parts, paths, min(count, os.cpu_count() or 1))
+    shards.publish(folder, paths)
+    return shards.open_shards(paths), len(ids), f"built {count} shard files"

@@ -31,10 +31,12 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     if found.error:
         return Item(found, None, reason=found.error)
     try:
-        with open(found.path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return Item(found, None, reason=f"cannot read: {exc.strerror or exc}", seconds=time.perf_counter() - start)
+        data = found.read()
+    except FileNotFoundError:
+        return Item(found, None, reason="cannot read: file not found", seconds=time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - a remote filesystem's own errors too: one file never stops a run
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Item(found, None, reason=f"cannot read: {reason}", seconds=time.perf_counter() - start)
     sha = hashlib.sha256(data).hexdigest()
     try:
         img = decode(data, spec, max_pixels, fast)

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignsearch import catalog
+from alignsearch import catalog, sources
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, VECTORS_FILE, find_index_dir
 from alignsearch.errors import BadInputError, ModelMismatchError
 from alignsearch.model import DEFAULT_MODEL, Encoder
@@ -46,7 +46,9 @@ class IndexOptions:
     use_ray: bool
     ray_address: str | None
     ondisk_shards: int | None
+    index_shards: int | None
     fast_decode: bool
+    list_column: str | None
 
 
 def default_workers() -> int:
@@ -67,20 +69,32 @@ def index_folders(
     ray_address: str | None = None,
     use_ray: bool = False,
     ondisk_shards: int | None = None,
+    index_shards: int | None = None,
     fast_decode: bool = False,
+    list_column: str | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
+
+    A root is a folder, a URL prefix (s3://bucket/photos: any fsspec protocol whose package is
+    installed), a .csv/.parquet list of paths or URLs (list_column names the column; remembered), or
+    WebDataset .tar shards (`shards-{000..099}.tar` expands); see alignsearch/sources.py.
 
     index_dir defaults to $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above cwd, else a new
     `.alignsearch` in cwd. rebuild retrains the ANN index; reindex forgets every vector and
     encodes everything again (the way to switch an index to another model). use_ray runs the stages
     on Ray Data (a local instance, or the cluster at ray_address). ondisk_shards > 0 builds IVF-PQ
-    indexes from that many parallel shards with lists on disk (0 turns it off; None keeps the index's choice).
+    indexes from that many parallel shards with lists on disk (0 turns it off; None keeps the index's choice);
+    index_shards > 0 keeps IVF-PQ as that many shard files searched with faiss.IndexShards (choosing one
+    layout turns the other off).
     fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
     """
-    for root in roots:
-        if not Path(root).is_dir():
-            raise BadInputError(f"{root} is not a directory: give the folder that holds the images")
+    roots = [name for root in roots for name in sources.normalise(str(root))]
+    if ondisk_shards and index_shards:
+        raise BadInputError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
+    if ondisk_shards and index_shards is None:
+        index_shards = 0
+    if index_shards and ondisk_shards is None:
+        ondisk_shards = 0
     chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
     out = Path(chosen)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +103,8 @@ def index_folders(
         if reindex:
             _forget_vectors(db, out)
         options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild or reindex, progress,
-                               use_ray or ray_address is not None, ray_address, ondisk_shards, fast_decode)
+                               use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
+                               fast_decode, list_column)
         return _index(db, out, roots, options)
     finally:
         db.dispose()
@@ -126,8 +141,12 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     encoder = _load_encoder(db, opts.model, opts.device)
     with db.begin() as conn:
         known_roots = catalog.get_meta(conn, "roots", [])
-        all_roots = list(dict.fromkeys(known_roots + [str(Path(r).resolve()) for r in roots]))
+        all_roots = list(dict.fromkeys(known_roots + roots))
         catalog.set_meta(conn, "roots", all_roots)
+        columns = catalog.get_meta(conn, "list_columns", {})
+        if opts.list_column:
+            columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
+            catalog.set_meta(conn, "list_columns", columns)
         rows = catalog.get_meta(conn, "vector_rows", 0)
     if not all_roots:
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
@@ -136,10 +155,11 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     removed: list[catalog.FileRow] = []
     with db.connect() as conn:
         for root in all_roots:
-            if not Path(root).is_dir():
+            if not sources.exists(root):
                 print(f"warning: root {root} is missing; its files stay in the index", file=sys.stderr)
                 continue
-            d = scan.diff(list(scan.scan(root, opts.include_hidden)), catalog.files_under(conn, root))
+            found = list(scan.scan(root, opts.include_hidden, columns.get(root)))
+            d = scan.diff(found, catalog.files_under(conn, root))
             todo += d.todo
             removed += d.removed
             summary.updated += len(d.changed_ids)
@@ -179,7 +199,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     summary.added = len(todo) - summary.updated - summary.moved
     summary.failed = times.failed
     summary.reused = times.reused
-    built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards)
+    built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards,
+                             index_shards=opts.index_shards)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
     with db.connect() as conn:

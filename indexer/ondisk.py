@@ -42,23 +42,31 @@ def train_empty(store: VectorStore, rows: np.ndarray, seed: int = 0) -> faiss.In
     return ann.train_and_fill(ann.create(plan, dim), store.get(sample), [])
 
 
+def add_shards(trained: faiss.Index, store: VectorStore, parts: list[tuple[np.ndarray, np.ndarray]],
+               out_paths: list[Path], workers: int = 1) -> None:
+    """Write one index per (ids, rows) part to its out path: copies of `trained` filled in parallel processes."""
+    with tempfile.TemporaryDirectory(dir=Path(out_paths[0]).parent) as tmp:
+        trained_path = str(Path(tmp) / "trained.index")
+        faiss.write_index(trained, trained_path)
+        jobs = [(trained_path, str(store.path), store.dim, store.rows, part_ids, part_rows, str(out))
+                for (part_ids, part_rows), out in zip(parts, out_paths)]
+        if workers > 1:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(add_shard, *zip(*jobs)))
+        else:
+            for job in jobs:
+                add_shard(*job)
+
+
 def build_ondisk(store: VectorStore, ids: np.ndarray, rows: np.ndarray, lists_path: Path, shards: int,
                  workers: int = 1, seed: int = 0) -> faiss.Index:
     """A populated IVF-PQ index whose lists are in lists_path (a new file: readers of an older index keep
     theirs). The caller writes the returned index next to it."""
     trained = train_empty(store, rows, seed)
-    dim = store.dim
     with tempfile.TemporaryDirectory(dir=lists_path.parent) as tmp:
-        trained_path = str(Path(tmp) / "trained.index")
-        faiss.write_index(trained, trained_path)
-        jobs = [(trained_path, str(store.path), dim, store.rows, ids[s::shards], rows[s::shards], str(Path(tmp) / f"shard{s}.index"))
-                for s in range(shards)]
-        if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                paths = list(pool.map(add_shard, *zip(*jobs)))
-        else:
-            paths = [add_shard(*job) for job in jobs]
-        merge_ondisk(trained, paths, str(lists_path))
+        paths = [Path(tmp) / f"shard{s}.index" for s in range(shards)]
+        add_shards(trained, store, [(ids[s::shards], rows[s::shards]) for s in range(shards)], paths, workers)
+        merge_ondisk(trained, [str(p) for p in paths], str(lists_path))
     return trained
 
 

@@ -12,12 +12,13 @@ from dataclasses import asdict
 
 import numpy as np
 
+from alignsearch.errors import BadInputError
 from alignsearch.images import ImageSpec
 from indexer.decode import Item, read_item
 from indexer.pipeline import StageTimes
 from indexer.scan import Found
 
-FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw")
+FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset")
 
 
 def _row(found: Found) -> dict:
@@ -27,7 +28,7 @@ def _row(found: Found) -> dict:
 
 def _found(batch: dict, i: int) -> Found:
     return Found(str(batch["root"][i]), str(batch["relpath"][i]), int(batch["size"][i]), float(batch["mtime"][i]),
-                 str(batch["error"][i]) or None, bytes(batch["relpath_raw"][i]) or None)
+                 str(batch["error"][i]) or None, bytes(batch["relpath_raw"][i]) or None, int(batch["offset"][i]))
 
 
 def decode_batch(batch: dict, spec: ImageSpec, fast: bool = False) -> dict:
@@ -76,7 +77,13 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, write, 
         return times
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        except ConnectionError as exc:
+            raise BadInputError(
+                f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[-1]}. A cluster started with "
+                "`ray start` authenticates with a token: set RAY_AUTH_MODE=token (the token is read from "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the driver's bar
         gpus = int(ray.cluster_resources().get("GPU", 0))

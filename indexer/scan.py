@@ -1,11 +1,21 @@
-"""Walk corpus roots and say which files are new, changed or gone compared with the catalog."""
+"""List the images of each source and say which are new, changed or gone compared with the catalog.
+
+A source (alignsearch/sources.py) is a local folder, a URL prefix, a list file of paths/URLs or a
+WebDataset tar shard; each lists entries with a size and a modification time, which is what a
+re-run compares.
+"""
 
 from __future__ import annotations
 
 import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from alignsearch import sources
+from alignsearch.errors import BadInputError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -21,10 +31,14 @@ class Found:
     mtime: float
     error: str | None = None  # set when the entry cannot even be stat'ed (broken link, loop)
     relpath_raw: bytes | None = None  # the real bytes, only for names that are not UTF-8
+    offset: int = -1  # where a tar member's data starts in its shard
 
     @property
     def path(self) -> str:
-        return os.path.join(self.root, os.fsdecode(self.relpath_raw) if self.relpath_raw else self.relpath)
+        return sources.location(self.root, self.relpath, self.relpath_raw)
+
+    def read(self) -> bytes:
+        return sources.read_bytes(self.root, self.relpath, self.relpath_raw, self.offset, self.size)
 
 
 def printable(relpath: str) -> tuple[str, bytes | None]:
@@ -41,16 +55,92 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def scan(root: str | os.PathLike, include_hidden: bool = False) -> Iterator[Found]:
-    """Image files under root, by extension, sorted. Directory symlinks are not followed (no loops);
+def _wanted(relpath: str, include_hidden: bool) -> bool:
+    """An image by its extension, not junk, not hidden (nor under a hidden folder) unless asked."""
+    parts = relpath.split("/")
+    name = parts[-1]
+    if name in JUNK_NAMES or name.startswith("._") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    return include_hidden or not any(_hidden(part) for part in parts if part not in (".", ""))
+
+
+def scan(root: str, include_hidden: bool = False, list_column: str | None = None) -> Iterator[Found]:
+    """The images of one source (a catalog root, as sources.normalise names it), in a stable order."""
+    kind = sources.kind(root)
+    if kind == sources.PREFIX:
+        return scan_prefix(root, include_hidden)
+    if kind == sources.LIST:
+        return scan_list(root, list_column)
+    if kind == sources.TAR:
+        return scan_tar(root, include_hidden)
+    return scan_folder(root, include_hidden)
+
+
+def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
+    """Objects under a URL prefix, listed through fsspec."""
+    fs, base = sources.filesystem(root)
+    base = base.rstrip("/")
+    infos = fs.find(base, detail=True)
+    for name in sorted(infos):
+        info = infos[name]
+        relpath = name[len(base):].lstrip("/")
+        if info.get("type", "file") == "file" and _wanted(relpath, include_hidden):
+            yield Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info))
+
+
+def scan_list(root: str, column: str | None = None, threads: int = 16) -> Iterator[Found]:
+    """Every entry of a list file, in its order, duplicates once. Entries are not filtered by extension
+    (the list says what is an image); one that cannot be stat'ed is reported with its reason."""
+    base = os.path.dirname(root)
+    entries = []
+    for entry in sources.read_list(root, column):
+        entry = entry.strip()
+        if not sources.is_url(entry):
+            entry = os.path.normpath(os.path.join(base, entry)) if not sources.is_url(base) else f"{base}/{entry}"
+        entries.append(entry)
+    entries = list(dict.fromkeys(entries))
+    with ThreadPoolExecutor(threads) as pool:  # remote stats are round trips: overlap them
+        yield from pool.map(lambda entry: _stat_entry(root, entry), entries)
+
+
+def _stat_entry(root: str, entry: str) -> Found:
+    relpath, raw = printable(entry)
+    try:
+        if sources.is_url(entry):
+            fs, inner = sources.filesystem(entry)
+            info = fs.info(inner)
+            return Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), relpath_raw=raw)
+        st = os.stat(entry)
+    except BadInputError as exc:
+        return Found(root, relpath, 0, 0.0, str(exc), raw)
+    except (OSError, ValueError) as exc:
+        reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot stat: {exc}"
+        return Found(root, relpath, 0, 0.0, reason, raw)
+    if not os.path.isfile(entry):
+        return Found(root, relpath, 0, 0.0, "not a file", raw)
+    return Found(root, relpath, st.st_size, st.st_mtime, None, raw)
+
+
+def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
+    """Image members of a WebDataset shard, with their data offsets (read later without a re-scan)."""
+    try:
+        with sources.open_binary(root) as f:
+            for member in tarfile.open(fileobj=f, mode="r:"):
+                name = member.name.removeprefix("./")
+                if member.isfile() and _wanted(name, include_hidden):
+                    yield Found(root, name, member.size, float(member.mtime), offset=member.offset_data)
+    except tarfile.TarError as exc:
+        raise BadInputError(f"cannot read the tar shard {root}: {exc}") from None
+
+
+def scan_folder(root: str, include_hidden: bool = False) -> Iterator[Found]:
+    """Image files under a folder, by extension, sorted. Directory symlinks are not followed (no loops);
     file symlinks are, and a broken one is reported with an error."""
     root = str(Path(root).resolve())
     for folder, dirs, names in os.walk(root, onerror=None, followlinks=False):
         dirs[:] = sorted(d for d in dirs if include_hidden or not _hidden(d))
         for name in sorted(names):
-            if name in JUNK_NAMES or name.startswith("._") or (_hidden(name) and not include_hidden):
-                continue
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if not _wanted(name, include_hidden):
                 continue
             path = os.path.join(folder, name)
             relpath, raw = printable(os.path.relpath(path, root))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignsearch import ann, catalog
+from alignsearch import ann, catalog, shards
 from alignsearch.engine import ANN_FILE, DB_FILE, VECTORS_FILE
 from alignsearch.errors import AlignSearchError
 from alignsearch.vectors import VectorStore
@@ -58,10 +58,10 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     if dangling:
         r.problems.append(f"{dangling} indexed files point past the stored vectors")
     path = index_dir / ANN_FILE
-    if not path.exists():
+    if not path.exists() and shards.files(index_dir) is None:
         r.problems.append(f"{path.name} is missing")
     else:
-        index = ann.read(path)
+        index = shards.open_served(index_dir)
         ids = ann.stored_ids(index)
         r.checked.update(index_vectors=len(ids), index_type=ann.describe(index).kind)
         if index.d != store.dim:
@@ -108,15 +108,15 @@ def _repair(index_dir: Path) -> list[str]:
             done.append(f"forgot {len(lost)} files whose vectors were lost; `alignsearch index` re-encodes them")
         if size != store.rows * store.row_bytes:
             done.append(f"vector store cut to {store.rows} committed rows")
-        built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir / ANN_FILE))
+        built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir))
         done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
     finally:
         db.dispose()
     return done
 
 
-def _has_duplicates(path: Path) -> bool:
-    if not path.exists():
+def _has_duplicates(index_dir: Path) -> bool:
+    if not (index_dir / ANN_FILE).exists() and shards.files(index_dir) is None:
         return False
-    ids = ann.stored_ids(ann.read(path))
+    ids = ann.stored_ids(shards.open_served(index_dir))
     return len(ids) != len(np.unique(ids))

@@ -11,6 +11,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 from tiny_align import build_tiny_align  # noqa: E402
 
 
+def run(*args, code=0):
+    """The `alignsearch` command in-process; fails the test unless it exits with `code`."""
+    from click.testing import CliRunner
+
+    from alignsearch.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def index_json(ix, *args) -> dict:
+    """`alignsearch index ARGS --index IX --json`, parsed."""
+    import json
+
+    return json.loads(run("index", *args, "--index", ix, "--json").output)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random ALIGN checkpoint saved with save_pretrained, loaded like real weights."""

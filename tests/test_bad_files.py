@@ -8,14 +8,13 @@ import zlib
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from alignsearch.cli import main
 from alignsearch.errors import BadImageError
 from alignsearch.images import open_rgb
 from indexer.decode import read_item
 from indexer.scan import Found
+from conftest import run
 
 
 def rgb(w=64, h=48, seed=0):
@@ -95,12 +94,6 @@ def build_odd_corpus(root):
     (root / ".hidden").mkdir()
     rgb(seed=16).save(root / ".hidden" / "secret.png")
     return ok, bad, nonutf8
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def test_odd_corpus_indexes_what_it_can_and_records_the_rest(tmp_path, tiny_model, monkeypatch):

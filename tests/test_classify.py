@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from alignsearch.classify import choose_tags, probabilities
-from alignsearch.cli import main
 from alignsearch.model import Encoder
+from conftest import run
 
 LABELS = ["a red car", "a dog", "a photo of the beach at night"]
 
@@ -54,12 +53,6 @@ def test_similarity_and_logit(encoder, corpus):
     v = float(encoder.encode_text(["a dog"])[0] @ encoder.encode_images([corpus / "img004.jpg"])[0])
     assert r["similarity"] == pytest.approx(v, abs=1e-6)
     assert r["logit"] == pytest.approx(v / encoder.temperature, abs=1e-6)
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def test_cli_classify_json_and_similarity(tiny_model, corpus):

@@ -10,13 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignsearch.cli import main
-from conftest import make_images
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
+from conftest import make_images, run
 
 
 @pytest.fixture
@@ -119,7 +113,10 @@ def test_bad_arguments_get_messages(tmp_path, monkeypatch, tiny_model):
     assert "no .alignsearch/ index" in run("query", "dog", code=3).output
     assert "give TEXT" in run("query", code=2).output
     assert run("query", "dog", "-k", "0", code=2).exit_code == 2
-    assert run("index", tmp_path / "missing", code=2).exit_code == 2
+    assert "missing does not exist: give a folder" in run("index", tmp_path / "missing", code=6).output
+    (tmp_path / "one.jpg").write_bytes(b"x")
+    assert "one.jpg is a file" in run("index", tmp_path / "one.jpg", code=6).output
+    assert "uncompressed .tar" in run("index", tmp_path / "s.tar.gz", code=6).output
     result = CliRunner().invoke(main, ["embed", "--text", "x", "--model", str(tmp_path / "nothing")])
     assert result.exit_code == 4 and "--model" in result.output
 

@@ -12,12 +12,7 @@ from alignsearch.finetune import retrieval_metrics
 from alignsearch.pairs import load_pairs
 from shapes_data import all_specs, write_set
 from tiny_align import build_tiny_align
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
+from conftest import run
 
 
 def test_pairs_from_folder_csv_jsonl_parquet_with_bad_pairs_reported(tmp_path):

@@ -12,22 +12,10 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 
 import alignsearch
 from alignsearch import catalog
-from alignsearch.cli import main
-from conftest import make_images
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
-
-
-def index(ix, *args):
-    return json.loads(run("index", *args, "--index", ix, "--json").output)
+from conftest import index_json, make_images, run
 
 
 def vector_rows(ix) -> int:
@@ -46,7 +34,7 @@ def vector_rows(ix) -> int:
 def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     paths = make_images(root, 8)
-    first = index(ix, root, "--model", tiny_model, "--device", "cpu")
+    first = index_json(ix, root, "--model", tiny_model, "--device", "cpu")
     assert first["added"] == 8 and vector_rows(ix) == 8
 
     (root / "sub").mkdir()
@@ -54,7 +42,7 @@ def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
     paths[2].rename(root / "renamed.jpg")  # rename
     shutil.copy(paths[4], root / "copy.jpg")  # duplicate
     os.utime(paths[5], (time.time() + 100, time.time() + 100))  # touched, same bytes
-    s = index(ix)
+    s = index_json(ix)
     assert (s["moved"], s["added"], s["removed"], s["updated"], s["reused"]) == (2, 1, 0, 1, 4)
     assert vector_rows(ix) == 8  # nothing was encoded again
     engine = alignsearch.open(ix)
@@ -66,7 +54,7 @@ def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
 
     paths[6].unlink()
     make_images(tmp_path / "new", 10, seed=3)[9].replace(paths[7])  # modified in place
-    s = index(ix)
+    s = index_json(ix)
     assert (s["removed"], s["updated"], s["moved"]) == (1, 1, 0)
     assert vector_rows(ix) == 9
     info = json.loads(run("info", "--json", "--index", ix).output)
@@ -76,9 +64,9 @@ def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
 def test_reindex_switches_the_model(tmp_path, tiny_model, other_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 4)
-    index(ix, root, "--model", tiny_model, "--device", "cpu")
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
     assert run("index", "--index", ix, "--model", other_model, code=5)
-    s = index(ix, "--model", other_model, "--reindex")
+    s = index_json(ix, "--model", other_model, "--reindex")
     assert s["added"] == 4 and vector_rows(ix) == 4
     engine = alignsearch.open(ix)
     assert engine.model_info["model"] == str(other_model)
@@ -132,7 +120,7 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model):
 def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 10)
-    index(ix, root, "--model", tiny_model, "--device", "cpu")
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
     engine = alignsearch.open(ix)
     query = engine.embed(text="red car")
     errors, counts, stop = [], [], threading.Event()
@@ -166,7 +154,7 @@ def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
 
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 6)
-    index(ix, root, "--model", tiny_model, "--device", "cpu")
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
     assert json.loads(run("verify", "--index", ix, "--json").output)["ok"]
 
     with open(ix / "vectors.f16", "ab") as f:  # a killed writer's uncommitted tail

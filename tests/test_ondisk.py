@@ -1,4 +1,5 @@
-"""The sharded on-disk index answers like the in-memory one, and the engine serves it memory-mapped."""
+"""Indexes larger than RAM: the merged on-disk index and the IndexShards layout answer like the
+in-memory index, the engine serves them memory-mapped, and shards update in place."""
 
 import json
 
@@ -9,6 +10,8 @@ import alignsearch
 from alignsearch import ann
 from alignsearch.cli import main
 from alignsearch.vectors import VectorStore
+from conftest import index_json
+from indexer.verify import verify
 from indexer.ondisk import build_ondisk, train_empty
 from test_ann import clustered
 from test_engine import add_synthetic
@@ -47,3 +50,47 @@ def test_index_with_ondisk_shards_through_the_cli(tmp_path, corpus, tiny_model):
     hit = engine.search(image=corpus / "img004.jpg", k=1)[0]
     assert hit.relpath == "img004.jpg"
     assert engine.info()["index"]["layout"] == "ondisk"
+
+
+def test_index_shards_search_like_one_file_and_update_in_place(tmp_path, corpus, tiny_model):
+    ix = tmp_path / "ix"
+    index_json(ix, corpus, "--model", tiny_model)
+    dim = alignsearch.open(ix).store.dim
+    add_synthetic(ix, 12_000, dim, seed=3)
+    queries = clustered(20, dim, seed=11)
+
+    single = index_json(ix, "--rebuild")
+    assert single["index"]["layout"] == "memory"
+    with alignsearch.open(ix) as engine:
+        expected = [[h.id for h in engine.search_vector(q, k=10, nprobe=16)] for q in queries]
+
+    built = index_json(ix, "--index-shards", "3")
+    assert built["index"]["action"] == "built 3 shard files" and built["index"]["layout"] == "sharded (3 files)"
+    assert not (ix / "index.faiss").exists() and len(list(ix.glob("shard-*.faiss"))) == 3
+    with alignsearch.open(ix) as engine:
+        assert engine.info()["index"]["layout"] == "sharded (3 files)"
+        got = [[h.id for h in engine.search_vector(q, k=10, nprobe=16)] for q in queries]
+        assert got == expected  # same training, same ids: the shards answer as the single file did
+        hit = engine.search(image=corpus / "img004.jpg", k=1)[0]
+        assert hit.relpath == "img004.jpg"
+        gone_id, before = hit.id, sorted(p.name for p in ix.glob("shard-*.faiss"))
+
+        (corpus / "img004.jpg").unlink()  # one file gone: only its shard is rewritten
+        updated = index_json(ix)
+        assert updated["index"]["action"] == "updated 1 of 3 shards (+0 -1)"
+        after = sorted(p.name for p in ix.glob("shard-*.faiss"))
+        assert len(set(before) & set(after)) == 2
+        assert engine.refresh()  # a served engine picks up the new generation
+        assert gone_id not in [h.id for h in engine.search(image=corpus / "img001.jpg", k=50)]
+    assert verify(ix).problems == []
+
+    back = index_json(ix, "--index-shards", "0")
+    assert back["index"]["layout"] == "memory" and not list(ix.glob("shard-*.faiss"))
+    assert not (ix / "shards.json").exists()
+
+
+def test_both_layouts_at_once_is_an_error(tmp_path, corpus, tiny_model):
+    from conftest import run
+
+    out = run("index", corpus, "--index", tmp_path / "ix", "--ondisk-shards", "2", "--index-shards", "2", code=6)
+    assert "choose one layout" in out.output

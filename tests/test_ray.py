@@ -4,18 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import alignsearch
-from alignsearch.cli import main
+from conftest import run
 
 ray = pytest.importorskip("ray")
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_ray_path_matches_the_single_process_path(tmp_path, corpus, tiny_model):
@@ -80,3 +73,52 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(tmp_path,
     hits = engine.search(text="x", k=100)
     assert len(hits) == 18 and len({h.relpath for h in hits}) == 18
     assert engine.store.rows == 18  # every vector written once
+
+
+def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_model, monkeypatch):
+    """`--ray=ADDRESS` joins a cluster started apart (`ray start --head`), here fed WebDataset shards.
+    Such a cluster authenticates with a token (~/.ray/auth_token): the driver must say so."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from test_sources import write_shard
+
+    files = sorted(p for p in corpus.rglob("*") if p.is_file())
+    for s in range(2):
+        write_shard(tmp_path / f"part-{s}.tar", files[s::2], corpus)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        out = run("index", tmp_path / "part-{0..1}.tar", "--index", tmp_path / "ix", "--model", tiny_model,
+                  "--device", "cpu", "--batch-size", "4", f"--ray=127.0.0.1:{port}", "--json").stdout
+    finally:
+        head.terminate()
+        head.wait(60)
+        # `ray start` leaves its address behind: a later plain ray.init() would try the dead cluster
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+    summary = json.loads(out[out.index('{\n  "index_dir"'):])
+    assert summary["added"] == 19 and summary["failed"] == 1 and summary["times"]["extra"]["ray_encoders"] == 1
+    engine = alignsearch.open(tmp_path / "ix")
+    query = corpus / "nested" / "img001.jpg"
+    hit = engine.search(image=query, k=1)[0]
+    assert hit.relpath == "nested/img001.jpg"
+    assert hit.path == f"{tmp_path}/part-{files.index(query) % 2}.tar/nested/img001.jpg"

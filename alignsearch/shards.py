@@ -1,0 +1,86 @@
+"""An IVF-PQ index kept as several shard files searched together with faiss.IndexShards.
+
+The alternative to one merged on-disk index (indexer/ondisk.py): the shards share one trained
+quantizer, catalog id i lives in shard i % N, and each file is memory-mapped when served
+(IO_FLAG_MMAP_IFC), so the index need not fit in RAM. Unlike merged on-disk lists, shards are updated
+in place: a run rewrites only the shards whose ids changed. A manifest names the current files and is
+replaced atomically: a reader sees one generation or the next, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from alignsearch import ann
+from alignsearch.paths import ANN_FILE
+
+MANIFEST = "shards.json"
+
+
+def shard_of(ids: np.ndarray, count: int) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64) % count
+
+
+def files(folder: Path) -> list[Path] | None:
+    """The current shard files, or None when the index is a single file."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.exists():
+        return None
+    return [Path(folder) / name for name in json.loads(manifest.read_text())["files"]]
+
+
+def new_name(folder: Path, shard: int) -> Path:
+    return Path(folder) / f"shard-{time.time_ns()}-{shard:03d}.faiss"
+
+
+def publish(folder: Path, paths: list[Path]) -> None:
+    """Make `paths` the current shards (atomically), then delete the files no manifest names."""
+    folder = Path(folder)
+    fd, tmp = tempfile.mkstemp(prefix=MANIFEST + ".", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"files": [p.name for p in paths]}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    keep = {p.name for p in paths}
+    for old in folder.glob("shard-*.faiss"):  # open readers keep their mapping of an unlinked file
+        if old.name not in keep:
+            old.unlink()
+    (folder / ANN_FILE).unlink(missing_ok=True)
+
+
+def unpublish(folder: Path) -> None:
+    """Back to a single index file: drop the manifest and the shard files (after ANN_FILE was written)."""
+    (Path(folder) / MANIFEST).unlink(missing_ok=True)
+    for old in Path(folder).glob("shard-*.faiss"):
+        old.unlink()
+
+
+def open_shards(paths: list[Path], mmap: bool = True) -> faiss.IndexShards:
+    """One index over the shard files, searched in parallel threads; ids are the catalog's own."""
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+    first = faiss.read_index(str(paths[0]), flags)
+    index = faiss.IndexShards(first.d, True, False)  # threaded, ids kept as stored
+    index.add_shard(first)
+    for path in paths[1:]:
+        index.add_shard(faiss.read_index(str(path), flags))
+    return index
+
+
+def open_served(folder: Path) -> faiss.Index:
+    """What a query searches: the shards when there is a manifest, else the single index file."""
+    paths = files(folder)
+    return open_shards(paths) if paths else ann.read(Path(folder) / ANN_FILE)
+
+
+def stamp(folder: Path) -> int:
+    """Changes whenever a new index is published (the engine re-opens on a change)."""
+    manifest = Path(folder) / MANIFEST
+    return (manifest if manifest.exists() else Path(folder) / ANN_FILE).stat().st_mtime_ns

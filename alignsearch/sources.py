@@ -1,0 +1,177 @@
+"""Where images are read from. A catalog root names a source; an image is (root, relpath) inside it:
+
+- a local folder: relpath is the path under it;
+- a URL prefix read through fsspec (s3://bucket/photos, gs://..., any protocol whose fsspec package is
+  installed): relpath is the key under the prefix;
+- a list file (.csv or .parquet, local or a URL) with a column of paths or URLs: relpath is the entry,
+  made absolute against the list's folder;
+- a WebDataset shard (an uncompressed .tar, local or a URL): relpath is the member's name.
+
+Light to import (no torch): decode workers and the server read through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from datetime import datetime
+from typing import IO
+
+from alignsearch.errors import BadInputError
+
+FOLDER, PREFIX, LIST, TAR = "folder", "prefix", "list", "tar"
+LIST_SUFFIXES = (".csv", ".parquet")
+PATH_COLUMNS = ("path", "url", "uri", "image", "image_path", "filepath", "file", "filename", "key")
+FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                   "http": "aiohttp", "https": "aiohttp"}
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def kind(root: str) -> str:
+    lower = root.lower().rstrip("/")
+    if lower.endswith(".tar"):
+        return TAR
+    if lower.endswith(LIST_SUFFIXES):
+        return LIST
+    return PREFIX if is_url(root) else FOLDER
+
+
+def expand(pattern: str) -> list[str]:
+    """WebDataset's shard notation: `shards-{000..009}.tar` is ten names (zero padding kept)."""
+    m = _BRACES.search(pattern)
+    if m is None:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    if int(hi) < int(lo):
+        raise BadInputError(f"{pattern}: the range {{{lo}..{hi}}} counts down; write the low number first")
+    names = [f"{pattern[:m.start()]}{i:0{len(lo)}d}{pattern[m.end():]}" for i in range(int(lo), int(hi) + 1)]
+    return [name for partial in names for name in expand(partial)]
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path inside it); a clear error when the protocol's package is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        protocol = url.split("://", 1)[0]
+        package = FSSPEC_PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
+        raise BadInputError(f"cannot read {url}: {exc}. Install {package} (pip install {package}) "
+                            f"to index {protocol}:// paths") from None
+
+
+def normalise(root: str) -> list[str]:
+    """The catalog names for a root given on the command line: braces expanded, local paths absolute.
+    Raises BadInputError when a root cannot be a source at all."""
+    out = []
+    for name in expand(str(root)):
+        if name.lower().endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")):
+            raise BadInputError(f"{name}: compressed tar shards cannot be read by offset; index uncompressed .tar "
+                                "shards (WebDataset's usual format)")
+        if not is_url(name):
+            name = os.path.abspath(name)
+        elif kind(name) == PREFIX:
+            name = name.rstrip("/")
+        if not exists(name):
+            problem = "is a file" if kind(name) == FOLDER and os.path.isfile(name) else "does not exist"
+            raise BadInputError(f"{name} {problem}: give a folder of images, a .csv/.parquet list of paths or "
+                                "URLs, an uncompressed .tar shard, or a URL prefix such as s3://bucket/photos")
+        out.append(name)
+    return out
+
+
+def exists(root: str) -> bool:
+    """Whether the source is there now (a folder is a directory; a list or shard is a file)."""
+    k = kind(root)
+    if not is_url(root):
+        return os.path.isdir(root) if k == FOLDER else os.path.isfile(root)
+    fs, path = filesystem(root)
+    try:
+        return fs.isdir(path) if k == PREFIX else fs.isfile(path)
+    except OSError:
+        return False
+
+
+def location(root: str, relpath: str, relpath_raw: bytes | None = None) -> str:
+    """The path or URL to show for an image (for a tar member: shard/member, WebDataset style)."""
+    k = kind(root)
+    if k == LIST:
+        return relpath
+    if k == FOLDER:
+        return os.path.join(root, os.fsdecode(relpath_raw) if relpath_raw else relpath)
+    return f"{root.rstrip('/')}/{relpath}"
+
+
+def open_binary(path: str) -> IO[bytes]:
+    if not is_url(path):
+        return open(path, "rb")
+    fs, inner = filesystem(path)
+    return fs.open(inner, "rb")
+
+
+def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset: int = -1, size: int = 0) -> bytes:
+    """An image's bytes. A tar member is read at its data offset when known, else looked up by name.
+    Raises OSError (FileNotFoundError when it is gone)."""
+    if kind(root) != TAR:
+        with open_binary(location(root, relpath, relpath_raw)) as f:
+            return f.read()
+    with open_binary(root) as f:
+        if offset < 0:
+            try:
+                member = tarfile.open(fileobj=f, mode="r:").getmember(relpath)
+            except (KeyError, tarfile.TarError):
+                raise FileNotFoundError(f"no member {relpath} in {root}") from None
+            offset, size = member.offset_data, member.size
+        f.seek(offset)
+        return f.read(size)
+
+
+def read_list(path: str, column: str | None = None) -> list[str]:
+    """The entries of a list file's path column: `column`, else the first of PATH_COLUMNS present, else
+    its only column. A one-column CSV without a header (its first line a path) is read as all entries."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        with open_binary(path) as f:
+            table = pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise BadInputError(f"cannot read the list {path}: {exc}") from None
+    names = table.column_names
+    lowered = {name.lower(): name for name in names}
+    chosen = column if column is not None else next((lowered[c] for c in PATH_COLUMNS if c in lowered), None)
+    if chosen is None and len(names) == 1:
+        chosen = names[0]
+    if chosen not in names:
+        raise BadInputError(f"the list {path} has no column {chosen or 'named path or url'} (columns: "
+                            f"{', '.join(names)}): name the one with the paths with --list-column")
+    entries = [str(v) for v in table.column(chosen).to_pylist() if v is not None and str(v).strip()]
+    if len(names) == 1 and column is None and _looks_like_path(chosen) and path.lower().endswith(".csv"):
+        entries.insert(0, chosen)  # no header: the first line was an entry
+    return entries
+
+
+def _looks_like_path(text: str) -> bool:
+    return is_url(text) or "/" in text or os.path.splitext(text)[1].lower() in {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def info_mtime(info: dict) -> float:
+    """A modification time from an fsspec info dict, whatever the filesystem calls it (0.0 if none)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "timeCreated"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0

@@ -1,0 +1,170 @@
+"""Sources beyond a local folder: list files (CSV / parquet), URL prefixes through fsspec, WebDataset
+tar shards. Each must index the same images as the folder they came from, and re-runs stay incremental."""
+
+import csv
+import importlib.util
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+import alignsearch
+from alignsearch import sources
+from alignsearch.errors import BadInputError
+from indexer.job import index_folders
+from indexer.scan import scan
+from conftest import run, index_json
+
+
+def write_shard(path, files, root):
+    """A WebDataset shard: each image with a caption and a JSON sibling sharing its key."""
+    with tarfile.open(path, "w") as tar:
+        for f in files:
+            key = f.relative_to(root).with_suffix("").as_posix()
+            for name, data in ((f"{key}{f.suffix}", f.read_bytes()), (f"{key}.txt", b"a caption"),
+                               (f"{key}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+
+
+def results(ix, query_image) -> list[tuple[str, float]]:
+    """(file name, score) of every hit: sources are compared by the images they return."""
+    with alignsearch.open(ix) as engine:
+        return [(h.relpath.rsplit("/", 1)[-1], round(h.score, 4)) for h in engine.search(image=query_image, k=30)]
+
+
+def test_kind_expand_location():
+    assert sources.kind("/data/photos") == sources.FOLDER
+    assert sources.kind("s3://bucket/photos/") == sources.PREFIX
+    assert sources.kind("gs://b/list.parquet") == sources.LIST
+    assert sources.kind("/d/urls.CSV") == sources.LIST
+    assert sources.kind("https://host/shard-0001.tar") == sources.TAR
+    assert sources.expand("s-{08..11}.tar") == ["s-08.tar", "s-09.tar", "s-10.tar", "s-11.tar"]
+    assert sources.expand("a{0..1}/b{1..2}.tar") == ["a0/b1.tar", "a0/b2.tar", "a1/b1.tar", "a1/b2.tar"]
+    with pytest.raises(BadInputError, match="counts down"):
+        sources.expand("s-{9..1}.tar")
+    assert sources.location("/d/s.tar", "x/1.jpg") == "/d/s.tar/x/1.jpg"
+    assert sources.location("s3://b/p", "a/1.jpg") == "s3://b/p/a/1.jpg"
+    assert sources.location("/d/list.csv", "s3://b/1.jpg") == "s3://b/1.jpg"
+    assert sources.info_mtime({"LastModified": "2026-01-02T03:04:05Z"}) == 1767323045.0
+    assert sources.info_mtime({"size": 3}) == 0.0
+
+
+def test_read_list_columns(tmp_path):
+    headed = tmp_path / "a.csv"
+    headed.write_text("caption,URL\nx,/p/1.jpg\ny,/p/2.jpg\n")
+    assert sources.read_list(str(headed)) == ["/p/1.jpg", "/p/2.jpg"]
+    bare = tmp_path / "b.csv"
+    bare.write_text("/p/1.jpg\n/p/2.jpg\n")  # find(1) output: no header
+    assert sources.read_list(str(bare)) == ["/p/1.jpg", "/p/2.jpg"]
+    other = tmp_path / "c.csv"
+    other.write_text("caption,where\nx,/p/1.jpg\n")
+    with pytest.raises(BadInputError, match="--list-column"):
+        sources.read_list(str(other))
+    assert sources.read_list(str(other), "where") == ["/p/1.jpg"]
+
+
+def test_missing_fsspec_package_says_what_to_install():
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(BadInputError, match="pip install s3fs"):
+        sources.normalise("s3://bucket/photos")
+
+
+def test_list_file_indexes_its_entries_and_follows_edits(tmp_path, corpus, tiny_model):
+    folder_ix, list_ix = tmp_path / "folder-ix", tmp_path / "list-ix"
+    index_json(folder_ix, corpus, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    files = sorted(p for p in corpus.rglob("*") if p.is_file())
+    listing = tmp_path / "lists" / "photos.csv"
+    listing.parent.mkdir()
+    with open(listing, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["caption", "image"])
+        for i, p in enumerate(files):  # relative entries are relative to the list's folder
+            w.writerow([f"c{i}", f"../corpus/{p.relative_to(corpus)}" if i % 2 else str(p)])
+        w.writerow(["gone", str(tmp_path / "nowhere.jpg")])
+    first = index_json(list_ix, listing, "--model", tiny_model, "--device", "cpu", "--workers", "2")
+    assert (first["added"], first["failed"]) == (20, 2)  # 19 files + a missing entry; 2 fail
+    query = files[3]
+    assert results(list_ix, query) == results(folder_ix, query)
+    with alignsearch.open(list_ix) as engine:
+        failed = {f.relpath: f.reason for f in engine.failed()}
+        hit = engine.search(image=query, k=1)[0]
+    assert failed[str(tmp_path / "nowhere.jpg")] == "file not found"
+    assert hit.path == str(query)
+
+    again = index_json(list_ix)  # the list is remembered as a root
+    assert (again["added"], again["unchanged"], again["removed"]) == (0, 20, 0)
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join(lines[:5]) + "\n")  # header + 4 entries
+    shrunk = index_json(list_ix)
+    info = alignsearch.open(list_ix).info()
+    assert shrunk["removed"] == 16 and (info["images"], info["failed"]) == (3, 1)  # broken.jpg sorts first
+
+
+def test_parquet_list_with_a_named_column(tmp_path, corpus, tiny_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p) for p in corpus.rglob("*.jpg") if p.name != "broken.jpg")
+    listing = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({"where": files, "n": list(range(len(files)))}), listing)
+    run("index", listing, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu", code=6)
+    s = index_json(tmp_path / "ix", listing, "--list-column", "where")
+    assert s["added"] == len(files) and s["failed"] == 0
+    assert index_json(tmp_path / "ix")["unchanged"] == len(files)  # the column is remembered
+
+
+def test_webdataset_shards_index_like_the_folder(tmp_path, corpus, tiny_model):
+    folder_ix, tar_ix = tmp_path / "folder-ix", tmp_path / "tar-ix"
+    index_json(folder_ix, corpus, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    files = sorted(p for p in corpus.rglob("*") if p.is_file())
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(3):
+        write_shard(shards / f"part-{s:03d}.tar", files[s::3], corpus)
+    first = index_json(tar_ix, shards / "part-{000..002}.tar", "--model", tiny_model, "--device", "cpu", "--workers", "2")
+    assert (first["added"], first["failed"]) == (19, 1)  # captions and .json members are not images
+    query = files[4]
+    assert results(tar_ix, query) == results(folder_ix, query)
+    with alignsearch.open(tar_ix) as engine:
+        hit = engine.search(image=query, k=1)[0]
+        row = engine.file(hit.id)
+    key = query.relative_to(corpus).as_posix()
+    assert hit.relpath == key and hit.path == f"{shards}/part-{files.index(query) % 3:03d}.tar/{key}"
+    assert row.read() == query.read_bytes()  # read back by member name (the server's thumbnails)
+    again = index_json(tar_ix)
+    assert (again["added"], again["unchanged"]) == (0, 19)
+
+
+def test_url_prefix_through_fsspec(tmp_path, corpus, tiny_model):
+    """file:// goes through fsspec in the decode workers; memory:// is in-process only, so 0 workers."""
+    import fsspec
+
+    folder_ix = tmp_path / "folder-ix"
+    index_json(folder_ix, corpus, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    url_ix = tmp_path / "url-ix"
+    s = index_json(url_ix, f"file://{corpus}/", "--model", tiny_model, "--device", "cpu", "--workers", "2")
+    assert (s["added"], s["failed"]) == (19, 1)
+    query = corpus / "nested" / "img002.jpg"
+    assert results(url_ix, query) == results(folder_ix, query)
+    with alignsearch.open(url_ix) as engine:
+        assert engine.info()["roots"] == [f"file://{corpus}"]
+        assert engine.search(image=query, k=1)[0].path == f"file://{query}"
+
+    fs = fsspec.filesystem("memory")
+    for p in sorted(corpus.rglob("*.png")):
+        fs.pipe(f"/bucket/photos/{p.relative_to(corpus).as_posix()}", p.read_bytes())
+    fs.pipe("/bucket/photos/notes.txt", b"not an image")
+    found = list(scan("memory://bucket/photos"))
+    assert [f.relpath for f in found] == ["img000.png", "img003.png", "img006.png", "img009.png",
+                                          "nested/img000.png", "nested/img003.png"]
+    summary = index_folders(["memory://bucket/photos"], tmp_path / "mem-ix", model=str(tiny_model), device="cpu",
+                            workers=0)
+    assert summary.added == 6 and summary.failed == 0
+    fs.rm("/bucket/photos/img003.png")
+    assert index_folders([], tmp_path / "mem-ix", workers=0).removed == 1
+    vectors = alignsearch.open(tmp_path / "mem-ix").vector_of(1)
+    assert np.isfinite(vectors).all()

@@ -59,10 +59,10 @@ def add_shards(trained: faiss.Index, store: VectorStore, parts: list[tuple[np.nd
 
 
 def build_ondisk(store: VectorStore, ids: np.ndarray, rows: np.ndarray, lists_path: Path, shards: int,
-                 workers: int = 1, seed: int = 0) -> faiss.Index:
+                 workers: int = 1, seed: int = 0, trained: faiss.Index | None = None) -> faiss.Index:
     """A populated IVF-PQ index whose lists are in lists_path (a new file: readers of an older index keep
-    theirs). The caller writes the returned index next to it."""
-    trained = train_empty(store, rows, seed)
+    theirs), from `trained` or an index trained here. The caller writes the returned index next to it."""
+    trained = train_empty(store, rows, seed) if trained is None else faiss.clone_index(trained)
     with tempfile.TemporaryDirectory(dir=lists_path.parent) as tmp:
         paths = [Path(tmp) / f"shard{s}.index" for s in range(shards)]
         add_shards(trained, store, [(ids[s::shards], rows[s::shards]) for s in range(shards)], paths, workers)

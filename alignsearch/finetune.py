@@ -1,7 +1,8 @@
 """`alignsearch finetune`: adapt an ALIGN checkpoint to your own image-caption pairs.
 
 The ALIGN recipe: L2-normalised embeddings, a learned temperature, symmetric cross-entropy over the
-in-batch similarities with label smoothing 0.1 (AlignModel's own loss), AdamW with warm-up and cosine
+in-batch similarities with label smoothing 0.1 (AlignModel's own loss, except that pairs with identical
+captions are not treated as each other's negatives: contrastive_loss), AdamW with warm-up and cosine
 decay, random crop (and flip) at the model's resolution, retrieval metrics on a held-out split each epoch.
 The output is a save_pretrained directory that `--model DIR` takes everywhere.
 """
@@ -65,6 +66,21 @@ def train_crop(img, spec: ImageSpec, rng: np.random.Generator, flip: bool) -> np
     if flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr)
+
+
+def contrastive_loss(logits_per_text: torch.Tensor, captions: list[str], smoothing: float = 0.1) -> torch.Tensor:
+    """ALIGN's symmetric cross-entropy with label smoothing, where pairs whose captions are identical
+    are not each other's negatives: their target mass is shared. With distinct captions this is
+    exactly AlignModel's loss; with repeated ones ("a dog", "untitled") it stops pushing apart images
+    that the text cannot tell apart."""
+    n = len(captions)
+    index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions], device=logits_per_text.device)
+    same = (ids[:, None] == ids[None, :]).float()
+    targets = (1 - smoothing) * same / same.sum(1, keepdim=True) + smoothing / n
+    caption_loss = torch.nn.functional.cross_entropy(logits_per_text, targets)
+    image_loss = torch.nn.functional.cross_entropy(logits_per_text.t(), targets)  # `same` is symmetric
+    return (caption_loss + image_loss) / 2
 
 
 def _embedding(output) -> torch.Tensor:
@@ -163,8 +179,9 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
             text = tokenizer([p.caption for p in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             with autocast:
                 output = model(**{k: v.to(device) for k, v in text.items()},
-                               pixel_values=to_pixel_values(crops, spec, device), return_loss=True)
-            (output.loss / config.accumulate).backward()
+                               pixel_values=to_pixel_values(crops, spec, device))
+                loss = contrastive_loss(output.logits_per_text.float(), [p.caption for p in batch])
+            (loss / config.accumulate).backward()
             if (step + 1) % config.accumulate == 0 or start + config.batch_size >= len(perm):
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
@@ -173,7 +190,7 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
                 with torch.no_grad():
                     model.temperature.clamp_(min=0.005)
             seen += len(batch)
-            losses.append(float(output.loss))
+            losses.append(float(loss))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
         for path in images.bad.keys() - reported:
             log(f"skipped {path}: {images.bad[path]}")

@@ -68,12 +68,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--text-hidden", type=int, default=32, help="width of the tiny text tower")
+    ap.add_argument("--partial-captions", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train on captions naming only some attributes (shapes_data.PARTIAL_PHRASINGS)")
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = build_tiny_align(tmp / "base", image=(72, 64), text_init=0.02, text_hidden=args.text_hidden)
-        write_set(tmp / "train", all_specs(held_out=False), args.per_spec, seed=1)
+        write_set(tmp / "train", all_specs(held_out=False), args.per_spec, seed=1, partial=args.partial_captions)
         truth = write_set(tmp / "corpus", all_specs(held_out=True), 5, seed=2, captions=False)
         truth |= write_set(tmp / "corpus", all_specs(held_out=False), 2, seed=3, captions=False)
         queries = write_set(tmp / "queries", all_specs(held_out=True), 1, seed=4, captions=False)
@@ -93,7 +95,8 @@ def main() -> None:
             subprocess.run(cli + ["index", str(tmp / "corpus"), "--index", str(index_dir), "--model", str(model),
                                   "--device", "cpu"], check=True, capture_output=True)
             results[label] = evaluate(index_dir, truth, queries, tmp / "queries")
-    lines = [f"- model: tiny ALIGN from random weights, text tower width {args.text_hidden}",
+    captions = "full and partial captions" if args.partial_captions else "full captions only"
+    lines = [f"- model: tiny ALIGN from random weights, text tower width {args.text_hidden}; {captions}",
              f"- training: {len(all_specs(False)) * args.per_spec} images of {len(all_specs(False)) // 4} trained (colour, shape) "
              f"combinations, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, CPU, {results['train_seconds']} s",
              f"- index: {len(truth)} images ({len(all_specs(True)) * 5} of held-out combinations, the rest distractors)"]

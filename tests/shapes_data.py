@@ -19,6 +19,14 @@ PHRASINGS = (
     "{colour} {shape} , {size} , at the {position}",
     "a picture of a {size} {colour} {shape} on the {position}",
 )
+# Captions that name only some attributes, as real captions do: they teach each attribute on its own,
+# which is what lets an unseen (colour, shape) pair, or a one-word query like "green", land in the right place.
+PARTIAL_PHRASINGS = (
+    "a {colour} {shape}",
+    "{colour}",
+    "a {shape}",
+    "a {size} {shape} at the {position}",
+)
 HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))  # never seen in training
 
 
@@ -29,8 +37,9 @@ class Spec:
     size: str
     position: str
 
-    def caption(self, phrasing: int = 0) -> str:
-        return PHRASINGS[phrasing % len(PHRASINGS)].format(**self.__dict__)
+    def caption(self, phrasing: int = 0, partial: bool = False) -> str:
+        phrasings = PHRASINGS + PARTIAL_PHRASINGS if partial else PHRASINGS
+        return phrasings[phrasing % len(phrasings)].format(**self.__dict__)
 
 
 def all_specs(held_out: bool) -> list[Spec]:
@@ -58,8 +67,10 @@ def draw(spec: Spec, rng: np.random.Generator, size: int = 64) -> Image.Image:
     return img
 
 
-def write_set(folder: Path, specs: list[Spec], per_spec: int, seed: int, captions: bool = True) -> dict[str, Spec]:
-    """Images (and sidecar captions) for each spec; returns file name -> spec."""
+def write_set(folder: Path, specs: list[Spec], per_spec: int, seed: int, captions: bool = True,
+              partial: bool = False) -> dict[str, Spec]:
+    """Images (and sidecar captions, some naming only some attributes when partial) for each spec;
+    returns file name -> spec."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     truth = {}
@@ -67,6 +78,6 @@ def write_set(folder: Path, specs: list[Spec], per_spec: int, seed: int, caption
         name = f"{spec.colour}_{spec.shape}_{spec.size}_{spec.position}_{seed}_{k}.png"
         draw(spec, rng).save(folder / name)
         if captions:
-            (folder / name).with_suffix(".txt").write_text(spec.caption(i))
+            (folder / name).with_suffix(".txt").write_text(spec.caption(i, partial))
         truth[name] = spec
     return truth

@@ -42,6 +42,24 @@ def test_pairs_from_folder_csv_jsonl_parquet_with_bad_pairs_reported(tmp_path):
         load_pairs(folder / "pairs.csv")
 
 
+def test_contrastive_loss_is_aligns_own_and_spares_identical_captions(tiny_model):
+    import torch
+    from transformers import AlignModel
+
+    from alignsearch.finetune import contrastive_loss
+
+    model = AlignModel.from_pretrained(str(tiny_model)).eval()
+    ids = torch.randint(5, 40, (4, 6), generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+        logits = out.logits_per_text
+        assert torch.allclose(contrastive_loss(logits, ["a", "b", "c", "d"]), out.loss, atol=1e-6)
+        # two pairs share a caption: they are positives of each other, not negatives
+        aligned = torch.tensor([[9.0, 9.0, 0, 0], [9.0, 9.0, 0, 0], [0, 0, 9.0, 0], [0, 0, 0, 9.0]])
+        assert contrastive_loss(aligned, ["x", "x", "c", "d"]) < contrastive_loss(aligned, ["x", "y", "c", "d"])
+
+
 def test_retrieval_metrics():
     eye = np.eye(4, dtype=np.float32)
     assert retrieval_metrics(eye, eye)["image_to_text_R@1"] == 1.0

@@ -11,9 +11,11 @@ WORDS = (
 
 
 def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False, image: tuple[int, int] = (40, 32),
-                     text_init: float = 1.0, text_hidden: int = 32) -> Path:
+                     text_init: float = 1.0, text_hidden: int = 32, vision_channels: tuple[int, int, int] = (16, 24, 32),
+                     vision_hidden: int = 64, vision_strides: tuple[int, int, int] = (1, 2, 2)) -> Path:
     """full_size: align-base's geometry (EfficientNet-B7, BERT-base, 640-d, 289 px) with random
-    weights, for speed benchmarks; otherwise a model small enough for unit tests."""
+    weights, for speed benchmarks; otherwise a model small enough for unit tests (the quality
+    benchmark widens its towers with text_hidden, vision_channels, vision_hidden and vision_strides)."""
     import torch
     from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessor
 
@@ -28,11 +30,11 @@ def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False, image: t
         image_size=64,
         width_coefficient=1.0,
         depth_coefficient=0.25,
-        hidden_dim=64,
-        in_channels=[32, 16, 24],
-        out_channels=[16, 24, 32],
+        hidden_dim=vision_hidden,
+        in_channels=[32, *vision_channels[:2]],
+        out_channels=list(vision_channels),
         kernel_sizes=[3, 3, 5],
-        strides=[1, 2, 2],
+        strides=list(vision_strides),
         num_block_repeats=[1, 1, 1],
         expand_ratios=[1, 6, 6],
         depthwise_padding=[],

@@ -60,9 +60,10 @@ class Engine:
     def _load_index(self) -> None:
         if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
-        self._index_stamp = shards.stamp(self.dir)
+        stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
         self.index = shards.open_served(self.dir)
         self.plan = ann.describe(self.index)
+        self._index_stamp = stamp
 
     def refresh(self) -> bool:
         """Pick up an index rebuilt since opening (files are replaced atomically); True if it changed."""

@@ -41,15 +41,17 @@ def new_name(folder: Path, shard: int) -> Path:
 
 
 def publish(folder: Path, paths: list[Path]) -> None:
-    """Make `paths` the current shards (atomically), then delete the files no manifest names."""
+    """Make `paths` the current shards (atomically). Files of the generation before stay one more round,
+    so a reader that read the old manifest a moment ago can still open them; older ones are deleted."""
     folder = Path(folder)
+    previous = {p.name for p in files(folder) or []}
     fd, tmp = tempfile.mkstemp(prefix=MANIFEST + ".", suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w") as f:
         json.dump({"files": [p.name for p in paths]}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST)
-    keep = {p.name for p in paths}
+    keep = {p.name for p in paths} | previous
     for old in folder.glob("shard-*.faiss"):  # open readers keep their mapping of an unlinked file
         if old.name not in keep:
             old.unlink()
@@ -74,13 +76,25 @@ def open_shards(paths: list[Path], mmap: bool = True) -> faiss.IndexShards:
     return index
 
 
-def open_served(folder: Path) -> faiss.Index:
-    """What a query searches: the shards when there is a manifest, else the single index file."""
-    paths = files(folder)
-    return open_shards(paths) if paths else ann.read(Path(folder) / ANN_FILE)
+def open_served(folder: Path, tries: int = 3) -> faiss.Index:
+    """What a query searches: the shards when there is a manifest, else the single index file. A
+    layout switch published while opening is retried (its files vanish only after the switch)."""
+    for attempt in range(tries):
+        try:
+            paths = files(folder)
+            return open_shards(paths) if paths else ann.read(Path(folder) / ANN_FILE)
+        except (FileNotFoundError, RuntimeError):  # faiss reports a missing file as RuntimeError
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def stamp(folder: Path) -> int:
-    """Changes whenever a new index is published (the engine re-opens on a change)."""
-    manifest = Path(folder) / MANIFEST
-    return (manifest if manifest.exists() else Path(folder) / ANN_FILE).stat().st_mtime_ns
+    """Changes whenever a new index is published (the engine re-opens on a change); 0 when none is."""
+    for path in (Path(folder) / MANIFEST, Path(folder) / ANN_FILE):
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+    return 0

@@ -16,7 +16,9 @@ import os
 import re
 import tarfile
 from datetime import datetime
+from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 from alignsearch.errors import BadInputError
 
@@ -33,12 +35,15 @@ def is_url(path: str) -> bool:
 
 
 def kind(root: str) -> str:
-    lower = root.lower().rstrip("/")
-    if lower.endswith(".tar"):
-        return TAR
-    if lower.endswith(LIST_SUFFIXES):
-        return LIST
-    return PREFIX if is_url(root) else FOLDER
+    """By the name's suffix (a URL's path, so signed query strings do not count); a local folder that
+    happens to be named like a file (photos.tar/) stays a folder."""
+    url = is_url(root)
+    lower = (urlsplit(root).path if url else root).lower().rstrip("/")
+    if lower.endswith(".tar") or lower.endswith(LIST_SUFFIXES):
+        if not url and os.path.isdir(root):
+            return FOLDER
+        return TAR if lower.endswith(".tar") else LIST
+    return PREFIX if url else FOLDER
 
 
 def expand(pattern: str) -> list[str]:
@@ -75,7 +80,9 @@ def normalise(root: str) -> list[str]:
             raise BadInputError(f"{name}: compressed tar shards cannot be read by offset; index uncompressed .tar "
                                 "shards (WebDataset's usual format)")
         if not is_url(name):
-            name = os.path.abspath(name)
+            # Folders as earlier versions stored them (symlinks resolved); a list or shard as named, so a
+            # list's relative entries are relative to the folder the user sees it in.
+            name = str(Path(name).resolve()) if os.path.isdir(name) else os.path.abspath(name)
         elif kind(name) == PREFIX:
             name = name.rstrip("/")
         if not exists(name):
@@ -94,8 +101,10 @@ def exists(root: str) -> bool:
     fs, path = filesystem(root)
     try:
         return fs.isdir(path) if k == PREFIX else fs.isfile(path)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except Exception as exc:  # noqa: BLE001 - credentials, permissions, network: say which
+        raise BadInputError(f"cannot reach {root}: {type(exc).__name__}: {exc}") from None
 
 
 def location(root: str, relpath: str, relpath_raw: bytes | None = None) -> str:
@@ -123,8 +132,9 @@ def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset
             return f.read()
     with open_binary(root) as f:
         if offset < 0:
+            name = os.fsdecode(relpath_raw) if relpath_raw else relpath
             try:
-                member = tarfile.open(fileobj=f, mode="r:").getmember(relpath)
+                member = tarfile.open(fileobj=f, mode="r:").getmember(name)
             except (KeyError, tarfile.TarError):
                 raise FileNotFoundError(f"no member {relpath} in {root}") from None
             offset, size = member.offset_data, member.size

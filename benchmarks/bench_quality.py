@@ -8,7 +8,8 @@ distractors of trained combinations, are indexed and queried through the engine:
 - text -> image: P@10 (colour and shape right) and R@1 (all four attributes right) for held-out captions
 - image -> image: P@10 (colour and shape right) for fresh images of held-out combinations
 - compound: an image of X plus a text naming a new colour -> top hit has the new colour and X's shape,
-  size and position. Chance levels, measured with the untrained model, are the baseline.
+  size and fourth attribute (--fourth: position, or filled/outlined). Chance levels, measured with the
+  untrained model, are the baseline.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import record  # noqa: E402  (also puts tests/ on the path)
 
-from shapes_data import COLOURS, all_specs, write_set  # noqa: E402
+from shapes_data import COLOURS, DETAILS, all_specs, write_set  # noqa: E402
 from tiny_align import build_tiny_align  # noqa: E402
 
 TEXT_WEIGHTS = (2.0, 1.0, 0.5)  # compound text weight against the image's 1; the paper's default first
@@ -47,24 +48,24 @@ def evaluate(index_dir: Path, truth: dict, queries: dict, queries_dir: Path) -> 
         r1 += spec(hits[0]) == s
     img_p10 = n_compound = 0
     compound = dict.fromkeys(TEXT_WEIGHTS, 0)
-    kept = dict.fromkeys(("colour", "shape", "size", "position"), 0)  # attributes right at the paper's weight
-    img_position = 0
+    kept = dict.fromkeys(("colour", "shape", "size", "detail"), 0)  # attributes right at the paper's weight
+    img_detail = 0
     for name, s in queries.items():
         hits = engine.search(image=queries_dir / name, k=10)
         img_p10 += sum(spec(h).colour == s.colour and spec(h).shape == s.shape for h in hits) / 10
-        img_position += sum(spec(h).position == s.position for h in hits) / 10
+        img_detail += sum(spec(h).detail == s.detail for h in hits) / 10
         for colour in COLOURS:
             if colour == s.colour:
                 continue
             n_compound += 1
             for w in TEXT_WEIGHTS:
                 top = spec(engine.search(text=colour, image=queries_dir / name, k=1, text_weight=w)[0])
-                compound[w] += (top.colour, top.shape, top.size, top.position) == (colour, s.shape, s.size, s.position)
+                compound[w] += (top.colour, top.shape, top.size, top.detail) == (colour, s.shape, s.size, s.detail)
                 if w == TEXT_WEIGHTS[0]:
-                    for attr, want in (("colour", colour), ("shape", s.shape), ("size", s.size), ("position", s.position)):
+                    for attr, want in (("colour", colour), ("shape", s.shape), ("size", s.size), ("detail", s.detail)):
                         kept[attr] += getattr(top, attr) == want
     return {"text_P@10": p10 / len(held), "text_R@1": r1 / len(held), "image_P@10": img_p10 / len(queries),
-            "image_same_position@10": img_position / len(queries),
+            "image_same_detail@10": img_detail / len(queries),
             **{f"compound_top1_w{w}": compound[w] / n_compound for w in TEXT_WEIGHTS},
             "compound_attributes_w2": {k: round(v / n_compound, 3) for k, v in kept.items()}}
 
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--vision-strides", default="2,2,2", help="strides of the three stages")
     ap.add_argument("--partial-captions", action=argparse.BooleanOptionalAction, default=True,
                     help="also train on captions naming only some attributes (shapes_data.PARTIAL_PHRASINGS)")
+    ap.add_argument("--fourth", choices=sorted(DETAILS), default="position",
+                    help="the fourth attribute: the shape's position (top/bottom), or filled/outlined")
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,10 +94,10 @@ def main() -> None:
         base = build_tiny_align(tmp / "base", image=(72, 64), text_init=0.02, text_hidden=args.text_hidden,
                                 vision_channels=channels, vision_hidden=args.vision_hidden,
                                 vision_strides=tuple(int(x) for x in args.vision_strides.split(",")))
-        write_set(tmp / "train", all_specs(held_out=False), args.per_spec, seed=1, partial=args.partial_captions)
-        truth = write_set(tmp / "corpus", all_specs(held_out=True), 5, seed=2, captions=False)
-        truth |= write_set(tmp / "corpus", all_specs(held_out=False), 2, seed=3, captions=False)
-        queries = write_set(tmp / "queries", all_specs(held_out=True), 1, seed=4, captions=False)
+        write_set(tmp / "train", all_specs(held_out=False, fourth=args.fourth), args.per_spec, seed=1, partial=args.partial_captions)
+        truth = write_set(tmp / "corpus", all_specs(held_out=True, fourth=args.fourth), 5, seed=2, captions=False)
+        truth |= write_set(tmp / "corpus", all_specs(held_out=False, fourth=args.fourth), 2, seed=3, captions=False)
+        queries = write_set(tmp / "queries", all_specs(held_out=True, fourth=args.fourth), 1, seed=4, captions=False)
         cli = [sys.executable, "-m", "alignsearch"]
         results = {}
         for label, model in (("untrained (chance baseline)", base), ("fine-tuned", tmp / "tuned")):
@@ -113,16 +116,18 @@ def main() -> None:
             results[label] = evaluate(index_dir, truth, queries, tmp / "queries")
     captions = "full and partial captions" if args.partial_captions else "full captions only"
     lines = [f"- model: tiny ALIGN from random weights, text tower width {args.text_hidden}, vision channels "
-             f"{args.vision_channels}, width {args.vision_hidden}, strides {args.vision_strides}; {captions}",
+             f"{args.vision_channels}, width {args.vision_hidden}, strides {args.vision_strides}; {captions}; fourth "
+             f"attribute: {args.fourth}",
              f"- training: {len(all_specs(False)) * args.per_spec} images of {len(all_specs(False)) // 4} trained (colour, shape) "
              f"combinations, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, CPU, {results['train_seconds']} s",
              f"- index: {len(truth)} images ({len(all_specs(True)) * 5} of held-out combinations, the rest distractors)"]
     for label in ("untrained (chance baseline)", "fine-tuned"):
         r = results[label]
         compound = ", ".join(f"{r[f'compound_top1_w{w}']:.3f} at text weight {w}" for w in TEXT_WEIGHTS)
+        kept = ", ".join(f"{args.fourth if k == 'detail' else k} {v:.2f}" for k, v in r["compound_attributes_w2"].items())
         lines.append(f"- {label}: text->image P@10 {r['text_P@10']:.3f}, R@1 {r['text_R@1']:.3f}; image->image P@10 "
-                     f"{r['image_P@10']:.3f} (same position {r['image_same_position@10']:.2f}); compound (image + new colour) top-1 {compound}; at weight 2 the "
-                     f"top hit has the right {', '.join(f'{k} {v:.2f}' for k, v in r['compound_attributes_w2'].items())}")
+                     f"{r['image_P@10']:.3f} (same {args.fourth} {r['image_same_detail@10']:.2f}); compound (image + new "
+                     f"colour) top-1 {compound}; at weight 2 the top hit has the right {kept}")
     lines.append(f"- last epoch (held-out split of the training pairs): {results['last_epoch']}")
     if args.record:
         record("Retrieval quality after fine-tuning, generated shapes, held-out combinations", lines)

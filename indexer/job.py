@@ -139,15 +139,13 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
 
     summary = Summary(str(out.resolve()))
     encoder = _load_encoder(db, opts.model, opts.device)
-    with db.begin() as conn:
+    with db.connect() as conn:
         known_roots = catalog.get_meta(conn, "roots", [])
-        all_roots = list(dict.fromkeys(known_roots + roots))
-        catalog.set_meta(conn, "roots", all_roots)
         columns = catalog.get_meta(conn, "list_columns", {})
-        if opts.list_column:
-            columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
-            catalog.set_meta(conn, "list_columns", columns)
         rows = catalog.get_meta(conn, "vector_rows", 0)
+    all_roots = list(dict.fromkeys(known_roots + roots))
+    if opts.list_column:
+        columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
     if not all_roots:
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
 
@@ -155,15 +153,24 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     removed: list[catalog.FileRow] = []
     with db.connect() as conn:
         for root in all_roots:
-            if not sources.exists(root):
-                print(f"warning: root {root} is missing; its files stay in the index", file=sys.stderr)
+            try:
+                if not sources.exists(root):
+                    raise FileNotFoundError(f"{root} is missing")
+                found = list(scan.scan(root, opts.include_hidden, columns.get(root)))
+            except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
+                reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
+                if root not in known_roots:  # a new root is only remembered once it could be listed
+                    raise BadInputError(f"cannot index {root}: {reason}") from None
+                print(f"warning: {reason}; its files stay in the index", file=sys.stderr)
                 continue
-            found = list(scan.scan(root, opts.include_hidden, columns.get(root)))
             d = scan.diff(found, catalog.files_under(conn, root))
             todo += d.todo
             removed += d.removed
             summary.updated += len(d.changed_ids)
             summary.unchanged += d.unchanged
+    with db.begin() as conn:
+        catalog.set_meta(conn, "roots", all_roots)
+        catalog.set_meta(conn, "list_columns", columns)
 
     store = VectorStore(out / VECTORS_FILE, encoder.dim, rows)
     store.truncate_uncommitted()

@@ -8,6 +8,7 @@ like the in-memory index while only the coarse quantizer and PQ tables stay in R
 from __future__ import annotations
 
 import multiprocessing
+import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +30,8 @@ def add_shard(trained_path: str, store_path: str, dim: int, store_rows: int, ids
     for start in range(0, len(ids), 65_536):
         ann.add(index, store.get(rows[start : start + 65_536]), ids[start : start + 65_536])
     faiss.write_index(index, out_path)
+    with open(out_path, "rb") as f:  # durable before any manifest names it
+        os.fsync(f.fileno())
     return out_path
 
 

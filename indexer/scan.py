@@ -21,6 +21,11 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+TRANSIENT = ("cannot stat", "cannot read")  # over a network, worth another try on the next run
+
+
+def _retry(reason: str | None) -> bool:
+    return (reason or "").startswith(TRANSIENT)
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,9 @@ def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
     infos = fs.find(base, detail=True)
     for name in sorted(infos):
         info = infos[name]
-        relpath = name[len(base):].lstrip("/")
+        relpath, raw = printable(name[len(base):].lstrip("/"))
         if info.get("type", "file") == "file" and _wanted(relpath, include_hidden):
-            yield Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info))
+            yield Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), None, raw)
 
 
 def scan_list(root: str, column: str | None = None, threads: int = 16) -> Iterator[Found]:
@@ -128,7 +133,8 @@ def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
             for member in tarfile.open(fileobj=f, mode="r:"):
                 name = member.name.removeprefix("./")
                 if member.isfile() and _wanted(name, include_hidden):
-                    yield Found(root, name, member.size, float(member.mtime), offset=member.offset_data)
+                    relpath, raw = printable(name)
+                    yield Found(root, relpath, member.size, float(member.mtime), None, raw, member.offset_data)
     except tarfile.TarError as exc:
         raise BadInputError(f"cannot read the tar shard {root}: {exc}") from None
 
@@ -172,7 +178,9 @@ def diff(found: list[Found], known: dict) -> Diff:
         row = known.get(f.relpath)
         if row is None:
             out.todo.append(f)
-        elif row.size != f.size or row.mtime != f.mtime:
+        elif _retry(f.error) and row.status == "indexed":
+            out.unchanged += 1  # a network blip must not throw a good vector away
+        elif row.size != f.size or row.mtime != f.mtime or (_retry(row.reason) and sources.is_url(f.path)):
             out.todo.append(f)
             out.changed_ids.append(row.id)
         else:

@@ -168,3 +168,54 @@ def test_url_prefix_through_fsspec(tmp_path, corpus, tiny_model):
     assert index_folders([], tmp_path / "mem-ix", workers=0).removed == 1
     vectors = alignsearch.open(tmp_path / "mem-ix").vector_of(1)
     assert np.isfinite(vectors).all()
+
+
+def test_kind_by_url_path_and_folders_named_like_files(tmp_path):
+    (tmp_path / "photos.tar").mkdir()
+    assert sources.kind(str(tmp_path / "photos.tar")) == sources.FOLDER
+    assert sources.kind("https://h/s-001.tar?X-Amz-Signature=abc") == sources.TAR
+    assert sources.kind("https://h/lists/x.parquet?sig=1") == sources.LIST
+
+
+def test_transient_errors_keep_vectors_and_failed_reads_are_retried():
+    from alignsearch.catalog import FileRow
+    from indexer.scan import Found, diff
+
+    def row(i, rel, status="indexed", reason=None):
+        return FileRow(i, "/l.csv", rel, None, 10, 5.0, "h", 1, 1, "PNG", status, reason, 0.0, i if status == "indexed" else None)
+
+    a, b, c, d = "s3://b/a.jpg", "s3://b/b.jpg", "s3://b/c.jpg", "/local/d.jpg"
+    known = {a: row(1, a), b: row(2, b, "failed", "cannot read: timed out"), c: row(3, c, "failed", "not an image"),
+             d: row(4, d, "failed", "cannot read: Permission denied")}
+    found = [Found("/l.csv", a, 0, 0.0, "cannot stat: timed out"), Found("/l.csv", b, 10, 5.0),
+             Found("/l.csv", c, 10, 5.0), Found("/l.csv", d, 10, 5.0)]
+    out = diff(found, known)
+    assert [f.relpath for f in out.todo] == [b] and out.unchanged == 3 and out.removed == []  # local: not retried
+    gone = diff([Found("/l.csv", a, 0, 0.0, "file not found")], {a: row(1, a)})
+    assert [f.relpath for f in gone.todo] == [a]  # really gone: recorded as failed, vector dropped
+
+
+def test_a_new_root_that_cannot_be_listed_is_not_remembered(tmp_path, tiny_model):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    out = run("index", empty, "--index", tmp_path / "ix", "--model", tiny_model, code=6)
+    assert "cannot index" in out.output and "empty.csv" in out.output
+    assert "no folder to index" in run("index", "--index", tmp_path / "ix", code=6).output
+
+
+def test_non_utf8_tar_member_names(tmp_path, tiny_model):
+    from conftest import make_images
+
+    img = make_images(tmp_path / "src", 1)[0]
+    shard = tmp_path / "odd.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        name = b"caf\xe9.png".decode("utf-8", "surrogateescape")
+        info = tarfile.TarInfo(name)
+        data = img.read_bytes()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    s = index_json(tmp_path / "ix", shard, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    assert (s["added"], s["failed"]) == (1, 0)
+    with alignsearch.open(tmp_path / "ix") as engine:
+        row = engine.file(engine.search(image=img, k=1)[0].id)
+    assert row.relpath == "caf\\xe9.png" and row.read() == img.read_bytes()

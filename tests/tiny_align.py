@@ -6,7 +6,8 @@ from pathlib import Path
 
 WORDS = (
     "a an the of on in at with and photo picture image red green blue yellow black white car beach dog cat "
-    "night day small big large circle square triangle purple top bottom sky road tree house person man woman"
+    "night day small big large circle square triangle purple top bottom sky road tree house person man woman "
+    "filled outlined"
 ).split()
 
 

@@ -1,6 +1,6 @@
 """Retrieval quality of a fine-tuned ALIGN, end to end through `alignsearch finetune`, `index` and `query`.
 
-    python benchmarks/bench_quality.py [--epochs 30] [--per-spec 40]
+    python benchmarks/bench_quality.py [--epochs 30] [--per-spec 40] [--seeds 0,1,2] [--fourth position|fill]
 
 A tiny ALIGN starts from random weights and is fine-tuned on CPU on generated captioned shapes; some
 (colour, shape) combinations are held out of training entirely. The held-out images, with as many
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,48 +88,60 @@ def main() -> None:
     ap.add_argument("--fourth", choices=sorted(DETAILS), default="position",
                     help="the fourth attribute: the shape's position (top/bottom), or filled/outlined")
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--seeds", default="0,1,2", help="model initialisations to train; figures are quoted per seed and as medians")
     args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
+    cli = [sys.executable, "-m", "alignsearch"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        channels = tuple(int(c) for c in args.vision_channels.split(","))
-        base = build_tiny_align(tmp / "base", image=(72, 64), text_init=0.02, text_hidden=args.text_hidden,
-                                vision_channels=channels, vision_hidden=args.vision_hidden,
-                                vision_strides=tuple(int(x) for x in args.vision_strides.split(",")))
         write_set(tmp / "train", all_specs(held_out=False, fourth=args.fourth), args.per_spec, seed=1, partial=args.partial_captions)
         truth = write_set(tmp / "corpus", all_specs(held_out=True, fourth=args.fourth), 5, seed=2, captions=False)
         truth |= write_set(tmp / "corpus", all_specs(held_out=False, fourth=args.fourth), 2, seed=3, captions=False)
         queries = write_set(tmp / "queries", all_specs(held_out=True, fourth=args.fourth), 1, seed=4, captions=False)
-        cli = [sys.executable, "-m", "alignsearch"]
-        results = {}
-        for label, model in (("untrained (chance baseline)", base), ("fine-tuned", tmp / "tuned")):
-            if model != base:
-                t = time.perf_counter()
-                done = subprocess.run(cli + ["finetune", str(tmp / "train"), "--model", str(base), "--out", str(model),
-                                             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                                             "--lr", str(args.lr), "--device", "cpu"], capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(done.stderr[-3000:])
-                results["train_seconds"] = round(time.perf_counter() - t, 1)
-                results["last_epoch"] = json.loads(done.stdout.splitlines()[-1])
+
+        def indexed(model: Path) -> dict:
             index_dir = tmp / f"ix-{model.name}"
             subprocess.run(cli + ["index", str(tmp / "corpus"), "--index", str(index_dir), "--model", str(model),
                                   "--device", "cpu"], check=True, capture_output=True)
-            results[label] = evaluate(index_dir, truth, queries, tmp / "queries")
+            return evaluate(index_dir, truth, queries, tmp / "queries")
+
+        channels = tuple(int(c) for c in args.vision_channels.split(","))
+        strides = tuple(int(x) for x in args.vision_strides.split(","))
+        results, tuned = {}, {}
+        for seed in seeds:
+            base = build_tiny_align(tmp / f"base{seed}", seed=seed, image=(72, 64), text_init=0.02, text_hidden=args.text_hidden,
+                                    vision_channels=channels, vision_hidden=args.vision_hidden, vision_strides=strides)
+            if seed == seeds[0]:
+                results["untrained (chance baseline)"] = indexed(base)
+            t = time.perf_counter()
+            done = subprocess.run(cli + ["finetune", str(tmp / "train"), "--model", str(base), "--out", str(tmp / f"tuned{seed}"),
+                                         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                                         "--seed", str(seed), "--device", "cpu"], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            tuned[seed] = {**indexed(tmp / f"tuned{seed}"), "train_seconds": round(time.perf_counter() - t, 1)}
+    results.update({f"fine-tuned, seed {seed}": r for seed, r in tuned.items()})
+    median = {}
+    for key, value in next(iter(tuned.values())).items():
+        if isinstance(value, dict):
+            median[key] = {a: statistics.median(r[key][a] for r in tuned.values()) for a in value}
+        else:
+            median[key] = statistics.median(r[key] for r in tuned.values())
+    results["fine-tuned, median"] = median
     captions = "full and partial captions" if args.partial_captions else "full captions only"
     lines = [f"- model: tiny ALIGN from random weights, text tower width {args.text_hidden}, vision channels "
              f"{args.vision_channels}, width {args.vision_hidden}, strides {args.vision_strides}; {captions}; fourth "
              f"attribute: {args.fourth}",
              f"- training: {len(all_specs(False)) * args.per_spec} images of {len(all_specs(False)) // 4} trained (colour, shape) "
-             f"combinations, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, CPU, {results['train_seconds']} s",
+             f"combinations, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, CPU, seeds {args.seeds}, "
+             f"{' / '.join(str(r['train_seconds']) for r in tuned.values())} s each",
              f"- index: {len(truth)} images ({len(all_specs(True)) * 5} of held-out combinations, the rest distractors)"]
-    for label in ("untrained (chance baseline)", "fine-tuned"):
-        r = results[label]
+    for label, r in results.items():
         compound = ", ".join(f"{r[f'compound_top1_w{w}']:.3f} at text weight {w}" for w in TEXT_WEIGHTS)
         kept = ", ".join(f"{args.fourth if k == 'detail' else k} {v:.2f}" for k, v in r["compound_attributes_w2"].items())
         lines.append(f"- {label}: text->image P@10 {r['text_P@10']:.3f}, R@1 {r['text_R@1']:.3f}; image->image P@10 "
                      f"{r['image_P@10']:.3f} (same {args.fourth} {r['image_same_detail@10']:.2f}); compound (image + new "
                      f"colour) top-1 {compound}; at weight 2 the top hit has the right {kept}")
-    lines.append(f"- last epoch (held-out split of the training pairs): {results['last_epoch']}")
     if args.record:
         record("Retrieval quality after fine-tuning, generated shapes, held-out combinations", lines)
     else:

@@ -17,6 +17,7 @@ import mimetypes
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from alignsearch import sources
 from alignsearch.engine import Engine
 from alignsearch.paths import SERVER_FILE
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
 from alignsearch.images import open_rgb
 
 WEB_DIR = Path(__file__).parent / "web"
+TAR_SHARDS_KEPT = 64  # member lists the server keeps, most recently used
 THUMB_SIZES = (64, 128, 256, 512, 1024)
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -245,7 +248,7 @@ class Handler(BaseHTTPRequestHandler):
         cache = {"Cache-Control": "private, max-age=3600"}
         if size is None and row.format in BROWSER_FORMATS:
             try:
-                data = row.read()
+                data = self.server.read(row)
             except (OSError, BadInputError):
                 raise ApiError(HTTPStatus.NOT_FOUND, "the file is gone from its source: re-run alignsearch index") from None
             self._send(HTTPStatus.OK, data, BROWSER_FORMATS[row.format], cache)
@@ -271,7 +274,28 @@ class AlignSearchServer(ThreadingHTTPServer):
         self.static_files = frozenset(p.name for p in WEB_DIR.iterdir() if p.is_file())
         self.thumb_dir = engine.dir / "thumbs"
         self._refresh_lock = threading.Lock()
+        self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self._members_lock = threading.Lock()
         super().__init__((config.host, config.port), Handler)
+
+    def read(self, row) -> bytes:
+        """An indexed image's bytes. A tar member is read at its offset, from its shard's member list
+        read once and kept for the last TAR_SHARDS_KEPT shards (the catalog stores names, not offsets)."""
+        if sources.kind(row.root) != sources.TAR:
+            return row.read()
+        name = os.fsdecode(row.relpath_raw) if row.relpath_raw else row.relpath
+        with self._members_lock:
+            members = self._tar_members.pop(row.root, None)
+        if members is None or members.get(name, (0, -1))[1] != row.size:  # unknown, or the shard changed
+            members = sources.tar_members(row.root)
+        with self._members_lock:
+            self._tar_members[row.root] = members
+            while len(self._tar_members) > TAR_SHARDS_KEPT:
+                self._tar_members.popitem(last=False)
+        if name not in members:
+            raise FileNotFoundError(f"no member {name} in {row.root}")
+        offset, size = members[name]
+        return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
 
     def fresh_engine(self) -> Engine:
         """The engine, after picking up an index rebuilt since the last request."""
@@ -284,7 +308,7 @@ class AlignSearchServer(ThreadingHTTPServer):
         if path.exists():
             return path.read_bytes()
         try:
-            img, _ = open_rgb(row.read())
+            img, _ = open_rgb(self.read(row))
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(HTTPStatus.NOT_FOUND, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))

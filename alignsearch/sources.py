@@ -142,6 +142,12 @@ def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset
         return f.read(size)
 
 
+def tar_members(root: str) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size) for every regular file of a shard, from one pass over its headers."""
+    with open_binary(root) as f:
+        return {m.name.removeprefix("./"): (m.offset_data, m.size) for m in tarfile.open(fileobj=f, mode="r:") if m.isfile()}
+
+
 def read_list(path: str, column: str | None = None) -> list[str]:
     """The entries of a list file's path column: `column`, else the first of PATH_COLUMNS present, else
     its only column. A one-column CSV without a header (its first line a path) is read as all entries."""

@@ -219,3 +219,33 @@ def test_non_utf8_tar_member_names(tmp_path, tiny_model):
     with alignsearch.open(tmp_path / "ix") as engine:
         row = engine.file(engine.search(image=img, k=1)[0].id)
     assert row.relpath == "caf\\xe9.png" and row.read() == img.read_bytes()
+
+
+def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, monkeypatch):
+    import threading
+    import urllib.request
+
+    from alignsearch.server import AlignSearchServer, ServerConfig
+
+    files = sorted(p for p in corpus.rglob("*.png"))
+    write_shard(tmp_path / "s.tar", files, corpus)
+    index_json(tmp_path / "ix", tmp_path / "s.tar", "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    listings = []
+    members = sources.tar_members
+    monkeypatch.setattr(sources, "tar_members", lambda root: listings.append(root) or members(root))
+    server = AlignSearchServer(engine, ServerConfig(port=0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for f in files[:3]:
+            hit = engine.search(image=f, k=1)[0]
+            with urllib.request.urlopen(f"{url}/api/image/{hit.id}", timeout=30) as r:
+                assert r.headers["Content-Type"] == "image/png" and r.read() == f.read_bytes()
+            with urllib.request.urlopen(f"{url}/api/image/{hit.id}?size=32", timeout=30) as r:
+                assert r.headers["Content-Type"] == "image/jpeg" and r.read()[:2] == b"\xff\xd8"
+        assert listings == [str(tmp_path / "s.tar")]  # the shard's headers were read once, then kept
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.close()

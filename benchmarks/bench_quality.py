@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     # Wider than the unit tests' model: with 16,24,32 channels and a 32-wide text tower, text->image
-    # P@10 on held-out combinations stayed at 0.52-0.72 (RESULTS.md); 32,48,64 reached 0.95-0.97.
+    # P@10 on held-out combinations stayed at 0.52-0.72 (RESULTS.md); 32,48,64 reached 0.91-0.97 on
+    # some initialisations, but the median over three is ~0.52: quote medians.
     ap.add_argument("--text-hidden", type=int, default=64, help="width of the tiny text tower")
     ap.add_argument("--vision-channels", default="32,48,64", help="channels of the tiny vision tower's three stages")
     ap.add_argument("--vision-hidden", type=int, default=128, help="width of the vision tower's top layer")

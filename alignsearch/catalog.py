@@ -56,7 +56,7 @@ files = Table(
     Column("status", String(8), nullable=False),
     Column("reason", Text),
     Column("indexed_at", Float, nullable=False),
-    Column("vec_row", Integer),  # row in the vector store; NULL for failed files
+    Column("vec_row", Integer),  # address in the vector store (alignsearch/vectors.py); NULL for failed files
     UniqueConstraint("root", "relpath"),
     Index("files_sha256", "sha256"),
     sqlite_autoincrement=True,  # ids are never reused, so a stale FAISS id never names a new file

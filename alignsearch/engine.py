@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch import ann, catalog, shards
+from alignsearch import ann, catalog, shards, vectors
 from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
-from alignsearch.vectors import VectorStore
 
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
            "open", "resolve_index_dir"]
@@ -45,11 +44,11 @@ class Engine:
         with self.db.connect() as conn:
             self.model_info = catalog.get_meta(conn, "model")
             self.roots = catalog.get_meta(conn, "roots", [])
-            rows = catalog.get_meta(conn, "vector_rows", 0)
             self.tuning = catalog.get_meta(conn, "tuning") or {}
         if self.model_info is None:
             raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
-        self.store = VectorStore(self.dir / VECTORS_FILE, int(self.model_info["dim"]), rows)
+        with self.db.connect() as conn:
+            self.store = vectors.load(conn, self.dir, int(self.model_info["dim"]))
         self._model_name = model
         self._device = device
         self._text_bf16 = text_bf16
@@ -70,7 +69,7 @@ class Engine:
         if shards.stamp(self.dir) == self._index_stamp:
             return False
         with self.db.connect() as conn:
-            self.store = VectorStore(self.store.path, self.store.dim, catalog.get_meta(conn, "vector_rows", 0))
+            self.store = vectors.load(conn, self.dir, self.store.dim)
             self.tuning = catalog.get_meta(conn, "tuning") or {}
             self.roots = catalog.get_meta(conn, "roots", [])
         self._load_index()
@@ -145,8 +144,8 @@ class Engine:
         known = np.array([i in rows and rows[i].vec_row is not None for i in ids.tolist()], dtype=bool)
         ids, scores = ids[known], scores[known]
         if self.plan.kind != "flat":  # PQ scores are approximate: re-score from the stored vectors
-            vectors = self.store.get(np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
-            ids, scores = rerank(query, ids, vectors, k)
+            stored = self.store.get(np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
+            ids, scores = rerank(query, ids, stored, k)
         return [_hit(rows[int(i)], float(s)) for i, s in zip(ids[:k], scores[:k])]
 
     def info(self) -> dict[str, Any]:

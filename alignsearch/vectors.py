@@ -1,8 +1,15 @@
-"""The vector store: every embedding, fp16, in one append-only file of fixed-width rows.
+"""The vector store: every embedding, fp16, in append-only files of fixed-width rows.
 
-The catalog records how many rows are committed; bytes past that (a run killed between writing
-vectors and committing their catalog rows) are cut off by the next writer. Readers memory-map
-the committed rows, so exact re-ranking touches only the rows it needs.
+Segment 0 is vectors.f16, appended to by the process that commits the catalog. The encoder actors
+of a distributed run (indexer/ray_pipeline.py) each append to a segment of their own under
+vectors/ and send back only where they wrote, so no vector passes through the driver. The catalog
+addresses a vector as (segment << 40) | row: segment 0's addresses are plain row numbers, as in
+indexes written before segments existed.
+
+The catalog records how many rows of each segment are committed; bytes past that (a run killed
+between writing vectors and committing their catalog rows) are cut off by the next writer, and a
+segment the catalog never heard of (an actor killed before its first commit) is deleted. Readers
+memory-map the committed rows, so exact re-ranking touches only the rows it needs.
 """
 
 from __future__ import annotations
@@ -11,31 +18,65 @@ import os
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.engine import Connection
+
+from alignsearch import catalog
+from alignsearch.paths import VECTORS_FILE
 
 DTYPE = np.dtype("<f2")
+SEGMENT_BITS = 40  # 1.1e12 rows per segment, 8.4e6 segments in an int64 address
+ROW_MASK = (1 << SEGMENT_BITS) - 1
+SEGMENTS_DIR = "vectors"
+
+
+def address(segment: int, row: int) -> int:
+    return (segment << SEGMENT_BITS) | row
 
 
 class VectorStore:
-    def __init__(self, path: Path, dim: int, rows: int):
+    """Segment 0 at `path`; `segments` lists (name, committed rows) of segments 1, 2, ... in order."""
+
+    def __init__(self, path: Path, dim: int, rows: int, segments: list[tuple[str, int]] | None = None):
         self.path = Path(path)
         self.dim = dim
-        self.rows = rows  # committed rows
-        self._map: np.memmap | None = None
+        self.rows = rows  # committed rows of segment 0
+        self.segments = [(str(name), int(n)) for name, n in segments or []]
+        self._maps: dict[int, np.memmap] = {}
+
+    def __getstate__(self) -> dict:  # sent to worker processes without its maps
+        return {**self.__dict__, "_maps": {}}
 
     @property
     def row_bytes(self) -> int:
         return self.dim * DTYPE.itemsize
 
+    @property
+    def folder(self) -> Path:
+        return self.path.parent / SEGMENTS_DIR
+
+    def segment_path(self, segment: int) -> Path:
+        return self.path if segment == 0 else self.folder / f"{self.segments[segment - 1][0]}.f16"
+
+    def committed(self, segment: int) -> int:
+        return self.rows if segment == 0 else self.segments[segment - 1][1]
+
     def truncate_uncommitted(self) -> None:
-        """Drop bytes a killed run wrote past the committed rows. Only a writer may call this."""
+        """Drop what killed runs wrote past the committed rows. Only a writer with no actors running may call this."""
         self.path.touch(exist_ok=True)
-        if self.path.stat().st_size != self.rows * self.row_bytes:
-            with open(self.path, "r+b") as f:
-                f.truncate(self.rows * self.row_bytes)
-                os.fsync(f.fileno())
+        for segment in range(len(self.segments) + 1):
+            path, keep = self.segment_path(segment), self.committed(segment) * self.row_bytes
+            if path.exists() and path.stat().st_size != keep:
+                with open(path, "r+b") as f:
+                    f.truncate(keep)
+                    os.fsync(f.fileno())
+        listed = {f"{name}.f16" for name, _ in self.segments}
+        for path in self.folder.glob("*.f16") if self.folder.exists() else ():
+            if path.name not in listed:
+                path.unlink()
+        self._maps.clear()
 
     def append(self, vectors: np.ndarray) -> int:
-        """Write rows after the committed ones and fsync; returns the first new row.
+        """Write rows after segment 0's committed ones and fsync; returns the first new row (its address).
 
         The caller commits the catalog rows that point at them (and the new row count) afterwards.
         """
@@ -49,22 +90,50 @@ class VectorStore:
             f.flush()
             os.fsync(f.fileno())
         self.rows += len(vectors)
-        self._map = None
+        self._maps.pop(0, None)
         return start
 
-    def _mapped(self) -> np.ndarray:
-        if self.rows == 0:
-            return np.zeros((0, self.dim), dtype=DTYPE)
-        if self._map is None or len(self._map) != self.rows:
-            self._map = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(self.rows, self.dim))
-        return self._map
+    def commit(self, name: str, rows: int) -> int:
+        """Record that segment `name` holds at least `rows` durable rows; returns its number.
 
-    def get(self, rows: np.ndarray) -> np.ndarray:
-        """float32 copies of the given rows, in the given order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        order = np.argsort(rows)  # sorted reads are kinder to the page cache
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        out[order] = self._mapped()[rows[order]]
+        Its writer fsync'ed them; the caller saves the store (save()) with the catalog rows that use them."""
+        for i, (known, n) in enumerate(self.segments):
+            if known == name:
+                if rows > n:
+                    self.segments[i] = (name, rows)
+                    self._maps.pop(i + 1, None)
+                return i + 1
+        self.segments.append((name, rows))
+        return len(self.segments)
+
+    def _mapped(self, segment: int) -> np.ndarray:
+        rows = self.committed(segment)
+        if rows == 0:
+            return np.zeros((0, self.dim), dtype=DTYPE)
+        if segment not in self._maps or len(self._maps[segment]) != rows:
+            self._maps[segment] = np.memmap(self.segment_path(segment), dtype=DTYPE, mode="r", shape=(rows, self.dim))
+        return self._maps[segment]
+
+    def get(self, addresses: np.ndarray) -> np.ndarray:
+        """float32 copies of the vectors at the given addresses, in the given order."""
+        addresses = np.asarray(addresses, dtype=np.int64)
+        out = np.empty((len(addresses), self.dim), dtype=np.float32)
+        segment_of = addresses >> SEGMENT_BITS
+        for segment in np.unique(segment_of).tolist():
+            where = np.flatnonzero(segment_of == segment)
+            rows = addresses[where] & ROW_MASK
+            order = np.argsort(rows)  # sorted reads are kinder to the page cache
+            out[where[order]] = self._mapped(segment)[rows[order]]
         return out
+
+
+def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
+    """The store of the index at index_dir as the catalog last committed it."""
+    return VectorStore(Path(index_dir) / VECTORS_FILE, dim, catalog.get_meta(conn, "vector_rows", 0),
+                       catalog.get_meta(conn, "vector_segments", []))
+
+
+def save(conn: Connection, store: VectorStore) -> None:
+    """Commit the store's row counts, in the transaction that commits the catalog rows using them."""
+    catalog.set_meta(conn, "vector_rows", store.rows)
+    catalog.set_meta(conn, "vector_segments", store.segments)

@@ -80,6 +80,7 @@ def main() -> None:
     # Wider than the unit tests' model: with 16,24,32 channels and a 32-wide text tower, text->image
     # P@10 on held-out combinations stayed at 0.52-0.72 (RESULTS.md); 32,48,64 reached 0.91-0.97 on
     # some initialisations, but the median over three is ~0.52: quote medians.
+    ap.add_argument("--text-init", type=float, default=0.02, help="initializer range of the text tower's random weights")
     ap.add_argument("--text-hidden", type=int, default=64, help="width of the tiny text tower")
     ap.add_argument("--vision-channels", default="32,48,64", help="channels of the tiny vision tower's three stages")
     ap.add_argument("--vision-hidden", type=int, default=128, help="width of the vision tower's top layer")
@@ -110,7 +111,7 @@ def main() -> None:
         strides = tuple(int(x) for x in args.vision_strides.split(","))
         results, tuned = {}, {}
         for seed in seeds:
-            base = build_tiny_align(tmp / f"base{seed}", seed=seed, image=(72, 64), text_init=0.02, text_hidden=args.text_hidden,
+            base = build_tiny_align(tmp / f"base{seed}", seed=seed, image=(72, 64), text_init=args.text_init, text_hidden=args.text_hidden,
                                     vision_channels=channels, vision_hidden=args.vision_hidden, vision_strides=strides)
             if seed == seeds[0]:
                 results["untrained (chance baseline)"] = indexed(base)
@@ -130,7 +131,7 @@ def main() -> None:
             median[key] = statistics.median(r[key] for r in tuned.values())
     results["fine-tuned, median"] = median
     captions = "full and partial captions" if args.partial_captions else "full captions only"
-    lines = [f"- model: tiny ALIGN from random weights, text tower width {args.text_hidden}, vision channels "
+    lines = [f"- model: tiny ALIGN from random weights, text tower width {args.text_hidden} (init range {args.text_init}), vision channels "
              f"{args.vision_channels}, width {args.vision_hidden}, strides {args.vision_strides}; {captions}; fourth "
              f"attribute: {args.fourth}",
              f"- training: {len(all_specs(False)) * args.per_spec} images of {len(all_specs(False)) // 4} trained (colour, shape) "

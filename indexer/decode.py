@@ -23,7 +23,7 @@ class Item:
     format: str | None = None
     reason: str | None = None
     seconds: float = 0.0  # time this worker spent reading and decoding
-    reuse_row: int | None = None  # vector row of identical content already indexed: no encoding needed
+    vec_row: int | None = None  # address of its vector when already stored (identical content indexed before)
 
 
 def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Item:

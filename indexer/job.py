@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignsearch import catalog, sources
+from alignsearch import catalog, sources, vectors
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, VECTORS_FILE, find_index_dir
 from alignsearch.errors import BadInputError, ModelMismatchError
 from alignsearch.model import DEFAULT_MODEL, Encoder
@@ -114,9 +114,10 @@ def _forget_vectors(db, out: Path) -> None:
     """Empty the catalog and vector store in one commit (roots are kept); the model is chosen anew."""
     with db.begin() as conn:
         catalog.delete_all_files(conn)
-        catalog.set_meta(conn, "vector_rows", 0)
+        empty = VectorStore(out / VECTORS_FILE, 1, 0)
+        vectors.save(conn, empty)
         catalog.delete_meta(conn, "model")
-    VectorStore(out / VECTORS_FILE, 1, 0).truncate_uncommitted()
+    empty.truncate_uncommitted()
 
 
 def _load_encoder(db, model: str | None, device: str) -> Encoder:
@@ -142,7 +143,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     with db.connect() as conn:
         known_roots = catalog.get_meta(conn, "roots", [])
         columns = catalog.get_meta(conn, "list_columns", {})
-        rows = catalog.get_meta(conn, "vector_rows", 0)
+        store = vectors.load(conn, out, encoder.dim)
     all_roots = list(dict.fromkeys(known_roots + roots))
     if opts.list_column:
         columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
@@ -172,7 +173,6 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         catalog.set_meta(conn, "roots", all_roots)
         catalog.set_meta(conn, "list_columns", columns)
 
-    store = VectorStore(out / VECTORS_FILE, encoder.dim, rows)
     store.truncate_uncommitted()
     workers = default_workers() if opts.workers is None else opts.workers
     batch_size = opts.batch_size or (256 if encoder.device.type == "cuda" else 32)
@@ -191,8 +191,9 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     if opts.use_ray:
         from indexer.ray_pipeline import run_ray
 
-        times = run_ray(todo, encoder.name, opts.device, encoder.spec, catalog_writer(db, store), batch_size,
+        times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, catalog_writer(db, store), batch_size,
                         opts.ray_address, on_batch=bar.update, fast=opts.fast_decode)
+        store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
     else:
         items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
                                     fast=opts.fast_decode)
@@ -239,9 +240,9 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
     try:
         encoder = _load_encoder(db, None, device)
         with db.connect() as conn:
-            rows = catalog.get_meta(conn, "vector_rows", 0)
+            store = vectors.load(conn, out, encoder.dim)
         tagging = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
-        result = _tag(db, VectorStore(out / VECTORS_FILE, encoder.dim, rows), encoder, tagging)
+        result = _tag(db, store, encoder, tagging)
         with db.begin() as conn:
             catalog.set_meta(conn, "tagging", tagging)
         return result
@@ -257,8 +258,7 @@ def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
     db = catalog.connect(out / DB_FILE)
     try:
         with db.connect() as conn:
-            model, rows = catalog.get_meta(conn, "model"), catalog.get_meta(conn, "vector_rows", 0)
-        store = VectorStore(out / VECTORS_FILE, int(model["dim"]), rows)
+            store = vectors.load(conn, out, int(catalog.get_meta(conn, "model")["dim"]))
         return build.sync_index(db, store, out / ANN_FILE, target_recall=target_recall)
     finally:
         db.dispose()

@@ -22,11 +22,9 @@ from alignsearch import ann
 from alignsearch.vectors import VectorStore
 
 
-def add_shard(trained_path: str, store_path: str, dim: int, store_rows: int, ids: np.ndarray, rows: np.ndarray,
-              out_path: str) -> str:
+def add_shard(trained_path: str, store: VectorStore, ids: np.ndarray, rows: np.ndarray, out_path: str) -> str:
     """One worker's share: the trained (empty) index plus these vectors, written to out_path."""
     index = faiss.read_index(trained_path)
-    store = VectorStore(Path(store_path), dim, store_rows)
     for start in range(0, len(ids), 65_536):
         ann.add(index, store.get(rows[start : start + 65_536]), ids[start : start + 65_536])
     faiss.write_index(index, out_path)
@@ -51,7 +49,7 @@ def add_shards(trained: faiss.Index, store: VectorStore, parts: list[tuple[np.nd
     with tempfile.TemporaryDirectory(dir=Path(out_paths[0]).parent) as tmp:
         trained_path = str(Path(tmp) / "trained.index")
         faiss.write_index(trained, trained_path)
-        jobs = [(trained_path, str(store.path), store.dim, store.rows, part_ids, part_rows, str(out))
+        jobs = [(trained_path, store, part_ids, part_rows, str(out))
                 for (part_ids, part_rows), out in zip(parts, out_paths)]
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -91,8 +91,8 @@ def run(
         good = [it for it in batch if it.crop is not None]
         rows = known([it.sha256 for it in good])
         for it in good:
-            it.reuse_row = rows.get(it.sha256)
-        fresh = [it for it in good if it.reuse_row is None]
+            it.vec_row = rows.get(it.sha256)
+        fresh = [it for it in good if it.vec_row is None]
         vectors = encoder.encode_crops(np.stack([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
         t2 = time.perf_counter()
         write(batch, vectors)

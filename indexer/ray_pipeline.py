@@ -1,24 +1,33 @@
 """The same reader -> encoder -> writer stages driven by Ray Data, for many GPUs or many machines.
 
 Decoding runs as CPU tasks over blocks of the file list, encoding in actors that each load the model
-once (one GPU each when there are GPUs), and the driver stays the single catalog writer, committing
-batch by batch as results stream back: a re-run after any failure skips what was committed.
+once (one GPU each when there are GPUs). Each actor appends its vectors to a vector-store segment of
+its own and sends back only where they are (alignsearch/vectors.py), so the driver, the single
+catalog writer, handles ~100 bytes of metadata per image rather than its vector; an actor on a
+machine that does not see the index folder sends its vectors instead. The driver commits batch by
+batch as results stream back: a re-run after any failure skips what was committed, and rows a killed
+actor wrote but nobody committed are cut off.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
+from alignsearch import vectors
 from alignsearch.errors import BadInputError
 from alignsearch.images import ImageSpec
+from alignsearch.vectors import VectorStore
 from indexer.decode import Item, read_item
 from indexer.pipeline import StageTimes
 from indexer.scan import Found
 
 FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset")
+RUN_TOKEN = ".run"  # in the segment folder: an actor that reads this run's token there shares the driver's disk
 
 
 def _row(found: Found) -> dict:
@@ -46,30 +55,55 @@ def decode_batch(batch: dict, spec: ImageSpec, fast: bool = False) -> dict:
     return out
 
 
-class EncoderActor:
-    """GPU (or CPU) stage: one model per actor, loaded once."""
+def _token(folder: Path) -> str | None:
+    try:
+        return (folder / RUN_TOKEN).read_text()
+    except OSError:
+        return None
 
-    def __init__(self, model: str, device: str):
+
+class EncoderActor:
+    """GPU (or CPU) stage: one model per actor, loaded once. Vectors go to a segment of the actor's own
+    in `segments` (fsync'ed before the batch is returned) when that folder holds the driver's `token`;
+    otherwise they travel back as fp16 bytes."""
+
+    def __init__(self, model: str, device: str, segments: str | None = None, token: str | None = None):
         from alignsearch.model import Encoder
 
         self.encoder = Encoder(model, device)
+        shared = segments is not None and _token(Path(segments)) == token
+        # A fresh name per actor process: a restarted actor never appends to a file its predecessor left.
+        self.segment = VectorStore(Path(segments) / f"{uuid.uuid4().hex}.f16", self.encoder.dim, 0) if shared else None
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
         ok = batch["ok"].astype(bool)
-        vectors = np.zeros((len(ok), self.encoder.dim), np.float32)
+        n = len(ok)
+        encoded = np.zeros((n, self.encoder.dim), np.float32)
         if ok.any():
-            vectors[ok] = self.encoder.encode_crops(batch["crop"][ok])
+            encoded[ok] = self.encoder.encode_crops(batch["crop"][ok])
         out = {k: v for k, v in batch.items() if k != "crop"}  # crops stay on the worker
-        out["vector"] = vectors
-        out["encode_seconds"] = np.full(len(vectors), (time.perf_counter() - start) / max(len(vectors), 1))
+        out["segment"], out["seg_row"] = np.full(n, "", dtype=object), np.full(n, -1, dtype=np.int64)
+        if self.segment is not None and ok.any():
+            first = self.segment.append(encoded[ok])
+            out["segment"][ok] = self.segment.path.stem
+            out["seg_row"][ok] = np.arange(first, first + int(ok.sum()))
+            out["vector"] = np.full(n, b"", dtype=object)
+        else:
+            out["vector"] = np.array([v.astype(vectors.DTYPE).tobytes() if keep else b"" for v, keep in zip(encoded, ok)],
+                                     dtype=object)
+        out["encode_seconds"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         return out
 
 
-def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, write, batch_size: int,
+def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: VectorStore, write, batch_size: int,
             address: str | None = None, encoders: int | None = None, on_batch=lambda n: None,
-            fast: bool = False) -> StageTimes:
-    """Index `todo` on Ray (local when address is None); `write(items, vectors)` commits on the driver."""
+            fast: bool = False, actor_segments: bool = True) -> StageTimes:
+    """Index `todo` on Ray (local when address is None); `write(items, new_vectors)` commits on the driver.
+
+    With actor_segments, encoder actors that see store's folder append to segments of their own (each
+    is committed to `store` as batches arrive); the rest, or all without it, send vectors to `write`.
+    """
     import ray
 
     times = StageTimes()
@@ -88,11 +122,18 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, write, 
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the driver's bar
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actors = encoders or max(1, gpus)
+        token, segments = uuid.uuid4().hex, None
+        if actor_segments:
+            store.folder.mkdir(exist_ok=True)
+            (store.folder / RUN_TOKEN).write_text(token)
+            segments = str(store.folder.resolve())
         rows = [_row(found) for found in todo]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200)))
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec, "fast": fast}, batch_size=batch_size, batch_format="numpy")
-        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model": model, "device": "cuda" if gpus else device},
+        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model": model, "device": "cuda" if gpus else device,
+                                                                 "segments": segments, "token": token},
                             batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0)
+        times.extra.update(vectors_in_actor_segments=0, vectors_sent_to_driver=0)
         start = time.perf_counter()
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             t = time.perf_counter()
@@ -104,7 +145,16 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, write, 
                      str(batch["format"][i]) or None, str(batch["reason"][i]) or None)
                 for i in range(len(ok))
             ]
-            write(items, batch["vector"][ok])
+            shipped = [np.frombuffer(batch["vector"][i], vectors.DTYPE) for i in np.flatnonzero(ok) if not batch["segment"][i]]
+            written = ok & (batch["seg_row"] >= 0)
+            for name in set(batch["segment"][written].tolist()):
+                mine = written & (batch["segment"] == name)
+                number = store.commit(name, int(batch["seg_row"][mine].max()) + 1)
+                for i in np.flatnonzero(mine):
+                    items[i].vec_row = vectors.address(number, int(batch["seg_row"][i]))
+            write(items, np.stack(shipped) if shipped else np.zeros((0, store.dim), vectors.DTYPE))
+            times.extra["vectors_in_actor_segments"] += int(written.sum())
+            times.extra["vectors_sent_to_driver"] += len(shipped)
             times.write += time.perf_counter() - t
             times.decode_worker += float(batch["decode_seconds"].sum())
             times.encode += float(batch["encode_seconds"].sum())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alignsearch import ann, catalog, shards
-from alignsearch.engine import ANN_FILE, DB_FILE, VECTORS_FILE
+from alignsearch import ann, catalog, shards, vectors
+from alignsearch.engine import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError
 from alignsearch.vectors import VectorStore
 from indexer.build import sync_index
@@ -40,21 +40,23 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     try:
         with db.connect() as conn:
             model = catalog.get_meta(conn, "model")
-            rows = catalog.get_meta(conn, "vector_rows", 0)
+            store = vectors.load(conn, index_dir, int(model["dim"])) if model else None
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
     finally:
         db.dispose()
     if model is None:
         r.problems.append("no model recorded: the index was never built")
         return r
-    store = VectorStore(index_dir / VECTORS_FILE, int(model["dim"]), rows)
-    size = store.path.stat().st_size if store.path.exists() else 0
-    r.checked.update(images=len(live), vector_rows=rows, vector_file_bytes=size)
-    if size < rows * store.row_bytes:
-        r.problems.append(f"vector store holds {size // store.row_bytes} rows but the catalog committed {rows}")
-    elif size > rows * store.row_bytes:
-        r.problems.append(f"vector store has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
-    dangling = int(((live[:, 1] < 0) | (live[:, 1] >= min(rows, size // store.row_bytes))).sum())
+    r.checked.update(images=len(live), vector_segments=len(store.segments) + 1,
+                     vector_rows=sum(store.committed(s) for s in range(len(store.segments) + 1)))
+    for segment in range(len(store.segments) + 1):
+        path, rows = store.segment_path(segment), store.committed(segment)
+        size = _size(path)
+        if size < rows * store.row_bytes:
+            r.problems.append(f"{path.name} holds {size // store.row_bytes} rows but the catalog committed {rows}")
+        elif size > rows * store.row_bytes:
+            r.problems.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
+    dangling = len(_dangling(_held(store), live))
     if dangling:
         r.problems.append(f"{dangling} indexed files point past the stored vectors")
     path = index_dir / ANN_FILE
@@ -93,21 +95,22 @@ def _repair(index_dir: Path) -> list[str]:
     try:
         with db.connect() as conn:
             model = catalog.get_meta(conn, "model")
-            rows = catalog.get_meta(conn, "vector_rows", 0)
+            store = vectors.load(conn, index_dir, int(model["dim"])) if model else None
         if model is None:
             return done
-        store = VectorStore(index_dir / VECTORS_FILE, int(model["dim"]), rows)
-        size = store.path.stat().st_size if store.path.exists() else 0
-        store.rows = min(rows, size // store.row_bytes)
+        cut = [store.segment_path(s).name for s in range(len(store.segments) + 1)
+               if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
+        store = _held(store)
         store.truncate_uncommitted()
         with db.begin() as conn:
-            lost = [i for i, row in catalog.live_vectors(conn) if row >= store.rows]
+            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+            lost = _dangling(store, live).tolist()
             catalog.delete_files(conn, lost)  # forgotten, so the next `alignsearch index` encodes them again
-            catalog.set_meta(conn, "vector_rows", store.rows)
+            vectors.save(conn, store)
         if lost:
             done.append(f"forgot {len(lost)} files whose vectors were lost; `alignsearch index` re-encodes them")
-        if size != store.rows * store.row_bytes:
-            done.append(f"vector store cut to {store.rows} committed rows")
+        if cut:
+            done.append(f"cut {', '.join(cut)} to the committed rows")
         built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir))
         done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
     finally:
@@ -120,3 +123,23 @@ def _has_duplicates(index_dir: Path) -> bool:
         return False
     ids = ann.stored_ids(shards.open_served(index_dir))
     return len(ids) != len(np.unique(ids))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _held(store: VectorStore) -> VectorStore:
+    """The store as its files stand: each segment's committed rows cut to the whole rows its file holds."""
+    counts = [min(store.committed(s), _size(store.segment_path(s)) // store.row_bytes) for s in range(len(store.segments) + 1)]
+    return VectorStore(store.path, store.dim, counts[0], [(name, n) for (name, _), n in zip(store.segments, counts[1:])])
+
+
+def _dangling(store: VectorStore, live: np.ndarray) -> np.ndarray:
+    """Ids of the (id, address) rows whose address names no committed row."""
+    segment, row = live[:, 1] >> vectors.SEGMENT_BITS, live[:, 1] & vectors.ROW_MASK
+    committed = np.array([store.committed(s) for s in range(len(store.segments) + 1)], dtype=np.int64)
+    known = (live[:, 1] >= 0) & (segment < len(committed))
+    bad = ~known
+    bad[known] = row[known] >= committed[segment[known]]
+    return live[bad, 0]

@@ -11,44 +11,82 @@ from conftest import run
 ray = pytest.importorskip("ray")
 
 
-def test_ray_path_matches_the_single_process_path(tmp_path, corpus, tiny_model):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_index(ix, corpus, tiny_model, runtime_env=None) -> dict:
+    """`alignsearch index --ray` on a local 2-CPU Ray instance; the summary."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     try:
-        ray_summary = json.loads(run("index", corpus, "--index", tmp_path / "ray", "--model", tiny_model, "--device", "cpu",
-                                     "--batch-size", "4", "--ray", "--json").stdout)
+        out = run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu", "--batch-size", "4",
+                  "--ray", "--json").stdout
     finally:
         ray.shutdown()
-    local_summary = json.loads(run("index", corpus, "--index", tmp_path / "local", "--model", tiny_model, "--device", "cpu",
-                                   "--batch-size", "4", "--json").stdout)
-    for key in ("added", "failed", "removed"):
-        assert ray_summary[key] == local_summary[key], (ray_summary, local_summary)
-    a, b = alignsearch.open(tmp_path / "ray"), alignsearch.open(tmp_path / "local")
+    return json.loads(out[out.index('{\n  "index_dir"'):])  # Ray's raylet may report a worker's death on stdout too
+
+
+def assert_same_results(a, b, corpus):
     assert a.info()["images"] == b.info()["images"] == 18
     assert {(r.relpath, r.reason) for r in a.failed()} == {(r.relpath, r.reason) for r in b.failed()}
     for text in ("red car", "a dog at night", "beach"):
         hits_a, hits_b = a.search(text=text, k=18), b.search(text=text, k=18)
         assert [h.relpath for h in hits_a] == [h.relpath for h in hits_b]
         assert np.allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-3)
+
+
+def segment_files(ix) -> set[str]:
+    return {p.name for p in (ix / "vectors").glob("*.f16")}
+
+
+def test_ray_path_matches_the_single_process_path(tmp_path, corpus, tiny_model):
+    from indexer.verify import verify
+
+    ray_summary = ray_index(tmp_path / "ray", corpus, tiny_model)
+    local_summary = json.loads(run("index", corpus, "--index", tmp_path / "local", "--model", tiny_model, "--device", "cpu",
+                                   "--batch-size", "4", "--json").stdout)
+    for key in ("added", "failed", "removed"):
+        assert ray_summary[key] == local_summary[key], (ray_summary, local_summary)
+    # the encoder actor wrote every vector to its own segment: none went through the driver
+    extra = ray_summary["times"]["extra"]
+    assert extra["vectors_in_actor_segments"] == 18 and extra["vectors_sent_to_driver"] == 0
+    a, b = alignsearch.open(tmp_path / "ray"), alignsearch.open(tmp_path / "local")
+    assert a.store.rows == 0 and sum(n for _, n in a.store.segments) == 18
+    assert segment_files(tmp_path / "ray") == {f"{name}.f16" for name, _ in a.store.segments}
+    assert verify(tmp_path / "ray", check_model=False).ok
+    assert_same_results(a, b, corpus)
     hit = a.search(image=corpus / "img004.jpg", k=1)[0]
     assert hit.relpath == "img004.jpg" and hit.score == pytest.approx(1, abs=2e-3)
 
 
 class DyingOnce:
-    """An encoder actor whose worker process dies on its first batch: Ray must restart it and retry."""
+    """An encoder actor whose worker process dies on its second batch, after writing its vectors and
+    before returning them: Ray must restart it and retry; the rows it wrote must not count."""
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, segments, token):
         from indexer.ray_pipeline import EncoderActor
 
-        self.inner = EncoderActor(model, device)
+        self.inner = EncoderActor(model, device, segments, token)
+        self.batches = 0
 
     def __call__(self, batch):
         import os
         from pathlib import Path
 
+        out = self.inner(batch)
+        self.batches += 1
         marker = Path(os.environ["ALIGNSEARCH_TEST_KILL_MARKER"])
-        if not marker.exists():
-            marker.write_text("died once")
+        if self.batches == 2 and not marker.exists():
+            marker.write_text(json.dumps([self.inner.segment.path.stem, self.inner.segment.rows]))
             os._exit(1)
+        return out
+
+
+class Elsewhere:
+    """An encoder actor on a machine where the index folder is not the driver's: it must send its vectors."""
+
+    def __init__(self, model, device, segments, token):
+        from indexer.ray_pipeline import EncoderActor
+
+        self.inner = EncoderActor(model, device, segments, token="another machine's folder")
+
+    def __call__(self, batch):
         return self.inner(batch)
 
 
@@ -57,22 +95,62 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(tmp_path,
 
     import indexer.ray_pipeline as ray_pipeline
 
+    from indexer.verify import verify
+
     marker = tmp_path / "killed"
     monkeypatch.setattr(ray_pipeline, "EncoderActor", DyingOnce)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
+    summary = ray_index(tmp_path / "ix", corpus, tiny_model, {"env_vars": {
         "ALIGNSEARCH_TEST_KILL_MARKER": str(marker), "PYTHONPATH": str(Path(__file__).parent)}})
-    try:
-        out = run("index", corpus, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu",
-                  "--batch-size", "4", "--ray", "--json").stdout
-    finally:
-        ray.shutdown()
-    assert marker.exists()  # a worker did die
-    summary = json.loads(out[out.index('{\n  "index_dir"'):])  # Ray's raylet reports the death on stdout too
+    dead_segment, dead_rows = json.loads(marker.read_text())  # a worker did die, after writing dead_rows rows
     assert summary["added"] == 19 and summary["failed"] == 1
     engine = alignsearch.open(tmp_path / "ix")
     hits = engine.search(text="x", k=100)
     assert len(hits) == 18 and len({h.relpath for h in hits}) == 18
-    assert engine.store.rows == 18  # every vector written once
+    # every vector committed once; what the dead actor wrote for the batch it never returned was cut
+    # off (its whole file when none of its batches was committed)
+    segments = dict(engine.store.segments)
+    assert sum(segments.values()) == 18 and segments.get(dead_segment, 0) < dead_rows
+    assert segment_files(tmp_path / "ix") == {f"{name}.f16" for name, _ in engine.store.segments}
+    for s in range(1, len(engine.store.segments) + 1):
+        assert engine.store.segment_path(s).stat().st_size == engine.store.committed(s) * engine.store.row_bytes
+    assert verify(tmp_path / "ix", check_model=False).ok
+    # a tail written after the last commit is reported, and --repair cuts it without losing a vector
+    with open(engine.store.segment_path(1), "ab") as f:
+        f.write(b"\1" * engine.store.row_bytes)
+    report = verify(tmp_path / "ix", check_model=False)
+    assert any("uncommitted bytes" in p for p in report.problems)
+    repaired = verify(tmp_path / "ix", repair=True, check_model=False)
+    assert repaired.ok and alignsearch.open(tmp_path / "ix").info()["images"] == 18
+    # a segment that lost its last row: that file is forgotten, and a plain run re-encodes it into segment 0
+    path = engine.store.segment_path(1)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - engine.store.row_bytes)
+    report = verify(tmp_path / "ix", check_model=False)
+    assert "1 indexed files point past the stored vectors" in report.problems
+    assert verify(tmp_path / "ix", repair=True, check_model=False).ok
+    again = json.loads(run("index", "--index", tmp_path / "ix", "--device", "cpu", "--json").stdout)
+    assert again["added"] == 1
+    engine = alignsearch.open(tmp_path / "ix")
+    assert engine.store.rows == 1 and engine.info()["images"] == 18
+    for hit in engine.search(text="x", k=18):  # every stored vector, whichever segment holds it, is its image's
+        assert engine.search(image=corpus / hit.relpath, k=1)[0].relpath == hit.relpath
+
+
+def test_an_actor_that_does_not_see_the_index_folder_sends_its_vectors(tmp_path, corpus, tiny_model, monkeypatch):
+    from pathlib import Path
+
+    import indexer.ray_pipeline as ray_pipeline
+
+    monkeypatch.setattr(ray_pipeline, "EncoderActor", Elsewhere)
+    summary = ray_index(tmp_path / "ix", corpus, tiny_model, {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    extra = summary["times"]["extra"]
+    assert extra["vectors_in_actor_segments"] == 0 and extra["vectors_sent_to_driver"] == 18
+    engine = alignsearch.open(tmp_path / "ix")
+    assert engine.store.rows == 18 and engine.store.segments == [] and segment_files(tmp_path / "ix") == set()
+    local = json.loads(run("index", corpus, "--index", tmp_path / "local", "--model", tiny_model, "--device", "cpu",
+                           "--json").stdout)
+    assert local["added"] == summary["added"]
+    assert_same_results(engine, alignsearch.open(tmp_path / "local"), corpus)
 
 
 def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_model, monkeypatch):

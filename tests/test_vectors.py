@@ -1,0 +1,44 @@
+"""The vector store's segments: addresses, commits, and what a writer cuts off."""
+
+import pickle
+
+import numpy as np
+
+from alignsearch.vectors import VectorStore, address
+
+
+def rows(n, dim=4, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float16)
+
+
+def test_addresses_span_segments_and_come_back_in_the_order_asked(tmp_path):
+    store = VectorStore(tmp_path / "vectors.f16", 4, 0)
+    base = rows(3)
+    assert store.append(base) == 0 and store.append(base[:1]) == 3  # segment 0: addresses are row numbers
+    actor = VectorStore(store.folder / "a1.f16", 4, 0)  # what an encoder actor writes
+    store.folder.mkdir()
+    mine = rows(5, seed=1)
+    actor.append(mine)
+    assert store.commit("a1", 2) == 1 and store.commit("a1", 5) == 1 and store.commit("a1", 4) == 1
+    assert store.committed(1) == 5  # commits only ever extend a segment
+    want = [address(1, 4), 2, address(1, 0), 3]
+    got = store.get(np.array(want))
+    assert np.array_equal(got, np.stack([mine[4], base[2], mine[0], base[0]]).astype(np.float32))
+    assert store.get(np.array([], dtype=np.int64)).shape == (0, 4)
+    clone = pickle.loads(pickle.dumps(store))  # as sent to build workers: no open maps travel
+    assert np.array_equal(clone.get(np.array(want)), got)
+
+
+def test_a_writer_cuts_uncommitted_rows_and_unknown_segments(tmp_path):
+    store = VectorStore(tmp_path / "vectors.f16", 4, 0)
+    store.append(rows(2))
+    store.folder.mkdir()
+    VectorStore(store.folder / "kept.f16", 4, 0).append(rows(6))
+    VectorStore(store.folder / "orphan.f16", 4, 0).append(rows(3))  # an actor killed before its first commit
+    store.commit("kept", 4)  # two rows past this were written for a batch that never came back
+    with open(store.path, "ab") as f:
+        f.write(b"\0" * 8)  # half a row of a killed single-process run
+    store.truncate_uncommitted()
+    assert store.path.stat().st_size == 2 * store.row_bytes
+    assert (store.folder / "kept.f16").stat().st_size == 4 * store.row_bytes
+    assert not (store.folder / "orphan.f16").exists()

@@ -35,7 +35,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from alignsearch import sources
 
-SCHEMA_VERSION = 1
+# 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
+# segment 0 addresses only, which read the same, so it is upgraded in place.
+SCHEMA_VERSION = 2
 INDEXED, FAILED = "indexed", "failed"
 
 metadata = MetaData()
@@ -116,8 +118,11 @@ def connect(db_path: Path) -> Engine:
         version = get_meta(conn, "schema_version")
         if version is None:
             set_meta(conn, "schema_version", SCHEMA_VERSION)
+        elif version == 1:
+            set_meta(conn, "schema_version", SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
-            raise RuntimeError(f"index schema version {version} is not supported by this alignsearch ({SCHEMA_VERSION})")
+            raise RuntimeError(f"index schema version {version} is not supported by this alignsearch (it reads "
+                               f"{SCHEMA_VERSION}): upgrade alignsearch")
     return engine
 
 
@@ -217,3 +222,8 @@ def delete_files(conn: Connection, ids: Iterable[int]) -> None:
     ids = list(ids)
     for start in range(0, len(ids), 500):
         conn.execute(delete(files).where(files.c.id.in_(ids[start : start + 500])))
+
+
+def readdress(conn: Connection, low: int, high: int, shift: int) -> None:
+    """Add `shift` to every vector address in [low, high): a segment's rows moved elsewhere."""
+    conn.execute(update(files).where(files.c.vec_row >= low, files.c.vec_row < high).values(vec_row=files.c.vec_row + shift))

@@ -144,7 +144,7 @@ class Engine:
         known = np.array([i in rows and rows[i].vec_row is not None for i in ids.tolist()], dtype=bool)
         ids, scores = ids[known], scores[known]
         if self.plan.kind != "flat":  # PQ scores are approximate: re-score from the stored vectors
-            stored = self.store.get(np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
+            stored = self._stored(np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
             ids, scores = rerank(query, ids, stored, k)
         return [_hit(rows[int(i)], float(s)) for i, s in zip(ids[:k], scores[:k])]
 
@@ -195,7 +195,14 @@ class Engine:
     def vector_of(self, file_id: int) -> np.ndarray | None:
         """The stored unit vector of an indexed file ("more like this"), or None."""
         row = self.file(file_id)
-        return None if row is None else self.store.get(np.array([row.vec_row]))[0]
+        return None if row is None else self._stored(np.array([row.vec_row]))[0]
+
+    def _stored(self, addresses: np.ndarray) -> np.ndarray:
+        store = self.store
+        if not store.holds(addresses):  # rows committed since this store was loaded: a writer is running
+            with self.db.connect() as conn:
+                store = self.store = vectors.load(conn, self.dir, store.dim)
+        return store.get(addresses)
 
     def tags(self, file_id: int) -> list[tuple[str, float]]:
         with self.db.connect() as conn:

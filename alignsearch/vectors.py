@@ -8,8 +8,9 @@ indexes written before segments existed.
 
 The catalog records how many rows of each segment are committed; bytes past that (a run killed
 between writing vectors and committing their catalog rows) are cut off by the next writer, and a
-segment the catalog never heard of (an actor killed before its first commit) is deleted. Readers
-memory-map the committed rows, so exact re-ranking touches only the rows it needs.
+segment the catalog never heard of (an actor killed before its first commit) is deleted. Rows an
+actor wrote for a batch that was then retried elsewhere stay in the middle of its segment, unused.
+Readers memory-map the committed rows, so exact re-ranking touches only the rows it needs.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ def address(segment: int, row: int) -> int:
 
 
 class VectorStore:
-    """Segment 0 at `path`; `segments` lists (name, committed rows) of segments 1, 2, ... in order."""
+    """Segment 0 at `path`; `segments` maps the number of each other segment to (name, committed rows)."""
 
-    def __init__(self, path: Path, dim: int, rows: int, segments: list[tuple[str, int]] | None = None):
+    def __init__(self, path: Path, dim: int, rows: int, segments: dict[int, tuple[str, int]] | None = None):
         self.path = Path(path)
         self.dim = dim
         self.rows = rows  # committed rows of segment 0
-        self.segments = [(str(name), int(n)) for name, n in segments or []]
+        self.segments = {int(k): (str(name), int(n)) for k, (name, n) in (segments or {}).items()}
         self._maps: dict[int, np.memmap] = {}
 
     def __getstate__(self) -> dict:  # sent to worker processes without its maps
@@ -54,25 +55,46 @@ class VectorStore:
     def folder(self) -> Path:
         return self.path.parent / SEGMENTS_DIR
 
+    def numbers(self) -> list[int]:
+        return [0, *sorted(self.segments)]
+
     def segment_path(self, segment: int) -> Path:
-        return self.path if segment == 0 else self.folder / f"{self.segments[segment - 1][0]}.f16"
+        return self.path if segment == 0 else self.folder / f"{self.segments[segment][0]}.f16"
 
     def committed(self, segment: int) -> int:
-        return self.rows if segment == 0 else self.segments[segment - 1][1]
+        return self.rows if segment == 0 else self.segments[segment][1]
+
+    def valid(self, addresses: np.ndarray) -> np.ndarray:
+        """Which addresses name a committed row of this store (a reader's store may predate a commit)."""
+        addresses = np.asarray(addresses, dtype=np.int64)
+        segment_of, rows = addresses >> SEGMENT_BITS, addresses & ROW_MASK
+        counts = np.zeros(max(self.numbers()) + 1, dtype=np.int64)  # 0 rows for numbers not in use
+        counts[self.numbers()] = [self.committed(s) for s in self.numbers()]
+        ok = (addresses >= 0) & (segment_of < len(counts))
+        ok[ok] = rows[ok] < counts[segment_of[ok]]
+        return ok
+
+    def holds(self, addresses: np.ndarray) -> bool:
+        return bool(self.valid(addresses).all())
+
+    def unknown_files(self) -> list[Path]:
+        """Segment files the store does not list: left by actors killed before their first commit."""
+        listed = {f"{name}.f16" for name, _ in self.segments.values()}
+        return sorted(p for p in self.folder.glob("*.f16") if p.name not in listed) if self.folder.exists() else []
 
     def truncate_uncommitted(self) -> None:
-        """Drop what killed runs wrote past the committed rows. Only a writer with no actors running may call this."""
+        """Drop what killed runs wrote past the committed rows, and unknown segment files. Only the holder
+        of the index's writer lock (indexer/lock.py) may call this, with no actors of its own running.
+        A file shorter than its committed rows is left for `alignsearch verify` to report."""
         self.path.touch(exist_ok=True)
-        for segment in range(len(self.segments) + 1):
+        for segment in self.numbers():
             path, keep = self.segment_path(segment), self.committed(segment) * self.row_bytes
-            if path.exists() and path.stat().st_size != keep:
+            if path.exists() and path.stat().st_size > keep:
                 with open(path, "r+b") as f:
                     f.truncate(keep)
                     os.fsync(f.fileno())
-        listed = {f"{name}.f16" for name, _ in self.segments}
-        for path in self.folder.glob("*.f16") if self.folder.exists() else ():
-            if path.name not in listed:
-                path.unlink()
+        for path in self.unknown_files():
+            path.unlink()
         self._maps.clear()
 
     def append(self, vectors: np.ndarray) -> int:
@@ -83,12 +105,14 @@ class VectorStore:
         vectors = np.ascontiguousarray(vectors, dtype=DTYPE)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected (n, {self.dim}) vectors, got {vectors.shape}")
-        start = self.rows
-        with open(self.path, "r+b" if self.path.exists() else "w+b") as f:
+        start, created = self.rows, not self.path.exists()
+        with open(self.path, "w+b" if created else "r+b") as f:
             f.seek(start * self.row_bytes)
             f.write(vectors.tobytes())
             f.flush()
             os.fsync(f.fileno())
+        if created:  # the file's name must survive a power cut as surely as its rows
+            fsync_dir(self.path.parent)
         self.rows += len(vectors)
         self._maps.pop(0, None)
         return start
@@ -97,14 +121,15 @@ class VectorStore:
         """Record that segment `name` holds at least `rows` durable rows; returns its number.
 
         Its writer fsync'ed them; the caller saves the store (save()) with the catalog rows that use them."""
-        for i, (known, n) in enumerate(self.segments):
+        for number, (known, n) in self.segments.items():
             if known == name:
                 if rows > n:
-                    self.segments[i] = (name, rows)
-                    self._maps.pop(i + 1, None)
-                return i + 1
-        self.segments.append((name, rows))
-        return len(self.segments)
+                    self.segments[number] = (name, rows)
+                    self._maps.pop(number, None)
+                return number
+        number = max(self.numbers()) + 1
+        self.segments[number] = (name, rows)
+        return number
 
     def _mapped(self, segment: int) -> np.ndarray:
         rows = self.committed(segment)
@@ -127,13 +152,22 @@ class VectorStore:
         return out
 
 
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
     """The store of the index at index_dir as the catalog last committed it."""
+    listed = catalog.get_meta(conn, "vector_segments", [])
     return VectorStore(Path(index_dir) / VECTORS_FILE, dim, catalog.get_meta(conn, "vector_rows", 0),
-                       catalog.get_meta(conn, "vector_segments", []))
+                       {number: (name, rows) for number, name, rows in listed})
 
 
 def save(conn: Connection, store: VectorStore) -> None:
     """Commit the store's row counts, in the transaction that commits the catalog rows using them."""
     catalog.set_meta(conn, "vector_rows", store.rows)
-    catalog.set_meta(conn, "vector_segments", store.segments)
+    catalog.set_meta(conn, "vector_segments", [[n, *store.segments[n]] for n in sorted(store.segments)])

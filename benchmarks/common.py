@@ -46,14 +46,15 @@ def commit() -> str:
         return "unknown"
 
 
-def record(title: str, lines: list[str]) -> None:
-    """Print the figures and append them, dated and attributed, to RESULTS.md."""
+def record(title: str, lines: list[str], save: bool = True) -> None:
+    """Print the figures and (save) append them, dated and attributed, to RESULTS.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = [f"## {title}", "", f"- date: {now}", f"- machine: {machine()}", f"- commit: {commit()}", ""] + lines + [""]
     text = "\n".join(block)
     print(text)
-    with open(RESULTS, "a") as f:
-        f.write(text + "\n")
+    if save:
+        with open(RESULTS, "a") as f:
+            f.write(text + "\n")
 
 
 def align_base_checkpoint() -> Path:

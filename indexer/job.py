@@ -12,8 +12,8 @@ from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, VECTORS_FILE, f
 from alignsearch.errors import BadInputError, ModelMismatchError
 from alignsearch.model import DEFAULT_MODEL, Encoder
 from alignsearch.vectors import VectorStore
-from indexer import build, pipeline, scan
-from indexer.writer import catalog_writer
+from indexer import build, pipeline, scan, writer
+from indexer.lock import writer_lock
 
 
 @dataclass
@@ -49,6 +49,7 @@ class IndexOptions:
     index_shards: int | None
     fast_decode: bool
     list_column: str | None
+    ray_actor_segments: bool
 
 
 def default_workers() -> int:
@@ -72,6 +73,7 @@ def index_folders(
     index_shards: int | None = None,
     fast_decode: bool = False,
     list_column: str | None = None,
+    ray_actor_segments: bool = True,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -86,6 +88,8 @@ def index_folders(
     indexes from that many parallel shards with lists on disk (0 turns it off; None keeps the index's choice);
     index_shards > 0 keeps IVF-PQ as that many shard files searched with faiss.IndexShards (choosing one
     layout turns the other off).
+    ray_actor_segments=False makes every Ray encoder actor send its vectors to the driver, as actors on
+    machines that do not see index_dir do anyway (for comparing the two; the default is faster at scale).
     fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
@@ -98,16 +102,17 @@ def index_folders(
     chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
     out = Path(chosen)
     out.mkdir(parents=True, exist_ok=True)
-    db = catalog.connect(out / DB_FILE)
-    try:
-        if reindex:
-            _forget_vectors(db, out)
-        options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild or reindex, progress,
-                               use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
-                               fast_decode, list_column)
-        return _index(db, out, roots, options)
-    finally:
-        db.dispose()
+    with writer_lock(out):
+        db = catalog.connect(out / DB_FILE)
+        try:
+            if reindex:
+                _forget_vectors(db, out)
+            options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild or reindex, progress,
+                                   use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
+                                   fast_decode, list_column, ray_actor_segments)
+            return _index(db, out, roots, options)
+        finally:
+            db.dispose()
 
 
 def _forget_vectors(db, out: Path) -> None:
@@ -191,13 +196,15 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     if opts.use_ray:
         from indexer.ray_pipeline import run_ray
 
-        times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, catalog_writer(db, store), batch_size,
-                        opts.ray_address, on_batch=bar.update, fast=opts.fast_decode)
+        times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, writer.catalog_writer(db, store), batch_size,
+                        opts.ray_address, on_batch=bar.update, fast=opts.fast_decode,
+                        actor_segments=opts.ray_actor_segments)
         store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
+        times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
     else:
         items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
                                     fast=opts.fast_decode)
-        times = pipeline.run(items, encoder, catalog_writer(db, store), batch_size, bar.update, known)
+        times = pipeline.run(items, encoder, writer.catalog_writer(db, store), batch_size, bar.update, known)
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:
@@ -236,18 +243,19 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
     if not 0 <= threshold <= 1 or top < 1:
         raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
     out = Path(index_dir)
-    db = catalog.connect(out / DB_FILE)
-    try:
-        encoder = _load_encoder(db, None, device)
-        with db.connect() as conn:
-            store = vectors.load(conn, out, encoder.dim)
-        tagging = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
-        result = _tag(db, store, encoder, tagging)
-        with db.begin() as conn:
-            catalog.set_meta(conn, "tagging", tagging)
-        return result
-    finally:
-        db.dispose()
+    with writer_lock(out):
+        db = catalog.connect(out / DB_FILE)
+        try:
+            encoder = _load_encoder(db, None, device)
+            with db.connect() as conn:
+                store = vectors.load(conn, out, encoder.dim)
+            tagging = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
+            result = _tag(db, store, encoder, tagging)
+            with db.begin() as conn:
+                catalog.set_meta(conn, "tagging", tagging)
+            return result
+        finally:
+            db.dispose()
 
 
 def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
@@ -255,10 +263,11 @@ def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
     if not 0 < target_recall <= 1:
         raise BadInputError(f"--recall must be in (0, 1], got {target_recall}")
     out = Path(index_dir)
-    db = catalog.connect(out / DB_FILE)
-    try:
-        with db.connect() as conn:
-            store = vectors.load(conn, out, int(catalog.get_meta(conn, "model")["dim"]))
-        return build.sync_index(db, store, out / ANN_FILE, target_recall=target_recall)
-    finally:
-        db.dispose()
+    with writer_lock(out):
+        db = catalog.connect(out / DB_FILE)
+        try:
+            with db.connect() as conn:
+                store = vectors.load(conn, out, int(catalog.get_meta(conn, "model")["dim"]))
+            return build.sync_index(db, store, out / ANN_FILE, target_recall=target_recall)
+        finally:
+            db.dispose()

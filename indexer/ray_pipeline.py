@@ -124,7 +124,9 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
         actors = encoders or max(1, gpus)
         token, segments = uuid.uuid4().hex, None
         if actor_segments:
-            store.folder.mkdir(exist_ok=True)
+            if not store.folder.exists():
+                store.folder.mkdir()
+                vectors.fsync_dir(store.folder.parent)
             (store.folder / RUN_TOKEN).write_text(token)
             segments = str(store.folder.resolve())
         rows = [_row(found) for found in todo]

@@ -12,6 +12,7 @@ from alignsearch.engine import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError
 from alignsearch.vectors import VectorStore
 from indexer.build import sync_index
+from indexer.lock import writer_lock, writer_running
 
 
 @dataclass
@@ -47,15 +48,20 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     if model is None:
         r.problems.append("no model recorded: the index was never built")
         return r
-    r.checked.update(images=len(live), vector_segments=len(store.segments) + 1,
-                     vector_rows=sum(store.committed(s) for s in range(len(store.segments) + 1)))
-    for segment in range(len(store.segments) + 1):
+    writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
+    r.checked.update(images=len(live), vector_segments=len(store.numbers()),
+                     vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing)
+    for segment in store.numbers():
         path, rows = store.segment_path(segment), store.committed(segment)
         size = _size(path)
         if size < rows * store.row_bytes:
             r.problems.append(f"{path.name} holds {size // store.row_bytes} rows but the catalog committed {rows}")
-        elif size > rows * store.row_bytes:
+        elif size > rows * store.row_bytes and not writing:
             r.problems.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
+    unknown = [] if writing else store.unknown_files()
+    if unknown:
+        r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by encoder actors "
+                          "killed before their first commit)")
     dangling = len(_dangling(_held(store), live))
     if dangling:
         r.problems.append(f"{dangling} indexed files point past the stored vectors")
@@ -91,30 +97,31 @@ def _check(index_dir: Path, check_model: bool) -> Report:
 
 def _repair(index_dir: Path) -> list[str]:
     done = []
-    db = catalog.connect(index_dir / DB_FILE)
-    try:
-        with db.connect() as conn:
-            model = catalog.get_meta(conn, "model")
-            store = vectors.load(conn, index_dir, int(model["dim"])) if model else None
-        if model is None:
-            return done
-        cut = [store.segment_path(s).name for s in range(len(store.segments) + 1)
-               if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
-        store = _held(store)
-        store.truncate_uncommitted()
-        with db.begin() as conn:
-            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
-            lost = _dangling(store, live).tolist()
-            catalog.delete_files(conn, lost)  # forgotten, so the next `alignsearch index` encodes them again
-            vectors.save(conn, store)
-        if lost:
-            done.append(f"forgot {len(lost)} files whose vectors were lost; `alignsearch index` re-encodes them")
-        if cut:
-            done.append(f"cut {', '.join(cut)} to the committed rows")
-        built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir))
-        done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
-    finally:
-        db.dispose()
+    with writer_lock(index_dir):
+        db = catalog.connect(index_dir / DB_FILE)
+        try:
+            with db.connect() as conn:
+                model = catalog.get_meta(conn, "model")
+                store = vectors.load(conn, index_dir, int(model["dim"])) if model else None
+            if model is None:
+                return done
+            cut = [store.segment_path(s).name for s in store.numbers()
+                   if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
+            store = _held(store)
+            store.truncate_uncommitted()
+            with db.begin() as conn:
+                live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+                lost = _dangling(store, live).tolist()
+                catalog.delete_files(conn, lost)  # forgotten, so the next `alignsearch index` encodes them again
+                vectors.save(conn, store)
+            if lost:
+                done.append(f"forgot {len(lost)} files whose vectors were lost; `alignsearch index` re-encodes them")
+            if cut:
+                done.append(f"cut {', '.join(cut)} to the committed rows")
+            built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir))
+            done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
+        finally:
+            db.dispose()
     return done
 
 
@@ -131,15 +138,12 @@ def _size(path: Path) -> int:
 
 def _held(store: VectorStore) -> VectorStore:
     """The store as its files stand: each segment's committed rows cut to the whole rows its file holds."""
-    counts = [min(store.committed(s), _size(store.segment_path(s)) // store.row_bytes) for s in range(len(store.segments) + 1)]
-    return VectorStore(store.path, store.dim, counts[0], [(name, n) for (name, _), n in zip(store.segments, counts[1:])])
+    def held(s: int) -> int:
+        return min(store.committed(s), _size(store.segment_path(s)) // store.row_bytes)
+
+    return VectorStore(store.path, store.dim, held(0), {s: (name, held(s)) for s, (name, _) in store.segments.items()})
 
 
 def _dangling(store: VectorStore, live: np.ndarray) -> np.ndarray:
     """Ids of the (id, address) rows whose address names no committed row."""
-    segment, row = live[:, 1] >> vectors.SEGMENT_BITS, live[:, 1] & vectors.ROW_MASK
-    committed = np.array([store.committed(s) for s in range(len(store.segments) + 1)], dtype=np.int64)
-    known = (live[:, 1] >= 0) & (segment < len(committed))
-    bad = ~known
-    bad[known] = row[known] >= committed[segment[known]]
-    return live[bad, 0]
+    return live[~store.valid(live[:, 1]), 0]

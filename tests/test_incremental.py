@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import alignsearch
@@ -168,3 +169,62 @@ def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
     report = json.loads(run("verify", "--index", ix, "--repair", "--json").output)
     assert report["ok"] and report["repaired"]
     assert json.loads(run("info", "--json", "--index", ix).output)["index"]["vectors"] == 6
+
+
+def test_one_writer_at_a_time_and_verify_tells_in_flight_writes_from_damage(tmp_path, tiny_model):
+    from indexer.lock import writer_lock
+    from indexer.verify import verify
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    with open(ix / "vectors.f16", "ab") as f:
+        f.write(b"\0" * 64)  # rows a writer has not committed yet
+    (ix / "vectors").mkdir()
+    (ix / "vectors" / "in-flight.f16").write_bytes(b"\0" * 64)  # an encoder actor's first batch
+    with writer_lock(ix):  # as a running `alignsearch index` holds it
+        result = run("index", root, "--index", ix, "--device", "cpu", code=6)
+        assert "another alignsearch process is writing" in result.output
+        busy = verify(ix, check_model=False)
+        assert busy.ok and busy.checked["writer_running"], busy.problems
+    idle = verify(ix, check_model=False)  # the same bytes with no writer: left by a killed run
+    assert "vectors.f16 has 64 uncommitted bytes past row 3" in idle.problems
+    assert any("1 vector segment files the catalog does not know" in p for p in idle.problems)
+    assert verify(ix, repair=True, check_model=False).ok
+    assert not (ix / "vectors" / "in-flight.f16").exists()
+    assert (ix / "vectors.f16").stat().st_size == 3 * alignsearch.open(ix).store.row_bytes
+
+
+def test_a_reader_finds_vectors_committed_after_it_loaded_the_store(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix)
+    make_images(root / "more", 2, seed=5)
+    index_json(ix, root, "--device", "cpu")  # the engine is not refreshed: its store predates these rows
+    with engine.db.connect() as conn:
+        new_ids = [r.id for r in catalog.files_under(conn, str(root.resolve())).values() if r.relpath.startswith("more/")]
+    assert len(new_ids) == 2
+    fresh = alignsearch.open(ix)
+    for file_id in new_ids:
+        assert np.allclose(engine.vector_of(file_id), fresh.vector_of(file_id))
+
+
+def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+
+    def set_version(v):
+        conn = sqlite3.connect(ix / "catalog.db")
+        with conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (json.dumps(v),))
+        conn.close()
+
+    set_version(1)  # written before vector segments: its rows are segment 0 addresses
+    assert len(alignsearch.open(ix).search(text="x", k=5)) == 2
+    with alignsearch.open(ix).db.connect() as conn:
+        assert catalog.get_meta(conn, "schema_version") == catalog.SCHEMA_VERSION == 2
+    set_version(3)
+    with pytest.raises(RuntimeError, match="upgrade alignsearch"):
+        alignsearch.open(ix)

@@ -43,12 +43,13 @@ def test_ray_path_matches_the_single_process_path(tmp_path, corpus, tiny_model):
                                    "--batch-size", "4", "--json").stdout)
     for key in ("added", "failed", "removed"):
         assert ray_summary[key] == local_summary[key], (ray_summary, local_summary)
-    # the encoder actor wrote every vector to its own segment: none went through the driver
+    # the encoder actor wrote every vector to its own segment: none went through the driver; a segment
+    # that small is then folded into vectors.f16, so small runs do not pile up files
     extra = ray_summary["times"]["extra"]
     assert extra["vectors_in_actor_segments"] == 18 and extra["vectors_sent_to_driver"] == 0
+    assert extra["vectors_folded"] == 18
     a, b = alignsearch.open(tmp_path / "ray"), alignsearch.open(tmp_path / "local")
-    assert a.store.rows == 0 and sum(n for _, n in a.store.segments) == 18
-    assert segment_files(tmp_path / "ray") == {f"{name}.f16" for name, _ in a.store.segments}
+    assert a.store.rows == 18 and a.store.segments == {} and segment_files(tmp_path / "ray") == set()
     assert verify(tmp_path / "ray", check_model=False).ok
     assert_same_results(a, b, corpus)
     hit = a.search(image=corpus / "img004.jpg", k=1)[0]
@@ -97,8 +98,11 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(tmp_path,
 
     from indexer.verify import verify
 
+    import indexer.writer
+
     marker = tmp_path / "killed"
     monkeypatch.setattr(ray_pipeline, "EncoderActor", DyingOnce)
+    monkeypatch.setattr(indexer.writer, "FOLD_BELOW_ROWS", 0)  # keep the segments, to look at them
     summary = ray_index(tmp_path / "ix", corpus, tiny_model, {"env_vars": {
         "ALIGNSEARCH_TEST_KILL_MARKER": str(marker), "PYTHONPATH": str(Path(__file__).parent)}})
     dead_segment, dead_rows = json.loads(marker.read_text())  # a worker did die, after writing dead_rows rows
@@ -108,21 +112,21 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(tmp_path,
     assert len(hits) == 18 and len({h.relpath for h in hits}) == 18
     # every vector committed once; what the dead actor wrote for the batch it never returned was cut
     # off (its whole file when none of its batches was committed)
-    segments = dict(engine.store.segments)
+    segments = dict(engine.store.segments.values())
     assert sum(segments.values()) == 18 and segments.get(dead_segment, 0) < dead_rows
-    assert segment_files(tmp_path / "ix") == {f"{name}.f16" for name, _ in engine.store.segments}
-    for s in range(1, len(engine.store.segments) + 1):
+    assert segment_files(tmp_path / "ix") == {f"{name}.f16" for name in segments}
+    for s in engine.store.segments:
         assert engine.store.segment_path(s).stat().st_size == engine.store.committed(s) * engine.store.row_bytes
     assert verify(tmp_path / "ix", check_model=False).ok
     # a tail written after the last commit is reported, and --repair cuts it without losing a vector
-    with open(engine.store.segment_path(1), "ab") as f:
+    with open(engine.store.segment_path(min(engine.store.segments)), "ab") as f:
         f.write(b"\1" * engine.store.row_bytes)
     report = verify(tmp_path / "ix", check_model=False)
     assert any("uncommitted bytes" in p for p in report.problems)
     repaired = verify(tmp_path / "ix", repair=True, check_model=False)
     assert repaired.ok and alignsearch.open(tmp_path / "ix").info()["images"] == 18
     # a segment that lost its last row: that file is forgotten, and a plain run re-encodes it into segment 0
-    path = engine.store.segment_path(1)
+    path = engine.store.segment_path(min(engine.store.segments))
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - engine.store.row_bytes)
     report = verify(tmp_path / "ix", check_model=False)
@@ -146,7 +150,7 @@ def test_an_actor_that_does_not_see_the_index_folder_sends_its_vectors(tmp_path,
     extra = summary["times"]["extra"]
     assert extra["vectors_in_actor_segments"] == 0 and extra["vectors_sent_to_driver"] == 18
     engine = alignsearch.open(tmp_path / "ix")
-    assert engine.store.rows == 18 and engine.store.segments == [] and segment_files(tmp_path / "ix") == set()
+    assert engine.store.rows == 18 and engine.store.segments == {} and segment_files(tmp_path / "ix") == set()
     local = json.loads(run("index", corpus, "--index", tmp_path / "local", "--model", tiny_model, "--device", "cpu",
                            "--json").stdout)
     assert local["added"] == summary["added"]

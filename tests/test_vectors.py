@@ -42,3 +42,35 @@ def test_a_writer_cuts_uncommitted_rows_and_unknown_segments(tmp_path):
     assert store.path.stat().st_size == 2 * store.row_bytes
     assert (store.folder / "kept.f16").stat().st_size == 4 * store.row_bytes
     assert not (store.folder / "orphan.f16").exists()
+
+
+def test_small_segments_fold_into_segment_0_and_the_catalog_follows(tmp_path):
+    from alignsearch import catalog, vectors
+    from indexer.writer import fold_small_segments
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    store = VectorStore(tmp_path / "vectors.f16", 4, 0)
+    store.append(rows(2))
+    store.folder.mkdir()
+    small, big = rows(3, seed=1), rows(5, seed=2)
+    VectorStore(store.folder / "small.f16", 4, 0).append(small)
+    VectorStore(store.folder / "big.f16", 4, 0).append(big)
+    assert store.commit("small", 3) == 1 and store.commit("big", 5) == 2
+    pointers = [1, address(1, 2), address(1, 0), address(2, 4), address(1, 2)]  # the last: duplicate content
+    with db.begin() as conn:
+        for i, vec_row in enumerate(pointers):
+            catalog.upsert_file(conn, dict(root="/r", relpath=f"f{i}.jpg", relpath_raw=None, size=1, mtime=0.0,
+                                           sha256=str(i), width=1, height=1, format="JPEG", status=catalog.INDEXED,
+                                           reason=None, vec_row=vec_row))
+        vectors.save(conn, store)
+    before = store.get(np.array(pointers))
+    assert fold_small_segments(db, store, below=4) == 3
+    assert store.rows == 5 and store.segments == {2: ("big", 5)}
+    assert not (store.folder / "small.f16").exists() and (store.folder / "big.f16").exists()
+    with db.connect() as conn:
+        reloaded = vectors.load(conn, tmp_path, 4)
+        after = [address for _, address in catalog.live_vectors(conn)]
+    assert after == [1, 4, 2, address(2, 4), 4]
+    assert np.array_equal(reloaded.get(np.array(after)), before)
+    assert reloaded.commit("next", 1) == 3  # numbers in use are never reassigned
+    db.dispose()

@@ -131,6 +131,11 @@ class VectorStore:
         self.segments[number] = (name, rows)
         return number
 
+    def forget(self, segment: int) -> None:
+        """Drop a segment whose rows now live elsewhere (the caller re-addressed the catalog)."""
+        del self.segments[segment]
+        self._maps.pop(segment, None)
+
     def _mapped(self, segment: int) -> np.ndarray:
         rows = self.committed(segment)
         if rows == 0:

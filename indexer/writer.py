@@ -72,7 +72,7 @@ def fold_small_segments(db: Engine, store: VectorStore, below: int = FOLD_BELOW_
             for start in range(0, rows, CHUNK):
                 store.append(store.get(vectors.address(n, start) + np.arange(min(CHUNK, rows - start))))
             catalog.readdress(conn, vectors.address(n, 0), vectors.address(n + 1, 0), base - vectors.address(n, 0))
-            del store.segments[n]
+            store.forget(n)
             moved += rows
         vectors.save(conn, store)
     for path in paths:

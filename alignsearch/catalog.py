@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -123,7 +124,14 @@ def connect(db_path: Path) -> Engine:
         elif version != SCHEMA_VERSION:
             raise RuntimeError(f"index schema version {version} is not supported by this alignsearch (it reads "
                                f"{SCHEMA_VERSION}): upgrade alignsearch")
+        if get_meta(conn, "index_id") is None:  # names this index (a copy keeps it: see server records)
+            set_meta(conn, "index_id", uuid.uuid4().hex)
     return engine
+
+
+def index_id(conn: Connection) -> str | None:
+    """A random id given to the index when its catalog was created; servers prove it to clients."""
+    return get_meta(conn, "index_id")
 
 
 def get_meta(conn: Connection, key: str, default: Any = None) -> Any:

@@ -6,14 +6,18 @@ above, with candidates re-ranked exactly from the vector store by the query laye
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from alignsearch.errors import IndexDamagedError
 
 FLAT_BELOW = 10_000
 PQ_SIZES = (64, 40, 32, 20, 16, 8, 4, 2, 1)  # bytes per code; the large ones are GPU-legal for d=640
@@ -124,6 +128,19 @@ def remove(index: faiss.Index, ids) -> int:
     return int(index.remove_ids(faiss.IDSelectorBatch(ids))) if len(ids) else 0
 
 
+def write_next(index: faiss.Index, path: Path) -> str:
+    """Write the index to `path`.next (fsync'ed) and return its digest, for the caller to record in the
+    catalog before it calls publish_next(path)."""
+    write_atomic(index, next_path(path))
+    return file_digest(next_path(path))
+
+
+def publish_next(path: Path) -> None:
+    """Rename `path`.next over `path` (after the catalog recorded its digest)."""
+    if next_path(path).exists():
+        os.replace(next_path(path), path)
+
+
 def write_atomic(index: faiss.Index, path: Path) -> None:
     """Temporary file, fsync, rename: a reader sees the old index or the new one, never half."""
     path = Path(path)
@@ -141,6 +158,41 @@ def write_atomic(index: faiss.Index, path: Path) -> None:
 
 def read(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
+
+
+NEXT_SUFFIX = ".next"  # index.faiss.next: written and fsync'ed, recorded in the catalog, then renamed over
+
+
+def next_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + NEXT_SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_verified(path: Path, digest: str | None, tries: int = 20) -> faiss.Index:
+    """The index at `path` whose bytes hash to `digest` (the catalog's record), else its `.next` file (a
+    writer recorded it and is about to rename it over). Damaged bytes are never deserialised: a header or
+    lists overwritten on disk would crash faiss or give scores like 1e36. digest None: an index written
+    before digests were recorded, read as it is."""
+    if digest is None:
+        return read(path)
+    for attempt in range(tries):
+        for candidate in (path, next_path(path)):
+            try:
+                data = Path(candidate).read_bytes()
+            except FileNotFoundError:
+                continue
+            if hashlib.sha256(data).hexdigest() == digest:
+                return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        time.sleep(0.05)  # between a writer's commit and its rename, or a catalog read a moment old
+    raise IndexDamagedError(f"{Path(path).name} is damaged (its checksum differs from the one the catalog recorded):"
+                            " run `alignsearch verify --repair`")
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int,

@@ -7,8 +7,11 @@ committed in one transaction together with the vector store's committed length.
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import time
 import uuid
+from urllib.parse import quote
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,8 +36,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from alignsearch import sources
+from alignsearch.errors import IndexDamagedError
 
 # 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
@@ -74,6 +79,27 @@ tags = Table(
     Index("tags_label", "label"),
 )
 
+# A checksum of every committed batch of vector rows: `alignsearch verify` (and each `index` run before it
+# appends) re-hashes them, so a truncated, zero-filled or overwritten vector file is found, never served.
+# segment: "" for vectors.f16, else the segment's name (alignsearch/vectors.py).
+vector_chunks = Table(
+    "vector_chunks",
+    metadata,
+    Column("segment", Text, primary_key=True),
+    Column("start", Integer, primary_key=True),
+    Column("rows", Integer, nullable=False),
+    Column("digest", String(64), nullable=False),
+)
+
+# The re-encode in progress (`index --reindex`): the new generation's vector address of each file,
+# committed batch by batch beside the live one, made live in one transaction when every file has one.
+pending_vectors = Table(
+    "pending_vectors",
+    metadata,
+    Column("file_id", Integer, primary_key=True),
+    Column("vec_row", Integer, nullable=False),
+)
+
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 
 
@@ -103,30 +129,62 @@ class FileRow:
         return sources.read_bytes(self.root, self.relpath, self.relpath_raw)
 
 
-def connect(db_path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{db_path}")
+def connect(db_path: Path, readonly: bool = False) -> Engine:
+    """The catalog's engine. A writer creates and upgrades it; a reader (readonly) writes nothing, so an
+    index on a read-only mount or owned by another user can be queried. A file that is not a readable
+    SQLite database raises IndexDamagedError (one line, exit 7) rather than a driver traceback."""
+    if readonly:
+        engine = create_engine("sqlite://", creator=lambda: _open_readonly(Path(db_path)))
+    else:
+        engine = create_engine(f"sqlite:///{db_path}")
 
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
 
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        version = get_meta(conn, "schema_version")
-        if version is None:
-            set_meta(conn, "schema_version", SCHEMA_VERSION)
-        elif version == 1:
-            set_meta(conn, "schema_version", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise RuntimeError(f"index schema version {version} is not supported by this alignsearch (it reads "
-                               f"{SCHEMA_VERSION}): upgrade alignsearch")
-        if get_meta(conn, "index_id") is None:  # names this index (a copy keeps it: see server records)
-            set_meta(conn, "index_id", uuid.uuid4().hex)
+    try:
+        if readonly:
+            with engine.connect() as conn:
+                _check_version(get_meta(conn, "schema_version"))
+            return engine
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            version = get_meta(conn, "schema_version")
+            _check_version(version)
+            if version != SCHEMA_VERSION:  # new, or version 1 (upgraded in place)
+                set_meta(conn, "schema_version", SCHEMA_VERSION)
+            if get_meta(conn, "index_id") is None:  # names this index (a copy keeps it: see server records)
+                set_meta(conn, "index_id", uuid.uuid4().hex)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise damaged(db_path, exc) from None
     return engine
+
+
+def damaged(db_path, exc: Exception) -> IndexDamagedError:
+    reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+    return IndexDamagedError(f"{Path(db_path).name} cannot be read ({reason}): run `alignsearch verify`")
+
+
+def _check_version(version) -> None:
+    if version not in (None, 1, SCHEMA_VERSION):
+        raise IndexDamagedError(f"index schema version {version} is not supported by this alignsearch (it reads "
+                                f"{SCHEMA_VERSION}): upgrade alignsearch")
+
+
+def _open_readonly(db_path: Path):
+    """A read-only connection that never creates or writes anything, even the WAL's shared-memory file
+    when the folder is not writable (then SQLite reads the database as it stands on disk)."""
+    uri = f"file:{quote(str(db_path.resolve()))}?mode=ro"
+    if not os.access(db_path.parent, os.W_OK) and not (db_path.parent / (db_path.name + "-shm")).exists():
+        uri += "&immutable=1"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
 
 
 def index_id(conn: Connection) -> str | None:
@@ -235,3 +293,30 @@ def delete_files(conn: Connection, ids: Iterable[int]) -> None:
 def readdress(conn: Connection, low: int, high: int, shift: int) -> None:
     """Add `shift` to every vector address in [low, high): a segment's rows moved elsewhere."""
     conn.execute(update(files).where(files.c.vec_row >= low, files.c.vec_row < high).values(vec_row=files.c.vec_row + shift))
+
+
+def indexed_files(conn: Connection) -> list[FileRow]:
+    """Every indexed file's row, in id order."""
+    return _rows(conn.execute(select(files).where(files.c.status == INDEXED).order_by(files.c.id)))
+
+
+def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
+    """{root: {status: files}} for every root that has rows."""
+    out: dict[str, dict[str, int]] = {}
+    query = select(files.c.root, files.c.status, func.count()).group_by(files.c.root, files.c.status)
+    for root, status, n in conn.execute(query):
+        out.setdefault(root, {})[status] = n
+    return out
+
+
+def delete_root(conn: Connection, root: str) -> int:
+    """Delete every row of one root (and their tags); returns how many files it held."""
+    ids = select(files.c.id).where(files.c.root == root).scalar_subquery()
+    conn.execute(delete(tags).where(tags.c.file_id.in_(ids)))
+    return conn.execute(delete(files).where(files.c.root == root)).rowcount
+
+
+def move_file(conn: Connection, file_id: int, root: str, relpath: str, relpath_raw: bytes | None) -> None:
+    """Give a row another root and relative path (a root taken over by a folder containing it): id, vector
+    and everything else stay."""
+    conn.execute(update(files).where(files.c.id == file_id).values(root=root, relpath=relpath, relpath_raw=relpath_raw))

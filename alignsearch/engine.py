@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from alignsearch import ann, catalog, shards, vectors
-from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
+from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
@@ -35,65 +35,99 @@ class Hit:
         return asdict(self)
 
 
-class Engine:
-    """An opened index. The model loads on first use; searches may run from several threads."""
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent view of an index: a catalog generation with its model, vector store, ANN index and
+    tuning. A reader swaps it whole (Engine.refresh), so a search never mixes two generations or an old
+    plan with a new index."""
 
-    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", text_bf16: bool = False):
-        self.dir = Path(index_dir)
-        self.db = catalog.connect(self.dir / DB_FILE)
-        with self.db.connect() as conn:
-            self.model_info = catalog.get_meta(conn, "model")
-            self.roots = catalog.get_meta(conn, "roots", [])
-            self.tuning = catalog.get_meta(conn, "tuning") or {}
-        if self.model_info is None:
-            raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
-        with self.db.connect() as conn:
-            self.store = vectors.load(conn, self.dir, int(self.model_info["dim"]))
-        self._model_name = model
-        self._device = device
-        self._text_bf16 = text_bf16
-        self._encoder = None
-        self._encoder_lock = threading.Lock()
-        self._load_index()
-
-    def _load_index(self) -> None:
-        if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
-            raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
-        stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
-        self.index = shards.open_served(self.dir)
-        self.plan = ann.describe(self.index)
-        self._index_stamp = stamp
-
-    def refresh(self) -> bool:
-        """Pick up an index rebuilt since opening (files are replaced atomically); True if it changed."""
-        if shards.stamp(self.dir) == self._index_stamp:
-            return False
-        with self.db.connect() as conn:
-            self.store = vectors.load(conn, self.dir, self.store.dim)
-            self.tuning = catalog.get_meta(conn, "tuning") or {}
-            self.roots = catalog.get_meta(conn, "roots", [])
-        self._load_index()
-        return True
+    generation: int
+    model_info: dict
+    roots: list
+    tuning: dict
+    store: vectors.VectorStore
+    index: Any
+    plan: ann.IndexPlan
+    stamp: int  # the ANN files' modification stamp when read (shards.stamp)
 
     @property
     def nprobe(self) -> int:
         """Tuned for the target recall after each build (indexer/tune.py), else the size rule."""
         return int(self.tuning.get("nprobe") or ann.default_nprobe(self.plan))
 
+
+class _Stale(Exception):
+    """The catalog moved to another generation while a search was reading it: search again."""
+
+
+class Engine:
+    """An opened index. The model loads on first use; searches may run from several threads.
+    Opening writes nothing: a read-only index (mount, permissions) can be queried."""
+
+    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", text_bf16: bool = False):
+        self.dir = Path(index_dir)
+        self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
+        self._model_name = model
+        self._device = device
+        self._text_bf16 = text_bf16
+        self._encoder = None
+        self._encoder_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self.snap = self._open_snapshot()
+
+    def _open_snapshot(self) -> Snapshot:
+        with self.db.connect() as conn:
+            model_info = catalog.get_meta(conn, "model")
+            if model_info is None:
+                raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
+            generation = catalog.get_meta(conn, "generation", 0)
+            roots = catalog.get_meta(conn, "roots", [])
+            tuning = catalog.get_meta(conn, "tuning") or {}
+            digest = catalog.get_meta(conn, "ann_digest")
+            store = vectors.load(conn, self.dir, int(model_info["dim"]))
+        if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
+            raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
+        stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
+        index = shards.open_served(self.dir, digest)
+        return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp)
+
+    def refresh(self) -> bool:
+        """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed."""
+        snap = self.snap
+        with self.db.connect() as conn:
+            generation = catalog.get_meta(conn, "generation", 0)
+        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp:
+            return False
+        with self._refresh_lock:
+            if self.snap is not snap:  # another thread refreshed meanwhile
+                return True
+            new = self._open_snapshot()
+            if new.model_info["fingerprint"] != snap.model_info["fingerprint"]:
+                with self._encoder_lock:
+                    self._encoder = None  # a re-encode switched the model: load the new one on next use
+            self.snap = new
+        return True
+
+    # The snapshot's parts, for callers that read one of them (a search takes the snapshot once).
+    model_info = property(lambda self: self.snap.model_info)
+    roots = property(lambda self: self.snap.roots)
+    tuning = property(lambda self: self.snap.tuning)
+    store = property(lambda self: self.snap.store)
+    index = property(lambda self: self.snap.index)
+    plan = property(lambda self: self.snap.plan)
+
+    @property
+    def nprobe(self) -> int:
+        return self.snap.nprobe
+
     @property
     def encoder(self):
         """The index's own model, loaded once; a different model given at open() is an error."""
         with self._encoder_lock:
             if self._encoder is None:
-                from alignsearch.model import Encoder
+                from alignsearch.model import load_recorded
 
-                enc = Encoder(self._model_name or self.model_info["model"], self._device, self._text_bf16)
-                if enc.fingerprint != self.model_info["fingerprint"]:
-                    raise ModelMismatchError(
-                        f"this index was built with {self.model_info['model']} "
-                        f"(fingerprint {self.model_info['fingerprint']}), but {enc.name} has fingerprint "
-                        f"{enc.fingerprint}: query with the index's model, or re-index with the new one"
-                    )
+                enc = load_recorded(self.model_info, self._model_name, self._device, self._text_bf16)
                 self._encoder = enc
             return self._encoder
 
@@ -123,54 +157,68 @@ class Engine:
         return self.search_vector(query, k, nprobe, tag)
 
     def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
-        from alignsearch.query import rerank
-
         if k < 1:
             raise BadInputError(f"k must be at least 1, got {k}")
+        self.refresh()
+        for _ in range(3):
+            try:
+                return self._search(self.snap, query, k, nprobe, tag)
+            except _Stale:
+                self.refresh()
+        return self._search(self.snap, query, k, nprobe, tag)
+
+    def _search(self, snap: Snapshot, query: np.ndarray, k: int, nprobe: int | None, tag: str | None) -> list[Hit]:
+        from alignsearch.query import rerank
+
         allowed = None
         if tag is not None:
             with self.db.connect() as conn:
                 allowed = np.array(catalog.ids_with_tag(conn, tag), dtype=np.int64)
             if len(allowed) == 0:
                 return []
-        if self.index.ntotal == 0:
+        if snap.index.ntotal == 0:
             return []
-        want = ann.candidate_count(k, self.plan, self.tuning.get("rerank_factor", 10))
-        scores, ids = ann.search(self.index, query[None, :], want, nprobe or self.nprobe, allowed)
+        want = ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))
+        scores, ids = ann.search(snap.index, query[None, :], want, nprobe or snap.nprobe, allowed)
         keep = ids[0] >= 0
-        ids, scores = ids[0][keep], scores[0][keep]
+        ids = ids[0][keep]
         with self.db.connect() as conn:
             rows = catalog.get_files(conn, ids.tolist())
-        known = np.array([i in rows and rows[i].vec_row is not None for i in ids.tolist()], dtype=bool)
-        ids, scores = ids[known], scores[known]
-        if self.plan.kind != "flat":  # PQ scores are approximate: re-score from the stored vectors
-            stored = self._stored(np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
-            ids, scores = rerank(query, ids, stored, k)
-        return [_hit(rows[int(i)], float(s)) for i, s in zip(ids[:k], scores[:k])]
+        ids = np.array([i for i in ids.tolist() if i in rows and rows[i].vec_row is not None], dtype=np.int64)
+        # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
+        # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
+        stored = self._stored(snap, np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
+        norms = np.linalg.norm(stored, axis=1)
+        if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
+            raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not unit "
+                                    "length): run `alignsearch verify --repair`")
+        ids, scores = rerank(query, ids, stored, k)
+        return [_hit(rows[int(i)], float(np.clip(s, -1.0, 1.0))) for i, s in zip(ids[:k], scores[:k])]
 
     def info(self) -> dict[str, Any]:
+        snap = self.snap
         with self.db.connect() as conn:
             count = catalog.counts(conn)
         return {
             "index_dir": str(self.dir.resolve()),
-            "model": self.model_info["model"],
-            "fingerprint": self.model_info["fingerprint"],
-            "dim": self.model_info["dim"],
-            "roots": self.roots,
+            "model": snap.model_info["model"],
+            "fingerprint": snap.model_info["fingerprint"],
+            "dim": snap.model_info["dim"],
+            "roots": snap.roots,
             "images": count[catalog.INDEXED],
             "failed": count[catalog.FAILED],
             "index": {
-                "type": self.plan.kind,
-                "factory": self.plan.factory,
-                "nlist": self.plan.nlist,
-                "pq_m": self.plan.m,
-                "nprobe": self.nprobe if self.plan.kind != "flat" else None,
-                "rerank_factor": self.tuning.get("rerank_factor") if self.plan.kind != "flat" else None,
-                "tuned_recall_at_10": self.tuning.get("recall"),
-                "target_recall": self.tuning.get("target"),
-                "vectors": int(self.index.ntotal),
+                "type": snap.plan.kind,
+                "factory": snap.plan.factory,
+                "nlist": snap.plan.nlist,
+                "pq_m": snap.plan.m,
+                "nprobe": snap.nprobe if snap.plan.kind != "flat" else None,
+                "rerank_factor": snap.tuning.get("rerank_factor") if snap.plan.kind != "flat" else None,
+                "tuned_recall_at_10": snap.tuning.get("recall"),
+                "target_recall": snap.tuning.get("target"),
+                "vectors": int(snap.index.ntotal),
                 "metric": "inner_product",
-                "layout": ann.layout(self.index),
+                "layout": ann.layout(snap.index),
             },
         }
 
@@ -195,14 +243,20 @@ class Engine:
     def vector_of(self, file_id: int) -> np.ndarray | None:
         """The stored unit vector of an indexed file ("more like this"), or None."""
         row = self.file(file_id)
-        return None if row is None else self._stored(np.array([row.vec_row]))[0]
+        return None if row is None else self._stored(self.snap, np.array([row.vec_row]))[0]
 
-    def _stored(self, addresses: np.ndarray) -> np.ndarray:
-        store = self.store
-        if not store.holds(addresses):  # rows committed since this store was loaded: a writer is running
+    def _stored(self, snap: Snapshot, addresses: np.ndarray) -> np.ndarray:
+        if not snap.store.holds(addresses):
             with self.db.connect() as conn:
-                store = self.store = vectors.load(conn, self.dir, store.dim)
-        return store.get(addresses)
+                generation = catalog.get_meta(conn, "generation", 0)
+                if generation != snap.generation:
+                    raise _Stale()
+                store = vectors.load(conn, self.dir, snap.store.dim)  # rows committed since: a writer is running
+            snap = replace(snap, store=store)
+            with self._refresh_lock:
+                if self.snap.generation == snap.generation:
+                    self.snap = snap
+        return snap.store.get(addresses)
 
     def tags(self, file_id: int) -> list[tuple[str, float]]:
         with self.db.connect() as conn:

@@ -23,5 +23,11 @@ class BadInputError(AlignSearchError):
     exit_code = 6
 
 
+class IndexDamagedError(AlignSearchError):
+    """A file of the index fails its checksum or cannot be read: `alignsearch verify --repair` mends it."""
+
+    exit_code = 7
+
+
 class BadImageError(Exception):
     """One image file that cannot be used; the indexer records the reason and moves on."""

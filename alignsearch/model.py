@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.errors import BadImageError, BadInputError, ModelLoadError
+from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
 
 DEFAULT_MODEL = "kakaobrain/align-base"
@@ -68,15 +68,36 @@ def image_spec_from_processor(proc) -> ImageSpec:
     )
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    """Identifies config and weights without hashing all 690 MB: shapes plus evenly spaced samples."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+# Keys of a saved config that say where or by what it was read, not what the model is: a copied
+# checkpoint folder, or one saved by another transformers version, is the same model.
+_PLACE_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version", "_commit_hash"})
+
+
+def config_identity(config: dict) -> dict:
+    """The config without the keys that depend on the folder it was loaded from (recursively)."""
+    return {k: config_identity(v) if isinstance(v, dict) else v for k, v in config.items() if k not in _PLACE_KEYS}
+
+
+def _weights_digest(digest, model: torch.nn.Module):
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(flat[::step].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return digest
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """Identifies config and weights without hashing all 690 MB: shapes plus evenly spaced samples.
+    Where the checkpoint lies is not part of it (config_identity)."""
+    config = json.dumps(config_identity(model.config.to_dict()), sort_keys=True, default=str)
+    return _weights_digest(hashlib.sha256(config.encode()), model).hexdigest()[:32]
+
+
+def _legacy_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint indexes recorded before it ignored the folder's path (config with _name_or_path)."""
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return _weights_digest(hashlib.sha256(config.encode()), model).hexdigest()[:32]
 
 
 def micro_batch(device_type: str) -> int | None:
@@ -150,6 +171,11 @@ class Encoder:
         self.temperature = float(self.model.temperature.detach().cpu())
         self._autocast = self.device.type == "cuda"
         self._text_bf16 = text_bf16
+
+    def identifies(self, fingerprint: str) -> bool:
+        """Is this the model an index recorded? Also true for a fingerprint recorded before fingerprints
+        ignored the folder's path, when the model is loaded from that same folder."""
+        return fingerprint == self.fingerprint or fingerprint == _legacy_fingerprint(self.model)
 
     def describe(self) -> dict:
         """What an index records about the model that built it."""
@@ -238,3 +264,24 @@ class Encoder:
         """Cosine similarity of a text and an image, and the model's logit (similarity / temperature)."""
         sim = float(self.encode_text([text])[0] @ self.encode_images([image])[0])
         return {"similarity": sim, "logit": sim / self.temperature}
+
+
+def load_recorded(recorded: dict, model: str | None = None, device: str = "auto", text_bf16: bool = False) -> Encoder:
+    """The model an index recorded (its `model` meta), loaded from `model` when given (the same weights at
+    another place) else from where the index last saw it. A different model is refused (exit 5)."""
+    name = model or recorded["model"]
+    if model is None and _looks_local(name) and not Path(name).exists():
+        raise ModelLoadError(f"the index's model folder {name} is gone: pass --model with its new place")
+    enc = Encoder(name, device, text_bf16)
+    if not enc.identifies(recorded["fingerprint"]):
+        raise ModelMismatchError(
+            f"this index was built with {recorded['model']} (fingerprint {recorded['fingerprint']}), not "
+            f"{enc.name} ({enc.fingerprint}): pass the index's own model, re-encode with `alignsearch index "
+            "--reindex --model NEW`, or index into a new --index DIR"
+        )
+    return enc
+
+
+def _looks_local(name: str) -> bool:
+    """A folder path rather than a hub id (`org/name`): absolute, or starting with . or ~."""
+    return os.path.isabs(name) or name.startswith((".", "~"))

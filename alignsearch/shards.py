@@ -76,13 +76,14 @@ def open_shards(paths: list[Path], mmap: bool = True) -> faiss.IndexShards:
     return index
 
 
-def open_served(folder: Path, tries: int = 3) -> faiss.Index:
-    """What a query searches: the shards when there is a manifest, else the single index file. A
+def open_served(folder: Path, digest: str | None = None, tries: int = 3) -> faiss.Index:
+    """What a query searches: the shards when there is a manifest, else the single index file, accepted
+    only with the checksum the catalog recorded (digest; None for indexes written before checksums). A
     layout switch published while opening is retried (its files vanish only after the switch)."""
     for attempt in range(tries):
         try:
             paths = files(folder)
-            return open_shards(paths) if paths else ann.read(Path(folder) / ANN_FILE)
+            return open_shards(paths) if paths else ann.read_verified(Path(folder) / ANN_FILE, digest)
         except (FileNotFoundError, RuntimeError):  # faiss reports a missing file as RuntimeError
             if attempt == tries - 1:
                 raise

@@ -15,10 +15,13 @@ Readers memory-map the committed rows, so exact re-ranking touches only the rows
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
 from alignsearch import catalog
@@ -89,7 +92,9 @@ class VectorStore:
         self.path.touch(exist_ok=True)
         for segment in self.numbers():
             path, keep = self.segment_path(segment), self.committed(segment) * self.row_bytes
-            if path.exists() and path.stat().st_size > keep:
+            if keep == 0 and segment == 0 and path.exists() and path.stat().st_size:
+                empty_file(path)  # a generation replaced whole: readers of the old one keep their map
+            elif path.exists() and path.stat().st_size > keep:
                 with open(path, "r+b") as f:
                     f.truncate(keep)
                     os.fsync(f.fileno())
@@ -157,6 +162,15 @@ class VectorStore:
         return out
 
 
+def empty_file(path: Path) -> None:
+    """Replace `path` by an empty file (a new inode: processes that map the old one are unharmed)."""
+    tmp = path.with_name(path.name + ".empty")
+    with open(tmp, "wb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -176,3 +190,165 @@ def save(conn: Connection, store: VectorStore) -> None:
     """Commit the store's row counts, in the transaction that commits the catalog rows using them."""
     catalog.set_meta(conn, "vector_rows", store.rows)
     catalog.set_meta(conn, "vector_segments", [[n, *store.segments[n]] for n in sorted(store.segments)])
+
+
+# -- checksums: each committed batch of rows is hashed as it lies on disk (catalog.vector_chunks) --------
+
+ADOPT_CHUNK = 65_536  # rows per checksum when rows written before checksums existed are adopted
+
+
+def segment_key(store: VectorStore, segment: int) -> str:
+    """How catalog.vector_chunks names a segment: "" for vectors.f16, else the segment's own name."""
+    return "" if segment == 0 else store.segments[segment][0]
+
+
+def _read_rows(store: VectorStore, segment: int, start: int, rows: int) -> bytes:
+    """The bytes of rows [start, start + rows) as the file holds them (shorter when the file is)."""
+    path = store.segment_path(segment)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start * store.row_bytes)
+            return f.read(rows * store.row_bytes)
+    except FileNotFoundError:
+        return b""
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_chunk(conn: Connection, store: VectorStore, segment: int, start: int, rows: int,
+                 key: str | None = None) -> None:
+    """Hash rows [start, start + rows) of a segment as written (fsync'ed) and record it, in the transaction
+    that commits them. key: the segment's name when it differs from the store's (a re-encode's segment)."""
+    if rows <= 0:
+        return
+    data = _read_rows(store, segment, start, rows)
+    if len(data) != rows * store.row_bytes:
+        raise OSError(f"{store.segment_path(segment).name} is shorter than the rows just written to it")
+    key = segment_key(store, segment) if key is None else key
+    conn.execute(delete(catalog.vector_chunks).where(catalog.vector_chunks.c.segment == key,
+                                                     catalog.vector_chunks.c.start == start))
+    conn.execute(insert(catalog.vector_chunks).values(segment=key, start=start, rows=rows, digest=digest(data)))
+
+
+def forget_chunks(conn: Connection, key: str, low: int = 0, high: int | None = None) -> None:
+    """Drop the checksums of a segment's chunks that start in [low, high) (all of them by default)."""
+    c = catalog.vector_chunks.c
+    where = [c.segment == key, c.start >= low]
+    if high is not None:
+        where.append(c.start < high)
+    conn.execute(delete(catalog.vector_chunks).where(*where))
+
+
+@dataclass
+class ChunkCheck:
+    """What hashing every recorded chunk found: bad address ranges, and live files they hit."""
+
+    problems: list[str] = field(default_factory=list)
+    bad: list[tuple[str, int, int]] = field(default_factory=list)  # (segment key, start, rows)
+    damaged_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # live files with a bad vector
+    unchecked_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # live files with no checksum
+    legacy_segments: list[int] = field(default_factory=list)  # segments written before checksums existed
+    rows_hashed: int = 0
+
+
+def check_chunks(conn: Connection, store: VectorStore, live: np.ndarray) -> ChunkCheck:
+    """Re-hash every recorded chunk of every segment and place the live (id, address) rows against them."""
+    out = ChunkCheck()
+    c = catalog.vector_chunks.c
+    live = np.asarray(live, dtype=np.int64).reshape(-1, 2)
+    good_ranges, bad_ranges = [], []
+    for segment in store.numbers():
+        key = segment_key(store, segment)
+        chunks = conn.execute(select(c.start, c.rows, c.digest).where(c.segment == key).order_by(c.start)).all()
+        mine = live[(live[:, 1] >> SEGMENT_BITS) == segment]
+        if not chunks and len(mine):
+            out.legacy_segments.append(segment)
+        name, committed = store.segment_path(segment).name, store.committed(segment)
+        short = zeroed = changed = 0
+        for start, rows, expected in chunks:
+            data = _read_rows(store, segment, start, rows)
+            out.rows_hashed += rows
+            lo, hi = address(segment, start), address(segment, start + rows)
+            if start + rows <= committed and len(data) == rows * store.row_bytes and digest(data) == expected:
+                good_ranges.append((lo, hi))
+                continue
+            bad_ranges.append((lo, hi))
+            out.bad.append((key, start, rows))
+            if len(data) < rows * store.row_bytes or start + rows > committed:
+                short += rows
+            elif not any(data):
+                zeroed += rows
+            else:
+                changed += rows
+        if short:
+            out.problems.append(f"{name} is truncated: {short} committed vector rows are missing")
+        if zeroed:
+            out.problems.append(f"{name} has {zeroed} vector rows filled with zeros")
+        if changed:
+            out.problems.append(f"{name} has {changed} vector rows whose bytes changed since they were written")
+    out.damaged_ids = live[_inside(live[:, 1], bad_ranges), 0]
+    legacy = np.isin(live[:, 1] >> SEGMENT_BITS, out.legacy_segments)
+    unchecked = ~_inside(live[:, 1], good_ranges) & ~_inside(live[:, 1], bad_ranges) & ~legacy
+    out.unchecked_ids = live[unchecked, 0]
+    if len(out.damaged_ids):
+        out.problems.append(f"{len(out.damaged_ids)} indexed files have a damaged vector")
+    if len(out.unchecked_ids):
+        out.problems.append(f"{len(out.unchecked_ids)} indexed files point at vector rows no checksum covers")
+    return out
+
+
+def _inside(addresses: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Which addresses fall in one of the (disjoint) [lo, hi) ranges."""
+    if not ranges or not len(addresses):
+        return np.zeros(len(addresses), dtype=bool)
+    ranges = sorted(ranges)
+    lows = np.array([lo for lo, _ in ranges], dtype=np.int64)
+    highs = np.array([hi for _, hi in ranges], dtype=np.int64)
+    at = np.searchsorted(lows, addresses, side="right") - 1
+    ok = at >= 0
+    ok[ok] = addresses[ok] < highs[at[ok]]
+    return ok
+
+
+def adopt_segment(conn: Connection, store: VectorStore, segment: int) -> int:
+    """Record checksums for a segment written before they existed, after checking that each committed row
+    is a unit vector (a zero-filled or overwritten row is not). Returns the rows found damaged (then
+    nothing is recorded: the caller reports them)."""
+    rows = min(store.committed(segment), _size(store.segment_path(segment)) // store.row_bytes)
+    for start in range(0, rows, ADOPT_CHUNK):
+        n = min(ADOPT_CHUNK, rows - start)
+        block = np.frombuffer(_read_rows(store, segment, start, n), dtype=DTYPE).reshape(n, store.dim)
+        norms = np.linalg.norm(block.astype(np.float32), axis=1)
+        if not np.all(np.abs(norms - 1) < 0.05):
+            return int((np.abs(norms - 1) >= 0.05).sum())
+    for start in range(0, rows, ADOPT_CHUNK):
+        record_chunk(conn, store, segment, start, min(ADOPT_CHUNK, rows - start))
+    return 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def check(conn: Connection, store: VectorStore) -> ChunkCheck:
+    """Everything a writer must know before appending, and `alignsearch verify` reports: committed rows cut
+    short, chunks whose bytes changed, live files pointing past the committed rows or at no checksum."""
+    live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+    out = check_chunks(conn, store, live)
+    for segment in store.numbers():
+        path, rows = store.segment_path(segment), store.committed(segment)
+        held = _size(path) // store.row_bytes
+        if held < rows and segment in out.legacy_segments:  # chunks name the cut rows of the others
+            out.problems.insert(0, f"{path.name} holds {held} rows but the catalog committed {rows}")
+            hit = live[(live[:, 1] >= address(segment, held)) & (live[:, 1] < address(segment, rows)), 0]
+            out.damaged_ids = np.union1d(out.damaged_ids, hit)
+    dangling = live[~store.valid(live[:, 1]), 0]
+    if len(dangling):
+        out.problems.append(f"{len(dangling)} indexed files point past the stored vectors")
+        out.damaged_ids = np.union1d(out.damaged_ids, dangling)
+    return out

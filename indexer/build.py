@@ -11,7 +11,8 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from alignsearch import ann, catalog, shards
-from alignsearch.errors import BadInputError
+from alignsearch.paths import ANN_FILE
+from alignsearch.errors import BadInputError, IndexDamagedError
 from alignsearch.vectors import VectorStore
 from indexer import ondisk
 from indexer.tune import tune
@@ -28,7 +29,7 @@ def _chunks(store: VectorStore, ids: np.ndarray, rows: np.ndarray):
 
 def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False, seed: int = 0,
                target_recall: float | None = None, ondisk_shards: int | None = None,
-               index_shards: int | None = None) -> dict:
+               index_shards: int | None = None, live: np.ndarray | None = None, on_commit=None) -> dict:
     """Make the index at `path` hold exactly the catalog's indexed files; written atomically.
 
     An existing IVF-PQ index is updated in place (no retraining) unless the collection crossed the
@@ -39,12 +40,19 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     IVF-PQ index is rebuilt from shards added in parallel and merged into on-disk lists (indexer/ondisk.py).
     With index_shards (remembered), an IVF-PQ index is kept as that many shard files searched together
     (alignsearch/shards.py): built in parallel, then updated shard by shard.
+
+    A single-file index is written to index.faiss.next, its checksum committed with the tuning (and
+    whatever on_commit(conn) adds to that transaction: a re-encode's switch of generation), then renamed
+    over index.faiss; readers accept only bytes with the recorded checksum (ann.read_verified). live:
+    the (id, address) pairs to index instead of the catalog's (a generation not yet committed).
     """
     start = time.perf_counter()
     with db.connect() as conn:
-        live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+        if live is None:
+            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
         trained_n = catalog.get_meta(conn, "index_trained_n", 0)
         tuning = catalog.get_meta(conn, "tuning") or {}
+        recorded_digest = catalog.get_meta(conn, "ann_digest")
         if ondisk_shards is None:
             ondisk_shards = catalog.get_meta(conn, "ondisk_shards", 0)
         if index_shards is None:
@@ -54,7 +62,13 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     ids, rows = live[:, 0], live[:, 1]
     n, dim = len(ids), store.dim
     sharded = bool(index_shards) and ann.plan_index(n, dim).kind == "ivfpq"
-    index = ann.read(path) if path.exists() and not rebuild and not sharded else None
+    damaged = False
+    index = None
+    if path.exists() and not rebuild and not sharded and not ondisk_shards:
+        try:  # never build on an index whose bytes changed since they were written: rebuild it from the vectors
+            index = ann.read_verified(path, recorded_digest, tries=1)
+        except (IndexDamagedError, RuntimeError):
+            damaged = True
     current = ann.describe(index) if index is not None else None
     lists = None
     if sharded:
@@ -67,7 +81,7 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
         plan = ann.plan_index(n, dim)
         sample_rows = np.random.default_rng(seed).choice(rows, size=ann.train_size(n, plan), replace=False)
         index = ann.train_and_fill(ann.create(plan, dim), store.get(np.sort(sample_rows)), _chunks(store, ids, rows))
-        trained_n, action = n, "built"
+        trained_n, action = n, "rebuilt (the old one was damaged)" if damaged else "built"
     else:
         present = ann.stored_ids(index)
         gone = np.setdiff1d(present, ids)
@@ -77,20 +91,29 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
             ann.add(index, vectors, chunk_ids)
         action = f"updated (+{int(new.sum())} -{len(gone)})"
     target = target_recall or tuning.get("target", DEFAULT_RECALL)
-    stale = action.startswith("built") or abs(n - tuning.get("n", 0)) > 0.25 * max(n, 1) or target_recall is not None
+    stale = action.startswith(("built", "rebuilt")) or abs(n - tuning.get("n", 0)) > 0.25 * max(n, 1) or target_recall is not None
     if stale or tuning.get("target") != target:
         tuning = {**tune(index, store, ids, rows, target=target, seed=seed), "n": n}
-    if not sharded:
+    single = not sharded and lists is None
+    digest = ann.write_next(index, path) if single else None
+    if lists is not None:
         ann.write_atomic(index, path)
-        shards.unpublish(path.parent)
-    for old in path.parent.glob("lists-*.ivfdata"):  # open readers keep their mapping of an unlinked file
-        if old != lists:
-            old.unlink()
     with db.begin() as conn:
         catalog.set_meta(conn, "index_trained_n", trained_n)
         catalog.set_meta(conn, "tuning", tuning)
         catalog.set_meta(conn, "ondisk_shards", ondisk_shards)
         catalog.set_meta(conn, "index_shards", index_shards)
+        catalog.set_meta(conn, "ann_digest", digest)
+        # the files of the other layouts are memory-mapped, not hashed on each open: `verify` checks them
+        catalog.set_meta(conn, "ann_files", {} if single else ann_file_digests(path.parent, lists))
+        if on_commit is not None:
+            on_commit(conn)
+    if single:
+        ann.publish_next(path)
+        shards.unpublish(path.parent)
+    for old in path.parent.glob("lists-*.ivfdata"):  # open readers keep their mapping of an unlinked file
+        if old != lists:
+            old.unlink()
     plan = ann.describe(index)
     return {"action": action, "plan": plan.to_dict(), "vectors": int(index.ntotal), "tuning": tuning,
             "layout": ann.layout(index), "seconds": time.perf_counter() - start}
@@ -127,3 +150,11 @@ def _sync_shards(store: VectorStore, ids: np.ndarray, rows: np.ndarray, folder: 
     ondisk.add_shards(trained, store, parts, paths, min(count, os.cpu_count() or 1))
     shards.publish(folder, paths)
     return shards.open_shards(paths), len(ids), f"built {count} shard files"
+
+
+def ann_file_digests(folder: Path, lists: Path | None) -> dict[str, str]:
+    """Checksums of the files a sharded or on-disk layout serves (for `alignsearch verify`)."""
+    paths = shards.files(folder) or [folder / ANN_FILE]
+    if lists is not None:
+        paths.append(lists)
+    return {p.name: ann.file_digest(p) for p in paths}

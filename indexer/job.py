@@ -7,12 +7,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignsearch import catalog, sources, vectors
-from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, VECTORS_FILE, find_index_dir
-from alignsearch.errors import BadInputError, ModelMismatchError
-from alignsearch.model import DEFAULT_MODEL, Encoder
+from alignsearch import ann, catalog, sources, vectors
+from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
+from alignsearch.errors import BadInputError, IndexDamagedError
+from alignsearch.model import DEFAULT_MODEL, Encoder, load_recorded
 from alignsearch.vectors import VectorStore
-from indexer import build, pipeline, scan, writer
+from indexer import build, pipeline, reindex, scan, writer
+from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
 
@@ -25,7 +26,12 @@ class Summary:
     removed: int = 0
     failed: int = 0
     unchanged: int = 0
+    reencoded: int = 0  # files encoded again with --reindex (a new generation)
     reused: int = 0  # files not encoded because identical content was already indexed
+    kept: int = 0  # files kept although not seen: their folder could not be listed (listing_errors)
+    listing_errors: list = field(default_factory=list)  # [{"root", "folder", "reason"}]: kept, not removed
+    no_images: list = field(default_factory=list)  # roots that were listed and hold no image
+    notes: list = field(default_factory=list)  # roots given inside (or around) known roots, and what was done
     index: dict = field(default_factory=dict)
     tags: dict | None = None
     times: dict = field(default_factory=dict)
@@ -40,7 +46,7 @@ class IndexOptions:
     device: str
     batch_size: int | None
     workers: int | None
-    include_hidden: bool
+    include_hidden: bool | None
     rebuild: bool
     progress: bool
     use_ray: bool
@@ -63,7 +69,7 @@ def index_folders(
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
-    include_hidden: bool = False,
+    include_hidden: bool | None = None,
     rebuild: bool = False,
     reindex: bool = False,
     progress: bool = False,
@@ -91,6 +97,9 @@ def index_folders(
     ray_actor_segments=False makes every Ray encoder actor send its vectors to the driver, as actors on
     machines that do not see index_dir do anyway (for comparing the two; the default is faster at scale).
     fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
+    include_hidden True/False is remembered for the roots given (for every root when none is given);
+    None applies what each root remembers (indexer/roots.py). A folder inside a known root is indexed as
+    part of it; one containing known roots takes them over.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     if ondisk_shards and index_shards:
@@ -105,84 +114,111 @@ def index_folders(
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)
         try:
-            if reindex:
-                _forget_vectors(db, out)
-            options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild or reindex, progress,
+            options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild, progress,
                                    use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
                                    fast_decode, list_column, ray_actor_segments)
-            return _index(db, out, roots, options)
+            return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
         finally:
             db.dispose()
 
 
-def _forget_vectors(db, out: Path) -> None:
-    """Empty the catalog and vector store in one commit (roots are kept); the model is chosen anew."""
-    with db.begin() as conn:
-        catalog.delete_all_files(conn)
-        empty = VectorStore(out / VECTORS_FILE, 1, 0)
-        vectors.save(conn, empty)
-        catalog.delete_meta(conn, "model")
-    empty.truncate_uncommitted()
+def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
+    """Re-encode everything as a new generation (indexer/reindex.py), then index new and changed files."""
+    with db.connect() as conn:
+        recorded = catalog.get_meta(conn, "model")
+    if recorded is None:  # nothing encoded yet: an ordinary first run
+        return _index(db, out, roots, opts)
+    encoder = reindex.load_new_model(recorded, opts.model, opts.device)  # before anything is written
+    with db.connect() as conn:
+        store = vectors.load(conn, out, int(recorded["dim"]))
+    store.truncate_uncommitted()
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", disable=not opts.progress, desc="re-encoding")
+    workers = default_workers() if opts.workers is None else opts.workers
+    count = reindex.reencode(db, out, encoder, store, workers, _batch_size(opts, encoder), opts.fast_decode, bar.update)
+    bar.close()
+    reindex.switch(db, out, encoder, store, {"ondisk_shards": opts.ondisk_shards, "index_shards": opts.index_shards})
+    with db.connect() as conn:
+        reindex.fold(db, vectors.load(conn, out, encoder.dim))
+    summary = _index(db, out, roots, opts, encoder)
+    summary.reencoded = count
+    return summary
+
+
+def _batch_size(opts: IndexOptions, encoder: Encoder) -> int:
+    batch_size = opts.batch_size or (256 if encoder.device.type == "cuda" else 32)
+    if batch_size < 1:
+        raise BadInputError("--batch-size must be at least 1")
+    return batch_size
 
 
 def _load_encoder(db, model: str | None, device: str) -> Encoder:
+    """The index's model (from `model` when given: the same weights at another place, remembered there);
+    the first run records the model it loads."""
     with db.connect() as conn:
         recorded = catalog.get_meta(conn, "model")
-    enc = Encoder(model or (recorded or {}).get("model") or DEFAULT_MODEL, device)
     if recorded is None:
+        enc = Encoder(model or DEFAULT_MODEL, device)
+    else:
+        enc = load_recorded(recorded, model, device)
+    if recorded is None or (recorded["model"], recorded["fingerprint"]) != (enc.name, enc.fingerprint):
         with db.begin() as conn:
             catalog.set_meta(conn, "model", enc.describe())
-    elif recorded["fingerprint"] != enc.fingerprint:
-        raise ModelMismatchError(
-            f"this index was built with {recorded['model']} (fingerprint {recorded['fingerprint']}), "
-            f"not {enc.name} ({enc.fingerprint}): leave out --model, or index into a new --index DIR"
-        )
     return enc
 
 
-def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
+def _check_store(db, store: VectorStore, out: Path) -> None:
+    """Refuse to append to a vector store whose committed rows fail their checksums or are cut short;
+    adopt (checksum) rows written before checksums existed; finish an ANN rename a crash interrupted."""
+    with db.begin() as conn:
+        found = vectors.check(conn, store)
+        if found.problems:
+            raise IndexDamagedError(f"the vector store is damaged ({'; '.join(found.problems)}): nothing was "
+                                    "changed; run `alignsearch verify --repair`")
+        for segment in found.legacy_segments:
+            if vectors.adopt_segment(conn, store, segment):
+                raise IndexDamagedError(f"{store.segment_path(segment).name} holds vectors that are not unit "
+                                        "length (damaged): run `alignsearch verify --repair`")
+        digest = catalog.get_meta(conn, "ann_digest")
+    nxt = ann.next_path(out / ANN_FILE)
+    if nxt.exists():
+        if digest is not None and ann.file_digest(nxt) == digest:
+            ann.publish_next(out / ANN_FILE)
+        else:
+            nxt.unlink()
+
+
+def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:
     from tqdm import tqdm
 
     summary = Summary(str(out.resolve()))
-    encoder = _load_encoder(db, opts.model, opts.device)
+    encoder = encoder or _load_encoder(db, opts.model, opts.device)
     with db.connect() as conn:
-        known_roots = catalog.get_meta(conn, "roots", [])
         columns = catalog.get_meta(conn, "list_columns", {})
         store = vectors.load(conn, out, encoder.dim)
-    all_roots = list(dict.fromkeys(known_roots + roots))
+    _check_store(db, store, out)
+    with db.connect() as conn:
+        known_roots = catalog.get_meta(conn, "roots", [])
+    all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
     if opts.list_column:
         columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
     if not all_roots:
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
+    options = index_roots.options_for(db, list(dict.fromkeys(holders.values())) if roots else all_roots,
+                                      opts.include_hidden)
 
-    todo: list[scan.Found] = []
-    removed: list[catalog.FileRow] = []
-    with db.connect() as conn:
-        for root in all_roots:
-            try:
-                if not sources.exists(root):
-                    raise FileNotFoundError(f"{root} is missing")
-                found = list(scan.scan(root, opts.include_hidden, columns.get(root)))
-            except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
-                reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
-                if root not in known_roots:  # a new root is only remembered once it could be listed
-                    raise BadInputError(f"cannot index {root}: {reason}") from None
-                print(f"warning: {reason}; its files stay in the index", file=sys.stderr)
-                continue
-            d = scan.diff(found, catalog.files_under(conn, root))
-            todo += d.todo
-            removed += d.removed
-            summary.updated += len(d.changed_ids)
-            summary.unchanged += d.unchanged
-    with db.begin() as conn:
-        catalog.set_meta(conn, "roots", all_roots)
-        catalog.set_meta(conn, "list_columns", columns)
+    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns)
+    index_roots.remember(db, all_roots, columns, options, scanned)
+    todo, removed = scanned.todo, scanned.removed
+    summary.unchanged, summary.kept = scanned.unchanged, scanned.kept
+    summary.listing_errors, summary.no_images = scanned.listing_errors, scanned.no_images
+    failed_now: set = set()
+    write = _counting_failures(writer.catalog_writer(db, store), failed_now)
 
     store.truncate_uncommitted()
     workers = default_workers() if opts.workers is None else opts.workers
-    batch_size = opts.batch_size or (256 if encoder.device.type == "cuda" else 32)
-    if batch_size < 1:
-        raise BadInputError("--batch-size must be at least 1")
+    batch_size = _batch_size(opts, encoder)
     bar = tqdm(total=len(todo), unit="img", disable=not opts.progress, desc="indexing")
     gone_hashes = {r.sha256 for r in removed if r.status == catalog.INDEXED}
     moved_in = []
@@ -196,7 +232,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     if opts.use_ray:
         from indexer.ray_pipeline import run_ray
 
-        times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, writer.catalog_writer(db, store), batch_size,
+        times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, write, batch_size,
                         opts.ray_address, on_batch=bar.update, fast=opts.fast_decode,
                         actor_segments=opts.ray_actor_segments)
         store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
@@ -204,15 +240,18 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     else:
         items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
                                     fast=opts.fast_decode)
-        times = pipeline.run(items, encoder, writer.catalog_writer(db, store), batch_size, bar.update, known)
+        times = pipeline.run(items, encoder, write, batch_size, bar.update, known)
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:
         catalog.delete_files(conn, [r.id for r in removed])
+    # Each file counted once: failed (new or changed, it could not be used), else updated (changed), moved
+    # (new path, content of a gone file), or added.
     summary.moved = len(set(moved_in))
     summary.removed = len(removed) - summary.moved
-    summary.added = len(todo) - summary.updated - summary.moved
-    summary.failed = times.failed
+    summary.failed = len(failed_now)
+    summary.updated = len(scanned.changed - failed_now)
+    summary.added = len(todo) - len(scanned.changed) - len(failed_now - scanned.changed) - summary.moved
     summary.reused = times.reused
     built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards,
                              index_shards=opts.index_shards)
@@ -224,6 +263,16 @@ def _index(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     return summary
+
+
+def _counting_failures(write, failed: set):
+    """The writer, noting (root, relpath) of each file that could not be used."""
+
+    def counted(batch, new_vectors):
+        write(batch, new_vectors)
+        failed.update((it.found.root, it.found.relpath) for it in batch if it.crop is None)
+
+    return counted
 
 
 def _tag(db, store: VectorStore, encoder: Encoder, tagging: dict) -> dict:

@@ -154,7 +154,8 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
                 number = store.commit(name, int(batch["seg_row"][mine].max()) + 1)
                 for i in np.flatnonzero(mine):
                     items[i].vec_row = vectors.address(number, int(batch["seg_row"][i]))
-            write(items, np.stack(shipped) if shipped else np.zeros((0, store.dim), vectors.DTYPE))
+            write(items, np.stack(shipped) if shipped else np.zeros((0, store.dim), vectors.DTYPE),
+                  [items[i].vec_row for i in np.flatnonzero(written)])
             times.extra["vectors_in_actor_segments"] += int(written.sum())
             times.extra["vectors_sent_to_driver"] += len(shipped)
             times.write += time.perf_counter() - t

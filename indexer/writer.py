@@ -12,41 +12,45 @@ from alignsearch.vectors import VectorStore
 from indexer.decode import Item
 
 
-def catalog_writer(db: Engine, store: VectorStore) -> Callable[[list[Item], np.ndarray], None]:
-    """A write(batch, new_vectors) that appends the new vectors (fsync'ed) and then commits the rows that
-    point at them. Killed in between, the next run cuts the uncommitted vectors off. Items whose vector
-    is stored already (vec_row set: reused content, or written by an encoder actor) take none of them."""
+def catalog_writer(db: Engine, store: VectorStore) -> Callable[..., None]:
+    """A write(batch, new_vectors, actor_rows=()) that appends the new vectors (fsync'ed) and then commits the
+    rows that point at them, with a checksum of the rows as written (catalog.vector_chunks). Killed in
+    between, the next run cuts the uncommitted vectors off. Items whose vector is stored already (vec_row
+    set: reused content, or written by an encoder actor) take none of them; actor_rows are the addresses
+    encoder actors wrote for this batch (hashed here as they lie on disk)."""
 
-    def write(batch: list[Item], new_vectors: np.ndarray) -> None:
+    def write(batch: list[Item], new_vectors: np.ndarray, actor_rows=()) -> None:
         encoded = [it for it in batch if it.crop is not None and it.vec_row is None]
         start = store.append(new_vectors) if encoded else store.rows
         rows = iter(range(start, start + len(encoded)))
         with db.begin() as conn:
             for it in batch:
-                f = it.found
-                ok = it.crop is not None
-                if ok:
-                    row = it.vec_row if it.vec_row is not None else next(rows)
-                catalog.upsert_file(
-                    conn,
-                    dict(
-                        root=f.root,
-                        relpath=f.relpath,
-                        relpath_raw=f.relpath_raw,
-                        size=f.size,
-                        mtime=f.mtime,
-                        sha256=it.sha256,
-                        width=it.width,
-                        height=it.height,
-                        format=it.format,
-                        status=catalog.INDEXED if ok else catalog.FAILED,
-                        reason=it.reason,
-                        vec_row=row if ok else None,
-                    ),
-                )
+                catalog.upsert_file(conn, file_values(it, it.vec_row if it.vec_row is not None or it.crop is None
+                                                      else next(rows)))
+            vectors.record_chunk(conn, store, 0, start, len(encoded))
+            record_runs(conn, store, actor_rows)
             vectors.save(conn, store)
 
     return write
+
+
+def file_values(it: Item, vec_row: int | None) -> dict:
+    """The catalog row of a decoded item (failed when it has no crop)."""
+    f, ok = it.found, it.crop is not None
+    return dict(root=f.root, relpath=f.relpath, relpath_raw=f.relpath_raw, size=f.size, mtime=f.mtime,
+                sha256=it.sha256, width=it.width, height=it.height, format=it.format,
+                status=catalog.INDEXED if ok else catalog.FAILED, reason=it.reason, vec_row=vec_row if ok else None)
+
+
+def record_runs(conn, store: VectorStore, addresses) -> None:
+    """One checksum per run of consecutive addresses (rows an encoder actor wrote for one batch)."""
+    addresses = np.unique(np.asarray(list(addresses), dtype=np.int64))
+    if not len(addresses):
+        return
+    breaks = np.flatnonzero(np.diff(addresses) != 1) + 1
+    for run in np.split(addresses, breaks):
+        segment, first = int(run[0]) >> vectors.SEGMENT_BITS, int(run[0]) & vectors.ROW_MASK
+        vectors.record_chunk(conn, store, segment, first, len(run))
 
 
 FOLD_BELOW_ROWS = 1_000_000  # 1.3 GB at 640-d: seconds to copy, against a GPU-hour to encode that many
@@ -70,7 +74,9 @@ def fold_small_segments(db: Engine, store: VectorStore, below: int = FOLD_BELOW_
         for n in small:
             rows, base = store.committed(n), store.rows
             for start in range(0, rows, CHUNK):
-                store.append(store.get(vectors.address(n, start) + np.arange(min(CHUNK, rows - start))))
+                first = store.append(store.get(vectors.address(n, start) + np.arange(min(CHUNK, rows - start))))
+                vectors.record_chunk(conn, store, 0, first, min(CHUNK, rows - start))
+            vectors.forget_chunks(conn, vectors.segment_key(store, n))
             catalog.readdress(conn, vectors.address(n, 0), vectors.address(n + 1, 0), base - vectors.address(n, 0))
             store.forget(n)
             moved += rows

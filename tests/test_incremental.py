@@ -16,6 +16,7 @@ import pytest
 
 import alignsearch
 from alignsearch import catalog
+from alignsearch.errors import AlignSearchError
 from conftest import index_json, make_images, run
 
 
@@ -68,7 +69,7 @@ def test_reindex_switches_the_model(tmp_path, tiny_model, other_model):
     index_json(ix, root, "--model", tiny_model, "--device", "cpu")
     assert run("index", "--index", ix, "--model", other_model, code=5)
     s = index_json(ix, "--model", other_model, "--reindex")
-    assert s["added"] == 4 and vector_rows(ix) == 4
+    assert s["reencoded"] == 4 and s["added"] == 0 and vector_rows(ix) == 4  # a new generation, folded
     engine = alignsearch.open(ix)
     assert engine.model_info["model"] == str(other_model)
     assert engine.search(image=root / "img001.jpg", k=1)[0].score == pytest.approx(1, abs=2e-3)
@@ -222,9 +223,10 @@ def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(tmp_path, tiny_
         conn.close()
 
     set_version(1)  # written before vector segments: its rows are segment 0 addresses
-    assert len(alignsearch.open(ix).search(text="x", k=5)) == 2
+    assert len(alignsearch.open(ix).search(text="x", k=5)) == 2  # read as it is: a reader writes nothing
+    index_json(ix, "--device", "cpu")  # the next writer upgrades it
     with alignsearch.open(ix).db.connect() as conn:
         assert catalog.get_meta(conn, "schema_version") == catalog.SCHEMA_VERSION == 2
     set_version(3)
-    with pytest.raises(RuntimeError, match="upgrade alignsearch"):
+    with pytest.raises(AlignSearchError, match="upgrade alignsearch"):
         alignsearch.open(ix)

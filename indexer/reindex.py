@@ -1,0 +1,128 @@
+"""`alignsearch index --reindex`: encode every indexed file again as a new generation, never a wipe.
+
+The new model is loaded (and so checked) before anything is written. Its vectors go to a segment of
+their own (`vectors/next/<id>.f16`) and each file's new address to `pending_vectors`, committed batch by
+batch with checksums, while queries go on answering from the live generation with its own model. A
+killed re-encode resumes where it stopped (with the same model; another model starts it afresh). When
+every file has its new vector, the ANN index of the new generation is written beside the old one
+(index.faiss.next) and one transaction makes it live: files point at the new vectors, the model and
+the ANN checksum are the new ones, the generation number grows. Readers notice the generation on their
+next query and swap their snapshot whole (alignsearch/engine.py). The old vectors are dropped after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+
+from alignsearch import catalog, vectors
+from alignsearch.engine import ANN_FILE, VECTORS_FILE
+from alignsearch.model import Encoder, load_recorded
+from alignsearch.vectors import VectorStore
+from indexer import build, pipeline, scan, writer
+
+log = logging.getLogger(__name__)
+NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so no writer deletes it
+
+
+def load_new_model(recorded: dict, model: str | None, device: str) -> Encoder:
+    """The model to re-encode with: the one named, else the one the index records (never the hub default)."""
+    return Encoder(model, device) if model else load_recorded(recorded, None, device)
+
+
+def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, batch_size: int, fast: bool,
+             on_batch=lambda n: None) -> int:
+    """Encode every indexed file without a pending vector into the next generation; returns how many."""
+    state = _state(db, encoder, store)
+    pending = VectorStore(store.folder / f"{state['segment']}.f16", encoder.dim, state["rows"])
+    pending.path.parent.mkdir(parents=True, exist_ok=True)
+    vectors.fsync_dir(pending.path.parent.parent)
+    pending.truncate_uncommitted()  # what a killed re-encode wrote past its last commit
+    with db.connect() as conn:
+        done = {i for (i,) in conn.execute(select(catalog.pending_vectors.c.file_id))}
+        rows = [r for r in catalog.indexed_files(conn) if r.id not in done]
+    ids = {(r.root, r.relpath): r.id for r in rows}
+    todo = [scan.Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw) for r in rows]
+
+    def write(batch, new_vectors, actor_rows=()) -> None:
+        good = [it for it in batch if it.crop is not None]
+        start = pending.append(new_vectors) if good else pending.rows
+        with db.begin() as conn:
+            if good:
+                conn.execute(insert(catalog.pending_vectors), [
+                    {"file_id": ids[(it.found.root, it.found.relpath)], "vec_row": start + n} for n, it in enumerate(good)])
+            vectors.record_chunk(conn, pending, 0, start, len(good), key=state["segment"])
+            count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
+            catalog.set_meta(conn, "reindex", {**state, "rows": pending.rows, "done": count})
+
+    items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0, fast=fast)
+    pipeline.run(items, encoder, write, batch_size, on_batch)
+    return len(todo)
+
+
+def _state(db, encoder: Encoder, store: VectorStore) -> dict:
+    """The re-encode in progress with this model, or a new one (a different model's is discarded)."""
+    with db.begin() as conn:
+        state = catalog.get_meta(conn, "reindex")
+        if state is not None and state["model"]["fingerprint"] == encoder.fingerprint:
+            return state
+        if state is not None:
+            log.info("discarding the unfinished re-encode with %s", state["model"]["model"])
+            _discard(conn, store, state)
+        live = {store.segments[n][0] for n in store.segments}
+        for left in (store.folder / NEXT_FOLDER).glob("*.f16"):  # a killed run's, or one folded after its switch
+            if f"{NEXT_FOLDER}/{left.stem}" not in live:
+                left.unlink()
+        state = {"model": encoder.describe(), "segment": f"{NEXT_FOLDER}/{uuid.uuid4().hex}", "rows": 0, "done": 0}
+        catalog.set_meta(conn, "reindex", state)
+        return state
+
+
+def _discard(conn, store: VectorStore, state: dict) -> None:
+    conn.execute(delete(catalog.pending_vectors))
+    vectors.forget_chunks(conn, state["segment"])
+    catalog.delete_meta(conn, "reindex")
+    (store.folder / f"{state['segment']}.f16").unlink(missing_ok=True)
+
+
+def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options: dict) -> dict:
+    """Make the re-encoded generation live (see the module's docstring); returns the ANN build's report."""
+    with db.connect() as conn:
+        state = catalog.get_meta(conn, "reindex")
+        pending = np.array(conn.execute(select(catalog.pending_vectors.c.file_id, catalog.pending_vectors.c.vec_row)
+                                        .join(catalog.files, catalog.files.c.id == catalog.pending_vectors.c.file_id)
+                                        .where(catalog.files.c.status == catalog.INDEXED)
+                                        .order_by(catalog.pending_vectors.c.file_id)).all(),
+                           dtype=np.int64).reshape(-1, 2)
+        generation = catalog.get_meta(conn, "generation", 0)
+    number = max(store.numbers()) + 1  # a number no reader of the old generation knows
+    new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (state["segment"], state["rows"])})
+    live = np.stack([pending[:, 0], vectors.address(number, 0) + pending[:, 1]], axis=1) if len(pending) else pending
+    old_keys = [vectors.segment_key(store, s) for s in store.numbers()]
+
+    def commit(conn) -> None:
+        f, p = catalog.files.c, catalog.pending_vectors.c
+        new_row = select(p.vec_row + vectors.address(number, 0)).where(p.file_id == f.id).scalar_subquery()
+        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED).values(vec_row=new_row))
+        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED, f.vec_row.is_(None)).values(
+            status=catalog.FAILED, reason="cannot read: the file could not be read again to re-encode it"))
+        conn.execute(delete(catalog.pending_vectors))
+        for key in old_keys:
+            vectors.forget_chunks(conn, key)
+        vectors.save(conn, new)
+        catalog.set_meta(conn, "model", encoder.describe())
+        catalog.set_meta(conn, "generation", generation + 1)
+        catalog.delete_meta(conn, "reindex")
+
+    built = build.sync_index(db, new, out / ANN_FILE, rebuild=True, live=live, on_commit=commit, **rebuild_options)
+    new.truncate_uncommitted()  # the old generation's vectors: vectors.f16 emptied, old segments deleted
+    return built
+
+
+def fold(db, store: VectorStore) -> None:
+    """Copy a small new generation into vectors.f16 (as a Ray run's segments are)."""
+    writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)

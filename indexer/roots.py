@@ -1,0 +1,217 @@
+"""The roots of an index: where a new one goes (never a second copy of a folder already indexed), what each
+remembers (options such as include_hidden, listing errors), listing them with their counts and state,
+and forgetting one.
+
+Kept in the catalog's meta table: `roots` [root], `root_options` {root: {"include_hidden": true}} (only
+options that differ from the defaults), `listing_errors` {root: [{"folder", "reason"}]} from the last run
+that scanned the root (a folder, or the whole root, that could not be listed: its rows were kept).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignsearch import catalog, sources
+from alignsearch.errors import BadInputError
+from indexer import scan
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str], dict[str, str], list[str]]:
+    """Fit the roots given on the command line among the known ones, so that no file is indexed twice:
+    a folder inside a known folder root is indexed as part of it (a re-scan of that root covers it); a
+    folder that contains known folder roots takes them over (their rows move under it, vectors and ids
+    kept, in one transaction). Returns (every root, the roots remembered now, {given root: the root that
+    holds it}, notes to print)."""
+    roots, known = list(known), list(known)
+    holder: dict[str, str] = {}
+    notes: list[str] = []
+    for root in given:
+        if root in roots or sources.kind(root) != sources.FOLDER:
+            roots += [] if root in roots else [root]
+            holder[root] = root
+            continue
+        folders = [k for k in roots if sources.kind(k) == sources.FOLDER]
+        outer = next((k for k in folders if _inside(root, k)), None)
+        if outer is not None:
+            notes.append(f"{root} is inside the indexed folder {outer}: indexed as part of it")
+            holder[root] = outer
+            continue
+        inner = [k for k in folders if _inside(k, root)]
+        if inner:
+            with db.begin() as conn:
+                for k in inner:
+                    rebase_root(conn, k, root)
+                roots = [k for k in roots if k not in inner] + [root]
+                known = [k for k in known if k not in inner] + [root]
+                options = catalog.get_meta(conn, "root_options", {})
+                merged = next((options[k] for k in inner if k in options), None)
+                for k in inner:
+                    options.pop(k, None)
+                if merged:
+                    options[root] = merged
+                errors = catalog.get_meta(conn, "listing_errors", {})
+                catalog.set_meta(conn, "listing_errors", {k: v for k, v in errors.items() if k not in inner})
+                catalog.set_meta(conn, "root_options", options)
+                catalog.set_meta(conn, "roots", roots)
+            notes += [f"{k} is inside {root}: its files now belong to {root}" for k in inner]
+        else:
+            roots.append(root)
+        holder[root] = root
+    return roots, known, holder, notes
+
+
+def rebase_root(conn, old: str, new: str) -> None:
+    """Rows of root `old` (a folder inside `new`) become rows of `new`, ids and vectors unchanged."""
+    prefix = os.path.relpath(old, new)
+    raw_prefix = os.fsencode(prefix)
+    for row in catalog.files_under(conn, old).values():
+        raw = raw_prefix + b"/" + row.relpath_raw if row.relpath_raw else None
+        catalog.move_file(conn, row.id, new, f"{scan.printable(prefix)[0]}/{row.relpath}", raw)
+
+
+def options_for(db, given_roots: list[str], include_hidden: bool | None) -> dict[str, dict]:
+    """Each root's remembered options, updated by this run's flag (None: not given) for the roots it names."""
+    with db.connect() as conn:
+        options = catalog.get_meta(conn, "root_options", {})
+    if include_hidden is not None:
+        for root in given_roots:
+            mine = {k: v for k, v in options.get(root, {}).items() if k != "include_hidden"}
+            if include_hidden:
+                mine["include_hidden"] = True
+            options[root] = mine
+    return {root: opts for root, opts in options.items() if opts}
+
+
+@dataclass
+class Scanned:
+    """Every root scanned and compared with the catalog."""
+
+    todo: list = field(default_factory=list)
+    removed: list = field(default_factory=list)
+    changed: set = field(default_factory=set)  # (root, relpath) of todo files the catalog held already
+    unchanged: int = 0
+    kept: int = 0  # rows kept because their folder could not be listed
+    listing_errors: list = field(default_factory=list)  # [{"root", "folder", "reason"}]
+    no_images: list = field(default_factory=list)  # roots that listed fine and hold no image
+    errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
+
+
+def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict) -> Scanned:
+    """List every root and diff it with its catalog rows. A root or folder that cannot be listed keeps its
+    rows and is reported; a new root that cannot be listed at all is refused (BadInputError)."""
+    out = Scanned()
+    with db.connect() as conn:
+        for root in roots:
+            errors: list[scan.ListingError] = []
+            try:
+                if not sources.exists(root):
+                    raise FileNotFoundError(f"{root} is missing")
+                found = list(scan.scan(root, options.get(root, {}).get("include_hidden", False), columns.get(root),
+                                       errors))
+            except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
+                reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
+                if root not in known:  # a new root is only remembered once it could be listed
+                    raise BadInputError(f"cannot index {root}: {reason}") from None
+                found, errors = [], [scan.ListingError("", reason)]
+            if root not in known and any(e.folder == "" for e in errors):
+                raise BadInputError(f"cannot index {root}: {errors[0].reason}")
+            rows = catalog.files_under(conn, root)
+            d = scan.diff(found, rows, [e.folder for e in errors])
+            out.todo += d.todo
+            out.removed += d.removed
+            out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)
+            out.unchanged += d.unchanged
+            out.kept += d.kept
+            listed = [{"folder": sources.location(root, e.folder) if e.folder else root, "reason": e.reason}
+                      for e in errors]
+            out.errors_by_root[root] = listed
+            out.listing_errors += [{"root": root, **e} for e in listed]
+            if not found and not errors:
+                out.no_images.append(root)
+    return out
+
+
+def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanned) -> None:
+    with db.begin() as conn:
+        catalog.set_meta(conn, "roots", roots)
+        catalog.set_meta(conn, "list_columns", columns)
+        catalog.set_meta(conn, "root_options", {r: o for r, o in options.items() if r in roots})
+        errors = {r: e for r, e in scanned.errors_by_root.items() if e}
+        catalog.set_meta(conn, "listing_errors", errors)
+
+
+def report(db) -> list[dict]:
+    """Every root with its counts (indexed, failed), state (ok, missing, listing errors), options and the
+    folders its last run could not list."""
+    with db.connect() as conn:
+        roots = catalog.get_meta(conn, "roots", [])
+        options = catalog.get_meta(conn, "root_options", {})
+        errors = catalog.get_meta(conn, "listing_errors", {})
+        counts = catalog.count_by_root(conn)
+    out = []
+    for root in roots:
+        try:
+            present = sources.exists(root)
+        except BadInputError:
+            present = False
+        state = "missing" if not present else "listing errors" if errors.get(root) else "ok"
+        c = counts.get(root, {})
+        out.append({"root": root, "indexed": c.get(catalog.INDEXED, 0), "failed": c.get(catalog.FAILED, 0),
+                    "state": state, "options": options.get(root, {}), "listing_errors": errors.get(root, [])})
+    return out
+
+
+def match(root: str, roots: list[str]) -> str | None:
+    """The known root a name given on the command line means, even when its folder is gone."""
+    if root in roots:
+        return root
+    candidates = {root.rstrip("/"), os.path.abspath(root)}
+    if not sources.is_url(root):
+        candidates.add(str(Path(root).resolve()))
+    return next((r for r in roots if r in candidates), None)
+
+
+def forget(db, root: str) -> tuple[str, int]:
+    """Drop a root and its rows from the catalog (the caller syncs the ANN index); returns (root, files)."""
+    with db.begin() as conn:
+        roots = catalog.get_meta(conn, "roots", [])
+        name = match(root, roots)
+        if name is None:
+            listed = ", ".join(roots) or "none"
+            raise BadInputError(f"{root} is not a root of this index (its roots: {listed}); see `alignsearch roots`")
+        removed = catalog.delete_root(conn, name)
+        catalog.set_meta(conn, "roots", [r for r in roots if r != name])
+        for key in ("root_options", "listing_errors", "list_columns"):
+            value = catalog.get_meta(conn, key, {})
+            if name in value:
+                value.pop(name)
+                catalog.set_meta(conn, key, value)
+    return name, removed
+
+
+def forget_root(index_dir, root: str) -> dict:
+    """`alignsearch forget ROOT`: drop the root's rows from the catalog, then bring the ANN index in line
+    (one writer at a time). Works when the root's folder is gone."""
+    from alignsearch import vectors
+    from alignsearch.paths import ANN_FILE, DB_FILE
+    from indexer import build
+    from indexer.lock import writer_lock
+
+    out = Path(index_dir)
+    with writer_lock(out):
+        db = catalog.connect(out / DB_FILE)
+        try:
+            name, removed = forget(db, root)
+            with db.connect() as conn:
+                model = catalog.get_meta(conn, "model")
+                store = vectors.load(conn, out, int(model["dim"])) if model else None
+            built = build.sync_index(db, store, out / ANN_FILE) if store is not None else {}
+        finally:
+            db.dispose()
+    return {"root": name, "files": removed, "vectors": built.get("vectors")}

@@ -119,7 +119,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
 @click.argument("text", required=False)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image to search with (alone or with TEXT).")
 @click.option("--negative", help="Text whose concept to subtract from the query.")
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000).")
 @click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query.")
 @click.option("--image-weight", type=float, default=1.0, show_default=True)
 @click.option("--negative-weight", type=float, default=1.0, show_default=True)
@@ -136,16 +136,19 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
+    from alignsearch import querycheck
     from alignsearch.paths import resolve_index_dir
 
+    checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
+                                  image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     found = resolve_index_dir(index_dir)
     answer = None
     if model is None and nprobe is None:  # a warm `alignsearch serve` answers in milliseconds
         from alignsearch.client import search_via_server
 
-        fields = {"q": text, "k": k, "negative": negative, "text_weight": text_weight,
+        fields = {"q": text, "k": k, "negative": checked["negative"], "text_weight": text_weight,
                   "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
-        answer = search_via_server(found, fields, image)
+        answer = search_via_server(found, fields, image, notice=lambda line: click.echo(line, err=True))
     if answer is not None:
         hits = answer["results"]
     else:
@@ -324,26 +327,39 @@ def info(failed, as_json, index_dir):
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on; another than loopback only when you mean it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
-@click.option("--token", envvar="ALIGNSEARCH_TOKEN", help="Require this token on every API request (env ALIGNSEARCH_TOKEN).")
+@click.option("--token", envvar="ALIGNSEARCH_TOKEN", help="Require this token instead of a random one per start (env ALIGNSEARCH_TOKEN).")
+@click.option("--no-token", is_flag=True, help="Require no token (loopback only): any local program or user can then search.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests addressed to NAME (a DNS name or address clients use; repeatable). "
+                   "Other Host headers are refused, which stops DNS rebinding.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
 @click.option("--bf16-text", is_flag=True, help="Encode text queries in bfloat16 on the CPU (about 2x faster on CPUs with AVX512-BF16/AMX).")
 @index_option
 @device_option
 @reports_errors
-def serve(host, port, token, verbose, bf16_text, index_dir, device):
-    """Serve the index warm: a JSON API and a search page at http://HOST:PORT/."""
+def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_dir, device):
+    """Serve the index warm: a JSON API (OpenAPI at /docs) and a search page at the URL it prints.
+
+    The URL carries a random token, required by every API call; opening it sets a cookie. The CLI's
+    `query` finds the server and its token in the index's server record."""
+    import logging
+
+    from alignsearch.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
+
+    if no_token and (token or not is_loopback(host)):
+        raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()
     from alignsearch.engine import open as open_index
-    from alignsearch.server import LOOPBACK, ServerConfig, serve as run_server
 
-    if host not in LOOPBACK and not token:
-        click.echo(f"warning: serving on {host} without --token: anyone who can reach it can search and view "
-                   "the indexed images", err=True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if host not in LOOPBACK and not allow_hosts:
+        click.echo(f"note: clients must address this server as {host}; add --allow-host NAME for the names they use",
+                   err=True)
     engine = open_index(index_dir, device=device, text_bf16=bf16_text)
-    config = ServerConfig(host=host, port=port, token=token)
+    config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 
     def ready(server):
-        click.echo(f"serving {engine.dir} on http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)", err=True)
+        click.echo(f"serving {engine.dir} on {server.open_url} (Ctrl-C to stop)", err=True)
 
     try:
         run_server(engine, config, ready, verbose)

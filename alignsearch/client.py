@@ -1,52 +1,131 @@
-"""The CLI's side of the warm server: send a query to `alignsearch serve` when it runs for this index."""
+"""The CLI's side of the warm server: send a query to `alignsearch serve` when it runs for this index.
+
+The server record (.alignsearch/server.json, mode 0600) names the process, the host it was written on,
+the address, the token and the index id. A record is used only when it was written on this host, its
+process is alive, and the server it names proves on contact (GET /api/info with the token) that it
+serves this very index: the same index id, in the same directory. Otherwise the caller searches
+locally, after one `notice:` line saying why (a copied index, a server killed with -9, a record from
+another machine...).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import uuid
 from pathlib import Path
+from typing import Callable
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlencode
 from urllib.request import Request, urlopen
 
 from alignsearch.errors import BadInputError
-from alignsearch.paths import SERVER_FILE
+from alignsearch.paths import DB_FILE, SERVER_FILE
+
+CONTACT_TIMEOUT = 2.0
 
 
-def _running(index_dir: Path) -> dict | None:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def local_index_id(index_dir: Path) -> str | None:
+    """This index's id (catalog.index_id), read without writing to the catalog."""
+    from sqlalchemy import create_engine
+
+    from alignsearch import catalog
+
+    db = create_engine(f"sqlite:///file:{index_dir / DB_FILE}?mode=ro&uri=true")
     try:
-        record = json.loads((index_dir / SERVER_FILE).read_text())
-        os.kill(record["pid"], 0)  # is that process alive?
-        return record
-    except (OSError, ValueError, KeyError):
+        with db.connect() as conn:
+            return catalog.index_id(conn)
+    except Exception:  # noqa: BLE001 - an unreadable catalog: then no server can prove anything
         return None
+    finally:
+        db.dispose()
 
 
-def search_via_server(index_dir: Path, fields: dict, image: str | None, timeout: float = 30.0) -> dict | None:
-    """The server's JSON answer, or None when no server runs for this index (the caller then loads
-    the engine itself). A query the server rejects raises BadInputError with its message."""
-    record = _running(index_dir)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _same_dir(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _request(record: dict, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30.0):
+    headers = dict(headers or {})
+    if record.get("token"):
+        headers["Authorization"] = f"Bearer {record['token']}"
+    request = Request(f"{record['url']}{path}", data=data, headers=headers, method="POST" if data is not None else "GET")
+    with urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def verified_server(index_dir: Path, notice: Callable[[str], None] = _stderr) -> dict | None:
+    """The record of a server that proves it serves index_dir, or None (with a notice when a record was
+    there but could not be used)."""
+    path = index_dir / SERVER_FILE
+    try:
+        record = json.loads(path.read_text())
+        pid, url = int(record["pid"]), str(record["url"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        notice(f"notice: ignoring the unreadable server record {path}; searching locally")
+        return None
+    if record.get("hostname") != socket.gethostname():
+        notice(f"notice: the server record {path} was written on another host ({record.get('hostname')}); "
+               "searching locally")
+        return None
+    if not _alive(pid):
+        notice(f"notice: the server recorded in {path} is not running (process {pid} is gone); searching locally")
+        return None
+    try:
+        info = _request(record, "/api/info", timeout=CONTACT_TIMEOUT)
+    except (HTTPError, URLError, OSError, ValueError) as exc:
+        notice(f"notice: the server at {url} did not answer ({getattr(exc, 'code', None) or exc}); searching locally")
+        return None
+    if info.get("index_id") != local_index_id(index_dir) or not _same_dir(str(info.get("index_dir")), index_dir):
+        notice(f"notice: the server at {url} serves another index ({info.get('index_dir')}), not {index_dir} "
+               "(a copy?); searching locally")
+        return None
+    return record
+
+
+def search_via_server(index_dir: Path, fields: dict, image: str | None, timeout: float = 30.0,
+                      notice: Callable[[str], None] = _stderr) -> dict | None:
+    """The server's JSON answer, or None when no verified server runs for this index (the caller then
+    loads the engine itself). A query the server rejects raises BadInputError with its message."""
+    record = verified_server(index_dir, notice)
     if record is None:
         return None
     fields = {k: str(v) for k, v in fields.items() if v is not None}
-    headers = {"Authorization": f"Bearer {record['token']}"} if record.get("token") else {}
-    if image is None:
-        request = Request(f"{record['url']}/api/search?{urlencode(fields)}", headers=headers)
-    else:
+    try:
+        if image is None:
+            return _request(record, f"/api/search?{urlencode(fields)}", timeout=timeout)
         boundary = uuid.uuid4().hex
         parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
                      "Content-Type: application/octet-stream\r\n\r\n".encode() + Path(image).read_bytes() + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        request = Request(f"{record['url']}/api/search", data=body, headers=headers, method="POST")
-    try:
-        with urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        return _request(record, "/api/search", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout)
     except HTTPError as exc:
-        if 400 <= exc.code < 500:
+        if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
             raise BadInputError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+        notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
         return None
-    except (URLError, OSError, ValueError):
+    except (URLError, OSError, ValueError) as exc:
+        notice(f"notice: the server at {record['url']} failed ({exc}); searching locally")
         return None

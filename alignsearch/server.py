@@ -1,90 +1,125 @@
-"""`alignsearch serve`: one warm engine behind a small JSON API and a web page.
+"""`alignsearch serve`: one warm engine behind a JSON API and a web page, on FastAPI and uvicorn.
 
-Standard library HTTP (ThreadingHTTPServer): searches from many clients run concurrently, the encoder
-is serialised by the engine, FAISS and SQLite are read concurrently. Files are served only by catalog
-id, uploads are size-capped and decoded with the indexer's bomb guards, and the only thing written to
-disk is the thumbnail cache.
+Closed by default: only requests whose Host header names the bound address (or a name given with
+--allow-host) are answered, which defeats DNS rebinding, and every API call needs the per-start token,
+sent as `Authorization: Bearer TOKEN` or as the HttpOnly SameSite=Strict cookie the page gets when it
+is opened from the URL `serve` prints. Request bodies are capped while they stream (the framework's
+body limit counts chunked bodies too) and multipart forms are capped in fields, files and field size.
+Query arguments are checked by alignsearch.querycheck, the rules the CLI and Engine.search use.
+
+Encoding runs on one worker thread fed by a bounded queue (full: 503), so a burst of text or image
+queries waits in line without holding a thread each; searches by stored vector, images and
+thumbnails run on the framework's thread pool and never wait for the encoder. Files are served only
+while the catalog row still describes them: a regular file, opened without following a symlink,
+whose size and mtime equal the catalog's.
 """
 
-from __future__ import annotations
-
-import email.parser
-import email.policy
+import asyncio
+import atexit
+import errno
 import hmac
 import io
 import json
-import mimetypes
+import logging
 import os
+import queue
+import secrets
+import socket
+import stat
 import tempfile
 import threading
+import typing
 from collections import OrderedDict
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Annotated, Any, Callable
 
-from alignsearch import sources
+from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, create_model
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import alignsearch
+from alignsearch import catalog, querycheck, sources
+from alignsearch import engine as engine_module
 from alignsearch.engine import Engine
-from alignsearch.paths import SERVER_FILE
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
 from alignsearch.images import open_rgb
+from alignsearch.paths import SERVER_FILE
+
+log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 TAR_SHARDS_KEPT = 64  # member lists the server keeps, most recently used
 THUMB_SIZES = (64, 128, 256, 512, 1024)
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-ROUTES = {
-    ("GET", "/"): "page",
-    ("GET", "/healthz"): "healthz",
-    ("GET", "/api/info"): "info",
-    ("GET", "/api/search"): "search_get",
-    ("POST", "/api/search"): "search_post",
-}
-PREFIX_ROUTES = {"/api/image/": "image", "/static/": "static"}
+WILDCARD = {"0.0.0.0", "::", ""}
+FORM_FIELD_BYTES = 16 * 1024  # one text field of a multipart form (a text is at most MAX_TEXT_CHARS characters)
+FORM_FIELDS = 12
+BODY_BYTES = querycheck.MAX_IMAGE_BYTES + FORM_FIELDS * FORM_FIELD_BYTES  # one image and its fields
+BACKLOG = 2048
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),  # the page's first URL carries the token
+    (b"x-frame-options", b"DENY"),
+]
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    token: str | None = None
-    max_k: int = 1000
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_upload_pixels: int = 50_000_000
+    token: str | None = None  # None: a random token per start, unless no_token
+    no_token: bool = False  # loopback only
+    allow_hosts: tuple[str, ...] = ()  # Host header names served besides the bound address
+    queue_size: int = 32  # encoding requests waiting; one more gets 503
+    max_upload_bytes: int = BODY_BYTES
+    max_upload_pixels: int = querycheck.MAX_IMAGE_PIXELS
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
-def _number(params: dict, name: str, kind, default, low=None, high=None):
-    raw = params.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be a {kind.__name__}, got {raw!r}") from None
-    if (low is not None and value < low) or (high is not None and value > high) or value != value:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be between {low} and {high}, got {raw!r}")
-    return value
+def is_loopback(host: str) -> bool:
+    return host.strip("[]").lower() in LOOPBACK or host.startswith("127.")
 
 
-def search_params(params: dict, max_k: int) -> dict[str, Any]:
-    """Validated search arguments from query-string or form fields (a pure function, unit-tested)."""
-    return {
-        "k": _number(params, "k", int, 20, 1, max_k),
-        "text_weight": _number(params, "text_weight", float, 2.0, -100, 100),
-        "image_weight": _number(params, "image_weight", float, 1.0, -100, 100),
-        "negative_weight": _number(params, "negative_weight", float, 1.0, -100, 100),
-        "negative": params.get("negative") or None,
-        "tag": params.get("tag") or None,
-    }
+def resolve_token(config: ServerConfig) -> str | None:
+    """The token this start requires: the configured one, none (--no-token, loopback only), or a fresh random one."""
+    if config.no_token:
+        if config.token:
+            raise ValueError("give either a token or no_token, not both")
+        if not is_loopback(config.host):
+            raise ValueError(f"serving {config.host} without a token is refused: --no-token is for loopback only")
+        return None
+    return config.token or secrets.token_urlsafe(32)
+
+
+def allowed_hosts(config: ServerConfig) -> frozenset[str]:
+    """Host header names (without port) this server answers: the bound address, the loopback names
+    when bound to loopback or to every interface, and the names given with --allow-host."""
+    names = {config.host.strip("[]").lower(), *(h.strip("[]").lower().rstrip(".") for h in config.allow_hosts)}
+    if is_loopback(config.host) or config.host in WILDCARD:
+        names |= LOOPBACK
+    return frozenset(names - WILDCARD)
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets: `[::1]:80` -> `::1`, `Example.:80` -> `example`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
 
 
 def thumb_size(requested: int) -> int:
@@ -92,197 +127,169 @@ def thumb_size(requested: int) -> int:
     return next((s for s in THUMB_SIZES if s >= requested), THUMB_SIZES[-1])
 
 
-def parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
-    """Form fields as str, file fields as bytes."""
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        raise ApiError(HTTPStatus.BAD_REQUEST, "expected multipart/form-data with an 'image' field")
-    fields: dict[str, Any] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        payload = part.get_payload(decode=True) or b""
-        fields[name] = payload if part.get_filename() is not None else payload.decode("utf-8", "replace")
-    return fields
+def cookie_name(port: int) -> str:
+    """One cookie per port: cookies ignore ports, and two servers on one machine must not share one."""
+    return f"alignsearch-token-{port}"
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: "AlignSearchServer"
-    protocol_version = "HTTP/1.1"
-    timeout = 60  # a client that stops sending mid-request frees its thread
+class HostCheck:
+    """ASGI middleware: a request whose Host header is not one of ours gets 400 (DNS rebinding), and every
+    response gets a few security headers. TrustedHostMiddleware's rule, with IPv6 literals understood."""
 
-    def log_message(self, fmt, *args):  # quiet by default; the CLI prints one line per start
-        if self.server.verbose:
-            super().log_message(fmt, *args)
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
 
-    # -- plumbing
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (extra or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if host_name(host) not in self.hosts:
+            body = json.dumps({"error": f"this server does not answer for Host {host!r}: start it with "
+                                        "--allow-host NAME to reach it by another name"}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close"), *SECURITY_HEADERS]})
+            return await send({"type": "http.response.body", "body": body})
 
-    def _json(self, status: HTTPStatus, data: Any) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
 
-    def _dispatch(self) -> None:
-        url = urlsplit(self.path)
-        params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        return await self.app(scope, receive, secured)
+
+
+class EncoderQueue:
+    """One worker thread runs the encoding jobs in order; submit() refuses (503) when `size` wait already."""
+
+    def __init__(self, size: int):
+        self._jobs: queue.Queue = queue.Queue(maxsize=size)
+        self._thread = threading.Thread(target=self._run, name="alignsearch-encoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args, **kwargs) -> Future:
+        future: Future = Future()
         try:
-            method = "GET" if self.command == "HEAD" else self.command
-            name = ROUTES.get((method, url.path))
-            rest = ""
-            for prefix, handler in PREFIX_ROUTES.items():
-                if name is None and method == "GET" and url.path.startswith(prefix):
-                    name, rest = handler, url.path.removeprefix(prefix)
-            if name is None:
-                if any(path == url.path for _, path in ROUTES):
-                    raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {url.path}")
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {url.path}")
-            if name not in ("page", "static", "healthz"):  # the page and its assets load before a token is typed
-                self._authorise(params)
-            getattr(self, name)(params, rest)
-        except ApiError as exc:
-            self._json(exc.status, {"error": str(exc)})
-        except AlignSearchError as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-        except (BrokenPipeError, ConnectionResetError):
+            self._jobs.put_nowait((fn, args, kwargs, future))
+        except queue.Full:
+            raise ApiError(503, f"the encoder is busy ({self._jobs.maxsize} queries waiting): try again shortly",
+                           {"Retry-After": "1"}) from None
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, kwargs, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the request that asked
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        try:
+            self._jobs.put(None, timeout=1)
+        except queue.Full:
             pass
-        except Exception as exc:  # noqa: BLE001 - a bug must not leak a traceback to the client
-            self.log_error("internal error: %r", exc)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-
-    def do_GET(self):  # noqa: N802
-        self._dispatch()
-
-    def do_HEAD(self):  # noqa: N802
-        self._dispatch()
-
-    def do_POST(self):  # noqa: N802
-        self._dispatch()
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST  # answered 405 (or 404) with a JSON body
-
-    def _authorise(self, params: dict) -> None:
-        token = self.server.config.token
-        if token is None:
-            return
-        given = params.get("token") or ""
-        auth = self.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = auth.removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send Authorization: Bearer TOKEN or ?token=")
-
-    def _body(self) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required") from None
-        if length > self.server.config.max_upload_bytes:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"upload of {length} bytes exceeds the limit of {self.server.config.max_upload_bytes}")
-        return self.rfile.read(length)
-
-    # -- endpoints
-    def healthz(self, params, _rest):
-        self._json(HTTPStatus.OK, {"ok": True})
-
-    def info(self, params, _rest):
-        self._json(HTTPStatus.OK, self.server.engine.info())
-
-    def search_get(self, params, _rest):
-        args = search_params(params, self.server.config.max_k)
-        text, similar = params.get("q") or None, params.get("similar")
-        engine = self.server.fresh_engine()
-        if similar:
-            file_id = _number(params, "similar", int, None, 1)
-            vector = engine.vector_of(file_id)
-            if vector is None:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no indexed image with id {file_id}")
-            hits = engine.search_vector(vector, args["k"], tag=args["tag"])
-        elif text is None:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "give q=TEXT (or similar=ID, or POST an image)")
-        else:
-            hits = engine.search(text=text, **args)
-        self._json(HTTPStatus.OK, {"query": {"q": text, "similar": similar, **args}, "results": [h.to_dict() for h in hits]})
-
-    def search_post(self, params, _rest):
-        content_type = self.headers.get("Content-Type", "")
-        body = self._body()
-        if not content_type.startswith("multipart/form-data"):
-            raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST multipart/form-data with an 'image' file field")
-        fields = parse_multipart(content_type, body)
-        image, text = fields.get("image"), fields.get("q") or None
-        if isinstance(image, str) or (image is not None and len(image) == 0):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the 'image' field must be a non-empty file")
-        if image is None and text is None:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "give an 'image' file, a 'q' text, or both")
-        args = search_params({k: v for k, v in fields.items() if isinstance(v, str)}, self.server.config.max_k)
-        pil = None
-        if image is not None:
-            try:
-                pil, _ = open_rgb(image, self.server.config.max_upload_pixels)
-            except BadImageError as exc:
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"unreadable image: {exc}") from None
-        hits = self.server.fresh_engine().search(text=text, image=pil, **args)
-        self._json(HTTPStatus.OK, {"query": {"q": text, "image": image is not None, **args},
-                                   "results": [h.to_dict() for h in hits]})
-
-    def image(self, params, raw_id: str):
-        if not raw_id.isdigit():
-            raise ApiError(HTTPStatus.NOT_FOUND, "image ids are integers")
-        size = _number(params, "size", int, None, 1, 4096)
-        row = self.server.engine.file(int(raw_id))
-        if row is None:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no indexed image with id {raw_id}")
-        cache = {"Cache-Control": "private, max-age=3600"}
-        if size is None and row.format in BROWSER_FORMATS:
-            try:
-                data = self.server.read(row)
-            except (OSError, BadInputError):
-                raise ApiError(HTTPStatus.NOT_FOUND, "the file is gone from its source: re-run alignsearch index") from None
-            self._send(HTTPStatus.OK, data, BROWSER_FORMATS[row.format], cache)
-            return
-        self._send(HTTPStatus.OK, self.server.thumbnail(row, thumb_size(size or 1024)), "image/jpeg", cache)
-
-    def static(self, params, name: str):
-        if name not in self.server.static_files:  # a fixed list: no path from the request reaches the disk
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name}")
-        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        self._send(HTTPStatus.OK, (WEB_DIR / name).read_bytes(), ctype)
-
-    def page(self, params, _rest):
-        self._send(HTTPStatus.OK, (WEB_DIR / "index.html").read_bytes(), "text/html; charset=utf-8")
 
 
-class AlignSearchServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def _changed(what: str) -> ApiError:
+    return ApiError(409, f"the file {what} since it was indexed: re-run alignsearch index")
 
-    def __init__(self, engine: Engine, config: ServerConfig, verbose: bool = False):
-        self.engine, self.config, self.verbose = engine, config, verbose
-        self.static_files = frozenset(p.name for p in WEB_DIR.iterdir() if p.is_file())
+
+def read_regular(path: str, size: int, mtime: float, read: bool = True) -> bytes | None:
+    """The bytes of path when it is still the file the catalog describes: opened without following a
+    symlink (O_NOFOLLOW) nor blocking on a FIFO, then checked on the open descriptor: a regular file of
+    that size and mtime. read=False checks only (for a cached thumbnail)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ApiError(404, "the file is gone from its source: re-run alignsearch index") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _changed("became a symbolic link") from None
+        raise ApiError(404, f"cannot open the file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _changed("is no longer a regular file")
+        if st.st_size != size or st.st_mtime != mtime:
+            raise _changed("changed")
+        return f.read() if read else None
+
+
+class Library:
+    """The engine and the files behind it, as the endpoints use them (blocking: called on worker threads)."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
         self.thumb_dir = engine.dir / "thumbs"
+        with engine.db.connect() as conn:
+            self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._members_lock = threading.Lock()
-        super().__init__((config.host, config.port), Handler)
 
-    def read(self, row) -> bytes:
-        """An indexed image's bytes. A tar member is read at its offset, from its shard's member list
-        read once and kept for the last TAR_SHARDS_KEPT shards (the catalog stores names, not offsets)."""
+    def fresh(self) -> Engine:
+        """The engine, after picking up an index rebuilt since the last request."""
+        with self._refresh_lock:
+            self.engine.refresh()
+        return self.engine
+
+    def info(self) -> dict[str, Any]:
+        return {**self.fresh().info(), "index_id": self.index_id}
+
+    def search_vector(self, vector, args: dict) -> list[dict]:
+        hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"])
+        return [h.to_dict() for h in hits]
+
+    def vector_of(self, file_id: int):
+        vector = self.fresh().vector_of(file_id)
+        if vector is None:
+            raise ApiError(404, f"no indexed image with id {file_id}")
+        return vector
+
+    def row(self, file_id: int) -> catalog.FileRow:
+        row = self.engine.file(file_id)
+        if row is None:
+            raise ApiError(404, f"no indexed image with id {file_id}")
+        return row
+
+    def recent(self, offset: int, limit: int) -> dict[str, Any]:
+        """Indexed images, newest (highest id) first, for the landing page."""
+        from sqlalchemy import func, select
+
+        files = catalog.files
+        with self.engine.db.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(files).where(files.c.status == catalog.INDEXED)).scalar()
+            query = (select(files).where(files.c.status == catalog.INDEXED).order_by(files.c.id.desc())
+                     .offset(offset).limit(limit))
+            rows = [catalog.FileRow(**r._mapping) for r in conn.execute(query)]
+        return {"total": int(total or 0), "offset": offset, "results": [_listed(r) for r in rows]}
+
+    def _local_path(self, row: catalog.FileRow) -> str | None:
+        """The file on this machine behind a row, when there is one (a folder's file, a list's local entry)."""
+        k = sources.kind(row.root)
+        if k == sources.FOLDER or (k == sources.LIST and not sources.is_url(row.relpath)):
+            return row.path
+        return None
+
+    def read(self, row: catalog.FileRow, check_only: bool = False) -> bytes | None:
+        """An indexed image's bytes, when the source still matches its catalog row (else 404/409). A tar
+        member is read at its offset, from its shard's member list read once and kept for the last
+        TAR_SHARDS_KEPT shards (the catalog stores names, not offsets)."""
+        path = self._local_path(row)
+        if path is not None:
+            return read_regular(path, row.size, row.mtime, read=not check_only)
         if sources.kind(row.root) != sources.TAR:
-            return row.read()
+            return None if check_only else row.read()
+        if not sources.is_url(row.root):
+            try:
+                if not stat.S_ISREG(os.stat(row.root).st_mode):
+                    raise _changed("shard is no longer a regular file")
+            except FileNotFoundError:
+                raise ApiError(404, "the shard is gone: re-run alignsearch index") from None
         name = os.fsdecode(row.relpath_raw) if row.relpath_raw else row.relpath
         with self._members_lock:
             members = self._tar_members.pop(row.root, None)
@@ -292,25 +299,32 @@ class AlignSearchServer(ThreadingHTTPServer):
             self._tar_members[row.root] = members
             while len(self._tar_members) > TAR_SHARDS_KEPT:
                 self._tar_members.popitem(last=False)
-        if name not in members:
-            raise FileNotFoundError(f"no member {name} in {row.root}")
+        if members.get(name, (0, -1))[1] != row.size:
+            raise ApiError(404, f"no member {name} of {row.size} bytes in {row.root}: re-run alignsearch index")
+        if check_only:
+            return None
         offset, size = members[name]
         return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
 
-    def fresh_engine(self) -> Engine:
-        """The engine, after picking up an index rebuilt since the last request."""
-        with self._refresh_lock:
-            self.engine.refresh()
-        return self.engine
-
-    def thumbnail(self, row, size: int) -> bytes:
-        path = self.thumb_dir / f"{row.id}-{size}.jpg"
-        if path.exists():
-            return path.read_bytes()
+    def original(self, file_id: int) -> tuple[bytes, str]:
+        row = self.row(file_id)
+        if row.format not in BROWSER_FORMATS:
+            return self.thumbnail(file_id, THUMB_SIZES[-1]), "image/jpeg"
         try:
-            img, _ = open_rgb(self.read(row))
+            return self.read(row), BROWSER_FORMATS[row.format]
+        except (OSError, BadInputError) as exc:
+            raise ApiError(404, f"the file is gone from its source: {exc}") from None
+
+    def thumbnail(self, file_id: int, size: int) -> bytes:
+        row = self.row(file_id)
+        path = self.thumb_dir / f"{row.id}-{size}.jpg"
+        try:
+            if path.exists():
+                self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
+                return path.read_bytes()
+            img, _ = open_rgb(self.read(row), self.config.max_upload_pixels)
         except (OSError, BadImageError, BadInputError) as exc:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"cannot read the image: {exc}") from None
+            raise ApiError(404, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
@@ -322,20 +336,322 @@ class AlignSearchServer(ThreadingHTTPServer):
         return buf.getvalue()
 
 
-def serve(engine: Engine, config: ServerConfig, ready=None, verbose: bool = False) -> None:
-    """Serve until interrupted. Writes SERVER_FILE into the index so `alignsearch query` finds the
-    warm server, and removes it on the way out. ready(server) is called once listening."""
-    _ = engine.encoder  # load the model now, not on the first request
-    server = AlignSearchServer(engine, config, verbose)
-    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    record = engine.dir / SERVER_FILE
-    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold the token
-    with os.fdopen(fd, "w") as f:
-        json.dump({"url": f"http://{host}:{server.server_address[1]}", "pid": os.getpid(), "token": config.token}, f)
+def _listed(row: catalog.FileRow) -> dict[str, Any]:
+    return {"id": row.id, "path": row.path, "root": row.root, "relpath": row.relpath, "width": row.width,
+            "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime}
+
+
+def decode_upload(data: bytes, max_pixels: int):
+    querycheck.check_image(data)
     try:
+        return open_rgb(data, max_pixels)[0]
+    except BadImageError as exc:
+        raise ApiError(400, f"unreadable image: {exc}") from None
+
+
+# The JSON of a hit (engine.Hit) and of a listed image (a hit without a score), for the OpenAPI schema.
+_HIT_FIELDS = typing.get_type_hints(engine_module.Hit)
+Listed = create_model("Listed", __config__=ConfigDict(extra="allow"),
+                      **{name: (kind, ...) for name, kind in _HIT_FIELDS.items() if name != "score"})
+Hit = create_model("Hit", __base__=Listed, score=(float, ...))
+
+
+class SearchAnswer(BaseModel):
+    query: dict[str, Any]
+    results: list[Hit]
+
+class RecentAnswer(BaseModel):
+    total: int
+    offset: int
+    results: list[Listed]
+
+class Error(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    error: str
+
+
+def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan=None):
+    """The ASGI application: the API, the page and its assets, behind the Host check."""
+    library = Library(engine, config)
+    encoder = EncoderQueue(config.queue_size)
+    cookie = cookie_name(config.port)
+    bearer, by_cookie = HTTPBearer(auto_error=False), APIKeyCookie(name=cookie, auto_error=False)
+
+    def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                  from_cookie: Annotated[str | None, Depends(by_cookie)]) -> None:
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else from_cookie or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "missing or wrong token: open the URL `alignsearch serve` printed, or send "
+                                "Authorization: Bearer TOKEN (the token is in .alignsearch/server.json)",
+                           {"WWW-Authenticate": "Bearer"})
+
+    @asynccontextmanager
+    async def lifespan_with_queue(app):
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            encoder.close()
+
+    app = FastAPI(
+        title="alignsearch", version=alignsearch.__version__, lifespan=lifespan_with_queue,
+        description="Cross-modal image search over an indexed library. Every /api call needs the server's token: "
+                    "`Authorization: Bearer TOKEN` or the cookie set by opening the URL `alignsearch serve` prints.",
+        max_body_size=config.max_upload_bytes,
+        form_limits={"max_fields": FORM_FIELDS, "max_files": 1, "max_part_size": FORM_FIELD_BYTES},
+    )
+
+    def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error(exc.status, str(exc), exc.headers)
+
+    @app.exception_handler(AlignSearchError)
+    async def _bad_input(request, exc: AlignSearchError):
+        return error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        messages = {404: f"no such endpoint or file: {request.url.path}", 405: f"{request.method} is not allowed here",
+                    413: f"the request body exceeds the limit of {config.max_upload_bytes} bytes"}
+        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        text = "; ".join(f"{'.'.join(str(p) for p in d['loc'][1:]) or d['loc']}: {d['msg']}" for d in details)
+        return error(422, text or "invalid request", detail=details)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error(500, "internal error")
+
+    errors = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+    k_param = Query(ge=1, le=querycheck.MAX_K, description="number of results")
+    weight = dict(ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
+    id_param = dict(ge=1, le=querycheck.MAX_ID)
+    text_doc = f"at most {querycheck.MAX_TEXT_CHARS} characters"
+    api = dict(dependencies=[Depends(authorise)], responses=errors)
+
+    async def encode_and_search(args: dict, image=None) -> list[dict]:
+        future = encoder.submit(library.engine.embed, args["text"], image, args["negative"], args["text_weight"],
+                                args["image_weight"], args["negative_weight"])
+        vector = await asyncio.wrap_future(future)
+        return await run_in_threadpool(library.search_vector, vector, args)
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/api/info", tags=["server"], **api)
+    async def info() -> dict[str, Any]:
+        """What `alignsearch info --json` says, plus the index id (clients check it against their own)."""
+        return await run_in_threadpool(library.info)
+
+    @app.get("/api/search", response_model=SearchAnswer, tags=["search"], **api)
+    async def search_get(
+        q: Annotated[str | None, Query(description=text_doc)] = None,
+        similar: Annotated[int | None, Query(description="an indexed image's id: images like it", **id_param)] = None,
+        k: Annotated[int, k_param] = 20,
+        negative: Annotated[str | None, Query(description="text whose concept is subtracted")] = None,
+        text_weight: Annotated[float, Query(**weight)] = 2.0,
+        image_weight: Annotated[float, Query(**weight)] = 1.0,
+        negative_weight: Annotated[float, Query(**weight)] = 1.0,
+        tag: Annotated[str | None, Query(description="only images with this tag")] = None,
+    ):
+        """Search by text (q), by an indexed image (similar), with an optional negative text and tag."""
+        args = querycheck.validate(text=q, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
+                                   negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
+        if similar is not None:
+            vector = await run_in_threadpool(library.vector_of, similar)
+            results = await run_in_threadpool(library.search_vector, vector, args)
+        else:
+            results = await encode_and_search(args)
+        query = {"q": q, "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
+                                                                     "negative_weight", "negative", "tag")}}
+        return {"query": query, "results": results}
+
+    @app.post("/api/search", response_model=SearchAnswer, tags=["search"], **api)
+    async def search_post(
+        request: Request,
+        image: Annotated[UploadFile | None, File(description="query image (20 MB at most)")] = None,
+        q: Annotated[str | None, Form(description=text_doc)] = None,
+        k: Annotated[int, Form(ge=1, le=querycheck.MAX_K)] = 20,
+        negative: Annotated[str | None, Form()] = None,
+        text_weight: Annotated[float, Form(**weight)] = 2.0,
+        image_weight: Annotated[float, Form(**weight)] = 1.0,
+        negative_weight: Annotated[float, Form(**weight)] = 1.0,
+        tag: Annotated[str | None, Form()] = None,
+    ):
+        """Search by an uploaded image, alone or with a text (multipart/form-data)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
+        data = await image.read() if image is not None else None
+        args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
+                                   image_weight=image_weight, negative_weight=negative_weight, tag=tag)
+        pil = None if data is None else await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
+        results = await encode_and_search(args, pil)
+        query = {"q": args["text"], "image": data is not None, **{n: args[n] for n in (
+            "k", "text_weight", "image_weight", "negative_weight", "negative", "tag")}}
+        return {"query": query, "results": results}
+
+    @app.get("/api/recent", response_model=RecentAnswer, tags=["browse"], **api)
+    async def recent(offset: Annotated[int, Query(ge=0, le=querycheck.MAX_ID)] = 0,
+                     limit: Annotated[int, Query(ge=1, le=querycheck.MAX_K)] = 60):
+        """Indexed images, most recently added first: the landing page's browser."""
+        return await run_in_threadpool(library.recent, offset, limit)
+
+    @app.get("/api/image/{file_id}", tags=["images"], response_class=Response, **api,
+             openapi_extra={"responses": {"200": {"content": {"image/*": {}}}}})
+    async def image_by_id(file_id: Annotated[int, PathParam(**id_param)],
+                          size: Annotated[int | None, Query(ge=1, le=4096, description="a JPEG thumbnail this big")] = None):
+        """The indexed image (size: a cached JPEG thumbnail), only while its file matches the catalog."""
+        if size is None:
+            data, ctype = await run_in_threadpool(library.original, file_id)
+        else:
+            data, ctype = await run_in_threadpool(library.thumbnail, file_id, thumb_size(size)), "image/jpeg"
+        return Response(data, media_type=ctype, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    async def page(request: Request):
+        given = request.query_params.get("token")
+        if given is not None and token is not None:  # the printed URL: trade the token for a cookie
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return error(401, "wrong token: open the URL `alignsearch serve` printed")
+            rest = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "token")
+            response = RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303)
+            response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
+            return response
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8",
+                            headers={"Cache-Control": "no-store"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR, follow_symlink=False), name="static")
+    app.state.library = library
+    return HostCheck(app, allowed_hosts(config))
+
+
+@dataclass
+class RunningServer:
+    """A started server: where it listens, its token, and how to stop it (from another thread)."""
+
+    url: str
+    port: int
+    token: str | None
+    server: Any = field(repr=False)
+    stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def open_url(self) -> str:
+        """The URL to open in a browser: it trades the token for a cookie."""
+        return f"{self.url}/?token={self.token}" if self.token else f"{self.url}/"
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.stopped.wait(timeout)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    info = socket.getaddrinfo(None if host in WILDCARD else host, port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(info[4])
+        sock.listen(BACKLOG)  # now: a client that reads the server record may connect before the loop runs
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def write_record(index_dir: Path, record: dict) -> Path:
+    path = index_dir / SERVER_FILE
+    fd, tmp = tempfile.mkstemp(dir=index_dir, prefix=".server-", suffix=".tmp")  # created 0600: it holds the token
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_record(path: Path, pid: int) -> None:
+    """Remove the record if it is still this process's (a later server may have replaced it)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer], None] | None = None,
+          verbose: bool = False) -> None:
+    """Serve until interrupted (SIGINT, SIGTERM) or shut down through the RunningServer handed to ready().
+    Writes SERVER_FILE into the index (mode 0600: pid, host, port, token, index id) so `alignsearch query`
+    finds and checks the warm server, and removes it on the way out."""
+    import uvicorn
+
+    _ = engine.encoder  # load the model now, not on the first request
+    token = resolve_token(config)
+    sock = _listen(config.host, config.port)
+    port = sock.getsockname()[1]
+    shown = "127.0.0.1" if config.host in WILDCARD else config.host
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    config = ServerConfig(**{**config.__dict__, "port": port})
+    record_path, pid = engine.dir / SERVER_FILE, os.getpid()
+    handle: RunningServer | None = None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        with engine.db.connect() as conn:
+            index_id = catalog.index_id(conn)
+        write_record(engine.dir, {"pid": pid, "hostname": socket.gethostname(), "host": shown, "port": port,
+                                  "url": url, "token": token, "index_id": index_id,
+                                  "index_dir": str(engine.dir.resolve())})
+        log.info("serving %s on %s", engine.dir, url)
         if ready:
-            ready(server)
-        server.serve_forever()
+            ready(handle)
+        try:
+            yield
+        finally:
+            remove_record(record_path, pid)  # before uvicorn re-raises SIGTERM, which ends the process
+
+    app = create_app(engine, config, token, lifespan)
+    server = uvicorn.Server(uvicorn.Config(
+        app, lifespan="on", http="h11", ws="none", log_level="info" if verbose else "warning", access_log=verbose,
+        server_header=False, timeout_keep_alive=5, backlog=BACKLOG, log_config=None,
+    ))
+    handle = RunningServer(url, port, token, server)
+    atexit.register(remove_record, record_path, pid)
+    try:
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
-        record.unlink(missing_ok=True)
+        sock.close()
+        remove_record(record_path, pid)
+        handle.stopped.set()
+
+
+def start_in_thread(engine: Engine, config: ServerConfig, timeout: float = 60.0) -> RunningServer:
+    """serve() on a daemon thread, for tests and benchmarks: returns once it answers."""
+    started: list[RunningServer] = []
+    ready = threading.Event()
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            serve(engine, config, lambda s: (started.append(s), ready.set()))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            failed.append(exc)
+            ready.set()
+
+    threading.Thread(target=run, name="alignsearch-serve", daemon=True).start()
+    if not ready.wait(timeout) or failed:
+        raise RuntimeError(f"the server did not start: {failed[0] if failed else 'timeout'}")
+    return started[0]

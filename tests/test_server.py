@@ -1,11 +1,15 @@
-"""`alignsearch serve` over a real socket: API, images by id, thumbnails, bad requests, token, concurrency."""
+"""`alignsearch serve` over a real socket: API, images by id, thumbnails, bad and hostile requests, token,
+Host check, server record, concurrency. Each hostile probe talks to a real server process (or a real
+uvicorn on a thread) through a socket, never through an in-process test client."""
 
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -18,7 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from alignsearch.cli import main
-from alignsearch.server import SERVER_FILE, ApiError, ServerConfig, search_params, thumb_size
+from alignsearch.paths import SERVER_FILE
 
 
 def free_port() -> int:
@@ -27,34 +31,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model):
-    """A real `alignsearch serve` process on a free port, with a token."""
-    from conftest import make_images
-
-    base = tmp_path_factory.mktemp("served")
-    corpus = base / "corpus"
-    make_images(corpus, 12)
-    (corpus / "broken.jpg").write_bytes(b"nope")
-    ix = base / "ix"
-    result = CliRunner().invoke(main, ["index", str(corpus), "--index", str(ix), "--model", str(tiny_model), "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    port = free_port()
+def start_serve(ix, *args, port=None):
+    """A real `alignsearch serve` process on a free port; (process, base URL) once it answers."""
+    port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(ix), "--port", str(port),
-                             "--token", "s3cret", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(300):
         try:
             urllib.request.urlopen(url + "/healthz", timeout=1)
             break
         except OSError:
+            if proc.poll() is not None:
+                break
             time.sleep(0.1)
     else:
         proc.kill()
         pytest.fail("server did not start: " + proc.stderr.read())
+    if proc.poll() is not None:
+        pytest.fail("server exited: " + proc.stderr.read())
+    for _ in range(50):  # the record is written as the server starts
+        if (Path(ix) / SERVER_FILE).exists():
+            break
+        time.sleep(0.1)
+    return proc, url
+
+
+def stop(proc, sig=signal.SIGTERM):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def build_index(base: Path, tiny_model, n=12) -> tuple[Path, Path]:
+    from conftest import make_images
+
+    corpus = base / "corpus"
+    make_images(corpus, n)
+    (corpus / "broken.jpg").write_bytes(b"nope")
+    ix = base / "ix"
+    result = CliRunner().invoke(main, ["index", str(corpus), "--index", str(ix), "--model", str(tiny_model), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return corpus, ix
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    """A real `alignsearch serve` process on a free port, with a token given on the command line."""
+    corpus, ix = build_index(tmp_path_factory.mktemp("served"), tiny_model)
+    proc, url = start_serve(ix, "--token", "s3cret")
     yield {"url": url, "ix": ix, "corpus": corpus, "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop(proc)
 
 
 def call(url, path, token="s3cret", data=None, headers=None, method=None):
@@ -67,6 +98,32 @@ def call(url, path, token="s3cret", data=None, headers=None, method=None):
             return r.status, r.headers, r.read()
     except HTTPError as exc:
         return exc.code, exc.headers, exc.read()
+
+
+def raw(url, data: bytes, wait: float = 3.0, chunks=(), head_only: bool = False) -> bytes:
+    """Send raw bytes on one connection (then each of chunks), read until the server closes or goes quiet
+    (head_only: until the first response's headers are in)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        try:
+            s.sendall(data)
+            for chunk in chunks:
+                s.sendall(chunk)
+        except OSError:  # the server answered and closed before taking everything: fine
+            pass
+        out = b""
+        try:
+            while block := s.recv(65536):
+                out += block
+                if head_only and b"\r\n\r\n" in out:
+                    break
+        except OSError:
+            pass
+    return out
+
+
+def statuses(response: bytes) -> list[int]:
+    return [int(line.split()[1]) for line in response.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
 def multipart(fields: dict, image: bytes | None):
@@ -90,22 +147,29 @@ def test_search_info_health_and_json_shape(served):
     info = json.loads(call(served["url"], "/api/info")[2])
     assert info["images"] == 12 and info["failed"] == 1
     assert json.loads(call(served["url"], "/healthz", token=None)[2]) == {"ok": True}
+    schema = json.loads(call(served["url"], "/openapi.json", token=None)[2])
+    assert {"/api/search", "/api/image/{file_id}", "/api/info", "/api/recent", "/healthz"} <= set(schema["paths"])
+    assert call(served["url"], "/docs", token=None)[0] == 200
 
 
 def test_image_and_compound_queries_by_upload(served):
     target = served["corpus"] / "img004.jpg"
     body, headers = multipart({"k": 3}, target.read_bytes())
-    status, _, raw = call(served["url"], "/api/search", data=body, headers=headers)
+    status, _, raw_answer = call(served["url"], "/api/search", data=body, headers=headers)
     assert status == 200
-    assert json.loads(raw)["results"][0]["path"] == str(target)
+    assert json.loads(raw_answer)["results"][0]["path"] == str(target)
     body, headers = multipart({"k": 3, "q": "at night", "text_weight": 0.5}, target.read_bytes())
     assert len(json.loads(call(served["url"], "/api/search", data=body, headers=headers)[2])["results"]) == 3
 
 
-def test_similar_by_id(served):
+def test_similar_by_id_and_recent(served):
     first = json.loads(call(served["url"], "/api/search?q=dog&k=1")[2])["results"][0]
     similar = json.loads(call(served["url"], f"/api/search?similar={first['id']}&k=2")[2])["results"]
     assert similar[0]["id"] == first["id"]
+    recent = json.loads(call(served["url"], "/api/recent?limit=5")[2])
+    assert recent["total"] >= 12 and len(recent["results"]) == 5
+    ids = [r["id"] for r in recent["results"]]
+    assert ids == sorted(ids, reverse=True)
 
 
 def test_images_by_id_and_cached_thumbnails(served):
@@ -120,59 +184,159 @@ def test_images_by_id_and_cached_thumbnails(served):
     assert (served["ix"] / "thumbs" / f"{hit['id']}-128.jpg").exists()
 
 
-@pytest.mark.parametrize("path,code", [
-    ("/api/search", 400),  # no query
-    ("/api/search?q=x&k=abc", 400),
-    ("/api/search?q=x&k=-1", 400),
-    ("/api/search?q=x&k=100000", 400),
-    ("/api/search?q=x&text_weight=nan", 400),
-    ("/api/search?similar=999999", 404),
-    ("/api/image/999999", 404),
-    ("/api/image/../../etc/passwd", 404),
-    ("/api/image/%2e%2e%2fcatalog.db", 404),
-    ("/static/../catalog.db", 404),
-    ("/static/%2e%2e/server.py", 404),
-    ("/api/image/1?size=0", 400),
-    ("/nothing/here", 404),
+@pytest.mark.parametrize("path,codes", [
+    ("/api/search", {400}),  # no query
+    ("/api/search?q=", {400}),  # an empty text, as `alignsearch query ""`
+    ("/api/search?q=x&k=abc", {422}),
+    ("/api/search?q=x&k=-1", {422}),
+    ("/api/search?q=x&k=100000", {422}),
+    ("/api/search?q=x&text_weight=nan", {422}),
+    ("/api/search?similar=999999", {404}),
+    ("/api/image/999999", {404}),
+    ("/api/image/1?size=0", {422}),
+    ("/nothing/here", {404}),
 ])
-def test_bad_requests_get_4xx_json(served, path, code):
+def test_bad_requests_get_4xx_json(served, path, codes):
     status, headers, body = call(served["url"], path)
-    assert status == code, body
+    assert status in codes, body
     assert headers["Content-Type"] == "application/json" and "error" in json.loads(body)
+
+
+@pytest.mark.parametrize("path", ["/api/image/../../etc/passwd", "/api/image/%2e%2e%2fcatalog.db", "/static/../catalog.db",
+                                  "/static/%2e%2e/server.py", "/static/..%2f..%2fcatalog.db"])
+def test_paths_never_leave_the_served_files(served, path):
+    response = raw(served["url"], f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                                  "Connection: close\r\n\r\n".encode())
+    assert statuses(response)[0] in (404, 422), response[:300]
+    assert b"sqlite" not in response.lower() and b"root:" not in response
+
+
+@pytest.mark.parametrize("path", ["/api/image/9223372036854775808", "/api/image/99999999999999999999999",
+                                  "/api/image/%C2%B2", "/api/image/%EF%BC%91%EF%BC%92", "/api/image/0", "/api/image/-3",
+                                  "/api/search?similar=9223372036854775808", "/api/search?similar=%C2%B2"])
+def test_ids_out_of_range_or_not_ascii_digits_are_422(served, path):
+    """Ids at or past 2^63, superscript and full-width digits: a 422 from the framework, never a 500."""
+    status, headers, body = call(served["url"], path)
+    assert status == 422, body
+    assert "error" in json.loads(body)
 
 
 def test_bad_uploads(served):
     body, headers = multipart({"k": 3}, b"not an image at all")
-    status, _, raw = call(served["url"], "/api/search", data=body, headers=headers)
-    assert status == 400 and "unreadable image" in json.loads(raw)["error"]
+    status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+    assert status == 400 and "unreadable image" in json.loads(answer)["error"]
     status, _, _ = call(served["url"], "/api/search", data=b"plain", headers={"Content-Type": "text/plain"})
     assert status == 415
     # an oversized upload is refused from its Content-Length, before the body is read
-    import http.client
-
-    conn = http.client.HTTPConnection(served["url"].removeprefix("http://"), timeout=10)
-    conn.putrequest("POST", "/api/search")
-    for k, v in {"Authorization": "Bearer s3cret", "Content-Type": "multipart/form-data; boundary=x",
-                 "Content-Length": str(21 * 1024 * 1024)}.items():
-        conn.putheader(k, v)
-    conn.endheaders()
-    conn.send(b"--x\r\n" + b"x" * 1024)
-    response = conn.getresponse()
-    assert response.status == 413 and "exceeds the limit" in json.loads(response.read())["error"]
-    conn.close()
+    response = raw(served["url"], ("POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                                   "Content-Type: multipart/form-data; boundary=x\r\n"
+                                   f"Content-Length: {21 * 1024 * 1024}\r\n\r\n").encode() + b"--x\r\n" + b"x" * 1024)
+    assert statuses(response) == [413], response[:300]
     from test_bad_files import png_bomb
 
     body, headers = multipart({}, png_bomb(40_000, 40_000))
-    status, _, raw = call(served["url"], "/api/search", data=body, headers=headers)
-    assert status == 400 and "too large" in json.loads(raw)["error"]
+    status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+    assert status == 400 and "too large" in json.loads(answer)["error"]
     assert call(served["url"], "/api/search", method="DELETE")[0] == 405
+
+
+def test_negative_content_length_is_refused(served):
+    """Content-Length: -1 once made the old server read to EOF past the upload cap."""
+    head = ("POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: -1\r\n\r\n").encode()
+    started = time.monotonic()
+    response = raw(served["url"], head, chunks=[b"--x\r\n" + b"x" * (1 << 20)] * 30, wait=5)
+    assert statuses(response) and statuses(response)[0] == 400, response[:300]
+    assert time.monotonic() - started < 5
+
+
+def test_chunked_body_over_the_cap_is_refused_while_streaming(served):
+    head = ("POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
+    response = raw(served["url"], head, chunks=[chunk(part)] + [chunk(b"x" * (1 << 20))] * 24 + [b"0\r\n\r\n"], wait=10)
+    assert statuses(response) and statuses(response)[0] == 413, response[:300]
+
+
+@pytest.mark.parametrize("request_line,auth", [("POST /nothing/here", True), ("DELETE /api/search", True),
+                                               ("POST /api/search", False)])
+def test_an_unread_body_is_never_a_second_request(served, request_line, auth):
+    """A body left unread on a 404, 405 or 401 must not be parsed as the next request (smuggling)."""
+    smuggled = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n\r\n"
+    head = (f"{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + ("Authorization: Bearer s3cret\r\n" if auth else "")
+            + f"Content-Type: text/plain\r\nContent-Length: {len(smuggled)}\r\n\r\n").encode()
+    response = raw(served["url"], head + smuggled, wait=2)
+    assert len(statuses(response)) == 1 and statuses(response)[0] in (401, 404, 405), response[:500]
+    assert b'"index_dir"' not in response
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "[::2]:80", ""])
+def test_other_host_headers_are_refused(served, host):
+    """DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends Host: evil.example."""
+    for path in ("/api/search?q=x", "/api/image/1", "/"):
+        status, _, body = call(served["url"], path, headers={"Host": host})
+        assert status == 400, (path, body)
+        assert b"results" not in body
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "LOCALHOST.", "[::1]"])
+def test_loopback_host_headers_are_served(served, host):
+    port = served["url"].rsplit(":", 1)[1]
+    assert call(served["url"], "/api/info", headers={"Host": f"{host}:{port}"})[0] == 200
 
 
 def test_token_is_required(served):
     assert call(served["url"], "/api/search?q=x", token=None)[0] == 401
     assert call(served["url"], "/api/search?q=x", token="wrong")[0] == 401
-    assert call(served["url"], "/api/search?q=x&token=s3cret", token=None)[0] == 200
-    assert call(served["url"], "/", token=None)[0] == 200  # the page itself loads, then asks with the token
+    assert call(served["url"], "/api/image/1", token=None)[0] == 401
+    assert call(served["url"], "/", token=None)[0] == 200  # the page itself loads
+
+
+def test_huge_query_text_is_refused_before_the_encoder(served):
+    """A 10 MB q once held the encoder for seconds while every other query waited."""
+    huge = "a" * (10 * 1024 * 1024)
+    body, headers = multipart({"q": huge, "k": 3}, None)
+    results = {}
+
+    def huge_post():
+        t = time.monotonic()
+        head = ("POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        response = raw(served["url"], head + body, wait=10, head_only=True)
+        results["huge"] = (statuses(response) or [None])[0], time.monotonic() - t
+
+    thread = threading.Thread(target=huge_post)
+    thread.start()
+    t = time.monotonic()
+    assert call(served["url"], "/api/search?q=dog&k=1")[0] == 200
+    small = time.monotonic() - t
+    thread.join(60)
+    status, took = results["huge"]
+    assert status in (400, 413) and took < 3, results
+    assert small < 3
+    status, _, answer = call(served["url"], "/api/search?q=" + "a" * 1001)
+    assert status == 400 and "limit is 1000" in json.loads(answer)["error"]
+
+
+def test_a_burst_of_connections_is_not_dropped(served):
+    """The old listen backlog of 5 dropped SYNs under a burst: those clients waited a 1 s retransmit."""
+    host, port = served["url"].removeprefix("http://").rsplit(":", 1)
+    barrier, times = threading.Barrier(64), []
+
+    def connect():
+        barrier.wait()
+        t = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+        times.append(time.monotonic() - t)
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(lambda _: connect(), range(64)))
+    assert max(times) < 0.9, sorted(times)[-5:]
 
 
 def test_concurrent_clients_get_correct_answers(served):
@@ -189,19 +353,165 @@ def test_concurrent_clients_get_correct_answers(served):
     assert answers == [str(p) for p in paths * 3]
 
 
+def cli(ix, *args, env=None):
+    env = {**os.environ, "ALIGNSEARCH_INDEX": str(ix), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "alignsearch", "query", *args], capture_output=True, text=True, env=env)
+
+
 def test_cli_query_goes_through_the_warm_server(served):
     record = json.loads((served["ix"] / SERVER_FILE).read_text())
     assert record["pid"] == served["proc"].pid
     assert oct(os.stat(served["ix"] / SERVER_FILE).st_mode & 0o777) == "0o600"
-    env = {**os.environ, "ALIGNSEARCH_INDEX": str(served["ix"])}
-    warm = subprocess.run([sys.executable, "-m", "alignsearch", "query", "red car", "-k", "4", "--json"],
-                          capture_output=True, text=True, env=env)
+    from alignsearch import catalog
+
+    db = catalog.connect(served["ix"] / "catalog.db")
+    with db.connect() as conn:
+        assert record["index_id"] == catalog.index_id(conn)
+    db.dispose()
+    warm = cli(served["ix"], "red car", "-k", "4", "--json")
     assert warm.returncode == 0, warm.stderr
+    assert "notice" not in warm.stderr
     assert "torch" not in subprocess.run(  # answering through the server never imports the model
         [sys.executable, "-X", "importtime", "-m", "alignsearch", "query", "red car", "-k", "1"],
-        capture_output=True, text=True, env=env).stderr.split("alignsearch.cli")[-1]
+        capture_output=True, text=True, env={**os.environ, "ALIGNSEARCH_INDEX": str(served["ix"])},
+    ).stderr.split("alignsearch.cli")[-1]
     local = CliRunner().invoke(main, ["query", "red car", "-k", "4", "--json", "--index", str(served["ix"]), "--nprobe", "1"])
     assert json.loads(warm.stdout) == json.loads(local.output)  # same output, whichever answered
+
+
+@pytest.mark.parametrize("args", [[""], ["   "], ["dog", "-k", "5000"], ["a" * 1001], ["dog", "--text-weight", "nan"],
+                                  ["dog", "--tag", ""]])
+def test_cli_answers_the_same_with_and_without_a_server(served, tmp_path, args):
+    warm = cli(served["ix"], *args)
+    alone = tmp_path / "alone"  # the same index with no server record: local search
+    import shutil
+
+    shutil.copytree(served["ix"], alone, ignore=shutil.ignore_patterns(SERVER_FILE, "thumbs"))
+    local = cli(alone, *args)
+    assert (warm.returncode, warm.stdout) == (local.returncode, local.stdout)
+    assert warm.returncode != 0 and warm.stderr.splitlines()[-1] == local.stderr.splitlines()[-1]
+
+
+def test_a_copied_index_does_not_use_the_originals_server(served, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(served["ix"], copy, ignore=shutil.ignore_patterns("thumbs"))
+    assert (copy / SERVER_FILE).exists()
+    out = cli(copy, "red car", "-k", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    notices = [line for line in out.stderr.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and "another index" in notices[0], out.stderr
+    paths = [h["path"] for h in json.loads(out.stdout)["results"]]
+    assert len(paths) == 2
+
+
+@pytest.mark.parametrize("change,reason", [({"pid": 2**22 + 12345}, "not running"),
+                                           ({"hostname": "elsewhere.example"}, "another host"),
+                                           ({"token": "wrong"}, "did not answer")])
+def test_a_stale_or_foreign_record_is_ignored_with_a_notice(served, tmp_path, change, reason):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(served["ix"], copy, ignore=shutil.ignore_patterns("thumbs"))
+    record = json.loads((copy / SERVER_FILE).read_text())
+    (copy / SERVER_FILE).write_text(json.dumps({**record, "index_dir": str(copy.resolve()), **change}))
+    out = cli(copy, "red car", "-k", "2")
+    assert out.returncode == 0, out.stderr
+    notices = [line for line in out.stderr.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and reason in notices[0], out.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_remove_the_server_record(tmp_path, tiny_model, sig):
+    _, ix = build_index(tmp_path, tiny_model, n=3)
+    proc, _ = start_serve(ix)
+    assert (ix / SERVER_FILE).exists()
+    stop(proc, sig)
+    assert not (ix / SERVER_FILE).exists()
+
+
+def test_killed_server_leaves_a_stale_record_that_is_ignored(tmp_path, tiny_model):
+    _, ix = build_index(tmp_path, tiny_model, n=3)
+    proc, _ = start_serve(ix)
+    stop(proc, signal.SIGKILL)
+    assert (ix / SERVER_FILE).exists()
+    out = cli(ix, "dog", "-k", "1")
+    assert out.returncode == 0 and "notice:" in out.stderr, out.stderr
+
+
+def test_token_by_default_cookie_from_the_printed_url(tmp_path, tiny_model):
+    """No --token: a random one per start, in the 0600 record and in the URL printed; opening that URL
+    sets an HttpOnly SameSite=Strict cookie the API accepts."""
+    _, ix = build_index(tmp_path, tiny_model, n=3)
+    proc, url = start_serve(ix)
+    try:
+        token = json.loads((ix / SERVER_FILE).read_text())["token"]
+        assert token and len(token) >= 32
+        assert call(url, "/api/info", token=None)[0] == 401
+        assert call(url, "/api/info", token=token)[0] == 200
+        assert call(url, f"/api/info?token={token}", token=None)[0] == 401  # the API takes no token in URLs
+        response = raw(url, f"GET /?token={token}&q=dog HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        head = response.split(b"\r\n\r\n")[0].decode().lower()
+        assert statuses(response) == [303] and "location: /?q=dog" in head
+        cookie = next(line for line in head.splitlines() if line.startswith("set-cookie:"))
+        assert "httponly" in cookie and "samesite=strict" in cookie and token.lower() in cookie
+        name = cookie.split(":", 1)[1].strip().split("=", 1)[0]
+        assert call(url, "/api/info", token=None, headers={"Cookie": f"{name}={token}"})[0] == 200
+        assert call(url, "/?token=wrong", token=None)[0] == 401
+    finally:
+        stop(proc)
+    printed = proc.stderr.read()
+    assert f"/?token={token}" in printed
+
+
+def test_no_token_is_for_loopback_only(tmp_path, tiny_model):
+    _, ix = build_index(tmp_path, tiny_model, n=3)
+    refused = CliRunner().invoke(main, ["serve", "--index", str(ix), "--host", "0.0.0.0", "--no-token"])
+    assert refused.exit_code == 2 and "loopback" in refused.output
+    proc, url = start_serve(ix, "--no-token")
+    try:
+        assert call(url, "/api/info", token=None)[0] == 200
+        assert call(url, "/api/info", token=None, headers={"Host": "evil.example"})[0] == 400
+    finally:
+        stop(proc)
+
+
+def test_allow_host_adds_a_name(tmp_path, tiny_model):
+    _, ix = build_index(tmp_path, tiny_model, n=3)
+    proc, url = start_serve(ix, "--token", "t", "--allow-host", "photos.lan")
+    try:
+        assert call(url, "/api/info", token="t", headers={"Host": "photos.lan:8765"})[0] == 200
+        assert call(url, "/api/info", token="t", headers={"Host": "other.lan"})[0] == 400
+    finally:
+        stop(proc)
+
+
+def test_files_are_served_only_while_they_match_the_catalog(tmp_path, tiny_model):
+    """An indexed file replaced by a symlink to /etc/passwd, a FIFO, or a file of another size."""
+    corpus, ix = build_index(tmp_path, tiny_model, n=6)
+    proc, url = start_serve(ix, "--token", "t")
+    try:
+        rows = {Path(h["path"]).name: h["id"] for h in
+                json.loads(call(url, "/api/recent?limit=100", token="t")[2])["results"]}
+        link, fifo, grown = corpus / "img001.jpg", corpus / "img002.jpg", corpus / "img004.jpg"
+        link.unlink()
+        link.symlink_to("/etc/passwd")
+        fifo.unlink()
+        os.mkfifo(fifo)
+        with open(grown, "ab") as f:
+            f.write(b"\0" * 10)
+        for name in (link.name, fifo.name, grown.name):
+            for query in ("", "?size=64"):
+                t = time.monotonic()
+                status, headers, body = call(url, f"/api/image/{rows[name]}{query}", token="t")
+                assert status == 409 and time.monotonic() - t < 5, (name, query, status, body[:200])
+                assert headers["Content-Type"] == "application/json" and b"root:" not in body
+        (corpus / "img005.jpg").unlink()
+        assert call(url, f"/api/image/{rows['img005.jpg']}", token="t")[0] == 404
+        assert call(url, f"/api/image/{rows['img003.png']}", token="t")[0] == 200  # untouched
+    finally:
+        stop(proc)
 
 
 def test_server_picks_up_a_rebuilt_index(served, tiny_model):
@@ -214,9 +524,16 @@ def test_server_picks_up_a_rebuilt_index(served, tiny_model):
     assert len(out["results"]) == 15
 
 
-def test_params_and_sizes_are_pure_functions():
-    assert search_params({"k": "5"}, 10)["k"] == 5
-    with pytest.raises(ApiError, match="between 1 and 10"):
-        search_params({"k": "11"}, 10)
+def test_pure_helpers():
+    from alignsearch.server import ServerConfig, allowed_hosts, host_name, resolve_token, thumb_size
+
     assert [thumb_size(n) for n in (1, 64, 65, 300, 5000)] == [64, 64, 128, 512, 1024]
     assert ServerConfig().host == "127.0.0.1"  # loopback unless asked
+    assert [host_name(h) for h in ("[::1]:80", "Example.COM.:8080", "localhost", "[::1]")] == \
+        ["::1", "example.com", "localhost", "::1"]
+    assert allowed_hosts(ServerConfig(host="192.168.1.5", allow_hosts=("Photos.lan",))) == {"192.168.1.5", "photos.lan"}
+    assert "localhost" in allowed_hosts(ServerConfig())
+    assert resolve_token(ServerConfig()) != resolve_token(ServerConfig())  # random per start
+    assert resolve_token(ServerConfig(no_token=True)) is None
+    with pytest.raises(ValueError, match="loopback"):
+        resolve_token(ServerConfig(host="0.0.0.0", no_token=True))

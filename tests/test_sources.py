@@ -222,10 +222,9 @@ def test_non_utf8_tar_member_names(tmp_path, tiny_model):
 
 
 def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, monkeypatch):
-    import threading
     import urllib.request
 
-    from alignsearch.server import AlignSearchServer, ServerConfig
+    from alignsearch.server import ServerConfig, start_in_thread
 
     files = sorted(p for p in corpus.rglob("*.png"))
     write_shard(tmp_path / "s.tar", files, corpus)
@@ -234,18 +233,17 @@ def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, m
     listings = []
     members = sources.tar_members
     monkeypatch.setattr(sources, "tar_members", lambda root: listings.append(root) or members(root))
-    server = AlignSearchServer(engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_in_thread(engine, ServerConfig(port=0))
+    auth = {"Authorization": f"Bearer {server.token}"}
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
         for f in files[:3]:
             hit = engine.search(image=f, k=1)[0]
-            with urllib.request.urlopen(f"{url}/api/image/{hit.id}", timeout=30) as r:
+            with urllib.request.urlopen(urllib.request.Request(f"{server.url}/api/image/{hit.id}", headers=auth), timeout=30) as r:
                 assert r.headers["Content-Type"] == "image/png" and r.read() == f.read_bytes()
-            with urllib.request.urlopen(f"{url}/api/image/{hit.id}?size=32", timeout=30) as r:
+            with urllib.request.urlopen(urllib.request.Request(f"{server.url}/api/image/{hit.id}?size=32", headers=auth),
+                                        timeout=30) as r:
                 assert r.headers["Content-Type"] == "image/jpeg" and r.read()[:2] == b"\xff\xd8"
         assert listings == [str(tmp_path / "s.tar")]  # the shard's headers were read once, then kept
     finally:
         server.shutdown()
-        server.server_close()
         engine.close()

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from click.testing import CliRunner
 
 import alignsearch
 from alignsearch.cli import main
-from alignsearch.server import ServerConfig, serve
+from alignsearch.server import ServerConfig, start_in_thread
 from test_server import free_port
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -29,19 +28,9 @@ def page_url(tmp_path_factory, tiny_model):
     make_images(base / "corpus", 30)
     ix = base / "ix"
     assert CliRunner().invoke(main, ["index", str(base / "corpus"), "--index", str(ix), "--model", str(tiny_model)]).exit_code == 0
-    servers = []
-    started = threading.Event()
-
-    def ready(server):
-        servers.append(server)
-        started.set()
-
-    port = free_port()
-    thread = threading.Thread(target=serve, args=(alignsearch.open(ix, device="cpu"), ServerConfig(port=port), ready), daemon=True)
-    thread.start()
-    assert started.wait(60)
-    yield f"http://127.0.0.1:{port}/"
-    servers[0].shutdown()
+    server = start_in_thread(alignsearch.open(ix, device="cpu"), ServerConfig(port=free_port()))
+    yield server.open_url  # the URL `serve` prints: it trades the token for a cookie, then shows the page
+    server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +82,35 @@ def test_search_shows_thumbnails_opens_images_and_finds_similar(page_url, browse
     box = browser.find_element(By.ID, "q")  # keyboard: "/" focuses the search box
     browser.find_element(By.TAG_NAME, "body").send_keys("/")
     assert browser.switch_to.active_element == box
+
+
+def test_landing_view_shows_the_library_and_picking_an_image_searches(page_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(page_url)
+    wait.until(lambda d: d.find_element(By.ID, "landing").is_displayed())
+    assert "30 images indexed" in browser.find_element(By.ID, "counts").text
+    assert "corpus" in browser.find_element(By.ID, "roots").text
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 30)
+    ids = [int(c.get_attribute("data-id")) for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    assert ids == sorted(ids, reverse=True)  # most recently indexed first
+    assert not browser.find_element(By.ID, "more").is_displayed()
+    browser.save_screenshot(str(ARTIFACTS / "web-landing.png"))
+
+    picked = browser.find_elements(By.CSS_SELECTOR, "#grid .card")[7]
+    picked_id = picked.get_attribute("data-id")
+    picked.find_element(By.TAG_NAME, "img").click()  # picking an image runs a "similar" search
+    first_id = "const c = document.querySelector('#grid .card'); return c && c.dataset.id"
+    wait.until(lambda d: d.execute_script(first_id) == picked_id)
+    assert not browser.find_element(By.ID, "landing").is_displayed()
+
+    browser.find_element(By.ID, "negative").send_keys("night")
+    browser.find_element(By.ID, "tag").send_keys("no-such-tag")
+    browser.find_element(By.ID, "q").send_keys("a red car", Keys.ENTER)
+    wait.until(lambda d: "0 results" in d.find_element(By.ID, "status").text)
+    browser.find_element(By.ID, "tag").clear()
+    browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
+    wait.until(lambda d: "30 results" in d.find_element(By.ID, "status").text)

@@ -2,9 +2,9 @@
 (() => {
   "use strict";
   const $ = (id) => document.getElementById(id);
-  const token = new URLSearchParams(location.search).get("token");
-  const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
+  // The API takes the token from the HttpOnly cookie set when the page was opened from the URL `serve` printed.
   let queryImage = null; // a File or Blob, or null
+  let browsed = 0; // images shown in the landing view so far
 
   const status = (text) => { $("status").textContent = text; };
 
@@ -16,18 +16,53 @@
       const form = new FormData();
       form.append("image", params.image, "query");
       for (const [key, value] of Object.entries(params)) if (key !== "image" && value !== "") form.append(key, value);
-      response = await fetch(withToken("/api/search"), { method: "POST", body: form });
+      response = await fetch("/api/search", { method: "POST", body: form });
     } else {
       const qs = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== ""));
-      response = await fetch(withToken("/api/search?" + qs));
+      response = await fetch("/api/search?" + qs);
     }
     const body = await response.json();
-    if (!response.ok) { status("Error: " + body.error); return; }
+    if (!response.ok) { status(problem(response, body)); return; }
+    $("landing").hidden = true;
     render(body.results);
     status(`${body.results.length} results in ${Math.round(performance.now() - started)} ms`);
   }
 
-  function render(results) {
+  function problem(response, body) {
+    if (response.status === 401) return "Not signed in: open the URL that `alignsearch serve` printed (it carries the token).";
+    return "Error: " + (body.error || response.statusText);
+  }
+
+  // The landing view: what is indexed (counts, roots) and the most recent images, page by page.
+  async function landing() {
+    const response = await fetch("/api/info");
+    const info = await response.json();
+    if (!response.ok) { status(problem(response, info)); return; }
+    $("counts").textContent = `${info.images} images indexed` + (info.failed ? `, ${info.failed} could not be read` : "") +
+      ` · ${info.model}`;
+    $("roots").replaceChildren(...info.roots.map((root) => { const li = document.createElement("li"); li.textContent = root; return li; }));
+    $("landing").hidden = false;
+    browsed = 0;
+    $("grid").replaceChildren();
+    await browse();
+  }
+
+  async function browse() {
+    const response = await fetch(`/api/recent?offset=${browsed}&limit=60`);
+    const body = await response.json();
+    if (!response.ok) { status(problem(response, body)); return; }
+    render(body.results, { append: true, pick: true });
+    browsed += body.results.length;
+    $("more").hidden = browsed >= body.total;
+    status(`Showing the ${browsed} most recently indexed of ${body.total} images: pick one to find similar images.`);
+  }
+
+  function similarTo(hit) {
+    $("q").value = "";
+    search({ similar: hit.id, k: $("k").value, tag: $("tag").value.trim() });
+  }
+
+  function render(results, { append = false, pick = false } = {}) {
     const grid = $("grid");
     const fragment = document.createDocumentFragment();
     results.forEach((hit, i) => {
@@ -38,20 +73,21 @@
       const img = document.createElement("img");
       img.loading = "lazy"; // a thousand results load only what is on screen
       img.decoding = "async";
-      img.src = withToken(`/api/image/${hit.id}?size=256`);
+      img.src = `/api/image/${hit.id}?size=256`;
       img.alt = hit.relpath;
       img.width = 256; img.height = 256;
-      img.addEventListener("click", () => open(hit));
+      img.addEventListener("click", () => (pick ? similarTo(hit) : open(hit)));
+      if (pick) img.title = "Find images like this one";
       const meta = document.createElement("figcaption");
       meta.className = "meta";
       const path = document.createElement("span");
       path.className = "path"; path.title = hit.path; path.textContent = hit.relpath;
       const score = document.createElement("span");
-      score.className = "score"; score.textContent = hit.score.toFixed(3);
+      score.className = "score"; score.textContent = hit.score == null ? "" : hit.score.toFixed(3);
       const similar = document.createElement("button");
       similar.type = "button"; similar.className = "similar"; similar.textContent = "similar";
       similar.title = "Find images like this one";
-      similar.addEventListener("click", () => { $("q").value = ""; search({ similar: hit.id, k: $("k").value }); });
+      similar.addEventListener("click", () => similarTo(hit));
       meta.append(path, score, similar);
       card.append(img, meta);
       card.addEventListener("keydown", (e) => {
@@ -59,14 +95,15 @@
         if (e.key === "s") similar.click();
       });
       fragment.append(card);
-      if (i === 0) card.id = "first-result";
+      if (i === 0 && !append) card.id = "first-result";
     });
-    grid.replaceChildren(fragment);
+    if (append) grid.append(fragment); else grid.replaceChildren(fragment);
   }
 
   function open(hit) {
-    $("viewer-img").src = withToken(`/api/image/${hit.id}`);
-    $("viewer-caption").textContent = `${hit.path} · ${hit.width}×${hit.height} · score ${hit.score.toFixed(4)}`;
+    $("viewer-img").src = `/api/image/${hit.id}`;
+    const score = hit.score == null ? "" : ` · score ${hit.score.toFixed(4)}`;
+    $("viewer-caption").textContent = `${hit.path} · ${hit.width}×${hit.height}${score}`;
     $("viewer").showModal();
   }
 
@@ -89,10 +126,12 @@
     e.preventDefault();
     const q = $("q").value.trim();
     if (!q && !queryImage) { status("Type a text, add an image, or both."); return; }
-    const params = { q, k: $("k").value, text_weight: $("weight").value };
+    const params = { q, k: $("k").value, text_weight: $("weight").value, negative: $("negative").value.trim(),
+                     tag: $("tag").value.trim() };
     if (queryImage) params.image = queryImage;
     const url = new URL(location.href);
     url.searchParams.set("q", q);
+    url.searchParams.delete("token");
     history.replaceState(null, "", url);
     search(params);
   });
@@ -109,8 +148,10 @@
     if (e.key === "/" && document.activeElement !== $("q")) { e.preventDefault(); $("q").focus(); }
   });
   $("viewer-close").addEventListener("click", () => $("viewer").close());
+  $("more").addEventListener("click", () => browse());
+  $("home").addEventListener("click", (e) => { e.preventDefault(); history.replaceState(null, "", "/"); landing(); });
   $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) $("viewer").close(); });
 
   const initial = new URLSearchParams(location.search).get("q");
-  if (initial) { $("q").value = initial; $("search").requestSubmit(); }
+  if (initial) { $("q").value = initial; $("search").requestSubmit(); } else { landing(); }
 })();

@@ -1,0 +1,122 @@
+"""What a valid query is: one set of limits for the CLI, the Python API and the HTTP API.
+
+Pure functions, no model and no index: the CLI checks a query before it chooses between a warm
+server and a local engine, the server before it queues anything for the encoder, and Engine.search
+on entry, so the same query gets the same answer (or the same error and exit code) on every path.
+The text cap is in characters and applies before tokenising, so a huge text never reaches the
+tokenizer or holds the encoder.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+from typing import Any
+
+from alignsearch.errors import BadInputError
+
+MAX_TEXT_CHARS = 1000  # ALIGN reads 64 tokens; a thousand characters is far past any useful query
+MAX_TAG_CHARS = 200
+MAX_K = 1000
+DEFAULT_K = 10
+MAX_WEIGHT = 100.0  # |weight|
+MAX_NPROBE = 65536
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an uploaded (or CLI --image) query image
+MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard for query images
+
+
+def check_text(value: str | None, name: str = "text") -> str | None:
+    """A query text: None stays None; an empty or blank one, or one over MAX_TEXT_CHARS, is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadInputError(f"the {name} must be a string")
+    if len(value) > MAX_TEXT_CHARS:
+        raise BadInputError(f"the {name} is {len(value)} characters long; the limit is {MAX_TEXT_CHARS}")
+    if not value.strip():
+        raise BadInputError(f"the {name} is empty")
+    return value
+
+
+def _integer(value: Any, name: str, high: int) -> int:
+    """An int (numpy's too, not bool or float) from 1 to high."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or not 1 <= number <= high:
+        raise BadInputError(f"{name} must be an integer from 1 to {high}, got {value!r}")
+    return int(number)
+
+
+def check_k(value: int) -> int:
+    return _integer(value, "k", MAX_K)
+
+
+def check_weight(value: float, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or abs(number) > MAX_WEIGHT:
+        raise BadInputError(f"{name} must be a finite number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, got {value!r}")
+    return number
+
+
+def check_nprobe(value: int | None) -> int | None:
+    return None if value is None else _integer(value, "nprobe", MAX_NPROBE)
+
+
+def check_tag(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TAG_CHARS:
+        raise BadInputError(f"a tag is a label of 1 to {MAX_TAG_CHARS} characters, got {str(value)[:40]!r}")
+    return value
+
+
+def check_id(value: int) -> int:
+    """A catalog id, as in `similar=ID` and /api/image/ID."""
+    return _integer(value, "an image id", MAX_ID)
+
+
+def check_image(value: Any) -> Any:
+    """A query image: a path (its file size is capped), bytes (capped), or an already decoded image."""
+    size = None
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            size = os.path.getsize(value)
+        except OSError as exc:
+            raise BadInputError(f"cannot read the query image {os.fspath(value)}: {exc.strerror or exc}") from None
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        size = len(value)
+        if size == 0:
+            raise BadInputError("the query image is empty")
+    if size is not None and size > MAX_IMAGE_BYTES:
+        raise BadInputError(f"the query image is {size} bytes; the limit is {MAX_IMAGE_BYTES}")
+    return value
+
+
+def validate(text: str | None = None, image: Any = None, k: int = DEFAULT_K, negative: str | None = None,
+             text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
+             nprobe: int | None = None, tag: str | None = None, by_vector: bool = False) -> dict[str, Any]:
+    """Check a search and return its arguments normalised (an empty negative means none).
+    by_vector: the query is a stored vector (Engine.search_vector, `similar`), so no text or image.
+    Raises BadInputError (CLI exit code 6, HTTP 400) with a message that names the limit."""
+    checked_text = check_text(text)
+    checked_image = check_image(image) if image is not None else None
+    if not by_vector and checked_text is None and checked_image is None:
+        raise BadInputError("give a text, an image, or both to search for")
+    return {
+        "text": checked_text,
+        "image": checked_image,
+        "k": check_k(k),
+        "negative": check_text(negative, "negative text") if negative else None,
+        "text_weight": check_weight(text_weight, "text_weight"),
+        "image_weight": check_weight(image_weight, "image_weight"),
+        "negative_weight": check_weight(negative_weight, "negative_weight"),
+        "nprobe": check_nprobe(nprobe),
+        "tag": check_tag(tag),
+    }

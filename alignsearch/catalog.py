@@ -299,24 +299,3 @@ def indexed_files(conn: Connection) -> list[FileRow]:
     """Every indexed file's row, in id order."""
     return _rows(conn.execute(select(files).where(files.c.status == INDEXED).order_by(files.c.id)))
 
-
-def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
-    """{root: {status: files}} for every root that has rows."""
-    out: dict[str, dict[str, int]] = {}
-    query = select(files.c.root, files.c.status, func.count()).group_by(files.c.root, files.c.status)
-    for root, status, n in conn.execute(query):
-        out.setdefault(root, {})[status] = n
-    return out
-
-
-def delete_root(conn: Connection, root: str) -> int:
-    """Delete every row of one root (and their tags); returns how many files it held."""
-    ids = select(files.c.id).where(files.c.root == root).scalar_subquery()
-    conn.execute(delete(tags).where(tags.c.file_id.in_(ids)))
-    return conn.execute(delete(files).where(files.c.root == root)).rowcount
-
-
-def move_file(conn: Connection, file_id: int, root: str, relpath: str, relpath_raw: bytes | None) -> None:
-    """Give a row another root and relative path (a root taken over by a folder containing it): id, vector
-    and everything else stay."""
-    conn.execute(update(files).where(files.c.id == file_id).values(root=root, relpath=relpath, relpath_raw=relpath_raw))

@@ -1,12 +1,16 @@
 """The `alignsearch` command: a thin layer over the Python API.
 
-Exit codes: 0 done (per-file failures are listed, not fatal), 1 unexpected error, 2 bad usage,
-3 no index, 4 model cannot be loaded, 5 model differs from the index's, 6 unusable query input,
-7 `verify` found the index inconsistent.
+Exit codes: 0 done (per-file failures are listed, not fatal; also when the reader of the output goes
+away, as with `| head -1`: the rest is dropped quietly), 1 unexpected error (one line; ALIGNSEARCH_DEBUG=1
+shows the traceback), 2 bad usage, 3 no index, 4 model cannot be loaded, 5 model differs from the
+index's, 6 unusable input (a query argument, a query image that is not a regular file of sane size, a
+root that cannot be listed, a root not in the index, an index another process is writing), 7 the index is
+damaged or inconsistent (`verify` found problems, a catalog that is not a database).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -45,7 +49,90 @@ def reports_errors(fn):
     return wrapper
 
 
-@click.group()
+class _Main(click.Group):
+    """Every error ends in one line and a documented exit code (see the module docstring), never a
+    traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
+
+    def invoke(self, ctx):
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not as a warning at interpreter exit
+            return result
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except BrokenPipeError:
+            _quiet_stdout()
+            ctx.exit(0)
+        except AlignSearchError as exc:
+            _fail(ctx, str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted", 130)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if os.environ.get("ALIGNSEARCH_DEBUG"):
+                raise
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                _quiet_stdout()
+                ctx.exit(0)
+            damaged = _damaged_catalog(exc)
+            if damaged:
+                _fail(ctx, damaged, 7)
+            if isinstance(exc, OSError) and exc.strerror:
+                where = f": {exc.filename}" if exc.filename else ""
+                _fail(ctx, f"{exc.strerror}{where}", 1)
+            _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
+
+
+def _quiet_stdout() -> None:
+    """The reader went away: send whatever is still buffered to /dev/null instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (tests): nothing to flush
+        pass
+
+
+def _fail(ctx, message: str, code: int):
+    try:
+        click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    except BrokenPipeError:
+        pass
+    ctx.exit(code)
+
+
+def _damaged_catalog(exc: Exception) -> str | None:
+    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None."""
+    import sqlite3
+
+    try:
+        from sqlalchemy.exc import DatabaseError
+    except ImportError:  # pragma: no cover
+        DatabaseError = sqlite3.DatabaseError  # noqa: N806
+    if isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
+        cause = getattr(exc, "orig", None) or exc
+        return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
+                "restore it from a backup or index into a new --index DIR")
+    return None
+
+
+def _image_file(ctx, param, value):
+    """A query image must be a regular file under the size cap: a FIFO, a device (/dev/zero) or a folder
+    would block or never end; refused at once (exit 6)."""
+    from alignsearch import sources
+    from alignsearch.errors import BadInputError
+
+    paths = value if isinstance(value, tuple) else (value,) if value is not None else ()
+    for path in paths:
+        try:
+            problem = sources.unusable(os.stat(path))
+        except OSError as exc:
+            raise BadInputError(f"cannot use image {path}: {exc.strerror or exc}") from None
+        if problem:
+            raise BadInputError(f"cannot use image {path}: {problem}")
+    return value
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="alignsearch")
 def main() -> None:
     """Semantic search over image folders with ALIGN: index once, query by text, image, or both."""
@@ -58,7 +145,9 @@ def main() -> None:
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch (default 32 on CPU, 256 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (default: cores - 1; 0 decodes in-process).")
-@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--include-hidden/--exclude-hidden", default=None,
+              help="Also index hidden files and folders of the roots given (all roots when none is given); "
+                   "remembered per root, --exclude-hidden turns it off.")
 @click.option("--rebuild", is_flag=True, help="Retrain the ANN index from the stored vectors.")
 @click.option("--reindex", is_flag=True, help="Encode every file again, e.g. with a new --model.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -95,10 +184,20 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
         return
-    click.echo(
-        f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
-        f"{s.failed} failed, {s.unchanged} unchanged"
-    )
+    for note in s.notes:
+        click.echo(f"note: {note}")
+    if s.added + s.updated + s.moved + s.removed + s.failed == 0:
+        click.echo(f"nothing changed ({s.unchanged} unchanged)")
+    else:
+        click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
+                   f"{s.failed} failed, {s.unchanged} unchanged")
+    for root in s.no_images:
+        click.echo(f"no images found in {root}")
+    if s.listing_errors:
+        click.echo(f"{len(s.listing_errors)} folder(s) could not be listed; the {s.kept} files indexed under them "
+                   "stay in the index until they list again:")
+        for e in s.listing_errors:
+            click.echo(f"  {e['folder']}: {e['reason']}")
     click.echo(f"index: {s.index['plan']['kind']} with {s.index['vectors']} vectors ({s.index['action']}) in {s.index_dir}")
     if s.failed:
         click.echo("see the failures with: alignsearch info --failed", err=True)
@@ -117,7 +216,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
 
 @main.command()
 @click.argument("text", required=False)
-@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image to search with (alone or with TEXT).")
+@click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT).")
 @click.option("--negative", help="Text whose concept to subtract from the query.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000).")
 @click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query.")
@@ -174,7 +273,7 @@ def _encoder_for(index_dir, model, device):
 
 @main.command()
 @click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
-@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Image to embed (repeatable).")
+@click.option("--image", "images", multiple=True, type=click.Path(), callback=_image_file, help="Image to embed (repeatable).")
 @click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
 @index_option
 @model_option
@@ -195,7 +294,7 @@ def embed(texts, images, as_json, index_dir, model, device):
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(), callback=_image_file)
 @click.option("--labels", "labels", multiple=True, required=True, help='A candidate label (repeat), e.g. --labels "a cat".')
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble), e.g. "a photo of {}".')
 @click.option("--json", "as_json", is_flag=True)
@@ -219,7 +318,7 @@ def classify(images, labels, templates, as_json, index_dir, model, device):
 
 @main.command()
 @click.option("--text", required=True)
-@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--image", required=True, type=click.Path(), callback=_image_file)
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @model_option
@@ -306,6 +405,7 @@ def info(failed, as_json, index_dir):
     data = engine.info()
     if failed:
         data["failed_files"] = [{"id": r.id, "path": r.path, "reason": r.reason} for r in engine.failed()]
+    data["listing_errors"] = _listing_errors(engine.db)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -320,8 +420,23 @@ def info(failed, as_json, index_dir):
         if ix["type"] != "flat" else ""
     )
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
+    if data["listing_errors"] and not failed:
+        click.echo(f"listing: {len(data['listing_errors'])} folder(s) could not be listed by the last run "
+                   "(alignsearch info --failed)")
     for f in data.get("failed_files", []):
         click.echo(f"failed:  {f['path']}: {f['reason']}")
+    for e in data["listing_errors"] if failed else []:
+        click.echo(f"unlisted: {e['folder']}: {e['reason']} (its indexed files were kept)")
+
+
+def _listing_errors(db) -> list[dict]:
+    """Folders the last run could not list (their rows were kept): [{root, folder, reason}], in root order."""
+    from alignsearch import catalog
+
+    with db.connect() as conn:
+        roots = catalog.get_meta(conn, "roots", [])
+        errors = catalog.get_meta(conn, "listing_errors", {})
+    return [{"root": root, **e} for root in roots for e in errors.get(root, [])]
 
 
 @main.command()
@@ -410,6 +525,46 @@ def verify(repair, skip_model, as_json, index_dir):
         click.echo("ok: " + ", ".join(f"{k}={v}" for k, v in report.checked.items()) if report.ok else "index is inconsistent")
     if not report.ok:
         sys.exit(7)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print [{root, indexed, failed, state, options, listing_errors}].")
+@index_option
+@reports_errors
+def roots(as_json, index_dir):
+    """The roots of the index, with their file counts and state (ok, missing, listing errors)."""
+    from alignsearch import catalog
+    from alignsearch.paths import DB_FILE, resolve_index_dir
+    from indexer.roots import report
+
+    db = catalog.connect(resolve_index_dir(index_dir) / DB_FILE)
+    try:
+        listed = report(db)
+    finally:
+        db.dispose()
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    if not listed:
+        click.echo("no roots: index one with `alignsearch index FOLDER`")
+    for r in listed:
+        options = "".join(f", {k}" for k, v in r["options"].items() if v)
+        click.echo(f"{r['root']}  [{r['state']}]  {r['indexed']} indexed, {r['failed']} failed{options}")
+        for e in r["listing_errors"]:
+            click.echo(f"  could not list {e['folder']}: {e['reason']}")
+
+
+@main.command()
+@click.argument("root")
+@index_option
+@reports_errors
+def forget(root, index_dir):
+    """Remove ROOT and its files from the index (also when its folder is gone)."""
+    from alignsearch.paths import resolve_index_dir
+    from indexer.roots import forget_root
+
+    done = forget_root(resolve_index_dir(index_dir), root)
+    click.echo(f"forgot {done['root']}: {done['files']} files removed from the index")
 
 
 if __name__ == "__main__":

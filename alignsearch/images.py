@@ -18,6 +18,11 @@ from alignsearch.errors import BadImageError
 
 # Enough for a 200-megapixel camera; a larger header is treated as a decompression bomb.
 DEFAULT_MAX_PIXELS = 200_000_000
+# Pillow's own guard warns above 89.5 MP and refuses above twice that, which would refuse real photos
+# under our cap: open_rgb checks the header against max_pixels itself, so Pillow's limit is raised to
+# the cap (its error then only fires far beyond it) and its warning is ignored.
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < DEFAULT_MAX_PIXELS:
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
         raise BadImageError("empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below decides
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:

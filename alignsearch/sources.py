@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tarfile
 from datetime import datetime
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadImageError, BadInputError
 
 FOLDER, PREFIX, LIST, TAR = "folder", "prefix", "list", "tar"
 LIST_SUFFIXES = (".csv", ".parquet")
@@ -28,6 +29,9 @@ PATH_COLUMNS = ("path", "url", "uri", "image", "image_path", "filepath", "file",
 FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
                    "http": "aiohttp", "https": "aiohttp"}
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+# No image file is read past this many bytes: a larger one is recorded as failed, never loaded whole
+# (a 200-megapixel camera's JPEG is under 100 MB; an uncompressed 16-bit TIFF of 60 MP about 360 MB).
+MAX_FILE_BYTES = 256 * 2**20
 
 
 def is_url(path: str) -> bool:
@@ -124,12 +128,60 @@ def open_binary(path: str) -> IO[bytes]:
     return fs.open(inner, "rb")
 
 
-def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset: int = -1, size: int = 0) -> bytes:
-    """An image's bytes. A tar member is read at its data offset when known, else looked up by name.
+def file_kind(mode: int) -> str:
+    """What a stat mode names, in words ("fifo", "character device"...), for reasons a person reads."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def unusable(st: os.stat_result, max_bytes: int = MAX_FILE_BYTES) -> str | None:
+    """Why a stat'ed file cannot be an image (not a regular file, or too large), else None."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file: {file_kind(st.st_mode)}"
+    if st.st_size > max_bytes:
+        return too_large(st.st_size, max_bytes)
+    return None
+
+
+def too_large(size: int, max_bytes: int = MAX_FILE_BYTES) -> str:
+    return f"file too large: {size:,} bytes, over the limit of {max_bytes:,}"
+
+
+def read_local(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A local file's bytes, checked before anything is read: a FIFO, device, directory or socket, or a file
+    over max_bytes, raises BadImageError with the reason; opening never blocks (O_NONBLOCK) and never more
+    than max_bytes are read, even from a file that grows meanwhile. Other failures raise OSError."""
+    problem = unusable(os.stat(path), max_bytes)
+    if problem:
+        raise BadImageError(problem)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        problem = unusable(os.fstat(fd), max_bytes)  # replaced between the stat and the open
+        if problem:
+            raise BadImageError(problem)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadImageError(too_large(len(data), max_bytes))
+    return data
+
+
+def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset: int = -1, size: int = 0,
+               max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """An image's bytes, never more than max_bytes (BadImageError: too large, or not a regular file).
+    A tar member is read at its data offset when known, else looked up by name.
     Raises OSError (FileNotFoundError when it is gone)."""
     if kind(root) != TAR:
-        with open_binary(location(root, relpath, relpath_raw)) as f:
-            return f.read()
+        where = location(root, relpath, relpath_raw)
+        if not is_url(where):
+            return read_local(where, max_bytes)
+        with open_binary(where) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise BadImageError(too_large(len(data), max_bytes))
+        return data
     with open_binary(root) as f:
         if offset < 0:
             name = os.fsdecode(relpath_raw) if relpath_raw else relpath
@@ -138,6 +190,8 @@ def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset
             except (KeyError, tarfile.TarError):
                 raise FileNotFoundError(f"no member {relpath} in {root}") from None
             offset, size = member.offset_data, member.size
+        if size > max_bytes:
+            raise BadImageError(too_large(size, max_bytes))
         f.seek(offset)
         return f.read(size)
 

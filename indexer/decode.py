@@ -31,7 +31,9 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     if found.error:
         return Item(found, None, reason=found.error)
     try:
-        data = found.read()
+        data = found.read()  # bounded: a FIFO, device or oversized file is refused before any read
+    except BadImageError as exc:
+        return Item(found, None, reason=str(exc), seconds=time.perf_counter() - start)
     except FileNotFoundError:
         return Item(found, None, reason="cannot read: file not found", seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - a remote filesystem's own errors too: one file never stops a run

@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import Connection
+
 from alignsearch import catalog, sources
 from alignsearch.errors import BadInputError
 from indexer import scan
@@ -72,7 +75,7 @@ def rebase_root(conn, old: str, new: str) -> None:
     raw_prefix = os.fsencode(prefix)
     for row in catalog.files_under(conn, old).values():
         raw = raw_prefix + b"/" + row.relpath_raw if row.relpath_raw else None
-        catalog.move_file(conn, row.id, new, f"{scan.printable(prefix)[0]}/{row.relpath}", raw)
+        move_file(conn, row.id, new, f"{scan.printable(prefix)[0]}/{row.relpath}", raw)
 
 
 def options_for(db, given_roots: list[str], include_hidden: bool | None) -> dict[str, dict]:
@@ -153,7 +156,7 @@ def report(db) -> list[dict]:
         roots = catalog.get_meta(conn, "roots", [])
         options = catalog.get_meta(conn, "root_options", {})
         errors = catalog.get_meta(conn, "listing_errors", {})
-        counts = catalog.count_by_root(conn)
+        counts = count_by_root(conn)
     out = []
     for root in roots:
         try:
@@ -185,7 +188,7 @@ def forget(db, root: str) -> tuple[str, int]:
         if name is None:
             listed = ", ".join(roots) or "none"
             raise BadInputError(f"{root} is not a root of this index (its roots: {listed}); see `alignsearch roots`")
-        removed = catalog.delete_root(conn, name)
+        removed = delete_root(conn, name)
         catalog.set_meta(conn, "roots", [r for r in roots if r != name])
         for key in ("root_options", "listing_errors", "list_columns"):
             value = catalog.get_meta(conn, key, {})
@@ -215,3 +218,29 @@ def forget_root(index_dir, root: str) -> dict:
         finally:
             db.dispose()
     return {"root": name, "files": removed, "vectors": built.get("vectors")}
+
+
+# Catalog queries on roots (the tables are alignsearch/catalog.py's).
+
+
+def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
+    """{root: {status: files}} for every root that has rows."""
+    files = catalog.files
+    out: dict[str, dict[str, int]] = {}
+    for root, status, n in conn.execute(select(files.c.root, files.c.status, func.count()).group_by(files.c.root, files.c.status)):
+        out.setdefault(root, {})[status] = n
+    return out
+
+
+def delete_root(conn: Connection, root: str) -> int:
+    """Delete every row of one root (and their tags); returns how many files it held."""
+    files, tags = catalog.files, catalog.tags
+    conn.execute(delete(tags).where(tags.c.file_id.in_(select(files.c.id).where(files.c.root == root).scalar_subquery())))
+    return conn.execute(delete(files).where(files.c.root == root)).rowcount
+
+
+def move_file(conn: Connection, file_id: int, root: str, relpath: str, relpath_raw: bytes | None) -> None:
+    """Give a row another root and relative path (a root taken over by a folder containing it): id, vector
+    and everything else stay."""
+    files = catalog.files
+    conn.execute(update(files).where(files.c.id == file_id).values(root=root, relpath=relpath, relpath_raw=relpath_raw))

@@ -69,8 +69,19 @@ def _wanted(relpath: str, include_hidden: bool) -> bool:
     return include_hidden or not any(_hidden(part) for part in parts if part not in (".", ""))
 
 
-def scan(root: str, include_hidden: bool = False, list_column: str | None = None) -> Iterator[Found]:
-    """The images of one source (a catalog root, as sources.normalise names it), in a stable order."""
+@dataclass(frozen=True)
+class ListingError:
+    """A folder whose entries could not be listed (permissions, I/O, a mount that blinked): the files the
+    catalog holds under it are kept, not taken for deleted."""
+
+    folder: str  # relative to the root; "" is the root itself
+    reason: str
+
+
+def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
+         errors: list[ListingError] | None = None) -> Iterator[Found]:
+    """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
+    Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -78,7 +89,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden)
+    return scan_folder(root, include_hidden, errors)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -116,6 +127,9 @@ def _stat_entry(root: str, entry: str) -> Found:
             info = fs.info(inner)
             return Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), relpath_raw=raw)
         st = os.stat(entry)
+        problem = sources.unusable(st)
+        if problem:
+            return Found(root, relpath, st.st_size, st.st_mtime, problem, raw)
     except BadInputError as exc:
         return Found(root, relpath, 0, 0.0, str(exc), raw)
     except (OSError, ValueError) as exc:
@@ -134,31 +148,53 @@ def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
                 name = member.name.removeprefix("./")
                 if member.isfile() and _wanted(name, include_hidden):
                     relpath, raw = printable(name)
-                    yield Found(root, relpath, member.size, float(member.mtime), None, raw, member.offset_data)
+                    error = sources.too_large(member.size) if member.size > sources.MAX_FILE_BYTES else None
+                    yield Found(root, relpath, member.size, float(member.mtime), error, raw, member.offset_data)
     except tarfile.TarError as exc:
         raise BadInputError(f"cannot read the tar shard {root}: {exc}") from None
 
 
-def scan_folder(root: str, include_hidden: bool = False) -> Iterator[Found]:
-    """Image files under a folder, by extension, sorted. Directory symlinks are not followed (no loops);
-    file symlinks are, and a broken one is reported with an error."""
+def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None) -> Iterator[Found]:
+    """Image files under a folder, by extension, sorted (a folder's files, then its subfolders).
+
+    Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
+    an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
+    (found from a stat, never opened). A folder that cannot be listed is appended to `errors`, never
+    silently skipped: its files must not look deleted.
+    """
     root = str(Path(root).resolve())
-    for folder, dirs, names in os.walk(root, onerror=None, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if include_hidden or not _hidden(d))
-        for name in sorted(names):
-            if not _wanted(name, include_hidden):
-                continue
-            path = os.path.join(folder, name)
-            relpath, raw = printable(os.path.relpath(path, root))
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        folder = os.path.join(root, rel) if rel else root
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if errors is not None:
+                errors.append(ListingError(rel, f"cannot list: {exc.strerror or exc}"))
+            continue
+        subfolders = []
+        for entry in entries:
             try:
-                st = os.stat(path)
+                is_dir = entry.is_dir()  # follows symlinks: a link to a folder is neither walked nor a file
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink() and (include_hidden or not _hidden(entry.name)):
+                    subfolders.append(os.path.join(rel, entry.name) if rel else entry.name)
+                continue
+            if not _wanted(entry.name, include_hidden):
+                continue
+            relpath, raw = printable(os.path.join(rel, entry.name) if rel else entry.name)
+            try:
+                st = os.stat(entry.path)
             except OSError as exc:
-                reason = "broken symlink" if os.path.islink(path) and exc.errno == 2 else f"cannot stat: {exc.strerror or exc}"
-                yield Found(root, relpath, 0, 0.0, reason, raw)
+                broken = os.path.islink(entry.path) and exc.errno == 2
+                yield Found(root, relpath, 0, 0.0, "broken symlink" if broken else f"cannot stat: {exc.strerror or exc}", raw)
                 continue
-            if not os.path.isfile(path):
-                continue
-            yield Found(root, relpath, st.st_size, st.st_mtime, None, raw)
+            yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st), raw)
+        pending.extend(reversed(subfolders))
 
 
 @dataclass
@@ -167,11 +203,18 @@ class Diff:
     changed_ids: list[int] = field(default_factory=list)  # catalog ids replaced by re-encoding
     removed: list = field(default_factory=list)  # catalog rows whose file is gone
     unchanged: int = 0
+    kept: int = 0  # rows not seen because their folder could not be listed: kept as they are
 
 
-def diff(found: list[Found], known: dict) -> Diff:
-    """Compare one root's scan with its catalog rows (relpath -> FileRow) by size and mtime."""
+def _under(relpath: str, folders: list[str]) -> bool:
+    return any(not folder or relpath == folder or relpath.startswith(folder + "/") for folder in folders)
+
+
+def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
+    """Compare one root's scan with its catalog rows (relpath -> FileRow) by size and mtime. Rows under
+    the `unlisted` folders (relative; "" is the whole root) that the scan did not see are kept."""
     out = Diff()
+    unlisted = [printable(folder)[0] for folder in unlisted]
     seen = set()
     for f in found:
         seen.add(f.relpath)
@@ -185,5 +228,7 @@ def diff(found: list[Found], known: dict) -> Diff:
             out.changed_ids.append(row.id)
         else:
             out.unchanged += 1
-    out.removed = [row for rel, row in known.items() if rel not in seen]
+    gone = [row for rel, row in known.items() if rel not in seen]
+    out.removed = [row for row in gone if not _under(row.relpath, unlisted)] if unlisted else gone
+    out.kept = len(gone) - len(out.removed)
     return out

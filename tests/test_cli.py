@@ -22,7 +22,7 @@ def indexed(tmp_path, corpus, tiny_model, monkeypatch):
 
 
 def test_index_summary_and_failures(indexed, tmp_path):
-    assert indexed["added"] == 19 and indexed["failed"] == 1 and indexed["removed"] == 0
+    assert indexed["added"] == 18 and indexed["failed"] == 1 and indexed["removed"] == 0  # failed apart from added
     assert indexed["index"]["plan"]["kind"] == "flat" and indexed["index"]["vectors"] == 18
     assert set(indexed["times"]) >= {"read_wait", "encode", "write", "decode_worker", "extra"}
     assert (tmp_path / ".alignsearch" / "catalog.db").exists()

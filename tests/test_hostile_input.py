@@ -1,0 +1,78 @@
+"""Bounded memory and no blocking on hostile input: huge sparse files, FIFOs, devices, directories;
+and real photos up to the documented pixel cap are accepted."""
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import index_json, make_images, run
+from helpers import alignsearch, alignsearch_peak_rss, summary
+
+
+def _failed(ix):
+    info = json.loads(run("info", "--failed", "--json", "--index", ix).output)
+    return {os.path.basename(f["path"]): f["reason"] for f in info["failed_files"]}
+
+
+@pytest.mark.slow
+def test_a_3gb_sparse_jpg_is_recorded_as_failed_in_bounded_memory(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    with open(root / "huge.jpg", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: no disk used, 3 GB of zeros when read
+    proc, peak = alignsearch_peak_rss("index", root, "--index", ix, "--model", tiny_model, "--device", "cpu",
+                                      "--workers", "1", "--json")
+    s = summary(proc)
+    assert (s["added"], s["failed"]) == (2, 1)
+    assert peak < 2**30, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert "too large" in _failed(ix)["huge.jpg"]
+
+
+def test_fifos_and_devices_met_while_scanning_are_recorded_without_blocking(tmp_path, tiny_model):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    start = time.monotonic()
+    s = summary(alignsearch("index", root, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json",
+                            timeout=120))
+    assert time.monotonic() - start < 60
+    assert (s["added"], s["failed"]) == (2, 2)
+    failed = _failed(ix)
+    assert failed["pipe.jpg"] == "not a regular file: fifo"
+    assert failed["zero.jpg"] == "not a regular file: character device"
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+def test_query_image_that_is_not_a_regular_file_fails_fast_with_exit_6(tmp_path, tiny_model, kind):
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    target = {"device": "/dev/zero", "fifo": tmp_path / "pipe", "directory": root}[kind]
+    if kind == "fifo":
+        os.mkfifo(target)
+    start = time.monotonic()
+    proc = alignsearch("query", "--image", target, "--index", ix, timeout=120)
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    assert "not a regular file" in proc.stderr and proc.stderr.count("\n") == 1
+    # in-process (no interpreter start-up): well under a second
+    start = time.monotonic()
+    result = run("query", "--image", target, "--index", ix, code=6)
+    assert time.monotonic() - start < 1.0 and "not a regular file" in result.output
+
+
+def test_a_108_megapixel_photo_is_accepted(tmp_path):
+    from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12000, 9000), (40, 120, 200)).save(buf, "JPEG", quality=80)
+    assert 12000 * 9000 < DEFAULT_MAX_PIXELS
+    spec = ImageSpec((40, 40), 2, (32, 32), 1 / 127.5, True, None, None, None)
+    out = decode(buf.getvalue(), spec)
+    assert (out.width, out.height) == (12000, 9000)
+    assert np.abs(out.crop.astype(int) - (40, 120, 200)).max() <= 3

@@ -101,7 +101,9 @@ def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
         info = infos[name]
         relpath, raw = printable(name[len(base):].lstrip("/"))
         if info.get("type", "file") == "file" and _wanted(relpath, include_hidden):
-            yield Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), None, raw)
+            size = int(info.get("size") or 0)
+            error = sources.too_large(size) if size > sources.MAX_FILE_BYTES else None
+            yield Found(root, relpath, size, sources.info_mtime(info), error, raw)
 
 
 def scan_list(root: str, column: str | None = None, threads: int = 16) -> Iterator[Found]:

@@ -268,8 +268,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
 def _counting_failures(write, failed: set):
     """The writer, noting (root, relpath) of each file that could not be used."""
 
-    def counted(batch, new_vectors):
-        write(batch, new_vectors)
+    def counted(batch, new_vectors, *args, **kwargs):
+        write(batch, new_vectors, *args, **kwargs)
         failed.update((it.found.root, it.found.relpath) for it in batch if it.crop is None)
 
     return counted

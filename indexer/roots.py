@@ -131,8 +131,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)
             out.unchanged += d.unchanged
             out.kept += d.kept
-            listed = [{"folder": sources.location(root, e.folder) if e.folder else root, "reason": e.reason}
-                      for e in errors]
+            listed = [{"folder": scan.printable(sources.location(root, e.folder))[0] if e.folder else root,
+                       "reason": e.reason} for e in errors]
             out.errors_by_root[root] = listed
             out.listing_errors += [{"root": root, **e} for e in listed]
             if not found and not errors:

@@ -45,6 +45,7 @@ def test_a_subfolder_that_cannot_be_listed_keeps_its_rows(tmp_path, tiny_model, 
     info = json.loads(run("info", "--failed", "--json", "--index", ix).output)
     assert info["listing_errors"] == s["listing_errors"]
     assert str(root / "sub") in run("info", "--failed", "--index", ix).output
+    assert json.loads(run("roots", "--json", "--index", ix).output)[0]["state"] == "listing errors"
 
     monkeypatch.undo()  # the folder lists again: its changes are reconciled
     (root / "sub" / "img001.jpg").unlink()
@@ -62,6 +63,8 @@ def test_a_root_that_is_missing_for_a_while_keeps_its_rows(tmp_path, tiny_model)
     s = index_json(ix, "--workers", "0")
     assert (s["removed"], s["added"]) == (0, 0)
     assert s["listing_errors"][0]["root"] == str(root) and "missing" in s["listing_errors"][0]["reason"]
+    assert s["kept"] == 3
+    assert json.loads(run("roots", "--json", "--index", ix).output)[0]["state"] == "missing"
     assert len(_relpaths(ix)) == 3
     (tmp_path / "away").rename(root)
     s = index_json(ix, "--workers", "0")

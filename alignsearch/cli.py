@@ -457,6 +457,10 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
 
     The URL carries a random token, required by every API call; opening it sets a cookie. The CLI's
     `query` finds the server and its token in the index's server record."""
+    # The encoder thread and the search threads each drive an OpenMP team (torch's, faiss's): spinning idle
+    # teams starve each other (a 2 ms query took 80 ms on 2 cores). Idle threads sleep instead; this must
+    # be set before torch and faiss load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import logging
 
     from alignsearch.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server

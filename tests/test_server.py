@@ -537,3 +537,44 @@ def test_pure_helpers():
     assert resolve_token(ServerConfig(no_token=True)) is None
     with pytest.raises(ValueError, match="loopback"):
         resolve_token(ServerConfig(host="0.0.0.0", no_token=True))
+
+
+def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(tmp_path, tiny_model):
+    """Text queries wait in a bounded queue for the one encoder (full: 503 at once, not a hang), while
+    thumbnails, images and searches by stored vector are answered meanwhile."""
+    import alignsearch
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    _, ix = build_index(tmp_path, tiny_model, n=4)
+    engine = alignsearch.open(ix, device="cpu")
+    real_embed = engine.embed
+
+    def slow_embed(*args, **kwargs):
+        time.sleep(0.5)
+        return real_embed(*args, **kwargs)
+
+    engine.embed = slow_embed
+    server = start_in_thread(engine, ServerConfig(port=0, queue_size=2))
+    token = server.token
+    try:
+        a, b = [r["id"] for r in json.loads(call(server.url, "/api/recent?limit=2", token)[2])["results"]]
+        with ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            texts = [pool.submit(call, server.url, f"/api/search?q=dog+{i}&k=2", token) for i in range(8)]
+            time.sleep(0.2)  # the encoder is busy now
+            quick = []
+            for path in (f"/api/image/{a}?size=64", f"/api/image/{b}", f"/api/search?similar={a}&k=2", "/api/info"):
+                t = time.monotonic()
+                assert call(server.url, path, token)[0] == 200
+                quick.append(time.monotonic() - t)
+            answers = [f.result() for f in texts]
+            elapsed = time.monotonic() - started
+        codes = sorted(status for status, _, _ in answers)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        busy = next(a for a in answers if a[0] == 503)
+        assert busy[1]["Retry-After"] and "busy" in json.loads(busy[2])["error"]
+        assert max(quick) < 0.4, quick
+        assert elapsed < 4, elapsed  # nobody waited for more than the queue's length
+    finally:
+        server.shutdown()
+        engine.close()

@@ -299,3 +299,19 @@ def indexed_files(conn: Connection) -> list[FileRow]:
     """Every indexed file's row, in id order."""
     return _rows(conn.execute(select(files).where(files.c.status == INDEXED).order_by(files.c.id)))
 
+
+
+def integrity_problems(db_path: Path) -> list[str]:
+    """SQLite's own integrity check of the catalog (every page and index), read-only; [] when sound."""
+    try:
+        db = connect(db_path, readonly=True)
+    except IndexDamagedError as exc:
+        return [str(exc).split(": run")[0]]
+    try:
+        with db.connect() as conn:
+            found = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
+    except DBAPIError as exc:
+        found = [str(exc.orig).splitlines()[0]]
+    finally:
+        db.dispose()
+    return [] if found == ["ok"] else [f"{Path(db_path).name} is damaged: {'; '.join(found[:3])}"]

@@ -518,9 +518,14 @@ def verify(repair, skip_model, as_json, index_dir):
     from alignsearch.engine import resolve_index_dir
     from indexer.verify import verify as run_verify
 
-    report = run_verify(resolve_index_dir(index_dir), repair=repair, check_model=not skip_model)
+    from indexer.verify import repair_advice
+
+    found = resolve_index_dir(index_dir)
+    report = run_verify(found, repair=repair, check_model=not skip_model)
+    if repair and report.catalog_damaged:
+        report.problems.append(repair_advice(found))
     if as_json:
-        click.echo(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for line in report.repaired:
             click.echo(f"repaired: {line}")

@@ -73,6 +73,7 @@ class Engine:
         self._encoder = None
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
+        self._catalog_checked: set[int] = set()
         self.snap = self._open_snapshot()
 
     def _open_snapshot(self) -> Snapshot:
@@ -102,10 +103,7 @@ class Engine:
             if self.snap is not snap:  # another thread refreshed meanwhile
                 return True
             new = self._open_snapshot()
-            if new.model_info["fingerprint"] != snap.model_info["fingerprint"]:
-                with self._encoder_lock:
-                    self._encoder = None  # a re-encode switched the model: load the new one on next use
-            self.snap = new
+            self.snap = new  # a re-encode's new model is loaded on next use (_encoder_of)
         return True
 
     # The snapshot's parts, for callers that read one of them (a search takes the snapshot once).
@@ -122,23 +120,31 @@ class Engine:
 
     @property
     def encoder(self):
-        """The index's own model, loaded once; a different model given at open() is an error."""
+        """The model of the index's current generation, loaded once; a different model given at open() is
+        an error."""
+        return self._encoder_of(self.snap)
+
+    def _encoder_of(self, snap: Snapshot):
         with self._encoder_lock:
-            if self._encoder is None:
+            fingerprint = snap.model_info["fingerprint"]
+            if self._encoder is None or self._encoder[0] != fingerprint:  # first use, or a re-encode switched it
                 from alignsearch.model import load_recorded
 
-                enc = load_recorded(self.model_info, self._model_name, self._device, self._text_bf16)
-                self._encoder = enc
-            return self._encoder
+                self._encoder = (fingerprint, load_recorded(snap.model_info, self._model_name, self._device,
+                                                            self._text_bf16))
+            return self._encoder[1]
 
     def embed(self, text: str | None = None, image=None, negative: str | None = None,
               text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> np.ndarray:
         """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative."""
+        return self._embed(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
+
+    def _embed(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> np.ndarray:
         from alignsearch.query import compose
 
         if text is None and image is None:
             raise BadInputError("give a text, an image, or both to search for")
-        enc = self.encoder
+        enc = self._encoder_of(snap)
         with self._encoder_lock:  # torch modules are not safe to call from two threads at once
             t = enc.encode_text([text])[0] if text is not None else None
             i = enc.encode_images([image])[0] if image is not None else None
@@ -152,20 +158,35 @@ class Engine:
                text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
                nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
         """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1).
-        tag: only images tagged with this label (see `alignsearch tag`)."""
-        query = self.embed(text, image, negative, text_weight, image_weight, negative_weight)
-        return self.search_vector(query, k, nprobe, tag)
-
-    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
+        tag: only images tagged with this label (see `alignsearch tag`). The query is encoded with the
+        model of the generation it is searched in, even while a re-encode switches generations."""
         if k < 1:
             raise BadInputError(f"k must be at least 1, got {k}")
         self.refresh()
-        for _ in range(3):
+        for attempt in range(4):
+            snap = self.snap
+            query = self._embed(snap, text, image, negative, text_weight, image_weight, negative_weight)
+            try:
+                return self._search(snap, query, k, nprobe, tag)
+            except _Stale:
+                if attempt == 3:
+                    raise
+                self.refresh()
+        raise AssertionError("unreachable")
+
+    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
+        """Top-k hits for a unit query vector of the index's current model."""
+        if k < 1:
+            raise BadInputError(f"k must be at least 1, got {k}")
+        self.refresh()
+        for attempt in range(4):
             try:
                 return self._search(self.snap, query, k, nprobe, tag)
             except _Stale:
+                if attempt == 3:
+                    raise
                 self.refresh()
-        return self._search(self.snap, query, k, nprobe, tag)
+        raise AssertionError("unreachable")
 
     def _search(self, snap: Snapshot, query: np.ndarray, k: int, nprobe: int | None, tag: str | None) -> list[Hit]:
         from alignsearch.query import rerank
@@ -184,6 +205,9 @@ class Engine:
         ids = ids[0][keep]
         with self.db.connect() as conn:
             rows = catalog.get_files(conn, ids.tolist())
+        self._same_generation(snap)
+        if len(rows) < len(ids):
+            self._check_catalog(snap)
         ids = np.array([i for i in ids.tolist() if i in rows and rows[i].vec_row is not None], dtype=np.int64)
         # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
         # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
@@ -245,12 +269,28 @@ class Engine:
         row = self.file(file_id)
         return None if row is None else self._stored(self.snap, np.array([row.vec_row]))[0]
 
+    def _same_generation(self, snap: Snapshot) -> None:
+        """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read
+        may point at the new generation's vectors."""
+        with self.db.connect() as conn:
+            if catalog.get_meta(conn, "generation", 0) != snap.generation:
+                raise _Stale()
+
+    def _check_catalog(self, snap: Snapshot) -> None:
+        """The ANN index named files the catalog lacks: a writer removed them and has not yet synced the
+        index (a run in progress, or killed), or a damaged page hides rows. SQLite's check tells which,
+        once per snapshot; damage is reported, never answered around."""
+        if snap.stamp in self._catalog_checked:
+            return
+        problems = catalog.integrity_problems(self.dir / DB_FILE)
+        if problems:
+            raise IndexDamagedError(f"{problems[0]}: run `alignsearch verify`")
+        self._catalog_checked.add(snap.stamp)
+
     def _stored(self, snap: Snapshot, addresses: np.ndarray) -> np.ndarray:
         if not snap.store.holds(addresses):
+            self._same_generation(snap)
             with self.db.connect() as conn:
-                generation = catalog.get_meta(conn, "generation", 0)
-                if generation != snap.generation:
-                    raise _Stale()
                 store = vectors.load(conn, self.dir, snap.store.dim)  # rows committed since: a writer is running
             snap = replace(snap, store=store)
             with self._refresh_lock:

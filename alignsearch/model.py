@@ -14,6 +14,7 @@ from PIL import Image
 
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
+from alignsearch.sources import read_local
 
 DEFAULT_MODEL = "kakaobrain/align-base"
 
@@ -233,7 +234,7 @@ class Encoder:
         if isinstance(image, Image.Image):
             return crop_uint8(to_rgb(image), self.spec)
         try:
-            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            data = image if isinstance(image, bytes) else read_local(image)  # never a FIFO or a device whole
             return crop_uint8(open_rgb(data, max_pixels)[0], self.spec)
         except (OSError, BadImageError) as exc:
             raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {exc}") from None

@@ -25,6 +25,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
 from alignsearch import catalog
+from alignsearch.errors import IndexDamagedError
 from alignsearch.paths import VECTORS_FILE
 
 DTYPE = np.dtype("<f2")
@@ -146,6 +147,9 @@ class VectorStore:
         if rows == 0:
             return np.zeros((0, self.dim), dtype=DTYPE)
         if segment not in self._maps or len(self._maps[segment]) != rows:
+            if _size(self.segment_path(segment)) < rows * self.row_bytes:
+                raise IndexDamagedError(f"{self.segment_path(segment).name} is shorter than its committed vectors: "
+                                        "run `alignsearch verify --repair`")
             self._maps[segment] = np.memmap(self.segment_path(segment), dtype=DTYPE, mode="r", shape=(rows, self.dim))
         return self._maps[segment]
 

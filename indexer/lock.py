@@ -37,7 +37,7 @@ def writer_running(index_dir: Path) -> bool:
     path = Path(index_dir) / LOCK_FILE
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: a read-only index is checked too
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False

@@ -1,18 +1,32 @@
-"""`alignsearch verify`: do catalog, vector store, FAISS index and model agree? `--repair` mends what it can."""
+"""`alignsearch verify`: do catalog, vector store, FAISS index and model agree? `--repair` mends what it can.
+
+What is checked, each against what the writer recorded when it committed:
+- catalog.db: SQLite's own integrity check (every page and index of the database);
+- the vector store: every committed batch of rows re-hashed (catalog.vector_chunks), files cut short,
+  rows past the commits, segment files nobody knows, files pointing at no committed row;
+- the ANN index: its files' checksums (meta ann_digest / ann_files), then its ids against the catalog;
+- the model: it still loads and has the recorded fingerprint (unless --skip-model).
+
+--repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
+again (only them), and rebuilds the ANN index from the stored vectors. A damaged catalog cannot be
+mended from what is left: it says how to rebuild the index from its folders.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from alignsearch import ann, catalog, shards, vectors
 from alignsearch.engine import ANN_FILE, DB_FILE
-from alignsearch.errors import AlignSearchError
+from alignsearch.errors import AlignSearchError, IndexDamagedError
 from alignsearch.vectors import VectorStore
 from indexer.build import sync_index
 from indexer.lock import writer_lock, writer_running
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,16 +34,21 @@ class Report:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     checked: dict = field(default_factory=dict)
+    ann_damaged: bool = False
+    catalog_damaged: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "repaired": self.repaired, "checked": self.checked}
+
 
 def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> Report:
     report = _check(index_dir, check_model)
     if repair and report.problems:
-        fixed = _repair(index_dir)
+        fixed = _repair(index_dir, report)
         report = _check(index_dir, check_model)
         report.repaired = fixed
     return report
@@ -37,39 +56,43 @@ def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> R
 
 def _check(index_dir: Path, check_model: bool) -> Report:
     r = Report()
-    db = catalog.connect(index_dir / DB_FILE)
+    damage = catalog.integrity_problems(index_dir / DB_FILE)
+    if damage:
+        r.problems += damage
+        r.catalog_damaged = True
+        return r
+    db = catalog.connect(index_dir / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
             model = catalog.get_meta(conn, "model")
-            store = vectors.load(conn, index_dir, int(model["dim"])) if model else None
+            if model is None:
+                r.problems.append("no model recorded: the index was never built")
+                return r
+            store = vectors.load(conn, index_dir, int(model["dim"]))
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+            found = vectors.check(conn, store)
+            digest, files = catalog.get_meta(conn, "ann_digest"), catalog.get_meta(conn, "ann_files") or {}
     finally:
         db.dispose()
-    if model is None:
-        r.problems.append("no model recorded: the index was never built")
-        return r
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
-    r.checked.update(images=len(live), vector_segments=len(store.numbers()),
+    r.checked.update(images=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
                      vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing)
-    for segment in store.numbers():
-        path, rows = store.segment_path(segment), store.committed(segment)
-        size = _size(path)
-        if size < rows * store.row_bytes:
-            r.problems.append(f"{path.name} holds {size // store.row_bytes} rows but the catalog committed {rows}")
-        elif size > rows * store.row_bytes and not writing:
-            r.problems.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
-    unknown = [] if writing else store.unknown_files()
-    if unknown:
-        r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by encoder actors "
-                          "killed before their first commit)")
-    dangling = len(_dangling(_held(store), live))
-    if dangling:
-        r.problems.append(f"{dangling} indexed files point past the stored vectors")
-    path = index_dir / ANN_FILE
-    if not path.exists() and shards.files(index_dir) is None:
-        r.problems.append(f"{path.name} is missing")
-    else:
-        index = shards.open_served(index_dir)
+    r.problems += found.problems
+    if found.legacy_segments:
+        r.problems.append(f"{len(found.legacy_segments)} vector files were written before checksums were recorded: "
+                          "`alignsearch index` or `verify --repair` records them")
+    if not writing:
+        for segment in store.numbers():
+            path, rows = store.segment_path(segment), store.committed(segment)
+            size = _size(path)
+            if size > rows * store.row_bytes:
+                r.problems.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
+        unknown = store.unknown_files()
+        if unknown:
+            r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by encoder actors "
+                              "killed before their first commit)")
+    index = _open_ann(index_dir, digest, files, writing, r)
+    if index is not None:
         ids = ann.stored_ids(index)
         r.checked.update(index_vectors=len(ids), index_type=ann.describe(index).kind)
         if index.d != store.dim:
@@ -82,53 +105,114 @@ def _check(index_dir: Path, check_model: bool) -> Report:
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
     if check_model:
-        from alignsearch.model import Encoder
+        from alignsearch.model import load_recorded
 
         try:
-            fingerprint = Encoder(model["model"], "cpu").fingerprint
+            r.checked["model_fingerprint"] = load_recorded(model, None, "cpu").fingerprint
         except AlignSearchError as exc:
-            r.problems.append(f"the index's model cannot be loaded: {exc}".splitlines()[0])
-        else:
-            r.checked["model_fingerprint"] = fingerprint
-            if fingerprint != model["fingerprint"]:
-                r.problems.append(f"model {model['model']} now has fingerprint {fingerprint}, the index {model['fingerprint']}")
+            r.problems.append(f"the index's model cannot be used: {exc}".splitlines()[0])
     return r
 
 
-def _repair(index_dir: Path) -> list[str]:
+def _open_ann(index_dir: Path, digest: str | None, files: dict, writing: bool, r: Report):
+    """The served ANN index, opened only when its files carry the recorded checksums (or predate them)."""
+    path = index_dir / ANN_FILE
+    if not path.exists() and shards.files(index_dir) is None:
+        r.problems.append(f"{path.name} is missing")
+        r.ann_damaged = True
+        return None
+    expected = dict(files) if files else ({ANN_FILE: digest} if digest else {})
+    if not writing:
+        for name, want in expected.items():
+            if not (index_dir / name).exists() or ann.file_digest(index_dir / name) != want:
+                r.problems.append(f"{name} is damaged (its checksum differs from the one the catalog recorded)")
+                r.ann_damaged = True
+        if r.ann_damaged:
+            return None
+    try:
+        return shards.open_served(index_dir, digest if not files else None)
+    except (RuntimeError, IndexDamagedError) as exc:
+        r.problems.append(f"the ANN index cannot be read: {str(exc).splitlines()[0][:200]}")
+        r.ann_damaged = True
+        return None
+
+
+def _repair(index_dir: Path, report: Report) -> list[str]:
+    if report.catalog_damaged:
+        return []  # nothing to mend it from; the caller says how to rebuild
     done = []
     with writer_lock(index_dir):
         db = catalog.connect(index_dir / DB_FILE)
         try:
             with db.connect() as conn:
                 model = catalog.get_meta(conn, "model")
-                store = vectors.load(conn, index_dir, int(model["dim"])) if model else None
             if model is None:
                 return done
+            with db.connect() as conn:
+                store = vectors.load(conn, index_dir, int(model["dim"]))
             cut = [store.segment_path(s).name for s in store.numbers()
                    if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
             store = _held(store)
             store.truncate_uncommitted()
             with db.begin() as conn:
-                live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
-                lost = _dangling(store, live).tolist()
-                catalog.delete_files(conn, lost)  # forgotten, so the next `alignsearch index` encodes them again
+                found = vectors.check(conn, store)
+                lost = found.damaged_ids.tolist() + found.unchecked_ids.tolist()
+                catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
+                for key, start, rows in found.bad:
+                    vectors.forget_chunks(conn, key, start, start + 1)
+                for segment in found.legacy_segments:
+                    if vectors.adopt_segment(conn, store, segment):
+                        raise IndexDamagedError(f"{store.segment_path(segment).name} holds damaged vectors written "
+                                                "before checksums existed: re-encode with `alignsearch index --reindex`")
                 vectors.save(conn, store)
             if lost:
-                done.append(f"forgot {len(lost)} files whose vectors were lost; `alignsearch index` re-encodes them")
+                done.append(f"forgot {len(lost)} files whose vectors were lost")
+            if found.legacy_segments:
+                done.append(f"recorded checksums for {len(found.legacy_segments)} vector files written before them")
             if cut:
                 done.append(f"cut {', '.join(cut)} to the committed rows")
-            built = sync_index(db, store, index_dir / ANN_FILE, rebuild=_has_duplicates(index_dir))
+            built = sync_index(db, store, index_dir / ANN_FILE, rebuild=report.ann_damaged or _has_duplicates(index_dir))
             done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
         finally:
             db.dispose()
+    if lost:
+        done.append(_reencode(index_dir, len(lost)))
     return done
+
+
+def _reencode(index_dir: Path, lost: int) -> str:
+    """Encode the forgotten files again: an ordinary run finds them as new (nothing else is encoded)."""
+    from indexer.job import index_folders
+
+    try:
+        summary = index_folders([], index_dir=index_dir, device="auto")
+    except AlignSearchError as exc:
+        return f"could not re-encode the {lost} forgotten files ({str(exc).splitlines()[0]}): run `alignsearch index`"
+    return f"re-encoded {summary.added} files"
+
+
+def repair_advice(index_dir: Path) -> str:
+    """What to do when the catalog itself is damaged (nothing to mend it from)."""
+    roots = []
+    try:
+        db = catalog.connect(index_dir / DB_FILE, readonly=True)
+        with db.connect() as conn:
+            roots = catalog.get_meta(conn, "roots", [])
+        db.dispose()
+    except Exception:  # noqa: BLE001 - the roots are a courtesy; the file may be unreadable
+        pass
+    where = " ".join(roots) if roots else "FOLDER..."
+    return (f"catalog.db is damaged beyond repair: move {index_dir} aside and rebuild the index from its folders "
+            f"with `alignsearch index {where} --index {index_dir}`")
 
 
 def _has_duplicates(index_dir: Path) -> bool:
     if not (index_dir / ANN_FILE).exists() and shards.files(index_dir) is None:
         return False
-    ids = ann.stored_ids(shards.open_served(index_dir))
+    try:
+        ids = ann.stored_ids(shards.open_served(index_dir))
+    except RuntimeError:
+        return True
     return len(ids) != len(np.unique(ids))
 
 
@@ -142,8 +226,3 @@ def _held(store: VectorStore) -> VectorStore:
         return min(store.committed(s), _size(store.segment_path(s)) // store.row_bytes)
 
     return VectorStore(store.path, store.dim, held(0), {s: (name, held(s)) for s, (name, _) in store.segments.items()})
-
-
-def _dangling(store: VectorStore, live: np.ndarray) -> np.ndarray:
-    """Ids of the (id, address) rows whose address names no committed row."""
-    return live[~store.valid(live[:, 1]), 0]

@@ -35,6 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -526,7 +527,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         if given is not None and token is not None:  # the printed URL: trade the token for a cookie
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return error(401, "wrong token: open the URL `alignsearch serve` printed")
-            rest = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "token")
+            rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
             response = RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303)
             response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
             return response

@@ -155,6 +155,8 @@ def _sync_shards(store: VectorStore, ids: np.ndarray, rows: np.ndarray, folder: 
 def ann_file_digests(folder: Path, lists: Path | None) -> dict[str, str]:
     """Checksums of the files a sharded or on-disk layout serves (for `alignsearch verify`)."""
     paths = shards.files(folder) or [folder / ANN_FILE]
+    if shards.files(folder):
+        paths.append(folder / shards.MANIFEST)
     if lists is not None:
         paths.append(lists)
     return {p.name: ann.file_digest(p) for p in paths}

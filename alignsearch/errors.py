@@ -9,6 +9,12 @@ class IndexNotFoundError(AlignSearchError):
     exit_code = 3
 
 
+class UsageError(AlignSearchError):
+    """A malformed option value the parser could not check by itself (a --where expression, a date)."""
+
+    exit_code = 2
+
+
 class ModelLoadError(AlignSearchError):
     exit_code = 4
 

@@ -1,0 +1,70 @@
+"""Issue 15: the --where language and the named filter flags, evaluated over columns (no model needed)."""
+
+import numpy as np
+import pytest
+
+from alignsearch import filters
+from alignsearch.errors import UsageError
+
+ROWS = {
+    "taken": np.array([filters.parse_date("2019-07-14"), filters.parse_date("2020-01-01T10:00:00+02:00"), np.nan, 0.0]),
+    "camera": np.array(["canon eos 5d", "nikon d750", None, "canon powershot"], dtype=object),
+    "format": np.array(["jpeg", "png", "jpeg", "jpeg"], dtype=object),
+    "path": np.array(["trips/lisbon/a.jpg", "trips/b.png", "home/c.jpg", "trips/lisbon/2019/d.jpg"], dtype=object),
+    "lat": np.array([38.72, -33.87, np.nan, 38.70]),
+    "lon": np.array([-9.14, 151.21, np.nan, -9.20]),
+    "width": np.array([4000, 640, 100, 3000], dtype=float),
+}
+TAGS = {"cat": np.array([True, False, False, True])}
+
+
+def mask(expr=None, **flags):
+    node = filters.build(filters.FilterOptions(where=expr, **flags))
+    return filters.evaluate(node, ROWS.__getitem__, lambda label: TAGS.get(label.lower(), np.zeros(4, bool))).tolist()
+
+
+def test_comparisons_and_logic():
+    assert mask("width >= 3000") == [True, False, False, True]
+    assert mask("camera ~ canon and width > 3500") == [True, False, False, False]
+    assert mask("camera ~ 'CANON' or format = png") == [True, True, False, True]
+    assert mask("not (camera ~ canon)") == [False, True, True, False]  # unknown camera: not matched, so not() is
+    assert mask('format != "png"') == [True, False, True, True]
+    assert mask("tag = Cat") == [True, False, False, True]
+
+
+def test_dates_are_iso_after_inclusive_before_exclusive():
+    assert mask(after="2019-07-14") == [True, True, False, False]
+    assert mask(before="2019-07-14") == [False, False, False, True]
+    assert mask(after="2020-01-01T08:00:00Z", before="2020-01-01T08:00:01Z") == [False, True, False, False]
+    assert mask("taken < 2000-01-01") == [False, False, False, True]
+
+
+def test_near_is_great_circle_and_handles_the_southern_and_western_hemispheres():
+    assert mask(near="38.7223,-9.1393,10") == [True, False, False, True]
+    assert mask(near=(-33.86, 151.20, 5)) == [False, True, False, False]
+    assert mask("near(38.7223, -9.1393, 3)") == [True, False, False, False]
+
+
+def test_path_glob_star_stays_in_a_folder_double_star_crosses():
+    assert mask(path="trips/*.png") == [False, True, False, False]
+    assert mask(path="trips/*") == [False, True, False, False]
+    assert mask(path="trips/**") == [True, True, False, True]
+    assert mask(path="**/lisbon/**/*.jpg") == [True, False, False, True]
+    assert mask('path glob "TRIPS/lisbon/*.jpg"') == [True, False, False, False]
+
+
+@pytest.mark.parametrize("expr", [
+    "", "width >", "width > abc", "colour = red", "(width > 3", "width > 3)", "camera < 3", "taken = yesterday",
+    "width ~ 3", "near(1, 2)", "near(100, 0, 1)", "width > 3 and", "format glob x", "width > 3 width < 4",
+    "width = nan",
+])
+def test_malformed_expressions_are_a_clear_usage_error(expr):
+    with pytest.raises(UsageError) as exc:
+        filters.parse(expr)
+    assert exc.value.exit_code == 2 and str(exc.value).split(":")[0] in ("--where", "near")
+
+
+def test_the_language_is_never_sql():
+    """Quotes and SQL are values, never code."""
+    assert mask("camera = \"x' or 1=1 --\"") == [False] * 4
+    assert filters.parse("caption ~ 'drop table files'") == filters.Compare("caption", "~", "drop table files")

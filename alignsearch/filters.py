@@ -198,7 +198,7 @@ def compare(field: str, op: str, value: str) -> Compare:
     if field in DATE_FIELDS:
         if op in ("~", "glob"):
             raise UsageError(f"--where: {field} is a date: use = != < <= > >=")
-        return Compare(field, op, parse_date(value, f"--where {field}"))
+        return Compare(field, op, parse_date(value, "--where"))
     if op in ("<", "<=", ">", ">="):
         raise UsageError(f"--where: {field} is text: use = != ~" + (" or glob" if field == "path" else ""))
     return Compare(field, op, value)

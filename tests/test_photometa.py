@@ -1,0 +1,91 @@
+"""Issue 15: what a photo says about itself, from real-world EXIF layouts written with Pillow."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from alignsearch import photometa
+from alignsearch.filters import parse_date
+
+
+def jpeg(exif: Image.Exif | None = None, size=(64, 48)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, "JPEG", **({"exif": exif} if exif is not None else {}))
+    return out.getvalue()
+
+
+def exif_with(datetime_original=None, offset=None, make=None, model=None, lens=None, gps=None, orientation=None,
+              datetime_only=None):
+    exif = Image.Exif()
+    if make:
+        exif[photometa.MAKE] = make
+    if model:
+        exif[photometa.MODEL] = model
+    if orientation:
+        exif[0x0112] = orientation
+    if datetime_only:
+        exif[photometa.DATETIME] = datetime_only
+    sub = exif.get_ifd(photometa.EXIF_IFD)
+    if datetime_original:
+        sub[photometa.DATETIME_ORIGINAL] = datetime_original
+    if offset:
+        sub[photometa.OFFSET_ORIGINAL] = offset
+    if lens:
+        sub[photometa.LENS_MODEL] = lens
+    if gps:
+        g = exif.get_ifd(photometa.GPS_IFD)
+        (lat_ref, lat), (lon_ref, lon) = gps
+        g[1], g[2], g[3], g[4] = lat_ref, lat, lon_ref, lon
+    return exif
+
+
+def test_date_with_timezone_offset_camera_and_lens():
+    data = jpeg(exif_with("2019:07:14 10:30:00", "+02:00", "Canon", "Canon EOS 5D Mark IV", "EF24-70mm f/2.8L II USM"))
+    meta = photometa.read(data, mtime=5.0)
+    assert meta["taken"] == parse_date("2019-07-14T08:30:00Z") and meta["taken_source"] == "exif:DateTimeOriginal"
+    assert meta["camera"] == "Canon EOS 5D Mark IV" and meta["lens"] == "EF24-70mm f/2.8L II USM"
+    assert photometa.iso(meta["taken"]) == "2019-07-14T08:30:00Z"
+
+
+def test_negative_offset_and_make_not_repeated_in_the_model():
+    meta = photometa.read(jpeg(exif_with("2021:12:31 23:00:00", "-05:00", "NIKON CORPORATION", "D750")), mtime=0)
+    assert meta["taken"] == parse_date("2022-01-01T04:00:00Z")
+    assert meta["camera"] == "NIKON CORPORATION D750"
+
+
+def test_gps_in_the_southern_and_western_hemispheres():
+    sydney = (("S", (33.0, 52.0, 4.0)), ("E", (151.0, 12.0, 26.0)))
+    rio = (("S", (22.0, 54.0, 30.0)), ("W", (43.0, 11.0, 47.0)))
+    lisbon = (("N", (38.0, 43.0, 20.0)), ("W", (9.0, 8.0, 21.0)))
+    for gps, lat, lon in ((sydney, -33.8678, 151.2072), (rio, -22.9083, -43.1964), (lisbon, 38.7222, -9.1392)):
+        meta = photometa.read(jpeg(exif_with(gps=gps)), mtime=0)
+        assert meta["lat"] == pytest.approx(lat, abs=1e-3) and meta["lon"] == pytest.approx(lon, abs=1e-3)
+
+
+def test_missing_exif_falls_back_to_mtime_and_rotated_photos_keep_their_fields():
+    meta = photometa.read(jpeg(), mtime=1234.5)
+    assert meta["taken"] == 1234.5 and meta["taken_source"] == "mtime" and meta["camera"] is None
+    assert meta["lat"] is None and meta["lon"] is None
+    rotated = photometa.read(jpeg(exif_with("2018:01:02 03:04:05", model="Pixel 7", orientation=6)), mtime=0)
+    assert rotated["taken"] == parse_date("2018-01-02T03:04:05Z") and rotated["camera"] == "Pixel 7"
+
+
+def test_datetime_alone_and_unknown_dates():
+    meta = photometa.read(jpeg(exif_with(datetime_only="2015:05:05 05:05:05")), mtime=0)
+    assert meta["taken_source"] == "exif:DateTime" and meta["taken"] == parse_date("2015-05-05T05:05:05Z")
+    meta = photometa.read(jpeg(exif_with("0000:00:00 00:00:00")), mtime=99.0)
+    assert meta["taken"] == 99.0 and meta["taken_source"] == "mtime"
+
+
+def test_not_an_image_and_png_without_exif():
+    assert photometa.read(b"not an image", mtime=7.0)["taken"] == 7.0
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "PNG")
+    assert photometa.read(out.getvalue(), mtime=8.0, caption="  a  red\\n car ")["caption"] == "a red\\n car"
+
+
+def test_webdataset_caption_members():
+    assert photometa.caption_from_member("x.txt", b"a dog on a beach\n") == "a dog on a beach"
+    assert photometa.caption_from_member("x.json", b'{"caption": "Zanzibar at dusk"}') == "Zanzibar at dusk"
+    assert photometa.caption_from_member("x.json", b"[1, 2]") is None

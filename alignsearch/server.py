@@ -378,8 +378,9 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     cookie = cookie_name(config.port)
     bearer, by_cookie = HTTPBearer(auto_error=False), APIKeyCookie(name=cookie, auto_error=False)
 
-    def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    async def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
                   from_cookie: Annotated[str | None, Depends(by_cookie)]) -> None:
+        # async: a plain def would cost every request a hop to the thread pool and back
         if token is None:
             return
         given = credentials.credentials if credentials is not None else from_cookie or ""

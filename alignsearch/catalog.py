@@ -32,6 +32,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -100,6 +101,27 @@ pending_vectors = Table(
     Column("vec_row", Integer, nullable=False),
 )
 
+# A perceptual hash (imagehash.phash, 64 bits as 16 hex digits) per indexed file, for `alignsearch dupes
+# --tier near` and collapsed results (alignsearch/dupes.py). Its own table: indexes written before it existed
+# have none (readers treat that as empty) and the next `index` run fills it without re-encoding.
+phashes = Table("phashes", metadata, Column("file_id", Integer, primary_key=True), Column("phash", String(16), nullable=False))
+
+# What a photo says about itself (alignsearch/photometa.py), one row per indexed file: filled at index time,
+# and for files indexed before it existed by the next run (headers only, nothing re-encoded).
+photos = Table(
+    "photos",
+    metadata,
+    Column("file_id", Integer, primary_key=True),
+    Column("taken", Float),  # UTC epoch seconds
+    Column("taken_source", String(32)),  # exif:DateTimeOriginal, exif:DateTimeDigitized, exif:DateTime, mtime
+    Column("camera", Text),
+    Column("lens", Text),
+    Column("lat", Float),
+    Column("lon", Float),
+    Column("caption", Text),
+)
+KEYWORDS = "keywords"  # SQLite FTS5 over captions, file and folder names and tags; rowid = file id
+
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 
 
@@ -157,6 +179,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
             _check_version(version)
             if version != SCHEMA_VERSION:  # new, or version 1 (upgraded in place)
                 set_meta(conn, "schema_version", SCHEMA_VERSION)
+            conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING fts5(body)")
             if get_meta(conn, "index_id") is None:  # names this index (a copy keeps it: see server records)
                 set_meta(conn, "index_id", uuid.uuid4().hex)
     except DBAPIError as exc:
@@ -252,7 +275,9 @@ def counts(conn: Connection) -> dict[str, int]:
 def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     """Insert or replace the row of (root, relpath). A replaced file gets a new id, so the ANN
     index never confuses its old vector with its new one."""
-    conn.execute(delete(files).where(files.c.root == values["root"], files.c.relpath == values["relpath"]))
+    where = (files.c.root == values["root"], files.c.relpath == values["relpath"])
+    forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(*where))])
+    conn.execute(delete(files).where(*where))
     values = {"indexed_at": time.time(), **values}
     return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
 
@@ -266,7 +291,7 @@ def replace_tags(conn: Connection, rows: list[dict]) -> None:
 
 def ids_with_tag(conn: Connection, label: str) -> list[int]:
     query = select(tags.c.file_id).join(files, files.c.id == tags.c.file_id).where(
-        tags.c.label == label, files.c.status == INDEXED
+        func.lower(tags.c.label) == label.lower(), files.c.status == INDEXED
     )
     return [i for (i,) in conn.execute(query)]
 
@@ -286,6 +311,7 @@ def delete_all_files(conn: Connection) -> None:
 
 def delete_files(conn: Connection, ids: Iterable[int]) -> None:
     ids = list(ids)
+    forget_extras(conn, ids)
     for start in range(0, len(ids), 500):
         conn.execute(delete(files).where(files.c.id.in_(ids[start : start + 500])))
 
@@ -315,3 +341,168 @@ def integrity_problems(db_path: Path) -> list[str]:
     finally:
         db.dispose()
     return [] if found == ["ok"] else [f"{Path(db_path).name} is damaged: {'; '.join(found[:3])}"]
+
+
+# -- perceptual hashes (alignsearch/dupes.py) ---------------------------------------------------------------
+
+def has_phashes(conn: Connection) -> bool:
+    """Whether the catalog has the phashes table (an index written before it existed has none)."""
+    from sqlalchemy import inspect
+
+    return inspect(conn).has_table(phashes.name)
+
+
+def set_phashes(conn: Connection, rows: Iterable[tuple[int, str]]) -> None:
+    """Store (file id, phash hex) pairs, replacing what those files had."""
+    rows = [{"file_id": int(i), "phash": h} for i, h in rows]
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        conn.execute(delete(phashes).where(phashes.c.file_id.in_([r["file_id"] for r in chunk])))
+        conn.execute(insert(phashes), chunk)
+
+
+def phashes_of(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, str]:
+    """phash hex by file id, of indexed files (all of them when ids is None); {} when the table is absent."""
+    if not has_phashes(conn):
+        return {}
+    query = select(phashes.c.file_id, phashes.c.phash).join(files, files.c.id == phashes.c.file_id).where(
+        files.c.status == INDEXED)
+    if ids is None:
+        return {i: h for i, h in conn.execute(query)}
+    ids = list(ids)
+    out: dict[int, str] = {}
+    for start in range(0, len(ids), 500):
+        out.update({i: h for i, h in conn.execute(query.where(phashes.c.file_id.in_(ids[start : start + 500])))})
+    return out
+
+
+def files_without_phash(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
+    """Indexed files with no phash yet, id > after, in id order (at most limit)."""
+    query = select(files).outerjoin(phashes, phashes.c.file_id == files.c.id).where(
+        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+    return _rows(conn.execute(query))
+
+
+def forget_stale_phashes(conn: Connection) -> int:
+    """Drop the phashes of files no longer in the catalog (replaced files get new ids)."""
+    gone = select(files.c.id).where(files.c.id == phashes.c.file_id).exists()
+    return conn.execute(delete(phashes).where(~gone)).rowcount
+
+
+def indexed_after(conn: Connection, after: int, limit: int) -> list[FileRow]:
+    """Indexed files with id > after, in id order (at most limit): a scan in bounded pages."""
+    query = select(files).where(files.c.status == INDEXED, files.c.id > after).order_by(files.c.id).limit(limit)
+    return _rows(conn.execute(query))
+
+
+def duplicate_hashes(conn: Connection) -> list[list[int]]:
+    """Ids of indexed files sharing one SHA-256, one list per content held more than once."""
+    shared = select(files.c.sha256).where(files.c.status == INDEXED, files.c.sha256.is_not(None)).group_by(
+        files.c.sha256).having(func.count() > 1).subquery()
+    query = select(files.c.sha256, files.c.id).where(files.c.status == INDEXED,
+                                                    files.c.sha256.in_(select(shared.c.sha256))).order_by(
+        files.c.sha256, files.c.id)
+    groups: dict[str, list[int]] = {}
+    for sha, i in conn.execute(query):
+        groups.setdefault(sha, []).append(i)
+    return list(groups.values())
+
+
+def forget_extras(conn: Connection, ids: list[int]) -> None:
+    """Drop what hangs off files that leave the catalog (their photo fields and keywords)."""
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        conn.execute(delete(photos).where(photos.c.file_id.in_(chunk)))
+        if has_keywords(conn):
+            conn.exec_driver_sql(f"DELETE FROM {KEYWORDS} WHERE rowid IN ({','.join(str(int(i)) for i in chunk)})")
+
+
+def has_keywords(conn: Connection) -> bool:
+    return inspect(conn).has_table(KEYWORDS)
+
+
+def has_photos(conn: Connection) -> bool:
+    return inspect(conn).has_table(photos.name)
+
+
+def keyword_text(relpath: str, caption: str | None, labels: Iterable[str] = ()) -> str:
+    """What the keyword index holds for a file: its caption, the words of its folders and name, its tags."""
+    words = relpath.replace("\\", "/").rsplit(".", 1)[0]
+    for sep in "/_-.":
+        words = words.replace(sep, " ")
+    return " ".join(p for p in (caption, words, " ".join(labels)) if p)
+
+
+def set_photo(conn: Connection, file_id: int, relpath: str, fields: dict, labels: Iterable[str] = ()) -> None:
+    """Store a file's photo fields and its keyword text (one transaction with the caller's)."""
+    conn.execute(delete(photos).where(photos.c.file_id == file_id))
+    conn.execute(insert(photos).values(file_id=file_id, **{k: fields.get(k) for k in PHOTO_FIELDS}))
+    conn.exec_driver_sql(f"DELETE FROM {KEYWORDS} WHERE rowid = ?", (int(file_id),))
+    conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)",
+                         (int(file_id), keyword_text(relpath, fields.get("caption"), labels)))
+
+
+PHOTO_FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption")
+
+
+def files_without_photo(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
+    """Indexed files with no photo fields yet (indexed before they existed), id > after, in id order."""
+    query = select(files).outerjoin(photos, photos.c.file_id == files.c.id).where(
+        files.c.status == INDEXED, photos.c.file_id.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+    return _rows(conn.execute(query))
+
+
+def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:
+    """Re-write the keyword text of files (all when ids is None) from their caption, path and tags."""
+    query = select(files.c.id, files.c.relpath, photos.c.caption).join(photos, photos.c.file_id == files.c.id).where(
+        files.c.status == INDEXED)
+    if ids is not None:
+        query = query.where(files.c.id.in_(list(ids)))
+    labels: dict[int, list[str]] = {}
+    for file_id, label in conn.execute(select(tags.c.file_id, tags.c.label)):
+        labels.setdefault(file_id, []).append(label)
+    rows = conn.execute(query).all()
+    for file_id, relpath, caption in rows:
+        conn.exec_driver_sql(f"DELETE FROM {KEYWORDS} WHERE rowid = ?", (int(file_id),))
+        conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)",
+                             (int(file_id), keyword_text(relpath, caption, labels.get(file_id, ()))))
+
+
+def keyword_search(conn: Connection, words: list[str], limit: int) -> list[tuple[int, float]]:
+    """(file id, bm25 score: lower is better) of indexed files whose keyword text holds any of the words,
+    best first. Each word is quoted for FTS5, so user text is never query syntax."""
+    if not words or not has_keywords(conn):
+        return []
+    match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+    sql = (f"SELECT k.rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} k JOIN files f ON f.id = k.rowid "
+           f"WHERE {KEYWORDS} MATCH ? AND f.status = 'indexed' ORDER BY score LIMIT ?")
+    return [(int(i), float(s)) for i, s in conn.exec_driver_sql(sql, (match, int(limit)))]
+
+
+def file_at(conn: Connection, root: str, relpath: str) -> FileRow | None:
+    """The indexed file at (root, relpath), or None."""
+    found = _rows(conn.execute(select(files).where(files.c.root == root, files.c.relpath == relpath,
+                                                   files.c.status == INDEXED)))
+    return found[0] if found else None
+
+
+def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
+    """{file id: its photo fields} ({} for an index written before they existed)."""
+    if not has_photos(conn):
+        return {}
+    ids, out = list(ids), {}
+    for start in range(0, len(ids), 500):
+        query = select(photos).where(photos.c.file_id.in_(ids[start : start + 500]))
+        out.update({row.file_id: dict(row._mapping) for row in conn.execute(query)})
+    return out
+
+
+def labels_of(conn: Connection, ids: Iterable[int]) -> dict[int, list[str]]:
+    """{file id: its tag labels, most probable first}."""
+    ids, out = list(ids), {}
+    for start in range(0, len(ids), 500):
+        query = select(tags.c.file_id, tags.c.label).where(tags.c.file_id.in_(ids[start : start + 500])).order_by(
+            tags.c.probability.desc())
+        for file_id, label in conn.execute(query):
+            out.setdefault(file_id, []).append(label)
+    return out

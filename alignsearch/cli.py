@@ -162,10 +162,12 @@ def main() -> None:
               help="Decode JPEGs at reduced scale (Pillow draft): faster on big photos, pixels differ slightly.")
 @click.option("--list-column", default=None, metavar="NAME",
               help="For a .csv/.parquet list root: the column of paths or URLs (default: path, url, uri, image...).")
+@click.option("--caption-column", default=None, metavar="NAME",
+              help="A list's caption column (default: caption, text or alt when present); remembered.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, list_column, as_json):
+          ondisk_shards, index_shards, fast_decode, list_column, caption_column, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -180,6 +182,7 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
         include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json and sys.stderr.isatty(),
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
+        caption_column=caption_column,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -211,7 +214,8 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
         click.echo("no results")
     for rank, h in enumerate(hits, 1):
         shown = os.fsencode(h["path"]).decode("utf-8", "backslashreplace")  # names that are not UTF-8
-        click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}")
+        folded = f"  (+{len(h['duplicates'])} near duplicates)" if h.get("duplicates") else ""
+        click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}{folded}")
 
 
 @main.command()
@@ -224,17 +228,39 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
 @click.option("--negative-weight", type=float, default=1.0, show_default=True)
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value).")
 @click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`).")
+@click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it (listed as its duplicates).")
+@click.option("--after", metavar="DATE", help="Taken on or after DATE (ISO 8601: 2019-07-14 or a date-time).")
+@click.option("--before", metavar="DATE", help="Taken before DATE.")
+@click.option("--camera", metavar="TEXT", help="Camera make or model contains TEXT (case-insensitive).")
+@click.option("--near", metavar="LAT,LON,KM", help="Taken within KM kilometres of LAT,LON (GPS in EXIF).")
+@click.option("--path", "path_glob", metavar="GLOB", help="Path under its root matches GLOB (** crosses folders).")
+@click.option("--format", "fmt", metavar="FMT", help="Image format (jpeg, png, webp...).")
+@click.option("--where", metavar="EXPR", help="A filter expression, e.g. \"camera ~ canon and taken >= 2019-01-01\".")
+@click.option("--min-score", type=click.FloatRange(-1, 1), default=None, help="Drop results below this similarity.")
+@click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
+              help="Order of the result set (the best k by score that pass the filters).")
+@click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
+              help="vector, keyword (captions, names, tags), hybrid (both fused), auto (hybrid when words match).")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option
 @model_option
 @device_option
 @reports_errors
-def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, as_json, index_dir, model, device):
-    """Search the index by TEXT, by --image, or by both."""
+def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
+          camera, near, path_glob, fmt, where, min_score, sort, mode, as_json, index_dir, model, device):
+    """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
+    from alignsearch import filters
+
+    narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path_glob,
+                 "format": fmt}
+    filters.build(filters.FilterOptions(tag=tag, **narrowing))  # a malformed filter fails before any loading
+    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto"
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
-         "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
+         "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
+         **{key: value for key, value in narrowing.items() if value is not None},
+         **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode})}
     from alignsearch import querycheck
     from alignsearch.paths import resolve_index_dir
 
@@ -242,7 +268,9 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
                                   image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     found = resolve_index_dir(index_dir)
     answer = None
-    if model is None and nprobe is None:  # a warm `alignsearch serve` answers in milliseconds
+    if collapse:
+        q["collapse"] = True
+    if model is None and nprobe is None and not collapse and plain:  # a warm `alignsearch serve` answers in milliseconds
         from alignsearch.client import search_via_server
 
         fields = {"q": text, "k": k, "negative": checked["negative"], "text_weight": text_weight,
@@ -256,7 +284,8 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
 
         engine = open_index(found, model=model, device=device)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
+                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
+                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, **narrowing)
         hits = [h.to_dict() for h in hits]
     _print_hits(q, hits, as_json)
 
@@ -574,6 +603,91 @@ def forget(root, index_dir):
 
     done = forget_root(resolve_index_dir(index_dir), root)
     click.echo(f"forgot {done['root']}: {done['files']} files removed from the index")
+
+
+@main.command()
+@click.option("--tier", type=click.Choice(["exact", "near", "similar"]), default="near", show_default=True,
+              help="exact: same bytes (SHA-256); near: same picture re-saved, resized or lightly cropped (perceptual "
+                   "hash); similar: embedding cosine >= threshold (bursts, near-identical shots).")
+@click.option("--threshold", type=float, default=None,
+              help="near: most differing bits of 64 (default 10); similar: least cosine (default 0.95).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=8, show_default=True, help="similar: IVF lists visited per image.")
+@click.option("--json", "as_json", is_flag=True, help='Print [{"tier", "keep", "items": [{"id", "path", "score", ...}]}].')
+@index_option
+@reports_errors
+def dupes(tier, threshold, nprobe, as_json, index_dir):
+    """Group duplicate images, largest groups first. Reports only: nothing is ever deleted.
+
+    The file to keep in each group: the largest resolution, then the oldest (modification time)."""
+    from alignsearch.dupes import find_groups
+    from alignsearch.engine import open as open_index
+    from alignsearch.errors import BadInputError
+
+    if threshold is not None and tier == "near" and not (0 <= threshold < 64 and threshold == int(threshold)):
+        raise BadInputError("--threshold for --tier near is a number of bits from 0 to 63")
+    if threshold is not None and tier == "similar" and not -1 <= threshold <= 1:
+        raise BadInputError("--threshold for --tier similar is a cosine from -1 to 1")
+    groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
+    if as_json:
+        click.echo(json.dumps([g.to_dict() for g in groups], indent=2))
+        return
+    if not groups:
+        click.echo(f"no {tier} duplicates")
+    for g in groups:
+        click.echo(f"{g.tier}: {len(g.items)} files")
+        for item in g.items:
+            shown = os.fsencode(item["path"]).decode("utf-8", "backslashreplace")
+            mark = "keep" if item["keep"] else "    "
+            click.echo(f"  {mark} {item['score']:.4f}  {item['width']}x{item['height']}  {shown}")
+    if groups:
+        click.echo(f"{len(groups)} groups, {sum(len(g.items) - 1 for g in groups)} files besides the ones to keep")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["parquet", "clip-retrieval"]), default="parquet", show_default=True,
+              help="parquet: one file, a row per image with its embedding; clip-retrieval: OUT/img_emb/*.npy + "
+                   "OUT/metadata/*.parquet.")
+@click.option("--root", "roots", multiple=True, help="Only images of this root (repeatable).")
+@click.option("--path", "path_glob", default=None, metavar="GLOB", help="Only images whose path matches GLOB (fnmatch).")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="clip-retrieval: rows per img_emb_{i}.npy / metadata_{i}.parquet pair.")
+@click.option("--json", "as_json", is_flag=True)
+@index_option
+@reports_errors
+def export(out, fmt, roots, path_glob, shard_rows, as_json, index_dir):
+    """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
+    from alignsearch.engine import open as open_index
+    from alignsearch.export import export as run_export
+
+    result = run_export(open_index(index_dir), out, fmt, list(roots), path_glob, shard_rows=shard_rows)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['rows']} images exported to {result['path']} ({fmt})")
+
+
+@main.command()
+@click.argument("ref", metavar="ID|PATH")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of results.")
+@click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it.")
+@click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
+@index_option
+@reports_errors
+def similar(ref, k, collapse, as_json, index_dir):
+    """Images like an indexed one (by catalog id or path), from its stored vector; the image itself is left out."""
+    from alignsearch.dupes import collapse_hits, find_indexed
+    from alignsearch.engine import open as open_index
+    from alignsearch.errors import BadInputError
+
+    engine = open_index(index_dir)
+    row = find_indexed(engine, ref)
+    if row is None:
+        raise BadInputError(f"{ref} is not an indexed image (give a catalog id or the path of an indexed file)")
+    hits = engine.search_vector(engine.vector_of(row.id), k=(k * 3 if collapse else k) + 1)
+    hits = [h for h in hits if h.id != row.id]
+    hits = collapse_hits(engine.db, hits, k) if collapse else hits[:k]
+    _print_hits({"similar": row.id, "path": row.path, "k": k, "collapse": collapse}, [h.to_dict() for h in hits], as_json)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from alignsearch import ann, catalog, shards, vectors
-from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError
+from alignsearch import ann, catalog, filters, shards, vectors
+from alignsearch.columns import Columns
+from alignsearch.filters import FilterOptions
+from alignsearch.photometa import iso
+from alignsearch.query import fuse, words
+from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
@@ -30,6 +34,14 @@ class Hit:
     format: str | None
     size: int
     mtime: float
+    duplicates: list[int] = field(default_factory=list)  # near duplicates folded into this hit (collapse=True)
+    taken: str | None = None  # ISO 8601 (UTC): EXIF capture time, else the file's mtime
+    camera: str | None = None
+    lens: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    caption: str | None = None
+    tags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,11 +61,20 @@ class Snapshot:
     index: Any
     plan: ann.IndexPlan
     stamp: int  # the ANN files' modification stamp when read (shards.stamp)
+    _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
+    _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def nprobe(self) -> int:
         """Tuned for the target recall after each build (indexer/tune.py), else the size rule."""
         return int(self.tuning.get("nprobe") or ann.default_nprobe(self.plan))
+
+    def columns(self, db) -> Columns:
+        """The snapshot's filterable metadata, loaded on first use (alignsearch/columns.py)."""
+        with self._lock:
+            if not self._columns:
+                self._columns.append(Columns(db))
+            return self._columns[0]
 
 
 class _Stale(Exception):
@@ -156,53 +177,126 @@ class Engine:
 
     def search(self, text: str | None = None, image=None, k: int = 10, negative: str | None = None,
                text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
-               nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
+               nprobe: int | None = None, tag: str | None = None, collapse: bool = False, *,
+               where: str | None = None, after: str | None = None, before: str | None = None,
+               camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
+               min_score: float | None = None, sort: str = "score", mode: str = "auto") -> list[Hit]:
         """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1).
-        tag: only images tagged with this label (see `alignsearch tag`). The query is encoded with the
-        model of the generation it is searched in, even while a re-encode switches generations."""
-        if k < 1:
-            raise BadInputError(f"k must be at least 1, got {k}")
+        collapse: a hit that is a near duplicate (perceptual hash) of a better one is folded into it and listed
+        in its `duplicates`, so the k hits are k different pictures (alignsearch/dupes.py).
+        Filters (alignsearch/filters.py): where (the --where language), after/before (ISO dates, on `taken`),
+        camera (substring of make or model), near ((lat, lon, km) or "lat,lon,km"), path (glob on the path
+        under its root), format, tag. Exactly min(k, matching images) hits come back, ranked as an exact
+        search over the matching images would rank them. min_score drops hits below that similarity; sort
+        orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
+        ranking), hybrid (reciprocal rank fusion of both), auto (hybrid when the text's words are in the
+        keyword index, else vector). The query is encoded with the model of the generation it searches."""
+        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
         self.refresh()
         for attempt in range(4):
             snap = self.snap
             query = self._embed(snap, text, image, negative, text_weight, image_weight, negative_weight)
             try:
-                return self._search(snap, query, k, nprobe, tag)
+                hits = self._search(snap, query, replace(opts, k=k * 3) if collapse else opts)
             except _Stale:
                 if attempt == 3:
                     raise
                 self.refresh()
+                continue
+            if collapse:
+                from alignsearch.dupes import collapse_hits
+
+                return collapse_hits(self.db, hits, k)
+            return hits
         raise AssertionError("unreachable")
 
-    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None) -> list[Hit]:
-        """Top-k hits for a unit query vector of the index's current model."""
-        if k < 1:
-            raise BadInputError(f"k must be at least 1, got {k}")
+    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None, *,
+                      where: str | None = None, min_score: float | None = None, sort: str = "score") -> list[Hit]:
+        """Top-k hits for a unit query vector of the index's current model (filters as in search)."""
+        opts = self._options(k, nprobe, min_score, sort, "vector", None, FilterOptions(where=where, tag=tag))
         self.refresh()
         for attempt in range(4):
             try:
-                return self._search(self.snap, query, k, nprobe, tag)
+                return self._search(self.snap, query, opts)
             except _Stale:
                 if attempt == 3:
                     raise
                 self.refresh()
         raise AssertionError("unreachable")
 
-    def _search(self, snap: Snapshot, query: np.ndarray, k: int, nprobe: int | None, tag: str | None) -> list[Hit]:
-        from alignsearch.query import rerank
+    @staticmethod
+    def _options(k, nprobe, min_score, sort, mode, text, flt: FilterOptions) -> "_Options":
+        if k < 1:
+            raise BadInputError(f"k must be at least 1, got {k}")
+        if sort not in SORTS:
+            raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if min_score is not None and not -1 <= min_score <= 1:
+            raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
+        return _Options(k, nprobe, filters.build(flt), words(text) if mode != "vector" else [], mode, min_score, sort)
 
-        allowed = None
-        if tag is not None:
-            with self.db.connect() as conn:
-                allowed = np.array(catalog.ids_with_tag(conn, tag), dtype=np.int64)
-            if len(allowed) == 0:
-                return []
+    def _search(self, snap: Snapshot, query: np.ndarray, opts: "_Options") -> list[Hit]:
         if snap.index.ntotal == 0:
             return []
-        want = ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))
-        scores, ids = ann.search(snap.index, query[None, :], want, nprobe or snap.nprobe, allowed)
-        keep = ids[0] >= 0
-        ids = ids[0][keep]
+        allowed = None
+        if opts.node is not None:
+            cols = snap.columns(self.db)
+            allowed = cols.ids[filters.evaluate(opts.node, cols.column, cols.tagged)]
+            if len(allowed) == 0:
+                return []
+        keyword = self._keyword_ids(opts, allowed) if opts.words else []
+        vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed)
+        if opts.mode == "keyword":
+            ranked = keyword
+        elif keyword and opts.mode in ("hybrid", "auto"):
+            ranked = fuse(vector, keyword)
+        else:
+            ranked = vector
+        by_similarity = ranked is vector
+        return self._hits(snap, query, np.array(ranked, dtype=np.int64), opts, by_similarity)
+
+    def _vector_ids(self, snap: Snapshot, query: np.ndarray, opts: "_Options", allowed: np.ndarray | None) -> list[int]:
+        """The best ids by similarity (ANN candidates, or every allowed one when few are), best first,
+        enough for the exact re-rank and for fusion; never fewer than min(k, allowed) (no starving)."""
+        depth = max(opts.k, FUSION_DEPTH) if opts.words else opts.k
+        want = ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
+        n = int(snap.index.ntotal)
+        if allowed is not None and (len(allowed) <= EXACT_BELOW or snap.plan.kind == "flat"):
+            return self._exact(snap, query, allowed, depth)
+        nprobe = opts.nprobe or snap.nprobe
+        if allowed is not None:
+            nprobe = ann.filtered_nprobe(nprobe, snap.plan, want, n, len(allowed))
+        _, ids = ann.search(snap.index, query[None, :], want, nprobe, allowed)
+        ids = ids[0][ids[0] >= 0]
+        if allowed is not None and len(ids) < min(opts.k, len(allowed)):
+            return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
+        return ids.tolist()
+
+    def _exact(self, snap: Snapshot, query: np.ndarray, allowed: np.ndarray, depth: int) -> list[int]:
+        """Exact scores of every allowed vector (from the snapshot's columns), best `depth` ids first."""
+        cols = snap.columns(self.db)
+        best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        for start in range(0, len(allowed), EXACT_CHUNK):  # bounded memory however many match
+            chunk = allowed[start : start + EXACT_CHUNK]
+            scores = self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]) @ query.astype(np.float32)
+            best_ids, best_scores = np.concatenate([best_ids, chunk]), np.concatenate([best_scores, scores])
+            if len(best_ids) > depth:
+                keep = np.argpartition(-best_scores, depth)[:depth]
+                best_ids, best_scores = best_ids[keep], best_scores[keep]
+        return best_ids[np.argsort(-best_scores, kind="stable")].tolist()
+
+    def _keyword_ids(self, opts: "_Options", allowed: np.ndarray | None) -> list[int]:
+        with self.db.connect() as conn:
+            found = [i for i, _ in catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH)]
+        if allowed is not None:
+            found = [i for i in found if i in set(allowed.tolist())]
+        return found
+
+    def _hits(self, snap: Snapshot, query: np.ndarray, ids: np.ndarray, opts: "_Options",
+              by_similarity: bool = True) -> list[Hit]:
+        """Catalog rows for ranked ids, scored exactly from the stored vectors; cut to k, cutoff, sort."""
         with self.db.connect() as conn:
             rows = catalog.get_files(conn, ids.tolist())
         self._same_generation(snap)
@@ -216,8 +310,18 @@ class Engine:
         if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
             raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not unit "
                                     "length): run `alignsearch verify --repair`")
-        ids, scores = rerank(query, ids, stored, k)
-        return [_hit(rows[int(i)], float(np.clip(s, -1.0, 1.0))) for i, s in zip(ids[:k], scores[:k])]
+        scores = np.clip(stored @ query.astype(np.float32), -1.0, 1.0) if len(ids) else np.zeros(0, np.float32)
+        # by similarity, or in the fused or keyword ranking
+        order = np.argsort(-scores, kind="stable") if by_similarity else np.arange(len(ids))
+        if opts.min_score is not None:
+            order = order[scores[order] >= opts.min_score]
+        order = order[: opts.k]
+        with self.db.connect() as conn:
+            photos = catalog.photos_of(conn, ids[order].tolist())
+            labels = catalog.labels_of(conn, ids[order].tolist())
+        hits = [_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []))
+                for i in order]
+        return sort_hits(hits, opts.sort)
 
     def info(self) -> dict[str, Any]:
         snap = self.snap
@@ -292,7 +396,7 @@ class Engine:
             self._same_generation(snap)
             with self.db.connect() as conn:
                 store = vectors.load(conn, self.dir, snap.store.dim)  # rows committed since: a writer is running
-            snap = replace(snap, store=store)
+            snap = replace(snap, store=store, _columns=snap._columns, _lock=snap._lock)
             with self._refresh_lock:
                 if self.snap.generation == snap.generation:
                     self.snap = snap
@@ -316,8 +420,40 @@ class Engine:
         self.close()
 
 
-def _hit(row: catalog.FileRow, score: float) -> Hit:
-    return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime)
+def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = ()) -> Hit:
+    photo = photo or {}
+    return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
+               taken=iso(photo.get("taken")), camera=photo.get("camera"), lens=photo.get("lens"),
+               lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels))
+
+
+SORTS = ("score", "taken", "-taken", "path")
+MODES = ("auto", "vector", "keyword", "hybrid")
+EXACT_BELOW = 20_000  # matching images scored exactly (all of them) rather than through the ANN index
+EXACT_CHUNK = 65_536
+FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
+KEYWORD_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class _Options:
+    k: int
+    nprobe: int | None
+    node: Any
+    words: list
+    mode: str
+    min_score: float | None
+    sort: str
+
+
+def sort_hits(hits: list[Hit], key: str) -> list[Hit]:
+    """The result set (already the best k) in the order asked for; unknown dates last."""
+    if key == "score":
+        return hits
+    if key == "path":
+        return sorted(hits, key=lambda h: h.path)
+    known = [h for h in hits if h.taken is not None]
+    return sorted(known, key=lambda h: h.taken, reverse=key == "-taken") + [h for h in hits if h.taken is None]
 
 
 def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001

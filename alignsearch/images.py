@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -49,6 +49,7 @@ class Decoded:
     width: int  # as displayed, after EXIF rotation
     height: int
     format: str
+    image: Image.Image | None = field(default=None, repr=False, compare=False)  # the decoded RGB image
 
 
 def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
@@ -154,4 +155,4 @@ def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, f
     if fast and fmt == "JPEG":  # report the stored size, not the reduced decode's
         header = Image.open(io.BytesIO(data))
         size = header.size[::-1] if header.getexif().get(0x0112) in (5, 6, 7, 8) else header.size
-    return Decoded(crop_uint8(img, spec), size[0], size[1], fmt)
+    return Decoded(crop_uint8(img, spec), size[0], size[1], fmt, img)

@@ -202,17 +202,18 @@ def tar_members(root: str) -> dict[str, tuple[int, int]]:
         return {m.name.removeprefix("./"): (m.offset_data, m.size) for m in tarfile.open(fileobj=f, mode="r:") if m.isfile()}
 
 
-def read_list(path: str, column: str | None = None) -> list[str]:
-    """The entries of a list file's path column: `column`, else the first of PATH_COLUMNS present, else
-    its only column. A one-column CSV without a header (its first line a path) is read as all entries."""
+def _list_table(path: str):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     try:
         with open_binary(path) as f:
-            table = pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
+            return pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise BadInputError(f"cannot read the list {path}: {exc}") from None
+
+
+def _path_column(path: str, table, column: str | None) -> str:
     names = table.column_names
     lowered = {name.lower(): name for name in names}
     chosen = column if column is not None else next((lowered[c] for c in PATH_COLUMNS if c in lowered), None)
@@ -221,10 +222,37 @@ def read_list(path: str, column: str | None = None) -> list[str]:
     if chosen not in names:
         raise BadInputError(f"the list {path} has no column {chosen or 'named path or url'} (columns: "
                             f"{', '.join(names)}): name the one with the paths with --list-column")
+    return chosen
+
+
+def read_list(path: str, column: str | None = None) -> list[str]:
+    """The entries of a list file's path column: `column`, else the first of PATH_COLUMNS present, else
+    its only column. A one-column CSV without a header (its first line a path) is read as all entries."""
+    table = _list_table(path)
+    names = table.column_names
+    chosen = _path_column(path, table, column)
     entries = [str(v) for v in table.column(chosen).to_pylist() if v is not None and str(v).strip()]
     if len(names) == 1 and column is None and _looks_like_path(chosen) and path.lower().endswith(".csv"):
         entries.insert(0, chosen)  # no header: the first line was an entry
     return entries
+
+
+CAPTION_COLUMNS = ("caption", "text", "alt")
+
+
+def list_captions(path: str, column: str | None = None, caption_column: str | None = None) -> dict[str, str]:
+    """{entry: caption} from a list's caption column (`caption_column`, else caption/text/alt); {} if none."""
+    table = _list_table(path)
+    lowered = {name.lower(): name for name in table.column_names}
+    chosen = caption_column if caption_column is not None else next(
+        (lowered[c] for c in CAPTION_COLUMNS if c in lowered), None)
+    if chosen is None:
+        return {}
+    if chosen not in table.column_names:
+        raise BadInputError(f"the list {path} has no column {chosen} (columns: {', '.join(table.column_names)})")
+    entries = table.column(_path_column(path, table, column)).to_pylist()
+    return {str(e).strip(): str(c) for e, c in zip(entries, table.column(chosen).to_pylist())
+            if e is not None and c is not None}
 
 
 def _looks_like_path(text: str) -> bool:

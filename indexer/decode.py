@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from alignsearch import photometa, sources
+from alignsearch.dupes import phash_of
 from alignsearch.errors import BadImageError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
 from indexer.scan import Found
@@ -24,6 +27,8 @@ class Item:
     reason: str | None = None
     seconds: float = 0.0  # time this worker spent reading and decoding
     vec_row: int | None = None  # address of its vector when already stored (identical content indexed before)
+    phash: str | None = None  # perceptual hash of the decoded image (alignsearch/dupes.py)
+    photo: dict | None = None  # taken, camera, lens, GPS, caption (alignsearch/photometa.py)
 
 
 def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Item:
@@ -44,4 +49,17 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
         img = decode(data, spec, max_pixels, fast)
     except BadImageError as exc:
         return Item(found, None, sha, reason=str(exc), seconds=time.perf_counter() - start)
-    return Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start)
+    photo = photometa.read(data, found.mtime, found.caption or sidecar_caption(found))
+    return Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start,
+                phash=phash_of(img.image), photo=photo)
+
+
+def sidecar_caption(found: Found) -> str | None:
+    """The caption in `photo.txt` beside a local `photo.jpg` (the convention `finetune` reads too)."""
+    if sources.kind(found.root) != sources.FOLDER:
+        return None
+    path = os.path.splitext(found.path)[0] + ".txt"
+    try:
+        return sources.read_local(path, max_bytes=64 * 1024).decode("utf-8", "replace")
+    except (OSError, BadImageError):
+        return None

@@ -7,12 +7,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignsearch import ann, catalog, sources, vectors
+from alignsearch import ann, catalog, dupes, sources, vectors
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError
 from alignsearch.model import DEFAULT_MODEL, Encoder, load_recorded
 from alignsearch.vectors import VectorStore
-from indexer import build, pipeline, reindex, scan, writer
+from indexer import build, photos, pipeline, reindex, scan, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
@@ -56,6 +56,7 @@ class IndexOptions:
     fast_decode: bool
     list_column: str | None
     ray_actor_segments: bool
+    caption_column: str | None = None  # a list's caption column (remembered per root)
 
 
 def default_workers() -> int:
@@ -79,6 +80,7 @@ def index_folders(
     index_shards: int | None = None,
     fast_decode: bool = False,
     list_column: str | None = None,
+    caption_column: str | None = None,
     ray_actor_segments: bool = True,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
@@ -116,7 +118,7 @@ def index_folders(
         try:
             options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild, progress,
                                    use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
-                                   fast_decode, list_column, ray_actor_segments)
+                                   fast_decode, list_column, ray_actor_segments, caption_column)
             return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
         finally:
             db.dispose()
@@ -207,6 +209,9 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
     options = index_roots.options_for(db, list(dict.fromkeys(holders.values())) if roots else all_roots,
                                       opts.include_hidden)
+    if opts.caption_column:
+        for r in roots:
+            options.setdefault(r, {})["caption_column"] = opts.caption_column
 
     scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns)
     index_roots.remember(db, all_roots, columns, options, scanned)
@@ -245,6 +250,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:
         catalog.delete_files(conn, [r.id for r in removed])
+    times.extra["phashes_filled"] = dupes.fill_index(db, workers)
+    times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
     # Each file counted once: failed (new or changed, it could not be used), else updated (changed), moved
     # (new path, content of a gone file), or added.
     summary.moved = len(set(moved_in))

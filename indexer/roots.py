@@ -116,7 +116,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 if not sources.exists(root):
                     raise FileNotFoundError(f"{root} is missing")
                 found = list(scan.scan(root, options.get(root, {}).get("include_hidden", False), columns.get(root),
-                                       errors))
+                                       errors, options.get(root, {}).get("caption_column")))
             except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                 reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                 if root not in known:  # a new root is only remembered once it could be listed

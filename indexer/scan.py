@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from alignsearch import sources
+from alignsearch import photometa, sources
 from alignsearch.errors import BadInputError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -37,6 +37,7 @@ class Found:
     error: str | None = None  # set when the entry cannot even be stat'ed (broken link, loop)
     relpath_raw: bytes | None = None  # the real bytes, only for names that are not UTF-8
     offset: int = -1  # where a tar member's data starts in its shard
+    caption: str | None = None  # from a list's caption column or a WebDataset sample's .txt/.json member
 
     @property
     def path(self) -> str:
@@ -79,14 +80,14 @@ class ListingError:
 
 
 def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
-         errors: list[ListingError] | None = None) -> Iterator[Found]:
+         errors: list[ListingError] | None = None, caption_column: str | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
     if kind == sources.LIST:
-        return scan_list(root, list_column)
+        return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
     return scan_folder(root, include_hidden, errors)
@@ -106,19 +107,22 @@ def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
             yield Found(root, relpath, size, sources.info_mtime(info), error, raw)
 
 
-def scan_list(root: str, column: str | None = None, threads: int = 16) -> Iterator[Found]:
+def scan_list(root: str, column: str | None = None, threads: int = 16,
+              caption_column: str | None = None) -> Iterator[Found]:
     """Every entry of a list file, in its order, duplicates once. Entries are not filtered by extension
-    (the list says what is an image); one that cannot be stat'ed is reported with its reason."""
+    (the list says what is an image); one that cannot be stat'ed is reported with its reason. Captions
+    come from caption_column, else a column named caption/text/alt."""
     base = os.path.dirname(root)
-    entries = []
-    for entry in sources.read_list(root, column):
-        entry = entry.strip()
+    captions = sources.list_captions(root, column, caption_column)
+    entries = {}
+    for raw in sources.read_list(root, column):
+        entry = raw.strip()
         if not sources.is_url(entry):
             entry = os.path.normpath(os.path.join(base, entry)) if not sources.is_url(base) else f"{base}/{entry}"
-        entries.append(entry)
-    entries = list(dict.fromkeys(entries))
+        entries.setdefault(entry, captions.get(raw.strip()))
     with ThreadPoolExecutor(threads) as pool:  # remote stats are round trips: overlap them
-        yield from pool.map(lambda entry: _stat_entry(root, entry), entries)
+        for found, caption in zip(pool.map(lambda entry: _stat_entry(root, entry), entries), entries.values()):
+            yield replace(found, caption=caption) if caption else found
 
 
 def _stat_entry(root: str, entry: str) -> Found:
@@ -144,16 +148,29 @@ def _stat_entry(root: str, entry: str) -> Found:
 
 def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
     """Image members of a WebDataset shard, with their data offsets (read later without a re-scan)."""
+    images, captions = [], {}
     try:
         with sources.open_binary(root) as f:
-            for member in tarfile.open(fileobj=f, mode="r:"):
+            shard = tarfile.open(fileobj=f, mode="r:")
+            for member in shard:
                 name = member.name.removeprefix("./")
                 if member.isfile() and _wanted(name, include_hidden):
                     relpath, raw = printable(name)
                     error = sources.too_large(member.size) if member.size > sources.MAX_FILE_BYTES else None
-                    yield Found(root, relpath, member.size, float(member.mtime), error, raw, member.offset_data)
+                    images.append(Found(root, relpath, member.size, float(member.mtime), error, raw, member.offset_data))
+                elif member.isfile() and name.lower().endswith((".txt", ".json")) and member.size <= 65536:
+                    captions[_sample_key(name)] = photometa.caption_from_member(name, shard.extractfile(member).read())
     except tarfile.TarError as exc:
         raise BadInputError(f"cannot read the tar shard {root}: {exc}") from None
+    for found in images:  # a sample's caption member may come before or after its image
+        caption = captions.get(_sample_key(found.relpath))
+        yield replace(found, caption=caption) if caption else found
+
+
+def _sample_key(name: str) -> str:
+    """A WebDataset sample's key: the member's folder and name up to the name's first dot."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}"
 
 
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None) -> Iterator[Found]:

@@ -25,6 +25,8 @@ def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: l
             rows += [{"file_id": file_id, "label": label, "probability": p} for label, p in chosen]
     with db.begin() as conn:
         catalog.replace_tags(conn, rows)
+        if catalog.has_keywords(conn):
+            catalog.refresh_keywords(conn)  # tags are keywords too
     counts = dict.fromkeys(labels, 0)
     for r in rows:
         counts[r["label"]] += 1

@@ -25,8 +25,12 @@ def catalog_writer(db: Engine, store: VectorStore) -> Callable[..., None]:
         rows = iter(range(start, start + len(encoded)))
         with db.begin() as conn:
             for it in batch:
-                catalog.upsert_file(conn, file_values(it, it.vec_row if it.vec_row is not None or it.crop is None
-                                                      else next(rows)))
+                file_id = catalog.upsert_file(conn, file_values(it, it.vec_row if it.vec_row is not None or it.crop is None
+                                                                else next(rows)))
+                if it.phash and it.crop is not None:
+                    catalog.set_phashes(conn, [(file_id, it.phash)])
+                if it.photo is not None and it.crop is not None:
+                    catalog.set_photo(conn, file_id, it.found.relpath, it.photo)
             vectors.record_chunk(conn, store, 0, start, len(encoded))
             record_runs(conn, store, actor_rows)
             vectors.save(conn, store)

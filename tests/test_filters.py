@@ -68,3 +68,37 @@ def test_the_language_is_never_sql():
     """Quotes and SQL are values, never code."""
     assert mask("camera = \"x' or 1=1 --\"") == [False] * 4
     assert filters.parse("caption ~ 'drop table files'") == filters.Compare("caption", "~", "drop table files")
+
+
+def test_reciprocal_rank_fusion():
+    from alignsearch.query import fuse, words
+
+    assert fuse([1, 2, 3], [3, 4]) == [3, 1, 2, 4]  # 3 is in both lists
+    assert fuse([], [7, 8]) == [7, 8]
+    assert words("A dog on the beach, DOG!") == ["dog", "beach"]
+
+
+def test_candidate_depth_rises_as_selectivity_falls():
+    from alignsearch.ann import IndexPlan, filtered_nprobe
+
+    plan = IndexPlan("ivfpq", 4096, 64, 8)
+    assert filtered_nprobe(16, plan, 100, 1_000_000, 500_000) == 16  # half the vectors: as unfiltered
+    assert filtered_nprobe(16, plan, 100, 1_000_000, 10_000) == 82
+    assert filtered_nprobe(16, plan, 100, 1_000_000, 100) == 4096  # every list, never more
+    assert filtered_nprobe(16, IndexPlan("flat", 0, 0, 0), 100, 1000, 10) == 16
+
+
+def test_the_bitmap_selector_selects_exactly_the_allowed_ids():
+    import faiss
+
+    from alignsearch.ann import id_selector
+
+    allowed = np.array([0, 7, 8, 9, 1000, 123457])
+    selector = id_selector(allowed)
+    members = [i for i in range(123460) if selector.is_member(i)]
+    assert members == allowed.tolist()
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(4))
+    x = np.eye(4, dtype=np.float32)[np.arange(20) % 4] + np.arange(20)[:, None].astype(np.float32) / 100
+    index.add_with_ids(x, np.arange(20) * 1000)
+    _, ids = index.search(x[:1], 5, params=faiss.SearchParameters(sel=id_selector(np.array([4000, 8000, 15000]))))
+    assert sorted(i for i in ids[0].tolist() if i >= 0) == [4000, 8000, 15000]

@@ -1,0 +1,58 @@
+"""Fill the photo fields (taken, camera, lens, GPS, caption) of files indexed before they were recorded.
+
+Reads each such file's bytes for its EXIF (no pixels decoded, nothing encoded), its sidecar caption,
+and the caption column of a list or the caption members of a tar shard; one transaction per batch, so
+a run killed meanwhile resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from alignsearch import catalog, photometa, sources
+from alignsearch.errors import AlignSearchError, BadImageError
+from indexer import scan
+from indexer.decode import sidecar_caption
+
+log = logging.getLogger(__name__)
+BATCH = 256
+
+
+def fill(db, caption_columns: dict | None = None, list_columns: dict | None = None) -> int:
+    """Record the photo fields of every indexed file that has none; returns how many were filled."""
+    done, after, captions = 0, 0, {}
+    while True:
+        with db.connect() as conn:
+            rows = catalog.files_without_photo(conn, after, BATCH)
+        if not rows:
+            return done
+        fields = [(row, _fields(row, captions, caption_columns or {}, list_columns or {})) for row in rows]
+        with db.begin() as conn:
+            for row, photo in fields:
+                catalog.set_photo(conn, row.id, row.relpath, photo)
+        done += len(rows)
+        after = rows[-1].id
+
+
+def _fields(row: catalog.FileRow, captions: dict, caption_columns: dict, list_columns: dict) -> dict:
+    found = scan.Found(row.root, row.relpath, row.size, row.mtime, None, row.relpath_raw)
+    try:
+        data = row.read()
+    except (OSError, BadImageError) as exc:  # gone or changed: the fields wait for the next encode
+        log.info("no photo fields for %s: %s", row.path, exc)
+        data = b""
+    caption = sidecar_caption(found) or _source_captions(row.root, captions, caption_columns, list_columns).get(row.relpath)
+    return photometa.read(data, row.mtime, caption)
+
+
+def _source_captions(root: str, cache: dict, caption_columns: dict, list_columns: dict) -> dict:
+    """{relpath: caption} of a list or a tar shard, read once per root."""
+    if root not in cache:
+        cache[root] = {}
+        try:
+            if sources.kind(root) in (sources.LIST, sources.TAR):
+                found = scan.scan(root, list_column=list_columns.get(root), caption_column=caption_columns.get(root))
+                cache[root] = {f.relpath: f.caption for f in found if f.caption}
+        except (AlignSearchError, OSError) as exc:
+            log.info("no captions from %s: %s", root, exc)
+    return cache[root]

@@ -1,0 +1,206 @@
+"""Issue 15: metadata stored at index time, filters that never starve, cutoff and sort, keyword and hybrid."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import alignsearch
+from alignsearch import catalog, engine as engine_module
+from conftest import index_json, make_images, run
+
+
+def photo(path, colour, when=None, offset=None, make=None, model=None, gps=None):
+    exif = Image.Exif()
+    if make:
+        exif[0x010F] = make
+    if model:
+        exif[0x0110] = model
+    sub = exif.get_ifd(0x8769)
+    if when:
+        sub[0x9003] = when
+    if offset:
+        sub[0x9011] = offset
+    if gps:
+        g = exif.get_ifd(0x8825)
+        (g[1], g[2]), (g[3], g[4]) = gps
+    rng = np.random.default_rng(sum(colour))
+    pixels = (rng.random((60, 80, 3)) * 60 + np.array(colour) * 0.7).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", exif=exif)
+    return path
+
+
+@pytest.fixture
+def library(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    (root / "Trips" / "Lisbon").mkdir(parents=True)
+    (root / "home").mkdir()
+    lisbon = (("N", (38.0, 43.0, 20.0)), ("W", (9.0, 8.0, 21.0)))
+    sydney = (("S", (33.0, 52.0, 4.0)), ("E", (151.0, 12.0, 26.0)))
+    photo(root / "Trips" / "Lisbon" / "tram.jpg", (220, 200, 40), "2019:07:14 10:30:00", "+01:00", "Canon", "Canon EOS 5D", lisbon)
+    photo(root / "Trips" / "Lisbon" / "river.jpg", (30, 60, 200), "2019:07:15 18:00:00", None, "Canon", "Canon EOS 5D", lisbon)
+    photo(root / "Trips" / "opera.jpg", (200, 200, 200), "2020:02:01 09:00:00", "+11:00", "NIKON", "D750", sydney)
+    photo(root / "home" / "cat.jpg", (120, 90, 60), "2021:05:05 05:05:05", None, "Apple", "iPhone 12")
+    photo(root / "home" / "plain.jpg", (10, 200, 10))  # no EXIF: taken is the file's mtime
+    (root / "home" / "cat.txt").write_text("Zanzibar the tabby asleep on the sofa\n")
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    return root, ix
+
+
+def query_json(ix, *args, code=0):
+    k = () if "-k" in args else ("-k", "10")
+    out = run("query", *args, "--index", ix, "--json", *k, code=code).output
+    return json.loads(out)["results"] if code == 0 else out
+
+
+def names(results):
+    return sorted(r["path"].rsplit("/", 1)[1] for r in results)
+
+
+def test_exif_fields_and_captions_are_stored_and_returned(library):
+    root, ix = library
+    results = {r["path"].rsplit("/", 1)[1]: r for r in query_json(ix, "photo")}
+    tram = results["tram.jpg"]
+    assert tram["taken"] == "2019-07-14T09:30:00Z" and tram["camera"] == "Canon EOS 5D"
+    assert tram["lat"] == pytest.approx(38.7222, abs=1e-3) and tram["lon"] == pytest.approx(-9.1392, abs=1e-3)
+    assert results["opera.jpg"]["lat"] < 0 and results["opera.jpg"]["camera"] == "NIKON D750"
+    assert results["cat.jpg"]["caption"] == "Zanzibar the tabby asleep on the sofa"
+    assert results["plain.jpg"]["camera"] is None and results["plain.jpg"]["taken"] is not None
+
+
+def test_each_filter(library):
+    root, ix = library
+    assert names(query_json(ix, "x", "--after", "2019-07-15", "--before", "2020-12-31")) == ["opera.jpg", "river.jpg"]
+    assert names(query_json(ix, "x", "--camera", "canon")) == ["river.jpg", "tram.jpg"]
+    assert names(query_json(ix, "x", "--near", "38.72,-9.14,5")) == ["river.jpg", "tram.jpg"]
+    assert names(query_json(ix, "x", "--near", "-33.86,151.21,10")) == ["opera.jpg"]
+    assert names(query_json(ix, "x", "--path", "Trips/**")) == ["opera.jpg", "river.jpg", "tram.jpg"]
+    assert names(query_json(ix, "x", "--path", "Trips/*.jpg")) == ["opera.jpg"]
+    assert names(query_json(ix, "x", "--format", "jpeg", "--camera", "iphone")) == ["cat.jpg"]
+    assert names(query_json(ix, "x", "--where", "camera ~ canon and not (taken < 2019-07-15)")) == ["river.jpg"]
+    assert names(query_json(ix, "x", "--where", "caption ~ zanzibar or lat < 0")) == ["cat.jpg", "opera.jpg"]
+    assert query_json(ix, "x", "--camera", "leica") == []
+
+
+def test_malformed_filters_are_usage_errors(library):
+    root, ix = library
+    for args in (("--where", "camera <"), ("--where", "colour = red"), ("--after", "last week"),
+                 ("--near", "1,2"), ("--sort", "size"), ("--mode", "fuzzy")):
+        out = query_json(ix, "x", *args, code=2)
+        assert "Traceback" not in out and "error" in out.strip().splitlines()[-1].lower(), (args, out)
+
+
+def test_min_score_and_sort(library):
+    root, ix = library
+    everything = query_json(ix, "x")
+    cut = sorted(r["score"] for r in everything)[2]
+    kept = query_json(ix, "x", "--min-score", str(cut))
+    assert len(kept) == 3 and all(r["score"] >= cut for r in kept)
+    by_date = query_json(ix, "x", "-k", "3", "--sort", "taken")
+    best3 = {r["id"] for r in everything[:3]}
+    assert {r["id"] for r in by_date} == best3  # the same result set, ordered by date
+    assert [r["taken"] for r in by_date] == sorted(r["taken"] for r in by_date)
+    newest = query_json(ix, "x", "--sort", "-taken")
+    assert [r["taken"] for r in newest] == sorted((r["taken"] for r in newest), reverse=True)
+    assert [r["path"] for r in query_json(ix, "x", "--sort", "path")] == sorted(r["path"] for r in everything)
+
+
+def test_keyword_and_hybrid_put_the_captioned_image_first(library):
+    """The tiny random model cannot see a cat; the caption names it."""
+    root, ix = library
+    assert query_json(ix, "zanzibar", "--mode", "keyword")[0]["path"].endswith("cat.jpg")
+    assert query_json(ix, "zanzibar", "--mode", "hybrid")[0]["path"].endswith("cat.jpg")
+    assert query_json(ix, "zanzibar")[0]["path"].endswith("cat.jpg")  # auto: the word is in the index
+    # folder names are keywords too
+    assert names(query_json(ix, "lisbon", "--mode", "keyword")) == ["river.jpg", "tram.jpg"]
+
+
+def test_auto_equals_vector_when_no_word_matches(library):
+    root, ix = library
+    vector = query_json(ix, "red car on beach", "--mode", "vector")
+    assert query_json(ix, "red car on beach") == vector
+
+
+def test_existing_indexes_are_filled_without_re_encoding(library):
+    root, ix = library
+    import sqlite3
+
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("DELETE FROM photos")
+        conn.execute("DELETE FROM keywords")
+    conn.close()
+    s = index_json(ix, "--device", "cpu")
+    assert s["added"] == 0 and s["times"]["extra"]["photo_fields_filled"] == 5
+    assert query_json(ix, "x", "--camera", "canon", "--near", "38.72,-9.14,5")
+    assert query_json(ix, "zanzibar", "--mode", "keyword")[0]["path"].endswith("cat.jpg")
+
+
+def test_captions_from_a_list_and_from_webdataset_members(tmp_path, tiny_model):
+    images = make_images(tmp_path / "imgs", 3)
+    (tmp_path / "list.csv").write_text("path,caption\n" + "".join(f"{p},caption number {i} kilimanjaro{i}\n"
+                                                                  for i, p in enumerate(images)))
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, p in enumerate(images):
+            tar.add(p, arcname=f"sample{i}.jpg")
+            data = json.dumps({"caption": f"serengeti{i} at dawn"}).encode() if i % 2 else f"okavango{i}".encode()
+            info = tarfile.TarInfo(f"sample{i}.{'json' if i % 2 else 'txt'}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ix = tmp_path / "ix"
+    index_json(ix, tmp_path / "list.csv", shard, "--model", tiny_model, "--device", "cpu")
+    top = query_json(ix, "kilimanjaro1", "--mode", "keyword")[0]
+    assert top["caption"] == "caption number 1 kilimanjaro1" and top["path"] == str(images[1])
+    assert query_json(ix, "serengeti1", "--mode", "keyword")[0]["relpath"] == "sample1.jpg"
+    assert query_json(ix, "okavango2", "--mode", "keyword")[0]["relpath"] == "sample2.jpg"
+
+
+@pytest.mark.slow
+def test_filtered_search_never_starves_on_an_ivfpq_index(tmp_path, tiny_model, monkeypatch):
+    """12,000 synthetic vectors (IVF-PQ), 1% of them from one camera: exactly k hits, all from that camera,
+    the same as an exact search over those images, through the ANN index with a selector and through
+    the exact path alike."""
+    from indexer.build import sync_index
+    from indexer.decode import Item
+    from indexer.scan import Found
+    from indexer.writer import catalog_writer
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix)
+    dim, n = engine.store.dim, 12_000
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, dim))
+    x = centres[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    rare = rng.random(n) < 0.01
+    db = catalog.connect(ix / "catalog.db")
+    write = catalog_writer(db, engine.store)
+    for start in range(0, n, 2000):
+        items = [Item(Found("/synthetic", f"{j}.jpg", 1, 0.0), crop=np.zeros(1), format="JPEG",
+                      photo={"camera": "Leica M6" if rare[j] else "Canon", "taken": float(j)})
+                 for j in range(start, min(n, start + 2000))]
+        write(items, x[start : start + 2000])
+    built = sync_index(db, engine.store, ix / "index.faiss")
+    db.dispose()
+    assert built["plan"]["kind"] == "ivfpq"
+    engine = alignsearch.open(ix)
+    leica = np.flatnonzero(rare)
+    for exact_below in (0, engine_module.EXACT_BELOW):  # the ANN path with a selector, and the exact path
+        monkeypatch.setattr(engine_module, "EXACT_BELOW", exact_below)
+        recalls = []
+        for q in rng.normal(size=(20, dim)):
+            q = (q / np.linalg.norm(q)).astype(np.float32)
+            hits = engine.search_vector(q, k=10, where="camera ~ leica")
+            assert len(hits) == 10 and all(h.camera == "Leica M6" for h in hits)
+            truth = {f"{j}.jpg" for j in leica[np.argsort(-(x[leica] @ q))[:10]]}
+            recalls.append(len(truth & {h.relpath for h in hits}) / 10)
+        assert np.mean(recalls) >= 0.95, (exact_below, recalls)
+    # fewer matches than k: all of them
+    assert len(engine.search_vector(x[0], k=1000, where="camera ~ leica")) == len(leica)

@@ -418,11 +418,16 @@ def forget_extras(conn: Connection, ids: list[int]) -> None:
 
 
 def has_keywords(conn: Connection) -> bool:
-    return inspect(conn).has_table(KEYWORDS)
+    return _has_table(conn, KEYWORDS)
 
 
 def has_photos(conn: Connection) -> bool:
-    return inspect(conn).has_table(photos.name)
+    return _has_table(conn, photos.name)
+
+
+def _has_table(conn: Connection, name: str) -> bool:
+    # sqlite_master directly: SQLAlchemy's inspector costs a millisecond per call, once per query
+    return conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).first() is not None
 
 
 def keyword_text(relpath: str, caption: str | None, labels: Iterable[str] = ()) -> str:
@@ -505,4 +510,17 @@ def labels_of(conn: Connection, ids: Iterable[int]) -> dict[int, list[str]]:
             tags.c.probability.desc())
         for file_id, label in conn.execute(query):
             out.setdefault(file_id, []).append(label)
+    return out
+
+
+def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
+    """{file id: vector address} of the indexed files among ids (what ranking needs, without whole rows).
+    Plain SQL with bound integers: on the query path SQLAlchemy's compilation of an IN list costs more
+    than the query itself."""
+    ids, out = [int(i) for i in ids], {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        sql = (f"SELECT id, vec_row FROM files WHERE status = '{INDEXED}' AND vec_row IS NOT NULL "
+               f"AND id IN ({','.join('?' * len(chunk))})")
+        out.update(dict(conn.exec_driver_sql(sql, tuple(chunk)).all()))
     return out

@@ -212,9 +212,12 @@ class Engine:
         raise AssertionError("unreachable")
 
     def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None, *,
-                      where: str | None = None, min_score: float | None = None, sort: str = "score") -> list[Hit]:
+                      where: str | None = None, after: str | None = None, before: str | None = None,
+                      camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
+                      min_score: float | None = None, sort: str = "score") -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model (filters as in search)."""
-        opts = self._options(k, nprobe, min_score, sort, "vector", None, FilterOptions(where=where, tag=tag))
+        opts = self._options(k, nprobe, min_score, sort, "vector", None, FilterOptions(
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
         self.refresh()
         for attempt in range(4):
             try:
@@ -297,28 +300,29 @@ class Engine:
     def _hits(self, snap: Snapshot, query: np.ndarray, ids: np.ndarray, opts: "_Options",
               by_similarity: bool = True) -> list[Hit]:
         """Catalog rows for ranked ids, scored exactly from the stored vectors; cut to k, cutoff, sort."""
-        with self.db.connect() as conn:
-            rows = catalog.get_files(conn, ids.tolist())
-        self._same_generation(snap)
-        if len(rows) < len(ids):
-            self._check_catalog(snap)
-        ids = np.array([i for i in ids.tolist() if i in rows and rows[i].vec_row is not None], dtype=np.int64)
-        # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
-        # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
-        stored = self._stored(snap, np.array([rows[i].vec_row for i in ids.tolist()], dtype=np.int64))
-        norms = np.linalg.norm(stored, axis=1)
-        if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
-            raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not unit "
-                                    "length): run `alignsearch verify --repair`")
-        scores = np.clip(stored @ query.astype(np.float32), -1.0, 1.0) if len(ids) else np.zeros(0, np.float32)
-        # by similarity, or in the fused or keyword ranking
-        order = np.argsort(-scores, kind="stable") if by_similarity else np.arange(len(ids))
-        if opts.min_score is not None:
-            order = order[scores[order] >= opts.min_score]
-        order = order[: opts.k]
-        with self.db.connect() as conn:
-            photos = catalog.photos_of(conn, ids[order].tolist())
-            labels = catalog.labels_of(conn, ids[order].tolist())
+        with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
+            addresses = catalog.addresses_of(conn, ids.tolist())
+            if catalog.get_meta(conn, "generation", 0) != snap.generation:
+                raise _Stale()
+            if len(addresses) < len(ids):
+                self._check_catalog(snap)
+            ids = np.array([i for i in ids.tolist() if i in addresses], dtype=np.int64)
+            # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
+            # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
+            stored = self._stored(snap, np.array([addresses[i] for i in ids.tolist()], dtype=np.int64))
+            norms = np.linalg.norm(stored, axis=1)
+            if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
+                raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not "
+                                        "unit length): run `alignsearch verify --repair`")
+            scores = np.clip(stored @ query.astype(np.float32), -1.0, 1.0) if len(ids) else np.zeros(0, np.float32)
+            # by similarity, or in the fused or keyword ranking
+            order = np.argsort(-scores, kind="stable") if by_similarity else np.arange(len(ids))
+            if opts.min_score is not None:
+                order = order[scores[order] >= opts.min_score]
+            order = order[: opts.k]
+            chosen = ids[order].tolist()
+            rows = catalog.get_files(conn, chosen)
+            photos, labels = catalog.photos_of(conn, chosen), catalog.labels_of(conn, chosen)
         hits = [_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []))
                 for i in order]
         return sort_hits(hits, opts.sort)

@@ -16,6 +16,7 @@ whose size and mtime equal the catalog's.
 
 import asyncio
 import atexit
+import dataclasses
 import errno
 import hmac
 import io
@@ -42,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -350,11 +351,22 @@ def decode_upload(data: bytes, max_pixels: int):
         raise ApiError(400, f"unreadable image: {exc}") from None
 
 
+def _hit_fields(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """engine.Hit's fields as pydantic field definitions: required unless the dataclass gives a default."""
+    hints, out = typing.get_type_hints(engine_module.Hit), {}
+    for f in dataclasses.fields(engine_module.Hit):
+        if f.name in exclude:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            out[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            out[f.name] = (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+    return out
+
+
 # The JSON of a hit (engine.Hit) and of a listed image (a hit without a score), for the OpenAPI schema.
-_HIT_FIELDS = typing.get_type_hints(engine_module.Hit)
-Listed = create_model("Listed", __config__=ConfigDict(extra="allow"),
-                      **{name: (kind, ...) for name, kind in _HIT_FIELDS.items() if name != "score"})
-Hit = create_model("Hit", __base__=Listed, score=(float, ...))
+Hit = create_model("Hit", __config__=ConfigDict(extra="allow"), **_hit_fields())
+Listed = create_model("Listed", __config__=ConfigDict(extra="allow"), **_hit_fields(exclude=("score",)))
 
 
 class SearchAnswer(BaseModel):

@@ -58,6 +58,7 @@ def test_search_shows_thumbnails_opens_images_and_finds_similar(page_url, browse
     browser.get(page_url)
     box = browser.find_element(By.ID, "q")
     box.send_keys("a red car on the beach", Keys.ENTER)
+    wait.until(lambda d: "30 results" in d.find_element(By.ID, "status").text)  # not the landing view's 30 images
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 30)
     loaded = "return [...document.querySelectorAll('#grid img')].slice(0, 8).every(i => i.complete && i.naturalWidth > 0)"
     wait.until(lambda d: d.execute_script(loaded))

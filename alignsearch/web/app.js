@@ -5,10 +5,12 @@
   // The API takes the token from the HttpOnly cookie set when the page was opened from the URL `serve` printed.
   let queryImage = null; // a File or Blob, or null
   let browsed = 0; // images shown in the landing view so far
+  let current = 0; // the latest search or landing view: an older answer arriving late is dropped
 
   const status = (text) => { $("status").textContent = text; };
 
   async function search(params) {
+    const mine = ++current;
     const started = performance.now();
     status("Searching…");
     let response;
@@ -22,8 +24,10 @@
       response = await fetch("/api/search?" + qs);
     }
     const body = await response.json();
+    if (mine !== current) return;
     if (!response.ok) { status(problem(response, body)); return; }
     $("landing").hidden = true;
+    $("more").hidden = true;
     render(body.results);
     status(`${body.results.length} results in ${Math.round(performance.now() - started)} ms`);
   }
@@ -35,8 +39,10 @@
 
   // The landing view: what is indexed (counts, roots) and the most recent images, page by page.
   async function landing() {
+    const mine = ++current;
     const response = await fetch("/api/info");
     const info = await response.json();
+    if (mine !== current) return;
     if (!response.ok) { status(problem(response, info)); return; }
     $("counts").textContent = `${info.images} images indexed` + (info.failed ? `, ${info.failed} could not be read` : "") +
       ` · ${info.model}`;
@@ -48,8 +54,10 @@
   }
 
   async function browse() {
+    const mine = current;
     const response = await fetch(`/api/recent?offset=${browsed}&limit=60`);
     const body = await response.json();
+    if (mine !== current) return;
     if (!response.ok) { status(problem(response, body)); return; }
     render(body.results, { append: true, pick: true });
     browsed += body.results.length;

@@ -207,8 +207,9 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
 
 
 def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
+    plan = query.pop("plan", None)
     if as_json:
-        click.echo(json.dumps({"query": query, "results": hits}, indent=2))
+        click.echo(json.dumps({"query": query, "results": hits, **({"plan": plan} if plan else {})}, indent=2))
         return
     if not hits:
         click.echo("no results")
@@ -241,13 +242,14 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
               help="Order of the result set (the best k by score that pass the filters).")
 @click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
               help="vector, keyword (captions, names, tags), hybrid (both fused), auto (hybrid when words match).")
+@click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option
 @model_option
 @device_option
 @reports_errors
 def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
-          camera, near, path_glob, fmt, where, min_score, sort, mode, as_json, index_dir, model, device):
+          camera, near, path_glob, fmt, where, min_score, sort, mode, explain, as_json, index_dir, model, device):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
@@ -256,7 +258,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path_glob,
                  "format": fmt}
     filters.build(filters.FilterOptions(tag=tag, **narrowing))  # a malformed filter fails before any loading
-    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto"
+    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" and not explain
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
          **{key: value for key, value in narrowing.items() if value is not None},
@@ -287,6 +289,12 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
                              image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
                              collapse=collapse, min_score=min_score, sort=sort, mode=mode, **narrowing)
         hits = [h.to_dict() for h in hits]
+        if explain:
+            plan = engine.explain(text=text, k=k, mode=mode, tag=tag, **narrowing)
+            if as_json:
+                q["plan"] = plan
+            else:
+                click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
     _print_hits(q, hits, as_json)
 
 

@@ -228,6 +228,31 @@ class Engine:
                 self.refresh()
         raise AssertionError("unreachable")
 
+    def explain(self, text: str | None = None, k: int = 10, mode: str = "auto", **flt) -> dict[str, Any]:
+        """How a search with these filters would run (`query --explain`), without running it."""
+        opts = self._options(k, None, None, "score", mode, text, FilterOptions(**flt))
+        snap = self.snap
+        n = int(snap.index.ntotal)
+        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words}
+        if opts.words and mode != "vector":
+            with self.db.connect() as conn:
+                matched = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
+            out["keyword_matches"] = matched
+            out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if matched or mode == "hybrid" else "vector"
+        if opts.node is None:
+            out.update(filter=None, path="ANN" if snap.plan.kind != "flat" else "exact (flat index)", nprobe=snap.nprobe)
+            return out
+        cols = snap.columns(self.db)
+        m = int(filters.evaluate(opts.node, cols.column, cols.tagged).sum())
+        out.update(filter=repr(opts.node), matching=m, selectivity=round(m / max(n, 1), 6))
+        if m <= EXACT_BELOW or snap.plan.kind == "flat":
+            out["path"] = "exact: every matching vector scored"
+        else:
+            want = ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))
+            out.update(path="ANN restricted to matching ids (bitmap selector), exact re-rank; exact if it finds fewer "
+                       "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), candidates=want)
+        return out
+
     @staticmethod
     def _options(k, nprobe, min_score, sort, mode, text, flt: FilterOptions) -> "_Options":
         if k < 1:

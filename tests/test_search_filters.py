@@ -86,6 +86,14 @@ def test_each_filter(library):
     assert query_json(ix, "x", "--camera", "leica") == []
 
 
+def test_explain_names_the_plan(library):
+    root, ix = library
+    out = json.loads(run("query", "zanzibar", "--camera", "canon", "--explain", "--json", "--index", ix).output)
+    plan = out["plan"]
+    assert plan["matching"] == 2 and plan["path"].startswith("exact") and plan["keyword_matches"] == 1
+    assert len(out["results"]) == 2
+
+
 def test_malformed_filters_are_usage_errors(library):
     root, ix = library
     for args in (("--where", "camera <"), ("--where", "colour = red"), ("--after", "last week"),

@@ -76,3 +76,47 @@ def alignsearch_peak_rss(*args, timeout: float = 300) -> tuple[subprocess.Comple
 def summary(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
+
+
+def near_copies(src, folder, stem: str | None = None) -> list:
+    """Copies of one image as libraries hold them: re-saved as a lower-quality JPEG, resized to half, and
+    cropped by 4% on each side (then re-saved). Returns their paths."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = stem or Path(src).stem
+    img = Image.open(src).convert("RGB")
+    w, h = img.size
+    out = [folder / f"{stem}-resaved.jpg", folder / f"{stem}-half.png", folder / f"{stem}-cropped.jpg"]
+    img.save(out[0], quality=60)
+    img.resize((max(1, w // 2), max(1, h // 2)), Image.LANCZOS).save(out[1])
+    dx, dy = int(w * 0.04), int(h * 0.04)
+    img.crop((dx, dy, w - dx, h - dy)).save(out[2], quality=85)
+    return out
+
+
+def smooth_photos(folder, n: int, seed: int = 0, size=(320, 240)) -> list:
+    """n distinct photo-like images (smooth colour fields with blurred shapes, as photos compress)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    w, h = size
+    for i in range(n):
+        img = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(5):
+            x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 12, w // 4))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        path = folder / f"photo{i:04d}.jpg"
+        img.filter(ImageFilter.GaussianBlur(2)).save(path, quality=90)
+        paths.append(path)
+    return paths

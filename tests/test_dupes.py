@@ -1,0 +1,171 @@
+"""Issue 16: perceptual hashes, `dupes` (exact / near / similar), collapsed results, `similar`."""
+
+import json
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from conftest import index_json, make_images, run
+from helpers import near_copies, smooth_photos
+
+from alignsearch import catalog, dupes
+from alignsearch.engine import Hit
+
+
+@pytest.fixture
+def library(tmp_path, tiny_model):
+    """6 distinct photos; photo0000 has three near copies and one exact copy; indexed."""
+    root = tmp_path / "lib"
+    photos = smooth_photos(root, 6)
+    near_copies(photos[0], root / "copies")
+    shutil.copyfile(photos[1], root / "copies" / "same-bytes.jpg")
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model)
+    return root, ix
+
+
+def groups_of(ix, *args):
+    return json.loads(run("dupes", "--index", ix, "--json", *args).output)
+
+
+def names(group):
+    return sorted(item["path"].rsplit("/", 1)[1] for item in group["items"])
+
+
+def test_phash_is_stored_at_index_time(library):
+    root, ix = library
+    db = sqlite3.connect(ix / "catalog.db")
+    count = db.execute("select count(*) from phashes join files on files.id = file_id").fetchone()[0]
+    assert count == 10
+    h = db.execute("select phash from phashes limit 1").fetchone()[0]
+    assert len(h) == 16 and int(h, 16) >= 0
+
+
+def test_exact_tier_groups_identical_bytes(library):
+    root, ix = library
+    found = groups_of(ix, "--tier", "exact")
+    assert [names(g) for g in found] == [["photo0001.jpg", "same-bytes.jpg"]]
+    assert found[0]["tier"] == "exact" and all(i["score"] == 1.0 for i in found[0]["items"])
+
+
+def test_near_tier_groups_resaved_resized_and_cropped_copies(library):
+    root, ix = library
+    found = groups_of(ix, "--tier", "near")
+    assert names(found[0]) == ["photo0000-cropped.jpg", "photo0000-half.png", "photo0000-resaved.jpg", "photo0000.jpg"]
+    assert [names(g) for g in found[1:]] == [["photo0001.jpg", "same-bytes.jpg"]]  # identical bytes: identical hash
+    first = found[0]["items"][0]
+    assert first["keep"] and first["path"].endswith("photo0000.jpg")  # largest resolution, then oldest
+    assert sum(i["keep"] for i in found[0]["items"]) == 1
+    assert all(0.8 < i["score"] <= 1 for i in found[0]["items"])
+    text = run("dupes", "--index", ix).output
+    assert "keep" in text and "photo0000-half.png" in text
+
+
+def test_similar_tier_uses_embedding_cosine(library):
+    root, ix = library
+    found = groups_of(ix, "--tier", "similar", "--threshold", "0.9999")
+    assert ["photo0001.jpg", "same-bytes.jpg"] in [names(g) for g in found]  # one vector, cosine 1
+    everything = groups_of(ix, "--tier", "similar", "--threshold", "-1")
+    assert len(everything) == 1 and len(everything[0]["items"]) == 10
+    scores = [i["score"] for i in everything[0]["items"]]
+    assert scores[0] == 1.0 and all(-1 <= s <= 1 for s in scores)
+
+
+def test_dupes_rejects_bad_thresholds(library):
+    root, ix = library
+    run("dupes", "--index", ix, "--threshold", "70", code=6)
+    run("dupes", "--index", ix, "--tier", "similar", "--threshold", "2", code=6)
+
+
+def test_an_index_from_before_phashes_is_filled_without_reencoding(library):
+    root, ix = library
+    db = sqlite3.connect(ix / "catalog.db")
+    db.execute("drop table phashes")
+    db.commit()
+    db.close()
+    assert groups_of(ix, "--tier", "near") == []  # read-only readers treat the missing table as empty
+    summary = index_json(ix)
+    assert summary["added"] == 0 and summary["times"]["items"] == 0  # nothing encoded again
+    assert summary["times"]["extra"]["phashes_filled"] == 10
+    assert len(groups_of(ix, "--tier", "near")[0]["items"]) == 4
+    assert index_json(ix)["times"]["extra"]["phashes_filled"] == 0
+
+
+def test_near_pairs_finds_every_pair_within_the_threshold():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 300, dtype=np.int64).astype(np.uint64)
+    flips = [np.uint64(sum(1 << int(b) for b in rng.choice(64, d, replace=False))) for d in rng.integers(0, 16, 300)]
+    codes = np.concatenate([base, base ^ np.array(flips, dtype=np.uint64)])
+    hexes = [f"{int(c):016x}" for c in codes]
+    ids = np.arange(len(codes)) + 1
+    found = dupes.near_pairs(ids, hexes, 10)
+    brute = {(a + 1, b + 1) for a in range(len(hexes)) for b in range(a + 1, len(hexes))
+             if dupes.hamming(hexes[a], hexes[b]) <= 10}
+    assert {(int(a), int(b)) for a, b, _ in found} == brute
+    assert all(dupes.hamming(hexes[a - 1], hexes[b - 1]) == d for a, b, d in found)
+
+
+def _hit(i, score):
+    return Hit(i, f"/p/{i}.jpg", score, "/p", f"{i}.jpg", 10, 10, "JPEG", 1, 0.0)
+
+
+def test_collapse_folds_near_duplicates_into_the_better_hit():
+    hits = [_hit(1, 0.9), _hit(2, 0.8), _hit(3, 0.7), _hit(4, 0.6), _hit(5, 0.5)]
+    phashes = {1: "ffff0000ffff0000", 2: "ffff0000ffff0001", 3: "0000ffff0000ffff", 4: "ffff0000ffff0003"}
+    out = dupes.collapse(hits, phashes, 4)
+    assert [h.id for h in out] == [1, 3, 5]
+    assert out[0].duplicates == [2, 4] and out[1].duplicates == [] and out[2].duplicates == []
+    assert [h.score for h in out] == [0.9, 0.7, 0.5]
+
+
+def test_query_collapse_gives_k_different_pictures(library):
+    root, ix = library
+    from alignsearch.engine import open as open_index
+
+    engine = open_index(ix)
+    plain = engine.search(image=str(root / "photo0000.jpg"), k=10)
+    assert plain[0].duplicates == []
+    folded = engine.search(image=str(root / "photo0000.jpg"), k=5, collapse=True)
+    assert len(folded) == 5
+    top = next(h for h in folded if h.path.endswith("photo0000.jpg") or "photo0000-" in h.path)
+    assert len(top.duplicates) == 3
+    shown = {h.id for h in folded} | {d for h in folded for d in h.duplicates}
+    assert len(shown) == 5 + sum(len(h.duplicates) for h in folded)  # nothing shown twice
+    out = json.loads(run("query", "--image", root / "photo0000.jpg", "--collapse", "-k", "5", "--index", ix,
+                         "--json").output)
+    assert len(out["results"]) == 5 and sum(len(r["duplicates"]) for r in out["results"]) >= 3
+    assert out["query"]["collapse"] is True
+
+
+def test_similar_by_id_and_by_path(library):
+    root, ix = library
+    path = root / "photo0002.jpg"
+    by_path = json.loads(run("similar", path, "-k", "3", "--index", ix, "--json").output)
+    me = by_path["query"]["similar"]
+    assert len(by_path["results"]) == 3 and me not in [r["id"] for r in by_path["results"]]
+    by_id = json.loads(run("similar", str(me), "-k", "3", "--index", ix, "--json").output)
+    assert by_id["results"] == by_path["results"]
+    scores = [r["score"] for r in by_id["results"]]
+    assert scores == sorted(scores, reverse=True)
+    run("similar", "999999", "--index", ix, code=6)
+    run("similar", root / "nope.jpg", "--index", ix, code=6)
+
+
+def test_phash_survives_the_copies_it_should_and_separates_distinct_images(tmp_path):
+    from PIL import Image
+
+    photos = smooth_photos(tmp_path / "p", 20, seed=3)
+    for p in photos[:5]:
+        original = dupes.phash_of(Image.open(p).convert("RGB"))
+        for c in near_copies(p, tmp_path / "c"):
+            assert dupes.hamming(original, dupes.phash_of(Image.open(c).convert("RGB"))) <= dupes.NEAR_THRESHOLD
+    hashes = [dupes.phash_of(Image.open(p).convert("RGB")) for p in photos]
+    assert min(dupes.hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > dupes.NEAR_THRESHOLD
+
+
+def test_noisy_generated_images_get_hashes_too(tmp_path, tiny_model):
+    make_images(tmp_path / "imgs", 4)
+    index_json(tmp_path / "ix", tmp_path / "imgs", "--model", tiny_model)
+    with catalog.connect(tmp_path / "ix" / "catalog.db", readonly=True).connect() as conn:
+        assert len(catalog.phashes_of(conn)) == 4

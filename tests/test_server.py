@@ -353,6 +353,21 @@ def test_concurrent_clients_get_correct_answers(served):
     assert answers == [str(p) for p in paths * 3]
 
 
+def test_twenty_clients_search_by_vector_and_load_thumbnails_at_once(served):
+    """Many clients at once on the thread pool: searches by stored vector, thumbnails, info (the catalog is
+    read from many threads together)."""
+    ids = [r["id"] for r in json.loads(call(served["url"], "/api/recent?limit=12")[2])["results"]]
+    paths = [p for i in ids for p in (f"/api/search?similar={i}&k=5", f"/api/image/{i}?size=64", "/api/info")] * 6
+
+    def one(path):
+        return call(served["url"], path)[0]
+
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(one, paths))
+    assert codes == [200] * len(paths)
+    assert call(served["url"], "/healthz", token=None)[0] == 200  # still up
+
+
 def cli(ix, *args, env=None):
     env = {**os.environ, "ALIGNSEARCH_INDEX": str(ix), **(env or {})}
     return subprocess.run([sys.executable, "-m", "alignsearch", "query", *args], capture_output=True, text=True, env=env)

@@ -656,19 +656,20 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 @click.option("--format", "fmt", type=click.Choice(["parquet", "clip-retrieval"]), default="parquet", show_default=True,
               help="parquet: one file, a row per image with its embedding; clip-retrieval: OUT/img_emb/*.npy + "
                    "OUT/metadata/*.parquet.")
+@click.option("--where", default=None, metavar="EXPR", help="Only images the filter admits (the --where language of `query`).")
+@click.option("--path", "path_glob", default=None, metavar="GLOB", help="Only images whose relative path matches GLOB.")
 @click.option("--root", "roots", multiple=True, help="Only images of this root (repeatable).")
-@click.option("--path", "path_glob", default=None, metavar="GLOB", help="Only images whose path matches GLOB (fnmatch).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
               help="clip-retrieval: rows per img_emb_{i}.npy / metadata_{i}.parquet pair.")
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @reports_errors
-def export(out, fmt, roots, path_glob, shard_rows, as_json, index_dir):
+def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
     from alignsearch.engine import open as open_index
     from alignsearch.export import export as run_export
 
-    result = run_export(open_index(index_dir), out, fmt, list(roots), path_glob, shard_rows=shard_rows)
+    result = run_export(open_index(index_dir), out, fmt, list(roots), where, path_glob, shard_rows=shard_rows)
     if as_json:
         click.echo(json.dumps(result))
     else:

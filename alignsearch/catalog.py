@@ -38,6 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import QueuePool
 
 from alignsearch import sources
 from alignsearch.errors import IndexDamagedError
@@ -156,7 +157,11 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     index on a read-only mount or owned by another user can be queried. A file that is not a readable
     SQLite database raises IndexDamagedError (one line, exit 7) rather than a driver traceback."""
     if readonly:
-        engine = create_engine("sqlite://", creator=lambda: _open_readonly(Path(db_path)))
+        # A queue of connections, each used by one thread at a time: the default for a creator, a pool of
+        # five thread-bound connections, closes connections other threads still use past five threads
+        # (SQLite then crashes the process).
+        engine = create_engine("sqlite://", creator=lambda: _open_readonly(Path(db_path)), poolclass=QueuePool,
+                               pool_size=8, max_overflow=-1)
     else:
         engine = create_engine(f"sqlite:///{db_path}")
 

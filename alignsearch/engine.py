@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch import ann, catalog, filters, shards, vectors
+from alignsearch import ann, catalog, filters, querycheck, shards, vectors
 from alignsearch.columns import Columns
 from alignsearch.filters import FilterOptions
 from alignsearch.photometa import iso
@@ -191,6 +191,8 @@ class Engine:
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
         ranking), hybrid (reciprocal rank fusion of both), auto (hybrid when the text's words are in the
         keyword index, else vector). The query is encoded with the model of the generation it searches."""
+        querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
+                            image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
         self.refresh()
@@ -216,6 +218,7 @@ class Engine:
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                       min_score: float | None = None, sort: str = "score") -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model (filters as in search)."""
+        querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
         opts = self._options(k, nprobe, min_score, sort, "vector", None, FilterOptions(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
         self.refresh()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import operator
 import os
+import stat
 from typing import Any
 
 from alignsearch.errors import BadInputError
+from alignsearch.sources import unusable
 
 MAX_TEXT_CHARS = 1000  # ALIGN reads 64 tokens; a thousand characters is far past any useful query
 MAX_TAG_CHARS = 200
@@ -87,9 +89,12 @@ def check_image(value: Any) -> Any:
     size = None
     if isinstance(value, (str, os.PathLike)):
         try:
-            size = os.path.getsize(value)
+            st = os.stat(value)
         except OSError as exc:
             raise BadInputError(f"cannot read the query image {os.fspath(value)}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never end: refused from the stat
+            raise BadInputError(f"cannot use the query image {os.fspath(value)}: {unusable(st)}")
+        size = st.st_size
     elif isinstance(value, (bytes, bytearray, memoryview)):
         size = len(value)
         if size == 0:

@@ -394,3 +394,25 @@ def test_kill_9_during_a_reencode_at_random_moments(tmp_path, tiny_model, other_
     assert json.loads(run("verify", "--index", ix, "--json", "--skip-model").output)["ok"]
     with alignsearch.open(ix) as engine:
         assert all(engine.search(image=p, k=1)[0].path == str(p) for p in paths[::7])
+
+
+def test_twenty_threads_read_through_one_engine(tmp_path, tiny_model):
+    """A read-only catalog's connections are not shared between threads (SQLite crashed the process with
+    a pool of five thread-bound connections once more than five threads read)."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 4)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    script = (
+        "import sys, threading, alignsearch\n"
+        "e = alignsearch.open(sys.argv[1]); errors = []\n"
+        "def work():\n"
+        "    try:\n"
+        "        for _ in range(30):\n"
+        "            e.info(); e.file(1); e.search_vector(e.vector_of(1), k=3)\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "threads = [threading.Thread(target=work) for _ in range(20)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(len(errors), errors[:2])\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(ix)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("0 "), (proc.returncode, proc.stdout, proc.stderr[-2000:])

@@ -214,21 +214,29 @@ class Engine:
         raise AssertionError("unreachable")
 
     def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None, *,
+                      text: str | None = None, mode: str = "vector", collapse: bool = False,
                       where: str | None = None, after: str | None = None, before: str | None = None,
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                       min_score: float | None = None, sort: str = "score") -> list[Hit]:
-        """Top-k hits for a unit query vector of the index's current model (filters as in search)."""
+        """Top-k hits for a unit query vector of the index's current model (filters, modes and collapse as in
+        search; text: the words for the keyword index, when the vector was encoded from a text)."""
         querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
-        opts = self._options(k, nprobe, min_score, sort, "vector", None, FilterOptions(
+        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
         self.refresh()
         for attempt in range(4):
             try:
-                return self._search(self.snap, query, opts)
+                hits = self._search(self.snap, query, replace(opts, k=k * 3) if collapse else opts)
             except _Stale:
                 if attempt == 3:
                     raise
                 self.refresh()
+                continue
+            if collapse:
+                from alignsearch.dupes import collapse_hits
+
+                return collapse_hits(self.db, hits, k)
+            return hits
         raise AssertionError("unreachable")
 
     def explain(self, text: str | None = None, k: int = 10, mode: str = "auto", **flt) -> dict[str, Any]:

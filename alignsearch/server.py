@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import alignsearch
-from alignsearch import catalog, querycheck, sources
+from alignsearch import catalog, filters, querycheck, sources
 from alignsearch import engine as engine_module
 from alignsearch.engine import Engine
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
@@ -242,8 +242,8 @@ class Library:
     def info(self) -> dict[str, Any]:
         return {**self.fresh().info(), "index_id": self.index_id}
 
-    def search_vector(self, vector, args: dict) -> list[dict]:
-        hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"])
+    def search_vector(self, vector, args: dict, narrowing: dict | None = None) -> list[dict]:
+        hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), **(narrowing or {}))
         return [h.to_dict() for h in hits]
 
     def vector_of(self, file_id: int):
@@ -455,11 +455,20 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     text_doc = f"at most {querycheck.MAX_TEXT_CHARS} characters"
     api = dict(dependencies=[Depends(authorise)], responses=errors)
 
-    async def encode_and_search(args: dict, image=None) -> list[dict]:
+    async def encode_and_search(args: dict, image=None, narrowing: dict | None = None) -> list[dict]:
         future = encoder.submit(library.engine.embed, args["text"], image, args["negative"], args["text_weight"],
                                 args["image_weight"], args["negative_weight"])
         vector = await asyncio.wrap_future(future)
-        return await run_in_threadpool(library.search_vector, vector, args)
+        return await run_in_threadpool(library.search_vector, vector, args, narrowing)
+
+    def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse) -> dict:  # noqa: A002
+        """The filter, cutoff, sort, mode and collapse parameters (the names `query` and Engine.search use),
+        checked here so a malformed one is a 400 before any encoding."""
+        given = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path,
+                 "format": format}
+        filters.build(filters.FilterOptions(**given))
+        return {**{n: v for n, v in given.items() if v is not None}, "min_score": min_score, "sort": sort,
+                "mode": mode, "collapse": collapse}
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, bool]:
@@ -480,17 +489,32 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         image_weight: Annotated[float, Query(**weight)] = 1.0,
         negative_weight: Annotated[float, Query(**weight)] = 1.0,
         tag: Annotated[str | None, Query(description="only images with this tag")] = None,
+        where: Annotated[str | None, Query(description="a filter expression (README: the --where language)")] = None,
+        after: Annotated[str | None, Query(description="taken on or after this ISO 8601 date")] = None,
+        before: Annotated[str | None, Query(description="taken before this ISO 8601 date")] = None,
+        camera: Annotated[str | None, Query(description="camera make or model contains this")] = None,
+        near: Annotated[str | None, Query(description="LAT,LON,KM: taken within KM km")] = None,
+        path: Annotated[str | None, Query(description="glob on the path under its root")] = None,
+        format: Annotated[str | None, Query(description="image format")] = None,  # noqa: A002
+        min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
+        sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
+        mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
+        collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
     ):
-        """Search by text (q), by an indexed image (similar), with an optional negative text and tag."""
+        """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
+        filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
         args = querycheck.validate(text=q, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
                                    negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
+        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
         if similar is not None:
             vector = await run_in_threadpool(library.vector_of, similar)
-            results = await run_in_threadpool(library.search_vector, vector, args)
+            results = await run_in_threadpool(library.search_vector, vector, {**args, "text": None},
+                                              {**narrowing, "mode": "vector"})
         else:
-            results = await encode_and_search(args)
+            results = await encode_and_search(args, narrowing=narrowing)
         query = {"q": q, "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
-                                                                     "negative_weight", "negative", "tag")}}
+                                                                     "negative_weight", "negative", "tag")},
+                 **narrowing}
         return {"query": query, "results": results}
 
     @app.post("/api/search", response_model=SearchAnswer, tags=["search"], **api)
@@ -504,17 +528,30 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         image_weight: Annotated[float, Form(**weight)] = 1.0,
         negative_weight: Annotated[float, Form(**weight)] = 1.0,
         tag: Annotated[str | None, Form()] = None,
+        where: Annotated[str | None, Query(description="a filter expression (README: the --where language)")] = None,
+        after: Annotated[str | None, Query(description="taken on or after this ISO 8601 date")] = None,
+        before: Annotated[str | None, Query(description="taken before this ISO 8601 date")] = None,
+        camera: Annotated[str | None, Query(description="camera make or model contains this")] = None,
+        near: Annotated[str | None, Query(description="LAT,LON,KM: taken within KM km")] = None,
+        path: Annotated[str | None, Query(description="glob on the path under its root")] = None,
+        format: Annotated[str | None, Query(description="image format")] = None,  # noqa: A002
+        min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
+        sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
+        mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
+        collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
     ):
-        """Search by an uploaded image, alone or with a text (multipart/form-data)."""
+        """Search by an uploaded image, alone or with a text (multipart/form-data); filters, cutoff, sort, mode and
+        collapse as query parameters of the URL, as for GET."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
         data = await image.read() if image is not None else None
         args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
                                    image_weight=image_weight, negative_weight=negative_weight, tag=tag)
+        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
         pil = None if data is None else await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
-        results = await encode_and_search(args, pil)
+        results = await encode_and_search(args, pil, narrowing)
         query = {"q": args["text"], "image": data is not None, **{n: args[n] for n in (
-            "k", "text_weight", "image_weight", "negative_weight", "negative", "tag")}}
+            "k", "text_weight", "image_weight", "negative_weight", "negative", "tag")}, **narrowing}
         return {"query": query, "results": results}
 
     @app.get("/api/recent", response_model=RecentAnswer, tags=["browse"], **api)

@@ -5,8 +5,18 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.error import HTTPError
+
+import pytest
+
+from alignsearch.paths import SERVER_FILE
 
 PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
@@ -120,3 +130,62 @@ def smooth_photos(folder, n: int, seed: int = 0, size=(320, 240)) -> list:
         img.filter(ImageFilter.GaussianBlur(2)).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+# -- a real `alignsearch serve` over a socket (test_server.py, test_search_filters.py) -------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(ix, *args, port=None):
+    """A real `alignsearch serve` process on a free port; (process, base URL) once it answers."""
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(ix), "--port", str(port),
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stderr.read())
+    if proc.poll() is not None:
+        pytest.fail("server exited: " + proc.stderr.read())
+    for _ in range(50):  # the record is written as the server starts
+        if (Path(ix) / SERVER_FILE).exists():
+            break
+        time.sleep(0.1)
+    return proc, url
+
+
+def stop(proc, sig=signal.SIGTERM):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def call(url, path, token="s3cret", data=None, headers=None, method=None):
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+

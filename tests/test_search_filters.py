@@ -212,3 +212,33 @@ def test_filtered_search_never_starves_on_an_ivfpq_index(tmp_path, tiny_model, m
         assert np.mean(recalls) >= 0.95, (exact_below, recalls)
     # fewer matches than k: all of them
     assert len(engine.search_vector(x[0], k=1000, where="camera ~ leica")) == len(leica)
+
+
+def test_http_takes_the_same_names(library):
+    """/api/search: the filter, cutoff, sort and mode parameters carry the CLI's names and answers."""
+    from helpers import call, start_serve, stop
+
+    root, ix = library
+    proc, url = start_serve(ix, "--token", "t0k")
+    try:
+        def search(params):
+            status, _, body = call(url, "/api/search?" + params, token="t0k")
+            return status, json.loads(body)
+
+        status, out = search("q=x&k=10&camera=canon&after=2019-07-15")
+        assert status == 200 and names(out["results"]) == ["river.jpg"]
+        assert out["query"]["camera"] == "canon"
+        status, out = search("q=zanzibar&mode=keyword&k=3")
+        assert out["results"][0]["caption"].startswith("Zanzibar")
+        status, out = search("q=x&k=10&near=-33.86,151.21,10&sort=-taken")
+        assert names(out["results"]) == ["opera.jpg"] and out["results"][0]["taken"] == "2020-01-31T22:00:00Z"
+        status, out = search("q=x&k=10&path=home/**&sort=path")
+        assert [r["relpath"] for r in out["results"]] == ["home/cat.jpg", "home/plain.jpg"]
+        status, out = search("q=x&where=colour%20%3D%20red")
+        assert status == 400 and "--where" in out["error"]
+        status, out = search("q=x&sort=size")
+        assert status == 422
+        assert query_json(ix, "x", "--camera", "canon", "--after", "2019-07-15") == \
+            search("q=x&k=10&camera=canon&after=2019-07-15")[1]["results"]
+    finally:
+        stop(proc)

@@ -11,11 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.error import HTTPError
 
 import pytest
 from click.testing import CliRunner
@@ -23,48 +21,7 @@ from PIL import Image
 
 from alignsearch.cli import main
 from alignsearch.paths import SERVER_FILE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_serve(ix, *args, port=None):
-    """A real `alignsearch serve` process on a free port; (process, base URL) once it answers."""
-    port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(ix), "--port", str(port),
-                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stderr.read())
-    if proc.poll() is not None:
-        pytest.fail("server exited: " + proc.stderr.read())
-    for _ in range(50):  # the record is written as the server starts
-        if (Path(ix) / SERVER_FILE).exists():
-            break
-        time.sleep(0.1)
-    return proc, url
-
-
-def stop(proc, sig=signal.SIGTERM):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from helpers import call, start_serve, stop
 
 
 def build_index(base: Path, tiny_model, n=12) -> tuple[Path, Path]:
@@ -86,18 +43,6 @@ def served(tmp_path_factory, tiny_model):
     proc, url = start_serve(ix, "--token", "s3cret")
     yield {"url": url, "ix": ix, "corpus": corpus, "proc": proc}
     stop(proc)
-
-
-def call(url, path, token="s3cret", data=None, headers=None, method=None):
-    headers = dict(headers or {})
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url + path, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, r.headers, r.read()
-    except HTTPError as exc:
-        return exc.code, exc.headers, exc.read()
 
 
 def raw(url, data: bytes, wait: float = 3.0, chunks=(), head_only: bool = False) -> bytes:

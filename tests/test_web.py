@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import alignsearch
 from alignsearch.cli import main
 from alignsearch.server import ServerConfig, start_in_thread
-from test_server import free_port
+from helpers import free_port
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -115,3 +115,22 @@ def test_landing_view_shows_the_library_and_picking_an_image_searches(page_url, 
     browser.find_element(By.ID, "tag").clear()
     browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
     wait.until(lambda d: "30 results" in d.find_element(By.ID, "status").text)
+
+
+def test_the_filter_bar_narrows_and_orders_the_results(page_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(page_url)
+    browser.find_element(By.ID, "folder").send_keys("img00*")  # img000 ... img009 under the root
+    Select(browser.find_element(By.ID, "sort")).select_by_value("path")
+    box = browser.find_element(By.ID, "q")
+    box.send_keys("a red car", Keys.ENTER)
+    wait.until(lambda d: "10 results" in d.find_element(By.ID, "status").text)
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#grid .card .path")]
+    assert shown == sorted(shown) and all(name.startswith("img00") for name in shown) and len(shown) == 10
+    browser.find_element(By.ID, "camera").send_keys("leica")  # no photo says it was taken with one
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: "0 results" in d.find_element(By.ID, "status").text)

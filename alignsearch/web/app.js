@@ -9,16 +9,32 @@
 
   const status = (text) => { $("status").textContent = text; };
 
+  const FORM_FIELDS = new Set(["q", "k", "text_weight", "image_weight", "negative_weight", "negative", "tag"]);
+
+  /** The filter bar's values by the API's names (empty ones left out by search()). */
+  function filters() {
+    const out = { after: $("after").value, before: $("before").value, camera: $("camera").value.trim(),
+                  path: $("folder").value.trim(), near: $("near").value.trim().replace(/\s+/g, "") };
+    if ($("sort").value !== "score") out.sort = $("sort").value;
+    if ($("mode").value !== "auto") out.mode = $("mode").value;
+    return out;
+  }
+
   async function search(params) {
     const mine = ++current;
     const started = performance.now();
     status("Searching…");
     let response;
     if (params.image) {
+      // The form carries the query; filters, sort and mode go in the URL, as the API documents.
       const form = new FormData();
+      const qs = new URLSearchParams();
       form.append("image", params.image, "query");
-      for (const [key, value] of Object.entries(params)) if (key !== "image" && value !== "") form.append(key, value);
-      response = await fetch("/api/search", { method: "POST", body: form });
+      for (const [key, value] of Object.entries(params)) {
+        if (key === "image" || value === "") continue;
+        if (FORM_FIELDS.has(key)) form.append(key, value); else qs.append(key, value);
+      }
+      response = await fetch("/api/search?" + qs, { method: "POST", body: form });
     } else {
       const qs = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== ""));
       response = await fetch("/api/search?" + qs);
@@ -67,7 +83,7 @@
 
   function similarTo(hit) {
     $("q").value = "";
-    search({ similar: hit.id, k: $("k").value, tag: $("tag").value.trim() });
+    search({ similar: hit.id, k: $("k").value, tag: $("tag").value.trim(), ...filters(), mode: "" });
   }
 
   function render(results, { append = false, pick = false } = {}) {
@@ -89,7 +105,8 @@
       const meta = document.createElement("figcaption");
       meta.className = "meta";
       const path = document.createElement("span");
-      path.className = "path"; path.title = hit.path; path.textContent = hit.relpath;
+      path.className = "path"; path.textContent = hit.relpath;
+      path.title = [hit.path, hit.taken && `taken ${hit.taken.slice(0, 10)}`, hit.camera, hit.caption].filter(Boolean).join("\n");
       const score = document.createElement("span");
       score.className = "score"; score.textContent = hit.score == null ? "" : hit.score.toFixed(3);
       const similar = document.createElement("button");
@@ -135,7 +152,7 @@
     const q = $("q").value.trim();
     if (!q && !queryImage) { status("Type a text, add an image, or both."); return; }
     const params = { q, k: $("k").value, text_weight: $("weight").value, negative: $("negative").value.trim(),
-                     tag: $("tag").value.trim() };
+                     tag: $("tag").value.trim(), ...filters() };
     if (queryImage) params.image = queryImage;
     const url = new URL(location.href);
     url.searchParams.set("q", q);

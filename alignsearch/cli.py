@@ -618,7 +618,7 @@ def forget(root, index_dir):
               help="exact: same bytes (SHA-256); near: same picture re-saved, resized or lightly cropped (perceptual "
                    "hash); similar: embedding cosine >= threshold (bursts, near-identical shots).")
 @click.option("--threshold", type=float, default=None,
-              help="near: most differing bits of 64 (default 10); similar: least cosine (default 0.95).")
+              help="near: most differing bits of 64 (default 12); similar: least cosine (default 0.95).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=8, show_default=True, help="similar: IVF lists visited per image.")
 @click.option("--json", "as_json", is_flag=True, help='Print [{"tier", "keep", "items": [{"id", "path", "score", ...}]}].')
 @index_option

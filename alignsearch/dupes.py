@@ -29,7 +29,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 TIERS = ("exact", "near", "similar")
-NEAR_THRESHOLD = 10  # bits of 64; benchmarks/bench_dupes.py measured recall and false positives (README)
+NEAR_THRESHOLD = 12  # bits of 64; benchmarks/bench_dupes.py measured recall and false positives (README)
 SIMILAR_THRESHOLD = 0.95  # cosine
 PHASH_BITS = 64
 PHASH_SIDE = 256  # images are box-reduced to about this before hashing: same hash, far less work on big photos
@@ -177,19 +177,19 @@ def near_pairs(ids: np.ndarray, hexes: Sequence[str], threshold: int = NEAR_THRE
     return rows
 
 
-def similar_pairs(index, store, live: np.ndarray, threshold: float = SIMILAR_THRESHOLD, k: int = 16,
-                  nprobe: int = 8, chunk: int = 16_384) -> np.ndarray:
+def similar_pairs(index, store, live: np.ndarray, threshold: float = SIMILAR_THRESHOLD, k: int = 10,
+                  nprobe: int = 8, chunk: int = 4096) -> np.ndarray:
     """(m, 2) id pairs (a < b) whose stored vectors have cosine >= threshold.
 
-    Every stored vector queries the ANN index for its k nearest (k-NN, not all pairs); candidates scored
-    at least threshold - 0.05 by the index (PQ codes approximate) are confirmed with the exact stored
-    vectors. live: (n, 2) rows of (file id, vector address), as catalog.live_vectors gives."""
+    Every stored vector queries the ANN index for its k nearest (k-NN, not all pairs); each candidate is
+    scored exactly on the stored vectors (IVF-PQ's own scores are too rough to filter on: a vector's score
+    with itself can read 0.74), as queries are. live: (n, 2) rows of (file id, vector address), as catalog.live_vectors gives."""
     from alignsearch import ann
 
     live = np.asarray(live, dtype=np.int64).reshape(-1, 2)
     if len(live) < 2 or index.ntotal < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    margin = 0.001 if ann.describe(index).kind == "flat" else 0.05  # PQ codes approximate; fp16 rows too
+    margin = 0.001 if ann.describe(index).kind == "flat" else 2.0  # fp16 rows; PQ scores: no filter at all
     address_of = dict(zip(live[:, 0].tolist(), live[:, 1].tolist()))
     k = min(k, int(index.ntotal))
     found = []
@@ -197,16 +197,17 @@ def similar_pairs(index, store, live: np.ndarray, threshold: float = SIMILAR_THR
         part = live[start : start + chunk]
         queries = store.get(part[:, 1])
         scores, labels = ann.search(index, queries, k, nprobe)
-        keep = (labels > part[:, :1]) & (scores >= threshold - margin)
+        keep = (labels >= 0) & (labels != part[:, :1]) & (scores >= threshold - margin)
         a, b = np.repeat(part[:, 0], keep.sum(axis=1)), labels[keep]
+        a, b = np.minimum(a, b), np.maximum(a, b)  # a pair either side found (the ANN may miss one direction)
         if len(a):  # confirmed on the stored vectors (cosine: fp16 rows are unit length within 1e-3)
             ok = np.array([x in address_of for x in b.tolist()], dtype=bool)
             a, b = a[ok], b[ok]
-            rows_a = queries[np.searchsorted(part[:, 0], a)]
+            rows_a = store.get(np.array([address_of[x] for x in a.tolist()], dtype=np.int64))
             rows_b = store.get(np.array([address_of[x] for x in b.tolist()], dtype=np.int64))
             sure = _cosines(rows_a, rows_b) >= threshold
             a, b = a[sure], b[sure]
-        found.append(np.stack([a, b], axis=1))
+        found.append(np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), np.int64))
         log.debug("similar: %d of %d vectors searched", start + len(part), len(live))
     return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), dtype=np.int64)
 

@@ -11,6 +11,7 @@ damaged or inconsistent (`verify` found problems, a catalog that is not a databa
 from __future__ import annotations
 
 import errno
+import base64
 import json
 import os
 import sys
@@ -206,8 +207,16 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
         click.echo("see the failures with: alignsearch info --failed", err=True)
 
 
-def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
+def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None = None) -> None:
+    """JSON, a ranked list, or (paths "\n" or "\0") the paths alone as raw bytes, for `xargs` and scripts."""
     plan = query.pop("plan", None)
+    if paths is not None:
+        out = sys.stdout.buffer
+        for h in hits:
+            out.write((base64.b64decode(h["path_b64"]) if h.get("path_b64") else os.fsencode(h["path"]))
+                      + paths.encode())
+        out.flush()
+        return
     if as_json:
         click.echo(json.dumps({"query": query, "results": hits, **({"plan": plan} if plan else {})}, indent=2))
         return
@@ -243,13 +252,16 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool) -> None:
 @click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
               help="vector, keyword (captions, names, tags), hybrid (both fused), auto (hybrid when words match).")
 @click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe.")
+@click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
+@click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option
 @model_option
 @device_option
 @reports_errors
 def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
-          camera, near, path_glob, fmt, where, min_score, sort, mode, explain, as_json, index_dir, model, device):
+          camera, near, path_glob, fmt, where, min_score, sort, mode, explain, paths_only, null, as_json, index_dir, model,
+          device):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
@@ -295,7 +307,9 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
                 q["plan"] = plan
             else:
                 click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
-    _print_hits(q, hits, as_json)
+    if null and not paths_only:
+        raise click.UsageError("-0 goes with --paths")
+    _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None)
 
 
 def _encoder_for(index_dir, model, device):

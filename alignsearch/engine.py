@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +45,16 @@ class Hit:
     tags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form (CLI, HTTP): a name that is not UTF-8 shows its bytes as \\xNN in `path`, as in
+        `relpath`, and comes whole in `path_b64` (base64 of the bytes), so a program can open the file."""
+        out = asdict(self)
+        raw = os.fsencode(self.path)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out["path"] = raw.decode("utf-8", "backslashreplace")
+            out["path_b64"] = base64.b64encode(raw).decode("ascii")
+        return out
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """Every kind of odd file a real photo folder holds: nothing stops a run, each failure has a reason."""
 
+import base64
 import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -115,8 +118,16 @@ def test_odd_corpus_indexes_what_it_can_and_records_the_rest(tmp_path, tiny_mode
     assert {h["relpath"] for h in hits} == ok
     paths = {h["relpath"]: h for h in hits}
     assert (paths["rotated.jpg"]["width"], paths["rotated.jpg"]["height"]) == (40, 80)  # EXIF applied
-    assert os.path.exists(paths["caf\\xe9.jpg"]["path"])  # the real non-UTF-8 name, openable
-    assert paths["caf\\xe9.jpg"]["path"].endswith(nonutf8)
+    # one representation in JSON for path and relpath (\xNN), and the name's bytes whole in path_b64
+    cafe = paths["caf\\xe9.jpg"]
+    assert cafe["path"].endswith("caf\\xe9.jpg") and cafe["path"] == os.path.join(str(corpus), cafe["relpath"])
+    raw = base64.b64decode(cafe["path_b64"])
+    assert os.path.exists(raw) and raw.endswith(b"caf\xe9.jpg") and os.fsdecode(raw).endswith(nonutf8)
+    assert "path_b64" not in paths["rotated.jpg"]
+    listed = subprocess.run([sys.executable, "-m", "alignsearch", "query", "x", "-k", "100", "--index", str(ix), "--paths",
+                             "-0"], capture_output=True, timeout=300)
+    assert listed.returncode == 0 and raw + b"\0" in listed.stdout  # the real bytes, for xargs -0
+    assert len(listed.stdout.split(b"\0")[:-1]) == len(ok)
     assert "caf\\xe9.jpg" in run("query", "x", "-k", "100", "--index", ix).output
 
     # hidden folders only on request

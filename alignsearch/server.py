@@ -512,7 +512,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
                                               {**narrowing, "mode": "vector"})
         else:
             results = await encode_and_search(args, narrowing=narrowing)
-        query = {"q": q, "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
+        query = {"text": args["text"], "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
                                                                      "negative_weight", "negative", "tag")},
                  **narrowing}
         return {"query": query, "results": results}
@@ -550,7 +550,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
         pil = None if data is None else await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
         results = await encode_and_search(args, pil, narrowing)
-        query = {"q": args["text"], "image": data is not None, **{n: args[n] for n in (
+        query = {"text": args["text"], "image": data is not None, **{n: args[n] for n in (
             "k", "text_weight", "image_weight", "negative_weight", "negative", "tag")}, **narrowing}
         return {"query": query, "results": results}
 

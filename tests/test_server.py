@@ -87,7 +87,7 @@ def test_search_info_health_and_json_shape(served):
     status, _, body = call(served["url"], "/api/search?q=red+car&k=5")
     assert status == 200
     out = json.loads(body)
-    assert out["query"]["q"] == "red car" and len(out["results"]) == 5
+    assert out["query"]["text"] == "red car" and len(out["results"]) == 5  # the names the CLI echoes
     assert {"id", "path", "score", "width", "height"} <= set(out["results"][0])
     info = json.loads(call(served["url"], "/api/info")[2])
     assert info["images"] == 12 and info["failed"] == 1

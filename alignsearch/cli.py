@@ -345,7 +345,7 @@ def embed(texts, images, as_json, index_dir, model, device):
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(), callback=_image_file)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--labels", "labels", multiple=True, required=True, help='A candidate label (repeat), e.g. --labels "a cat".')
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble), e.g. "a photo of {}".')
 @click.option("--json", "as_json", is_flag=True)
@@ -354,17 +354,26 @@ def embed(texts, images, as_json, index_dir, model, device):
 @device_option
 @reports_errors
 def classify(images, labels, templates, as_json, index_dir, model, device):
-    """Zero-shot: the probability of each label for each image (softmax over similarity / temperature)."""
+    """Zero-shot: the probability of each label for each image (softmax over similarity / temperature).
+
+    An image that cannot be read is listed with its error and the others are classified: exit 0 when at
+    least one image was classified, 6 when none could be."""
+    from alignsearch.errors import BadInputError
+
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device)
-    results = encoder.classify(list(images), list(labels), tuple(templates) or ("{}",))
+    results = encoder.classify_each(list(images), list(labels), tuple(templates) or ("{}",))
     if as_json:
-        click.echo(json.dumps([{"image": img, "labels": r} for img, r in zip(images, results)], indent=2))
-        return
-    for img, r in zip(images, results):
-        click.echo(img)
-        for entry in sorted(r, key=lambda e: -e["probability"]):
-            click.echo(f"  {entry['probability']:7.2%}  {entry['label']}  (similarity {entry['similarity']:.4f})")
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            click.echo(r["image"])
+            if "error" in r:
+                click.echo(f"  error: {r['error']}")
+            for entry in sorted(r.get("labels", []), key=lambda e: -e["probability"]):
+                click.echo(f"  {entry['probability']:7.2%}  {entry['label']}  (similarity {entry['similarity']:.4f})")
+    if all("error" in r for r in results):
+        raise BadInputError("no image could be classified")
 
 
 @main.command()

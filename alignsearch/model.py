@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -135,10 +136,63 @@ def to_pixel_values(crops: np.ndarray, spec: ImageSpec, device: torch.device) ->
     return x
 
 
-def load_image_spec(model: str) -> ImageSpec:
+def load_image_spec(model: str, local_files_only: bool = False) -> ImageSpec:
     from transformers import AutoImageProcessor
 
-    return image_spec_from_processor(AutoImageProcessor.from_pretrained(model))
+    return image_spec_from_processor(AutoImageProcessor.from_pretrained(model, local_files_only=local_files_only))
+
+
+def _download_hint(folder: str = "./align-base") -> str:
+    return (f"Without network access, download it once elsewhere (hf download {DEFAULT_MODEL} --local-dir {folder}, "
+            f"the huggingface_hub CLI) and pass --model {folder} (or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache).")
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request to the hub (proxies honoured): any HTTP answer means it is reachable. Without this,
+    an unreachable hub costs ~30 s of retries per file before transformers gives up."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(_endpoint(), method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _check_source(model: str) -> str:
+    """Refuse a checkpoint folder that is not there (not "Repo id must use alphanumeric chars"). Returns where
+    to load from: "folder", "offline" (HF_HUB_OFFLINE: the cache), "unreachable" (the hub did not answer one
+    quick request: the cache, in seconds rather than after ~30 s of retries) or "hub"."""
+    from huggingface_hub import constants
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"the model folder {model} holds no config.json: it is not a saved ALIGN checkpoint. "
+                                 + _download_hint(model))
+        return "folder"
+    if path.exists():
+        raise ModelLoadError(f"--model {model} is a file: pass a checkpoint folder or a hub id such as {DEFAULT_MODEL}")
+    if _looks_local(model) or not _HUB_ID.match(model):
+        raise ModelLoadError(f"the model folder {model} does not exist. " + _download_hint(model))
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "offline"
+    if not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # later loads in this process go straight to the cache too
+        return "unreachable"
+    return "hub"
 
 
 class Encoder:
@@ -152,17 +206,16 @@ class Encoder:
         # A local directory is remembered by absolute path, so later runs find it from anywhere.
         self.name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
         self.device = resolve_device(device)
+        source = _check_source(str(model))
+        local_only = source != "hub"
         try:
-            self.model = AlignModel.from_pretrained(self.name).float().eval().to(self.device)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.name)
-            self.spec = load_image_spec(self.name)
+            self.model = AlignModel.from_pretrained(self.name, local_files_only=local_only).float().eval().to(self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=local_only)
+            self.spec = load_image_spec(self.name, local_only)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"could not load the ALIGN checkpoint {self.name!r}: {exc}\n"
-                "Without network access, download it once elsewhere "
-                "(huggingface-cli download kakaobrain/align-base --local-dir ./align-base) "
-                "and pass --model ./align-base (or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache)."
-            ) from None
+            why = {"unreachable": f"cannot reach {_endpoint()} and it is not in the Hugging Face cache",
+                   "offline": "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"}.get(source, str(exc))
+            raise ModelLoadError(f"could not load the ALIGN checkpoint {self.name!r}: {why}\n{_download_hint()}") from None
         self.dim = int(self.model.config.projection_dim)
         text_limit = int(self.model.config.text_config.max_position_embeddings)
         tok_limit = int(getattr(self.tokenizer, "model_max_length", text_limit) or text_limit)
@@ -260,6 +313,33 @@ class Encoder:
             [{"label": lab, "probability": float(p), "similarity": float(s)} for lab, p, s in zip(labels, prow, srow)]
             for prow, srow in zip(probs, sims)
         ]
+
+    def classify_each(self, images: Sequence[ImageInput], labels: Sequence[str],
+                      templates: Sequence[str] = ("{}",)) -> list[dict]:
+        """classify, one image at a time as far as reading goes: per image {"image", "labels"}, or
+        {"image", "error"} for one that cannot be read (the others are still classified)."""
+        from alignsearch.classify import probabilities
+
+        if not labels:
+            raise BadInputError("give at least one label")
+        out, crops = [], []
+        for image in images:
+            name = image if isinstance(image, (str, bytes)) else str(image)
+            try:
+                crops.append(self.crop(image))
+                out.append({"image": name})
+            except BadInputError as exc:
+                out.append({"image": name, "error": str(exc)})
+        if crops:
+            sims, probs = probabilities(self.encode_crops(np.stack(crops)), self.encode_labels(labels, templates),
+                                        self.temperature)
+            good = iter(zip(probs, sims))
+            for entry in out:
+                if "error" not in entry:
+                    prow, srow = next(good)
+                    entry["labels"] = [{"label": lab, "probability": float(p), "similarity": float(s)}
+                                       for lab, p, s in zip(labels, prow, srow)]
+        return out
 
     def similarity(self, text: str, image: ImageInput) -> dict:
         """Cosine similarity of a text and an image, and the model's logit (similarity / temperature)."""

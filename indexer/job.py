@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignsearch import ann, catalog, dupes, sources, vectors
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
-from alignsearch.errors import BadInputError, IndexDamagedError
+from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.model import DEFAULT_MODEL, Encoder, load_recorded
 from alignsearch.vectors import VectorStore
 from indexer import build, photos, pipeline, reindex, scan, writer
@@ -112,16 +113,22 @@ def index_folders(
         ondisk_shards = 0
     chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
     out = Path(chosen)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out):
-        db = catalog.connect(out / DB_FILE)
-        try:
-            options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild, progress,
-                                   use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
-                                   fast_decode, list_column, ray_actor_segments, caption_column)
-            return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
-        finally:
-            db.dispose()
+    try:
+        with writer_lock(out):
+            db = catalog.connect(out / DB_FILE)
+            try:
+                options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild, progress,
+                                       use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
+                                       fast_decode, list_column, ray_actor_segments, caption_column)
+                return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
+            finally:
+                db.dispose()
+    except ModelLoadError:
+        if created:  # the model loads before anything is written: leave no empty index behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:

@@ -189,3 +189,10 @@ def call(url, path, token="s3cret", data=None, headers=None, method=None):
         return exc.code, exc.headers, exc.read()
 
 
+
+
+def write_labels(path, lines) -> Path:
+    """A --labels-file with these lines (comments and blanks included as given)."""
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

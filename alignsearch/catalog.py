@@ -287,9 +287,15 @@ def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
 
 
-def replace_tags(conn: Connection, rows: list[dict]) -> None:
-    """Forget every tag and store these ({file_id, label, probability}); one transaction with the caller's."""
-    conn.execute(delete(tags))
+def replace_tags(conn: Connection, rows: list[dict], labels: Iterable[str] | None = None) -> None:
+    """Forget the tags of `labels` (case-insensitively; every tag when None) and store these ({file_id, label,
+    probability}); one transaction with the caller's."""
+    if labels is None:
+        conn.execute(delete(tags))
+    else:
+        lowered = sorted({label.lower() for label in labels})
+        for start in range(0, len(lowered), 500):
+            conn.execute(delete(tags).where(func.lower(tags.c.label).in_(lowered[start : start + 500])))
     for start in range(0, len(rows), 10_000):
         conn.execute(insert(tags), rows[start : start + 10_000])
 
@@ -529,3 +535,11 @@ def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
                f"AND id IN ({','.join('?' * len(chunk))})")
         out.update(dict(conn.exec_driver_sql(sql, tuple(chunk)).all()))
     return out
+
+
+def tag_counts(conn: Connection) -> list[tuple[str, int]]:
+    """[(label, indexed images tagged with it)], most used first."""
+    n = func.count(tags.c.file_id)
+    query = (select(tags.c.label, n).join(files, files.c.id == tags.c.file_id).where(files.c.status == INDEXED)
+             .group_by(tags.c.label).order_by(n.desc(), tags.c.label))
+    return [(label, int(count)) for label, count in conn.execute(query)]

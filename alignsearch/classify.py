@@ -38,3 +38,21 @@ def choose_tags(probs: np.ndarray, labels: list[str], threshold: float, top: int
         order = np.argsort(-row)[:top]
         out.append([(labels[i], float(row[i])) for i in order if row[i] >= threshold])
     return out
+
+
+# What a tag's label competes with (`alignsearch tag`): prompts that describe any photo. A label is tagged
+# when the image matches it better than this background, whatever other labels are being tagged.
+BACKGROUND_PROMPTS = ("a photo", "a picture", "an image", "a photo of something", "a picture of something")
+
+
+def against_background(image_vectors: np.ndarray, label_vectors: np.ndarray, background_vectors: np.ndarray,
+                       temperature: float) -> np.ndarray:
+    """(images, labels): each label's probability in a softmax over [that label, the background prompts] of
+    similarity / temperature. Unlike `probabilities`, one label's value does not depend on the others."""
+    images = image_vectors.astype(np.float64)
+    own = images @ label_vectors.astype(np.float64).T / temperature  # (n, L)
+    background = images @ background_vectors.astype(np.float64).T / temperature  # (n, B)
+    top = np.maximum(own, background.max(axis=1, keepdims=True))
+    rest = np.exp(background[:, None, :] - top[:, :, None]).sum(axis=2)
+    mine = np.exp(own - top)
+    return mine / (mine + rest)

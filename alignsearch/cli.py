@@ -395,29 +395,68 @@ def similarity(text, image, as_json, index_dir, model, device):
 
 
 @main.command()
-@click.option("--labels-file", required=True, type=click.Path(exists=True, dir_okay=False), help="One label per line.")
+@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False),
+              help="One label per line (blank lines and lines starting with # are skipped).")
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble).')
-@click.option("--threshold", type=float, default=0.3, show_default=True, help="Minimum probability to tag.")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="Minimum probability of a label against the background prompts (README: Tags).")
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="At most this many tags per image.")
+@click.option("--clear", is_flag=True, help="Remove every tag (and forget the labels) first; alone, just that.")
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @device_option
 @reports_errors
-def tag(labels_file, templates, threshold, top, as_json, index_dir, device):
-    """Tag every indexed image from its stored vector; later `index` runs tag new images too."""
+def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, device):
+    """Tag every indexed image from its stored vector; later `index` runs tag new images too.
+
+    Each label is decided on its own against a fixed set of background prompts, so the file's other labels
+    do not change it. Tags of labels not in the file stay; --clear starts over."""
     _quiet_transformers()
     from alignsearch.engine import resolve_index_dir
     from indexer.job import tag_index
 
-    with open(labels_file, encoding="utf-8") as f:
-        labels = f.read().splitlines()
-    result = tag_index(resolve_index_dir(index_dir), labels, list(templates), threshold, top, device)
+    if not labels_file and not clear:
+        raise click.UsageError("give --labels-file FILE, or --clear to remove every tag")
+    labels = []
+    if labels_file:
+        with open(labels_file, encoding="utf-8") as f:
+            labels = f.read().splitlines()
+    result = tag_index(resolve_index_dir(index_dir), labels, list(templates), threshold, top, device, clear=clear)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{result['tags']} tags on {result['images']} images")
+    if clear:
+        click.echo("removed every tag")
+    if result["per_label"]:
+        click.echo(f"{result['tags']} tags on {result['images']} images")
     for label, n in result["per_label"].items():
         click.echo(f"  {n:>8}  {label}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help='Print [{"label", "images"}].')
+@index_option
+@reports_errors
+def tags(as_json, index_dir):
+    """The tag labels of the index with how many images carry each, most used first."""
+    listed = [{"label": label, "images": n} for label, n in _tag_counts(index_dir)]
+    lines = [f"{e['images']:>8}  {e['label']}" for e in listed] or ["no tags: tag the index with `alignsearch tag --labels-file FILE`"]
+    click.echo(json.dumps(listed, indent=2) if as_json else "\n".join(lines))
+
+
+def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
+    """[(label, images)] from the index's catalog (db: an open one)."""
+    from alignsearch import catalog
+    from alignsearch.paths import DB_FILE, resolve_index_dir
+
+    own = db is None
+    db = db or catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            return catalog.tag_counts(conn)
+    finally:
+        if own:
+            db.dispose()
 
 
 @main.command()
@@ -466,6 +505,7 @@ def info(failed, as_json, index_dir):
     if failed:
         data["failed_files"] = [{"id": r.id, "path": r.path, "reason": r.reason} for r in engine.failed()]
     data["listing_errors"] = _listing_errors(engine.db)
+    data["tags"] = dict(_tag_counts(engine.dir, engine.db))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -480,6 +520,8 @@ def info(failed, as_json, index_dir):
         if ix["type"] != "flat" else ""
     )
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
+    if data["tags"]:
+        click.echo("tags:    " + ", ".join(f"{label} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:
         click.echo(f"listing: {len(data['listing_errors'])} folder(s) could not be listed by the last run "
                    "(alignsearch info --failed)")

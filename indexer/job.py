@@ -290,32 +290,38 @@ def _counting_failures(write, failed: set):
 
 
 def _tag(db, store: VectorStore, encoder: Encoder, tagging: dict) -> dict:
-    from indexer.tag import tag_all
+    from indexer.tag import tag_runs
 
-    labels = tagging["labels"]
-    vectors = encoder.encode_labels(labels, tagging["templates"])
-    return tag_all(db, store, vectors, labels, encoder.temperature, tagging["threshold"], tagging["top"])
+    return tag_runs(db, store, encoder, tagging)
 
 
 def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[str], threshold: float, top: int,
-              device: str = "auto") -> dict:
-    """Tag every indexed image with the labels it matches, from stored vectors; remembered for later runs."""
-    labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
-    if not labels:
-        raise BadInputError("the labels file holds no labels: write one label per line")
+              device: str = "auto", clear: bool = False) -> dict:
+    """Tag every indexed image with the labels (lines of a labels file) it matches, from stored vectors; tags
+    of other labels stay (clear: forget every tag first); remembered for later runs (indexer/tag.py)."""
+    from indexer import tag
+
+    labels = tag.parse_labels(labels)
+    if not labels and not clear:
+        raise BadInputError("the labels file holds no labels: write one label per line (# starts a comment)")
     if not 0 <= threshold <= 1 or top < 1:
         raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
     out = Path(index_dir)
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)
         try:
+            if clear:
+                tag.clear(db)
+                if not labels:
+                    return {"images": 0, "tags": 0, "per_label": {}, "cleared": True}
             encoder = _load_encoder(db, None, device)
             with db.connect() as conn:
                 store = vectors.load(conn, out, encoder.dim)
-            tagging = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
-            result = _tag(db, store, encoder, tagging)
+                before = catalog.get_meta(conn, "tagging")
+            run = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
+            result = {**tag.tag_runs(db, store, encoder, {"runs": [run]}), "cleared": clear}
             with db.begin() as conn:
-                catalog.set_meta(conn, "tagging", tagging)
+                catalog.set_meta(conn, "tagging", tag.with_run(before, run))
             return result
         finally:
             db.dispose()

@@ -1,4 +1,11 @@
-"""`alignsearch tag`: label every indexed image from its stored vector, no re-encoding."""
+"""`alignsearch tag`: label every indexed image from its stored vector, no re-encoding.
+
+Each label is decided on its own: its probability in a softmax over [the label, classify.BACKGROUND_PROMPTS]
+with the model's temperature, tagged when >= the threshold (at most `top` labels of one run per image). So
+a file of one label tags what a file of fifty would have tagged with that label. Runs accumulate: a run
+replaces the tags of its own labels (case-insensitively) and keeps the others; `tag --clear` removes all.
+The runs are remembered (meta `tagging`) so later `index` runs tag new images with every label set.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +13,82 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from alignsearch import catalog
-from alignsearch.classify import choose_tags, probabilities
+from alignsearch.classify import BACKGROUND_PROMPTS, against_background, choose_tags
+from alignsearch.errors import BadInputError
 from alignsearch.vectors import VectorStore
 
 CHUNK = 65_536
+DEFAULT_THRESHOLD = 0.5
+
+
+def parse_labels(lines) -> list[str]:
+    """A labels file's lines: one label per line; blank lines and lines starting with # are not labels."""
+    labels = [line.strip() for line in lines]
+    return list(dict.fromkeys(label for label in labels if label and not label.startswith("#")))
+
+
+def runs_of(tagging: dict | None) -> list[dict]:
+    """The remembered runs ({labels, templates, threshold, top}); an index tagged before runs accumulated
+    holds one run as the meta itself."""
+    if not tagging:
+        return []
+    return list(tagging["runs"]) if "runs" in tagging else [tagging]
+
+
+def with_run(tagging: dict | None, run: dict) -> dict:
+    """The meta after `run`: earlier runs keep the labels it does not (re)tag."""
+    mine = {label.lower() for label in run["labels"]}
+    runs = []
+    for old in runs_of(tagging):
+        kept = [label for label in old["labels"] if label.lower() not in mine]
+        if kept:
+            runs.append({**old, "labels": kept})
+    return {"runs": [*runs, run], "background": list(BACKGROUND_PROMPTS)}
 
 
 def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: list[str], temperature: float,
-            threshold: float, top: int) -> dict:
-    """Replace all tags with this labelling of every indexed file; returns counts per label."""
+            threshold: float, top: int, background_vectors: np.ndarray | None = None, refresh: bool = True) -> dict:
+    """Replace the tags of these labels with this labelling of every indexed file (tags of other labels
+    stay); returns counts per label. background_vectors: the encoded BACKGROUND_PROMPTS."""
+    if background_vectors is None:
+        raise BadInputError("tagging needs the background prompts' vectors")
     with db.connect() as conn:
         live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
     rows = []
     for start in range(0, len(live), CHUNK):
         ids, vec_rows = live[start : start + CHUNK, 0], live[start : start + CHUNK, 1]
-        _, probs = probabilities(store.get(vec_rows), label_vectors, temperature)
+        probs = against_background(store.get(vec_rows), label_vectors, background_vectors, temperature)
         for file_id, chosen in zip(ids.tolist(), choose_tags(probs, labels, threshold, top)):
             rows += [{"file_id": file_id, "label": label, "probability": p} for label, p in chosen]
     with db.begin() as conn:
-        catalog.replace_tags(conn, rows)
-        if catalog.has_keywords(conn):
+        catalog.replace_tags(conn, rows, labels)
+        if refresh and catalog.has_keywords(conn):
             catalog.refresh_keywords(conn)  # tags are keywords too
     counts = dict.fromkeys(labels, 0)
     for r in rows:
         counts[r["label"]] += 1
     return {"images": len(live), "tags": len(rows), "per_label": counts}
+
+
+def tag_runs(db: Engine, store: VectorStore, encoder, tagging: dict | None) -> dict:
+    """Tag every indexed file with every remembered run's labels (after new images came in)."""
+    runs = runs_of(tagging)
+    background = encoder.encode_text(list(BACKGROUND_PROMPTS))
+    total = {"images": 0, "tags": 0, "per_label": {}}
+    for i, run in enumerate(runs):
+        vectors = encoder.encode_labels(run["labels"], run.get("templates") or ["{}"])
+        done = tag_all(db, store, vectors, run["labels"], encoder.temperature, run["threshold"], run["top"],
+                       background, refresh=i == len(runs) - 1)
+        total["images"] = done["images"]
+        total["tags"] += done["tags"]
+        total["per_label"].update(done["per_label"])
+    return total
+
+
+def clear(db: Engine) -> None:
+    """Forget every tag and every remembered run."""
+    with db.begin() as conn:
+        catalog.replace_tags(conn, [])
+        catalog.delete_meta(conn, "tagging")
+        if catalog.has_keywords(conn):
+            catalog.refresh_keywords(conn)

@@ -180,7 +180,7 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
 
     s = index_folders(
         list(roots), index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
-        include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json and sys.stderr.isatty(),
+        include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json,
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
         caption_column=caption_column,

@@ -13,7 +13,7 @@ from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.model import DEFAULT_MODEL, Encoder, load_recorded
 from alignsearch.vectors import VectorStore
-from indexer import build, photos, pipeline, reindex, scan, writer
+from indexer import build, photos, pipeline, progress, reindex, scan, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
@@ -141,9 +141,7 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     with db.connect() as conn:
         store = vectors.load(conn, out, int(recorded["dim"]))
     store.truncate_uncommitted()
-    from tqdm import tqdm
-
-    bar = tqdm(unit="img", disable=not opts.progress, desc="re-encoding")
+    bar = progress.bar(desc="re-encoding", enabled=opts.progress)
     workers = default_workers() if opts.workers is None else opts.workers
     count = reindex.reencode(db, out, encoder, store, workers, _batch_size(opts, encoder), opts.fast_decode, bar.update)
     bar.close()
@@ -199,8 +197,6 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
 
 
 def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:
-    from tqdm import tqdm
-
     summary = Summary(str(out.resolve()))
     encoder = encoder or _load_encoder(db, opts.model, opts.device)
     with db.connect() as conn:
@@ -231,7 +227,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     store.truncate_uncommitted()
     workers = default_workers() if opts.workers is None else opts.workers
     batch_size = _batch_size(opts, encoder)
-    bar = tqdm(total=len(todo), unit="img", disable=not opts.progress, desc="indexing")
+    bar = progress.bar(total=len(todo), desc="indexing", enabled=opts.progress)
     gone_hashes = {r.sha256 for r in removed if r.status == catalog.INDEXED}
     moved_in = []
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from alignsearch.atomic import replacing
 from alignsearch.errors import IndexDamagedError
 
 FLAT_BELOW = 10_000
@@ -153,17 +153,8 @@ def publish_next(path: Path) -> None:
 
 def write_atomic(index: faiss.Index, path: Path) -> None:
     """Temporary file, fsync, rename: a reader sees the old index or the new one, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read(path: Path) -> faiss.Index:

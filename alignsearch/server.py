@@ -27,7 +27,6 @@ import queue
 import secrets
 import socket
 import stat
-import tempfile
 import threading
 import typing
 from collections import OrderedDict
@@ -50,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import alignsearch
 from alignsearch import catalog, filters, querycheck, sources
 from alignsearch import engine as engine_module
+from alignsearch.atomic import write_bytes
 from alignsearch.engine import Engine
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
 from alignsearch.images import open_rgb
@@ -331,10 +331,7 @@ class Library:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         self.thumb_dir.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.thumb_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
+        write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw
         return buf.getvalue()
 
 
@@ -626,10 +623,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def write_record(index_dir: Path, record: dict) -> Path:
     path = index_dir / SERVER_FILE
-    fd, tmp = tempfile.mkstemp(dir=index_dir, prefix=".server-", suffix=".tmp")  # created 0600: it holds the token
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    write_bytes(path, json.dumps(record).encode(), mode=0o600)  # 0600 from the start: it holds the token
     return path
 
 

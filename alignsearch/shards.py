@@ -10,8 +10,6 @@ replaced atomically: a reader sees one generation or the next, never a mix.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import faiss
 import numpy as np
 
 from alignsearch import ann
+from alignsearch.atomic import write_bytes
 from alignsearch.paths import ANN_FILE
 
 MANIFEST = "shards.json"
@@ -45,12 +44,7 @@ def publish(folder: Path, paths: list[Path]) -> None:
     so a reader that read the old manifest a moment ago can still open them; older ones are deleted."""
     folder = Path(folder)
     previous = {p.name for p in files(folder) or []}
-    fd, tmp = tempfile.mkstemp(prefix=MANIFEST + ".", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"files": [p.name for p in paths]}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    write_bytes(folder / MANIFEST, json.dumps({"files": [p.name for p in paths]}).encode())
     keep = {p.name for p in paths} | previous
     for old in folder.glob("shard-*.faiss"):  # open readers keep their mapping of an unlinked file
         if old.name not in keep:

@@ -25,6 +25,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
 from alignsearch import catalog
+from alignsearch.atomic import fsync_dir, write_bytes
 from alignsearch.errors import IndexDamagedError
 from alignsearch.paths import VECTORS_FILE
 
@@ -168,19 +169,7 @@ class VectorStore:
 
 def empty_file(path: Path) -> None:
     """Replace `path` by an empty file (a new inode: processes that map the old one are unharmed)."""
-    tmp = path.with_name(path.name + ".empty")
-    with open(tmp, "wb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_bytes(path, b"")
 
 
 def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:

@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy import select
 
 from alignsearch import catalog
+from alignsearch.filters import TextColumn
 
 NUMERIC = ("taken", "lat", "lon", "width", "height", "size", "mtime")
 TEXT = {"camera": catalog.photos.c.camera, "lens": catalog.photos.c.lens, "format": catalog.files.c.format,
@@ -48,8 +49,8 @@ class Columns:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def column(self, name: str) -> np.ndarray:
-        """A numeric column (NaN where unknown) or a lower-cased text column (None where unknown)."""
+    def column(self, name: str):
+        """A numeric array (NaN where unknown) or a lower-cased, dictionary-encoded TextColumn."""
         if name in self._numeric:
             return self._numeric[name]
         with self._lock:
@@ -60,13 +61,13 @@ class Columns:
     def _load_text(self, name: str) -> np.ndarray:
         col = TEXT[name]
         if col.table is catalog.photos and not self.photos:
-            return np.full(len(self), None, dtype=object)
+            return TextColumn(np.zeros(len(self), dtype=np.int32), [None])
         query = select(catalog.files.c.id, col).where(catalog.files.c.status == catalog.INDEXED)
         if col.table is catalog.photos:
             query = query.outerjoin(catalog.photos, catalog.photos.c.file_id == catalog.files.c.id)
         with self._db.connect() as conn:
             values = dict(conn.execute(query).all())
-        return np.array([None if (v := values.get(int(i))) is None else str(v).lower() for i in self.ids], dtype=object)
+        return TextColumn.of([None if (v := values.get(int(i))) is None else str(v).lower() for i in self.ids.tolist()])
 
     def tagged(self, label: str) -> np.ndarray:
         """Rows with this tag (case-insensitive)."""

@@ -328,9 +328,24 @@ def evaluate(node: Node, column: Callable[[str], np.ndarray], tagged: Callable[[
     return _text_mask(values, node.op, str(node.value))
 
 
-def _text_mask(values: np.ndarray, op: str, value: str) -> np.ndarray:
-    """Text comparisons on the distinct values only (cameras, formats, folders repeat a lot)."""
-    distinct, inverse = np.unique(np.where(values == None, "\x00", values).astype(str), return_inverse=True)  # noqa: E711
+@dataclass(frozen=True)
+class TextColumn:
+    """A lower-cased text column, dictionary-encoded: row i holds distinct[codes[i]] (None: unknown). Text
+    filters test each distinct value once (cameras, formats, folders repeat a lot)."""
+
+    codes: np.ndarray
+    distinct: list
+
+    @classmethod
+    def of(cls, values) -> "TextColumn":
+        index: dict = {}
+        codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int32, count=len(values))
+        return cls(codes, list(index))
+
+
+def _text_mask(values, op: str, value: str) -> np.ndarray:
+    column = values if isinstance(values, TextColumn) else TextColumn.of(values)
+    distinct, inverse = ["\x00" if d is None else d for d in column.distinct], column.codes
     needle = value.lower()
     if op == "glob":
         regex = glob_regex(value)
@@ -341,4 +356,4 @@ def _text_mask(values: np.ndarray, op: str, value: str) -> np.ndarray:
         hit = np.array([d != "\x00" and d == needle for d in distinct], dtype=bool)
         if op == "!=":
             hit = np.array([d != "\x00" for d in distinct], dtype=bool) & ~hit
-    return hit[inverse.reshape(-1)] if len(values) else np.zeros(0, dtype=bool)
+    return hit[inverse] if len(inverse) else np.zeros(0, dtype=bool)

@@ -26,7 +26,8 @@ from alignsearch.model import load_image_spec, resolve_device, to_pixel_values
 from alignsearch.pairs import Pair, load_pairs
 
 CHECKPOINT = "checkpoint"  # inside the output directory: the last finished epoch, for --resume
-INITIAL_TEMPERATURE = 0.07  # the config default of 1.0 learns too slowly from a fresh initialisation
+INITIAL_TEMPERATURE = 0.07
+RECALL_AT = (1, 5, 10)  # the config default of 1.0 learns too slowly from a fresh initialisation
 
 
 @dataclass
@@ -45,14 +46,15 @@ class FinetuneConfig:
 
 
 def retrieval_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray) -> dict[str, float]:
-    """R@1/5/10 both ways, where image i and text i belong together."""
+    """R@1/5/10 both ways, where image i and text i belong together; R@K only with more than K pairs."""
     sims = image_vectors @ text_vectors.T
     n = len(sims)
     out = {}
     for name, matrix in (("image_to_text", sims), ("text_to_image", sims.T)):
         rank = (matrix > matrix[np.arange(n), np.arange(n)][:, None]).sum(axis=1)
-        for k in (1, 5, 10):
-            out[f"{name}_R@{k}"] = float((rank < k).mean())
+        for k in RECALL_AT:
+            if k < n:  # with n <= k pairs every rank is < k: 1.0 whatever the model
+                out[f"{name}_R@{k}"] = float((rank < k).mean())
     return out
 
 
@@ -127,6 +129,13 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     n_val = int(len(order) * config.val_fraction) if len(order) >= 20 else 0
     val = [loaded.pairs[i] for i in order[:n_val]]
     train = [loaded.pairs[i] for i in order[n_val:]]
+    if n_val < 2:
+        log(f"no validation split: {len(order)} pairs with --val-fraction {config.val_fraction} (it takes at least 20 "
+            "pairs and 2 held out): no retrieval metrics")
+    elif n_val <= max(RECALL_AT):
+        cut = [k for k in RECALL_AT if k >= n_val]
+        log(f"validation split has {n_val} pairs: " + ", ".join(f"R@{k} needs at least {k + 1}" for k in cut)
+            + " (left out: it would be 1.0 by construction); use more pairs or a larger --val-fraction")
 
     device = resolve_device(config.device)
     checkpoint = out / CHECKPOINT
@@ -139,7 +148,7 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
         raise ModelLoadError(f"could not load the ALIGN checkpoint {base!r}: {exc}") from None
     spec = load_image_spec(base)
     max_length = min(64, int(model.config.text_config.max_position_embeddings))
-    if source == base and float(model.temperature) > 0.5:
+    if source == base and float(model.temperature.detach()) > 0.5:
         model.temperature.data.fill_(INITIAL_TEMPERATURE)
     if config.freeze == "text":
         for p in [*model.text_model.parameters(), *model.text_projection.parameters()]:
@@ -190,13 +199,13 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
                 with torch.no_grad():
                     model.temperature.clamp_(min=0.005)
             seen += len(batch)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
         for path in images.bad.keys() - reported:
             log(f"skipped {path}: {images.bad[path]}")
         reported |= images.bad.keys()
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "temperature": float(model.temperature), **_evaluate(model, tokenizer, images, val, spec, device, max_length)}
+                   "temperature": float(model.temperature.detach()), **_evaluate(model, tokenizer, images, val, spec, device, max_length)}
         log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                  "rng": rng, "config": asdict(config)}

@@ -61,11 +61,12 @@ def test_contrastive_loss_is_aligns_own_and_spares_identical_captions(tiny_model
 
 
 def test_retrieval_metrics():
-    eye = np.eye(4, dtype=np.float32)
+    eye = np.eye(6, dtype=np.float32)
     assert retrieval_metrics(eye, eye)["image_to_text_R@1"] == 1.0
     shifted = np.roll(eye, 1, axis=0)
     m = retrieval_metrics(eye, shifted)
     assert m["text_to_image_R@1"] == 0.0 and m["text_to_image_R@5"] == 1.0
+    assert "text_to_image_R@10" not in m  # 6 pairs: R@10 would be 1.0 whatever the vectors
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def test_finetune_small_validation_split_says_why_and_no_requires_grad_warning(t
     out = run("finetune", tmp_path / "train", "--model", base, "--out", tmp_path / "o", "--epochs", "1",
               "--batch-size", "8", "--device", "cpu").output
     assert "validation split has 2 pairs" in out and "R@10" in out
-    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+    assert not [f"{w.filename}:{w.lineno} {w.message}" for w in recwarn if "requires_grad" in str(w.message)]
     metrics = json.loads(out.strip().splitlines()[-1])
     assert "text_to_image_R@1" in metrics and "text_to_image_R@10" not in metrics  # 1.0 by construction: left out
     small = run("finetune", tmp_path / "train", "--model", base, "--out", tmp_path / "o2", "--epochs", "1",

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import io
+import struct
+import tarfile
+import zlib
 import json
 import os
 import signal
@@ -14,7 +18,10 @@ import urllib.request
 from pathlib import Path
 from urllib.error import HTTPError
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from alignsearch.paths import SERVER_FILE
 
@@ -196,3 +203,84 @@ def write_labels(path, lines) -> Path:
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# -- builders shared by several test modules ---------------------------------------------------------
+
+
+def reference_processor(model_dir):
+    """transformers' own AlignProcessor, with the PIL image backend that alignsearch reproduces."""
+    from transformers import AlignProcessor
+
+    processor = AlignProcessor.from_pretrained(model_dir)
+    try:  # transformers 5 picks torchvision when it is installed
+        from transformers import EfficientNetImageProcessorPil
+
+        processor.image_processor = EfficientNetImageProcessorPil.from_pretrained(model_dir)
+    except ImportError:  # transformers 4: PIL is the only backend
+        pass
+    return processor
+
+
+def reference_embeddings(model_dir, texts=None, images=None):
+    from transformers import AlignModel
+
+    model = AlignModel.from_pretrained(model_dir).eval()
+    processor = reference_processor(model_dir)
+    with torch.no_grad():
+        if texts is not None:
+            out = model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt"))
+        else:
+            out = model.get_image_features(**processor(images=images, return_tensors="pt"))
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return (out / out.norm(dim=-1, keepdim=True)).numpy()  # as AlignModel.forward normalises
+
+
+def write_shard(path, files, root):
+    """A WebDataset shard: each image with a caption and a JSON sibling sharing its key."""
+    with tarfile.open(path, "w") as tar:
+        for f in files:
+            key = f.relative_to(root).with_suffix("").as_posix()
+            for name, data in ((f"{key}{f.suffix}", f.read_bytes()), (f"{key}.txt", b"a caption"),
+                               (f"{key}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+
+
+def png_bomb(width, height) -> bytes:
+    """A valid PNG whose header claims width x height pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def clustered(n, dim, seed=0, clusters=50):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def add_synthetic(index_dir, n, dim, seed=0):
+    """n catalog rows with clustered unit vectors, written by the real writer."""
+    import alignsearch
+    from alignsearch import catalog
+    from indexer.decode import Item
+    from indexer.scan import Found
+    from indexer.writer import catalog_writer
+
+    db = catalog.connect(index_dir / "catalog.db")
+    engine = alignsearch.open(index_dir)
+    store = engine.store
+    write = catalog_writer(db, store)
+    x = clustered(n, dim, seed=seed)
+    for start in range(0, n, 2000):
+        chunk = x[start : start + 2000]
+        items = [Item(Found("/synthetic", f"{start + j}.jpg", 1, 0.0), crop=np.zeros(1)) for j in range(len(chunk))]
+        write(items, chunk)
+    return db, store

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from alignsearch import ann
+from helpers import clustered
 
 
 @pytest.mark.parametrize(
@@ -41,13 +42,7 @@ def test_needs_rebuild():
     assert ann.needs_rebuild(ivf, 20_000, 90_000, 64)  # outgrew its training 4x
 
 
-def clustered(n, dim, seed=0, clusters=50):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
+@pytest.mark.slow
 def test_ivfpq_with_rerank_recalls_exact_top10(tmp_path):
     from alignsearch.query import rerank
 
@@ -98,6 +93,7 @@ def test_pick_takes_the_cheapest_setting_that_reaches_the_target():
     assert pick(table, 0.999) == (4, 40, 0.99)  # unreachable: the best there is
 
 
+@pytest.mark.slow
 def test_tuning_reaches_the_target_on_off_distribution_queries(tmp_path):
     from alignsearch.vectors import VectorStore
     from indexer.tune import tune

@@ -4,10 +4,8 @@ import base64
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -18,21 +16,11 @@ from alignsearch.images import open_rgb
 from indexer.decode import read_item
 from indexer.scan import Found
 from conftest import run
+from helpers import png_bomb
 
 
 def rgb(w=64, h=48, seed=0):
     return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
-
-
-def png_bomb(width, height) -> bytes:
-    """A valid PNG whose header claims width x height pixels."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return bytes(data)
 
 
 def build_odd_corpus(root):

@@ -22,7 +22,7 @@ def encoder(tiny_model):
 def test_probabilities_equal_transformers_forward(encoder, tiny_model, corpus):
     from transformers import AlignModel
 
-    from test_model import reference_processor
+    from helpers import reference_processor
 
     model = AlignModel.from_pretrained(tiny_model).eval()
     processor = reference_processor(tiny_model)

@@ -95,7 +95,7 @@ def test_querying_with_another_model_is_a_clear_error(indexed, other_model):
 
 
 def test_embed_matches_transformers(indexed, corpus, tiny_model):
-    from test_model import reference_embeddings
+    from helpers import reference_embeddings
     from PIL import Image
 
     out = json.loads(run("embed", "--text", "a red car", "--image", corpus / "img004.jpg").output)
@@ -121,6 +121,7 @@ def test_bad_arguments_get_messages(tmp_path, monkeypatch, tiny_model):
     assert result.exit_code == 4 and "--model" in result.output
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_module(indexed, tmp_path):
     env = {**os.environ, "ALIGNSEARCH_INDEX": str(tmp_path / ".alignsearch")}
     proc = subprocess.run([sys.executable, "-m", "alignsearch", "query", "a dog", "-k", "2", "--json"],

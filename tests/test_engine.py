@@ -9,11 +9,9 @@ from alignsearch import catalog
 from alignsearch.engine import ANN_FILE
 from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
 from indexer import build
-from indexer.decode import Item
 from indexer.job import index_folders
-from indexer.scan import Found
-from indexer.writer import catalog_writer
-from test_ann import clustered
+from helpers import clustered
+from helpers import add_synthetic
 
 
 @pytest.fixture
@@ -64,20 +62,7 @@ def test_model_mismatch_is_an_error(index_dir, other_model):
         engine.search(text="dog")
 
 
-def add_synthetic(index_dir, n, dim, seed=0):
-    """n catalog rows with clustered unit vectors, written by the real writer."""
-    db = catalog.connect(index_dir / "catalog.db")
-    engine = alignsearch.open(index_dir)
-    store = engine.store
-    write = catalog_writer(db, store)
-    x = clustered(n, dim, seed=seed)
-    for start in range(0, n, 2000):
-        chunk = x[start : start + 2000]
-        items = [Item(Found("/synthetic", f"{start + j}.jpg", 1, 0.0), crop=np.zeros(1)) for j in range(len(chunk))]
-        write(items, chunk)
-    return db, store
-
-
+@pytest.mark.slow
 def test_ivfpq_path_end_to_end(index_dir, corpus):
     dim = alignsearch.open(index_dir).store.dim
     db, store = add_synthetic(index_dir, 12_000, dim)

@@ -14,6 +14,8 @@ from shapes_data import all_specs, write_set
 from tiny_align import build_tiny_align
 from conftest import run
 
+pytestmark = [pytest.mark.slow]
+
 
 def test_pairs_from_folder_csv_jsonl_parquet_with_bad_pairs_reported(tmp_path):
     folder = tmp_path / "pairs"

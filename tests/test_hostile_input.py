@@ -33,6 +33,7 @@ def test_a_3gb_sparse_jpg_is_recorded_as_failed_in_bounded_memory(tmp_path, tiny
     assert "too large" in _failed(ix)["huge.jpg"]
 
 
+@pytest.mark.slow
 def test_fifos_and_devices_met_while_scanning_are_recorded_without_blocking(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 2)
@@ -66,6 +67,7 @@ def test_query_image_that_is_not_a_regular_file_fails_fast_with_exit_6(tmp_path,
     assert time.monotonic() - start < 1.0 and "not a regular file" in result.output
 
 
+@pytest.mark.slow
 def test_a_108_megapixel_photo_is_accepted(tmp_path):
     from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
 

@@ -93,6 +93,7 @@ def consistent(ix, expected_paths):
         assert engine.search(image=path, k=1)[0].path == str(path)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     paths = make_images(root, 240)
@@ -119,6 +120,7 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model):
     assert vector_rows(ix) == 240  # no vector written twice for a committed file
 
 
+@pytest.mark.slow
 def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 10)
@@ -165,7 +167,8 @@ def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
     remove(faiss_index, [1, 2])  # two files missing from the ANN index
     write_atomic(faiss_index, ix / "index.faiss")
     out = run("verify", "--index", ix, code=7).output
-    assert "uncommitted bytes" in out and "missing from the ANN index" in out
+    # an ANN file rewritten behind the catalog's back fails its checksum before its ids are even read
+    assert "uncommitted bytes" in out and "index.faiss is damaged" in out
 
     report = json.loads(run("verify", "--index", ix, "--repair", "--json").output)
     assert report["ok"] and report["repaired"]

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch import catalog
 from conftest import index_json, make_images, run
 
 
@@ -62,6 +61,7 @@ def test_reindex_with_a_model_that_cannot_load_touches_nothing(tmp_path, tiny_mo
     assert meta(ix, "model")["model"] == str(tiny_model)
 
 
+@pytest.mark.slow
 def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(tmp_path, tiny_model, other_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 60)
@@ -180,6 +180,7 @@ def self_hits(ix, root, names=("img004.jpg", "img020.jpg", "img040.jpg")):
         return all(engine.search(image=root / n, k=1)[0].path == str(root / n) for n in names)
 
 
+@pytest.mark.slow
 def test_truncated_vectors_are_found_refused_and_repaired(built):
     root, ix = built
     path = ix / "vectors.f16"
@@ -270,6 +271,7 @@ def test_a_damaged_catalog_gives_one_line_and_verify_says_what_to_do(built):
     assert "alignsearch index" in out and "Traceback" not in out  # says how to rebuild from the folders
 
 
+@pytest.mark.slow
 def test_a_catalog_that_is_not_a_database(built):
     root, ix = built
     (ix / "catalog.db").write_bytes(b"garbage" * 1000)
@@ -280,6 +282,7 @@ def test_a_catalog_that_is_not_a_database(built):
         assert "catalog.db" in out and "Traceback" not in out, (args, out)
 
 
+@pytest.mark.slow
 def test_verify_checks_every_file_the_index_owns(built):
     """Flip one byte in each file of the index in turn: verify finds each, and --repair mends it."""
     root, ix = built
@@ -296,6 +299,7 @@ def test_verify_checks_every_file_the_index_owns(built):
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 
+@pytest.mark.slow
 def test_searches_during_a_reencode_never_mix_generations(tmp_path, tiny_model, other_model):
     """A reader searching by image in a loop while a re-encode runs and switches: every answer is the
     image itself at score ~1, scored with the model of the generation it searched (a query encoded with
@@ -335,6 +339,7 @@ def test_searches_during_a_reencode_never_mix_generations(tmp_path, tiny_model, 
     assert len(set(answers)) == 2, "the reader should have searched both generations"
 
 
+@pytest.mark.slow
 def test_a_read_only_index_can_be_queried_and_is_not_written(tmp_path, tiny_model):
     from helpers import alignsearch as run_child, can_drop_dac
 

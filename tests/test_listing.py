@@ -72,6 +72,7 @@ def test_a_root_that_is_missing_for_a_while_keeps_its_rows(tmp_path, tiny_model)
 
 
 @pytest.mark.skipif(not can_drop_dac(), reason="cannot start a process without root's permission bypass")
+@pytest.mark.slow
 def test_a_really_unreadable_folder_as_a_non_root_process(tmp_path, tiny_model):
     """End to end with the kernel saying no: chmod 000 and a process without CAP_DAC_OVERRIDE/READ_SEARCH."""
     root, ix = tmp_path / "photos", tmp_path / "ix"

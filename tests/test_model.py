@@ -2,39 +2,11 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from alignsearch.errors import BadInputError, ModelLoadError
 from alignsearch.model import Encoder, image_spec_from_processor
-
-
-def reference_processor(model_dir):
-    """transformers' own AlignProcessor, with the PIL image backend that alignsearch reproduces."""
-    from transformers import AlignProcessor
-
-    processor = AlignProcessor.from_pretrained(model_dir)
-    try:  # transformers 5 picks torchvision when it is installed
-        from transformers import EfficientNetImageProcessorPil
-
-        processor.image_processor = EfficientNetImageProcessorPil.from_pretrained(model_dir)
-    except ImportError:  # transformers 4: PIL is the only backend
-        pass
-    return processor
-
-
-def reference_embeddings(model_dir, texts=None, images=None):
-    from transformers import AlignModel
-
-    model = AlignModel.from_pretrained(model_dir).eval()
-    processor = reference_processor(model_dir)
-    with torch.no_grad():
-        if texts is not None:
-            out = model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt"))
-        else:
-            out = model.get_image_features(**processor(images=images, return_tensors="pt"))
-    out = out if isinstance(out, torch.Tensor) else out.pooler_output
-    return (out / out.norm(dim=-1, keepdim=True)).numpy()  # as AlignModel.forward normalises
+from helpers import reference_embeddings
 
 
 @pytest.fixture(scope="module")

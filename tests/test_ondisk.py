@@ -4,6 +4,7 @@ in-memory index, the engine serves them memory-mapped, and shards update in plac
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 import alignsearch
@@ -13,8 +14,10 @@ from alignsearch.vectors import VectorStore
 from conftest import index_json
 from indexer.verify import verify
 from indexer.ondisk import build_ondisk, train_empty
-from test_ann import clustered
-from test_engine import add_synthetic
+from helpers import clustered
+from helpers import add_synthetic
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_merged_on_disk_index_equals_the_in_memory_one(tmp_path):

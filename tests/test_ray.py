@@ -10,6 +10,8 @@ from conftest import run
 
 ray = pytest.importorskip("ray")
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 
 def ray_index(ix, corpus, tiny_model, runtime_env=None) -> dict:
     """`alignsearch index --ray` on a local 2-CPU Ray instance; the summary."""
@@ -172,7 +174,7 @@ def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_m
     import time
     from pathlib import Path
 
-    from test_sources import write_shard
+    from helpers import write_shard
 
     files = sorted(p for p in corpus.rglob("*") if p.is_file())
     for s in range(2):

@@ -1,7 +1,6 @@
 """Roots behave: no second copy of a nested folder, `roots` lists them, `forget` drops one, options stick."""
 
 import json
-import os
 import shutil
 
 from conftest import index_json, make_images, run

@@ -214,6 +214,7 @@ def test_filtered_search_never_starves_on_an_ivfpq_index(tmp_path, tiny_model, m
     assert len(engine.search_vector(x[0], k=1000, where="camera ~ leica")) == len(leica)
 
 
+@pytest.mark.slow
 def test_http_takes_the_same_names(library):
     """/api/search: the filter, cutoff, sort and mode parameters carry the CLI's names and answers."""
     from helpers import call, start_serve, stop

@@ -83,6 +83,7 @@ def multipart(fields: dict, image: bytes | None):
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
+@pytest.mark.slow
 def test_search_info_health_and_json_shape(served):
     status, _, body = call(served["url"], "/api/search?q=red+car&k=5")
     assert status == 200
@@ -177,7 +178,7 @@ def test_bad_uploads(served):
                                    "Content-Type: multipart/form-data; boundary=x\r\n"
                                    f"Content-Length: {21 * 1024 * 1024}\r\n\r\n").encode() + b"--x\r\n" + b"x" * 1024)
     assert statuses(response) == [413], response[:300]
-    from test_bad_files import png_bomb
+    from helpers import png_bomb
 
     body, headers = multipart({}, png_bomb(40_000, 40_000))
     status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
@@ -195,6 +196,7 @@ def test_negative_content_length_is_refused(served):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_chunked_body_over_the_cap_is_refused_while_streaming(served):
     head = ("POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
             "Content-Type: multipart/form-data; boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
@@ -352,6 +354,7 @@ def test_cli_answers_the_same_with_and_without_a_server(served, tmp_path, args):
     assert warm.returncode != 0 and warm.stderr.splitlines()[-1] == local.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_copied_index_does_not_use_the_originals_server(served, tmp_path):
     import shutil
 
@@ -369,6 +372,7 @@ def test_a_copied_index_does_not_use_the_originals_server(served, tmp_path):
 @pytest.mark.parametrize("change,reason", [({"pid": 2**22 + 12345}, "not running"),
                                            ({"hostname": "elsewhere.example"}, "another host"),
                                            ({"token": "wrong"}, "did not answer")])
+@pytest.mark.slow
 def test_a_stale_or_foreign_record_is_ignored_with_a_notice(served, tmp_path, change, reason):
     import shutil
 
@@ -383,6 +387,7 @@ def test_a_stale_or_foreign_record_is_ignored_with_a_notice(served, tmp_path, ch
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signals_remove_the_server_record(tmp_path, tiny_model, sig):
     _, ix = build_index(tmp_path, tiny_model, n=3)
     proc, _ = start_serve(ix)
@@ -391,6 +396,7 @@ def test_signals_remove_the_server_record(tmp_path, tiny_model, sig):
     assert not (ix / SERVER_FILE).exists()
 
 
+@pytest.mark.slow
 def test_killed_server_leaves_a_stale_record_that_is_ignored(tmp_path, tiny_model):
     _, ix = build_index(tmp_path, tiny_model, n=3)
     proc, _ = start_serve(ix)
@@ -400,6 +406,7 @@ def test_killed_server_leaves_a_stale_record_that_is_ignored(tmp_path, tiny_mode
     assert out.returncode == 0 and "notice:" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_token_by_default_cookie_from_the_printed_url(tmp_path, tiny_model):
     """No --token: a random one per start, in the 0600 record and in the URL printed; opening that URL
     sets an HttpOnly SameSite=Strict cookie the API accepts."""
@@ -425,6 +432,7 @@ def test_token_by_default_cookie_from_the_printed_url(tmp_path, tiny_model):
     assert f"/?token={token}" in printed
 
 
+@pytest.mark.slow
 def test_no_token_is_for_loopback_only(tmp_path, tiny_model):
     _, ix = build_index(tmp_path, tiny_model, n=3)
     refused = CliRunner().invoke(main, ["serve", "--index", str(ix), "--host", "0.0.0.0", "--no-token"])
@@ -437,6 +445,7 @@ def test_no_token_is_for_loopback_only(tmp_path, tiny_model):
         stop(proc)
 
 
+@pytest.mark.slow
 def test_allow_host_adds_a_name(tmp_path, tiny_model):
     _, ix = build_index(tmp_path, tiny_model, n=3)
     proc, url = start_serve(ix, "--token", "t", "--allow-host", "photos.lan")
@@ -447,6 +456,7 @@ def test_allow_host_adds_a_name(tmp_path, tiny_model):
         stop(proc)
 
 
+@pytest.mark.slow
 def test_files_are_served_only_while_they_match_the_catalog(tmp_path, tiny_model):
     """An indexed file replaced by a symlink to /etc/passwd, a FIFO, or a file of another size."""
     corpus, ix = build_index(tmp_path, tiny_model, n=6)

@@ -15,18 +15,7 @@ from alignsearch.errors import BadInputError
 from indexer.job import index_folders
 from indexer.scan import scan
 from conftest import run, index_json
-
-
-def write_shard(path, files, root):
-    """A WebDataset shard: each image with a caption and a JSON sibling sharing its key."""
-    with tarfile.open(path, "w") as tar:
-        for f in files:
-            key = f.relative_to(root).with_suffix("").as_posix()
-            for name, data in ((f"{key}{f.suffix}", f.read_bytes()), (f"{key}.txt", b"a caption"),
-                               (f"{key}.json", b"{}")):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime = len(data), 1_700_000_000
-                tar.addfile(info, io.BytesIO(data))
+from helpers import write_shard
 
 
 def results(ix, query_image) -> list[tuple[str, float]]:

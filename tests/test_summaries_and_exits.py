@@ -1,9 +1,10 @@
 """Honest `index` summaries and clean exits: failures counted apart, nothing-changed and no-images said,
 a closed pipe is quiet, a damaged catalog is one line with its exit code."""
 
-import json
 import subprocess
 import sys
+
+import pytest
 
 from conftest import index_json, make_images, run
 from helpers import alignsearch
@@ -38,6 +39,7 @@ def test_an_empty_folder_says_no_images_found(tmp_path, tiny_model):
     assert s["added"] == 0 and s["no_images"] == [str(empty)]
 
 
+@pytest.mark.slow
 def test_query_into_a_closed_pipe_exits_quietly(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 30)

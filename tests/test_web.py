@@ -14,10 +14,10 @@ from helpers import free_port
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.skipif(
     not (CHROMIUM and DRIVER) and not os.environ.get("ALIGNSEARCH_REQUIRE_BROWSER"),
     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-)
+)]
 
 
 @pytest.fixture(scope="module")

@@ -358,11 +358,12 @@ def classify(images, labels, templates, as_json, index_dir, model, device):
 
     An image that cannot be read is listed with its error and the others are classified: exit 0 when at
     least one image was classified, 6 when none could be."""
+    from alignsearch.classify import DEFAULT_TEMPLATES
     from alignsearch.errors import BadInputError
 
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device)
-    results = encoder.classify_each(list(images), list(labels), tuple(templates) or ("{}",))
+    results = encoder.classify_each(list(images), list(labels), tuple(templates) or DEFAULT_TEMPLATES)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

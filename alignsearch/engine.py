@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from alignsearch import ann, catalog, filters, querycheck, shards, vectors
+from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.columns import Columns
 from alignsearch.filters import FilterOptions
 from alignsearch.photometa import iso
@@ -400,7 +401,7 @@ class Engine:
             },
         }
 
-    def classify(self, image, labels: list[str], templates: tuple[str, ...] = ("{}",)) -> list[dict]:
+    def classify(self, image, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[dict]:
         """Label probabilities for one image, with the index's model (see Encoder.classify)."""
         enc = self.encoder
         with self._encoder_lock:

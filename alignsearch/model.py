@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
 from alignsearch.sources import read_local
@@ -295,14 +296,14 @@ class Encoder:
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         return self.encode_crops(np.stack([self.crop(im) for im in images]))
 
-    def encode_labels(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
+    def encode_labels(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """One unit vector per label: its prompts' embeddings averaged (prompt ensembling)."""
         from alignsearch.classify import ensemble, prompts
 
         return np.stack([ensemble(self.encode_text(prompts(label, tuple(templates)))) for label in labels])
 
     def classify(self, images: Sequence[ImageInput], labels: Sequence[str],
-                 templates: Sequence[str] = ("{}",)) -> list[list[dict]]:
+                 templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[dict]]:
         """Per image, per label: probability (softmax of similarity / temperature) and similarity."""
         from alignsearch.classify import probabilities
 
@@ -315,7 +316,7 @@ class Encoder:
         ]
 
     def classify_each(self, images: Sequence[ImageInput], labels: Sequence[str],
-                      templates: Sequence[str] = ("{}",)) -> list[dict]:
+                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[dict]:
         """classify, one image at a time as far as reading goes: per image {"image", "labels"}, or
         {"image", "error"} for one that cannot be read (the others are still classified)."""
         from alignsearch.classify import probabilities

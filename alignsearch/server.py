@@ -480,7 +480,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def search_get(
         q: Annotated[str | None, Query(description=text_doc)] = None,
         similar: Annotated[int | None, Query(description="an indexed image's id: images like it", **id_param)] = None,
-        k: Annotated[int, k_param] = 20,
+        k: Annotated[int, k_param] = querycheck.DEFAULT_K,
         negative: Annotated[str | None, Query(description="text whose concept is subtracted")] = None,
         text_weight: Annotated[float, Query(**weight)] = 2.0,
         image_weight: Annotated[float, Query(**weight)] = 1.0,
@@ -519,7 +519,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         request: Request,
         image: Annotated[UploadFile | None, File(description="query image (20 MB at most)")] = None,
         q: Annotated[str | None, Form(description=text_doc)] = None,
-        k: Annotated[int, Form(ge=1, le=querycheck.MAX_K)] = 20,
+        k: Annotated[int, Form(ge=1, le=querycheck.MAX_K)] = querycheck.DEFAULT_K,
         negative: Annotated[str | None, Form()] = None,
         text_weight: Annotated[float, Form(**weight)] = 2.0,
         image_weight: Annotated[float, Form(**weight)] = 1.0,

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignsearch import ann, catalog, dupes, sources, vectors
+from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.model import DEFAULT_MODEL, Encoder, load_recorded
 from alignsearch.vectors import VectorStore
-from indexer import build, photos, pipeline, progress, reindex, scan, writer
+from indexer import build, photos, pipeline, progress, reindex, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
@@ -313,7 +314,7 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
             with db.connect() as conn:
                 store = vectors.load(conn, out, encoder.dim)
                 before = catalog.get_meta(conn, "tagging")
-            run = {"labels": labels, "templates": list(templates) or ["{}"], "threshold": threshold, "top": top}
+            run = {"labels": labels, "templates": list(templates or DEFAULT_TEMPLATES), "threshold": threshold, "top": top}
             result = {**tag.tag_runs(db, store, encoder, {"runs": [run]}), "cleared": clear}
             with db.begin() as conn:
                 catalog.set_meta(conn, "tagging", tag.with_run(before, run))

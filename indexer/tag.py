@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from alignsearch import catalog
-from alignsearch.classify import BACKGROUND_PROMPTS, against_background, choose_tags
+from alignsearch.classify import BACKGROUND_PROMPTS, DEFAULT_TEMPLATES, against_background, choose_tags
 from alignsearch.errors import BadInputError
 from alignsearch.vectors import VectorStore
 
@@ -76,7 +76,7 @@ def tag_runs(db: Engine, store: VectorStore, encoder, tagging: dict | None) -> d
     background = encoder.encode_text(list(BACKGROUND_PROMPTS))
     total = {"images": 0, "tags": 0, "per_label": {}}
     for i, run in enumerate(runs):
-        vectors = encoder.encode_labels(run["labels"], run.get("templates") or ["{}"])
+        vectors = encoder.encode_labels(run["labels"], run.get("templates") or DEFAULT_TEMPLATES)
         done = tag_all(db, store, vectors, run["labels"], encoder.temperature, run["threshold"], run["top"],
                        background, refresh=i == len(runs) - 1)
         total["images"] = done["images"]

@@ -41,7 +41,7 @@ class Summary:
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IndexOptions:
     model: str | None
     device: str
@@ -119,9 +119,12 @@ def index_folders(
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)
             try:
-                options = IndexOptions(model, device, batch_size, workers, include_hidden, rebuild, progress,
-                                       use_ray or ray_address is not None, ray_address, ondisk_shards, index_shards,
-                                       fast_decode, list_column, ray_actor_segments, caption_column)
+                options = IndexOptions(
+                    model=model, device=device, batch_size=batch_size, workers=workers, include_hidden=include_hidden,
+                    rebuild=rebuild, progress=progress, use_ray=use_ray or ray_address is not None,
+                    ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
+                    fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
+                    caption_column=caption_column)
                 return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
             finally:
                 db.dispose()

@@ -322,9 +322,10 @@ def evaluate(node: Node, column: Callable[[str], np.ndarray], tagged: Callable[[
         return ~mask if node.op == "!=" else mask
     values = column(node.field)
     if node.field in NUMBER_FIELDS or node.field in DATE_FIELDS:
-        with np.errstate(invalid="ignore"):
-            return {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
-                    ">=": np.greater_equal}[node.op](values, node.value) & ~np.isnan(values)
+        with np.errstate(invalid="ignore"):  # NaN (unknown) compares False, except under != where it is excluded
+            out = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
+                   ">=": np.greater_equal}[node.op](values, node.value)
+        return out & ~np.isnan(values) if node.op == "!=" else out
     return _text_mask(values, node.op, str(node.value))
 
 

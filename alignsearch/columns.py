@@ -42,7 +42,9 @@ class Columns:
         self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # read as integers: addresses pass 2**53
         names = ["taken", "lat", "lon"] if photos else ["taken"]
         names += ["width", "height", "size", "mtime"]
-        self._numeric = {name: data[:, 2 + i] if len(rows) else np.zeros(0) for i, name in enumerate(names)}
+        # contiguous copies: a strided column of the row array compares several times slower
+        self._numeric = {name: np.ascontiguousarray(data[:, 2 + i]) if len(rows) else np.zeros(0)
+                         for i, name in enumerate(names)}
         for name in ("lat", "lon"):
             self._numeric.setdefault(name, np.full(len(rows), np.nan))
 

@@ -141,7 +141,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
-    near_tier(args.photos, lines)
+    if args.photos:  # 0: the similar tier and export only
+        near_tier(args.photos, lines)
     for n in args.n or [1_000_000]:
         similar_tier(n, lines)
     lines.append(f"- this process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

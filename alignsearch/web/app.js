@@ -106,7 +106,8 @@
       meta.className = "meta";
       const path = document.createElement("span");
       path.className = "path"; path.textContent = hit.relpath;
-      path.title = [hit.path, hit.taken && `taken ${hit.taken.slice(0, 10)}`, hit.camera, hit.caption].filter(Boolean).join("\n");
+      path.title = [hit.path, hit.taken && `taken ${hit.taken.slice(0, 10)}`, hit.camera, hit.caption,
+                    hit.tags && hit.tags.length && `tags: ${hit.tags.join(", ")}`].filter(Boolean).join("\n");
       const score = document.createElement("span");
       score.className = "score"; score.textContent = hit.score == null ? "" : hit.score.toFixed(3);
       const similar = document.createElement("button");

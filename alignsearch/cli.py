@@ -309,7 +309,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
                 click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
     if null and not paths_only:
         raise click.UsageError("-0 goes with --paths")
-    if not hits and tag:
+    if not hits and tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
         click.echo(f"note: no image passed the filters with the tag {tag!r} (tags ignore case; `alignsearch tags` "
                    "lists them)", err=True)
     _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None)

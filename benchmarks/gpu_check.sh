@@ -11,12 +11,15 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
   rm -rf .wheelhouse && mkdir -p .wheelhouse
-  # The GPU image (Python 3.12) has torch, transformers, pillow, pyarrow, click, tqdm and pytest; it lacks
-  # faiss and sqlalchemy. faiss-cpu (~30 MB) rather than a GPU build (hundreds of MB): the carry limit is
+  # The GPU image (Python 3.12) has torch, transformers, pillow, pyarrow, click, tqdm, fsspec, anyio, h11,
+  # scipy and pytest; it lacks faiss, sqlalchemy, fastapi (pydantic) , uvicorn, python-multipart and imagehash.
+  # faiss-cpu (~30 MB) rather than a GPU build (hundreds of MB): the carry limit is
   # 64 MiB, so FAISS on the GPU is not exercised by this check; the encoder, pipeline and bf16 autocast are.
   pip download -q -d .wheelhouse --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --platform manylinux_2_28_x86_64 --no-deps faiss-cpu sqlalchemy greenlet
-  du -sh .wheelhouse
+    --platform manylinux_2_28_x86_64 --no-deps faiss-cpu sqlalchemy greenlet \
+    fastapi starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions annotated-doc \
+    uvicorn python-multipart imagehash pywavelets opentelemetry-api importlib-metadata
+  ls .wheelhouse && du -sh .wheelhouse
   exit 0
 fi
 
@@ -24,16 +27,18 @@ OUT="${1:?usage: gpu_check.sh OUT_DIR}"
 mkdir -p "$OUT"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 } > "$OUT/machine.txt" 2>&1
-pip install -q --no-index --no-deps .wheelhouse/*.whl 2>&1 | tail -3 || true
-pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3 || true
+PY=$(command -v python3)
+$PY -m pip install -q --no-index --no-deps .wheelhouse/*.whl 2>&1 | tail -3 || true
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3 || true
+$PY -c "import faiss, sqlalchemy, fastapi, imagehash, alignsearch.cli; print('imports ok, faiss', faiss.__version__)" >> "$OUT/machine.txt" 2>&1 || true
 
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu_util.csv" &
 SMI=$!
-ALIGNSEARCH_BENCH_CACHE=/tmp/bench timeout 240 python -m pytest -q -x tests/test_model.py tests/test_cli.py tests/test_engine.py \
+ALIGNSEARCH_BENCH_CACHE=/tmp/bench timeout 200 $PY -m pytest -q -x tests/test_model.py tests/test_cli.py tests/test_engine.py \
   > "$OUT/tests.txt" 2>&1 || echo "tests failed: see tests.txt" >> "$OUT/machine.txt"
-ALIGNSEARCH_BENCH_CACHE=/tmp/bench timeout 300 python benchmarks/bench_index.py --images 512 --repeats 1 --device cuda --batch-size 256 \
+ALIGNSEARCH_BENCH_CACHE=/tmp/bench timeout 240 $PY benchmarks/bench_index.py --images 512 --repeats 1 --device cuda --batch-size 256 \
   > "$OUT/bench_index.txt" 2>&1 || echo "benchmark failed: see bench_index.txt" >> "$OUT/machine.txt"
 kill $SMI || true
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

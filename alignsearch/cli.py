@@ -29,11 +29,21 @@ model_option = click.option("--model", default=None, help="ALIGN checkpoint: hub
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
+def run_options(fn):
+    """--device, --backend and --precision: how the model runs (alignsearch/backend.py holds the rules)."""
+    fn = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
+                      help="auto: fp32 (exact) on CPUs, bf16 on GPUs; bf16: faster on CPUs with BF16 instructions; "
+                           "int8: the text tower quantized (queries only).")(fn)
+    fn = click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+                      help="auto: ONNX Runtime on CPUs (about 2x torch, same vectors), torch on GPUs.")(fn)
+    return device_option(fn)
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+
+def _quiet_transformers() -> None:
+    # Through the environment, not by importing transformers (a second and a half): a text query on the
+    # cached ONNX tower never loads it. model.Encoder applies the progress-bar half when it loads.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def reports_errors(fn):
@@ -143,7 +153,7 @@ def main() -> None:
 @click.argument("roots", nargs=-1)
 @index_option
 @model_option
-@device_option
+@run_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch (default 32 on CPU, 256 on CUDA).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (default: cores - 1; 0 decodes in-process).")
 @click.option("--include-hidden/--exclude-hidden", default=None,
@@ -167,7 +177,7 @@ def main() -> None:
               help="A list's caption column (default: caption, text or alt when present); remembered.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
-def index(roots, index_dir, model, device, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
+def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
           ondisk_shards, index_shards, fast_decode, list_column, caption_column, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
@@ -183,7 +193,7 @@ def index(roots, index_dir, model, device, batch_size, workers, include_hidden, 
         include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json,
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
-        caption_column=caption_column,
+        caption_column=caption_column, backend=backend, precision=precision,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -257,11 +267,11 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option
 @model_option
-@device_option
+@run_options
 @reports_errors
 def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
           camera, near, path_glob, fmt, where, min_score, sort, mode, explain, paths_only, null, as_json, index_dir, model,
-          device):
+          device, backend, precision):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
@@ -284,7 +294,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     answer = None
     if collapse:
         q["collapse"] = True
-    if model is None and nprobe is None and not collapse and plain:  # a warm `alignsearch serve` answers in milliseconds
+    if model is None and nprobe is None and not collapse and plain and (backend, precision) == ("auto", "auto"):  # a warm `alignsearch serve` answers in milliseconds
         from alignsearch.client import search_via_server
 
         fields = {"q": text, "k": k, "negative": checked["negative"], "text_weight": text_weight,
@@ -296,13 +306,13 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         _quiet_transformers()
         from alignsearch.engine import open as open_index
 
-        engine = open_index(found, model=model, device=device)
+        engine = open_index(found, model=model, device=device, backend=backend, precision=precision)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                              image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
                              collapse=collapse, min_score=min_score, sort=sort, mode=mode, **narrowing)
         hits = [h.to_dict() for h in hits]
         if explain:
-            plan = engine.explain(text=text, k=k, mode=mode, tag=tag, **narrowing)
+            plan = {**engine.explain(text=text, k=k, mode=mode, tag=tag, **narrowing), "encoder": engine.encoder_plan()}
             if as_json:
                 q["plan"] = plan
             else:
@@ -315,14 +325,14 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None)
 
 
-def _encoder_for(index_dir, model, device):
+def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
     """--model when given, else the index's own model when there is an index, else the default."""
     from alignsearch.engine import find_index_dir, open as open_index
     from alignsearch.model import DEFAULT_MODEL, Encoder
 
     if model is None and (index_dir or find_index_dir()):
-        return open_index(index_dir, device=device).encoder
-    return Encoder(model or DEFAULT_MODEL, device)
+        return open_index(index_dir, device=device, backend=backend, precision=precision).encoder
+    return Encoder(model or DEFAULT_MODEL, device, backend=backend, precision=precision)
 
 
 @main.command()
@@ -331,14 +341,14 @@ def _encoder_for(index_dir, model, device):
 @click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
 @index_option
 @model_option
-@device_option
+@run_options
 @reports_errors
-def embed(texts, images, as_json, index_dir, model, device):
+def embed(texts, images, as_json, index_dir, model, device, backend, precision):
     """Print normalised embeddings as a JSON array, for other tools."""
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image")
     _quiet_transformers()
-    encoder = _encoder_for(index_dir, model, device)
+    encoder = _encoder_for(index_dir, model, device, backend, precision)
     out = []
     if texts:
         out += [{"kind": "text", "input": t, "embedding": v.tolist()} for t, v in zip(texts, encoder.encode_text(list(texts)))]
@@ -354,9 +364,9 @@ def embed(texts, images, as_json, index_dir, model, device):
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @model_option
-@device_option
+@run_options
 @reports_errors
-def classify(images, labels, templates, as_json, index_dir, model, device):
+def classify(images, labels, templates, as_json, index_dir, model, device, backend, precision):
     """Zero-shot: the probability of each label for each image (softmax over similarity / temperature).
 
     An image that cannot be read is listed with its error and the others are classified: exit 0 when at
@@ -365,7 +375,7 @@ def classify(images, labels, templates, as_json, index_dir, model, device):
     from alignsearch.errors import BadInputError
 
     _quiet_transformers()
-    encoder = _encoder_for(index_dir, model, device)
+    encoder = _encoder_for(index_dir, model, device, backend, precision)
     results = encoder.classify_each(list(images), list(labels), tuple(templates) or DEFAULT_TEMPLATES)
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -386,12 +396,12 @@ def classify(images, labels, templates, as_json, index_dir, model, device):
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @model_option
-@device_option
+@run_options
 @reports_errors
-def similarity(text, image, as_json, index_dir, model, device):
+def similarity(text, image, as_json, index_dir, model, device, backend, precision):
     """Cosine similarity of a text and an image, and the model's logit."""
     _quiet_transformers()
-    result = _encoder_for(index_dir, model, device).similarity(text, image)
+    result = _encoder_for(index_dir, model, device, backend, precision).similarity(text, image)
     if as_json:
         click.echo(json.dumps({"text": text, "image": image, **result}))
     else:
@@ -524,6 +534,14 @@ def info(failed, as_json, index_dir):
         if ix["type"] != "flat" else ""
     )
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
+    enc = data["encoder"]
+    if enc["last_index_run"]:
+        e = enc["last_index_run"]
+        click.echo(f"encoder: {e['backend']}, images at {e['image_precision']} (last index run)"
+                   + (f"; note: {e['note']}" if e.get("note") else ""))
+    cache = enc["onnx_cache"]
+    click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']}"
+               + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
         click.echo("tags:    " + ", ".join(f"{label} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:
@@ -554,11 +572,11 @@ def _listing_errors(db) -> list[dict]:
               help="Also answer requests addressed to NAME (a DNS name or address clients use; repeatable). "
                    "Other Host headers are refused, which stops DNS rebinding.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
-@click.option("--bf16-text", is_flag=True, help="Encode text queries in bfloat16 on the CPU (about 2x faster on CPUs with AVX512-BF16/AMX).")
+@click.option("--bf16-text", is_flag=True, hidden=True, help="The older spelling of --precision bf16.")
 @index_option
-@device_option
+@run_options
 @reports_errors
-def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_dir, device):
+def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_dir, device, backend, precision):
     """Serve the index warm: a JSON API (OpenAPI at /docs) and a search page at the URL it prints.
 
     The URL carries a random token, required by every API call; opening it sets a cookie. The CLI's
@@ -580,7 +598,7 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     if host not in LOOPBACK and not allow_hosts:
         click.echo(f"note: clients must address this server as {host}; add --allow-host NAME for the names they use",
                    err=True)
-    engine = open_index(index_dir, device=device, text_bf16=bf16_text)
+    engine = open_index(index_dir, device=device, text_bf16=bf16_text, backend=backend, precision=precision)
     config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 
     def ready(server):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from alignsearch import ann, catalog, filters, querycheck, shards, vectors
+from alignsearch.backend import EncoderOptions
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.columns import Columns
 from alignsearch.filters import FilterOptions
@@ -96,13 +97,15 @@ class Engine:
     """An opened index. The model loads on first use; searches may run from several threads.
     Opening writes nothing: a read-only index (mount, permissions) can be queried."""
 
-    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", text_bf16: bool = False):
+    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", text_bf16: bool = False, *,
+                 backend: str = "auto", precision: str = "auto"):
         self.dir = Path(index_dir)
-        self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
         self._model_name = model
-        self._device = device
-        self._text_bf16 = text_bf16
+        self._enc_options = EncoderOptions(device=device, backend=backend,
+                                       precision="bf16" if text_bf16 and precision == "auto" else precision)
+        self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
         self._encoder = None
+        self._text_only = None  # (fingerprint, onnxrun.TextEncoder): text queries without torch
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._catalog_checked: set[int] = set()
@@ -162,9 +165,40 @@ class Engine:
             if self._encoder is None or self._encoder[0] != fingerprint:  # first use, or a re-encode switched it
                 from alignsearch.model import load_recorded
 
-                self._encoder = (fingerprint, load_recorded(snap.model_info, self._model_name, self._device,
-                                                            self._text_bf16))
+                o = self._enc_options
+                self._encoder = (fingerprint, load_recorded(snap.model_info, self._model_name, o.device,
+                                                            backend=o.backend, precision=o.precision))
             return self._encoder[1]
+
+    def _text_encoder_of(self, snap: Snapshot):
+        """For text alone: the model if it is loaded, else the cached ONNX text tower of the index's model
+        (no torch, no transformers: a cold query in about a second), else the model. The cache is found by
+        the fingerprint the index recorded, so it is that model whatever --model says; an explicit --model
+        still loads it (and checks it is the same)."""
+        fingerprint = snap.model_info["fingerprint"]
+        with self._encoder_lock:
+            if self._encoder is not None and self._encoder[0] == fingerprint:
+                return self._encoder[1]
+            if self._text_only is not None and self._text_only[0] == fingerprint:
+                return self._text_only[1]
+            o = self._enc_options
+            if self._model_name is None and o.device in ("auto", "cpu") and o.backend in ("auto", "onnx") \
+                    and o.precision in ("auto", "fp32", "int8"):
+                from alignsearch import onnxrun
+
+                light = onnxrun.text_encoder(fingerprint, "int8" if o.precision == "int8" else "fp32")
+                if light is not None:
+                    self._text_only = (fingerprint, light)
+                    return light
+        return self._encoder_of(snap)
+
+    def encoder_plan(self) -> dict | None:
+        """What encodes queries (backend and precision per tower), once one is loaded."""
+        enc = (self._encoder or self._text_only or (None, None))[1]
+        if enc is None:
+            return None
+        p = enc.plan
+        return p if isinstance(p, dict) else p.to_dict()
 
     def embed(self, text: str | None = None, image=None, negative: str | None = None,
               text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> np.ndarray:
@@ -176,7 +210,7 @@ class Engine:
 
         if text is None and image is None:
             raise BadInputError("give a text, an image, or both to search for")
-        enc = self._encoder_of(snap)
+        enc = self._encoder_of(snap) if image is not None else self._text_encoder_of(snap)
         with self._encoder_lock:  # torch modules are not safe to call from two threads at once
             t = enc.encode_text([text])[0] if text is not None else None
             i = enc.encode_images([image])[0] if image is not None else None
@@ -378,6 +412,7 @@ class Engine:
         snap = self.snap
         with self.db.connect() as conn:
             count = catalog.counts(conn)
+            indexed_with = catalog.get_meta(conn, "encoder")
         return {
             "index_dir": str(self.dir.resolve()),
             "model": snap.model_info["model"],
@@ -399,6 +434,8 @@ class Engine:
                 "metric": "inner_product",
                 "layout": ann.layout(snap.index),
             },
+            "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
+                        "onnx_cache": onnx_cache_status(snap.model_info["fingerprint"])},
         }
 
     def classify(self, image, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[dict]:
@@ -471,6 +508,17 @@ class Engine:
         self.close()
 
 
+def onnx_cache_status(fingerprint: str) -> dict:
+    """The exported towers cached for a model: where, which, and whether text queries can skip torch."""
+    from alignsearch.backend import onnx_dir
+    from alignsearch.onnxrun import read_manifest
+
+    folder = onnx_dir(fingerprint)
+    manifest = read_manifest(folder) or {}
+    return {"path": str(folder), "towers": sorted(manifest.get("files", {})),
+            "torch_free_text": "tokenizer" in manifest and "text-fp32" in manifest.get("files", {})}
+
+
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = ()) -> Hit:
     photo = photo or {}
     return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
@@ -511,7 +559,8 @@ def sort_hits(hits: list[Hit], key: str) -> list[Hit]:
 
 
 def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001
-         text_bf16: bool = False) -> Engine:
+         text_bf16: bool = False, *, backend: str = "auto", precision: str = "auto") -> Engine:
     """Open an index: the given directory, $ALIGNSEARCH_INDEX, or the nearest `.alignsearch` above cwd.
-    text_bf16: faster text queries on CPUs with bfloat16 support (see Encoder)."""
-    return Engine(resolve_index_dir(index_dir), model=model, device=device, text_bf16=text_bf16)
+    backend and precision: see alignsearch/backend.py (text_bf16 is precision="bf16")."""
+    return Engine(resolve_index_dir(index_dir), model=model, device=device, text_bf16=text_bf16, backend=backend,
+                  precision=precision)

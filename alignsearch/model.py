@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -13,12 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alignsearch.backend import EncoderOptions, fallback, onnxruntime_installed, plan
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
 from alignsearch.sources import read_local
 
 DEFAULT_MODEL = "kakaobrain/align-base"
+log = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -122,19 +126,25 @@ def _embedding(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def scale_pixels(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """uint8 (N, H, W, 3) to the float (N, 3, H, W) the vision tower takes: the processor's arithmetic.
+    The exported ONNX vision tower runs this same function inside its graph."""
+    x = x.permute(0, 3, 1, 2).float() * spec.rescale_factor
+    if spec.rescale_offset:
+        x = x - 1.0
+    if spec.mean is not None:
+        x = (x - torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    if spec.include_top_std is not None:
+        x = x / torch.tensor(spec.include_top_std, device=x.device).view(1, 3, 1, 1)
+    return x
+
+
 def to_pixel_values(crops: np.ndarray, spec: ImageSpec, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device."""
     x = torch.from_numpy(np.ascontiguousarray(crops))
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float() * spec.rescale_factor
-    if spec.rescale_offset:
-        x = x - 1.0
-    if spec.mean is not None:
-        x = (x - torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    if spec.include_top_std is not None:
-        x = x / torch.tensor(spec.include_top_std, device=device).view(1, 3, 1, 1)
-    return x
+    return scale_pixels(x, spec)
 
 
 def load_image_spec(model: str, local_files_only: bool = False) -> ImageSpec:
@@ -199,11 +209,16 @@ def _check_source(model: str) -> str:
 class Encoder:
     """One loaded ALIGN checkpoint on one device. Not thread-safe: serialise calls."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", text_bf16: bool = False):
-        """text_bf16: encode text under bfloat16 autocast on the CPU too (2x faster where the CPU has
-        AVX512-BF16 or AMX; cosine to fp32 0.99998 in benchmarks/RESULTS.md). Images stay fp32 on CPUs."""
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", text_bf16: bool = False, *,
+                 backend: str = "auto", precision: str = "auto"):
+        """backend: auto (ONNX Runtime on CPUs when installed, torch on GPUs), torch or onnx; precision:
+        auto (fp32 on CPUs, bf16 on GPUs), fp32, bf16 or int8 (text tower only); see alignsearch/backend.py.
+        text_bf16: the older spelling of precision="bf16" for query encoders."""
         from transformers import AlignModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":  # the CLI's quiet mode (cli._quiet_transformers)
+            hf_logging.disable_progress_bar()
         # A local directory is remembered by absolute path, so later runs find it from anywhere.
         self.name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
         self.device = resolve_device(device)
@@ -224,8 +239,15 @@ class Encoder:
         self.max_length = min(text_limit, tok_limit, 64)
         self.fingerprint = _fingerprint(self.model)
         self.temperature = float(self.model.temperature.detach().cpu())
-        self._autocast = self.device.type == "cuda"
-        self._text_bf16 = text_bf16
+        if text_bf16 and precision == "auto":
+            precision = "bf16"
+        options = EncoderOptions(device=device, backend=backend, precision=precision)
+        self.plan = plan(options, self.device.type, onnxruntime_installed())
+        self._towers: dict[str, object] = {}  # "text"/"image" -> onnxrun.Tower, once exported and checked
+        self._exporter = None
+        if self.plan.image == "bf16" and self.device.type == "cpu":
+            # oneDNN's bf16 convolutions want NHWC: 2x over NCHW on this machine's AVX512-BF16.
+            self.model.vision_model.to(memory_format=torch.channels_last)
 
     def identifies(self, fingerprint: str) -> bool:
         """Is this the model an index recorded? Also true for a fingerprint recorded before fingerprints
@@ -252,36 +274,81 @@ class Encoder:
             },
         }
 
-    def _context(self, text: bool = False):
-        if self._autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=text and self._text_bf16)
+    def _autocast(self, precision: str):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def _onnx(self, tower: str):
+        """The ONNX Runtime tower, exported and checked on first use; None when the plan is torch or the
+        export failed (the plan then says why, and torch runs from here on)."""
+        if self.plan.backend != "onnx":
+            return None
+        if tower not in self._towers:
+            from alignsearch import onnxexport
+            from alignsearch.onnxrun import OnnxUnusable
+
+            try:
+                self._exporter = self._exporter or onnxexport.Exporter(self)
+                if tower == "image":
+                    self._towers[tower] = self._exporter.vision()
+                elif self.plan.text == "int8":
+                    try:
+                        self._towers[tower] = self._exporter.text("int8")
+                    except OnnxUnusable as why:  # this model does not quantize well: exact text instead
+                        log.warning("text at fp32: %s", why)
+                        self.plan = replace(self.plan, text="fp32", why=str(why))
+                        self._towers[tower] = self._exporter.text("fp32")
+                else:
+                    self._towers[tower] = self._exporter.text("fp32")
+            except OnnxUnusable as why:
+                log.warning("running the model on torch: %s", why)
+                self.plan = fallback(str(why))
+                self._towers.clear()
+                return None
+        return self._towers[tower]
 
     @torch.inference_mode()
-    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, dim) float32 unit vectors. Long texts are truncated to the model's token limit."""
-        if isinstance(texts, str):
-            texts = [texts]
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+    def _torch_text(self, texts: list[str], precision: str) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self._context(text=True):
+        with self._autocast(precision):
             out = self.model.get_text_features(**batch)
         return _normalise(_embedding(out))
 
     @torch.inference_mode()
+    def _torch_crops(self, crops: np.ndarray, precision: str) -> np.ndarray:
+        step = micro_batch(self.device.type) or len(crops)
+        parts = []
+        with self._autocast(precision):
+            for start in range(0, len(crops), step):
+                x = to_pixel_values(crops[start : start + step], self.spec, self.device)
+                if precision == "bf16" and self.device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                parts.append(_normalise(_embedding(self.model.get_image_features(pixel_values=x))))
+        return np.concatenate(parts)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, dim) float32 unit vectors. Long texts are truncated to the model's token limit."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tower = self._onnx("text")
+        if tower is not None:
+            from alignsearch.onnxrun import text_feeds
+
+            b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+            return tower.run(**text_feeds(b["input_ids"], b["attention_mask"]))
+        return self._torch_text(list(texts), self.plan.text)
+
     def encode_crops(self, crops: np.ndarray) -> np.ndarray:
         """(N, dim) float32 unit vectors from uint8 crops made by images.crop_uint8."""
         if len(crops) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        step = micro_batch(self.device.type) or len(crops)
-        parts = []
-        with self._context():
-            for start in range(0, len(crops), step):
-                out = self.model.get_image_features(pixel_values=to_pixel_values(crops[start : start + step], self.spec, self.device))
-                parts.append(_normalise(_embedding(out)))
-        return np.concatenate(parts)
+        tower = self._onnx("image")
+        if tower is not None:
+            # ORT's convolutions run fastest in small batches on CPUs too (activations stay in cache).
+            step = micro_batch("cpu")
+            return np.concatenate([tower.run(crops=np.ascontiguousarray(crops[i : i + step]))
+                                   for i in range(0, len(crops), step)])
+        return self._torch_crops(crops, self.plan.image)
 
     def crop(self, image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """A path, bytes or PIL image to the uint8 crop; BadInputError when it cannot be read."""
@@ -348,13 +415,14 @@ class Encoder:
         return {"similarity": sim, "logit": sim / self.temperature}
 
 
-def load_recorded(recorded: dict, model: str | None = None, device: str = "auto", text_bf16: bool = False) -> Encoder:
+def load_recorded(recorded: dict, model: str | None = None, device: str = "auto", text_bf16: bool = False, *,
+                  backend: str = "auto", precision: str = "auto") -> Encoder:
     """The model an index recorded (its `model` meta), loaded from `model` when given (the same weights at
     another place) else from where the index last saw it. A different model is refused (exit 5)."""
     name = model or recorded["model"]
     if model is None and _looks_local(name) and not Path(name).exists():
         raise ModelLoadError(f"the index's model folder {name} is gone: pass --model with its new place")
-    enc = Encoder(name, device, text_bf16)
+    enc = Encoder(name, device, text_bf16, backend=backend, precision=precision)
     if not enc.identifies(recorded["fingerprint"]):
         raise ModelMismatchError(
             f"this index was built with {recorded['model']} (fingerprint {recorded['fingerprint']}), not "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignsearch import ann, catalog, dupes, sources, vectors
+from alignsearch.backend import EncoderOptions
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
@@ -36,6 +37,7 @@ class Summary:
     index: dict = field(default_factory=dict)
     tags: dict | None = None
     times: dict = field(default_factory=dict)
+    encoder: dict = field(default_factory=dict)  # backend and precision that ran (alignsearch/backend.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -58,6 +60,12 @@ class IndexOptions:
     list_column: str | None
     ray_actor_segments: bool
     caption_column: str | None = None  # a list's caption column (remembered per root)
+    backend: str = "auto"  # alignsearch/backend.py: auto|torch|onnx
+    precision: str = "auto"  # auto|fp32|bf16
+
+    @property
+    def encoder(self) -> EncoderOptions:
+        return EncoderOptions(device=self.device, backend=self.backend, precision=self.precision)
 
 
 def default_workers() -> int:
@@ -83,6 +91,8 @@ def index_folders(
     list_column: str | None = None,
     caption_column: str | None = None,
     ray_actor_segments: bool = True,
+    backend: str = "auto",
+    precision: str = "auto",
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -100,6 +110,7 @@ def index_folders(
     ray_actor_segments=False makes every Ray encoder actor send its vectors to the driver, as actors on
     machines that do not see index_dir do anyway (for comparing the two; the default is faster at scale).
     fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
+    backend and precision choose how the vision tower runs (alignsearch/backend.py); int8 is for queries only.
     include_hidden True/False is remembered for the roots given (for every root when none is given);
     None applies what each root remembers (indexer/roots.py). A folder inside a known root is indexed as
     part of it; one containing known roots takes them over.
@@ -124,7 +135,7 @@ def index_folders(
                     rebuild=rebuild, progress=progress, use_ray=use_ray or ray_address is not None,
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
-                    caption_column=caption_column)
+                    caption_column=caption_column, backend=backend, precision=precision)
                 return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
             finally:
                 db.dispose()
@@ -140,7 +151,7 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         recorded = catalog.get_meta(conn, "model")
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
-    encoder = reindex.load_new_model(recorded, opts.model, opts.device)  # before anything is written
+    encoder = reindex.load_new_model(recorded, opts.model, opts.encoder)  # before anything is written
     with db.connect() as conn:
         store = vectors.load(conn, out, int(recorded["dim"]))
     store.truncate_uncommitted()
@@ -163,15 +174,18 @@ def _batch_size(opts: IndexOptions, encoder: Encoder) -> int:
     return batch_size
 
 
-def _load_encoder(db, model: str | None, device: str) -> Encoder:
+def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
     the first run records the model it loads."""
+    if options.precision == "int8":
+        raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
     with db.connect() as conn:
         recorded = catalog.get_meta(conn, "model")
+    kw = dict(backend=options.backend, precision=options.precision)
     if recorded is None:
-        enc = Encoder(model or DEFAULT_MODEL, device)
+        enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
     else:
-        enc = load_recorded(recorded, model, device)
+        enc = load_recorded(recorded, model, options.device, **kw)
     if recorded is None or (recorded["model"], recorded["fingerprint"]) != (enc.name, enc.fingerprint):
         with db.begin() as conn:
             catalog.set_meta(conn, "model", enc.describe())
@@ -201,7 +215,7 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
 
 def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:
     summary = Summary(str(out.resolve()))
-    encoder = encoder or _load_encoder(db, opts.model, opts.device)
+    encoder = encoder or _load_encoder(db, opts.model, opts.encoder)
     with db.connect() as conn:
         columns = catalog.get_meta(conn, "list_columns", {})
         store = vectors.load(conn, out, encoder.dim)
@@ -275,6 +289,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     if tagging:  # new images get the labels the library was tagged with
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
+    summary.encoder = encoder.plan.to_dict()  # after encoding: a failed ONNX export has switched it to torch
+    if times.items - times.reused - times.failed > 0:
+        with db.begin() as conn:
+            catalog.set_meta(conn, "encoder", summary.encoder)  # what `info` reports
     return summary
 
 
@@ -313,7 +331,7 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
                 tag.clear(db)
                 if not labels:
                     return {"images": 0, "tags": 0, "per_label": {}, "cleared": True}
-            encoder = _load_encoder(db, None, device)
+            encoder = _load_encoder(db, None, EncoderOptions(device=device))
             with db.connect() as conn:
                 store = vectors.load(conn, out, encoder.dim)
                 before = catalog.get_meta(conn, "tagging")

@@ -20,6 +20,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
 from alignsearch import catalog, vectors
+from alignsearch.backend import EncoderOptions
 from alignsearch.engine import ANN_FILE, VECTORS_FILE
 from alignsearch.model import Encoder, load_recorded
 from alignsearch.vectors import VectorStore
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so no writer deletes it
 
 
-def load_new_model(recorded: dict, model: str | None, device: str) -> Encoder:
+def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -> Encoder:
     """The model to re-encode with: the one named, else the one the index records (never the hub default)."""
-    return Encoder(model, device) if model else load_recorded(recorded, None, device)
+    kw = dict(backend=options.backend, precision=options.precision)
+    return Encoder(model, options.device, **kw) if model else load_recorded(recorded, None, options.device, **kw)
 
 
 def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, batch_size: int, fast: bool,

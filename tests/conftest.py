@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/backend.py)
+os.environ.setdefault("ALIGNSEARCH_CACHE", tempfile.mkdtemp(prefix="alignsearch-cache-"))
 
 from tiny_align import build_tiny_align  # noqa: E402
 

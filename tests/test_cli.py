@@ -98,7 +98,8 @@ def test_embed_matches_transformers(indexed, corpus, tiny_model):
     from helpers import reference_embeddings
     from PIL import Image
 
-    out = json.loads(run("embed", "--text", "a red car", "--image", corpus / "img004.jpg").output)
+    # --precision fp32: exact on a GPU too, where auto means bf16 (0.998 there, seen on an H200)
+    out = json.loads(run("embed", "--text", "a red car", "--image", corpus / "img004.jpg", "--precision", "fp32").output)
     assert [o["kind"] for o in out] == ["text", "image"]
     text_ref = reference_embeddings(tiny_model, texts=["a red car"])[0]
     image_ref = reference_embeddings(tiny_model, images=[Image.open(corpus / "img004.jpg").convert("RGB")])[0]

@@ -1,0 +1,203 @@
+"""Exporting ALIGN's towers to ONNX, once per model, checked against torch before anything uses them.
+
+Each tower is exported with torch.onnx on first use, run on probe inputs by ONNX Runtime and compared
+with torch fp32 (cosine >= 0.9999, onnxrun.FLOOR), and only then recorded in the cache folder's
+manifest, where later runs (and other indexes of the same model) find it by the model's fingerprint.
+The vision tower takes the uint8 crops the reader makes and scales them inside the graph, so the
+preprocessing stays exactly what the index records (images.ImageSpec) and no float copy is made in
+Python. Anything that fails raises onnxrun.OnnxUnusable with one line saying why; the encoder then runs
+on torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignsearch import atomic
+from alignsearch.backend import onnx_dir
+from alignsearch.onnxrun import (FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower, load_text,
+                                 load_vision, probe_crops, read_manifest, tokenizer)
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+def _features(output) -> torch.Tensor:
+    # transformers 4.x returns the tensor; 5.x an output object whose pooler_output is the embedding.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+class _VisionTower(torch.nn.Module):
+    """uint8 (N, H, W, 3) crops in, features out: model.to_pixel_values' arithmetic, inside the graph."""
+
+    def __init__(self, model, spec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, crops):
+        from alignsearch.model import scale_pixels
+
+        return _features(self.model.get_image_features(pixel_values=scale_pixels(crops, self.spec)))
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], axes: dict) -> str:
+    """Write one ONNX file (weights inside it). The TorchScript exporter first: it takes a second where
+    torch.export takes minutes on align-base; torch.export (dynamo) when the former fails or is gone."""
+    module = module.eval()
+    kw = dict(input_names=names, output_names=["embeds"], dynamic_axes=axes, opset_version=OPSET)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, **kw)
+            return "torchscript"
+        except Exception as first:  # noqa: BLE001 - any exporter failure: try the other one
+            log.info("TorchScript ONNX export failed (%s); trying torch.export", first)
+            torch.onnx.export(module, args, str(path), dynamo=True, external_data=False, **kw)
+            return "dynamo"
+
+
+def _spec_dict(spec) -> dict:
+    return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest reads back
+
+
+class Exporter:
+    """The cache folder of one loaded model (model.Encoder): exports, checks and records its towers."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.folder = onnx_dir(enc.fingerprint)
+        manifest = read_manifest(self.folder)
+        if manifest is None or manifest.get("fingerprint") != enc.fingerprint or manifest.get("spec") != _spec_dict(enc.spec):
+            manifest = {"fingerprint": enc.fingerprint, "spec": _spec_dict(enc.spec), "files": {}, "probes": {}}
+        manifest.update(model=enc.name, dim=enc.dim, max_length=enc.max_length, temperature=enc.temperature)
+        self.manifest = manifest
+
+    def text(self, precision: str) -> Tower:
+        """The text tower at fp32 or int8, exported (and quantized) when not cached or not right."""
+        try:
+            return load_text(self.folder, self.manifest, precision, self._tokenize)
+        except (OnnxUnusable, KeyError) as why:
+            if (self.folder / MANIFEST).exists():
+                log.info("re-exporting the %s text tower: %s", precision, why)
+        rejected = self.manifest.setdefault("rejected", {})
+        if precision == "int8" and "text-int8" in rejected:  # measured once: this model does not quantize well
+            raise OnnxUnusable(rejected["text-int8"])
+        if precision == "int8":
+            self.text("fp32")  # a checked fp32 tower to quantize
+            self._write(self._make_int8, "text-int8")
+            try:
+                return load_text(self.folder, self.manifest, precision, self._tokenize)
+            except OnnxUnusable as why:
+                rejected["text-int8"] = str(why)
+                self.manifest["files"].pop("text-int8", None)
+                self._save_manifest()
+                (self.folder / FILES["text-int8"]).unlink(missing_ok=True)
+                raise
+        self._write(self._make_text, "text-fp32")
+        return load_text(self.folder, self.manifest, precision, self._tokenize)
+
+    def vision(self) -> Tower:
+        size = self.enc.spec.output_size
+        try:
+            return load_vision(self.folder, self.manifest, size)
+        except (OnnxUnusable, KeyError) as why:
+            if (self.folder / MANIFEST).exists():
+                log.info("re-exporting the vision tower: %s", why)
+        self._write(self._make_vision, "vision-fp32")
+        return load_vision(self.folder, self.manifest, size)
+
+    # -- making files -------------------------------------------------------------------------------
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        b = self.enc.tokenizer(texts, padding=True, truncation=True, max_length=self.enc.max_length, return_tensors="np")
+        return b["input_ids"], b["attention_mask"]
+
+    def _make_text(self, path: Path) -> str:
+        ids, mask = self._tokenize(list(PROBE_TEXTS))
+        how = _export(_TextTower(self.enc.model), (torch.from_numpy(ids), torch.from_numpy(mask)), path,
+                      ["input_ids", "attention_mask"], {"input_ids": {0: "n", 1: "tokens"},
+                                                        "attention_mask": {0: "n", 1: "tokens"}, "embeds": {0: "n"}})
+        self.manifest["probes"]["texts"] = list(PROBE_TEXTS)
+        self.manifest["probes"]["text"] = self.enc._torch_text(list(PROBE_TEXTS), "fp32").tolist()
+        self._tokenizer_json(ids, mask)
+        return how
+
+    def _make_int8(self, path: Path) -> str:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer logs its advice on the root logger
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(str(self.folder / FILES["text-fp32"]), str(path), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+        return "onnxruntime.quantization.quantize_dynamic(QInt8)"
+
+    def _make_vision(self, path: Path) -> str:
+        crops = probe_crops(self.enc.spec.output_size)
+        how = _export(_VisionTower(self.enc.model, self.enc.spec), (torch.from_numpy(crops),), path, ["crops"],
+                      {"crops": {0: "n"}, "embeds": {0: "n"}})
+        self.manifest["probes"]["image"] = self.enc._torch_crops(crops, "fp32").tolist()
+        return how
+
+    def _tokenizer_json(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """Save the fast tokenizer for torch-free queries, if the `tokenizers` library alone gives the same
+        ids as transformers on the probes (else cold queries load transformers, as before)."""
+        tok = self.enc.tokenizer
+        if not getattr(tok, "is_fast", False) or tok.pad_token is None:
+            self.manifest.pop("tokenizer", None)
+            return
+        atomic.write_bytes(self.folder / TOKENIZER, tok.backend_tokenizer.to_str().encode())
+        self.manifest["tokenizer"] = {"pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token)}
+        try:
+            light = tokenizer(self.folder, self.enc.max_length, int(tok.pad_token_id), str(tok.pad_token))
+            lids, lmask = light(list(PROBE_TEXTS))
+            same = lids.shape == ids.shape and (lids == ids).all() and (lmask == mask).all()
+        except Exception as exc:  # noqa: BLE001
+            log.info("tokenizer.json not usable on its own: %s", exc)
+            same = False
+        if not same:
+            log.info("the tokenizers library tokenizes differently from transformers: cold queries load transformers")
+            self.manifest.pop("tokenizer", None)
+
+    def _save_manifest(self) -> None:
+        atomic.write_bytes(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=False)
+
+    def _write(self, make, key: str) -> None:
+        """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
+        import onnxruntime
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            final = self.folder / FILES[key]
+            with atomic.replacing(final, durable=False) as tmp:
+                try:
+                    how = make(tmp)
+                except OSError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - an exporter's failure is a reason to run on torch
+                    raise OnnxUnusable(f"could not export the {key} tower to ONNX: {str(exc).splitlines()[0][:200]}") from None
+            self.manifest["files"][key] = {"size": final.stat().st_size, "made_by": how, "torch": torch.__version__,
+                                          "onnxruntime": onnxruntime.__version__}
+            self._save_manifest()
+        except OSError as exc:
+            raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None

@@ -1,0 +1,182 @@
+"""ALIGN's towers on ONNX Runtime, as alignsearch/onnxexport.py leaves them in the cache.
+
+Imports neither torch nor transformers: a cold `alignsearch query TEXT` loads onnxruntime, the text
+tower and the tokenizer's tokenizer.json only (about a second rather than five).
+
+A cached folder (backend.onnx_dir(fingerprint)) holds the towers, tokenizer.json and manifest.json. The
+manifest records probe inputs and the embeddings torch gave for them at export time; every load runs
+the probes again and compares (cosine), so a truncated or altered file is caught before it encodes
+anything, at the cost of one small inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from alignsearch.backend import onnx_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+FILES = {"text-fp32": "text-fp32.onnx", "text-int8": "text-int8.onnx", "vision-fp32": "vision-fp32.onnx"}
+# Cosine to torch fp32 on the probes that a tower must reach: fp32 is exact parity up to kernel
+# rounding; int8 weights move embeddings by design (0.9995 measured on align-base geometry).
+FLOOR = {"fp32": 0.9999, "int8": 0.99}
+PROBE_TEXTS = (
+    "a photo of a red car on the beach",
+    "x",
+    "Ünïcödé façade, 東京の夜景 at night 🙂",
+    " ".join(["a big dog running across a large green field under the blue sky"] * 12),  # past the token limit
+)
+PROBE_SEED = 0
+PROBE_IMAGES = 2
+
+
+class OnnxUnusable(Exception):
+    """The cached or freshly exported tower cannot be used; the message says why (one line)."""
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Unit rows, computed in float64 as the torch path does (tiny untrained outputs would underflow)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300)).astype(np.float32)
+
+
+def probe_crops(size: tuple[int, int]) -> np.ndarray:
+    """The vision probes: uint8 noise of the model's input size, the same on every machine (PCG64)."""
+    h, w = size
+    return np.random.default_rng(PROBE_SEED).integers(0, 256, (PROBE_IMAGES, h, w, 3), dtype=np.uint8)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (normalise(a) * normalise(b)).sum(axis=1)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # warnings about unused initializers are not the user's business
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class Tower:
+    """One tower file on ONNX Runtime, checked against its manifest entry when loaded."""
+
+    def __init__(self, folder: Path, manifest: dict, key: str):
+        entry = manifest.get("files", {}).get(key)
+        path = folder / FILES[key]
+        if entry is None or not path.exists():
+            raise OnnxUnusable(f"no exported {key} tower in {folder}")
+        if path.stat().st_size != entry["size"]:
+            raise OnnxUnusable(f"{path} is {path.stat().st_size} bytes, the export wrote {entry['size']}")
+        try:
+            self.session = _session(path)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise OnnxUnusable(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+        self.key = key
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, **feeds: np.ndarray) -> np.ndarray:
+        return normalise(self.session.run(None, {k: feeds[k] for k in self.inputs})[0])
+
+    def check(self, got: np.ndarray, want: Sequence) -> float:
+        """The lowest probe cosine to what torch gave; OnnxUnusable below this precision's floor."""
+        worst = float(cosines(got, np.asarray(want, dtype=np.float32)).min())
+        floor = FLOOR[self.key.split("-")[1]]
+        if not worst >= floor:  # NaN fails too
+            raise OnnxUnusable(f"the {self.key} tower gives cosine {worst:.6f} to torch on the probes (needs {floor})")
+        return worst
+
+
+def text_feeds(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+
+
+def load_text(folder: Path, manifest: dict, precision: str, tokenize) -> Tower:
+    """The text tower at `precision`, its probes re-run through `tokenize(texts) -> (ids, mask)`."""
+    tower = Tower(folder, manifest, f"text-{precision}")
+    ids, mask = tokenize(list(manifest["probes"]["texts"]))
+    tower.check(tower.run(**text_feeds(ids, mask)), manifest["probes"]["text"])
+    return tower
+
+
+def load_vision(folder: Path, manifest: dict, size: tuple[int, int]) -> Tower:
+    tower = Tower(folder, manifest, "vision-fp32")
+    tower.check(tower.run(crops=probe_crops(size)), manifest["probes"]["image"])
+    return tower
+
+
+def tokenizer(folder: Path, max_length: int, pad_id: int, pad_token: str):
+    """tokenize(texts) -> (ids, mask) from tokenizer.json, as transformers' fast tokenizer is called
+    (padding to the longest text, truncation at max_length)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / TOKENIZER))
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+
+    def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = tok.encode_batch(texts)
+        return np.array([e.ids for e in enc]), np.array([e.attention_mask for e in enc])
+
+    return tokenize
+
+
+class TextEncoder:
+    """Text queries from a cached ONNX text tower and tokenizer.json: no torch, no transformers.
+
+    Stands in for model.Encoder where only text is encoded (engine.Engine), and only for the model the
+    index recorded: the cache is found by that model's fingerprint, which was checked when it was made."""
+
+    def __init__(self, folder: Path, manifest: dict, precision: str):
+        t = manifest["tokenizer"]
+        self.tokenize = tokenizer(folder, int(manifest["max_length"]), int(t["pad_id"]), t["pad_token"])
+        self.name = manifest["model"]
+        self.fingerprint = manifest["fingerprint"]
+        self.dim = int(manifest["dim"])
+        self.temperature = float(manifest["temperature"])
+        self.max_length = int(manifest["max_length"])
+        self.tower = load_text(folder, manifest, precision, self.tokenize)
+        self.plan = {"backend": "onnx", "text_precision": precision, "image_precision": None,
+                     "note": "text only: torch and transformers not loaded"}
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tower.run(**text_feeds(*self.tokenize(list(texts))))
+
+
+def text_encoder(fingerprint: str, precision: str = "fp32") -> TextEncoder | None:
+    """The torch-free text encoder for a model, when its export is cached with a tokenizer.json and its
+    probes still check out; None otherwise (the caller loads the full model, which exports it)."""
+    from alignsearch.backend import onnxruntime_installed
+
+    if precision not in ("fp32", "int8") or not onnxruntime_installed():
+        return None
+    try:
+        folder = onnx_dir(fingerprint)
+    except ValueError:
+        return None
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("fingerprint") != fingerprint or "tokenizer" not in manifest:
+        return None
+    try:
+        return TextEncoder(folder, manifest, precision)
+    except Exception as exc:  # noqa: BLE001 - any failure here only means the slower path: the full model
+        # loads, and re-exports what is damaged.
+        log.info("cached ONNX text tower not used: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None

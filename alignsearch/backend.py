@@ -54,7 +54,14 @@ class Plan:
 
 
 def onnxruntime_installed() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    """Importable, not merely present: a broken install counts as missing (torch runs instead)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plan(options: EncoderOptions, device_type: str, ort_available: bool) -> Plan:

@@ -242,7 +242,7 @@ class Encoder:
         if text_bf16 and precision == "auto":
             precision = "bf16"
         options = EncoderOptions(device=device, backend=backend, precision=precision)
-        self.plan = plan(options, self.device.type, onnxruntime_installed())
+        self.plan = plan(options, self.device.type, self.device.type == "cpu" and onnxruntime_installed())
         self._towers: dict[str, object] = {}  # "text"/"image" -> onnxrun.Tower, once exported and checked
         self._exporter = None
         if self.plan.image == "bf16" and self.device.type == "cpu":
@@ -305,6 +305,10 @@ class Encoder:
                 self._towers.clear()
                 return None
         return self._towers[tower]
+
+    def prepare_text(self) -> None:
+        """Export the text tower now (index does, at its end), so the first query needs no torch."""
+        self._onnx("text")
 
     @torch.inference_mode()
     def _torch_text(self, texts: list[str], precision: str) -> np.ndarray:

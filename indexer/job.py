@@ -290,6 +290,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     summary.encoder = encoder.plan.to_dict()  # after encoding: a failed ONNX export has switched it to torch
+    encoder.prepare_text()  # with ONNX: the first `alignsearch query` then runs without loading torch
     if times.items - times.reused - times.failed > 0:
         with db.begin() as conn:
             catalog.set_meta(conn, "encoder", summary.encoder)  # what `info` reports

@@ -1,0 +1,283 @@
+"""The ONNX Runtime backend: decisions, parity with torch, the cache, its damage, and every fallback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alignsearch import backend
+from alignsearch.backend import EncoderOptions, Plan, plan
+from alignsearch.errors import BadInputError
+from alignsearch.model import Encoder
+from conftest import index_json, make_images, run
+from helpers import alignsearch, can_drop_dac
+from tiny_align import build_tiny_align
+
+TEXTS = ["red car on beach", "a dog", "Ünïcödé façade 東京 🙂", " ".join(["a photo of a big dog on the road"] * 20)]
+
+
+# -- decisions (no model) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts, device, ort, want", [
+    (EncoderOptions(), "cpu", True, Plan("onnx", "fp32", "fp32")),
+    (EncoderOptions(), "cuda", True, Plan("torch", "bf16", "bf16")),
+    (EncoderOptions(precision="fp32"), "cuda", True, Plan("torch", "fp32", "fp32")),
+    (EncoderOptions(backend="torch"), "cpu", True, Plan("torch", "fp32", "fp32")),
+    (EncoderOptions(precision="bf16"), "cpu", True, Plan("torch", "bf16", "bf16")),
+    (EncoderOptions(precision="int8"), "cpu", True, Plan("onnx", "int8", "fp32")),
+])
+def test_plan(opts, device, ort, want):
+    assert plan(opts, device, ort) == want
+
+
+def test_plan_without_onnxruntime_says_why_and_refuses_what_needs_it():
+    p = plan(EncoderOptions(), "cpu", False)
+    assert p.backend == "torch" and "onnxruntime is not installed" in p.why
+    for opts in (EncoderOptions(backend="onnx"), EncoderOptions(precision="int8")):
+        with pytest.raises(BadInputError, match="pip install onnxruntime"):
+            plan(opts, "cpu", False)
+
+
+@pytest.mark.parametrize("opts, device", [
+    (EncoderOptions(backend="onnx"), "cuda"), (EncoderOptions(precision="int8"), "cuda"),
+    (EncoderOptions(backend="torch", precision="int8"), "cpu"), (EncoderOptions(backend="onnx", precision="bf16"), "cpu"),
+])
+def test_plan_refuses_combinations_that_cannot_run(opts, device):
+    with pytest.raises(BadInputError):
+        plan(opts, device, True)
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(BadInputError, match="unknown backend"):
+        EncoderOptions(backend="tensorrt")
+    with pytest.raises(BadInputError, match="unknown precision"):
+        EncoderOptions(precision="fp8")
+
+
+# -- parity and the cache ---------------------------------------------------------------------------------
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own, so each test sees exports happen (or not)."""
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def crops(encoder, n=5, seed=1):
+    return np.random.default_rng(seed).integers(0, 256, (n, *encoder.spec.output_size, 3), dtype=np.uint8)
+
+
+def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
+    ort = Encoder(str(tiny_model), device="cpu")
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch")
+    assert ort.plan == Plan("onnx", "fp32", "fp32")
+    assert (ort.encode_text(TEXTS) * ref.encode_text(TEXTS)).sum(axis=1).min() >= 0.9999
+    c = crops(ort, 9)  # more than one micro-batch
+    assert (ort.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
+    assert ort.plan == Plan("onnx", "fp32", "fp32")  # no fallback happened on the way
+    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    assert manifest["fingerprint"] == ort.fingerprint and set(manifest["files"]) == {"text-fp32", "vision-fp32"}
+
+
+def test_a_later_run_uses_the_cache_without_exporting(tiny_model, cache, monkeypatch):
+    first = Encoder(str(tiny_model), device="cpu")
+    first.encode_text(["a dog"])
+    first.encode_crops(crops(first))
+    import torch
+
+    def refuse(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    enc.encode_crops(crops(enc))
+    assert enc.plan.backend == "onnx"
+
+
+def test_a_failing_export_falls_back_to_torch_and_says_why(tiny_model, cache, monkeypatch):
+    import torch
+
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operator aten::frobnicate")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    enc = Encoder(str(tiny_model), device="cpu")
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch")
+    assert np.array_equal(enc.encode_text(TEXTS), ref.encode_text(TEXTS))
+    assert enc.plan.backend == "torch" and "could not export" in enc.plan.why and "frobnicate" in enc.plan.why
+
+
+def test_without_onnxruntime_the_index_runs_on_torch(tiny_model, tmp_path):
+    """onnxruntime missing (an import that fails, as in an environment without it): torch, said in --json."""
+    shim = tmp_path / "shim"
+    (shim / "onnxruntime").mkdir(parents=True)
+    (shim / "onnxruntime" / "__init__.py").write_text("raise ImportError('onnxruntime was removed for this test')\n")
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 4)
+    env = {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]),
+           "ALIGNSEARCH_CACHE": str(tmp_path / "cache")}
+    proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--model", tiny_model, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["added"] == 4 and out["encoder"]["backend"] == "torch" and "onnxruntime" in out["encoder"]["note"]
+    proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--backend", "onnx", env=env)
+    assert proc.returncode == BadInputError.exit_code and "pip install onnxruntime" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_a_damaged_cache_is_exported_again(tiny_model, cache, damage):
+    first = Encoder(str(tiny_model), device="cpu")
+    want = first.encode_text(TEXTS)
+    folder = next(cache.glob("onnx/*"))
+    tower = folder / "text-fp32.onnx"
+    data = bytearray(tower.read_bytes())
+    if damage == "truncate":
+        tower.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size: only the probes can tell; flip bytes in the weights (the file's tail)
+        for i in range(len(data) - 4096, len(data) - 64, 97):
+            data[i] ^= 0xFF
+        tower.write_bytes(bytes(data))
+    else:
+        (folder / "manifest.json").write_text("{not json")
+    again = Encoder(str(tiny_model), device="cpu")
+    got = again.encode_text(TEXTS)
+    assert again.plan.backend == "onnx" and (got * want).sum(axis=1).min() >= 0.9999
+    assert json.loads((folder / "manifest.json").read_text())["files"]["text-fp32"]["size"] == tower.stat().st_size
+
+
+def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, cache):
+    from alignsearch import onnxrun
+
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    assert onnxrun.text_encoder(enc.fingerprint) is not None
+    tower = next(cache.glob("onnx/*/text-fp32.onnx"))
+    data = bytearray(tower.read_bytes())
+    for i in range(len(data) - 4096, len(data) - 64, 97):
+        data[i] ^= 0xFF
+    tower.write_bytes(bytes(data))
+    assert onnxrun.text_encoder(enc.fingerprint) is None  # the probes catch it: the caller loads the model
+
+
+@pytest.mark.skipif(not can_drop_dac(), reason="needs to drop root's permission bypass")
+def test_an_unwritable_cache_falls_back_to_torch(tiny_model, tmp_path):
+    locked = tmp_path / "cache"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    try:
+        proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--model", tiny_model, "--json",
+                           unprivileged=True, env={"ALIGNSEARCH_CACHE": str(locked)})
+    finally:
+        os.chmod(locked, 0o755)
+    assert proc.returncode == 0, proc.stderr
+    enc = json.loads(proc.stdout)["encoder"]
+    assert enc["backend"] == "torch" and "cannot write the ONNX cache" in enc["note"]
+
+
+def test_a_cache_path_that_is_a_file_falls_back_to_torch(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "file"))
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    assert enc.plan.backend == "torch" and "cannot write the ONNX cache" in enc.plan.why
+
+
+# -- precision ----------------------------------------------------------------------------------------------
+def test_int8_text_tower_on_a_model_that_quantizes(tmp_path, cache):
+    model = build_tiny_align(tmp_path / "m", text_init=0.02, text_hidden=64)  # trained-like weight scale
+    exact = Encoder(str(model), device="cpu")
+    small = Encoder(str(model), device="cpu", precision="int8")
+    cos = (small.encode_text(TEXTS) * exact.encode_text(TEXTS)).sum(axis=1)
+    assert small.plan.text == "int8", small.plan
+    assert cos.min() >= 0.99 and not np.allclose(cos, 1.0, atol=1e-7)  # quantized: close, not identical
+    c = crops(small)
+    assert (small.encode_crops(c) * exact.encode_crops(c)).sum(axis=1).min() >= 0.9999  # images stay fp32
+
+
+def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_model, cache, monkeypatch):
+    """The unit-test model's huge random weights (init 1.0) quantize badly: int8 is refused with the measured
+    cosine, text runs at fp32 on ONNX, and the refusal is remembered (no quantizing on every start)."""
+    enc = Encoder(str(tiny_model), device="cpu", precision="int8")
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch")
+    assert (enc.encode_text(TEXTS) * ref.encode_text(TEXTS)).sum(axis=1).min() >= 0.9999
+    assert enc.plan.backend == "onnx" and enc.plan.text == "fp32" and "text-int8" in enc.plan.why
+    import onnxruntime.quantization
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized again")))
+    again = Encoder(str(tiny_model), device="cpu", precision="int8")
+    again.encode_text(["a dog"])
+    assert again.plan.text == "fp32"
+
+
+def test_index_refuses_int8(tiny_model, tmp_path):
+    make_images(tmp_path / "c", 2)
+    out = run("index", tmp_path / "c", "--index", tmp_path / "ix", "--model", tiny_model, "--precision", "int8",
+              code=BadInputError.exit_code).output
+    assert "int8 is for the text tower" in out
+
+
+# -- end to end -----------------------------------------------------------------------------------------------
+def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, cache):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 12)
+    on_onnx = index_json(tmp_path / "a", corpus, "--model", tiny_model)
+    on_torch = index_json(tmp_path / "b", corpus, "--model", tiny_model, "--backend", "torch")
+    assert on_onnx["encoder"]["backend"] == "onnx" and on_torch["encoder"]["backend"] == "torch"
+    a = json.loads(run("query", "red car", "--index", tmp_path / "a", "--json", "-k", "12").output)["results"]
+    b = json.loads(run("query", "red car", "--index", tmp_path / "b", "--json", "-k", "12", "--backend", "torch").output)["results"]
+    assert [h["path"] for h in a] == [h["path"] for h in b]
+    assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=2e-3)  # fp16 storage
+    info = json.loads(run("info", "--index", tmp_path / "a", "--json").output)["encoder"]
+    assert info["last_index_run"]["backend"] == "onnx" and info["onnx_cache"]["torch_free_text"]
+    assert run("info", "--index", tmp_path / "a").output.count("onnx") >= 2
+
+
+COLD = """
+import json, sys
+from alignsearch.cli import main
+try:
+    main(["query", "red car", "--index", sys.argv[1], "--json", "-k", "5"])
+except SystemExit as exit:
+    assert not exit.code, exit.code
+loaded = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print(json.dumps({"loaded": loaded}))
+"""
+
+
+def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tmp_path, cache):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 6)
+    index_json(tmp_path / "ix", corpus, "--model", tiny_model)
+    env = {**os.environ, "ALIGNSEARCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"loaded": []}
+    results = json.loads("\n".join(lines[:-1]))["results"]
+    ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").output)
+    assert [h["path"] for h in results] == [h["path"] for h in ref["results"]]
+    # without a cache the same query still works: it loads the model (and exports for the next one)
+    env["ALIGNSEARCH_CACHE"] = str(tmp_path / "empty-cache")
+    proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["loaded"] == ["torch", "transformers"]
+
+
+def test_the_torch_free_tokenizer_matches_transformers(tiny_model, cache):
+    from alignsearch import onnxrun
+
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    light = onnxrun.text_encoder(enc.fingerprint)
+    texts = TEXTS + ["", "   ", "UPPER case", "tab\tand\nnewline", "x" * 500, "café naïve", "[CLS] [SEP] [PAD]"]
+    for t in texts:
+        ids, mask = light.tokenize([t])
+        want = enc.tokenizer([t], padding=True, truncation=True, max_length=enc.max_length, return_tensors="np")
+        assert ids.tolist() == want["input_ids"].tolist() and mask.tolist() == want["attention_mask"].tolist(), t
+    assert (light.encode_text(texts) * enc.encode_text(texts)).sum(axis=1).min() >= 0.9999

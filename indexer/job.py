@@ -259,7 +259,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
 
         times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, write, batch_size,
                         opts.ray_address, on_batch=bar.update, fast=opts.fast_decode,
-                        actor_segments=opts.ray_actor_segments)
+                        actor_segments=opts.ray_actor_segments,
+                        encoder_options={"backend": opts.backend, "precision": opts.precision})
         store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
         times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
     else:

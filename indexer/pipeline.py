@@ -1,12 +1,16 @@
-"""Reader -> encoder -> writer, driven by a runner that times each stage.
+"""Reader -> encoder -> writer, driven by one runner that times each stage (`drive`).
 
-The reader decodes in worker processes (ordered imap, so decoding of the next batch overlaps the
-encoder); the encoder turns a batch of crops into vectors; the writer commits the batch. A batch is
-the unit of loss on a crash: everything before it is committed.
+Both ways of indexing go through `drive`. Locally (`run`), the reader decodes in worker processes
+(ordered imap, so decoding of the next batch overlaps the encoder), the encoder turns a batch of crops
+into vectors, and the writer commits the batch. On Ray (indexer/ray_pipeline.py), the reader is Ray
+Data's stream of batches that actors have already decoded and encoded, so the runner's encoder stage
+only takes their vectors (or the addresses where the actors stored them); the writer is the same. A
+batch is the unit of loss on a crash: everything before it is committed.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from dataclasses import dataclass, field
@@ -18,6 +22,8 @@ import numpy as np
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec
 from indexer.decode import Item, read_item
 from indexer.scan import Found
+
+log = logging.getLogger(__name__)
 
 
 class BatchEncoder(Protocol):
@@ -40,6 +46,35 @@ class StageTimes:
 
     def to_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Batch:
+    """What a reader hands the runner: decoded items, and when they were encoded upstream (Ray's encoder
+    actors) the vectors of those that have a crop and no vec_row yet, in order (items whose vector an
+    actor stored carry its address in vec_row, listed again in actor_rows for the writer's checksums)."""
+
+    items: list[Item]
+    vectors: np.ndarray | None = None  # None: the runner's encoder encodes the batch
+    actor_rows: list[int] = field(default_factory=list)
+    encode_seconds: float = 0.0  # spent encoding upstream
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How to build an Encoder, as one value: what each Ray encoder actor receives to load the model.
+
+    `options` are further Encoder keywords (backend=, precision=, ...), passed through as given."""
+
+    model: str
+    device: str = "auto"
+    options: dict = field(default_factory=dict)
+
+
+def load_encoder(config: EncoderConfig):
+    from alignsearch.model import Encoder
+
+    return Encoder(config.model, config.device, **config.options)
 
 
 def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -65,22 +100,24 @@ def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def run(
-    items: Iterable[Item],
-    encoder: BatchEncoder,
-    write: Callable[[list[Item], np.ndarray], None],
-    batch_size: int,
+def drive(
+    reader: Iterable[Batch],
+    encoder: BatchEncoder | None,
+    write: Callable[..., None],
     on_batch: Callable[[int], None] = lambda n: None,
     known: Callable[[list[str]], dict[str, int]] = lambda hashes: {},
 ) -> StageTimes:
-    """Encode and write every batch; returns where the time went.
+    """The runner: take each batch from the reader, encode it, write it; returns where the time went.
 
-    `known` maps content hashes to vector rows already stored: those items reuse the row and skip
-    the encoder (renamed, moved, duplicated or merely touched files).
+    read_wait is the time spent waiting on the reader, encode the runner's encoder stage plus what the
+    reader reports it spent encoding upstream, write the writer's, decode_worker the decode seconds the
+    items carry. `write(items, new_vectors, actor_rows)` commits a batch. For batches the runner encodes,
+    `known` maps content hashes to vector rows already stored: those items reuse the row and skip the
+    encoder (renamed, moved, duplicated or merely touched files).
     """
     times = StageTimes()
     start = time.perf_counter()
-    source = batches(items, batch_size)
+    source = iter(reader)
     while True:
         t0 = time.perf_counter()
         batch = next(source, None)
@@ -88,21 +125,36 @@ def run(
         times.read_wait += t1 - t0
         if batch is None:
             break
-        good = [it for it in batch if it.crop is not None]
-        rows = known([it.sha256 for it in good])
-        for it in good:
-            it.vec_row = rows.get(it.sha256)
-        fresh = [it for it in good if it.vec_row is None]
-        vectors = encoder.encode_crops(np.stack([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
+        good = [it for it in batch.items if it.crop is not None]
+        new_vectors = batch.vectors
+        if new_vectors is None:
+            rows = known([it.sha256 for it in good])
+            for it in good:
+                it.vec_row = rows.get(it.sha256)
+            fresh = [it for it in good if it.vec_row is None]
+            times.reused += len(good) - len(fresh)
+            new_vectors = encoder.encode_crops(np.stack([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
         t2 = time.perf_counter()
-        write(batch, vectors)
+        write(batch.items, new_vectors, batch.actor_rows)
         t3 = time.perf_counter()
-        times.encode += t2 - t1
+        times.encode += t2 - t1 + batch.encode_seconds
         times.write += t3 - t2
-        times.decode_worker += sum(it.seconds for it in batch)
-        times.items += len(batch)
-        times.failed += len(batch) - len(good)
-        times.reused += len(good) - len(fresh)
-        on_batch(len(batch))
+        times.decode_worker += sum(it.seconds for it in batch.items)
+        times.items += len(batch.items)
+        times.failed += len(batch.items) - len(good)
+        on_batch(len(batch.items))
+        log.debug("batch of %d: read %.3f s, encode %.3f s, write %.3f s", len(batch.items), t1 - t0, t2 - t1, t3 - t2)
     times.wall = time.perf_counter() - start
     return times
+
+
+def run(
+    items: Iterable[Item],
+    encoder: BatchEncoder,
+    write: Callable[..., None],
+    batch_size: int,
+    on_batch: Callable[[int], None] = lambda n: None,
+    known: Callable[[list[str]], dict[str, int]] = lambda hashes: {},
+) -> StageTimes:
+    """The local path: `drive` over decoded items (read_items) in batches of batch_size, encoded here."""
+    return drive((Batch(batch) for batch in batches(items, batch_size)), encoder, write, on_batch, known)

@@ -1,4 +1,4 @@
-"""The same reader -> encoder -> writer stages driven by Ray Data, for many GPUs or many machines.
+"""The same reader -> encoder -> writer stages on Ray Data, for many GPUs or many machines.
 
 Decoding runs as CPU tasks over blocks of the file list, encoding in actors that each load the model
 once (one GPU each when there are GPUs). Each actor appends its vectors to a vector-store segment of
@@ -6,11 +6,14 @@ its own and sends back only where they are (alignsearch/vectors.py), so the driv
 catalog writer, handles ~100 bytes of metadata per image rather than its vector; an actor on a
 machine that does not see the index folder sends its vectors instead. The driver commits batch by
 batch as results stream back: a re-run after any failure skips what was committed, and rows a killed
-actor wrote but nobody committed are cut off.
+actor wrote but nobody committed are cut off. The driver's loop is indexer/pipeline.py's runner
+(`drive`), fed by `stream`: Ray Data's decoded and encoded batches, so its encoder stage only takes the
+actors' vectors, and the stage times are the local path's.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import asdict
@@ -23,8 +26,10 @@ from alignsearch.errors import BadInputError
 from alignsearch.images import ImageSpec
 from alignsearch.vectors import VectorStore
 from indexer.decode import Item, read_item
-from indexer.pipeline import StageTimes
+from indexer.pipeline import Batch, EncoderConfig, StageTimes, drive, load_encoder
 from indexer.scan import Found
+
+log = logging.getLogger(__name__)
 
 FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset")
 RUN_TOKEN = ".run"  # in the segment folder: an actor that reads this run's token there shares the driver's disk
@@ -67,10 +72,8 @@ class EncoderActor:
     in `segments` (fsync'ed before the batch is returned) when that folder holds the driver's `token`;
     otherwise they travel back as fp16 bytes."""
 
-    def __init__(self, model: str, device: str, segments: str | None = None, token: str | None = None):
-        from alignsearch.model import Encoder
-
-        self.encoder = Encoder(model, device)
+    def __init__(self, encoder: EncoderConfig, segments: str | None = None, token: str | None = None):
+        self.encoder = load_encoder(encoder)
         shared = segments is not None and _token(Path(segments)) == token
         # A fresh name per actor process: a restarted actor never appends to a file its predecessor left.
         self.segment = VectorStore(Path(segments) / f"{uuid.uuid4().hex}.f16", self.encoder.dim, 0) if shared else None
@@ -96,19 +99,46 @@ class EncoderActor:
         return out
 
 
+def stream(ds, store: VectorStore, batch_size: int, extra: dict):
+    """The runner's reader on Ray: the actors' output as pipeline.Batch, the vectors they stored in segments
+    committed to `store` (the caller saves it with the catalog rows) and addressed by the items' vec_row,
+    the rest in Batch.vectors. Counts both in `extra`."""
+    for block in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        ok = block["ok"].astype(bool)
+        items = [
+            Item(_found(block, i), np.empty(0) if ok[i] else None, str(block["sha256"][i]) or None,
+                 int(block["width"][i]) if block["width"][i] >= 0 else None,
+                 int(block["height"][i]) if block["height"][i] >= 0 else None,
+                 str(block["format"][i]) or None, str(block["reason"][i]) or None, float(block["decode_seconds"][i]))
+            for i in range(len(ok))
+        ]
+        shipped = [np.frombuffer(block["vector"][i], vectors.DTYPE) for i in np.flatnonzero(ok) if not block["segment"][i]]
+        written = ok & (block["seg_row"] >= 0)
+        for name in set(block["segment"][written].tolist()):
+            mine = written & (block["segment"] == name)
+            number = store.commit(name, int(block["seg_row"][mine].max()) + 1)
+            for i in np.flatnonzero(mine):
+                items[i].vec_row = vectors.address(number, int(block["seg_row"][i]))
+        extra["vectors_in_actor_segments"] += int(written.sum())
+        extra["vectors_sent_to_driver"] += len(shipped)
+        yield Batch(items, np.stack(shipped) if shipped else np.zeros((0, store.dim), vectors.DTYPE),
+                    [items[i].vec_row for i in np.flatnonzero(written)], float(block["encode_seconds"].sum()))
+
+
 def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: VectorStore, write, batch_size: int,
             address: str | None = None, encoders: int | None = None, on_batch=lambda n: None,
-            fast: bool = False, actor_segments: bool = True) -> StageTimes:
-    """Index `todo` on Ray (local when address is None); `write(items, new_vectors)` commits on the driver.
+            fast: bool = False, actor_segments: bool = True, encoder_options: dict | None = None) -> StageTimes:
+    """Index `todo` on Ray (local when address is None); `write(items, new_vectors, actor_rows)` commits on the
+    driver. Each encoder actor loads `model` with the further Encoder keywords `encoder_options` (on a GPU of
+    its own when the cluster has any, else on `device`).
 
     With actor_segments, encoder actors that see store's folder append to segments of their own (each
     is committed to `store` as batches arrive); the rest, or all without it, send vectors to `write`.
     """
     import ray
 
-    times = StageTimes()
     if not todo:
-        return times
+        return StageTimes()
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -129,43 +159,17 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
                 vectors.fsync_dir(store.folder.parent)
             (store.folder / RUN_TOKEN).write_text(token)
             segments = str(store.folder.resolve())
+        encoder = EncoderConfig(model, "cuda" if gpus else device, dict(encoder_options or {}))
+        log.info("Ray: %d files, %d encoder actors, %d GPUs, actor segments %s", len(todo), actors, gpus,
+                 "on" if segments else "off")
         rows = [_row(found) for found in todo]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200)))
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec, "fast": fast}, batch_size=batch_size, batch_format="numpy")
-        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model": model, "device": "cuda" if gpus else device,
-                                                                 "segments": segments, "token": token},
+        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token},
                             batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0)
-        times.extra.update(vectors_in_actor_segments=0, vectors_sent_to_driver=0)
-        start = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            t = time.perf_counter()
-            ok = batch["ok"].astype(bool)
-            items = [
-                Item(_found(batch, i), np.empty(0) if ok[i] else None, str(batch["sha256"][i]) or None,
-                     int(batch["width"][i]) if batch["width"][i] >= 0 else None,
-                     int(batch["height"][i]) if batch["height"][i] >= 0 else None,
-                     str(batch["format"][i]) or None, str(batch["reason"][i]) or None)
-                for i in range(len(ok))
-            ]
-            shipped = [np.frombuffer(batch["vector"][i], vectors.DTYPE) for i in np.flatnonzero(ok) if not batch["segment"][i]]
-            written = ok & (batch["seg_row"] >= 0)
-            for name in set(batch["segment"][written].tolist()):
-                mine = written & (batch["segment"] == name)
-                number = store.commit(name, int(batch["seg_row"][mine].max()) + 1)
-                for i in np.flatnonzero(mine):
-                    items[i].vec_row = vectors.address(number, int(batch["seg_row"][i]))
-            write(items, np.stack(shipped) if shipped else np.zeros((0, store.dim), vectors.DTYPE),
-                  [items[i].vec_row for i in np.flatnonzero(written)])
-            times.extra["vectors_in_actor_segments"] += int(written.sum())
-            times.extra["vectors_sent_to_driver"] += len(shipped)
-            times.write += time.perf_counter() - t
-            times.decode_worker += float(batch["decode_seconds"].sum())
-            times.encode += float(batch["encode_seconds"].sum())
-            times.items += len(items)
-            times.failed += int((~ok).sum())
-            on_batch(len(items))
-        times.wall = time.perf_counter() - start
-        times.extra["ray_encoders"] = actors
+        extra = {"vectors_in_actor_segments": 0, "vectors_sent_to_driver": 0}
+        times = drive(stream(ds, store, batch_size, extra), None, write, on_batch)
+        times.extra.update(extra, ray_encoders=actors)
         return times
     finally:
         if started_here:

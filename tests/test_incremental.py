@@ -233,3 +233,39 @@ def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(tmp_path, tiny_
     set_version(3)
     with pytest.raises(AlignSearchError, match="upgrade alignsearch"):
         alignsearch.open(ix)
+
+
+def test_one_runner_times_a_local_and_a_pre_encoded_reader_alike():
+    """indexer/pipeline.py's drive runs both paths: batches it encodes itself (local), and batches whose
+    vectors came from upstream (Ray's encoder actors) or were stored there (actor_rows)."""
+    from indexer.decode import Item
+    from indexer.pipeline import Batch, drive
+    from indexer.scan import Found
+
+    def items(n, seconds=0.01):
+        return [Item(Found("/r", f"{i}.jpg", 1, 0.0), np.full((2, 2, 3), i, np.uint8), f"h{i}", seconds=seconds)
+                for i in range(n)] + [Item(Found("/r", "bad.jpg", 1, 0.0), None, reason="broken", seconds=seconds)]
+
+    class Encoder:
+        def encode_crops(self, crops):
+            time.sleep(0.01)
+            return crops.reshape(len(crops), -1)[:, :2].astype(np.float32)
+
+    written = []
+
+    def write(batch, new_vectors, actor_rows):
+        written.append(([it.vec_row for it in batch], new_vectors.tolist(), list(actor_rows)))
+
+    local = drive([Batch(items(3))], Encoder(), write, known=lambda hashes: {"h1": 7})
+    assert written.pop() == ([None, 7, None, None], [[0, 0], [2, 2]], [])  # h1 reuses row 7, unencoded
+    upstream = items(3)
+    upstream[0].vec_row = 1 << 40  # stored by an actor in its segment
+    shipped = np.array([[1, 1], [2, 2]], np.float32)
+    ray = drive([Batch(upstream, shipped, [1 << 40], encode_seconds=0.5)], None, write)
+    assert written.pop() == ([1 << 40, None, None, None], [[1, 1], [2, 2]], [1 << 40])
+    assert local.to_dict().keys() == ray.to_dict().keys()
+    for times in (local, ray):
+        assert (times.items, times.failed) == (4, 1) and times.decode_worker == pytest.approx(0.04)
+    assert (local.reused, ray.reused) == (1, 0)
+    assert local.encode >= 0.01 and ray.encode >= 0.5  # the actors' own encode seconds count as the stage's
+

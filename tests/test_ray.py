@@ -45,6 +45,11 @@ def test_ray_path_matches_the_single_process_path(tmp_path, corpus, tiny_model):
                                    "--batch-size", "4", "--json").stdout)
     for key in ("added", "failed", "removed"):
         assert ray_summary[key] == local_summary[key], (ray_summary, local_summary)
+    # one runner (indexer/pipeline.py's drive) reads, encodes and writes for both: the same stage times
+    assert ray_summary["times"].keys() == local_summary["times"].keys()
+    for times in (ray_summary["times"], local_summary["times"]):
+        assert (times["items"], times["failed"], times["reused"]) == (19, 1, 0), times
+        assert all(times[stage] > 0 for stage in ("read_wait", "decode_worker", "encode", "write", "wall")), times
     # the encoder actor wrote every vector to its own segment: none went through the driver; a segment
     # that small is then folded into vectors.f16, so small runs do not pile up files
     extra = ray_summary["times"]["extra"]
@@ -62,10 +67,10 @@ class DyingOnce:
     """An encoder actor whose worker process dies on its second batch, after writing its vectors and
     before returning them: Ray must restart it and retry; the rows it wrote must not count."""
 
-    def __init__(self, model, device, segments, token):
+    def __init__(self, encoder, segments, token):
         from indexer.ray_pipeline import EncoderActor
 
-        self.inner = EncoderActor(model, device, segments, token)
+        self.inner = EncoderActor(encoder, segments, token)
         self.batches = 0
 
     def __call__(self, batch):
@@ -84,13 +89,23 @@ class DyingOnce:
 class Elsewhere:
     """An encoder actor on a machine where the index folder is not the driver's: it must send its vectors."""
 
-    def __init__(self, model, device, segments, token):
+    def __init__(self, encoder, segments, token):
         from indexer.ray_pipeline import EncoderActor
 
-        self.inner = EncoderActor(model, device, segments, token="another machine's folder")
+        self.inner = EncoderActor(encoder, segments, token="another machine's folder")
 
     def __call__(self, batch):
         return self.inner(batch)
+
+
+def test_encoder_actors_take_the_encoder_options_as_one_value(tiny_model):
+    """What `index --backend/--precision` chose reaches every actor whole (pipeline.EncoderConfig)."""
+    from indexer.pipeline import EncoderConfig
+    from indexer.ray_pipeline import EncoderActor
+
+    for backend in ("torch", "onnx"):
+        actor = EncoderActor(EncoderConfig(str(tiny_model), "cpu", {"backend": backend, "precision": "fp32"}))
+        assert (actor.encoder.plan.backend, actor.encoder.plan.image, actor.segment) == (backend, "fp32", None)
 
 
 def test_a_worker_killed_mid_run_is_retried_without_loss_or_duplicates(tmp_path, corpus, tiny_model, monkeypatch):

@@ -16,6 +16,7 @@ Readers memory-map the committed rows, so exact re-ranking touches only the rows
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from alignsearch import catalog
 from alignsearch.atomic import fsync_dir, write_bytes
 from alignsearch.errors import IndexDamagedError
 from alignsearch.paths import VECTORS_FILE
+
+log = logging.getLogger(__name__)
 
 DTYPE = np.dtype("<f2")
 SEGMENT_BITS = 40  # 1.1e12 rows per segment, 8.4e6 segments in an int64 address
@@ -94,13 +97,18 @@ class VectorStore:
         self.path.touch(exist_ok=True)
         for segment in self.numbers():
             path, keep = self.segment_path(segment), self.committed(segment) * self.row_bytes
-            if keep == 0 and segment == 0 and path.exists() and path.stat().st_size:
+            size = path.stat().st_size if path.exists() else 0
+            if size > keep:
+                log.info("%s: cutting %d uncommitted bytes after its %d committed rows", path.name, size - keep,
+                         self.committed(segment))
+            if keep == 0 and segment == 0 and size:
                 empty_file(path)  # a generation replaced whole: readers of the old one keep their map
-            elif path.exists() and path.stat().st_size > keep:
+            elif size > keep:
                 with open(path, "r+b") as f:
                     f.truncate(keep)
                     os.fsync(f.fileno())
         for path in self.unknown_files():
+            log.info("%s: deleting a segment no commit knows (an encoder actor killed before its first)", path.name)
             path.unlink()
         self._maps.clear()
 

@@ -269,3 +269,26 @@ def test_one_runner_times_a_local_and_a_pre_encoded_reader_alike():
     assert (local.reused, ray.reused) == (1, 0)
     assert local.encode >= 0.01 and ray.encode >= 0.5  # the actors' own encode seconds count as the stage's
 
+
+def test_the_writer_logs_what_it_cuts_from_a_killed_run(tmp_path, tiny_model, caplog):
+    """Diagnostics of the write path go to logging (a logger per module), not print: here the bytes a
+    killed run appended without committing, and a segment file no commit knows."""
+    import logging
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix)
+    with open(engine.store.path, "ab") as f:
+        f.write(b"\1" * engine.store.row_bytes * 2)
+    (ix / "vectors").mkdir(exist_ok=True)
+    (ix / "vectors" / "orphan.f16").write_bytes(b"\1" * engine.store.row_bytes)
+    make_images(root / "more", 1, seed=5)
+    with caplog.at_level(logging.INFO, logger="alignsearch.vectors"):
+        s = index_json(ix, root, "--device", "cpu")
+    assert s["added"] == 1 and vector_rows(ix) == 4
+    cut = [r for r in caplog.records if r.name == "alignsearch.vectors"]
+    assert any(f"cutting {engine.store.row_bytes * 2} uncommitted bytes after its 3 committed rows" in r.getMessage()
+               for r in cut), [r.getMessage() for r in cut]
+    assert any("orphan.f16: deleting a segment no commit knows" in r.getMessage() for r in cut)
+    assert not (ix / "vectors" / "orphan.f16").exists()

@@ -10,14 +10,15 @@ from transformers import AlignModel, AlignProcessor
 
 start = time.perf_counter()
 model_dir, corpus, batch_size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-model = AlignModel.from_pretrained(model_dir).eval()
+device = sys.argv[4] if len(sys.argv) > 4 else "cpu"  # the model card's .to("cuda") on a GPU
+model = AlignModel.from_pretrained(model_dir).eval().to(device)
 processor = AlignProcessor.from_pretrained(model_dir)
 paths = sorted(corpus.glob("*.jpg"))
 vectors = []
 with torch.inference_mode():
     for i in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
-        out = model.get_image_features(**processor(images=images, return_tensors="pt"))
+        out = model.get_image_features(**processor(images=images, return_tensors="pt").to(device))
         out = out if isinstance(out, torch.Tensor) else out.pooler_output
         vectors.append(out / out.norm(dim=-1, keepdim=True))
-print(f"{len(torch.cat(vectors))} images in {time.perf_counter() - start:.2f}s")
+print(f"{len(torch.cat(vectors).cpu())} images in {time.perf_counter() - start:.2f}s")

@@ -118,11 +118,12 @@ def test_without_onnxruntime_the_index_runs_on_torch(tiny_model, tmp_path):
     make_images(corpus, 4)
     env = {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]),
            "ALIGNSEARCH_CACHE": str(tmp_path / "cache")}
-    proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--model", tiny_model, "--json", env=env)
+    proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--model", tiny_model, "--json", "--device", "cpu",
+                       env=env)  # on a GPU torch is chosen anyway (seen on an H200)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["added"] == 4 and out["encoder"]["backend"] == "torch" and "onnxruntime" in out["encoder"]["note"]
-    proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--backend", "onnx", env=env)
+    proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--backend", "onnx", "--device", "cpu", env=env)
     assert proc.returncode == BadInputError.exit_code and "pip install onnxruntime" in proc.stderr
 
 

@@ -9,8 +9,12 @@ resolution, then the oldest modification time, then the lowest id).
   duplicates when their hashes differ in at most `threshold` bits. Candidates come from faiss's
   multi-index hashing (IndexBinaryMultiHash: 4 tables of 16 bits, probing every key within
   threshold // 4 flipped bits, so no pair within the threshold is missed), never from all pairs.
-- similar: embedding cosine >= threshold (bursts, near-identical shots), from a k-NN search of every stored
-  vector in the index's own ANN index, confirmed with the exact stored vectors.
+- similar: embedding cosine >= threshold (bursts, near-identical shots): an exact range search through the
+  index's own IVF lists (similar_pairs): every stored vector is scored, on the stored vectors, against the
+  vectors of the nprobe lists (default 8) whose centroids suit it best. Measured (benchmarks/RESULTS.md,
+  bench_dupes): 1M vectors in the lists of IVF4096 in about a minute on 2 cores; against exact all pairs, on
+  bursts of copies at cosine 0.90-1.00, pair recall 1.000 at nprobe 4 and 8 (0.92-0.96 at nprobe 1),
+  precision 1 by construction (every pair is scored exactly).
 
 Groups are the connected components of the pairs found (union-find).
 
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 TIERS = ("exact", "near", "similar")
 NEAR_THRESHOLD = 12  # bits of 64; benchmarks/bench_dupes.py measured recall and false positives (README)
 SIMILAR_THRESHOLD = 0.95  # cosine
+SIMILAR_NPROBE = 8  # IVF lists each stored vector visits (the CLI's --nprobe default)
+SIMILAR_K = 10  # partners each vector keeps per list it visits
 PHASH_BITS = 64
 PHASH_SIDE = 256  # images are box-reduced to about this before hashing: same hash, far less work on big photos
 FILL_BATCH = 256  # files hashed per transaction when an older index is filled
@@ -177,39 +186,182 @@ def near_pairs(ids: np.ndarray, hexes: Sequence[str], threshold: int = NEAR_THRE
     return rows
 
 
-def similar_pairs(index, store, live: np.ndarray, threshold: float = SIMILAR_THRESHOLD, k: int = 10,
-                  nprobe: int = 8, chunk: int = 4096) -> np.ndarray:
+def similar_pairs(index, store, live: np.ndarray, threshold: float = SIMILAR_THRESHOLD, k: int = SIMILAR_K,
+                  nprobe: int = SIMILAR_NPROBE) -> np.ndarray:
     """(m, 2) id pairs (a < b) whose stored vectors have cosine >= threshold.
 
-    Every stored vector queries the ANN index for its k nearest (k-NN, not all pairs); each candidate is
-    scored exactly on the stored vectors (IVF-PQ's own scores are too rough to filter on: a vector's score
-    with itself can read 0.74), as queries are. live: (n, 2) rows of (file id, vector address), as catalog.live_vectors gives."""
+    An exact range search through the ANN index's inverted lists, not all pairs: each stored vector visits
+    the `nprobe` IVF lists whose centroids score best with it (as an IVF search would) and is scored
+    exactly, on the stored vectors, against the vectors those lists hold: one matrix product per list, for
+    all the vectors that visit it. IVF-PQ's own scores are not used (too rough to filter on: a vector's
+    score with itself can read 0.74). A pair is found when either vector visits the other's list; each
+    vector keeps its k best partners per list visited, so a low threshold cannot flood the result (a
+    burst larger than k still comes out as one group through its links). A flat index is one list.
+    The stored fp16 rows are copied into memory in list order (N x 1,280 bytes: 1.3 GB at 1M).
+    live: (n, 2) rows of (file id, vector address), as catalog.live_vectors gives."""
+    live = np.asarray(live, dtype=np.int64).reshape(-1, 2)
+    if len(live) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    with _blas_on_one_thread() as workers, ThreadPoolExecutor(workers) as pool:
+        held, norms, ids, lists, probes = _read_in_list_order(index, store, live, nprobe, pool)
+        starts = np.searchsorted(lists, np.arange(int(lists[-1]) + 2))  # list i holds rows starts[i]:starts[i + 1]
+        visits = np.argsort(probes, axis=None, kind="stable")  # (row, list) visits, grouped by list
+        visited = probes.reshape(-1)[visits]
+        visitors = visits // probes.shape[1]
+        bounds = np.searchsorted(visited, np.arange(int(lists[-1]) + 2))
+
+        def join(i: int) -> list[np.ndarray]:  # the vectors visiting list i against the ones it holds
+            out = []
+            for m0 in range(starts[i], starts[i + 1], 2 * SIMILAR_BLOCK):
+                members = np.arange(m0, min(starts[i + 1], m0 + 2 * SIMILAR_BLOCK))
+                x = held[members].astype(np.float32) / norms[members, None]
+                for q0 in range(bounds[i], bounds[i + 1], SIMILAR_BLOCK):
+                    queries = visitors[q0 : min(bounds[i + 1], q0 + SIMILAR_BLOCK)]
+                    scores = (held[queries].astype(np.float32) / norms[queries, None]) @ x.T
+                    out.append(_block_pairs(scores, queries, members, ids, threshold, k))
+            return out
+
+        found = [pairs for part in pool.map(join, np.unique(lists).tolist()) for pairs in part]
+    return _unique_pairs(np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64))
+
+
+SIMILAR_BLOCK = 2048  # visiting vectors per matrix product (x 4096 list members at most: 32 MB of scores)
+READ_BLOCK = 16_384  # stored vectors read (and scored against the centroids) at a time
+
+
+def _read_in_list_order(index, store, live: np.ndarray, nprobe: int, pool: ThreadPoolExecutor):
+    """The live vectors read once, in storage order, into memory in the order of their IVF lists: (fp16 rows,
+    their norms, ids, own list of each row (ascending), the `nprobe` lists each row visits). The lists a
+    vector visits are those whose centroids score best with it over all centroids (a matrix product, as
+    faiss's coarse search; neighbouring centroids of its own list miss half of them on the benchmark's data).
+    A flat index: one list (0), visited by all."""
+    import faiss
+
     from alignsearch import ann
 
-    live = np.asarray(live, dtype=np.int64).reshape(-1, 2)
-    if len(live) < 2 or index.ntotal < 2:
+    ids, addresses = live[:, 0], live[:, 1]
+    ivf = faiss.try_extract_index_ivf(ann.parts(index)[0])
+    own, centroids, nprobe = np.zeros(len(ids), dtype=np.int64), None, nprobe if ivf is not None else 1
+    if ivf is not None:
+        own = _own_lists(index, ids)
+        missing = np.flatnonzero(own < 0)  # catalog rows the index does not hold (yet): their best list
+        for s in range(0, len(missing), READ_BLOCK):
+            own[missing[s : s + READ_BLOCK]] = ivf.quantizer.assign(store.get(addresses[missing[s : s + READ_BLOCK]]), 1)[:, 0]
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
+        bias = np.zeros(ivf.nlist, dtype=np.float32)  # inner product ranks; an L2 quantizer ranks by x.c - |c|^2 / 2
+        if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+            bias = -0.5 * np.einsum("ij,ij->i", centroids, centroids)
+    order = np.argsort(own, kind="stable")
+    at = np.empty_like(order)
+    at[order] = np.arange(len(order))  # where each live vector goes
+    held = np.empty((len(ids), store.dim), dtype=np.float16)
+    norms = np.empty(len(ids), dtype=np.float32)
+    probes = np.zeros((len(ids), nprobe), dtype=np.int64)
+
+    def read(start: int) -> None:
+        x, where = store.get(addresses[start : start + READ_BLOCK]), at[start : start + READ_BLOCK]
+        held[where] = x
+        norms[where] = np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+        if centroids is not None:
+            probes[where] = _top_columns(x @ centroids.T + bias, nprobe)
+
+    list(pool.map(read, range(0, len(ids), READ_BLOCK)))
+    return held, norms, ids[order], own[order], probes
+
+
+@contextmanager
+def _blas_on_one_thread():
+    """Every OpenBLAS loaded (numpy's, faiss's) held to one thread while we yield the number of Python threads
+    to run (the cores): OpenBLAS threads spin-wait and lose half their speed when another process takes a
+    core (at 100k: 5.1 s with OPENBLAS_NUM_THREADS=1, 13.6 s with 2, while tests ran beside). numpy releases
+    the GIL in matrix products and copies, so threads over IVF lists use the cores. No OpenBLAS found (another
+    BLAS, or no /proc): one Python thread, the BLAS's own threads."""
+    import ctypes
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    held = []  # (set, threads before)
+    try:
+        with open("/proc/self/maps") as maps:
+            found = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
+        for path in found:
+            lib = ctypes.CDLL(path)
+            for name in ("scipy_openblas_%s_num_threads64_", "openblas_%s_num_threads64_", "openblas_%s_num_threads"):
+                if hasattr(lib, name % "set") and hasattr(lib, name % "get"):
+                    held.append((getattr(lib, name % "set"), getattr(lib, name % "get")()))
+                    break
+    except OSError:
+        pass
+    for put, _ in held:
+        put(1)
+    try:
+        yield cores if held else 1
+    finally:
+        for put, before in held:
+            put(before)
+
+
+def _own_lists(index, ids: np.ndarray) -> np.ndarray:
+    """The IVF list each id is held in (in any shard), -1 for ids the index does not hold."""
+    import faiss
+
+    from alignsearch import ann
+
+    held, where = [], []
+    for part in ann.parts(index):
+        invlists = faiss.extract_index_ivf(part).invlists
+        for i in range(invlists.nlist):
+            size = invlists.list_size(i)
+            if size:
+                held.append(faiss.rev_swig_ptr(invlists.get_ids(i), size).astype(np.int64))
+                where.append(np.full(size, i, dtype=np.int64))
+    out = np.full(len(ids), -1, dtype=np.int64)
+    if held:
+        held, where = np.concatenate(held), np.concatenate(where)
+        order = np.argsort(held)
+        held, where = held[order], where[order]
+        at = np.minimum(np.searchsorted(held, ids), len(held) - 1)
+        out = np.where(held[at] == ids, where[at], -1)
+    return out
+
+
+def _top_columns(scores: np.ndarray, p: int) -> np.ndarray:
+    """The column numbers of each row's p largest scores, best first (p argmax passes: cheaper than
+    argpartition for the few lists a vector visits)."""
+    out = np.empty((len(scores), p), dtype=np.int64)
+    rows = np.arange(len(scores))
+    for j in range(p):
+        out[:, j] = scores.argmax(axis=1)
+        scores[rows, out[:, j]] = -np.inf
+    return out
+
+
+def _block_pairs(scores: np.ndarray, queries: np.ndarray, members: np.ndarray, ids: np.ndarray, threshold: float,
+                 k: int) -> np.ndarray:
+    """(m, 2) id pairs (a < b) of one block of exact scores (visiting rows x list member rows, both ascending)
+    at or above the threshold, itself left out, at most k per visiting row (its best; more only on ties)."""
+    pos = np.minimum(np.searchsorted(members, queries), len(members) - 1)
+    me = np.flatnonzero(members[pos] == queries)
+    scores[me, pos[me]] = -np.inf  # a vector is not its own duplicate
+    keep = scores >= threshold
+    over = np.flatnonzero(keep.sum(axis=1) > k)
+    if len(over):
+        kth = -np.partition(-scores[over], k - 1, axis=1)[:, k - 1]
+        keep[over] &= scores[over] >= kth[:, None]
+    qi, mj = np.nonzero(keep)
+    a, b = ids[queries[qi]], ids[members[mj]]
+    return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+
+
+def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """The distinct rows of (m, 2) non-negative id pairs, sorted."""
+    if not len(pairs):
         return np.zeros((0, 2), dtype=np.int64)
-    margin = 0.001 if ann.describe(index).kind == "flat" else 2.0  # fp16 rows; PQ scores: no filter at all
-    address_of = dict(zip(live[:, 0].tolist(), live[:, 1].tolist()))
-    k = min(k, int(index.ntotal))
-    found = []
-    for start in range(0, len(live), chunk):
-        part = live[start : start + chunk]
-        queries = store.get(part[:, 1])
-        scores, labels = ann.search(index, queries, k, nprobe)
-        keep = (labels >= 0) & (labels != part[:, :1]) & (scores >= threshold - margin)
-        a, b = np.repeat(part[:, 0], keep.sum(axis=1)), labels[keep]
-        a, b = np.minimum(a, b), np.maximum(a, b)  # a pair either side found (the ANN may miss one direction)
-        if len(a):  # confirmed on the stored vectors (cosine: fp16 rows are unit length within 1e-3)
-            ok = np.array([x in address_of for x in b.tolist()], dtype=bool)
-            a, b = a[ok], b[ok]
-            rows_a = store.get(np.array([address_of[x] for x in a.tolist()], dtype=np.int64))
-            rows_b = store.get(np.array([address_of[x] for x in b.tolist()], dtype=np.int64))
-            sure = _cosines(rows_a, rows_b) >= threshold
-            a, b = a[sure], b[sure]
-        found.append(np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), np.int64))
-        log.debug("similar: %d of %d vectors searched", start + len(part), len(live))
-    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), dtype=np.int64)
+    width = int(pairs.max()) + 1
+    if width < 3_037_000_499:  # a * width + b fits in int64: one 1-d sort instead of a row sort
+        codes = np.unique(pairs[:, 0] * width + pairs[:, 1])
+        return np.stack([codes // width, codes % width], axis=1)
+    return np.unique(pairs, axis=0)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -241,7 +393,7 @@ def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int],
     return Group(tier, items, kept.id)
 
 
-def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = 8) -> list[Group]:
+def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = SIMILAR_NPROBE) -> list[Group]:
     """Duplicate groups of an opened index (alignsearch.engine.Engine), largest first. Scores: 1.0 for the
     kept file and exact copies; near: 1 - distance / 64 to the kept file's hash; similar: cosine to it."""
     from alignsearch import catalog

@@ -169,3 +169,71 @@ def test_noisy_generated_images_get_hashes_too(tmp_path, tiny_model):
     index_json(tmp_path / "ix", tmp_path / "imgs", "--model", tiny_model)
     with catalog.connect(tmp_path / "ix" / "catalog.db", readonly=True).connect() as conn:
         assert len(catalog.phashes_of(conn)) == 4
+
+
+def _planted_index(tmp_path, n=12_000, dim=64, copies=300, seed=3):
+    """An IVF-PQ index (as `alignsearch index` plans it for n) over clustered unit vectors whose last rows are
+    near copies (cosine 0.93-0.995) of others, moved partly along the data so that some land in other lists."""
+    from alignsearch import ann, vectors
+    from helpers import clustered
+
+    rng = np.random.default_rng(seed)
+    x = clustered(n, dim, seed=seed)
+    src = rng.choice(n - copies, copies, replace=False)
+    along = clustered(copies, dim, seed=seed + 1) + rng.standard_normal((copies, dim)).astype(np.float32) / np.sqrt(dim)
+    along -= np.einsum("ij,ij->i", along, x[src])[:, None] * x[src]
+    along /= np.linalg.norm(along, axis=1, keepdims=True)
+    c = rng.uniform(0.93, 0.995, copies).astype(np.float32)[:, None]
+    x[n - copies :] = c * x[src] + np.sqrt(1 - c**2) * along
+    store = vectors.VectorStore(tmp_path / "vectors.f16", dim, 0)
+    store.append(x)
+    store.rows = n
+    stored = store.get(np.arange(n))
+    plan = ann.plan_index(n, dim)
+    assert plan.kind == "ivfpq"
+    index = ann.train_and_fill(ann.create(plan, dim), stored, [(stored, np.arange(n, dtype=np.int64) + 1)])
+    live = np.stack([np.arange(n) + 1, np.arange(n)], axis=1)  # file id = row + 1
+    unit = stored / np.linalg.norm(stored, axis=1, keepdims=True)
+    return index, store, live, unit
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return _planted_index(tmp_path_factory.mktemp("planted"))
+
+
+def _exact(unit, threshold):
+    scores = np.triu(unit @ unit.T, k=1)
+    a, b = np.nonzero(scores >= threshold)
+    return {(int(i) + 1, int(j) + 1) for i, j in zip(a, b)}
+
+
+def test_similar_pairs_match_exact_all_pairs_on_an_ivf_pq_index(planted):
+    index, store, live, unit = planted
+    truth = _exact(unit, 0.95)
+    assert len(truth) > 100
+    found = dupes.similar_pairs(index, store, live, 0.95)  # the default nprobe
+    assert {tuple(p) for p in found.tolist()} == truth  # every pair, and only true ones (exact scores)
+    assert (found[:, 0] < found[:, 1]).all() and len(np.unique(found, axis=0)) == len(found)
+    one_list = {tuple(p) for p in dupes.similar_pairs(index, store, live, 0.95, nprobe=1).tolist()}
+    assert one_list < truth  # its own list only: pairs split across lists are missed (none invented)
+
+
+def test_similar_pairs_cover_vectors_the_index_does_not_hold_yet(planted):
+    import faiss
+
+    from alignsearch import ann
+
+    index, store, live, unit = planted
+    index = faiss.clone_index(index)
+    truth = _exact(unit, 0.95)
+    ann.remove(index, [b for _, b in sorted(truth)[:20]])  # catalog rows written after the index was
+    assert {tuple(p) for p in dupes.similar_pairs(index, store, live, 0.95).tolist()} == truth
+
+
+def test_similar_pairs_keep_k_partners_per_list_at_a_low_threshold(planted):
+    index, store, live, unit = planted
+    found = dupes.similar_pairs(index, store, live, -1.0, k=3, nprobe=2)
+    per_vector = np.bincount(found.ravel())
+    assert per_vector.max() < 200  # not the 12,000 partners a threshold of -1 admits
+    assert len(dupes.components(found.tolist())) >= 1

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,40 +71,133 @@ def synthetic_index(folder: Path, n: int) -> np.ndarray:
     return np.stack([planted_src + 1, np.arange(n - copies, n) + 1], axis=1)
 
 
+def cached_index(n: int, rebuild: bool = False) -> tuple[Path, np.ndarray, float | None]:
+    """The synthetic index of n vectors under CACHE/dupes-{n}, built once and reused (its planted pairs are
+    saved last, so a build killed half-way is not taken for a finished one). Returns the folder, the planted
+    pairs and the build time (None when it was reused)."""
+    folder = CACHE / f"dupes-{n}"
+    marker = folder / "planted.npy"
+    if marker.exists() and not rebuild:
+        return folder, np.load(marker), None
+    if folder.exists():
+        shutil.rmtree(folder)
+    t = time.perf_counter()
+    planted = synthetic_index(folder, n)
+    built = time.perf_counter() - t
+    np.save(folder / "planted.tmp.npy", planted)
+    os.replace(folder / "planted.tmp.npy", marker)
+    return folder, planted, built
+
+
 def similar_tier(n: int, lines: list[str]) -> None:
     from alignsearch.engine import open as open_index
 
-    with tempfile.TemporaryDirectory(dir=CACHE if CACHE.exists() else None) as tmp:
-        t = time.perf_counter()
-        planted = synthetic_index(Path(tmp), n)
-        built = time.perf_counter() - t
-        engine = open_index(tmp)
-        t = time.perf_counter()
-        groups = dupes.find_groups(engine, "similar", 0.95)
-        took = time.perf_counter() - t
-        together = {}
-        for g in groups:
-            for item in g.items:
-                together[item["id"]] = g.keep
-        found = sum(1 for a, b in planted.tolist() if a in together and together.get(a) == together.get(b))
-        lines.append(f"- similar tier, N = {n:,} stored {DIM}-d vectors ({engine.plan.factory}, nprobe 8, k 10, "
-                     f"cosine >= 0.95): {took:.1f} s; {len(groups):,} groups; planted near-copy pairs found "
-                     f"{found}/{len(planted)} ({found / len(planted):.3f}); synthetic index built in {built:.0f} s")
-        engine.close()
-        if not args.skip_export:
-            export_memory(Path(tmp), n, lines)
+    folder, planted, built = cached_index(n, args.rebuild)
+    engine = open_index(folder)
+    t = time.perf_counter()
+    groups = dupes.find_groups(engine, "similar", 0.95, nprobe=args.nprobe)
+    took = time.perf_counter() - t
+    together = {}
+    for g in groups:
+        for item in g.items:
+            together[item["id"]] = g.keep
+    found = sum(1 for a, b in planted.tolist() if a in together and together.get(a) == together.get(b))
+    how = f"synthetic index built in {built:.0f} s" if built is not None else f"synthetic index reused from {folder}"
+    lines.append(f"- similar tier, N = {n:,} stored {DIM}-d vectors ({engine.plan.factory}, nprobe {args.nprobe}, "
+                 f"cosine >= 0.95): {took:.1f} s; {len(groups):,} groups; planted near-copy pairs found "
+                 f"{found}/{len(planted)} ({found / len(planted):.3f}); {how}")
+    engine.close()
+    if not args.skip_export:
+        export_memory(folder, n, lines)
+
+
+def bursts(n: int, sources: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n structured unit vectors of which the last rows are 1-4 copies of each of `sources` rows, each at a
+    cosine drawn uniformly from [0.90, 1.00) to its source, moved half along the data's own subspace (which
+    changes its IVF list, as a different shot of a scene would) and half in random directions. Returns the
+    vectors and each row's source (itself when it is not a copy)."""
+    rng = np.random.default_rng(seed)
+    x = structured(n, seed=seed)
+    copies = rng.integers(1, 5, sources)
+    src = np.repeat(rng.choice(n - int(copies.sum()), sources, replace=False), copies)
+    rows = np.arange(n - len(src), n)
+    along = structured(len(src), seed=seed + 1) + rng.standard_normal((len(src), DIM)).astype(np.float32) / np.sqrt(DIM)
+    along -= np.einsum("ij,ij->i", along, x[src])[:, None] * x[src]  # orthogonal to the source
+    along /= np.linalg.norm(along, axis=1, keepdims=True)
+    c = rng.uniform(0.90, 1.00, len(src)).astype(np.float32)[:, None]
+    x[rows] = c * x[src] + np.sqrt(1 - c**2) * along
+    source = np.arange(n)
+    source[rows] = src
+    return x, source
+
+
+def exact_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> set[tuple[int, int]]:
+    """Every pair (i < j) of rows with cosine >= threshold, from all pairs (the ground truth)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    found = set()
+    for i in range(0, len(x), block):
+        scores = x[i : i + block] @ x[i:].T
+        a, b = np.nonzero(scores >= threshold)
+        b += i
+        keep = b > a + i
+        found.update(zip((a[keep] + i).tolist(), b[keep].tolist()))
+    return found
+
+
+def recall_vs_exact(n: int, trained_on: int, lines: list[str]) -> None:
+    """The similar tier's pairs against the exact all-pairs truth on n vectors with bursts of near copies,
+    held in the trained IVF-PQ index of the cached synthetic index of `trained_on` vectors (its lists, not
+    its vectors: emptied, then filled with these), for each nprobe and threshold."""
+    import faiss
+
+    folder, _, _ = cached_index(trained_on)
+    index = faiss.read_index(str(folder / ANN_FILE))
+    index.reset()
+    x, source = bursts(n, n // 50, seed=321)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        store = vectors.VectorStore(Path(tmp) / VECTORS_FILE, DIM, 0)
+        store.append(x)
+        store.rows = n
+        stored = store.get(np.arange(n))  # what the index and the truth see: fp16 rows
+        index.add_with_ids(stored, np.arange(n, dtype=np.int64) + 1)
+        live = np.stack([np.arange(n) + 1, np.arange(n)], axis=1)
+        plan = ann.describe(index)
+        for threshold in (0.90, 0.95):
+            t = time.perf_counter()
+            truth = exact_pairs(stored, threshold)
+            exact_s = time.perf_counter() - t
+            for nprobe in (1, 2, 4, 8):
+                t = time.perf_counter()
+                pairs = dupes.similar_pairs(index, store, live, threshold, nprobe=nprobe) - 1
+                took = time.perf_counter() - t
+                got = set(map(tuple, pairs.tolist()))
+                group = {i: g[0] for g in dupes.components(got) for i in g}
+                grouped = sum(1 for a, b in truth if a in group and group.get(a) == group.get(b))
+                lines.append(f"- similar tier vs exact, {n:,} vectors ({len(truth):,} true pairs at cosine >= {threshold}; "
+                             f"exact all pairs {exact_s:.0f} s) in {plan.factory} lists trained on {trained_on:,}, "
+                             f"nprobe {nprobe}: pair recall {len(got & truth) / max(1, len(truth)):.4f}, pairs in one group "
+                             f"{grouped / max(1, len(truth)):.4f}, precision {len(got & truth) / max(1, len(got)):.4f}; {took:.1f} s")
 
 
 def export_memory(folder: Path, n: int, lines: list[str]) -> None:
-    for fmt in ("parquet", "clip-retrieval"):
-        out = folder / f"export-{fmt}"
-        code = ("import resource, sys, time, json; from alignsearch.engine import open as o; from alignsearch.export import "
-                f"export; t = time.perf_counter(); r = export(o({str(folder)!r}), {str(out) + ('.parquet' if fmt == 'parquet' else '')!r}, "
-                f"{fmt!r}); print(json.dumps([r['rows'], time.perf_counter() - t, "
-                "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]]))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        rows, took, peak_kb = json.loads(proc.stdout.strip().splitlines()[-1])
-        lines.append(f"- export --format {fmt}, {rows:,} rows: {took:.1f} s, peak RSS {peak_kb / 1024:.0f} MiB")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # the exports are not kept
+        for fmt in ("parquet", "clip-retrieval"):
+            export_peak(folder, Path(tmp) / f"export-{fmt}", fmt, lines)
+
+
+def export_peak(folder: Path, out: Path, fmt: str, lines: list[str]) -> None:
+    """`alignsearch export` itself (the click command, in a child Python), its peak RSS read from the child's own
+    /proc/self/status VmHWM once the command returned."""
+    target = str(out) + (".parquet" if fmt == "parquet" else "")
+    code = ("import json, sys, time; from alignsearch.cli import main; t = time.perf_counter(); "
+            f"main(['export', {target!r}, '--format', {fmt!r}, '--index', {str(folder)!r}, '--json'], standalone_mode=False); "
+            "took = time.perf_counter() - t; "
+            "peak = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+            "print(json.dumps([took, peak]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    report, (took, peak_kb) = json.loads(proc.stdout.strip().splitlines()[-2]), json.loads(proc.stdout.strip().splitlines()[-1])
+    lines.append(f"- `alignsearch export --format {fmt}`, {report.get('rows', '?'):,} rows: {took:.1f} s, peak RSS (VmHWM) "
+                 f"{peak_kb / 1024:.0f} MiB")
 
 
 def near_tier(photos: int, lines: list[str]) -> None:
@@ -138,12 +233,20 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, action="append")
     ap.add_argument("--photos", type=int, default=300)
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--nprobe", type=int, default=dupes.SIMILAR_NPROBE, help="similar tier: IVF lists visited per vector")
+    ap.add_argument("--recall", type=int, default=0, metavar="N",
+                    help="instead of timing: the similar tier's recall against exact all pairs on N vectors, held in the lists of "
+                         "each --n's cached index")
+    ap.add_argument("--rebuild", action="store_true", help="build the synthetic index again (else reused from the cache)")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     if args.photos:  # 0: the similar tier and export only
         near_tier(args.photos, lines)
     for n in args.n or [1_000_000]:
-        similar_tier(n, lines)
+        if args.recall:
+            recall_vs_exact(args.recall, n, lines)
+        else:
+            similar_tier(n, lines)
     lines.append(f"- this process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     record("Duplicates and export (issue 16)", lines)

@@ -246,6 +246,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     if args.photos:  # 0: the similar tier and export only
         near_tier(args.photos, lines)
     for n in args.n or [1_000_000]:
@@ -253,6 +254,7 @@ if __name__ == "__main__":
             recall_vs_exact(args.recall, n, lines)
         else:
             similar_tier(n, lines)
+    lines.append(f"- load average (1 min, 2 cores) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}")
     lines.append(f"- this process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     record("bench_dupes: similar tier against exact all pairs (issue 16)" if args.recall else
            "Duplicates and export (issue 16)", lines)

@@ -191,18 +191,28 @@ def export_memory(folder: Path, n: int, lines: list[str]) -> None:
 
 
 def export_peak(folder: Path, out: Path, fmt: str, lines: list[str]) -> None:
-    """`alignsearch export` itself (the click command, in a child Python), its peak RSS read from the child's own
-    /proc/self/status VmHWM once the command returned."""
+    """`alignsearch export` itself (the click command, in a child Python): its peak RSS read from the child's own
+    /proc/self/status VmHWM once the command returned, and the peaks of its two parts, sampled every 20 ms:
+    RssAnon (memory the process allocated) and RssFile (pages of files it maps, here vectors.f16 read through
+    a memory map: page cache the kernel can drop, counted in RSS while mapped)."""
     target = str(out) + (".parquet" if fmt == "parquet" else "")
-    code = ("import json, sys, time; from alignsearch.cli import main; t = time.perf_counter(); "
-            f"main(['export', {target!r}, '--format', {fmt!r}, '--index', {str(folder)!r}, '--json'], standalone_mode=False); "
-            "took = time.perf_counter() - t; "
-            "peak = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
-            "print(json.dumps([took, peak]))")
+    code = ("import json, threading, time; from alignsearch.cli import main\n"
+            "peak = {'RssAnon:': 0, 'RssFile:': 0}\n"
+            "def sample():\n"
+            "    while True:\n"
+            "        for l in open('/proc/self/status'):\n"
+            "            if l.split()[0] in peak: peak[l.split()[0]] = max(peak[l.split()[0]], int(l.split()[1]))\n"
+            "        time.sleep(0.02)\n"
+            "threading.Thread(target=sample, daemon=True).start(); t = time.perf_counter()\n"
+            f"main(['export', {target!r}, '--format', {fmt!r}, '--index', {str(folder)!r}, '--json'], standalone_mode=False)\n"
+            "took = time.perf_counter() - t\n"
+            "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print(json.dumps([took, hwm, peak['RssAnon:'], peak['RssFile:']]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    report, (took, peak_kb) = json.loads(proc.stdout.strip().splitlines()[-2]), json.loads(proc.stdout.strip().splitlines()[-1])
+    out_lines = proc.stdout.strip().splitlines()
+    report, (took, hwm, anon, mapped) = json.loads(out_lines[-2]), json.loads(out_lines[-1])
     lines.append(f"- `alignsearch export --format {fmt}`, {report.get('rows', '?'):,} rows: {took:.1f} s, peak RSS (VmHWM) "
-                 f"{peak_kb / 1024:.0f} MiB")
+                 f"{hwm / 1024:.0f} MiB; sampled peaks: RssAnon {anon / 1024:.0f} MiB, RssFile {mapped / 1024:.0f} MiB")
 
 
 def near_tier(photos: int, lines: list[str]) -> None:

@@ -125,7 +125,7 @@ def test_reindex_is_not_mixed_with_an_ordinary_run(tmp_path, tiny_model, other_m
 # -- 2. the model's identity does not depend on where its folder lies --------------------------------
 
 
-def test_a_moved_model_folder_keeps_the_index_usable(tmp_path, tiny_model):
+def test_a_moved_model_folder_keeps_the_index_usable(tmp_path, tiny_model, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     root, ix = tmp_path / "photos", tmp_path / "ix"
@@ -135,9 +135,17 @@ def test_a_moved_model_folder_keeps_the_index_usable(tmp_path, tiny_model):
     moved = tmp_path / "elsewhere" / "model-copy"
     moved.parent.mkdir()
     shutil.move(model, moved)
-    # the recorded folder is gone: the error says what to do, in one line
+    # the recorded folder is gone: text queries still run on the index's own model, exported to ONNX by the
+    # index run (found by its fingerprint, not its folder)...
+    assert json.loads(run("query", "red", "--index", ix, "--json").output)["results"][0]["path"] == before[0]
+    # ...while whatever needs the model itself says what to do, in one line: an image query, or any query
+    # once that export is gone
+    result = run("query", "--image", root / sorted(os.listdir(root))[0], "--index", ix, code=4)
+    assert "--model" in result.output and str(model) in result.output and "Traceback" not in result.output
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "empty-cache"))
     result = run("query", "red", "--index", ix, code=4)
     assert "--model" in result.output and str(model) in result.output and "Traceback" not in result.output
+    monkeypatch.undo()
     # the same weights at their new place answer as before
     assert top_paths(ix, model=str(moved)) == before
     out = run("query", "red", "--index", ix, "--model", moved, "--json").output

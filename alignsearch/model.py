@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.backend import EncoderOptions, fallback, onnxruntime_installed, plan
+from alignsearch.backend import EncoderOptions, fallback, faster_for_images, onnxruntime_installed, plan
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
@@ -242,11 +242,13 @@ class Encoder:
         if text_bf16 and precision == "auto":
             precision = "bf16"
         options = EncoderOptions(device=device, backend=backend, precision=precision)
+        self.options = options
         self.plan = plan(options, self.device.type, self.device.type == "cpu" and onnxruntime_installed())
         self._towers: dict[str, object] = {}  # "text"/"image" -> onnxrun.Tower, once exported and checked
         self._exporter = None
-        if self.plan.image == "bf16" and self.device.type == "cpu":
-            # oneDNN's bf16 convolutions want NHWC: 2x over NCHW on this machine's AVX512-BF16.
+        if self.device.type == "cpu":
+            # oneDNN's convolutions want NHWC: fp32 3.2 -> 3.7 images/s on a 2-core Xeon, bf16 2x on an EPYC
+            # (benchmarks/RESULTS.md); the vectors stay at cosine 1.0 to NCHW.
             self.model.vision_model.to(memory_format=torch.channels_last)
 
     def identifies(self, fingerprint: str) -> bool:
@@ -280,7 +282,7 @@ class Encoder:
     def _onnx(self, tower: str):
         """The ONNX Runtime tower, exported and checked on first use; None when the plan is torch or the
         export failed (the plan then says why, and torch runs from here on)."""
-        if self.plan.backend != "onnx":
+        if (self.plan.images_on if tower == "image" else self.plan.backend) != "onnx":
             return None
         if tower not in self._towers:
             from alignsearch import onnxexport
@@ -290,6 +292,13 @@ class Encoder:
                 self._exporter = self._exporter or onnxexport.Exporter(self)
                 if tower == "image":
                     self._towers[tower] = self._exporter.vision()
+                    if self.options.backend == "auto":  # the faster engine on this machine, measured once
+                        speed = self._exporter.vision_speed(self._towers[tower])
+                        if faster_for_images(speed) == "torch":
+                            del self._towers[tower]  # its session's memory too
+                            self.plan = replace(self.plan, image_backend="torch", why=(
+                                f"torch runs the vision tower: measured faster here ({speed['torch']:.2f} images/s "
+                                f"against ONNX Runtime's {speed['onnx']:.2f})"))
                 elif self.plan.text == "int8":
                     try:
                         self._towers[tower] = self._exporter.text("int8")
@@ -304,7 +313,7 @@ class Encoder:
                 self.plan = fallback(str(why))
                 self._towers.clear()
                 return None
-        return self._towers[tower]
+        return self._towers.get(tower)
 
     def prepare_text(self) -> None:
         """Export the text tower now (index does, at its end), so the first query needs no torch."""
@@ -325,7 +334,7 @@ class Encoder:
         with self._autocast(precision):
             for start in range(0, len(crops), step):
                 x = to_pixel_values(crops[start : start + step], self.spec, self.device)
-                if precision == "bf16" and self.device.type == "cpu":
+                if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 parts.append(_normalise(_embedding(self.model.get_image_features(pixel_values=x))))
         return np.concatenate(parts)

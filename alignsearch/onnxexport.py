@@ -73,6 +73,28 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], 
             return "dynamo"
 
 
+def _timed(fn) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _machine() -> str:
+    """The CPU model and core count: what decides whether ONNX Runtime or torch is faster."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
 def _spec_dict(spec) -> dict:
     return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest reads back
 
@@ -122,6 +144,29 @@ class Exporter:
                 log.info("re-exporting the vision tower: %s", why)
         self._write(self._make_vision, "vision-fp32")
         return load_vision(self.folder, self.manifest, size)
+
+    def vision_speed(self, tower: Tower) -> dict:
+        """Images per second of ONNX Runtime and of torch (fp32, channels_last) on this machine, measured once
+        on the probes (best of two warm runs each) and kept in the manifest per machine: which is faster
+        depends on the CPU (see backend.faster_for_images)."""
+        here = _machine()
+        speeds = self.manifest.setdefault("vision_speed", {})
+        if here in speeds:
+            return speeds[here]
+        crops = probe_crops(self.enc.spec.output_size)
+
+        def rate(fn) -> float:
+            fn()
+            best = min(_timed(fn) for _ in range(2))
+            return round(len(crops) / best, 3)
+
+        speeds[here] = {"onnx": rate(lambda: tower.run(crops=crops)),
+                        "torch": rate(lambda: self.enc._torch_crops(crops, "fp32"))}
+        try:
+            self._save_manifest()
+        except OSError:
+            pass  # measured again next time
+        return speeds[here]
 
     # -- making files -------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

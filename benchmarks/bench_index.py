@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--precision", default=None, help="also measure `index --precision P` (bf16, fp32...)")
+    ap.add_argument("--also", action="append", default=[], metavar="ARGS",
+                    help="also measure `index ARGS` (repeatable), e.g. --also='--backend onnx'")
     ap.add_argument("--backend", default="auto", help="ours: --backend (auto: ONNX Runtime on CPU, torch on GPU)")
     ap.add_argument("--fast-decode", action="store_true", help="also measure `index --fast-decode` and its cosine to exact")
     args = ap.parse_args()
@@ -55,6 +57,7 @@ def main() -> None:
 
     t_first, first = index_once()  # untimed warm-up: fills the ONNX cache (an export, once per model) and page cache
     variants = [("--precision " + args.precision, ["--precision", args.precision])] if args.precision else []
+    variants += [(extra, extra.split()) for extra in args.also]
     other: dict[str, list] = {name: [] for name, _ in variants}
     for _ in range(args.repeats):
         t, _ = timed([sys.executable, str(HERE / "naive_loop.py"), str(model), str(corpus), str(args.batch_size),

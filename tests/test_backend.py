@@ -69,15 +69,41 @@ def crops(encoder, n=5, seed=1):
 
 
 def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
-    ort = Encoder(str(tiny_model), device="cpu")
+    ort = Encoder(str(tiny_model), device="cpu", backend="onnx")
     ref = Encoder(str(tiny_model), device="cpu", backend="torch")
-    assert ort.plan == Plan("onnx", "fp32", "fp32")
+    assert ort.plan == Plan("onnx", "fp32", "fp32") == Encoder(str(tiny_model), device="cpu").plan
     assert (ort.encode_text(TEXTS) * ref.encode_text(TEXTS)).sum(axis=1).min() >= 0.9999
     c = crops(ort, 9)  # more than one micro-batch
     assert (ort.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
     assert ort.plan == Plan("onnx", "fp32", "fp32")  # no fallback happened on the way
     manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
     assert manifest["fingerprint"] == ort.fingerprint and set(manifest["files"]) == {"text-fp32", "vision-fp32"}
+
+
+def test_auto_runs_images_on_whichever_engine_was_measured_faster_here(tiny_model, cache):
+    auto = Encoder(str(tiny_model), device="cpu")
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch")
+    c = crops(auto, 6)
+    assert (auto.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
+    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    (speed,) = manifest["vision_speed"].values()  # one machine: this one
+    assert speed["onnx"] > 0 and speed["torch"] > 0
+    assert auto.plan.images_on == backend.faster_for_images(speed) and auto.plan.backend == "onnx"
+    # a recorded measurement is used as it is: torch recorded faster -> torch, and the plan says why
+    folder = next(cache.glob("onnx/*"))
+    machine = next(iter(manifest["vision_speed"]))
+    manifest["vision_speed"][machine] = {"onnx": 1.0, "torch": 2.0}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    slow = Encoder(str(tiny_model), device="cpu")
+    assert np.array_equal(slow.encode_crops(c), ref.encode_crops(c))
+    assert slow.plan.images_on == "torch" and "measured faster here" in slow.plan.why
+    assert slow.plan.to_dict()["image_backend"] == "torch"
+
+
+def test_faster_for_images_keeps_onnx_unless_torch_is_clearly_faster():
+    assert backend.faster_for_images({"onnx": 3.0, "torch": 3.1}) == "onnx"
+    assert backend.faster_for_images({"onnx": 3.0, "torch": 3.5}) == "torch"
+    assert backend.faster_for_images({"onnx": 9.3, "torch": 4.2}) == "onnx"
 
 
 def test_a_later_run_uses_the_cache_without_exporting(tiny_model, cache, monkeypatch):

@@ -7,6 +7,12 @@
   `img_emb/img_emb_{i}.npy` (float16, n x dim, unit rows) and `metadata/metadata_{i}.parquet` (image_path,
   caption, and our columns), row i of one matching row i of the other, `shard_rows` rows per pair.
 
+Memory: the catalog is read in pages of PAGE rows by id, each page's vectors with plain reads into one
+reused buffer (vectors.read_into: the store's memory map would leave every page read resident, 1.28 GB at
+1M x 640-d), and a parquet row group is written as soon as its `batch` rows are in, from one reused float32
+buffer (168 MB at 640-d, the largest part; the embedding column without a dictionary, which the writer
+would otherwise try for each row group). clip-retrieval writes each page's vectors as they are read.
+
 `taken` (EXIF capture time, else null) and `caption` come from the catalog's photo fields
 (alignsearch/photometa.py), `tags` from `alignsearch tag`. Filters: `where` (the --where language of
 alignsearch/filters.py), `path` (a glob on the relative path, as `query --path`) and `roots` (root names).
@@ -14,7 +20,10 @@ alignsearch/filters.py), `path` (a glob on the relative path, as `query --path`)
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -22,12 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignsearch import catalog, filters
+from alignsearch import catalog, filters, vectors
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "clip-retrieval")
-BATCH = 65_536  # rows per parquet row group and per read: ~170 MB of float32 at 640-d
+BATCH = 65_536  # rows per parquet row group: 168 MB of float32 at 640-d, the largest thing export holds
+PAGE = 8_192  # rows per catalog page and per vector read
 SHARD_ROWS = 1_000_000  # rows per img_emb_{i}.npy, as clip-retrieval's default write batch
 
 
@@ -49,12 +59,18 @@ def _allowed(snap, db, where: str | None, path: str | None) -> np.ndarray | None
     return np.sort(cols.ids[filters.evaluate(node, cols.column, cols.tagged)])
 
 
-def batches(engine, batch: int = BATCH, roots: list[str] | None = None, where: str | None = None,
+def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: str | None = None,
             path: str | None = None) -> Iterator[tuple[list, np.ndarray, dict]]:
-    """(catalog rows, their float32 vectors, {id: {"taken", "caption", "tags"}}) of the indexed files the
-    filters admit, in id order, at most `batch` at a time."""
+    """(catalog rows, their fp16 vectors, {id: {"taken", "caption", "tags"}}) of the indexed files the
+    filters admit, in id order, at most `batch` at a time.
+
+    Memory stays bounded: the catalog is read in pages of `batch` rows by id, and the vectors with plain
+    reads (vectors.read_into) into one buffer that each page overwrites, so the caller must use (or copy)
+    a page's vectors before asking for the next. Not through the store's memory map: every row is read
+    once, and mapped pages would stay in the process's resident memory (1.28 GB at 1M rows of 640-d)."""
     snap = engine.snap
     allowed = _allowed(snap, engine.db, where, path)
+    buffer = np.empty((batch, snap.store.dim), dtype=vectors.DTYPE)
     after = 0
     while True:
         with engine.db.connect() as conn:
@@ -74,12 +90,11 @@ def batches(engine, batch: int = BATCH, roots: list[str] | None = None, where: s
         extra = {i: {"taken": photo.get(i, {}).get("taken"), "caption": photo.get(i, {}).get("caption"),
                      "tags": labels.get(i, [])} for i in ids}
         if rows:
-            yield rows, snap.store.get(np.array([r.vec_row for r in rows], dtype=np.int64)), extra
+            yield rows, vectors.read_into(snap.store, np.array([r.vec_row for r in rows], dtype=np.int64), buffer), extra
 
 
-def _table(rows: list, vecs: np.ndarray, tags: dict, schema: pa.Schema) -> pa.Table:
-    dim = vecs.shape[1]
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(np.float32, copy=False).reshape(-1)), dim)
+def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:
+    """The schema's columns but the embedding, for these rows."""
     columns = {
         "id": [r.id for r in rows], "path": [r.path for r in rows], "root": [r.root for r in rows],
         "relpath": [r.relpath for r in rows], "width": [r.width for r in rows], "height": [r.height for r in rows],
@@ -87,57 +102,109 @@ def _table(rows: list, vecs: np.ndarray, tags: dict, schema: pa.Schema) -> pa.Ta
         "taken": [None if tags[r.id]["taken"] is None else int(tags[r.id]["taken"]) for r in rows],
         "caption": [tags[r.id]["caption"] for r in rows], "tags": [tags[r.id]["tags"] for r in rows],
     }
-    arrays = [pa.array(columns[f.name], type=f.type) for f in schema if f.name != "embedding"] + [embedding]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return [pa.array(columns[f.name], type=f.type) for f in schema if f.name != "embedding"]
 
 
-def export_parquet(engine, out: Path, batch: int = BATCH, **filters) -> dict:
-    """Write one parquet file; returns {"rows", "path", "row_groups"}."""
-    out = Path(out)
+def _record_batch(rows: list, embeddings: np.ndarray, tags: dict, schema: pa.Schema) -> pa.RecordBatch:
+    """One parquet record batch; `embeddings` (float32, contiguous) is referenced, not copied."""
+    dim = embeddings.shape[1]
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+    return pa.RecordBatch.from_arrays(_columns(rows, tags, schema) + [embedding], schema=schema)
+
+
+class _Groups:
+    """Record batches gathered into row groups of `size` rows, each written as soon as it is full (one
+    write_table per row group: the writer encodes it column by column, one record batch at a time)."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, size: int):
+        self.writer, self.schema, self.size = writer, schema, size
+        self.pending: list[pa.RecordBatch] = []
+        self.filled = self.written = 0
+
+    def room(self) -> int:
+        return self.size - self.filled
+
+    def add(self, part: pa.RecordBatch) -> None:
+        self.pending.append(part)
+        self.filled += part.num_rows
+        if self.filled >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.Table.from_batches(self.pending, self.schema), row_group_size=self.size)
+            self.written += 1
+        self.pending, self.filled = [], 0
+
+
+def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> dict:
+    """Write one parquet file in row groups of `batch` rows; returns {"rows", "path", "row_groups"}.
+
+    Holds at most one row group's float32 embeddings (one buffer, reused), one catalog page and its fp16
+    vectors, and what the parquet writer needs to encode one record batch."""
+    out, batch = Path(out), batch or BATCH
     out.parent.mkdir(parents=True, exist_ok=True)
-    schema = _schema(int(engine.snap.store.dim))
+    dim = int(engine.snap.store.dim)
+    schema = _schema(dim)
     tmp = out.with_name(out.name + ".tmp")
-    n = groups = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for rows, vecs, tags in batches(engine, batch, **filters):
-            writer.write_table(_table(rows, vecs, tags, schema), row_group_size=batch)
-            n, groups = n + len(rows), groups + 1
+    group = np.empty((batch, dim), dtype=np.float32)  # the row group's embeddings, filled page by page
+    n = 0
+    # no dictionary for the embedding: distinct floats never fit one, and the writer would buffer the
+    # column's pages (and a hash table) until it gave up, ~80 MB more per row group at 640-d
+    plain = [f.name for f in schema if f.name != "embedding"]
+    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=plain) as writer:
+        groups = _Groups(writer, schema, batch)
+        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
+            while rows:
+                take = min(len(rows), groups.room())
+                emb = group[groups.filled : groups.filled + take]
+                emb[:] = vecs[:take]  # fp16 -> float32
+                groups.add(_record_batch(rows[:take], emb, tags, schema))  # written (and emb free) when full
+                rows, vecs, n = rows[take:], vecs[take:], n + take
             log.info("exported %d rows", n)
+        groups.flush()
     tmp.replace(out)
-    return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups}
+    return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups.written}
 
 
-def export_clip_retrieval(engine, out: Path, batch: int = BATCH, shard_rows: int = SHARD_ROWS, **filters) -> dict:
-    """Write OUT/img_emb/img_emb_{i}.npy and OUT/metadata/metadata_{i}.parquet; returns {"rows", "shards"}."""
-    out = Path(out)
+def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS, **filters) -> dict:
+    """Write OUT/img_emb/img_emb_{i}.npy and OUT/metadata/metadata_{i}.parquet; returns {"rows", "shards"}.
+
+    The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows."""
+    out, batch = Path(out), batch or BATCH
     (out / "img_emb").mkdir(parents=True, exist_ok=True)
     (out / "metadata").mkdir(parents=True, exist_ok=True)
     dim = int(engine.snap.store.dim)
+    full = _schema(dim)
     meta_schema = pa.schema([("image_path", pa.string()), ("caption", pa.string())]
-                            + [f for f in _schema(dim) if f.name not in ("path", "caption", "embedding")])
-    state = {"shard": -1, "filled": 0, "raw": None, "writer": None}
+                            + [f for f in full if f.name not in ("path", "caption", "embedding")])
+    order = [f.name for f in full if f.name != "embedding"]
+    pick = [order.index("path" if f.name == "image_path" else f.name) for f in meta_schema]
+    state = {"shard": -1, "filled": 0, "raw": None, "groups": None}
     n = 0
 
     def close_shard() -> None:
-        if state["writer"] is None:
+        if state["groups"] is None:
             return
-        state["writer"].close()
-        state["raw"].close()
-        _write_npy(out / "img_emb" / f"img_emb_{state['shard']}.npy", Path(state["raw"].name), state["filled"], dim)
-        state.update(writer=None, raw=None, filled=0)
+        state["groups"].flush()
+        state["groups"].writer.close()
+        _finish_npy(state["raw"], out / "img_emb" / f"img_emb_{state['shard']}.npy", state["filled"], dim,
+                    len(_npy_header(shard_rows, dim)))
+        state.update(groups=None, raw=None, filled=0)
 
-    for rows, vecs, tags in batches(engine, batch, **filters):
+    for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
         while rows:
-            if state["writer"] is None:
+            if state["groups"] is None:
                 state["shard"] += 1
-                state["writer"] = pq.ParquetWriter(out / "metadata" / f"metadata_{state['shard']}.parquet", meta_schema)
-                state["raw"] = open(out / "img_emb" / f"img_emb_{state['shard']}.npy.rows", "wb")  # noqa: SIM115
-            take = min(len(rows), shard_rows - state["filled"])
-            part, rows, v, vecs = rows[:take], rows[take:], vecs[:take], vecs[take:]
-            table = _table(part, v, tags, _schema(dim))
-            meta = table.rename_columns(["image_path" if c == "path" else c for c in table.column_names])
-            state["writer"].write_table(meta.select([f.name for f in meta_schema]).cast(meta_schema))
-            state["raw"].write(np.ascontiguousarray(v, dtype="<f2").tobytes())  # the stored precision: nothing lost
+                writer = pq.ParquetWriter(out / "metadata" / f"metadata_{state['shard']}.parquet", meta_schema)
+                state["groups"] = _Groups(writer, meta_schema, batch)
+                state["raw"] = open(out / "img_emb" / f"img_emb_{state['shard']}.npy.part", "w+b")  # noqa: SIM115
+                state["raw"].write(_npy_header(shard_rows, dim))  # rewritten with the rows held when it closes
+            take = min(len(rows), shard_rows - state["filled"], state["groups"].room())
+            columns = _columns(rows[:take], tags, full)
+            state["groups"].add(pa.RecordBatch.from_arrays([columns[i] for i in pick], schema=meta_schema))
+            state["raw"].write(np.ascontiguousarray(vecs[:take], dtype="<f2").data)  # the stored precision: nothing lost
+            rows, vecs = rows[take:], vecs[take:]
             state["filled"] += take
             n += take
             if state["filled"] == shard_rows:
@@ -146,18 +213,37 @@ def export_clip_retrieval(engine, out: Path, batch: int = BATCH, shard_rows: int
     return {"format": "clip-retrieval", "rows": n, "path": str(out), "shards": state["shard"] + 1}
 
 
-def _write_npy(path: Path, raw: Path, rows: int, dim: int) -> None:
-    """An .npy file of (rows, dim) float16 from the raw rows in `raw`, copied in blocks (bounded memory)."""
-    with open(path, "wb") as f, open(raw, "rb") as src:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (rows, dim)})
-        for block in iter(lambda: src.read(1 << 24), b""):
-            f.write(block)
-    raw.unlink()
+def _npy_header(rows: int, dim: int) -> bytes:
+    """The header np.save writes for a (rows, dim) float16 array (padded to 64 bytes: 128 for any shape
+    an export makes)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f2", "fortran_order": False, "shape": (rows, dim)})
+    return buf.getvalue()
+
+
+def _finish_npy(part, path: Path, rows: int, dim: int, written: int) -> None:
+    """Close `part` (an open file: a header of `written` bytes, then the rows) as the .npy file `path`
+    of (rows, dim) float16: its header rewritten in place, or, where the new one differs in length (not
+    for any shape an export makes), the rows copied after it in blocks."""
+    header = _npy_header(rows, dim)
+    if len(header) == written:
+        part.seek(0)
+        part.write(header)
+        part.close()
+        os.replace(part.name, path)
+        return
+    part.seek(written)
+    with open(path, "wb") as f:
+        f.write(header)
+        shutil.copyfileobj(part, f, 1 << 22)
+    part.close()
+    os.unlink(part.name)
 
 
 def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = None, where: str | None = None,
-           path: str | None = None, batch: int = BATCH, shard_rows: int = SHARD_ROWS) -> dict:
-    """Export the indexed images the filters admit (all by default) to `out` in `fmt`."""
+           path: str | None = None, batch: int | None = None, shard_rows: int = SHARD_ROWS) -> dict:
+    """Export the indexed images the filters admit (all by default) to `out` in `fmt`, in row groups of
+    `batch` rows (BATCH, read when called)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     chosen = {"roots": roots or None, "where": where, "path": path}

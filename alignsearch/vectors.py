@@ -175,6 +175,47 @@ class VectorStore:
         return out
 
 
+def read_into(store: VectorStore, addresses: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The fp16 rows at `addresses`, in their order, in out[:len(addresses)] (a reusable (n, dim) fp16
+    buffer), read with plain reads, not through the memory map: a bulk reader (export) touches every row
+    once, and mapped pages would stay counted in its resident memory until unmapped, while read pages are
+    the kernel's page cache. Consecutive rows are read in one call each."""
+    addresses = np.asarray(addresses, dtype=np.int64)
+    dst = out[: len(addresses)]
+    if not len(addresses):
+        return dst
+    if not store.holds(addresses):
+        raise IndexDamagedError("catalog rows point past the stored vectors: run `alignsearch verify --repair`")
+    unique, inverse = np.unique(addresses, return_inverse=True)
+    direct = len(unique) == len(addresses) and bool(np.all(unique == addresses))  # sorted, distinct: read in place
+    into = dst if direct else np.empty((len(unique), store.dim), dtype=DTYPE)
+    breaks = np.flatnonzero((np.diff(unique) != 1) | (np.diff(unique >> SEGMENT_BITS) != 0)) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(unique)]
+    files: dict[int, object] = {}
+    try:
+        for i, j in zip(starts.tolist(), ends.tolist()):
+            segment, row = int(unique[i]) >> SEGMENT_BITS, int(unique[i]) & ROW_MASK
+            if segment not in files:
+                files[segment] = open(store.segment_path(segment), "rb", buffering=0)  # noqa: SIM115
+            f, view = files[segment], memoryview(into[i:j]).cast("B")
+            f.seek(row * store.row_bytes)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise IndexDamagedError(f"{store.segment_path(segment).name} is shorter than its committed vectors: "
+                                            "run `alignsearch verify --repair`")
+                done += got
+    except FileNotFoundError as exc:
+        raise IndexDamagedError(f"{exc.filename} is missing: run `alignsearch verify --repair`") from exc
+    finally:
+        for f in files.values():
+            f.close()
+    if not direct:
+        dst[:] = into[inverse.reshape(-1)]
+    return dst
+
+
 def empty_file(path: Path) -> None:
     """Replace `path` by an empty file (a new inode: processes that map the old one are unharmed)."""
     write_bytes(path, b"")

@@ -284,3 +284,69 @@ def add_synthetic(index_dir, n, dim, seed=0):
         items = [Item(Found("/synthetic", f"{start + j}.jpg", 1, 0.0), crop=np.zeros(1)) for j in range(len(chunk))]
         write(items, chunk)
     return db, store
+
+
+def vector_index(folder, n, dim, seed=0):
+    """An index of n catalog rows and their unit vectors at any width, written directly (catalog rows,
+    vectors.f16, an empty flat ANN index), as benchmarks/bench_dupes.py writes its synthetic index: for
+    commands that read the catalog and the stored vectors (export) at sizes no test should encode."""
+    from alignsearch import ann, catalog, vectors
+    from alignsearch.paths import ANN_FILE, DB_FILE, VECTORS_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    store = vectors.VectorStore(folder / VECTORS_FILE, dim, 0)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, 10_000):
+        x = rng.standard_normal((min(10_000, n - start), dim)).astype(np.float32)
+        store.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    db = catalog.connect(folder / DB_FILE)
+    with db.begin() as conn:
+        for start in range(0, n, 10_000):
+            conn.execute(catalog.insert(catalog.files), [
+                dict(root="/synthetic", relpath=f"{i:07d}.jpg", size=1000 + i, mtime=1.6e9 + i, sha256=f"{i:064x}",
+                     width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
+                for i in range(start, min(n, start + 10_000))])
+        catalog.set_meta(conn, "model", {"model": "synthetic", "fingerprint": "synthetic", "dim": dim})
+        vectors.save(conn, store)
+    db.dispose()
+    ann.write_atomic(ann.create(ann.plan_index(0, dim), dim), folder / ANN_FILE)
+    return store
+
+
+VMHWM = """
+import json, sys
+exec(sys.argv[1])
+import alignsearch.cli, alignsearch.engine, alignsearch.export, faiss, pyarrow.parquet  # loaded before the baseline
+
+def status():
+    return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status')
+            if l.startswith(('VmRSS', 'VmHWM', 'RssAnon', 'RssFile'))}
+
+try:
+    with open('/proc/self/clear_refs', 'w') as f:  # 5: VmHWM starts again from the current RSS
+        f.write('5')
+except OSError:
+    pass
+base = status()
+try:
+    alignsearch.cli.main(sys.argv[2:], prog_name="alignsearch")
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("VMHWM", json.dumps({"base": base, "end": status()}), file=sys.stderr)
+"""
+
+
+def alignsearch_vmhwm(*args, setup: str = "", timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the command in a child Python (after `setup`, Python code) and return the result and its memory
+    in bytes: "base" (VmRSS and VmHWM once the modules are imported, the peak then reset to it where the
+    kernel allows), "peak" (VmHWM when the command returned: resident pages of every kind, memory-mapped
+    files included) and "growth" (peak - base: what the command itself took)."""
+    proc = subprocess.run([sys.executable, "-c", VMHWM, setup, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = [x for x in proc.stderr.splitlines() if x.startswith("VMHWM")]
+    assert line, proc.stderr[-3000:]
+    got = json.loads(line[-1].split(" ", 1)[1])
+    return proc, {"base": got["base"]["VmRSS"], "peak": got["end"]["VmHWM"],
+                  "growth": got["end"]["VmHWM"] - got["base"]["VmRSS"], "end": got["end"]}

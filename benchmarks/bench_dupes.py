@@ -3,6 +3,10 @@ generated photos with re-saved / resized / cropped copies, and `export` of N row
 
     python benchmarks/bench_dupes.py [--n 1000000] [--photos 300] [--skip-export] [--nprobe 8] [--rebuild]
     python benchmarks/bench_dupes.py --photos 0 --n 100000 --n 1000000 --recall 50000
+    python benchmarks/bench_dupes.py --photos 0 --n 1000000 --export-only [--format parquet]
+
+--export-only measures only `alignsearch export` on each --n's cached index (the similar tier is not run);
+--format picks one of its formats (default: both). ALIGNSEARCH_BENCH_DRY=1 prints without recording.
 
 The synthetic index of N vectors is built once under $ALIGNSEARCH_BENCH_CACHE/dupes-N (default
 /tmp/alignsearch-bench) and reused by later runs (--rebuild builds it again). --recall N times nothing: it
@@ -186,7 +190,7 @@ def recall_vs_exact(n: int, trained_on: int, lines: list[str]) -> None:
 
 def export_memory(folder: Path, n: int, lines: list[str]) -> None:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # the exports are not kept
-        for fmt in ("parquet", "clip-retrieval"):
+        for fmt in args.format or ("parquet", "clip-retrieval"):
             export_peak(folder, Path(tmp) / f"export-{fmt}", fmt, lines)
 
 
@@ -208,11 +212,13 @@ def export_peak(folder: Path, out: Path, fmt: str, lines: list[str]) -> None:
             "took = time.perf_counter() - t\n"
             "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "print(json.dumps([took, hwm, peak['RssAnon:'], peak['RssFile:']]))")
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    load = f"load average (1 min, 2 cores) {load:.1f} before, {os.getloadavg()[0]:.1f} after"
     out_lines = proc.stdout.strip().splitlines()
     report, (took, hwm, anon, mapped) = json.loads(out_lines[-2]), json.loads(out_lines[-1])
     lines.append(f"- `alignsearch export --format {fmt}`, {report.get('rows', '?'):,} rows: {took:.1f} s, peak RSS (VmHWM) "
-                 f"{hwm / 1024:.0f} MiB; sampled peaks: RssAnon {anon / 1024:.0f} MiB, RssFile {mapped / 1024:.0f} MiB")
+                 f"{hwm / 1024:.0f} MiB; sampled peaks: RssAnon {anon / 1024:.0f} MiB, RssFile {mapped / 1024:.0f} MiB; {load}")
 
 
 def near_tier(photos: int, lines: list[str]) -> None:
@@ -248,6 +254,9 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, action="append")
     ap.add_argument("--photos", type=int, default=300)
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--export-only", action="store_true", help="only `alignsearch export` on each --n's cached index")
+    ap.add_argument("--format", action="append", choices=["parquet", "clip-retrieval"],
+                    help="the export format(s) measured (repeatable; default both)")
     ap.add_argument("--nprobe", type=int, default=dupes.SIMILAR_NPROBE, help="similar tier: IVF lists visited per vector")
     ap.add_argument("--recall", type=int, default=0, metavar="N",
                     help="instead of timing: the similar tier's recall against exact all pairs on N vectors, held in the lists of "
@@ -262,9 +271,11 @@ if __name__ == "__main__":
     for n in args.n or [1_000_000]:
         if args.recall:
             recall_vs_exact(args.recall, n, lines)
+        elif args.export_only:
+            export_memory(cached_index(n, args.rebuild)[0], n, lines)
         else:
             similar_tier(n, lines)
     lines.append(f"- load average (1 min, 2 cores) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}")
     lines.append(f"- this process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     record("bench_dupes: similar tier against exact all pairs (issue 16)" if args.recall else
-           "Duplicates and export (issue 16)", lines)
+           "bench_dupes: export peak memory (issue 16)" if args.export_only else "Duplicates and export (issue 16)", lines)

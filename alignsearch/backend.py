@@ -88,7 +88,8 @@ def plan(options: EncoderOptions, device_type: str, ort_available: bool) -> Plan
         if b == "onnx":
             raise BadInputError("the onnx backend runs on the CPU: use --device cpu, or --backend torch on the GPU")
         if p == "int8":
-            raise BadInputError("--precision int8 is for text on the CPU (ONNX Runtime): use bf16 or fp32 on the GPU")
+            raise BadInputError("--precision int8 is for text on the CPU (ONNX Runtime): add --device cpu, or use bf16 "
+                                "or fp32 on the GPU")
         prec = "bf16" if p == "auto" else p
         return Plan("torch", prec, prec)
     if p == "bf16":
@@ -123,8 +124,9 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "alignsearch"
 
 
-def onnx_dir(fingerprint: str) -> Path:
-    """The exported towers of one model, named by its fingerprint (config and weights, not its place)."""
-    if not fingerprint.isalnum():
-        raise ValueError(f"not a model fingerprint: {fingerprint!r}")
-    return cache_root() / "onnx" / fingerprint
+def onnx_dir(fingerprint: str, content: str) -> Path:
+    """The exported towers of one model, named by its fingerprint and its content digest (every weight and
+    the tokenizer: model.content_digest), never by its place."""
+    if not (fingerprint.isalnum() and content.isalnum()):
+        raise ValueError(f"not a model fingerprint: {fingerprint!r}, {content!r}")
+    return cache_root() / "onnx" / f"{fingerprint}-{content[:16]}"

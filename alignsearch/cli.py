@@ -537,11 +537,14 @@ def info(failed, as_json, index_dir):
     enc = data["encoder"]
     if enc["last_index_run"]:
         e = enc["last_index_run"]
-        click.echo(f"encoder: {e['backend']}, images at {e['image_precision']} (last index run)"
-                   + (f"; note: {e['note']}" if e.get("note") else ""))
+        click.echo(f"encoder: images on {e.get('image_backend', e['backend'])} at {e['image_precision']} "
+                   f"(last index run)" + (f"; note: {e['note']}" if e.get("note") else ""))
     cache = enc["onnx_cache"]
-    click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']}"
-               + ("; text queries run without torch" if cache["torch_free_text"] else ""))
+    if cache["path"] is None:
+        click.echo(f"onnx:    {cache['note']}")
+    else:
+        click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']}"
+                   + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
         click.echo("tags:    " + ", ".join(f"{label} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:

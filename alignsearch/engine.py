@@ -186,7 +186,7 @@ class Engine:
                     and o.precision in ("auto", "fp32", "int8"):
                 from alignsearch import onnxrun
 
-                light = onnxrun.text_encoder(fingerprint, "int8" if o.precision == "int8" else "fp32")
+                light = onnxrun.text_encoder(snap.model_info, "int8" if o.precision == "int8" else "fp32")
                 if light is not None:
                     self._text_only = (fingerprint, light)
                     return light
@@ -435,7 +435,7 @@ class Engine:
                 "layout": ann.layout(snap.index),
             },
             "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
-                        "onnx_cache": onnx_cache_status(snap.model_info["fingerprint"])},
+                        "onnx_cache": onnx_cache_status(snap.model_info)},
         }
 
     def classify(self, image, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[dict]:
@@ -508,15 +508,23 @@ class Engine:
         self.close()
 
 
-def onnx_cache_status(fingerprint: str) -> dict:
-    """The exported towers cached for a model: where, which, and whether text queries can skip torch."""
+def onnx_cache_status(model_info: dict) -> dict:
+    """The exported towers cached for the index's model: where, which, and whether text queries can skip
+    torch (the files listed and unchanged; the probes run when a query loads them)."""
     from alignsearch.backend import onnx_dir
-    from alignsearch.onnxrun import read_manifest
+    from alignsearch.onnxrun import OnnxUnusable, check_file, read_manifest
 
-    folder = onnx_dir(fingerprint)
+    if "content_digest" not in model_info:
+        return {"path": None, "towers": [], "torch_free_text": False,
+                "note": "recorded before content digests: the next `alignsearch index` records it"}
+    folder = onnx_dir(model_info["fingerprint"], model_info["content_digest"])
     manifest = read_manifest(folder) or {}
-    return {"path": str(folder), "towers": sorted(manifest.get("files", {})),
-            "torch_free_text": "tokenizer" in manifest and "text-fp32" in manifest.get("files", {})}
+    files = manifest.get("files", {})
+    try:
+        ready = "tokenizer" in manifest and all(check_file(folder, manifest, k) for k in ("text-fp32", "tokenizer"))
+    except OnnxUnusable:
+        ready = False
+    return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready}
 
 
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = ()) -> Hit:

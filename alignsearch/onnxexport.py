@@ -22,8 +22,8 @@ import torch
 
 from alignsearch import atomic
 from alignsearch.backend import onnx_dir
-from alignsearch.onnxrun import (FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower, load_text,
-                                 load_vision, probe_crops, read_manifest, tokenizer)
+from alignsearch.onnxrun import (FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower, file_record,
+                                 load_text, load_vision, probe_crops, read_manifest, tokenizer)
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -95,6 +95,27 @@ def _machine() -> str:
     return f"{model} x{os.cpu_count()}"
 
 
+def _still(path: Path, entry: dict) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
+
+
+def _remove_stale_temporaries(folder: Path, age: float = 3600.0) -> None:
+    """Half-written exports left by a killed process (atomic.replacing's `.NAME.XXXX.tmp`), hundreds of MB
+    each; an hour old, so another process's export in progress is left alone."""
+    import time
+
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > age:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
 def _spec_dict(spec) -> dict:
     return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest reads back
 
@@ -104,12 +125,17 @@ class Exporter:
 
     def __init__(self, enc):
         self.enc = enc
-        self.folder = onnx_dir(enc.fingerprint)
-        manifest = read_manifest(self.folder)
-        if manifest is None or manifest.get("fingerprint") != enc.fingerprint or manifest.get("spec") != _spec_dict(enc.spec):
-            manifest = {"fingerprint": enc.fingerprint, "spec": _spec_dict(enc.spec), "files": {}, "probes": {}}
+        self.folder = onnx_dir(enc.fingerprint, enc.content_digest)
+        self.manifest = self._current(read_manifest(self.folder))
+
+    def _current(self, manifest: dict | None) -> dict:
+        """`manifest` if it describes this model and preprocessing, else a fresh one."""
+        enc = self.enc
+        ident = {"fingerprint": enc.fingerprint, "content_digest": enc.content_digest, "spec": _spec_dict(enc.spec)}
+        if manifest is None or any(manifest.get(k) != v for k, v in ident.items()):
+            manifest = {**ident, "files": {}, "probes": {}}
         manifest.update(model=enc.name, dim=enc.dim, max_length=enc.max_length, temperature=enc.temperature)
-        self.manifest = manifest
+        return manifest
 
     def text(self, precision: str) -> Tower:
         """The text tower at fp32 or int8, exported (and quantized) when not cached or not right."""
@@ -211,7 +237,8 @@ class Exporter:
         if not getattr(tok, "is_fast", False) or tok.pad_token is None:
             self.manifest.pop("tokenizer", None)
             return
-        atomic.write_bytes(self.folder / TOKENIZER, tok.backend_tokenizer.to_str().encode())
+        atomic.write_bytes(self.folder / TOKENIZER, tok.backend_tokenizer.to_str().encode(), durable=False)
+        self.manifest["files"]["tokenizer"] = file_record(self.folder / TOKENIZER)
         self.manifest["tokenizer"] = {"pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token)}
         try:
             light = tokenizer(self.folder, self.enc.max_length, int(tok.pad_token_id), str(tok.pad_token))
@@ -225,7 +252,22 @@ class Exporter:
             self.manifest.pop("tokenizer", None)
 
     def _save_manifest(self) -> None:
-        atomic.write_bytes(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=False)
+        """Write the manifest, merged under a lock with what another process recorded meanwhile (two index
+        runs, or Ray actors, exporting different towers of the same model at once keep both)."""
+        import fcntl
+
+        with open(self.folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = read_manifest(self.folder)
+            if disk is not None and self._current(disk) is disk:
+                for key in ("files", "rejected", "vision_speed", "probes"):
+                    merged = {**disk.get(key, {}), **self.manifest.get(key, {})}
+                    if key == "files":  # only entries whose file is still as recorded
+                        merged = {k: v for k, v in merged.items() if _still(self.folder / FILES[k], v)}
+                    self.manifest[key] = merged
+                if "tokenizer" not in self.manifest and "tokenizer" in disk and "tokenizer" in self.manifest["files"]:
+                    self.manifest["tokenizer"] = disk["tokenizer"]
+            atomic.write_bytes(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=False)
 
     def _write(self, make, key: str) -> None:
         """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
@@ -233,6 +275,7 @@ class Exporter:
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self.folder)
             final = self.folder / FILES[key]
             with atomic.replacing(final, durable=False) as tmp:
                 try:
@@ -241,7 +284,7 @@ class Exporter:
                     raise
                 except Exception as exc:  # noqa: BLE001 - an exporter's failure is a reason to run on torch
                     raise OnnxUnusable(f"could not export the {key} tower to ONNX: {str(exc).splitlines()[0][:200]}") from None
-            self.manifest["files"][key] = {"size": final.stat().st_size, "made_by": how, "torch": torch.__version__,
+            self.manifest["files"][key] = {**file_record(final), "made_by": how, "torch": torch.__version__,
                                           "onnxruntime": onnxruntime.__version__}
             self._save_manifest()
         except OSError as exc:

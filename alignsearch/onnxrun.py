@@ -3,10 +3,11 @@
 Imports neither torch nor transformers: a cold `alignsearch query TEXT` loads onnxruntime, the text
 tower and the tokenizer's tokenizer.json only (about a second rather than five).
 
-A cached folder (backend.onnx_dir(fingerprint)) holds the towers, tokenizer.json and manifest.json. The
-manifest records probe inputs and the embeddings torch gave for them at export time; every load runs
-the probes again and compares (cosine), so a truncated or altered file is caught before it encodes
-anything, at the cost of one small inference.
+A cached folder (backend.onnx_dir(fingerprint, content digest)) holds the towers, tokenizer.json and
+manifest.json. The manifest records each file's size, modification time and SHA-256, and probe inputs with
+the embeddings torch gave for them at export time. A load checks size and time (a file written since is
+hashed and must match), then runs the probes again and compares (cosine): a truncated, rewritten or
+bit-flipped file is exported again rather than used.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
-FILES = {"text-fp32": "text-fp32.onnx", "text-int8": "text-int8.onnx", "vision-fp32": "vision-fp32.onnx"}
+FILES = {"text-fp32": "text-fp32.onnx", "text-int8": "text-int8.onnx", "vision-fp32": "vision-fp32.onnx",
+         "tokenizer": TOKENIZER}
 # Cosine to torch fp32 on the probes that a tower must reach: fp32 is exact parity up to kernel
 # rounding; int8 weights move embeddings by design (0.9995 measured on align-base geometry).
 FLOOR = {"fp32": 0.9999, "int8": 0.99}
@@ -77,16 +79,42 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def file_record(path: Path) -> dict:
+    """What the manifest keeps of a file it lists."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file(folder: Path, manifest: dict, key: str) -> Path:
+    """The path of a listed file that is as the export left it; OnnxUnusable otherwise. Size and time are
+    compared on every load (free); a file whose time moved is hashed (a copy or touch passes, an edit not)."""
+    entry = manifest.get("files", {}).get(key)
+    path = folder / FILES[key]
+    if entry is None or not path.exists():
+        raise OnnxUnusable(f"no exported {key} in {folder}")
+    st = path.stat()
+    if st.st_size != entry["size"]:
+        raise OnnxUnusable(f"{path} is {st.st_size} bytes, the export wrote {entry['size']}")
+    if st.st_mtime_ns != entry.get("mtime_ns") and sha256_file(path) != entry.get("sha256"):
+        raise OnnxUnusable(f"{path} was changed after the export (its SHA-256 differs)")
+    return path
+
+
 class Tower:
     """One tower file on ONNX Runtime, checked against its manifest entry when loaded."""
 
     def __init__(self, folder: Path, manifest: dict, key: str):
-        entry = manifest.get("files", {}).get(key)
-        path = folder / FILES[key]
-        if entry is None or not path.exists():
-            raise OnnxUnusable(f"no exported {key} tower in {folder}")
-        if path.stat().st_size != entry["size"]:
-            raise OnnxUnusable(f"{path} is {path.stat().st_size} bytes, the export wrote {entry['size']}")
+        path = check_file(folder, manifest, key)
         try:
             self.session = _session(path)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -148,6 +176,7 @@ class TextEncoder:
 
     def __init__(self, folder: Path, manifest: dict, precision: str):
         t = manifest["tokenizer"]
+        check_file(folder, manifest, "tokenizer")
         self.tokenize = tokenizer(folder, int(manifest["max_length"]), int(t["pad_id"]), t["pad_token"])
         self.name = manifest["model"]
         self.fingerprint = manifest["fingerprint"]
@@ -164,20 +193,25 @@ class TextEncoder:
         return self.tower.run(**text_feeds(*self.tokenize(list(texts))))
 
 
-def text_encoder(fingerprint: str, precision: str = "fp32") -> TextEncoder | None:
-    """The torch-free text encoder for a model, when its export is cached with a tokenizer.json and its
-    probes still check out; None otherwise (the caller loads the full model, which exports it)."""
+def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | None:
+    """The torch-free text encoder for the model an index recorded (its `model` meta: fingerprint and content
+    digest), when its export is cached with a tokenizer.json and its files and probes still check out; None
+    otherwise (the caller loads the full model, which exports it)."""
     from alignsearch.backend import onnxruntime_installed
 
-    if precision not in ("fp32", "int8") or not onnxruntime_installed():
-        return None
+    fingerprint, content = model_info.get("fingerprint", ""), model_info.get("content_digest")
+    if precision not in ("fp32", "int8") or content is None or not onnxruntime_installed():
+        return None  # an index recorded before content digests: found again after its next `index` run
     try:
-        folder = onnx_dir(fingerprint)
+        folder = onnx_dir(fingerprint, content)
     except ValueError:
         return None
     manifest = read_manifest(folder)
-    if manifest is None or manifest.get("fingerprint") != fingerprint or "tokenizer" not in manifest:
+    if manifest is None or (manifest.get("fingerprint"), manifest.get("content_digest")) != (fingerprint, content) \
+            or "tokenizer" not in manifest:
         return None
+    if precision == "int8" and "text-int8" in manifest.get("rejected", {}):
+        precision = "fp32"  # this model's int8 text was measured too far off: exact text, as the full path does
     try:
         return TextEncoder(folder, manifest, precision)
     except Exception as exc:  # noqa: BLE001 - any failure here only means the slower path: the full model

@@ -186,7 +186,8 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
         enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
     else:
         enc = load_recorded(recorded, model, options.device, **kw)
-    if recorded is None or (recorded["model"], recorded["fingerprint"]) != (enc.name, enc.fingerprint):
+    if recorded is None or (recorded["model"], recorded["fingerprint"], recorded.get("content_digest")) != \
+            (enc.name, enc.fingerprint, enc.content_digest):
         with db.begin() as conn:
             catalog.set_meta(conn, "model", enc.describe())
     return enc
@@ -285,12 +286,17 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
                              index_shards=opts.index_shards)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
+    # After encoding (a failed ONNX export has switched the plan to torch), before tagging (whose text export
+    # could switch it again, for text only).
+    summary.encoder = encoder.plan.to_dict()
+    if opts.use_ray:
+        summary.encoder["note"] = ("encoded by Ray actors, each loading the model with these options; an actor "
+                                   "whose ONNX export fails runs torch and logs why")
     with db.connect() as conn:
         tagging = catalog.get_meta(conn, "tagging")
     if tagging:  # new images get the labels the library was tagged with
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
-    summary.encoder = encoder.plan.to_dict()  # after encoding: a failed ONNX export has switched it to torch
     encoder.prepare_text()  # with ONNX: the first `alignsearch query` then runs without loading torch
     if times.items - times.reused - times.failed > 0:
         with db.begin() as conn:

@@ -77,7 +77,8 @@ def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
     assert (ort.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
     assert ort.plan == Plan("onnx", "fp32", "fp32")  # no fallback happened on the way
     manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
-    assert manifest["fingerprint"] == ort.fingerprint and set(manifest["files"]) == {"text-fp32", "vision-fp32"}
+    assert manifest["fingerprint"] == ort.fingerprint and manifest["content_digest"] == ort.content_digest
+    assert set(manifest["files"]) == {"text-fp32", "vision-fp32", "tokenizer"}
 
 
 def test_auto_runs_images_on_whichever_engine_was_measured_faster_here(tiny_model, cache):
@@ -179,13 +180,16 @@ def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, cac
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
-    assert onnxrun.text_encoder(enc.fingerprint) is not None
-    tower = next(cache.glob("onnx/*/text-fp32.onnx"))
-    data = bytearray(tower.read_bytes())
-    for i in range(len(data) - 4096, len(data) - 64, 97):
-        data[i] ^= 0xFF
-    tower.write_bytes(bytes(data))
-    assert onnxrun.text_encoder(enc.fingerprint) is None  # the probes catch it: the caller loads the model
+    assert onnxrun.text_encoder(enc.describe()) is not None
+    for name in ("text-fp32.onnx", "tokenizer.json"):
+        path = next(cache.glob(f"onnx/*/{name}"))
+        original = path.read_bytes()
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0x01  # one bit, same size: the hash catches it
+        path.write_bytes(bytes(data))
+        assert onnxrun.text_encoder(enc.describe()) is None, name  # the caller loads the model instead
+        path.write_bytes(original)  # the same bytes again (a new mtime): hashed, and accepted
+        assert onnxrun.text_encoder(enc.describe()) is not None, name
 
 
 @pytest.mark.skipif(not can_drop_dac(), reason="needs to drop root's permission bypass")
@@ -301,10 +305,62 @@ def test_the_torch_free_tokenizer_matches_transformers(tiny_model, cache):
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
-    light = onnxrun.text_encoder(enc.fingerprint)
+    light = onnxrun.text_encoder(enc.describe())
     texts = TEXTS + ["", "   ", "UPPER case", "tab\tand\nnewline", "x" * 500, "café naïve", "[CLS] [SEP] [PAD]"]
     for t in texts:
         ids, mask = light.tokenize([t])
         want = enc.tokenizer([t], padding=True, truncation=True, max_length=enc.max_length, return_tensors="np")
         assert ids.tolist() == want["input_ids"].tolist() and mask.tolist() == want["attention_mask"].tolist(), t
     assert (light.encode_text(texts) * enc.encode_text(texts)).sum(axis=1).min() >= 0.9999
+
+
+def test_models_that_differ_where_the_fingerprint_does_not_look_never_share_exports(tiny_model, tmp_path, cache):
+    """The fingerprint samples weights; the cache is keyed by every weight and the tokenizer too."""
+    import shutil
+
+    import torch
+    from transformers import AlignModel
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    model = AlignModel.from_pretrained(str(tiny_model))
+    emb = model.text_model.embeddings.word_embeddings.weight
+    step = max(1, emb.numel() // 256)  # model._weights_digest samples flat[::step]
+    cat = Encoder(str(tiny_model), device="cpu", backend="torch").tokenizer.convert_tokens_to_ids("cat")
+    unsampled = [j for j in range(emb.shape[1]) if (cat * emb.shape[1] + j) % step]
+    assert step > 1 and len(unsampled) > emb.shape[1] // 2
+    with torch.no_grad():
+        emb[cat, unsampled] *= -1
+    model.save_pretrained(str(other))
+    a, b = Encoder(str(tiny_model), device="cpu"), Encoder(str(other), device="cpu")
+    assert a.fingerprint == b.fingerprint and a.content_digest != b.content_digest
+    a.encode_text(["a cat"])  # exports A's text tower first
+    got = b.encode_text(["a cat"])
+    want = Encoder(str(other), device="cpu", backend="torch").encode_text(["a cat"])
+    assert float(got[0] @ want[0]) >= 0.9999 and b.plan.backend == "onnx"
+    assert float(got[0] @ a.encode_text(["a cat"])[0]) < 0.9999  # the edit matters
+    assert len(list(cache.glob("onnx/*/manifest.json"))) == 2
+
+
+def test_two_exporters_at_once_keep_both_towers_in_the_manifest(tiny_model, cache):
+    from alignsearch import onnxexport
+
+    enc = Encoder(str(tiny_model), device="cpu")
+    first, second = onnxexport.Exporter(enc), onnxexport.Exporter(enc)  # both read the (empty) manifest
+    first.vision()
+    second.text("fp32")
+    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    assert {"text-fp32", "vision-fp32", "tokenizer"} <= set(manifest["files"])
+    assert {"text", "image"} <= set(manifest["probes"])
+
+
+def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    folder = next(cache.glob("onnx/*"))
+    stale, live = folder / ".vision-fp32.onnx.abc123.tmp", folder / ".vision-fp32.onnx.def456.tmp"
+    stale.write_bytes(b"half an export")
+    live.write_bytes(b"another process, still writing")
+    os.utime(stale, (1, 1))
+    enc.encode_crops(crops(enc))  # exports the vision tower
+    assert not stale.exists() and live.exists()

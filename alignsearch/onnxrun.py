@@ -86,13 +86,9 @@ def file_record(path: Path) -> dict:
 
 
 def sha256_file(path: Path) -> str:
-    import hashlib
+    from alignsearch.ann import file_digest  # the one file hash of the project (the ANN index's too)
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def check_file(folder: Path, manifest: dict, key: str) -> Path:

@@ -65,8 +65,13 @@ def alignsearch(*args, timeout: float = 300, unprivileged: bool = False, stdin=N
                           timeout=timeout, env=env, preexec_fn=preexec, stdin=stdin, **kwargs)
 
 
+# ru_maxrss (RUSAGE_SELF) of a child forked from pytest starts at pytest's own peak (Linux keeps it across
+# fork and exec): with a 2 GB pytest process every child "peaked" at 2 GB. So the child resets its VmHWM
+# first (clear_refs 5) and reports that, with its workers' ru_maxrss (they fork from it after the reset).
 PEAK_RSS = """
 import resource, sys
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
 from alignsearch.cli import main
 try:
     main(sys.argv[1:], prog_name="alignsearch")
@@ -74,7 +79,9 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+with open('/proc/self/status') as f:
+    hwm = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+peak = max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print("PEAK_RSS_KB", peak, file=sys.stderr)
 sys.exit(code)
 """

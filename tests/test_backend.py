@@ -136,6 +136,7 @@ def test_a_failing_export_falls_back_to_torch_and_says_why(tiny_model, cache, mo
     assert enc.plan.backend == "torch" and "could not export" in enc.plan.why and "frobnicate" in enc.plan.why
 
 
+@pytest.mark.slow
 def test_without_onnxruntime_the_index_runs_on_torch(tiny_model, tmp_path):
     """onnxruntime missing (an import that fails, as in an environment without it): torch, said in --json."""
     shim = tmp_path / "shim"
@@ -192,6 +193,7 @@ def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, cac
         assert onnxrun.text_encoder(enc.describe()) is not None, name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_drop_dac(), reason="needs to drop root's permission bypass")
 def test_an_unwritable_cache_falls_back_to_torch(tiny_model, tmp_path):
     locked = tmp_path / "cache"
@@ -280,6 +282,7 @@ print(json.dumps({"loaded": loaded}))
 """
 
 
+@pytest.mark.slow
 def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tmp_path, cache):
     corpus = tmp_path / "corpus"
     make_images(corpus, 6)

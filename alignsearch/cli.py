@@ -35,7 +35,8 @@ def run_options(fn):
                       help="auto: fp32 (exact) on CPUs, bf16 on GPUs; bf16: faster on CPUs with BF16 instructions; "
                            "int8: the text tower quantized (queries only).")(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-                      help="auto: ONNX Runtime on CPUs (about 2x torch, same vectors), torch on GPUs.")(fn)
+                      help="auto: on CPUs ONNX Runtime for text, and for images where measured faster than torch "
+                           "(same vectors); torch on GPUs.")(fn)
     return device_option(fn)
 
 

@@ -208,6 +208,7 @@ def _exact(unit, threshold):
     return {(int(i) + 1, int(j) + 1) for i, j in zip(a, b)}
 
 
+@pytest.mark.slow
 def test_similar_pairs_match_exact_all_pairs_on_an_ivf_pq_index(planted):
     index, store, live, unit = planted
     truth = _exact(unit, 0.95)

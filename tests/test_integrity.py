@@ -409,6 +409,7 @@ def test_kill_9_during_a_reencode_at_random_moments(tmp_path, tiny_model, other_
         assert all(engine.search(image=p, k=1)[0].path == str(p) for p in paths[::7])
 
 
+@pytest.mark.slow
 def test_twenty_threads_read_through_one_engine(tmp_path, tiny_model):
     """A read-only catalog's connections are not shared between threads (SQLite crashed the process with
     a pool of five thread-bound connections once more than five threads read)."""

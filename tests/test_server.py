@@ -167,6 +167,7 @@ def test_ids_out_of_range_or_not_ascii_digits_are_422(served, path):
     assert "error" in json.loads(body)
 
 
+@pytest.mark.slow
 def test_bad_uploads(served):
     body, headers = multipart({"k": 3}, b"not an image at all")
     status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
@@ -210,6 +211,7 @@ def test_chunked_body_over_the_cap_is_refused_while_streaming(served):
 
 @pytest.mark.parametrize("request_line,auth", [("POST /nothing/here", True), ("DELETE /api/search", True),
                                                ("POST /api/search", False)])
+@pytest.mark.slow
 def test_an_unread_body_is_never_a_second_request(served, request_line, auth):
     """A body left unread on a 404, 405 or 401 must not be parsed as the next request (smuggling)."""
     smuggled = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n\r\n"

@@ -55,6 +55,7 @@ def test_query_into_a_closed_pipe_exits_quietly(tmp_path, tiny_model):
     assert child.wait(timeout=300) == 0 and err == "", err
 
 
+@pytest.mark.slow
 def test_a_damaged_catalog_is_one_line_and_exit_7(tmp_path, tiny_model):
     ix = tmp_path / "ix"
     ix.mkdir()

@@ -26,6 +26,7 @@ def test_missing_model_folder_says_it_does_not_exist(tmp_path, corpus, monkeypat
     assert "Repo id" not in out and "huggingface-cli" not in out
 
 
+@pytest.mark.slow
 def test_offline_default_model_fails_in_seconds(tmp_path):
     """HF_HUB_OFFLINE unset and the hub unreachable: one failed attempt, not half a minute of retries."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -132,6 +133,7 @@ def test_label_file_of_comments_only_is_refused(tmp_path, indexed):
 # -- item 6: progress lines when stderr is not a TTY ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_index_prints_progress_lines_when_stderr_is_piped(tmp_path, corpus, tiny_model):
     proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu",
                        "--workers", "0", env={"ALIGNSEARCH_PROGRESS_SECONDS": "0"})

@@ -1,10 +1,12 @@
 """Which engine runs the two towers, at which precision: pure decisions, no torch, no onnxruntime.
 
-On CPUs ONNX Runtime runs ALIGN's towers about twice as fast as torch eager at identical results
-(cosine 1.000000; benchmarks/RESULTS.md), so it is the default there whenever it is installed. GPUs keep
-torch (bf16 autocast), which ORT's CUDA provider was not measured to beat. Precision beyond parity is
-opt-in: bf16 (torch autocast, on CPUs with BF16 instructions) and int8 for the text tower (ORT dynamic
-quantization), each with its measured drift in RESULTS.md.
+On CPUs the towers run from their ONNX exports: the text tower on ONNX Runtime (25 ms a query, 9 ms at int8,
+and a cold query needs neither torch nor transformers), the vision tower on whichever of ONNX Runtime,
+OpenVINO and torch was measured fastest on this CPU (OpenVINO 7.3 images/s against torch's 3.7 and ORT's 2.9
+on a 2-core Xeon; ORT 2.2x torch on an EPYC: benchmarks/RESULTS.md), all at identical results (cosine
+>= 0.9999 to torch fp32, checked on probes). GPUs keep torch (bf16 autocast), which ORT's CUDA provider was
+not measured to beat. Precision beyond parity is opt-in: bf16 (OpenVINO where the CPU has BF16, else torch
+autocast) and int8 for the text tower (ORT dynamic quantization), each with its measured drift in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pathlib import Path
 
 from alignsearch.errors import BadInputError
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+ENGINES = ("onnx", "openvino")  # what runs an exported tower: ONNX Runtime, OpenVINO
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
 class EncoderOptions:
-    """How to run the model: device (auto|cpu|cuda[:N]), backend (auto|torch|onnx) and precision
+    """How to run the model: device (auto|cpu|cuda[:N]), backend (auto|torch|onnx|openvino) and precision
     (auto|fp32|bf16|int8). auto precision: bf16 on a GPU, fp32 (exact parity) on a CPU."""
 
     device: str = "auto"
@@ -38,14 +41,15 @@ class EncoderOptions:
 
 @dataclass(frozen=True)
 class Plan:
-    """What runs: backend ("torch" or "onnx"), the precision of each tower, and why when it is not what
-    was asked for (empty when it is)."""
+    """What runs: backend ("torch", "onnx" or "openvino": the text tower's engine, and the image tower's
+    unless image_backend says otherwise), the precision of each tower, and why when it is not what was asked
+    for (empty when it is)."""
 
     backend: str
     text: str
     image: str
     why: str = ""
-    image_backend: str = ""  # "" is `backend`; "torch" where it was measured faster for images (auto only)
+    image_backend: str = ""  # "" is `backend`; another engine where it was measured faster for images (auto only)
 
     @property
     def images_on(self) -> str:
@@ -61,50 +65,89 @@ class Plan:
 
 
 def faster_for_images(speed: dict, margin: float = 1.05) -> str:
-    """"torch" or "onnx" from the rates measured on this machine ({"onnx": images/s, "torch": images/s}):
-    ONNX Runtime unless torch is clearly faster (it was 3.7 to 3.2 images/s on one 2-core Xeon, while ORT
-    was 2.2x torch on an EPYC)."""
-    return "torch" if speed["torch"] > speed["onnx"] * margin else "onnx"
+    """The engine for the vision tower from the rates measured on this machine ({"onnx": images/s,
+    "openvino": images/s, "torch": images/s}, openvino only where installed): the fastest, where torch must
+    be clearly faster (it needs its own memory for the weights; ties go to the ONNX engines)."""
+    exported = {k: v for k, v in speed.items() if k != "torch"}
+    best = max(exported, key=lambda k: (exported[k], k == "onnx"))
+    return "torch" if speed.get("torch", 0.0) > exported[best] * margin else best
 
 
-def onnxruntime_installed() -> bool:
-    """Importable, not merely present: a broken install counts as missing (torch runs instead)."""
-    if importlib.util.find_spec("onnxruntime") is None:
+def _installed(name: str) -> bool:
+    """Importable, not merely present: a broken install counts as missing (another engine runs instead)."""
+    if importlib.util.find_spec(name) is None:
         return False
     try:
-        import onnxruntime  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
         return False
     return True
 
 
-def plan(options: EncoderOptions, device_type: str, ort_available: bool) -> Plan:
-    """Decide backend and per-tower precision for a device ("cpu" or "cuda").
+def onnxruntime_installed() -> bool:
+    return _installed("onnxruntime")
 
-    int8 applies to the text tower only (queries): images are encoded at fp32 then. bf16 runs on torch
-    (ONNX Runtime has no bf16 kernels for x86 CPUs), so it overrides an automatic backend choice."""
+
+def openvino_installed() -> bool:
+    return _installed("openvino")
+
+
+def openvino_bf16() -> bool:
+    """Does OpenVINO run bf16 on this CPU (AVX512-BF16 or AMX)? Elsewhere it would quietly compute in f32."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - no usable OpenVINO is no bf16 from it
+        return False
+
+
+def plan(options: EncoderOptions, device_type: str, ort_available: bool, ov_available: bool = False,
+         ov_bf16: bool = False) -> Plan:
+    """Decide backend and per-tower precision for a device ("cpu" or "cuda"), given which CPU engines are
+    installed (ov_bf16: OpenVINO runs bf16 on this CPU).
+
+    int8 applies to the text tower only (queries), on ONNX Runtime: images are encoded at fp32 then. bf16 runs
+    on OpenVINO where it can (2x its own fp32 on an AMX Xeon), else on torch autocast; ONNX Runtime has no bf16
+    kernels for x86 CPUs. Under auto the vision tower's engine is chosen later, by measuring (Encoder)."""
     b, p = options.backend, options.precision
     if device_type == "cuda":
-        if b == "onnx":
-            raise BadInputError("the onnx backend runs on the CPU: use --device cpu, or --backend torch on the GPU")
+        if b in ("onnx", "openvino"):
+            raise BadInputError(f"the {b} backend runs on the CPU: use --device cpu, or --backend torch on the GPU")
         if p == "int8":
             raise BadInputError("--precision int8 is for text on the CPU (ONNX Runtime): add --device cpu, or use bf16 "
                                 "or fp32 on the GPU")
         prec = "bf16" if p == "auto" else p
         return Plan("torch", prec, prec)
+    if b == "openvino" and not ov_available:
+        raise BadInputError("openvino is not installed: pip install openvino (or use --backend auto)")
     if p == "bf16":
         if b == "onnx":
-            raise BadInputError("--precision bf16 runs on torch (ONNX Runtime has no bf16 CPU kernels): "
-                                "use --backend torch or auto")
-        return Plan("torch", "bf16", "bf16")
+            raise BadInputError("--precision bf16 runs on OpenVINO or torch (ONNX Runtime has no bf16 CPU kernels): "
+                                "use --backend openvino, torch or auto")
+        if b in ("auto", "openvino") and ov_available and ov_bf16:
+            return Plan("openvino", "bf16", "bf16")
+        if b == "openvino":
+            raise BadInputError("OpenVINO has no bf16 on this CPU (it needs AVX512-BF16 or AMX): use --backend torch "
+                                "or --precision fp32")
+        why = "" if b == "torch" else ("openvino is not installed: torch runs bf16 (slower)" if not ov_available
+                                       else "this CPU has no BF16 instructions for OpenVINO: torch runs bf16")
+        return Plan("torch", "bf16", "bf16", why)
     text = "int8" if p == "int8" else "fp32"
     if b == "torch":
         if p == "int8":
             raise BadInputError("--precision int8 needs the onnx backend (ONNX Runtime's dynamic quantization)")
         return Plan("torch", text, "fp32")
+    if b == "openvino":
+        if p == "int8":
+            raise BadInputError("--precision int8 runs on ONNX Runtime (OpenVINO was 4x slower on its int8 text "
+                                "tower): use --backend auto or onnx")
+        return Plan("openvino", "fp32", "fp32")
     if not ort_available:
         if b == "onnx" or p == "int8":
             raise BadInputError("onnxruntime is not installed: pip install onnxruntime (or use --backend torch)")
+        if ov_available:
+            return Plan("openvino", "fp32", "fp32", "onnxruntime is not installed: OpenVINO runs the model")
         return Plan("torch", "fp32", "fp32", "onnxruntime is not installed: torch runs the model (slower on CPUs)")
     return Plan("onnx", text, "fp32")
 

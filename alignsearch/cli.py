@@ -19,6 +19,7 @@ from functools import wraps
 
 import click
 
+from alignsearch.backend import BACKENDS, PRECISIONS
 from alignsearch.errors import AlignSearchError
 
 index_option = click.option(
@@ -31,12 +32,12 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 
 def run_options(fn):
     """--device, --backend and --precision: how the model runs (alignsearch/backend.py holds the rules)."""
-    fn = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
-                      help="auto: fp32 (exact) on CPUs, bf16 on GPUs; bf16: faster on CPUs with BF16 instructions; "
-                           "int8: the text tower quantized (queries only).")(fn)
-    fn = click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-                      help="auto: on CPUs ONNX Runtime for text, and for images where measured faster than torch "
-                           "(same vectors); torch on GPUs.")(fn)
+    fn = click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+                      help="auto: fp32 (exact) on CPUs, bf16 on GPUs; bf16: faster on CPUs with BF16 instructions "
+                           "(OpenVINO there); int8: the text tower quantized (queries only).")(fn)
+    fn = click.option("--backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
+                      help="auto: on CPUs ONNX Runtime for text, and for images the engine measured fastest here "
+                           "(ONNX Runtime, OpenVINO or torch; same vectors); torch on GPUs.")(fn)
     return device_option(fn)
 
 

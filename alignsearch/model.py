@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.backend import EncoderOptions, fallback, faster_for_images, onnxruntime_installed, plan
+from alignsearch.backend import (ENGINES, EncoderOptions, fallback, faster_for_images, onnxruntime_installed, openvino_bf16,
+                                openvino_installed, plan)
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
@@ -231,8 +232,9 @@ class Encoder:
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", text_bf16: bool = False, *,
                  backend: str = "auto", precision: str = "auto"):
-        """backend: auto (ONNX Runtime on CPUs when installed, torch on GPUs), torch or onnx; precision:
-        auto (fp32 on CPUs, bf16 on GPUs), fp32, bf16 or int8 (text tower only); see alignsearch/backend.py.
+        """backend: auto (on CPUs text on ONNX Runtime and images on the engine measured fastest; torch on
+        GPUs), torch, onnx or openvino; precision: auto (fp32 on CPUs, bf16 on GPUs), fp32, bf16 or int8 (text
+        tower only); see alignsearch/backend.py.
         text_bf16: the older spelling of precision="bf16" for query encoders."""
         from transformers import AlignModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -264,7 +266,10 @@ class Encoder:
             precision = "bf16"
         options = EncoderOptions(device=device, backend=backend, precision=precision)
         self.options = options
-        self.plan = plan(options, self.device.type, self.device.type == "cpu" and onnxruntime_installed())
+        cpu = self.device.type == "cpu"
+        ov = cpu and openvino_installed()
+        self.plan = plan(options, self.device.type, cpu and onnxruntime_installed(), ov,
+                         ov and precision == "bf16" and openvino_bf16())
         self._towers: dict[str, object] = {}  # "text"/"image" -> onnxrun.Tower, once exported and checked
         self._exporter = None
         if self.device.type == "cpu":
@@ -308,9 +313,9 @@ class Encoder:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def _onnx(self, tower: str):
-        """The ONNX Runtime tower, exported and checked on first use; None when the plan is torch or the
-        export failed (the plan then says why, and torch runs from here on)."""
-        if (self.plan.images_on if tower == "image" else self.plan.backend) != "onnx":
+        """The exported tower on ONNX Runtime or OpenVINO, exported and checked on first use; None when the plan
+        runs it on torch or the export failed (the plan then says why, and torch runs from here on)."""
+        if (self.plan.images_on if tower == "image" else self.plan.backend) not in ENGINES:
             return None
         if tower not in self._towers:
             from alignsearch import onnxexport
@@ -319,14 +324,10 @@ class Encoder:
             try:
                 self._exporter = self._exporter or onnxexport.Exporter(self)
                 if tower == "image":
-                    self._towers[tower] = self._exporter.vision()
-                    if self.options.backend == "auto":  # the faster engine on this machine, measured once
-                        speed = self._exporter.vision_speed(self._towers[tower])
-                        if faster_for_images(speed) == "torch":
-                            del self._towers[tower]  # its session's memory too
-                            self.plan = replace(self.plan, image_backend="torch", why=(
-                                f"torch runs the vision tower: measured faster here ({speed['torch']:.2f} images/s "
-                                f"against ONNX Runtime's {speed['onnx']:.2f})"))
+                    engine = self._image_engine()
+                    if engine == "torch":
+                        return None
+                    self._towers[tower] = self._exporter.vision(engine, self.plan.image)
                 elif self.plan.text == "int8":
                     try:
                         self._towers[tower] = self._exporter.text("int8")
@@ -335,13 +336,28 @@ class Encoder:
                         self.plan = replace(self.plan, text="fp32", why=str(why))
                         self._towers[tower] = self._exporter.text("fp32")
                 else:
-                    self._towers[tower] = self._exporter.text("fp32")
+                    self._towers[tower] = self._exporter.text(self.plan.text, self.plan.backend)
             except OnnxUnusable as why:
                 log.warning("running the model on torch: %s", why)
                 self.plan = fallback(str(why))
                 self._towers.clear()
                 return None
         return self._towers.get(tower)
+
+    def _image_engine(self) -> str:
+        """The vision tower's engine: the plan's, or under --backend auto at fp32 the one measured fastest on
+        this CPU (once, kept in the cache's manifest), with the measurement in the plan's note."""
+        if self.options.backend != "auto" or self.plan.image != "fp32":
+            return self.plan.images_on
+        engines = tuple(e for e, ok in (("onnx", onnxruntime_installed()), ("openvino", openvino_installed())) if ok)
+        speed = self._exporter.vision_speed(engines + ("torch",))
+        engine = faster_for_images(speed)
+        if engine != self.plan.images_on:
+            names = {"onnx": "ONNX Runtime", "openvino": "OpenVINO", "torch": "torch"}
+            others = ", ".join(f"{names[e]} {speed[e]:.2f}" for e in speed if e != engine)
+            self.plan = replace(self.plan, image_backend=engine, why=(
+                f"{names[engine]} runs the vision tower: measured fastest here ({speed[engine]:.2f} images/s; {others})"))
+        return engine
 
     def prepare_text(self) -> None:
         """Export the text tower now (index does, at its end), so the first query needs no torch."""

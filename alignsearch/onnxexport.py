@@ -27,6 +27,9 @@ from alignsearch.onnxrun import (FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUn
 
 log = logging.getLogger(__name__)
 OPSET = 17
+# Bumped when the exported graphs change: caches written before are exported again (2: the vision pooler
+# as a global mean, which OpenVINO reads).
+EXPORT_VERSION = 2
 
 
 def _features(output) -> torch.Tensor:
@@ -43,6 +46,19 @@ class _TextTower(torch.nn.Module):
         return _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
+class _GlobalPool(torch.nn.Module):
+    """ALIGN's pooler is AvgPool2d (MaxPool2d) with a kernel of hidden_dim (2560) and ceil_mode, which pools
+    the whole 9x9 map; OpenVINO refuses that graph (a kernel larger than its input). The same arithmetic,
+    written as a mean (max) over the map, exports as a graph both engines run; the probes check it."""
+
+    def __init__(self, pooler: torch.nn.Module):
+        super().__init__()
+        self.mean = isinstance(pooler, torch.nn.AvgPool2d)
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3), keepdim=True) if self.mean else x.amax(dim=(2, 3), keepdim=True)
+
+
 class _VisionTower(torch.nn.Module):
     """uint8 (N, H, W, 3) crops in, features out: model.to_pixel_values' arithmetic, inside the graph."""
 
@@ -54,7 +70,13 @@ class _VisionTower(torch.nn.Module):
     def forward(self, crops):
         from alignsearch.model import scale_pixels
 
-        return _features(self.model.get_image_features(pixel_values=scale_pixels(crops, self.spec)))
+        vision = self.model.vision_model
+        pooler = vision.pooler
+        vision.pooler = _GlobalPool(pooler)  # for the export only: the model is the Encoder's own
+        try:
+            return _features(self.model.get_image_features(pixel_values=scale_pixels(crops, self.spec)))
+        finally:
+            vision.pooler = pooler
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], axes: dict) -> str:
@@ -95,6 +117,19 @@ def _machine() -> str:
     return f"{model} x{os.cpu_count()}"
 
 
+def _versions(*names: str) -> dict:
+    """The installed versions of these packages (those installed), without importing them."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def _still(path: Path, entry: dict) -> bool:
     try:
         st = path.stat()
@@ -131,16 +166,18 @@ class Exporter:
     def _current(self, manifest: dict | None) -> dict:
         """`manifest` if it describes this model and preprocessing, else a fresh one."""
         enc = self.enc
-        ident = {"fingerprint": enc.fingerprint, "content_digest": enc.content_digest, "spec": _spec_dict(enc.spec)}
+        ident = {"fingerprint": enc.fingerprint, "content_digest": enc.content_digest, "spec": _spec_dict(enc.spec),
+                 "export_version": EXPORT_VERSION}
         if manifest is None or any(manifest.get(k) != v for k, v in ident.items()):
             manifest = {**ident, "files": {}, "probes": {}}
         manifest.update(model=enc.name, dim=enc.dim, max_length=enc.max_length, temperature=enc.temperature)
         return manifest
 
-    def text(self, precision: str) -> Tower:
-        """The text tower at fp32 or int8, exported (and quantized) when not cached or not right."""
+    def text(self, precision: str, engine: str = "onnx") -> Tower:
+        """The text tower at fp32 or int8 (bf16: fp32 on OpenVINO) on `engine`, exported (and quantized)
+        when not cached or not right."""
         try:
-            return load_text(self.folder, self.manifest, precision, self._tokenize)
+            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
         except (OnnxUnusable, KeyError) as why:
             if (self.folder / MANIFEST).exists():
                 log.info("re-exporting the %s text tower: %s", precision, why)
@@ -159,26 +196,28 @@ class Exporter:
                 (self.folder / FILES["text-int8"]).unlink(missing_ok=True)
                 raise
         self._write(self._make_text, "text-fp32")
-        return load_text(self.folder, self.manifest, precision, self._tokenize)
+        return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
 
-    def vision(self) -> Tower:
+    def vision(self, engine: str = "onnx", precision: str = "fp32") -> Tower:
         size = self.enc.spec.output_size
         try:
-            return load_vision(self.folder, self.manifest, size)
+            return load_vision(self.folder, self.manifest, size, engine, precision)
         except (OnnxUnusable, KeyError) as why:
             if (self.folder / MANIFEST).exists():
                 log.info("re-exporting the vision tower: %s", why)
         self._write(self._make_vision, "vision-fp32")
-        return load_vision(self.folder, self.manifest, size)
+        return load_vision(self.folder, self.manifest, size, engine, precision)
 
-    def vision_speed(self, tower: Tower) -> dict:
-        """Images per second of ONNX Runtime and of torch (fp32, channels_last) on this machine, measured once
-        on the probes (best of two warm runs each) and kept in the manifest per machine: which is faster
-        depends on the CPU (see backend.faster_for_images)."""
+    def vision_speed(self, engines: tuple[str, ...]) -> dict:
+        """Images per second of each engine ("onnx", "openvino", "torch"; fp32) for the vision tower on this
+        machine, measured on the probes (best of two warm runs each) and kept in the manifest per machine
+        (which is fastest depends on the CPU: backend.faster_for_images); measured again when an engine was
+        installed since. An engine that cannot load the tower counts 0; OnnxUnusable when none can (the
+        export itself failed: the encoder falls back to torch and says why)."""
         here = _machine()
         speeds = self.manifest.setdefault("vision_speed", {})
-        if here in speeds:
-            return speeds[here]
+        if set(engines) <= set(speeds.get(here, {})):
+            return {e: speeds[here][e] for e in engines}
         crops = probe_crops(self.enc.spec.output_size)
 
         def rate(fn) -> float:
@@ -186,13 +225,28 @@ class Exporter:
             best = min(_timed(fn) for _ in range(2))
             return round(len(crops) / best, 3)
 
-        speeds[here] = {"onnx": rate(lambda: tower.run(crops=crops)),
-                        "torch": rate(lambda: self.enc._torch_crops(crops, "fp32"))}
+        measured, failures = {}, []
+        for engine in engines:
+            if engine == "torch":
+                measured[engine] = rate(lambda: self.enc._torch_crops(crops, "fp32"))
+                continue
+            try:
+                tower = self.vision(engine)
+            except OnnxUnusable as why:
+                log.info("the vision tower on %s is not measured: %s", engine, why)
+                measured[engine] = 0.0
+                failures.append(why)
+                continue
+            measured[engine] = rate(lambda: tower.run(crops=crops))
+            del tower  # its compiled graph's memory: only the winner is loaded again
+        if failures and len(failures) == len(engines) - ("torch" in engines):
+            raise failures[0]
+        speeds[here] = measured
         try:
             self._save_manifest()
         except OSError:
             pass  # measured again next time
-        return speeds[here]
+        return measured
 
     # -- making files -------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -271,8 +325,6 @@ class Exporter:
 
     def _write(self, make, key: str) -> None:
         """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
-        import onnxruntime
-
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(self.folder)
@@ -285,7 +337,7 @@ class Exporter:
                 except Exception as exc:  # noqa: BLE001 - an exporter's failure is a reason to run on torch
                     raise OnnxUnusable(f"could not export the {key} tower to ONNX: {str(exc).splitlines()[0][:200]}") from None
             self.manifest["files"][key] = {**file_record(final), "made_by": how, "torch": torch.__version__,
-                                          "onnxruntime": onnxruntime.__version__}
+                                          **_versions("onnxruntime", "openvino")}
             self._save_manifest()
         except OSError as exc:
             raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None

@@ -1,4 +1,4 @@
-"""ALIGN's towers on ONNX Runtime, as alignsearch/onnxexport.py leaves them in the cache.
+"""ALIGN's towers on ONNX Runtime or OpenVINO, as alignsearch/onnxexport.py leaves them in the cache.
 
 Imports neither torch nor transformers: a cold `alignsearch query TEXT` loads onnxruntime, the text
 tower and the tokenizer's tokenizer.json only (about a second rather than five).
@@ -28,8 +28,8 @@ TOKENIZER = "tokenizer.json"
 FILES = {"text-fp32": "text-fp32.onnx", "text-int8": "text-int8.onnx", "vision-fp32": "vision-fp32.onnx",
          "tokenizer": TOKENIZER}
 # Cosine to torch fp32 on the probes that a tower must reach: fp32 is exact parity up to kernel
-# rounding; int8 weights move embeddings by design (0.9995 measured on align-base geometry).
-FLOOR = {"fp32": 0.9999, "int8": 0.99}
+# rounding; bf16 and int8 move embeddings by design (0.9999 and 0.9995 measured on align-base geometry).
+FLOOR = {"fp32": 0.9999, "bf16": 0.999, "int8": 0.99}
 PROBE_TEXTS = (
     "a photo of a red car on the beach",
     "x",
@@ -79,6 +79,17 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _openvino(path: Path, precision: str):
+    """The file compiled by OpenVINO for this CPU: f32, or bf16 (on AMX or AVX512-BF16; the plan checked)."""
+    import openvino as ov
+
+    core = ov.Core()
+    # LATENCY: one request using every core, which is how the encoder calls it (one batch at a time); the
+    # default THROUGHPUT splits the cores into streams that a single request leaves idle (half the speed).
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    return core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+
+
 def file_record(path: Path) -> dict:
     """What the manifest keeps of a file it lists."""
     st = path.stat()
@@ -107,26 +118,36 @@ def check_file(folder: Path, manifest: dict, key: str) -> Path:
 
 
 class Tower:
-    """One tower file on ONNX Runtime, checked against its manifest entry when loaded."""
+    """One tower file on ONNX Runtime or OpenVINO, at a precision, checked against its manifest entry when
+    loaded. `key` names the file ("vision-fp32"); bf16 is OpenVINO computing the fp32 file in bf16."""
 
-    def __init__(self, folder: Path, manifest: dict, key: str):
+    def __init__(self, folder: Path, manifest: dict, key: str, engine: str = "onnx", precision: str | None = None):
         path = check_file(folder, manifest, key)
+        self.key, self.engine = key, engine
+        self.precision = precision or key.split("-")[1]
         try:
-            self.session = _session(path)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise OnnxUnusable(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
-        self.key = key
-        self.inputs = [i.name for i in self.session.get_inputs()]
+            if engine == "openvino":
+                self.request = _openvino(path, self.precision)
+                self.inputs = [i.get_any_name() for i in self.request.model_inputs]
+            else:
+                self.session = _session(path)
+                self.inputs = [i.name for i in self.session.get_inputs()]
+        except Exception as exc:  # the engines raise their own Fail/InvalidGraph/RuntimeError types
+            raise OnnxUnusable(f"{engine} cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
 
     def run(self, **feeds: np.ndarray) -> np.ndarray:
-        return normalise(self.session.run(None, {k: feeds[k] for k in self.inputs})[0])
+        inputs = {k: feeds[k] for k in self.inputs}
+        if self.engine == "openvino":
+            return normalise(self.request.infer(inputs)[0])
+        return normalise(self.session.run(None, inputs)[0])
 
     def check(self, got: np.ndarray, want: Sequence) -> float:
         """The lowest probe cosine to what torch gave; OnnxUnusable below this precision's floor."""
         worst = float(cosines(got, np.asarray(want, dtype=np.float32)).min())
-        floor = FLOOR[self.key.split("-")[1]]
+        floor = FLOOR[self.precision]
         if not worst >= floor:  # NaN fails too
-            raise OnnxUnusable(f"the {self.key} tower gives cosine {worst:.6f} to torch on the probes (needs {floor})")
+            raise OnnxUnusable(f"the {self.key} tower on {self.engine} at {self.precision} gives cosine {worst:.6f} "
+                               f"to torch on the probes (needs {floor})")
         return worst
 
 
@@ -134,17 +155,19 @@ def text_feeds(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
 
 
-def load_text(folder: Path, manifest: dict, precision: str, tokenize, probes: int | None = None) -> Tower:
-    """The text tower at `precision`, its probes (the first `probes` of them) re-run through
-    `tokenize(texts) -> (ids, mask)`."""
-    tower = Tower(folder, manifest, f"text-{precision}")
+def load_text(folder: Path, manifest: dict, precision: str, tokenize, probes: int | None = None,
+              engine: str = "onnx") -> Tower:
+    """The text tower at `precision` on `engine`, its probes (the first `probes` of them) re-run through
+    `tokenize(texts) -> (ids, mask)`. bf16 is the fp32 file on OpenVINO."""
+    tower = Tower(folder, manifest, f"text-{'int8' if precision == 'int8' else 'fp32'}", engine, precision)
     ids, mask = tokenize(list(manifest["probes"]["texts"][:probes]))
     tower.check(tower.run(**text_feeds(ids, mask)), manifest["probes"]["text"][:probes])
     return tower
 
 
-def load_vision(folder: Path, manifest: dict, size: tuple[int, int]) -> Tower:
-    tower = Tower(folder, manifest, "vision-fp32")
+def load_vision(folder: Path, manifest: dict, size: tuple[int, int], engine: str = "onnx",
+                precision: str = "fp32") -> Tower:
+    tower = Tower(folder, manifest, "vision-fp32", engine, precision)
     tower.check(tower.run(crops=probe_crops(size)), manifest["probes"]["image"])
     return tower
 

@@ -25,11 +25,32 @@ TEXTS = ["red car on beach", "a dog", "Ünïcödé façade 東京 🙂", " ".joi
     (EncoderOptions(), "cuda", True, Plan("torch", "bf16", "bf16")),
     (EncoderOptions(precision="fp32"), "cuda", True, Plan("torch", "fp32", "fp32")),
     (EncoderOptions(backend="torch"), "cpu", True, Plan("torch", "fp32", "fp32")),
-    (EncoderOptions(precision="bf16"), "cpu", True, Plan("torch", "bf16", "bf16")),
+    (EncoderOptions(backend="torch", precision="bf16"), "cpu", True, Plan("torch", "bf16", "bf16")),
     (EncoderOptions(precision="int8"), "cpu", True, Plan("onnx", "int8", "fp32")),
 ])
 def test_plan(opts, device, ort, want):
     assert plan(opts, device, ort) == want
+
+
+# (options, OpenVINO installed, it has bf16 here) -> plan: bf16 goes to OpenVINO where it can run it.
+@pytest.mark.parametrize("opts, ov, ov_bf16, want", [
+    (EncoderOptions(), True, True, Plan("onnx", "fp32", "fp32")),  # images: measured later (Encoder)
+    (EncoderOptions(precision="bf16"), True, True, Plan("openvino", "bf16", "bf16")),
+    (EncoderOptions(backend="openvino"), True, False, Plan("openvino", "fp32", "fp32")),
+    (EncoderOptions(backend="openvino", precision="bf16"), True, True, Plan("openvino", "bf16", "bf16")),
+    (EncoderOptions(backend="torch", precision="bf16"), True, True, Plan("torch", "bf16", "bf16")),
+])
+def test_plan_with_openvino(opts, ov, ov_bf16, want):
+    assert plan(opts, "cpu", True, ov, ov_bf16) == want
+
+
+def test_plan_bf16_without_openvino_runs_torch_and_says_why():
+    p = plan(EncoderOptions(precision="bf16"), "cpu", True, False, False)
+    assert (p.backend, p.image) == ("torch", "bf16") and "openvino is not installed" in p.why
+    p = plan(EncoderOptions(precision="bf16"), "cpu", True, True, False)
+    assert p.backend == "torch" and "no BF16 instructions" in p.why
+    p = plan(EncoderOptions(), "cpu", False, True, False)  # no onnxruntime: OpenVINO runs both towers
+    assert p.backend == "openvino" and "onnxruntime is not installed" in p.why
 
 
 def test_plan_without_onnxruntime_says_why_and_refuses_what_needs_it():
@@ -43,10 +64,18 @@ def test_plan_without_onnxruntime_says_why_and_refuses_what_needs_it():
 @pytest.mark.parametrize("opts, device", [
     (EncoderOptions(backend="onnx"), "cuda"), (EncoderOptions(precision="int8"), "cuda"),
     (EncoderOptions(backend="torch", precision="int8"), "cpu"), (EncoderOptions(backend="onnx", precision="bf16"), "cpu"),
+    (EncoderOptions(backend="openvino"), "cuda"), (EncoderOptions(backend="openvino", precision="int8"), "cpu"),
 ])
 def test_plan_refuses_combinations_that_cannot_run(opts, device):
     with pytest.raises(BadInputError):
-        plan(opts, device, True)
+        plan(opts, device, True, True, True)
+
+
+def test_plan_refuses_openvino_where_it_cannot_run():
+    with pytest.raises(BadInputError, match="pip install openvino"):
+        plan(EncoderOptions(backend="openvino"), "cpu", True, False, False)
+    with pytest.raises(BadInputError, match="no bf16 on this CPU"):
+        plan(EncoderOptions(backend="openvino", precision="bf16"), "cpu", True, True, False)
 
 
 def test_unknown_names_are_refused():
@@ -88,23 +117,57 @@ def test_auto_runs_images_on_whichever_engine_was_measured_faster_here(tiny_mode
     assert (auto.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
     manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
     (speed,) = manifest["vision_speed"].values()  # one machine: this one
-    assert speed["onnx"] > 0 and speed["torch"] > 0
+    assert set(speed) == {"onnx", "openvino", "torch"} and min(speed.values()) > 0  # every engine loaded and ran
     assert auto.plan.images_on == backend.faster_for_images(speed) and auto.plan.backend == "onnx"
     # a recorded measurement is used as it is: torch recorded faster -> torch, and the plan says why
     folder = next(cache.glob("onnx/*"))
     machine = next(iter(manifest["vision_speed"]))
-    manifest["vision_speed"][machine] = {"onnx": 1.0, "torch": 2.0}
+    manifest["vision_speed"][machine] = {"onnx": 1.0, "openvino": 1.0, "torch": 2.0}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     slow = Encoder(str(tiny_model), device="cpu")
     assert np.array_equal(slow.encode_crops(c), ref.encode_crops(c))
-    assert slow.plan.images_on == "torch" and "measured faster here" in slow.plan.why
+    assert slow.plan.images_on == "torch" and "measured fastest here" in slow.plan.why
     assert slow.plan.to_dict()["image_backend"] == "torch"
+    # OpenVINO recorded fastest -> it runs the images, at parity with torch
+    manifest["vision_speed"][machine] = {"onnx": 1.0, "openvino": 3.0, "torch": 2.0}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    ov = Encoder(str(tiny_model), device="cpu")
+    assert (ov.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
+    assert ov.plan.images_on == "openvino" and ov._towers["image"].engine == "openvino"
+    assert "OpenVINO runs the vision tower" in ov.plan.why and ov.plan.backend == "onnx"
+    # a newly installed engine (not in the record) makes it measure again
+    manifest["vision_speed"][machine] = {"onnx": 1.0, "torch": 2.0}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    Encoder(str(tiny_model), device="cpu").encode_crops(c[:1])
+    again = json.loads((folder / "manifest.json").read_text())["vision_speed"][machine]
+    assert set(again) == {"onnx", "openvino", "torch"} and again != {"onnx": 1.0, "torch": 2.0}
 
 
-def test_faster_for_images_keeps_onnx_unless_torch_is_clearly_faster():
+def test_openvino_runs_both_towers_at_parity_and_bf16_within_its_floor(tiny_model, cache):
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch")
+    ov = Encoder(str(tiny_model), device="cpu", backend="openvino")
+    assert ov.plan == Plan("openvino", "fp32", "fp32")
+    c = crops(ov, 9)
+    assert (ov.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
+    assert (ov.encode_text(TEXTS) * ref.encode_text(TEXTS)).sum(axis=1).min() >= 0.9999
+    assert {t.engine for t in ov._towers.values()} == {"openvino"} and ov.plan == Plan("openvino", "fp32", "fp32")
+    if not backend.openvino_bf16():
+        pytest.skip("this CPU has no BF16 for OpenVINO")
+    bf = Encoder(str(tiny_model), device="cpu", precision="bf16")
+    assert bf.plan == Plan("openvino", "bf16", "bf16")
+    cos = (bf.encode_crops(c) * ref.encode_crops(c)).sum(axis=1)
+    assert cos.min() >= 0.99 and bf.plan == Plan("openvino", "bf16", "bf16")  # no fallback on the way
+    assert bf._towers["image"].precision == "bf16"
+
+
+def test_faster_for_images_picks_the_fastest_and_keeps_torch_only_when_clearly_faster():
     assert backend.faster_for_images({"onnx": 3.0, "torch": 3.1}) == "onnx"
     assert backend.faster_for_images({"onnx": 3.0, "torch": 3.5}) == "torch"
     assert backend.faster_for_images({"onnx": 9.3, "torch": 4.2}) == "onnx"
+    # the 2-core Xeon of RESULTS.md: OpenVINO 7.3, torch 3.7, ORT 2.9
+    assert backend.faster_for_images({"onnx": 2.9, "openvino": 7.3, "torch": 3.7}) == "openvino"
+    assert backend.faster_for_images({"onnx": 3.0, "openvino": 3.0, "torch": 3.0}) == "onnx"
+    assert backend.faster_for_images({"onnx": 0.0, "openvino": 3.0, "torch": 3.1}) == "openvino"  # 0: failed to load
 
 
 def test_a_later_run_uses_the_cache_without_exporting(tiny_model, cache, monkeypatch):
@@ -137,11 +200,14 @@ def test_a_failing_export_falls_back_to_torch_and_says_why(tiny_model, cache, mo
 
 
 @pytest.mark.slow
-def test_without_onnxruntime_the_index_runs_on_torch(tiny_model, tmp_path):
-    """onnxruntime missing (an import that fails, as in an environment without it): torch, said in --json."""
+@pytest.mark.parametrize("missing, runs", [(("onnxruntime", "openvino"), "torch"), (("onnxruntime",), "openvino")])
+def test_without_onnxruntime_the_index_runs_on_what_is_left(tiny_model, tmp_path, missing, runs):
+    """onnxruntime missing (an import that fails, as in an environment without it): OpenVINO runs the model
+    where installed, else torch, said in --json."""
     shim = tmp_path / "shim"
-    (shim / "onnxruntime").mkdir(parents=True)
-    (shim / "onnxruntime" / "__init__.py").write_text("raise ImportError('onnxruntime was removed for this test')\n")
+    for name in missing:
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(f"raise ImportError('{name} was removed for this test')\n")
     corpus = tmp_path / "corpus"
     make_images(corpus, 4)
     env = {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]),
@@ -150,7 +216,7 @@ def test_without_onnxruntime_the_index_runs_on_torch(tiny_model, tmp_path):
                        env=env)  # on a GPU torch is chosen anyway (seen on an H200)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["added"] == 4 and out["encoder"]["backend"] == "torch" and "onnxruntime" in out["encoder"]["note"]
+    assert out["added"] == 4 and out["encoder"]["backend"] == runs and "onnxruntime" in out["encoder"]["note"]
     proc = alignsearch("index", corpus, "--index", tmp_path / "ix", "--backend", "onnx", "--device", "cpu", env=env)
     assert proc.returncode == BadInputError.exit_code and "pip install onnxruntime" in proc.stderr
 

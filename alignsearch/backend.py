@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignsearch.errors import BadInputError
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
+# Images per forward pass on CPUs: EfficientNet-B7 runs ~2x faster per image in batches of 2-4 than of 32
+# (activations stay in cache; benchmarks/RESULTS.md), on every engine.
+CPU_MICRO_BATCH = 4
 ENGINES = ("onnx", "openvino")  # what runs an exported tower: ONNX Runtime, OpenVINO
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
@@ -71,6 +74,25 @@ def faster_for_images(speed: dict, margin: float = 1.05) -> str:
     exported = {k: v for k, v in speed.items() if k != "torch"}
     best = max(exported, key=lambda k: (exported[k], k == "onnx"))
     return "torch" if speed.get("torch", 0.0) > exported[best] * margin else best
+
+
+ENGINE_NAMES = {"onnx": "ONNX Runtime", "openvino": "OpenVINO", "torch": "torch"}
+
+
+def choose_images(p: Plan, speed: dict) -> Plan:
+    """`p` with the vision tower on the engine measured fastest here (speed: images/s per engine), and the
+    measurement in its note when that is not the plan's own engine."""
+    engine = faster_for_images(speed)
+    if engine == p.images_on:
+        return p
+    others = ", ".join(f"{ENGINE_NAMES[e]} {speed[e]:.2f}" for e in speed if e != engine)
+    return replace(p, image_backend=engine, why=(f"{ENGINE_NAMES[engine]} runs the vision tower: measured fastest "
+                                                 f"here ({speed[engine]:.2f} images/s; {others})"))
+
+
+def installed_engines() -> tuple[str, ...]:
+    """The engines --backend auto measures for the vision tower: the exported ones installed, then torch."""
+    return tuple(e for e, ok in (("onnx", onnxruntime_installed()), ("openvino", openvino_installed())) if ok) + ("torch",)
 
 
 def _installed(name: str) -> bool:

@@ -9,23 +9,21 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.backend import (ENGINES, EncoderOptions, fallback, faster_for_images, onnxruntime_installed, openvino_bf16,
-                                openvino_installed, plan)
-from alignsearch.classify import DEFAULT_TEMPLATES
-from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, ModelMismatchError
-from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
-from alignsearch.sources import read_local
+from alignsearch.backend import (CPU_MICRO_BATCH, ENGINES, EncoderOptions, choose_images, fallback, installed_engines,
+                                onnxruntime_installed, openvino_bf16, openvino_installed, plan)
+from alignsearch.cached import checkpoint_stamp
+from alignsearch.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, describe_model
+from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError
+from alignsearch.images import ImageSpec
 
-DEFAULT_MODEL = "kakaobrain/align-base"
 log = logging.getLogger(__name__)
-
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+__all__ = ["DEFAULT_MODEL", "Encoder", "ImageInput", "load_recorded"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -131,7 +129,7 @@ def _legacy_fingerprint(model: torch.nn.Module) -> str:
 def micro_batch(device_type: str) -> int | None:
     """Images per forward pass. On CPUs EfficientNet-B7 runs ~2x faster per image in batches of
     2-4 than of 32 (activations stay in cache; benchmarks/RESULTS.md); GPUs want the whole batch."""
-    return 4 if device_type == "cpu" else None
+    return CPU_MICRO_BATCH if device_type == "cpu" else None
 
 
 def _normalise(x: torch.Tensor) -> np.ndarray:
@@ -227,7 +225,7 @@ def _check_source(model: str) -> str:
     return "hub"
 
 
-class Encoder:
+class Encoder(EncoderBase):
     """One loaded ALIGN checkpoint on one device. Not thread-safe: serialise calls."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", text_bf16: bool = False, *,
@@ -246,6 +244,7 @@ class Encoder:
         self.device = resolve_device(device)
         source = _check_source(str(model))
         local_only = source != "hub"
+        stamp = checkpoint_stamp(self.name)  # before loading: the files these weights came from
         try:
             self.model = AlignModel.from_pretrained(self.name, local_files_only=local_only).float().eval().to(self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=local_only)
@@ -254,6 +253,8 @@ class Encoder:
             why = {"unreachable": f"cannot reach {_endpoint()} and it is not in the Hugging Face cache",
                    "offline": "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"}.get(source, str(exc))
             raise ModelLoadError(f"could not load the ALIGN checkpoint {self.name!r}: {why}\n{_download_hint()}") from None
+        # Kept only if no file changed while loading (then the stamp describes exactly these weights)
+        self.checkpoint_stamp = stamp if stamp is not None and checkpoint_stamp(self.name) == stamp else None
         self.dim = int(self.model.config.projection_dim)
         text_limit = int(self.model.config.text_config.max_position_embeddings)
         tok_limit = int(getattr(self.tokenizer, "model_max_length", text_limit) or text_limit)
@@ -290,24 +291,7 @@ class Encoder:
 
     def describe(self) -> dict:
         """What an index records about the model that built it."""
-        s = self.spec
-        return {
-            "model": self.name,
-            "fingerprint": self.fingerprint,
-            "content_digest": self.content_digest,  # finds the ONNX export of exactly these weights and tokenizer
-            "dim": self.dim,
-            "max_text_tokens": self.max_length,
-            "preprocessing": {
-                "resize": list(s.resize),
-                "resample": s.resample,
-                "crop": list(s.crop) if s.crop else None,
-                "rescale_factor": s.rescale_factor,
-                "rescale_offset": s.rescale_offset,
-                "mean": s.mean,
-                "std": s.std,
-                "include_top_std": s.include_top_std,
-            },
-        }
+        return describe_model(self.name, self.fingerprint, self.content_digest, self.dim, self.max_length, self.spec)
 
     def _autocast(self, precision: str):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -347,17 +331,9 @@ class Encoder:
     def _image_engine(self) -> str:
         """The vision tower's engine: the plan's, or under --backend auto at fp32 the one measured fastest on
         this CPU (once, kept in the cache's manifest), with the measurement in the plan's note."""
-        if self.options.backend != "auto" or self.plan.image != "fp32":
-            return self.plan.images_on
-        engines = tuple(e for e, ok in (("onnx", onnxruntime_installed()), ("openvino", openvino_installed())) if ok)
-        speed = self._exporter.vision_speed(engines + ("torch",))
-        engine = faster_for_images(speed)
-        if engine != self.plan.images_on:
-            names = {"onnx": "ONNX Runtime", "openvino": "OpenVINO", "torch": "torch"}
-            others = ", ".join(f"{names[e]} {speed[e]:.2f}" for e in speed if e != engine)
-            self.plan = replace(self.plan, image_backend=engine, why=(
-                f"{names[engine]} runs the vision tower: measured fastest here ({speed[engine]:.2f} images/s; {others})"))
-        return engine
+        if self.options.backend == "auto" and self.plan.image == "fp32":
+            self.plan = choose_images(self.plan, self._exporter.vision_speed(installed_engines()))
+        return self.plan.images_on
 
     def prepare_text(self) -> None:
         """Export the text tower now (index does, at its end), so the first query needs no torch."""
@@ -406,70 +382,6 @@ class Encoder:
             return np.concatenate([tower.run(crops=np.ascontiguousarray(crops[i : i + step]))
                                    for i in range(0, len(crops), step)])
         return self._torch_crops(crops, self.plan.image)
-
-    def crop(self, image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """A path, bytes or PIL image to the uint8 crop; BadInputError when it cannot be read."""
-        if isinstance(image, Image.Image):
-            return crop_uint8(to_rgb(image), self.spec)
-        try:
-            data = image if isinstance(image, bytes) else read_local(image)  # never a FIFO or a device whole
-            return crop_uint8(open_rgb(data, max_pixels)[0], self.spec)
-        except (OSError, BadImageError) as exc:
-            raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {exc}") from None
-
-    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        return self.encode_crops(np.stack([self.crop(im) for im in images]))
-
-    def encode_labels(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-        """One unit vector per label: its prompts' embeddings averaged (prompt ensembling)."""
-        from alignsearch.classify import ensemble, prompts
-
-        return np.stack([ensemble(self.encode_text(prompts(label, tuple(templates)))) for label in labels])
-
-    def classify(self, images: Sequence[ImageInput], labels: Sequence[str],
-                 templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[dict]]:
-        """Per image, per label: probability (softmax of similarity / temperature) and similarity."""
-        from alignsearch.classify import probabilities
-
-        if not labels:
-            raise BadInputError("give at least one label")
-        sims, probs = probabilities(self.encode_images(images), self.encode_labels(labels, templates), self.temperature)
-        return [
-            [{"label": lab, "probability": float(p), "similarity": float(s)} for lab, p, s in zip(labels, prow, srow)]
-            for prow, srow in zip(probs, sims)
-        ]
-
-    def classify_each(self, images: Sequence[ImageInput], labels: Sequence[str],
-                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[dict]:
-        """classify, one image at a time as far as reading goes: per image {"image", "labels"}, or
-        {"image", "error"} for one that cannot be read (the others are still classified)."""
-        from alignsearch.classify import probabilities
-
-        if not labels:
-            raise BadInputError("give at least one label")
-        out, crops = [], []
-        for image in images:
-            name = image if isinstance(image, (str, bytes)) else str(image)
-            try:
-                crops.append(self.crop(image))
-                out.append({"image": name})
-            except BadInputError as exc:
-                out.append({"image": name, "error": str(exc)})
-        if crops:
-            sims, probs = probabilities(self.encode_crops(np.stack(crops)), self.encode_labels(labels, templates),
-                                        self.temperature)
-            good = iter(zip(probs, sims))
-            for entry in out:
-                if "error" not in entry:
-                    prow, srow = next(good)
-                    entry["labels"] = [{"label": lab, "probability": float(p), "similarity": float(s)}
-                                       for lab, p, s in zip(labels, prow, srow)]
-        return out
-
-    def similarity(self, text: str, image: ImageInput) -> dict:
-        """Cosine similarity of a text and an image, and the model's logit (similarity / temperature)."""
-        sim = float(self.encode_text([text])[0] @ self.encode_images([image])[0])
-        return {"similarity": sim, "logit": sim / self.temperature}
 
 
 def load_recorded(recorded: dict, model: str | None = None, device: str = "auto", text_bf16: bool = False, *,

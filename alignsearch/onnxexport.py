@@ -15,6 +15,7 @@ import json
 import logging
 import warnings
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +23,12 @@ import torch
 
 from alignsearch import atomic
 from alignsearch.backend import onnx_dir
-from alignsearch.onnxrun import (FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower, file_record,
-                                 load_text, load_vision, probe_crops, read_manifest, tokenizer)
+from alignsearch.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower, file_record,
+                                 load_text, load_vision, machine, probe_crops, read_manifest, tokenizer)
 
 log = logging.getLogger(__name__)
 OPSET = 17
-# Bumped when the exported graphs change: caches written before are exported again (2: the vision pooler
-# as a global mean, which OpenVINO reads).
-EXPORT_VERSION = 2
+MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
 
 
 def _features(output) -> torch.Tensor:
@@ -103,20 +102,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _machine() -> str:
-    """The CPU model and core count: what decides whether ONNX Runtime or torch is faster."""
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"
-
-
 def _versions(*names: str) -> dict:
     """The installed versions of these packages (those installed), without importing them."""
     from importlib import metadata
@@ -162,6 +147,15 @@ class Exporter:
         self.enc = enc
         self.folder = onnx_dir(enc.fingerprint, enc.content_digest)
         self.manifest = self._current(read_manifest(self.folder))
+        stamp = getattr(enc, "checkpoint_stamp", None)
+        if stamp is not None and stamp not in self.manifest.setdefault("checkpoints", []):
+            # where these exact weights were loaded from: cached.find then runs the exports without loading them
+            self.manifest["checkpoints"] = (self.manifest["checkpoints"] + [stamp])[-MAX_CHECKPOINTS:]
+            if (self.folder / MANIFEST).exists():
+                try:
+                    self._save_manifest()
+                except OSError:
+                    pass  # recorded with the next export, or never: the checkpoint is then loaded each run
 
     def _current(self, manifest: dict | None) -> dict:
         """`manifest` if it describes this model and preprocessing, else a fresh one."""
@@ -214,7 +208,7 @@ class Exporter:
         (which is fastest depends on the CPU: backend.faster_for_images); measured again when an engine was
         installed since. An engine that cannot load the tower counts 0; OnnxUnusable when none can (the
         export itself failed: the encoder falls back to torch and says why)."""
-        here = _machine()
+        here = machine()
         speeds = self.manifest.setdefault("vision_speed", {})
         if set(engines) <= set(speeds.get(here, {})):
             return {e: speeds[here][e] for e in engines}
@@ -237,7 +231,7 @@ class Exporter:
                 measured[engine] = 0.0
                 failures.append(why)
                 continue
-            measured[engine] = rate(lambda: tower.run(crops=crops))
+            measured[engine] = rate(partial(tower.run, crops=crops))
             del tower  # its compiled graph's memory: only the winner is loaded again
         if failures and len(failures) == len(engines) - ("torch" in engines):
             raise failures[0]
@@ -314,6 +308,9 @@ class Exporter:
             fcntl.flock(lock, fcntl.LOCK_EX)
             disk = read_manifest(self.folder)
             if disk is not None and self._current(disk) is disk:
+                known = self.manifest.get("checkpoints", [])
+                self.manifest["checkpoints"] = (disk.get("checkpoints", []) + [c for c in known
+                                                if c not in disk.get("checkpoints", [])])[-MAX_CHECKPOINTS:]
                 for key in ("files", "rejected", "vision_speed", "probes"):
                     merged = {**disk.get(key, {}), **self.manifest.get(key, {})}
                     if key == "files":  # only entries whose file is still as recorded

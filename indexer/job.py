@@ -6,17 +6,21 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignsearch import ann, catalog, dupes, sources, vectors
-from alignsearch.backend import EncoderOptions
+from alignsearch.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
-from alignsearch.model import DEFAULT_MODEL, Encoder, load_recorded
+from alignsearch.encoding import DEFAULT_MODEL
 from alignsearch.vectors import VectorStore
 from indexer import build, photos, pipeline, progress, reindex, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
+
+if TYPE_CHECKING:
+    from alignsearch.model import Encoder
 
 
 @dataclass
@@ -176,16 +180,23 @@ def _batch_size(opts: IndexOptions, encoder: Encoder) -> int:
 
 def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
-    the first run records the model it loads."""
+    the first run records the model it loads. Its cached exports when they are all a CPU run needs
+    (alignsearch/cached.py: no torch, no transformers), else the checkpoint itself."""
+    from alignsearch import cached
+
     if options.precision == "int8":
         raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
     with db.connect() as conn:
         recorded = catalog.get_meta(conn, "model")
-    kw = dict(backend=options.backend, precision=options.precision)
-    if recorded is None:
-        enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
-    else:
-        enc = load_recorded(recorded, model, options.device, **kw)
+    enc = cached.find(model, recorded, options)
+    if enc is None:
+        from alignsearch.model import Encoder, load_recorded
+
+        kw = dict(backend=options.backend, precision=options.precision)
+        if recorded is None:
+            enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
+        else:
+            enc = load_recorded(recorded, model, options.device, **kw)
     if recorded is None or (recorded["model"], recorded["fingerprint"], recorded.get("content_digest")) != \
             (enc.name, enc.fingerprint, enc.content_digest):
         with db.begin() as conn:
@@ -267,7 +278,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     else:
         items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
                                     fast=opts.fast_decode)
-        times = pipeline.run(items, encoder, write, batch_size, bar.update, known)
+        times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
+                             encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:

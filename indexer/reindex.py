@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
@@ -22,9 +23,11 @@ from sqlalchemy import delete, func, insert, select, update
 from alignsearch import catalog, vectors
 from alignsearch.backend import EncoderOptions
 from alignsearch.engine import ANN_FILE, VECTORS_FILE
-from alignsearch.model import Encoder, load_recorded
 from alignsearch.vectors import VectorStore
 from indexer import build, pipeline, scan, writer
+
+if TYPE_CHECKING:
+    from alignsearch.model import Encoder
 
 log = logging.getLogger(__name__)
 NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so no writer deletes it
@@ -32,6 +35,8 @@ NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so 
 
 def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -> Encoder:
     """The model to re-encode with: the one named, else the one the index records (never the hub default)."""
+    from alignsearch.model import Encoder, load_recorded
+
     kw = dict(backend=options.backend, precision=options.precision)
     return Encoder(model, options.device, **kw) if model else load_recorded(recorded, None, options.device, **kw)
 

@@ -204,6 +204,17 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     return enc
 
 
+def ray_plan(actor_plans: list[dict], driver: dict) -> dict:
+    """What a Ray run reports as its encoder: the plan the actors reported (all the same), else the driver's
+    with each distinct actor plan listed (an actor whose export failed ran torch, and says why)."""
+    if len(actor_plans) == 1:
+        return {**actor_plans[0], "note": "; ".join(filter(None, ["what every Ray encoder actor ran",
+                                                                   actor_plans[0].get("note")]))}
+    return {**driver, "actors": actor_plans,
+            "note": "Ray encoder actors ran different plans: see actors" if actor_plans else
+            "encoded by Ray actors, which reported no plan"}
+
+
 def _check_store(db, store: VectorStore, out: Path) -> None:
     """Refuse to append to a vector store whose committed rows fail their checksums or are cut short;
     adopt (checksum) rows written before checksums existed; finish an ANN rename a crash interrupted."""
@@ -302,8 +313,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     # could switch it again, for text only).
     summary.encoder = encoder.plan.to_dict()
     if opts.use_ray:
-        summary.encoder["note"] = ("encoded by Ray actors, each loading the model with these options; an actor "
-                                   "whose ONNX export fails runs torch and logs why")
+        summary.encoder = ray_plan(times.extra.pop("actor_plans", []), summary.encoder)
     with db.connect() as conn:
         tagging = catalog.get_meta(conn, "tagging")
     if tagging:  # new images get the labels the library was tagged with

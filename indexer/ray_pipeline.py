@@ -13,6 +13,7 @@ actors' vectors, and the stage times are the local path's.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -96,6 +97,8 @@ class EncoderActor:
             out["vector"] = np.array([v.astype(vectors.DTYPE).tobytes() if keep else b"" for v, keep in zip(encoded, ok)],
                                      dtype=object)
         out["encode_seconds"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        # what ran (backend, precision, why): an actor's export can fail where the driver's would not
+        out["plan"] = np.full(n, json.dumps(self.encoder.plan.to_dict(), sort_keys=True), dtype=object)
         return out
 
 
@@ -120,6 +123,8 @@ def stream(ds, store: VectorStore, batch_size: int, extra: dict):
             for i in np.flatnonzero(mine):
                 items[i].vec_row = vectors.address(number, int(block["seg_row"][i]))
         extra["vectors_in_actor_segments"] += int(written.sum())
+        if "plan" in block:
+            extra["actor_plans"].update(block["plan"].tolist())
         extra["vectors_sent_to_driver"] += len(shipped)
         yield Batch(items, np.stack(shipped) if shipped else np.zeros((0, store.dim), vectors.DTYPE),
                     [items[i].vec_row for i in np.flatnonzero(written)], float(block["encode_seconds"].sum()))
@@ -167,8 +172,9 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec, "fast": fast}, batch_size=batch_size, batch_format="numpy")
         ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token},
                             batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0)
-        extra = {"vectors_in_actor_segments": 0, "vectors_sent_to_driver": 0}
+        extra = {"vectors_in_actor_segments": 0, "vectors_sent_to_driver": 0, "actor_plans": set()}
         times = drive(stream(ds, store, batch_size, extra), None, write, on_batch)
+        extra["actor_plans"] = [json.loads(p) for p in sorted(extra["actor_plans"])]  # each distinct plan once
         times.extra.update(extra, ray_encoders=actors)
         return times
     finally:

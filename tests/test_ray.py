@@ -54,6 +54,10 @@ def test_ray_path_matches_the_single_process_path(tmp_path, corpus, tiny_model):
     # that small is then folded into vectors.f16, so small runs do not pile up files
     extra = ray_summary["times"]["extra"]
     assert extra["vectors_in_actor_segments"] == 18 and extra["vectors_sent_to_driver"] == 0
+    # the plan the actors ran comes back from them (not the driver's guess)
+    enc, local_enc = ray_summary["encoder"], local_summary["encoder"]
+    assert enc["note"].startswith("what every Ray encoder actor ran") and "actor_plans" not in extra
+    assert (enc["backend"], enc.get("image_backend")) == (local_enc["backend"], local_enc.get("image_backend"))
     assert extra["vectors_folded"] == 18
     a, b = alignsearch.open(tmp_path / "ray"), alignsearch.open(tmp_path / "local")
     assert a.store.rows == 18 and a.store.segments == {} and segment_files(tmp_path / "ray") == set()
@@ -96,6 +100,18 @@ class Elsewhere:
 
     def __call__(self, batch):
         return self.inner(batch)
+
+
+def test_a_ray_run_reports_what_its_actors_ran():
+    from indexer.job import ray_plan
+
+    torch_plan = {"backend": "torch", "text_precision": "fp32", "image_precision": "fp32", "note": "could not export"}
+    onnx_plan = {"backend": "onnx", "text_precision": "fp32", "image_precision": "fp32"}
+    one = ray_plan([torch_plan], onnx_plan)
+    assert one["backend"] == "torch" and "could not export" in one["note"] and "actor" in one["note"]
+    two = ray_plan([onnx_plan, torch_plan], onnx_plan)
+    assert two["actors"] == [onnx_plan, torch_plan] and "different plans" in two["note"]
+    assert "reported no plan" in ray_plan([], onnx_plan)["note"]
 
 
 def test_encoder_actors_take_the_encoder_options_as_one_value(tiny_model):

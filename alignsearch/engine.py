@@ -163,11 +163,17 @@ class Engine:
         with self._encoder_lock:
             fingerprint = snap.model_info["fingerprint"]
             if self._encoder is None or self._encoder[0] != fingerprint:  # first use, or a re-encode switched it
-                from alignsearch.model import load_recorded
+                from alignsearch import cached
 
                 o = self._enc_options
-                self._encoder = (fingerprint, load_recorded(snap.model_info, self._model_name, o.device,
-                                                            backend=o.backend, precision=o.precision))
+                # the index's model from its cached exports (no torch: alignsearch/cached.py), else loaded
+                enc = cached.find(self._model_name, snap.model_info, o)
+                if enc is None:
+                    from alignsearch.model import load_recorded
+
+                    enc = load_recorded(snap.model_info, self._model_name, o.device, backend=o.backend,
+                                        precision=o.precision)
+                self._encoder = (fingerprint, enc)
             return self._encoder[1]
 
     def _text_encoder_of(self, snap: Snapshot):

@@ -195,3 +195,30 @@ def test_a_tower_that_fails_its_check_on_openvino_is_compiled_again_without_the_
     with pytest.raises(onnxrun.OnnxUnusable):  # ONNX Runtime has no compiled graphs to clear: the failure stands
         calls.clear()
         onnxrun.load_vision(folder, manifest, size, "onnx")
+
+
+COLD_IMAGE = """
+import json, sys
+from alignsearch.cli import main
+try:
+    main(["query", "--image", sys.argv[2], "--index", sys.argv[1], "--json", "-k", "3"])
+except SystemExit as exit:
+    assert not exit.code, exit.code
+loaded = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print(json.dumps({"loaded": loaded}))
+"""
+
+
+@pytest.mark.slow
+def test_a_cold_image_query_runs_on_the_exports(model, cache, tmp_path):
+    corpus = tmp_path / "corpus"
+    images = make_images(corpus, 4)
+    index_fresh(corpus, tmp_path / "ix", model, cache, "auto")
+    env = {**os.environ, "ALIGNSEARCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", COLD_IMAGE, str(tmp_path / "ix"), str(images[2])], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"loaded": []}
+    hits = json.loads("\n".join(lines[:-1]))["results"]
+    assert hits[0]["path"].endswith(images[2].name) and hits[0]["score"] == pytest.approx(1, abs=2e-3)

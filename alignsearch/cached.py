@@ -33,8 +33,8 @@ from alignsearch.backend import (CPU_MICRO_BATCH, EncoderOptions, Plan, cache_ro
 from alignsearch.encoding import DEFAULT_MODEL, EncoderBase, describe_model
 from alignsearch.errors import ModelMismatchError
 from alignsearch.images import ImageSpec
-from alignsearch.onnxrun import (EXPORT_VERSION, MANIFEST, OnnxUnusable, TextEncoder, load_vision, machine,
-                                 read_manifest)
+from alignsearch.onnxrun import (EXPORT_VERSION, MANIFEST, OnnxUnusable, TextEncoder, check_file, load_vision,
+                                 machine, read_manifest)
 
 log = logging.getLogger(__name__)
 NEEDED = ("vision-fp32", "text-fp32", "tokenizer")  # the files this encoder runs from
@@ -51,9 +51,11 @@ class Device:
 
 
 def checkpoint_stamp(path) -> dict | None:
-    """{"path": absolute folder, "files": {name: [size, mtime_ns, inode]}} of a local checkpoint folder's
-    files (symlinks followed, as in the Hugging Face cache's snapshots); None for a hub id or a folder that
-    cannot be listed."""
+    """{"path": absolute folder, "files": {name: [size, mtime_ns, ctime_ns, inode, device]}} of a local
+    checkpoint folder's files (symlinks followed, as in the Hugging Face cache's snapshots); None for a hub id
+    or a folder that cannot be listed. ctime because nothing else is enough: a checkpoint re-extracted from an
+    archive with fixed mtimes (tar --mtime, SOURCE_DATE_EPOCH) got back the same sizes, mtimes and (reused)
+    inodes with other weights; every write, rename or utime sets ctime, and no user can set it back."""
     folder = Path(path)
     try:
         if not folder.is_dir():
@@ -62,7 +64,7 @@ def checkpoint_stamp(path) -> dict | None:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_file():
                 st = entry.stat()
-                files[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+                files[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
     except OSError:
         return None
     return {"path": str(folder.resolve()), "files": files}
@@ -87,6 +89,15 @@ def _manifests():
 
 
 def _usable(manifest: dict, stamp: dict, recorded: dict | None) -> bool:
+    """Does this manifest hold a complete export of the stamped folder's weights (the index's, if recorded)?
+    Any manifest that cannot be read as one is not usable (the full load exports again where it must)."""
+    try:
+        return _matches(manifest, stamp, recorded)
+    except Exception:  # noqa: BLE001 - a damaged or foreign manifest: not this model's export
+        return False
+
+
+def _matches(manifest: dict, stamp: dict, recorded: dict | None) -> bool:
     if manifest.get("export_version") != EXPORT_VERSION or stamp not in manifest.get("checkpoints", []):
         return False
     if not all(k in manifest.get("files", {}) for k in NEEDED) or "tokenizer" not in manifest:
@@ -110,29 +121,31 @@ def find(model: str | None, recorded: dict | None, options: EncoderOptions) -> C
     stamp = checkpoint_stamp(name)
     if stamp is None:
         return None
-    found = next(((f, m) for f, m in _manifests() if _usable(m, stamp, recorded)), None)
-    if found is None:
-        return None
-    folder, manifest = found
+    for folder, manifest in _manifests():
+        if not _usable(manifest, stamp, recorded):
+            continue
+        try:
+            return _encoder(folder, manifest, stamp, options)
+        except Exception as why:  # noqa: BLE001 - a damaged cache (missing keys, unloadable tower): the next, else
+            # the full load, which exports again
+            log.info("cached exports in %s not used: %s", folder,
+                     str(why).splitlines()[0] if str(why) else type(why).__name__)
+    return None
+
+
+def _encoder(folder: Path, manifest: dict, stamp: dict, options: EncoderOptions) -> CachedEncoder | None:
     ov = openvino_installed()
-    try:
-        p = plan(options, "cpu", onnxruntime_installed(), ov, ov and options.precision == "bf16" and openvino_bf16())
-    except Exception:  # noqa: BLE001 - what cannot run is the full load's to say (BadInputError there)
-        return None
+    p = plan(options, "cpu", onnxruntime_installed(), ov, ov and options.precision == "bf16" and openvino_bf16())
     if options.backend == "auto" and p.image == "fp32":
         speed = manifest.get("vision_speed", {}).get(machine(), {})
         engines = installed_engines()
         if not set(engines) <= set(speed):
             return None  # not measured here with these engines: the full load measures
-        p = choose_images(p, {e: speed[e] for e in engines})
+        p = choose_images(p, {e: float(speed[e]) for e in engines})
     if p.backend == "torch" or p.images_on == "torch":
         return None
     enc = CachedEncoder(folder, manifest, stamp["path"], p, options)
-    try:
-        enc.vision()
-    except OnnxUnusable as why:
-        log.info("cached exports not used: %s", why)
-        return None
+    enc.vision()  # the probes, before any image is encoded
     return enc
 
 
@@ -203,4 +216,14 @@ class CachedEncoder(EncoderBase):
         return self._full.encode_text(texts)
 
     def prepare_text(self) -> None:
-        """Nothing to export: this encoder was found because the text tower and tokenizer.json are cached."""
+        """What model.Encoder.prepare_text promises (the next text query needs no torch): the cached text tower
+        and tokenizer.json still as exported (size and time, hashed when changed), else the checkpoint loads
+        and exports them."""
+        if self._full is None:
+            try:
+                for key in ("text-fp32", "tokenizer"):
+                    check_file(self._folder, self._manifest, key)
+                return
+            except OnnxUnusable as why:
+                self._fall_back(why)
+        self._full.prepare_text()

@@ -222,3 +222,55 @@ def test_a_cold_image_query_runs_on_the_exports(model, cache, tmp_path):
     assert json.loads(lines[-1]) == {"loaded": []}
     hits = json.loads("\n".join(lines[:-1]))["results"]
     assert hits[0]["path"].endswith(images[2].name) and hits[0]["score"] == pytest.approx(1, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_other_weights_under_the_same_size_mtime_and_inode_are_not_taken_for_the_stamped_ones(model, cache, tmp_path,
+                                                                                              other_model):
+    """The reviewer's case: a checkpoint re-extracted with fixed mtimes (tar --mtime) got the same sizes, mtimes
+    and reused inodes with other weights. Here: rewritten in place, mtime set back."""
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    index_fresh(corpus, tmp_path / "a", model, cache, "openvino")
+    weights = model / "model.safetensors"
+    st, data = weights.stat(), (other_model / "model.safetensors").read_bytes()
+    assert len(data) == st.st_size
+    with open(weights, "r+b") as f:  # same inode
+        f.write(data)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == (st.st_size, st.st_mtime_ns,
+                                                                                           st.st_ino)
+    out = index_fresh(corpus, tmp_path / "b", model, cache, "openvino")
+    assert out["loaded"] == ["torch", "transformers"]  # the checkpoint was loaded: its new weights encode
+    ref = Encoder(str(other_model), device="cpu", backend="torch")
+    got = vectors_by_path(tmp_path / "b", ref.dim)
+    assert min(float(got[p] @ ref.encode_images([corpus / p])[0]) for p in got) >= 0.999
+
+
+def test_a_damaged_manifest_anywhere_in_the_cache_is_passed_over(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    enc = Encoder(str(tiny_model), device="cpu", backend="openvino")
+    enc.encode_crops(np.zeros((1, *enc.spec.output_size, 3), np.uint8))
+    enc.prepare_text()
+    (folder,) = (tmp_path / "cache").glob("onnx/*")
+    good = json.loads((folder / "manifest.json").read_text())
+    opts = EncoderOptions(device="cpu", backend="openvino")
+    for i, bad in enumerate([{"export_version": 2, "checkpoints": None}, {"export_version": 2, "checkpoints": "x"},
+                             [1, 2], {**good, "dim": None}, {**good, "vision_speed": 3, "files": {"vision-fp32": 1}}]):
+        other = tmp_path / "cache" / "onnx" / f"000bad{i}"  # scanned before the good one
+        other.mkdir()
+        (other / "manifest.json").write_text(json.dumps(bad))
+        assert cached.find(str(tiny_model), None, opts) is not None  # the good export, not a crash
+    (folder / "manifest.json").write_text(json.dumps({**good, "dim": "x"}))
+    assert cached.find(str(tiny_model), None, opts) is None  # the only complete-looking one is damaged: full load
+
+
+@pytest.mark.slow
+def test_a_cached_run_leaves_the_text_tower_for_the_next_query(model, cache, tmp_path):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    index_fresh(corpus, tmp_path / "a", model, cache, "openvino")
+    (text,) = cache.glob("onnx/*/text-fp32.onnx")
+    text.unlink()
+    out = index_fresh(corpus, tmp_path / "b", model, cache, "openvino")
+    assert out["added"] == 3 and out["loaded"] == ["torch", "transformers"] and text.exists()  # exported again

@@ -306,9 +306,15 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         hits = answer["results"]
     else:
         _quiet_transformers()
+        soon = None
+        if text is not None and image is None and model is None and device in ("auto", "cpu") \
+                and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
+            from alignsearch.coldstart import text_encoder_soon  # the tower loads while the engine imports
+
+            soon = text_encoder_soon(found, precision)
         from alignsearch.engine import open as open_index
 
-        engine = open_index(found, model=model, device=device, backend=backend, precision=precision)
+        engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                              image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
                              collapse=collapse, min_score=min_score, sort=sort, mode=mode, **narrowing)

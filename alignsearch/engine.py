@@ -98,7 +98,9 @@ class Engine:
     Opening writes nothing: a read-only index (mount, permissions) can be queried."""
 
     def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", text_bf16: bool = False, *,
-                 backend: str = "auto", precision: str = "auto"):
+                 backend: str = "auto", precision: str = "auto", text_soon=None):
+        """text_soon: (model meta, future of a text encoder) from coldstart.text_encoder_soon, used if it is
+        for the model this index's snapshot records."""
         self.dir = Path(index_dir)
         self._model_name = model
         self._enc_options = EncoderOptions(device=device, backend=backend,
@@ -106,6 +108,7 @@ class Engine:
         self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
         self._encoder = None
         self._text_only = None  # (fingerprint, onnxrun.TextEncoder): text queries without torch
+        self._text_soon = text_soon
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._catalog_checked: set[int] = set()
@@ -192,11 +195,20 @@ class Engine:
                     and o.precision in ("auto", "fp32", "int8"):
                 from alignsearch import onnxrun
 
-                light = onnxrun.text_encoder(snap.model_info, "int8" if o.precision == "int8" else "fp32")
+                light = self._early_text(snap) or onnxrun.text_encoder(snap.model_info,
+                                                                       "int8" if o.precision == "int8" else "fp32")
                 if light is not None:
                     self._text_only = (fingerprint, light)
                     return light
         return self._encoder_of(snap)
+
+    def _early_text(self, snap: Snapshot):
+        """The text encoder coldstart began loading before this engine opened, if it is for this index's model."""
+        if self._text_soon is None:
+            return None
+        (info, future), self._text_soon = self._text_soon, None
+        same = all(info.get(k) == snap.model_info.get(k) for k in ("fingerprint", "content_digest"))
+        return future.result() if same else None
 
     def encoder_plan(self) -> dict | None:
         """What encodes queries (backend and precision per tower), once one is loaded."""
@@ -576,8 +588,8 @@ def sort_hits(hits: list[Hit], key: str) -> list[Hit]:
 
 
 def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001
-         text_bf16: bool = False, *, backend: str = "auto", precision: str = "auto") -> Engine:
+         text_bf16: bool = False, *, backend: str = "auto", precision: str = "auto", text_soon=None) -> Engine:
     """Open an index: the given directory, $ALIGNSEARCH_INDEX, or the nearest `.alignsearch` above cwd.
     backend and precision: see alignsearch/backend.py (text_bf16 is precision="bf16")."""
     return Engine(resolve_index_dir(index_dir), model=model, device=device, text_bf16=text_bf16, backend=backend,
-                  precision=precision)
+                  precision=precision, text_soon=text_soon)

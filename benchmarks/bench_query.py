@@ -131,7 +131,7 @@ VARIANTS = {
     "torch fp32": {"backend": "torch"},
     "default (onnx fp32)": {},
     "onnx int8 text (--precision int8)": {"precision": "int8"},
-    "torch bf16 (--precision bf16)": {"precision": "bf16"},
+    "bf16 (--precision bf16: OpenVINO where the CPU has BF16, else torch)": {"precision": "bf16"},
 }
 PROBES = ["a red car parked on the beach at night", "a dog", "two people in the snow", "a bowl of fruit on a table",
           "the skyline of a big city at dusk"]

@@ -433,3 +433,29 @@ def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
     os.utime(stale, (1, 1))
     enc.encode_crops(crops(enc))  # exports the vision tower
     assert not stale.exists() and live.exists()
+
+
+def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_its_model(tiny_model, tmp_path, cache):
+    import alignsearch
+    from alignsearch import coldstart
+
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    index_json(tmp_path / "ix", corpus, "--model", tiny_model)
+    soon = coldstart.text_encoder_soon(tmp_path / "ix", "fp32")
+    assert soon is not None and soon[0]["fingerprint"] == Encoder(str(tiny_model), device="cpu").fingerprint
+    early = soon[1].result()
+    assert early is not None
+    engine = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=soon)
+    engine.search(text="red car", k=2)
+    assert engine._text_only[1] is early  # the one loaded early, not a second one
+    # a hint for another model (the catalog changed between the peek and the open) is not used
+    info, future = coldstart.text_encoder_soon(tmp_path / "ix", "fp32")
+    other = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=({**info, "fingerprint": "0" * 16}, future))
+    other.search(text="red car", k=2)
+    assert other._text_only[1] is not future.result()
+    # nothing to peek: no hint, no crash
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "catalog.db").write_bytes(b"not a database" * 100)
+    assert coldstart.text_encoder_soon(tmp_path / "junk", "fp32") is None
+    assert coldstart.text_encoder_soon(tmp_path / "nowhere", "fp32") is None

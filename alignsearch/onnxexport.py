@@ -23,8 +23,9 @@ import torch
 
 from alignsearch import atomic
 from alignsearch.backend import onnx_dir
-from alignsearch.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower, file_record,
-                                 load_text, load_vision, machine, probe_crops, read_manifest, tokenizer)
+from alignsearch.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
+                                 clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
+                                 read_manifest, tokenizer)
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -333,6 +334,7 @@ class Exporter:
                     raise
                 except Exception as exc:  # noqa: BLE001 - an exporter's failure is a reason to run on torch
                     raise OnnxUnusable(f"could not export the {key} tower to ONNX: {str(exc).splitlines()[0][:200]}") from None
+            clear_folder(openvino_cache(final))  # graphs compiled from the file replaced (~250 MB each)
             self.manifest["files"][key] = {**file_record(final), "made_by": how, "torch": torch.__version__,
                                           **_versions("onnxruntime", "openvino")}
             self._save_manifest()

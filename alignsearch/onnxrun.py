@@ -115,7 +115,7 @@ def _openvino(path: Path, precision: str):
         return core.compile_model(str(path), "CPU", config).create_infer_request()
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
         log.info("OpenVINO's model cache in %s not used: %s", cache, str(exc).splitlines()[0][:200] if str(exc) else exc)
-        _clear(cache)
+        clear_folder(cache)
     return ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
 
 
@@ -217,13 +217,14 @@ def _checked(make, check) -> Tower:
         if tower.engine != "openvino" or not any(cache.glob("*")):
             raise
         log.warning("clearing OpenVINO's compiled graphs in %s: %s", cache, why)
-        _clear(cache)
+        clear_folder(cache)
         tower = make()
         check(tower)
     return tower
 
 
-def _clear(folder: Path) -> None:
+def clear_folder(folder: Path) -> None:
+    """Delete the files in folder (OpenVINO's compiled graphs), what can be deleted."""
     for blob in folder.glob("*"):
         try:
             blob.unlink()

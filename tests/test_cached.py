@@ -274,3 +274,20 @@ def test_a_cached_run_leaves_the_text_tower_for_the_next_query(model, cache, tmp
     text.unlink()
     out = index_fresh(corpus, tmp_path / "b", model, cache, "openvino")
     assert out["added"] == 3 and out["loaded"] == ["torch", "transformers"] and text.exists()  # exported again
+
+
+def test_a_re_export_drops_the_graphs_compiled_from_the_file_it_replaces(tiny_model, monkeypatch, tmp_path):
+    from alignsearch import onnxrun
+
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    enc = Encoder(str(tiny_model), device="cpu", backend="openvino")
+    enc.encode_crops(np.zeros((1, *enc.spec.output_size, 3), np.uint8))
+    (folder,) = (tmp_path / "cache").glob("onnx/*")
+    blobs = onnxrun.openvino_cache(folder / "vision-fp32.onnx")
+    stale = blobs / "stale.blob"
+    stale.write_bytes(b"compiled from an older file")
+    tower = folder / "vision-fp32.onnx"
+    tower.write_bytes(tower.read_bytes()[:1000])  # truncated: exported again on the next load
+    again = Encoder(str(tiny_model), device="cpu", backend="openvino")
+    again.encode_crops(np.zeros((1, *enc.spec.output_size, 3), np.uint8))
+    assert again.plan.images_on == "openvino" and not stale.exists() and any(blobs.glob("*"))

@@ -101,7 +101,7 @@ def _installed(name: str) -> bool:
         return False
     try:
         importlib.import_module(name)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - ImportError, or a broken install raising anything at import
         return False
     return True
 

@@ -35,7 +35,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
@@ -162,7 +162,9 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         engine = create_engine("sqlite://", creator=lambda: _open_readonly(Path(db_path)), poolclass=QueuePool,
                                pool_size=8, max_overflow=-1)
     else:
-        engine = create_engine(f"sqlite:///{db_path}")
+        # URL.create, not an f-string: a '?', '#' or '%20' in the folder's path is part of the file name, not a
+        # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success)
+        engine = create_engine(URL.create("sqlite", database=str(db_path)))
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):

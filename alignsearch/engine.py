@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,8 @@ from alignsearch.photometa import iso
 from alignsearch.query import fuse, words
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
            "open", "resolve_index_dir"]
@@ -207,8 +210,13 @@ class Engine:
         if self._text_soon is None:
             return None
         (info, future), self._text_soon = self._text_soon, None
-        same = all(info.get(k) == snap.model_info.get(k) for k in ("fingerprint", "content_digest"))
-        return future.result() if same else None
+        if not all(info.get(k) == snap.model_info.get(k) for k in ("fingerprint", "content_digest")):
+            return None
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - only a head start: the usual load runs (and reports) instead
+            log.info("early text load failed: %s", exc)
+            return None
 
     def encoder_plan(self) -> dict | None:
         """What encodes queries (backend and precision per tower), once one is loaded."""

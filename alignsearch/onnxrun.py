@@ -289,10 +289,10 @@ def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | Non
     except ValueError:
         return None
     manifest = read_manifest(folder)
-    if manifest is None or (manifest.get("fingerprint"), manifest.get("content_digest")) != (fingerprint, content) \
-            or "tokenizer" not in manifest:
-        return None
-    if precision == "int8" and "text-int8" in manifest.get("rejected", {}):
+    if not isinstance(manifest, dict) or (manifest.get("fingerprint"), manifest.get("content_digest")) != \
+            (fingerprint, content) or "tokenizer" not in manifest:
+        return None  # none, damaged ([] or "x" is valid JSON) or another model's: the full load exports again
+    if precision == "int8" and "text-int8" in (manifest.get("rejected") or {}):
         precision = "fp32"  # this model's int8 text was measured too far off: exact text, as the full path does
     try:
         return TextEncoder(folder, manifest, precision)

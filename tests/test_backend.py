@@ -459,3 +459,38 @@ def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_i
     (tmp_path / "junk" / "catalog.db").write_bytes(b"not a database" * 100)
     assert coldstart.text_encoder_soon(tmp_path / "junk", "fp32") is None
     assert coldstart.text_encoder_soon(tmp_path / "nowhere", "fp32") is None
+
+
+def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(tiny_model, tmp_path, cache, monkeypatch):
+    import importlib
+    from concurrent.futures import Future
+
+    import alignsearch
+    from alignsearch import coldstart, onnxrun
+
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    index_json(tmp_path / "ix", corpus, "--model", tiny_model)
+    info = coldstart.peek_model(tmp_path / "ix")
+    failed = Future()
+    failed.set_exception(OSError("simulated thread failure"))
+    engine = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=(info, failed))
+    assert len(engine.search(text="red car", k=2)) == 2  # the usual load ran instead
+    (folder,) = cache.glob("onnx/*")
+    for junk in ("[]", '"x"', "{not json"):
+        (folder / "manifest.json").write_text(junk)
+        assert onnxrun.text_encoder(info, "fp32") is None and onnxrun.text_encoder(info, "int8") is None
+    # a broken install that raises something other than ImportError counts as not installed
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(RuntimeError("broken")) if name == "onnxruntime" else real(name, *a))
+    assert not backend.onnxruntime_installed()
+
+
+def test_an_index_folder_whose_path_looks_like_a_url_query_holds_its_own_catalog(tiny_model, tmp_path):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    ix = tmp_path / "ix dir ?#%20é" / "x"
+    assert index_json(ix, corpus, "--model", tiny_model)["added"] == 3
+    assert (ix / "catalog.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ix dir ?#%20é"]
+    assert len(json.loads(run("query", "red car", "--index", ix, "--json", "-k", "2").output)["results"]) == 2

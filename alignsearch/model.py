@@ -100,6 +100,14 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return _weights_digest(hashlib.sha256(config.encode()), model).hexdigest()[:32]
 
 
+def tokenizer_state(tokenizer) -> str:
+    """The tokenizer as content_digest hashes it: its fast backend's JSON (else its repr). Taken when the
+    tokenizer is loaded: calling it with padding or truncation rewrites that JSON, which made two loads of the
+    same checkpoint disagree on the digest once one of them had tokenized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else repr(tokenizer)
+
+
 def content_digest(model: torch.nn.Module, tokenizer) -> str:
     """Every weight and the tokenizer, unlike the sampled fingerprint: what the ONNX cache is keyed by, so
     two checkpoints that differ only where the fingerprint does not sample (or only in their tokenizer)
@@ -115,8 +123,7 @@ def content_digest(model: torch.nn.Module, tokenizer) -> str:
             pad = (-part.numel()) % 1024
             rows = torch.nn.functional.pad(part, (0, pad)).view(-1, 1024)
             digest.update((rows @ w).numpy().tobytes())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update((tokenizer if isinstance(tokenizer, str) else tokenizer_state(tokenizer)).encode())
     return digest.hexdigest()[:32]
 
 
@@ -262,6 +269,7 @@ class Encoder(EncoderBase):
         self.max_length = min(text_limit, tok_limit, 64)
         self.fingerprint = _fingerprint(self.model)
         self._content = None
+        self._tokenizer_state = tokenizer_state(self.tokenizer)  # before any call changes it
         self.temperature = float(self.model.temperature.detach().cpu())
         if text_bf16 and precision == "auto":
             precision = "bf16"
@@ -286,7 +294,7 @@ class Encoder(EncoderBase):
     @property
     def content_digest(self) -> str:
         if self._content is None:
-            self._content = content_digest(self.model, self.tokenizer)
+            self._content = content_digest(self.model, self._tokenizer_state)
         return self._content
 
     def describe(self) -> dict:

@@ -185,10 +185,13 @@ class Exporter:
             try:
                 return load_text(self.folder, self.manifest, precision, self._tokenize)
             except OnnxUnusable as why:
-                rejected["text-int8"] = str(why)
+                # The file goes first, so the manifest merge (which keeps entries whose file is still there)
+                # drops it; the rejection is set on the manifest itself, since the merge in _write replaced
+                # the dict `rejected` was read from (both were lost before: every int8 query loaded torch).
+                (self.folder / FILES["text-int8"]).unlink(missing_ok=True)
+                self.manifest.setdefault("rejected", {})["text-int8"] = str(why)
                 self.manifest["files"].pop("text-int8", None)
                 self._save_manifest()
-                (self.folder / FILES["text-int8"]).unlink(missing_ok=True)
                 raise
         self._write(self._make_text, "text-fp32")
         return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)

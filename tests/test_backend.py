@@ -310,7 +310,15 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized again")))
     again = Encoder(str(tiny_model), device="cpu", precision="int8")
     again.encode_text(["a dog"])
-    assert again.plan.text == "fp32"
+    assert again.plan.text == "fp32" and "quantized again" not in again.plan.why
+    # remembered on disk (a lost rejection sent every cold int8 query through torch): no int8 file listed
+    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    assert "text-int8" in manifest["rejected"] and "text-int8" not in manifest["files"]
+    from alignsearch import onnxrun
+
+    info = {"fingerprint": ref.fingerprint, "content_digest": ref.content_digest}  # ref has tokenized by now
+    light = onnxrun.text_encoder(info, "int8")  # the torch-free path: exact text, as the full path does
+    assert light is not None and light.plan["text_precision"] == "fp32"
 
 
 def test_index_refuses_int8(tiny_model, tmp_path):
@@ -494,3 +502,10 @@ def test_an_index_folder_whose_path_looks_like_a_url_query_holds_its_own_catalog
     assert index_json(ix, corpus, "--model", tiny_model)["added"] == 3
     assert (ix / "catalog.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ix dir ?#%20é"]
     assert len(json.loads(run("query", "red car", "--index", ix, "--json", "-k", "2").output)["results"]) == 2
+
+
+def test_the_content_digest_does_not_depend_on_whether_the_tokenizer_has_run(tiny_model):
+    fresh = Encoder(str(tiny_model), device="cpu", backend="torch")
+    used = Encoder(str(tiny_model), device="cpu", backend="torch")
+    used.encode_text(TEXTS)  # padding and truncation set on the fast tokenizer's backend
+    assert used.content_digest == fresh.content_digest

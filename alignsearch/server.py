@@ -17,7 +17,6 @@ whose size and mtime equal the catalog's.
 import asyncio
 import atexit
 import dataclasses
-import errno
 import hmac
 import io
 import json
@@ -26,7 +25,6 @@ import os
 import queue
 import secrets
 import socket
-import stat
 import threading
 import typing
 from collections import OrderedDict
@@ -47,11 +45,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import alignsearch
-from alignsearch import catalog, filters, querycheck, sources
+from alignsearch import catalog, filters, querycheck, safeopen, sources
 from alignsearch import engine as engine_module
 from alignsearch.atomic import write_bytes
 from alignsearch.engine import Engine
-from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
+from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
 from alignsearch.images import open_rgb
 from alignsearch.paths import SERVER_FILE
 
@@ -199,26 +197,25 @@ def _changed(what: str) -> ApiError:
     return ApiError(409, f"the file {what} since it was indexed: re-run alignsearch index")
 
 
-def read_regular(path: str, size: int, mtime: float, read: bool = True) -> bytes | None:
-    """The bytes of path when it is still the file the catalog describes: opened without following a
-    symlink (O_NOFOLLOW) nor blocking on a FIFO, then checked on the open descriptor: a regular file of
-    that size and mtime. read=False checks only (for a cached thumbnail)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:
+    """The bytes of the file at relpath under root when it is still the file the catalog describes: opened
+    by safeopen.open_under (no symlink on the way, the file itself included; a FIFO never blocks), a
+    regular file of that size and mtime. read=False checks only (for a cached thumbnail)."""
     try:
-        fd = os.open(path, flags)
+        fd = safeopen.open_under(root, relpath, expect=(size, mtime))
     except FileNotFoundError:
         raise ApiError(404, "the file is gone from its source: re-run alignsearch index") from None
+    except safeopen.Refused as exc:
+        raise ApiError(409, f"the file is no longer the one indexed ({exc}): re-run alignsearch index") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _changed("became a symbolic link") from None
-        raise ApiError(404, f"cannot open the file: {exc.strerror}") from None
+        raise ApiError(404, f"cannot open the file: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _changed("is no longer a regular file")
-        if st.st_size != size or st.st_mtime != mtime:
-            raise _changed("changed")
-        return f.read() if read else None
+        if not read:
+            return None
+        data = f.read(size + 1)
+    if len(data) != size:  # written to since the fstat
+        raise _changed("changed")
+    return data
 
 
 class Library:
@@ -270,28 +267,23 @@ class Library:
             rows = [catalog.FileRow(**r._mapping) for r in conn.execute(query)]
         return {"total": int(total or 0), "offset": offset, "results": [_listed(r) for r in rows]}
 
-    def _local_path(self, row: catalog.FileRow) -> str | None:
-        """The file on this machine behind a row, when there is one (a folder's file, a list's local entry)."""
-        k = sources.kind(row.root)
-        if k == sources.FOLDER or (k == sources.LIST and not sources.is_url(row.relpath)):
-            return row.path
-        return None
-
     def read(self, row: catalog.FileRow, check_only: bool = False) -> bytes | None:
-        """An indexed image's bytes, when the source still matches its catalog row (else 404/409). A tar
-        member is read at its offset, from its shard's member list read once and kept for the last
+        """An indexed image's bytes, when the source still matches its catalog row (else 404/409). A file on
+        this machine (a folder's, a list's local or file:// entry) is opened under its root (safeopen). A
+        tar member is read at its offset, from its shard's member list read once and kept for the last
         TAR_SHARDS_KEPT shards (the catalog stores names, not offsets)."""
-        path = self._local_path(row)
-        if path is not None:
-            return read_regular(path, row.size, row.mtime, read=not check_only)
+        local = sources.local_file(row.root, row.relpath, row.relpath_raw)
+        if local is not None:
+            return read_regular(*local, row.size, row.mtime, read=not check_only)
         if sources.kind(row.root) != sources.TAR:
             return None if check_only else row.read()
         if not sources.is_url(row.root):
             try:
-                if not stat.S_ISREG(os.stat(row.root).st_mode):
-                    raise _changed("shard is no longer a regular file")
+                os.close(safeopen.open_regular(row.root))  # never a FIFO's blocking read
             except FileNotFoundError:
                 raise ApiError(404, "the shard is gone: re-run alignsearch index") from None
+            except safeopen.Refused:
+                raise _changed("shard is no longer a regular file") from None
         name = os.fsdecode(row.relpath_raw) if row.relpath_raw else row.relpath
         with self._members_lock:
             members = self._tar_members.pop(row.root, None)
@@ -427,6 +419,11 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     @app.exception_handler(AlignSearchError)
     async def _bad_input(request, exc: AlignSearchError):
         return error(400, str(exc))
+
+    @app.exception_handler(IndexDamagedError)
+    async def _damaged(request, exc: IndexDamagedError):  # the index, not the request, is at fault: 5xx
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return error(500, f"the index is damaged: {exc}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):

@@ -19,8 +19,9 @@ import tarfile
 from datetime import datetime
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
+from alignsearch import safeopen
 from alignsearch.errors import BadImageError, BadInputError
 
 FOLDER, PREFIX, LIST, TAR = "folder", "prefix", "list", "tar"
@@ -121,20 +122,53 @@ def location(root: str, relpath: str, relpath_raw: bytes | None = None) -> str:
     return f"{root.rstrip('/')}/{relpath}"
 
 
+def file_path(url: str) -> str | None:
+    """The local path a file:// URL names (None for any other URL): read as a local file, with a local
+    file's checks, never through fsspec. A file:// URL naming another host is refused."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "file":
+        return None
+    if parts.netloc not in ("", "localhost"):
+        raise BadInputError(f"{url} names another host: file:// URLs must name a file on this machine")
+    return unquote(parts.path)
+
+
+def local_file(root: str, relpath: str, relpath_raw: bytes | None = None) -> tuple[str, str | bytes] | None:
+    """(folder, path under it) of an indexed image that lies on this machine, for safeopen.open_under; None
+    for a URL or a tar member. A folder's image is walked from the folder; a list's entry from the list's
+    folder when it lies under it, else from the entry's own folder (its other folders are as the list
+    names them)."""
+    k = kind(root)
+    if k == FOLDER:
+        return root, relpath_raw or relpath
+    if k != LIST:
+        return None
+    entry = os.fsdecode(relpath_raw) if relpath_raw else relpath
+    if is_url(entry):
+        entry = file_path(entry)
+        if entry is None:
+            return None
+    entry = os.path.abspath(entry)
+    base = None if is_url(root) else os.path.dirname(root)
+    if base and entry.startswith(base.rstrip("/") + "/"):
+        return base, entry[len(base.rstrip("/")) + 1:]
+    return os.path.dirname(entry), os.path.basename(entry)
+
+
 def open_binary(path: str) -> IO[bytes]:
-    if not is_url(path):
-        return open(path, "rb")
+    """A list file, a tar shard or another file named as a root: a local one only when it is a regular file
+    (safeopen), never blocking on a FIFO."""
+    local = file_path(path) if is_url(path) else path
+    if local is not None:
+        try:
+            return os.fdopen(safeopen.open_regular(local), "rb")
+        except BadImageError as exc:
+            raise BadInputError(f"{path}: {exc}") from None
     fs, inner = filesystem(path)
     return fs.open(inner, "rb")
 
 
-def file_kind(mode: int) -> str:
-    """What a stat mode names, in words ("fifo", "character device"...), for reasons a person reads."""
-    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return name
-    return "special file"
+file_kind = safeopen.file_kind
 
 
 def unusable(st: os.stat_result, max_bytes: int = MAX_FILE_BYTES) -> str | None:
@@ -150,34 +184,43 @@ def too_large(size: int, max_bytes: int = MAX_FILE_BYTES) -> str:
     return f"file too large: {size:,} bytes, over the limit of {max_bytes:,}"
 
 
-def read_local(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """A local file's bytes, checked before anything is read: a FIFO, device, directory or socket, or a file
-    over max_bytes, raises BadImageError with the reason; opening never blocks (O_NONBLOCK) and never more
-    than max_bytes are read, even from a file that grows meanwhile. Other failures raise OSError."""
-    problem = unusable(os.stat(path), max_bytes)
+def _read_checked(fd: int, max_bytes: int) -> bytes:
+    """The bytes of an open regular file (safeopen), refused from its fstat when over max_bytes, and never
+    more than max_bytes read, even from a file that grows meanwhile."""
+    try:
+        problem = unusable(os.fstat(fd), max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
     if problem:
+        os.close(fd)
         raise BadImageError(problem)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        problem = unusable(os.fstat(fd), max_bytes)  # replaced between the stat and the open
-        if problem:
-            raise BadImageError(problem)
-        data = f.read(max_bytes + 1)
+    data = safeopen.read_fd(fd, max_bytes)
     if len(data) > max_bytes:
         raise BadImageError(too_large(len(data), max_bytes))
     return data
 
 
+def read_local(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A local file named by the user (a query image), checked before anything is read: a FIFO, device,
+    directory or socket, or a file over max_bytes, raises BadImageError with the reason; opening never
+    blocks (O_NONBLOCK). Other failures raise OSError."""
+    return _read_checked(safeopen.open_regular(path), max_bytes)
+
+
 def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset: int = -1, size: int = 0,
-               max_bytes: int = MAX_FILE_BYTES) -> bytes:
+               max_bytes: int = MAX_FILE_BYTES, *, follow_last: bool = True,
+               expect: tuple[int, float] | None = None) -> bytes:
     """An image's bytes, never more than max_bytes (BadImageError: too large, or not a regular file).
-    A tar member is read at its data offset when known, else looked up by name.
+    A local one is opened under its root (safeopen.open_under: no symlinked folder on the way; the file
+    itself a symlink only with follow_last, as the indexer's scan follows file links; expect: the catalog's
+    size and mtime). A tar member is read at its data offset when known, else looked up by name.
     Raises OSError (FileNotFoundError when it is gone)."""
     if kind(root) != TAR:
-        where = location(root, relpath, relpath_raw)
-        if not is_url(where):
-            return read_local(where, max_bytes)
-        with open_binary(where) as f:
+        local = local_file(root, relpath, relpath_raw)
+        if local is not None:
+            return _read_checked(safeopen.open_under(*local, follow_last=follow_last, expect=expect), max_bytes)
+        with open_binary(location(root, relpath, relpath_raw)) as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise BadImageError(too_large(len(data), max_bytes))

@@ -58,8 +58,9 @@ def sidecar_caption(found: Found) -> str | None:
     """The caption in `photo.txt` beside a local `photo.jpg` (the convention `finetune` reads too)."""
     if sources.kind(found.root) != sources.FOLDER:
         return None
-    path = os.path.splitext(found.path)[0] + ".txt"
-    try:
-        return sources.read_local(path, max_bytes=64 * 1024).decode("utf-8", "replace")
+    rel = os.fsencode(found.relpath_raw or found.relpath)
+    try:  # under the root, as the image is read (safeopen): no symlinked folder on the way
+        data = sources.read_bytes(found.root, "", os.path.splitext(rel)[0] + b".txt", max_bytes=64 * 1024)
+        return data.decode("utf-8", "replace")
     except (OSError, BadImageError):
         return None

@@ -128,11 +128,12 @@ def scan_list(root: str, column: str | None = None, threads: int = 16,
 def _stat_entry(root: str, entry: str) -> Found:
     relpath, raw = printable(entry)
     try:
-        if sources.is_url(entry):
+        local = sources.file_path(entry) if sources.is_url(entry) else entry  # file:// is a local file
+        if local is None:
             fs, inner = sources.filesystem(entry)
             info = fs.info(inner)
             return Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), relpath_raw=raw)
-        st = os.stat(entry)
+        st = os.stat(local)
         problem = sources.unusable(st)
         if problem:
             return Found(root, relpath, st.st_size, st.st_mtime, problem, raw)
@@ -141,8 +142,6 @@ def _stat_entry(root: str, entry: str) -> Found:
     except (OSError, ValueError) as exc:
         reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot stat: {exc}"
         return Found(root, relpath, 0, 0.0, reason, raw)
-    if not os.path.isfile(entry):
-        return Found(root, relpath, 0, 0.0, "not a file", raw)
     return Found(root, relpath, st.st_size, st.st_mtime, None, raw)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class VectorStore:
         self.dim = dim
         self.rows = rows  # committed rows of segment 0
         self.segments = {int(k): (str(name), int(n)) for k, (name, n) in (segments or {}).items()}
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # segment -> (its map, its rows)
 
     def __getstate__(self) -> dict:  # sent to worker processes without its maps
         return {**self.__dict__, "_maps": {}}
@@ -152,15 +153,27 @@ class VectorStore:
         self._maps.pop(segment, None)
 
     def _mapped(self, segment: int) -> np.ndarray:
+        """The committed rows of a segment, memory-mapped once. Each call checks the mapped file's size first
+        (fstat on the map's own descriptor, so a file replaced by a new one does not count): touching a
+        page past the end of a file cut short under a reader is SIGBUS, which kills the process."""
         rows = self.committed(segment)
         if rows == 0:
             return np.zeros((0, self.dim), dtype=DTYPE)
-        if segment not in self._maps or len(self._maps[segment]) != rows:
-            if _size(self.segment_path(segment)) < rows * self.row_bytes:
-                raise IndexDamagedError(f"{self.segment_path(segment).name} is shorter than its committed vectors: "
-                                        "run `alignsearch verify --repair`")
-            self._maps[segment] = np.memmap(self.segment_path(segment), dtype=DTYPE, mode="r", shape=(rows, self.dim))
-        return self._maps[segment]
+        held = self._maps.get(segment)
+        if held is None or len(held[1]) != rows:
+            try:
+                with open(self.segment_path(segment), "rb") as f:
+                    mapped = mmap.mmap(f.fileno(), rows * self.row_bytes, access=mmap.ACCESS_READ)
+            except (FileNotFoundError, ValueError):  # ValueError: the file is shorter than the map asked for
+                raise self._short(segment) from None
+            held = self._maps[segment] = (mapped, np.frombuffer(mapped, dtype=DTYPE).reshape(rows, self.dim))
+        if held[0].size() < rows * self.row_bytes:
+            raise self._short(segment)
+        return held[1]
+
+    def _short(self, segment: int) -> IndexDamagedError:
+        return IndexDamagedError(f"{self.segment_path(segment).name} is shorter than its committed vectors: "
+                                 "run `alignsearch verify --repair`")
 
     def get(self, addresses: np.ndarray) -> np.ndarray:
         """float32 copies of the vectors at the given addresses, in the given order."""

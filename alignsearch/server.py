@@ -10,8 +10,9 @@ Query arguments are checked by alignsearch.querycheck, the rules the CLI and Eng
 Encoding runs on one worker thread fed by a bounded queue (full: 503), so a burst of text or image
 queries waits in line without holding a thread each; searches by stored vector, images and
 thumbnails run on the framework's thread pool and never wait for the encoder. Files are served only
-while the catalog row still describes them: a regular file, opened without following a symlink,
-whose size and mtime equal the catalog's.
+while the catalog row still describes them: a regular file, opened under its root without following a symlink
+(alignsearch/safeopen.py), whose size and mtime equal the catalog's. A vector file cut short under the
+server is a 500 answer, not a crash.
 """
 
 import asyncio

@@ -130,7 +130,7 @@ def file_path(url: str) -> str | None:
         return None
     if parts.netloc not in ("", "localhost"):
         raise BadInputError(f"{url} names another host: file:// URLs must name a file on this machine")
-    return unquote(parts.path)
+    return unquote(parts.path, errors="surrogateescape")  # %E9 in a non-UTF-8 name stays that byte
 
 
 def local_file(root: str, relpath: str, relpath_raw: bytes | None = None) -> tuple[str, str | bytes] | None:

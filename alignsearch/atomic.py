@@ -116,7 +116,7 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
         try:
             os.chmod(new, os.stat(path).st_mode & 0o7777)
         except FileNotFoundError:
-            os.chmod(new, 0o777 & ~_umask())
+            os.chmod(new, 0o777 & ~_umask())  # mkdtemp's 0700 otherwise
         if durable:
             _fsync_tree(new)
         old = _swap(new, path)
@@ -174,6 +174,11 @@ def _swap(new: Path, path: Path) -> Path | None:
                 raise
     if not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
+    if not any(os.scandir(path)):  # nothing to lose: fill it in place (it may be a mount point or someone's cwd)
+        for entry in os.listdir(new):
+            os.rename(new / entry, path / entry)
+        os.rmdir(new)
+        return None
     if _exchange(new, path):
         return new
     # no exchange: move the old folder aside first, onto an empty folder of a fresh name (rename replaces

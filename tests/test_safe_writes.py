@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,47 +40,67 @@ def tree(folder: Path) -> dict:
     return out
 
 
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@pytest.fixture
+def shared():
+    """A folder every user can write (not sticky, so the kernel's protected_symlinks does not apply), the
+    attacker's way in; reachable by nobody (pytest's own tmp folders are root's, 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("planting as another user needs root to start that user's process")
+    base = Path(tempfile.mkdtemp(prefix="alignsearch-shared-"))
+    base.chmod(0o755)
+    (base / "shared").mkdir(mode=0o777)
+    (base / "shared").chmod(0o777)
+    yield base / "shared"
+    shutil.rmtree(base)
+
+
 def plant_link(at: Path, target: Path) -> None:
-    """What another user leaves in a folder both can write: a symlink, owned by nobody."""
-    at.parent.mkdir(parents=True, exist_ok=True)
-    at.symlink_to(target)
-    os.lchown(at, NOBODY, NOBODY)
+    """The attacker's half, run as nobody: a symlink (and the folders to it) left where root will write."""
+    subprocess.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && ln -s "$2" "$1"', "plant", str(at), str(target)],
+                   check=True, preexec_fn=_as_nobody)
+    assert at.is_symlink() and at.lstat().st_uid == NOBODY
 
 
 # -- the primitives ---------------------------------------------------------------------------------------
 
-def test_write_bytes_never_writes_through_a_planted_link_and_leaves_nothing_on_failure(tmp_path):
+def test_write_bytes_never_writes_through_a_planted_link_and_leaves_nothing_on_failure(tmp_path, shared):
     victim = tmp_path / "victim"
     victim.write_bytes(b"root's file")
-    out = tmp_path / "out.json"
+    out = shared / "out.json"
     for name in ("out.json.tmp", ".out.json.tmp", "out.json.part"):
-        plant_link(tmp_path / name, victim)
+        plant_link(shared / name, victim)
     atomic.write_bytes(out, b"new")
     assert out.read_bytes() == b"new" and not out.is_symlink()
     assert victim.read_bytes() == b"root's file"
 
-    before = tree(tmp_path)
+    before = tree(shared)
     with pytest.raises(RuntimeError), atomic.writing(out) as f:
         f.write(b"half of it")
         raise RuntimeError("disk gone")
-    assert tree(tmp_path) == before  # the old file whole, no temporary file left
+    assert tree(shared) == before  # the old file whole, no temporary file left
     with pytest.raises(IsADirectoryError):
-        atomic.write_bytes(tmp_path, b"x")  # refused before anything is written
-    assert tree(tmp_path) == before
+        atomic.write_bytes(shared, b"x")  # refused before anything is written
+    assert tree(shared) == before
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
-def test_replacing_dir_keeps_the_users_files_and_never_touches_siblings(tmp_path, monkeypatch, exchange):
+def test_replacing_dir_keeps_the_users_files_and_never_touches_siblings(tmp_path, shared, monkeypatch, exchange):
     if not exchange:  # a kernel or filesystem without RENAME_EXCHANGE
         monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
-    victim = tmp_path / "victim"
+    victim = tmp_path / "victim"  # root's, where the attacker points
     victim.mkdir()
     (victim / "keep.txt").write_text("another folder of root's")
-    out = tmp_path / "model"
-    (tmp_path / "model.old").mkdir()
-    (tmp_path / "model.old" / "photo.jpg").write_bytes(b"the user's")
-    plant_link(tmp_path / "model.tmp", victim)
-    siblings = {name: tree(tmp_path)[name] for name in ("model.old", "model.old/photo.jpg", "model.tmp")}
+    out = shared / "model"
+    (shared / "model.old").mkdir()
+    (shared / "model.old" / "photo.jpg").write_bytes(b"the user's")
+    plant_link(shared / "model.tmp", victim)
+    siblings = {name: tree(shared)[name] for name in ("model.old", "model.old/photo.jpg", "model.tmp")}
 
     with atomic.replacing_dir(out, superseded=lambda old: ["stale.bin"]) as tmp:  # a new folder
         (tmp / "weights.bin").write_bytes(b"v1")
@@ -96,15 +118,23 @@ def test_replacing_dir_keeps_the_users_files_and_never_touches_siblings(tmp_path
     assert (out / "NOTES.md").read_text() == "the user's notes"
     assert (out / "checkpoint" / "state").read_text() == "written by another call"
     assert out.stat().st_mode == mode
-    assert {name: tree(tmp_path)[name] for name in siblings} == siblings
+    assert {name: tree(shared)[name] for name in siblings} == siblings
     assert tree(victim) == {"keep.txt": hashlib.sha256(b"another folder of root's").hexdigest()}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old", "model.tmp", "victim"]
+    assert sorted(p.name for p in shared.iterdir()) == ["model", "model.old", "model.tmp"]
 
-    before = tree(tmp_path)
+    empty = shared / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    with atomic.replacing_dir(empty) as tmp:
+        (tmp / "a").write_text("new")
+    assert empty.stat().st_ino == inode and (empty / "a").read_text() == "new"  # filled in place (a mount point, a cwd)
+    assert sorted(p.name for p in shared.iterdir()) == ["empty", "model", "model.old", "model.tmp"]
+
+    before = tree(shared)
     with pytest.raises(RuntimeError), atomic.replacing_dir(out) as tmp:
         (tmp / "weights.bin").write_bytes(b"v3, half")
         raise RuntimeError("killed")
-    assert tree(tmp_path) == before
+    assert tree(shared) == before
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -121,12 +151,9 @@ def export(ix, out, *args, code=0):
     return run("export", out, "--index", ix, *args, code=code)
 
 
-def test_export_never_writes_through_a_link_planted_at_its_temporary_names(ix, tmp_path):
+def test_export_never_writes_through_a_link_planted_at_its_temporary_names(ix, tmp_path, shared):
     """`export OUT` wrote OUT.tmp, a fixed name: root's export overwrote the file another user pointed a
     symlink planted there at."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
     victim = tmp_path / "victim.conf"
     victim.write_text("root's configuration")
     plant_link(shared / "out.parquet.tmp", victim)
@@ -268,12 +295,9 @@ def test_finetune_refuses_an_out_that_holds_other_files(pairs, tiny_model, tmp_p
 
 
 @pytest.mark.slow
-def test_finetune_swaps_its_output_and_never_touches_siblings(pairs, tiny_model, tmp_path):
+def test_finetune_swaps_its_output_and_never_touches_siblings(pairs, tiny_model, tmp_path, shared):
     """finetune removed DIR.old and DIR.tmp beside --out DIR, and wrote the model through a symlink
     planted at DIR.tmp."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "config.json").write_text('{"root": "configuration"}')
@@ -285,6 +309,8 @@ def test_finetune_swaps_its_output_and_never_touches_siblings(pairs, tiny_model,
 
     finetune(pairs, tiny_model, out)
     assert (out / "config.json").exists() and (out / "checkpoint" / "trainer_state.pt").exists()
+    assert tree(victim) == victim_before  # nothing written through the link
+    assert {k: v for k, v in tree(shared).items() if k.startswith("tuned.")} == siblings
     (out / "NOTES.md").write_text("lr 1e-4 was worse")
     finetune(pairs, tiny_model, out)  # again, into its own earlier output: replaced, the user's notes kept
     assert (out / "NOTES.md").read_text() == "lr 1e-4 was worse"
@@ -312,12 +338,18 @@ def test_resume_does_not_run_a_planted_pickle(pairs, tiny_model, tmp_path):
 
     out = tmp_path / "tuned"
     finetune(pairs, tiny_model, out)
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)  # tensors and plain values
-    assert state["epoch"] == 1 and state["rng"]["bit_generator"] == "PCG64"
+    saved = out / "checkpoint" / "trainer_state.pt"
+    written = saved.read_bytes()
     flag = tmp_path / "payload-ran"
-    torch.save({"optimizer": Payload(flag), "scheduler": {}, "epoch": 1, "rng": None}, out / "checkpoint" / "trainer_state.pt")
-    result = finetune(pairs, tiny_model, out, "--epochs", "2", "--resume", code=4)
+    torch.save({"optimizer": Payload(flag), "scheduler": {}, "epoch": 1, "rng": None}, saved)
+    result = finetune(pairs, tiny_model, out, "--epochs", "2", "--resume", code=None)
     assert not flag.exists()
     error = result.output.strip().splitlines()[-1]
-    assert error.startswith("error: cannot resume") and "besides tensors and plain values" in error, result.output
+    assert result.exit_code == 4 and error.startswith("error: cannot resume"), result.output
+    assert "besides tensors and plain values" in error
     assert "weights_only" not in result.output  # torch's advice to load it unsafely is not passed on
+
+    saved.write_bytes(written)  # what finetune itself wrote: tensors and plain values, and resumable
+    state = torch.load(saved, weights_only=True)
+    assert state["epoch"] == 1 and state["rng"]["bit_generator"] == "PCG64"
+    assert "resumed" in finetune(pairs, tiny_model, out, "--epochs", "2", "--resume").output

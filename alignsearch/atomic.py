@@ -1,47 +1,91 @@
-"""Replacing a file atomically: written beside it under a temporary name, fsync'ed, renamed over it.
+"""Writing files and folders atomically: written beside the target under a fresh name, fsync'ed, renamed over it.
 
-A reader sees the old file or the new one, never half of one; a crash leaves the old one (and at most a
-stray temporary file). The one helper for every file alignsearch replaces: the ANN index, the shard
-manifest, thumbnails, the server record, an emptied vector file.
+The one way alignsearch writes what it keeps or hands over (README, "How it works"): the ANN index, the shard
+manifest, thumbnails, the server record, an emptied vector file, the ONNX cache, `export` (both layouts) and
+`finetune`'s model folders.
+
+- A reader sees the old file (folder) or the new one, never half of one; a crash or an error leaves the old
+  one, and an error removes what was written.
+- The temporary name is made by mkstemp / mkdtemp (O_EXCL, random) in the target's folder: never a fixed
+  `OUT.tmp` that another user could plant a symlink at, and never a sibling the user owns (`DIR.old`,
+  `DIR.tmp`) that it would overwrite or delete.
+- A folder is swapped whole (renameat2 RENAME_EXCHANGE where the kernel has it), and what the old one held
+  besides what the writer superseded (the user's own files, a checkpoint written separately) is moved into
+  the new one, not deleted.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 
-@contextmanager
-def replacing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) -> Iterator[Path]:
-    """Yields a temporary path beside `path` to write; when the block ends without an error, the file is
-    fsync'ed and renamed over `path` (and the folder fsync'ed, so the rename survives a power cut). On an
-    error it is removed and `path` is untouched. The file has `mode` from the start (mkstemp creates it
-    0600), so a secret written with mode 0o600 is never readable by others. durable=False skips the
-    fsyncs (a cache that may be lost, such as thumbnails)."""
-    path = Path(path)
+def _temp_file(path: Path, mode: int) -> tuple[int, str]:
+    if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if mode != 0o600:
-            os.chmod(tmp, mode)
-        yield Path(tmp)
-        if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if mode != 0o600:
+        os.fchmod(fd, mode)  # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
+    return fd, tmp
+
+
+def _commit(tmp: str, path: Path, durable: bool) -> None:
+    os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
 
 
+@contextmanager
+def replacing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for a writer that takes a path (FAISS, the ONNX exporter);
+    when the block ends without an error, the file is fsync'ed and renamed over `path` (and the folder
+    fsync'ed, so the rename survives a power cut). On an error it is removed and `path` is untouched.
+    durable=False skips the fsyncs (a cache that may be lost, such as thumbnails)."""
+    path = Path(path)
+    fd, tmp = _temp_file(path, mode)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        _commit(tmp, path, durable)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
+    """As replacing, but yields the temporary file open for writing (the descriptor mkstemp created: the
+    name is never opened again, so nothing planted under it can be written through)."""
+    path = Path(path)
+    fd, tmp = _temp_file(path, mode)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        _commit(tmp, path, durable)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
-    with replacing(path, mode, durable) as tmp:
-        tmp.write_bytes(data)
+    with writing(path, mode, durable) as f:
+        f.write(data)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -51,3 +95,112 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable[str]] = lambda old: (),
+                  durable: bool = True) -> Iterator[Path]:
+    """Yields a fresh empty folder (mkdtemp) beside `path` to fill; when the block ends without an error it
+    takes `path`'s place in one rename, with the mode of the folder it replaces (else the umask's).
+
+    Of the folder replaced, the entries the new one also has and those `superseded(old folder)` names (what
+    the previous write made: stale shards, model files of another layout) are deleted; every other entry (the
+    user's own files, a checkpoint folder written by another call) is moved into the new folder. On an error
+    the new folder is removed and `path` is untouched. A symlink at `path` is followed (its target is
+    replaced), so the link stays as the user made it."""
+    path = Path(os.path.realpath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+    try:
+        yield new
+        try:
+            os.chmod(new, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            os.chmod(new, 0o777 & ~_umask())  # mkdtemp's 0700 otherwise
+        if durable:
+            _fsync_tree(new)
+        old = _swap(new, path)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if old is not None:
+        _carry_over(old, path, set(superseded(old)))
+    if durable:
+        fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(folder: Path) -> None:
+    for where, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(where, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(where)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE); False where the C library, the kernel or the
+    filesystem has no such call."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap(new: Path, path: Path) -> Path | None:
+    """Put folder `new` at `path`; returns where the folder that was there now is (None: there was none)."""
+    if not os.path.lexists(path):
+        try:
+            os.rename(new, path)
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else one appeared meanwhile: swap with it
+                raise
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
+    if not any(os.scandir(path)):  # nothing to lose: fill it in place (it may be a mount point or someone's cwd)
+        for entry in os.listdir(new):
+            os.rename(new / entry, path / entry)
+        os.rmdir(new)
+        return None
+    if _exchange(new, path):
+        return new
+    # no exchange: move the old folder aside first, onto an empty folder of a fresh name (rename replaces
+    # an empty folder), so it is never deleted nor renamed over anything of the user's
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    return old
+
+
+def _carry_over(old: Path, path: Path, superseded: set[str]) -> None:
+    """Move the entries of the replaced folder `old` that the new one neither has nor supersedes into it,
+    then delete `old` (now only what was replaced). If a move fails, `old` is kept and named in the error."""
+    try:
+        for entry in os.listdir(old):
+            if entry not in superseded and not os.path.lexists(path / entry):
+                os.rename(old / entry, path / entry)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror}; what {path} held besides the files replaced is kept in {old}",
+                      exc.filename) from exc
+    shutil.rmtree(old, ignore_errors=True)

@@ -23,15 +23,19 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignsearch import catalog, filters, vectors
+from alignsearch import atomic, catalog, filters, vectors
+from alignsearch.errors import UsageError
+from alignsearch.paths import DB_FILE, INDEX_DIRNAME
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ FORMATS = ("parquet", "clip-retrieval")
 BATCH = 65_536  # rows per parquet row group: 168 MB of float32 at 640-d, the largest thing export holds
 PAGE = 8_192  # rows per catalog page and per vector read
 SHARD_ROWS = 1_000_000  # rows per img_emb_{i}.npy, as clip-retrieval's default write batch
+CLIP_FOLDERS = {"img_emb": re.compile(r"img_emb_\d+\.npy"), "metadata": re.compile(r"metadata_\d+\.parquet")}
 
 
 def _schema(dim: int) -> pa.Schema:
@@ -146,13 +151,13 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
     out.parent.mkdir(parents=True, exist_ok=True)
     dim = int(engine.snap.store.dim)
     schema = _schema(dim)
-    tmp = out.with_name(out.name + ".tmp")
     group = np.empty((batch, dim), dtype=np.float32)  # the row group's embeddings, filled page by page
     n = 0
     # no dictionary for the embedding: distinct floats never fit one, and the writer would buffer the
     # column's pages (and a hash table) until it gave up, ~80 MB more per row group at 640-d
     plain = [f.name for f in schema if f.name != "embedding"]
-    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=plain) as writer:
+    # written through the descriptor of a fresh temporary file beside `out`, renamed over it when complete
+    with atomic.writing(out) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=plain) as writer:
         groups = _Groups(writer, schema, batch)
         for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
             while rows:
@@ -163,17 +168,24 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
                 rows, vecs, n = rows[take:], vecs[take:], n + take
             log.info("exported %d rows", n)
         groups.flush()
-    tmp.replace(out)
     return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups.written}
 
 
 def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS, **filters) -> dict:
     """Write OUT/img_emb/img_emb_{i}.npy and OUT/metadata/metadata_{i}.parquet; returns {"rows", "shards"}.
 
-    The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows."""
-    out, batch = Path(out), batch or BATCH
-    (out / "img_emb").mkdir(parents=True, exist_ok=True)
-    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows.
+    The layout is written in a fresh folder beside OUT that then replaces it whole: an earlier export's
+    shards beyond the new count go with it, and a failed export leaves OUT as it was."""
+    with atomic.replacing_dir(out, superseded=lambda old: CLIP_FOLDERS) as tmp:
+        result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
+    return {**result, "path": str(out)}
+
+
+def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int, **filters) -> dict:
+    batch = batch or BATCH
+    (out / "img_emb").mkdir()
+    (out / "metadata").mkdir()
     dim = int(engine.snap.store.dim)
     full = _schema(dim)
     meta_schema = pa.schema([("image_path", pa.string()), ("caption", pa.string())]
@@ -192,24 +204,34 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
                     len(_npy_header(shard_rows, dim)))
         state.update(groups=None, raw=None, filled=0)
 
-    for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
-        while rows:
-            if state["groups"] is None:
-                state["shard"] += 1
-                writer = pq.ParquetWriter(out / "metadata" / f"metadata_{state['shard']}.parquet", meta_schema)
-                state["groups"] = _Groups(writer, meta_schema, batch)
-                state["raw"] = open(out / "img_emb" / f"img_emb_{state['shard']}.npy.part", "w+b")  # noqa: SIM115
-                state["raw"].write(_npy_header(shard_rows, dim))  # rewritten with the rows held when it closes
-            take = min(len(rows), shard_rows - state["filled"], state["groups"].room())
-            columns = _columns(rows[:take], tags, full)
-            state["groups"].add(pa.RecordBatch.from_arrays([columns[i] for i in pick], schema=meta_schema))
-            state["raw"].write(np.ascontiguousarray(vecs[:take], dtype="<f2").data)  # the stored precision: nothing lost
-            rows, vecs = rows[take:], vecs[take:]
-            state["filled"] += take
-            n += take
-            if state["filled"] == shard_rows:
-                close_shard()
-    close_shard()
+    try:
+        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
+            while rows:
+                if state["groups"] is None:
+                    state["shard"] += 1
+                    writer = pq.ParquetWriter(out / "metadata" / f"metadata_{state['shard']}.parquet", meta_schema)
+                    state["groups"] = _Groups(writer, meta_schema, batch)
+                    state["raw"] = open(out / "img_emb" / f"img_emb_{state['shard']}.npy.part", "w+b")  # noqa: SIM115
+                    state["raw"].write(_npy_header(shard_rows, dim))  # rewritten with the rows held when it closes
+                take = min(len(rows), shard_rows - state["filled"], state["groups"].room())
+                columns = _columns(rows[:take], tags, full)
+                state["groups"].add(pa.RecordBatch.from_arrays([columns[i] for i in pick], schema=meta_schema))
+                state["raw"].write(np.ascontiguousarray(vecs[:take], dtype="<f2").data)  # the stored precision: nothing lost
+                rows, vecs = rows[take:], vecs[take:]
+                state["filled"] += take
+                n += take
+                if state["filled"] == shard_rows:
+                    close_shard()
+        close_shard()
+    except BaseException:  # the folder is deleted: let go of its open files first
+        if state["raw"] is not None:
+            state["raw"].close()
+        if state["groups"] is not None:
+            try:
+                state["groups"].writer.close()
+            except Exception as exc:  # noqa: BLE001 - the first error is the one to report
+                log.debug("closing the metadata writer after an error: %s", exc)
+        raise
     return {"format": "clip-retrieval", "rows": n, "path": str(out), "shards": state["shard"] + 1}
 
 
@@ -246,7 +268,57 @@ def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = No
     `batch` rows (BATCH, read when called)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    check_out(Path(out), fmt)
     chosen = {"roots": roots or None, "where": where, "path": path}
+    try:
+        if fmt == "parquet":
+            return export_parquet(engine, out, batch, **chosen)
+        return export_clip_retrieval(engine, out, batch, shard_rows, **chosen)
+    except OSError as exc:  # a full disk: name OUT, not the temporary file already deleted (or no file at all)
+        if exc.strerror and (exc.filename is None or f".{Path(out).name}." in str(exc.filename)):
+            raise OSError(exc.errno, exc.strerror, str(out)) from exc
+        raise
+
+
+def check_out(out: Path, fmt: str) -> None:
+    """Refuse (UsageError) an OUT that export would write over something it did not make: a place inside an
+    index folder (`export .alignsearch/catalog.db` replaced the catalog), a folder or a link where a file
+    goes, an existing file that is not an earlier parquet export, a folder holding anything besides an
+    earlier clip-retrieval export."""
+    where = Path(os.path.realpath(out.parent)) / out.name
+    for folder in (where, *where.parents):
+        if folder.name == INDEX_DIRNAME or (folder / DB_FILE).exists():
+            raise UsageError(f"{out} is inside the index folder {folder}: export writes outside it")
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"{out} is a symbolic link: export replaces only what it wrote; give the path it points to")
     if fmt == "parquet":
-        return export_parquet(engine, out, batch, **chosen)
-    return export_clip_retrieval(engine, out, batch, shard_rows, **chosen)
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{out} is a folder: the parquet export is one file (--format clip-retrieval writes a folder)")
+        if not stat.S_ISREG(st.st_mode) or (st.st_size and not _is_parquet_export(out)):
+            raise UsageError(f"{out} exists and is not an earlier parquet export: choose a new name")
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{out} is a file: the clip-retrieval export is a folder")
+    for entry in os.scandir(out):
+        pattern = CLIP_FOLDERS.get(entry.name)
+        if pattern is None or not entry.is_dir(follow_symlinks=False) or not all(
+                pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
+            raise UsageError(f"{out} holds {entry.name}, which is not part of a clip-retrieval export: "
+                             "choose an empty or new folder")
+
+
+def _is_parquet_export(path: Path) -> bool:
+    """A parquet file with the columns export writes (an earlier export, of any embedding width)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(-4, os.SEEK_END)
+            if head != b"PAR1" or f.read(4) != b"PAR1":
+                return False
+        return pq.read_schema(path).names == _schema(1).names
+    except (OSError, ValueError, pa.ArrowException):
+        return False

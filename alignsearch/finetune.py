@@ -9,9 +9,8 @@ The output is a save_pretrained directory that `--model DIR` takes everywhere.
 
 from __future__ import annotations
 
+import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from alignsearch.errors import BadImageError, BadInputError, ModelLoadError
+from alignsearch import atomic
+from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, UsageError
 from alignsearch.images import ImageSpec, open_rgb
 from alignsearch.model import load_image_spec, resolve_device, to_pixel_values
 from alignsearch.pairs import Pair, load_pairs
 
 CHECKPOINT = "checkpoint"  # inside the output directory: the last finished epoch, for --resume
+MARKER = "alignsearch_finetune.json"  # in each folder finetune writes: the files it wrote there
+TRAINER_STATE = "trainer_state.pt"  # tensors and plain values only: loaded with weights_only=True
 INITIAL_TEMPERATURE = 0.07
 RECALL_AT = (1, 5, 10)  # the config default of 1.0 learns too slowly from a fresh initialisation
 
@@ -118,6 +120,7 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     if config.freeze not in (None, "text", "vision"):
         raise BadInputError("--freeze takes text or vision")
     out = Path(out)
+    check_out(out)
     loaded = load_pairs(data, image_column, caption_column)
     for what, why in loaded.skipped:
         log(f"skipped {what}: {why}")
@@ -167,10 +170,15 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * config.warmup_fraction), total)
     start_epoch = 0
     if source != base:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, rng = state["epoch"], state["rng"]
+        state = load_trainer_state(checkpoint / TRAINER_STATE)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, rng = int(state["epoch"]), np.random.default_rng()
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{checkpoint / TRAINER_STATE} does not fit this training ({exc}): run without "
+                                 "--resume to start again") from None
         log(f"resumed from {checkpoint} after epoch {start_epoch}")
     images, reported = _Images(spec), set()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -208,7 +216,7 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
                    "temperature": float(model.temperature.detach()), **_evaluate(model, tokenizer, images, val, spec, device, max_length)}
         log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                 "rng": rng, "config": asdict(config)}
+                 "rng": rng.bit_generator.state, "config": asdict(config)}  # no objects: see load_trainer_state
         _save(model, tokenizer, image_processor, checkpoint, state)
     _save(model, tokenizer, image_processor, out)
     return metrics
@@ -234,23 +242,63 @@ def _evaluate(model, tokenizer, images: _Images, val: list[Pair], spec: ImageSpe
     return retrieval_metrics(np.concatenate(image_vecs), np.concatenate(text_vecs))
 
 
+def check_out(out: Path) -> None:
+    """Refuse (exit 2) an --out that holds anything but an earlier finetune output: its files would be replaced
+    (with --out set to the training folder, the old code deleted all of it)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a new or empty folder, or an earlier finetune output")
+    if any(out.iterdir()) and not is_finetune_output(out):
+        raise UsageError(f"--out {out} holds other files and is not an earlier finetune output: give a new or "
+                         "empty folder")
+
+
+def is_finetune_output(folder: Path) -> bool:
+    """A folder finetune wrote: its marker, or a checkpoint of an interrupted run (the trainer state alone
+    marks outputs written before the marker existed)."""
+    return any((folder / name).is_file() for name in (MARKER, f"{CHECKPOINT}/{MARKER}", f"{CHECKPOINT}/{TRAINER_STATE}"))
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The optimizer, scheduler and RNG state of a checkpoint: tensors and plain values, read with
+    weights_only=True, which builds no other object and runs no code (a pickle planted in the output
+    folder cannot run its payload)."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: exactly what must not happen
+        raise ModelLoadError(f"cannot resume from {path}: it holds objects besides tensors and plain values (not "
+                             "loaded: unpickling them can run code); run without --resume to start again") from None
+    except Exception as exc:  # noqa: BLE001 - damaged, truncated: not usable either way
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot resume from {path}: not a readable trainer state ({reason}); run without "
+                             "--resume to start again") from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"cannot resume from {path}: not a trainer state; run without --resume to start again")
+    return state
+
+
+def _written_here(old: Path) -> list[str]:
+    """The files an earlier save wrote into `old` (its marker), which a new save supersedes."""
+    try:
+        files = json.loads((old / MARKER).read_text()).get("files", [])
+        return [f for f in files if isinstance(f, str)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def _save(model, tokenizer, image_processor, folder: Path, trainer_state: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then swap it in: a kill leaves the old copy whole."""
+    """save_pretrained into a fresh folder beside `folder`, then swapped in whole (alignsearch/atomic.py):
+    a kill leaves the old copy whole, siblings are never touched, and what the old folder held besides an
+    earlier save's files (the checkpoint folder, the user's own files) is kept."""
     from transformers import AlignProcessor
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    keep = [p for p in folder.iterdir() if p.name == CHECKPOINT] if folder.exists() else []
-    for p in keep:
-        os.replace(p, tmp / p.name)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic.replacing_dir(folder, superseded=_written_here) as tmp:
+        model.save_pretrained(tmp)
+        AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        files = sorted(p.name for p in tmp.iterdir()) + [MARKER]
+        (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignsearch import vectors
+from alignsearch import atomic, vectors
 from alignsearch.errors import BadInputError
 from alignsearch.images import ImageSpec
 from alignsearch.vectors import VectorStore
@@ -162,7 +162,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
             if not store.folder.exists():
                 store.folder.mkdir()
                 vectors.fsync_dir(store.folder.parent)
-            (store.folder / RUN_TOKEN).write_text(token)
+            atomic.write_bytes(store.folder / RUN_TOKEN, token.encode())
             segments = str(store.folder.resolve())
         encoder = EncoderConfig(model, "cuda" if gpus else device, dict(encoder_options or {}))
         log.info("Ray: %d files, %d encoder actors, %d GPUs, actor segments %s", len(todo), actors, gpus,

@@ -1,0 +1,355 @@
+"""Issue 23, writing files: every output is written beside its target under a fresh (mkstemp/mkdtemp) name
+and swapped in (alignsearch/atomic.py); `export` and `finetune` refuse targets they did not write, and
+`finetune --resume` never unpickles objects."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import run
+from helpers import vector_index
+
+from alignsearch import atomic
+
+NOBODY = 65534
+
+
+def tree(folder: Path) -> dict:
+    """Every entry under folder (links not followed) -> its bytes' digest, link target or 'dir'."""
+    out = {}
+    for where, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(where) / name
+            rel = str(p.relative_to(folder))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@pytest.fixture
+def shared():
+    """A folder every user can write (not sticky, so the kernel's protected_symlinks does not apply), the
+    attacker's way in; reachable by nobody (pytest's own tmp folders are root's, 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("planting as another user needs root to start that user's process")
+    base = Path(tempfile.mkdtemp(prefix="alignsearch-shared-"))
+    base.chmod(0o755)
+    (base / "shared").mkdir(mode=0o777)
+    (base / "shared").chmod(0o777)
+    yield base / "shared"
+    shutil.rmtree(base)
+
+
+def plant_link(at: Path, target: Path) -> None:
+    """The attacker's half, run as nobody: a symlink (and the folders to it) left where root will write."""
+    subprocess.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && ln -s "$2" "$1"', "plant", str(at), str(target)],
+                   check=True, preexec_fn=_as_nobody)
+    assert at.is_symlink() and at.lstat().st_uid == NOBODY
+
+
+# -- the primitives ---------------------------------------------------------------------------------------
+
+def test_write_bytes_never_writes_through_a_planted_link_and_leaves_nothing_on_failure(tmp_path, shared):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file")
+    out = shared / "out.json"
+    for name in ("out.json.tmp", ".out.json.tmp", "out.json.part"):
+        plant_link(shared / name, victim)
+    atomic.write_bytes(out, b"new")
+    assert out.read_bytes() == b"new" and not out.is_symlink()
+    assert victim.read_bytes() == b"root's file"
+
+    before = tree(shared)
+    with pytest.raises(RuntimeError), atomic.writing(out) as f:
+        f.write(b"half of it")
+        raise RuntimeError("disk gone")
+    assert tree(shared) == before  # the old file whole, no temporary file left
+    with pytest.raises(IsADirectoryError):
+        atomic.write_bytes(shared, b"x")  # refused before anything is written
+    assert tree(shared) == before
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_replacing_dir_keeps_the_users_files_and_never_touches_siblings(tmp_path, shared, monkeypatch, exchange):
+    if not exchange:  # a kernel or filesystem without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    victim = tmp_path / "victim"  # root's, where the attacker points
+    victim.mkdir()
+    (victim / "keep.txt").write_text("another folder of root's")
+    out = shared / "model"
+    (shared / "model.old").mkdir()
+    (shared / "model.old" / "photo.jpg").write_bytes(b"the user's")
+    plant_link(shared / "model.tmp", victim)
+    siblings = {name: tree(shared)[name] for name in ("model.old", "model.old/photo.jpg", "model.tmp")}
+
+    with atomic.replacing_dir(out, superseded=lambda old: ["stale.bin"]) as tmp:  # a new folder
+        (tmp / "weights.bin").write_bytes(b"v1")
+        (tmp / "stale.bin").write_bytes(b"v1 layout")
+    assert sorted(p.name for p in out.iterdir()) == ["stale.bin", "weights.bin"]
+    (out / "NOTES.md").write_text("the user's notes")
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "state").write_text("written by another call")
+    mode = out.stat().st_mode
+
+    with atomic.replacing_dir(out, superseded=lambda old: ["stale.bin"]) as tmp:
+        (tmp / "weights.bin").write_bytes(b"v2")
+    assert (out / "weights.bin").read_bytes() == b"v2"
+    assert not (out / "stale.bin").exists()  # superseded: the earlier write's, gone with it
+    assert (out / "NOTES.md").read_text() == "the user's notes"
+    assert (out / "checkpoint" / "state").read_text() == "written by another call"
+    assert out.stat().st_mode == mode
+    assert {name: tree(shared)[name] for name in siblings} == siblings
+    assert tree(victim) == {"keep.txt": hashlib.sha256(b"another folder of root's").hexdigest()}
+    assert sorted(p.name for p in shared.iterdir()) == ["model", "model.old", "model.tmp"]
+
+    empty = shared / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    with atomic.replacing_dir(empty) as tmp:
+        (tmp / "a").write_text("new")
+    assert empty.stat().st_ino == inode and (empty / "a").read_text() == "new"  # filled in place (a mount point, a cwd)
+    assert sorted(p.name for p in shared.iterdir()) == ["empty", "model", "model.old", "model.tmp"]
+
+    before = tree(shared)
+    with pytest.raises(RuntimeError), atomic.replacing_dir(out) as tmp:
+        (tmp / "weights.bin").write_bytes(b"v3, half")
+        raise RuntimeError("killed")
+    assert tree(shared) == before
+
+
+# -- export -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ix(tmp_path_factory):
+    """A small index (catalog rows and stored vectors, no model needed)."""
+    folder = tmp_path_factory.mktemp("safe") / "ix"
+    vector_index(folder, 40, 16)
+    return folder
+
+
+def export(ix, out, *args, code=0):
+    return run("export", out, "--index", ix, *args, code=code)
+
+
+def test_export_never_writes_through_a_link_planted_at_its_temporary_names(ix, tmp_path, shared):
+    """`export OUT` wrote OUT.tmp, a fixed name: root's export overwrote the file another user pointed a
+    symlink planted there at."""
+    victim = tmp_path / "victim.conf"
+    victim.write_text("root's configuration")
+    plant_link(shared / "out.parquet.tmp", victim)
+    export(ix, shared / "out.parquet")
+    assert victim.read_text() == "root's configuration"
+    assert pq.read_table(shared / "out.parquet").num_rows == 40
+    assert sorted(p.name for p in shared.iterdir()) == ["out.parquet", "out.parquet.tmp"]  # the link left alone
+
+    # clip-retrieval wrote OUT/img_emb/img_emb_0.npy.part: a folder with anything else in it is refused
+    plant_link(shared / "clip" / "img_emb" / "img_emb_0.npy.part", victim)
+    result = export(ix, shared / "clip", "--format", "clip-retrieval", code=2)
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
+    assert victim.read_text() == "root's configuration"
+
+
+def test_export_refuses_to_write_inside_an_index(ix, tmp_path):
+    """`export .alignsearch/catalog.db` replaced the index's own catalog, for good."""
+    before = tree(ix)
+    for out, fmt in ((ix / "catalog.db", "parquet"), (ix / "vectors.f16", "parquet"), (ix / "new.parquet", "parquet"),
+                     (ix / "sub" / "x.parquet", "parquet"), (ix, "clip-retrieval"), (ix / "clip", "clip-retrieval")):
+        result = export(ix, out, "--format", fmt, code=2)
+        assert "inside the index folder" in result.output and len(result.output.strip().splitlines()) == 1, out
+    link = tmp_path / "elsewhere"
+    link.symlink_to(ix)
+    assert "inside the index folder" in export(ix, link / "catalog.db", code=2).output  # through a linked parent too
+    named = tmp_path / "project" / ".alignsearch"
+    named.mkdir(parents=True)
+    assert "inside the index folder" in export(ix, named / "out.parquet", code=2).output
+    assert tree(ix) == before
+
+
+def test_export_refuses_an_existing_file_it_did_not_write(ix, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a week of work")
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), other)
+    user_dir = tmp_path / "photos"
+    user_dir.mkdir()
+    (user_dir / "a.jpg").write_bytes(b"jpeg")
+    before = tree(tmp_path)
+    for out, fmt, why in ((notes, "parquet", "not an earlier parquet export"),
+                          (other, "parquet", "not an earlier parquet export"),
+                          (user_dir, "parquet", "is a folder"),
+                          (user_dir, "clip-retrieval", "holds a.jpg"),
+                          (notes, "clip-retrieval", "is a file")):
+        result = export(ix, out, "--format", fmt, code=2)
+        assert why in result.output and len(result.output.strip().splitlines()) == 1, (out, fmt, result.output)
+    assert tree(tmp_path) == before  # nothing replaced, no .tmp/.part left
+
+    # what export wrote itself it replaces: an earlier parquet export, an earlier layout (its extra shards go)
+    export(ix, tmp_path / "out.parquet", "--where", "width >= 1")
+    export(ix, tmp_path / "out.parquet", "--path", "000000*")
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 10
+    clip = tmp_path / "clip"
+    export(ix, clip, "--format", "clip-retrieval", "--shard-rows", "10")
+    assert len(list((clip / "img_emb").iterdir())) == 4
+    export(ix, clip, "--format", "clip-retrieval", "--shard-rows", "30")
+    assert sorted(p.name for p in (clip / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy"]
+    assert sorted(p.name for p in (clip / "metadata").iterdir()) == ["metadata_0.parquet", "metadata_1.parquet"]
+    assert sum(len(np.load(p)) for p in (clip / "img_emb").iterdir()) == 40
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".part")]
+    assert leftovers == []
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))  # above SQLite's 32 KiB -shm
+from alignsearch.cli import main
+main(sys.argv[1:], prog_name="alignsearch")
+"""
+
+
+@pytest.fixture(params=["tmpfs", "rlimit"])
+def full_disk(request, tmp_path):
+    """A folder whose writes fail past 64 KiB: a real 64 KiB tmpfs (ENOSPC; needs root's mount, else
+    skipped), or RLIMIT_FSIZE in the exporting process (EFBIG). Neither is a monkeypatch: the kernel fails
+    the write. Yields (folder, how to run the command there)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    if request.param == "tmpfs":
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=False,
+                                 capture_output=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        command = [sys.executable, "-m", "alignsearch"]
+    else:
+        command = [sys.executable, "-c", FULL_DISK]
+    yield folder, lambda *args: subprocess.run([*command, *map(str, args)], check=False, capture_output=True,
+                                               text=True, env=env, timeout=300)
+    if request.param == "tmpfs":
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_failed_export_leaves_the_old_output_and_no_temporary_files(tmp_path, full_disk):
+    folder, alignsearch = full_disk
+    ix = tmp_path / "ix"
+    vector_index(ix, 4000, 16)  # 128 KiB of fp16 vectors: more than the disk holds in either layout
+    earlier = folder / "out.parquet"
+    earlier.write_bytes(b"")  # an empty file: nothing to lose, so export may replace it
+    for out, fmt in ((earlier, "parquet"), (folder / "clip", "clip-retrieval")):
+        proc = alignsearch("export", out, "--format", fmt, "--index", ix)
+        assert proc.returncode == 1, proc.stderr
+        assert sorted(p.name for p in folder.iterdir()) == ["out.parquet"], fmt  # no .tmp, .part or half folder
+        assert earlier.read_bytes() == b""
+        assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "No space left" in proc.stderr or "too large" in proc.stderr, proc.stderr
+        assert proc.stderr.strip().endswith(f": {out}"), proc.stderr  # OUT named, not a temporary file
+
+
+# -- finetune ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from shapes_data import all_specs, write_set
+
+    folder = tmp_path_factory.mktemp("pairs") / "train"
+    write_set(folder, all_specs(held_out=False)[:4], 2, seed=1)
+    return folder
+
+
+def finetune(pairs, model, out, *args, code=0):
+    return run("finetune", pairs, "--model", model, "--out", out, "--epochs", "1", "--batch-size", "4",
+               "--device", "cpu", "--val-fraction", "0", *args, code=code)
+
+
+def test_finetune_refuses_an_out_that_holds_other_files(pairs, tiny_model, tmp_path):
+    """With --out set to the training folder, finetune deleted all of it."""
+    before = tree(pairs)
+    result = finetune(pairs, tiny_model, pairs, code=2)
+    assert "not an earlier finetune output" in result.output and len(result.output.strip().splitlines()) == 1
+    assert tree(pairs) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("chapter 1")
+    finetune(pairs, tiny_model, mine, code=2)
+    assert (mine / "thesis.tex").read_text() == "chapter 1" and len(list(mine.iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_finetune_swaps_its_output_and_never_touches_siblings(pairs, tiny_model, tmp_path, shared):
+    """finetune removed DIR.old and DIR.tmp beside --out DIR, and wrote the model through a symlink
+    planted at DIR.tmp."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text('{"root": "configuration"}')
+    out = shared / "tuned"
+    (shared / "tuned.old").mkdir()
+    (shared / "tuned.old" / "weights.bin").write_bytes(b"the user's older model")
+    plant_link(shared / "tuned.tmp", victim)
+    siblings, victim_before = {k: v for k, v in tree(shared).items() if k.startswith("tuned.")}, tree(victim)
+
+    finetune(pairs, tiny_model, out)
+    assert (out / "config.json").exists() and (out / "checkpoint" / "trainer_state.pt").exists()
+    assert tree(victim) == victim_before  # nothing written through the link
+    assert {k: v for k, v in tree(shared).items() if k.startswith("tuned.")} == siblings
+    (out / "NOTES.md").write_text("lr 1e-4 was worse")
+    finetune(pairs, tiny_model, out)  # again, into its own earlier output: replaced, the user's notes kept
+    assert (out / "NOTES.md").read_text() == "lr 1e-4 was worse"
+    assert (out / "config.json").exists() and (out / "checkpoint" / "config.json").exists()
+    assert {k: v for k, v in tree(shared).items() if k.startswith("tuned.")} == siblings
+    assert tree(victim) == victim_before
+    assert sorted(p.name for p in shared.iterdir()) == ["tuned", "tuned.old", "tuned.tmp"]  # no temporary left
+
+
+class Payload:
+    """What an attacker pickles: unpickling it runs os.mkdir(flag)."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.flag),)
+
+
+@pytest.mark.slow
+def test_resume_does_not_run_a_planted_pickle(pairs, tiny_model, tmp_path):
+    """finetune --resume unpickled checkpoint/trainer_state.pt with weights_only=False: a planted file ran
+    its payload."""
+    import torch
+
+    out = tmp_path / "tuned"
+    finetune(pairs, tiny_model, out)
+    saved = out / "checkpoint" / "trainer_state.pt"
+    written = saved.read_bytes()
+    flag = tmp_path / "payload-ran"
+    torch.save({"optimizer": Payload(flag), "scheduler": {}, "epoch": 1, "rng": None}, saved)
+    result = finetune(pairs, tiny_model, out, "--epochs", "2", "--resume", code=None)
+    assert not flag.exists()
+    error = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 4 and error.startswith("error: cannot resume"), result.output
+    assert "besides tensors and plain values" in error
+    assert "weights_only" not in result.output  # torch's advice to load it unsafely is not passed on
+
+    saved.write_bytes(written)  # what finetune itself wrote: tensors and plain values, and resumable
+    state = torch.load(saved, weights_only=True)
+    assert state["epoch"] == 1 and state["rng"]["bit_generator"] == "PCG64"
+    assert "resumed" in finetune(pairs, tiny_model, out, "--epochs", "2", "--resume").output

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import signal
 import socket
 import statistics
@@ -204,7 +203,7 @@ def main() -> None:
             f"- {args.thumbs} thumbnails (256 px, cached), this server: " + line("", new["thumbs"]).lstrip(": "),
             f"- baseline, same run: http.server implementation at {args.baseline_rev}, text searches: "
             + line("", old["text"]).lstrip(": "),
-            f"- baseline, thumbnails: " + line("", old["thumbs"]).lstrip(": "),
+            "- baseline, thumbnails: " + line("", old["thumbs"]).lstrip(": "),
             f"- targets: 0 errors and text p95 <= 3x p50: {'met' if new['text']['errors'] == 0 and new['text']['p95'] <= 3 * new['text']['p50'] else 'NOT met'}; "
             f"thumbnails 0 errors and p95 <= 100 ms: {'met' if new['thumbs']['errors'] == 0 and new['thumbs']['p95'] <= 0.1 else 'NOT met'}",
         ],

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alignsearch.classify import BACKGROUND_PROMPTS, against_background, choose_tags, probabilities
+from alignsearch.classify import BACKGROUND_PROMPTS, against_background, choose_tags
 from alignsearch.model import Encoder
 from conftest import run
 

@@ -1,11 +1,12 @@
 """The `alignsearch` command: a thin layer over the Python API.
 
 Exit codes: 0 done (per-file failures are listed, not fatal; also when the reader of the output goes
-away, as with `| head -1`: the rest is dropped quietly; a pipe of our own that broke is an error), 1 unexpected error (one line; ALIGNSEARCH_DEBUG=1
-shows the traceback), 2 bad usage, 3 no index, 4 model cannot be loaded, 5 model differs from the
-index's, 6 unusable input (a query argument, a query image that is not a regular file of sane size, a
-root that cannot be listed, a root not in the index, an index another process is writing), 7 the index is
-damaged or inconsistent (`verify` found problems, a catalog that is not a database).
+away, as with `| head -1`: the rest is dropped quietly; a pipe of our own that broke is an error), 1
+unexpected error (one line; ALIGNSEARCH_DEBUG=1 shows the traceback), 2 bad usage, 3 no index, 4 model
+cannot be loaded, 5 model differs from the index's, 6 unusable input (a query argument, a query image
+that is not a regular file of sane size, a root that cannot be listed, a root not in the index, an index
+another process is writing), 7 the index is damaged or inconsistent (`verify` found problems, a catalog
+that is not a database).
 """
 
 from __future__ import annotations

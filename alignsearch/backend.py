@@ -12,11 +12,23 @@ autocast) and int8 for the text tower (ORT dynamic quantization), each with its 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignsearch.errors import BadInputError
+from alignsearch.paths import untrusted
+
+log = logging.getLogger(__name__)
+
+# OpenVINO's Python package sends usage analytics when it is imported: it writes ~/intel/openvino_ga_cid and
+# forks a sender process (openvino/tools/ovc/__init__.py through openvino_telemetry, which counts a missing
+# opt-in file as consent). A tool that works offline must not phone home: with `openvino_telemetry`
+# unimportable (None in sys.modules makes `import` raise ImportError), OpenVINO takes its own no-op stub. Set
+# here, before any import of openvino: every import of it in alignsearch comes after this module's.
+sys.modules.setdefault("openvino_telemetry", None)
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 # Images per forward pass on CPUs: EfficientNet-B7 runs ~2x faster per image in batches of 2-4 than of 32
@@ -187,6 +199,53 @@ def cache_root() -> Path:
         return Path(os.environ["ALIGNSEARCH_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "alignsearch"
+
+
+_cache_refused: set[str] = set()  # reasons already noted in this process
+
+
+def cache_untrusted(folder: Path | None = None) -> str | None:
+    """Why the export cache must not be used, or None. Its towers run as code-like data (a replaced text tower
+    and manifest changed every query's results silently), so as ssh does for its keys: the cache root, its
+    onnx/ folder and `folder` (one model's, with its manifest and OpenVINO's compiled graphs) must belong to
+    this user (or root) and be writable by nobody else; the folders above the root likewise, except that a
+    world-writable one with the sticky bit (/tmp) passes. Parts not created yet are not checked. Noted once
+    per process (a warning: commands print it on stderr); callers then run on torch or without the cache."""
+    root = Path(os.path.abspath(cache_root()))
+    checks = [(p, True) for p in reversed(root.parents)] + [(root, False), (root / "onnx", False)]
+    if folder is not None:
+        graphs = Path(folder) / "openvino"
+        checks += [(Path(folder), False), (Path(folder) / "manifest.json", False), (graphs, False)]
+        checks += [(p, False) for p in (sorted(graphs.iterdir()) if graphs.is_dir() else ())]
+    for path, sticky_ok in checks:
+        try:
+            why = untrusted(path, owners=(0,), sticky_ok=sticky_ok)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made later, by this user
+        except OSError as exc:
+            why = f"{path} cannot be checked ({exc.strerror or exc})"
+        if why:
+            if why not in _cache_refused:
+                _cache_refused.add(why)
+                log.warning("note: not using the model cache: %s (another user could replace the exported "
+                            "model); fix its owner and modes (chmod go-w) or set ALIGNSEARCH_CACHE", why)
+            return why
+    return None
+
+
+def make_cache_dir(folder: Path) -> None:
+    """Create folder and any missing parents as private (0700) folders: the umask (002 leaves them
+    group-writable) must not make the cache fail its own check (cache_untrusted) next time."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:  # another process made it meanwhile
+            pass
 
 
 def onnx_dir(fingerprint: str, content: str) -> Path:

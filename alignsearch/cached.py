@@ -28,8 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from alignsearch.backend import (CPU_MICRO_BATCH, EncoderOptions, Plan, cache_root, choose_images, installed_engines,
-                                 onnxruntime_installed, openvino_bf16, openvino_installed, plan)
+from alignsearch.backend import (CPU_MICRO_BATCH, EncoderOptions, Plan, cache_root, cache_untrusted, choose_images,
+                                 installed_engines, onnxruntime_installed, openvino_bf16, openvino_installed, plan)
 from alignsearch.encoding import DEFAULT_MODEL, EncoderBase, describe_model
 from alignsearch.errors import ModelMismatchError
 from alignsearch.images import ImageSpec
@@ -82,7 +82,11 @@ def spec_from(d: dict) -> ImageSpec:
 
 
 def _manifests():
+    if cache_untrusted():
+        return
     for path in sorted((cache_root() / "onnx").glob(f"*/{MANIFEST}")):
+        if cache_untrusted(path.parent):
+            continue
         manifest = read_manifest(path.parent)
         if isinstance(manifest, dict):
             yield path.parent, manifest

@@ -1,11 +1,12 @@
 """The `alignsearch` command: a thin layer over the Python API.
 
 Exit codes: 0 done (per-file failures are listed, not fatal; also when the reader of the output goes
-away, as with `| head -1`: the rest is dropped quietly), 1 unexpected error (one line; ALIGNSEARCH_DEBUG=1
-shows the traceback), 2 bad usage, 3 no index, 4 model cannot be loaded, 5 model differs from the
-index's, 6 unusable input (a query argument, a query image that is not a regular file of sane size, a
-root that cannot be listed, a root not in the index, an index another process is writing), 7 the index is
-damaged or inconsistent (`verify` found problems, a catalog that is not a database).
+away, as with `| head -1`: the rest is dropped quietly; a pipe of our own that broke is an error), 1
+unexpected error (one line; ALIGNSEARCH_DEBUG=1 shows the traceback), 2 bad usage, 3 no index, 4 model
+cannot be loaded, 5 model differs from the index's, 6 unusable input (a query argument, a query image
+that is not a regular file of sane size, a root that cannot be listed, a root not in the index, an index
+another process is writing), 7 the index is damaged or inconsistent (`verify` found problems, a catalog
+that is not a database).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import base64
 import json
 import os
+import re
 import sys
 from functools import wraps
 
@@ -56,7 +58,7 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AlignSearchError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_shown(exc)}", err=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -73,19 +75,24 @@ class _Main(click.Group):
             return result
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except BrokenPipeError:
-            _quiet_stdout()
-            ctx.exit(0)
         except AlignSearchError as exc:
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", 130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-            if os.environ.get("ALIGNSEARCH_DEBUG"):
-                raise
-            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            epipe = isinstance(exc, OSError) and exc.errno == errno.EPIPE
+            if epipe and _stdout_gone():
                 _quiet_stdout()
                 ctx.exit(0)
+            if os.environ.get("ALIGNSEARCH_DEBUG"):
+                if epipe:  # click would end an EPIPE quietly with exit 0: shown here instead
+                    import traceback
+
+                    traceback.print_exc()
+                    ctx.exit(1)
+                raise
+            if epipe:  # a pipe of our own (a worker's, multiprocessing's resource tracker) broke: a failure
+                _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
             damaged = _damaged_catalog(exc)
             if damaged:
                 _fail(ctx, damaged, 7)
@@ -93,6 +100,39 @@ class _Main(click.Group):
                 where = f": {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"{exc.strerror}{where}", 1)
             _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
+
+
+def _stdout_gone() -> bool:
+    """Has the reader of stdout gone away (`| head -1`)? Only then does a broken pipe mean "stop quietly":
+    poll reports POLLERR on the write end of a pipe whose reader closed it. Any other pipe that broke
+    (a worker's, multiprocessing's resource tracker) is an error like any other."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, ValueError, OSError):  # no real stdout (tests)
+        return False
+
+
+# Characters a terminal acts on rather than shows: C0 and C1 controls (newline, ESC starting an ANSI sequence,
+# carriage return), DEL, the line and paragraph separators, and the bidirectional overrides that reorder
+# what follows them.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _shown(text) -> str:
+    """A file name, tag label or message as text output prints it: one line that cannot drive the terminal.
+    Control characters become Python escapes (\\n, \\x1b), bytes that are not UTF-8 \\xNN. JSON output is
+    already safe and keeps the exact strings; --paths keeps the exact bytes."""
+    text = str(text)
+    try:
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")  # names that are not UTF-8
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _quiet_stdout() -> None:
@@ -107,7 +147,7 @@ def _quiet_stdout() -> None:
 
 def _fail(ctx, message: str, code: int):
     try:
-        click.echo(f"error: {' '.join(str(message).split())}", err=True)
+        click.echo(f"error: {_shown(' '.join(str(message).split()))}", err=True)
     except BrokenPipeError:
         pass
     ctx.exit(code)
@@ -208,12 +248,12 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
     for root in s.no_images:
-        click.echo(f"no images found in {root}")
+        click.echo(f"no images found in {_shown(root)}")
     if s.listing_errors:
         click.echo(f"{len(s.listing_errors)} folder(s) could not be listed; the {s.kept} files indexed under them "
                    "stay in the index until they list again:")
         for e in s.listing_errors:
-            click.echo(f"  {e['folder']}: {e['reason']}")
+            click.echo(f"  {_shown(e['folder'])}: {_shown(e['reason'])}")
     click.echo(f"index: {s.index['plan']['kind']} with {s.index['vectors']} vectors ({s.index['action']}) in {s.index_dir}")
     if s.failed:
         click.echo("see the failures with: alignsearch info --failed", err=True)
@@ -235,7 +275,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
     if not hits:
         click.echo("no results")
     for rank, h in enumerate(hits, 1):
-        shown = os.fsencode(h["path"]).decode("utf-8", "backslashreplace")  # names that are not UTF-8
+        shown = _shown(h["path"])
         folded = f"  (+{len(h['duplicates'])} near duplicates)" if h.get("duplicates") else ""
         click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}{folded}")
 
@@ -452,7 +492,7 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
     if result["per_label"]:
         click.echo(f"{result['tags']} tags on {result['images']} images")
     for label, n in result["per_label"].items():
-        click.echo(f"  {n:>8}  {label}")
+        click.echo(f"  {n:>8}  {_shown(label)}")
 
 
 @main.command()
@@ -462,7 +502,7 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
 def tags(as_json, index_dir):
     """The tag labels of the index with how many images carry each, most used first."""
     listed = [{"label": label, "images": n} for label, n in _tag_counts(index_dir)]
-    lines = [f"{e['images']:>8}  {e['label']}" for e in listed] or ["no tags: tag the index with `alignsearch tag --labels-file FILE`"]
+    lines = [f"{e['images']:>8}  {_shown(e['label'])}" for e in listed] or ["no tags: tag the index with `alignsearch tag --labels-file FILE`"]
     click.echo(json.dumps(listed, indent=2) if as_json else "\n".join(lines))
 
 
@@ -534,7 +574,7 @@ def info(failed, as_json, index_dir):
     ix = data["index"]
     click.echo(f"index:   {data['index_dir']}")
     click.echo(f"model:   {data['model']} (dim {data['dim']})")
-    click.echo(f"roots:   {', '.join(data['roots'])}")
+    click.echo(f"roots:   {', '.join(_shown(r) for r in data['roots'])}")
     click.echo(f"images:  {data['images']} indexed, {data['failed']} failed")
     params = (
         f" nlist={ix['nlist']} PQ{ix['pq_m']} nprobe={ix['nprobe']} rerank={ix['rerank_factor']}x"
@@ -554,14 +594,14 @@ def info(failed, as_json, index_dir):
         click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']}"
                    + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
-        click.echo("tags:    " + ", ".join(f"{label} ({n})" for label, n in data["tags"].items()))
+        click.echo("tags:    " + ", ".join(f"{_shown(label)} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:
         click.echo(f"listing: {len(data['listing_errors'])} folder(s) could not be listed by the last run "
                    "(alignsearch info --failed)")
     for f in data.get("failed_files", []):
-        click.echo(f"failed:  {f['path']}: {f['reason']}")
+        click.echo(f"failed:  {_shown(f['path'])}: {_shown(f['reason'])}")
     for e in data["listing_errors"] if failed else []:
-        click.echo(f"unlisted: {e['folder']}: {e['reason']} (its indexed files were kept)")
+        click.echo(f"unlisted: {_shown(e['folder'])}: {_shown(e['reason'])} (its indexed files were kept)")
 
 
 def _listing_errors(db) -> list[dict]:
@@ -588,7 +628,7 @@ def _listing_errors(db) -> list[dict]:
 @run_options
 @reports_errors
 def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_dir, device, backend, precision):
-    """Serve the index warm: a JSON API (OpenAPI at /docs) and a search page at the URL it prints.
+    """Serve the index warm: a JSON API (its OpenAPI schema at /openapi.json) and a search page at the URL it prints.
 
     The URL carries a random token, required by every API call; opening it sets a cookie. The CLI's
     `query` finds the server and its token in the index's server record."""
@@ -693,9 +733,9 @@ def roots(as_json, index_dir):
         click.echo("no roots: index one with `alignsearch index FOLDER`")
     for r in listed:
         options = "".join(f", {k}" for k, v in r["options"].items() if v)
-        click.echo(f"{r['root']}  [{r['state']}]  {r['indexed']} indexed, {r['failed']} failed{options}")
+        click.echo(f"{_shown(r['root'])}  [{r['state']}]  {r['indexed']} indexed, {r['failed']} failed{options}")
         for e in r["listing_errors"]:
-            click.echo(f"  could not list {e['folder']}: {e['reason']}")
+            click.echo(f"  could not list {_shown(e['folder'])}: {_shown(e['reason'])}")
 
 
 @main.command()
@@ -742,7 +782,7 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     for g in groups:
         click.echo(f"{g.tier}: {len(g.items)} files")
         for item in g.items:
-            shown = os.fsencode(item["path"]).decode("utf-8", "backslashreplace")
+            shown = _shown(item["path"])
             mark = "keep" if item["keep"] else "    "
             click.echo(f"  {mark} {item['score']:.4f}  {item['width']}x{item['height']}  {shown}")
     if groups:

@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlencode
-from urllib.request import Request, urlopen
+from urllib.request import ProxyHandler, Request, build_opener
 
 from alignsearch.errors import BadInputError
-from alignsearch.paths import DB_FILE, SERVER_FILE
+from alignsearch.paths import DB_FILE, SERVER_FILE, private_record
 
 CONTACT_TIMEOUT = 2.0
+# The server is on this machine: never through a proxy. urlopen honours http_proxy even for 127.0.0.1
+# (no_proxy is rarely set), and the proxy would receive the token and the query.
+_OPENER = build_opener(ProxyHandler({}))
 
 
 def _stderr(message: str) -> None:
@@ -69,14 +72,22 @@ def _request(record: dict, path: str, data: bytes | None = None, headers: dict |
     if record.get("token"):
         headers["Authorization"] = f"Bearer {record['token']}"
     request = Request(f"{record['url']}{path}", data=data, headers=headers, method="POST" if data is not None else "GET")
-    with urlopen(request, timeout=timeout) as response:
+    with _OPENER.open(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
 def verified_server(index_dir: Path, notice: Callable[[str], None] = _stderr) -> dict | None:
     """The record of a server that proves it serves index_dir, or None (with a notice when a record was
-    there but could not be used)."""
-    path = index_dir / SERVER_FILE
+    there but could not be used). The index's own record first, then this user's private one (written by
+    `serve` for an index it may not write: read-only, or another user's)."""
+    for path in (index_dir / SERVER_FILE, private_record(index_dir)):
+        record = _verified(index_dir, path, notice)
+        if record is not None:
+            return record
+    return None
+
+
+def _verified(index_dir: Path, path: Path, notice: Callable[[str], None]) -> dict | None:
     try:
         record = json.loads(path.read_text())
         pid, url = int(record["pid"]), str(record["url"])

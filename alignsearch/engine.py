@@ -540,13 +540,16 @@ class Engine:
 def onnx_cache_status(model_info: dict) -> dict:
     """The exported towers cached for the index's model: where, which, and whether text queries can skip
     torch (the files listed and unchanged; the probes run when a query loads them)."""
-    from alignsearch.backend import onnx_dir
+    from alignsearch.backend import cache_untrusted, onnx_dir
     from alignsearch.onnxrun import OnnxUnusable, check_file, read_manifest
 
     if "content_digest" not in model_info:
         return {"path": None, "towers": [], "torch_free_text": False,
                 "note": "recorded before content digests: the next `alignsearch index` records it"}
     folder = onnx_dir(model_info["fingerprint"], model_info["content_digest"])
+    why = cache_untrusted(folder)
+    if why:
+        return {"path": None, "towers": [], "torch_free_text": False, "note": f"not used: {why}"}
     manifest = read_manifest(folder) or {}
     files = manifest.get("files", {})
     try:

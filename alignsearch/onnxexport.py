@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from alignsearch import atomic
-from alignsearch.backend import onnx_dir
+from alignsearch.backend import cache_untrusted, make_cache_dir, onnx_dir
 from alignsearch.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
                                  clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
                                  read_manifest, tokenizer)
@@ -147,6 +147,9 @@ class Exporter:
     def __init__(self, enc):
         self.enc = enc
         self.folder = onnx_dir(enc.fingerprint, enc.content_digest)
+        why = cache_untrusted(self.folder)
+        if why:  # never read from nor written to: the model runs on torch, and says why
+            raise OnnxUnusable(f"the model cache is not private: {why}")
         self.manifest = self._current(read_manifest(self.folder))
         stamp = getattr(enc, "checkpoint_stamp", None)
         if stamp is not None and stamp not in self.manifest.setdefault("checkpoints", []):
@@ -327,7 +330,7 @@ class Exporter:
     def _write(self, make, key: str) -> None:
         """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_cache_dir(self.folder)
             _remove_stale_temporaries(self.folder)
             final = self.folder / FILES[key]
             with atomic.replacing(final, durable=False) as tmp:

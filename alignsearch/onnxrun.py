@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from alignsearch.backend import onnx_dir
+from alignsearch.backend import cache_untrusted, onnx_dir
+from alignsearch.paths import untrusted
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ def check_file(folder: Path, manifest: dict, key: str) -> Path:
     path = folder / FILES[key]
     if entry is None or not path.exists():
         raise OnnxUnusable(f"no exported {key} in {folder}")
+    why = untrusted(path, owners=(0,))
+    if why:  # the folder is checked by cache_untrusted; the file too, where another user could rewrite it
+        raise OnnxUnusable(f"not using {path}: {why}")
     st = path.stat()
     if st.st_size != entry["size"]:
         raise OnnxUnusable(f"{path} is {st.st_size} bytes, the export wrote {entry['size']}")
@@ -288,6 +292,8 @@ def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | Non
         folder = onnx_dir(fingerprint, content)
     except ValueError:
         return None
+    if cache_untrusted(folder):
+        return None  # noted: the full load runs on torch
     manifest = read_manifest(folder)
     if not isinstance(manifest, dict) or (manifest.get("fingerprint"), manifest.get("content_digest")) != \
             (fingerprint, content) or "tokenizer" not in manifest:

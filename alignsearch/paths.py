@@ -4,6 +4,8 @@ the CLI's route to a warm server needs nothing heavier."""
 from __future__ import annotations
 
 import os
+import stat
+import sys
 from pathlib import Path
 
 from alignsearch.errors import IndexNotFoundError
@@ -13,12 +15,79 @@ DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
 SERVER_FILE = "server.json"  # written by a running `alignsearch serve`
 
 
+def untrusted(path: str | os.PathLike, owners: tuple[int, ...] = (), sticky_ok: bool = False) -> str | None:
+    """Why another user could have written path, or None: it belongs to someone other than this user (or
+    one of `owners`, e.g. root for a system folder), or others may write it: every user (o+w), or a group
+    other than this user's private group (the user-private-group convention: umask 002 leaves a user's
+    files g+w for a group of one). As ssh treats its keys; follows symlinks (the target is what is read).
+    sticky_ok: a world-writable folder with the sticky bit (/tmp) passes: others cannot rename or remove
+    what this user keeps in it."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid() and st.st_uid not in owners:
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o002 and not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"{path} is writable by every user"
+    if st.st_mode & 0o020 and not _private_group(st.st_gid):
+        return f"{path} is writable by its group (gid {st.st_gid})"
+    return None
+
+
+def _private_group(gid: int) -> bool:
+    """Is gid this user's own group of one (named after the user, no other members listed)?"""
+    import grp
+    import pwd
+
+    try:
+        user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(gid)
+    except (KeyError, OSError):
+        return False
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+def foreign(index: Path) -> str | None:
+    """Why an index found by walking up must not be used, or None: it or its catalog belongs to another user
+    or others may write it. Another user's `.alignsearch` above a shared, world-writable folder would
+    otherwise receive this user's paths, hashes, EXIF and embeddings (git's CVE-2022-24765: git refuses such
+    a repository)."""
+    return untrusted(index) or untrusted(index / DB_FILE)
+
+
+def private_record(index_dir: str | os.PathLike) -> Path:
+    """Where `serve` keeps its record for an index it must not write (read-only, or another user's): in this
+    user's runtime folder ($XDG_RUNTIME_DIR/alignsearch, else the cache folder's servers/), named by the
+    index's real path. `query` looks there after the index's own server.json."""
+    # backend is light, and imported here since it imports this module
+    from hashlib import sha256
+
+    from alignsearch.backend import cache_root
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "alignsearch" if runtime and os.path.isdir(runtime) else cache_root() / "servers"
+    return base / f"{sha256(os.fsencode(os.path.realpath(index_dir))).hexdigest()[:32]}.json"
+
+
+_noted: set[str] = set()  # indexes already skipped with a note in this process
+
+
 def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
-    """The nearest `.alignsearch` directory in start (default: cwd) or its parents, like `.git`."""
+    """The nearest `.alignsearch` directory in start (default: cwd) or its parents, like `.git`; one owned
+    by another user or writable by others is skipped with a note on stderr (name it with --index or
+    ALIGNSEARCH_INDEX to use it anyway)."""
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / INDEX_DIRNAME / DB_FILE).exists():
-            return folder / INDEX_DIRNAME
+        candidate = folder / INDEX_DIRNAME
+        if not (candidate / DB_FILE).exists():
+            continue
+        try:
+            why = foreign(candidate)
+        except OSError as exc:
+            why = f"it cannot be checked ({exc.strerror or exc})"
+        if why is None:
+            return candidate
+        if str(candidate) not in _noted:
+            _noted.add(str(candidate))
+            print(f"note: ignoring the index {candidate}: {why}; pass --index {candidate} to use it anyway",
+                  file=sys.stderr)
     return None
 
 

@@ -20,10 +20,12 @@ import atexit
 import dataclasses
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
 import queue
+import re
 import secrets
 import socket
 import threading
@@ -92,7 +94,14 @@ class ApiError(Exception):
 
 
 def is_loopback(host: str) -> bool:
-    return host.strip("[]").lower() in LOOPBACK or host.startswith("127.")
+    """localhost, or an address literal in 127.0.0.0/8 or ::1; never a name (127.example.com is anyone's)."""
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve_token(config: ServerConfig) -> str | None:
@@ -115,12 +124,22 @@ def allowed_hosts(config: ServerConfig) -> frozenset[str]:
     return frozenset(names - WILDCARD)
 
 
-def host_name(header: str) -> str:
-    """The name in a Host header, without port or IPv6 brackets: `[::1]:80` -> `::1`, `Example.:80` -> `example`."""
+def host_name(header: str) -> str | None:
+    """The name in a Host header, without port or IPv6 brackets: `[::1]:80` -> `::1`, `Example.:80` -> `example`;
+    None unless what follows the name is nothing or `:` and digits (`localhost:evil.com` is no name of ours)."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
+        name, bracket, rest = header[1:].partition("]")
+        if not bracket:
+            return None
+    elif header.count(":") > 1:  # a bare IPv6 address (not valid in a Host header, but unambiguous)
+        name, rest = header, ""
+    else:
+        name, colon, rest = header.partition(":")
+        rest = colon + rest
+    if not re.fullmatch(r"(:[0-9]*)?", rest):
+        return None
+    return name.rstrip(".")
 
 
 def thumb_size(requested: int) -> int:
@@ -135,7 +154,8 @@ def cookie_name(port: int) -> str:
 
 class HostCheck:
     """ASGI middleware: a request whose Host header is not one of ours gets 400 (DNS rebinding), and every
-    response gets a few security headers. TrustedHostMiddleware's rule, with IPv6 literals understood."""
+    response gets a few security headers. TrustedHostMiddleware's rule, with IPv6 literals understood.
+    HEAD is answered as GET without the body (FastAPI's routes answer GET only: 405 otherwise)."""
 
     def __init__(self, app, hosts: frozenset[str]):
         self.app, self.hosts = app, hosts
@@ -152,9 +172,15 @@ class HostCheck:
                                     (b"connection", b"close"), *SECURITY_HEADERS]})
             return await send({"type": "http.response.body", "body": body})
 
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
+
         async def secured(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}  # the headers (Content-Length included) stay GET's
             await send(message)
 
         return await self.app(scope, receive, secured)
@@ -224,7 +250,8 @@ class Library:
 
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine, self.config = engine, config
-        self.thumb_dir = engine.dir / "thumbs"
+        # None: an index this server must not write (read-only, another user's): thumbnails are not kept
+        self.thumb_dir = None if read_only(engine.dir) else engine.dir / "thumbs"
         with engine.db.connect() as conn:
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
@@ -312,9 +339,9 @@ class Library:
 
     def thumbnail(self, file_id: int, size: int) -> bytes:
         row = self.row(file_id)
-        path = self.thumb_dir / f"{row.id}-{size}.jpg"
+        path = None if self.thumb_dir is None else self.thumb_dir / f"{row.id}-{size}.jpg"
         try:
-            if path.exists():
+            if path is not None and path.exists():
                 self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
                 return path.read_bytes()
             img, _ = open_rgb(self.read(row), self.config.max_upload_pixels)
@@ -323,8 +350,9 @@ class Library:
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-        self.thumb_dir.mkdir(exist_ok=True)
-        write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw
+        if path is not None:
+            self.thumb_dir.mkdir(exist_ok=True)
+            write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw
         return buf.getvalue()
 
 
@@ -404,6 +432,9 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
 
     app = FastAPI(
         title="alignsearch", version=alignsearch.__version__, lifespan=lifespan_with_queue,
+        # No /docs nor /redoc: FastAPI's pages load swagger-ui and redoc from a CDN (blank offline, and a
+        # third party's script next to the token). The schema stays at /openapi.json.
+        docs_url=None, redoc_url=None,
         description="Cross-modal image search over an indexed library. Every /api call needs the server's token: "
                     "`Authorization: Bearer TOKEN` or the cookie set by opening the URL `alignsearch serve` prints.",
         max_body_size=config.max_upload_bytes,
@@ -619,8 +650,41 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def write_record(index_dir: Path, record: dict) -> Path:
-    path = index_dir / SERVER_FILE
+def read_only(index_dir: Path) -> str | None:
+    """Why the server must not write into this index (its record, thumbnails), or None: it is read-only to
+    this process, or belongs to another user (whose folder could turn a name into a symlink under us)."""
+    try:
+        st = os.stat(index_dir)
+    except OSError as exc:
+        return f"it cannot be checked ({exc.strerror or exc})"
+    if st.st_uid != os.geteuid():
+        return f"it belongs to another user (uid {st.st_uid})"
+    if not os.access(index_dir, os.W_OK):
+        return "it is read-only"
+    return None
+
+
+def record_path(index_dir: Path) -> Path:
+    """Where this start's server record goes: the index's server.json, or for an index it must not write
+    this user's private record (paths.private_record), in a folder made private (0700) and checked like
+    the model cache; AlignSearchError when no such place can be had."""
+    if not read_only(index_dir):
+        return index_dir / SERVER_FILE
+    from alignsearch.backend import make_cache_dir
+    from alignsearch.paths import private_record, untrusted
+
+    path = private_record(index_dir)
+    try:
+        make_cache_dir(path.parent)
+        why = untrusted(path.parent)
+    except OSError as exc:
+        why = f"{path.parent}: {exc.strerror or exc}"
+    if why:
+        raise AlignSearchError(f"cannot keep the server record of the read-only index {index_dir} elsewhere: {why}")
+    return path
+
+
+def write_record(path: Path, record: dict) -> Path:
     write_bytes(path, json.dumps(record).encode(), mode=0o600)  # 0600 from the start: it holds the token
     return path
 
@@ -638,9 +702,11 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
           verbose: bool = False) -> None:
     """Serve until interrupted (SIGINT, SIGTERM) or shut down through the RunningServer handed to ready().
     Writes SERVER_FILE into the index (mode 0600: pid, host, port, token, index id) so `alignsearch query`
-    finds and checks the warm server, and removes it on the way out."""
+    finds and checks the warm server, and removes it on the way out. An index it must not write (read-only,
+    or another user's) is served read-only: the record goes to paths.private_record, thumbnails are not kept."""
     import uvicorn
 
+    record_file = record_path(engine.dir)  # before any loading: an index with no place for it is refused at once
     _ = engine.encoder  # load the model now, not on the first request
     token = resolve_token(config)
     sock = _listen(config.host, config.port)
@@ -648,14 +714,18 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
     shown = "127.0.0.1" if config.host in WILDCARD else config.host
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
     config = ServerConfig(**{**config.__dict__, "port": port})
-    record_path, pid = engine.dir / SERVER_FILE, os.getpid()
+    pid = os.getpid()
+    why = read_only(engine.dir)
+    if why:
+        log.warning("note: serving %s read-only (%s): thumbnails are not kept, the server record is %s",
+                    engine.dir, why, record_file)
     handle: RunningServer | None = None
 
     @asynccontextmanager
     async def lifespan(app):
         with engine.db.connect() as conn:
             index_id = catalog.index_id(conn)
-        write_record(engine.dir, {"pid": pid, "hostname": socket.gethostname(), "host": shown, "port": port,
+        write_record(record_file, {"pid": pid, "hostname": socket.gethostname(), "host": shown, "port": port,
                                   "url": url, "token": token, "index_id": index_id,
                                   "index_dir": str(engine.dir.resolve())})
         log.info("serving %s on %s", engine.dir, url)
@@ -664,7 +734,7 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
         try:
             yield
         finally:
-            remove_record(record_path, pid)  # before uvicorn re-raises SIGTERM, which ends the process
+            remove_record(record_file, pid)  # before uvicorn re-raises SIGTERM, which ends the process
 
     app = create_app(engine, config, token, lifespan)
     server = uvicorn.Server(uvicorn.Config(
@@ -672,12 +742,12 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
         server_header=False, timeout_keep_alive=5, backlog=BACKLOG, log_config=None,
     ))
     handle = RunningServer(url, port, token, server)
-    atexit.register(remove_record, record_path, pid)
+    atexit.register(remove_record, record_file, pid)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        remove_record(record_path, pid)
+        remove_record(record_file, pid)
         handle.stopped.set()
 
 

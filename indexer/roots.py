@@ -73,7 +73,7 @@ def rebase_root(conn, old: str, new: str) -> None:
     """Rows of root `old` (a folder inside `new`) become rows of `new`, ids and vectors unchanged."""
     prefix = os.path.relpath(old, new)
     raw_prefix = os.fsencode(prefix)
-    for row in catalog.files_under(conn, old).values():
+    for row in catalog.rows_under(conn, old):  # every moment of a video too
         raw = raw_prefix + b"/" + row.relpath_raw if row.relpath_raw else None
         move_file(conn, row.id, new, f"{scan.printable(prefix)[0]}/{row.relpath}", raw)
 

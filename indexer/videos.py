@@ -226,3 +226,29 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
     stats.moments += len(rows)
     stats.seconds["write"] += time.perf_counter() - t0
 
+
+
+def reencode_moments(db, encoder, rows: list, intervals: dict[str, float], batch_size: int,
+                     commit: Callable[[list, np.ndarray], None], on_video: Callable[[int], None] = lambda n: None) -> int:
+    """`index --reindex`: the moments of each video among rows (catalog rows with t) encoded again with the new
+    model. The video is read again as it was indexed (same interval, same decoder: the same moments); each row
+    takes the vector of the moment read again that contains its start. commit(rows, vectors) stores a video's
+    new vectors; a video that cannot be read again gets none (the switch then records it as failed)."""
+    videos: dict[tuple[str, str], list] = {}
+    for row in rows:
+        videos.setdefault((row.root, row.relpath), []).append(row)
+    for (root, _), moment_rows in videos.items():
+        r = moment_rows[0]
+        found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
+        try:
+            again, vecs, _ = _encode(found, encoder, VideoInfo(), intervals.get(root, DEFAULT_INTERVAL), batch_size,
+                                     VideoStats())
+        except (VideoError, OSError) as exc:
+            log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
+            on_video(1)
+            continue
+        starts = np.array([t for t, _, _ in again])
+        pick = np.clip(np.searchsorted(starts, [row.t for row in moment_rows], side="right") - 1, 0, len(starts) - 1)
+        commit(moment_rows, vecs[pick])
+        on_video(1)
+    return len(videos)

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import index_json, make_images, run
 from helpers import make_video, scene_frame
@@ -61,6 +62,14 @@ def test_unreadable_video_raises_with_a_reason(tmp_path):
         list(moments(str(junk), SPEC))
 
 
+def test_truncated_video_keeps_what_was_readable(tmp_path):
+    whole = make_video(tmp_path / "whole.mkv", [(61, 3), (62, 3), (63, 3)]).read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole[: int(len(whole) * 0.6)])
+    found = list(moments(str(cut), SPEC))
+    assert np.allclose(starts(found)[:2], [0, 3], atol=SAMPLE) and 3 < found[-1].t_end < 9, starts(found)
+
+
 def _library(tmp_path):
     lib = tmp_path / "lib"
     make_images(lib / "photos", 4)
@@ -109,6 +118,12 @@ def test_photos_and_videos_index_in_one_run(tmp_path, tiny_model):
     text = run("query", "a picture", "--media", "video", "--index", ix).output
     assert "match.mp4 @ 0:" in text, text
     assert run("verify", "--index", ix).exit_code == 0
+    run("export", tmp_path / "lib.parquet", "--index", ix)
+    table = pq.read_table(tmp_path / "lib.parquet")
+    moments_out = sorted(t for rel, t in zip(table["relpath"].to_pylist(), table["t"].to_pylist()) if rel.endswith(".mp4"))
+    assert np.allclose(moments_out, [0, 3, 7.5, 17.5, 27.5, 32.5], atol=SAMPLE)
+    assert all(t is None for rel, t in zip(table["relpath"].to_pylist(), table["t_end"].to_pylist())
+               if rel.startswith("photos/"))
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ class Moment:
     t_end: float
     crop: np.ndarray  # (H, W, 3) uint8 for the encoder
     image: object  # the representative frame as a PIL image (for its perceptual hash)
+    phash: str | None = None
 
 
 @dataclass

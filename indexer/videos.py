@@ -134,12 +134,17 @@ def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size:
         stats.seconds["encode"] += time.perf_counter() - t0
         batch.clear()
 
+    def hashed():  # in the decoding thread: the full-size frame is dropped before a moment is queued
+        for m in moments(source, spec, info, interval):
+            m.phash = phash_of(m.image)
+            m.image = None
+            yield m
+
     try:
-        for m, waited in _threaded(moments(source, spec, info, interval), maxsize=batch_size):
+        for m, waited in _threaded(hashed(), maxsize=batch_size):
             stats.seconds["decode"] += waited
             found_moments.append((m.t, m.t_end, None))
-            hashes.append(phash_of(m.image))
-            m.image = None
+            hashes.append(m.phash)
             batch.append(m)
             if len(batch) >= batch_size:
                 flush()

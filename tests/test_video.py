@@ -4,14 +4,19 @@ Every video is generated here with PyAV."""
 
 import itertools
 import json
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import index_json, make_images, run
-from helpers import make_video, scene_frame
+from helpers import alignsearch_peak_rss, make_video, scene_frame, summary
 from PIL import Image
 
 import alignsearch
@@ -238,3 +243,55 @@ def test_reindex_with_another_model_reads_the_videos_again(tmp_path, tiny_model,
     with alignsearch.open(ix) as engine:
         best = engine.search(image=str(shot), k=1)[0]
     assert best.relpath == "clip.mp4" and best.t == pytest.approx(3, abs=SAMPLE)
+
+
+LONG = [(i % 13 + 100, 7) for i in range(172)]  # 20 minutes 4 seconds, a cut every 7 s
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_length_of_a_video(tmp_path, tiny_model):
+    short_lib, long_lib = tmp_path / "short", tmp_path / "long"
+    make_video(short_lib / "minute.mp4", LONG[:9], fps=5)
+    make_video(long_lib / "twenty-minutes.mp4", LONG, fps=5)
+    common = ("--model", tiny_model, "--device", "cpu", "--json")
+    proc, short_peak = alignsearch_peak_rss("index", short_lib, "--index", tmp_path / "ix1", *common)
+    assert summary(proc)["times"]["extra"]["moments"] == 9
+    proc, long_peak = alignsearch_peak_rss("index", long_lib, "--index", tmp_path / "ix2", *common)
+    assert summary(proc)["times"]["extra"]["moments"] == 172
+    assert long_peak < 1 << 30 and long_peak - short_peak < 150 << 20, (short_peak >> 20, long_peak >> 20)
+
+
+@pytest.mark.slow
+def test_killed_mid_video_resumes_and_verifies_clean(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 3)
+    make_video(lib / "long.mp4", LONG, fps=5)
+    args = (sys.executable, "-m", "alignsearch", "index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu",
+            "--json")
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # the photos are committed: the video is being read
+        if (ix / "catalog.db").exists() and _count(ix, "status = 'indexed'") >= 3:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed:  # nothing of a video is committed before all of it is
+        assert _count(ix, "t IS NOT NULL") in (0, 172)
+    s = index_json(ix)
+    assert _count(ix, "t IS NOT NULL AND status = 'indexed'") == 172 and s["index"]["vectors"] == 3 + 172, s
+    assert run("verify", "--index", ix).exit_code == 0
+
+
+def _count(ix, where: str) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+        try:
+            return conn.execute(f"SELECT count(*) FROM files WHERE {where}").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0

@@ -175,3 +175,52 @@ def creation_time(metadata) -> float | None:
     except ValueError:
         return None
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",
+               "mkv": "video/x-matroska", "avi": "video/x-msvideo"}
+
+
+def frame_at(source, t: float, t_end: float | None = None):
+    """The picture of a moment that starts at t (as its representative: REPRESENTATIVE_AFTER in, or halfway
+    through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it."""
+    import av
+
+    want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
+    try:
+        with av.open(source, mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if want > 0 and stream.time_base:
+                container.seek(int(want / stream.time_base), stream=stream, backward=True)
+            last = None
+            for frame in container.decode(stream):
+                last = frame
+                if frame.time is not None and frame.time + 1e-6 >= want:
+                    break
+            if last is None:
+                raise VideoError("cannot decode video: no frame at that time")
+            return last.to_image()
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise VideoError(f"cannot read video: {_reason(exc)}") from None
+
+
+def byte_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """(start, length) of an HTTP Range header's first range ("bytes=a-b", "bytes=a-", "bytes=-n") over a file
+    of `total` bytes; None when there is none (the whole file). Raises ValueError when it cannot be served."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or not spec:
+        raise ValueError("only byte ranges are served")
+    first, _, last = spec.split(",")[0].strip().partition("-")
+    if not first:  # the last n bytes
+        n = int(last)
+        if n <= 0:
+            raise ValueError("an empty range")
+        return max(0, total - n), min(n, total)
+    start = int(first)
+    end = min(int(last), total - 1) if last else total - 1
+    if start < 0 or start >= total or end < start:
+        raise ValueError(f"range {header} is outside the file's {total} bytes")
+    return start, end - start + 1

@@ -2,6 +2,7 @@
 times, results with t/t_end, per-video caps, the media filter, incremental runs, failures and the schema upgrade.
 Every video is generated here with PyAV."""
 
+import io
 import itertools
 import json
 import os
@@ -16,7 +17,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import index_json, make_images, run
-from helpers import alignsearch_peak_rss, make_video, scene_frame, summary
+from helpers import (
+    alignsearch_peak_rss,
+    call,
+    make_video,
+    scene_frame,
+    start_serve,
+    stop,
+    summary,
+)
 from PIL import Image
 
 import alignsearch
@@ -295,3 +304,38 @@ def _count(ix, where: str) -> int:
             conn.close()
     except sqlite3.Error:
         return 0
+
+
+@pytest.mark.slow
+def test_server_shows_moments_and_plays_the_video_from_t_with_ranges(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    video = make_video(lib / "clip.mp4", [(71, 3), (72, 3)])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    data = video.read_bytes()
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        status, _, body = call(url, "/api/search?q=a+picture&k=10")
+        hits = json.loads(body)["results"]
+        moments_found = sorted((h["t"], h["t_end"], h["id"]) for h in hits if h["relpath"] == "clip.mp4")
+        assert status == 200 and np.allclose([m[:2] for m in moments_found], [(0, 3), (3, 6)], atol=SAMPLE)
+        second = moments_found[1][2]
+        status, headers, body = call(url, f"/api/video/{second}", headers={"Range": "bytes=100-199"})
+        assert status == 206 and body == data[100:200], status
+        assert headers["Content-Range"] == f"bytes 100-199/{len(data)}" and headers["Content-Type"] == "video/mp4"
+        status, headers, body = call(url, f"/api/video/{second}")
+        assert status == 200 and body == data and headers["Accept-Ranges"] == "bytes"
+        assert call(url, f"/api/video/{second}", headers={"Range": f"bytes={len(data)}-"})[0] == 416
+        assert call(url, f"/api/video/{second}", token=None)[0] == 401  # the same token as images
+        photo = next(h["id"] for h in hits if h["t"] is None)
+        assert call(url, f"/api/video/{photo}")[0] == 404
+        status, headers, body = call(url, f"/api/image/{second}?size=64")  # the moment's own frame
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        thumb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.float32)
+        scenes = [np.asarray(Image.fromarray(scene_frame(s)).resize(thumb.shape[1::-1]), dtype=np.float32)
+                  for s in (71, 72)]
+        assert np.abs(thumb - scenes[1]).mean() < np.abs(thumb - scenes[0]).mean()
+        video.write_bytes(data + b"\0")  # changed since it was indexed: not served
+        assert call(url, f"/api/video/{second}")[0] == 409
+    finally:
+        stop(proc)

@@ -332,7 +332,6 @@ class Library:
             raise ApiError(404, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))
         buf = io.BytesIO()
-        img = img.convert("RGB")
         img.save(buf, "JPEG", quality=85)
         self.thumb_dir.mkdir(exist_ok=True)
         write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw

@@ -227,7 +227,8 @@ def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
     """{root: {status: files}} for every root that has rows."""
     files = catalog.files
     out: dict[str, dict[str, int]] = {}
-    for root, status, n in conn.execute(select(files.c.root, files.c.status, func.count()).group_by(files.c.root, files.c.status)):
+    query = select(files.c.root, files.c.status, func.count()).where(files.c.moment == 0)  # a video once
+    for root, status, n in conn.execute(query.group_by(files.c.root, files.c.status)):
         out.setdefault(root, {})[status] = n
     return out
 

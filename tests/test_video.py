@@ -166,7 +166,7 @@ def test_incremental_change_remove_rename_and_interval_remembered(tmp_path, tiny
     still = [r for r in _rows(ix) if r[0] == "still.mov"]
     assert np.allclose([r[2] for r in still], [0, 5, 10], atol=SAMPLE)  # the interval given
     roots = json.loads(run("roots", "--json", "--index", ix).output)
-    assert roots[0]["options"].get("video_interval") == 5
+    assert roots[0]["options"].get("video_interval") == 5 and roots[0]["indexed"] == 4  # a video counts once
     assert index_json(ix)["unchanged"] == 4  # nothing re-read
 
     make_video(lib / "clip.mp4", [(34, 3), (35, 3), (36, 3)])  # changed: re-read, its old moments replaced

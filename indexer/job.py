@@ -305,8 +305,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
     if clips:
+        # a video is committed whole; its moments are encoded as they come, in the CPU's best batch
         found = videos.index_videos(db, store, encoder, clips, {r: options.get(r, {}).get(
-            "video_interval", video.DEFAULT_INTERVAL) for r in all_roots}, batch_size, bar.update)
+            "video_interval", video.DEFAULT_INTERVAL) for r in all_roots},
+            CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, bar.update)
         failed_now |= found.failed
         moved_in.extend(h for h in found.moved_in if h in gone_hashes)
         times.reused += found.reused

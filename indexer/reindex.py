@@ -21,7 +21,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
 from alignsearch import catalog, vectors
-from alignsearch.backend import EncoderOptions
+from alignsearch.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.engine import ANN_FILE, VECTORS_FILE
 from alignsearch.vectors import VectorStore
 from indexer import build, pipeline, scan, videos, writer
@@ -82,7 +82,9 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
             catalog.set_meta(conn, "reindex", {**state, "rows": pending.rows, "done": count})
 
-    clips = videos.reencode_moments(db, encoder, moment_rows, intervals, batch_size, write_moments, on_batch)
+    clips = videos.reencode_moments(db, encoder, moment_rows, intervals,
+                                    CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, write_moments,
+                                    on_batch)
     return len(todo) + clips
 
 

@@ -165,6 +165,9 @@ def test_incremental_change_remove_rename_and_interval_remembered(tmp_path, tiny
     assert s["added"] == 4
     still = [r for r in _rows(ix) if r[0] == "still.mov"]
     assert np.allclose([r[2] for r in still], [0, 5, 10], atol=SAMPLE)  # the interval given
+    with alignsearch.open(ix) as engine:  # the unchanged picture's moments fold into one with --collapse
+        folded = engine.search(text="x", k=10, collapse=True, per_video=None, path="still.mov")
+    assert len(folded) == 1 and len(folded[0].duplicates) == 2
     roots = json.loads(run("roots", "--json", "--index", ix).output)
     assert roots[0]["options"].get("video_interval") == 5 and roots[0]["indexed"] == 4  # a video counts once
     assert index_json(ix)["unchanged"] == 4  # nothing re-read

@@ -44,7 +44,10 @@ from alignsearch.errors import IndexDamagedError
 
 # 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
-SCHEMA_VERSION = 2
+# 3: a video is a sequence of moments, one row each (files.moment, t, t_end: alignsearch/video.py); (root,
+# relpath) is unique per moment. Versions 1 and 2 are upgraded by a writer (_upgrade_files: the table is
+# copied, ids kept); a reader of one not yet upgraded sees it through a view with those columns added.
+SCHEMA_VERSION = 3
 INDEXED, FAILED = "indexed", "failed"
 
 metadata = MetaData()
@@ -66,7 +69,12 @@ files = Table(
     Column("reason", Text),
     Column("indexed_at", Float, nullable=False),
     Column("vec_row", Integer),  # address in the vector store (alignsearch/vectors.py); NULL for failed files
-    UniqueConstraint("root", "relpath"),
+    # A video's moments: 0, 1, 2... in time order, each with its own vector; t/t_end in seconds (NULL for photos,
+    # which are moment 0). Moment 0 stands for the file where a file is counted once.
+    Column("moment", Integer, nullable=False, server_default="0"),
+    Column("t", Float),
+    Column("t_end", Float),
+    UniqueConstraint("root", "relpath", "moment"),
     Index("files_sha256", "sha256"),
     sqlite_autoincrement=True,  # ids are never reused, so a stale FAISS id never names a new file
 )
@@ -141,6 +149,9 @@ class FileRow:
     reason: str | None
     indexed_at: float
     vec_row: int | None
+    moment: int = 0
+    t: float | None = None  # a video moment's start and end, in seconds; None for photos
+    t_end: float | None = None
 
     @property
     def path(self) -> str:
@@ -183,6 +194,8 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         with engine.begin() as conn:
             version = get_meta(conn, "schema_version")
             _check_version(version)
+            if version in (1, 2):
+                _upgrade_files(conn)
             if version != SCHEMA_VERSION:  # new, or version 1 (upgraded in place)
                 set_meta(conn, "schema_version", SCHEMA_VERSION)
             conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING fts5(body)")
@@ -200,7 +213,7 @@ def damaged(db_path, exc: Exception) -> IndexDamagedError:
 
 
 def _check_version(version) -> None:
-    if version not in (None, 1, SCHEMA_VERSION):
+    if version not in (None, 1, 2, SCHEMA_VERSION):
         raise IndexDamagedError(f"index schema version {version} is not supported by this alignsearch (it reads "
                                 f"{SCHEMA_VERSION}): upgrade alignsearch")
 
@@ -213,7 +226,45 @@ def _open_readonly(db_path: Path):
         uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=30000")
+    try:
+        _moments_view(conn)
+    except sqlite3.DatabaseError:  # not a database: connect() reports it in words
+        pass
     return conn
+
+
+V2_COLUMNS = ("id", "root", "relpath", "relpath_raw", "size", "mtime", "sha256", "width", "height", "format", "status",
+              "reason", "indexed_at", "vec_row")
+
+
+def _moments_view(conn: sqlite3.Connection) -> None:
+    """A catalog written before moments (schema 1-2) read by this version, which a reader must not upgrade:
+    a temporary view named `files` (temp names shadow main ones, and temp objects need no write access)
+    shows its rows as photos, moment 0 with no times."""
+    names = [row[1] for row in conn.execute("PRAGMA main.table_info(files)")]
+    if names and "moment" not in names:
+        conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {', '.join(V2_COLUMNS)}, 0 AS moment, "
+                     "NULL AS t, NULL AS t_end FROM main.files")
+
+
+def _upgrade_files(conn: Connection) -> None:
+    """Schema 1-2 to 3 in the caller's transaction: the files table is rebuilt with the moment columns (SQLite
+    cannot change a table's unique constraint in place); ids, and the autoincrement counter that keeps them
+    from being reused, are kept. Every other table refers to files by id, so nothing else moves."""
+    names = [row[1] for row in conn.exec_driver_sql("PRAGMA main.table_info(files)")]
+    if not names or "moment" in names:
+        return
+    seq = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = 'files'").scalar() or 0
+    conn.exec_driver_sql("DROP INDEX IF EXISTS files_sha256")  # the name goes to the new table's index
+    conn.exec_driver_sql("ALTER TABLE files RENAME TO files_before_moments")
+    files.create(conn)
+    cols = ", ".join(V2_COLUMNS)
+    conn.exec_driver_sql(f"INSERT INTO files ({cols}) SELECT {cols} FROM files_before_moments")
+    conn.exec_driver_sql("DROP TABLE files_before_moments")
+    conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = 'files_before_moments'")
+    conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'files'", (int(seq),))
+    if not conn.exec_driver_sql("SELECT 1 FROM sqlite_sequence WHERE name = 'files'").first() and seq:
+        conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)", (int(seq),))
 
 
 def index_id(conn: Connection) -> str | None:
@@ -274,7 +325,8 @@ def vectors_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
 
 
 def counts(conn: Connection) -> dict[str, int]:
-    found = {status: n for status, n in conn.execute(select(files.c.status, func.count()).group_by(files.c.status))}
+    query = select(files.c.status, func.count()).where(files.c.moment == 0).group_by(files.c.status)  # a video once
+    found = {status: n for status, n in conn.execute(query)}
     return {INDEXED: found.get(INDEXED, 0), FAILED: found.get(FAILED, 0)}
 
 
@@ -322,10 +374,53 @@ def delete_all_files(conn: Connection) -> None:
 
 
 def delete_files(conn: Connection, ids: Iterable[int]) -> None:
-    ids = list(ids)
+    """Delete these rows, and every other moment of a video one of them belongs to: a video is indexed, or
+    forgotten, whole (a lone missing moment would never be read again, its file being unchanged)."""
+    ids = with_moments(conn, ids)
     forget_extras(conn, ids)
     for start in range(0, len(ids), 500):
         conn.execute(delete(files).where(files.c.id.in_(ids[start : start + 500])))
+
+
+def with_moments(conn: Connection, ids: Iterable[int]) -> list[int]:
+    """ids, plus the ids of the other moments of the videos among them."""
+    ids = sorted({int(i) for i in ids})
+    out = set(ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        sql = (f"SELECT o.id FROM files f JOIN files o ON o.root = f.root AND o.relpath = f.relpath "
+               f"WHERE f.id IN ({','.join('?' * len(chunk))}) AND (f.t IS NOT NULL OR o.t IS NOT NULL)")
+        out.update(i for (i,) in conn.exec_driver_sql(sql, tuple(chunk)))
+    return sorted(out)
+
+
+def video_keys(conn: Connection, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+    """{id: (root, relpath)} of the video moments among ids (photos are left out)."""
+    ids, out = [int(i) for i in ids], {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        sql = f"SELECT id, root, relpath FROM files WHERE t IS NOT NULL AND id IN ({','.join('?' * len(chunk))})"
+        out.update({i: (root, rel) for i, root, rel in conn.exec_driver_sql(sql, tuple(chunk))})
+    return out
+
+
+def rows_at(conn: Connection, root: str, relpath: str) -> list[FileRow]:
+    """Every row of one file: a photo's one, or a video's moments in time order."""
+    return _rows(conn.execute(select(files).where(files.c.root == root, files.c.relpath == relpath)
+                              .order_by(files.c.moment)))
+
+
+def rows_under(conn: Connection, root: str) -> list[FileRow]:
+    """Every row of one root, each moment of a video included (files_under keeps one row per path)."""
+    return _rows(conn.execute(select(files).where(files.c.root == root)))
+
+
+def moments_by_hash(conn: Connection, sha256: str) -> list[FileRow]:
+    """The indexed moments of a video with this content (one copy's, in time order): a renamed, moved or
+    copied video reuses their vectors."""
+    first = conn.execute(select(files.c.root, files.c.relpath).where(
+        files.c.sha256 == sha256, files.c.status == INDEXED, files.c.t.is_not(None)).limit(1)).first()
+    return [] if first is None else [r for r in rows_at(conn, first.root, first.relpath) if r.status == INDEXED]
 
 
 def readdress(conn: Connection, low: int, high: int, shift: int) -> None:
@@ -409,9 +504,10 @@ def indexed_after(conn: Connection, after: int, limit: int) -> list[FileRow]:
 
 def duplicate_hashes(conn: Connection) -> list[list[int]]:
     """Ids of indexed files sharing one SHA-256, one list per content held more than once."""
-    shared = select(files.c.sha256).where(files.c.status == INDEXED, files.c.sha256.is_not(None)).group_by(
-        files.c.sha256).having(func.count() > 1).subquery()
-    query = select(files.c.sha256, files.c.id).where(files.c.status == INDEXED,
+    # moment 0 stands for a video: its moments share its hash without being copies of each other
+    shared = select(files.c.sha256).where(files.c.status == INDEXED, files.c.sha256.is_not(None),
+                                          files.c.moment == 0).group_by(files.c.sha256).having(func.count() > 1).subquery()
+    query = select(files.c.sha256, files.c.id).where(files.c.status == INDEXED, files.c.moment == 0,
                                                     files.c.sha256.in_(select(shared.c.sha256))).order_by(
         files.c.sha256, files.c.id)
     groups: dict[str, list[int]] = {}

@@ -217,10 +217,12 @@ def main() -> None:
               help="For a .csv/.parquet list root: the column of paths or URLs (default: path, url, uri, image...).")
 @click.option("--caption-column", default=None, metavar="NAME",
               help="A list's caption column (default: caption, text or alt when present); remembered.")
+@click.option("--video-interval", type=float, default=None, metavar="SECONDS",
+              help="Videos: a moment at each scene cut and at least one every SECONDS (default 10); remembered.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, list_column, caption_column, as_json):
+          ondisk_shards, index_shards, fast_decode, list_column, caption_column, video_interval, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -235,7 +237,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json,
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
-        caption_column=caption_column, backend=backend, precision=precision,
+        caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -277,6 +279,10 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
     for rank, h in enumerate(hits, 1):
         shown = _shown(h["path"])
         folded = f"  (+{len(h['duplicates'])} near duplicates)" if h.get("duplicates") else ""
+        if h.get("t") is not None:  # a video moment: where to start playing
+            from alignsearch.video import timestamp
+
+            shown += f" @ {timestamp(h['t'])}"
         click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}{folded}")
 
 
@@ -298,6 +304,9 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @click.option("--path", "path_glob", metavar="GLOB", help="Path under its root matches GLOB (** crosses folders).")
 @click.option("--format", "fmt", metavar="FMT", help="Image format (jpeg, png, webp...).")
 @click.option("--where", metavar="EXPR", help="A filter expression, e.g. \"camera ~ canon and taken >= 2019-01-01\".")
+@click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments.")
+@click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
+              help="At most this many moments of one video in the results.")
 @click.option("--min-score", type=click.FloatRange(-1, 1), default=None, help="Drop results below this similarity.")
 @click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
               help="Order of the result set (the best k by score that pass the filters).")
@@ -312,7 +321,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @run_options
 @reports_errors
 def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
-          camera, near, path_glob, fmt, where, min_score, sort, mode, explain, paths_only, null, as_json, index_dir, model,
+          camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, explain, paths_only, null, as_json, index_dir, model,
           device, backend, precision):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
@@ -323,10 +332,14 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
                  "format": fmt}
     filters.build(filters.FilterOptions(tag=tag, **narrowing))  # a malformed filter fails before any loading
     plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" and not explain
+    if media is not None or per_video != 3:  # a server answers with the defaults only
+        plain = False
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
          **{key: value for key, value in narrowing.items() if value is not None},
          **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode})}
+    if media is not None or per_video != 3:
+        q.update(media=media, per_video=per_video)
     from alignsearch import querycheck
     from alignsearch.paths import resolve_index_dir
 
@@ -357,7 +370,8 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                              image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
-                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, **narrowing)
+                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, media=media,
+                             per_video=per_video, **narrowing)
         hits = [h.to_dict() for h in hits]
         if explain:
             plan = {**engine.explain(text=text, k=k, mode=mode, tag=tag, **narrowing), "encoder": engine.encoder_plan()}

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from alignsearch import catalog
 from alignsearch.filters import TextColumn
 
+MOMENT = ("t", "t_end")  # loaded on first use: most indexes hold no video
 NUMERIC = ("taken", "lat", "lon", "width", "height", "size", "mtime")
 TEXT = {"camera": catalog.photos.c.camera, "lens": catalog.photos.c.lens, "format": catalog.files.c.format,
         "caption": catalog.photos.c.caption, "path": catalog.files.c.relpath, "root": catalog.files.c.root}
@@ -55,10 +56,27 @@ class Columns:
         """A numeric array (NaN where unknown) or a lower-cased, dictionary-encoded TextColumn."""
         if name in self._numeric:
             return self._numeric[name]
+        if name in MOMENT:
+            with self._lock:
+                if name not in self._numeric:
+                    self._numeric[name] = self._load_moment(name)
+                return self._numeric[name]
         with self._lock:
             if name not in self._text:
                 self._text[name] = self._load_text(name)
             return self._text[name]
+
+    def _load_moment(self, name: str) -> np.ndarray:
+        """A video moment's t or t_end by row (NaN for photos), read when a filter first asks."""
+        col = catalog.files.c[name]
+        query = select(catalog.files.c.id, col).where(catalog.files.c.status == catalog.INDEXED, col.is_not(None))
+        with self._db.connect() as conn:
+            values = dict(conn.execute(query).all())
+        out = np.full(len(self), np.nan)
+        if values:
+            found = np.isin(self.ids, np.fromiter(values, dtype=np.int64, count=len(values)))
+            out[found] = [values[i] for i in self.ids[found].tolist()]
+        return out
 
     def _load_text(self, name: str) -> np.ndarray:
         col = TEXT[name]

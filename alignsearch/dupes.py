@@ -410,7 +410,7 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
         with db.connect() as conn:
             hashes = catalog.phashes_of(conn)
             missing = catalog.counts(conn)[catalog.INDEXED] - len(hashes)
-        if missing:
+        if missing > 0:  # a video counts once but has a hash per moment
             log.warning("%d indexed files have no perceptual hash yet (run `alignsearch index` to fill them)", missing)
         ids = np.array(sorted(hashes), dtype=np.int64)
         pairs = near_pairs(ids, [hashes[i] for i in ids.tolist()], t)

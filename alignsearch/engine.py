@@ -24,6 +24,8 @@ from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VEC
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PER_VIDEO = 3  # moments of one video in a result list (query --per-video)
+
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
            "open", "resolve_index_dir"]
 
@@ -48,6 +50,8 @@ class Hit:
     lon: float | None = None
     caption: str | None = None
     tags: list[str] = field(default_factory=list)
+    t: float | None = None  # a video moment's start and end in seconds (alignsearch/video.py); None for photos
+    t_end: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (CLI, HTTP): a name that is not UTF-8 shows its bytes as \\xNN in `path`, as in
@@ -76,6 +80,7 @@ class Snapshot:
     index: Any
     plan: ann.IndexPlan
     stamp: int  # the ANN files' modification stamp when read (shards.stamp)
+    videos: bool = False  # the index has held video moments (per-video caps apply)
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -127,11 +132,12 @@ class Engine:
             tuning = catalog.get_meta(conn, "tuning") or {}
             digest = catalog.get_meta(conn, "ann_digest")
             store = vectors.load(conn, self.dir, int(model_info["dim"]))
+            videos = bool(catalog.get_meta(conn, "videos", False))
         if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
         stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
         index = shards.open_served(self.dir, digest)
-        return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp)
+        return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
 
     def refresh(self) -> bool:
         """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed."""
@@ -251,7 +257,8 @@ class Engine:
                nprobe: int | None = None, tag: str | None = None, collapse: bool = False, *,
                where: str | None = None, after: str | None = None, before: str | None = None,
                camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
-               min_score: float | None = None, sort: str = "score", mode: str = "auto") -> list[Hit]:
+               min_score: float | None = None, sort: str = "score", mode: str = "auto", media: str | None = None,
+               per_video: int | None = DEFAULT_PER_VIDEO) -> list[Hit]:
         """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1).
         collapse: a hit that is a near duplicate (perceptual hash) of a better one is folded into it and listed
         in its `duplicates`, so the k hits are k different pictures (alignsearch/dupes.py).
@@ -261,11 +268,14 @@ class Engine:
         search over the matching images would rank them. min_score drops hits below that similarity; sort
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
         ranking), hybrid (reciprocal rank fusion of both), auto (hybrid when the text's words are in the
-        keyword index, else vector). The query is encoded with the model of the generation it searches."""
+        keyword index, else vector). The query is encoded with the model of the generation it searches.
+        media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no
+        limit)."""
         querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag),
+            media, per_video)
         self.refresh()
         for attempt in range(4):
             snap = self.snap
@@ -288,12 +298,14 @@ class Engine:
                       text: str | None = None, mode: str = "vector", collapse: bool = False,
                       where: str | None = None, after: str | None = None, before: str | None = None,
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
-                      min_score: float | None = None, sort: str = "score") -> list[Hit]:
+                      min_score: float | None = None, sort: str = "score", media: str | None = None,
+                      per_video: int | None = DEFAULT_PER_VIDEO) -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model (filters, modes and collapse as in
         search; text: the words for the keyword index, when the vector was encoded from a text)."""
         querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag),
+            media, per_video)
         self.refresh()
         for attempt in range(4):
             try:
@@ -336,7 +348,8 @@ class Engine:
         return out
 
     @staticmethod
-    def _options(k, nprobe, min_score, sort, mode, text, flt: FilterOptions) -> "_Options":
+    def _options(k, nprobe, min_score, sort, mode, text, flt: FilterOptions, media: str | None = None,
+                 per_video: int | None = None) -> "_Options":
         if k < 1:
             raise BadInputError(f"k must be at least 1, got {k}")
         if sort not in SORTS:
@@ -345,7 +358,14 @@ class Engine:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if min_score is not None and not -1 <= min_score <= 1:
             raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
-        return _Options(k, nprobe, filters.build(flt), words(text) if mode != "vector" else [], mode, min_score, sort)
+        if media not in (None, "photo", "video"):
+            raise UsageError(f"media must be photo or video, got {media!r}")
+        if per_video is not None and (isinstance(per_video, bool) or not isinstance(per_video, int) or per_video < 1):
+            raise UsageError(f"per_video must be a whole number of at least 1, got {per_video!r}")
+        node = filters.build(flt)
+        if media is not None:
+            node = filters.with_media(node, media)
+        return _Options(k, nprobe, node, words(text) if mode != "vector" else [], mode, min_score, sort, per_video)
 
     def _search(self, snap: Snapshot, query: np.ndarray, opts: "_Options") -> list[Hit]:
         if snap.index.ntotal == 0:
@@ -374,6 +394,8 @@ class Engine:
         min(k, allowed) (no starving). Only fusion needs FUSION_DEPTH: a text whose words match no keyword
         (most queries of a photo library) re-ranks k x rerank_factor candidates, not 100 x (29 -> 4 ms at 100k)."""
         depth = max(opts.k, FUSION_DEPTH) if fusing else opts.k
+        if opts.per_video is not None and snap.videos:  # room for the moments the cap drops
+            depth = min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal)))
         want = ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
         n = int(snap.index.ntotal)
         if allowed is not None and (len(allowed) <= EXACT_BELOW or snap.plan.kind == "flat"):
@@ -429,6 +451,8 @@ class Engine:
             order = np.argsort(-scores, kind="stable") if by_similarity else np.arange(len(ids))
             if opts.min_score is not None:
                 order = order[scores[order] >= opts.min_score]
+            if opts.per_video is not None and snap.videos:
+                order = _cap_per_video(conn, ids, order, opts.per_video, opts.k)
             order = order[: opts.k]
             chosen = ids[order].tolist()
             rows = catalog.get_files(conn, chosen)
@@ -563,7 +587,8 @@ def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: 
     photo = photo or {}
     return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
                taken=iso(photo.get("taken")), camera=photo.get("camera"), lens=photo.get("lens"),
-               lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels))
+               lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels),
+               t=row.t, t_end=row.t_end)
 
 
 SORTS = ("score", "taken", "-taken", "path")
@@ -573,6 +598,7 @@ MODES = ("auto", "vector", "keyword", "hybrid")
 # search a few ms whatever the count (bench_filter): they cross near 4,000.
 EXACT_BELOW = 4_000
 EXACT_CHUNK = 65_536
+PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a video may be dropped
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 KEYWORD_DEPTH = 100
 
@@ -586,6 +612,24 @@ class _Options:
     mode: str
     min_score: float | None
     sort: str
+    per_video: int | None = None
+
+
+def _cap_per_video(conn, ids: np.ndarray, order: np.ndarray, cap: int, k: int) -> np.ndarray:
+    """The ranking with at most `cap` moments of any one video, cut at k."""
+    keys = catalog.video_keys(conn, ids[order].tolist())
+    seen: dict = {}
+    keep = []
+    for i in order.tolist():
+        key = keys.get(int(ids[i]))
+        if key is not None:
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > cap:
+                continue
+        keep.append(i)
+        if len(keep) == k:
+            break
+    return np.array(keep, dtype=np.int64)
 
 
 def sort_hits(hits: list[Hit], key: str) -> list[Hit]:

@@ -1,7 +1,8 @@
 """`alignsearch export`: every indexed image's metadata and embedding, in formats other tools read.
 
-- parquet: one file, one row per indexed image (id, path, root, relpath, width, height, format, size,
-  mtime, taken, caption, tags, embedding as a fixed-size list of float32), written in row groups of
+- parquet: one file, one row per indexed image or video moment (id, path, root, relpath, width, height, format,
+  size, mtime, taken, caption, tags, t and t_end: a moment's seconds, null for photos; embedding as a fixed-size
+  list of float32), written in row groups of
   `batch` rows, so memory stays bounded whatever the library's size.
 - clip-retrieval: the layout clip-retrieval writes and autofaiss / embedding-reader read:
   `img_emb/img_emb_{i}.npy` (float16, n x dim, unit rows) and `metadata/metadata_{i}.parquet` (image_path,
@@ -51,7 +52,8 @@ def _schema(dim: int) -> pa.Schema:
         ("id", pa.int64()), ("path", pa.string()), ("root", pa.string()), ("relpath", pa.string()),
         ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("size", pa.int64()),
         ("mtime", pa.float64()), ("taken", pa.timestamp("s")), ("caption", pa.string()),
-        ("tags", pa.list_(pa.string())), ("embedding", pa.list_(pa.float32(), dim)),
+        ("tags", pa.list_(pa.string())), ("t", pa.float64()), ("t_end", pa.float64()),  # a video moment's seconds
+        ("embedding", pa.list_(pa.float32(), dim)),
     ])
 
 
@@ -106,6 +108,7 @@ def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:
         "format": [r.format for r in rows], "size": [r.size for r in rows], "mtime": [r.mtime for r in rows],
         "taken": [None if tags[r.id]["taken"] is None else int(tags[r.id]["taken"]) for r in rows],
         "caption": [tags[r.id]["caption"] for r in rows], "tags": [tags[r.id]["tags"] for r in rows],
+        "t": [r.t for r in rows], "t_end": [r.t_end for r in rows],
     }
     return [pa.array(columns[f.name], type=f.type) for f in schema if f.name != "embedding"]
 

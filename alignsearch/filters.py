@@ -28,7 +28,7 @@ import numpy as np
 
 from alignsearch.errors import UsageError
 
-NUMBER_FIELDS = frozenset({"width", "height", "size", "lat", "lon"})
+NUMBER_FIELDS = frozenset({"width", "height", "size", "lat", "lon", "t", "t_end"})  # t, t_end: a video moment's seconds
 DATE_FIELDS = frozenset({"taken", "mtime"})
 TEXT_FIELDS = frozenset({"camera", "lens", "format", "caption", "path", "root", "tag"})
 FIELDS = NUMBER_FIELDS | DATE_FIELDS | TEXT_FIELDS
@@ -254,6 +254,13 @@ def build(opts: FilterOptions) -> Node | None:
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def with_media(node: Node | None, media: str) -> Node:
+    """The tree, narrowed to photos or to video moments (`--media`): a moment has a start time `t`."""
+    is_video = Compare("t", ">=", 0.0)
+    part = is_video if media == "video" else Not(is_video)
+    return part if node is None else And((node, part))
 
 
 def fields_of(node: Node) -> set[str]:

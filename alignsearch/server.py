@@ -344,7 +344,10 @@ class Library:
             if path is not None and path.exists():
                 self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
                 return path.read_bytes()
-            img, _ = open_rgb(self.read(row), self.config.max_upload_pixels)
+            if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
+                img = self.moment_frame(row)
+            else:
+                img, _ = open_rgb(self.read(row), self.config.max_upload_pixels)
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))
@@ -356,9 +359,57 @@ class Library:
         return buf.getvalue()
 
 
+    def moment_frame(self, row: catalog.FileRow):
+        """A video moment's picture (its thumbnail), from the local file while it matches the catalog."""
+        from alignsearch.video import VideoError, frame_at
+
+        with self.open_video(row) as f:
+            try:
+                return frame_at(f, row.t, row.t_end)
+            except VideoError as exc:
+                raise ApiError(404, str(exc)) from None
+
+    def open_video(self, row: catalog.FileRow):
+        """A video's file, opened with the checks read_regular makes (no symlink, no FIFO, a regular file of the
+        catalog's size and mtime), for ranged reads; only local files are served."""
+        path = self._local_path(row)
+        if row.t is None or path is None:
+            raise ApiError(404, "not a local video: only the moments of a video on this machine are played")
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise ApiError(404, "the file is gone from its source: re-run alignsearch index") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _changed("became a symbolic link") from None
+            raise ApiError(404, f"cannot open the file: {exc.strerror}") from None
+        f = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != row.size or st.st_mtime != row.mtime:
+            f.close()
+            raise _changed("is no longer a regular file" if not stat.S_ISREG(st.st_mode) else "changed")
+        return f
+
+    def video(self, file_id: int, range_header: str | None):
+        """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET."""
+        from alignsearch.video import VIDEO_TYPES, byte_range
+
+        row = self.row(file_id)
+        f = self.open_video(row)
+        try:
+            span = byte_range(range_header, row.size)
+        except ValueError as exc:
+            f.close()
+            raise ApiError(416, f"cannot serve that range: {exc}", {"Content-Range": f"bytes */{row.size}"}) from None
+        start, length = span or (0, row.size)
+        return f, start, length, row.size, VIDEO_TYPES.get(row.format or "", "application/octet-stream"), span is not None
+
+
 def _listed(row: catalog.FileRow) -> dict[str, Any]:
     return {"id": row.id, "path": row.path, "root": row.root, "relpath": row.relpath, "width": row.width,
-            "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime}
+            "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime, "t": row.t,
+            "t_end": row.t_end}
 
 
 def decode_upload(data: bytes, max_pixels: int):
@@ -596,6 +647,32 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         else:
             data, ctype = await run_in_threadpool(library.thumbnail, file_id, thumb_size(size)), "image/jpeg"
         return Response(data, media_type=ctype, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/video/{file_id}", tags=["images"], response_class=Response, **api,
+             openapi_extra={"responses": {"206": {"content": {"video/*": {}}}}})
+    async def video_by_id(file_id: Annotated[int, PathParam(**id_param)], request: Request):
+        """The video file of an indexed moment, with HTTP range requests (a player seeks to the moment's t),
+        only while the file matches the catalog."""
+        from fastapi.responses import StreamingResponse
+
+        f, start, length, total, ctype, partial = await run_in_threadpool(library.video, file_id,
+                                                                          request.headers.get("range"))
+
+        def body():
+            with f:
+                f.seek(start)
+                left = length
+                while left > 0:
+                    chunk = f.read(min(1 << 20, left))  # a MiB at a time: memory bounded whatever is asked
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+                    yield chunk
+
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(length), "Cache-Control": "private, max-age=3600"}
+        if partial:
+            headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{total}"
+        return StreamingResponse(body(), status_code=206 if partial else 200, media_type=ctype, headers=headers)
 
     @app.get("/", include_in_schema=False)
     async def page(request: Request):

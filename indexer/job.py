@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignsearch import ann, catalog, dupes, sources, vectors
+from alignsearch import ann, catalog, dupes, sources, vectors, video
 from alignsearch.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.encoding import DEFAULT_MODEL
 from alignsearch.vectors import VectorStore
-from indexer import build, photos, pipeline, progress, reindex, writer
+from indexer import build, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
@@ -66,6 +66,7 @@ class IndexOptions:
     caption_column: str | None = None  # a list's caption column (remembered per root)
     backend: str = "auto"  # alignsearch/backend.py: auto|torch|onnx
     precision: str = "auto"  # auto|fp32|bf16
+    video_interval: float | None = None  # seconds between moments of unchanged picture (remembered per root)
 
     @property
     def encoder(self) -> EncoderOptions:
@@ -97,6 +98,7 @@ def index_folders(
     ray_actor_segments: bool = True,
     backend: str = "auto",
     precision: str = "auto",
+    video_interval: float | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -115,11 +117,15 @@ def index_folders(
     machines that do not see index_dir do anyway (for comparing the two; the default is faster at scale).
     fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
     backend and precision choose how the vision tower runs (alignsearch/backend.py); int8 is for queries only.
+    video_interval: a video gets a moment at each scene cut and at least one every this many seconds (default
+    10; remembered like include_hidden; alignsearch/video.py).
     include_hidden True/False is remembered for the roots given (for every root when none is given);
     None applies what each root remembers (indexer/roots.py). A folder inside a known root is indexed as
     part of it; one containing known roots takes them over.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
+    if video_interval is not None and not video_interval >= 1:
+        raise BadInputError(f"--video-interval must be at least 1 second, got {video_interval}")
     if ondisk_shards and index_shards:
         raise BadInputError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
     if ondisk_shards and index_shards is None:
@@ -139,7 +145,7 @@ def index_folders(
                     rebuild=rebuild, progress=progress, use_ray=use_ray or ray_address is not None,
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
-                    caption_column=caption_column, backend=backend, precision=precision)
+                    caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval)
                 return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
             finally:
                 db.dispose()
@@ -255,10 +261,17 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     if opts.caption_column:
         for r in roots:
             options.setdefault(r, {})["caption_column"] = opts.caption_column
+    if opts.video_interval is not None:
+        for r in (list(dict.fromkeys(holders.values())) if roots else all_roots):
+            options.setdefault(r, {})["video_interval"] = opts.video_interval
+            if opts.video_interval == video.DEFAULT_INTERVAL:  # only what differs from the default is kept
+                options[r].pop("video_interval")
 
     scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns)
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
+    clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos
+    photo_todo = [f for f in todo if not video.is_video(f.relpath)]
     summary.unchanged, summary.kept = scanned.unchanged, scanned.kept
     summary.listing_errors, summary.no_images = scanned.listing_errors, scanned.no_images
     failed_now: set = set()
@@ -280,17 +293,28 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     if opts.use_ray:
         from indexer.ray_pipeline import run_ray
 
-        times = run_ray(todo, encoder.name, opts.device, encoder.spec, store, write, batch_size,
+        times = run_ray(photo_todo, encoder.name, opts.device, encoder.spec, store, write, batch_size,
                         opts.ray_address, on_batch=bar.update, fast=opts.fast_decode,
                         actor_segments=opts.ray_actor_segments,
                         encoder_options={"backend": opts.backend, "precision": opts.precision})
         store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
         times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
     else:
-        items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
+        items = pipeline.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
                                     fast=opts.fast_decode)
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
+    if clips:
+        # a video is committed whole; its moments are encoded as they come, in the CPU's best batch
+        found = videos.index_videos(db, store, encoder, clips, {r: options.get(r, {}).get(
+            "video_interval", video.DEFAULT_INTERVAL) for r in all_roots},
+            CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, bar.update)
+        failed_now |= found.failed
+        moved_in.extend(h for h in found.moved_in if h in gone_hashes)
+        times.reused += found.reused
+        times.items += len(clips)
+        times.failed += len(found.failed)
+        times.extra.update(found.to_dict())
     bar.close()
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:

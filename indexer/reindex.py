@@ -21,10 +21,10 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
 from alignsearch import catalog, vectors
-from alignsearch.backend import EncoderOptions
+from alignsearch.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.engine import ANN_FILE, VECTORS_FILE
 from alignsearch.vectors import VectorStore
-from indexer import build, pipeline, scan, writer
+from indexer import build, pipeline, scan, videos, writer
 
 if TYPE_CHECKING:
     from alignsearch.model import Encoder
@@ -52,6 +52,10 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     with db.connect() as conn:
         done = {i for (i,) in conn.execute(select(catalog.pending_vectors.c.file_id))}
         rows = [r for r in catalog.indexed_files(conn) if r.id not in done]
+        intervals = {root: o["video_interval"] for root, o in catalog.get_meta(conn, "root_options", {}).items()
+                     if "video_interval" in o}
+    moment_rows = [r for r in rows if r.t is not None]  # read again by indexer/videos.py
+    rows = [r for r in rows if r.t is None]
     ids = {(r.root, r.relpath): r.id for r in rows}
     todo = [scan.Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw) for r in rows]
 
@@ -68,7 +72,20 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
 
     items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0, fast=fast)
     pipeline.run(items, encoder, write, batch_size, on_batch)
-    return len(todo)
+
+    def write_moments(moment_rows, new_vectors) -> None:
+        start = pending.append(new_vectors)
+        with db.begin() as conn:
+            conn.execute(insert(catalog.pending_vectors), [
+                {"file_id": r.id, "vec_row": start + n} for n, r in enumerate(moment_rows)])
+            vectors.record_chunk(conn, pending, 0, start, len(moment_rows), key=state["segment"])
+            count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
+            catalog.set_meta(conn, "reindex", {**state, "rows": pending.rows, "done": count})
+
+    clips = videos.reencode_moments(db, encoder, moment_rows, intervals,
+                                    CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, write_moments,
+                                    on_batch)
+    return len(todo) + clips
 
 
 def _state(db, encoder: Encoder, store: VectorStore) -> dict:

@@ -73,7 +73,7 @@ def rebase_root(conn, old: str, new: str) -> None:
     """Rows of root `old` (a folder inside `new`) become rows of `new`, ids and vectors unchanged."""
     prefix = os.path.relpath(old, new)
     raw_prefix = os.fsencode(prefix)
-    for row in catalog.files_under(conn, old).values():
+    for row in catalog.rows_under(conn, old):  # every moment of a video too
         raw = raw_prefix + b"/" + row.relpath_raw if row.relpath_raw else None
         move_file(conn, row.id, new, f"{scan.printable(prefix)[0]}/{row.relpath}", raw)
 
@@ -227,7 +227,8 @@ def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
     """{root: {status: files}} for every root that has rows."""
     files = catalog.files
     out: dict[str, dict[str, int]] = {}
-    for root, status, n in conn.execute(select(files.c.root, files.c.status, func.count()).group_by(files.c.root, files.c.status)):
+    query = select(files.c.root, files.c.status, func.count()).where(files.c.moment == 0)  # a video once
+    for root, status, n in conn.execute(query.group_by(files.c.root, files.c.status)):
         out.setdefault(root, {})[status] = n
     return out
 

@@ -16,10 +16,12 @@ from typing import Iterator
 
 from alignsearch import photometa, sources
 from alignsearch.errors import BadInputError
+from alignsearch.video import VIDEO_EXTENSIONS, is_video
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 TRANSIENT = ("cannot stat", "cannot read")  # over a network, worth another try on the next run
 
@@ -65,9 +67,14 @@ def _wanted(relpath: str, include_hidden: bool) -> bool:
     """An image by its extension, not junk, not hidden (nor under a hidden folder) unless asked."""
     parts = relpath.split("/")
     name = parts[-1]
-    if name in JUNK_NAMES or name.startswith("._") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+    if name in JUNK_NAMES or name.startswith("._") or os.path.splitext(name)[1].lower() not in MEDIA_EXTENSIONS:
         return False
     return include_hidden or not any(_hidden(part) for part in parts if part not in (".", ""))
+
+
+def max_bytes(name: str) -> int:
+    """The largest file accepted: images are read whole, videos stream (alignsearch/video.py), so any size."""
+    return 1 << 62 if is_video(name) else sources.MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
         relpath, raw = printable(name[len(base):].lstrip("/"))
         if info.get("type", "file") == "file" and _wanted(relpath, include_hidden):
             size = int(info.get("size") or 0)
-            error = sources.too_large(size) if size > sources.MAX_FILE_BYTES else None
+            error = sources.too_large(size) if size > max_bytes(relpath) else None
             yield Found(root, relpath, size, sources.info_mtime(info), error, raw)
 
 
@@ -134,7 +141,7 @@ def _stat_entry(root: str, entry: str) -> Found:
             info = fs.info(inner)
             return Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), relpath_raw=raw)
         st = os.stat(local)
-        problem = sources.unusable(st)
+        problem = sources.unusable(st, max_bytes(local))
         if problem:
             return Found(root, relpath, st.st_size, st.st_mtime, problem, raw)
     except BadInputError as exc:
@@ -211,7 +218,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 broken = os.path.islink(entry.path) and exc.errno == 2
                 yield Found(root, relpath, 0, 0.0, "broken symlink" if broken else f"cannot stat: {exc.strerror or exc}", raw)
                 continue
-            yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st), raw)
+            yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw)
         pending.extend(reversed(subfolders))
 
 

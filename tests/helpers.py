@@ -357,3 +357,41 @@ def alignsearch_vmhwm(*args, setup: str = "", timeout: float = 300) -> tuple[sub
     got = json.loads(line[-1].split(" ", 1)[1])
     return proc, {"base": got["base"]["VmRSS"], "peak": got["end"]["VmHWM"],
                   "growth": got["end"]["VmHWM"] - got["base"]["VmRSS"], "end": got["end"]}
+
+
+# -- videos (alignsearch/video.py) ------------------------------------------------------------------------
+
+
+def scene_frame(seed: int, size=(160, 90)) -> np.ndarray:
+    """A distinct still picture (a smooth colour field with shapes), the same for the same seed."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = Image.fromarray((rng.random((3, 4, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(h // 8, h // 3))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return np.asarray(img.filter(ImageFilter.GaussianBlur(1)))
+
+
+def make_video(path, scenes, fps: int = 10, size=(160, 90), codec: str = "libx264", drift: bool = True) -> Path:
+    """Encode a video with PyAV: scenes is [(seed, seconds)], each a still picture (scene_frame) that drifts a
+    pixel per frame when `drift` (motion, not a cut); the cuts lie at the scenes' boundaries."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for seed, seconds in scenes:
+            still = scene_frame(seed, size)
+            for i in range(int(round(seconds * fps))):
+                picture = np.roll(still, i % 8, axis=1) if drift else still
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")):
+                    out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

@@ -105,7 +105,7 @@
       const meta = document.createElement("figcaption");
       meta.className = "meta";
       const path = document.createElement("span");
-      path.className = "path"; path.textContent = hit.relpath;
+      path.className = "path"; path.textContent = hit.relpath + (hit.t == null ? "" : ` @ ${clock(hit.t)}`);
       path.title = [hit.path, hit.taken && `taken ${hit.taken.slice(0, 10)}`, hit.camera, hit.caption,
                     hit.tags && hit.tags.length && `tags: ${hit.tags.join(", ")}`].filter(Boolean).join("\n");
       const score = document.createElement("span");
@@ -126,7 +126,28 @@
     if (append) grid.append(fragment); else grid.replaceChildren(fragment);
   }
 
+  /** A video moment's start as 1:23:45 (0:42 under an hour), as the command line prints it. */
+  function clock(seconds) {
+    const s = Math.floor(seconds), h = Math.floor(s / 3600), m = Math.floor(s / 60) % 60, pad = (n) => String(n).padStart(2, "0");
+    return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
+  }
+
   function open(hit) {
+    const video = $("viewer-video");
+    video.pause();
+    if (hit.t != null) { // a video moment: play its file from t (the server answers range requests)
+      $("viewer-img").hidden = true;
+      video.hidden = false;
+      video.src = `/api/video/${hit.id}#t=${hit.t}`;
+      video.addEventListener("loadedmetadata", () => { video.currentTime = hit.t; video.play().catch(() => {}); },
+                             { once: true });
+      $("viewer-caption").textContent = `${hit.path} @ ${clock(hit.t)}–${clock(hit.t_end)}`;
+      $("viewer").showModal();
+      return;
+    }
+    video.removeAttribute("src");
+    video.hidden = true;
+    $("viewer-img").hidden = false;
     $("viewer-img").src = `/api/image/${hit.id}`;
     const score = hit.score == null ? "" : ` · score ${hit.score.toFixed(4)}`;
     $("viewer-caption").textContent = `${hit.path} · ${hit.width}×${hit.height}${score}`;
@@ -174,6 +195,7 @@
     if (e.key === "/" && document.activeElement !== $("q")) { e.preventDefault(); $("q").focus(); }
   });
   $("viewer-close").addEventListener("click", () => $("viewer").close());
+  $("viewer").addEventListener("close", () => $("viewer-video").pause());
   $("more").addEventListener("click", () => browse());
   $("home").addEventListener("click", (e) => { e.preventDefault(); history.replaceState(null, "", "/"); landing(); });
   $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) $("viewer").close(); });

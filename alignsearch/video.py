@@ -1,0 +1,226 @@
+"""A video as a sequence of moments: a new moment at each scene cut, at least one every `interval` seconds of
+unchanged picture, at most one per `min_gap` seconds; each moment one representative frame, cropped for the
+encoder exactly as a photo is (alignsearch/images.py).
+
+Decoding streams (PyAV, whose wheels carry FFmpeg): frames are examined every SAMPLE_SECONDS only, the others
+are decoded (the codec needs them as references) but never converted; frames no other frame refers to are not
+decoded at all (FFmpeg's skip_frame=NONREF). Scene cuts are found on a 32x18 thumbnail of each examined frame:
+the L1 distance of its per-channel colour histograms to the previous one's (robust to motion), or a large mean
+pixel change (a cut between two scenes of the same colours). Only the open moment's frame is held, so memory
+does not grow with the video's length. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from alignsearch.images import ImageSpec, crop_uint8
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
+DEFAULT_INTERVAL = 10.0  # seconds: a moment at least this often (--video-interval)
+MIN_GAP = 1.0  # seconds: at most one moment per second, however often the picture cuts
+SAMPLE_SECONDS = 0.25  # frames examined for cuts; a cut is placed at the first examined frame after it
+REPRESENTATIVE_AFTER = 0.5  # seconds into a moment: its frame, past a cut's fade (the first frame when shorter)
+THUMB = (32, 18)  # width, height of the frames compared
+HIST_BINS = 16
+HIST_CUT = 0.45  # half the L1 distance of normalised histograms, in [0, 1]
+PIXEL_CUT = 0.25  # mean absolute change of the thumbnail, as a fraction of 255
+
+
+def is_video(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+class VideoError(Exception):
+    """A video that cannot be read at all; its message is the reason recorded for it."""
+
+
+@dataclass
+class Moment:
+    index: int
+    t: float
+    t_end: float
+    crop: np.ndarray  # (H, W, 3) uint8 for the encoder
+    image: object  # the representative frame as a PIL image (for its perceptual hash)
+    phash: str | None = None
+
+
+@dataclass
+class VideoInfo:
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None  # the container, as FFmpeg names it (first of its names)
+    duration: float | None = None
+    truncated: str | None = None  # why decoding stopped early (what came before is kept)
+    created: float | None = None  # the container's creation_time (UTC epoch seconds), when it has one
+    frames_examined: int = 0
+
+
+def _signature(frame) -> tuple[np.ndarray, np.ndarray]:
+    thumb = frame.reformat(width=THUMB[0], height=THUMB[1], format="rgb24").to_ndarray()
+    hist = np.concatenate([np.bincount(thumb[..., c].ravel() // (256 // HIST_BINS), minlength=HIST_BINS)
+                           for c in range(3)]).astype(np.float32)
+    return thumb.astype(np.float32), hist / hist.sum()
+
+
+def _is_cut(a, b) -> bool:
+    hist = 0.5 * float(np.abs(a[1] - b[1]).sum()) / 3
+    pixels = float(np.abs(a[0] - b[0]).mean()) / 255
+    return hist > HIST_CUT or pixels > PIXEL_CUT
+
+
+def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: float = DEFAULT_INTERVAL,
+            min_gap: float = MIN_GAP) -> Iterator[Moment]:
+    """The moments of a video (a path or a binary file object), in time order, each yielded when it ends.
+    Raises VideoError when nothing can be read; a video that breaks off part way yields what came before and
+    says why in info.truncated. `info` is filled with the video's size, container and duration."""
+    import av
+
+    info = info if info is not None else VideoInfo()
+    if interval <= 0 or min_gap < 0:
+        raise ValueError("the video interval must be positive")
+    try:
+        container = av.open(source, mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise VideoError(f"cannot read video: {_reason(exc)}") from None
+    with container:
+        if not container.streams.video:
+            raise VideoError("not a video: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # FFmpeg's own frame threads (the GIL is released while it decodes)
+        stream.codec_context.skip_frame = "NONREF"
+        info.format = (container.format.name or "").split(",")[0] or None
+        info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
+        info.created = creation_time(container.metadata)
+        rate = float(stream.average_rate) if stream.average_rate else 25.0
+        index, start, frame_img, sig, rep_final = 0, None, None, None, False
+        next_sample, last_t = 0.0, None
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames, None)
+            except (av.error.FFmpegError, ValueError) as exc:
+                if start is None:
+                    raise VideoError(f"cannot decode video: {_reason(exc)}") from None
+                info.truncated = f"decoding stopped at {last_t:.1f} s: {_reason(exc)}"
+                log.info("%s", info.truncated)
+                break
+            if frame is None:
+                break
+            t = frame.time
+            if t is None:
+                t = (last_t + 1 / rate) if last_t is not None else 0.0
+            t = max(float(t), 0.0)
+            if last_t is not None and t < last_t:  # out-of-order timestamps: keep time moving forward
+                t = last_t
+            last_t = t
+            if t < next_sample and start is not None:
+                continue  # decoded (a reference for later frames), never converted
+            next_sample = (math.floor(t / SAMPLE_SECONDS) + 1) * SAMPLE_SECONDS
+            info.frames_examined += 1
+            now = _signature(frame)
+            if start is None:
+                start, frame_img, rep_final = t, frame.to_image(), False
+            else:
+                cut = _is_cut(sig, now)
+                if (cut and t - start >= min_gap) or t - start >= interval:
+                    yield _moment(index, start, t, frame_img, spec)
+                    index, start, frame_img, rep_final = index + 1, t, frame.to_image(), False
+                elif not rep_final and t - start >= REPRESENTATIVE_AFTER and not cut:
+                    frame_img, rep_final = frame.to_image(), True
+            sig = now
+        if start is None:
+            raise VideoError("cannot decode video: no frame could be decoded")
+        end = max(last_t + 1 / rate, start)
+        if stream.duration is not None and stream.time_base is not None and not info.truncated:
+            end = max(end, float(stream.duration * stream.time_base))
+        info.duration = end
+        yield _moment(index, start, end, frame_img, spec)
+
+
+def _moment(index: int, t: float, t_end: float, image, spec: ImageSpec) -> Moment:
+    return Moment(index, round(t, 3), round(t_end, 3), crop_uint8(image, spec), image)
+
+
+def _reason(exc: Exception) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
+def timestamp(seconds: float | None) -> str:
+    """1:23:45 (hours, minutes, seconds; 0:42 under an hour) for a moment's start."""
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def creation_time(metadata) -> float | None:
+    """A container's creation_time tag (ISO 8601) as UTC epoch seconds, else None."""
+    text = (metadata or {}).get("creation_time")
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",
+               "mkv": "video/x-matroska", "avi": "video/x-msvideo"}
+
+
+def frame_at(source, t: float, t_end: float | None = None):
+    """The picture of a moment that starts at t (as its representative: REPRESENTATIVE_AFTER in, or halfway
+    through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it."""
+    import av
+
+    want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
+    try:
+        with av.open(source, mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if want > 0 and stream.time_base:
+                container.seek(int(want / stream.time_base), stream=stream, backward=True)
+            last = None
+            for frame in container.decode(stream):
+                last = frame
+                if frame.time is not None and frame.time + 1e-6 >= want:
+                    break
+            if last is None:
+                raise VideoError("cannot decode video: no frame at that time")
+            return last.to_image()
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise VideoError(f"cannot read video: {_reason(exc)}") from None
+
+
+def byte_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """(start, length) of an HTTP Range header's first range ("bytes=a-b", "bytes=a-", "bytes=-n") over a file
+    of `total` bytes; None when there is none (the whole file). Raises ValueError when it cannot be served."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or not spec:
+        raise ValueError("only byte ranges are served")
+    first, _, last = spec.split(",")[0].strip().partition("-")
+    if not first:  # the last n bytes
+        n = int(last)
+        if n <= 0:
+            raise ValueError("an empty range")
+        return max(0, total - n), min(n, total)
+    start = int(first)
+    end = min(int(last), total - 1) if last else total - 1
+    if start < 0 or start >= total or end < start:
+        raise ValueError(f"range {header} is outside the file's {total} bytes")
+    return start, end - start + 1

@@ -1,0 +1,259 @@
+"""The video pass of `alignsearch index`: each new or changed video becomes its moments (alignsearch/video.py),
+one catalog row and one vector each, committed in one transaction per video.
+
+Frames stream through a decoding thread (FFmpeg releases the GIL while it decodes) into the encoder, a batch of
+moments at a time; only the video's vectors (2.5 KB a moment at 640-d) are held until its commit. As for photos,
+the vectors are appended and fsync'ed before the rows that point at them are committed: a run killed part way
+through a video leaves nothing of it, and the next run reads it again. A video that cannot be read is recorded
+as failed with its reason; one that breaks off part way keeps the moments before the break.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import delete, insert
+
+from alignsearch import catalog, photometa, sources, vectors
+from alignsearch.dupes import phash_of
+from alignsearch.images import ImageSpec
+from alignsearch.vectors import VectorStore
+from alignsearch.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
+from indexer.decode import sidecar_caption
+from indexer.scan import Found
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoStats:
+    videos: int = 0
+    moments: int = 0
+    failed: set = field(default_factory=set)  # (root, relpath)
+    reused: int = 0  # videos whose content was indexed already (renamed, moved, copied): vectors kept
+    moved_in: list = field(default_factory=list)  # hashes of reused videos
+    seconds: dict = field(default_factory=lambda: {"decode": 0.0, "encode": 0.0, "write": 0.0})
+    video_seconds: float = 0.0  # length of the videos read
+
+    def to_dict(self) -> dict:
+        return {"videos": self.videos, "moments": self.moments, "video_seconds": round(self.video_seconds, 1),
+                **{f"video_{k}": round(v, 3) for k, v in self.seconds.items()}}
+
+
+def index_videos(db, store: VectorStore, encoder, todo: list[Found], intervals: dict[str, float], batch_size: int,
+                 on_video: Callable[[int], None] = lambda n: None) -> VideoStats:
+    """Read, encode and commit every video of todo (new or changed files); returns counts and times."""
+    stats = VideoStats()
+    for found in todo:
+        _one(db, store, encoder, found, intervals.get(found.root, DEFAULT_INTERVAL), batch_size, stats)
+        on_video(1)
+    return stats
+
+
+def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_size: int, stats: VideoStats) -> None:
+    stats.videos += 1
+    reason = found.error
+    sha = None
+    if reason is None:
+        try:
+            sha = _sha256(found)
+        except (OSError, ValueError) as exc:
+            reason = f"cannot read: {getattr(exc, 'strerror', None) or exc}"
+    if reason is None and sha is not None:
+        with db.connect() as conn:
+            known = catalog.moments_by_hash(conn, sha)
+        if known:
+            with db.connect() as conn:
+                old = catalog.phashes_of(conn, [r.id for r in known])
+            _write(db, store, found, sha, known[0].width, known[0].height, [(r.t, r.t_end, r.vec_row) for r in known],
+                   np.zeros((0, 0), np.float32), [old.get(r.id) for r in known], stats, reuse=True)
+            stats.reused += 1
+            stats.moved_in.append(sha)
+            return
+    if reason is None:
+        info = VideoInfo()
+        try:
+            found_moments, vecs, hashes = _encode(found, encoder, info, interval, batch_size, stats)
+        except VideoError as exc:
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"cannot read: {exc.strerror or exc}"
+        else:
+            stats.video_seconds += info.duration or 0.0
+            if info.truncated:
+                log.warning("%s: %s (the moments before it are kept)", found.path, info.truncated)
+            _write(db, store, found, sha, info.width, info.height, found_moments, vecs, hashes, stats,
+                   created=info.created, note=info.truncated)
+            return
+    t0 = time.perf_counter()
+    with db.begin() as conn:
+        catalog.upsert_file(conn, {"root": found.root, "relpath": found.relpath, "relpath_raw": found.relpath_raw,
+                                   "size": found.size, "mtime": found.mtime, "sha256": sha, "format": _format(found),
+                                   "status": catalog.FAILED, "reason": reason, "vec_row": None})
+    stats.seconds["write"] += time.perf_counter() - t0
+    stats.failed.add((found.root, found.relpath))
+
+
+def _source(found: Found):
+    """What PyAV opens: a local path, or a file object for a URL; a tar member is not read."""
+    kind = sources.kind(found.root)
+    if kind == sources.TAR:
+        raise VideoError("videos inside tar shards are not read")
+    if kind == sources.FOLDER or (kind == sources.LIST and not sources.is_url(found.relpath)):
+        return found.path
+    fs, inner = sources.filesystem(found.path)
+    return fs.open(inner, "rb")
+
+
+def _sha256(found: Found) -> str | None:
+    """The content's SHA-256 (local files; a URL's is not fetched twice: None)."""
+    kind = sources.kind(found.root)
+    if not (kind == sources.FOLDER or (kind == sources.LIST and not sources.is_url(found.relpath))):
+        return None
+    with open(found.path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats):
+    """(moments as (t, t_end, None), their vectors, their perceptual hashes), encoding batch by batch as the
+    decoding thread hands moments over."""
+    spec: ImageSpec = encoder.spec
+    source = _source(found)
+    found_moments, hashes, parts, batch = [], [], [], []
+
+    def flush():
+        t0 = time.perf_counter()
+        parts.append(np.asarray(encoder.encode_crops(np.stack([m.crop for m in batch])), dtype=np.float32))
+        stats.seconds["encode"] += time.perf_counter() - t0
+        batch.clear()
+
+    def hashed():  # in the decoding thread: the full-size frame is dropped before a moment is queued
+        for m in moments(source, spec, info, interval):
+            m.phash = phash_of(m.image)
+            m.image = None
+            yield m
+
+    try:
+        for m, waited in _threaded(hashed(), maxsize=batch_size):
+            stats.seconds["decode"] += waited
+            found_moments.append((m.t, m.t_end, None))
+            hashes.append(m.phash)
+            batch.append(m)
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        if not isinstance(source, str):
+            source.close()
+    return found_moments, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32), hashes
+
+
+def _threaded(gen: Iterator[Moment], maxsize: int) -> Iterator[tuple[Moment, float]]:
+    """The generator run in a thread, `maxsize` moments ahead at most; yields (moment, seconds waited)."""
+    q: queue.Queue = queue.Queue(max(1, maxsize))
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="video-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            kind, value = q.get()
+            waited = time.perf_counter() - t0
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value, waited
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _format(found: Found) -> str:
+    return found.relpath.rsplit(".", 1)[-1].lower()[:16] if "." in found.relpath else "video"
+
+
+def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list, new_vectors: np.ndarray,
+           hashes: list, stats: VideoStats, reuse: bool = False, created: float | None = None,
+           note: str | None = None) -> None:
+    """Commit a video's moments: the new vectors appended (fsync'ed) first, then one transaction replaces
+    every row the file had with one row per moment."""
+    t0 = time.perf_counter()
+    start = store.append(new_vectors) if not reuse and len(new_vectors) else store.rows
+    caption = sidecar_caption(found)
+    photo = photometa.read(b"", found.mtime, caption)
+    if created is not None:
+        photo = {**photo, "taken": created, "taken_source": "video:creation_time"}
+    with db.begin() as conn:
+        stale = [r.id for r in catalog.rows_at(conn, found.root, found.relpath)]
+        catalog.forget_extras(conn, stale)
+        conn.execute(delete(catalog.files).where(catalog.files.c.root == found.root,
+                                                 catalog.files.c.relpath == found.relpath))
+        for i, ((t, t_end, vec_row), phash) in enumerate(zip(rows, hashes)):
+            values = {"root": found.root, "relpath": found.relpath, "relpath_raw": found.relpath_raw,
+                      "size": found.size, "mtime": found.mtime, "sha256": sha, "width": width, "height": height,
+                      "format": _format(found), "status": catalog.INDEXED, "reason": note,
+                      "vec_row": vec_row if reuse else start + i, "moment": i, "t": t, "t_end": t_end}
+            file_id = int(conn.execute(insert(catalog.files).values(indexed_at=time.time(), **values))
+                          .inserted_primary_key[0])
+            if phash:
+                catalog.set_phashes(conn, [(file_id, phash)])
+            catalog.set_photo(conn, file_id, found.relpath, photo)
+        if not reuse:
+            vectors.record_chunk(conn, store, 0, start, len(rows))
+        if rows:
+            catalog.set_meta(conn, "videos", True)  # readers cap the moments of one video (engine.py)
+        vectors.save(conn, store)
+    stats.moments += len(rows)
+    stats.seconds["write"] += time.perf_counter() - t0
+
+
+
+def reencode_moments(db, encoder, rows: list, intervals: dict[str, float], batch_size: int,
+                     commit: Callable[[list, np.ndarray], None], on_video: Callable[[int], None] = lambda n: None) -> int:
+    """`index --reindex`: the moments of each video among rows (catalog rows with t) encoded again with the new
+    model. The video is read again as it was indexed (same interval, same decoder: the same moments); each row
+    takes the vector of the moment read again that contains its start. commit(rows, vectors) stores a video's
+    new vectors; a video that cannot be read again gets none (the switch then records it as failed)."""
+    videos: dict[tuple[str, str], list] = {}
+    for row in rows:
+        videos.setdefault((row.root, row.relpath), []).append(row)
+    for (root, _), moment_rows in videos.items():
+        r = moment_rows[0]
+        found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
+        try:
+            again, vecs, _ = _encode(found, encoder, VideoInfo(), intervals.get(root, DEFAULT_INTERVAL), batch_size,
+                                     VideoStats())
+        except (VideoError, OSError) as exc:
+            log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
+            on_video(1)
+            continue
+        starts = np.array([t for t, _, _ in again])
+        pick = np.clip(np.searchsorted(starts, [row.t for row in moment_rows], side="right") - 1, 0, len(starts) - 1)
+        commit(moment_rows, vecs[pick])
+        on_video(1)
+    return len(videos)

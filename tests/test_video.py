@@ -1,0 +1,344 @@
+"""Videos as moments (alignsearch/video.py, indexer/videos.py): scene cuts and the interval found at the right
+times, results with t/t_end, per-video caps, the media filter, incremental runs, failures and the schema upgrade.
+Every video is generated here with PyAV."""
+
+import io
+import itertools
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import index_json, make_images, run
+from helpers import (
+    alignsearch_peak_rss,
+    call,
+    make_video,
+    scene_frame,
+    start_serve,
+    stop,
+    summary,
+)
+from PIL import Image
+
+import alignsearch
+from alignsearch import catalog
+from alignsearch.images import ImageSpec
+from alignsearch.video import VideoError, VideoInfo, moments
+
+SPEC = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+SCENES = [(1, 3), (2, 4.5), (3, 25), (4, 2)]  # cuts at 3, 7.5 and 32.5 s; 34.5 s long
+SAMPLE = 0.3  # a cut is found at the first examined frame after it (every 0.25 s; a skipped frame or two more)
+
+
+def starts(found):
+    return [m.t for m in found]
+
+
+def test_moments_at_cuts_and_every_interval(tmp_path):
+    video = make_video(tmp_path / "a.mp4", SCENES)
+    info = VideoInfo()
+    found = list(moments(str(video), SPEC, info))
+    # cuts at 3 and 7.5, the 25 s scene split every 10 s (17.5, 27.5), the cut at 32.5
+    assert np.allclose(starts(found), [0, 3, 7.5, 17.5, 27.5, 32.5], atol=SAMPLE), starts(found)
+    assert [m.t_end for m in found[:-1]] == starts(found)[1:]
+    assert found[-1].t_end == pytest.approx(34.5, abs=0.15)
+    assert (info.width, info.height) == (160, 90) and info.duration == pytest.approx(34.5, abs=0.15)
+    assert all(m.crop.shape == (64, 64, 3) and m.crop.dtype == np.uint8 for m in found)
+    shorter = list(moments(str(video), SPEC, interval=7))
+    assert np.allclose(starts(shorter), [0, 3, 7.5, 14.5, 21.5, 28.5, 32.5], atol=SAMPLE), \
+        starts(shorter)
+
+
+def test_static_video_gets_a_moment_every_interval(tmp_path):
+    video = make_video(tmp_path / "still.mkv", [(5, 25)], drift=False)
+    found = list(moments(str(video), SPEC))
+    assert np.allclose(starts(found), [0, 10, 20], atol=SAMPLE) and found[-1].t_end == pytest.approx(25, abs=0.15)
+
+
+def test_at_most_one_moment_per_second(tmp_path):
+    video = make_video(tmp_path / "flicker.webm", [(i % 2 + 7, 0.5) for i in range(8)], codec="libvpx-vp9")
+    found = starts(list(moments(str(video), SPEC)))
+    assert len(found) >= 3 and all(b - a >= 1.0 for a, b in itertools.pairwise(found)), found
+
+
+def test_unreadable_video_raises_with_a_reason(tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 50)
+    with pytest.raises(VideoError, match="cannot read video"):
+        list(moments(str(junk), SPEC))
+
+
+def test_truncated_video_keeps_what_was_readable(tmp_path):
+    whole = make_video(tmp_path / "whole.mkv", [(61, 3), (62, 3), (63, 3)]).read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole[: int(len(whole) * 0.6)])
+    found = list(moments(str(cut), SPEC))
+    assert np.allclose(starts(found)[:2], [0, 3], atol=SAMPLE) and 3 < found[-1].t_end < 9, starts(found)
+
+
+def _library(tmp_path):
+    lib = tmp_path / "lib"
+    make_images(lib / "photos", 4)
+    make_video(lib / "clips" / "match.mp4", SCENES)
+    (lib / "clips" / "broken.mov").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 200)
+    whole = make_video(tmp_path / "whole.mp4", [(8, 4)]).read_bytes()
+    (lib / "clips" / "cut.mp4").write_bytes(whole[: len(whole) // 2])  # no index (moov) left
+    return lib
+
+
+def _rows(ix):
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        return conn.execute("SELECT relpath, moment, t, t_end, status, vec_row FROM files ORDER BY relpath, moment").fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_photos_and_videos_index_in_one_run(tmp_path, tiny_model):
+    lib, ix = _library(tmp_path), tmp_path / "ix"
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert (s["added"], s["failed"]) == (5, 2), s
+    assert s["times"]["extra"]["moments"] == 6
+    rows = [r for r in _rows(ix) if r[0] == "clips/match.mp4"]
+    assert [r[1] for r in rows] == list(range(6)) and all(r[4] == "indexed" for r in rows)
+    assert np.allclose([r[2] for r in rows], [0, 3, 7.5, 17.5, 27.5, 32.5], atol=SAMPLE)
+    assert s["index"]["vectors"] == 4 + 6
+    failed = run("info", "--failed", "--index", ix).output
+    assert "broken.mov: cannot read video" in failed and "cut.mp4: cannot read video" in failed, failed
+    info = json.loads(run("info", "--json", "--index", ix).output)
+    assert (info["images"], info["failed"], info["index"]["vectors"]) == (5, 2, 10)  # a video counts once
+
+    out = json.loads(run("query", "a picture", "-k", "20", "--json", "--per-video", "10", "--index", ix).output)
+    hits = out["results"]
+    videos = [h for h in hits if h["relpath"] == "clips/match.mp4"]
+    assert len(videos) == 6 and all(h["t"] is not None and h["t_end"] > h["t"] for h in videos)
+    assert all(h["t"] is None and h["t_end"] is None for h in hits if h["relpath"].startswith("photos/"))
+    capped = json.loads(run("query", "a picture", "-k", "20", "--json", "--index", ix).output)["results"]
+    assert sum(h["relpath"] == "clips/match.mp4" for h in capped) == 3  # --per-video defaults to 3
+    assert len(capped) == 4 + 3
+    only = json.loads(run("query", "a picture", "--media", "video", "--per-video", "2", "--json", "--index", ix).output)
+    assert [h["relpath"] for h in only["results"]] == ["clips/match.mp4"] * 2
+    photos = json.loads(run("query", "a picture", "--media", "photo", "--json", "--index", ix).output)["results"]
+    assert len(photos) == 4 and all(h["t"] is None for h in photos)
+    text = run("query", "a picture", "--media", "video", "--index", ix).output
+    assert "match.mp4 @ 0:" in text, text
+    assert run("verify", "--index", ix).exit_code == 0
+    run("export", tmp_path / "lib.parquet", "--index", ix)
+    table = pq.read_table(tmp_path / "lib.parquet")
+    moments_out = sorted(t for rel, t in zip(table["relpath"].to_pylist(), table["t"].to_pylist()) if rel.endswith(".mp4"))
+    assert np.allclose(moments_out, [0, 3, 7.5, 17.5, 27.5, 32.5], atol=SAMPLE)
+    assert all(t is None for rel, t in zip(table["relpath"].to_pylist(), table["t_end"].to_pylist())
+               if rel.startswith("photos/"))
+
+
+@pytest.mark.slow
+def test_an_image_of_a_scene_finds_its_video_at_that_second(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_video(lib / "trip.mp4", [(11, 6), (12, 5), (13, 8), (14, 4)])  # scene 13 from 11 s to 19 s
+    make_video(lib / "other.mkv", [(21, 5), (22, 5)])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    shot = tmp_path / "shot.png"
+    Image.fromarray(scene_frame(13)).save(shot)
+    with alignsearch.open(ix) as engine:
+        best = engine.search(image=str(shot), k=3)[0]
+    assert best.relpath == "trip.mp4" and best.t == pytest.approx(11, abs=SAMPLE) and best.t_end == pytest.approx(19, abs=SAMPLE)
+    out = json.loads(run("query", "--image", shot, "-k", "1", "--json", "--index", ix).output)["results"][0]
+    assert out["relpath"] == "trip.mp4" and int(out["t"]) == 11
+
+
+@pytest.mark.slow
+def test_incremental_change_remove_rename_and_interval_remembered(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    clip = make_video(lib / "clip.mp4", [(31, 4), (32, 4)])
+    make_video(lib / "still.mov", [(33, 12)], drift=False)
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu", "--video-interval", "5")
+    assert s["added"] == 4
+    still = [r for r in _rows(ix) if r[0] == "still.mov"]
+    assert np.allclose([r[2] for r in still], [0, 5, 10], atol=SAMPLE)  # the interval given
+    with alignsearch.open(ix) as engine:  # the unchanged picture's moments fold into one with --collapse
+        folded = engine.search(text="x", k=10, collapse=True, per_video=None, path="still.mov")
+    assert len(folded) == 1 and len(folded[0].duplicates) == 2
+    roots = json.loads(run("roots", "--json", "--index", ix).output)
+    assert roots[0]["options"].get("video_interval") == 5 and roots[0]["indexed"] == 4  # a video counts once
+    assert index_json(ix)["unchanged"] == 4  # nothing re-read
+
+    make_video(lib / "clip.mp4", [(34, 3), (35, 3), (36, 3)])  # changed: re-read, its old moments replaced
+    make_video(lib / "later.mov", [(37, 11)], drift=False)  # new, without the flag: the remembered interval
+    s = index_json(ix)
+    assert (s["updated"], s["added"]) == (1, 1), s
+    rows = _rows(ix)
+    assert np.allclose([r[2] for r in rows if r[0] == "clip.mp4"], [0, 3, 6], atol=SAMPLE)
+    assert np.allclose([r[2] for r in rows if r[0] == "later.mov"], [0, 5, 10], atol=SAMPLE)
+    vectors_before = s["index"]["vectors"]
+
+    shutil.move(clip, lib / "renamed.mp4")  # same content: its vectors are kept, nothing encoded
+    s = index_json(ix)
+    assert (s["moved"], s["removed"], s["added"]) == (1, 0, 0), s
+    assert s["times"]["extra"].get("moments") == 3 and s["index"]["vectors"] == vectors_before
+    rows = _rows(ix)
+    assert not [r for r in rows if r[0] == "clip.mp4"] and len([r for r in rows if r[0] == "renamed.mp4"]) == 3
+
+    (lib / "still.mov").unlink()  # removed: every moment goes
+    s = index_json(ix)
+    assert s["removed"] == 1 and s["index"]["vectors"] == vectors_before - 3, s
+    assert not [r for r in _rows(ix) if r[0] == "still.mov"]
+    with alignsearch.open(ix) as engine:
+        hits = engine.search(text="anything", k=50, per_video=None)
+    assert {h.relpath for h in hits} == {"img000.png", "img001.jpg", "renamed.mp4", "later.mov"}
+    assert run("verify", "--index", ix).exit_code == 0
+
+
+@pytest.mark.slow
+def test_schema_2_catalog_is_read_then_upgraded(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 3)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:  # back to the version 2 table: no moment columns, unique (root, relpath)
+        cols = ", ".join(catalog.V2_COLUMNS)
+        conn.execute("DELETE FROM files WHERE relpath = 'img002.jpg'")  # a deleted id: never to be reused
+        conn.execute("DROP INDEX files_sha256")
+        conn.execute("ALTER TABLE files RENAME TO f3")
+        conn.execute("""CREATE TABLE files (id INTEGER PRIMARY KEY AUTOINCREMENT, root TEXT NOT NULL, relpath TEXT NOT
+            NULL, relpath_raw BLOB, size INTEGER NOT NULL, mtime FLOAT NOT NULL, sha256 VARCHAR(64), width INTEGER,
+            height INTEGER, format VARCHAR(16), status VARCHAR(8) NOT NULL, reason TEXT, indexed_at FLOAT NOT NULL,
+            vec_row INTEGER, UNIQUE (root, relpath))""")
+        conn.execute(f"INSERT INTO files ({cols}) SELECT {cols} FROM f3")
+        conn.execute("DROP TABLE f3")
+        conn.execute("UPDATE sqlite_sequence SET seq = 3 WHERE name = 'files'")
+        conn.execute("CREATE INDEX files_sha256 ON files (sha256)")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    with alignsearch.open(ix) as engine:  # a reader does not upgrade, and reads it
+        hits = engine.search(text="x", k=5)
+    assert {h.relpath for h in hits} == {"img000.png", "img001.jpg"} and all(h.t is None for h in hits)
+    ids = {h.relpath: h.id for h in hits}
+    make_video(lib / "v.mp4", [(41, 2), (42, 2)])
+    s = index_json(ix)
+    assert s["added"] == 2, s  # img002 (its row was dropped above) and the video
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == 3
+        kept = dict(conn.execute("SELECT relpath, id FROM files WHERE relpath LIKE 'img00%'").fetchall())
+        new_ids = [i for (i,) in conn.execute("SELECT id FROM files WHERE relpath IN ('img002.jpg', 'v.mp4')")]
+    finally:
+        conn.close()
+    assert {k: kept[k] for k in ids} == ids and min(new_ids) > 3  # ids kept; the counter too
+    assert run("verify", "--index", ix).exit_code == 0
+
+
+@pytest.mark.slow
+def test_reindex_with_another_model_reads_the_videos_again(tmp_path, tiny_model, other_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    make_video(lib / "clip.mp4", [(51, 3), (52, 3), (53, 3)])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    before = _rows(ix)
+    s = index_json(ix, "--reindex", "--model", other_model, "--device", "cpu")
+    assert s["reencoded"] == 3 and s["failed"] == 0, s
+    after = _rows(ix)
+    assert [r[:5] for r in after] == [r[:5] for r in before]  # the same moments, all indexed
+    assert len({r[5] for r in after}) == len(after)  # each its own new vector
+    assert run("verify", "--index", ix).exit_code == 0
+    shot = tmp_path / "shot.png"
+    Image.fromarray(scene_frame(52)).save(shot)
+    with alignsearch.open(ix) as engine:
+        best = engine.search(image=str(shot), k=1)[0]
+    assert best.relpath == "clip.mp4" and best.t == pytest.approx(3, abs=SAMPLE)
+
+
+LONG = [(i % 13 + 100, 7) for i in range(172)]  # 20 minutes 4 seconds, a cut every 7 s
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_length_of_a_video(tmp_path, tiny_model):
+    short_lib, long_lib = tmp_path / "short", tmp_path / "long"
+    make_video(short_lib / "minute.mp4", LONG[:9], fps=5)
+    make_video(long_lib / "twenty-minutes.mp4", LONG, fps=5)
+    common = ("--model", tiny_model, "--device", "cpu", "--json")
+    proc, short_peak = alignsearch_peak_rss("index", short_lib, "--index", tmp_path / "ix1", *common)
+    assert summary(proc)["times"]["extra"]["moments"] == 9
+    proc, long_peak = alignsearch_peak_rss("index", long_lib, "--index", tmp_path / "ix2", *common)
+    assert summary(proc)["times"]["extra"]["moments"] == 172
+    assert long_peak < 1 << 30 and long_peak - short_peak < 150 << 20, (short_peak >> 20, long_peak >> 20)
+
+
+@pytest.mark.slow
+def test_killed_mid_video_resumes_and_verifies_clean(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 3)
+    make_video(lib / "long.mp4", LONG, fps=5)
+    args = (sys.executable, "-m", "alignsearch", "index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu",
+            "--json")
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # the photos are committed: the video is being read
+        if (ix / "catalog.db").exists() and _count(ix, "status = 'indexed'") >= 3:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed:  # nothing of a video is committed before all of it is
+        assert _count(ix, "t IS NOT NULL") in (0, 172)
+    s = index_json(ix)
+    assert _count(ix, "t IS NOT NULL AND status = 'indexed'") == 172 and s["index"]["vectors"] == 3 + 172, s
+    assert run("verify", "--index", ix).exit_code == 0
+
+
+def _count(ix, where: str) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+        try:
+            return conn.execute(f"SELECT count(*) FROM files WHERE {where}").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_server_shows_moments_and_plays_the_video_from_t_with_ranges(tmp_path, tiny_model):
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    video = make_video(lib / "clip.mp4", [(71, 3), (72, 3)])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    data = video.read_bytes()
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        status, _, body = call(url, "/api/search?q=a+picture&k=10")
+        hits = json.loads(body)["results"]
+        moments_found = sorted((h["t"], h["t_end"], h["id"]) for h in hits if h["relpath"] == "clip.mp4")
+        assert status == 200 and np.allclose([m[:2] for m in moments_found], [(0, 3), (3, 6)], atol=SAMPLE)
+        second = moments_found[1][2]
+        status, headers, body = call(url, f"/api/video/{second}", headers={"Range": "bytes=100-199"})
+        assert status == 206 and body == data[100:200], status
+        assert headers["Content-Range"] == f"bytes 100-199/{len(data)}" and headers["Content-Type"] == "video/mp4"
+        status, headers, body = call(url, f"/api/video/{second}")
+        assert status == 200 and body == data and headers["Accept-Ranges"] == "bytes"
+        assert call(url, f"/api/video/{second}", headers={"Range": f"bytes={len(data)}-"})[0] == 416
+        assert call(url, f"/api/video/{second}", token=None)[0] == 401  # the same token as images
+        photo = next(h["id"] for h in hits if h["t"] is None)
+        assert call(url, f"/api/video/{photo}")[0] == 404
+        status, headers, body = call(url, f"/api/image/{second}?size=64")  # the moment's own frame
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        thumb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.float32)
+        scenes = [np.asarray(Image.fromarray(scene_frame(s)).resize(thumb.shape[1::-1]), dtype=np.float32)
+                  for s in (71, 72)]
+        assert np.abs(thumb - scenes[1]).mean() < np.abs(thumb - scenes[0]).mean()
+        video.write_bytes(data + b"\0")  # changed since it was indexed: not served
+        assert call(url, f"/api/video/{second}")[0] == 409
+    finally:
+        stop(proc)

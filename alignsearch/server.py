@@ -224,19 +224,23 @@ def _changed(what: str) -> ApiError:
     return ApiError(409, f"the file {what} since it was indexed: re-run alignsearch index")
 
 
-def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:
-    """The bytes of the file at relpath under root when it is still the file the catalog describes: opened
-    by safeopen.open_under (no symlink on the way, the file itself included; a FIFO never blocks), a
-    regular file of that size and mtime. read=False checks only (for a cached thumbnail)."""
+def open_indexed(root: str, relpath: str | bytes, size: int, mtime: float) -> int:
+    """A descriptor of the file at relpath under root while it is still the file the catalog describes:
+    opened by safeopen.open_under (no symlink on the way, the file itself included; a FIFO never blocks),
+    a regular file of that size and mtime; else the ApiError a client reads."""
     try:
-        fd = safeopen.open_under(root, relpath, expect=(size, mtime))
+        return safeopen.open_under(root, relpath, expect=(size, mtime))
     except FileNotFoundError:
         raise ApiError(404, "the file is gone from its source: re-run alignsearch index") from None
     except safeopen.Refused as exc:
         raise ApiError(409, f"the file is no longer the one indexed ({exc}): re-run alignsearch index") from None
     except OSError as exc:
         raise ApiError(404, f"cannot open the file: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as f:
+
+
+def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:
+    """The bytes of the indexed file (open_indexed's checks); read=False checks only (a cached thumbnail)."""
+    with os.fdopen(open_indexed(root, relpath, size, mtime), "rb") as f:
         if not read:
             return None
         data = f.read(size + 1)
@@ -372,24 +376,10 @@ class Library:
     def open_video(self, row: catalog.FileRow):
         """A video's file, opened with the checks read_regular makes (no symlink, no FIFO, a regular file of the
         catalog's size and mtime), for ranged reads; only local files are served."""
-        path = self._local_path(row)
-        if row.t is None or path is None:
+        local = None if row.t is None else sources.local_file(row.root, row.relpath, row.relpath_raw)
+        if local is None:
             raise ApiError(404, "not a local video: only the moments of a video on this machine are played")
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise ApiError(404, "the file is gone from its source: re-run alignsearch index") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _changed("became a symbolic link") from None
-            raise ApiError(404, f"cannot open the file: {exc.strerror}") from None
-        f = os.fdopen(fd, "rb")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != row.size or st.st_mtime != row.mtime:
-            f.close()
-            raise _changed("is no longer a regular file" if not stat.S_ISREG(st.st_mode) else "changed")
-        return f
+        return os.fdopen(open_indexed(*local, row.size, row.mtime), "rb")
 
     def video(self, file_id: int, range_header: str | None):
         """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET."""

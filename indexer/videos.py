@@ -11,6 +11,7 @@ as failed with its reason; one that breaks off part way keeps the moments before
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 import queue
 import threading
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import delete, insert
 
-from alignsearch import catalog, photometa, sources, vectors
+from alignsearch import catalog, photometa, safeopen, sources, vectors
 from alignsearch.dupes import phash_of
+from alignsearch.errors import BadImageError
 from alignsearch.images import ImageSpec
 from alignsearch.vectors import VectorStore
 from alignsearch.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
@@ -64,7 +66,7 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     if reason is None:
         try:
             sha = _sha256(found)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, BadImageError) as exc:  # BadImageError: refused by safeopen
             reason = f"cannot read: {getattr(exc, 'strerror', None) or exc}"
     if reason is None and sha is not None:
         with db.connect() as conn:
@@ -81,7 +83,7 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
         info = VideoInfo()
         try:
             found_moments, vecs, hashes = _encode(found, encoder, info, interval, batch_size, stats)
-        except VideoError as exc:
+        except (VideoError, BadImageError) as exc:
             reason = str(exc)
         except OSError as exc:
             reason = f"cannot read: {exc.strerror or exc}"
@@ -101,23 +103,34 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     stats.failed.add((found.root, found.relpath))
 
 
+def _open_local(found: Found):
+    """The local video's file, opened under its root by safeopen (no symlinked folder on the way, a regular
+    file, a FIFO never blocks) as every indexed file is; None for a URL."""
+    local = sources.local_file(found.root, found.relpath, found.relpath_raw)
+    if local is None:
+        return None
+    return os.fdopen(safeopen.open_under(*local, follow_last=True), "rb")
+
+
 def _source(found: Found):
-    """What PyAV opens: a local path, or a file object for a URL; a tar member is not read."""
-    kind = sources.kind(found.root)
-    if kind == sources.TAR:
+    """What PyAV opens: the local file (safeopen), or a file object for a URL; a tar member is not read."""
+    if sources.kind(found.root) == sources.TAR:
         raise VideoError("videos inside tar shards are not read")
-    if kind == sources.FOLDER or (kind == sources.LIST and not sources.is_url(found.relpath)):
-        return found.path
+    f = _open_local(found)
+    if f is not None:
+        return f
     fs, inner = sources.filesystem(found.path)
     return fs.open(inner, "rb")
 
 
 def _sha256(found: Found) -> str | None:
     """The content's SHA-256 (local files; a URL's is not fetched twice: None)."""
-    kind = sources.kind(found.root)
-    if not (kind == sources.FOLDER or (kind == sources.LIST and not sources.is_url(found.relpath))):
+    if sources.kind(found.root) == sources.TAR:
         return None
-    with open(found.path, "rb") as f:
+    f = _open_local(found)
+    if f is None:
+        return None
+    with f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -248,7 +261,7 @@ def reencode_moments(db, encoder, rows: list, intervals: dict[str, float], batch
         try:
             again, vecs, _ = _encode(found, encoder, VideoInfo(), intervals.get(root, DEFAULT_INTERVAL), batch_size,
                                      VideoStats())
-        except (VideoError, OSError) as exc:
+        except (VideoError, BadImageError, OSError) as exc:
             log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
             on_video(1)
             continue

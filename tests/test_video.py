@@ -342,3 +342,35 @@ def test_server_shows_moments_and_plays_the_video_from_t_with_ranges(tmp_path, t
         assert call(url, f"/api/video/{second}")[0] == 409
     finally:
         stop(proc)
+
+
+@pytest.mark.slow
+def test_videos_are_opened_like_every_indexed_file(tmp_path, tiny_model):
+    """Issue 23's guarded open holds for videos too: a FIFO named .mp4 does not hang the index, and a
+    video whose parent folder was swapped for a symlink (to a file of the same size and mtime) is not played."""
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    video = make_video(lib / "album" / "clip.mp4", [(71, 3), (72, 3)])
+    os.mkfifo(lib / "pipe.mp4")
+    summary_ = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")  # would block on the FIFO's open
+    assert summary_["failed"] >= 1, summary_
+    data = video.read_bytes()
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    secret = vault / "clip.mp4"
+    secret.write_bytes(bytes(b ^ 0xFF for b in data))
+    st = video.stat()
+    os.utime(secret, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        hits = json.loads(call(url, "/api/search?q=a+picture&k=10")[2])["results"]
+        moment = next(h["id"] for h in hits if h["relpath"] == "album/clip.mp4")
+        assert call(url, f"/api/video/{moment}")[2] == data  # played before the swap
+        (lib / "album").rename(lib / "album.old")
+        (lib / "album").symlink_to(vault)
+        status, _, body = call(url, f"/api/video/{moment}")
+        assert status == 409 and secret.read_bytes() not in body, (status, body[:200])
+        assert b"symbolic link" in body
+        assert call(url, f"/api/image/{moment}?size=64")[0] == 409  # the moment's frame: same check
+    finally:
+        stop(proc)

@@ -177,10 +177,13 @@ def main() -> None:
               help="For a .csv/.parquet list root: the column of paths or URLs (default: path, url, uri, image...).")
 @click.option("--caption-column", default=None, metavar="NAME",
               help="A list's caption column (default: caption, text or alt when present); remembered.")
+@click.option("--ocr/--no-ocr", default=None,
+              help="Read the text in images for keyword search (pip install 'alignsearch[ocr]'); remembered. "
+                   "--no-ocr stops reading; text already read stays searchable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, list_column, caption_column, as_json):
+          ondisk_shards, index_shards, fast_decode, list_column, caption_column, ocr, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -195,7 +198,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json,
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
-        caption_column=caption_column, backend=backend, precision=precision,
+        caption_column=caption_column, backend=backend, precision=precision, ocr=ocr,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -207,6 +210,8 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
     else:
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
+    if s.ocr.get("read"):
+        click.echo(f"text read in {s.ocr['read']} images ({s.ocr.get('with_text', 0)} indexed images hold text)")
     for root in s.no_images:
         click.echo(f"no images found in {root}")
     if s.listing_errors:

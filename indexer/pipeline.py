@@ -36,6 +36,7 @@ class StageTimes:
 
     read_wait: float = 0.0
     decode_worker: float = 0.0
+    ocr: float = 0.0  # the workers' seconds reading text in images (`index --ocr`), not in decode_worker
     encode: float = 0.0
     write: float = 0.0
     items: int = 0
@@ -78,9 +79,10 @@ def load_encoder(config: EncoderConfig):
 
 
 def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               fast: bool = False) -> Iterator[Item]:
-    """Decoded items in scan order; in `workers` processes, or in this one when workers is 0."""
-    fn = partial(read_item, spec=spec, max_pixels=max_pixels, fast=fast)
+               fast: bool = False, ocr: bool = False) -> Iterator[Item]:
+    """Decoded items in scan order; in `workers` processes, or in this one when workers is 0. ocr: each worker
+    also reads the text in its images (alignsearch/ocr.py, its engine loaded once per worker)."""
+    fn = partial(read_item, spec=spec, max_pixels=max_pixels, fast=fast, ocr=ocr)
     if workers <= 0:
         yield from map(fn, todo)
         return
@@ -152,6 +154,7 @@ def drive(
         t2 = time.perf_counter()
         times.encode += t2 - t1 + batch.encode_seconds
         times.decode_worker += sum(it.seconds for it in batch.items)
+        times.ocr += sum(it.ocr_seconds for it in batch.items)
         times.items += len(batch.items)
         times.failed += len(batch.items) - len(good)
         pending.append((batch, new_vectors))

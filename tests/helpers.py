@@ -357,3 +357,17 @@ def alignsearch_vmhwm(*args, setup: str = "", timeout: float = 300) -> tuple[sub
     got = json.loads(line[-1].split(" ", 1)[1])
     return proc, {"base": got["base"]["VmRSS"], "peak": got["end"]["VmHWM"],
                   "growth": got["end"]["VmHWM"] - got["base"]["VmRSS"], "end": got["end"]}
+
+
+def render_sign(path: Path, lines: list[str], size=(640, 240), font_size: int = 40, background="white") -> Path:
+    """A sign: dark words on a plain background, drawn with Pillow's scalable default font (no font files)."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=font_size)
+    for i, line in enumerate(lines):
+        draw.text((20, 30 + int(font_size * 2.2) * i), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,191 @@
+"""Issue 28: text in images (`index --ocr`) and keyword search the way people type it."""
+
+import hashlib
+import json
+import os
+import sqlite3
+
+import pytest
+from PIL import Image
+
+import alignsearch
+from alignsearch import keywords
+from alignsearch.errors import BadInputError
+from conftest import index_json, run
+from helpers import alignsearch as alignsearch_cli
+from helpers import render_sign
+
+pytest.importorskip("rapidocr")  # the [ocr] extra; the test extra installs it
+
+
+def query(ix, text, *args):
+    out = run("query", "--index", ix, "--json", "-k", "10", *args, "--", text).output  # `--`: a text may start with -
+    return json.loads(out)["results"]
+
+
+def names(results):
+    return [r["relpath"] for r in results]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def signs(tmp_path):
+    root = tmp_path / "photos"
+    render_sign(root / "invoice.png", ["INVOICE INV-4711-A", "Zanzibar Spice Co."])
+    render_sign(root / "station.png", ["Platform 9", "Kilimanjaro Express"])
+    Image.new("RGB", (320, 240), (40, 120, 60)).save(root / "lawn.jpg")  # no text
+    return root
+
+
+def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model):
+    ix = tmp_path / "ix"
+    s = index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
+    assert s["added"] == 3 and s["ocr"] == {"enabled": True, "read": 3, "with_text": 2}
+    assert s["times"]["ocr"] > 0  # the workers' OCR seconds
+    found = query(ix, "zanzibar", "--mode", "keyword")
+    assert names(found) == ["invoice.png"] and "Zanzibar Spice Co." in found[0]["ocr"]
+    assert names(query(ix, "kilimanjaro express", "--mode", "keyword")) == ["station.png"]
+    assert names(query(ix, "zanzi*", "--mode", "keyword")) == ["invoice.png"]  # a word's start
+    assert names(query(ix, "4711", "--mode", "keyword")) == ["invoice.png"]  # a number inside a code
+    # default (auto) and hybrid: the sign ranks first although the tiny random model cannot read it
+    assert names(query(ix, "kilimanjaro"))[0] == "station.png"
+    assert names(query(ix, "kiliman"))[0] == "station.png"  # the partial last word, as typed
+    assert names(query(ix, "spice", "--mode", "hybrid"))[0] == "invoice.png"
+    lawn = [r for r in query(ix, "x", "--mode", "vector") if r["relpath"] == "lawn.jpg"][0]
+    assert lawn["ocr"] is None  # read, no text
+    hit = alignsearch.open(ix, device="cpu").search(text="platform", mode="keyword")[0]
+    assert hit.relpath == "station.png" and "Platform 9" in hit.ocr and "Platform 9" in hit.to_dict()["ocr"]
+
+
+def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, tiny_model):
+    ix = tmp_path / "ix"
+    index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
+    render_sign(signs / "menu.png", ["Mango Lassi 450"])
+    s = index_json(ix, "--device", "cpu")  # no flag: the index reads new images as it was told to
+    assert s["added"] == 1 and s["ocr"]["enabled"] and s["ocr"]["read"] == 1
+    assert names(query(ix, "lassi", "--mode", "keyword")) == ["menu.png"]
+    render_sign(signs / "invoice.png", ["RECEIPT 2024", "Serengeti Safari"])  # changed: read again
+    os.utime(signs / "invoice.png", (1, 1))
+    (signs / "station.png").unlink()  # removed: its text goes with it
+    s = index_json(ix, "--device", "cpu")
+    assert s["updated"] == 1 and s["removed"] == 1
+    assert names(query(ix, "serengeti", "--mode", "keyword")) == ["invoice.png"]
+    assert query(ix, "zanzibar", "--mode", "keyword") == [] and query(ix, "kilimanjaro", "--mode", "keyword") == []
+    # --no-ocr: new images are not read; the text already read stays searchable
+    render_sign(signs / "poster.png", ["Okavango Delta"])
+    s = index_json(ix, "--device", "cpu", "--no-ocr")
+    assert s["added"] == 1 and s["ocr"] == {"enabled": False, "read": 0, "with_text": 2}
+    assert query(ix, "okavango", "--mode", "keyword") == []
+    assert names(query(ix, "serengeti", "--mode", "keyword")) == ["invoice.png"]
+    s = index_json(ix, "--device", "cpu")  # off is remembered too
+    assert not s["ocr"]["enabled"] and query(ix, "okavango", "--mode", "keyword") == []
+    s = index_json(ix, "--device", "cpu", "--ocr")  # on again: only the unread image is read
+    assert s["ocr"]["read"] == 1 and names(query(ix, "okavango", "--mode", "keyword")) == ["poster.png"]
+
+
+def test_an_existing_index_gains_text_without_re_encoding(signs, tmp_path, tiny_model):
+    ix = tmp_path / "ix"
+    index_json(ix, signs, "--model", tiny_model, "--device", "cpu")
+    assert query(ix, "zanzibar", "--mode", "keyword") == []
+    before = {p.name: digest(p) for p in ix.iterdir() if p.suffix in (".f16", ".faiss")}
+    s = index_json(ix, "--device", "cpu", "--ocr")
+    assert s["added"] == s["updated"] == 0 and s["unchanged"] == 3 and s["reused"] == 0
+    assert s["times"]["extra"]["ocr_filled"] == 3 and s["times"]["items"] == 0  # nothing went to the encoder
+    assert {p.name: digest(p) for p in ix.iterdir() if p.suffix in (".f16", ".faiss")} == before
+    assert names(query(ix, "zanzibar", "--mode", "keyword")) == ["invoice.png"]
+    assert names(query(ix, "4711", "--mode", "keyword")) == ["invoice.png"]
+    assert index_json(ix, "--device", "cpu")["ocr"]["read"] == 0  # nothing is read twice
+
+
+def test_a_missing_engine_is_one_line_naming_the_extra(signs, tmp_path, tiny_model):
+    shim = tmp_path / "shim" / "rapidocr"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('rapidocr was removed for this test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = alignsearch_cli("index", signs, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu", "--ocr",
+                           env=env)
+    assert proc.returncode == BadInputError.exit_code
+    assert proc.stderr.strip().splitlines() == ["error: text in images needs the OCR engine: pip install "
+                                                "'alignsearch[ocr]'"]
+    assert not (tmp_path / "ix" / "vectors.f16").exists()  # refused before anything was encoded
+
+
+# -- keyword search the way people type it (captions and names, no OCR needed) --------------------------------
+
+@pytest.fixture
+def captioned(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    root.mkdir()
+    captions = {"cat": "Zanzibar the tabby asleep on the sofa", "cafe": "Breakfast at the Café Lisboa",
+                "receipt": "receipt INV4711A paid", "tram": "the yellow tram in Lisbon", "river": "river at dusk, Lisbon"}
+    for i, (name, caption) in enumerate(captions.items()):
+        Image.new("RGB", (64, 48), (40 * i, 200 - 30 * i, 90)).save(root / f"{name}.jpg")
+        (root / f"{name}.txt").write_text(caption)
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    return ix
+
+
+def test_prefixes_codes_accents_and_operators(captioned):
+    ix = captioned
+
+    def kw(text):
+        return sorted(names(query(ix, text, "--mode", "keyword")))
+
+    assert kw("zanzi*") == ["cat.jpg"]
+    assert kw("zanzi") == []  # keyword mode takes words as typed...
+    assert names(query(ix, "zanzi"))[0] == "cat.jpg"  # ...the default mode takes the last as a start
+    plan = json.loads(run("query", "zanzi ", "--index", ix, "--json", "--explain").output)["plan"]
+    assert plan["words"] == ["zanzi"] and plan["ranking"] == "vector"  # a trailing space: the word is complete
+    assert kw("4711") == ["receipt.jpg"] and kw("inv4711") == ["receipt.jpg"]  # inside a token
+    assert kw("cafe") == ["cafe.jpg"] and kw("CAFÉ") == ["cafe.jpg"]  # accents and case folded
+    assert kw("tram lisbon") == ["river.jpg", "tram.jpg"]  # any of the words
+    assert kw("tram AND lisbon") == ["tram.jpg"]
+    assert kw("tram OR dusk") == ["river.jpg", "tram.jpg"]
+    assert kw("lisbon -tram") == ["river.jpg"]
+    assert kw('"yellow tram"') == ["tram.jpg"] and kw('"tram yellow"') == []
+    assert kw("-tram") == []  # nothing to look for
+    plan = json.loads(run("query", "yellow tr", "--index", ix, "--json", "--explain").output)["plan"]
+    assert plan["words"] == ["yellow", "tr"]  # too short to be taken as a start
+
+
+def test_parse_rules():
+    q = keywords.parse('red AND "old car" OR zanzi* -rust the', partial_last=True)
+    assert [[a.text() for a in g] for g in q.groups] == [["red", "old car"], ["zanzi*"]]
+    assert [a.text() for a in q.excluded] == ["rust"]
+    assert keywords.parse("INV-4711-A").groups[0][0].code == "INV-4711-A"
+    assert keywords.parse("kiliman", partial_last=True).words == ["kiliman*"]
+    assert keywords.parse("kiliman ", partial_last=True).words == ["kiliman"]
+    assert keywords.parse('x" OR ( )"') is not None  # never FTS5 syntax, never an error
+    assert keywords.coded_chunks("INVOICE INV-4711-A, paid 2024.") == "INV-4711-A 2024"
+
+
+def test_a_version_2_catalog_is_upgraded_in_place(captioned):
+    """A catalog written before OCR (schema 2: no photos.ocr, keywords without folded accents, no trigram
+    table) is read as it is and upgraded by the next writer, nothing encoded again."""
+    ix = captioned
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("ALTER TABLE photos DROP COLUMN ocr")
+        conn.execute("DROP TABLE keywords")
+        conn.execute("DROP TABLE keywords_trigram")
+        conn.execute("CREATE VIRTUAL TABLE keywords USING fts5(body)")
+        conn.execute("INSERT INTO keywords(rowid, body) SELECT file_id, caption FROM photos")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    # a reader writes nothing: it reads version 2 as it stands
+    assert names(query(ix, "lisboa", "--mode", "keyword")) == ["cafe.jpg"] and query(ix, "x")[0]["ocr"] is None
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    conn.close()
+    vectors = digest(ix / "vectors.f16")
+    s = index_json(ix, "--device", "cpu")
+    assert s["added"] == 0 and digest(ix / "vectors.f16") == vectors
+    assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
+    assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    conn.close()

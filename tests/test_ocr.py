@@ -13,7 +13,7 @@ from alignsearch import keywords
 from alignsearch.errors import BadInputError
 from conftest import index_json, run
 from helpers import alignsearch as alignsearch_cli
-from helpers import render_sign
+from helpers import call, render_sign, start_serve, stop
 
 pytest.importorskip("rapidocr")  # the [ocr] extra; the test extra installs it
 
@@ -40,6 +40,7 @@ def signs(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model):
     ix = tmp_path / "ix"
     s = index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
@@ -58,6 +59,13 @@ def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model
     assert lawn["ocr"] is None  # read, no text
     hit = alignsearch.open(ix, device="cpu").search(text="platform", mode="keyword")[0]
     assert hit.relpath == "station.png" and "Platform 9" in hit.ocr and "Platform 9" in hit.to_dict()["ocr"]
+    proc, url = start_serve(ix, "--token", "t0k")
+    try:
+        status, _, body = call(url, "/api/search?q=zanzi&k=3", token="t0k")  # the server's default mode: auto
+        top = json.loads(body)["results"][0]
+        assert status == 200 and top["relpath"] == "invoice.png" and "INV-4711-A" in top["ocr"]
+    finally:
+        stop(proc)
 
 
 def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, tiny_model):

@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from alignsearch.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-# Recognised fragments (one text line each) below this confidence are dropped: on photos without text the
-# detector's odd boxes (foliage, tiles, fences) come back as short strings scored 0.5-0.7, while printed and
-# rendered words score above 0.9 (benchmarks/bench_ocr.py).
+# Recognised fragments (one text line each) below this confidence are dropped. Measured (bench_ocr's images):
+# on 24 camera-size photos without text the detector's odd boxes came back as 29 fragments, those of two or more
+# characters all below 0.74 ("OC" 0.60, "00" 0.66, "__" 0.73); the 70 lines of the rendered signs scored 0.963+.
 MIN_CONFIDENCE = 0.75
-DET_SIDE = 960  # the detector's input: longer side at most this many pixels
+# A fragment needs this many letters or digits: single characters came back confident from those boxes ("O"
+# 0.79, "8" 0.88), and no search is for one character.
+MIN_CHARS = 2
+_WORD = re.compile(r"\w", re.UNICODE)
+# ALIGNSEARCH_OCR_SIDE=736 costs about a third less on photos and misses more small text (benchmarks/RESULTS.md).
+DET_SIDE = int(os.environ.get("ALIGNSEARCH_OCR_SIDE", "960"))  # the detector's input: longer side at most this
 MISSING = "text in images needs the OCR engine: pip install 'alignsearch[ocr]'"
 
 _engine = None  # one per process (a decode worker loads it on its first image)
@@ -69,5 +75,5 @@ def read_text(image) -> str:
     texts, scores = getattr(result, "txts", None), getattr(result, "scores", None)
     if not texts:
         return ""
-    lines = [t.strip() for t, s in zip(texts, scores) if s >= MIN_CONFIDENCE and t.strip()]
+    lines = [t.strip() for t, s in zip(texts, scores) if s >= MIN_CONFIDENCE and len(_WORD.findall(t)) >= MIN_CHARS]
     return "\n".join(lines)

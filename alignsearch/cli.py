@@ -267,7 +267,8 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
               help="Order of the result set (the best k by score that pass the filters).")
 @click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
-              help="vector, keyword (captions, names, tags), hybrid (both fused), auto (hybrid when words match).")
+              help="vector, keyword (captions, text in images, names, tags), hybrid (both fused), auto (hybrid when "
+                   "words match). Keywords: AND, OR, -word, \"phrase\", word* (README).")
 @click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe.")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
 @click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")

@@ -32,6 +32,9 @@ _WORD = re.compile(r"\w+")
 MIN_PREFIX = 2  # shorter starts (`a*`) would match most of the library
 MIN_PARTIAL = 3  # the default mode's partial last word: `ca` is no start of anything meant yet
 MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
+# Atoms looked for at most (the first ones): each is an FTS5 lookup or two, so a 1000-character text of short
+# words stays a query of bounded cost (and far from SQLite's 500 terms per compound SELECT).
+MAX_ATOMS = 64
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def parse(text: str | None, partial_last: bool = False) -> Query:
         atom = _atom(phrase if quoted else bare, quoted)
         if atom is None:
             continue
+        if sum(map(len, groups)) + len(excluded) >= MAX_ATOMS:
+            break
         if (partial_last and not quoted and not negate and n == len(parts) - 1 and not atom.prefix
                 and not text[-1:].isspace() and len(atom.tokens[-1]) >= MIN_PARTIAL):
             atom = Atom(atom.tokens, True, atom.code)

@@ -1,21 +1,23 @@
 """Issue 28: text in images (`index --ocr`) and keyword search the way people type it."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import sqlite3
 
 import pytest
+from conftest import index_json, run
+from helpers import alignsearch as alignsearch_cli
+from helpers import call, render_sign, start_serve, stop
 from PIL import Image
 
 import alignsearch
 from alignsearch import keywords
 from alignsearch.errors import BadInputError
-from conftest import index_json, run
-from helpers import alignsearch as alignsearch_cli
-from helpers import call, render_sign, start_serve, stop
 
-pytest.importorskip("rapidocr")  # the [ocr] extra; the test extra installs it
+# the [ocr] extra (the test extra installs it); keyword search needs no engine
+needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
 
 
 def query(ix, text, *args):
@@ -41,6 +43,7 @@ def signs(tmp_path):
 
 
 @pytest.mark.slow
+@needs_ocr
 def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model):
     ix = tmp_path / "ix"
     s = index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
@@ -55,7 +58,7 @@ def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model
     assert names(query(ix, "kilimanjaro"))[0] == "station.png"
     assert names(query(ix, "kiliman"))[0] == "station.png"  # the partial last word, as typed
     assert names(query(ix, "spice", "--mode", "hybrid"))[0] == "invoice.png"
-    lawn = [r for r in query(ix, "x", "--mode", "vector") if r["relpath"] == "lawn.jpg"][0]
+    lawn = next(r for r in query(ix, "x", "--mode", "vector") if r["relpath"] == "lawn.jpg")
     assert lawn["ocr"] is None  # read, no text
     hit = alignsearch.open(ix, device="cpu").search(text="platform", mode="keyword")[0]
     assert hit.relpath == "station.png" and "Platform 9" in hit.ocr and "Platform 9" in hit.to_dict()["ocr"]
@@ -68,6 +71,7 @@ def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model
         stop(proc)
 
 
+@needs_ocr
 def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, tiny_model):
     ix = tmp_path / "ix"
     index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
@@ -94,6 +98,7 @@ def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, ti
     assert s["ocr"]["read"] == 1 and names(query(ix, "okavango", "--mode", "keyword")) == ["poster.png"]
 
 
+@needs_ocr
 def test_an_existing_index_gains_text_without_re_encoding(signs, tmp_path, tiny_model):
     ix = tmp_path / "ix"
     index_json(ix, signs, "--model", tiny_model, "--device", "cpu")
@@ -116,8 +121,8 @@ def test_a_missing_engine_is_one_line_naming_the_extra(signs, tmp_path, tiny_mod
     proc = alignsearch_cli("index", signs, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu", "--ocr",
                            env=env)
     assert proc.returncode == BadInputError.exit_code
-    assert proc.stderr.strip().splitlines() == ["error: text in images needs the OCR engine: pip install "
-                                                "'alignsearch[ocr]'"]
+    assert proc.stderr.strip().splitlines() == [("error: text in images needs the OCR engine: pip install "
+                                                 "'alignsearch[ocr]'")]
     assert not (tmp_path / "ix" / "vectors.f16").exists()  # refused before anything was encoded
 
 
@@ -156,6 +161,8 @@ def test_prefixes_codes_accents_and_operators(captioned):
     assert kw("lisbon -tram") == ["river.jpg"]
     assert kw('"yellow tram"') == ["tram.jpg"] and kw('"tram yellow"') == []
     assert kw("-tram") == []  # nothing to look for
+    many = " ".join(f"w{i}x AND tram" for i in range(70))  # 1000 characters of atoms, codes among them
+    assert query(ix, many, "--mode", "keyword") == []
     plan = json.loads(run("query", "yellow tr", "--index", ix, "--json", "--explain").output)["plan"]
     assert plan["words"] == ["yellow", "tr"]  # too short to be taken as a start
 
@@ -168,6 +175,7 @@ def test_parse_rules():
     assert keywords.parse("kiliman", partial_last=True).words == ["kiliman*"]
     assert keywords.parse("kiliman ", partial_last=True).words == ["kiliman"]
     assert keywords.parse('x" OR ( )"') is not None  # never FTS5 syntax, never an error
+    assert len(keywords.parse(" ".join(f"-w{i}x" for i in range(150)) + " tram").excluded) == keywords.MAX_ATOMS
     assert keywords.coded_chunks("INVOICE INV-4711-A, paid 2024.") == "INV-4711-A 2024"
 
 

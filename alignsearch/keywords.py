@@ -80,7 +80,8 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
         return None
     if prefix and len(tokens[-1]) < MIN_PREFIX:
         prefix = False
-    code = raw.strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
+    # printable characters only: FTS5 reads a query string up to a NUL ("unterminated string")
+    code = "".join(c for c in raw if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
     if code is not None and len(code) < MIN_CODE:
         code = None
     return Atom(tokens, prefix, code)

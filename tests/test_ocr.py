@@ -205,3 +205,32 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     conn = sqlite3.connect(ix / "catalog.db")
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
     conn.close()
+
+
+def test_any_text_is_a_valid_keyword_query(tmp_path):
+    """Whatever people type (quotes, stars, dashes, FTS5 operators, control and non-Latin characters) is a
+    query, never an FTS5 syntax error."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from alignsearch import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        file_id = catalog.upsert_file(conn, {"root": "/r", "relpath": "a.jpg", "size": 1, "mtime": 0.0,
+                                             "status": catalog.INDEXED})
+        catalog.set_photo(conn, file_id, "a.jpg", {"caption": "Zanzibar INV-4711-A \"quoted\" NEAR(a b) *star*",
+                                                   "ocr": "Café AND OR NOT"})
+    alphabet = st.sampled_from(list('abc zanzibar 4711 -*"()^:+.,AND OR NOT NEAR é ß 漢 \t\n\x00'))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(alphabet, max_size=40).map("".join), st.booleans())
+    def check(text, partial):
+        with db.connect() as conn:
+            found = keywords.search(conn, keywords.parse(text, partial_last=partial), 10)
+        assert all(i == file_id for i, _ in found)
+
+    check()
+    with db.connect() as conn:
+        assert keywords.search(conn, keywords.parse('"near(a" AND 4711 -nothing'), 10)[0][0] == file_id
+    db.dispose()

@@ -520,6 +520,16 @@ def set_ocr(conn: Connection, texts: Iterable[tuple[int, str]]) -> None:
     refresh_keywords(conn, [i for i, _ in texts])
 
 
+def ocr_of(conn: Connection, ids: Iterable[int]) -> dict[int, str]:
+    """{file id: the text read in it} of those files that were read ("" when none was found)."""
+    ids, out = [int(i) for i in ids], {}
+    for start in range(0, len(ids), 500):
+        query = select(photos.c.file_id, photos.c.ocr).where(photos.c.file_id.in_(ids[start : start + 500]),
+                                                             photos.c.ocr.is_not(None))
+        out.update({i: t for i, t in conn.execute(query)})
+    return out
+
+
 def count_with_text(conn: Connection) -> int:
     """Indexed files in which text was found."""
     query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(

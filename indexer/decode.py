@@ -59,8 +59,18 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     item = Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start,
                 phash=phash_of(img.image), photo=photo)
     if ocr:
-        item.ocr, item.ocr_seconds = read_text(img.image, found.path)
+        known = _known_text.get(sha)
+        item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else read_text(img.image, found.path)
     return item
+
+
+_known_text: dict[str, str] = {}  # this worker's {sha256: text} of content read before (set_known_text)
+
+
+def set_known_text(texts: dict[str, str] | None) -> None:
+    """The texts read before in content this run indexes again (a moved or renamed file): not read twice."""
+    global _known_text
+    _known_text = dict(texts or {})
 
 
 def read_text(image, where: str) -> tuple[str | None, float]:

@@ -311,8 +311,13 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
         times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
     else:
+        known_text = {}
+        if opts.ocr and removed:  # a moved or renamed file keeps the text read in it, as it keeps its vector
+            with db.connect() as conn:
+                texts = catalog.ocr_of(conn, [r.id for r in removed if r.status == catalog.INDEXED])
+            known_text = {r.sha256: texts[r.id] for r in removed if r.id in texts and r.sha256}
         items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0,
-                                    fast=opts.fast_decode, ocr=opts.ocr)
+                                    fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
     bar.close()
@@ -366,7 +371,7 @@ def _counting_failures(write, failed: set, read: list | None = None):
         write(batch, new_vectors, *args, **kwargs)
         failed.update((it.found.root, it.found.relpath) for it in batch if it.crop is None)
         if read is not None:
-            read[0] += sum(1 for it in batch if it.crop is not None and it.ocr is not None)
+            read[0] += sum(1 for it in batch if it.crop is not None and it.ocr_seconds > 0)  # not text carried over
 
     return counted
 

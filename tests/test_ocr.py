@@ -82,8 +82,10 @@ def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, ti
     render_sign(signs / "invoice.png", ["RECEIPT 2024", "Serengeti Safari"])  # changed: read again
     os.utime(signs / "invoice.png", (1, 1))
     (signs / "station.png").unlink()  # removed: its text goes with it
+    (signs / "menu.png").rename(signs / "drinks.png")  # moved: keeps its text as it keeps its vector, not read again
     s = index_json(ix, "--device", "cpu")
-    assert s["updated"] == 1 and s["removed"] == 1
+    assert s["updated"] == 1 and s["removed"] == 1 and s["moved"] == 1 and s["ocr"]["read"] == 1
+    assert names(query(ix, "lassi", "--mode", "keyword")) == ["drinks.png"]
     assert names(query(ix, "serengeti", "--mode", "keyword")) == ["invoice.png"]
     assert query(ix, "zanzibar", "--mode", "keyword") == [] and query(ix, "kilimanjaro", "--mode", "keyword") == []
     # --no-ocr: new images are not read; the text already read stays searchable
@@ -234,3 +236,20 @@ def test_any_text_is_a_valid_keyword_query(tmp_path):
     with db.connect() as conn:
         assert keywords.search(conn, keywords.parse('"near(a" AND 4711 -nothing'), 10)[0][0] == file_id
     db.dispose()
+
+
+@needs_ocr
+def test_decode_workers_read_text_and_take_known_text_from_the_initializer(tmp_path):
+    """The worker path (more files than a batch): each spawned worker reads text itself, and content whose text
+    is known (a moved file) comes with the text it had, without OCR."""
+    from alignsearch.images import ImageSpec
+    from indexer.pipeline import read_items
+    from indexer.scan import Found
+
+    signs = [render_sign(tmp_path / f"s{i}.png", [f"Gate B{i}7 Departures"]) for i in range(2)]
+    found = [Found(str(tmp_path), p.name, p.stat().st_size, p.stat().st_mtime) for p in signs]
+    spec = ImageSpec((32, 32), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    moved = hashlib.sha256(signs[1].read_bytes()).hexdigest()
+    items = list(read_items(found, spec, workers=1, ocr=True, ocr_known={moved: "carried over"}))
+    assert "Departures" in items[0].ocr and items[0].ocr_seconds > 0
+    assert (items[1].ocr, items[1].ocr_seconds) == ("carried over", 0.0)

@@ -6,7 +6,7 @@ optional extra: `pip install "alignsearch[ocr]"`.
 
 Images without text are cheap: the detector finds no box and the recogniser never runs. The detector sees the
 image scaled so its longer side is at most DET_SIDE pixels (PaddleOCR's own default), so its cost does not grow
-with camera resolution; text smaller than about 1% of the image's longer side is then missed.
+with camera resolution; text that is small next to the whole picture shrinks with it and may be missed.
 
 This module imports neither torch nor rapidocr at the top: decode workers import it.
 """

@@ -537,6 +537,13 @@ def count_with_text(conn: Connection) -> int:
     return int(conn.execute(query).scalar() or 0)
 
 
+def count_without_ocr(conn: Connection) -> int:
+    """Indexed files whose image has not been read for text yet."""
+    query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(
+        files.c.status == INDEXED, photos.c.ocr.is_(None))
+    return int(conn.execute(query).scalar() or 0)
+
+
 def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
     """Indexed files whose image has not been read for text yet, id > after, in id order (at most limit)."""
     query = select(files).join(photos, photos.c.file_id == files.c.id).where(

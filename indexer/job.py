@@ -328,7 +328,11 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
     summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
     if opts.ocr:  # images indexed before --ocr (or by Ray's actors): read now, their vectors untouched
-        filled, seconds = ocrfill.fill(db, workers)
+        with db.connect() as conn:
+            unread = catalog.count_without_ocr(conn)
+        reading = progress.bar(total=unread, desc="reading text", enabled=opts.progress and unread > 0)
+        filled, seconds = ocrfill.fill(db, workers, reading.update)
+        reading.close()
         times.ocr += seconds
         times.extra["ocr_filled"] = filled
         summary.ocr["read"] += filled

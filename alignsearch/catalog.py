@@ -45,8 +45,10 @@ from alignsearch.errors import IndexDamagedError
 # 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
 # 3: a video is a sequence of moments, one row each (files.moment, t, t_end: alignsearch/video.py); (root,
-# relpath) is unique per moment. Versions 1 and 2 are upgraded by a writer (_upgrade_files: the table is
-# copied, ids kept); a reader of one not yet upgraded sees it through a view with those columns added.
+# relpath) is unique per moment. And photos.ocr (the text read in an image, `index --ocr`), the keyword index
+# folds accents, and a second, trigram keyword index holds the chunks with digits (codes, numbers). Versions 1
+# and 2 are upgraded by a writer (_upgrade_files: the files table is copied, ids kept; then _upgrade); a reader
+# of one not yet upgraded sees files through a view with the moment columns added, and treats the text as absent.
 SCHEMA_VERSION = 3
 INDEXED, FAILED = "indexed", "failed"
 
@@ -127,8 +129,12 @@ photos = Table(
     Column("lat", Float),
     Column("lon", Float),
     Column("caption", Text),
+    Column("ocr", Text),  # the text read in the image (alignsearch/ocr.py): NULL not read, "" none found
 )
-KEYWORDS = "keywords"  # SQLite FTS5 over captions, file and folder names and tags; rowid = file id
+KEYWORDS = "keywords"  # SQLite FTS5 over captions, text in images, file and folder names and tags; rowid = file id
+# FTS5's trigram tokenizer over the chunks of that text that hold a digit, so `4711` finds `INV4711A`
+# (alignsearch/keywords.py); substrings of 3+ characters, case-insensitive.
+KEYWORDS_TRIGRAM = "keywords_trigram"
 
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 
@@ -194,17 +200,38 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         with engine.begin() as conn:
             version = get_meta(conn, "schema_version")
             _check_version(version)
-            if version in (1, 2):
-                _upgrade_files(conn)
-            if version != SCHEMA_VERSION:  # new, or version 1 (upgraded in place)
+            if version != SCHEMA_VERSION:  # new, or an older version (upgraded in place)
+                if version is not None:
+                    _upgrade_files(conn)
+                    _upgrade(conn, version)
                 set_meta(conn, "schema_version", SCHEMA_VERSION)
-            conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING fts5(body)")
+            _create_keywords(conn)
             if get_meta(conn, "index_id") is None:  # names this index (a copy keeps it: see server records)
                 set_meta(conn, "index_id", uuid.uuid4().hex)
     except DBAPIError as exc:
         engine.dispose()
         raise damaged(db_path, exc) from None
     return engine
+
+
+def _create_keywords(conn: Connection) -> None:
+    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+)
+    conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
+                         "fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
+    conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
+
+
+def _upgrade(conn: Connection, version: int) -> None:
+    """Bring a version 1 or 2 catalog to SCHEMA_VERSION in the caller's transaction: photos gains its ocr
+    column (NULL: not read), and the keyword index is built again with folded accents and its trigram twin
+    from what the catalog holds (captions, names, tags; nothing is read from the images)."""
+    if version < 3:
+        have = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({photos.name})")}
+        if "ocr" not in have:
+            conn.exec_driver_sql(f"ALTER TABLE {photos.name} ADD COLUMN ocr TEXT")
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {KEYWORDS}")
+        _create_keywords(conn)
+        refresh_keywords(conn)
 
 
 def damaged(db_path, exc: Exception) -> IndexDamagedError:
@@ -521,8 +548,7 @@ def forget_extras(conn: Connection, ids: list[int]) -> None:
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(delete(photos).where(photos.c.file_id.in_(chunk)))
-        if has_keywords(conn):
-            conn.exec_driver_sql(f"DELETE FROM {KEYWORDS} WHERE rowid IN ({','.join(str(int(i)) for i in chunk)})")
+        _drop_keywords(conn, chunk)
 
 
 def has_keywords(conn: Connection) -> bool:
@@ -538,24 +564,86 @@ def _has_table(conn: Connection, name: str) -> bool:
     return conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).first() is not None
 
 
-def keyword_text(relpath: str, caption: str | None, labels: Iterable[str] = ()) -> str:
-    """What the keyword index holds for a file: its caption, the words of its folders and name, its tags."""
+def keyword_text(relpath: str, caption: str | None, labels: Iterable[str] = (), ocr: str | None = None) -> str:
+    """What the keyword index holds for a file: its caption, the text in the image, the words of its folders and
+    name, its tags (one column: the text in an image weighs like a caption)."""
     words = relpath.replace("\\", "/").rsplit(".", 1)[0]
     for sep in "/_-.":
         words = words.replace(sep, " ")
-    return " ".join(p for p in (caption, words, " ".join(labels)) if p)
+    return " ".join(p for p in (caption, ocr, words, " ".join(labels)) if p)
+
+
+def _drop_keywords(conn: Connection, ids: Iterable[int]) -> None:
+    listed = ",".join(str(int(i)) for i in ids)
+    if not listed:
+        return
+    for table in (KEYWORDS, KEYWORDS_TRIGRAM):
+        if _has_table(conn, table):
+            conn.exec_driver_sql(f"DELETE FROM {table} WHERE rowid IN ({listed})")
+
+
+def _put_keywords(conn: Connection, file_id: int, text: str) -> None:
+    """A file's keyword text, in both keyword tables (a writer's connect() has created them)."""
+    from alignsearch.keywords import coded_chunks
+
+    for table in (KEYWORDS, KEYWORDS_TRIGRAM):
+        conn.exec_driver_sql(f"DELETE FROM {table} WHERE rowid = ?", (int(file_id),))
+    conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)", (int(file_id), text))
+    codes = coded_chunks(text)
+    if codes:
+        conn.exec_driver_sql(f"INSERT INTO {KEYWORDS_TRIGRAM}(rowid, body) VALUES (?, ?)", (int(file_id), codes))
 
 
 def set_photo(conn: Connection, file_id: int, relpath: str, fields: dict, labels: Iterable[str] = ()) -> None:
-    """Store a file's photo fields and its keyword text (one transaction with the caller's)."""
+    """Store a file's photo fields (with `ocr`, the text in it, when read) and its keyword text (one
+    transaction with the caller's)."""
     conn.execute(delete(photos).where(photos.c.file_id == file_id))
     conn.execute(insert(photos).values(file_id=file_id, **{k: fields.get(k) for k in PHOTO_FIELDS}))
-    conn.exec_driver_sql(f"DELETE FROM {KEYWORDS} WHERE rowid = ?", (int(file_id),))
-    conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)",
-                         (int(file_id), keyword_text(relpath, fields.get("caption"), labels)))
+    _put_keywords(conn, file_id, keyword_text(relpath, fields.get("caption"), labels, fields.get("ocr")))
 
 
-PHOTO_FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption")
+PHOTO_FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption", "ocr")
+
+
+def set_ocr(conn: Connection, texts: Iterable[tuple[int, str]]) -> None:
+    """Store the text read in files already indexed ((file id, text), "" for none) and re-write their keyword
+    text; the vectors are not touched."""
+    texts = list(texts)
+    for file_id, text in texts:
+        conn.execute(update(photos).where(photos.c.file_id == int(file_id)).values(ocr=text))
+    refresh_keywords(conn, [i for i, _ in texts])
+
+
+def ocr_of(conn: Connection, ids: Iterable[int]) -> dict[int, str]:
+    """{file id: the text read in it} of those files that were read ("" when none was found)."""
+    ids, out = [int(i) for i in ids], {}
+    for start in range(0, len(ids), 500):
+        query = select(photos.c.file_id, photos.c.ocr).where(photos.c.file_id.in_(ids[start : start + 500]),
+                                                             photos.c.ocr.is_not(None))
+        out.update({i: t for i, t in conn.execute(query)})
+    return out
+
+
+def count_with_text(conn: Connection) -> int:
+    """Indexed files in which text was found."""
+    query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(
+        files.c.status == INDEXED, photos.c.ocr.is_not(None), photos.c.ocr != "")
+    return int(conn.execute(query).scalar() or 0)
+
+
+def count_without_ocr(conn: Connection) -> int:
+    """Indexed images (not video moments: their text is not read) whose text has not been read yet."""
+    query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None))
+    return int(conn.execute(query).scalar() or 0)
+
+
+def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
+    """Indexed images (not video moments) whose text has not been read yet, id > after, in id order (at most
+    limit)."""
+    query = select(files).join(photos, photos.c.file_id == files.c.id).where(
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+    return _rows(conn.execute(query))
 
 
 def files_without_photo(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
@@ -566,30 +654,34 @@ def files_without_photo(conn: Connection, after: int = 0, limit: int = 256) -> l
 
 
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:
-    """Re-write the keyword text of files (all when ids is None) from their caption, path and tags."""
-    query = select(files.c.id, files.c.relpath, photos.c.caption).join(photos, photos.c.file_id == files.c.id).where(
-        files.c.status == INDEXED)
-    if ids is not None:
-        query = query.where(files.c.id.in_(list(ids)))
+    """Re-write the keyword text of files (all when ids is None) from their caption, text, path and tags."""
+    query = select(files.c.id, files.c.relpath, photos.c.caption, photos.c.ocr).join(
+        photos, photos.c.file_id == files.c.id).where(files.c.status == INDEXED)
     labels: dict[int, list[str]] = {}
-    for file_id, label in conn.execute(select(tags.c.file_id, tags.c.label)):
-        labels.setdefault(file_id, []).append(label)
-    rows = conn.execute(query).all()
-    for file_id, relpath, caption in rows:
-        conn.exec_driver_sql(f"DELETE FROM {KEYWORDS} WHERE rowid = ?", (int(file_id),))
-        conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)",
-                             (int(file_id), keyword_text(relpath, caption, labels.get(file_id, ()))))
+    if ids is None:
+        for file_id, label in conn.execute(select(tags.c.file_id, tags.c.label)):
+            labels.setdefault(file_id, []).append(label)
+        rows = conn.execute(query).all()
+    else:
+        ids, rows = list(ids), []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows += conn.execute(query.where(files.c.id.in_(chunk))).all()
+            for file_id, label in conn.execute(select(tags.c.file_id, tags.c.label).where(tags.c.file_id.in_(chunk))):
+                labels.setdefault(file_id, []).append(label)
+    for file_id, relpath, caption, ocr in rows:
+        _put_keywords(conn, file_id, keyword_text(relpath, caption, labels.get(file_id, ()), ocr))
 
 
-def keyword_search(conn: Connection, words: list[str], limit: int) -> list[tuple[int, float]]:
-    """(file id, bm25 score: lower is better) of indexed files whose keyword text holds any of the words,
-    best first. Each word is quoted for FTS5, so user text is never query syntax."""
+def keyword_search(conn: Connection, words, limit: int) -> list[tuple[int, float]]:
+    """(file id, bm25 score: lower is better) of indexed files that match `words`, best first: a parsed
+    keywords.Query (AND, OR, -word, "phrases", prefixes, codes: alignsearch/keywords.py), or a list of words
+    (any of them). User text is never FTS5 syntax."""
+    from alignsearch import keywords
+
     if not words or not has_keywords(conn):
         return []
-    match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
-    sql = (f"SELECT k.rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} k JOIN files f ON f.id = k.rowid "
-           f"WHERE {KEYWORDS} MATCH ? AND f.status = 'indexed' ORDER BY score LIMIT ?")
-    return [(int(i), float(s)) for i, s in conn.exec_driver_sql(sql, (match, int(limit)))]
+    return keywords.search(conn, keywords.as_query(words), limit)
 
 
 def file_at(conn: Connection, root: str, relpath: str) -> FileRow | None:
@@ -603,9 +695,12 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     """{file id: its photo fields} ({} for an index written before they existed)."""
     if not has_photos(conn):
         return {}
+    # a reader of a catalog older than photos.ocr (it cannot upgrade it) reads the columns there are
+    have = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({photos.name})")}
+    columns = [c for c in photos.c if c.name in have]
     ids, out = list(ids), {}
     for start in range(0, len(ids), 500):
-        query = select(photos).where(photos.c.file_id.in_(ids[start : start + 500]))
+        query = select(*columns).where(photos.c.file_id.in_(ids[start : start + 500]))
         out.update({row.file_id: dict(row._mapping) for row in conn.execute(query)})
     return out
 

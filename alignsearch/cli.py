@@ -219,10 +219,13 @@ def main() -> None:
               help="A list's caption column (default: caption, text or alt when present); remembered.")
 @click.option("--video-interval", type=float, default=None, metavar="SECONDS",
               help="Videos: a moment at each scene cut and at least one every SECONDS (default 10); remembered.")
+@click.option("--ocr/--no-ocr", default=None,
+              help="Read the text in images for keyword search (pip install 'alignsearch[ocr]'); remembered. "
+                   "--no-ocr stops reading; text already read stays searchable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, list_column, caption_column, video_interval, as_json):
+          ondisk_shards, index_shards, fast_decode, list_column, caption_column, video_interval, ocr, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -238,6 +241,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
         caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
+        ocr=ocr,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -249,6 +253,8 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
     else:
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
+    if s.ocr.get("read"):
+        click.echo(f"text read in {s.ocr['read']} images ({s.ocr.get('with_text', 0)} indexed images hold text)")
     for root in s.no_images:
         click.echo(f"no images found in {_shown(root)}")
     if s.listing_errors:
@@ -311,7 +317,8 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
               help="Order of the result set (the best k by score that pass the filters).")
 @click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
-              help="vector, keyword (captions, names, tags), hybrid (both fused), auto (hybrid when words match).")
+              help="vector, keyword (captions, text in images, names, tags), hybrid (both fused), auto (hybrid when "
+                   "words match). Keywords: AND, OR, -word, \"phrase\", word* (README).")
 @click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe.")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
 @click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")

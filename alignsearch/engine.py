@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch import ann, catalog, filters, querycheck, shards, vectors
+from alignsearch import ann, catalog, filters, keywords, querycheck, shards, vectors
 from alignsearch.backend import EncoderOptions
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.columns import Columns
 from alignsearch.filters import FilterOptions
 from alignsearch.photometa import iso
-from alignsearch.query import fuse, words
+from alignsearch.query import fuse
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
@@ -52,6 +52,7 @@ class Hit:
     tags: list[str] = field(default_factory=list)
     t: float | None = None  # a video moment's start and end in seconds (alignsearch/video.py); None for photos
     t_end: float | None = None
+    ocr: str | None = None  # the text read in the image (`index --ocr`); null when not read or none found
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (CLI, HTTP): a name that is not UTF-8 shows its bytes as \\xNN in `path`, as in
@@ -327,7 +328,7 @@ class Engine:
         opts = self._options(k, None, None, "score", mode, text, FilterOptions(**flt))
         snap = self.snap
         n = int(snap.index.ntotal)
-        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words}
+        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words.words}
         if opts.words and mode != "vector":
             with self.db.connect() as conn:
                 matched = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
@@ -365,7 +366,8 @@ class Engine:
         node = filters.build(flt)
         if media is not None:
             node = filters.with_media(node, media)
-        return _Options(k, nprobe, node, words(text) if mode != "vector" else [], mode, min_score, sort, per_video)
+        return _Options(k, nprobe, node, keywords.parse(text, partial_last=mode == "auto")
+                        if mode != "vector" else keywords.Query(), mode, min_score, sort, per_video)
 
     def _search(self, snap: Snapshot, query: np.ndarray, opts: "_Options") -> list[Hit]:
         if snap.index.ntotal == 0:
@@ -588,7 +590,7 @@ def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: 
     return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
                taken=iso(photo.get("taken")), camera=photo.get("camera"), lens=photo.get("lens"),
                lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels),
-               t=row.t, t_end=row.t_end)
+               t=row.t, t_end=row.t_end, ocr=photo.get("ocr") or None)
 
 
 SORTS = ("score", "taken", "-taken", "path")
@@ -608,7 +610,7 @@ class _Options:
     k: int
     nprobe: int | None
     node: Any
-    words: list
+    words: keywords.Query  # what the text asks of the keyword index (alignsearch/keywords.py)
     mode: str
     min_score: float | None
     sort: str

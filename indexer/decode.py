@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from alignsearch.dupes import phash_of
 from alignsearch.errors import BadImageError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
 from indexer.scan import Found
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,9 +32,12 @@ class Item:
     vec_row: int | None = None  # address of its vector when already stored (identical content indexed before)
     phash: str | None = None  # perceptual hash of the decoded image (alignsearch/dupes.py)
     photo: dict | None = None  # taken, camera, lens, GPS, caption (alignsearch/photometa.py)
+    ocr: str | None = None  # the text read in the image (`index --ocr`; None: not read)
+    ocr_seconds: float = 0.0  # time this worker spent reading it (not in `seconds`)
 
 
-def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Item:
+def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False,
+              ocr: bool = False) -> Item:
     start = time.perf_counter()
     if found.error:
         return Item(found, None, reason=found.error)
@@ -50,8 +56,34 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     except BadImageError as exc:
         return Item(found, None, sha, reason=str(exc), seconds=time.perf_counter() - start)
     photo = photometa.read(data, found.mtime, found.caption or sidecar_caption(found))
-    return Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start,
+    item = Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start,
                 phash=phash_of(img.image), photo=photo)
+    if ocr:
+        known = _known_text.get(sha)
+        item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else read_text(img.image, found.path)
+    return item
+
+
+_known_text: dict[str, str] = {}  # this worker's {sha256: text} of content read before (set_known_text)
+
+
+def set_known_text(texts: dict[str, str] | None) -> None:
+    """The texts read before in content this run indexes again (a moved or renamed file): not read twice."""
+    global _known_text
+    _known_text = dict(texts or {})
+
+
+def read_text(image, where: str) -> tuple[str | None, float]:
+    """(the text in a decoded image, seconds it took); None when the engine failed on it (read again later)."""
+    from alignsearch.ocr import read_text as ocr_text
+
+    start = time.perf_counter()
+    try:
+        text = ocr_text(image)
+    except Exception as exc:  # noqa: BLE001 - one image the engine chokes on never stops a run
+        log.info("no text read from %s: %s", where, exc)
+        text = None
+    return text, time.perf_counter() - start
 
 
 def sidecar_caption(found: Found) -> str | None:

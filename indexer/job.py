@@ -15,7 +15,7 @@ from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.encoding import DEFAULT_MODEL
 from alignsearch.vectors import VectorStore
-from indexer import build, photos, pipeline, progress, reindex, videos, writer
+from indexer import build, ocrfill, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
@@ -42,6 +42,7 @@ class Summary:
     tags: dict | None = None
     times: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)  # backend and precision that ran (alignsearch/backend.py)
+    ocr: dict = field(default_factory=dict)  # {"enabled", "read", "with_text"}: text in images (alignsearch/ocr.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -67,6 +68,7 @@ class IndexOptions:
     backend: str = "auto"  # alignsearch/backend.py: auto|torch|onnx
     precision: str = "auto"  # auto|fp32|bf16
     video_interval: float | None = None  # seconds between moments of unchanged picture (remembered per root)
+    ocr: bool = False  # read the text in images (the index's remembered choice, or --ocr / --no-ocr)
 
     @property
     def encoder(self) -> EncoderOptions:
@@ -99,6 +101,7 @@ def index_folders(
     backend: str = "auto",
     precision: str = "auto",
     video_interval: float | None = None,
+    ocr: bool | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -122,6 +125,9 @@ def index_folders(
     include_hidden True/False is remembered for the roots given (for every root when none is given);
     None applies what each root remembers (indexer/roots.py). A folder inside a known root is indexed as
     part of it; one containing known roots takes them over.
+    ocr True reads the text in every image (new ones as they are encoded, those already indexed without
+    encoding them again) and is remembered, so later runs with None read new images too; False stops reading
+    (the text already read stays searchable); None applies the index's choice (off for a new index).
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     if video_interval is not None and not video_interval >= 1:
@@ -140,12 +146,14 @@ def index_folders(
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)
             try:
+                use_ocr = _ocr_choice(db, ocr)
                 options = IndexOptions(
                     model=model, device=device, batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                     rebuild=rebuild, progress=progress, use_ray=use_ray or ray_address is not None,
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
-                    caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval)
+                    caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
+                    ocr=use_ocr)
                 return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
             finally:
                 db.dispose()
@@ -153,6 +161,22 @@ def index_folders(
         if created:  # the model loads before anything is written: leave no empty index behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _ocr_choice(db, ocr: bool | None) -> bool:
+    """Whether this run reads text in images: `ocr` when given (remembered), else the index's choice. A missing
+    engine is refused here, before anything is loaded or written."""
+    with db.connect() as conn:
+        remembered = bool(catalog.get_meta(conn, "ocr", False))
+    chosen = remembered if ocr is None else bool(ocr)
+    if chosen:
+        from alignsearch.ocr import check_available
+
+        check_available()
+    if ocr is not None and chosen != remembered:
+        with db.begin() as conn:
+            catalog.set_meta(conn, "ocr", chosen)
+    return chosen
 
 
 def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
@@ -275,7 +299,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     summary.unchanged, summary.kept = scanned.unchanged, scanned.kept
     summary.listing_errors, summary.no_images = scanned.listing_errors, scanned.no_images
     failed_now: set = set()
-    write = _counting_failures(writer.catalog_writer(db, store), failed_now)
+    read_now = [0]  # images whose text this run's pipeline read
+    write = _counting_failures(writer.catalog_writer(db, store), failed_now, read_now)
 
     store.truncate_uncommitted()
     workers = default_workers() if opts.workers is None else opts.workers
@@ -300,8 +325,13 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
         times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
     else:
+        known_text = {}
+        if opts.ocr and removed:  # a moved or renamed file keeps the text read in it, as it keeps its vector
+            with db.connect() as conn:
+                texts = catalog.ocr_of(conn, [r.id for r in removed if r.status == catalog.INDEXED])
+            known_text = {r.sha256: texts[r.id] for r in removed if r.id in texts and r.sha256}
         items = pipeline.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
-                                    fast=opts.fast_decode)
+                                    fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
     if clips:
@@ -321,6 +351,18 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         catalog.delete_files(conn, [r.id for r in removed])
     times.extra["phashes_filled"] = dupes.fill_index(db, workers)
     times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
+    summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
+    if opts.ocr:  # images indexed before --ocr (or by Ray's actors): read now, their vectors untouched
+        with db.connect() as conn:
+            unread = catalog.count_without_ocr(conn)
+        reading = progress.bar(total=unread, desc="reading text", enabled=opts.progress and unread > 0)
+        filled, seconds = ocrfill.fill(db, workers, reading.update)
+        reading.close()
+        times.ocr += seconds
+        times.extra["ocr_filled"] = filled
+        summary.ocr["read"] += filled
+    with db.connect() as conn:
+        summary.ocr["with_text"] = catalog.count_with_text(conn)
     # Each file counted once: failed (new or changed, it could not be used), else updated (changed), moved
     # (new path, content of a gone file), or added.
     summary.moved = len(set(moved_in))
@@ -350,12 +392,15 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     return summary
 
 
-def _counting_failures(write, failed: set):
-    """The writer, noting (root, relpath) of each file that could not be used."""
+def _counting_failures(write, failed: set, read: list | None = None):
+    """The writer, noting (root, relpath) of each file that could not be used (and counting in read[0] the
+    images whose text was read)."""
 
     def counted(batch, new_vectors, *args, **kwargs):
         write(batch, new_vectors, *args, **kwargs)
         failed.update((it.found.root, it.found.relpath) for it in batch if it.crop is None)
+        if read is not None:
+            read[0] += sum(1 for it in batch if it.crop is not None and it.ocr_seconds > 0)  # not text carried over
 
     return counted
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec
-from indexer.decode import Item, read_item
+from indexer.decode import Item, read_item, set_known_text
 from indexer.scan import Found
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class StageTimes:
 
     read_wait: float = 0.0
     decode_worker: float = 0.0
+    ocr: float = 0.0  # the workers' seconds reading text in images (`index --ocr`), not in decode_worker
     encode: float = 0.0
     write: float = 0.0
     items: int = 0
@@ -78,14 +79,18 @@ def load_encoder(config: EncoderConfig):
 
 
 def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               fast: bool = False) -> Iterator[Item]:
-    """Decoded items in scan order; in `workers` processes, or in this one when workers is 0."""
-    fn = partial(read_item, spec=spec, max_pixels=max_pixels, fast=fast)
+               fast: bool = False, ocr: bool = False, ocr_known: dict[str, str] | None = None) -> Iterator[Item]:
+    """Decoded items in scan order; in `workers` processes, or in this one when workers is 0. ocr: each worker
+    also reads the text in its images (alignsearch/ocr.py, its engine loaded once per worker), except content
+    whose text is known already (ocr_known: {sha256: text}, e.g. of files that moved)."""
+    fn = partial(read_item, spec=spec, max_pixels=max_pixels, fast=fast, ocr=ocr)
     if workers <= 0:
+        set_known_text(ocr_known)
         yield from map(fn, todo)
         return
-    # spawn: workers import only PIL and numpy, never the torch state of this process
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # spawn: workers import only PIL and numpy, never the torch state of this process. The known texts go to
+    # each worker once (an initializer), not with every task.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=set_known_text, initargs=(ocr_known,)) as pool:
         yield from pool.imap(fn, todo, chunksize=4)
 
 
@@ -152,6 +157,7 @@ def drive(
         t2 = time.perf_counter()
         times.encode += t2 - t1 + batch.encode_seconds
         times.decode_worker += sum(it.seconds for it in batch.items)
+        times.ocr += sum(it.ocr_seconds for it in batch.items)
         times.items += len(batch.items)
         times.failed += len(batch.items) - len(good)
         pending.append((batch, new_vectors))

@@ -30,7 +30,7 @@ def catalog_writer(db: Engine, store: VectorStore) -> Callable[..., None]:
                 if it.phash and it.crop is not None:
                     catalog.set_phashes(conn, [(file_id, it.phash)])
                 if it.photo is not None and it.crop is not None:
-                    catalog.set_photo(conn, file_id, it.found.relpath, it.photo)
+                    catalog.set_photo(conn, file_id, it.found.relpath, {**it.photo, "ocr": it.ocr})
             vectors.record_chunk(conn, store, 0, start, len(encoded))
             record_runs(conn, store, actor_rows)
             vectors.save(conn, store)

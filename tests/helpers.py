@@ -395,3 +395,17 @@ def make_video(path, scenes, fps: int = 10, size=(160, 90), codec: str = "libx26
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def render_sign(path: Path, lines: list[str], size=(640, 240), font_size: int = 40, background="white") -> Path:
+    """A sign: dark words on a plain background, drawn with Pillow's scalable default font (no font files)."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=font_size)
+    for i, line in enumerate(lines):
+        draw.text((20, 30 + int(font_size * 2.2) * i), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

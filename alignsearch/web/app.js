@@ -107,7 +107,8 @@
       const path = document.createElement("span");
       path.className = "path"; path.textContent = hit.relpath + (hit.t == null ? "" : ` @ ${clock(hit.t)}`);
       path.title = [hit.path, hit.taken && `taken ${hit.taken.slice(0, 10)}`, hit.camera, hit.caption,
-                    hit.tags && hit.tags.length && `tags: ${hit.tags.join(", ")}`].filter(Boolean).join("\n");
+                    hit.tags && hit.tags.length && `tags: ${hit.tags.join(", ")}`,
+                    hit.ocr && `text: ${hit.ocr}`].filter(Boolean).join("\n");
       const score = document.createElement("span");
       score.className = "score"; score.textContent = hit.score == null ? "" : hit.score.toFixed(3);
       const similar = document.createElement("button");
@@ -115,6 +116,11 @@
       similar.title = "Find images like this one";
       similar.addEventListener("click", () => similarTo(hit));
       meta.append(path, score, similar);
+      if (hit.ocr) { // the text read in the image (index --ocr), on one line under the name
+        const text = document.createElement("span");
+        text.className = "ocr"; text.textContent = hit.ocr.replace(/\s+/g, " "); text.title = hit.ocr;
+        meta.append(text);
+      }
       card.append(img, meta);
       card.addEventListener("keydown", (e) => {
         if (e.key === "Enter") open(hit);
@@ -150,7 +156,8 @@
     $("viewer-img").hidden = false;
     $("viewer-img").src = `/api/image/${hit.id}`;
     const score = hit.score == null ? "" : ` · score ${hit.score.toFixed(4)}`;
-    $("viewer-caption").textContent = `${hit.path} · ${hit.width}×${hit.height}${score}`;
+    $("viewer-caption").textContent = `${hit.path} · ${hit.width}×${hit.height}${score}` +
+      (hit.ocr ? ` · text: ${hit.ocr.replace(/\s+/g, " ")}` : "");
     $("viewer").showModal();
   }
 

@@ -1,0 +1,176 @@
+"""Keyword search the way people type it: what a query text means to the keyword index, and running it.
+
+The keyword index (catalog.KEYWORDS, SQLite FTS5, accents folded) holds each file's caption, the text read
+in the image, the words of its folders and name, and its tags; catalog.KEYWORDS_TRIGRAM holds the chunks of
+that text that contain a digit, for codes and numbers found inside longer tokens.
+
+What a query text means (`parse`):
+- words: any of them (`red tram` = red OR tram); results holding more of them, and rarer ones, rank first
+  (bm25). Common words (`the`, `on`, ...) are left out unless quoted.
+- `AND` (upper case) between two words: both; it binds tighter than `OR` (`a AND b OR c` = (a and b) or c).
+- `OR` (upper case): either (what words alone mean too); lower-case `and` / `or` are ordinary (common) words.
+- `-word` or `-"a phrase"`: no result holds it.
+- `"a phrase"`: those words next to each other, in that order.
+- `word*`: words starting with it (`zanzi*` finds Zanzibar); in the default mode (`auto`) the last word is
+  also taken as a start when the text does not end in a space (`zanzi` finds Zanzibar as it is typed).
+- a chunk with punctuation (`INV-4711`) is a phrase of its words; a chunk holding a digit, 3+ characters,
+  is also found inside longer ones (`4711` finds `INV4711A` and `INV-4711-A`).
+- accents and case do not matter (`cafe` finds `Café`).
+
+User text never reaches FTS5 as syntax: every word is quoted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from alignsearch.query import STOPWORDS
+
+_TOKEN = re.compile(r'(-?)"([^"]*)"?|(\S+)')
+_WORD = re.compile(r"\w+")
+MIN_PREFIX = 2  # shorter starts (`a*`) would match most of the library
+MIN_PARTIAL = 3  # the default mode's partial last word: `ca` is no start of anything meant yet
+MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
+# Atoms looked for at most (the first ones): each is an FTS5 lookup or two, so a 1000-character text of short
+# words stays a query of bounded cost (and far from SQLite's 500 terms per compound SELECT).
+MAX_ATOMS = 64
+
+
+@dataclass(frozen=True)
+class Atom:
+    """One thing to find: a word or a phrase (tokens), a start of a word (prefix: the last token's), and the
+    raw chunk to find inside longer tokens (code) when it holds a digit."""
+
+    tokens: tuple[str, ...]
+    prefix: bool = False
+    code: str | None = None
+
+    def fts(self) -> str:
+        """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix."""
+        return '"' + " ".join(self.tokens).replace('"', '""') + '"' + (" *" if self.prefix else "")
+
+    def text(self) -> str:
+        return " ".join(self.tokens) + ("*" if self.prefix else "")
+
+
+@dataclass(frozen=True)
+class Query:
+    """Any of `groups` (each: all of its atoms), none of `excluded`."""
+
+    groups: tuple[tuple[Atom, ...], ...] = ()
+    excluded: tuple[Atom, ...] = ()
+    words: list[str] = field(default_factory=list)  # what the query looked for, for --explain
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def positive(self) -> list[Atom]:
+        return [a for g in self.groups for a in g]
+
+
+def _atom(chunk: str, quoted: bool) -> Atom | None:
+    raw = chunk.strip()
+    prefix = not quoted and raw.endswith("*")
+    raw = raw.rstrip("*") if prefix else raw
+    tokens = tuple(w.lower() for w in _WORD.findall(raw))
+    if not tokens:
+        return None
+    if not quoted and len(tokens) == 1 and (tokens[0] in STOPWORDS or len(tokens[0]) < 2) and not prefix:
+        return None
+    if prefix and len(tokens[-1]) < MIN_PREFIX:
+        prefix = False
+    # printable characters only: FTS5 reads a query string up to a NUL ("unterminated string")
+    code = "".join(c for c in raw if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
+    if code is not None and len(code) < MIN_CODE:
+        code = None
+    return Atom(tokens, prefix, code)
+
+
+def parse(text: str | None, partial_last: bool = False) -> Query:
+    """What the query text asks of the keyword index (the rules in this module's docstring). partial_last:
+    the last bare word is also a word start (the default mode, as people type)."""
+    text = text or ""
+    groups: list[list[Atom]] = [[]]
+    excluded: list[Atom] = []
+    join_next = False  # the previous token was AND
+    parts = list(_TOKEN.finditer(text))
+    for n, m in enumerate(parts):
+        negate, phrase, bare = m.group(1), m.group(2), m.group(3)
+        if bare == "AND":
+            join_next = bool(groups[-1])
+            continue
+        if bare == "OR":
+            join_next = False
+            continue
+        if phrase is None and bare.startswith("-") and len(bare) > 1:
+            negate, bare = "-", bare[1:]
+        quoted = phrase is not None
+        atom = _atom(phrase if quoted else bare, quoted)
+        if atom is None:
+            continue
+        if sum(map(len, groups)) + len(excluded) >= MAX_ATOMS:
+            break
+        if (partial_last and not quoted and not negate and n == len(parts) - 1 and not atom.prefix
+                and not text[-1:].isspace() and len(atom.tokens[-1]) >= MIN_PARTIAL):
+            atom = Atom(atom.tokens, True, atom.code)
+        if negate:
+            excluded.append(atom)
+            continue
+        if join_next and groups[-1]:
+            groups[-1].append(atom)
+        else:
+            groups.append([atom])
+        join_next = False
+    found = tuple(tuple(dict.fromkeys(g)) for g in groups if g)
+    return Query(tuple(dict.fromkeys(found)), tuple(dict.fromkeys(excluded)),
+                 [a.text() for g in found for a in g] + ["-" + a.text() for a in excluded])
+
+
+def as_query(words) -> Query:
+    """A Query as is; a list of words as any of them (the older call)."""
+    if isinstance(words, Query):
+        return words
+    atoms = [a for a in (_atom(w, True) for w in words) if a is not None]
+    return Query(tuple((a,) for a in atoms), (), [a.text() for a in atoms])
+
+
+def coded_chunks(text: str) -> str:
+    """The chunks of a file's keyword text that the trigram index holds: those with a digit (codes, numbers,
+    dates), MIN_CODE characters or more."""
+    chunks = (c.strip(".,;:!?()[]{}'\"") for c in text.split())
+    return " ".join(dict.fromkeys(c for c in chunks if len(c) >= MIN_CODE and any(ch.isdigit() for ch in c)))
+
+
+def search(conn, query: Query, limit: int) -> list[tuple[int, float]]:
+    """(file id, bm25 score: lower is better) of the indexed files matching `query`, best first, at most
+    `limit`. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
+    are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
+    all the query's words, those found only inside longer tokens after them."""
+    from alignsearch.catalog import KEYWORDS, KEYWORDS_TRIGRAM, _has_table
+
+    if not query:
+        return []
+    trigram = _has_table(conn, KEYWORDS_TRIGRAM)
+    params: list = []
+
+    def atom_sql(a: Atom) -> str:
+        params.append(a.fts())
+        sql = f"SELECT rowid AS id FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?"
+        if trigram and a.code:
+            params.append('"' + a.code.replace('"', '""') + '"')
+            sql += f" UNION SELECT rowid AS id FROM {KEYWORDS_TRIGRAM} WHERE {KEYWORDS_TRIGRAM} MATCH ?"
+        return sql
+
+    def all_of(atoms) -> str:
+        return " INTERSECT ".join(f"SELECT id FROM ({atom_sql(a)})" for a in atoms)
+
+    hits = " UNION ".join(f"SELECT id FROM ({all_of(g)})" for g in query.groups)
+    if query.excluded:
+        hits = f"SELECT id FROM ({hits}) EXCEPT SELECT id FROM ({' UNION '.join(atom_sql(a) for a in query.excluded)})"
+    params.append(" OR ".join(a.fts() for a in query.positive()))
+    params.append(int(limit))
+    sql = (f"SELECT h.id, r.score FROM ({hits}) h JOIN files f ON f.id = h.id AND f.status = 'indexed' "
+           f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
+           f"ON r.rowid = h.id ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
+    return [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]

@@ -1,0 +1,275 @@
+"""Issue 28: text in images (`index --ocr`) and keyword search the way people type it."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import sqlite3
+
+import pytest
+from conftest import index_json, run
+from helpers import alignsearch as alignsearch_cli
+from helpers import call, render_sign, start_serve, stop
+from PIL import Image
+
+import alignsearch
+from alignsearch import keywords
+from alignsearch.errors import BadInputError
+
+# the [ocr] extra (the test extra installs it); keyword search needs no engine
+needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
+
+
+def query(ix, text, *args):
+    out = run("query", "--index", ix, "--json", "-k", "10", *args, "--", text).output  # `--`: a text may start with -
+    return json.loads(out)["results"]
+
+
+def names(results):
+    return [r["relpath"] for r in results]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def signs(tmp_path):
+    root = tmp_path / "photos"
+    render_sign(root / "invoice.png", ["INVOICE INV-4711-A", "Zanzibar Spice Co."])
+    render_sign(root / "station.png", ["Platform 9", "Kilimanjaro Express"])
+    Image.new("RGB", (320, 240), (40, 120, 60)).save(root / "lawn.jpg")  # no text
+    return root
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model):
+    ix = tmp_path / "ix"
+    s = index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
+    assert s["added"] == 3 and s["ocr"] == {"enabled": True, "read": 3, "with_text": 2}
+    assert s["times"]["ocr"] > 0  # the workers' OCR seconds
+    found = query(ix, "zanzibar", "--mode", "keyword")
+    assert names(found) == ["invoice.png"] and "Zanzibar Spice Co." in found[0]["ocr"]
+    assert names(query(ix, "kilimanjaro express", "--mode", "keyword")) == ["station.png"]
+    assert names(query(ix, "zanzi*", "--mode", "keyword")) == ["invoice.png"]  # a word's start
+    assert names(query(ix, "4711", "--mode", "keyword")) == ["invoice.png"]  # a number inside a code
+    # default (auto) and hybrid: the sign ranks first although the tiny random model cannot read it
+    assert names(query(ix, "kilimanjaro"))[0] == "station.png"
+    assert names(query(ix, "kiliman"))[0] == "station.png"  # the partial last word, as typed
+    assert names(query(ix, "spice", "--mode", "hybrid"))[0] == "invoice.png"
+    lawn = next(r for r in query(ix, "x", "--mode", "vector") if r["relpath"] == "lawn.jpg")
+    assert lawn["ocr"] is None  # read, no text
+    hit = alignsearch.open(ix, device="cpu").search(text="platform", mode="keyword")[0]
+    assert hit.relpath == "station.png" and "Platform 9" in hit.ocr and "Platform 9" in hit.to_dict()["ocr"]
+    proc, url = start_serve(ix, "--token", "t0k")
+    try:
+        status, _, body = call(url, "/api/search?q=zanzi&k=3", token="t0k")  # the server's default mode: auto
+        top = json.loads(body)["results"][0]
+        assert status == 200 and top["relpath"] == "invoice.png" and "INV-4711-A" in top["ocr"]
+    finally:
+        stop(proc)
+
+
+@needs_ocr
+def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, tiny_model):
+    ix = tmp_path / "ix"
+    index_json(ix, signs, "--model", tiny_model, "--device", "cpu", "--ocr")
+    render_sign(signs / "menu.png", ["Mango Lassi 450"])
+    s = index_json(ix, "--device", "cpu")  # no flag: the index reads new images as it was told to
+    assert s["added"] == 1 and s["ocr"]["enabled"] and s["ocr"]["read"] == 1
+    assert names(query(ix, "lassi", "--mode", "keyword")) == ["menu.png"]
+    render_sign(signs / "invoice.png", ["RECEIPT 2024", "Serengeti Safari"])  # changed: read again
+    os.utime(signs / "invoice.png", (1, 1))
+    (signs / "station.png").unlink()  # removed: its text goes with it
+    (signs / "menu.png").rename(signs / "drinks.png")  # moved: keeps its text as it keeps its vector, not read again
+    s = index_json(ix, "--device", "cpu")
+    assert s["updated"] == 1 and s["removed"] == 1 and s["moved"] == 1 and s["ocr"]["read"] == 1
+    assert names(query(ix, "lassi", "--mode", "keyword")) == ["drinks.png"]
+    assert names(query(ix, "serengeti", "--mode", "keyword")) == ["invoice.png"]
+    assert query(ix, "zanzibar", "--mode", "keyword") == [] and query(ix, "kilimanjaro", "--mode", "keyword") == []
+    # --no-ocr: new images are not read; the text already read stays searchable
+    render_sign(signs / "poster.png", ["Okavango Delta"])
+    s = index_json(ix, "--device", "cpu", "--no-ocr")
+    assert s["added"] == 1 and s["ocr"] == {"enabled": False, "read": 0, "with_text": 2}
+    assert query(ix, "okavango", "--mode", "keyword") == []
+    assert names(query(ix, "serengeti", "--mode", "keyword")) == ["invoice.png"]
+    s = index_json(ix, "--device", "cpu")  # off is remembered too
+    assert not s["ocr"]["enabled"] and query(ix, "okavango", "--mode", "keyword") == []
+    s = index_json(ix, "--device", "cpu", "--ocr")  # on again: only the unread image is read
+    assert s["ocr"]["read"] == 1 and names(query(ix, "okavango", "--mode", "keyword")) == ["poster.png"]
+
+
+@needs_ocr
+def test_an_existing_index_gains_text_without_re_encoding(signs, tmp_path, tiny_model):
+    ix = tmp_path / "ix"
+    index_json(ix, signs, "--model", tiny_model, "--device", "cpu")
+    assert query(ix, "zanzibar", "--mode", "keyword") == []
+    before = {p.name: digest(p) for p in ix.iterdir() if p.suffix in (".f16", ".faiss")}
+    s = index_json(ix, "--device", "cpu", "--ocr")
+    assert s["added"] == s["updated"] == 0 and s["unchanged"] == 3 and s["reused"] == 0
+    assert s["times"]["extra"]["ocr_filled"] == 3 and s["times"]["items"] == 0  # nothing went to the encoder
+    assert {p.name: digest(p) for p in ix.iterdir() if p.suffix in (".f16", ".faiss")} == before
+    assert names(query(ix, "zanzibar", "--mode", "keyword")) == ["invoice.png"]
+    assert names(query(ix, "4711", "--mode", "keyword")) == ["invoice.png"]
+    assert index_json(ix, "--device", "cpu")["ocr"]["read"] == 0  # nothing is read twice
+
+
+def test_a_missing_engine_is_one_line_naming_the_extra(signs, tmp_path, tiny_model):
+    shim = tmp_path / "shim" / "rapidocr"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('rapidocr was removed for this test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = alignsearch_cli("index", signs, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu", "--ocr",
+                           env=env)
+    assert proc.returncode == BadInputError.exit_code
+    assert proc.stderr.strip().splitlines() == [("error: text in images needs the OCR engine: pip install "
+                                                 "'alignsearch[ocr]'")]
+    assert not (tmp_path / "ix" / "vectors.f16").exists()  # refused before anything was encoded
+
+
+# -- keyword search the way people type it (captions and names, no OCR needed) --------------------------------
+
+@pytest.fixture
+def captioned(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    root.mkdir()
+    captions = {"cat": "Zanzibar the tabby asleep on the sofa", "cafe": "Breakfast at the Café Lisboa",
+                "receipt": "receipt INV4711A paid", "tram": "the yellow tram in Lisbon", "river": "river at dusk, Lisbon"}
+    for i, (name, caption) in enumerate(captions.items()):
+        Image.new("RGB", (64, 48), (40 * i, 200 - 30 * i, 90)).save(root / f"{name}.jpg")
+        (root / f"{name}.txt").write_text(caption)
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    return ix
+
+
+def test_prefixes_codes_accents_and_operators(captioned):
+    ix = captioned
+
+    def kw(text):
+        return sorted(names(query(ix, text, "--mode", "keyword")))
+
+    assert kw("zanzi*") == ["cat.jpg"]
+    assert kw("zanzi") == []  # keyword mode takes words as typed...
+    assert names(query(ix, "zanzi"))[0] == "cat.jpg"  # ...the default mode takes the last as a start
+    plan = json.loads(run("query", "zanzi ", "--index", ix, "--json", "--explain").output)["plan"]
+    assert plan["words"] == ["zanzi"] and plan["ranking"] == "vector"  # a trailing space: the word is complete
+    assert kw("4711") == ["receipt.jpg"] and kw("inv4711") == ["receipt.jpg"]  # inside a token
+    assert kw("cafe") == ["cafe.jpg"] and kw("CAFÉ") == ["cafe.jpg"]  # accents and case folded
+    assert kw("tram lisbon") == ["river.jpg", "tram.jpg"]  # any of the words
+    assert kw("tram AND lisbon") == ["tram.jpg"]
+    assert kw("tram OR dusk") == ["river.jpg", "tram.jpg"]
+    assert kw("lisbon -tram") == ["river.jpg"]
+    assert kw('"yellow tram"') == ["tram.jpg"] and kw('"tram yellow"') == []
+    assert kw("-tram") == []  # nothing to look for
+    many = " ".join(f"w{i}x AND tram" for i in range(70))  # 1000 characters of atoms, codes among them
+    assert query(ix, many, "--mode", "keyword") == []
+    plan = json.loads(run("query", "yellow tr", "--index", ix, "--json", "--explain").output)["plan"]
+    assert plan["words"] == ["yellow", "tr"]  # too short to be taken as a start
+
+
+def test_parse_rules():
+    q = keywords.parse('red AND "old car" OR zanzi* -rust the', partial_last=True)
+    assert [[a.text() for a in g] for g in q.groups] == [["red", "old car"], ["zanzi*"]]
+    assert [a.text() for a in q.excluded] == ["rust"]
+    assert keywords.parse("INV-4711-A").groups[0][0].code == "INV-4711-A"
+    assert keywords.parse("kiliman", partial_last=True).words == ["kiliman*"]
+    assert keywords.parse("kiliman ", partial_last=True).words == ["kiliman"]
+    assert keywords.parse('x" OR ( )"') is not None  # never FTS5 syntax, never an error
+    assert len(keywords.parse(" ".join(f"-w{i}x" for i in range(150)) + " tram").excluded) == keywords.MAX_ATOMS
+    assert keywords.coded_chunks("INVOICE INV-4711-A, paid 2024.") == "INV-4711-A 2024"
+
+
+def test_a_version_2_catalog_is_upgraded_in_place(captioned):
+    """A catalog written before OCR (schema 2: no photos.ocr, keywords without folded accents, no trigram
+    table) is read as it is and upgraded by the next writer, nothing encoded again."""
+    ix = captioned
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("ALTER TABLE photos DROP COLUMN ocr")
+        conn.execute("DROP TABLE keywords")
+        conn.execute("DROP TABLE keywords_trigram")
+        conn.execute("CREATE VIRTUAL TABLE keywords USING fts5(body)")
+        conn.execute("INSERT INTO keywords(rowid, body) SELECT file_id, caption FROM photos")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    # a reader writes nothing: it reads version 2 as it stands
+    assert names(query(ix, "lisboa", "--mode", "keyword")) == ["cafe.jpg"] and query(ix, "x")[0]["ocr"] is None
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    conn.close()
+    vectors = digest(ix / "vectors.f16")
+    s = index_json(ix, "--device", "cpu")
+    assert s["added"] == 0 and digest(ix / "vectors.f16") == vectors
+    assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
+    assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    conn.close()
+
+
+def test_any_text_is_a_valid_keyword_query(tmp_path):
+    """Whatever people type (quotes, stars, dashes, FTS5 operators, control and non-Latin characters) is a
+    query, never an FTS5 syntax error."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from alignsearch import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        file_id = catalog.upsert_file(conn, {"root": "/r", "relpath": "a.jpg", "size": 1, "mtime": 0.0,
+                                             "status": catalog.INDEXED})
+        catalog.set_photo(conn, file_id, "a.jpg", {"caption": "Zanzibar INV-4711-A \"quoted\" NEAR(a b) *star*",
+                                                   "ocr": "Café AND OR NOT"})
+    alphabet = st.sampled_from(list('abc zanzibar 4711 -*"()^:+.,AND OR NOT NEAR é ß 漢 \t\n\x00'))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(alphabet, max_size=40).map("".join), st.booleans())
+    def check(text, partial):
+        with db.connect() as conn:
+            found = keywords.search(conn, keywords.parse(text, partial_last=partial), 10)
+        assert all(i == file_id for i, _ in found)
+
+    check()
+    with db.connect() as conn:
+        assert keywords.search(conn, keywords.parse('"near(a" AND 4711 -nothing'), 10)[0][0] == file_id
+    db.dispose()
+
+
+@needs_ocr
+def test_decode_workers_read_text_and_take_known_text_from_the_initializer(tmp_path):
+    """The worker path (more files than a batch): each spawned worker reads text itself, and content whose text
+    is known (a moved file) comes with the text it had, without OCR."""
+    from alignsearch.images import ImageSpec
+    from indexer.pipeline import read_items
+    from indexer.scan import Found
+
+    signs = [render_sign(tmp_path / f"s{i}.png", [f"Gate B{i}7 Departures"]) for i in range(2)]
+    found = [Found(str(tmp_path), p.name, p.stat().st_size, p.stat().st_mtime) for p in signs]
+    spec = ImageSpec((32, 32), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    moved = hashlib.sha256(signs[1].read_bytes()).hexdigest()
+    items = list(read_items(found, spec, workers=1, ocr=True, ocr_known={moved: "carried over"}))
+    assert "Departures" in items[0].ocr and items[0].ocr_seconds > 0
+    assert (items[1].ocr, items[1].ocr_seconds) == ("carried over", 0.0)
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_ocr_reads_photos_and_leaves_video_moments_alone(tmp_path, tiny_model):
+    """Video moments are rows of the catalog too: `--ocr` (and the fill step for an existing index) reads the
+    photos only, never a moment's .mp4 as an image, and the videos stay indexed."""
+    from helpers import make_video
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    render_sign(lib / "sign.png", ["ZANZIBAR SPICE"])
+    make_video(lib / "clip.mp4", [(71, 3), (72, 3)])
+    first = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")  # no OCR yet: the fill step reads later
+    assert first["failed"] == 0 and first["times"]["extra"]["moments"] == 2, first
+    s = index_json(ix, lib, "--ocr", "--model", tiny_model, "--device", "cpu")
+    assert s["failed"] == 0 and s["ocr"]["read"] == 1 and s["ocr"]["with_text"] == 1, s
+    again = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert again["ocr"]["read"] == 0 and again["failed"] == 0, again
+    hits = json.loads(run("query", "zanzibar", "--index", ix, "--mode", "keyword", "--json").output)["results"]
+    assert [h["relpath"] for h in hits] == ["sign.png"]

@@ -464,6 +464,15 @@ class Engine:
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best `depth` ids first."""
         cols = snap.columns(self.db)
+        if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
+            best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
+            for start in range(0, len(allowed), EXACT_CHUNK):
+                chunk = allowed[start : start + EXACT_CHUNK]
+                parts = query.parts(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]))
+                best_ids, best_parts = np.concatenate([best_ids, chunk]), np.concatenate([best_parts, parts])
+                keep = query.order(best_parts)[:depth]
+                best_ids, best_parts = best_ids[keep], best_parts[keep]
+            return best_ids.tolist()
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(allowed), EXACT_CHUNK):  # bounded memory however many match
             chunk = allowed[start : start + EXACT_CHUNK]
@@ -509,10 +518,11 @@ class Engine:
                                         "unit length): run `alignsearch verify --repair`")
             parts = query.parts(stored)
             similarity = query.fused(parts).astype(np.float32)
+            tiebreak = query.tiebreak(parts)
             scores, ranks = similarity, None
             if keyword is not None:  # reciprocal rank fusion of the similarity ranking and the keyword ranking
                 vector_rank = np.empty(len(ids), np.int64)
-                vector_rank[np.argsort(-similarity, kind="stable")] = np.arange(1, len(ids) + 1)
+                vector_rank[query.order(parts, similarity)] = np.arange(1, len(ids) + 1)
                 at = {i: r for r, i in enumerate(keyword, start=1)}
                 keyword_rank = np.array([at.get(i, 0) for i in ids.tolist()], dtype=np.int64)
                 scores = np.where(keyword_rank > 0, 1.0 / (RRF_K + keyword_rank), 0.0)
@@ -521,9 +531,9 @@ class Engine:
                 else:
                     keep = keyword_rank > 0
                     ids, parts, similarity, scores = ids[keep], parts[keep], similarity[keep], scores[keep]
-                    vector_rank, keyword_rank = vector_rank[keep], keyword_rank[keep]
+                    vector_rank, keyword_rank, tiebreak = vector_rank[keep], keyword_rank[keep], tiebreak[keep]
                 ranks = (vector_rank, keyword_rank)
-            order = np.lexsort((-similarity, -scores))  # best score first, ties by similarity
+            order = np.lexsort((-tiebreak, -similarity, -scores))  # best score first, ties by similarity
             if opts.min_score is not None:
                 order = order[similarity[order] >= opts.min_score]
             order = order[: opts.k]

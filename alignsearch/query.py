@@ -158,8 +158,20 @@ class Scorer:
         cdf = 0.5 * (1.0 + _erf(z / np.sqrt(2.0)))  # the standard normal CDF
         return ((1 - self.text_share) * cdf[:, 0] + self.text_share * cdf[:, 1]).astype(np.float32)
 
+    def tiebreak(self, parts: np.ndarray) -> np.ndarray:
+        """What orders equal scores: for late fusion the halves' weighted mean cosine, so the many images a
+        product scores 0 (one half negative) still come in a meaningful order, negatives included."""
+        if not self.late:
+            return parts[:, 0]
+        return ((1 - self.text_share) * parts[:, 0] + self.text_share * parts[:, 1]).astype(np.float32)
+
     def score(self, stored: np.ndarray) -> np.ndarray:
         return self.fused(self.parts(stored))
+
+    def order(self, parts: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+        """Indices best first: by score, ties by tiebreak, then by position (stable)."""
+        scores = self.fused(parts) if scores is None else scores
+        return np.lexsort((-self.tiebreak(parts), -scores))
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)

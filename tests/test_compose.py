@@ -57,7 +57,7 @@ def brute_force(engine, parts, method, k, keep=None):
     if sc.late and method == "weicom":
         sc.calibrate(every_vector(engine)[1])  # fewer vectors than the sample: all of them
     scores = sc.score(x)
-    order = np.argsort(-scores, kind="stable")[:k]
+    order = np.lexsort((-sc.tiebreak(sc.parts(x)), -scores))[:k]  # ties (a product's zeros) by the mean cosine
     return ids[order].tolist(), scores[order]
 
 
@@ -85,6 +85,9 @@ def test_each_method_equals_brute_force_on_a_flat_index(flat, method):
         assert [h.id for h in hits] == want_ids
         assert np.allclose([h.score for h in hits], want_scores, atol=1e-5)
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        if method in ("product", "weicom"):  # deep: the product's zeros too, ordered by the mean cosine
+            deep = engine.search_vector(parts, k=600, compose=method)
+            assert [h.id for h in deep] == brute_force(engine, parts, method, 600)[0]
         if method == "product":
             for h in hits:
                 assert h.score == pytest.approx(max(h.parts["image"], 0) * max(h.parts["text"], 0), abs=1e-5)

@@ -209,9 +209,10 @@ def compose_suite(args) -> None:
 
         channels = tuple(int(c) for c in args.vision_channels.split(","))
         strides = tuple(int(x) for x in args.vision_strides.split(","))
+        image = tuple(int(x) for x in (args.image_size or "40,32").split(","))
         results, tuned = {}, {}
         for seed in seeds:
-            base = build_tiny_align(tmp / f"base{seed}", seed=seed, image=(72, 64), text_init=args.text_init,
+            base = build_tiny_align(tmp / f"base{seed}", seed=seed, image=image, text_init=args.text_init,
                                     text_hidden=args.text_hidden, vision_channels=channels, vision_hidden=args.vision_hidden,
                                     vision_strides=strides, extra_words=words)
             if seed == seeds[0]:
@@ -227,7 +228,7 @@ def compose_suite(args) -> None:
     pooled = {label: {k: statistics.mean(r[label][k] for r in tuned.values()) for k in ("R@1", "R@10")} for label in labels}
     base = pooled[COMPOSE_METHODS[0][0]]["R@1"]
     lines = [(f"- model: tiny ALIGN from random weights (text width {args.text_hidden}, init {args.text_init}; vision "
-              f"{args.vision_channels}, width {args.vision_hidden}), fine-tuned with `alignsearch finetune`, {args.epochs} "
+              f"{args.vision_channels}, width {args.vision_hidden}, {image[1]} px), fine-tuned with `alignsearch finetune`, {args.epochs} "
               f"epochs, batch {args.batch_size}, lr {args.lr}, CPU, seeds {args.seeds} "
               f"({' / '.join(str(r['train_seconds']) for r in tuned.values())} s each)"),
              (f"- data: {len(PHOTOS)} scikit-image photos x {len(TINTS)} tints; {len(held)} (photo, tint) pairs held out of "
@@ -271,6 +272,7 @@ def main() -> None:
     ap.add_argument("--vision-channels", default="32,48,64", help="channels of the tiny vision tower's three stages")
     ap.add_argument("--vision-hidden", type=int, default=128, help="width of the vision tower's top layer")
     ap.add_argument("--vision-strides", default="2,2,2", help="strides of the three stages")
+    ap.add_argument("--image-size", default=None, help="the model's resize,crop in pixels (shapes 72,64; compose 40,32)")
     ap.add_argument("--partial-captions", action=argparse.BooleanOptionalAction, default=True,
                     help="also train on captions naming only some attributes (shapes_data.PARTIAL_PHRASINGS)")
     ap.add_argument("--fourth", choices=sorted(DETAILS), default="position",

@@ -119,6 +119,7 @@ class Engine:
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._catalog_checked: set[int] = set()
+        self._calibration = None  # (snapshot, sample of its stored vectors): compose weicom's reference
         self.snap = self._open_snapshot()
 
     def _open_snapshot(self) -> Snapshot:
@@ -429,12 +430,18 @@ class Engine:
         return ann.candidate_count(max(k, LATE_DEPTH), snap.plan, snap.tuning.get("rerank_factor", 10))
 
     def _calibration_sample(self, snap: Snapshot) -> np.ndarray:
-        """A fixed sample of the stored vectors (the same for every query of a generation): WeiCom's reference."""
+        """A fixed sample of the stored vectors (the same for every query of a snapshot, read once):
+        WeiCom's reference."""
+        kept = self._calibration
+        if kept is not None and kept[0] is snap:
+            return kept[1]
         cols = snap.columns(self.db)
         rng = np.random.default_rng(0)
         rows = cols.vec_rows if len(cols.vec_rows) <= CALIBRATION_SAMPLE else \
             np.sort(rng.choice(cols.vec_rows, CALIBRATION_SAMPLE, replace=False))
-        return self._stored(snap, np.asarray(rows, dtype=np.int64))
+        sample = self._stored(snap, np.asarray(rows, dtype=np.int64)).astype(np.float32)
+        self._calibration = (snap, sample)
+        return sample
 
     def _vector_ids(self, snap: Snapshot, query: Scorer, opts: "_Options", allowed: np.ndarray | None,
                     fusing: bool = False) -> list[int]:

@@ -73,7 +73,9 @@ STOPWORDS = frozenset("an the of on in at and or with to for by is it its this t
 # Composed queries (image + text): how the two halves are combined. README "How composition works" has the
 # measurements behind the default (benchmarks/bench_quality.py --suite compose).
 COMPOSE_METHODS = ("auto", "sum", "slerp", "product", "weicom")
-DEFAULT_COMPOSE = "product"  # what "auto" means: the best R@1 on held-out compositions (RESULTS.md)
+# What "auto" means: the best R@1 and R@10 on held-out compositions (bench_quality --suite compose, RESULTS.md
+# 2026-12-04 16:34): weicom 0.562 / 0.969, product 0.552 / 0.938, slerp 0.333, the sum 0.240 / 0.885.
+DEFAULT_COMPOSE = "weicom"
 LATE_FUSION = ("product", "weicom")  # scored from the two halves' similarities, not from one query vector
 CALIBRATION_SAMPLE = 2048  # WeiCom: stored vectors each query's similarities are standardised against
 

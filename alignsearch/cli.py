@@ -332,7 +332,8 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         hits = [h.to_dict() for h in hits]
         if explain:
             plan = {**engine.explain(text=text, k=k, mode=mode, compose=compose, compound=text is not None and image
-                                     is not None, tag=tag, **narrowing), "encoder": engine.encoder_plan()}
+                                     is not None, weights=(text_weight, image_weight), tag=tag, **narrowing),
+                    "encoder": engine.encoder_plan()}
             if as_json:
                 q["plan"] = plan
             else:

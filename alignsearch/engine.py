@@ -349,14 +349,16 @@ class Engine:
         raise AssertionError("unreachable")
 
     def explain(self, text: str | None = None, k: int = 10, mode: str = "auto", *, compose: str = "auto",
-                compound: bool = False, **flt) -> dict[str, Any]:
+                compound: bool = False, weights: tuple[float, float] = (2.0, 1.0), **flt) -> dict[str, Any]:
         """How a search with these filters would run (`query --explain`), without running it. compound: the
-        query has both a text and an image (then `compose` says how they combine)."""
+        query has both a text and an image (then `compose` says how they combine, with weights (text, image))."""
         _check_compose(compose)
         opts = self._options(k, None, None, "score", mode, text, FilterOptions(**flt))
         snap = self.snap
         n = int(snap.index.ntotal)
         method = resolve_compose(compose) if compound else None
+        if compound and compose == "auto" and not min(weights) > 0:
+            method = "sum"  # as query.scorer decides
         out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words,
                                "compose": method}
         if method is not None:

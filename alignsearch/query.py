@@ -188,8 +188,12 @@ def scorer(parts: Parts, method: str = "auto") -> Scorer:
     - product: max(cos(image), 0) * max(cos(text), 0) from two searches (late fusion, intersection
       semantics); the weights are not used except for the negative, taken off the text half;
     - weicom: each cosine standardised on a fixed sample of the index, normal CDF, blended with the text's
-      share text_weight / (text_weight + image_weight)."""
-    method = resolve_compose(method)
+      share text_weight / (text_weight + image_weight).
+    auto is DEFAULT_COMPOSE, or the sum when a weight is zero or negative (slerp and late fusion need positive
+    shares and refuse such weights)."""
+    asked, method = method, resolve_compose(method)
+    if asked == "auto" and not (parts.text_weight > 0 and parts.image_weight > 0):
+        method = "sum"  # a zero or negative weight steers the weighted sum: the other methods need shares
     if not parts.compound or method == "sum":
         return Scorer([compose(parts.text, parts.image, parts.negative, parts.text_weight, parts.image_weight,
                                parts.negative_weight)])

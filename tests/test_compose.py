@@ -69,6 +69,11 @@ def test_slerp_is_the_great_circle_and_sum_is_unchanged():
     assert np.isclose(mid @ i, np.cos(np.pi / 6), atol=1e-6)
     parts = Parts(text=t, image=i, negative=np.eye(4, dtype=np.float32)[2])
     assert np.allclose(scorer(parts, "sum").vector, compose(t, i, parts.negative))
+    # auto with a weight that is not positive is the sum (the others need shares, and refuse it)
+    zero = Parts(text=t, image=i, text_weight=0.0)
+    assert np.allclose(scorer(zero, "auto").vector, i)
+    with pytest.raises(ValueError):
+        scorer(zero, "weicom")
     # one half alone is its own vector, whatever the method
     for method in METHODS:
         assert np.allclose(scorer(Parts(text=t), method).vector, t)

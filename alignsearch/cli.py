@@ -267,7 +267,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         click.echo("see the failures with: alignsearch info --failed", err=True)
 
 
-def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None = None) -> None:
+def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None = None, explain: bool = False) -> None:
     """JSON, a ranked list, or (paths "\n" or "\0") the paths alone as raw bytes, for `xargs` and scripts."""
     plan = query.pop("plan", None)
     if paths is not None:
@@ -290,6 +290,9 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 
             shown += f" @ {timestamp(h['t'])}"
         click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}{folded}")
+        if explain:  # what the score is made of
+            made_of = {"similarity": round(h["similarity"], 4)} if h.get("similarity") is not None else {}
+            click.echo("       " + ", ".join(f"{key} {value}" for key, value in {**made_of, **(h.get("parts") or {})}.items()))
 
 
 @main.command()
@@ -313,13 +316,19 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments.")
 @click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
               help="At most this many moments of one video in the results.")
-@click.option("--min-score", type=click.FloatRange(-1, 1), default=None, help="Drop results below this similarity.")
+@click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+              help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
+                   "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings.")
 @click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
               help="Order of the result set (the best k by score that pass the filters).")
 @click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
-              help="vector, keyword (captions, text in images, names, tags), hybrid (both fused), auto (hybrid when "
-                   "words match). Keywords: AND, OR, -word, \"phrase\", word* (README).")
-@click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe.")
+              help="vector, keyword (captions, text in images, names, tags; AND, OR, -word, \"phrase\", word*: README), hybrid (both fused; score = the fused rank score), auto "
+                   "(hybrid when words are in a caption or tag; file and folder names count only in keyword/hybrid).")
+@click.option("--compose", type=click.Choice(["auto", "sum", "slerp", "product", "weicom"]), default="auto",
+              show_default=True, help="How TEXT and --image combine: sum (weighted), slerp, product (both must "
+                                      "match: late fusion), weicom (normalised late fusion), auto (the best measured).")
+@click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe; "
+                                              "and what each hit's score is made of.")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
 @click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
@@ -328,8 +337,8 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @run_options
 @reports_errors
 def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
-          camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, explain, paths_only, null, as_json, index_dir, model,
-          device, backend, precision):
+          camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain, paths_only, null,
+          as_json, index_dir, model, device, backend, precision):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
@@ -338,13 +347,12 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path_glob,
                  "format": fmt}
     filters.build(filters.FilterOptions(tag=tag, **narrowing))  # a malformed filter fails before any loading
-    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" and not explain
-    if media is not None or per_video != 3:  # a server answers with the defaults only
-        plain = False
+    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" and not explain \
+        and compose == "auto" and media is None and per_video == 3  # a server answers with the defaults only
     q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
          **{key: value for key, value in narrowing.items() if value is not None},
-         **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode})}
+         **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
     if media is not None or per_video != 3:
         q.update(media=media, per_video=per_video)
     from alignsearch import querycheck
@@ -377,11 +385,13 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                              image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
-                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, media=media,
+                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, compose=compose, media=media,
                              per_video=per_video, **narrowing)
         hits = [h.to_dict() for h in hits]
         if explain:
-            plan = {**engine.explain(text=text, k=k, mode=mode, tag=tag, **narrowing), "encoder": engine.encoder_plan()}
+            plan = {**engine.explain(text=text, k=k, mode=mode, compose=compose, compound=text is not None and image
+                                     is not None, weights=(text_weight, image_weight), tag=tag, **narrowing),
+                    "encoder": engine.encoder_plan()}
             if as_json:
                 q["plan"] = plan
             else:
@@ -391,7 +401,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     if not hits and tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
         click.echo(f"note: no image passed the filters with the tag {tag!r} (tags ignore case; `alignsearch tags` "
                    "lists them)", err=True)
-    _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None)
+    _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None, explain=explain)
 
 
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):

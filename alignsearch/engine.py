@@ -18,7 +18,7 @@ from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.columns import Columns
 from alignsearch.filters import FilterOptions
 from alignsearch.photometa import iso
-from alignsearch.query import fuse
+from alignsearch.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
@@ -53,6 +53,10 @@ class Hit:
     t: float | None = None  # a video moment's start and end in seconds (alignsearch/video.py); None for photos
     t_end: float | None = None
     ocr: str | None = None  # the text read in the image (`index --ocr`); null when not read or none found
+    # The vector side's exact score: the cosine to the query vector, or a late-fused score (compose product,
+    # weicom). `score` equals it except in keyword and hybrid rankings, where `score` is the fused rank score.
+    similarity: float | None = None
+    parts: dict | None = None  # what the score is made of (late fusion's cosines, hybrid's ranks)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (CLI, HTTP): a name that is not UTF-8 shows its bytes as \\xNN in `path`, as in
@@ -121,6 +125,7 @@ class Engine:
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._catalog_checked: set[int] = set()
+        self._calibration = None  # (snapshot, sample of its stored vectors): compose weicom's reference
         self.snap = self._open_snapshot()
 
     def _open_snapshot(self) -> Snapshot:
@@ -238,8 +243,22 @@ class Engine:
         """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative."""
         return self._embed(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
 
+    def embed_parts(self, text: str | None = None, image=None, negative: str | None = None,
+                    text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> Parts:
+        """A query's halves encoded (unit vectors), for search_vector with any compose method."""
+        return self._parts(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
+
     def _embed(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> np.ndarray:
         from alignsearch.query import compose
+
+        parts = self._parts(snap, text, image, negative, text_weight, image_weight, negative_weight)
+        try:
+            return compose(parts.text, parts.image, parts.negative, text_weight, image_weight, negative_weight)
+        except ValueError as exc:
+            raise BadInputError(str(exc)) from None
+
+    def _parts(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> Parts:
+        from alignsearch.query import unit
 
         if text is None and image is None:
             raise BadInputError("give a text, an image, or both to search for")
@@ -249,9 +268,17 @@ class Engine:
             i = enc.encode_images([image])[0] if image is not None else None
             n = enc.encode_text([negative])[0] if negative else None
         try:
-            return compose(t, i, n, text_weight, image_weight, negative_weight)
+            t, i, n = (None if v is None else unit(v) for v in (t, i, n))
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
+        return Parts(t, i, n, text_weight, image_weight, negative_weight)
+
+    @staticmethod
+    def _scorer(parts: Parts, compose: str) -> Scorer:
+        try:
+            return scorer(parts, compose)
+        except ValueError as exc:
+            raise (UsageError if "must be one of" in str(exc) else BadInputError)(str(exc)) from None
 
     def search(self, text: str | None = None, image=None, k: int = 10, negative: str | None = None,
                text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
@@ -259,8 +286,10 @@ class Engine:
                where: str | None = None, after: str | None = None, before: str | None = None,
                camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                min_score: float | None = None, sort: str = "score", mode: str = "auto", media: str | None = None,
-               per_video: int | None = DEFAULT_PER_VIDEO) -> list[Hit]:
-        """Top-k hits, best first. Compound queries follow the ALIGN paper (text 2 : image 1).
+               per_video: int | None = DEFAULT_PER_VIDEO,                compose: str = "auto") -> list[Hit]:
+        """Top-k hits, best first by `score`. compose: how an image and a text combine (alignsearch/query.py:
+        sum, the ALIGN paper's text 2 : image 1; slerp; product, late fusion of the two similarities; weicom;
+        auto, the best measured).
         collapse: a hit that is a near duplicate (perceptual hash) of a better one is folded into it and listed
         in its `duplicates`, so the k hits are k different pictures (alignsearch/dupes.py).
         Filters (alignsearch/filters.py): where (the --where language), after/before (ISO dates, on `taken`),
@@ -268,19 +297,24 @@ class Engine:
         under its root), format, tag. Exactly min(k, matching images) hits come back, ranked as an exact
         search over the matching images would rank them. min_score drops hits below that similarity; sort
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
-        ranking), hybrid (reciprocal rank fusion of both), auto (hybrid when the text's words are in the
-        keyword index, else vector). The query is encoded with the model of the generation it searches.
+        ranking), hybrid (reciprocal rank fusion of both: the exact-similarity ranking of the vector candidates
+        and keyword matches together, and the keyword ranking), auto (hybrid when the text's words are in a
+        caption or a tag; file and folder names count only in keyword and hybrid), else vector. In keyword
+        and hybrid rankings `score` is the fused rank score and `similarity` the vector side's; min_score
+        always applies to `similarity`. The query is encoded with the model of the generation it searches.
         media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no
         limit)."""
         querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
+        _check_compose(compose)
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag),
             media, per_video)
         self.refresh()
         for attempt in range(4):
             snap = self.snap
-            query = self._embed(snap, text, image, negative, text_weight, image_weight, negative_weight)
+            query = self._scorer(self._parts(snap, text, image, negative, text_weight, image_weight, negative_weight),
+                                 compose)
             try:
                 hits = self._search(snap, query, replace(opts, k=k * 3) if collapse else opts)
             except _Stale:
@@ -295,22 +329,25 @@ class Engine:
             return hits
         raise AssertionError("unreachable")
 
-    def search_vector(self, query: np.ndarray, k: int = 10, nprobe: int | None = None, tag: str | None = None, *,
-                      text: str | None = None, mode: str = "vector", collapse: bool = False,
+    def search_vector(self, query: np.ndarray | Parts, k: int = 10, nprobe: int | None = None, tag: str | None = None,
+                      *, text: str | None = None, mode: str = "vector", collapse: bool = False,
                       where: str | None = None, after: str | None = None, before: str | None = None,
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                       min_score: float | None = None, sort: str = "score", media: str | None = None,
-                      per_video: int | None = DEFAULT_PER_VIDEO) -> list[Hit]:
-        """Top-k hits for a unit query vector of the index's current model (filters, modes and collapse as in
-        search; text: the words for the keyword index, when the vector was encoded from a text)."""
+                      per_video: int | None = DEFAULT_PER_VIDEO, compose: str = "auto") -> list[Hit]:
+        """Top-k hits for a unit query vector of the index's current model, or for a query's encoded halves
+        (embed_parts) composed by `compose` (filters, modes and collapse as in search; text: the words for the
+        keyword index, when the vector was encoded from a text)."""
         querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
+        _check_compose(compose)
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag),
             media, per_video)
+        sc = self._scorer(query, compose) if isinstance(query, Parts) else Scorer([np.asarray(query, np.float32)])
         self.refresh()
         for attempt in range(4):
             try:
-                hits = self._search(self.snap, query, replace(opts, k=k * 3) if collapse else opts)
+                hits = self._search(self.snap, sc, replace(opts, k=k * 3) if collapse else opts)
             except _Stale:
                 if attempt == 3:
                     raise
@@ -323,19 +360,38 @@ class Engine:
             return hits
         raise AssertionError("unreachable")
 
-    def explain(self, text: str | None = None, k: int = 10, mode: str = "auto", **flt) -> dict[str, Any]:
-        """How a search with these filters would run (`query --explain`), without running it."""
+    def explain(self, text: str | None = None, k: int = 10, mode: str = "auto", *, compose: str = "auto",
+                compound: bool = False, weights: tuple[float, float] = (2.0, 1.0), **flt) -> dict[str, Any]:
+        """How a search with these filters would run (`query --explain`), without running it. compound: the
+        query has both a text and an image (then `compose` says how they combine, with weights (text, image))."""
+        _check_compose(compose)
         opts = self._options(k, None, None, "score", mode, text, FilterOptions(**flt))
         snap = self.snap
         n = int(snap.index.ntotal)
-        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words.words}
+        method = resolve_compose(compose) if compound else None
+        if compound and compose == "auto" and not min(weights) > 0:
+            method = "sum"  # as query.scorer decides
+        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words.words,
+                               "compose": method}
+        if method is not None:
+            out["compose_rule"] = COMPOSE_RULES[method] + (" (auto)" if compose == "auto" else "")
         if opts.words and mode != "vector":
             with self.db.connect() as conn:
                 matched = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
             out["keyword_matches"] = matched
+            if mode == "auto":
+                out["caption_or_tag_matches"] = matched = len(self._keyword_ids(opts, None))
             out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if matched or mode == "hybrid" else "vector"
+        out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
+                        "keyword rank)"}.get(out.get("ranking"), "similarity")
+        out["min_score_applies_to"] = "similarity"
+        late = method in LATE_FUSION
         if opts.node is None:
             out.update(filter=None, path="ANN" if snap.plan.kind != "flat" else "exact (flat index)", nprobe=snap.nprobe)
+            if late:
+                out["path"] = ("exact: every vector scored (flat index)" if snap.plan.kind == "flat" else
+                               f"ANN for the image and for the text ({self._late_want(snap, k)} candidates each), "
+                               "union re-scored exactly")
             return out
         cols = snap.columns(self.db)
         m = int(filters.evaluate(opts.node, cols.column, cols.tagged).sum())
@@ -343,9 +399,12 @@ class Engine:
         if m <= EXACT_BELOW or snap.plan.kind == "flat":
             out["path"] = "exact: every matching vector scored"
         else:
-            want = ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))
+            want = self._late_want(snap, k) if late else ann.candidate_count(k, snap.plan,
+                                                                              snap.tuning.get("rerank_factor", 10))
             out.update(path="ANN restricted to matching ids (bitmap selector), exact re-rank; exact if it finds fewer "
                        "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), candidates=want)
+            if late:
+                out["path"] = "for the image and for the text: " + out["path"]
         return out
 
     @staticmethod
@@ -369,7 +428,7 @@ class Engine:
         return _Options(k, nprobe, node, keywords.parse(text, partial_last=mode == "auto")
                         if mode != "vector" else keywords.Query(), mode, min_score, sort, per_video)
 
-    def _search(self, snap: Snapshot, query: np.ndarray, opts: "_Options") -> list[Hit]:
+    def _search(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
         if snap.index.ntotal == 0:
             return []
         allowed = None
@@ -378,46 +437,78 @@ class Engine:
             allowed = cols.ids[filters.evaluate(opts.node, cols.column, cols.tagged)]
             if len(allowed) == 0:
                 return []
+        if query.method == "weicom" and query.stats is None:
+            query.calibrate(self._calibration_sample(snap))
         keyword = self._keyword_ids(opts, allowed) if opts.words else []
-        vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed, fusing=bool(keyword))
-        if opts.mode == "keyword":
-            ranked = keyword
-        elif keyword and opts.mode in ("hybrid", "auto"):
-            ranked = fuse(vector, keyword)
-        else:
-            ranked = vector
-        by_similarity = ranked is vector
-        return self._hits(snap, query, np.array(ranked, dtype=np.int64), opts, by_similarity)
+        ranked = opts.mode == "keyword" or (keyword and opts.mode in ("hybrid", "auto"))
+        vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed, fusing=bool(ranked))
+        # Keyword matches are scored from their stored vectors too: they take their place in the similarity
+        # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
+        ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
+        return self._hits(snap, query, ids, opts, keyword if ranked else None)
 
-    def _vector_ids(self, snap: Snapshot, query: np.ndarray, opts: "_Options", allowed: np.ndarray | None,
+    def _late_want(self, snap: Snapshot, k: int) -> int:
+        """ANN candidates per half of a late-fused query: deep, as the best fused hits need not be near the
+        top of either half (recall@10 against the exact fused score: tests/test_compose.py)."""
+        return ann.candidate_count(max(k, LATE_DEPTH), snap.plan, snap.tuning.get("rerank_factor", 10))
+
+    def _calibration_sample(self, snap: Snapshot) -> np.ndarray:
+        """A fixed sample of the stored vectors (the same for every query of a snapshot, read once):
+        WeiCom's reference."""
+        kept = self._calibration
+        if kept is not None and kept[0] is snap:
+            return kept[1]
+        cols = snap.columns(self.db)
+        rng = np.random.default_rng(0)
+        rows = cols.vec_rows if len(cols.vec_rows) <= CALIBRATION_SAMPLE else \
+            np.sort(rng.choice(cols.vec_rows, CALIBRATION_SAMPLE, replace=False))
+        sample = self._stored(snap, np.asarray(rows, dtype=np.int64)).astype(np.float32)
+        self._calibration = (snap, sample)
+        return sample
+
+    def _vector_ids(self, snap: Snapshot, query: Scorer, opts: "_Options", allowed: np.ndarray | None,
                     fusing: bool = False) -> list[int]:
         """The best ids by similarity (ANN candidates, or every allowed one when few are), best first,
         enough for the exact re-rank and, when fusing with keyword hits, for fusion; never fewer than
         min(k, allowed) (no starving). Only fusion needs FUSION_DEPTH: a text whose words match no keyword
-        (most queries of a photo library) re-ranks k x rerank_factor candidates, not 100 x (29 -> 4 ms at 100k)."""
+        (most queries of a photo library) re-ranks k x rerank_factor candidates, not 100 x (29 -> 4 ms at 100k).
+        A late-fused query searches with each half and takes the union (on a flat index: every vector)."""
         depth = max(opts.k, FUSION_DEPTH) if fusing else opts.k
         if opts.per_video is not None and snap.videos:  # room for the moments the cap drops
             depth = min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal)))
-        want = ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
+        want = self._late_want(snap, depth) if query.late else \
+            ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
         n = int(snap.index.ntotal)
+        if query.late and allowed is None and snap.plan.kind == "flat":
+            allowed = snap.columns(self.db).ids  # exact: the fused top-k need not be in either half's top-k
         if allowed is not None and (len(allowed) <= EXACT_BELOW or snap.plan.kind == "flat"):
-            return self._exact(snap, query, allowed, depth)
+            return self._exact(snap, query, allowed, max(depth, want) if query.late else depth)
         nprobe = opts.nprobe or snap.nprobe
         if allowed is not None:
             nprobe = ann.filtered_nprobe(nprobe, snap.plan, want, n, len(allowed))
-        _, ids = ann.search(snap.index, query[None, :], want, nprobe, allowed)
-        ids = ids[0][ids[0] >= 0]
+        _, ids = ann.search(snap.index, np.stack(query.probes), want, nprobe, allowed)
+        ids = ids.ravel()
+        ids = list(dict.fromkeys(ids[ids >= 0].tolist()))
         if allowed is not None and len(ids) < min(opts.k, len(allowed)):
             return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
-        return ids.tolist()
+        return ids
 
-    def _exact(self, snap: Snapshot, query: np.ndarray, allowed: np.ndarray, depth: int) -> list[int]:
+    def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best `depth` ids first."""
         cols = snap.columns(self.db)
+        if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
+            best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
+            for start in range(0, len(allowed), EXACT_CHUNK):
+                chunk = allowed[start : start + EXACT_CHUNK]
+                parts = query.parts(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]))
+                best_ids, best_parts = np.concatenate([best_ids, chunk]), np.concatenate([best_parts, parts])
+                keep = query.order(best_parts)[:depth]
+                best_ids, best_parts = best_ids[keep], best_parts[keep]
+            return best_ids.tolist()
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(allowed), EXACT_CHUNK):  # bounded memory however many match
             chunk = allowed[start : start + EXACT_CHUNK]
-            scores = self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]) @ query.astype(np.float32)
+            scores = query.score(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]))
             best_ids, best_scores = np.concatenate([best_ids, chunk]), np.concatenate([best_scores, scores])
             if len(best_ids) > depth:
                 keep = np.argpartition(-best_scores, depth)[:depth]
@@ -425,15 +516,25 @@ class Engine:
         return best_ids[np.argsort(-best_scores, kind="stable")].tolist()
 
     def _keyword_ids(self, opts: "_Options", allowed: np.ndarray | None) -> list[int]:
+        """Keyword matches, best first. In auto mode only words in a caption, the text read in the image or a tag
+        count: a word of a file or folder name alone ("red_circle.png" for "red car on beach") must not override
+        the model."""
         with self.db.connect() as conn:
             found = [i for i, _ in catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH)]
+            if opts.mode == "auto" and found:
+                photos, labels = catalog.photos_of(conn, found), catalog.labels_of(conn, found)
+                found = [i for i in found if keywords.evidence(opts.words, "\n".join(
+                    [(photos.get(i) or {}).get("caption") or "", (photos.get(i) or {}).get("ocr") or "",
+                     *labels.get(i, [])]))]
         if allowed is not None:
-            found = [i for i in found if i in set(allowed.tolist())]
+            allowed_set = set(allowed.tolist())
+            found = [i for i in found if i in allowed_set]
         return found
 
-    def _hits(self, snap: Snapshot, query: np.ndarray, ids: np.ndarray, opts: "_Options",
-              by_similarity: bool = True) -> list[Hit]:
-        """Catalog rows for ranked ids, scored exactly from the stored vectors; cut to k, cutoff, sort."""
+    def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
+              keyword: list[int] | None = None) -> list[Hit]:
+        """Catalog rows for candidate ids, scored exactly from the stored vectors, best first; cut to k, cutoff,
+        sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone)."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
             if catalog.get_meta(conn, "generation", 0) != snap.generation:
@@ -448,19 +549,42 @@ class Engine:
             if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
                 raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not "
                                         "unit length): run `alignsearch verify --repair`")
-            scores = np.clip(stored @ query.astype(np.float32), -1.0, 1.0) if len(ids) else np.zeros(0, np.float32)
-            # by similarity, or in the fused or keyword ranking
-            order = np.argsort(-scores, kind="stable") if by_similarity else np.arange(len(ids))
+            parts = query.parts(stored)
+            similarity = query.fused(parts).astype(np.float32)
+            tiebreak = query.tiebreak(parts)
+            scores, ranks = similarity, None
+            if keyword is not None:  # reciprocal rank fusion of the similarity ranking and the keyword ranking
+                vector_rank = np.empty(len(ids), np.int64)
+                vector_rank[query.order(parts, similarity)] = np.arange(1, len(ids) + 1)
+                at = {i: r for r, i in enumerate(keyword, start=1)}
+                keyword_rank = np.array([at.get(i, 0) for i in ids.tolist()], dtype=np.int64)
+                scores = np.where(keyword_rank > 0, 1.0 / (RRF_K + keyword_rank), 0.0)
+                if opts.mode != "keyword":
+                    scores = scores + 1.0 / (RRF_K + vector_rank)
+                else:
+                    keep = keyword_rank > 0
+                    ids, parts, similarity, scores = ids[keep], parts[keep], similarity[keep], scores[keep]
+                    vector_rank, keyword_rank, tiebreak = vector_rank[keep], keyword_rank[keep], tiebreak[keep]
+                ranks = (vector_rank, keyword_rank)
+            order = np.lexsort((-tiebreak, -similarity, -scores))  # best score first, ties by similarity
             if opts.min_score is not None:
-                order = order[scores[order] >= opts.min_score]
+                order = order[similarity[order] >= opts.min_score]
             if opts.per_video is not None and snap.videos:
                 order = _cap_per_video(conn, ids, order, opts.per_video, opts.k)
             order = order[: opts.k]
             chosen = ids[order].tolist()
             rows = catalog.get_files(conn, chosen)
             photos, labels = catalog.photos_of(conn, chosen), catalog.labels_of(conn, chosen)
-        hits = [_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []))
-                for i in order]
+        hits = []
+        for i in order:
+            made_of = None
+            if query.late:
+                made_of = {"image": round(float(parts[i, 0]), 6), "text": round(float(parts[i, 1]), 6)}
+            if ranks is not None:
+                made_of = {**(made_of or {}), "similarity_rank": None if opts.mode == "keyword" else int(ranks[0][i]),
+                           "keyword_rank": int(ranks[1][i]) or None}
+            hits.append(_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []),
+                             similarity=float(similarity[i]), parts=made_of))
         return sort_hits(hits, opts.sort)
 
     def info(self) -> dict[str, Any]:
@@ -585,12 +709,29 @@ def onnx_cache_status(model_info: dict) -> dict:
     return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready}
 
 
-def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = ()) -> Hit:
+def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = (), *,
+         similarity: float | None = None, parts: dict | None = None) -> Hit:
     photo = photo or {}
     return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
                taken=iso(photo.get("taken")), camera=photo.get("camera"), lens=photo.get("lens"),
                lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels),
-               t=row.t, t_end=row.t_end, ocr=photo.get("ocr") or None)
+               t=row.t, t_end=row.t_end, ocr=photo.get("ocr") or None,
+               similarity=score if similarity is None else similarity, parts=parts)
+
+
+def _check_compose(compose: str) -> None:
+    try:
+        resolve_compose(compose)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+COMPOSE_RULES = {
+    "sum": "normalised weighted sum of the image and text vectors (text 2 : image 1 by default)",
+    "slerp": "spherical interpolation from the image to the text at text_weight / (text_weight + image_weight)",
+    "product": "max(cos image, 0) x max(cos text, 0), candidates from both halves, re-scored exactly",
+    "weicom": "each cosine standardised on a fixed sample, normal CDF, blended by the text's share",
+}
 
 
 SORTS = ("score", "taken", "-taken", "path")
@@ -602,6 +743,7 @@ EXACT_BELOW = 4_000
 EXACT_CHUNK = 65_536
 PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a video may be dropped
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
+LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
 
 

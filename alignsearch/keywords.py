@@ -23,6 +23,7 @@ User text never reaches FTS5 as syntax: every word is quoted.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from alignsearch.query import STOPWORDS
@@ -174,3 +175,27 @@ def search(conn, query: Query, limit: int) -> list[tuple[int, float]]:
            f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
            f"ON r.rowid = h.id ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
     return [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]
+
+
+def _fold(text: str) -> list[str]:
+    """The words of text as the keyword index sees them: lower case, accents folded."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return _WORD.findall("".join(c for c in decomposed if not unicodedata.combining(c)))
+
+
+def _atom_in(atom: Atom, words: list[str], raw: str) -> bool:
+    n = len(atom.tokens)
+    for i in range(len(words) - n + 1):
+        head, last = words[i:i + n - 1], words[i + n - 1]
+        if list(atom.tokens[:-1]) == head and (last.startswith(atom.tokens[-1]) if atom.prefix else
+                                               last == atom.tokens[-1]):
+            return True
+    return atom.code is not None and atom.code.lower() in raw
+
+
+def evidence(query: Query, text: str) -> bool:
+    """Whether text (a caption, the text read in an image, tags: what a person wrote or a picture shows) holds
+    any of the query's positive atoms, as the keyword index would match them. The default mode fuses keyword
+    evidence only when it is found there, never in a file or folder name alone (README: One coherent ranking)."""
+    words, raw = _fold(text), text.lower()
+    return any(_atom_in(a, words, raw) for a in query.positive())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -65,3 +68,142 @@ def words(text: str | None) -> list[str]:
 # Words too common in captions to say anything about a match (so "a dog on the beach" is not a keyword
 # match for every caption that has "on" and "the").
 STOPWORDS = frozenset("an the of on in at and or with to for by is it its this that from as are be".split())
+
+
+# Composed queries (image + text): how the two halves are combined. README "How composition works" has the
+# measurements behind the default (benchmarks/bench_quality.py --suite compose).
+COMPOSE_METHODS = ("auto", "sum", "slerp", "product", "weicom")
+# What "auto" means: the best R@1 and R@10 on held-out compositions (bench_quality --suite compose, RESULTS.md
+# 2026-12-04 16:34): weicom 0.562 / 0.969, product 0.552 / 0.938, slerp 0.333, the sum 0.240 / 0.885.
+DEFAULT_COMPOSE = "weicom"
+LATE_FUSION = ("product", "weicom")  # scored from the two halves' similarities, not from one query vector
+CALIBRATION_SAMPLE = 2048  # WeiCom: stored vectors each query's similarities are standardised against
+
+
+def resolve_compose(method: str) -> str:
+    if method not in COMPOSE_METHODS:
+        raise ValueError(f"compose must be one of {', '.join(COMPOSE_METHODS)}, got {method!r}")
+    return DEFAULT_COMPOSE if method == "auto" else method
+
+
+def slerp(image: np.ndarray, text: np.ndarray, a: float) -> np.ndarray:
+    """Spherical interpolation from the image (a=0) to the text (a=1) along the great circle (Jang et al.
+    2024, arXiv 2405.00571); a unit vector, so it searches like any query."""
+    i, t = unit(image), unit(text)
+    theta = float(np.arccos(np.clip(i @ t, -1.0, 1.0)))
+    if theta < 1e-6:
+        return unit((1 - a) * i + a * t)
+    if np.pi - theta < 1e-6:
+        raise ValueError("the image and the text point in opposite directions: slerp has no path between them")
+    return unit((np.sin((1 - a) * theta) * i + np.sin(a * theta) * t) / np.sin(theta))
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A query's encoded halves, each a unit vector (or None), with the weights the user gave."""
+
+    text: np.ndarray | None = None
+    image: np.ndarray | None = None
+    negative: np.ndarray | None = None
+    text_weight: float = 2.0
+    image_weight: float = 1.0
+    negative_weight: float = 1.0
+
+    @property
+    def compound(self) -> bool:
+        return self.text is not None and self.image is not None
+
+
+class Scorer:
+    """The vector side of a search: the query vectors whose ANN neighbours are the candidates (`probes`),
+    and the exact score of a stored unit vector. One probe: the score is the cosine to it. Two probes
+    (late fusion): the image's and the text's cosines, fused (`method`)."""
+
+    def __init__(self, probes: list[np.ndarray], method: str = "sum", text_share: float = 2 / 3):
+        self.probes = [p.astype(np.float32) for p in probes]
+        self.method = method
+        self.text_share = text_share
+        self.stats: np.ndarray | None = None  # WeiCom: (mean, std) of each probe's similarities on a sample
+
+    @property
+    def late(self) -> bool:
+        return len(self.probes) == 2
+
+    @property
+    def vector(self) -> np.ndarray:
+        """The one query vector of a single-vector scorer."""
+        if self.late:
+            raise ValueError("a late-fusion query has no single query vector")
+        return self.probes[0]
+
+    def calibrate(self, sample: np.ndarray) -> None:
+        """WeiCom's per-query statistics, from a fixed sample of the stored vectors."""
+        sims = np.clip(sample.astype(np.float32) @ np.stack(self.probes, axis=1), -1, 1)
+        self.stats = np.stack([sims.mean(axis=0), np.maximum(sims.std(axis=0), 1e-6)])
+
+    def parts(self, stored: np.ndarray) -> np.ndarray:
+        """Cosines of each stored vector to each probe: (n, probes)."""
+        if len(stored) == 0:
+            return np.zeros((0, len(self.probes)), np.float32)
+        return np.clip(stored.astype(np.float32) @ np.stack(self.probes, axis=1), -1.0, 1.0)
+
+    def fused(self, parts: np.ndarray) -> np.ndarray:
+        """The score from the cosines: the cosine itself, or the late fusion of image (column 0) and text (1)."""
+        if not self.late:
+            return parts[:, 0]
+        if self.method == "product":  # "both must hold" (Psomas et al., i-CIR): negative evidence counts as none
+            return np.maximum(parts[:, 0], 0) * np.maximum(parts[:, 1], 0)
+        # WeiCom (Psomas et al., rscir): standardise each similarity against the sample, normal CDF, blend
+        if self.stats is None:
+            raise ValueError("weicom needs calibrate() first")
+        z = (parts - self.stats[0]) / self.stats[1]
+        cdf = 0.5 * (1.0 + _erf(z / np.sqrt(2.0)))  # the standard normal CDF
+        return ((1 - self.text_share) * cdf[:, 0] + self.text_share * cdf[:, 1]).astype(np.float32)
+
+    def tiebreak(self, parts: np.ndarray) -> np.ndarray:
+        """What orders equal scores: for late fusion the halves' weighted mean cosine, so the many images a
+        product scores 0 (one half negative) still come in a meaningful order, negatives included."""
+        if not self.late:
+            return parts[:, 0]
+        return ((1 - self.text_share) * parts[:, 0] + self.text_share * parts[:, 1]).astype(np.float32)
+
+    def score(self, stored: np.ndarray) -> np.ndarray:
+        return self.fused(self.parts(stored))
+
+    def order(self, parts: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+        """Indices best first: by score, ties by tiebreak, then by position (stable)."""
+        scores = self.fused(parts) if scores is None else scores
+        return np.lexsort((-self.tiebreak(parts), -scores))
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def scorer(parts: Parts, method: str = "auto") -> Scorer:
+    """How to score stored vectors for this query. A lone text or image (with or without a negative) is one
+    vector whatever the method. For a compound query:
+    - sum: the ALIGN paper's weighted sum of the unit vectors (text 2 : image 1), minus the negative;
+    - slerp: spherical interpolation from the image to the text at a = text_weight / (text_weight +
+      image_weight) (2/3 with the default weights); the negative is taken off the text half;
+    - product: max(cos(image), 0) * max(cos(text), 0) from two searches (late fusion, intersection
+      semantics); the weights are not used except for the negative, taken off the text half;
+    - weicom: each cosine standardised on a fixed sample of the index, normal CDF, blended with the text's
+      share text_weight / (text_weight + image_weight).
+    auto is DEFAULT_COMPOSE, or the sum when a weight is zero or negative (slerp and late fusion need positive
+    shares and refuse such weights)."""
+    asked, method = method, resolve_compose(method)
+    if asked == "auto" and not (parts.text_weight > 0 and parts.image_weight > 0):
+        method = "sum"  # a zero or negative weight steers the weighted sum: the other methods need shares
+    if not parts.compound or method == "sum":
+        return Scorer([compose(parts.text, parts.image, parts.negative, parts.text_weight, parts.image_weight,
+                               parts.negative_weight)])
+    text = parts.text
+    if parts.negative is not None:  # the text half says what to add and what to take away
+        text = unit(parts.text_weight * unit(parts.text) - parts.negative_weight * unit(parts.negative))
+    total = parts.text_weight + parts.image_weight
+    if parts.text_weight <= 0 or parts.image_weight <= 0:
+        raise ValueError(f"--compose {method} needs positive text and image weights")
+    share = parts.text_weight / total
+    if method == "slerp":
+        return Scorer([slerp(parts.image, text, share)], method)
+    return Scorer([unit(parts.image), unit(text)], method, text_share=share)

@@ -523,19 +523,20 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     api = dict(dependencies=[Depends(authorise)], responses=errors)
 
     async def encode_and_search(args: dict, image=None, narrowing: dict | None = None) -> list[dict]:
-        future = encoder.submit(library.engine.embed, args["text"], image, args["negative"], args["text_weight"],
+        future = encoder.submit(library.engine.embed_parts, args["text"], image, args["negative"], args["text_weight"],
                                 args["image_weight"], args["negative_weight"])
         vector = await asyncio.wrap_future(future)
         return await run_in_threadpool(library.search_vector, vector, args, narrowing)
 
-    def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse) -> dict:  # noqa: A002
+    def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,  # noqa: A002
+                     compose="auto") -> dict:
         """The filter, cutoff, sort, mode and collapse parameters (the names `query` and Engine.search use),
         checked here so a malformed one is a 400 before any encoding."""
         given = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path,
                  "format": format}
         filters.build(filters.FilterOptions(**given))
         return {**{n: v for n, v in given.items() if v is not None}, "min_score": min_score, "sort": sort,
-                "mode": mode, "collapse": collapse}
+                "mode": mode, "collapse": collapse, "compose": compose}
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, bool]:
@@ -567,12 +568,15 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
         mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
         collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
+        compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
+                           Query(description="how a text and an image combine (README: how composition works)")] = "auto",
     ):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
         args = querycheck.validate(text=q, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
                                    negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
-        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
+        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
+                                 compose)
         if similar is not None:
             vector = await run_in_threadpool(library.vector_of, similar)
             results = await run_in_threadpool(library.search_vector, vector, {**args, "text": None},
@@ -606,6 +610,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
         mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
         collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
+        compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
+                           Query(description="how a text and an image combine (README: how composition works)")] = "auto",
     ):
         """Search by an uploaded image, alone or with a text (multipart/form-data); filters, cutoff, sort, mode and
         collapse as query parameters of the URL, as for GET."""
@@ -614,7 +620,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         data = await image.read() if image is not None else None
         args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
                                    image_weight=image_weight, negative_weight=negative_weight, tag=tag)
-        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
+        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
+                                 compose)
         pil = None if data is None else await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
         results = await encode_and_search(args, pil, narrowing)
         query = {"text": args["text"], "image": data is not None, **{n: args[n] for n in (

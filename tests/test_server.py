@@ -108,6 +108,26 @@ def test_image_and_compound_queries_by_upload(served):
     assert len(json.loads(call(served["url"], "/api/search", data=body, headers=headers)[2])["results"]) == 3
 
 
+def test_compose_on_get_and_post(served):
+    """Issue 25: compose= on /api/search picks the method; the answers are the Python API's."""
+    import alignsearch
+
+    target = served["corpus"] / "img004.jpg"
+    engine = alignsearch.open(served["ix"], device="cpu")
+    for method in ("sum", "slerp", "product", "weicom"):
+        body, headers = multipart({"k": 3, "q": "at night"}, target.read_bytes())
+        status, _, answer = call(served["url"], f"/api/search?compose={method}", data=body, headers=headers)
+        out = json.loads(answer)
+        assert status == 200 and out["query"]["compose"] == method
+        local = engine.search(text="at night", image=target, k=3, compose=method)
+        assert [r["score"] for r in out["results"]] == pytest.approx([h.score for h in local], abs=1e-4)
+        if method == "product":
+            assert all(set(r["parts"]) == {"image", "text"} for r in out["results"])
+    out = json.loads(call(served["url"], "/api/search?q=at+night&k=3&compose=product")[2])  # one half: a cosine
+    assert [r["id"] for r in out["results"]] == [h.id for h in engine.search(text="at night", k=3)]
+    assert call(served["url"], "/api/search?q=x&compose=median")[0] == 422
+
+
 def test_similar_by_id_and_recent(served):
     first = json.loads(call(served["url"], "/api/search?q=dog&k=1")[2])["results"][0]
     similar = json.loads(call(served["url"], f"/api/search?similar={first['id']}&k=2")[2])["results"]

@@ -13,16 +13,19 @@ WORDS = (
 
 def build_tiny_align(out: Path, seed: int = 0, full_size: bool = False, image: tuple[int, int] = (40, 32),
                      text_init: float = 1.0, text_hidden: int = 32, vision_channels: tuple[int, int, int] = (16, 24, 32),
-                     vision_hidden: int = 64, vision_strides: tuple[int, int, int] = (1, 2, 2)) -> Path:
+                     vision_hidden: int = 64, vision_strides: tuple[int, int, int] = (1, 2, 2),
+                     extra_words: tuple[str, ...] = ()) -> Path:
     """full_size: align-base's geometry (EfficientNet-B7, BERT-base, 640-d, 289 px) with random
     weights, for speed benchmarks; otherwise a model small enough for unit tests (the quality
-    benchmark widens its towers with text_hidden, vision_channels, vision_hidden and vision_strides)."""
+    benchmark widens its towers with text_hidden, vision_channels, vision_hidden and vision_strides;
+    extra_words: whole words added to the vocabulary, which otherwise spells them letter by letter)."""
     import torch
     from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [w for w in extra_words if w not in WORDS]
+    vocab += list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizer.from_pretrained(str(out), model_max_length=64)

@@ -273,3 +273,16 @@ def test_ocr_reads_photos_and_leaves_video_moments_alone(tmp_path, tiny_model):
     assert again["ocr"]["read"] == 0 and again["failed"] == 0, again
     hits = json.loads(run("query", "zanzibar", "--index", ix, "--mode", "keyword", "--json").output)["results"]
     assert [h["relpath"] for h in hits] == ["sign.png"]
+
+
+def test_auto_mode_evidence_follows_the_keyword_rules():
+    """What counts as keyword evidence in auto mode (a caption, the text read in an image, a tag) is matched
+    as the keyword index matches: word starts, folded accents, phrases in order, codes inside tokens."""
+    assert keywords.evidence(keywords.parse("zanzi", partial_last=True), "ZANZIBAR SPICE CO.")
+    assert not keywords.evidence(keywords.parse("zanzi"), "ZANZIBAR SPICE CO.")  # a whole word, unless typed last
+    assert keywords.evidence(keywords.parse("cafe"), "Café du Monde")
+    assert keywords.evidence(keywords.parse('"spice co"'), "Zanzibar Spice Co.")
+    assert not keywords.evidence(keywords.parse('"co spice"'), "Zanzibar Spice Co.")
+    assert keywords.evidence(keywords.parse("4711"), "INVOICE INV-4711-A")
+    assert not keywords.evidence(keywords.parse("red car on beach"), "a blue truck\nsunset")
+    assert not keywords.evidence(keywords.parse("-red"), "red")  # nothing positive asked

@@ -401,11 +401,11 @@ class Engine:
         return best_ids[np.argsort(-best_scores, kind="stable")].tolist()
 
     def _keyword_ids(self, opts: "_Options", allowed: np.ndarray | None) -> list[int]:
+        """The best keyword matches among the allowed ids (the filter goes into the SQL, before the limit:
+        filtering the global top list starved a narrow filter), as many as k asks for."""
         with self.db.connect() as conn:
-            found = [i for i, _ in catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH)]
-        if allowed is not None:
-            found = [i for i in found if i in set(allowed.tolist())]
-        return found
+            among = None if allowed is None else allowed.tolist()
+            return [i for i, _ in catalog.keyword_search(conn, opts.words, max(opts.k, KEYWORD_DEPTH), among)]
 
     def _hits(self, snap: Snapshot, query: np.ndarray, ids: np.ndarray, opts: "_Options",
               by_similarity: bool = True) -> list[Hit]:

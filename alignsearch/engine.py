@@ -229,6 +229,11 @@ class Engine:
     def embed(self, text: str | None = None, image=None, negative: str | None = None,
               text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> np.ndarray:
         """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative."""
+        checked = querycheck.validate(text=text, image=image, negative=negative, text_weight=text_weight,
+                                      image_weight=image_weight, negative_weight=negative_weight)
+        text, image, negative = checked["text"], checked["image"], checked["negative"]
+        text_weight, image_weight, negative_weight = (checked[w] for w in ("text_weight", "image_weight",
+                                                                             "negative_weight"))
         return self._embed(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
 
     def _embed(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> np.ndarray:
@@ -262,10 +267,15 @@ class Engine:
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
         ranking), hybrid (reciprocal rank fusion of both), auto (hybrid when the text's words are in the
         keyword index, else vector). The query is encoded with the model of the generation it searches."""
-        querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                            image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
-        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
+        # the checked values from here on: a numpy integer k reached FAISS, which refuses it
+        checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
+                                      image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe,
+                                      tag=tag)
+        k, nprobe, negative = checked["k"], checked["nprobe"], checked["negative"]
+        text_weight, image_weight, negative_weight = (checked[w] for w in ("text_weight", "image_weight",
+                                                                             "negative_weight"))
+        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)))
         self.refresh()
         for attempt in range(4):
             snap = self.snap
@@ -291,10 +301,14 @@ class Engine:
                       min_score: float | None = None, sort: str = "score") -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model (filters, modes and collapse as in
         search; text: the words for the keyword index, when the vector was encoded from a text)."""
-        querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
-        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag))
+        checked = querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
+        k, nprobe = checked["k"], checked["nprobe"]
+        if text is not None:
+            querycheck.check_text(text)
+        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)))
         self.refresh()
+        query = querycheck.check_vector(query, self.snap.store.dim)
         for attempt in range(4):
             try:
                 hits = self._search(self.snap, query, replace(opts, k=k * 3) if collapse else opts)
@@ -343,8 +357,13 @@ class Engine:
             raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if min_score is not None and not -1 <= min_score <= 1:
-            raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
+        if min_score is not None:
+            try:
+                min_score = float(min_score)
+            except (TypeError, ValueError):
+                raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score!r}") from None
+            if not -1 <= min_score <= 1:  # NaN too
+                raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
         return _Options(k, nprobe, filters.build(flt), words(text) if mode != "vector" else [], mode, min_score, sort)
 
     def _search(self, snap: Snapshot, query: np.ndarray, opts: "_Options") -> list[Hit]:

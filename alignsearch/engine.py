@@ -298,15 +298,17 @@ class Engine:
                       text: str | None = None, mode: str = "vector", collapse: bool = False,
                       where: str | None = None, after: str | None = None, before: str | None = None,
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
-                      min_score: float | None = None, sort: str = "score") -> list[Hit]:
+                      min_score: float | None = None, sort: str = "score", exclude=()) -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model (filters, modes and collapse as in
-        search; text: the words for the keyword index, when the vector was encoded from a text)."""
+        search; text: the words for the keyword index, when the vector was encoded from a text). exclude: ids
+        never returned (`similar` leaves out the image itself), still k hits: k counts the hits returned."""
         checked = querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
         k, nprobe = checked["k"], checked["nprobe"]
         if text is not None:
             querycheck.check_text(text)
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)))
+        opts = replace(opts, exclude=frozenset(querycheck.check_id(i) for i in exclude))
         self.refresh()
         query = querycheck.check_vector(query, self.snap.store.dim)
         for attempt in range(4):
@@ -392,7 +394,7 @@ class Engine:
         enough for the exact re-rank and, when fusing with keyword hits, for fusion; never fewer than
         min(k, allowed) (no starving). Only fusion needs FUSION_DEPTH: a text whose words match no keyword
         (most queries of a photo library) re-ranks k x rerank_factor candidates, not 100 x (29 -> 4 ms at 100k)."""
-        depth = max(opts.k, FUSION_DEPTH) if fusing else opts.k
+        depth = (max(opts.k, FUSION_DEPTH) if fusing else opts.k) + len(opts.exclude)
         want = ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
         n = int(snap.index.ntotal)
         if allowed is not None and (len(allowed) <= EXACT_BELOW or snap.plan.kind == "flat"):
@@ -402,7 +404,7 @@ class Engine:
             nprobe = ann.filtered_nprobe(nprobe, snap.plan, want, n, len(allowed))
         _, ids = ann.search(snap.index, query[None, :], want, nprobe, allowed)
         ids = ids[0][ids[0] >= 0]
-        if allowed is not None and len(ids) < min(opts.k, len(allowed)):
+        if allowed is not None and len(ids) < min(opts.k + len(opts.exclude), len(allowed)):
             return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
         return ids.tolist()
 
@@ -424,7 +426,8 @@ class Engine:
         filtering the global top list starved a narrow filter), as many as k asks for."""
         with self.db.connect() as conn:
             among = None if allowed is None else allowed.tolist()
-            return [i for i, _ in catalog.keyword_search(conn, opts.words, max(opts.k, KEYWORD_DEPTH), among)]
+            return [i for i, _ in catalog.keyword_search(conn, opts.words,
+                                                                  max(opts.k + len(opts.exclude), KEYWORD_DEPTH), among)]
 
     def _hits(self, snap: Snapshot, query: np.ndarray, ids: np.ndarray, opts: "_Options",
               by_similarity: bool = True) -> list[Hit]:
@@ -435,7 +438,7 @@ class Engine:
                 raise _Stale()
             if len(addresses) < len(ids):
                 self._check_catalog(snap)
-            ids = np.array([i for i in ids.tolist() if i in addresses], dtype=np.int64)
+            ids = np.array([i for i in ids.tolist() if i in addresses and i not in opts.exclude], dtype=np.int64)
             # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
             # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
             stored = self._stored(snap, np.array([addresses[i] for i in ids.tolist()], dtype=np.int64))
@@ -602,6 +605,7 @@ class _Options:
     mode: str
     min_score: float | None
     sort: str
+    exclude: frozenset = frozenset()  # ids left out (`similar`: the image itself), fetched beyond k, not out of it
 
 
 def sort_hits(hits: list[Hit], key: str) -> list[Hit]:

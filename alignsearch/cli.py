@@ -86,6 +86,11 @@ class _Main(click.Group):
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
                 _quiet_stdout()
                 ctx.exit(0)
+            from alignsearch.catalog import not_damage
+
+            trouble = not_damage(exc)
+            if trouble is not None:
+                _fail(ctx, str(trouble), trouble.exit_code)
             damaged = _damaged_catalog(exc)
             if damaged:
                 _fail(ctx, damaged, 7)
@@ -114,7 +119,8 @@ def _fail(ctx, message: str, code: int):
 
 
 def _damaged_catalog(exc: Exception) -> str | None:
-    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None."""
+    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None. A full disk
+    or a lock held too long is not damage: invoke reports those as what they are (catalog.not_damage)."""
     import sqlite3
 
     try:

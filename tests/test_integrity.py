@@ -430,3 +430,54 @@ def test_twenty_threads_read_through_one_engine(tmp_path, tiny_model):
         "print(len(errors), errors[:2])\n")
     proc = subprocess.run([sys.executable, "-c", script, str(ix)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("0 "), (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(tmp_path, tiny_model, monkeypatch):
+    """Issue 24 #22: SQLite's "database or disk is full" and "database is locked" (past the 30 s wait) were
+    reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""
+    import sqlalchemy
+
+    from alignsearch import catalog
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 4)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    for path in make_images(root / "more", 4, seed=5):  # captions: the new rows need new pages
+        path.with_suffix(".txt").write_text(f"caption {path.stem} " * 400)
+
+    # a full disk, as SQLite meets it: no page can be added to the catalog (SQLITE_FULL)
+    real_create_engine = catalog.create_engine
+
+    def full_disk_engine(*args, **kwargs):
+        engine = real_create_engine(*args, **kwargs)
+
+        @sqlalchemy.event.listens_for(engine, "connect")
+        def _no_room(dbapi_conn, _record):
+            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        return engine
+
+    monkeypatch.setattr(catalog, "create_engine", full_disk_engine)
+    out = run("index", root, "--index", ix, "--device", "cpu", code=None)
+    assert out.exit_code == 1, out.output
+    assert "disk holding the index is full" in out.output and "not damaged" in out.output
+    assert "backup" not in out.output and "verify" not in out.output
+    monkeypatch.setattr(catalog, "create_engine", real_create_engine)
+
+    # a catalog another process holds locked past the wait
+    monkeypatch.setattr(catalog, "BUSY_TIMEOUT_MS", 300)
+    holder = sqlite3.connect(ix / "catalog.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        out = run("index", root, "--index", ix, "--device", "cpu", code=None)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert out.exit_code == 6, out.output
+    assert "locked by another process" in out.output and "not damaged" in out.output
+    assert "backup" not in out.output
+
+    # nothing was harmed: a re-run indexes the new images and verify agrees
+    assert index_json(ix, root)["added"] == 4
+    assert json.loads(run("verify", "--index", ix, "--json").output)["ok"] is True

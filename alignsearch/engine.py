@@ -127,6 +127,7 @@ class Engine:
             tuning = catalog.get_meta(conn, "tuning") or {}
             digest = catalog.get_meta(conn, "ann_digest")
             store = vectors.load(conn, self.dir, int(model_info["dim"]))
+            store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
         if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
         stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
@@ -535,6 +536,7 @@ class Engine:
             self._same_generation(snap)
             with self.db.connect() as conn:
                 store = vectors.load(conn, self.dir, snap.store.dim)  # rows committed since: a writer is running
+                store.expect_chunks(conn)
             snap = replace(snap, store=store, _columns=snap._columns, _lock=snap._lock)
             with self._refresh_lock:
                 if self.snap.generation == snap.generation:

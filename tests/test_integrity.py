@@ -221,6 +221,28 @@ def test_zero_filled_vectors_are_found(built):
     assert verify_json(ix, code=0)["ok"] and self_hits(ix, root)
 
 
+def test_unit_length_damage_to_vectors_is_never_served(built):
+    """Issue 24 #15: two swapped rows or one flipped bit keep every vector unit length, so the norm check
+    passed and queries answered wrong ids and scores with exit 0; the chunk checksums catch both on read."""
+    root, ix = built
+    path = ix / "vectors.f16"
+    with alignsearch.open(ix) as engine:
+        row = engine.store.row_bytes
+    good = path.read_bytes()
+    damaged_copies = {"swapped": good[row : 2 * row] + good[:row] + good[2 * row :]}
+    flipped = bytearray(good)
+    flipped[20 * row + 7] ^= 0x01  # the lowest mantissa bit of one component: the norm moves by ~1e-6
+    damaged_copies["bit"] = bytes(flipped)
+    for what, data in damaged_copies.items():
+        path.write_bytes(data)
+        out = run("query", "--image", root / "img000.png", "-k", "41", "--index", ix, code=7).output
+        assert "checksum" in out and "verify --repair" in out, (what, out)
+        out = run("similar", "3", "--index", ix, code=None)
+        assert out.exit_code == 7, (what, out.output)
+    path.write_bytes(good)
+    assert self_hits(ix, root)
+
+
 def test_random_bytes_in_the_ann_file_are_never_served(built):
     root, ix = built
     path = ix / "index.faiss"

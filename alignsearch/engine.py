@@ -96,6 +96,11 @@ class _Stale(Exception):
     """The catalog moved to another generation while a search was reading it: search again."""
 
 
+class SnapshotMoved(Exception):
+    """A search pinned to a snapshot (Engine.snapshot) found the index moved to another generation: take a
+    new snapshot and encode the query again (its model may have changed)."""
+
+
 class Engine:
     """An opened index. The model loads on first use; searches may run from several threads.
     Opening writes nothing: a read-only index (mount, permissions) can be queried."""
@@ -227,15 +232,24 @@ class Engine:
         p = enc.plan
         return p if isinstance(p, dict) else p.to_dict()
 
+    def snapshot(self) -> Snapshot:
+        """The current snapshot, after picking up a newer one. A caller that encodes a query in one step and
+        searches in another passes it to both (embed, vector_of, search_vector), so the query is encoded
+        with the model of the vectors it is ranked against, even across a re-encode's model switch."""
+        self.refresh()
+        return self.snap
+
     def embed(self, text: str | None = None, image=None, negative: str | None = None,
-              text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> np.ndarray:
-        """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative."""
+              text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0, *,
+              snapshot: Snapshot | None = None) -> np.ndarray:
+        """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative.
+        snapshot: encode with that snapshot's model (see snapshot())."""
         checked = querycheck.validate(text=text, image=image, negative=negative, text_weight=text_weight,
                                       image_weight=image_weight, negative_weight=negative_weight)
         text, image, negative = checked["text"], checked["image"], checked["negative"]
         text_weight, image_weight, negative_weight = (checked[w] for w in ("text_weight", "image_weight",
                                                                              "negative_weight"))
-        return self._embed(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
+        return self._embed(snapshot or self.snap, text, image, negative, text_weight, image_weight, negative_weight)
 
     def _embed(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> np.ndarray:
         from alignsearch.query import compose
@@ -299,10 +313,13 @@ class Engine:
                       text: str | None = None, mode: str = "vector", collapse: bool = False,
                       where: str | None = None, after: str | None = None, before: str | None = None,
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
-                      min_score: float | None = None, sort: str = "score", exclude=()) -> list[Hit]:
+                      min_score: float | None = None, sort: str = "score", exclude=(),
+                      snapshot: Snapshot | None = None) -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model (filters, modes and collapse as in
         search; text: the words for the keyword index, when the vector was encoded from a text). exclude: ids
-        never returned (`similar` leaves out the image itself), still k hits: k counts the hits returned."""
+        never returned (`similar` leaves out the image itself), still k hits: k counts the hits returned.
+        snapshot: search that snapshot (the one the vector was encoded for); SnapshotMoved when the index has
+        moved to another generation meanwhile (encode again with a new snapshot)."""
         checked = querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
         k, nprobe = checked["k"], checked["nprobe"]
         if text is not None:
@@ -310,12 +327,15 @@ class Engine:
         opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
             where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)))
         opts = replace(opts, exclude=frozenset(querycheck.check_id(i) for i in exclude))
-        self.refresh()
-        query = querycheck.check_vector(query, self.snap.store.dim)
+        if snapshot is None:
+            self.refresh()
+        query = querycheck.check_vector(query, (snapshot or self.snap).store.dim)
         for attempt in range(4):
             try:
-                hits = self._search(self.snap, query, replace(opts, k=k * 3) if collapse else opts)
+                hits = self._search(snapshot or self.snap, query, replace(opts, k=k * 3) if collapse else opts)
             except _Stale:
+                if snapshot is not None:
+                    raise SnapshotMoved() from None
                 if attempt == 3:
                     raise
                 self.refresh()
@@ -508,10 +528,19 @@ class Engine:
             row = catalog.get_files(conn, [file_id]).get(file_id)
         return row if row is not None and row.vec_row is not None else None
 
-    def vector_of(self, file_id: int) -> np.ndarray | None:
-        """The stored unit vector of an indexed file ("more like this"), or None."""
+    def vector_of(self, file_id: int, snapshot: Snapshot | None = None) -> np.ndarray | None:
+        """The stored unit vector of an indexed file ("more like this"), or None. snapshot: from that
+        snapshot's generation (SnapshotMoved if the catalog has moved on)."""
         row = self.file(file_id)
-        return None if row is None else self._stored(self.snap, np.array([row.vec_row]))[0]
+        if row is None:
+            return None
+        if snapshot is None:
+            return self._stored(self.snap, np.array([row.vec_row]))[0]
+        try:
+            self._same_generation(snapshot)  # the row just read is of that generation
+            return self._stored(snapshot, np.array([row.vec_row]))[0]
+        except _Stale:
+            raise SnapshotMoved() from None
 
     def _same_generation(self, snap: Snapshot) -> None:
         """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read

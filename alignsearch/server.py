@@ -50,7 +50,7 @@ import alignsearch
 from alignsearch import catalog, filters, querycheck, sources
 from alignsearch import engine as engine_module
 from alignsearch.atomic import write_bytes
-from alignsearch.engine import Engine
+from alignsearch.engine import Engine, SnapshotMoved
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
 from alignsearch.images import open_rgb
 from alignsearch.paths import SERVER_FILE
@@ -242,12 +242,19 @@ class Library:
     def info(self) -> dict[str, Any]:
         return {**self.fresh().info(), "index_id": self.index_id}
 
-    def search_vector(self, vector, args: dict, narrowing: dict | None = None) -> list[dict]:
-        hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), **(narrowing or {}))
+    def snapshot(self):
+        """The engine's current snapshot: one per request, for its encoding and its search alike."""
+        with self._refresh_lock:
+            return self.engine.snapshot()
+
+    def search_vector(self, vector, args: dict, narrowing: dict | None = None, snapshot=None) -> list[dict]:
+        engine = self.engine if snapshot is not None else self.fresh()
+        hits = engine.search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), snapshot=snapshot,
+                                    **(narrowing or {}))
         return [h.to_dict() for h in hits]
 
-    def vector_of(self, file_id: int):
-        vector = self.fresh().vector_of(file_id)
+    def vector_of(self, file_id: int, snapshot=None):
+        vector = (self.engine if snapshot is not None else self.fresh()).vector_of(file_id, snapshot)
         if vector is None:
             raise ApiError(404, f"no indexed image with id {file_id}")
         return vector
@@ -453,10 +460,31 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     api = dict(dependencies=[Depends(authorise)], responses=errors)
 
     async def encode_and_search(args: dict, image=None, narrowing: dict | None = None) -> list[dict]:
-        future = encoder.submit(library.engine.embed, args["text"], image, args["negative"], args["text_weight"],
-                                args["image_weight"], args["negative_weight"])
-        vector = await asyncio.wrap_future(future)
-        return await run_in_threadpool(library.search_vector, vector, args, narrowing)
+        # One snapshot for both steps: during a re-encode's model switch a query encoded with the old model
+        # was ranked against the new vectors. If the index moves on in between, encode again.
+        for attempt in range(4):
+            snap = await run_in_threadpool(library.snapshot)
+            future = encoder.submit(library.engine.embed, args["text"], image, args["negative"], args["text_weight"],
+                                    args["image_weight"], args["negative_weight"], snapshot=snap)
+            vector = await asyncio.wrap_future(future)
+            try:
+                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap)
+            except SnapshotMoved:
+                if attempt == 3:
+                    raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
+        raise AssertionError("unreachable")
+
+    async def similar_search(file_id: int, args: dict, narrowing: dict) -> list[dict]:
+        """The stored vector of an indexed image and its search, from one snapshot (as encode_and_search)."""
+        for attempt in range(4):
+            snap = await run_in_threadpool(library.snapshot)
+            try:
+                vector = await run_in_threadpool(library.vector_of, file_id, snap)
+                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap)
+            except SnapshotMoved:
+                if attempt == 3:
+                    raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
+        raise AssertionError("unreachable")
 
     def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse) -> dict:  # noqa: A002
         """The filter, cutoff, sort, mode and collapse parameters (the names `query` and Engine.search use),
@@ -504,9 +532,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
                                    negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
         if similar is not None:
-            vector = await run_in_threadpool(library.vector_of, similar)
-            results = await run_in_threadpool(library.search_vector, vector, {**args, "text": None},
-                                              {**narrowing, "mode": "vector"})
+            results = await similar_search(similar, {**args, "text": None}, {**narrowing, "mode": "vector"})
         else:
             results = await encode_and_search(args, narrowing=narrowing)
         query = {"text": args["text"], "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",

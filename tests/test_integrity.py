@@ -330,6 +330,66 @@ def test_verify_checks_every_file_the_index_owns(built):
 
 
 @pytest.mark.slow
+def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_model, other_model):
+    """Issue 24 #14: the server encoded a query with the old model, then searched the index a re-encode had
+    just switched to the new one (the old model's vector against the new vectors). Here the switch happens
+    exactly between the two steps: the answer must be the new model's, for a text and for `similar`."""
+    import urllib.request
+
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    def call(url, path, token=None):  # a re-encode runs inside the request: longer than helpers.call waits
+        with urllib.request.urlopen(url + path, timeout=300) as r:
+            return r.status, r.headers, r.read()
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 8)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix, device="cpu")
+    real_embed, real_vector_of, switched = engine.embed, engine.vector_of, []
+
+    def switch():
+        if not switched:  # the re-encode runs to its switch while the request is between its two steps
+            subprocess.run([sys.executable, "-m", "alignsearch", "index", "--index", str(ix), "--model",
+                            str(other_model), "--reindex", "--device", "cpu", "--workers", "0"], check=True,
+                           capture_output=True, timeout=300)
+            switched.append(True)
+
+    def embed_then_switch(*args, **kwargs):
+        vector = real_embed(*args, **kwargs)
+        switch()
+        return vector
+
+    def vector_of_then_switch(*args, **kwargs):
+        vector = real_vector_of(*args, **kwargs)
+        switch()
+        return vector
+
+    engine.embed = embed_then_switch
+    server = start_in_thread(engine, ServerConfig(port=0, no_token=True))
+    try:
+        status, _, body = call(server.url, "/api/search?q=red%20circle&k=5", token=None)
+        assert status == 200, body
+        served = [(r["id"], round(r["score"], 4)) for r in json.loads(body)["results"]]
+        with alignsearch.open(ix, device="cpu") as fresh:
+            assert fresh.model_info["model"] == str(other_model)
+            truth = [(h.id, round(h.score, 4)) for h in fresh.search(text="red circle", k=5)]
+        assert served == truth
+        # similar=ID: the stored vector read from one generation, searched in the same one
+        switched.clear()
+        engine.vector_of = vector_of_then_switch
+        status, _, body = call(server.url, "/api/search?similar=3&k=3", token=None)
+        assert status == 200, body
+        with alignsearch.open(ix, device="cpu") as fresh:
+            truth = [(h.id, round(h.score, 4)) for h in fresh.search_vector(fresh.vector_of(3), k=4)]
+        served = [(r["id"], round(r["score"], 4)) for r in json.loads(body)["results"]]
+        assert set(served) <= set(truth)
+    finally:
+        server.shutdown()
+        engine.close()
+
+
+@pytest.mark.slow
 def test_searches_during_a_reencode_never_mix_generations(tmp_path, tiny_model, other_model):
     """A reader searching by image in a loop while a re-encode runs and switches: every answer is the
     image itself at score ~1, scored with the model of the generation it searched (a query encoded with

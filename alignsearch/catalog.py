@@ -6,6 +6,7 @@ committed in one transaction together with the vector store's committed length.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -150,6 +151,17 @@ class FileRow:
 
     def read(self) -> bytes:
         return sources.read_bytes(self.root, self.relpath, self.relpath_raw)
+
+
+def shown_path(path: str) -> tuple[str, str | None]:
+    """A path as JSON and parquet text can hold it: a name that is not UTF-8 (os.fsdecode's surrogates) with
+    its bytes as \\xNN, and then those bytes whole in base64 (else None), as Hit.to_dict gives `path_b64`."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), base64.b64encode(raw).decode("ascii")
+    return path, None
 
 
 BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another process's lock before giving up

@@ -46,7 +46,7 @@ def _schema(dim: int) -> pa.Schema:
         ("id", pa.int64()), ("path", pa.string()), ("root", pa.string()), ("relpath", pa.string()),
         ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("size", pa.int64()),
         ("mtime", pa.float64()), ("taken", pa.timestamp("s")), ("caption", pa.string()),
-        ("tags", pa.list_(pa.string())), ("embedding", pa.list_(pa.float32(), dim)),
+        ("tags", pa.list_(pa.string())), ("path_b64", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
     ])
 
 
@@ -95,8 +95,10 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
 
 def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:
     """The schema's columns but the embedding, for these rows."""
+    shown = [catalog.shown_path(r.path) for r in rows]  # a name that is not UTF-8: \xNN text, bytes in path_b64
     columns = {
-        "id": [r.id for r in rows], "path": [r.path for r in rows], "root": [r.root for r in rows],
+        "id": [r.id for r in rows], "path": [p for p, _ in shown], "path_b64": [b for _, b in shown],
+        "root": [catalog.shown_path(r.root)[0] for r in rows],
         "relpath": [r.relpath for r in rows], "width": [r.width for r in rows], "height": [r.height for r in rows],
         "format": [r.format for r in rows], "size": [r.size for r in rows], "mtime": [r.mtime for r in rows],
         "taken": [None if tags[r.id]["taken"] is None else int(tags[r.id]["taken"]) for r in rows],
@@ -152,17 +154,21 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
     # no dictionary for the embedding: distinct floats never fit one, and the writer would buffer the
     # column's pages (and a hash table) until it gave up, ~80 MB more per row group at 640-d
     plain = [f.name for f in schema if f.name != "embedding"]
-    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=plain) as writer:
-        groups = _Groups(writer, schema, batch)
-        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
-            while rows:
-                take = min(len(rows), groups.room())
-                emb = group[groups.filled : groups.filled + take]
-                emb[:] = vecs[:take]  # fp16 -> float32
-                groups.add(_record_batch(rows[:take], emb, tags, schema))  # written (and emb free) when full
-                rows, vecs, n = rows[take:], vecs[take:], n + take
-            log.info("exported %d rows", n)
-        groups.flush()
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=plain) as writer:
+            groups = _Groups(writer, schema, batch)
+            for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
+                while rows:
+                    take = min(len(rows), groups.room())
+                    emb = group[groups.filled : groups.filled + take]
+                    emb[:] = vecs[:take]  # fp16 -> float32
+                    groups.add(_record_batch(rows[:take], emb, tags, schema))  # written (and emb free) when full
+                    rows, vecs, n = rows[take:], vecs[take:], n + take
+                log.info("exported %d rows", n)
+            groups.flush()
+    except BaseException:  # a failed or interrupted export leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups.written}
 
@@ -181,7 +187,6 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
     order = [f.name for f in full if f.name != "embedding"]
     pick = [order.index("path" if f.name == "image_path" else f.name) for f in meta_schema]
     state = {"shard": -1, "filled": 0, "raw": None, "groups": None}
-    n = 0
 
     def close_shard() -> None:
         if state["groups"] is None:
@@ -192,23 +197,32 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
                     len(_npy_header(shard_rows, dim)))
         state.update(groups=None, raw=None, filled=0)
 
-    for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
-        while rows:
-            if state["groups"] is None:
-                state["shard"] += 1
-                writer = pq.ParquetWriter(out / "metadata" / f"metadata_{state['shard']}.parquet", meta_schema)
-                state["groups"] = _Groups(writer, meta_schema, batch)
-                state["raw"] = open(out / "img_emb" / f"img_emb_{state['shard']}.npy.part", "w+b")  # noqa: SIM115
-                state["raw"].write(_npy_header(shard_rows, dim))  # rewritten with the rows held when it closes
-            take = min(len(rows), shard_rows - state["filled"], state["groups"].room())
-            columns = _columns(rows[:take], tags, full)
-            state["groups"].add(pa.RecordBatch.from_arrays([columns[i] for i in pick], schema=meta_schema))
-            state["raw"].write(np.ascontiguousarray(vecs[:take], dtype="<f2").data)  # the stored precision: nothing lost
-            rows, vecs = rows[take:], vecs[take:]
-            state["filled"] += take
-            n += take
-            if state["filled"] == shard_rows:
-                close_shard()
+    n = 0
+    try:
+        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
+            while rows:
+                if state["groups"] is None:
+                    state["shard"] += 1
+                    writer = pq.ParquetWriter(out / "metadata" / f"metadata_{state['shard']}.parquet", meta_schema)
+                    state["groups"] = _Groups(writer, meta_schema, batch)
+                    state["raw"] = open(out / "img_emb" / f"img_emb_{state['shard']}.npy.part", "w+b")  # noqa: SIM115
+                    state["raw"].write(_npy_header(shard_rows, dim))  # rewritten with the rows held when it closes
+                take = min(len(rows), shard_rows - state["filled"], state["groups"].room())
+                columns = _columns(rows[:take], tags, full)
+                state["groups"].add(pa.RecordBatch.from_arrays([columns[i] for i in pick], schema=meta_schema))
+                state["raw"].write(np.ascontiguousarray(vecs[:take], dtype="<f2").data)  # the stored precision: nothing lost
+                rows, vecs = rows[take:], vecs[take:]
+                state["filled"] += take
+                n += take
+                if state["filled"] == shard_rows:
+                    close_shard()
+    except BaseException:  # a failed or interrupted export leaves no half-written shard behind
+        if state["groups"] is not None:
+            state["groups"].writer.close()
+            (out / "metadata" / f"metadata_{state['shard']}.parquet").unlink(missing_ok=True)
+            state["raw"].close()
+            Path(state["raw"].name).unlink(missing_ok=True)
+        raise
     close_shard()
     return {"format": "clip-retrieval", "rows": n, "path": str(out), "shards": state["shard"] + 1}
 

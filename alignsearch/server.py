@@ -343,8 +343,11 @@ class Library:
 
 
 def _listed(row: catalog.FileRow) -> dict[str, Any]:
-    return {"id": row.id, "path": row.path, "root": row.root, "relpath": row.relpath, "width": row.width,
-            "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime}
+    # a name that is not UTF-8 holds surrogates JSON cannot encode (a 500): shown as \xNN, whole in path_b64
+    path, raw = catalog.shown_path(row.path)
+    out = {"id": row.id, "path": path, "root": catalog.shown_path(row.root)[0], "relpath": row.relpath,
+           "width": row.width, "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime}
+    return {**out, "path_b64": raw} if raw else out
 
 
 def decode_upload(data: bytes, max_pixels: int):

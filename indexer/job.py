@@ -261,6 +261,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     todo, removed = scanned.todo, scanned.removed
     summary.unchanged, summary.kept = scanned.unchanged, scanned.kept
     summary.listing_errors, summary.no_images = scanned.listing_errors, scanned.no_images
+    summary.notes += scanned.notes
     failed_now: set = set()
     write = _counting_failures(writer.catalog_writer(db, store), failed_now)
 

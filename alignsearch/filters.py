@@ -240,7 +240,15 @@ class FilterOptions:
 
 
 def build(opts: FilterOptions) -> Node | None:
-    """One tree for the flags and --where, combined with `and`; None when there is no filter."""
+    """One tree for the flags and --where, combined with `and`; None when there is no filter. A flag given
+    empty is refused (`--camera ""` was silently no filter at all), as is --after not before --before."""
+    for name in ("where", "after", "before", "camera", "near", "path", "format"):
+        value = getattr(opts, name)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"--{name} is empty: give a value or leave the option out")
+    if opts.after and opts.before and parse_date(opts.after, "--after") >= parse_date(opts.before, "--before"):
+        raise UsageError(f"--after {opts.after} is not before --before {opts.before}: no photo can match "
+                         "(--after is inclusive, --before exclusive)")
     parts: list[Node] = []
     if opts.where:
         parts.append(parse(opts.where))

@@ -120,3 +120,13 @@ def test_nesting_up_to_the_limit_still_parses():
     depth = filters.MAX_NESTING
     assert mask("(" * depth + "width >= 3000" + ")" * depth) == [True, False, False, True]
     assert mask("not " * 2 + "width >= 3000") == [True, False, False, True]
+
+
+@pytest.mark.parametrize("flags", [{"camera": ""}, {"path": "  "}, {"format": ""}, {"after": ""},
+                                   {"after": "2020-01-01", "before": "2019-01-01"},
+                                   {"after": "2020-01-01", "before": "2020-01-01"}])
+def test_empty_flags_and_an_empty_date_range_are_usage_errors(flags):
+    """Issue 24 #23: `--camera ""` was no filter at all; --after later than --before matched nothing, silently."""
+    with pytest.raises(UsageError) as exc:
+        mask(**flags)
+    assert exc.value.exit_code == 2 and ("empty" in str(exc.value) or "not before" in str(exc.value))

@@ -166,3 +166,15 @@ def test_finetune_small_validation_split_says_why_and_no_requires_grad_warning(t
     small = run("finetune", tmp_path / "train", "--model", base, "--out", tmp_path / "o2", "--epochs", "1",
                 "--batch-size", "8", "--device", "cpu", "--val-fraction", "0").output
     assert "no validation split" in small
+
+
+def test_labels_differing_in_case_are_one_label_and_long_ones_are_refused():
+    """Issue 24 #23: `CAT` and `cat` in one labels file became two labels (of one case-insensitive tag); a label
+    over 200 characters was accepted by `tag` but refused as --tag."""
+    from alignsearch.errors import BadInputError
+    from indexer.tag import parse_labels
+
+    assert parse_labels(["CAT", "cat", " Cat ", "# cat", "dog"]) == ["CAT", "dog"]
+    with pytest.raises(BadInputError, match="limit is 200"):
+        parse_labels(["a dog", "x" * 201])
+    assert parse_labels(["y" * 200]) == ["y" * 200]

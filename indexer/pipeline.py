@@ -11,7 +11,6 @@ batch is the unit of loss on a crash: everything before it is committed.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +21,7 @@ import numpy as np
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec
 from indexer.decode import Item, read_item
 from indexer.scan import Found
+from indexer.workers import decode_in_processes
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int
     if workers <= 0:
         yield from map(fn, todo)
         return
-    # spawn: workers import only PIL and numpy, never the torch state of this process
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(fn, todo, chunksize=4)
+    # a pool that notices a worker that died (indexer/workers.py): Pool.imap waited forever for its task
+    yield from decode_in_processes(fn, todo, workers, lambda found, reason: Item(found, None, reason=reason))
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

@@ -357,3 +357,14 @@ def alignsearch_vmhwm(*args, setup: str = "", timeout: float = 300) -> tuple[sub
     got = json.loads(line[-1].split(" ", 1)[1])
     return proc, {"base": got["base"]["VmRSS"], "peak": got["end"]["VmHWM"],
                   "growth": got["end"]["VmHWM"] - got["base"]["VmRSS"], "end": got["end"]}
+
+
+def decode_or_die(item):
+    """For decode-worker tests: a worker process that meets "die" dies at once (as the OOM killer ends one);
+    "die-once" kills only the first worker that meets it (a marker file remembers)."""
+    if item == "die" or (item.startswith("die-once:") and not os.path.exists(item.split(":", 1)[1])):
+        if item != "die":
+            open(item.split(":", 1)[1], "w").close()
+        os._exit(9)
+    time.sleep(0.01)
+    return item.upper()

@@ -60,6 +60,14 @@ def sidecar_caption(found: Found) -> str | None:
         return None
     path = os.path.splitext(found.path)[0] + ".txt"
     try:
-        return sources.read_local(path, max_bytes=64 * 1024).decode("utf-8", "replace")
-    except (OSError, BadImageError):
+        if sources.unusable(os.stat(path), max_bytes=2**62):  # a FIFO, a device: not opened
+            return None
+        # the first CAPTION_BYTES only: a longer caption is cut (clean_caption keeps CAPTION_MAX characters
+        # anyway), where a sidecar over the limit was refused and its caption lost
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if sources.unusable(os.fstat(fd), max_bytes=2**62):
+                return None
+            return f.read(photometa.CAPTION_BYTES).decode("utf-8", "replace")
+    except OSError:
         return None

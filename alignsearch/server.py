@@ -52,7 +52,7 @@ from alignsearch import engine as engine_module
 from alignsearch.atomic import write_bytes
 from alignsearch.engine import Engine, SnapshotMoved
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError
-from alignsearch.images import open_rgb
+from alignsearch.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.paths import SERVER_FILE
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ class Library:
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self._thumb_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._members_lock = threading.Lock()
 
     def fresh(self) -> Engine:
@@ -335,7 +336,11 @@ class Library:
             if path.exists():
                 self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
                 return path.read_bytes()
-            img, _ = open_rgb(self.read(row), self.config.max_upload_pixels)
+            # An indexed image is within the indexer's pixel cap (200 MP), not the upload cap (50 MP): those
+            # between answered 404. A JPEG decodes at a reduced DCT scale still at least the thumbnail's size,
+            # and a few decode at once (the others wait), so a large one costs little memory.
+            with self._thumb_slots:
+                img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(size, size))
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))

@@ -588,3 +588,27 @@ def test_uploads_decode_a_few_at_a_time(tmp_path, tiny_model, monkeypatch):
         engine.close()
     assert [status for status, _, _ in answers] == [200] * 8
     assert most[0] == 2 == server_module.DECODE_SLOTS, most
+
+
+def test_thumbnails_of_images_between_the_upload_and_index_caps(tmp_path, tiny_model):
+    """Issue 24 #23: an indexed 50-200 MP photo answered 404 for its thumbnail (the 50 MP upload cap applied)."""
+    from conftest import index_json
+
+    import alignsearch
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (9000, 6000), (30, 120, 200)).save(root / "big.jpg", quality=70)  # 54 MP
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        (item,) = json.loads(call(server.url, "/api/recent", server.token)[2])["results"]
+        status, _, body = call(server.url, f"/api/image/{item['id']}?size=256", server.token)
+    finally:
+        server.shutdown()
+        engine.close()
+    assert status == 200, body[:200]
+    assert max(Image.open(io.BytesIO(body)).size) == 256

@@ -570,7 +570,13 @@ class Engine:
             with self._refresh_lock:
                 if self.snap.generation == snap.generation:
                     self.snap = snap
-        return snap.store.get(addresses)
+        try:
+            return snap.store.get(addresses)
+        except vectors.ChunkChanged:
+            # the store and its checksums are read in separate statements: a re-encode that switched between
+            # them pairs old rows with new checksums. That is a new generation to search, not damage.
+            self._same_generation(snap)
+            raise
 
     def tags(self, file_id: int) -> list[tuple[str, float]]:
         with self.db.connect() as conn:

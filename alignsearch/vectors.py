@@ -38,6 +38,10 @@ ROW_MASK = (1 << SEGMENT_BITS) - 1
 SEGMENTS_DIR = "vectors"
 
 
+class ChunkChanged(IndexDamagedError):
+    """A batch of vector rows read by a query does not match its checksum."""
+
+
 def address(segment: int, row: int) -> int:
     return (segment << SEGMENT_BITS) | row
 
@@ -88,7 +92,7 @@ class VectorStore:
                 continue
             start, n = int(starts[i]), int(counts[i])
             if start + n > len(mapped) or digest(np.ascontiguousarray(mapped[start : start + n]).data) != digests[i]:
-                raise IndexDamagedError(f"{self.segment_path(segment).name}: vector rows {start} to {start + n - 1} "
+                raise ChunkChanged(f"{self.segment_path(segment).name}: vector rows {start} to {start + n - 1} "
                                         "changed since they were written (checksum): run `alignsearch verify --repair`")
             self._verified.add((segment, i))
 

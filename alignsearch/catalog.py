@@ -6,6 +6,8 @@ committed in one transaction together with the vector store's committed length.
 
 from __future__ import annotations
 
+import base64
+import errno
 import json
 import os
 import sqlite3
@@ -40,7 +42,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from alignsearch import sources
-from alignsearch.errors import IndexDamagedError
+from alignsearch.errors import AlignSearchError, CatalogBusyError, DiskFullError, IndexDamagedError
 
 # 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
@@ -168,6 +170,20 @@ class FileRow:
         return sources.read_bytes(self.root, self.relpath, self.relpath_raw)
 
 
+def shown_path(path: str) -> tuple[str, str | None]:
+    """A path as JSON and parquet text can hold it: a name that is not UTF-8 (os.fsdecode's surrogates) with
+    its bytes as \\xNN, and then those bytes whole in base64 (else None), as Hit.to_dict gives `path_b64`."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), base64.b64encode(raw).decode("ascii")
+    return path, None
+
+
+BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another process's lock before giving up
+
+
 def connect(db_path: Path, readonly: bool = False) -> Engine:
     """The catalog's engine. A writer creates and upgrades it; a reader (readonly) writes nothing, so an
     index on a read-only mount or owned by another user can be queried. A file that is not a readable
@@ -188,7 +204,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.close()
 
     try:
@@ -234,9 +250,36 @@ def _upgrade(conn: Connection, version: int) -> None:
         refresh_keywords(conn)
 
 
-def damaged(db_path, exc: Exception) -> IndexDamagedError:
+def damaged(db_path, exc: Exception) -> AlignSearchError:
+    """What a failed catalog operation means: a full disk or a lock held too long are said as such (the
+    index is fine and a re-run recovers); anything else is reported as possible damage."""
+    trouble = not_damage(exc)
+    if trouble is not None:
+        return trouble
     reason = str(getattr(exc, "orig", exc)).splitlines()[0]
     return IndexDamagedError(f"{Path(db_path).name} cannot be read ({reason}): run `alignsearch verify`")
+
+
+# SQLite's primary result codes (the low byte of an extended code)
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
+
+
+def not_damage(exc: BaseException) -> AlignSearchError | None:
+    """A SQLite (or OS) error that says nothing about the index's health, as the error to report; else None.
+    A full disk and a catalog locked past BUSY_TIMEOUT_MS were reported as a damaged index ("restore it
+    from a backup"), though nothing was lost and a re-run recovers fully."""
+    cause = getattr(exc, "orig", None) or exc
+    code = getattr(cause, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if primary == SQLITE_FULL or (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
+        return DiskFullError(f"the disk holding the index is full ({text}): free some space and run the command "
+                             "again; the index is not damaged (what was committed before stays)")
+    if primary in (SQLITE_BUSY, SQLITE_LOCKED):
+        return CatalogBusyError(f"the index catalog stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s "
+                                f"({text}): try again when that process (an `alignsearch index` run?) is done; "
+                                "the index is not damaged")
+    return None
 
 
 def _check_version(version) -> None:
@@ -252,7 +295,7 @@ def _open_readonly(db_path: Path):
     if not os.access(db_path.parent, os.W_OK) and not (db_path.parent / (db_path.name + "-shm")).exists():
         uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     try:
         _moments_view(conn)
     except sqlite3.DatabaseError:  # not a database: connect() reports it in words
@@ -673,15 +716,16 @@ def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None
         _put_keywords(conn, file_id, keyword_text(relpath, caption, labels.get(file_id, ()), ocr))
 
 
-def keyword_search(conn: Connection, words, limit: int) -> list[tuple[int, float]]:
+def keyword_search(conn: Connection, words, limit: int, among: Iterable[int] | None = None) -> list[tuple[int, float]]:
     """(file id, bm25 score: lower is better) of indexed files that match `words`, best first: a parsed
     keywords.Query (AND, OR, -word, "phrases", prefixes, codes: alignsearch/keywords.py), or a list of words
-    (any of them). User text is never FTS5 syntax."""
+    (any of them). User text is never FTS5 syntax. among: only these ids (a filter's matches), applied in SQL
+    before the limit, so a filter never starves the keyword ranking."""
     from alignsearch import keywords
 
     if not words or not has_keywords(conn):
         return []
-    return keywords.search(conn, keywords.as_query(words), limit)
+    return keywords.search(conn, keywords.as_query(words), limit, among)
 
 
 def file_at(conn: Connection, root: str, relpath: str) -> FileRow | None:

@@ -93,6 +93,11 @@ class _Main(click.Group):
                 raise
             if epipe:  # a pipe of our own (a worker's, multiprocessing's resource tracker) broke: a failure
                 _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
+            from alignsearch.catalog import not_damage
+
+            trouble = not_damage(exc)
+            if trouble is not None:
+                _fail(ctx, str(trouble), trouble.exit_code)
             damaged = _damaged_catalog(exc)
             if damaged:
                 _fail(ctx, damaged, 7)
@@ -154,7 +159,8 @@ def _fail(ctx, message: str, code: int):
 
 
 def _damaged_catalog(exc: Exception) -> str | None:
-    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None."""
+    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None. A full disk
+    or a lock held too long is not damage: invoke reports those as what they are (catalog.not_damage)."""
     import sqlite3
 
     try:
@@ -854,7 +860,7 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
 @reports_errors
 def similar(ref, k, collapse, as_json, index_dir):
     """Images like an indexed one (by catalog id or path), from its stored vector; the image itself is left out."""
-    from alignsearch.dupes import collapse_hits, find_indexed
+    from alignsearch.dupes import find_indexed
     from alignsearch.engine import open as open_index
     from alignsearch.errors import BadInputError
 
@@ -862,9 +868,8 @@ def similar(ref, k, collapse, as_json, index_dir):
     row = find_indexed(engine, ref)
     if row is None:
         raise BadInputError(f"{ref} is not an indexed image (give a catalog id or the path of an indexed file)")
-    hits = engine.search_vector(engine.vector_of(row.id), k=(k * 3 if collapse else k) + 1)
-    hits = [h for h in hits if h.id != row.id]
-    hits = collapse_hits(engine.db, hits, k) if collapse else hits[:k]
+    # the image itself is excluded inside the search, so -k counts the results (k + 1 was refused at 1000)
+    hits = engine.search_vector(engine.vector_of(row.id), k=k, collapse=collapse, exclude=[row.id])
     _print_hits({"similar": row.id, "path": row.path, "k": k, "collapse": collapse}, [h.to_dict() for h in hits], as_json)
 
 

@@ -106,6 +106,11 @@ class _Stale(Exception):
     """The catalog moved to another generation while a search was reading it: search again."""
 
 
+class SnapshotMoved(Exception):
+    """A search pinned to a snapshot (Engine.snapshot) found the index moved to another generation: take a
+    new snapshot and encode the query again (its model may have changed)."""
+
+
 class Engine:
     """An opened index. The model loads on first use; searches may run from several threads.
     Opening writes nothing: a read-only index (mount, permissions) can be queried."""
@@ -139,6 +144,7 @@ class Engine:
             digest = catalog.get_meta(conn, "ann_digest")
             store = vectors.load(conn, self.dir, int(model_info["dim"]))
             videos = bool(catalog.get_meta(conn, "videos", False))
+            store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
         if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
         stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
@@ -238,15 +244,34 @@ class Engine:
         p = enc.plan
         return p if isinstance(p, dict) else p.to_dict()
 
+    def snapshot(self) -> Snapshot:
+        """The current snapshot, after picking up a newer one. A caller that encodes a query in one step and
+        searches in another passes it to both (embed, vector_of, search_vector), so the query is encoded
+        with the model of the vectors it is ranked against, even across a re-encode's model switch."""
+        self.refresh()
+        return self.snap
+
     def embed(self, text: str | None = None, image=None, negative: str | None = None,
-              text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> np.ndarray:
-        """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative."""
-        return self._embed(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
+              text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0, *,
+              snapshot: Snapshot | None = None) -> np.ndarray:
+        """The unit query vector for text, image (path, bytes or PIL image), or both, minus a negative.
+        snapshot: encode with that snapshot's model (see snapshot())."""
+        checked = querycheck.validate(text=text, image=image, negative=negative, text_weight=text_weight,
+                                      image_weight=image_weight, negative_weight=negative_weight)
+        text, image, negative = checked["text"], checked["image"], checked["negative"]
+        text_weight, image_weight, negative_weight = (checked[w] for w in ("text_weight", "image_weight",
+                                                                             "negative_weight"))
+        return self._embed(snapshot or self.snap, text, image, negative, text_weight, image_weight, negative_weight)
 
     def embed_parts(self, text: str | None = None, image=None, negative: str | None = None,
-                    text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0) -> Parts:
-        """A query's halves encoded (unit vectors), for search_vector with any compose method."""
-        return self._parts(self.snap, text, image, negative, text_weight, image_weight, negative_weight)
+                    text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0, *,
+                    snapshot: Snapshot | None = None) -> Parts:
+        """A query's halves encoded (unit vectors), for search_vector with any compose method. snapshot: encode
+        with that snapshot's model (see snapshot())."""
+        checked = querycheck.validate(text=text, image=image, negative=negative, text_weight=text_weight,
+                                      image_weight=image_weight, negative_weight=negative_weight)
+        return self._parts(snapshot or self.snap, checked["text"], checked["image"], checked["negative"],
+                           checked["text_weight"], checked["image_weight"], checked["negative_weight"])
 
     def _embed(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> np.ndarray:
         from alignsearch.query import compose
@@ -286,7 +311,7 @@ class Engine:
                where: str | None = None, after: str | None = None, before: str | None = None,
                camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                min_score: float | None = None, sort: str = "score", mode: str = "auto", media: str | None = None,
-               per_video: int | None = DEFAULT_PER_VIDEO,                compose: str = "auto") -> list[Hit]:
+               per_video: int | None = DEFAULT_PER_VIDEO, compose: str = "auto") -> list[Hit]:
         """Top-k hits, best first by `score`. compose: how an image and a text combine (alignsearch/query.py:
         sum, the ALIGN paper's text 2 : image 1; slerp; product, late fusion of the two similarities; weicom;
         auto, the best measured).
@@ -304,12 +329,16 @@ class Engine:
         always applies to `similarity`. The query is encoded with the model of the generation it searches.
         media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no
         limit)."""
-        querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                            image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
+        # the checked values from here on: a numpy integer k reached FAISS, which refuses it
+        checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
+                                      image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe,
+                                      tag=tag)
+        k, nprobe, negative = checked["k"], checked["nprobe"], checked["negative"]
+        text_weight, image_weight, negative_weight = (checked[w] for w in ("text_weight", "image_weight",
+                                                                             "negative_weight"))
         _check_compose(compose)
-        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag),
-            media, per_video)
+        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)), media, per_video)
         self.refresh()
         for attempt in range(4):
             snap = self.snap
@@ -334,21 +363,34 @@ class Engine:
                       where: str | None = None, after: str | None = None, before: str | None = None,
                       camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                       min_score: float | None = None, sort: str = "score", media: str | None = None,
-                      per_video: int | None = DEFAULT_PER_VIDEO, compose: str = "auto") -> list[Hit]:
+                      per_video: int | None = DEFAULT_PER_VIDEO, compose: str = "auto", exclude=(),
+                      snapshot: Snapshot | None = None) -> list[Hit]:
         """Top-k hits for a unit query vector of the index's current model, or for a query's encoded halves
         (embed_parts) composed by `compose` (filters, modes and collapse as in search; text: the words for the
-        keyword index, when the vector was encoded from a text)."""
-        querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
+        keyword index, when the vector was encoded from a text). exclude: ids never returned (`similar` leaves
+        out the image itself), still k hits: k counts the hits returned. snapshot: search that snapshot (the one
+        the vector was encoded for); SnapshotMoved when the index has moved to another generation meanwhile
+        (encode again with a new snapshot)."""
+        checked = querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
+        k, nprobe = checked["k"], checked["nprobe"]
+        if text is not None:
+            querycheck.check_text(text)
         _check_compose(compose)
-        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag),
+        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
+            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)),
             media, per_video)
-        sc = self._scorer(query, compose) if isinstance(query, Parts) else Scorer([np.asarray(query, np.float32)])
-        self.refresh()
+        opts = replace(opts, exclude=frozenset(querycheck.check_id(i) for i in exclude))
+        if snapshot is None:
+            self.refresh()
+        dim = (snapshot or self.snap).store.dim
+        # a query's encoded halves come from embed_parts (checked there); a bare vector from the caller: checked
+        sc = self._scorer(query, compose) if isinstance(query, Parts) else Scorer([querycheck.check_vector(query, dim)])
         for attempt in range(4):
             try:
-                hits = self._search(self.snap, sc, replace(opts, k=k * 3) if collapse else opts)
+                hits = self._search(snapshot or self.snap, sc, replace(opts, k=k * 3) if collapse else opts)
             except _Stale:
+                if snapshot is not None:
+                    raise SnapshotMoved() from None
                 if attempt == 3:
                     raise
                 self.refresh()
@@ -416,8 +458,13 @@ class Engine:
             raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if min_score is not None and not -1 <= min_score <= 1:
-            raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
+        if min_score is not None:
+            try:
+                min_score = float(min_score)
+            except (TypeError, ValueError):
+                raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score!r}") from None
+            if not -1 <= min_score <= 1:  # NaN too
+                raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
         if media not in (None, "photo", "video"):
             raise UsageError(f"media must be photo or video, got {media!r}")
         if per_video is not None and (isinstance(per_video, bool) or not isinstance(per_video, int) or per_video < 1):
@@ -473,7 +520,7 @@ class Engine:
         min(k, allowed) (no starving). Only fusion needs FUSION_DEPTH: a text whose words match no keyword
         (most queries of a photo library) re-ranks k x rerank_factor candidates, not 100 x (29 -> 4 ms at 100k).
         A late-fused query searches with each half and takes the union (on a flat index: every vector)."""
-        depth = max(opts.k, FUSION_DEPTH) if fusing else opts.k
+        depth = (max(opts.k, FUSION_DEPTH) if fusing else opts.k) + len(opts.exclude)
         if opts.per_video is not None and snap.videos:  # room for the moments the cap drops
             depth = min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal)))
         want = self._late_want(snap, depth) if query.late else \
@@ -489,7 +536,7 @@ class Engine:
         _, ids = ann.search(snap.index, np.stack(query.probes), want, nprobe, allowed)
         ids = ids.ravel()
         ids = list(dict.fromkeys(ids[ids >= 0].tolist()))
-        if allowed is not None and len(ids) < min(opts.k, len(allowed)):
+        if allowed is not None and len(ids) < min(opts.k + len(opts.exclude), len(allowed)):
             return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
         return ids
 
@@ -516,19 +563,19 @@ class Engine:
         return best_ids[np.argsort(-best_scores, kind="stable")].tolist()
 
     def _keyword_ids(self, opts: "_Options", allowed: np.ndarray | None) -> list[int]:
-        """Keyword matches, best first. In auto mode only words in a caption, the text read in the image or a tag
-        count: a word of a file or folder name alone ("red_circle.png" for "red car on beach") must not override
-        the model."""
+        """Keyword matches among the allowed ids, best first, as many as k asks for: the filter goes into the SQL,
+        before the limit (filtering the global top list starved a narrow filter). In auto mode only words in a
+        caption, the text read in the image or a tag count: a word of a file or folder name alone
+        ("red_circle.png" for "red car on beach") must not override the model."""
         with self.db.connect() as conn:
-            found = [i for i, _ in catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH)]
+            among = None if allowed is None else allowed.tolist()
+            found = [i for i, _ in catalog.keyword_search(conn, opts.words, max(opts.k + len(opts.exclude),
+                                                                                KEYWORD_DEPTH), among)]
             if opts.mode == "auto" and found:
                 photos, labels = catalog.photos_of(conn, found), catalog.labels_of(conn, found)
                 found = [i for i in found if keywords.evidence(opts.words, "\n".join(
                     [(photos.get(i) or {}).get("caption") or "", (photos.get(i) or {}).get("ocr") or "",
                      *labels.get(i, [])]))]
-        if allowed is not None:
-            allowed_set = set(allowed.tolist())
-            found = [i for i in found if i in allowed_set]
         return found
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
@@ -541,7 +588,7 @@ class Engine:
                 raise _Stale()
             if len(addresses) < len(ids):
                 self._check_catalog(snap)
-            ids = np.array([i for i in ids.tolist() if i in addresses], dtype=np.int64)
+            ids = np.array([i for i in ids.tolist() if i in addresses and i not in opts.exclude], dtype=np.int64)
             # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
             # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
             stored = self._stored(snap, np.array([addresses[i] for i in ids.tolist()], dtype=np.int64))
@@ -635,10 +682,19 @@ class Engine:
             row = catalog.get_files(conn, [file_id]).get(file_id)
         return row if row is not None and row.vec_row is not None else None
 
-    def vector_of(self, file_id: int) -> np.ndarray | None:
-        """The stored unit vector of an indexed file ("more like this"), or None."""
+    def vector_of(self, file_id: int, snapshot: Snapshot | None = None) -> np.ndarray | None:
+        """The stored unit vector of an indexed file ("more like this"), or None. snapshot: from that
+        snapshot's generation (SnapshotMoved if the catalog has moved on)."""
         row = self.file(file_id)
-        return None if row is None else self._stored(self.snap, np.array([row.vec_row]))[0]
+        if row is None:
+            return None
+        if snapshot is None:
+            return self._stored(self.snap, np.array([row.vec_row]))[0]
+        try:
+            self._same_generation(snapshot)  # the row just read is of that generation
+            return self._stored(snapshot, np.array([row.vec_row]))[0]
+        except _Stale:
+            raise SnapshotMoved() from None
 
     def _same_generation(self, snap: Snapshot) -> None:
         """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read
@@ -663,11 +719,18 @@ class Engine:
             self._same_generation(snap)
             with self.db.connect() as conn:
                 store = vectors.load(conn, self.dir, snap.store.dim)  # rows committed since: a writer is running
+                store.expect_chunks(conn)
             snap = replace(snap, store=store, _columns=snap._columns, _lock=snap._lock)
             with self._refresh_lock:
                 if self.snap.generation == snap.generation:
                     self.snap = snap
-        return snap.store.get(addresses)
+        try:
+            return snap.store.get(addresses)
+        except vectors.ChunkChanged:
+            # the store and its checksums are read in separate statements: a re-encode that switched between
+            # them pairs old rows with new checksums. That is a new generation to search, not damage.
+            self._same_generation(snap)
+            raise
 
     def tags(self, file_id: int) -> list[tuple[str, float]]:
         with self.db.connect() as conn:
@@ -757,6 +820,7 @@ class _Options:
     min_score: float | None
     sort: str
     per_video: int | None = None
+    exclude: frozenset = frozenset()  # ids left out (`similar`: the image itself), fetched beyond k, not out of it
 
 
 def _cap_per_video(conn, ids: np.ndarray, order: np.ndarray, cap: int, k: int) -> np.ndarray:

@@ -35,5 +35,17 @@ class IndexDamagedError(AlignSearchError):
     exit_code = 7
 
 
+class CatalogBusyError(AlignSearchError):
+    """The catalog stayed locked by another process past the wait: nothing is damaged; run again later."""
+
+    exit_code = 6
+
+
+class DiskFullError(AlignSearchError):
+    """The disk holding the index filled up: what was committed stays; free space and run again."""
+
+    exit_code = 1
+
+
 class BadImageError(Exception):
     """One image file that cannot be used; the indexer records the reason and moves on."""

@@ -53,6 +53,7 @@ def _schema(dim: int) -> pa.Schema:
         ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("size", pa.int64()),
         ("mtime", pa.float64()), ("taken", pa.timestamp("s")), ("caption", pa.string()),
         ("tags", pa.list_(pa.string())), ("t", pa.float64()), ("t_end", pa.float64()),  # a video moment's seconds
+        ("path_b64", pa.string()),  # the path's bytes (base64) when it is not UTF-8
         ("embedding", pa.list_(pa.float32(), dim)),
     ])
 
@@ -102,8 +103,10 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
 
 def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:
     """The schema's columns but the embedding, for these rows."""
+    shown = [catalog.shown_path(r.path) for r in rows]  # a name that is not UTF-8: \xNN text, bytes in path_b64
     columns = {
-        "id": [r.id for r in rows], "path": [r.path for r in rows], "root": [r.root for r in rows],
+        "id": [r.id for r in rows], "path": [p for p, _ in shown], "path_b64": [b for _, b in shown],
+        "root": [catalog.shown_path(r.root)[0] for r in rows],
         "relpath": [r.relpath for r in rows], "width": [r.width for r in rows], "height": [r.height for r in rows],
         "format": [r.format for r in rows], "size": [r.size for r in rows], "mtime": [r.mtime for r in rows],
         "taken": [None if tags[r.id]["taken"] is None else int(tags[r.id]["taken"]) for r in rows],
@@ -196,7 +199,6 @@ def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int,
     order = [f.name for f in full if f.name != "embedding"]
     pick = [order.index("path" if f.name == "image_path" else f.name) for f in meta_schema]
     state = {"shard": -1, "filled": 0, "raw": None, "groups": None}
-    n = 0
 
     def close_shard() -> None:
         if state["groups"] is None:
@@ -207,6 +209,7 @@ def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int,
                     len(_npy_header(shard_rows, dim)))
         state.update(groups=None, raw=None, filled=0)
 
+    n = 0
     try:
         for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
             while rows:

@@ -102,29 +102,36 @@ def _peek(tokens, pos) -> str | None:
     return tokens[pos][1].lower() if pos < len(tokens) and tokens[pos][0] in ("word", "punct", "op") else None
 
 
-def _or(tokens, pos):
-    node, pos = _and(tokens, pos)
+# Parentheses and `not`s nested deeper than this are refused (exit 2 / HTTP 400): the parser and the
+# evaluation recurse once per level, and a few hundred levels raised RecursionError (exit 1, HTTP 500).
+MAX_NESTING = 64
+
+
+def _or(tokens, pos, depth=0):
+    node, pos = _and(tokens, pos, depth)
     args = [node]
     while _peek(tokens, pos) == "or":
-        node, pos = _and(tokens, pos + 1)
+        node, pos = _and(tokens, pos + 1, depth)
         args.append(node)
     return (args[0] if len(args) == 1 else Or(tuple(args))), pos
 
 
-def _and(tokens, pos):
-    node, pos = _not(tokens, pos)
+def _and(tokens, pos, depth):
+    node, pos = _not(tokens, pos, depth)
     args = [node]
     while _peek(tokens, pos) == "and":
-        node, pos = _not(tokens, pos + 1)
+        node, pos = _not(tokens, pos + 1, depth)
         args.append(node)
     return (args[0] if len(args) == 1 else And(tuple(args))), pos
 
 
-def _not(tokens, pos):
+def _not(tokens, pos, depth):
+    if depth > MAX_NESTING:
+        raise UsageError(f"--where: parentheses and `not` nest more than {MAX_NESTING} deep")
     if _peek(tokens, pos) == "not":
-        node, pos = _not(tokens, pos + 1)
+        node, pos = _not(tokens, pos + 1, depth + 1)
         return Not(node), pos
-    return _atom(tokens, pos)
+    return _atom(tokens, pos, depth)
 
 
 def _expect(tokens, pos, what: str) -> int:
@@ -134,11 +141,11 @@ def _expect(tokens, pos, what: str) -> int:
     return pos + 1
 
 
-def _atom(tokens, pos):
+def _atom(tokens, pos, depth):
     if pos >= len(tokens):
         raise UsageError("--where: the expression ends too early")
     if _peek(tokens, pos) == "(":
-        node, pos = _or(tokens, pos + 1)
+        node, pos = _or(tokens, pos + 1, depth + 1)
         return node, _expect(tokens, pos, ")")
     kind, word = tokens[pos]
     if kind == "word" and word.lower() == "near":
@@ -233,7 +240,15 @@ class FilterOptions:
 
 
 def build(opts: FilterOptions) -> Node | None:
-    """One tree for the flags and --where, combined with `and`; None when there is no filter."""
+    """One tree for the flags and --where, combined with `and`; None when there is no filter. A flag given
+    empty is refused (`--camera ""` was silently no filter at all), as is --after not before --before."""
+    for name in ("where", "after", "before", "camera", "near", "path", "format"):
+        value = getattr(opts, name)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"--{name} is empty: give a value or leave the option out")
+    if opts.after and opts.before and parse_date(opts.after, "--after") >= parse_date(opts.before, "--before"):
+        raise UsageError(f"--after {opts.after} is not before --before {opts.before}: no photo can match "
+                         "(--after is inclusive, --before exclusive)")
     parts: list[Node] = []
     if opts.where:
         parts.append(parse(opts.where))

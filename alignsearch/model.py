@@ -216,6 +216,7 @@ def _check_source(model: str) -> str:
 
     path = Path(model).expanduser()
     if path.is_dir():
+        _check_readable(path)
         if not (path / "config.json").exists():
             raise ModelLoadError(f"the model folder {model} holds no config.json: it is not a saved ALIGN checkpoint. "
                                  + _download_hint(model))
@@ -230,6 +231,23 @@ def _check_source(model: str) -> str:
         os.environ["HF_HUB_OFFLINE"] = "1"  # later loads in this process go straight to the cache too
         return "unreachable"
     return "hub"
+
+
+def _check_readable(folder: Path) -> None:
+    """A checkpoint folder or file this user cannot read is said to be so (transformers reported it as
+    missing, or not in the cache)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError:
+        raise ModelLoadError(f"cannot read the model folder {folder}: permission denied") from None
+    for entry in entries:
+        try:
+            if entry.is_file():
+                with open(entry, "rb"):
+                    pass
+        except PermissionError:
+            raise ModelLoadError(f"cannot read the model file {entry}: permission denied (the checkpoint is "
+                                 "there, but this user may not read it)") from None
 
 
 class Encoder(EncoderBase):

@@ -21,6 +21,8 @@ OFFSET_TIME, OFFSET_ORIGINAL, OFFSET_DIGITIZED = 0x9010, 0x9011, 0x9012
 LENS_MAKE, LENS_MODEL = 0xA433, 0xA434
 CAPTION_COLUMNS = ("caption", "text", "alt", "description")
 CAPTION_MAX = 4000  # characters kept: a caption, not a document
+CAPTION_BYTES = 64 * 1024  # read of a .txt caption (the rest is cut, never the whole caption dropped)
+CAPTION_JSON_BYTES = 1 << 20  # a .json sample record is parsed whole, so it may be this long
 
 FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption")
 
@@ -76,13 +78,15 @@ def exif_time(value, offset=None) -> float | None:
         return None
     try:
         moment = datetime(*map(int, m.groups()), tzinfo=timezone.utc)
-    except ValueError:  # "0000:00:00 00:00:00", which cameras write when they do not know
+        tz = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", _text(offset) or "")
+        if tz:
+            delta = timedelta(hours=int(tz.group(2)), minutes=int(tz.group(3)))
+            moment -= delta if tz.group(1) == "+" else -delta
+        return moment.timestamp()
+    # ValueError: "0000:00:00 00:00:00", which cameras write when they do not know; OverflowError: a date
+    # at the calendar's edge moved past it by its offset, which took the photo's whole EXIF with it
+    except (ValueError, OverflowError):
         return None
-    tz = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", _text(offset) or "")
-    if tz:
-        delta = timedelta(hours=int(tz.group(2)), minutes=int(tz.group(3)))
-        moment -= delta if tz.group(1) == "+" else -delta
-    return moment.timestamp()
 
 
 def gps_degrees(dms, ref, limit: float) -> float | None:

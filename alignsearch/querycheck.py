@@ -9,11 +9,14 @@ tokenizer or holds the encoder.
 
 from __future__ import annotations
 
+import datetime
 import math
 import operator
 import os
 import stat
 from typing import Any
+
+import numpy as np
 
 from alignsearch.errors import BadInputError
 from alignsearch.sources import unusable
@@ -85,7 +88,19 @@ def check_id(value: int) -> int:
 
 
 def check_image(value: Any) -> Any:
-    """A query image: a path (its file size is capped), bytes (capped), or an already decoded image."""
+    """A query image: a path (its file size is capped), bytes (capped), or an already decoded image (not
+    empty, within the pixel cap). Anything else is refused here rather than deep in the decoder."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        width, height = value.size
+        if width < 1 or height < 1:
+            raise BadInputError(f"the query image is {width}x{height} pixels: there is nothing to search for")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise BadInputError(f"the query image has {width * height} pixels; the limit is {MAX_IMAGE_PIXELS}")
+        return value
+    if not isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise BadInputError(f"the query image must be a path, bytes or a PIL image, got {type(value).__name__}")
     size = None
     if isinstance(value, (str, os.PathLike)):
         try:
@@ -102,6 +117,51 @@ def check_image(value: Any) -> Any:
     if size is not None and size > MAX_IMAGE_BYTES:
         raise BadInputError(f"the query image is {size} bytes; the limit is {MAX_IMAGE_BYTES}")
     return value
+
+
+UNIT_TOLERANCE = 0.02  # as for stored vectors (engine._hits): fp16 storage keeps norms within ~1e-3
+
+
+def check_vector(value: Any, dim: int) -> np.ndarray:
+    """A query vector for Engine.search_vector: dim finite numbers of unit length (a zero, NaN or
+    unnormalised vector ranked meaninglessly; a wrong size failed inside FAISS)."""
+    try:
+        vector = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise BadInputError(f"the query vector must be {dim} numbers, got {type(value).__name__}") from None
+    if vector.ndim == 2 and vector.shape[0] == 1:
+        vector = vector[0]
+    if vector.shape != (dim,):
+        raise BadInputError(f"the query vector must have shape ({dim},) for this index's model, got {vector.shape}")
+    if not np.all(np.isfinite(vector)):
+        raise BadInputError("the query vector holds NaN or infinite values")
+    norm = float(np.linalg.norm(vector))
+    if abs(norm - 1.0) > UNIT_TOLERANCE:
+        raise BadInputError(f"the query vector must be unit length, its norm is {norm:.4g}"
+                            + ("" if norm == 0 else ": divide it by its norm"))
+    return vector
+
+
+def check_filters(**values: Any) -> dict[str, Any]:
+    """The named filters of Engine.search (where, after, before, camera, near, path, format, tag), as the
+    filter parser takes them: text, with dates also as date/datetime (a naive one is UTC, as in --where)
+    and near also as (lat, lon, km) numbers. A wrong type is one clear error, not a raw Python one."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is not None and name in ("after", "before") and isinstance(value, (datetime.date, datetime.datetime)):
+            value = value.isoformat()
+        if value is not None and name == "near" and not isinstance(value, str):
+            try:
+                parts = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                parts = ()
+            if len(parts) != 3 or not all(math.isfinite(p) for p in parts):
+                raise BadInputError(f"near must be (lat, lon, km) or \"lat,lon,km\", got {value!r}")
+            value = parts
+        elif value is not None and not isinstance(value, str):
+            raise BadInputError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+        out[name] = value
+    return out
 
 
 def validate(text: str | None = None, image: Any = None, k: int = DEFAULT_K, negative: str | None = None,

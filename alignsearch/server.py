@@ -51,9 +51,9 @@ import alignsearch
 from alignsearch import catalog, filters, querycheck, safeopen, sources
 from alignsearch import engine as engine_module
 from alignsearch.atomic import write_bytes
-from alignsearch.engine import Engine
+from alignsearch.engine import Engine, SnapshotMoved
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
-from alignsearch.images import open_rgb
+from alignsearch.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.paths import SERVER_FILE
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ FORM_FIELD_BYTES = 16 * 1024  # one text field of a multipart form (a text is at
 FORM_FIELDS = 12
 BODY_BYTES = querycheck.MAX_IMAGE_BYTES + FORM_FIELDS * FORM_FIELD_BYTES  # one image and its fields
 BACKLOG = 2048
+# Uploaded images decoding at once. Each may hold ~5 bytes per pixel of its up to 50 MP while it decodes;
+# run_in_threadpool alone let 40 decode together (five uploads took the server to 5.7 GB) before any met
+# the encoder's queue. The others wait, holding only their bytes (20 MB at most each).
+DECODE_SLOTS = 2
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),  # the page's first URL carries the token
@@ -260,6 +264,7 @@ class Library:
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self._thumb_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._members_lock = threading.Lock()
 
     def fresh(self) -> Engine:
@@ -271,12 +276,19 @@ class Library:
     def info(self) -> dict[str, Any]:
         return {**self.fresh().info(), "index_id": self.index_id}
 
-    def search_vector(self, vector, args: dict, narrowing: dict | None = None) -> list[dict]:
-        hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), **(narrowing or {}))
+    def snapshot(self):
+        """The engine's current snapshot: one per request, for its encoding and its search alike."""
+        with self._refresh_lock:
+            return self.engine.snapshot()
+
+    def search_vector(self, vector, args: dict, narrowing: dict | None = None, snapshot=None) -> list[dict]:
+        engine = self.engine if snapshot is not None else self.fresh()
+        hits = engine.search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), snapshot=snapshot,
+                                    **(narrowing or {}))
         return [h.to_dict() for h in hits]
 
-    def vector_of(self, file_id: int):
-        vector = self.fresh().vector_of(file_id)
+    def vector_of(self, file_id: int, snapshot=None):
+        vector = (self.engine if snapshot is not None else self.fresh()).vector_of(file_id, snapshot)
         if vector is None:
             raise ApiError(404, f"no indexed image with id {file_id}")
         return vector
@@ -351,7 +363,11 @@ class Library:
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)
             else:
-                img, _ = open_rgb(self.read(row), self.config.max_upload_pixels)
+                # An indexed image is within the indexer's pixel cap (200 MP), not the upload cap (50 MP): those
+                # between answered 404. A JPEG decodes at a reduced DCT scale still at least the thumbnail's
+                # size, and a few decode at once (the others wait), so a large one costs little memory.
+                with self._thumb_slots:
+                    img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(size, size))
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))
@@ -397,9 +413,12 @@ class Library:
 
 
 def _listed(row: catalog.FileRow) -> dict[str, Any]:
-    return {"id": row.id, "path": row.path, "root": row.root, "relpath": row.relpath, "width": row.width,
-            "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime, "t": row.t,
-            "t_end": row.t_end}
+    # a name that is not UTF-8 holds surrogates JSON cannot encode (a 500): shown as \xNN, whole in path_b64
+    path, raw = catalog.shown_path(row.path)
+    out = {"id": row.id, "path": path, "root": catalog.shown_path(row.root)[0], "relpath": row.relpath,
+           "width": row.width, "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime,
+           "t": row.t, "t_end": row.t_end}
+    return {**out, "path_b64": raw} if raw else out
 
 
 def decode_upload(data: bytes, max_pixels: int):
@@ -446,6 +465,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     """The ASGI application: the API, the page and its assets, behind the Host check."""
     library = Library(engine, config)
     encoder = EncoderQueue(config.queue_size)
+    decoding = asyncio.Semaphore(DECODE_SLOTS)  # bounded decode concurrency (see DECODE_SLOTS)
     cookie = cookie_name(config.port)
     bearer, by_cookie = HTTPBearer(auto_error=False), APIKeyCookie(name=cookie, auto_error=False)
 
@@ -523,10 +543,31 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     api = dict(dependencies=[Depends(authorise)], responses=errors)
 
     async def encode_and_search(args: dict, image=None, narrowing: dict | None = None) -> list[dict]:
-        future = encoder.submit(library.engine.embed_parts, args["text"], image, args["negative"], args["text_weight"],
-                                args["image_weight"], args["negative_weight"])
-        vector = await asyncio.wrap_future(future)
-        return await run_in_threadpool(library.search_vector, vector, args, narrowing)
+        # One snapshot for both steps: during a re-encode's model switch a query encoded with the old model
+        # was ranked against the new vectors. If the index moves on in between, encode again.
+        for attempt in range(4):
+            snap = await run_in_threadpool(library.snapshot)
+            future = encoder.submit(library.engine.embed_parts, args["text"], image, args["negative"], args["text_weight"],
+                                    args["image_weight"], args["negative_weight"], snapshot=snap)
+            vector = await asyncio.wrap_future(future)
+            try:
+                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap)
+            except SnapshotMoved:
+                if attempt == 3:
+                    raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
+        raise AssertionError("unreachable")
+
+    async def similar_search(file_id: int, args: dict, narrowing: dict) -> list[dict]:
+        """The stored vector of an indexed image and its search, from one snapshot (as encode_and_search)."""
+        for attempt in range(4):
+            snap = await run_in_threadpool(library.snapshot)
+            try:
+                vector = await run_in_threadpool(library.vector_of, file_id, snap)
+                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap)
+            except SnapshotMoved:
+                if attempt == 3:
+                    raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
+        raise AssertionError("unreachable")
 
     def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,  # noqa: A002
                      compose="auto") -> dict:
@@ -578,9 +619,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
                                  compose)
         if similar is not None:
-            vector = await run_in_threadpool(library.vector_of, similar)
-            results = await run_in_threadpool(library.search_vector, vector, {**args, "text": None},
-                                              {**narrowing, "mode": "vector"})
+            results = await similar_search(similar, {**args, "text": None}, {**narrowing, "mode": "vector"})
         else:
             results = await encode_and_search(args, narrowing=narrowing)
         query = {"text": args["text"], "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
@@ -622,7 +661,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
                                    image_weight=image_weight, negative_weight=negative_weight, tag=tag)
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
                                  compose)
-        pil = None if data is None else await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
+        pil = None
+        if data is not None:
+            async with decoding:
+                pil = await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
         results = await encode_and_search(args, pil, narrowing)
         query = {"text": args["text"], "image": data is not None, **{n: args[n] for n in (
             "k", "text_weight", "image_weight", "negative_weight", "negative", "tag")}, **narrowing}

@@ -39,6 +39,10 @@ ROW_MASK = (1 << SEGMENT_BITS) - 1
 SEGMENTS_DIR = "vectors"
 
 
+class ChunkChanged(IndexDamagedError):
+    """A batch of vector rows read by a query does not match its checksum."""
+
+
 def address(segment: int, row: int) -> int:
     return (segment << SEGMENT_BITS) | row
 
@@ -52,9 +56,46 @@ class VectorStore:
         self.rows = rows  # committed rows of segment 0
         self.segments = {int(k): (str(name), int(n)) for k, (name, n) in (segments or {}).items()}
         self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # segment -> (its map, its rows)
+        # A reader's checksums (expect_chunks): {segment: (starts, rows, digests)}, and the chunks this store
+        # has hashed and found intact. None: nothing is checked on read (writers, which check() first).
+        self._chunks: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] | None = None
+        self._verified: set[tuple[int, int]] = set()
 
     def __getstate__(self) -> dict:  # sent to worker processes without its maps
         return {**self.__dict__, "_maps": {}}
+
+    def expect_chunks(self, conn: Connection) -> None:
+        """Check each recorded chunk's checksum the first time a read touches it (once per store, so once
+        per snapshot of a generation): permuted rows or a flipped bit keep vectors unit length, so only the
+        checksum tells a damaged vector from a good one. Rows no checksum covers (written before checksums
+        existed) are read unchecked, as `verify` reports them."""
+        c = catalog.vector_chunks.c
+        by_key = {segment_key(self, n): n for n in self.numbers()}
+        table: dict[int, list[tuple[int, int, str]]] = {}
+        for key, start, rows, expected in conn.execute(select(c.segment, c.start, c.rows, c.digest).order_by(
+                c.segment, c.start)):
+            if key in by_key:
+                table.setdefault(by_key[key], []).append((int(start), int(rows), str(expected)))
+        self._chunks = {n: (np.array([t[0] for t in found], dtype=np.int64),
+                            np.array([t[1] for t in found], dtype=np.int64), [t[2] for t in found])
+                        for n, found in table.items()}
+
+    def _check_read(self, segment: int, rows: np.ndarray, mapped: np.ndarray) -> None:
+        """Hash the not yet checked chunks that hold these rows; IndexDamagedError if one changed."""
+        table = self._chunks.get(segment) if self._chunks is not None else None
+        if table is None or not len(rows):
+            return
+        starts, counts, digests = table
+        at = np.searchsorted(starts, rows, side="right") - 1
+        at = at[at >= 0]
+        for i in np.unique(at).tolist():
+            if (segment, i) in self._verified:
+                continue
+            start, n = int(starts[i]), int(counts[i])
+            if start + n > len(mapped) or digest(np.ascontiguousarray(mapped[start : start + n]).data) != digests[i]:
+                raise ChunkChanged(f"{self.segment_path(segment).name}: vector rows {start} to {start + n - 1} "
+                                        "changed since they were written (checksum): run `alignsearch verify --repair`")
+            self._verified.add((segment, i))
 
     @property
     def row_bytes(self) -> int:
@@ -184,7 +225,9 @@ class VectorStore:
             where = np.flatnonzero(segment_of == segment)
             rows = addresses[where] & ROW_MASK
             order = np.argsort(rows)  # sorted reads are kinder to the page cache
-            out[where[order]] = self._mapped(segment)[rows[order]]
+            mapped = self._mapped(segment)
+            self._check_read(segment, rows, mapped)
+            out[where[order]] = mapped[rows[order]]
         return out
 
 
@@ -268,7 +311,7 @@ def _read_rows(store: VectorStore, segment: int, start: int, rows: int) -> bytes
         return b""
 
 
-def digest(data: bytes) -> str:
+def digest(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignsearch import photometa, sources
+from alignsearch import photometa, safeopen, sources
 from alignsearch.dupes import phash_of
 from alignsearch.errors import BadImageError
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
@@ -90,9 +90,15 @@ def sidecar_caption(found: Found) -> str | None:
     """The caption in `photo.txt` beside a local `photo.jpg` (the convention `finetune` reads too)."""
     if sources.kind(found.root) != sources.FOLDER:
         return None
-    rel = os.fsencode(found.relpath_raw or found.relpath)
-    try:  # under the root, as the image is read (safeopen): no symlinked folder on the way
-        data = sources.read_bytes(found.root, "", os.path.splitext(rel)[0] + b".txt", max_bytes=64 * 1024)
-        return data.decode("utf-8", "replace")
+    txt = os.path.splitext(os.fsencode(found.relpath_raw or found.relpath))[0] + b".txt"
+    try:
+        local = sources.local_file(found.root, "", txt)
+        if local is None:
+            return None
+        # under the root, as the image is read (safeopen): no symlinked folder on the way, a FIFO or device never
+        # opened. The first CAPTION_BYTES only: a longer caption is cut (clean_caption keeps CAPTION_MAX
+        # characters anyway), where a sidecar over the limit was refused and its caption lost
+        with os.fdopen(safeopen.open_under(*local, follow_last=True), "rb") as f:
+            return f.read(photometa.CAPTION_BYTES).decode("utf-8", "replace")
     except (OSError, BadImageError):
         return None

@@ -298,6 +298,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     photo_todo = [f for f in todo if not video.is_video(f.relpath)]
     summary.unchanged, summary.kept = scanned.unchanged, scanned.kept
     summary.listing_errors, summary.no_images = scanned.listing_errors, scanned.no_images
+    summary.notes += scanned.notes
     failed_now: set = set()
     read_now = [0]  # images whose text this run's pipeline read
     write = _counting_failures(writer.catalog_writer(db, store), failed_now, read_now)

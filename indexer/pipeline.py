@@ -11,7 +11,6 @@ batch is the unit of loss on a crash: everything before it is committed.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +21,7 @@ import numpy as np
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec
 from indexer.decode import Item, read_item, set_known_text
 from indexer.scan import Found
+from indexer.workers import decode_in_processes
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int
         set_known_text(ocr_known)
         yield from map(fn, todo)
         return
-    # spawn: workers import only PIL and numpy, never the torch state of this process. The known texts go to
-    # each worker once (an initializer), not with every task.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=set_known_text, initargs=(ocr_known,)) as pool:
-        yield from pool.imap(fn, todo, chunksize=4)
+    # a pool that notices a worker that died (indexer/workers.py): Pool.imap waited forever for its task. The
+    # known texts go to each worker once (an initializer), not with every task.
+    yield from decode_in_processes(fn, todo, workers, lambda found, reason: Item(found, None, reason=reason),
+                                   initializer=set_known_text, initargs=(ocr_known,))
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

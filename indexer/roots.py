@@ -103,6 +103,7 @@ class Scanned:
     listing_errors: list = field(default_factory=list)  # [{"root", "folder", "reason"}]
     no_images: list = field(default_factory=list)  # roots that listed fine and hold no image
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
+    notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
 
 
 def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict) -> Scanned:
@@ -124,6 +125,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 found, errors = [], [scan.ListingError("", reason)]
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
+            found = _one_per_key(root, found, out.notes)
             rows = catalog.files_under(conn, root)
             d = scan.diff(found, rows, [e.folder for e in errors])
             out.todo += d.todo
@@ -138,6 +140,26 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if not found and not errors:
                 out.no_images.append(root)
     return out
+
+
+def _one_per_key(root: str, found: list, notes: list) -> list:
+    """One entry per catalog key (root, relpath). Two tar members with one name, or a name that is not
+    UTF-8 beside one spelled like its \\xNN form, shared a key: one was never searchable, and every run
+    "updated" it and added a vector row. The last one listed is kept (as tar extracts the last member of a
+    name) and the others are reported."""
+    seen: dict[str, int] = {}
+    for i, f in enumerate(found):
+        seen[f.relpath] = i
+    if len(seen) == len(found):
+        return found
+    counts: dict[str, int] = {}
+    for f in found:
+        counts[f.relpath] = counts.get(f.relpath, 0) + 1
+    for relpath, n in counts.items():
+        if n > 1:
+            notes.append(f"{sources.location(root, relpath)}: {n} entries share this name in the catalog; "
+                         "only the last one listed is indexed")
+    return [f for i, f in enumerate(found) if seen[f.relpath] == i]
 
 
 def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanned) -> None:

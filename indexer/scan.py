@@ -164,7 +164,10 @@ def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
                     relpath, raw = printable(name)
                     error = sources.too_large(member.size) if member.size > sources.MAX_FILE_BYTES else None
                     images.append(Found(root, relpath, member.size, float(member.mtime), error, raw, member.offset_data))
-                elif member.isfile() and name.lower().endswith((".txt", ".json")) and member.size <= 65536:
+                elif member.isfile() and name.lower().endswith(".txt"):  # a long one is cut, not dropped
+                    text = shard.extractfile(member).read(photometa.CAPTION_BYTES)
+                    captions[_sample_key(name)] = photometa.caption_from_member(name, text)
+                elif member.isfile() and name.lower().endswith(".json") and member.size <= photometa.CAPTION_JSON_BYTES:
                     captions[_sample_key(name)] = photometa.caption_from_member(name, shard.extractfile(member).read())
     except tarfile.TarError as exc:
         raise BadInputError(f"cannot read the tar shard {root}: {exc}") from None

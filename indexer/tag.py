@@ -22,9 +22,21 @@ DEFAULT_THRESHOLD = 0.5
 
 
 def parse_labels(lines) -> list[str]:
-    """A labels file's lines: one label per line; blank lines and lines starting with # are not labels."""
-    labels = [line.strip() for line in lines]
-    return list(dict.fromkeys(label for label in labels if label and not label.startswith("#")))
+    """A labels file's lines: one label per line; blank lines and lines starting with # are not labels.
+    Labels are one label whatever their case (tags match case-insensitively: `CAT` and `cat` became two
+    labels of one tag), the first spelling kept; one longer than a query's --tag may be is refused."""
+    from alignsearch.querycheck import MAX_TAG_CHARS
+
+    labels: dict[str, str] = {}
+    for line in lines:
+        label = line.strip()
+        if not label or label.startswith("#"):
+            continue
+        if len(label) > MAX_TAG_CHARS:
+            raise BadInputError(f"the label {label[:40]!r}... is {len(label)} characters long; the limit is "
+                                f"{MAX_TAG_CHARS} (as for --tag)")
+        labels.setdefault(label.lower(), label)
+    return list(labels.values())
 
 
 def runs_of(tagging: dict | None) -> list[dict]:

@@ -409,3 +409,14 @@ def render_sign(path: Path, lines: list[str], size=(640, 240), font_size: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def decode_or_die(item):
+    """For decode-worker tests: a worker process that meets "die" dies at once (as the OOM killer ends one);
+    "die-once" kills only the first worker that meets it (a marker file remembers)."""
+    if item == "die" or (item.startswith("die-once:") and not os.path.exists(item.split(":", 1)[1])):
+        if item != "die":
+            open(item.split(":", 1)[1], "w").close()
+        os._exit(9)
+    time.sleep(0.01)
+    return item.upper()

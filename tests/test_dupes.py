@@ -152,6 +152,24 @@ def test_similar_by_id_and_by_path(library):
     run("similar", root / "nope.jpg", "--index", ix, code=6)
 
 
+def test_similar_over_fetch_does_not_count_against_k(library):
+    """Issue 24 #21: `similar ID -k 1000` was refused ("got 1001"), `-k 334 --collapse` too ("got 1003"):
+    the image itself and the collapse's over-fetch are the search's business, not the user's k."""
+    root, ix = library
+    me = json.loads(run("similar", root / "photo0002.jpg", "-k", "1", "--index", ix, "--json").output)["query"]["similar"]
+    every = json.loads(run("similar", str(me), "-k", "1000", "--index", ix, "--json").output)["results"]
+    assert len(every) == 9 and me not in [r["id"] for r in every]
+    folded = json.loads(run("similar", str(me), "-k", "334", "--collapse", "--index", ix, "--json").output)["results"]
+    assert me not in [r["id"] for r in folded]
+    assert sum(1 + len(r["duplicates"]) for r in folded) == 9 and len(folded) < 9  # the copies fold
+    # the same through the Python API: exclude leaves ids out and still returns k
+    import alignsearch
+
+    engine = alignsearch.open(ix)
+    hits = engine.search_vector(engine.vector_of(me), k=3, exclude=[me], sort="path")
+    assert len(hits) == 3 and me not in [h.id for h in hits]
+
+
 def test_phash_survives_the_copies_it_should_and_separates_distinct_images(tmp_path):
     from PIL import Image
 

@@ -96,3 +96,41 @@ def test_ivfpq_path_end_to_end(index_dir, corpus):
     assert updated["action"].startswith("updated") and updated["vectors"] == 12_013
     assert engine.refresh()
     assert engine.index.ntotal == 12_013
+
+
+def test_python_api_inputs_are_checked_with_one_clear_error(index_dir, corpus):
+    """Issue 24 #20: numpy integers work; bad vectors, an empty image and wrong types are one BadInputError
+    (or UsageError for a bad option value), never a raw Python, FAISS or assertion error."""
+    from datetime import date, datetime, timezone
+
+    from alignsearch.errors import AlignSearchError
+
+    engine = alignsearch.open(index_dir, device="cpu")
+    assert len(engine.search(text="red car", k=np.int64(5))) == 5
+    assert len(engine.search(text="red car", k=np.int32(3), nprobe=np.int64(4))) == 3
+    v = engine.vector_of(engine.search(text="red car", k=1)[0].id)
+    assert len(engine.search_vector(v, k=np.int64(4))) == 4
+    assert len(engine.search_vector(v.astype(np.float64)[None, :], k=2)) == 2
+    dim = v.shape[0]
+    bad_vectors = [np.zeros(dim), np.full(dim, np.nan), v * 3, np.ones(dim + 1) / np.sqrt(dim + 1), "abc",
+                   np.ones((2, dim)) / np.sqrt(dim)]
+    for bad in bad_vectors:
+        with pytest.raises(BadInputError, match="query vector"):
+            engine.search_vector(bad, k=3)
+    with pytest.raises(BadInputError, match="0x0"):
+        engine.search(image=Image.new("RGB", (0, 0)))
+    with pytest.raises(BadInputError, match="nothing to search"):
+        engine.embed(image=Image.new("RGB", (5, 0)))
+    with pytest.raises(BadInputError, match="query image must be"):
+        engine.search(image=12345)
+    for kwargs in ({"where": 123}, {"camera": 5}, {"near": (1, 2)}, {"near": 7}, {"near": ("a", "b", "c")},
+                   {"path": ["a"]}, {"min_score": "high"}, {"negative": 3}, {"text_weight": "x"}):
+        with pytest.raises(AlignSearchError) as exc:
+            engine.search(text="red car", **kwargs)
+        assert exc.value.exit_code in (2, 6), kwargs
+    # dates as date/datetime objects are what the ISO strings say
+    some = engine.search(text="red car", k=20, after="2000-01-01")
+    assert engine.search(text="red car", k=20, after=date(2000, 1, 1)) == some
+    assert engine.search(text="red car", k=20, after=datetime(2000, 1, 1, tzinfo=timezone.utc)) == some
+    assert engine.search(text="red car", k=20, before=datetime(2000, 1, 1)) == []
+    assert engine.search(text="red car", k=20, near=(np.float64(0), 0, 10)) == []

@@ -131,3 +131,46 @@ def test_export_memory_does_not_grow_with_the_library(tmp_path):
     assert np.array_equal(np.array(table["embedding"].combine_chunks().values).reshape(-1, 640), stored)
     clip = np.load(tmp_path / "large-clip-retrieval" / "img_emb" / "img_emb_0.npy")
     assert clip.dtype == np.float16 and np.array_equal(clip.astype(np.float32), stored)
+
+
+def test_a_name_that_is_not_utf8_exports_and_lists(tmp_path, tiny_model):
+    """Issue 24 #18: a non-UTF-8 file name failed both export formats (leaving temp files) and made
+    /api/recent answer 500. Its path is shown with \\xNN and comes whole in path_b64."""
+    import base64
+    import os
+    import shutil
+    import urllib.request
+
+    import alignsearch
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    root = tmp_path / "lib"
+    _, second = smooth_photos(root, 2)
+    odd = os.path.join(os.fsencode(root), b"caf\xe9.jpg")
+    shutil.move(os.fsencode(second), odd)
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model)
+
+    out = tmp_path / "out.parquet"
+    assert json.loads(run("export", out, "--index", ix, "--json").output)["rows"] == 2
+    rows = {r["relpath"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows["caf\\xe9.jpg"]["path"].endswith("caf\\xe9.jpg")
+    assert base64.b64decode(rows["caf\\xe9.jpg"]["path_b64"]) == odd
+    assert rows["photo0000.jpg"]["path_b64"] is None
+    clip = tmp_path / "clip"
+    run("export", clip, "--format", "clip-retrieval", "--index", ix, "--json")
+    meta = pq.read_table(clip / "metadata" / "metadata_0.parquet").to_pylist()
+    assert sorted(base64.b64decode(m["path_b64"]) for m in meta if m["path_b64"]) == [odd]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".part"))]
+
+    engine = alignsearch.open(ix)
+    server = start_in_thread(engine, ServerConfig(port=0, no_token=True))
+    try:
+        with urllib.request.urlopen(server.url + "/api/recent", timeout=30) as r:
+            assert r.status == 200
+            listed = {x["relpath"]: x for x in json.loads(r.read())["results"]}
+    finally:
+        server.shutdown()
+        engine.close()
+    assert base64.b64decode(listed["caf\\xe9.jpg"]["path_b64"]) == odd
+    assert "path_b64" not in listed["photo0000.jpg"]

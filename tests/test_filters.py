@@ -102,3 +102,31 @@ def test_the_bitmap_selector_selects_exactly_the_allowed_ids():
     index.add_with_ids(x, np.arange(20) * 1000)
     _, ids = index.search(x[:1], 5, params=faiss.SearchParameters(sel=id_selector(np.array([4000, 8000, 15000]))))
     assert sorted(i for i in ids[0].tolist() if i >= 0) == [4000, 8000, 15000]
+
+
+@pytest.mark.parametrize("expr", ["(" * 300 + "width > 1" + ")" * 300, "not " * 300 + "width > 1",
+                                  "(not " * 200 + "width > 1" + ")" * 200])
+def test_deep_nesting_is_a_usage_error_not_a_recursion_error(expr):
+    """Issue 24 #19: 300 parentheses raised RecursionError (CLI exit 1, HTTP 500)."""
+    from conftest import run
+
+    with pytest.raises(UsageError, match="nest more than"):
+        filters.parse(expr)
+    out = run("query", "x", "--where", expr, "--index", "/nonexistent-index", code=2).output
+    assert "nest more than" in out and "Traceback" not in out
+
+
+def test_nesting_up_to_the_limit_still_parses():
+    depth = filters.MAX_NESTING
+    assert mask("(" * depth + "width >= 3000" + ")" * depth) == [True, False, False, True]
+    assert mask("not " * 2 + "width >= 3000") == [True, False, False, True]
+
+
+@pytest.mark.parametrize("flags", [{"camera": ""}, {"path": "  "}, {"format": ""}, {"after": ""},
+                                   {"after": "2020-01-01", "before": "2019-01-01"},
+                                   {"after": "2020-01-01", "before": "2020-01-01"}])
+def test_empty_flags_and_an_empty_date_range_are_usage_errors(flags):
+    """Issue 24 #23: `--camera ""` was no filter at all; --after later than --before matched nothing, silently."""
+    with pytest.raises(UsageError) as exc:
+        mask(**flags)
+    assert exc.value.exit_code == 2 and ("empty" in str(exc.value) or "not before" in str(exc.value))

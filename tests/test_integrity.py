@@ -221,6 +221,28 @@ def test_zero_filled_vectors_are_found(built):
     assert verify_json(ix, code=0)["ok"] and self_hits(ix, root)
 
 
+def test_unit_length_damage_to_vectors_is_never_served(built):
+    """Issue 24 #15: two swapped rows or one flipped bit keep every vector unit length, so the norm check
+    passed and queries answered wrong ids and scores with exit 0; the chunk checksums catch both on read."""
+    root, ix = built
+    path = ix / "vectors.f16"
+    with alignsearch.open(ix) as engine:
+        row = engine.store.row_bytes
+    good = path.read_bytes()
+    damaged_copies = {"swapped": good[row : 2 * row] + good[:row] + good[2 * row :]}
+    flipped = bytearray(good)
+    flipped[20 * row + 7] ^= 0x01  # the lowest mantissa bit of one component: the norm moves by ~1e-6
+    damaged_copies["bit"] = bytes(flipped)
+    for what, data in damaged_copies.items():
+        path.write_bytes(data)
+        out = run("query", "--image", root / "img000.png", "-k", "41", "--index", ix, code=7).output
+        assert "checksum" in out and "verify --repair" in out, (what, out)
+        out = run("similar", "3", "--index", ix, code=None)
+        assert out.exit_code == 7, (what, out.output)
+    path.write_bytes(good)
+    assert self_hits(ix, root)
+
+
 def test_random_bytes_in_the_ann_file_are_never_served(built):
     root, ix = built
     path = ix / "index.faiss"
@@ -305,6 +327,66 @@ def test_verify_checks_every_file_the_index_owns(built):
 
 
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
+
+
+@pytest.mark.slow
+def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_model, other_model):
+    """Issue 24 #14: the server encoded a query with the old model, then searched the index a re-encode had
+    just switched to the new one (the old model's vector against the new vectors). Here the switch happens
+    exactly between the two steps: the answer must be the new model's, for a text and for `similar`."""
+    import urllib.request
+
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    def call(url, path, token=None):  # a re-encode runs inside the request: longer than helpers.call waits
+        with urllib.request.urlopen(url + path, timeout=300) as r:
+            return r.status, r.headers, r.read()
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 8)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix, device="cpu")
+    real_embed, real_vector_of, switched = engine.embed, engine.vector_of, []
+
+    def switch():
+        if not switched:  # the re-encode runs to its switch while the request is between its two steps
+            subprocess.run([sys.executable, "-m", "alignsearch", "index", "--index", str(ix), "--model",
+                            str(other_model), "--reindex", "--device", "cpu", "--workers", "0"], check=True,
+                           capture_output=True, timeout=300)
+            switched.append(True)
+
+    def embed_then_switch(*args, **kwargs):
+        vector = real_embed(*args, **kwargs)
+        switch()
+        return vector
+
+    def vector_of_then_switch(*args, **kwargs):
+        vector = real_vector_of(*args, **kwargs)
+        switch()
+        return vector
+
+    engine.embed = embed_then_switch
+    server = start_in_thread(engine, ServerConfig(port=0, no_token=True))
+    try:
+        status, _, body = call(server.url, "/api/search?q=red%20circle&k=5", token=None)
+        assert status == 200, body
+        served = [(r["id"], round(r["score"], 4)) for r in json.loads(body)["results"]]
+        with alignsearch.open(ix, device="cpu") as fresh:
+            assert fresh.model_info["model"] == str(other_model)
+            truth = [(h.id, round(h.score, 4)) for h in fresh.search(text="red circle", k=5)]
+        assert served == truth
+        # similar=ID: the stored vector read from one generation, searched in the same one
+        switched.clear()
+        engine.vector_of = vector_of_then_switch
+        status, _, body = call(server.url, "/api/search?similar=3&k=3", token=None)
+        assert status == 200, body
+        with alignsearch.open(ix, device="cpu") as fresh:
+            truth = [(h.id, round(h.score, 4)) for h in fresh.search_vector(fresh.vector_of(3), k=4)]
+        served = [(r["id"], round(r["score"], 4)) for r in json.loads(body)["results"]]
+        assert set(served) <= set(truth)
+    finally:
+        server.shutdown()
+        engine.close()
 
 
 @pytest.mark.slow
@@ -430,3 +512,54 @@ def test_twenty_threads_read_through_one_engine(tmp_path, tiny_model):
         "print(len(errors), errors[:2])\n")
     proc = subprocess.run([sys.executable, "-c", script, str(ix)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("0 "), (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(tmp_path, tiny_model, monkeypatch):
+    """Issue 24 #22: SQLite's "database or disk is full" and "database is locked" (past the 30 s wait) were
+    reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""
+    import sqlalchemy
+
+    from alignsearch import catalog
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 4)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    for path in make_images(root / "more", 4, seed=5):  # captions: the new rows need new pages
+        path.with_suffix(".txt").write_text(f"caption {path.stem} " * 400)
+
+    # a full disk, as SQLite meets it: no page can be added to the catalog (SQLITE_FULL)
+    real_create_engine = catalog.create_engine
+
+    def full_disk_engine(*args, **kwargs):
+        engine = real_create_engine(*args, **kwargs)
+
+        @sqlalchemy.event.listens_for(engine, "connect")
+        def _no_room(dbapi_conn, _record):
+            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        return engine
+
+    monkeypatch.setattr(catalog, "create_engine", full_disk_engine)
+    out = run("index", root, "--index", ix, "--device", "cpu", code=None)
+    assert out.exit_code == 1, out.output
+    assert "disk holding the index is full" in out.output and "not damaged" in out.output
+    assert "backup" not in out.output and "verify" not in out.output
+    monkeypatch.setattr(catalog, "create_engine", real_create_engine)
+
+    # a catalog another process holds locked past the wait
+    monkeypatch.setattr(catalog, "BUSY_TIMEOUT_MS", 300)
+    holder = sqlite3.connect(ix / "catalog.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        out = run("index", root, "--index", ix, "--device", "cpu", code=None)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert out.exit_code == 6, out.output
+    assert "locked by another process" in out.output and "not damaged" in out.output
+    assert "backup" not in out.output
+
+    # nothing was harmed: a re-run indexes the new images and verify agrees
+    assert index_json(ix, root)["added"] == 4
+    assert json.loads(run("verify", "--index", ix, "--json").output)["ok"] is True

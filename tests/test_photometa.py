@@ -89,3 +89,31 @@ def test_webdataset_caption_members():
     assert photometa.caption_from_member("x.txt", b"a dog on a beach\n") == "a dog on a beach"
     assert photometa.caption_from_member("x.json", b'{"caption": "Zanzibar at dusk"}') == "Zanzibar at dusk"
     assert photometa.caption_from_member("x.json", b"[1, 2]") is None
+
+
+@pytest.mark.parametrize("when,offset", [("9999:12:31 23:30:00", "-05:00"), ("0001:01:01 00:10:00", "+02:00")])
+def test_a_date_at_the_calendars_edge_keeps_the_rest_of_the_exif(when, offset):
+    """Issue 24 #23: a date its offset moves past the calendar raised OverflowError, which dropped the photo's
+    whole EXIF (camera, lens, GPS too)."""
+    gps = (("S", (33.0, 52.0, 4.0)), ("E", (151.0, 12.0, 26.0)))
+    meta = photometa.read(jpeg(exif_with(when, offset, "Canon", "Canon EOS R5", "RF50mm", gps)), mtime=7.0)
+    assert meta["camera"] == "Canon EOS R5" and meta["lens"] == "RF50mm" and meta["lat"] < 0 < meta["lon"]
+    assert meta["taken"] == 7.0 and meta["taken_source"] == "mtime"
+
+
+def test_a_long_caption_is_cut_not_dropped(tmp_path):
+    """Issue 24 #23: a sidecar or WebDataset caption over 64 KB was dropped whole."""
+    import tarfile
+
+    from indexer.decode import sidecar_caption
+    from indexer.scan import Found, scan_tar
+
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    (tmp_path / "a.txt").write_text("a long walk " * 10_000)  # 120 KB
+    caption = photometa.clean_caption(sidecar_caption(Found(str(tmp_path), "a.jpg", 1, 0.0)))
+    assert caption.startswith("a long walk") and len(caption) == photometa.CAPTION_MAX
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        tar.add(tmp_path / "a.jpg", "s/0001.jpg")
+        tar.add(tmp_path / "a.txt", "s/0001.txt")
+    (found,) = scan_tar(str(tmp_path / "s.tar"))
+    assert found.caption.startswith("a long walk") and len(found.caption) == photometa.CAPTION_MAX

@@ -259,3 +259,42 @@ def test_http_takes_the_same_names(library):
             search("q=x&k=10&camera=canon&after=2019-07-15")[1]["results"]
     finally:
         stop(proc)
+
+
+def _synthetic(ix, relpaths, seed=0):
+    """Add files with random unit vectors under a synthetic root (keywords from their names), then sync."""
+    from indexer.build import sync_index
+    from indexer.decode import Item
+    from indexer.scan import Found
+    from indexer.writer import catalog_writer
+
+    engine = alignsearch.open(ix)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(len(relpaths), engine.store.dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    db = catalog.connect(ix / "catalog.db")
+    write = catalog_writer(db, engine.store)
+    write([Item(Found("/synthetic", rel, 1, 0.0), crop=np.zeros(1), format="JPEG", photo={"taken": 1.0})
+           for rel in relpaths], x)
+    sync_index(db, engine.store, ix / "index.faiss")
+    db.dispose()
+    engine.close()
+    return x
+
+
+def test_keyword_search_with_a_filter_never_starves_and_honours_k(tmp_path, tiny_model):
+    """150 files named for a word under A/ and 6 under B/: --path 'B/**' in keyword mode finds the 6 (the
+    global top 100 was taken, then filtered: none); -k above 100 returns every match."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    relpaths = [f"A/zebra_{j:03d}.jpg" for j in range(150)] + [f"B/zebra crossing {j}.jpg" for j in range(6)]
+    x = _synthetic(ix, relpaths)
+    engine = alignsearch.open(ix)
+    for mode in ("keyword", "hybrid"):
+        hits = engine.search_vector(x[0], k=10, text="zebra", mode=mode, path="B/**")
+        assert sorted(h.relpath for h in hits) == sorted(relpaths[150:]), mode
+    assert len(engine.search_vector(x[0], k=1000, text="zebra", mode="keyword")) == 156
+    assert len(engine.search_vector(x[0], k=120, text="zebra", mode="keyword", path="A/**")) == 120
+    out = query_json(ix, "zebra", "--mode", "keyword", "--path", "B/**")
+    assert sorted(r["relpath"] for r in out) == sorted(relpaths[150:])

@@ -570,3 +570,65 @@ def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(tmp_path, tiny_
     finally:
         server.shutdown()
         engine.close()
+
+
+def test_uploads_decode_a_few_at_a_time(tmp_path, tiny_model, monkeypatch):
+    """Issue 24 #17: every upload decoded at once on the thread pool (five 16-bit panoramas took the server to
+    5.7 GB) before the encoder's queue bounded anything; now DECODE_SLOTS decode together."""
+    import threading
+
+    import alignsearch
+    from alignsearch import server as server_module
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    corpus, ix = build_index(tmp_path, tiny_model, n=3)
+    real_decode, lock, running, most = server_module.decode_upload, threading.Lock(), [0], [0]
+
+    def slow_decode(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.3)
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(server_module, "decode_upload", slow_decode)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0, queue_size=32))
+    try:
+        body, headers = multipart({"k": 1}, (corpus / "img001.jpg").read_bytes())
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: call(server.url, "/api/search", server.token, data=body,
+                                                   headers=headers), range(8)))
+    finally:
+        server.shutdown()
+        engine.close()
+    assert [status for status, _, _ in answers] == [200] * 8
+    assert most[0] == 2 == server_module.DECODE_SLOTS, most
+
+
+def test_thumbnails_of_images_between_the_upload_and_index_caps(tmp_path, tiny_model):
+    """Issue 24 #23: an indexed 50-200 MP photo answered 404 for its thumbnail (the 50 MP upload cap applied)."""
+    from conftest import index_json
+
+    import alignsearch
+    from alignsearch.server import ServerConfig, start_in_thread
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (9000, 6000), (30, 120, 200)).save(root / "big.jpg", quality=70)  # 54 MP
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        (item,) = json.loads(call(server.url, "/api/recent", server.token)[2])["results"]
+        status, _, body = call(server.url, f"/api/image/{item['id']}?size=256", server.token)
+    finally:
+        server.shutdown()
+        engine.close()
+    assert status == 200, body[:200]
+    assert max(Image.open(io.BytesIO(body)).size) == 256

@@ -236,3 +236,36 @@ def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, m
     finally:
         server.shutdown()
         engine.close()
+
+
+def test_entries_that_share_a_catalog_key_are_reported_not_updated_forever(tmp_path, tiny_model):
+    """Issue 24 #13: two tar members with one name, or a name that is not UTF-8 beside a file literally named
+    like its \\xNN form, shared one catalog key: every run "updated 1" and added a vector row. Now one is
+    indexed (the last listed) and the run says so; a second run changes nothing."""
+    import io
+    import os
+    import tarfile
+
+    from conftest import index_json, make_images
+
+    pics = make_images(tmp_path / "pics", 3)
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, path in (("a.jpg", pics[1]), ("b.jpg", pics[2]), ("a.jpg", pics[0])):
+            data = path.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.rename(pics[1], os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
+    os.rename(pics[2], folder / "caf\\xe9.jpg")
+    ix = tmp_path / "ix"
+    first = index_json(ix, shard, folder, "--model", tiny_model, "--device", "cpu")
+    assert first["added"] == 3, first
+    notes = " ".join(first["notes"])
+    assert "shard.tar/a.jpg: 2 entries" in notes and "caf\\xe9.jpg: 2 entries" in notes, first["notes"]
+    rows = (ix / "vectors.f16").stat().st_size
+    again = index_json(ix, shard, folder)
+    assert again["updated"] == 0 and again["added"] == 0 and again["unchanged"] == 3, again
+    assert (ix / "vectors.f16").stat().st_size == rows

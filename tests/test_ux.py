@@ -166,3 +166,36 @@ def test_finetune_small_validation_split_says_why_and_no_requires_grad_warning(t
     small = run("finetune", tmp_path / "train", "--model", base, "--out", tmp_path / "o2", "--epochs", "1",
                 "--batch-size", "8", "--device", "cpu", "--val-fraction", "0").output
     assert "no validation split" in small
+
+
+def test_labels_differing_in_case_are_one_label_and_long_ones_are_refused():
+    """Issue 24 #23: `CAT` and `cat` in one labels file became two labels (of one case-insensitive tag); a label
+    over 200 characters was accepted by `tag` but refused as --tag."""
+    from alignsearch.errors import BadInputError
+    from indexer.tag import parse_labels
+
+    assert parse_labels(["CAT", "cat", " Cat ", "# cat", "dog"]) == ["CAT", "dog"]
+    with pytest.raises(BadInputError, match="limit is 200"):
+        parse_labels(["a dog", "x" * 201])
+    assert parse_labels(["y" * 200]) == ["y" * 200]
+
+
+def test_a_model_file_the_user_cannot_read_is_said_to_be_unreadable(tmp_path, tiny_model):
+    """Issue 24 #23: a checkpoint whose weights this user may not read was reported as missing."""
+    import shutil
+
+    from conftest import make_images
+    from helpers import alignsearch, can_drop_dac
+
+    if not can_drop_dac():
+        pytest.skip("cannot drop root's permission bypass here")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = next(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin"))
+    weights.chmod(0)
+    make_images(tmp_path / "photos", 2)
+    proc = alignsearch("index", tmp_path / "photos", "--index", tmp_path / "ix", "--model", model, "--device", "cpu",
+                       unprivileged=True)
+    assert proc.returncode == 4, proc.stderr
+    assert "permission denied" in proc.stderr and weights.name in proc.stderr, proc.stderr
+    assert "does not exist" not in proc.stderr and "cache" not in proc.stderr

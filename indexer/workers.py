@@ -1,0 +1,123 @@
+"""Decode worker processes that notice a dead worker: the reader stage's process pool.
+
+multiprocessing.Pool.imap never learns that a worker died mid-task (the OOM killer, a crash in a codec):
+it starts a replacement, the lost task's result never comes, and `index` waited forever holding the
+writer lock; workers that could not start were restarted for minutes. concurrent.futures' pool marks
+itself broken the moment a worker dies. Then the items that were in flight are decoded again one at a
+time, each in a fresh worker: an item that kills its worker again is recorded as failed (its reason says
+so), the others are indexed as usual, and the run goes on with a new pool. A fresh worker is first asked
+for its pid: one that cannot even do that means workers cannot start here, which is an error, not a
+reason to fail every file.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from alignsearch.errors import AlignSearchError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4  # items per task, as Pool.imap's chunksize was
+IN_FLIGHT = 256  # items decoding or decoded ahead of the consumer (Pool.imap bounded nothing)
+DIED = "the decode worker died while reading it (killed, out of memory?)"
+
+
+class WorkersCannotStart(AlignSearchError):
+    exit_code = 1
+
+
+def _read_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(found) for found in chunk]
+
+
+def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
+    # spawn: workers import only PIL and numpy, never the torch state of this process. init: (initializer,
+    # initargs) run once in each worker (the texts already read; signal dispositions)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init[0],
+                               initargs=init[1])
+    try:
+        pool.submit(os.getpid).result(timeout=120)
+    except (BrokenProcessPool, TimeoutError, OSError) as exc:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "
+                                 "run with --workers 0 to decode in this process") from None
+    return pool
+
+
+def decode_in_processes(fn: Callable, todo: list, workers: int, failed: Callable, initializer=None,
+                        initargs: tuple = ()) -> Iterator:
+    """fn(item) for each item of todo, in order, in `workers` processes (each started with
+    initializer(*initargs)); failed(item, reason) makes the result of an item whose worker died twice over it."""
+    init = (initializer, initargs)
+    pool = _new_pool(workers, init)
+    pending: deque[tuple[list, Future]] = deque()
+    chunks = (todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK))
+    window = max(IN_FLIGHT, workers * 4 * CHUNK) // CHUNK
+    try:
+        while True:
+            while len(pending) < window and (chunk := next(chunks, None)) is not None:
+                pending.append((chunk, pool.submit(_read_chunk, fn, chunk)))
+            if not pending:
+                return
+            chunk, future = pending[0]
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                kept = [_result(f) for _, f in pending]  # in order: what finished before the death is kept
+                lost = [item for (c, _), r in zip(pending, kept) if r is None for item in c]
+                log.warning("a decode worker died: decoding the %d items it may have held again", len(lost))
+                again = iter(_again(fn, lost, workers, failed, init))
+                for (c, _), r in zip(list(pending), kept):
+                    yield from r if r is not None else (next(again) for _ in c)
+                pending.clear()
+                pool = _new_pool(workers, init)
+                continue
+            pending.popleft()
+            yield from results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(future: Future):
+    """A finished future's result, else None (not done, cancelled, or its worker died)."""
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()
+
+
+def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tuple = (None, ())) -> Iterator:
+    """The items in flight when a worker died, in order: all again on a fresh pool; if a worker dies again,
+    the ones still lost one at a time, each alone in its worker, so only the item that kills it fails."""
+    pool = _new_pool(workers, init)
+    futures = [pool.submit(fn, found) for found in items]
+    try:
+        done = [f.result() for f in futures]
+    except BrokenProcessPool:
+        done = [_result(f) for f in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    single = None
+    try:
+        for found, result in zip(items, done):
+            if result is not None:
+                yield result
+                continue
+            single = single or _new_pool(1, init)
+            try:
+                yield single.submit(fn, found).result()
+            except BrokenProcessPool:
+                log.warning("%s: %s", getattr(found, "relpath", found), DIED)
+                yield failed(found, DIED)
+                single.shutdown(wait=False, cancel_futures=True)
+                single = None
+    finally:
+        if single is not None:
+            single.shutdown(wait=False, cancel_futures=True)

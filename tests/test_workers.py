@@ -1,0 +1,99 @@
+"""Issue 24 #16: decode workers that die are noticed within seconds, never waited for."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_images
+from helpers import decode_or_die, summary
+
+from indexer.workers import DIED, decode_in_processes
+
+
+def test_a_worker_that_dies_fails_only_its_item_and_the_run_goes_on(tmp_path):
+    items = [f"f{i}" for i in range(30)]
+    items[7] = "die"  # kills every worker that reads it
+    items[20] = f"die-once:{tmp_path / 'marker'}"  # kills one worker, then decodes
+    started = time.monotonic()
+    out = list(decode_in_processes(decode_or_die, items, 3, lambda item, reason: ("failed", item, reason)))
+    assert time.monotonic() - started < 60
+    assert out[7] == ("failed", "die", DIED)
+    assert out[20] == items[20].upper()
+    assert [o for i, o in enumerate(out) if i not in (7, 20)] == [x.upper() for i, x in enumerate(items) if i not in (7, 20)]
+
+
+@pytest.mark.slow
+def test_index_survives_a_decode_worker_killed_mid_task(tmp_path, tiny_model):
+    """SIGKILL a busy decode worker of a real `index` run (what the OOM killer does): Pool.imap waited
+    forever for the lost task, holding the writer lock; now the run finishes with every image indexed."""
+    from PIL import Image
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 6)
+    for i in range(10):  # slow to decode, tiny on disk: each keeps a worker busy for a while
+        Image.new("RGB", (7000, 7000), (i * 20, 100, 200)).save(root / f"big{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "index", str(root), "--index", str(ix), "--model",
+                             str(tiny_model), "--device", "cpu", "--workers", "2", "--batch-size", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    killed, deadline = None, time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        for child in _children(proc.pid):
+            if _cpu_ticks(child) > 50:  # a worker that has been decoding for half a second
+                os.kill(child, signal.SIGKILL)
+                killed = child
+                break
+        time.sleep(0.05)
+    assert killed is not None, "no busy decode worker was seen"
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("index hung after its decode worker was killed")
+    result = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    assert result["added"] == 16 and result["failed"] == 0, result
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except OSError:
+        return 0
+
+
+def test_workers_that_cannot_start_fail_fast():
+    """A worker process that cannot start (here: its interpreter exits at once) is an error within seconds;
+    multiprocessing.Pool restarted such workers for minutes."""
+    import multiprocessing
+    from multiprocessing import spawn
+
+    from indexer.workers import WorkersCannotStart
+
+    ctx, real = multiprocessing.get_context("spawn"), spawn.get_executable()
+    ctx.set_executable("/bin/false")
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkersCannotStart, match="--workers 0"):
+            list(decode_in_processes(decode_or_die, ["a", "b"], 2, lambda item, reason: None))
+    finally:
+        ctx.set_executable(real)
+    assert time.monotonic() - started < 30

@@ -24,7 +24,6 @@ This module imports neither torch nor faiss at the top: decode workers import it
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -101,13 +100,20 @@ def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callab
                 return done
             after = rows[-1].id
             if pool is None and workers > 0 and len(rows) == batch:  # many to do: decode in processes
-                pool = multiprocessing.get_context("spawn").Pool(workers)
+                from alignsearch.workerpool import spawn_pool
+
+                pool = spawn_pool(workers)
             found = pool.map(_hash_file, rows, chunksize=8) if pool is not None else [_hash_file(r) for r in rows]
             found = [(i, h) for i, h in found if h]
             with db.begin() as conn:
                 catalog.set_phashes(conn, found)
             done += len(found)
             on_batch(len(rows))
+    except BaseException:  # Ctrl-C: stop the workers now rather than let them finish the queued files
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.close()

@@ -11,7 +11,6 @@ batch is the unit of loss on a crash: everything before it is committed.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec
+from alignsearch.workerpool import spawn_pool
 from indexer.decode import Item, read_item
 from indexer.scan import Found
 
@@ -84,8 +84,8 @@ def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int
     if workers <= 0:
         yield from map(fn, todo)
         return
-    # spawn: workers import only PIL and numpy, never the torch state of this process
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # spawn: workers import only PIL and numpy, never the torch state of this process; they ignore Ctrl-C
+    with spawn_pool(workers) as pool:
         yield from pool.imap(fn, todo, chunksize=4)
 
 

@@ -541,7 +541,13 @@ def info(failed, as_json, index_dir):
         f" (recall@10 {ix['tuned_recall_at_10']} measured for target {ix['target_recall']})"
         if ix["type"] != "flat" else ""
     )
-    click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
+    click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors"
+               + (", searched exactly (no ANN index built yet)" if ix["layout"] == "exact" else ""))
+    if data["last_run"] == "interrupted":
+        click.echo("note:    the last index run was interrupted before it finished: the images it committed are "
+                   "searchable; run `alignsearch index` to finish it")
+    elif data["last_run"] == "running":
+        click.echo("note:    an index run is in progress: the images it has committed so far are searchable")
     enc = data["encoder"]
     if enc["last_index_run"]:
         e = enc["last_index_run"]

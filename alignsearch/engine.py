@@ -76,6 +76,7 @@ class Snapshot:
     index: Any
     plan: ann.IndexPlan
     stamp: int  # the ANN files' modification stamp when read (shards.stamp)
+    unbuilt: bool = False  # no ANN index was ever published: `index` is an exact one over the committed vectors
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -127,6 +128,11 @@ class Engine:
             tuning = catalog.get_meta(conn, "tuning") or {}
             digest = catalog.get_meta(conn, "ann_digest")
             store = vectors.load(conn, self.dir, int(model_info["dim"]))
+            unbuilt = digest is None and not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None
+            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2) if unbuilt else None
+        if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
+            index = exact_index(store, live)
+            return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True)
         if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
         stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
@@ -138,7 +144,8 @@ class Engine:
         snap = self.snap
         with self.db.connect() as conn:
             generation = catalog.get_meta(conn, "generation", 0)
-        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp:
+            grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
+        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
             if self.snap is not snap:  # another thread refreshed meanwhile
@@ -442,8 +449,10 @@ class Engine:
         with self.db.connect() as conn:
             count = catalog.counts(conn)
             indexed_with = catalog.get_meta(conn, "encoder")
+            unfinished = catalog.get_meta(conn, "index_run") is not None
         return {
             "index_dir": str(self.dir.resolve()),
+            "last_run": self._last_run(unfinished),
             "model": snap.model_info["model"],
             "fingerprint": snap.model_info["fingerprint"],
             "dim": snap.model_info["dim"],
@@ -461,11 +470,22 @@ class Engine:
                 "target_recall": snap.tuning.get("target"),
                 "vectors": int(snap.index.ntotal),
                 "metric": "inner_product",
-                "layout": ann.layout(snap.index),
+                "layout": "exact" if snap.unbuilt else ann.layout(snap.index),  # exact: no ANN index built yet
             },
             "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
                         "onnx_cache": onnx_cache_status(snap.model_info)},
         }
+
+    def _last_run(self, unfinished: bool) -> str:
+        """finished, running (a writer holds the index now) or interrupted (an index run began and never ended)."""
+        if not unfinished:
+            return "finished"
+        from indexer.lock import writer_running  # a read-only probe of the writer's lock
+
+        try:
+            return "running" if writer_running(self.dir) else "interrupted"
+        except OSError:
+            return "interrupted"
 
     def classify(self, image, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[dict]:
         """Label probabilities for one image, with the index's model (see Encoder.classify)."""
@@ -535,6 +555,17 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def exact_index(store: vectors.VectorStore, live: np.ndarray):
+    """An exact (flat) index of the committed (id, address) pairs, in memory: what a query searches while no
+    ANN index was ever built (a first `index` run interrupted, or still running). Its scores are re-ranked from
+    the stored vectors as every search's are."""
+    index = ann.create(ann.plan_index(0, store.dim), store.dim)
+    for start in range(0, len(live), 65_536):
+        chunk = live[start : start + 65_536]
+        ann.add(index, store.get(chunk[:, 1]), chunk[:, 0])
+    return index
 
 
 def onnx_cache_status(model_info: dict) -> dict:

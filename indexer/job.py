@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -243,6 +244,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         columns = catalog.get_meta(conn, "list_columns", {})
         store = vectors.load(conn, out, encoder.dim)
     _check_store(db, store, out)
+    with db.begin() as conn:  # removed when the run ends: `info` tells an interrupted run from a finished one
+        catalog.set_meta(conn, "index_run", {"started": time.time(), "pid": os.getpid()})
     with db.connect() as conn:
         known_roots = catalog.get_meta(conn, "roots", [])
     all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
@@ -320,9 +323,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     encoder.prepare_text()  # with ONNX: the first `alignsearch query` then runs without loading torch
-    if times.items - times.reused - times.failed > 0:
-        with db.begin() as conn:
+    with db.begin() as conn:
+        if times.items - times.reused - times.failed > 0:
             catalog.set_meta(conn, "encoder", summary.encoder)  # what `info` reports
+        catalog.delete_meta(conn, "index_run")
     return summary
 
 

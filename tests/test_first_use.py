@@ -34,14 +34,16 @@ def _children(pid: int) -> list[int]:
 # -- item 1: Ctrl-C during `index` with decode workers -------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_ctrl_c_to_the_process_group_ends_quietly_with_130(tmp_path, tiny_model):
-    """What a terminal does on Ctrl-C: SIGINT to every process of the group, the decode workers included,
-    while they decode. One line, exit 130, no worker traceback, no worker left behind."""
-    photos = tmp_path / "photos"
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tiny_model):
+    """A first `index` run stopped as a terminal's Ctrl-C stops it: SIGINT to every process of the group, the
+    decode workers included, while they decode (after the first committed batch).
+    Returns (process, stderr, index folder, photos, the worker pids)."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    photos = tmp / "photos"
     smooth_photos(photos, 48, size=(1200, 900))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alignsearch", "index", str(photos), "--index", str(tmp_path / "ix"), "--model",
+        [sys.executable, "-m", "alignsearch", "index", str(photos), "--index", str(tmp / "ix"), "--model",
          str(tiny_model), "--device", "cpu", "--workers", "2", "--batch-size", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **CHILD_ENV})
@@ -53,10 +55,45 @@ def test_ctrl_c_to_the_process_group_ends_quietly_with_130(tmp_path, tiny_model)
     workers = _children(proc.pid)
     assert proc.poll() is None and workers, "".join(lines)
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    err = "".join(lines) + err
+    _, err = proc.communicate(timeout=60)
+    return proc, "".join(lines) + err, tmp / "ix", photos, workers
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_ends_quietly_with_130(interrupted):
+    """One line, exit 130, no worker traceback, no worker left behind."""
+    proc, err, _, _, workers = interrupted
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "SpawnPoolWorker" not in err and "KeyboardInterrupt" not in err, err
     assert [x for x in err.splitlines() if not x.startswith("indexing:")] == ["error: interrupted"], err
     time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()]
+
+
+# -- item 2: an interrupted first run is searchable ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
+    """No ANN index was built: exact search over the committed vectors; `info` says the run was interrupted,
+    and the next run finishes it."""
+    import json
+
+    import alignsearch
+
+    proc, _, ix, photos, _ = interrupted
+    info = json.loads(run("info", "--index", ix, "--json").output)
+    assert info["last_run"] == "interrupted"
+    assert 4 <= info["images"] < 48 and info["index"]["vectors"] == info["images"]
+    assert "interrupted" in run("info", "--index", ix).output
+    with alignsearch.open(ix) as engine:
+        first = engine.file(1)
+        hits = engine.search(image=first.path, k=3)
+        assert hits[0].path == first.path and hits[0].score > 0.999
+        assert len(engine.search(text="a photo", k=100)) == info["images"]
+    out = run("query", "--image", first.path, "--index", ix, "-k", "2").output
+    assert first.path in out.splitlines()[0]
+    assert run("similar", "1", "--index", ix, "-k", "2").output.count("\n") == 2
+    run("index", "--index", ix)
+    info = json.loads(run("info", "--index", ix, "--json").output)
+    assert info["last_run"] == "finished" and info["images"] == 48 and info["index"]["layout"] == "memory"

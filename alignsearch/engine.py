@@ -480,7 +480,8 @@ class Engine:
         """finished, running (a writer holds the index now) or interrupted (an index run began and never ended)."""
         if not unfinished:
             return "finished"
-        from indexer.lock import writer_running  # a read-only probe of the writer's lock
+        # a read-only probe of the writer's lock
+        from indexer.lock import writer_running
 
         try:
             return "running" if writer_running(self.dir) else "interrupted"

@@ -129,6 +129,7 @@ def index_folders(
         ondisk_shards = 0
     chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
     out = Path(chosen)
+    index_roots.refuse_index_folder(roots, out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -259,7 +260,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         for r in roots:
             options.setdefault(r, {})["caption_column"] = opts.caption_column
 
-    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns)
+    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()))
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
     summary.unchanged, summary.kept = scanned.unchanged, scanned.kept

@@ -97,3 +97,33 @@ def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
     run("index", "--index", ix)
     info = json.loads(run("info", "--index", ix, "--json").output)
     assert info["last_run"] == "finished" and info["images"] == 48 and info["index"]["layout"] == "memory"
+
+
+# -- item 3: the index folder is never a root, never listed -----------------------------------------------------
+
+
+def test_the_index_folder_is_refused_as_a_root_and_never_listed(tmp_path, tiny_model):
+    import json
+    import shutil
+
+    from conftest import make_images
+
+    photos = tmp_path / "photos"
+    make_images(photos, 3)
+    ix = photos / "library-index"  # an index kept inside the library, not hidden
+    run("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu", "--include-hidden")
+    (ix / "thumbs").mkdir(exist_ok=True)  # what the server caches there
+    shutil.copy(photos / "img001.jpg", ix / "thumbs" / "1.jpg")
+    again = json.loads(run("index", "--index", ix, "--json").output)
+    assert again["added"] == 0 and again["unchanged"] == 3
+    for inside in (ix, ix / "thumbs"):
+        out = run("index", inside, "--index", ix, code=6).output
+        assert "index folder" in out and out.count("\n") == 1, out
+    default = tmp_path / "lib"  # the default .alignsearch/, indexed from the folder that holds it
+    make_images(default, 2)
+    run("index", default, "--index", default / ".alignsearch", "--include-hidden", "--model", tiny_model,
+        "--device", "cpu")
+    (default / ".alignsearch" / "thumbs").mkdir(exist_ok=True)
+    shutil.copy(default / "img001.jpg", default / ".alignsearch" / "thumbs" / "1.jpg")
+    assert json.loads(run("index", "--index", default / ".alignsearch", "--json").output)["added"] == 0
+    run("index", default / ".alignsearch", "--index", default / ".alignsearch", code=6)

@@ -770,10 +770,23 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 @reports_errors
 def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
+    from alignsearch.errors import BadInputError
     from alignsearch.engine import open as open_index
     from alignsearch.export import export as run_export
+    from indexer.roots import match
 
-    result = run_export(open_index(index_dir), out, fmt, list(roots), where, path_glob, shard_rows=shard_rows)
+    if out == "-":
+        raise click.UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
+                               "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
+    engine = open_index(index_dir)
+    named = []
+    for root in roots:  # as `forget` resolves them: relative, with a trailing slash, through symlinks
+        known = match(root, engine.roots)
+        if known is None:
+            raise BadInputError(f"{root} is not a root of this index (its roots: {', '.join(engine.roots) or 'none'}); "
+                                "see `alignsearch roots`")
+        named.append(known)
+    result = run_export(engine, out, fmt, named, where, path_glob, shard_rows=shard_rows)
     if as_json:
         click.echo(json.dumps(result))
     else:

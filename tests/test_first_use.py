@@ -127,3 +127,28 @@ def test_the_index_folder_is_refused_as_a_root_and_never_listed(tmp_path, tiny_m
     shutil.copy(default / "img001.jpg", default / ".alignsearch" / "thumbs" / "1.jpg")
     assert json.loads(run("index", "--index", default / ".alignsearch", "--json").output)["added"] == 0
     run("index", default / ".alignsearch", "--index", default / ".alignsearch", code=6)
+
+
+# -- item 4: export --root resolves roots as forget does ----------------------------------------------------------
+
+
+def test_export_root_is_resolved_like_forget_and_an_unknown_one_refused(tmp_path, tiny_model, monkeypatch):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from conftest import make_images
+
+    make_images(tmp_path / "photos", 3)
+    make_images(tmp_path / "other", 2, seed=1)
+    ix = tmp_path / "ix"
+    run("index", tmp_path / "photos", tmp_path / "other", "--index", ix, "--model", tiny_model, "--device", "cpu")
+    monkeypatch.chdir(tmp_path)
+    for given in ("./photos", "photos/", str(tmp_path / "photos")):
+        done = json.loads(run("export", f"out-{len(given)}.parquet", "--root", given, "--index", ix, "--json").output)
+        assert done["rows"] == 3, given
+        assert pq.read_table(done["path"]).num_rows == 3
+    out = run("export", "none.parquet", "--root", "./elsewhere", "--index", ix, code=6).output
+    assert "not a root of this index" in out and not (tmp_path / "none.parquet").exists()
+    out = run("export", "-", "--index", ix, code=2).output
+    assert "standard output" in out and not (tmp_path / "-").exists()

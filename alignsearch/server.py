@@ -138,8 +138,9 @@ class HostCheck:
     """ASGI middleware: a request whose Host header is not one of ours gets 400 (DNS rebinding), and every
     response gets a few security headers. TrustedHostMiddleware's rule, with IPv6 literals understood."""
 
-    def __init__(self, app, hosts: frozenset[str]):
+    def __init__(self, app, hosts: frozenset[str], too_large: str = "the request body is too large"):
         self.app, self.hosts = app, hosts
+        self.too_large = json.dumps({"error": too_large}).encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -153,9 +154,22 @@ class HostCheck:
                                     (b"connection", b"close"), *SECURITY_HEADERS]})
             return await send({"type": "http.response.body", "body": body})
 
+        rewritten = []
+
         async def secured(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+                headers = message.get("headers", [])
+                if message["status"] == 413 and dict(headers).get(b"content-type", b"").startswith(b"text/plain"):
+                    # the framework's body limit answers plain text: give the documented {"error": ...}
+                    rewritten.append(True)
+                    headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")] + [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(self.too_large)).encode())]
+                message = {**message, "headers": [*headers, *SECURITY_HEADERS]}
+            elif message["type"] == "http.response.body" and rewritten:
+                if rewritten[0] is False:
+                    return
+                rewritten[0] = False
+                message = {**message, "body": self.too_large, "more_body": False}
             await send(message)
 
         return await self.app(scope, receive, secured)
@@ -242,9 +256,23 @@ class Library:
     def info(self) -> dict[str, Any]:
         return {**self.fresh().info(), "index_id": self.index_id}
 
-    def search_vector(self, vector, args: dict, narrowing: dict | None = None) -> list[dict]:
-        hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), **(narrowing or {}))
-        return [h.to_dict() for h in hits]
+    def search_vector(self, vector, args: dict, narrowing: dict | None = None, leave_out: int | None = None) -> list[dict]:
+        """leave_out: an indexed image's id, left out of its own results (similar=), before near duplicates are
+        folded, as the CLI's `similar` does."""
+        narrowing = dict(narrowing or {})
+        if leave_out is None:
+            hits = self.fresh().search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), **narrowing)
+            return [h.to_dict() for h in hits]
+        collapse, k = narrowing.pop("collapse", False), args["k"]
+        wanted = min((k * 3 if collapse else k) + 1, querycheck.MAX_K)
+        engine = self.fresh()
+        hits = [h for h in engine.search_vector(vector, wanted, tag=args["tag"], text=args.get("text"), **narrowing)
+                if h.id != leave_out]
+        if collapse:
+            from alignsearch.dupes import collapse_hits
+
+            hits = collapse_hits(engine.db, hits, k)
+        return [h.to_dict() for h in hits[:k]]
 
     def vector_of(self, file_id: int):
         vector = self.fresh().vector_of(file_id)
@@ -268,7 +296,10 @@ class Library:
             query = (select(files).where(files.c.status == catalog.INDEXED).order_by(files.c.id.desc())
                      .offset(offset).limit(limit))
             rows = [catalog.FileRow(**r._mapping) for r in conn.execute(query)]
-        return {"total": int(total or 0), "offset": offset, "results": [_listed(r) for r in rows]}
+            ids = [r.id for r in rows]
+            photos, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
+        return {"total": int(total or 0), "offset": offset,
+                "results": [_listed(r, photos.get(r.id), labels.get(r.id, [])) for r in rows]}
 
     def _local_path(self, row: catalog.FileRow) -> str | None:
         """The file on this machine behind a row, when there is one (a folder's file, a list's local entry)."""
@@ -335,9 +366,11 @@ class Library:
         return buf.getvalue()
 
 
-def _listed(row: catalog.FileRow) -> dict[str, Any]:
-    return {"id": row.id, "path": row.path, "root": row.root, "relpath": row.relpath, "width": row.width,
-            "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime}
+def _listed(row: catalog.FileRow, photo: dict | None = None, labels: list[str] = ()) -> dict[str, Any]:
+    """A listed image: a hit's fields (taken, camera, lens, GPS, caption, tags included) without a score."""
+    out = engine_module._hit(row, 0.0, photo, labels).to_dict()
+    out.pop("score")
+    return out
 
 
 def decode_upload(data: bytes, max_pixels: int):
@@ -503,10 +536,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         args = querycheck.validate(text=q, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
                                    negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse)
-        if similar is not None:
+        if similar is not None:  # the image itself left out, as the CLI's `similar` does
             vector = await run_in_threadpool(library.vector_of, similar)
             results = await run_in_threadpool(library.search_vector, vector, {**args, "text": None},
-                                              {**narrowing, "mode": "vector"})
+                                              {**narrowing, "mode": "vector"}, similar)
         else:
             results = await encode_and_search(args, narrowing=narrowing)
         query = {"text": args["text"], "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
@@ -519,7 +552,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         request: Request,
         image: Annotated[UploadFile | None, File(description="query image (20 MB at most)")] = None,
         q: Annotated[str | None, Form(description=text_doc)] = None,
-        k: Annotated[int, Form(ge=1, le=querycheck.MAX_K)] = querycheck.DEFAULT_K,
+        k: Annotated[int | None, Form(ge=1, le=querycheck.MAX_K)] = None,
         negative: Annotated[str | None, Form()] = None,
         text_weight: Annotated[float, Form(**weight)] = 2.0,
         image_weight: Annotated[float, Form(**weight)] = 1.0,
@@ -536,11 +569,16 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
         mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
         collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
+        k_in_url: Annotated[int | None, Query(alias="k", ge=1, le=querycheck.MAX_K,
+                                              description="number of results, when the form has no k")] = None,
     ):
         """Search by an uploaded image, alone or with a text (multipart/form-data); filters, cutoff, sort, mode and
-        collapse as query parameters of the URL, as for GET."""
+        collapse as query parameters of the URL, as for GET; k as a form field or in the URL."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
+        if k is not None and k_in_url is not None and k != k_in_url:
+            raise ApiError(400, f"k is {k} in the form and {k_in_url} in the URL: give one")
+        k = next((v for v in (k, k_in_url) if v is not None), querycheck.DEFAULT_K)
         data = await image.read() if image is not None else None
         args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
                                    image_weight=image_weight, negative_weight=negative_weight, tag=tag)
@@ -583,7 +621,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
 
     app.mount("/static", StaticFiles(directory=WEB_DIR, follow_symlink=False), name="static")
     app.state.library = library
-    return HostCheck(app, allowed_hosts(config))
+    return HostCheck(app, allowed_hosts(config),
+                     f"the request body exceeds the limit of {config.max_upload_bytes} bytes")
 
 
 @dataclass

@@ -152,3 +152,62 @@ def test_export_root_is_resolved_like_forget_and_an_unknown_one_refused(tmp_path
     assert "not a root of this index" in out and not (tmp_path / "none.parquet").exists()
     out = run("export", "-", "--index", ix, code=2).output
     assert "standard output" in out and not (tmp_path / "-").exists()
+
+
+# -- item 5: the server agrees with the CLI -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_server_agrees_with_the_cli(tmp_path, tiny_model):
+    """similar= leaves the image out (as `similar`); /api/recent carries the hit fields (taken, caption, tags);
+    POST honours k in the URL; a body over the cap answers the documented JSON error."""
+    import json
+    import socket
+    import uuid
+
+    from conftest import make_images
+    from helpers import call, start_serve, stop, write_labels
+
+    photos = tmp_path / "photos"
+    make_images(photos, 12)
+    (photos / "img001.txt").write_text("a caption for the first one")
+    ix = tmp_path / "ix"
+    run("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu")
+    run("tag", "--labels-file", write_labels(tmp_path / "labels.txt", ["a red car"]), "--threshold", "0",
+        "--index", ix, "--device", "cpu")
+    cli = json.loads(run("similar", "3", "-k", "4", "--index", ix, "--json").output)["results"]
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        served = json.loads(call(url, "/api/search?similar=3&k=4")[2])["results"]
+        assert [h["id"] for h in served] == [h["id"] for h in cli] and 3 not in [h["id"] for h in served]
+        collapsed = json.loads(call(url, "/api/search?similar=3&k=4&collapse=1")[2])["results"]
+        assert 3 not in [h["id"] for h in collapsed] and len(collapsed) == 4
+
+        recent = json.loads(call(url, "/api/recent?limit=12")[2])["results"]
+        assert all(r["taken"] and r["tags"] == ["a red car"] and "score" not in r for r in recent), recent[0]
+        assert next(r for r in recent if r["relpath"] == "img001.jpg")["caption"] == "a caption for the first one"
+
+        boundary = uuid.uuid4().hex
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n").encode() + (photos / "img004.jpg").read_bytes() + \
+            f"\r\n--{boundary}--\r\n".encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        status, _, answer = call(url, "/api/search?k=3", data=body, headers=headers)
+        assert status == 200 and len(json.loads(answer)["results"]) == 3
+
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(("POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                       f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {21 * 1024 * 1024}\r\n"
+                       "Connection: close\r\n\r\n").encode() + b"--x\r\n" + b"x" * 1024)
+            response = b""
+            try:
+                while block := s.recv(65536):
+                    response += block
+            except OSError:
+                pass
+        head, _, payload = response.partition(b"\r\n\r\n")
+        assert b" 413 " in head.split(b"\r\n")[0] and b"application/json" in head.lower(), response[:400]
+        assert "exceeds the limit" in json.loads(payload)["error"]
+    finally:
+        stop(proc)

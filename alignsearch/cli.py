@@ -626,7 +626,21 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise AlignSearchError(_cannot_listen(engine.dir, host, port, exc)) from None
+
+
+def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
+    """Why `serve` cannot listen, in words: this index already served there, or the port taken by another."""
+    message = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    if exc.errno != errno.EADDRINUSE:
+        return message
+    from alignsearch.client import verified_server
+
+    running = verified_server(index_dir, notice=lambda line: None)
+    if running is not None:
+        return (f"this index is already served at {running['url']} (process {running['pid']}): `alignsearch query` "
+                "uses it; stop it first, or serve on another port with --port N")
+    return f"{message}: another program listens there; choose another port with --port N (--port 0: any free one)"
 
 
 @main.command()

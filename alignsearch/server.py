@@ -682,9 +682,9 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
     finds and checks the warm server, and removes it on the way out."""
     import uvicorn
 
-    _ = engine.encoder  # load the model now, not on the first request
     token = resolve_token(config)
-    sock = _listen(config.host, config.port)
+    sock = _listen(config.host, config.port)  # first: a busy port is said at once, not after loading the model
+    _ = engine.encoder  # load the model now, not on the first request
     port = sock.getsockname()[1]
     shown = "127.0.0.1" if config.host in WILDCARD else config.host
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"

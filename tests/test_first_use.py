@@ -211,3 +211,43 @@ def test_server_agrees_with_the_cli(tmp_path, tiny_model):
         assert "exceeds the limit" in json.loads(payload)["error"]
     finally:
         stop(proc)
+
+
+# -- item 6: a killed server's record is cleaned once; a busy port is explained --------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_servers_record_is_removed_once_and_a_busy_port_explained(tmp_path, tiny_model):
+    import socket
+
+    from alignsearch.paths import SERVER_FILE
+    from conftest import make_images
+    from helpers import alignsearch, free_port, start_serve, stop
+
+    make_images(tmp_path / "photos", 3)
+    ix = tmp_path / "ix"
+    run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--device", "cpu")
+    proc, _ = start_serve(ix)
+    stop(proc, signal.SIGKILL)  # reaped: its pid is gone
+    assert (ix / SERVER_FILE).exists()
+    first = alignsearch("query", "dog", "-k", "1", "--index", ix)
+    assert first.returncode == 0 and first.stderr.count("notice:") == 1, first.stderr
+    assert not (ix / SERVER_FILE).exists()
+    second = alignsearch("query", "dog", "-k", "1", "--index", ix)
+    assert second.returncode == 0 and "notice:" not in second.stderr, second.stderr
+
+    proc, url = start_serve(ix)
+    try:
+        port = url.rsplit(":", 1)[1]
+        again = alignsearch("serve", "--index", ix, "--port", port, "--device", "cpu", timeout=120)
+        assert again.returncode != 0 and "already served" in again.stderr and "--port" in again.stderr, again.stderr
+        assert again.stderr.strip().count("\n") == 0 and again.stderr.startswith("error: "), again.stderr
+        assert (ix / SERVER_FILE).exists()  # the running server's record is untouched
+    finally:
+        stop(proc)
+    with socket.socket() as other:  # another program on the port
+        port = free_port()
+        other.bind(("127.0.0.1", port))
+        other.listen(1)
+        busy = alignsearch("serve", "--index", ix, "--port", port, "--device", "cpu", timeout=120)
+    assert busy.returncode != 0 and "another program" in busy.stderr and "--port" in busy.stderr, busy.stderr

@@ -467,15 +467,21 @@ def tags(as_json, index_dir):
 
 
 def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
-    """[(label, images)] from the index's catalog (db: an open one)."""
+    """[(label, images)] from the index's catalog (db: an open one); the remembered labels that tag no image
+    yet are listed with 0 (later index runs apply them)."""
     from alignsearch import catalog
     from alignsearch.paths import DB_FILE, resolve_index_dir
+    from indexer.tag import runs_of
 
     own = db is None
     db = db or catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            return catalog.tag_counts(conn)
+            counts = catalog.tag_counts(conn)
+            remembered = [label for run in runs_of(catalog.get_meta(conn, "tagging")) for label in run["labels"]]
+        seen = {label.lower() for label, _ in counts}
+        unused = [label for label in dict.fromkeys(remembered) if label.lower() not in seen]
+        return counts + [(label, 0) for label in sorted(set(unused), key=str.lower)]
     finally:
         if own:
             db.dispose()
@@ -747,12 +753,12 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     The file to keep in each group: the largest resolution, then the oldest (modification time)."""
     from alignsearch.dupes import find_groups
     from alignsearch.engine import open as open_index
-    from alignsearch.errors import BadInputError
+    from alignsearch.errors import UsageError
 
     if threshold is not None and tier == "near" and not (0 <= threshold < 64 and threshold == int(threshold)):
-        raise BadInputError("--threshold for --tier near is a number of bits from 0 to 63")
+        raise UsageError("--threshold for --tier near is a number of bits from 0 to 63")  # bad usage: exit 2
     if threshold is not None and tier == "similar" and not -1 <= threshold <= 1:
-        raise BadInputError("--threshold for --tier similar is a cosine from -1 to 1")
+        raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
         click.echo(json.dumps([g.to_dict() for g in groups], indent=2))

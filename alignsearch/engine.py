@@ -400,7 +400,7 @@ class Engine:
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(allowed), EXACT_CHUNK):  # bounded memory however many match
             chunk = allowed[start : start + EXACT_CHUNK]
-            scores = self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]) @ query.astype(np.float32)
+            scores = _unit(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)])) @ query.astype(np.float32)
             best_ids, best_scores = np.concatenate([best_ids, chunk]), np.concatenate([best_scores, scores])
             if len(best_ids) > depth:
                 keep = np.argpartition(-best_scores, depth)[:depth]
@@ -431,6 +431,7 @@ class Engine:
             if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
                 raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not "
                                         "unit length): run `alignsearch verify --repair`")
+            stored = stored / np.maximum(norms, 1e-12)[:, None]  # fp16 rows are unit length only to ~1e-4
             scores = np.clip(stored @ query.astype(np.float32), -1.0, 1.0) if len(ids) else np.zeros(0, np.float32)
             # by similarity, or in the fused or keyword ranking
             order = np.argsort(-scores, kind="stable") if by_similarity else np.arange(len(ids))
@@ -509,7 +510,7 @@ class Engine:
     def vector_of(self, file_id: int) -> np.ndarray | None:
         """The stored unit vector of an indexed file ("more like this"), or None."""
         row = self.file(file_id)
-        return None if row is None else self._stored(self.snap, np.array([row.vec_row]))[0]
+        return None if row is None else _unit(self._stored(self.snap, np.array([row.vec_row])))[0]
 
     def _same_generation(self, snap: Snapshot) -> None:
         """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read
@@ -556,6 +557,12 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Stored fp16 rows made unit length again (their norms are 1 only to ~1e-4): an exact copy of an image
+    scores 1.0 against it, as a re-encoded copy does."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def exact_index(store: vectors.VectorStore, live: np.ndarray):

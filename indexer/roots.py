@@ -164,10 +164,13 @@ def report(db) -> list[dict]:
             present = sources.exists(root)
         except BadInputError:
             present = False
-        state = "missing" if not present else "listing errors" if errors.get(root) else "ok"
+        recorded = errors.get(root, [])
+        if present:  # a root the last run found missing and that is back (a restored shard, a remounted disk)
+            recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == f"{root} is missing")]
+        state = "missing" if not present else "listing errors" if recorded else "ok"
         c = counts.get(root, {})
         out.append({"root": root, "indexed": c.get(catalog.INDEXED, 0), "failed": c.get(catalog.FAILED, 0),
-                    "state": state, "options": options.get(root, {}), "listing_errors": errors.get(root, [])})
+                    "state": state, "options": options.get(root, {}), "listing_errors": recorded})
     return out
 
 

@@ -74,8 +74,8 @@ def test_similar_tier_uses_embedding_cosine(library):
 
 def test_dupes_rejects_bad_thresholds(library):
     root, ix = library
-    run("dupes", "--index", ix, "--threshold", "70", code=6)
-    run("dupes", "--index", ix, "--tier", "similar", "--threshold", "2", code=6)
+    run("dupes", "--index", ix, "--threshold", "70", code=2)  # bad usage (issue 24: was 6)
+    run("dupes", "--index", ix, "--tier", "similar", "--threshold", "2", code=2)
 
 
 def test_an_index_from_before_phashes_is_filled_without_reencoding(library):

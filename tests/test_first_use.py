@@ -251,3 +251,89 @@ def test_killed_servers_record_is_removed_once_and_a_busy_port_explained(tmp_pat
         other.listen(1)
         busy = alignsearch("serve", "--index", ix, "--port", port, "--device", "cpu", timeout=120)
     assert busy.returncode != 0 and "another program" in busy.stderr and "--port" in busy.stderr, busy.stderr
+
+
+# -- item 7: small lies ---------------------------------------------------------------------------------------------
+
+
+def test_small_lies_format_aliases_zero_tags_threshold_usage_exact_copy_and_restored_shard(tmp_path, tiny_model):
+    import json
+    import shutil
+    import tarfile
+
+    from conftest import make_images
+    from helpers import write_labels
+
+    photos = tmp_path / "photos"
+    made = make_images(photos, 6)  # img000/img003 are PNG, the rest JPEG
+    shutil.copy(made[1], photos / "copy-of-img001.jpg")  # an exact byte copy
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(made[2], arcname="member.jpg")
+    ix = tmp_path / "ix"
+    run("index", photos, shard, "--index", ix, "--model", tiny_model, "--device", "cpu")
+
+    for given in ("jpg", "JPG", "jpeg", "Jpeg"):
+        hits = json.loads(run("query", "x", "-k", "50", "--format", given, "--index", ix, "--json").output)["results"]
+        assert len(hits) == 6 and {h["format"] for h in hits} == {"JPEG"}, given
+    where = json.loads(run("query", "x", "-k", "50", "--where", "format = jpg", "--index", ix, "--json").output)
+    assert len(where["results"]) == 6
+
+    run("tag", "--labels-file", write_labels(tmp_path / "l.txt", ["a unicorn"]), "--threshold", "1", "--index", ix,
+        "--device", "cpu")
+    assert json.loads(run("tags", "--json", "--index", ix).output) == [{"label": "a unicorn", "images": 0}]
+    assert "a unicorn" in run("tags", "--index", ix).output
+
+    for args in (["--threshold", "99"], ["--tier", "similar", "--threshold", "1.5"]):
+        out = run("dupes", *args, "--index", ix, code=2).output
+        assert out.startswith("error: ") and out.count("\n") == 1, out
+
+    import alignsearch
+
+    with alignsearch.open(ix) as engine:
+        original = next(r for r in engine.search_vector(engine.vector_of(2), k=10) if r.relpath == "img001.jpg")
+    out = json.loads(run("similar", str(original.id), "-k", "1", "--index", ix, "--json").output)["results"]
+    assert out[0]["relpath"] == "copy-of-img001.jpg" and abs(out[0]["score"] - 1.0) < 1e-6, out[0]["score"]
+
+    shard.rename(tmp_path / "away.tar")
+    run("index", "--index", ix)  # the shard is missing: its rows are kept, the listing error recorded
+    assert json.loads(run("roots", "--json", "--index", ix).output)[1]["state"] == "missing"
+    (tmp_path / "away.tar").rename(shard)
+    restored = json.loads(run("roots", "--json", "--index", ix).output)[1]
+    assert restored["root"] == str(shard) and restored["state"] == "ok" and restored["listing_errors"] == []
+
+
+def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_path):
+    """Two catalog rows holding the same vector, whose fp16 rounding left it 1e-4 short of unit length (as
+    align-base's vectors can be): `similar` of one scores the other 1.0, not 0.9999."""
+    import numpy as np
+
+    import alignsearch
+    from alignsearch import ann, catalog, vectors
+    from alignsearch.paths import ANN_FILE, DB_FILE, VECTORS_FILE
+
+    dim = 640
+    for seed in range(10_000):
+        v = np.random.default_rng(seed).standard_normal(dim)
+        v = (v / np.linalg.norm(v)).astype(np.float32)
+        if float(np.sum(v.astype(np.float16).astype(np.float32) ** 2)) < 1 - 1e-4:
+            break
+    rows = np.stack([v, v, *np.random.default_rng(1).standard_normal((3, dim))]).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    store = vectors.VectorStore(tmp_path / VECTORS_FILE, dim, 0)
+    store.append(rows)
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.begin() as conn:
+        conn.execute(catalog.insert(catalog.files), [
+            dict(root="/synthetic", relpath=f"{i}.jpg", size=1000 + i, mtime=1.6e9, sha256=f"{i:064x}", width=64,
+                 height=64, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i) for i in range(5)])
+        catalog.set_meta(conn, "model", {"model": "synthetic", "fingerprint": "synthetic", "dim": dim})
+        vectors.save(conn, store)
+    db.dispose()
+    index = ann.create(ann.plan_index(0, dim), dim)
+    ann.add(index, rows, np.arange(1, 6))
+    ann.write_atomic(index, tmp_path / ANN_FILE)
+    with alignsearch.open(tmp_path) as engine:
+        hits = engine.search_vector(engine.vector_of(1), k=2)
+    assert [h.id for h in hits][:2] in ([1, 2], [2, 1])
+    assert all(abs(h.score - 1.0) < 1e-6 for h in hits), [h.score for h in hits]

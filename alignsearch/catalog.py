@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from alignsearch import sources
-from alignsearch.errors import IndexDamagedError
+from alignsearch.errors import BadInputError, IndexDamagedError
 
 # 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
@@ -176,6 +176,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
 
     try:
         if readonly:
+            _refuse_if_locked(Path(db_path))
             with engine.connect() as conn:
                 _check_version(get_meta(conn, "schema_version"))
             return engine
@@ -214,6 +215,41 @@ def _open_readonly(db_path: Path):
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+LOCK_WAIT_SECONDS = 2.0  # a checkpoint or a commit holds the catalog for milliseconds; a writer in EXCLUSIVE mode for its run
+
+
+def _refuse_if_locked(db_path: Path) -> None:
+    """A reader in WAL mode never waits for a writer, unless one holds the catalog in SQLite's EXCLUSIVE
+    locking mode: then it would wait out the 30 s busy timeout and blame damage. Waits LOCK_WAIT_SECONDS, then
+    says who holds it (an alignsearch run holding the index's write.lock, or another program): BadInputError."""
+    if not db_path.exists():
+        return
+    try:
+        probe = _open_readonly(db_path)
+    except sqlite3.Error:
+        return  # reported by the caller's own read
+    try:
+        probe.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
+        probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            return
+        try:
+            from indexer.lock import writer_running  # the write path's lock, probed read-only
+
+            indexing = writer_running(db_path.parent)
+        except (ImportError, OSError):
+            indexing = False
+        who = ("an alignsearch run writing this index (index, tag, tune or verify --repair) holds it" if indexing else
+               "another program holds it locked (a sqlite3 shell or tool in EXCLUSIVE locking mode?)")
+        raise BadInputError(f"{db_path.name} is locked: {who}; the index is not damaged: try again when it has "
+                            "finished") from None
+    except sqlite3.Error:
+        return
+    finally:
+        probe.close()
 
 
 def index_id(conn: Connection) -> str | None:

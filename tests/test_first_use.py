@@ -337,3 +337,38 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
         hits = engine.search_vector(engine.vector_of(1), k=2)
     assert [h.id for h in hits][:2] in ([1, 2], [2, 1])
     assert all(abs(h.score - 1.0) < 1e-6 for h in hits), [h.score for h in hits]
+
+
+# -- item 11: a writer holding the catalog in EXCLUSIVE locking mode ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_catalog_held_exclusively_is_said_at_once_not_blamed_on_damage(tmp_path, tiny_model):
+    import fcntl
+    import sqlite3
+
+    from conftest import make_images
+    from helpers import alignsearch
+
+    make_images(tmp_path / "photos", 3)
+    ix = tmp_path / "ix"
+    run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--device", "cpu")
+    holder = sqlite3.connect(ix / "catalog.db")
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE meta SET value = value WHERE key = 'roots'")
+    try:
+        started = time.monotonic()
+        other = alignsearch("info", "--index", ix, timeout=120)
+        assert time.monotonic() - started < 15, other.stderr
+        assert other.returncode == 6 and "another program holds it" in other.stderr, other.stderr
+        assert "verify" not in other.stderr and "damaged" not in other.stderr.replace("not damaged", "")
+        with open(ix / "write.lock", "w") as lock:  # as an index run holds it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            query = alignsearch("query", "dog", "--index", ix, timeout=120)
+        assert query.returncode == 6 and "alignsearch run writing this index" in query.stderr, query.stderr
+        assert query.stderr.count("\n") == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    assert alignsearch("info", "--index", ix).returncode == 0

@@ -101,7 +101,7 @@ pending_vectors = Table(
     Column("vec_row", Integer, nullable=False),
 )
 
-# A perceptual hash (imagehash.phash, 64 bits as 16 hex digits) per indexed file, for `alignsearch dupes
+# A perceptual hash (imagehash.phash, 64 bits as 16 hex digits, then "-" and a colour grid: dupes.py) per indexed file, for `alignsearch dupes
 # --tier near` and collapsed results (alignsearch/dupes.py). Its own table: indexes written before it existed
 # have none (readers treat that as empty) and the next `index` run fills it without re-encoding.
 phashes = Table("phashes", metadata, Column("file_id", Integer, primary_key=True), Column("phash", String(16), nullable=False))

@@ -372,3 +372,32 @@ def test_a_catalog_held_exclusively_is_said_at_once_not_blamed_on_damage(tmp_pat
         holder.rollback()
         holder.close()
     assert alignsearch("info", "--index", ix).returncode == 0
+
+
+# -- item 9: near duplicates agree in colour too ------------------------------------------------------------------
+
+
+def test_near_duplicates_and_collapse_tell_colours_of_equal_brightness_apart(tmp_path, tiny_model):
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from helpers import near_copies
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("red", (255, 20, 0)), ("yellow", (100, 100, 0))):  # equal luminance: one phash
+        img = Image.new("RGB", (320, 240), (230, 230, 230))
+        ImageDraw.Draw(img).ellipse([100, 60, 220, 180], fill=colour)
+        img.save(photos / f"{name}.png")
+    original = smooth_photos(photos, 1, seed=3, size=(480, 360))[0]
+    copies = near_copies(original, photos / "copies")  # re-saved, half size, cropped: still one picture
+    ix = tmp_path / "ix"
+    run("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu")
+    groups = json.loads(run("dupes", "--tier", "near", "--index", ix, "--json").output)
+    grouped = [sorted(Path(i["path"]).name for i in g["items"]) for g in groups]
+    assert grouped == [sorted([original.name] + [c.name for c in copies])], grouped
+    hits = json.loads(run("query", "a circle", "-k", "10", "--collapse", "--index", ix, "--json").output)["results"]
+    names = {Path(h["path"]).name: h["duplicates"] for h in hits}
+    assert "red.png" in names and "yellow.png" in names, names
+    assert len(hits) == 3 and sum(len(d) for d in names.values()) == 3

@@ -67,6 +67,9 @@ class _Main(click.Group):
     traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
 
     def invoke(self, ctx):
+        from alignsearch import notices
+
+        notices.enable(False)  # each command turns on its waits' notices (never under --json)
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not as a warning at interpreter exit
@@ -188,7 +191,10 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
     protocol). Re-runs encode only new and changed files; moved or renamed files keep their vectors.
     """
     _quiet_transformers()
+    from alignsearch import notices
     from indexer.job import index_folders  # the write path lives outside the core package
+
+    notices.enable(not as_json)
 
     s = index_folders(
         list(roots), index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
@@ -287,8 +293,10 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
          "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
          **{key: value for key, value in narrowing.items() if value is not None},
          **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode})}
-    from alignsearch import querycheck
+    from alignsearch import notices, querycheck
     from alignsearch.paths import resolve_index_dir
+
+    notices.enable(not as_json and not paths_only)
 
     checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                                   image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
@@ -563,8 +571,8 @@ def info(failed, as_json, index_dir):
     if cache["path"] is None:
         click.echo(f"onnx:    {cache['note']}")
     else:
-        click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']}"
-                   + ("; text queries run without torch" if cache["torch_free_text"] else ""))
+        click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']} "
+                   f"({cache['bytes'] / 2**20:.1f} MiB)" + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
         click.echo("tags:    " + ", ".join(f"{label} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:
@@ -621,6 +629,9 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     if host not in LOOPBACK and not allow_hosts:
         click.echo(f"note: clients must address this server as {host}; add --allow-host NAME for the names they use",
                    err=True)
+    from alignsearch import notices
+
+    notices.enable(True)
     engine = open_index(index_dir, device=device, text_bf16=bf16_text, backend=backend, precision=precision)
     config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 

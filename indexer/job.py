@@ -296,6 +296,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
     bar.close()
+    from alignsearch.notices import say
+
+    say("finishing: removing gone files, filling hashes and photo fields, building the ANN index, "
+        "preparing text queries")
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:
         catalog.delete_files(conn, [r.id for r in removed])

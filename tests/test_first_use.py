@@ -401,3 +401,36 @@ def test_near_duplicates_and_collapse_tell_colours_of_equal_brightness_apart(tmp
     names = {Path(h["path"]).name: h["duplicates"] for h in hits}
     assert "red.png" in names and "yellow.png" in names, names
     assert len(hits) == 3 and sum(len(d) for d in names.values()) == 3
+
+
+# -- item 8: first-use waits are said, once; the cache's size is in info ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_first_use_waits_are_said_once_on_piped_stderr_and_info_gives_the_cache_size(tmp_path, tiny_model):
+    import json
+
+    from conftest import make_images
+    from helpers import alignsearch
+
+    make_images(tmp_path / "photos", 4)
+    ix = tmp_path / "ix"
+    env = {"ALIGNSEARCH_CACHE": str(tmp_path / "cache")}  # a new model for this cache: every tower exported
+    first = alignsearch("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--device", "cpu",
+                        "--backend", "onnx", env=env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    assert sum("exporting the vision tower" in x for x in lines) == 1, first.stderr
+    assert sum("exporting the text tower" in x for x in lines) == 1, first.stderr
+    assert sum(x.startswith("finishing:") for x in lines) == 1, first.stderr
+    again = alignsearch("index", "--index", ix, "--device", "cpu", "--backend", "onnx", env=env)
+    assert again.returncode == 0 and "exporting" not in again.stderr, again.stderr
+    quiet = alignsearch("index", "--index", ix, "--json", env=env)
+    assert quiet.returncode == 0 and "finishing" not in quiet.stderr
+    int8 = alignsearch("query", "a red car", "--precision", "int8", "--index", ix, env=env)
+    assert int8.returncode == 0 and int8.stderr.count("quantizing the text tower") == 1, int8.stderr
+    assert "quantizing" not in alignsearch("query", "a dog", "--precision", "int8", "--index", ix, env=env).stderr
+    info = json.loads(alignsearch("info", "--json", "--index", ix, env=env).stdout)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert 0 < info["encoder"]["onnx_cache"]["bytes"] <= on_disk
+    assert "MiB" in alignsearch("info", "--index", ix, env=env).stdout

@@ -434,3 +434,72 @@ def test_first_use_waits_are_said_once_on_piped_stderr_and_info_gives_the_cache_
     on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert 0 < info["encoder"]["onnx_cache"]["bytes"] <= on_disk
     assert "MiB" in alignsearch("info", "--index", ix, env=env).stdout
+
+
+# -- item 10: decode memory and the drift of reduced decoding -----------------------------------------------------
+
+DECODE_PEAK = """
+import sys
+from alignsearch.images import ImageSpec, decode
+spec = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
+                 mean=None, std=None, include_top_std=None)  # align-base's preprocessing
+data = open(sys.argv[1], "rb").read()
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+base = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))
+out = decode(data, spec)
+peak = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))
+print(out.width, out.height, out.crop.shape, (peak - base) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_large_jpeg_decodes_in_bounded_memory_at_its_stored_size(tmp_path):
+    """A 60-megapixel JPEG: decoded at the smallest DCT scale still twice align-base's input, not in full
+    (~180 MB of pixels, then copies). Its stored size is reported."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray((rng.random((45, 60, 3)) * 255).astype(np.uint8)).resize((9000, 6667), Image.BICUBIC)
+    path = tmp_path / "pano.jpg"
+    big.save(path, quality=85)
+    del big
+    proc = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    width, height, *_, growth = proc.stdout.split()
+    assert (int(width), int(height)) == (9000, 6667)
+    assert int(growth) < 100 * 2**20, f"decode took {int(growth) / 2**20:.0f} MB"
+
+
+def test_reduced_decoding_drifts_less_than_1e4_on_real_photos(tmp_path):
+    """scikit-image's photos (camera, portrait, coffee, rocket, retina, Hubble, histology...) as JPEGs, through a
+    model whose input the draft scales down to (DECODE_MARGIN times its 86 px resize): cosine to the exact full
+    decode >= 0.9999 for each. (benchmarks/RESULTS.md has align-base's geometry.)"""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    from tiny_align import build_tiny_align
+
+    from alignsearch import images
+    from alignsearch.model import Encoder
+
+    enc = Encoder(str(build_tiny_align(tmp_path / "model", image=(86, 72))), device="cpu", backend="torch")
+    exact, reduced, sizes = [], [], []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
+                 "cell", "camera"):
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skimage_data, name)()).convert("RGB").save(buf, "JPEG", quality=92)
+        full, _ = images.open_rgb(buf.getvalue())
+        exact.append(images.crop_uint8(full, enc.spec))
+        decoded = images.decode(buf.getvalue(), enc.spec)
+        reduced.append(decoded.crop)
+        sizes.append((decoded.image.size, full.size, (decoded.width, decoded.height)))
+    assert sum(small != whole for small, whole, _ in sizes) >= 7, sizes  # most were decoded reduced
+    assert all(stored == whole for _, whole, stored in sizes)
+    a, b = enc.encode_crops(np.stack(exact)), enc.encode_crops(np.stack(reduced))
+    cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.9999, cosine

@@ -19,7 +19,7 @@ def say(message: str) -> None:
     if not _state["on"] or message in _state["said"]:
         return
     _state["said"].add(message)
-    try:
-        print(message, file=sys.stderr, flush=True)
+    try:  # the process's own stderr: a caller capturing sys.stderr as output (click's runner) gets no notices mixed in
+        print(message, file=sys.__stderr__ or sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr gone: not worth failing for
         pass

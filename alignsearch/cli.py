@@ -801,13 +801,13 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 @reports_errors
 def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
-    from alignsearch.errors import BadInputError
+    from alignsearch.errors import BadInputError, UsageError
     from alignsearch.engine import open as open_index
     from alignsearch.export import export as run_export
     from indexer.roots import match
 
     if out == "-":
-        raise click.UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
+        raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
                                "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
     engine = open_index(index_dir)
     named = []

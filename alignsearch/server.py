@@ -272,7 +272,9 @@ class Library:
             from alignsearch.dupes import collapse_hits
 
             hits = collapse_hits(engine.db, hits, k)
-        return [h.to_dict() for h in hits[:k]]
+        while len(hits) > k:  # the image was not among them (filtered out): drop the least similar, not the last
+            hits.remove(min(hits, key=lambda h: h.score))
+        return [h.to_dict() for h in hits]
 
     def vector_of(self, file_id: int):
         vector = self.fresh().vector_of(file_id)

@@ -151,7 +151,8 @@ def test_export_root_is_resolved_like_forget_and_an_unknown_one_refused(tmp_path
     out = run("export", "none.parquet", "--root", "./elsewhere", "--index", ix, code=6).output
     assert "not a root of this index" in out and not (tmp_path / "none.parquet").exists()
     out = run("export", "-", "--index", ix, code=2).output
-    assert "standard output" in out and not (tmp_path / "-").exists()
+    assert "standard output" in out and out.startswith("error: ") and out.count("\n") == 1
+    assert not (tmp_path / "-").exists()
 
 
 # -- item 5: the server agrees with the CLI -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Decode an image and crop it exactly as the checkpoint's image processor does, as uint8.
 
 Scaling to floats happens later on the encoder's device, so workers ship 4x fewer bytes and the
-pixels stay bit-identical to transformers' PIL backend (resize with PIL, then a centre crop).
+pixels stay bit-identical to transformers' PIL backend (resize with PIL, then a centre crop) for images up to
+DECODE_MARGIN times the model's input; larger ones are decoded reduced first (decode).
 This module imports no torch: decode workers import it alone.
 """
 

@@ -65,7 +65,7 @@ def test_ctrl_c_to_the_process_group_ends_quietly_with_130(interrupted):
     proc, err, _, _, workers = interrupted
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "SpawnPoolWorker" not in err and "KeyboardInterrupt" not in err, err
-    assert [x for x in err.splitlines() if not x.startswith("indexing:")] == ["error: interrupted"], err
+    assert err.splitlines()[-1] == "error: interrupted" and err.count("error:") == 1, err
     time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()]
 

@@ -94,6 +94,7 @@ def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
     out = run("query", "--image", first.path, "--index", ix, "-k", "2").output
     assert first.path in out.splitlines()[0]
     assert run("similar", "1", "--index", ix, "-k", "2").output.count("\n") == 2
+    assert "the first index run did not finish" in run("verify", "--index", ix, "--skip-model", code=7).output
     run("index", "--index", ix)
     info = json.loads(run("info", "--index", ix, "--json").output)
     assert info["last_run"] == "finished" and info["images"] == 48 and info["index"]["layout"] == "memory"

@@ -42,7 +42,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from alignsearch import sources
-from alignsearch.errors import AlignSearchError, CatalogBusyError, DiskFullError, IndexDamagedError
+from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
 
 # 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
@@ -113,7 +113,7 @@ pending_vectors = Table(
     Column("vec_row", Integer, nullable=False),
 )
 
-# A perceptual hash (imagehash.phash, 64 bits as 16 hex digits) per indexed file, for `alignsearch dupes
+# A perceptual hash (imagehash.phash, 64 bits as 16 hex digits, then "-" and a colour grid: dupes.py) per indexed file, for `alignsearch dupes
 # --tier near` and collapsed results (alignsearch/dupes.py). Its own table: indexes written before it existed
 # have none (readers treat that as empty) and the next `index` run fills it without re-encoding.
 phashes = Table("phashes", metadata, Column("file_id", Integer, primary_key=True), Column("phash", String(16), nullable=False))
@@ -209,6 +209,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
 
     try:
         if readonly:
+            _refuse_if_locked(Path(db_path))
             with engine.connect() as conn:
                 _check_version(get_meta(conn, "schema_version"))
             return engine
@@ -335,6 +336,41 @@ def _upgrade_files(conn: Connection) -> None:
     conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'files'", (int(seq),))
     if not conn.exec_driver_sql("SELECT 1 FROM sqlite_sequence WHERE name = 'files'").first() and seq:
         conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)", (int(seq),))
+
+
+LOCK_WAIT_SECONDS = 2.0  # a checkpoint or a commit holds the catalog for milliseconds; a writer in EXCLUSIVE mode for its run
+
+
+def _refuse_if_locked(db_path: Path) -> None:
+    """A reader in WAL mode never waits for a writer, unless one holds the catalog in SQLite's EXCLUSIVE
+    locking mode: then it would wait out the 30 s busy timeout and blame damage. Waits LOCK_WAIT_SECONDS, then
+    says who holds it (an alignsearch run holding the index's write.lock, or another program): BadInputError."""
+    if not db_path.exists():
+        return
+    try:
+        probe = _open_readonly(db_path)
+    except sqlite3.Error:
+        return  # reported by the caller's own read
+    try:
+        probe.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
+        probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            return
+        try:
+            from alignsearch.paths import writer_running  # the write path's lock, probed read-only
+
+            indexing = writer_running(db_path.parent)
+        except (ImportError, OSError):
+            indexing = False
+        who = ("an alignsearch run writing this index (index, tag, tune or verify --repair) holds it" if indexing else
+               "another program holds it locked (a sqlite3 shell or tool in EXCLUSIVE locking mode?)")
+        raise BadInputError(f"{db_path.name} is locked: {who}; the index is not damaged: try again when it has "
+                            "finished") from None
+    except sqlite3.Error:
+        return
+    finally:
+        probe.close()
 
 
 def index_id(conn: Connection) -> str | None:

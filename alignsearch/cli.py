@@ -69,6 +69,9 @@ class _Main(click.Group):
     traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
 
     def invoke(self, ctx):
+        from alignsearch import notices
+
+        notices.enable(False)  # each command turns on its waits' notices (never under --json)
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not as a warning at interpreter exit
@@ -239,7 +242,10 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
     protocol). Re-runs encode only new and changed files; moved or renamed files keep their vectors.
     """
     _quiet_transformers()
+    from alignsearch import notices
     from indexer.job import index_folders  # the write path lives outside the core package
+
+    notices.enable(not as_json)
 
     s = index_folders(
         list(roots), index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
@@ -361,8 +367,10 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
          **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
     if media is not None or per_video != 3:
         q.update(media=media, per_video=per_video)
-    from alignsearch import querycheck
+    from alignsearch import notices, querycheck
     from alignsearch.paths import resolve_index_dir
+
+    notices.enable(not as_json and not paths_only)
 
     checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
                                   image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
@@ -544,15 +552,21 @@ def tags(as_json, index_dir):
 
 
 def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
-    """[(label, images)] from the index's catalog (db: an open one)."""
+    """[(label, images)] from the index's catalog (db: an open one); the remembered labels that tag no image
+    yet are listed with 0 (later index runs apply them)."""
     from alignsearch import catalog
     from alignsearch.paths import DB_FILE, resolve_index_dir
+    from indexer.tag import runs_of
 
     own = db is None
     db = db or catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            return catalog.tag_counts(conn)
+            counts = catalog.tag_counts(conn)
+            remembered = [label for run in runs_of(catalog.get_meta(conn, "tagging")) for label in run["labels"]]
+        seen = {label.lower() for label, _ in counts}
+        unused = [label for label in dict.fromkeys(remembered) if label.lower() not in seen]
+        return counts + [(label, 0) for label in sorted(set(unused), key=str.lower)]
     finally:
         if own:
             db.dispose()
@@ -618,7 +632,13 @@ def info(failed, as_json, index_dir):
         f" (recall@10 {ix['tuned_recall_at_10']} measured for target {ix['target_recall']})"
         if ix["type"] != "flat" else ""
     )
-    click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors")
+    click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors"
+               + (", searched exactly (no ANN index built yet)" if ix["layout"] == "exact" else ""))
+    if data["last_run"] == "interrupted":
+        click.echo("note:    the last index run was interrupted before it finished: the images it committed are "
+                   "searchable; run `alignsearch index` to finish it")
+    elif data["last_run"] == "running":
+        click.echo("note:    an index run is in progress: the images it has committed so far are searchable")
     enc = data["encoder"]
     if enc["last_index_run"]:
         e = enc["last_index_run"]
@@ -628,8 +648,8 @@ def info(failed, as_json, index_dir):
     if cache["path"] is None:
         click.echo(f"onnx:    {cache['note']}")
     else:
-        click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']}"
-                   + ("; text queries run without torch" if cache["torch_free_text"] else ""))
+        click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']} "
+                   f"({cache['bytes'] / 2**20:.1f} MiB)" + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
         click.echo("tags:    " + ", ".join(f"{_shown(label)} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:
@@ -686,6 +706,9 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     if host not in LOOPBACK and not allow_hosts:
         click.echo(f"note: clients must address this server as {host}; add --allow-host NAME for the names they use",
                    err=True)
+    from alignsearch import notices
+
+    notices.enable(True)
     engine = open_index(index_dir, device=device, text_bf16=bf16_text, backend=backend, precision=precision)
     config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 
@@ -697,7 +720,21 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise AlignSearchError(_cannot_listen(engine.dir, host, port, exc)) from None
+
+
+def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
+    """Why `serve` cannot listen, in words: this index already served there, or the port taken by another."""
+    message = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    if exc.errno != errno.EADDRINUSE:
+        return message
+    from alignsearch.client import verified_server
+
+    running = verified_server(index_dir, notice=lambda line: None)
+    if running is not None:
+        return (f"this index is already served at {running['url']} (process {running['pid']}): `alignsearch query` "
+                "uses it; stop it first, or serve on another port with --port N")
+    return f"{message}: another program listens there; choose another port with --port N (--port 0: any free one)"
 
 
 @main.command()
@@ -804,12 +841,12 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     The file to keep in each group: the largest resolution, then the oldest (modification time)."""
     from alignsearch.dupes import find_groups
     from alignsearch.engine import open as open_index
-    from alignsearch.errors import BadInputError
+    from alignsearch.errors import UsageError
 
     if threshold is not None and tier == "near" and not (0 <= threshold < 64 and threshold == int(threshold)):
-        raise BadInputError("--threshold for --tier near is a number of bits from 0 to 63")
+        raise UsageError("--threshold for --tier near is a number of bits from 0 to 63")  # bad usage: exit 2
     if threshold is not None and tier == "similar" and not -1 <= threshold <= 1:
-        raise BadInputError("--threshold for --tier similar is a cosine from -1 to 1")
+        raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
         click.echo(json.dumps([g.to_dict() for g in groups], indent=2))
@@ -841,10 +878,23 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 @reports_errors
 def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
+    from alignsearch.errors import BadInputError, UsageError
     from alignsearch.engine import open as open_index
     from alignsearch.export import export as run_export
+    from indexer.roots import match
 
-    result = run_export(open_index(index_dir), out, fmt, list(roots), where, path_glob, shard_rows=shard_rows)
+    if out == "-":
+        raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
+                               "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
+    engine = open_index(index_dir)
+    named = []
+    for root in roots:  # as `forget` resolves them: relative, with a trailing slash, through symlinks
+        known = match(root, engine.roots)
+        if known is None:
+            raise BadInputError(f"{root} is not a root of this index (its roots: {', '.join(engine.roots) or 'none'}); "
+                                "see `alignsearch roots`")
+        named.append(known)
+    result = run_export(engine, out, fmt, named, where, path_glob, shard_rows=shard_rows)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -60,6 +60,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove_stale(path: Path, record: dict) -> bool:
+    """Remove the record of a server whose process is gone (killed with -9, a crash), so the notice is said
+    once, not on every query. Only while the file still holds that very record (a server started since wrote
+    its own) and its process is still gone; an index this user cannot write keeps it. True when removed."""
+    try:
+        if json.loads(path.read_text()) != record or _alive(int(record["pid"])):
+            return False
+        path.unlink()
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _same_dir(a: str, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -101,7 +114,9 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None]) -> dic
                "searching locally")
         return None
     if not _alive(pid):
-        notice(f"notice: the server recorded in {path} is not running (process {pid} is gone); searching locally")
+        removed = _remove_stale(path, record)
+        notice(f"notice: the server recorded in {path} is not running (process {pid} is gone); searching locally"
+               + ("; the stale record was removed" if removed else ""))
         return None
     try:
         info = _request(record, "/api/info", timeout=CONTACT_TIMEOUT)

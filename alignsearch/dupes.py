@@ -24,7 +24,6 @@ This module imports neither torch nor faiss at the top: decode workers import it
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,6 +41,15 @@ SIMILAR_NPROBE = 8  # IVF lists each stored vector visits (the CLI's --nprobe de
 SIMILAR_K = 10  # partners each vector keeps per list it visits
 PHASH_BITS = 64
 PHASH_SIDE = 256  # images are box-reduced to about this before hashing: same hash, far less work on big photos
+# The phash is luminance only: a yellow circle and a red one of the same brightness hash alike. Each hash also
+# carries the image's chroma (YCbCr's Cb and Cr) averaged over a COLOUR_GRID x COLOUR_GRID grid, stored after
+# the 16 hex digits ("<phash>-<64 hex digits>"); a near pair is confirmed only when no cell's chroma differs by
+# more than COLOUR_THRESHOLD (of 255, the mean of Cb and Cr). Hashes stored before have no colour part and are
+# compared by luminance alone. Measured on 60 of the tests' smooth photos: their re-saved, half-size and
+# 4%-cropped copies differ by at most 18.5 (mean 4.5); one shape recoloured at equal brightness (red to yellow,
+# green, blue to purple) by 34 to 56.
+COLOUR_GRID = 4
+COLOUR_THRESHOLD = 24
 FILL_BATCH = 256  # files hashed per transaction when an older index is filled
 
 
@@ -54,18 +62,37 @@ def phash_of(image) -> str | None:
     factor = min(image.size) // PHASH_SIDE
     if factor >= 2:
         image = image.reduce(factor)
-    return str(imagehash.phash(image))
+    return f"{imagehash.phash(image)}-{colour_of(image)}"
+
+
+def colour_of(image) -> str:
+    """The chroma (Cb, Cr) of a COLOUR_GRID x COLOUR_GRID grid of the image, as hex."""
+    from PIL import Image
+
+    small = image.convert("RGB").convert("YCbCr").resize((COLOUR_GRID, COLOUR_GRID), Image.BOX)
+    return np.asarray(small, dtype=np.uint8)[:, :, 1:].tobytes().hex()
+
+
+def colour_close(a: str, b: str, threshold: float = COLOUR_THRESHOLD) -> bool:
+    """Whether two stored hashes agree in colour too (True when either has no colour part: hashed before)."""
+    ca, cb = a[17:], b[17:]
+    if not ca or not cb or len(ca) != len(cb):
+        return True
+    x = np.frombuffer(bytes.fromhex(ca), dtype=np.uint8).astype(np.int16).reshape(-1, 2)
+    y = np.frombuffer(bytes.fromhex(cb), dtype=np.uint8).astype(np.int16).reshape(-1, 2)
+    return float(np.abs(x - y).mean(axis=1).max()) <= threshold
 
 
 def hashes_to_bytes(hexes: Sequence[str]) -> np.ndarray:
     """(n, 8) uint8 codes of 16-hex-digit hashes, in the bit order faiss's binary indexes compare."""
     if not len(hexes):
         return np.zeros((0, PHASH_BITS // 8), dtype=np.uint8)
-    return np.frombuffer(bytes.fromhex("".join(hexes)), dtype=np.uint8).reshape(len(hexes), PHASH_BITS // 8)
+    joined = "".join(h[:16] for h in hexes)  # the phash; a colour part follows after "-"
+    return np.frombuffer(bytes.fromhex(joined), dtype=np.uint8).reshape(len(hexes), PHASH_BITS // 8)
 
 
 def hamming(a: str, b: str) -> int:
-    return (int(a, 16) ^ int(b, 16)).bit_count()
+    return (int(a[:16], 16) ^ int(b[:16], 16)).bit_count()
 
 
 # -- filling the hashes of an index written before they existed -------------------------------------------
@@ -101,13 +128,20 @@ def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callab
                 return done
             after = rows[-1].id
             if pool is None and workers > 0 and len(rows) == batch:  # many to do: decode in processes
-                pool = multiprocessing.get_context("spawn").Pool(workers)
+                from alignsearch.workerpool import spawn_pool
+
+                pool = spawn_pool(workers)
             found = pool.map(_hash_file, rows, chunksize=8) if pool is not None else [_hash_file(r) for r in rows]
             found = [(i, h) for i, h in found if h]
             with db.begin() as conn:
                 catalog.set_phashes(conn, found)
             done += len(found)
             on_batch(len(rows))
+    except BaseException:  # Ctrl-C: stop the workers now rather than let them finish the queued files
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.close()
@@ -414,6 +448,7 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
             log.warning("%d indexed files have no perceptual hash yet (run `alignsearch index` to fill them)", missing)
         ids = np.array(sorted(hashes), dtype=np.int64)
         pairs = near_pairs(ids, [hashes[i] for i in ids.tolist()], t)
+        pairs = pairs[[colour_close(hashes[a], hashes[b]) for a, b in pairs[:, :2].tolist()]] if len(pairs) else pairs
         groups = components(pairs[:, :2].tolist())
         score = lambda a, b: 1 - hamming(hashes[a], hashes[b]) / PHASH_BITS  # noqa: E731
     else:
@@ -446,7 +481,8 @@ def collapse(hits: list, phashes: dict[int, str], threshold: int = NEAR_THRESHOL
         mine = phashes.get(hit.id)
         owner = None
         if mine is not None:
-            owner = next((k for k in kept if k.id in phashes and hamming(phashes[k.id], mine) <= threshold), None)
+            owner = next((k for k in kept if k.id in phashes and hamming(phashes[k.id], mine) <= threshold
+                          and colour_close(phashes[k.id], mine)), None)
         if owner is None:
             kept.append(hit)
             folded[hit.id] = list(getattr(hit, "duplicates", []) or [])

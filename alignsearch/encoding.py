@@ -16,7 +16,7 @@ from PIL import Image
 
 from alignsearch.classify import DEFAULT_TEMPLATES
 from alignsearch.errors import BadImageError, BadInputError
-from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, open_rgb, to_rgb
+from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, decode, to_rgb
 from alignsearch.sources import read_local
 
 DEFAULT_MODEL = "kakaobrain/align-base"
@@ -63,7 +63,7 @@ class EncoderBase:
             return crop_uint8(to_rgb(image), self.spec)
         try:
             data = image if isinstance(image, bytes) else read_local(image)  # never a FIFO or a device whole
-            return crop_uint8(open_rgb(data, max_pixels)[0], self.spec)
+            return decode(data, self.spec, max_pixels).crop  # as the indexer decodes (large images reduced)
         except (OSError, BadImageError) as exc:
             raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {exc}") from None
 

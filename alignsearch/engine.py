@@ -86,6 +86,7 @@ class Snapshot:
     plan: ann.IndexPlan
     stamp: int  # the ANN files' modification stamp when read (shards.stamp)
     videos: bool = False  # the index has held video moments (per-video caps apply)
+    unbuilt: bool = False  # no ANN index was ever published: `index` is an exact one over the committed vectors
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -145,6 +146,12 @@ class Engine:
             store = vectors.load(conn, self.dir, int(model_info["dim"]))
             videos = bool(catalog.get_meta(conn, "videos", False))
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
+            unbuilt = digest is None and not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None
+            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2) if unbuilt else None
+        if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
+            index = exact_index(store, live)
+            return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
+                            videos=videos)
         if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
         stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
@@ -156,7 +163,8 @@ class Engine:
         snap = self.snap
         with self.db.connect() as conn:
             generation = catalog.get_meta(conn, "generation", 0)
-        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp:
+            grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
+        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
             if self.snap is not snap:  # another thread refreshed meanwhile
@@ -555,7 +563,7 @@ class Engine:
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(allowed), EXACT_CHUNK):  # bounded memory however many match
             chunk = allowed[start : start + EXACT_CHUNK]
-            scores = query.score(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]))
+            scores = query.score(_unit(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)])))
             best_ids, best_scores = np.concatenate([best_ids, chunk]), np.concatenate([best_scores, scores])
             if len(best_ids) > depth:
                 keep = np.argpartition(-best_scores, depth)[:depth]
@@ -596,6 +604,7 @@ class Engine:
             if len(norms) and not np.all(np.abs(norms - 1) < 0.02):
                 raise IndexDamagedError(f"{int((np.abs(norms - 1) >= 0.02).sum())} stored vectors are damaged (not "
                                         "unit length): run `alignsearch verify --repair`")
+            stored = stored / np.maximum(norms, 1e-12)[:, None]  # fp16 rows are unit length only to ~1e-4
             parts = query.parts(stored)
             similarity = query.fused(parts).astype(np.float32)
             tiebreak = query.tiebreak(parts)
@@ -639,8 +648,10 @@ class Engine:
         with self.db.connect() as conn:
             count = catalog.counts(conn)
             indexed_with = catalog.get_meta(conn, "encoder")
+            unfinished = catalog.get_meta(conn, "index_run") is not None
         return {
             "index_dir": str(self.dir.resolve()),
+            "last_run": self._last_run(unfinished),
             "model": snap.model_info["model"],
             "fingerprint": snap.model_info["fingerprint"],
             "dim": snap.model_info["dim"],
@@ -658,11 +669,23 @@ class Engine:
                 "target_recall": snap.tuning.get("target"),
                 "vectors": int(snap.index.ntotal),
                 "metric": "inner_product",
-                "layout": ann.layout(snap.index),
+                "layout": "exact" if snap.unbuilt else ann.layout(snap.index),  # exact: no ANN index built yet
             },
             "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
                         "onnx_cache": onnx_cache_status(snap.model_info)},
         }
+
+    def _last_run(self, unfinished: bool) -> str:
+        """finished, running (a writer holds the index now) or interrupted (an index run began and never ended)."""
+        if not unfinished:
+            return "finished"
+        # a read-only probe of the writer's lock
+        from alignsearch.paths import writer_running
+
+        try:
+            return "running" if writer_running(self.dir) else "interrupted"
+        except OSError:
+            return "interrupted"
 
     def classify(self, image, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[dict]:
         """Label probabilities for one image, with the index's model (see Encoder.classify)."""
@@ -689,10 +712,10 @@ class Engine:
         if row is None:
             return None
         if snapshot is None:
-            return self._stored(self.snap, np.array([row.vec_row]))[0]
+            return _unit(self._stored(self.snap, np.array([row.vec_row])))[0]
         try:
             self._same_generation(snapshot)  # the row just read is of that generation
-            return self._stored(snapshot, np.array([row.vec_row]))[0]
+            return _unit(self._stored(snapshot, np.array([row.vec_row])))[0]
         except _Stale:
             raise SnapshotMoved() from None
 
@@ -750,6 +773,23 @@ class Engine:
         self.close()
 
 
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Stored fp16 rows made unit length again (their norms are 1 only to ~1e-4): an exact copy of an image
+    scores 1.0 against it, as a re-encoded copy does."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def exact_index(store: vectors.VectorStore, live: np.ndarray):
+    """An exact (flat) index of the committed (id, address) pairs, in memory: what a query searches while no
+    ANN index was ever built (a first `index` run interrupted, or still running). Its scores are re-ranked from
+    the stored vectors as every search's are."""
+    index = ann.create(ann.plan_index(0, store.dim), store.dim)
+    for start in range(0, len(live), 65_536):
+        chunk = live[start : start + 65_536]
+        ann.add(index, store.get(chunk[:, 1]), chunk[:, 0])
+    return index
+
+
 def onnx_cache_status(model_info: dict) -> dict:
     """The exported towers cached for the index's model: where, which, and whether text queries can skip
     torch (the files listed and unchanged; the probes run when a query loads them)."""
@@ -769,7 +809,14 @@ def onnx_cache_status(model_info: dict) -> dict:
         ready = "tokenizer" in manifest and all(check_file(folder, manifest, k) for k in ("text-fp32", "tokenizer"))
     except OnnxUnusable:
         ready = False
-    return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready}
+    size = 0
+    for path in folder.rglob("*") if folder.is_dir() else ():  # the exports and OpenVINO's compiled graphs
+        try:
+            size += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            pass
+    return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready,
+            "bytes": size}
 
 
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = (), *,

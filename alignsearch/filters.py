@@ -208,7 +208,13 @@ def compare(field: str, op: str, value: str) -> Compare:
         return Compare(field, op, parse_date(value, "--where"))
     if op in ("<", "<=", ">", ">="):
         raise UsageError(f"--where: {field} is text: use = != ~" + (" or glob" if field == "path" else ""))
+    if field == "format" and op in ("=", "!="):
+        value = FORMAT_ALIASES.get(value.lower(), value)
     return Compare(field, op, value)
+
+
+# The names users give formats, to the names Pillow stores (the catalog's `format`): `--format jpg` found nothing.
+FORMAT_ALIASES = {"jpg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "tif": "tiff", "heic": "heif"}
 
 
 def near(lat: float, lon: float, km: float) -> Near:
@@ -263,7 +269,7 @@ def build(opts: FilterOptions) -> Node | None:
     if opts.path:
         parts.append(Compare("path", "glob", opts.path))
     if opts.format:
-        parts.append(Compare("format", "=", opts.format))
+        parts.append(compare("format", "=", opts.format))  # aliases: jpg is jpeg, tif tiff
     if opts.tag:
         parts.append(Compare("tag", "=", opts.tag))
     if not parts:

@@ -1,7 +1,8 @@
 """Decode an image and crop it exactly as the checkpoint's image processor does, as uint8.
 
 Scaling to floats happens later on the encoder's device, so workers ship 4x fewer bytes and the
-pixels stay bit-identical to transformers' PIL backend (resize with PIL, then a centre crop).
+pixels stay bit-identical to transformers' PIL backend (resize with PIL, then a centre crop) for images up to
+DECODE_MARGIN times the model's input; larger ones are decoded reduced first (decode).
 This module imports no torch: decode workers import it alone.
 """
 
@@ -159,13 +160,25 @@ def crop_uint8(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+# A large image is decoded (JPEG: at a reduced DCT scale, Pillow's draft) or box-reduced to no less than this many
+# times the model's input before anything else: a 108-megapixel JPEG peaked at ~1 GB in a decode worker (the
+# full decode, then copies); drafted it needs ~10 MB. Twice the input keeps the final resize's own filter in
+# charge of the last step: embeddings drift by cosine < 1e-4 (benchmarks/RESULTS.md: reduced decode drift).
+DECODE_MARGIN = 2
+
+
 def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Decoded:
-    """Bytes to the uint8 crop the encoder takes, with the image's size and format.
-    fast: JPEG draft decoding at no less than the resize target (see open_rgb)."""
+    """Bytes to the uint8 crop the encoder takes, with the image's (stored) size and format.
+    Large images are decoded or reduced to DECODE_MARGIN times the resize target first (bounded memory);
+    fast: JPEG draft decoding at no less than the resize target itself (see open_rgb)."""
     height, width = spec.resize
-    img, fmt = open_rgb(data, max_pixels, (width, height) if fast else None)
+    side = DECODE_MARGIN * max(height, width)
+    img, fmt = open_rgb(data, max_pixels, (width, height) if fast else (side, side))
     size = img.size
-    if fast and fmt == "JPEG":  # report the stored size, not the reduced decode's
+    if fmt == "JPEG":  # report the stored size, not the reduced decode's
         header = Image.open(io.BytesIO(data))
         size = header.size[::-1] if header.getexif().get(0x0112) in (5, 6, 7, 8) else header.size
+    factor = min(img.size) // side
+    if factor >= 2 and not fast and fmt != "JPEG":  # other formats: box-reduced before the resize's copies
+        img = img.reduce(factor)
     return Decoded(crop_uint8(img, spec), size[0], size[1], fmt, img)

@@ -141,6 +141,14 @@ def _spec_dict(spec) -> dict:
     return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest reads back
 
 
+WAIT_NOTICES = {  # what a first use waits for, said once (alignsearch/notices.py); align-base's times
+    "vision-fp32": "exporting the vision tower to ONNX and checking it against torch (once per model: about half a "
+                   "minute for align-base)",
+    "text-fp32": "exporting the text tower to ONNX (once per model: a few seconds), so text queries need no torch",
+    "text-int8": "quantizing the text tower to int8 (once per model: about 15 s for align-base)",
+}
+
+
 class Exporter:
     """The cache folder of one loaded model (model.Encoder): exports, checks and records its towers."""
 
@@ -220,6 +228,9 @@ class Exporter:
         if set(engines) <= set(speeds.get(here, {})):
             return {e: speeds[here][e] for e in engines}
         crops = probe_crops(self.enc.spec.output_size)
+        from alignsearch.notices import say
+
+        say("measuring which engine runs the vision tower fastest on this CPU (once per CPU and model)")
 
         def rate(fn) -> float:
             fn()
@@ -329,6 +340,9 @@ class Exporter:
 
     def _write(self, make, key: str) -> None:
         """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
+        from alignsearch.notices import say
+
+        say(WAIT_NOTICES.get(key, f"preparing the {key} tower (once per model)"))
         try:
             make_cache_dir(self.folder)
             _remove_stale_temporaries(self.folder)

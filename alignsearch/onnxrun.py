@@ -110,6 +110,10 @@ def _openvino(path: Path, precision: str):
     # default THROUGHPUT splits the cores into streams that a single request leaves idle (half the speed).
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     cache = openvino_cache(path)
+    if not any(cache.glob("*")):
+        from alignsearch.notices import say
+
+        say(f"compiling the {path.stem} graph for this CPU with OpenVINO (once per model and precision)")
     try:
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(cache)})

@@ -106,3 +106,24 @@ def resolve_index_dir(index_dir: str | os.PathLike | None) -> Path:
             "first, or point --index / ALIGNSEARCH_INDEX at one"
         )
     return found
+
+
+LOCK_FILE = "write.lock"  # held by one writer at a time (indexer/lock.py)
+
+
+def writer_running(index_dir: Path) -> bool:
+    """Whether a process holds the index's writer lock now (an index run; its uncommitted rows are in flight).
+    A read-only probe, so readers (info, a query's lock message) can ask without importing the write path."""
+    import fcntl
+
+    path = Path(index_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: a read-only index is checked too
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -161,8 +161,9 @@ class HostCheck:
     response gets a few security headers. TrustedHostMiddleware's rule, with IPv6 literals understood.
     HEAD is answered as GET without the body (FastAPI's routes answer GET only: 405 otherwise)."""
 
-    def __init__(self, app, hosts: frozenset[str]):
+    def __init__(self, app, hosts: frozenset[str], too_large: str = "the request body is too large"):
         self.app, self.hosts = app, hosts
+        self.too_large = json.dumps({"error": too_large}).encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -179,10 +180,22 @@ class HostCheck:
         head = scope["method"] == "HEAD"
         if head:
             scope = {**scope, "method": "GET"}
+        rewritten = []
 
         async def secured(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+                headers = message.get("headers", [])
+                if message["status"] == 413 and dict(headers).get(b"content-type", b"").startswith(b"text/plain"):
+                    # the framework's body limit answers plain text: give the documented {"error": ...}
+                    rewritten.append(True)
+                    headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")] + [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(self.too_large)).encode())]
+                message = {**message, "headers": [*headers, *SECURITY_HEADERS]}
+            elif message["type"] == "http.response.body" and rewritten:
+                if rewritten[0] is False:
+                    return
+                rewritten[0] = False
+                message = {**message, "body": b"" if head else self.too_large, "more_body": False}
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}  # the headers (Content-Length included) stay GET's
             await send(message)
@@ -281,10 +294,13 @@ class Library:
         with self._refresh_lock:
             return self.engine.snapshot()
 
-    def search_vector(self, vector, args: dict, narrowing: dict | None = None, snapshot=None) -> list[dict]:
+    def search_vector(self, vector, args: dict, narrowing: dict | None = None, snapshot=None,
+                      leave_out: int | None = None) -> list[dict]:
+        """leave_out: an indexed image's id, left out of its own results (similar=) before near duplicates are
+        folded, as the CLI's `similar` does; k still counts the hits returned."""
         engine = self.engine if snapshot is not None else self.fresh()
         hits = engine.search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), snapshot=snapshot,
-                                    **(narrowing or {}))
+                                    exclude=() if leave_out is None else (leave_out,), **(narrowing or {}))
         return [h.to_dict() for h in hits]
 
     def vector_of(self, file_id: int, snapshot=None):
@@ -309,7 +325,10 @@ class Library:
             query = (select(files).where(files.c.status == catalog.INDEXED).order_by(files.c.id.desc())
                      .offset(offset).limit(limit))
             rows = [catalog.FileRow(**r._mapping) for r in conn.execute(query)]
-        return {"total": int(total or 0), "offset": offset, "results": [_listed(r) for r in rows]}
+            ids = [r.id for r in rows]
+            photos, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
+        return {"total": int(total or 0), "offset": offset,
+                "results": [_listed(r, photos.get(r.id), labels.get(r.id, [])) for r in rows]}
 
     def read(self, row: catalog.FileRow, check_only: bool = False) -> bytes | None:
         """An indexed image's bytes, when the source still matches its catalog row (else 404/409). A file on
@@ -412,13 +431,13 @@ class Library:
         return f, start, length, row.size, VIDEO_TYPES.get(row.format or "", "application/octet-stream"), span is not None
 
 
-def _listed(row: catalog.FileRow) -> dict[str, Any]:
-    # a name that is not UTF-8 holds surrogates JSON cannot encode (a 500): shown as \xNN, whole in path_b64
-    path, raw = catalog.shown_path(row.path)
-    out = {"id": row.id, "path": path, "root": catalog.shown_path(row.root)[0], "relpath": row.relpath,
-           "width": row.width, "height": row.height, "format": row.format, "size": row.size, "mtime": row.mtime,
-           "t": row.t, "t_end": row.t_end}
-    return {**out, "path_b64": raw} if raw else out
+def _listed(row: catalog.FileRow, photo: dict | None = None, labels: list[str] = ()) -> dict[str, Any]:
+    """A listed image: a hit's fields (taken, camera, lens, GPS, caption, tags, a moment's times included; a
+    name that is not UTF-8 as \\xNN with path_b64) without a score."""
+    out = engine_module._hit(row, 0.0, photo, labels).to_dict()
+    for key in ("score", "similarity", "parts"):
+        out.pop(key, None)
+    return out
 
 
 def decode_upload(data: bytes, max_pixels: int):
@@ -558,12 +577,13 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         raise AssertionError("unreachable")
 
     async def similar_search(file_id: int, args: dict, narrowing: dict) -> list[dict]:
-        """The stored vector of an indexed image and its search, from one snapshot (as encode_and_search)."""
+        """The stored vector of an indexed image and its search, from one snapshot (as encode_and_search); the
+        image itself is left out, as the CLI's `similar` does."""
         for attempt in range(4):
             snap = await run_in_threadpool(library.snapshot)
             try:
                 vector = await run_in_threadpool(library.vector_of, file_id, snap)
-                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap)
+                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap, file_id)
             except SnapshotMoved:
                 if attempt == 3:
                     raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
@@ -632,7 +652,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         request: Request,
         image: Annotated[UploadFile | None, File(description="query image (20 MB at most)")] = None,
         q: Annotated[str | None, Form(description=text_doc)] = None,
-        k: Annotated[int, Form(ge=1, le=querycheck.MAX_K)] = querycheck.DEFAULT_K,
+        k: Annotated[int | None, Form(ge=1, le=querycheck.MAX_K)] = None,
         negative: Annotated[str | None, Form()] = None,
         text_weight: Annotated[float, Form(**weight)] = 2.0,
         image_weight: Annotated[float, Form(**weight)] = 1.0,
@@ -651,11 +671,16 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
         compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
                            Query(description="how a text and an image combine (README: how composition works)")] = "auto",
+        k_in_url: Annotated[int | None, Query(alias="k", ge=1, le=querycheck.MAX_K,
+                                              description="number of results, when the form has no k")] = None,
     ):
         """Search by an uploaded image, alone or with a text (multipart/form-data); filters, cutoff, sort, mode and
-        collapse as query parameters of the URL, as for GET."""
+        collapse as query parameters of the URL, as for GET; k as a form field or in the URL."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
+        if k is not None and k_in_url is not None and k != k_in_url:
+            raise ApiError(400, f"k is {k} in the form and {k_in_url} in the URL: give one")
+        k = next((v for v in (k, k_in_url) if v is not None), querycheck.DEFAULT_K)
         data = await image.read() if image is not None else None
         args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
                                    image_weight=image_weight, negative_weight=negative_weight, tag=tag)
@@ -728,7 +753,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
 
     app.mount("/static", StaticFiles(directory=WEB_DIR, follow_symlink=False), name="static")
     app.state.library = library
-    return HostCheck(app, allowed_hosts(config))
+    return HostCheck(app, allowed_hosts(config),
+                     f"the request body exceeds the limit of {config.max_upload_bytes} bytes")
 
 
 @dataclass
@@ -823,9 +849,9 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
     import uvicorn
 
     record_file = record_path(engine.dir)  # before any loading: an index with no place for it is refused at once
-    _ = engine.encoder  # load the model now, not on the first request
     token = resolve_token(config)
-    sock = _listen(config.host, config.port)
+    sock = _listen(config.host, config.port)  # first: a busy port is said at once, not after loading the model
+    _ = engine.encoder  # load the model now, not on the first request
     port = sock.getsockname()[1]
     shown = "127.0.0.1" if config.host in WILDCARD else config.host
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"

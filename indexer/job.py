@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,6 +141,7 @@ def index_folders(
         ondisk_shards = 0
     chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
     out = Path(chosen)
+    index_roots.refuse_index_folder(roots, out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -273,6 +275,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         columns = catalog.get_meta(conn, "list_columns", {})
         store = vectors.load(conn, out, encoder.dim)
     _check_store(db, store, out)
+    with db.begin() as conn:  # removed when the run ends: `info` tells an interrupted run from a finished one
+        catalog.set_meta(conn, "index_run", {"started": time.time(), "pid": os.getpid()})
     with db.connect() as conn:
         known_roots = catalog.get_meta(conn, "roots", [])
     all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
@@ -291,7 +295,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             if opts.video_interval == video.DEFAULT_INTERVAL:  # only what differs from the default is kept
                 options[r].pop("video_interval")
 
-    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns)
+    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()))
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
     clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos
@@ -347,6 +351,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         times.failed += len(found.failed)
         times.extra.update(found.to_dict())
     bar.close()
+    from alignsearch.notices import say
+
+    say("finishing: removing gone files, filling hashes and photo fields, building the ANN index, "
+        "preparing text queries")
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:
         catalog.delete_files(conn, [r.id for r in removed])
@@ -387,9 +395,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     encoder.prepare_text()  # with ONNX: the first `alignsearch query` then runs without loading torch
-    if times.items - times.reused - times.failed > 0:
-        with db.begin() as conn:
+    with db.begin() as conn:
+        if times.items - times.reused - times.failed > 0:
             catalog.set_meta(conn, "encoder", summary.encoder)  # what `info` reports
+        catalog.delete_meta(conn, "index_run")
     return summary
 
 

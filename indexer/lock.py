@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from alignsearch.errors import BadInputError
-
-LOCK_FILE = "write.lock"
+from alignsearch.paths import LOCK_FILE, writer_running  # noqa: F401 - the probe readers use lives in the core
 
 
 @contextmanager
@@ -28,20 +27,5 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
             raise BadInputError(f"another alignsearch process is writing {index_dir} (index, tag, tune or "
                                 "verify --repair): run this again when it has finished") from None
         yield  # the lock goes with the descriptor, also when the process dies
-    finally:
-        os.close(fd)
-
-
-def writer_running(index_dir: Path) -> bool:
-    """Whether another process holds the index's writer lock now (its uncommitted rows are in flight)."""
-    path = Path(index_dir) / LOCK_FILE
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: a read-only index is checked too
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
     finally:
         os.close(fd)

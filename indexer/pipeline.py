@@ -89,7 +89,7 @@ def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int
         yield from map(fn, todo)
         return
     # a pool that notices a worker that died (indexer/workers.py): Pool.imap waited forever for its task. The
-    # known texts go to each worker once (an initializer), not with every task.
+    # workers ignore Ctrl-C (the command stops them); the known texts go to each worker once (an initializer).
     yield from decode_in_processes(fn, todo, workers, lambda found, reason: Item(found, None, reason=reason),
                                    initializer=set_known_text, initargs=(ocr_known,))
 

@@ -106,9 +106,10 @@ class Scanned:
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
 
 
-def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict) -> Scanned:
+def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict, skip: str | None = None) -> Scanned:
     """List every root and diff it with its catalog rows. A root or folder that cannot be listed keeps its
-    rows and is reported; a new root that cannot be listed at all is refused (BadInputError)."""
+    rows and is reported; a new root that cannot be listed at all is refused (BadInputError). skip: a folder
+    never listed (the index's own, resolved)."""
     out = Scanned()
     with db.connect() as conn:
         for root in roots:
@@ -117,7 +118,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 if not sources.exists(root):
                     raise FileNotFoundError(f"{root} is missing")
                 found = list(scan.scan(root, options.get(root, {}).get("include_hidden", False), columns.get(root),
-                                       errors, options.get(root, {}).get("caption_column")))
+                                       errors, options.get(root, {}).get("caption_column"), skip))
             except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                 reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                 if root not in known:  # a new root is only remembered once it could be listed
@@ -185,11 +186,27 @@ def report(db) -> list[dict]:
             present = sources.exists(root)
         except BadInputError:
             present = False
-        state = "missing" if not present else "listing errors" if errors.get(root) else "ok"
+        recorded = errors.get(root, [])
+        if present:  # a root the last run found missing and that is back (a restored shard, a remounted disk)
+            recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == f"{root} is missing")]
+        state = "missing" if not present else "listing errors" if recorded else "ok"
         c = counts.get(root, {})
         out.append({"root": root, "indexed": c.get(catalog.INDEXED, 0), "failed": c.get(catalog.FAILED, 0),
-                    "state": state, "options": options.get(root, {}), "listing_errors": errors.get(root, [])})
+                    "state": state, "options": options.get(root, {}), "listing_errors": recorded})
     return out
+
+
+def refuse_index_folder(roots: list[str], index_dir: Path) -> None:
+    """A root that is the index folder or inside it would index the index's own files (the server's thumbnail
+    cache as photos): refused (exit 6)."""
+    own = Path(index_dir).resolve()
+    for root in roots:
+        if sources.kind(root) == sources.FOLDER and not sources.is_url(root):
+            path = Path(root).resolve()
+            if path == own or own in path.parents:
+                where = "the index folder" if path == own else f"inside the index folder {own}"
+                raise BadInputError(f"{root} is {where}: give the folder of your images, e.g. "
+                                    "`alignsearch index ./photos`")
 
 
 def match(root: str, roots: list[str]) -> str | None:

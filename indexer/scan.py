@@ -87,9 +87,11 @@ class ListingError:
 
 
 def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
-         errors: list[ListingError] | None = None, caption_column: str | None = None) -> Iterator[Found]:
+         errors: list[ListingError] | None = None, caption_column: str | None = None,
+         skip: str | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
-    Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises)."""
+    Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
+    skip: a folder never listed (the index's own, whose thumbnail cache is no photo library)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -97,7 +99,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden, errors)
+    return scan_folder(root, include_hidden, errors, skip)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -182,7 +184,8 @@ def _sample_key(name: str) -> str:
     return f"{folder}/{base.split('.', 1)[0]}"
 
 
-def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None) -> Iterator[Found]:
+def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
+                skip: str | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders).
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
@@ -209,7 +212,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             except OSError:
                 is_dir = False
             if is_dir:
-                if not entry.is_symlink() and (include_hidden or not _hidden(entry.name)):
+                if not entry.is_symlink() and (include_hidden or not _hidden(entry.name)) and entry.path != skip:
                     subfolders.append(os.path.join(rel, entry.name) if rel else entry.name)
                 continue
             if not _wanted(entry.name, include_hidden):

@@ -118,7 +118,8 @@ def _open_ann(index_dir: Path, digest: str | None, files: dict, writing: bool, r
     """The served ANN index, opened only when its files carry the recorded checksums (or predate them)."""
     path = index_dir / ANN_FILE
     if not path.exists() and shards.files(index_dir) is None:
-        r.problems.append(f"{path.name} is missing")
+        r.problems.append(f"{path.name} is missing" + ("" if digest else ": no ANN index was built yet (the first "
+                          "index run did not finish; queries search exactly meanwhile): `alignsearch index` builds it"))
         r.ann_damaged = True
         return None
     expected = dict(files) if files else ({ANN_FILE: digest} if digest else {})

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from alignsearch.errors import AlignSearchError
+from alignsearch.workerpool import ignore_sigint, sigint_ignored
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,24 @@ def _read_chunk(fn: Callable, chunk: list) -> list:
     return [fn(found) for found in chunk]
 
 
+def _start_worker(initializer, initargs: tuple) -> None:
+    """In each worker first: Ctrl-C is the command's to handle (alignsearch/workerpool.py), then the caller's
+    initializer (the texts already read)."""
+    ignore_sigint()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
     # spawn: workers import only PIL and numpy, never the torch state of this process. init: (initializer,
-    # initargs) run once in each worker (the texts already read; signal dispositions)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init[0],
-                               initargs=init[1])
+    # initargs) run once in each worker. The workers start at the first submit, with SIGINT ignored in this
+    # process meanwhile (an ignored signal survives exec: a Ctrl-C while they import is quiet too).
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=init)
     try:
-        pool.submit(os.getpid).result(timeout=120)
+        with sigint_ignored():
+            first = pool.submit(os.getpid)
+        first.result(timeout=120)
     except (BrokenProcessPool, TimeoutError, OSError) as exc:
         pool.shutdown(wait=False, cancel_futures=True)
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "

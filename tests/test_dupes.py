@@ -39,7 +39,8 @@ def test_phash_is_stored_at_index_time(library):
     count = db.execute("select count(*) from phashes join files on files.id = file_id").fetchone()[0]
     assert count == 10
     h = db.execute("select phash from phashes limit 1").fetchone()[0]
-    assert len(h) == 16 and int(h, 16) >= 0
+    phash, colour = h.split("-")  # the 64-bit phash, then the colour grid (issue 24)
+    assert len(phash) == 16 and int(phash, 16) >= 0 and len(colour) == 64
 
 
 def test_exact_tier_groups_identical_bytes(library):
@@ -74,8 +75,8 @@ def test_similar_tier_uses_embedding_cosine(library):
 
 def test_dupes_rejects_bad_thresholds(library):
     root, ix = library
-    run("dupes", "--index", ix, "--threshold", "70", code=6)
-    run("dupes", "--index", ix, "--tier", "similar", "--threshold", "2", code=6)
+    run("dupes", "--index", ix, "--threshold", "70", code=2)  # bad usage (issue 24: was 6)
+    run("dupes", "--index", ix, "--tier", "similar", "--threshold", "2", code=2)
 
 
 def test_an_index_from_before_phashes_is_filled_without_reencoding(library):

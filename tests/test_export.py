@@ -60,8 +60,8 @@ def test_export_filters_by_path_where_and_root(indexed, tmp_path):
         f"small/photo{i:04d}.jpg" for i in range(4)]
     run("export", tmp_path / "wide.parquet", "--where", "width >= 300", "--index", ix)
     assert pq.read_table(tmp_path / "wide.parquet").num_rows == 5
-    run("export", tmp_path / "none.parquet", "--root", "/nowhere", "--index", ix)
-    assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
+    run("export", tmp_path / "none.parquet", "--root", "/nowhere", "--index", ix, code=6)  # issue 24: refused
+    assert not (tmp_path / "none.parquet").exists()
 
 
 def test_clip_retrieval_layout(indexed, tmp_path):

@@ -273,6 +273,10 @@ def not_damage(exc: BaseException) -> AlignSearchError | None:
     code = getattr(cause, "sqlite_errorcode", None)
     primary = None if code is None else code & 0xFF
     text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC and cause.filename:
+        # a file of its own (an export's OUT, a model export): the disk named by the file, not the index's
+        return DiskFullError(f"{cause.strerror or 'No space left on device'} (free some space and run the command "
+                             f"again; the index is not damaged): {cause.filename}")
     if primary == SQLITE_FULL or (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
         return DiskFullError(f"the disk holding the index is full ({text}): free some space and run the command "
                              "again; the index is not damaged (what was committed before stays)")
@@ -289,18 +293,21 @@ def _check_version(version) -> None:
                                 f"{SCHEMA_VERSION}): upgrade alignsearch")
 
 
-def _open_readonly(db_path: Path):
+def _open_readonly(db_path: Path, view: bool = True):
     """A read-only connection that never creates or writes anything, even the WAL's shared-memory file
-    when the folder is not writable (then SQLite reads the database as it stands on disk)."""
+    when the folder is not writable (then SQLite reads the database as it stands on disk). view: show an
+    older catalog's files with the moment columns (_moments_view; it reads the schema, so a lock probe,
+    which must not wait out the busy timeout, goes without)."""
     uri = f"file:{quote(str(db_path.resolve()))}?mode=ro"
     if not os.access(db_path.parent, os.W_OK) and not (db_path.parent / (db_path.name + "-shm")).exists():
         uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    try:
-        _moments_view(conn)
-    except sqlite3.DatabaseError:  # not a database: connect() reports it in words
-        pass
+    if view:
+        try:
+            _moments_view(conn)
+        except sqlite3.DatabaseError:  # not a database: connect() reports it in words
+            pass
     return conn
 
 
@@ -348,7 +355,7 @@ def _refuse_if_locked(db_path: Path) -> None:
     if not db_path.exists():
         return
     try:
-        probe = _open_readonly(db_path)
+        probe = _open_readonly(db_path, view=False)
     except sqlite3.Error:
         return  # reported by the caller's own read
     try:

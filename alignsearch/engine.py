@@ -517,7 +517,7 @@ class Engine:
         rng = np.random.default_rng(0)
         rows = cols.vec_rows if len(cols.vec_rows) <= CALIBRATION_SAMPLE else \
             np.sort(rng.choice(cols.vec_rows, CALIBRATION_SAMPLE, replace=False))
-        sample = self._stored(snap, np.asarray(rows, dtype=np.int64)).astype(np.float32)
+        sample = _unit(self._stored(snap, np.asarray(rows, dtype=np.int64)).astype(np.float32))  # scored as queries are
         self._calibration = (snap, sample)
         return sample
 

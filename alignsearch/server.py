@@ -590,14 +590,17 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         raise AssertionError("unreachable")
 
     def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,  # noqa: A002
-                     compose="auto") -> dict:
+                     compose="auto", media=None, per_video=engine_module.DEFAULT_PER_VIDEO) -> dict:
         """The filter, cutoff, sort, mode and collapse parameters (the names `query` and Engine.search use),
-        checked here so a malformed one is a 400 before any encoding."""
+        checked here so a malformed one is a 400 before any encoding; media and per_video when they differ
+        from the defaults (all media, 3 moments of a video)."""
         given = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path,
                  "format": format}
         filters.build(filters.FilterOptions(**given))
+        videos = {**({"media": media} if media is not None else {}),
+                  **({"per_video": per_video} if per_video != engine_module.DEFAULT_PER_VIDEO else {})}
         return {**{n: v for n, v in given.items() if v is not None}, "min_score": min_score, "sort": sort,
-                "mode": mode, "collapse": collapse, "compose": compose}
+                "mode": mode, "collapse": collapse, "compose": compose, **videos}
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, bool]:
@@ -631,13 +634,17 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
         compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
                            Query(description="how a text and an image combine (README: how composition works)")] = "auto",
+        media: Annotated[Literal["photo", "video"] | None,
+                         Query(description="only photos, or only video moments")] = None,
+        per_video: Annotated[int, Query(ge=1, le=querycheck.MAX_K, description="at most this many moments of one "
+                                                                                "video")] = engine_module.DEFAULT_PER_VIDEO,
     ):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
         args = querycheck.validate(text=q, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
                                    negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
-                                 compose)
+                                 compose, media, per_video)
         if similar is not None:
             results = await similar_search(similar, {**args, "text": None}, {**narrowing, "mode": "vector"})
         else:
@@ -671,6 +678,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
         compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
                            Query(description="how a text and an image combine (README: how composition works)")] = "auto",
+        media: Annotated[Literal["photo", "video"] | None,
+                         Query(description="only photos, or only video moments")] = None,
+        per_video: Annotated[int, Query(ge=1, le=querycheck.MAX_K, description="at most this many moments of one "
+                                                                                "video")] = engine_module.DEFAULT_PER_VIDEO,
         k_in_url: Annotated[int | None, Query(alias="k", ge=1, le=querycheck.MAX_K,
                                               description="number of results, when the form has no k")] = None,
     ):
@@ -685,7 +696,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
                                    image_weight=image_weight, negative_weight=negative_weight, tag=tag)
         narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
-                                 compose)
+                                 compose, media, per_video)
         pil = None
         if data is not None:
             async with decoding:

@@ -323,6 +323,11 @@ def test_server_shows_moments_and_plays_the_video_from_t_with_ranges(tmp_path, t
         moments_found = sorted((h["t"], h["t_end"], h["id"]) for h in hits if h["relpath"] == "clip.mp4")
         assert status == 200 and np.allclose([m[:2] for m in moments_found], [(0, 3), (3, 6)], atol=SAMPLE)
         second = moments_found[1][2]
+        for query, videos_wanted in (("media=photo", 0), ("media=video&per_video=1", 1)):  # as --media, --per-video
+            status, _, body = call(url, f"/api/search?q=a+picture&k=10&{query}")
+            found = json.loads(body)["results"]
+            assert status == 200 and sum(h["t"] is not None for h in found) == videos_wanted, (query, found)
+            assert query.startswith("media=video") or len(found) == 2  # the two photos
         status, headers, body = call(url, f"/api/video/{second}", headers={"Range": "bytes=100-199"})
         assert status == 206 and body == data[100:200], status
         assert headers["Content-Range"] == f"bytes 100-199/{len(data)}" and headers["Content-Type"] == "video/mp4"

@@ -420,3 +420,18 @@ def decode_or_die(item):
         os._exit(9)
     time.sleep(0.01)
     return item.upper()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc), e.g. an index run's decode workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found

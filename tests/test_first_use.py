@@ -12,23 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from helpers import smooth_photos
+from helpers import child_pids, smooth_photos
 
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "ALIGNSEARCH_PROGRESS_SECONDS": "0"}
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 # -- item 1: Ctrl-C during `index` with decode workers -------------------------------------------------------
@@ -52,7 +38,7 @@ def interrupted(tmp_path_factory, tiny_model):
         lines.append(line)
         if line.startswith("indexing:"):
             break
-    workers = _children(proc.pid)
+    workers = child_pids(proc.pid)
     assert proc.poll() is None and workers, "".join(lines)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)

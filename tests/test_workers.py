@@ -8,7 +8,7 @@ import time
 
 import pytest
 from conftest import make_images
-from helpers import decode_or_die, summary
+from helpers import child_pids, decode_or_die, summary
 
 from indexer.workers import DIED, decode_in_processes
 
@@ -41,7 +41,7 @@ def test_index_survives_a_decode_worker_killed_mid_task(tmp_path, tiny_model):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     killed, deadline = None, time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        for child in _children(proc.pid):
+        for child in child_pids(proc.pid):
             if _cpu_ticks(child) > 50:  # a worker that has been decoding for half a second
                 os.kill(child, signal.SIGKILL)
                 killed = child
@@ -55,20 +55,6 @@ def test_index_survives_a_decode_worker_killed_mid_task(tmp_path, tiny_model):
         pytest.fail("index hung after its decode worker was killed")
     result = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     assert result["added"] == 16 and result["failed"] == 0, result
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def _cpu_ticks(pid: int) -> int:

@@ -107,7 +107,8 @@ def _result(future: Future):
 
 def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tuple = (None, ())) -> Iterator:
     """The items in flight when a worker died, in order: all again on a fresh pool; if a worker dies again,
-    the ones still lost one at a time, each alone in its worker, so only the item that kills it fails."""
+    the ones still lost one at a time, each alone in its worker, so only an item that kills its worker twice
+    alone fails."""
     pool = _new_pool(workers, init)
     futures = [pool.submit(fn, found) for found in items]
     try:
@@ -122,14 +123,20 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
             if result is not None:
                 yield result
                 continue
-            single = single or _new_pool(1, init)
-            try:
-                yield single.submit(fn, found).result()
-            except BrokenProcessPool:
+            # Alone, a death is the item's own; a pool's death blames none for sure (the item may not even
+            # have started before another killed the pool), so an item fails after two deaths alone.
+            for attempt in range(2):
+                single = single or _new_pool(1, init)
+                try:
+                    result = single.submit(fn, found).result()
+                    break
+                except BrokenProcessPool:
+                    single.shutdown(wait=False, cancel_futures=True)
+                    single = None
+            else:
                 log.warning("%s: %s", getattr(found, "relpath", found), DIED)
-                yield failed(found, DIED)
-                single.shutdown(wait=False, cancel_futures=True)
-                single = None
+                result = failed(found, DIED)
+            yield result
     finally:
         if single is not None:
             single.shutdown(wait=False, cancel_futures=True)

@@ -25,6 +25,15 @@ def test_a_worker_that_dies_fails_only_its_item_and_the_run_goes_on(tmp_path):
     assert [o for i, o in enumerate(out) if i not in (7, 20)] == [x.upper() for i, x in enumerate(items) if i not in (7, 20)]
 
 
+def test_an_item_that_never_ran_before_a_pool_died_is_not_failed_for_one_death(tmp_path):
+    """A pool's death blames no item for sure: here "die" kills the one worker before "die-once" ever ran, so
+    die-once's first death happens alone. It fails only after a second death alone (flaky under load before:
+    whether it had run in the pool depended on timing)."""
+    items = ["die", f"die-once:{tmp_path / 'marker'}", "ok"]
+    out = list(decode_in_processes(decode_or_die, items, 1, lambda item, reason: ("failed", item, reason)))
+    assert out == [("failed", "die", DIED), items[1].upper(), "OK"]
+
+
 @pytest.mark.slow
 def test_index_survives_a_decode_worker_killed_mid_task(tmp_path, tiny_model):
     """SIGKILL a busy decode worker of a real `index` run (what the OOM killer does): Pool.imap waited

@@ -180,6 +180,7 @@ def test_labels_differing_in_case_are_one_label_and_long_ones_are_refused():
     assert parse_labels(["y" * 200]) == ["y" * 200]
 
 
+@pytest.mark.slow  # 5 s: a child process loads the model
 def test_a_model_file_the_user_cannot_read_is_said_to_be_unreadable(tmp_path, tiny_model):
     """Issue 24 #23: a checkpoint whose weights this user may not read was reported as missing."""
     import shutil

@@ -13,6 +13,7 @@ from helpers import child_pids, decode_or_die, summary
 from indexer.workers import DIED, decode_in_processes
 
 
+@pytest.mark.slow  # 8 s: spawned pools, started again after each death
 def test_a_worker_that_dies_fails_only_its_item_and_the_run_goes_on(tmp_path):
     items = [f"f{i}" for i in range(30)]
     items[7] = "die"  # kills every worker that reads it
@@ -25,6 +26,7 @@ def test_a_worker_that_dies_fails_only_its_item_and_the_run_goes_on(tmp_path):
     assert [o for i, o in enumerate(out) if i not in (7, 20)] == [x.upper() for i, x in enumerate(items) if i not in (7, 20)]
 
 
+@pytest.mark.slow  # 8 s: spawned pools, started again after each death
 def test_an_item_that_never_ran_before_a_pool_died_is_not_failed_for_one_death(tmp_path):
     """A pool's death blames no item for sure: here "die" kills the one worker before "die-once" ever ran, so
     die-once's first death happens alone. It fails only after a second death alone (flaky under load before:

@@ -710,6 +710,14 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
 
     notices.enable(True)
     engine = open_index(index_dir, device=device, text_bf16=bf16_text, backend=backend, precision=precision)
+    from alignsearch.client import verified_server
+
+    # One server per index: a second one on another port wrote its record over the first's (queries went to
+    # the second only) and removed it on exit, leaving the first unknown to `query`.
+    running = verified_server(engine.dir, notice=lambda line: None)
+    if running is not None:
+        raise AlignSearchError(f"this index is already served at {running['url']} (process {running['pid']}): "
+                               "`alignsearch query` uses it; stop it first to serve it again")
     config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 
     def ready(server):

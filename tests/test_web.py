@@ -135,3 +135,36 @@ def test_the_filter_bar_narrows_and_orders_the_results(page_url, browser):
     browser.find_element(By.ID, "camera").send_keys("leica")  # no photo says it was taken with one
     box.send_keys(Keys.ENTER)
     wait.until(lambda d: "0 results" in d.find_element(By.ID, "status").text)
+
+
+def test_a_video_moment_shows_its_time_whole_and_plays_from_it(tmp_path_factory, tiny_model, browser):
+    """A moment's card shows `@ m:ss` in full even when its name is long (the time was the part an ellipsis cut:
+    `clip.mp4 @…`), and opening it plays the video from that second."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import make_images
+    from helpers import make_video
+
+    base = tmp_path_factory.mktemp("webvideo")
+    make_images(base / "corpus", 3)
+    make_video(base / "corpus" / "a-rather-long-name-for-a-holiday-clip.mp4", [(71, 3), (72, 3)])
+    ix = base / "ix"
+    assert CliRunner().invoke(main, ["index", str(base / "corpus"), "--index", str(ix), "--model", str(tiny_model),
+                                     "--device", "cpu"]).exit_code == 0
+    server = start_in_thread(alignsearch.open(ix, device="cpu"), ServerConfig(port=free_port()))
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(server.open_url)
+        browser.get(server.url + "/?q=a%20picture")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card .at")) == 2)
+        times = browser.find_elements(By.CSS_SELECTOR, "#grid .card .at")
+        assert sorted(t.text for t in times) == ["@ 0:00", "@ 0:03"]
+        for t in times:  # shown whole: not clipped by the card
+            assert browser.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", t)
+        card = next(t for t in times if t.text == "@ 0:03").find_element(By.XPATH, "ancestor::*[contains(@class, 'card')]")
+        card.find_element(By.TAG_NAME, "img").click()
+        wait.until(lambda d: d.execute_script("const v = document.querySelector('dialog video'); "
+                                              "return v && !v.hidden && v.currentTime >= 3"))
+    finally:
+        server.shutdown()

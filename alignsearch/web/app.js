@@ -78,7 +78,7 @@
     render(body.results, { append: true, pick: true });
     browsed += body.results.length;
     $("more").hidden = browsed >= body.total;
-    status(`Showing the ${browsed} most recently indexed of ${body.total} images: pick one to find similar images.`);
+    status(`Showing the ${browsed} most recently indexed of ${body.total} pictures (photos and video moments): pick one to find similar images.`);
   }
 
   function similarTo(hit) {
@@ -105,7 +105,7 @@
       const meta = document.createElement("figcaption");
       meta.className = "meta";
       const path = document.createElement("span");
-      path.className = "path"; path.textContent = hit.relpath + (hit.t == null ? "" : ` @ ${clock(hit.t)}`);
+      path.className = "path"; path.textContent = hit.relpath;
       path.title = [hit.path, hit.taken && `taken ${hit.taken.slice(0, 10)}`, hit.camera, hit.caption,
                     hit.tags && hit.tags.length && `tags: ${hit.tags.join(", ")}`,
                     hit.ocr && `text: ${hit.ocr}`].filter(Boolean).join("\n");
@@ -115,7 +115,13 @@
       similar.type = "button"; similar.className = "similar"; similar.textContent = "similar";
       similar.title = "Find images like this one";
       similar.addEventListener("click", () => similarTo(hit));
-      meta.append(path, score, similar);
+      meta.append(path);
+      if (hit.t != null) { // a video moment's time: its own span, so a long name is shortened and never the time
+        const at = document.createElement("span");
+        at.className = "at"; at.textContent = `@ ${clock(hit.t)}`;
+        meta.append(at);
+      }
+      meta.append(score, similar);
       if (hit.ocr) { // the text read in the image (index --ocr), on one line under the name
         const text = document.createElement("span");
         text.className = "ocr"; text.textContent = hit.ocr.replace(/\s+/g, " "); text.title = hit.ocr;

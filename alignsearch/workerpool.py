@@ -19,10 +19,16 @@ def ignore_sigint() -> None:
 
 @contextlib.contextmanager
 def sigint_ignored():
-    """SIGINT ignored in this process while processes are started in the block (the main thread only: elsewhere
-    signal.signal cannot be called, and the block runs as it is)."""
+    """SIGINT ignored in this process while processes are started in the block, so they start ignoring it (an
+    ignored signal survives exec: a Ctrl-C while a worker imports is quiet)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        # signal.signal is the main thread's; a blocked signal mask is this thread's, and a child inherits it
+        # (the worker's initializer then ignores SIGINT, which discards one pending)
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

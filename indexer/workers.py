@@ -53,9 +53,13 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=init)
     try:
+        # A spawn pool starts one worker per submit while none is idle (never all at once): submitting one task
+        # per worker in a tight loop starts them all here, inside the block; none could be idle yet (a worker
+        # takes far longer to boot than the loop runs). Later submits find idle workers and start none.
         with sigint_ignored():
-            first = pool.submit(os.getpid)
-        first.result(timeout=120)
+            first = [pool.submit(os.getpid) for _ in range(workers)]
+        for f in first:
+            f.result(timeout=120)
     except (BrokenProcessPool, TimeoutError, OSError) as exc:
         pool.shutdown(wait=False, cancel_futures=True)
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "

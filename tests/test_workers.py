@@ -36,6 +36,26 @@ def test_an_item_that_never_ran_before_a_pool_died_is_not_failed_for_one_death(t
     assert out == [("failed", "die", DIED), items[1].upper(), "OK"]
 
 
+def test_every_worker_starts_with_ctrl_c_ignored(monkeypatch):
+    """A spawn pool starts its workers one submit at a time: those started after the first were started with
+    SIGINT at its default, so a Ctrl-C while one imported printed its traceback (seen in a CI run). Every
+    worker must start while this process ignores SIGINT."""
+    import multiprocessing.context
+    import signal
+
+    seen = []
+    real_start = multiprocessing.context.SpawnProcess.start
+
+    def start(self):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return real_start(self)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+    items = [f"f{i}" for i in range(24)]
+    assert list(decode_in_processes(decode_or_die, items, 3, lambda item, reason: None)) == [x.upper() for x in items]
+    assert len(seen) == 3 and all(s == signal.SIG_IGN for s in seen), seen
+
+
 @pytest.mark.slow
 def test_index_survives_a_decode_worker_killed_mid_task(tmp_path, tiny_model):
     """SIGKILL a busy decode worker of a real `index` run (what the OOM killer does): Pool.imap waited

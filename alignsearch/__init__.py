@@ -4,7 +4,7 @@
     engine = alignsearch.open()                       # the nearest .alignsearch/ index
     hits = engine.search(text="red car", image="beach.jpg", k=10, text_weight=2.0)
 
-Imports are lazy so that decode workers, which import alignsearch.images, never load torch.
+Imports are lazy so that decode workers, which import alignsearch.media.images, never load torch.
 """
 
 __version__ = "0.1.0"
@@ -13,11 +13,11 @@ __all__ = ["open", "Engine", "Hit", "Encoder", "AlignSearchError"]
 
 def __getattr__(name):
     if name in ("open", "Engine", "Hit"):
-        from alignsearch import engine
+        from alignsearch.search import engine
 
         return getattr(engine, name)
     if name == "Encoder":
-        from alignsearch.model import Encoder
+        from alignsearch.encoders.model import Encoder
 
         return Encoder
     if name == "AlignSearchError":

@@ -1,3 +1,3 @@
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 
 main(prog_name="alignsearch")

@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_ann import DIM, structured  # noqa: E402
 from common import CACHE, record  # noqa: E402
 
-from alignsearch import ann, catalog, dupes, vectors  # noqa: E402
-from alignsearch.paths import ANN_FILE, DB_FILE, VECTORS_FILE  # noqa: E402
+from alignsearch.storage import ann, catalog, vectors  # noqa: E402
+from alignsearch.search import dupes  # noqa: E402
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE  # noqa: E402
 
 
 def synthetic_index(folder: Path, n: int) -> np.ndarray:
@@ -99,7 +100,7 @@ def cached_index(n: int, rebuild: bool = False) -> tuple[Path, np.ndarray, float
 
 
 def similar_tier(n: int, lines: list[str]) -> None:
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.engine import open as open_index
 
     folder, planted, built = cached_index(n, args.rebuild)
     engine = open_index(folder)
@@ -200,7 +201,7 @@ def export_peak(folder: Path, out: Path, fmt: str, lines: list[str]) -> None:
     RssAnon (memory the process allocated) and RssFile (pages of files it maps, here vectors.f16 read through
     a memory map: page cache the kernel can drop, counted in RSS while mapped)."""
     target = str(out) + (".parquet" if fmt == "parquet" else "")
-    code = ("import json, threading, time; from alignsearch.cli import main\n"
+    code = ("import json, threading, time; from alignsearch.surfaces.cli import main\n"
             "peak = {'RssAnon:': 0, 'RssFile:': 0}\n"
             "def sample():\n"
             "    while True:\n"

@@ -27,10 +27,10 @@ from bench_ann import structured  # noqa: E402
 from common import CACHE, record  # noqa: E402
 
 import alignsearch  # noqa: E402
-from alignsearch import ann, catalog, vectors  # noqa: E402
-from alignsearch.engine import ANN_FILE, DB_FILE  # noqa: E402
-from alignsearch.filters import parse_date  # noqa: E402
-from alignsearch.query import rerank  # noqa: E402
+from alignsearch.storage import ann, catalog, vectors  # noqa: E402
+from alignsearch.search.engine import ANN_FILE, DB_FILE  # noqa: E402
+from alignsearch.search.filters import parse_date  # noqa: E402
+from alignsearch.storage.ann import rerank  # noqa: E402
 from indexer.build import sync_index  # noqa: E402
 
 START, SPAN = parse_date("2015-01-01"), 10 * 365.25 * 86400
@@ -133,7 +133,7 @@ def main() -> None:
 
 
 def iso(epoch: float) -> str:
-    from alignsearch.photometa import iso as to_iso
+    from alignsearch.media.photometa import iso as to_iso
 
     return to_iso(epoch)
 

@@ -106,8 +106,8 @@ def fast_lines(fast, n, med_naive, model, corpus, device) -> list[str]:
     """`--fast-decode` figures, and how far its embeddings move from the exact decode's."""
     import numpy as np
 
-    from alignsearch.images import decode
-    from alignsearch.model import Encoder
+    from alignsearch.media.images import decode
+    from alignsearch.encoders.model import Encoder
 
     med = statistics.median(t for t, _ in fast)
     decode_s = statistics.median(times["decode_worker"] for _, times in fast)

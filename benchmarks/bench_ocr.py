@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ocr.py [--signs 24] [--photos 24] [--index-images 32] [--skip-index]
 
-- OCR alone (alignsearch/ocr.py, one thread, as in one decode worker), on images already decoded: images per
+- OCR alone (alignsearch/media/ocr.py, one thread, as in one decode worker), on images already decoded: images per
   second on camera-size photos without text (640x480 to 4000x3000, benchmarks/common.py's JPEGs) and on
   rendered signs with text;
 - quality: words found / words present on the rendered signs (font sizes 14-48 px, light backgrounds, some
@@ -32,8 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import CACHE, align_base_checkpoint, jpeg_corpus, record
 
-from alignsearch import ocr
-from alignsearch.images import open_rgb
+from alignsearch.media import ocr
+from alignsearch.media.images import open_rgb
 
 # skimage.data.page(), as printed (the last line is cut off by the photo's edge: left out)
 PAGE_TEXT = """Region-based segmentation Let us first determine markers of the coins and the background. These

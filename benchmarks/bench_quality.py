@@ -3,7 +3,7 @@
     python benchmarks/bench_quality.py [--epochs 45] [--per-spec 40] [--seeds 0,1,2,3,4] [--fourth position|fill]
     python benchmarks/bench_quality.py --suite compose [--seeds 0,1,2]   # composed queries, real photos
 
-The compose suite (issue 25) measures each way of combining an image and a text (alignsearch/query.py)
+The compose suite (issue 25) measures each way of combining an image and a text (alignsearch/search/query.py)
 on compositions the model has never seen: real photos (scikit-image's samples: pip install scikit-image)
 tinted in one of five colours; some (photo, colour) pairs are held out of fine-tuning and indexed. A
 query is a fresh rendering of a photo in one colour plus the name of another colour; the right images are

@@ -24,8 +24,8 @@ from bench_ann import structured  # noqa: E402
 from common import align_base_checkpoint, jpeg_corpus, record  # noqa: E402
 
 import alignsearch  # noqa: E402
-from alignsearch import catalog  # noqa: E402
-from alignsearch.engine import ANN_FILE  # noqa: E402
+from alignsearch.storage import catalog  # noqa: E402
+from alignsearch.search.engine import ANN_FILE  # noqa: E402
 from indexer.build import sync_index  # noqa: E402
 from indexer.decode import Item  # noqa: E402
 from indexer.job import index_folders  # noqa: E402

@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_ann import DIM, structured  # noqa: E402
 from common import CACHE, record  # noqa: E402
 
-from alignsearch import ann, shards  # noqa: E402
-from alignsearch.query import rerank  # noqa: E402
-from alignsearch.vectors import VectorStore  # noqa: E402
+from alignsearch.storage import ann, shards  # noqa: E402
+from alignsearch.storage.ann import rerank  # noqa: E402
+from alignsearch.storage.vectors import VectorStore  # noqa: E402
 from indexer import ondisk  # noqa: E402
 from indexer.tune import off_distribution_queries  # noqa: E402
 
 
 def encode_rate() -> float:
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
     from tiny_align import build_tiny_align
 
     path = CACHE / "tiny-align"

@@ -35,8 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 from common import CACHE, jpeg_corpus, record  # noqa: E402
 
 import alignsearch  # noqa: E402
-from alignsearch import catalog  # noqa: E402
-from alignsearch.paths import ANN_FILE, SERVER_FILE  # noqa: E402
+from alignsearch.storage import catalog  # noqa: E402
+from alignsearch.storage.paths import ANN_FILE, SERVER_FILE  # noqa: E402
 from indexer.build import sync_index  # noqa: E402
 from indexer.decode import Item  # noqa: E402
 from indexer.job import index_folders  # noqa: E402
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--thumbs", type=int, default=500)
-    ap.add_argument("--baseline-rev", default="93d02f3", help="commit whose alignsearch/server.py is the baseline")
+    ap.add_argument("--baseline-rev", default="93d02f3", help="commit whose alignsearch/surfaces/server.py is the baseline")
     ap.add_argument("--baseline-file", type=Path, help="the baseline server.py itself (instead of --baseline-rev)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
@@ -169,7 +169,7 @@ def main() -> None:
         build_tiny_align(model)
     corpus = jpeg_corpus(24, seed=2)
     old_source = args.baseline_file.read_text() if args.baseline_file else subprocess.run(
-        ["git", "show", f"{args.baseline_rev}:alignsearch/server.py"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+        ["git", "show", f"{args.baseline_rev}:alignsearch/surfaces/server.py"], cwd=HERE, capture_output=True, text=True, check=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
         ix = Path(tmp) / "ix"
         t = time.perf_counter()

@@ -7,7 +7,7 @@ For each height a H.264 video (30 fps, yuv420p, x264 preset medium, a scene cut 
 them) is generated once under $ALIGNSEARCH_BENCH_CACHE. Measured on it, each in a fresh process state:
 - floor: PyAV decoding every frame (FFmpeg's threads, nothing converted), as `ffmpeg -i f -f null -` does;
 - floor without non-reference frames (skip_frame=NONREF, what alignsearch decodes);
-- moments: alignsearch.video.moments (decode, scene detection on sampled frames, the representative crops);
+- moments: alignsearch.media.video.moments (decode, scene detection on sampled frames, the representative crops);
 - index: `alignsearch index` of a folder holding the video, its stage times (decode thread, encoder, write),
   with the tiny random test checkpoint (the video path's own cost) and, with --full-model, align-base's
   geometry with random weights (the real encoder's cost; no hub here).
@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import CACHE, align_base_checkpoint, record
 
-from alignsearch.images import ImageSpec
-from alignsearch.video import moments
+from alignsearch.media.images import ImageSpec
+from alignsearch.media.video import moments
 
 FPS = 30
 SCENE_SECONDS = 8

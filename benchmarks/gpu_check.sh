@@ -32,7 +32,7 @@ mkdir -p "$OUT"
 PY=$(command -v python3)
 $PY -m pip install -q --no-index --no-deps .wheelhouse/*.whl 2>&1 | tail -3 || true
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3 || true
-$PY -c "import faiss, sqlalchemy, fastapi, imagehash, alignsearch.cli; print('imports ok, faiss', faiss.__version__)" >> "$OUT/machine.txt" 2>&1 || true
+$PY -c "import faiss, sqlalchemy, fastapi, imagehash, alignsearch.surfaces.cli; print('imports ok, faiss', faiss.__version__)" >> "$OUT/machine.txt" 2>&1 || true
 
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu_util.csv" &
 SMI=$!

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from common import align_base_checkpoint
-from alignsearch.model import Encoder
+from alignsearch.encoders.model import Encoder
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=256)

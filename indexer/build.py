@@ -10,10 +10,10 @@ import faiss
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch import ann, catalog, shards
-from alignsearch.paths import ANN_FILE
+from alignsearch.storage import ann, catalog, shards
+from alignsearch.storage.paths import ANN_FILE
 from alignsearch.errors import BadInputError, IndexDamagedError
-from alignsearch.vectors import VectorStore
+from alignsearch.storage.vectors import VectorStore
 from indexer import ondisk
 from indexer.tune import tune
 
@@ -39,7 +39,7 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     last tuning, or when a target recall is given. With ondisk_shards (remembered by the index), an
     IVF-PQ index is rebuilt from shards added in parallel and merged into on-disk lists (indexer/ondisk.py).
     With index_shards (remembered), an IVF-PQ index is kept as that many shard files searched together
-    (alignsearch/shards.py): built in parallel, then updated shard by shard.
+    (alignsearch/storage/shards.py): built in parallel, then updated shard by shard.
 
     A single-file index is written to index.faiss.next, its checksum committed with the tuning (and
     whatever on_commit(conn) adds to that transaction: a re-encode's switch of generation), then renamed

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignsearch import photometa, safeopen, sources
-from alignsearch.dupes import phash_of
+from alignsearch.media import photometa, sources
+from alignsearch import safeopen
+from alignsearch.media.phash import phash_of
 from alignsearch.errors import BadImageError
-from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
 from indexer.scan import Found
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ class Item:
     reason: str | None = None
     seconds: float = 0.0  # time this worker spent reading and decoding
     vec_row: int | None = None  # address of its vector when already stored (identical content indexed before)
-    phash: str | None = None  # perceptual hash of the decoded image (alignsearch/dupes.py)
-    photo: dict | None = None  # taken, camera, lens, GPS, caption (alignsearch/photometa.py)
+    phash: str | None = None  # perceptual hash of the decoded image (alignsearch/media/phash.py)
+    photo: dict | None = None  # taken, camera, lens, GPS, caption (alignsearch/media/photometa.py)
     ocr: str | None = None  # the text read in the image (`index --ocr`; None: not read)
     ocr_seconds: float = 0.0  # time this worker spent reading it (not in `seconds`)
 
@@ -75,7 +76,7 @@ def set_known_text(texts: dict[str, str] | None) -> None:
 
 def read_text(image, where: str) -> tuple[str | None, float]:
     """(the text in a decoded image, seconds it took); None when the engine failed on it (read again later)."""
-    from alignsearch.ocr import read_text as ocr_text
+    from alignsearch.media.ocr import read_text as ocr_text
 
     start = time.perf_counter()
     try:

@@ -9,19 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignsearch import ann, catalog, dupes, sources, vectors, video
-from alignsearch.backend import CPU_MICRO_BATCH, EncoderOptions
-from alignsearch.classify import DEFAULT_TEMPLATES
-from alignsearch.engine import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
+from alignsearch.storage import ann, catalog, vectors
+from alignsearch.media import sources, video
+from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
+from alignsearch.encoders.classify import DEFAULT_TEMPLATES
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
-from alignsearch.encoding import DEFAULT_MODEL
-from alignsearch.vectors import VectorStore
-from indexer import build, ocrfill, photos, pipeline, progress, reindex, videos, writer
+from alignsearch.encoders.encoding import DEFAULT_MODEL
+from alignsearch.storage.vectors import VectorStore
+from indexer import build, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
 if TYPE_CHECKING:
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
 
 @dataclass
@@ -42,8 +43,8 @@ class Summary:
     index: dict = field(default_factory=dict)
     tags: dict | None = None
     times: dict = field(default_factory=dict)
-    encoder: dict = field(default_factory=dict)  # backend and precision that ran (alignsearch/backend.py)
-    ocr: dict = field(default_factory=dict)  # {"enabled", "read", "with_text"}: text in images (alignsearch/ocr.py)
+    encoder: dict = field(default_factory=dict)  # backend and precision that ran (alignsearch/encoders/backend.py)
+    ocr: dict = field(default_factory=dict)  # {"enabled", "read", "with_text"}: text in images (alignsearch/media/ocr.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -66,7 +67,7 @@ class IndexOptions:
     list_column: str | None
     ray_actor_segments: bool
     caption_column: str | None = None  # a list's caption column (remembered per root)
-    backend: str = "auto"  # alignsearch/backend.py: auto|torch|onnx
+    backend: str = "auto"  # alignsearch/encoders/backend.py: auto|torch|onnx
     precision: str = "auto"  # auto|fp32|bf16
     video_interval: float | None = None  # seconds between moments of unchanged picture (remembered per root)
     ocr: bool = False  # read the text in images (the index's remembered choice, or --ocr / --no-ocr)
@@ -108,7 +109,7 @@ def index_folders(
 
     A root is a folder, a URL prefix (s3://bucket/photos: any fsspec protocol whose package is
     installed), a .csv/.parquet list of paths or URLs (list_column names the column; remembered), or
-    WebDataset .tar shards (`shards-{000..099}.tar` expands); see alignsearch/sources.py.
+    WebDataset .tar shards (`shards-{000..099}.tar` expands); see alignsearch/media/sources.py.
 
     index_dir defaults to $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above cwd, else a new
     `.alignsearch` in cwd. rebuild retrains the ANN index; reindex forgets every vector and
@@ -120,9 +121,9 @@ def index_folders(
     ray_actor_segments=False makes every Ray encoder actor send its vectors to the driver, as actors on
     machines that do not see index_dir do anyway (for comparing the two; the default is faster at scale).
     fast_decode decodes JPEGs at reduced scale (images.open_rgb's draft): faster, pixels slightly different.
-    backend and precision choose how the vision tower runs (alignsearch/backend.py); int8 is for queries only.
+    backend and precision choose how the vision tower runs (alignsearch/encoders/backend.py); int8 is for queries only.
     video_interval: a video gets a moment at each scene cut and at least one every this many seconds (default
-    10; remembered like include_hidden; alignsearch/video.py).
+    10; remembered like include_hidden; alignsearch/media/video.py).
     include_hidden True/False is remembered for the roots given (for every root when none is given);
     None applies what each root remembers (indexer/roots.py). A folder inside a known root is indexed as
     part of it; one containing known roots takes them over.
@@ -172,7 +173,7 @@ def _ocr_choice(db, ocr: bool | None) -> bool:
         remembered = bool(catalog.get_meta(conn, "ocr", False))
     chosen = remembered if ocr is None else bool(ocr)
     if chosen:
-        from alignsearch.ocr import check_available
+        from alignsearch.media.ocr import check_available
 
         check_available()
     if ocr is not None and chosen != remembered:
@@ -213,8 +214,8 @@ def _batch_size(opts: IndexOptions, encoder: Encoder) -> int:
 def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
     the first run records the model it loads. Its cached exports when they are all a CPU run needs
-    (alignsearch/cached.py: no torch, no transformers), else the checkpoint itself."""
-    from alignsearch import cached
+    (alignsearch/encoders/cached.py: no torch, no transformers), else the checkpoint itself."""
+    from alignsearch.encoders import cached
 
     if options.precision == "int8":
         raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
@@ -222,7 +223,7 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
         recorded = catalog.get_meta(conn, "model")
     enc = cached.find(model, recorded, options)
     if enc is None:
-        from alignsearch.model import Encoder, load_recorded
+        from alignsearch.encoders.model import Encoder, load_recorded
 
         kw = dict(backend=options.backend, precision=options.precision)
         if recorded is None:
@@ -358,7 +359,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
     with db.begin() as conn:
         catalog.delete_files(conn, [r.id for r in removed])
-    times.extra["phashes_filled"] = dupes.fill_index(db, workers)
+    times.extra["phashes_filled"] = phashfill.fill_index(db, workers)
     times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
     summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
     if opts.ocr:  # images indexed before --ocr (or by Ray's actors): read now, their vectors untouched

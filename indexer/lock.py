@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from alignsearch.errors import BadInputError
-from alignsearch.paths import LOCK_FILE, writer_running  # noqa: F401 - the probe readers use lives in the core
+from alignsearch.storage.paths import LOCK_FILE, writer_running  # noqa: F401 - the probe readers use lives in the core
 
 
 @contextmanager

@@ -10,14 +10,14 @@ import logging
 import multiprocessing
 import time
 
-from alignsearch import catalog
+from alignsearch.storage import catalog
 
 log = logging.getLogger(__name__)
 BATCH = 64
 
 
 def _read(row: catalog.FileRow) -> tuple[int, str | None, float]:
-    from alignsearch.images import open_rgb
+    from alignsearch.media.images import open_rgb
     from indexer.decode import read_text
 
     try:

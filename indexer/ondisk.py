@@ -18,8 +18,8 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from alignsearch import ann
-from alignsearch.vectors import VectorStore
+from alignsearch.storage import ann
+from alignsearch.storage.vectors import VectorStore
 
 
 def add_shard(trained_path: str, store: VectorStore, ids: np.ndarray, rows: np.ndarray, out_path: str) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from alignsearch import catalog, photometa, sources
+from alignsearch.storage import catalog
+from alignsearch.media import photometa, sources
 from alignsearch.errors import AlignSearchError, BadImageError
 from indexer import scan
 from indexer.decode import sidecar_caption

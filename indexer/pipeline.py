@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec
 from indexer.decode import Item, read_item, set_known_text
 from indexer.scan import Found
 from indexer.workers import decode_in_processes
@@ -73,7 +73,7 @@ class EncoderConfig:
 
 
 def load_encoder(config: EncoderConfig):
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
     return Encoder(config.model, config.device, **config.options)
 
@@ -81,7 +81,7 @@ def load_encoder(config: EncoderConfig):
 def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                fast: bool = False, ocr: bool = False, ocr_known: dict[str, str] | None = None) -> Iterator[Item]:
     """Decoded items in scan order; in `workers` processes, or in this one when workers is 0. ocr: each worker
-    also reads the text in its images (alignsearch/ocr.py, its engine loaded once per worker), except content
+    also reads the text in its images (alignsearch/media/ocr.py, its engine loaded once per worker), except content
     whose text is known already (ocr_known: {sha256: text}, e.g. of files that moved)."""
     fn = partial(read_item, spec=spec, max_pixels=max_pixels, fast=fast, ocr=ocr)
     if workers <= 0:

@@ -2,7 +2,7 @@
 
 Decoding runs as CPU tasks over blocks of the file list, encoding in actors that each load the model
 once (one GPU each when there are GPUs). Each actor appends its vectors to a vector-store segment of
-its own and sends back only where they are (alignsearch/vectors.py), so the driver, the single
+its own and sends back only where they are (alignsearch/storage/vectors.py), so the driver, the single
 catalog writer, handles ~100 bytes of metadata per image rather than its vector; an actor on a
 machine that does not see the index folder sends its vectors instead. The driver commits batch by
 batch as results stream back: a re-run after any failure skips what was committed, and rows a killed
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from alignsearch import atomic, vectors
+from alignsearch import atomic
+from alignsearch.storage import vectors
 from alignsearch.errors import BadInputError
-from alignsearch.images import ImageSpec
-from alignsearch.vectors import VectorStore
+from alignsearch.media.images import ImageSpec
+from alignsearch.storage.vectors import VectorStore
 from indexer.decode import Item, read_item
 from indexer.pipeline import Batch, EncoderConfig, StageTimes, drive, load_encoder
 from indexer.scan import Found

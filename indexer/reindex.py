@@ -7,7 +7,7 @@ killed re-encode resumes where it stopped (with the same model; another model st
 every file has its new vector, the ANN index of the new generation is written beside the old one
 (index.faiss.next) and one transaction makes it live: files point at the new vectors, the model and
 the ANN checksum are the new ones, the generation number grows. Readers notice the generation on their
-next query and swap their snapshot whole (alignsearch/engine.py). The old vectors are dropped after it.
+next query and swap their snapshot whole (alignsearch/search/engine.py). The old vectors are dropped after it.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
-from alignsearch import catalog, vectors
-from alignsearch.backend import CPU_MICRO_BATCH, EncoderOptions
-from alignsearch.engine import ANN_FILE, VECTORS_FILE
-from alignsearch.vectors import VectorStore
+from alignsearch.storage import catalog, vectors
+from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
+from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE
+from alignsearch.storage.vectors import VectorStore
 from indexer import build, pipeline, scan, videos, writer
 
 if TYPE_CHECKING:
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
 log = logging.getLogger(__name__)
 NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so no writer deletes it
@@ -35,7 +35,7 @@ NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so 
 
 def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -> Encoder:
     """The model to re-encode with: the one named, else the one the index records (never the hub default)."""
-    from alignsearch.model import Encoder, load_recorded
+    from alignsearch.encoders.model import Encoder, load_recorded
 
     kw = dict(backend=options.backend, precision=options.precision)
     return Encoder(model, options.device, **kw) if model else load_recorded(recorded, None, options.device, **kw)

@@ -16,7 +16,8 @@ from pathlib import Path
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
-from alignsearch import catalog, sources
+from alignsearch.storage import catalog
+from alignsearch.media import sources
 from alignsearch.errors import BadInputError
 from indexer import scan
 
@@ -240,8 +241,8 @@ def forget(db, root: str) -> tuple[str, int]:
 def forget_root(index_dir, root: str) -> dict:
     """`alignsearch forget ROOT`: drop the root's rows from the catalog, then bring the ANN index in line
     (one writer at a time). Works when the root's folder is gone."""
-    from alignsearch import vectors
-    from alignsearch.paths import ANN_FILE, DB_FILE
+    from alignsearch.storage import vectors
+    from alignsearch.storage.paths import ANN_FILE, DB_FILE
     from indexer import build
     from indexer.lock import writer_lock
 
@@ -259,7 +260,7 @@ def forget_root(index_dir, root: str) -> dict:
     return {"root": name, "files": removed, "vectors": built.get("vectors")}
 
 
-# Catalog queries on roots (the tables are alignsearch/catalog.py's).
+# Catalog queries on roots (the tables are alignsearch/storage/catalog.py's).
 
 
 def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:

@@ -1,6 +1,6 @@
 """List the images of each source and say which are new, changed or gone compared with the catalog.
 
-A source (alignsearch/sources.py) is a local folder, a URL prefix, a list file of paths/URLs or a
+A source (alignsearch/media/sources.py) is a local folder, a URL prefix, a list file of paths/URLs or a
 WebDataset tar shard; each lists entries with a size and a modification time, which is what a
 re-run compares.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from alignsearch import photometa, sources
+from alignsearch.media import photometa, sources
 from alignsearch.errors import BadInputError
-from alignsearch.video import VIDEO_EXTENSIONS, is_video
+from alignsearch.media.video import VIDEO_EXTENSIONS, is_video
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -73,7 +73,7 @@ def _wanted(relpath: str, include_hidden: bool) -> bool:
 
 
 def max_bytes(name: str) -> int:
-    """The largest file accepted: images are read whole, videos stream (alignsearch/video.py), so any size."""
+    """The largest file accepted: images are read whole, videos stream (alignsearch/media/video.py), so any size."""
     return 1 << 62 if is_video(name) else sources.MAX_FILE_BYTES
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch import catalog
-from alignsearch.classify import BACKGROUND_PROMPTS, DEFAULT_TEMPLATES, against_background, choose_tags
+from alignsearch.storage import catalog
+from alignsearch.encoders.classify import BACKGROUND_PROMPTS, DEFAULT_TEMPLATES, against_background, choose_tags
 from alignsearch.errors import BadInputError
-from alignsearch.vectors import VectorStore
+from alignsearch.storage.vectors import VectorStore
 
 CHUNK = 65_536
 DEFAULT_THRESHOLD = 0.5
@@ -25,7 +25,7 @@ def parse_labels(lines) -> list[str]:
     """A labels file's lines: one label per line; blank lines and lines starting with # are not labels.
     Labels are one label whatever their case (tags match case-insensitively: `CAT` and `cat` became two
     labels of one tag), the first spelling kept; one longer than a query's --tag may be is refused."""
-    from alignsearch.querycheck import MAX_TAG_CHARS
+    from alignsearch.encoders.classify import MAX_TAG_CHARS
 
     labels: dict[str, str] = {}
     for line in lines:

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
-from alignsearch import ann
-from alignsearch.query import rerank
-from alignsearch.vectors import VectorStore
+from alignsearch.storage import ann
+from alignsearch.storage.ann import rerank
+from alignsearch.storage.vectors import VectorStore
 
 K = 10
 RERANK_FACTORS = (5, 10, 20, 40)  # candidates = factor * k

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from alignsearch import ann, catalog, shards, vectors
-from alignsearch.engine import ANN_FILE, DB_FILE
+from alignsearch.storage import ann, catalog, shards, vectors
+from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError
-from alignsearch.vectors import VectorStore
+from alignsearch.storage.vectors import VectorStore
 from indexer.build import sync_index
 from indexer.lock import writer_lock, writer_running
 
@@ -105,7 +105,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
     if check_model:
-        from alignsearch.model import load_recorded
+        from alignsearch.encoders.model import load_recorded
 
         try:
             r.checked["model_fingerprint"] = load_recorded(model, None, "cpu").fingerprint

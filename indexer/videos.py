@@ -1,4 +1,4 @@
-"""The video pass of `alignsearch index`: each new or changed video becomes its moments (alignsearch/video.py),
+"""The video pass of `alignsearch index`: each new or changed video becomes its moments (alignsearch/media/video.py),
 one catalog row and one vector each, committed in one transaction per video.
 
 Frames stream through a decoding thread (FFmpeg releases the GIL while it decodes) into the encoder, a batch of
@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import delete, insert
 
-from alignsearch import catalog, photometa, safeopen, sources, vectors
-from alignsearch.dupes import phash_of
+from alignsearch.storage import catalog, vectors
+from alignsearch.media import photometa, sources
+from alignsearch import safeopen
+from alignsearch.media.phash import phash_of
 from alignsearch.errors import BadImageError
-from alignsearch.images import ImageSpec
-from alignsearch.vectors import VectorStore
-from alignsearch.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
+from alignsearch.media.images import ImageSpec
+from alignsearch.storage.vectors import VectorStore
+from alignsearch.media.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
 from indexer.decode import sidecar_caption
 from indexer.scan import Found
 

@@ -7,8 +7,8 @@ from typing import Callable
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch import catalog, vectors
-from alignsearch.vectors import VectorStore
+from alignsearch.storage import catalog, vectors
+from alignsearch.storage.vectors import VectorStore
 from indexer.decode import Item
 
 

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-# Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/backend.py)
+# Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/encoders/backend.py)
 os.environ.setdefault("ALIGNSEARCH_CACHE", tempfile.mkdtemp(prefix="alignsearch-cache-"))
 
 from tiny_align import build_tiny_align  # noqa: E402
@@ -18,7 +18,7 @@ def run(*args, code=0):
     """The `alignsearch` command in-process; fails the test unless it exits with `code` (None: any code)."""
     from click.testing import CliRunner
 
-    from alignsearch.cli import main
+    from alignsearch.surfaces.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert code is None or result.exit_code == code, result.output

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alignsearch.paths import SERVER_FILE
+from alignsearch.storage.paths import SERVER_FILE
 
 PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
@@ -72,7 +72,7 @@ PEAK_RSS = """
 import resource, sys
 with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 try:
     main(sys.argv[1:], prog_name="alignsearch")
 except SystemExit as exc:
@@ -276,7 +276,7 @@ def clustered(n, dim, seed=0, clusters=50):
 def add_synthetic(index_dir, n, dim, seed=0):
     """n catalog rows with clustered unit vectors, written by the real writer."""
     import alignsearch
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
     from indexer.decode import Item
     from indexer.scan import Found
     from indexer.writer import catalog_writer
@@ -297,8 +297,8 @@ def vector_index(folder, n, dim, seed=0):
     """An index of n catalog rows and their unit vectors at any width, written directly (catalog rows,
     vectors.f16, an empty flat ANN index), as benchmarks/bench_dupes.py writes its synthetic index: for
     commands that read the catalog and the stored vectors (export) at sizes no test should encode."""
-    from alignsearch import ann, catalog, vectors
-    from alignsearch.paths import ANN_FILE, DB_FILE, VECTORS_FILE
+    from alignsearch.storage import ann, catalog, vectors
+    from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,7 +324,7 @@ def vector_index(folder, n, dim, seed=0):
 VMHWM = """
 import json, sys
 exec(sys.argv[1])
-import alignsearch.cli, alignsearch.engine, alignsearch.export, faiss, pyarrow.parquet  # loaded before the baseline
+import alignsearch.surfaces.cli, alignsearch.search.engine, alignsearch.search.export, faiss, pyarrow.parquet  # loaded before the baseline
 
 def status():
     return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status')
@@ -337,7 +337,7 @@ except OSError:
     pass
 base = status()
 try:
-    alignsearch.cli.main(sys.argv[2:], prog_name="alignsearch")
+    alignsearch.surfaces.cli.main(sys.argv[2:], prog_name="alignsearch")
 except SystemExit as exc:
     if exc.code:
         raise
@@ -359,7 +359,7 @@ def alignsearch_vmhwm(*args, setup: str = "", timeout: float = 300) -> tuple[sub
                   "growth": got["end"]["VmHWM"] - got["base"]["VmRSS"], "end": got["end"]}
 
 
-# -- videos (alignsearch/video.py) ------------------------------------------------------------------------
+# -- videos (alignsearch/media/video.py) ------------------------------------------------------------------------
 
 
 def scene_frame(seed: int, size=(160, 90)) -> np.ndarray:

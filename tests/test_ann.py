@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alignsearch import ann
+from alignsearch.storage import ann
 from helpers import clustered
 
 
@@ -44,7 +44,7 @@ def test_needs_rebuild():
 
 @pytest.mark.slow
 def test_ivfpq_with_rerank_recalls_exact_top10(tmp_path):
-    from alignsearch.query import rerank
+    from alignsearch.storage.ann import rerank
 
     dim, n = 32, 12_000
     x = clustered(n, dim)
@@ -95,7 +95,7 @@ def test_pick_takes_the_cheapest_setting_that_reaches_the_target():
 
 @pytest.mark.slow
 def test_tuning_reaches_the_target_on_off_distribution_queries(tmp_path):
-    from alignsearch.vectors import VectorStore
+    from alignsearch.storage.vectors import VectorStore
     from indexer.tune import tune
 
     dim, n = 32, 12_000

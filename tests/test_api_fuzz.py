@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
 import alignsearch
-from alignsearch.cli import main
-from alignsearch.server import ServerConfig, start_in_thread
+from alignsearch.surfaces.cli import main
+from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from alignsearch import backend
-from alignsearch.backend import EncoderOptions, Plan, plan
+from alignsearch.encoders import backend
+from alignsearch.encoders.backend import EncoderOptions, Plan, plan
 from alignsearch.errors import BadInputError
-from alignsearch.model import Encoder
+from alignsearch.encoders.model import Encoder
 from conftest import index_json, make_images, run
 from helpers import alignsearch, can_drop_dac
 from tiny_align import build_tiny_align
@@ -243,7 +243,7 @@ def test_a_damaged_cache_is_exported_again(tiny_model, cache, damage):
 
 
 def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, cache):
-    from alignsearch import onnxrun
+    from alignsearch.encoders import onnxrun
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
@@ -314,7 +314,7 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
     # remembered on disk (a lost rejection sent every cold int8 query through torch): no int8 file listed
     manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
     assert "text-int8" in manifest["rejected"] and "text-int8" not in manifest["files"]
-    from alignsearch import onnxrun
+    from alignsearch.encoders import onnxrun
 
     info = {"fingerprint": ref.fingerprint, "content_digest": ref.content_digest}  # ref has tokenized by now
     light = onnxrun.text_encoder(info, "int8")  # the torch-free path: exact text, as the full path does
@@ -346,7 +346,7 @@ def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, cache):
 
 COLD = """
 import json, sys
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 try:
     main(["query", "red car", "--index", sys.argv[1], "--json", "-k", "5"])
 except SystemExit as exit:
@@ -378,7 +378,7 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
 
 
 def test_the_torch_free_tokenizer_matches_transformers(tiny_model, cache):
-    from alignsearch import onnxrun
+    from alignsearch.encoders import onnxrun
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
@@ -420,7 +420,7 @@ def test_models_that_differ_where_the_fingerprint_does_not_look_never_share_expo
 
 
 def test_two_exporters_at_once_keep_both_towers_in_the_manifest(tiny_model, cache):
-    from alignsearch import onnxexport
+    from alignsearch.encoders import onnxexport
 
     enc = Encoder(str(tiny_model), device="cpu")
     first, second = onnxexport.Exporter(enc), onnxexport.Exporter(enc)  # both read the (empty) manifest
@@ -445,7 +445,7 @@ def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
 
 def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_its_model(tiny_model, tmp_path, cache):
     import alignsearch
-    from alignsearch import coldstart
+    from alignsearch.encoders import coldstart
 
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)
@@ -474,7 +474,7 @@ def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(t
     from concurrent.futures import Future
 
     import alignsearch
-    from alignsearch import coldstart, onnxrun
+    from alignsearch.encoders import coldstart, onnxrun
 
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from alignsearch.errors import BadImageError
-from alignsearch.images import open_rgb
+from alignsearch.media.images import open_rgb
 from indexer.decode import read_item
 from indexer.scan import Found
 from conftest import run
@@ -145,7 +145,7 @@ def test_bomb_is_refused_from_the_header_without_decoding():
 
 
 def test_file_that_vanishes_before_reading_is_a_failure_not_a_crash(tmp_path, tiny_model):
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
     spec = Encoder(str(tiny_model), device="cpu").spec
     item = read_item(Found(str(tmp_path), "gone.jpg", 10, 0.0), spec)
@@ -154,7 +154,7 @@ def test_file_that_vanishes_before_reading_is_a_failure_not_a_crash(tmp_path, ti
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_is_recorded(tmp_path, tiny_model):
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
     path = tmp_path / "locked.jpg"
     rgb().save(path)
@@ -164,7 +164,7 @@ def test_unreadable_file_is_recorded(tmp_path, tiny_model):
 
 
 def test_fast_decode_is_close_to_the_exact_crop_and_reports_the_stored_size(tiny_model):
-    from alignsearch.images import ImageSpec, decode
+    from alignsearch.media.images import ImageSpec, decode
 
     spec = ImageSpec((346, 346), 2, (289, 289), 1 / 127.5, True, None, None, None)
     big = Image.fromarray((np.random.default_rng(1).random((60, 80, 3)) * 255).astype(np.uint8)).resize((3200, 2400))

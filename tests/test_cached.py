@@ -1,4 +1,4 @@
-"""Indexing from the cached exports alone (alignsearch/cached.py): found, used, refused when it must be."""
+"""Indexing from the cached exports alone (alignsearch/encoders/cached.py): found, used, refused when it must be."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from alignsearch import cached
-from alignsearch.backend import EncoderOptions
-from alignsearch.model import Encoder
+from alignsearch.encoders import cached
+from alignsearch.encoders.backend import EncoderOptions
+from alignsearch.encoders.model import Encoder
 from conftest import make_images
 
 # Index in a fresh process and say which heavy modules it imported, and what the encoder was.
@@ -98,7 +98,7 @@ def damage_silently(blob, tower, crops) -> bool:
     """Flip exponent bits in one tenth of a compiled graph after another until OpenVINO loads it without
     noticing (it checks parts of its blobs and recompiles those itself) and computes garbage; leaves the
     blob so damaged and says whether one was found."""
-    from alignsearch.onnxrun import _openvino, cosines
+    from alignsearch.encoders.onnxrun import _openvino, cosines
 
     want = _openvino(tower, "fp32").infer({"crops": crops})[0].copy()
     os.chmod(blob, 0o600)
@@ -118,7 +118,7 @@ def damage_silently(blob, tower, crops) -> bool:
 
 @pytest.mark.slow
 def test_damaged_compiled_graphs_are_cleared_and_compiled_again(model, cache, tmp_path, monkeypatch):
-    from alignsearch.onnxrun import probe_crops
+    from alignsearch.encoders.onnxrun import probe_crops
 
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)
@@ -168,7 +168,7 @@ def test_the_cached_encoder_gives_the_full_encoders_vectors_and_description(tiny
 
 
 def test_a_tower_that_fails_its_check_on_openvino_is_compiled_again_without_the_cache(tiny_model, monkeypatch, tmp_path):
-    from alignsearch import onnxrun
+    from alignsearch.encoders import onnxrun
 
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     Encoder(str(tiny_model), device="cpu", backend="openvino").encode_crops(
@@ -199,7 +199,7 @@ def test_a_tower_that_fails_its_check_on_openvino_is_compiled_again_without_the_
 
 COLD_IMAGE = """
 import json, sys
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 try:
     main(["query", "--image", sys.argv[2], "--index", sys.argv[1], "--json", "-k", "3"])
 except SystemExit as exit:
@@ -277,7 +277,7 @@ def test_a_cached_run_leaves_the_text_tower_for_the_next_query(model, cache, tmp
 
 
 def test_a_re_export_drops_the_graphs_compiled_from_the_file_it_replaces(tiny_model, monkeypatch, tmp_path):
-    from alignsearch import onnxrun
+    from alignsearch.encoders import onnxrun
 
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     enc = Encoder(str(tiny_model), device="cpu", backend="openvino")

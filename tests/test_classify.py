@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from alignsearch.classify import BACKGROUND_PROMPTS, against_background, choose_tags
-from alignsearch.model import Encoder
+from alignsearch.encoders.classify import BACKGROUND_PROMPTS, against_background, choose_tags
+from alignsearch.encoders.model import Encoder
 from conftest import run
 
 LABELS = ["a red car", "a dog", "a photo of the beach at night"]

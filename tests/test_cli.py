@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 from conftest import make_images, run
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch import engine as engine_module
-from alignsearch.query import DEFAULT_COMPOSE, Parts, compose, scorer, slerp, unit
+from alignsearch.search import engine as engine_module
+from alignsearch.search.query import DEFAULT_COMPOSE, Parts, compose, scorer, slerp, unit
 from conftest import index_json, make_images, run
 
 METHODS = ("sum", "slerp", "product", "weicom")
@@ -164,7 +164,7 @@ def test_late_fusion_recall_on_an_ivfpq_index_with_a_filter(tmp_path, tiny_model
 
 
 def relpaths(engine, ids):
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     with engine.db.connect() as conn:
         rows = catalog.get_files(conn, ids.tolist())

@@ -9,8 +9,9 @@ import pytest
 from conftest import index_json, make_images, run
 from helpers import near_copies, smooth_photos
 
-from alignsearch import catalog, dupes
-from alignsearch.engine import Hit
+from alignsearch.storage import catalog
+from alignsearch.search import dupes
+from alignsearch.search.engine import Hit
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_collapse_folds_near_duplicates_into_the_better_hit():
 
 def test_query_collapse_gives_k_different_pictures(library):
     root, ix = library
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.engine import open as open_index
 
     engine = open_index(ix)
     plain = engine.search(image=str(root / "photo0000.jpg"), k=10)
@@ -193,7 +194,7 @@ def test_noisy_generated_images_get_hashes_too(tmp_path, tiny_model):
 def _planted_index(tmp_path, n=12_000, dim=64, copies=300, seed=3):
     """An IVF-PQ index (as `alignsearch index` plans it for n) over clustered unit vectors whose last rows are
     near copies (cosine 0.93-0.995) of others, moved partly along the data so that some land in other lists."""
-    from alignsearch import ann, vectors
+    from alignsearch.storage import ann, vectors
     from helpers import clustered
 
     rng = np.random.default_rng(seed)
@@ -242,7 +243,7 @@ def test_similar_pairs_match_exact_all_pairs_on_an_ivf_pq_index(planted):
 def test_similar_pairs_cover_vectors_the_index_does_not_hold_yet(planted):
     import faiss
 
-    from alignsearch import ann
+    from alignsearch.storage import ann
 
     index, store, live, unit = planted
     index = faiss.clone_index(index)

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 import alignsearch
-from alignsearch import catalog
-from alignsearch.engine import ANN_FILE
+from alignsearch.storage import catalog
+from alignsearch.search.engine import ANN_FILE
 from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
 from indexer import build
 from indexer.job import index_folders

@@ -8,7 +8,7 @@ import pytest
 from conftest import index_json, run
 from helpers import alignsearch_vmhwm, smooth_photos, summary, vector_index
 
-from alignsearch import vectors
+from alignsearch.storage import vectors
 from alignsearch.errors import IndexDamagedError
 
 
@@ -38,7 +38,7 @@ def test_parquet_round_trip_holds_every_image_and_its_embedding(indexed, tmp_pat
     captioned = next(r for r in rows if r["relpath"] == "big/photo0000.jpg")
     assert captioned["caption"] == "a red circle at dusk" and captioned["width"] == 320
 
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.engine import open as open_index
 
     encoder = open_index(ix).encoder
     exported = np.array([r["embedding"] for r in rows], dtype=np.float32)
@@ -121,7 +121,7 @@ def test_export_memory_does_not_grow_with_the_library(tmp_path):
         growth = {}
         for name, store in (("small", small), ("large", large)):
             proc, memory = alignsearch_vmhwm("export", tmp_path / f"{name}-{fmt}", "--format", fmt, "--index",
-                                             store.path.parent, "--json", setup="import alignsearch.export as e; e.BATCH = 4096")
+                                             store.path.parent, "--json", setup="import alignsearch.search.export as e; e.BATCH = 4096")
             assert summary(proc)["rows"] == store.rows
             growth[name] = memory["growth"]
         assert growth["large"] - growth["small"] < more / 4, (fmt, growth, more)
@@ -142,7 +142,7 @@ def test_a_name_that_is_not_utf8_exports_and_lists(tmp_path, tiny_model):
     import urllib.request
 
     import alignsearch
-    from alignsearch.server import ServerConfig, start_in_thread
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
     root = tmp_path / "lib"
     _, second = smooth_photos(root, 2)

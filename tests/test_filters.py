@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alignsearch import filters
+from alignsearch.search import filters
 from alignsearch.errors import UsageError
 
 ROWS = {
@@ -71,7 +71,8 @@ def test_the_language_is_never_sql():
 
 
 def test_reciprocal_rank_fusion():
-    from alignsearch.query import fuse, words
+    from alignsearch.search.query import fuse
+    from alignsearch.storage.keywords import words
 
     assert fuse([1, 2, 3], [3, 4]) == [3, 1, 2, 4]  # 3 is in both lists
     assert fuse([], [7, 8]) == [7, 8]
@@ -79,7 +80,7 @@ def test_reciprocal_rank_fusion():
 
 
 def test_candidate_depth_rises_as_selectivity_falls():
-    from alignsearch.ann import IndexPlan, filtered_nprobe
+    from alignsearch.storage.ann import IndexPlan, filtered_nprobe
 
     plan = IndexPlan("ivfpq", 4096, 64, 8)
     assert filtered_nprobe(16, plan, 100, 1_000_000, 500_000) == 16  # half the vectors: about as unfiltered
@@ -91,7 +92,7 @@ def test_candidate_depth_rises_as_selectivity_falls():
 def test_the_bitmap_selector_selects_exactly_the_allowed_ids():
     import faiss
 
-    from alignsearch.ann import id_selector
+    from alignsearch.storage.ann import id_selector
 
     allowed = np.array([0, 7, 8, 9, 1000, 123457])
     selector = id_selector(allowed)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 from alignsearch.errors import BadInputError
-from alignsearch.finetune import retrieval_metrics
-from alignsearch.pairs import load_pairs
+from alignsearch.encoders.finetune import retrieval_metrics
+from alignsearch.encoders.pairs import load_pairs
 from shapes_data import all_specs, write_set
 from tiny_align import build_tiny_align
 from conftest import run
@@ -48,7 +48,7 @@ def test_contrastive_loss_is_aligns_own_and_spares_identical_captions(tiny_model
     import torch
     from transformers import AlignModel
 
-    from alignsearch.finetune import contrastive_loss
+    from alignsearch.encoders.finetune import contrastive_loss
 
     model = AlignModel.from_pretrained(str(tiny_model)).eval()
     ids = torch.randint(5, 40, (4, 6), generator=torch.Generator().manual_seed(0))

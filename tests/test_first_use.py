@@ -208,7 +208,7 @@ def test_server_agrees_with_the_cli(tmp_path, tiny_model):
 def test_killed_servers_record_is_removed_once_and_a_busy_port_explained(tmp_path, tiny_model):
     import socket
 
-    from alignsearch.paths import SERVER_FILE
+    from alignsearch.storage.paths import SERVER_FILE
     from conftest import make_images
     from helpers import alignsearch, free_port, start_serve, stop
 
@@ -301,8 +301,8 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
     import numpy as np
 
     import alignsearch
-    from alignsearch import ann, catalog, vectors
-    from alignsearch.paths import ANN_FILE, DB_FILE, VECTORS_FILE
+    from alignsearch.storage import ann, catalog, vectors
+    from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
     dim = 640
     for seed in range(10_000):
@@ -432,7 +432,7 @@ def test_first_use_waits_are_said_once_on_piped_stderr_and_info_gives_the_cache_
 
 DECODE_PEAK = """
 import sys
-from alignsearch.images import ImageSpec, decode
+from alignsearch.media.images import ImageSpec, decode
 spec = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
                  mean=None, std=None, include_top_std=None)  # align-base's preprocessing
 data = open(sys.argv[1], "rb").read()
@@ -476,8 +476,8 @@ def test_reduced_decoding_drifts_less_than_1e4_on_real_photos(tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
     from tiny_align import build_tiny_align
 
-    from alignsearch import images
-    from alignsearch.model import Encoder
+    from alignsearch.media import images
+    from alignsearch.encoders.model import Encoder
 
     enc = Encoder(str(build_tiny_align(tmp_path / "model", image=(86, 72))), device="cpu", backend="torch")
     exact, reduced, sizes = [], [], []

@@ -69,7 +69,7 @@ def test_query_image_that_is_not_a_regular_file_fails_fast_with_exit_6(tmp_path,
 
 @pytest.mark.slow
 def test_a_108_megapixel_photo_is_accepted(tmp_path):
-    from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
+    from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode
 
     buf = io.BytesIO()
     Image.new("RGB", (12000, 9000), (40, 120, 200)).save(buf, "JPEG", quality=80)
@@ -85,7 +85,7 @@ def test_a_16_bit_image_converts_in_bounded_memory():
     for a 49 MP PNG of 95 KB); now in float32 bands: about 3 bytes per pixel, the same 8-bit values."""
     import tracemalloc
 
-    from alignsearch import images
+    from alignsearch.media import images
 
     rng = np.random.default_rng(0)
     pixels = (rng.random((3000, 4000)) * 65535).astype(np.uint16)

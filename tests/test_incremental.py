@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch import catalog
+from alignsearch.storage import catalog
 from alignsearch.errors import AlignSearchError
 from conftest import index_json, make_images, run
 
@@ -82,7 +82,7 @@ def consistent(ix, expected_paths):
         live = list(catalog.live_vectors(conn))
         rows = catalog.get_files(conn, [i for i, _ in live])
     assert sorted(r.path for r in rows.values()) == sorted(map(str, expected_paths))
-    from alignsearch.ann import stored_ids
+    from alignsearch.storage.ann import stored_ids
 
     ids = stored_ids(engine.index)
     assert len(ids) == len(set(ids)) == len(live)
@@ -154,7 +154,7 @@ def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model)
 
 
 def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
-    from alignsearch.ann import read, remove, write_atomic
+    from alignsearch.storage.ann import read, remove, write_atomic
 
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 6)
@@ -284,10 +284,10 @@ def test_the_writer_logs_what_it_cuts_from_a_killed_run(tmp_path, tiny_model, ca
     (ix / "vectors").mkdir(exist_ok=True)
     (ix / "vectors" / "orphan.f16").write_bytes(b"\1" * engine.store.row_bytes)
     make_images(root / "more", 1, seed=5)
-    with caplog.at_level(logging.INFO, logger="alignsearch.vectors"):
+    with caplog.at_level(logging.INFO, logger="alignsearch.storage.vectors"):
         s = index_json(ix, root, "--device", "cpu")
     assert s["added"] == 1 and vector_rows(ix) == 4
-    cut = [r for r in caplog.records if r.name == "alignsearch.vectors"]
+    cut = [r for r in caplog.records if r.name == "alignsearch.storage.vectors"]
     assert any(f"cutting {engine.store.row_bytes * 2} uncommitted bytes after its 3 committed rows" in r.getMessage()
                for r in cut), [r.getMessage() for r in cut]
     assert any("orphan.f16: deleting a segment no commit knows" in r.getMessage() for r in cut)

@@ -93,7 +93,7 @@ def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(tm
 def test_reindex_is_not_mixed_with_an_ordinary_run(tmp_path, tiny_model, other_model, monkeypatch):
     """An `index` run (new files) between a failed re-encode and its resumption encodes the new files
     with the index's current model; the resumed re-encode then covers them too."""
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 6)
@@ -157,7 +157,7 @@ def test_a_moved_model_folder_keeps_the_index_usable(tmp_path, tiny_model, monke
 
 
 def test_fingerprint_ignores_where_the_config_was_read():
-    from alignsearch.model import config_identity
+    from alignsearch.encoders.model import config_identity
 
     a = {"_name_or_path": "/a/b", "transformers_version": "4.57", "projection_dim": 8,
          "text_config": {"_name_or_path": "", "hidden_size": 16}}
@@ -336,7 +336,7 @@ def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_
     exactly between the two steps: the answer must be the new model's, for a text and for `similar`."""
     import urllib.request
 
-    from alignsearch.server import ServerConfig, start_in_thread
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
     def call(url, path, token=None):  # a re-encode runs inside the request: longer than helpers.call waits
         with urllib.request.urlopen(url + path, timeout=300) as r:
@@ -520,7 +520,7 @@ def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(tmp_path, tiny_m
     reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""
     import sqlalchemy
 
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 4)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from alignsearch.errors import BadInputError, ModelLoadError
-from alignsearch.model import Encoder, image_spec_from_processor
+from alignsearch.encoders.model import Encoder, image_spec_from_processor
 from helpers import reference_embeddings
 
 
@@ -89,7 +89,7 @@ def test_fingerprint_tells_checkpoints_apart(encoder, other_model, tiny_model):
 
 def test_bf16_on_cpu_stays_close_to_fp32(encoder, tiny_model):
     fast = Encoder(str(tiny_model), device="cpu", text_bf16=True)  # the older spelling of precision="bf16"
-    from alignsearch.backend import openvino_bf16  # bf16 runs on OpenVINO where this CPU has it, else torch
+    from alignsearch.encoders.backend import openvino_bf16  # bf16 runs on OpenVINO where this CPU has it, else torch
 
     assert (fast.plan.backend, fast.plan.text, fast.plan.image) == ("openvino" if openvino_bf16() else "torch", "bf16", "bf16")
     texts = ["red car on beach", "a dog"]

@@ -13,7 +13,7 @@ from helpers import call, render_sign, start_serve, stop
 from PIL import Image
 
 import alignsearch
-from alignsearch import keywords
+from alignsearch.storage import keywords
 from alignsearch.errors import BadInputError
 
 # the [ocr] extra (the test extra installs it); keyword search needs no engine
@@ -215,7 +215,7 @@ def test_any_text_is_a_valid_keyword_query(tmp_path):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     db = catalog.connect(tmp_path / "catalog.db")
     with db.begin() as conn:
@@ -242,7 +242,7 @@ def test_any_text_is_a_valid_keyword_query(tmp_path):
 def test_decode_workers_read_text_and_take_known_text_from_the_initializer(tmp_path):
     """The worker path (more files than a batch): each spawned worker reads text itself, and content whose text
     is known (a moved file) comes with the text it had, without OCR."""
-    from alignsearch.images import ImageSpec
+    from alignsearch.media.images import ImageSpec
     from indexer.pipeline import read_items
     from indexer.scan import Found
 

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 import alignsearch
-from alignsearch import ann, shards
-from alignsearch.cli import main
-from alignsearch.vectors import VectorStore
+from alignsearch.storage import ann, shards
+from alignsearch.surfaces.cli import main
+from alignsearch.storage.vectors import VectorStore
 from conftest import index_json
 from indexer.verify import verify
 from indexer.ondisk import build_ondisk, train_empty

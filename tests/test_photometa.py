@@ -5,8 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from alignsearch import photometa
-from alignsearch.filters import parse_date
+from alignsearch.media import photometa
+from alignsearch.search.filters import parse_date
 
 
 def jpeg(exif: Image.Exif | None = None, size=(64, 48)) -> bytes:

@@ -19,7 +19,8 @@ from conftest import make_images, run
 from helpers import alignsearch, call, start_serve, stop, summary
 from PIL import Image
 
-from alignsearch import safeopen, sources
+from alignsearch import safeopen
+from alignsearch.media import sources
 from alignsearch.errors import BadImageError
 
 NOBODY = 65534

@@ -222,7 +222,7 @@ FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))  # above SQLite's 32 KiB -shm
-from alignsearch.cli import main
+from alignsearch.surfaces.cli import main
 main(sys.argv[1:], prog_name="alignsearch")
 """
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import alignsearch
-from alignsearch import catalog, engine as engine_module
+from alignsearch.storage import catalog
+from alignsearch.search import engine as engine_module
 from conftest import index_json, make_images, run
 
 

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from alignsearch.cli import main
-from alignsearch.paths import SERVER_FILE
+from alignsearch.surfaces.cli import main
+from alignsearch.storage.paths import SERVER_FILE
 from helpers import call, start_serve, stop
 
 
@@ -346,7 +346,7 @@ def test_cli_query_goes_through_the_warm_server(served):
     record = json.loads((served["ix"] / SERVER_FILE).read_text())
     assert record["pid"] == served["proc"].pid
     assert oct(os.stat(served["ix"] / SERVER_FILE).st_mode & 0o777) == "0o600"
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     db = catalog.connect(served["ix"] / "catalog.db")
     with db.connect() as conn:
@@ -358,7 +358,7 @@ def test_cli_query_goes_through_the_warm_server(served):
     assert "torch" not in subprocess.run(  # answering through the server never imports the model
         [sys.executable, "-X", "importtime", "-m", "alignsearch", "query", "red car", "-k", "1"],
         capture_output=True, text=True, env={**os.environ, "ALIGNSEARCH_INDEX": str(served["ix"])},
-    ).stderr.split("alignsearch.cli")[-1]
+    ).stderr.split("alignsearch.surfaces.cli")[-1]
     local = CliRunner().invoke(main, ["query", "red car", "-k", "4", "--json", "--index", str(served["ix"]), "--nprobe", "1"])
     assert json.loads(warm.stdout) == json.loads(local.output)  # same output, whichever answered
 
@@ -517,7 +517,7 @@ def test_server_picks_up_a_rebuilt_index(served, tiny_model):
 
 
 def test_pure_helpers():
-    from alignsearch.server import ServerConfig, allowed_hosts, host_name, resolve_token, thumb_size
+    from alignsearch.surfaces.server import ServerConfig, allowed_hosts, host_name, resolve_token, thumb_size
 
     assert [thumb_size(n) for n in (1, 64, 65, 300, 5000)] == [64, 64, 128, 512, 1024]
     assert ServerConfig().host == "127.0.0.1"  # loopback unless asked
@@ -535,7 +535,7 @@ def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(tmp_path, tiny_
     """Text queries wait in a bounded queue for the one encoder (full: 503 at once, not a hang), while
     thumbnails, images and searches by stored vector are answered meanwhile."""
     import alignsearch
-    from alignsearch.server import ServerConfig, start_in_thread
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
     _, ix = build_index(tmp_path, tiny_model, n=4)
     engine = alignsearch.open(ix, device="cpu")
@@ -578,8 +578,8 @@ def test_uploads_decode_a_few_at_a_time(tmp_path, tiny_model, monkeypatch):
     import threading
 
     import alignsearch
-    from alignsearch import server as server_module
-    from alignsearch.server import ServerConfig, start_in_thread
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
     corpus, ix = build_index(tmp_path, tiny_model, n=3)
     real_decode, lock, running, most = server_module.decode_upload, threading.Lock(), [0], [0]
@@ -615,7 +615,7 @@ def test_thumbnails_of_images_between_the_upload_and_index_caps(tmp_path, tiny_m
     from conftest import index_json
 
     import alignsearch
-    from alignsearch.server import ServerConfig, start_in_thread
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
     root = tmp_path / "photos"
     root.mkdir()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch import sources
+from alignsearch.media import sources
 from alignsearch.errors import BadInputError
 from indexer.job import index_folders
 from indexer.scan import scan
@@ -167,7 +167,7 @@ def test_kind_by_url_path_and_folders_named_like_files(tmp_path):
 
 
 def test_transient_errors_keep_vectors_and_failed_reads_are_retried():
-    from alignsearch.catalog import FileRow
+    from alignsearch.storage.catalog import FileRow
     from indexer.scan import Found, diff
 
     def row(i, rel, status="indexed", reason=None):
@@ -213,7 +213,7 @@ def test_non_utf8_tar_member_names(tmp_path, tiny_model):
 def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, monkeypatch):
     import urllib.request
 
-    from alignsearch.server import ServerConfig, start_in_thread
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
     files = sorted(p for p in corpus.rglob("*.png"))
     write_shard(tmp_path / "s.tar", files, corpus)

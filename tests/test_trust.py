@@ -76,7 +76,7 @@ def test_discovery_ignores_an_index_others_can_write_and_finds_its_own(shared):
 @pytest.fixture
 def exported(tmp_path, monkeypatch, tiny_model):
     """The tiny model's towers exported into a cache of this test's own; returns (cache root, model info)."""
-    from alignsearch.model import Encoder
+    from alignsearch.encoders.model import Encoder
 
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     enc = Encoder(str(tiny_model), device="cpu")
@@ -91,10 +91,10 @@ def _model_folder(cache: Path) -> Path:
 
 
 def _cache_is_refused(info, tiny_model, why: str) -> None:
-    from alignsearch import cached, onnxrun
-    from alignsearch.backend import EncoderOptions
-    from alignsearch.engine import onnx_cache_status
-    from alignsearch.model import Encoder
+    from alignsearch.encoders import cached, onnxrun
+    from alignsearch.encoders.backend import EncoderOptions
+    from alignsearch.search.engine import onnx_cache_status
+    from alignsearch.encoders.model import Encoder
 
     assert onnxrun.text_encoder(info) is None  # a cold text query does not run the cached tower
     assert cached.find(str(tiny_model), info, EncoderOptions(device="cpu")) is None
@@ -106,7 +106,7 @@ def _cache_is_refused(info, tiny_model, why: str) -> None:
 
 @pytest.mark.slow
 def test_a_cache_folder_others_can_write_is_refused_and_torch_runs(exported, tiny_model):
-    from alignsearch import onnxrun
+    from alignsearch.encoders import onnxrun
 
     cache, info = exported
     assert onnxrun.text_encoder(info) is not None  # private: used
@@ -132,7 +132,7 @@ def test_a_cache_of_another_user_is_refused(exported, tiny_model):
 def test_a_cache_under_a_folder_another_user_owns_is_refused(tmp_path, monkeypatch):
     """A folder above the cache that another user owns (or that every user can write, without the sticky
     bit) lets them rename the cache away and put theirs in its place."""
-    from alignsearch.backend import cache_untrusted
+    from alignsearch.encoders.backend import cache_untrusted
 
     parent = tmp_path / "theirs"
     parent.mkdir()
@@ -148,7 +148,7 @@ def test_a_cache_under_a_folder_another_user_owns_is_refused(tmp_path, monkeypat
 
 
 def test_new_cache_folders_are_private_whatever_the_umask(tmp_path, monkeypatch):
-    from alignsearch.backend import cache_untrusted, make_cache_dir
+    from alignsearch.encoders.backend import cache_untrusted, make_cache_dir
 
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "a" / "cache"))
     old = os.umask(0o002)
@@ -208,7 +208,7 @@ def test_the_client_never_uses_a_proxy_for_the_local_server(tmp_path):
     proxy_url = f"http://127.0.0.1:{proxy.port}"
     env.update(http_proxy=proxy_url, HTTP_PROXY=proxy_url, all_proxy=proxy_url)
     try:
-        code = "import sys; from pathlib import Path; from alignsearch.client import verified_server; " \
+        code = "import sys; from pathlib import Path; from alignsearch.surfaces.client import verified_server; " \
                "verified_server(Path(sys.argv[1]))"
         proc = subprocess.run([sys.executable, "-c", code, str(ix)], env=env, capture_output=True, text=True,
                               timeout=60, check=False)
@@ -225,7 +225,7 @@ def test_openvino_telemetry_is_off(tmp_path):
     pytest.importorskip("openvino")
     home = tmp_path / "home"
     home.mkdir()
-    code = ("import sys; from alignsearch import backend; assert backend.openvino_installed(); "
+    code = ("import sys; from alignsearch.encoders import backend; assert backend.openvino_installed(); "
             "import openvino; openvino.Core(); "
             "assert sys.modules.get('openvino_telemetry') is None, 'telemetry loaded'; "
             "assert not any(m.startswith('openvino_telemetry.') for m in sys.modules), 'telemetry loaded'")
@@ -252,13 +252,13 @@ def test_an_openvino_command_writes_nothing_in_home(tmp_path, tiny_model):
 # -- 12: only a broken stdout means "the reader went away" ----------------------------------------------
 RAISE_EPIPE = """
 import sys
-import alignsearch.engine
+import alignsearch.search.engine
 
 def broken(*args, **kwargs):
     raise BrokenPipeError(32, "Broken pipe")  # as from a worker's pipe or multiprocessing's resource tracker
 
-alignsearch.engine.open = broken
-from alignsearch.cli import main
+alignsearch.search.engine.open = broken
+from alignsearch.surfaces.cli import main
 main(sys.argv[1:], prog_name="alignsearch")
 """
 
@@ -274,10 +274,10 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
 
 MANY_TAGS = """
 import sys
-import alignsearch.cli
+import alignsearch.surfaces.cli
 
-alignsearch.cli._tag_counts = lambda *a, **k: [(f"label{i}", i) for i in range(200000)]
-alignsearch.cli.main(sys.argv[1:], prog_name="alignsearch")
+alignsearch.surfaces.cli._tag_counts = lambda *a, **k: [(f"label{i}", i) for i in range(200000)]
+alignsearch.surfaces.cli.main(sys.argv[1:], prog_name="alignsearch")
 """
 
 
@@ -291,7 +291,7 @@ def test_a_reader_that_goes_away_still_ends_quietly(tmp_path):
 
 # -- 13: names and labels cannot drive the terminal -----------------------------------------------------
 def test_shown_escapes_control_characters():
-    from alignsearch.cli import _shown
+    from alignsearch.surfaces.cli import _shown
 
     assert _shown("a\nb.jpg") == "a\\nb.jpg"
     assert _shown("\x1b[2J\x1b]0;owned\x07.png") == "\\x1b[2J\\x1b]0;owned\\x07.png"
@@ -348,7 +348,7 @@ def test_text_output_escapes_names_and_labels(evil_index, args, raw):
 
 # -- 14: serve: loopback, Host, /docs, HEAD, a read-only or foreign index --------------------------------
 def test_loopback_is_an_address_not_a_name_prefix():
-    from alignsearch.server import is_loopback
+    from alignsearch.surfaces.server import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("127.1.2.3") and is_loopback("::1") and is_loopback("[::1]")
     assert is_loopback("localhost") and is_loopback("LOCALHOST.")
@@ -362,7 +362,7 @@ def test_no_token_is_refused_for_a_name_that_looks_like_loopback(tmp_path):
 
 
 def test_host_header_with_a_name_after_the_colon_is_not_ours():
-    from alignsearch.server import ServerConfig, allowed_hosts, host_name
+    from alignsearch.surfaces.server import ServerConfig, allowed_hosts, host_name
 
     hosts = allowed_hosts(ServerConfig())
     for header in ("localhost:evil.com", "127.0.0.1:80x", "[::1]evil", "[::1", "localhost:8765:1"):
@@ -417,7 +417,7 @@ def _wait_answer(proc, url) -> int | None:
 
 
 def _check_served_read_only(ix: Path, unprivileged: bool) -> None:
-    from alignsearch.client import verified_server
+    from alignsearch.surfaces.client import verified_server
 
     before = [p.name for p in ix.iterdir()]
     proc, url = _serve_read_only(ix, unprivileged)
@@ -431,7 +431,7 @@ def _check_served_read_only(ix: Path, unprivileged: bool) -> None:
         assert all((ix / name).stat().st_uid == (ix / "catalog.db").stat().st_uid for name in new)
         # where the record went (imported here: the previous code failed above: a traceback, or its record
         # written into the index)
-        from alignsearch.paths import private_record
+        from alignsearch.storage.paths import private_record
 
         record = verified_server(ix, notice=pytest.fail)  # what `query` finds: the private record
         assert record is not None and record["url"] == url

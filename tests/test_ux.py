@@ -31,7 +31,7 @@ def test_offline_default_model_fails_in_seconds(tmp_path):
     """HF_HUB_OFFLINE unset and the hub unreachable: one failed attempt, not half a minute of retries."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="https://huggingface.invalid", HF_HOME=str(tmp_path / "hf"))
-    code = ("import time, sys\nfrom alignsearch.model import Encoder\nfrom alignsearch.errors import ModelLoadError\n"
+    code = ("import time, sys\nfrom alignsearch.encoders.model import Encoder\nfrom alignsearch.errors import ModelLoadError\n"
             "t = time.perf_counter()\ntry:\n    Encoder('kakaobrain/align-base', device='cpu')\n"
             "except ModelLoadError as exc:\n    print(f'{time.perf_counter() - t:.2f}')\n    print(exc)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -4,7 +4,7 @@ import pickle
 
 import numpy as np
 
-from alignsearch.vectors import VectorStore, address
+from alignsearch.storage.vectors import VectorStore, address
 
 
 def rows(n, dim=4, seed=0):
@@ -45,7 +45,7 @@ def test_a_writer_cuts_uncommitted_rows_and_unknown_segments(tmp_path):
 
 
 def test_small_segments_fold_into_segment_0_and_the_catalog_follows(tmp_path):
-    from alignsearch import catalog, vectors
+    from alignsearch.storage import catalog, vectors
     from indexer.writer import fold_small_segments
 
     db = catalog.connect(tmp_path / "catalog.db")

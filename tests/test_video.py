@@ -1,4 +1,4 @@
-"""Videos as moments (alignsearch/video.py, indexer/videos.py): scene cuts and the interval found at the right
+"""Videos as moments (alignsearch/media/video.py, indexer/videos.py): scene cuts and the interval found at the right
 times, results with t/t_end, per-video caps, the media filter, incremental runs, failures and the schema upgrade.
 Every video is generated here with PyAV."""
 
@@ -29,9 +29,9 @@ from helpers import (
 from PIL import Image
 
 import alignsearch
-from alignsearch import catalog
-from alignsearch.images import ImageSpec
-from alignsearch.video import VideoError, VideoInfo, moments
+from alignsearch.storage import catalog
+from alignsearch.media.images import ImageSpec
+from alignsearch.media.video import VideoError, VideoInfo, moments
 
 SPEC = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
 SCENES = [(1, 3), (2, 4.5), (3, 25), (4, 2)]  # cuts at 3, 7.5 and 32.5 s; 34.5 s long

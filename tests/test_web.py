@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import alignsearch
-from alignsearch.cli import main
-from alignsearch.server import ServerConfig, start_in_thread
+from alignsearch.surfaces.cli import main
+from alignsearch.surfaces.server import ServerConfig, start_in_thread
 from helpers import free_port
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -18,7 +18,8 @@ resolution, then the oldest modification time, then the lowest id).
 
 Groups are the connected components of the pairs found (union-find).
 
-This module imports neither torch nor faiss at the top: decode workers import it for phash_of.
+The hashes themselves are taken and compared in alignsearch/media/phash.py; older indexes are filled by
+indexer/phashfill.py.
 """
 
 from __future__ import annotations
@@ -32,130 +33,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from alignsearch.media.phash import (NEAR_THRESHOLD, PHASH_BITS, colour_close, colour_of, hamming,  # noqa: F401 - dupes.X
+                                     hashes_to_bytes, phash_of)
+
 log = logging.getLogger(__name__)
 
 TIERS = ("exact", "near", "similar")
-NEAR_THRESHOLD = 12  # bits of 64; benchmarks/bench_dupes.py measured recall and false positives (README)
 SIMILAR_THRESHOLD = 0.95  # cosine
 SIMILAR_NPROBE = 8  # IVF lists each stored vector visits (the CLI's --nprobe default)
 SIMILAR_K = 10  # partners each vector keeps per list it visits
-PHASH_BITS = 64
-PHASH_SIDE = 256  # images are box-reduced to about this before hashing: same hash, far less work on big photos
-# The phash is luminance only: a yellow circle and a red one of the same brightness hash alike. Each hash also
-# carries the image's chroma (YCbCr's Cb and Cr) averaged over a COLOUR_GRID x COLOUR_GRID grid, stored after
-# the 16 hex digits ("<phash>-<64 hex digits>"); a near pair is confirmed only when no cell's chroma differs by
-# more than COLOUR_THRESHOLD (of 255, the mean of Cb and Cr). Hashes stored before have no colour part and are
-# compared by luminance alone. Measured on 60 of the tests' smooth photos: their re-saved, half-size and
-# 4%-cropped copies differ by at most 18.5 (mean 4.5); one shape recoloured at equal brightness (red to yellow,
-# green, blue to purple) by 34 to 56.
-COLOUR_GRID = 4
-COLOUR_THRESHOLD = 24
-FILL_BATCH = 256  # files hashed per transaction when an older index is filled
-
-
-def phash_of(image) -> str | None:
-    """The 64-bit perceptual hash (16 hex digits) of a decoded RGB PIL image; None when it has no pixels."""
-    if image is None or min(image.size) < 1:
-        return None
-    import imagehash
-
-    factor = min(image.size) // PHASH_SIDE
-    if factor >= 2:
-        image = image.reduce(factor)
-    return f"{imagehash.phash(image)}-{colour_of(image)}"
-
-
-def colour_of(image) -> str:
-    """The chroma (Cb, Cr) of a COLOUR_GRID x COLOUR_GRID grid of the image, as hex."""
-    from PIL import Image
-
-    small = image.convert("RGB").convert("YCbCr").resize((COLOUR_GRID, COLOUR_GRID), Image.BOX)
-    return np.asarray(small, dtype=np.uint8)[:, :, 1:].tobytes().hex()
-
-
-def colour_close(a: str, b: str, threshold: float = COLOUR_THRESHOLD) -> bool:
-    """Whether two stored hashes agree in colour too (True when either has no colour part: hashed before)."""
-    ca, cb = a[17:], b[17:]
-    if not ca or not cb or len(ca) != len(cb):
-        return True
-    x = np.frombuffer(bytes.fromhex(ca), dtype=np.uint8).astype(np.int16).reshape(-1, 2)
-    y = np.frombuffer(bytes.fromhex(cb), dtype=np.uint8).astype(np.int16).reshape(-1, 2)
-    return float(np.abs(x - y).mean(axis=1).max()) <= threshold
-
-
-def hashes_to_bytes(hexes: Sequence[str]) -> np.ndarray:
-    """(n, 8) uint8 codes of 16-hex-digit hashes, in the bit order faiss's binary indexes compare."""
-    if not len(hexes):
-        return np.zeros((0, PHASH_BITS // 8), dtype=np.uint8)
-    joined = "".join(h[:16] for h in hexes)  # the phash; a colour part follows after "-"
-    return np.frombuffer(bytes.fromhex(joined), dtype=np.uint8).reshape(len(hexes), PHASH_BITS // 8)
-
-
-def hamming(a: str, b: str) -> int:
-    return (int(a[:16], 16) ^ int(b[:16], 16)).bit_count()
-
-
-# -- filling the hashes of an index written before they existed -------------------------------------------
-
-def _hash_file(row) -> tuple[int, str | None]:
-    from alignsearch.images import open_rgb
-
-    try:
-        image, _ = open_rgb(row.read())
-        return row.id, phash_of(image)
-    except Exception as exc:  # noqa: BLE001 - a file that changed or vanished since indexing: no hash
-        log.info("no phash for %s: %s", row.path, exc)
-        return row.id, None
-
-
-def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callable[[int], None] = lambda n: None) -> int:
-    """Hash every indexed file that has no phash yet (indexed before phashes existed), decoding it again but
-    never encoding it; in batches of `batch` files, each committed in its own transaction, so a killed run
-    keeps what it did. Returns the files hashed. Files that can no longer be read are left without one."""
-    from alignsearch import catalog
-
-    with db.begin() as conn:
-        stale = catalog.forget_stale_phashes(conn)
-    if stale:
-        log.info("dropped %d phashes of files no longer indexed", stale)
-    done, after = 0, 0
-    pool = None
-    try:
-        while True:
-            with db.connect() as conn:
-                rows = catalog.files_without_phash(conn, after, batch)
-            if not rows:
-                return done
-            after = rows[-1].id
-            if pool is None and workers > 0 and len(rows) == batch:  # many to do: decode in processes
-                from alignsearch.workerpool import spawn_pool
-
-                pool = spawn_pool(workers)
-            found = pool.map(_hash_file, rows, chunksize=8) if pool is not None else [_hash_file(r) for r in rows]
-            found = [(i, h) for i, h in found if h]
-            with db.begin() as conn:
-                catalog.set_phashes(conn, found)
-            done += len(found)
-            on_batch(len(rows))
-    except BaseException:  # Ctrl-C: stop the workers now rather than let them finish the queued files
-        if pool is not None:
-            pool.terminate()
-            pool = None
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-
-
-def fill_index(db, workers: int = 0) -> int:
-    """The `index` run's step (indexer/job.py): hash files indexed before phashes existed."""
-    done = fill_phashes(db, workers)
-    if done:
-        log.info("perceptual hashes filled for %d files indexed before they existed", done)
-    return done
-
-
 # -- grouping ----------------------------------------------------------------------------------------------
 
 class _Union:
@@ -271,7 +157,7 @@ def _read_in_list_order(index, store, live: np.ndarray, nprobe: int, pool: Threa
     A flat index: one list (0), visited by all."""
     import faiss
 
-    from alignsearch import ann
+    from alignsearch.storage import ann
 
     ids, addresses = live[:, 0], live[:, 1]
     ivf = faiss.try_extract_index_ivf(ann.parts(index)[0])
@@ -339,7 +225,7 @@ def _own_lists(index, ids: np.ndarray) -> np.ndarray:
     """The IVF list each id is held in (in any shard), -1 for ids the index does not hold."""
     import faiss
 
-    from alignsearch import ann
+    from alignsearch.storage import ann
 
     held, where = [], []
     for part in ann.parts(index):
@@ -428,9 +314,9 @@ def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int],
 
 
 def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = SIMILAR_NPROBE) -> list[Group]:
-    """Duplicate groups of an opened index (alignsearch.engine.Engine), largest first. Scores: 1.0 for the
+    """Duplicate groups of an opened index (alignsearch.search.engine.Engine), largest first. Scores: 1.0 for the
     kept file and exact copies; near: 1 - distance / 64 to the kept file's hash; similar: cosine to it."""
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}")
@@ -493,7 +379,7 @@ def collapse(hits: list, phashes: dict[int, str], threshold: int = NEAR_THRESHOL
 
 def collapse_hits(db, hits: list, k: int, threshold: int = NEAR_THRESHOLD) -> list:
     """collapse() with the hits' phashes read from the catalog; at most k results."""
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     with db.connect() as conn:
         hashes = catalog.phashes_of(conn, [h.id for h in hits])
@@ -504,7 +390,8 @@ def find_indexed(engine, ref: str):
     """The catalog row of an indexed file named by its id or its path (local roots), or None."""
     import os
 
-    from alignsearch import catalog, sources
+    from alignsearch.storage import catalog
+    from alignsearch.media import sources
 
     if ref.isdigit() and not os.path.exists(ref):
         return engine.file(int(ref))

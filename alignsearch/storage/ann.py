@@ -267,3 +267,10 @@ def id_selector(allowed: np.ndarray) -> faiss.IDSelector:
     selector = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))  # n counts bytes
     selector.referenced = packed  # the selector does not copy: keep the bitmap alive with it
     return selector
+
+
+def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of the candidates, best k first: (ids, scores)."""
+    scores = vectors @ query.astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[order], scores[order]

@@ -14,7 +14,7 @@ import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from alignsearch.paths import DB_FILE
+from alignsearch.storage.paths import DB_FILE
 
 
 def peek_model(index_dir: Path) -> dict | None:
@@ -43,7 +43,7 @@ def text_encoder_soon(index_dir: Path, precision: str) -> tuple[dict, Future] | 
         return None
 
     def load():
-        from alignsearch import onnxrun
+        from alignsearch.encoders import onnxrun
 
         return onnxrun.text_encoder(info, "int8" if precision == "int8" else "fp32")
 

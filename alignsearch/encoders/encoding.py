@@ -14,10 +14,10 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from alignsearch.classify import DEFAULT_TEMPLATES
+from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.errors import BadImageError, BadInputError
-from alignsearch.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, decode, to_rgb
-from alignsearch.sources import read_local
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8, decode, to_rgb
+from alignsearch.media.sources import read_local
 
 DEFAULT_MODEL = "kakaobrain/align-base"
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
@@ -72,14 +72,14 @@ class EncoderBase:
 
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """One unit vector per label: its prompts' embeddings averaged (prompt ensembling)."""
-        from alignsearch.classify import ensemble, prompts
+        from alignsearch.encoders.classify import ensemble, prompts
 
         return np.stack([ensemble(self.encode_text(prompts(label, tuple(templates)))) for label in labels])
 
     def classify(self, images: Sequence[ImageInput], labels: Sequence[str],
                  templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[dict]]:
         """Per image, per label: probability (softmax of similarity / temperature) and similarity."""
-        from alignsearch.classify import probabilities
+        from alignsearch.encoders.classify import probabilities
 
         if not labels:
             raise BadInputError("give at least one label")
@@ -93,7 +93,7 @@ class EncoderBase:
                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[dict]:
         """classify, one image at a time as far as reading goes: per image {"image", "labels"}, or
         {"image", "error"} for one that cannot be read (the others are still classified)."""
-        from alignsearch.classify import probabilities
+        from alignsearch.encoders.classify import probabilities
 
         if not labels:
             raise BadInputError("give at least one label")

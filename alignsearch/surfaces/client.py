@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 from urllib.request import ProxyHandler, Request, build_opener
 
 from alignsearch.errors import BadInputError
-from alignsearch.paths import DB_FILE, SERVER_FILE, private_record
+from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record
 
 CONTACT_TIMEOUT = 2.0
 # The server is on this machine: never through a proxy. urlopen honours http_proxy even for 127.0.0.1
@@ -38,7 +38,7 @@ def local_index_id(index_dir: Path) -> str | None:
     """This index's id (catalog.index_id), read without writing to the catalog."""
     from sqlalchemy import create_engine
 
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     db = create_engine(f"sqlite:///file:{index_dir / DB_FILE}?mode=ro&uri=true")
     try:

@@ -1,4 +1,5 @@
-"""Query vectors and exact re-ranking: pure numpy, no model, no index."""
+"""Query vectors and their fusion (compose, slerp, late-fusion scorers, reciprocal rank fusion): pure numpy,
+no model, no index."""
 
 from __future__ import annotations
 
@@ -37,13 +38,6 @@ def compose(
     return unit(np.sum(parts, axis=0))
 
 
-def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner products of the candidates, best k first: (ids, scores)."""
-    scores = vectors @ query.astype(np.float32)
-    order = np.argsort(-scores, kind="stable")[:k]
-    return ids[order], scores[order]
-
-
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009; what Elasticsearch and others use)
 
 
@@ -55,19 +49,6 @@ def fuse(*rankings: list[int], k: int = RRF_K) -> list[int]:
         for rank, i in enumerate(ranking, start=1):
             scores[i] = scores.get(i, 0.0) + 1.0 / (k + rank)
     return sorted(scores, key=lambda i: -scores[i])
-
-
-def words(text: str | None) -> list[str]:
-    """The words of a query text for the keyword index (letters and digits, lower-cased, 2+ characters)."""
-    import re
-
-    found = re.findall(r"\w+", (text or "").lower())
-    return list(dict.fromkeys(w for w in found if len(w) > 1 and w not in STOPWORDS))
-
-
-# Words too common in captions to say anything about a match (so "a dog on the beach" is not a keyword
-# match for every caption that has "on" and "the").
-STOPWORDS = frozenset("an the of on in at and or with to for by is it its this that from as are be".split())
 
 
 # Composed queries (image + text): how the two halves are combined. README "How composition works" has the

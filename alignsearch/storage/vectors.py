@@ -26,10 +26,10 @@ import numpy as np
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
-from alignsearch import catalog
+from alignsearch.storage import catalog
 from alignsearch.atomic import fsync_dir, write_bytes
 from alignsearch.errors import IndexDamagedError
-from alignsearch.paths import VECTORS_FILE
+from alignsearch.storage.paths import VECTORS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_TAG_CHARS = 200  # a tag label (index --tags, the tag filter)
+
 DEFAULT_TEMPLATES = ("{}",)
 
 

@@ -12,15 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch import ann, catalog, filters, keywords, querycheck, shards, vectors
-from alignsearch.backend import EncoderOptions
-from alignsearch.classify import DEFAULT_TEMPLATES
-from alignsearch.columns import Columns
-from alignsearch.filters import FilterOptions
-from alignsearch.photometa import iso
-from alignsearch.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
+from alignsearch.storage import ann, catalog, keywords, shards, vectors
+from alignsearch.search import filters, querycheck
+from alignsearch.encoders.backend import EncoderOptions
+from alignsearch.encoders.classify import DEFAULT_TEMPLATES
+from alignsearch.search.columns import Columns
+from alignsearch.search.filters import FilterOptions
+from alignsearch.media.photometa import iso
+from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
-from alignsearch.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Hit:
     lon: float | None = None
     caption: str | None = None
     tags: list[str] = field(default_factory=list)
-    t: float | None = None  # a video moment's start and end in seconds (alignsearch/video.py); None for photos
+    t: float | None = None  # a video moment's start and end in seconds (alignsearch/media/video.py); None for photos
     t_end: float | None = None
     ocr: str | None = None  # the text read in the image (`index --ocr`); null when not read or none found
     # The vector side's exact score: the cosine to the query vector, or a late-fused score (compose product,
@@ -96,7 +97,7 @@ class Snapshot:
         return int(self.tuning.get("nprobe") or ann.default_nprobe(self.plan))
 
     def columns(self, db) -> Columns:
-        """The snapshot's filterable metadata, loaded on first use (alignsearch/columns.py)."""
+        """The snapshot's filterable metadata, loaded on first use (alignsearch/search/columns.py)."""
         with self._lock:
             if not self._columns:
                 self._columns.append(Columns(db))
@@ -195,13 +196,13 @@ class Engine:
         with self._encoder_lock:
             fingerprint = snap.model_info["fingerprint"]
             if self._encoder is None or self._encoder[0] != fingerprint:  # first use, or a re-encode switched it
-                from alignsearch import cached
+                from alignsearch.encoders import cached
 
                 o = self._enc_options
-                # the index's model from its cached exports (no torch: alignsearch/cached.py), else loaded
+                # the index's model from its cached exports (no torch: alignsearch/encoders/cached.py), else loaded
                 enc = cached.find(self._model_name, snap.model_info, o)
                 if enc is None:
-                    from alignsearch.model import load_recorded
+                    from alignsearch.encoders.model import load_recorded
 
                     enc = load_recorded(snap.model_info, self._model_name, o.device, backend=o.backend,
                                         precision=o.precision)
@@ -222,7 +223,7 @@ class Engine:
             o = self._enc_options
             if self._model_name is None and o.device in ("auto", "cpu") and o.backend in ("auto", "onnx") \
                     and o.precision in ("auto", "fp32", "int8"):
-                from alignsearch import onnxrun
+                from alignsearch.encoders import onnxrun
 
                 light = self._early_text(snap) or onnxrun.text_encoder(snap.model_info,
                                                                        "int8" if o.precision == "int8" else "fp32")
@@ -282,7 +283,7 @@ class Engine:
                            checked["text_weight"], checked["image_weight"], checked["negative_weight"])
 
     def _embed(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> np.ndarray:
-        from alignsearch.query import compose
+        from alignsearch.search.query import compose
 
         parts = self._parts(snap, text, image, negative, text_weight, image_weight, negative_weight)
         try:
@@ -291,7 +292,7 @@ class Engine:
             raise BadInputError(str(exc)) from None
 
     def _parts(self, snap: Snapshot, text, image, negative, text_weight, image_weight, negative_weight) -> Parts:
-        from alignsearch.query import unit
+        from alignsearch.search.query import unit
 
         if text is None and image is None:
             raise BadInputError("give a text, an image, or both to search for")
@@ -320,12 +321,12 @@ class Engine:
                camera: str | None = None, near=None, path: str | None = None, format: str | None = None,  # noqa: A002
                min_score: float | None = None, sort: str = "score", mode: str = "auto", media: str | None = None,
                per_video: int | None = DEFAULT_PER_VIDEO, compose: str = "auto") -> list[Hit]:
-        """Top-k hits, best first by `score`. compose: how an image and a text combine (alignsearch/query.py:
+        """Top-k hits, best first by `score`. compose: how an image and a text combine (alignsearch/search/query.py:
         sum, the ALIGN paper's text 2 : image 1; slerp; product, late fusion of the two similarities; weicom;
         auto, the best measured).
         collapse: a hit that is a near duplicate (perceptual hash) of a better one is folded into it and listed
-        in its `duplicates`, so the k hits are k different pictures (alignsearch/dupes.py).
-        Filters (alignsearch/filters.py): where (the --where language), after/before (ISO dates, on `taken`),
+        in its `duplicates`, so the k hits are k different pictures (alignsearch/search/dupes.py).
+        Filters (alignsearch/search/filters.py): where (the --where language), after/before (ISO dates, on `taken`),
         camera (substring of make or model), near ((lat, lon, km) or "lat,lon,km"), path (glob on the path
         under its root), format, tag. Exactly min(k, matching images) hits come back, ranked as an exact
         search over the matching images would rank them. min_score drops hits below that similarity; sort
@@ -360,7 +361,7 @@ class Engine:
                 self.refresh()
                 continue
             if collapse:
-                from alignsearch.dupes import collapse_hits
+                from alignsearch.search.dupes import collapse_hits
 
                 return collapse_hits(self.db, hits, k)
             return hits
@@ -404,7 +405,7 @@ class Engine:
                 self.refresh()
                 continue
             if collapse:
-                from alignsearch.dupes import collapse_hits
+                from alignsearch.search.dupes import collapse_hits
 
                 return collapse_hits(self.db, hits, k)
             return hits
@@ -680,7 +681,7 @@ class Engine:
         if not unfinished:
             return "finished"
         # a read-only probe of the writer's lock
-        from alignsearch.paths import writer_running
+        from alignsearch.storage.paths import writer_running
 
         try:
             return "running" if writer_running(self.dir) else "interrupted"
@@ -793,8 +794,8 @@ def exact_index(store: vectors.VectorStore, live: np.ndarray):
 def onnx_cache_status(model_info: dict) -> dict:
     """The exported towers cached for the index's model: where, which, and whether text queries can skip
     torch (the files listed and unchanged; the probes run when a query loads them)."""
-    from alignsearch.backend import cache_untrusted, onnx_dir
-    from alignsearch.onnxrun import OnnxUnusable, check_file, read_manifest
+    from alignsearch.encoders.backend import cache_untrusted, onnx_dir
+    from alignsearch.encoders.onnxrun import OnnxUnusable, check_file, read_manifest
 
     if "content_digest" not in model_info:
         return {"path": None, "towers": [], "torch_free_text": False,
@@ -862,7 +863,7 @@ class _Options:
     k: int
     nprobe: int | None
     node: Any
-    words: keywords.Query  # what the text asks of the keyword index (alignsearch/keywords.py)
+    words: keywords.Query  # what the text asks of the keyword index (alignsearch/storage/keywords.py)
     mode: str
     min_score: float | None
     sort: str
@@ -900,6 +901,6 @@ def sort_hits(hits: list[Hit], key: str) -> list[Hit]:
 def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001
          text_bf16: bool = False, *, backend: str = "auto", precision: str = "auto", text_soon=None) -> Engine:
     """Open an index: the given directory, $ALIGNSEARCH_INDEX, or the nearest `.alignsearch` above cwd.
-    backend and precision: see alignsearch/backend.py (text_bf16 is precision="bf16")."""
+    backend and precision: see alignsearch/encoders/backend.py (text_bf16 is precision="bf16")."""
     return Engine(resolve_index_dir(index_dir), model=model, device=device, text_bf16=text_bf16, backend=backend,
                   precision=precision, text_soon=text_soon)

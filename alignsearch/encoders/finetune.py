@@ -21,9 +21,9 @@ import torch
 
 from alignsearch import atomic
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, UsageError
-from alignsearch.images import ImageSpec, open_rgb
-from alignsearch.model import load_image_spec, resolve_device, to_pixel_values
-from alignsearch.pairs import Pair, load_pairs
+from alignsearch.media.images import ImageSpec, open_rgb
+from alignsearch.encoders.model import load_image_spec, resolve_device, to_pixel_values
+from alignsearch.encoders.pairs import Pair, load_pairs
 
 CHECKPOINT = "checkpoint"  # inside the output directory: the last finished epoch, for --resume
 MARKER = "alignsearch_finetune.json"  # in each folder finetune writes: the files it wrote there
@@ -226,7 +226,7 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
 def _evaluate(model, tokenizer, images: _Images, val: list[Pair], spec: ImageSpec, device, max_length: int) -> dict:
     if len(val) < 2:
         return {}
-    from alignsearch.images import crop_uint8
+    from alignsearch.media.images import crop_uint8
 
     model.eval()
     pairs, pil = images.load(val)

@@ -52,14 +52,20 @@ def foreign(index: Path) -> str | None:
     return untrusted(index) or untrusted(index / DB_FILE)
 
 
+def cache_root() -> Path:
+    """Where exported towers are kept, shared by every index of the same model: $ALIGNSEARCH_CACHE, else
+    $XDG_CACHE_HOME/alignsearch, else ~/.cache/alignsearch."""
+    if os.environ.get("ALIGNSEARCH_CACHE"):
+        return Path(os.environ["ALIGNSEARCH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "alignsearch"
+
+
 def private_record(index_dir: str | os.PathLike) -> Path:
     """Where `serve` keeps its record for an index it must not write (read-only, or another user's): in this
     user's runtime folder ($XDG_RUNTIME_DIR/alignsearch, else the cache folder's servers/), named by the
     index's real path. `query` looks there after the index's own server.json."""
-    # backend is light, and imported here since it imports this module
     from hashlib import sha256
-
-    from alignsearch.backend import cache_root
 
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "alignsearch" if runtime and os.path.isdir(runtime) else cache_root() / "servers"

@@ -15,8 +15,8 @@ buffer (168 MB at 640-d, the largest part; the embedding column without a dictio
 would otherwise try for each row group). clip-retrieval writes each page's vectors as they are read.
 
 `taken` (EXIF capture time, else null) and `caption` come from the catalog's photo fields
-(alignsearch/photometa.py), `tags` from `alignsearch tag`. Filters: `where` (the --where language of
-alignsearch/filters.py), `path` (a glob on the relative path, as `query --path`) and `roots` (root names).
+(alignsearch/media/photometa.py), `tags` from `alignsearch tag`. Filters: `where` (the --where language of
+alignsearch/search/filters.py), `path` (a glob on the relative path, as `query --path`) and `roots` (root names).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignsearch import atomic, catalog, filters, vectors
+from alignsearch import atomic
+from alignsearch.storage import catalog, vectors
+from alignsearch.search import filters
 from alignsearch.errors import UsageError
-from alignsearch.paths import DB_FILE, INDEX_DIRNAME
+from alignsearch.storage.paths import DB_FILE, INDEX_DIRNAME
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def _schema(dim: int) -> pa.Schema:
 
 
 def _allowed(snap, db, where: str | None, path: str | None) -> np.ndarray | None:
-    """Sorted ids the filters admit (alignsearch/filters.py, evaluated on the snapshot's columns); None: all."""
+    """Sorted ids the filters admit (alignsearch/search/filters.py, evaluated on the snapshot's columns); None: all."""
     node = filters.build(filters.FilterOptions(where=where, path=path))
     if node is None:
         return None

@@ -21,7 +21,7 @@ from functools import wraps
 
 import click
 
-from alignsearch.backend import BACKENDS, PRECISIONS
+from alignsearch.encoders.backend import BACKENDS, PRECISIONS
 from alignsearch.errors import AlignSearchError
 
 index_option = click.option(
@@ -33,7 +33,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 
 
 def run_options(fn):
-    """--device, --backend and --precision: how the model runs (alignsearch/backend.py holds the rules)."""
+    """--device, --backend and --precision: how the model runs (alignsearch/encoders/backend.py holds the rules)."""
     fn = click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
                       help="auto: fp32 (exact) on CPUs, bf16 on GPUs; bf16: faster on CPUs with BF16 instructions "
                            "(OpenVINO there); int8: the text tower quantized (queries only).")(fn)
@@ -96,7 +96,7 @@ class _Main(click.Group):
                 raise
             if epipe:  # a pipe of our own (a worker's, multiprocessing's resource tracker) broke: a failure
                 _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
-            from alignsearch.catalog import not_damage
+            from alignsearch.storage.catalog import not_damage
 
             trouble = not_damage(exc)
             if trouble is not None:
@@ -180,7 +180,7 @@ def _damaged_catalog(exc: Exception) -> str | None:
 def _image_file(ctx, param, value):
     """A query image must be a regular file under the size cap: a FIFO, a device (/dev/zero) or a folder
     would block or never end; refused at once (exit 6)."""
-    from alignsearch import sources
+    from alignsearch.media import sources
     from alignsearch.errors import BadInputError
 
     paths = value if isinstance(value, tuple) else (value,) if value is not None else ()
@@ -298,7 +298,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
         shown = _shown(h["path"])
         folded = f"  (+{len(h['duplicates'])} near duplicates)" if h.get("duplicates") else ""
         if h.get("t") is not None:  # a video moment: where to start playing
-            from alignsearch.video import timestamp
+            from alignsearch.media.video import timestamp
 
             shown += f" @ {timestamp(h['t'])}"
         click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}{folded}")
@@ -354,7 +354,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
     if text is None and image is None:
         raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
-    from alignsearch import filters
+    from alignsearch.search import filters
 
     narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path_glob,
                  "format": fmt}
@@ -367,8 +367,9 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
          **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
     if media is not None or per_video != 3:
         q.update(media=media, per_video=per_video)
-    from alignsearch import notices, querycheck
-    from alignsearch.paths import resolve_index_dir
+    from alignsearch import notices
+    from alignsearch.search import querycheck
+    from alignsearch.storage.paths import resolve_index_dir
 
     notices.enable(not as_json and not paths_only)
 
@@ -379,7 +380,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     if collapse:
         q["collapse"] = True
     if model is None and nprobe is None and not collapse and plain and (backend, precision) == ("auto", "auto"):  # a warm `alignsearch serve` answers in milliseconds
-        from alignsearch.client import search_via_server
+        from alignsearch.surfaces.client import search_via_server
 
         fields = {"q": text, "k": k, "negative": checked["negative"], "text_weight": text_weight,
                   "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
@@ -391,10 +392,10 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
         soon = None
         if text is not None and image is None and model is None and device in ("auto", "cpu") \
                 and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
-            from alignsearch.coldstart import text_encoder_soon  # the tower loads while the engine imports
+            from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
 
             soon = text_encoder_soon(found, precision)
-        from alignsearch.engine import open as open_index
+        from alignsearch.search.engine import open as open_index
 
         engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
         hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
@@ -420,8 +421,8 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
 
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
     """--model when given, else the index's own model when there is an index, else the default."""
-    from alignsearch.engine import find_index_dir, open as open_index
-    from alignsearch.model import DEFAULT_MODEL, Encoder
+    from alignsearch.search.engine import find_index_dir, open as open_index
+    from alignsearch.encoders.model import DEFAULT_MODEL, Encoder
 
     if model is None and (index_dir or find_index_dir()):
         return open_index(index_dir, device=device, backend=backend, precision=precision).encoder
@@ -464,7 +465,7 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
 
     An image that cannot be read is listed with its error and the others are classified: exit 0 when at
     least one image was classified, 6 when none could be."""
-    from alignsearch.classify import DEFAULT_TEMPLATES
+    from alignsearch.encoders.classify import DEFAULT_TEMPLATES
     from alignsearch.errors import BadInputError
 
     _quiet_transformers()
@@ -519,7 +520,7 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
     Each label is decided on its own against a fixed set of background prompts, so the file's other labels
     do not change it. Tags of labels not in the file stay; --clear starts over."""
     _quiet_transformers()
-    from alignsearch.engine import resolve_index_dir
+    from alignsearch.search.engine import resolve_index_dir
     from indexer.job import tag_index
 
     if not labels_file and not clear:
@@ -554,8 +555,8 @@ def tags(as_json, index_dir):
 def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
     """[(label, images)] from the index's catalog (db: an open one); the remembered labels that tag no image
     yet are listed with 0 (later index runs apply them)."""
-    from alignsearch import catalog
-    from alignsearch.paths import DB_FILE, resolve_index_dir
+    from alignsearch.storage import catalog
+    from alignsearch.storage.paths import DB_FILE, resolve_index_dir
     from indexer.tag import runs_of
 
     own = db is None
@@ -593,8 +594,8 @@ def finetune(data, base, out, epochs, batch_size, lr, accumulate, freeze, val_fr
              caption_column, seed, resume, device):
     """Fine-tune ALIGN on image-caption pairs: a folder of images with .txt captions, or a CSV/JSONL/parquet file."""
     _quiet_transformers()
-    from alignsearch.finetune import FinetuneConfig, finetune as run_finetune
-    from alignsearch.model import DEFAULT_MODEL
+    from alignsearch.encoders.finetune import FinetuneConfig, finetune as run_finetune
+    from alignsearch.encoders.model import DEFAULT_MODEL
 
     config = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, accumulate=accumulate, freeze=freeze,
                             val_fraction=val_fraction, flip=not no_flip, seed=seed, device=device)
@@ -611,7 +612,7 @@ def finetune(data, base, out, epochs, batch_size, lr, accumulate, freeze, val_fr
 @reports_errors
 def info(failed, as_json, index_dir):
     """What the index holds: model, counts, index type and parameters."""
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.engine import open as open_index
 
     engine = open_index(index_dir)
     data = engine.info()
@@ -663,7 +664,7 @@ def info(failed, as_json, index_dir):
 
 def _listing_errors(db) -> list[dict]:
     """Folders the last run could not list (their rows were kept): [{root, folder, reason}], in root order."""
-    from alignsearch import catalog
+    from alignsearch.storage import catalog
 
     with db.connect() as conn:
         roots = catalog.get_meta(conn, "roots", [])
@@ -695,12 +696,12 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import logging
 
-    from alignsearch.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
+    from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
 
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.engine import open as open_index
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if host not in LOOPBACK and not allow_hosts:
@@ -710,7 +711,7 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
 
     notices.enable(True)
     engine = open_index(index_dir, device=device, text_bf16=bf16_text, backend=backend, precision=precision)
-    from alignsearch.client import verified_server
+    from alignsearch.surfaces.client import verified_server
 
     # One server per index: a second one on another port wrote its record over the first's (queries went to
     # the second only) and removed it on exit, leaving the first unknown to `query`.
@@ -736,7 +737,7 @@ def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
     message = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     if exc.errno != errno.EADDRINUSE:
         return message
-    from alignsearch.client import verified_server
+    from alignsearch.surfaces.client import verified_server
 
     running = verified_server(index_dir, notice=lambda line: None)
     if running is not None:
@@ -752,7 +753,7 @@ def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
 @reports_errors
 def tune(recall, index_dir):
     """Re-tune nprobe and the re-rank depth for a target recall, on this index's own vectors."""
-    from alignsearch.engine import resolve_index_dir
+    from alignsearch.search.engine import resolve_index_dir
     from indexer.job import tune_index
 
     t = tune_index(resolve_index_dir(index_dir), recall)["tuning"]
@@ -772,7 +773,7 @@ def tune(recall, index_dir):
 def verify(repair, skip_model, as_json, index_dir):
     """Check that catalog, vector store, ANN index and model agree; exit 7 if they do not."""
     _quiet_transformers()
-    from alignsearch.engine import resolve_index_dir
+    from alignsearch.search.engine import resolve_index_dir
     from indexer.verify import verify as run_verify
 
     from indexer.verify import repair_advice
@@ -799,8 +800,8 @@ def verify(repair, skip_model, as_json, index_dir):
 @reports_errors
 def roots(as_json, index_dir):
     """The roots of the index, with their file counts and state (ok, missing, listing errors)."""
-    from alignsearch import catalog
-    from alignsearch.paths import DB_FILE, resolve_index_dir
+    from alignsearch.storage import catalog
+    from alignsearch.storage.paths import DB_FILE, resolve_index_dir
     from indexer.roots import report
 
     db = catalog.connect(resolve_index_dir(index_dir) / DB_FILE)
@@ -826,7 +827,7 @@ def roots(as_json, index_dir):
 @reports_errors
 def forget(root, index_dir):
     """Remove ROOT and its files from the index (also when its folder is gone)."""
-    from alignsearch.paths import resolve_index_dir
+    from alignsearch.storage.paths import resolve_index_dir
     from indexer.roots import forget_root
 
     done = forget_root(resolve_index_dir(index_dir), root)
@@ -847,8 +848,8 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     """Group duplicate images, largest groups first. Reports only: nothing is ever deleted.
 
     The file to keep in each group: the largest resolution, then the oldest (modification time)."""
-    from alignsearch.dupes import find_groups
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.dupes import find_groups
+    from alignsearch.search.engine import open as open_index
     from alignsearch.errors import UsageError
 
     if threshold is not None and tier == "near" and not (0 <= threshold < 64 and threshold == int(threshold)):
@@ -887,8 +888,8 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
     from alignsearch.errors import BadInputError, UsageError
-    from alignsearch.engine import open as open_index
-    from alignsearch.export import export as run_export
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.search.export import export as run_export
     from indexer.roots import match
 
     if out == "-":
@@ -918,8 +919,8 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
 @reports_errors
 def similar(ref, k, collapse, as_json, index_dir):
     """Images like an indexed one (by catalog id or path), from its stored vector; the image itself is left out."""
-    from alignsearch.dupes import find_indexed
-    from alignsearch.engine import open as open_index
+    from alignsearch.search.dupes import find_indexed
+    from alignsearch.search.engine import open as open_index
     from alignsearch.errors import BadInputError
 
     engine = open_index(index_dir)

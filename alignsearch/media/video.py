@@ -1,6 +1,6 @@
 """A video as a sequence of moments: a new moment at each scene cut, at least one every `interval` seconds of
 unchanged picture, at most one per `min_gap` seconds; each moment one representative frame, cropped for the
-encoder exactly as a photo is (alignsearch/images.py).
+encoder exactly as a photo is (alignsearch/media/images.py).
 
 Decoding streams (PyAV, whose wheels carry FFmpeg): frames are examined every SAMPLE_SECONDS only, the others
 are decoded (the codec needs them as references) but never converted; frames no other frame refers to are not
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from alignsearch.images import ImageSpec, crop_uint8
+from alignsearch.media.images import ImageSpec, crop_uint8
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from alignsearch import ann
+from alignsearch.storage import ann
 from alignsearch.atomic import write_bytes
-from alignsearch.paths import ANN_FILE
+from alignsearch.storage.paths import ANN_FILE
 
 MANIFEST = "shards.json"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignsearch.errors import BadInputError
-from alignsearch.paths import untrusted
+from alignsearch.storage.paths import cache_root, untrusted
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,6 @@ def fallback(why: str) -> Plan:
     """The torch plan used when the ONNX one cannot run (export or parity failed): int8 text falls back
     to fp32, since torch has no int8 path here."""
     return Plan("torch", "fp32", "fp32", why)
-
-
-def cache_root() -> Path:
-    """Where exported towers are kept, shared by every index of the same model: $ALIGNSEARCH_CACHE, else
-    $XDG_CACHE_HOME/alignsearch, else ~/.cache/alignsearch."""
-    if os.environ.get("ALIGNSEARCH_CACHE"):
-        return Path(os.environ["ALIGNSEARCH_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "alignsearch"
 
 
 _cache_refused: set[str] = set()  # reasons already noted in this process

@@ -1,4 +1,4 @@
-"""ALIGN's towers on ONNX Runtime or OpenVINO, as alignsearch/onnxexport.py leaves them in the cache.
+"""ALIGN's towers on ONNX Runtime or OpenVINO, as alignsearch/encoders/onnxexport.py leaves them in the cache.
 
 Imports neither torch nor transformers: a cold `alignsearch query TEXT` loads onnxruntime, the text
 tower and the tokenizer's tokenizer.json only (about a second rather than five).
@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from alignsearch.backend import cache_untrusted, onnx_dir
-from alignsearch.paths import untrusted
+from alignsearch.encoders.backend import cache_untrusted, onnx_dir
+from alignsearch.storage.paths import untrusted
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def file_record(path: Path) -> dict:
 
 
 def sha256_file(path: Path) -> str:
-    from alignsearch.ann import file_digest  # the one file hash of the project (the ANN index's too)
+    from alignsearch.storage.ann import file_digest  # the one file hash of the project (the ANN index's too)
 
     return file_digest(path)
 
@@ -287,7 +287,7 @@ def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | Non
     """The torch-free text encoder for the model an index recorded (its `model` meta: fingerprint and content
     digest), when its export is cached with a tokenizer.json and its files and probes still check out; None
     otherwise (the caller loads the full model, which exports it)."""
-    from alignsearch.backend import onnxruntime_installed
+    from alignsearch.encoders.backend import onnxruntime_installed
 
     fingerprint, content = model_info.get("fingerprint", ""), model_info.get("content_digest")
     if precision not in ("fp32", "int8") or content is None or not onnxruntime_installed():

@@ -12,8 +12,8 @@ import threading
 import numpy as np
 from sqlalchemy import select
 
-from alignsearch import catalog
-from alignsearch.filters import TextColumn
+from alignsearch.storage import catalog
+from alignsearch.search.filters import TextColumn
 
 MOMENT = ("t", "t_end")  # loaded on first use: most indexes hold no video
 NUMERIC = ("taken", "lat", "lon", "width", "height", "size", "mtime")

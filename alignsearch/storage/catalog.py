@@ -41,12 +41,12 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
-from alignsearch import sources
+from alignsearch.media import sources
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
 
-# 2: files.vec_row is a (segment, row) address (alignsearch/vectors.py). A version 1 index holds
+# 2: files.vec_row is a (segment, row) address (alignsearch/storage/vectors.py). A version 1 index holds
 # segment 0 addresses only, which read the same, so it is upgraded in place.
-# 3: a video is a sequence of moments, one row each (files.moment, t, t_end: alignsearch/video.py); (root,
+# 3: a video is a sequence of moments, one row each (files.moment, t, t_end: alignsearch/media/video.py); (root,
 # relpath) is unique per moment. And photos.ocr (the text read in an image, `index --ocr`), the keyword index
 # folds accents, and a second, trigram keyword index holds the chunks with digits (codes, numbers). Versions 1
 # and 2 are upgraded by a writer (_upgrade_files: the files table is copied, ids kept; then _upgrade); a reader
@@ -72,7 +72,7 @@ files = Table(
     Column("status", String(8), nullable=False),
     Column("reason", Text),
     Column("indexed_at", Float, nullable=False),
-    Column("vec_row", Integer),  # address in the vector store (alignsearch/vectors.py); NULL for failed files
+    Column("vec_row", Integer),  # address in the vector store (alignsearch/storage/vectors.py); NULL for failed files
     # A video's moments: 0, 1, 2... in time order, each with its own vector; t/t_end in seconds (NULL for photos,
     # which are moment 0). Moment 0 stands for the file where a file is counted once.
     Column("moment", Integer, nullable=False, server_default="0"),
@@ -94,7 +94,7 @@ tags = Table(
 
 # A checksum of every committed batch of vector rows: `alignsearch verify` (and each `index` run before it
 # appends) re-hashes them, so a truncated, zero-filled or overwritten vector file is found, never served.
-# segment: "" for vectors.f16, else the segment's name (alignsearch/vectors.py).
+# segment: "" for vectors.f16, else the segment's name (alignsearch/storage/vectors.py).
 vector_chunks = Table(
     "vector_chunks",
     metadata,
@@ -114,11 +114,11 @@ pending_vectors = Table(
 )
 
 # A perceptual hash (imagehash.phash, 64 bits as 16 hex digits, then "-" and a colour grid: dupes.py) per indexed file, for `alignsearch dupes
-# --tier near` and collapsed results (alignsearch/dupes.py). Its own table: indexes written before it existed
+# --tier near` and collapsed results (alignsearch/search/dupes.py). Its own table: indexes written before it existed
 # have none (readers treat that as empty) and the next `index` run fills it without re-encoding.
 phashes = Table("phashes", metadata, Column("file_id", Integer, primary_key=True), Column("phash", String(16), nullable=False))
 
-# What a photo says about itself (alignsearch/photometa.py), one row per indexed file: filled at index time,
+# What a photo says about itself (alignsearch/media/photometa.py), one row per indexed file: filled at index time,
 # and for files indexed before it existed by the next run (headers only, nothing re-encoded).
 photos = Table(
     "photos",
@@ -131,11 +131,11 @@ photos = Table(
     Column("lat", Float),
     Column("lon", Float),
     Column("caption", Text),
-    Column("ocr", Text),  # the text read in the image (alignsearch/ocr.py): NULL not read, "" none found
+    Column("ocr", Text),  # the text read in the image (alignsearch/media/ocr.py): NULL not read, "" none found
 )
 KEYWORDS = "keywords"  # SQLite FTS5 over captions, text in images, file and folder names and tags; rowid = file id
 # FTS5's trigram tokenizer over the chunks of that text that hold a digit, so `4711` finds `INV4711A`
-# (alignsearch/keywords.py); substrings of 3+ characters, case-insensitive.
+# (alignsearch/storage/keywords.py); substrings of 3+ characters, case-insensitive.
 KEYWORDS_TRIGRAM = "keywords_trigram"
 
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
@@ -365,7 +365,7 @@ def _refuse_if_locked(db_path: Path) -> None:
         if "locked" not in str(exc) and "busy" not in str(exc):
             return
         try:
-            from alignsearch.paths import writer_running  # the write path's lock, probed read-only
+            from alignsearch.storage.paths import writer_running  # the write path's lock, probed read-only
 
             indexing = writer_running(db_path.parent)
         except (ImportError, OSError):
@@ -563,7 +563,7 @@ def integrity_problems(db_path: Path) -> list[str]:
     return [] if found == ["ok"] else [f"{Path(db_path).name} is damaged: {'; '.join(found[:3])}"]
 
 
-# -- perceptual hashes (alignsearch/dupes.py) ---------------------------------------------------------------
+# -- perceptual hashes (alignsearch/search/dupes.py) ---------------------------------------------------------------
 
 def has_phashes(conn: Connection) -> bool:
     """Whether the catalog has the phashes table (an index written before it existed has none)."""
@@ -670,7 +670,7 @@ def _drop_keywords(conn: Connection, ids: Iterable[int]) -> None:
 
 def _put_keywords(conn: Connection, file_id: int, text: str) -> None:
     """A file's keyword text, in both keyword tables (a writer's connect() has created them)."""
-    from alignsearch.keywords import coded_chunks
+    from alignsearch.storage.keywords import coded_chunks
 
     for table in (KEYWORDS, KEYWORDS_TRIGRAM):
         conn.exec_driver_sql(f"DELETE FROM {table} WHERE rowid = ?", (int(file_id),))
@@ -761,10 +761,10 @@ def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None
 
 def keyword_search(conn: Connection, words, limit: int, among: Iterable[int] | None = None) -> list[tuple[int, float]]:
     """(file id, bm25 score: lower is better) of indexed files that match `words`, best first: a parsed
-    keywords.Query (AND, OR, -word, "phrases", prefixes, codes: alignsearch/keywords.py), or a list of words
+    keywords.Query (AND, OR, -word, "phrases", prefixes, codes: alignsearch/storage/keywords.py), or a list of words
     (any of them). User text is never FTS5 syntax. among: only these ids (a filter's matches), applied in SQL
     before the limit, so a filter never starves the keyword ranking."""
-    from alignsearch import keywords
+    from alignsearch.storage import keywords
 
     if not words or not has_keywords(conn):
         return []

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from alignsearch.encoders.classify import MAX_TAG_CHARS
 from alignsearch.errors import BadInputError
-from alignsearch.sources import unusable
+from alignsearch.media.sources import unusable
 
 MAX_TEXT_CHARS = 1000  # ALIGN reads 64 tokens; a thousand characters is far past any useful query
-MAX_TAG_CHARS = 200
 MAX_K = 1000
 DEFAULT_K = 10
 MAX_WEIGHT = 100.0  # |weight|

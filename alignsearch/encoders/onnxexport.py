@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from alignsearch import atomic
-from alignsearch.backend import cache_untrusted, make_cache_dir, onnx_dir
-from alignsearch.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
+from alignsearch.encoders.backend import cache_untrusted, make_cache_dir, onnx_dir
+from alignsearch.encoders.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
                                  clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
                                  read_manifest, tokenizer)
 
@@ -68,7 +68,7 @@ class _VisionTower(torch.nn.Module):
         self.spec = spec
 
     def forward(self, crops):
-        from alignsearch.model import scale_pixels
+        from alignsearch.encoders.model import scale_pixels
 
         vision = self.model.vision_model
         pooler = vision.pooler

@@ -26,7 +26,16 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from alignsearch.query import STOPWORDS
+
+def words(text: str | None) -> list[str]:
+    """The words of a query text for the keyword index (letters and digits, lower-cased, 2+ characters)."""
+    found = re.findall(r"\w+", (text or "").lower())
+    return list(dict.fromkeys(w for w in found if len(w) > 1 and w not in STOPWORDS))
+
+
+# Words too common in captions to say anything about a match (so "a dog on the beach" is not a keyword
+# match for every caption that has "on" and "the").
+STOPWORDS = frozenset("an the of on in at and or with to for by is it its this that from as are be".split())
 
 _TOKEN = re.compile(r'(-?)"([^"]*)"?|(\S+)')
 _WORD = re.compile(r"\w+")
@@ -148,7 +157,7 @@ def search(conn, query: Query, limit: int, among=None) -> list[tuple[int, float]
     `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
     are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
     all the query's words, those found only inside longer tokens after them."""
-    from alignsearch.catalog import KEYWORDS, KEYWORDS_TRIGRAM, _has_table
+    from alignsearch.storage.catalog import KEYWORDS, KEYWORDS_TRIGRAM, _has_table
 
     if not query:
         return []

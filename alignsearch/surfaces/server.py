@@ -5,7 +5,7 @@ Closed by default: only requests whose Host header names the bound address (or a
 sent as `Authorization: Bearer TOKEN` or as the HttpOnly SameSite=Strict cookie the page gets when it
 is opened from the URL `serve` prints. Request bodies are capped while they stream (the framework's
 body limit counts chunked bodies too) and multipart forms are capped in fields, files and field size.
-Query arguments are checked by alignsearch.querycheck, the rules the CLI and Engine.search use.
+Query arguments are checked by alignsearch.search.querycheck, the rules the CLI and Engine.search use.
 
 Encoding runs on one worker thread fed by a bounded queue (full: 503), so a burst of text or image
 queries waits in line without holding a thread each; searches by stored vector, images and
@@ -48,13 +48,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import alignsearch
-from alignsearch import catalog, filters, querycheck, safeopen, sources
-from alignsearch import engine as engine_module
+from alignsearch.storage import catalog
+from alignsearch.search import filters, querycheck
+from alignsearch import safeopen
+from alignsearch.media import sources
+from alignsearch.search import engine as engine_module
 from alignsearch.atomic import write_bytes
-from alignsearch.engine import Engine, SnapshotMoved
+from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
-from alignsearch.images import DEFAULT_MAX_PIXELS, open_rgb
-from alignsearch.paths import SERVER_FILE
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
+from alignsearch.storage.paths import SERVER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +403,7 @@ class Library:
 
     def moment_frame(self, row: catalog.FileRow):
         """A video moment's picture (its thumbnail), from the local file while it matches the catalog."""
-        from alignsearch.video import VideoError, frame_at
+        from alignsearch.media.video import VideoError, frame_at
 
         with self.open_video(row) as f:
             try:
@@ -418,7 +421,7 @@ class Library:
 
     def video(self, file_id: int, range_header: str | None):
         """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET."""
-        from alignsearch.video import VIDEO_TYPES, byte_range
+        from alignsearch.media.video import VIDEO_TYPES, byte_range
 
         row = self.row(file_id)
         f = self.open_video(row)
@@ -823,8 +826,8 @@ def record_path(index_dir: Path) -> Path:
     the model cache; AlignSearchError when no such place can be had."""
     if not read_only(index_dir):
         return index_dir / SERVER_FILE
-    from alignsearch.backend import make_cache_dir
-    from alignsearch.paths import private_record, untrusted
+    from alignsearch.encoders.backend import make_cache_dir
+    from alignsearch.storage.paths import private_record, untrusted
 
     path = private_record(index_dir)
     try:

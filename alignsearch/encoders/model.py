@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.backend import (CPU_MICRO_BATCH, ENGINES, EncoderOptions, choose_images, fallback, installed_engines,
+from alignsearch.encoders.backend import (CPU_MICRO_BATCH, ENGINES, EncoderOptions, choose_images, fallback, installed_engines,
                                 onnxruntime_installed, openvino_bf16, openvino_installed, plan)
-from alignsearch.cached import checkpoint_stamp
-from alignsearch.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, describe_model
+from alignsearch.encoders.cached import checkpoint_stamp
+from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, describe_model
 from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError
-from alignsearch.images import ImageSpec
+from alignsearch.media.images import ImageSpec
 
 log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MODEL", "Encoder", "ImageInput", "load_recorded"]
@@ -257,7 +257,7 @@ class Encoder(EncoderBase):
                  backend: str = "auto", precision: str = "auto"):
         """backend: auto (on CPUs text on ONNX Runtime and images on the engine measured fastest; torch on
         GPUs), torch, onnx or openvino; precision: auto (fp32 on CPUs, bf16 on GPUs), fp32, bf16 or int8 (text
-        tower only); see alignsearch/backend.py.
+        tower only); see alignsearch/encoders/backend.py.
         text_bf16: the older spelling of precision="bf16" for query encoders."""
         from transformers import AlignModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -328,8 +328,8 @@ class Encoder(EncoderBase):
         if (self.plan.images_on if tower == "image" else self.plan.backend) not in ENGINES:
             return None
         if tower not in self._towers:
-            from alignsearch import onnxexport
-            from alignsearch.onnxrun import OnnxUnusable
+            from alignsearch.encoders import onnxexport
+            from alignsearch.encoders.onnxrun import OnnxUnusable
 
             try:
                 self._exporter = self._exporter or onnxexport.Exporter(self)
@@ -391,7 +391,7 @@ class Encoder(EncoderBase):
             texts = [texts]
         tower = self._onnx("text")
         if tower is not None:
-            from alignsearch.onnxrun import text_feeds
+            from alignsearch.encoders.onnxrun import text_feeds
 
             b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
             return tower.run(**text_feeds(b["input_ids"], b["attention_mask"]))

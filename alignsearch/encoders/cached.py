@@ -28,12 +28,13 @@ from typing import Sequence
 
 import numpy as np
 
-from alignsearch.backend import (CPU_MICRO_BATCH, EncoderOptions, Plan, cache_root, cache_untrusted, choose_images,
+from alignsearch.storage.paths import cache_root
+from alignsearch.encoders.backend import (CPU_MICRO_BATCH, EncoderOptions, Plan, cache_untrusted, choose_images,
                                  installed_engines, onnxruntime_installed, openvino_bf16, openvino_installed, plan)
-from alignsearch.encoding import DEFAULT_MODEL, EncoderBase, describe_model
+from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, describe_model
 from alignsearch.errors import ModelMismatchError
-from alignsearch.images import ImageSpec
-from alignsearch.onnxrun import (EXPORT_VERSION, MANIFEST, OnnxUnusable, TextEncoder, check_file, load_vision,
+from alignsearch.media.images import ImageSpec
+from alignsearch.encoders.onnxrun import (EXPORT_VERSION, MANIFEST, OnnxUnusable, TextEncoder, check_file, load_vision,
                                  machine, read_manifest)
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class CachedEncoder(EncoderBase):
 
     def _fall_back(self, why: Exception):
         """The full model for the rest of the run: a tower that checked out at the start failed later."""
-        from alignsearch.model import Encoder
+        from alignsearch.encoders.model import Encoder
 
         log.warning("loading the checkpoint: %s", why)
         full = Encoder(self.name, "cpu", backend=self.options.backend, precision=self.options.precision)

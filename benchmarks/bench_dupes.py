@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_ann import DIM, structured  # noqa: E402
 from common import CACHE, record  # noqa: E402
 
-from alignsearch.storage import ann, catalog, vectors  # noqa: E402
+from alignsearch.storage import ann, catalog, state, vectors  # noqa: E402
 from alignsearch.search import dupes  # noqa: E402
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE  # noqa: E402
 
@@ -68,7 +68,7 @@ def synthetic_index(folder: Path, n: int) -> np.ndarray:
                          width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
                     for i in range(start, min(n, start + 50_000))]
             conn.execute(catalog.insert(catalog.files), rows)
-        catalog.set_meta(conn, "model", {"model": "synthetic", "fingerprint": "synthetic", "dim": DIM})
+        state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=DIM))
         vectors.save(conn, store)
     db.dispose()
     plan = ann.plan_index(n, DIM)

@@ -27,7 +27,7 @@ from bench_ann import structured  # noqa: E402
 from common import CACHE, record  # noqa: E402
 
 import alignsearch  # noqa: E402
-from alignsearch.storage import ann, catalog, vectors  # noqa: E402
+from alignsearch.storage import ann, catalog, state, vectors  # noqa: E402
 from alignsearch.search.engine import ANN_FILE, DB_FILE  # noqa: E402
 from alignsearch.search.filters import parse_date  # noqa: E402
 from alignsearch.storage.ann import rerank  # noqa: E402
@@ -54,8 +54,8 @@ def build(index_dir: Path, x: np.ndarray, taken: np.ndarray, leica: np.ndarray) 
             for chunk in range(start, stop, 65_536):
                 vectors.record_chunk(conn, store, 0, chunk, min(65_536, stop - chunk))
         vectors.save(conn, store)
-        catalog.set_meta(conn, "model", {"model": "synthetic", "fingerprint": "synthetic", "dim": int(x.shape[1])})
-        catalog.set_meta(conn, "roots", ["/synthetic"])
+        state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=int(x.shape[1])))
+        state.write(conn, roots=state.RootsState(roots=("/synthetic",)))
     sync_index(db, store, index_dir / ANN_FILE)
     db.dispose()
 

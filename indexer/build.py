@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch.storage import ann, catalog, shards
+from alignsearch.storage import ann, catalog, shards, state
 from alignsearch.storage.paths import ANN_FILE
 from alignsearch.errors import BadInputError, IndexDamagedError
 from alignsearch.storage.vectors import VectorStore
@@ -50,13 +50,12 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     with db.connect() as conn:
         if live is None:
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
-        trained_n = catalog.get_meta(conn, "index_trained_n", 0)
-        tuning = catalog.get_meta(conn, "tuning") or {}
-        recorded_digest = catalog.get_meta(conn, "ann_digest")
+        recorded = state.read(conn).ann
+        trained_n, tuning, recorded_digest = recorded.trained_n, dict(recorded.tuning), recorded.digest
         if ondisk_shards is None:
-            ondisk_shards = catalog.get_meta(conn, "ondisk_shards", 0)
+            ondisk_shards = recorded.ondisk_shards
         if index_shards is None:
-            index_shards = catalog.get_meta(conn, "index_shards", 0)
+            index_shards = recorded.index_shards
     if ondisk_shards and index_shards:
         raise BadInputError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
     ids, rows = live[:, 0], live[:, 1]
@@ -99,13 +98,10 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     if lists is not None:
         ann.write_atomic(index, path)
     with db.begin() as conn:
-        catalog.set_meta(conn, "index_trained_n", trained_n)
-        catalog.set_meta(conn, "tuning", tuning)
-        catalog.set_meta(conn, "ondisk_shards", ondisk_shards)
-        catalog.set_meta(conn, "index_shards", index_shards)
-        catalog.set_meta(conn, "ann_digest", digest)
         # the files of the other layouts are memory-mapped, not hashed on each open: `verify` checks them
-        catalog.set_meta(conn, "ann_files", {} if single else ann_file_digests(path.parent, lists))
+        state.write(conn, ann=state.AnnState(digest=digest, files={} if single else ann_file_digests(path.parent, lists),
+                                             trained_n=trained_n, tuning=tuning, ondisk_shards=ondisk_shards,
+                                             index_shards=index_shards))
         if on_commit is not None:
             on_commit(conn)
     if single:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignsearch.storage import ann, catalog, vectors
+from alignsearch.storage import ann, catalog, state, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
@@ -170,7 +170,7 @@ def _ocr_choice(db, ocr: bool | None) -> bool:
     """Whether this run reads text in images: `ocr` when given (remembered), else the index's choice. A missing
     engine is refused here, before anything is loaded or written."""
     with db.connect() as conn:
-        remembered = bool(catalog.get_meta(conn, "ocr", False))
+        remembered = state.read(conn).ocr
     chosen = remembered if ocr is None else bool(ocr)
     if chosen:
         from alignsearch.media.ocr import check_available
@@ -178,19 +178,19 @@ def _ocr_choice(db, ocr: bool | None) -> bool:
         check_available()
     if ocr is not None and chosen != remembered:
         with db.begin() as conn:
-            catalog.set_meta(conn, "ocr", chosen)
+            state.write(conn, ocr=chosen)
     return chosen
 
 
 def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     """Re-encode everything as a new generation (indexer/reindex.py), then index new and changed files."""
     with db.connect() as conn:
-        recorded = catalog.get_meta(conn, "model")
+        recorded = state.read(conn).model
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
-    encoder = reindex.load_new_model(recorded, opts.model, opts.encoder)  # before anything is written
+    encoder = reindex.load_new_model(recorded.record, opts.model, opts.encoder)  # before anything is written
     with db.connect() as conn:
-        store = vectors.load(conn, out, int(recorded["dim"]))
+        store = vectors.load(conn, out, recorded.dim)
     store.truncate_uncommitted()
     bar = progress.bar(desc="re-encoding", enabled=opts.progress)
     workers = default_workers() if opts.workers is None else opts.workers
@@ -220,7 +220,8 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     if options.precision == "int8":
         raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
     with db.connect() as conn:
-        recorded = catalog.get_meta(conn, "model")
+        identity = state.read(conn).model
+    recorded = None if identity is None else identity.record
     enc = cached.find(model, recorded, options)
     if enc is None:
         from alignsearch.encoders.model import Encoder, load_recorded
@@ -230,10 +231,10 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
             enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
         else:
             enc = load_recorded(recorded, model, options.device, **kw)
-    if recorded is None or (recorded["model"], recorded["fingerprint"], recorded.get("content_digest")) != \
+    if identity is None or (identity.name, identity.fingerprint, identity.content_digest) != \
             (enc.name, enc.fingerprint, enc.content_digest):
         with db.begin() as conn:
-            catalog.set_meta(conn, "model", enc.describe())
+            state.write(conn, model=state.ModelIdentity.from_record(enc.describe()))
     return enc
 
 
@@ -260,7 +261,7 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
             if vectors.adopt_segment(conn, store, segment):
                 raise IndexDamagedError(f"{store.segment_path(segment).name} holds vectors that are not unit "
                                         "length (damaged): run `alignsearch verify --repair`")
-        digest = catalog.get_meta(conn, "ann_digest")
+        digest = state.read(conn).ann.digest
     nxt = ann.next_path(out / ANN_FILE)
     if nxt.exists():
         if digest is not None and ann.file_digest(nxt) == digest:
@@ -273,13 +274,13 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     summary = Summary(str(out.resolve()))
     encoder = encoder or _load_encoder(db, opts.model, opts.encoder)
     with db.connect() as conn:
-        columns = catalog.get_meta(conn, "list_columns", {})
+        columns = dict(state.read(conn).roots.list_columns)
         store = vectors.load(conn, out, encoder.dim)
     _check_store(db, store, out)
     with db.begin() as conn:  # removed when the run ends: `info` tells an interrupted run from a finished one
-        catalog.set_meta(conn, "index_run", {"started": time.time(), "pid": os.getpid()})
+        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=os.getpid()))
     with db.connect() as conn:
-        known_roots = catalog.get_meta(conn, "roots", [])
+        known_roots = list(state.read(conn).roots.roots)
     all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
     if opts.list_column:
         columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
@@ -391,15 +392,15 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     if opts.use_ray:
         summary.encoder = ray_plan(times.extra.pop("actor_plans", []), summary.encoder)
     with db.connect() as conn:
-        tagging = catalog.get_meta(conn, "tagging")
+        tagging = state.read(conn).tagging
     if tagging:  # new images get the labels the library was tagged with
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     encoder.prepare_text()  # with ONNX: the first `alignsearch query` then runs without loading torch
     with db.begin() as conn:
         if times.items - times.reused - times.failed > 0:
-            catalog.set_meta(conn, "encoder", summary.encoder)  # what `info` reports
-        catalog.delete_meta(conn, "index_run")
+            state.write(conn, encoder=summary.encoder)  # what `info` reports
+        state.write(conn, index_run=None)
     return summary
 
 
@@ -444,11 +445,11 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
             encoder = _load_encoder(db, None, EncoderOptions(device=device))
             with db.connect() as conn:
                 store = vectors.load(conn, out, encoder.dim)
-                before = catalog.get_meta(conn, "tagging")
+                before = state.read(conn).tagging
             run = {"labels": labels, "templates": list(templates or DEFAULT_TEMPLATES), "threshold": threshold, "top": top}
             result = {**tag.tag_runs(db, store, encoder, {"runs": [run]}), "cleared": clear}
             with db.begin() as conn:
-                catalog.set_meta(conn, "tagging", tag.with_run(before, run))
+                state.write(conn, tagging=tag.with_run(before, run))
             return result
         finally:
             db.dispose()
@@ -463,7 +464,7 @@ def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
         db = catalog.connect(out / DB_FILE)
         try:
             with db.connect() as conn:
-                store = vectors.load(conn, out, int(catalog.get_meta(conn, "model")["dim"]))
+                store = vectors.load(conn, out, state.read(conn).model.dim)
             return build.sync_index(db, store, out / ANN_FILE, target_recall=target_recall)
         finally:
             db.dispose()

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
-from alignsearch.storage import catalog, vectors
+from alignsearch.storage import catalog, state, vectors
+from alignsearch.storage.state import ModelIdentity, Reindex
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE
 from alignsearch.storage.vectors import VectorStore
@@ -44,15 +46,15 @@ def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -
 def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, batch_size: int, fast: bool,
              on_batch=lambda n: None) -> int:
     """Encode every indexed file without a pending vector into the next generation; returns how many."""
-    state = _state(db, encoder, store)
-    pending = VectorStore(store.folder / f"{state['segment']}.f16", encoder.dim, state["rows"])
+    progress = _progress(db, encoder, store)
+    pending = VectorStore(store.folder / f"{progress.segment}.f16", encoder.dim, progress.rows)
     pending.path.parent.mkdir(parents=True, exist_ok=True)
     vectors.fsync_dir(pending.path.parent.parent)
     pending.truncate_uncommitted()  # what a killed re-encode wrote past its last commit
     with db.connect() as conn:
         done = {i for (i,) in conn.execute(select(catalog.pending_vectors.c.file_id))}
         rows = [r for r in catalog.indexed_files(conn) if r.id not in done]
-        intervals = {root: o["video_interval"] for root, o in catalog.get_meta(conn, "root_options", {}).items()
+        intervals = {root: o["video_interval"] for root, o in state.read(conn).roots.options.items()
                      if "video_interval" in o}
     moment_rows = [r for r in rows if r.t is not None]  # read again by indexer/videos.py
     rows = [r for r in rows if r.t is None]
@@ -66,9 +68,9 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
             if good:
                 conn.execute(insert(catalog.pending_vectors), [
                     {"file_id": ids[(it.found.root, it.found.relpath)], "vec_row": start + n} for n, it in enumerate(good)])
-            vectors.record_chunk(conn, pending, 0, start, len(good), key=state["segment"])
+            vectors.record_chunk(conn, pending, 0, start, len(good), key=progress.segment)
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
-            catalog.set_meta(conn, "reindex", {**state, "rows": pending.rows, "done": count})
+            state.write(conn, reindex=replace(progress, rows=pending.rows, done=count))
 
     items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0, fast=fast)
     pipeline.run(items, encoder, write, batch_size, on_batch)
@@ -78,9 +80,9 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
         with db.begin() as conn:
             conn.execute(insert(catalog.pending_vectors), [
                 {"file_id": r.id, "vec_row": start + n} for n, r in enumerate(moment_rows)])
-            vectors.record_chunk(conn, pending, 0, start, len(moment_rows), key=state["segment"])
+            vectors.record_chunk(conn, pending, 0, start, len(moment_rows), key=progress.segment)
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
-            catalog.set_meta(conn, "reindex", {**state, "rows": pending.rows, "done": count})
+            state.write(conn, reindex=replace(progress, rows=pending.rows, done=count))
 
     clips = videos.reencode_moments(db, encoder, moment_rows, intervals,
                                     CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, write_moments,
@@ -88,43 +90,45 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     return len(todo) + clips
 
 
-def _state(db, encoder: Encoder, store: VectorStore) -> dict:
+def _progress(db, encoder: Encoder, store: VectorStore) -> Reindex:
     """The re-encode in progress with this model, or a new one (a different model's is discarded)."""
     with db.begin() as conn:
-        state = catalog.get_meta(conn, "reindex")
-        if state is not None and state["model"]["fingerprint"] == encoder.fingerprint:
-            return state
-        if state is not None:
-            log.info("discarding the unfinished re-encode with %s", state["model"]["model"])
-            _discard(conn, store, state)
+        progress = state.read(conn).reindex
+        if progress is not None and progress.model.fingerprint == encoder.fingerprint:
+            return progress
+        if progress is not None:
+            log.info("discarding the unfinished re-encode with %s", progress.model.name)
+            _discard(conn, store, progress)
         live = {store.segments[n][0] for n in store.segments}
         for left in (store.folder / NEXT_FOLDER).glob("*.f16"):  # a killed run's, or one folded after its switch
             if f"{NEXT_FOLDER}/{left.stem}" not in live:
                 left.unlink()
-        state = {"model": encoder.describe(), "segment": f"{NEXT_FOLDER}/{uuid.uuid4().hex}", "rows": 0, "done": 0}
-        catalog.set_meta(conn, "reindex", state)
-        return state
+        progress = Reindex(model=ModelIdentity.from_record(encoder.describe()),
+                           segment=f"{NEXT_FOLDER}/{uuid.uuid4().hex}")
+        state.write(conn, reindex=progress)
+        return progress
 
 
-def _discard(conn, store: VectorStore, state: dict) -> None:
+def _discard(conn, store: VectorStore, progress: Reindex) -> None:
     conn.execute(delete(catalog.pending_vectors))
-    vectors.forget_chunks(conn, state["segment"])
-    catalog.delete_meta(conn, "reindex")
-    (store.folder / f"{state['segment']}.f16").unlink(missing_ok=True)
+    vectors.forget_chunks(conn, progress.segment)
+    state.write(conn, reindex=None)
+    (store.folder / f"{progress.segment}.f16").unlink(missing_ok=True)
 
 
 def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options: dict) -> dict:
     """Make the re-encoded generation live (see the module's docstring); returns the ANN build's report."""
     with db.connect() as conn:
-        state = catalog.get_meta(conn, "reindex")
+        recorded = state.read(conn)
+        progress = recorded.reindex
         pending = np.array(conn.execute(select(catalog.pending_vectors.c.file_id, catalog.pending_vectors.c.vec_row)
                                         .join(catalog.files, catalog.files.c.id == catalog.pending_vectors.c.file_id)
                                         .where(catalog.files.c.status == catalog.INDEXED)
                                         .order_by(catalog.pending_vectors.c.file_id)).all(),
                            dtype=np.int64).reshape(-1, 2)
-        generation = catalog.get_meta(conn, "generation", 0)
+        generation = recorded.generation
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
-    new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (state["segment"], state["rows"])})
+    new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (progress.segment, progress.rows)})
     live = np.stack([pending[:, 0], vectors.address(number, 0) + pending[:, 1]], axis=1) if len(pending) else pending
     old_keys = [vectors.segment_key(store, s) for s in store.numbers()]
 
@@ -138,9 +142,7 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         for key in old_keys:
             vectors.forget_chunks(conn, key)
         vectors.save(conn, new)
-        catalog.set_meta(conn, "model", encoder.describe())
-        catalog.set_meta(conn, "generation", generation + 1)
-        catalog.delete_meta(conn, "reindex")
+        state.write(conn, model=ModelIdentity.from_record(encoder.describe()), generation=generation + 1, reindex=None)
 
     built = build.sync_index(db, new, out / ANN_FILE, rebuild=True, live=live, on_commit=commit, **rebuild_options)
     new.truncate_uncommitted()  # the old generation's vectors: vectors.f16 emptied, old segments deleted

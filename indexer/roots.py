@@ -10,13 +10,13 @@ that scanned the root (a folder, or the whole root, that could not be listed: it
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
-from alignsearch.storage import catalog
+from alignsearch.storage import catalog, state
 from alignsearch.media import sources
 from alignsearch.errors import BadInputError
 from indexer import scan
@@ -53,16 +53,15 @@ def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str],
                     rebase_root(conn, k, root)
                 roots = [k for k in roots if k not in inner] + [root]
                 known = [k for k in known if k not in inner] + [root]
-                options = catalog.get_meta(conn, "root_options", {})
+                recorded = state.read(conn).roots
+                options = dict(recorded.options)
                 merged = next((options[k] for k in inner if k in options), None)
                 for k in inner:
                     options.pop(k, None)
                 if merged:
                     options[root] = merged
-                errors = catalog.get_meta(conn, "listing_errors", {})
-                catalog.set_meta(conn, "listing_errors", {k: v for k, v in errors.items() if k not in inner})
-                catalog.set_meta(conn, "root_options", options)
-                catalog.set_meta(conn, "roots", roots)
+                errors = {k: v for k, v in recorded.listing_errors.items() if k not in inner}
+                state.write(conn, roots=replace(recorded, roots=tuple(roots), options=options, listing_errors=errors))
             notes += [f"{k} is inside {root}: its files now belong to {root}" for k in inner]
         else:
             roots.append(root)
@@ -82,7 +81,7 @@ def rebase_root(conn, old: str, new: str) -> None:
 def options_for(db, given_roots: list[str], include_hidden: bool | None) -> dict[str, dict]:
     """Each root's remembered options, updated by this run's flag (None: not given) for the roots it names."""
     with db.connect() as conn:
-        options = catalog.get_meta(conn, "root_options", {})
+        options = dict(state.read(conn).roots.options)
     if include_hidden is not None:
         for root in given_roots:
             mine = {k: v for k, v in options.get(root, {}).items() if k != "include_hidden"}
@@ -166,20 +165,17 @@ def _one_per_key(root: str, found: list, notes: list) -> list:
 
 def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanned) -> None:
     with db.begin() as conn:
-        catalog.set_meta(conn, "roots", roots)
-        catalog.set_meta(conn, "list_columns", columns)
-        catalog.set_meta(conn, "root_options", {r: o for r, o in options.items() if r in roots})
         errors = {r: e for r, e in scanned.errors_by_root.items() if e}
-        catalog.set_meta(conn, "listing_errors", errors)
+        state.write(conn, roots=state.RootsState(roots=tuple(roots), list_columns=columns, listing_errors=errors,
+                                                 options={r: o for r, o in options.items() if r in roots}))
 
 
 def report(db) -> list[dict]:
     """Every root with its counts (indexed, failed), state (ok, missing, listing errors), options and the
     folders its last run could not list."""
     with db.connect() as conn:
-        roots = catalog.get_meta(conn, "roots", [])
-        options = catalog.get_meta(conn, "root_options", {})
-        errors = catalog.get_meta(conn, "listing_errors", {})
+        remembered = state.read(conn).roots
+        roots, options, errors = remembered.roots, remembered.options, remembered.listing_errors
         counts = count_by_root(conn)
     out = []
     for root in roots:
@@ -190,10 +186,10 @@ def report(db) -> list[dict]:
         recorded = errors.get(root, [])
         if present:  # a root the last run found missing and that is back (a restored shard, a remounted disk)
             recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == f"{root} is missing")]
-        state = "missing" if not present else "listing errors" if recorded else "ok"
+        health = "missing" if not present else "listing errors" if recorded else "ok"
         c = counts.get(root, {})
         out.append({"root": root, "indexed": c.get(catalog.INDEXED, 0), "failed": c.get(catalog.FAILED, 0),
-                    "state": state, "options": options.get(root, {}), "listing_errors": recorded})
+                    "state": health, "options": options.get(root, {}), "listing_errors": recorded})
     return out
 
 
@@ -223,18 +219,18 @@ def match(root: str, roots: list[str]) -> str | None:
 def forget(db, root: str) -> tuple[str, int]:
     """Drop a root and its rows from the catalog (the caller syncs the ANN index); returns (root, files)."""
     with db.begin() as conn:
-        roots = catalog.get_meta(conn, "roots", [])
+        recorded = state.read(conn).roots
+        roots = list(recorded.roots)
         name = match(root, roots)
         if name is None:
             listed = ", ".join(roots) or "none"
             raise BadInputError(f"{root} is not a root of this index (its roots: {listed}); see `alignsearch roots`")
         removed = delete_root(conn, name)
-        catalog.set_meta(conn, "roots", [r for r in roots if r != name])
-        for key in ("root_options", "listing_errors", "list_columns"):
-            value = catalog.get_meta(conn, key, {})
-            if name in value:
-                value.pop(name)
-                catalog.set_meta(conn, key, value)
+        state.write(conn, roots=state.RootsState(
+            roots=tuple(r for r in roots if r != name),
+            options={r: o for r, o in recorded.options.items() if r != name},
+            list_columns={r: c for r, c in recorded.list_columns.items() if r != name},
+            listing_errors={r: e for r, e in recorded.listing_errors.items() if r != name}))
     return name, removed
 
 
@@ -252,8 +248,8 @@ def forget_root(index_dir, root: str) -> dict:
         try:
             name, removed = forget(db, root)
             with db.connect() as conn:
-                model = catalog.get_meta(conn, "model")
-                store = vectors.load(conn, out, int(model["dim"])) if model else None
+                model = state.read(conn).model
+                store = vectors.load(conn, out, model.dim) if model else None
             built = build.sync_index(db, store, out / ANN_FILE) if store is not None else {}
         finally:
             db.dispose()

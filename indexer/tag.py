@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch.storage import catalog
+from alignsearch.storage import catalog, state
 from alignsearch.encoders.classify import BACKGROUND_PROMPTS, DEFAULT_TEMPLATES, against_background, choose_tags
 from alignsearch.errors import BadInputError
 from alignsearch.storage.vectors import VectorStore
@@ -101,6 +101,6 @@ def clear(db: Engine) -> None:
     """Forget every tag and every remembered run."""
     with db.begin() as conn:
         catalog.replace_tags(conn, [])
-        catalog.delete_meta(conn, "tagging")
+        state.write(conn, tagging=None)
         if catalog.has_keywords(conn):
             catalog.refresh_keywords(conn)

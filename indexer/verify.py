@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from alignsearch.storage import ann, catalog, shards, vectors
+from alignsearch.storage import ann, catalog, shards, state, vectors
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError
 from alignsearch.storage.vectors import VectorStore
@@ -64,14 +64,15 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     db = catalog.connect(index_dir / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            model = catalog.get_meta(conn, "model")
-            if model is None:
+            st = state.read(conn)
+            if st.model is None:
                 r.problems.append("no model recorded: the index was never built")
                 return r
-            store = vectors.load(conn, index_dir, int(model["dim"]))
+            model = st.model.record
+            store = vectors.load(conn, index_dir, st.model.dim)
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
             found = vectors.check(conn, store)
-            digest, files = catalog.get_meta(conn, "ann_digest"), catalog.get_meta(conn, "ann_files") or {}
+            digest, files = st.ann.digest, dict(st.ann.files)
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
@@ -146,11 +147,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
         db = catalog.connect(index_dir / DB_FILE)
         try:
             with db.connect() as conn:
-                model = catalog.get_meta(conn, "model")
+                model = state.read(conn).model
             if model is None:
                 return done
             with db.connect() as conn:
-                store = vectors.load(conn, index_dir, int(model["dim"]))
+                store = vectors.load(conn, index_dir, model.dim)
             cut = [store.segment_path(s).name for s in store.numbers()
                    if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
             store = _held(store)
@@ -198,7 +199,7 @@ def repair_advice(index_dir: Path) -> str:
     try:
         db = catalog.connect(index_dir / DB_FILE, readonly=True)
         with db.connect() as conn:
-            roots = catalog.get_meta(conn, "roots", [])
+            roots = list(state.read(conn).roots.roots)
         db.dispose()
     except Exception:  # noqa: BLE001 - the roots are a courtesy; the file may be unreadable
         pass

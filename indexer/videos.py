@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import delete, insert
 
-from alignsearch.storage import catalog, vectors
+from alignsearch.storage import catalog, state, vectors
 from alignsearch.media import photometa, sources
 from alignsearch import safeopen
 from alignsearch.media.phash import phash_of
@@ -241,7 +241,7 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
         if not reuse:
             vectors.record_chunk(conn, store, 0, start, len(rows))
         if rows:
-            catalog.set_meta(conn, "videos", True)  # readers cap the moments of one video (engine.py)
+            state.write(conn, videos=True)  # readers cap the moments of one video (engine.py)
         vectors.save(conn, store)
     stats.moments += len(rows)
     stats.seconds["write"] += time.perf_counter() - t0

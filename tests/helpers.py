@@ -297,7 +297,7 @@ def vector_index(folder, n, dim, seed=0):
     """An index of n catalog rows and their unit vectors at any width, written directly (catalog rows,
     vectors.f16, an empty flat ANN index), as benchmarks/bench_dupes.py writes its synthetic index: for
     commands that read the catalog and the stored vectors (export) at sizes no test should encode."""
-    from alignsearch.storage import ann, catalog, vectors
+    from alignsearch.storage import ann, catalog, state, vectors
     from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
     folder = Path(folder)
@@ -314,7 +314,7 @@ def vector_index(folder, n, dim, seed=0):
                 dict(root="/synthetic", relpath=f"{i:07d}.jpg", size=1000 + i, mtime=1.6e9 + i, sha256=f"{i:064x}",
                      width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
                 for i in range(start, min(n, start + 10_000))])
-        catalog.set_meta(conn, "model", {"model": "synthetic", "fingerprint": "synthetic", "dim": dim})
+        state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         vectors.save(conn, store)
     db.dispose()
     ann.write_atomic(ann.create(ann.plan_index(0, dim), dim), folder / ANN_FILE)

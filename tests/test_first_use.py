@@ -301,7 +301,7 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
     import numpy as np
 
     import alignsearch
-    from alignsearch.storage import ann, catalog, vectors
+    from alignsearch.storage import ann, catalog, state, vectors
     from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
     dim = 640
@@ -319,7 +319,7 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
         conn.execute(catalog.insert(catalog.files), [
             dict(root="/synthetic", relpath=f"{i}.jpg", size=1000 + i, mtime=1.6e9, sha256=f"{i:064x}", width=64,
                  height=64, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i) for i in range(5)])
-        catalog.set_meta(conn, "model", {"model": "synthetic", "fingerprint": "synthetic", "dim": dim})
+        state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         vectors.save(conn, store)
     db.dispose()
     index = ann.create(ann.plan_index(0, dim), dim)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch.storage import catalog
+from alignsearch.storage import catalog, migrate, state
 from alignsearch.errors import AlignSearchError
 from conftest import index_json, make_images, run
 
@@ -229,7 +229,7 @@ def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(tmp_path, tiny_
     assert len(alignsearch.open(ix).search(text="x", k=5)) == 2  # read as it is: a reader writes nothing
     index_json(ix, "--device", "cpu")  # the next writer upgrades it
     with alignsearch.open(ix).db.connect() as conn:
-        assert catalog.get_meta(conn, "schema_version") == catalog.SCHEMA_VERSION == 3
+        assert state.read(conn).schema_version == migrate.LATEST == 3
     set_version(4)
     with pytest.raises(AlignSearchError, match="upgrade alignsearch"):
         alignsearch.open(ix)

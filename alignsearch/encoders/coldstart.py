@@ -3,36 +3,22 @@
 ONNX Runtime builds a session (0.5-1 s for align-base's 440 MB text tower) without holding the GIL, so it can
 run while this process imports SQLAlchemy, faiss and the engine and opens the index (~0.6 s): 1.5 s instead
 of 2.0 s in a measurement on a 2-core Xeon. Which tower to load comes from a read-only peek at the catalog's
-`model` meta with the standard sqlite3 module (SQLAlchemy is among the imports to overlap); it is only a hint:
-the engine uses the result only if it is for the model its own snapshot records (Engine._text_encoder_of).
+`model` meta with the standard sqlite3 module (state.peek_model; SQLAlchemy is among the imports to overlap);
+it is only a hint: the engine uses the result only if it is for the model its own snapshot records (Engine._text_encoder_of).
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from alignsearch.storage import state
 from alignsearch.storage.paths import DB_FILE
 
 
 def peek_model(index_dir: Path) -> dict | None:
-    """The catalog's `model` meta, read-only; None when it cannot be read (the engine then reports why)."""
-    try:
-        db = Path(index_dir).resolve() / DB_FILE
-        if not db.is_file():
-            return None
-        # as_uri escapes '?', '#' and '%' in the path; mode=ro writes nothing (a read-only mount, another owner)
-        con = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True, timeout=0.5)
-        try:
-            row = con.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
-        finally:
-            con.close()
-        info = json.loads(row[0]) if row else None
-        return info if isinstance(info, dict) else None
-    except (sqlite3.Error, OSError, ValueError, TypeError):
-        return None
+    """The catalog's recorded model, read-only; None when it cannot be read (the engine then reports why)."""
+    return state.peek_model(Path(index_dir) / DB_FILE)
 
 
 def text_encoder_soon(index_dir: Path, precision: str) -> tuple[dict, Future] | None:

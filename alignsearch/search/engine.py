@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch.storage import ann, catalog, keywords, shards, vectors
+from alignsearch.storage import ann, catalog, keywords, shards, state, vectors
 from alignsearch.search import filters, querycheck
 from alignsearch.encoders.backend import EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
@@ -137,15 +137,12 @@ class Engine:
 
     def _open_snapshot(self) -> Snapshot:
         with self.db.connect() as conn:
-            model_info = catalog.get_meta(conn, "model")
-            if model_info is None:
+            st = state.read(conn)
+            if st.model is None:
                 raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
-            generation = catalog.get_meta(conn, "generation", 0)
-            roots = catalog.get_meta(conn, "roots", [])
-            tuning = catalog.get_meta(conn, "tuning") or {}
-            digest = catalog.get_meta(conn, "ann_digest")
-            store = vectors.load(conn, self.dir, int(model_info["dim"]))
-            videos = bool(catalog.get_meta(conn, "videos", False))
+            model_info, generation, roots, tuning = st.model.record, st.generation, list(st.roots.roots), dict(st.ann.tuning)
+            digest, videos = st.ann.digest, st.videos
+            store = vectors.load(conn, self.dir, st.model.dim)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
             unbuilt = digest is None and not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2) if unbuilt else None
@@ -163,7 +160,7 @@ class Engine:
         """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed."""
         snap = self.snap
         with self.db.connect() as conn:
-            generation = catalog.get_meta(conn, "generation", 0)
+            generation = state.read(conn).generation
             grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
         if generation == snap.generation and shards.stamp(self.dir) == snap.stamp and not grown:
             return False
@@ -593,7 +590,7 @@ class Engine:
         sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone)."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
-            if catalog.get_meta(conn, "generation", 0) != snap.generation:
+            if state.read(conn).generation != snap.generation:
                 raise _Stale()
             if len(addresses) < len(ids):
                 self._check_catalog(snap)
@@ -648,8 +645,8 @@ class Engine:
         snap = self.snap
         with self.db.connect() as conn:
             count = catalog.counts(conn)
-            indexed_with = catalog.get_meta(conn, "encoder")
-            unfinished = catalog.get_meta(conn, "index_run") is not None
+            st = state.read(conn)
+            indexed_with, unfinished = st.encoder, st.index_run is not None
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),
@@ -724,7 +721,7 @@ class Engine:
         """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read
         may point at the new generation's vectors."""
         with self.db.connect() as conn:
-            if catalog.get_meta(conn, "generation", 0) != snap.generation:
+            if state.read(conn).generation != snap.generation:
                 raise _Stale()
 
     def _check_catalog(self, snap: Snapshot) -> None:

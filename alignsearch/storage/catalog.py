@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import base64
 import errno
-import json
 import os
-import sqlite3
 import time
 import uuid
-from urllib.parse import quote
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -42,16 +39,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from alignsearch.media import sources
+from alignsearch.storage import migrate, state
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
 
-# 2: files.vec_row is a (segment, row) address (alignsearch/storage/vectors.py). A version 1 index holds
-# segment 0 addresses only, which read the same, so it is upgraded in place.
-# 3: a video is a sequence of moments, one row each (files.moment, t, t_end: alignsearch/media/video.py); (root,
-# relpath) is unique per moment. And photos.ocr (the text read in an image, `index --ocr`), the keyword index
-# folds accents, and a second, trigram keyword index holds the chunks with digits (codes, numbers). Versions 1
-# and 2 are upgraded by a writer (_upgrade_files: the files table is copied, ids kept; then _upgrade); a reader
-# of one not yet upgraded sees files through a view with the moment columns added, and treats the text as absent.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = migrate.LATEST  # how each version came about: alignsearch/storage/migrate.py
+V2_COLUMNS = migrate.V2_COLUMNS
 INDEXED, FAILED = "indexed", "failed"
 
 metadata = MetaData()
@@ -185,15 +177,13 @@ BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another process's loc
 
 
 def connect(db_path: Path, readonly: bool = False) -> Engine:
-    """The catalog's engine. A writer creates and upgrades it; a reader (readonly) writes nothing, so an
-    index on a read-only mount or owned by another user can be queried. A file that is not a readable
-    SQLite database raises IndexDamagedError (one line, exit 7) rather than a driver traceback."""
+    """The catalog's engine. A writer creates it, or upgrades it to this version in one transaction
+    (alignsearch/storage/migrate.py); a reader (readonly: open_readonly) writes nothing, so an index on a
+    read-only mount or owned by another user can be queried. A file that is not a readable SQLite database
+    raises IndexDamagedError (one line, exit 7) rather than a driver traceback, as does a catalog written by
+    a newer alignsearch."""
     if readonly:
-        # A queue of connections, each used by one thread at a time: the default for a creator, a pool of
-        # five thread-bound connections, closes connections other threads still use past five threads
-        # (SQLite then crashes the process).
-        engine = create_engine("sqlite://", creator=lambda: _open_readonly(Path(db_path)), poolclass=QueuePool,
-                               pool_size=8, max_overflow=-1)
+        engine = open_readonly(db_path)
     else:
         # URL.create, not an f-string: a '?', '#' or '%20' in the folder's path is part of the file name, not a
         # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success)
@@ -211,44 +201,63 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         if readonly:
             _refuse_if_locked(Path(db_path))
             with engine.connect() as conn:
-                _check_version(get_meta(conn, "schema_version"))
+                migrate.check(state.read(conn).schema_version)
             return engine
-        metadata.create_all(engine)
         with engine.begin() as conn:
-            version = get_meta(conn, "schema_version")
-            _check_version(version)
-            if version != SCHEMA_VERSION:  # new, or an older version (upgraded in place)
-                if version is not None:
-                    _upgrade_files(conn)
-                    _upgrade(conn, version)
-                set_meta(conn, "schema_version", SCHEMA_VERSION)
-            _create_keywords(conn)
-            if get_meta(conn, "index_id") is None:  # names this index (a copy keeps it: see server records)
-                set_meta(conn, "index_id", uuid.uuid4().hex)
+            migrate.upgrade(conn)
+            if state.read(conn).index_id is None:  # names this index (a copy keeps it: see server records)
+                state.write(conn, index_id=uuid.uuid4().hex)
     except DBAPIError as exc:
         engine.dispose()
         raise damaged(db_path, exc) from None
+    except BaseException:  # an unknown version (AlignSearchError), an interrupt: the engine goes with it
+        engine.dispose()
+        raise
     return engine
 
 
-def _create_keywords(conn: Connection) -> None:
+def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: bool = True) -> Engine:
+    """The one way to open a catalog read-only: an engine whose connections never create or write anything,
+    even the WAL's shared-memory file when the folder is not writable (then SQLite reads the database as it
+    stands on disk). prepare: learn what the catalog holds when each connection opens (migrate.reader_schema,
+    which reads it, so a lock probe, which must not wait out the busy timeout, goes without). No check of
+    the version or of a lock: connect(readonly=True) does both."""
+    path = Path(db_path).resolve()
+    # A queue of connections, each used by one thread at a time: a pool of five thread-bound connections
+    # closes connections other threads still use past five threads (SQLite then crashes the process).
+    engine = create_engine(readonly_url(path), poolclass=QueuePool, pool_size=8, max_overflow=-1)
+
+    @event.listens_for(engine, "do_connect")
+    def _url_now(dialect, _record, cargs, cparams):
+        # decided per connection: a writer may have made the folder's WAL files since the engine was made
+        args, params = dialect.create_connect_args(readonly_url(path))
+        cargs[:] = args
+        cparams.update(params)
+
+    @event.listens_for(engine, "connect")
+    def _prepare(dbapi_conn, record):
+        dbapi_conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        if prepare:
+            record.info["schema"] = migrate.reader_schema(dbapi_conn)
+
+    return engine
+
+
+def readonly_url(path: Path) -> URL:
+    """The SQLite URI of a read-only connection to the catalog at `path` (absolute), as a SQLAlchemy URL:
+    the path is a file: URI (as_uri escapes '?', '#' and '%'), mode=ro, and immutable=1 when the folder
+    cannot be written and holds no shared-memory file (SQLite could not create one)."""
+    query = {"mode": "ro", "uri": "true"}
+    if not os.access(path.parent, os.W_OK) and not (path.parent / (path.name + "-shm")).exists():
+        query["immutable"] = "1"
+    return URL.create("sqlite", database=path.as_uri(), query=query)
+
+
+def create_keywords(conn: Connection) -> None:
     # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+)
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
                          "fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
-
-
-def _upgrade(conn: Connection, version: int) -> None:
-    """Bring a version 1 or 2 catalog to SCHEMA_VERSION in the caller's transaction: photos gains its ocr
-    column (NULL: not read), and the keyword index is built again with folded accents and its trigram twin
-    from what the catalog holds (captions, names, tags; nothing is read from the images)."""
-    if version < 3:
-        have = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({photos.name})")}
-        if "ocr" not in have:
-            conn.exec_driver_sql(f"ALTER TABLE {photos.name} ADD COLUMN ocr TEXT")
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {KEYWORDS}")
-        _create_keywords(conn)
-        refresh_keywords(conn)
 
 
 def damaged(db_path, exc: Exception) -> AlignSearchError:
@@ -287,64 +296,6 @@ def not_damage(exc: BaseException) -> AlignSearchError | None:
     return None
 
 
-def _check_version(version) -> None:
-    if version not in (None, 1, 2, SCHEMA_VERSION):
-        raise IndexDamagedError(f"index schema version {version} is not supported by this alignsearch (it reads "
-                                f"{SCHEMA_VERSION}): upgrade alignsearch")
-
-
-def _open_readonly(db_path: Path, view: bool = True):
-    """A read-only connection that never creates or writes anything, even the WAL's shared-memory file
-    when the folder is not writable (then SQLite reads the database as it stands on disk). view: show an
-    older catalog's files with the moment columns (_moments_view; it reads the schema, so a lock probe,
-    which must not wait out the busy timeout, goes without)."""
-    uri = f"file:{quote(str(db_path.resolve()))}?mode=ro"
-    if not os.access(db_path.parent, os.W_OK) and not (db_path.parent / (db_path.name + "-shm")).exists():
-        uri += "&immutable=1"
-    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    if view:
-        try:
-            _moments_view(conn)
-        except sqlite3.DatabaseError:  # not a database: connect() reports it in words
-            pass
-    return conn
-
-
-V2_COLUMNS = ("id", "root", "relpath", "relpath_raw", "size", "mtime", "sha256", "width", "height", "format", "status",
-              "reason", "indexed_at", "vec_row")
-
-
-def _moments_view(conn: sqlite3.Connection) -> None:
-    """A catalog written before moments (schema 1-2) read by this version, which a reader must not upgrade:
-    a temporary view named `files` (temp names shadow main ones, and temp objects need no write access)
-    shows its rows as photos, moment 0 with no times."""
-    names = [row[1] for row in conn.execute("PRAGMA main.table_info(files)")]
-    if names and "moment" not in names:
-        conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {', '.join(V2_COLUMNS)}, 0 AS moment, "
-                     "NULL AS t, NULL AS t_end FROM main.files")
-
-
-def _upgrade_files(conn: Connection) -> None:
-    """Schema 1-2 to 3 in the caller's transaction: the files table is rebuilt with the moment columns (SQLite
-    cannot change a table's unique constraint in place); ids, and the autoincrement counter that keeps them
-    from being reused, are kept. Every other table refers to files by id, so nothing else moves."""
-    names = [row[1] for row in conn.exec_driver_sql("PRAGMA main.table_info(files)")]
-    if not names or "moment" in names:
-        return
-    seq = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = 'files'").scalar() or 0
-    conn.exec_driver_sql("DROP INDEX IF EXISTS files_sha256")  # the name goes to the new table's index
-    conn.exec_driver_sql("ALTER TABLE files RENAME TO files_before_moments")
-    files.create(conn)
-    cols = ", ".join(V2_COLUMNS)
-    conn.exec_driver_sql(f"INSERT INTO files ({cols}) SELECT {cols} FROM files_before_moments")
-    conn.exec_driver_sql("DROP TABLE files_before_moments")
-    conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = 'files_before_moments'")
-    conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'files'", (int(seq),))
-    if not conn.exec_driver_sql("SELECT 1 FROM sqlite_sequence WHERE name = 'files'").first() and seq:
-        conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)", (int(seq),))
-
-
 LOCK_WAIT_SECONDS = 2.0  # a checkpoint or a commit holds the catalog for milliseconds; a writer in EXCLUSIVE mode for its run
 
 
@@ -354,16 +305,13 @@ def _refuse_if_locked(db_path: Path) -> None:
     says who holds it (an alignsearch run holding the index's write.lock, or another program): BadInputError."""
     if not db_path.exists():
         return
+    probe = open_readonly(db_path, busy_ms=int(LOCK_WAIT_SECONDS * 1000), prepare=False)
     try:
-        probe = _open_readonly(db_path, view=False)
-    except sqlite3.Error:
-        return  # reported by the caller's own read
-    try:
-        probe.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
-        probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc) and "busy" not in str(exc):
-            return
+        with probe.connect() as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").fetchone()
+    except DBAPIError as exc:
+        if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
+            return  # reported by the caller's own read
         try:
             from alignsearch.storage.paths import writer_running  # the write path's lock, probed read-only
 
@@ -374,26 +322,13 @@ def _refuse_if_locked(db_path: Path) -> None:
                "another program holds it locked (a sqlite3 shell or tool in EXCLUSIVE locking mode?)")
         raise BadInputError(f"{db_path.name} is locked: {who}; the index is not damaged: try again when it has "
                             "finished") from None
-    except sqlite3.Error:
-        return
     finally:
-        probe.close()
+        probe.dispose()
 
 
 def index_id(conn: Connection) -> str | None:
     """A random id given to the index when its catalog was created; servers prove it to clients."""
-    return get_meta(conn, "index_id")
-
-
-def get_meta(conn: Connection, key: str, default: Any = None) -> Any:
-    value = conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
-    return default if value is None else json.loads(value)
-
-
-def set_meta(conn: Connection, key: str, value: Any) -> None:
-    text = json.dumps(value)
-    if conn.execute(update(meta).where(meta.c.key == key).values(value=text)).rowcount == 0:
-        conn.execute(insert(meta).values(key=key, value=text))
+    return state.read(conn).index_id
 
 
 def _rows(result) -> list[FileRow]:
@@ -476,10 +411,6 @@ def ids_with_tag(conn: Connection, label: str) -> list[int]:
 def tags_of(conn: Connection, file_id: int) -> list[tuple[str, float]]:
     query = select(tags.c.label, tags.c.probability).where(tags.c.file_id == file_id).order_by(tags.c.probability.desc())
     return [(label, p) for label, p in conn.execute(query)]
-
-
-def delete_meta(conn: Connection, key: str) -> None:
-    conn.execute(delete(meta).where(meta.c.key == key))
 
 
 def delete_all_files(conn: Connection) -> None:
@@ -566,10 +497,8 @@ def integrity_problems(db_path: Path) -> list[str]:
 # -- perceptual hashes (alignsearch/search/dupes.py) ---------------------------------------------------------------
 
 def has_phashes(conn: Connection) -> bool:
-    """Whether the catalog has the phashes table (an index written before it existed has none)."""
-    from sqlalchemy import inspect
-
-    return inspect(conn).has_table(phashes.name)
+    """Whether the catalog has the phashes table (a version 2 index written before it existed has none)."""
+    return migrate.schema_of(conn).phashes
 
 
 def set_phashes(conn: Connection, rows: Iterable[tuple[int, str]]) -> None:
@@ -638,16 +567,11 @@ def forget_extras(conn: Connection, ids: list[int]) -> None:
 
 
 def has_keywords(conn: Connection) -> bool:
-    return _has_table(conn, KEYWORDS)
+    return migrate.schema_of(conn).keywords
 
 
 def has_photos(conn: Connection) -> bool:
-    return _has_table(conn, photos.name)
-
-
-def _has_table(conn: Connection, name: str) -> bool:
-    # sqlite_master directly: SQLAlchemy's inspector costs a millisecond per call, once per query
-    return conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).first() is not None
+    return migrate.schema_of(conn).photos
 
 
 def keyword_text(relpath: str, caption: str | None, labels: Iterable[str] = (), ocr: str | None = None) -> str:
@@ -663,8 +587,9 @@ def _drop_keywords(conn: Connection, ids: Iterable[int]) -> None:
     listed = ",".join(str(int(i)) for i in ids)
     if not listed:
         return
-    for table in (KEYWORDS, KEYWORDS_TRIGRAM):
-        if _has_table(conn, table):
+    schema = migrate.schema_of(conn)
+    for table, present in ((KEYWORDS, schema.keywords), (KEYWORDS_TRIGRAM, schema.trigram)):
+        if present:
             conn.exec_driver_sql(f"DELETE FROM {table} WHERE rowid IN ({listed})")
 
 
@@ -783,8 +708,7 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     if not has_photos(conn):
         return {}
     # a reader of a catalog older than photos.ocr (it cannot upgrade it) reads the columns there are
-    have = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({photos.name})")}
-    columns = [c for c in photos.c if c.name in have]
+    columns = [c for c in photos.c if c.name != "ocr" or migrate.schema_of(conn).photo_ocr]
     ids, out = list(ids), {}
     for start in range(0, len(ids), 500):
         query = select(*columns).where(photos.c.file_id.in_(ids[start : start + 500]))

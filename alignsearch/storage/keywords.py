@@ -157,11 +157,12 @@ def search(conn, query: Query, limit: int, among=None) -> list[tuple[int, float]
     `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
     are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
     all the query's words, those found only inside longer tokens after them."""
-    from alignsearch.storage.catalog import KEYWORDS, KEYWORDS_TRIGRAM, _has_table
+    from alignsearch.storage import migrate
+    from alignsearch.storage.catalog import KEYWORDS, KEYWORDS_TRIGRAM
 
     if not query:
         return []
-    trigram = _has_table(conn, KEYWORDS_TRIGRAM)
+    trigram = migrate.schema_of(conn).trigram
     params: list = []
 
     def atom_sql(a: Atom) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
-from alignsearch.storage import catalog
+from alignsearch.storage import catalog, state
 from alignsearch.atomic import fsync_dir, write_bytes
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage.paths import VECTORS_FILE
@@ -279,15 +279,15 @@ def empty_file(path: Path) -> None:
 
 def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
     """The store of the index at index_dir as the catalog last committed it."""
-    listed = catalog.get_meta(conn, "vector_segments", [])
-    return VectorStore(Path(index_dir) / VECTORS_FILE, dim, catalog.get_meta(conn, "vector_rows", 0),
-                       {number: (name, rows) for number, name, rows in listed})
+    recorded = state.read(conn).vectors
+    return VectorStore(Path(index_dir) / VECTORS_FILE, dim, recorded.rows,
+                       {number: (name, rows) for number, name, rows in recorded.segments})
 
 
 def save(conn: Connection, store: VectorStore) -> None:
     """Commit the store's row counts, in the transaction that commits the catalog rows using them."""
-    catalog.set_meta(conn, "vector_rows", store.rows)
-    catalog.set_meta(conn, "vector_segments", [[n, *store.segments[n]] for n in sorted(store.segments)])
+    state.write(conn, vectors=state.VectorState(rows=store.rows, segments=tuple(
+        (n, *store.segments[n]) for n in sorted(store.segments))))
 
 
 # -- checksums: each committed batch of rows is hashed as it lies on disk (catalog.vector_chunks) --------

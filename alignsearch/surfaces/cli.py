@@ -555,7 +555,7 @@ def tags(as_json, index_dir):
 def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
     """[(label, images)] from the index's catalog (db: an open one); the remembered labels that tag no image
     yet are listed with 0 (later index runs apply them)."""
-    from alignsearch.storage import catalog
+    from alignsearch.storage import catalog, state
     from alignsearch.storage.paths import DB_FILE, resolve_index_dir
     from indexer.tag import runs_of
 
@@ -564,7 +564,7 @@ def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
     try:
         with db.connect() as conn:
             counts = catalog.tag_counts(conn)
-            remembered = [label for run in runs_of(catalog.get_meta(conn, "tagging")) for label in run["labels"]]
+            remembered = [label for run in runs_of(state.read(conn).tagging) for label in run["labels"]]
         seen = {label.lower() for label, _ in counts}
         unused = [label for label in dict.fromkeys(remembered) if label.lower() not in seen]
         return counts + [(label, 0) for label in sorted(set(unused), key=str.lower)]
@@ -664,11 +664,11 @@ def info(failed, as_json, index_dir):
 
 def _listing_errors(db) -> list[dict]:
     """Folders the last run could not list (their rows were kept): [{root, folder, reason}], in root order."""
-    from alignsearch.storage import catalog
+    from alignsearch.storage import state
 
     with db.connect() as conn:
-        roots = catalog.get_meta(conn, "roots", [])
-        errors = catalog.get_meta(conn, "listing_errors", {})
+        recorded = state.read(conn).roots
+    roots, errors = recorded.roots, recorded.listing_errors
     return [{"root": root, **e} for root in roots for e in errors.get(root, [])]
 
 

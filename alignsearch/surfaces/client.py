@@ -36,15 +36,16 @@ def _stderr(message: str) -> None:
 
 def local_index_id(index_dir: Path) -> str | None:
     """This index's id (catalog.index_id), read without writing to the catalog."""
-    from sqlalchemy import create_engine
-
     from alignsearch.storage import catalog
 
-    db = create_engine(f"sqlite:///file:{index_dir / DB_FILE}?mode=ro&uri=true")
+    try:
+        db = catalog.open_readonly(index_dir / DB_FILE)
+    except Exception:  # noqa: BLE001 - an unreadable catalog: then no server can prove anything
+        return None
     try:
         with db.connect() as conn:
             return catalog.index_id(conn)
-    except Exception:  # noqa: BLE001 - an unreadable catalog: then no server can prove anything
+    except Exception:  # noqa: BLE001 - as above
         return None
     finally:
         db.dispose()

@@ -1,0 +1,193 @@
+"""How an index's catalog got its shape: numbered upgrade steps that writers apply and readers know.
+
+The version lives in the meta table's `schema_version` (alignsearch/storage/state.py), not in PRAGMA
+user_version: every alignsearch since the first reads that key and refuses, in one line, a version it does not
+know. A version kept in user_version would be invisible to them: an older alignsearch would misread a catalog
+a newer one upgraded instead of saying "upgrade alignsearch".
+
+A writer (catalog.connect) runs every step its catalog lacks in one transaction that it opens itself
+(BEGIN IMMEDIATE: SQLite's DDL is transactional, but Python's sqlite3 begins a transaction only before DML,
+so a step's CREATE or ALTER would otherwise commit on its own), so a crash mid-way leaves the old version
+whole, and a second writer waits for the first and then finds nothing to do. A reader never writes: it
+accepts every version from 1 to LATEST as it stands, and learns what an older one lacks once per connection
+(reader_schema), never per search. A version above LATEST is refused.
+
+Adding a step: a function that brings version N-1 to N in the caller's transaction, appended to STEPS as
+Step(N, ...); if readers of older versions must do without something it adds, a field of Schema says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from typing import Callable
+
+from alignsearch.errors import IndexDamagedError
+from alignsearch.storage import state
+
+log = logging.getLogger(__name__)
+
+# The files table's columns before video moments (schema 1-2).
+V2_COLUMNS = ("id", "root", "relpath", "relpath_raw", "size", "mtime", "sha256", "width", "height", "format", "status",
+              "reason", "indexed_at", "vec_row")
+
+
+@dataclass(frozen=True)
+class Step:
+    version: int  # the version this step brings a catalog to, from the one before
+    what: str
+    apply: Callable  # (SQLAlchemy Connection) -> None, in the caller's transaction
+
+
+def _segments(conn) -> None:
+    """files.vec_row became a (segment, row) address (alignsearch/storage/vectors.py): the addresses of a
+    version 1 catalog are segment 0's, which read the same. Nothing on disk changes."""
+
+
+def _moments_and_text(conn) -> None:
+    """Videos as moments and the text in images: the files table gains moment, t, t_end with (root, relpath,
+    moment) unique (rebuilt: SQLite cannot change a unique constraint in place; ids and the autoincrement
+    counter kept), photos gains ocr (NULL: not read), and the keyword index is built again with folded accents
+    and its trigram twin from what the catalog holds (nothing is read from the images).
+
+    First the tables that arrived in version 2 without a version bump (photos, phashes, the keyword index,
+    and the other tables of catalog.metadata): a version 2 catalog written before them lacks them, so from
+    version 3 on every table is there and readers need not look."""
+    from alignsearch.storage import catalog
+
+    have = _tables(conn.connection.dbapi_connection)
+    catalog.metadata.create_all(conn, tables=[t for t in catalog.metadata.sorted_tables if t.name != catalog.files.name])
+    _rebuild_files(conn)
+    if catalog.photos.name in have:
+        columns = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({catalog.photos.name})")}
+        if "ocr" not in columns:
+            conn.exec_driver_sql(f"ALTER TABLE {catalog.photos.name} ADD COLUMN ocr TEXT")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {catalog.KEYWORDS}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {catalog.KEYWORDS_TRIGRAM}")
+    catalog.create_keywords(conn)
+    catalog.refresh_keywords(conn)
+
+
+def _rebuild_files(conn) -> None:
+    from alignsearch.storage import catalog
+
+    names = [row[1] for row in conn.exec_driver_sql("PRAGMA main.table_info(files)")]
+    if not names or "moment" in names:
+        return
+    seq = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = 'files'").scalar() or 0
+    conn.exec_driver_sql("DROP INDEX IF EXISTS files_sha256")  # the name goes to the new table's index
+    conn.exec_driver_sql("ALTER TABLE files RENAME TO files_before_moments")
+    catalog.files.create(conn)
+    cols = ", ".join(V2_COLUMNS)
+    conn.exec_driver_sql(f"INSERT INTO files ({cols}) SELECT {cols} FROM files_before_moments")
+    conn.exec_driver_sql("DROP TABLE files_before_moments")
+    conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = 'files_before_moments'")
+    conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'files'", (int(seq),))
+    if not conn.exec_driver_sql("SELECT 1 FROM sqlite_sequence WHERE name = 'files'").first() and seq:
+        conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)", (int(seq),))
+
+
+STEPS: tuple[Step, ...] = (
+    Step(2, "vector addresses are (segment, row)", _segments),
+    Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
+         _moments_and_text),
+)
+OLDEST = 1
+LATEST = STEPS[-1].version
+
+
+def pending(version: int | None) -> list[Step]:
+    """The steps a catalog at `version` needs, in order (None: a new catalog, created at LATEST instead)."""
+    check(version)
+    return [] if version is None else [s for s in STEPS if s.version > version]
+
+
+def check(version: int | None) -> None:
+    """Refuse a version this alignsearch does not know (one written by a newer one)."""
+    if version is not None and not OLDEST <= version <= LATEST:
+        raise IndexDamagedError(f"index schema version {version} is not supported by this alignsearch (it reads "
+                                f"{LATEST}): upgrade alignsearch")
+
+
+def upgrade(conn) -> int | None:
+    """Bring the catalog behind `conn` (a writer's) to LATEST, or create it there, in one transaction that
+    this opens; the caller commits it (engine.begin()). Returns the version it had (None: new)."""
+    if _version(conn) == LATEST:  # the usual case: no write, no lock (`alignsearch roots` runs beside an index run)
+        return LATEST
+    if not conn.connection.dbapi_connection.in_transaction:
+        # the write lock first, then the version again: another writer may have upgraded it meanwhile
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    before = _version(conn)
+    steps = pending(before)
+    if before is None:
+        _create(conn)
+    for step in steps:
+        log.info("upgrading the catalog to schema %d: %s", step.version, step.what)
+        step.apply(conn)
+    if before != LATEST:
+        state.write(conn, schema_version=LATEST)
+    return before
+
+
+def _version(conn) -> int | None:
+    return state.read(conn).schema_version if "meta" in _tables(conn.connection.dbapi_connection) else None
+
+
+def _create(conn) -> None:
+    from alignsearch.storage import catalog
+
+    catalog.metadata.create_all(conn)
+    catalog.create_keywords(conn)
+
+
+def _tables(dbapi_conn) -> set[str]:
+    return {name for (name,) in dbapi_conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a reader may rely on in the catalog it opened (it never upgrades one). Every field is true from
+    version 3 on; an older catalog is probed once, when a connection opens."""
+
+    version: int | None = LATEST
+    moments: bool = True  # files has moment, t, t_end (else the connection shows them through a view)
+    photos: bool = True
+    photo_ocr: bool = True  # photos.ocr
+    phashes: bool = True
+    keywords: bool = True
+    trigram: bool = True  # the keyword index's trigram twin
+
+
+CURRENT = Schema()
+
+
+def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
+    """What a read-only connection's catalog holds; a catalog older than version 3 gets a temporary view
+    named `files` with the moment columns (temp names shadow main ones, and temp objects need no write
+    access) so that it reads as photos, moment 0 with no times. A file that is not a catalog reads as
+    CURRENT: the caller's first query reports it."""
+    try:
+        version = state.read(dbapi_conn).schema_version
+    except (sqlite3.DatabaseError, ValueError):
+        return CURRENT
+    if version is not None and version >= 3:
+        return Schema(version)
+    from alignsearch.storage import catalog
+
+    have = _tables(dbapi_conn)
+    files = [row[1] for row in dbapi_conn.execute("PRAGMA main.table_info(files)")]
+    photo_columns = [row[1] for row in dbapi_conn.execute(f"PRAGMA main.table_info({catalog.photos.name})")]
+    found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
+                   photo_ocr="ocr" in photo_columns, phashes=catalog.phashes.name in have,
+                   keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have)
+    if not found.moments:
+        dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {', '.join(V2_COLUMNS)}, 0 AS moment, "
+                           "NULL AS t, NULL AS t_end FROM main.files")
+    return found
+
+
+def schema_of(conn) -> Schema:
+    """The Schema of a SQLAlchemy connection's catalog: a reader's as found when it opened (catalog.open_readonly),
+    a writer's CURRENT (catalog.connect upgraded it)."""
+    return conn.info.get("schema", CURRENT)

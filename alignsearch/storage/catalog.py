@@ -40,6 +40,7 @@ from sqlalchemy.pool import QueuePool
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
+from alignsearch.storage.paths import readonly_uri
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
 
 SCHEMA_VERSION = migrate.LATEST  # how each version came about: alignsearch/storage/migrate.py
@@ -244,13 +245,8 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
 
 
 def readonly_url(path: Path) -> URL:
-    """The SQLite URI of a read-only connection to the catalog at `path` (absolute), as a SQLAlchemy URL:
-    the path is a file: URI (as_uri escapes '?', '#' and '%'), mode=ro, and immutable=1 when the folder
-    cannot be written and holds no shared-memory file (SQLite could not create one)."""
-    query = {"mode": "ro", "uri": "true"}
-    if not os.access(path.parent, os.W_OK) and not (path.parent / (path.name + "-shm")).exists():
-        query["immutable"] = "1"
-    return URL.create("sqlite", database=path.as_uri(), query=query)
+    """paths.readonly_uri as a SQLAlchemy URL (uri=true: pysqlite passes the database as a SQLite URI)."""
+    return URL.create("sqlite", database=readonly_uri(path), query={"uri": "true"})
 
 
 def create_keywords(conn: Connection) -> None:

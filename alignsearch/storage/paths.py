@@ -7,6 +7,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
 from alignsearch.errors import IndexNotFoundError
 
@@ -133,3 +134,15 @@ def writer_running(index_dir: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def readonly_uri(db_path: Path) -> str:
+    """The SQLite URI that opens the catalog at db_path read-only (catalog.open_readonly, and the cold-start peek
+    that runs before SQLAlchemy is imported): a file: URI of its absolute path (as_uri escapes '?', '#' and
+    '%', which would otherwise start a query or a fragment), mode=ro, and immutable=1 when the folder cannot be
+    written and holds no shared-memory file (SQLite could not create one, and would refuse to read WAL mode)."""
+    path = Path(db_path).resolve()
+    query = {"mode": "ro"}
+    if not os.access(path.parent, os.W_OK) and not (path.parent / (path.name + "-shm")).exists():
+        query["immutable"] = "1"
+    return path.as_uri() + "?" + urlencode(query)

@@ -9,7 +9,8 @@ Values that other modules own and interpret whole (the ANN tuning, the tagging r
 plan) stay JSON objects here. Reading copies them: a caller may change what it was given.
 
 No SQLAlchemy import: `conn` is a SQLAlchemy Connection (its exec_driver_sql), and `peek_model` reads with
-the sqlite3 module alone, for the cold-start hint that runs before SQLAlchemy is imported.
+the sqlite3 module alone, for the cold-start hint that runs before SQLAlchemy is imported (through the same
+read-only URI as catalog.open_readonly: paths.readonly_uri).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from alignsearch.storage.paths import readonly_uri
 
 
 @dataclass(frozen=True)
@@ -222,13 +225,12 @@ def write(conn, **fields: Any) -> None:
 def peek_model(db_path: Path) -> dict | None:
     """The recorded model (ModelIdentity.record) of the catalog at db_path, read with the sqlite3 module alone
     (alignsearch/encoders/coldstart.py: it must not wait for SQLAlchemy's import); None when it cannot be read.
-    Only a hint: read-only (mode=ro writes nothing: a read-only mount, another owner)."""
+    Only a hint; opened as catalog.open_readonly opens it (paths.readonly_uri: nothing is written)."""
     try:
         db = Path(db_path).resolve()
         if not db.is_file():
             return None
-        # as_uri escapes '?', '#' and '%' in the path
-        con = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True, timeout=0.5)
+        con = sqlite3.connect(readonly_uri(db), uri=True, timeout=0.5)
         try:
             rows = con.execute(SELECT + " WHERE key = ?", KEYS["model"]).fetchall()
         finally:

@@ -2,9 +2,10 @@
 remembers (options such as include_hidden, listing errors), listing them with their counts and state,
 and forgetting one.
 
-Kept in the catalog's meta table: `roots` [root], `root_options` {root: {"include_hidden": true}} (only
-options that differ from the defaults), `listing_errors` {root: [{"folder", "reason"}]} from the last run
-that scanned the root (a folder, or the whole root, that could not be listed: its rows were kept).
+Kept in the index state (alignsearch/storage/state.py, RootsState): the roots, each root's options
+{"include_hidden": true} (only options that differ from the defaults), its listing errors
+[{"folder", "reason"}] from the last run that scanned the root (a folder, or the whole root, that could not
+be listed: its rows were kept).
 """
 
 from __future__ import annotations

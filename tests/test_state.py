@@ -123,6 +123,9 @@ def test_state_fields_round_trip_and_unknown_names_are_refused(tmp_path):
         with pytest.raises(TypeError):
             state.write(conn, generaton=4)
         assert state.read(conn).generation == 3
+        assert state.read(conn, "generation", "roots") == state.IndexState(generation=3, roots=full.roots)
+        with pytest.raises(TypeError):
+            state.read(conn, "generaton")
     db.dispose()
 
 

@@ -160,7 +160,7 @@ class Engine:
         """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed."""
         snap = self.snap
         with self.db.connect() as conn:
-            generation = state.read(conn).generation
+            generation = state.read(conn, "generation").generation
             grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
         if generation == snap.generation and shards.stamp(self.dir) == snap.stamp and not grown:
             return False
@@ -590,7 +590,7 @@ class Engine:
         sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone)."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
-            if state.read(conn).generation != snap.generation:
+            if state.read(conn, "generation").generation != snap.generation:
                 raise _Stale()
             if len(addresses) < len(ids):
                 self._check_catalog(snap)
@@ -721,7 +721,7 @@ class Engine:
         """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read
         may point at the new generation's vectors."""
         with self.db.connect() as conn:
-            if state.read(conn).generation != snap.generation:
+            if state.read(conn, "generation").generation != snap.generation:
                 raise _Stale()
 
     def _check_catalog(self, snap: Snapshot) -> None:

@@ -202,11 +202,11 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         if readonly:
             _refuse_if_locked(Path(db_path))
             with engine.connect() as conn:
-                migrate.check(state.read(conn).schema_version)
+                migrate.check(state.read(conn, "schema_version").schema_version)
             return engine
         with engine.begin() as conn:
             migrate.upgrade(conn)
-            if state.read(conn).index_id is None:  # names this index (a copy keeps it: see server records)
+            if state.read(conn, "index_id").index_id is None:  # names this index (a copy keeps it: see server records)
                 state.write(conn, index_id=uuid.uuid4().hex)
     except DBAPIError as exc:
         engine.dispose()
@@ -324,7 +324,7 @@ def _refuse_if_locked(db_path: Path) -> None:
 
 def index_id(conn: Connection) -> str | None:
     """A random id given to the index when its catalog was created; servers prove it to clients."""
-    return state.read(conn).index_id
+    return state.read(conn, "index_id").index_id
 
 
 def _rows(result) -> list[FileRow]:

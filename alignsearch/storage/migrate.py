@@ -131,7 +131,7 @@ def upgrade(conn) -> int | None:
 
 
 def _version(conn) -> int | None:
-    return state.read(conn).schema_version if "meta" in _tables(conn.connection.dbapi_connection) else None
+    return state.read(conn, "schema_version").schema_version if "meta" in _tables(conn.connection.dbapi_connection) else None
 
 
 def _create(conn) -> None:
@@ -168,7 +168,7 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     access) so that it reads as photos, moment 0 with no times. A file that is not a catalog reads as
     CURRENT: the caller's first query reports it."""
     try:
-        version = state.read(dbapi_conn).schema_version
+        version = state.read(dbapi_conn, "schema_version").schema_version
     except (sqlite3.DatabaseError, ValueError):
         return CURRENT
     if version is not None and version >= 3:

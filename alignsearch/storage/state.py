@@ -200,11 +200,19 @@ class _Null:
 SELECT = "SELECT key, value FROM meta"
 
 
-def read(conn) -> IndexState:
+def read(conn, *fields: str) -> IndexState:
     """The index's state as this connection's transaction sees it (one query). conn: a SQLAlchemy Connection,
-    or a sqlite3 one (a read-only connection being prepared: migrate.reader_schema)."""
+    or a sqlite3 one (a read-only connection being prepared: migrate.reader_schema). fields: read only these
+    IndexState fields, the others holding their defaults (a search checks the generation: one row, not the
+    tagging runs and tuning too)."""
     run = getattr(conn, "exec_driver_sql", None) or conn.execute
-    return decode(run(SELECT))
+    if not fields:
+        return decode(run(SELECT))
+    unknown = [f for f in fields if f not in KEYS]
+    if unknown:
+        raise TypeError(f"IndexState has no field {unknown[0]!r}")
+    keys = tuple(k for f in fields for k in KEYS[f])
+    return decode(run(SELECT + f" WHERE key IN ({', '.join('?' * len(keys))})", keys))
 
 
 def write(conn, **fields: Any) -> None:
@@ -232,10 +240,9 @@ def peek_model(db_path: Path) -> dict | None:
             return None
         con = sqlite3.connect(readonly_uri(db), uri=True, timeout=0.5)
         try:
-            rows = con.execute(SELECT + " WHERE key = ?", KEYS["model"]).fetchall()
+            model = read(con, "model").model
         finally:
             con.close()
-        model = decode(rows).model
         return None if model is None else model.to_record()
     except (sqlite3.Error, OSError, ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -3,7 +3,7 @@
 ONNX Runtime builds a session (0.5-1 s for align-base's 440 MB text tower) without holding the GIL, so it can
 run while this process imports SQLAlchemy, faiss and the engine and opens the index (~0.6 s): 1.5 s instead
 of 2.0 s in a measurement on a 2-core Xeon. Which tower to load comes from a read-only peek at the catalog's
-`model` meta with the standard sqlite3 module (state.peek_model; SQLAlchemy is among the imports to overlap);
+`model` meta with the standard sqlite3 module (state.peek; SQLAlchemy is among the imports to overlap);
 it is only a hint: the engine uses the result only if it is for the model its own snapshot records (Engine._text_encoder_of).
 """
 
@@ -18,7 +18,8 @@ from alignsearch.storage.paths import DB_FILE
 
 def peek_model(index_dir: Path) -> dict | None:
     """The catalog's recorded model, read-only; None when it cannot be read (the engine then reports why)."""
-    return state.peek_model(Path(index_dir) / DB_FILE)
+    found = state.peek(Path(index_dir) / DB_FILE, "model")
+    return None if found is None or found.model is None else found.model.to_record()
 
 
 def text_encoder_soon(index_dir: Path, precision: str) -> tuple[dict, Future] | None:

@@ -137,8 +137,8 @@ def writer_running(index_dir: Path) -> bool:
 
 
 def readonly_uri(db_path: Path) -> str:
-    """The SQLite URI that opens the catalog at db_path read-only (catalog.open_readonly, and the cold-start peek
-    that runs before SQLAlchemy is imported): a file: URI of its absolute path (as_uri escapes '?', '#' and
+    """The SQLite URI that opens the catalog at db_path read-only (catalog.open_readonly, and state.peek, which
+    runs before SQLAlchemy is imported): a file: URI of its absolute path (as_uri escapes '?', '#' and
     '%', which would otherwise start a query or a fragment), mode=ro, and immutable=1 when the folder cannot be
     written and holds no shared-memory file (SQLite could not create one, and would refuse to read WAL mode)."""
     path = Path(db_path).resolve()

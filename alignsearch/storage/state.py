@@ -8,9 +8,9 @@ half by one module and half by another.
 Values that other modules own and interpret whole (the ANN tuning, the tagging runs, the last run's encoder
 plan) stay JSON objects here. Reading copies them: a caller may change what it was given.
 
-No SQLAlchemy import: `conn` is a SQLAlchemy Connection (its exec_driver_sql), and `peek_model` reads with
-the sqlite3 module alone, for the cold-start hint that runs before SQLAlchemy is imported (through the same
-read-only URI as catalog.open_readonly: paths.readonly_uri).
+No SQLAlchemy import: `conn` is a SQLAlchemy Connection (its exec_driver_sql), and `peek` reads with the
+sqlite3 module alone, for callers that run before SQLAlchemy is imported (through the same read-only URI as
+catalog.open_readonly: paths.readonly_uri).
 """
 
 from __future__ import annotations
@@ -230,19 +230,19 @@ def write(conn, **fields: Any) -> None:
                                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, text))
 
 
-def peek_model(db_path: Path) -> dict | None:
-    """The recorded model (ModelIdentity.record) of the catalog at db_path, read with the sqlite3 module alone
-    (alignsearch/encoders/coldstart.py: it must not wait for SQLAlchemy's import); None when it cannot be read.
-    Only a hint; opened as catalog.open_readonly opens it (paths.readonly_uri: nothing is written)."""
+def peek(db_path: Path, *fields: str) -> IndexState | None:
+    """These fields of the state of the catalog at db_path (read(conn, *fields)), read with the sqlite3 module
+    alone, for callers that must not wait for SQLAlchemy's import (the cold-start peek at the model, the
+    client's check of a server's index id); None when it cannot be read. Opened as catalog.open_readonly
+    opens it (paths.readonly_uri: nothing is written)."""
     try:
         db = Path(db_path).resolve()
         if not db.is_file():
             return None
         con = sqlite3.connect(readonly_uri(db), uri=True, timeout=0.5)
         try:
-            model = read(con, "model").model
+            return read(con, *fields)
         finally:
             con.close()
-        return None if model is None else model.to_record()
     except (sqlite3.Error, OSError, ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -35,20 +35,12 @@ def _stderr(message: str) -> None:
 
 
 def local_index_id(index_dir: Path) -> str | None:
-    """This index's id (catalog.index_id), read without writing to the catalog."""
-    from alignsearch.storage import catalog
+    """This index's id (catalog.index_id), read without writing to the catalog; with the standard library's
+    sqlite3 (state.peek), not SQLAlchemy: a query answered by the server should not pay for importing it."""
+    from alignsearch.storage import state
 
-    try:
-        db = catalog.open_readonly(index_dir / DB_FILE)
-    except Exception:  # noqa: BLE001 - an unreadable catalog: then no server can prove anything
-        return None
-    try:
-        with db.connect() as conn:
-            return catalog.index_id(conn)
-    except Exception:  # noqa: BLE001 - as above
-        return None
-    finally:
-        db.dispose()
+    found = state.peek(Path(index_dir) / DB_FILE, "index_id")
+    return None if found is None else found.index_id
 
 
 def _alive(pid: int) -> bool:

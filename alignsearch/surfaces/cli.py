@@ -6,7 +6,10 @@ unexpected error (one line; ALIGNSEARCH_DEBUG=1 shows the traceback), 2 bad usag
 cannot be loaded, 5 model differs from the index's, 6 unusable input (a query argument, a query image
 that is not a regular file of sane size, a root that cannot be listed, a root not in the index, an index
 another process is writing), 7 the index is damaged or inconsistent (`verify` found problems, a catalog
-that is not a database).
+that is not a database). Each error class carries its code (alignsearch/errors.py), the server's HTTP
+status beside it; alignsearch/surfaces/boundary.py says which class an exception means.
+
+Logging: -v info, -vv debug, or ALIGNSEARCH_LOG=LEVEL, for every command (alignsearch/logs.py); on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import errno
 import base64
 import json
+import logging
 import os
 import re
 import sys
@@ -23,6 +27,8 @@ import click
 
 from alignsearch.encoders.backend import BACKENDS, PRECISIONS
 from alignsearch.errors import AlignSearchError
+
+log = logging.getLogger(__name__)
 
 index_option = click.option(
     "--index", "index_dir", envvar="ALIGNSEARCH_INDEX", type=click.Path(file_okay=False),
@@ -58,8 +64,7 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AlignSearchError as exc:
-            click.echo(f"error: {_shown(exc)}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(click.get_current_context(), str(exc), exc.exit_code)
 
     return wrapper
 
@@ -82,7 +87,7 @@ class _Main(click.Group):
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", 130)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        except Exception as exc:
             epipe = isinstance(exc, OSError) and exc.errno == errno.EPIPE
             if epipe and _stdout_gone():
                 _quiet_stdout()
@@ -94,16 +99,14 @@ class _Main(click.Group):
                     traceback.print_exc()
                     ctx.exit(1)
                 raise
+            log.debug("%s failed", ctx.invoked_subcommand, exc_info=exc)  # -vv: the traceback, in the log
             if epipe:  # a pipe of our own (a worker's, multiprocessing's resource tracker) broke: a failure
                 _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
-            from alignsearch.storage.catalog import not_damage
+            from alignsearch.surfaces.boundary import library_error
 
-            trouble = not_damage(exc)
-            if trouble is not None:
-                _fail(ctx, str(trouble), trouble.exit_code)
-            damaged = _damaged_catalog(exc)
-            if damaged:
-                _fail(ctx, damaged, 7)
+            known = library_error(exc)
+            if known is not None:
+                _fail(ctx, str(known), known.exit_code)
             if isinstance(exc, OSError) and exc.strerror:
                 where = f": {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"{exc.strerror}{where}", 1)
@@ -161,22 +164,6 @@ def _fail(ctx, message: str, code: int):
     ctx.exit(code)
 
 
-def _damaged_catalog(exc: Exception) -> str | None:
-    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None. A full disk
-    or a lock held too long is not damage: invoke reports those as what they are (catalog.not_damage)."""
-    import sqlite3
-
-    try:
-        from sqlalchemy.exc import DatabaseError
-    except ImportError:  # pragma: no cover
-        DatabaseError = sqlite3.DatabaseError  # noqa: N806
-    if isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
-        cause = getattr(exc, "orig", None) or exc
-        return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
-                "restore it from a backup or index into a new --index DIR")
-    return None
-
-
 def _image_file(ctx, param, value):
     """A query image must be a regular file under the size cap: a FIFO, a device (/dev/zero) or a folder
     would block or never end; refused at once (exit 6)."""
@@ -196,8 +183,13 @@ def _image_file(ctx, param, value):
 
 @click.group(cls=_Main)
 @click.version_option(package_name="alignsearch")
-def main() -> None:
+@click.option("-v", "--verbose", count=True,
+              help="Log on stderr: -v what happens (info), -vv debug (env ALIGNSEARCH_LOG=LEVEL also).")
+def main(verbose: int) -> None:
     """Semantic search over image folders with ALIGN: index once, query by text, image, or both."""
+    from alignsearch import logs
+
+    logs.configure(verbose)
 
 
 @main.command()
@@ -680,7 +672,7 @@ def _listing_errors(db) -> list[dict]:
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests addressed to NAME (a DNS name or address clients use; repeatable). "
                    "Other Host headers are refused, which stops DNS rebinding.")
-@click.option("--verbose", is_flag=True, help="Log every request.")
+@click.option("--verbose", is_flag=True, help="Log every request (the same as `alignsearch -v serve`).")
 @click.option("--bf16-text", is_flag=True, hidden=True, help="The older spelling of --precision bf16.")
 @index_option
 @run_options
@@ -694,8 +686,6 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     # teams starve each other (a 2 ms query took 80 ms on 2 cores). Idle threads sleep instead; this must
     # be set before torch and faiss load.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import logging
-
     from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
 
     if no_token and (token or not is_loopback(host)):
@@ -703,7 +693,11 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     _quiet_transformers()
     from alignsearch.search.engine import open as open_index
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if verbose:  # an alias of the top-level -v: at least info
+        from alignsearch import logs
+
+        logs.configure(max(1, click.get_current_context().find_root().params.get("verbose", 0)))
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)  # -v, --verbose or ALIGNSEARCH_LOG: every request
     if host not in LOOPBACK and not allow_hosts:
         click.echo(f"note: clients must address this server as {host}; add --allow-host NAME for the names they use",
                    err=True)

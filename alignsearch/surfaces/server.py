@@ -58,6 +58,7 @@ from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
+from alignsearch.surfaces.boundary import INTERNAL_STATUS, library_error
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,32 @@ class HostCheck:
             await send(message)
 
         return await self.app(scope, receive, secured)
+
+
+class Boundary:
+    """ASGI middleware around the routes: an exception no handler took is answered by `answer` (a JSON
+    error) and ends here. Without it the framework's last handler answers, then raises the exception on to
+    the server, which prints its traceback. An exception after the answer began only ends the connection."""
+
+    def __init__(self, app, answer: Callable[[Request, Exception], Response]):
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = []
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                started.append(True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # noqa: BLE001 - the server's last line of defence: a JSON answer, no traceback
+            response = self.answer(Request(scope), exc)
+            if not started:
+                await response(scope, receive, send)
 
 
 class EncoderQueue:
@@ -531,14 +558,17 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def _api_error(request, exc: ApiError):
         return error(exc.status, str(exc), exc.headers)
 
-    @app.exception_handler(AlignSearchError)
-    async def _bad_input(request, exc: AlignSearchError):
-        return error(400, str(exc))
+    def library_answer(request, exc: AlignSearchError) -> JSONResponse:
+        # the status each error class carries (alignsearch/errors.py); a 5xx is the server's or the index's
+        # fault, not the request's: logged too
+        message = f"the index is damaged: {exc}" if isinstance(exc, IndexDamagedError) else str(exc)
+        if exc.http_status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, message)
+        return error(exc.http_status, message)
 
-    @app.exception_handler(IndexDamagedError)
-    async def _damaged(request, exc: IndexDamagedError):  # the index, not the request, is at fault: 5xx
-        log.error("%s %s: %s", request.method, request.url.path, exc)
-        return error(500, f"the index is damaged: {exc}")
+    @app.exception_handler(AlignSearchError)
+    async def _library_error(request, exc: AlignSearchError):
+        return library_answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -552,12 +582,18 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         text = "; ".join(f"{'.'.join(str(p) for p in d['loc'][1:]) or d['loc']}: {d['msg']}" for d in details)
         return error(422, text or "invalid request", detail=details)
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error(500, "internal error")
+    def unexpected(request, exc: Exception) -> JSONResponse:
+        known = library_error(exc)  # a SQLite error that means a damaged or busy catalog, a full disk
+        if known is not None:
+            log.debug("%s %s failed", request.method, request.url.path, exc_info=exc)
+            return library_answer(request, known)
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        log.debug("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(INTERNAL_STATUS, "internal error")
 
-    errors = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+    app.add_middleware(Boundary, answer=unexpected)
+
+    errors = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 415, 422, 500, 503, 507)}
     k_param = Query(ge=1, le=querycheck.MAX_K, description="number of results")
     weight = dict(ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
     id_param = dict(ge=1, le=querycheck.MAX_ID)

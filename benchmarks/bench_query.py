@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_ann import structured  # noqa: E402
-from common import align_base_checkpoint, jpeg_corpus, record  # noqa: E402
+from bench_ann import structured
+from common import align_base_checkpoint, jpeg_corpus, record
 
-import alignsearch  # noqa: E402
-from alignsearch.storage import catalog  # noqa: E402
-from alignsearch.search.engine import ANN_FILE  # noqa: E402
-from indexer.build import sync_index  # noqa: E402
-from indexer.decode import Item  # noqa: E402
-from indexer.job import index_folders  # noqa: E402
-from indexer.scan import Found  # noqa: E402
-from indexer.writer import catalog_writer  # noqa: E402
+import alignsearch
+from alignsearch.storage import catalog
+from alignsearch.search.engine import ANN_FILE
+from indexer.build import sync_index
+from indexer.decode import Item
+from indexer.job import index_folders
+from indexer.scan import Found
+from indexer.writer import catalog_writer
 
 
 def ms(samples: list[float]) -> str:

@@ -125,7 +125,7 @@ def test_every_query_form_goes_through_the_server_with_the_local_answer(served_i
     local = cli(served_index["alone"], *args, "--json")
     assert local.returncode == 0, local.stderr
     warm_out, local_out = json.loads(warm.stdout), json.loads(local.stdout)
-    warm_plan, local_plan = warm_out["query"].pop("plan", None), local_out["query"].pop("plan", None)
+    warm_plan, local_plan = warm_out.pop("plan", None), local_out.pop("plan", None)
     # the same hits (scores to float32 rounding: the server decodes an uploaded image from its bytes)
     assert [h["id"] for h in warm_out["results"]] == [h["id"] for h in local_out["results"]]
     assert np.allclose([h["score"] for h in warm_out["results"]], [h["score"] for h in local_out["results"]],
@@ -172,7 +172,7 @@ def _searches(served) -> int:
 def test_a_model_given_searches_locally_and_the_plan_says_why(served_index, tiny_model):
     out = cli(served_index["ix"], "red car", "--explain", "--json", "--model", str(tiny_model), "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    plan = json.loads(out.stdout)["query"]["plan"]
+    plan = json.loads(out.stdout)["plan"]
     assert plan["via"] == "local" and "--model" in plan["why_local"]
 
 

@@ -17,7 +17,7 @@ from alignsearch.search import request as search_request
 from alignsearch.storage import catalog, keywords
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, SERVER_FILE
 from conftest import index_json, make_images
-from helpers import start_serve, stop, vector_index
+from helpers import call, start_serve, stop, vector_index
 
 
 # -- the request: one check ------------------------------------------------------------------------------------------
@@ -174,6 +174,33 @@ def test_a_model_given_searches_locally_and_the_plan_says_why(served_index, tiny
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)["plan"]
     assert plan["via"] == "local" and "--model" in plan["why_local"]
+
+
+@pytest.mark.slow
+def test_the_answer_echoes_what_it_did_and_a_plan_only_when_asked(served_index):
+    status, _, body = call(served_index["url"], "/api/search?q=red+car&k=2")
+    assert status == 200, body
+    out = json.loads(body)
+    assert out["query"] == {"text": "red car", "similar": None, "k": 2, "text_weight": 2.0, "image_weight": 1.0,
+                            "negative_weight": 1.0, "negative": None, "tag": None, "min_score": None, "sort": "score",
+                            "mode": "auto", "collapse": False, "compose": "auto"}  # as before the one model
+    assert "plan" not in out
+    status, _, body = call(served_index["url"], "/api/search?q=red+car&k=2&explain=true&nprobe=2")
+    out = json.loads(body)
+    assert status == 200 and out["query"]["explain"] is True and out["query"]["nprobe"] == 2
+    assert out["plan"]["mode"] == "auto" and "encoder" in out["plan"]
+    image = (served_index["corpus"] / "img004.jpg").read_bytes()
+    boundary = "b0undary"
+    form = (f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n--{boundary}\r\n'
+            'Content-Disposition: form-data; name="image"; filename="q.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+            ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, body = call(served_index["url"], "/api/search?where=width%3E%3D1", data=form, headers=headers)
+    out = json.loads(body)
+    assert status == 200 and out["query"]["image"] is True and out["query"]["where"] == "width>=1", body
+    assert len(out["results"]) == 3
+    status, _, body = call(served_index["url"], "/api/search?k=4", data=form, headers=headers)
+    assert status == 400 and "k is 3 in the form and 4 in the URL" in json.loads(body)["error"]
 
 
 # -- auto mode's keyword evidence: in the SQL, before the limit -------------------------------------------------------

@@ -536,10 +536,10 @@ def request_of(params: SearchParams, image: bytes | None = None, text: str | Non
     return search_request.build(text=text, image=image, **given)
 
 
-def echo(request: SearchRequest, similar: bool) -> dict[str, Any]:
-    """The `query` of an answer: what was asked, with media and per_video when not the defaults, nprobe and
-    explain when given."""
-    asked = {"text": request.text, **({"similar": request.similar} if similar else {"image": request.image is not None}),
+def echo(request: SearchRequest, posted: bool) -> dict[str, Any]:
+    """The `query` of an answer: what was asked (GET: the similar= id, POST: whether an image came), with media
+    and per_video when not the defaults, nprobe and explain when given."""
+    asked = {"text": request.text, **({"image": request.image is not None} if posted else {"similar": request.similar}),
              **{n: getattr(request, n) for n in ("k", "text_weight", "image_weight", "negative_weight", "negative")},
              "tag": request.tag, **request.narrowed(), "min_score": request.min_score, "sort": request.sort,
              "mode": request.mode, "collapse": request.collapse, "compose": request.compose}
@@ -671,7 +671,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
                     raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
         raise AssertionError("unreachable")
 
-    async def answer(request: SearchRequest) -> dict[str, Any]:
+    async def answer(request: SearchRequest, posted: bool) -> dict[str, Any]:
         """Search (by the request's text and image, or its similar= id) and say what was asked."""
         if request.similar is not None:
             results = await similar_search(request)
@@ -681,7 +681,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
                     pil = await run_in_threadpool(decode_upload, request.image, config.max_upload_pixels)
                 request = search_request.with_image(request, pil)
             results = await encode_and_search(request)
-        out = {"query": echo(request, similar=request.similar is not None and request.image is None), "results": results}
+        out = {"query": echo(request, posted), "results": results}
         if request.explain:
             out["plan"] = await run_in_threadpool(library.explain, request)
         return out
@@ -699,7 +699,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def search_get(params: Annotated[SearchParams, Query()]):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
-        return await answer(request_of(params, text=params.q))
+        return await answer(request_of(params, text=params.q), posted=False)
 
     @app.post("/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, tags=["search"], **api)
     async def search_post(request: Request, in_url: Annotated[SearchParams, Query()],
@@ -711,7 +711,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         params = merged(in_url, form)
         data = await form.image.read() if form.image is not None else None
         # an empty q in a form is no text (an image alone), as a browser sends an empty text box
-        return await answer(request_of(params, data, text=params.q or None))
+        return await answer(request_of(params, data, text=params.q or None), posted=True)
 
     @app.get("/api/recent", response_model=RecentAnswer, tags=["browse"], **api)
     async def recent(offset: Annotated[int, Query(ge=0, le=querycheck.MAX_ID)] = 0,

@@ -203,6 +203,19 @@ def test_the_answer_echoes_what_it_did_and_a_plan_only_when_asked(served_index):
     assert status == 400 and "k is 3 in the form and 4 in the URL" in json.loads(body)["error"]
 
 
+@pytest.mark.slow
+def test_a_query_through_the_server_imports_no_engine(served_index):
+    """The CLI's way to a running server loads no model, index or catalog library (a cold query in a few
+    tenths of a second instead of seconds): what -X importtime lists."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "alignsearch", "query", "red car", "--where",
+                          "width >= 1", "--explain", "--index", str(served_index["ix"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "via=server" in out.stderr
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"numpy", "torch", "faiss", "sqlalchemy", "transformers", "onnxruntime", "PIL"} & imported
+
+
 # -- auto mode's keyword evidence: in the SQL, before the limit -------------------------------------------------------
 
 

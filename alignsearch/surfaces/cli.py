@@ -180,11 +180,11 @@ def _damaged_catalog(exc: Exception) -> str | None:
 def _image_file(ctx, param, value):
     """A query image must be a regular file under the size cap: a FIFO, a device (/dev/zero) or a folder
     would block or never end; refused at once (exit 6)."""
-    from alignsearch.media import sources
-    from alignsearch.errors import BadInputError
-
     paths = value if isinstance(value, tuple) else (value,) if value is not None else ()
     for path in paths:
+        from alignsearch.media import sources
+        from alignsearch.errors import BadInputError
+
         try:
             problem = sources.unusable(os.stat(path))
         except OSError as exc:

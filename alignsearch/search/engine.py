@@ -18,6 +18,7 @@ from alignsearch.encoders.backend import EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
 from alignsearch.media.photometa import iso
+# DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
@@ -352,16 +353,16 @@ class Engine:
         opts = self._options(request, exclude)
         if snapshot is None:
             self.refresh()
-        scorer_of = None
+        given = None
         if query is not None:
             dim = (snapshot or self.snap).store.dim
             # a query's encoded halves come from embed_parts (checked there); a bare vector from the caller: checked
-            fixed = self._scorer(query, request.compose) if isinstance(query, Parts) else \
+            given = self._scorer(query, request.compose) if isinstance(query, Parts) else \
                 Scorer([querycheck.check_vector(query, dim)])
-            scorer_of = lambda snap: fixed  # noqa: E731
         for attempt in range(4):
             snap = snapshot or self.snap
-            sc = scorer_of(snap) if scorer_of else self._scorer(self.parts_of(request, snap), request.compose)
+            # encoded here: with the model of the generation searched, again after a switch
+            sc = given if given is not None else self._scorer(self.parts_of(request, snap), request.compose)
             try:
                 hits = self._search(snap, sc, replace(opts, k=request.k * 3) if request.collapse else opts)
             except _Stale:

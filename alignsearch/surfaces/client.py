@@ -159,10 +159,10 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
     if record is None:
         return Routed(None, "no server runs for this index")
     params = to_params(request)
-    accepted = record["search_params"]
-    if accepted is None:  # a server from before the parameters were listed: GET took these; POST fewer
-        accepted = OLDEST_PARAMS if request.image is None else ()
-    unknown = sorted(set(params) - set(accepted)) or (["image"] if request.image is not None and not accepted else [])
+    # A server from before the parameters were listed took these on GET, and on POST most of them only in the
+    # form: what it does not take would be ignored, not refused, so such a query searches here.
+    accepted = record["search_params"] or (OLDEST_PARAMS if request.image is None else ())
+    unknown = sorted(set(params) - set(accepted)) or (["an image's parameters"] if not accepted else [])
     if unknown:
         why = f"the server at {record['url']} does not take {', '.join(unknown)} (an older version)"
         notice(f"notice: {why}; searching locally")

@@ -167,11 +167,11 @@ def _fail(ctx, message: str, code: int):
 def _image_file(ctx, param, value):
     """A query image must be a regular file under the size cap: a FIFO, a device (/dev/zero) or a folder
     would block or never end; refused at once (exit 6)."""
-    from alignsearch.media import sources
-    from alignsearch.errors import BadInputError
-
     paths = value if isinstance(value, tuple) else (value,) if value is not None else ()
     for path in paths:
+        from alignsearch.media import sources
+        from alignsearch.errors import BadInputError
+
         try:
             problem = sources.unusable(os.stat(path))
         except OSError as exc:
@@ -299,40 +299,80 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
             click.echo("       " + ", ".join(f"{key} {value}" for key, value in {**made_of, **(h.get("parts") or {})}.items()))
 
 
+_REQUEST_OPTIONS = [
+    click.argument("text", required=False),
+    click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT)."),
+    click.option("--negative", help="Text whose concept to subtract from the query."),
+    click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000)."),
+    click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query."),
+    click.option("--image-weight", type=float, default=1.0, show_default=True),
+    click.option("--negative-weight", type=float, default=1.0, show_default=True),
+    click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value)."),
+    click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`)."),
+    click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it (listed as its duplicates)."),
+    click.option("--after", metavar="DATE", help="Taken on or after DATE (ISO 8601: 2019-07-14 or a date-time)."),
+    click.option("--before", metavar="DATE", help="Taken before DATE."),
+    click.option("--camera", metavar="TEXT", help="Camera make or model contains TEXT (case-insensitive)."),
+    click.option("--near", metavar="LAT,LON,KM", help="Taken within KM kilometres of LAT,LON (GPS in EXIF)."),
+    click.option("--path", "path_glob", metavar="GLOB", help="Path under its root matches GLOB (** crosses folders)."),
+    click.option("--format", "fmt", metavar="FMT", help="Image format (jpeg, png, webp...)."),
+    click.option("--where", metavar="EXPR", help="A filter expression, e.g. \"camera ~ canon and taken >= 2019-01-01\"."),
+    click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments."),
+    click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
+                  help="At most this many moments of one video in the results."),
+    click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+                  help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
+                       "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings."),
+    click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
+                  help="Order of the result set (the best k by score that pass the filters)."),
+    click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
+                  help="vector, keyword (captions, text in images, names, tags; AND, OR, -word, \"phrase\", word*: README), hybrid (both fused; score = the fused rank score), auto "
+                       "(hybrid when words are in a caption or tag; file and folder names count only in keyword/hybrid)."),
+    click.option("--compose", type=click.Choice(["auto", "sum", "slerp", "product", "weicom"]), default="auto",
+                  show_default=True, help="How TEXT and --image combine: sum (weighted), slerp, product (both must "
+                                          "match: late fusion), weicom (normalised late fusion), auto (the best measured)."),
+    click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe; "
+                                                  "and what each hit's score is made of."),
+]
+
+
+def request_options(fn):
+    """`query`'s options that make its search request, checked once into one SearchRequest (request.build,
+    the rules of every surface). The command gets `request` and `asked`, the `query` its output echoes."""
+
+    @wraps(fn)
+    def command(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after,
+                before, camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain,
+                **rest):
+        if text is None and image is None:
+            raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
+        from alignsearch.search.request import DEFAULT_PER_VIDEO, build
+
+        narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near,
+                     "path": path_glob, "format": fmt}
+        request = build(text=text, image=image, negative=negative, k=k, text_weight=text_weight,
+                        image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
+                        collapse=collapse, media=media, per_video=per_video, min_score=min_score, sort=sort,
+                        mode=mode, compose=compose, explain=explain, **narrowing)
+        plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" \
+            and not explain and compose == "auto" and media is None and per_video == DEFAULT_PER_VIDEO
+        asked = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
+                 "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
+                 **{key: value for key, value in narrowing.items() if value is not None},
+                 **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
+        if media is not None or per_video != DEFAULT_PER_VIDEO:
+            asked.update(media=media, per_video=per_video)
+        if collapse:
+            asked["collapse"] = True
+        return fn(request=request, asked=asked, **rest)
+
+    for option in reversed(_REQUEST_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.argument("text", required=False)
-@click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT).")
-@click.option("--negative", help="Text whose concept to subtract from the query.")
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000).")
-@click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query.")
-@click.option("--image-weight", type=float, default=1.0, show_default=True)
-@click.option("--negative-weight", type=float, default=1.0, show_default=True)
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value).")
-@click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`).")
-@click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it (listed as its duplicates).")
-@click.option("--after", metavar="DATE", help="Taken on or after DATE (ISO 8601: 2019-07-14 or a date-time).")
-@click.option("--before", metavar="DATE", help="Taken before DATE.")
-@click.option("--camera", metavar="TEXT", help="Camera make or model contains TEXT (case-insensitive).")
-@click.option("--near", metavar="LAT,LON,KM", help="Taken within KM kilometres of LAT,LON (GPS in EXIF).")
-@click.option("--path", "path_glob", metavar="GLOB", help="Path under its root matches GLOB (** crosses folders).")
-@click.option("--format", "fmt", metavar="FMT", help="Image format (jpeg, png, webp...).")
-@click.option("--where", metavar="EXPR", help="A filter expression, e.g. \"camera ~ canon and taken >= 2019-01-01\".")
-@click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments.")
-@click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
-              help="At most this many moments of one video in the results.")
-@click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
-              help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
-                   "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings.")
-@click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
-              help="Order of the result set (the best k by score that pass the filters).")
-@click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
-              help="vector, keyword (captions, text in images, names, tags; AND, OR, -word, \"phrase\", word*: README), hybrid (both fused; score = the fused rank score), auto "
-                   "(hybrid when words are in a caption or tag; file and folder names count only in keyword/hybrid).")
-@click.option("--compose", type=click.Choice(["auto", "sum", "slerp", "product", "weicom"]), default="auto",
-              show_default=True, help="How TEXT and --image combine: sum (weighted), slerp, product (both must "
-                                      "match: late fusion), weicom (normalised late fusion), auto (the best measured).")
-@click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe; "
-                                              "and what each hit's score is made of.")
+@request_options
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
 @click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
@@ -340,75 +380,57 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @model_option
 @run_options
 @reports_errors
-def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
-          camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain, paths_only, null,
-          as_json, index_dir, model, device, backend, precision):
+def query(request, asked, paths_only, null, as_json, index_dir, model, device, backend, precision):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
-    if text is None and image is None:
-        raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
-    from alignsearch.search import filters
-
-    narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path_glob,
-                 "format": fmt}
-    filters.build(filters.FilterOptions(tag=tag, **narrowing))  # a malformed filter fails before any loading
-    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" and not explain \
-        and compose == "auto" and media is None and per_video == 3  # a server answers with the defaults only
-    q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
-         "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
-         **{key: value for key, value in narrowing.items() if value is not None},
-         **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
-    if media is not None or per_video != 3:
-        q.update(media=media, per_video=per_video)
     from alignsearch import notices
-    from alignsearch.search import querycheck
     from alignsearch.storage.paths import resolve_index_dir
 
     notices.enable(not as_json and not paths_only)
-
-    checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                                  image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     found = resolve_index_dir(index_dir)
-    answer = None
-    if collapse:
-        q["collapse"] = True
-    if model is None and nprobe is None and not collapse and plain and (backend, precision) == ("auto", "auto"):  # a warm `alignsearch serve` answers in milliseconds
+    if model is not None or (backend, precision) != ("auto", "auto"):
+        answer, why_local = None, "--model, --backend or --precision choose an encoder: the server runs its own"
+    else:  # a warm `alignsearch serve` answers in milliseconds
         from alignsearch.surfaces.client import search_via_server
 
-        fields = {"q": text, "k": k, "negative": checked["negative"], "text_weight": text_weight,
-                  "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
-        answer = search_via_server(found, fields, image, notice=lambda line: click.echo(line, err=True))
+        routed = search_via_server(found, request, notice=lambda line: click.echo(line, err=True))
+        answer, why_local = routed.answer, routed.why_local
+    plan = None
     if answer is not None:
         hits = answer["results"]
+        if request.explain:
+            plan = {**answer.get("plan", {}), "via": "server"}
     else:
-        _quiet_transformers()
-        soon = None
-        if text is not None and image is None and model is None and device in ("auto", "cpu") \
-                and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
-            from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
-
-            soon = text_encoder_soon(found, precision)
-        from alignsearch.search.engine import open as open_index
-
-        engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
-        hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
-                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, compose=compose, media=media,
-                             per_video=per_video, **narrowing)
-        hits = [h.to_dict() for h in hits]
-        if explain:
-            plan = {**engine.explain(text=text, k=k, mode=mode, compose=compose, compound=text is not None and image
-                                     is not None, weights=(text_weight, image_weight), tag=tag, **narrowing),
-                    "encoder": engine.encoder_plan()}
-            if as_json:
-                q["plan"] = plan
-            else:
-                click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
+        hits, plan = _search_locally(found, request, model, device, backend, precision)
+        if plan is not None:
+            plan.update(via="local", why_local=why_local)
+    if plan is not None:
+        if as_json:
+            asked["plan"] = plan
+        else:
+            click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
     if null and not paths_only:
         raise click.UsageError("-0 goes with --paths")
-    if not hits and tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
-        click.echo(f"note: no image passed the filters with the tag {tag!r} (tags ignore case; `alignsearch tags` "
+    if not hits and request.tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
+        click.echo(f"note: no image passed the filters with the tag {request.tag!r} (tags ignore case; `alignsearch tags` "
                    "lists them)", err=True)
-    _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None, explain=explain)
+    _print_hits(asked, hits, as_json, ("\0" if null else "\n") if paths_only else None, explain=request.explain)
+
+
+def _search_locally(found, request, model, device, backend, precision) -> tuple[list[dict], dict | None]:
+    """The hits of the request from an engine loaded here, and with --explain its plan."""
+    _quiet_transformers()
+    soon = None
+    if request.text is not None and request.image is None and model is None and device in ("auto", "cpu") \
+            and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
+        from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
+
+        soon = text_encoder_soon(found, precision)
+    from alignsearch.search.engine import open as open_index
+
+    engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
+    hits = [h.to_dict() for h in engine.run(request)]
+    plan = {**engine.explain(request), "encoder": engine.encoder_plan()} if request.explain else None
+    return hits, plan
 
 
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):

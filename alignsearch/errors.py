@@ -1,50 +1,77 @@
-"""Errors a user can act on. Each carries the CLI exit code that reports it."""
+"""Errors a user can act on. Each carries the CLI exit code that reports it and the HTTP status the server
+answers it with (alignsearch/surfaces/boundary.py is where both surfaces turn an exception into them).
+
+A 4xx says the request is at fault and asking otherwise helps; a 5xx says the server or its index is, and
+the same request may work elsewhere or later: the CLI's client then searches locally (client.py), where
+the same error is reported with its exit code."""
 
 
 class AlignSearchError(Exception):
+    """An error without a more precise class: for HTTP the server's own trouble (500)."""
+
     exit_code = 1
+    http_status = 500
 
 
 class IndexNotFoundError(AlignSearchError):
+    """No index where one was named or looked for, or one with nothing in it yet: 404 (no such thing)."""
+
     exit_code = 3
+    http_status = 404
 
 
 class UsageError(AlignSearchError):
-    """A malformed option value the parser could not check by itself (a --where expression, a date)."""
+    """A malformed option value the parser could not check by itself (a --where expression, a date): 400."""
 
     exit_code = 2
+    http_status = 400
 
 
 class ModelLoadError(AlignSearchError):
+    """The model cannot be loaded (a folder gone, not a checkpoint, unreadable): 500, the server's own
+    configuration, not the request, is at fault, and waiting does not mend it (not 503)."""
+
     exit_code = 4
+    http_status = 500
 
 
 class ModelMismatchError(AlignSearchError):
+    """The model differs from the one the index was built with (or changed during the run): 500, the
+    server's index and model disagree whatever the request."""
+
     exit_code = 5
+    http_status = 500
 
 
 class BadInputError(AlignSearchError):
-    """A query argument that cannot be used (unreadable image, nothing to search for)."""
+    """A query argument that cannot be used (unreadable image, nothing to search for): 400."""
 
     exit_code = 6
+    http_status = 400
 
 
 class IndexDamagedError(AlignSearchError):
-    """A file of the index fails its checksum or cannot be read: `alignsearch verify --repair` mends it."""
+    """A file of the index fails its checksum or cannot be read: `alignsearch verify --repair` mends it.
+    500: the index, not the request, is at fault, and it stays so until repaired (not 503)."""
 
     exit_code = 7
+    http_status = 500
 
 
 class CatalogBusyError(AlignSearchError):
-    """The catalog stayed locked by another process past the wait: nothing is damaged; run again later."""
+    """The catalog stayed locked by another process past the wait: nothing is damaged; run again later.
+    503: the service is unavailable for now, and the same request works once the lock is gone."""
 
     exit_code = 6
+    http_status = 503
 
 
 class DiskFullError(AlignSearchError):
-    """The disk holding the index filled up: what was committed stays; free space and run again."""
+    """The disk holding the index filled up: what was committed stays; free space and run again.
+    507 Insufficient Storage: the server cannot store what the request needs."""
 
     exit_code = 1
+    http_status = 507
 
 
 class BadImageError(Exception):

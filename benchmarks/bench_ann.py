@@ -21,12 +21,12 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import record  # noqa: E402
+from common import record
 
-from alignsearch.storage import ann  # noqa: E402
-from alignsearch.storage.ann import rerank  # noqa: E402
-from alignsearch.storage.vectors import VectorStore  # noqa: E402
-from indexer.tune import off_distribution_queries, tune  # noqa: E402
+from alignsearch.storage import ann
+from alignsearch.storage.ann import rerank
+from alignsearch.storage.vectors import VectorStore
+from indexer.tune import off_distribution_queries, tune
 
 DIM, K = 640, 10
 

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_ann import DIM, structured  # noqa: E402
-from common import CACHE, record  # noqa: E402
+from bench_ann import DIM, structured
+from common import CACHE, record
 
-from alignsearch.storage import ann, catalog, state, vectors  # noqa: E402
-from alignsearch.search import dupes  # noqa: E402
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE  # noqa: E402
+from alignsearch.storage import ann, catalog, state, vectors
+from alignsearch.search import dupes
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
 
 def synthetic_index(folder: Path, n: int) -> np.ndarray:

@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_ann import structured  # noqa: E402
-from common import CACHE, record  # noqa: E402
+from bench_ann import structured
+from common import CACHE, record
 
-import alignsearch  # noqa: E402
-from alignsearch.storage import ann, catalog, state, vectors  # noqa: E402
-from alignsearch.search.engine import ANN_FILE, DB_FILE  # noqa: E402
-from alignsearch.search.filters import parse_date  # noqa: E402
-from alignsearch.storage.ann import rerank  # noqa: E402
-from indexer.build import sync_index  # noqa: E402
+import alignsearch
+from alignsearch.storage import ann, catalog, state, vectors
+from alignsearch.search.engine import ANN_FILE, DB_FILE
+from alignsearch.search.filters import parse_date
+from alignsearch.storage.ann import rerank
+from indexer.build import sync_index
 
 START, SPAN = parse_date("2015-01-01"), 10 * 365.25 * 86400
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import align_base_checkpoint, jpeg_corpus, record  # noqa: E402
+from common import align_base_checkpoint, jpeg_corpus, record
 
-from alignsearch.media.images import crop_uint8, open_rgb  # noqa: E402
-from alignsearch.encoders.model import Encoder  # noqa: E402
+from alignsearch.media.images import crop_uint8, open_rgb
+from alignsearch.encoders.model import Encoder
 
 TEXTS = ["a red car parked on the beach", "a dog", "two people in the snow", "a bowl of fruit on a table",
          "the skyline of a big city at dusk", "a cat asleep on a sofa", "mountains under a blue sky", "a bicycle"]

@@ -36,10 +36,10 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import record  # noqa: E402  (also puts tests/ on the path)
+from common import record  # also puts tests/ on the path
 
-from shapes_data import COLOURS, DETAILS, all_specs, write_set  # noqa: E402
-from tiny_align import build_tiny_align  # noqa: E402
+from shapes_data import COLOURS, DETAILS, all_specs, write_set
+from tiny_align import build_tiny_align
 
 TEXT_WEIGHTS = (2.0, 1.0, 0.5)  # compound text weight against the image's 1; the paper's default first
 

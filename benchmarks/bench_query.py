@@ -2,6 +2,11 @@
 cold `alignsearch query` process against a fresh process that imports transformers and embeds one text.
 
     python benchmarks/bench_query.py [--n 100000] [--repeats 30]
+    python benchmarks/bench_query.py --suite server [--n 20000]
+
+--suite server: cold `alignsearch query` processes answered by a running `alignsearch serve` (a plain text, a
+filter, --explain, an image), against the same commands answered locally before the server started (the
+baseline, same run), and the server's own answer time (HTTP from a warm client).
 
 The index holds a few real JPEGs plus synthetic 640-d vectors written through the real writer.
 Baseline in the same run: transformers' own tokenizer + get_text_features and an exact numpy search.
@@ -20,17 +25,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_ann import structured  # noqa: E402
-from common import align_base_checkpoint, jpeg_corpus, record  # noqa: E402
+from bench_ann import structured
+from common import align_base_checkpoint, jpeg_corpus, record
 
-import alignsearch  # noqa: E402
-from alignsearch.storage import catalog  # noqa: E402
-from alignsearch.search.engine import ANN_FILE  # noqa: E402
-from indexer.build import sync_index  # noqa: E402
-from indexer.decode import Item  # noqa: E402
-from indexer.job import index_folders  # noqa: E402
-from indexer.scan import Found  # noqa: E402
-from indexer.writer import catalog_writer  # noqa: E402
+import alignsearch
+from alignsearch.storage import catalog
+from alignsearch.search.engine import ANN_FILE
+from indexer.build import sync_index
+from indexer.decode import Item
+from indexer.job import index_folders
+from indexer.scan import Found
+from indexer.writer import catalog_writer
 
 
 def ms(samples: list[float]) -> str:
@@ -64,7 +69,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--suite", choices=["engines", "server"], default="engines")
     args = ap.parse_args()
+    if args.suite == "server":
+        return server_suite(args)
     model, corpus = align_base_checkpoint(), jpeg_corpus(8, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         index_dir = Path(tmp) / "ix"
@@ -148,6 +156,61 @@ with torch.inference_mode():
     out = model.get_text_features(**tok(["red car"], return_tensors="pt"))
 print((out if isinstance(out, torch.Tensor) else out.pooler_output).shape)
 """
+
+
+SERVED_FORMS = {
+    "plain text": ["red car"],
+    "a filter (--where width >= 1)": ["red car", "--where", "width >= 1"],
+    "--explain": ["red car", "--explain"],
+    "an image (--image, its bytes uploaded)": ["--image", "IMAGE"],
+}
+
+
+def server_suite(args) -> None:
+    """Cold CLI queries through a warm server against the same queries answered locally (the baseline)."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    from alignsearch.storage.paths import SERVER_FILE
+
+    model, corpus = align_base_checkpoint(), jpeg_corpus(8, seed=1)
+    image = str(sorted(corpus.glob("*.jpg"))[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        index_dir = Path(tmp) / "ix"
+        build(index_dir, model, corpus, args.n)
+        commands = {label: [sys.executable, "-m", "alignsearch", "query", "--index", str(index_dir), "--json",
+                            *(image if a == "IMAGE" else a for a in extra)] for label, extra in SERVED_FORMS.items()}
+        local = {label: cold_runs(cmd, runs=5) for label, cmd in commands.items()}
+        proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(index_dir), "--port", "0",
+                                 "--device", "cpu"], stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(1200):
+                if (index_dir / SERVER_FILE).exists():
+                    break
+                time.sleep(0.1)
+            record_ = json.loads((index_dir / SERVER_FILE).read_text())
+            explained = json.loads(subprocess.run(commands["--explain"], check=True, capture_output=True).stdout)
+            assert explained["plan"]["via"] == "server", explained["plan"]
+            served = {label: cold_runs(cmd, runs=5) for label, cmd in commands.items()}
+            request = urllib.request.Request(f"{record_['url']}/api/search?q=red+car",
+                                             headers={"Authorization": f"Bearer {record_['token']}"})
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            answer = timed(lambda: opener.open(request).read(), args.repeats)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        info = alignsearch.open(index_dir).info()
+    lines = [f"- index: {info['images']:,} vectors ({info['index']['factory']}); {os.cpu_count()} CPUs, load average "
+             f"{os.getloadavg()[0]:.1f} at the end",
+             f"- the server's answer to GET /api/search?q=red+car from a warm HTTP client: {ms(answer)}",
+             "- cold `alignsearch query ... --json` process, start to output, 5 runs each (median; runs):"]
+    for label in SERVED_FORMS:
+        lines.append(f"  - {label}: through the server {statistics.median(served[label]):.3f} s "
+                     f"({', '.join(f'{x:.2f}' for x in served[label])}); baseline, local in the same run "
+                     f"{statistics.median(local[label]):.3f} s ({', '.join(f'{x:.2f}' for x in local[label])})")
+    record("Cold CLI queries through a warm `alignsearch serve` (issue 26 step 2), align-base geometry, CPU", lines)
 
 
 def cold_runs(cmd: list[str], runs: int = 3) -> list[float]:

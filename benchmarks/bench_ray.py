@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import CACHE, record  # noqa: E402  (also puts tests/ on the path)
+from common import CACHE, record  # also puts tests/ on the path
 
 
 def small_jpegs(n: int) -> Path:

@@ -23,14 +23,14 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_ann import DIM, structured  # noqa: E402
-from common import CACHE, record  # noqa: E402
+from bench_ann import DIM, structured
+from common import CACHE, record
 
-from alignsearch.storage import ann, shards  # noqa: E402
-from alignsearch.storage.ann import rerank  # noqa: E402
-from alignsearch.storage.vectors import VectorStore  # noqa: E402
-from indexer import ondisk  # noqa: E402
-from indexer.tune import off_distribution_queries  # noqa: E402
+from alignsearch.storage import ann, shards
+from alignsearch.storage.ann import rerank
+from alignsearch.storage.vectors import VectorStore
+from indexer import ondisk
+from indexer.tune import off_distribution_queries
 
 
 def encode_rate() -> float:

@@ -159,7 +159,7 @@ def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
     images, captions = [], {}
     try:
         with sources.open_binary(root) as f:
-            shard = tarfile.open(fileobj=f, mode="r:")
+            shard = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - reads f, closed by the with
             for member in shard:
                 name = member.name.removeprefix("./")
                 if member.isfile() and _wanted(name, include_hidden):

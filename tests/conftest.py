@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/encoders/backend.py)
 os.environ.setdefault("ALIGNSEARCH_CACHE", tempfile.mkdtemp(prefix="alignsearch-cache-"))
 
-from tiny_align import build_tiny_align  # noqa: E402
+from tiny_align import build_tiny_align
 
 
 def run(*args, code=0):

@@ -346,8 +346,8 @@ def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_
     make_images(root, 8)
     index_json(ix, root, "--model", tiny_model, "--device", "cpu")
     engine = alignsearch.open(ix, device="cpu")
-    # the server encodes a query's halves (embed_parts, for any compose method), then searches
-    real_embed, real_vector_of, switched = engine.embed_parts, engine.vector_of, []
+    # the server encodes a query's halves (parts_of its request, for any compose method), then searches
+    real_embed, real_vector_of, switched = engine.parts_of, engine.vector_of, []
 
     def switch():
         if not switched:  # the re-encode runs to its switch while the request is between its two steps
@@ -366,7 +366,7 @@ def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_
         switch()
         return vector
 
-    engine.embed_parts = embed_then_switch
+    engine.parts_of = embed_then_switch
     server = start_in_thread(engine, ServerConfig(port=0, no_token=True))
     try:
         status, _, body = call(server.url, "/api/search?q=red%20circle&k=5", token=None)

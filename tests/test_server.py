@@ -342,7 +342,7 @@ def cli(ix, *args, env=None):
     return subprocess.run([sys.executable, "-m", "alignsearch", "query", *args], capture_output=True, text=True, env=env)
 
 
-def test_cli_query_goes_through_the_warm_server(served):
+def test_cli_query_goes_through_the_warm_server(served, tmp_path):
     record = json.loads((served["ix"] / SERVER_FILE).read_text())
     assert record["pid"] == served["proc"].pid
     assert oct(os.stat(served["ix"] / SERVER_FILE).st_mode & 0o777) == "0o600"
@@ -359,7 +359,11 @@ def test_cli_query_goes_through_the_warm_server(served):
         [sys.executable, "-X", "importtime", "-m", "alignsearch", "query", "red car", "-k", "1"],
         capture_output=True, text=True, env={**os.environ, "ALIGNSEARCH_INDEX": str(served["ix"])},
     ).stderr.split("alignsearch.surfaces.cli")[-1]
-    local = CliRunner().invoke(main, ["query", "red car", "-k", "4", "--json", "--index", str(served["ix"]), "--nprobe", "1"])
+    import shutil
+
+    alone = tmp_path / "alone"  # the same index with no server record: local search
+    shutil.copytree(served["ix"], alone, ignore=shutil.ignore_patterns(SERVER_FILE, "thumbs"))
+    local = CliRunner().invoke(main, ["query", "red car", "-k", "4", "--json", "--index", str(alone)])
     assert json.loads(warm.stdout) == json.loads(local.output)  # same output, whichever answered
 
 

@@ -175,7 +175,7 @@ class Tower:
             else:
                 self.session = _session(path)
                 self.inputs = [i.name for i in self.session.get_inputs()]
-        except Exception as exc:  # the engines raise their own Fail/InvalidGraph/RuntimeError types
+        except Exception as exc:  # noqa: BLE001 - the engines raise their own Fail/InvalidGraph/RuntimeError types
             raise OnnxUnusable(f"{engine} cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
 
     def run(self, **feeds: np.ndarray) -> np.ndarray:

@@ -229,7 +229,7 @@ def read_bytes(root: str, relpath: str, relpath_raw: bytes | None = None, offset
         if offset < 0:
             name = os.fsdecode(relpath_raw) if relpath_raw else relpath
             try:
-                member = tarfile.open(fileobj=f, mode="r:").getmember(name)
+                member = tarfile.open(fileobj=f, mode="r:").getmember(name)  # noqa: SIM115 - reads f, closed by the with
             except (KeyError, tarfile.TarError):
                 raise FileNotFoundError(f"no member {relpath} in {root}") from None
             offset, size = member.offset_data, member.size

@@ -17,15 +17,14 @@ from alignsearch.search import filters, querycheck
 from alignsearch.encoders.backend import EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
-from alignsearch.search.filters import FilterOptions
 from alignsearch.media.photometa import iso
+# DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
+from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PER_VIDEO = 3  # moments of one video in a result list (query --per-video)
 
 __all__ = ["ANN_FILE", "DB_FILE", "INDEX_DIRNAME", "SERVER_FILE", "VECTORS_FILE", "Engine", "Hit", "find_index_dir",
            "open", "resolve_index_dir"]
@@ -335,34 +334,52 @@ class Engine:
         always applies to `similarity`. The query is encoded with the model of the generation it searches.
         media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no
         limit)."""
-        # the checked values from here on: a numpy integer k reached FAISS, which refuses it
-        checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                                      image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe,
-                                      tag=tag)
-        k, nprobe, negative = checked["k"], checked["nprobe"], checked["negative"]
-        text_weight, image_weight, negative_weight = (checked[w] for w in ("text_weight", "image_weight",
-                                                                             "negative_weight"))
-        _check_compose(compose)
-        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)), media, per_video)
-        self.refresh()
+        return self.run(build_request(
+            text=text, image=image, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
+            negative_weight=negative_weight, nprobe=nprobe, tag=tag, collapse=collapse, where=where, after=after,
+            before=before, camera=camera, near=near, path=path, format=format, min_score=min_score, sort=sort,
+            mode=mode, media=media, per_video=per_video, compose=compose))
+
+    def run(self, request: SearchRequest, *, query: np.ndarray | Parts | None = None,
+            snapshot: Snapshot | None = None, exclude=()) -> list[Hit]:
+        """The hits of a checked request (alignsearch/search/request.py: build), taken whole. query: the request
+        already encoded (embed_parts' halves, or a unit vector of the index's model); else its text and image
+        are encoded with the model of the generation searched. snapshot: search that snapshot (the one the
+        query was encoded for); SnapshotMoved when the index has moved to another generation meanwhile.
+        exclude: ids never returned, still k hits (k counts the hits returned)."""
+        opts = self._options(request, exclude)
+        if snapshot is None:
+            self.refresh()
+        given = None
+        if query is not None:
+            dim = (snapshot or self.snap).store.dim
+            # a query's encoded halves come from embed_parts (checked there); a bare vector from the caller: checked
+            given = self._scorer(query, request.compose) if isinstance(query, Parts) else \
+                Scorer([querycheck.check_vector(query, dim)])
         for attempt in range(4):
-            snap = self.snap
-            query = self._scorer(self._parts(snap, text, image, negative, text_weight, image_weight, negative_weight),
-                                 compose)
+            snap = snapshot or self.snap
+            # encoded here: with the model of the generation searched, again after a switch
+            sc = given if given is not None else self._scorer(self.parts_of(request, snap), request.compose)
             try:
-                hits = self._search(snap, query, replace(opts, k=k * 3) if collapse else opts)
+                hits = self._search(snap, sc, replace(opts, k=request.k * 3) if request.collapse else opts)
             except _Stale:
+                if snapshot is not None:
+                    raise SnapshotMoved() from None
                 if attempt == 3:
                     raise
                 self.refresh()
                 continue
-            if collapse:
+            if request.collapse:
                 from alignsearch.search.dupes import collapse_hits
 
-                return collapse_hits(self.db, hits, k)
+                return collapse_hits(self.db, hits, request.k)
             return hits
         raise AssertionError("unreachable")
+
+    def parts_of(self, request: SearchRequest, snapshot: Snapshot | None = None) -> Parts:
+        """The request's text, image and negative encoded (unit vectors) with the model of `snapshot`."""
+        return self._parts(snapshot or self.snap, request.text, request.image, request.negative, request.text_weight,
+                           request.image_weight, request.negative_weight)
 
     def search_vector(self, query: np.ndarray | Parts, k: int = 10, nprobe: int | None = None, tag: str | None = None,
                       *, text: str | None = None, mode: str = "vector", collapse: bool = False,
@@ -377,43 +394,18 @@ class Engine:
         out the image itself), still k hits: k counts the hits returned. snapshot: search that snapshot (the one
         the vector was encoded for); SnapshotMoved when the index has moved to another generation meanwhile
         (encode again with a new snapshot)."""
-        checked = querycheck.validate(k=k, nprobe=nprobe, tag=tag, by_vector=True)
-        k, nprobe = checked["k"], checked["nprobe"]
-        if text is not None:
-            querycheck.check_text(text)
-        _check_compose(compose)
-        opts = self._options(k, nprobe, min_score, sort, mode, text, FilterOptions(**querycheck.check_filters(
-            where=where, after=after, before=before, camera=camera, near=near, path=path, format=format, tag=tag)),
-            media, per_video)
-        opts = replace(opts, exclude=frozenset(querycheck.check_id(i) for i in exclude))
-        if snapshot is None:
-            self.refresh()
-        dim = (snapshot or self.snap).store.dim
-        # a query's encoded halves come from embed_parts (checked there); a bare vector from the caller: checked
-        sc = self._scorer(query, compose) if isinstance(query, Parts) else Scorer([querycheck.check_vector(query, dim)])
-        for attempt in range(4):
-            try:
-                hits = self._search(snapshot or self.snap, sc, replace(opts, k=k * 3) if collapse else opts)
-            except _Stale:
-                if snapshot is not None:
-                    raise SnapshotMoved() from None
-                if attempt == 3:
-                    raise
-                self.refresh()
-                continue
-            if collapse:
-                from alignsearch.search.dupes import collapse_hits
+        request = build_request(k=k, nprobe=nprobe, tag=tag, text=text, mode=mode, collapse=collapse, where=where,
+                                after=after, before=before, camera=camera, near=near, path=path, format=format,
+                                min_score=min_score, sort=sort, media=media, per_video=per_video, compose=compose,
+                                by_vector=True)
+        return self.run(request, query=query, snapshot=snapshot, exclude=exclude)
 
-                return collapse_hits(self.db, hits, k)
-            return hits
-        raise AssertionError("unreachable")
-
-    def explain(self, text: str | None = None, k: int = 10, mode: str = "auto", *, compose: str = "auto",
-                compound: bool = False, weights: tuple[float, float] = (2.0, 1.0), **flt) -> dict[str, Any]:
-        """How a search with these filters would run (`query --explain`), without running it. compound: the
-        query has both a text and an image (then `compose` says how they combine, with weights (text, image))."""
-        _check_compose(compose)
-        opts = self._options(k, None, None, "score", mode, text, FilterOptions(**flt))
+    def explain(self, request: SearchRequest) -> dict[str, Any]:
+        """How a request would run (`query --explain`), without running it: matches, selectivity, exact or ANN,
+        nprobe, and for a text and an image how they combine."""
+        opts = self._options(request)
+        k, mode, compose, compound = request.k, request.mode, request.compose, request.compound
+        weights = (request.text_weight, request.image_weight)
         snap = self.snap
         n = int(snap.index.ntotal)
         method = resolve_compose(compose) if compound else None
@@ -456,30 +448,12 @@ class Engine:
         return out
 
     @staticmethod
-    def _options(k, nprobe, min_score, sort, mode, text, flt: FilterOptions, media: str | None = None,
-                 per_video: int | None = None) -> "_Options":
-        if k < 1:
-            raise BadInputError(f"k must be at least 1, got {k}")
-        if sort not in SORTS:
-            raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
-        if mode not in MODES:
-            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if min_score is not None:
-            try:
-                min_score = float(min_score)
-            except (TypeError, ValueError):
-                raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score!r}") from None
-            if not -1 <= min_score <= 1:  # NaN too
-                raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score}")
-        if media not in (None, "photo", "video"):
-            raise UsageError(f"media must be photo or video, got {media!r}")
-        if per_video is not None and (isinstance(per_video, bool) or not isinstance(per_video, int) or per_video < 1):
-            raise UsageError(f"per_video must be a whole number of at least 1, got {per_video!r}")
-        node = filters.build(flt)
-        if media is not None:
-            node = filters.with_media(node, media)
-        return _Options(k, nprobe, node, keywords.parse(text, partial_last=mode == "auto")
-                        if mode != "vector" else keywords.Query(), mode, min_score, sort, per_video)
+    def _options(request: SearchRequest, exclude=()) -> "_Options":
+        words = keywords.parse(request.text, partial_last=request.mode == "auto") if request.mode != "vector" \
+            else keywords.Query()
+        return _Options(k=request.k, nprobe=request.nprobe, node=request.node, words=words, mode=request.mode,
+                        min_score=request.min_score, sort=request.sort, per_video=request.per_video,
+                        exclude=frozenset(querycheck.check_id(i) for i in exclude))
 
     def _search(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
         if snap.index.ntotal == 0:
@@ -575,14 +549,10 @@ class Engine:
         ("red_circle.png" for "red car on beach") must not override the model."""
         with self.db.connect() as conn:
             among = None if allowed is None else allowed.tolist()
-            found = [i for i, _ in catalog.keyword_search(conn, opts.words, max(opts.k + len(opts.exclude),
-                                                                                KEYWORD_DEPTH), among)]
-            if opts.mode == "auto" and found:
-                photos, labels = catalog.photos_of(conn, found), catalog.labels_of(conn, found)
-                found = [i for i in found if keywords.evidence(opts.words, "\n".join(
-                    [(photos.get(i) or {}).get("caption") or "", (photos.get(i) or {}).get("ocr") or "",
-                     *labels.get(i, [])]))]
-        return found
+            if not opts.words or not catalog.has_keywords(conn):
+                return []
+            return [i for i, _ in keywords.search(conn, opts.words, max(opts.k + len(opts.exclude), KEYWORD_DEPTH),
+                                                  among, evidence_only=opts.mode == "auto")]
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
               keyword: list[int] | None = None) -> list[Hit]:
@@ -827,13 +797,6 @@ def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: 
                similarity=score if similarity is None else similarity, parts=parts)
 
 
-def _check_compose(compose: str) -> None:
-    try:
-        resolve_compose(compose)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 COMPOSE_RULES = {
     "sum": "normalised weighted sum of the image and text vectors (text 2 : image 1 by default)",
     "slerp": "spherical interpolation from the image to the text at text_weight / (text_weight + image_weight)",
@@ -842,8 +805,6 @@ COMPOSE_RULES = {
 }
 
 
-SORTS = ("score", "taken", "-taken", "path")
-MODES = ("auto", "vector", "keyword", "hybrid")
 # Up to this many matching images are all scored exactly; more go through the ANN index with a selector.
 # At 1M vectors exact scoring costs ~4 ms per thousand matches (gathering fp16 rows), the restricted IVF
 # search a few ms whatever the count (bench_filter): they cross near 4,000.

@@ -22,11 +22,15 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Callable, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Union
 
 from alignsearch.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where masks are made: parsing a filter (the CLI does, before it knows whether a warm
+# server answers) needs none.
 
 NUMBER_FIELDS = frozenset({"width", "height", "size", "lat", "lon", "t", "t_end"})  # t, t_end: a video moment's seconds
 DATE_FIELDS = frozenset({"taken", "mtime"})
@@ -318,6 +322,8 @@ def glob_regex(pattern: str) -> re.Pattern:
 
 
 def haversine_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
+    import numpy as np
+
     p1, p2 = np.radians(lat), math.radians(lat0)
     dp, dl = p1 - p2, np.radians(lon - lon0)
     a = np.sin(dp / 2) ** 2 + np.cos(p1) * math.cos(p2) * np.sin(dl / 2) ** 2
@@ -327,6 +333,8 @@ def haversine_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> 
 def evaluate(node: Node, column: Callable[[str], np.ndarray], tagged: Callable[[str], np.ndarray]) -> np.ndarray:
     """A boolean mask over the snapshot's rows. column(name) gives a numeric array (NaN when unknown) or an
     object array of lower-cased text (None when unknown); tagged(label) the mask of rows with that tag."""
+    import numpy as np
+
     if isinstance(node, And):
         mask = evaluate(node.args[0], column, tagged)
         for arg in node.args[1:]:
@@ -367,12 +375,16 @@ class TextColumn:
 
     @classmethod
     def of(cls, values) -> "TextColumn":
+        import numpy as np
+
         index: dict = {}
         codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int32, count=len(values))
         return cls(codes, list(index))
 
 
 def _text_mask(values, op: str, value: str) -> np.ndarray:
+    import numpy as np
+
     column = values if isinstance(values, TextColumn) else TextColumn.of(values)
     distinct, inverse = ["\x00" if d is None else d for d in column.distinct], column.codes
     needle = value.lower()

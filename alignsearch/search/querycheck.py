@@ -14,13 +14,16 @@ import math
 import operator
 import os
 import stat
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from alignsearch.encoders.classify import MAX_TAG_CHARS
 from alignsearch.errors import BadInputError
-from alignsearch.media.sources import unusable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy, the tag limit (encoders/classify) and the file checks (media/sources) are imported where they are
+# used: a query the CLI sends to a warm server is checked without them.
 
 MAX_TEXT_CHARS = 1000  # ALIGN reads 64 tokens; a thousand characters is far past any useful query
 MAX_K = 1000
@@ -77,6 +80,8 @@ def check_nprobe(value: int | None) -> int | None:
 def check_tag(value: str | None) -> str | None:
     if value is None:
         return None
+    from alignsearch.encoders.classify import MAX_TAG_CHARS
+
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_TAG_CHARS:
         raise BadInputError(f"a tag is a label of 1 to {MAX_TAG_CHARS} characters, got {str(value)[:40]!r}")
     return value
@@ -90,9 +95,8 @@ def check_id(value: int) -> int:
 def check_image(value: Any) -> Any:
     """A query image: a path (its file size is capped), bytes (capped), or an already decoded image (not
     empty, within the pixel cap). Anything else is refused here rather than deep in the decoder."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
+    image_module = sys.modules.get("PIL.Image")  # not loaded: the value cannot be a decoded image (no import)
+    if image_module is not None and isinstance(value, image_module.Image):
         width, height = value.size
         if width < 1 or height < 1:
             raise BadInputError(f"the query image is {width}x{height} pixels: there is nothing to search for")
@@ -108,6 +112,8 @@ def check_image(value: Any) -> Any:
         except OSError as exc:
             raise BadInputError(f"cannot read the query image {os.fspath(value)}: {exc.strerror or exc}") from None
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never end: refused from the stat
+            from alignsearch.media.sources import unusable
+
             raise BadInputError(f"cannot use the query image {os.fspath(value)}: {unusable(st)}")
         size = st.st_size
     elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -125,6 +131,8 @@ UNIT_TOLERANCE = 0.02  # as for stored vectors (engine._hits): fp16 storage keep
 def check_vector(value: Any, dim: int) -> np.ndarray:
     """A query vector for Engine.search_vector: dim finite numbers of unit length (a zero, NaN or
     unnormalised vector ranked meaninglessly; a wrong size failed inside FAISS)."""
+    import numpy as np
+
     try:
         vector = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):

@@ -152,9 +152,11 @@ def coded_chunks(text: str) -> str:
     return " ".join(dict.fromkeys(c for c in chunks if len(c) >= MIN_CODE and any(ch.isdigit() for ch in c)))
 
 
-def search(conn, query: Query, limit: int, among=None) -> list[tuple[int, float]]:
+def search(conn, query: Query, limit: int, among=None, evidence_only: bool = False) -> list[tuple[int, float]]:
     """(file id, bm25 score: lower is better) of the indexed files matching `query`, best first, at most
-    `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
+    `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves.
+    evidence_only: only files whose caption, text read in the image or tags hold the query (`evidence`), also
+    decided in the SQL before the limit: filtered after it, a hundred matches by file name alone left none. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
     are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
     all the query's words, those found only inside longer tokens after them."""
     from alignsearch.storage import migrate
@@ -187,11 +189,33 @@ def search(conn, query: Query, limit: int, among=None) -> list[tuple[int, float]
         # answers far slower (minutes at 150,000 ids); as a plain filter it costs what the unfiltered query does.
         restrict = " WHERE +h.id IN (SELECT value FROM json_each(?))"
         params.append("[" + ",".join(str(int(i)) for i in among) + "]")
+    if evidence_only:
+        restrict += (" AND " if restrict else " WHERE ") + _evidence_sql(conn, query)
     params.append(int(limit))
     sql = (f"SELECT h.id, r.score FROM ({hits}) h JOIN files f ON f.id = h.id AND f.status = 'indexed' "
            f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
            f"ON r.rowid = h.id{restrict} ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
     return [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]
+
+
+EVIDENCE_FUNCTION = "alignsearch_evidence"
+
+
+def _evidence_sql(conn, query: Query) -> str:
+    """A condition on h.id: the file's caption, text read in the image and tag labels hold evidence of the
+    query. `evidence` runs in SQLite as a function of this connection, registered for this query."""
+    from alignsearch.storage import migrate
+    from alignsearch.storage.catalog import photos
+
+    conn.connection.driver_connection.create_function(EVIDENCE_FUNCTION, 1,
+                                                      lambda text: evidence(query, text or ""), deterministic=True)
+    parts = ["(SELECT group_concat(t.label, char(10)) FROM tags t WHERE t.file_id = h.id)"]
+    schema = migrate.schema_of(conn)
+    if schema.photos:
+        # a catalog older than photos.ocr (a reader cannot upgrade it) has the columns it has
+        columns = ("caption", "ocr") if schema.photo_ocr else ("caption",)
+        parts += [f"(SELECT p.{c} FROM {photos.name} p WHERE p.file_id = h.id)" for c in columns]
+    return f"{EVIDENCE_FUNCTION}({' || char(10) || '.join(f'coalesce({p}, {chr(39)}{chr(39)})' for p in parts)})"
 
 
 def _fold(text: str) -> list[str]:

@@ -3,13 +3,15 @@ the CLI's route to a warm server needs nothing heavier."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
-import sys
 from pathlib import Path
 from urllib.parse import urlencode
 
 from alignsearch.errors import IndexNotFoundError
+
+log = logging.getLogger(__name__)
 
 INDEX_DIRNAME = ".alignsearch"
 DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
@@ -78,7 +80,7 @@ _noted: set[str] = set()  # indexes already skipped with a note in this process
 
 def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
     """The nearest `.alignsearch` directory in start (default: cwd) or its parents, like `.git`; one owned
-    by another user or writable by others is skipped with a note on stderr (name it with --index or
+    by another user or writable by others is skipped with a warning logged (stderr; name it with --index or
     ALIGNSEARCH_INDEX to use it anyway)."""
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
@@ -93,8 +95,7 @@ def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
             return candidate
         if str(candidate) not in _noted:
             _noted.add(str(candidate))
-            print(f"note: ignoring the index {candidate}: {why}; pass --index {candidate} to use it anyway",
-                  file=sys.stderr)
+            log.warning("note: ignoring the index %s: %s; pass --index %s to use it anyway", candidate, why, candidate)
     return None
 
 

@@ -6,7 +6,10 @@ unexpected error (one line; ALIGNSEARCH_DEBUG=1 shows the traceback), 2 bad usag
 cannot be loaded, 5 model differs from the index's, 6 unusable input (a query argument, a query image
 that is not a regular file of sane size, a root that cannot be listed, a root not in the index, an index
 another process is writing), 7 the index is damaged or inconsistent (`verify` found problems, a catalog
-that is not a database).
+that is not a database). Each error class carries its code (alignsearch/errors.py), the server's HTTP
+status beside it; alignsearch/surfaces/boundary.py says which class an exception means.
+
+Logging: -v info, -vv debug, or ALIGNSEARCH_LOG=LEVEL, for every command (alignsearch/logs.py); on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import errno
 import base64
 import json
+import logging
 import os
 import re
 import sys
@@ -23,6 +27,8 @@ import click
 
 from alignsearch.encoders.backend import BACKENDS, PRECISIONS
 from alignsearch.errors import AlignSearchError
+
+log = logging.getLogger(__name__)
 
 index_option = click.option(
     "--index", "index_dir", envvar="ALIGNSEARCH_INDEX", type=click.Path(file_okay=False),
@@ -58,8 +64,7 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AlignSearchError as exc:
-            click.echo(f"error: {_shown(exc)}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(click.get_current_context(), str(exc), exc.exit_code)
 
     return wrapper
 
@@ -82,7 +87,7 @@ class _Main(click.Group):
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", 130)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        except Exception as exc:
             epipe = isinstance(exc, OSError) and exc.errno == errno.EPIPE
             if epipe and _stdout_gone():
                 _quiet_stdout()
@@ -94,16 +99,14 @@ class _Main(click.Group):
                     traceback.print_exc()
                     ctx.exit(1)
                 raise
+            log.debug("%s failed", ctx.invoked_subcommand, exc_info=exc)  # -vv: the traceback, in the log
             if epipe:  # a pipe of our own (a worker's, multiprocessing's resource tracker) broke: a failure
                 _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
-            from alignsearch.storage.catalog import not_damage
+            from alignsearch.surfaces.boundary import library_error
 
-            trouble = not_damage(exc)
-            if trouble is not None:
-                _fail(ctx, str(trouble), trouble.exit_code)
-            damaged = _damaged_catalog(exc)
-            if damaged:
-                _fail(ctx, damaged, 7)
+            known = library_error(exc)
+            if known is not None:
+                _fail(ctx, str(known), known.exit_code)
             if isinstance(exc, OSError) and exc.strerror:
                 where = f": {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"{exc.strerror}{where}", 1)
@@ -161,30 +164,14 @@ def _fail(ctx, message: str, code: int):
     ctx.exit(code)
 
 
-def _damaged_catalog(exc: Exception) -> str | None:
-    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None. A full disk
-    or a lock held too long is not damage: invoke reports those as what they are (catalog.not_damage)."""
-    import sqlite3
-
-    try:
-        from sqlalchemy.exc import DatabaseError
-    except ImportError:  # pragma: no cover
-        DatabaseError = sqlite3.DatabaseError  # noqa: N806
-    if isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
-        cause = getattr(exc, "orig", None) or exc
-        return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
-                "restore it from a backup or index into a new --index DIR")
-    return None
-
-
 def _image_file(ctx, param, value):
     """A query image must be a regular file under the size cap: a FIFO, a device (/dev/zero) or a folder
     would block or never end; refused at once (exit 6)."""
-    from alignsearch.media import sources
-    from alignsearch.errors import BadInputError
-
     paths = value if isinstance(value, tuple) else (value,) if value is not None else ()
     for path in paths:
+        from alignsearch.media import sources
+        from alignsearch.errors import BadInputError
+
         try:
             problem = sources.unusable(os.stat(path))
         except OSError as exc:
@@ -196,8 +183,13 @@ def _image_file(ctx, param, value):
 
 @click.group(cls=_Main)
 @click.version_option(package_name="alignsearch")
-def main() -> None:
+@click.option("-v", "--verbose", count=True,
+              help="Log on stderr: -v what happens (info), -vv debug (env ALIGNSEARCH_LOG=LEVEL also).")
+def main(verbose: int) -> None:
     """Semantic search over image folders with ALIGN: index once, query by text, image, or both."""
+    from alignsearch import logs
+
+    logs.configure(verbose)
 
 
 @main.command()
@@ -307,40 +299,80 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
             click.echo("       " + ", ".join(f"{key} {value}" for key, value in {**made_of, **(h.get("parts") or {})}.items()))
 
 
+_REQUEST_OPTIONS = [
+    click.argument("text", required=False),
+    click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT)."),
+    click.option("--negative", help="Text whose concept to subtract from the query."),
+    click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000)."),
+    click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query."),
+    click.option("--image-weight", type=float, default=1.0, show_default=True),
+    click.option("--negative-weight", type=float, default=1.0, show_default=True),
+    click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value)."),
+    click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`)."),
+    click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it (listed as its duplicates)."),
+    click.option("--after", metavar="DATE", help="Taken on or after DATE (ISO 8601: 2019-07-14 or a date-time)."),
+    click.option("--before", metavar="DATE", help="Taken before DATE."),
+    click.option("--camera", metavar="TEXT", help="Camera make or model contains TEXT (case-insensitive)."),
+    click.option("--near", metavar="LAT,LON,KM", help="Taken within KM kilometres of LAT,LON (GPS in EXIF)."),
+    click.option("--path", "path_glob", metavar="GLOB", help="Path under its root matches GLOB (** crosses folders)."),
+    click.option("--format", "fmt", metavar="FMT", help="Image format (jpeg, png, webp...)."),
+    click.option("--where", metavar="EXPR", help="A filter expression, e.g. \"camera ~ canon and taken >= 2019-01-01\"."),
+    click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments."),
+    click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
+                  help="At most this many moments of one video in the results."),
+    click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+                  help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
+                       "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings."),
+    click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
+                  help="Order of the result set (the best k by score that pass the filters)."),
+    click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
+                  help="vector, keyword (captions, text in images, names, tags; AND, OR, -word, \"phrase\", word*: README), hybrid (both fused; score = the fused rank score), auto "
+                       "(hybrid when words are in a caption or tag; file and folder names count only in keyword/hybrid)."),
+    click.option("--compose", type=click.Choice(["auto", "sum", "slerp", "product", "weicom"]), default="auto",
+                  show_default=True, help="How TEXT and --image combine: sum (weighted), slerp, product (both must "
+                                          "match: late fusion), weicom (normalised late fusion), auto (the best measured)."),
+    click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe; "
+                                                  "and what each hit's score is made of."),
+]
+
+
+def request_options(fn):
+    """`query`'s options that make its search request, checked once into one SearchRequest (request.build,
+    the rules of every surface). The command gets `request` and `asked`, the `query` its output echoes."""
+
+    @wraps(fn)
+    def command(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after,
+                before, camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain,
+                **rest):
+        if text is None and image is None:
+            raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
+        from alignsearch.search.request import DEFAULT_PER_VIDEO, build
+
+        narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near,
+                     "path": path_glob, "format": fmt}
+        request = build(text=text, image=image, negative=negative, k=k, text_weight=text_weight,
+                        image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
+                        collapse=collapse, media=media, per_video=per_video, min_score=min_score, sort=sort,
+                        mode=mode, compose=compose, explain=explain, **narrowing)
+        plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" \
+            and not explain and compose == "auto" and media is None and per_video == DEFAULT_PER_VIDEO
+        asked = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
+                 "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
+                 **{key: value for key, value in narrowing.items() if value is not None},
+                 **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
+        if media is not None or per_video != DEFAULT_PER_VIDEO:
+            asked.update(media=media, per_video=per_video)
+        if collapse:
+            asked["collapse"] = True
+        return fn(request=request, asked=asked, **rest)
+
+    for option in reversed(_REQUEST_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.argument("text", required=False)
-@click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT).")
-@click.option("--negative", help="Text whose concept to subtract from the query.")
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000).")
-@click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query.")
-@click.option("--image-weight", type=float, default=1.0, show_default=True)
-@click.option("--negative-weight", type=float, default=1.0, show_default=True)
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value).")
-@click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`).")
-@click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it (listed as its duplicates).")
-@click.option("--after", metavar="DATE", help="Taken on or after DATE (ISO 8601: 2019-07-14 or a date-time).")
-@click.option("--before", metavar="DATE", help="Taken before DATE.")
-@click.option("--camera", metavar="TEXT", help="Camera make or model contains TEXT (case-insensitive).")
-@click.option("--near", metavar="LAT,LON,KM", help="Taken within KM kilometres of LAT,LON (GPS in EXIF).")
-@click.option("--path", "path_glob", metavar="GLOB", help="Path under its root matches GLOB (** crosses folders).")
-@click.option("--format", "fmt", metavar="FMT", help="Image format (jpeg, png, webp...).")
-@click.option("--where", metavar="EXPR", help="A filter expression, e.g. \"camera ~ canon and taken >= 2019-01-01\".")
-@click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments.")
-@click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
-              help="At most this many moments of one video in the results.")
-@click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
-              help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
-                   "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings.")
-@click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
-              help="Order of the result set (the best k by score that pass the filters).")
-@click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
-              help="vector, keyword (captions, text in images, names, tags; AND, OR, -word, \"phrase\", word*: README), hybrid (both fused; score = the fused rank score), auto "
-                   "(hybrid when words are in a caption or tag; file and folder names count only in keyword/hybrid).")
-@click.option("--compose", type=click.Choice(["auto", "sum", "slerp", "product", "weicom"]), default="auto",
-              show_default=True, help="How TEXT and --image combine: sum (weighted), slerp, product (both must "
-                                      "match: late fusion), weicom (normalised late fusion), auto (the best measured).")
-@click.option("--explain", is_flag=True, help="Also say how the search ran: matches, selectivity, exact or ANN, nprobe; "
-                                              "and what each hit's score is made of.")
+@request_options
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
 @click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
@@ -348,75 +380,57 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 @model_option
 @run_options
 @reports_errors
-def query(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after, before,
-          camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain, paths_only, null,
-          as_json, index_dir, model, device, backend, precision):
+def query(request, asked, paths_only, null, as_json, index_dir, model, device, backend, precision):
     """Search the index by TEXT, by --image, or by both; filter by metadata, cut off and sort."""
-    if text is None and image is None:
-        raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
-    from alignsearch.search import filters
-
-    narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path_glob,
-                 "format": fmt}
-    filters.build(filters.FilterOptions(tag=tag, **narrowing))  # a malformed filter fails before any loading
-    plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" and not explain \
-        and compose == "auto" and media is None and per_video == 3  # a server answers with the defaults only
-    q = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
-         "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
-         **{key: value for key, value in narrowing.items() if value is not None},
-         **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
-    if media is not None or per_video != 3:
-        q.update(media=media, per_video=per_video)
     from alignsearch import notices
-    from alignsearch.search import querycheck
     from alignsearch.storage.paths import resolve_index_dir
 
     notices.enable(not as_json and not paths_only)
-
-    checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                                  image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag)
     found = resolve_index_dir(index_dir)
-    answer = None
-    if collapse:
-        q["collapse"] = True
-    if model is None and nprobe is None and not collapse and plain and (backend, precision) == ("auto", "auto"):  # a warm `alignsearch serve` answers in milliseconds
+    if model is not None or (backend, precision) != ("auto", "auto"):
+        answer, why_local = None, "--model, --backend or --precision choose an encoder: the server runs its own"
+    else:  # a warm `alignsearch serve` answers in milliseconds
         from alignsearch.surfaces.client import search_via_server
 
-        fields = {"q": text, "k": k, "negative": checked["negative"], "text_weight": text_weight,
-                  "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag}
-        answer = search_via_server(found, fields, image, notice=lambda line: click.echo(line, err=True))
+        routed = search_via_server(found, request, notice=lambda line: click.echo(line, err=True))
+        answer, why_local = routed.answer, routed.why_local
+    plan = None
     if answer is not None:
         hits = answer["results"]
+        if request.explain:
+            plan = {**answer.get("plan", {}), "via": "server"}
     else:
-        _quiet_transformers()
-        soon = None
-        if text is not None and image is None and model is None and device in ("auto", "cpu") \
-                and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
-            from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
-
-            soon = text_encoder_soon(found, precision)
-        from alignsearch.search.engine import open as open_index
-
-        engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
-        hits = engine.search(text=text, image=image, k=k, negative=negative, text_weight=text_weight,
-                             image_weight=image_weight, negative_weight=negative_weight, nprobe=nprobe, tag=tag,
-                             collapse=collapse, min_score=min_score, sort=sort, mode=mode, compose=compose, media=media,
-                             per_video=per_video, **narrowing)
-        hits = [h.to_dict() for h in hits]
-        if explain:
-            plan = {**engine.explain(text=text, k=k, mode=mode, compose=compose, compound=text is not None and image
-                                     is not None, weights=(text_weight, image_weight), tag=tag, **narrowing),
-                    "encoder": engine.encoder_plan()}
-            if as_json:
-                q["plan"] = plan
-            else:
-                click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
+        hits, plan = _search_locally(found, request, model, device, backend, precision)
+        if plan is not None:
+            plan.update(via="local", why_local=why_local)
+    if plan is not None:
+        if as_json:
+            asked["plan"] = plan
+        else:
+            click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
     if null and not paths_only:
         raise click.UsageError("-0 goes with --paths")
-    if not hits and tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
-        click.echo(f"note: no image passed the filters with the tag {tag!r} (tags ignore case; `alignsearch tags` "
+    if not hits and request.tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
+        click.echo(f"note: no image passed the filters with the tag {request.tag!r} (tags ignore case; `alignsearch tags` "
                    "lists them)", err=True)
-    _print_hits(q, hits, as_json, ("\0" if null else "\n") if paths_only else None, explain=explain)
+    _print_hits(asked, hits, as_json, ("\0" if null else "\n") if paths_only else None, explain=request.explain)
+
+
+def _search_locally(found, request, model, device, backend, precision) -> tuple[list[dict], dict | None]:
+    """The hits of the request from an engine loaded here, and with --explain its plan."""
+    _quiet_transformers()
+    soon = None
+    if request.text is not None and request.image is None and model is None and device in ("auto", "cpu") \
+            and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
+        from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
+
+        soon = text_encoder_soon(found, precision)
+    from alignsearch.search.engine import open as open_index
+
+    engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
+    hits = [h.to_dict() for h in engine.run(request)]
+    plan = {**engine.explain(request), "encoder": engine.encoder_plan()} if request.explain else None
+    return hits, plan
 
 
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
@@ -680,7 +694,7 @@ def _listing_errors(db) -> list[dict]:
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also answer requests addressed to NAME (a DNS name or address clients use; repeatable). "
                    "Other Host headers are refused, which stops DNS rebinding.")
-@click.option("--verbose", is_flag=True, help="Log every request.")
+@click.option("--verbose", is_flag=True, help="Log every request (the same as `alignsearch -v serve`).")
 @click.option("--bf16-text", is_flag=True, hidden=True, help="The older spelling of --precision bf16.")
 @index_option
 @run_options
@@ -694,8 +708,6 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     # teams starve each other (a 2 ms query took 80 ms on 2 cores). Idle threads sleep instead; this must
     # be set before torch and faiss load.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import logging
-
     from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
 
     if no_token and (token or not is_loopback(host)):
@@ -703,7 +715,11 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     _quiet_transformers()
     from alignsearch.search.engine import open as open_index
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if verbose:  # an alias of the top-level -v: at least info
+        from alignsearch import logs
+
+        logs.configure(max(1, click.get_current_context().find_root().params.get("verbose", 0)))
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)  # -v, --verbose or ALIGNSEARCH_LOG: every request
     if host not in LOOPBACK and not allow_hosts:
         click.echo(f"note: clients must address this server as {host}; add --allow-host NAME for the names they use",
                    err=True)

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError, URLError
@@ -22,6 +23,7 @@ from urllib.parse import urlencode
 from urllib.request import ProxyHandler, Request, build_opener
 
 from alignsearch.errors import BadInputError
+from alignsearch.search.request import SearchRequest, to_params
 from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record
 
 CONTACT_TIMEOUT = 2.0
@@ -120,31 +122,56 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None]) -> dic
         notice(f"notice: the server at {url} serves another index ({info.get('index_dir')}), not {index_dir} "
                "(a copy?); searching locally")
         return None
+    record = {**record, "search_params": info.get("search_params")}  # what its /api/search takes
     return record
 
 
-def search_via_server(index_dir: Path, fields: dict, image: str | None, timeout: float = 30.0,
-                      notice: Callable[[str], None] = _stderr) -> dict | None:
-    """The server's JSON answer, or None when no verified server runs for this index (the caller then
-    loads the engine itself). A query the server rejects raises BadInputError with its message."""
+# What GET /api/search took before servers listed their parameters in /api/info.
+OLDEST_PARAMS = ("q", "similar", "k", "negative", "text_weight", "image_weight", "negative_weight", "tag", "where",
+                 "after", "before", "camera", "near", "path", "format", "min_score", "sort", "mode", "collapse",
+                 "compose", "media", "per_video")
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A query sent to the warm server: its JSON answer, or None and why the caller searches locally."""
+
+    answer: dict | None
+    why_local: str | None = None
+
+
+def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 30.0,
+                      notice: Callable[[str], None] = _stderr) -> Routed:
+    """The request, whole, to a verified server for this index: GET /api/search with its parameters, or with
+    an image POST /api/search with the image's bytes as the form's file and the parameters in the URL. No
+    answer (Routed.answer None) when no verified server runs or it cannot take the request; the caller then
+    loads the engine itself. A query the server rejects raises BadInputError with its message."""
     record = verified_server(index_dir, notice)
     if record is None:
-        return None
-    fields = {k: str(v) for k, v in fields.items() if v is not None}
+        return Routed(None, "no server runs for this index")
+    params = to_params(request)
+    # A server from before the parameters were listed took these on GET, and on POST most of them only in the
+    # form: what it does not take would be ignored, not refused, so such a query searches here.
+    accepted = record["search_params"] or (OLDEST_PARAMS if request.image is None else ())
+    unknown = sorted(set(params) - set(accepted)) or (["an image's parameters"] if not accepted else [])
+    if unknown:
+        why = f"the server at {record['url']} does not take {', '.join(unknown)} (an older version)"
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
     try:
-        if image is None:
-            return _request(record, f"/api/search?{urlencode(fields)}", timeout=timeout)
+        if request.image is None:
+            return Routed(_request(record, f"/api/search?{urlencode(params)}", timeout=timeout))
+        image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
         boundary = uuid.uuid4().hex
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
-                     "Content-Type: application/octet-stream\r\n\r\n".encode() + Path(image).read_bytes() + b"\r\n")
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return _request(record, "/api/search", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout)
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()
+        return Routed(_request(record, f"/api/search?{urlencode(params)}", body,
+                               {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout))
     except HTTPError as exc:
         if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
             raise BadInputError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
-        return None
+        return Routed(None, f"the server answered {exc.code}")
     except (URLError, OSError, ValueError) as exc:
         notice(f"notice: the server at {record['url']} failed ({exc}); searching locally")
-        return None
+        return Routed(None, f"the server failed ({exc})")

@@ -49,15 +49,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import alignsearch
 from alignsearch.storage import catalog
-from alignsearch.search import filters, querycheck
+from alignsearch.search import querycheck
 from alignsearch import safeopen
 from alignsearch.media import sources
 from alignsearch.search import engine as engine_module
+from alignsearch.search import request as search_request
+from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
+from alignsearch.surfaces.boundary import INTERNAL_STATUS, library_error
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +209,32 @@ class HostCheck:
         return await self.app(scope, receive, secured)
 
 
+class Boundary:
+    """ASGI middleware around the routes: an exception no handler took is answered by `answer` (a JSON
+    error) and ends here. Without it the framework's last handler answers, then raises the exception on to
+    the server, which prints its traceback. An exception after the answer began only ends the connection."""
+
+    def __init__(self, app, answer: Callable[[Request, Exception], Response]):
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = []
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                started.append(True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # noqa: BLE001 - the server's last line of defence: a JSON answer, no traceback
+            response = self.answer(Request(scope), exc)
+            if not started:
+                await response(scope, receive, send)
+
+
 class EncoderQueue:
     """One worker thread runs the encoding jobs in order; submit() refuses (503) when `size` wait already."""
 
@@ -290,21 +319,26 @@ class Library:
         return self.engine
 
     def info(self) -> dict[str, Any]:
-        return {**self.fresh().info(), "index_id": self.index_id}
+        # search_params: what /api/search takes, so a client sends only what this server understands
+        return {**self.fresh().info(), "index_id": self.index_id, "search_params": sorted(SearchParams.model_fields)}
 
     def snapshot(self):
         """The engine's current snapshot: one per request, for its encoding and its search alike."""
         with self._refresh_lock:
             return self.engine.snapshot()
 
-    def search_vector(self, vector, args: dict, narrowing: dict | None = None, snapshot=None,
-                      leave_out: int | None = None) -> list[dict]:
-        """leave_out: an indexed image's id, left out of its own results (similar=) before near duplicates are
+    def search(self, request: SearchRequest, query, snapshot=None, leave_out: int | None = None) -> list[dict]:
+        """The hits of a request whose query is already encoded (query: its halves, or a stored vector).
+        leave_out: an indexed image's id, left out of its own results (similar=) before near duplicates are
         folded, as the CLI's `similar` does; k still counts the hits returned."""
         engine = self.engine if snapshot is not None else self.fresh()
-        hits = engine.search_vector(vector, args["k"], tag=args["tag"], text=args.get("text"), snapshot=snapshot,
-                                    exclude=() if leave_out is None else (leave_out,), **(narrowing or {}))
+        hits = engine.run(request, query=query, snapshot=snapshot, exclude=() if leave_out is None else (leave_out,))
         return [h.to_dict() for h in hits]
+
+    def explain(self, request: SearchRequest) -> dict[str, Any]:
+        """How the request runs (`query --explain`'s plan), with what encodes queries."""
+        engine = self.fresh()
+        return {**engine.explain(request), "encoder": engine.encoder_plan()}
 
     def vector_of(self, file_id: int, snapshot=None):
         vector = (self.engine if snapshot is not None else self.fresh()).vector_of(file_id, snapshot)
@@ -469,9 +503,84 @@ Hit = create_model("Hit", __config__=ConfigDict(extra="allow"), **_hit_fields())
 Listed = create_model("Listed", __config__=ConfigDict(extra="allow"), **_hit_fields(exclude=("score",)))
 
 
+class SearchParams(BaseModel):
+    """The parameters of /api/search, one model for GET (the URL) and POST (the URL or the form): the names of
+    `alignsearch query`'s options. Checked again by request.build, the one set of rules of every surface."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    q: str | None = Field(None, description=f"the text to search for, at most {querycheck.MAX_TEXT_CHARS} characters")
+    similar: int | None = Field(None, ge=1, le=querycheck.MAX_ID, description="an indexed image's id: images like it")
+    k: int = Field(querycheck.DEFAULT_K, ge=1, le=querycheck.MAX_K, description="number of results")
+    negative: str | None = Field(None, description="text whose concept is subtracted")
+    text_weight: float = Field(2.0, ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
+    image_weight: float = Field(1.0, ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
+    negative_weight: float = Field(1.0, ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
+    tag: str | None = Field(None, description="only images with this tag")
+    where: str | None = Field(None, description="a filter expression (README: the --where language)")
+    after: str | None = Field(None, description="taken on or after this ISO 8601 date")
+    before: str | None = Field(None, description="taken before this ISO 8601 date")
+    camera: str | None = Field(None, description="camera make or model contains this")
+    near: str | None = Field(None, description="LAT,LON,KM: taken within KM km")
+    path: str | None = Field(None, description="glob on the path under its root")
+    format: str | None = Field(None, description="image format")
+    min_score: float | None = Field(None, ge=-1, le=1)
+    sort: Literal[search_request.SORTS] = "score"
+    mode: Literal[search_request.MODES] = "auto"
+    collapse: bool = Field(False, description="fold near duplicates into the better hit")
+    compose: Literal[search_request.COMPOSE_METHODS] = Field(
+        "auto", description="how a text and an image combine (README: how composition works)")
+    media: Literal[search_request.MEDIA] | None = Field(None, description="only photos, or only video moments")
+    per_video: int = Field(search_request.DEFAULT_PER_VIDEO, ge=1, le=querycheck.MAX_K,
+                           description="at most this many moments of one video")
+    nprobe: int | None = Field(None, ge=1, le=querycheck.MAX_NPROBE,
+                               description="IVF lists to visit (default: the index's tuned value)")
+    explain: bool = Field(False, description="also answer how the search runs (`plan`)")
+
+
+class SearchForm(SearchParams):
+    """POST /api/search's form: the query image and any of the parameters (each given once: in the form or
+    in the URL)."""
+
+    image: UploadFile | None = File(None, description="query image (20 MB at most)")
+
+
+def merged(in_url: SearchParams, in_form: SearchParams) -> SearchParams:
+    """POST's parameters: those of the form and those of the URL together; one given in both must agree."""
+    fields = {}
+    for name in SearchParams.model_fields:
+        url_value, form_value = getattr(in_url, name), getattr(in_form, name)
+        if name in in_url.model_fields_set and name in in_form.model_fields_set and url_value != form_value:
+            raise ApiError(400, f"{name} is {form_value!r} in the form and {url_value!r} in the URL: give one")
+        fields[name] = form_value if name in in_form.model_fields_set else url_value
+    return SearchParams.model_construct(_fields_set=in_url.model_fields_set | (in_form.model_fields_set - {"image"}),
+                                        **fields)
+
+
+def request_of(params: SearchParams, image: bytes | None = None, text: str | None = None) -> SearchRequest:
+    """The search request of checked parameters (request.build: the rules the CLI and Engine.search apply)."""
+    given = {name: getattr(params, name) for name in SearchParams.model_fields if name != "q"}
+    return search_request.build(text=text, image=image, **given)
+
+
+def echo(request: SearchRequest, posted: bool) -> dict[str, Any]:
+    """The `query` of an answer: what was asked (GET: the similar= id, POST: whether an image came), with media
+    and per_video when not the defaults, nprobe and explain when given."""
+    asked = {"text": request.text, **({"image": request.image is not None} if posted else {"similar": request.similar}),
+             **{n: getattr(request, n) for n in ("k", "text_weight", "image_weight", "negative_weight", "negative")},
+             "tag": request.tag, **request.narrowed(), "min_score": request.min_score, "sort": request.sort,
+             "mode": request.mode, "collapse": request.collapse, "compose": request.compose}
+    defaults = search_request.SearchRequest()
+    for name in ("media", "per_video", "nprobe", "explain"):
+        if getattr(request, name) != getattr(defaults, name):
+            asked[name] = getattr(request, name)
+    return asked
+
+
 class SearchAnswer(BaseModel):
     query: dict[str, Any]
     results: list[Hit]
+    plan: dict[str, Any] | None = Field(None, description="how the search ran (explain=true)")
 
 class RecentAnswer(BaseModel):
     total: int
@@ -531,14 +640,17 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def _api_error(request, exc: ApiError):
         return error(exc.status, str(exc), exc.headers)
 
-    @app.exception_handler(AlignSearchError)
-    async def _bad_input(request, exc: AlignSearchError):
-        return error(400, str(exc))
+    def library_answer(request, exc: AlignSearchError) -> JSONResponse:
+        # the status each error class carries (alignsearch/errors.py); a 5xx is the server's or the index's
+        # fault, not the request's: logged too
+        message = f"the index is damaged: {exc}" if isinstance(exc, IndexDamagedError) else str(exc)
+        if exc.http_status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, message)
+        return error(exc.http_status, message)
 
-    @app.exception_handler(IndexDamagedError)
-    async def _damaged(request, exc: IndexDamagedError):  # the index, not the request, is at fault: 5xx
-        log.error("%s %s: %s", request.method, request.url.path, exc)
-        return error(500, f"the index is damaged: {exc}")
+    @app.exception_handler(AlignSearchError)
+    async def _library_error(request, exc: AlignSearchError):
+        return library_answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -552,58 +664,63 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         text = "; ".join(f"{'.'.join(str(p) for p in d['loc'][1:]) or d['loc']}: {d['msg']}" for d in details)
         return error(422, text or "invalid request", detail=details)
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error(500, "internal error")
+    def unexpected(request, exc: Exception) -> JSONResponse:
+        known = library_error(exc)  # a SQLite error that means a damaged or busy catalog, a full disk
+        if known is not None:
+            log.debug("%s %s failed", request.method, request.url.path, exc_info=exc)
+            return library_answer(request, known)
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        log.debug("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(INTERNAL_STATUS, "internal error")
 
-    errors = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
-    k_param = Query(ge=1, le=querycheck.MAX_K, description="number of results")
-    weight = dict(ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
+    app.add_middleware(Boundary, answer=unexpected)
+
+    errors = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 415, 422, 500, 503, 507)}
     id_param = dict(ge=1, le=querycheck.MAX_ID)
-    text_doc = f"at most {querycheck.MAX_TEXT_CHARS} characters"
     api = dict(dependencies=[Depends(authorise)], responses=errors)
 
-    async def encode_and_search(args: dict, image=None, narrowing: dict | None = None) -> list[dict]:
+    async def encode_and_search(request: SearchRequest) -> list[dict]:
         # One snapshot for both steps: during a re-encode's model switch a query encoded with the old model
         # was ranked against the new vectors. If the index moves on in between, encode again.
         for attempt in range(4):
             snap = await run_in_threadpool(library.snapshot)
-            future = encoder.submit(library.engine.embed_parts, args["text"], image, args["negative"], args["text_weight"],
-                                    args["image_weight"], args["negative_weight"], snapshot=snap)
-            vector = await asyncio.wrap_future(future)
+            future = encoder.submit(library.engine.parts_of, request, snap)
+            parts = await asyncio.wrap_future(future)
             try:
-                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap)
+                return await run_in_threadpool(library.search, request, parts, snap)
             except SnapshotMoved:
                 if attempt == 3:
                     raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
         raise AssertionError("unreachable")
 
-    async def similar_search(file_id: int, args: dict, narrowing: dict) -> list[dict]:
+    async def similar_search(request: SearchRequest) -> list[dict]:
         """The stored vector of an indexed image and its search, from one snapshot (as encode_and_search); the
         image itself is left out, as the CLI's `similar` does."""
+        request = dataclasses.replace(request, text=None, mode="vector")
         for attempt in range(4):
             snap = await run_in_threadpool(library.snapshot)
             try:
-                vector = await run_in_threadpool(library.vector_of, file_id, snap)
-                return await run_in_threadpool(library.search_vector, vector, args, narrowing, snap, file_id)
+                vector = await run_in_threadpool(library.vector_of, request.similar, snap)
+                return await run_in_threadpool(library.search, request, vector, snap, request.similar)
             except SnapshotMoved:
                 if attempt == 3:
                     raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
         raise AssertionError("unreachable")
 
-    def narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,  # noqa: A002
-                     compose="auto", media=None, per_video=engine_module.DEFAULT_PER_VIDEO) -> dict:
-        """The filter, cutoff, sort, mode and collapse parameters (the names `query` and Engine.search use),
-        checked here so a malformed one is a 400 before any encoding; media and per_video when they differ
-        from the defaults (all media, 3 moments of a video)."""
-        given = {"where": where, "after": after, "before": before, "camera": camera, "near": near, "path": path,
-                 "format": format}
-        filters.build(filters.FilterOptions(**given))
-        videos = {**({"media": media} if media is not None else {}),
-                  **({"per_video": per_video} if per_video != engine_module.DEFAULT_PER_VIDEO else {})}
-        return {**{n: v for n, v in given.items() if v is not None}, "min_score": min_score, "sort": sort,
-                "mode": mode, "collapse": collapse, "compose": compose, **videos}
+    async def answer(request: SearchRequest, posted: bool) -> dict[str, Any]:
+        """Search (by the request's text and image, or its similar= id) and say what was asked."""
+        if request.similar is not None:
+            results = await similar_search(request)
+        else:
+            if request.image is not None:  # checked bytes: decoded a few at a time (DECODE_SLOTS)
+                async with decoding:
+                    pil = await run_in_threadpool(decode_upload, request.image, config.max_upload_pixels)
+                request = search_request.with_image(request, pil)
+            results = await encode_and_search(request)
+        out = {"query": echo(request, posted), "results": results}
+        if request.explain:
+            out["plan"] = await run_in_threadpool(library.explain, request)
+        return out
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, bool]:
@@ -614,100 +731,23 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         """What `alignsearch info --json` says, plus the index id (clients check it against their own)."""
         return await run_in_threadpool(library.info)
 
-    @app.get("/api/search", response_model=SearchAnswer, tags=["search"], **api)
-    async def search_get(
-        q: Annotated[str | None, Query(description=text_doc)] = None,
-        similar: Annotated[int | None, Query(description="an indexed image's id: images like it", **id_param)] = None,
-        k: Annotated[int, k_param] = querycheck.DEFAULT_K,
-        negative: Annotated[str | None, Query(description="text whose concept is subtracted")] = None,
-        text_weight: Annotated[float, Query(**weight)] = 2.0,
-        image_weight: Annotated[float, Query(**weight)] = 1.0,
-        negative_weight: Annotated[float, Query(**weight)] = 1.0,
-        tag: Annotated[str | None, Query(description="only images with this tag")] = None,
-        where: Annotated[str | None, Query(description="a filter expression (README: the --where language)")] = None,
-        after: Annotated[str | None, Query(description="taken on or after this ISO 8601 date")] = None,
-        before: Annotated[str | None, Query(description="taken before this ISO 8601 date")] = None,
-        camera: Annotated[str | None, Query(description="camera make or model contains this")] = None,
-        near: Annotated[str | None, Query(description="LAT,LON,KM: taken within KM km")] = None,
-        path: Annotated[str | None, Query(description="glob on the path under its root")] = None,
-        format: Annotated[str | None, Query(description="image format")] = None,  # noqa: A002
-        min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
-        sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
-        mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
-        collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
-        compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
-                           Query(description="how a text and an image combine (README: how composition works)")] = "auto",
-        media: Annotated[Literal["photo", "video"] | None,
-                         Query(description="only photos, or only video moments")] = None,
-        per_video: Annotated[int, Query(ge=1, le=querycheck.MAX_K, description="at most this many moments of one "
-                                                                                "video")] = engine_module.DEFAULT_PER_VIDEO,
-    ):
+    @app.get("/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, tags=["search"], **api)
+    async def search_get(params: Annotated[SearchParams, Query()]):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
-        args = querycheck.validate(text=q, k=k, negative=negative, text_weight=text_weight, image_weight=image_weight,
-                                   negative_weight=negative_weight, tag=tag, by_vector=similar is not None)
-        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
-                                 compose, media, per_video)
-        if similar is not None:
-            results = await similar_search(similar, {**args, "text": None}, {**narrowing, "mode": "vector"})
-        else:
-            results = await encode_and_search(args, narrowing=narrowing)
-        query = {"text": args["text"], "similar": similar, **{n: args[n] for n in ("k", "text_weight", "image_weight",
-                                                                     "negative_weight", "negative", "tag")},
-                 **narrowing}
-        return {"query": query, "results": results}
+        return await answer(request_of(params, text=params.q), posted=False)
 
-    @app.post("/api/search", response_model=SearchAnswer, tags=["search"], **api)
-    async def search_post(
-        request: Request,
-        image: Annotated[UploadFile | None, File(description="query image (20 MB at most)")] = None,
-        q: Annotated[str | None, Form(description=text_doc)] = None,
-        k: Annotated[int | None, Form(ge=1, le=querycheck.MAX_K)] = None,
-        negative: Annotated[str | None, Form()] = None,
-        text_weight: Annotated[float, Form(**weight)] = 2.0,
-        image_weight: Annotated[float, Form(**weight)] = 1.0,
-        negative_weight: Annotated[float, Form(**weight)] = 1.0,
-        tag: Annotated[str | None, Form()] = None,
-        where: Annotated[str | None, Query(description="a filter expression (README: the --where language)")] = None,
-        after: Annotated[str | None, Query(description="taken on or after this ISO 8601 date")] = None,
-        before: Annotated[str | None, Query(description="taken before this ISO 8601 date")] = None,
-        camera: Annotated[str | None, Query(description="camera make or model contains this")] = None,
-        near: Annotated[str | None, Query(description="LAT,LON,KM: taken within KM km")] = None,
-        path: Annotated[str | None, Query(description="glob on the path under its root")] = None,
-        format: Annotated[str | None, Query(description="image format")] = None,  # noqa: A002
-        min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
-        sort: Annotated[Literal["score", "taken", "-taken", "path"], Query()] = "score",
-        mode: Annotated[Literal["auto", "vector", "keyword", "hybrid"], Query()] = "auto",
-        collapse: Annotated[bool, Query(description="fold near duplicates into the better hit")] = False,
-        compose: Annotated[Literal["auto", "sum", "slerp", "product", "weicom"],
-                           Query(description="how a text and an image combine (README: how composition works)")] = "auto",
-        media: Annotated[Literal["photo", "video"] | None,
-                         Query(description="only photos, or only video moments")] = None,
-        per_video: Annotated[int, Query(ge=1, le=querycheck.MAX_K, description="at most this many moments of one "
-                                                                                "video")] = engine_module.DEFAULT_PER_VIDEO,
-        k_in_url: Annotated[int | None, Query(alias="k", ge=1, le=querycheck.MAX_K,
-                                              description="number of results, when the form has no k")] = None,
-    ):
-        """Search by an uploaded image, alone or with a text (multipart/form-data); filters, cutoff, sort, mode and
-        collapse as query parameters of the URL, as for GET; k as a form field or in the URL."""
+    @app.post("/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, tags=["search"], **api)
+    async def search_post(request: Request, in_url: Annotated[SearchParams, Query()],
+                          form: Annotated[SearchForm, Form(media_type="multipart/form-data")]):
+        """Search by an uploaded image, alone or with a text (multipart/form-data). Every parameter of GET is
+        taken as a form field or in the URL (once: a value given in both that differs is refused)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
-        if k is not None and k_in_url is not None and k != k_in_url:
-            raise ApiError(400, f"k is {k} in the form and {k_in_url} in the URL: give one")
-        k = next((v for v in (k, k_in_url) if v is not None), querycheck.DEFAULT_K)
-        data = await image.read() if image is not None else None
-        args = querycheck.validate(text=q or None, image=data, k=k, negative=negative, text_weight=text_weight,
-                                   image_weight=image_weight, negative_weight=negative_weight, tag=tag)
-        narrowing = narrowing_of(where, after, before, camera, near, path, format, min_score, sort, mode, collapse,
-                                 compose, media, per_video)
-        pil = None
-        if data is not None:
-            async with decoding:
-                pil = await run_in_threadpool(decode_upload, data, config.max_upload_pixels)
-        results = await encode_and_search(args, pil, narrowing)
-        query = {"text": args["text"], "image": data is not None, **{n: args[n] for n in (
-            "k", "text_weight", "image_weight", "negative_weight", "negative", "tag")}, **narrowing}
-        return {"query": query, "results": results}
+        params = merged(in_url, form)
+        data = await form.image.read() if form.image is not None else None
+        # an empty q in a form is no text (an image alone), as a browser sends an empty text box
+        return await answer(request_of(params, data, text=params.q or None), posted=True)
 
     @app.get("/api/recent", response_model=RecentAnswer, tags=["browse"], **api)
     async def recent(offset: Annotated[int, Query(ge=0, le=querycheck.MAX_ID)] = 0,

@@ -1,0 +1,37 @@
+"""The one error boundary of the surfaces: what an exception that reached the CLI's main or the server's
+handlers means to the user. An AlignSearchError carries its exit code and HTTP status (alignsearch/errors.py);
+a few foreign exceptions mean one of those errors and are reported as it; the rest are unexpected (one line
+on the CLI, a 500 JSON answer from the server, the traceback logged at debug level only)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from alignsearch.errors import AlignSearchError, IndexDamagedError
+
+INTERNAL_STATUS = 500  # an unexpected exception's HTTP status; its exit code is 1 (the CLI's main)
+
+
+def library_error(exc: BaseException) -> AlignSearchError | None:
+    """exc as the library error it means, else None: an AlignSearchError itself; a full disk or a catalog
+    locked past the wait (catalog.not_damage: the index is fine); a catalog SQLite cannot read (damage)."""
+    if isinstance(exc, AlignSearchError):
+        return exc
+    from alignsearch.storage.catalog import not_damage
+
+    trouble = not_damage(exc)
+    if trouble is not None:
+        return trouble
+    damaged = _damaged_catalog(exc)
+    return IndexDamagedError(damaged) if damaged else None
+
+
+def _damaged_catalog(exc: BaseException) -> str | None:
+    """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None."""
+    from sqlalchemy.exc import DatabaseError
+
+    if isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
+        cause = getattr(exc, "orig", None) or exc
+        return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
+                "restore it from a backup or index into a new --index DIR")
+    return None

@@ -1,0 +1,254 @@
+"""One search request (alignsearch/search/request.py): built and checked once, carried whole to the engine and,
+from the CLI, to a warm server (every query form it can answer, image queries included); GET and POST
+/api/search take the same parameters, from one model. Also: auto mode's keyword evidence is decided in the
+SQL, before its limit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import alignsearch
+from alignsearch.errors import BadInputError, UsageError
+from alignsearch.search import request as search_request
+from alignsearch.storage import catalog, keywords
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, SERVER_FILE
+from conftest import index_json, make_images
+from helpers import call, start_serve, stop, vector_index
+
+
+# -- the request: one check ------------------------------------------------------------------------------------------
+
+
+def test_build_parses_where_once_and_checks_every_option():
+    req = search_request.build(text="red car", where="camera ~ canon", after="2019-01-01", media="photo", k=5)
+    assert req.node is not None and req.filters.where == "camera ~ canon" and req.k == 5
+    with pytest.raises(UsageError):
+        search_request.build(text="x", where="camera ~")
+    with pytest.raises(UsageError):
+        search_request.build(text="x", sort="size")
+    with pytest.raises(UsageError):
+        search_request.build(text="x", compose="median")
+    with pytest.raises(BadInputError):
+        search_request.build(text="x", k=5000)
+    with pytest.raises(BadInputError):
+        search_request.build()  # nothing to search for
+
+
+def test_the_request_travels_whole_as_parameters():
+    req = search_request.build(text="red car", negative="blue", k=7, nprobe=3, where="width > 10", near="1.0,2.0,3.0",
+                               min_score=0.1, sort="-taken", mode="vector", collapse=True, explain=True,
+                               compose="product", media="photo", per_video=2, text_weight=3.0, tag="car")
+    params = search_request.to_params(req)
+    again = search_request.build(text=params.pop("q"), **{k: _typed(k, v) for k, v in params.items()})
+    assert again == req  # nothing lost on the way (the image travels as the form's file)
+
+
+def _typed(name, value):
+    if name in ("k", "nprobe", "per_video", "similar"):
+        return int(value)
+    if name in ("min_score", "text_weight", "image_weight", "negative_weight"):
+        return float(value)
+    if name in ("collapse", "explain"):
+        return value == "true"
+    return value
+
+
+def test_get_and_post_take_exactly_the_same_parameters():
+    """Both routes' parameters come from one model (the URL for GET; the URL or the form for POST), as the
+    OpenAPI schema publishes them."""
+    from unittest import mock
+
+    from alignsearch.surfaces import server
+
+    with mock.patch.object(server, "Library", lambda engine, config: mock.Mock()), \
+            mock.patch.object(server, "EncoderQueue", lambda size: mock.Mock()):
+        schema = server.create_app(mock.Mock(), server.ServerConfig(), "t").app.openapi()
+    get = {p["name"] for p in schema["paths"]["/api/search"]["get"]["parameters"]}
+    post = schema["paths"]["/api/search"]["post"]
+    in_url = {p["name"] for p in post["parameters"]}
+    body = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in body:
+        body = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    in_form = set(body["properties"]) - {"image"}
+    assert get == in_url == in_form == set(server.SearchParams.model_fields)
+    # every field of the request has its parameter (q: its text; the image: POST's file)
+    named = {"q" if f == "text" else f for f in search_request.SearchRequest.__dataclass_fields__} - {"image", "node",
+                                                                                                   "filters"}
+    assert named | set(search_request.FILTER_NAMES) == get
+
+
+# -- through the server ----------------------------------------------------------------------------------------------
+
+
+def cli(ix, *args):
+    env = {**os.environ, "ALIGNSEARCH_INDEX": str(ix)}
+    return subprocess.run([sys.executable, "-m", "alignsearch", "query", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def served_index(tmp_path_factory, tiny_model):
+    base = tmp_path_factory.mktemp("request")
+    corpus, ix = base / "corpus", base / "ix"
+    make_images(corpus, 12)
+    index_json(ix, corpus, "--model", tiny_model, "--device", "cpu")
+    alone = base / "alone"  # the same index with no server record: local search
+    import shutil
+
+    shutil.copytree(ix, alone)
+    proc, url = start_serve(ix, "--token", "s3cret", "--verbose")
+    yield {"ix": ix, "alone": alone, "corpus": corpus, "proc": proc, "url": url}
+    stop(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ["red car", "--where", "width >= 1", "-k", "4"],  # a filter
+    ["red car", "--min-score", "-1", "--sort", "path", "--mode", "vector", "--nprobe", "1", "-k", "3"],
+    ["red car", "--collapse", "--compose", "sum", "-k", "3"],
+    ["--image", "IMAGE", "-k", "4"],  # an image: its bytes uploaded
+    ["red car", "--image", "IMAGE", "--compose", "product", "-k", "3"],
+    ["red car", "--explain", "-k", "3"],
+])
+def test_every_query_form_goes_through_the_server_with_the_local_answer(served_index, args):
+    args = [str(served_index["corpus"] / "img004.jpg") if a == "IMAGE" else a for a in args]
+    assert (served_index["ix"] / SERVER_FILE).exists()
+    before = _searches(served_index)
+    warm = cli(served_index["ix"], *args, "--json")
+    assert warm.returncode == 0, warm.stderr
+    assert "notice" not in warm.stderr, warm.stderr
+    assert _searches(served_index) == before + 1  # the server answered it
+    local = cli(served_index["alone"], *args, "--json")
+    assert local.returncode == 0, local.stderr
+    warm_out, local_out = json.loads(warm.stdout), json.loads(local.stdout)
+    warm_plan, local_plan = warm_out.pop("plan", None), local_out.pop("plan", None)
+    # the same hits (scores to float32 rounding: the server decodes an uploaded image from its bytes)
+    assert [h["id"] for h in warm_out["results"]] == [h["id"] for h in local_out["results"]]
+    assert np.allclose([h["score"] for h in warm_out["results"]], [h["score"] for h in local_out["results"]],
+                       atol=1e-5)
+    strip = [{k: v for k, v in h.items() if k not in ("score", "similarity", "parts", "path", "root")}
+             for h in warm_out["results"]]
+    assert strip == [{k: v for k, v in h.items() if k not in ("score", "similarity", "parts", "path", "root")}
+                     for h in local_out["results"]]
+    assert warm_out["query"] == local_out["query"]  # the CLI's echo, whoever answered
+    if "--explain" in args:
+        assert warm_plan["via"] == "server" and local_plan["via"] == "local"
+        assert {k: v for k, v in warm_plan.items() if k not in ("via", "why_local", "encoder")} == \
+            {k: v for k, v in local_plan.items() if k not in ("via", "why_local", "encoder")}
+
+
+def _searches(served) -> int:
+    """How many /api/search requests the server has logged (--verbose: uvicorn's access log on stderr)."""
+    import fcntl
+    import select
+
+    stream = served["proc"].stderr
+    seen = served.setdefault("log", [])
+    fd = stream.fileno()
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        import time
+
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            seen.append(chunk.decode(errors="replace"))
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return sum(line.count("/api/search") for line in "".join(seen).splitlines() if '" 200' in line)
+
+
+@pytest.mark.slow
+def test_a_model_given_searches_locally_and_the_plan_says_why(served_index, tiny_model):
+    out = cli(served_index["ix"], "red car", "--explain", "--json", "--model", str(tiny_model), "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["via"] == "local" and "--model" in plan["why_local"]
+
+
+@pytest.mark.slow
+def test_the_answer_echoes_what_it_did_and_a_plan_only_when_asked(served_index):
+    status, _, body = call(served_index["url"], "/api/search?q=red+car&k=2")
+    assert status == 200, body
+    out = json.loads(body)
+    assert out["query"] == {"text": "red car", "similar": None, "k": 2, "text_weight": 2.0, "image_weight": 1.0,
+                            "negative_weight": 1.0, "negative": None, "tag": None, "min_score": None, "sort": "score",
+                            "mode": "auto", "collapse": False, "compose": "auto"}  # as before the one model
+    assert "plan" not in out
+    status, _, body = call(served_index["url"], "/api/search?q=red+car&k=2&explain=true&nprobe=2")
+    out = json.loads(body)
+    assert status == 200 and out["query"]["explain"] is True and out["query"]["nprobe"] == 2
+    assert out["plan"]["mode"] == "auto" and "encoder" in out["plan"]
+    image = (served_index["corpus"] / "img004.jpg").read_bytes()
+    boundary = "b0undary"
+    form = (f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n--{boundary}\r\n'
+            'Content-Disposition: form-data; name="image"; filename="q.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+            ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, body = call(served_index["url"], "/api/search?where=width%3E%3D1", data=form, headers=headers)
+    out = json.loads(body)
+    assert status == 200 and out["query"]["image"] is True and out["query"]["where"] == "width>=1", body
+    assert len(out["results"]) == 3
+    status, _, body = call(served_index["url"], "/api/search?k=4", data=form, headers=headers)
+    assert status == 400 and "k is 3 in the form and 4 in the URL" in json.loads(body)["error"]
+
+
+@pytest.mark.slow
+def test_a_query_through_the_server_imports_no_engine(served_index):
+    """The CLI's way to a running server loads no model, index or catalog library (a cold query in a few
+    tenths of a second instead of seconds): what -X importtime lists."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "alignsearch", "query", "red car", "--where",
+                          "width >= 1", "--explain", "--index", str(served_index["ix"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "via=server" in out.stderr
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"numpy", "torch", "faiss", "sqlalchemy", "transformers", "onnxruntime", "PIL"} & imported
+
+
+# -- auto mode's keyword evidence: in the SQL, before the limit -------------------------------------------------------
+
+
+def _named_and_captioned(folder, named: int):
+    """A synthetic index of named + 21 files: `named` whose file names say zanzibar (twice), one (the last)
+    whose long caption says it once, so the names rank before it by bm25."""
+    dim = 16
+    vector_index(folder, named + 21, dim)
+    (folder / ANN_FILE).unlink()  # no ANN index: the engine searches the committed vectors exactly
+    db = catalog.connect(folder / DB_FILE)
+    with db.begin() as conn:
+        for i in range(1, named + 1):
+            catalog.set_photo(conn, i, f"zanzibar/zanzibar_{i}.jpg", {})
+        caption = "a long walk along the old harbour of stone town in the evening light, zanzibar " + "more " * 30
+        catalog.set_photo(conn, named + 21, "p.jpg", {"caption": caption})
+    return db, named + 21, dim
+
+
+def test_keyword_evidence_is_filtered_before_the_limit(tmp_path):
+    db, captioned, dim = _named_and_captioned(tmp_path / "ix", 150)
+    query = keywords.parse("zanzibar", partial_last=True)
+    with db.connect() as conn:
+        ranked = [i for i, _ in keywords.search(conn, query, 100)]
+        assert captioned not in ranked  # a hundred names first: the caption is past the limit
+        assert [i for i, _ in keywords.search(conn, query, 100, evidence_only=True)] == [captioned]
+    db.dispose()
+
+
+def test_auto_mode_fuses_a_caption_ranked_behind_a_hundred_file_names(tmp_path):
+    db, captioned, dim = _named_and_captioned(tmp_path / "ix", 150)
+    db.dispose()
+    engine = alignsearch.open(tmp_path / "ix")
+    vector = np.ones(dim, np.float32) / np.sqrt(dim)
+    hits = engine.search_vector(vector, k=5, text="zanzibar", mode="auto")
+    assert hits[0].id == captioned and hits[0].parts["keyword_rank"] == 1  # evidence found, fused
+    engine.close()

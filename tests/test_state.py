@@ -272,8 +272,10 @@ def test_a_search_never_looks_at_the_schema(v3):
     with engine.db.connect() as conn:  # the pool's connections, traced
         conn.connection.dbapi_connection.set_trace_callback(statements.append)
     engine.search(text="zanzibar harbour", k=5, mode="hybrid")
+    engine.search(text="zanzibar", k=5, mode="auto")  # keyword evidence: photos' caption and text, in SQL
     engine.search(text="sky", k=5, format="png")
-    assert statements and not [s for s in statements if "sqlite_master" in s or "table_info" in s]
+    assert any("alignsearch_evidence" in s for s in statements)
+    assert not [s for s in statements if "sqlite_master" in s or "table_info" in s]
 
 
 @pytest.mark.parametrize("name", ["what?", "hash#tag", "per%20cent", "two words"])

@@ -94,16 +94,16 @@ def test_a_changed_byte_in_any_file_a_layout_owns_is_found(built, kind, tmp_path
         assert layouts.pick(folder, record).check() == []
 
 
-def test_the_layout_of_an_index_and_of_a_build():
+def test_the_layout_of_an_index_and_of_a_build(tmp_path):
     sharded = AnnRecord(files={"shard-1-000.faiss": "a", "shards.json": "b"})
     ondisk = AnnRecord(files={ANN_FILE: "a", "lists-1.ivfdata": "b"})
     assert layouts.kind_of(True, AnnRecord(digest="x")) == "sharded"  # a published manifest is what readers follow
     assert layouts.kind_of(False, sharded) == "single"  # its manifest gone: index.faiss, checked against the record
     assert layouts.kind_of(False, ondisk) == "ondisk"
     assert layouts.kind_of(False, AnnRecord(digest="x")) == layouts.kind_of(False, AnnRecord()) == "single"
-    assert layouts.pick(".", sharded).expected() == sharded.files  # what is checked is what was recorded
-    assert layouts.pick(".", AnnRecord(digest="x")).expected() == {ANN_FILE: "x"}
-    assert layouts.pick(".", AnnRecord()).expected() == {}  # written before checksums: nothing to compare
+    assert layouts.pick(tmp_path, sharded).expected() == sharded.files  # what is checked is what was recorded
+    assert layouts.pick(tmp_path, AnnRecord(digest="x")).expected() == {ANN_FILE: "x"}
+    assert layouts.pick(tmp_path, AnnRecord()).expected() == {}  # written before checksums: nothing to compare
     for plan in ("flat", "ivfpq"):
         assert layouts.target_kind(plan, ondisk_shards=0, index_shards=0) == "single"
     assert layouts.target_kind("flat", ondisk_shards=2, index_shards=0) == "single"
@@ -134,3 +134,17 @@ def test_switching_layouts_serves_the_new_one_and_leaves_only_its_files(built, t
             assert verify(folder, check_model=False).problems == []
     finally:
         db.dispose()
+
+
+def test_a_single_file_rename_cut_short_is_finished_or_dropped(tmp_path):
+    """index.faiss.next is published when the catalog recorded its checksum (the crash came after the commit),
+    else deleted (written, never committed)."""
+    index = ann.create(ann.plan_index(0, 8), 8)
+    ann.add(index, np.eye(8, dtype=np.float32), np.arange(8))
+    digest = ann.write_next(index, tmp_path / ANN_FILE)
+    Single(tmp_path, AnnRecord(digest="an older one")).finish_publish()
+    assert not ann.next_path(tmp_path / ANN_FILE).exists() and not (tmp_path / ANN_FILE).exists()
+    assert ann.write_next(index, tmp_path / ANN_FILE) == digest
+    Single(tmp_path, AnnRecord(digest=digest)).finish_publish()
+    assert not ann.next_path(tmp_path / ANN_FILE).exists()
+    assert Single(tmp_path, AnnRecord(digest=digest)).open().ntotal == 8

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignsearch.storage import ann, catalog, vectors
+from alignsearch.storage import catalog, layouts, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
@@ -260,13 +260,8 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
             if vectors.adopt_segment(conn, store, segment):
                 raise IndexDamagedError(f"{store.segment_path(segment).name} holds vectors that are not unit "
                                         "length (damaged): run `alignsearch verify --repair`")
-        digest = catalog.get_meta(conn, "ann_digest")
-    nxt = ann.next_path(out / ANN_FILE)
-    if nxt.exists():
-        if digest is not None and ann.file_digest(nxt) == digest:
-            ann.publish_next(out / ANN_FILE)
-        else:
-            nxt.unlink()
+        record = layouts.read_record(conn)
+    layouts.Single(out, record).finish_publish()
 
 
 def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch.storage import ann, catalog, keywords, shards, vectors
+from alignsearch.storage import ann, catalog, keywords, layouts, vectors
 from alignsearch.search import filters, querycheck
 from alignsearch.encoders.backend import EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
@@ -84,7 +84,7 @@ class Snapshot:
     store: vectors.VectorStore
     index: Any
     plan: ann.IndexPlan
-    stamp: int  # the ANN files' modification stamp when read (shards.stamp)
+    stamp: int  # the ANN files' modification stamp when read (layouts.stamp)
     videos: bool = False  # the index has held video moments (per-video caps apply)
     unbuilt: bool = False  # no ANN index was ever published: `index` is an exact one over the committed vectors
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
@@ -142,20 +142,20 @@ class Engine:
             generation = catalog.get_meta(conn, "generation", 0)
             roots = catalog.get_meta(conn, "roots", [])
             tuning = catalog.get_meta(conn, "tuning") or {}
-            digest = catalog.get_meta(conn, "ann_digest")
+            record = layouts.read_record(conn)
             store = vectors.load(conn, self.dir, int(model_info["dim"]))
             videos = bool(catalog.get_meta(conn, "videos", False))
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
-            unbuilt = digest is None and not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None
+            unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2) if unbuilt else None
         if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
                             videos=videos)
-        if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
+        if not layouts.pick(self.dir, record).exists():
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
-        stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
-        index = shards.open_served(self.dir, digest)
+        stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
+        index = layouts.open_current(self.dir, record)
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
 
     def refresh(self) -> bool:
@@ -164,7 +164,7 @@ class Engine:
         with self.db.connect() as conn:
             generation = catalog.get_meta(conn, "generation", 0)
             grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
-        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp and not grown:
+        if generation == snap.generation and layouts.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
             if self.snap is not snap:  # another thread refreshed meanwhile

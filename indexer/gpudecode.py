@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})  # other names go straight to the CPU workers
 BATCH_IMAGES = 64  # files per nvJPEG call
 BATCH_PIXELS = 400_000_000  # decoded pixels per batch (1.2 GB of RGB on the device; ~33 camera photos of 12 MP)
+GROUP_PIXELS = 100_000_000  # pixels resized at once (1.2 GB of float32 on the device)
 GPU_MAX_PIXELS = 100_000_000  # larger images go to the CPU path (its reduced decode needs far less memory)
 QUEUE_BATCHES = 2  # batches read ahead of the GPU, and batches decoded ahead of the encoder
 READ_THREADS = 8
@@ -123,13 +124,14 @@ def orient(x, orientation: int):
     return x
 
 
-def crop_on_device(img, orientation: int, spec: ImageSpec):
-    """A decoded (3, H, W) uint8 image to (the (H, W, 3) uint8 crop the encoder takes, the (h, w, 3) uint8 image
-    the perceptual hash is taken from), both on the image's device; the CPU path's steps (module doc)."""
+def crop_on_device(imgs, orientation: int, spec: ImageSpec):
+    """Decoded (N, 3, H, W) uint8 images of one size and orientation to (the (N, H, W, 3) uint8 crops the encoder
+    takes, the (N, h, w, 3) uint8 images the perceptual hash is taken from), both on the images' device; the CPU
+    path's steps (module doc), as a few kernels for the whole group."""
     import torch
     import torch.nn.functional as F
 
-    x = img.unsqueeze(0).float()
+    x = imgs.float()
     factor = draft_factor(x.shape[-1], x.shape[-2], spec)
     if factor > 1:  # what the DCT-scaled draft decode gives, as whole pixel values
         x = F.avg_pool2d(x, factor, ceil_mode=True).round_()
@@ -144,8 +146,8 @@ def crop_on_device(img, orientation: int, spec: ImageSpec):
         crop_h, crop_w = spec.crop
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         x = x[..., top : top + crop_h, left : left + crop_w]
-    as_hwc = partial(torch.Tensor.permute, dims=(1, 2, 0))
-    return as_hwc(x[0].to(torch.uint8)).contiguous(), as_hwc(small[0].to(torch.uint8)).contiguous()
+    as_hwc = partial(torch.Tensor.permute, dims=(0, 2, 3, 1))
+    return as_hwc(x.to(torch.uint8)).contiguous(), as_hwc(small.to(torch.uint8)).contiguous()
 
 
 def unsupported(spec: ImageSpec) -> str | None:
@@ -252,7 +254,7 @@ class GpuStats:
     phash_seconds: float = 0.0  # the read threads' perceptual hashing of the GPU images
     feeder_wait: float = 0.0  # the feeder waiting for room in the GPU's queue (the GPU was the slower)
     gpu_wait: float = 0.0  # the GPU thread waiting for a batch (the reads were the slower)
-    max_ahead: int = 0  # most files read but not yet handed to the encoder at once (bounded: module doc)
+    max_ahead: int = 0  # most JPEGs read (bytes or crops held) and not yet handed to the encoder (ahead_bound)
     to_cpu: Counter = field(default_factory=Counter)  # why files went to the CPU workers
 
     def to_dict(self) -> dict:
@@ -360,7 +362,8 @@ class GpuReader:
                 if isinstance(got, Item):
                     self.stats.read_failed += 1
                     self.stats.read_seconds += got.seconds
-                    self._put(self._out_q, ("items", [got], []))
+                    self._count(-1)
+                    self._put(self._out_q, ("items", [got], [], False))
                     continue
                 self.stats.read_seconds += got.seconds
                 if got.probe.reason is not None:
@@ -391,7 +394,6 @@ class GpuReader:
     def _to_cpu(self, found: Found, reason: str) -> None:
         self.stats.to_cpu[reason.split(":")[0]] += 1
         self.stats.cpu_images += 1
-        self._count(1)
         self._cpu_q.put(found)
 
     # -- the GPU thread ----------------------------------------------------------------------------------
@@ -413,8 +415,9 @@ class GpuReader:
                 t1 = time.perf_counter()
                 with torch.cuda.stream(stream) if stream is not None else nullcontext(), torch.inference_mode():
                     done, rejected = self._decode_batch(tvio, batch)
-                    crops = torch.stack([crop for _, crop, _ in done]) if done else None
-                    smalls = [small.cpu().numpy() for _, _, small in done]  # small: the phash's copy only
+                    crops = torch.cat([c for _, c, _ in done]) if done else None
+                    smalls = [s for _, _, group in done for s in group.cpu().numpy()]  # the phash's copy only
+                    done = [p for group, _, _ in done for p in group]
                 if stream is not None:
                     stream.synchronize()
                 seconds = time.perf_counter() - t1
@@ -425,31 +428,47 @@ class GpuReader:
                     self._to_cpu(prepared.found, reason)
                 share = seconds / max(1, len(batch))
                 items = [Item(p.found, crops[i], p.sha256, *_shown_size(p.probe), "JPEG", seconds=p.seconds + share,
-                              photo=p.photo) for i, (p, _, _) in enumerate(done)]
+                              photo=p.photo) for i, p in enumerate(done)]
                 self.stats.gpu_images += len(items)
                 hashes = [pool.submit(self._hash, small) for small in smalls]
-                self._put(self._out_q, ("items", items, hashes))
+                self._put(self._out_q, ("items", items, hashes, True))
         finally:
             self._cpu_q.put(_END)
 
     def _decode_batch(self, tvio, batch: list[_Prepared]) -> tuple[list, list]:
-        """([(prepared, crop, small)], [(prepared, reason)]): the whole batch in one nvJPEG call; when that
-        fails, file by file, so only the files that fail alone go to the CPU."""
+        """([([prepared], crops, smalls)] by group of one size and orientation, [(prepared, reason)]): the whole
+        batch in one nvJPEG call; when that fails, file by file, so only the files that fail alone go to the CPU."""
         mode = tvio.ImageReadMode.RGB
         try:
             images = tvio.decode_jpeg([_as_tensor(p.data) for p in batch], device=self.opts.device, mode=mode)
-            return [(p, *crop_on_device(img, p.probe.orientation, self.spec)) for p, img in zip(batch, images)], []
+            return self._crop_groups(list(zip(batch, images))), []
         except Exception as exc:  # noqa: BLE001 - which file? each alone says
             log.debug("a batch of %d failed on the GPU (%s): file by file", len(batch), exc)
-        done, rejected = [], []
+        decoded, rejected = [], []
         for p in batch:
             try:
-                img = tvio.decode_jpeg(_as_tensor(p.data), device=self.opts.device, mode=mode)
-                done.append((p, *crop_on_device(img, p.probe.orientation, self.spec)))
+                decoded.append((p, tvio.decode_jpeg(_as_tensor(p.data), device=self.opts.device, mode=mode)))
             except Exception as exc:  # noqa: BLE001 - the CPU path decodes it, or says why it cannot
                 log.debug("%s: not decoded on the GPU (%s)", p.found.relpath, exc)
                 rejected.append((p, "rejected by the GPU decoder"))
-        return done, rejected
+        return self._crop_groups(decoded), rejected
+
+    def _crop_groups(self, decoded: list) -> list:
+        """Images of one size and orientation cropped together, GROUP_PIXELS at most at once (their float copies
+        are 12 bytes a pixel)."""
+        import torch
+
+        groups: dict[tuple, list] = {}
+        for p, img in decoded:
+            groups.setdefault((tuple(img.shape), p.probe.orientation), []).append((p, img))
+        out = []
+        for (shape, orientation), members in groups.items():
+            step = max(1, GROUP_PIXELS // (shape[-1] * shape[-2]))
+            for i in range(0, len(members), step):
+                part = members[i : i + step]
+                crops, smalls = crop_on_device(torch.stack([img for _, img in part]), orientation, self.spec)
+                out.append(([p for p, _ in part], crops, smalls))
+        return out
 
     def _hash(self, small: np.ndarray) -> str | None:
         t0 = time.perf_counter()
@@ -477,7 +496,7 @@ class GpuReader:
             results = decode_in_processes(fn, files(), self.workers, lambda found, reason: Item(found, None, reason=reason))
         try:
             for item in results:
-                self._put(self._out_q, ("items", [item], []))
+                self._put(self._out_q, ("items", [item], [], False))
         finally:
             close = getattr(results, "close", None)
             if close is not None:
@@ -497,16 +516,24 @@ class GpuReader:
                     continue
                 if message[0] == "error":
                     raise message[1]
-                _, items, hashes = message
+                _, items, hashes, counted = message
                 for item, future in zip(items, hashes):
                     item.phash = future.result()
-                self._count(-len(items))
+                if counted:
+                    self._count(-len(items))
                 yield from items
         finally:
             self._stop.set()
             for t in threads:
                 t.join(timeout=30)
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ahead_bound(opts: GpuDecodeOptions) -> int:
+    """At most this many JPEGs are held (bytes or crops) at once: the read window, the feeder's batch, the GPU's
+    queue and the batch it decodes, the consumer's queue and the batch it hands out. The files the CPU workers
+    take wait as names (Found) and are read in decode_in_processes' own window."""
+    return opts.threads * 4 + opts.batch_images * (1 + opts.queue_batches + 1 + (opts.queue_batches + 2) + 1)
 
 
 def _shown_size(found_probe: Probe) -> tuple[int, int]:

@@ -57,7 +57,7 @@ BATCH_PIXELS = 400_000_000  # decoded pixels per batch (1.2 GB of RGB on the dev
 GROUP_PIXELS = 100_000_000  # pixels resized at once (1.2 GB of float32 on the device)
 GPU_MAX_PIXELS = 100_000_000  # larger images go to the CPU path (its reduced decode needs far less memory)
 QUEUE_BATCHES = 2  # batches read ahead of the GPU, and batches decoded ahead of the encoder
-READ_THREADS = 8
+READ_THREADS = min(16, os.cpu_count() or 2)  # reading and hashing release the GIL; the header parse does not
 END_MARKER_TAIL = 1 << 16  # where a JPEG's end-of-image marker is looked for (entropy data never holds FF D9)
 RESIZE_MODES = {int(Image.BILINEAR): "bilinear", int(Image.BICUBIC): "bicubic"}  # torch's antialias = Pillow's
 ORIENTATION = 0x0112
@@ -451,7 +451,11 @@ class GpuReader:
             except Exception as exc:  # noqa: BLE001 - the CPU path decodes it, or says why it cannot
                 log.debug("%s: not decoded on the GPU (%s)", p.found.relpath, exc)
                 rejected.append((p, "rejected by the GPU decoder"))
-        return self._crop_groups(decoded), rejected
+        try:
+            return self._crop_groups(decoded), rejected
+        except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory: the CPU path still indexes them
+            log.warning("cropping %d images on the GPU failed (%s): they go to the CPU decode", len(decoded), exc)
+            return [], rejected + [(p, "GPU resize failed") for p, _ in decoded]
 
     def _crop_groups(self, decoded: list) -> list:
         """Images of one size and orientation cropped together, GROUP_PIXELS at most at once (their float copies

@@ -181,6 +181,21 @@ def test_files_the_gpu_does_not_take_go_to_the_cpu_workers_in_the_same_run(tmp_p
                             "no end-of-image marker (cut off, or data after it)": 1, "PNG (not JPEG)": 1}
 
 
+def test_when_the_device_fails_the_files_go_to_the_cpu(tmp_path, monkeypatch):
+    """Out of GPU memory while resizing (say): the batch's files are decoded by the CPU path, none is lost."""
+    pytest.importorskip("torchvision")
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpudecode, "crop_on_device", out_of_memory)
+    files = [found(tmp_path, f"p{i}.jpg", jpeg(photo(60, 40, seed=i))) for i in range(5)]
+    got, stats = gpu_items(files, batch_images=2)
+    assert sorted(got) == sorted(f.relpath for f in files)
+    assert all(isinstance(it.crop, np.ndarray) and it.reason is None for it in got.values())
+    assert stats.gpu_images == 0 and stats.to_cpu == {"GPU resize failed": 5}
+
+
 def test_a_batch_mixing_device_and_cpu_crops_encodes_as_one(tmp_path, tiny_model):
     pytest.importorskip("torchvision")
     from alignsearch.encoders.model import Encoder

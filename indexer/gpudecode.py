@@ -392,8 +392,9 @@ class GpuReader:
         self.stats.feeder_wait += time.perf_counter() - t0
 
     def _to_cpu(self, found: Found, reason: str) -> None:
-        self.stats.to_cpu[reason.split(":")[0]] += 1
-        self.stats.cpu_images += 1
+        with self._lock:  # the feeder and the GPU thread both send files there
+            self.stats.to_cpu[reason.split(":")[0]] += 1
+            self.stats.cpu_images += 1
         self._cpu_q.put(found)
 
     # -- the GPU thread ----------------------------------------------------------------------------------
@@ -403,7 +404,9 @@ class GpuReader:
         tvio = _torchvision()
         cuda = self.opts.device.startswith("cuda")
         # Its own stream: the encoder's kernels (the caller's thread, default stream) are not queued behind
-        # the decode's; the batch's stream is synchronised before its crops are handed over.
+        # the decode's; the batch's stream is synchronised before its crops are handed over. The caller copies
+        # them (pipeline.stack_crops) and syncs when it takes the vectors back, before it drops the items: no
+        # kernel still reads a crop's memory when the allocator hands it to this stream again.
         stream = torch.cuda.Stream(device=self.opts.device) if cuda else None
         try:
             while True:

@@ -184,19 +184,20 @@ def gpu_decode_run(args) -> None:
         save()
         return results["stages"][name]
 
-    if args.smoke:
-        from tiny_align import build_tiny_align
+    def finish(n: int) -> None:
+        lines = summary_lines(results, n)
+        record(f"GPU JPEG decode (issue 29): {n} {args.corpus} JPEGs from scikit-image's photographs, {args.device}", lines)
+        with open(out / "results.md", "a") as f:
+            f.write(f"## {args.corpus}: {n} JPEGs, {args.device}\n\n- machine: {machine()}\n- commit: {commit()}\n"
+                    + "\n".join(lines) + "\n\n")
 
-        model = CACHE / "tiny-align"
-        if not (model / "config.json").exists():
-            build_tiny_align(model)
-    else:
-        model = Path(args.model) if args.model else align_base_checkpoint()
+    built = stage("model", lambda: {"path": str(checkpoint(args))})
     size = (400, 300) if args.smoke and args.corpus == "camera" else (160, 100) if args.smoke else None
     made = stage("corpus", lambda: {"folder": str(corpus_for(args, size))})
-    if "error" in made:
+    if "error" in built or "error" in made:
+        finish(0)
         return
-    corpus = Path(made["folder"])
+    model, corpus = Path(built["path"]), Path(made["folder"])
     files = sorted(corpus.glob("*.jpg"))
     results["corpus_bytes_mean"] = round(sum(p.stat().st_size for p in files) / len(files))
     n = len(files)
@@ -224,11 +225,19 @@ def gpu_decode_run(args) -> None:
     if args.parity:
         stage("parity", lambda: parity(corpus, model, args))
     stage("naive_loop", lambda: naive(corpus, model, args))
-    lines = summary_lines(results, n)
-    record(f"GPU JPEG decode (issue 29): {n} {args.corpus} JPEGs from scikit-image's photographs, {args.device}", lines)
-    with open(out / "results.md", "a") as f:
-        f.write(f"## {args.corpus}: {n} JPEGs, {args.device}\n\n- machine: {machine()}\n- commit: {commit()}\n"
-                + "\n".join(lines) + "\n\n")
+    finish(n)
+
+
+def checkpoint(args) -> Path:
+    """The tests' tiny model (--smoke), --model, or align-base's geometry with random weights (built once)."""
+    if args.smoke:
+        from tiny_align import build_tiny_align
+
+        model = CACHE / "tiny-align"
+        if not (model / "config.json").exists():
+            build_tiny_align(model)
+        return model
+    return Path(args.model) if args.model else align_base_checkpoint()
 
 
 def corpus_for(args, size) -> Path:
@@ -314,6 +323,8 @@ def summary_lines(results: dict, n: int) -> list[str]:
         return f"GPU {u['mean_pct']:.0f}% mean, {u['peak_pct']:.0f}% peak" if u else "GPU utilisation not sampled"
 
     lines = [f"- corpus: {n} JPEGs, {results.get('corpus_bytes_mean', 0) / 1e6:.2f} MB each on average"]
+    lines += [f"- {name}: failed ({st[name]['error'][:300]})" for name in ("model", "corpus", "warm_up")
+              if "error" in st.get(name, {})]
     for name, label in (("index_gpu_decode", "alignsearch index --gpu-decode"),
                         ("index_cpu_decode", "alignsearch index --no-gpu-decode (CPU decode)")):
         s = get(name)

@@ -14,10 +14,11 @@ Per file, what nvJPEG does not take goes to the CPU decode workers of today, in 
 images over GPU_MAX_PIXELS, and any JPEG the GPU decoder rejects (a batch that fails is decoded again file by
 file, so one bad file costs only itself).
 
-Threads and queues, each bounded: a feeder hands files to READ threads (bytes, hash, header, photo fields);
-full batches (BATCH_IMAGES files or BATCH_PIXELS pixels, what bounds GPU memory) wait in a queue of
-QUEUE_BATCHES for the GPU thread, whose crops wait in a queue of QUEUE_BATCHES for the encoder (the caller,
-pipeline.drive). The perceptual hash (alignsearch/media/phash.py) is taken on the CPU from a small copy.
+Threads and queues, each bounded (ahead_bound): a feeder hands files to READ_THREADS threads (bytes, hash,
+header, photo fields) four per thread at most; full batches (BATCH_IMAGES files or BATCH_PIXELS pixels, what
+bounds GPU memory) wait in a queue of QUEUE_BATCHES for the GPU thread, whose crops wait in a queue of a few
+batches for the encoder (the caller, pipeline.drive). A GPU failure on a group (out of memory, say) sends its
+files to the CPU too. The perceptual hash (alignsearch/media/phash.py) is taken on the CPU from a small copy.
 torch and torchvision are imported only here and only when the stage runs: without torchvision, `index` decodes
 on the CPU as before.
 """

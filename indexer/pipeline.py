@@ -105,6 +105,17 @@ def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+def stack_crops(crops: list):
+    """One (N, H, W, 3) uint8 batch: numpy from the CPU decode; a tensor on the device when any crop is one (the
+    GPU decode's, indexer/gpudecode.py), the CPU decode's crops of the same batch copied there."""
+    if all(isinstance(c, np.ndarray) for c in crops):
+        return np.stack(crops)
+    import torch
+
+    device = next(c.device for c in crops if isinstance(c, torch.Tensor))
+    return torch.stack([torch.from_numpy(c).to(device) if isinstance(c, np.ndarray) else c for c in crops])
+
+
 def drive(
     reader: Iterable[Batch],
     encoder: BatchEncoder | None,
@@ -153,7 +164,7 @@ def drive(
                 it.vec_row = rows.get(it.sha256)
             fresh = [it for it in good if it.vec_row is None]
             times.reused += len(good) - len(fresh)
-            new_vectors = encoder.encode_crops(np.stack([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
+            new_vectors = encoder.encode_crops(stack_crops([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
         t2 = time.perf_counter()
         times.encode += t2 - t1 + batch.encode_seconds
         times.decode_worker += sum(it.seconds for it in batch.items)

@@ -166,7 +166,10 @@ def scale_pixels(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
 
 
 def to_pixel_values(crops: np.ndarray, spec: ImageSpec, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device."""
+    """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device. A tensor (the
+    indexer's GPU decode) is used where it lies when that is the device."""
+    if isinstance(crops, torch.Tensor):
+        return scale_pixels(crops.to(device), spec)
     x = torch.from_numpy(np.ascontiguousarray(crops))
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
@@ -403,6 +406,8 @@ class Encoder(EncoderBase):
             return np.zeros((0, self.dim), dtype=np.float32)
         tower = self._onnx("image")
         if tower is not None:
+            if isinstance(crops, torch.Tensor):
+                crops = crops.cpu().numpy()
             # ORT's convolutions run fastest in small batches on CPUs too (activations stay in cache).
             step = micro_batch("cpu")
             return np.concatenate([tower.run(crops=np.ascontiguousarray(crops[i : i + step]))

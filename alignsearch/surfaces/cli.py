@@ -214,6 +214,9 @@ def main(verbose: int) -> None:
                    "updated in place (0: one file; remembered).")
 @click.option("--fast-decode", is_flag=True,
               help="Decode JPEGs at reduced scale (Pillow draft): faster on big photos, pixels differ slightly.")
+@click.option("--gpu-decode/--no-gpu-decode", default=None,
+              help="With a CUDA encoder: decode JPEGs on the GPU (nvJPEG, needs torchvision; on by default where it "
+                   "works). --no-gpu-decode keeps the exact CPU decode.")
 @click.option("--list-column", default=None, metavar="NAME",
               help="For a .csv/.parquet list root: the column of paths or URLs (default: path, url, uri, image...).")
 @click.option("--caption-column", default=None, metavar="NAME",
@@ -226,7 +229,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, list_column, caption_column, video_interval, ocr, as_json):
+          ondisk_shards, index_shards, fast_decode, gpu_decode, list_column, caption_column, video_interval, ocr, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -245,7 +248,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
         caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-        ocr=ocr,
+        ocr=ocr, gpu_decode=gpu_decode,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))

@@ -335,11 +335,11 @@ def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, cache):
     on_onnx = index_json(tmp_path / "a", corpus, "--model", tiny_model)
     on_torch = index_json(tmp_path / "b", corpus, "--model", tiny_model, "--backend", "torch")
     assert on_onnx["encoder"]["backend"] == "onnx" and on_torch["encoder"]["backend"] == "torch"
-    a = json.loads(run("query", "red car", "--index", tmp_path / "a", "--json", "-k", "12").output)["results"]
-    b = json.loads(run("query", "red car", "--index", tmp_path / "b", "--json", "-k", "12", "--backend", "torch").output)["results"]
+    a = json.loads(run("query", "red car", "--index", tmp_path / "a", "--json", "-k", "12").stdout)["results"]
+    b = json.loads(run("query", "red car", "--index", tmp_path / "b", "--json", "-k", "12", "--backend", "torch").stdout)["results"]
     assert [h["path"] for h in a] == [h["path"] for h in b]
     assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=2e-3)  # fp16 storage
-    info = json.loads(run("info", "--index", tmp_path / "a", "--json").output)["encoder"]
+    info = json.loads(run("info", "--index", tmp_path / "a", "--json").stdout)["encoder"]
     assert info["last_index_run"]["backend"] == "onnx" and info["onnx_cache"]["torch_free_text"]
     assert run("info", "--index", tmp_path / "a").output.count("onnx") >= 2
 
@@ -368,7 +368,7 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
     lines = proc.stdout.strip().splitlines()
     assert json.loads(lines[-1]) == {"loaded": []}
     results = json.loads("\n".join(lines[:-1]))["results"]
-    ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").output)
+    ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").stdout)
     assert [h["path"] for h in results] == [h["path"] for h in ref["results"]]
     # without a cache the same query still works: it loads the model (and exports for the next one)
     env["ALIGNSEARCH_CACHE"] = str(tmp_path / "empty-cache")
@@ -501,7 +501,7 @@ def test_an_index_folder_whose_path_looks_like_a_url_query_holds_its_own_catalog
     ix = tmp_path / "ix dir ?#%20é" / "x"
     assert index_json(ix, corpus, "--model", tiny_model)["added"] == 3
     assert (ix / "catalog.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ix dir ?#%20é"]
-    assert len(json.loads(run("query", "red car", "--index", ix, "--json", "-k", "2").output)["results"]) == 2
+    assert len(json.loads(run("query", "red car", "--index", ix, "--json", "-k", "2").stdout)["results"]) == 2
 
 
 def test_the_content_digest_does_not_depend_on_whether_the_tokenizer_has_run(tiny_model):

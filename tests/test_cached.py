@@ -248,20 +248,23 @@ def test_other_weights_under_the_same_size_mtime_and_inode_are_not_taken_for_the
 
 
 def test_a_damaged_manifest_anywhere_in_the_cache_is_passed_over(tiny_model, monkeypatch, tmp_path):
+    from alignsearch.encoders import onnxrun
+
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     enc = Encoder(str(tiny_model), device="cpu", backend="openvino")
     enc.encode_crops(np.zeros((1, *enc.spec.output_size, 3), np.uint8))
     enc.prepare_text()
     (folder,) = (tmp_path / "cache").glob("onnx/*")
-    good = json.loads((folder / "manifest.json").read_text())
+    good = onnxrun.read_manifest(folder)
     opts = EncoderOptions(device="cpu", backend="openvino")
     for i, bad in enumerate([{"export_version": 2, "checkpoints": None}, {"export_version": 2, "checkpoints": "x"},
                              [1, 2], {**good, "dim": None}, {**good, "vision_speed": 3, "files": {"vision-fp32": 1}}]):
         other = tmp_path / "cache" / "onnx" / f"000bad{i}"  # scanned before the good one
         other.mkdir()
-        (other / "manifest.json").write_text(json.dumps(bad))
+        (other / "manifest.json").write_text(json.dumps(bad))  # damaged manifests of the older, single-file kind
         assert cached.find(str(tiny_model), None, opts) is not None  # the good export, not a crash
-    (folder / "manifest.json").write_text(json.dumps({**good, "dim": "x"}))
+    record = json.loads((folder / "records" / "model.json").read_text())
+    (folder / "records" / "model.json").write_text(json.dumps({**record, "dim": "x"}))
     assert cached.find(str(tiny_model), None, opts) is None  # the only complete-looking one is damaged: full load
 
 

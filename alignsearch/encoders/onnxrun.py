@@ -4,27 +4,26 @@ Imports neither torch nor transformers: a cold `alignsearch query TEXT` loads on
 tower and the tokenizer's tokenizer.json only (about a second rather than five).
 
 A cached folder (backend.onnx_dir(fingerprint, content digest)) holds the towers, tokenizer.json and
-manifest.json. The manifest records each file's size, modification time and SHA-256, and probe inputs with
-the embeddings torch gave for them at export time. A load checks size and time (a file written since is
+the manifest (records/, one record per artefact: alignsearch/encoders/records.py). It records each file's
+size, modification time and SHA-256, and probe inputs with the embeddings torch gave for them at export time. A load checks size and time (a file written since is
 hashed and must match), then runs the probes again and compares (cosine): a truncated, rewritten or
 bit-flipped file is exported again rather than used.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from alignsearch.encoders import records
 from alignsearch.encoders.backend import cache_untrusted, onnx_dir
 from alignsearch.storage.paths import untrusted
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 OPENVINO_CACHE = "openvino"  # OpenVINO's compiled graphs, beside the files they were compiled from
 TOKENIZER = "tokenizer.json"
 FILES = {"text-fp32": "text-fp32.onnx", "text-int8": "text-int8.onnx", "vision-fp32": "vision-fp32.onnx",
@@ -80,10 +79,8 @@ def machine() -> str:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    """The cache folder's manifest as one dict (records.read), or None."""
+    return records.read(folder)
 
 
 def _session(path: Path):

@@ -21,7 +21,7 @@ from functools import wraps
 
 import click
 
-from alignsearch.encoders.backend import BACKENDS, PRECISIONS
+from alignsearch.encoders.backend import BACKENDS, PRECISIONS, EncoderOptions, torch_free_text
 from alignsearch.errors import AlignSearchError
 
 index_option = click.option(
@@ -390,11 +390,11 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
     else:
         _quiet_transformers()
         soon = None
-        if text is not None and image is None and model is None and device in ("auto", "cpu") \
-                and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
+        light = torch_free_text(EncoderOptions(device=device, backend=backend, precision=precision), model)
+        if text is not None and image is None and light is not None:
             from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
 
-            soon = text_encoder_soon(found, precision)
+            soon = text_encoder_soon(found, light)
         from alignsearch.search.engine import open as open_index
 
         engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
@@ -422,11 +422,11 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
     """--model when given, else the index's own model when there is an index, else the default."""
     from alignsearch.search.engine import find_index_dir, open as open_index
-    from alignsearch.encoders.model import DEFAULT_MODEL, Encoder
+    from alignsearch.encoders.model import open_encoder
 
     if model is None and (index_dir or find_index_dir()):
         return open_index(index_dir, device=device, backend=backend, precision=precision).encoder
-    return Encoder(model or DEFAULT_MODEL, device, backend=backend, precision=precision)
+    return open_encoder(model, EncoderOptions(device=device, backend=backend, precision=precision), cache=False)
 
 
 @main.command()

@@ -214,7 +214,7 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
     the first run records the model it loads. Its cached exports when they are all a CPU run needs
     (alignsearch/encoders/cached.py: no torch, no transformers), else the checkpoint itself."""
-    from alignsearch.encoders.model import open_encoder
+    from alignsearch.encoders.loader import open_encoder
 
     if options.precision == "int8":
         raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")

@@ -74,7 +74,7 @@ class EncoderConfig:
 
 def load_encoder(config: EncoderConfig):
     from alignsearch.encoders.backend import encoder_options
-    from alignsearch.encoders.model import open_encoder
+    from alignsearch.encoders.loader import open_encoder
 
     return open_encoder(config.model, encoder_options(device=config.device, **config.options), cache=False)
 

@@ -35,7 +35,7 @@ NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so 
 
 def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -> Encoder:
     """The model to re-encode with: the one named, else the one the index records (never the hub default)."""
-    from alignsearch.encoders.model import open_encoder
+    from alignsearch.encoders.loader import open_encoder
 
     return open_encoder(model, options, None if model else recorded, cache=False)
 

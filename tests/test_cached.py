@@ -118,6 +118,7 @@ def damage_silently(blob, tower, crops) -> bool:
 
 @pytest.mark.slow
 def test_damaged_compiled_graphs_are_cleared_and_compiled_again(model, cache, tmp_path, monkeypatch):
+    from alignsearch.encoders import records
     from alignsearch.encoders.onnxrun import probe_crops
 
     corpus = tmp_path / "corpus"
@@ -128,7 +129,7 @@ def test_damaged_compiled_graphs_are_cleared_and_compiled_again(model, cache, tm
     tower = folder / "vision-fp32.onnx"
     blobs = list((folder / "openvino" / "vision-fp32").glob("*"))
     assert blobs, "OpenVINO kept no compiled graph"
-    size = cached.spec_from(json.loads((folder / "manifest.json").read_text())["spec"]).output_size
+    size = cached.spec_from(records.read(folder)["spec"]).output_size
     if not any(damage_silently(blob, tower, probe_crops(size)) for blob in blobs):
         pytest.skip("OpenVINO noticed every damage tried and compiled again itself (it caches in memory too)")
     second = index_fresh(corpus, tmp_path / "b", model, cache, "openvino")

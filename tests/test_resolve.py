@@ -191,6 +191,17 @@ def test_an_older_manifest_is_read_and_converted_on_the_next_write(tmp_path, cap
         assert records.read(tmp_path) is None
 
 
+def test_a_record_others_can_write_makes_the_cache_untrusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "onnx" / "f-c"
+    backend.make_cache_dir(folder)
+    records.Writer(folder, MODEL).speed("cpu", {"onnx": 1.0})
+    assert backend.cache_untrusted(folder) is None
+    (record,) = (folder / "records").glob("speed-*.json")
+    record.chmod(0o666)  # a replaced record changes which engine runs, or (a file's) what is loaded
+    assert "speed-" in backend.cache_untrusted(folder)
+
+
 # -- with a model ------------------------------------------------------------------------------------------
 def test_an_export_that_fails_its_parity_check_runs_on_torch_with_one_line(tiny_model, tmp_path, monkeypatch, caplog):
     from alignsearch.encoders import onnxrun

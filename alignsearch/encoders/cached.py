@@ -14,7 +14,7 @@ Either way the folder's current stamp must be one the manifest recorded: a check
 touched, replaced or copied elsewhere changes it, and the full load (which hashes the weights) runs instead.
 Hub ids always take the full load (transformers decides which revision that is). The vision tower is loaded
 and its probes checked before the encoder is returned; any later failure of a tower switches to the full
-model.Encoder for the rest of the run (resolve.Towers, with the loader model.open_encoder gives).
+model.Encoder for the rest of the run (resolve.Towers, with the loader loader.open_encoder gives).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from alignsearch.storage.paths import cache_root
 from alignsearch.encoders import records
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions, Plan, cache_untrusted
 from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, checkpoint_stamp, describe_model
-from alignsearch.encoders.resolve import Cached, Towers, cached_plan
+from alignsearch.encoders.resolve import FAILURES, Cached, Towers, cached_plan
 from alignsearch.media.images import ImageSpec
 from alignsearch.encoders.onnxrun import EXPORT_VERSION, check_file, machine, read_manifest
 
@@ -78,7 +78,7 @@ def _usable(manifest: dict, stamp: dict, recorded: dict | None) -> bool:
     Any manifest that cannot be read as one is not usable (the full load exports again where it must)."""
     try:
         return _matches(manifest, stamp, recorded)
-    except Exception:  # noqa: BLE001 - a damaged or foreign manifest: not this model's export
+    except records.DAMAGED:  # a damaged or foreign manifest: not this model's export
         return False
 
 
@@ -99,7 +99,7 @@ def find(model: str | None, recorded: dict | None, options: EncoderOptions,
     or None where the full model.Encoder must load: a GPU may be used, torch was asked for or measured
     fastest here, the exports or the measurement are not cached yet, the folder is not one they were made
     from, or the vision tower fails its check. load_full(checkpoint folder): the full encoder, should a
-    tower fail later (model.open_encoder gives it)."""
+    tower fail later (loader.open_encoder gives it)."""
     if options.device not in ("auto", "cpu") or (options.device == "auto" and gpu_possible()):
         return None
     if options.backend == "torch" or options.precision == "int8":
@@ -113,8 +113,8 @@ def find(model: str | None, recorded: dict | None, options: EncoderOptions,
             continue
         try:
             return _encoder(folder, manifest, stamp, options, load_full)
-        except Exception as why:  # noqa: BLE001 - a damaged cache (missing keys, unloadable tower): the next, else
-            # the full load, which exports again
+        except (*FAILURES, *records.DAMAGED, OSError) as why:  # a damaged cache (missing keys, unloadable tower):
+            # the next, else the full load, which exports again
             log.info("cached exports in %s not used: %s", folder,
                      str(why).splitlines()[0] if str(why) else type(why).__name__)
     return None

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.encoders import cached
-from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions, encoder_options
+from alignsearch.encoders.backend import CPU_MICRO_BATCH, encoder_options
 from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, checkpoint_stamp, describe_model
 from alignsearch.encoders.pixels import scale_pixels, to_pixel_values
 from alignsearch.encoders.resolve import Exported, Towers, plan_for
@@ -23,7 +22,7 @@ from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.media.images import ImageSpec
 
 log = logging.getLogger(__name__)
-__all__ = ["DEFAULT_MODEL", "Encoder", "ImageInput", "load_recorded", "open_encoder", "scale_pixels", "to_pixel_values"]
+__all__ = ["DEFAULT_MODEL", "Encoder", "ImageInput", "load_recorded", "scale_pixels", "to_pixel_values"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -367,27 +366,6 @@ def load_recorded(recorded: dict, model: str | None = None, device: str = "auto"
             "--reindex --model NEW`, or index into a new --index DIR"
         )
     return enc
-
-
-def open_encoder(model: str | None, options: EncoderOptions, recorded: dict | None = None, *,
-                 cache: bool = True) -> EncoderBase:
-    """The one way to get an encoder: `model` (else the one an index recorded, else the default), its towers
-    on what options and this machine allow (resolve.Towers). cache: from the cached exports alone when they
-    are all a CPU run needs (alignsearch/encoders/cached.py: no torch), else the checkpoint is loaded; a
-    model other than the recorded one is refused (load_recorded)."""
-    kw = dict(backend=options.backend, precision=options.precision)
-    if recorded is None:
-        name = model or DEFAULT_MODEL
-
-        def load_full():
-            return Encoder(name, options.device, **kw)
-    else:
-        def load_full():
-            return load_recorded(recorded, model, options.device, **kw)
-
-    # a cached encoder whose tower fails later loads the checkpoint from the folder it found (resolve.Towers)
-    enc = cached.find(model, recorded, options, load_full=lambda folder: Encoder(folder, "cpu", **kw)) if cache else None
-    return enc if enc is not None else load_full()
 
 
 def _looks_local(name: str) -> bool:

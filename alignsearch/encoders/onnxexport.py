@@ -2,7 +2,8 @@
 
 Each tower is exported with torch.onnx on first use, run on probe inputs by ONNX Runtime and compared
 with torch fp32 (cosine >= 0.9999, onnxrun.FLOOR), and only then recorded in the cache folder's
-manifest (a record per artefact: alignsearch/encoders/records.py), where later runs (and other indexes of the same model) find it by the model's fingerprint.
+manifest (a record per artefact: alignsearch/encoders/records.py), where later runs (and other indexes of
+the same model) find it by the model's fingerprint.
 The vision tower takes the uint8 crops the reader makes and scales them inside the graph, so the
 preprocessing stays exactly what the index records (images.ImageSpec) and no float copy is made in
 Python. Anything that fails raises onnxrun.OnnxUnusable with one line saying why; the encoder then runs
@@ -117,10 +118,10 @@ def _versions(*names: str) -> dict:
 
 def _remove_stale_temporaries(folder: Path, age: float = 3600.0) -> None:
     """Half-written exports left by a killed process (atomic.replacing's `.NAME.XXXX.tmp`), hundreds of MB
-    each; an hour old, so another process's export in progress is left alone."""
+    each, and records (small); an hour old, so another process's export in progress is left alone."""
     import time
 
-    for tmp in folder.glob(".*.tmp"):
+    for tmp in [*folder.glob(".*.tmp"), *(folder / records.FOLDER).glob(".*.tmp")]:
         try:
             if time.time() - tmp.stat().st_mtime > age:
                 tmp.unlink()

@@ -240,9 +240,12 @@ def clear_folder(folder: Path) -> None:
 def tokenizer(folder: Path, max_length: int, pad_id: int, pad_token: str):
     """tokenize(texts) -> (ids, mask) from tokenizer.json, as transformers' fast tokenizer is called
     (padding to the longest text, truncation at max_length)."""
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(folder / TOKENIZER))
+        tok = Tokenizer.from_file(str(folder / TOKENIZER))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a file it cannot read
+        raise OnnxUnusable(f"cannot read {folder / TOKENIZER}: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}") from None
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
 
@@ -303,7 +306,7 @@ def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | Non
         precision = "fp32"  # this model's int8 text was measured too far off: exact text, as the full path does
     try:
         return TextEncoder(folder, manifest, precision)
-    except Exception as exc:  # noqa: BLE001 - any failure here only means the slower path: the full model
-        # loads, and re-exports what is damaged.
+    except (OnnxUnusable, *records.DAMAGED, OSError) as exc:  # only the slower path: the full model loads, and
+        # re-exports what is damaged
         log.info("cached ONNX text tower not used: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None

@@ -29,6 +29,9 @@ MODEL = "model.json"
 IDENTITY = ("fingerprint", "content_digest", "spec", "export_version")
 MODEL_KEYS = IDENTITY + ("model", "dim", "max_length", "temperature")
 MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
+# What using a damaged manifest's values raises (a key missing, a value of another type or shape): readers
+# take such a manifest for no export at all, and the full load exports again.
+DAMAGED = (LookupError, TypeError, ValueError, AttributeError)
 # What a file's record carries besides its own entry, per manifest key: the probes of its tower, the pad token.
 _FILE_EXTRAS = {"text-fp32": (("probes", "texts"), ("probes", "text")), "vision-fp32": (("probes", "image"),),
                 "tokenizer": (("tokenizer",),)}

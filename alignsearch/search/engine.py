@@ -197,7 +197,7 @@ class Engine:
             fingerprint = snap.model_info["fingerprint"]
             if self._encoder is None or self._encoder[0] != fingerprint or not self._encoder[2]:
                 # first use, a re-encode switched the model, or only text was loaded
-                from alignsearch.encoders.model import open_encoder
+                from alignsearch.encoders.loader import open_encoder
 
                 # the index's model from its cached exports (no torch: alignsearch/encoders/cached.py), else loaded
                 self._encoder = (fingerprint, open_encoder(self._model_name, self._enc_options, snap.model_info), True)

@@ -422,7 +422,7 @@ def query(text, image, negative, k, text_weight, image_weight, negative_weight, 
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
     """--model when given, else the index's own model when there is an index, else the default."""
     from alignsearch.search.engine import find_index_dir, open as open_index
-    from alignsearch.encoders.model import open_encoder
+    from alignsearch.encoders.loader import open_encoder
 
     if model is None and (index_dir or find_index_dir()):
         return open_index(index_dir, device=device, backend=backend, precision=precision).encoder

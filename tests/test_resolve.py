@@ -246,3 +246,22 @@ def test_a_cache_with_an_older_manifest_is_used_without_exporting_again(tiny_mod
     again = Encoder(str(tiny_model), device="cpu", backend="onnx")
     got = again.encode_text(["a dog"])
     assert again.plan == Plan("onnx", "fp32", "fp32") and float(got[0] @ want[0]) >= 0.9999
+
+
+def test_the_engine_keeps_one_encoder_and_a_text_only_one_gives_way(tiny_model, tmp_path, monkeypatch):
+    import alignsearch
+    from alignsearch.encoders.onnxrun import TextEncoder
+    from conftest import index_json, make_images
+
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    images = make_images(tmp_path / "corpus", 3)
+    index_json(tmp_path / "ix", tmp_path / "corpus", "--model", tiny_model)
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    engine.search(text="red car", k=2)
+    fingerprint, light, full = engine._encoder
+    assert isinstance(light, TextEncoder) and not full and engine.encoder_plan()["image_precision"] is None
+    engine.search(image=str(images[0]), k=2)
+    assert engine._encoder[0] == fingerprint and engine._encoder[2] and engine._encoder[1] is not light
+    engine.search(text="red car", k=2)  # text now runs on the full encoder: no second one kept
+    assert engine._encoder[2] and engine.encoder_plan()["image_precision"] == "fp32"
+

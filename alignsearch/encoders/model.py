@@ -17,7 +17,7 @@ from PIL import Image
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, encoder_options
 from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, checkpoint_stamp, describe_model
 from alignsearch.encoders.pixels import scale_pixels, to_pixel_values
-from alignsearch.encoders.resolve import Exported, Towers, plan_for
+from alignsearch.encoders.resolve import resolve
 from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.media.images import ImageSpec
 
@@ -269,7 +269,7 @@ class Encoder(EncoderBase):
         self._tokenizer_state = tokenizer_state(self.tokenizer)  # before any call changes it
         self.temperature = float(self.model.temperature.detach().cpu())
         # the towers on the engines the plan names (alignsearch/encoders/resolve.py): exported on first use
-        self.towers = Towers(plan_for(self.options, self.device.type), self.options, Exported(self))
+        self.towers = resolve(self.options, self.device.type, self)
         if self.device.type == "cpu":
             # oneDNN's convolutions want NHWC: fp32 3.2 -> 3.7 images/s on a 2-core Xeon, bf16 2x on an EPYC
             # (benchmarks/RESULTS.md); the vectors stay at cosine 1.0 to NCHW.

@@ -100,6 +100,12 @@ class Cached:
         return {e: float(speed[e]) for e in engines}
 
 
+def resolve(options: EncoderOptions, device_type: str, enc) -> Towers:
+    """The towers of a loaded checkpoint (model.Encoder) on a device ("cpu" or "cuda"), as the options and
+    the engines installed here allow."""
+    return Towers(plan_for(options, device_type), options, Exported(enc))
+
+
 class Towers:
     """The exported text and image towers of one encoder and the plan they run on (module docstring)."""
 

@@ -15,7 +15,6 @@ from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
-from alignsearch.encoders.encoding import DEFAULT_MODEL
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
@@ -219,21 +218,13 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
     the first run records the model it loads. Its cached exports when they are all a CPU run needs
     (alignsearch/encoders/cached.py: no torch, no transformers), else the checkpoint itself."""
-    from alignsearch.encoders import cached
+    from alignsearch.encoders.loader import open_encoder
 
     if options.precision == "int8":
         raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
     with db.connect() as conn:
         recorded = catalog.get_meta(conn, "model")
-    enc = cached.find(model, recorded, options)
-    if enc is None:
-        from alignsearch.encoders.model import Encoder, load_recorded
-
-        kw = dict(backend=options.backend, precision=options.precision)
-        if recorded is None:
-            enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
-        else:
-            enc = load_recorded(recorded, model, options.device, **kw)
+    enc = open_encoder(model, options, recorded)
     if recorded is None or (recorded["model"], recorded["fingerprint"], recorded.get("content_digest")) != \
             (enc.name, enc.fingerprint, enc.content_digest):
         with db.begin() as conn:

@@ -73,9 +73,10 @@ class EncoderConfig:
 
 
 def load_encoder(config: EncoderConfig):
-    from alignsearch.encoders.model import Encoder
+    from alignsearch.encoders.backend import encoder_options
+    from alignsearch.encoders.loader import open_encoder
 
-    return Encoder(config.model, config.device, **config.options)
+    return open_encoder(config.model, encoder_options(device=config.device, **config.options), cache=False)
 
 
 def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,

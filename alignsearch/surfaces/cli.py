@@ -25,7 +25,7 @@ from functools import wraps
 
 import click
 
-from alignsearch.encoders.backend import BACKENDS, PRECISIONS
+from alignsearch.encoders.backend import BACKENDS, PRECISIONS, EncoderOptions, torch_free_text
 from alignsearch.errors import AlignSearchError
 
 log = logging.getLogger(__name__)
@@ -423,11 +423,11 @@ def _search_locally(found, request, model, device, backend, precision) -> tuple[
     """The hits of the request from an engine loaded here, and with --explain its plan."""
     _quiet_transformers()
     soon = None
-    if request.text is not None and request.image is None and model is None and device in ("auto", "cpu") \
-            and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
+    light = torch_free_text(EncoderOptions(device=device, backend=backend, precision=precision), model)
+    if request.text is not None and request.image is None and light is not None:
         from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
 
-        soon = text_encoder_soon(found, precision)
+        soon = text_encoder_soon(found, light)
     from alignsearch.search.engine import open as open_index
 
     engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
@@ -439,11 +439,11 @@ def _search_locally(found, request, model, device, backend, precision) -> tuple[
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
     """--model when given, else the index's own model when there is an index, else the default."""
     from alignsearch.search.engine import find_index_dir, open as open_index
-    from alignsearch.encoders.model import DEFAULT_MODEL, Encoder
+    from alignsearch.encoders.loader import open_encoder
 
     if model is None and (index_dir or find_index_dir()):
         return open_index(index_dir, device=device, backend=backend, precision=precision).encoder
-    return Encoder(model or DEFAULT_MODEL, device, backend=backend, precision=precision)
+    return open_encoder(model, EncoderOptions(device=device, backend=backend, precision=precision), cache=False)
 
 
 @main.command()

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,121 @@ def jpeg_corpus(n: int, seed: int = 0) -> Path:
     with multiprocessing.get_context("spawn").Pool() as pool:
         pool.map(_jpeg, [(out / f"photo{i:05d}.jpg", i, seed) for i in range(n)], chunksize=4)
     return out
+
+
+# -- issue 29: photographs at camera and web size, and the GPU's utilisation while a command runs --------------
+
+PHOTO_SIZES = {"camera": (4000, 3000), "web": (1280, 800)}  # 12 MP, and ~1 MP
+SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "camera",
+           "brick", "grass", "gravel", "coins", "moon", "page", "text", "clock", "horse", "retina", "colorwheel")
+
+
+@lru_cache(maxsize=1)
+def _samples() -> list:
+    """scikit-image's sample pictures that load without a download, as RGB arrays."""
+    import skimage.data
+
+    out = []
+    for name in SAMPLES:
+        try:
+            arr = np.asarray(getattr(skimage.data, name)())
+        except Exception:  # noqa: BLE001 - a sample that needs a download (none here): skipped
+            continue
+        if arr.dtype != np.uint8:
+            arr = (arr.astype(np.float64) / max(1, arr.max()) * 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+        out.append(arr[..., :3])
+    return out
+
+
+def _photo(args) -> None:
+    """One picture: a sample cropped, flipped, lit and (camera) given sensor-like noise, at the corpus's size;
+    every 8th is stored on its side with an EXIF orientation that stands it up again."""
+    from PIL import Image
+
+    path, i, seed, size, noise = args
+    rng = np.random.default_rng([seed, i])
+    samples = _samples()
+    arr = samples[i % len(samples)]
+    h, w = arr.shape[:2]
+    ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    arr = arr[top : top + ch, left : left + cw]
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    img = Image.fromarray(np.ascontiguousarray(arr)).resize(size, Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) * rng.uniform(0.8, 1.2)
+    if noise:
+        arr += rng.normal(0, noise, arr.shape).astype(np.float32)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    if i % 8 == 7:
+        img = img.transpose(Image.Transpose.ROTATE_90)  # stored turned; orientation 6 turns it back
+        exif[0x0112] = 6
+    img.save(path, quality=int(rng.integers(85, 96)), exif=exif.tobytes())
+
+
+def photo_corpus(kind: str, n: int, seed: int = 0, distinct: int | None = None, size: tuple[int, int] | None = None) -> Path:
+    """n JPEGs made from scikit-image's photographs at camera (12 MP) or web (~1 MP) size: `distinct` pictures
+    (cropped, flipped, lit and noised differently; default 48), each copied until there are n files that differ
+    in their bytes (a JPEG comment naming the copy), so no copy is taken for one already indexed. Named
+    b{picture}-{copy}.jpg; made on every core."""
+    import multiprocessing
+
+    size = size or PHOTO_SIZES[kind]
+    distinct = min(n, distinct or 48)
+    out = CACHE / f"photos-{kind}-{size[0]}x{size[1]}-{n}-{distinct}-{seed}"
+    if out.exists() and len(list(out.glob("*.jpg"))) == n:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    noise = 4.0 if kind == "camera" else 2.0
+    bases = [out / f"b{i:03d}-00000.jpg" for i in range(distinct)]
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        pool.map(_photo, [(p, i, seed, size, noise) for i, p in enumerate(bases)], chunksize=1)
+    for copy in range(distinct, n):
+        base = bases[copy % distinct]
+        data = base.read_bytes()
+        comment = f"copy {copy}".encode()
+        data = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+        (out / f"{base.name[:4]}-{copy:05d}.jpg").write_bytes(data)
+    return out
+
+
+class GpuUtil:
+    """nvidia-smi sampled every 200 ms while the block runs; summary() is None where there is no nvidia-smi."""
+
+    def __enter__(self):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "200"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return self
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((util, mem))
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        util = [u for u, _ in self.samples]
+        return {"mean_pct": round(float(np.mean(util)), 1), "peak_pct": max(util), "samples": len(util),
+                "memory_peak_mib": max(m for _, m in self.samples)}

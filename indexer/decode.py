@@ -40,17 +40,9 @@ class Item:
 def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False,
               ocr: bool = False) -> Item:
     start = time.perf_counter()
-    if found.error:
-        return Item(found, None, reason=found.error)
-    try:
-        data = found.read()  # bounded: a FIFO, device or oversized file is refused before any read
-    except BadImageError as exc:
-        return Item(found, None, reason=str(exc), seconds=time.perf_counter() - start)
-    except FileNotFoundError:
-        return Item(found, None, reason="cannot read: file not found", seconds=time.perf_counter() - start)
-    except Exception as exc:  # noqa: BLE001 - a remote filesystem's own errors too: one file never stops a run
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        return Item(found, None, reason=f"cannot read: {reason}", seconds=time.perf_counter() - start)
+    data = read_data(found, start)
+    if isinstance(data, Item):
+        return data
     sha = hashlib.sha256(data).hexdigest()
     try:
         img = decode(data, spec, max_pixels, fast)
@@ -63,6 +55,22 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
         known = _known_text.get(sha)
         item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else read_text(img.image, found.path)
     return item
+
+
+def read_data(found: Found, start: float) -> bytes | Item:
+    """The file's bytes, or the failed Item that says why they cannot be read (timed from start). The GPU
+    decode stage (indexer/gpudecode.py) reads through this too."""
+    if found.error:
+        return Item(found, None, reason=found.error)
+    try:
+        return found.read()  # bounded: a FIFO, device or oversized file is refused before any read
+    except BadImageError as exc:
+        return Item(found, None, reason=str(exc), seconds=time.perf_counter() - start)
+    except FileNotFoundError:
+        return Item(found, None, reason="cannot read: file not found", seconds=time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - a remote filesystem's own errors too: one file never stops a run
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Item(found, None, reason=f"cannot read: {reason}", seconds=time.perf_counter() - start)
 
 
 _known_text: dict[str, str] = {}  # this worker's {sha256: text} of content read before (set_known_text)

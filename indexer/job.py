@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignsearch.storage import ann, catalog, state, vectors
+from alignsearch.storage import catalog, layouts, state, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
-from alignsearch.encoders.encoding import DEFAULT_MODEL
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
@@ -71,6 +70,7 @@ class IndexOptions:
     precision: str = "auto"  # auto|fp32|bf16
     video_interval: float | None = None  # seconds between moments of unchanged picture (remembered per root)
     ocr: bool = False  # read the text in images (the index's remembered choice, or --ocr / --no-ocr)
+    gpu_decode: bool | None = None  # JPEGs decoded on the GPU (indexer/gpudecode.py); None: where it works
 
     @property
     def encoder(self) -> EncoderOptions:
@@ -104,6 +104,7 @@ def index_folders(
     precision: str = "auto",
     video_interval: float | None = None,
     ocr: bool | None = None,
+    gpu_decode: bool | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -130,6 +131,8 @@ def index_folders(
     ocr True reads the text in every image (new ones as they are encoded, those already indexed without
     encoding them again) and is remembered, so later runs with None read new images too; False stops reading
     (the text already read stays searchable); None applies the index's choice (off for a new index).
+    gpu_decode True decodes JPEGs on the GPU (indexer/gpudecode.py; an error where it cannot), False on the CPU,
+    None on the GPU where it can (a CUDA encoder, torchvision's nvJPEG working, no ocr, not on Ray).
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     if video_interval is not None and not video_interval >= 1:
@@ -156,7 +159,7 @@ def index_folders(
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
                     caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-                    ocr=use_ocr)
+                    ocr=use_ocr, gpu_decode=gpu_decode)
                 return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
             finally:
                 db.dispose()
@@ -215,22 +218,14 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
     the first run records the model it loads. Its cached exports when they are all a CPU run needs
     (alignsearch/encoders/cached.py: no torch, no transformers), else the checkpoint itself."""
-    from alignsearch.encoders import cached
+    from alignsearch.encoders.loader import open_encoder
 
     if options.precision == "int8":
         raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
     with db.connect() as conn:
         identity = state.read(conn).model
     recorded = None if identity is None else identity.record
-    enc = cached.find(model, recorded, options)
-    if enc is None:
-        from alignsearch.encoders.model import Encoder, load_recorded
-
-        kw = dict(backend=options.backend, precision=options.precision)
-        if recorded is None:
-            enc = Encoder(model or DEFAULT_MODEL, options.device, **kw)
-        else:
-            enc = load_recorded(recorded, model, options.device, **kw)
+    enc = open_encoder(model, options, recorded)
     if identity is None or (identity.name, identity.fingerprint, identity.content_digest) != \
             (enc.name, enc.fingerprint, enc.content_digest):
         with db.begin() as conn:
@@ -261,13 +256,8 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
             if vectors.adopt_segment(conn, store, segment):
                 raise IndexDamagedError(f"{store.segment_path(segment).name} holds vectors that are not unit "
                                         "length (damaged): run `alignsearch verify --repair`")
-        digest = state.read(conn).ann.digest
-    nxt = ann.next_path(out / ANN_FILE)
-    if nxt.exists():
-        if digest is not None and ann.file_digest(nxt) == digest:
-            ann.publish_next(out / ANN_FILE)
-        else:
-            nxt.unlink()
+        record = layouts.read_record(conn)
+    layouts.Single(out, record).finish_publish()
 
 
 def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:
@@ -337,10 +327,20 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             with db.connect() as conn:
                 texts = catalog.ocr_of(conn, [r.id for r in removed if r.status == catalog.INDEXED])
             known_text = {r.sha256: texts[r.id] for r in removed if r.id in texts and r.sha256}
-        items = pipeline.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
-                                    fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
+        on_gpu = _gpu_decode(opts, encoder) if photo_todo else None
+        if on_gpu is not None:
+            from indexer import gpudecode
+
+            items = gpudecode.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
+                                         gpudecode.GpuDecodeOptions(
+                                             device=str(encoder.device), fast=opts.fast_decode))
+        else:
+            items = pipeline.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
+                                        fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
+        if on_gpu is not None:
+            times.extra["gpu_decode"] = {"note": on_gpu, **items.stats.to_dict()}
     if clips:
         # a video is committed whole; its moments are encoded as they come, in the CPU's best batch
         found = videos.index_videos(db, store, encoder, clips, {r: options.get(r, {}).get(
@@ -402,6 +402,21 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             state.write(conn, encoder=summary.encoder)  # what `info` reports
         state.write(conn, index_run=None)
     return summary
+
+
+def _gpu_decode(opts: IndexOptions, encoder: Encoder) -> str | None:
+    """The GPU decode's note when this run decodes on the GPU (indexer/gpudecode.py), else None (logged why)."""
+    import logging
+
+    from indexer import gpudecode
+
+    on, note = gpudecode.choose(opts.gpu_decode, encoder.device.type, ocr=opts.ocr, use_ray=opts.use_ray,
+                                spec_problem=gpudecode.unsupported(encoder.spec),
+                                why_not=lambda: gpudecode.unavailable(str(encoder.device)))
+    if opts.gpu_decode and not on:
+        raise BadInputError(f"--gpu-decode cannot run here: {note.removeprefix('off: ')}")
+    logging.getLogger(__name__).info("GPU JPEG decode %s", note)
+    return note if on else None
 
 
 def _counting_failures(write, failed: set, read: list | None = None):

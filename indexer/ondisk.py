@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -69,7 +68,3 @@ def build_ondisk(store: VectorStore, ids: np.ndarray, rows: np.ndarray, lists_pa
         add_shards(trained, store, [(ids[s::shards], rows[s::shards]) for s in range(shards)], paths, workers)
         merge_ondisk(trained, [str(p) for p in paths], str(lists_path))
     return trained
-
-
-def lists_file(folder: Path) -> Path:
-    return folder / f"lists-{time.time_ns()}.ivfdata"

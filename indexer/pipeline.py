@@ -73,9 +73,10 @@ class EncoderConfig:
 
 
 def load_encoder(config: EncoderConfig):
-    from alignsearch.encoders.model import Encoder
+    from alignsearch.encoders.backend import encoder_options
+    from alignsearch.encoders.loader import open_encoder
 
-    return Encoder(config.model, config.device, **config.options)
+    return open_encoder(config.model, encoder_options(device=config.device, **config.options), cache=False)
 
 
 def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -103,6 +104,17 @@ def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
             batch = []
     if batch:
         yield batch
+
+
+def stack_crops(crops: list):
+    """One (N, H, W, 3) uint8 batch: numpy from the CPU decode; a tensor on the device when any crop is one (the
+    GPU decode's, indexer/gpudecode.py), the CPU decode's crops of the same batch copied there."""
+    if all(isinstance(c, np.ndarray) for c in crops):
+        return np.stack(crops)
+    import torch
+
+    device = next(c.device for c in crops if isinstance(c, torch.Tensor))
+    return torch.stack([torch.from_numpy(c).to(device) if isinstance(c, np.ndarray) else c for c in crops])
 
 
 def drive(
@@ -153,7 +165,7 @@ def drive(
                 it.vec_row = rows.get(it.sha256)
             fresh = [it for it in good if it.vec_row is None]
             times.reused += len(good) - len(fresh)
-            new_vectors = encoder.encode_crops(np.stack([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
+            new_vectors = encoder.encode_crops(stack_crops([it.crop for it in fresh])) if fresh else np.zeros((0, 0), np.float32)
         t2 = time.perf_counter()
         times.encode += t2 - t1 + batch.encode_seconds
         times.decode_worker += sum(it.seconds for it in batch.items)

@@ -37,10 +37,9 @@ NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so 
 
 def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -> Encoder:
     """The model to re-encode with: the one named, else the one the index records (never the hub default)."""
-    from alignsearch.encoders.model import Encoder, load_recorded
+    from alignsearch.encoders.loader import open_encoder
 
-    kw = dict(backend=options.backend, precision=options.precision)
-    return Encoder(model, options.device, **kw) if model else load_recorded(recorded, None, options.device, **kw)
+    return open_encoder(model, options, None if model else recorded, cache=False)
 
 
 def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, batch_size: int, fast: bool,

@@ -4,7 +4,8 @@ What is checked, each against what the writer recorded when it committed:
 - catalog.db: SQLite's own integrity check (every page and index of the database);
 - the vector store: every committed batch of rows re-hashed (catalog.vector_chunks), files cut short,
   rows past the commits, segment files nobody knows, files pointing at no committed row;
-- the ANN index: its files' checksums (meta ann_digest / ann_files), then its ids against the catalog;
+- the ANN index: its layout's files against their recorded checksums (alignsearch/storage/layout.py: check),
+  then its ids against the catalog;
 - the model: it still loads and has the recorded fingerprint (unless --skip-model).
 
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from alignsearch.storage import ann, catalog, shards, state, vectors
+from alignsearch.storage import ann, catalog, layouts, state, vectors
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError
 from alignsearch.storage.vectors import VectorStore
@@ -72,7 +73,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             store = vectors.load(conn, index_dir, st.model.dim)
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
             found = vectors.check(conn, store)
-            digest, files = st.ann.digest, dict(st.ann.files)
+            record = layouts.read_record(conn)
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
@@ -92,7 +93,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
         if unknown:
             r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by encoder actors "
                               "killed before their first commit)")
-    index = _open_ann(index_dir, digest, files, writing, r)
+    index = _open_ann(index_dir, record, writing, r)
     if index is not None:
         ids = ann.stored_ids(index)
         r.checked.update(index_vectors=len(ids), index_type=ann.describe(index).kind)
@@ -115,24 +116,23 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     return r
 
 
-def _open_ann(index_dir: Path, digest: str | None, files: dict, writing: bool, r: Report):
-    """The served ANN index, opened only when its files carry the recorded checksums (or predate them)."""
-    path = index_dir / ANN_FILE
-    if not path.exists() and shards.files(index_dir) is None:
-        r.problems.append(f"{path.name} is missing" + ("" if digest else ": no ANN index was built yet (the first "
-                          "index run did not finish; queries search exactly meanwhile): `alignsearch index` builds it"))
+def _open_ann(index_dir: Path, record: layouts.AnnRecord, writing: bool, r: Report):
+    """The served ANN index, opened only when its layout's files carry the recorded checksums (or predate them)."""
+    current = layouts.pick(index_dir, record)
+    if not current.exists():
+        r.problems.append(f"{ANN_FILE} is missing" + ("" if record.digest else ": no ANN index was built yet (the "
+                          "first index run did not finish; queries search exactly meanwhile): `alignsearch index` "
+                          "builds it"))
         r.ann_damaged = True
         return None
-    expected = dict(files) if files else ({ANN_FILE: digest} if digest else {})
     if not writing:
-        for name, want in expected.items():
-            if not (index_dir / name).exists() or ann.file_digest(index_dir / name) != want:
-                r.problems.append(f"{name} is damaged (its checksum differs from the one the catalog recorded)")
-                r.ann_damaged = True
-        if r.ann_damaged:
+        damaged = current.check()
+        if damaged:
+            r.problems += damaged
+            r.ann_damaged = True
             return None
     try:
-        return shards.open_served(index_dir, digest if not files else None)
+        return layouts.open_current(index_dir, record)
     except (RuntimeError, IndexDamagedError) as exc:
         r.problems.append(f"the ANN index cannot be read: {str(exc).splitlines()[0][:200]}")
         r.ann_damaged = True
@@ -209,10 +209,11 @@ def repair_advice(index_dir: Path) -> str:
 
 
 def _has_duplicates(index_dir: Path) -> bool:
-    if not (index_dir / ANN_FILE).exists() and shards.files(index_dir) is None:
+    unchecked = layouts.AnnRecord()  # read as it stands: the checksums were checked before
+    if not layouts.pick(index_dir, unchecked).exists():
         return False
     try:
-        ids = ann.stored_ids(shards.open_served(index_dir))
+        ids = ann.stored_ids(layouts.open_current(index_dir, unchecked))
     except RuntimeError:
         return True
     return len(ids) != len(np.unique(ids))

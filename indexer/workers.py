@@ -16,9 +16,10 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 
 from alignsearch.errors import AlignSearchError
 from alignsearch.workerpool import ignore_sigint, sigint_ignored
@@ -67,14 +68,16 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
     return pool
 
 
-def decode_in_processes(fn: Callable, todo: list, workers: int, failed: Callable, initializer=None,
+def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Callable, initializer=None,
                         initargs: tuple = ()) -> Iterator:
     """fn(item) for each item of todo, in order, in `workers` processes (each started with
-    initializer(*initargs)); failed(item, reason) makes the result of an item whose worker died twice over it."""
+    initializer(*initargs)); failed(item, reason) makes the result of an item whose worker died twice over it.
+    todo may be an iterator that is still being filled (the GPU decode stage hands back the files it does not
+    read as it meets them, indexer/gpudecode.py)."""
     init = (initializer, initargs)
     pool = _new_pool(workers, init)
     pending: deque[tuple[list, Future]] = deque()
-    chunks = (todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK))
+    chunks = _chunked(todo)
     window = max(IN_FLIGHT, workers * 4 * CHUNK) // CHUNK
     try:
         while True:
@@ -100,6 +103,12 @@ def decode_in_processes(fn: Callable, todo: list, workers: int, failed: Callable
             yield from results
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _chunked(todo: Iterable) -> Iterator[list]:
+    items = iter(todo)
+    while chunk := list(islice(items, CHUNK)):
+        yield chunk
 
 
 def _result(future: Future):

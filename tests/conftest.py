@@ -29,7 +29,7 @@ def index_json(ix, *args) -> dict:
     """`alignsearch index ARGS --index IX --json`, parsed."""
     import json
 
-    return json.loads(run("index", *args, "--index", ix, "--json").output)
+    return json.loads(run("index", *args, "--index", ix, "--json").stdout)
 
 
 @pytest.fixture(scope="session")

@@ -321,6 +321,21 @@ def vector_index(folder, n, dim, seed=0):
     return store
 
 
+def layout_index(folder, n=10_000, dim=16, **layout):
+    """vector_index's n vectors with checksums recorded, and an ANN index built by the real writer in the layout
+    the keywords ask for (ondisk_shards=, index_shards=; IVF-PQ from 10,000 vectors). Returns (db, store, report)."""
+    from alignsearch.storage import catalog, vectors
+    from alignsearch.storage.paths import ANN_FILE, DB_FILE
+    from indexer.build import sync_index
+
+    store = vector_index(folder, n, dim)
+    db = catalog.connect(Path(folder) / DB_FILE)
+    with db.begin() as conn:
+        for segment in vectors.check(conn, store).legacy_segments:
+            vectors.adopt_segment(conn, store, segment)
+    return db, store, sync_index(db, store, Path(folder) / ANN_FILE, **layout)
+
+
 VMHWM = """
 import json, sys
 exec(sys.argv[1])

@@ -97,6 +97,20 @@ def crops(encoder, n=5, seed=1):
     return np.random.default_rng(seed).integers(0, 256, (n, *encoder.spec.output_size, 3), dtype=np.uint8)
 
 
+def onnx_manifest(folder) -> dict:
+    """A cache folder's manifest, its per-artefact records assembled."""
+    from alignsearch.encoders import onnxrun
+
+    return onnxrun.read_manifest(folder)
+
+
+def record_speed(folder, machine: str, speed: dict) -> None:
+    """Record vision rates for a machine, as a measurement does."""
+    from alignsearch.encoders import records
+
+    records.Writer(folder, onnx_manifest(folder)).speed(machine, speed)
+
+
 def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
     ort = Encoder(str(tiny_model), device="cpu", backend="onnx")
     ref = Encoder(str(tiny_model), device="cpu", backend="torch")
@@ -105,7 +119,7 @@ def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
     c = crops(ort, 9)  # more than one micro-batch
     assert (ort.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
     assert ort.plan == Plan("onnx", "fp32", "fp32")  # no fallback happened on the way
-    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    manifest = onnx_manifest(next(cache.glob("onnx/*")))
     assert manifest["fingerprint"] == ort.fingerprint and manifest["content_digest"] == ort.content_digest
     assert set(manifest["files"]) == {"text-fp32", "vision-fp32", "tokenizer"}
 
@@ -115,31 +129,28 @@ def test_auto_runs_images_on_whichever_engine_was_measured_faster_here(tiny_mode
     ref = Encoder(str(tiny_model), device="cpu", backend="torch")
     c = crops(auto, 6)
     assert (auto.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
-    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    manifest = onnx_manifest(next(cache.glob("onnx/*")))
     (speed,) = manifest["vision_speed"].values()  # one machine: this one
     assert set(speed) == {"onnx", "openvino", "torch"} and min(speed.values()) > 0  # every engine loaded and ran
     assert auto.plan.images_on == backend.faster_for_images(speed) and auto.plan.backend == "onnx"
     # a recorded measurement is used as it is: torch recorded faster -> torch, and the plan says why
     folder = next(cache.glob("onnx/*"))
     machine = next(iter(manifest["vision_speed"]))
-    manifest["vision_speed"][machine] = {"onnx": 1.0, "openvino": 1.0, "torch": 2.0}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    record_speed(folder, machine, {"onnx": 1.0, "openvino": 1.0, "torch": 2.0})
     slow = Encoder(str(tiny_model), device="cpu")
     assert np.array_equal(slow.encode_crops(c), ref.encode_crops(c))
     assert slow.plan.images_on == "torch" and "measured fastest here" in slow.plan.why
     assert slow.plan.to_dict()["image_backend"] == "torch"
     # OpenVINO recorded fastest -> it runs the images, at parity with torch
-    manifest["vision_speed"][machine] = {"onnx": 1.0, "openvino": 3.0, "torch": 2.0}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    record_speed(folder, machine, {"onnx": 1.0, "openvino": 3.0, "torch": 2.0})
     ov = Encoder(str(tiny_model), device="cpu")
     assert (ov.encode_crops(c) * ref.encode_crops(c)).sum(axis=1).min() >= 0.9999
     assert ov.plan.images_on == "openvino" and ov._towers["image"].engine == "openvino"
     assert "OpenVINO runs the vision tower" in ov.plan.why and ov.plan.backend == "onnx"
     # a newly installed engine (not in the record) makes it measure again
-    manifest["vision_speed"][machine] = {"onnx": 1.0, "torch": 2.0}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    record_speed(folder, machine, {"onnx": 1.0, "torch": 2.0})
     Encoder(str(tiny_model), device="cpu").encode_crops(c[:1])
-    again = json.loads((folder / "manifest.json").read_text())["vision_speed"][machine]
+    again = onnx_manifest(folder)["vision_speed"][machine]
     assert set(again) == {"onnx", "openvino", "torch"} and again != {"onnx": 1.0, "torch": 2.0}
 
 
@@ -235,11 +246,11 @@ def test_a_damaged_cache_is_exported_again(tiny_model, cache, damage):
             data[i] ^= 0xFF
         tower.write_bytes(bytes(data))
     else:
-        (folder / "manifest.json").write_text("{not json")
+        (folder / "records" / "model.json").write_text("{not json")
     again = Encoder(str(tiny_model), device="cpu")
     got = again.encode_text(TEXTS)
     assert again.plan.backend == "onnx" and (got * want).sum(axis=1).min() >= 0.9999
-    assert json.loads((folder / "manifest.json").read_text())["files"]["text-fp32"]["size"] == tower.stat().st_size
+    assert onnx_manifest(folder)["files"]["text-fp32"]["size"] == tower.stat().st_size
 
 
 def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, cache):
@@ -312,7 +323,7 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
     again.encode_text(["a dog"])
     assert again.plan.text == "fp32" and "quantized again" not in again.plan.why
     # remembered on disk (a lost rejection sent every cold int8 query through torch): no int8 file listed
-    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    manifest = onnx_manifest(next(cache.glob("onnx/*")))
     assert "text-int8" in manifest["rejected"] and "text-int8" not in manifest["files"]
     from alignsearch.encoders import onnxrun
 
@@ -335,11 +346,11 @@ def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, cache):
     on_onnx = index_json(tmp_path / "a", corpus, "--model", tiny_model)
     on_torch = index_json(tmp_path / "b", corpus, "--model", tiny_model, "--backend", "torch")
     assert on_onnx["encoder"]["backend"] == "onnx" and on_torch["encoder"]["backend"] == "torch"
-    a = json.loads(run("query", "red car", "--index", tmp_path / "a", "--json", "-k", "12").output)["results"]
-    b = json.loads(run("query", "red car", "--index", tmp_path / "b", "--json", "-k", "12", "--backend", "torch").output)["results"]
+    a = json.loads(run("query", "red car", "--index", tmp_path / "a", "--json", "-k", "12").stdout)["results"]
+    b = json.loads(run("query", "red car", "--index", tmp_path / "b", "--json", "-k", "12", "--backend", "torch").stdout)["results"]
     assert [h["path"] for h in a] == [h["path"] for h in b]
     assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=2e-3)  # fp16 storage
-    info = json.loads(run("info", "--index", tmp_path / "a", "--json").output)["encoder"]
+    info = json.loads(run("info", "--index", tmp_path / "a", "--json").stdout)["encoder"]
     assert info["last_index_run"]["backend"] == "onnx" and info["onnx_cache"]["torch_free_text"]
     assert run("info", "--index", tmp_path / "a").output.count("onnx") >= 2
 
@@ -368,7 +379,7 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
     lines = proc.stdout.strip().splitlines()
     assert json.loads(lines[-1]) == {"loaded": []}
     results = json.loads("\n".join(lines[:-1]))["results"]
-    ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").output)
+    ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").stdout)
     assert [h["path"] for h in results] == [h["path"] for h in ref["results"]]
     # without a cache the same query still works: it loads the model (and exports for the next one)
     env["ALIGNSEARCH_CACHE"] = str(tmp_path / "empty-cache")
@@ -416,7 +427,7 @@ def test_models_that_differ_where_the_fingerprint_does_not_look_never_share_expo
     want = Encoder(str(other), device="cpu", backend="torch").encode_text(["a cat"])
     assert float(got[0] @ want[0]) >= 0.9999 and b.plan.backend == "onnx"
     assert float(got[0] @ a.encode_text(["a cat"])[0]) < 0.9999  # the edit matters
-    assert len(list(cache.glob("onnx/*/manifest.json"))) == 2
+    assert len(list(cache.glob("onnx/*/records/model.json"))) == 2
 
 
 def test_two_exporters_at_once_keep_both_towers_in_the_manifest(tiny_model, cache):
@@ -426,7 +437,7 @@ def test_two_exporters_at_once_keep_both_towers_in_the_manifest(tiny_model, cach
     first, second = onnxexport.Exporter(enc), onnxexport.Exporter(enc)  # both read the (empty) manifest
     first.vision()
     second.text("fp32")
-    manifest = json.loads(next(cache.glob("onnx/*/manifest.json")).read_text())
+    manifest = onnx_manifest(next(cache.glob("onnx/*")))
     assert {"text-fp32", "vision-fp32", "tokenizer"} <= set(manifest["files"])
     assert {"text", "image"} <= set(manifest["probes"])
 
@@ -456,12 +467,12 @@ def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_i
     assert early is not None
     engine = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=soon)
     engine.search(text="red car", k=2)
-    assert engine._text_only[1] is early  # the one loaded early, not a second one
+    assert engine._encoder[1] is early  # the one loaded early, not a second one
     # a hint for another model (the catalog changed between the peek and the open) is not used
     info, future = coldstart.text_encoder_soon(tmp_path / "ix", "fp32")
     other = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=({**info, "fingerprint": "0" * 16}, future))
     other.search(text="red car", k=2)
-    assert other._text_only[1] is not future.result()
+    assert other._encoder[1] is not future.result()
     # nothing to peek: no hint, no crash
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "catalog.db").write_bytes(b"not a database" * 100)
@@ -486,7 +497,7 @@ def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(t
     assert len(engine.search(text="red car", k=2)) == 2  # the usual load ran instead
     (folder,) = cache.glob("onnx/*")
     for junk in ("[]", '"x"', "{not json"):
-        (folder / "manifest.json").write_text(junk)
+        (folder / "records" / "model.json").write_text(junk)
         assert onnxrun.text_encoder(info, "fp32") is None and onnxrun.text_encoder(info, "int8") is None
     # a broken install that raises something other than ImportError counts as not installed
     real = importlib.import_module
@@ -501,7 +512,7 @@ def test_an_index_folder_whose_path_looks_like_a_url_query_holds_its_own_catalog
     ix = tmp_path / "ix dir ?#%20é" / "x"
     assert index_json(ix, corpus, "--model", tiny_model)["added"] == 3
     assert (ix / "catalog.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ix dir ?#%20é"]
-    assert len(json.loads(run("query", "red car", "--index", ix, "--json", "-k", "2").output)["results"]) == 2
+    assert len(json.loads(run("query", "red car", "--index", ix, "--json", "-k", "2").stdout)["results"]) == 2
 
 
 def test_the_content_digest_does_not_depend_on_whether_the_tokenizer_has_run(tiny_model):

@@ -92,17 +92,17 @@ def test_odd_corpus_indexes_what_it_can_and_records_the_rest(tmp_path, tiny_mode
     corpus = tmp_path / "odd"
     ok, bad, nonutf8 = build_odd_corpus(corpus)
     ix = tmp_path / "ix"
-    summary = json.loads(run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json").output)
+    summary = json.loads(run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json").stdout)
     assert summary["failed"] == len(bad)
 
-    info = json.loads(run("info", "--failed", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)
     failed = {os.path.relpath(f["path"], corpus): f["reason"] for f in info["failed_files"]}
     assert set(failed) == set(bad)
     for name, fragment in bad.items():
         assert fragment.lower() in failed[name].lower(), (name, failed[name])
     assert info["images"] == len(ok)
 
-    hits = json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).output)["results"]
+    hits = json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).stdout)["results"]
     assert {h["relpath"] for h in hits} == ok
     paths = {h["relpath"]: h for h in hits}
     assert (paths["rotated.jpg"]["width"], paths["rotated.jpg"]["height"]) == (40, 80)  # EXIF applied
@@ -119,7 +119,7 @@ def test_odd_corpus_indexes_what_it_can_and_records_the_rest(tmp_path, tiny_mode
     assert "caf\\xe9.jpg" in run("query", "x", "-k", "100", "--index", ix).output
 
     # hidden folders only on request
-    again = json.loads(run("index", "--index", ix, "--include-hidden", "--json").output)
+    again = json.loads(run("index", "--index", ix, "--include-hidden", "--json").stdout)
     assert again["added"] == 1 and again["failed"] == 0
 
 

@@ -154,7 +154,7 @@ def test_each_error_answers_its_status_with_the_json_error_body(in_thread, monke
     def failing(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(engine, "embed_parts", failing)
+    monkeypatch.setattr(engine, "parts_of", failing)
     with caplog.at_level(logging.DEBUG):
         got, headers, body = call(url, "/api/search?q=red&k=3", token=None)
     assert got == status and headers["Content-Type"] == "application/json", (got, body)

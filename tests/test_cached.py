@@ -118,6 +118,7 @@ def damage_silently(blob, tower, crops) -> bool:
 
 @pytest.mark.slow
 def test_damaged_compiled_graphs_are_cleared_and_compiled_again(model, cache, tmp_path, monkeypatch):
+    from alignsearch.encoders import records
     from alignsearch.encoders.onnxrun import probe_crops
 
     corpus = tmp_path / "corpus"
@@ -128,7 +129,7 @@ def test_damaged_compiled_graphs_are_cleared_and_compiled_again(model, cache, tm
     tower = folder / "vision-fp32.onnx"
     blobs = list((folder / "openvino" / "vision-fp32").glob("*"))
     assert blobs, "OpenVINO kept no compiled graph"
-    size = cached.spec_from(json.loads((folder / "manifest.json").read_text())["spec"]).output_size
+    size = cached.spec_from(records.read(folder)["spec"]).output_size
     if not any(damage_silently(blob, tower, probe_crops(size)) for blob in blobs):
         pytest.skip("OpenVINO noticed every damage tried and compiled again itself (it caches in memory too)")
     second = index_fresh(corpus, tmp_path / "b", model, cache, "openvino")
@@ -248,20 +249,23 @@ def test_other_weights_under_the_same_size_mtime_and_inode_are_not_taken_for_the
 
 
 def test_a_damaged_manifest_anywhere_in_the_cache_is_passed_over(tiny_model, monkeypatch, tmp_path):
+    from alignsearch.encoders import onnxrun
+
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     enc = Encoder(str(tiny_model), device="cpu", backend="openvino")
     enc.encode_crops(np.zeros((1, *enc.spec.output_size, 3), np.uint8))
     enc.prepare_text()
     (folder,) = (tmp_path / "cache").glob("onnx/*")
-    good = json.loads((folder / "manifest.json").read_text())
+    good = onnxrun.read_manifest(folder)
     opts = EncoderOptions(device="cpu", backend="openvino")
     for i, bad in enumerate([{"export_version": 2, "checkpoints": None}, {"export_version": 2, "checkpoints": "x"},
                              [1, 2], {**good, "dim": None}, {**good, "vision_speed": 3, "files": {"vision-fp32": 1}}]):
         other = tmp_path / "cache" / "onnx" / f"000bad{i}"  # scanned before the good one
         other.mkdir()
-        (other / "manifest.json").write_text(json.dumps(bad))
+        (other / "manifest.json").write_text(json.dumps(bad))  # damaged manifests of the older, single-file kind
         assert cached.find(str(tiny_model), None, opts) is not None  # the good export, not a crash
-    (folder / "manifest.json").write_text(json.dumps({**good, "dim": "x"}))
+    record = json.loads((folder / "records" / "model.json").read_text())
+    (folder / "records" / "model.json").write_text(json.dumps({**record, "dim": "x"}))
     assert cached.find(str(tiny_model), None, opts) is None  # the only complete-looking one is damaged: full load
 
 

@@ -57,11 +57,11 @@ def test_similarity_and_logit(encoder, corpus):
 
 def test_cli_classify_json_and_similarity(tiny_model, corpus):
     out = json.loads(run("classify", corpus / "img001.jpg", "--labels", "a cat", "--labels", "a dog",
-                         "--template", "a photo of {}", "--model", tiny_model, "--json").output)
+                         "--template", "a photo of {}", "--model", tiny_model, "--json").stdout)
     assert out[0]["image"].endswith("img001.jpg")
     assert [e["label"] for e in out[0]["labels"]] == ["a cat", "a dog"]
     assert sum(e["probability"] for e in out[0]["labels"]) == pytest.approx(1.0, abs=1e-6)
-    sim = json.loads(run("similarity", "--text", "a cat", "--image", corpus / "img001.jpg", "--model", tiny_model, "--json").output)
+    sim = json.loads(run("similarity", "--text", "a cat", "--image", corpus / "img001.jpg", "--model", tiny_model, "--json").stdout)
     assert set(sim) == {"text", "image", "similarity", "logit"}
 
 
@@ -70,7 +70,7 @@ def test_tags_from_stored_vectors_equal_tags_from_encoding(tmp_path, corpus, tin
     run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu")
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("\n".join(LABELS) + "\n\n")
-    out = json.loads(run("tag", "--labels-file", labels_file, "--threshold", "0.15", "--top", "2", "--index", ix, "--json").output)
+    out = json.loads(run("tag", "--labels-file", labels_file, "--threshold", "0.15", "--top", "2", "--index", ix, "--json").stdout)
     assert out["images"] == 18 and out["tags"] > 0
 
     import alignsearch
@@ -87,9 +87,9 @@ def test_tags_from_stored_vectors_equal_tags_from_encoding(tmp_path, corpus, tin
 
     for label in LABELS:
         tagged = {h.id for h in hits if label in [t for t, _ in engine.tags(h.id)]}
-        filtered = json.loads(run("query", "x", "-k", "100", "--tag", label, "--json", "--index", ix).output)["results"]
+        filtered = json.loads(run("query", "x", "-k", "100", "--tag", label, "--json", "--index", ix).stdout)["results"]
         assert {h["id"] for h in filtered} == tagged
-    assert json.loads(run("query", "x", "--tag", "no such label", "--json", "--index", ix).output)["results"] == []
+    assert json.loads(run("query", "x", "--tag", "no such label", "--json", "--index", ix).stdout)["results"] == []
 
     # the engine answers classify and similarity with the index's model, as the encoder does
     assert engine.classify(hits[0].path, LABELS)[0]["probability"] == pytest.approx(
@@ -100,5 +100,5 @@ def test_tags_from_stored_vectors_equal_tags_from_encoding(tmp_path, corpus, tin
     from conftest import make_images
 
     make_images(corpus / "later", 3, seed=21)
-    summary = json.loads(run("index", "--index", ix, "--json").output)
+    summary = json.loads(run("index", "--index", ix, "--json").stdout)
     assert summary["tags"]["images"] == 21

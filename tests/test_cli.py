@@ -18,7 +18,7 @@ def indexed(tmp_path, corpus, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
     out = run("index", corpus, "--model", tiny_model, "--device", "cpu", "--batch-size", "4", "--workers", "2", "--json")
-    return json.loads(out.output)
+    return json.loads(out.stdout)
 
 
 def test_index_summary_and_failures(indexed, tmp_path):
@@ -26,7 +26,7 @@ def test_index_summary_and_failures(indexed, tmp_path):
     assert indexed["index"]["plan"]["kind"] == "flat" and indexed["index"]["vectors"] == 18
     assert set(indexed["times"]) >= {"read_wait", "encode", "write", "decode_worker", "extra"}
     assert (tmp_path / ".alignsearch" / "catalog.db").exists()
-    info = json.loads(run("info", "--failed", "--json").output)
+    info = json.loads(run("info", "--failed", "--json").stdout)
     assert info["images"] == 18 and info["failed"] == 1
     assert info["index"]["type"] == "flat"
     assert [os.path.basename(f["path"]) for f in info["failed_files"]] == ["broken.jpg"]
@@ -35,7 +35,7 @@ def test_index_summary_and_failures(indexed, tmp_path):
 
 
 def test_text_query_json_schema(indexed):
-    out = json.loads(run("query", "red car on beach", "-k", "5", "--json").output)
+    out = json.loads(run("query", "red car on beach", "-k", "5", "--json").stdout)
     assert out["query"]["text"] == "red car on beach"
     assert len(out["results"]) == 5
     for hit in out["results"]:
@@ -47,7 +47,7 @@ def test_text_query_json_schema(indexed):
 
 def test_image_query_finds_the_image_itself(indexed, corpus):
     target = corpus / "img004.jpg"
-    out = json.loads(run("query", "--image", target, "-k", "3", "--json").output)
+    out = json.loads(run("query", "--image", target, "-k", "3", "--json").stdout)
     assert out["results"][0]["path"] == str(target)
     assert out["results"][0]["score"] == pytest.approx(1.0, abs=2e-3)
 
@@ -55,7 +55,7 @@ def test_image_query_finds_the_image_itself(indexed, corpus):
 def test_compound_and_negative_queries_differ_from_their_parts(indexed, corpus):
     image = corpus / "img005.jpg"
     def ids(*args):
-        return [h["id"] for h in json.loads(run("query", *args, "-k", "18", "--json").output)["results"]]
+        return [h["id"] for h in json.loads(run("query", *args, "-k", "18", "--json").stdout)["results"]]
     text_only, image_only = ids("at night"), ids("--image", image)
     both = ids("at night", "--image", image)
     assert len(both) == 18 and both != image_only and both != text_only
@@ -65,24 +65,24 @@ def test_compound_and_negative_queries_differ_from_their_parts(indexed, corpus):
 
 
 def test_k_beyond_the_collection_returns_all(indexed):
-    out = json.loads(run("query", "dog", "-k", "500", "--json").output)
+    out = json.loads(run("query", "dog", "-k", "500", "--json").stdout)
     assert len(out["results"]) == 18 and len({h["id"] for h in out["results"]}) == 18
 
 
 def test_rerun_is_incremental_and_tracks_changes(indexed, corpus, tmp_path):
-    again = json.loads(run("index", "--json").output)  # roots remembered, model remembered
+    again = json.loads(run("index", "--json").stdout)  # roots remembered, model remembered
     assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, 19)
     (corpus / "img001.jpg").unlink()
     make_images(tmp_path / "tmpimg", 3, seed=9)[2].replace(corpus / "img002.jpg")  # same name, new content
     second = tmp_path / "second"
     make_images(second, 2, seed=4)
-    out = json.loads(run("index", second, "--json").output)
+    out = json.loads(run("index", second, "--json").stdout)
     assert (out["added"], out["updated"], out["removed"]) == (2, 1, 1)
-    info = json.loads(run("info", "--json").output)
+    info = json.loads(run("info", "--json").stdout)
     assert info["images"] == 19 and len(info["roots"]) == 2
-    paths = [h["path"] for h in json.loads(run("query", "x", "-k", "100", "--json").output)["results"]]
+    paths = [h["path"] for h in json.loads(run("query", "x", "-k", "100", "--json").stdout)["results"]]
     assert str(corpus / "img001.jpg") not in paths and str(second / "img000.png") in paths
-    top = json.loads(run("query", "--image", corpus / "img002.jpg", "-k", "1", "--json").output)["results"][0]
+    top = json.loads(run("query", "--image", corpus / "img002.jpg", "-k", "1", "--json").stdout)["results"][0]
     assert top["path"] == str(corpus / "img002.jpg") and top["score"] == pytest.approx(1.0, abs=2e-3)
 
 
@@ -99,7 +99,7 @@ def test_embed_matches_transformers(indexed, corpus, tiny_model):
     from PIL import Image
 
     # --precision fp32: exact on a GPU too, where auto means bf16 (0.998 there, seen on an H200)
-    out = json.loads(run("embed", "--text", "a red car", "--image", corpus / "img004.jpg", "--precision", "fp32").output)
+    out = json.loads(run("embed", "--text", "a red car", "--image", corpus / "img004.jpg", "--precision", "fp32").stdout)
     assert [o["kind"] for o in out] == ["text", "image"]
     text_ref = reference_embeddings(tiny_model, texts=["a red car"])[0]
     image_ref = reference_embeddings(tiny_model, images=[Image.open(corpus / "img004.jpg").convert("RGB")])[0]

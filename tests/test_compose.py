@@ -172,7 +172,7 @@ def relpaths(engine, ids):
 
 
 def query_json(ix, *args):
-    return json.loads(run("query", *args, "--index", ix, "--json").output)
+    return json.loads(run("query", *args, "--index", ix, "--json").stdout)
 
 
 def test_auto_mode_lets_no_file_name_override_the_model(tmp_path, tiny_model):

@@ -27,7 +27,7 @@ def library(tmp_path, tiny_model):
 
 
 def groups_of(ix, *args):
-    return json.loads(run("dupes", "--index", ix, "--json", *args).output)
+    return json.loads(run("dupes", "--index", ix, "--json", *args).stdout)
 
 
 def names(group):
@@ -137,7 +137,7 @@ def test_query_collapse_gives_k_different_pictures(library):
     shown = {h.id for h in folded} | {d for h in folded for d in h.duplicates}
     assert len(shown) == 5 + sum(len(h.duplicates) for h in folded)  # nothing shown twice
     out = json.loads(run("query", "--image", root / "photo0000.jpg", "--collapse", "-k", "5", "--index", ix,
-                         "--json").output)
+                         "--json").stdout)
     assert len(out["results"]) == 5 and sum(len(r["duplicates"]) for r in out["results"]) >= 3
     assert out["query"]["collapse"] is True
 
@@ -145,10 +145,10 @@ def test_query_collapse_gives_k_different_pictures(library):
 def test_similar_by_id_and_by_path(library):
     root, ix = library
     path = root / "photo0002.jpg"
-    by_path = json.loads(run("similar", path, "-k", "3", "--index", ix, "--json").output)
+    by_path = json.loads(run("similar", path, "-k", "3", "--index", ix, "--json").stdout)
     me = by_path["query"]["similar"]
     assert len(by_path["results"]) == 3 and me not in [r["id"] for r in by_path["results"]]
-    by_id = json.loads(run("similar", str(me), "-k", "3", "--index", ix, "--json").output)
+    by_id = json.loads(run("similar", str(me), "-k", "3", "--index", ix, "--json").stdout)
     assert by_id["results"] == by_path["results"]
     scores = [r["score"] for r in by_id["results"]]
     assert scores == sorted(scores, reverse=True)
@@ -160,10 +160,10 @@ def test_similar_over_fetch_does_not_count_against_k(library):
     """Issue 24 #21: `similar ID -k 1000` was refused ("got 1001"), `-k 334 --collapse` too ("got 1003"):
     the image itself and the collapse's over-fetch are the search's business, not the user's k."""
     root, ix = library
-    me = json.loads(run("similar", root / "photo0002.jpg", "-k", "1", "--index", ix, "--json").output)["query"]["similar"]
-    every = json.loads(run("similar", str(me), "-k", "1000", "--index", ix, "--json").output)["results"]
+    me = json.loads(run("similar", root / "photo0002.jpg", "-k", "1", "--index", ix, "--json").stdout)["query"]["similar"]
+    every = json.loads(run("similar", str(me), "-k", "1000", "--index", ix, "--json").stdout)["results"]
     assert len(every) == 9 and me not in [r["id"] for r in every]
-    folded = json.loads(run("similar", str(me), "-k", "334", "--collapse", "--index", ix, "--json").output)["results"]
+    folded = json.loads(run("similar", str(me), "-k", "334", "--collapse", "--index", ix, "--json").stdout)["results"]
     assert me not in [r["id"] for r in folded]
     assert sum(1 + len(r["duplicates"]) for r in folded) == 9 and len(folded) < 9  # the copies fold
     # the same through the Python API: exclude leaves ids out and still returns k

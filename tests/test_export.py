@@ -26,7 +26,7 @@ def indexed(tmp_path, tiny_model):
 def test_parquet_round_trip_holds_every_image_and_its_embedding(indexed, tmp_path):
     root, ix = indexed
     out = tmp_path / "out.parquet"
-    summary = json.loads(run("export", out, "--index", ix, "--json").output)
+    summary = json.loads(run("export", out, "--index", ix, "--json").stdout)
     assert summary["rows"] == 9
     table = pq.read_table(out)
     assert table.num_rows == 9
@@ -68,7 +68,7 @@ def test_clip_retrieval_layout(indexed, tmp_path):
     root, ix = indexed
     out = tmp_path / "clip"
     summary = json.loads(run("export", out, "--format", "clip-retrieval", "--shard-rows", "4", "--index", ix,
-                             "--json").output)
+                             "--json").stdout)
     assert summary == {"format": "clip-retrieval", "rows": 9, "path": str(out), "shards": 3}
     assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
     assert sorted(p.name for p in (out / "metadata").iterdir()) == [f"metadata_{i}.parquet" for i in range(3)]
@@ -152,7 +152,7 @@ def test_a_name_that_is_not_utf8_exports_and_lists(tmp_path, tiny_model):
     index_json(ix, root, "--model", tiny_model)
 
     out = tmp_path / "out.parquet"
-    assert json.loads(run("export", out, "--index", ix, "--json").output)["rows"] == 2
+    assert json.loads(run("export", out, "--index", ix, "--json").stdout)["rows"] == 2
     rows = {r["relpath"]: r for r in pq.read_table(out).to_pylist()}
     assert rows["caf\\xe9.jpg"]["path"].endswith("caf\\xe9.jpg")
     assert base64.b64decode(rows["caf\\xe9.jpg"]["path_b64"]) == odd

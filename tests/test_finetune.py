@@ -100,7 +100,7 @@ def test_finetune_saves_a_checkpoint_the_engine_uses(trained, tmp_path):
     run("index", corpus, "--index", tmp_path / "ix", "--model", tuned, "--device", "cpu")
     colour_hits = chance = 0
     for colour in ("red", "green", "blue", "yellow", "purple"):
-        out = json.loads(run("query", colour, "-k", "10", "--json", "--index", tmp_path / "ix").output)["results"]
+        out = json.loads(run("query", colour, "-k", "10", "--json", "--index", tmp_path / "ix").stdout)["results"]
         colour_hits += sum(truth[h["relpath"]].colour == colour for h in out)
         chance += 10 * sum(s.colour == colour for s in truth.values()) / len(truth)
     assert colour_hits >= 2 * chance, (colour_hits, chance)  # well above chance after a short training

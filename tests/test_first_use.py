@@ -68,7 +68,7 @@ def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
     import alignsearch
 
     proc, _, ix, photos, _ = interrupted
-    info = json.loads(run("info", "--index", ix, "--json").output)
+    info = json.loads(run("info", "--index", ix, "--json").stdout)
     assert info["last_run"] == "interrupted"
     assert 4 <= info["images"] < 48 and info["index"]["vectors"] == info["images"]
     assert "interrupted" in run("info", "--index", ix).output
@@ -82,7 +82,7 @@ def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
     assert run("similar", "1", "--index", ix, "-k", "2").output.count("\n") == 2
     assert "the first index run did not finish" in run("verify", "--index", ix, "--skip-model", code=7).output
     run("index", "--index", ix)
-    info = json.loads(run("info", "--index", ix, "--json").output)
+    info = json.loads(run("info", "--index", ix, "--json").stdout)
     assert info["last_run"] == "finished" and info["images"] == 48 and info["index"]["layout"] == "memory"
 
 
@@ -101,7 +101,7 @@ def test_the_index_folder_is_refused_as_a_root_and_never_listed(tmp_path, tiny_m
     run("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu", "--include-hidden")
     (ix / "thumbs").mkdir(exist_ok=True)  # what the server caches there
     shutil.copy(photos / "img001.jpg", ix / "thumbs" / "1.jpg")
-    again = json.loads(run("index", "--index", ix, "--json").output)
+    again = json.loads(run("index", "--index", ix, "--json").stdout)
     assert again["added"] == 0 and again["unchanged"] == 3
     for inside in (ix, ix / "thumbs"):
         out = run("index", inside, "--index", ix, code=6).output
@@ -112,7 +112,7 @@ def test_the_index_folder_is_refused_as_a_root_and_never_listed(tmp_path, tiny_m
         "--device", "cpu")
     (default / ".alignsearch" / "thumbs").mkdir(exist_ok=True)
     shutil.copy(default / "img001.jpg", default / ".alignsearch" / "thumbs" / "1.jpg")
-    assert json.loads(run("index", "--index", default / ".alignsearch", "--json").output)["added"] == 0
+    assert json.loads(run("index", "--index", default / ".alignsearch", "--json").stdout)["added"] == 0
     run("index", default / ".alignsearch", "--index", default / ".alignsearch", code=6)
 
 
@@ -132,7 +132,7 @@ def test_export_root_is_resolved_like_forget_and_an_unknown_one_refused(tmp_path
     run("index", tmp_path / "photos", tmp_path / "other", "--index", ix, "--model", tiny_model, "--device", "cpu")
     monkeypatch.chdir(tmp_path)
     for given in ("./photos", "photos/", str(tmp_path / "photos")):
-        done = json.loads(run("export", f"out-{len(given)}.parquet", "--root", given, "--index", ix, "--json").output)
+        done = json.loads(run("export", f"out-{len(given)}.parquet", "--root", given, "--index", ix, "--json").stdout)
         assert done["rows"] == 3, given
         assert pq.read_table(done["path"]).num_rows == 3
     out = run("export", "none.parquet", "--root", "./elsewhere", "--index", ix, code=6).output
@@ -163,7 +163,7 @@ def test_server_agrees_with_the_cli(tmp_path, tiny_model):
     run("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu")
     run("tag", "--labels-file", write_labels(tmp_path / "labels.txt", ["a red car"]), "--threshold", "0",
         "--index", ix, "--device", "cpu")
-    cli = json.loads(run("similar", "3", "-k", "4", "--index", ix, "--json").output)["results"]
+    cli = json.loads(run("similar", "3", "-k", "4", "--index", ix, "--json").stdout)["results"]
     proc, url = start_serve(ix, "--token", "s3cret")
     try:
         served = json.loads(call(url, "/api/search?similar=3&k=4")[2])["results"]
@@ -266,14 +266,14 @@ def test_small_lies_format_aliases_zero_tags_threshold_usage_exact_copy_and_rest
     run("index", photos, shard, "--index", ix, "--model", tiny_model, "--device", "cpu")
 
     for given in ("jpg", "JPG", "jpeg", "Jpeg"):
-        hits = json.loads(run("query", "x", "-k", "50", "--format", given, "--index", ix, "--json").output)["results"]
+        hits = json.loads(run("query", "x", "-k", "50", "--format", given, "--index", ix, "--json").stdout)["results"]
         assert len(hits) == 6 and {h["format"] for h in hits} == {"JPEG"}, given
-    where = json.loads(run("query", "x", "-k", "50", "--where", "format = jpg", "--index", ix, "--json").output)
+    where = json.loads(run("query", "x", "-k", "50", "--where", "format = jpg", "--index", ix, "--json").stdout)
     assert len(where["results"]) == 6
 
     run("tag", "--labels-file", write_labels(tmp_path / "l.txt", ["a unicorn"]), "--threshold", "1", "--index", ix,
         "--device", "cpu")
-    assert json.loads(run("tags", "--json", "--index", ix).output) == [{"label": "a unicorn", "images": 0}]
+    assert json.loads(run("tags", "--json", "--index", ix).stdout) == [{"label": "a unicorn", "images": 0}]
     assert "a unicorn" in run("tags", "--index", ix).output
 
     for args in (["--threshold", "99"], ["--tier", "similar", "--threshold", "1.5"]):
@@ -284,14 +284,14 @@ def test_small_lies_format_aliases_zero_tags_threshold_usage_exact_copy_and_rest
 
     with alignsearch.open(ix) as engine:
         original = next(r for r in engine.search_vector(engine.vector_of(2), k=10) if r.relpath == "img001.jpg")
-    out = json.loads(run("similar", str(original.id), "-k", "1", "--index", ix, "--json").output)["results"]
+    out = json.loads(run("similar", str(original.id), "-k", "1", "--index", ix, "--json").stdout)["results"]
     assert out[0]["relpath"] == "copy-of-img001.jpg" and abs(out[0]["score"] - 1.0) < 1e-6, out[0]["score"]
 
     shard.rename(tmp_path / "away.tar")
     run("index", "--index", ix)  # the shard is missing: its rows are kept, the listing error recorded
-    assert json.loads(run("roots", "--json", "--index", ix).output)[1]["state"] == "missing"
+    assert json.loads(run("roots", "--json", "--index", ix).stdout)[1]["state"] == "missing"
     (tmp_path / "away.tar").rename(shard)
-    restored = json.loads(run("roots", "--json", "--index", ix).output)[1]
+    restored = json.loads(run("roots", "--json", "--index", ix).stdout)[1]
     assert restored["root"] == str(shard) and restored["state"] == "ok" and restored["listing_errors"] == []
 
 
@@ -386,10 +386,10 @@ def test_near_duplicates_and_collapse_tell_colours_of_equal_brightness_apart(tmp
     copies = near_copies(original, photos / "copies")  # re-saved, half size, cropped: still one picture
     ix = tmp_path / "ix"
     run("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu")
-    groups = json.loads(run("dupes", "--tier", "near", "--index", ix, "--json").output)
+    groups = json.loads(run("dupes", "--tier", "near", "--index", ix, "--json").stdout)
     grouped = [sorted(Path(i["path"]).name for i in g["items"]) for g in groups]
     assert grouped == [sorted([original.name] + [c.name for c in copies])], grouped
-    hits = json.loads(run("query", "a circle", "-k", "10", "--collapse", "--index", ix, "--json").output)["results"]
+    hits = json.loads(run("query", "a circle", "-k", "10", "--collapse", "--index", ix, "--json").stdout)["results"]
     names = {Path(h["path"]).name: h["duplicates"] for h in hits}
     assert "red.png" in names and "yellow.png" in names, names
     assert len(hits) == 3 and sum(len(d) for d in names.values()) == 3

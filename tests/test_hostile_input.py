@@ -15,7 +15,7 @@ from helpers import alignsearch, alignsearch_peak_rss, summary
 
 
 def _failed(ix):
-    info = json.loads(run("info", "--failed", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)
     return {os.path.basename(f["path"]): f["reason"] for f in info["failed_files"]}
 
 

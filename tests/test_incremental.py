@@ -59,7 +59,7 @@ def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
     s = index_json(ix)
     assert (s["removed"], s["updated"], s["moved"]) == (1, 1, 0)
     assert vector_rows(ix) == 9
-    info = json.loads(run("info", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
     assert info["images"] == 8 and info["index"]["vectors"] == 8
 
 
@@ -159,7 +159,7 @@ def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 6)
     index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    assert json.loads(run("verify", "--index", ix, "--json").output)["ok"]
+    assert json.loads(run("verify", "--index", ix, "--json").stdout)["ok"]
 
     with open(ix / "vectors.f16", "ab") as f:  # a killed writer's uncommitted tail
         f.write(b"\0" * 100)
@@ -170,9 +170,9 @@ def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
     # an ANN file rewritten behind the catalog's back fails its checksum before its ids are even read
     assert "uncommitted bytes" in out and "index.faiss is damaged" in out
 
-    report = json.loads(run("verify", "--index", ix, "--repair", "--json").output)
+    report = json.loads(run("verify", "--index", ix, "--repair", "--json").stdout)
     assert report["ok"] and report["repaired"]
-    assert json.loads(run("info", "--json", "--index", ix).output)["index"]["vectors"] == 6
+    assert json.loads(run("info", "--json", "--index", ix).stdout)["index"]["vectors"] == 6
 
 
 def test_one_writer_at_a_time_and_verify_tells_in_flight_writes_from_damage(tmp_path, tiny_model):

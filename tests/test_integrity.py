@@ -137,7 +137,7 @@ def test_a_moved_model_folder_keeps_the_index_usable(tmp_path, tiny_model, monke
     shutil.move(model, moved)
     # the recorded folder is gone: text queries still run on the index's own model, exported to ONNX by the
     # index run (found by its fingerprint, not its folder)...
-    assert json.loads(run("query", "red", "--index", ix, "--json").output)["results"][0]["path"] == before[0]
+    assert json.loads(run("query", "red", "--index", ix, "--json").stdout)["results"][0]["path"] == before[0]
     # ...while whatever needs the model itself says what to do, in one line: an image query, or any query
     # once that export is gone
     result = run("query", "--image", root / sorted(os.listdir(root))[0], "--index", ix, code=4)
@@ -180,7 +180,7 @@ def built(tmp_path, tiny_model):
 
 
 def verify_json(ix, *args, code):
-    return json.loads(run("verify", "--index", ix, "--json", "--skip-model", *args, code=code).output)
+    return json.loads(run("verify", "--index", ix, "--json", "--skip-model", *args, code=code).stdout)
 
 
 def self_hits(ix, root, names=("img004.jpg", "img020.jpg", "img040.jpg")):
@@ -482,12 +482,12 @@ def test_kill_9_during_a_reencode_at_random_moments(tmp_path, tiny_model, other_
             for path in rng.sample(paths, 3):
                 hit = engine.search(image=path, k=1)[0]
                 assert hit.path == str(path) and hit.score == pytest.approx(1, abs=2e-3)
-        report = json.loads(run("verify", "--index", ix, "--json", "--skip-model", code=None).output)
+        report = json.loads(run("verify", "--index", ix, "--json", "--skip-model", code=None).stdout)
         assert report["ok"] or all("uncommitted" in p or "do not know" in p for p in report["problems"]), report
     done = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert meta(ix, "model")["model"] == str(other_model) and meta(ix, "reindex") is None
-    assert json.loads(run("verify", "--index", ix, "--json", "--skip-model").output)["ok"]
+    assert json.loads(run("verify", "--index", ix, "--json", "--skip-model").stdout)["ok"]
     with alignsearch.open(ix) as engine:
         assert all(engine.search(image=p, k=1)[0].path == str(p) for p in paths[::7])
 
@@ -563,4 +563,4 @@ def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(tmp_path, tiny_m
 
     # nothing was harmed: a re-run indexes the new images and verify agrees
     assert index_json(ix, root)["added"] == 4
-    assert json.loads(run("verify", "--index", ix, "--json").output)["ok"] is True
+    assert json.loads(run("verify", "--index", ix, "--json").stdout)["ok"] is True

@@ -23,7 +23,7 @@ def _fail_listing(monkeypatch, folder, error):
 
 
 def _relpaths(ix):
-    return {h["relpath"] for h in json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).output)["results"]}
+    return {h["relpath"] for h in json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).stdout)["results"]}
 
 
 @pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
@@ -42,16 +42,16 @@ def test_a_subfolder_that_cannot_be_listed_keeps_its_rows(tmp_path, tiny_model, 
     assert [(e["folder"], e["root"]) for e in s["listing_errors"]] == [(str(root / "sub"), str(root))]
     assert error.strerror in s["listing_errors"][0]["reason"]
     assert {"sub/img000.png", "sub/img001.jpg"} <= _relpaths(ix)
-    info = json.loads(run("info", "--failed", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)
     assert info["listing_errors"] == s["listing_errors"]
     assert str(root / "sub") in run("info", "--failed", "--index", ix).output
-    assert json.loads(run("roots", "--json", "--index", ix).output)[0]["state"] == "listing errors"
+    assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["state"] == "listing errors"
 
     monkeypatch.undo()  # the folder lists again: its changes are reconciled
     (root / "sub" / "img001.jpg").unlink()
     s = index_json(ix, "--workers", "0")
     assert s["removed"] == 1 and s["listing_errors"] == []
-    assert json.loads(run("info", "--failed", "--json", "--index", ix).output)["listing_errors"] == []
+    assert json.loads(run("info", "--failed", "--json", "--index", ix).stdout)["listing_errors"] == []
     assert _relpaths(ix) == {"img001.jpg", "img002.jpg", "sub/img000.png"}
 
 
@@ -64,7 +64,7 @@ def test_a_root_that_is_missing_for_a_while_keeps_its_rows(tmp_path, tiny_model)
     assert (s["removed"], s["added"]) == (0, 0)
     assert s["listing_errors"][0]["root"] == str(root) and "missing" in s["listing_errors"][0]["reason"]
     assert s["kept"] == 3
-    assert json.loads(run("roots", "--json", "--index", ix).output)[0]["state"] == "missing"
+    assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["state"] == "missing"
     assert len(_relpaths(ix)) == 3
     (tmp_path / "away").rename(root)
     s = index_json(ix, "--workers", "0")

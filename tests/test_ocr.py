@@ -153,7 +153,7 @@ def test_prefixes_codes_accents_and_operators(captioned):
     assert kw("zanzi*") == ["cat.jpg"]
     assert kw("zanzi") == []  # keyword mode takes words as typed...
     assert names(query(ix, "zanzi"))[0] == "cat.jpg"  # ...the default mode takes the last as a start
-    plan = json.loads(run("query", "zanzi ", "--index", ix, "--json", "--explain").output)["plan"]
+    plan = json.loads(run("query", "zanzi ", "--index", ix, "--json", "--explain").stdout)["plan"]
     assert plan["words"] == ["zanzi"] and plan["ranking"] == "vector"  # a trailing space: the word is complete
     assert kw("4711") == ["receipt.jpg"] and kw("inv4711") == ["receipt.jpg"]  # inside a token
     assert kw("cafe") == ["cafe.jpg"] and kw("CAFÉ") == ["cafe.jpg"]  # accents and case folded
@@ -165,7 +165,7 @@ def test_prefixes_codes_accents_and_operators(captioned):
     assert kw("-tram") == []  # nothing to look for
     many = " ".join(f"w{i}x AND tram" for i in range(70))  # 1000 characters of atoms, codes among them
     assert query(ix, many, "--mode", "keyword") == []
-    plan = json.loads(run("query", "yellow tr", "--index", ix, "--json", "--explain").output)["plan"]
+    plan = json.loads(run("query", "yellow tr", "--index", ix, "--json", "--explain").stdout)["plan"]
     assert plan["words"] == ["yellow", "tr"]  # too short to be taken as a start
 
 
@@ -271,7 +271,7 @@ def test_ocr_reads_photos_and_leaves_video_moments_alone(tmp_path, tiny_model):
     assert s["failed"] == 0 and s["ocr"]["read"] == 1 and s["ocr"]["with_text"] == 1, s
     again = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
     assert again["ocr"]["read"] == 0 and again["failed"] == 0, again
-    hits = json.loads(run("query", "zanzibar", "--index", ix, "--mode", "keyword", "--json").output)["results"]
+    hits = json.loads(run("query", "zanzibar", "--index", ix, "--mode", "keyword", "--json").stdout)["results"]
     assert [h["relpath"] for h in hits] == ["sign.png"]
 
 

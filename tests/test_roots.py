@@ -7,7 +7,7 @@ from conftest import index_json, make_images, run
 
 
 def _paths(ix):
-    hits = json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).output)["results"]
+    hits = json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).stdout)["results"]
     return sorted(h["path"] for h in hits)
 
 
@@ -21,7 +21,7 @@ def test_a_folder_inside_a_known_root_is_not_indexed_twice(tmp_path, tiny_model)
     assert s["added"] == 1 and s["unchanged"] == 4
     paths = _paths(ix)
     assert len(paths) == len(set(paths)) == 5
-    info = json.loads(run("info", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
     assert info["roots"] == [str(root)] and info["images"] == 5
 
 
@@ -34,7 +34,7 @@ def test_a_folder_that_contains_a_known_root_takes_its_files_over(tmp_path, tiny
     assert (s["added"], s["unchanged"], s["removed"]) == (2, 3, 0)
     paths = _paths(ix)
     assert len(paths) == len(set(paths)) == 5
-    info = json.loads(run("info", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
     assert info["roots"] == [str(parent)] and info["index"]["vectors"] == 5
 
 
@@ -44,18 +44,18 @@ def test_roots_lists_counts_and_state_and_forget_removes_a_root(tmp_path, tiny_m
     (a / "broken.jpg").write_bytes(b"nope")
     make_images(b, 2, seed=1)
     index_json(ix, a, b, "--model", tiny_model, "--device", "cpu")
-    roots = json.loads(run("roots", "--json", "--index", ix).output)
+    roots = json.loads(run("roots", "--json", "--index", ix).stdout)
     assert roots == [{"root": str(a), "indexed": 3, "failed": 1, "state": "ok", "options": {}, "listing_errors": []},
                      {"root": str(b), "indexed": 2, "failed": 0, "state": "ok", "options": {}, "listing_errors": []}]
     text = run("roots", "--index", ix).output
     assert str(a) in text and "3 indexed" in text
 
     shutil.rmtree(b)  # a root whose folder is gone: listed as missing, and can be forgotten
-    assert json.loads(run("roots", "--json", "--index", ix).output)[1]["state"] == "missing"
+    assert json.loads(run("roots", "--json", "--index", ix).stdout)[1]["state"] == "missing"
     out = run("forget", b, "--index", ix).output
     assert "2 files" in out
-    assert [r["root"] for r in json.loads(run("roots", "--json", "--index", ix).output)] == [str(a)]
-    info = json.loads(run("info", "--json", "--index", ix).output)
+    assert [r["root"] for r in json.loads(run("roots", "--json", "--index", ix).stdout)] == [str(a)]
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
     assert info["images"] == 3 and info["index"]["vectors"] == 3 and info["roots"] == [str(a)]
     assert all(p.startswith(str(a)) for p in _paths(ix))
     assert "not a root of this index" in run("forget", tmp_path / "nowhere", "--index", ix, code=6).output
@@ -74,7 +74,7 @@ def test_include_hidden_is_remembered_per_root(tmp_path, tiny_model):
     s = index_json(ix)  # no flag: a keeps its hidden files, b still leaves them out
     assert (s["removed"], s["added"]) == (0, 0)
     assert sum(".hidden" in p for p in _paths(ix)) == 1
-    roots = {r["root"]: r["options"] for r in json.loads(run("roots", "--json", "--index", ix).output)}
+    roots = {r["root"]: r["options"] for r in json.loads(run("roots", "--json", "--index", ix).stdout)}
     assert roots == {str(b): {}, str(a): {"include_hidden": True}}
     s = index_json(ix, a, "--exclude-hidden")
     assert s["removed"] == 1

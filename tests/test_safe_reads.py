@@ -212,7 +212,7 @@ def test_a_file_url_entry_swapped_for_a_symlink_is_neither_served_nor_indexed(tm
     finally:
         stop(proc)
     run("index", "--index", ix, "--device", "cpu")
-    failed = json.loads(run("info", "--failed", "--json", "--index", ix).output)["failed_files"]
+    failed = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)["failed_files"]
     assert [f["path"] for f in failed] == [target.as_uri()]
 
 
@@ -231,7 +231,7 @@ def test_fifos_and_devices_behind_file_urls_do_not_hang_index(tmp_path, tiny_mod
         pytest.fail("index blocked on a FIFO behind a file:// entry")
     s = summary(proc)
     assert (s["added"], s["failed"]) == (3, 2)
-    failed = json.loads(run("info", "--failed", "--json", "--index", ix).output)["failed_files"]
+    failed = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)["failed_files"]
     assert {f["path"]: f["reason"] for f in failed} == {fifo.as_uri(): "not a regular file: fifo",
                                                         "file:///dev/zero": "not a regular file: character device"}
 

@@ -89,7 +89,7 @@ def test_each_filter(library):
 
 def test_explain_names_the_plan(library):
     root, ix = library
-    out = json.loads(run("query", "zanzibar", "--camera", "canon", "--explain", "--json", "--index", ix).output)
+    out = json.loads(run("query", "zanzibar", "--camera", "canon", "--explain", "--json", "--index", ix).stdout)
     plan = out["plan"]
     assert plan["matching"] == 2 and plan["path"].startswith("exact") and plan["keyword_matches"] == 1
     assert len(out["results"]) == 2

@@ -364,7 +364,7 @@ def test_cli_query_goes_through_the_warm_server(served, tmp_path):
     alone = tmp_path / "alone"  # the same index with no server record: local search
     shutil.copytree(served["ix"], alone, ignore=shutil.ignore_patterns(SERVER_FILE, "thumbs"))
     local = CliRunner().invoke(main, ["query", "red car", "-k", "4", "--json", "--index", str(alone)])
-    assert json.loads(warm.stdout) == json.loads(local.output)  # same output, whichever answered
+    assert json.loads(warm.stdout) == json.loads(local.stdout)  # same output, whichever answered
 
 
 @pytest.mark.parametrize("args", [[""], ["   "], ["dog", "-k", "5000"], ["a" * 1001], ["dog", "--text-weight", "nan"],

@@ -54,7 +54,7 @@ def test_classify_reports_bad_images_and_classifies_the_rest(tmp_path, corpus, t
     bad = corpus / "broken.jpg"
     good = corpus / "img001.jpg"
     out = json.loads(run("classify", good, bad, tmp_path / "missing.jpg", "--labels", "a cat", "--labels", "a dog",
-                         "--model", tiny_model, "--json").output)
+                         "--model", tiny_model, "--json").stdout)
     assert [o["image"] for o in out] == [str(good), str(bad), str(tmp_path / "missing.jpg")]
     assert [e["label"] for e in out[0]["labels"]] == ["a cat", "a dog"]
     assert "error" in out[1] and "labels" not in out[1] and "error" in out[2]
@@ -75,13 +75,13 @@ def indexed(tmp_path, corpus, tiny_model):
 
 
 def _tagged(ix, label):
-    return {h["id"] for h in json.loads(run("query", "x", "-k", "100", "--tag", label, "--json", "--index", ix).output)["results"]}
+    return {h["id"] for h in json.loads(run("query", "x", "-k", "100", "--tag", label, "--json", "--index", ix).stdout)["results"]}
 
 
 def test_label_file_comments_blanks_and_decision_independent_of_other_labels(tmp_path, indexed):
     ix = indexed
     one = write_labels(tmp_path / "one.txt", ["# animals", "", "a dog", "   "])
-    out = json.loads(run("tag", "--labels-file", one, "--threshold", "0", "--top", "5", "--index", ix, "--json").output)
+    out = json.loads(run("tag", "--labels-file", one, "--threshold", "0", "--top", "5", "--index", ix, "--json").stdout)
     assert list(out["per_label"]) == ["a dog"] and out["per_label"]["a dog"] == 18
     import alignsearch
 
@@ -90,7 +90,7 @@ def test_label_file_comments_blanks_and_decision_independent_of_other_labels(tmp
     assert len(probs) == 18
     threshold = (probs[8] + probs[9]) / 2  # about half of the images
     run("tag", "--clear", "--index", ix)
-    assert json.loads(run("tags", "--json", "--index", ix).output) == []
+    assert json.loads(run("tags", "--json", "--index", ix).stdout) == []
     run("tag", "--labels-file", one, "--threshold", threshold, "--index", ix)
     alone = _tagged(ix, "a dog")
     assert 0 < len(alone) < 18
@@ -103,25 +103,25 @@ def test_tag_runs_accumulate_clear_tags_listing_case_and_info(tmp_path, indexed,
     ix = indexed
     run("tag", "--labels-file", write_labels(tmp_path / "a.txt", ["A Dog", "a cat"]), "--threshold", "0", "--index", ix)
     run("tag", "--labels-file", write_labels(tmp_path / "b.txt", ["a red car"]), "--threshold", "0", "--index", ix)
-    listed = json.loads(run("tags", "--json", "--index", ix).output)
+    listed = json.loads(run("tags", "--json", "--index", ix).stdout)
     assert {e["label"]: e["images"] for e in listed} == {"A Dog": 18, "a cat": 18, "a red car": 18}
     text = run("tags", "--index", ix).output
     assert "A Dog" in text and "18" in text
     assert len(_tagged(ix, "a dog")) == 18 and _tagged(ix, "a dog") == _tagged(ix, "A DOG")
-    info = json.loads(run("info", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
     assert info["tags"] == {"A Dog": 18, "a cat": 18, "a red car": 18}
     assert "a red car" in run("info", "--index", ix).output
-    hit = json.loads(run("query", "x", "--json", "--index", ix).output)["results"][0]
+    hit = json.loads(run("query", "x", "--json", "--index", ix).stdout)["results"][0]
     assert set(hit["tags"]) == {"A Dog", "a cat", "a red car"}
     # new images get every label set's tags
     make_images(corpus / "later", 2, seed=21)
     run("index", "--index", ix)
-    assert {e["label"]: e["images"] for e in json.loads(run("tags", "--json", "--index", ix).output)} == {
+    assert {e["label"]: e["images"] for e in json.loads(run("tags", "--json", "--index", ix).stdout)} == {
         "A Dog": 20, "a cat": 20, "a red car": 20}
     run("tag", "--clear", "--index", ix)
-    assert json.loads(run("tags", "--json", "--index", ix).output) == []
+    assert json.loads(run("tags", "--json", "--index", ix).stdout) == []
     run("index", "--index", ix)
-    assert json.loads(run("tags", "--json", "--index", ix).output) == []  # cleared labels are not re-applied
+    assert json.loads(run("tags", "--json", "--index", ix).stdout) == []  # cleared labels are not re-applied
     assert "no tags" in run("tags", "--index", ix).output
 
 

@@ -114,20 +114,20 @@ def test_photos_and_videos_index_in_one_run(tmp_path, tiny_model):
     assert s["index"]["vectors"] == 4 + 6
     failed = run("info", "--failed", "--index", ix).output
     assert "broken.mov: cannot read video" in failed and "cut.mp4: cannot read video" in failed, failed
-    info = json.loads(run("info", "--json", "--index", ix).output)
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
     assert (info["images"], info["failed"], info["index"]["vectors"]) == (5, 2, 10)  # a video counts once
 
-    out = json.loads(run("query", "a picture", "-k", "20", "--json", "--per-video", "10", "--index", ix).output)
+    out = json.loads(run("query", "a picture", "-k", "20", "--json", "--per-video", "10", "--index", ix).stdout)
     hits = out["results"]
     videos = [h for h in hits if h["relpath"] == "clips/match.mp4"]
     assert len(videos) == 6 and all(h["t"] is not None and h["t_end"] > h["t"] for h in videos)
     assert all(h["t"] is None and h["t_end"] is None for h in hits if h["relpath"].startswith("photos/"))
-    capped = json.loads(run("query", "a picture", "-k", "20", "--json", "--index", ix).output)["results"]
+    capped = json.loads(run("query", "a picture", "-k", "20", "--json", "--index", ix).stdout)["results"]
     assert sum(h["relpath"] == "clips/match.mp4" for h in capped) == 3  # --per-video defaults to 3
     assert len(capped) == 4 + 3
-    only = json.loads(run("query", "a picture", "--media", "video", "--per-video", "2", "--json", "--index", ix).output)
+    only = json.loads(run("query", "a picture", "--media", "video", "--per-video", "2", "--json", "--index", ix).stdout)
     assert [h["relpath"] for h in only["results"]] == ["clips/match.mp4"] * 2
-    photos = json.loads(run("query", "a picture", "--media", "photo", "--json", "--index", ix).output)["results"]
+    photos = json.loads(run("query", "a picture", "--media", "photo", "--json", "--index", ix).stdout)["results"]
     assert len(photos) == 4 and all(h["t"] is None for h in photos)
     text = run("query", "a picture", "--media", "video", "--index", ix).output
     assert "match.mp4 @ 0:" in text, text
@@ -151,7 +151,7 @@ def test_an_image_of_a_scene_finds_its_video_at_that_second(tmp_path, tiny_model
     with alignsearch.open(ix) as engine:
         best = engine.search(image=str(shot), k=3)[0]
     assert best.relpath == "trip.mp4" and best.t == pytest.approx(11, abs=SAMPLE) and best.t_end == pytest.approx(19, abs=SAMPLE)
-    out = json.loads(run("query", "--image", shot, "-k", "1", "--json", "--index", ix).output)["results"][0]
+    out = json.loads(run("query", "--image", shot, "-k", "1", "--json", "--index", ix).stdout)["results"][0]
     assert out["relpath"] == "trip.mp4" and int(out["t"]) == 11
 
 
@@ -168,7 +168,7 @@ def test_incremental_change_remove_rename_and_interval_remembered(tmp_path, tiny
     with alignsearch.open(ix) as engine:  # the unchanged picture's moments fold into one with --collapse
         folded = engine.search(text="x", k=10, collapse=True, per_video=None, path="still.mov")
     assert len(folded) == 1 and len(folded[0].duplicates) == 2
-    roots = json.loads(run("roots", "--json", "--index", ix).output)
+    roots = json.loads(run("roots", "--json", "--index", ix).stdout)
     assert roots[0]["options"].get("video_interval") == 5 and roots[0]["indexed"] == 4  # a video counts once
     assert index_json(ix)["unchanged"] == 4  # nothing re-read
 

@@ -54,6 +54,24 @@ class EncoderOptions:
             raise BadInputError(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS)}")
 
 
+def encoder_options(*, device: str = "auto", backend: str = "auto", precision: str = "auto",
+                    text_bf16: bool = False) -> EncoderOptions:
+    """The options from the API's keywords: text_bf16 is the older spelling of precision="bf16" (query
+    encoders), and gives way to an explicit precision."""
+    return EncoderOptions(device=device, backend=backend, precision="bf16" if text_bf16 and precision == "auto"
+                          else precision)
+
+
+def torch_free_text(options: EncoderOptions, model: str | None) -> str | None:
+    """The precision ("fp32" or "int8") at which text queries may run from the cached ONNX text tower with
+    neither torch nor transformers loaded (onnxrun.text_encoder), or None where the options rule it out:
+    a --model to check against the index's, a GPU or a backend other than ONNX Runtime asked for, or bf16."""
+    if model is not None or options.device not in ("auto", "cpu") or options.backend not in ("auto", "onnx") \
+            or options.precision not in ("auto", "fp32", "int8"):
+        return None
+    return "int8" if options.precision == "int8" else "fp32"
+
+
 @dataclass(frozen=True)
 class Plan:
     """What runs: backend ("torch", "onnx" or "openvino": the text tower's engine, and the image tower's
@@ -205,9 +223,9 @@ def cache_untrusted(folder: Path | None = None) -> str | None:
     root = Path(os.path.abspath(cache_root()))
     checks = [(p, True) for p in reversed(root.parents)] + [(root, False), (root / "onnx", False)]
     if folder is not None:
-        graphs = Path(folder) / "openvino"
-        checks += [(Path(folder), False), (Path(folder) / "manifest.json", False), (graphs, False)]
-        checks += [(p, False) for p in (sorted(graphs.iterdir()) if graphs.is_dir() else ())]
+        graphs, kept = Path(folder) / "openvino", Path(folder) / "records"  # records: the manifest (records.py)
+        checks += [(Path(folder), False), (Path(folder) / "manifest.json", False), (kept, False), (graphs, False)]
+        checks += [(p, False) for d in (kept, graphs) for p in (sorted(d.iterdir()) if d.is_dir() else ())]
     for path, sticky_ok in checks:
         try:
             why = untrusted(path, owners=(0,), sticky_ok=sticky_ok)

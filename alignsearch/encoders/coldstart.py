@@ -24,7 +24,7 @@ def peek_model(index_dir: Path) -> dict | None:
 
 def text_encoder_soon(index_dir: Path, precision: str) -> tuple[dict, Future] | None:
     """(the model meta it is for, a future of onnxrun.text_encoder(...) or None), or None when there is
-    nothing to start."""
+    nothing to start. precision: the text tower's, backend.torch_free_text's answer."""
     info = peek_model(index_dir)
     if info is None:
         return None
@@ -32,7 +32,7 @@ def text_encoder_soon(index_dir: Path, precision: str) -> tuple[dict, Future] | 
     def load():
         from alignsearch.encoders import onnxrun
 
-        return onnxrun.text_encoder(info, "int8" if precision == "int8" else "fp32")
+        return onnxrun.text_encoder(info, precision)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignsearch-text")
     future = pool.submit(load)

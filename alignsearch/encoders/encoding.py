@@ -9,6 +9,7 @@ once.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -21,6 +22,26 @@ from alignsearch.media.sources import read_local
 
 DEFAULT_MODEL = "kakaobrain/align-base"
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+
+def checkpoint_stamp(path) -> dict | None:
+    """{"path": absolute folder, "files": {name: [size, mtime_ns, ctime_ns, inode, device]}} of a local
+    checkpoint folder's files (symlinks followed, as in the Hugging Face cache's snapshots); None for a hub id
+    or a folder that cannot be listed. ctime because nothing else is enough: a checkpoint re-extracted from an
+    archive with fixed mtimes (tar --mtime, SOURCE_DATE_EPOCH) got back the same sizes, mtimes and (reused)
+    inodes with other weights; every write, rename or utime sets ctime, and no user can set it back."""
+    folder = Path(path)
+    try:
+        if not folder.is_dir():
+            return None
+        files = {}
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file():
+                st = entry.stat()
+                files[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    except OSError:
+        return None
+    return {"path": str(folder.resolve()), "files": files}
 
 
 def describe_model(name: str, fingerprint: str, content_digest: str, dim: int, max_length: int, spec: ImageSpec) -> dict:

@@ -22,7 +22,8 @@ import torch
 from alignsearch import atomic
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, UsageError
 from alignsearch.media.images import ImageSpec, open_rgb
-from alignsearch.encoders.model import load_image_spec, resolve_device, to_pixel_values
+from alignsearch.encoders.model import load_image_spec, resolve_device
+from alignsearch.encoders.pixels import to_pixel_values
 from alignsearch.encoders.pairs import Pair, load_pairs
 
 CHECKPOINT = "checkpoint"  # inside the output directory: the last finished epoch, for --resume

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -15,15 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignsearch.encoders.backend import (CPU_MICRO_BATCH, ENGINES, EncoderOptions, choose_images, fallback, installed_engines,
-                                onnxruntime_installed, openvino_bf16, openvino_installed, plan)
-from alignsearch.encoders.cached import checkpoint_stamp
-from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, describe_model
+from alignsearch.encoders.backend import CPU_MICRO_BATCH, encoder_options
+from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, checkpoint_stamp, describe_model
+from alignsearch.encoders.pixels import scale_pixels, to_pixel_values
+from alignsearch.encoders.resolve import resolve
 from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError
 from alignsearch.media.images import ImageSpec
 
 log = logging.getLogger(__name__)
-__all__ = ["DEFAULT_MODEL", "Encoder", "ImageInput", "load_recorded"]
+__all__ = ["DEFAULT_MODEL", "Encoder", "ImageInput", "load_recorded", "scale_pixels", "to_pixel_values"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -152,27 +151,6 @@ def _embedding(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def scale_pixels(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """uint8 (N, H, W, 3) to the float (N, 3, H, W) the vision tower takes: the processor's arithmetic.
-    The exported ONNX vision tower runs this same function inside its graph."""
-    x = x.permute(0, 3, 1, 2).float() * spec.rescale_factor
-    if spec.rescale_offset:
-        x = x - 1.0
-    if spec.mean is not None:
-        x = (x - torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    if spec.include_top_std is not None:
-        x = x / torch.tensor(spec.include_top_std, device=x.device).view(1, 3, 1, 1)
-    return x
-
-
-def to_pixel_values(crops: np.ndarray, spec: ImageSpec, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) crops to the float tensor the vision tower takes, scaled on the device."""
-    x = torch.from_numpy(np.ascontiguousarray(crops))
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    return scale_pixels(x, spec)
-
-
 def load_image_spec(model: str, local_files_only: bool = False) -> ImageSpec:
     from transformers import AutoImageProcessor
 
@@ -262,6 +240,7 @@ class Encoder(EncoderBase):
         from transformers import AlignModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        self.options = encoder_options(device=device, backend=backend, precision=precision, text_bf16=text_bf16)
         if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":  # the CLI's quiet mode (cli._quiet_transformers)
             hf_logging.disable_progress_bar()
         # A local directory is remembered by absolute path, so later runs find it from anywhere.
@@ -289,16 +268,8 @@ class Encoder(EncoderBase):
         self._content = None
         self._tokenizer_state = tokenizer_state(self.tokenizer)  # before any call changes it
         self.temperature = float(self.model.temperature.detach().cpu())
-        if text_bf16 and precision == "auto":
-            precision = "bf16"
-        options = EncoderOptions(device=device, backend=backend, precision=precision)
-        self.options = options
-        cpu = self.device.type == "cpu"
-        ov = cpu and openvino_installed()
-        self.plan = plan(options, self.device.type, cpu and onnxruntime_installed(), ov,
-                         ov and precision == "bf16" and openvino_bf16())
-        self._towers: dict[str, object] = {}  # "text"/"image" -> onnxrun.Tower, once exported and checked
-        self._exporter = None
+        # the towers on the engines the plan names (alignsearch/encoders/resolve.py): exported on first use
+        self.towers = resolve(self.options, self.device.type, self)
         if self.device.type == "cpu":
             # oneDNN's convolutions want NHWC: fp32 3.2 -> 3.7 images/s on a 2-core Xeon, bf16 2x on an EPYC
             # (benchmarks/RESULTS.md); the vectors stay at cosine 1.0 to NCHW.
@@ -322,48 +293,18 @@ class Encoder(EncoderBase):
     def _autocast(self, precision: str):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def _onnx(self, tower: str):
-        """The exported tower on ONNX Runtime or OpenVINO, exported and checked on first use; None when the plan
-        runs it on torch or the export failed (the plan then says why, and torch runs from here on)."""
-        if (self.plan.images_on if tower == "image" else self.plan.backend) not in ENGINES:
-            return None
-        if tower not in self._towers:
-            from alignsearch.encoders import onnxexport
-            from alignsearch.encoders.onnxrun import OnnxUnusable
+    @property
+    def plan(self):
+        """What runs each tower (backend.Plan): decided once, changed only by the towers (resolve.Towers)."""
+        return self.towers.plan
 
-            try:
-                self._exporter = self._exporter or onnxexport.Exporter(self)
-                if tower == "image":
-                    engine = self._image_engine()
-                    if engine == "torch":
-                        return None
-                    self._towers[tower] = self._exporter.vision(engine, self.plan.image)
-                elif self.plan.text == "int8":
-                    try:
-                        self._towers[tower] = self._exporter.text("int8")
-                    except OnnxUnusable as why:  # this model does not quantize well: exact text instead
-                        log.warning("text at fp32: %s", why)
-                        self.plan = replace(self.plan, text="fp32", why=str(why))
-                        self._towers[tower] = self._exporter.text("fp32")
-                else:
-                    self._towers[tower] = self._exporter.text(self.plan.text, self.plan.backend)
-            except OnnxUnusable as why:
-                log.warning("running the model on torch: %s", why)
-                self.plan = fallback(str(why))
-                self._towers.clear()
-                return None
-        return self._towers.get(tower)
-
-    def _image_engine(self) -> str:
-        """The vision tower's engine: the plan's, or under --backend auto at fp32 the one measured fastest on
-        this CPU (once, kept in the cache's manifest), with the measurement in the plan's note."""
-        if self.options.backend == "auto" and self.plan.image == "fp32":
-            self.plan = choose_images(self.plan, self._exporter.vision_speed(installed_engines()))
-        return self.plan.images_on
+    @property
+    def _towers(self) -> dict:
+        return self.towers.built
 
     def prepare_text(self) -> None:
         """Export the text tower now (index does, at its end), so the first query needs no torch."""
-        self._onnx("text")
+        self.towers.get("text")
 
     @torch.inference_mode()
     def _torch_text(self, texts: list[str], precision: str) -> np.ndarray:
@@ -389,7 +330,7 @@ class Encoder(EncoderBase):
         """(N, dim) float32 unit vectors. Long texts are truncated to the model's token limit."""
         if isinstance(texts, str):
             texts = [texts]
-        tower = self._onnx("text")
+        tower = self.towers.get("text")
         if tower is not None:
             from alignsearch.encoders.onnxrun import text_feeds
 
@@ -401,8 +342,10 @@ class Encoder(EncoderBase):
         """(N, dim) float32 unit vectors from uint8 crops made by images.crop_uint8."""
         if len(crops) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tower = self._onnx("image")
+        tower = self.towers.get("image")
         if tower is not None:
+            if isinstance(crops, torch.Tensor):
+                crops = crops.cpu().numpy()
             # ORT's convolutions run fastest in small batches on CPUs too (activations stay in cache).
             step = micro_batch("cpu")
             return np.concatenate([tower.run(crops=np.ascontiguousarray(crops[i : i + step]))

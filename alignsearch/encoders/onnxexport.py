@@ -2,7 +2,8 @@
 
 Each tower is exported with torch.onnx on first use, run on probe inputs by ONNX Runtime and compared
 with torch fp32 (cosine >= 0.9999, onnxrun.FLOOR), and only then recorded in the cache folder's
-manifest, where later runs (and other indexes of the same model) find it by the model's fingerprint.
+manifest (a record per artefact: alignsearch/encoders/records.py), where later runs (and other indexes of
+the same model) find it by the model's fingerprint.
 The vision tower takes the uint8 crops the reader makes and scales them inside the graph, so the
 preprocessing stays exactly what the index records (images.ImageSpec) and no float copy is made in
 Python. Anything that fails raises onnxrun.OnnxUnusable with one line saying why; the encoder then runs
@@ -22,14 +23,15 @@ import numpy as np
 import torch
 
 from alignsearch import atomic
+from alignsearch.encoders import records
 from alignsearch.encoders.backend import cache_untrusted, make_cache_dir, onnx_dir
-from alignsearch.encoders.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
+from alignsearch.encoders.onnxrun import (EXPORT_VERSION, FILES, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
                                  clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
                                  read_manifest, tokenizer)
+from alignsearch.encoders.pixels import scale_pixels
 
 log = logging.getLogger(__name__)
 OPSET = 17
-MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
 
 
 def _features(output) -> torch.Tensor:
@@ -68,8 +70,6 @@ class _VisionTower(torch.nn.Module):
         self.spec = spec
 
     def forward(self, crops):
-        from alignsearch.encoders.model import scale_pixels
-
         vision = self.model.vision_model
         pooler = vision.pooler
         vision.pooler = _GlobalPool(pooler)  # for the export only: the model is the Encoder's own
@@ -116,20 +116,12 @@ def _versions(*names: str) -> dict:
     return found
 
 
-def _still(path: Path, entry: dict) -> bool:
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
-
-
 def _remove_stale_temporaries(folder: Path, age: float = 3600.0) -> None:
     """Half-written exports left by a killed process (atomic.replacing's `.NAME.XXXX.tmp`), hundreds of MB
-    each; an hour old, so another process's export in progress is left alone."""
+    each, and records (small); an hour old, so another process's export in progress is left alone."""
     import time
 
-    for tmp in folder.glob(".*.tmp"):
+    for tmp in [*folder.glob(".*.tmp"), *(folder / records.FOLDER).glob(".*.tmp")]:
         try:
             if time.time() - tmp.stat().st_mtime > age:
                 tmp.unlink()
@@ -150,7 +142,8 @@ WAIT_NOTICES = {  # what a first use waits for, said once (alignsearch/notices.p
 
 
 class Exporter:
-    """The cache folder of one loaded model (model.Encoder): exports, checks and records its towers."""
+    """The cache folder of one loaded model (model.Encoder): exports, checks and records its towers, each
+    in its own record (records.Writer): two processes exporting different towers at once keep both."""
 
     def __init__(self, enc):
         self.enc = enc
@@ -159,22 +152,20 @@ class Exporter:
         if why:  # never read from nor written to: the model runs on torch, and says why
             raise OnnxUnusable(f"the model cache is not private: {why}")
         self.manifest = self._current(read_manifest(self.folder))
-        stamp = getattr(enc, "checkpoint_stamp", None)
-        if stamp is not None and stamp not in self.manifest.setdefault("checkpoints", []):
+        self.records = records.Writer(self.folder, self.manifest)
+        self._stamp = getattr(enc, "checkpoint_stamp", None)
+        if self._stamp is not None and self._stamp not in self.manifest.setdefault("checkpoints", []):
             # where these exact weights were loaded from: cached.find then runs the exports without loading them
-            self.manifest["checkpoints"] = (self.manifest["checkpoints"] + [stamp])[-MAX_CHECKPOINTS:]
-            if (self.folder / MANIFEST).exists():
-                try:
-                    self._save_manifest()
-                except OSError:
-                    pass  # recorded with the next export, or never: the checkpoint is then loaded each run
+            self.manifest["checkpoints"] = (self.manifest["checkpoints"] + [self._stamp])[-records.MAX_CHECKPOINTS:]
+            if records.exists(self.folder):
+                self._record_stamp()
 
     def _current(self, manifest: dict | None) -> dict:
         """`manifest` if it describes this model and preprocessing, else a fresh one."""
         enc = self.enc
         ident = {"fingerprint": enc.fingerprint, "content_digest": enc.content_digest, "spec": _spec_dict(enc.spec),
                  "export_version": EXPORT_VERSION}
-        if manifest is None or any(manifest.get(k) != v for k, v in ident.items()):
+        if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in ident.items()):
             manifest = {**ident, "files": {}, "probes": {}}
         manifest.update(model=enc.name, dim=enc.dim, max_length=enc.max_length, temperature=enc.temperature)
         return manifest
@@ -185,7 +176,7 @@ class Exporter:
         try:
             return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
         except (OnnxUnusable, KeyError) as why:
-            if (self.folder / MANIFEST).exists():
+            if records.exists(self.folder):
                 log.info("re-exporting the %s text tower: %s", precision, why)
         rejected = self.manifest.setdefault("rejected", {})
         if precision == "int8" and "text-int8" in rejected:  # measured once: this model does not quantize well
@@ -196,13 +187,15 @@ class Exporter:
             try:
                 return load_text(self.folder, self.manifest, precision, self._tokenize)
             except OnnxUnusable as why:
-                # The file goes first, so the manifest merge (which keeps entries whose file is still there)
-                # drops it; the rejection is set on the manifest itself, since the merge in _write replaced
-                # the dict `rejected` was read from (both were lost before: every int8 query loaded torch).
+                # Measured once: remembered, so that int8 queries do not quantize (and load torch) every time.
                 (self.folder / FILES["text-int8"]).unlink(missing_ok=True)
                 self.manifest.setdefault("rejected", {})["text-int8"] = str(why)
                 self.manifest["files"].pop("text-int8", None)
-                self._save_manifest()
+                try:
+                    self.records.drop_file("text-int8")
+                    self.records.rejected("text-int8", str(why))
+                except OSError:
+                    pass  # measured again next time
                 raise
         self._write(self._make_text, "text-fp32")
         return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
@@ -212,7 +205,7 @@ class Exporter:
         try:
             return load_vision(self.folder, self.manifest, size, engine, precision)
         except (OnnxUnusable, KeyError) as why:
-            if (self.folder / MANIFEST).exists():
+            if records.exists(self.folder):
                 log.info("re-exporting the vision tower: %s", why)
         self._write(self._make_vision, "vision-fp32")
         return load_vision(self.folder, self.manifest, size, engine, precision)
@@ -255,7 +248,7 @@ class Exporter:
             raise failures[0]
         speeds[here] = measured
         try:
-            self._save_manifest()
+            self.records.speed(here, measured)
         except OSError:
             pass  # measured again next time
         return measured
@@ -317,26 +310,11 @@ class Exporter:
             log.info("the tokenizers library tokenizes differently from transformers: cold queries load transformers")
             self.manifest.pop("tokenizer", None)
 
-    def _save_manifest(self) -> None:
-        """Write the manifest, merged under a lock with what another process recorded meanwhile (two index
-        runs, or Ray actors, exporting different towers of the same model at once keep both)."""
-        import fcntl
-
-        with open(self.folder / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            disk = read_manifest(self.folder)
-            if disk is not None and self._current(disk) is disk:
-                known = self.manifest.get("checkpoints", [])
-                self.manifest["checkpoints"] = (disk.get("checkpoints", []) + [c for c in known
-                                                if c not in disk.get("checkpoints", [])])[-MAX_CHECKPOINTS:]
-                for key in ("files", "rejected", "vision_speed", "probes"):
-                    merged = {**disk.get(key, {}), **self.manifest.get(key, {})}
-                    if key == "files":  # only entries whose file is still as recorded
-                        merged = {k: v for k, v in merged.items() if _still(self.folder / FILES[k], v)}
-                    self.manifest[key] = merged
-                if "tokenizer" not in self.manifest and "tokenizer" in disk and "tokenizer" in self.manifest["files"]:
-                    self.manifest["tokenizer"] = disk["tokenizer"]
-            atomic.write_bytes(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=False)
+    def _record_stamp(self) -> None:
+        try:
+            self.records.checkpoint(self._stamp)
+        except OSError:
+            pass  # recorded with the next export, or never: the checkpoint is then loaded each run
 
     def _write(self, make, key: str) -> None:
         """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
@@ -357,6 +335,10 @@ class Exporter:
             clear_folder(openvino_cache(final))  # graphs compiled from the file replaced (~250 MB each)
             self.manifest["files"][key] = {**file_record(final), "made_by": how, "torch": torch.__version__,
                                           **_versions("onnxruntime", "openvino")}
-            self._save_manifest()
+            if key == "text-fp32" and "tokenizer" in self.manifest["files"]:  # written with it (_tokenizer_json)
+                self.records.file("tokenizer", self.manifest["files"]["tokenizer"], self.manifest)
+            self.records.file(key, self.manifest["files"][key], self.manifest)
+            if self._stamp is not None:
+                self._record_stamp()
         except OSError as exc:
             raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None

@@ -4,27 +4,26 @@ Imports neither torch nor transformers: a cold `alignsearch query TEXT` loads on
 tower and the tokenizer's tokenizer.json only (about a second rather than five).
 
 A cached folder (backend.onnx_dir(fingerprint, content digest)) holds the towers, tokenizer.json and
-manifest.json. The manifest records each file's size, modification time and SHA-256, and probe inputs with
-the embeddings torch gave for them at export time. A load checks size and time (a file written since is
+the manifest (records/, one record per artefact: alignsearch/encoders/records.py). It records each file's
+size, modification time and SHA-256, and probe inputs with the embeddings torch gave for them at export time. A load checks size and time (a file written since is
 hashed and must match), then runs the probes again and compares (cosine): a truncated, rewritten or
 bit-flipped file is exported again rather than used.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from alignsearch.encoders import records
 from alignsearch.encoders.backend import cache_untrusted, onnx_dir
 from alignsearch.storage.paths import untrusted
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 OPENVINO_CACHE = "openvino"  # OpenVINO's compiled graphs, beside the files they were compiled from
 TOKENIZER = "tokenizer.json"
 FILES = {"text-fp32": "text-fp32.onnx", "text-int8": "text-int8.onnx", "vision-fp32": "vision-fp32.onnx",
@@ -80,10 +79,8 @@ def machine() -> str:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    """The cache folder's manifest as one dict (records.read), or None."""
+    return records.read(folder)
 
 
 def _session(path: Path):
@@ -243,9 +240,12 @@ def clear_folder(folder: Path) -> None:
 def tokenizer(folder: Path, max_length: int, pad_id: int, pad_token: str):
     """tokenize(texts) -> (ids, mask) from tokenizer.json, as transformers' fast tokenizer is called
     (padding to the longest text, truncation at max_length)."""
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(folder / TOKENIZER))
+        tok = Tokenizer.from_file(str(folder / TOKENIZER))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a file it cannot read
+        raise OnnxUnusable(f"cannot read {folder / TOKENIZER}: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}") from None
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
 
@@ -306,7 +306,7 @@ def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | Non
         precision = "fp32"  # this model's int8 text was measured too far off: exact text, as the full path does
     try:
         return TextEncoder(folder, manifest, precision)
-    except Exception as exc:  # noqa: BLE001 - any failure here only means the slower path: the full model
-        # loads, and re-exports what is damaged.
+    except (OnnxUnusable, *records.DAMAGED, OSError) as exc:  # only the slower path: the full model loads, and
+        # re-exports what is damaged
         log.info("cached ONNX text tower not used: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from alignsearch.storage import ann, catalog, keywords, shards, state, vectors
+from alignsearch.storage import ann, catalog, keywords, layouts, state, vectors
 from alignsearch.search import filters, querycheck
-from alignsearch.encoders.backend import EncoderOptions
+from alignsearch.encoders.backend import encoder_options, torch_free_text
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
 from alignsearch.media.photometa import iso
@@ -84,7 +84,7 @@ class Snapshot:
     store: vectors.VectorStore
     index: Any
     plan: ann.IndexPlan
-    stamp: int  # the ANN files' modification stamp when read (shards.stamp)
+    stamp: int  # the ANN files' modification stamp when read (layouts.stamp)
     videos: bool = False  # the index has held video moments (per-video caps apply)
     unbuilt: bool = False  # no ANN index was ever published: `index` is an exact one over the committed vectors
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
@@ -122,11 +122,11 @@ class Engine:
         for the model this index's snapshot records."""
         self.dir = Path(index_dir)
         self._model_name = model
-        self._enc_options = EncoderOptions(device=device, backend=backend,
-                                       precision="bf16" if text_bf16 and precision == "auto" else precision)
+        self._enc_options = encoder_options(device=device, backend=backend, precision=precision, text_bf16=text_bf16)
         self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
+        # The one encoder cache: (fingerprint, encoder, whether it encodes images); a text-only one
+        # (onnxrun.TextEncoder: no torch) gives way to the full encoder when an image is encoded.
         self._encoder = None
-        self._text_only = None  # (fingerprint, onnxrun.TextEncoder): text queries without torch
         self._text_soon = text_soon
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -139,20 +139,21 @@ class Engine:
             st = state.read(conn)
             if st.model is None:
                 raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
-            model_info, generation, roots, tuning = st.model.record, st.generation, list(st.roots.roots), dict(st.ann.tuning)
-            digest, videos = st.ann.digest, st.videos
+            model_info, generation, roots, videos = st.model.record, st.generation, list(st.roots.roots), st.videos
+            record = layouts.read_record(conn)
+            tuning = dict(record.tuning)
             store = vectors.load(conn, self.dir, st.model.dim)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
-            unbuilt = digest is None and not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None
+            unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
             live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2) if unbuilt else None
         if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
                             videos=videos)
-        if not (self.dir / ANN_FILE).exists() and shards.files(self.dir) is None:
+        if not layouts.pick(self.dir, record).exists():
             raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
-        stamp = shards.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
-        index = shards.open_served(self.dir, digest)
+        stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
+        index = layouts.open_current(self.dir, record)
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
 
     def refresh(self) -> bool:
@@ -161,7 +162,7 @@ class Engine:
         with self.db.connect() as conn:
             generation = state.read(conn, "generation").generation
             grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
-        if generation == snap.generation and shards.stamp(self.dir) == snap.stamp and not grown:
+        if generation == snap.generation and layouts.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
             if self.snap is not snap:  # another thread refreshed meanwhile
@@ -191,18 +192,12 @@ class Engine:
     def _encoder_of(self, snap: Snapshot):
         with self._encoder_lock:
             fingerprint = snap.model_info["fingerprint"]
-            if self._encoder is None or self._encoder[0] != fingerprint:  # first use, or a re-encode switched it
-                from alignsearch.encoders import cached
+            if self._encoder is None or self._encoder[0] != fingerprint or not self._encoder[2]:
+                # first use, a re-encode switched the model, or only text was loaded
+                from alignsearch.encoders.loader import open_encoder
 
-                o = self._enc_options
                 # the index's model from its cached exports (no torch: alignsearch/encoders/cached.py), else loaded
-                enc = cached.find(self._model_name, snap.model_info, o)
-                if enc is None:
-                    from alignsearch.encoders.model import load_recorded
-
-                    enc = load_recorded(snap.model_info, self._model_name, o.device, backend=o.backend,
-                                        precision=o.precision)
-                self._encoder = (fingerprint, enc)
+                self._encoder = (fingerprint, open_encoder(self._model_name, self._enc_options, snap.model_info), True)
             return self._encoder[1]
 
     def _text_encoder_of(self, snap: Snapshot):
@@ -214,17 +209,13 @@ class Engine:
         with self._encoder_lock:
             if self._encoder is not None and self._encoder[0] == fingerprint:
                 return self._encoder[1]
-            if self._text_only is not None and self._text_only[0] == fingerprint:
-                return self._text_only[1]
-            o = self._enc_options
-            if self._model_name is None and o.device in ("auto", "cpu") and o.backend in ("auto", "onnx") \
-                    and o.precision in ("auto", "fp32", "int8"):
+            precision = torch_free_text(self._enc_options, self._model_name)
+            if precision is not None:
                 from alignsearch.encoders import onnxrun
 
-                light = self._early_text(snap) or onnxrun.text_encoder(snap.model_info,
-                                                                       "int8" if o.precision == "int8" else "fp32")
+                light = self._early_text(snap) or onnxrun.text_encoder(snap.model_info, precision)
                 if light is not None:
-                    self._text_only = (fingerprint, light)
+                    self._encoder = (fingerprint, light, False)
                     return light
         return self._encoder_of(snap)
 
@@ -243,9 +234,9 @@ class Engine:
 
     def encoder_plan(self) -> dict | None:
         """What encodes queries (backend and precision per tower), once one is loaded."""
-        enc = (self._encoder or self._text_only or (None, None))[1]
-        if enc is None:
+        if self._encoder is None:
             return None
+        enc = self._encoder[1]
         p = enc.plan
         return p if isinstance(p, dict) else p.to_dict()
 

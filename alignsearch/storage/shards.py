@@ -1,4 +1,5 @@
-"""An IVF-PQ index kept as several shard files searched together with faiss.IndexShards.
+"""An IVF-PQ index kept as several shard files searched together with faiss.IndexShards: the files and the
+manifest of the sharded layout (its object is alignsearch/storage/layouts/sharded.py).
 
 The alternative to one merged on-disk index (indexer/ondisk.py): the shards share one trained
 quantizer, catalog id i lives in shard i % N, and each file is memory-mapped when served
@@ -16,7 +17,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from alignsearch.storage import ann
 from alignsearch.atomic import write_bytes
 from alignsearch.storage.paths import ANN_FILE
 
@@ -39,12 +39,17 @@ def new_name(folder: Path, shard: int) -> Path:
     return Path(folder) / f"shard-{time.time_ns()}-{shard:03d}.faiss"
 
 
+def manifest_bytes(paths: list[Path]) -> bytes:
+    """The manifest naming `paths` as the shards, as publish writes it (its checksum is committed first)."""
+    return json.dumps({"files": [Path(p).name for p in paths]}).encode()
+
+
 def publish(folder: Path, paths: list[Path]) -> None:
     """Make `paths` the current shards (atomically). Files of the generation before stay one more round,
     so a reader that read the old manifest a moment ago can still open them; older ones are deleted."""
     folder = Path(folder)
     previous = {p.name for p in files(folder) or []}
-    write_bytes(folder / MANIFEST, json.dumps({"files": [p.name for p in paths]}).encode())
+    write_bytes(folder / MANIFEST, manifest_bytes(paths))
     keep = {p.name for p in paths} | previous
     for old in folder.glob("shard-*.faiss"):  # open readers keep their mapping of an unlinked file
         if old.name not in keep:
@@ -53,7 +58,8 @@ def publish(folder: Path, paths: list[Path]) -> None:
 
 
 def unpublish(folder: Path) -> None:
-    """Back to a single index file: drop the manifest and the shard files (after ANN_FILE was written)."""
+    """Back to index.faiss (single or on-disk layout): drop the manifest, then the shard files (after ANN_FILE was
+    written)."""
     (Path(folder) / MANIFEST).unlink(missing_ok=True)
     for old in Path(folder).glob("shard-*.faiss"):
         old.unlink()
@@ -68,28 +74,3 @@ def open_shards(paths: list[Path], mmap: bool = True) -> faiss.IndexShards:
     for path in paths[1:]:
         index.add_shard(faiss.read_index(str(path), flags))
     return index
-
-
-def open_served(folder: Path, digest: str | None = None, tries: int = 3) -> faiss.Index:
-    """What a query searches: the shards when there is a manifest, else the single index file, accepted
-    only with the checksum the catalog recorded (digest; None for indexes written before checksums). A
-    layout switch published while opening is retried (its files vanish only after the switch)."""
-    for attempt in range(tries):
-        try:
-            paths = files(folder)
-            return open_shards(paths) if paths else ann.read_verified(Path(folder) / ANN_FILE, digest)
-        except (FileNotFoundError, RuntimeError):  # faiss reports a missing file as RuntimeError
-            if attempt == tries - 1:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
-def stamp(folder: Path) -> int:
-    """Changes whenever a new index is published (the engine re-opens on a change); 0 when none is."""
-    for path in (Path(folder) / MANIFEST, Path(folder) / ANN_FILE):
-        try:
-            return path.stat().st_mtime_ns
-        except FileNotFoundError:
-            continue
-    return 0

@@ -25,7 +25,7 @@ from functools import wraps
 
 import click
 
-from alignsearch.encoders.backend import BACKENDS, PRECISIONS
+from alignsearch.encoders.backend import BACKENDS, PRECISIONS, EncoderOptions, torch_free_text
 from alignsearch.errors import AlignSearchError
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,9 @@ def main(verbose: int) -> None:
                    "updated in place (0: one file; remembered).")
 @click.option("--fast-decode", is_flag=True,
               help="Decode JPEGs at reduced scale (Pillow draft): faster on big photos, pixels differ slightly.")
+@click.option("--gpu-decode/--no-gpu-decode", default=None,
+              help="With a CUDA encoder: decode JPEGs on the GPU (nvJPEG, needs torchvision; on by default where it "
+                   "works). --no-gpu-decode keeps the exact CPU decode.")
 @click.option("--list-column", default=None, metavar="NAME",
               help="For a .csv/.parquet list root: the column of paths or URLs (default: path, url, uri, image...).")
 @click.option("--caption-column", default=None, metavar="NAME",
@@ -226,7 +229,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, list_column, caption_column, video_interval, ocr, as_json):
+          ondisk_shards, index_shards, fast_decode, gpu_decode, list_column, caption_column, video_interval, ocr, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -245,7 +248,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
         caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-        ocr=ocr,
+        ocr=ocr, gpu_decode=gpu_decode,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -420,11 +423,11 @@ def _search_locally(found, request, model, device, backend, precision) -> tuple[
     """The hits of the request from an engine loaded here, and with --explain its plan."""
     _quiet_transformers()
     soon = None
-    if request.text is not None and request.image is None and model is None and device in ("auto", "cpu") \
-            and backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8"):
+    light = torch_free_text(EncoderOptions(device=device, backend=backend, precision=precision), model)
+    if request.text is not None and request.image is None and light is not None:
         from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
 
-        soon = text_encoder_soon(found, precision)
+        soon = text_encoder_soon(found, light)
     from alignsearch.search.engine import open as open_index
 
     engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)
@@ -436,11 +439,11 @@ def _search_locally(found, request, model, device, backend, precision) -> tuple[
 def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
     """--model when given, else the index's own model when there is an index, else the default."""
     from alignsearch.search.engine import find_index_dir, open as open_index
-    from alignsearch.encoders.model import DEFAULT_MODEL, Encoder
+    from alignsearch.encoders.loader import open_encoder
 
     if model is None and (index_dir or find_index_dir()):
         return open_index(index_dir, device=device, backend=backend, precision=precision).encoder
-    return Encoder(model or DEFAULT_MODEL, device, backend=backend, precision=precision)
+    return open_encoder(model, EncoderOptions(device=device, backend=backend, precision=precision), cache=False)
 
 
 @main.command()

@@ -1,0 +1,180 @@
+"""The ONNX cache's manifest: one small JSON record per artefact, each written atomically on its own.
+
+A cache folder (backend.onnx_dir) keeps its records in records/: model.json (what the exports are of: the
+model's identity, preprocessing and sizes), file-KEY.json per exported file (its size, time and SHA-256,
+and what it needs to be checked: the probes torch answered for a tower, the pad token for tokenizer.json),
+rejected-KEY.json (a tower measured unusable: int8 text that drifts), speed-MACHINE.json (the vision
+tower's measured engine rates on one CPU) and checkpoint-PLACE.json (the stamp of a checkpoint folder
+these weights were loaded from). Two processes exporting different towers each write their own record, so
+neither needs a lock nor a merge, and a crash leaves every record whole (the old or the new one).
+
+read() assembles them into one dict of the shape the single manifest.json had before; a folder that still
+holds only that older manifest.json is read as it is, and converted to records on the next write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from alignsearch import atomic
+
+log = logging.getLogger(__name__)
+
+FOLDER = "records"
+LEGACY = "manifest.json"  # the single manifest written before per-artefact records
+MODEL = "model.json"
+IDENTITY = ("fingerprint", "content_digest", "spec", "export_version")
+MODEL_KEYS = IDENTITY + ("model", "dim", "max_length", "temperature")
+MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
+# What using a damaged manifest's values raises (a key missing, a value of another type or shape): readers
+# take such a manifest for no export at all, and the full load exports again.
+DAMAGED = (LookupError, TypeError, ValueError, AttributeError)
+# What a file's record carries besides its own entry, per manifest key: the probes of its tower, the pad token.
+_FILE_EXTRAS = {"text-fp32": (("probes", "texts"), ("probes", "text")), "vision-fp32": (("probes", "image"),),
+                "tokenizer": (("tokenizer",),)}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _at(record) -> int:
+    """When a checkpoint record was written (0 where it cannot be read), to keep the latest ones."""
+    at = record.get("at") if isinstance(record, dict) else None
+    return at if isinstance(at, int) else 0
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read(folder: Path) -> dict | None:
+    """The folder's manifest as one dict (records assembled; else the older manifest.json), or None when it
+    has none that reads as a JSON object. The values are not validated here: each reader checks what it uses."""
+    folder = Path(folder)
+    model = _load(folder / FOLDER / MODEL)
+    if not isinstance(model, dict):
+        legacy = _load(folder / LEGACY)
+        return legacy if isinstance(legacy, dict) else None
+    manifest = {**{k: model[k] for k in MODEL_KEYS if k in model}, "files": {}, "probes": {}, "rejected": {},
+                "vision_speed": {}, "checkpoints": []}
+    stamps = []
+    for path in sorted((folder / FOLDER).glob("*.json")):
+        record = _load(path)
+        if not isinstance(record, dict):
+            continue  # a damaged record: its artefact is made again
+        kind, _, key = path.stem.partition("-")
+        if kind == "file" and isinstance(record.get("entry"), dict):
+            manifest["files"][key] = record["entry"]
+            for part in _FILE_EXTRAS.get(key, ()):
+                if part[-1] in record:
+                    target = manifest
+                    for name in part[:-1]:
+                        target = target.setdefault(name, {})
+                    target[part[-1]] = record[part[-1]]
+        elif kind == "rejected" and "why" in record:
+            manifest["rejected"][key] = record["why"]
+        elif kind == "speed" and isinstance(record.get("speed"), dict):
+            manifest["vision_speed"][str(record.get("machine"))] = record["speed"]
+        elif kind == "checkpoint" and "stamp" in record:
+            stamps.append((_at(record), record["stamp"]))
+    manifest["checkpoints"] = [s for _, s in sorted(stamps, key=lambda t: t[0])]
+    return manifest
+
+
+def exists(folder: Path) -> bool:
+    """Has the folder a manifest (records, or the older single file)?"""
+    return (Path(folder) / FOLDER / MODEL).exists() or (Path(folder) / LEGACY).exists()
+
+
+def is_legacy(folder: Path) -> bool:
+    return (Path(folder) / LEGACY).exists() and not (Path(folder) / FOLDER / MODEL).exists()
+
+
+class Writer:
+    """Writes one cache folder's records, each atomically (alignsearch/atomic.py). The first write makes
+    model.json and converts an older manifest.json (one line in the log), or clears records left by an
+    export of another version."""
+
+    def __init__(self, folder: Path, model: dict):
+        self.folder = Path(folder)
+        self.model = {k: model[k] for k in MODEL_KEYS}
+        self._ready = False
+
+    def _put(self, name: str, record: dict) -> None:
+        atomic.write_bytes(self.folder / FOLDER / name, json.dumps(record, indent=1).encode(), durable=False)
+
+    def _prepare(self) -> None:
+        """model.json current, before any other record is written (a reader takes records under it)."""
+        if self._ready:
+            return
+        records = self.folder / FOLDER
+        records.mkdir(mode=0o700, exist_ok=True)
+        legacy = _load(self.folder / LEGACY) if is_legacy(self.folder) else None
+        on_disk = _load(records / MODEL)
+        if not (isinstance(on_disk, dict) and all(on_disk.get(k) == self.model[k] for k in IDENTITY)):
+            for stale in records.glob("*.json"):  # another export version's records describe other files
+                stale.unlink(missing_ok=True)
+        self._put(MODEL, self.model)
+        if isinstance(legacy, dict) and all(legacy.get(k) == self.model[k] for k in IDENTITY):
+            log.info("note: converting the ONNX cache manifest in %s to per-artefact records", self.folder)
+            self._convert(legacy)
+        if (self.folder / LEGACY).exists():
+            (self.folder / LEGACY).unlink(missing_ok=True)
+        self._ready = True
+
+    def _convert(self, legacy: dict) -> None:
+        """The older single manifest's entries as records: what it listed stays usable without exporting again."""
+        try:
+            for key, entry in (legacy.get("files") or {}).items():
+                self._file(key, entry, legacy)
+            for key, why in (legacy.get("rejected") or {}).items():
+                self._put(f"rejected-{key}.json", {"why": why})
+            for machine, speed in (legacy.get("vision_speed") or {}).items():
+                self._put(f"speed-{_digest(machine)}.json", {"machine": machine, "speed": speed})
+            for i, stamp in enumerate(legacy.get("checkpoints") or []):
+                self._put(f"checkpoint-{_digest(str(stamp.get('path')))}.json", {"stamp": stamp, "at": i})
+        except (AttributeError, TypeError, KeyError) as exc:  # a damaged older manifest: its towers are made again
+            log.info("the older ONNX cache manifest in %s is not converted: %s", self.folder, exc)
+
+    def _file(self, key: str, entry: dict, manifest: dict) -> None:
+        record = {"entry": entry}
+        for part in _FILE_EXTRAS.get(key, ()):
+            value = manifest
+            for name in part:
+                value = value.get(name) if isinstance(value, dict) else None
+            if value is not None:
+                record[part[-1]] = value
+        self._put(f"file-{key}.json", record)
+
+    def file(self, key: str, entry: dict, manifest: dict) -> None:
+        """Record an exported file (its entry, with its probes or pad token taken from `manifest`)."""
+        self._prepare()
+        self._file(key, entry, manifest)
+
+    def drop_file(self, key: str) -> None:
+        (self.folder / FOLDER / f"file-{key}.json").unlink(missing_ok=True)
+
+    def rejected(self, key: str, why: str) -> None:
+        self._prepare()
+        self._put(f"rejected-{key}.json", {"why": why})
+
+    def speed(self, machine: str, speed: dict) -> None:
+        self._prepare()
+        self._put(f"speed-{_digest(machine)}.json", {"machine": machine, "speed": speed})
+
+    def checkpoint(self, stamp: dict) -> None:
+        """Remember a checkpoint folder's stamp (the latest per folder), and the MAX_CHECKPOINTS latest folders."""
+        import time
+
+        self._prepare()
+        self._put(f"checkpoint-{_digest(str(stamp.get('path')))}.json", {"stamp": stamp, "at": time.time_ns()})
+        kept = sorted((_at(_load(p)), p) for p in (self.folder / FOLDER).glob("checkpoint-*.json"))
+        for _, old in kept[:-MAX_CHECKPOINTS]:
+            old.unlink(missing_ok=True)

@@ -1,0 +1,136 @@
+"""The ANN index's layouts on disk, one object each, with one small interface.
+
+| layout (kind) | files it owns                                   | a reader opens                                  |
+|---------------|-------------------------------------------------|-------------------------------------------------|
+| single        | index.faiss (index.faiss.next until published)  | the bytes with the checksum the catalog recorded |
+| sharded       | shards.json and the shard-<ns>-<s>.faiss it names | the manifest's shards, memory-mapped (shards.py)  |
+| ondisk        | index.faiss and its lists-<ns>.ivfdata           | index.faiss, its lists memory-mapped            |
+
+The implementations are alignsearch/storage/layouts/{single,sharded,ondisk}.py; layouts/__init__.py picks the
+layout of an index (pick) and the one a build makes (target_kind).
+
+A writer's round is the same for every layout (indexer/build.py):
+1. build: an indexer-side builder fills the index and writes the layout's new files under fresh names (shards,
+   lists: never over a file a reader has open). Building needs indexer code (training, merging on-disk lists),
+   which storage may not import, so the objects here never build: they name the files a build writes and
+   take what it wrote (Sharded.stage, OnDisk.new_lists).
+2. write(index): what is written after tuning and before the commit (single: index.faiss.next; ondisk:
+   index.faiss; sharded: nothing, its shard files are written by the build).
+3. commit(conn, record): the checksums of its files, with the build's settings, in the caller's transaction.
+4. publish(): its files go live and the other layouts' files are removed (a reader that has them open keeps
+   its mapping).
+A reader (the engine, verify) picks the layout from the catalog's record and the folder, then open()s it;
+check() names the files whose bytes differ from the recorded checksums; files() lists what it owns.
+
+The ANN index's part of the index state (state.AnnState) is read by read_record and written by write_record only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+import faiss
+
+from alignsearch.storage import ann, state
+
+LISTS_SUFFIX = ".ivfdata"  # the on-disk layout's inverted lists: lists-<ns>.ivfdata
+
+
+@dataclass(frozen=True)
+class AnnRecord:
+    """What the catalog recorded about the ANN index when a build committed."""
+
+    digest: str | None = None  # sha256 of index.faiss (single layout); None for the others, or before checksums
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256 of each file (sharded, ondisk)
+    trained_n: int = 0  # vectors the IVF-PQ training saw (retrain when N grows 4x past it)
+    tuning: dict = field(default_factory=dict)  # nprobe and re-rank depth (indexer/tune.py)
+    ondisk_shards: int = 0  # the layout asked for (remembered between runs): --ondisk-shards
+    index_shards: int = 0  # --index-shards
+
+    @property
+    def lists_name(self) -> str | None:
+        """The on-disk lists file the record names, if any."""
+        return next((name for name in self.files if name.endswith(LISTS_SUFFIX)), None)
+
+
+def read_record(conn) -> AnnRecord:
+    recorded = state.read(conn, "ann").ann
+    return AnnRecord(digest=recorded.digest, files=dict(recorded.files), trained_n=recorded.trained_n,
+                     tuning=dict(recorded.tuning), ondisk_shards=recorded.ondisk_shards,
+                     index_shards=recorded.index_shards)
+
+
+def write_record(conn, record: AnnRecord) -> None:
+    state.write(conn, ann=state.AnnState(digest=record.digest, files=dict(record.files), trained_n=record.trained_n,
+                                         tuning=record.tuning, ondisk_shards=record.ondisk_shards,
+                                         index_shards=record.index_shards))
+
+
+def damaged_message(name: str) -> str:
+    return f"{name} is damaged (its checksum differs from the one the catalog recorded)"
+
+
+def bytes_digest(data: bytes) -> str:
+    """The digest ann.file_digest gives a file holding `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class Layout(ABC):
+    """One layout of the ANN index in `folder`, as `record` (the catalog's) describes it. A writer makes a fresh
+    one (record empty), builds into it, then write / commit / publish; a reader gets one from layouts.pick."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, folder: Path, record: AnnRecord | None = None):
+        self.folder = Path(folder)
+        self.record = record or AnnRecord()
+
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """The files it owns: those a writer staged, else those published."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the file a reader starts from is there (an index was published)."""
+
+    @abstractmethod
+    def open(self) -> faiss.Index:
+        """The index a query searches (a reader's snapshot)."""
+
+    def write(self, index: faiss.Index) -> None:
+        """Write what the build left in memory, before the commit (nothing, unless the layout says so)."""
+
+    @abstractmethod
+    def checksums(self) -> tuple[str | None, dict[str, str]]:
+        """What a commit records of its files: (ann_digest, ann_files)."""
+
+    def commit(self, conn, record: AnnRecord) -> AnnRecord:
+        """Record, in the caller's transaction, `record` (the build's settings) with this layout's checksums."""
+        digest, files = self.checksums()
+        self.record = replace(record, digest=digest, files=files)
+        write_record(conn, self.record)
+        return self.record
+
+    @abstractmethod
+    def publish(self) -> None:
+        """Make the committed files live; remove the files of the other layouts (and its own older ones)."""
+
+    def expected(self) -> dict[str, str]:
+        """The checksum each file must have, as recorded: check() compares them."""
+        return dict(self.record.files)
+
+    def check(self) -> list[str]:
+        """One line per file whose bytes are missing or differ from the recorded checksum."""
+        return [damaged_message(name) for name, want in self.expected().items()
+                if not (self.folder / name).exists() or ann.file_digest(self.folder / name) != want]
+
+
+def drop_lists(folder: Path, keep: Path | None = None) -> None:
+    """Remove on-disk lists files other than `keep` (open readers keep their mapping of an unlinked file)."""
+    for old in Path(folder).glob(f"lists-*{LISTS_SUFFIX}"):
+        if old != keep:
+            old.unlink()

@@ -1,0 +1,61 @@
+"""The single layout: the whole index in index.faiss, read in memory.
+
+Written to index.faiss.next, its checksum committed (meta ann_digest), then renamed over index.faiss; a
+reader accepts only bytes with the recorded checksum, from either name (ann.read_verified).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+
+from alignsearch.storage import ann, shards
+from alignsearch.storage.layout import Layout, drop_lists
+from alignsearch.storage.paths import ANN_FILE
+
+
+class Single(Layout):
+    kind = "single"
+
+    _written: str | None = None  # the digest of index.faiss.next, once write() wrote it
+
+    @property
+    def path(self) -> Path:
+        return self.folder / ANN_FILE
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def open(self, tries: int = 20) -> faiss.Index:
+        return ann.read_verified(self.path, self.record.digest, tries)
+
+    def write(self, index: faiss.Index) -> None:
+        self._written = ann.write_next(index, self.path)
+
+    def checksums(self) -> tuple[str | None, dict[str, str]]:
+        return self._written, {}
+
+    def publish(self) -> None:
+        ann.publish_next(self.path)
+        shards.unpublish(self.folder)
+        drop_lists(self.folder)
+
+    def expected(self) -> dict[str, str]:
+        # what was recorded, whichever layout recorded it (a sharded one whose manifest was lost is checked here)
+        if self.record.files:
+            return dict(self.record.files)
+        return {ANN_FILE: self.record.digest} if self.record.digest else {}
+
+    def finish_publish(self) -> None:
+        """Finish a rename a crash interrupted: index.faiss.next is published if it carries the recorded
+        checksum, else deleted (written, never committed)."""
+        nxt = ann.next_path(self.path)
+        if nxt.exists():
+            if self.record.digest is not None and ann.file_digest(nxt) == self.record.digest:
+                ann.publish_next(self.path)
+            else:
+                nxt.unlink()

@@ -1,0 +1,267 @@
+"""The one resolver (alignsearch/encoders/resolve.py) and the cache's per-artefact manifest (records.py)."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from alignsearch.encoders import backend, records, resolve
+from alignsearch.encoders.backend import EncoderOptions, Plan
+from alignsearch.encoders.onnxrun import OnnxUnusable
+from alignsearch.errors import ModelMismatchError
+
+
+# -- decisions, without a model --------------------------------------------------------------------------
+def test_options_and_the_torch_free_text_gate():
+    assert backend.encoder_options(text_bf16=True).precision == "bf16"
+    assert backend.encoder_options(text_bf16=True, precision="fp32").precision == "fp32"  # explicit wins
+    gate = backend.torch_free_text
+    assert gate(EncoderOptions(), None) == "fp32" and gate(EncoderOptions(precision="int8"), None) == "int8"
+    assert gate(EncoderOptions(device="cpu", backend="onnx"), None) == "fp32"
+    for opts, model in [(EncoderOptions(), "m"), (EncoderOptions(device="cuda"), None),
+                        (EncoderOptions(backend="openvino"), None), (EncoderOptions(precision="bf16"), None)]:
+        assert gate(opts, model) is None, (opts, model)
+
+
+def _installed(monkeypatch, ort=True, ov=True):
+    monkeypatch.setattr(resolve, "onnxruntime_installed", lambda: ort)
+    monkeypatch.setattr(resolve, "openvino_installed", lambda: ov)
+    monkeypatch.setattr(resolve, "installed_engines", lambda: tuple(e for e, ok in (("onnx", ort), ("openvino", ov))
+                                                                     if ok) + ("torch",))
+    monkeypatch.setattr(resolve, "openvino_bf16", lambda: False)
+
+
+def test_plan_for_and_the_cached_plan_decide_from_what_is_installed(monkeypatch):
+    _installed(monkeypatch, ort=False, ov=True)
+    assert resolve.plan_for(EncoderOptions(), "cpu").backend == "openvino"
+    assert resolve.plan_for(EncoderOptions(), "cuda") == Plan("torch", "bf16", "bf16")
+    _installed(monkeypatch)
+    auto = EncoderOptions(device="cpu")
+    assert resolve.cached_plan(auto, {"onnx": 1.0, "torch": 2.0}) is None  # openvino not measured here
+    assert resolve.cached_plan(auto, {"onnx": 1.0, "openvino": 1.0, "torch": 2.0}) is None  # torch fastest
+    p = resolve.cached_plan(auto, {"onnx": 1.0, "openvino": 3.0, "torch": 2.0})
+    assert (p.backend, p.images_on) == ("onnx", "openvino") and "measured fastest" in p.why
+    assert resolve.cached_plan(EncoderOptions(device="cpu", backend="torch"), {}) is None
+
+
+class FakeExports(resolve.Exported):
+    """A checkpoint's exports without a checkpoint: each tower is a name, or the failure it is given."""
+
+    def __init__(self, fail: dict | None = None, speed: dict | None = None):
+        super().__init__(enc=None)
+        self.fail, self.speed, self.calls = fail or {}, speed or {}, []
+
+    def _tower(self, key):
+        self.calls.append(key)
+        if key in self.fail:
+            raise OnnxUnusable(self.fail[key])
+        return key
+
+    def text(self, precision, engine):
+        return self._tower(f"text-{precision}-{engine}")
+
+    def vision(self, engine, precision):
+        return self._tower(f"vision-{precision}-{engine}")
+
+    def vision_speed(self, engines):
+        return {e: self.speed[e] for e in engines}
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == resolve.__name__ and r.levelno >= logging.WARNING]
+
+
+def test_towers_follow_the_plan_and_fall_back_to_torch_once(caplog):
+    caplog.set_level(logging.INFO)
+    towers = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu", backend="onnx"),
+                            FakeExports(fail={"vision-fp32-onnx": "cosine 0.5 to torch"}))
+    assert towers.get("text") == "text-fp32-onnx"
+    assert towers.get("image") is None and towers.get("text") is None and towers.get("image") is None
+    assert towers.plan == Plan("torch", "fp32", "fp32", "cosine 0.5 to torch") and towers.built == {}
+    assert _warnings(caplog) == ["running the model on torch: cosine 0.5 to torch"]  # one line, once
+    assert towers.source.calls == ["text-fp32-onnx", "vision-fp32-onnx"]  # nothing tried again
+
+
+def test_towers_run_int8_text_at_fp32_when_it_fails_its_check(caplog):
+    towers = resolve.Towers(Plan("onnx", "int8", "fp32"), EncoderOptions(device="cpu", precision="int8"),
+                            FakeExports(fail={"text-int8-onnx": "cosine 0.9"}))
+    assert towers.get("text") == "text-fp32-onnx"
+    assert towers.plan == Plan("onnx", "fp32", "fp32", "cosine 0.9")
+    assert _warnings(caplog) == ["text at fp32: cosine 0.9"]
+
+
+def test_towers_put_the_vision_tower_on_the_engine_measured_fastest_under_auto():
+    speed = {"onnx": 1.0, "openvino": 3.0, "torch": 2.0}
+    towers = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu"), FakeExports(speed=speed))
+    assert towers.get("image") == "vision-fp32-openvino" and towers.plan.images_on == "openvino"
+    slow = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu"),
+                          FakeExports(speed={**speed, "torch": 9.0}))
+    assert slow.get("image") is None and slow.plan.images_on == "torch" and slow.get("text") == "text-fp32-onnx"
+    # an engine named by the user is not measured
+    named = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu", backend="onnx"), FakeExports())
+    assert named.get("image") == "vision-fp32-onnx"
+
+
+class Full:
+    def __init__(self, fingerprint):
+        self.fingerprint, self.name, self.plan = fingerprint, "/m", Plan("onnx", "fp32", "fp32", "exported again")
+
+
+MANIFEST = {"fingerprint": "f", "tokenizer": {"pad_id": 0, "pad_token": "<pad>"}, "max_length": 16, "files": {}}
+
+
+def test_a_cache_whose_tower_fails_loads_the_checkpoint_once(caplog, tmp_path):
+    loads = []
+
+    def load_full():
+        loads.append(1)
+        return Full("f")
+
+    towers = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu", backend="onnx"),
+                            resolve.Cached(tmp_path, MANIFEST, (4, 4), load_full))
+    assert towers.get("text") is None and towers.get("image") is None  # no tower files: the checkpoint runs
+    assert loads == [1] and towers.full is not None and towers.plan.why == "exported again"
+    assert _warnings(caplog) == [f"loading the checkpoint: no exported tokenizer in {tmp_path}"]
+    other = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu", backend="onnx"),
+                           resolve.Cached(tmp_path, MANIFEST, (4, 4), lambda: Full("g")))
+    with pytest.raises(ModelMismatchError):
+        other.get("text")
+
+
+# -- the cache's manifest: one record per artefact -------------------------------------------------------
+MODEL = {"fingerprint": "f", "content_digest": "c", "spec": {"resize": [4, 4]}, "export_version": 2, "model": "/m",
+         "dim": 8, "max_length": 16, "temperature": 0.5}
+
+
+def test_each_artefact_has_its_own_record_and_two_writers_keep_both(tmp_path):
+    a, b = records.Writer(tmp_path, MODEL), records.Writer(tmp_path, MODEL)
+    a.file("vision-fp32", {"size": 1}, {"probes": {"image": [[1.0]]}})
+    b.file("text-fp32", {"size": 2}, {"probes": {"texts": ["x"], "text": [[2.0]]}})
+    b.file("tokenizer", {"size": 3}, {"tokenizer": {"pad_id": 0, "pad_token": "<pad>"}})
+    a.speed("cpu x2", {"onnx": 1.0})
+    b.rejected("text-int8", "drifts")
+    for i in range(records.MAX_CHECKPOINTS + 2):
+        a.checkpoint({"path": f"/m{i}", "files": {}})
+    m = records.read(tmp_path)
+    assert {k: m[k] for k in MODEL} == MODEL
+    assert m["files"] == {"vision-fp32": {"size": 1}, "text-fp32": {"size": 2}, "tokenizer": {"size": 3}}
+    assert m["probes"] == {"image": [[1.0]], "texts": ["x"], "text": [[2.0]]}
+    assert m["tokenizer"] == {"pad_id": 0, "pad_token": "<pad>"} and m["rejected"] == {"text-int8": "drifts"}
+    assert m["vision_speed"] == {"cpu x2": {"onnx": 1.0}}
+    assert [c["path"] for c in m["checkpoints"]] == [f"/m{i}" for i in range(2, records.MAX_CHECKPOINTS + 2)]
+    assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("records/.*"))  # no leftovers
+
+
+def test_a_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    w = records.Writer(tmp_path, MODEL)
+    w.speed("cpu", {"onnx": 1.0})
+
+    def crash(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        w.speed("cpu", {"onnx": 2.0})
+    monkeypatch.undo()
+    assert records.read(tmp_path)["vision_speed"] == {"cpu": {"onnx": 1.0}}
+    assert not list(tmp_path.glob("records/.*"))  # the half-written one removed
+
+
+def test_an_older_manifest_is_read_and_converted_on_the_next_write(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    legacy = {**MODEL, "files": {"text-fp32": {"size": 2}}, "probes": {"texts": ["x"], "text": [[2.0]]},
+              "vision_speed": {"cpu": {"onnx": 1.0}}, "checkpoints": [{"path": "/m", "files": {}}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(legacy))
+    assert records.read(tmp_path) == legacy and records.exists(tmp_path)
+    records.Writer(tmp_path, MODEL).file("vision-fp32", {"size": 1}, {"probes": {"image": [[1.0]]}})
+    m = records.read(tmp_path)
+    assert set(m["files"]) == {"text-fp32", "vision-fp32"} and m["probes"]["text"] == [[2.0]]
+    assert m["vision_speed"] == legacy["vision_speed"] and m["checkpoints"] == legacy["checkpoints"]
+    assert not (tmp_path / "manifest.json").exists()
+    assert sum("converting the ONNX cache manifest" in r.getMessage() for r in caplog.records) == 1
+    # another export version's records describe other files: dropped, not mixed in
+    records.Writer(tmp_path, {**MODEL, "export_version": 3}).file("text-fp32", {"size": 9}, {})
+    assert records.read(tmp_path)["files"] == {"text-fp32": {"size": 9}}
+    # damaged older manifests and records are nobody's crash
+    for junk in ("[]", '"x"', "{not json"):
+        (tmp_path / "records" / "model.json").write_text(junk)
+        (tmp_path / "manifest.json").write_text(junk)
+        assert records.read(tmp_path) is None
+
+
+def test_a_record_others_can_write_makes_the_cache_untrusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "onnx" / "f-c"
+    backend.make_cache_dir(folder)
+    records.Writer(folder, MODEL).speed("cpu", {"onnx": 1.0})
+    assert backend.cache_untrusted(folder) is None
+    (record,) = (folder / "records").glob("speed-*.json")
+    record.chmod(0o666)  # a replaced record changes which engine runs, or (a file's) what is loaded
+    assert "speed-" in backend.cache_untrusted(folder)
+
+
+# -- with a model ------------------------------------------------------------------------------------------
+def test_an_export_that_fails_its_parity_check_runs_on_torch_with_one_line(tiny_model, tmp_path, monkeypatch, caplog):
+    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders.model import Encoder
+
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(onnxrun.FLOOR, "fp32", 1.5)  # no cosine reaches it: every check fails
+    enc = Encoder(str(tiny_model), device="cpu", backend="onnx")
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch")
+    caplog.set_level(logging.INFO)
+    assert np.array_equal(enc.encode_text(["a dog"]), ref.encode_text(["a dog"]))
+    assert enc.plan.backend == "torch" and "needs 1.5" in enc.plan.why
+    crops = np.zeros((2, *enc.spec.output_size, 3), np.uint8)
+    assert np.array_equal(enc.encode_crops(crops), ref.encode_crops(crops))
+    said = _warnings(caplog)
+    assert len(said) == 1 and said[0].startswith("running the model on torch: the text-fp32 tower on onnx")
+
+
+def test_a_cache_with_an_older_manifest_is_used_without_exporting_again(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from alignsearch.encoders import cached, onnxrun
+    from alignsearch.encoders.model import Encoder
+
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    enc = Encoder(str(tiny_model), device="cpu", backend="onnx")
+    want = enc.encode_text(["a dog"])
+    enc.encode_crops(np.zeros((1, *enc.spec.output_size, 3), np.uint8))
+    (folder,) = (tmp_path / "cache" / "onnx").iterdir()
+    (folder / "manifest.json").write_text(json.dumps(onnxrun.read_manifest(folder)))  # as an older version wrote it
+    shutil.rmtree(folder / "records")
+    opts = EncoderOptions(device="cpu", backend="onnx")
+    assert cached.find(str(tiny_model), None, opts) is not None  # read as it is
+    assert onnxrun.text_encoder(enc.describe()) is not None
+
+    def refuse(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    again = Encoder(str(tiny_model), device="cpu", backend="onnx")
+    got = again.encode_text(["a dog"])
+    assert again.plan == Plan("onnx", "fp32", "fp32") and float(got[0] @ want[0]) >= 0.9999
+
+
+def test_the_engine_keeps_one_encoder_and_a_text_only_one_gives_way(tiny_model, tmp_path, monkeypatch):
+    import alignsearch
+    from alignsearch.encoders.onnxrun import TextEncoder
+    from conftest import index_json, make_images
+
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    images = make_images(tmp_path / "corpus", 3)
+    index_json(tmp_path / "ix", tmp_path / "corpus", "--model", tiny_model)
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    engine.search(text="red car", k=2)
+    fingerprint, light, full = engine._encoder
+    assert isinstance(light, TextEncoder) and not full and engine.encoder_plan()["image_precision"] is None
+    engine.search(image=str(images[0]), k=2)
+    assert engine._encoder[0] == fingerprint and engine._encoder[2] and engine._encoder[1] is not light
+    engine.search(text="red car", k=2)  # text now runs on the full encoder: no second one kept
+    assert engine._encoder[2] and engine.encoder_plan()["image_precision"] == "fp32"
+

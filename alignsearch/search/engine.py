@@ -823,7 +823,7 @@ def onnx_cache_status(model_info: dict) -> dict:
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = (), *,
          similarity: float | None = None, parts: dict | None = None) -> Hit:
     photo = photo or {}
-    return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
+    return Hit(row.id, row.path, score, row.root, row.shown_relpath, row.width, row.height, row.format, row.size, row.mtime,
                taken=iso(photo.get("taken")), camera=photo.get("camera"), lens=photo.get("lens"),
                lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels),
                t=row.t, t_end=row.t_end, ocr=photo.get("ocr") or None,

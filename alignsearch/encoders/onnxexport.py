@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from dataclasses import asdict
 from functools import partial
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from alignsearch import atomic
+from alignsearch.encoders import exportcache
 from alignsearch.encoders.backend import cache_untrusted, make_cache_dir, onnx_dir
 from alignsearch.encoders.onnxrun import (EXPORT_VERSION, FILES, MANIFEST, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
                                  clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
@@ -158,7 +160,11 @@ class Exporter:
         why = cache_untrusted(self.folder)
         if why:  # never read from nor written to: the model runs on torch, and says why
             raise OnnxUnusable(f"the model cache is not private: {why}")
-        self.manifest = self._current(read_manifest(self.folder))
+        disk = read_manifest(self.folder)
+        self.manifest = self._current(disk)
+        # an older export (another export version) is in the folder: its towers not exported again are
+        # removed once the new ones are recorded (exportcache.remove_stale_files)
+        self._outdated_ns = time.time_ns() if isinstance(disk, dict) and disk is not self.manifest else None
         stamp = getattr(enc, "checkpoint_stamp", None)
         if stamp is not None and stamp not in self.manifest.setdefault("checkpoints", []):
             # where these exact weights were loaded from: cached.find then runs the exports without loading them
@@ -337,6 +343,8 @@ class Exporter:
                 if "tokenizer" not in self.manifest and "tokenizer" in disk and "tokenizer" in self.manifest["files"]:
                     self.manifest["tokenizer"] = disk["tokenizer"]
             atomic.write_bytes(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=False)
+            if self._outdated_ns is not None:
+                exportcache.remove_stale_files(self.folder, self.manifest, self._outdated_ns)
 
     def _write(self, make, key: str) -> None:
         """make(path) writes the file; it replaces the cached one atomically, then the manifest records it."""
@@ -360,3 +368,8 @@ class Exporter:
             self._save_manifest()
         except OSError as exc:
             raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None
+        if {"vision-fp32", "text-fp32"} <= set(self.manifest["files"]):  # complete: what it replaces can go
+            gone = exportcache.remove_superseded(self.folder, self.manifest)
+            if gone:
+                say(f"removed {len(gone)} superseded export(s) of this model from the cache "
+                    f"({sum(n for _, n in gone) / 2**20:.0f} MiB)")

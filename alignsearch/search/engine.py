@@ -810,14 +810,11 @@ def onnx_cache_status(model_info: dict) -> dict:
         ready = "tokenizer" in manifest and all(check_file(folder, manifest, k) for k in ("text-fp32", "tokenizer"))
     except OnnxUnusable:
         ready = False
-    size = 0
-    for path in folder.rglob("*") if folder.is_dir() else ():  # the exports and OpenVINO's compiled graphs
-        try:
-            size += path.stat().st_size if path.is_file() else 0
-        except OSError:
-            pass
+    from alignsearch.encoders import exportcache
+
+    size = exportcache.tree_bytes(folder)  # the exports and OpenVINO's compiled graphs
     return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready,
-            "bytes": size}
+            "bytes": size, "total": exportcache.usage()}
 
 
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = (), *,

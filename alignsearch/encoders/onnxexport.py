@@ -323,9 +323,10 @@ class Exporter:
             log.info("the tokenizers library tokenizes differently from transformers: cold queries load transformers")
             self.manifest.pop("tokenizer", None)
 
-    def _save_manifest(self) -> None:
+    def _save_manifest(self, tidy: bool = False) -> None:
         """Write the manifest, merged under a lock with what another process recorded meanwhile (two index
-        runs, or Ray actors, exporting different towers of the same model at once keep both)."""
+        runs, or Ray actors, exporting different towers of the same model at once keep both). tidy (after a
+        new tower): remove the towers an older export version left (exportcache.remove_stale_files)."""
         import fcntl
 
         with open(self.folder / ".lock", "a") as lock:
@@ -343,7 +344,7 @@ class Exporter:
                 if "tokenizer" not in self.manifest and "tokenizer" in disk and "tokenizer" in self.manifest["files"]:
                     self.manifest["tokenizer"] = disk["tokenizer"]
             atomic.write_bytes(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=False)
-            if self._outdated_ns is not None:
+            if tidy and self._outdated_ns is not None:
                 exportcache.remove_stale_files(self.folder, self.manifest, self._outdated_ns)
 
     def _write(self, make, key: str) -> None:
@@ -365,7 +366,7 @@ class Exporter:
             clear_folder(openvino_cache(final))  # graphs compiled from the file replaced (~250 MB each)
             self.manifest["files"][key] = {**file_record(final), "made_by": how, "torch": torch.__version__,
                                           **_versions("onnxruntime", "openvino")}
-            self._save_manifest()
+            self._save_manifest(tidy=True)
         except OSError as exc:
             raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None
         if {"vision-fp32", "text-fp32"} <= set(self.manifest["files"]):  # complete: what it replaces can go

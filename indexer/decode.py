@@ -71,7 +71,7 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
 # Pixels a decode worker decodes at full size without waiting: ~100-120 MB at the 4-5 bytes a pixel decoding
 # costs (a 100 MP PNG 389 MB, a 49 MP 16-bit PNG 236 MB; JPEGs decode drafted: a 100 MP one holds 1.6 MP,
 # 11 MB). A larger image waits until no other worker decodes one: 3 workers meeting three 100 MP PNGs held
-# 2.6 GB together, now 1.1 GB (one decode, and each worker's own bytes).
+# 2.1-2.6 GB together, now 0.7 GB (one decode, and each worker's own bytes).
 PIXEL_BUDGET = 24_000_000
 
 
@@ -91,21 +91,8 @@ class PixelBudget:
             return
         with open(self.path, "rb") as turn:
             fcntl.flock(turn, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                _give_back_memory()
+            yield
 
-
-def _give_back_memory() -> None:
-    """Return the freed heap to the system (glibc's malloc_trim): after a large decode a worker kept ~400 MB
-    resident that it no longer used, so each worker in turn ended up holding one large decode's memory."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
 
 
 _budget = PixelBudget()  # this worker's (start_worker)

@@ -283,6 +283,8 @@ def test_catalog_keys_are_lossless_and_duplicate_members_reported_not_updated_fo
     listed = run("query", "x", "-k", "10", "--index", ix).output
     assert "\x1b" not in listed and "back\\\\slash\\x1b[2J.jpg" in listed, listed
     assert "caf\\xe9.jpg" in listed and "caf\\\\xe9.jpg" not in listed
+    only = run("query", "x", "-k", "10", "--path", "back\\\\slash*", "--index", ix).output  # as the name is spelled
+    assert "slash" in only and "caf" not in only, only
 
 
 def test_keys_written_before_they_were_lossless_are_upgraded_in_place(tmp_path, tiny_model):

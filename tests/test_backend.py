@@ -586,24 +586,26 @@ def test_a_reexport_removes_the_exports_it_superseded_and_nothing_else(tiny_mode
 
 
 def test_an_export_version_bump_removes_the_towers_it_did_not_export_again(tiny_model, cache, monkeypatch):
-    from alignsearch.encoders import onnxexport
+    from alignsearch.encoders import onnxexport, records
+    from alignsearch.encoders.onnxrun import read_manifest
 
     enc = _export_both(tiny_model)
     folder = next(cache.glob("onnx/*"))
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     int8 = folder / "text-int8.onnx"  # a tower of the older version, not exported again by the newer one
     int8.write_bytes(b"an older int8 export")
     graphs = folder / "openvino" / "text-int8"
     graphs.mkdir(parents=True)
     (graphs / "blob").write_bytes(b"compiled")
-    manifest["files"]["text-int8"] = {"size": 20, "mtime_ns": int8.stat().st_mtime_ns, "sha256": "0"}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    records.Writer(folder, manifest).file("text-int8", {"size": 20, "mtime_ns": int8.stat().st_mtime_ns,
+                                                        "sha256": "0"}, manifest)
+    assert "text-int8" in read_manifest(folder)["files"]
     del enc
     monkeypatch.setattr(onnxexport, "EXPORT_VERSION", onnxexport.EXPORT_VERSION + 1)
     _export_both(tiny_model)
     assert not int8.exists() and not graphs.exists()
     assert (folder / "text-fp32.onnx").exists() and (folder / "vision-fp32.onnx").exists()
-    after = json.loads((folder / "manifest.json").read_text())
+    after = read_manifest(folder)
     assert after["export_version"] == onnxexport.EXPORT_VERSION and "text-int8" not in after["files"]
 
 

@@ -11,6 +11,7 @@ batch is the unit of loss on a crash: everything before it is committed.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec
-from indexer.decode import Item, read_item, set_known_text
+from indexer.decode import Item, PixelBudget, read_item, set_known_text, start_worker
 from indexer.scan import Found
 from indexer.workers import decode_in_processes
 
@@ -90,9 +91,11 @@ def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int
         yield from map(fn, todo)
         return
     # a pool that notices a worker that died (indexer/workers.py): Pool.imap waited forever for its task. The
-    # workers ignore Ctrl-C (the command stops them); the known texts go to each worker once (an initializer).
-    yield from decode_in_processes(fn, todo, workers, lambda found, reason: Item(found, None, reason=reason),
-                                   initializer=set_known_text, initargs=(ocr_known,))
+    # workers ignore Ctrl-C (the command stops them); the known texts go to each worker once (an initializer),
+    # and the file whose lock is the pool's turn for images over a worker's pixel budget (decode.PixelBudget).
+    with tempfile.NamedTemporaryFile(prefix="alignsearch-decode-", suffix=".lock") as turn:
+        yield from decode_in_processes(fn, todo, workers, lambda found, reason: Item(found, None, reason=reason),
+                                       initializer=start_worker, initargs=(ocr_known, PixelBudget(turn.name)))
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

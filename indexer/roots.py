@@ -72,11 +72,10 @@ def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str],
 
 def rebase_root(conn, old: str, new: str) -> None:
     """Rows of root `old` (a folder inside `new`) become rows of `new`, ids and vectors unchanged."""
-    prefix = os.path.relpath(old, new)
-    raw_prefix = os.fsencode(prefix)
+    raw_prefix = os.fsencode(os.path.relpath(old, new))
     for row in catalog.rows_under(conn, old):  # every moment of a video too
-        raw = raw_prefix + b"/" + row.relpath_raw if row.relpath_raw else None
-        move_file(conn, row.id, new, f"{scan.printable(prefix)[0]}/{row.relpath}", raw)
+        name = raw_prefix + b"/" + sources.name_bytes(row.relpath, row.relpath_raw)
+        move_file(conn, row.id, new, *scan.printable(os.fsdecode(name)))
 
 
 def options_for(db, given_roots: list[str], include_hidden: bool | None) -> dict[str, dict]:
@@ -135,7 +134,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)
             out.unchanged += d.unchanged
             out.kept += d.kept
-            listed = [{"folder": scan.printable(sources.location(root, e.folder))[0] if e.folder else root,
+            listed = [{"folder": sources.shown_name(*scan.printable(sources.location(root, e.folder))) if e.folder else root,
                        "reason": e.reason} for e in errors]
             out.errors_by_root[root] = listed
             out.listing_errors += [{"root": root, **e} for e in listed]
@@ -145,22 +144,21 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
 
 
 def _one_per_key(root: str, found: list, notes: list) -> list:
-    """One entry per catalog key (root, relpath). Two tar members with one name, or a name that is not
-    UTF-8 beside one spelled like its \\xNN form, shared a key: one was never searchable, and every run
-    "updated" it and added a vector row. The last one listed is kept (as tar extracts the last member of a
-    name) and the others are reported."""
+    """One entry per catalog key (root, relpath). Keys are lossless (sources.catalog_key), so only entries
+    with one name share one: duplicate members of a tar shard. The last one listed is kept, as tar extracts
+    the last member of a name, and each name is reported once per run (without this, every run "updated" it
+    and added a vector row)."""
     seen: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for i, f in enumerate(found):
         seen[f.relpath] = i
+        counts[f.relpath] = counts.get(f.relpath, 0) + 1
     if len(seen) == len(found):
         return found
-    counts: dict[str, int] = {}
-    for f in found:
-        counts[f.relpath] = counts.get(f.relpath, 0) + 1
     for relpath, n in counts.items():
         if n > 1:
-            notes.append(f"{sources.location(root, relpath)}: {n} entries share this name in the catalog; "
-                         "only the last one listed is indexed")
+            notes.append(f"{sources.location(root, relpath, found[seen[relpath]].relpath_raw)}: {n} entries share this name in the catalog "
+                         "(duplicate members); only the last one listed is indexed")
     return [f for i, f in enumerate(found) if seen[f.relpath] == i]
 
 

@@ -33,11 +33,11 @@ def _retry(reason: str | None) -> bool:
 @dataclass(frozen=True)
 class Found:
     root: str
-    relpath: str  # printable: bytes that are not UTF-8 appear as \xNN
+    relpath: str  # the catalog key (sources.catalog_key): bytes that are not UTF-8 as \xNN, backslashes doubled
     size: int
     mtime: float
     error: str | None = None  # set when the entry cannot even be stat'ed (broken link, loop)
-    relpath_raw: bytes | None = None  # the real bytes, only for names that are not UTF-8
+    relpath_raw: bytes | None = None  # the real bytes, only where the key is not the name
     offset: int = -1  # where a tar member's data starts in its shard
     caption: str | None = None  # from a list's caption column or a WebDataset sample's .txt/.json member
 
@@ -50,13 +50,9 @@ class Found:
 
 
 def printable(relpath: str) -> tuple[str, bytes | None]:
-    """(text SQLite can store, raw bytes when the name is not UTF-8)."""
-    try:
-        relpath.encode("utf-8")
-        return relpath, None
-    except UnicodeEncodeError:
-        raw = os.fsencode(relpath)
-        return raw.decode("utf-8", "backslashreplace"), raw
+    """(the catalog key, text SQLite can store, lossless; the raw bytes where the key is not the name:
+    sources.catalog_key)."""
+    return sources.catalog_key(relpath)
 
 
 def _hidden(name: str) -> bool:

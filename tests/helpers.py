@@ -450,3 +450,27 @@ def child_pids(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry))
     return found
+
+
+DECODE_PEAK = """
+import sys
+from alignsearch.media.images import ImageSpec, decode
+spec = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
+                 mean=None, std=None, include_top_std=None)  # align-base's preprocessing
+data = open(sys.argv[1], "rb").read()
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+base = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))
+out = decode(data, spec)
+peak = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))
+print(out.width, out.height, (peak - base) * 1024)
+"""
+
+
+def decode_growth(path) -> tuple[int, int, int]:
+    """(width, height, bytes) of an image file decoded with align-base's preprocessing in a fresh process:
+    its stored size and how far the peak resident memory rose above what the process held before."""
+    proc = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    width, height, growth = proc.stdout.split()
+    return int(width), int(height), int(growth)

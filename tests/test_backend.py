@@ -520,3 +520,109 @@ def test_the_content_digest_does_not_depend_on_whether_the_tokenizer_has_run(tin
     used = Encoder(str(tiny_model), device="cpu", backend="torch")
     used.encode_text(TEXTS)  # padding and truncation set on the fast tokenizer's backend
     assert used.content_digest == fresh.content_digest
+
+
+# -- issue 24 #8: the export cache's size, and what a re-export supersedes --------------------------------------------
+def _resave_with_other_weights(src, dest, seed: int) -> None:
+    """The checkpoint `src` saved at `dest` with one weight changed: the same model (place) with other weights."""
+    import torch
+    from transformers import AlignModel
+
+    model = AlignModel.from_pretrained(str(src))
+    with torch.no_grad():
+        model.text_projection.weight[0, 0] += 0.01 * (seed + 1)
+    model.save_pretrained(str(dest))
+
+
+def _export_both(path) -> Encoder:
+    enc = Encoder(str(path), device="cpu", backend="onnx")
+    enc.encode_text(["a dog"])
+    enc.encode_crops(crops(enc, 2))
+    assert enc.plan.backend == "onnx"
+    return enc
+
+
+@pytest.mark.slow
+def test_a_reexport_removes_the_exports_it_superseded_and_nothing_else(tiny_model, tmp_path, cache):
+    """Re-saving a checkpoint in place left its old export (hundreds of MB for align-base) for ever. Once the
+    new one is complete the old one is removed, unless a running process has a tower loaded from it; folders
+    this tool did not name, other models' exports and symlinked folders are left alone."""
+    import gc
+    import shutil
+
+    from alignsearch.encoders.onnxrun import read_manifest
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    _export_both(ckpt)
+    _export_both(tiny_model)  # the same weights, so the same export: kept while tiny_model holds them
+    shared = {p.name for p in cache.glob("onnx/*")}
+    _resave_with_other_weights(tiny_model, ckpt, seed=0)
+    first = _export_both(ckpt)
+    old = cache / "onnx" / f"{first.fingerprint}-{first.content_digest[:16]}"
+    assert {p.name for p in cache.glob("onnx/*")} == shared | {old.name}
+    not_named = cache / "onnx" / "copied-by-hand"  # the same manifest, but not a name this tool gave it
+    shutil.copytree(old, not_named)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(old, elsewhere / old.name)
+    (cache / "onnx" / "linked").symlink_to(elsewhere / old.name, target_is_directory=True)
+
+    _resave_with_other_weights(tiny_model, ckpt, seed=1)
+    second = _export_both(ckpt)  # `first` still holds its towers: its folder stays
+    assert old.is_dir() and second.content_digest != first.content_digest
+    new = cache / "onnx" / f"{second.fingerprint}-{second.content_digest[:16]}"
+    del first
+    gc.collect()
+    _resave_with_other_weights(tiny_model, ckpt, seed=2)
+    del second
+    gc.collect()
+    third = _export_both(ckpt)
+    left = {p.name for p in cache.glob("onnx/*")}
+    newest = f"{third.fingerprint}-{third.content_digest[:16]}"
+    assert left == shared | {newest, "copied-by-hand", "linked"}, left
+    assert not new.exists() and not any(p.name.startswith(".superseded") for p in (cache / "onnx").iterdir())
+    assert read_manifest(elsewhere / old.name)["files"] and (elsewhere / old.name / "vision-fp32.onnx").exists()
+    assert (not_named / "vision-fp32.onnx").exists()
+
+
+def test_an_export_version_bump_removes_the_towers_it_did_not_export_again(tiny_model, cache, monkeypatch):
+    from alignsearch.encoders import onnxexport, records
+    from alignsearch.encoders.onnxrun import read_manifest
+
+    enc = _export_both(tiny_model)
+    folder = next(cache.glob("onnx/*"))
+    manifest = read_manifest(folder)
+    int8 = folder / "text-int8.onnx"  # a tower of the older version, not exported again by the newer one
+    int8.write_bytes(b"an older int8 export")
+    graphs = folder / "openvino" / "text-int8"
+    graphs.mkdir(parents=True)
+    (graphs / "blob").write_bytes(b"compiled")
+    records.Writer(folder, manifest).file("text-int8", {"size": 20, "mtime_ns": int8.stat().st_mtime_ns,
+                                                        "sha256": "0"}, manifest)
+    assert "text-int8" in read_manifest(folder)["files"]
+    del enc
+    monkeypatch.setattr(onnxexport, "EXPORT_VERSION", onnxexport.EXPORT_VERSION + 1)
+    _export_both(tiny_model)
+    assert not int8.exists() and not graphs.exists()
+    assert (folder / "text-fp32.onnx").exists() and (folder / "vision-fp32.onnx").exists()
+    after = read_manifest(folder)
+    assert after["export_version"] == onnxexport.EXPORT_VERSION and "text-int8" not in after["files"]
+
+
+def test_info_gives_the_size_of_the_models_export_and_of_the_whole_cache(tiny_model, tmp_path, cache):
+    import shutil
+
+    from alignsearch.encoders.exportcache import tree_bytes
+    from alignsearch.search.engine import onnx_cache_status
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    _resave_with_other_weights(tiny_model, ckpt, seed=0)
+    info = _export_both(tiny_model).describe()
+    _export_both(ckpt)
+    status = onnx_cache_status(info)
+    folder = cache / "onnx" / f"{info['fingerprint']}-{info['content_digest'][:16]}"
+    on_disk = sum(p.stat().st_size for p in (cache / "onnx").rglob("*") if p.is_file())
+    assert status["bytes"] == tree_bytes(folder) > 0 and status["path"] == str(folder)
+    assert status["total"] == {"path": str(cache / "onnx"), "bytes": on_disk, "models": 2}
+    assert status["total"]["bytes"] > status["bytes"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from helpers import child_pids, smooth_photos
+from helpers import child_pids, decode_growth, smooth_photos
 
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "ALIGNSEARCH_PROGRESS_SECONDS": "0"}
 
@@ -430,19 +430,6 @@ def test_first_use_waits_are_said_once_on_piped_stderr_and_info_gives_the_cache_
 
 # -- item 10: decode memory and the drift of reduced decoding -----------------------------------------------------
 
-DECODE_PEAK = """
-import sys
-from alignsearch.media.images import ImageSpec, decode
-spec = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
-                 mean=None, std=None, include_top_std=None)  # align-base's preprocessing
-data = open(sys.argv[1], "rb").read()
-with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')
-base = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))
-out = decode(data, spec)
-peak = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))
-print(out.width, out.height, out.crop.shape, (peak - base) * 1024)
-"""
 
 
 @pytest.mark.slow
@@ -457,9 +444,7 @@ def test_a_large_jpeg_decodes_in_bounded_memory_at_its_stored_size(tmp_path):
     path = tmp_path / "pano.jpg"
     big.save(path, quality=85)
     del big
-    proc = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    width, height, *_, growth = proc.stdout.split()
+    width, height, growth = decode_growth(path)
     assert (int(width), int(height)) == (9000, 6667)
     assert int(growth) < 100 * 2**20, f"decode took {int(growth) / 2**20:.0f} MB"
 

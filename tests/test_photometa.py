@@ -117,3 +117,31 @@ def test_a_long_caption_is_cut_not_dropped(tmp_path):
         tar.add(tmp_path / "a.txt", "s/0001.txt")
     (found,) = scan_tar(str(tmp_path / "s.tar"))
     assert found.caption.startswith("a long walk") and len(found.caption) == photometa.CAPTION_MAX
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
+def test_a_pngs_exif_is_read_without_decoding_its_pixels(monkeypatch, where):
+    """Issue 24 #17: Pillow decodes a whole PNG to look for an eXIf chunk after the pixels: every PNG was
+    decoded twice in a decode worker, the second time outside its pixel budget (a 100 MP PNG: 10 s, 400 MB)."""
+    import struct
+
+    from PIL import PngImagePlugin
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(buf, "PNG", exif=exif_with("2020:01:02 03:04:05", make="Canon",
+                                                                          model="EOS R5"))
+    data = buf.getvalue()
+    if where == "after the pixels":  # where some writers put it: Pillow finds it only by decoding
+        at = data.find(b"eXIf") - 4
+        chunk = data[at : at + 12 + struct.unpack(">I", data[at : at + 4])[0]]
+        data = data.replace(chunk, b"")
+        end = data.find(b"IEND") - 4
+        data = data[:end] + chunk + data[end:]
+        assert data.find(b"eXIf") > data.find(b"IDAT")
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    got = photometa.read(data, 0.0)
+    assert (got["camera"], got["taken_source"]) == ("Canon EOS R5", "exif:DateTimeOriginal"), got

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,17 +239,19 @@ def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, m
         engine.close()
 
 
-def test_entries_that_share_a_catalog_key_are_reported_not_updated_forever(tmp_path, tiny_model):
-    """Issue 24 #13: two tar members with one name, or a name that is not UTF-8 beside a file literally named
-    like its \\xNN form, shared one catalog key: every run "updated 1" and added a vector row. Now one is
-    indexed (the last listed) and the run says so; a second run changes nothing."""
+def test_catalog_keys_are_lossless_and_duplicate_members_reported_not_updated_forever(tmp_path, tiny_model):
+    """Issue 24 #13: a name that is not UTF-8 and a file literally named like its \\xNN form shared one catalog
+    key: one was never searchable. Keys are lossless now: both are indexed and found, each as itself. Two tar
+    members with one name are one entry (the last), reported; a second run changes nothing and adds no
+    vector row; verify is ok; a name with control characters is shown escaped."""
     import io
+    import json
     import os
     import tarfile
 
     from conftest import index_json, make_images
 
-    pics = make_images(tmp_path / "pics", 3)
+    pics = make_images(tmp_path / "pics", 6)
     shard = tmp_path / "shard.tar"
     with tarfile.open(shard, "w") as tar:
         for name, path in (("a.jpg", pics[1]), ("b.jpg", pics[2]), ("a.jpg", pics[0])):
@@ -258,14 +261,63 @@ def test_entries_that_share_a_catalog_key_are_reported_not_updated_forever(tmp_p
             tar.addfile(info, io.BytesIO(data))
     folder = tmp_path / "folder"
     folder.mkdir()
-    os.rename(pics[1], os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
-    os.rename(pics[2], folder / "caf\\xe9.jpg")
+    names = {b"caf\xe9.jpg": pics[3], b"caf\\xe9.jpg": pics[4], b"back\\\\slash\x1b[2J.jpg": pics[5]}
+    for raw, path in names.items():
+        os.rename(path, os.path.join(os.fsencode(folder), raw))
     ix = tmp_path / "ix"
     first = index_json(ix, shard, folder, "--model", tiny_model, "--device", "cpu")
-    assert first["added"] == 3, first
-    notes = " ".join(first["notes"])
-    assert "shard.tar/a.jpg: 2 entries" in notes and "caf\\xe9.jpg: 2 entries" in notes, first["notes"]
+    assert first["added"] == 5, first
+    assert first["notes"] == [f"{shard}/a.jpg: 2 entries share this name in the catalog (duplicate members); "
+                              "only the last one listed is indexed"], first["notes"]
+    with alignsearch.open(ix) as engine:
+        for raw, path in names.items():
+            hit = engine.search(image=os.fsdecode(os.path.join(os.fsencode(folder), raw)), k=1)[0]
+            assert os.fsencode(hit.path) == os.path.join(os.fsencode(folder), raw) and hit.score > 0.999, raw
+            assert engine.file(hit.id).read() == Path(os.fsdecode(os.path.join(os.fsencode(folder), raw))).read_bytes()
+        member = engine.search(image=pics[0], k=1)[0]
+        assert member.path == f"{shard}/a.jpg" and member.score > 0.999
     rows = (ix / "vectors.f16").stat().st_size
     again = index_json(ix, shard, folder)
-    assert again["updated"] == 0 and again["added"] == 0 and again["unchanged"] == 3, again
+    assert again["updated"] == 0 and again["added"] == 0 and again["unchanged"] == 5, again
     assert (ix / "vectors.f16").stat().st_size == rows
+    assert json.loads(run("verify", "--index", ix, "--json").output)["ok"]
+    listed = run("query", "x", "-k", "10", "--index", ix).output
+    assert "\x1b" not in listed and "back\\\\slash\\x1b[2J.jpg" in listed, listed
+    assert "caf\\xe9.jpg" in listed and "caf\\\\xe9.jpg" not in listed
+    only = run("query", "x", "-k", "10", "--path", "back\\\\slash*", "--index", ix).output  # as the name is spelled
+    assert "slash" in only and "caf" not in only, only
+
+
+def test_keys_written_before_they_were_lossless_are_upgraded_in_place(tmp_path, tiny_model):
+    """An index written when a backslash in a name was kept as it is: its rows get the lossless key the
+    next time a writer opens it (catalog.upgrade_keys_lossless), ids and vectors kept, nothing re-encoded."""
+    import os
+
+    from sqlalchemy import text
+
+    from alignsearch.storage import catalog, state
+    from conftest import index_json, make_images
+
+    pics = make_images(tmp_path / "pics", 3)
+    os.rename(pics[0], pics[0].with_name("a\\xe9.jpg"))
+    os.rename(pics[1], os.path.join(os.fsencode(pics[1].parent), b"b\\\xe9.jpg"))
+    ix = tmp_path / "ix"
+    index_json(ix, tmp_path / "pics", "--model", tiny_model, "--device", "cpu")
+    db = catalog.connect(ix / "catalog.db")
+    with db.begin() as conn:  # as the old code wrote them: the name itself, \\xNN for bytes not UTF-8
+        conn.execute(text("UPDATE files SET relpath = 'a\\xe9.jpg', relpath_raw = NULL WHERE relpath = 'a\\\\xe9.jpg'"))
+        conn.execute(text("UPDATE files SET relpath = 'b\\\\xe9.jpg' WHERE relpath = 'b\\\\\\xe9.jpg'"))
+        state.write(conn, keys_lossless=None)
+        before = dict(conn.execute(text("SELECT id, relpath FROM files")).all())
+    db.dispose()
+    rows = (ix / "vectors.f16").stat().st_size
+    again = index_json(ix, tmp_path / "pics")
+    assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, 3), again
+    assert (ix / "vectors.f16").stat().st_size == rows
+    db = catalog.connect(ix / "catalog.db", readonly=True)
+    with db.connect() as conn:
+        after = {r[0]: (r[1], r[2]) for r in conn.execute(text("SELECT id, relpath, relpath_raw FROM files"))}
+    db.dispose()
+    assert set(after) == set(before)
+    assert sorted(after.values(), key=str) == sorted([("a\\\\xe9.jpg", b"a\\xe9.jpg"), ("b\\\\\\xe9.jpg", b"b\\\xe9.jpg"),
+                                                      (pics[2].name, None)], key=str), after

@@ -113,7 +113,7 @@ def test_state_fields_round_trip_and_unknown_names_are_refused(tmp_path):
         ann=state.AnnState(digest=None, files={"a": "b"}, trained_n=7, tuning={"nprobe": 2}, index_shards=2),
         roots=state.RootsState(roots=("/a", "/b"), options={"/a": {"include_hidden": True}}, list_columns={"/b": "url"},
                                listing_errors={"/a": [{"folder": "x", "reason": "y"}]}),
-        videos=True, ocr=True, encoder={"backend": "torch"}, tagging={"runs": []},
+        videos=True, ocr=True, keys_lossless=True, encoder={"backend": "torch"}, tagging={"runs": []},
         index_run=state.IndexRun(started=1.5, pid=9), reindex=state.Reindex(model=model, segment="next/b", rows=1, done=1))
     with db.begin() as conn:
         state.write(conn, **{f: getattr(full, f) for f in state.KEYS})

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from conftest import make_images
-from helpers import child_pids, decode_or_die, summary
+from helpers import child_pids, decode_growth, decode_or_die, summary
 
 from indexer.workers import DIED, decode_in_processes
 
@@ -114,3 +114,83 @@ def test_workers_that_cannot_start_fail_fast():
     finally:
         ctx.set_executable(real)
     assert time.monotonic() - started < 30
+
+
+# -- issue 24 #17: a pixel budget per decode worker ------------------------------------------------------------------
+def _turn_taken(budget, pixels: int, seconds: float) -> bool:
+    """Does a decode of `pixels` get its turn within `seconds`? (In a thread: its own open file, its own flock.)"""
+    import threading
+
+    got = threading.Event()
+    release = threading.Event()
+
+    def decode():
+        with budget.decoding(pixels):
+            got.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=decode, daemon=True)
+    thread.start()
+    taken = got.wait(seconds)
+    release.set()
+    thread.join(30)
+    return taken
+
+
+def test_images_over_a_workers_pixel_budget_decode_one_at_a_time(tmp_path):
+    """Workers decoding panoramas at once each held one's full decode (3 x 100 MP PNGs: 2.6 GB together). Over
+    the budget, a decode waits for the pool's turn; within it, never; and a worker killed holding the turn (the
+    OOM killer) hands it on at once, as the kernel drops its flock."""
+    from indexer.decode import PixelBudget
+
+    turn = tmp_path / "turn"
+    turn.touch()
+    budget = PixelBudget(str(turn), pixels=1_000_000)
+    with budget.decoding(5_000_000):  # another worker decodes a large image
+        assert _turn_taken(budget, 1_000_000, 5)  # within the budget: no wait
+        assert not _turn_taken(budget, 5_000_000, 0.5)  # over it: waits
+    assert _turn_taken(budget, 5_000_000, 5)
+    assert _turn_taken(PixelBudget(None, pixels=1), 5_000_000, 5)  # decoding in one process: nothing to share
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(turn)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not _turn_taken(budget, 5_000_000, 0.5)
+        holder.kill()
+        holder.wait(10)
+        assert _turn_taken(budget, 5_000_000, 5)
+    finally:
+        holder.kill()
+
+
+def test_the_pixels_a_decode_holds_are_known_from_the_header():
+    """A JPEG decodes at its DCT scale (a 12000x8400 one holds 1500x1050: 1/8), another format whole."""
+    import io
+
+    from PIL import Image
+
+    from alignsearch.media.images import ImageSpec, decode_pixels
+
+    spec = ImageSpec((346, 346), 3, (289, 289), 1 / 127.5, True, None, None, None)  # align-base's
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (12000, 8400), (10, 20, 30)).save(jpeg, "JPEG", quality=50)
+    Image.new("I;16", (3000, 2000)).save(png, "PNG")
+    assert decode_pixels(jpeg.getvalue(), spec) == 1500 * 1050
+    assert decode_pixels(png.getvalue(), spec) == 3000 * 2000
+    assert decode_pixels(b"not an image", spec) == 0
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_a_large_png_decodes_in_about_its_own_pixels(tmp_path, mode):
+    """A 48 MP PNG held 8.0 bytes a pixel while it decoded (8-bit RGB: the EXIF step copied every image
+    whole) or 7.2 (16-bit grey: the wide pixels kept beside the RGB copy); now 4.1 and 5.1."""
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new(mode, (8000, 6000), (40, 90, 200) if mode == "RGB" else 30000).save(path, compress_level=1)
+    growth = decode_growth(path)[2]
+    assert growth < 6 * 8000 * 6000, f"{growth / 48e6:.1f} bytes a pixel"

@@ -257,6 +257,31 @@ def make_cache_dir(folder: Path) -> None:
             pass
 
 
+IN_USE = ".inuse"  # in a model's cache folder: locked shared by each process with a tower loaded from it
+
+
+def lock_in_use(folder: Path, exclusive: bool = False):
+    """folder's IN_USE file, locked (flock, without waiting) while the returned file stays open; None where
+    the lock cannot be had. Loaders hold it shared for as long as they run, and exportcache removes a
+    superseded folder only under it exclusively: never one a running process uses."""
+    import fcntl
+
+    path, flags = folder / IN_USE, os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
+    except OSError:
+        try:  # a cache this user may not write (a read-only mount): a shared lock needs no write access
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
 def onnx_dir(fingerprint: str, content: str) -> Path:
     """The exported towers of one model, named by its fingerprint and its content digest (every weight and
     the tokenizer: model.content_digest), never by its place."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from dataclasses import asdict
 from functools import partial
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from alignsearch import atomic
-from alignsearch.encoders import records
+from alignsearch.encoders import exportcache, records
 from alignsearch.encoders.backend import cache_untrusted, make_cache_dir, onnx_dir
 from alignsearch.encoders.onnxrun import (EXPORT_VERSION, FILES, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
                                  clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
@@ -151,7 +152,11 @@ class Exporter:
         why = cache_untrusted(self.folder)
         if why:  # never read from nor written to: the model runs on torch, and says why
             raise OnnxUnusable(f"the model cache is not private: {why}")
-        self.manifest = self._current(read_manifest(self.folder))
+        disk = read_manifest(self.folder)
+        self.manifest = self._current(disk)
+        # an older export (another export version) is in the folder: its towers not exported again are
+        # removed once the new ones are recorded (exportcache.remove_stale_files)
+        self._outdated_ns = time.time_ns() if isinstance(disk, dict) and disk is not self.manifest else None
         self.records = records.Writer(self.folder, self.manifest)
         self._stamp = getattr(enc, "checkpoint_stamp", None)
         if self._stamp is not None and self._stamp not in self.manifest.setdefault("checkpoints", []):
@@ -340,5 +345,12 @@ class Exporter:
             self.records.file(key, self.manifest["files"][key], self.manifest)
             if self._stamp is not None:
                 self._record_stamp()
+            if self._outdated_ns is not None:
+                exportcache.remove_stale_files(self.folder, self.manifest, self._outdated_ns)
         except OSError as exc:
             raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None
+        if {"vision-fp32", "text-fp32"} <= set(self.manifest["files"]):  # complete: what it replaces can go
+            gone = exportcache.remove_superseded(self.folder, self.manifest)
+            if gone:
+                say(f"removed {len(gone)} superseded export(s) of this model from the cache "
+                    f"({sum(n for _, n in gone) / 2**20:.0f} MiB)")

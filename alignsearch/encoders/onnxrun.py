@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from alignsearch.encoders import records
-from alignsearch.encoders.backend import cache_untrusted, onnx_dir
+from alignsearch.encoders.backend import cache_untrusted, lock_in_use, onnx_dir
 from alignsearch.storage.paths import untrusted
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class Tower:
     loaded. `key` names the file ("vision-fp32"); bf16 is OpenVINO computing the fp32 file in bf16."""
 
     def __init__(self, folder: Path, manifest: dict, key: str, engine: str = "onnx", precision: str | None = None):
+        self.in_use = lock_in_use(folder)  # while this tower lives, its folder is never removed (exportcache)
         path = check_file(folder, manifest, key)
         self.key, self.engine, self.folder = key, engine, folder
         self.precision = precision or key.split("-")[1]

@@ -76,7 +76,9 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
                 img.draft("RGB", draft)
             img.load()
             fmt = img.format or "unknown"
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # not in place, it copied every unrotated image whole
+            if img.mode in WIDE_GREY:  # the wide pixels freed before the RGB copy is made
+                img = grey8(img)
             return to_rgb(img), fmt
     except BadImageError:
         raise
@@ -119,25 +121,32 @@ def _register_heif() -> bool:
 BAND_PIXELS = 1 << 20  # pixels per band when a 16/32-bit image is scaled to 8 bits (4 MB of float32)
 
 
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I", "F")  # greys of more than 8 bits
+
+
+def grey8(img: Image.Image) -> Image.Image:
+    """A 16/32-bit grey image as 8-bit grey, scaled rather than clipped. A band of rows at a time in float32,
+    read from the image band by band: the whole image as float64 (and its temporaries) took 1.2 GB for a
+    49 MP 16-bit PNG of 95 KB; now the 8-bit result and one band."""
+    width, height = img.size
+    peak = 65535.0 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 255.0
+    scale = np.float32(255.0 / peak)
+    grey = np.empty((height, width), dtype=np.uint8)
+    band = max(1, BAND_PIXELS // max(1, width))
+    for top in range(0, height, band):
+        part = np.asarray(img.crop((0, top, width, min(height, top + band)))).astype(np.float32)
+        part *= scale
+        np.clip(part, 0, 255, out=part)
+        grey[top : top + band] = part
+    return Image.fromarray(grey, "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB; transparency composited on white, 16/32-bit greys scaled rather than clipped."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # Scaled a band of rows at a time in float32: the whole image as float64 (and its temporaries) took
-        # 1.2 GB for a 49 MP 16-bit PNG of 95 KB; now the pixels' own copy, the 8-bit result and one band.
-        arr = np.asarray(img)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        scale = np.float32(255.0 / peak)
-        grey = np.empty(arr.shape, dtype=np.uint8)
-        band = max(1, BAND_PIXELS // max(1, arr.shape[1]))
-        for top in range(0, arr.shape[0], band):
-            part = arr[top : top + band].astype(np.float32)
-            part *= scale
-            np.clip(part, 0, 255, out=part)
-            grey[top : top + band] = part
-        del arr
-        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in WIDE_GREY:
+        return grey8(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -167,13 +176,35 @@ def crop_uint8(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 DECODE_MARGIN = 2
 
 
+def _draft(spec: ImageSpec, fast: bool) -> tuple[int, int]:
+    """The smallest size a JPEG is decoded at (Pillow's draft): DECODE_MARGIN times the resize target, or the
+    target itself when fast."""
+    height, width = spec.resize
+    side = DECODE_MARGIN * max(height, width)
+    return (width, height) if fast else (side, side)
+
+
+def decode_pixels(data: bytes, spec: ImageSpec, fast: bool = False) -> int:
+    """The pixels decode() holds at full size for these bytes, from the header alone: a JPEG's at the DCT scale
+    it is decoded at, any other image's all of them (decoding costs ~4-5 bytes a pixel: 389 MB for a 100 MP
+    PNG, 236 MB for a 49 MP 16-bit one). 0 for bytes that are not an image (decode says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG":
+                img.draft("RGB", _draft(spec, fast))
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001 - Pillow raises many types for bytes it cannot read; decode reports them
+        return 0
+
+
 def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Decoded:
     """Bytes to the uint8 crop the encoder takes, with the image's (stored) size and format.
     Large images are decoded or reduced to DECODE_MARGIN times the resize target first (bounded memory);
     fast: JPEG draft decoding at no less than the resize target itself (see open_rgb)."""
-    height, width = spec.resize
-    side = DECODE_MARGIN * max(height, width)
-    img, fmt = open_rgb(data, max_pixels, (width, height) if fast else (side, side))
+    side = DECODE_MARGIN * max(spec.resize)
+    img, fmt = open_rgb(data, max_pixels, _draft(spec, fast))
     size = img.size
     if fmt == "JPEG":  # report the stored size, not the reduced decode's
         header = Image.open(io.BytesIO(data))

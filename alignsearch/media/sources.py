@@ -112,14 +112,34 @@ def exists(root: str) -> bool:
         raise BadInputError(f"cannot reach {root}: {type(exc).__name__}: {exc}") from None
 
 
+def catalog_key(name: str) -> tuple[str, bytes | None]:
+    """(relpath, raw) of an entry's name (os.fsdecode's surrogates for bytes that are not UTF-8): the catalog's
+    key, text with every backslash doubled and each byte that is not UTF-8 as \\xNN, a lossless escape of the
+    name's bytes; raw, the bytes, only where the key is not the name itself. A name that is not UTF-8 and one
+    literally spelled like its \\xNN form once shared a key (one was never searchable)."""
+    raw = os.fsencode(name)
+    key = raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return key, (None if key == name else raw)
+
+
+def name_bytes(relpath: str, relpath_raw: bytes | None = None) -> bytes:
+    """The bytes of a catalogued name: raw where the catalog kept them, else the key, which is then the name."""
+    return relpath_raw if relpath_raw else relpath.encode("utf-8")
+
+
+def shown_name(relpath: str, relpath_raw: bytes | None = None) -> str:
+    """A catalogued name as text to show: its bytes that are not UTF-8 as \\xNN, backslashes as they are."""
+    return relpath_raw.decode("utf-8", "backslashreplace") if relpath_raw else relpath
+
+
 def location(root: str, relpath: str, relpath_raw: bytes | None = None) -> str:
     """The path or URL to show for an image (for a tar member: shard/member, WebDataset style)."""
     k = kind(root)
     if k == LIST:
-        return relpath
+        return shown_name(relpath, relpath_raw)
     if k == FOLDER:
         return os.path.join(root, os.fsdecode(relpath_raw) if relpath_raw else relpath)
-    return f"{root.rstrip('/')}/{relpath}"
+    return f"{root.rstrip('/')}/{shown_name(relpath, relpath_raw)}"
 
 
 def file_path(url: str) -> str | None:

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 from sqlalchemy import select
 
+from alignsearch.media import sources
 from alignsearch.storage import catalog
 from alignsearch.search.filters import TextColumn
 
@@ -85,8 +86,11 @@ class Columns:
         query = select(catalog.files.c.id, col).where(catalog.files.c.status == catalog.INDEXED)
         if col.table is catalog.photos:
             query = query.outerjoin(catalog.photos, catalog.photos.c.file_id == catalog.files.c.id)
+        if name == "path":  # matched as shown, not as the key (which doubles backslashes: sources.catalog_key)
+            query = query.add_columns(catalog.files.c.relpath_raw)
         with self._db.connect() as conn:
-            values = dict(conn.execute(query).all())
+            rows = conn.execute(query).all()
+        values = {r[0]: sources.shown_name(r[1], r[2]) for r in rows} if name == "path" else dict(rows)
         return TextColumn.of([None if (v := values.get(int(i))) is None else str(v).lower() for i in self.ids.tolist()])
 
     def tagged(self, label: str) -> np.ndarray:

@@ -768,20 +768,17 @@ def onnx_cache_status(model_info: dict) -> dict:
         ready = "tokenizer" in manifest and all(check_file(folder, manifest, k) for k in ("text-fp32", "tokenizer"))
     except OnnxUnusable:
         ready = False
-    size = 0
-    for path in folder.rglob("*") if folder.is_dir() else ():  # the exports and OpenVINO's compiled graphs
-        try:
-            size += path.stat().st_size if path.is_file() else 0
-        except OSError:
-            pass
+    from alignsearch.encoders import exportcache
+
+    size = exportcache.tree_bytes(folder)  # the exports and OpenVINO's compiled graphs
     return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready,
-            "bytes": size}
+            "bytes": size, "total": exportcache.usage()}
 
 
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = (), *,
          similarity: float | None = None, parts: dict | None = None) -> Hit:
     photo = photo or {}
-    return Hit(row.id, row.path, score, row.root, row.relpath, row.width, row.height, row.format, row.size, row.mtime,
+    return Hit(row.id, row.path, score, row.root, row.shown_relpath, row.width, row.height, row.format, row.size, row.mtime,
                taken=iso(photo.get("taken")), camera=photo.get("camera"), lens=photo.get("lens"),
                lat=photo.get("lat"), lon=photo.get("lon"), caption=photo.get("caption"), tags=list(labels),
                t=row.t, t_end=row.t_end, ocr=photo.get("ocr") or None,

@@ -109,7 +109,7 @@ def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:
     columns = {
         "id": [r.id for r in rows], "path": [p for p, _ in shown], "path_b64": [b for _, b in shown],
         "root": [catalog.shown_path(r.root)[0] for r in rows],
-        "relpath": [r.relpath for r in rows], "width": [r.width for r in rows], "height": [r.height for r in rows],
+        "relpath": [r.shown_relpath for r in rows], "width": [r.width for r in rows], "height": [r.height for r in rows],
         "format": [r.format for r in rows], "size": [r.size for r in rows], "mtime": [r.mtime for r in rows],
         "taken": [None if tags[r.id]["taken"] is None else int(tags[r.id]["taken"]) for r in rows],
         "caption": [tags[r.id]["caption"] for r in rows], "tags": [tags[r.id]["tags"] for r in rows],

@@ -54,8 +54,8 @@ files = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("root", Text, nullable=False),
-    Column("relpath", Text, nullable=False),  # for display; non-UTF-8 bytes shown as \xNN
-    Column("relpath_raw", LargeBinary),  # the name's bytes, only when they are not UTF-8
+    Column("relpath", Text, nullable=False),  # the key, lossless (sources.catalog_key): \xNN, backslashes doubled
+    Column("relpath_raw", LargeBinary),  # the name's bytes, only where relpath is not the name
     Column("size", Integer, nullable=False),
     Column("mtime", Float, nullable=False),
     Column("sha256", String(64)),
@@ -159,6 +159,11 @@ class FileRow:
         """The path or URL to show (sources.location); non-UTF-8 names come back as os.fsdecode gives them."""
         return sources.location(self.root, self.relpath, self.relpath_raw)
 
+    @property
+    def shown_relpath(self) -> str:
+        """The relative path to show: bytes that are not UTF-8 as \\xNN (the key also doubles backslashes)."""
+        return sources.shown_name(self.relpath, self.relpath_raw)
+
     def read(self) -> bytes:
         return sources.read_bytes(self.root, self.relpath, self.relpath_raw)
 
@@ -206,6 +211,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
             return engine
         with engine.begin() as conn:
             migrate.upgrade(conn)
+            upgrade_keys_lossless(conn)
             if state.read(conn, "index_id").index_id is None:  # names this index (a copy keeps it: see server records)
                 state.write(conn, index_id=uuid.uuid4().hex)
     except DBAPIError as exc:
@@ -254,6 +260,30 @@ def create_keywords(conn: Connection) -> None:
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
                          "fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
+
+
+def upgrade_keys_lossless(conn: Connection) -> None:
+    """Rewrite the keys written before keys were lossless, in the caller's transaction; once per catalog
+    (state.keys_lossless), no schema change, so readers of either form read both.
+
+    A key was the name with bytes that are not UTF-8 as \\xNN, so such a name and a file literally named
+    like that escape shared one key (one was never searchable). Now backslashes are doubled too
+    (sources.catalog_key), which changes only the keys holding a backslash: those rows get the new key and
+    keep their ids and vectors; the name's bytes go to relpath_raw. Old keys are unique, so the new ones
+    are; each changed row goes through a temporary key first, as one row's new key may be another's old."""
+    if state.read(conn, "keys_lossless").keys_lossless:
+        return
+    rows = conn.exec_driver_sql("SELECT id, relpath, relpath_raw FROM files WHERE instr(relpath, '\\') > 0").all()
+    changed = []
+    for file_id, relpath, raw in rows:
+        key, new_raw = sources.catalog_key(os.fsdecode(sources.name_bytes(relpath, raw)))
+        if (key, new_raw) != (relpath, raw):
+            changed.append((file_id, key, new_raw))
+    for file_id, _, _ in changed:  # NUL never occurs in a file name: no key can be one of these
+        conn.execute(update(files).where(files.c.id == file_id).values(relpath=f"\0{file_id}"))
+    for file_id, key, new_raw in changed:
+        conn.execute(update(files).where(files.c.id == file_id).values(relpath=key, relpath_raw=new_raw))
+    state.write(conn, keys_lossless=True)
 
 
 def damaged(db_path, exc: Exception) -> AlignSearchError:

@@ -110,6 +110,7 @@ class IndexState:
     roots: RootsState = RootsState()
     videos: bool = False  # a video was indexed once: readers cap the moments of one video
     ocr: bool = False  # `index --ocr`, remembered
+    keys_lossless: bool = False  # every files.relpath is sources.catalog_key of its name (catalog.upgrade_keys_lossless)
     encoder: Mapping[str, Any] | None = None  # the plan the last finished run encoded with (`info`)
     tagging: Mapping[str, Any] | None = None  # the tagging runs to repeat on new images (indexer/tag.py)
     index_run: IndexRun | None = None
@@ -127,6 +128,7 @@ KEYS = {
     "roots": ("roots", "root_options", "list_columns", "listing_errors"),
     "videos": ("videos",),
     "ocr": ("ocr",),
+    "keys_lossless": ("keys_lossless",),
     "encoder": ("encoder",),
     "tagging": ("tagging",),
     "index_run": ("index_run",),
@@ -160,6 +162,7 @@ def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
                          list_columns=got("list_columns", {}), listing_errors=got("listing_errors", {})),
         videos=bool(got("videos", False)),
         ocr=bool(got("ocr", False)),
+        keys_lossless=bool(got("keys_lossless", False)),
         encoder=got("encoder"),
         tagging=got("tagging"),
         index_run=None if run is None else IndexRun(started=float(run["started"]), pid=int(run["pid"])),

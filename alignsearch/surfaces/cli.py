@@ -667,7 +667,8 @@ def info(failed, as_json, index_dir):
         click.echo(f"onnx:    {cache['note']}")
     else:
         click.echo(f"onnx:    {', '.join(cache['towers']) or 'nothing exported yet'} in {cache['path']} "
-                   f"({cache['bytes'] / 2**20:.1f} MiB)" + ("; text queries run without torch" if cache["torch_free_text"] else ""))
+                   f"({cache['bytes'] / 2**20:.1f} MiB; {_cache_total(cache['total'])})"
+                   + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
         click.echo("tags:    " + ", ".join(f"{_shown(label)} ({n})" for label, n in data["tags"].items()))
     if data["listing_errors"] and not failed:
@@ -677,6 +678,11 @@ def info(failed, as_json, index_dir):
         click.echo(f"failed:  {_shown(f['path'])}: {_shown(f['reason'])}")
     for e in data["listing_errors"] if failed else []:
         click.echo(f"unlisted: {_shown(e['folder'])}: {_shown(e['reason'])} (its indexed files were kept)")
+
+
+def _cache_total(total: dict) -> str:
+    models = total["models"]
+    return f"the cache holds {total['bytes'] / 2**20:.1f} MiB for {models} model{'s' if models != 1 else ''}"
 
 
 def _listing_errors(db) -> list[dict]:

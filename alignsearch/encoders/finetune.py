@@ -245,7 +245,7 @@ def _evaluate(model, tokenizer, images: _Images, val: list[Pair], spec: ImageSpe
 
 def check_out(out: Path) -> None:
     """Refuse (exit 2) an --out that holds anything but an earlier finetune output: its files would be replaced
-    (with --out set to the training folder, the old code deleted all of it)."""
+    (--out set to the training folder would otherwise lose the user's pictures)."""
     if not out.exists():
         return
     if not out.is_dir():

@@ -18,24 +18,25 @@ def unit_rows(x):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def with_synthetic(base, tiny_model, images: int, vectors: int, seed: int, kind: str):
+    """base/photos (make_images) indexed, then clustered synthetic vectors (catalog rows and stored vectors)
+    added: an ANN index of `kind`. Returns the index folder."""
+    from helpers import add_synthetic
+    from indexer.build import sync_index
+
+    root, ix = base / "photos", base / "ix"
+    make_images(root, images)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    db, store = add_synthetic(ix, vectors, alignsearch.open(ix).store.dim, seed=seed)
+    assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == kind
+    db.dispose()
+    return ix
+
+
 @pytest.fixture
 def flat(prebuilt, tiny_model):
-    """A flat index: 4 images and 2,000 clustered synthetic vectors (catalog rows and stored vectors)."""
-
-    def build(base):
-        from helpers import add_synthetic
-        from indexer.build import sync_index
-
-        root, ix = base / "photos", base / "ix"
-        make_images(root, 4)
-        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-        dim = alignsearch.open(ix).store.dim
-        db, store = add_synthetic(ix, 2000, dim, seed=3)
-        assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == "flat"
-        db.dispose()
-        return ix
-
-    return prebuilt.folder("compose-flat", build)[1]
+    """A flat index: 4 images and 2,000 clustered synthetic vectors (built once a session, a copy per test)."""
+    return prebuilt.folder("compose-flat", lambda base: with_synthetic(base, tiny_model, 4, 2000, 3, "flat"))[1]
 
 
 def every_vector(engine):
@@ -133,21 +134,7 @@ def test_filters_cutoff_sort_collapse_and_negatives_hold_for_every_method(flat, 
 @pytest.fixture
 def ivfpq(prebuilt, tiny_model):
     """3 images and 12,000 clustered synthetic vectors, an IVF-PQ index: built once a session, a copy per test."""
-
-    def build(base):
-        from helpers import add_synthetic
-        from indexer.build import sync_index
-
-        root, ix = base / "photos", base / "ix"
-        make_images(root, 3)
-        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-        dim = alignsearch.open(ix).store.dim
-        db, store = add_synthetic(ix, 12_000, dim, seed=5)
-        assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == "ivfpq"
-        db.dispose()
-        return ix
-
-    return prebuilt.folder("compose-ivfpq", build)[1]
+    return prebuilt.folder("compose-ivfpq", lambda base: with_synthetic(base, tiny_model, 3, 12_000, 5, "ivfpq"))[1]
 
 
 @pytest.mark.slow

@@ -39,6 +39,48 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prebuilt(tmp_path_factory):
+    """Folders built once a session and handed to each test as its own copy (helpers.Prebuilt)."""
+    from helpers import Prebuilt
+
+    return Prebuilt(tmp_path_factory.mktemp("prebuilt"))
+
+
+@pytest.fixture
+def indexed_images(prebuilt, tiny_model):
+    """indexed_images(n) -> (root, index): make_images(root, n) and their index by the tiny model, for tests
+    whose first `index` run is only where they start: one run a session for each n, a copy per test."""
+
+    def indexed(n: int) -> tuple[Path, Path]:
+        def build(base):
+            index_json(base / "ix", make_images(base / "photos", n)[0].parent, "--model", tiny_model, "--device", "cpu")
+
+        base, _ = prebuilt.folder(f"indexed-images-{n}", build)
+        return base / "photos", base / "ix"
+
+    return indexed
+
+
+@pytest.fixture
+def exported_cache(prebuilt, tiny_model, monkeypatch) -> Path:
+    """ALIGNSEARCH_CACHE set to a cache of this test's own that already holds the tiny model's exported towers
+    (exported, and the engines' speed measured, once a session): for tests of what follows an export."""
+
+    def build(base):
+        from alignsearch.encoders.model import Encoder
+
+        with monkeypatch.context() as env:
+            env.setenv("ALIGNSEARCH_CACHE", str(base))
+            encoder = Encoder(str(tiny_model), device="cpu")
+            encoder.encode_text(["a dog"])
+            encoder.encode_crops(np.zeros((1, *encoder.spec.output_size, 3), dtype=np.uint8))
+
+    folder, _ = prebuilt.folder("onnx-cache", build)
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def other_model(tmp_path_factory) -> Path:
     return build_tiny_align(tmp_path_factory.mktemp("other-align"), seed=1)
 
@@ -62,10 +104,27 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    root = tmp_path / "corpus"
+def fill_corpus(root: Path) -> Path:
+    """18 images (6 in nested/) and a broken.jpg that is not an image."""
     make_images(root, 12)
     make_images(root / "nested", 6, seed=1)
     (root / "broken.jpg").write_bytes(b"this is not an image")
     return root
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return fill_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def indexed_corpus(prebuilt, tiny_model) -> tuple[Path, Path]:
+    """(corpus, index): the `corpus` fixture's files and their index, `.alignsearch` beside them, made by one
+    `index` run a session; each test gets its own copy of both (see helpers.Prebuilt)."""
+
+    def build(base):
+        run("index", fill_corpus(base / "corpus"), "--index", base / ".alignsearch", "--model", tiny_model,
+            "--device", "cpu")
+
+    base, _ = prebuilt.folder("indexed-corpus", build)
+    return base / "corpus", base / ".alignsearch"

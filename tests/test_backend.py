@@ -233,10 +233,10 @@ def test_without_onnxruntime_the_index_runs_on_what_is_left(tiny_model, tmp_path
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
-def test_a_damaged_cache_is_exported_again(tiny_model, cache, damage):
+def test_a_damaged_cache_is_exported_again(tiny_model, exported_cache, damage):
     first = Encoder(str(tiny_model), device="cpu")
     want = first.encode_text(TEXTS)
-    folder = next(cache.glob("onnx/*"))
+    folder = next(exported_cache.glob("onnx/*"))
     tower = folder / "text-fp32.onnx"
     data = bytearray(tower.read_bytes())
     if damage == "truncate":
@@ -253,14 +253,14 @@ def test_a_damaged_cache_is_exported_again(tiny_model, cache, damage):
     assert onnx_manifest(folder)["files"]["text-fp32"]["size"] == tower.stat().st_size
 
 
-def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, cache):
+def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, exported_cache):
     from alignsearch.encoders import onnxrun
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
     assert onnxrun.text_encoder(enc.describe()) is not None
     for name in ("text-fp32.onnx", "tokenizer.json"):
-        path = next(cache.glob(f"onnx/*/{name}"))
+        path = next(exported_cache.glob(f"onnx/*/{name}"))
         original = path.read_bytes()
         data = bytearray(original)
         data[len(data) // 2] ^= 0x01  # one bit, same size: the hash catches it
@@ -308,7 +308,7 @@ def test_int8_text_tower_on_a_model_that_quantizes(tmp_path, cache):
     assert (small.encode_crops(c) * exact.encode_crops(c)).sum(axis=1).min() >= 0.9999  # images stay fp32
 
 
-def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_model, cache, monkeypatch):
+def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_model, exported_cache, monkeypatch):
     """The unit-test model's huge random weights (init 1.0) quantize badly: int8 is refused with the measured
     cosine, text runs at fp32 on ONNX, and the refusal is remembered (no quantizing on every start)."""
     enc = Encoder(str(tiny_model), device="cpu", precision="int8")
@@ -323,7 +323,7 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
     again.encode_text(["a dog"])
     assert again.plan.text == "fp32" and "quantized again" not in again.plan.why
     # remembered on disk (a lost rejection sent every cold int8 query through torch): no int8 file listed
-    manifest = onnx_manifest(next(cache.glob("onnx/*")))
+    manifest = onnx_manifest(next(exported_cache.glob("onnx/*")))
     assert "text-int8" in manifest["rejected"] and "text-int8" not in manifest["files"]
     from alignsearch.encoders import onnxrun
 
@@ -340,7 +340,7 @@ def test_index_refuses_int8(tiny_model, tmp_path):
 
 
 # -- end to end -----------------------------------------------------------------------------------------------
-def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, cache):
+def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, exported_cache):
     corpus = tmp_path / "corpus"
     make_images(corpus, 12)
     on_onnx = index_json(tmp_path / "a", corpus, "--model", tiny_model)
@@ -368,11 +368,11 @@ print(json.dumps({"loaded": loaded}))
 
 
 @pytest.mark.slow
-def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tmp_path, cache):
+def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tmp_path, exported_cache):
     corpus = tmp_path / "corpus"
     make_images(corpus, 6)
     index_json(tmp_path / "ix", corpus, "--model", tiny_model)
-    env = {**os.environ, "ALIGNSEARCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ALIGNSEARCH_CACHE": str(exported_cache), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix")], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -388,7 +388,7 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
     assert proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["loaded"] == ["torch", "transformers"]
 
 
-def test_the_torch_free_tokenizer_matches_transformers(tiny_model, cache):
+def test_the_torch_free_tokenizer_matches_transformers(tiny_model, exported_cache):
     from alignsearch.encoders import onnxrun
 
     enc = Encoder(str(tiny_model), device="cpu")
@@ -454,7 +454,7 @@ def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
     assert not stale.exists() and live.exists()
 
 
-def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_its_model(tiny_model, tmp_path, cache):
+def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_its_model(tiny_model, tmp_path, exported_cache):
     import alignsearch
     from alignsearch.encoders import coldstart
 
@@ -480,7 +480,7 @@ def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_i
     assert coldstart.text_encoder_soon(tmp_path / "nowhere", "fp32") is None
 
 
-def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(tiny_model, tmp_path, cache, monkeypatch):
+def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(tiny_model, tmp_path, exported_cache, monkeypatch):
     import importlib
     from concurrent.futures import Future
 
@@ -495,7 +495,7 @@ def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(t
     failed.set_exception(OSError("simulated thread failure"))
     engine = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=(info, failed))
     assert len(engine.search(text="red car", k=2)) == 2  # the usual load ran instead
-    (folder,) = cache.glob("onnx/*")
+    (folder,) = exported_cache.glob("onnx/*")
     for junk in ("[]", '"x"', "{not json"):
         (folder / "records" / "model.json").write_text(junk)
         assert onnxrun.text_encoder(info, "fp32") is None and onnxrun.text_encoder(info, "int8") is None

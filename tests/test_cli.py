@@ -14,14 +14,28 @@ from conftest import make_images, run
 
 
 @pytest.fixture
-def indexed(tmp_path, corpus, tiny_model, monkeypatch):
+def corpus(indexed_corpus):
+    """Here the corpus is the indexed one (the tests below query it, and change it)."""
+    return indexed_corpus[0]
+
+
+@pytest.fixture
+def indexed(indexed_corpus, monkeypatch):
+    """The working folder holds the corpus and its index, the default .alignsearch/; returns the index."""
+    corpus, ix = indexed_corpus
+    monkeypatch.chdir(ix.parent)
+    monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    return ix
+
+
+def test_index_summary_and_failures(tmp_path, tiny_model, monkeypatch):
+    from conftest import fill_corpus
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    corpus = fill_corpus(tmp_path / "corpus")  # a first run of its own: its summary is what is checked
     out = run("index", corpus, "--model", tiny_model, "--device", "cpu", "--batch-size", "4", "--workers", "2", "--json")
-    return json.loads(out.stdout)
-
-
-def test_index_summary_and_failures(indexed, tmp_path):
+    indexed = json.loads(out.stdout)
     assert indexed["added"] == 18 and indexed["failed"] == 1 and indexed["removed"] == 0  # failed apart from added
     assert indexed["index"]["plan"]["kind"] == "flat" and indexed["index"]["vectors"] == 18
     assert set(indexed["times"]) >= {"read_wait", "encode", "write", "decode_worker", "extra"}
@@ -123,8 +137,8 @@ def test_bad_arguments_get_messages(tmp_path, monkeypatch, tiny_model):
 
 
 @pytest.mark.slow
-def test_console_script_runs_as_a_module(indexed, tmp_path):
-    env = {**os.environ, "ALIGNSEARCH_INDEX": str(tmp_path / ".alignsearch")}
+def test_console_script_runs_as_a_module(indexed):
+    env = {**os.environ, "ALIGNSEARCH_INDEX": str(indexed)}
     proc = subprocess.run([sys.executable, "-m", "alignsearch", "query", "a dog", "-k", "2", "--json"],
                           capture_output=True, text=True, env=env, cwd="/")
     assert proc.returncode == 0, proc.stderr

@@ -18,20 +18,25 @@ def unit_rows(x):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-@pytest.fixture
-def flat(tmp_path, tiny_model):
-    """A flat index: 4 images and 2,000 clustered synthetic vectors (catalog rows and stored vectors)."""
+def with_synthetic(base, tiny_model, images: int, vectors: int, seed: int, kind: str):
+    """base/photos (make_images) indexed, then clustered synthetic vectors (catalog rows and stored vectors)
+    added: an ANN index of `kind`. Returns the index folder."""
     from helpers import add_synthetic
     from indexer.build import sync_index
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 4)
+    root, ix = base / "photos", base / "ix"
+    make_images(root, images)
     index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    dim = alignsearch.open(ix).store.dim
-    db, store = add_synthetic(ix, 2000, dim, seed=3)
-    assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == "flat"
+    db, store = add_synthetic(ix, vectors, alignsearch.open(ix).store.dim, seed=seed)
+    assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == kind
     db.dispose()
     return ix
+
+
+@pytest.fixture
+def flat(prebuilt, tiny_model):
+    """A flat index: 4 images and 2,000 clustered synthetic vectors (built once a session, a copy per test)."""
+    return prebuilt.folder("compose-flat", lambda base: with_synthetic(base, tiny_model, 4, 2000, 3, "flat"))[1]
 
 
 def every_vector(engine):
@@ -126,22 +131,19 @@ def test_filters_cutoff_sort_collapse_and_negatives_hold_for_every_method(flat, 
     assert [h.id for h in engine.search_vector(plain, k=10, compose=method)] != [h.id for h in everything[:10]]
 
 
+@pytest.fixture
+def ivfpq(prebuilt, tiny_model):
+    """3 images and 12,000 clustered synthetic vectors, an IVF-PQ index: built once a session, a copy per test."""
+    return prebuilt.folder("compose-ivfpq", lambda base: with_synthetic(base, tiny_model, 3, 12_000, 5, "ivfpq"))[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["product", "weicom"])
-def test_late_fusion_recall_on_an_ivfpq_index_with_a_filter(tmp_path, tiny_model, monkeypatch, method):
+def test_late_fusion_recall_on_an_ivfpq_index_with_a_filter(ivfpq, monkeypatch, method):
     """12,000 clustered vectors (IVF-PQ), filters of 1% and 10% and none: recall@10 against the exact fused
     score >= 0.95, through the ANN index with a selector (the exact path for few matches switched off)."""
-    from helpers import add_synthetic
-    from indexer.build import sync_index
-
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 3)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    dim = alignsearch.open(ix).store.dim
-    db, store = add_synthetic(ix, 12_000, dim, seed=5)
-    assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == "ivfpq"
-    db.dispose()
-    engine = alignsearch.open(ix)
+    engine = alignsearch.open(ivfpq)
+    dim = engine.store.dim
     ids, x = every_vector(engine)
     names = np.array(relpaths(engine, ids))
     rng = np.random.default_rng(1)
@@ -199,20 +201,24 @@ def test_auto_mode_lets_no_file_name_override_the_model(tmp_path, tiny_model):
 
 
 @pytest.fixture
-def captioned(tmp_path, tiny_model):
+def captioned(prebuilt, tiny_model):
     """5 images, one with a caption holding a rare word, and 300 synthetic vectors (so the captioned one can
     lie beyond the similarity list's fusion depth)."""
-    from helpers import add_synthetic
-    from indexer.build import sync_index
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    images = make_images(root, 5)
-    images[2].with_suffix(".txt").write_text("Zanzibar the tabby asleep on the sofa\n")
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    db, store = add_synthetic(ix, 300, alignsearch.open(ix).store.dim, seed=2)
-    sync_index(db, store, ix / "index.faiss")
-    db.dispose()
-    return ix, images[2].name
+    def build(base):
+        from helpers import add_synthetic
+        from indexer.build import sync_index
+
+        root, ix = base / "photos", base / "ix"
+        images = make_images(root, 5)
+        images[2].with_suffix(".txt").write_text("Zanzibar the tabby asleep on the sofa\n")
+        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+        db, store = add_synthetic(ix, 300, alignsearch.open(ix).store.dim, seed=2)
+        sync_index(db, store, ix / "index.faiss")
+        db.dispose()
+        return ix, images[2].name
+
+    return prebuilt.folder("compose-captioned", build)[1]
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "auto"])

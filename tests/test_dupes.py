@@ -15,15 +15,19 @@ from alignsearch.search.engine import Hit
 
 
 @pytest.fixture
-def library(tmp_path, tiny_model):
+def library(prebuilt, tiny_model):
     """6 distinct photos; photo0000 has three near copies and one exact copy; indexed."""
-    root = tmp_path / "lib"
-    photos = smooth_photos(root, 6)
-    near_copies(photos[0], root / "copies")
-    shutil.copyfile(photos[1], root / "copies" / "same-bytes.jpg")
-    ix = tmp_path / "ix"
-    index_json(ix, root, "--model", tiny_model)
-    return root, ix
+
+    def build(base):
+        root = base / "lib"
+        photos = smooth_photos(root, 6)
+        near_copies(photos[0], root / "copies")
+        shutil.copyfile(photos[1], root / "copies" / "same-bytes.jpg")
+        ix = base / "ix"
+        index_json(ix, root, "--model", tiny_model)
+        return root, ix
+
+    return prebuilt.folder("dupes-library", build)[1]
 
 
 def groups_of(ix, *args):

@@ -15,16 +15,31 @@ from helpers import add_synthetic
 
 
 @pytest.fixture
-def index_dir(tmp_path, corpus, tiny_model):
+def corpus(indexed_corpus):
+    """Here the corpus is the indexed one."""
+    return indexed_corpus[0]
+
+
+@pytest.fixture
+def index_dir(indexed_corpus):
+    return indexed_corpus[1]
+
+
+def test_index_folders_is_the_index_command(tmp_path, corpus, tiny_model):
+    """The Python entry point writes the index `alignsearch index` does (the other tests use the command's)."""
     out = tmp_path / "ix"
-    index_folders([corpus], out, model=str(tiny_model), device="cpu", workers=0)
-    return out
+    summary = index_folders([corpus], out, model=str(tiny_model), device="cpu", workers=0)
+    assert (summary.added, summary.failed) == (18, 1)
+    with alignsearch.open(out) as engine:
+        target = corpus / "img007.jpg"
+        assert engine.search(image=target, k=1)[0].path == str(target)
+        assert engine.info()["images"] == 18
 
 
-def test_open_discovers_the_index_like_git(index_dir, tmp_path, monkeypatch):
-    deep = tmp_path / "a" / "b"
+def test_open_discovers_the_index_like_git(index_dir, monkeypatch):
+    base = index_dir.parent  # the index is base/.alignsearch
+    deep = base / "a" / "b"
     deep.mkdir(parents=True)
-    (tmp_path / "ix").rename(tmp_path / ".alignsearch")
     monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
     monkeypatch.chdir(deep)
     engine = alignsearch.open()
@@ -32,7 +47,7 @@ def test_open_discovers_the_index_like_git(index_dir, tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     with pytest.raises(IndexNotFoundError):
         alignsearch.open()
-    monkeypatch.setenv("ALIGNSEARCH_INDEX", str(tmp_path / ".alignsearch"))
+    monkeypatch.setenv("ALIGNSEARCH_INDEX", str(index_dir))
     assert alignsearch.open().info()["images"] == 18
 
 

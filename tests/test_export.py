@@ -13,14 +13,17 @@ from alignsearch.errors import IndexDamagedError
 
 
 @pytest.fixture
-def indexed(tmp_path, tiny_model):
-    root = tmp_path / "lib"
-    smooth_photos(root / "big", 5, size=(320, 240))
-    smooth_photos(root / "small", 4, seed=1, size=(160, 120))
-    (root / "big" / "photo0000.txt").write_text("a red circle at dusk")  # a sidecar caption
-    ix = tmp_path / "ix"
-    index_json(ix, root, "--model", tiny_model)
-    return root, ix
+def indexed(prebuilt, tiny_model):
+    def build(base):
+        root = base / "lib"
+        smooth_photos(root / "big", 5, size=(320, 240))
+        smooth_photos(root / "small", 4, seed=1, size=(160, 120))
+        (root / "big" / "photo0000.txt").write_text("a red circle at dusk")  # a sidecar caption
+        ix = base / "ix"
+        index_json(ix, root, "--model", tiny_model)
+        return root, ix
+
+    return prebuilt.folder("export-indexed", build)[1]
 
 
 def test_parquet_round_trip_holds_every_image_and_its_embedding(indexed, tmp_path):

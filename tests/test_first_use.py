@@ -205,16 +205,13 @@ def test_server_agrees_with_the_cli(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_killed_servers_record_is_removed_once_and_a_busy_port_explained(tmp_path, tiny_model):
+def test_killed_servers_record_is_removed_once_and_a_busy_port_explained(indexed_images):
     import socket
 
     from alignsearch.storage.paths import SERVER_FILE
-    from conftest import make_images
     from helpers import alignsearch, free_port, start_serve, stop
 
-    make_images(tmp_path / "photos", 3)
-    ix = tmp_path / "ix"
-    run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--device", "cpu")
+    _, ix = indexed_images(3)
     proc, _ = start_serve(ix)
     stop(proc, signal.SIGKILL)  # reaped: its pid is gone
     assert (ix / SERVER_FILE).exists()
@@ -335,16 +332,13 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_catalog_held_exclusively_is_said_at_once_not_blamed_on_damage(tmp_path, tiny_model):
+def test_a_catalog_held_exclusively_is_said_at_once_not_blamed_on_damage(indexed_images):
     import fcntl
     import sqlite3
 
-    from conftest import make_images
     from helpers import alignsearch
 
-    make_images(tmp_path / "photos", 3)
-    ix = tmp_path / "ix"
-    run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--device", "cpu")
+    _, ix = indexed_images(3)
     holder = sqlite3.connect(ix / "catalog.db")
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")

@@ -63,10 +63,8 @@ def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
     assert info["images"] == 8 and info["index"]["vectors"] == 8
 
 
-def test_reindex_switches_the_model(tmp_path, tiny_model, other_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 4)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_reindex_switches_the_model(indexed_images, other_model):
+    root, ix = indexed_images(4)
     assert run("index", "--index", ix, "--model", other_model, code=5)
     s = index_json(ix, "--model", other_model, "--reindex")
     assert s["reencoded"] == 4 and s["added"] == 0 and vector_rows(ix) == 4  # a new generation, folded
@@ -121,10 +119,8 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 10)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_reader_queries_in_a_loop_while_the_writer_updates(indexed_images):
+    root, ix = indexed_images(10)
     engine = alignsearch.open(ix)
     query = engine.embed(text="red car")
     errors, counts, stop = [], [], threading.Event()
@@ -153,12 +149,10 @@ def test_reader_queries_in_a_loop_while_the_writer_updates(tmp_path, tiny_model)
     assert all(b >= a for a, b in zip(counts, counts[1:]))  # never a half-updated view
 
 
-def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
+def test_verify_finds_and_repairs_damage(indexed_images):
     from alignsearch.storage.ann import read, remove, write_atomic
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 6)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(6)
     assert json.loads(run("verify", "--index", ix, "--json").stdout)["ok"]
 
     with open(ix / "vectors.f16", "ab") as f:  # a killed writer's uncommitted tail
@@ -175,13 +169,11 @@ def test_verify_finds_and_repairs_damage(tmp_path, tiny_model):
     assert json.loads(run("info", "--json", "--index", ix).stdout)["index"]["vectors"] == 6
 
 
-def test_one_writer_at_a_time_and_verify_tells_in_flight_writes_from_damage(tmp_path, tiny_model):
+def test_one_writer_at_a_time_and_verify_tells_in_flight_writes_from_damage(indexed_images):
     from indexer.lock import writer_lock
     from indexer.verify import verify
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 3)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(3)
     with open(ix / "vectors.f16", "ab") as f:
         f.write(b"\0" * 64)  # rows a writer has not committed yet
     (ix / "vectors").mkdir()
@@ -199,10 +191,8 @@ def test_one_writer_at_a_time_and_verify_tells_in_flight_writes_from_damage(tmp_
     assert (ix / "vectors.f16").stat().st_size == 3 * alignsearch.open(ix).store.row_bytes
 
 
-def test_a_reader_finds_vectors_committed_after_it_loaded_the_store(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 3)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_a_reader_finds_vectors_committed_after_it_loaded_the_store(indexed_images):
+    root, ix = indexed_images(3)
     engine = alignsearch.open(ix)
     make_images(root / "more", 2, seed=5)
     index_json(ix, root, "--device", "cpu")  # the engine is not refreshed: its store predates these rows
@@ -214,10 +204,8 @@ def test_a_reader_finds_vectors_committed_after_it_loaded_the_store(tmp_path, ti
         assert np.allclose(engine.vector_of(file_id), fresh.vector_of(file_id))
 
 
-def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 2)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(indexed_images):
+    root, ix = indexed_images(2)
 
     def set_version(v):
         conn = sqlite3.connect(ix / "catalog.db")
@@ -270,14 +258,12 @@ def test_one_runner_times_a_local_and_a_pre_encoded_reader_alike():
     assert local.encode >= 0.01 and ray.encode >= 0.5  # the actors' own encode seconds count as the stage's
 
 
-def test_the_writer_logs_what_it_cuts_from_a_killed_run(tmp_path, tiny_model, caplog):
+def test_the_writer_logs_what_it_cuts_from_a_killed_run(indexed_images, caplog):
     """Diagnostics of the write path go to logging (a logger per module), not print: here the bytes a
     killed run appended without committing, and a segment file no commit knows."""
     import logging
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 3)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(3)
     engine = alignsearch.open(ix)
     with open(engine.store.path, "ab") as f:
         f.write(b"\1" * engine.store.row_bytes * 2)

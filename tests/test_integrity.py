@@ -37,10 +37,8 @@ def top_paths(ix, text="red", k=5, **kw):
 # -- 1. re-encoding is a new generation, never a wipe ------------------------------------------------
 
 
-def test_reindex_without_model_keeps_the_recorded_model(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 5)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_reindex_without_model_keeps_the_recorded_model(indexed_images):
+    root, ix = indexed_images(5)
     fingerprint = meta(ix, "model")["fingerprint"]
     s = index_json(ix, "--reindex", "--device", "cpu")  # on main: fell back to the hub default and failed
     assert s["reencoded"] == 5
@@ -48,10 +46,8 @@ def test_reindex_without_model_keeps_the_recorded_model(tmp_path, tiny_model):
     assert len(top_paths(ix)) == 5
 
 
-def test_reindex_with_a_model_that_cannot_load_touches_nothing(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 5)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_reindex_with_a_model_that_cannot_load_touches_nothing(indexed_images, tmp_path, tiny_model):
+    root, ix = indexed_images(5)
     before = top_paths(ix)
     files = {p.name: p.read_bytes() for p in ix.iterdir() if p.is_file() and p.suffix in (".f16", ".faiss")}
     result = run("index", "--index", ix, "--reindex", "--model", tmp_path / "no-such-model", code=4)
@@ -62,10 +58,8 @@ def test_reindex_with_a_model_that_cannot_load_touches_nothing(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
-def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(tmp_path, tiny_model, other_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 60)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(indexed_images, other_model):
+    root, ix = indexed_images(60)
     old_fp = meta(ix, "model")["fingerprint"]
     before = top_paths(ix, k=10)
     cmd = [sys.executable, "-m", "alignsearch", "index", "--index", str(ix), "--model", str(other_model), "--reindex",
@@ -90,14 +84,12 @@ def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(tm
     assert run("verify", "--index", ix).exit_code == 0
 
 
-def test_reindex_is_not_mixed_with_an_ordinary_run(tmp_path, tiny_model, other_model, monkeypatch):
+def test_reindex_is_not_mixed_with_an_ordinary_run(indexed_images, tiny_model, other_model, monkeypatch):
     """An `index` run (new files) between a failed re-encode and its resumption encodes the new files
     with the index's current model; the resumed re-encode then covers them too."""
     from alignsearch.encoders.model import Encoder
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 6)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(6)
     real, calls = Encoder.encode_crops, []
 
     def failing(self, crops):
@@ -171,12 +163,15 @@ def test_fingerprint_ignores_where_the_config_was_read():
 
 
 @pytest.fixture
-def built(tmp_path, tiny_model):
-    """A small index with its model; returns (root, index dir)."""
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 41)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu", "--batch-size", "8")
-    return root, ix
+def built(prebuilt, tiny_model):
+    """A small index with its model, indexed once a session, a copy of its own per test; (root, index dir)."""
+
+    def build(base):
+        make_images(base / "photos", 41)
+        index_json(base / "ix", base / "photos", "--model", tiny_model, "--device", "cpu", "--batch-size", "8")
+
+    base, _ = prebuilt.folder("integrity-built", build)
+    return base / "photos", base / "ix"
 
 
 def verify_json(ix, *args, code):
@@ -330,7 +325,7 @@ def test_verify_checks_every_file_the_index_owns(built):
 
 
 @pytest.mark.slow
-def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_model, other_model):
+def test_a_server_request_encodes_and_searches_with_one_snapshot(indexed_images, other_model):
     """Issue 24 #14: the server encoded a query with the old model, then searched the index a re-encode had
     just switched to the new one (the old model's vector against the new vectors). Here the switch happens
     exactly between the two steps: the answer must be the new model's, for a text and for `similar`."""
@@ -342,9 +337,7 @@ def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_
         with urllib.request.urlopen(url + path, timeout=300) as r:
             return r.status, r.headers, r.read()
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 8)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(8)
     engine = alignsearch.open(ix, device="cpu")
     # the server encodes a query's halves (parts_of its request, for any compose method), then searches
     real_embed, real_vector_of, switched = engine.parts_of, engine.vector_of, []
@@ -391,7 +384,7 @@ def test_a_server_request_encodes_and_searches_with_one_snapshot(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_searches_during_a_reencode_never_mix_generations(tmp_path, tiny_model, other_model):
+def test_searches_during_a_reencode_never_mix_generations(indexed_images, other_model):
     """A reader searching by image in a loop while a re-encode runs and switches: every answer is the
     image itself at score ~1, scored with the model of the generation it searched (a query encoded with
     one model and ranked against the other's vectors would score ~0)."""
@@ -399,9 +392,8 @@ def test_searches_during_a_reencode_never_mix_generations(tmp_path, tiny_model, 
 
     from indexer.job import index_folders
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    paths = make_images(root, 30)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(30)
+    paths = sorted(root.iterdir())  # make_images' order
     engine = alignsearch.open(ix)
     errors, answers, stop = [], [], threading.Event()
 
@@ -431,14 +423,12 @@ def test_searches_during_a_reencode_never_mix_generations(tmp_path, tiny_model, 
 
 
 @pytest.mark.slow
-def test_a_read_only_index_can_be_queried_and_is_not_written(tmp_path, tiny_model):
+def test_a_read_only_index_can_be_queried_and_is_not_written(indexed_images):
     from helpers import alignsearch as run_child, can_drop_dac
 
     if not can_drop_dac():
         pytest.skip("cannot run a child without root's permission bypass here")
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 6)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(6)
     conn = sqlite3.connect(ix / "catalog.db")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -493,12 +483,10 @@ def test_kill_9_during_a_reencode_at_random_moments(tmp_path, tiny_model, other_
 
 
 @pytest.mark.slow
-def test_twenty_threads_read_through_one_engine(tmp_path, tiny_model):
+def test_twenty_threads_read_through_one_engine(indexed_images):
     """A read-only catalog's connections are not shared between threads (SQLite crashed the process with
     a pool of five thread-bound connections once more than five threads read)."""
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 4)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(4)
     script = (
         "import sys, threading, alignsearch\n"
         "e = alignsearch.open(sys.argv[1]); errors = []\n"
@@ -515,16 +503,14 @@ def test_twenty_threads_read_through_one_engine(tmp_path, tiny_model):
     assert proc.returncode == 0 and proc.stdout.startswith("0 "), (proc.returncode, proc.stdout, proc.stderr[-2000:])
 
 
-def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(tmp_path, tiny_model, monkeypatch):
+def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(indexed_images, monkeypatch):
     """Issue 24 #22: SQLite's "database or disk is full" and "database is locked" (past the 30 s wait) were
     reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""
     import sqlalchemy
 
     from alignsearch.storage import catalog
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 4)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(4)
     for path in make_images(root / "more", 4, seed=5):  # captions: the new rows need new pages
         path.with_suffix(".txt").write_text(f"caption {path.stem} " * 400)
 

@@ -131,17 +131,20 @@ def test_a_missing_engine_is_one_line_naming_the_extra(signs, tmp_path, tiny_mod
 # -- keyword search the way people type it (captions and names, no OCR needed) --------------------------------
 
 @pytest.fixture
-def captioned(tmp_path, tiny_model):
-    root = tmp_path / "photos"
-    root.mkdir()
-    captions = {"cat": "Zanzibar the tabby asleep on the sofa", "cafe": "Breakfast at the Café Lisboa",
-                "receipt": "receipt INV4711A paid", "tram": "the yellow tram in Lisbon", "river": "river at dusk, Lisbon"}
-    for i, (name, caption) in enumerate(captions.items()):
-        Image.new("RGB", (64, 48), (40 * i, 200 - 30 * i, 90)).save(root / f"{name}.jpg")
-        (root / f"{name}.txt").write_text(caption)
-    ix = tmp_path / "ix"
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    return ix
+def captioned(prebuilt, tiny_model):
+    def build(base):
+        root = base / "photos"
+        root.mkdir()
+        captions = {"cat": "Zanzibar the tabby asleep on the sofa", "cafe": "Breakfast at the Café Lisboa",
+                    "receipt": "receipt INV4711A paid", "tram": "the yellow tram in Lisbon", "river": "river at dusk, Lisbon"}
+        for i, (name, caption) in enumerate(captions.items()):
+            Image.new("RGB", (64, 48), (40 * i, 200 - 30 * i, 90)).save(root / f"{name}.jpg")
+            (root / f"{name}.txt").write_text(caption)
+        ix = base / "ix"
+        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+        return ix
+
+    return prebuilt.folder("ocr-captioned", build)[1]
 
 
 def test_prefixes_codes_accents_and_operators(captioned):

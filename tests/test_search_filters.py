@@ -35,21 +35,24 @@ def photo(path, colour, when=None, offset=None, make=None, model=None, gps=None)
 
 
 @pytest.fixture
-def library(tmp_path, tiny_model):
-    root = tmp_path / "photos"
-    (root / "Trips" / "Lisbon").mkdir(parents=True)
-    (root / "home").mkdir()
-    lisbon = (("N", (38.0, 43.0, 20.0)), ("W", (9.0, 8.0, 21.0)))
-    sydney = (("S", (33.0, 52.0, 4.0)), ("E", (151.0, 12.0, 26.0)))
-    photo(root / "Trips" / "Lisbon" / "tram.jpg", (220, 200, 40), "2019:07:14 10:30:00", "+01:00", "Canon", "Canon EOS 5D", lisbon)
-    photo(root / "Trips" / "Lisbon" / "river.jpg", (30, 60, 200), "2019:07:15 18:00:00", None, "Canon", "Canon EOS 5D", lisbon)
-    photo(root / "Trips" / "opera.jpg", (200, 200, 200), "2020:02:01 09:00:00", "+11:00", "NIKON", "D750", sydney)
-    photo(root / "home" / "cat.jpg", (120, 90, 60), "2021:05:05 05:05:05", None, "Apple", "iPhone 12")
-    photo(root / "home" / "plain.jpg", (10, 200, 10))  # no EXIF: taken is the file's mtime
-    (root / "home" / "cat.txt").write_text("Zanzibar the tabby asleep on the sofa\n")
-    ix = tmp_path / "ix"
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    return root, ix
+def library(prebuilt, tiny_model):
+    def build(base):
+        root = base / "photos"
+        (root / "Trips" / "Lisbon").mkdir(parents=True)
+        (root / "home").mkdir()
+        lisbon = (("N", (38.0, 43.0, 20.0)), ("W", (9.0, 8.0, 21.0)))
+        sydney = (("S", (33.0, 52.0, 4.0)), ("E", (151.0, 12.0, 26.0)))
+        photo(root / "Trips" / "Lisbon" / "tram.jpg", (220, 200, 40), "2019:07:14 10:30:00", "+01:00", "Canon", "Canon EOS 5D", lisbon)
+        photo(root / "Trips" / "Lisbon" / "river.jpg", (30, 60, 200), "2019:07:15 18:00:00", None, "Canon", "Canon EOS 5D", lisbon)
+        photo(root / "Trips" / "opera.jpg", (200, 200, 200), "2020:02:01 09:00:00", "+11:00", "NIKON", "D750", sydney)
+        photo(root / "home" / "cat.jpg", (120, 90, 60), "2021:05:05 05:05:05", None, "Apple", "iPhone 12")
+        photo(root / "home" / "plain.jpg", (10, 200, 10))  # no EXIF: taken is the file's mtime
+        (root / "home" / "cat.txt").write_text("Zanzibar the tabby asleep on the sofa\n")
+        ix = base / "ix"
+        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+        return root, ix
+
+    return prebuilt.folder("search-filters-library", build)[1]
 
 
 def query_json(ix, *args, code=0):
@@ -186,7 +189,7 @@ def test_captions_from_a_list_and_from_webdataset_members(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_filtered_search_never_starves_on_an_ivfpq_index(tmp_path, tiny_model, monkeypatch):
+def test_filtered_search_never_starves_on_an_ivfpq_index(indexed_images, monkeypatch):
     """12,000 synthetic vectors (IVF-PQ), 1% of them from one camera: exactly k hits, all from that camera,
     the same as an exact search over those images, through the ANN index with a selector and through
     the exact path alike."""
@@ -195,9 +198,7 @@ def test_filtered_search_never_starves_on_an_ivfpq_index(tmp_path, tiny_model, m
     from indexer.scan import Found
     from indexer.writer import catalog_writer
 
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 3)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(3)
     engine = alignsearch.open(ix)
     dim, n = engine.store.dim, 12_000
     rng = np.random.default_rng(0)
@@ -283,12 +284,10 @@ def _synthetic(ix, relpaths, seed=0):
     return x
 
 
-def test_keyword_search_with_a_filter_never_starves_and_honours_k(tmp_path, tiny_model):
+def test_keyword_search_with_a_filter_never_starves_and_honours_k(indexed_images):
     """150 files named for a word under A/ and 6 under B/: --path 'B/**' in keyword mode finds the 6 (the
     global top 100 was taken, then filtered: none); -k above 100 returns every match."""
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 3)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    root, ix = indexed_images(3)
     relpaths = [f"A/zebra_{j:03d}.jpg" for j in range(150)] + [f"B/zebra crossing {j}.jpg" for j in range(6)]
     x = _synthetic(ix, relpaths)
     engine = alignsearch.open(ix)

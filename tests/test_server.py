@@ -36,6 +36,11 @@ def build_index(base: Path, tiny_model, n=12) -> tuple[Path, Path]:
     return corpus, ix
 
 
+def indexed_copy(prebuilt, tiny_model, n) -> tuple[Path, Path]:
+    """build_index's corpus of n images and its index: indexed once a session, a private copy per test."""
+    return prebuilt.folder(f"server-{n}", lambda base: build_index(base, tiny_model, n=n))[1]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model):
     """A real `alignsearch serve` process on a free port, with a token given on the command line."""
@@ -414,8 +419,8 @@ def test_a_stale_or_foreign_record_is_ignored_with_a_notice(served, tmp_path, ch
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.slow
-def test_signals_remove_the_server_record(tmp_path, tiny_model, sig):
-    _, ix = build_index(tmp_path, tiny_model, n=3)
+def test_signals_remove_the_server_record(prebuilt, tiny_model, sig):
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
     proc, _ = start_serve(ix)
     assert (ix / SERVER_FILE).exists()
     stop(proc, sig)
@@ -423,8 +428,8 @@ def test_signals_remove_the_server_record(tmp_path, tiny_model, sig):
 
 
 @pytest.mark.slow
-def test_killed_server_leaves_a_stale_record_that_is_ignored(tmp_path, tiny_model):
-    _, ix = build_index(tmp_path, tiny_model, n=3)
+def test_killed_server_leaves_a_stale_record_that_is_ignored(prebuilt, tiny_model):
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
     proc, _ = start_serve(ix)
     stop(proc, signal.SIGKILL)
     assert (ix / SERVER_FILE).exists()
@@ -433,10 +438,10 @@ def test_killed_server_leaves_a_stale_record_that_is_ignored(tmp_path, tiny_mode
 
 
 @pytest.mark.slow
-def test_token_by_default_cookie_from_the_printed_url(tmp_path, tiny_model):
+def test_token_by_default_cookie_from_the_printed_url(prebuilt, tiny_model):
     """No --token: a random one per start, in the 0600 record and in the URL printed; opening that URL
     sets an HttpOnly SameSite=Strict cookie the API accepts."""
-    _, ix = build_index(tmp_path, tiny_model, n=3)
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
     proc, url = start_serve(ix)
     try:
         token = json.loads((ix / SERVER_FILE).read_text())["token"]
@@ -459,8 +464,8 @@ def test_token_by_default_cookie_from_the_printed_url(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_no_token_is_for_loopback_only(tmp_path, tiny_model):
-    _, ix = build_index(tmp_path, tiny_model, n=3)
+def test_no_token_is_for_loopback_only(prebuilt, tiny_model):
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
     refused = CliRunner().invoke(main, ["serve", "--index", str(ix), "--host", "0.0.0.0", "--no-token"])
     assert refused.exit_code == 2 and "loopback" in refused.output
     proc, url = start_serve(ix, "--no-token")
@@ -472,8 +477,8 @@ def test_no_token_is_for_loopback_only(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_allow_host_adds_a_name(tmp_path, tiny_model):
-    _, ix = build_index(tmp_path, tiny_model, n=3)
+def test_allow_host_adds_a_name(prebuilt, tiny_model):
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
     proc, url = start_serve(ix, "--token", "t", "--allow-host", "photos.lan")
     try:
         assert call(url, "/api/info", token="t", headers={"Host": "photos.lan:8765"})[0] == 200
@@ -483,9 +488,9 @@ def test_allow_host_adds_a_name(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_files_are_served_only_while_they_match_the_catalog(tmp_path, tiny_model):
+def test_files_are_served_only_while_they_match_the_catalog(prebuilt, tiny_model):
     """An indexed file replaced by a symlink to /etc/passwd, a FIFO, or a file of another size."""
-    corpus, ix = build_index(tmp_path, tiny_model, n=6)
+    corpus, ix = indexed_copy(prebuilt, tiny_model, n=6)
     proc, url = start_serve(ix, "--token", "t")
     try:
         rows = {Path(h["path"]).name: h["id"] for h in
@@ -535,13 +540,13 @@ def test_pure_helpers():
         resolve_token(ServerConfig(host="0.0.0.0", no_token=True))
 
 
-def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(tmp_path, tiny_model):
+def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(prebuilt, tiny_model):
     """Text queries wait in a bounded queue for the one encoder (full: 503 at once, not a hang), while
     thumbnails, images and searches by stored vector are answered meanwhile."""
     import alignsearch
     from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
-    _, ix = build_index(tmp_path, tiny_model, n=4)
+    _, ix = indexed_copy(prebuilt, tiny_model, n=4)
     engine = alignsearch.open(ix, device="cpu")
     real_embed = engine.embed
 
@@ -576,7 +581,7 @@ def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(tmp_path, tiny_
         engine.close()
 
 
-def test_uploads_decode_a_few_at_a_time(tmp_path, tiny_model, monkeypatch):
+def test_uploads_decode_a_few_at_a_time(prebuilt, tiny_model, monkeypatch):
     """Issue 24 #17: every upload decoded at once on the thread pool (five 16-bit panoramas took the server to
     5.7 GB) before the encoder's queue bounded anything; now DECODE_SLOTS decode together."""
     import threading
@@ -585,7 +590,7 @@ def test_uploads_decode_a_few_at_a_time(tmp_path, tiny_model, monkeypatch):
     from alignsearch.surfaces import server as server_module
     from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
-    corpus, ix = build_index(tmp_path, tiny_model, n=3)
+    corpus, ix = indexed_copy(prebuilt, tiny_model, n=3)
     real_decode, lock, running, most = server_module.decode_upload, threading.Lock(), [0], [0]
 
     def slow_decode(*args, **kwargs):

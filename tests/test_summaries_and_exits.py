@@ -21,10 +21,8 @@ def test_failed_files_are_not_counted_as_added(tmp_path, tiny_model):
     assert (s["added"], s["updated"], s["failed"], s["removed"]) == (0, 0, 1, 0)
 
 
-def test_a_run_that_changed_nothing_says_so(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 2)
-    run("index", root, "--index", ix, "--model", tiny_model, "--device", "cpu")
+def test_a_run_that_changed_nothing_says_so(indexed_images):
+    root, ix = indexed_images(2)
     out = run("index", "--index", ix).output
     assert "nothing changed" in out and "2 unchanged" in out
 
@@ -40,10 +38,8 @@ def test_an_empty_folder_says_no_images_found(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_query_into_a_closed_pipe_exits_quietly(tmp_path, tiny_model):
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root, 30)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+def test_query_into_a_closed_pipe_exits_quietly(indexed_images):
+    root, ix = indexed_images(30)
     cmd = f"{sys.executable} -m alignsearch query x -k 30 --index {ix} | head -1; exit ${{PIPESTATUS[0]}}"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.startswith("  1.")

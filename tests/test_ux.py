@@ -68,10 +68,8 @@ def test_classify_reports_bad_images_and_classifies_the_rest(tmp_path, corpus, t
 
 
 @pytest.fixture
-def indexed(tmp_path, corpus, tiny_model):
-    ix = tmp_path / "ix"
-    run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu")
-    return ix
+def indexed(indexed_corpus):
+    return indexed_corpus[1]
 
 
 def _tagged(ix, label):
@@ -99,8 +97,8 @@ def test_label_file_comments_blanks_and_decision_independent_of_other_labels(tmp
     assert _tagged(ix, "a dog") == alone  # the same decision with two more labels in the file
 
 
-def test_tag_runs_accumulate_clear_tags_listing_case_and_info(tmp_path, indexed, corpus):
-    ix = indexed
+def test_tag_runs_accumulate_clear_tags_listing_case_and_info(tmp_path, indexed_corpus):
+    corpus, ix = indexed_corpus
     run("tag", "--labels-file", write_labels(tmp_path / "a.txt", ["A Dog", "a cat"]), "--threshold", "0", "--index", ix)
     run("tag", "--labels-file", write_labels(tmp_path / "b.txt", ["a red car"]), "--threshold", "0", "--index", ix)
     listed = json.loads(run("tags", "--json", "--index", ix).stdout)

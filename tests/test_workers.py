@@ -133,7 +133,9 @@ def _turn_taken(budget, pixels: int, seconds: float) -> bool:
     thread.start()
     taken = got.wait(seconds)
     release.set()
-    thread.join(30)
+    # Not taken: the thread still waits for the turn; it takes and hands it straight back once the holder lets go
+    # (release is set), so joining it here would only wait for the holder.
+    thread.join(30 if taken else 0)
     return taken
 
 

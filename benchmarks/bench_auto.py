@@ -2,7 +2,7 @@
 captions, text in images and tags) against pure similarity (`--mode vector`, the baseline) and keyword alone,
 in the same run, through `alignsearch finetune`, `index` and the Python API (alignsearch.open(...).search).
 
-    python benchmarks/bench_auto.py [--seed 0] [--epochs 30] [--no-record]
+    python benchmarks/bench_auto.py [--seeds 0,1,2] [--epochs 30] [--no-ocr] [--no-record]
 
 A tiny ALIGN from random weights is fine-tuned (CPU, a few minutes) on renderings of scikit-image's sample
 photos captioned with the word that names each (bench_quality.py's compose photos), so its similarity
@@ -14,9 +14,12 @@ nothing); four indexes of it differ only in their sidecar captions (`img0001.txt
 - none: no image carries a caption (the library without text).
 - true: one image per subject carries a caption naming its subject ("our cat at home").
 - wrong: one image per subject carries a caption naming another subject (a mug photo captioned "cat mug").
+- ocr: no captions; half the images have a place name painted on a light band across their foot (32 px
+  type on a 240 px picture), indexed with `index --ocr` (RapidOCR): the answer is only in the pixels' text.
 
-Queries: a place's name on `places` (the answer is only in text: 1 relevant image each), and each subject's
-word on every index (4 relevant images each; on `places` and `none` no caption holds the query's words).
+Queries: a place's name on `places` and `ocr` (the answer is only in text: 1 relevant image each), and each subject's
+word on every index (4 relevant images each; on `places`, `none` and `ocr` no caption
+or sign holds the query's words).
 Nothing here tuned the method's constants (RRF_K = 60 from the literature, FUSION_DEPTH = KEYWORD_DEPTH = 100,
 the stop words, MIN_PARTIAL = 3): they were set before this benchmark existed and are not changed by it.
 R@1: the top hit is relevant; R@10: the share of the relevant images in the top 10; MRR: 1 / rank of the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,10 +72,21 @@ def make_sets(root: Path, per_subject_train: int, seed: int):
     return subjects
 
 
+def painted(image, word: str):
+    """The rendering at 240 px with `word` on a light band across its foot (what `index --ocr` reads)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    big = image.resize((240, 240), Image.BILINEAR)
+    draw = ImageDraw.Draw(big)
+    draw.rectangle([0, 186, 240, 240], fill=(240, 240, 232))
+    draw.text((12, 194), word.upper(), fill=(20, 20, 20), font=ImageFont.load_default(size=32))
+    return big
+
+
 def captions(kind: str, subjects: list) -> dict:
     """file -> caption for one index's variant."""
     words = list(PHOTOS.values())
-    if kind == "none":
+    if kind in ("none", "ocr"):
         return {}
     if kind == "places":  # every other image: a place name the model never saw
         return {f: f"holiday in {PLACES[i // 2]}, {2001 + i // 2}" for i, (f, _, _) in enumerate(subjects) if i % 2 == 0}
@@ -97,67 +112,92 @@ def score(engine, queries: list, mode: str) -> dict:
     return {"R@1": round(r1 / n, 3), "R@10": round(r10 / n, 3), "MRR": round(rr / n, 3), "queries": n}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--per-subject", type=int, default=30, help="training renderings per photo")
-    ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
-    args = ap.parse_args()
+def one_seed(tmp: Path, seed: int, args) -> tuple[dict, float]:
+    """Train a model from this seed, index every variant, score every query set in every mode."""
     import alignsearch
 
     cli = [sys.executable, "-m", "alignsearch"]
+    tmp = tmp / f"seed{seed}"
+    subjects = make_sets(tmp, args.per_subject, seed)
+    base = build_tiny_align(tmp / "base", seed=seed, image=(40, 32), text_init=0.1, text_hidden=64,
+                            vision_channels=(32, 48, 64), vision_hidden=128, vision_strides=(2, 2, 2),
+                            extra_words=tuple(sorted(set(PHOTOS.values()))))
+    t = time.perf_counter()
+    done = subprocess.run(cli + ["finetune", str(tmp / "train"), "--model", str(base), "--out", str(tmp / "tuned"),
+                                 "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "2e-3",
+                                 "--seed", str(seed), "--device", "cpu"], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    train_s = time.perf_counter() - t
+    by_word: dict[str, set] = {}
+    for f, word, _ in subjects:
+        by_word.setdefault(word, set()).add(f)
+    subject_queries = list(by_word.items())
+    results = {}
+    for kind in ("places", "none", "true", "wrong") + (("ocr",) if args.ocr else ()):
+        corpus = tmp / f"corpus-{kind}"
+        corpus.mkdir()
+        signs = {}
+        for i, (f, _, image) in enumerate(subjects):
+            if kind == "ocr" and i % 2 == 0:
+                signs[f] = PLACES[i // 2]
+                image = painted(image, signs[f])
+            image.save(corpus / f)
+        caps = captions(kind, subjects)
+        for f, text in caps.items():
+            (corpus / f).with_suffix(".txt").write_text(text)
+        ix = tmp / f"ix-{kind}"
+        subprocess.run(cli + ["index", str(corpus), "--index", str(ix), "--model", str(tmp / "tuned"), "--device", "cpu"]
+                       + (["--ocr"] if kind == "ocr" else []), check=True, capture_output=True)
+        engine = alignsearch.open(ix)
+        sets = {"subject words": subject_queries}
+        if kind == "places":
+            sets["place names (answer only in a caption)"] = [(text.split(",")[0].split()[-1], {f}) for f, text in caps.items()]
+        if kind == "ocr":
+            sets["place names (answer only painted in the image)"] = [(word, {f}) for f, word in signs.items()]
+        for label, queries in sets.items():
+            results[f"{kind}: {label}"] = {mode: score(engine, queries, mode) for mode in MODES}
+    return results, train_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="0,1,2", help="model initialisations (and corpus renderings) to run")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--per-subject", type=int, default=30, help="training renderings per photo")
+    ap.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the variant with the place names painted in the images (needs rapidocr)")
+    ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
     started = time.perf_counter()
+    runs, train = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        subjects = make_sets(tmp, args.per_subject, args.seed)
-        base = build_tiny_align(tmp / "base", seed=args.seed, image=(40, 32), text_init=0.1, text_hidden=64,
-                                vision_channels=(32, 48, 64), vision_hidden=128, vision_strides=(2, 2, 2),
-                                extra_words=tuple(sorted(set(PHOTOS.values()))))
-        t = time.perf_counter()
-        done = subprocess.run(cli + ["finetune", str(tmp / "train"), "--model", str(base), "--out", str(tmp / "tuned"),
-                                     "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "2e-3",
-                                     "--seed", str(args.seed), "--device", "cpu"], capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(done.stderr[-3000:])
-        train_s = time.perf_counter() - t
-        by_word = {}
-        for f, word, _ in subjects:
-            by_word.setdefault(word, set()).add(f)
-        subject_queries = [(word, files) for word, files in by_word.items()]
-        results = {}
-        for kind in ("places", "none", "true", "wrong"):
-            corpus = tmp / f"corpus-{kind}"
-            corpus.mkdir()
-            for f, _, image in subjects:
-                image.save(corpus / f)
-            caps = captions(kind, subjects)
-            for f, text in caps.items():
-                (corpus / f).with_suffix(".txt").write_text(text)
-            ix = tmp / f"ix-{kind}"
-            subprocess.run(cli + ["index", str(corpus), "--index", str(ix), "--model", str(tmp / "tuned"), "--device", "cpu"],
-                           check=True, capture_output=True)
-            engine = alignsearch.open(ix)
-            sets = {"subject words": subject_queries}
-            if kind == "places":
-                sets["place names (answer only in a caption)"] = [(text.split(",")[0].split()[-1], {f}) for f, text in caps.items()]
-            for label, queries in sets.items():
-                results[f"{kind}: {label}"] = {mode: score(engine, queries, mode) for mode in MODES}
+        for seed in seeds:
+            runs[seed], train[seed] = one_seed(Path(tmp), seed, args)
     total = time.perf_counter() - started
+    keys = ("R@1", "R@10", "MRR")
     lines = [f"- model: tiny ALIGN from random weights (text width 64, init 0.1; vision 32,48,64, width 128, 32 px), "
              f"fine-tuned with `alignsearch finetune` on {args.per_subject * len(PHOTOS)} captioned renderings of the "
-             f"12 scikit-image photos, {args.epochs} epochs, seed {args.seed}, CPU, {train_s:.0f} s; whole run {total:.0f} s",
-             f"- corpus: {len(subjects)} fresh renderings (4 per photo), indexed 4 times with different sidecar captions "
+             f"12 scikit-image photos, {args.epochs} epochs, CPU, seeds {args.seeds} "
+             f"({' / '.join(f'{t:.0f}' for t in train.values())} s each); whole run {total:.0f} s",
+             f"- corpus per seed: {len(PHOTOS) * PER_SUBJECT} fresh renderings (4 per photo), indexed once per variant "
              "(places: 24 of 48 captioned with a place name; none: no captions; true: 12 captioned with their subject; "
-             "wrong: 12 captioned with another subject's word)",
+             "wrong: 12 captioned with another subject's word" + ("; ocr: 24 of 48 with a place name painted in, "
+             "`index --ocr`" if args.ocr else "") + ")",
              "- through alignsearch.open(ix).search(text, k=10, mode=...); vector = the baseline (pure similarity); "
-             "constants (RRF_K 60, FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3) not tuned here",
-             "", "| index: queries | n | vector R@1 / R@10 / MRR | auto R@1 / R@10 / MRR | keyword R@1 / R@10 / MRR |",
+             "the method's constants (RRF_K 60, FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3) were not tuned here",
+             "- figures: means over the seeds; R@1 = top hit relevant, R@10 = share of the relevant in the top 10, "
+             "MRR = 1/rank of the first relevant (0 beyond 10)",
+             "", "| index: queries | queries x seeds | vector R@1 / R@10 / MRR | auto R@1 / R@10 / MRR | keyword R@1 / R@10 / MRR |",
              "|---|---|---|---|---|"]
-    for label, r in results.items():
-        cells = [" / ".join(f"{r[m][k]:.2f}" for k in ("R@1", "R@10", "MRR")) for m in MODES]
-        lines.append(f"| {label} | {r['vector']['queries']} | " + " | ".join(cells) + " |")
-    print(json.dumps(results))
+    for label in runs[seeds[0]]:
+        cells = [" / ".join(f"{statistics.mean(runs[s][label][m][k] for s in seeds):.2f}" for k in keys) for m in MODES]
+        lines.append(f"| {label} | {runs[seeds[0]][label]['vector']['queries']} x {len(seeds)} | " + " | ".join(cells) + " |")
+    lines += ["", "- MRR per seed, vector -> auto: " + "; ".join(
+        f"{label}: " + ", ".join(f"{runs[s][label]['vector']['MRR']:.2f}->{runs[s][label]['auto']['MRR']:.2f}" for s in seeds)
+        for label in runs[seeds[0]])]
+    print(json.dumps(runs))
     record("Default query mode (auto) vs vector baseline: bench_auto.py", lines, save=args.record)
 
 

@@ -39,6 +39,7 @@ from common import CACHE, record
 
 from alignsearch.storage import ann, catalog, state, vectors
 from alignsearch.search import dupes
+from alignsearch.media import phash
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
 
@@ -236,7 +237,7 @@ def near_tier(photos: int, lines: list[str]) -> None:
                 paths.append(q)
                 family.append(i)
         t = time.perf_counter()
-        hashes = [dupes.phash_of(Image.open(p).convert("RGB")) for p in paths]
+        hashes = [phash.phash_of(Image.open(p).convert("RGB")) for p in paths]
         hash_ms = (time.perf_counter() - t) / len(paths) * 1000
         family = np.array(family)
         truth = sum(int(c) * (int(c) - 1) // 2 for c in np.bincount(family))

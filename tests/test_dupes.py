@@ -11,6 +11,7 @@ from helpers import near_copies, smooth_photos
 
 from alignsearch.storage import catalog
 from alignsearch.search import dupes
+from alignsearch.media import phash
 from alignsearch.search.engine import Hit
 
 
@@ -183,10 +184,10 @@ def test_phash_survives_the_copies_it_should_and_separates_distinct_images(tmp_p
 
     photos = smooth_photos(tmp_path / "p", 20, seed=3)
     for p in photos[:5]:
-        original = dupes.phash_of(Image.open(p).convert("RGB"))
+        original = phash.phash_of(Image.open(p).convert("RGB"))
         for c in near_copies(p, tmp_path / "c"):
-            assert dupes.hamming(original, dupes.phash_of(Image.open(c).convert("RGB"))) <= dupes.NEAR_THRESHOLD
-    hashes = [dupes.phash_of(Image.open(p).convert("RGB")) for p in photos]
+            assert dupes.hamming(original, phash.phash_of(Image.open(c).convert("RGB"))) <= dupes.NEAR_THRESHOLD
+    hashes = [phash.phash_of(Image.open(p).convert("RGB")) for p in photos]
     assert min(dupes.hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > dupes.NEAR_THRESHOLD
 
 

@@ -33,8 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from alignsearch.media.phash import (NEAR_THRESHOLD, PHASH_BITS, colour_close, colour_of, hamming,  # noqa: F401 - dupes.X
-                                     hashes_to_bytes, phash_of)
+from alignsearch.media.phash import NEAR_THRESHOLD, PHASH_BITS, colour_close, hamming, hashes_to_bytes
 
 log = logging.getLogger(__name__)
 

@@ -111,22 +111,22 @@ def _peek(tokens, pos) -> str | None:
 MAX_NESTING = 64
 
 
-def _or(tokens, pos, depth=0):
-    node, pos = _and(tokens, pos, depth)
+def _chain(tokens, pos, depth, word, operand, join):
+    """operand (word operand)*: one operand alone, else `join` of them all."""
+    node, pos = operand(tokens, pos, depth)
     args = [node]
-    while _peek(tokens, pos) == "or":
-        node, pos = _and(tokens, pos + 1, depth)
+    while _peek(tokens, pos) == word:
+        node, pos = operand(tokens, pos + 1, depth)
         args.append(node)
-    return (args[0] if len(args) == 1 else Or(tuple(args))), pos
+    return (args[0] if len(args) == 1 else join(tuple(args))), pos
+
+
+def _or(tokens, pos, depth=0):
+    return _chain(tokens, pos, depth, "or", _and, Or)
 
 
 def _and(tokens, pos, depth):
-    node, pos = _not(tokens, pos, depth)
-    args = [node]
-    while _peek(tokens, pos) == "and":
-        node, pos = _not(tokens, pos + 1, depth)
-        args.append(node)
-    return (args[0] if len(args) == 1 else And(tuple(args))), pos
+    return _chain(tokens, pos, depth, "and", _not, And)
 
 
 def _not(tokens, pos, depth):

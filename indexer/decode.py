@@ -47,7 +47,8 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
         return data
     sha = hashlib.sha256(data).hexdigest()
     try:
-        with _budget.decoding(decode_pixels(data, spec, fast)):
+        # the header is read for the budget only where a pool shares one (decode reads it again anyway)
+        with _budget.decoding(decode_pixels(data, spec, fast) if _budget.path is not None else 0):
             img = decode(data, spec, max_pixels, fast)
     except BadImageError as exc:
         return Item(found, None, sha, reason=str(exc), seconds=time.perf_counter() - start)

@@ -191,6 +191,31 @@ def test_an_older_manifest_is_read_and_converted_on_the_next_write(tmp_path, cap
         assert records.read(tmp_path) is None
 
 
+def test_a_conversion_cut_short_is_done_again_whole(tmp_path, monkeypatch):
+    """A run killed while converting an older manifest.json leaves it the manifest readers read, and the next
+    write converts all of it (model.json was written first, so the rest was ignored and manifest.json deleted)."""
+    legacy = {**MODEL, "files": {"text-fp32": {"size": 2}}, "vision_speed": {"cpu": {"onnx": 1.0}},
+              "checkpoints": [{"path": "/m", "files": {}}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(legacy))
+    real, written = records.Writer._put, []
+
+    def cut(self, name, record):
+        if len(written) == 1:  # the second record of the conversion: power cut
+            raise OSError("power cut")
+        written.append(name)
+        real(self, name, record)
+
+    monkeypatch.setattr(records.Writer, "_put", cut)
+    with pytest.raises(OSError):
+        records.Writer(tmp_path, MODEL).file("vision-fp32", {"size": 1}, {})
+    monkeypatch.undo()
+    assert records.read(tmp_path) == legacy  # still the older manifest, whole
+    records.Writer(tmp_path, MODEL).file("vision-fp32", {"size": 1}, {})
+    m = records.read(tmp_path)
+    assert set(m["files"]) == {"text-fp32", "vision-fp32"} and m["vision_speed"] == legacy["vision_speed"]
+    assert m["checkpoints"] == legacy["checkpoints"] and not (tmp_path / "manifest.json").exists()
+
+
 def test_a_record_others_can_write_makes_the_cache_untrusted(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "onnx" / "f-c"

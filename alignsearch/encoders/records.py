@@ -111,7 +111,9 @@ class Writer:
         atomic.write_bytes(self.folder / FOLDER / name, json.dumps(record, indent=1).encode(), durable=False)
 
     def _prepare(self) -> None:
-        """model.json current, before any other record is written (a reader takes records under it)."""
+        """model.json current before any other record is written (a reader takes records under it). An older
+        manifest.json is converted before model.json is written: until then readers still read the older file,
+        and a run killed half-way through converts it again, whole, next time."""
         if self._ready:
             return
         records = self.folder / FOLDER
@@ -121,10 +123,10 @@ class Writer:
         if not (isinstance(on_disk, dict) and all(on_disk.get(k) == self.model[k] for k in IDENTITY)):
             for stale in records.glob("*.json"):  # another export version's records describe other files
                 stale.unlink(missing_ok=True)
-        self._put(MODEL, self.model)
         if isinstance(legacy, dict) and all(legacy.get(k) == self.model[k] for k in IDENTITY):
             log.info("note: converting the ONNX cache manifest in %s to per-artefact records", self.folder)
             self._convert(legacy)
+        self._put(MODEL, self.model)
         if (self.folder / LEGACY).exists():
             (self.folder / LEGACY).unlink(missing_ok=True)
         self._ready = True

@@ -2,11 +2,12 @@
 device, handed to the encoder as a device tensor (`index --device cuda`, on by default where it works; README).
 
 Camera photos decode at ~56 ms each on a CPU core (benchmarks/RESULTS.md): 15 workers feed a GPU encoder that
-could take 2,000 images/s only ~270. Here the decode runs on the GPU (torchvision.io.decode_jpeg, nvJPEG),
-and the crop follows the CPU path's arithmetic (alignsearch/media/images.py): a large JPEG is first reduced by
-the power of two its draft decode would use (box averages where libjpeg scales in the DCT), turned by its EXIF
-orientation, then resized with an antialiased filter of the checkpoint's kind (torch's antialias follows
-Pillow's filters) and centre-cropped. The pixels are close to the CPU path's, not identical: the embeddings'
+could take 2,000 images/s only ~270. Here the decode runs on the GPU: torchvision.io.decode_jpeg (nvJPEG) by
+default, nvImageCodec with ALIGNSEARCH_GPU_DECODER=nvimgcodec (indexer/jpegdecoders/), and the crop follows the
+CPU path's arithmetic (alignsearch/media/images.py): a large JPEG is first reduced by the power of two its draft
+decode would use (box averages where libjpeg scales in the DCT), turned by its EXIF orientation, then resized
+with an antialiased filter of the checkpoint's kind (torch's antialias follows Pillow's filters) and
+centre-cropped. The pixels are close to the CPU path's, not identical: the embeddings'
 cosine to it is measured (tests/test_gpudecode.py; benchmarks/bench_index.py on the GPU).
 
 Per file, what nvJPEG does not take goes to the CPU decode workers of today, in the same run: other formats
@@ -19,8 +20,9 @@ header, photo fields) four per thread at most; full batches (BATCH_IMAGES files 
 bounds GPU memory) wait in a queue of QUEUE_BATCHES for the GPU thread, whose crops wait in a queue of a few
 batches for the encoder (the caller, pipeline.drive). A GPU failure on a group (out of memory, say) sends its
 files to the CPU too. The perceptual hash (alignsearch/media/phash.py) is taken on the CPU from a small copy.
-torch and torchvision are imported only here and only when the stage runs: without torchvision, `index` decodes
-on the CPU as before.
+torch and the decoder's library are imported only when the stage runs: without torchvision, `index` decodes on
+the CPU as before. On the CPU (device "cpu", the tests) the same logic runs with torchvision's CPU decode, or
+Pillow's where torchvision is missing.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -46,6 +48,7 @@ from PIL import Image
 from alignsearch.media import photometa
 from alignsearch.media.images import DECODE_MARGIN, DEFAULT_MAX_PIXELS, ImageSpec
 from alignsearch.media.phash import PHASH_SIDE, phash_of
+from indexer import jpegdecoders
 from indexer.decode import Item, read_data, read_item, sidecar_caption
 from indexer.scan import Found
 from indexer.workers import decode_in_processes
@@ -158,46 +161,17 @@ def unsupported(spec: ImageSpec) -> str | None:
     return None
 
 
-def _torchvision():
-    """torchvision.io, or None where it is not installed or cannot load (a build for another torch)."""
-    try:
-        import torchvision.io
-    except Exception as exc:  # noqa: BLE001 - a broken install is no install: the CPU path runs
-        log.debug("torchvision not usable: %s", exc)
-        return None
-    return torchvision.io
-
-
-def tiny_jpeg() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(out, "JPEG")
-    return out.getvalue()
-
-
-@lru_cache(maxsize=None)
-def unavailable(device: str) -> str | None:
-    """Why torchvision's decode_jpeg does not work on this device, or None when it decodes a JPEG there."""
-    tvio = _torchvision()
-    if tvio is None:
-        return "torchvision is not installed (pip install 'alignsearch[gpu]')"
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        out = tvio.decode_jpeg([_as_tensor(tiny_jpeg())], device=device, mode=tvio.ImageReadMode.RGB)
-        if tuple(out[0].shape) != (3, 16, 16):
-            return f"decode_jpeg gave shape {tuple(out[0].shape)}"
-    except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built without nvJPEG
-        return f"decode_jpeg on {device} failed: {exc}"
-    return None
+def unavailable(device: str, decoder: str | None = None) -> str | None:
+    """Why the JPEG decoder this run would use (`decoder`, else ALIGNSEARCH_GPU_DECODER, else torchvision's nvJPEG)
+    does not work on this device, or None when it decodes a JPEG there."""
+    return jpegdecoders.unavailable(device, decoder)
 
 
 def choose(requested: bool | None, device_type: str, *, ocr: bool, use_ray: bool, spec_problem: str | None,
            why_not: Callable[[], str | None]) -> tuple[bool, str]:
     """Whether `index` decodes on the GPU, and why (a note for the log and the run's times). requested None
     (the default) is on where it can run: a CUDA encoder, no --ocr (the text engine reads the CPU decode's
-    image), not on Ray (its actors decode), a checkpoint filter the GPU follows, and decode_jpeg working there.
+    image), not on Ray (its actors decode), a checkpoint filter the GPU follows, and the JPEG decoder working there.
     requested True where it cannot run is an error the caller reports; False is always the CPU path."""
     if requested is False:
         return False, "off (--no-gpu-decode)"
@@ -211,17 +185,10 @@ def choose(requested: bool | None, device_type: str, *, ocr: bool, use_ray: bool
     return False, f"off: {problem}"
 
 
-def _as_tensor(data: bytes):
-    import torch
-
-    with warnings.catch_warnings():  # read only: decode_jpeg never writes to its input
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
-
-
 @dataclass(frozen=True, kw_only=True)
 class GpuDecodeOptions:
     device: str  # where nvJPEG decodes and the crops stay ("cuda", "cuda:1"; "cpu" runs the same logic on a CPU)
+    decoder: str | None = None  # torchvision, nvimgcodec, pillow; None: $ALIGNSEARCH_GPU_DECODER, else the default
     max_pixels: int = DEFAULT_MAX_PIXELS
     fast: bool = False  # the CPU path's --fast-decode, for the files it takes
     threads: int = READ_THREADS
@@ -246,6 +213,7 @@ class _Prepared:
 class GpuStats:
     """Where the stage's time went (index's times.extra["gpu_decode"]; benchmarks/bench_index.py)."""
 
+    decoder: str = ""  # the JPEG decoder that ran (indexer/jpegdecoders)
     gpu_images: int = 0
     cpu_images: int = 0  # decoded by the CPU workers (other formats, or JPEGs the GPU did not take)
     read_failed: int = 0
@@ -402,7 +370,8 @@ class GpuReader:
     def _gpu(self, pool: ThreadPoolExecutor) -> None:
         import torch
 
-        tvio = _torchvision()
+        decoder = jpegdecoders.build(self.opts.device, self.opts.decoder)
+        self.stats.decoder = decoder.name
         cuda = self.opts.device.startswith("cuda")
         # Its own stream: the encoder's kernels (the caller's thread, default stream) are not queued behind
         # the decode's; the batch's stream is synchronised before its crops are handed over. The caller copies
@@ -418,7 +387,7 @@ class GpuReader:
                     return
                 t1 = time.perf_counter()
                 with torch.cuda.stream(stream) if stream is not None else nullcontext(), torch.inference_mode():
-                    done, rejected = self._decode_batch(tvio, batch)
+                    done, rejected = self._decode_batch(decoder, batch)
                     crops = torch.cat([c for _, c, _ in done]) if done else None
                     smalls = [s for _, _, group in done for s in group.cpu().numpy()]  # the phash's copy only
                     done = [p for group, _, _ in done for p in group]
@@ -439,19 +408,18 @@ class GpuReader:
         finally:
             self._cpu_q.put(_END)
 
-    def _decode_batch(self, tvio, batch: list[_Prepared]) -> tuple[list, list]:
+    def _decode_batch(self, decoder: jpegdecoders.JpegDecoder, batch: list[_Prepared]) -> tuple[list, list]:
         """([([prepared], crops, smalls)] by group of one size and orientation, [(prepared, reason)]): the whole
-        batch in one nvJPEG call; when that fails, file by file, so only the files that fail alone go to the CPU."""
-        mode = tvio.ImageReadMode.RGB
+        batch in one decoder call; when that fails, file by file, so only the files that fail alone go to the CPU."""
         try:
-            images = tvio.decode_jpeg([_as_tensor(p.data) for p in batch], device=self.opts.device, mode=mode)
+            images = decoder.decode([p.data for p in batch])
             return self._crop_groups(list(zip(batch, images))), []
         except Exception as exc:  # noqa: BLE001 - which file? each alone says
             log.debug("a batch of %d failed on the GPU (%s): file by file", len(batch), exc)
         decoded, rejected = [], []
         for p in batch:
             try:
-                decoded.append((p, tvio.decode_jpeg(_as_tensor(p.data), device=self.opts.device, mode=mode)))
+                decoded.append((p, decoder.decode([p.data])[0]))
             except Exception as exc:  # noqa: BLE001 - the CPU path decodes it, or says why it cannot
                 log.debug("%s: not decoded on the GPU (%s)", p.found.relpath, exc)
                 rejected.append((p, "rejected by the GPU decoder"))

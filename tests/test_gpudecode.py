@@ -1,5 +1,7 @@
-"""The GPU JPEG decode stage (indexer/gpudecode.py), its logic run on the CPU: torchvision's decode_jpeg takes
-device="cpu" too. The one test that needs CUDA is marked `gpu`."""
+"""The GPU JPEG decode stage (indexer/gpudecode.py), its logic run on the CPU with the Pillow decoder
+(indexer/jpegdecoders/pillow.py: real JPEGs, real decodes), which needs no torchvision (CI cannot install it beside
+its CPU torch); the crops' parity is checked with Pillow and with torchvision's decode_jpeg on the CPU where it is
+installed. The test that needs CUDA is marked `gpu` (nvJPEG through torchvision, and nvImageCodec)."""
 
 import io
 import time
@@ -10,7 +12,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from alignsearch.media.images import DECODE_MARGIN, ImageSpec, decode
-from indexer import gpudecode
+from indexer import gpudecode, jpegdecoders
+from indexer.jpegdecoders.pillow import PillowDecoder
 from indexer.scan import Found
 
 SPEC = ImageSpec(resize=(40, 40), resample=int(Image.BILINEAR), crop=(32, 32), rescale_factor=1 / 127.5,
@@ -52,9 +55,24 @@ def cpu_item(f: Found):
     return read_item(f, SPEC)
 
 
-def gpu_items(files, workers=0, **kw):
-    reader = gpudecode.read_items(files, SPEC, workers, gpudecode.GpuDecodeOptions(device="cpu", **kw))
+def gpu_items(files, workers=0, decoder="pillow", **kw):
+    reader = gpudecode.read_items(files, SPEC, workers, gpudecode.GpuDecodeOptions(device="cpu", decoder=decoder, **kw))
     return {it.found.relpath: it for it in reader}, reader.stats
+
+
+@pytest.fixture(params=["pillow", "torchvision"])
+def cpu_decoder(request):
+    """The stage's decoders that run on the CPU: Pillow always, torchvision where it is installed."""
+    why = jpegdecoders.unavailable("cpu", request.param)
+    if why:
+        pytest.skip(why)
+    return request.param
+
+
+def huffman_zeroed(good: bytes) -> bytes:
+    """A JPEG whose first Huffman table is zeroed: decode_jpeg and Pillow refuse it, its header still reads."""
+    i = good.find(b"\xff\xc4")
+    return good[: i + 4] + bytes(40) + good[i + 44 :]
 
 
 # -- header decisions, no torchvision needed ------------------------------------------------------------------
@@ -109,13 +127,55 @@ def test_orient_turns_as_pillow_does(orientation):
     assert np.array_equal(got, want)
 
 
-def test_without_torchvision_the_stage_says_so(monkeypatch):
-    monkeypatch.setattr(gpudecode, "_torchvision", lambda: None)
-    gpudecode.unavailable.cache_clear()
+def test_without_torchvision_the_stage_says_so_and_runs_on_the_cpu_with_pillow(monkeypatch):
+    from indexer.jpegdecoders import nvjpeg
+
+    monkeypatch.setattr(nvjpeg, "load", lambda: None)
+    monkeypatch.delenv(jpegdecoders.ENV, raising=False)
+    jpegdecoders.forget()
     try:
         assert gpudecode.unavailable("cuda").startswith("torchvision is not installed")
+        assert gpudecode.unavailable("cpu") is None and jpegdecoders.build("cpu").name == "pillow"
     finally:
-        gpudecode.unavailable.cache_clear()
+        jpegdecoders.forget()
+
+
+def test_the_decoder_is_picked_by_option_then_environment(monkeypatch):
+    assert jpegdecoders.pick(None, "cuda", torchvision_works=False) == "torchvision"  # says why it cannot run
+    assert jpegdecoders.pick(None, "cuda:1", torchvision_works=True) == "torchvision"
+    assert jpegdecoders.pick(None, "cpu", torchvision_works=True) == "torchvision"
+    assert jpegdecoders.pick(None, "cpu", torchvision_works=False) == "pillow"
+    assert jpegdecoders.pick("nvimgcodec", "cuda", torchvision_works=True) == "nvimgcodec"
+    monkeypatch.setenv(jpegdecoders.ENV, "NVImgCodec")
+    assert jpegdecoders.requested(None) == "nvimgcodec" and jpegdecoders.requested("pillow") == "pillow"
+    jpegdecoders.forget()
+    try:
+        assert gpudecode.unavailable("cpu") == "nvImageCodec decodes on a CUDA device, not on cpu"
+        assert gpudecode.unavailable("cpu", "pillow") is None
+        assert gpudecode.unavailable("cuda", "pillow") == "Pillow decodes on the CPU, not on cuda"
+        monkeypatch.setenv(jpegdecoders.ENV, "libjpeg")
+        assert gpudecode.unavailable("cuda").startswith("no JPEG decoder is named 'libjpeg'")
+        monkeypatch.setenv(jpegdecoders.ENV, "auto")
+        assert jpegdecoders.requested(None) is None
+    finally:
+        jpegdecoders.forget()
+
+
+def test_the_pillow_decoder_gives_the_whole_picture_as_stored_and_refuses_a_broken_one():
+    import torch
+
+    arr = photo(120, 90)
+    good, turned, grey = jpeg(arr), jpeg(arr, orientation=6), jpeg(arr, mode="L")
+    out = PillowDecoder("cpu").decode([good, turned, grey])
+    want = np.asarray(Image.open(io.BytesIO(good)).convert("RGB"))
+    assert [tuple(o.shape) for o in out] == [(3, 90, 120)] * 3 and all(o.dtype == torch.uint8 for o in out)
+    assert np.array_equal(out[0].permute(1, 2, 0).numpy(), want)
+    assert np.array_equal(out[1].numpy(), out[0].numpy())  # not turned: the stage turns by the probe's orientation
+    assert np.array_equal(out[2][0].numpy(), out[2][2].numpy())  # grey: three equal planes
+    big = jpeg(photo(400, 300))
+    for bad in (huffman_zeroed(big), big[: len(big) // 2]):
+        with pytest.raises(Exception):
+            PillowDecoder("cpu").decode([good, bad])
 
 
 def test_gpu_decode_on_a_cpu_encoder_is_refused(tmp_path, tiny_model):
@@ -131,14 +191,14 @@ def test_gpu_decode_on_a_cpu_encoder_is_refused(tmp_path, tiny_model):
 
 # -- the stage, run on the CPU through torchvision ----------------------------------------------------------------
 
-def test_device_crops_match_the_cpu_path_and_orientation_is_honoured(tmp_path):
-    pytest.importorskip("torchvision")
+def test_device_crops_match_the_cpu_path_and_orientation_is_honoured(tmp_path, cpu_decoder):
     files = [found(tmp_path, f"o{o}.jpg", jpeg(photo(120, 90, seed=o), orientation=o)) for o in range(1, 9)]
     files.append(found(tmp_path, "big.jpg", jpeg(photo(1000, 760))))  # reduced first (draft factor 4)
     files.append(found(tmp_path, "grey.jpg", jpeg(photo(90, 70), mode="L")))
     files.append(found(tmp_path, "progressive.jpg", jpeg(photo(100, 80), progressive=True)))
-    got, stats = gpu_items(files, batch_images=4)
+    got, stats = gpu_items(files, decoder=cpu_decoder, batch_images=4)
     assert stats.gpu_images == len(files) and stats.cpu_images == 0 and stats.batches == 3
+    assert stats.decoder == cpu_decoder
     for f in files:
         item, want = got[f.relpath], cpu_item(f)
         assert (item.width, item.height, item.format, item.sha256) == (want.width, want.height, want.format, want.sha256)
@@ -155,10 +215,8 @@ def test_files_the_gpu_does_not_take_go_to_the_cpu_workers_in_the_same_run(tmp_p
     """A PNG, a CMYK JPEG, a cut-off JPEG, a JPEG the decoder rejects and a PNG named .jpg, among good JPEGs in
     the same batches: each ends as the CPU path ends it (decoded, or failed with its reason); one worker process
     takes them while the GPU path runs."""
-    pytest.importorskip("torchvision")
     good = jpeg(photo(400, 300))
-    i = good.find(b"\xff\xc4")
-    no_tables = good[: i + 4] + bytes(40) + good[i + 44 :]  # Huffman tables zeroed: decode_jpeg and Pillow refuse it
+    no_tables = huffman_zeroed(good)
     png = io.BytesIO()
     Image.fromarray(photo(70, 50)).save(png, "PNG")
     files = [found(tmp_path, f"good{i}.jpg", jpeg(photo(80 + i, 64, seed=i))) for i in range(5)]
@@ -183,9 +241,39 @@ def test_files_the_gpu_does_not_take_go_to_the_cpu_workers_in_the_same_run(tmp_p
                             "no end-of-image marker (cut off, or data after it)": 1, "PNG (not JPEG)": 1}
 
 
+def test_a_batch_the_decoder_rejects_is_retried_file_by_file_and_only_the_bad_file_goes_to_the_cpu(tmp_path,
+                                                                                                   monkeypatch):
+    """One broken JPEG (its header reads, so it reaches the decoder) among good ones in one batch: the batch's
+    decode fails, each file is decoded alone, the good ones stay on the stage's path and only the broken one is
+    handed to a CPU worker process, which fails it with the CPU path's reason."""
+    calls = []
+    decode = PillowDecoder.decode
+
+    def counted(self, datas):
+        calls.append(len(datas))
+        return decode(self, datas)
+
+    monkeypatch.setattr(PillowDecoder, "decode", counted)
+    files = [found(tmp_path, f"good{i}.jpg", jpeg(photo(90 + 10 * i, 70, seed=i))) for i in range(4)]
+    files.insert(2, found(tmp_path, "broken.jpg", huffman_zeroed(jpeg(photo(400, 300)))))
+    assert gpudecode.probe((tmp_path / "broken.jpg").read_bytes()).reason is None
+    got, stats = gpu_items(files, workers=1, batch_images=8)
+    assert calls == [5, 1, 1, 1, 1, 1]  # the batch, then each of its files alone
+    assert stats.batches == 1 and stats.gpu_images == 4 and stats.cpu_images == 1
+    assert stats.to_cpu == {"rejected by the GPU decoder": 1}
+    import torch
+
+    for f in files[:2] + files[3:]:
+        item, want = got[f.relpath], cpu_item(f)
+        assert isinstance(item.crop, torch.Tensor) and item.reason is None, f.relpath  # the stage's crop
+        assert np.abs(item.crop.numpy().astype(int) - want.crop.astype(int)).max() <= 2, f.relpath
+    broken = got["broken.jpg"]
+    assert broken.crop is None and broken.reason == cpu_item(files[2]).reason
+    assert broken.reason.startswith("cannot decode image")
+
+
 def test_when_the_device_fails_the_files_go_to_the_cpu(tmp_path, monkeypatch):
     """Out of GPU memory while resizing (say): the batch's files are decoded by the CPU path, none is lost."""
-    pytest.importorskip("torchvision")
 
     def out_of_memory(*args):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -199,7 +287,6 @@ def test_when_the_device_fails_the_files_go_to_the_cpu(tmp_path, monkeypatch):
 
 
 def test_a_batch_mixing_device_and_cpu_crops_encodes_as_one(tmp_path, tiny_model):
-    pytest.importorskip("torchvision")
     from alignsearch.encoders.model import Encoder
     from indexer.pipeline import stack_crops
 
@@ -217,9 +304,8 @@ def test_a_batch_mixing_device_and_cpu_crops_encodes_as_one(tmp_path, tiny_model
 
 
 def test_reads_stay_bounded_while_the_encoder_is_slow(tmp_path):
-    pytest.importorskip("torchvision")
     files = [found(tmp_path, f"p{i:03d}.jpg", jpeg(photo(48, 40, seed=i))) for i in range(120)]
-    opts = dict(batch_images=2, queue_batches=1, threads=2)
+    opts = dict(batch_images=2, queue_batches=1, threads=2, decoder="pillow")
     reader = gpudecode.read_items(files, SPEC, 0, gpudecode.GpuDecodeOptions(device="cpu", **opts))
     seen = 0
     for _ in reader:
@@ -232,11 +318,11 @@ def test_reads_stay_bounded_while_the_encoder_is_slow(tmp_path):
 
 
 def test_stopping_early_ends_the_threads(tmp_path):
-    pytest.importorskip("torchvision")
     import threading
 
     files = [found(tmp_path, f"p{i:03d}.jpg", jpeg(photo(48, 40, seed=i))) for i in range(60)]
-    reader = iter(gpudecode.read_items(files, SPEC, 0, gpudecode.GpuDecodeOptions(device="cpu", batch_images=2)))
+    reader = iter(gpudecode.read_items(files, SPEC, 0, gpudecode.GpuDecodeOptions(device="cpu", batch_images=2,
+                                                                                  decoder="pillow")))
     next(reader)
     reader.close()
     time.sleep(0.3)
@@ -245,8 +331,8 @@ def test_stopping_early_ends_the_threads(tmp_path):
 
 def test_index_through_the_gpu_stage_matches_the_cpu_path(tmp_path, tiny_model, monkeypatch):
     """`index` with the stage chosen (run on the CPU here): the same files indexed, failed and described, and
-    vectors at cosine > 0.999 to the CPU decode's; the run reports the stage's figures."""
-    pytest.importorskip("torchvision")
+    vectors at cosine > 0.999 to the CPU decode's; the run reports the stage's figures. The decoder is chosen
+    through the environment, as a user would choose nvImageCodec."""
     import sqlite3
 
     from conftest import index_json
@@ -274,9 +360,11 @@ def test_index_through_the_gpu_stage_matches_the_cpu_path(tmp_path, tiny_model, 
     cpu = index_json(tmp_path / "cpu", folder, "--model", tiny_model, "--device", "cpu", "--workers", "0")
     assert "gpu_decode" not in cpu["times"]["extra"]
     monkeypatch.setattr(job, "_gpu_decode", lambda opts, encoder: "on (test: on the CPU)")
+    monkeypatch.setenv(jpegdecoders.ENV, "pillow")
     gpu = index_json(tmp_path / "gpu", folder, "--model", tiny_model, "--device", "cpu", "--workers", "0")
     stage = gpu["times"]["extra"]["gpu_decode"]
     assert stage["gpu_images"] == 6 and stage["cpu_images"] == 2 and stage["note"] == "on (test: on the CPU)"
+    assert stage["decoder"] == "pillow"
     assert (gpu["added"], gpu["failed"]) == (cpu["added"], cpu["failed"]) == (7, 1)
     (rows_c, store_c), (rows_g, store_g) = indexed(tmp_path / "cpu"), indexed(tmp_path / "gpu")
     assert [r[:5] for r in rows_c] == [r[:5] for r in rows_g]
@@ -286,10 +374,9 @@ def test_index_through_the_gpu_stage_matches_the_cpu_path(tmp_path, tiny_model, 
             assert rg[6] is not None
 
 
-def test_parity_on_real_photos(tmp_path, tiny_model, capsys):
+def test_parity_on_real_photos(tmp_path, tiny_model, capsys, cpu_decoder):
     """scikit-image's photographs at camera and web size: the GPU path's embeddings against the exact CPU
     path's with the tiny model (the real model's figure is measured on the GPU: benchmarks/bench_index.py)."""
-    pytest.importorskip("torchvision")
     data = pytest.importorskip("skimage.data")
     from alignsearch.encoders.model import Encoder
 
@@ -300,7 +387,7 @@ def test_parity_on_real_photos(tmp_path, tiny_model, capsys):
             buf = io.BytesIO()
             img.resize((w, h), Image.BICUBIC).save(buf, "JPEG", quality=90)
             files.append(found(tmp_path, f"{name}-{w}.jpg", buf.getvalue()))
-    got, stats = gpu_items(files)
+    got, stats = gpu_items(files, decoder=cpu_decoder)
     assert stats.gpu_images == len(files)
     enc = Encoder(str(tiny_model), "cpu", precision="fp32", backend="torch")
     crops = np.stack([got[f.relpath].crop.numpy() for f in files])
@@ -308,25 +395,27 @@ def test_parity_on_real_photos(tmp_path, tiny_model, capsys):
     cosine = (enc.encode_crops(crops) * enc.encode_crops(exact)).sum(axis=1)
     diff = np.abs(crops.astype(int) - exact.astype(int))
     with capsys.disabled():
-        print(f"\nGPU-path logic on the CPU vs the exact decode, {len(files)} photos: cosine min {cosine.min():.6f} "
+        print(f"\nGPU-path logic on the CPU ({cpu_decoder}) vs the exact decode, {len(files)} photos: cosine min {cosine.min():.6f} "
               f"mean {cosine.mean():.6f}; pixels differ by {diff.mean():.3f} levels on average, max {diff.max()}")
     assert cosine.min() >= 0.999 and diff.max() <= 2
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_crops_stay_on_the_device_and_match(tmp_path, tiny_model):
+@pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
+def test_on_cuda_the_crops_stay_on_the_device_and_match(tmp_path, tiny_model, decoder):
     torch = pytest.importorskip("torch")
-    pytest.importorskip("torchvision")
-    if not torch.cuda.is_available() or gpudecode.unavailable("cuda"):
-        pytest.skip(f"needs CUDA with nvJPEG: {gpudecode.unavailable('cuda')}")
+    if gpudecode.unavailable("cuda", decoder):
+        pytest.skip(f"needs CUDA with {decoder}: {gpudecode.unavailable('cuda', decoder)}")
     from alignsearch.encoders.model import Encoder
 
     files = [found(tmp_path, f"p{i}.jpg", jpeg(photo(640 + 40 * i, 480, seed=i), orientation=1 + i % 8))
              for i in range(10)]
     files.append(found(tmp_path, "cmyk.jpg", jpeg(photo(60, 40), mode="CMYK")))
     files.append(found(tmp_path, "progressive.jpg", jpeg(photo(400, 300), progressive=True)))  # either path
-    reader = gpudecode.read_items(files, SPEC, 0, gpudecode.GpuDecodeOptions(device="cuda", batch_images=4))
+    reader = gpudecode.read_items(files, SPEC, 0, gpudecode.GpuDecodeOptions(device="cuda", batch_images=4,
+                                                                             decoder=decoder))
     got = {it.found.relpath: it for it in reader}
+    assert reader.stats.decoder == decoder
     assert reader.stats.gpu_images + reader.stats.cpu_images == 12 and reader.stats.cpu_images in (1, 2)
     assert all(got[f"p{i}.jpg"].crop.device.type == "cuda" for i in range(10))
     for f in files:

@@ -9,7 +9,9 @@ and encode the same generated JPEGs; ours also writes the catalog, vectors and F
 --gpu-decode (issue 29) measures, in one run over photographs made from scikit-image's samples (--corpus camera:
 12 MP, web: ~1 MP), `index --gpu-decode` against `index --no-gpu-decode` (today's CPU decode) and the naive loop,
 the GPU decode stage alone, and (--parity N) the embeddings of N pictures through the GPU decode against the exact
-CPU decode; with the GPU's utilisation during each, and where the time went. Each stage is guarded: one that
+CPU decode; with the GPU's utilisation during each, and where the time went. --decoders torchvision,nvimgcodec
+measures each JPEG decoder of the stage (indexer/jpegdecoders: index, the stage alone, parity), one that is not
+installed being reported as such ("auto": the one `index` picks). Each stage is guarded: one that
 fails or runs out of time is reported as such and the others still are; the figures go to --out DIR as they
 come (results-CORPUS.json, results.md). --smoke runs it all small with the tests' tiny model (records nothing).
 """
@@ -30,9 +32,9 @@ from pathlib import Path
 from common import CACHE, HERE, GpuUtil, align_base_checkpoint, commit, jpeg_corpus, machine, photo_corpus, record
 
 
-def timed(cmd: list[str], timeout: float | None = None) -> tuple[float, str]:
+def timed(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start, proc.stdout
@@ -56,6 +58,8 @@ def main() -> None:
                     help="mixed: generated shapes 640x480 to 4000x3000; camera/web: scikit-image's photographs")
     ap.add_argument("--naive-images", type=int, default=None, help="with --gpu-decode: the naive loop over the first N")
     ap.add_argument("--parity", type=int, default=0, help="with --gpu-decode: embeddings of N pictures, GPU vs CPU decode")
+    ap.add_argument("--decoders", default="auto", help="with --gpu-decode: the stage's JPEG decoders to measure, "
+                    "comma-separated (torchvision, nvimgcodec, pillow; auto: the one index picks)")
     ap.add_argument("--model", default=None, help="the checkpoint (default: align-base geometry, random weights; "
                     "--parity uses a real align-base when one is on the machine)")
     ap.add_argument("--stage-timeout", type=float, default=240, help="with --gpu-decode: seconds for each stage")
@@ -164,6 +168,8 @@ def real_model() -> str | None:
 
 def gpu_decode_run(args) -> None:
     """Issue 29's measurement (module doc): each stage guarded, the figures written as they come."""
+    from indexer import gpudecode, jpegdecoders
+
     if args.smoke:
         os.environ["ALIGNSEARCH_BENCH_DRY"] = "1"  # record() prints, RESULTS.md is left alone
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-index-"))
@@ -203,13 +209,14 @@ def gpu_decode_run(args) -> None:
     n = len(files)
     cuda = args.device.startswith("cuda")
 
-    def index_run(*extra, folder: Path = corpus) -> dict:
+    def index_run(*extra, folder: Path = corpus, decoder: str | None = None) -> dict:
         with tempfile.TemporaryDirectory() as index_dir:
             cmd = [sys.executable, "-m", "alignsearch", "index", str(folder), "--index", index_dir, "--model", str(model),
                    "--device", args.device, "--batch-size", str(args.batch_size), "--json", *extra]
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]
-            seconds, text = timed(cmd, args.stage_timeout)
+            env = {**os.environ, jpegdecoders.ENV: decoder} if decoder else None
+            seconds, text = timed(cmd, args.stage_timeout, env)
         summary = json.loads(text)
         times = summary["times"]
         return {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1),
@@ -219,13 +226,30 @@ def gpu_decode_run(args) -> None:
     gpu_flag = "--gpu-decode" if cuda else "--no-gpu-decode"  # a CPU-only smoke run has no GPU stage to run
     if not (args.smoke or args.skip_warm_up):  # fills the ONNX text export cache `index` ends with, once
         stage("warm_up", lambda: index_run(gpu_flag, folder=photo_corpus(args.corpus, 32, size=size)))
-    stage("index_gpu_decode", lambda: index_run("--gpu-decode"))
+    device = "cuda" if cuda else "cpu"
+    decoders = list(dict.fromkeys(jpegdecoders.chosen(device) if name == "auto" else name
+                                  for name in args.decoders.replace(" ", "").split(",") if name))
+    results["decoders"] = {name: gpudecode.unavailable(device, name) or "works" for name in decoders}
+    save()
+    for name in decoders:  # the first is the default's: the one the warm-up ran
+        stage(f"index_gpu_decode:{name}", lambda: usable(name, device) and index_run("--gpu-decode", decoder=name))
     stage("index_cpu_decode", lambda: index_run("--no-gpu-decode"))
-    stage("decode_alone", lambda: decode_alone(corpus, model, args))
-    if args.parity:
-        stage("parity", lambda: parity(corpus, model, args))
+    for name in decoders:
+        stage(f"decode_alone:{name}", lambda: usable(name, device) and decode_alone(corpus, model, args, name))
+        if args.parity:
+            stage(f"parity:{name}", lambda: usable(name, device) and parity(corpus, model, args, name))
     stage("naive_loop", lambda: naive(corpus, model, args))
     finish(n)
+
+
+def usable(decoder: str, device: str) -> bool:
+    """True, or the decoder's reason it does not run here raised (its stage then reports it)."""
+    from indexer import gpudecode
+
+    why = gpudecode.unavailable(device, decoder)
+    if why:
+        raise RuntimeError(f"{decoder} not available: {why}")
+    return True
 
 
 def checkpoint(args) -> Path:
@@ -254,30 +278,27 @@ def naive(corpus: Path, model: Path, args) -> dict:
             "loop_images_per_s": round(count / max(loop, 1e-9), 1), "loading_seconds": loading}
 
 
-def decode_alone(corpus: Path, model: Path, args) -> dict:
+def decode_alone(corpus: Path, model: Path, args, decoder: str) -> dict:
     """The GPU decode stage over the corpus with no encoder behind it: the most it can feed one."""
     from alignsearch.encoders.model import load_image_spec
     from indexer import gpudecode
     from indexer.scan import Found
 
     device = "cuda" if args.device.startswith("cuda") else "cpu"
-    why = gpudecode.unavailable(device)
-    if why:
-        raise RuntimeError(why)
     spec = load_image_spec(str(model), local_files_only=True)
     files = [Found(str(corpus), p.name, p.stat().st_size, p.stat().st_mtime) for p in sorted(corpus.glob("*.jpg"))]
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
     start = time.perf_counter()
-    reader = gpudecode.read_items(files, spec, workers, gpudecode.GpuDecodeOptions(device=device))
+    reader = gpudecode.read_items(files, spec, workers, gpudecode.GpuDecodeOptions(device=device, decoder=decoder))
     count = sum(1 for _ in reader)
     seconds = time.perf_counter() - start
     return {"images": count, "seconds": round(seconds, 2), "images_per_s": round(count / seconds, 1),
             "stats": reader.stats.to_dict()}
 
 
-def parity(corpus: Path, model: Path, args) -> dict:
-    """Embeddings of the corpus's first --parity pictures (distinct ones) decoded on the GPU against the exact
-    CPU decode: fp32 both (the decode's own difference) and the GPU's in bf16 (what `index` runs there)."""
+def parity(corpus: Path, model: Path, args, decoder: str) -> dict:
+    """Embeddings of the corpus's first --parity pictures (distinct ones) decoded on the GPU by `decoder` against
+    the exact CPU decode: fp32 both (the decode's own difference) and the GPU's in bf16 (what `index` runs there)."""
     import numpy as np
 
     from alignsearch.encoders.model import Encoder
@@ -292,7 +313,8 @@ def parity(corpus: Path, model: Path, args) -> dict:
     files = [p for p in sorted(corpus.glob("*.jpg")) if p.name.endswith("-00000.jpg")][: args.parity]
     found = [Found(str(corpus), p.name, p.stat().st_size, p.stat().st_mtime) for p in files]
     enc = Encoder(name, device, precision="fp32")
-    got = {it.found.relpath: it for it in gpudecode.read_items(found, enc.spec, 0, gpudecode.GpuDecodeOptions(device=device))}
+    options = gpudecode.GpuDecodeOptions(device=device, decoder=decoder)
+    got = {it.found.relpath: it for it in gpudecode.read_items(found, enc.spec, 0, options)}
     gpu_crops = [got[f.relpath].crop for f in found]
     import torch
 
@@ -325,8 +347,9 @@ def summary_lines(results: dict, n: int) -> list[str]:
     lines = [f"- corpus: {n} JPEGs, {results.get('corpus_bytes_mean', 0) / 1e6:.2f} MB each on average"]
     lines += [f"- {name}: failed ({st[name]['error'][:300]})" for name in ("model", "corpus", "warm_up")
               if "error" in st.get(name, {})]
-    for name, label in (("index_gpu_decode", "alignsearch index --gpu-decode"),
-                        ("index_cpu_decode", "alignsearch index --no-gpu-decode (CPU decode)")):
+    decoders = list(results.get("decoders", {}))
+    runs = [(f"index_gpu_decode:{d}", f"alignsearch index --gpu-decode ({d})") for d in decoders]
+    for name, label in runs + [("index_cpu_decode", "alignsearch index --no-gpu-decode (CPU decode)")]:
         s = get(name)
         if "error" in s:
             lines.append(f"- {label}: no figure ({s['error'][:300]})")
@@ -339,21 +362,23 @@ def summary_lines(results: dict, n: int) -> list[str]:
                      f"{util(s)}; failed {s['failed']}")
         if extra:
             lines.append(f"  - GPU stage: {json.dumps(extra)}")
-    s = get("decode_alone")
-    lines.append(f"- GPU decode stage alone (no encoder): {s['images_per_s']:.0f} images/s; {util(s)}; "
-                 f"{json.dumps(s['stats'])}" if "error" not in s else f"- GPU decode stage alone: no figure ({s['error'][:300]})")
+    for d in decoders:
+        s = get(f"decode_alone:{d}")
+        lines.append(f"- GPU decode stage alone ({d}, no encoder): {s['images_per_s']:.0f} images/s; {util(s)}; "
+                     f"{json.dumps(s['stats'])}" if "error" not in s else
+                     f"- GPU decode stage alone ({d}): no figure ({s['error'][:300]})")
     s = get("naive_loop")
     lines.append(f"- naive loop (AlignProcessor + AlignModel) over the first {s['images']}: {s['seconds']:.1f} s, "
                  f"{s['images_per_s']:.1f} images/s whole process, {s['loop_images_per_s']:.1f} in its loop; {util(s)}"
                  if "error" not in s else f"- naive loop: no figure ({s['error'][:300]})")
-    if "parity" in st:
-        s = st["parity"]
+    for d in [d for d in decoders if f"parity:{d}" in st]:
+        s = st[f"parity:{d}"]
         if "error" in s:
-            lines.append(f"- parity: no figure ({s['error'][:300]})")
+            lines.append(f"- parity ({d}): no figure ({s['error'][:300]})")
         else:
             which = ("the real align-base" if s["real_model"] else
                      f"{Path(s['model']).name}, RANDOM weights (no real align-base on this machine)")
-            lines.append(f"- parity, {s['pictures']} pictures, {which}: cosine GPU decode vs exact CPU decode (fp32) min "
+            lines.append(f"- parity ({d}), {s['pictures']} pictures, {which}: cosine GPU decode vs exact CPU decode (fp32) min "
                          f"{s['cosine_fp32']['min']:.5f}, mean {s['cosine_fp32']['mean']:.5f}; bf16 on the GPU vs exact fp32: "
                          f"{s['cosine_gpu_bf16_vs_exact_fp32']}; crop pixels {s['pixel_levels']}; phash bits "
                          f"{s['phash_bits_differing']}")

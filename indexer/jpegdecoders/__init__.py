@@ -13,7 +13,7 @@ from indexer.jpegdecoders.nvimgcodec import NvImageCodecDecoder
 from indexer.jpegdecoders.nvjpeg import TorchvisionDecoder
 from indexer.jpegdecoders.pillow import PillowDecoder
 
-__all__ = ["DECODERS", "ENV", "JpegDecoder", "build", "forget", "pick", "requested", "unavailable"]
+__all__ = ["DECODERS", "ENV", "JpegDecoder", "build", "chosen", "forget", "pick", "requested", "unavailable"]
 
 ENV = "ALIGNSEARCH_GPU_DECODER"
 DECODERS: dict[str, type[JpegDecoder]] = {cls.name: cls for cls in (TorchvisionDecoder, NvImageCodecDecoder,
@@ -36,7 +36,8 @@ def pick(asked: str | None, device: str, torchvision_works: bool) -> str:
     return PillowDecoder.name
 
 
-def _name(option: str | None, device: str) -> str:
+def chosen(device: str, option: str | None = None) -> str:
+    """The name of the decoder a run on `device` uses (pick's rule, the option or the environment asked)."""
     asked = requested(option)
     cpu = asked is None and not device.startswith("cuda")
     return pick(asked, device, cpu and _unavailable(TorchvisionDecoder.name, device) is None)
@@ -51,12 +52,12 @@ def _unavailable(name: str, device: str) -> str | None:
 
 def unavailable(device: str, option: str | None = None) -> str | None:
     """Why the decoder this run would use does not decode a JPEG on `device`, or None when it does."""
-    return _unavailable(_name(option, device), device)
+    return _unavailable(chosen(device, option), device)
 
 
 def build(device: str, option: str | None = None) -> JpegDecoder:
     """The decoder this run uses, for the thread that decodes."""
-    name = _name(option, device)
+    name = chosen(device, option)
     if name not in DECODERS:
         raise ValueError(_unavailable(name, device))
     return DECODERS[name](device)

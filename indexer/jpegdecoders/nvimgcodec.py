@@ -23,6 +23,20 @@ def load():
     return nvimgcodec
 
 
+OPTIONS = ":fancy_upsampling=1"  # chroma upsampled as libjpeg does by default (Pillow, the CPU path's reference)
+
+
+def decode_params(nvimgcodec) -> dict:
+    """As stored (the stage turns by EXIF, as the CPU path does), RGB interleaved at 8 bits (a grey JPEG too).
+    The sRGB colour spec is ColorSpec.SRGB in the 0.9 wheels, ColorSpec.RGB in older ones, which lack sample_format."""
+    spec = nvimgcodec.ColorSpec
+    params = {"apply_exif_orientation": False, "color_spec": spec.SRGB if hasattr(spec, "SRGB") else spec.RGB,
+              "allow_any_depth": False}
+    if hasattr(nvimgcodec, "SampleFormat"):
+        params["sample_format"] = nvimgcodec.SampleFormat.I_RGB
+    return params
+
+
 class NvImageCodecDecoder(JpegDecoder):
     name = "nvimgcodec"
     label = "nvImageCodec"
@@ -35,11 +49,9 @@ class NvImageCodecDecoder(JpegDecoder):
         where = torch.device(device)
         self.index = where.index if where.index is not None else torch.cuda.current_device()
         kinds = nvimgcodec.BackendKind  # the hardware JPEG engine first, then nvJPEG's CUDA and hybrid decoders
-        self.decoder = nvimgcodec.Decoder(device_id=self.index, backends=[
-            nvimgcodec.Backend(kind) for kind in (kinds.HW_GPU_ONLY, kinds.GPU_ONLY, kinds.HYBRID_CPU_GPU)])
-        # as stored (the stage turns by EXIF, as the CPU path does), RGB at 8 bits (greys become three planes)
-        self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB,
-                                              allow_any_depth=False)
+        backends = [nvimgcodec.Backend(kind) for kind in (kinds.HW_GPU_ONLY, kinds.GPU_ONLY, kinds.HYBRID_CPU_GPU)]
+        self.decoder = nvimgcodec.Decoder(device_id=self.index, backends=backends, options=OPTIONS)
+        self.params = nvimgcodec.DecodeParams(**decode_params(nvimgcodec))
         self.codestream = nvimgcodec.CodeStream
 
     def decode(self, datas: list[bytes]) -> list:

@@ -121,7 +121,7 @@ def _build_single(out: Single, job: BuildJob) -> Built:
     current = job.current
     if isinstance(current, Single) and current.exists() and not job.rebuild:
         try:  # never build on an index whose bytes changed since they were written: rebuild it from the vectors
-            index = current.open(tries=1)
+            index = current.open()
         except (IndexDamagedError, RuntimeError):
             damaged = True
         if index is not None and ann.layout(index) != "memory":  # an on-disk index recorded before checksums

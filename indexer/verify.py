@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from alignsearch.storage import ann, catalog, layouts, state, vectors
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
-from alignsearch.errors import AlignSearchError, IndexDamagedError
+from alignsearch.errors import AlignSearchError, IndexDamagedError, IndexNotFoundError
 from alignsearch.storage.vectors import VectorStore
 from indexer.build import sync_index
 from indexer.lock import writer_lock, writer_running
@@ -116,7 +116,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     return r
 
 
-def _open_ann(index_dir: Path, record: layouts.AnnRecord, writing: bool, r: Report):
+def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report):
     """The served ANN index, opened only when its layout's files carry the recorded checksums (or predate them)."""
     current = layouts.pick(index_dir, record)
     if not current.exists():
@@ -131,12 +131,20 @@ def _open_ann(index_dir: Path, record: layouts.AnnRecord, writing: bool, r: Repo
             r.problems += damaged
             r.ann_damaged = True
             return None
-    try:
-        return layouts.open_current(index_dir, record)
-    except (RuntimeError, IndexDamagedError) as exc:
+    try:  # a running writer may publish meanwhile: the open is retried with the record it committed
+        return layouts.open_current(index_dir, record, reread=lambda: _recorded(index_dir))
+    except (RuntimeError, IndexDamagedError, IndexNotFoundError) as exc:
         r.problems.append(f"the ANN index cannot be read: {str(exc).splitlines()[0][:200]}")
         r.ann_damaged = True
         return None
+
+
+def _recorded(index_dir: Path) -> state.AnnState:
+    db = catalog.connect(index_dir / DB_FILE, readonly=True)
+    try:
+        return layouts.recorded(db)
+    finally:
+        db.dispose()
 
 
 def _repair(index_dir: Path, report: Report) -> list[str]:
@@ -209,7 +217,7 @@ def repair_advice(index_dir: Path) -> str:
 
 
 def _has_duplicates(index_dir: Path) -> bool:
-    unchecked = layouts.AnnRecord()  # read as it stands: the checksums were checked before
+    unchecked = state.AnnState()  # read as it stands: the checksums were checked before
     if not layouts.pick(index_dir, unchecked).exists():
         return False
     try:

@@ -3,20 +3,25 @@ catalog's record, opened, listing the files it owns, and checking them: a byte c
 one of them gone, is reported by check() and by verify. Switching layouts leaves only the new one's files."""
 
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch.storage import ann, catalog, layouts
+from alignsearch.errors import IndexDamagedError, IndexNotFoundError
+from alignsearch.storage import ann, catalog, layouts, vectors
+from alignsearch.storage.state import AnnState
 from alignsearch.storage.layout import damaged_message
-from alignsearch.storage.layouts import AnnRecord, OnDisk, Sharded, Single
+from alignsearch.storage.layouts import OnDisk, Sharded, Single
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import layout_index
 from indexer.build import sync_index
 from indexer.verify import verify
 
 N = 10_000  # the smallest IVF-PQ index (ann.FLAT_BELOW): the sharded and on-disk layouts need one
+DIM = 16  # layout_index's default
 
 LAYOUTS = {"single": {}, "sharded": {"index_shards": 2}, "ondisk": {"ondisk_shards": 2}}
 CLASSES = {"single": Single, "sharded": Sharded, "ondisk": OnDisk}
@@ -95,15 +100,15 @@ def test_a_changed_byte_in_any_file_a_layout_owns_is_found(built, kind, tmp_path
 
 
 def test_the_layout_of_an_index_and_of_a_build(tmp_path):
-    sharded = AnnRecord(files={"shard-1-000.faiss": "a", "shards.json": "b"})
-    ondisk = AnnRecord(files={ANN_FILE: "a", "lists-1.ivfdata": "b"})
-    assert layouts.kind_of(True, AnnRecord(digest="x")) == "sharded"  # a published manifest is what readers follow
+    sharded = AnnState(files={"shard-1-000.faiss": "a", "shards.json": "b"})
+    ondisk = AnnState(files={ANN_FILE: "a", "lists-1.ivfdata": "b"})
+    assert layouts.kind_of(True, AnnState(digest="x")) == "sharded"  # a published manifest is what readers follow
     assert layouts.kind_of(False, sharded) == "single"  # its manifest gone: index.faiss, checked against the record
     assert layouts.kind_of(False, ondisk) == "ondisk"
-    assert layouts.kind_of(False, AnnRecord(digest="x")) == layouts.kind_of(False, AnnRecord()) == "single"
+    assert layouts.kind_of(False, AnnState(digest="x")) == layouts.kind_of(False, AnnState()) == "single"
     assert layouts.pick(tmp_path, sharded).expected() == sharded.files  # what is checked is what was recorded
-    assert layouts.pick(tmp_path, AnnRecord(digest="x")).expected() == {ANN_FILE: "x"}
-    assert layouts.pick(tmp_path, AnnRecord()).expected() == {}  # written before checksums: nothing to compare
+    assert layouts.pick(tmp_path, AnnState(digest="x")).expected() == {ANN_FILE: "x"}
+    assert layouts.pick(tmp_path, AnnState()).expected() == {}  # written before checksums: nothing to compare
     for plan in ("flat", "ivfpq"):
         assert layouts.target_kind(plan, ondisk_shards=0, index_shards=0) == "single"
     assert layouts.target_kind("flat", ondisk_shards=2, index_shards=0) == "single"
@@ -142,9 +147,133 @@ def test_a_single_file_rename_cut_short_is_finished_or_dropped(tmp_path):
     index = ann.create(ann.plan_index(0, 8), 8)
     ann.add(index, np.eye(8, dtype=np.float32), np.arange(8))
     digest = ann.write_next(index, tmp_path / ANN_FILE)
-    Single(tmp_path, AnnRecord(digest="an older one")).finish_publish()
+    Single(tmp_path, AnnState(digest="an older one")).finish_publish()
     assert not ann.next_path(tmp_path / ANN_FILE).exists() and not (tmp_path / ANN_FILE).exists()
     assert ann.write_next(index, tmp_path / ANN_FILE) == digest
-    Single(tmp_path, AnnRecord(digest=digest)).finish_publish()
+    Single(tmp_path, AnnState(digest=digest)).finish_publish()
     assert not ann.next_path(tmp_path / ANN_FILE).exists()
-    assert Single(tmp_path, AnnRecord(digest=digest)).open().ntotal == 8
+    assert Single(tmp_path, AnnState(digest=digest)).open().ntotal == 8
+
+
+def live_of(folder):
+    db = catalog.connect(folder / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            return np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+    finally:
+        db.dispose()
+
+
+def read_while_switching(folder, switches, served):
+    """Open the current index (as the engine does: the catalog's record, then open_current) over and over
+    while a writer thread publishes each of `switches` (sync_index's keywords) in turn. Every open must give
+    an index that searches, of a layout in `served` ({ann.layout: its sizes}). Returns (opens, slowest open)."""
+    db = catalog.connect(folder / DB_FILE)
+    reader = catalog.connect(folder / DB_FILE, readonly=True)
+    with db.connect() as conn:
+        store = vectors.load(conn, folder, DIM)
+    failures, opens, slowest = [], 0, 0.0
+    done = threading.Event()
+
+    def write():
+        try:
+            for options in switches:
+                sync_index(db, store, folder / ANN_FILE, **options)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(("writer", repr(exc)))
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    query = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
+    try:
+        while not done.is_set() or opens == 0:
+            with reader.connect() as conn:
+                record = layouts.read_record(conn)
+            start = time.monotonic()
+            try:
+                index = layouts.open_current(folder, record, reread=lambda: layouts.recorded(reader))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported
+                failures.append(("reader", repr(exc)))
+                continue
+            finally:
+                slowest = max(slowest, time.monotonic() - start)
+            opens += 1
+            kind = ann.layout(index)
+            _, ids = index.search(query, 5)
+            if kind not in served or index.ntotal not in served[kind] or (ids < 0).any():
+                failures.append(("reader", f"served {kind} with {index.ntotal} vectors, ids {ids}"))
+    finally:
+        writer.join()
+        db.dispose()
+        reader.dispose()
+    assert failures == [], failures[:5]
+    return opens, slowest
+
+
+def test_an_index_republished_while_a_reader_opens_it_is_always_served(tmp_path):
+    """index.faiss republished 40 times with a new checksum each time, while a reader opens it in a loop. A
+    reader that read the record just before a publish looked for bytes no file has any more: before the
+    retry read the record again, it tried the old checksum 20 times and reported index.faiss as damaged."""
+    folder = tmp_path / "ix"
+    db, _, _ = layout_index(folder, 2_000, DIM)
+    db.dispose()
+    live = live_of(folder)
+    sizes = range(len(live) - 40, len(live) + 1)
+    opens, _ = read_while_switching(folder, [{"live": live[: len(live) - 1 - i % 40]} for i in range(40)],
+                                    {"memory": sizes})
+    assert opens > 0
+
+
+@pytest.mark.slow
+def test_layouts_switched_while_a_reader_opens_the_index_are_always_served(built, tmp_path):
+    """Each of the six switches between the layouts once (single -> sharded -> single -> on-disk -> sharded ->
+    on-disk -> single) while a reader opens the index in a loop: every open gives the layout before or the one
+    after, none raises. The files of the layout before vanish a moment after a reader picked it, and the
+    on-disk layout's index.faiss replaces a single one before the commit that records it."""
+    folder = tmp_path / "ix"
+    shutil.copytree(built["single"][0], folder)
+    single, sharded, ondisk = ({"index_shards": 0, "ondisk_shards": 0}, {"index_shards": 2, "ondisk_shards": 0},
+                               {"index_shards": 0, "ondisk_shards": 2})
+    opens, _ = read_while_switching(folder, [sharded, single, ondisk, sharded, ondisk, single],
+                                    {kind: {N} for kind in SERVED_AS.values()})
+    assert opens > 0
+
+
+@pytest.mark.parametrize("record", [AnnState(), AnnState(digest="x"), AnnState(files={"shard-1-000.faiss": "a"}),
+                                    AnnState(files={ANN_FILE: "a", "lists-1.ivfdata": "b"})])
+def test_opening_a_folder_without_an_index_gives_up_at_once_and_says_why(tmp_path, record):
+    """Before, a missing index.faiss took 3 tries (0.1 s) and gave faiss's "could not open" error, or, with a
+    checksum recorded, 20 tries (1 s) and said the file was damaged."""
+    rereads = []
+    start = time.monotonic()
+    with pytest.raises(IndexNotFoundError) as raised:
+        layouts.open_current(tmp_path, record, reread=lambda: rereads.append(1) or record)
+    assert time.monotonic() - start < 0.2 and rereads == []
+    assert str(raised.value) == f"{tmp_path / ANN_FILE} is missing: run `alignsearch index` to build it"
+
+
+def test_an_index_that_never_opens_is_given_up_on_within_the_retry_bounds(tmp_path):
+    """Bytes the recorded checksum never matches (damage, not a publish): tried `tries` times at most, none
+    started past the budget, then reported as damaged in one line."""
+    (tmp_path / ANN_FILE).write_bytes(b"not the recorded bytes")
+    record, rereads = AnnState(digest="x"), []
+    retry = layouts.Retry(tries=4, first_wait_s=0.01, budget_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(IndexDamagedError) as raised:
+        layouts.open_current(tmp_path, record, reread=lambda: rereads.append(1) or record, retry=retry)
+    assert len(rereads) == retry.tries - 1 and time.monotonic() - start < retry.budget_s
+    assert str(raised.value) == f"{damaged_message(ANN_FILE)}: run `alignsearch verify --repair`"
+    start = time.monotonic()
+    with pytest.raises(IndexDamagedError):
+        layouts.open_current(tmp_path, record)  # the default bounds
+    assert time.monotonic() - start < layouts.RETRY.budget_s + 0.5
+
+
+def test_the_retry_waits_double_and_stop_at_the_tries_the_budget_or_an_empty_folder():
+    retry = layouts.Retry(tries=6, first_wait_s=0.02, budget_s=1.0)
+    assert [layouts.next_wait(retry, attempt, 0.0, True) for attempt in range(1, 7)] == [0.02, 0.04, 0.08, 0.16,
+                                                                                          0.32, None]
+    assert layouts.next_wait(retry, 1, 0.99, True) is None  # no attempt starts past the budget
+    assert layouts.next_wait(retry, 1, 0.0, False) is None  # nothing published: no switch to wait out

@@ -151,9 +151,9 @@ class Engine:
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
                             videos=videos)
         if not layouts.pick(self.dir, record).exists():
-            raise IndexNotFoundError(f"{self.dir / ANN_FILE} is missing: run `alignsearch index` to build it")
+            raise layouts.missing(self.dir)
         stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
-        index = layouts.open_current(self.dir, record)
+        index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
 
     def refresh(self) -> bool:

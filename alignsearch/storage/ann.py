@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,22 +176,26 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_verified(path: Path, digest: str | None, tries: int = 20) -> faiss.Index:
+def read_verified(path: Path, digest: str | None) -> faiss.Index:
     """The index at `path` whose bytes hash to `digest` (the catalog's record), else its `.next` file (a
     writer recorded it and is about to rename it over). Damaged bytes are never deserialised: a header or
     lists overwritten on disk would crash faiss or give scores like 1e36. digest None: an index written
-    before digests were recorded, read as it is."""
+    before digests were recorded, read as it is. One attempt: a reader that may meet a writer's publish
+    opens through layouts.open_current, which retries with the catalog's record read again.
+    Raises FileNotFoundError when neither file is there, IndexDamagedError when neither has the bytes."""
     if digest is None:
         return read(path)
-    for attempt in range(tries):
-        for candidate in (path, next_path(path)):
-            try:
-                data = Path(candidate).read_bytes()
-            except FileNotFoundError:
-                continue
-            if hashlib.sha256(data).hexdigest() == digest:
-                return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        time.sleep(0.05)  # between a writer's commit and its rename, or a catalog read a moment old
+    found = False
+    for candidate in (path, next_path(path)):
+        try:
+            data = Path(candidate).read_bytes()
+        except FileNotFoundError:
+            continue
+        found = True
+        if hashlib.sha256(data).hexdigest() == digest:
+            return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    if not found:
+        raise FileNotFoundError(path)
     raise IndexDamagedError(f"{Path(path).name} is damaged (its checksum differs from the one the catalog recorded):"
                             " run `alignsearch verify --repair`")
 

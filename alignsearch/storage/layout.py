@@ -19,8 +19,9 @@ A writer's round is the same for every layout (indexer/build.py):
 3. commit(conn, record): the checksums of its files, with the build's settings, in the caller's transaction.
 4. publish(): its files go live and the other layouts' files are removed (a reader that has them open keeps
    its mapping).
-A reader (the engine, verify) picks the layout from the catalog's record and the folder, then open()s it;
-check() names the files whose bytes differ from the recorded checksums; files() lists what it owns.
+A reader (the engine, verify) picks the layout from the catalog's record and the folder, then open()s it
+through layouts.open_current, the one place an open that met a writer's publish is retried (open() is one
+attempt); check() names the files whose bytes differ from the recorded checksums; files() lists what it owns.
 
 The ANN index's part of the index state (state.AnnState) is read by read_record and written by write_record only.
 """
@@ -29,45 +30,29 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
 import faiss
 
 from alignsearch.storage import ann, state
-
-LISTS_SUFFIX = ".ivfdata"  # the on-disk layout's inverted lists: lists-<ns>.ivfdata
-
-
-@dataclass(frozen=True)
-class AnnRecord:
-    """What the catalog recorded about the ANN index when a build committed."""
-
-    digest: str | None = None  # sha256 of index.faiss (single layout); None for the others, or before checksums
-    files: dict[str, str] = field(default_factory=dict)  # name -> sha256 of each file (sharded, ondisk)
-    trained_n: int = 0  # vectors the IVF-PQ training saw (retrain when N grows 4x past it)
-    tuning: dict = field(default_factory=dict)  # nprobe and re-rank depth (indexer/tune.py)
-    ondisk_shards: int = 0  # the layout asked for (remembered between runs): --ondisk-shards
-    index_shards: int = 0  # --index-shards
-
-    @property
-    def lists_name(self) -> str | None:
-        """The on-disk lists file the record names, if any."""
-        return next((name for name in self.files if name.endswith(LISTS_SUFFIX)), None)
+from alignsearch.storage.paths import LISTS_SUFFIX
 
 
-def read_record(conn) -> AnnRecord:
-    recorded = state.read(conn, "ann").ann
-    return AnnRecord(digest=recorded.digest, files=dict(recorded.files), trained_n=recorded.trained_n,
-                     tuning=dict(recorded.tuning), ondisk_shards=recorded.ondisk_shards,
-                     index_shards=recorded.index_shards)
+def read_record(conn) -> state.AnnState:
+    return state.read(conn, "ann").ann
 
 
-def write_record(conn, record: AnnRecord) -> None:
-    state.write(conn, ann=state.AnnState(digest=record.digest, files=dict(record.files), trained_n=record.trained_n,
-                                         tuning=record.tuning, ondisk_shards=record.ondisk_shards,
-                                         index_shards=record.index_shards))
+def recorded(db) -> state.AnnState:
+    """The catalog's record read in a transaction of its own (db: a SQLAlchemy Engine): what a reader
+    retrying an open reads again (layouts.open_current's reread)."""
+    with db.connect() as conn:
+        return read_record(conn)
+
+
+def write_record(conn, record: state.AnnState) -> None:
+    state.write(conn, ann=record)
 
 
 def damaged_message(name: str) -> str:
@@ -85,9 +70,9 @@ class Layout(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, folder: Path, record: AnnRecord | None = None):
+    def __init__(self, folder: Path, record: state.AnnState | None = None):
         self.folder = Path(folder)
-        self.record = record or AnnRecord()
+        self.record = record or state.AnnState()
 
     @abstractmethod
     def files(self) -> list[Path]:
@@ -108,7 +93,7 @@ class Layout(ABC):
     def checksums(self) -> tuple[str | None, dict[str, str]]:
         """What a commit records of its files: (ann_digest, ann_files)."""
 
-    def commit(self, conn, record: AnnRecord) -> AnnRecord:
+    def commit(self, conn, record: state.AnnState) -> state.AnnState:
         """Record, in the caller's transaction, `record` (the build's settings) with this layout's checksums."""
         digest, files = self.checksums()
         self.record = replace(record, digest=digest, files=files)

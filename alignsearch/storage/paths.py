@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 INDEX_DIRNAME = ".alignsearch"
 DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
 SERVER_FILE = "server.json"  # written by a running `alignsearch serve`
+LISTS_SUFFIX = ".ivfdata"  # the on-disk ANN layout's inverted lists: lists-<ns>.ivfdata
 
 
 def untrusted(path: str | os.PathLike, owners: tuple[int, ...] = (), sticky_ok: bool = False) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from alignsearch.storage.paths import readonly_uri
+from alignsearch.storage.paths import LISTS_SUFFIX, readonly_uri
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class AnnState:
     tuning: Mapping[str, Any] = field(default_factory=dict)  # nprobe, rerank_factor, recall, target, n (tune.py)
     ondisk_shards: int = 0  # the layouts chosen (remembered)
     index_shards: int = 0
+
+    @property
+    def lists_name(self) -> str | None:
+        """The on-disk layout's lists file among `files`, if any (its presence is what marks that layout)."""
+        return next((name for name in self.files if name.endswith(LISTS_SUFFIX)), None)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import faiss
 
 from alignsearch.storage import ann, shards
-from alignsearch.storage.layout import LISTS_SUFFIX, Layout, drop_lists
-from alignsearch.storage.paths import ANN_FILE
+from alignsearch.storage.layout import Layout, drop_lists
+from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
 
 
 class OnDisk(Layout):

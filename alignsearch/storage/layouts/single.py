@@ -30,8 +30,8 @@ class Single(Layout):
     def exists(self) -> bool:
         return self.path.exists()
 
-    def open(self, tries: int = 20) -> faiss.Index:
-        return ann.read_verified(self.path, self.record.digest, tries)
+    def open(self) -> faiss.Index:
+        return ann.read_verified(self.path, self.record.digest)
 
     def write(self, index: faiss.Index) -> None:
         self._written = ann.write_next(index, self.path)

@@ -83,8 +83,10 @@ def read(folder: Path) -> dict | None:
     stamps, of = [], of_export(model)
     for path in sorted((folder / FOLDER).glob("*.json")):
         record = _load(path)
+        # a damaged record, or another export's: its artefact is made again. One without OF was written before
+        # records named their export (only an older version writes such): taken, as that version did
         if not isinstance(record, dict) or record.get(OF, of) != of:
-            continue  # a damaged record, or another export's: its artefact is made again
+            continue
         kind, _, key = path.stem.partition("-")
         if kind == "file" and isinstance(record.get("entry"), dict):
             manifest["files"][key] = record["entry"]

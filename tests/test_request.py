@@ -141,8 +141,8 @@ def test_every_query_form_goes_through_the_server_with_the_local_answer(served_i
             {k: v for k, v in local_plan.items() if k not in ("via", "why_local", "encoder")}
 
 
-def _searches(served) -> int:
-    """How many /api/search requests the server has logged (--verbose: uvicorn's access log on stderr)."""
+def _searches(served, path: str = "/api/search") -> int:
+    """How many requests of path the server has logged (--verbose: uvicorn's access log on stderr)."""
     import fcntl
     import select
 
@@ -165,7 +165,21 @@ def _searches(served) -> int:
             seen.append(chunk.decode(errors="replace"))
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    return sum(line.count("/api/search") for line in "".join(seen).splitlines() if '" 200' in line)
+    return sum(line.count(path) for line in "".join(seen).splitlines() if '" 200' in line)
+
+
+@pytest.mark.slow
+def test_a_query_through_the_server_is_one_round_trip(served_index):
+    """The query's own answer names the index it searched: no GET /api/info before each query."""
+    before = _searches(served_index), _searches(served_index, "/api/info")
+    for args in (["red car", "-k", "2"], ["--image", str(served_index["corpus"] / "img004.jpg"), "-k", "2"]):
+        out = cli(served_index["ix"], *args, "--json")
+        assert out.returncode == 0 and "notice" not in out.stderr, out.stderr
+    assert (_searches(served_index), _searches(served_index, "/api/info")) == (before[0] + 2, before[1])
+    status, headers, _ = call(served_index["url"], "/api/search?q=red+car&k=1")
+    record = json.loads((served_index["ix"] / SERVER_FILE).read_text())
+    assert status == 200 and headers["X-Alignsearch-Index"] == record["index_id"]
+    assert record["search_params"] == json.loads(call(served_index["url"], "/api/info")[2])["search_params"]
 
 
 @pytest.mark.slow

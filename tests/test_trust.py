@@ -465,3 +465,270 @@ def test_serve_on_another_users_index_writes_nothing_into_it(evil_index, tmp_pat
     shutil.copytree(evil_index, ix, ignore=shutil.ignore_patterns("server.json", "thumbs"))
     chown_tree(ix, NOBODY)
     _check_served_read_only(ix, unprivileged=False)
+
+
+# -- the client's server record: read as only this user could have written it ----------------------------
+def _fake_server(ix: Path, index_id: str | None = None, named: str | None = None) -> Recorder:
+    """A server that impersonates ix's: its /api/info claims ix's index id and folder, its /api/search
+    names the index `named` (default: that id) and finds nothing. Whatever asks gets this one answer."""
+    index_id = index_id or _index_id(ix)
+    body = json.dumps({"index_id": index_id, "index_dir": str(ix.resolve()), "search_params": _PARAMS,
+                       "query": {}, "results": []}).encode()
+    return Recorder(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\nX-Alignsearch-Index: " + (named or index_id).encode()
+                    + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+_PARAMS = ["q", "k", "negative", "text_weight", "image_weight", "negative_weight", "sort", "mode", "collapse",
+           "compose", "per_video", "nprobe", "explain", "similar", "min_score"]
+
+
+def _index_id(ix: Path) -> str:
+    from alignsearch.surfaces.client import local_index_id
+
+    return local_index_id(ix)
+
+
+def _server_record(ix: Path, server: Recorder, **extra) -> bytes:
+    """A record as `serve` writes it, naming the fake server."""
+    return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "host": "127.0.0.1",
+                       "port": server.port, "url": f"http://127.0.0.1:{server.port}", "token": "t",
+                       "index_id": _index_id(ix), "index_dir": str(ix.resolve()), "search_params": _PARAMS,
+                       **extra}).encode()
+
+
+@pytest.fixture
+def record_ix(tmp_path):
+    """An index (its folder this user's, 0755), a fake server for it, and its record kept elsewhere."""
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    os.chmod(ix, 0o755)
+    server = _fake_server(ix)
+    theirs = tmp_path / "elsewhere" / "record.json"
+    theirs.parent.mkdir()
+    theirs.write_bytes(_server_record(ix, server))
+    yield ix, server, theirs
+    server.close()
+
+
+def _routed(ix: Path):
+    """search_via_server for a text query: (answer, the notices said)."""
+    from alignsearch.search.request import build
+    from alignsearch.surfaces.client import search_via_server
+
+    notes: list[str] = []
+    return search_via_server(ix, build(text="a dog", k=3), notice=notes.append).answer, notes
+
+
+def _place(record: bytes, path: Path) -> None:
+    path.write_bytes(record)
+    os.chmod(path, 0o600)
+
+
+def _refused(ix: Path, server: Recorder, why: str) -> None:
+    answer, notes = _routed(ix)
+    assert answer is None and server.received == [], server.received  # not a byte sent to it
+    assert len(notes) == 1 and why in notes[0] and "searching locally" in notes[0], notes
+
+
+def test_a_record_of_this_users_own_is_used_without_asking_api_info_first(record_ix):
+    ix, server, theirs = record_ix
+    _place(theirs.read_bytes(), ix / "server.json")
+    answer, notes = _routed(ix)
+    assert answer == {"index_id": _index_id(ix), "index_dir": str(ix.resolve()), "search_params": _PARAMS,
+                      "query": {}, "results": []} and notes == []
+    # one round trip: the query itself (the previous code asked GET /api/info before every query)
+    assert len(server.received) == 1 and server.received[0].startswith(b"GET /api/search?"), server.received
+
+
+def test_an_answer_that_names_another_index_is_not_taken(record_ix):
+    ix, _, _ = record_ix
+    other = _fake_server(ix, named="another-index-id")
+    try:
+        _place(_server_record(ix, other), ix / "server.json")
+        answer, notes = _routed(ix)
+        assert answer is None and len(other.received) == 1
+        assert len(notes) == 1 and "searched another index (another-index-id)" in notes[0], notes
+    finally:
+        other.close()
+
+
+def test_a_symlinked_server_record_is_not_followed(record_ix):
+    """server.json a symlink to another server's record (any user who can write the target, or who placed
+    the link): the client must not send the token and queries there."""
+    ix, server, theirs = record_ix
+    (ix / "server.json").symlink_to(theirs)
+    _refused(ix, server, "symbolic link")
+    (ix / "server.json").unlink()
+    (ix / "server.json").symlink_to(theirs.parent)  # a symlinked folder is no record either
+    _refused(ix, server, "symbolic link")
+
+
+def test_a_record_in_a_folder_every_user_can_write_is_not_used(record_ix):
+    ix, server, theirs = record_ix
+    _place(theirs.read_bytes(), ix / "server.json")
+    os.chmod(ix, 0o777)  # any user could have put it there (or renamed theirs over it)
+    _refused(ix, server, "writable by every user")
+    os.chmod(ix, 0o755)
+    os.chmod(ix / "server.json", 0o622)  # any user could have rewritten it
+    _refused(ix, server, "server.json is writable by every user")
+
+
+@needs_root
+def test_a_record_another_user_could_write_is_not_used(record_ix):
+    ix, server, theirs = record_ix
+    _place(theirs.read_bytes(), ix / "server.json")
+    os.chown(ix, os.geteuid(), 12345)  # the folder writable by a group that is not this user's own
+    os.chmod(ix, 0o775)
+    _refused(ix, server, "writable by its group (gid 12345)")
+    os.chmod(ix, 0o755)
+    os.chown(ix / "server.json", NOBODY, NOBODY)  # the record another user's
+    _refused(ix, server, "belongs to another user")
+    os.chown(ix / "server.json", os.geteuid(), os.getegid())
+    os.chown(ix, NOBODY, NOBODY)  # the folder another user's: they can replace the record at will
+    _refused(ix, server, "belongs to another user")
+
+
+def test_the_private_record_is_checked_alike(record_ix, tmp_path, monkeypatch):
+    from alignsearch.storage.paths import private_record
+
+    ix, server, theirs = record_ix
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    private = private_record(ix)
+    private.parent.mkdir(mode=0o700)
+    private.symlink_to(theirs)
+    _refused(ix, server, "symbolic link")
+    private.unlink()
+    _place(theirs.read_bytes(), private)
+    os.chmod(private.parent, 0o777)
+    _refused(ix, server, "writable by every user")
+    os.chmod(private.parent, 0o700)
+    assert _routed(ix)[0] is not None and len(server.received) == 1  # private again: used
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"\0\1garbage", "unreadable"), (b"[1, 2]", "unreadable"), (b"", "unreadable"),
+    (None, "larger than 65536 bytes"),  # a valid record, padded past any record's size
+])
+def test_a_garbage_or_oversized_record_is_not_used(record_ix, content, why):
+    ix, server, theirs = record_ix
+    _place(content if content is not None else _server_record(ix, server, pad="x" * 70_000), ix / "server.json")
+    _refused(ix, server, why)
+
+
+def test_a_fifo_record_does_not_hang_the_client(record_ix):
+    ix, server, _ = record_ix
+    os.mkfifo(ix / "server.json", 0o600)
+    code = ("import sys; from pathlib import Path; from alignsearch.search.request import build; "
+            "from alignsearch.surfaces.client import search_via_server; "
+            "assert search_via_server(Path(sys.argv[1]), build(text='a dog')).answer is None")
+    proc = subprocess.run([sys.executable, "-c", code, str(ix)], capture_output=True, text=True, timeout=60,
+                          check=False)  # the previous code blocked in read_text() until a writer came
+    assert proc.returncode == 0 and "fifo" in proc.stderr and server.received == [], proc.stderr
+
+
+# -- the export cache's records: not through a symlink, never another export's ----------------------------
+def _model(version: int) -> dict:
+    return {"fingerprint": "f" * 32, "content_digest": "c" * 32, "spec": {"size": 289}, "export_version": version,
+            "model": "tiny", "dim": 8, "max_length": 16, "temperature": 1.0}
+
+
+def _entry(version: int, key: str) -> dict:
+    return {"size": 10 + version, "mtime_ns": version, "sha256": f"{version}-{key}"}
+
+
+def test_a_symlinked_cache_record_is_taken_for_missing(tmp_path):
+    from alignsearch.encoders import records
+
+    folder = tmp_path / "onnx" / "model"
+    folder.mkdir(parents=True)
+    writer = records.Writer(folder, _model(7))
+    writer.file("text-fp32", _entry(7, "text-fp32"), {})
+    writer.file("vision-fp32", _entry(7, "vision-fp32"), {})
+    assert set(records.read(folder)["files"]) == {"text-fp32", "vision-fp32"}
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    (crafted / "vision.json").write_text(json.dumps({"entry": {"size": 1, "mtime_ns": 1, "sha256": "evil"}}))
+    (folder / "records" / "file-vision-fp32.json").unlink()
+    (folder / "records" / "file-vision-fp32.json").symlink_to(crafted / "vision.json")
+    manifest = records.read(folder)
+    assert set(manifest["files"]) == {"text-fp32"}, manifest["files"]  # the tower is exported again
+    (crafted / "model.json").write_text(json.dumps({**_model(7), "fingerprint": "e" * 32}))
+    (folder / "records" / "model.json").unlink()
+    (folder / "records" / "model.json").symlink_to(crafted / "model.json")
+    assert records.read(folder) is None  # no manifest: everything exported again
+    # and the next write replaces the links, never writing through them
+    records.Writer(folder, _model(7)).file("text-fp32", _entry(7, "text-fp32"), {})
+    assert not (folder / "records" / "model.json").is_symlink()
+    assert json.loads((crafted / "model.json").read_text())["fingerprint"] == "e" * 32
+    (folder / "records" / "file-big.json").write_text(json.dumps({"entry": {"pad": "x" * (5 << 20)}}))
+    assert "big" not in records.read(folder)["files"]  # larger than any record: not read whole
+
+
+@pytest.mark.slow
+def test_a_symlinked_tower_record_is_exported_again(exported, tiny_model, tmp_path):
+    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders.model import Encoder
+
+    cache, info = exported
+    record = _model_folder(cache) / "records" / "file-text-fp32.json"
+    shutil.copy(record, tmp_path / "copy.json")  # the very record, but reached through a link
+    record.unlink()
+    record.symlink_to(tmp_path / "copy.json")
+    assert onnxrun.text_encoder(info) is None  # a cold text query does not run the tower it describes
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    assert enc.plan.backend == "onnx" and not record.is_symlink()  # exported and recorded again
+    assert onnxrun.text_encoder(info) is not None
+
+
+def _write_version(folder, version: int, barrier, first: bool) -> None:
+    """One process's export: its records under model.json, the file records after the other has begun."""
+    from alignsearch.encoders import records
+
+    writer = records.Writer(folder, _model(version))
+    if first:
+        writer.speed("machine", {"onnx": 1.0})  # model.json of this version
+        barrier.wait()
+        barrier.wait()  # meanwhile the other version cleared these records and wrote its model.json
+        for key in ("text-fp32", "vision-fp32", "tokenizer"):
+            writer.file(key, _entry(version, key), {})
+    else:
+        barrier.wait()
+        writer.file("tokenizer", _entry(version, "tokenizer"), {})
+        barrier.wait()
+        writer.file("vision-fp32", _entry(version, "vision-fp32"), {})
+    for round_ in range(30):  # then both at once, each round its own export run
+        writer = records.Writer(folder, _model(version))
+        for key in ("text-fp32", "vision-fp32", "tokenizer"):
+            writer.file(key, _entry(version, key), {})
+
+
+def _consistent(manifest: dict | None) -> None:
+    if manifest is None:
+        return  # no manifest: exported again
+    version = manifest["export_version"]
+    assert all(entry == _entry(version, key) for key, entry in manifest["files"].items()), manifest
+
+
+def test_two_export_versions_writing_at_once_never_leave_a_mix_that_is_trusted(tmp_path):
+    import multiprocessing
+
+    from alignsearch.encoders import records
+
+    folder = tmp_path / "onnx" / "model"
+    folder.mkdir(parents=True)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2, timeout=60)
+    first = ctx.Process(target=_write_version, args=(folder, 1, barrier, True))
+    second = ctx.Process(target=_write_version, args=(folder, 2, barrier, False))
+    first.start()
+    second.start()
+    seen = 0
+    while first.is_alive() or second.is_alive():  # read while they write, as a query would
+        _consistent(records.read(folder))
+        seen += 1
+    first.join()
+    second.join()
+    assert (first.exitcode, second.exitcode) == (0, 0) and seen > 0
+    _consistent(records.read(folder))

@@ -10,6 +10,13 @@ neither needs a lock nor a merge, and a crash leaves every record whole (the old
 
 read() assembles them into one dict of the shape the single manifest.json had before; a folder that still
 holds only that older manifest.json is read as it is, and converted to records on the next write.
+
+Each record names the export it belongs to (OF: a digest of model.json's IDENTITY), and read() takes only
+those of model.json's: two processes of different export versions writing into one folder at once (one
+clears the other's records and writes its model.json, the other, already past that, goes on writing its
+own) leave records of the other version that are skipped (their artefacts made again), never taken for
+this one's. A record is read as a regular file, never through a symlink, of a bounded size (safeopen):
+one that is not (or not JSON) is taken for missing, and its artefact made again.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 import logging
 from pathlib import Path
 
-from alignsearch import atomic
+from alignsearch import atomic, safeopen
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,8 @@ MODEL = "model.json"
 IDENTITY = ("fingerprint", "content_digest", "spec", "export_version")
 MODEL_KEYS = IDENTITY + ("model", "dim", "max_length", "temperature")
 MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
+MAX_RECORD_BYTES = 4 << 20  # a tower's probes are tens of KB; a larger file is not a record
+OF = "of"  # the key naming, in every record but model.json, the export it belongs to (of_export)
 # What using a damaged manifest's values raises (a key missing, a value of another type or shape): readers
 # take such a manifest for no export at all, and the full load exports again.
 DAMAGED = (LookupError, TypeError, ValueError, AttributeError)
@@ -47,10 +56,17 @@ def _at(record) -> int:
     return at if isinstance(at, int) else 0
 
 
+def of_export(model: dict) -> str:
+    """The digest of an export's identity, which its records carry under OF."""
+    return _digest(json.dumps([model.get(k) for k in IDENTITY], sort_keys=True, default=str))
+
+
 def _load(path: Path):
+    """The JSON in the regular file at path (not a symlink, at most MAX_RECORD_BYTES), else None."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = safeopen.read_fd(safeopen.open_regular(path, follow=False), MAX_RECORD_BYTES)
+        return json.loads(data) if len(data) <= MAX_RECORD_BYTES else None
+    except (OSError, ValueError, safeopen.Refused):
         return None
 
 
@@ -64,11 +80,13 @@ def read(folder: Path) -> dict | None:
         return legacy if isinstance(legacy, dict) else None
     manifest = {**{k: model[k] for k in MODEL_KEYS if k in model}, "files": {}, "probes": {}, "rejected": {},
                 "vision_speed": {}, "checkpoints": []}
-    stamps = []
+    stamps, of = [], of_export(model)
     for path in sorted((folder / FOLDER).glob("*.json")):
         record = _load(path)
-        if not isinstance(record, dict):
-            continue  # a damaged record: its artefact is made again
+        # a damaged record, or another export's: its artefact is made again. One without OF was written before
+        # records named their export (only an older version writes such): taken, as that version did
+        if not isinstance(record, dict) or record.get(OF, of) != of:
+            continue
         kind, _, key = path.stem.partition("-")
         if kind == "file" and isinstance(record.get("entry"), dict):
             manifest["files"][key] = record["entry"]
@@ -105,9 +123,12 @@ class Writer:
     def __init__(self, folder: Path, model: dict):
         self.folder = Path(folder)
         self.model = {k: model[k] for k in MODEL_KEYS}
+        self._of = of_export(self.model)
         self._ready = False
 
     def _put(self, name: str, record: dict) -> None:
+        if name != MODEL:
+            record = {**record, OF: self._of}
         atomic.write_bytes(self.folder / FOLDER / name, json.dumps(record, indent=1).encode(), durable=False)
 
     def _prepare(self) -> None:

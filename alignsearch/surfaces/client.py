@@ -1,11 +1,15 @@
 """The CLI's side of the warm server: send a query to `alignsearch serve` when it runs for this index.
 
 The server record (.alignsearch/server.json, mode 0600) names the process, the host it was written on,
-the address, the token and the index id. A record is used only when it was written on this host, its
-process is alive, and the server it names proves on contact (GET /api/info with the token) that it
-serves this very index: the same index id, in the same directory. Otherwise the caller searches
-locally, after one `notice:` line saying why (a copied index, a server killed with -9, a record from
-another machine...).
+the address, the token, the index id and folder, and what /api/search takes. A record is read only as this
+user alone could have written it: not through a symlink, not owned by another user, in a folder no other
+user can write (paths.untrusted, the rule of index discovery and of the model cache), and of a record's
+size. It is used only when it was written on this host, its process is alive, and the server it names
+serves this very index: the same index id, in the same directory. A query proves that with its own
+answer, which names the index it was searched in (INDEX_HEADER): no round trip before it (GET /api/info
+is asked only of a server whose record predates the header, and by verified_server). Otherwise the caller
+searches locally, after one `notice:` line saying why (a copied index, a server killed with -9, a record
+from another machine, a record another user could have written...).
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlencode
 from urllib.request import ProxyHandler, Request, build_opener
 
+from alignsearch import safeopen
 from alignsearch.errors import BadInputError
 from alignsearch.search.request import SearchRequest, to_params
-from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record
+from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted
 
 CONTACT_TIMEOUT = 2.0
+MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; more is not one `serve` wrote
+# The response header in which /api/search names the index it searched (its index id): the answer to a
+# query proves which server gave it, so no GET /api/info is needed before it.
+INDEX_HEADER = "X-Alignsearch-Index"
 # The server is on this machine: never through a proxy. urlopen honours http_proxy even for 127.0.0.1
 # (no_proxy is rarely set), and the proxy would receive the token and the query.
 _OPENER = build_opener(ProxyHandler({}))
@@ -55,16 +64,53 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class RecordRefused(Exception):
+    """A server record that is not used: why, in words."""
+
+
+def read_record(path: Path) -> dict:
+    """The server record at path, read only as this user alone could have written it: the file itself, not
+    a symlink's target, a regular file (safeopen), neither it nor its folder writable by another user
+    (paths.untrusted), at most MAX_RECORD_BYTES of a JSON object. The folder is checked once the file is
+    open: a folder only this user can write holds the very file opened. Raises FileNotFoundError where
+    there is none, RecordRefused otherwise."""
+    try:
+        fd = safeopen.open_regular(path, follow=False)
+    except safeopen.Refused as exc:
+        raise RecordRefused(str(exc)) from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RecordRefused(f"unreadable ({exc.strerror or exc})") from None
+    try:
+        why = untrusted(path.parent) or untrusted(path)
+    except OSError as exc:
+        why = f"it cannot be checked ({exc.strerror or exc})"
+    if why:
+        os.close(fd)
+        raise RecordRefused(why)
+    data = safeopen.read_fd(fd, MAX_RECORD_BYTES)
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordRefused(f"larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        record = json.loads(data)
+    except ValueError:
+        raise RecordRefused("unreadable (not JSON)") from None
+    if not isinstance(record, dict):
+        raise RecordRefused("unreadable (not a JSON object)")
+    return record
+
+
 def _remove_stale(path: Path, record: dict) -> bool:
     """Remove the record of a server whose process is gone (killed with -9, a crash), so the notice is said
     once, not on every query. Only while the file still holds that very record (a server started since wrote
     its own) and its process is still gone; an index this user cannot write keeps it. True when removed."""
     try:
-        if json.loads(path.read_text()) != record or _alive(int(record["pid"])):
+        if read_record(path) != record or _alive(int(record["pid"])):
             return False
         path.unlink()
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, RecordRefused, ValueError, KeyError, TypeError):
         return False
 
 
@@ -75,33 +121,56 @@ def _same_dir(a: str, b: Path) -> bool:
         return False
 
 
-def _request(record: dict, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30.0):
+def _exchange(record: dict, path: str, data: bytes | None = None, headers: dict | None = None,
+              timeout: float = 30.0) -> tuple[dict, str | None]:
+    """The JSON answer to one request, and the index it names (INDEX_HEADER; None from an older server)."""
     headers = dict(headers or {})
     if record.get("token"):
         headers["Authorization"] = f"Bearer {record['token']}"
     request = Request(f"{record['url']}{path}", data=data, headers=headers, method="POST" if data is not None else "GET")
     with _OPENER.open(request, timeout=timeout) as response:
-        return json.loads(response.read())
+        return json.loads(response.read()), response.headers.get(INDEX_HEADER)
+
+
+def _request(record: dict, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30.0):
+    return _exchange(record, path, data, headers, timeout)[0]
 
 
 def verified_server(index_dir: Path, notice: Callable[[str], None] = _stderr) -> dict | None:
     """The record of a server that proves it serves index_dir, or None (with a notice when a record was
     there but could not be used). The index's own record first, then this user's private one (written by
-    `serve` for an index it may not write: read-only, or another user's)."""
+    `serve` for an index it may not write: read-only, or another user's). Asks the server (GET /api/info):
+    for `serve`, which must know whether one answers there now."""
+    return _found(index_dir, notice, contact=True)
+
+
+def _found(index_dir: Path, notice: Callable[[str], None], contact: bool) -> dict | None:
     for path in (index_dir / SERVER_FILE, private_record(index_dir)):
-        record = _verified(index_dir, path, notice)
+        record = _verified(index_dir, path, notice, contact)
         if record is not None:
             return record
     return None
 
 
-def _verified(index_dir: Path, path: Path, notice: Callable[[str], None]) -> dict | None:
+def serves(claimed_id: object, claimed_dir: object, index_dir: Path) -> bool:
+    """Does a server that claims this index id and folder (its record, its /api/info) serve index_dir?"""
+    return claimed_id == local_index_id(index_dir) and _same_dir(str(claimed_dir), index_dir)
+
+
+def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contact: bool) -> dict | None:
+    """The record at path when it names a live server of index_dir on this host, else None (a notice when
+    there was one). contact: the server proves it on GET /api/info; else (a query, whose answer proves it)
+    the record's own index id and folder are taken, unless the record predates `search_params` (an older
+    server, whose answers name no index: asked as before)."""
     try:
-        record = json.loads(path.read_text())
+        record = read_record(path)
         pid, url = int(record["pid"]), str(record["url"])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except RecordRefused as exc:
+        notice(f"notice: ignoring the server record {path}: {exc}; searching locally")
+        return None
+    except (ValueError, KeyError, TypeError):
         notice(f"notice: ignoring the unreadable server record {path}; searching locally")
         return None
     if record.get("hostname") != socket.gethostname():
@@ -113,17 +182,24 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None]) -> dic
         notice(f"notice: the server recorded in {path} is not running (process {pid} is gone); searching locally"
                + ("; the stale record was removed" if removed else ""))
         return None
-    try:
-        info = _request(record, "/api/info", timeout=CONTACT_TIMEOUT)
-    except (HTTPError, URLError, OSError, ValueError) as exc:
-        notice(f"notice: the server at {url} did not answer ({getattr(exc, 'code', None) or exc}); searching locally")
-        return None
-    if info.get("index_id") != local_index_id(index_dir) or not _same_dir(str(info.get("index_dir")), index_dir):
-        notice(f"notice: the server at {url} serves another index ({info.get('index_dir')}), not {index_dir} "
+    if not contact and isinstance(record.get("search_params"), list):
+        claimed = record
+    else:
+        try:
+            claimed = _request(record, "/api/info", timeout=CONTACT_TIMEOUT)
+        except (HTTPError, URLError, OSError, ValueError) as exc:
+            notice(_silent(url, exc))
+            return None
+    if not serves(claimed.get("index_id"), claimed.get("index_dir"), index_dir):
+        notice(f"notice: the server at {url} serves another index ({claimed.get('index_dir')}), not {index_dir} "
                "(a copy?); searching locally")
         return None
-    record = {**record, "search_params": info.get("search_params")}  # what its /api/search takes
-    return record
+    # what its /api/search takes; contacted: it answered /api/info, else its answer must name this index
+    return {**record, "search_params": claimed.get("search_params"), "contacted": claimed is not record}
+
+
+def _silent(url: str, exc: Exception) -> str:
+    return f"notice: the server at {url} did not answer ({getattr(exc, 'code', None) or exc}); searching locally"
 
 
 # What GET /api/search took before servers listed their parameters in /api/info.
@@ -146,7 +222,7 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
     an image POST /api/search with the image's bytes as the form's file and the parameters in the URL. No
     answer (Routed.answer None) when no verified server runs or it cannot take the request; the caller then
     loads the engine itself. A query the server rejects raises BadInputError with its message."""
-    record = verified_server(index_dir, notice)
+    record = _found(index_dir, notice, contact=False)
     if record is None:
         return Routed(None, "no server runs for this index")
     params = to_params(request)
@@ -158,20 +234,34 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         why = f"the server at {record['url']} does not take {', '.join(unknown)} (an older version)"
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
+    asked = not record["contacted"]  # this answer is the first word from it: it must name this index
     try:
         if request.image is None:
-            return Routed(_request(record, f"/api/search?{urlencode(params)}", timeout=timeout))
-        image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
-        boundary = uuid.uuid4().hex
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()
-        return Routed(_request(record, f"/api/search?{urlencode(params)}", body,
-                               {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout))
+            answer, named = _exchange(record, f"/api/search?{urlencode(params)}", timeout=timeout)
+        else:
+            image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
+            boundary = uuid.uuid4().hex
+            body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()
+            answer, named = _exchange(record, f"/api/search?{urlencode(params)}", body,
+                                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout)
     except HTTPError as exc:
+        # A query refused is refused by the rules every surface shares (querycheck): the same error as here
         if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
             raise BadInputError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+        if asked and exc.code == 401:  # the token refused: whatever listens there is not the recorded server
+            notice(_silent(record["url"], exc))
+            return Routed(None, f"the server did not answer ({exc.code})")
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
         return Routed(None, f"the server answered {exc.code}")
     except (URLError, OSError, ValueError) as exc:
+        if asked:
+            notice(_silent(record["url"], exc))
+            return Routed(None, f"the server did not answer ({exc})")
         notice(f"notice: the server at {record['url']} failed ({exc}); searching locally")
         return Routed(None, f"the server failed ({exc})")
+    if asked and (named or None) != record.get("index_id"):
+        why = f"the server at {record['url']} searched another index ({named}), not {index_dir}"
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
+    return Routed(answer)

@@ -57,6 +57,7 @@ from alignsearch.search import request as search_request
 from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
+from alignsearch.surfaces.client import INDEX_HEADER
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
@@ -732,19 +733,21 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         return await run_in_threadpool(library.info)
 
     @app.get("/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, tags=["search"], **api)
-    async def search_get(params: Annotated[SearchParams, Query()]):
+    async def search_get(params: Annotated[SearchParams, Query()], response: Response):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
+        response.headers[INDEX_HEADER] = library.index_id or ""  # the CLI checks the answer is of its index
         return await answer(request_of(params, text=params.q), posted=False)
 
     @app.post("/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, tags=["search"], **api)
     async def search_post(request: Request, in_url: Annotated[SearchParams, Query()],
-                          form: Annotated[SearchForm, Form(media_type="multipart/form-data")]):
+                          form: Annotated[SearchForm, Form(media_type="multipart/form-data")], response: Response):
         """Search by an uploaded image, alone or with a text (multipart/form-data). Every parameter of GET is
         taken as a form field or in the URL (once: a value given in both that differs is refused)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
         params = merged(in_url, form)
+        response.headers[INDEX_HEADER] = library.index_id or ""
         data = await form.image.read() if form.image is not None else None
         # an empty q in a form is no text (an image alone), as a browser sends an empty text box
         return await answer(request_of(params, data, text=params.q or None), posted=True)
@@ -923,7 +926,9 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
             index_id = catalog.index_id(conn)
         write_record(record_file, {"pid": pid, "hostname": socket.gethostname(), "host": shown, "port": port,
                                   "url": url, "token": token, "index_id": index_id,
-                                  "index_dir": str(engine.dir.resolve())})
+                                  "index_dir": str(engine.dir.resolve()),
+                                  # what /api/search takes: `query` asks no /api/info first (client.py)
+                                  "search_params": sorted(SearchParams.model_fields)})
         log.info("serving %s on %s", engine.dir, url)
         if ready:
             ready(handle)

@@ -732,3 +732,34 @@ def test_two_export_versions_writing_at_once_never_leave_a_mix_that_is_trusted(t
     second.join()
     assert (first.exitcode, second.exitcode) == (0, 0) and seen > 0
     _consistent(records.read(folder))
+
+
+def test_a_server_leaving_does_not_wait_on_or_follow_what_replaced_its_record(tmp_path):
+    """A FIFO put where the record was would block a plain read forever (the server's exit hangs); a symlink
+    would be followed to another file. remove_record reads as the client does and leaves both alone."""
+    from alignsearch.surfaces.server import remove_record
+
+    fifo = tmp_path / "server.json"
+    os.mkfifo(fifo, 0o600)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (remove_record(fifo, os.getpid()), done.set()), daemon=True)
+    worker.start()
+    assert done.wait(5), "remove_record blocked on a FIFO"
+    assert fifo.exists()
+
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps({"pid": os.getpid()}))
+    link = tmp_path / "linked" / "server.json"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(target)
+    remove_record(link, os.getpid())
+    assert link.is_symlink() and target.exists()
+
+    own = tmp_path / "own" / "server.json"
+    own.parent.mkdir(mode=0o700)
+    own.write_text(json.dumps({"pid": os.getpid()}))
+    own.chmod(0o600)
+    remove_record(own, os.getpid() + 1)  # a later server's record: kept
+    assert own.exists()
+    remove_record(own, os.getpid())
+    assert not own.exists()

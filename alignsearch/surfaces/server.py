@@ -57,7 +57,7 @@ from alignsearch.search import request as search_request
 from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
-from alignsearch.surfaces.client import INDEX_HEADER
+from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
@@ -889,11 +889,12 @@ def write_record(path: Path, record: dict) -> Path:
 
 
 def remove_record(path: Path, pid: int) -> None:
-    """Remove the record if it is still this process's (a later server may have replaced it)."""
+    """Remove the record if it is still this process's (a later server may have replaced it). Read as the
+    client reads it: a FIFO or symlink put in its place is neither waited on nor followed, only left."""
     try:
-        if json.loads(path.read_text()).get("pid") == pid:
+        if read_record(path).get("pid") == pid:
             path.unlink()
-    except (OSError, ValueError, AttributeError):
+    except (OSError, RecordRefused):
         pass
 
 

@@ -5,8 +5,10 @@ SQL, before its limit."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -266,3 +268,21 @@ def test_auto_mode_fuses_a_caption_ranked_behind_a_hundred_file_names(tmp_path):
     hits = engine.search_vector(vector, k=5, text="zanzibar", mode="auto")
     assert hits[0].id == captioned and hits[0].parts["keyword_rank"] == 1  # evidence found, fused
     engine.close()
+
+
+@pytest.mark.slow
+def test_a_stopped_server_is_not_waited_for(served_index):
+    """A server held stopped (Ctrl-Z, SIGSTOP) still accepts connections in the kernel: without a look at its
+    state a query waited out the 30 s search timeout. It searches locally at once and says why."""
+    proc = served_index["proc"]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        out = cli(served_index["ix"], "red car", "-k", "2", "--json")
+        took = time.monotonic() - start
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert out.returncode == 0 and "is stopped" in out.stderr and "searching locally" in out.stderr, out.stderr
+    assert len(json.loads(out.stdout)["results"]) == 2
+    assert took < 25, took  # a local search of a tiny index; the search timeout is 30 s
+    assert cli(served_index["ix"], "red car", "-k", "2", "--json").stderr.count("notice") == 0  # served again

@@ -64,6 +64,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stopped(pid: int) -> bool:
+    """A process held stopped (SIGSTOP, Ctrl-Z, a debugger): its socket still accepts connections in the
+    kernel, so a query sent there would wait out the whole search timeout for an answer that never comes.
+    Linux's /proc says so at once; elsewhere (no /proc) it is taken as running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :][:1] in ("T", "t")  # the state follows the name, which may hold spaces
+
+
 class RecordRefused(Exception):
     """A server record that is not used: why, in words."""
 
@@ -181,6 +192,9 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
         removed = _remove_stale(path, record)
         notice(f"notice: the server recorded in {path} is not running (process {pid} is gone); searching locally"
                + ("; the stale record was removed" if removed else ""))
+        return None
+    if _stopped(pid):
+        notice(f"notice: the server recorded in {path} is stopped (process {pid}); searching locally")
         return None
     if not contact and isinstance(record.get("search_params"), list):
         claimed = record

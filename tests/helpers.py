@@ -550,3 +550,14 @@ def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
     assert info["model"] == (str(copy / "model") if model_moved else expected["info"]["model"])
     for key in ("fingerprint", "dim", "roots", "images", "failed", "index", "tags", "last_run"):
         assert info[key] == expected["info"][key], key
+
+
+def resave_with_other_weights(src, dest, seed: int) -> None:
+    """The checkpoint `src` saved at `dest` with one weight changed: the same model (place) with other weights."""
+    import torch
+    from transformers import AlignModel
+
+    model = AlignModel.from_pretrained(str(src))
+    with torch.no_grad():
+        model.text_projection.weight[0, 0] += 0.01 * (seed + 1)
+    model.save_pretrained(str(dest))

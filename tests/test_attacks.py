@@ -10,12 +10,16 @@ import multiprocessing
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from helpers import FIXTURES, answers_as_recorded
+import pytest
+
+from helpers import FIXTURES, answers_as_recorded, resave_with_other_weights
 from alignsearch.storage import catalog, migrate, state
 
 FORK = multiprocessing.get_context("fork")  # a child is this process at the barrier: no second import of torch
@@ -80,3 +84,83 @@ def test_two_writers_upgrading_an_old_catalog_at_once_apply_each_step_once(tmp_p
         assert state.read(conn).schema_version == migrate.LATEST
     db.dispose()
     answers_as_recorded(copy)
+
+
+# -- 2. the export cache's in-use lock, across processes ------------------------------------------------------------
+
+TOWER_USER = r"""
+import json, sys
+import numpy as np
+from alignsearch.encoders.backend import onnx_dir
+from alignsearch.encoders.model import Encoder
+
+enc = Encoder(sys.argv[1], device="cpu", backend="onnx")
+crops = np.random.default_rng(1).integers(0, 256, (2, *enc.spec.output_size, 3), dtype=np.uint8)
+
+def vectors():
+    return np.concatenate([enc.encode_text(["a dog", "red car"]), enc.encode_crops(crops)])
+
+first = vectors()
+print(json.dumps({"backend": enc.plan.backend, "folder": str(onnx_dir(enc.fingerprint, enc.content_digest))}),
+      flush=True)
+sys.stdin.readline()  # another process re-exports meanwhile
+print(json.dumps({"backend": enc.plan.backend, "change": float(np.abs(vectors() - first).max())}), flush=True)
+"""
+
+REEXPORT = r"""
+import json, sys
+import numpy as np
+from alignsearch.encoders.backend import onnx_dir
+from alignsearch.encoders.model import Encoder
+
+enc = Encoder(sys.argv[1], device="cpu", backend="onnx")
+enc.encode_text(["a dog"])
+enc.encode_crops(np.zeros((1, *enc.spec.output_size, 3), dtype=np.uint8))
+print(json.dumps({"backend": enc.plan.backend, "folder": str(onnx_dir(enc.fingerprint, enc.content_digest))}))
+"""
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_tower_loaded_by_one_process_survives_another_process_superseding_its_export(tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """Process A exports a checkpoint's towers and keeps them loaded; the checkpoint is re-saved with other
+    weights and process B exports those, which supersedes A's folder: B leaves it (A holds it), A's towers
+    answer as before from files that are byte for byte as they were. Once A has exited, the next removal
+    takes the folder."""
+    from alignsearch.encoders import exportcache
+    from alignsearch.encoders.onnxrun import read_manifest
+
+    monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ckpt = Path(shutil.copytree(tiny_model, tmp_path / "ckpt"))
+    a = subprocess.Popen([sys.executable, "-c", TOWER_USER, str(ckpt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        loaded = json.loads(a.stdout.readline() or "null") or pytest.fail(a.stderr.read()[-3000:])
+        held = Path(loaded["folder"])
+        assert loaded["backend"] == "onnx" and held.is_dir()
+        before = _files(held)
+        resave_with_other_weights(tiny_model, ckpt, seed=0)
+        b = subprocess.run([sys.executable, "-c", REEXPORT, str(ckpt)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert b.returncode == 0 and "Traceback" not in b.stderr, b.stderr[-3000:]
+        newer = Path(json.loads(b.stdout)["folder"])
+        assert json.loads(b.stdout)["backend"] == "onnx" and newer != held
+        assert exportcache.superseded(held, read_manifest(newer))  # B would have removed it, but for A
+        assert _files(held) == before
+        out, err = a.communicate("go\n", timeout=120)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert a.returncode == 0 and "Traceback" not in err, err[-3000:]
+    after = json.loads(out)
+    assert after["backend"] == "onnx" and after["change"] < 1e-6, after
+    assert _files(held) == before
+    # A's lock went with it: the next removal takes the folder, and only that one
+    assert [name for name, _ in exportcache.remove_superseded(newer, read_manifest(newer))] == [held.name]
+    assert not held.exists() and newer.is_dir()

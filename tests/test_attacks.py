@@ -164,3 +164,51 @@ def test_a_tower_loaded_by_one_process_survives_another_process_superseding_its_
     # A's lock went with it: the next removal takes the folder, and only that one
     assert [name for name, _ in exportcache.remove_superseded(newer, read_manifest(newer))] == [held.name]
     assert not held.exists() and newer.is_dir()
+
+
+# -- 3. what a removal cut short leaves: `.superseded-*` ------------------------------------------------------------
+
+def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched(exported_cache, tmp_path):
+    """A process killed between renaming a superseded export away and deleting it leaves `.superseded-NAME-XXXX`
+    (exportcache.TRASH), half deleted; the next removal deletes it. It never deletes the live export, nor a
+    `.superseded-*` entry that is a symlink (to a folder holding a canary), one owned by another user or one
+    others may write, nor anything a symlink inside a leftover points at."""
+    from alignsearch.encoders import exportcache
+    from alignsearch.encoders.onnxrun import read_manifest
+
+    (live,) = (exported_cache / "onnx").iterdir()
+    live_files = _files(live)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("must survive")
+    (outside / "sub").mkdir()
+    (outside / "sub" / "canary").write_text("must survive too")
+
+    parent = live.parent
+    # what a killed removal leaves: the old export renamed away, part of it deleted already
+    leftover = parent / f"{exportcache.TRASH}{'0' * 32}-{'1' * 16}-1a2b3c4d"
+    shutil.copytree(live, leftover)
+    (leftover / "vision-fp32.onnx").unlink()
+    (leftover / "escape").symlink_to(outside, target_is_directory=True)
+    (leftover / "records" / "escape").symlink_to(outside / "sub", target_is_directory=True)
+    decoy = parent / f"{exportcache.TRASH}decoy-5e6f7a8b"
+    decoy.symlink_to(outside, target_is_directory=True)
+    shared = parent / f"{exportcache.TRASH}shared-9c0d1e2f"
+    shared.mkdir()
+    (shared / "theirs").write_text("a file in a folder every user may write")
+    shared.chmod(0o777)
+    kept = [decoy, shared]
+    if os.geteuid() == 0:  # only root can give a folder to another user
+        other = parent / f"{exportcache.TRASH}other-3a4b5c6d"
+        other.mkdir()
+        (other / "theirs").write_text("another user's")
+        os.chown(other, 4242, 4242)
+        kept.append(other)
+
+    assert exportcache.remove_superseded(live, read_manifest(live)) == []  # nothing superseded: only leftovers go
+    assert not os.path.lexists(leftover)
+    assert all(os.path.lexists(p) for p in kept)
+    assert decoy.is_symlink() and os.readlink(decoy) == str(outside)
+    assert (outside / "canary").read_text() == "must survive"
+    assert (outside / "sub" / "canary").read_text() == "must survive too"
+    assert (shared / "theirs").exists() and _files(live) == live_files

@@ -212,3 +212,89 @@ def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched
     assert (outside / "canary").read_text() == "must survive"
     assert (outside / "sub" / "canary").read_text() == "must survive too"
     assert (shared / "theirs").exists() and _files(live) == live_files
+
+
+# -- 4. kill -9 at moments of an `index` run the random kills do not reach ------------------------------------------
+
+KILLED_AT = r"""
+import importlib, os, signal, sys
+
+where, when = sys.argv[1], sys.argv[2]  # module:attribute (a function or Class.method), before|after its call
+module, _, name = where.partition(":")
+owner = importlib.import_module(module)
+*outer, attr = name.split(".")
+for part in outer:
+    owner = getattr(owner, part)
+real = getattr(owner, attr)
+
+def killed(*args, **kwargs):
+    if when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(owner, attr, killed)
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""
+
+
+def _killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that kill -9s itself when the run reaches `where` (before or after it)."""
+    return subprocess.run([sys.executable, "-c", KILLED_AT, where, when, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _answers(ix: Path, k: int = 100) -> list[str]:
+    """The paths the index finds for one fixed query vector, best first (flat: exact, so comparable)."""
+    import numpy as np
+
+    import alignsearch
+
+    with alignsearch.open(ix) as engine:
+        query = np.random.default_rng(7).standard_normal(engine.store.dim).astype(np.float32)
+        return [h.path for h in engine.search_vector(query / np.linalg.norm(query), k=k)]
+
+
+def _whole(ix: Path) -> list[str]:
+    """verify's problems (none expected), with the index opened read-only as a query opens it."""
+    from indexer.verify import verify
+
+    return verify(ix, check_model=False).problems
+
+
+MOMENTS = {
+    "new files written, gone ones not yet deleted": ("indexer.phashfill:fill_index", "before"),
+    "gone files deleted, not committed": ("alignsearch.storage.catalog:delete_files", "after"),
+    "ANN index committed, not renamed into place": ("alignsearch.storage.layouts.single:Single.publish", "before"),
+}
+
+
+@pytest.mark.slow
+def test_kill_9_while_an_incremental_run_removes_deleted_files(indexed_images, tmp_path):
+    """An `index` run after three photos were deleted, killed -9 before it deletes their rows, while it deletes
+    them (not committed), and between the ANN index's commit and its rename: each time the index opens, verify
+    finds nothing wrong and queries answer as before the run or as after it, k of them (the catalog's deletion
+    committed before the ANN index followed: the top hits named deleted files, and k=3 answered one); the
+    next run finishes the job."""
+    from conftest import index_json
+
+    root, ix = indexed_images(12)
+    before = _answers(ix)
+    for gone in sorted(root.iterdir())[:3]:
+        gone.unlink()
+    after_ix = Path(shutil.copytree(ix, tmp_path / "uninterrupted"))
+    index_json(after_ix, "--device", "cpu")
+    after = _answers(after_ix)
+    assert len(after) == len(before) - 3
+    problems = {}
+    for moment, (where, when) in MOMENTS.items():
+        copy = Path(shutil.copytree(ix, tmp_path / where.replace(":", "-")))
+        proc = _killed_at(where, when, "index", "--index", copy, "--device", "cpu", "--workers", "0")
+        assert proc.returncode == -9, (moment, proc.stderr[-3000:])  # killed there, not finished nor failed
+        assert _answers(copy) in (before, after), moment
+        assert _answers(copy, k=3) in (before[:3], after[:3]), moment  # no slot taken by a deleted file
+        problems[moment] = _whole(copy)
+        assert index_json(copy, "--device", "cpu")["removed"] in (0, 3)
+        assert _answers(copy) == after and _whole(copy) == [], moment
+    assert problems == {m: [] for m in MOMENTS}, problems

@@ -53,6 +53,7 @@ def _upgrade_after_barrier(db_path: str, barrier, steps_log: str, hold: float, r
         results.put((os.getpid(), "traceback", traceback.format_exc()))
 
 
+@pytest.mark.slow
 def test_two_writers_upgrading_an_old_catalog_at_once_apply_each_step_once(tmp_path):
     """The index an older alignsearch wrote (tests/fixtures/index-v3), its catalog's version set back to the
     first so every step of the ladder is due, opened by two writers released by one barrier: each step is

@@ -217,7 +217,7 @@ def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched
 
 # -- 4. kill -9 at moments of an `index` run the random kills do not reach ------------------------------------------
 
-KILLED_AT = r"""
+KILL_HOOK = r"""
 import importlib, os, signal, sys
 
 where, when = sys.argv[1], sys.argv[2]  # module:attribute (a function or Class.method), before|after its call
@@ -235,6 +235,8 @@ def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 setattr(owner, attr, killed)
+"""
+KILLED_AT = KILL_HOOK + """
 from alignsearch.surfaces.cli import main
 main(sys.argv[3:], prog_name="alignsearch")
 """
@@ -299,3 +301,81 @@ def test_kill_9_while_an_incremental_run_removes_deleted_files(indexed_images, t
         assert index_json(copy, "--device", "cpu")["removed"] in (0, 3)
         assert _answers(copy) == after and _whole(copy) == [], moment
     assert problems == {m: [] for m in MOMENTS}, problems
+
+
+SMALL_IVF = 1000  # vectors from which the layouts' IVF-PQ index is made in these tests (ann.FLAT_BELOW: 10,000)
+
+SWITCHED = KILL_HOOK + """
+import json
+from pathlib import Path
+
+from alignsearch.storage import ann, catalog, vectors
+from alignsearch.storage.paths import DB_FILE, ANN_FILE
+from indexer.build import sync_index
+
+ann.plan_index.__defaults__ = (int(sys.argv[5]),)
+folder = Path(sys.argv[3])
+db = catalog.connect(folder / DB_FILE)
+with db.connect() as conn:
+    store = vectors.load(conn, folder, 16)
+sync_index(db, store, folder / ANN_FILE, **json.loads(sys.argv[4]))
+"""
+
+SWITCHES = {  # from one file to: (the layout, where the writer is killed)
+    "to ondisk, written, not committed": ({"ondisk_shards": 2}, "OnDisk.commit"),
+    "to ondisk, committed, not published": ({"ondisk_shards": 2}, "OnDisk.publish"),
+    "to sharded, committed, not published": ({"index_shards": 2}, "Sharded.publish"),
+}
+
+
+def _finds_itself(folder: Path, ids: list[int]) -> None:
+    import alignsearch
+
+    with alignsearch.open(folder) as engine:
+        assert engine.index.ntotal == 2000
+        for i in ids:
+            hit = engine.search_vector(engine.vector_of(i), k=1)[0]
+            assert hit.id == i and hit.score == pytest.approx(1, abs=2e-2), (i, hit)
+
+
+@pytest.mark.slow
+def test_kill_9_while_the_ann_index_switches_layout(tmp_path, monkeypatch):
+    """An IVF-PQ index in one file switched to lists on disk or to shard files by a writer killed -9 after it
+    wrote the new layout's files and before its commit, or between the commit and the publish: the index
+    opens, verify finds nothing wrong, every query finds its own vector, and the next round completes. (The
+    on-disk layout wrote index.faiss before its commit: queries then refused the one-file index as damaged;
+    shard files committed without their manifest were reported as a lost manifest.)"""
+    from alignsearch.storage import ann, layouts
+    from alignsearch.storage.paths import ANN_FILE
+    from helpers import layout_index
+    from indexer.build import sync_index
+    from indexer.verify import verify
+
+    monkeypatch.setattr(ann.plan_index, "__defaults__", (SMALL_IVF,))
+    db, _, report = layout_index(tmp_path / "single", 2000)
+    db.dispose()
+    assert report["plan"]["kind"] == "ivfpq" and report["layout"] == "memory"
+    problems = {}
+    for moment, (to, where) in SWITCHES.items():
+        folder = Path(shutil.copytree(tmp_path / "single", tmp_path / moment.replace(" ", "-").replace(",", "")))
+        proc = subprocess.run([sys.executable, "-c", SWITCHED, f"alignsearch.storage.layouts:{where}", "before",
+                               str(folder), json.dumps(to), str(SMALL_IVF)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == -9, (moment, proc.stderr[-3000:])
+        problems[moment] = verify(folder, check_model=False).problems
+        try:
+            _finds_itself(folder, [1, 500, 1999])
+        except Exception as exc:  # noqa: BLE001 - one line per moment, all moments reported together
+            problems[moment].append(f"queries: {str(exc).splitlines()[0]}")
+        db = catalog.connect(folder / "catalog.db")  # the next writer's round
+        with db.connect() as conn:
+            from alignsearch.storage import vectors
+
+            store = vectors.load(conn, folder, 16)
+            record = layouts.read_record(conn)
+        layouts.Single(folder, record).finish_publish()
+        sync_index(db, store, folder / ANN_FILE, **to)
+        db.dispose()
+        assert verify(folder, check_model=False).problems == [], moment
+        _finds_itself(folder, [1, 500, 1999])
+    assert problems == {m: [] for m in SWITCHES}, problems

@@ -129,6 +129,13 @@ class Layout(ABC):
                 if not (self.folder / name).exists() or ann.file_digest(self.folder / name) != want]
 
 
+def committed_next(path: Path, digest: str | None) -> bool:
+    """Does path's `.next` file carry the recorded `digest`: committed, not yet renamed over path (a writer
+    killed between the two, whose next run renames it)? Then path's bytes are not damage."""
+    nxt = ann.next_path(path)
+    return digest is not None and nxt.exists() and ann.file_digest(nxt) == digest
+
+
 def drop_lists(folder: Path, keep: Path | None = None) -> None:
     """Remove on-disk lists files other than `keep` (open readers keep their mapping of an unlinked file)."""
     for old in Path(folder).glob(f"lists-*{LISTS_SUFFIX}"):

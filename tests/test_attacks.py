@@ -167,6 +167,66 @@ def test_a_tower_loaded_by_one_process_survives_another_process_superseding_its_
     assert not held.exists() and newer.is_dir()
 
 
+TEXT_TOWER_USER = r"""
+import json, os, sys
+from pathlib import Path
+from alignsearch.encoders.onnxrun import OnnxUnusable, TextEncoder, read_manifest
+
+folder = Path(sys.argv[1])
+manifest = read_manifest(folder)
+try:
+    enc = TextEncoder(folder, manifest, "fp32")
+except OnnxUnusable as why:
+    print(json.dumps({"loaded": False, "why": str(why)}), flush=True)
+    sys.exit(0)
+print(json.dumps({"loaded": True, "locked": enc.tower.in_use is not None, "folder": os.path.isdir(folder)}), flush=True)
+"""
+
+
+def _opened_by(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_a_tower_loaded_while_its_folder_is_being_removed_is_not_used_from_the_removed_folder(exported_cache):
+    """The remover holds a superseded folder's IN_USE lock exclusively while it renames the folder away and
+    deletes it; a process loading a tower from that folder at that moment got no shared lock, went on
+    loading, and ran from a folder deleted under it (held by nobody, so a later export's removal could take
+    the next one too). A loader waits for the remover, then either holds the folder at that name or finds it
+    gone (OnnxUnusable: the caller exports again)."""
+    import gc
+    import uuid
+
+    from alignsearch.encoders import exportcache
+    from alignsearch.encoders.backend import IN_USE, lock_in_use
+
+    (folder,) = (exported_cache / "onnx").iterdir()
+    gc.collect()  # the fixture's encoder, which exported the towers and held them
+    remover = lock_in_use(folder, exclusive=True)  # remove_superseded's first step
+    assert remover is not None
+    loader = subprocess.Popen([sys.executable, "-c", TEXT_TOWER_USER, str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        while not _opened_by(loader.pid, folder / IN_USE) and loader.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        trash = folder.parent / f"{exportcache.TRASH}{folder.name}-{uuid.uuid4().hex[:8]}"  # then as it does
+        os.rename(folder, trash)
+        shutil.rmtree(trash)
+        remover.close()
+        out, err = loader.communicate(timeout=120)
+    finally:
+        remover.close()
+        if loader.poll() is None:
+            loader.kill()
+            loader.wait()
+    assert loader.returncode == 0 and "Traceback" not in err, err[-3000:]
+    got = json.loads(out)
+    assert not got["loaded"] or (got["locked"] and got["folder"]), got
+
+
 # -- 3. what a removal cut short leaves: `.superseded-*` ------------------------------------------------------------
 
 def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched(exported_cache, tmp_path):

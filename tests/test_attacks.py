@@ -439,3 +439,27 @@ def test_kill_9_while_the_ann_index_switches_layout(tmp_path, monkeypatch):
         assert verify(folder, check_model=False).problems == [], moment
         _finds_itself(folder, [1, 500, 1999])
     assert problems == {m: [] for m in SWITCHES}, problems
+
+
+@pytest.mark.slow
+def test_kill_9_while_forget_drops_a_root(indexed_images, tmp_path):
+    """`alignsearch forget ROOT` killed -9 after it deleted the root's rows and before the ANN index followed:
+    queries answered fewer than k (the top hits named the forgotten files) and verify called the ANN index
+    wrong. The rows now leave in the ANN index's commit: the index answers as before or after, k of them."""
+    from conftest import index_json, make_images, run
+
+    root, ix = indexed_images(12)
+    other = make_images(tmp_path / "other", 6, seed=5)[0].parent
+    index_json(ix, other, "--device", "cpu")
+    before = _answers(ix)
+    after_ix = Path(shutil.copytree(ix, tmp_path / "uninterrupted"))
+    run("forget", other, "--index", after_ix)
+    after = _answers(after_ix)
+    assert len(after) == len(before) - 6
+    proc = _killed_at("indexer.build:sync_index", "before", "forget", other, "--index", ix)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert _answers(ix) in (before, after)
+    assert _answers(ix, k=3) in (before[:3], after[:3])
+    assert _whole(ix) == []
+    run("forget", other, "--index", ix)
+    assert _answers(ix) == after and _whole(ix) == []

@@ -357,9 +357,11 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
 
     say("finishing: removing gone files, filling hashes and photo fields, building the ANN index, "
         "preparing text queries")
-    # Gone files leave only after the new paths were written, so moved content could reuse their vectors.
-    with db.begin() as conn:
-        catalog.delete_files(conn, [r.id for r in removed])
+    # Gone files leave only after the new paths were written, so moved content could reuse their vectors, and
+    # in the transaction that commits the ANN index without them (sync_index below): a run killed before
+    # leaves catalog and ANN index as they were (a catalog ahead of its ANN index answered fewer than k: the
+    # top hits named files no longer in it)
+    gone_ids = [r.id for r in removed]
     times.extra["phashes_filled"] = phashfill.fill_index(db, workers)
     times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
     summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
@@ -372,8 +374,6 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         times.ocr += seconds
         times.extra["ocr_filled"] = filled
         summary.ocr["read"] += filled
-    with db.connect() as conn:
-        summary.ocr["with_text"] = catalog.count_with_text(conn)
     # Each file counted once: failed (new or changed, it could not be used), else updated (changed), moved
     # (new path, content of a gone file), or added.
     summary.moved = len(set(moved_in))
@@ -383,7 +383,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     summary.added = len(todo) - len(scanned.changed) - len(failed_now - scanned.changed) - summary.moved
     summary.reused = times.reused
     built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards,
-                             index_shards=opts.index_shards)
+                             index_shards=opts.index_shards, live=_live_without(db, gone_ids) if gone_ids else None,
+                             on_commit=lambda conn: catalog.delete_files(conn, gone_ids))
+    with db.connect() as conn:
+        summary.ocr["with_text"] = catalog.count_with_text(conn)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
     # After encoding (a failed ONNX export has switched the plan to torch), before tagging (whose text export
@@ -402,6 +405,16 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             state.write(conn, encoder=summary.encoder)  # what `info` reports
         state.write(conn, index_run=None)
     return summary
+
+
+def _live_without(db, ids: list[int]):
+    """The catalog's (file id, vector row) pairs less these files and their videos' other moments: what the ANN
+    index holds once their deletion commits with it."""
+    import numpy as np
+
+    with db.connect() as conn:
+        gone = set(catalog.with_moments(conn, ids))
+        return np.array([p for p in catalog.live_vectors(conn) if p[0] not in gone], dtype=np.int64).reshape(-1, 2)
 
 
 def _gpu_decode(opts: IndexOptions, encoder: Encoder) -> str | None:

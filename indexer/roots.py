@@ -215,27 +215,34 @@ def match(root: str, roots: list[str]) -> str | None:
     return next((r for r in roots if r in candidates), None)
 
 
-def forget(db, root: str) -> tuple[str, int]:
-    """Drop a root and its rows from the catalog (the caller syncs the ANN index); returns (root, files)."""
-    with db.begin() as conn:
-        recorded = state.read(conn).roots
-        roots = list(recorded.roots)
-        name = match(root, roots)
-        if name is None:
-            listed = ", ".join(roots) or "none"
-            raise BadInputError(f"{root} is not a root of this index (its roots: {listed}); see `alignsearch roots`")
-        removed = delete_root(conn, name)
-        state.write(conn, roots=state.RootsState(
-            roots=tuple(r for r in roots if r != name),
-            options={r: o for r, o in recorded.options.items() if r != name},
-            list_columns={r: c for r, c in recorded.list_columns.items() if r != name},
-            listing_errors={r: e for r, e in recorded.listing_errors.items() if r != name}))
+def forget(conn, root: str) -> tuple[str, int]:
+    """Drop a root and its rows from the catalog, in the caller's transaction (forget_root: the ANN index's
+    commit); returns (root, files)."""
+    recorded = state.read(conn).roots
+    roots = list(recorded.roots)
+    name = known_root(root, roots)
+    removed = delete_root(conn, name)
+    state.write(conn, roots=state.RootsState(
+        roots=tuple(r for r in roots if r != name),
+        options={r: o for r, o in recorded.options.items() if r != name},
+        list_columns={r: c for r, c in recorded.list_columns.items() if r != name},
+        listing_errors={r: e for r, e in recorded.listing_errors.items() if r != name}))
     return name, removed
 
 
+def known_root(root: str, roots: list[str]) -> str:
+    """The root of `roots` that `root` names; BadInputError if none."""
+    name = match(root, roots)
+    if name is None:
+        listed = ", ".join(roots) or "none"
+        raise BadInputError(f"{root} is not a root of this index (its roots: {listed}); see `alignsearch roots`")
+    return name
+
+
 def forget_root(index_dir, root: str) -> dict:
-    """`alignsearch forget ROOT`: drop the root's rows from the catalog, then bring the ANN index in line
-    (one writer at a time). Works when the root's folder is gone."""
+    """`alignsearch forget ROOT`: drop the root's rows from the catalog in the transaction that commits the ANN
+    index without them (one writer at a time; a run killed before leaves both as they were: a catalog ahead
+    of its ANN index answered fewer than k). Works when the root's folder is gone."""
     from alignsearch.storage import vectors
     from alignsearch.storage.paths import ANN_FILE, DB_FILE
     from indexer import build
@@ -245,14 +252,33 @@ def forget_root(index_dir, root: str) -> dict:
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)
         try:
-            name, removed = forget(db, root)
             with db.connect() as conn:
-                model = state.read(conn).model
-                store = vectors.load(conn, out, model.dim) if model else None
-            built = build.sync_index(db, store, out / ANN_FILE) if store is not None else {}
+                st = state.read(conn)
+                name = known_root(root, list(st.roots.roots))
+                store = vectors.load(conn, out, st.model.dim) if st.model else None
+                live = _live_outside(conn, name)
+            done = []
+            if store is None:
+                with db.begin() as conn:
+                    done.append(forget(conn, name))
+                built = {}
+            else:
+                built = build.sync_index(db, store, out / ANN_FILE, live=live,
+                                         on_commit=lambda conn: done.append(forget(conn, name)))
         finally:
             db.dispose()
+    name, removed = done[0]
     return {"root": name, "files": removed, "vectors": built.get("vectors")}
+
+
+def _live_outside(conn: Connection, root: str):
+    """(file id, vector row) of every indexed file of the other roots: the ANN index once `root` is forgotten."""
+    import numpy as np
+
+    files = catalog.files
+    rows = conn.execute(select(files.c.id, files.c.vec_row).where(files.c.status == catalog.INDEXED,
+                                                                   files.c.root != root).order_by(files.c.id)).all()
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 # Catalog queries on roots (the tables are alignsearch/storage/catalog.py's).

@@ -518,3 +518,46 @@ def decode_growth(path) -> tuple[int, int, int]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     width, height, growth = proc.stdout.split()
     return int(width), int(height), int(growth)
+
+
+# -- the index an older alignsearch wrote (tests/fixtures/index-v3: test_state.py, test_attacks.py) ----------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+V3_EXPECTED = json.loads((FIXTURES / "index-v3.json").read_text())
+_FLOATS = ("score", "similarity")
+
+
+def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
+    """Every query of index-v3.json answers what 590b6d4 answered: the same ids, paths and fields, scores
+    within 1e-6; and `info` says the same (model_moved: but for the model's folder, which an `index --model`
+    run remembers at its new place)."""
+    from conftest import run
+
+    expected = V3_EXPECTED
+    build_photos = Path(expected["build_root"]) / "photos"
+    for recorded in expected["answers"]:
+        args = [str(copy / "photos" / Path(a).relative_to(build_photos)) if a.startswith(str(build_photos)) else a
+                for a in recorded["args"]]
+        out = run(*args, "--index", copy / ".alignsearch", "--model", copy / "model", *expected["options"], "--json")
+        got = json.loads(out.output)["results"]
+        assert [(h["id"], h["path"]) for h in got] == [(h["id"], h["path"]) for h in recorded["results"]], args
+        for mine, theirs in zip(got, recorded["results"]):
+            for key in _FLOATS:
+                assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (args, key)
+            assert {k: v for k, v in mine.items() if k not in _FLOATS} == \
+                   {k: v for k, v in theirs.items() if k not in _FLOATS}, args
+    info = json.loads(run("info", "--index", copy / ".alignsearch", "--json").output)
+    assert info["model"] == (str(copy / "model") if model_moved else expected["info"]["model"])
+    for key in ("fingerprint", "dim", "roots", "images", "failed", "index", "tags", "last_run"):
+        assert info[key] == expected["info"][key], key
+
+
+def resave_with_other_weights(src, dest, seed: int) -> None:
+    """The checkpoint `src` saved at `dest` with one weight changed: the same model (place) with other weights."""
+    import torch
+    from transformers import AlignModel
+
+    model = AlignModel.from_pretrained(str(src))
+    with torch.no_grad():
+        model.text_projection.weight[0, 0] += 0.01 * (seed + 1)
+    model.save_pretrained(str(dest))

@@ -13,7 +13,7 @@ from alignsearch.encoders.backend import EncoderOptions, Plan, plan
 from alignsearch.errors import BadInputError
 from alignsearch.encoders.model import Encoder
 from conftest import index_json, make_images, run
-from helpers import alignsearch, can_drop_dac
+from helpers import alignsearch, can_drop_dac, resave_with_other_weights
 from tiny_align import build_tiny_align
 
 TEXTS = ["red car on beach", "a dog", "Ünïcödé façade 東京 🙂", " ".join(["a photo of a big dog on the road"] * 20)]
@@ -523,17 +523,6 @@ def test_the_content_digest_does_not_depend_on_whether_the_tokenizer_has_run(tin
 
 
 # -- issue 24 #8: the export cache's size, and what a re-export supersedes --------------------------------------------
-def _resave_with_other_weights(src, dest, seed: int) -> None:
-    """The checkpoint `src` saved at `dest` with one weight changed: the same model (place) with other weights."""
-    import torch
-    from transformers import AlignModel
-
-    model = AlignModel.from_pretrained(str(src))
-    with torch.no_grad():
-        model.text_projection.weight[0, 0] += 0.01 * (seed + 1)
-    model.save_pretrained(str(dest))
-
-
 def _export_both(path) -> Encoder:
     enc = Encoder(str(path), device="cpu", backend="onnx")
     enc.encode_text(["a dog"])
@@ -557,7 +546,7 @@ def test_a_reexport_removes_the_exports_it_superseded_and_nothing_else(tiny_mode
     _export_both(ckpt)
     _export_both(tiny_model)  # the same weights, so the same export: kept while tiny_model holds them
     shared = {p.name for p in cache.glob("onnx/*")}
-    _resave_with_other_weights(tiny_model, ckpt, seed=0)
+    resave_with_other_weights(tiny_model, ckpt, seed=0)
     first = _export_both(ckpt)
     old = cache / "onnx" / f"{first.fingerprint}-{first.content_digest[:16]}"
     assert {p.name for p in cache.glob("onnx/*")} == shared | {old.name}
@@ -567,13 +556,13 @@ def test_a_reexport_removes_the_exports_it_superseded_and_nothing_else(tiny_mode
     shutil.copytree(old, elsewhere / old.name)
     (cache / "onnx" / "linked").symlink_to(elsewhere / old.name, target_is_directory=True)
 
-    _resave_with_other_weights(tiny_model, ckpt, seed=1)
+    resave_with_other_weights(tiny_model, ckpt, seed=1)
     second = _export_both(ckpt)  # `first` still holds its towers: its folder stays
     assert old.is_dir() and second.content_digest != first.content_digest
     new = cache / "onnx" / f"{second.fingerprint}-{second.content_digest[:16]}"
     del first
     gc.collect()
-    _resave_with_other_weights(tiny_model, ckpt, seed=2)
+    resave_with_other_weights(tiny_model, ckpt, seed=2)
     del second
     gc.collect()
     third = _export_both(ckpt)
@@ -617,7 +606,7 @@ def test_info_gives_the_size_of_the_models_export_and_of_the_whole_cache(tiny_mo
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_model, ckpt)
-    _resave_with_other_weights(tiny_model, ckpt, seed=0)
+    resave_with_other_weights(tiny_model, ckpt, seed=0)
     info = _export_both(tiny_model).describe()
     _export_both(ckpt)
     status = onnx_cache_status(info)

@@ -18,9 +18,7 @@ from conftest import run
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import catalog, migrate, state
 
-FIXTURES = Path(__file__).parent / "fixtures"
-EXPECTED = json.loads((FIXTURES / "index-v3.json").read_text())
-FLOATS = ("score", "similarity")
+from helpers import FIXTURES, V3_EXPECTED as EXPECTED, answers_as_recorded
 
 
 @pytest.fixture
@@ -32,28 +30,6 @@ def v3(tmp_path) -> Path:
 def hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
-    """Every query of index-v3.json answers what 590b6d4 answered: the same ids, paths and fields, scores
-    within 1e-6; and `info` says the same (model_moved: but for the model's folder, which an `index --model`
-    run remembers at its new place)."""
-    build_photos = Path(EXPECTED["build_root"]) / "photos"
-    for recorded in EXPECTED["answers"]:
-        args = [str(copy / "photos" / Path(a).relative_to(build_photos)) if a.startswith(str(build_photos)) else a
-                for a in recorded["args"]]
-        out = run(*args, "--index", copy / ".alignsearch", "--model", copy / "model", *EXPECTED["options"], "--json")
-        got = json.loads(out.output)["results"]
-        assert [(h["id"], h["path"]) for h in got] == [(h["id"], h["path"]) for h in recorded["results"]], args
-        for mine, theirs in zip(got, recorded["results"]):
-            for key in FLOATS:
-                assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (args, key)
-            assert {k: v for k, v in mine.items() if k not in FLOATS} == \
-                   {k: v for k, v in theirs.items() if k not in FLOATS}, args
-    info = json.loads(run("info", "--index", copy / ".alignsearch", "--json").output)
-    assert info["model"] == (str(copy / "model") if model_moved else EXPECTED["info"]["model"])
-    for key in ("fingerprint", "dim", "roots", "images", "failed", "index", "tags", "last_run"):
-        assert info[key] == EXPECTED["info"][key], key
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -260,26 +261,54 @@ def make_cache_dir(folder: Path) -> None:
 IN_USE = ".inuse"  # in a model's cache folder: locked shared by each process with a tower loaded from it
 
 
-def lock_in_use(folder: Path, exclusive: bool = False):
-    """folder's IN_USE file, locked (flock, without waiting) while the returned file stays open; None where
-    the lock cannot be had. Loaders hold it shared for as long as they run, and exportcache removes a
-    superseded folder only under it exclusively: never one a running process uses."""
+def lock_in_use(folder: Path, exclusive: bool = False, wait: float = 120.0):
+    """folder's IN_USE file, locked (flock) while the returned file stays open; None where the lock cannot be
+    had. Loaders hold it shared for as long as they run, and exportcache removes a superseded folder only under
+    it exclusively, taken without waiting: never one a running process uses. A shared lock waits up to `wait`
+    seconds for a remover's (which renames the folder away and deletes it) and is then held on the IN_USE file
+    at that name now, if any: never on the one of a folder deleted meanwhile."""
     import fcntl
 
     path, flags = folder / IN_USE, os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
-    except OSError:
-        try:  # a cache this user may not write (a read-only mount): a shared lock needs no write access
-            fd = os.open(path, os.O_RDONLY | flags)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
         except OSError:
+            try:  # a cache this user may not write (a read-only mount): a shared lock needs no write access
+                fd = os.open(path, os.O_RDONLY | flags)
+            except OSError:
+                return None
+        if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, 0 if exclusive else deadline):
+            os.close(fd)
             return None
+        if exclusive or _same_file(fd, path):
+            return os.fdopen(fd, "rb")
+        os.close(fd)  # the folder was removed while this waited: lock the one at that name now, if any
+
+
+def _flock(fd: int, how: int, deadline: float) -> bool:
+    """flock(fd, how), tried until time.monotonic() passes deadline (0: once)."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        except OSError:
+            return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
     except OSError:
-        os.close(fd)
-        return None
-    return os.fdopen(fd, "rb")
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def onnx_dir(fingerprint: str, content: str) -> Path:

@@ -14,8 +14,8 @@ A writer's round is the same for every layout (indexer/build.py):
    lists: never over a file a reader has open). Building needs indexer code (training, merging on-disk lists),
    which storage may not import, so the objects here never build: they name the files a build writes and
    take what it wrote (Sharded.stage, OnDisk.new_lists).
-2. write(index): what is written after tuning and before the commit (single: index.faiss.next; ondisk:
-   index.faiss; sharded: nothing, its shard files are written by the build).
+2. write(index): what is written after tuning and before the commit (single and ondisk: index.faiss.next;
+   sharded: shards.json.next, its shard files are written by the build).
 3. commit(conn, record): the checksums of its files, with the build's settings, in the caller's transaction.
 4. publish(): its files go live and the other layouts' files are removed (a reader that has them open keeps
    its mapping).
@@ -112,6 +112,13 @@ class Layout(ABC):
         """One line per file whose bytes are missing or differ from the recorded checksum."""
         return [damaged_message(name) for name, want in self.expected().items()
                 if not (self.folder / name).exists() or ann.file_digest(self.folder / name) != want]
+
+
+def committed_next(path: Path, digest: str | None) -> bool:
+    """Does path's `.next` file carry the recorded `digest`: committed, not yet renamed over path (a writer
+    killed between the two, whose next run renames it)? Then path's bytes are not damage."""
+    nxt = ann.next_path(path)
+    return digest is not None and nxt.exists() and ann.file_digest(nxt) == digest
 
 
 def drop_lists(folder: Path, keep: Path | None = None) -> None:

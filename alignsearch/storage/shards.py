@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from alignsearch.atomic import write_bytes
+from alignsearch.storage.ann import next_path
 from alignsearch.storage.paths import ANN_FILE
 
 MANIFEST = "shards.json"
@@ -61,6 +62,7 @@ def unpublish(folder: Path) -> None:
     """Back to index.faiss (single or on-disk layout): drop the manifest, then the shard files (after ANN_FILE was
     written)."""
     (Path(folder) / MANIFEST).unlink(missing_ok=True)
+    next_path(Path(folder) / MANIFEST).unlink(missing_ok=True)  # one a killed writer committed, never published
     for old in Path(folder).glob("shard-*.faiss"):
         old.unlink()
 

@@ -2,8 +2,10 @@
 live in one lists-<ns>.ivfdata file memory-mapped when served, so only the small part stays in RAM.
 
 Lists on disk cannot drop ids: every build writes a new lists file (merged by indexer/ondisk.py), then
-index.faiss naming it (written atomically before the commit, as readers take index.faiss without a
-checksum in this layout); the commit records the checksums of both, publish removes the other files.
+index.faiss naming it, as index.faiss.next; the commit records the checksums of both, publish renames
+index.faiss.next into place and removes the other files. (Written over index.faiss before the commit, a
+writer killed between the two left a single-file index whose bytes no longer had the recorded checksum:
+queries refused it until the next run.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import faiss
 
 from alignsearch.storage import ann, shards
-from alignsearch.storage.layout import Layout, drop_lists
+from alignsearch.storage.layout import Layout, committed_next, damaged_message, drop_lists
 from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
 
 
@@ -22,6 +24,7 @@ class OnDisk(Layout):
     kind = "ondisk"
 
     staged: Path | None = None  # the lists file a build is writing
+    _written: str | None = None  # the digest of index.faiss.next, once write() wrote it
 
     @property
     def path(self) -> Path:
@@ -52,11 +55,18 @@ class OnDisk(Layout):
         return ann.read_verified(self.path, self.record.digest)
 
     def write(self, index: faiss.Index) -> None:
-        ann.write_atomic(index, self.path)
+        self._written = ann.write_next(index, self.path)
 
     def checksums(self) -> tuple[str | None, dict[str, str]]:
-        return None, {p.name: ann.file_digest(p) for p in self.files()}
+        return None, {p.name: self._written if p == self.path else ann.file_digest(p) for p in self.files()}
 
     def publish(self) -> None:
+        ann.publish_next(self.path)
         shards.unpublish(self.folder)  # a sharded layout before this one: its manifest would still be served
         drop_lists(self.folder, keep=self.lists())
+
+    def check(self) -> list[str]:
+        # committed, not yet renamed: readers read the index.faiss before (its lists are kept until publish)
+        if committed_next(self.path, self.record.files.get(self.path.name)):
+            return [line for line in super().check() if line != damaged_message(self.path.name)]
+        return super().check()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import faiss
 
+from alignsearch.atomic import write_bytes
 from alignsearch.storage import ann, shards
 from alignsearch.storage.layout import Layout, bytes_digest, drop_lists
 
@@ -50,8 +51,14 @@ class Sharded(Layout):
         files[self.manifest.name] = bytes_digest(shards.manifest_bytes(paths))
         return None, files
 
+    def write(self, index: faiss.Index) -> None:
+        # the manifest to publish, beside it before the commit: a writer killed between the commit and the
+        # publish leaves it, so the recorded manifest reads as pending (Single.check), not lost
+        write_bytes(ann.next_path(self.manifest), shards.manifest_bytes(self.shard_files()))
+
     def publish(self) -> None:
         if self.staged is None:
             raise ValueError("no shard files were staged to publish")
         shards.publish(self.folder, self.staged)  # also removes index.faiss
+        ann.next_path(self.manifest).unlink(missing_ok=True)
         drop_lists(self.folder)

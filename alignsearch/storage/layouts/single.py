@@ -11,7 +11,7 @@ from pathlib import Path
 import faiss
 
 from alignsearch.storage import ann, shards
-from alignsearch.storage.layout import Layout, drop_lists
+from alignsearch.storage.layout import Layout, committed_next, damaged_message, drop_lists
 from alignsearch.storage.paths import ANN_FILE
 
 
@@ -49,6 +49,16 @@ class Single(Layout):
         if self.record.files:
             return dict(self.record.files)
         return {ANN_FILE: self.record.digest} if self.record.digest else {}
+
+    def check(self) -> list[str]:
+        # readers take index.faiss.next with the recorded checksum (ann.read_verified) as the next writer does
+        if not self.record.files and committed_next(self.path, self.record.digest):
+            return []
+        manifest = self.folder / shards.MANIFEST
+        if committed_next(manifest, self.record.files.get(manifest.name)):
+            # shard files committed, their manifest not yet published: readers read index.faiss (the layout before)
+            return [line for line in super().check() if line != damaged_message(manifest.name)]
+        return super().check()
 
     def finish_publish(self) -> None:
         """Finish a rename a crash interrupted: index.faiss.next is published if it carries the recorded

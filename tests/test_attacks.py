@@ -22,7 +22,9 @@ import pytest
 from helpers import FIXTURES, answers_as_recorded, resave_with_other_weights
 from alignsearch.storage import catalog, migrate, state
 
-FORK = multiprocessing.get_context("fork")  # a child is this process at the barrier: no second import of torch
+# spawn, not fork: forked from this many-threaded process (servers and pools of earlier tests), a child can
+# inherit a lock another thread held and never run (a forked writer hung the whole suite in another test)
+SPAWN = multiprocessing.get_context("spawn")
 
 
 # -- 1. two writers upgrade one catalog at the same moment ---------------------------------------------------------
@@ -66,8 +68,8 @@ def test_two_writers_upgrading_an_old_catalog_at_once_apply_each_step_once(tmp_p
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (json.dumps(migrate.OLDEST),))
     conn.close()
     steps_log = tmp_path / "steps.log"
-    barrier, results = FORK.Barrier(2), FORK.Queue()
-    writers = [FORK.Process(target=_upgrade_after_barrier, args=(str(db_path), barrier, str(steps_log), 1.0, results))
+    barrier, results = SPAWN.Barrier(2), SPAWN.Queue()
+    writers = [SPAWN.Process(target=_upgrade_after_barrier, args=(str(db_path), barrier, str(steps_log), 1.0, results))
                for _ in range(2)]
     for w in writers:
         w.start()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -718,16 +719,21 @@ def test_two_export_versions_writing_at_once_never_leave_a_mix_that_is_trusted(t
 
     folder = tmp_path / "onnx" / "model"
     folder.mkdir(parents=True)
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: forked from this many-threaded process (servers, pools of earlier tests), a child can
+    # inherit a lock held by another thread and never run (seen: the whole suite hung here)
+    ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2, timeout=60)
     first = ctx.Process(target=_write_version, args=(folder, 1, barrier, True))
     second = ctx.Process(target=_write_version, args=(folder, 2, barrier, False))
     first.start()
     second.start()
-    seen = 0
+    seen, deadline = 0, time.monotonic() + 180
     while first.is_alive() or second.is_alive():  # read while they write, as a query would
         _consistent(records.read(folder))
         seen += 1
+        if time.monotonic() > deadline:
+            first.kill(), second.kill()
+            pytest.fail("the two writers did not finish in 180 s")
     first.join()
     second.join()
     assert (first.exitcode, second.exitcode) == (0, 0) and seen > 0

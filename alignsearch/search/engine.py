@@ -21,6 +21,7 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
+from alignsearch.search.query import BELIEF_TEMPERATURE, KEYWORD_SHARE, belief, keyword_fusion
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
@@ -413,8 +414,11 @@ class Engine:
             if mode == "auto":
                 out["caption_or_tag_matches"] = matched = len(self._keyword_ids(opts, None))
             out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if matched or mode == "hybrid" else "vector"
+            if mode == "auto" and matched and _fusion(mode) == "belief":
+                out["ranking"] = "hybrid (model belief + keyword share)"
         out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
-                        "keyword rank)"}.get(out.get("ranking"), "similarity")
+                        "keyword rank)", "hybrid (model belief + keyword share)": BELIEF_RULE}.get(out.get("ranking"),
+                                                                                                  "similarity")
         out["min_score_applies_to"] = "similarity"
         late = method in LATE_FUSION
         if opts.node is None:
@@ -567,15 +571,17 @@ class Engine:
             parts = query.parts(stored)
             similarity = query.fused(parts).astype(np.float32)
             tiebreak = query.tiebreak(parts)
-            scores, ranks = similarity, None
-            if keyword is not None:  # reciprocal rank fusion of the similarity ranking and the keyword ranking
+            scores, ranks, beliefs = similarity, None, None
+            if keyword is not None:  # the similarity ranking fused with the keyword ranking (query.keyword_fusion)
                 vector_rank = np.empty(len(ids), np.int64)
                 vector_rank[query.order(parts, similarity)] = np.arange(1, len(ids) + 1)
                 at = {i: r for r, i in enumerate(keyword, start=1)}
                 keyword_rank = np.array([at.get(i, 0) for i in ids.tolist()], dtype=np.int64)
                 scores = np.where(keyword_rank > 0, 1.0 / (RRF_K + keyword_rank), 0.0)
                 if opts.mode != "keyword":
-                    scores = scores + 1.0 / (RRF_K + vector_rank)
+                    scores = keyword_fusion(similarity, vector_rank, keyword_rank, _fusion(opts.mode))
+                    if _fusion(opts.mode) == "belief":
+                        beliefs = belief(similarity)
                 else:
                     keep = keyword_rank > 0
                     ids, parts, similarity, scores = ids[keep], parts[keep], similarity[keep], scores[keep]
@@ -598,6 +604,8 @@ class Engine:
             if ranks is not None:
                 made_of = {**(made_of or {}), "similarity_rank": None if opts.mode == "keyword" else int(ranks[0][i]),
                            "keyword_rank": int(ranks[1][i]) or None}
+                if beliefs is not None:  # how auto decided: the model's belief, and what the keyword match added
+                    made_of.update(belief=round(float(beliefs[i]), 6), keyword_share=round(float(scores[i] - beliefs[i]), 6))
             hits.append(_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []),
                              similarity=float(similarity[i]), parts=made_of))
         return sort_hits(hits, opts.sort)
@@ -802,6 +810,16 @@ PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a 
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
+BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the candidates of (similarity - their mean) / "
+               f"their sd / {BELIEF_TEMPERATURE} (sums to 1); a caption, text-in-image or tag match adds {KEYWORD_SHARE} x "
+               f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model believes in another "
+               "image by more than that")
+AUTO_FUSION = "belief"  # how auto fuses keyword evidence (query.AUTO_FUSIONS; bench_auto.py measures "rrf" against it)
+
+
+def _fusion(mode: str) -> str:
+    """The fusion a mode's ranking uses: auto's AUTO_FUSION; hybrid keeps reciprocal rank fusion."""
+    return AUTO_FUSION if mode == "auto" else "rrf"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ through `alignsearch finetune`, `index` and the Python API (alignsearch.open(...
 
     python benchmarks/bench_auto.py [--seeds 0,1,2,3,4,5] [--tuning-seeds 0,1,2] [--epochs 30] [--no-ocr] [--no-record]
 
-Auto's fusion (`belief`: query.BELIEF_TEMPERATURE, query.KEYWORD_SHARE) was tuned on seeds 0,1,2 only
+Auto's fusion (`belief`: query.BELIEF_TEMPERATURE, BELIEF_NONE, KEYWORD_SHARE) was tuned on seeds 0,1,2 only
 (--tuning-seeds): the figures that count are those of the other seeds (3,4,5 by default: other models,
 other renderings of the training set and corpus), reported apart.
 
@@ -26,7 +26,7 @@ Queries: a place's name on `places` and `ocr` (the answer is only in text: 1 rel
 word on every index (4 relevant images each; on `places`, `none` and `ocr` no caption
 or sign holds the query's words).
 RRF_K = 60 (the literature), FUSION_DEPTH = KEYWORD_DEPTH = 100, the stop words and MIN_PARTIAL = 3 were set
-before this benchmark existed and are not changed by it; BELIEF_TEMPERATURE and KEYWORD_SHARE were chosen on
+before this benchmark existed and are not changed by it; BELIEF_TEMPERATURE, BELIEF_NONE and KEYWORD_SHARE were chosen on
 the tuning seeds (the best place-name MRR with the wrong captions' R@1 at 0.8 or more).
 R@1: the top hit is relevant; R@10: the share of the relevant images in the top 10; MRR: 1 / rank of the
 first relevant hit (0 beyond 10).
@@ -180,7 +180,7 @@ def one_seed(tmp: Path, seed: int, args) -> tuple[dict, float]:
 
 
 def main() -> None:
-    from alignsearch.search.query import BELIEF_TEMPERATURE, KEYWORD_SHARE
+    from alignsearch.search.query import BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2,3,4,5", help="model initialisations (and corpus renderings) to run")
@@ -212,7 +212,7 @@ def main() -> None:
              "`index --ocr`" if args.ocr else "") + ")",
              "- through alignsearch.open(ix).search(text, k=10, mode=...); vector = the baseline (pure similarity); "
              "auto-rrf = auto with its previous fusion (reciprocal rank fusion, RRF_K 60); auto = the belief fusion "
-             f"(BELIEF_TEMPERATURE {BELIEF_TEMPERATURE}, KEYWORD_SHARE {KEYWORD_SHARE}, chosen on seeds "
+             f"(BELIEF_TEMPERATURE {BELIEF_TEMPERATURE}, BELIEF_NONE {BELIEF_NONE}, KEYWORD_SHARE {KEYWORD_SHARE}, chosen on seeds "
              f"{args.tuning_seeds} only); FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3 not tuned here",
              "- figures: means over the seeds of each group; R@1 = top hit relevant, R@10 = share of the relevant in "
              "the top 10, MRR = 1/rank of the first relevant (0 beyond 10)"]

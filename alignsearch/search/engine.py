@@ -21,7 +21,7 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
-from alignsearch.search.query import BELIEF_TEMPERATURE, KEYWORD_SHARE, belief, keyword_fusion
+from alignsearch.search.query import BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE, belief, keyword_fusion
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
@@ -811,8 +811,9 @@ PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a 
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
-BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the candidates of (similarity - their mean) / "
-               f"their sd / {BELIEF_TEMPERATURE} (sums to 1); a caption, text-in-image or tag match adds {KEYWORD_SHARE} x "
+BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the candidates and 'none of these' (at "
+               f"{BELIEF_NONE}) of (similarity - their mean) / their sd / {BELIEF_TEMPERATURE}; a caption, text-in-image "
+               f"or tag match adds {KEYWORD_SHARE} x "
                f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model believes in another "
                "image by more than that")
 AUTO_FUSION = "belief"  # how auto fuses keyword evidence (query.AUTO_FUSIONS; bench_auto.py measures "rrf" against it)

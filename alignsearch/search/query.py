@@ -56,24 +56,29 @@ def fuse(*rankings: list[int], k: int = RRF_K) -> list[int]:
 # softmax of their standardised similarities, plus a share for each keyword match; `rrf`: reciprocal rank
 # fusion (what `hybrid` does, and what auto did before). Measured: benchmarks/bench_auto.py (RESULTS.md).
 AUTO_FUSIONS = ("belief", "rrf")
-# Set on bench_auto.py's seeds 0,1,2 only (the best place-name MRR with a wrong caption's R@1 >= 0.8);
-# figures on held-out seeds in RESULTS.md. In standard deviations of the candidates' similarities: the model's
-# belief halves every 0.17 sd below the best candidate, so a model that singles out a few images holds its
-# belief there, one whose similarities are flat spreads it over many.
-BELIEF_TEMPERATURE = 0.25
-KEYWORD_SHARE = 0.25  # what a keyword match (the best ranked one) adds to the model's belief (which sums to 1)
+# Set on bench_auto.py's seeds 0,1,2 only (the best place-name MRR with a wrong caption's R@1 >= 0.8, among the
+# settings that rank a caption match first in a 5-image library searched with a random model); figures on
+# held-out seeds in RESULTS.md. In standard deviations of the candidates' similarities: the model's belief in a
+# candidate halves every 0.1 sd below the best one, so a model that singles out a few images holds its belief
+# there, and against BELIEF_NONE ("none of these"): a best candidate less than 1.75 sd above the mean is hardly
+# believed (with n candidates none stands more than sqrt(n - 1) sd out: among 4 or fewer none is believed).
+BELIEF_TEMPERATURE = 0.15
+BELIEF_NONE = 1.75
+KEYWORD_SHARE = 0.2  # what a keyword match (the best ranked one) adds to the model's belief (at most 1)
 
 
-def belief(similarity: np.ndarray, temperature: float = BELIEF_TEMPERATURE) -> np.ndarray:
-    """The model's belief that each candidate is the one meant: softmax over the candidates of the similarity
-    standardised against the candidates' own mean and spread, / temperature (sums to 1)."""
+def belief(similarity: np.ndarray, temperature: float = BELIEF_TEMPERATURE, none: float = BELIEF_NONE) -> np.ndarray:
+    """The model's belief that each candidate is the one meant: a softmax over the candidates and "none of
+    these" of the similarity standardised against the candidates' own mean and spread (none: the standardised
+    score of "none of these"), / temperature. Sums to at most 1; what is left is the belief in none."""
     s = np.asarray(similarity, np.float64)
     if len(s) == 0:
         return s
     spread = float(s.std())
     z = (s - s.mean()) / spread if spread > 1e-12 else np.zeros_like(s)
-    e = np.exp((z - z.max()) / temperature)
-    return e / e.sum()
+    top = max(none, float(z.max()))
+    e = np.exp((z - top) / temperature)
+    return e / (np.exp((none - top) / temperature) + e.sum())
 
 
 def keyword_fusion(similarity: np.ndarray, vector_rank: np.ndarray, keyword_rank: np.ndarray,
@@ -83,8 +88,8 @@ def keyword_fusion(similarity: np.ndarray, vector_rank: np.ndarray, keyword_rank
     matches (from 1), 0 when it is no match.
     - belief: belief(similarity) + KEYWORD_SHARE * (RRF_K + 1) / (RRF_K + keyword rank) for a match. A match
       goes first where the model believes in no candidate more than in it by the share (an unknown word: the
-      belief is spread thin), and stays behind the images the model singles out (a caption naming the wrong
-      subject); the keyword ranking decays as slowly as RRF's.
+      belief is spread thin or left to none), and stays behind the images the model singles out (a caption
+      naming the wrong subject); the keyword ranking decays as slowly as RRF's.
     - rrf: 1 / (RRF_K + vector rank) + 1 / (RRF_K + keyword rank) for a match (reciprocal rank fusion)."""
     keyword_rank = np.asarray(keyword_rank, np.int64)
     match = keyword_rank > 0

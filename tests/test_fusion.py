@@ -69,15 +69,24 @@ def test_the_printed_score_is_the_order_and_is_made_of_belief_and_share():
     assert len(ranked) == len(sims) and {i for i, _ in ranked} == set(sims)
 
 
-def test_belief_is_a_distribution_that_ignores_the_similarities_scale_and_offset():
+def test_belief_ignores_the_similarities_scale_and_offset_and_leaves_the_rest_to_none():
     s = np.array([0.1, 0.3, 0.25, -0.2, 0.31])
     b = belief(s)
-    assert b.sum() == pytest.approx(1.0) and int(np.argmax(b)) == 4
+    assert 0 < b.sum() < 1 and int(np.argmax(b)) == 4
     assert belief(3 * s - 0.5) == pytest.approx(b)  # a model with other cosine ranges believes the same
-    assert belief(np.full(6, 0.4)) == pytest.approx(np.full(6, 1 / 6))  # nothing to choose between
+    equal = belief(np.full(6, 0.4))  # nothing to choose between: nothing believed
+    assert np.all(equal == equal[0]) and equal.sum() < 1e-4
+    assert belief(np.array([0.9, 0.1, 0.1, 0.1])).max() <= 0.5  # 4 candidates: the best is at most half believed
     assert belief(np.zeros(0)).shape == (0,)
     with pytest.raises(ValueError, match="fusion must be one of"):
         keyword_fusion(s, np.arange(1, 6), np.zeros(5, np.int64), method="mean")
+
+
+def test_a_handful_of_candidates_does_not_outweigh_a_keyword_match():
+    """Five images, a random model: its similarities are spread, but five of them say nothing (the search
+    filters' library, tests/test_search_filters.py, where the caption match leads)."""
+    sims = dict(enumerate([0.3105, 0.1002, -0.0382, -0.1608, -0.3682]))
+    assert fuse_hits(sims, [4])[0][0] == 4
 
 
 def test_without_keyword_matches_the_order_is_the_similarity_order():

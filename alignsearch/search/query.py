@@ -60,8 +60,8 @@ AUTO_FUSIONS = ("belief", "rrf")
 # settings that rank a caption match first in a 5-image library searched with a random model); figures on
 # held-out seeds in RESULTS.md. In standard deviations of the candidates' similarities: the model's belief in a
 # candidate halves every 0.1 sd below the best one, so a model that singles out a few images holds its belief
-# there, and against BELIEF_NONE ("none of these"): a best candidate less than 1.75 sd above the mean is hardly
-# believed (with n candidates none stands more than sqrt(n - 1) sd out: among 4 or fewer none is believed).
+# there, and against BELIEF_NONE ("none of these"): a best candidate at most 1.75 sd above the mean is believed at
+# most half (with n candidates none stands more than sqrt(n - 1) sd out: so it is among 4 or fewer).
 BELIEF_TEMPERATURE = 0.15
 BELIEF_NONE = 1.75
 KEYWORD_SHARE = 0.2  # what a keyword match (the best ranked one) adds to the model's belief (at most 1)

@@ -814,8 +814,8 @@ KEYWORD_DEPTH = 100
 BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the candidates and 'none of these' (at "
                f"{BELIEF_NONE}) of (similarity - their mean) / their sd / {BELIEF_TEMPERATURE}; a caption, text-in-image "
                f"or tag match adds {KEYWORD_SHARE} x "
-               f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model believes in another "
-               "image by more than that")
+               f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model's belief in another "
+               "image exceeds its own by more than that")
 AUTO_FUSION = "belief"  # how auto fuses keyword evidence (query.AUTO_FUSIONS; bench_auto.py measures "rrf" against it)
 
 

@@ -51,7 +51,10 @@ from tiny_align import build_tiny_align
 PLACES = ("zanzibar", "reykjavik", "lisbon", "kyoto", "oaxaca", "tbilisi", "valparaiso", "marrakesh", "tromso",
           "hobart", "cusco", "samarkand", "dubrovnik", "galway", "hanoi", "bergen", "quebec", "mombasa", "tallinn",
           "ushuaia", "palermo", "lhasa", "granada", "nairobi")
-MODES = ("vector", "auto-rrf", "auto", "keyword")  # auto-rrf: auto with its previous fusion (the baseline)
+MODES = ("vector", "auto-rrf", "auto-belief", "auto", "keyword")
+# auto with each of its fusions (engine.AUTO_FUSION): auto-rrf the previous default (the baseline), auto-belief the
+# model's belief plus a keyword share, auto the gate (belief or rrf by the query's best cosine against null queries)
+FUSIONS = {"auto-rrf": "rrf", "auto-belief": "belief", "auto": "gate"}
 PER_SUBJECT = 4
 
 
@@ -108,12 +111,12 @@ def captions(kind: str, subjects: list) -> dict:
 
 
 def search(engine, text: str, mode: str) -> list:
-    """The top 10 in a mode; auto-rrf is auto with reciprocal rank fusion (auto's fusion before `belief`)."""
+    """The top 10 in a mode; auto-rrf, auto-belief and auto: auto with that fusion (FUSIONS)."""
     from alignsearch.search import engine as engine_module
 
-    if mode != "auto-rrf":
+    if mode not in FUSIONS:
         return engine.search(text, k=10, mode=mode)
-    kept, engine_module.AUTO_FUSION = engine_module.AUTO_FUSION, "rrf"
+    kept, engine_module.AUTO_FUSION = engine_module.AUTO_FUSION, FUSIONS[mode]
     try:
         return engine.search(text, k=10, mode="auto")
     finally:
@@ -122,13 +125,18 @@ def search(engine, text: str, mode: str) -> list:
 
 def score(engine, queries: list, mode: str) -> dict:
     r1 = r10 = rr = 0.0
+    per_query = []  # (R@1, R@10, RR, the gate's z or None): for choosing GATE_Z on the tuning seeds
     for text, relevant in queries:
-        names = [Path(h.path).name for h in search(engine, text, mode)]
-        r1 += bool(names) and names[0] in relevant
-        r10 += len(set(names) & relevant) / min(len(relevant), 10)
-        rr += next((1 / (i + 1) for i, n in enumerate(names) if n in relevant), 0.0)
+        hits = search(engine, text, mode)
+        names = [Path(h.path).name for h in hits]
+        z = next((h.parts["model_z"] for h in hits if h.parts and "model_z" in h.parts), None)
+        q = (float(bool(names) and names[0] in relevant), len(set(names) & relevant) / min(len(relevant), 10),
+             next((1 / (i + 1) for i, n in enumerate(names) if n in relevant), 0.0), z)
+        per_query.append(q)
+        r1, r10, rr = r1 + q[0], r10 + q[1], rr + q[2]
     n = len(queries)
-    return {"R@1": round(r1 / n, 3), "R@10": round(r10 / n, 3), "MRR": round(rr / n, 3), "queries": n}
+    return {"R@1": round(r1 / n, 3), "R@10": round(r10 / n, 3), "MRR": round(rr / n, 3), "queries": n,
+            "per_query": per_query}
 
 
 def one_seed(tmp: Path, seed: int, args) -> tuple[dict, float]:
@@ -180,6 +188,7 @@ def one_seed(tmp: Path, seed: int, args) -> tuple[dict, float]:
 
 
 def main() -> None:
+    from alignsearch.search import query as query_module
     from alignsearch.search.query import BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE
 
     ap = argparse.ArgumentParser()
@@ -190,7 +199,11 @@ def main() -> None:
     ap.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=True,
                     help="also the variant with the place names painted in the images (needs rapidocr)")
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--gate-z", type=float, default=None, help="the gate's threshold (default query.GATE_Z)")
+    ap.add_argument("--dump", default=None, help="write every seed's results, per query, to this JSON file")
     args = ap.parse_args()
+    if args.gate_z is not None:
+        query_module.GATE_Z = args.gate_z
     seeds = [int(x) for x in args.seeds.split(",")]
     tuning = {int(x) for x in args.tuning_seeds.split(",") if x}
     started = time.perf_counter()
@@ -211,9 +224,11 @@ def main() -> None:
              "wrong: 12 captioned with another subject's word" + ("; ocr: 24 of 48 with a place name painted in, "
              "`index --ocr`" if args.ocr else "") + ")",
              "- through alignsearch.open(ix).search(text, k=10, mode=...); vector = the baseline (pure similarity); "
-             "auto-rrf = auto with its previous fusion (reciprocal rank fusion, RRF_K 60); auto = the belief fusion "
-             f"(BELIEF_TEMPERATURE {BELIEF_TEMPERATURE}, BELIEF_NONE {BELIEF_NONE}, KEYWORD_SHARE {KEYWORD_SHARE}, chosen on seeds "
-             f"{args.tuning_seeds} only); FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3 not tuned here",
+             "auto-rrf = auto with its previous fusion (reciprocal rank fusion, RRF_K 60); auto-belief = the belief fusion "
+             f"(BELIEF_TEMPERATURE {BELIEF_TEMPERATURE}, BELIEF_NONE {BELIEF_NONE}, KEYWORD_SHARE {KEYWORD_SHARE}); auto = "
+             f"the gate: belief where the query's best cosine stands GATE_Z {query_module.GATE_Z} or more null sds above "
+             f"{query_module.NULL_PROMPTS} null queries' (sd floor {query_module.NULL_SD_FLOOR}), else rrf; constants chosen "
+             f"on seeds {args.tuning_seeds} only; FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3 not tuned here",
              "- figures: means over the seeds of each group; R@1 = top hit relevant, R@10 = share of the relevant in "
              "the top 10, MRR = 1/rank of the first relevant (0 beyond 10)"]
     for title, group in groups:
@@ -223,12 +238,12 @@ def main() -> None:
         for label in runs[seeds[0]]:
             cells = [" / ".join(f"{statistics.mean(runs[s][label][m][k] for s in group):.2f}" for k in keys) for m in MODES]
             lines.append(f"| {label} | {runs[seeds[0]][label]['vector']['queries']} x {len(group)} | " + " | ".join(cells) + " |")
-    lines += ["", "- MRR per seed, vector / auto-rrf / auto: " + "; ".join(
-        f"{label}: " + ", ".join(f"{runs[s][label]['vector']['MRR']:.2f}/{runs[s][label]['auto-rrf']['MRR']:.2f}/"
-                                 f"{runs[s][label]['auto']['MRR']:.2f}" for s in seeds)
+    lines += ["", "- MRR per seed, vector / auto-rrf / auto-belief / auto: " + "; ".join(
+        f"{label}: " + ", ".join("/".join(f"{runs[s][label][m]['MRR']:.2f}" for m in MODES[:4]) for s in seeds)
         for label in runs[seeds[0]])]
-    print(json.dumps(runs))
-    record("Default query mode (auto): belief fusion vs previous RRF fusion vs vector: bench_auto.py", lines,
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(runs))
+    record("Default query mode (auto): gated fusion vs belief vs previous RRF vs vector: bench_auto.py", lines,
            save=args.record)
 
 

@@ -8,7 +8,9 @@ import pytest
 
 import alignsearch
 from alignsearch.search.request import build as build_request
-from alignsearch.search.query import KEYWORD_SHARE, RRF_K, belief, fuse_hits, keyword_fusion
+from alignsearch.search import engine as engine_module
+from alignsearch.search.query import GATE_Z, KEYWORD_SHARE, NULL_SD_FLOOR, RRF_K, belief, fuse_hits, gate, \
+    gated_fusion, keyword_fusion, null_prompts, null_z
 from alignsearch.storage import catalog
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import vector_index
@@ -119,4 +121,73 @@ def test_auto_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_pat
     assert plan["mode"] == "auto" and plan["caption_or_tag_matches"] == 1
     assert plan["ranking"] == "hybrid (model belief + keyword share)" and "belief" in plan["score"]
     assert engine.explain(build_request(text="cat", k=10, mode="hybrid"))["ranking"] == "hybrid (RRF)"
+    engine.close()
+
+
+def test_null_z_measures_the_best_cosine_in_null_sds_with_a_floor():
+    nulls = np.array([0.40, 0.44, 0.42, 0.46, 0.38])
+    assert null_z(0.42, nulls) == pytest.approx(0.0)
+    assert null_z(0.42 + 3 * nulls.std(), nulls) == pytest.approx(3.0)
+    same = np.full(8, 0.5)  # every null query encoded alike (all unknown to the tokenizer): the floor scales
+    assert null_z(0.5 + 2 * NULL_SD_FLOOR, same) == pytest.approx(2.0)
+    assert null_z(0.3, nulls) < 0
+
+
+def test_null_prompts_are_fixed_meaningless_strings():
+    prompts = null_prompts()
+    assert prompts == null_prompts() and prompts[0] == "" and len(set(prompts)) == len(prompts)
+    assert all(p.isalpha() and p.islower() and 3 <= len(p) <= 10 for p in prompts[1:])
+
+
+def test_the_gate_lets_keyword_evidence_lead_only_where_the_model_does_not_recognise_the_query():
+    sims = confident()
+    ids = list(sims)
+    s = np.array([sims[i] for i in ids])
+    vector_rank = np.empty(len(ids), np.int64)
+    vector_rank[np.argsort(-s, kind="stable")] = np.arange(1, len(ids) + 1)
+    wrong = int(np.argmin(s))
+    keyword_rank = np.where(np.arange(len(ids)) == wrong, 1, 0)
+    unknown = gated_fusion(GATE_Z - 0.5, s, vector_rank, keyword_rank)
+    known = gated_fusion(GATE_Z + 0.5, s, vector_rank, keyword_rank)
+    assert int(np.argmax(unknown)) == wrong  # as reciprocal rank fusion: the caption leads
+    assert int(np.argmax(known)) in {0, 1, 2, 3}  # the model's confident choice leads, the caption is nudged
+    assert unknown == pytest.approx(keyword_fusion(s, vector_rank, keyword_rank, "rrf"))
+    assert known == pytest.approx(keyword_fusion(s, vector_rank, keyword_rank, "belief"))
+    assert gate(GATE_Z) == "belief" and gate(GATE_Z - 1e-9) == "rrf" and gate(0.0, threshold=-1.0) == "belief"
+    assert [i for i, _ in fuse_hits(sims, [wrong], method="gate", z=0.0)][0] == wrong
+
+
+@pytest.mark.parametrize("z", [-5.0, 0.0, GATE_Z, 50.0])
+def test_the_gate_keeps_the_similarity_order_without_keyword_matches(z):
+    sims = confident(seed=7)
+    assert [i for i, _ in fuse_hits(sims, [], method="gate", z=z)] == sorted(sims, key=lambda i: (-sims[i], i))
+
+
+def test_the_engine_gates_on_the_query_best_cosine_against_the_null_queries(tmp_path, monkeypatch):
+    """The engine's wiring: z is the best candidate's similarity against the null queries' best cosines
+    (set here, as a model would give them), and picks the fusion. A wrong caption on the vector least like the
+    query: first where the query stands no higher than the nulls (rrf), behind the model's choice where it
+    stands far above them (belief)."""
+    dim, n = 64, 40
+    store = vector_index(tmp_path, n, dim, seed=1)
+    (tmp_path / ANN_FILE).unlink()
+    x = store.get(np.arange(n)).astype(np.float32)
+    query = x[0] / np.linalg.norm(x[0])
+    worst = int(np.argmin(x @ query))
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.begin() as conn:
+        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, n + 1)).values()}
+        catalog.set_photo(conn, ids[worst], f"{worst:07d}.jpg", {"caption": "cat mug"})
+    db.dispose()
+    monkeypatch.setattr(engine_module, "AUTO_FUSION", "gate")
+    engine = alignsearch.open(tmp_path)
+    best = 1.0  # the query is a stored vector
+    for nulls, leads in ((np.array([0.99, 1.0, 1.01]), ids[worst]), (np.array([0.2, 0.3, 0.25]), ids[0])):
+        engine._nulls = (engine.snap, nulls)  # the snapshot's cached null calibration
+        hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+        assert hits[0].id == leads
+        assert all(h.parts["model_z"] == pytest.approx(null_z(best, nulls), abs=1e-3) for h in hits)
+    assert ("belief" in hits[0].parts) and engine.search_vector(query, k=10, text="dog", mode="auto")[0].id == ids[0]
+    plan = engine.explain(build_request(text="cat", k=10))
+    assert plan["ranking"] == "hybrid (gated: RRF or model belief + keyword share)" and str(GATE_Z) in plan["score"]
     engine.close()

@@ -97,7 +97,7 @@ def keyword_fusion(similarity: np.ndarray, vector_rank: np.ndarray, keyword_rank
         return 1.0 / (RRF_K + np.asarray(vector_rank, np.float64)) + np.where(
             match, 1.0 / (RRF_K + np.maximum(keyword_rank, 1)), 0.0)
     if method != "belief":
-        raise ValueError(f"fusion must be belief or rrf, got {method!r}")
+        raise ValueError(f"fusion must be one of belief, rrf, got {method!r}")
     share = np.where(match, KEYWORD_SHARE * (RRF_K + 1) / (RRF_K + np.maximum(keyword_rank, 1)), 0.0)
     return belief(similarity) + share
 
@@ -112,7 +112,7 @@ def keyword_fusion(similarity: np.ndarray, vector_rank: np.ndarray, keyword_rank
 # chosen on bench_auto.py's seeds 0,1,2 only; held-out figures in RESULTS.md.
 NULL_PROMPTS = 16
 NULL_SD_FLOOR = 0.01
-GATE_Z = 3.0
+GATE_Z = 1.65
 
 
 def null_prompts(n: int = NULL_PROMPTS, seed: int = 0) -> list[str]:

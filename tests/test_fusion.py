@@ -188,6 +188,9 @@ def test_the_engine_gates_on_the_query_best_cosine_against_the_null_queries(tmp_
         assert hits[0].id == leads
         assert all(h.parts["model_z"] == pytest.approx(null_z(best, nulls), abs=1e-3) for h in hits)
     assert ("belief" in hits[0].parts) and engine.search_vector(query, k=10, text="dog", mode="auto")[0].id == ids[0]
+    engine._nulls = None  # no calibration yet, and no model to calibrate with (a synthetic index): keyword evidence leads
+    hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+    assert hits[0].id == ids[worst] and "model_z" not in hits[0].parts and engine._nulls[1] is None
     plan = engine.explain(build_request(text="cat", k=10))
     assert plan["ranking"] == "hybrid (gated: RRF or model belief + keyword share)" and str(GATE_Z) in plan["score"]
     engine.close()

@@ -23,7 +23,7 @@ from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRe
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.search.query import BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE, belief, keyword_fusion
 from alignsearch.search.query import GATE_Z, gate, null_prompts, null_z
-from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
+from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
 log = logging.getLogger(__name__)
@@ -476,16 +476,22 @@ class Engine:
         nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
         return self._hits(snap, query, ids, opts, keyword if ranked else None, nulls)
 
-    def _null_best(self, snap: Snapshot) -> np.ndarray:
+    def _null_best(self, snap: Snapshot) -> np.ndarray | None:
         """The best cosine over the index of each null query (query.null_prompts), encoded with the snapshot's
         text tower and searched as a query is: the scale the gate measures a query's best cosine on. Once per
-        snapshot."""
+        snapshot. None where the model cannot be loaded (a caller's vector searched with text for keywords):
+        with no scale the gate cannot tell, and keyword evidence leads."""
         kept = self._nulls
         if kept is not None and kept[0] is snap:
             return kept[1]
         from alignsearch.search.query import unit
 
-        enc = self._text_encoder_of(snap)
+        try:
+            enc = self._text_encoder_of(snap)
+        except ModelLoadError as exc:
+            log.warning("auto: no text tower to calibrate the keyword gate against (%s): keyword evidence leads", exc)
+            self._nulls = (snap, None)
+            return None
         with self._encoder_lock:
             vectors_ = enc.encode_text(null_prompts())
         cols = snap.columns(self.db)
@@ -611,9 +617,9 @@ class Engine:
                 scores = np.where(keyword_rank > 0, 1.0 / (RRF_K + keyword_rank), 0.0)
                 if opts.mode != "keyword":
                     fusion = _fusion(opts.mode)
-                    if fusion == "gate":  # does the model recognise the query? (query.gate)
-                        model_z = null_z(float(similarity.max()), nulls) if len(similarity) else 0.0
-                        fusion = gate(model_z)
+                    if fusion == "gate":  # does the model recognise the query? (query.gate; no scale: rrf)
+                        model_z = null_z(float(similarity.max()), nulls) if len(similarity) and nulls is not None else None
+                        fusion = "rrf" if model_z is None else gate(model_z)
                     scores = keyword_fusion(similarity, vector_rank, keyword_rank, fusion)
                     if fusion == "belief":
                         beliefs = belief(similarity)

@@ -1,5 +1,5 @@
-"""The default mode's fusion of similarity and keyword evidence (alignsearch/search/query.py: keyword_fusion,
-fuse_hits): pure functions, tested without a model; and once through the engine on synthetic vectors."""
+"""The default mode's fusions of similarity and keyword evidence (alignsearch/search/query.py: keyword_fusion,
+fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
 
 from __future__ import annotations
 
@@ -96,9 +96,10 @@ def test_without_keyword_matches_the_order_is_the_similarity_order():
     assert [i for i, _ in fuse_hits(sims, [])] == sorted(sims, key=lambda i: (-sims[i], i))
 
 
-def test_auto_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_path):
+def test_belief_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_path, monkeypatch):
     """Synthetic vectors: the query is one stored vector (what the model singles out); the caption holding
-    the query's word is on the vector least like it. Auto ranked it first before (RRF)."""
+    the query's word is on the vector least like it. Auto with the belief fusion (there for bench_auto.py)
+    keeps the model's choice first; auto's default (RRF, as hybrid) ranks the caption first."""
     dim, n = 64, 40
     store = vector_index(tmp_path, n, dim, seed=1)
     (tmp_path / ANN_FILE).unlink()  # no ANN index: the engine scores the committed vectors exactly
@@ -111,6 +112,7 @@ def test_auto_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_pat
         catalog.set_photo(conn, ids[worst], f"{worst:07d}.jpg", {"caption": "cat mug"})
     db.dispose()
     engine = alignsearch.open(tmp_path)
+    monkeypatch.setattr(engine_module, "AUTO_FUSION", "belief")
     hits = engine.search_vector(query, k=10, text="cat", mode="auto")
     assert hits[0].id == ids[0] and hits[1].id == ids[worst]  # nudged up from the bottom, behind the model's choice
     assert hits[1].parts["keyword_rank"] == 1 and hits[1].parts["keyword_share"] == pytest.approx(KEYWORD_SHARE)
@@ -121,6 +123,11 @@ def test_auto_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_pat
     assert plan["mode"] == "auto" and plan["caption_or_tag_matches"] == 1
     assert plan["ranking"] == "hybrid (model belief + keyword share)" and "belief" in plan["score"]
     assert engine.explain(build_request(text="cat", k=10, mode="hybrid"))["ranking"] == "hybrid (RRF)"
+    monkeypatch.undo()  # the default: reciprocal rank fusion
+    assert engine_module.AUTO_FUSION == "rrf"
+    hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+    assert hits[0].id == ids[worst] and hits[0].parts == {"similarity_rank": n, "keyword_rank": 1}
+    assert engine.explain(build_request(text="cat", k=10))["ranking"] == "hybrid (RRF)"
     engine.close()
 
 

@@ -322,10 +322,9 @@ class Engine:
         search over the matching images would rank them. min_score drops hits below that similarity; sort
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
         ranking), hybrid (reciprocal rank fusion of both: the exact-similarity ranking of the vector candidates
-        and keyword matches together, and the keyword ranking), auto (when the text's words are in a caption,
-        the text read in an image or a tag: the model's belief plus a share for each such match, query.keyword_fusion;
-        file and folder names count only in keyword and hybrid; else vector). In keyword, hybrid and fused auto
-        rankings `score` is the fused score and `similarity` the vector side's; min_score
+        and keyword matches together, and the keyword ranking), auto (hybrid when the text's words are in a
+        caption or a tag; file and folder names count only in keyword and hybrid), else vector. In keyword
+        and hybrid rankings `score` is the fused rank score and `similarity` the vector side's; min_score
         always applies to `similarity`. The query is encoded with the model of the generation it searches.
         media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no
         limit)."""
@@ -861,7 +860,9 @@ BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the c
 GATE_RULE = (f"the query's best similarity in standard deviations above null queries' (random letter strings): below "
              f"{GATE_Z} (the model does not recognise it) {RRF_K + 1}/({RRF_K} + similarity rank) + 1/({RRF_K} + keyword rank); "
              f"from {GATE_Z} up: {BELIEF_RULE}")
-AUTO_FUSION = "belief"  # how auto fuses keyword evidence (query.AUTO_FUSIONS; bench_auto.py measures "rrf" against it)
+# How auto fuses keyword evidence (query.AUTO_FUSIONS). rrf, as hybrid: the others (belief, gate) are there for
+# bench_auto.py, which measured them against it and found neither better over every case (RESULTS.md).
+AUTO_FUSION = "rrf"
 
 
 def _fusion(mode: str) -> str:

@@ -21,7 +21,9 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
-from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, UsageError
+from alignsearch.search.query import BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE, belief, keyword_fusion
+from alignsearch.search.query import GATE_Z, gate, null_prompts, null_z
+from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class Engine:
         self._refresh_lock = threading.Lock()
         self._catalog_checked: set[int] = set()
         self._calibration = None  # (snapshot, sample of its stored vectors): compose weicom's reference
+        self._nulls = None  # (snapshot, best cosines of the null queries): the gate's scale (query.null_z)
         self.snap = self._open_snapshot()
 
     def _open_snapshot(self) -> Snapshot:
@@ -413,8 +416,14 @@ class Engine:
             if mode == "auto":
                 out["caption_or_tag_matches"] = matched = len(self._keyword_ids(opts, None))
             out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if matched or mode == "hybrid" else "vector"
+            if mode == "auto" and matched and _fusion(mode) == "belief":
+                out["ranking"] = "hybrid (model belief + keyword share)"
+            if mode == "auto" and matched and _fusion(mode) == "gate":
+                out["ranking"] = "hybrid (gated: RRF or model belief + keyword share)"
         out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
-                        "keyword rank)"}.get(out.get("ranking"), "similarity")
+                        "keyword rank)", "hybrid (model belief + keyword share)": BELIEF_RULE,
+                        "hybrid (gated: RRF or model belief + keyword share)": GATE_RULE}.get(out.get("ranking"),
+                                                                                                  "similarity")
         out["min_score_applies_to"] = "similarity"
         late = method in LATE_FUSION
         if opts.node is None:
@@ -463,7 +472,37 @@ class Engine:
         # Keyword matches are scored from their stored vectors too: they take their place in the similarity
         # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
         ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
-        return self._hits(snap, query, ids, opts, keyword if ranked else None)
+        nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
+        return self._hits(snap, query, ids, opts, keyword if ranked else None, nulls)
+
+    def _null_best(self, snap: Snapshot) -> np.ndarray | None:
+        """The best cosine over the index of each null query (query.null_prompts), encoded with the snapshot's
+        text tower and searched as a query is: the scale the gate measures a query's best cosine on. Once per
+        snapshot. None where the model cannot be loaded (a caller's vector searched with text for keywords):
+        with no scale the gate cannot tell, and keyword evidence leads."""
+        kept = self._nulls
+        if kept is not None and kept[0] is snap:
+            return kept[1]
+        from alignsearch.search.query import unit
+
+        try:
+            enc = self._text_encoder_of(snap)
+        except ModelLoadError as exc:
+            log.warning("auto: no text tower to calibrate the keyword gate against (%s): keyword evidence leads", exc)
+            self._nulls = (snap, None)
+            return None
+        with self._encoder_lock:
+            vectors_ = enc.encode_text(null_prompts())
+        cols = snap.columns(self.db)
+        opts = _Options(k=1, nprobe=None, node=None, words=keywords.Query(), mode="vector", min_score=None, sort="score")
+        best = []
+        for v in vectors_:
+            sc = Scorer([unit(v)])
+            ids = np.array(self._vector_ids(snap, sc, opts, None), dtype=np.int64)
+            sims = sc.score(_unit(self._stored(snap, cols.vec_rows[cols.rows_of(ids)]))) if len(ids) else [0.0]
+            best.append(float(np.max(sims)))
+        self._nulls = (snap, np.array(best))
+        return self._nulls[1]
 
     def _late_want(self, snap: Snapshot, k: int) -> int:
         """ANN candidates per half of a late-fused query: deep, as the best fused hits need not be near the
@@ -546,9 +585,10 @@ class Engine:
                                                   among, evidence_only=opts.mode == "auto")]
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
-              keyword: list[int] | None = None) -> list[Hit]:
+              keyword: list[int] | None = None, nulls: np.ndarray | None = None) -> list[Hit]:
         """Catalog rows for candidate ids, scored exactly from the stored vectors, best first; cut to k, cutoff,
-        sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone)."""
+        sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone). nulls:
+        the null queries' best cosines, for auto's gate (query.null_z)."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
             if state.read(conn, "generation").generation != snap.generation:
@@ -567,15 +607,21 @@ class Engine:
             parts = query.parts(stored)
             similarity = query.fused(parts).astype(np.float32)
             tiebreak = query.tiebreak(parts)
-            scores, ranks = similarity, None
-            if keyword is not None:  # reciprocal rank fusion of the similarity ranking and the keyword ranking
+            scores, ranks, beliefs, model_z = similarity, None, None, None
+            if keyword is not None:  # the similarity ranking fused with the keyword ranking (query.keyword_fusion)
                 vector_rank = np.empty(len(ids), np.int64)
                 vector_rank[query.order(parts, similarity)] = np.arange(1, len(ids) + 1)
                 at = {i: r for r, i in enumerate(keyword, start=1)}
                 keyword_rank = np.array([at.get(i, 0) for i in ids.tolist()], dtype=np.int64)
                 scores = np.where(keyword_rank > 0, 1.0 / (RRF_K + keyword_rank), 0.0)
                 if opts.mode != "keyword":
-                    scores = scores + 1.0 / (RRF_K + vector_rank)
+                    fusion = _fusion(opts.mode)
+                    if fusion == "gate":  # does the model recognise the query? (query.gate; no scale: rrf)
+                        model_z = null_z(float(similarity.max()), nulls) if len(similarity) and nulls is not None else None
+                        fusion = "rrf" if model_z is None else gate(model_z)
+                    scores = keyword_fusion(similarity, vector_rank, keyword_rank, fusion)
+                    if fusion == "belief":
+                        beliefs = belief(similarity)
                 else:
                     keep = keyword_rank > 0
                     ids, parts, similarity, scores = ids[keep], parts[keep], similarity[keep], scores[keep]
@@ -598,6 +644,10 @@ class Engine:
             if ranks is not None:
                 made_of = {**(made_of or {}), "similarity_rank": None if opts.mode == "keyword" else int(ranks[0][i]),
                            "keyword_rank": int(ranks[1][i]) or None}
+                if beliefs is not None:  # how auto decided: the model's belief, and what the keyword match added
+                    made_of.update(belief=round(float(beliefs[i]), 6), keyword_share=round(float(scores[i] - beliefs[i]), 6))
+                if model_z is not None:  # the gate's measure: the query's best cosine in null sds
+                    made_of["model_z"] = round(model_z, 3)
             hits.append(_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []),
                              similarity=float(similarity[i]), parts=made_of))
         return sort_hits(hits, opts.sort)
@@ -802,6 +852,22 @@ PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a 
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
+BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the candidates and 'none of these' (at "
+               f"{BELIEF_NONE}) of (similarity - their mean) / their sd / {BELIEF_TEMPERATURE}; a caption, text-in-image "
+               f"or tag match adds {KEYWORD_SHARE} x "
+               f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model's belief in another "
+               "image exceeds its own by more than that")
+GATE_RULE = (f"the query's best similarity in standard deviations above null queries' (random letter strings): below "
+             f"{GATE_Z} (the model does not recognise it) {RRF_K + 1}/({RRF_K} + similarity rank) + 1/({RRF_K} + keyword rank); "
+             f"from {GATE_Z} up: {BELIEF_RULE}")
+# How auto fuses keyword evidence (query.AUTO_FUSIONS). rrf, as hybrid: the others (belief, gate) are there for
+# bench_auto.py, which measured them against it and found neither better over every case (RESULTS.md).
+AUTO_FUSION = "rrf"
+
+
+def _fusion(mode: str) -> str:
+    """The fusion a mode's ranking uses: auto's AUTO_FUSION; hybrid keeps reciprocal rank fusion."""
+    return AUTO_FUSION if mode == "auto" else "rrf"
 
 
 @dataclass(frozen=True)

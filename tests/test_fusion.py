@@ -1,0 +1,203 @@
+"""The default mode's fusions of similarity and keyword evidence (alignsearch/search/query.py: keyword_fusion,
+fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import alignsearch
+from alignsearch.search.request import build as build_request
+from alignsearch.search import engine as engine_module
+from alignsearch.search.query import GATE_Z, KEYWORD_SHARE, NULL_SD_FLOOR, RRF_K, belief, fuse_hits, gate, \
+    gated_fusion, keyword_fusion, null_prompts, null_z
+from alignsearch.storage import catalog
+from alignsearch.storage.paths import ANN_FILE, DB_FILE
+from helpers import vector_index
+
+
+def confident(n=48, relevant=4, seed=0):
+    """Similarities of a model that singles out `relevant` images (ids 0..relevant-1) well above the rest."""
+    rng = np.random.default_rng(seed)
+    sims = rng.normal(0.0, 0.1, n)
+    sims[:relevant] = 0.6 + rng.normal(0.0, 0.02, relevant)
+    return {i: float(s) for i, s in enumerate(sims)}
+
+
+def flat(n=48, low=8):
+    """Similarities of a model that singles out nothing for the query: most images tie (its belief is spread
+    over them), the last `low` lie below."""
+    return {i: 0.2 if i < n - low else 0.1 for i in range(n)}
+
+
+def test_a_wrong_caption_does_not_outrank_what_the_model_singles_out():
+    sims = confident()
+    wrong = min(sims, key=sims.get)  # the model's last image carries the query's word
+    ranked = [i for i, _ in fuse_hits(sims, [wrong])]
+    assert ranked[0] in {0, 1, 2, 3} and ranked[1] in {0, 1, 2, 3}
+    # nudged up from the bottom to among the model's choice (whose belief four images share), not above it
+    assert wrong in ranked[2:5] and set(ranked[:5]) == {0, 1, 2, 3, wrong}
+    # reciprocal rank fusion (auto before, hybrid now) put it first
+    assert [i for i, _ in fuse_hits(sims, [wrong], method="rrf")][0] == wrong
+
+
+def test_a_keyword_match_goes_first_where_the_model_has_no_signal():
+    sims = flat()
+    for caption in (47, 17, 0):
+        ranked = fuse_hits(sims, [caption])
+        assert ranked[0][0] == caption
+        rest = [i for i, _ in ranked[1:]]
+        assert rest == sorted(rest, key=lambda i: (-sims[i], i))  # the others keep the model's order
+
+
+def test_a_true_caption_lifts_the_model_choice_it_agrees_with():
+    sims = confident()
+    second = sorted(sims, key=lambda i: -sims[i])[1]
+    ranked = fuse_hits(sims, [second])
+    assert ranked[0][0] == second
+
+
+def test_the_printed_score_is_the_order_and_is_made_of_belief_and_share():
+    sims = confident(seed=3)
+    keyword = [40, 2, 41]
+    ranked = fuse_hits(sims, keyword)
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True)
+    ids = list(sims)
+    beliefs = dict(zip(ids, belief(np.array([sims[i] for i in ids]))))
+    for i, s in ranked:
+        share = KEYWORD_SHARE * (RRF_K + 1) / (RRF_K + keyword.index(i) + 1) if i in keyword else 0.0
+        assert s == pytest.approx(beliefs[i] + share)
+    assert len(ranked) == len(sims) and {i for i, _ in ranked} == set(sims)
+
+
+def test_belief_ignores_the_similarities_scale_and_offset_and_leaves_the_rest_to_none():
+    s = np.array([0.1, 0.3, 0.25, -0.2, 0.31])
+    b = belief(s)
+    assert 0 < b.sum() < 1 and int(np.argmax(b)) == 4
+    assert belief(3 * s - 0.5) == pytest.approx(b)  # a model with other cosine ranges believes the same
+    equal = belief(np.full(6, 0.4))  # nothing to choose between: nothing believed
+    assert np.all(equal == equal[0]) and equal.sum() < 1e-4
+    assert belief(np.array([0.9, 0.1, 0.1, 0.1])).max() <= 0.5  # 4 candidates: the best is at most half believed
+    assert belief(np.zeros(0)).shape == (0,)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        keyword_fusion(s, np.arange(1, 6), np.zeros(5, np.int64), method="mean")
+
+
+def test_a_handful_of_candidates_does_not_outweigh_a_keyword_match():
+    """Five images, a random model: its similarities are spread, but five of them say nothing (the search
+    filters' library, tests/test_search_filters.py, where the caption match leads)."""
+    sims = dict(enumerate([0.3105, 0.1002, -0.0382, -0.1608, -0.3682]))
+    assert fuse_hits(sims, [4])[0][0] == 4
+
+
+def test_without_keyword_matches_the_order_is_the_similarity_order():
+    sims = confident(seed=5)
+    assert [i for i, _ in fuse_hits(sims, [])] == sorted(sims, key=lambda i: (-sims[i], i))
+
+
+def test_belief_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_path, monkeypatch):
+    """Synthetic vectors: the query is one stored vector (what the model singles out); the caption holding
+    the query's word is on the vector least like it. Auto with the belief fusion (there for bench_auto.py)
+    keeps the model's choice first; auto's default (RRF, as hybrid) ranks the caption first."""
+    dim, n = 64, 40
+    store = vector_index(tmp_path, n, dim, seed=1)
+    (tmp_path / ANN_FILE).unlink()  # no ANN index: the engine scores the committed vectors exactly
+    x = store.get(np.arange(n)).astype(np.float32)
+    query = x[0] / np.linalg.norm(x[0])
+    worst = int(np.argmin(x @ query))
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.begin() as conn:
+        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, n + 1)).values()}
+        catalog.set_photo(conn, ids[worst], f"{worst:07d}.jpg", {"caption": "cat mug"})
+    db.dispose()
+    engine = alignsearch.open(tmp_path)
+    monkeypatch.setattr(engine_module, "AUTO_FUSION", "belief")
+    hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+    assert hits[0].id == ids[0] and hits[1].id == ids[worst]  # nudged up from the bottom, behind the model's choice
+    assert hits[1].parts["keyword_rank"] == 1 and hits[1].parts["keyword_share"] == pytest.approx(KEYWORD_SHARE)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(h.score == pytest.approx(h.parts["belief"] + h.parts["keyword_share"], abs=2e-6) for h in hits)
+    assert engine.search_vector(query, k=10, text="cat", mode="hybrid")[0].id == ids[worst]  # hybrid is RRF
+    plan = engine.explain(build_request(text="cat", k=10))
+    assert plan["mode"] == "auto" and plan["caption_or_tag_matches"] == 1
+    assert plan["ranking"] == "hybrid (model belief + keyword share)" and "belief" in plan["score"]
+    assert engine.explain(build_request(text="cat", k=10, mode="hybrid"))["ranking"] == "hybrid (RRF)"
+    monkeypatch.undo()  # the default: reciprocal rank fusion
+    assert engine_module.AUTO_FUSION == "rrf"
+    hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+    assert hits[0].id == ids[worst] and hits[0].parts == {"similarity_rank": n, "keyword_rank": 1}
+    assert engine.explain(build_request(text="cat", k=10))["ranking"] == "hybrid (RRF)"
+    engine.close()
+
+
+def test_null_z_measures_the_best_cosine_in_null_sds_with_a_floor():
+    nulls = np.array([0.40, 0.44, 0.42, 0.46, 0.38])
+    assert null_z(0.42, nulls) == pytest.approx(0.0)
+    assert null_z(0.42 + 3 * nulls.std(), nulls) == pytest.approx(3.0)
+    same = np.full(8, 0.5)  # every null query encoded alike (all unknown to the tokenizer): the floor scales
+    assert null_z(0.5 + 2 * NULL_SD_FLOOR, same) == pytest.approx(2.0)
+    assert null_z(0.3, nulls) < 0
+
+
+def test_null_prompts_are_fixed_meaningless_strings():
+    prompts = null_prompts()
+    assert prompts == null_prompts() and prompts[0] == "" and len(set(prompts)) == len(prompts)
+    assert all(p.isalpha() and p.islower() and 3 <= len(p) <= 10 for p in prompts[1:])
+
+
+def test_the_gate_lets_keyword_evidence_lead_only_where_the_model_does_not_recognise_the_query():
+    sims = confident()
+    ids = list(sims)
+    s = np.array([sims[i] for i in ids])
+    vector_rank = np.empty(len(ids), np.int64)
+    vector_rank[np.argsort(-s, kind="stable")] = np.arange(1, len(ids) + 1)
+    wrong = int(np.argmin(s))
+    keyword_rank = np.where(np.arange(len(ids)) == wrong, 1, 0)
+    unknown = gated_fusion(GATE_Z - 0.5, s, vector_rank, keyword_rank)
+    known = gated_fusion(GATE_Z + 0.5, s, vector_rank, keyword_rank)
+    assert int(np.argmax(unknown)) == wrong  # as reciprocal rank fusion: the caption leads
+    assert int(np.argmax(known)) in {0, 1, 2, 3}  # the model's confident choice leads, the caption is nudged
+    assert unknown == pytest.approx(keyword_fusion(s, vector_rank, keyword_rank, "rrf"))
+    assert known == pytest.approx(keyword_fusion(s, vector_rank, keyword_rank, "belief"))
+    assert gate(GATE_Z) == "belief" and gate(GATE_Z - 1e-9) == "rrf" and gate(0.0, threshold=-1.0) == "belief"
+    assert [i for i, _ in fuse_hits(sims, [wrong], method="gate", z=0.0)][0] == wrong
+
+
+@pytest.mark.parametrize("z", [-5.0, 0.0, GATE_Z, 50.0])
+def test_the_gate_keeps_the_similarity_order_without_keyword_matches(z):
+    sims = confident(seed=7)
+    assert [i for i, _ in fuse_hits(sims, [], method="gate", z=z)] == sorted(sims, key=lambda i: (-sims[i], i))
+
+
+def test_the_engine_gates_on_the_query_best_cosine_against_the_null_queries(tmp_path, monkeypatch):
+    """The engine's wiring: z is the best candidate's similarity against the null queries' best cosines
+    (set here, as a model would give them), and picks the fusion. A wrong caption on the vector least like the
+    query: first where the query stands no higher than the nulls (rrf), behind the model's choice where it
+    stands far above them (belief)."""
+    dim, n = 64, 40
+    store = vector_index(tmp_path, n, dim, seed=1)
+    (tmp_path / ANN_FILE).unlink()
+    x = store.get(np.arange(n)).astype(np.float32)
+    query = x[0] / np.linalg.norm(x[0])
+    worst = int(np.argmin(x @ query))
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.begin() as conn:
+        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, n + 1)).values()}
+        catalog.set_photo(conn, ids[worst], f"{worst:07d}.jpg", {"caption": "cat mug"})
+    db.dispose()
+    monkeypatch.setattr(engine_module, "AUTO_FUSION", "gate")
+    engine = alignsearch.open(tmp_path)
+    best = 1.0  # the query is a stored vector
+    for nulls, leads in ((np.array([0.99, 1.0, 1.01]), ids[worst]), (np.array([0.2, 0.3, 0.25]), ids[0])):
+        engine._nulls = (engine.snap, nulls)  # the snapshot's cached null calibration
+        hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+        assert hits[0].id == leads
+        assert all(h.parts["model_z"] == pytest.approx(null_z(best, nulls), abs=1e-3) for h in hits)
+    assert ("belief" in hits[0].parts) and engine.search_vector(query, k=10, text="dog", mode="auto")[0].id == ids[0]
+    engine._nulls = None  # no calibration yet, and no model to calibrate with (a synthetic index): keyword evidence leads
+    hits = engine.search_vector(query, k=10, text="cat", mode="auto")
+    assert hits[0].id == ids[worst] and "model_z" not in hits[0].parts and engine._nulls[1] is None
+    plan = engine.explain(build_request(text="cat", k=10))
+    assert plan["ranking"] == "hybrid (gated: RRF or model belief + keyword share)" and str(GATE_Z) in plan["score"]
+    engine.close()

@@ -231,7 +231,8 @@ def test_a_tower_loaded_while_its_folder_is_being_removed_is_not_used_from_the_r
 
 # -- 3. what a removal cut short leaves: `.superseded-*` ------------------------------------------------------------
 
-def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched(exported_cache, tmp_path):
+@pytest.mark.parametrize("by", ["the next removal", "the next run that uses the model"])
+def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched(exported_cache, tmp_path, tiny_model, by):
     """A process killed between renaming a superseded export away and deleting it leaves `.superseded-NAME-XXXX`
     (exportcache.TRASH), half deleted; the next removal deletes it. It never deletes the live export, nor a
     `.superseded-*` entry that is a symlink (to a folder holding a canary), one owned by another user or one
@@ -252,6 +253,7 @@ def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched
     leftover = parent / f"{exportcache.TRASH}{'0' * 32}-{'1' * 16}-1a2b3c4d"
     shutil.copytree(live, leftover)
     (leftover / "vision-fp32.onnx").unlink()
+    leftover.with_name(leftover.name + "-second").mkdir()  # two removals killed
     (leftover / "escape").symlink_to(outside, target_is_directory=True)
     (leftover / "records" / "escape").symlink_to(outside / "sub", target_is_directory=True)
     decoy = parent / f"{exportcache.TRASH}decoy-5e6f7a8b"
@@ -268,8 +270,13 @@ def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched
         os.chown(other, 4242, 4242)
         kept.append(other)
 
-    assert exportcache.remove_superseded(live, read_manifest(live)) == []  # nothing superseded: only leftovers go
-    assert not os.path.lexists(leftover)
+    if by == "the next removal":
+        assert exportcache.remove_superseded(live, read_manifest(live)) == []  # nothing superseded: only leftovers go
+    else:  # an ordinary run: the model's towers taken from the cache, nothing exported or superseded
+        from alignsearch.encoders.model import Encoder
+
+        Encoder(str(tiny_model), device="cpu").encode_text(["a dog"])
+    assert not os.path.lexists(leftover) and not os.path.lexists(leftover.with_name(leftover.name + "-second"))
     assert all(os.path.lexists(p) for p in kept)
     assert decoy.is_symlink() and os.readlink(decoy) == str(outside)
     assert (outside / "canary").read_text() == "must survive"

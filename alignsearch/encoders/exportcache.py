@@ -14,7 +14,9 @@ export is complete, what it superseded is removed, and only that:
   (backend.lock_in_use) for as long as they run; the remover takes it exclusively, without waiting, and leaves a
   folder it cannot lock for a later export to remove;
 - the folder is renamed away first (one atomic step: no process finds it by its name afterwards), then
-  deleted; one left half-deleted by a killed process is deleted by the next.
+  deleted; one left half-deleted by a killed process is deleted by the next removal, or by the next process
+  that opens the cache for a model (onnxexport.Exporter): no process uses a renamed-away folder, and up to a
+  gigabyte should not wait for the next re-export.
 """
 
 from __future__ import annotations
@@ -96,20 +98,32 @@ def _delete(trash: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)  # never follows a symlink (fd-based on Linux)
 
 
+def _entries(parent: Path) -> list[os.DirEntry]:
+    try:
+        return sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def remove_leftovers(parent: Path) -> list[str]:
+    """Delete what removals killed midway left in `parent` (TRASH folders of this user that nobody else may
+    write; a symlink or another user's folder of that name is left alone): the names deleted."""
+    gone = []
+    for entry in _entries(parent):
+        if entry.name.startswith(TRASH) and _ours(Path(entry.path)):
+            _delete(Path(entry.path))
+            gone.append(entry.name)
+    return gone
+
+
 def remove_superseded(folder: Path, manifest: dict) -> list[tuple[str, int]]:
     """Delete the folders beside `folder` that its complete export superseded (see the module's docstring):
     [(name, bytes)] of those deleted. Failures leave them for a later export."""
     parent = folder.parent
     removed = []
-    try:
-        entries = sorted(os.scandir(parent), key=lambda e: e.name)
-    except OSError:
-        return removed
-    for entry in entries:
+    remove_leftovers(parent)
+    for entry in _entries(parent):
         path = Path(entry.path)
-        if entry.name.startswith(TRASH) and _ours(path):
-            _delete(path)  # left by a process killed while deleting
-            continue
         if entry.name == folder.name or entry.name.startswith(".") or not superseded(path, manifest):
             continue
         lock = lock_in_use(path, exclusive=True)

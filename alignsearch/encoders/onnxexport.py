@@ -152,6 +152,7 @@ class Exporter:
         why = cache_untrusted(self.folder)
         if why:  # never read from nor written to: the model runs on torch, and says why
             raise OnnxUnusable(f"the model cache is not private: {why}")
+        exportcache.remove_leftovers(self.folder.parent)  # a removal killed midway: finished now, not at the next export
         disk = read_manifest(self.folder)
         self.manifest = self._current(disk)
         # an older export (another export version) is in the folder: its towers not exported again are

@@ -96,21 +96,31 @@ def test_without_keyword_matches_the_order_is_the_similarity_order():
     assert [i for i, _ in fuse_hits(sims, [])] == sorted(sims, key=lambda i: (-sims[i], i))
 
 
-def test_belief_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_path, monkeypatch):
-    """Synthetic vectors: the query is one stored vector (what the model singles out); the caption holding
-    the query's word is on the vector least like it. Auto with the belief fusion (there for bench_auto.py)
-    keeps the model's choice first; auto's default (RRF, as hybrid) ranks the caption first."""
-    dim, n = 64, 40
-    store = vector_index(tmp_path, n, dim, seed=1)
-    (tmp_path / ANN_FILE).unlink()  # no ANN index: the engine scores the committed vectors exactly
-    x = store.get(np.arange(n)).astype(np.float32)
+N_WRONG = 40
+
+
+def _wrong_caption_index(tmp_path):
+    """N_WRONG synthetic vectors with no ANN index (the engine scores the committed vectors exactly); the query
+    is the first stored vector, and the caption "cat mug" is on the vector least like it. (query, ids by
+    vector row, that row, N_WRONG)."""
+    store = vector_index(tmp_path, N_WRONG, 64, seed=1)
+    (tmp_path / ANN_FILE).unlink()
+    x = store.get(np.arange(N_WRONG)).astype(np.float32)
     query = x[0] / np.linalg.norm(x[0])
     worst = int(np.argmin(x @ query))
     db = catalog.connect(tmp_path / DB_FILE)
     with db.begin() as conn:
-        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, n + 1)).values()}
+        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, N_WRONG + 1)).values()}
         catalog.set_photo(conn, ids[worst], f"{worst:07d}.jpg", {"caption": "cat mug"})
     db.dispose()
+    return query, ids, worst, N_WRONG
+
+
+def test_belief_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_path, monkeypatch):
+    """Synthetic vectors: the query is one stored vector (what the model singles out); the caption holding
+    the query's word is on the vector least like it. Auto with the belief fusion (there for bench_auto.py)
+    keeps the model's choice first; auto's default (RRF, as hybrid) ranks the caption first."""
+    query, ids, worst, n = _wrong_caption_index(tmp_path)
     engine = alignsearch.open(tmp_path)
     monkeypatch.setattr(engine_module, "AUTO_FUSION", "belief")
     hits = engine.search_vector(query, k=10, text="cat", mode="auto")
@@ -175,17 +185,7 @@ def test_the_engine_gates_on_the_query_best_cosine_against_the_null_queries(tmp_
     (set here, as a model would give them), and picks the fusion. A wrong caption on the vector least like the
     query: first where the query stands no higher than the nulls (rrf), behind the model's choice where it
     stands far above them (belief)."""
-    dim, n = 64, 40
-    store = vector_index(tmp_path, n, dim, seed=1)
-    (tmp_path / ANN_FILE).unlink()
-    x = store.get(np.arange(n)).astype(np.float32)
-    query = x[0] / np.linalg.norm(x[0])
-    worst = int(np.argmin(x @ query))
-    db = catalog.connect(tmp_path / DB_FILE)
-    with db.begin() as conn:
-        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, n + 1)).values()}
-        catalog.set_photo(conn, ids[worst], f"{worst:07d}.jpg", {"caption": "cat mug"})
-    db.dispose()
+    query, ids, worst, n = _wrong_caption_index(tmp_path)
     monkeypatch.setattr(engine_module, "AUTO_FUSION", "gate")
     engine = alignsearch.open(tmp_path)
     best = 1.0  # the query is a stored vector

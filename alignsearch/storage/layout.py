@@ -37,7 +37,7 @@ from typing import ClassVar
 import faiss
 
 from alignsearch.storage import ann, state
-from alignsearch.storage.paths import LISTS_SUFFIX
+from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
 
 
 def read_record(conn) -> state.AnnState:
@@ -112,6 +112,26 @@ class Layout(ABC):
         """One line per file whose bytes are missing or differ from the recorded checksum."""
         return [damaged_message(name) for name, want in self.expected().items()
                 if not (self.folder / name).exists() or ann.file_digest(self.folder / name) != want]
+
+
+class OneFile(Layout):
+    """A layout whose index is index.faiss (single; on-disk, beside its lists file): written as
+    index.faiss.next, published by a rename, read only with the recorded checksum (ann.read_verified)."""
+
+    _written: str | None = None  # the digest of index.faiss.next, once write() wrote it
+
+    @property
+    def path(self) -> Path:
+        return self.folder / ANN_FILE
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def open(self) -> faiss.Index:
+        return ann.read_verified(self.path, self.record.digest)
+
+    def write(self, index: faiss.Index) -> None:
+        self._written = ann.write_next(index, self.path)
 
 
 def committed_next(path: Path, digest: str | None) -> bool:

@@ -13,22 +13,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import faiss
-
 from alignsearch.storage import ann, shards
-from alignsearch.storage.layout import Layout, committed_next, damaged_message, drop_lists
-from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
+from alignsearch.storage.layout import OneFile, committed_next, damaged_message, drop_lists
+from alignsearch.storage.paths import LISTS_SUFFIX
 
 
-class OnDisk(Layout):
+class OnDisk(OneFile):
     kind = "ondisk"
 
     staged: Path | None = None  # the lists file a build is writing
-    _written: str | None = None  # the digest of index.faiss.next, once write() wrote it
-
-    @property
-    def path(self) -> Path:
-        return self.folder / ANN_FILE
 
     def new_lists(self) -> Path:
         """A fresh name for the build's lists file (a reader of the older index keeps its own)."""
@@ -47,15 +40,6 @@ class OnDisk(Layout):
     def files(self) -> list[Path]:
         lists = self.lists()
         return [self.path] + ([lists] if lists is not None else [])
-
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def open(self) -> faiss.Index:
-        return ann.read_verified(self.path, self.record.digest)
-
-    def write(self, index: faiss.Index) -> None:
-        self._written = ann.write_next(index, self.path)
 
     def checksums(self) -> tuple[str | None, dict[str, str]]:
         return None, {p.name: self._written if p == self.path else ann.file_digest(p) for p in self.files()}

@@ -8,33 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
-
 from alignsearch.storage import ann, shards
-from alignsearch.storage.layout import Layout, committed_next, damaged_message, drop_lists
+from alignsearch.storage.layout import OneFile, committed_next, damaged_message, drop_lists
 from alignsearch.storage.paths import ANN_FILE
 
 
-class Single(Layout):
+class Single(OneFile):
     kind = "single"
-
-    _written: str | None = None  # the digest of index.faiss.next, once write() wrote it
-
-    @property
-    def path(self) -> Path:
-        return self.folder / ANN_FILE
 
     def files(self) -> list[Path]:
         return [self.path]
-
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def open(self) -> faiss.Index:
-        return ann.read_verified(self.path, self.record.digest)
-
-    def write(self, index: faiss.Index) -> None:
-        self._written = ann.write_next(index, self.path)
 
     def checksums(self) -> tuple[str | None, dict[str, str]]:
         return self._written, {}

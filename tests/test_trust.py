@@ -769,3 +769,54 @@ def test_a_server_leaving_does_not_wait_on_or_follow_what_replaced_its_record(tm
     assert own.exists()
     remove_record(own, os.getpid())
     assert not own.exists()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\nConnection: close\r\n\r\n<h1>x</h1>",
+    b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 22\r\nConnection: close\r\n\r\n'
+    b'{"error": "not yours"}',
+])
+def test_another_programs_refusal_on_the_recorded_port_is_not_taken(record_ix, answer):
+    """The recorded server killed, its port taken by another program: that program's 4xx is the first word
+    the query hears from the port. It names no index, so the query searches locally with a notice (an HTML
+    page raised JSONDecodeError, a JSON one became this query's error)."""
+    ix, _, theirs = record_ix
+    other = Recorder(answer)
+    try:
+        record = json.loads(theirs.read_bytes())
+        _place(_server_record(ix, other, pid=record["pid"]), ix / "server.json")
+        answer_, notes = _routed(ix)
+    finally:
+        other.close()
+    assert answer_ is None and len(other.received) == 1
+    assert len(notes) == 1 and "did not answer" in notes[0] and "searching locally" in notes[0], notes
+
+
+@pytest.mark.slow
+def test_a_refusal_from_the_server_of_this_index_is_still_the_querys_error(tmp_path, tiny_model):
+    """The server's own 4xx names its index: the query fails with its message, as a local search would."""
+    ix = tmp_path / "ix"
+    make_images(tmp_path / "corpus", 3)
+    run("index", str(tmp_path / "corpus"), "--index", str(ix), "--model", str(tiny_model), "--device", "cpu")
+    proc, url = start_serve(ix)
+    try:
+        status, headers, _ = call(url, "/api/search?q=a&k=0", token=None)
+        assert status == 401 and "X-Alignsearch-Index" not in headers  # no token: the index is not named
+        out = subprocess.run([sys.executable, "-m", "alignsearch", "query", "a dog", "-k", "0", "--index", str(ix)],
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        stop(proc)
+    assert out.returncode != 0 and "notice" not in out.stderr and "k" in out.stderr, out.stderr
+
+
+def test_serve_keeps_its_record_private_where_the_index_folder_others_may_write(tmp_path):
+    """A record in a folder others may write is refused by every query (client.read_record) and was never
+    removed: `serve` now sends it to the private record by the same rule."""
+    from alignsearch.surfaces.server import read_only
+
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    os.chmod(ix, 0o777)
+    assert "writable by every user" in (read_only(ix) or "")
+    os.chmod(ix, 0o755)
+    assert read_only(ix) is None

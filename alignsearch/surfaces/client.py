@@ -212,6 +212,15 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
     return {**record, "search_params": claimed.get("search_params"), "contacted": claimed is not record}
 
 
+def _error_text(exc: HTTPError) -> str:
+    """The error a server's 4xx answer gives, or the status line where its body is not the JSON it sends."""
+    try:
+        text = json.loads(exc.read() or b"{}").get("error")
+    except (ValueError, AttributeError, OSError):
+        text = None
+    return text if isinstance(text, str) else str(exc)
+
+
 def _silent(url: str, exc: Exception) -> str:
     return f"notice: the server at {url} did not answer ({getattr(exc, 'code', None) or exc}); searching locally"
 
@@ -260,12 +269,14 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
             answer, named = _exchange(record, f"/api/search?{urlencode(params)}", body,
                                       {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout)
     except HTTPError as exc:
-        # A query refused is refused by the rules every surface shares (querycheck): the same error as here
-        if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
-            raise BadInputError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
-        if asked and exc.code == 401:  # the token refused: whatever listens there is not the recorded server
+        if asked and 400 <= exc.code < 500 and exc.headers.get(INDEX_HEADER) != record.get("index_id"):
+            # the first word from whatever listens there, and not the server of this index (its errors name
+            # it): another program on a reused port, the recorded server killed, is not taken at its word
             notice(_silent(record["url"], exc))
             return Routed(None, f"the server did not answer ({exc.code})")
+        # A query refused is refused by the rules every surface shares (querycheck): the same error as here
+        if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
+            raise BadInputError(_error_text(exc)) from None
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
         return Routed(None, f"the server answered {exc.code}")
     except (URLError, OSError, ValueError) as exc:

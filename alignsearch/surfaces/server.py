@@ -635,7 +635,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     )
 
     def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+        # an error names the index too (not to a caller without the token), so the CLI, whose first word
+        # from a recorded server this may be, takes a refusal only from the server of its index
+        named = {} if status in (401, 403) else {INDEX_HEADER: library.index_id or ""}
+        return JSONResponse({"error": message, **extra}, status_code=status, headers={**named, **(headers or {})})
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -860,7 +863,11 @@ def read_only(index_dir: Path) -> str | None:
         return f"it belongs to another user (uid {st.st_uid})"
     if not os.access(index_dir, os.W_OK):
         return "it is read-only"
-    return None
+    # the rule the client reads the record by (client.read_record): a record others could have written
+    # there would be refused by every query, and never removed
+    from alignsearch.storage.paths import untrusted
+
+    return untrusted(index_dir)
 
 
 def record_path(index_dir: Path) -> Path:

@@ -116,7 +116,9 @@ class Layout(ABC):
 
 class OneFile(Layout):
     """A layout whose index is index.faiss (single; on-disk, beside its lists file): written as
-    index.faiss.next, published by a rename, read only with the recorded checksum (ann.read_verified)."""
+    index.faiss.next and published by a rename. Opened through ann.read_verified: the single layout
+    records its checksum (record.digest) and only those bytes are read; the on-disk layout records it among
+    its files and its small index.faiss is read as it is (digest None), verify checks it."""
 
     _written: str | None = None  # the digest of index.faiss.next, once write() wrote it
 

@@ -45,10 +45,12 @@ class Single(OneFile):
 
     def finish_publish(self) -> None:
         """Finish a rename a crash interrupted: index.faiss.next is published if it carries the recorded
-        checksum, else deleted (written, never committed)."""
+        checksum (a single layout's digest, or index.faiss among an on-disk layout's files: whichever layout
+        committed), else deleted (written, never committed)."""
         nxt = ann.next_path(self.path)
+        expected = self.record.digest or self.record.files.get(ANN_FILE)
         if nxt.exists():
-            if self.record.digest is not None and ann.file_digest(nxt) == self.record.digest:
+            if expected is not None and ann.file_digest(nxt) == expected:
                 ann.publish_next(self.path)
             else:
                 nxt.unlink()

@@ -57,8 +57,9 @@ PLACES = ("zanzibar", "reykjavik", "lisbon", "kyoto", "oaxaca", "tbilisi", "valp
           "hobart", "cusco", "samarkand", "dubrovnik", "galway", "hanoi", "bergen", "quebec", "mombasa", "tallinn",
           "ushuaia", "palermo", "lhasa", "granada", "nairobi")
 MODES = ("vector", "auto-rrf", "auto-belief", "auto", "keyword")
-# auto with each of its fusions (engine.AUTO_FUSION): auto-rrf the previous default (the baseline), auto-belief the
-# model's belief plus a keyword share, auto the gate (belief or rrf by the query's best cosine against null queries)
+# auto with each of its fusions (engine.AUTO_FUSION): auto-rrf what `--mode auto` does (the default, the baseline),
+# auto-belief the model's belief plus a keyword share, and the column named auto the gate (belief or rrf by the
+# query's best cosine against null queries), the candidate measured against the default
 FUSIONS = {"auto-rrf": "rrf", "auto-belief": "belief", "auto": "gate"}
 PER_SUBJECT = 4
 
@@ -229,7 +230,7 @@ def main() -> None:
              "wrong: 12 captioned with another subject's word" + ("; ocr: 24 of 48 with a place name painted in, "
              "`index --ocr`" if args.ocr else "") + ")",
              "- through alignsearch.open(ix).search(text, k=10, mode=...); vector = the baseline (pure similarity); "
-             "auto-rrf = auto with its previous fusion (reciprocal rank fusion, RRF_K 60); auto-belief = the belief fusion "
+             "auto-rrf = auto with its default fusion (reciprocal rank fusion, RRF_K 60); auto-belief = the belief fusion "
              f"(BELIEF_TEMPERATURE {BELIEF_TEMPERATURE}, BELIEF_NONE {BELIEF_NONE}, KEYWORD_SHARE {KEYWORD_SHARE}); auto = "
              f"the gate: belief where the query's best cosine stands GATE_Z {query_module.GATE_Z} or more null sds above "
              f"{query_module.NULL_PROMPTS} null queries' (sd floor {query_module.NULL_SD_FLOOR}), else rrf; constants chosen "
@@ -248,7 +249,7 @@ def main() -> None:
         for label in runs[seeds[0]])]
     if args.dump:
         Path(args.dump).write_text(json.dumps(runs))
-    record("Default query mode (auto): gated fusion vs belief vs previous RRF vs vector: bench_auto.py", lines,
+    record("Default query mode (auto): gated fusion vs belief vs the default RRF vs vector: bench_auto.py", lines,
            save=args.record)
 
 

@@ -858,9 +858,9 @@ BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the c
                f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model's belief in another "
                "image exceeds its own by more than that")
 GATE_RULE = (f"the query's best similarity in standard deviations above null queries' (random letter strings): below "
-             f"{GATE_Z} (the model does not recognise it) {RRF_K + 1}/({RRF_K} + similarity rank) + 1/({RRF_K} + keyword rank); "
+             f"{GATE_Z} (the model does not recognise it) 1/({RRF_K} + similarity rank) + 1/({RRF_K} + keyword rank); "
              f"from {GATE_Z} up: {BELIEF_RULE}")
-# How auto fuses keyword evidence (query.AUTO_FUSIONS). rrf, as hybrid: the others (belief, gate) are there for
+# How auto fuses keyword evidence (query.keyword_fusion's methods, or gate). rrf, as hybrid: the others (belief, gate) are there for
 # bench_auto.py, which measured them against it and found neither better over every case (RESULTS.md).
 AUTO_FUSION = "rrf"
 

@@ -57,8 +57,8 @@ def fuse(*rankings: list[int], k: int = RRF_K) -> list[int]:
 # a share for each keyword match; `gate`: belief or rrf by how far the query's best cosine stands above null
 # queries' (below). Measured: benchmarks/bench_auto.py (RESULTS.md): neither belief nor the gate beat rrf over
 # every case, so they are there for the benchmark.
-AUTO_FUSIONS = ("rrf", "belief", "gate")
-# Set on bench_auto.py's seeds 0,1,2 only (the best place-name MRR with a wrong caption's R@1 >= 0.8, among the
+
+# belief's constants: set on bench_auto.py's seeds 0,1,2 only (the best place-name MRR with a wrong caption's R@1 >= 0.8, among the
 # settings that rank a caption match first in a 5-image library searched with a random model); figures on
 # held-out seeds in RESULTS.md. In standard deviations of the candidates' similarities: the model's belief in a
 # candidate halves every 0.1 sd below the best one, so a model that singles out a few images holds its belief

@@ -105,6 +105,21 @@ def open_regular(path: str | os.PathLike, *, follow: bool = True, expect: tuple[
     return _open_leaf(os.fspath(path), None, follow, expect)
 
 
+def open_pinned(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular file at path, not a symlink, opened relative to its folder, and
+    that folder's stat, taken on the folder opened: who owns and may write the folder that held the file
+    when it was opened (a folder renamed in its place later does not change the answer). For records whose
+    trust depends on their folder (client.read_record). The caller closes the descriptor."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    dir_fd = os.open(folder or ".", _DIR)
+    try:
+        folder_st = os.fstat(dir_fd)
+        return _open_leaf(name, dir_fd, False, None), folder_st
+    finally:
+        os.close(dir_fd)
+
+
 def _open_leaf(name: str, dir_fd: int | None, follow: bool, expect: tuple[int, float] | None) -> int:
     # A stat first, so a device or FIFO is refused without being opened at all (opening some devices acts).
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow)

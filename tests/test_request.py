@@ -286,3 +286,69 @@ def test_a_stopped_server_is_not_waited_for(served_index):
     assert len(json.loads(out.stdout)["results"]) == 2
     assert took < 25, took  # a local search of a tiny index; the search timeout is 30 s
     assert cli(served_index["ix"], "red car", "-k", "2", "--json").stderr.count("notice") == 0  # served again
+
+
+def test_a_hung_server_is_given_up_on_within_seconds(tmp_path):
+    """A server alive and not stopped, but hung (its event loop stuck): the kernel still completes every
+    connection, so silence is all a query hears. The query asks /healthz once it has waited PROBE_EVERY; no
+    answer there either, and it searches locally within seconds (the previous client waited the whole 30 s
+    search timeout)."""
+    import socket
+
+    from alignsearch.surfaces import client
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    hung = socket.socket()  # listens, never accepts: connections complete, nothing is ever read or answered
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    port = hung.getsockname()[1]
+    record = {"pid": os.getpid(), "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+              "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
+              "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
+    (ix / SERVER_FILE).write_text(json.dumps(record))
+    os.chmod(ix / SERVER_FILE, 0o600)
+    notes: list[str] = []
+    start = time.monotonic()
+    try:
+        routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+    finally:
+        hung.close()
+    took = time.monotonic() - start
+    assert routed.answer is None and "not answering" in routed.why_local, routed
+    assert len(notes) == 1 and "/healthz did not answer" in notes[0] and "searching locally" in notes[0], notes
+    limit = client.PROBE_EVERY + client.CONTACT_TIMEOUT + 3
+    assert took < limit, took
+
+
+def test_a_slow_search_on_a_live_server_is_waited_for(prebuilt, tiny_model):
+    """The other side of the probe: a server that is searching (its answer slower than PROBE_EVERY) answers
+    /healthz meanwhile, and the query takes its answer rather than searching again locally."""
+    from alignsearch.surfaces import client
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    def build(base):
+        index_json(base / "ix", make_images(base / "photos", 4)[0].parent, "--model", tiny_model, "--device", "cpu")
+
+    base, _ = prebuilt.folder("indexed-images-4", build)
+    ix = base / "ix"
+    engine = alignsearch.open(ix, device="cpu")
+    real_parts = engine.parts_of
+
+    def slow_parts(*args, **kwargs):  # the query's encoding, on the server's encoder thread
+        time.sleep(1.5)
+        return real_parts(*args, **kwargs)
+
+    engine.parts_of = slow_parts
+    server = start_in_thread(engine, ServerConfig(port=0))
+    notes: list[str] = []
+    try:
+        start = time.monotonic()
+        routed = client.search_via_server(ix, search_request.build(text="red car", k=2), notice=notes.append,
+                                          probe_every=0.3)
+        took = time.monotonic() - start
+    finally:
+        server.shutdown()
+        engine.close()
+    assert notes == [] and routed.answer is not None and len(routed.answer["results"]) == 2, (notes, routed)
+    assert took >= 1.5, took  # it did wait through several probes

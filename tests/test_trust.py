@@ -575,6 +575,38 @@ def test_a_record_in_a_folder_every_user_can_write_is_not_used(record_ix):
     _refused(ix, server, "server.json is writable by every user")
 
 
+def test_a_folder_renamed_in_after_the_record_was_opened_does_not_vouch_for_it(record_ix, monkeypatch):
+    """Whoever may write the index's parent folder puts a folder of theirs (others may write it) in the index's
+    place holding a record of their server, and renames the real index back the moment the record is open. The
+    record's bytes are theirs: they must be judged by the folder they were opened in, not by the path's folder
+    a moment later (the previous check by path passed, and the query went to their server)."""
+    from alignsearch import safeopen
+
+    ix, server, theirs = record_ix
+    own = _fake_server(ix)  # the user's own server, recorded in the real index: the checks by path pass
+    _place(_server_record(ix, own), ix / "server.json")
+    genuine = ix.with_name("ix.genuine")
+    ix.rename(genuine)
+    ix.mkdir()
+    os.chmod(ix, 0o777)
+    _place(theirs.read_bytes(), ix / "server.json")
+    real_open = safeopen._open_leaf
+
+    def swapped_after_open(name, *args, **kwargs):
+        fd = real_open(name, *args, **kwargs)
+        if str(name).endswith("server.json") and genuine.exists():
+            ix.rename(ix.with_name("ix.theirs"))
+            genuine.rename(ix)
+        return fd
+
+    monkeypatch.setattr(safeopen, "_open_leaf", swapped_after_open)
+    try:
+        _refused(ix, server, "writable by every user")
+    finally:
+        own.close()
+    assert not genuine.exists()  # the swap did happen: the real index is in place when the checks run
+
+
 @needs_root
 def test_a_record_another_user_could_write_is_not_used(record_ix):
     ix, server, theirs = record_ix

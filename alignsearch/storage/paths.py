@@ -26,7 +26,13 @@ def untrusted(path: str | os.PathLike, owners: tuple[int, ...] = (), sticky_ok: 
     files g+w for a group of one). As ssh treats its keys; follows symlinks (the target is what is read).
     sticky_ok: a world-writable folder with the sticky bit (/tmp) passes: others cannot rename or remove
     what this user keeps in it."""
-    st = os.stat(path)
+    return untrusted_stat(os.stat(path), path, owners, sticky_ok)
+
+
+def untrusted_stat(st: os.stat_result, path: str | os.PathLike, owners: tuple[int, ...] = (),
+                   sticky_ok: bool = False) -> str | None:
+    """untrusted's rule on a stat already taken: of an open descriptor (os.fstat), so the file judged is the
+    file read, whatever is renamed over its path meanwhile. path only names it in the reason."""
     if st.st_uid != os.geteuid() and st.st_uid not in owners:
         return f"{path} belongs to another user (uid {st.st_uid})"
     if st.st_mode & 0o002 and not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,12 @@ from urllib.request import ProxyHandler, Request, build_opener
 from alignsearch import safeopen
 from alignsearch.errors import BadInputError
 from alignsearch.search.request import SearchRequest, to_params
-from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted
+from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_stat
 
 CONTACT_TIMEOUT = 2.0
+# How long a query waits for its answer before it asks whether the server is alive (GET /healthz); the
+# server's own answer takes milliseconds (RESULTS.md: p50 21.7 ms at 100k vectors).
+PROBE_EVERY = 2.0
 MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; more is not one `serve` wrote
 # The response header in which /api/search names the index it searched (its index id): the answer to a
 # query proves which server gave it, so no GET /api/info is needed before it.
@@ -82,21 +86,20 @@ class RecordRefused(Exception):
 def read_record(path: Path) -> dict:
     """The server record at path, read only as this user alone could have written it: the file itself, not
     a symlink's target, a regular file (safeopen), neither it nor its folder writable by another user
-    (paths.untrusted), at most MAX_RECORD_BYTES of a JSON object. The folder is checked once the file is
-    open: a folder only this user can write holds the very file opened. Raises FileNotFoundError where
+    (paths.untrusted), at most MAX_RECORD_BYTES of a JSON object. Both are judged on what was opened (the
+    folder's and the file's descriptors), not on what their paths name a moment later. Raises FileNotFoundError where
     there is none, RecordRefused otherwise."""
     try:
-        fd = safeopen.open_regular(path, follow=False)
+        fd, folder = safeopen.open_pinned(path)
     except safeopen.Refused as exc:
         raise RecordRefused(str(exc)) from None
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise RecordRefused(f"unreadable ({exc.strerror or exc})") from None
-    try:
-        why = untrusted(path.parent) or untrusted(path)
-    except OSError as exc:
-        why = f"it cannot be checked ({exc.strerror or exc})"
+    # judged on the descriptors, not the path: a folder or file renamed into place after the open (by whoever
+    # may write the index's parent) does not lend its owner to the bytes read
+    why = untrusted_stat(folder, path.parent) or untrusted_stat(os.fstat(fd), path)
     if why:
         os.close(fd)
         raise RecordRefused(why)
@@ -145,6 +148,43 @@ def _exchange(record: dict, path: str, data: bytes | None = None, headers: dict 
 
 def _request(record: dict, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30.0):
     return _exchange(record, path, data, headers, timeout)[0]
+
+
+class Hung(OSError):
+    """The server let a query wait and did not answer /healthz either: alive (and not stopped) but hung."""
+
+
+def _watched(record: dict, path: str, data: bytes | None, headers: dict | None, timeout: float,
+             probe_every: float) -> tuple[dict, str | None]:
+    """_exchange, with the server watched while it has not answered. A hung server (a stuck event loop, a
+    process frozen in a way /proc does not show) still accepts connections in the kernel, and silence cannot
+    be told from a long search: the query waits in a thread, and each probe_every seconds without its answer
+    GET /healthz (answered by the event loop itself, without a search slot) is asked. A server that answers
+    it is searching: the query waits on, up to timeout. One that does not within CONTACT_TIMEOUT is hung:
+    Hung is raised, and the caller searches locally seconds in, not after the whole timeout. The thread is
+    a daemon: an abandoned query does not keep the process alive."""
+    done, box = threading.Event(), {}
+
+    def query() -> None:
+        try:
+            box["answer"] = _exchange(record, path, data, headers, timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=query, name="alignsearch-query", daemon=True).start()
+    while not done.wait(probe_every):
+        try:
+            _request(record, "/healthz", timeout=CONTACT_TIMEOUT)
+        except HTTPError:
+            pass  # an answer all the same (an older server without /healthz): it is alive
+        except (URLError, OSError, ValueError) as exc:
+            if not done.is_set():
+                raise Hung(f"a query waited {probe_every:g} s and /healthz did not answer either ({exc})") from None
+    if "error" in box:
+        raise box["error"]
+    return box["answer"]
 
 
 def verified_server(index_dir: Path, notice: Callable[[str], None] = _stderr) -> dict | None:
@@ -240,7 +280,7 @@ class Routed:
 
 
 def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 30.0,
-                      notice: Callable[[str], None] = _stderr) -> Routed:
+                      notice: Callable[[str], None] = _stderr, probe_every: float = PROBE_EVERY) -> Routed:
     """The request, whole, to a verified server for this index: GET /api/search with its parameters, or with
     an image POST /api/search with the image's bytes as the form's file and the parameters in the URL. No
     answer (Routed.answer None) when no verified server runs or it cannot take the request; the caller then
@@ -260,14 +300,15 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
     asked = not record["contacted"]  # this answer is the first word from it: it must name this index
     try:
         if request.image is None:
-            answer, named = _exchange(record, f"/api/search?{urlencode(params)}", timeout=timeout)
+            answer, named = _watched(record, f"/api/search?{urlencode(params)}", None, None, timeout, probe_every)
         else:
             image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
             boundary = uuid.uuid4().hex
             body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()
-            answer, named = _exchange(record, f"/api/search?{urlencode(params)}", body,
-                                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout)
+            answer, named = _watched(record, f"/api/search?{urlencode(params)}", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout,
+                                     probe_every)
     except HTTPError as exc:
         if asked and 400 <= exc.code < 500 and exc.headers.get(INDEX_HEADER) != record.get("index_id"):
             # the first word from whatever listens there, and not the server of this index (its errors name
@@ -279,6 +320,10 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
             raise BadInputError(_error_text(exc)) from None
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
         return Routed(None, f"the server answered {exc.code}")
+    except Hung as exc:
+        why = f"the server at {record['url']} is not answering: {exc}"
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
     except (URLError, OSError, ValueError) as exc:
         if asked:
             notice(_silent(record["url"], exc))

@@ -16,7 +16,7 @@ from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.vectors import VectorStore
-from indexer import build, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
+from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
 from indexer.lock import writer_lock
 
@@ -44,6 +44,7 @@ class Summary:
     times: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)  # backend and precision that ran (alignsearch/encoders/backend.py)
     ocr: dict = field(default_factory=dict)  # {"enabled", "read", "with_text"}: text in images (alignsearch/media/ocr.py)
+    compacted: dict | None = None  # the vector store compacted at the end of the run (indexer/compact.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -105,6 +106,7 @@ def index_folders(
     video_interval: float | None = None,
     ocr: bool | None = None,
     gpu_decode: bool | None = None,
+    compact: bool | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -133,6 +135,8 @@ def index_folders(
     (the text already read stays searchable); None applies the index's choice (off for a new index).
     gpu_decode True decodes JPEGs on the GPU (indexer/gpudecode.py; an error where it cannot), False on the CPU,
     None on the GPU where it can (a CUDA encoder, torchvision's nvJPEG working, no ocr, not on Ray).
+    compact True copies the live vectors into a new store now if any row is dead (deleted, changed or
+    forgotten files'), False never, None when the dead rows are many (indexer/compact.py).
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     if video_interval is not None and not video_interval >= 1:
@@ -160,13 +164,26 @@ def index_folders(
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
                     caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
                     ocr=use_ocr, gpu_decode=gpu_decode)
-                return _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
+                summary = _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
+                summary.compacted = _compact(db, out, compact)
+                return summary
             finally:
                 db.dispose()
     except ModelLoadError:
         if created:  # the model loads before anything is written: leave no empty index behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _compact(db, out: Path, force: bool | None) -> dict | None:
+    """Reclaim the vector rows no file uses any more (indexer/compact.py): when due (None), now (True), never
+    (False). What was done, or None."""
+    if force is False:
+        return None
+    with db.connect() as conn:
+        model = state.read(conn).model
+    done = compact.compact(db, out, model.dim, force=bool(force)) if model else None
+    return done.to_dict() if done else None
 
 
 def _ocr_choice(db, ocr: bool | None) -> bool:

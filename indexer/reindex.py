@@ -98,14 +98,22 @@ def _progress(db, encoder: Encoder, store: VectorStore) -> Reindex:
         if progress is not None:
             log.info("discarding the unfinished re-encode with %s", progress.model.name)
             _discard(conn, store, progress)
-        live = {store.segments[n][0] for n in store.segments}
-        for left in (store.folder / NEXT_FOLDER).glob("*.f16"):  # a killed run's, or one folded after its switch
-            if f"{NEXT_FOLDER}/{left.stem}" not in live:
-                left.unlink()
+        remove_leftovers(store)
         progress = Reindex(model=ModelIdentity.from_record(encoder.describe()),
                            segment=f"{NEXT_FOLDER}/{uuid.uuid4().hex}")
         state.write(conn, reindex=progress)
         return progress
+
+
+def remove_leftovers(store: VectorStore) -> None:
+    """Delete the files under vectors/next/ no commit knows: a killed re-encode's or compaction's new segment,
+    or one folded after its switch. Only while no re-encode is in progress (its segment is known to its
+    progress record, not to the store)."""
+    live = {store.segments[n][0] for n in store.segments}
+    for left in (store.folder / NEXT_FOLDER).glob("*.f16"):
+        if f"{NEXT_FOLDER}/{left.stem}" not in live:
+            log.info("%s: deleting a new segment no commit knows (a killed re-encode or compaction)", left.name)
+            left.unlink()
 
 
 def _discard(conn, store: VectorStore, progress: Reindex) -> None:

@@ -245,7 +245,7 @@ def forget_root(index_dir, root: str) -> dict:
     of its ANN index answered fewer than k). Works when the root's folder is gone."""
     from alignsearch.storage import vectors
     from alignsearch.storage.paths import ANN_FILE, DB_FILE
-    from indexer import build
+    from indexer import build, compact
     from indexer.lock import writer_lock
 
     out = Path(index_dir)
@@ -265,10 +265,12 @@ def forget_root(index_dir, root: str) -> dict:
             else:
                 built = build.sync_index(db, store, out / ANN_FILE, live=live,
                                          on_commit=lambda conn: done.append(forget(conn, name)))
+            compacted = compact.compact(db, out, store.dim) if store is not None else None  # when due
         finally:
             db.dispose()
     name, removed = done[0]
-    return {"root": name, "files": removed, "vectors": built.get("vectors")}
+    return {"root": name, "files": removed, "vectors": built.get("vectors"),
+            "compacted": compacted.to_dict() if compacted else None}
 
 
 def _live_outside(conn: Connection, root: str):

@@ -561,3 +561,52 @@ def resave_with_other_weights(src, dest, seed: int) -> None:
     with torch.no_grad():
         model.text_projection.weight[0, 0] += 0.01 * (seed + 1)
     model.save_pretrained(str(dest))
+
+
+# -- kill -9 at a chosen moment: a child runs the CLI with one function patched to SIGKILL itself ----------
+
+KILL_HOOK = r"""
+import importlib, os, signal, sys
+
+where, when = sys.argv[1], sys.argv[2]  # module:attribute (a function or Class.method), before|after its call
+module, _, name = where.partition(":")
+owner = importlib.import_module(module)
+*outer, attr = name.split(".")
+for part in outer:
+    owner = getattr(owner, part)
+real = getattr(owner, attr)
+
+def killed(*args, **kwargs):
+    if when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(owner, attr, killed)
+"""
+KILLED_AT = KILL_HOOK + """
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""
+
+
+def killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that kill -9s itself when the run reaches `where` (before or after it)."""
+    return subprocess.run([sys.executable, "-c", KILLED_AT, where, when, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def fixed_answers(ix: Path, k: int = 100) -> list[str]:
+    """The paths the index finds for one fixed query vector, best first (flat: exact, so comparable)."""
+    import alignsearch
+
+    with alignsearch.open(ix) as engine:
+        query = np.random.default_rng(7).standard_normal(engine.store.dim).astype(np.float32)
+        return [h.path for h in engine.search_vector(query / np.linalg.norm(query), k=k)]
+
+
+def verify_problems(ix: Path) -> list[str]:
+    """verify's problems (none expected), with the index opened read-only as a query opens it."""
+    from indexer.verify import verify
+
+    return verify(ix, check_model=False).problems

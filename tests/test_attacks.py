@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FIXTURES, answers_as_recorded, resave_with_other_weights
+from helpers import FIXTURES, KILL_HOOK, answers_as_recorded, fixed_answers, killed_at, resave_with_other_weights, \
+    verify_problems
 from alignsearch.storage import catalog, migrate, state
 
 # spawn, not fork: forked from this many-threaded process (servers and pools of earlier tests), a child can
@@ -286,55 +287,6 @@ def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched
 
 # -- 4. kill -9 at moments of an `index` run the random kills do not reach ------------------------------------------
 
-KILL_HOOK = r"""
-import importlib, os, signal, sys
-
-where, when = sys.argv[1], sys.argv[2]  # module:attribute (a function or Class.method), before|after its call
-module, _, name = where.partition(":")
-owner = importlib.import_module(module)
-*outer, attr = name.split(".")
-for part in outer:
-    owner = getattr(owner, part)
-real = getattr(owner, attr)
-
-def killed(*args, **kwargs):
-    if when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-setattr(owner, attr, killed)
-"""
-KILLED_AT = KILL_HOOK + """
-from alignsearch.surfaces.cli import main
-main(sys.argv[3:], prog_name="alignsearch")
-"""
-
-
-def _killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
-    """`alignsearch ARGS` in a child that kill -9s itself when the run reaches `where` (before or after it)."""
-    return subprocess.run([sys.executable, "-c", KILLED_AT, where, when, *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def _answers(ix: Path, k: int = 100) -> list[str]:
-    """The paths the index finds for one fixed query vector, best first (flat: exact, so comparable)."""
-    import numpy as np
-
-    import alignsearch
-
-    with alignsearch.open(ix) as engine:
-        query = np.random.default_rng(7).standard_normal(engine.store.dim).astype(np.float32)
-        return [h.path for h in engine.search_vector(query / np.linalg.norm(query), k=k)]
-
-
-def _whole(ix: Path) -> list[str]:
-    """verify's problems (none expected), with the index opened read-only as a query opens it."""
-    from indexer.verify import verify
-
-    return verify(ix, check_model=False).problems
-
-
 MOMENTS = {
     "new files written, gone ones not yet deleted": ("indexer.phashfill:fill_index", "before"),
     "gone files deleted, not committed": ("alignsearch.storage.catalog:delete_files", "after"),
@@ -352,23 +304,23 @@ def test_kill_9_while_an_incremental_run_removes_deleted_files(indexed_images, t
     from conftest import index_json
 
     root, ix = indexed_images(12)
-    before = _answers(ix)
+    before = fixed_answers(ix)
     for gone in sorted(root.iterdir())[:3]:
         gone.unlink()
     after_ix = Path(shutil.copytree(ix, tmp_path / "uninterrupted"))
     index_json(after_ix, "--device", "cpu")
-    after = _answers(after_ix)
+    after = fixed_answers(after_ix)
     assert len(after) == len(before) - 3
     problems = {}
     for moment, (where, when) in MOMENTS.items():
         copy = Path(shutil.copytree(ix, tmp_path / where.replace(":", "-")))
-        proc = _killed_at(where, when, "index", "--index", copy, "--device", "cpu", "--workers", "0")
+        proc = killed_at(where, when, "index", "--index", copy, "--device", "cpu", "--workers", "0")
         assert proc.returncode == -9, (moment, proc.stderr[-3000:])  # killed there, not finished nor failed
-        assert _answers(copy) in (before, after), moment
-        assert _answers(copy, k=3) in (before[:3], after[:3]), moment  # no slot taken by a deleted file
-        problems[moment] = _whole(copy)
+        assert fixed_answers(copy) in (before, after), moment
+        assert fixed_answers(copy, k=3) in (before[:3], after[:3]), moment  # no slot taken by a deleted file
+        problems[moment] = verify_problems(copy)
         assert index_json(copy, "--device", "cpu")["removed"] in (0, 3)
-        assert _answers(copy) == after and _whole(copy) == [], moment
+        assert fixed_answers(copy) == after and verify_problems(copy) == [], moment
     assert problems == {m: [] for m in MOMENTS}, problems
 
 
@@ -460,15 +412,15 @@ def test_kill_9_while_forget_drops_a_root(indexed_images, tmp_path):
     root, ix = indexed_images(12)
     other = make_images(tmp_path / "other", 6, seed=5)[0].parent
     index_json(ix, other, "--device", "cpu")
-    before = _answers(ix)
+    before = fixed_answers(ix)
     after_ix = Path(shutil.copytree(ix, tmp_path / "uninterrupted"))
     run("forget", other, "--index", after_ix)
-    after = _answers(after_ix)
+    after = fixed_answers(after_ix)
     assert len(after) == len(before) - 6
-    proc = _killed_at("indexer.build:sync_index", "before", "forget", other, "--index", ix)
+    proc = killed_at("indexer.build:sync_index", "before", "forget", other, "--index", ix)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    assert _answers(ix) in (before, after)
-    assert _answers(ix, k=3) in (before[:3], after[:3])
-    assert _whole(ix) == []
+    assert fixed_answers(ix) in (before, after)
+    assert fixed_answers(ix, k=3) in (before[:3], after[:3])
+    assert verify_problems(ix) == []
     run("forget", other, "--index", ix)
-    assert _answers(ix) == after and _whole(ix) == []
+    assert fixed_answers(ix) == after and verify_problems(ix) == []

@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignsearch import atomic
-from alignsearch.storage import catalog, vectors
+from alignsearch.storage import catalog, state, vectors
 from alignsearch.search import filters
-from alignsearch.errors import UsageError
+from alignsearch.errors import CatalogBusyError, UsageError
 from alignsearch.storage.paths import DB_FILE, INDEX_DIRNAME
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,12 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
                 rows = [r for r, ok in zip(rows, np.isin(ids, allowed)) if ok]
             ids = [r.id for r in rows]
             photo, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
-        if engine.snap.generation != snap.generation:
-            raise RuntimeError("the index switched to a new generation during the export: run it again")
+            # read after the rows: rows holding a new generation's addresses (a re-encode's or a compaction's
+            # switch) are never read from this snapshot's files
+            moved = state.read(conn, "generation").generation != snap.generation
+        if moved:
+            raise CatalogBusyError("the index switched to a new generation (a re-encode or a compaction of its "
+                                   "vectors) during the export: run it again")
         extra = {i: {"taken": photo.get(i, {}).get("taken"), "caption": photo.get(i, {}).get("caption"),
                      "tags": labels.get(i, [])} for i in ids}
         if rows:

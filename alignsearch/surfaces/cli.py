@@ -226,10 +226,14 @@ def main(verbose: int) -> None:
 @click.option("--ocr/--no-ocr", default=None,
               help="Read the text in images for keyword search (pip install 'alignsearch[ocr]'); remembered. "
                    "--no-ocr stops reading; text already read stays searchable.")
+@click.option("--compact/--no-compact", default=None,
+              help="Reclaim the vector rows of deleted, changed and forgotten files now (--compact) or never "
+                   "(--no-compact); by default when they are at least half the store and 65,536 rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
-          ondisk_shards, index_shards, fast_decode, gpu_decode, list_column, caption_column, video_interval, ocr, as_json):
+          ondisk_shards, index_shards, fast_decode, gpu_decode, list_column, caption_column, video_interval, ocr, compact,
+          as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -248,7 +252,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
         caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-        ocr=ocr, gpu_decode=gpu_decode,
+        ocr=ocr, gpu_decode=gpu_decode, compact=compact,
     )
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -270,8 +274,15 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         for e in s.listing_errors:
             click.echo(f"  {_shown(e['folder'])}: {_shown(e['reason'])}")
     click.echo(f"index: {s.index['plan']['kind']} with {s.index['vectors']} vectors ({s.index['action']}) in {s.index_dir}")
+    _say_compacted(s.compacted)
     if s.failed:
         click.echo("see the failures with: alignsearch info --failed", err=True)
+
+
+def _say_compacted(done: dict | None) -> None:
+    if done:
+        click.echo(f"vectors compacted: {done['rows_after']} rows kept of {done['rows_before']}, "
+                   f"{done['bytes_freed'] / 2**20:.1f} MiB freed")
 
 
 def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None = None, explain: bool = False) -> None:
@@ -857,6 +868,7 @@ def forget(root, index_dir):
 
     done = forget_root(resolve_index_dir(index_dir), root)
     click.echo(f"forgot {done['root']}: {done['files']} files removed from the index")
+    _say_compacted(done["compacted"])
 
 
 @main.command()

@@ -1,0 +1,142 @@
+"""Reclaim the vector rows no file uses any more: a new generation of the vector store, never a rewrite.
+
+The store is append-only (alignsearch/storage/vectors.py): a deleted, changed or forgotten file leaves its
+row behind, so a library whose files come and go grows its vector files without end (1.3 KB a row at
+640-d). When the rows no file points at are many (`due`), the live rows are copied, checked against their
+checksums as they are read, into a new segment of their own (fsync'ed, with checksums), and one
+transaction makes it live: every file's address moves to the new segment, the old segments' checksums go,
+the generation number grows. Readers notice the generation on their next query and swap their snapshot
+whole (their maps of the old files stay valid: the files are unlinked or replaced, never cut short). This
+is the switch a re-encode makes (indexer/reindex.py), with copied rows instead of encoded ones.
+
+Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted by the
+next `index` run, and the index is as it was. Killed after it: vectors.f16 is emptied (a new inode) and the old segments deleted by
+the next writer (VectorStore.truncate_uncommitted), as here right after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+
+from alignsearch.atomic import fsync_dir
+from alignsearch.errors import IndexDamagedError
+from alignsearch.storage import catalog, state, vectors
+from alignsearch.storage.paths import VECTORS_FILE
+from alignsearch.storage.vectors import VectorStore
+from indexer import reindex
+
+log = logging.getLogger(__name__)
+
+# Dead rows worth a copy of every live one: at least this many (65,536 rows are 84 MB at 640-d fp16; fewer
+# are not worth re-reading the whole store for) and at least as many as the live rows (the files hold twice
+# what is used), so a library that keeps changing copies each live row about once per doubling.
+MIN_DEAD_ROWS = 65_536
+DEAD_SHARE = 0.5
+CHUNK = 65_536  # rows per checksum of the new segment
+COPY = 8_192  # rows read and written at a time (32 MB as float32 at 1,024-d)
+
+
+@dataclass(frozen=True)
+class Compacted:
+    rows_before: int  # committed rows in every segment
+    rows_after: int  # the rows files point at: each kept once, however many files share it
+    bytes_freed: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def due(live_rows: int, stored_rows: int, force: bool = False) -> bool:
+    """Is a copy of the live rows worth what it frees? force: whenever any row is dead (`index --compact`)."""
+    dead = stored_rows - live_rows
+    if force:
+        return dead > 0
+    return dead >= MIN_DEAD_ROWS and dead >= DEAD_SHARE * stored_rows
+
+
+def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
+    """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock); None
+    when it was not (or a re-encode is in progress: its pending rows point into a segment of their own).
+    IndexDamagedError, with nothing changed, when a live row fails its checksum: `verify --repair` first."""
+    started = time.perf_counter()
+    with db.connect() as conn:
+        recorded = state.read(conn)
+        if recorded.reindex is not None:
+            return None
+        store = vectors.load(conn, out, dim)
+        reindex.remove_leftovers(store)  # a killed compaction's copy
+        live = np.array([r for (r,) in conn.execute(text(
+            f"SELECT DISTINCT vec_row FROM files WHERE status = '{catalog.INDEXED}' AND vec_row IS NOT NULL "
+            "ORDER BY vec_row"))], dtype=np.int64)
+        stored = sum(store.committed(n) for n in store.numbers())
+        if not due(len(live), stored, force):
+            return None
+        if not store.holds(live):
+            raise IndexDamagedError("catalog rows point past the stored vectors: run `alignsearch verify --repair`")
+        store.expect_chunks(conn)  # each row copied is checked: a damaged row must not get a fresh checksum
+    # under vectors/next/ until the commit, where a re-encode's new segment waits too: a copy a kill left
+    # is no "unknown segment" to verify, and the next run deletes it (remove_leftovers)
+    name = f"{reindex.NEXT_FOLDER}/{uuid.uuid4().hex}"
+    number = max(store.numbers()) + 1  # a number no reader of the old generation knows
+    new = VectorStore(out / VECTORS_FILE, dim, 0, {number: (name, len(live))})
+    _copy(store, live, new.segment_path(number))
+    old = [(n, store.segment_path(n), vectors.segment_key(store, n)) for n in store.numbers()]
+    _switch(db, new, number, live, [key for _, _, key in old], recorded.generation)
+    new.truncate_uncommitted()  # vectors.f16 emptied (a new inode), old top-level segments deleted
+    for n, segment_path, _ in old:
+        if n:
+            segment_path.unlink(missing_ok=True)  # a re-encode's segment under vectors/next/ too
+    done = Compacted(rows_before=stored, rows_after=len(live), bytes_freed=(stored - len(live)) * new.row_bytes,
+                     seconds=round(time.perf_counter() - started, 3))
+    log.info("vectors compacted: %d rows kept of %d (%d bytes freed)", done.rows_after, done.rows_before,
+             done.bytes_freed)
+    return done
+
+
+def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
+    """The rows at `live`'s addresses, in that order, into a new file at path, fsync'ed with its name. Each
+    chunk read is checked against its checksum (store.expect_chunks): ChunkChanged, and no file, when one
+    changed since it was written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb") as f:
+            for start in range(0, len(live), COPY):
+                f.write(store.get(live[start : start + COPY]).astype(vectors.DTYPE).tobytes())  # fp16 -> 32 -> 16: exact
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(path.parent)
+    except BaseException:
+        path.unlink(missing_ok=True)  # not yet known to any commit: as if never written
+        raise
+
+
+def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[str], generation: int) -> None:
+    """One transaction: every file's address moves to the new segment (live[i] becomes its row i), the old
+    segments' checksums go, the new one's are recorded, the store and the generation are the new ones."""
+    with db.begin() as conn:
+        if state.read(conn, "generation").generation != generation:
+            raise RuntimeError("the index changed while its vectors were compacted")  # the writer lock forbids it
+        conn.execute(text("CREATE TEMP TABLE IF NOT EXISTS compact_map (old INTEGER PRIMARY KEY, new INTEGER)"))
+        conn.execute(text("DELETE FROM compact_map"))
+        base = vectors.address(number, 0)
+        conn.execute(text("INSERT INTO compact_map (old, new) VALUES (:old, :new)"),
+                     [{"old": int(a), "new": base + i} for i, a in enumerate(live.tolist())])
+        # rows no indexed file uses leave with the old segments: a file of another state keeps no address
+        conn.execute(text("UPDATE files SET vec_row = (SELECT new FROM compact_map WHERE old = files.vec_row) "
+                          "WHERE vec_row IS NOT NULL"))
+        conn.execute(text("DROP TABLE compact_map"))
+        for key in old_keys:
+            vectors.forget_chunks(conn, key)
+        for start in range(0, len(live), CHUNK):
+            vectors.record_chunk(conn, new, number, start, min(CHUNK, len(live) - start))
+        vectors.save(conn, new)
+        state.write(conn, generation=generation + 1)

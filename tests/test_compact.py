@@ -200,3 +200,29 @@ def test_an_export_across_a_compaction_stops_with_one_line_not_damage(indexed_im
         index_json(ix, photos, "--device", "cpu", "--compact")
         with pytest.raises(CatalogBusyError, match="new generation"):
             next(pages)
+
+
+def test_a_query_that_meets_the_switch_mid_read_searches_the_new_generation(indexed_images, monkeypatch):
+    """The race the generation check cannot close: the switch commits and empties vectors.f16 after a query
+    checked the generation and before its first read of the vectors (a fresh snapshot maps vectors.f16
+    lazily). The read then meets an empty file: that is a new generation to search, not "damaged"."""
+    from alignsearch.storage.vectors import VectorStore
+
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--no-compact")
+    want = fixed_answers(ix)
+    real_get, switched = VectorStore.get, []
+
+    def get_after_a_switch(store, addresses):
+        if not switched:
+            switched.append(True)
+            db = catalog.connect(ix / DB_FILE)
+            try:
+                compact.compact(db, ix, store.dim, force=True)  # commits, then empties vectors.f16
+            finally:
+                db.dispose()
+        return real_get(store, addresses)
+
+    monkeypatch.setattr(VectorStore, "get", get_after_a_switch)
+    assert fixed_answers(ix) == want and switched

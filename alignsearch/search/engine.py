@@ -758,9 +758,11 @@ class Engine:
                     self.snap = snap
         try:
             return snap.store.get(addresses)
-        except vectors.ChunkChanged:
-            # the store and its checksums are read in separate statements: a re-encode that switched between
-            # them pairs old rows with new checksums. That is a new generation to search, not damage.
+        except IndexDamagedError:
+            # A switch of generation (a re-encode's, a compaction's) between the generation check and this read
+            # is a new generation to search, not damage: the store and its checksums are read in separate
+            # statements (old rows with new checksums: ChunkChanged), and a snapshot whose vectors.f16 was not
+            # mapped yet meets the empty file the switch put in its place (shorter than its committed rows).
             self._same_generation(snap)
             raise
 

@@ -28,7 +28,7 @@ from sqlalchemy import text
 
 from alignsearch.atomic import fsync_dir
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage import catalog, state, vectors
+from alignsearch.storage import state, vectors
 from alignsearch.storage.paths import VECTORS_FILE
 from alignsearch.storage.vectors import VectorStore
 from indexer import reindex
@@ -74,10 +74,8 @@ def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
             return None
         store = vectors.load(conn, out, dim)
         reindex.remove_leftovers(store)  # a killed compaction's copy
-        live = np.array([r for (r,) in conn.execute(text(
-            f"SELECT DISTINCT vec_row FROM files WHERE status = '{catalog.INDEXED}' AND vec_row IS NOT NULL "
-            "ORDER BY vec_row"))], dtype=np.int64)
-        stored = sum(store.committed(n) for n in store.numbers())
+        live = vectors.live_addresses(conn)
+        stored = vectors.usage(conn, store)["rows"]
         if not due(len(live), stored, force):
             return None
         if not store.holds(live):

@@ -79,6 +79,9 @@ def test_compaction_keeps_every_answer_and_frees_the_dead_rows(indexed_images, t
     assert _live(kept)[1] + 1 == generation  # a new generation: readers swap their snapshot whole
 
     assert fixed_answers(ix) == fixed_answers(kept) and before != fixed_answers(ix)
+    with alignsearch.open(kept) as uncompacted, alignsearch.open(ix) as compacted:  # what `info` reports
+        assert uncompacted.info()["vector_store"] == {"rows": 14, "live_rows": 7, "dead_bytes": 7 * row_bytes}
+        assert compacted.info()["vector_store"] == {"rows": 7, "live_rows": 7, "dead_bytes": 0}
     query = np.random.default_rng(3).standard_normal(reader.store.dim).astype(np.float32)
     query /= np.linalg.norm(query)
     with alignsearch.open(kept) as expected:

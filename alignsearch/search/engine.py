@@ -658,6 +658,7 @@ class Engine:
             count = catalog.counts(conn)
             st = state.read(conn)
             indexed_with, unfinished = st.encoder, st.index_run is not None
+            stored = vectors.usage(conn, snap.store)
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),
@@ -680,6 +681,8 @@ class Engine:
                 "metric": "inner_product",
                 "layout": "exact" if snap.unbuilt else ann.layout(snap.index),  # exact: no ANN index built yet
             },
+            # rows in the vector files, rows files use; the rest is what `index --compact` frees
+            "vector_store": stored,
             "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
                         "onnx_cache": onnx_cache_status(snap.model_info)},
         }

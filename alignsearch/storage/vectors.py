@@ -272,6 +272,22 @@ def read_into(store: VectorStore, addresses: np.ndarray, out: np.ndarray) -> np.
     return dst
 
 
+_LIVE = f"FROM files WHERE status = '{catalog.INDEXED}' AND vec_row IS NOT NULL"
+
+
+def live_addresses(conn: Connection) -> np.ndarray:
+    """Every address an indexed file points at, each once (files of the same content share one), ascending."""
+    return np.array([a for (a,) in conn.exec_driver_sql(f"SELECT DISTINCT vec_row {_LIVE} ORDER BY vec_row")],
+                    dtype=np.int64)
+
+
+def usage(conn: Connection, store: VectorStore) -> dict:
+    """Rows the store holds, rows files use, and the bytes the others take (what compaction would free)."""
+    stored = sum(store.committed(n) for n in store.numbers())
+    live = int(conn.exec_driver_sql(f"SELECT COUNT(DISTINCT vec_row) {_LIVE}").scalar())
+    return {"rows": stored, "live_rows": live, "dead_bytes": max(0, stored - live) * store.row_bytes}
+
+
 def empty_file(path: Path) -> None:
     """Replace `path` by an empty file (a new inode: processes that map the old one are unharmed)."""
     write_bytes(path, b"")

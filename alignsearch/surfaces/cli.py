@@ -663,6 +663,10 @@ def info(failed, as_json, index_dir):
     )
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors"
                + (", searched exactly (no ANN index built yet)" if ix["layout"] == "exact" else ""))
+    store = data["vector_store"]
+    click.echo(f"vectors: {store['rows']} rows stored, {store['live_rows']} in use"
+               + (f" ({store['dead_bytes'] / 2**20:.1f} MiB of deleted or changed files'; `alignsearch index "
+                  "--compact` frees it)" if store["dead_bytes"] else ""))
     if data["last_run"] == "interrupted":
         click.echo("note:    the last index run was interrupted before it finished: the images it committed are "
                    "searchable; run `alignsearch index` to finish it")

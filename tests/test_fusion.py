@@ -1,5 +1,5 @@
 """The default mode's fusions of similarity and keyword evidence (alignsearch/search/query.py: keyword_fusion,
-fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
+fuse_candidates, fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     """The engine's auto mode and fuse_hits on the same candidates (every stored vector, k = all of them): the
     same order and scores for each fusion, the gate on both sides of GATE_Z and with no null scale (rrf), with
     equal similarities (copies of one vector) and, in belief, equal scores among them; hybrid keeps rrf whatever
-    AUTO_FUSION says. Equal similarities keep the engine's candidate order (a flat index's: the higher id first),
+    AUTO_FUSION says. Equal similarities keep the engine's candidate order (this exact index's: the higher id first),
     which its similarity ranks show: fuse_hits is given the candidates in that order."""
     query, ids = _tied_index(tmp_path)
     monkeypatch.setattr(engine_module, "AUTO_FUSION", fusion)

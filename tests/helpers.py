@@ -337,10 +337,11 @@ def add_synthetic(index_dir, n, dim, seed=0):
     return db, store
 
 
-def vector_index(folder, n, dim, seed=0):
+def vector_index(folder, n, dim, seed=0, rows=None):
     """An index of n catalog rows and their unit vectors at any width, written directly (catalog rows,
     vectors.f16, an empty flat ANN index), as benchmarks/bench_dupes.py writes its synthetic index: for
-    commands that read the catalog and the stored vectors (export) at sizes no test should encode."""
+    commands that read the catalog and the stored vectors (export) at sizes no test should encode. rows: the
+    (n, dim) vectors to store (unit length; equal rows give equal similarities), instead of random ones."""
     from alignsearch.storage import ann, catalog, state, vectors
     from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 
@@ -350,7 +351,8 @@ def vector_index(folder, n, dim, seed=0):
     rng = np.random.default_rng(seed)
     for start in range(0, n, 10_000):
         x = rng.standard_normal((min(10_000, n - start), dim)).astype(np.float32)
-        store.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+        store.append(x / np.linalg.norm(x, axis=1, keepdims=True) if rows is None else
+                     np.asarray(rows[start : start + len(x)], np.float32))
     db = catalog.connect(folder / DB_FILE)
     with db.begin() as conn:
         for start in range(0, n, 10_000):

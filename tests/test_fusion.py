@@ -1,5 +1,5 @@
 """The default mode's fusions of similarity and keyword evidence (alignsearch/search/query.py: keyword_fusion,
-fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
+fuse_candidates, fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
 
 from __future__ import annotations
 
@@ -33,18 +33,20 @@ def flat(n=48, low=8):
 def test_a_wrong_caption_does_not_outrank_what_the_model_singles_out():
     sims = confident()
     wrong = min(sims, key=sims.get)  # the model's last image carries the query's word
-    ranked = [i for i, _ in fuse_hits(sims, [wrong])]
+    ranked = [i for i, _ in fuse_hits(sims, [wrong], method="belief")]
     assert ranked[0] in {0, 1, 2, 3} and ranked[1] in {0, 1, 2, 3}
     # nudged up from the bottom to among the model's choice (whose belief four images share), not above it
     assert wrong in ranked[2:5] and set(ranked[:5]) == {0, 1, 2, 3, wrong}
-    # reciprocal rank fusion (auto before, hybrid now) put it first
+    # reciprocal rank fusion (auto's and hybrid's) puts it first; without a method fuse_hits fuses as auto does
     assert [i for i, _ in fuse_hits(sims, [wrong], method="rrf")][0] == wrong
+    assert fuse_hits(sims, [wrong]) == fuse_hits(sims, [wrong], method=engine_module.AUTO_FUSION)
+    assert engine_module.AUTO_FUSION == "rrf"
 
 
 def test_a_keyword_match_goes_first_where_the_model_has_no_signal():
     sims = flat()
     for caption in (47, 17, 0):
-        ranked = fuse_hits(sims, [caption])
+        ranked = fuse_hits(sims, [caption], method="belief")
         assert ranked[0][0] == caption
         rest = [i for i, _ in ranked[1:]]
         assert rest == sorted(rest, key=lambda i: (-sims[i], i))  # the others keep the model's order
@@ -53,14 +55,14 @@ def test_a_keyword_match_goes_first_where_the_model_has_no_signal():
 def test_a_true_caption_lifts_the_model_choice_it_agrees_with():
     sims = confident()
     second = sorted(sims, key=lambda i: -sims[i])[1]
-    ranked = fuse_hits(sims, [second])
+    ranked = fuse_hits(sims, [second], method="belief")
     assert ranked[0][0] == second
 
 
 def test_the_printed_score_is_the_order_and_is_made_of_belief_and_share():
     sims = confident(seed=3)
     keyword = [40, 2, 41]
-    ranked = fuse_hits(sims, keyword)
+    ranked = fuse_hits(sims, keyword, method="belief")
     scores = [s for _, s in ranked]
     assert scores == sorted(scores, reverse=True)
     ids = list(sims)
@@ -88,12 +90,13 @@ def test_a_handful_of_candidates_does_not_outweigh_a_keyword_match():
     """Five images, a random model: its similarities are spread, but five of them say nothing (the search
     filters' library, tests/test_search_filters.py, where the caption match leads)."""
     sims = dict(enumerate([0.3105, 0.1002, -0.0382, -0.1608, -0.3682]))
-    assert fuse_hits(sims, [4])[0][0] == 4
+    assert fuse_hits(sims, [4], method="belief")[0][0] == 4
 
 
 def test_without_keyword_matches_the_order_is_the_similarity_order():
     sims = confident(seed=5)
-    assert [i for i, _ in fuse_hits(sims, [])] == sorted(sims, key=lambda i: (-sims[i], i))
+    for method in ("belief", "rrf"):
+        assert [i for i, _ in fuse_hits(sims, [], method=method)] == sorted(sims, key=lambda i: (-sims[i], i))
 
 
 N_WRONG = 40
@@ -200,4 +203,58 @@ def test_the_engine_gates_on_the_query_best_cosine_against_the_null_queries(tmp_
     assert hits[0].id == ids[worst] and "model_z" not in hits[0].parts and engine._nulls[1] is None
     plan = engine.explain(build_request(text="cat", k=10))
     assert plan["ranking"] == "hybrid (gated: RRF or model belief + keyword share)" and str(GATE_Z) in plan["score"]
+    engine.close()
+
+
+N_TIED = 36
+
+
+def _tied_index(tmp_path):
+    """N_TIED synthetic vectors, each of 12 stored three times (equal vectors: equal similarities, the ties),
+    with the query's word in the captions of some, two of them one vector's copies. (query, ids by vector row)."""
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((N_TIED // 3, 32))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    vector_index(tmp_path, N_TIED, 32, rows=np.repeat(base, 3, axis=0))
+    (tmp_path / ANN_FILE).unlink()
+    query = base[0] + 0.8 * base[5] + 0.3 * rng.standard_normal(32)
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.begin() as conn:
+        ids = {r.vec_row: r.id for r in catalog.get_files(conn, range(1, N_TIED + 1)).values()}
+        for row, caption in ((4, "cat"), (5, "cat"), (16, "a cat on a mat"), (17, "cat mug"), (30, "our cat at home"),
+                             (33, "cat"), (35, "black cat, white cat")):
+            catalog.set_photo(conn, ids[row], f"{row:07d}.jpg", {"caption": caption})
+    db.dispose()
+    return (query / np.linalg.norm(query)).astype(np.float32), ids
+
+
+@pytest.mark.parametrize("mode,fusion,nulls", [("auto", "rrf", None), ("auto", "belief", None),
+                                               ("auto", "gate", "far below"), ("auto", "gate", "level"),
+                                               ("auto", "gate", "none"), ("hybrid", "belief", None)])
+def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_path, monkeypatch, mode, fusion,
+                                                                             nulls):
+    """The engine's auto mode and fuse_hits on the same candidates (every stored vector, k = all of them): the
+    same order and scores for each fusion, the gate on both sides of GATE_Z and with no null scale (rrf), with
+    equal similarities (copies of one vector) and, in belief, equal scores among them; hybrid keeps rrf whatever
+    AUTO_FUSION says. Equal similarities keep the engine's candidate order (this exact index's: the higher id first),
+    which its similarity ranks show: fuse_hits is given the candidates in that order."""
+    query, ids = _tied_index(tmp_path)
+    monkeypatch.setattr(engine_module, "AUTO_FUSION", fusion)
+    engine = alignsearch.open(tmp_path)
+    best = float(np.max(engine.snap.store.get(np.arange(N_TIED)).astype(np.float32) @ query))
+    null_best = {"far below": best - np.array([0.3, 0.35, 0.4]), "level": best + np.array([-0.01, 0.0, 0.01])}.get(nulls)
+    engine._nulls = (engine.snap, null_best)  # the null calibration as a model would give it (none: no model)
+    hits = engine.search_vector(query, k=N_TIED, text="cat", mode=mode)
+    assert len(hits) == N_TIED
+    sims = {h.id: h.similarity for h in sorted(hits, key=lambda h: h.parts["similarity_rank"])}
+    keyword = [h.id for h in sorted(hits, key=lambda h: h.parts["keyword_rank"] or N_TIED + 1)][:7]
+    assert all(h.parts["keyword_rank"] for h in hits if h.id in keyword) and len(set(sims.values())) == N_TIED // 3
+    z = None if null_best is None else null_z(max(sims.values()), null_best)
+    if nulls in ("far below", "level"):
+        assert gate(z) == ("belief" if nulls == "far below" else "rrf") and abs(z - GATE_Z) > 0.5
+    expected = fuse_hits(sims, keyword, method=fusion if mode == "auto" else "rrf", z=z)
+    assert [h.id for h in hits] == [i for i, _ in expected]
+    assert [h.score for h in hits] == pytest.approx([s for _, s in expected], rel=1e-12, abs=0)
+    tied = [(a.id, b.id) for a, b in zip(hits, hits[1:]) if (a.score, a.similarity) == (b.score, b.similarity)]
+    assert bool(tied) == ("belief" in hits[0].parts)  # belief: copies with no keyword match tie on both
     engine.close()

@@ -21,8 +21,8 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
-from alignsearch.search.query import BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE, belief, keyword_fusion
-from alignsearch.search.query import GATE_Z, gate, null_prompts, null_z
+from alignsearch.search.query import AUTO_FUSION, BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE, best_first, fuse_candidates
+from alignsearch.search.query import GATE_Z, null_prompts, null_z
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
@@ -607,27 +607,24 @@ class Engine:
             parts = query.parts(stored)
             similarity = query.fused(parts).astype(np.float32)
             tiebreak = query.tiebreak(parts)
-            scores, ranks, beliefs, model_z = similarity, None, None, None
-            if keyword is not None:  # the similarity ranking fused with the keyword ranking (query.keyword_fusion)
-                vector_rank = np.empty(len(ids), np.int64)
-                vector_rank[query.order(parts, similarity)] = np.arange(1, len(ids) + 1)
+            scores, ranks, beliefs, model_z, order = similarity, None, None, None, None
+            if keyword is not None:  # the similarity ranking fused with the keyword ranking (query.fuse_candidates)
                 at = {i: r for r, i in enumerate(keyword, start=1)}
                 keyword_rank = np.array([at.get(i, 0) for i in ids.tolist()], dtype=np.int64)
-                scores = np.where(keyword_rank > 0, 1.0 / (RRF_K + keyword_rank), 0.0)
                 if opts.mode != "keyword":
                     fusion = _fusion(opts.mode)
-                    if fusion == "gate":  # does the model recognise the query? (query.gate; no scale: rrf)
-                        model_z = null_z(float(similarity.max()), nulls) if len(similarity) and nulls is not None else None
-                        fusion = "rrf" if model_z is None else gate(model_z)
-                    scores = keyword_fusion(similarity, vector_rank, keyword_rank, fusion)
-                    if fusion == "belief":
-                        beliefs = belief(similarity)
+                    if fusion == "gate" and len(similarity) and nulls is not None:  # does the model recognise the query?
+                        model_z = null_z(float(similarity.max()), nulls)
+                    fused = fuse_candidates(similarity, keyword_rank, method=fusion, z=model_z, tiebreak=tiebreak)
+                    scores, order, vector_rank, beliefs = fused.scores, fused.order, fused.vector_rank, fused.beliefs
                 else:
                     keep = keyword_rank > 0
-                    ids, parts, similarity, scores = ids[keep], parts[keep], similarity[keep], scores[keep]
-                    vector_rank, keyword_rank, tiebreak = vector_rank[keep], keyword_rank[keep], tiebreak[keep]
+                    ids, parts, similarity = ids[keep], parts[keep], similarity[keep]
+                    keyword_rank, tiebreak, vector_rank = keyword_rank[keep], tiebreak[keep], None
+                    scores = 1.0 / (RRF_K + keyword_rank)
                 ranks = (vector_rank, keyword_rank)
-            order = np.lexsort((-tiebreak, -similarity, -scores))  # best score first, ties by similarity
+            if order is None:
+                order = best_first(scores, similarity, tiebreak)  # best score first, ties by similarity
             if opts.min_score is not None:
                 order = order[similarity[order] >= opts.min_score]
             if opts.per_video is not None and snap.videos:
@@ -865,9 +862,9 @@ BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the c
 GATE_RULE = (f"the query's best similarity in standard deviations above null queries' (random letter strings): below "
              f"{GATE_Z} (the model does not recognise it) 1/({RRF_K} + similarity rank) + 1/({RRF_K} + keyword rank); "
              f"from {GATE_Z} up: {BELIEF_RULE}")
-# How auto fuses keyword evidence (query.keyword_fusion's methods, or gate). rrf, as hybrid: the others (belief, gate) are there for
-# bench_auto.py, which measured them against it and found neither better over every case (RESULTS.md).
-AUTO_FUSION = "rrf"
+# How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
+# rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
+# measure them against it and found neither better over every case (RESULTS.md).
 
 
 def _fusion(mode: str) -> str:

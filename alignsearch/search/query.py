@@ -52,11 +52,14 @@ def fuse(*rankings: list[int], k: int = RRF_K) -> list[int]:
 
 
 # How the default mode (auto) may weigh keyword evidence (a query word in a caption, the text read in an image
-# or a tag) against the similarity ranking (engine.AUTO_FUSION). `rrf` (the default): reciprocal rank fusion, as
+# or a tag) against the similarity ranking (AUTO_FUSION). `rrf` (the default): reciprocal rank fusion, as
 # `hybrid`; `belief`: the model's belief over the candidates, a softmax of their standardised similarities, plus
 # a share for each keyword match; `gate`: belief or rrf by how far the query's best cosine stands above null
 # queries' (below). Measured: benchmarks/bench_auto.py (RESULTS.md): neither belief nor the gate beat rrf over
 # every case, so they are there for the benchmark.
+# The one definition of auto's fusion. The engine reads it as engine.AUTO_FUSION (imported from here), the name
+# bench_auto.py and the tests set to run auto with another fusion.
+AUTO_FUSION = "rrf"
 
 # belief's constants: set on bench_auto.py's seeds 0,1,2 only (the best place-name MRR with a wrong caption's R@1 >= 0.8, among the
 # settings that rank a caption match first in a 5-image library searched with a random model); figures on
@@ -143,21 +146,50 @@ def gated_fusion(z: float, similarity: np.ndarray, vector_rank: np.ndarray, keyw
     return keyword_fusion(similarity, vector_rank, keyword_rank, gate(z, threshold))
 
 
-def fuse_hits(similarity: dict[int, float], keyword: list[int], method: str = "belief",
-              z: float | None = None) -> list[tuple[int, float]]:
-    """(id, fused score) of the candidates, best first: the order is the score's, ties by similarity, then id.
-    similarity: every candidate's vector score (keyword matches included); keyword: the keyword matches, best
-    first; method gate: the one gate(z) picks. What the engine's auto mode decides, without the engine."""
+@dataclass(frozen=True)
+class Fused:
+    """Candidates ranked by fuse_candidates. Arrays are in the candidates' order; `order` lists them best first."""
+    order: np.ndarray
+    scores: np.ndarray  # the fused score (higher first)
+    vector_rank: np.ndarray  # the rank by similarity (from 1)
+    beliefs: np.ndarray | None  # with belief: the model's belief part of each score (the rest is the keyword share)
+
+
+def best_first(scores: np.ndarray, similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Candidate indices best first: by score, ties by similarity, then by tiebreak, then in the candidates' order."""
+    return np.lexsort((-tiebreak, -similarity, -scores))
+
+
+def fuse_candidates(similarity: np.ndarray, keyword_rank: np.ndarray, method: str = AUTO_FUSION,
+                    z: float | None = None, tiebreak: np.ndarray | None = None) -> Fused:
+    """How the engine ranks the candidates of a fused search (auto, and hybrid with rrf): the similarity rank
+    (ties by tiebreak, then the candidates' order), the fused score (keyword_fusion), the order (best_first).
+    similarity: each candidate's vector score, in the order the candidates are held (the engine: its ANN
+    results best first, then keyword-only matches), which settles equal similarities; keyword_rank: the rank among
+    the keyword matches (from 1), 0 for none; method: rrf, belief, or gate: gate(z), rrf where z is None (no null
+    scale: keyword evidence leads); tiebreak: what orders equal similarities first (late fusion's mean cosine;
+    None: nothing)."""
+    similarity = np.asarray(similarity)
+    tiebreak = similarity if tiebreak is None else np.asarray(tiebreak)
     if method == "gate":
-        method = gate(z)
+        method = "rrf" if z is None else gate(z)
+    vector_rank = np.empty(len(similarity), np.int64)
+    vector_rank[np.lexsort((-tiebreak, -similarity))] = np.arange(1, len(similarity) + 1)
+    scores = keyword_fusion(similarity, vector_rank, keyword_rank, method)
+    return Fused(order=best_first(scores, similarity, tiebreak), scores=scores, vector_rank=vector_rank,
+                 beliefs=belief(similarity) if method == "belief" else None)
+
+
+def fuse_hits(similarity: dict[int, float], keyword: list[int], method: str = AUTO_FUSION,
+              z: float | None = None) -> list[tuple[int, float]]:
+    """(id, fused score) of the candidates, best first: fuse_candidates, the engine's auto ranking, without the
+    engine. similarity: every candidate's vector score (keyword matches included), in the candidates' order,
+    which settles equal similarities (a dict in id order: by id); keyword: the keyword matches, best first."""
     ids = list(similarity)
-    sims = np.array([similarity[i] for i in ids], np.float64)
-    vector_rank = np.empty(len(ids), np.int64)
-    vector_rank[np.lexsort((np.array(ids), -sims))] = np.arange(1, len(ids) + 1)
     at = {i: r for r, i in enumerate(keyword, start=1)}
-    scores = keyword_fusion(sims, vector_rank, np.array([at.get(i, 0) for i in ids], np.int64), method)
-    order = np.lexsort((np.array(ids), -sims, -scores))
-    return [(ids[i], float(scores[i])) for i in order]
+    fused = fuse_candidates(np.array([similarity[i] for i in ids], np.float64),
+                            np.array([at.get(i, 0) for i in ids], np.int64), method=method, z=z)
+    return [(ids[i], float(fused.scores[i])) for i in fused.order]
 
 
 # Composed queries (image + text): how the two halves are combined. README "How composition works" has the

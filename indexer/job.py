@@ -274,7 +274,7 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
                 raise IndexDamagedError(f"{store.segment_path(segment).name} holds vectors that are not unit "
                                         "length (damaged): run `alignsearch verify --repair`")
         record = layouts.read_record(conn)
-    layouts.Single(out, record).finish_publish()
+    layouts.finish_publish(out, record)
 
 
 def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:

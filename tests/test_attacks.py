@@ -394,7 +394,7 @@ def test_kill_9_while_the_ann_index_switches_layout(tmp_path, monkeypatch):
 
             store = vectors.load(conn, folder, 16)
             record = layouts.read_record(conn)
-        layouts.Single(folder, record).finish_publish()
+        layouts.finish_publish(folder, record)
         sync_index(db, store, folder / ANN_FILE, **to)
         db.dispose()
         assert verify(folder, check_model=False).problems == [], moment

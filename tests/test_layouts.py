@@ -11,9 +11,9 @@ import pytest
 
 import alignsearch
 from alignsearch.errors import IndexDamagedError, IndexNotFoundError
-from alignsearch.storage import ann, catalog, layouts, vectors
+from alignsearch.storage import ann, catalog, layouts, shards, vectors
 from alignsearch.storage.state import AnnState
-from alignsearch.storage.layout import damaged_message
+from alignsearch.storage.layout import bytes_digest, damaged_message
 from alignsearch.storage.layouts import OnDisk, Sharded, Single
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import layout_index
@@ -147,17 +147,19 @@ def test_a_single_file_rename_cut_short_is_finished_or_dropped(tmp_path):
     index = ann.create(ann.plan_index(0, 8), 8)
     ann.add(index, np.eye(8, dtype=np.float32), np.arange(8))
     digest = ann.write_next(index, tmp_path / ANN_FILE)
-    Single(tmp_path, AnnState(digest="an older one")).finish_publish()
+    layouts.finish_publish(tmp_path, AnnState(digest="an older one"))
     assert not ann.next_path(tmp_path / ANN_FILE).exists() and not (tmp_path / ANN_FILE).exists()
     assert ann.write_next(index, tmp_path / ANN_FILE) == digest
-    Single(tmp_path, AnnState(digest=digest)).finish_publish()
+    layouts.finish_publish(tmp_path, AnnState(digest=digest))
     assert not ann.next_path(tmp_path / ANN_FILE).exists()
     assert Single(tmp_path, AnnState(digest=digest)).open().ntotal == 8
     # the on-disk layout records index.faiss's checksum among its files (digest None): committed, renamed too
     (tmp_path / ANN_FILE).unlink()
     assert ann.write_next(index, tmp_path / ANN_FILE) == digest
-    Single(tmp_path, AnnState(files={ANN_FILE: digest, "lists-1.ivfdata": "x"})).finish_publish()
+    (tmp_path / "lists-1.ivfdata").write_bytes(b"x")
+    layouts.finish_publish(tmp_path, AnnState(files={ANN_FILE: digest, "lists-1.ivfdata": "x"}))
     assert not ann.next_path(tmp_path / ANN_FILE).exists() and ann.file_digest(tmp_path / ANN_FILE) == digest
+    assert (tmp_path / "lists-1.ivfdata").exists()  # the on-disk layout's publish keeps its lists
 
 
 def live_of(folder):
@@ -281,3 +283,83 @@ def test_the_retry_waits_double_and_stop_at_the_tries_the_budget_or_an_empty_fol
                                                                                           0.32, None]
     assert layouts.next_wait(retry, 1, 0.99, True) is None  # no attempt starts past the budget
     assert layouts.next_wait(retry, 1, 0.0, False) is None  # nothing published: no switch to wait out
+
+
+class Killed(BaseException):
+    """A writer stopped where it stands, as kill -9 stops it: nothing after the point runs (tests/test_attacks.py
+    kills real processes at these points; in-process, every moment below is seconds, not minutes)."""
+
+
+def killed_before(*args, **kwargs):
+    raise Killed
+
+
+SMALL_IVF = 1000  # vectors from which an IVF-PQ index is made here (ann.FLAT_BELOW: 10,000)
+CRASHES = {  # from one layout to another, the writer killed between its commit and its publish
+    "sharded to sharded": ({"index_shards": 2}, {"index_shards": 2, "rebuild": True}),
+    "sharded to ondisk": ({"index_shards": 2}, {"index_shards": 0, "ondisk_shards": 2}),
+    "single to sharded": ({}, {"index_shards": 2}),
+    "ondisk to sharded": ({"ondisk_shards": 2}, {"ondisk_shards": 0, "index_shards": 2}),
+    "sharded to single": ({"index_shards": 2}, {"index_shards": 0}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", CRASHES)
+def test_a_publish_cut_short_is_no_damage_and_the_next_writer_finishes_it(tmp_path, monkeypatch, crash):
+    """A writer killed between its commit and its publish left the committed index.faiss or shards.json as a
+    `.next` file carrying the recorded checksum: verify finds nothing wrong (before, from a sharded layout it
+    called the old manifest, or the missing index.faiss, damaged), and the next writer's finish_publish renames
+    it into place, so the committed layout is served and updated in place (before, a committed manifest was
+    left aside, the layout before was served and the next run built its shards anew)."""
+    before, after = CRASHES[crash]
+    monkeypatch.setattr(ann.plan_index, "__defaults__", (SMALL_IVF,))
+    folder = tmp_path / "ix"
+    db, store, _ = layout_index(folder, 2000, DIM, **before)
+    target = layouts.target_kind("ivfpq", ondisk_shards=after.get("ondisk_shards", 0),
+                                 index_shards=after.get("index_shards", 0))
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(CLASSES[target], "publish", killed_before)
+            with pytest.raises(Killed):
+                sync_index(db, store, folder / ANN_FILE, **after)
+        record, ids = record_of(folder)
+        renamed = "shards.json" if target == "sharded" else ANN_FILE
+        assert [p.name for p in folder.glob("*.next")] == [renamed + ".next"]
+        assert layouts.pick(folder, record).check() == []
+        assert verify(folder, check_model=False).problems == []
+        layouts.finish_publish(folder, record)  # what the next `index` run does first (indexer/job.py)
+        assert not list(folder.glob("*.next"))
+        served = layouts.pick(folder, record)
+        assert served.kind == target and served.check() == [] and verify(folder, check_model=False).problems == []
+        assert np.array_equal(np.sort(ann.stored_ids(served.open())), ids)
+        report = sync_index(db, store, folder / ANN_FILE, **{**after, "rebuild": False})
+        if target == "sharded":
+            assert report["action"] == "updated 0 of 2 shards (+0 -0)"  # the committed shards, not built anew
+        record, _ = record_of(folder)
+        assert {p.name for p in layouts.pick(folder, record).files()} == ann_files(folder)
+        assert verify(folder, check_model=False).problems == []
+    finally:
+        db.dispose()
+
+
+def test_a_manifest_publish_cut_short_is_finished_or_dropped(tmp_path):
+    """shards.json.next, as index.faiss.next: when the catalog committed its checksum the sharded layout is
+    published as the killed writer would have (the manifest renamed into place, the one-file index before it
+    removed); when it did not (written, never committed) it is deleted and nothing else is touched."""
+    names = [tmp_path / "shard-1-000.faiss", tmp_path / "shard-1-001.faiss"]
+    for path in names:
+        path.write_bytes(b"a shard")
+    (tmp_path / ANN_FILE).write_bytes(b"the index before")
+    data = shards.manifest_bytes(names)
+    nxt = ann.next_path(tmp_path / "shards.json")
+    nxt.write_bytes(data)
+    committed = {p.name: ann.file_digest(p) for p in names} | {"shards.json": bytes_digest(data)}
+    layouts.finish_publish(tmp_path, AnnState(files={**committed, "shards.json": "another"}))
+    assert not nxt.exists() and not (tmp_path / "shards.json").exists() and (tmp_path / ANN_FILE).exists()
+    nxt.write_bytes(data)
+    record = AnnState(files=committed, index_shards=2)
+    assert Single(tmp_path, record).check() == []  # committed, not yet published: not damage
+    layouts.finish_publish(tmp_path, record)
+    assert (tmp_path / "shards.json").read_bytes() == data and not nxt.exists() and not (tmp_path / ANN_FILE).exists()
+    assert shards.files(tmp_path) == names and layouts.pick(tmp_path, record).check() == []

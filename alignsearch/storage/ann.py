@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from alignsearch.atomic import replacing
+from alignsearch.atomic import fsync_dir, replacing
 from alignsearch.errors import IndexDamagedError
 
 FLAT_BELOW = 10_000
@@ -146,9 +146,11 @@ def write_next(index: faiss.Index, path: Path) -> str:
 
 
 def publish_next(path: Path) -> None:
-    """Rename `path`.next over `path` (after the catalog recorded its digest)."""
+    """Rename `path`.next over `path` (after the catalog recorded its digest), durably: the files of the
+    layout before are removed next, and a power cut must not keep their removal and lose the rename."""
     if next_path(path).exists():
         os.replace(next_path(path), path)
+        fsync_dir(Path(path).parent)
 
 
 def write_atomic(index: faiss.Index, path: Path) -> None:

@@ -14,11 +14,14 @@ A writer's round is the same for every layout (indexer/build.py):
    lists: never over a file a reader has open). Building needs indexer code (training, merging on-disk lists),
    which storage may not import, so the objects here never build: they name the files a build writes and
    take what it wrote (Sharded.stage, OnDisk.new_lists).
-2. write(index): what is written after tuning and before the commit (single and ondisk: index.faiss.next;
-   sharded: shards.json.next, its shard files are written by the build).
+2. write(index): the file a reader starts from, written as a `.next` file beside it after tuning and before
+   the commit (single and ondisk: index.faiss.next; sharded: shards.json.next, naming the shard files).
 3. commit(conn, record): the checksums of its files, with the build's settings, in the caller's transaction.
-4. publish(): its files go live and the other layouts' files are removed (a reader that has them open keeps
-   its mapping).
+4. publish(): the `.next` file is renamed into place (RENAMED), so its files go live, and the other layouts'
+   files are removed (a reader that has them open keeps its mapping).
+A writer killed between 3 and 4 left a `.next` file with the checksum the catalog committed: that is not
+damage (check), and the next writer renames it first (finish_publish); one without it was never committed
+and is deleted. Every layout follows this one rule (committed_next), whichever layout committed.
 A reader (the engine, verify) picks the layout from the catalog's record and the folder, then open()s it
 through layouts.open_current, the one place an open that met a writer's publish is retried (open() is one
 attempt); check() names the files whose bytes differ from the recorded checksums; files() lists what it owns.
@@ -36,8 +39,11 @@ from typing import ClassVar
 
 import faiss
 
-from alignsearch.storage import ann, state
+from alignsearch.storage import ann, shards, state
 from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
+
+# The files a layout publishes by renaming the `.next` file it wrote before its commit (step 4 above).
+RENAMED = (ANN_FILE, shards.MANIFEST)
 
 
 def read_record(conn) -> state.AnnState:
@@ -53,6 +59,14 @@ def recorded(db) -> state.AnnState:
 
 def write_record(conn, record: state.AnnState) -> None:
     state.write(conn, ann=record)
+
+
+def recorded_checksums(record: state.AnnState) -> dict[str, str]:
+    """The checksum the catalog recorded for each file, whichever layout committed: the sharded or on-disk
+    layout's files, else the single layout's index.faiss (its digest)."""
+    if record.files:
+        return dict(record.files)
+    return {ANN_FILE: record.digest} if record.digest else {}
 
 
 def damaged_message(name: str) -> str:
@@ -109,9 +123,28 @@ class Layout(ABC):
         return dict(self.record.files)
 
     def check(self) -> list[str]:
-        """One line per file whose bytes are missing or differ from the recorded checksum."""
+        """One line per file whose bytes are missing or differ from the recorded checksum, unless it is
+        published by a rename (RENAMED) and its `.next` file carries that checksum (committed_next): readers
+        serve the layout before it or those bytes, and the next writer publishes it (finish_publish)."""
         return [damaged_message(name) for name, want in self.expected().items()
-                if not (self.folder / name).exists() or ann.file_digest(self.folder / name) != want]
+                if not holds(self.folder / name, want) and not self.pending(name, want)]
+
+    def pending(self, name: str, want: str | None) -> bool:
+        """Is `name` published by a rename and does its `.next` file carry `want`, the committed checksum?"""
+        return name in RENAMED and committed_next(self.folder / name, want)
+
+    def finish_publish(self) -> None:
+        """The publish a writer killed between its commit and its publish did not do, on the layout the record
+        describes (layouts.finish_publish picks it by the record: the folder may still hold the layout
+        before, which pick would find): when a `.next` file carries the checksum the catalog committed, this
+        layout is published as that writer would have (the rename, and the layout before removed). A `.next`
+        file without it (written, never committed) is deleted."""
+        recorded = recorded_checksums(self.record)
+        committed = [name for name in RENAMED if self.pending(name, recorded.get(name))]
+        for name in set(RENAMED) - set(committed):
+            ann.next_path(self.folder / name).unlink(missing_ok=True)
+        if committed:
+            self.publish()
 
 
 class OneFile(Layout):
@@ -134,6 +167,11 @@ class OneFile(Layout):
 
     def write(self, index: faiss.Index) -> None:
         self._written = ann.write_next(index, self.path)
+
+
+def holds(path: Path, digest: str) -> bool:
+    """Does `path` carry the recorded `digest`?"""
+    return path.exists() and ann.file_digest(path) == digest
 
 
 def committed_next(path: Path, digest: str | None) -> bool:

@@ -17,8 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from alignsearch.atomic import write_bytes
-from alignsearch.storage.ann import next_path
+from alignsearch.storage.ann import next_path, publish_next
 from alignsearch.storage.paths import ANN_FILE
 
 MANIFEST = "shards.json"
@@ -41,16 +40,18 @@ def new_name(folder: Path, shard: int) -> Path:
 
 
 def manifest_bytes(paths: list[Path]) -> bytes:
-    """The manifest naming `paths` as the shards, as publish writes it (its checksum is committed first)."""
+    """The manifest naming `paths` as the shards, as a writer writes it to shards.json.next (its checksum is
+    committed before publish renames it into place)."""
     return json.dumps({"files": [Path(p).name for p in paths]}).encode()
 
 
 def publish(folder: Path, paths: list[Path]) -> None:
-    """Make `paths` the current shards (atomically). Files of the generation before stay one more round,
-    so a reader that read the old manifest a moment ago can still open them; older ones are deleted."""
+    """Make `paths` the current shards: shards.json.next, the manifest naming them, renamed over shards.json
+    (atomically). Files of the generation before stay one more round, so a reader that read the old manifest
+    a moment ago can still open them; older ones are deleted."""
     folder = Path(folder)
     previous = {p.name for p in files(folder) or []}
-    write_bytes(folder / MANIFEST, manifest_bytes(paths))
+    publish_next(folder / MANIFEST)
     keep = {p.name for p in paths} | previous
     for old in folder.glob("shard-*.faiss"):  # open readers keep their mapping of an unlinked file
         if old.name not in keep:
@@ -62,7 +63,7 @@ def unpublish(folder: Path) -> None:
     """Back to index.faiss (single or on-disk layout): drop the manifest, then the shard files (after ANN_FILE was
     written)."""
     (Path(folder) / MANIFEST).unlink(missing_ok=True)
-    next_path(Path(folder) / MANIFEST).unlink(missing_ok=True)  # one a killed writer committed, never published
+    next_path(Path(folder) / MANIFEST).unlink(missing_ok=True)  # a killed writer's: another layout committed since
     for old in Path(folder).glob("shard-*.faiss"):
         old.unlink()
 

@@ -21,8 +21,9 @@ from alignsearch.storage.layouts.single import Single
 from alignsearch.storage.paths import ANN_FILE
 from alignsearch.storage.state import AnnState
 
-__all__ = ["Layout", "OnDisk", "Retry", "Sharded", "Single", "kind_of", "missing", "new", "next_wait", "open_current",
-           "pick", "published", "read_record", "recorded", "stamp", "target_kind", "write_record"]
+__all__ = ["Layout", "OnDisk", "Retry", "Sharded", "Single", "finish_publish", "kind_of", "missing", "new",
+           "next_wait", "open_current", "pick", "published", "read_record", "recorded", "stamp", "target_kind",
+           "write_record"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ def kind_of(manifest: bool, record: AnnState) -> str:
 def pick(folder: Path, record: AnnState) -> Layout:
     """The layout of the index in `folder`, with the catalog's `record` of it."""
     return LAYOUTS[kind_of((Path(folder) / shards.MANIFEST).exists(), record)](folder, record)
+
+
+def finish_publish(folder: Path, record: AnnState) -> None:
+    """What a writer runs first: the publish a writer killed after its commit did not do (Layout.finish_publish),
+    on the layout the catalog's `record` committed, picked by the record alone (the folder may still hold
+    the layout before)."""
+    LAYOUTS[kind_of(shards.MANIFEST in record.files, record)](folder, record).finish_publish()
 
 
 def target_kind(plan_kind: str, *, ondisk_shards: int, index_shards: int) -> str:

@@ -5,7 +5,8 @@ Lists on disk cannot drop ids: every build writes a new lists file (merged by in
 index.faiss naming it, as index.faiss.next; the commit records the checksums of both, publish renames
 index.faiss.next into place and removes the other files. (Written over index.faiss before the commit, a
 writer killed between the two left a single-file index whose bytes no longer had the recorded checksum:
-queries refused it until the next run.)
+queries refused it until the next run.) A writer killed between the commit and the publish leaves the
+index.faiss before, read as it is, with its lists (kept until a publish): Layout.check and finish_publish.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from alignsearch.storage import ann, shards
-from alignsearch.storage.layout import OneFile, committed_next, damaged_message, drop_lists
+from alignsearch.storage.layout import OneFile, drop_lists
 from alignsearch.storage.paths import LISTS_SUFFIX
 
 
@@ -48,9 +49,3 @@ class OnDisk(OneFile):
         ann.publish_next(self.path)
         shards.unpublish(self.folder)  # a sharded layout before this one: its manifest would still be served
         drop_lists(self.folder, keep=self.lists())
-
-    def check(self) -> list[str]:
-        # committed, not yet renamed: readers read the index.faiss before (its lists are kept until publish)
-        if committed_next(self.path, self.record.files.get(self.path.name)):
-            return [line for line in super().check() if line != damaged_message(self.path.name)]
-        return super().check()

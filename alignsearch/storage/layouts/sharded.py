@@ -1,9 +1,16 @@
 """The sharded layout (--index-shards N): shard-<ns>-<s>.faiss files named by shards.json, searched together
 as one faiss.IndexShards, each memory-mapped (alignsearch/storage/shards.py holds the file format).
 
-A build writes new shard files under fresh names (only the shards whose ids changed), the commit records
-the checksums of every shard and of the manifest about to name them, then publish replaces the manifest
-atomically: a reader sees one generation or the next. Readers find the layout by the manifest itself.
+A build writes new shard files under fresh names (only the shards whose ids changed) and the manifest naming
+them as shards.json.next; the commit records the checksums of every shard and of that manifest, then publish
+renames it over shards.json (atomically: a reader sees one generation or the next), as the single and on-disk
+layouts rename index.faiss.next. Readers find the layout by the manifest itself.
+
+Why the manifest goes through `.next` although writing shards.json at publish would be as atomic: between
+the commit and the publish, the catalog records a manifest no file holds. The `.next` file is what tells
+that state apart from a lost manifest (verify: Layout.check) and what lets the next writer finish the
+publish (Layout.finish_publish) and update the committed shards in place, instead of building them anew from
+the layout before it still finds.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ class Sharded(Layout):
     kind = "sharded"
 
     staged: list[Path] | None = None  # the shard files a build wrote, in shard order, not yet published
+    _written: str | None = None  # the checksum of shards.json.next, once write() wrote it
 
     @property
     def manifest(self) -> Path:
@@ -46,19 +54,19 @@ class Sharded(Layout):
         return shards.open_shards(paths)
 
     def checksums(self) -> tuple[str | None, dict[str, str]]:
-        paths = self.shard_files()
-        files = {p.name: ann.file_digest(p) for p in paths}
-        files[self.manifest.name] = bytes_digest(shards.manifest_bytes(paths))
+        files = {p.name: ann.file_digest(p) for p in self.shard_files()}
+        files[self.manifest.name] = self._written
         return None, files
 
     def write(self, index: faiss.Index) -> None:
-        # the manifest to publish, beside it before the commit: a writer killed between the commit and the
-        # publish leaves it, so the recorded manifest reads as pending (Single.check), not lost
-        write_bytes(ann.next_path(self.manifest), shards.manifest_bytes(self.shard_files()))
+        data = shards.manifest_bytes(self.shard_files())
+        write_bytes(ann.next_path(self.manifest), data)
+        self._written = bytes_digest(data)
 
     def publish(self) -> None:
-        if self.staged is None:
+        # the shard files staged by this build, else (finish_publish) those the record committed
+        staged = self.staged or [self.folder / name for name in self.record.files if name != self.manifest.name]
+        if not staged:
             raise ValueError("no shard files were staged to publish")
-        shards.publish(self.folder, self.staged)  # also removes index.faiss
-        ann.next_path(self.manifest).unlink(missing_ok=True)
+        shards.publish(self.folder, staged)  # also removes index.faiss
         drop_lists(self.folder)

@@ -57,7 +57,7 @@ def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> R
 
 def _check(index_dir: Path, check_model: bool) -> Report:
     r = Report()
-    damage = catalog.integrity_problems(index_dir / DB_FILE)
+    damage = catalog.integrity_problems(index_dir / DB_FILE) or catalog.keyword_problems(index_dir / DB_FILE)
     if damage:
         r.problems += damage
         r.catalog_damaged = True

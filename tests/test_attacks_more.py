@@ -4,10 +4,15 @@ whole or not at all, served only while they are the file indexed), and the serve
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import index_json, make_images, run
 
 from alignsearch.storage import catalog
@@ -136,3 +141,248 @@ def test_verify_finds_bytes_flipped_in_the_keyword_index(indexed_images):
     result = run("verify", "--index", ix, "--skip-model", code=None)
     assert result.exit_code != 0, result.output
     assert "keyword" in result.output and "catalog.db" in result.output, result.output
+
+
+# -- kill -9 at the n-th call of a function, in a child `alignsearch` --------------------------------------------
+
+KILLED_AT_CALL = r"""
+import importlib, json, os, signal, sys
+
+def owner_of(where):
+    module, _, name = where.partition(":")
+    owner = importlib.import_module(module)
+    *outer, attr = name.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    return owner, attr
+
+where, nth = sys.argv[1], int(sys.argv[2])
+for name, value in json.loads(sys.argv[3]).items():  # module settings for the run (e.g. a smaller batch)
+    setattr(*owner_of(name), value)
+owner, attr = owner_of(where)
+real, calls = getattr(owner, attr), [0]
+
+def killed(*args, **kwargs):  # after the n-th call returns: inside the caller's transaction, before its commit
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+setattr(owner, attr, killed)
+from alignsearch.surfaces.cli import main
+main(sys.argv[4:], prog_name="alignsearch")
+"""
+
+
+def _killed_at_call(where: str, nth: int, settings: dict, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that kill -9s itself when the nth call of `where` (module:attribute) returns."""
+    return subprocess.run([sys.executable, "-c", KILLED_AT_CALL, where, str(nth), json.dumps(settings),
+                           *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+# -- 3. kill -9 while the text in images is being read ---------------------------------------------------------
+
+SIGNS = {"zanzibar": ["Zanzibar Spice Co."], "kilimanjaro": ["Kilimanjaro Express"], "serengeti": ["Serengeti Safari"],
+         "okavango": ["Okavango Delta"], "lassi": ["Mango Lassi 450"]}
+needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
+
+
+def _read_ocr(ix: Path) -> dict[str, str | None]:
+    conn = _ro(ix)
+    try:
+        return dict(conn.execute("SELECT f.relpath, p.ocr FROM files f JOIN photos p ON p.file_id = f.id"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_kill_9_while_text_is_read_into_an_existing_index_leaves_whole_batches(tmp_path, tiny_model):
+    """An index gains text in images (`index --ocr` on an index built without it: indexer/ocrfill.py), killed -9
+    inside its second batch's transaction: the first batch's text is there and searchable, nothing of the second,
+    the keyword index agrees with the files table (and FTS5's own check), verify finds nothing wrong, and the next
+    run reads only the files not read yet."""
+    from helpers import render_sign
+
+    root = tmp_path / "signs"
+    signs = {word: f"sign{i}.png" for i, word in enumerate(SIGNS)}  # no word of the text in its name
+    for word, lines in SIGNS.items():
+        render_sign(root / signs[word], lines)
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    proc = _killed_at_call("alignsearch.storage.catalog:set_ocr", 2, {"indexer.ocrfill:BATCH": 2},
+                           "index", "--index", ix, "--device", "cpu", "--ocr", "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    read = {name: text for name, text in _read_ocr(ix).items() if text is not None}
+    assert len(read) == 2, read  # the first batch, whole; the second rolled back
+    assert keyword_drift(ix) == []
+    assert run("verify", "--index", ix, "--skip-model").exit_code == 0
+    for word in SIGNS:
+        assert _keyword_hits(ix, word) == ([signs[word]] if signs[word] in read else []), word
+    again = index_json(ix, "--device", "cpu", "--ocr")
+    assert again["times"]["extra"]["ocr_filled"] == len(SIGNS) - 2 and again["added"] == again["updated"] == 0
+    assert {name: text for name, text in _read_ocr(ix).items() if name in read} == read  # not read twice
+    for word in SIGNS:
+        assert _keyword_hits(ix, word) == [signs[word]], word
+    assert keyword_drift(ix) == []
+
+
+# -- 4. kill -9 while a video's moments are committed ------------------------------------------------------------
+
+def _moments(ix: Path) -> dict[str, int]:
+    """{video: its indexed moments}."""
+    conn = _ro(ix)
+    try:
+        return dict(conn.execute("SELECT relpath, count(*) FROM files WHERE t IS NOT NULL AND status = 'indexed' "
+                                 "GROUP BY relpath"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_videos_commit_leaves_it_whole_or_absent(tmp_path, tiny_model):
+    """Two videos indexed by a run killed -9 while the second one's moment rows are being written (its vectors
+    appended and fsync'ed, its transaction open): the first video is there with every moment, the second with
+    none, no photo field or keyword row is left of it; the next run reads it whole and verify finds nothing
+    wrong. And killed inside the first video's transaction: nothing of either."""
+    from helpers import make_video
+
+    lib = tmp_path / "lib"
+    for name, seeds in (("a.mp4", (11, 12, 13)), ("b.mp4", (21, 22, 23))):
+        make_video(lib / name, [(s, 2) for s in seeds])
+    args = ("index", lib, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    whole = tmp_path / "whole"
+    index_json(whole, *args[1:])
+    counts = _moments(whole)
+    assert sorted(counts) == ["a.mp4", "b.mp4"] and min(counts.values()) >= 3, counts
+    first = counts["a.mp4"]  # videos are read in the order of their names
+    for nth, expected in ((first + 2, {"a.mp4": first}), (2, {})):
+        ix = tmp_path / f"killed-at-{nth}"
+        proc = _killed_at_call("alignsearch.storage.catalog:set_photo", nth, {}, *args, "--index", ix)
+        assert proc.returncode == -9, proc.stderr[-3000:]
+        assert _moments(ix) == expected, nth
+        assert keyword_drift(ix) == [], nth
+        s = index_json(ix, "--device", "cpu")
+        assert _moments(ix) == counts and s["index"]["vectors"] == sum(counts.values()), (nth, s)
+        assert keyword_drift(ix) == [] and run("verify", "--index", ix, "--skip-model").exit_code == 0, nth
+
+
+# -- 5-7. the server's routes for video moments ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_videos(tmp_path_factory, tiny_model):
+    """A served index of two photos and three videos: clip.mp4 whole, cut.mkv cut off part way (what a copy
+    that stopped leaves), swap.mp4 (a test swaps it for a symlink). Yields (library, url, {video: [moment ids]})."""
+    from helpers import make_video, start_serve, stop
+
+    base = tmp_path_factory.mktemp("served-videos")
+    lib = base / "lib"
+    make_images(lib, 2)
+    make_video(lib / "clip.mp4", [(71, 3), (72, 3)])
+    make_video(lib / "swap.mp4", [(81, 3), (82, 3)])
+    whole = make_video(base / "whole.mkv", [(61, 3), (62, 3), (63, 3)]).read_bytes()
+    (lib / "cut.mkv").write_bytes(whole[: int(len(whole) * 0.6)])
+    ix = base / "ix"
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert s["failed"] == 0, s
+    conn = _ro(ix)
+    try:
+        ids: dict[str, list[int]] = {}
+        for relpath, file_id in conn.execute("SELECT relpath, id FROM files WHERE t IS NOT NULL ORDER BY relpath, t"):
+            ids.setdefault(relpath, []).append(file_id)
+    finally:
+        conn.close()
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        yield lib, url, ids
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_a_video_cut_off_part_way_serves_the_moments_it_kept(served_videos):
+    """A video indexed after a copy stopped part way keeps the moments before the break (media/video.py); each
+    of them is served as a thumbnail and its file plays, and nothing the server answers about it is a 500."""
+    from helpers import call
+
+    lib, url, ids = served_videos
+    assert 1 <= len(ids["cut.mkv"]) < 3, ids  # the third scene was cut off
+    data = (lib / "cut.mkv").read_bytes()
+    for moment in ids["cut.mkv"]:
+        status, headers, body = call(url, f"/api/image/{moment}?size=64")
+        assert status == 200 and headers["Content-Type"] == "image/jpeg", (status, body[:200])
+        status, _, body = call(url, f"/api/video/{moment}")
+        assert status == 200 and body == data
+        status, _, body = call(url, f"/api/video/{moment}", headers={"Range": f"bytes={len(data) - 10}-"})
+        assert status == 206 and body == data[-10:]
+
+
+RANGES = {  # Range header -> the bytes a conforming server sends: (206, slice), the whole file (200), or 416
+    "bytes=0-9": (206, slice(0, 10)),
+    "bytes=-10": (206, slice(-10, None)),
+    "bytes=10-": (206, slice(10, None)),
+    "bytes=5-5": (206, slice(5, 6)),
+    "bytes=0-99999999999999999999": (206, slice(0, None)),  # the end past the file: up to its last byte
+    "bytes=99999999999999999999-": (416, None),  # starts past the file: unsatisfiable
+    "bytes=" + "9" * 5000 + "-": (416, None),  # more digits than Python's int() reads
+    "bytes=0-" + "9" * 5000: (206, slice(0, None)),
+    "bytes=-0": (416, None),
+    # not a byte-range-spec of RFC 9110 (1*DIGIT "-" [1*DIGIT]): ignored, the whole file, as RFC 9110 14.2
+    # lets a server; never read as a range by rules another cache or proxy on the way does not share
+    "bytes=1_0-2_0": (200, slice(None)),  # Python's int() takes "1_0" as 10
+    "bytes=\u0661-\u0669": (200, slice(None)),  # Arabic-Indic digits: int() reads them as 1 and 9
+    "bytes=+5-9": (200, slice(None)),
+    "bytes=9-5": (200, slice(None)),  # last-pos before first-pos: invalid (RFC 9110 14.1.1)
+    "bytes=-": (200, slice(None)),
+    # a range unit the server does not understand MUST be ignored (RFC 9110 14.2)
+    "items=0-9": (200, slice(None)),
+}
+
+
+@pytest.mark.slow
+def test_malformed_and_oversized_range_headers_on_a_moments_video(served_videos):
+    """/api/video's Range header, as a player sends it and as an attacker does: valid ranges give exactly those
+    bytes, an unsatisfiable one 416, and a header that is not a byte range as RFC 9110 writes it (digits Python
+    reads but HTTP does not, another unit, last before first) is ignored: the whole file, never a guessed slice."""
+    from helpers import call
+
+    lib, url, ids = served_videos
+    moment = ids["clip.mp4"][0]
+    data = (lib / "clip.mp4").read_bytes()
+    got = {}
+    for header, (status, part) in RANGES.items():
+        code, headers, body = call(url, f"/api/video/{moment}", headers={"Range": header.encode("utf-8").decode("latin-1")})
+        got[header] = code
+        if code == status and part is not None:
+            assert body == data[part], header
+            if code == 206:
+                first = part.indices(len(data))[0]
+                assert headers["Content-Range"] == f"bytes {first}-{first + len(body) - 1}/{len(data)}", header
+    assert got == {header: status for header, (status, _) in RANGES.items()}
+    assert call(url, "/healthz", token=None)[0] == 200
+
+
+@pytest.mark.slow
+def test_a_video_swapped_for_a_symlink_to_a_file_outside_the_root_is_not_served(served_videos, tmp_path):
+    """swap.mp4 replaced, after it was indexed, by a symlink to a file outside the root with the same size and
+    mtime (another user's file, or one the server must not hand out): neither its bytes nor a frame of it
+    comes back, for any of its moments, with or without a range."""
+    from helpers import call
+
+    lib, url, ids = served_videos
+    video = lib / "swap.mp4"
+    data = video.read_bytes()
+    secret = tmp_path / "secret.mp4"
+    secret.write_bytes(bytes(b ^ 0x5A for b in data[:64]) + data[64:])  # a playable-looking file of the same size
+    st = video.stat()
+    os.utime(secret, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert call(url, f"/api/video/{ids['swap.mp4'][0]}")[2] == data  # served before the swap
+    video.rename(lib / "swap.old")
+    video.symlink_to(secret)
+    for moment in ids["swap.mp4"]:
+        for path, headers in ((f"/api/video/{moment}", None), (f"/api/video/{moment}", {"Range": "bytes=0-63"}),
+                              (f"/api/image/{moment}?size=64", None), (f"/api/image/{moment}", None)):
+            status, _, body = call(url, path, headers=headers)
+            assert status == 409 and secret.read_bytes()[:64] not in body, (path, status, body[:200])

@@ -386,3 +386,72 @@ def test_a_video_swapped_for_a_symlink_to_a_file_outside_the_root_is_not_served(
                               (f"/api/image/{moment}?size=64", None), (f"/api/image/{moment}", None)):
             status, _, body = call(url, path, headers=headers)
             assert status == 409 and secret.read_bytes()[:64] not in body, (path, status, body[:200])
+
+
+# -- 8. export and finetune outputs: killed part way, or pointed through a link ----------------------------------
+
+def _tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under folder: a file's bytes, a link's target (not followed)."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(folder))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(folder))] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow
+def test_export_killed_part_way_leaves_the_earlier_export_and_links_are_never_written_through(tmp_path):
+    """`export` killed -9 while it writes (a parquet file, a clip-retrieval folder), each over an earlier export
+    of its own: the earlier export is there byte for byte, and the next export replaces it whole. A clip-retrieval
+    OUT whose img_emb is a link to the user's folder (holding files named like shards) is refused, that folder
+    untouched."""
+    import pyarrow.parquet as pq
+
+    from helpers import vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 40, 16)
+    out = tmp_path / "out"
+    out.mkdir()
+    small = {"alignsearch.search.export:BATCH": 10, "alignsearch.search.export:PAGE": 10}
+    for target, fmt, where in ((out / "emb.parquet", "parquet", "_record_batch"),  # the third row group written
+                               (out / "clip", "clip-retrieval", "_finish_npy")):  # the second shard closed
+        run("export", target, "--index", ix, "--format", fmt, "--shard-rows", "10", "--path", "00000[0-2]*")
+        earlier = _tree(out)
+        proc = _killed_at_call(f"alignsearch.search.export:{where}", 2, small,
+                               "export", target, "--index", ix, "--format", fmt, "--shard-rows", "10")
+        assert proc.returncode == -9, proc.stderr[-3000:]
+        assert {k: v for k, v in _tree(out).items() if k in earlier} == earlier, fmt
+        run("export", target, "--index", ix, "--format", fmt, "--shard-rows", "10")
+        rows = pq.read_table(target).num_rows if fmt == "parquet" else sum(
+            pq.read_table(p).num_rows for p in (target / "metadata").iterdir())
+        assert rows == 40, fmt
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "img_emb_0.npy").write_bytes(b"the user's own array")
+    clip = tmp_path / "linked-clip"
+    clip.mkdir()
+    (clip / "img_emb").symlink_to(mine, target_is_directory=True)
+    before = _tree(tmp_path / "mine"), _tree(clip)
+    result = run("export", clip, "--index", ix, "--format", "clip-retrieval", code=2)
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
+    assert (_tree(tmp_path / "mine"), _tree(clip)) == before
+
+
+def test_finetune_out_through_a_link_to_the_users_folder_is_refused(tmp_path, tiny_model):
+    """`finetune --out LINK` where LINK points at the training folder (or any folder of the user's): refused
+    before anything is trained or written, the folder and the link as they were."""
+    from shapes_data import all_specs, write_set
+
+    pairs = tmp_path / "train"
+    write_set(pairs, all_specs(held_out=False)[:2], 2, seed=1)
+    link = tmp_path / "model-out"
+    link.symlink_to(pairs, target_is_directory=True)
+    before = _tree(pairs)
+    result = run("finetune", pairs, "--model", tiny_model, "--out", link, "--epochs", "1", "--device", "cpu", code=2)
+    assert "not an earlier finetune output" in result.output, result.output
+    assert _tree(pairs) == before and link.is_symlink() and os.readlink(link) == str(pairs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-out", "train"]  # nothing beside it either

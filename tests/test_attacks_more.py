@@ -455,3 +455,51 @@ def test_finetune_out_through_a_link_to_the_users_folder_is_refused(tmp_path, ti
     assert "not an earlier finetune output" in result.output, result.output
     assert _tree(pairs) == before and link.is_symlink() and os.readlink(link) == str(pairs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-out", "train"]  # nothing beside it either
+
+
+# -- 9. a thumbnail cache another user can write ------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["writable by every user", "another user's", "a link planted in my own"])
+def test_thumbnails_planted_in_the_cache_are_not_served(indexed_images, tmp_path, how):
+    """The server keeps thumbnails in INDEX/thumbs and served whatever it found there by name: with thumbs/
+    writable by every user, or another user's, a planted `ID-SIZE.jpg` symlink handed any file the server can
+    read (a secret of its user's) to the client, and a planted picture was shown for the indexed one. A cached
+    thumbnail is read only from a folder no one else can write, and never through a link."""
+    from PIL import Image
+
+    from helpers import call, start_serve, stop
+
+    root, ix = indexed_images(12)
+    conn = _ro(ix)
+    try:
+        first, second = [i for (i,) in conn.execute("SELECT id FROM files WHERE status = 'indexed' ORDER BY id")][:2]
+    finally:
+        conn.close()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"the server user's private key " * 10)
+    thumbs = ix / "thumbs"
+    thumbs.mkdir()
+    (thumbs / f"{first}-64.jpg").symlink_to(secret)  # the secret, through a link named as a thumbnail
+    planted = thumbs / f"{second}-64.jpg"
+    Image.new("RGB", (64, 64), (255, 0, 255)).save(planted, "JPEG")  # another picture, shown for the indexed one
+    if how == "writable by every user":
+        thumbs.chmod(0o777)
+    elif how == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a folder to another user")
+        os.chown(thumbs, 4242, 4242)
+        os.chown(planted, 4242, 4242)
+    else:
+        planted.unlink()  # my own folder: only the link is an attack (a process of mine could have put a file)
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        status, _, body = call(url, f"/api/image/{first}?size=64")
+        assert status == 200 and b"private key" not in body, (status, body[:100])
+        Image.open(__import__("io").BytesIO(body)).verify()  # a real thumbnail
+        if planted.exists():
+            status, _, body = call(url, f"/api/image/{second}?size=64")
+            assert status == 200 and body != planted.read_bytes()
+    finally:
+        stop(proc)
+    assert secret.read_bytes() == b"the server user's private key " * 10

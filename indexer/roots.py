@@ -73,9 +73,12 @@ def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str],
 def rebase_root(conn, old: str, new: str) -> None:
     """Rows of root `old` (a folder inside `new`) become rows of `new`, ids and vectors unchanged."""
     raw_prefix = os.fsencode(os.path.relpath(old, new))
+    moved = []
     for row in catalog.rows_under(conn, old):  # every moment of a video too
         name = raw_prefix + b"/" + sources.name_bytes(row.relpath, row.relpath_raw)
         move_file(conn, row.id, new, *scan.printable(os.fsdecode(name)))
+        moved.append(row.id)
+    catalog.refresh_keywords(conn, moved)  # their folders' words are keywords: the new path's, as a fresh index has
 
 
 def options_for(db, given_roots: list[str], include_hidden: bool | None) -> dict[str, dict]:

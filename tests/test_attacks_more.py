@@ -112,6 +112,22 @@ def test_forget_drops_the_roots_captions_text_and_keyword_rows(tmp_path, tiny_mo
     assert run("verify", "--index", ix, "--skip-model").exit_code == 0
 
 
+def test_a_root_taken_over_by_its_parent_folder_is_found_by_its_folders_name(tmp_path, tiny_model):
+    """`index LIB` after `index LIB/zanzibar`: the files of LIB/zanzibar move under LIB (ids and vectors kept),
+    their paths become zanzibar/NAME, but their keyword text kept the old path's words: a keyword search for
+    the folder's name found none of them, where an index built from LIB at once finds them all."""
+    lib = tmp_path / "lib"
+    _captioned(lib / "zanzibar", {"img001": "harbour at dawn"}, n=3)
+    make_images(lib / "elsewhere", 2, seed=4)
+    ix = tmp_path / "ix"
+    index_json(ix, lib / "zanzibar", "--model", tiny_model, "--device", "cpu")
+    assert _keyword_hits(ix, "zanzibar") == []  # a root's own name is no part of its files' paths
+    index_json(ix, lib, "--device", "cpu")
+    assert sorted(_keyword_hits(ix, "zanzibar")) == ["zanzibar/img000.png", "zanzibar/img001.jpg", "zanzibar/img002.jpg"]
+    assert _keyword_hits(ix, "harbour") == ["zanzibar/img001.jpg"]
+    assert keyword_drift(ix) == []
+
+
 # -- 2. bytes flipped in the catalog's keyword index ---------------------------------------------------------------
 
 def _flip_keyword_data(db: Path) -> None:

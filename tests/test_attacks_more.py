@@ -476,12 +476,14 @@ def test_finetune_out_through_a_link_to_the_users_folder_is_refused(tmp_path, ti
 # -- 9. a thumbnail cache another user can write ------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["writable by every user", "another user's", "a link planted in my own"])
-def test_thumbnails_planted_in_the_cache_are_not_served(indexed_images, tmp_path, how):
+def test_thumbnails_planted_in_the_cache_are_not_served(indexed_images, tmp_path):
     """The server keeps thumbnails in INDEX/thumbs and served whatever it found there by name: with thumbs/
     writable by every user, or another user's, a planted `ID-SIZE.jpg` symlink handed any file the server can
-    read (a secret of its user's) to the client, and a planted picture was shown for the indexed one. A cached
-    thumbnail is read only from a folder no one else can write, and never through a link."""
+    read (a secret of its user's) to the client, and a planted picture was shown for the indexed one; in its own
+    private cache, a planted link did the same. A cached thumbnail is read only from a folder no one else can
+    write, and never through a link."""
+    import io
+
     from PIL import Image
 
     from helpers import call, start_serve, stop
@@ -489,33 +491,74 @@ def test_thumbnails_planted_in_the_cache_are_not_served(indexed_images, tmp_path
     root, ix = indexed_images(12)
     conn = _ro(ix)
     try:
-        first, second = [i for (i,) in conn.execute("SELECT id FROM files WHERE status = 'indexed' ORDER BY id")][:2]
+        ids = [i for (i,) in conn.execute("SELECT id FROM files WHERE status = 'indexed' ORDER BY id")]
     finally:
         conn.close()
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"the server user's private key " * 10)
     thumbs = ix / "thumbs"
-    thumbs.mkdir()
-    (thumbs / f"{first}-64.jpg").symlink_to(secret)  # the secret, through a link named as a thumbnail
-    planted = thumbs / f"{second}-64.jpg"
-    Image.new("RGB", (64, 64), (255, 0, 255)).save(planted, "JPEG")  # another picture, shown for the indexed one
-    if how == "writable by every user":
-        thumbs.chmod(0o777)
-    elif how == "another user's":
-        if os.geteuid() != 0:
-            pytest.skip("only root can give a folder to another user")
-        os.chown(thumbs, 4242, 4242)
-        os.chown(planted, 4242, 4242)
-    else:
-        planted.unlink()  # my own folder: only the link is an attack (a process of mine could have put a file)
+    hows = ["a link in my own", "writable by every user"] + (["another user's"] if os.geteuid() == 0 else [])
     proc, url = start_serve(ix, "--token", "s3cret")
     try:
-        status, _, body = call(url, f"/api/image/{first}?size=64")
-        assert status == 200 and b"private key" not in body, (status, body[:100])
-        Image.open(__import__("io").BytesIO(body)).verify()  # a real thumbnail
-        if planted.exists():
-            status, _, body = call(url, f"/api/image/{second}?size=64")
-            assert status == 200 and body != planted.read_bytes()
+        for n, how in enumerate(hows):
+            link, picture = ids[2 * n], ids[2 * n + 1]
+            thumbs.mkdir(exist_ok=True)
+            thumbs.chmod(0o755)
+            (thumbs / f"{link}-64.jpg").symlink_to(secret)  # the secret, through a link named as a thumbnail
+            planted = thumbs / f"{picture}-64.jpg"
+            Image.new("RGB", (64, 64), (255, 0, 255)).save(planted, "JPEG")  # another picture for the indexed one
+            if how == "writable by every user":
+                thumbs.chmod(0o777)
+            elif how == "another user's":  # only root can give a folder to another user
+                os.chown(thumbs, 4242, 4242)
+                os.chown(planted, 4242, 4242)
+            status, _, body = call(url, f"/api/image/{link}?size=64")
+            assert status == 200 and b"private key" not in body, (how, status, body[:100])
+            Image.open(io.BytesIO(body)).verify()  # a real thumbnail
+            if how != "a link in my own":  # a picture in my own cache is one a process of mine put there
+                status, _, body = call(url, f"/api/image/{picture}?size=64")
+                assert status == 200 and body != planted.read_bytes(), how
     finally:
         stop(proc)
     assert secret.read_bytes() == b"the server user's private key " * 10
+
+
+# -- 10. a folder of videos, and a video, the indexer cannot read ------------------------------------------------
+
+@pytest.mark.slow
+def test_an_unreadable_video_folder_keeps_its_moments_and_an_unreadable_video_is_a_failure(tmp_path, tiny_model):
+    """As a process without root's permission bypass: a folder of indexed videos made unreadable (chmod 000)
+    keeps every moment of its videos (not removed as gone, no moment lost: a video is kept whole), a video
+    that cannot be opened is recorded as failed with its reason and the run goes on; once the folder is
+    readable again the new video in it is read and nothing else is read twice."""
+    from helpers import alignsearch, can_drop_dac, make_video, summary
+
+    if not can_drop_dac():
+        pytest.skip("cannot start a process without root's permission bypass")
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    make_video(lib / "clips" / "a.mp4", [(31, 2), (32, 2), (33, 2)])
+    first = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert first["added"] == 3 and first["failed"] == 0, first
+    moments = _moments(ix)
+    make_video(lib / "clips" / "b.mp4", [(41, 2), (42, 2)])
+    make_video(lib / "locked.mp4", [(51, 2), (52, 2)])
+    os.chmod(lib / "locked.mp4", 0)
+    os.chmod(lib / "clips", 0)
+    try:
+        s = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+    finally:
+        os.chmod(lib / "clips", 0o755)
+        os.chmod(lib / "locked.mp4", 0o644)
+    assert s["removed"] == 0 and s["failed"] == 1 and [e["folder"] for e in s["listing_errors"]] == [str(lib / "clips")], s
+    assert _moments(ix) == moments
+    conn = _ro(ix)
+    try:
+        (reason,) = conn.execute("SELECT reason FROM files WHERE relpath = 'locked.mp4' AND status = 'failed'").fetchone()
+    finally:
+        conn.close()
+    assert "Permission denied" in reason, reason
+    s = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+    assert s["listing_errors"] == [] and s["added"] == 1 and s["removed"] == 0, s  # b.mp4; a.mp4 not read again
+    assert _moments(ix)["clips/a.mp4"] == moments["clips/a.mp4"] and "clips/b.mp4" in _moments(ix)
+    assert keyword_drift(ix) == [] and run("verify", "--index", ix, "--skip-model").exit_code == 0

@@ -1,7 +1,8 @@
 """`alignsearch verify`: do catalog, vector store, FAISS index and model agree? `--repair` mends what it can.
 
 What is checked, each against what the writer recorded when it committed:
-- catalog.db: SQLite's own integrity check (every page and index of the database);
+- catalog.db: SQLite's own integrity check (every page and index of the database), and FTS5's check of the
+  keyword index (catalog.keyword_problems: SQLite reads FTS5 in integrity_check only from 3.44);
 - the vector store: every committed batch of rows re-hashed (catalog.vector_chunks), files cut short,
   rows past the commits, segment files nobody knows, files pointing at no committed row;
 - the ANN index: its layout's files against their recorded checksums (alignsearch/storage/layout.py: check),

@@ -10,7 +10,8 @@ What is checked, each against what the writer recorded when it committed:
 - the model: it still loads and has the recorded fingerprint (unless --skip-model).
 
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
-again (only them), and rebuilds the ANN index from the stored vectors. A damaged catalog cannot be
+again (only them), rebuilds the ANN index from the stored vectors, and writes a damaged keyword index again
+from what it is made of. A damaged catalog cannot be
 mended from what is left: it says how to rebuild the index from its folders.
 """
 
@@ -38,6 +39,7 @@ class Report:
     checked: dict = field(default_factory=dict)
     ann_damaged: bool = False
     catalog_damaged: bool = False
+    keywords_damaged: bool = False
 
     @property
     def ok(self) -> bool:
@@ -58,11 +60,14 @@ def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> R
 
 def _check(index_dir: Path, check_model: bool) -> Report:
     r = Report()
-    damage = catalog.integrity_problems(index_dir / DB_FILE) or catalog.keyword_problems(index_dir / DB_FILE)
+    damage = catalog.integrity_problems(index_dir / DB_FILE)
     if damage:
         r.problems += damage
         r.catalog_damaged = True
         return r
+    keywords = catalog.keyword_problems(index_dir / DB_FILE)  # derived data: --repair writes it again
+    r.problems += keywords
+    r.keywords_damaged = bool(keywords)
     db = catalog.connect(index_dir / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
@@ -155,6 +160,10 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
     with writer_lock(index_dir):
         db = catalog.connect(index_dir / DB_FILE)
         try:
+            if report.keywords_damaged:
+                with db.begin() as conn:
+                    catalog.rebuild_keywords(conn)
+                done.append("keyword index written again from the files' captions, text, paths and tags")
             with db.connect() as conn:
                 model = state.read(conn).model
             if model is None:

@@ -148,7 +148,8 @@ def _flip_keyword_data(db: Path) -> None:
 
 def test_verify_finds_bytes_flipped_in_the_keyword_index(indexed_images):
     """Bytes flipped in the keyword index (FTS5's data rows): every keyword query answered nothing, or failed,
-    and `verify` said the index was sound (PRAGMA integrity_check reads FTS5 tables only from SQLite 3.44)."""
+    and `verify` said the index was sound (PRAGMA integrity_check reads FTS5 tables only from SQLite 3.44). It
+    finds it now, and `--repair` writes the keyword index again from the catalog's rows."""
     root, ix = indexed_images(12)
     name = sorted(p.name for p in root.iterdir())[5]
     assert _keyword_hits(ix, Path(name).stem) == [name]
@@ -157,6 +158,13 @@ def test_verify_finds_bytes_flipped_in_the_keyword_index(indexed_images):
     result = run("verify", "--index", ix, "--skip-model", code=None)
     assert result.exit_code != 0, result.output
     assert "keyword" in result.output and "catalog.db" in result.output, result.output
+    # derived from the catalog's own rows: --repair writes it again (nothing re-encoded, no rebuild from the folders)
+    vectors_before = (ix / "vectors.f16").read_bytes()
+    result = run("verify", "--index", ix, "--skip-model", "--repair")
+    assert "repaired: keyword index" in result.output, result.output
+    assert keyword_drift(ix) == [] and _keyword_hits(ix, Path(name).stem) == [name]
+    assert (ix / "vectors.f16").read_bytes() == vectors_before
+    assert run("verify", "--index", ix, "--skip-model").exit_code == 0
 
 
 # -- kill -9 at the n-th call of a function, in a child `alignsearch` --------------------------------------------

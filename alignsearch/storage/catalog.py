@@ -557,6 +557,16 @@ def keyword_problems(db_path: Path) -> list[str]:
     return problems
 
 
+def rebuild_keywords(conn: Connection) -> None:
+    """Drop the keyword tables and write them again from what they are made of (captions, text read in images,
+    paths, tags), in the caller's transaction: how `verify --repair` mends a damaged keyword index (dropped,
+    not emptied: a DELETE would read the damaged index)."""
+    for table in (KEYWORDS, KEYWORDS_TRIGRAM):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    create_keywords(conn)
+    refresh_keywords(conn)
+
+
 FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")  # the tables an FTS5 table keeps its index in
 
 

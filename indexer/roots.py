@@ -73,9 +73,12 @@ def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str],
 def rebase_root(conn, old: str, new: str) -> None:
     """Rows of root `old` (a folder inside `new`) become rows of `new`, ids and vectors unchanged."""
     raw_prefix = os.fsencode(os.path.relpath(old, new))
+    moved = []
     for row in catalog.rows_under(conn, old):  # every moment of a video too
         name = raw_prefix + b"/" + sources.name_bytes(row.relpath, row.relpath_raw)
         move_file(conn, row.id, new, *scan.printable(os.fsdecode(name)))
+        moved.append(row.id)
+    catalog.refresh_keywords(conn, moved)  # their folders' words are keywords: the new path's, as a fresh index has
 
 
 def options_for(db, given_roots: list[str], include_hidden: bool | None) -> dict[str, dict]:
@@ -297,10 +300,15 @@ def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
 
 
 def delete_root(conn: Connection, root: str) -> int:
-    """Delete every row of one root (and their tags); returns how many files it held."""
+    """Delete every row of one root (and their tags, photo fields, keyword text and perceptual hashes: nothing of
+    a forgotten root stays in the catalog); returns how many files it held."""
     files, tags = catalog.files, catalog.tags
     conn.execute(delete(tags).where(tags.c.file_id.in_(select(files.c.id).where(files.c.root == root).scalar_subquery())))
-    return conn.execute(delete(files).where(files.c.root == root)).rowcount
+    catalog.forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(files.c.root == root))])
+    removed = conn.execute(delete(files).where(files.c.root == root)).rowcount
+    if catalog.has_phashes(conn):
+        catalog.forget_stale_phashes(conn)
+    return removed
 
 
 def move_file(conn: Connection, file_id: int, root: str, relpath: str, relpath_raw: bytes | None) -> None:

@@ -1,7 +1,8 @@
 """`alignsearch verify`: do catalog, vector store, FAISS index and model agree? `--repair` mends what it can.
 
 What is checked, each against what the writer recorded when it committed:
-- catalog.db: SQLite's own integrity check (every page and index of the database);
+- catalog.db: SQLite's own integrity check (every page and index of the database), and FTS5's check of the
+  keyword index (catalog.keyword_problems: SQLite reads FTS5 in integrity_check only from 3.44);
 - the vector store: every committed batch of rows re-hashed (catalog.vector_chunks), files cut short,
   rows past the commits, segment files nobody knows, files pointing at no committed row;
 - the ANN index: its layout's files against their recorded checksums (alignsearch/storage/layout.py: check),
@@ -9,7 +10,8 @@ What is checked, each against what the writer recorded when it committed:
 - the model: it still loads and has the recorded fingerprint (unless --skip-model).
 
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
-again (only them), and rebuilds the ANN index from the stored vectors. A damaged catalog cannot be
+again (only them), rebuilds the ANN index from the stored vectors, and writes a damaged keyword index again
+from what it is made of. A damaged catalog cannot be
 mended from what is left: it says how to rebuild the index from its folders.
 """
 
@@ -37,6 +39,7 @@ class Report:
     checked: dict = field(default_factory=dict)
     ann_damaged: bool = False
     catalog_damaged: bool = False
+    keywords_damaged: bool = False
 
     @property
     def ok(self) -> bool:
@@ -62,6 +65,9 @@ def _check(index_dir: Path, check_model: bool) -> Report:
         r.problems += damage
         r.catalog_damaged = True
         return r
+    keywords = catalog.keyword_problems(index_dir / DB_FILE)  # derived data: --repair writes it again
+    r.problems += keywords
+    r.keywords_damaged = bool(keywords)
     db = catalog.connect(index_dir / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
@@ -154,6 +160,10 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
     with writer_lock(index_dir):
         db = catalog.connect(index_dir / DB_FILE)
         try:
+            if report.keywords_damaged:
+                with db.begin() as conn:
+                    catalog.rebuild_keywords(conn)
+                done.append("keyword index written again from the files' captions, text, paths and tags")
             with db.connect() as conn:
                 model = state.read(conn).model
             if model is None:

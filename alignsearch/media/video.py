@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -207,20 +208,35 @@ def frame_at(source, t: float, t_end: float | None = None):
 
 def byte_range(header: str | None, total: int) -> tuple[int, int] | None:
     """(start, length) of an HTTP Range header's first range ("bytes=a-b", "bytes=a-", "bytes=-n") over a file
-    of `total` bytes; None when there is none (the whole file). Raises ValueError when it cannot be served."""
+    of `total` bytes; None when there is none, or it is no byte range as RFC 9110 writes one (another unit,
+    digits HTTP does not have such as "1_0" or "+5", a last position before the first): the whole file, as the
+    RFC has a server ignore it, never a slice read by rules a cache on the way does not share. Raises
+    ValueError when a valid range cannot be satisfied."""
     if not header:
         return None
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or not spec:
-        raise ValueError("only byte ranges are served")
-    first, _, last = spec.split(",")[0].strip().partition("-")
+    found = _BYTE_RANGE.fullmatch(spec.split(",")[0].strip())
+    if unit.strip().lower() != "bytes" or found is None or not (found[1] or found[2]):
+        return None
+    first, last = found[1], found[2]
     if not first:  # the last n bytes
-        n = int(last)
+        n = _position(last)
         if n <= 0:
             raise ValueError("an empty range")
         return max(0, total - n), min(n, total)
-    start = int(first)
-    end = min(int(last), total - 1) if last else total - 1
-    if start < 0 or start >= total or end < start:
+    start = _position(first)
+    if last and _position(last) < start:
+        return None
+    end = min(_position(last), total - 1) if last else total - 1
+    if start >= total:
         raise ValueError(f"range {header} is outside the file's {total} bytes")
     return start, end - start + 1
+
+
+_BYTE_RANGE = re.compile(r"([0-9]*)-([0-9]*)")  # RFC 9110 14.1.2: 1*DIGIT "-" [ 1*DIGIT ] / "-" 1*DIGIT
+
+
+def _position(digits: str) -> int:
+    """A range's number; any of 19 digits or more stands for a place past every file (int() would read up to
+    4300 digits, then refuse)."""
+    return int(digits) if len(digits) < 19 else 1 << 63

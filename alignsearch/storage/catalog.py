@@ -520,6 +520,56 @@ def integrity_problems(db_path: Path) -> list[str]:
     return [] if found == ["ok"] else [f"{Path(db_path).name} is damaged: {'; '.join(found[:3])}"]
 
 
+def keyword_problems(db_path: Path) -> list[str]:
+    """FTS5's own check of the keyword tables (PRAGMA integrity_check reads FTS5 only from SQLite 3.44: flipped
+    bytes in their data left every keyword query answering nothing, and verify called the index sound); [] when
+    sound. The check is an INSERT, so it runs on a private temporary copy of those tables: the catalog, read
+    through a read-only URI, is never written (verify reads indexes it may not write)."""
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="alignsearch-keywords-") as tmp:
+        copy = os.path.join(tmp, "keywords.db")
+        conn = sqlite3.connect(copy, uri=True)  # uri: the catalog is attached by its read-only URI
+        try:
+            conn.execute("ATTACH DATABASE ? AS cat", (readonly_uri(db_path),))
+            made = dict(conn.execute("SELECT name, sql FROM cat.sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                                     (KEYWORDS, KEYWORDS_TRIGRAM)))
+            for name, sql in made.items():
+                conn.execute(sql)  # the same tokenizer and options, in the copy
+                for (shadow,) in conn.execute("SELECT name FROM cat.sqlite_master WHERE type = 'table' AND name IN "
+                                              "(?, ?, ?, ?, ?)", [f"{name}_{s}" for s in FTS5_SHADOWS]).fetchall():
+                    conn.execute(f"DELETE FROM main.{shadow}")
+                    conn.execute(f"INSERT INTO main.{shadow} SELECT * FROM cat.{shadow}")
+            conn.commit()
+        finally:
+            conn.close()
+        problems = []
+        conn = sqlite3.connect(copy)  # opened again: FTS5 reads the copied structure, not the empty one it cached
+        try:
+            for name in made:
+                try:
+                    conn.execute(f"INSERT INTO {name}({name}) VALUES ('integrity-check')")
+                except sqlite3.DatabaseError as exc:
+                    problems.append(f"{Path(db_path).name} is damaged: its keyword index {name}: {exc}")
+        finally:
+            conn.close()
+    return problems
+
+
+def rebuild_keywords(conn: Connection) -> None:
+    """Drop the keyword tables and write them again from what they are made of (captions, text read in images,
+    paths, tags), in the caller's transaction: how `verify --repair` mends a damaged keyword index (dropped,
+    not emptied: a DELETE would read the damaged index)."""
+    for table in (KEYWORDS, KEYWORDS_TRIGRAM):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    create_keywords(conn)
+    refresh_keywords(conn)
+
+
+FTS5_SHADOWS = ("data", "idx", "content", "docsize", "config")  # the tables an FTS5 table keeps its index in
+
+
 # -- perceptual hashes (alignsearch/search/dupes.py) ---------------------------------------------------------------
 
 def has_phashes(conn: Connection) -> bool:

@@ -288,6 +288,17 @@ def open_indexed(root: str, relpath: str | bytes, size: int, mtime: float) -> in
         raise ApiError(404, f"cannot open the file: {exc.strerror or exc}") from None
 
 
+def read_cached(path: Path) -> bytes | None:
+    """A cached thumbnail's bytes: a regular file, never read through a link (nor a FIFO); None when there is
+    none to use (the caller draws it again and writes it over whatever is there)."""
+    try:
+        fd = safeopen.open_regular(path, follow=False)
+    except (OSError, safeopen.Refused):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:
     """The bytes of the indexed file (open_indexed's checks); read=False checks only (a cached thumbnail)."""
     with os.fdopen(open_indexed(root, relpath, size, mtime), "rb") as f:
@@ -412,11 +423,13 @@ class Library:
 
     def thumbnail(self, file_id: int, size: int) -> bytes:
         row = self.row(file_id)
-        path = None if self.thumb_dir is None else self.thumb_dir / f"{row.id}-{size}.jpg"
+        cache = self.thumb_cache()
+        path = None if cache is None else cache / f"{row.id}-{size}.jpg"
         try:
-            if path is not None and path.exists():
+            cached = None if path is None else read_cached(path)
+            if cached is not None:
                 self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
-                return path.read_bytes()
+                return cached
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)
             else:
@@ -431,9 +444,24 @@ class Library:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         if path is not None:
-            self.thumb_dir.mkdir(exist_ok=True)
+            cache.mkdir(exist_ok=True)
             write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw
         return buf.getvalue()
+
+    def thumb_cache(self) -> Path | None:
+        """The thumbnail cache folder while no one else can write it, else None (thumbnails drawn each time):
+        from a folder another user owns or may write, a planted `ID-SIZE.jpg` was served as the indexed
+        image's, and a planted link handed the client any file this server can read."""
+        from alignsearch.storage.paths import untrusted
+
+        if self.thumb_dir is None:
+            return None
+        try:
+            if os.path.islink(self.thumb_dir) or (self.thumb_dir.exists() and untrusted(self.thumb_dir)):
+                return None
+        except OSError:
+            return None
+        return self.thumb_dir
 
 
     def moment_frame(self, row: catalog.FileRow):

@@ -359,7 +359,7 @@ COLD = """
 import json, sys
 from alignsearch.surfaces.cli import main
 try:
-    main(["query", "red car", "--index", sys.argv[1], "--json", "-k", "5"])
+    main(["query", "red car", "--index", sys.argv[1], "--json", "-k", "5", *sys.argv[2:]])
 except SystemExit as exit:
     assert not exit.code, exit.code
 loaded = sorted(m for m in ("torch", "transformers") if m in sys.modules)
@@ -381,6 +381,13 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
     results = json.loads("\n".join(lines[:-1]))["results"]
     ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").stdout)
     assert [h["path"] for h in results] == [h["path"] for h in ref["results"]]
+    if backend.openvino_installed():  # the plan puts text on OpenVINO: torch-free there too
+        proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix"), "--backend", "openvino"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        assert json.loads(lines[-1]) == {"loaded": []}
+        assert [h["path"] for h in json.loads("\n".join(lines[:-1]))["results"]] == [h["path"] for h in ref["results"]]
     # without a cache the same query still works: it loads the model (and exports for the next one)
     env["ALIGNSEARCH_CACHE"] = str(tmp_path / "empty-cache")
     proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix")], capture_output=True, text=True, env=env,

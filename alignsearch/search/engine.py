@@ -204,8 +204,8 @@ class Engine:
             return self._encoder[1]
 
     def _text_encoder_of(self, snap: Snapshot):
-        """For text alone: the model if it is loaded, else the cached ONNX text tower of the index's model
-        (no torch, no transformers: a cold query in about a second), else the model. The cache is found by
+        """For text alone: the model if it is loaded, else the cached text tower of the index's model where the
+        plan allows (no torch, no transformers: a cold query in about a second), else the model. The cache is found by
         the fingerprint the index recorded, so it is that model whatever --model says; an explicit --model
         still loads it (and checks it is the same)."""
         fingerprint = snap.model_info["fingerprint"]

@@ -254,20 +254,20 @@ def test_a_damaged_cache_is_exported_again(tiny_model, exported_cache, damage):
 
 
 def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, exported_cache):
-    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders import cached
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
-    assert onnxrun.text_encoder(enc.describe()) is not None
+    assert cached.text_encoder(enc.describe()) is not None
     for name in ("text-fp32.onnx", "tokenizer.json"):
         path = next(exported_cache.glob(f"onnx/*/{name}"))
         original = path.read_bytes()
         data = bytearray(original)
         data[len(data) // 2] ^= 0x01  # one bit, same size: the hash catches it
         path.write_bytes(bytes(data))
-        assert onnxrun.text_encoder(enc.describe()) is None, name  # the caller loads the model instead
+        assert cached.text_encoder(enc.describe()) is None, name  # the caller loads the model instead
         path.write_bytes(original)  # the same bytes again (a new mtime): hashed, and accepted
-        assert onnxrun.text_encoder(enc.describe()) is not None, name
+        assert cached.text_encoder(enc.describe()) is not None, name
 
 
 @pytest.mark.slow
@@ -325,11 +325,11 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
     # remembered on disk (a lost rejection sent every cold int8 query through torch): no int8 file listed
     manifest = onnx_manifest(next(exported_cache.glob("onnx/*")))
     assert "text-int8" in manifest["rejected"] and "text-int8" not in manifest["files"]
-    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders import cached
 
     info = {"fingerprint": ref.fingerprint, "content_digest": ref.content_digest}  # ref has tokenized by now
-    light = onnxrun.text_encoder(info, "int8")  # the torch-free path: exact text, as the full path does
-    assert light is not None and light.plan["text_precision"] == "fp32"
+    light = cached.text_encoder(info, EncoderOptions(precision="int8"))  # torch-free: exact text, as the full path
+    assert light is not None and light.text_only and light.plan.text == "fp32" and "text-int8" in light.plan.why
 
 
 def test_index_refuses_int8(tiny_model, tmp_path):
@@ -359,7 +359,7 @@ COLD = """
 import json, sys
 from alignsearch.surfaces.cli import main
 try:
-    main(["query", "red car", "--index", sys.argv[1], "--json", "-k", "5"])
+    main(["query", "red car", "--index", sys.argv[1], "--json", "-k", "5", *sys.argv[2:]])
 except SystemExit as exit:
     assert not exit.code, exit.code
 loaded = sorted(m for m in ("torch", "transformers") if m in sys.modules)
@@ -381,6 +381,13 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
     results = json.loads("\n".join(lines[:-1]))["results"]
     ref = json.loads(run("query", "red car", "--index", tmp_path / "ix", "--json", "-k", "5", "--backend", "torch").stdout)
     assert [h["path"] for h in results] == [h["path"] for h in ref["results"]]
+    if backend.openvino_installed():  # the plan puts text on OpenVINO: torch-free there too
+        proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix"), "--backend", "openvino"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        assert json.loads(lines[-1]) == {"loaded": []}
+        assert [h["path"] for h in json.loads("\n".join(lines[:-1]))["results"]] == [h["path"] for h in ref["results"]]
     # without a cache the same query still works: it loads the model (and exports for the next one)
     env["ALIGNSEARCH_CACHE"] = str(tmp_path / "empty-cache")
     proc = subprocess.run([sys.executable, "-c", COLD, str(tmp_path / "ix")], capture_output=True, text=True, env=env,
@@ -389,11 +396,11 @@ def test_a_cold_text_query_imports_neither_torch_nor_transformers(tiny_model, tm
 
 
 def test_the_torch_free_tokenizer_matches_transformers(tiny_model, exported_cache):
-    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders import cached
 
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
-    light = onnxrun.text_encoder(enc.describe())
+    light = cached.text_encoder(enc.describe()).towers.get("text")  # onnxrun.TextEncoder: tokenizer.json
     texts = TEXTS + ["", "   ", "UPPER case", "tab\tand\nnewline", "x" * 500, "café naïve", "[CLS] [SEP] [PAD]"]
     for t in texts:
         ids, mask = light.tokenize([t])
@@ -461,7 +468,7 @@ def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_i
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)
     index_json(tmp_path / "ix", corpus, "--model", tiny_model)
-    soon = coldstart.text_encoder_soon(tmp_path / "ix", "fp32")
+    soon = coldstart.text_encoder_soon(tmp_path / "ix", EncoderOptions(device="cpu"))
     assert soon is not None and soon[0]["fingerprint"] == Encoder(str(tiny_model), device="cpu").fingerprint
     early = soon[1].result()
     assert early is not None
@@ -469,15 +476,15 @@ def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_i
     engine.search(text="red car", k=2)
     assert engine._encoder[1] is early  # the one loaded early, not a second one
     # a hint for another model (the catalog changed between the peek and the open) is not used
-    info, future = coldstart.text_encoder_soon(tmp_path / "ix", "fp32")
+    info, future = coldstart.text_encoder_soon(tmp_path / "ix", EncoderOptions(device="cpu"))
     other = alignsearch.open(tmp_path / "ix", device="cpu", text_soon=({**info, "fingerprint": "0" * 16}, future))
     other.search(text="red car", k=2)
     assert other._encoder[1] is not future.result()
     # nothing to peek: no hint, no crash
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "catalog.db").write_bytes(b"not a database" * 100)
-    assert coldstart.text_encoder_soon(tmp_path / "junk", "fp32") is None
-    assert coldstart.text_encoder_soon(tmp_path / "nowhere", "fp32") is None
+    assert coldstart.text_encoder_soon(tmp_path / "junk", EncoderOptions()) is None
+    assert coldstart.text_encoder_soon(tmp_path / "nowhere", EncoderOptions()) is None
 
 
 def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(tiny_model, tmp_path, exported_cache, monkeypatch):
@@ -485,7 +492,7 @@ def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(t
     from concurrent.futures import Future
 
     import alignsearch
-    from alignsearch.encoders import coldstart, onnxrun
+    from alignsearch.encoders import cached, coldstart
 
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)
@@ -498,7 +505,7 @@ def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(t
     (folder,) = exported_cache.glob("onnx/*")
     for junk in ("[]", '"x"', "{not json"):
         (folder / "records" / "model.json").write_text(junk)
-        assert onnxrun.text_encoder(info, "fp32") is None and onnxrun.text_encoder(info, "int8") is None
+        assert cached.text_encoder(info) is None and cached.text_encoder(info, EncoderOptions(precision="int8")) is None
     # a broken install that raises something other than ImportError counts as not installed
     real = importlib.import_module
     monkeypatch.setattr(importlib, "import_module",

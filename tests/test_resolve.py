@@ -10,7 +10,7 @@ import pytest
 from alignsearch.encoders import backend, records, resolve
 from alignsearch.encoders.backend import EncoderOptions, Plan
 from alignsearch.encoders.onnxrun import OnnxUnusable
-from alignsearch.errors import ModelMismatchError
+from alignsearch.errors import BadInputError, ModelMismatchError
 
 
 # -- decisions, without a model --------------------------------------------------------------------------
@@ -18,11 +18,11 @@ def test_options_and_the_torch_free_text_gate():
     assert backend.encoder_options(text_bf16=True).precision == "bf16"
     assert backend.encoder_options(text_bf16=True, precision="fp32").precision == "fp32"  # explicit wins
     gate = backend.torch_free_text
-    assert gate(EncoderOptions(), None) == "fp32" and gate(EncoderOptions(precision="int8"), None) == "int8"
-    assert gate(EncoderOptions(device="cpu", backend="onnx"), None) == "fp32"
+    assert gate(EncoderOptions(), None) and gate(EncoderOptions(precision="int8"), None)
+    assert gate(EncoderOptions(device="cpu", backend="onnx"), None)
     for opts, model in [(EncoderOptions(), "m"), (EncoderOptions(device="cuda"), None),
-                        (EncoderOptions(backend="openvino"), None), (EncoderOptions(precision="bf16"), None)]:
-        assert gate(opts, model) is None, (opts, model)
+                        (EncoderOptions(backend="torch"), None)]:
+        assert not gate(opts, model), (opts, model)
 
 
 def _installed(monkeypatch, ort=True, ov=True):
@@ -102,6 +102,62 @@ def test_towers_put_the_vision_tower_on_the_engine_measured_fastest_under_auto()
     # an engine named by the user is not measured
     named = resolve.Towers(Plan("onnx", "fp32", "fp32"), EncoderOptions(device="cpu", backend="onnx"), FakeExports())
     assert named.get("image") == "vision-fp32-onnx"
+
+
+def test_each_change_of_the_plan_is_said_once_and_keeps_the_reasons_before_it(caplog):
+    """int8 text refused, then the vision tower measured onto OpenVINO: the plan says both (the note lost the
+    int8 refusal, so text at fp32 where int8 was asked for had no reason given)."""
+    caplog.set_level(logging.INFO)
+    towers = resolve.Towers(Plan("onnx", "int8", "fp32"), EncoderOptions(device="cpu", precision="int8"),
+                            FakeExports(fail={"text-int8-onnx": "cosine 0.9"},
+                                        speed={"onnx": 1.0, "openvino": 3.0, "torch": 2.0}))
+    assert towers.get("text") == "text-fp32-onnx" and towers.get("image") == "vision-fp32-openvino"
+    assert towers.get("text") == "text-fp32-onnx" and towers.get("image") == "vision-fp32-openvino"  # built once
+    p = towers.plan
+    assert (p.backend, p.text, p.images_on, p.image) == ("onnx", "fp32", "openvino", "fp32")
+    assert "cosine 0.9" in p.why and "measured fastest" in p.why, p.why
+    said = [r.getMessage() for r in caplog.records if r.name == resolve.__name__]
+    assert said[0] == "text at fp32: cosine 0.9" and len(said) == 2 and said[1].startswith("OpenVINO runs the vision")
+    assert towers.source.calls == ["text-int8-onnx", "text-fp32-onnx", "vision-fp32-openvino"]
+
+
+def test_a_cache_runs_int8_text_at_fp32_only_where_int8_was_measured_and_refused(caplog, tmp_path):
+    """A refusal recorded at export is final (fp32 from the cache); an int8 tower merely missing or damaged
+    is not a measurement: the checkpoint loads and quantizes it (the fallback), as before the cache ran text."""
+    loads = []
+
+    def load_full():
+        loads.append(1)
+        return Full("f")
+
+    def towers(manifest):
+        return resolve.Towers(Plan("onnx", "int8", "fp32"), EncoderOptions(device="cpu", precision="int8"),
+                              resolve.Cached(tmp_path, manifest, None, load_full))
+
+    refused = towers({**MANIFEST, "rejected": {"text-int8": "cosine 0.98 (needs 0.99)"}})
+    assert refused.get("text") is None and loads == [1]  # no tower files here at all: fp32 fails too
+    assert _warnings(caplog) == ["text at fp32: cosine 0.98 (needs 0.99)",
+                                 f"loading the checkpoint: no exported tokenizer in {tmp_path}"]
+    caplog.clear()
+    unmeasured = towers(MANIFEST)
+    assert unmeasured.get("text") is None and loads == [1, 1] and unmeasured.plan.why == "exported again"
+    assert _warnings(caplog) == [f"loading the checkpoint: no exported tokenizer in {tmp_path}"]  # no fp32 step
+    damaged = towers({**MANIFEST, "rejected": ["not", "a", "mapping"]})
+    assert damaged.get("text") is None and loads == [1, 1, 1]  # damage is a tower that cannot be used
+
+
+def test_text_runs_torch_free_where_the_plan_puts_it_on_an_exported_engine(monkeypatch):
+    _installed(monkeypatch, ort=True, ov=True)
+    assert resolve.text_plan(EncoderOptions(), None) == Plan("onnx", "fp32", "fp32")
+    assert resolve.text_plan(EncoderOptions(precision="int8"), None).text == "int8"
+    assert resolve.text_plan(EncoderOptions(backend="openvino"), None).backend == "openvino"
+    for opts, model in [(EncoderOptions(), "m"), (EncoderOptions(device="cuda"), None),
+                        (EncoderOptions(backend="torch"), None), (EncoderOptions(precision="bf16"), None)]:
+        assert resolve.text_plan(opts, model) is None, opts  # bf16: torch here (no BF16 for OpenVINO)
+    _installed(monkeypatch, ort=False, ov=False)
+    assert resolve.text_plan(EncoderOptions(), None) is None  # torch runs text: the full encoder
+    with pytest.raises(BadInputError):  # refused as the full encoder refuses it
+        resolve.text_plan(EncoderOptions(precision="int8"), None)
 
 
 class Full:
@@ -262,7 +318,7 @@ def test_a_cache_with_an_older_manifest_is_used_without_exporting_again(tiny_mod
     shutil.rmtree(folder / "records")
     opts = EncoderOptions(device="cpu", backend="onnx")
     assert cached.find(str(tiny_model), None, opts) is not None  # read as it is
-    assert onnxrun.text_encoder(enc.describe()) is not None
+    assert cached.text_encoder(enc.describe()) is not None
 
     def refuse(*a, **k):
         raise AssertionError("exported again")
@@ -275,7 +331,7 @@ def test_a_cache_with_an_older_manifest_is_used_without_exporting_again(tiny_mod
 
 def test_the_engine_keeps_one_encoder_and_a_text_only_one_gives_way(tiny_model, tmp_path, monkeypatch):
     import alignsearch
-    from alignsearch.encoders.onnxrun import TextEncoder
+    from alignsearch.encoders.cached import CachedText
     from conftest import index_json, make_images
 
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
@@ -284,9 +340,50 @@ def test_the_engine_keeps_one_encoder_and_a_text_only_one_gives_way(tiny_model, 
     engine = alignsearch.open(tmp_path / "ix", device="cpu")
     engine.search(text="red car", k=2)
     fingerprint, light, full = engine._encoder
-    assert isinstance(light, TextEncoder) and not full and engine.encoder_plan()["image_precision"] is None
+    assert isinstance(light, CachedText) and not full and engine.encoder_plan()["image_precision"] is None
     engine.search(image=str(images[0]), k=2)
     assert engine._encoder[0] == fingerprint and engine._encoder[2] and engine._encoder[1] is not light
     engine.search(text="red car", k=2)  # text now runs on the full encoder: no second one kept
     assert engine._encoder[2] and engine.encoder_plan()["image_precision"] == "fp32"
 
+
+
+def test_a_text_query_reports_what_its_tower_ran_on(tiny_model, tmp_path, exported_cache):
+    """int8 asked, and refused for this model when it was measured: a cold text query runs the cached text
+    tower at fp32, and its plan says why, as the full encoder's does (it said only "text only")."""
+    import alignsearch
+    from alignsearch.encoders.model import Encoder
+    from conftest import index_json, make_images
+
+    make_images(tmp_path / "corpus", 3)
+    index_json(tmp_path / "ix", tmp_path / "corpus", "--model", tiny_model)
+    full = Encoder(str(tiny_model), device="cpu", precision="int8")
+    full.encode_text(["a dog"])  # quantized, measured and refused: the tiny model's weights drift at int8
+    assert full.plan.text == "fp32" and "text-int8" in full.plan.why
+    engine = alignsearch.open(tmp_path / "ix", device="cpu", precision="int8")
+    engine.search(text="red car", k=2)
+    got = engine.encoder_plan()
+    assert not engine._encoder[2] and got["image_precision"] is None  # torch-free: the text tower alone
+    assert (got["backend"], got["text_precision"]) == ("onnx", "fp32") and full.plan.why in got["note"], got
+
+
+def test_a_damaged_cached_text_tower_gives_the_full_encoder_through_the_one_fallback(tiny_model, tmp_path,
+                                                                                     exported_cache, caplog):
+    import alignsearch
+    from conftest import index_json, make_images
+
+    images = make_images(tmp_path / "corpus", 3)
+    index_json(tmp_path / "ix", tmp_path / "corpus", "--model", tiny_model)
+    tower = next(exported_cache.glob("onnx/*/text-fp32.onnx"))
+    data = bytearray(tower.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tower.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO)
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    engine.search(text="red car", k=2)
+    _, enc, full = engine._encoder
+    assert full and not enc.text_only and engine.encoder_plan()["image_precision"] == "fp32"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].startswith("loading the checkpoint: ") and "SHA-256" in said[0], said
+    engine.search(image=str(images[0]), k=2)
+    assert engine._encoder[1] is enc  # the checkpoint loaded once: images use it too

@@ -92,12 +92,12 @@ def _model_folder(cache: Path) -> Path:
 
 
 def _cache_is_refused(info, tiny_model, why: str) -> None:
-    from alignsearch.encoders import cached, onnxrun
+    from alignsearch.encoders import cached
     from alignsearch.encoders.backend import EncoderOptions
     from alignsearch.search.engine import onnx_cache_status
     from alignsearch.encoders.model import Encoder
 
-    assert onnxrun.text_encoder(info) is None  # a cold text query does not run the cached tower
+    assert cached.text_encoder(info) is None  # a cold text query does not run the cached tower
     assert cached.find(str(tiny_model), info, EncoderOptions(device="cpu")) is None
     assert onnx_cache_status(info)["path"] is None and why in onnx_cache_status(info)["note"]
     enc = Encoder(str(tiny_model), device="cpu")
@@ -107,10 +107,10 @@ def _cache_is_refused(info, tiny_model, why: str) -> None:
 
 @pytest.mark.slow
 def test_a_cache_folder_others_can_write_is_refused_and_torch_runs(exported, tiny_model):
-    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders import cached
 
     cache, info = exported
-    assert onnxrun.text_encoder(info) is not None  # private: used
+    assert cached.text_encoder(info) is not None  # private: used
     folder = _model_folder(cache)
     os.chmod(folder, 0o777)
     _cache_is_refused(info, tiny_model, "writable by every user")
@@ -700,7 +700,7 @@ def test_a_symlinked_cache_record_is_taken_for_missing(tmp_path):
 
 @pytest.mark.slow
 def test_a_symlinked_tower_record_is_exported_again(exported, tiny_model, tmp_path):
-    from alignsearch.encoders import onnxrun
+    from alignsearch.encoders import cached
     from alignsearch.encoders.model import Encoder
 
     cache, info = exported
@@ -708,11 +708,11 @@ def test_a_symlinked_tower_record_is_exported_again(exported, tiny_model, tmp_pa
     shutil.copy(record, tmp_path / "copy.json")  # the very record, but reached through a link
     record.unlink()
     record.symlink_to(tmp_path / "copy.json")
-    assert onnxrun.text_encoder(info) is None  # a cold text query does not run the tower it describes
+    assert cached.text_encoder(info) is None  # a cold text query does not run the tower it describes
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
     assert enc.plan.backend == "onnx" and not record.is_symlink()  # exported and recorded again
-    assert onnxrun.text_encoder(info) is not None
+    assert cached.text_encoder(info) is not None
 
 
 def _write_version(folder, version: int, barrier, first: bool) -> None:

@@ -63,14 +63,11 @@ def encoder_options(*, device: str = "auto", backend: str = "auto", precision: s
                           else precision)
 
 
-def torch_free_text(options: EncoderOptions, model: str | None) -> str | None:
-    """The precision ("fp32" or "int8") at which text queries may run from the cached ONNX text tower with
-    neither torch nor transformers loaded (onnxrun.text_encoder), or None where the options rule it out:
-    a --model to check against the index's, a GPU or a backend other than ONNX Runtime asked for, or bf16."""
-    if model is not None or options.device not in ("auto", "cpu") or options.backend not in ("auto", "onnx") \
-            or options.precision not in ("auto", "fp32", "int8"):
-        return None
-    return "int8" if options.precision == "int8" else "fp32"
+def torch_free_text(options: EncoderOptions, model: str | None) -> bool:
+    """May text queries run from the index's cached text tower with neither torch nor transformers loaded?
+    Not with a --model (the checkpoint loads to be checked against the index's), a GPU or torch asked for;
+    where they may, the plan decides (resolve.text_plan). Pure and cheap: the CLI asks before any import."""
+    return model is None and options.device in ("auto", "cpu") and options.backend != "torch"
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,7 @@ class Plan:
 
     backend: str
     text: str
-    image: str
+    image: str | None  # None: no image tower (a text-only encoder, cached.CachedText)
     why: str = ""
     image_backend: str = ""  # "" is `backend`; another engine where it was measured faster for images (auto only)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from alignsearch.encoders.backend import EncoderOptions
 from alignsearch.storage import state
 from alignsearch.storage.paths import DB_FILE
 
@@ -22,17 +23,18 @@ def peek_model(index_dir: Path) -> dict | None:
     return None if found is None or found.model is None else found.model.to_record()
 
 
-def text_encoder_soon(index_dir: Path, precision: str) -> tuple[dict, Future] | None:
-    """(the model meta it is for, a future of onnxrun.text_encoder(...) or None), or None when there is
-    nothing to start. precision: the text tower's, backend.torch_free_text's answer."""
+def text_encoder_soon(index_dir: Path, options: EncoderOptions) -> tuple[dict, Future] | None:
+    """(the model meta it is for, a future of cached.text_encoder(...): the text-only encoder or None), or
+    None when there is nothing to start. The future never loads the checkpoint: should the cached tower fail,
+    the engine's own load (loader.open_encoder) falls back and says so."""
     info = peek_model(index_dir)
     if info is None:
         return None
 
     def load():
-        from alignsearch.encoders import onnxrun
+        from alignsearch.encoders import cached
 
-        return onnxrun.text_encoder(info, precision)
+        return cached.text_encoder(info, options)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignsearch-text")
     future = pool.submit(load)

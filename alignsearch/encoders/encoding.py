@@ -71,6 +71,7 @@ class EncoderBase:
 
     spec: ImageSpec
     temperature: float
+    text_only = False  # True for an encoder of text alone (cached.CachedText): images need the full one
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError

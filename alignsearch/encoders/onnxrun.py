@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from alignsearch.encoders import records
-from alignsearch.encoders.backend import cache_untrusted, lock_in_use, onnx_dir
+from alignsearch.encoders.backend import lock_in_use
 from alignsearch.storage.paths import untrusted
 
 log = logging.getLogger(__name__)
@@ -258,10 +258,8 @@ def tokenizer(folder: Path, max_length: int, pad_id: int, pad_token: str):
 
 
 class TextEncoder:
-    """Text queries from a cached ONNX text tower and tokenizer.json: no torch, no transformers.
-
-    Stands in for model.Encoder where only text is encoded (engine.Engine), and only for the model the
-    index recorded: the cache is found by that model's fingerprint, which was checked when it was made."""
+    """A cached text tower with its own tokenizer.json: texts in, unit vectors out, with neither torch nor
+    transformers. The text tower of encoders that run from the cache (resolve.Cached)."""
 
     def __init__(self, folder: Path, manifest: dict, precision: str, engine: str = "onnx"):
         t = manifest["tokenizer"]
@@ -275,39 +273,9 @@ class TextEncoder:
         # The three short probes: the long one (64 tokens) would double a cold query's check, and any damage
         # to the weights shows in every probe (the file hashes catch the rest).
         self.tower = load_text(folder, manifest, precision, self.tokenize, probes=3, engine=engine)
-        self.plan = {"backend": engine, "text_precision": precision, "image_precision": None,
-                     "note": "text only: torch and transformers not loaded"}
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
         return self.tower.run(**text_feeds(*self.tokenize(list(texts))))
 
-
-def text_encoder(model_info: dict, precision: str = "fp32") -> TextEncoder | None:
-    """The torch-free text encoder for the model an index recorded (its `model` meta: fingerprint and content
-    digest), when its export is cached with a tokenizer.json and its files and probes still check out; None
-    otherwise (the caller loads the full model, which exports it)."""
-    from alignsearch.encoders.backend import onnxruntime_installed
-
-    fingerprint, content = model_info.get("fingerprint", ""), model_info.get("content_digest")
-    if precision not in ("fp32", "int8") or content is None or not onnxruntime_installed():
-        return None  # an index recorded before content digests: found again after its next `index` run
-    try:
-        folder = onnx_dir(fingerprint, content)
-    except ValueError:
-        return None
-    if cache_untrusted(folder):
-        return None  # noted: the full load runs on torch
-    manifest = read_manifest(folder)
-    if not isinstance(manifest, dict) or (manifest.get("fingerprint"), manifest.get("content_digest")) != \
-            (fingerprint, content) or "tokenizer" not in manifest:
-        return None  # none, damaged ([] or "x" is valid JSON) or another model's: the full load exports again
-    if precision == "int8" and "text-int8" in (manifest.get("rejected") or {}):
-        precision = "fp32"  # this model's int8 text was measured too far off: exact text, as the full path does
-    try:
-        return TextEncoder(folder, manifest, precision)
-    except (OnnxUnusable, *records.DAMAGED, OSError) as exc:  # only the slower path: the full model loads, and
-        # re-exports what is damaged
-        log.info("cached ONNX text tower not used: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None

@@ -6,13 +6,16 @@ takes seconds, and a tower never used costs nothing), on ONNX Runtime or OpenVIN
 
 - Exported: a loaded checkpoint (model.Encoder), whose towers are exported, checked and cached by
   onnxexport.Exporter; torch runs what the plan gives to it, and everything after a failure.
-- Cached: a cache folder's exports alone (cached.CachedEncoder, no torch); after a failure the checkpoint
-  is loaded (model.Encoder, given as `load_full`) and runs the rest of the run.
+- Cached: a cache folder's exports alone (cached.CachedEncoder, or cached.CachedText for text queries; no
+  torch); after a failure the checkpoint is loaded (model.Encoder, given as `load_full`) and runs the rest
+  of the run.
 
-The plan changes here only, and only on first use of a tower: under --backend auto the vision tower goes to
-the engine measured fastest on this CPU; int8 text that fails its check runs at fp32; and a tower that
-cannot be built (OnnxUnusable: the export, its check or its load failed) makes the fallback, said in one
-line. Encoders read `plan`; none writes it.
+The plan changes here only, in Towers._change, and only on first use of a tower (each change needs the
+tower built, exported or measured: not decided without exporting at construction): under --backend auto the
+vision tower goes to the engine measured fastest on this CPU; int8 text that was measured too far from torch
+runs at fp32; and a tower that cannot be built (OnnxUnusable: the export, its check or its load failed) makes
+the fallback. Each change is said in one line and kept in the plan's note. Encoders read `plan`; none
+writes it.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from alignsearch.encoders import records
 from alignsearch.encoders.backend import (ENGINES, EncoderOptions, Plan, choose_images, fallback, installed_engines,
-                                          onnxruntime_installed, openvino_bf16, openvino_installed, plan)
+                                          onnxruntime_installed, openvino_bf16, openvino_installed, plan,
+                                          torch_free_text)
 from alignsearch.encoders.onnxrun import OnnxUnusable, TextEncoder, load_vision, machine
 from alignsearch.errors import ModelMismatchError
 
@@ -35,11 +40,24 @@ FAILURES = (OnnxUnusable,)
 
 
 def plan_for(options: EncoderOptions, device_type: str) -> Plan:
-    """backend.plan for a device ("cpu" or "cuda") with the engines installed here."""
+    """backend.plan for a device ("cpu" or "cuda") with the engines installed here. OpenVINO (a slow import:
+    a cold text query must not pay it) is looked for only where the plan depends on it: asked for, bf16, or
+    no onnxruntime."""
     cpu = device_type == "cpu"
-    ov = cpu and openvino_installed()
-    return plan(options, device_type, cpu and onnxruntime_installed(), ov,
-                ov and options.precision == "bf16" and openvino_bf16())
+    ort = cpu and onnxruntime_installed()
+    ov = cpu and (options.backend == "openvino" or options.precision == "bf16" or not ort) and openvino_installed()
+    return plan(options, device_type, ort, ov, ov and options.precision == "bf16" and openvino_bf16())
+
+
+def text_plan(options: EncoderOptions, model: str | None) -> Plan | None:
+    """The plan for text queries run from an index's cached text tower with neither torch nor transformers
+    (cached.text_encoder), or None where torch runs text: backend.torch_free_text's conditions, then the CPU's
+    plan (the one every encoder gets here) putting text on an exported engine. --device auto counts as the
+    CPU for text (25 ms a query there, and no GPU without importing torch)."""
+    if not torch_free_text(options, model):
+        return None
+    p = plan_for(options, "cpu")
+    return p if p.backend in ENGINES else None
 
 
 def cached_plan(options: EncoderOptions, speed: dict) -> Plan | None:
@@ -82,22 +100,40 @@ class Exported:
 
 
 class Cached:
-    """Towers run from a cache folder's exports alone (cached.CachedEncoder): the text tower with its own
-    tokenizer.json (onnxrun.TextEncoder), the vision tower as checked at export."""
+    """Towers run from a cache folder's exports alone (cached.CachedEncoder, cached.CachedText): the text tower
+    with its own tokenizer.json (onnxrun.TextEncoder), the vision tower as checked at export. A damaged
+    manifest or an unreadable file is a tower that cannot be used, as an export's failure is."""
 
-    def __init__(self, folder: Path, manifest: dict, size: tuple[int, int], load_full: Callable[[], object] | None):
+    def __init__(self, folder: Path, manifest: dict, size: tuple[int, int] | None,
+                 load_full: Callable[[], object] | None):
         self.folder, self.manifest, self.size = folder, manifest, size
         self.load_full = load_full
 
+    def int8_rejected(self) -> str | None:
+        """Why this model's int8 text tower was refused when it was measured (at export), or None: not
+        measured, or measured good; the checkpoint then loads and quantizes (the fallback)."""
+        return _unusable(lambda: (self.manifest.get("rejected") or {}).get("text-int8"))
+
     def text(self, precision: str, engine: str):
-        return TextEncoder(self.folder, self.manifest, precision, engine)
+        if precision == "int8" and self.int8_rejected():
+            raise OnnxUnusable(self.int8_rejected())
+        return _unusable(lambda: TextEncoder(self.folder, self.manifest, precision, engine))
 
     def vision(self, engine: str, precision: str):
-        return load_vision(self.folder, self.manifest, self.size, engine, precision)
+        return _unusable(lambda: load_vision(self.folder, self.manifest, self.size, engine, precision))
 
     def vision_speed(self, engines: tuple[str, ...]) -> dict:
         speed = self.manifest["vision_speed"][machine()]
         return {e: float(speed[e]) for e in engines}
+
+
+def _unusable(fn):
+    """fn(), reading a cache's files and manifest, with their damage (a missing key, a wrong type, a file
+    gone) raised as OnnxUnusable, one line."""
+    try:
+        return fn()
+    except (*records.DAMAGED, OSError) as exc:
+        raise OnnxUnusable(f"the cached exports cannot be read: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
 
 
 def resolve(options: EncoderOptions, device_type: str, enc) -> Towers:
@@ -141,9 +177,11 @@ class Towers:
         if self._plan.text == "int8":
             try:
                 return self.source.text("int8", self._plan.backend)
-            except OnnxUnusable as why:  # this model does not quantize well: exact text instead
-                log.warning("text at fp32: %s", why)
-                self._plan = replace(self._plan, text="fp32", why=str(why))
+            except OnnxUnusable as why:
+                if isinstance(self.source, Cached) and not self.source.int8_rejected():
+                    raise  # never measured here: the checkpoint loads and quantizes it (the fallback)
+                # measured: this model does not quantize well, exact text instead
+                self._change(f"text at fp32: {why}", to=replace(self._plan, text="fp32", why=_noted(self._plan.why, why)))
         return self.source.text(self._plan.text, self._plan.backend)
 
     def attempt(self, fn):
@@ -161,21 +199,37 @@ class Towers:
         """The vision tower's engine: the plan's, or under --backend auto at fp32 the one measured fastest on
         this CPU (once, kept in the cache's manifest), with the measurement in the plan's note."""
         if self.options.backend == "auto" and self._plan.image == "fp32":
-            self._plan = choose_images(self._plan, self.source.vision_speed(installed_engines()))
+            chosen = choose_images(self._plan, self.source.vision_speed(installed_engines()))
+            if chosen != self._plan:
+                self._change(chosen.why, logging.INFO, to=replace(chosen, why=_noted(self._plan.why, chosen.why)))
         return self._plan.images_on
 
     def _fall_back(self, why: Exception) -> None:
-        """The one fallback, said in one line: a loaded checkpoint runs both towers on torch from here on; a
-        cache's encoder loads the checkpoint, which runs the rest of the run (exporting again what failed)."""
+        """The one fallback: a loaded checkpoint runs both towers on torch from here on; a cache's encoder
+        loads the checkpoint, which runs the rest of the run (exporting again what failed)."""
         self.built.clear()
         if isinstance(self.source, Exported):
-            log.warning("running the model on torch: %s", why)
-            self._plan = fallback(str(why))
-            return
-        if self.source.load_full is None:
+            self._change(f"running the model on torch: {why}", to=fallback(str(why)))
+        elif self.source.load_full is None:
             raise why
-        log.warning("loading the checkpoint: %s", why)
-        full = self.source.load_full()
+        else:
+            self._change(f"loading the checkpoint: {why}", load=self.source.load_full)
+
+    def _change(self, said: str, level: int = logging.WARNING, *, to: Plan | None = None,
+                load: Callable[[], object] | None = None) -> None:
+        """The one place the plan changes after construction: `said` in one line (once: a change happens on
+        a tower's first use, and a tower is built once), then the plan is `to`; or, for a cache's towers
+        whose checkpoint must load, the plan of the encoder load() gives, which runs the rest of the run."""
+        log.log(level, "%s", said)
+        if load is None:
+            self._plan = to
+            return
+        full = load()
         if full.fingerprint != self.source.manifest["fingerprint"]:
             raise ModelMismatchError(f"the checkpoint in {full.name} changed during this run: run the command again")
         self.full = full
+
+
+def _noted(note: str, why) -> str:
+    """A plan's note with one more reason: each change says why, and none hides an earlier one."""
+    return "; ".join(filter(None, (note, str(why))))

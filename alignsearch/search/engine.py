@@ -14,7 +14,7 @@ import numpy as np
 
 from alignsearch.storage import ann, catalog, keywords, layouts, state, vectors
 from alignsearch.search import filters, querycheck
-from alignsearch.encoders.backend import encoder_options, torch_free_text
+from alignsearch.encoders.backend import encoder_options
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
 from alignsearch.media.photometa import iso
@@ -127,7 +127,7 @@ class Engine:
         self._enc_options = encoder_options(device=device, backend=backend, precision=precision, text_bf16=text_bf16)
         self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
         # The one encoder cache: (fingerprint, encoder, whether it encodes images); a text-only one
-        # (onnxrun.TextEncoder: no torch) gives way to the full encoder when an image is encoded.
+        # (cached.CachedText: no torch) gives way to the full encoder when an image is encoded.
         self._encoder = None
         self._text_soon = text_soon
         self._encoder_lock = threading.Lock()
@@ -204,23 +204,21 @@ class Engine:
             return self._encoder[1]
 
     def _text_encoder_of(self, snap: Snapshot):
-        """For text alone: the model if it is loaded, else the cached ONNX text tower of the index's model
-        (no torch, no transformers: a cold query in about a second), else the model. The cache is found by
+        """For text alone: the model if it is loaded, else the cached text tower of the index's model where the
+        plan allows (no torch, no transformers: a cold query in about a second), else the model. The cache is found by
         the fingerprint the index recorded, so it is that model whatever --model says; an explicit --model
         still loads it (and checks it is the same)."""
         fingerprint = snap.model_info["fingerprint"]
         with self._encoder_lock:
             if self._encoder is not None and self._encoder[0] == fingerprint:
                 return self._encoder[1]
-            precision = torch_free_text(self._enc_options, self._model_name)
-            if precision is not None:
-                from alignsearch.encoders import onnxrun
+            from alignsearch.encoders.loader import open_encoder
 
-                light = self._early_text(snap) or onnxrun.text_encoder(snap.model_info, precision)
-                if light is not None:
-                    self._encoder = (fingerprint, light, False)
-                    return light
-        return self._encoder_of(snap)
+            # the plan decides (resolve.text_plan), as for every encoder; a failing cached tower falls back there
+            enc = self._early_text(snap) or open_encoder(self._model_name, self._enc_options, snap.model_info,
+                                                         text_only=True)
+            self._encoder = (fingerprint, enc, not enc.text_only)
+            return enc
 
     def _early_text(self, snap: Snapshot):
         """The text encoder coldstart began loading before this engine opened, if it is for this index's model."""

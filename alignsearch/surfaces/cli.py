@@ -434,11 +434,11 @@ def _search_locally(found, request, model, device, backend, precision) -> tuple[
     """The hits of the request from an engine loaded here, and with --explain its plan."""
     _quiet_transformers()
     soon = None
-    light = torch_free_text(EncoderOptions(device=device, backend=backend, precision=precision), model)
-    if request.text is not None and request.image is None and light is not None:
+    options = EncoderOptions(device=device, backend=backend, precision=precision)
+    if request.text is not None and request.image is None and torch_free_text(options, model):
         from alignsearch.encoders.coldstart import text_encoder_soon  # the tower loads while the engine imports
 
-        soon = text_encoder_soon(found, light)
+        soon = text_encoder_soon(found, options)
     from alignsearch.search.engine import open as open_index
 
     engine = open_index(found, model=model, device=device, backend=backend, precision=precision, text_soon=soon)

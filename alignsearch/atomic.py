@@ -9,6 +9,8 @@ manifest, thumbnails, the server record, an emptied vector file, the ONNX cache,
 - The temporary name is made by mkstemp / mkdtemp (O_EXCL, random) in the target's folder: never a fixed
   `OUT.tmp` that another user could plant a symlink at, and never a sibling the user owns (`DIR.old`,
   `DIR.tmp`) that it would overwrite or delete.
+- While a write is in progress its temporary file or folder is locked (flock): what a killed writer left is
+  told from a write at work by taking that lock, and remove_stale deletes only the former.
 - A folder is swapped whole (renameat2 RENAME_EXCHANGE where the kernel has it), and what the old one held
   besides what the writer superseded (the user's own files, a checkpoint written separately) is moved into
   the new one, not deleted.
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +39,7 @@ def _temp_file(path: Path, mode: int) -> tuple[int, str]:
     if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held while fd is open: this write is at work (remove_stale)
     if mode != 0o600:
         os.fchmod(fd, mode)  # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
     return fd, tmp
@@ -53,16 +59,17 @@ def replacing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) 
     durable=False skips the fsyncs (a cache that may be lost, such as thumbnails)."""
     path = Path(path)
     fd, tmp = _temp_file(path, mode)
-    os.close(fd)
     try:
         yield Path(tmp)
         if durable:
-            with open(tmp, "rb") as f:
+            with open(tmp, "rb") as f:  # the file at tmp now: a writer may have replaced the one made here
                 os.fsync(f.fileno())
         _commit(tmp, path, durable)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)  # kept open until here: its lock says the write is at work
 
 
 @contextmanager
@@ -111,6 +118,8 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+    held = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # this write is at work (remove_stale), until the swap is done
     try:
         yield new
         try:
@@ -123,10 +132,56 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     if old is not None:
         _carry_over(old, path, set(superseded(old)))
     if durable:
         fsync_dir(path.parent)
+
+
+STALE_AFTER = 60.0  # seconds: younger temporaries are left alone (between mkstemp and its lock, a write holds none)
+
+
+def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
+    """Delete what writes of `path` killed mid-way left beside it (`.NAME.XXXX.tmp` files, `.NAME.XXXX.new`
+    folders: a killed export's can be the size of the export), and return how many. Only this user's, not a
+    link, not changed for min_age seconds, and only while no write holds its lock (a write at work, in this
+    or another process, keeps it). `.NAME.XXXX.old` folders are never touched: a swap cut short leaves the
+    user's previous folder there."""
+    path = Path(os.path.realpath(path))
+    prefix, removed = f".{path.name}.", 0
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new"))]
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            folder = stat.S_ISDIR(st.st_mode)
+            if st.st_uid != os.geteuid() or time.time() - st.st_mtime < min_age or not (folder or stat.S_ISREG(st.st_mode)):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if folder else os.O_NONBLOCK))
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a write at work
+            if os.fstat(fd).st_ino != os.lstat(entry.path).st_ino:
+                continue  # replaced since it was looked at
+            if folder:
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+            log.info("removed %s, left by a write of %s that did not finish", entry.name, path.name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _umask() -> int:

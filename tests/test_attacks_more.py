@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -448,7 +449,11 @@ def test_export_killed_part_way_leaves_the_earlier_export_and_links_are_never_wr
                                "export", target, "--index", ix, "--format", fmt, "--shard-rows", "10")
         assert proc.returncode == -9, proc.stderr[-3000:]
         assert {k: v for k, v in _tree(out).items() if k in earlier} == earlier, fmt
+        left = [p for p in out.iterdir() if p.name.startswith(f".{target.name}.")]
+        assert len(left) == 1, left  # the killed export's temporary copy
+        os.utime(left[0], (time.time() - 120, time.time() - 120))  # a minute past: no write is at work on it
         run("export", target, "--index", ix, "--format", fmt, "--shard-rows", "10")
+        assert not left[0].exists(), fmt  # removed by the next export of OUT (it stayed for good before)
         rows = pq.read_table(target).num_rows if fmt == "parquet" else sum(
             pq.read_table(p).num_rows for p in (target / "metadata").iterdir())
         assert rows == 40, fmt

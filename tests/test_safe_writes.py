@@ -353,3 +353,61 @@ def test_resume_does_not_run_a_planted_pickle(pairs, tiny_model, tmp_path):
     state = torch.load(saved, weights_only=True)
     assert state["epoch"] == 1 and state["rng"]["bit_generator"] == "PCG64"
     assert "resumed" in finetune(pairs, tiny_model, out, "--epochs", "2", "--resume").output
+
+
+def _aged(path: Path, seconds: float = 120.0) -> Path:
+    past = os.stat(path, follow_symlinks=False).st_mtime - seconds
+    os.utime(path, (past, past), follow_symlinks=False)
+    return path
+
+
+def test_remove_stale_deletes_only_what_a_killed_write_left(tmp_path):
+    """A killed write's temporary file and folder go; a write at work (its lock held, here or in another
+    process), a young one, a link named like one, `.old` (a user's previous folder mid-swap) and other names
+    stay."""
+    out = tmp_path / "OUT"
+    dead_file = _aged(Path(tempfile.mkstemp(prefix=".OUT.", suffix=".tmp", dir=tmp_path)[1]))
+    dead_dir = Path(tempfile.mkdtemp(prefix=".OUT.", suffix=".new", dir=tmp_path))
+    (dead_dir / "img_emb").mkdir()
+    (dead_dir / "img_emb" / "img_emb_0.npy").write_bytes(b"x" * 100)
+    _aged(dead_dir)
+    young = Path(tempfile.mkstemp(prefix=".OUT.", suffix=".tmp", dir=tmp_path)[1])
+    swapped = _aged(Path(tempfile.mkdtemp(prefix=".OUT.", suffix=".old", dir=tmp_path)))
+    other = _aged(Path(tempfile.mkstemp(prefix=".OTHER.", suffix=".tmp", dir=tmp_path)[1]))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("the user's")
+    link = tmp_path / ".OUT.planted.new"
+    link.symlink_to(victim, target_is_directory=True)
+    _aged(link)
+    with atomic.writing(out) as f:  # a write at work: its temporary file locked, here made old
+        f.write(b"partial")
+        at_work = _aged(next(p for p in tmp_path.glob(".OUT.*.tmp") if p not in (dead_file, young)))
+        assert atomic.remove_stale(out) == 2
+        assert at_work.exists()
+    assert out.read_bytes() == b"partial" and not dead_file.exists() and not dead_dir.exists()
+    assert young.exists() and swapped.exists() and other.exists() and link.is_symlink()
+    assert (victim / "keep").read_text() == "the user's"
+
+    # a write at work in another process: its lock is seen there too
+    lone = _aged(Path(tempfile.mkstemp(prefix=".OUT.", suffix=".tmp", dir=tmp_path)[1]))
+    child = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(lone)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        assert atomic.remove_stale(out) == 0 and lone.exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert atomic.remove_stale(out) == 1 and not lone.exists()  # its writer gone: stale
+
+
+def test_remove_stale_leaves_another_users_leftovers(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    out = tmp_path / "OUT"
+    theirs = _aged(Path(tempfile.mkstemp(prefix=".OUT.", suffix=".tmp", dir=tmp_path)[1]))
+    os.chown(theirs, NOBODY, NOBODY)
+    _aged(theirs)
+    assert atomic.remove_stale(out) == 0 and theirs.exists()

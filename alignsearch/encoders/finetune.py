@@ -296,6 +296,7 @@ def _save(model, tokenizer, image_processor, folder: Path, trainer_state: dict |
     earlier save's files (the checkpoint folder, the user's own files) is kept."""
     from transformers import AlignProcessor
 
+    atomic.remove_stale(folder)  # a save killed mid-way (a checkpoint folder each epoch: gigabytes at align-base)
     with atomic.replacing_dir(folder, superseded=_written_here) as tmp:
         model.save_pretrained(tmp)
         AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)

@@ -30,6 +30,13 @@ def _retry(reason: str | None) -> bool:
     return (reason or "").startswith(TRANSIENT)
 
 
+def _readable_again(f: Found) -> bool:
+    """A local file whose read failed that this process may read now: tried again. Making a file readable
+    (chmod, chown, an ACL) changes neither its size nor its mtime, so by those alone it stayed failed for good.
+    Only files failed with a transient reason are asked, so a library's other files cost no system call."""
+    return os.access(f.path, os.R_OK)
+
+
 @dataclass(frozen=True)
 class Found:
     root: str
@@ -250,7 +257,8 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
             out.todo.append(f)
         elif _retry(f.error) and row.status == "indexed":
             out.unchanged += 1  # a network blip must not throw a good vector away
-        elif row.size != f.size or row.mtime != f.mtime or (_retry(row.reason) and sources.is_url(f.path)):
+        elif row.size != f.size or row.mtime != f.mtime or (
+                _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))):
             out.todo.append(f)
             out.changed_ids.append(row.id)
         else:

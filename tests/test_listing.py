@@ -93,3 +93,25 @@ def test_a_really_unreadable_folder_as_a_non_root_process(tmp_path, tiny_model):
     assert len(_relpaths(ix)) == 4
     shutil.rmtree(root / "locked")
     assert summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))["removed"] == 2
+
+
+@pytest.mark.skipif(not can_drop_dac(), reason="cannot start a process without root's permission bypass")
+@pytest.mark.slow
+def test_a_photo_made_readable_again_is_read_on_the_next_run(tmp_path, tiny_model):
+    """A photo the indexer could not open (chmod 000) is a failure; while it stays unreadable the next runs
+    leave it be, and once it is readable (a chmod changes neither size nor mtime) the next run indexes it.
+    Before, it stayed failed until the file itself changed."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    photos = make_images(root, 3)
+    os.chmod(photos[1], 0)
+    try:
+        first = summary(alignsearch("index", root, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json",
+                                    unprivileged=True))
+        assert first["added"] + first["failed"] == 3 and first["failed"] == 1, first
+        again = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+        assert again["failed"] == 0 and again["updated"] == 0 and again["unchanged"] == 3, again  # not tried again
+    finally:
+        os.chmod(photos[1], 0o644)
+    readable = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+    assert readable["updated"] == 1 and readable["failed"] == 0, readable
+    assert len(_relpaths(ix)) == 3 and run("info", "--index", ix, "--failed").output.count(photos[1].name) == 0

@@ -382,8 +382,12 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     summary.updated = len(scanned.changed - failed_now)
     summary.added = len(todo) - len(scanned.changed) - len(failed_now - scanned.changed) - summary.moved
     summary.reused = times.reused
+    live = None
+    if gone_ids:  # what the ANN index holds once their deletion commits with it
+        with db.connect() as conn:
+            live = catalog.live_pairs(conn, without_ids=gone_ids)
     built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards,
-                             index_shards=opts.index_shards, live=_live_without(db, gone_ids) if gone_ids else None,
+                             index_shards=opts.index_shards, live=live,
                              on_commit=lambda conn: catalog.delete_files(conn, gone_ids))
     with db.connect() as conn:
         summary.ocr["with_text"] = catalog.count_with_text(conn)
@@ -405,16 +409,6 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             state.write(conn, encoder=summary.encoder)  # what `info` reports
         state.write(conn, index_run=None)
     return summary
-
-
-def _live_without(db, ids: list[int]):
-    """The catalog's (file id, vector row) pairs less these files and their videos' other moments: what the ANN
-    index holds once their deletion commits with it."""
-    import numpy as np
-
-    with db.connect() as conn:
-        gone = set(catalog.with_moments(conn, ids))
-        return np.array([p for p in catalog.live_vectors(conn) if p[0] not in gone], dtype=np.int64).reshape(-1, 2)
 
 
 def _gpu_decode(opts: IndexOptions, encoder: Encoder) -> str | None:

@@ -77,7 +77,7 @@ def consistent(ix, expected_paths):
     """Every image exactly once in catalog and index; vectors agree with the images."""
     engine = alignsearch.open(ix)
     with engine.db.connect() as conn:
-        live = list(catalog.live_vectors(conn))
+        live = catalog.live_pairs(conn).tolist()
         rows = catalog.get_files(conn, [i for i, _ in live])
     assert sorted(r.path for r in rows.values()) == sorted(map(str, expected_paths))
     from alignsearch.storage.ann import stored_ids

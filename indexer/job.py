@@ -361,15 +361,16 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     # in the transaction that commits the ANN index without them (sync_index below): a run killed before
     # leaves catalog and ANN index as they were (a catalog ahead of its ANN index answered fewer than k: the
     # top hits named files no longer in it)
-    gone_ids = [r.id for r in removed]
-    times.extra["phashes_filled"] = phashfill.fill_index(db, workers)
-    times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
+    gone_ids = [r.id for r in removed]  # not read by the fill steps: deleted from disk, their rows about to go
+    times.extra["phashes_filled"] = phashfill.fill_index(db, workers, without_ids=gone_ids)
+    times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()},
+                                                     columns, without_ids=gone_ids)
     summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
     if opts.ocr:  # images indexed before --ocr (or by Ray's actors): read now, their vectors untouched
         with db.connect() as conn:
-            unread = catalog.count_without_ocr(conn)
+            unread = catalog.count_without_ocr(conn, without_ids=gone_ids)
         reading = progress.bar(total=unread, desc="reading text", enabled=opts.progress and unread > 0)
-        filled, seconds = ocrfill.fill(db, workers, reading.update)
+        filled, seconds = ocrfill.fill(db, workers, reading.update, without_ids=gone_ids)
         reading.close()
         times.ocr += seconds
         times.extra["ocr_filled"] = filled

@@ -85,3 +85,29 @@ def test_a_gone_moment_takes_its_whole_video_along(db):
     with db.connect() as conn:
         assert catalog.with_moments(conn, [clip[2], 77]) == sorted([*clip, 77])
         assert catalog.with_moments(conn, []) == []
+
+
+def test_the_fill_queries_leave_out_the_files_gone_in_this_run(db):
+    """phashes, photo fields and text are filled for files still there: a gone file (or video) is not read."""
+    photos = fill(db, [row("/a", f"{i}.jpg", i) for i in range(4)])
+    clip = fill(db, [row("/a", "clip.mp4", 10 + m, moment=m, t=float(m)) for m in range(2)])
+    with db.begin() as conn:  # photo fields without text read: what the OCR fill reads
+        for i in photos + clip:
+            catalog.set_photo(conn, i, "x.jpg", {})
+    gone = [photos[1], clip[0]]
+
+    def ids(conn, query, **kw):
+        return [r.id for r in query(conn, 0, 100, **kw)]
+
+    with db.connect() as conn:
+        assert ids(conn, catalog.files_without_phash) == photos + clip
+        assert ids(conn, catalog.files_without_phash, without_ids=gone) == [photos[0], *photos[2:]]
+        assert ids(conn, catalog.files_without_ocr) == photos  # video moments are not read for text
+        assert ids(conn, catalog.files_without_ocr, without_ids=gone) == [photos[0], *photos[2:]]
+        assert catalog.count_without_ocr(conn) == 4 and catalog.count_without_ocr(conn, without_ids=gone) == 3
+        assert ids(conn, catalog.files_without_photo) == []
+    with db.begin() as conn:
+        conn.execute(catalog.photos.delete())
+    with db.connect() as conn:
+        assert ids(conn, catalog.files_without_photo, without_ids=gone) == [photos[0], *photos[2:]]
+        assert [r.id for r in catalog.files_without_photo(conn, photos[2], 1, without_ids=gone)] == [photos[3]]

@@ -572,10 +572,13 @@ def phashes_of(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, 
     return out
 
 
-def files_without_phash(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
-    """Indexed files with no phash yet, id > after, in id order (at most limit)."""
+def files_without_phash(conn: Connection, after: int = 0, limit: int = 256, *,
+                        without_ids: Iterable[int] = ()) -> list[FileRow]:
+    """Indexed files with no phash yet, id > after, in id order (at most limit); less without_ids and their
+    videos' other moments (files gone in this run)."""
     query = select(files).outerjoin(phashes, phashes.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after,
+        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 
@@ -689,25 +692,31 @@ def count_with_text(conn: Connection) -> int:
     return int(conn.execute(query).scalar() or 0)
 
 
-def count_without_ocr(conn: Connection) -> int:
-    """Indexed images (not video moments: their text is not read) whose text has not been read yet."""
+def count_without_ocr(conn: Connection, *, without_ids: Iterable[int] = ()) -> int:
+    """Indexed images (not video moments: their text is not read) whose text has not been read yet, less
+    without_ids (files gone in this run): what files_without_ocr pages through."""
     query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(
-        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None))
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), *_leaving_out(without_ids))
     return int(conn.execute(query).scalar() or 0)
 
 
-def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
+def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256, *,
+                      without_ids: Iterable[int] = ()) -> list[FileRow]:
     """Indexed images (not video moments) whose text has not been read yet, id > after, in id order (at most
-    limit)."""
+    limit); less without_ids (files gone in this run)."""
     query = select(files).join(photos, photos.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after,
+        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 
-def files_without_photo(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
-    """Indexed files with no photo fields yet (indexed before they existed), id > after, in id order."""
+def files_without_photo(conn: Connection, after: int = 0, limit: int = 256, *,
+                        without_ids: Iterable[int] = ()) -> list[FileRow]:
+    """Indexed files with no photo fields yet (indexed before they existed), id > after, in id order; less
+    without_ids and their videos' other moments (files gone in this run)."""
     query = select(files).outerjoin(photos, photos.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, photos.c.file_id.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, photos.c.file_id.is_(None), files.c.id > after,
+        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 

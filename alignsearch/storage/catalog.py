@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import itertools
 import json
 import os
 import time
@@ -393,8 +394,9 @@ def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_roo
     query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED, *_leaving_out(without_ids))
     if without_root is not None:
         query = query.where(files.c.root != without_root)
-    rows = conn.execute(query.order_by(files.c.id)).all()
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+    # flattened straight into the array: np.array over a list of Row objects took 44 us a row (seconds at 200k)
+    flat = itertools.chain.from_iterable(conn.execute(query.order_by(files.c.id)))
+    return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)
 
 
 def _gone(ids: Iterable[int]) -> CompoundSelect:

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from sqlalchemy import (
     Column,
@@ -41,13 +41,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql import CompoundSelect
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
 from alignsearch.storage.paths import readonly_uri
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA_VERSION = migrate.LATEST  # how each version came about: alignsearch/storage/migrate.py
 V2_COLUMNS = migrate.V2_COLUMNS
@@ -385,7 +388,7 @@ def failed_files(conn: Connection) -> list[FileRow]:
     return _rows(conn.execute(select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)))
 
 
-def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_root: str | None = None):
+def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_root: str | None = None) -> np.ndarray:
     """(file id, vector row) of every indexed file, in id order, as an (n, 2) int64 array: what the ANN index
     holds. without_ids: less these files and their videos' other moments (files whose deletion commits with the
     ANN index); without_root: less that root's files (a root being forgotten)."""
@@ -394,7 +397,7 @@ def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_roo
     query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED, *_leaving_out(without_ids))
     if without_root is not None:
         query = query.where(files.c.root != without_root)
-    # flattened straight into the array: np.array over a list of Row objects took 44 us a row (seconds at 200k)
+    # flattened straight into the array: np.array over a list of Row objects took 25-45 us a row (13 s at 480k)
     flat = itertools.chain.from_iterable(conn.execute(query.order_by(files.c.id)))
     return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)
 

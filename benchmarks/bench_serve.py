@@ -178,7 +178,7 @@ def main() -> None:
         with alignsearch.open(ix) as engine:
             info = engine.info()
             with engine.db.connect() as conn:
-                ids = [i for i, _ in catalog.live_vectors(conn)][:24]  # the real JPEGs come first
+                ids = catalog.live_pairs(conn)[:24, 0].tolist()  # the real JPEGs come first
         (Path(tmp) / "old_server.py").write_text(old_source)
         (Path(tmp) / "runner.py").write_text(OLD_RUNNER)
 

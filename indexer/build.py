@@ -59,7 +59,7 @@ def sync_index(db: Engine, store: VectorStore, path: Path, rebuild: bool = False
     folder = Path(path).parent
     with db.connect() as conn:
         if live is None:
-            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+            live = catalog.live_pairs(conn)
         record = layouts.read_record(conn)
     if ondisk_shards is None:
         ondisk_shards = record.ondisk_shards

@@ -378,15 +378,16 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     # in the transaction that commits the ANN index without them (sync_index below): a run killed before
     # leaves catalog and ANN index as they were (a catalog ahead of its ANN index answered fewer than k: the
     # top hits named files no longer in it)
-    gone_ids = [r.id for r in removed]
-    times.extra["phashes_filled"] = phashfill.fill_index(db, workers)
-    times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()}, columns)
+    gone_ids = [r.id for r in removed]  # not read by the fill steps: deleted from disk, their rows about to go
+    times.extra["phashes_filled"] = phashfill.fill_index(db, workers, without_ids=gone_ids)
+    times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()},
+                                                     columns, without_ids=gone_ids)
     summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
     if opts.ocr:  # images indexed before --ocr (or by Ray's actors): read now, their vectors untouched
         with db.connect() as conn:
-            unread = catalog.count_without_ocr(conn)
+            unread = catalog.count_without_ocr(conn, without_ids=gone_ids)
         reading = progress.bar(total=unread, desc="reading text", enabled=opts.progress and unread > 0)
-        filled, seconds = ocrfill.fill(db, workers, reading.update)
+        filled, seconds = ocrfill.fill(db, workers, reading.update, without_ids=gone_ids)
         reading.close()
         times.ocr += seconds
         times.extra["ocr_filled"] = filled
@@ -399,8 +400,12 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     summary.updated = len(scanned.changed - failed_now)
     summary.added = len(todo) - len(scanned.changed) - len(failed_now - scanned.changed) - summary.moved
     summary.reused = times.reused
+    live = None
+    if gone_ids:  # what the ANN index holds once their deletion commits with it
+        with db.connect() as conn:
+            live = catalog.live_pairs(conn, without_ids=gone_ids)
     built = build.sync_index(db, store, out / ANN_FILE, rebuild=opts.rebuild, ondisk_shards=opts.ondisk_shards,
-                             index_shards=opts.index_shards, live=_live_without(db, gone_ids) if gone_ids else None,
+                             index_shards=opts.index_shards, live=live,
                              on_commit=lambda conn: catalog.delete_files(conn, gone_ids))
     with db.connect() as conn:
         summary.ocr["with_text"] = catalog.count_with_text(conn)
@@ -422,16 +427,6 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             state.write(conn, encoder=summary.encoder)  # what `info` reports
         state.write(conn, index_run=None)
     return summary
-
-
-def _live_without(db, ids: list[int]):
-    """The catalog's (file id, vector row) pairs less these files and their videos' other moments: what the ANN
-    index holds once their deletion commits with it."""
-    import numpy as np
-
-    with db.connect() as conn:
-        gone = set(catalog.with_moments(conn, ids))
-        return np.array([p for p in catalog.live_vectors(conn) if p[0] not in gone], dtype=np.int64).reshape(-1, 2)
 
 
 def _gpu_decode(opts: IndexOptions, encoder: Encoder) -> str | None:

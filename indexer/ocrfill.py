@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+from typing import Iterable
 
 from alignsearch.storage import catalog
 
@@ -29,14 +30,15 @@ def _read(row: catalog.FileRow) -> tuple[int, str | None, float]:
     return row.id, text, seconds
 
 
-def fill(db, workers: int = 0, on_batch=lambda n: None) -> tuple[int, float]:
-    """Read every indexed file that has not been read for text; returns (files read, OCR seconds summed over
-    the workers). Files that cannot be read now stay unread (NULL) for a later run."""
-    done, after, seconds, pool = 0, 0, 0.0, None
+def fill(db, workers: int = 0, on_batch=lambda n: None, *, without_ids: Iterable[int] = ()) -> tuple[int, float]:
+    """Read every indexed file that has not been read for text, but for without_ids (files gone from disk, whose
+    rows this run deletes); returns (files read, OCR seconds summed over the workers). Files that cannot be
+    read now stay unread (NULL) for a later run."""
+    done, after, seconds, pool, without_ids = 0, 0, 0.0, None, list(without_ids)
     try:
         while True:
             with db.connect() as conn:
-                rows = catalog.files_without_ocr(conn, after, BATCH)
+                rows = catalog.files_without_ocr(conn, after, BATCH, without_ids=without_ids)
             if not rows:
                 return done, seconds
             after = rows[-1].id

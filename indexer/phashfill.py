@@ -4,7 +4,7 @@ them again, never encoding them, in committed batches so a killed run keeps what
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Iterable
 
 from alignsearch.media.phash import phash_of
 
@@ -24,12 +24,15 @@ def _hash_file(row) -> tuple[int, str | None]:
         return row.id, None
 
 
-def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callable[[int], None] = lambda n: None) -> int:
+def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callable[[int], None] = lambda n: None, *,
+                 without_ids: Iterable[int] = ()) -> int:
     """Hash every indexed file that has no phash yet (indexed before phashes existed), decoding it again but
     never encoding it; in batches of `batch` files, each committed in its own transaction, so a killed run
-    keeps what it did. Returns the files hashed. Files that can no longer be read are left without one."""
+    keeps what it did. Returns the files hashed. Files that can no longer be read are left without one;
+    without_ids (files gone from disk, whose rows this run deletes) are not tried."""
     from alignsearch.storage import catalog
 
+    without_ids = list(without_ids)
     with db.begin() as conn:
         stale = catalog.forget_stale_phashes(conn)
     if stale:
@@ -39,7 +42,7 @@ def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callab
     try:
         while True:
             with db.connect() as conn:
-                rows = catalog.files_without_phash(conn, after, batch)
+                rows = catalog.files_without_phash(conn, after, batch, without_ids=without_ids)
             if not rows:
                 return done
             after = rows[-1].id
@@ -64,9 +67,10 @@ def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callab
             pool.join()
 
 
-def fill_index(db, workers: int = 0) -> int:
-    """The `index` run's step (indexer/job.py): hash files indexed before phashes existed."""
-    done = fill_phashes(db, workers)
+def fill_index(db, workers: int = 0, *, without_ids: Iterable[int] = ()) -> int:
+    """The `index` run's step (indexer/job.py): hash files indexed before phashes existed, but for without_ids
+    (files gone in this run)."""
+    done = fill_phashes(db, workers, without_ids=without_ids)
     if done:
         log.info("perceptual hashes filled for %d files indexed before they existed", done)
     return done

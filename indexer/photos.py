@@ -8,6 +8,7 @@ a run killed meanwhile resumes where it stopped.
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 from alignsearch.storage import catalog
 from alignsearch.media import photometa, sources
@@ -19,12 +20,14 @@ log = logging.getLogger(__name__)
 BATCH = 256
 
 
-def fill(db, caption_columns: dict | None = None, list_columns: dict | None = None) -> int:
-    """Record the photo fields of every indexed file that has none; returns how many were filled."""
-    done, after, captions = 0, 0, {}
+def fill(db, caption_columns: dict | None = None, list_columns: dict | None = None, *,
+         without_ids: Iterable[int] = ()) -> int:
+    """Record the photo fields of every indexed file that has none, but for without_ids (files gone from disk,
+    whose rows this run deletes); returns how many were filled."""
+    done, after, captions, without_ids = 0, 0, {}, list(without_ids)
     while True:
         with db.connect() as conn:
-            rows = catalog.files_without_photo(conn, after, BATCH)
+            rows = catalog.files_without_photo(conn, after, BATCH, without_ids=without_ids)
         if not rows:
             return done
         fields = [(row, _fields(row, captions, caption_columns or {}, list_columns or {})) for row in rows]

@@ -259,7 +259,7 @@ def forget_root(index_dir, root: str) -> dict:
                 st = state.read(conn)
                 name = known_root(root, list(st.roots.roots))
                 store = vectors.load(conn, out, st.model.dim) if st.model else None
-                live = _live_outside(conn, name)
+                live = catalog.live_pairs(conn, without_root=name)  # the ANN index once `name` is forgotten
             done = []
             if store is None:
                 with db.begin() as conn:
@@ -274,16 +274,6 @@ def forget_root(index_dir, root: str) -> dict:
     name, removed = done[0]
     return {"root": name, "files": removed, "vectors": built.get("vectors"),
             "compacted": compacted.to_dict() if compacted else None}
-
-
-def _live_outside(conn: Connection, root: str):
-    """(file id, vector row) of every indexed file of the other roots: the ANN index once `root` is forgotten."""
-    import numpy as np
-
-    files = catalog.files
-    rows = conn.execute(select(files.c.id, files.c.vec_row).where(files.c.status == catalog.INDEXED,
-                                                                   files.c.root != root).order_by(files.c.id)).all()
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 # Catalog queries on roots (the tables are alignsearch/storage/catalog.py's).

@@ -65,7 +65,7 @@ def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: l
     if background_vectors is None:
         raise BadInputError("tagging needs the background prompts' vectors")
     with db.connect() as conn:
-        live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+        live = catalog.live_pairs(conn)
     rows = []
     for start in range(0, len(live), CHUNK):
         ids, vec_rows = live[start : start + CHUNK, 0], live[start : start + CHUNK, 1]

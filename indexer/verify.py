@@ -77,7 +77,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
                 return r
             model = st.model.record
             store = vectors.load(conn, index_dir, st.model.dim)
-            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+            live = catalog.live_pairs(conn)
             found = vectors.check(conn, store)
             record = layouts.read_record(conn)
     finally:

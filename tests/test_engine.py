@@ -95,7 +95,7 @@ def test_ivfpq_path_end_to_end(index_dir, corpus):
 
     # recall@10 against exact search over the stored vectors, for queries that are not database vectors
     with db.connect() as conn:
-        ids, rows = np.array(list(catalog.live_vectors(conn))).T
+        ids, rows = catalog.live_pairs(conn).T
     allv = store.get(rows)
     queries = clustered(100, dim, seed=42)
     found = 0

@@ -77,7 +77,7 @@ def consistent(ix, expected_paths):
     """Every image exactly once in catalog and index; vectors agree with the images."""
     engine = alignsearch.open(ix)
     with engine.db.connect() as conn:
-        live = list(catalog.live_vectors(conn))
+        live = catalog.live_pairs(conn).tolist()
         rows = catalog.get_files(conn, [i for i, _ in live])
     assert sorted(r.path for r in rows.values()) == sorted(map(str, expected_paths))
     from alignsearch.storage.ann import stored_ids
@@ -278,3 +278,34 @@ def test_the_writer_logs_what_it_cuts_from_a_killed_run(indexed_images, caplog):
                for r in cut), [r.getMessage() for r in cut]
     assert any("orphan.f16: deleting a segment no commit knows" in r.getMessage() for r in cut)
     assert not (ix / "vectors" / "orphan.f16").exists()
+
+
+def test_fill_steps_leave_alone_the_files_deleted_since_the_last_run(indexed_images, monkeypatch):
+    """The files deleted from disk leave the catalog with the ANN index, after the fill steps (perceptual hashes,
+    photo fields, the text of an index gaining --ocr): those steps never try to read them, and the text-reading
+    bar counts only what there is to read."""
+    from alignsearch.media import ocr
+    from indexer import progress
+
+    root, ix = indexed_images(4)
+    with sqlite3.connect(ix / "catalog.db") as conn:  # as an index from before hashes and photo fields
+        conn.execute("DELETE FROM phashes")
+        conn.execute("DELETE FROM photos")
+    conn.close()
+    gone = root / "img001.jpg"
+    gone.unlink()
+    opened, bars = [], {}
+    read = catalog.FileRow.read
+    monkeypatch.setattr(catalog.FileRow, "read", lambda row: opened.append(row.path) or read(row))
+    monkeypatch.setattr(ocr, "check_available", lambda: None)  # the engine's answers do not matter here
+    monkeypatch.setattr(ocr, "read_text", lambda image: "")
+    bar = progress.bar
+    monkeypatch.setattr(progress, "bar", lambda total=None, desc="", enabled=True: bars.setdefault(
+        desc, bar(total, desc, enabled)))
+    s = index_json(ix, "--device", "cpu", "--workers", "0", "--ocr")
+    assert s["removed"] == 1 and s["times"]["items"] == 0, s
+    assert str(gone) not in opened
+    assert sorted(set(opened)) == sorted(str(p) for p in root.iterdir())  # the fill steps did run, on the others
+    extra = s["times"]["extra"]
+    assert (extra["phashes_filled"], extra["photo_fields_filled"], extra["ocr_filled"]) == (3, 3, 3), extra
+    assert bars["reading text"].total == 3

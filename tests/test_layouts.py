@@ -44,7 +44,7 @@ def record_of(folder):
     db = catalog.connect(folder / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            return layouts.read_record(conn), np.sort(np.array(list(catalog.live_vectors(conn)))[:, 0])
+            return layouts.read_record(conn), np.sort(catalog.live_pairs(conn)[:, 0])
     finally:
         db.dispose()
 
@@ -166,7 +166,7 @@ def live_of(folder):
     db = catalog.connect(folder / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            return np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+            return catalog.live_pairs(conn)
     finally:
         db.dispose()
 

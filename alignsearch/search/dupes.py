@@ -117,7 +117,7 @@ def similar_pairs(index, store, live: np.ndarray, threshold: float = SIMILAR_THR
     vector keeps its k best partners per list visited, so a low threshold cannot flood the result (a
     burst larger than k still comes out as one group through its links). A flat index is one list.
     The stored fp16 rows are copied into memory in list order (N x 1,280 bytes: 1.3 GB at 1M).
-    live: (n, 2) rows of (file id, vector address), as catalog.live_vectors gives."""
+    live: (n, 2) rows of (file id, vector address), as catalog.live_pairs gives."""
     live = np.asarray(live, dtype=np.int64).reshape(-1, 2)
     if len(live) < 2:
         return np.zeros((0, 2), dtype=np.int64)
@@ -340,7 +340,7 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
         t = SIMILAR_THRESHOLD if threshold is None else float(threshold)
         snap = engine.snap
         with db.connect() as conn:
-            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+            live = catalog.live_pairs(conn)
         pairs = similar_pairs(snap.index, snap.store, live, t, nprobe=nprobe)
         groups = components(pairs.tolist())
         address_of = dict(zip(live[:, 0].tolist(), live[:, 1].tolist()))

@@ -148,7 +148,7 @@ class Engine:
             store = vectors.load(conn, self.dir, st.model.dim)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
             unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
-            live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2) if unbuilt else None
+            live = catalog.live_pairs(conn) if unbuilt else None
         if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,

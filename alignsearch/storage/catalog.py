@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import errno
+import itertools
+import json
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 from sqlalchemy import (
     Column,
@@ -26,22 +28,29 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     create_engine,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
+    union,
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
 from alignsearch.storage.paths import readonly_uri
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA_VERSION = migrate.LATEST  # how each version came about: alignsearch/storage/migrate.py
 V2_COLUMNS = migrate.V2_COLUMNS
@@ -379,11 +388,34 @@ def failed_files(conn: Connection) -> list[FileRow]:
     return _rows(conn.execute(select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)))
 
 
-def live_vectors(conn: Connection) -> Iterator[tuple[int, int]]:
-    """(file id, vector row) of every indexed file, in id order."""
-    query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED).order_by(files.c.id)
-    for file_id, vec_row in conn.execute(query):
-        yield file_id, vec_row
+def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_root: str | None = None) -> np.ndarray:
+    """(file id, vector row) of every indexed file, in id order, as an (n, 2) int64 array: what the ANN index
+    holds. without_ids: less these files and their videos' other moments (files whose deletion commits with the
+    ANN index); without_root: less that root's files (a root being forgotten)."""
+    import numpy as np
+
+    query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED, *_leaving_out(without_ids))
+    if without_root is not None:
+        query = query.where(files.c.root != without_root)
+    # flattened straight into the array: np.array over a list of Row objects took 25-45 us a row (13 s at 480k)
+    flat = itertools.chain.from_iterable(conn.execute(query.order_by(files.c.id)))
+    return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)
+
+
+def _gone(ids: Iterable[int]) -> CompoundSelect:
+    """The ids, plus the ids of the other moments of the videos among them, as one query. The ids travel as one
+    JSON array bound as a single parameter: any count, under SQLite's cap on bound parameters."""
+    listed = func.json_each(json.dumps(sorted({int(i) for i in ids}))).table_valued("value")
+    given, other = files.alias("given"), files.alias("other")
+    moments = select(other.c.id).join(given, and_(given.c.root == other.c.root, given.c.relpath == other.c.relpath)).where(
+        given.c.id.in_(select(listed.c.value)), or_(given.c.t.is_not(None), other.c.t.is_not(None)))
+    return union(select(listed.c.value), moments)
+
+
+def _leaving_out(ids: Iterable[int]) -> list:
+    """The WHERE clauses that leave out these files and their videos' other moments (none when ids is empty)."""
+    ids = list(ids)
+    return [files.c.id.not_in(_gone(ids))] if ids else []
 
 
 def vectors_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
@@ -454,14 +486,8 @@ def delete_files(conn: Connection, ids: Iterable[int]) -> None:
 
 def with_moments(conn: Connection, ids: Iterable[int]) -> list[int]:
     """ids, plus the ids of the other moments of the videos among them."""
-    ids = sorted({int(i) for i in ids})
-    out = set(ids)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        sql = (f"SELECT o.id FROM files f JOIN files o ON o.root = f.root AND o.relpath = f.relpath "
-               f"WHERE f.id IN ({','.join('?' * len(chunk))}) AND (f.t IS NOT NULL OR o.t IS NOT NULL)")
-        out.update(i for (i,) in conn.exec_driver_sql(sql, tuple(chunk)))
-    return sorted(out)
+    ids = list(ids)
+    return sorted(int(i) for (i,) in conn.execute(_gone(ids))) if ids else []
 
 
 def video_keys(conn: Connection, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
@@ -601,10 +627,13 @@ def phashes_of(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, 
     return out
 
 
-def files_without_phash(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
-    """Indexed files with no phash yet, id > after, in id order (at most limit)."""
+def files_without_phash(conn: Connection, after: int = 0, limit: int = 256, *,
+                        without_ids: Iterable[int] = ()) -> list[FileRow]:
+    """Indexed files with no phash yet, id > after, in id order (at most limit); less without_ids and their
+    videos' other moments (files gone in this run)."""
     query = select(files).outerjoin(phashes, phashes.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after,
+        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 
@@ -718,25 +747,31 @@ def count_with_text(conn: Connection) -> int:
     return int(conn.execute(query).scalar() or 0)
 
 
-def count_without_ocr(conn: Connection) -> int:
-    """Indexed images (not video moments: their text is not read) whose text has not been read yet."""
+def count_without_ocr(conn: Connection, *, without_ids: Iterable[int] = ()) -> int:
+    """Indexed images (not video moments: their text is not read) whose text has not been read yet, less
+    without_ids (files gone in this run): what files_without_ocr pages through."""
     query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(
-        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None))
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), *_leaving_out(without_ids))
     return int(conn.execute(query).scalar() or 0)
 
 
-def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
+def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256, *,
+                      without_ids: Iterable[int] = ()) -> list[FileRow]:
     """Indexed images (not video moments) whose text has not been read yet, id > after, in id order (at most
-    limit)."""
+    limit); less without_ids (files gone in this run)."""
     query = select(files).join(photos, photos.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after,
+        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 
-def files_without_photo(conn: Connection, after: int = 0, limit: int = 256) -> list[FileRow]:
-    """Indexed files with no photo fields yet (indexed before they existed), id > after, in id order."""
+def files_without_photo(conn: Connection, after: int = 0, limit: int = 256, *,
+                        without_ids: Iterable[int] = ()) -> list[FileRow]:
+    """Indexed files with no photo fields yet (indexed before they existed), id > after, in id order; less
+    without_ids and their videos' other moments (files gone in this run)."""
     query = select(files).outerjoin(photos, photos.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, photos.c.file_id.is_(None), files.c.id > after).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, photos.c.file_id.is_(None), files.c.id > after,
+        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 

@@ -452,7 +452,7 @@ def _size(path: Path) -> int:
 def check(conn: Connection, store: VectorStore) -> ChunkCheck:
     """Everything a writer must know before appending, and `alignsearch verify` reports: committed rows cut
     short, chunks whose bytes changed, live files pointing past the committed rows or at no checksum."""
-    live = np.array(list(catalog.live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
+    live = catalog.live_pairs(conn)
     out = check_chunks(conn, store, live)
     for segment in store.numbers():
         path, rows = store.segment_path(segment), store.committed(segment)

@@ -1,0 +1,113 @@
+"""The catalog's queries on a real SQLite catalog: live_pairs (what the ANN index holds) and its filters."""
+
+import sqlite3
+
+import numpy as np
+import pytest
+from sqlalchemy import event, insert
+
+from alignsearch.storage import catalog
+
+
+def row(root, relpath, vec_row, status=catalog.INDEXED, moment=0, t=None):
+    return {"root": root, "relpath": relpath, "size": 1, "mtime": 0.0, "status": status, "indexed_at": 0.0,
+            "vec_row": vec_row if status == catalog.INDEXED else None, "moment": moment, "t": t}
+
+
+PARAMETER_CAP = 999  # SQLite's default before 3.32, and what some builds still set
+
+
+@pytest.fixture
+def db(tmp_path):
+    engine = catalog.connect(tmp_path / "catalog.db")
+    if hasattr(sqlite3.Connection, "setlimit"):  # Python 3.11+: every connection gets the low cap
+        event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.setlimit(
+            sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, PARAMETER_CAP))
+        engine.dispose()  # connections already pooled have the build's cap
+    yield engine
+    engine.dispose()
+
+
+def fill(db, rows) -> list[int]:
+    """Insert rows in this order; returns their ids."""
+    with db.begin() as conn:
+        return [int(conn.execute(insert(catalog.files).values(**r)).inserted_primary_key[0]) for r in rows]
+
+
+def pairs(db, **filters) -> list[list[int]]:
+    with db.connect() as conn:
+        live = catalog.live_pairs(conn, **filters)
+    assert live.dtype == np.int64 and live.shape == (len(live), 2)
+    return live.tolist()
+
+
+def test_live_pairs_are_the_indexed_files_in_id_order(db):
+    # roots interleaved and relpaths descending: neither a root nor a name order would give id order
+    ids = fill(db, [row("/b", "z.jpg", 30), row("/a", "y.jpg", 10), row("/b", "x.jpg", 0, status=catalog.FAILED),
+                    row("/a", "w.jpg", 20)])
+    assert pairs(db) == [[ids[0], 30], [ids[1], 10], [ids[3], 20]]  # the failed file has no vector
+    with db.begin() as conn:  # a replaced file gets a new id: it comes last
+        catalog.upsert_file(conn, row("/b", "z.jpg", 40))
+    assert pairs(db) == [[ids[1], 10], [ids[3], 20], [ids[3] + 1, 40]]
+
+
+def test_an_empty_catalog_has_no_pairs_but_their_shape(db):
+    assert pairs(db) == [] and pairs(db, without_ids=[1, 2], without_root="/a") == []
+    with db.connect() as conn:
+        assert catalog.live_pairs(conn).shape == (0, 2)
+
+
+def test_without_root_and_without_ids_combine(db):
+    ids = fill(db, [row("/a", f"{i}.jpg", i) for i in range(4)] + [row("/b", f"{i}.jpg", 10 + i) for i in range(4)])
+    assert [i for i, _ in pairs(db, without_root="/a")] == ids[4:]
+    assert [i for i, _ in pairs(db, without_root="/nowhere")] == ids
+    assert [i for i, _ in pairs(db, without_ids=[ids[1], ids[6]], without_root="/b")] == [ids[0], ids[2], ids[3]]
+    assert [i for i, _ in pairs(db, without_ids=[10_000])] == ids  # an id not in the catalog leaves nothing out
+
+
+def test_thousands_of_left_out_ids_pass_sqlites_parameter_cap(db):
+    ids = fill(db, [row("/a", f"{i:05d}.jpg", i) for i in range(6000)])
+    gone = ids[::3] + [ids[-1]]  # 2,001 ids: twice the cap on bound parameters
+    kept = [[i, v] for i, v in zip(ids, range(6000)) if i not in set(gone)]
+    assert pairs(db, without_ids=gone) == kept
+    assert pairs(db, without_ids=iter(gone)) == kept  # any iterable, read once
+    with db.connect() as conn:
+        assert catalog.with_moments(conn, gone) == sorted(gone)
+
+
+def test_a_gone_moment_takes_its_whole_video_along(db):
+    photo, *clip = fill(db, [row("/a", "clip.mp4", 0), *(row("/b", "clip.mp4", 1 + m, moment=m, t=2.0 * m)
+                                                          for m in range(3)), ])
+    other = fill(db, [row("/b", "other.mp4", 9, moment=0, t=0.0)])[0]
+    # one moment of the video is enough; the photo of the same name in another root stays
+    assert pairs(db, without_ids=[clip[1]]) == [[photo, 0], [other, 9]]
+    assert pairs(db, without_ids=[photo]) == [[clip[0], 1], [clip[1], 2], [clip[2], 3], [other, 9]]
+    with db.connect() as conn:
+        assert catalog.with_moments(conn, [clip[2], 77]) == sorted([*clip, 77])
+        assert catalog.with_moments(conn, []) == []
+
+
+def test_the_fill_queries_leave_out_the_files_gone_in_this_run(db):
+    """phashes, photo fields and text are filled for files still there: a gone file (or video) is not read."""
+    photos = fill(db, [row("/a", f"{i}.jpg", i) for i in range(4)])
+    clip = fill(db, [row("/a", "clip.mp4", 10 + m, moment=m, t=float(m)) for m in range(2)])
+    with db.begin() as conn:  # photo fields without text read: what the OCR fill reads
+        for i in photos + clip:
+            catalog.set_photo(conn, i, "x.jpg", {})
+    gone = [photos[1], clip[0]]
+
+    def ids(conn, query, **kw):
+        return [r.id for r in query(conn, 0, 100, **kw)]
+
+    with db.connect() as conn:
+        assert ids(conn, catalog.files_without_phash) == photos + clip
+        assert ids(conn, catalog.files_without_phash, without_ids=gone) == [photos[0], *photos[2:]]
+        assert ids(conn, catalog.files_without_ocr) == photos  # video moments are not read for text
+        assert ids(conn, catalog.files_without_ocr, without_ids=gone) == [photos[0], *photos[2:]]
+        assert catalog.count_without_ocr(conn) == 4 and catalog.count_without_ocr(conn, without_ids=gone) == 3
+        assert ids(conn, catalog.files_without_photo) == []
+    with db.begin() as conn:
+        conn.execute(catalog.photos.delete())
+    with db.connect() as conn:
+        assert ids(conn, catalog.files_without_photo, without_ids=gone) == [photos[0], *photos[2:]]
+        assert [r.id for r in catalog.files_without_photo(conn, photos[2], 1, without_ids=gone)] == [photos[3]]

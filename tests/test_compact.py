@@ -51,7 +51,7 @@ def _files(ix):
 def _live(ix):
     db = catalog.connect(ix / DB_FILE, readonly=True)
     with db.connect() as conn:
-        pairs = list(catalog.live_vectors(conn))
+        pairs = [tuple(p) for p in catalog.live_pairs(conn).tolist()]
         generation = state.read(conn).generation
     db.dispose()
     return pairs, generation

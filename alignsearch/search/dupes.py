@@ -338,10 +338,7 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
         score = lambda a, b: 1 - hamming(hashes[a], hashes[b]) / PHASH_BITS  # noqa: E731
     else:
         t = SIMILAR_THRESHOLD if threshold is None else float(threshold)
-        snap = engine.snap
-        with db.connect() as conn:
-            live = catalog.live_pairs(conn)
-        pairs = similar_pairs(snap.index, snap.store, live, t, nprobe=nprobe)
+        snap, live, pairs = _similar_of_one_generation(engine, t, nprobe)
         groups = components(pairs.tolist())
         address_of = dict(zip(live[:, 0].tolist(), live[:, 1].tolist()))
 
@@ -353,6 +350,31 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
     out = [_describe(tier, g, rows, score) for g in groups if sum(i in rows for i in g) > 1]
     out.sort(key=lambda g: (-len(g.items), g.keep))
     return out
+
+
+def _similar_of_one_generation(engine, threshold: float, nprobe: int):
+    """(snapshot, live pairs, similar pairs) of one generation. The pairs are read with the generation they
+    belong to, on a fresh snapshot; a switch (a re-encode's, a compaction's) that lands before the scan, or
+    during it (a store not yet mapped meets the emptied vectors.f16: "damaged"), is a new generation to scan,
+    not damage."""
+    from alignsearch.errors import CatalogBusyError, IndexDamagedError
+    from alignsearch.storage import catalog, state
+
+    for _ in range(4):
+        engine.refresh()
+        snap = engine.snap
+        with engine.db.connect() as conn:
+            live = catalog.live_pairs(conn)
+            if state.read(conn, "generation").generation != snap.generation:
+                continue  # the rows are a newer generation's than the snapshot just taken
+        try:
+            return snap, live, similar_pairs(snap.index, snap.store, live, threshold, nprobe=nprobe)
+        except IndexDamagedError:
+            with engine.db.connect() as conn:
+                if state.read(conn, "generation").generation == snap.generation:
+                    raise  # the same generation: real damage
+    raise CatalogBusyError("the index kept switching generations (re-encodes or compactions of its vectors) "
+                           "while duplicates were looked for: run it again")
 
 
 # -- collapsed results -----------------------------------------------------------------------------------

@@ -209,12 +209,36 @@ def test_a_query_that_meets_the_switch_mid_read_searches_the_new_generation(inde
     """The race the generation check cannot close: the switch commits and empties vectors.f16 after a query
     checked the generation and before its first read of the vectors (a fresh snapshot maps vectors.f16
     lazily). The read then meets an empty file: that is a new generation to search, not "damaged"."""
-    from alignsearch.storage.vectors import VectorStore
-
     photos, ix = indexed_images(12)
     _churn(photos)
     index_json(ix, photos, "--device", "cpu", "--no-compact")
     want = fixed_answers(ix)
+    switched = _compact_on_first_read(monkeypatch, ix)
+    assert fixed_answers(ix) == want and switched
+
+
+def test_dupes_that_meet_the_switch_mid_scan_scan_the_new_generation(indexed_images, tmp_path, monkeypatch):
+    """`dupes --tier similar` reads every live vector: a switch landing during its scan (a store not yet mapped
+    meets the emptied vectors.f16) is a new generation to scan, not "damaged"."""
+    from alignsearch.search.dupes import find_groups
+
+    photos, ix = indexed_images(12)
+    _churn(photos)  # a copy of one photo: one similar group at least
+    index_json(ix, photos, "--device", "cpu", "--no-compact")
+    with alignsearch.open(ix) as engine:
+        want = [g.items for g in find_groups(engine, "similar")]
+    assert want
+    switched = _compact_on_first_read(monkeypatch, ix)
+    with alignsearch.open(ix) as engine:
+        assert [g.items for g in find_groups(engine, "similar")] == want and switched
+
+
+def _compact_on_first_read(monkeypatch, ix) -> list:
+    """Make the first read of stored vectors (any store, this process) first compact the index at ix: the
+    switch commits and empties vectors.f16 after the reader took its snapshot, before it mapped the file. The
+    list returned holds True once that happened."""
+    from alignsearch.storage.vectors import VectorStore
+
     real_get, switched = VectorStore.get, []
 
     def get_after_a_switch(store, addresses):
@@ -228,33 +252,4 @@ def test_a_query_that_meets_the_switch_mid_read_searches_the_new_generation(inde
         return real_get(store, addresses)
 
     monkeypatch.setattr(VectorStore, "get", get_after_a_switch)
-    assert fixed_answers(ix) == want and switched
-
-
-def test_dupes_that_meet_the_switch_mid_scan_scan_the_new_generation(indexed_images, tmp_path, monkeypatch):
-    """`dupes --tier similar` reads every live vector: a switch landing during its scan (a store not yet mapped
-    meets the emptied vectors.f16) is a new generation to scan, not "damaged"."""
-    from alignsearch.search.dupes import find_groups
-    from alignsearch.storage.vectors import VectorStore
-
-    photos, ix = indexed_images(12)
-    _churn(photos)  # a copy of one photo: one similar group at least
-    index_json(ix, photos, "--device", "cpu", "--no-compact")
-    with alignsearch.open(ix) as engine:
-        want = [g.items for g in find_groups(engine, "similar")]
-    assert want
-    real_get, switched = VectorStore.get, []
-
-    def get_after_a_switch(store, addresses):
-        if not switched:
-            switched.append(True)
-            db = catalog.connect(ix / DB_FILE)
-            try:
-                compact.compact(db, ix, store.dim, force=True)
-            finally:
-                db.dispose()
-        return real_get(store, addresses)
-
-    monkeypatch.setattr(VectorStore, "get", get_after_a_switch)
-    with alignsearch.open(ix) as engine:
-        assert [g.items for g in find_groups(engine, "similar")] == want and switched
+    return switched

@@ -5,7 +5,9 @@ did not try."""
 
 from __future__ import annotations
 
+import errno
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -213,3 +215,268 @@ def test_a_server_that_answers_healthz_but_never_the_search_is_given_up_on_at_th
     took = time.monotonic() - start
     assert routed.answer is None and len(notes) == 1 and "searching locally" in notes[0], (routed, notes)
     assert took < 2.0 + client.CONTACT_TIMEOUT + 1.5, took
+
+
+# -- vector store compaction (indexer/compact.py) ---------------------------------------------------------
+
+
+def _dim(ix: Path) -> int:
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
+    db = catalog.connect(ix / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            return state.read(conn).model.dim
+    finally:
+        db.dispose()
+
+
+def _move_rows(ix: Path, segment: str | None) -> None:
+    """Every file's vector written again, the same bytes, to new rows, and the files pointed at them (as files
+    changed and re-encoded to the same vectors): every row they left is dead, and every answer is as before.
+    segment: into a segment file of that name, as an encoder actor (Ray) writes one; None: into vectors.f16."""
+    from alignsearch.storage import catalog, vectors
+    from alignsearch.storage.paths import DB_FILE
+    from indexer.lock import writer_lock
+
+    db = catalog.connect(ix / DB_FILE)
+    try:
+        with writer_lock(ix):
+            with db.connect() as conn:
+                store = vectors.load(conn, ix, _dim(ix))
+                pairs = catalog.live_pairs(conn)
+            rows = store.get(pairs[:, 1])
+            if segment is None:
+                number, first = 0, store.append(rows)
+            else:
+                path = store.folder / f"{segment}.f16"
+                path.parent.mkdir(exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(rows.astype(vectors.DTYPE).tobytes())
+                    os.fsync(f.fileno())
+                number, first = store.commit(segment, len(rows)), 0
+            with db.begin() as conn:
+                conn.exec_driver_sql("UPDATE files SET vec_row = ? WHERE id = ?", [
+                    (vectors.address(number, first + i), int(file_id)) for i, file_id in enumerate(pairs[:, 0])])
+                vectors.record_chunk(conn, store, number, first, len(rows))
+                vectors.save(conn, store)
+    finally:
+        db.dispose()
+
+
+def _compact(ix: Path):
+    from alignsearch.storage import catalog
+    from alignsearch.storage.paths import DB_FILE
+    from indexer import compact
+    from indexer.lock import writer_lock
+
+    db = catalog.connect(ix / DB_FILE)
+    try:
+        with writer_lock(ix):
+            return compact.compact(db, ix, _dim(ix), force=True)
+    finally:
+        db.dispose()
+
+
+def _vector_files(ix: Path) -> list[str]:
+    folder = ix / "vectors"
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.f16")) if folder.exists() else []
+
+
+@pytest.mark.slow
+def test_a_server_in_another_process_answers_the_same_through_repeated_compactions(indexed_images):
+    """`serve` answers queries in a loop while this process compacts again and again, each time from another
+    shape of store: an encoder actor's (Ray) segment, vectors.f16, and the previous compaction's segment under
+    vectors/next/ (the shape a finished re-encode leaves). Every answer is a 200 with the same results."""
+    from helpers import call, start_serve, stop, verify_problems
+
+    _photos, ix = indexed_images(12)
+    proc, url = start_serve(ix, "--token", "s3cret")
+    answers, failures, done = [], [], threading.Event()
+
+    def answer(query):
+        status, _, body = call(url, f"/api/search?{query}&k=20")
+        if status != 200:
+            failures.append((status, body[:500]))
+            return None
+        return [(h["path"], round(h["score"], 4)) for h in json.loads(body)["results"]]
+
+    def ask():  # a text query, and "more like this" (the stored vector of a file, read by the server)
+        while not done.is_set():
+            answers.append((answer("q=a+red+circle"), answer(f"similar={similar}")))
+
+    try:
+        status, _, body = call(url, "/api/search?q=a+red+circle&k=20")
+        assert status == 200, body
+        similar = json.loads(body)["results"][3]["id"]
+        want = (answer("q=a+red+circle"), answer(f"similar={similar}"))
+        assert len(want[0]) == 12 and len(want[1]) >= 11, want
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        for n, segment in enumerate(["actor-0", None, "actor-1", None]):
+            _move_rows(ix, segment)
+            asked = len(answers)
+            done_ = _compact(ix)
+            assert done_ is not None and done_.rows_after == 12, done_
+            time.sleep(0.5)
+            assert len(answers) > asked or failures, n  # the server was asked across it
+        done.set()
+        asker.join(timeout=60)
+    finally:
+        done.set()
+        stop(proc)
+    assert failures == [] and answers and all(a == want for a in answers), (failures, answers[:3])
+    assert verify_problems(ix) == [] and len(_vector_files(ix)) == 1, _vector_files(ix)
+
+
+COMPACT_KILLED = KILL_HOOK + """
+from pathlib import Path
+from alignsearch.storage import catalog, state
+from indexer import compact
+from indexer.lock import writer_lock
+
+ix = Path(sys.argv[3])
+db = catalog.connect(ix / "catalog.db")
+with db.connect() as conn:
+    dim = state.read(conn).model.dim
+with writer_lock(ix):
+    compact.compact(db, ix, dim, force=True)
+"""
+
+KILL_MOMENTS = {
+    "in the copy, a chunk read and not yet written": ("alignsearch.storage.vectors:VectorStore.get", "after"),
+    "in the switch transaction, before its commit": ("alignsearch.storage.vectors:save", "before"),
+    "committed, vectors.f16 emptied, the old segments not yet deleted": ("alignsearch.storage.vectors:empty_file",
+                                                                         "after"),
+    "committed, the previous compaction's segment not yet deleted": (
+        "alignsearch.storage.vectors:VectorStore.truncate_uncommitted", "after"),
+}
+
+
+def _unlisted_vector_files(ix: Path) -> list[str]:
+    """Files under vectors/ that the committed store does not list."""
+    from alignsearch.storage import catalog, vectors
+    from alignsearch.storage.paths import DB_FILE
+
+    db = catalog.connect(ix / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            listed = {f"{name}.f16" for name, _ in vectors.load(conn, ix, _dim(ix)).segments.values()}
+    finally:
+        db.dispose()
+    return [name for name in _vector_files(ix) if name not in listed]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
+def test_kill_9_at_more_moments_of_a_compaction_of_every_kind_of_segment(indexed_images, moment):
+    """The store compacted holds rows in vectors.f16 (live), an encoder actor's segment and a previous
+    compaction's segment under vectors/next/ (dead). Killed at each moment: a reader answers as before, the
+    next `index` run tidies up, and verify finds nothing."""
+    from conftest import index_json
+    from helpers import fixed_answers, verify_problems
+
+    photos, ix = indexed_images(12)
+    _move_rows(ix, "actor-0")
+    _compact(ix)  # its segment, under vectors/next/
+    _move_rows(ix, "actor-1")
+    _move_rows(ix, None)
+    want = fixed_answers(ix)
+    assert len(want) == 12 and len(_vector_files(ix)) == 2 and verify_problems(ix) == []
+    where, when = KILL_MOMENTS[moment]
+    proc = subprocess.run([sys.executable, "-c", COMPACT_KILLED, where, when, str(ix)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert fixed_answers(ix) == want, moment
+    # killed after the commit: what the next writer deletes (vectors.f16's old rows past its committed row 0,
+    # the old generation's segment files) is reported, as after any run killed between writing and tidying
+    problems = verify_problems(ix)
+    leftovers = ("uncommitted bytes past row 0", "segment files the catalog does not know")
+    assert [p for p in problems if not any(s in p for s in leftovers)] == [], (moment, problems)
+    summary = index_json(ix, photos, "--device", "cpu")
+    assert summary["added"] + summary["removed"] + summary["updated"] == 0, summary
+    assert fixed_answers(ix) == want and verify_problems(ix) == [], moment
+    assert _unlisted_vector_files(ix) == [], (moment, _vector_files(ix))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that many bytes (root's mount; else the test is skipped)."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:  # lazily: a catalog connection the test's engines pooled may still hold a file open
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_disk_full_in_the_copy_leaves_the_index_as_it_was(tmp_path, small_disk):
+    """The copy of the live rows does not fit on the disk: the compaction fails with the disk's error, its
+    partial copy is gone, and the index is as before (the same rows, files and generation; verify clean)."""
+    from alignsearch.storage import catalog, state, vectors
+    from alignsearch.storage.paths import DB_FILE
+    from helpers import verify_problems
+
+    built = tmp_path / "built"
+    vector_index(built, 8000, 16)  # 256 KiB of vectors
+    db = catalog.connect(built / DB_FILE)
+    with db.begin() as conn:
+        for segment in vectors.check(conn, vectors.load(conn, built, 16)).legacy_segments:
+            vectors.adopt_segment(conn, vectors.load(conn, built, 16), segment)
+        conn.exec_driver_sql("DELETE FROM files WHERE id % 4 != 0")  # 2,000 live rows: a 64 KiB copy
+    db.dispose()
+    used = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
+    ix = small_disk(used + 48 * 1024) / "ix"  # room for SQLite's journal, not for the copy
+    shutil.copytree(built, ix)
+
+    def as_stored():
+        db = catalog.connect(ix / DB_FILE, readonly=True)
+        try:
+            with db.connect() as conn:
+                return (catalog.live_pairs(conn).tolist(), state.read(conn).generation, _vector_files(ix),
+                        (ix / "vectors.f16").read_bytes())
+        finally:
+            db.dispose()
+
+    before, problems = as_stored(), verify_problems(ix)
+    assert len(before[0]) == 2000 and problems == ["2000 indexed files are missing from the ANN index"], problems
+    with pytest.raises(OSError) as failed:
+        _compact(ix)
+    assert failed.value.errno == errno.ENOSPC, failed.value  # the disk's error, not a damaged index
+    assert as_stored() == before and verify_problems(ix) == problems  # (no ANN index was built: not the point)
+
+
+@pytest.mark.slow
+def test_a_compaction_waits_for_a_killed_re_encode_which_then_finishes_as_it_would_have(indexed_images):
+    """A re-encode killed mid-way has its new rows in a segment its progress record names, not the store: a
+    compaction then (forced, with every old row dead) must not run, and must not delete that segment as a
+    leftover; the re-encode resumed finishes with the answers it would have given."""
+    from conftest import index_json
+    from helpers import fixed_answers, killed_at, verify_problems
+
+    photos, ix = indexed_images(12)
+    want = fixed_answers(ix)
+    _move_rows(ix, None)  # 12 dead rows: a compaction is due when forced
+    proc = killed_at("indexer.videos:reencode_moments", "before", "index", "--index", ix, "--reindex",
+                     "--device", "cpu", "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    pending = [name for name in _vector_files(ix) if name.startswith("next/")]
+    assert len(pending) == 1, _vector_files(ix)  # the re-encode's segment, every image encoded
+    files = _vector_files(ix)
+    assert _compact(ix) is None and _vector_files(ix) == files
+    summary = index_json(ix, photos, "--device", "cpu", "--compact")
+    assert summary.get("compacted") is None and pending[0] in _vector_files(ix), summary
+    assert fixed_answers(ix) == want
+    index_json(ix, "--device", "cpu", "--reindex")
+    assert fixed_answers(ix) == want and verify_problems(ix) == []
+    assert _unlisted_vector_files(ix) == []

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import KILL_HOOK, as_nobody, fake_server_record, vector_index
 
+import alignsearch as alignsearch_package
 from alignsearch import atomic
 from alignsearch.search import request as search_request
 
@@ -39,6 +40,7 @@ def _names(folder: Path) -> dict:
 
 SWAP_KILLED = KILL_HOOK + """
 from pathlib import Path
+import alignsearch as alignsearch_package
 from alignsearch import atomic
 with atomic.replacing_dir(sys.argv[3]) as new:
     (Path(new) / "weights.bin").write_bytes(b"v2")
@@ -125,6 +127,7 @@ def test_a_leftover_replaced_by_a_link_between_its_stat_and_its_open_is_not_foll
 SLOW_WRITE = """
 import sys, time
 from pathlib import Path
+import alignsearch as alignsearch_package
 from alignsearch import atomic
 with atomic.replacing_dir(sys.argv[1]) as new:
     (Path(new) / "img_emb").mkdir()
@@ -480,3 +483,91 @@ def test_a_compaction_waits_for_a_killed_re_encode_which_then_finishes_as_it_wou
     index_json(ix, "--device", "cpu", "--reindex")
     assert fixed_answers(ix) == want and verify_problems(ix) == []
     assert _unlisted_vector_files(ix) == []
+
+
+@pytest.mark.slow
+def test_concurrent_cli_queries_to_a_busy_server_are_all_answered_by_it(indexed_images):
+    """Eight `alignsearch query` processes at once while two clients keep the server searching: a healthy
+    server answers /healthz however many searches wait, so none of them gives up on it and searches locally."""
+    from helpers import call, start_serve, stop
+
+    _photos, ix = indexed_images(12)
+    proc, url = start_serve(ix, "--token", "s3cret")
+    done, busy_failures = threading.Event(), []
+
+    def keep_busy():
+        while not done.is_set():
+            status, _, body = call(url, "/api/search?q=a+blue+square&k=12")
+            if status != 200:
+                busy_failures.append((status, body[:300]))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNSEARCH_INDEX": str(ix)}
+    try:
+        status, _, body = call(url, "/api/search?q=a+red+circle&k=5")
+        want = [h["path"] for h in json.loads(body)["results"]]
+        busy = [threading.Thread(target=keep_busy, daemon=True) for _ in range(2)]
+        for thread in busy:
+            thread.start()
+        queries = [subprocess.Popen([sys.executable, "-m", "alignsearch", "query", "a red circle", "-k", "5", "--json"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                   for _ in range(8)]
+        outs = [q.communicate(timeout=300) for q in queries]
+        done.set()
+        for thread in busy:
+            thread.join(timeout=60)
+    finally:
+        done.set()
+        stop(proc)
+    for q, (out, err) in zip(queries, outs):
+        assert q.returncode == 0 and "locally" not in err and "notice" not in err, err[-2000:]
+        assert [h["path"] for h in json.loads(out)["results"]] == want
+    assert busy_failures == []
+
+
+# -- files retried once readable (scan._readable_again) ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_photos_in_a_folder_that_could_be_listed_but_not_entered_are_read_once_it_can_be(tmp_path, tiny_model):
+    """A folder of mode r-- (no x): its names list, but no file in it can be stat'ed nor opened. As a process
+    without root's permission bypass: those files fail, are not tried again while the folder stays so, and
+    are indexed by the first run after a chmod (which changes none of the files' sizes or mtimes)."""
+    from conftest import make_images
+    from helpers import alignsearch, can_drop_dac, summary
+
+    if not can_drop_dac():
+        pytest.skip("cannot start a process without root's permission bypass")
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_images(root / "locked", 2, seed=3)
+    os.chmod(root / "locked", 0o555 & ~0o111)
+    try:
+        first = summary(alignsearch("index", root, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json",
+                                    unprivileged=True))
+        assert first["added"] == 2 and first["failed"] == 2, first
+        again = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+        assert again["failed"] == 0 and again["updated"] == 0 and again["added"] == 0, again
+    finally:
+        os.chmod(root / "locked", 0o755)
+    readable = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+    assert readable["failed"] == 0 and readable["updated"] + readable["added"] == 2, readable
+    with alignsearch_package.open(ix) as engine:
+        assert engine.info()["images"] == 4
+
+
+def test_similar_duplicates_of_an_engine_opened_before_a_compaction(indexed_images):
+    """`dupes --tier similar` reads the live (file, address) pairs from the catalog and the vectors through
+    the engine's snapshot: opened before a compaction (a library user's engine, or a compaction committed
+    between the CLI's open and its read), the pairs are the new generation's and the snapshot the old one's.
+    The groups are found all the same, not "damaged: run verify"."""
+    from alignsearch.search.dupes import find_groups
+
+    _photos, ix = indexed_images(12)
+    with alignsearch_package.open(ix) as fresh:
+        want = [[(i["path"], i["score"]) for i in g.items] for g in find_groups(fresh, "similar", threshold=-1.0)]
+    assert want
+    with alignsearch_package.open(ix) as engine:
+        _move_rows(ix, "actor-0")
+        assert _compact(ix) is not None
+        got = [[(i["path"], i["score"]) for i in g.items] for g in find_groups(engine, "similar", threshold=-1.0)]
+    assert got == want

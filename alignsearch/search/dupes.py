@@ -312,6 +312,22 @@ def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int],
     return Group(tier, items, kept.id)
 
 
+def _snapshot_and_pairs(engine):
+    """The engine's snapshot and the live (file id, vector address) pairs of its generation. The snapshot
+    is refreshed first (an engine opened before a compaction or re-encode holds the old generation, and the
+    catalog's pairs address the new one's segments), and again when a switch commits between the reads."""
+    from alignsearch.storage import catalog, state
+
+    while True:
+        engine.refresh()
+        snap = engine.snap
+        with engine.db.connect() as conn:
+            live = catalog.live_pairs(conn)
+            generation = state.read(conn, "generation").generation  # generations only grow: equal, none between
+        if generation == snap.generation:
+            return snap, live
+
+
 def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = SIMILAR_NPROBE) -> list[Group]:
     """Duplicate groups of an opened index (alignsearch.search.engine.Engine), largest first. Scores: 1.0 for the
     kept file and exact copies; near: 1 - distance / 64 to the kept file's hash; similar: cosine to it."""
@@ -338,9 +354,7 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
         score = lambda a, b: 1 - hamming(hashes[a], hashes[b]) / PHASH_BITS  # noqa: E731
     else:
         t = SIMILAR_THRESHOLD if threshold is None else float(threshold)
-        snap = engine.snap
-        with db.connect() as conn:
-            live = catalog.live_pairs(conn)
+        snap, live = _snapshot_and_pairs(engine)
         pairs = similar_pairs(snap.index, snap.store, live, t, nprobe=nprobe)
         groups = components(pairs.tolist())
         address_of = dict(zip(live[:, 0].tolist(), live[:, 1].tolist()))

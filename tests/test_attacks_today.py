@@ -571,3 +571,32 @@ def test_similar_duplicates_of_an_engine_opened_before_a_compaction(indexed_imag
         assert _compact(ix) is not None
         got = [[(i["path"], i["score"]) for i in g.items] for g in find_groups(engine, "similar", threshold=-1.0)]
     assert got == want
+
+
+def test_more_like_this_from_an_engine_opened_before_a_compaction_reads_the_right_vector(indexed_images):
+    """Engine.vector_of(file id) (`query --like`, a library user's engine) reads the file's address from the
+    catalog and its vector through the engine's snapshot. Opened (and its vectors.f16 mapped) before a
+    compaction and a run that added files since: an old file's address is in a segment the snapshot does not
+    know, and a new file's row in the new vectors.f16 is a row the old map has too, holding another vector."""
+    import numpy as np
+
+    from conftest import index_json, make_images
+
+    photos, ix = indexed_images(12)
+    engine = alignsearch_package.open(ix)
+    try:
+        query = np.random.default_rng(1).standard_normal(engine.store.dim).astype(np.float32)
+        query /= np.linalg.norm(query)
+        first = engine.search_vector(query, k=3)  # its vectors.f16 mapped
+        _move_rows(ix, None)
+        assert _compact(ix) is not None
+        make_images(photos / "more", 3, seed=11)
+        assert index_json(ix, photos, "--device", "cpu")["added"] == 3
+        with alignsearch_package.open(ix) as fresh:
+            ids = [h.id for h in fresh.search_vector(query, k=20) if "/more/" in h.path] + [h.id for h in first]
+            want = [fresh.vector_of(i) for i in ids]
+        assert len(ids) == 6
+        got = [engine.vector_of(i) for i in ids]
+    finally:
+        engine.close()
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))

@@ -600,3 +600,32 @@ def test_more_like_this_from_an_engine_opened_before_a_compaction_reads_the_righ
     finally:
         engine.close()
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_damaged_row_no_checksum_covers_is_not_copied_into_a_fresh_one(tmp_path):
+    """An index written before checksums existed (its rows unchecked until an `index` run adopts them) has a
+    live row zeroed. A compaction then (`forget` runs one without that adoption first) must not copy it into
+    a new segment with a checksum of its own, which would make the damage pass every later check."""
+    from alignsearch.errors import IndexDamagedError
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
+
+    ix = tmp_path / "ix"
+    store = vector_index(ix, 400, 16)  # no checksums recorded: as an index of an older alignsearch
+    db = catalog.connect(ix / DB_FILE)
+    with db.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM files WHERE id % 2 = 0")
+        damaged = int(catalog.live_pairs(conn)[5, 1])
+        generation = state.read(conn).generation
+    db.dispose()
+    with open(ix / VECTORS_FILE, "r+b") as f:
+        f.seek(damaged * store.row_bytes)
+        f.write(bytes(store.row_bytes))
+    before = (ix / VECTORS_FILE).read_bytes()
+    with pytest.raises(IndexDamagedError, match="verify --repair"):
+        _compact(ix)
+    assert (ix / VECTORS_FILE).read_bytes() == before and _vector_files(ix) == []
+    db = catalog.connect(ix / DB_FILE, readonly=True)
+    with db.connect() as conn:
+        assert state.read(conn).generation == generation
+    db.dispose()

@@ -629,3 +629,16 @@ def test_a_damaged_row_no_checksum_covers_is_not_copied_into_a_fresh_one(tmp_pat
     with db.connect() as conn:
         assert state.read(conn).generation == generation
     db.dispose()
+
+
+def test_info_of_an_engine_opened_before_a_compaction_reports_the_store_as_it_is(indexed_images):
+    """info()'s vector_store (what `index --compact` would free) of a long-open engine: the rows stored as
+    the catalog records them now, as the file counts beside them are, not as its snapshot loaded them."""
+    _photos, ix = indexed_images(12)
+    with alignsearch_package.open(ix) as engine:
+        row_bytes = engine.store.row_bytes
+        assert engine.info()["vector_store"] == {"rows": 12, "live_rows": 12, "dead_bytes": 0}
+        _move_rows(ix, "actor-0")
+        assert engine.info()["vector_store"] == {"rows": 24, "live_rows": 12, "dead_bytes": 12 * row_bytes}
+        _compact(ix)
+        assert engine.info()["vector_store"] == {"rows": 12, "live_rows": 12, "dead_bytes": 0}

@@ -653,7 +653,8 @@ class Engine:
             count = catalog.counts(conn)
             st = state.read(conn)
             indexed_with, unfinished = st.encoder, st.index_run is not None
-            stored = vectors.usage(conn, snap.store)
+            # the store as committed now, as the counts beside it are (the snapshot's predates later runs)
+            stored = vectors.usage(conn, vectors.load(conn, self.dir, snap.store.dim))
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),

@@ -642,3 +642,20 @@ def test_info_of_an_engine_opened_before_a_compaction_reports_the_store_as_it_is
         assert engine.info()["vector_store"] == {"rows": 24, "live_rows": 12, "dead_bytes": 12 * row_bytes}
         _compact(ix)
         assert engine.info()["vector_store"] == {"rows": 12, "live_rows": 12, "dead_bytes": 0}
+
+
+def test_an_export_from_an_engine_opened_before_a_compaction_exports(indexed_images, tmp_path):
+    """An export started after a compaction by an engine opened before it (a library user's, or a compaction
+    committed between `export`'s open and its first page) is of the new generation, not "switched during the
+    export: run it again" (which said so again each time the same engine was asked)."""
+    import pyarrow.parquet as pq
+
+    from alignsearch.search.export import export
+
+    _photos, ix = indexed_images(12)
+    with alignsearch_package.open(ix) as engine:
+        export(engine, tmp_path / "before.parquet")
+        _move_rows(ix, "actor-0")
+        assert _compact(ix) is not None
+        export(engine, tmp_path / "after.parquet")
+    assert pq.read_table(tmp_path / "after.parquet").equals(pq.read_table(tmp_path / "before.parquet"))

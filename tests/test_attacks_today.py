@@ -282,6 +282,18 @@ def _compact(ix: Path):
         db.dispose()
 
 
+def _generation(ix: Path) -> int:
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
+    db = catalog.connect(ix / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            return state.read(conn).generation
+    finally:
+        db.dispose()
+
+
 def _vector_files(ix: Path) -> list[str]:
     folder = ix / "vectors"
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.f16")) if folder.exists() else []
@@ -347,13 +359,13 @@ with writer_lock(ix):
     compact.compact(db, ix, dim, force=True)
 """
 
-KILL_MOMENTS = {
-    "in the copy, a chunk read and not yet written": ("alignsearch.storage.vectors:VectorStore.get", "after"),
-    "in the switch transaction, before its commit": ("alignsearch.storage.vectors:save", "before"),
+KILL_MOMENTS = {  # where, before or after its call, and the files then left that no commit lists
+    "in the copy, a chunk read and not yet written": ("alignsearch.storage.vectors:VectorStore.get", "after", 1),
+    "in the switch transaction, before its commit": ("alignsearch.storage.vectors:save", "before", 1),
     "committed, vectors.f16 emptied, the old segments not yet deleted": ("alignsearch.storage.vectors:empty_file",
-                                                                         "after"),
+                                                                         "after", 2),
     "committed, the previous compaction's segment not yet deleted": (
-        "alignsearch.storage.vectors:VectorStore.truncate_uncommitted", "after"),
+        "alignsearch.storage.vectors:VectorStore.truncate_uncommitted", "after", 1),
 }
 
 
@@ -385,18 +397,21 @@ def test_kill_9_at_more_moments_of_a_compaction_of_every_kind_of_segment(indexed
     _compact(ix)  # its segment, under vectors/next/
     _move_rows(ix, "actor-1")
     _move_rows(ix, None)
-    want = fixed_answers(ix)
+    want, generation = fixed_answers(ix), _generation(ix)
     assert len(want) == 12 and len(_vector_files(ix)) == 2 and verify_problems(ix) == []
-    where, when = KILL_MOMENTS[moment]
+    where, when, leftovers = KILL_MOMENTS[moment]
     proc = subprocess.run([sys.executable, "-c", COMPACT_KILLED, where, when, str(ix)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
+    committed = moment.startswith("committed")
+    assert _generation(ix) == generation + committed, moment  # killed where it says, not before
+    assert len(_unlisted_vector_files(ix)) == leftovers, _vector_files(ix)
     assert fixed_answers(ix) == want, moment
     # killed after the commit: what the next writer deletes (vectors.f16's old rows past its committed row 0,
     # the old generation's segment files) is reported, as after any run killed between writing and tidying
     problems = verify_problems(ix)
-    leftovers = ("uncommitted bytes past row 0", "segment files the catalog does not know")
-    assert [p for p in problems if not any(s in p for s in leftovers)] == [], (moment, problems)
+    tidied_later = ("uncommitted bytes past row 0", "segment files the catalog does not know")
+    assert [p for p in problems if not any(s in p for s in tidied_later)] == [], (moment, problems)
     summary = index_json(ix, photos, "--device", "cpu")
     assert summary["added"] + summary["removed"] + summary["updated"] == 0, summary
     assert fixed_answers(ix) == want and verify_problems(ix) == [], moment

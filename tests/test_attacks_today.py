@@ -674,3 +674,37 @@ def test_an_export_from_an_engine_opened_before_a_compaction_exports(indexed_ima
         assert _compact(ix) is not None
         export(engine, tmp_path / "after.parquet")
     assert pq.read_table(tmp_path / "after.parquet").equals(pq.read_table(tmp_path / "before.parquet"))
+
+
+@pytest.mark.slow
+def test_a_server_whose_event_loop_stalls_for_seconds_is_searched_around_then_used_again(indexed_images):
+    """The server's event loop blocked for 8 s (a stalled disk, a pause): a query then meets a silent
+    /healthz too and answers from a local search (the same results, within seconds); once the loop runs
+    again the next query is the server's."""
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _photos, ix = indexed_images(12)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNSEARCH_INDEX": str(ix)}
+
+    def query():
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "alignsearch", "query", "a red circle", "-k", "5", "--json"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [h["path"] for h in json.loads(done.stdout)["results"]], done.stderr, time.monotonic() - start
+
+    engine = alignsearch_package.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        want, notes, _ = query()
+        assert "notice" not in notes, notes
+        loop = server.server.servers[0]._loop  # uvicorn's asyncio loop, to stall from here
+        loop.call_soon_threadsafe(time.sleep, 8.0)  # long enough for the query's process to start and probe
+        got, notes, took = query()
+        assert got == want and "not answering" in notes and "searching locally" in notes, notes
+        time.sleep(max(0.0, 8.5 - took))
+        got, notes, _ = query()
+        assert got == want and "notice" not in notes, notes
+    finally:
+        server.shutdown()
+        engine.close()

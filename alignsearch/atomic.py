@@ -148,10 +148,13 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
     folders: a killed export's can be the size of the export), and return how many. Only this user's, not a
     link, not changed for min_age seconds, and only while no write holds its lock (a write at work, in this
     or another process, keeps it). `.NAME.XXXX.old` folders are never touched: a swap cut short leaves the
-    user's previous folder there."""
+    user's previous folder there. Nothing in a folder where another user may rename entries (an attacker's
+    rename of this user's folder to such a name would have this user delete it)."""
     path = Path(os.path.realpath(path))
     prefix, removed = f".{path.name}.", 0
     try:
+        if _others_may_rename(os.stat(path.parent)):
+            return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
         entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new"))]
     except OSError:
         return 0
@@ -182,6 +185,14 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _others_may_rename(folder: os.stat_result) -> bool:
+    """Whether a user besides this one (and root) may rename the entries of a folder: its owner, or its group
+    or everyone where it is writable by them and not sticky."""
+    if folder.st_uid not in (0, os.geteuid()):
+        return True
+    return bool(folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH)) and not folder.st_mode & stat.S_ISVTX
 
 
 def _umask() -> int:
@@ -234,8 +245,18 @@ def _swap(new: Path, path: Path) -> Path | None:
             os.rename(new / entry, path / entry)
         os.rmdir(new)
         return None
-    if _exchange(new, path):
-        return new
+    # exchanged from a `.old` name (rename replaces an empty folder), so the old folder lands under one: until
+    # _carry_over is done it holds the user's own files, and remove_stale takes an unlocked `.new` for a
+    # killed write's leftover (a kill between the exchange and the move deleted them on the next run)
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rename(new, aside)
+    try:
+        if _exchange(aside, path):
+            return aside
+    except BaseException:
+        os.rename(aside, new)
+        raise
+    os.rename(aside, new)
     # no exchange: move the old folder aside first, onto an empty folder of a fresh name (rename replaces
     # an empty folder), so it is never deleted nor renamed over anything of the user's
     old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

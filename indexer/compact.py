@@ -42,6 +42,7 @@ MIN_DEAD_ROWS = 65_536
 DEAD_SHARE = 0.5
 CHUNK = 65_536  # rows per checksum of the new segment
 COPY = 8_192  # rows read and written at a time (32 MB as float32 at 1,024-d)
+UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16); vectors.adopt_segment's bound
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,18 @@ def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
 def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
     """The rows at `live`'s addresses, in that order, into a new file at path, fsync'ed with its name. Each
     chunk read is checked against its checksum (store.expect_chunks): ChunkChanged, and no file, when one
-    changed since it was written."""
+    changed since it was written; IndexDamagedError when a row is not unit length."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(path, "wb") as f:
             for start in range(0, len(live), COPY):
-                f.write(store.get(live[start : start + COPY]).astype(vectors.DTYPE).tobytes())  # fp16 -> 32 -> 16: exact
+                rows = store.get(live[start : start + COPY])
+                # rows no checksum covers (written before checksums existed) are read unchecked: one zeroed or
+                # overwritten is not unit length (vectors.adopt_segment's rule), and must not get a checksum here
+                if not np.all(np.abs(np.sqrt(np.einsum("ij,ij->i", rows, rows)) - 1) < UNIT_TOLERANCE):
+                    raise IndexDamagedError(f"vector rows that are not unit length (damaged) in {store.path.name} "
+                                            "or its segments: run `alignsearch verify --repair`")
+                f.write(rows.astype(vectors.DTYPE).tobytes())  # fp16 -> 32 -> 16: exact
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(path.parent)

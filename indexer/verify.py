@@ -97,8 +97,9 @@ def _check(index_dir: Path, check_model: bool) -> Report:
                 r.problems.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
         unknown = store.unknown_files()
         if unknown:
-            r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by encoder actors "
-                              "killed before their first commit)")
+            r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by a run killed "
+                              "part way: encoder actors before their first commit, or a compaction or re-encode after "
+                              "its switch; the next `index` run deletes them)")
     index = _open_ann(index_dir, record, writing, r)
     if index is not None:
         ids = ann.stored_ids(index)

@@ -38,6 +38,16 @@ def _drop_dac_capabilities() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+NOBODY = 65534
+
+
+def as_nobody() -> None:
+    """In a child before exec: become the user nobody (another user than the tests' root)."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
 def can_drop_dac() -> bool:
     """Whether a child can be started without the root file-permission bypass (else such tests skip)."""
     if os.geteuid() != 0:
@@ -233,6 +243,19 @@ def stop(proc, sig=signal.SIGTERM):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def fake_server_record(ix, port: int) -> None:
+    """The server record of a server of this process's at 127.0.0.1:port for index ix, as `serve` writes it
+    (a stand-in server: hung, or answering as the test chooses)."""
+    from alignsearch.surfaces import client
+
+    ix = Path(ix)
+    record = {"pid": os.getpid(), "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+              "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
+              "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
+    (ix / SERVER_FILE).write_text(json.dumps(record))
+    os.chmod(ix / SERVER_FILE, 0o600)
 
 
 def call(url, path, token="s3cret", data=None, headers=None, method=None):

@@ -19,7 +19,7 @@ from alignsearch.search import request as search_request
 from alignsearch.storage import catalog, keywords
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, SERVER_FILE
 from conftest import index_json, make_images
-from helpers import call, start_serve, stop, vector_index
+from helpers import call, fake_server_record, start_serve, stop, vector_index
 
 
 # -- the request: one check ------------------------------------------------------------------------------------------
@@ -303,11 +303,7 @@ def test_a_hung_server_is_given_up_on_within_seconds(tmp_path):
     hung.bind(("127.0.0.1", 0))
     hung.listen(8)
     port = hung.getsockname()[1]
-    record = {"pid": os.getpid(), "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
-              "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
-              "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
-    (ix / SERVER_FILE).write_text(json.dumps(record))
-    os.chmod(ix / SERVER_FILE, 0o600)
+    fake_server_record(ix, port)
     notes: list[str] = []
     start = time.monotonic()
     try:

@@ -653,7 +653,8 @@ class Engine:
             count = catalog.counts(conn)
             st = state.read(conn)
             indexed_with, unfinished = st.encoder, st.index_run is not None
-            stored = vectors.usage(conn, snap.store)
+            # the store as committed now, as the counts beside it are (the snapshot's predates later runs)
+            stored = vectors.usage(conn, vectors.load(conn, self.dir, snap.store.dim))
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),
@@ -715,16 +716,18 @@ class Engine:
     def vector_of(self, file_id: int, snapshot: Snapshot | None = None) -> np.ndarray | None:
         """The stored unit vector of an indexed file ("more like this"), or None. snapshot: from that
         snapshot's generation (SnapshotMoved if the catalog has moved on)."""
-        row = self.file(file_id)
-        if row is None:
-            return None
-        if snapshot is None:
-            return _unit(self._stored(self.snap, np.array([row.vec_row])))[0]
-        try:
-            self._same_generation(snapshot)  # the row just read is of that generation
-            return _unit(self._stored(snapshot, np.array([row.vec_row])))[0]
-        except _Stale:
-            raise SnapshotMoved() from None
+        while True:
+            snap = snapshot or self.snapshot()  # taken before the row: a long-open engine's may be of an older generation
+            row = self.file(file_id)
+            if row is None:
+                return None
+            try:
+                self._same_generation(snap)  # the row just read is of that generation
+                return _unit(self._stored(snap, np.array([row.vec_row])))[0]
+            except _Stale:
+                if snapshot is not None:
+                    raise SnapshotMoved() from None
+                # a compaction or re-encode switched meanwhile: the next snapshot is of its generation
 
     def _same_generation(self, snap: Snapshot) -> None:
         """Raise _Stale when a re-encode switched generations since `snap` was taken: the rows just read

@@ -78,7 +78,7 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     reads (vectors.read_into) into one buffer that each page overwrites, so the caller must use (or copy)
     a page's vectors before asking for the next. Not through the store's memory map: every row is read
     once, and mapped pages would stay in the process's resident memory (1.28 GB at 1M rows of 640-d)."""
-    snap = engine.snap
+    snap = engine.snapshot()  # refreshed: an engine opened before a switch holds the old generation
     allowed = _allowed(snap, engine.db, where, path)
     buffer = np.empty((batch, snap.store.dim), dtype=vectors.DTYPE)
     after = 0

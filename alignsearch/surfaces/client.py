@@ -19,8 +19,10 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError, URLError
@@ -174,7 +176,11 @@ def _watched(record: dict, path: str, data: bytes | None, headers: dict | None, 
             done.set()
 
     threading.Thread(target=query, name="alignsearch-query", daemon=True).start()
-    while not done.wait(probe_every):
+    # the socket's timeout bounds each read, not the answer: a body sent a byte at a time never meets it
+    deadline = time.monotonic() + timeout
+    while not done.wait(max(0.0, min(probe_every, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no whole answer within {timeout:g} s")
         try:
             _request(record, "/healthz", timeout=CONTACT_TIMEOUT)
         except HTTPError:
@@ -324,7 +330,7 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         why = f"the server at {record['url']} is not answering: {exc}"
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
-    except (URLError, OSError, ValueError) as exc:
+    except (URLError, OSError, ValueError, HTTPException) as exc:  # HTTPException: an answer cut short
         if asked:
             notice(_silent(record["url"], exc))
             return Routed(None, f"the server did not answer ({exc})")

@@ -315,7 +315,14 @@ def test_a_server_in_another_process_answers_the_same_through_repeated_compactio
         if status != 200:
             failures.append((status, body[:500]))
             return None
-        return [(h["path"], round(h["score"], 4)) for h in json.loads(body)["results"]]
+        return [(h["path"], h["score"]) for h in json.loads(body)["results"]]
+
+    def same(got, expected) -> bool:  # the same hits, each score within float noise (a query encoded again)
+        if got is None or len(got) != len(expected) or {p for p, _ in got} != {p for p, _ in expected}:
+            return False
+        scores = dict(expected)
+        return all(abs(score - scores[path]) < 1e-4 for path, score in got) and \
+            all(a[1] >= b[1] - 1e-6 for a, b in zip(got, got[1:]))
 
     def ask():  # a text query, and "more like this" (the stored vector of a file, read by the server)
         while not done.is_set():
@@ -337,13 +344,15 @@ def test_a_server_in_another_process_answers_the_same_through_repeated_compactio
             waited = time.monotonic()
             while len(answers) <= asked + 1 and not failures and time.monotonic() - waited < 60:
                 time.sleep(0.05)  # asked across it, and answered after it
-            assert len(answers) > asked + 1 or failures, n
+            assert len(answers) > asked + 1 or failures, (n, "no answer came after the compaction", failures)
         done.set()
         asker.join(timeout=60)
     finally:
         done.set()
         stop(proc)
-    assert failures == [] and answers and all(a == want for a in answers), (failures, answers[:3])
+    assert failures == [], failures
+    wrong = [a for a in answers if not (same(a[0], want[0]) and same(a[1], want[1]))]
+    assert answers and wrong == [], (len(answers), wrong[:2], want)
     assert verify_problems(ix) == [] and len(_vector_files(ix)) == 1, _vector_files(ix)
 
 

@@ -177,3 +177,24 @@ def test_a_name_that_is_not_utf8_exports_and_lists(tmp_path, tiny_model):
         engine.close()
     assert base64.b64decode(listed["caf\\xe9.jpg"]["path_b64"]) == odd
     assert "path_b64" not in listed["photo0000.jpg"]
+
+
+def test_an_export_while_an_index_run_adds_files_exports_them_too(indexed_images):
+    """Rows an `index` run commits while an export pages through the catalog (the same generation) lie past
+    the export's snapshot of the store: they are read from the store as now, not called damage."""
+    import alignsearch
+    from alignsearch.search.export import batches
+    from conftest import make_images
+
+    photos, ix = indexed_images(12)
+    with alignsearch.open(ix) as engine:
+        pages = batches(engine, batch=4)
+        first, _, _ = next(pages)
+        make_images(photos / "more", 3, seed=11)
+        assert index_json(ix, photos, "--device", "cpu")["added"] == 3
+        rest = [(rows, vecs.copy()) for rows, vecs, _ in pages]
+        exported = len(first) + sum(len(rows) for rows, _ in rest)
+        stored = engine.snapshot().store
+        for rows, vecs in rest:
+            assert np.array_equal(vecs, stored.get(np.array([r.vec_row for r in rows])).astype("<f2"))
+    assert exported == 15

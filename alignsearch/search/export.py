@@ -81,7 +81,7 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     snap = engine.snapshot()  # refreshed: an engine opened before a switch holds the old generation
     allowed = _allowed(snap, engine.db, where, path)
     buffer = np.empty((batch, snap.store.dim), dtype=vectors.DTYPE)
-    after = 0
+    store, after = snap.store, 0
     while True:
         with engine.db.connect() as conn:
             rows = catalog.indexed_after(conn, after, batch)
@@ -98,13 +98,17 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
             # read after the rows: rows holding a new generation's addresses (a re-encode's or a compaction's
             # switch) are never read from this snapshot's files
             moved = state.read(conn, "generation").generation != snap.generation
+            addresses = np.array([r.vec_row for r in rows], dtype=np.int64)
+            if not moved and not store.holds(addresses):
+                # rows an `index` run committed since the snapshot, in the same generation: the store as now
+                store = vectors.load(conn, engine.dir, store.dim)
         if moved:
             raise CatalogBusyError("the index switched to a new generation (a re-encode or a compaction of its "
                                    "vectors) during the export: run it again")
         extra = {i: {"taken": photo.get(i, {}).get("taken"), "caption": photo.get(i, {}).get("caption"),
                      "tags": labels.get(i, [])} for i in ids}
         if rows:
-            yield rows, vectors.read_into(snap.store, np.array([r.vec_row for r in rows], dtype=np.int64), buffer), extra
+            yield rows, vectors.read_into(store, addresses, buffer), extra
 
 
 def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:

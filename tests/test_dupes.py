@@ -265,3 +265,26 @@ def test_similar_pairs_keep_k_partners_per_list_at_a_low_threshold(planted):
     per_vector = np.bincount(found.ravel())
     assert per_vector.max() < 200  # not the 12,000 partners a threshold of -1 admits
     assert len(dupes.components(found.tolist())) >= 1
+
+
+def test_similar_while_an_index_run_commits_rows_reads_them_too(indexed_images, monkeypatch):
+    """An `index` run commits rows after dupes took its snapshot and before it read the live pairs (the same
+    generation): they are read from the store as now, not past the end of the snapshot's."""
+    import alignsearch
+
+    photos, ix = indexed_images(6)
+    real_pairs, added = catalog.live_pairs, []
+
+    def pairs_after_a_run(conn, **kwargs):
+        if not added:
+            added.append(True)
+            more = make_images(photos / "more", 2, seed=13)
+            shutil.copy(more[0], more[0].with_name(f"copy{more[0].suffix}"))
+            index_json(ix, photos, "--device", "cpu")
+        return real_pairs(conn, **kwargs)
+
+    with alignsearch.open(ix) as engine:
+        engine.refresh()
+        monkeypatch.setattr(catalog, "live_pairs", pairs_after_a_run)
+        groups = dupes.find_groups(engine, "similar")
+    assert added and any(len(g.items) == 2 and any("/copy." in i["path"] for i in g.items) for g in groups), groups

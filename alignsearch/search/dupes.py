@@ -338,12 +338,12 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
         score = lambda a, b: 1 - hamming(hashes[a], hashes[b]) / PHASH_BITS  # noqa: E731
     else:
         t = SIMILAR_THRESHOLD if threshold is None else float(threshold)
-        snap, live, pairs = _similar_of_one_generation(engine, t, nprobe)
+        store, live, pairs = _similar_of_one_generation(engine, t, nprobe)
         groups = components(pairs.tolist())
         address_of = dict(zip(live[:, 0].tolist(), live[:, 1].tolist()))
 
         def score(a: int, b: int) -> float:
-            va, vb = snap.store.get(np.array([address_of[a], address_of[b]], dtype=np.int64))
+            va, vb = store.get(np.array([address_of[a], address_of[b]], dtype=np.int64))
             return float(_cosines(va[None], vb[None])[0])
     with db.connect() as conn:
         rows = catalog.get_files(conn, [i for g in groups for i in g])
@@ -353,22 +353,26 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
 
 
 def _similar_of_one_generation(engine, threshold: float, nprobe: int):
-    """(snapshot, live pairs, similar pairs) of one generation. The pairs are read with the generation they
-    belong to, on a fresh snapshot; a switch (a re-encode's, a compaction's) that lands before the scan, or
-    during it (a store not yet mapped meets the emptied vectors.f16: "damaged"), is a new generation to scan,
-    not damage."""
+    """(vector store, live pairs, similar pairs) of one generation. The pairs are read with the generation they
+    belong to, on a fresh snapshot (and the store as now, when an `index` run committed rows since it); a
+    switch (a re-encode's, a compaction's) that lands before the scan, or during it (a store not yet mapped
+    meets the emptied vectors.f16: "damaged"), is a new generation to scan, not damage."""
     from alignsearch.errors import CatalogBusyError, IndexDamagedError
-    from alignsearch.storage import catalog, state
+    from alignsearch.storage import catalog, state, vectors
 
     for _ in range(4):
         engine.refresh()
         snap = engine.snap
+        store = snap.store
         with engine.db.connect() as conn:
             live = catalog.live_pairs(conn)
             if state.read(conn, "generation").generation != snap.generation:
                 continue  # the rows are a newer generation's than the snapshot just taken
+            if not store.holds(live[:, 1]):  # rows committed since the snapshot, in its generation
+                store = vectors.load(conn, engine.dir, store.dim)
+                store.expect_chunks(conn)
         try:
-            return snap, live, similar_pairs(snap.index, snap.store, live, threshold, nprobe=nprobe)
+            return store, live, similar_pairs(snap.index, store, live, threshold, nprobe=nprobe)
         except IndexDamagedError:
             with engine.db.connect() as conn:
                 if state.read(conn, "generation").generation == snap.generation:

@@ -75,10 +75,11 @@ def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
             return None
         store = vectors.load(conn, out, dim)
         reindex.remove_leftovers(store)  # a killed compaction's copy
-        live = vectors.live_addresses(conn)
-        stored = vectors.usage(conn, store)["rows"]
-        if not due(len(live), stored, force):
+        counted = vectors.usage(conn, store)  # counts first: most runs end here, with no addresses loaded
+        stored = counted["rows"]
+        if not due(counted["live_rows"], stored, force):
             return None
+        live = vectors.live_addresses(conn)
         if not store.holds(live):
             raise IndexDamagedError("catalog rows point past the stored vectors: run `alignsearch verify --repair`")
         store.expect_chunks(conn)  # each row copied is checked: a damaged row must not get a fresh checksum

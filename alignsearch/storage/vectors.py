@@ -114,6 +114,11 @@ class VectorStore:
     def committed(self, segment: int) -> int:
         return self.rows if segment == 0 else self.segments[segment][1]
 
+    @property
+    def committed_rows(self) -> int:
+        """Committed rows of every segment together: what the files hold, used or not."""
+        return sum(self.committed(n) for n in self.numbers())
+
     def valid(self, addresses: np.ndarray) -> np.ndarray:
         """Which addresses name a committed row of this store (a reader's store may predate a commit)."""
         addresses = np.asarray(addresses, dtype=np.int64)
@@ -283,7 +288,7 @@ def live_addresses(conn: Connection) -> np.ndarray:
 
 def usage(conn: Connection, store: VectorStore) -> dict:
     """Rows the store holds, rows files use, and the bytes the others take (what compaction would free)."""
-    stored = sum(store.committed(n) for n in store.numbers())
+    stored = store.committed_rows
     live = int(conn.exec_driver_sql(f"SELECT COUNT(DISTINCT vec_row) {_LIVE}").scalar())
     return {"rows": stored, "live_rows": live, "dead_bytes": max(0, stored - live) * store.row_bytes}
 

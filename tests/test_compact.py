@@ -253,3 +253,19 @@ def _compact_on_first_read(monkeypatch, ix) -> list:
 
     monkeypatch.setattr(VectorStore, "get", get_after_a_switch)
     return switched
+
+
+def test_an_index_run_compacts_when_due_unless_told_not_to(indexed_images, tmp_path, monkeypatch):
+    """The end of a plain `index` run applies the rule (here at a size a test can reach), and --no-compact
+    overrides it."""
+    monkeypatch.setattr(compact, "MIN_DEAD_ROWS", 1)  # in this process: index_json runs the CLI in-process
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    kept = tmp_path / "kept"
+    shutil.copytree(ix, kept)
+    assert index_json(kept, photos, "--device", "cpu", "--no-compact")["compacted"] is None
+    with alignsearch.open(kept) as engine:
+        assert engine.info()["vector_store"]["dead_bytes"] > 0  # due, and left as told
+    done = index_json(ix, photos, "--device", "cpu")["compacted"]
+    assert done is not None and done["rows_before"] == 14 and done["rows_after"] == 7, done
+    assert fixed_answers(ix) == fixed_answers(kept)

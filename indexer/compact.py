@@ -10,7 +10,7 @@ whole (their maps of the old files stay valid: the files are unlinked or replace
 is the switch a re-encode makes (indexer/reindex.py), with copied rows instead of encoded ones.
 
 Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted by the
-next `index` run, and the index is as it was. Killed after it: vectors.f16 is emptied (a new inode) and the old segments deleted by
+next `index` run that may compact (not --no-compact) or the next re-encode, and the index is as it was. Killed after it: vectors.f16 is emptied (a new inode) and the old segments deleted by
 the next writer (VectorStore.truncate_uncommitted), as here right after the commit.
 """
 

@@ -78,8 +78,8 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             model = st.model.record
             store = vectors.load(conn, index_dir, st.model.dim)
             live = catalog.live_pairs(conn)
-            found = vectors.check(conn, store)
-            record = layouts.read_record(conn)
+            found = vectors.check(conn, store, live)
+            record = st.ann
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight

@@ -361,16 +361,12 @@ def _similar_of_one_generation(engine, threshold: float, nprobe: int):
     from alignsearch.storage import catalog, state, vectors
 
     for _ in range(4):
-        engine.refresh()
-        snap = engine.snap
-        store = snap.store
+        snap = engine.snapshot()
         with engine.db.connect() as conn:
             live = catalog.live_pairs(conn)
             if state.read(conn, "generation").generation != snap.generation:
                 continue  # the rows are a newer generation's than the snapshot just taken
-            if not store.holds(live[:, 1]):  # rows committed since the snapshot, in its generation
-                store = vectors.load(conn, engine.dir, store.dim)
-                store.expect_chunks(conn)
+            store = vectors.holding(conn, snap.store, live[:, 1], engine.dir)  # and rows committed since it
         try:
             return store, live, similar_pairs(snap.index, store, live, threshold, nprobe=nprobe)
         except IndexDamagedError:

@@ -143,7 +143,7 @@ class Engine:
             if st.model is None:
                 raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
             model_info, generation, roots, videos = st.model.record, st.generation, list(st.roots.roots), st.videos
-            record = layouts.read_record(conn)
+            record = st.ann
             tuning = dict(record.tuning)
             store = vectors.load(conn, self.dir, st.model.dim)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
@@ -751,8 +751,7 @@ class Engine:
         if not snap.store.holds(addresses):
             self._same_generation(snap)
             with self.db.connect() as conn:
-                store = vectors.load(conn, self.dir, snap.store.dim)  # rows committed since: a writer is running
-                store.expect_chunks(conn)
+                store = vectors.holding(conn, snap.store, addresses, self.dir)  # rows committed since: a writer runs
             snap = replace(snap, store=store, _columns=snap._columns, _lock=snap._lock)
             with self._refresh_lock:
                 if self.snap.generation == snap.generation:

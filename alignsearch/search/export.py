@@ -99,9 +99,8 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
             # switch) are never read from this snapshot's files
             moved = state.read(conn, "generation").generation != snap.generation
             addresses = np.array([r.vec_row for r in rows], dtype=np.int64)
-            if not moved and not store.holds(addresses):
-                # rows an `index` run committed since the snapshot, in the same generation: the store as now
-                store = vectors.load(conn, engine.dir, store.dim)
+            if not moved:  # rows an `index` run committed since the snapshot, in the same generation
+                store = vectors.holding(conn, store, addresses, engine.dir)
         if moved:
             raise CatalogBusyError("the index switched to a new generation (a re-encode or a compaction of its "
                                    "vectors) during the export: run it again")

@@ -184,7 +184,7 @@ def read_verified(path: Path, digest: str | None) -> faiss.Index:
     lists overwritten on disk would crash faiss or give scores like 1e36. digest None: an index written
     before digests were recorded, read as it is. One attempt: a reader that may meet a writer's publish
     opens through layouts.open_current, which retries with the catalog's record read again.
-    Raises FileNotFoundError when neither file is there, IndexDamagedError when neither has the bytes."""
+    Raises FileNotFoundError when neither file is there (digest given), IndexDamagedError when neither has the bytes."""
     if digest is None:
         return read(path)
     found = False

@@ -305,6 +305,16 @@ def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
                        {number: (name, rows) for number, name, rows in recorded.segments})
 
 
+def holding(conn: Connection, store: VectorStore, addresses: np.ndarray, index_dir: Path) -> VectorStore:
+    """store, or the store as committed now where addresses lie past it: rows a writer committed since store
+    was loaded, in the same generation (the caller checks that). Its chunks are checked on read."""
+    if store.holds(addresses):
+        return store
+    fresh = load(conn, index_dir, store.dim)
+    fresh.expect_chunks(conn)
+    return fresh
+
+
 def save(conn: Connection, store: VectorStore) -> None:
     """Commit the store's row counts, in the transaction that commits the catalog rows using them."""
     state.write(conn, vectors=state.VectorState(rows=store.rows, segments=tuple(
@@ -454,10 +464,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def check(conn: Connection, store: VectorStore) -> ChunkCheck:
+def check(conn: Connection, store: VectorStore, live: np.ndarray | None = None) -> ChunkCheck:
     """Everything a writer must know before appending, and `alignsearch verify` reports: committed rows cut
-    short, chunks whose bytes changed, live files pointing past the committed rows or at no checksum."""
-    live = catalog.live_pairs(conn)
+    short, chunks whose bytes changed, live files pointing past the committed rows or at no checksum.
+    live: catalog.live_pairs(conn), when the caller has read it already."""
+    live = catalog.live_pairs(conn) if live is None else live
     out = check_chunks(conn, store, live)
     for segment in store.numbers():
         path, rows = store.segment_path(segment), store.committed(segment)

@@ -288,6 +288,9 @@ def open_indexed(root: str, relpath: str | bytes, size: int, mtime: float) -> in
         raise ApiError(404, f"cannot open the file: {exc.strerror or exc}") from None
 
 
+MAX_THUMBNAIL_BYTES = 16 << 20  # a cached thumbnail is a small JPEG; more is not one this server wrote
+
+
 def read_cached(path: Path) -> bytes | None:
     """A cached thumbnail's bytes: a regular file, never read through a link (nor a FIFO); None when there is
     none to use (the caller draws it again and writes it over whatever is there)."""
@@ -295,8 +298,8 @@ def read_cached(path: Path) -> bytes | None:
         fd = safeopen.open_regular(path, follow=False)
     except (OSError, safeopen.Refused):
         return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
+    data = safeopen.read_fd(fd, MAX_THUMBNAIL_BYTES)
+    return data if len(data) <= MAX_THUMBNAIL_BYTES else None
 
 
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:
@@ -353,7 +356,7 @@ class Library:
         return {**engine.explain(request), "encoder": engine.encoder_plan()}
 
     def vector_of(self, file_id: int, snapshot=None):
-        vector = (self.engine if snapshot is not None else self.fresh()).vector_of(file_id, snapshot)
+        vector = self.engine.vector_of(file_id, snapshot)  # without a snapshot it takes a fresh one itself
         if vector is None:
             raise ApiError(404, f"no indexed image with id {file_id}")
         return vector

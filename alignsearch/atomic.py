@@ -151,11 +151,24 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
     user's previous folder there. Nothing in a folder where another user may rename entries (an attacker's
     rename of this user's folder to such a name would have this user delete it)."""
     path = Path(os.path.realpath(path))
-    prefix, removed = f".{path.name}.", 0
+    return _sweep(path.parent, f".{path.name}.", min_age, f"a write of {path.name}")
+
+
+def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
+    """As remove_stale, for the writes of every file in `folder` (`.*.tmp`, `.*.new`): for a folder whose
+    files only this tool writes, each under a name not known beforehand (the ONNX cache and its records)."""
+    folder = Path(os.path.realpath(folder))
+    return _sweep(folder, ".", min_age, f"a write in {folder}")
+
+
+def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
+    """remove_stale's rule on the entries of `parent` named `PREFIX*.tmp` / `PREFIX*.new`; `writes` names
+    whose leftovers they are, in the log."""
+    removed = 0
     try:
-        if _others_may_rename(os.stat(path.parent)):
+        if _others_may_rename(os.stat(parent)):
             return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
-        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new"))]
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new"))]
     except OSError:
         return 0
     for entry in entries:
@@ -179,7 +192,7 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
             else:
                 os.unlink(entry.path)
             removed += 1
-            log.info("removed %s, left by a write of %s that did not finish", entry.name, path.name)
+            log.info("removed %s, left by %s that did not finish", entry.name, writes)
         except OSError:
             continue
         finally:

@@ -411,3 +411,22 @@ def test_remove_stale_leaves_another_users_leftovers(tmp_path):
     os.chown(theirs, NOBODY, NOBODY)
     _aged(theirs)
     assert atomic.remove_stale(out) == 0 and theirs.exists()
+
+
+def test_remove_stale_in_sweeps_the_leftovers_of_every_files_writes_in_a_folder(tmp_path):
+    """For a folder only this tool writes (the ONNX cache): a killed write of any file there goes, by the
+    same rule as remove_stale (a write at work, a young one, `.old` and the files themselves stay)."""
+    dead = [_aged(Path(tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=tmp_path)[1]))
+            for name in ("vision-fp32.onnx", "file-text-fp32.json")]
+    young = Path(tempfile.mkstemp(prefix=".text-fp32.onnx.", suffix=".tmp", dir=tmp_path)[1])
+    swapped = _aged(Path(tempfile.mkdtemp(prefix=".out.", suffix=".old", dir=tmp_path)))
+    kept = tmp_path / "model.json.tmp"
+    kept.write_text("not a temporary name of atomic's")
+    _aged(kept)
+    with atomic.writing(tmp_path / "model.json") as f:
+        f.write(b"{}")
+        at_work = _aged(next(p for p in tmp_path.glob(".model.json.*.tmp")))
+        assert atomic.remove_stale_in(tmp_path) == 2
+        assert at_work.exists()
+    assert not any(p.exists() for p in dead) and young.exists() and swapped.exists() and kept.exists()
+    assert (tmp_path / "model.json").read_bytes() == b"{}"

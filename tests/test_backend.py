@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -459,6 +460,27 @@ def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
     os.utime(stale, (1, 1))
     enc.encode_crops(crops(enc))  # exports the vision tower
     assert not stale.exists() and live.exists()
+
+
+def test_an_export_at_work_in_another_process_is_not_swept_by_a_concurrent_one(tiny_model, cache):
+    """A slow export's temporary (torch writes the file only at its end, so its time stays the start's) is
+    held, by its lock, by the process writing it: a concurrent export's sweep of killed exports' leftovers
+    leaves it, however old it looks (deleting it failed that export's rename: it ran on torch)."""
+    enc = Encoder(str(tiny_model), device="cpu")
+    enc.encode_text(["a dog"])
+    folder = next(cache.glob("onnx/*"))
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignsearch import atomic\n"
+                               "with atomic.replacing(sys.argv[1], durable=False) as tmp:\n"
+                               "    print(tmp, flush=True); time.sleep(120)", str(folder / "vision-fp32.onnx")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        at_work = Path(writer.stdout.readline().strip())
+        os.utime(at_work, (1, 1))  # started long ago
+        enc.encode_crops(crops(enc))  # exports the vision tower: sweeps the folder first
+        assert at_work.exists() and enc.plan.backend == "onnx"
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_its_model(tiny_model, tmp_path, exported_cache):

@@ -117,19 +117,6 @@ def _versions(*names: str) -> dict:
     return found
 
 
-def _remove_stale_temporaries(folder: Path, age: float = 3600.0) -> None:
-    """Half-written exports left by a killed process (atomic.replacing's `.NAME.XXXX.tmp`), hundreds of MB
-    each, and records (small); an hour old, so another process's export in progress is left alone."""
-    import time
-
-    for tmp in [*folder.glob(".*.tmp"), *(folder / records.FOLDER).glob(".*.tmp")]:
-        try:
-            if time.time() - tmp.stat().st_mtime > age:
-                tmp.unlink()
-        except OSError:
-            pass
-
-
 def _spec_dict(spec) -> dict:
     return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest reads back
 
@@ -329,7 +316,8 @@ class Exporter:
         say(WAIT_NOTICES.get(key, f"preparing the {key} tower (once per model)"))
         try:
             make_cache_dir(self.folder)
-            _remove_stale_temporaries(self.folder)
+            for where in (self.folder, self.folder / records.FOLDER):  # killed exports' temporaries, up to GBs
+                atomic.remove_stale_in(where)  # not another process's export at work: it holds their lock
             final = self.folder / FILES[key]
             with atomic.replacing(final, durable=False) as tmp:
                 try:

@@ -2,8 +2,12 @@
 
 import json
 import os
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ from alignsearch.encoders.backend import EncoderOptions, Plan, plan
 from alignsearch.errors import BadInputError
 from alignsearch.encoders.model import Encoder
 from conftest import index_json, make_images, run
-from helpers import alignsearch, can_drop_dac, resave_with_other_weights
+from helpers import NOBODY, alignsearch, can_drop_dac, resave_with_other_weights
 from tiny_align import build_tiny_align
 
 TEXTS = ["red car on beach", "a dog", "Ünïcödé façade 東京 🙂", " ".join(["a photo of a big dog on the road"] * 20)]
@@ -269,6 +273,72 @@ def test_a_damaged_text_tower_is_not_used_by_the_torch_free_path(tiny_model, exp
         assert cached.text_encoder(enc.describe()) is None, name  # the caller loads the model instead
         path.write_bytes(original)  # the same bytes again (a new mtime): hashed, and accepted
         assert cached.text_encoder(enc.describe()) is not None, name
+
+
+@contextmanager
+def _unless_hung(seconds: int):
+    """Fails the test, instead of hanging it, if the block takes longer (a FIFO opened for reading)."""
+    def hung(*_):
+        raise AssertionError(f"hung for {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def _plant_in_records(records: Path, name: str, kind: str, elsewhere: Path) -> None:
+    """Put something other than this user's regular file at records/NAME: a FIFO, a folder, a symlink to a
+    copy of the record kept elsewhere, or the record (or a FIFO) owned by another user."""
+    path = records / name
+    if kind in ("fifo", "fifo-of-nobody", "folder", "link"):
+        shutil.copyfile(path, elsewhere)
+        path.unlink()
+    if kind.startswith("fifo"):
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "link":
+        path.symlink_to(elsewhere)  # a whole, valid record: trusted only if the link were followed
+    if kind.endswith("of-nobody"):
+        os.chown(path, NOBODY, NOBODY)
+
+
+@pytest.mark.parametrize("name", ["model.json", "file-text-fp32.json"])
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link", "of-nobody", "fifo-of-nobody"])
+def test_a_record_that_is_not_this_users_regular_file_is_never_trusted_nor_hangs(tiny_model, exported_cache, tmp_path,
+                                                                                monkeypatch, name, kind):
+    """records/ holds only this user's regular files, each read without following a link and without
+    blocking: another kind of file there is taken for a missing record (its tower exported again, the
+    record written over it), another user's for a cache not to use (the model runs on torch, and says why)."""
+    from alignsearch.encoders import cached, onnxexport
+
+    if kind.endswith("of-nobody") and os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    records = next(exported_cache.glob("onnx/*")) / "records"
+    _plant_in_records(records, name, kind, tmp_path / "copy.json")
+    exports = []
+    real_export = onnxexport._export
+    monkeypatch.setattr(onnxexport, "_export", lambda module, args, path, names, axes:
+                        exports.append(names[0]) or real_export(module, args, path, names, axes))
+    with _unless_hung(120):
+        enc = Encoder(str(tiny_model), device="cpu")
+        assert cached.text_encoder(enc.describe()) is None  # the torch-free path: no whole export it trusts
+        got = enc.encode_text(TEXTS)
+    ref = Encoder(str(tiny_model), device="cpu", backend="torch").encode_text(TEXTS)
+    assert (got * ref).sum(axis=1).min() >= 0.9999
+    if kind.endswith("of-nobody"):
+        assert enc.plan.backend == "torch" and "belongs to another user" in enc.plan.why and exports == []
+        assert os.lstat(records / name).st_uid == NOBODY  # another user's file is left as it is
+    elif kind == "folder":  # never deleted (it may hold the user's files): the cache is not written, and why
+        assert enc.plan.backend == "torch" and f"{records.parent}: records/{name}: " in enc.plan.why
+        assert (records / name).is_dir()
+    else:
+        assert enc.plan.backend == "onnx" and exports == ["input_ids"]
+        assert stat.S_ISREG(os.lstat(records / name).st_mode)
 
 
 @pytest.mark.slow

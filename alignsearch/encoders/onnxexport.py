@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -337,7 +338,9 @@ class Exporter:
             if self._outdated_ns is not None:
                 exportcache.remove_stale_files(self.folder, self.manifest, self._outdated_ns)
         except OSError as exc:
-            raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {exc.strerror or exc}") from None
+            # which entry: one of another kind (a folder at a record's name) is never deleted, so it stays in the way
+            where = f"{os.path.relpath(exc.filename, self.folder)}: " if exc.strerror and exc.filename else ""
+            raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {where}{exc.strerror or exc}") from None
         if {"vision-fp32", "text-fp32"} <= set(self.manifest["files"]):  # complete: what it replaces can go
             gone = exportcache.remove_superseded(self.folder, self.manifest)
             if gone:

@@ -21,8 +21,7 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
-from alignsearch.search.query import AUTO_FUSION, BELIEF_NONE, BELIEF_TEMPERATURE, KEYWORD_SHARE, best_first, fuse_candidates
-from alignsearch.search.query import GATE_Z, null_prompts, null_z
+from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
 
@@ -413,15 +412,10 @@ class Engine:
             out["keyword_matches"] = matched
             if mode == "auto":
                 out["caption_or_tag_matches"] = matched = len(self._keyword_ids(opts, None))
+            # auto fuses as hybrid does (AUTO_FUSION, no option sets it); bench_auto.py's other fusions are not explained
             out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if matched or mode == "hybrid" else "vector"
-            if mode == "auto" and matched and _fusion(mode) == "belief":
-                out["ranking"] = "hybrid (model belief + keyword share)"
-            if mode == "auto" and matched and _fusion(mode) == "gate":
-                out["ranking"] = "hybrid (gated: RRF or model belief + keyword share)"
         out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
-                        "keyword rank)", "hybrid (model belief + keyword share)": BELIEF_RULE,
-                        "hybrid (gated: RRF or model belief + keyword share)": GATE_RULE}.get(out.get("ranking"),
-                                                                                                  "similarity")
+                        "keyword rank)"}.get(out.get("ranking"), "similarity")
         out["min_score_applies_to"] = "similarity"
         late = method in LATE_FUSION
         if opts.node is None:
@@ -854,14 +848,6 @@ PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a 
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
-BELIEF_RULE = (f"belief + keyword share: belief = the model's softmax over the candidates and 'none of these' (at "
-               f"{BELIEF_NONE}) of (similarity - their mean) / their sd / {BELIEF_TEMPERATURE}; a caption, text-in-image "
-               f"or tag match adds {KEYWORD_SHARE} x "
-               f"{RRF_K + 1}/({RRF_K} + keyword rank): a match comes first unless the model's belief in another "
-               "image exceeds its own by more than that")
-GATE_RULE = (f"the query's best similarity in standard deviations above null queries' (random letter strings): below "
-             f"{GATE_Z} (the model does not recognise it) 1/({RRF_K} + similarity rank) + 1/({RRF_K} + keyword rank); "
-             f"from {GATE_Z} up: {BELIEF_RULE}")
 # How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
 # rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
 # measure them against it and found neither better over every case (RESULTS.md).

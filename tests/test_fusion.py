@@ -1,5 +1,6 @@
-"""The default mode's fusions of similarity and keyword evidence (alignsearch/search/query.py: keyword_fusion,
-fuse_candidates, fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
+"""Auto mode's fusion of similarity and keyword evidence, rrf by default (query.AUTO_FUSION), and the fusions
+bench_auto.py measures against it, belief and the gate (alignsearch/search/query.py: keyword_fusion, fuse_candidates,
+fuse_hits, gate): pure functions, tested without a model; and through the engine on synthetic vectors."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def flat(n=48, low=8):
     return {i: 0.2 if i < n - low else 0.1 for i in range(n)}
 
 
-def test_a_wrong_caption_does_not_outrank_what_the_model_singles_out():
+def test_belief_ranks_a_wrong_caption_behind_what_the_model_singles_out_where_rrf_the_default_ranks_it_first():
     sims = confident()
     wrong = min(sims, key=sims.get)  # the model's last image carries the query's word
     ranked = [i for i, _ in fuse_hits(sims, [wrong], method="belief")]
@@ -43,7 +44,7 @@ def test_a_wrong_caption_does_not_outrank_what_the_model_singles_out():
     assert engine_module.AUTO_FUSION == "rrf"
 
 
-def test_a_keyword_match_goes_first_where_the_model_has_no_signal():
+def test_belief_ranks_a_keyword_match_first_where_the_model_has_no_signal():
     sims = flat()
     for caption in (47, 17, 0):
         ranked = fuse_hits(sims, [caption], method="belief")
@@ -52,14 +53,14 @@ def test_a_keyword_match_goes_first_where_the_model_has_no_signal():
         assert rest == sorted(rest, key=lambda i: (-sims[i], i))  # the others keep the model's order
 
 
-def test_a_true_caption_lifts_the_model_choice_it_agrees_with():
+def test_belief_lifts_the_model_choice_a_true_caption_agrees_with():
     sims = confident()
     second = sorted(sims, key=lambda i: -sims[i])[1]
     ranked = fuse_hits(sims, [second], method="belief")
     assert ranked[0][0] == second
 
 
-def test_the_printed_score_is_the_order_and_is_made_of_belief_and_share():
+def test_belief_scores_give_the_order_and_are_the_belief_plus_the_keyword_share():
     sims = confident(seed=3)
     keyword = [40, 2, 41]
     ranked = fuse_hits(sims, keyword, method="belief")
@@ -82,13 +83,17 @@ def test_belief_ignores_the_similarities_scale_and_offset_and_leaves_the_rest_to
     assert np.all(equal == equal[0]) and equal.sum() < 1e-4
     assert belief(np.array([0.9, 0.1, 0.1, 0.1])).max() <= 0.5  # 4 candidates: the best is at most half believed
     assert belief(np.zeros(0)).shape == (0,)
+
+
+def test_keyword_fusion_refuses_an_unknown_method():
+    s = np.array([0.1, 0.3, 0.25, -0.2, 0.31])
     with pytest.raises(ValueError, match="fusion must be one of"):
         keyword_fusion(s, np.arange(1, 6), np.zeros(5, np.int64), method="mean")
 
 
-def test_a_handful_of_candidates_does_not_outweigh_a_keyword_match():
-    """Five images, a random model: its similarities are spread, but five of them say nothing (the search
-    filters' library, tests/test_search_filters.py, where the caption match leads)."""
+def test_belief_does_not_let_a_handful_of_candidates_outweigh_a_keyword_match():
+    """Five images, a random model: its similarities are spread, but five of them say nothing, and belief too
+    ranks the caption match first (as rrf does in the search filters' library, tests/test_search_filters.py)."""
     sims = dict(enumerate([0.3105, 0.1002, -0.0382, -0.1608, -0.3682]))
     assert fuse_hits(sims, [4], method="belief")[0][0] == 4
 
@@ -119,10 +124,12 @@ def _wrong_caption_index(tmp_path):
     return query, ids, worst, N_WRONG
 
 
-def test_belief_keeps_the_models_choice_over_a_wrong_caption_in_the_engine(tmp_path, monkeypatch):
+def test_the_engine_in_auto_ranks_a_wrong_caption_first_with_rrf_and_behind_the_models_choice_with_belief(
+        tmp_path, monkeypatch):
     """Synthetic vectors: the query is one stored vector (what the model singles out); the caption holding
-    the query's word is on the vector least like it. Auto with the belief fusion (there for bench_auto.py)
-    keeps the model's choice first; auto's default (RRF, as hybrid) ranks the caption first."""
+    the query's word is on the vector least like it. Auto with the belief fusion (AUTO_FUSION set, as
+    bench_auto.py does) keeps the model's choice first; auto's default (RRF, as hybrid) ranks the caption
+    first, and explain says it ranks by RRF."""
     query, ids, worst, n = _wrong_caption_index(tmp_path)
     engine = alignsearch.open(tmp_path)
     monkeypatch.setattr(engine_module, "AUTO_FUSION", "belief")
@@ -182,8 +189,8 @@ def test_the_gate_keeps_the_similarity_order_without_keyword_matches(z):
     assert [i for i, _ in fuse_hits(sims, [], method="gate", z=z)] == sorted(sims, key=lambda i: (-sims[i], i))
 
 
-def test_the_engine_gates_on_the_query_best_cosine_against_the_null_queries(tmp_path, monkeypatch):
-    """The engine's wiring: z is the best candidate's similarity against the null queries' best cosines
+def test_the_engine_with_the_gate_fusion_gates_on_the_query_best_cosine_against_the_null_queries(tmp_path, monkeypatch):
+    """The engine's wiring of the gate (AUTO_FUSION set to it, as bench_auto.py does): z is the best candidate's similarity against the null queries' best cosines
     (set here, as a model would give them), and picks the fusion. A wrong caption on the vector least like the
     query: first where the query stands no higher than the nulls (rrf), behind the model's choice where it
     stands far above them (belief)."""

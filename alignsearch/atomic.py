@@ -143,15 +143,16 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
 STALE_AFTER = 60.0  # seconds: younger temporaries are left alone (between mkstemp and its lock, a write holds none)
 
 
-def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
+def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER, *, writer: str = "a write") -> int:
     """Delete what writes of `path` killed mid-way left beside it (`.NAME.XXXX.tmp` files, `.NAME.XXXX.new`
     folders: a killed export's can be the size of the export), and return how many. Only this user's, not a
     link, not changed for min_age seconds, and only while no write holds its lock (a write at work, in this
     or another process, keeps it). `.NAME.XXXX.old` folders are never touched: a swap cut short leaves the
     user's previous folder there. Nothing in a folder where another user may rename entries (an attacker's
-    rename of this user's folder to such a name would have this user delete it)."""
+    rename of this user's folder to such a name would have this user delete it). `writer` names the writes
+    in the log line said for each ("an export": "removed X, left by an export of OUT killed mid-way")."""
     path = Path(os.path.realpath(path))
-    return _sweep(path.parent, f".{path.name}.", min_age, f"a write of {path.name}")
+    return _sweep(path.parent, f".{path.name}.", min_age, f"{writer} of {path.name}")
 
 
 def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
@@ -192,7 +193,7 @@ def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
             else:
                 os.unlink(entry.path)
             removed += 1
-            log.info("removed %s, left by %s that did not finish", entry.name, writes)
+            log.info("removed %s, left by %s killed mid-way", entry.name, writes)  # an error removes its own
         except OSError:
             continue
         finally:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run
-from helpers import vector_index
+from helpers import alignsearch, killed_at, vector_index
 
 from alignsearch import atomic
 
@@ -430,3 +430,19 @@ def test_remove_stale_in_sweeps_the_leftovers_of_every_files_writes_in_a_folder(
         assert at_work.exists()
     assert not any(p.exists() for p in dead) and young.exists() and swapped.exists() and kept.exists()
     assert (tmp_path / "model.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("fmt,at", [("parquet", "pyarrow.parquet:ParquetWriter.write_table"),
+                                    ("clip-retrieval", "alignsearch.search.export:_finish_npy")])
+def test_the_next_export_says_it_removed_what_a_killed_export_left(tmp_path, fmt, at):
+    """An export killed mid-way leaves its copy beside OUT (as large as the export): the next export of OUT
+    removes it and says so (-v), naming it for an export's, not the export itself failing or not."""
+    ix, out = tmp_path / "ix", tmp_path / "out"
+    vector_index(ix, 50, 16)
+    assert killed_at(at, "before", "export", out, "--format", fmt, "--index", ix).returncode == -9
+    left = [_aged(p) for p in tmp_path.glob(".out.*") if p.name.endswith((".tmp", ".new"))]
+    assert len(left) == 1 and not out.exists()
+    proc = alignsearch("-v", "export", out, "--format", fmt, "--index", ix)
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed {left[0].name}, left by an export of out killed mid-way" in proc.stderr, proc.stderr
+    assert not left[0].exists() and out.exists()

@@ -284,7 +284,7 @@ def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = No
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     check_out(Path(out), fmt)
-    atomic.remove_stale(out)  # an earlier export of OUT killed mid-way left its temporary copy beside it
+    atomic.remove_stale(out, writer="an export")  # an earlier export of OUT killed mid-way left its copy beside it
     chosen = {"roots": roots or None, "where": where, "path": path}
     try:
         if fmt == "parquet":

@@ -64,16 +64,17 @@ def due(live_rows: int, stored_rows: int, force: bool = False) -> bool:
     return dead >= MIN_DEAD_ROWS and dead >= DEAD_SHARE * stored_rows
 
 
-def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
+def compact(db, out: Path, force: bool = False) -> Compacted | None:
     """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock); None
-    when it was not (or a re-encode is in progress: its pending rows point into a segment of their own).
+    when it was not (or nothing is encoded yet, or a re-encode is in progress: its pending rows point into a
+    segment of their own).
     IndexDamagedError, with nothing changed, when a live row fails its checksum: `verify --repair` first."""
     started = time.perf_counter()
     with db.connect() as conn:
         recorded = state.read(conn)
-        if recorded.reindex is not None:
+        if recorded.model is None or recorded.reindex is not None:
             return None
-        store = vectors.load(conn, out, dim)
+        store = vectors.load(conn, out, recorded.model.dim)
         reindex.remove_leftovers(store)  # a killed compaction's copy
         counted = vectors.usage(conn, store)  # counts first: most runs end here, with no addresses loaded
         stored = counted["rows"]
@@ -87,7 +88,7 @@ def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
     # is no "unknown segment" to verify, and the next run deletes it (remove_leftovers)
     name = f"{reindex.NEXT_FOLDER}/{uuid.uuid4().hex}"
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
-    new = VectorStore(out / VECTORS_FILE, dim, 0, {number: (name, len(live))})
+    new = VectorStore(out / VECTORS_FILE, store.dim, 0, {number: (name, len(live))})
     _copy(store, live, new.segment_path(number))
     old = [(n, store.segment_path(n), vectors.segment_key(store, n)) for n in store.numbers()]
     _switch(db, new, number, live, [key for _, _, key in old], recorded.generation)

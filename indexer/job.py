@@ -180,9 +180,7 @@ def _compact(db, out: Path, force: bool | None) -> dict | None:
     (False). What was done, or None."""
     if force is False:
         return None
-    with db.connect() as conn:
-        model = state.read(conn).model
-    done = compact.compact(db, out, model.dim, force=bool(force)) if model else None
+    done = compact.compact(db, out, force=bool(force))
     return done.to_dict() if done else None
 
 

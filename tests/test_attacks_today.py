@@ -277,7 +277,7 @@ def _compact(ix: Path):
     db = catalog.connect(ix / DB_FILE)
     try:
         with writer_lock(ix):
-            return compact.compact(db, ix, _dim(ix), force=True)
+            return compact.compact(db, ix, force=True)
     finally:
         db.dispose()
 
@@ -358,16 +358,14 @@ def test_a_server_in_another_process_answers_the_same_through_repeated_compactio
 
 COMPACT_KILLED = KILL_HOOK + """
 from pathlib import Path
-from alignsearch.storage import catalog, state
+from alignsearch.storage import catalog
 from indexer import compact
 from indexer.lock import writer_lock
 
 ix = Path(sys.argv[3])
 db = catalog.connect(ix / "catalog.db")
-with db.connect() as conn:
-    dim = state.read(conn).model.dim
 with writer_lock(ix):
-    compact.compact(db, ix, dim, force=True)
+    compact.compact(db, ix, force=True)
 """
 
 KILL_MOMENTS = {  # where, before or after its call, and the files then left that no commit lists

@@ -127,7 +127,7 @@ def test_a_damaged_row_is_not_copied_into_a_fresh_checksum(indexed_images):
     db = catalog.connect(ix / DB_FILE)
     try:
         with pytest.raises(IndexDamagedError, match="verify --repair"):
-            compact.compact(db, ix, row_bytes // 2, force=True)
+            compact.compact(db, ix, force=True)
     finally:
         db.dispose()
     assert _files(ix) == (14 * row_bytes, {}) and _live(ix) == (pairs, generation)  # nothing switched, no file left
@@ -246,7 +246,7 @@ def _compact_on_first_read(monkeypatch, ix) -> list:
             switched.append(True)
             db = catalog.connect(ix / DB_FILE)
             try:
-                compact.compact(db, ix, store.dim, force=True)  # commits, then empties vectors.f16
+                compact.compact(db, ix, force=True)  # commits, then empties vectors.f16
             finally:
                 db.dispose()
         return real_get(store, addresses)

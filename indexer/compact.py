@@ -42,7 +42,6 @@ MIN_DEAD_ROWS = 65_536
 DEAD_SHARE = 0.5
 CHUNK = 65_536  # rows per checksum of the new segment
 COPY = 8_192  # rows read and written at a time (32 MB as float32 at 1,024-d)
-UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16); vectors.adopt_segment's bound
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,8 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
             for start in range(0, len(live), COPY):
                 rows = store.get(live[start : start + COPY])
                 # rows no checksum covers (written before checksums existed) are read unchecked: one zeroed or
-                # overwritten is not unit length (vectors.adopt_segment's rule), and must not get a checksum here
-                if not np.all(np.abs(np.sqrt(np.einsum("ij,ij->i", rows, rows)) - 1) < UNIT_TOLERANCE):
+                # overwritten is not unit length (the rule adopt_segment applies), and must not get a checksum here
+                if vectors.not_unit_length(rows):
                     raise IndexDamagedError(f"vector rows that are not unit length (damaged) in {store.path.name} "
                                             "or its segments: run `alignsearch verify --repair`")
                 f.write(rows.astype(vectors.DTYPE).tobytes())  # fp16 -> 32 -> 16: exact

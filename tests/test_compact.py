@@ -13,7 +13,7 @@ from alignsearch.storage import catalog, state
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
 from conftest import index_json
 from helpers import alignsearch as alignsearch_cli
-from helpers import fixed_answers, killed_at, verify_problems
+from helpers import compact_now, fixed_answers, killed_at, vector_files, verify_problems
 from indexer import compact
 
 
@@ -43,9 +43,8 @@ def _churn(photos):
 
 def _files(ix):
     """(vectors.f16 size, {segment file name: size}) as they lie on disk."""
-    folder = ix / "vectors"
-    return (ix / VECTORS_FILE).stat().st_size, {str(p.relative_to(folder)): p.stat().st_size
-                                                for p in folder.rglob("*.f16")} if folder.exists() else {}
+    return (ix / VECTORS_FILE).stat().st_size, {name: (ix / "vectors" / name).stat().st_size
+                                                for name in vector_files(ix)}
 
 
 def _live(ix):
@@ -124,12 +123,8 @@ def test_a_damaged_row_is_not_copied_into_a_fresh_checksum(indexed_images):
         f.write(rolled)
     # compaction itself (a writer's run checks the store when it starts: damage after that, or in a row only
     # compaction reads, meets this check)
-    db = catalog.connect(ix / DB_FILE)
-    try:
-        with pytest.raises(IndexDamagedError, match="verify --repair"):
-            compact.compact(db, ix, force=True)
-    finally:
-        db.dispose()
+    with pytest.raises(IndexDamagedError, match="verify --repair"):
+        compact_now(ix)
     assert _files(ix) == (14 * row_bytes, {}) and _live(ix) == (pairs, generation)  # nothing switched, no file left
     proc = alignsearch_cli("index", photos, "--index", ix, "--device", "cpu", "--compact")  # and from the CLI
     assert proc.returncode != 0 and "verify --repair" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -244,11 +239,7 @@ def _compact_on_first_read(monkeypatch, ix) -> list:
     def get_after_a_switch(store, addresses):
         if not switched:
             switched.append(True)
-            db = catalog.connect(ix / DB_FILE)
-            try:
-                compact.compact(db, ix, force=True)  # commits, then empties vectors.f16
-            finally:
-                db.dispose()
+            compact_now(ix)  # commits, then empties vectors.f16
         return real_get(store, addresses)
 
     monkeypatch.setattr(VectorStore, "get", get_after_a_switch)

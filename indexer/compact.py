@@ -9,9 +9,11 @@ the generation number grows. Readers notice the generation on their next query a
 whole (their maps of the old files stay valid: the files are unlinked or replaced, never cut short). This
 is the switch a re-encode makes (indexer/reindex.py), with copied rows instead of encoded ones.
 
-Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted by the
-next `index` run that may compact (not --no-compact) or the next re-encode, and the index is as it was. Killed after it: vectors.f16 is emptied (a new inode) and the old segments deleted by
-the next writer (VectorStore.truncate_uncommitted), as here right after the commit.
+Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted when the
+next `index` run or `forget` starts (remove_leftovers), and the index is as it was. Killed after it: the
+new segment is the store's, and the old generation's files go at the next writer's start, as here right
+after the commit: vectors.f16's rows are cut (VectorStore.truncate_uncommitted, a new inode), the old
+segments are unknown files (the same) or, under vectors/next/, leftovers (remove_leftovers).
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ def due(live_rows: int, stored_rows: int, force: bool = False) -> bool:
     if force:
         return dead > 0
     return dead >= MIN_DEAD_ROWS and dead >= DEAD_SHARE * stored_rows
+
+
+def remove_leftovers(db, out: Path) -> None:
+    """At a writer's start (the caller holds the writer lock): delete the files under vectors/next/ that the
+    catalog does not reference, a killed compaction's copy among them. Referenced ones stay: the store's
+    segments (a switch committed and then killed is finished by the writer, not undone) and the segment
+    of a re-encode in progress."""
+    with db.connect() as conn:
+        recorded = state.read(conn)
+        if recorded.model is None:
+            return
+        store = vectors.load(conn, out, recorded.model.dim)
+    reindex.remove_leftovers(store, pending=recorded.reindex.segment if recorded.reindex else None)
 
 
 def compact(db, out: Path, force: bool = False) -> Compacted | None:

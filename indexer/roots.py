@@ -255,6 +255,7 @@ def forget_root(index_dir, root: str) -> dict:
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)
         try:
+            compact.remove_leftovers(db, out)  # a killed compaction's copy
             with db.connect() as conn:
                 st = state.read(conn)
                 name = known_root(root, list(st.roots.roots))

@@ -13,7 +13,7 @@ from alignsearch.storage import catalog, state
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
 from conftest import index_json
 from helpers import alignsearch as alignsearch_cli
-from helpers import compact_now, fixed_answers, killed_at, vector_files, verify_problems
+from helpers import compact_now, fixed_answers, killed_at, unlisted_vector_files, vector_files, verify_problems
 from indexer import compact
 
 
@@ -162,6 +162,25 @@ def test_kill_9_during_compaction_leaves_an_index_that_answers_as_before(indexed
         assert main == 0 and list(segments.values()) == [7 * row_bytes], (main, segments)
     else:
         assert main == 14 * row_bytes and segments == {}, (main, segments)
+
+
+def test_a_killed_compactions_copy_is_deleted_by_the_next_run_even_one_that_may_not_compact(indexed_images):
+    """kill -9 after the copy, before its commit: the copy under vectors/next/ is a file no commit knows. The
+    next writer deletes it when it starts, whatever it was told: `index --no-compact` too (it stayed, taking
+    the disk of every live row, until a run that may compact or a re-encode)."""
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--no-compact")
+    want, before = fixed_answers(ix), _live(ix)
+    proc = killed_at("indexer.compact:_copy", "after", "index", photos, "--index", ix, "--device", "cpu",
+                     "--compact", "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    left = unlisted_vector_files(ix)
+    assert len(left) == 1 and left[0].startswith("next/"), vector_files(ix)  # the copy, killed where it says
+    summary = index_json(ix, photos, "--device", "cpu", "--no-compact")
+    assert summary["compacted"] is None and summary["added"] + summary["removed"] + summary["updated"] == 0, summary
+    assert vector_files(ix) == [], vector_files(ix)
+    assert _live(ix) == before and fixed_answers(ix) == want and verify_problems(ix) == []
 
 
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):

@@ -11,9 +11,10 @@ is the switch a re-encode makes (indexer/reindex.py), with copied rows instead o
 
 Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted when the
 next `index` run or `forget` starts (remove_leftovers), and the index is as it was. Killed after it: the
-new segment is the store's, and the old generation's files go at the next writer's start, as here right
-after the commit: vectors.f16's rows are cut (VectorStore.truncate_uncommitted, a new inode), the old
-segments are unknown files (the same) or, under vectors/next/, leftovers (remove_leftovers).
+new segment is the store's, and what is left of the old generation is what a writer tidies anyway:
+vectors.f16's rows lie past its committed row 0 and the old top-level segments are files no commit lists
+(both for the next `index` run: VectorStore.truncate_uncommitted), an old segment under vectors/next/ is
+a leftover (remove_leftovers). Not killed, the compaction deletes them itself (_drop_old_generation).
 """
 
 from __future__ import annotations
@@ -104,12 +105,8 @@ def compact(db, out: Path, force: bool = False) -> Compacted | None:
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
     new = VectorStore(out / VECTORS_FILE, store.dim, 0, {number: (name, len(live))})
     _copy(store, live, new.segment_path(number))
-    old = [(n, store.segment_path(n), vectors.segment_key(store, n)) for n in store.numbers()]
-    _switch(db, new, number, live, [key for _, _, key in old], recorded.generation)
-    new.truncate_uncommitted()  # vectors.f16 emptied (a new inode), old top-level segments deleted
-    for n, segment_path, _ in old:
-        if n:
-            segment_path.unlink(missing_ok=True)  # a re-encode's segment under vectors/next/ too
+    _switch(db, new, number, live, [vectors.segment_key(store, n) for n in store.numbers()], recorded.generation)
+    _drop_old_generation(store, new.segment_path(number).relative_to(out))
     done = Compacted(rows_before=stored, rows_after=len(live), bytes_freed=(stored - len(live)) * new.row_bytes,
                      seconds=round(time.perf_counter() - started, 3))
     log.info("vectors compacted: %d rows kept of %d (%d bytes freed)", done.rows_after, done.rows_before,
@@ -138,6 +135,26 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
     except BaseException:
         path.unlink(missing_ok=True)  # not yet known to any commit: as if never written
         raise
+
+
+def _drop_old_generation(store: VectorStore, copied_to: Path) -> None:
+    """After the switch, the old store's files: vectors.f16 replaced by an empty file (a new inode: readers of
+    the old generation keep their map), then each other segment deleted. A kill in between leaves what the
+    next writer finishes (see the module's docstring)."""
+    if store.path.exists() and store.path.stat().st_size:
+        vectors.empty_file(store.path)
+        log.info("%s: emptied (the old generation: its live rows are copied to %s)", store.path.name, copied_to)
+    for n in store.numbers()[1:]:
+        _delete_old_segment(store.segment_path(n), store.path.parent, copied_to)
+
+
+def _delete_old_segment(path: Path, index_dir: Path, copied_to: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    log.info("%s: deleted (the old generation: its live rows are copied to %s)", path.relative_to(index_dir),
+             copied_to)
 
 
 def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[str], generation: int) -> None:

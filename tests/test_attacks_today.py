@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import http.server
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -331,8 +332,9 @@ KILL_MOMENTS = {  # where, before or after its call, and the files then left tha
     "in the switch transaction, before its commit": ("alignsearch.storage.vectors:save", "before", 1),
     "committed, vectors.f16 emptied, the old segments not yet deleted": ("alignsearch.storage.vectors:empty_file",
                                                                          "after", 2),
-    "committed, the previous compaction's segment not yet deleted": (
-        "alignsearch.storage.vectors:VectorStore.truncate_uncommitted", "after", 1),
+    # the old segments go in the order of their numbers: the previous compaction's (under vectors/next/) first
+    "committed, the previous compaction's segment deleted, the actor's not yet": (
+        "indexer.compact:_delete_old_segment", "after", 1),
 }
 
 
@@ -369,6 +371,27 @@ def test_kill_9_at_more_moments_of_a_compaction_of_every_kind_of_segment(indexed
     assert summary["added"] + summary["removed"] + summary["updated"] == 0, summary
     assert fixed_answers(ix) == want and verify_problems(ix) == [], moment
     assert unlisted_vector_files(ix) == [], (moment, vector_files(ix))
+
+
+def test_a_compaction_logs_what_it_does_with_each_file_of_the_old_generation(indexed_images, caplog):
+    """vectors.f16 emptied, an encoder actor's segment and a previous compaction's deleted, each named as what
+    it is: not "uncommitted bytes" nor "an encoder actor killed before its first commit" (the words of the
+    tidying after a kill, which the compaction's own tidying went through)."""
+    _photos, ix = indexed_images(12)
+    _move_rows(ix, "actor-0")
+    compact_now(ix)
+    _move_rows(ix, "actor-1")
+    _move_rows(ix, None)
+    previous = vector_files(ix)[1]
+    assert previous.startswith("next/"), vector_files(ix)
+    caplog.set_level(logging.INFO)
+    done = compact_now(ix)
+    [copied_to] = vector_files(ix)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith(("indexer.", "alignsearch."))]
+    why = f"(the old generation: its live rows are copied to vectors/{copied_to})"
+    assert said == [f"vectors.f16: emptied {why}", f"vectors/{previous}: deleted {why}",
+                    f"vectors/actor-1.f16: deleted {why}",
+                    f"vectors compacted: 12 rows kept of 36 ({done.bytes_freed} bytes freed)"], said
 
 
 @pytest.fixture

@@ -155,7 +155,9 @@ class VectorStore:
                     f.truncate(keep)
                     os.fsync(f.fileno())
         for path in self.unknown_files():
-            log.info("%s: deleting a segment no commit knows (an encoder actor killed before its first)", path.name)
+            # an encoder actor's killed before its first commit, or an old generation's that a switch
+            # (compaction, re-encode) committed and was killed before it deleted
+            log.info("%s: deleting a segment no commit knows", path.name)
             path.unlink()
         self._maps.clear()
 

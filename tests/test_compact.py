@@ -183,6 +183,26 @@ def test_a_killed_compactions_copy_is_deleted_by_the_next_run_even_one_that_may_
     assert _live(ix) == before and fixed_answers(ix) == want and verify_problems(ix) == []
 
 
+def test_a_compaction_killed_after_its_commit_is_finished_by_a_run_that_may_not_compact(indexed_images):
+    """kill -9 right after the switch commits: the new segment under vectors/next/ is the store's, so the
+    tidying when `index --no-compact` starts keeps it, and the run finishes the switch (vectors.f16 emptied)."""
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--no-compact")
+    want = fixed_answers(ix)
+    proc = killed_at("indexer.compact:_switch", "after", "index", photos, "--index", ix, "--device", "cpu",
+                     "--compact", "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    [new] = vector_files(ix)
+    assert new.startswith("next/") and unlisted_vector_files(ix) == [], vector_files(ix)
+    summary = index_json(ix, photos, "--device", "cpu", "--no-compact")
+    assert summary["compacted"] is None and summary["added"] + summary["removed"] + summary["updated"] == 0, summary
+    with alignsearch.open(ix) as engine:
+        row_bytes = engine.store.row_bytes
+    assert _files(ix) == (0, {new: 7 * row_bytes}), _files(ix)
+    assert fixed_answers(ix) == want and verify_problems(ix) == []
+
+
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):
     from conftest import make_images
     from indexer.roots import forget_root

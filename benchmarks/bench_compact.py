@@ -88,7 +88,7 @@ def main() -> None:
             check_before = check_seconds(ix)
             db = catalog.connect(ix / DB_FILE)
             started = time.perf_counter()
-            done = compact.compact(db, ix, DIM, force=True)  # due by the rule at --rows >= 131,072 anyway
+            done = compact.compact(db, ix, force=True)  # due by the rule at --rows >= 131,072 anyway
             took = time.perf_counter() - started
             db.dispose()
             assert done is not None and done.rows_after == args.rows // 2, done

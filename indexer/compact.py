@@ -9,9 +9,12 @@ the generation number grows. Readers notice the generation on their next query a
 whole (their maps of the old files stay valid: the files are unlinked or replaced, never cut short). This
 is the switch a re-encode makes (indexer/reindex.py), with copied rows instead of encoded ones.
 
-Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted by the
-next `index` run that may compact (not --no-compact) or the next re-encode, and the index is as it was. Killed after it: vectors.f16 is emptied (a new inode) and the old segments deleted by
-the next writer (VectorStore.truncate_uncommitted), as here right after the commit.
+Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted when the
+next `index` run or `forget` starts (remove_leftovers), and the index is as it was. Killed after it: the
+new segment is the store's, and what is left of the old generation is what a writer tidies anyway:
+vectors.f16's rows lie past its committed row 0 and the old top-level segments are files no commit lists
+(both for the next `index` run: VectorStore.truncate_uncommitted), an old segment under vectors/next/ is
+a leftover (remove_leftovers). Not killed, the compaction deletes them itself (_drop_old_generation).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ MIN_DEAD_ROWS = 65_536
 DEAD_SHARE = 0.5
 CHUNK = 65_536  # rows per checksum of the new segment
 COPY = 8_192  # rows read and written at a time (32 MB as float32 at 1,024-d)
-UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16); vectors.adopt_segment's bound
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,30 @@ def due(live_rows: int, stored_rows: int, force: bool = False) -> bool:
     return dead >= MIN_DEAD_ROWS and dead >= DEAD_SHARE * stored_rows
 
 
-def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
+def remove_leftovers(db, out: Path) -> None:
+    """At a writer's start (the caller holds the writer lock): delete the files under vectors/next/ that the
+    catalog does not reference, a killed compaction's copy among them. Referenced ones stay: the store's
+    segments (a switch committed and then killed is finished by the writer, not undone) and the segment
+    of a re-encode in progress."""
+    with db.connect() as conn:
+        recorded = state.read(conn)
+        if recorded.model is None:
+            return
+        store = vectors.load(conn, out, recorded.model.dim)
+    reindex.remove_leftovers(store, pending=recorded.reindex.segment if recorded.reindex else None)
+
+
+def compact(db, out: Path, force: bool = False) -> Compacted | None:
     """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock); None
-    when it was not (or a re-encode is in progress: its pending rows point into a segment of their own).
+    when it was not (or nothing is encoded yet, or a re-encode is in progress: its pending rows point into a
+    segment of their own).
     IndexDamagedError, with nothing changed, when a live row fails its checksum: `verify --repair` first."""
     started = time.perf_counter()
     with db.connect() as conn:
         recorded = state.read(conn)
-        if recorded.reindex is not None:
+        if recorded.model is None or recorded.reindex is not None:
             return None
-        store = vectors.load(conn, out, dim)
+        store = vectors.load(conn, out, recorded.model.dim)
         reindex.remove_leftovers(store)  # a killed compaction's copy
         counted = vectors.usage(conn, store)  # counts first: most runs end here, with no addresses loaded
         stored = counted["rows"]
@@ -87,14 +103,10 @@ def compact(db, out: Path, dim: int, force: bool = False) -> Compacted | None:
     # is no "unknown segment" to verify, and the next run deletes it (remove_leftovers)
     name = f"{reindex.NEXT_FOLDER}/{uuid.uuid4().hex}"
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
-    new = VectorStore(out / VECTORS_FILE, dim, 0, {number: (name, len(live))})
+    new = VectorStore(out / VECTORS_FILE, store.dim, 0, {number: (name, len(live))})
     _copy(store, live, new.segment_path(number))
-    old = [(n, store.segment_path(n), vectors.segment_key(store, n)) for n in store.numbers()]
-    _switch(db, new, number, live, [key for _, _, key in old], recorded.generation)
-    new.truncate_uncommitted()  # vectors.f16 emptied (a new inode), old top-level segments deleted
-    for n, segment_path, _ in old:
-        if n:
-            segment_path.unlink(missing_ok=True)  # a re-encode's segment under vectors/next/ too
+    _switch(db, new, number, live, [vectors.segment_key(store, n) for n in store.numbers()], recorded.generation)
+    _drop_old_generation(store, new.segment_path(number).relative_to(out))
     done = Compacted(rows_before=stored, rows_after=len(live), bytes_freed=(stored - len(live)) * new.row_bytes,
                      seconds=round(time.perf_counter() - started, 3))
     log.info("vectors compacted: %d rows kept of %d (%d bytes freed)", done.rows_after, done.rows_before,
@@ -112,8 +124,8 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
             for start in range(0, len(live), COPY):
                 rows = store.get(live[start : start + COPY])
                 # rows no checksum covers (written before checksums existed) are read unchecked: one zeroed or
-                # overwritten is not unit length (vectors.adopt_segment's rule), and must not get a checksum here
-                if not np.all(np.abs(np.sqrt(np.einsum("ij,ij->i", rows, rows)) - 1) < UNIT_TOLERANCE):
+                # overwritten is not unit length (the rule adopt_segment applies), and must not get a checksum here
+                if vectors.not_unit_length(rows):
                     raise IndexDamagedError(f"vector rows that are not unit length (damaged) in {store.path.name} "
                                             "or its segments: run `alignsearch verify --repair`")
                 f.write(rows.astype(vectors.DTYPE).tobytes())  # fp16 -> 32 -> 16: exact
@@ -123,6 +135,26 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
     except BaseException:
         path.unlink(missing_ok=True)  # not yet known to any commit: as if never written
         raise
+
+
+def _drop_old_generation(store: VectorStore, copied_to: Path) -> None:
+    """After the switch, the old store's files: vectors.f16 replaced by an empty file (a new inode: readers of
+    the old generation keep their map), then each other segment deleted. A kill in between leaves what the
+    next writer finishes (see the module's docstring)."""
+    if store.path.exists() and store.path.stat().st_size:
+        vectors.empty_file(store.path)
+        log.info("%s: emptied (the old generation: its live rows are copied to %s)", store.path.name, copied_to)
+    for n in store.numbers()[1:]:
+        _delete_old_segment(store.segment_path(n), store.path.parent, copied_to)
+
+
+def _delete_old_segment(path: Path, index_dir: Path, copied_to: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    log.info("%s: deleted (the old generation: its live rows are copied to %s)", path.relative_to(index_dir),
+             copied_to)
 
 
 def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[str], generation: int) -> None:

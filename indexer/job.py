@@ -18,6 +18,7 @@ from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
 from indexer import roots as index_roots
+from indexer.compact import remove_leftovers as remove_vector_leftovers  # `compact` is index_folders' option
 from indexer.lock import writer_lock
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ def index_folders(
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)
             try:
+                remove_vector_leftovers(db, out)  # a killed compaction's copy, whether this run may compact or not
                 use_ocr = _ocr_choice(db, ocr)
                 options = IndexOptions(
                     model=model, device=device, batch_size=batch_size, workers=workers, include_hidden=include_hidden,
@@ -180,9 +182,7 @@ def _compact(db, out: Path, force: bool | None) -> dict | None:
     (False). What was done, or None."""
     if force is False:
         return None
-    with db.connect() as conn:
-        model = state.read(conn).model
-    done = compact.compact(db, out, model.dim, force=bool(force)) if model else None
+    done = compact.compact(db, out, force=bool(force))
     return done.to_dict() if done else None
 
 

@@ -105,11 +105,11 @@ def _progress(db, encoder: Encoder, store: VectorStore) -> Reindex:
         return progress
 
 
-def remove_leftovers(store: VectorStore) -> None:
+def remove_leftovers(store: VectorStore, pending: str | None = None) -> None:
     """Delete the files under vectors/next/ no commit knows: a killed re-encode's or compaction's new segment,
-    or one folded after its switch. Only while no re-encode is in progress (its segment is known to its
-    progress record, not to the store)."""
-    live = {store.segments[n][0] for n in store.segments}
+    or one folded after its switch. pending: the segment of a re-encode in progress (known to its progress
+    record, not to the store), kept."""
+    live = {store.segments[n][0] for n in store.segments} | ({pending} if pending else set())
     for left in (store.folder / NEXT_FOLDER).glob("*.f16"):
         if f"{NEXT_FOLDER}/{left.stem}" not in live:
             log.info("%s: deleting a new segment no commit knows (a killed re-encode or compaction)", left.name)

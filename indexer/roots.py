@@ -255,6 +255,7 @@ def forget_root(index_dir, root: str) -> dict:
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)
         try:
+            compact.remove_leftovers(db, out)  # a killed compaction's copy
             with db.connect() as conn:
                 st = state.read(conn)
                 name = known_root(root, list(st.roots.roots))
@@ -268,7 +269,7 @@ def forget_root(index_dir, root: str) -> dict:
             else:
                 built = build.sync_index(db, store, out / ANN_FILE, live=live,
                                          on_commit=lambda conn: done.append(forget(conn, name)))
-            compacted = compact.compact(db, out, store.dim) if store is not None else None  # when due
+            compacted = compact.compact(db, out) if store is not None else None  # when due
         finally:
             db.dispose()
     name, removed = done[0]

@@ -635,3 +635,54 @@ def verify_problems(ix: Path) -> list[str]:
     from indexer.verify import verify
 
     return verify(ix, check_model=False).problems
+
+
+# -- an index's vector store as tests of compaction (indexer/compact.py) look at it -------------------------
+
+
+def index_state(ix: Path):
+    """The index's recorded state (alignsearch/storage/state.py), read as a query reads it."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
+    db = catalog.connect(Path(ix) / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            return state.read(conn)
+    finally:
+        db.dispose()
+
+
+def index_dim(ix: Path) -> int:
+    return index_state(ix).model.dim
+
+
+def index_generation(ix: Path) -> int:
+    return index_state(ix).generation
+
+
+def vector_files(ix: Path) -> list[str]:
+    """Every segment file under ix/vectors/ (vectors.f16 itself is not one), relative to that folder."""
+    folder = Path(ix) / "vectors"
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.f16")) if folder.exists() else []
+
+
+def unlisted_vector_files(ix: Path) -> list[str]:
+    """Files under vectors/ that the committed store does not list (a re-encode's pending segment included)."""
+    listed = {f"{name}.f16" for _, name, _ in index_state(ix).vectors.segments}
+    return [name for name in vector_files(ix) if name not in listed]
+
+
+def compact_now(ix: Path):
+    """Compact the index's vector store now if any row is dead (indexer/compact.py), holding its writer lock."""
+    from alignsearch.storage import catalog
+    from alignsearch.storage.paths import DB_FILE
+    from indexer import compact
+    from indexer.lock import writer_lock
+
+    db = catalog.connect(Path(ix) / DB_FILE)
+    try:
+        with writer_lock(ix):
+            return compact.compact(db, Path(ix), force=True)
+    finally:
+        db.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import http.server
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import KILL_HOOK, as_nobody, fake_server_record, vector_index
+from helpers import (KILL_HOOK, as_nobody, compact_now, fake_server_record, index_dim, index_generation,
+                     unlisted_vector_files, vector_files, vector_index)
 
 import alignsearch as alignsearch_package
 from alignsearch import atomic
@@ -223,18 +225,6 @@ def test_a_server_that_answers_healthz_but_never_the_search_is_given_up_on_at_th
 # -- vector store compaction (indexer/compact.py) ---------------------------------------------------------
 
 
-def _dim(ix: Path) -> int:
-    from alignsearch.storage import catalog, state
-    from alignsearch.storage.paths import DB_FILE
-
-    db = catalog.connect(ix / DB_FILE, readonly=True)
-    try:
-        with db.connect() as conn:
-            return state.read(conn).model.dim
-    finally:
-        db.dispose()
-
-
 def _move_rows(ix: Path, segment: str | None) -> None:
     """Every file's vector written again, the same bytes, to new rows, and the files pointed at them (as files
     changed and re-encoded to the same vectors): every row they left is dead, and every answer is as before.
@@ -247,7 +237,7 @@ def _move_rows(ix: Path, segment: str | None) -> None:
     try:
         with writer_lock(ix):
             with db.connect() as conn:
-                store = vectors.load(conn, ix, _dim(ix))
+                store = vectors.load(conn, ix, index_dim(ix))
                 pairs = catalog.live_pairs(conn)
             rows = store.get(pairs[:, 1])
             if segment is None:
@@ -266,37 +256,6 @@ def _move_rows(ix: Path, segment: str | None) -> None:
                 vectors.save(conn, store)
     finally:
         db.dispose()
-
-
-def _compact(ix: Path):
-    from alignsearch.storage import catalog
-    from alignsearch.storage.paths import DB_FILE
-    from indexer import compact
-    from indexer.lock import writer_lock
-
-    db = catalog.connect(ix / DB_FILE)
-    try:
-        with writer_lock(ix):
-            return compact.compact(db, ix, _dim(ix), force=True)
-    finally:
-        db.dispose()
-
-
-def _generation(ix: Path) -> int:
-    from alignsearch.storage import catalog, state
-    from alignsearch.storage.paths import DB_FILE
-
-    db = catalog.connect(ix / DB_FILE, readonly=True)
-    try:
-        with db.connect() as conn:
-            return state.read(conn).generation
-    finally:
-        db.dispose()
-
-
-def _vector_files(ix: Path) -> list[str]:
-    folder = ix / "vectors"
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.f16")) if folder.exists() else []
 
 
 @pytest.mark.slow
@@ -339,7 +298,7 @@ def test_a_server_in_another_process_answers_the_same_through_repeated_compactio
         for n, segment in enumerate(["actor-0", None, "actor-1", None]):
             _move_rows(ix, segment)
             asked = len(answers)
-            done_ = _compact(ix)
+            done_ = compact_now(ix)
             assert done_ is not None and done_.rows_after == 12, done_
             waited = time.monotonic()
             while len(answers) <= asked + 1 and not failures and time.monotonic() - waited < 60:
@@ -353,21 +312,19 @@ def test_a_server_in_another_process_answers_the_same_through_repeated_compactio
     assert failures == [], failures
     wrong = [a for a in answers if not (same(a[0], want[0]) and same(a[1], want[1]))]
     assert answers and wrong == [], (len(answers), wrong[:2], want)
-    assert verify_problems(ix) == [] and len(_vector_files(ix)) == 1, _vector_files(ix)
+    assert verify_problems(ix) == [] and len(vector_files(ix)) == 1, vector_files(ix)
 
 
 COMPACT_KILLED = KILL_HOOK + """
 from pathlib import Path
-from alignsearch.storage import catalog, state
+from alignsearch.storage import catalog
 from indexer import compact
 from indexer.lock import writer_lock
 
 ix = Path(sys.argv[3])
 db = catalog.connect(ix / "catalog.db")
-with db.connect() as conn:
-    dim = state.read(conn).model.dim
 with writer_lock(ix):
-    compact.compact(db, ix, dim, force=True)
+    compact.compact(db, ix, force=True)
 """
 
 KILL_MOMENTS = {  # where, before or after its call, and the files then left that no commit lists
@@ -375,23 +332,10 @@ KILL_MOMENTS = {  # where, before or after its call, and the files then left tha
     "in the switch transaction, before its commit": ("alignsearch.storage.vectors:save", "before", 1),
     "committed, vectors.f16 emptied, the old segments not yet deleted": ("alignsearch.storage.vectors:empty_file",
                                                                          "after", 2),
-    "committed, the previous compaction's segment not yet deleted": (
-        "alignsearch.storage.vectors:VectorStore.truncate_uncommitted", "after", 1),
+    # the old segments go in the order of their numbers: the previous compaction's (under vectors/next/) first
+    "committed, the previous compaction's segment deleted, the actor's not yet": (
+        "indexer.compact:_delete_old_segment", "after", 1),
 }
-
-
-def _unlisted_vector_files(ix: Path) -> list[str]:
-    """Files under vectors/ that the committed store does not list."""
-    from alignsearch.storage import catalog, vectors
-    from alignsearch.storage.paths import DB_FILE
-
-    db = catalog.connect(ix / DB_FILE, readonly=True)
-    try:
-        with db.connect() as conn:
-            listed = {f"{name}.f16" for name, _ in vectors.load(conn, ix, _dim(ix)).segments.values()}
-    finally:
-        db.dispose()
-    return [name for name in _vector_files(ix) if name not in listed]
 
 
 @pytest.mark.slow
@@ -405,18 +349,18 @@ def test_kill_9_at_more_moments_of_a_compaction_of_every_kind_of_segment(indexed
 
     photos, ix = indexed_images(12)
     _move_rows(ix, "actor-0")
-    _compact(ix)  # its segment, under vectors/next/
+    compact_now(ix)  # its segment, under vectors/next/
     _move_rows(ix, "actor-1")
     _move_rows(ix, None)
-    want, generation = fixed_answers(ix), _generation(ix)
-    assert len(want) == 12 and len(_vector_files(ix)) == 2 and verify_problems(ix) == []
+    want, generation = fixed_answers(ix), index_generation(ix)
+    assert len(want) == 12 and len(vector_files(ix)) == 2 and verify_problems(ix) == []
     where, when, leftovers = KILL_MOMENTS[moment]
     proc = subprocess.run([sys.executable, "-c", COMPACT_KILLED, where, when, str(ix)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
     committed = moment.startswith("committed")
-    assert _generation(ix) == generation + committed, moment  # killed where it says, not before
-    assert len(_unlisted_vector_files(ix)) == leftovers, _vector_files(ix)
+    assert index_generation(ix) == generation + committed, moment  # killed where it says, not before
+    assert len(unlisted_vector_files(ix)) == leftovers, vector_files(ix)
     assert fixed_answers(ix) == want, moment
     # killed after the commit: what the next writer deletes (vectors.f16's old rows past its committed row 0,
     # the old generation's segment files) is reported, as after any run killed between writing and tidying
@@ -426,7 +370,28 @@ def test_kill_9_at_more_moments_of_a_compaction_of_every_kind_of_segment(indexed
     summary = index_json(ix, photos, "--device", "cpu")
     assert summary["added"] + summary["removed"] + summary["updated"] == 0, summary
     assert fixed_answers(ix) == want and verify_problems(ix) == [], moment
-    assert _unlisted_vector_files(ix) == [], (moment, _vector_files(ix))
+    assert unlisted_vector_files(ix) == [], (moment, vector_files(ix))
+
+
+def test_a_compaction_logs_what_it_does_with_each_file_of_the_old_generation(indexed_images, caplog):
+    """vectors.f16 emptied, an encoder actor's segment and a previous compaction's deleted, each named as what
+    it is: not "uncommitted bytes" nor "an encoder actor killed before its first commit" (the words of the
+    tidying after a kill, which the compaction's own tidying went through)."""
+    _photos, ix = indexed_images(12)
+    _move_rows(ix, "actor-0")
+    compact_now(ix)
+    _move_rows(ix, "actor-1")
+    _move_rows(ix, None)
+    previous = vector_files(ix)[1]
+    assert previous.startswith("next/"), vector_files(ix)
+    caplog.set_level(logging.INFO)
+    done = compact_now(ix)
+    [copied_to] = vector_files(ix)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith(("indexer.", "alignsearch."))]
+    why = f"(the old generation: its live rows are copied to vectors/{copied_to})"
+    assert said == [f"vectors.f16: emptied {why}", f"vectors/{previous}: deleted {why}",
+                    f"vectors/actor-1.f16: deleted {why}",
+                    f"vectors compacted: 12 rows kept of 36 ({done.bytes_freed} bytes freed)"], said
 
 
 @pytest.fixture
@@ -472,7 +437,7 @@ def test_a_disk_full_in_the_copy_leaves_the_index_as_it_was(tmp_path, small_disk
         db = catalog.connect(ix / DB_FILE, readonly=True)
         try:
             with db.connect() as conn:
-                return (catalog.live_pairs(conn).tolist(), state.read(conn).generation, _vector_files(ix),
+                return (catalog.live_pairs(conn).tolist(), state.read(conn).generation, vector_files(ix),
                         (ix / "vectors.f16").read_bytes())
         finally:
             db.dispose()
@@ -480,7 +445,7 @@ def test_a_disk_full_in_the_copy_leaves_the_index_as_it_was(tmp_path, small_disk
     before, problems = as_stored(), verify_problems(ix)
     assert len(before[0]) == 2000 and problems == ["2000 indexed files are missing from the ANN index"], problems
     with pytest.raises(OSError) as failed:
-        _compact(ix)
+        compact_now(ix)
     assert failed.value.errno == errno.ENOSPC, failed.value  # the disk's error, not a damaged index
     assert as_stored() == before and verify_problems(ix) == problems  # (no ANN index was built: not the point)
 
@@ -499,16 +464,16 @@ def test_a_compaction_waits_for_a_killed_re_encode_which_then_finishes_as_it_wou
     proc = killed_at("indexer.videos:reencode_moments", "before", "index", "--index", ix, "--reindex",
                      "--device", "cpu", "--workers", "0")
     assert proc.returncode == -9, proc.stderr[-3000:]
-    pending = [name for name in _vector_files(ix) if name.startswith("next/")]
-    assert len(pending) == 1, _vector_files(ix)  # the re-encode's segment, every image encoded
-    files = _vector_files(ix)
-    assert _compact(ix) is None and _vector_files(ix) == files
+    pending = [name for name in vector_files(ix) if name.startswith("next/")]
+    assert len(pending) == 1, vector_files(ix)  # the re-encode's segment, every image encoded
+    files = vector_files(ix)
+    assert compact_now(ix) is None and vector_files(ix) == files
     summary = index_json(ix, photos, "--device", "cpu", "--compact")
-    assert summary.get("compacted") is None and pending[0] in _vector_files(ix), summary
+    assert summary.get("compacted") is None and pending[0] in vector_files(ix), summary
     assert fixed_answers(ix) == want
     index_json(ix, "--device", "cpu", "--reindex")
     assert fixed_answers(ix) == want and verify_problems(ix) == []
-    assert _unlisted_vector_files(ix) == []
+    assert unlisted_vector_files(ix) == []
 
 
 @pytest.mark.slow
@@ -594,7 +559,7 @@ def test_similar_duplicates_of_an_engine_opened_before_a_compaction(indexed_imag
     assert want
     with alignsearch_package.open(ix) as engine:
         _move_rows(ix, "actor-0")
-        assert _compact(ix) is not None
+        assert compact_now(ix) is not None
         got = [[(i["path"], i["score"]) for i in g.items] for g in find_groups(engine, "similar", threshold=-1.0)]
     assert got == want
 
@@ -615,7 +580,7 @@ def test_more_like_this_from_an_engine_opened_before_a_compaction_reads_the_righ
         query /= np.linalg.norm(query)
         first = engine.search_vector(query, k=3)  # its vectors.f16 mapped
         _move_rows(ix, None)
-        assert _compact(ix) is not None
+        assert compact_now(ix) is not None
         make_images(photos / "more", 3, seed=11)
         assert index_json(ix, photos, "--device", "cpu")["added"] == 3
         with alignsearch_package.open(ix) as fresh:
@@ -649,8 +614,8 @@ def test_a_damaged_row_no_checksum_covers_is_not_copied_into_a_fresh_one(tmp_pat
         f.write(bytes(store.row_bytes))
     before = (ix / VECTORS_FILE).read_bytes()
     with pytest.raises(IndexDamagedError, match="verify --repair"):
-        _compact(ix)
-    assert (ix / VECTORS_FILE).read_bytes() == before and _vector_files(ix) == []
+        compact_now(ix)
+    assert (ix / VECTORS_FILE).read_bytes() == before and vector_files(ix) == []
     db = catalog.connect(ix / DB_FILE, readonly=True)
     with db.connect() as conn:
         assert state.read(conn).generation == generation
@@ -666,7 +631,7 @@ def test_info_of_an_engine_opened_before_a_compaction_reports_the_store_as_it_is
         assert engine.info()["vector_store"] == {"rows": 12, "live_rows": 12, "dead_bytes": 0}
         _move_rows(ix, "actor-0")
         assert engine.info()["vector_store"] == {"rows": 24, "live_rows": 12, "dead_bytes": 12 * row_bytes}
-        _compact(ix)
+        compact_now(ix)
         assert engine.info()["vector_store"] == {"rows": 12, "live_rows": 12, "dead_bytes": 0}
 
 
@@ -682,7 +647,7 @@ def test_an_export_from_an_engine_opened_before_a_compaction_exports(indexed_ima
     with alignsearch_package.open(ix) as engine:
         export(engine, tmp_path / "before.parquet")
         _move_rows(ix, "actor-0")
-        assert _compact(ix) is not None
+        assert compact_now(ix) is not None
         export(engine, tmp_path / "after.parquet")
     assert pq.read_table(tmp_path / "after.parquet").equals(pq.read_table(tmp_path / "before.parquet"))
 

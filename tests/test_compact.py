@@ -13,7 +13,7 @@ from alignsearch.storage import catalog, state
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
 from conftest import index_json
 from helpers import alignsearch as alignsearch_cli
-from helpers import fixed_answers, killed_at, verify_problems
+from helpers import compact_now, fixed_answers, killed_at, unlisted_vector_files, vector_files, verify_problems
 from indexer import compact
 
 
@@ -43,9 +43,8 @@ def _churn(photos):
 
 def _files(ix):
     """(vectors.f16 size, {segment file name: size}) as they lie on disk."""
-    folder = ix / "vectors"
-    return (ix / VECTORS_FILE).stat().st_size, {str(p.relative_to(folder)): p.stat().st_size
-                                                for p in folder.rglob("*.f16")} if folder.exists() else {}
+    return (ix / VECTORS_FILE).stat().st_size, {name: (ix / "vectors" / name).stat().st_size
+                                                for name in vector_files(ix)}
 
 
 def _live(ix):
@@ -124,12 +123,8 @@ def test_a_damaged_row_is_not_copied_into_a_fresh_checksum(indexed_images):
         f.write(rolled)
     # compaction itself (a writer's run checks the store when it starts: damage after that, or in a row only
     # compaction reads, meets this check)
-    db = catalog.connect(ix / DB_FILE)
-    try:
-        with pytest.raises(IndexDamagedError, match="verify --repair"):
-            compact.compact(db, ix, row_bytes // 2, force=True)
-    finally:
-        db.dispose()
+    with pytest.raises(IndexDamagedError, match="verify --repair"):
+        compact_now(ix)
     assert _files(ix) == (14 * row_bytes, {}) and _live(ix) == (pairs, generation)  # nothing switched, no file left
     proc = alignsearch_cli("index", photos, "--index", ix, "--device", "cpu", "--compact")  # and from the CLI
     assert proc.returncode != 0 and "verify --repair" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -167,6 +162,45 @@ def test_kill_9_during_compaction_leaves_an_index_that_answers_as_before(indexed
         assert main == 0 and list(segments.values()) == [7 * row_bytes], (main, segments)
     else:
         assert main == 14 * row_bytes and segments == {}, (main, segments)
+
+
+def test_a_killed_compactions_copy_is_deleted_by_the_next_run_even_one_that_may_not_compact(indexed_images):
+    """kill -9 after the copy, before its commit: the copy under vectors/next/ is a file no commit knows. The
+    next writer deletes it when it starts, whatever it was told: `index --no-compact` too (it stayed, taking
+    the disk of every live row, until a run that may compact or a re-encode)."""
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--no-compact")
+    want, before = fixed_answers(ix), _live(ix)
+    proc = killed_at("indexer.compact:_copy", "after", "index", photos, "--index", ix, "--device", "cpu",
+                     "--compact", "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    left = unlisted_vector_files(ix)
+    assert len(left) == 1 and left[0].startswith("next/"), vector_files(ix)  # the copy, killed where it says
+    summary = index_json(ix, photos, "--device", "cpu", "--no-compact")
+    assert summary["compacted"] is None and summary["added"] + summary["removed"] + summary["updated"] == 0, summary
+    assert vector_files(ix) == [], vector_files(ix)
+    assert _live(ix) == before and fixed_answers(ix) == want and verify_problems(ix) == []
+
+
+def test_a_compaction_killed_after_its_commit_is_finished_by_a_run_that_may_not_compact(indexed_images):
+    """kill -9 right after the switch commits: the new segment under vectors/next/ is the store's, so the
+    tidying when `index --no-compact` starts keeps it, and the run finishes the switch (vectors.f16 emptied)."""
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--no-compact")
+    want = fixed_answers(ix)
+    proc = killed_at("indexer.compact:_switch", "after", "index", photos, "--index", ix, "--device", "cpu",
+                     "--compact", "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    [new] = vector_files(ix)
+    assert new.startswith("next/") and unlisted_vector_files(ix) == [], vector_files(ix)
+    summary = index_json(ix, photos, "--device", "cpu", "--no-compact")
+    assert summary["compacted"] is None and summary["added"] + summary["removed"] + summary["updated"] == 0, summary
+    with alignsearch.open(ix) as engine:
+        row_bytes = engine.store.row_bytes
+    assert _files(ix) == (0, {new: 7 * row_bytes}), _files(ix)
+    assert fixed_answers(ix) == want and verify_problems(ix) == []
 
 
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):
@@ -244,11 +278,7 @@ def _compact_on_first_read(monkeypatch, ix) -> list:
     def get_after_a_switch(store, addresses):
         if not switched:
             switched.append(True)
-            db = catalog.connect(ix / DB_FILE)
-            try:
-                compact.compact(db, ix, store.dim, force=True)  # commits, then empties vectors.f16
-            finally:
-                db.dispose()
+            compact_now(ix)  # commits, then empties vectors.f16
         return real_get(store, addresses)
 
     monkeypatch.setattr(VectorStore, "get", get_after_a_switch)

@@ -74,3 +74,26 @@ def test_small_segments_fold_into_segment_0_and_the_catalog_follows(tmp_path):
     assert np.array_equal(reloaded.get(np.array(after)), before)
     assert reloaded.commit("next", 1) == 3  # numbers in use are never reassigned
     db.dispose()
+
+
+def test_adopting_rows_written_before_checksums_refuses_any_row_that_is_not_unit_length(tmp_path):
+    """A zeroed row, a scaled one and one whose bytes became NaN (0xFFFF) are counted damaged and nothing is
+    recorded; unit rows are adopted. The NaN row was adopted (0 counted: NaN >= tolerance is False)."""
+    from alignsearch.storage import catalog, vectors
+
+    good = rows(6)
+    good = (good.astype(np.float32) / np.linalg.norm(good.astype(np.float32), axis=1, keepdims=True))
+    db = catalog.connect(tmp_path / "catalog.db")
+    for broken, expected in [(None, 0), (np.zeros(4), 1), (2 * good[0], 1), (np.full(4, np.nan), 1)]:
+        store = VectorStore(tmp_path / "vectors.f16", 4, 0)
+        store.path.unlink(missing_ok=True)
+        stored = good.copy()
+        if broken is not None:
+            stored[3] = broken
+        store.append(stored)
+        with db.begin() as conn:
+            vectors.forget_chunks(conn, "")
+            assert vectors.adopt_segment(conn, store, 0) == expected, broken
+            recorded = conn.execute(catalog.vector_chunks.select()).all()
+        assert len(recorded) == (expected == 0), broken
+    db.dispose()

@@ -155,7 +155,9 @@ class VectorStore:
                     f.truncate(keep)
                     os.fsync(f.fileno())
         for path in self.unknown_files():
-            log.info("%s: deleting a segment no commit knows (an encoder actor killed before its first)", path.name)
+            # an encoder actor's killed before its first commit, or an old generation's that a switch
+            # (compaction, re-encode) committed and was killed before it deleted
+            log.info("%s: deleting a segment no commit knows", path.name)
             path.unlink()
         self._maps.clear()
 
@@ -441,6 +443,16 @@ def _inside(addresses: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
     return ok
 
 
+UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16): a zeroed or overwritten row is far off
+
+
+def not_unit_length(rows: np.ndarray) -> int:
+    """How many of the (n, dim) rows are not unit length: what tells a damaged row no checksum covers (one
+    zero-filled or overwritten) from a good one."""
+    norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
+    return int((~(np.abs(norms - 1) < UNIT_TOLERANCE)).sum())
+
+
 def adopt_segment(conn: Connection, store: VectorStore, segment: int) -> int:
     """Record checksums for a segment written before they existed, after checking that each committed row
     is a unit vector (a zero-filled or overwritten row is not). Returns the rows found damaged (then
@@ -449,9 +461,9 @@ def adopt_segment(conn: Connection, store: VectorStore, segment: int) -> int:
     for start in range(0, rows, ADOPT_CHUNK):
         n = min(ADOPT_CHUNK, rows - start)
         block = np.frombuffer(_read_rows(store, segment, start, n), dtype=DTYPE).reshape(n, store.dim)
-        norms = np.linalg.norm(block.astype(np.float32), axis=1)
-        if not np.all(np.abs(norms - 1) < 0.05):
-            return int((np.abs(norms - 1) >= 0.05).sum())
+        damaged = not_unit_length(block)
+        if damaged:
+            return damaged
     for start in range(0, rows, ADOPT_CHUNK):
         record_chunk(conn, store, segment, start, min(ADOPT_CHUNK, rows - start))
     return 0

@@ -243,6 +243,7 @@ class Watch:
     roots: dict[str, Root] = field(default_factory=dict)
     unwatched_said: set = field(default_factory=set)
     runs: int = 0
+    polling: bool = False  # notifications failed once: polled from then on
 
 
 def _read_roots(index_dir: Path) -> dict[str, bool] | None:
@@ -294,7 +295,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         stopped.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = signal.signal(signal.SIGTERM, terminate), signal.getsignal(signal.SIGINT)
     w = Watch(str(out))
     watcher: _Watcher | None = None
     running = False
@@ -313,8 +314,10 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         due = False
         next_look = 0.0
         while True:
-            if watcher.failed is not None:
-                log.info("watcher stopped (%s): watching again", watcher.failed)
+            if watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
+                if not w.polling:
+                    say(f"change notifications failed ({watcher.failed}): polling instead")
+                w.polling = True
                 watcher = _restart(w, watcher, opts, say)
                 due = True
             try:
@@ -370,7 +373,8 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         if watcher is not None:
             watcher.close()
         try:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
         except (ValueError, TypeError):
             pass
 
@@ -419,9 +423,11 @@ def _roots_changed(w: Watch) -> bool:
     return any(watchable(r.name) and identity_changed(r.seen, identity(r.name)) for r in w.roots.values())
 
 
-def _polling(opts: WatchOptions, paths: list[str]) -> bool | None:
+def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool | None:
     if opts.polling is not None:
         return opts.polling
+    if failed_before:
+        return True
     if any(network_fs(fs_type(p)) for p in paths):
         return True
     return None  # watchfiles' own choice (WATCHFILES_FORCE_POLLING, WSL)
@@ -433,7 +439,7 @@ def _start(w: Watch, opts: WatchOptions, say) -> _Watcher | None:
     for name in missing:
         say(f"{name} is missing: its files stay indexed; the watch checks every {opts.tick_s:g} s for its return")
     log.info("watching %s", paths)
-    return _Watcher(paths, opts, _polling(opts, paths)) if paths else _Idle()
+    return _Watcher(paths, opts, _polling(opts, paths, w.polling)) if paths else _Idle()
 
 
 def _restart(w: Watch, watcher, opts: WatchOptions, say):

@@ -116,6 +116,48 @@ def test_network_file_systems_are_polled(tmp_path):
     assert watch.fs_type("/x", str(tmp_path / "absent")) == ""
 
 
+def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
+    """watch_index over a real folder and real watchfiles, with a stand-in for the index job whose second run
+    meets a full disk: reported, and the next change makes the next run; an error that fails every run ends it."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    root.mkdir()
+    calls, reports, lines = [], [], []
+
+    def run(roots, **job):
+        calls.append((roots, job))
+        if len(calls) == 2:
+            raise DiskFullError("no space left on device")
+        return {"run": len(calls)}
+
+    def report(summary, facts, error):
+        reports.append((summary, facts, error))
+        if len(reports) < 3:
+            (root / f"{len(reports)}.jpg").write_bytes(b"x")  # the next change
+        else:
+            raise KeyboardInterrupt  # Ctrl-C
+
+    options = watch.WatchOptions(settle_ms=100, tick_s=0.2)
+    job = {"index_dir": str(ix), "rebuild": True}
+    assert watch.watch_index([str(root)], job, options, run, report, lines.append) == 130
+    assert isinstance(reports[1][2], DiskFullError) and reports[2][2] is None
+    assert [r[1]["run"] for r in reports] == [1, 2, 3] and reports[2][1]["roots"] == [str(root.resolve())]
+    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve())})
+    assert all(c == ([], watch.later_job(calls[0][1])) for c in calls[1:])  # no --rebuild each time
+    assert lines[-1] == "watch stopped"
+
+    def damaged(roots, **job):
+        calls.append(roots)
+        if len(calls) > 4:
+            raise IndexDamagedError("the vector store is damaged")
+        (root / "3.jpg").write_bytes(b"x")  # during the run: the next one sees it
+        return {}
+
+    with pytest.raises(IndexDamagedError):
+        watch.watch_index([str(root)], job, options, damaged, lambda *a: None, lines.append)
+    assert len(calls) == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as before
+
+
 # -- the command ----------------------------------------------------------------------------------------------------
 
 DEADLINE = 120  # seconds any one expected run may take to show up (a loaded 2-core machine)
@@ -299,6 +341,20 @@ def test_a_running_server_answers_with_the_new_file(indexed_images, watching):
         assert str(new) in {h["path"] for h in json.loads(body)["results"]}
     finally:
         stop(proc)
+
+
+@pytest.mark.slow
+def test_polled_bad_files_are_failures_and_errors_of_a_run_are_one_line(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix, "--watch-polling")  # as on a network drive
+    (root / "broken.jpg").write_bytes(b"not an image")  # a damaged file: failed, the watch goes on
+    w.next_run(failed=1)
+    vectors = ix / "vectors.f16"
+    os.truncate(vectors, vectors.stat().st_size // 2)  # the index damaged: every run would fail
+    make_images(root / "more", 1, seed=13)
+    assert w.proc.wait(timeout=DEADLINE) == 7
+    w.stop()
+    assert len(w.errors) == 2 and w.errors[-1].startswith("error: ") and "verify --repair" in w.errors[-1], w.errors
 
 
 def test_watch_options_are_documented(tmp_path):

@@ -357,6 +357,27 @@ def test_polled_bad_files_are_failures_and_errors_of_a_run_are_one_line(indexed_
     assert len(w.errors) == 2 and w.errors[-1].startswith("error: ") and "verify --repair" in w.errors[-1], w.errors
 
 
+@pytest.mark.slow
+def test_a_list_root_is_watched_as_a_file_even_when_an_editor_replaces_it(tmp_path, tiny_model, watching):
+    images = make_images(tmp_path / "images", 3, seed=14)
+    listing, ix = tmp_path / "photos.csv", tmp_path / "ix"
+    listing.write_text("path\n" + "".join(f"{p}\n" for p in images[:2]))
+    w = watching(ix, listing, "--model", tiny_model)
+    assert w.runs[0]["added"] == 2
+    with open(listing, "a") as f:  # appended in place
+        f.write(f"{images[2]}\n")
+    w.next_run(added=1)
+    replacement = tmp_path / "photos.csv.new"
+    replacement.write_text("path\n" + "".join(f"{p}\n" for p in images[1:]))
+    os.replace(replacement, listing)  # saved as editors save: a new file renamed over the old
+    w.next_run(removed=1)
+    images[0].unlink()
+    with open(listing, "a") as f:  # the replaced file is watched too
+        f.write(f"{images[0]}\n")
+    w.next_run(failed=1)
+    assert w.stop() == 130
+
+
 def test_watch_options_are_documented(tmp_path):
     helped = alignsearch("index", "--help")
     assert "--watch" in helped.stdout and "--watch-polling" in helped.stdout and "JSON lines" in helped.stdout

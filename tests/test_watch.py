@@ -190,7 +190,7 @@ class Watching:
         while not ready():
             assert self.proc.poll() is None, f"the watch ended ({self.proc.returncode}): {self.errors[-20:]}"
             assert time.monotonic() < end, f"no {what} within {deadline} s; runs {self.runs}, stderr {self.errors[-20:]}"
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     def next_run(self, **expected) -> dict:
         """The next run whose counts include `expected` (earlier runs that did part of it are skipped)."""
@@ -261,7 +261,7 @@ def test_a_burst_makes_few_runs_and_a_change_during_a_run_makes_the_next(indexed
     made = make_images(tmp_path / "staging", 60, seed=3)
     for path in made:  # a copy of 60 files, one after the other, as a file manager does
         shutil.copy(path, root / f"burst-{path.name}")
-    w.until(lambda: writer_running(ix), "run start")
+    w.until(lambda: writer_running(ix) or len(w.runs) > 1, "run start")
     late = make_images(tmp_path / "late", 1, seed=9)[0]
     shutil.copy(late, root / "late.png")  # while the run lists or encodes the burst
     w.until(lambda: sum(r.get("added", 0) for r in w.runs[1:]) == 61, "61 files added")
@@ -311,7 +311,7 @@ def test_a_root_that_goes_keeps_its_files_and_is_watched_again_when_back(indexed
 @pytest.mark.slow
 def test_sigint_during_a_run_and_while_idle_ends_cleanly(indexed_images, watching, tmp_path):
     root, ix = indexed_images(4)
-    w = watching(ix)
+    w = watching(ix, "--batch-size", "1")  # a run long enough to be caught
     for path in make_images(tmp_path / "staging", 40, seed=4):
         shutil.copy(path, root / f"burst-{path.name}")
     w.until(lambda: writer_running(ix), "run start")

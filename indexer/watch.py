@@ -58,6 +58,7 @@ class WatchOptions:
     max_batch_ms: int = 10_000  # ... or this long after its first change, when changes keep coming
     tick_s: float = 1.0  # how often roots are checked (gone, back, replaced) while waiting
     lock_retry_s: float = 2.0  # wait before trying again when another process writes the index
+    interval_s: float | None = None  # with URL roots (not watched): a run at least this often, to list them
 
 
 @dataclass
@@ -244,6 +245,7 @@ class Watch:
     unwatched_said: set = field(default_factory=set)
     runs: int = 0
     polling: bool = False  # notifications failed once: polled from then on
+    interval_s: float | None = None  # --watch-interval: URL roots listed this often
 
 
 def _read_roots(index_dir: Path) -> dict[str, bool] | None:
@@ -296,7 +298,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate), signal.getsignal(signal.SIGINT)
-    w = Watch(str(out))
+    w = Watch(str(out), interval_s=opts.interval_s)
     watcher: _Watcher | None = None
     running = False
     try:
@@ -313,6 +315,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         pending: dict[str, int] = {}
         due = False
         next_look = 0.0
+        next_listing = time.monotonic() + (opts.interval_s or 0)
         while True:
             if watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
                 if not w.polling:
@@ -347,6 +350,8 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
                                    path_kind).items():
                 pending[root] = pending.get(root, 0) + n
+            if opts.interval_s and time.monotonic() >= next_listing and any(not watchable(r) for r in w.roots):
+                due = True
             if not (pending or due):
                 continue
             held = [r.name for r in w.roots.values() if r.held]
@@ -358,6 +363,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             running = False
             w.runs += 1
             pending, due = {}, False
+            next_listing = time.monotonic() + (opts.interval_s or 0)
             if error is not None and ends_watch(error, str(out)):
                 raise error
             report(summary, facts, error)
@@ -403,8 +409,9 @@ def _paths(w: Watch, say) -> list[str]:
     for r in w.roots.values():
         if not watchable(r.name):
             if r.name not in w.unwatched_said:
-                say(f"{r.name} is not watched (a URL): its changes are indexed by each run the other roots start, "
-                    "or by `alignsearch index`")
+                say(f"{r.name} is not watched (a URL): " + (
+                    f"listed again every {w.interval_s:g} s (--watch-interval)" if w.interval_s else
+                    "its changes are indexed by each run the other roots start (or every --watch-interval seconds)"))
                 w.unwatched_said.add(r.name)
             continue
         now = r.seen = identity(r.name)
@@ -424,8 +431,8 @@ def _roots_changed(w: Watch) -> bool:
 
 
 def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool | None:
-    if opts.polling is not None:
-        return opts.polling
+    if opts.polling:
+        return True
     if failed_before:
         return True
     if any(network_fs(fs_type(p)) for p in paths):

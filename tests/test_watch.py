@@ -378,9 +378,21 @@ def test_a_list_root_is_watched_as_a_file_even_when_an_editor_replaces_it(tmp_pa
     assert w.stop() == 130
 
 
+@pytest.mark.slow
+def test_url_roots_are_not_watched_but_listed_again_every_interval(tmp_path, tiny_model, watching):
+    folder, ix = tmp_path / "remote", tmp_path / "ix"
+    make_images(folder, 2, seed=15)
+    w = watching(ix, f"file://{folder}", "--model", tiny_model, "--watch-interval", "1")
+    assert any("is not watched (a URL): listed again every 1 s" in e for e in w.errors), w.errors
+    assert w.runs[0]["added"] == 2
+    make_images(folder / "new", 1, seed=16)
+    w.next_run(added=1)  # no change notification: the interval's listing found it
+    assert w.stop() == 130
+
+
 def test_watch_options_are_documented(tmp_path):
     helped = alignsearch("index", "--help")
-    assert "--watch" in helped.stdout and "--watch-polling" in helped.stdout and "JSON lines" in helped.stdout
+    assert all(option in helped.stdout for option in ("--watch", "--watch-polling", "--watch-interval", "JSON lines"))
     bad = alignsearch("index", tmp_path, "--watch-polling", "--index", tmp_path / "ix")
     assert bad.returncode == 2 and "--watch-polling goes with --watch" in bad.stderr
     assert not Path(tmp_path / "ix").exists()

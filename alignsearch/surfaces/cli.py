@@ -236,11 +236,13 @@ def main(verbose: int) -> None:
 @click.option("--watch-polling", is_flag=True,
               help="With --watch: look for changes by polling, for network drives (NFS, SMB) where change "
                    "notifications miss other machines' writes (default: polling where the root is on one).")
+@click.option("--watch-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="With --watch and URL roots (s3://..., which cannot be watched): list them again this often.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (with --watch: one line per run).")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
           ondisk_shards, index_shards, fast_decode, gpu_decode, list_column, caption_column, video_interval, ocr, compact,
-          watch, watch_polling, as_json):
+          watch, watch_polling, watch_interval, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -261,12 +263,13 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
         ocr=ocr, gpu_decode=gpu_decode, compact=compact,
     )
-    if watch_polling and not watch:
-        raise click.UsageError("--watch-polling goes with --watch")
+    if (watch_polling or watch_interval) and not watch:
+        raise click.UsageError(f"{'--watch-polling' if watch_polling else '--watch-interval'} goes with --watch")
     if watch:
         from indexer.watch import WatchOptions, watch_index
 
-        code = watch_index(list(roots), job, WatchOptions(polling=True if watch_polling else None), index_folders,
+        code = watch_index(list(roots), job, WatchOptions(polling=True if watch_polling else None,
+                                                       interval_s=watch_interval), index_folders,
                            lambda s, facts, error: _say_watch_run(s, facts, error, as_json),
                            lambda line: click.echo(_shown(line), err=True))
         click.get_current_context().exit(code)

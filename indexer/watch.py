@@ -14,7 +14,7 @@ A root that disappears (a drive unmounted, a folder moved away) is left to the r
 inode) every second: a root back, replaced or moved in again is watched anew and indexed. A folder root that
 came back empty on another device (an unmount that leaves its mount point) holds every run until it is back, as
 a run would drop its files. URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
-as `index` does.
+as `index` does, and --watch-interval makes a run that often to list them.
 
 The decisions (`matters`, `touched`, `identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`,
 `network_fs`) are pure functions.

@@ -148,8 +148,7 @@ def index_folders(
         index_shards = 0
     if index_shards and ondisk_shards is None:
         ondisk_shards = 0
-    chosen = index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME)
-    out = Path(chosen)
+    out = chosen_index_dir(index_dir)
     index_roots.refuse_index_folder(roots, out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +174,12 @@ def index_folders(
         if created:  # the model loads before anything is written: leave no empty index behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def chosen_index_dir(index_dir: str | os.PathLike | None) -> Path:
+    """The index folder a run writes: index_dir, else $ALIGNSEARCH_INDEX, else the nearest `.alignsearch` above
+    cwd, else a new `.alignsearch` in cwd."""
+    return Path(index_dir or os.environ.get("ALIGNSEARCH_INDEX") or find_index_dir() or Path(INDEX_DIRNAME))
 
 
 def _compact(db, out: Path, force: bool | None) -> dict | None:

@@ -16,6 +16,10 @@ from alignsearch.errors import BadInputError
 from alignsearch.storage.paths import LOCK_FILE, writer_running  # noqa: F401 - the probe readers use lives in the core
 
 
+class WriterBusy(BadInputError):
+    """Another process holds the writer lock (exit 6, as any BadInputError): `index --watch` waits and retries."""
+
+
 @contextmanager
 def writer_lock(index_dir: Path) -> Iterator[None]:
     """Held for the block; an index another process is writing is a clear error, not a wait."""
@@ -24,7 +28,7 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInputError(f"another alignsearch process is writing {index_dir} (index, tag, tune or "
+            raise WriterBusy(f"another alignsearch process is writing {index_dir} (index, tag, tune or "
                                 "verify --repair): run this again when it has finished") from None
         yield  # the lock goes with the descriptor, also when the process dies
     finally:

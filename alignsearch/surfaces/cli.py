@@ -229,11 +229,20 @@ def main(verbose: int) -> None:
 @click.option("--compact/--no-compact", default=None,
               help="Reclaim the vector rows of deleted, changed and forgotten files now (--compact) or never "
                    "(--no-compact); by default when they are at least half the store and 65,536 rows.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--watch", is_flag=True,
+              help="After the run, keep watching the local roots (folders, list and shard files) and index again once "
+                   "changes settle, until Ctrl-C or SIGTERM. URL roots are not watched. With --json: one JSON object "
+                   "per run, one line each (JSON lines).")
+@click.option("--watch-polling", is_flag=True,
+              help="With --watch: look for changes by polling, for network drives (NFS, SMB) where change "
+                   "notifications miss other machines' writes (default: polling where the root is on one).")
+@click.option("--watch-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="With --watch and URL roots (s3://..., which cannot be watched): list them again this often.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (with --watch: one line per run).")
 @reports_errors
 def index(roots, index_dir, model, device, backend, precision, batch_size, workers, include_hidden, rebuild, reindex, ray_address,
           ondisk_shards, index_shards, fast_decode, gpu_decode, list_column, caption_column, video_interval, ocr, compact,
-          as_json):
+          watch, watch_polling, watch_interval, as_json):
     """Index the images under ROOTS (and every root this index already holds).
 
     A root is a folder, a .csv/.parquet list of paths or URLs, WebDataset .tar shards
@@ -246,14 +255,44 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
 
     notices.enable(not as_json)
 
-    s = index_folders(
-        list(roots), index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
+    job = dict(
+        index_dir=index_dir, model=model, device=device, batch_size=batch_size, workers=workers,
         include_hidden=include_hidden, rebuild=rebuild, reindex=reindex, progress=not as_json,
         use_ray=ray_address is not None, ray_address=None if ray_address in (None, "local") else ray_address,
         ondisk_shards=ondisk_shards, index_shards=index_shards, fast_decode=fast_decode, list_column=list_column,
         caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
         ocr=ocr, gpu_decode=gpu_decode, compact=compact,
     )
+    if (watch_polling or watch_interval) and not watch:
+        raise click.UsageError(f"{'--watch-polling' if watch_polling else '--watch-interval'} goes with --watch")
+    if watch:
+        from indexer.watch import WatchOptions, watch_index
+
+        code = watch_index(list(roots), job, WatchOptions(polling=True if watch_polling else None,
+                                                       interval_s=watch_interval), index_folders,
+                           lambda s, facts, error: _say_watch_run(s, facts, error, as_json),
+                           lambda line: click.echo(_shown(line), err=True))
+        click.get_current_context().exit(code)
+    _say_index(index_folders(list(roots), **job), as_json)
+
+
+def _say_watch_run(s, facts: dict, error: BaseException | None, as_json: bool) -> None:
+    """One run of `index --watch`: its summary (a JSON line with --json), or its error in one line."""
+    if error is not None:
+        message = " ".join(str(error).split()) or type(error).__name__
+        click.echo(f"error: run {facts['run']} failed: {_shown(message)} (the watch goes on)", err=True)
+        if as_json:
+            click.echo(json.dumps({"watch": facts, "error": message}))
+    elif as_json:
+        click.echo(json.dumps({**s.to_dict(), "watch": facts}))
+    else:
+        if facts["run"] > 1:
+            click.echo(f"run {facts['run']}: {facts['changes']} change(s) in {', '.join(map(_shown, facts['roots'])) or 'the roots'}")
+        _say_index(s, False)
+    sys.stdout.flush()
+
+
+def _say_index(s, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
         return

@@ -1,0 +1,471 @@
+"""`alignsearch index --watch`: after the run, watch the index's local roots and run `index` again (the same job,
+indexer/job.py's index_folders) once changes settle.
+
+How it goes: watchfiles (inotify, or polling on network file systems) watches each local folder root and each
+local list or shard file, in a thread that queues every change, also while a run is going, so a change made
+during a run starts the next one. The main thread waits for a batch, keeps the changes that matter (`matters`:
+a file the indexer reads, a folder; not hidden files unless the root includes them, not the index's own folder,
+not an editor's or a browser's temporary file) and runs `index` over every root; batches that came during a run
+make one run after it. The writer lock is taken per run, so `forget`, `tag` or another `index` work between
+runs; a run that finds the lock taken waits and tries again.
+
+A root that disappears (a drive unmounted, a folder moved away) is left to the run: the index keeps its files
+(state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device and
+inode) every second: a root back, replaced or moved in again is watched anew and indexed. A folder root that
+came back empty on another device (an unmount that leaves its mount point) holds every run until it is back, as
+a run would drop its files. URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
+as `index` does, and --watch-interval makes a run that often to list them.
+
+The decisions (`matters`, `touched`, `identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`,
+`network_fs`) are pure functions.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from alignsearch.errors import AlignSearchError, CatalogBusyError, IndexDamagedError, IndexNotFoundError, \
+    ModelLoadError, ModelMismatchError
+from alignsearch.media import sources
+from indexer import scan
+
+log = logging.getLogger(__name__)
+
+# Names of files still being written by an editor, an office suite or a browser, renamed when done.
+TEMPORARY_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".filepart", ".tmp", ".temp",
+                      ".swp", ".swo", ".swx", ".!qb", ".!ut", "~")
+TEMPORARY_PREFIXES = ("~$", ".~lock.", ".#", "#")
+# File systems where inotify sees only this machine's changes: polled.
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "davfs",
+                        "fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse", "fuse.glusterfs", "virtiofs",
+                        "vboxsf", "fuse.vmhgfs-fuse"})
+ADDED, MODIFIED, DELETED = 1, 2, 3  # watchfiles.Change values
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchOptions:
+    polling: bool | None = None  # None: poll the roots on network file systems (NETWORK_FS), inotify elsewhere
+    settle_ms: int = 1_000  # a batch is due once no change came for this long
+    max_batch_ms: int = 10_000  # ... or this long after its first change, when changes keep coming
+    tick_s: float = 1.0  # how often roots are checked (gone, back, replaced) while waiting
+    lock_retry_s: float = 2.0  # wait before trying again when another process writes the index
+    interval_s: float | None = None  # with URL roots (not watched): a run at least this often, to list them
+
+
+@dataclass
+class Root:
+    """What the watch knows of one root of the index."""
+
+    name: str
+    include_hidden: bool = False
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) when it last held files; None: missing
+    seen: tuple[int, int] | None = None  # (st_dev, st_ino) when last looked at
+    held: bool = False  # looks unmounted: runs wait
+
+
+def watchable(root: str) -> bool:
+    """A local folder, list or shard: watched. A URL prefix, list or shard is not."""
+    return not sources.is_url(root)
+
+
+def _temporary(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES)
+
+
+def owner(path: str, roots: list[str]) -> str | None:
+    """The root a changed path belongs to (the root itself included), the deepest when roots nest."""
+    best = None
+    for root in roots:
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            if best is None or len(root) > len(best):
+                best = root
+    return best
+
+
+def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None) -> bool:
+    """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
+
+    is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
+    images (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees
+    those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
+    video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
+    extension may have been a folder. Never the index's own folder (skip), nor a temporary file."""
+    if path == skip or path.startswith(skip.rstrip(os.sep) + os.sep):
+        return False
+    if path == root:  # the root itself came or went, or a list or shard file changed
+        return True
+    rel = os.path.relpath(path, root)
+    name = os.path.basename(path)
+    if _temporary(name):
+        return False
+    if not include_hidden and any(part.startswith(".") for part in rel.split(os.sep)):
+        return False
+    if is_dir:
+        return change != MODIFIED
+    if is_dir is None and not os.path.splitext(name)[1]:
+        return True
+    return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
+
+
+def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None]) -> dict[str, int]:
+    """{root: changes that matter} for a batch of (change, path); roots: {root: include_hidden}."""
+    out: dict[str, int] = {}
+    for change, path in changes:
+        root = owner(path, list(roots))
+        if root is not None and matters(int(change), path, root, include_hidden=roots[root], skip=skip,
+                                        is_dir=is_dir(path)):
+            out[root] = out.get(root, 0) + 1
+    return out
+
+
+def path_kind(path: str) -> bool | None:
+    """True a folder, False a file (or something else), None gone."""
+    try:
+        return os.path.isdir(path) if os.path.lexists(path) else None
+    except OSError:
+        return None
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def identity_changed(before: tuple[int, int] | None, now: tuple[int, int] | None) -> bool:
+    """A root gone, back, or replaced by another folder or file (moved in, remounted): watched anew."""
+    return before != now
+
+
+def looks_unmounted(before: tuple[int, int] | None, now: tuple[int, int] | None, empty: bool) -> bool:
+    """A folder root that is now an empty folder on another device: the mount point an unmounted drive left.
+    A run would find no file there and drop them all; a missing root, by contrast, keeps its files."""
+    return before is not None and now is not None and before[0] != now[0] and empty
+
+
+def network_fs(fstype: str) -> bool:
+    return fstype.lower() in NETWORK_FS
+
+
+def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The file system type of the mount holding `path` (Linux), or "" when unknown."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        point = parts[4].encode().decode("unicode_escape")  # \040 for a space
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, rest.split()[0]
+    return kind
+
+
+def later_job(job: dict) -> dict:
+    """The options of the runs after the first: its one-time actions dropped (--rebuild, --reindex, --compact now)
+    and the choices the first run remembered per root (hidden files, list and caption columns, video interval,
+    OCR, the layout) left to the index, as a later `alignsearch index` with no option applies them."""
+    return {**job, "rebuild": False, "reindex": False, "compact": False if job.get("compact") is False else None,
+            "include_hidden": None, "list_column": None, "caption_column": None, "video_interval": None,
+            "ocr": None, "ondisk_shards": None, "index_shards": None}
+
+
+def ends_watch(exc: BaseException, index_dir: str) -> bool:
+    """Whether an error would fail every run, so the watch ends with it: no index, a model that cannot load or
+    differs, a damaged index, an index folder that cannot be written. Anything else (a full disk, a busy
+    catalog, one bad file) is reported and the watch goes on."""
+    if isinstance(exc, (IndexNotFoundError, ModelLoadError, ModelMismatchError, IndexDamagedError)):
+        return True
+    if isinstance(exc, CatalogBusyError):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = os.path.realpath(str(exc.filename or ""))
+        return bool(exc.filename) and (where == index_dir or where.startswith(index_dir.rstrip(os.sep) + os.sep))
+    return False
+
+
+class _Watcher:
+    """watchfiles in a thread: each batch of changes under `paths` goes to `batches`, also while a run is going."""
+
+    def __init__(self, paths: list[str], opts: WatchOptions, polling: bool | None):
+        import watchfiles
+
+        self.batches: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.failed: BaseException | None = None
+
+        def loop():
+            try:
+                for changes in watchfiles.watch(*paths, watch_filter=None, debounce=opts.max_batch_ms,
+                                                step=opts.settle_ms, stop_event=self._stop, rust_timeout=200,
+                                                yield_on_timeout=True, raise_interrupt=False, force_polling=polling,
+                                                ignore_permission_denied=True):
+                    self._ready.set()
+                    if changes:
+                        self.batches.put(changes)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread (a path gone as it started)
+                self.failed = exc
+            finally:
+                self._ready.set()
+
+        self._thread = threading.Thread(target=loop, name="alignsearch-watch", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)  # watching (its first yield) before the caller runs: no change is missed
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class Watch:
+    """The state of one `index --watch`."""
+
+    index_dir: str
+    roots: dict[str, Root] = field(default_factory=dict)
+    unwatched_said: set = field(default_factory=set)
+    runs: int = 0
+    polling: bool = False  # notifications failed once: polled from then on
+    interval_s: float | None = None  # --watch-interval: URL roots listed this often
+
+
+def _read_roots(index_dir: Path) -> dict[str, bool] | None:
+    """{root: include_hidden} as the index remembers them, read-only; None when it cannot be read now."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
+    if not (index_dir / DB_FILE).exists():
+        return None
+    try:
+        db = catalog.connect(index_dir / DB_FILE, readonly=True)
+    except AlignSearchError as exc:
+        log.info("roots not read now: %s", exc)
+        return None
+    try:
+        with db.connect() as conn:
+            recorded = state.read(conn).roots
+    except Exception as exc:  # noqa: BLE001 - a writer mid-way: read again on the next tick
+        log.info("roots not read now: %s", exc)
+        return None
+    finally:
+        db.dispose()
+    return {r: bool(recorded.options.get(r, {}).get("include_hidden")) for r in recorded.roots}
+
+
+def _empty(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
+def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[..., object],
+                report: Callable[[object | None, dict, BaseException | None], None],
+                say: Callable[[str], None]) -> int:
+    """Run `run(roots, **job)` (indexer/job.py's index_folders), then again after every batch of changes that
+    matter, until SIGINT or SIGTERM. report(summary or None, watch facts, error or None) after each run; say(line)
+    for notes. Returns the exit code: 130 after SIGINT, 0 after SIGTERM. An error of the first run, or one that
+    `ends_watch`, is raised."""
+    from indexer.job import chosen_index_dir
+
+    out = chosen_index_dir(job.get("index_dir")).resolve()
+    job = {**job, "index_dir": str(out)}
+    given = [name for root in roots for name in sources.normalise(str(root))]
+    stopped: list[int] = []
+
+    def terminate(signum, _frame):
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate), signal.getsignal(signal.SIGINT)
+    w = Watch(str(out), interval_s=opts.interval_s)
+    watcher: _Watcher | None = None
+    running = False
+    try:
+        known = _read_roots(out) or {}
+        w.roots = {r: Root(r, hidden) for r, hidden in {**{g: False for g in given}, **known}.items()}
+        watcher = _start(w, opts, say)
+        running = True
+        summary = run(given, **job)
+        running = False
+        w.runs = 1
+        report(summary, {"run": 1, "changes": 0, "roots": []}, None)
+        say(f"watching {sum(1 for r in w.roots.values() if watchable(r.name))} root(s) for changes; Ctrl-C stops")
+        later = later_job(job)
+        pending: dict[str, int] = {}
+        due = False
+        next_look = 0.0
+        next_listing = time.monotonic() + (opts.interval_s or 0)
+        while True:
+            if watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
+                if not w.polling:
+                    say(f"change notifications failed ({watcher.failed}): polling instead")
+                w.polling = True
+                watcher = _restart(w, watcher, opts, say)
+                due = True
+            try:
+                batch = watcher.batches.get(timeout=opts.tick_s)
+            except queue.Empty:
+                batch = None
+            changes = set(batch or ())
+            while True:  # every batch that came during the last run: one run
+                try:
+                    changes |= watcher.batches.get_nowait()
+                except queue.Empty:
+                    break
+            if time.monotonic() >= next_look or changes:
+                fresh = _read_roots(out)
+                if fresh is not None and set(fresh) != set(w.roots):  # a root added or forgotten by another process
+                    w.roots = {r: w.roots.get(r, Root(r)) for r in fresh}
+                    for r, hidden in fresh.items():
+                        w.roots[r].include_hidden = hidden
+                    watcher = _restart(w, watcher, opts, say)
+                elif fresh is not None:
+                    for r, hidden in fresh.items():
+                        w.roots[r].include_hidden = hidden
+                if _roots_changed(w):
+                    watcher = _restart(w, watcher, opts, say)
+                    due = True
+                next_look = time.monotonic() + opts.tick_s
+            for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
+                                   path_kind).items():
+                pending[root] = pending.get(root, 0) + n
+            if opts.interval_s and time.monotonic() >= next_listing and any(not watchable(r) for r in w.roots):
+                due = True
+            if not (pending or due):
+                continue
+            held = [r.name for r in w.roots.values() if r.held]
+            if held:
+                continue
+            running = True
+            facts = {"run": w.runs + 1, "changes": sum(pending.values()), "roots": sorted(pending)}
+            summary, error = _run_once(run, later, opts, say)
+            running = False
+            w.runs += 1
+            pending, due = {}, False
+            next_listing = time.monotonic() + (opts.interval_s or 0)
+            if error is not None and ends_watch(error, str(out)):
+                raise error
+            report(summary, facts, error)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while closing: no traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if watcher is not None:
+            watcher.close()
+        say("watch stopped" + (": the run in progress was abandoned; the index is as the last finished run left it, "
+                               "the next `alignsearch index` finishes the work" if running else ""))
+        return 0 if stopped and stopped[0] == signal.SIGTERM else 130
+    finally:
+        if watcher is not None:
+            watcher.close()
+        try:
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
+        except (ValueError, TypeError):
+            pass
+
+
+def _run_once(run, job: dict, opts: WatchOptions, say) -> tuple[object | None, BaseException | None]:
+    """One run; another writer's lock is waited out (tried again every lock_retry_s)."""
+    from indexer.lock import WriterBusy
+
+    waited = False
+    while True:
+        try:
+            return run([], **job), None
+        except WriterBusy:
+            if not waited:
+                say("another alignsearch process is writing the index: the run waits for it")
+                waited = True
+            time.sleep(opts.lock_retry_s)
+        except Exception as exc:  # reported, and the watch goes on unless ends_watch says otherwise
+            log.debug("run failed", exc_info=exc)
+            return None, exc
+
+
+def _paths(w: Watch, say) -> list[str]:
+    """The paths to watch: each local root that is there now. Notes each root's identity and whether it is held."""
+    paths = []
+    for r in w.roots.values():
+        if not watchable(r.name):
+            if r.name not in w.unwatched_said:
+                say(f"{r.name} is not watched (a URL): " + (
+                    f"listed again every {w.interval_s:g} s (--watch-interval)" if w.interval_s else
+                    "its changes are indexed by each run the other roots start (or every --watch-interval seconds)"))
+                w.unwatched_said.add(r.name)
+            continue
+        now = r.seen = identity(r.name)
+        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(r.identity, now, _empty(r.name)):
+            if not r.held:
+                say(f"{r.name} is an empty folder on another device (an unmounted drive?): runs wait until it is back")
+            r.held = True  # its identity stays the drive's
+        else:
+            r.held, r.identity = False, now
+        if now is not None:
+            paths.append(r.name)
+    return paths
+
+
+def _roots_changed(w: Watch) -> bool:
+    return any(watchable(r.name) and identity_changed(r.seen, identity(r.name)) for r in w.roots.values())
+
+
+def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool | None:
+    if opts.polling:
+        return True
+    if failed_before:
+        return True
+    if any(network_fs(fs_type(p)) for p in paths):
+        return True
+    return None  # watchfiles' own choice (WATCHFILES_FORCE_POLLING, WSL)
+
+
+def _start(w: Watch, opts: WatchOptions, say) -> _Watcher | None:
+    paths = _paths(w, say)
+    missing = [r.name for r in w.roots.values() if watchable(r.name) and r.identity is None]
+    for name in missing:
+        say(f"{name} is missing: its files stay indexed; the watch checks every {opts.tick_s:g} s for its return")
+    log.info("watching %s", paths)
+    return _Watcher(paths, opts, _polling(opts, paths, w.polling)) if paths else _Idle()
+
+
+def _restart(w: Watch, watcher, opts: WatchOptions, say):
+    """Watch the roots anew; the batches the old watcher queued carry over."""
+    watcher.close()
+    new = _start(w, opts, say)
+    while True:
+        try:
+            new.batches.put(watcher.batches.get_nowait())
+        except queue.Empty:
+            return new
+
+
+class _Idle:
+    """No root to watch now (all missing, or URLs): the loop only looks at the roots every tick."""
+
+    def __init__(self):
+        self.batches: queue.Queue = queue.Queue()
+        self.failed = None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,398 @@
+"""`alignsearch index --watch` (indexer/watch.py): its decisions as pure functions, and the real command in a child
+process watching real folders with real watchfiles: files added, renamed and deleted are found and gone, a burst
+makes few runs, a change during a run makes the next one, other writers work between runs, a root that goes
+keeps its files, SIGINT and SIGTERM end it cleanly, and a running `serve` answers with what it indexed."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, ModelLoadError
+from alignsearch.storage.paths import writer_running
+from conftest import make_images
+from helpers import alignsearch, call, start_serve, stop, verify_problems, write_labels
+from indexer import watch
+from indexer.watch import ADDED, DELETED, MODIFIED
+
+ROOT, SKIP = "/photos", "/photos/.alignsearch"
+
+
+def matters(change, path, include_hidden=False, is_dir=False, root=ROOT):
+    return watch.matters(change, path, root, include_hidden=include_hidden, skip=SKIP, is_dir=is_dir)
+
+
+# -- the decisions --------------------------------------------------------------------------------------------------
+
+
+def test_images_and_folders_matter_other_files_do_not():
+    assert matters(ADDED, "/photos/a.jpg")
+    assert matters(MODIFIED, "/photos/trip/b.HEIC")
+    assert matters(DELETED, "/photos/c.mp4", is_dir=None)
+    assert not matters(ADDED, "/photos/notes.txt")
+    assert not matters(DELETED, "/photos/notes.txt", is_dir=None)
+    assert not matters(ADDED, "/photos/Thumbs.db")
+    # a folder moved in, out or made may carry images; its own time stamps changing does not matter
+    assert matters(ADDED, "/photos/trip", is_dir=True)
+    assert matters(DELETED, "/photos/trip", is_dir=None)  # gone, no extension: may have been a folder
+    assert not matters(MODIFIED, "/photos/trip", is_dir=True)
+    assert matters(DELETED, "/photos", is_dir=None)  # the root itself went
+
+
+def test_hidden_temporary_and_the_index_own_files_do_not_matter():
+    assert not matters(ADDED, "/photos/.cache/a.jpg")
+    assert not matters(ADDED, "/photos/.a.jpg")
+    assert matters(ADDED, "/photos/.cache/a.jpg", include_hidden=True)
+    assert not matters(ADDED, "/photos/.alignsearch/catalog.db", include_hidden=True)
+    assert not matters(ADDED, "/photos/.alignsearch/thumbs/1.jpg", include_hidden=True)
+    for name in ("a.jpg.part", "a.jpg.crdownload", "~$a.jpg", ".a.jpg.swp", "a.jpg~", "a.jpg.tmp", ".#a.jpg"):
+        assert not matters(ADDED, f"/photos/{name}", include_hidden=True), name
+    assert matters(ADDED, "/photos/a.jpg", include_hidden=True)  # the download, renamed when done
+
+
+def test_a_batch_is_counted_per_root_the_deepest_root_owning_each_path():
+    roots = {"/photos": False, "/photos2": True, "/data/list.csv": False}
+    kinds = {"/photos2/.x/a.png": False, "/photos/a.jpg": False, "/photos/b.txt": False}
+    changes = {(ADDED, "/photos/a.jpg"), (ADDED, "/photos/b.txt"), (ADDED, "/photos2/.x/a.png"),
+               (MODIFIED, "/data/list.csv"), (ADDED, "/elsewhere/a.jpg")}
+    assert watch.touched(changes, roots, "/ix", lambda p: kinds.get(p, False)) == \
+        {"/photos": 1, "/photos2": 1, "/data/list.csv": 1}
+    assert watch.owner("/photos2/a.jpg", ["/photos", "/photos2"]) == "/photos2"
+    assert watch.owner("/a/b/c.jpg", ["/a", "/a/b"]) == "/a/b"
+
+
+def test_later_runs_drop_one_time_actions_and_leave_remembered_choices_to_the_index():
+    first = {"index_dir": "/ix", "model": "m", "device": "cpu", "rebuild": True, "reindex": True, "compact": True,
+             "include_hidden": True, "list_column": "url", "caption_column": "c", "video_interval": 5.0, "ocr": True,
+             "ondisk_shards": 2, "index_shards": None, "workers": 0, "batch_size": 8}
+    later = watch.later_job(first)
+    assert later == {**first, "rebuild": False, "reindex": False, "compact": None, "include_hidden": None,
+                     "list_column": None, "caption_column": None, "video_interval": None, "ocr": None,
+                     "ondisk_shards": None, "index_shards": None}
+    assert watch.later_job({**first, "compact": False})["compact"] is False
+
+
+def test_errors_that_fail_every_run_end_the_watch_others_do_not():
+    ix = "/home/u/.alignsearch"
+    assert watch.ends_watch(IndexDamagedError("x"), ix)
+    assert watch.ends_watch(ModelLoadError("x"), ix)
+    assert watch.ends_watch(PermissionError(errno.EACCES, "denied", f"{ix}/write.lock"), ix)
+    assert watch.ends_watch(OSError(errno.EROFS, "read-only", ix), ix)
+    assert not watch.ends_watch(PermissionError(errno.EACCES, "denied", "/home/u/photos/a.jpg"), ix)
+    assert not watch.ends_watch(OSError(errno.ENOSPC, "No space left on device"), ix)
+    assert not watch.ends_watch(DiskFullError("full"), ix)
+    assert not watch.ends_watch(CatalogBusyError("busy"), ix)
+    assert not watch.ends_watch(BadInputError("x"), ix)
+
+
+def test_roots_gone_back_replaced_and_unmounted():
+    assert watch.identity_changed((1, 2), None) and watch.identity_changed(None, (1, 2))
+    assert watch.identity_changed((1, 2), (1, 3)) and not watch.identity_changed((1, 2), (1, 2))
+    assert watch.looks_unmounted((5, 2), (1, 9), empty=True)  # the mount point left behind, empty
+    assert not watch.looks_unmounted((5, 2), (1, 9), empty=False)  # another drive with files: indexed
+    assert not watch.looks_unmounted((5, 2), (5, 2), empty=True)  # emptied by the user: a run removes its files
+    assert not watch.looks_unmounted((5, 2), None, empty=False)  # missing: a run keeps its files
+    assert not watch.looks_unmounted(None, (1, 9), empty=True)
+    assert not watch.watchable("s3://bucket/photos") and watch.watchable("/data/list.csv")
+
+
+def test_network_file_systems_are_polled(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                    "40 22 0:50 / /mnt/nas rw - nfs4 nas:/photos rw\n"
+                    "41 22 0:51 / /mnt/my\\040share rw - cifs //srv/s rw\n")
+    assert watch.fs_type("/mnt/nas/2024/a", str(info)) == "nfs4"
+    assert watch.fs_type("/mnt/my share/x", str(info)) == "cifs"
+    assert watch.fs_type("/mnt/nasty", str(info)) == "ext4"
+    assert watch.network_fs("nfs4") and watch.network_fs("fuse.sshfs") and not watch.network_fs("ext4")
+    assert watch.fs_type("/x", str(tmp_path / "absent")) == ""
+
+
+def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
+    """watch_index over a real folder and real watchfiles, with a stand-in for the index job whose second run
+    meets a full disk: reported, and the next change makes the next run; an error that fails every run ends it."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    root.mkdir()
+    calls, reports, lines = [], [], []
+
+    def run(roots, **job):
+        calls.append((roots, job))
+        if len(calls) == 2:
+            raise DiskFullError("no space left on device")
+        return {"run": len(calls)}
+
+    def report(summary, facts, error):
+        reports.append((summary, facts, error))
+        if len(reports) < 3:
+            (root / f"{len(reports)}.jpg").write_bytes(b"x")  # the next change
+        else:
+            raise KeyboardInterrupt  # Ctrl-C
+
+    options = watch.WatchOptions(settle_ms=100, tick_s=0.2)
+    job = {"index_dir": str(ix), "rebuild": True}
+    assert watch.watch_index([str(root)], job, options, run, report, lines.append) == 130
+    assert isinstance(reports[1][2], DiskFullError) and reports[2][2] is None
+    assert [r[1]["run"] for r in reports] == [1, 2, 3] and reports[2][1]["roots"] == [str(root.resolve())]
+    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve())})
+    assert all(c == ([], watch.later_job(calls[0][1])) for c in calls[1:])  # no --rebuild each time
+    assert lines[-1] == "watch stopped"
+
+    def damaged(roots, **job):
+        calls.append(roots)
+        if len(calls) > 4:
+            raise IndexDamagedError("the vector store is damaged")
+        (root / "3.jpg").write_bytes(b"x")  # during the run: the next one sees it
+        return {}
+
+    with pytest.raises(IndexDamagedError):
+        watch.watch_index([str(root)], job, options, damaged, lambda *a: None, lines.append)
+    assert len(calls) == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as before
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+DEADLINE = 120  # seconds any one expected run may take to show up (a loaded 2-core machine)
+
+
+class Watching:
+    """`alignsearch index --watch --json` in a child process; its JSON lines (one per run) and stderr lines, read
+    as they come."""
+
+    def __init__(self, ix, *args):
+        cmd = [sys.executable, "-m", "alignsearch", "index", *map(str, args), "--index", str(ix), "--device", "cpu",
+               "--workers", "0", "--watch", "--json"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.runs: list[dict] = []
+        self.errors: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.runs, json.loads)),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, self.errors, str.rstrip))]
+        for t in self._readers:
+            t.start()
+        self.until(lambda: any("Ctrl-C stops" in e for e in self.errors), "the watch to start")
+
+    @staticmethod
+    def _read(stream, into, parse):
+        for line in stream:
+            into.append(parse(line))
+
+    def until(self, ready, what: str, deadline: float = DEADLINE):
+        end = time.monotonic() + deadline
+        while not ready():
+            assert self.proc.poll() is None, f"the watch ended ({self.proc.returncode}): {self.errors[-20:]}"
+            assert time.monotonic() < end, f"no {what} within {deadline} s; runs {self.runs}, stderr {self.errors[-20:]}"
+            time.sleep(0.05)
+
+    def next_run(self, **expected) -> dict:
+        """The next run whose counts include `expected` (earlier runs that did part of it are skipped)."""
+        seen = len(self.runs)
+
+        def found():
+            return any(all(r.get(k) == v for k, v in expected.items()) for r in self.runs[seen:])
+
+        self.until(found, f"run with {expected}")
+        return next(r for r in self.runs[seen:] if all(r.get(k) == v for k, v in expected.items()))
+
+    def stop(self, sig=signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            for t in self._readers:
+                t.join(10)
+        return code
+
+
+@pytest.fixture
+def watching():
+    started = []
+
+    def start(ix, *args):
+        started.append(Watching(ix, *args))
+        return started[-1]
+
+    yield start
+    for w in started:
+        w.stop(signal.SIGTERM)
+
+
+def indexed_paths(ix) -> set[str]:
+    proc = alignsearch("query", "anything", "-k", "1000", "--json", "--index", ix)
+    assert proc.returncode == 0, proc.stderr
+    return {h["path"] for h in json.loads(proc.stdout)["results"]}
+
+
+@pytest.mark.slow
+def test_added_renamed_and_deleted_files_are_found_and_gone(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    new = make_images(root / "new", 1, seed=7)[0]
+    w.next_run(added=1)
+    hits = alignsearch("query", "--image", new, "-k", "1", "--json", "--index", ix)
+    assert json.loads(hits.stdout)["results"][0]["path"] == str(new)  # `query` finds it: the index is current
+    renamed = root / "renamed.png"
+    os.rename(new, renamed)
+    w.next_run(moved=1)
+    paths = indexed_paths(ix)
+    assert str(renamed) in paths and str(new) not in paths
+    renamed.unlink()
+    w.next_run(removed=1)
+    assert str(renamed) not in indexed_paths(ix)
+    assert all(r["watch"]["roots"] == [str(root.resolve())] for r in w.runs[1:])
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_burst_makes_few_runs_and_a_change_during_a_run_makes_the_next(indexed_images, watching, tmp_path):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    made = make_images(tmp_path / "staging", 60, seed=3)
+    for path in made:  # a copy of 60 files, one after the other, as a file manager does
+        shutil.copy(path, root / f"burst-{path.name}")
+    w.until(lambda: writer_running(ix) or len(w.runs) > 1, "run start")
+    late = make_images(tmp_path / "late", 1, seed=9)[0]
+    shutil.copy(late, root / "late.png")  # while the run lists or encodes the burst
+    w.until(lambda: sum(r.get("added", 0) for r in w.runs[1:]) == 61, "61 files added")
+    # the run going when it came saw it, or the next did; a run started after it either way: never lost
+    w.until(lambda: any(r["watch"]["changes"] and r["watch"]["run"] > 2 or r["added"] == 61 for r in w.runs[1:]),
+            "a run after the late change")
+    assert len(w.runs) - 1 <= 3, [r["watch"] for r in w.runs]  # not one run per file
+    assert str(root / "late.png") in indexed_paths(ix)
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_other_writers_work_between_runs_and_a_held_lock_is_waited_out(indexed_images, watching, tmp_path):
+    from indexer.lock import writer_lock
+
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    tagged = alignsearch("tag", "--labels-file", write_labels(tmp_path / "labels.txt", ["a dog", "a car"]), "--index", ix,
+                         "--device", "cpu")
+    assert tagged.returncode == 0, tagged.stderr  # the watch holds no lock while it waits
+    with writer_lock(ix):  # another writer is busy when a batch is due
+        make_images(root / "more", 1, seed=11)
+        w.until(lambda: any("waits" in e for e in w.errors), "the run waiting for the lock")
+        assert len(w.runs) == 1
+    w.next_run(added=1)
+    assert w.proc.poll() is None
+    assert w.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+def test_a_root_that_goes_keeps_its_files_and_is_watched_again_when_back(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    away = root.with_name("away")
+    os.rename(root, away)  # the drive unmounted, the folder moved away
+    w.next_run(removed=0, kept=4)
+    listed = json.loads(alignsearch("roots", "--json", "--index", ix).stdout)
+    assert [(r["state"], r["indexed"]) for r in listed] == [("missing", 4)]
+    os.rename(away, root)
+    w.next_run(removed=0, unchanged=4)
+    make_images(root / "after", 1, seed=12)  # watched again
+    w.next_run(added=1)
+    assert len(indexed_paths(ix)) == 5
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_sigint_during_a_run_and_while_idle_ends_cleanly(indexed_images, watching, tmp_path):
+    root, ix = indexed_images(4)
+    w = watching(ix, "--batch-size", "1")  # a run long enough to be caught
+    for path in make_images(tmp_path / "staging", 40, seed=4):
+        shutil.copy(path, root / f"burst-{path.name}")
+    w.until(lambda: writer_running(ix), "run start")
+    assert w.stop(signal.SIGINT) == 130
+    assert [e for e in w.errors if "watch stopped" in e] and not [e for e in w.errors if "Traceback" in e]
+    assert "abandoned" in w.errors[-1]
+    assert verify_problems(ix) == []
+    again = watching(ix)  # the next run finishes the work
+    again.until(lambda: len(indexed_paths(ix)) == 44, "the abandoned files indexed")
+    assert again.stop(signal.SIGINT) == 130
+    assert again.errors[-1] == "watch stopped"
+    assert verify_problems(ix) == []
+    done = alignsearch("verify", "--json", "--index", ix)
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.slow
+def test_a_running_server_answers_with_the_new_file(indexed_images, watching):
+    root, ix = indexed_images(4)
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        w = watching(ix)
+        new = make_images(root / "new", 1, seed=8)[0]
+        w.next_run(added=1)
+        status, _, body = call(url, "/api/search?q=anything&k=100")
+        assert status == 200
+        assert str(new) in {h["path"] for h in json.loads(body)["results"]}
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_polled_bad_files_are_failures_and_errors_of_a_run_are_one_line(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix, "--watch-polling")  # as on a network drive
+    (root / "broken.jpg").write_bytes(b"not an image")  # a damaged file: failed, the watch goes on
+    w.next_run(failed=1)
+    vectors = ix / "vectors.f16"
+    os.truncate(vectors, vectors.stat().st_size // 2)  # the index damaged: every run would fail
+    make_images(root / "more", 1, seed=13)
+    assert w.proc.wait(timeout=DEADLINE) == 7
+    w.stop()
+    assert len(w.errors) == 2 and w.errors[-1].startswith("error: ") and "verify --repair" in w.errors[-1], w.errors
+
+
+@pytest.mark.slow
+def test_a_list_root_is_watched_as_a_file_even_when_an_editor_replaces_it(tmp_path, tiny_model, watching):
+    images = make_images(tmp_path / "images", 3, seed=14)
+    listing, ix = tmp_path / "photos.csv", tmp_path / "ix"
+    listing.write_text("path\n" + "".join(f"{p}\n" for p in images[:2]))
+    w = watching(ix, listing, "--model", tiny_model)
+    assert w.runs[0]["added"] == 2
+    with open(listing, "a") as f:  # appended in place
+        f.write(f"{images[2]}\n")
+    w.next_run(added=1)
+    replacement = tmp_path / "photos.csv.new"
+    replacement.write_text("path\n" + "".join(f"{p}\n" for p in images[1:]))
+    os.replace(replacement, listing)  # saved as editors save: a new file renamed over the old
+    w.next_run(removed=1)
+    images[0].unlink()
+    with open(listing, "a") as f:  # the replaced file is watched too
+        f.write(f"{images[0]}\n")
+    w.next_run(failed=1)
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_url_roots_are_not_watched_but_listed_again_every_interval(tmp_path, tiny_model, watching):
+    folder, ix = tmp_path / "remote", tmp_path / "ix"
+    make_images(folder, 2, seed=15)
+    w = watching(ix, f"file://{folder}", "--model", tiny_model, "--watch-interval", "1")
+    assert any("is not watched (a URL): listed again every 1 s" in e for e in w.errors), w.errors
+    assert w.runs[0]["added"] == 2
+    make_images(folder / "new", 1, seed=16)
+    w.next_run(added=1)  # no change notification: the interval's listing found it
+    assert w.stop() == 130
+
+
+def test_watch_options_are_documented(tmp_path):
+    helped = alignsearch("index", "--help")
+    assert all(option in helped.stdout for option in ("--watch", "--watch-polling", "--watch-interval", "JSON lines"))
+    bad = alignsearch("index", tmp_path, "--watch-polling", "--index", tmp_path / "ix")
+    assert bad.returncode == 2 and "--watch-polling goes with --watch" in bad.stderr
+    assert not Path(tmp_path / "ix").exists()

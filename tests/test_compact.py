@@ -2,6 +2,7 @@
 reclaimed by a new generation of the store, with the same answers, a reader open across it, and kill -9 at
 each step leaving an index that answers as before and verifies clean."""
 
+import logging
 import shutil
 
 import numpy as np
@@ -200,6 +201,27 @@ def test_a_compaction_killed_after_its_commit_is_finished_by_a_run_that_may_not_
     with alignsearch.open(ix) as engine:
         row_bytes = engine.store.row_bytes
     assert _files(ix) == (0, {new: 7 * row_bytes}), _files(ix)
+    assert fixed_answers(ix) == want and verify_problems(ix) == []
+
+
+def test_a_re_encode_after_a_compaction_deletes_the_old_generation_under_vectors_next(indexed_images, caplog):
+    """The live generation lies under vectors/next/ after a compaction: the re-encode's switch deletes it, as
+    it deletes the rest of the old generation, and says so (it stayed, taking the disk of every live row,
+    until the next writer deleted it as "a new segment no commit knows (a killed re-encode or compaction)")."""
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--compact")
+    [compacted] = vector_files(ix)
+    assert compacted.startswith("next/"), compacted
+    want = fixed_answers(ix)
+    for name in ("alignsearch.storage.vectors", "indexer"):  # the CLI sets the root logger's level
+        caplog.set_level(logging.INFO, logger=name)
+    summary = index_json(ix, "--device", "cpu", "--reindex", "--no-compact")
+    assert summary["reencoded"] == 8 and summary["compacted"] is None, summary  # 7 rows, a copy sharing one
+    assert unlisted_vector_files(ix) == [] and compacted not in vector_files(ix), vector_files(ix)
+    said = [r.getMessage() for r in caplog.records if ".f16" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"vectors/{compacted}: deleted (the old generation: every file is "
+                                                 "re-encoded into vectors/next/"), said
     assert fixed_answers(ix) == want and verify_problems(ix) == []
 
 

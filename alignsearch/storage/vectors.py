@@ -300,6 +300,27 @@ def empty_file(path: Path) -> None:
     write_bytes(path, b"")
 
 
+def drop_generation(old: VectorStore, why: str) -> None:
+    """After a switch (compaction, re-encode) committed a new generation: the old store's files, each logged
+    with `why` (what became of its rows). vectors.f16 is replaced by an empty file (a new inode: readers of the
+    old generation keep their map), then each other segment deleted, under vectors/next/ too. A kill in
+    between leaves files no commit lists, which the next writer deletes (truncate_uncommitted; under
+    vectors/next/, indexer/reindex.remove_leftovers)."""
+    if old.path.exists() and old.path.stat().st_size:
+        empty_file(old.path)
+        log.info("%s: emptied (the old generation: %s)", old.path.name, why)
+    for n in old.numbers()[1:]:
+        _delete_old_segment(old.segment_path(n), old.path.parent, why)
+
+
+def _delete_old_segment(path: Path, index_dir: Path, why: str) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    log.info("%s: deleted (the old generation: %s)", path.relative_to(index_dir), why)
+
+
 def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
     """The store of the index at index_dir as the catalog last committed it."""
     recorded = state.read(conn).vectors

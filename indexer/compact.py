@@ -80,7 +80,7 @@ def remove_leftovers(db, out: Path) -> None:
     reindex.remove_leftovers(store, pending=recorded.reindex.segment if recorded.reindex else None)
 
 
-def compact(db, out: Path, force: bool = False) -> Compacted | None:
+def compact(db, out: Path, *, force: bool = False) -> Compacted | None:
     """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock, and
     deleted what a killed one left when it took it: remove_leftovers); None
     when it was not (or nothing is encoded yet, or a re-encode is in progress: its pending rows point into a

@@ -4,6 +4,7 @@ each step leaving an index that answers as before and verifies clean."""
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,13 @@ def test_due_needs_many_dead_rows_and_half_the_store():
     assert not compact.due(live_rows=dead + 1, stored_rows=2 * dead + 1)  # less than half
     assert not compact.due(live_rows=10 * dead, stored_rows=11 * dead)  # many rows, a small share
     assert compact.due(live_rows=10, stored_rows=11, force=True) and not compact.due(10, 10, force=True)
+
+
+def test_force_is_only_ever_named():
+    """A call written when compact took the vector width third (`compact(db, out, store.dim)`) is refused, not
+    read as force=640: a compaction of any index with one dead row."""
+    with pytest.raises(TypeError):
+        compact.compact(None, Path("ix"), 640)
 
 
 def _churn(photos):

@@ -233,6 +233,46 @@ def test_a_re_encode_after_a_compaction_deletes_the_old_generation_under_vectors
     assert fixed_answers(ix) == want and verify_problems(ix) == []
 
 
+def _a_pending_re_encode_and_a_killed_compactions_copy(ix) -> tuple[Path, Path]:
+    """A re-encode in progress recorded with its segment under vectors/next/, and a copy there no commit knows
+    (a compaction killed before its switch): (the re-encode's segment, the copy)."""
+    from alignsearch.storage.state import ModelIdentity, Reindex
+
+    pending, copy = ix / "vectors" / "next" / "pending.f16", ix / "vectors" / "next" / "copy.f16"
+    pending.parent.mkdir(parents=True)
+    pending.write_bytes(bytes(64))
+    copy.write_bytes(bytes(64))
+    db = catalog.connect(ix / DB_FILE)
+    with db.begin() as conn:
+        other = ModelIdentity(name="other", fingerprint="other", dim=state.read(conn).model.dim)
+        state.write(conn, reindex=Reindex(model=other, segment="next/pending", rows=1, done=1))
+    db.dispose()
+    return pending, copy
+
+
+def test_leftovers_are_removed_but_a_re_encode_in_progress_keeps_its_segment(tmp_path):
+    from helpers import vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 4, 16)
+    pending, copy = _a_pending_re_encode_and_a_killed_compactions_copy(ix)
+    db = catalog.connect(ix / DB_FILE)
+    try:
+        compact.remove_leftovers(db, ix)
+    finally:
+        db.dispose()
+    assert pending.exists() and not copy.exists()
+
+
+def test_forget_removes_a_killed_compactions_copy_and_keeps_a_pending_re_encodes_segment(indexed_images):
+    from indexer.roots import forget_root
+
+    photos, ix = indexed_images(12)
+    pending, copy = _a_pending_re_encode_and_a_killed_compactions_copy(ix)
+    assert forget_root(ix, str(photos))["files"] == 12
+    assert pending.exists() and not copy.exists()
+
+
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):
     from conftest import make_images
     from indexer.roots import forget_root

@@ -8,8 +8,10 @@ indexes written before segments existed.
 
 The catalog records how many rows of each segment are committed; bytes past that (a run killed
 between writing vectors and committing their catalog rows) are cut off by the next writer, and a
-segment the catalog never heard of (an actor killed before its first commit) is deleted. Rows an
-actor wrote for a batch that was then retried elsewhere stay in the middle of its segment, unused.
+segment file the catalog does not list is deleted: an actor's killed before its first commit, or one
+whose rows a committed switch (compaction, re-encode: drop_generation) or fold moved elsewhere, killed
+before it deleted the file. Rows an actor wrote for a batch that was then retried elsewhere stay in
+the middle of its segment, unused.
 Readers memory-map the committed rows, so exact re-ranking touches only the rows it needs.
 """
 
@@ -133,7 +135,10 @@ class VectorStore:
         return bool(self.valid(addresses).all())
 
     def unknown_files(self) -> list[Path]:
-        """Segment files the store does not list: left by actors killed before their first commit."""
+        """Segment files directly under vectors/ the store does not list: an encoder actor's killed before its
+        first commit, or one whose rows a committed switch or fold moved elsewhere, killed before it deleted
+        the file. (Under
+        vectors/next/, where a re-encode's segment waits unlisted, indexer/reindex.remove_leftovers looks.)"""
         listed = {f"{name}.f16" for name, _ in self.segments.values()}
         return sorted(p for p in self.folder.glob("*.f16") if p.name not in listed) if self.folder.exists() else []
 

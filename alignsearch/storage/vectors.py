@@ -472,11 +472,11 @@ def _inside(addresses: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
 UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16): a zeroed or overwritten row is far off
 
 
-def not_unit_length(rows: np.ndarray) -> int:
-    """How many of the (n, dim) rows are not unit length: what tells a damaged row no checksum covers (one
-    zero-filled or overwritten) from a good one."""
+def not_unit_length(rows: np.ndarray, *, tolerance: float = UNIT_TOLERANCE) -> int:
+    """How many of the (n, dim) rows are not unit length (NaN among them): what tells a damaged row no
+    checksum covers (one zero-filled or overwritten) from a good one."""
     norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
-    return int((~(np.abs(norms - 1) < UNIT_TOLERANCE)).sum())
+    return int((~(np.abs(norms - 1) < tolerance)).sum())
 
 
 def adopt_segment(conn: Connection, store: VectorStore, segment: int) -> int:

@@ -273,6 +273,31 @@ def test_forget_removes_a_killed_compactions_copy_and_keeps_a_pending_re_encodes
     assert pending.exists() and not copy.exists()
 
 
+def test_a_refusal_at_a_writers_start_leaves_even_a_killed_compactions_copy(indexed_images, tmp_path, monkeypatch):
+    """`forget` of a root the index does not have, and `index --ocr` without the OCR engine, refuse before
+    anything is written (as they say): a killed compaction's copy is left for a run that goes on."""
+    from alignsearch.errors import BadInputError
+    from alignsearch.media import ocr
+    from indexer.job import index_folders
+    from indexer.roots import forget_root
+
+    photos, ix = indexed_images(12)
+    copy = ix / "vectors" / "next" / "copy.f16"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(bytes(64))
+    with pytest.raises(BadInputError, match="not a root of this index"):
+        forget_root(ix, str(tmp_path / "elsewhere"))
+    assert copy.exists()
+
+    def missing():
+        raise BadInputError(ocr.MISSING)
+
+    monkeypatch.setattr(ocr, "check_available", missing)
+    with pytest.raises(BadInputError, match="OCR|ocr"):
+        index_folders([photos], index_dir=ix, device="cpu", ocr=True)
+    assert copy.exists()
+
+
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):
     from conftest import make_images
     from indexer.roots import forget_root

@@ -82,9 +82,8 @@ def remove_leftovers(db, out: Path) -> None:
 
 def compact(db, out: Path, *, force: bool = False) -> Compacted | None:
     """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock, and
-    deleted what a killed one left when it took it: remove_leftovers); None
-    when it was not (or nothing is encoded yet, or a re-encode is in progress: its pending rows point into a
-    segment of their own).
+    deleted what a killed one left when it took it: remove_leftovers); None when it was not (or nothing is
+    encoded yet, or a re-encode is in progress: its pending rows point into a segment of their own).
     IndexDamagedError, with nothing changed, when a live row fails its checksum: `verify --repair` first."""
     started = time.perf_counter()
     with db.connect() as conn:

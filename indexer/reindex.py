@@ -115,8 +115,8 @@ def remove_leftovers(store: VectorStore, pending: str | None = None) -> None:
     live = {store.segments[n][0] for n in store.segments} | ({pending} if pending else set())
     for left in (store.folder / NEXT_FOLDER).glob("*.f16"):
         if f"{NEXT_FOLDER}/{left.stem}" not in live:
-            log.info("%s: deleting a segment no commit knows (a compaction's or re-encode's copy killed before "
-                     "its switch, or one whose rows a switch or fold moved elsewhere)",
+            log.info("%s: deleting a segment no commit knows (the new segment of a compaction or re-encode killed "
+                     "before its switch, or one whose rows a switch or fold moved elsewhere)",
                      left.relative_to(store.path.parent))
             left.unlink()
 

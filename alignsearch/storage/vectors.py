@@ -137,8 +137,8 @@ class VectorStore:
     def unknown_files(self) -> list[Path]:
         """Segment files directly under vectors/ the store does not list: an encoder actor's killed before its
         first commit, or one whose rows a committed switch or fold moved elsewhere, killed before it deleted
-        the file. (Under
-        vectors/next/, where a re-encode's segment waits unlisted, indexer/reindex.remove_leftovers looks.)"""
+        the file. (Under vectors/next/, where a re-encode's segment waits unlisted, indexer/reindex.py's
+        remove_leftovers looks.)"""
         listed = {f"{name}.f16" for name, _ in self.segments.values()}
         return sorted(p for p in self.folder.glob("*.f16") if p.name not in listed) if self.folder.exists() else []
 

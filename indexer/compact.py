@@ -14,7 +14,8 @@ next `index` run or `forget` starts (remove_leftovers), and the index is as it w
 new segment is the store's, and what is left of the old generation is what a writer tidies anyway:
 vectors.f16's rows lie past its committed row 0 and the old top-level segments are files no commit lists
 (both for the next `index` run: VectorStore.truncate_uncommitted), an old segment under vectors/next/ is
-a leftover (remove_leftovers). Not killed, the compaction deletes them itself (_drop_old_generation).
+a leftover (remove_leftovers). Not killed, the compaction deletes them itself (vectors.drop_generation, as a
+re-encode's switch does).
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def remove_leftovers(db, out: Path) -> None:
     reindex.remove_leftovers(store, pending=recorded.reindex.segment if recorded.reindex else None)
 
 
-def compact(db, out: Path, force: bool = False) -> Compacted | None:
-    """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock); None
-    when it was not (or nothing is encoded yet, or a re-encode is in progress: its pending rows point into a
-    segment of their own).
+def compact(db, out: Path, *, force: bool = False) -> Compacted | None:
+    """Compact the vector store of the index at `out` when `due` (the caller holds the writer lock, and
+    deleted what a killed one left when it took it: remove_leftovers); None when it was not (or nothing is
+    encoded yet, or a re-encode is in progress: its pending rows point into a segment of their own).
     IndexDamagedError, with nothing changed, when a live row fails its checksum: `verify --repair` first."""
     started = time.perf_counter()
     with db.connect() as conn:
@@ -90,7 +91,6 @@ def compact(db, out: Path, force: bool = False) -> Compacted | None:
         if recorded.model is None or recorded.reindex is not None:
             return None
         store = vectors.load(conn, out, recorded.model.dim)
-        reindex.remove_leftovers(store)  # a killed compaction's copy
         counted = vectors.usage(conn, store)  # counts first: most runs end here, with no addresses loaded
         stored = counted["rows"]
         if not due(counted["live_rows"], stored, force):
@@ -106,7 +106,7 @@ def compact(db, out: Path, force: bool = False) -> Compacted | None:
     new = VectorStore(out / VECTORS_FILE, store.dim, 0, {number: (name, len(live))})
     _copy(store, live, new.segment_path(number))
     _switch(db, new, number, live, [vectors.segment_key(store, n) for n in store.numbers()], recorded.generation)
-    _drop_old_generation(store, new.segment_path(number).relative_to(out))
+    vectors.drop_generation(store, f"its live rows are copied to {new.segment_path(number).relative_to(out)}")
     done = Compacted(rows_before=stored, rows_after=len(live), bytes_freed=(stored - len(live)) * new.row_bytes,
                      seconds=round(time.perf_counter() - started, 3))
     log.info("vectors compacted: %d rows kept of %d (%d bytes freed)", done.rows_after, done.rows_before,
@@ -135,26 +135,6 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
     except BaseException:
         path.unlink(missing_ok=True)  # not yet known to any commit: as if never written
         raise
-
-
-def _drop_old_generation(store: VectorStore, copied_to: Path) -> None:
-    """After the switch, the old store's files: vectors.f16 replaced by an empty file (a new inode: readers of
-    the old generation keep their map), then each other segment deleted. A kill in between leaves what the
-    next writer finishes (see the module's docstring)."""
-    if store.path.exists() and store.path.stat().st_size:
-        vectors.empty_file(store.path)
-        log.info("%s: emptied (the old generation: its live rows are copied to %s)", store.path.name, copied_to)
-    for n in store.numbers()[1:]:
-        _delete_old_segment(store.segment_path(n), store.path.parent, copied_to)
-
-
-def _delete_old_segment(path: Path, index_dir: Path, copied_to: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return
-    log.info("%s: deleted (the old generation: its live rows are copied to %s)", path.relative_to(index_dir),
-             copied_to)
 
 
 def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[str], generation: int) -> None:

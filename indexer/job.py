@@ -156,8 +156,8 @@ def index_folders(
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)
             try:
-                remove_vector_leftovers(db, out)  # a killed compaction's copy, whether this run may compact or not
                 use_ocr = _ocr_choice(db, ocr)
+                remove_vector_leftovers(db, out)  # a killed compaction's copy, whether this run may compact or not
                 options = IndexOptions(
                     model=model, device=device, batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                     rebuild=rebuild, progress=progress, use_ray=use_ray or ray_address is not None,

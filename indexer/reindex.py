@@ -7,7 +7,9 @@ killed re-encode resumes where it stopped (with the same model; another model st
 every file has its new vector, the ANN index of the new generation is written beside the old one
 (index.faiss.next) and one transaction makes it live: files point at the new vectors, the model and
 the ANN checksum are the new ones, the generation number grows. Readers notice the generation on their
-next query and swap their snapshot whole (alignsearch/search/engine.py). The old vectors are dropped after it.
+next query and swap their snapshot whole (alignsearch/search/engine.py). Then the switch drops the old
+generation's files as a compaction does (vectors.drop_generation): vectors.f16 emptied, every old segment
+deleted, a previous switch's under vectors/next/ too. Killed before that, the next writer deletes them.
 """
 
 from __future__ import annotations
@@ -106,13 +108,16 @@ def _progress(db, encoder: Encoder, store: VectorStore) -> Reindex:
 
 
 def remove_leftovers(store: VectorStore, pending: str | None = None) -> None:
-    """Delete the files under vectors/next/ no commit knows: a killed re-encode's or compaction's new segment,
-    or one folded after its switch. pending: the segment of a re-encode in progress (known to its progress
-    record, not to the store), kept."""
+    """Delete the files under vectors/next/ no commit knows: the new segment of a compaction or re-encode
+    killed before its switch, or a segment whose rows a committed switch (the old generation) or fold moved
+    elsewhere, left by a kill before it was deleted. pending: the segment of a re-encode in progress (known
+    to its progress record, not to the store), kept."""
     live = {store.segments[n][0] for n in store.segments} | ({pending} if pending else set())
     for left in (store.folder / NEXT_FOLDER).glob("*.f16"):
         if f"{NEXT_FOLDER}/{left.stem}" not in live:
-            log.info("%s: deleting a new segment no commit knows (a killed re-encode or compaction)", left.name)
+            log.info("%s: deleting a segment no commit knows (the new segment of a compaction or re-encode killed "
+                     "before its switch, or one whose rows a switch or fold moved elsewhere)",
+                     left.relative_to(store.path.parent))
             left.unlink()
 
 
@@ -152,7 +157,9 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         state.write(conn, model=ModelIdentity.from_record(encoder.describe()), generation=generation + 1, reindex=None)
 
     built = build.sync_index(db, new, out / ANN_FILE, rebuild=True, live=live, on_commit=commit, **rebuild_options)
-    new.truncate_uncommitted()  # the old generation's vectors: vectors.f16 emptied, old segments deleted
+    # every file of the old generation, under vectors/next/ too (a previous compaction's or re-encode's segment):
+    # the new store lists none of them, and no reader of the new generation maps them
+    vectors.drop_generation(store, f"every file is re-encoded into {new.segment_path(number).relative_to(out)}")
     return built
 
 

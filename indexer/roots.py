@@ -255,12 +255,12 @@ def forget_root(index_dir, root: str) -> dict:
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)
         try:
-            compact.remove_leftovers(db, out)  # a killed compaction's copy
             with db.connect() as conn:
                 st = state.read(conn)
                 name = known_root(root, list(st.roots.roots))
                 store = vectors.load(conn, out, st.model.dim) if st.model else None
                 live = catalog.live_pairs(conn, without_root=name)  # the ANN index once `name` is forgotten
+            compact.remove_leftovers(db, out)  # a killed compaction's copy (a mistyped root touched nothing)
             done = []
             if store is None:
                 with db.begin() as conn:

@@ -334,7 +334,7 @@ KILL_MOMENTS = {  # where, before or after its call, and the files then left tha
                                                                          "after", 2),
     # the old segments go in the order of their numbers: the previous compaction's (under vectors/next/) first
     "committed, the previous compaction's segment deleted, the actor's not yet": (
-        "indexer.compact:_delete_old_segment", "after", 1),
+        "alignsearch.storage.vectors:_delete_old_segment", "after", 1),
 }
 
 

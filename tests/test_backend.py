@@ -365,6 +365,25 @@ def test_a_cache_path_that_is_a_file_falls_back_to_torch(tiny_model, tmp_path, m
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
     assert enc.plan.backend == "torch" and "cannot write the ONNX cache" in enc.plan.why
+    # the entry named is the one in the way, as it is (not "..", its name relative to the cache's own folder)
+    assert f": {tmp_path / 'file'}" in enc.plan.why and "..:" not in enc.plan.why, enc.plan.why
+    assert enc.plan.why.endswith("Not a directory"), enc.plan.why
+
+
+def test_a_cache_error_names_the_entry_in_the_way():
+    """Inside the cache's folder, by its name there; elsewhere (the folder itself, a parent), as it is; a
+    rename's by its destination (the source is a temporary that no longer says which entry failed)."""
+    import errno
+
+    from alignsearch.encoders.onnxexport import _entry
+
+    folder = Path("/cache/onnx/model")
+    assert _entry(OSError(errno.EISDIR, "Is a directory", str(folder / "records" / "x")), folder) == "records/x"
+    assert _entry(OSError(errno.ENOTDIR, "Not a directory", "/cache/onnx"), folder) == "/cache/onnx"
+    assert _entry(OSError(errno.EACCES, "Permission denied", str(folder)), folder) == str(folder)
+    renamed = OSError(errno.EISDIR, "Is a directory", str(folder / ".vision.onnx.x1.tmp"), None,
+                      str(folder / "vision.onnx"))
+    assert _entry(renamed, folder) == "vision.onnx"
 
 
 # -- precision ----------------------------------------------------------------------------------------------

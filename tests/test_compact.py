@@ -2,7 +2,9 @@
 reclaimed by a new generation of the store, with the same answers, a reader open across it, and kill -9 at
 each step leaving an index that answers as before and verifies clean."""
 
+import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,13 @@ def test_due_needs_many_dead_rows_and_half_the_store():
     assert not compact.due(live_rows=dead + 1, stored_rows=2 * dead + 1)  # less than half
     assert not compact.due(live_rows=10 * dead, stored_rows=11 * dead)  # many rows, a small share
     assert compact.due(live_rows=10, stored_rows=11, force=True) and not compact.due(10, 10, force=True)
+
+
+def test_force_is_only_ever_named():
+    """A call written when compact took the vector width third (`compact(db, out, store.dim)`) is refused, not
+    read as force=640: a compaction of any index with one dead row."""
+    with pytest.raises(TypeError):
+        compact.compact(None, Path("ix"), 640)
 
 
 def _churn(photos):
@@ -201,6 +210,92 @@ def test_a_compaction_killed_after_its_commit_is_finished_by_a_run_that_may_not_
         row_bytes = engine.store.row_bytes
     assert _files(ix) == (0, {new: 7 * row_bytes}), _files(ix)
     assert fixed_answers(ix) == want and verify_problems(ix) == []
+
+
+def test_a_re_encode_after_a_compaction_deletes_the_old_generation_under_vectors_next(indexed_images, caplog):
+    """The live generation lies under vectors/next/ after a compaction: the re-encode's switch deletes it, as
+    it deletes the rest of the old generation, and says so (it stayed, taking the disk of every live row,
+    until the next writer deleted it as "a new segment no commit knows (a killed re-encode or compaction)")."""
+    photos, ix = indexed_images(12)
+    _churn(photos)
+    index_json(ix, photos, "--device", "cpu", "--compact")
+    [compacted] = vector_files(ix)
+    assert compacted.startswith("next/"), compacted
+    want = fixed_answers(ix)
+    for name in ("alignsearch.storage.vectors", "indexer"):  # the CLI sets the root logger's level
+        caplog.set_level(logging.INFO, logger=name)
+    summary = index_json(ix, "--device", "cpu", "--reindex", "--no-compact")
+    assert summary["reencoded"] == 8 and summary["compacted"] is None, summary  # 7 rows, a copy sharing one
+    assert unlisted_vector_files(ix) == [] and compacted not in vector_files(ix), vector_files(ix)
+    said = [r.getMessage() for r in caplog.records if ".f16" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"vectors/{compacted}: deleted (the old generation: every file is "
+                                                 "re-encoded into vectors/next/"), said
+    assert fixed_answers(ix) == want and verify_problems(ix) == []
+
+
+def _a_pending_re_encode_and_a_killed_compactions_copy(ix) -> tuple[Path, Path]:
+    """A re-encode in progress recorded with its segment under vectors/next/, and a copy there no commit knows
+    (a compaction killed before its switch): (the re-encode's segment, the copy)."""
+    from alignsearch.storage.state import ModelIdentity, Reindex
+
+    pending, copy = ix / "vectors" / "next" / "pending.f16", ix / "vectors" / "next" / "copy.f16"
+    pending.parent.mkdir(parents=True)
+    pending.write_bytes(bytes(64))
+    copy.write_bytes(bytes(64))
+    db = catalog.connect(ix / DB_FILE)
+    with db.begin() as conn:
+        other = ModelIdentity(name="other", fingerprint="other", dim=state.read(conn).model.dim)
+        state.write(conn, reindex=Reindex(model=other, segment="next/pending", rows=1, done=1))
+    db.dispose()
+    return pending, copy
+
+
+def test_leftovers_are_removed_but_a_re_encode_in_progress_keeps_its_segment(tmp_path):
+    from helpers import vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 4, 16)
+    pending, copy = _a_pending_re_encode_and_a_killed_compactions_copy(ix)
+    db = catalog.connect(ix / DB_FILE)
+    try:
+        compact.remove_leftovers(db, ix)
+    finally:
+        db.dispose()
+    assert pending.exists() and not copy.exists()
+
+
+def test_forget_removes_a_killed_compactions_copy_and_keeps_a_pending_re_encodes_segment(indexed_images):
+    from indexer.roots import forget_root
+
+    photos, ix = indexed_images(12)
+    pending, copy = _a_pending_re_encode_and_a_killed_compactions_copy(ix)
+    assert forget_root(ix, str(photos))["files"] == 12
+    assert pending.exists() and not copy.exists()
+
+
+def test_a_refusal_at_a_writers_start_leaves_even_a_killed_compactions_copy(indexed_images, tmp_path, monkeypatch):
+    """`forget` of a root the index does not have, and `index --ocr` without the OCR engine, refuse before
+    anything is written (as they say): a killed compaction's copy is left for a run that goes on."""
+    from alignsearch.errors import BadInputError
+    from alignsearch.media import ocr
+    from indexer.job import index_folders
+    from indexer.roots import forget_root
+
+    photos, ix = indexed_images(12)
+    copy = ix / "vectors" / "next" / "copy.f16"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(bytes(64))
+    with pytest.raises(BadInputError, match="not a root of this index"):
+        forget_root(ix, str(tmp_path / "elsewhere"))
+    assert copy.exists()
+
+    def missing():
+        raise BadInputError(ocr.MISSING)
+
+    monkeypatch.setattr(ocr, "check_available", missing)
+    with pytest.raises(BadInputError, match="OCR|ocr"):
+        index_folders([photos], index_dir=ix, device="cpu", ocr=True)
+    assert copy.exists()
 
 
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):

@@ -97,3 +97,32 @@ def test_adopting_rows_written_before_checksums_refuses_any_row_that_is_not_unit
             recorded = conn.execute(catalog.vector_chunks.select()).all()
         assert len(recorded) == (expected == 0), broken
     db.dispose()
+
+
+def test_a_query_meeting_damaged_rows_counts_each_nan_among_them(tmp_path):
+    """Rows no checksum covers (an index of an older alignsearch) are checked for unit length when a query
+    scores them: a NaN row counts as damaged (it said "0 stored vectors are damaged"), and the engine's
+    tolerance (0.02) is its own, tighter than the write path's."""
+    import pytest
+
+    import alignsearch
+    from alignsearch.errors import IndexDamagedError
+    from alignsearch.storage import catalog
+    from alignsearch.storage.paths import ANN_FILE, DB_FILE
+    from alignsearch.storage.vectors import UNIT_TOLERANCE, not_unit_length
+    from helpers import vector_index
+    from indexer.build import sync_index
+
+    x = rows(20, dim=16).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[3] = np.nan
+    x[5] *= 0.97  # damaged at the engine's 0.02, not at UNIT_TOLERANCE
+    ix = tmp_path / "ix"
+    store = vector_index(ix, 20, 16, rows=x)
+    db = catalog.connect(ix / DB_FILE)
+    sync_index(db, store, ix / ANN_FILE)
+    db.dispose()
+    with alignsearch.open(ix) as engine:  # a filter: every allowed row scored exactly, the NaN one too
+        with pytest.raises(IndexDamagedError, match="^2 stored vectors are damaged"):
+            engine.search_vector(x[0], k=20, format="JPEG")
+    assert not_unit_length(x) == 1 and not_unit_length(x, tolerance=0.02) == 2 and UNIT_TOLERANCE > 0.03

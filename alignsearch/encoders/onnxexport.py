@@ -118,6 +118,13 @@ def _versions(*names: str) -> dict:
     return found
 
 
+def _entry(exc: OSError, folder: Path) -> str:
+    """The path an OSError names, relative to folder when inside it, else as it is (the folder itself, or a
+    parent of it: a file where a folder should be, a folder not writable). A rename's is its destination."""
+    path = Path(os.fsdecode(exc.filename2 or exc.filename))
+    return str(path.relative_to(folder)) if folder in path.parents else str(path)
+
+
 def _spec_dict(spec) -> dict:
     return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest reads back
 
@@ -339,7 +346,7 @@ class Exporter:
                 exportcache.remove_stale_files(self.folder, self.manifest, self._outdated_ns)
         except OSError as exc:
             # which entry: one of another kind (a folder at a record's name) is never deleted, so it stays in the way
-            where = f"{os.path.relpath(exc.filename, self.folder)}: " if exc.strerror and exc.filename else ""
+            where = f"{_entry(exc, self.folder)}: " if exc.strerror and (exc.filename or exc.filename2) else ""
             raise OnnxUnusable(f"cannot write the ONNX cache in {self.folder}: {where}{exc.strerror or exc}") from None
         if {"vision-fp32", "text-fp32"} <= set(self.manifest["files"]):  # complete: what it replaces can go
             gone = exportcache.remove_superseded(self.folder, self.manifest)

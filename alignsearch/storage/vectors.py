@@ -8,8 +8,10 @@ indexes written before segments existed.
 
 The catalog records how many rows of each segment are committed; bytes past that (a run killed
 between writing vectors and committing their catalog rows) are cut off by the next writer, and a
-segment the catalog never heard of (an actor killed before its first commit) is deleted. Rows an
-actor wrote for a batch that was then retried elsewhere stay in the middle of its segment, unused.
+segment file the catalog does not list is deleted: an actor's killed before its first commit, or one
+whose rows a committed switch (compaction, re-encode: drop_generation) or fold moved elsewhere, killed
+before it deleted the file. Rows an actor wrote for a batch that was then retried elsewhere stay in
+the middle of its segment, unused.
 Readers memory-map the committed rows, so exact re-ranking touches only the rows it needs.
 """
 
@@ -133,7 +135,10 @@ class VectorStore:
         return bool(self.valid(addresses).all())
 
     def unknown_files(self) -> list[Path]:
-        """Segment files the store does not list: left by actors killed before their first commit."""
+        """Segment files directly under vectors/ the store does not list: an encoder actor's killed before its
+        first commit, or one whose rows a committed switch or fold moved elsewhere, killed before it deleted
+        the file. (Under vectors/next/, where a re-encode's segment waits unlisted, indexer/reindex.py's
+        remove_leftovers looks.)"""
         listed = {f"{name}.f16" for name, _ in self.segments.values()}
         return sorted(p for p in self.folder.glob("*.f16") if p.name not in listed) if self.folder.exists() else []
 
@@ -300,6 +305,27 @@ def empty_file(path: Path) -> None:
     write_bytes(path, b"")
 
 
+def drop_generation(old: VectorStore, why: str) -> None:
+    """After a switch (compaction, re-encode) committed a new generation: the old store's files, each logged
+    with `why` (what became of its rows). vectors.f16 is replaced by an empty file (a new inode: readers of the
+    old generation keep their map), then each other segment deleted, under vectors/next/ too. A kill in
+    between leaves files no commit lists, which the next writer deletes (truncate_uncommitted; under
+    vectors/next/, indexer/reindex.remove_leftovers)."""
+    if old.path.exists() and old.path.stat().st_size:
+        empty_file(old.path)
+        log.info("%s: emptied (the old generation: %s)", old.path.name, why)
+    for n in old.numbers()[1:]:
+        _delete_old_segment(old.segment_path(n), old.path.parent, why)
+
+
+def _delete_old_segment(path: Path, index_dir: Path, why: str) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    log.info("%s: deleted (the old generation: %s)", path.relative_to(index_dir), why)
+
+
 def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
     """The store of the index at index_dir as the catalog last committed it."""
     recorded = state.read(conn).vectors
@@ -446,11 +472,11 @@ def _inside(addresses: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
 UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16): a zeroed or overwritten row is far off
 
 
-def not_unit_length(rows: np.ndarray) -> int:
-    """How many of the (n, dim) rows are not unit length: what tells a damaged row no checksum covers (one
-    zero-filled or overwritten) from a good one."""
+def not_unit_length(rows: np.ndarray, *, tolerance: float = UNIT_TOLERANCE) -> int:
+    """How many of the (n, dim) rows are not unit length (NaN among them): what tells a damaged row no
+    checksum covers (one zero-filled or overwritten) from a good one."""
     norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
-    return int((~(np.abs(norms - 1) < UNIT_TOLERANCE)).sum())
+    return int((~(np.abs(norms - 1) < tolerance)).sum())
 
 
 def adopt_segment(conn: Connection, store: VectorStore, segment: int) -> int:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from alignsearch.media.images import ImageSpec, crop_uint8
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,17 @@ def is_video(name: str) -> bool:
 
 class VideoError(Exception):
     """A video that cannot be read at all; its message is the reason recorded for it."""
+
+
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # a frame larger than a photo may be is a decompression bomb, as for photos
+
+
+def _refuse_bomb(width: int | None, height: int | None) -> None:
+    """Refuse a frame size over MAX_PIXELS before its pixels are converted: a video of a few hundred KB whose
+    frames claim 16000x16000 took 5 GB and 13 s to read, where a photo that size is refused from its header."""
+    if width and height and width * height > MAX_PIXELS:
+        raise VideoError(f"video too large: {width}x{height} pixels a frame exceeds the limit of {MAX_PIXELS:,} "
+                         "(decompression bomb guard)")
 
 
 @dataclass
@@ -101,6 +112,7 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
+        _refuse_bomb(info.width, info.height)
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
@@ -127,6 +139,7 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             if t < next_sample and start is not None:
                 continue  # decoded (a reference for later frames), never converted
             next_sample = (math.floor(t / SAMPLE_SECONDS) + 1) * SAMPLE_SECONDS
+            _refuse_bomb(frame.width, frame.height)  # a header without a size, or a size that changes mid-way
             info.frames_examined += 1
             now = _signature(frame)
             if start is None:
@@ -191,6 +204,7 @@ def frame_at(source, t: float, t_end: float | None = None):
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = container.streams.video[0]
+            _refuse_bomb(stream.codec_context.width, stream.codec_context.height)
             stream.thread_type = "AUTO"
             if want > 0 and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
@@ -201,6 +215,7 @@ def frame_at(source, t: float, t_end: float | None = None):
                     break
             if last is None:
                 raise VideoError("cannot decode video: no frame at that time")
+            _refuse_bomb(last.width, last.height)
             return last.to_image()
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None

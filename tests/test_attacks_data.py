@@ -1,0 +1,223 @@
+"""Attacks on the data paths the earlier rounds reached least: video moments (alignsearch/media/video.py,
+indexer/videos.py), photo metadata (alignsearch/media/photometa.py), the text-in-images and perceptual-hash fill
+steps (indexer/ocrfill.py, indexer/phashfill.py) and the catalog's meta table as the schema ladder reads it
+(alignsearch/storage/state.py, migrate.py): hostile files, workers that die, damaged values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import index_json, make_images, run
+
+from alignsearch.media.images import ImageSpec
+
+TESTS = Path(__file__).parent
+SPEC = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
+                 mean=None, std=None, include_top_std=None)  # align-base's preprocessing
+needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
+
+
+def _rows(ix: Path, sql: str) -> list:
+    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+# -- 1. a video whose frames claim more pixels than a photo may have ------------------------------------------
+
+BOMB = """
+import sys, av
+w, h = int(sys.argv[2]), int(sys.argv[3])
+with av.open(sys.argv[1], "w") as out:  # two black frames: a few hundred KB however large they claim to be
+    s = out.add_stream("libx264", rate=1)
+    s.width, s.height, s.pix_fmt, s.options = w, h, "gray", {"preset": "ultrafast"}
+    frame = av.VideoFrame(w, h, "gray")
+    for plane in frame.planes:
+        plane.update(bytes(plane.buffer_size))
+    for i in range(2):
+        frame.pts = i
+        for packet in s.encode(frame):
+            out.mux(packet)
+    for packet in s.encode():
+        out.mux(packet)
+"""
+
+
+def test_a_video_whose_frames_are_larger_than_a_photo_may_be_is_refused_before_a_frame_is_read(tmp_path, monkeypatch):
+    """Photos over DEFAULT_MAX_PIXELS are refused from their header (a decompression bomb); videos had no such
+    guard: every frame was decoded, converted to RGB and cropped whatever its size. Here the limit is lowered
+    below a small video's 160x90 frames, so that the guard shows without a bomb's gigabytes; the moment the
+    server shows (frame_at) is refused alike."""
+    from helpers import make_video
+
+    from alignsearch.media import video
+
+    clip = make_video(tmp_path / "clip.mp4", [(1, 2), (2, 2)])
+    assert len(list(video.moments(str(clip), SPEC))) == 2  # under the limit: read as before
+    monkeypatch.setattr(video, "MAX_PIXELS", 160 * 90 - 1, raising=False)
+    info = video.VideoInfo()
+    with pytest.raises(video.VideoError, match="decompression bomb"):
+        list(video.moments(str(clip), SPEC, info))
+    assert info.frames_examined == 0
+    with pytest.raises(video.VideoError, match="decompression bomb"):
+        video.frame_at(str(clip), 0.0, 2.0)
+
+
+@pytest.mark.slow
+def test_a_small_video_of_huge_frames_is_recorded_as_failed_not_decoded(tmp_path, tiny_model):
+    """A 500 KB video whose two frames are 15000x14000 (210 MP, a photo that size is refused): the index run
+    decoded and converted them (5 GB and 13 s for 16000x16000); now it is a failed file with its reason, the
+    run's peak memory stays that of an ordinary run, and the other video is indexed."""
+    from helpers import alignsearch_peak_rss, make_video, summary
+
+    lib = tmp_path / "lib"
+    make_video(lib / "fine.mp4", [(5, 2), (6, 2)])
+    made = subprocess.run([sys.executable, "-c", BOMB, str(lib / "bomb.mkv"), "15000", "14000"], capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (lib / "bomb.mkv").stat().st_size < 2_000_000
+    proc, peak = alignsearch_peak_rss("index", lib, "--index", tmp_path / "ix", "--model", tiny_model, "--device",
+                                      "cpu", "--json")
+    s = summary(proc)
+    assert s["failed"] == 1 and s["added"] == 1, s
+    (reason,) = _rows(tmp_path / "ix", "SELECT reason FROM files WHERE relpath = 'bomb.mkv' AND status = 'failed'")[0]
+    assert "decompression bomb" in reason, reason
+    assert peak < 2.5 * 2**30, peak / 2**30
+    assert _rows(tmp_path / "ix", "SELECT count(*) FROM files WHERE relpath = 'fine.mp4' AND status = 'indexed'")[0][0] >= 1
+
+
+# -- 2. EXIF text fields of megabytes -------------------------------------------------------------------------
+
+def _huge_exif(path: Path, chars: int) -> Path:
+    """A small picture whose EXIF Make and LensModel are `chars` characters long (an EXIF field may hold what
+    the file can)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010F] = "Canon " + "A" * chars
+    exif[0x0110] = "EOS " + "M" * 100
+    exif.get_ifd(0x8769)[0xA434] = "L" * chars
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_text_fields_of_megabytes_are_cut_to_a_name(tmp_path):
+    """The camera and lens of a photo were stored as its EXIF holds them, without limit: a PNG or TIFF with a
+    5 MB Make field put 5 MB into the catalog and into every search result that showed it (a JSON answer of
+    two hits was 10 MB). They are names: cut to TEXT_MAX characters, as captions are cut to CAPTION_MAX."""
+    from alignsearch.media import photometa
+
+    for suffix in (".png", ".tif", ".jpg"):
+        chars = 5_000_000 if suffix != ".jpg" else 30_000  # a JPEG's EXIF segment holds at most 64 KB
+        data = _huge_exif(tmp_path / f"huge{suffix}", chars).read_bytes()
+        fields = photometa.read(data, 0.0)
+        assert fields["camera"].startswith("Canon AAA") and len(fields["camera"]) <= 2 * photometa.TEXT_MAX + 1, suffix
+        assert fields["lens"].startswith("LLL") and len(fields["lens"]) <= photometa.TEXT_MAX, suffix
+    small = tmp_path / "small.jpg"
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "OLYMPUS IMAGING CORP.", "E-M5MarkII"
+    Image.new("RGB", (8, 8)).save(small, exif=exif.tobytes())
+    assert photometa.read(small.read_bytes(), 0.0)["camera"] == "OLYMPUS IMAGING CORP. E-M5MarkII"  # names kept whole
+
+
+def test_a_photo_with_a_huge_camera_field_does_not_swell_the_catalog_or_the_answers(tmp_path, tiny_model):
+    lib = tmp_path / "lib"
+    _huge_exif(lib / "huge.png", 5_000_000)
+    make_images(lib, 2)
+    ix = tmp_path / "ix"
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    out = run("query", "red", "--index", ix, "--json", "-k", "3").output
+    hits = json.loads(out)["results"]
+    assert len(hits) == 3 and len(out) < 100_000, len(out)
+    assert (ix / "catalog.db").stat().st_size < 2_000_000
+    assert run("query", "red", "--index", ix, "--camera", "canon", "--json").output.count('"relpath": "huge.png"') == 1
+
+
+# -- 3. a fill step's worker process that dies -----------------------------------------------------------------
+
+DIES_IN = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import ocrfill, phashfill
+ocrfill._read = helpers.ocr_read_or_die  # looked up by each worker by name: the worker runs the real one
+phashfill._hash_file = helpers.phash_or_die
+what = sys.argv[2]
+if what == "index":
+    from alignsearch.surfaces.cli import main
+    main(sys.argv[3:], prog_name="alignsearch")
+else:  # fill the phashes of the index at argv[3] in batches of 2 with 2 workers
+    import json
+    from alignsearch.storage import catalog
+    db = catalog.connect(__import__("pathlib").Path(sys.argv[3]) / "catalog.db")
+    print(json.dumps({"hashed": phashfill.fill_phashes(db, workers=2, batch=2)}))
+"""
+
+
+def _dies_in(*args, timeout: float = 150) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-c", DIES_IN, str(TESTS), *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s: it waits for a worker that died (holding the writer lock)")
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_a_worker_that_dies_while_text_is_read_into_an_index_fails_its_file_and_the_run_ends(tmp_path, tiny_model):
+    """`index --ocr` on an index built without it reads the text of the indexed images in worker processes
+    (indexer/ocrfill.py) through multiprocessing.Pool.map, which never learns that a worker died (the OOM killer,
+    a crash in the OCR engine): the run waited forever, holding the writer lock. The pipeline's own workers were
+    fixed for this (indexer/workers.py); the fill steps now use them: the file that kills its worker stays unread,
+    every other file's text is stored, and the run ends."""
+    from helpers import render_sign
+
+    root = tmp_path / "signs"
+    for i, words in enumerate(["Zanzibar Spice", "Kilimanjaro Express", "Serengeti Safari"]):
+        render_sign(root / f"sign{i}.png", [words])
+    render_sign(root / "die-sign.png", ["Okavango Delta"])
+    ix = tmp_path / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    proc = _dies_in("index", "index", "--index", ix, "--device", "cpu", "--ocr", "--workers", "2", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    assert s["times"]["extra"]["ocr_filled"] == 3, s
+    text = dict(_rows(ix, "SELECT f.relpath, p.ocr FROM files f JOIN photos p ON p.file_id = f.id"))
+    assert text["die-sign.png"] is None and all(text[f"sign{i}.png"] is not None for i in range(3)), text
+    assert "Zanzibar" in text["sign0.png"], text
+    assert run("verify", "--index", ix, "--skip-model").exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_while_phashes_are_filled_fails_its_file_and_the_fill_ends(tmp_path, tiny_model):
+    """The perceptual-hash fill (indexer/phashfill.py, an index from before phashes) decoded in a Pool.map too:
+    a worker that died left it waiting forever. Now the file that kills its worker gets no hash, every other
+    file gets its own, and the fill returns."""
+    lib = tmp_path / "lib"
+    make_images(lib, 6)
+    (lib / "img002.jpg").rename(lib / "die.jpg")
+    ix = tmp_path / "ix"
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    hashed = dict(_rows(ix, "SELECT f.relpath, h.phash FROM files f JOIN phashes h ON h.file_id = f.id"))
+    assert len(hashed) == 6
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("DELETE FROM phashes")  # as an index written before phashes existed
+    conn.close()
+    proc = _dies_in("phash", ix)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"hashed": 5}
+    again = dict(_rows(ix, "SELECT f.relpath, h.phash FROM files f JOIN phashes h ON h.file_id = f.id"))
+    assert again == {k: v for k, v in hashed.items() if k != "die.jpg"}

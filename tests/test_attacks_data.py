@@ -221,3 +221,29 @@ def test_a_worker_that_dies_while_phashes_are_filled_fails_its_file_and_the_fill
     assert json.loads(proc.stdout.splitlines()[-1]) == {"hashed": 5}
     again = dict(_rows(ix, "SELECT f.relpath, h.phash FROM files f JOIN phashes h ON h.file_id = f.id"))
     assert again == {k: v for k, v in hashed.items() if k != "die.jpg"}
+
+
+# -- 4. finetune over a folder holding a FIFO ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_finetune_over_a_folder_with_a_fifo_for_a_caption_skips_it_and_trains(tmp_path, tiny_model):
+    """`finetune FOLDER` read each photo's sidecar caption with read_text: a FIFO named like a caption (c.txt
+    beside c.jpg) blocked it for ever, before a step was trained. The indexer reads the same sidecars through
+    safeopen (a FIFO refused, never opened); finetune now does too: c.jpg is skipped with its reason and the
+    other pairs train."""
+    from helpers import alignsearch
+
+    data = tmp_path / "pairs"
+    for i, path in enumerate(make_images(data, 3)):
+        if i < 2:
+            path.with_suffix(".txt").write_text(f"a picture number {i}")
+        else:
+            os.mkfifo(path.with_suffix(".txt"))
+    try:
+        proc = alignsearch("finetune", data, "--model", tiny_model, "--out", tmp_path / "out", "--epochs", "1",
+                           "--device", "cpu", timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("finetune still waits on the FIFO after 120 s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "img002.txt: not a regular file: fifo" in proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "config.json").exists()

@@ -7,7 +7,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignsearch.errors import BadInputError
+from alignsearch import safeopen
+from alignsearch.errors import BadImageError, BadInputError
+from alignsearch.media.photometa import CAPTION_BYTES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -34,6 +36,12 @@ def _check(image: Path, caption, out: Pairs) -> None:
         out.pairs.append(Pair(image, caption))
 
 
+def _read_caption(sidecar: Path) -> str:
+    """A sidecar caption read as the indexer reads one (indexer/decode.py): a FIFO or device is refused, never
+    opened (read_text waited on a FIFO for ever), and only its first CAPTION_BYTES are read."""
+    return safeopen.read_fd(safeopen.open_regular(sidecar), CAPTION_BYTES)[:CAPTION_BYTES].decode("utf-8", "replace")
+
+
 def load_pairs(data: str | Path, image_column: str = "image", caption_column: str = "caption") -> Pairs:
     """Read pairs; bad ones (missing image, empty caption) are listed in .skipped, never fatal.
     Relative image paths in a table are relative to the table's folder."""
@@ -45,7 +53,12 @@ def load_pairs(data: str | Path, image_column: str = "image", caption_column: st
             if not sidecar.exists():
                 out.skipped.append((str(image), "no caption file " + sidecar.name))
                 continue
-            _check(image, sidecar.read_text(encoding="utf-8", errors="replace"), out)
+            try:
+                caption = _read_caption(sidecar)
+            except (OSError, BadImageError) as exc:  # BadImageError: a FIFO or device (safeopen.Refused)
+                out.skipped.append((str(image), f"caption file {sidecar.name}: {getattr(exc, 'strerror', None) or exc}"))
+                continue
+            _check(image, caption, out)
         return out
     if not data.is_file():
         raise BadInputError(f"{data} is neither a folder of images with .txt captions nor a CSV/JSONL/parquet file")

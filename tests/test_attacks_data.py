@@ -247,3 +247,38 @@ def test_finetune_over_a_folder_with_a_fifo_for_a_caption_skips_it_and_trains(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "img002.txt: not a regular file: fifo" in proc.stdout + proc.stderr
     assert (tmp_path / "out" / "config.json").exists()
+
+
+# -- 5. a damaged value in the catalog's meta table --------------------------------------------------------------
+
+DAMAGED_META = [("schema_version", '"banana"'), ("schema_version", "1e400"), ("schema_version", "not json"),
+                ("model", '"banana"'), ("model", '{"a": 1}'), ("vector_rows", "[1]"), ("roots", '"banana"'),
+                ("roots", "{}")]
+
+
+def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(indexed_images, tmp_path):
+    """Each value of the catalog's meta table (the schema version, the model, the vector rows, the roots) was
+    converted without a check: one that no alignsearch writes (bytes flipped, a hand edit) made every command
+    fail with "unexpected ValueError/TypeError/OverflowError" and exit 1, or was misread: the roots "banana"
+    became the six roots b, a, n, a, n, a (relative folders, each scanned). It is damage: one line naming it,
+    exit 7, for the commands that read and the one that writes, and nothing is written."""
+    import shutil
+
+    from alignsearch.storage import state
+
+    _, pristine = indexed_images(4)
+    for n, (key, value) in enumerate(DAMAGED_META):
+        ix = tmp_path / f"ix{n}"
+        shutil.copytree(pristine, ix)
+        conn = sqlite3.connect(ix / "catalog.db")
+        with conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+        conn.close()
+        damaged = (ix / "catalog.db").read_bytes()
+        for args in (("query", "a dog", "--index", ix), ("info", "--index", ix), ("index", "--index", ix, "--device", "cpu")):
+            result = run(*args, code=7)
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: catalog.db is damaged"), (key, value, args, result.output)
+        assert (ix / "catalog.db").read_bytes() == damaged, (key, value)
+        assert state.peek(ix / "catalog.db") is None  # a peek (the client, the cold start) reads it as no catalog, quietly
+    assert run("query", "a dog", "--index", pristine, "--json").exit_code == 0

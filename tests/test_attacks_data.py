@@ -95,6 +95,58 @@ def test_a_small_video_of_huge_frames_is_recorded_as_failed_not_decoded(tmp_path
     assert _rows(tmp_path / "ix", "SELECT count(*) FROM files WHERE relpath = 'fine.mp4' AND status = 'indexed'")[0][0] >= 1
 
 
+def _video_created(path: Path, created: str) -> Path:
+    """A short video whose container says it was created at `created`, a string FFmpeg hands over as written
+    (its muxers rewrite the tag they are given, so it is written as a stand-in of that length and the bytes
+    are replaced: NUT, named .mkv, as any container is read by its content)."""
+    import av
+
+    from helpers import scene_frame
+
+    stand_in = "0-12-31T00:01:00.000000Z"
+    assert len(created) == len(stand_in)
+    with av.open(str(path), "w", format="nut") as out:
+        out.metadata["creation_time"] = "0001-01-01T00:00:00+23:59"  # written by FFmpeg as stand_in
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        for _ in range(20):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(scene_frame(3), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = path.read_bytes()
+    assert data.count(stand_in.encode()) == 1
+    path.write_bytes(data.replace(stand_in.encode(), created.encode()))
+    with av.open(str(path)) as container:
+        assert container.metadata["creation_time"] == created
+    return path
+
+
+def test_a_video_created_past_the_calendars_end_leaves_searches_that_show_it_answering(tmp_path, tiny_model):
+    """A video whose creation_time is 9999-12-31T23:59:59 at UTC-23:59 (a valid ISO time, past year 9999 in UTC)
+    was stored as its `taken` time, and every search that showed it then failed ("unexpected ValueError: year
+    10000 is out of range", exit 1), in JSON and as text: one hostile file took down every query that reached
+    it. The time is now not taken from the video (its mtime is, as for a photo without a date), and a time
+    already stored that no date can show reads as none."""
+    from alignsearch.media.photometa import iso
+    from alignsearch.media.video import creation_time
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    _video_created(lib / "late.mkv", "9999-12-31T23:59:59-2359")
+    make_images(lib, 2)
+    ix = tmp_path / "ix"
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    hits = json.loads(run("query", "a red square", "--index", ix, "--json", "-k", "3").output)["results"]
+    late = next(h for h in hits if h["relpath"] == "late.mkv")
+    assert late["taken"] == iso((lib / "late.mkv").stat().st_mtime), late
+    assert "late.mkv" in run("query", "a red square", "--index", ix, "-k", "3").output
+    assert creation_time({"creation_time": "0001-01-01T00:00:00+23:59"}) is None
+    assert creation_time({"creation_time": "2019-07-14T10:30:00+02:00"}) == 1563093000.0
+    assert iso(253402387139.0) is None and iso(-62135683140.0) is None  # stored by an earlier run
+    assert iso(0.0) == "1970-01-01T00:00:00Z"
+
+
 # -- 2. EXIF text fields of megabytes -------------------------------------------------------------------------
 
 def _huge_exif(path: Path, chars: int) -> Path:

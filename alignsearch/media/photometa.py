@@ -168,4 +168,7 @@ def iso(epoch: float | None) -> str | None:
     """UTC ISO 8601 for JSON output."""
     if epoch is None or epoch != epoch:
         return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):  # past the calendar (an index that stored one): no date to show
+        return None

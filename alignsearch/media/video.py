@@ -186,9 +186,11 @@ def creation_time(metadata) -> float | None:
         return None
     try:
         moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
+        seconds = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+        datetime.fromtimestamp(seconds, timezone.utc)  # a date at the calendar's edge moved past it by its offset
+    except (ValueError, OverflowError):  # (9999-12-31T23:59:59-23:59): every search showing the video failed
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return seconds
 
 
 VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",

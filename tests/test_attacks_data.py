@@ -334,3 +334,30 @@ def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(ind
         assert (ix / "catalog.db").read_bytes() == damaged, (key, value)
         assert state.peek(ix / "catalog.db") is None  # a peek (the client, the cold start) reads it as no catalog, quietly
     assert run("query", "a dog", "--index", pristine, "--json").exit_code == 0
+
+
+# -- 6. kill -9 while the perceptual hashes of an older index are filled ----------------------------------------
+
+@pytest.mark.slow
+def test_kill_9_while_phashes_are_filled_leaves_none_half_written_and_the_next_run_fills_them(indexed_images):
+    """Guards the fill's transactions (indexer/phashfill.py, restructured above): an index without phashes (as
+    one written before them) whose `index` run is killed -9 inside the fill's transaction keeps no phash of it
+    (none half-written, the catalog sound, verify content); the next run fills every one, the same hashes an
+    uninterrupted fill gives."""
+    from helpers import killed_at, verify_problems
+
+    _, ix = indexed_images(6)
+    hashed = dict(_rows(ix, "SELECT file_id, phash FROM phashes"))
+    assert len(hashed) == 6
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("DELETE FROM phashes")
+    conn.close()
+    proc = killed_at("alignsearch.storage.catalog:set_phashes", "after", "index", "--index", ix, "--device", "cpu")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert _rows(ix, "SELECT count(*) FROM phashes") == [(0,)]
+    assert verify_problems(ix) == []
+    s = index_json(ix, "--device", "cpu")
+    assert s["times"]["extra"]["phashes_filled"] == 6 and s["added"] == 0, s
+    assert dict(_rows(ix, "SELECT file_id, phash FROM phashes")) == hashed
+    assert verify_problems(ix) == []

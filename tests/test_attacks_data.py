@@ -147,6 +147,33 @@ def test_a_video_created_past_the_calendars_end_leaves_searches_that_show_it_ans
     assert iso(0.0) == "1970-01-01T00:00:00Z"
 
 
+def test_a_video_of_a_codec_ffmpeg_does_not_know_is_a_failed_file_not_a_stopped_run(tmp_path, tiny_model):
+    """A video whose stream names a codec FFmpeg has no decoder for (found by flipping bytes of a real one: its
+    sample entry's fourcc) has no codec context; reading it raised AttributeError ('NoneType' object has no
+    attribute 'skip_frame'), which no one caught: every `index` run of the library stopped there ("unexpected
+    AttributeError", exit 1), after its photos were encoded and before the ANN index took them, naming no file,
+    and so until someone found and removed it. It is a failed file with its reason now, and the run goes on."""
+    from helpers import make_video
+
+    from alignsearch.media import video
+
+    lib = tmp_path / "lib"
+    good = make_video(lib / "good.mp4", [(7, 2), (8, 2)])
+    data = good.read_bytes()
+    assert data.count(b"avc1") >= 1
+    (lib / "unknown.mp4").write_bytes(data.replace(b"avc1", b"zzzz"))
+    make_images(lib, 2)
+    ix = tmp_path / "ix"
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert s["failed"] == 1 and s["added"] == 3 and s["index"]["vectors"] >= 4, s
+    (reason,) = _rows(ix, "SELECT reason FROM files WHERE relpath = 'unknown.mp4' AND status = 'failed'")[0]
+    assert "codec" in reason, reason
+    again = index_json(ix, "--device", "cpu")
+    assert again["unchanged"] == 4 and again["failed"] == 0, again  # recorded once, not read again
+    with pytest.raises(video.VideoError, match="codec"):
+        video.frame_at(str(lib / "unknown.mp4"), 0.0, 2.0)
+
+
 # -- 2. EXIF text fields of megabytes -------------------------------------------------------------------------
 
 def _huge_exif(path: Path, chars: int) -> Path:

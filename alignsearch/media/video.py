@@ -108,6 +108,8 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         if not container.streams.video:
             raise VideoError("not a video: no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError: every index run stopped)
+            raise VideoError("cannot decode video: its video stream's codec is unknown")
         stream.thread_type = "AUTO"  # FFmpeg's own frame threads (the GIL is released while it decodes)
         stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
@@ -206,6 +208,8 @@ def frame_at(source, t: float, t_end: float | None = None):
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = container.streams.video[0]
+            if stream.codec_context is None:
+                raise VideoError("cannot decode video: its video stream's codec is unknown")
             _refuse_bomb(stream.codec_context.width, stream.codec_context.height)
             stream.thread_type = "AUTO"
             if want > 0 and stream.time_base:

@@ -432,3 +432,27 @@ def test_a_catalog_from_before_every_table_existed_is_not_called_damaged(tmp_pat
         conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     conn.close()
     assert catalog.integrity_problems(path) == [] and catalog.keyword_problems(path) == []
+
+
+def test_a_pairs_table_that_is_not_one_is_a_one_line_input_error(tmp_path, tiny_model):
+    """`finetune PAIRS` with a .jsonl holding a line that is not JSON, a .csv that is not UTF-8, or a .parquet
+    without the columns: "unexpected JSONDecodeError / UnicodeDecodeError / ArrowInvalid" and exit 1, as if
+    alignsearch had failed, without the file's line. Each is the input's fault: one line naming the file (and
+    the line), exit 6, before a model is loaded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignsearch.encoders.pairs import load_pairs
+    from alignsearch.errors import BadInputError
+
+    make_images(tmp_path, 2)
+    (tmp_path / "p.jsonl").write_text('{"image": "img000.png", "caption": "a"}\n{broken\n')
+    (tmp_path / "p.csv").write_bytes(b"image,caption\nimg001.jpg,\xff\xfe not utf-8\n")
+    pq.write_table(pa.table({"picture": ["img000.png"]}), tmp_path / "p.parquet")
+    for name, says in (("p.jsonl", "line 2"), ("p.csv", "utf-8"), ("p.parquet", "image")):
+        with pytest.raises(BadInputError, match=says):
+            load_pairs(tmp_path / name)
+        result = run("finetune", tmp_path / name, "--model", tiny_model, "--out", tmp_path / "out", code=6)
+        assert result.output.startswith(f"error: {name} cannot be read") and len(result.output.splitlines()) == 1
+    (tmp_path / "ok.jsonl").write_text('{"image": "img000.png", "caption": "a"}\n\n{"image": "img001.jpg", "caption": "b"}\n')
+    assert [p.caption for p in load_pairs(tmp_path / "ok.jsonl").pairs] == ["a", "b"]

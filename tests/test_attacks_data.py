@@ -456,3 +456,34 @@ def test_a_pairs_table_that_is_not_one_is_a_one_line_input_error(tmp_path, tiny_
         assert result.output.startswith(f"error: {name} cannot be read") and len(result.output.splitlines()) == 1
     (tmp_path / "ok.jsonl").write_text('{"image": "img000.png", "caption": "a"}\n\n{"image": "img001.jpg", "caption": "b"}\n')
     assert [p.caption for p in load_pairs(tmp_path / "ok.jsonl").pairs] == ["a", "b"]
+
+
+# -- 8. kill -9 while `tag` stores its tags -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill_9_after_the_tags_are_stored_leaves_tags_and_remembered_labels_together(indexed_images, tmp_path):
+    """`tag` committed the new tags, then in a second transaction remembered the labels (meta `tagging`) that
+    later `index` runs give new images. Killed -9 between the two, the index held the tags but not the labels:
+    every image indexed afterwards went without them, silently. Now both are one transaction: killed at that
+    moment, neither is there; the next `tag` stores both, and a new image is tagged by the next index run."""
+    from helpers import killed_at, write_labels
+
+    root, ix = indexed_images(6)
+    labels = write_labels(tmp_path / "labels.txt", ["a red circle", "a blue square", "a green blob"])
+    args = ("tag", "--labels-file", labels, "--index", ix, "--device", "cpu", "--threshold", "0")
+
+    def tagged():
+        labelled = {label for (label,) in _rows(ix, "SELECT DISTINCT label FROM tags")}
+        meta = _rows(ix, "SELECT value FROM meta WHERE key = 'tagging'")
+        runs = json.loads(meta[0][0])["runs"] if meta else []
+        return labelled, {label for r in runs for label in r["labels"]}
+
+    proc = killed_at("alignsearch.storage.state:write", "before", *args)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert tagged() == (set(), set())
+    run(*args)
+    assert tagged() == ({"a red circle", "a blue square", "a green blob"},) * 2
+    make_images(root / "more", 1, seed=9)
+    index_json(ix, "--device", "cpu")
+    (n,) = _rows(ix, "SELECT count(*) FROM tags t JOIN files f ON f.id = t.file_id WHERE f.relpath LIKE 'more/%'")[0]
+    assert n == 3  # threshold 0: every label

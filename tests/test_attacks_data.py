@@ -487,3 +487,46 @@ def test_kill_9_after_the_tags_are_stored_leaves_tags_and_remembered_labels_toge
     index_json(ix, "--device", "cpu")
     (n,) = _rows(ix, "SELECT count(*) FROM tags t JOIN files f ON f.id = t.file_id WHERE f.relpath LIKE 'more/%'")[0]
     assert n == 3  # threshold 0: every label
+
+
+# -- 9. a file unreadable while the photo fields of an older index are filled ------------------------------------
+
+@pytest.mark.slow
+def test_a_photo_unreadable_while_its_fields_are_filled_gets_them_once_it_can_be_read(tmp_path, tiny_model):
+    """An index from before photo fields is filled by the next `index` run (indexer/photos.py), reading each
+    file's EXIF. A photo that could not be read at that moment (chmod 000, run by a user without root's bypass;
+    a disk away) was given fields made of no bytes: its mtime as the date, no camera, no place, stored for good,
+    so `--after`/`--camera` misjudged it from then on although its EXIF was there. Its fields now wait: once the
+    file can be read, the next run records its real date and camera."""
+    from PIL import Image
+
+    from helpers import alignsearch, can_drop_dac, summary
+
+    if not can_drop_dac():
+        pytest.skip("cannot start a process without root's permission bypass")
+    lib = tmp_path / "lib"
+    make_images(lib, 2)
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS 5D"
+    exif.get_ifd(0x8769)[0x9003] = "2011:07:14 10:30:00"
+    dated = lib / "dated.jpg"
+    Image.new("RGB", (64, 48), (30, 90, 200)).save(dated, exif=exif.tobytes())
+    ix = tmp_path / "ix"
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:  # as an index from before photo fields
+        conn.execute("DELETE FROM photos")
+    conn.close()
+    os.chmod(dated, 0)
+    try:
+        s = summary(alignsearch("index", "--index", ix, "--json", "--device", "cpu", unprivileged=True))
+    finally:
+        os.chmod(dated, 0o644)
+    assert s["times"]["extra"]["photo_fields_filled"] == 2, s
+    assert _rows(ix, "SELECT count(*) FROM photos p JOIN files f ON f.id = p.file_id WHERE f.relpath = 'dated.jpg'") == [(0,)]
+    s = summary(alignsearch("index", "--index", ix, "--json", "--device", "cpu", unprivileged=True))
+    assert s["times"]["extra"]["photo_fields_filled"] == 1, s
+    assert _rows(ix, "SELECT p.taken_source, p.camera FROM photos p JOIN files f ON f.id = p.file_id "
+                     "WHERE f.relpath = 'dated.jpg'") == [("exif:DateTimeOriginal", "Canon EOS 5D")]
+    hits = json.loads(run("query", "blue", "--index", ix, "--json", "--camera", "canon").output)["results"]
+    assert [h["relpath"] for h in hits] == ["dated.jpg"]

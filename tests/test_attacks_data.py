@@ -530,3 +530,42 @@ def test_a_photo_unreadable_while_its_fields_are_filled_gets_them_once_it_can_be
                      "WHERE f.relpath = 'dated.jpg'") == [("exif:DateTimeOriginal", "Canon EOS 5D")]
     hits = json.loads(run("query", "blue", "--index", ix, "--json", "--camera", "canon").output)["results"]
     assert [h["relpath"] for h in hits] == ["dated.jpg"]
+
+
+# -- 10. symlinks another user planted in a shared photo folder ---------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
+def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_files_into_the_index(tmp_path, tiny_model):
+    """The indexer follows file symlinks (a library of links to the originals is common), captions too. In a
+    folder another user may write (a shared photo folder), that user planted photo.txt -> this user's
+    credentials file and photo.jpg -> this user's private photo: the credentials became the caption, stored in the
+    catalog and sent with every result that showed the photo (the server never serves a file through a link;
+    the text read through one it served), and the private photo's GPS position with it. A link is followed only
+    when this user or the folder's owner made it, as Linux's protected_symlinks has it; the library's own
+    links are indexed as before."""
+    from PIL import Image
+
+    lib, private = tmp_path / "shared", tmp_path / "private"
+    make_images(lib, 2)
+    private.mkdir()
+    secret = private / "credentials"
+    secret.write_text("aws_secret_access_key = SECRETKEY0123456789")
+    exif = Image.Exif()
+    exif.get_ifd(0x8825).update({1: "N", 2: (38.0, 42.0, 0.0), 3: "W", 4: (9.0, 8.0, 0.0)})
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(private / "home.jpg", exif=exif.tobytes())
+    (lib / "img000.txt").symlink_to(secret)  # planted: a caption for img000.png
+    (lib / "planted.jpg").symlink_to(private / "home.jpg")
+    for link in (lib / "img000.txt", lib / "planted.jpg"):
+        os.lchown(link, 4242, 4242)
+    (lib / "mine.jpg").symlink_to(private / "home.jpg")  # the library owner's own link
+    ix = tmp_path / "ix"
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert s["failed"] == 1 and s["added"] == 3, s
+    (reason,) = _rows(ix, "SELECT reason FROM files WHERE relpath = 'planted.jpg'")[0]
+    assert "another user" in reason, reason
+    dump = "\n".join(sqlite3.connect(ix / "catalog.db").iterdump())
+    assert "SECRETKEY" not in dump
+    gps = _rows(ix, "SELECT f.relpath, p.lat FROM photos p JOIN files f ON f.id = p.file_id WHERE p.lat IS NOT NULL")
+    assert [relpath for relpath, _ in gps] == ["mine.jpg"], gps
+    out = run("query", "a red square", "--index", ix, "--json", "-k", "5").output
+    assert "SECRETKEY" not in out

@@ -121,6 +121,8 @@ def open_pinned(path: str | os.PathLike) -> tuple[int, os.stat_result]:
 
 
 def _open_leaf(name: str, dir_fd: int | None, follow: bool, expect: tuple[int, float] | None) -> int:
+    if follow:
+        _refuse_planted_link(name, dir_fd)
     # A stat first, so a device or FIFO is refused without being opened at all (opening some devices acts).
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow)
     if stat.S_ISLNK(st.st_mode):
@@ -139,6 +141,22 @@ def _open_leaf(name: str, dir_fd: int | None, follow: bool, expect: tuple[int, f
         os.close(fd)
         raise
     return fd
+
+
+def _refuse_planted_link(name: str, dir_fd: int | None) -> None:
+    """A file symlink is followed only when this user or the folder's owner made it (Linux's protected_symlinks
+    rule): one that another user planted in a folder they may write (a shared photo folder) led the indexer to
+    this user's private files, whose text (a sidecar caption linked to ~/.aws/credentials), EXIF place and
+    words in the picture it then stored and served with every result."""
+    try:
+        link = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return  # gone: the open says so
+    if not stat.S_ISLNK(link.st_mode) or link.st_uid in (0, os.geteuid()):
+        return
+    folder = os.fstat(dir_fd) if dir_fd is not None else os.stat(os.path.dirname(name) or ".")
+    if link.st_uid != folder.st_uid:
+        raise Refused(f"a symbolic link made by another user (uid {link.st_uid}) than you or the folder's owner")
 
 
 def read_fd(fd: int, max_bytes: int) -> bytes:

@@ -492,10 +492,8 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
                 store = vectors.load(conn, out, encoder.dim)
                 before = state.read(conn).tagging
             run = {"labels": labels, "templates": list(templates or DEFAULT_TEMPLATES), "threshold": threshold, "top": top}
-            result = {**tag.tag_runs(db, store, encoder, {"runs": [run]}), "cleared": clear}
-            with db.begin() as conn:
-                state.write(conn, tagging=tag.with_run(before, run))
-            return result
+            return {**tag.tag_runs(db, store, encoder, {"runs": [run]}, remember=tag.with_run(before, run)),
+                    "cleared": clear}
         finally:
             db.dispose()
 

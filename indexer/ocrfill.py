@@ -7,8 +7,8 @@ nothing is encoded. One transaction per batch, so a run killed meanwhile resumes
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
+from itertools import islice
 from typing import Iterable
 
 from alignsearch.storage import catalog
@@ -33,27 +33,22 @@ def _read(row: catalog.FileRow) -> tuple[int, str | None, float]:
 def fill(db, workers: int = 0, on_batch=lambda n: None, *, without_ids: Iterable[int] = ()) -> tuple[int, float]:
     """Read every indexed file that has not been read for text, but for without_ids (files gone from disk, whose
     rows this run deletes); returns (files read, OCR seconds summed over the workers). Files that cannot be
-    read now stay unread (NULL) for a later run."""
-    done, after, seconds, pool, without_ids = 0, 0, 0.0, None, list(without_ids)
+    read now (or that kill the worker reading them twice) stay unread (NULL) for a later run."""
+    from indexer.workers import catalog_pages, map_rows
+
+    done, seconds = 0, 0.0
+    pages = catalog_pages(db, catalog.files_without_ocr, BATCH, list(without_ids))
+    found = map_rows(_read, pages, workers, lambda row, _reason: (row.id, None, 0.0))  # decoded as the pipeline does
     try:
-        while True:
-            with db.connect() as conn:
-                rows = catalog.files_without_ocr(conn, after, BATCH, without_ids=without_ids)
-            if not rows:
-                return done, seconds
-            after = rows[-1].id
-            if pool is None and workers > 0 and len(rows) > 1:  # decode and read in processes, as the pipeline does
-                pool = multiprocessing.get_context("spawn").Pool(workers)
+        while batch := list(islice(found, BATCH)):
             t0 = time.perf_counter()
-            found = pool.map(_read, rows, chunksize=1) if pool is not None else [_read(r) for r in rows]
-            seconds += sum(s for _, _, s in found)
-            texts = [(i, t) for i, t, _ in found if t is not None]
+            seconds += sum(s for _, _, s in batch)
+            texts = [(i, t) for i, t, _ in batch if t is not None]
             with db.begin() as conn:
                 catalog.set_ocr(conn, texts)
             done += len(texts)
-            log.debug("read text in %d files in %.2f s", len(rows), time.perf_counter() - t0)
-            on_batch(len(rows))
+            log.debug("stored text of %d files in %.2f s", len(batch), time.perf_counter() - t0)
+            on_batch(len(batch))
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        getattr(found, "close", lambda: None)()  # the worker processes stop with it
+    return done, seconds

@@ -4,6 +4,7 @@ them again, never encoding them, in committed batches so a killed run keeps what
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from typing import Callable, Iterable
 
 from alignsearch.media.phash import phash_of
@@ -31,40 +32,26 @@ def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callab
     keeps what it did. Returns the files hashed. Files that can no longer be read are left without one;
     without_ids (files gone from disk, whose rows this run deletes) are not tried."""
     from alignsearch.storage import catalog
+    from indexer.workers import catalog_pages, map_rows
 
-    without_ids = list(without_ids)
     with db.begin() as conn:
         stale = catalog.forget_stale_phashes(conn)
     if stale:
         log.info("dropped %d phashes of files no longer indexed", stale)
-    done, after = 0, 0
-    pool = None
+    done = 0
+    pages = catalog_pages(db, catalog.files_without_phash, batch, list(without_ids))
+    # many to do (a full first page): decode in processes, which notice a worker that dies
+    found = map_rows(_hash_file, pages, workers, lambda row, _reason: (row.id, None), min_rows=batch)
     try:
-        while True:
-            with db.connect() as conn:
-                rows = catalog.files_without_phash(conn, after, batch, without_ids=without_ids)
-            if not rows:
-                return done
-            after = rows[-1].id
-            if pool is None and workers > 0 and len(rows) == batch:  # many to do: decode in processes
-                from alignsearch.workerpool import spawn_pool
-
-                pool = spawn_pool(workers)
-            found = pool.map(_hash_file, rows, chunksize=8) if pool is not None else [_hash_file(r) for r in rows]
-            found = [(i, h) for i, h in found if h]
+        while rows := list(islice(found, batch)):
+            hashed = [(i, h) for i, h in rows if h]
             with db.begin() as conn:
-                catalog.set_phashes(conn, found)
-            done += len(found)
+                catalog.set_phashes(conn, hashed)
+            done += len(hashed)
             on_batch(len(rows))
-    except BaseException:  # Ctrl-C: stop the workers now rather than let them finish the queued files
-        if pool is not None:
-            pool.terminate()
-            pool = None
-        raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        getattr(found, "close", lambda: None)()  # Ctrl-C: the workers stop now rather than finish the queued files
+    return done
 
 
 def fill_index(db, workers: int = 0, *, without_ids: Iterable[int] = ()) -> int:

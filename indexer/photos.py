@@ -31,20 +31,23 @@ def fill(db, caption_columns: dict | None = None, list_columns: dict | None = No
         if not rows:
             return done
         fields = [(row, _fields(row, captions, caption_columns or {}, list_columns or {})) for row in rows]
+        fields = [(row, photo) for row, photo in fields if photo is not None]
         with db.begin() as conn:
             for row, photo in fields:
                 catalog.set_photo(conn, row.id, row.relpath, photo)
-        done += len(rows)
+        done += len(fields)
         after = rows[-1].id
 
 
-def _fields(row: catalog.FileRow, captions: dict, caption_columns: dict, list_columns: dict) -> dict:
+def _fields(row: catalog.FileRow, captions: dict, caption_columns: dict, list_columns: dict) -> dict | None:
+    """The file's photo fields; None when it cannot be read now (its fields wait for a later run: stored from no
+    bytes, its EXIF date, camera and place were lost for good, the mtime standing in for the date)."""
     found = scan.Found(row.root, row.relpath, row.size, row.mtime, None, row.relpath_raw)
     try:
         data = row.read()
-    except (OSError, BadImageError) as exc:  # gone or changed: the fields wait for the next encode
-        log.info("no photo fields for %s: %s", row.path, exc)
-        data = b""
+    except (OSError, BadImageError) as exc:  # unreadable for now (permissions, a disk away), or changed
+        log.info("no photo fields for %s yet: %s", row.path, exc)
+        return None
     caption = sidecar_caption(found) or _source_captions(row.root, captions, caption_columns, list_columns).get(row.relpath)
     return photometa.read(data, row.mtime, caption)
 

@@ -59,9 +59,11 @@ def with_run(tagging: dict | None, run: dict) -> dict:
 
 
 def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: list[str], temperature: float,
-            threshold: float, top: int, background_vectors: np.ndarray | None = None, refresh: bool = True) -> dict:
+            threshold: float, top: int, background_vectors: np.ndarray | None = None, refresh: bool = True,
+            remember: dict | None = None) -> dict:
     """Replace the tags of these labels with this labelling of every indexed file (tags of other labels
-    stay); returns counts per label. background_vectors: the encoded BACKGROUND_PROMPTS."""
+    stay); returns counts per label. background_vectors: the encoded BACKGROUND_PROMPTS. remember: the tagging
+    runs to store with the tags, in their transaction."""
     if background_vectors is None:
         raise BadInputError("tagging needs the background prompts' vectors")
     with db.connect() as conn:
@@ -76,21 +78,24 @@ def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: l
         catalog.replace_tags(conn, rows, labels)
         if refresh and catalog.has_keywords(conn):
             catalog.refresh_keywords(conn)  # tags are keywords too
+        if remember is not None:  # with the tags: a kill between two commits left tags later runs did not repeat
+            state.write(conn, tagging=remember)
     counts = dict.fromkeys(labels, 0)
     for r in rows:
         counts[r["label"]] += 1
     return {"images": len(live), "tags": len(rows), "per_label": counts}
 
 
-def tag_runs(db: Engine, store: VectorStore, encoder, tagging: dict | None) -> dict:
-    """Tag every indexed file with every remembered run's labels (after new images came in)."""
+def tag_runs(db: Engine, store: VectorStore, encoder, tagging: dict | None, remember: dict | None = None) -> dict:
+    """Tag every indexed file with every remembered run's labels (after new images came in); remember: the
+    tagging runs to store with the last run's tags (tag_all)."""
     runs = runs_of(tagging)
     background = encoder.encode_text(list(BACKGROUND_PROMPTS))
     total = {"images": 0, "tags": 0, "per_label": {}}
     for i, run in enumerate(runs):
         vectors = encoder.encode_labels(run["labels"], run.get("templates") or DEFAULT_TEMPLATES)
         done = tag_all(db, store, vectors, run["labels"], encoder.temperature, run["threshold"], run["top"],
-                       background, refresh=i == len(runs) - 1)
+                       background, refresh=i == len(runs) - 1, remember=remember if i == len(runs) - 1 else None)
         total["images"] = done["images"]
         total["tags"] += done["tags"]
         total["per_label"].update(done["per_label"])

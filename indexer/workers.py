@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from itertools import islice
+from itertools import chain, islice
 
 from alignsearch.errors import AlignSearchError
 from alignsearch.workerpool import ignore_sigint, sigint_ignored
@@ -153,3 +153,27 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
     finally:
         if single is not None:
             single.shutdown(wait=False, cancel_futures=True)
+
+
+def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterator[list]:
+    """The rows fetch(conn, after, limit, without_ids=...) pages through, a page at a time, each read when the
+    one before has been taken (a fill step's files: catalog.files_without_ocr, files_without_phash)."""
+    after = 0
+    while True:
+        with db.connect() as conn:
+            rows = fetch(conn, after, limit, without_ids=without_ids)
+        if not rows:
+            return
+        after = rows[-1].id
+        yield rows
+
+
+def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable, min_rows: int = 2) -> Iterator:
+    """fn(row) for each row of pages, in order: in `workers` processes when there are any and the first page
+    holds min_rows or more (decode_in_processes: a worker that dies is noticed, where Pool.map waited forever
+    for its task), else in this process. failed(row, reason): the result of a row whose worker died twice."""
+    first = next(pages, [])
+    rows = chain(first, chain.from_iterable(pages))
+    if workers > 0 and len(first) >= min_rows:
+        return decode_in_processes(fn, rows, workers, failed)
+    return map(fn, rows)

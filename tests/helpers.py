@@ -686,3 +686,25 @@ def compact_now(ix: Path):
             return compact.compact(db, Path(ix), force=True)
     finally:
         db.dispose()
+
+
+# -- a decode worker the OOM killer ends (tests/test_attacks_data.py) ---------------------------------------------
+
+
+def ocr_read_or_die(row):
+    """indexer.ocrfill._read in a worker process, but a worker that meets a file named die* dies at once (as the
+    OOM killer or a crash in a codec ends one). For workers only: there ocrfill._read is still the real one."""
+    from indexer import ocrfill
+
+    if os.path.basename(row.relpath).startswith("die"):
+        os._exit(9)
+    return ocrfill._read(row)
+
+
+def phash_or_die(row):
+    """indexer.phashfill._hash_file in a worker process, dying as ocr_read_or_die does on a file named die*."""
+    from indexer import phashfill
+
+    if os.path.basename(row.relpath).startswith("die"):
+        os._exit(9)
+    return phashfill._hash_file(row)

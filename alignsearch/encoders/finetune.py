@@ -22,6 +22,7 @@ import torch
 from alignsearch import atomic
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, UsageError
 from alignsearch.media.images import ImageSpec, open_rgb
+from alignsearch.media.sources import read_local
 from alignsearch.encoders.model import load_image_spec, resolve_device
 from alignsearch.encoders.pixels import to_pixel_values
 from alignsearch.encoders.pairs import Pair, load_pairs
@@ -104,7 +105,7 @@ class _Images:
             if pair.image in self.bad:
                 continue
             try:
-                images.append(open_rgb(pair.image.read_bytes())[0])
+                images.append(open_rgb(read_local(pair.image))[0])  # a FIFO refused, never waited on
                 good.append(pair)
             except (OSError, BadImageError) as exc:
                 self.bad[pair.image] = str(exc)

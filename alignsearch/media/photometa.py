@@ -23,6 +23,9 @@ CAPTION_COLUMNS = ("caption", "text", "alt", "description")
 CAPTION_MAX = 4000  # characters kept: a caption, not a document
 CAPTION_BYTES = 64 * 1024  # read of a .txt caption (the rest is cut, never the whole caption dropped)
 CAPTION_JSON_BYTES = 1 << 20  # a .json sample record is parsed whole, so it may be this long
+# characters kept of an EXIF text field (camera, lens): a name, not the megabytes an EXIF field can hold, which
+# were stored whole and sent with every search result that showed the photo
+TEXT_MAX = 256
 
 FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption")
 
@@ -136,7 +139,7 @@ def _text(value) -> str | None:
         value = value.decode("utf-8", "replace")
     if value is None:
         return None
-    value = str(value).strip("\x00 \t\r\n")
+    value = str(value).strip("\x00 \t\r\n")[:TEXT_MAX].rstrip("\x00 \t\r\n")
     return value or None
 
 
@@ -165,4 +168,7 @@ def iso(epoch: float | None) -> str | None:
     """UTC ISO 8601 for JSON output."""
     if epoch is None or epoch != epoch:
         return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):  # past the calendar (an index that stored one): no date to show
+        return None

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from alignsearch.media.images import ImageSpec, crop_uint8
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,17 @@ def is_video(name: str) -> bool:
 
 class VideoError(Exception):
     """A video that cannot be read at all; its message is the reason recorded for it."""
+
+
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # a frame larger than a photo may be is a decompression bomb, as for photos
+
+
+def _refuse_bomb(width: int | None, height: int | None) -> None:
+    """Refuse a frame size over MAX_PIXELS before its pixels are converted: a video of a few hundred KB whose
+    frames claim 16000x16000 took 5 GB and 13 s to read, where a photo that size is refused from its header."""
+    if width and height and width * height > MAX_PIXELS:
+        raise VideoError(f"video too large: {width}x{height} pixels a frame exceeds the limit of {MAX_PIXELS:,} "
+                         "(decompression bomb guard)")
 
 
 @dataclass
@@ -97,10 +108,13 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         if not container.streams.video:
             raise VideoError("not a video: no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError: every index run stopped)
+            raise VideoError("cannot decode video: its video stream's codec is unknown")
         stream.thread_type = "AUTO"  # FFmpeg's own frame threads (the GIL is released while it decodes)
         stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
+        _refuse_bomb(info.width, info.height)
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
@@ -127,6 +141,7 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             if t < next_sample and start is not None:
                 continue  # decoded (a reference for later frames), never converted
             next_sample = (math.floor(t / SAMPLE_SECONDS) + 1) * SAMPLE_SECONDS
+            _refuse_bomb(frame.width, frame.height)  # a header without a size, or a size that changes mid-way
             info.frames_examined += 1
             now = _signature(frame)
             if start is None:
@@ -173,9 +188,11 @@ def creation_time(metadata) -> float | None:
         return None
     try:
         moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
+        seconds = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+        datetime.fromtimestamp(seconds, timezone.utc)  # a date at the calendar's edge moved past it by its offset
+    except (ValueError, OverflowError):  # (9999-12-31T23:59:59-23:59): every search showing the video failed
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return seconds
 
 
 VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",
@@ -191,6 +208,9 @@ def frame_at(source, t: float, t_end: float | None = None):
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = container.streams.video[0]
+            if stream.codec_context is None:
+                raise VideoError("cannot decode video: its video stream's codec is unknown")
+            _refuse_bomb(stream.codec_context.width, stream.codec_context.height)
             stream.thread_type = "AUTO"
             if want > 0 and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
@@ -201,6 +221,7 @@ def frame_at(source, t: float, t_end: float | None = None):
                     break
             if last is None:
                 raise VideoError("cannot decode video: no frame at that time")
+            _refuse_bomb(last.width, last.height)
             return last.to_image()
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None

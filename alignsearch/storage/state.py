@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from alignsearch.errors import IndexDamagedError
 from alignsearch.storage.paths import LISTS_SUFFIX, readonly_uri
 
 
@@ -141,10 +142,34 @@ KEYS = {
 }
 
 
-def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
-    """The state the meta rows (key, JSON text) describe; absent keys read as IndexState's defaults."""
-    raw = {key: json.loads(text) for key, text in rows}
+class MetaDamagedError(IndexDamagedError, ValueError):
+    """A meta value no alignsearch wrote (not JSON, or not what its key holds): a damaged catalog, said in one
+    line with exit 7, where it was an "unexpected ValueError" (or TypeError, OverflowError) of every command.
+    A ValueError too: the callers that read an unreadable catalog as none (peek, migrate.reader_schema) still do."""
 
+    def __init__(self, key: str | None, exc: Exception):
+        where = f"the value of {key!r}" if key else "a value"
+        super().__init__(f"catalog.db is damaged: {where} in its meta table is not what alignsearch writes "
+                         f"({type(exc).__name__}: {exc}); restore the index from a backup, or index the folders "
+                         "again into a new index")
+
+
+def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
+    """The state the meta rows (key, JSON text) describe; absent keys read as IndexState's defaults. A value
+    that is not what its key holds raises MetaDamagedError."""
+    raw = {}
+    for key, text in rows:
+        try:
+            raw[key] = json.loads(text)
+        except (ValueError, TypeError) as exc:
+            raise MetaDamagedError(key, exc) from None
+    try:
+        return _decode(raw)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise MetaDamagedError(None, exc) from None
+
+
+def _decode(raw: dict[str, Any]) -> IndexState:
     def got(key: str, default: Any = None) -> Any:
         value = raw.get(key)
         return default if value is None else value
@@ -163,7 +188,7 @@ def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
         ann=AnnState(digest=got("ann_digest"), files=got("ann_files", {}), trained_n=int(got("index_trained_n", 0)),
                      tuning=got("tuning", {}), ondisk_shards=int(got("ondisk_shards", 0)),
                      index_shards=int(got("index_shards", 0))),
-        roots=RootsState(roots=tuple(got("roots", [])), options=got("root_options", {}),
+        roots=RootsState(roots=tuple(_listed(got("roots", []))), options=got("root_options", {}),
                          list_columns=got("list_columns", {}), listing_errors=got("listing_errors", {})),
         videos=bool(got("videos", False)),
         ocr=bool(got("ocr", False)),
@@ -175,6 +200,13 @@ def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
                                                      segment=reindex["segment"], rows=int(reindex["rows"]),
                                                      done=int(reindex["done"])),
     )
+
+
+def _listed(value: Any) -> list:
+    """A JSON list as stored; anything else is damage (a string's letters were read as roots, each scanned)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of names, found {type(value).__name__}")
+    return value
 
 
 def encode(name: str, value: Any) -> dict[str, Any]:

@@ -73,6 +73,10 @@ class _Main(click.Group):
     """Every error ends in one line and a documented exit code (see the module docstring), never a
     traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
 
+    def main(self, *args, **kwargs):
+        _hold_std_fds()
+        return super().main(*args, **kwargs)
+
     def invoke(self, ctx):
         from alignsearch import notices
 
@@ -111,6 +115,24 @@ class _Main(click.Group):
                 where = f": {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"{exc.strerror}{where}", 1)
             _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
+
+
+def _hold_std_fds() -> None:
+    """A standard stream started closed (`>&-`, `2>&-`) is /dev/null: Python leaves sys.stdout None (the command
+    failed on its first print or flush, `index` before it began) and the descriptor free, so the next file
+    opened took its number (the index's write.lock, its catalog), to be written by whatever writes there: a
+    library's printf, a decode worker's traceback."""
+    streams = {0: ("stdin", "r"), 1: ("stdout", "w"), 2: ("stderr", "w")}
+    for fd, (name, mode) in streams.items():
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, as the lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))  # noqa: SIM115 - the stream stays open, as sys.stdout does
 
 
 def _stdout_gone() -> bool:

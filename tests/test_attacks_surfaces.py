@@ -74,6 +74,28 @@ def test_per_video_over_a_thousand_is_answered_alike_through_the_server(served):
     assert json.loads(warm.stdout) == json.loads(alone.stdout)
 
 
+def test_a_query_image_over_the_servers_pixel_cap_is_searched_locally(served, tmp_path):
+    """The server decodes uploads up to 50 MP (its memory guard), the CLI a query image up to the indexer's
+    200 MP: a 63 MP photo searched alone, but through a server failed with exit 6 (`unreadable image`)."""
+    from PIL import Image
+
+    photo = tmp_path / "big.jpg"
+    Image.new("RGB", (9000, 7000), (200, 30, 30)).save(photo, quality=80)
+    warm, alone = (query(ix, "--image", photo, "-k", "2", "--json") for ix in (served["ix"], served["alone"]))
+    assert warm.returncode == alone.returncode == 0, warm.stderr
+    assert json.loads(warm.stdout) == json.loads(alone.stdout)
+    assert b"cannot take this query" in warm.stderr and b"too large" in warm.stderr, warm.stderr
+
+
+def test_a_filter_that_is_not_utf8_is_searched_locally_with_the_true_reason(served):
+    """A --path glob of a file name's raw bytes cannot go in a URL: the client said the server `did not
+    answer`, which sent the user looking for a dead server."""
+    warm, alone = (query(ix, "red", "--path", b"caf\xe9*", "--json") for ix in (served["ix"], served["alone"]))
+    assert warm.returncode == alone.returncode == 0, warm.stderr
+    assert json.loads(warm.stdout) == json.loads(alone.stdout)
+    assert b"did not answer" not in warm.stderr and b"not UTF-8" in warm.stderr, warm.stderr
+
+
 @pytest.mark.parametrize("option", [None, "--negative", "--tag"])
 def test_a_query_text_that_is_not_utf8_is_one_line_and_exit_6(served, option):
     """Bytes that are not UTF-8 (a Latin-1 terminal's é) reached the tokenizer: `unexpected TypeError`, exit 1,

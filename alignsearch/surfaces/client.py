@@ -303,16 +303,22 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         why = f"the server at {record['url']} does not take {', '.join(unknown)} (an older version)"
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
+    try:
+        query_string = urlencode(params)
+    except UnicodeEncodeError:  # a glob or name holding bytes that are not UTF-8: a URL carries UTF-8 only
+        why = "a filter holds bytes that are not UTF-8, which a URL cannot carry"
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
     asked = not record["contacted"]  # this answer is the first word from it: it must name this index
     try:
         if request.image is None:
-            answer, named = _watched(record, f"/api/search?{urlencode(params)}", None, None, timeout, probe_every)
+            answer, named = _watched(record, f"/api/search?{query_string}", None, None, timeout, probe_every)
         else:
             image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
             boundary = uuid.uuid4().hex
             body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()
-            answer, named = _watched(record, f"/api/search?{urlencode(params)}", body,
+            answer, named = _watched(record, f"/api/search?{query_string}", body,
                                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout,
                                      probe_every)
     except HTTPError as exc:
@@ -321,9 +327,14 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
             # it): another program on a reused port, the recorded server killed, is not taken at its word
             notice(_silent(record["url"], exc))
             return Routed(None, f"the server did not answer ({exc.code})")
-        # A query refused is refused by the rules every surface shares (querycheck): the same error as here
-        if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
+        # A query refused is refused by the rules every surface shares (querycheck): the same error as here;
+        # 413 is a limit of the server's own (an upload's pixels), which a local search does not have
+        if 400 <= exc.code < 500 and exc.code not in (401, 408, 413, 429):
             raise BadInputError(_error_text(exc)) from None
+        if exc.code == 413:
+            why = f"the server at {record['url']} cannot take this query ({_error_text(exc)})"
+            notice(f"notice: {why}; searching locally")
+            return Routed(None, why)
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
         return Routed(None, f"the server answered {exc.code}")
     except Hung as exc:

@@ -10,9 +10,11 @@ import sys
 import time
 
 import pytest
+from click.testing import CliRunner
 
 import alignsearch
 from alignsearch.storage.paths import SERVER_FILE
+from alignsearch.surfaces.cli import main
 from alignsearch.surfaces.server import ServerConfig, start_in_thread
 from helpers import call, indexed_corpus
 
@@ -221,3 +223,33 @@ def test_clients_sending_their_headers_slowly_are_cut_off_and_others_served(serv
     for s in slow:
         s.close()
     assert not open_, f"{len(open_)} of {len(slow)} slow connections still held after 14 s"
+
+
+# -- CLI arguments ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref", ["99999999999999999999999999", "9223372036854775808", "²"])
+def test_similar_to_an_id_that_cannot_be_one_is_not_an_indexed_image(served, ref):
+    """An id past SQLite's INTEGER was `unexpected OverflowError` (exit 1), a digit int() refuses
+    `unexpected ValueError`."""
+    out = CliRunner().invoke(main, ["similar", ref, "--index", str(served["alone"])])
+    assert out.exit_code == 6 and "is not an indexed image" in out.output, out.output
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "latin-1"])
+def test_a_labels_file_that_is_no_text_file_is_refused_at_once(served, tmp_path, kind):
+    """`tag --labels-file` read whatever it was given: a FIFO waited for a writer for ever, /dev/zero filled
+    the memory, a Latin-1 file was `unexpected UnicodeDecodeError`."""
+    path = tmp_path / "labels"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "latin-1":
+        path.write_bytes(b"caf\xe9\n")
+    else:
+        path = "/dev/zero"
+    ix = tmp_path / "ix"
+    shutil.copytree(served["alone"], ix)
+    out = subprocess.run([sys.executable, "-m", "alignsearch", "tag", "--labels-file", str(path), "--index", str(ix)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 6, out.stderr
+    assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, out.stderr

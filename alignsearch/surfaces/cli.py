@@ -575,10 +575,7 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
 
     if not labels_file and not clear:
         raise click.UsageError("give --labels-file FILE, or --clear to remove every tag")
-    labels = []
-    if labels_file:
-        with open(labels_file, encoding="utf-8") as f:
-            labels = f.read().splitlines()
+    labels = _read_labels(labels_file) if labels_file else []
     result = tag_index(resolve_index_dir(index_dir), labels, list(templates), threshold, top, device, clear=clear)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -589,6 +586,27 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
         click.echo(f"{result['tags']} tags on {result['images']} images")
     for label, n in result["per_label"].items():
         click.echo(f"  {n:>8}  {_shown(label)}")
+
+
+MAX_LABELS_BYTES = 16 << 20  # a label is at most 200 characters: more is not a labels file
+
+
+def _read_labels(path) -> list[str]:
+    """The lines of a labels file: a regular file (a FIFO waited for ever, /dev/zero filled the memory) of at
+    most MAX_LABELS_BYTES of UTF-8; else BadInputError (exit 6) saying why."""
+    from alignsearch import safeopen
+    from alignsearch.errors import BadInputError
+
+    try:
+        data = safeopen.read_fd(safeopen.open_regular(path), MAX_LABELS_BYTES)
+    except (OSError, safeopen.Refused) as exc:
+        raise BadInputError(f"cannot use the labels file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > MAX_LABELS_BYTES:
+        raise BadInputError(f"the labels file {path} is larger than {MAX_LABELS_BYTES} bytes")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"the labels file {path} is not UTF-8 (byte {exc.start})") from None
 
 
 @main.command()

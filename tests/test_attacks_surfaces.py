@@ -253,3 +253,46 @@ def test_a_labels_file_that_is_no_text_file_is_refused_at_once(served, tmp_path,
                          capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 6, out.stderr
     assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, out.stderr
+
+
+def test_a_request_body_sent_slowly_is_cut_off_too(served, tmp_path):
+    """The twin of slowloris for bodies: headers sent at once, then a body a byte a second, read before the
+    token is checked: held for ever (20 such connections without a token were all still open after 12 s).
+    Here with deadlines of 1 s for the head and 2 s more for the body; a slow but whole request passes."""
+    shutil.copytree(served["alone"], tmp_path / "ix")  # a server of its own index: its record is its own
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0, token="s3cret", head_seconds=1, body_seconds=2))
+    try:
+        port = server.port
+        head = (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+                "boundary=x\r\nContent-Length: {}\r\n\r\n")
+        dribbled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        dribbled.sendall(head.format(100_000).encode() + b"--x\r\n")
+        body = b'--x\r\nContent-Disposition: form-data; name="q"\r\n\r\nred\r\n--x--\r\n'
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(head.format(len(body)).encode().replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer s3cret\r\n\r\n"))
+        cut = None
+        started = time.monotonic()
+        while time.monotonic() - started < 8 and cut is None:
+            try:
+                dribbled.sendall(b"a")
+                dribbled.setblocking(False)
+                if dribbled.recv(100) == b"":
+                    cut = time.monotonic() - started
+            except BlockingIOError:
+                pass
+            except OSError:
+                cut = time.monotonic() - started
+            finally:
+                dribbled.setblocking(True)
+            if time.monotonic() - started > 1.5 and body:
+                slow.sendall(body)  # 1.5 s after its head: within the body's deadline
+                body = b""
+            time.sleep(0.25)
+        assert cut is not None and cut < 5, cut
+        assert slow.recv(100).startswith(b"HTTP/1.1 200"), "a slow but whole request must be answered"
+        slow.close()
+        dribbled.close()
+    finally:
+        server.shutdown()
+        engine.close()

@@ -7,7 +7,7 @@ is opened from the URL `serve` prints. A request a browser sends from another si
 Origin) is refused, but for a GET navigation. Request bodies are capped while they stream (the framework's
 body limit counts chunked bodies too) and multipart forms are capped in fields, files and field size; a body
 framed twice (Content-Length and Transfer-Encoding) is refused, and a request's line and headers must arrive
-within ServerConfig.head_seconds (slowloris).
+within ServerConfig.head_seconds and its body within body_seconds more (slowloris).
 Query arguments are checked by alignsearch.search.querycheck, the rules the CLI and Engine.search use.
 
 Encoding runs on one worker thread fed by a bounded queue (full: 503), so a burst of text or image
@@ -100,6 +100,7 @@ class ServerConfig:
     max_upload_bytes: int = BODY_BYTES
     max_upload_pixels: int = querycheck.MAX_IMAGE_PIXELS
     head_seconds: float = 10.0  # a request's line and headers arrive within this (head_deadline)
+    body_seconds: float = 60.0  # and its body within this more (20 MB at 350 kB/s)
 
 
 class ApiError(Exception):
@@ -188,11 +189,13 @@ def cross_site(method: str, headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def head_deadline(seconds: float) -> type:
+def head_deadline(seconds: float, body_seconds: float) -> type:
     """uvicorn's h11 protocol, closing a connection whose request line and headers have not all arrived within
-    `seconds` of its opening or of the previous answer. uvicorn has no such limit: a client sending its headers
-    a byte at a time (slowloris) held its connection for ever, and a thousand of them took every file
-    descriptor (the server accepted no one else). A request whose head is in is not timed here."""
+    `seconds` of its opening or of the previous answer, or whose body has not within body_seconds more.
+    uvicorn has no such limit: a client sending its headers, or its body, a byte at a time (slowloris, and
+    its twin for bodies, read before the token is checked) held its connection for ever, and a thousand of
+    them took every file descriptor (the server accepted no one else). Answering is not timed."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadDeadline(H11Protocol):
@@ -211,14 +214,21 @@ def head_deadline(seconds: float) -> type:
                 self._head_timer.cancel()
             super().connection_lost(exc)
 
-        def _arm(self):
+        def _arm(self, after: float = seconds, check=None):
             if self._head_timer is not None:
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(seconds, self._late)
+            self._head_timer = self.loop.call_later(after, check or self._late)
 
         def _late(self):
-            waiting = self.cycle is None or self.cycle.response_complete  # no request in progress
-            if waiting and not self.transport.is_closing():
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete:  # the next request's head is not in
+                self.transport.close()
+            elif self.conn.their_state is h11.SEND_BODY:  # its body is still coming
+                self._arm(body_seconds, self._body_late)
+
+        def _body_late(self):
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
                 self.transport.close()
 
     return HeadDeadline
@@ -1069,7 +1079,7 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
 
     app = create_app(engine, config, token, lifespan)
     server = uvicorn.Server(uvicorn.Config(
-        app, lifespan="on", http=head_deadline(config.head_seconds), ws="none", log_level="info" if verbose else "warning", access_log=verbose,
+        app, lifespan="on", http=head_deadline(config.head_seconds, config.body_seconds), ws="none", log_level="info" if verbose else "warning", access_log=verbose,
         server_header=False, timeout_keep_alive=5, backlog=BACKLOG, log_config=None,
     ))
     handle = RunningServer(url, port, token, server)

@@ -296,3 +296,15 @@ def test_a_request_body_sent_slowly_is_cut_off_too(served, tmp_path):
     finally:
         server.shutdown()
         engine.close()
+
+
+def test_serve_with_an_empty_host_is_a_usage_error_not_every_interface(served, tmp_path):
+    """--host "" (an unset variable in a script) listened on every interface while it printed 127.0.0.1."""
+    shutil.copytree(served["alone"], tmp_path / "ix")
+    try:
+        out = subprocess.run([sys.executable, "-m", "alignsearch", "serve", "--host", "", "--port", "0", "--index",
+                              str(tmp_path / "ix"), "--device", "cpu"], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"it served: {exc.stderr}")
+    assert out.returncode == 2 and "--host needs an address" in out.stderr, out.stderr

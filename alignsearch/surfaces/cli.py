@@ -774,6 +774,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
 
+    if not host.strip():  # an unset variable (--host "$HOST") listened on every interface
+        raise click.UsageError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()

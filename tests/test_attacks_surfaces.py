@@ -98,6 +98,16 @@ def test_a_filter_that_is_not_utf8_is_searched_locally_with_the_true_reason(serv
     assert b"did not answer" not in warm.stderr and b"not UTF-8" in warm.stderr, warm.stderr
 
 
+def test_a_query_too_long_for_a_url_is_searched_locally_every_time(served):
+    """The server's HTTP parser refuses a request head over 16 KiB while it is incomplete: a --where of 30 KB
+    was answered by the server or refused (400, `did not answer`) as the kernel split the URL."""
+    where = " and ".join(["width > 1"] * 2000)
+    warm, alone = (query(ix, "red", "-k", "2", "--where", where, "--json") for ix in (served["ix"], served["alone"]))
+    assert warm.returncode == alone.returncode == 0, warm.stderr
+    assert json.loads(warm.stdout) == json.loads(alone.stdout)
+    assert b"bytes long in a URL" in warm.stderr and b"did not answer" not in warm.stderr, warm.stderr
+
+
 @pytest.mark.parametrize("option", [None, "--negative", "--tag"])
 def test_a_query_text_that_is_not_utf8_is_one_line_and_exit_6(served, option):
     """Bytes that are not UTF-8 (a Latin-1 terminal's é) reached the tokenizer: `unexpected TypeError`, exit 1,

@@ -318,3 +318,20 @@ def test_serve_with_an_empty_host_is_a_usage_error_not_every_interface(served, t
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"it served: {exc.stderr}")
     assert out.returncode == 2 and "--host needs an address" in out.stderr, out.stderr
+
+
+def test_names_a_latin1_terminal_cannot_show_are_escaped_not_fatal(served, tiny_model, tmp_path):
+    """In a locale such as de_DE.ISO-8859-1 (PYTHONIOENCODING stands in for it), one result named 你好.jpg
+    ended the query: `unexpected UnicodeEncodeError`, exit 1, no results."""
+    (tmp_path / "photos").mkdir()
+    shutil.copy(next(served["corpus"].glob("*.jpg")), tmp_path / "photos" / "你好.jpg")
+    ix = tmp_path / "ix"
+    assert CliRunner().invoke(main, ["index", str(tmp_path / "photos"), "--index", str(ix), "--model", str(tiny_model),
+                                     "--device", "cpu"]).exit_code == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "latin-1"}
+    for args in (["query", "red", "-k", "1"], ["info"], ["roots"]):
+        out = subprocess.run([sys.executable, "-m", "alignsearch", *args, "--index", str(ix)], capture_output=True,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert b"\\u4f60\\u597d.jpg" in subprocess.run([sys.executable, "-m", "alignsearch", "query", "red", "--index",
+                                                   str(ix)], capture_output=True, env=env, timeout=120).stdout

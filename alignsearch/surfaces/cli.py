@@ -75,6 +75,10 @@ class _Main(click.Group):
 
     def main(self, *args, **kwargs):
         _hold_std_fds()
+        if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+            # a terminal in a locale such as ISO-8859-1: a name it cannot show is escaped (\u4f60), not the
+            # end of the command (`unexpected UnicodeEncodeError` for one result's name)
+            sys.stdout.reconfigure(errors="backslashreplace")
         return super().main(*args, **kwargs)
 
     def invoke(self, ctx):

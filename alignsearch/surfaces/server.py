@@ -168,23 +168,25 @@ def cookie_name(port: int) -> str:
     return f"alignsearch-token-{port}"
 
 
-def cross_site(method: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+def cross_site(method: str, headers: list[tuple[bytes, bytes]], hosts: frozenset[str]) -> str | None:
     """Why a request a browser sent from another site's page is refused, or None. Browsers say where a request
-    comes from (Sec-Fetch-Site; Origin on POST and scripted requests, also where Sec-Fetch-* is not sent): a
-    page of another site (or of another port on this host) could otherwise load a served image or run a
-    search, with the cookie or with --no-token. Only a GET navigation (a link followed, the printed URL
-    opened) may come from elsewhere: its answer is shown to the user, never to the page that linked."""
+    comes from: Sec-Fetch-Site (set by the browser, not the page), else, in older ones, Origin on POST and
+    scripted requests, which must name this server (the Host asked, or a name of ours: a proxy in front may
+    rewrite Host). A page of another site (or of another port on this host) could otherwise load a served
+    image or run a search, with the cookie or with --no-token. Only a GET navigation (a link followed, the
+    printed URL opened) may come from elsewhere: its answer is shown to the user, never to the linking page."""
     got = {k: v.decode("latin-1").strip().lower() for k, v in headers
            if k in (b"sec-fetch-site", b"sec-fetch-mode", b"origin", b"host")}
-    if got.get(b"sec-fetch-mode") == "navigate" and method in ("GET", "HEAD"):
-        return None
     site = got.get(b"sec-fetch-site")
-    if site in ("cross-site", "same-site"):
+    if site in ("same-origin", "none") or (got.get(b"sec-fetch-mode") == "navigate" and method in ("GET", "HEAD")):
+        return None
+    if site is not None:
         return f"requests from another site's page are refused (Sec-Fetch-Site: {site})"
     origin = got.get(b"origin")
     if origin is not None:
         scheme, sep, netloc = origin.partition("://")
-        if not sep or scheme not in ("http", "https") or netloc != got.get(b"host", ""):
+        ours = netloc == got.get(b"host", "") or host_name(netloc) in hosts
+        if not sep or scheme not in ("http", "https") or not ours:
             return f"requests from another site's page are refused (Origin: {origin})"
     return None
 
@@ -255,7 +257,7 @@ class HostCheck:
             # two framings of one body: a proxy in front may read the other one, and take what follows for a
             # second request (request smuggling); RFC 9112 6.1: answer, then close the connection
             return await refuse(send, 400, "a request with both Content-Length and Transfer-Encoding is refused")
-        why = cross_site(scope["method"], scope["headers"])
+        why = cross_site(scope["method"], scope["headers"], self.hosts)
         if why:
             return await refuse(send, 403, why)
 

@@ -708,3 +708,17 @@ def phash_or_die(row):
     if os.path.basename(row.relpath).startswith("die"):
         os._exit(9)
     return phashfill._hash_file(row)
+
+
+def indexed_corpus(base: Path, tiny_model, n: int) -> Path:
+    """n make_images pictures in base/corpus, indexed in-process by the tiny model into base/ix (returned)."""
+    from click.testing import CliRunner
+    from conftest import make_images
+
+    from alignsearch.surfaces.cli import main
+
+    make_images(base / "corpus", n)
+    result = CliRunner().invoke(main, ["index", str(base / "corpus"), "--index", str(base / "ix"), "--model",
+                                       str(tiny_model), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return base / "ix"

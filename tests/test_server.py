@@ -208,7 +208,7 @@ def test_bad_uploads(served):
 
     body, headers = multipart({}, png_bomb(40_000, 40_000))
     status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
-    assert status == 400 and "too large" in json.loads(answer)["error"]
+    assert status == 413 and "too large" in json.loads(answer)["error"]
     assert call(served["url"], "/api/search", method="DELETE")[0] == 405
 
 

@@ -413,9 +413,14 @@ def find_indexed(engine, ref: str):
 
     from alignsearch.storage import catalog
     from alignsearch.media import sources
+    from alignsearch.search.querycheck import MAX_ID
 
     if ref.isdigit() and not os.path.exists(ref):
-        return engine.file(int(ref))
+        try:
+            number = int(ref)
+        except ValueError:  # '²' is a digit that int() refuses
+            return None
+        return engine.file(number) if number <= MAX_ID else None  # a larger one overflowed in SQLite
     path = os.path.abspath(ref)
     with engine.db.connect() as conn:
         for root in engine.roots:

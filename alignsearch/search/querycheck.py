@@ -35,12 +35,25 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an uploaded (or CLI --image) query image
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard for query images
 
 
+def _unicode(value: str, name: str) -> str:
+    """value, unless it holds lone surrogates: bytes that are not UTF-8 (a command line typed in a Latin-1
+    locale arrives so) could not be tokenised (a TypeError) nor stored nor sent to the server."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = value.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise BadInputError(f"the {name} is not valid UTF-8 ('{shown[:60]}'): type it in a UTF-8 locale") from None
+    return value
+
+
 def check_text(value: str | None, name: str = "text") -> str | None:
-    """A query text: None stays None; an empty or blank one, or one over MAX_TEXT_CHARS, is refused."""
+    """A query text: None stays None; an empty or blank one, one over MAX_TEXT_CHARS, or one that is not valid
+    UTF-8, is refused."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise BadInputError(f"the {name} must be a string")
+    _unicode(value, name)
     if len(value) > MAX_TEXT_CHARS:
         raise BadInputError(f"the {name} is {len(value)} characters long; the limit is {MAX_TEXT_CHARS}")
     if not value.strip():
@@ -84,7 +97,7 @@ def check_tag(value: str | None) -> str | None:
 
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_TAG_CHARS:
         raise BadInputError(f"a tag is a label of 1 to {MAX_TAG_CHARS} characters, got {str(value)[:40]!r}")
-    return value
+    return _unicode(value, "tag")
 
 
 def check_id(value: int) -> int:

@@ -73,6 +73,14 @@ class _Main(click.Group):
     """Every error ends in one line and a documented exit code (see the module docstring), never a
     traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
 
+    def main(self, *args, **kwargs):
+        _hold_std_fds()
+        if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+            # a terminal in a locale such as ISO-8859-1: a name it cannot show is escaped (\u4f60), not the
+            # end of the command (`unexpected UnicodeEncodeError` for one result's name)
+            sys.stdout.reconfigure(errors="backslashreplace")
+        return super().main(*args, **kwargs)
+
     def invoke(self, ctx):
         from alignsearch import notices
 
@@ -111,6 +119,24 @@ class _Main(click.Group):
                 where = f": {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"{exc.strerror}{where}", 1)
             _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
+
+
+def _hold_std_fds() -> None:
+    """A standard stream started closed (`>&-`, `2>&-`) is /dev/null: Python leaves sys.stdout None (the command
+    failed on its first print or flush, `index` before it began) and the descriptor free, so the next file
+    opened took its number (the index's write.lock, its catalog), to be written by whatever writes there: a
+    library's printf, a decode worker's traceback."""
+    streams = {0: ("stdin", "r"), 1: ("stdout", "w"), 2: ("stderr", "w")}
+    for fd, (name, mode) in streams.items():
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, as the lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))  # noqa: SIM115 - the stream stays open, as sys.stdout does
 
 
 def _stdout_gone() -> bool:
@@ -592,10 +618,7 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
 
     if not labels_file and not clear:
         raise click.UsageError("give --labels-file FILE, or --clear to remove every tag")
-    labels = []
-    if labels_file:
-        with open(labels_file, encoding="utf-8") as f:
-            labels = f.read().splitlines()
+    labels = _read_labels(labels_file) if labels_file else []
     result = tag_index(resolve_index_dir(index_dir), labels, list(templates), threshold, top, device, clear=clear)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -606,6 +629,27 @@ def tag(labels_file, templates, threshold, top, clear, as_json, index_dir, devic
         click.echo(f"{result['tags']} tags on {result['images']} images")
     for label, n in result["per_label"].items():
         click.echo(f"  {n:>8}  {_shown(label)}")
+
+
+MAX_LABELS_BYTES = 16 << 20  # a label is at most 200 characters: more is not a labels file
+
+
+def _read_labels(path) -> list[str]:
+    """The lines of a labels file: a regular file (a FIFO waited for ever, /dev/zero filled the memory) of at
+    most MAX_LABELS_BYTES of UTF-8; else BadInputError (exit 6) saying why."""
+    from alignsearch import safeopen
+    from alignsearch.errors import BadInputError
+
+    try:
+        data = safeopen.read_fd(safeopen.open_regular(path), MAX_LABELS_BYTES)
+    except (OSError, safeopen.Refused) as exc:
+        raise BadInputError(f"cannot use the labels file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > MAX_LABELS_BYTES:
+        raise BadInputError(f"the labels file {path} is larger than {MAX_LABELS_BYTES} bytes")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"the labels file {path} is not UTF-8 (byte {exc.start})") from None
 
 
 @main.command()
@@ -773,6 +817,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
 
+    if not host.strip():  # an unset variable (--host "$HOST") listened on every interface
+        raise click.UsageError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()

@@ -39,6 +39,9 @@ CONTACT_TIMEOUT = 2.0
 # server's own answer takes milliseconds (RESULTS.md: p50 21.7 ms at 100k vectors).
 PROBE_EVERY = 2.0
 MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; more is not one `serve` wrote
+# The longest query string sent: the server's HTTP parser (h11) refuses a request head that is over 16 KiB
+# while it is still incomplete, so a longer URL passed or failed (400) as the kernel happened to split it.
+MAX_QUERY_STRING = 15 * 1024
 # The response header in which /api/search names the index it searched (its index id): the answer to a
 # query proves which server gave it, so no GET /api/info is needed before it.
 INDEX_HEADER = "X-Alignsearch-Index"
@@ -277,6 +280,17 @@ OLDEST_PARAMS = ("q", "similar", "k", "negative", "text_weight", "image_weight",
                  "compose", "media", "per_video")
 
 
+def _query_string(params: dict[str, str]) -> tuple[str | None, str | None]:
+    """The parameters as a URL's query string, or None and why they cannot be sent in one."""
+    try:
+        query_string = urlencode(params)
+    except UnicodeEncodeError:  # a glob or name holding bytes that are not UTF-8: a URL carries UTF-8 only
+        return None, "a filter holds bytes that are not UTF-8, which a URL cannot carry"
+    if len(query_string) > MAX_QUERY_STRING:
+        return None, f"the query is {len(query_string)} bytes long in a URL, over the {MAX_QUERY_STRING} sent to a server"
+    return query_string, None
+
+
 @dataclass(frozen=True)
 class Routed:
     """A query sent to the warm server: its JSON answer, or None and why the caller searches locally."""
@@ -303,16 +317,20 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         why = f"the server at {record['url']} does not take {', '.join(unknown)} (an older version)"
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
+    query_string, why = _query_string(params)
+    if query_string is None:
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
     asked = not record["contacted"]  # this answer is the first word from it: it must name this index
     try:
         if request.image is None:
-            answer, named = _watched(record, f"/api/search?{urlencode(params)}", None, None, timeout, probe_every)
+            answer, named = _watched(record, f"/api/search?{query_string}", None, None, timeout, probe_every)
         else:
             image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
             boundary = uuid.uuid4().hex
             body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()
-            answer, named = _watched(record, f"/api/search?{urlencode(params)}", body,
+            answer, named = _watched(record, f"/api/search?{query_string}", body,
                                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout,
                                      probe_every)
     except HTTPError as exc:
@@ -321,9 +339,14 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
             # it): another program on a reused port, the recorded server killed, is not taken at its word
             notice(_silent(record["url"], exc))
             return Routed(None, f"the server did not answer ({exc.code})")
-        # A query refused is refused by the rules every surface shares (querycheck): the same error as here
-        if 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
+        # A query refused is refused by the rules every surface shares (querycheck): the same error as here;
+        # 413 is a limit of the server's own (an upload's pixels), which a local search does not have
+        if 400 <= exc.code < 500 and exc.code not in (401, 408, 413, 429):
             raise BadInputError(_error_text(exc)) from None
+        if exc.code == 413:
+            why = f"the server at {record['url']} cannot take this query ({_error_text(exc)})"
+            notice(f"notice: {why}; searching locally")
+            return Routed(None, why)
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")
         return Routed(None, f"the server answered {exc.code}")
     except Hung as exc:

@@ -3,8 +3,11 @@
 Closed by default: only requests whose Host header names the bound address (or a name given with
 --allow-host) are answered, which defeats DNS rebinding, and every API call needs the per-start token,
 sent as `Authorization: Bearer TOKEN` or as the HttpOnly SameSite=Strict cookie the page gets when it
-is opened from the URL `serve` prints. Request bodies are capped while they stream (the framework's
-body limit counts chunked bodies too) and multipart forms are capped in fields, files and field size.
+is opened from the URL `serve` prints. A request a browser sends from another site's page (Sec-Fetch-Site,
+Origin) is refused, but for a GET navigation. Request bodies are capped while they stream (the framework's
+body limit counts chunked bodies too) and multipart forms are capped in fields, files and field size; a body
+framed twice (Content-Length and Transfer-Encoding) is refused, and a request's line and headers must arrive
+within ServerConfig.head_seconds and its body within body_seconds more (slowloris).
 Query arguments are checked by alignsearch.search.querycheck, the rules the CLI and Engine.search use.
 
 Encoding runs on one worker thread fed by a bounded queue (full: 503), so a burst of text or image
@@ -96,6 +99,8 @@ class ServerConfig:
     queue_size: int = 32  # encoding requests waiting; one more gets 503
     max_upload_bytes: int = BODY_BYTES
     max_upload_pixels: int = querycheck.MAX_IMAGE_PIXELS
+    head_seconds: float = 10.0  # a request's line and headers arrive within this (head_deadline)
+    body_seconds: float = 60.0  # and its body within this more (20 MB at 350 kB/s)
 
 
 class ApiError(Exception):
@@ -163,6 +168,74 @@ def cookie_name(port: int) -> str:
     return f"alignsearch-token-{port}"
 
 
+def cross_site(method: str, headers: list[tuple[bytes, bytes]], hosts: frozenset[str]) -> str | None:
+    """Why a request a browser sent from another site's page is refused, or None. Browsers say where a request
+    comes from: Sec-Fetch-Site (set by the browser, not the page), else, in older ones, Origin on POST and
+    scripted requests, which must name this server (the Host asked, or a name of ours: a proxy in front may
+    rewrite Host). A page of another site (or of another port on this host) could otherwise load a served
+    image or run a search, with the cookie or with --no-token. Only a GET navigation (a link followed, the
+    printed URL opened) may come from elsewhere: its answer is shown to the user, never to the linking page."""
+    got = {k: v.decode("latin-1").strip().lower() for k, v in headers
+           if k in (b"sec-fetch-site", b"sec-fetch-mode", b"origin", b"host")}
+    site = got.get(b"sec-fetch-site")
+    if site in ("same-origin", "none") or (got.get(b"sec-fetch-mode") == "navigate" and method in ("GET", "HEAD")):
+        return None
+    if site is not None:
+        return f"requests from another site's page are refused (Sec-Fetch-Site: {site})"
+    origin = got.get(b"origin")
+    if origin is not None:
+        scheme, sep, netloc = origin.partition("://")
+        ours = netloc == got.get(b"host", "") or host_name(netloc) in hosts
+        if not sep or scheme not in ("http", "https") or not ours:
+            return f"requests from another site's page are refused (Origin: {origin})"
+    return None
+
+
+def head_deadline(seconds: float, body_seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all arrived within
+    `seconds` of its opening or of the previous answer, or whose body has not within body_seconds more.
+    uvicorn has no such limit: a client sending its headers, or its body, a byte at a time (slowloris, and
+    its twin for bodies, read before the token is checked) held its connection for ever, and a thousand of
+    them took every file descriptor (the server accepted no one else). Answering is not timed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self, after: float = seconds, check=None):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(after, check or self._late)
+
+        def _late(self):
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete:  # the next request's head is not in
+                self.transport.close()
+            elif self.conn.their_state is h11.SEND_BODY:  # its body is still coming
+                self._arm(body_seconds, self._body_late)
+
+        def _body_late(self):
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
+
+
 class HostCheck:
     """ASGI middleware: a request whose Host header is not one of ours gets 400 (DNS rebinding), and every
     response gets a few security headers. TrustedHostMiddleware's rule, with IPv6 literals understood.
@@ -177,12 +250,16 @@ class HostCheck:
             return await self.app(scope, receive, send)
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
         if host_name(host) not in self.hosts:
-            body = json.dumps({"error": f"this server does not answer for Host {host!r}: start it with "
-                                        "--allow-host NAME to reach it by another name"}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"connection", b"close"), *SECURITY_HEADERS]})
-            return await send({"type": "http.response.body", "body": body})
+            return await refuse(send, 400, f"this server does not answer for Host {host!r}: start it with "
+                                           "--allow-host NAME to reach it by another name")
+        names = [k for k, _ in scope["headers"]]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # two framings of one body: a proxy in front may read the other one, and take what follows for a
+            # second request (request smuggling); RFC 9112 6.1: answer, then close the connection
+            return await refuse(send, 400, "a request with both Content-Length and Transfer-Encoding is refused")
+        why = cross_site(scope["method"], scope["headers"], self.hosts)
+        if why:
+            return await refuse(send, 403, why)
 
         head = scope["method"] == "HEAD"
         if head:
@@ -208,6 +285,15 @@ class HostCheck:
             await send(message)
 
         return await self.app(scope, receive, secured)
+
+
+async def refuse(send, status: int, message: str) -> None:
+    """Answer {"error": message} and close the connection (what follows on it is not read as a request)."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *SECURITY_HEADERS]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class Boundary:
@@ -514,7 +600,24 @@ def decode_upload(data: bytes, max_pixels: int):
     try:
         return open_rgb(data, max_pixels)[0]
     except BadImageError as exc:
+        if _over(data, max_pixels):
+            # this server's memory guard, not a rule of every surface: 413, on which the CLI searches locally
+            # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
+            raise ApiError(413, f"the image is too large: this server decodes at most {max_pixels:,} pixels") from None
         raise ApiError(400, f"unreadable image: {exc}") from None
+
+
+def _over(data: bytes, max_pixels: int) -> bool:
+    """Does the image's header declare more than max_pixels? Only the header is read; False where it cannot be."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size[0] * img.size[1] > max_pixels
+    except Image.DecompressionBombError:  # Pillow's own cap, far above ours
+        return True
+    except Exception:  # noqa: BLE001 - a header that cannot be read is not known to be over
+        return False
 
 
 def _hit_fields(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -563,8 +666,8 @@ class SearchParams(BaseModel):
     compose: Literal[search_request.COMPOSE_METHODS] = Field(
         "auto", description="how a text and an image combine (README: how composition works)")
     media: Literal[search_request.MEDIA] | None = Field(None, description="only photos, or only video moments")
-    per_video: int = Field(search_request.DEFAULT_PER_VIDEO, ge=1, le=querycheck.MAX_K,
-                           description="at most this many moments of one video")
+    # no upper bound: request.build takes any whole number from 1 (as the CLI and Engine.search do)
+    per_video: int = Field(search_request.DEFAULT_PER_VIDEO, ge=1, description="at most this many moments of one video")
     nprobe: int | None = Field(None, ge=1, le=querycheck.MAX_NPROBE,
                                description="IVF lists to visit (default: the index's tuned value)")
     explain: bool = Field(False, description="also answer how the search runs (`plan`)")
@@ -978,7 +1081,7 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
 
     app = create_app(engine, config, token, lifespan)
     server = uvicorn.Server(uvicorn.Config(
-        app, lifespan="on", http="h11", ws="none", log_level="info" if verbose else "warning", access_log=verbose,
+        app, lifespan="on", http=head_deadline(config.head_seconds, config.body_seconds), ws="none", log_level="info" if verbose else "warning", access_log=verbose,
         server_header=False, timeout_keep_alive=5, backlog=BACKLOG, log_config=None,
     ))
     handle = RunningServer(url, port, token, server)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from alignsearch.storage import catalog, state
 from alignsearch.media import sources
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadInputError, UsageError
 from indexer import scan
 
 
@@ -198,7 +198,10 @@ def report(db) -> list[dict]:
 def refuse_index_folder(roots: list[str], index_dir: Path) -> None:
     """A root that is the index folder or inside it would index the index's own files (the server's thumbnail
     cache as photos): refused (exit 6)."""
-    own = Path(index_dir).resolve()
+    try:
+        own = Path(index_dir).resolve()
+    except RuntimeError:  # a symlink loop, as Python before 3.13 reports one
+        raise UsageError(f"--index {index_dir} is a symlink loop: give a folder") from None
     for root in roots:
         if sources.kind(root) == sources.FOLDER and not sources.is_url(root):
             path = Path(root).resolve()

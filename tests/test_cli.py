@@ -143,3 +143,24 @@ def test_console_script_runs_as_a_module(indexed):
                           capture_output=True, text=True, env=env, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["results"]) == 2
+
+
+def test_index_path_that_is_a_symlink_loop_is_refused_in_one_line(tmp_path, monkeypatch):
+    """--index naming a symlink loop (or a path through a file) can never be a folder: refused by every
+    command as bad usage (exit 2), as one naming a file is, not an `unexpected RuntimeError` (exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
+    os.symlink("loop2", "loop1")
+    os.symlink("loop1", "loop2")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "afile").write_bytes(b"x")
+    for command in (["index", "photos"], ["query", "dog"], ["info"], ["serve"]):
+        out = run(*command, "--index", "loop1", code=2).output
+        assert "'loop1' is a symlink loop" in out and "unexpected" not in out, (command, out)
+    assert "goes through a file" in run("index", "photos", "--index", "afile/sub", code=2).output
+    from alignsearch.errors import UsageError
+    from indexer.job import index_folders
+
+    with pytest.raises(UsageError, match="symlink loop"):  # the Python API alike
+        index_folders(["photos"], index_dir="loop1")
+

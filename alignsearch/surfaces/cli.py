@@ -30,8 +30,25 @@ from alignsearch.errors import AlignSearchError
 
 log = logging.getLogger(__name__)
 
+
+class _IndexDir(click.Path):
+    """--index: a folder, or where one will be made. A name no folder can ever be at (a symlink loop, a path
+    through a file) is refused here, as one naming a file is (exit 2), not as a failure deep in a command."""
+
+    _NEVER = {errno.ELOOP: "is a symlink loop", errno.ENOTDIR: "goes through a file"}
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno in self._NEVER:
+                self.fail(f"Directory {click.format_filename(value)!r} {self._NEVER[exc.errno]}.", param, ctx)
+        return path
+
+
 index_option = click.option(
-    "--index", "index_dir", envvar="ALIGNSEARCH_INDEX", type=click.Path(file_okay=False),
+    "--index", "index_dir", envvar="ALIGNSEARCH_INDEX", type=_IndexDir(file_okay=False),
     help="Index directory (default: the nearest .alignsearch/ in this folder or above; env ALIGNSEARCH_INDEX).",
 )
 model_option = click.option("--model", default=None, help="ALIGN checkpoint: hub id or local directory (default: the index's own).")

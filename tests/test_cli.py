@@ -164,3 +164,32 @@ def test_index_path_that_is_a_symlink_loop_is_refused_in_one_line(tmp_path, monk
     with pytest.raises(UsageError, match="symlink loop"):  # the Python API alike
         index_folders(["photos"], index_dir="loop1")
 
+
+def test_index_root_that_is_a_fifo_says_so_without_opening_it(tmp_path):
+    """A FIFO (named as a folder or as a list) is said to be one, exit 6; opening it would block the run."""
+    import threading
+
+    fifos = [tmp_path / "pipe", tmp_path / "list.csv"]
+    opened, done = [], threading.Event()
+
+    def watch():  # a writer opens without blocking only while someone reads: then the run opened it
+        while not done.wait(0.02):
+            for fifo in fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # also lets the reader go on
+                    opened.append(fifo)
+                except OSError:
+                    pass
+
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for fifo in fifos:
+            out = run("index", fifo, "--index", tmp_path / "ix", code=6).output
+            assert f"{fifo.name} is a FIFO" in out and "does not exist" not in out, out
+    finally:
+        done.set()
+        watcher.join()
+    assert opened == []

@@ -12,6 +12,7 @@ Light to import (no torch): decode workers and the server read through it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -91,11 +92,27 @@ def normalise(root: str) -> list[str]:
         elif kind(name) == PREFIX:
             name = name.rstrip("/")
         if not exists(name):
-            problem = "is a file" if kind(name) == FOLDER and os.path.isfile(name) else "does not exist"
+            problem = _not_a_source(name) if not is_url(name) else "does not exist"
             raise BadInputError(f"{name} {problem}: give a folder of images, a .csv/.parquet list of paths or "
                                 "URLs, an uncompressed .tar shard, or a URL prefix such as s3://bucket/photos")
         out.append(name)
     return out
+
+
+_NOT_SOURCES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                (stat.S_ISBLK, "a device"))
+
+
+def _not_a_source(name: str) -> str:
+    """What a local name that is no source is, in words, judged by stat alone: opening a FIFO would block."""
+    try:
+        mode = os.stat(name).st_mode
+    except OSError as exc:
+        return "is a symlink loop" if exc.errno == errno.ELOOP else "does not exist"
+    if stat.S_ISREG(mode):  # named as a folder (a list or shard name that is a file exists)
+        return "is a file"
+    what = next((words for test, words in _NOT_SOURCES if test(mode)), "not a regular file")
+    return f"is {what}"
 
 
 def exists(root: str) -> bool:

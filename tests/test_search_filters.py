@@ -298,3 +298,30 @@ def test_keyword_search_with_a_filter_never_starves_and_honours_k(indexed_images
     assert len(engine.search_vector(x[0], k=120, text="zebra", mode="keyword", path="A/**")) == 120
     out = query_json(ix, "zebra", "--mode", "keyword", "--path", "B/**")
     assert sorted(r["relpath"] for r in out) == sorted(relpaths[150:])
+
+
+def test_path_glob_matches_either_unicode_normalisation(indexed_images):
+    """macOS writes names decomposed (NFD: e + U+0301); a glob typed composed (NFC: U+00E9) or decomposed
+    finds both spellings, on the Python API, the CLI (query and export) and HTTP, as keyword search does."""
+    import pyarrow.parquet as pq
+
+    from helpers import call, start_serve, stop
+
+    root, ix = indexed_images(3)
+    relpaths = ["caf\u00e9/nfc.jpg", "cafe\u0301/nfd.jpg", "cafe/plain.jpg"]
+    x = _synthetic(ix, relpaths)
+    engine = alignsearch.open(ix)
+    both = ["nfc.jpg", "nfd.jpg"]
+    for glob in ("caf\u00e9/*", "cafe\u0301/*", "CAF\u00c9/*.JPG", "caf?/n*"):
+        assert sorted(h.relpath.rsplit("/", 1)[1] for h in engine.search_vector(x[0], k=10, path=glob)) == both, glob
+    engine.close()
+    assert names(query_json(ix, "x", "--path", "caf\u00e9*/*")) == both
+    assert names(query_json(ix, "x", "--where", "path glob 'cafe\u0301/*'")) == both
+    run("export", ix.parent / "out.parquet", "--path", "caf\u00e9/**", "--index", ix)
+    assert sorted(p.rsplit("/", 1)[1] for p in pq.read_table(ix.parent / "out.parquet")["path"].to_pylist()) == both
+    proc, url = start_serve(ix, "--token", "t0k")
+    try:
+        status, _, body = call(url, "/api/search?q=x&k=10&path=caf%C3%A9/*", token="t0k")
+        assert status == 200 and names(json.loads(body)["results"]) == both
+    finally:
+        stop(proc)

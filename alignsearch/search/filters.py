@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Callable, Union
@@ -389,8 +390,11 @@ def _text_mask(values, op: str, value: str) -> np.ndarray:
     distinct, inverse = ["\x00" if d is None else d for d in column.distinct], column.codes
     needle = value.lower()
     if op == "glob":
-        regex = glob_regex(value)
-        hit = np.array([d != "\x00" and regex.match(d) is not None for d in distinct], dtype=bool)
+        # é typed (NFC) matches é as macOS names store it (NFD), as keyword search does; a name's bytes that
+        # are not UTF-8 are shown as \\xNN, plain ASCII that normalising leaves alone
+        regex = glob_regex(unicodedata.normalize("NFC", value))
+        hit = np.array([d != "\x00" and regex.match(unicodedata.normalize("NFC", d)) is not None for d in distinct],
+                       dtype=bool)
     elif op == "~":
         hit = np.array([d != "\x00" and needle in d for d in distinct], dtype=bool)
     else:

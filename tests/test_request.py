@@ -40,6 +40,15 @@ def test_build_parses_where_once_and_checks_every_option():
         search_request.build()  # nothing to search for
 
 
+def test_similar_takes_no_text_negative_or_image():
+    """similar=ID searches by a stored vector alone (the CLI's `similar` takes no text): a text given with it
+    was ignored and echoed back as if searched; now refused, saying which, as a negative or an image is."""
+    assert search_request.build(similar=3, tag="car", path="a/**").similar == 3
+    for extra, word in (({"text": "red"}, "text"), ({"negative": "blue"}, "negative"), ({"image": b"x"}, "image")):
+        with pytest.raises(BadInputError, match=f"takes no {word}"):
+            search_request.build(similar=3, **extra)
+
+
 def test_the_request_travels_whole_as_parameters():
     req = search_request.build(text="red car", negative="blue", k=7, nprobe=3, where="width > 10", near="1.0,2.0,3.0",
                                min_score=0.1, sort="-taken", mode="vector", collapse=True, explain=True,

@@ -137,6 +137,12 @@ def test_similar_by_id_and_recent(served):
     first = json.loads(call(served["url"], "/api/search?q=dog&k=1")[2])["results"][0]
     similar = json.loads(call(served["url"], f"/api/search?similar={first['id']}&k=2")[2])["results"]
     assert len(similar) == 2 and first["id"] not in [h["id"] for h in similar]  # left out, as the CLI's similar
+    for extra in ("q=red", "negative=red"):  # a text was ignored, and echoed back as if searched
+        status, _, body = call(served["url"], f"/api/search?similar={first['id']}&{extra}")
+        assert status == 400 and "takes no" in json.loads(body)["error"], body
+    body, headers = multipart({"k": 3}, (served["corpus"] / "img004.jpg").read_bytes())
+    status, _, answer = call(served["url"], f"/api/search?similar={first['id']}", data=body, headers=headers)
+    assert status == 400 and "takes no image" in json.loads(answer)["error"], answer
     recent = json.loads(call(served["url"], "/api/recent?limit=5")[2])
     assert recent["total"] >= 12 and len(recent["results"]) == 5
     ids = [r["id"] for r in recent["results"]]

@@ -98,8 +98,10 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
         raise UsageError(f"per_video must be a whole number of at least 1, got {per_video!r}")
     if similar is not None:
         similar = querycheck.check_id(similar)
-        if checked["image"] is not None:
-            raise BadInputError("give an image or similar=ID to search like, not both")
+        extra = _with_similar(checked)
+        if extra:
+            raise BadInputError(f"similar=ID searches by that image's stored vector alone, as `alignsearch similar` "
+                                f"does; it takes no {' or '.join(extra)}: search for those apart")
     flt = FilterOptions(**querycheck.check_filters(where=where, after=after, before=before, camera=camera, near=near,
                                                    path=path, format=format, tag=checked["tag"]))
     node = filters.build(flt)
@@ -111,6 +113,13 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
         negative_weight=checked["negative_weight"], compose=compose, k=checked["k"], nprobe=checked["nprobe"],
         filters=flt, media=media, per_video=per_video, min_score=min_score, sort=sort, mode=mode,
         collapse=bool(collapse), explain=bool(explain), similar=similar, node=node)
+
+
+def _with_similar(checked: dict) -> list[str]:
+    """What was given besides similar=ID that it would not use (a text was ignored, and echoed back as if
+    searched), in words; empty when nothing."""
+    given = (("text", checked["text"]), ("negative", checked["negative"]), ("image", checked["image"]))
+    return [name for name, value in given if value is not None]
 
 
 def with_image(request: SearchRequest, image: Any) -> SearchRequest:

@@ -309,3 +309,52 @@ def test_fill_steps_leave_alone_the_files_deleted_since_the_last_run(indexed_ima
     extra = s["times"]["extra"]
     assert (extra["phashes_filled"], extra["photo_fields_filled"], extra["ocr_filled"]) == (3, 3, 3), extra
     assert bars["reading text"].total == 3
+
+
+def test_fill_steps_skip_a_file_replaced_since_the_scan(indexed_images, tiny_model, monkeypatch):
+    """The phash, OCR and photo-field fills re-read files indexed before: one replaced between the scan and
+    the fill had the other picture's hash, text and camera stored under the old row. It is left unfilled
+    (its size and mtime, checked on the opened file, are not the row's), and the next run indexes it anew."""
+    from PIL import Image
+    from sqlalchemy import delete, select, update
+
+    import indexer.decode
+    from indexer import ocrfill, phashfill, photos
+
+    root, ix = indexed_images(3)
+    db = catalog.connect(ix / "catalog.db")
+    with db.connect() as conn:
+        ids = {r[0]: r[1] for r in conn.execute(select(catalog.files.c.relpath, catalog.files.c.id))}
+    victim = sorted(ids)[0]
+    with db.begin() as conn:  # as an index written before these existed, or without --ocr
+        conn.execute(delete(catalog.phashes))
+        conn.execute(update(catalog.photos).values(ocr=None))
+    before = os.stat(root / victim)
+    exif = Image.Exif()
+    exif[0x0110] = "Replaced"  # the camera model the other picture would have lent the old row
+    Image.new("RGB", (300, 200), (250, 10, 10)).save(root / "new.tmp", "JPEG", exif=exif)
+    os.utime(root / "new.tmp", ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))
+    os.replace(root / "new.tmp", root / victim)
+
+    monkeypatch.setattr(indexer.decode, "read_text", lambda image, path: ("WORDS READ", 0.0))
+    assert phashfill.fill_phashes(db) == 2
+    assert ocrfill.fill(db)[0] == 2
+    with db.begin() as conn:
+        assert ids[victim] not in catalog.phashes_of(conn, list(ids.values()))
+        assert set(catalog.ocr_of(conn, list(ids.values()))) == set(ids.values()) - {ids[victim]}
+        conn.execute(delete(catalog.photos))
+    assert photos.fill(db) == 2
+    with db.connect() as conn:
+        filled = {r[0]: r[1] for r in conn.execute(select(catalog.photos.c.file_id, catalog.photos.c.camera))}
+    assert set(filled) == set(ids.values()) - {ids[victim]} and "Replaced" not in str(filled.values())
+    db.dispose()
+
+    again = index_json(ix, root, "--model", tiny_model, "--device", "cpu")  # the next run: a changed file
+    assert again["updated"] == 1, again
+    db = catalog.connect(ix / "catalog.db")
+    with db.connect() as conn:
+        new_id = conn.execute(select(catalog.files.c.id).where(catalog.files.c.relpath == victim)).scalar()
+        assert new_id in catalog.phashes_of(conn, [new_id])
+        assert conn.execute(select(catalog.photos.c.camera).where(catalog.photos.c.file_id == new_id)).scalar() \
+            == "Replaced"
+    db.dispose()

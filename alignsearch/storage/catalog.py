@@ -174,7 +174,10 @@ class FileRow:
         return sources.shown_name(self.relpath, self.relpath_raw)
 
     def read(self) -> bytes:
-        return sources.read_bytes(self.root, self.relpath, self.relpath_raw)
+        """The bytes of the file this row describes: a local file whose size or mtime differ from the row's
+        (replaced since the scan) is refused (safeopen.Changed), judged on the opened descriptor, so what
+        is read from it is never stored under this row."""
+        return sources.read_bytes(self.root, self.relpath, self.relpath_raw, expect=(self.size, self.mtime))
 
 
 def shown_path(path: str) -> tuple[str, str | None]:

@@ -56,6 +56,20 @@ def _refuse_bomb(width: int | None, height: int | None) -> None:
                          "(decompression bomb guard)")
 
 
+def _video_stream(container):
+    """The container's first video stream, set up to decode; refused (VideoError) when there is none, when its
+    codec is unknown to FFmpeg (codec_context None: an AttributeError stopped every index run) or when its
+    header's frame size is a decompression bomb."""
+    if not container.streams.video:
+        raise VideoError("not a video: no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise VideoError("cannot decode video: its video stream's codec is unknown")
+    _refuse_bomb(stream.codec_context.width, stream.codec_context.height)
+    stream.thread_type = "AUTO"  # FFmpeg's own frame threads (the GIL is released while it decodes)
+    return stream
+
+
 @dataclass
 class Moment:
     index: int
@@ -105,16 +119,10 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
     with container:
-        if not container.streams.video:
-            raise VideoError("not a video: no video stream")
-        stream = container.streams.video[0]
-        if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError: every index run stopped)
-            raise VideoError("cannot decode video: its video stream's codec is unknown")
-        stream.thread_type = "AUTO"  # FFmpeg's own frame threads (the GIL is released while it decodes)
+        stream = _video_stream(container)
         stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
-        _refuse_bomb(info.width, info.height)
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
@@ -207,11 +215,7 @@ def frame_at(source, t: float, t_end: float | None = None):
     want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            if stream.codec_context is None:
-                raise VideoError("cannot decode video: its video stream's codec is unknown")
-            _refuse_bomb(stream.codec_context.width, stream.codec_context.height)
-            stream.thread_type = "AUTO"
+            stream = _video_stream(container)
             if want > 0 and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
             last = None

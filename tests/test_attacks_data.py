@@ -43,13 +43,25 @@ with av.open(sys.argv[1], "w") as out:  # two black frames: a few hundred KB how
     frame = av.VideoFrame(w, h, "gray")
     for plane in frame.planes:
         plane.update(bytes(plane.buffer_size))
-    for i in range(2):
+    for i in range(int(sys.argv[4]) if len(sys.argv) > 4 else 2):
         frame.pts = i
         for packet in s.encode(frame):
             out.mux(packet)
     for packet in s.encode():
         out.mux(packet)
 """
+
+
+def _assert_refused_as_a_bomb(clip: Path) -> None:
+    """moments refuses the video before a frame is examined, and the server's frame grab (frame_at) alike."""
+    from alignsearch.media import video
+
+    info = video.VideoInfo()
+    with pytest.raises(video.VideoError, match="decompression bomb"):
+        list(video.moments(str(clip), SPEC, info))
+    assert info.frames_examined == 0
+    with pytest.raises(video.VideoError, match="decompression bomb"):
+        video.frame_at(str(clip), 0.0, 2.0)
 
 
 def test_a_video_whose_frames_are_larger_than_a_photo_may_be_is_refused_before_a_frame_is_read(tmp_path, monkeypatch):
@@ -64,12 +76,7 @@ def test_a_video_whose_frames_are_larger_than_a_photo_may_be_is_refused_before_a
     clip = make_video(tmp_path / "clip.mp4", [(1, 2), (2, 2)])
     assert len(list(video.moments(str(clip), SPEC))) == 2  # under the limit: read as before
     monkeypatch.setattr(video, "MAX_PIXELS", 160 * 90 - 1, raising=False)
-    info = video.VideoInfo()
-    with pytest.raises(video.VideoError, match="decompression bomb"):
-        list(video.moments(str(clip), SPEC, info))
-    assert info.frames_examined == 0
-    with pytest.raises(video.VideoError, match="decompression bomb"):
-        video.frame_at(str(clip), 0.0, 2.0)
+    _assert_refused_as_a_bomb(clip)
 
 
 @pytest.mark.slow
@@ -93,6 +100,46 @@ def test_a_small_video_of_huge_frames_is_recorded_as_failed_not_decoded(tmp_path
     assert "decompression bomb" in reason, reason
     assert peak < 2.5 * 2**30, peak / 2**30
     assert _rows(tmp_path / "ix", "SELECT count(*) FROM files WHERE relpath = 'fine.mp4' AND status = 'indexed'")[0][0] >= 1
+
+
+def _bomb_video(path: Path, width: int, height: int, frames: int = 2) -> Path:
+    made = subprocess.run([sys.executable, "-c", BOMB, str(path), str(width), str(height), str(frames)],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert path.stat().st_size < 2_000_000
+    return path
+
+
+def test_a_video_of_frames_over_the_video_limit_is_refused_from_its_header(tmp_path):
+    """Videos had the photo limit (200 MP): a 353 KB video of 12000x12000 frames took 3.1 GB and 4.5 s, as a
+    decoder holds reference frames and per-thread buffers besides the frame converted. 9000x9000 (81 MP, under
+    the photo limit) is over the video limit: refused before a frame is decoded, by moments and frame_at."""
+    clip = _bomb_video(tmp_path / "big.mkv", 9000, 9000)
+    _assert_refused_as_a_bomb(clip)
+
+
+VIDEO_PEAK = """
+import resource, sys
+from alignsearch.media import video
+from alignsearch.media.images import ImageSpec
+spec = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
+                 mean=None, std=None, include_top_std=None)
+moments = list(video.moments(sys.argv[1], spec))
+size = video.frame_at(sys.argv[1], 0.0, 2.0).size
+print(len(moments), size[0], size[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_video_just_under_the_video_limit_is_read_in_bounded_memory(tmp_path):
+    """12 frames of 8192x8192 (the largest a video may have) are read by moments and frame_at in one process
+    under 1.6 GB (1.3 GB seen; 2.1 GB before, with frame threads and frame.to_image's extra copies)."""
+    clip = _bomb_video(tmp_path / "edge.mkv", 8192, 8192, frames=12)
+    proc = subprocess.run([sys.executable, "-c", VIDEO_PEAK, str(clip)], capture_output=True, text=True, timeout=300,
+                          cwd=TESTS.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, width, height, peak_kb = map(int, proc.stdout.split())
+    assert count >= 1 and (width, height) == (8192, 8192)
+    assert peak_kb * 1024 < 1.6 * 2**30, peak_kb / 2**20
 
 
 def _video_created(path: Path, created: str) -> Path:

@@ -377,6 +377,18 @@ def test_finetune_over_a_folder_with_a_fifo_for_a_caption_skips_it_and_trains(tm
 
 # -- 5. a damaged value in the catalog's meta table --------------------------------------------------------------
 
+def _copy_with_meta(pristine: Path, ix: Path, key: str, value: str) -> Path:
+    """A copy of the index whose meta table holds this JSON text under this key."""
+    import shutil
+
+    shutil.copytree(pristine, ix)
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+    conn.close()
+    return ix
+
+
 DAMAGED_META = [("schema_version", '"banana"'), ("schema_version", "1e400"), ("schema_version", "not json"),
                 ("model", '"banana"'), ("model", '{"a": 1}'), ("vector_rows", "[1]"), ("roots", '"banana"'),
                 ("roots", "{}")]
@@ -388,18 +400,11 @@ def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(ind
     fail with "unexpected ValueError/TypeError/OverflowError" and exit 1, or was misread: the roots "banana"
     became the six roots b, a, n, a, n, a (relative folders, each scanned). It is damage: one line naming it,
     exit 7, for the commands that read and the one that writes, and nothing is written."""
-    import shutil
-
     from alignsearch.storage import state
 
     _, pristine = indexed_images(4)
     for n, (key, value) in enumerate(DAMAGED_META):
-        ix = tmp_path / f"ix{n}"
-        shutil.copytree(pristine, ix)
-        conn = sqlite3.connect(ix / "catalog.db")
-        with conn:
-            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
-        conn.close()
+        ix = _copy_with_meta(pristine, tmp_path / f"ix{n}", key, value)
         damaged = (ix / "catalog.db").read_bytes()
         for args in (("query", "a dog", "--index", ix), ("info", "--index", ix), ("index", "--index", ix, "--device", "cpu")):
             result = run(*args, code=7)
@@ -408,6 +413,31 @@ def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(ind
         assert (ix / "catalog.db").read_bytes() == damaged, (key, value)
         assert state.peek(ix / "catalog.db") is None  # a peek (the client, the cold start) reads it as no catalog, quietly
     assert run("query", "a dog", "--index", pristine, "--json").exit_code == 0
+
+
+DAMAGED_OBJECTS = [("tuning", "[1]"), ("tuning", '{"nprobe": "8"}'), ("ann_files", '"x"'), ("ann_files", '{"a": 1}'),
+                   ("tagging", '"x"'), ("tagging", '{"runs": "x"}'), ("tagging", '{"runs": [{"labels": "dog"}]}'),
+                   ("tagging", '{"labels": ["dog"], "threshold": "high", "top": 1}'), ("root_options", '"x"'),
+                   ("root_options", '{"/r": {"include_hidden": "yes"}}'), ("listing_errors", '{"/r": "x"}'),
+                   ("list_columns", "[]"), ("encoder", '"torch"'), ("model", '{"model": "m", "fingerprint": "f"}'),
+                   ("reindex", '{"model": 1}')]
+
+
+def test_a_damaged_object_in_the_meta_table_is_damage_named_by_its_key(indexed_images, tmp_path):
+    """The values other modules interpret whole (ANN tuning and files, tagging runs, root options, listing
+    errors, list columns, the encoder plan) were taken unchecked: `tuning` [1] made info and index fail with an
+    "unexpected" AttributeError (exit 1), `ann_files` "x" made verify fail so, and `tagging` or `root_options`
+    "x" passed verify as ok. A model record without its dim was damage "(KeyError: 'model')", as if the key
+    were missing. Each is damage in one line naming its key, exit 7, for every command, verify included."""
+    _, pristine = indexed_images(4)
+    for n, (key, value) in enumerate(DAMAGED_OBJECTS):
+        ix = _copy_with_meta(pristine, tmp_path / f"ix{n}", key, value)
+        for args in (("info", "--index", ix), ("verify", "--index", ix, "--skip-model"), ("query", "a dog", "--index", ix),
+                     ("index", "--index", ix, "--device", "cpu")):
+            result = run(*args, code=None)
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 7 and len(lines) == 1, (key, value, args, result.exit_code, result.output)
+            assert lines[0].startswith(f"error: catalog.db is damaged: the value of {key!r}"), (key, value, args, lines)
 
 
 # -- 6. kill -9 while the perceptual hashes of an older index are filled ----------------------------------------

@@ -535,6 +535,23 @@ def test_a_pairs_table_that_is_not_one_is_a_one_line_input_error(tmp_path, tiny_
     assert [p.caption for p in load_pairs(tmp_path / "ok.jsonl").pairs] == ["a", "b"]
 
 
+@pytest.mark.parametrize("line", ['"an image with a caption"', "42", '["img000.png", "a"]', "null"])
+def test_a_jsonl_line_that_is_no_object_is_a_one_line_input_error(tmp_path, tiny_model, line):
+    """A JSONL line that is JSON but no object: a string's `"image" in row` was a substring test, then
+    row["image"] raised TypeError (a number or null at once): "unexpected TypeError", exit 1. It is the input's
+    fault: one line naming the file and the line, exit 6."""
+    from alignsearch.encoders.pairs import load_pairs
+    from alignsearch.errors import BadInputError
+
+    make_images(tmp_path, 1)
+    (tmp_path / "p.jsonl").write_text('{"image": "img000.png", "caption": "a"}\n' + line + "\n")
+    with pytest.raises(BadInputError, match="line 2: expected an object"):
+        load_pairs(tmp_path / "p.jsonl")
+    result = run("finetune", tmp_path / "p.jsonl", "--model", tiny_model, "--out", tmp_path / "out", code=6)
+    assert result.output.startswith("error: p.jsonl cannot be read") and len(result.output.splitlines()) == 1
+    assert "line 2" in result.output
+
+
 # -- 8. kill -9 while `tag` stores its tags -------------------------------------------------------------------
 
 @pytest.mark.slow

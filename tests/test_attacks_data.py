@@ -43,13 +43,25 @@ with av.open(sys.argv[1], "w") as out:  # two black frames: a few hundred KB how
     frame = av.VideoFrame(w, h, "gray")
     for plane in frame.planes:
         plane.update(bytes(plane.buffer_size))
-    for i in range(2):
+    for i in range(int(sys.argv[4]) if len(sys.argv) > 4 else 2):
         frame.pts = i
         for packet in s.encode(frame):
             out.mux(packet)
     for packet in s.encode():
         out.mux(packet)
 """
+
+
+def _assert_refused_as_a_bomb(clip: Path) -> None:
+    """moments refuses the video before a frame is examined, and the server's frame grab (frame_at) alike."""
+    from alignsearch.media import video
+
+    info = video.VideoInfo()
+    with pytest.raises(video.VideoError, match="decompression bomb"):
+        list(video.moments(str(clip), SPEC, info))
+    assert info.frames_examined == 0
+    with pytest.raises(video.VideoError, match="decompression bomb"):
+        video.frame_at(str(clip), 0.0, 2.0)
 
 
 def test_a_video_whose_frames_are_larger_than_a_photo_may_be_is_refused_before_a_frame_is_read(tmp_path, monkeypatch):
@@ -64,12 +76,7 @@ def test_a_video_whose_frames_are_larger_than_a_photo_may_be_is_refused_before_a
     clip = make_video(tmp_path / "clip.mp4", [(1, 2), (2, 2)])
     assert len(list(video.moments(str(clip), SPEC))) == 2  # under the limit: read as before
     monkeypatch.setattr(video, "MAX_PIXELS", 160 * 90 - 1, raising=False)
-    info = video.VideoInfo()
-    with pytest.raises(video.VideoError, match="decompression bomb"):
-        list(video.moments(str(clip), SPEC, info))
-    assert info.frames_examined == 0
-    with pytest.raises(video.VideoError, match="decompression bomb"):
-        video.frame_at(str(clip), 0.0, 2.0)
+    _assert_refused_as_a_bomb(clip)
 
 
 @pytest.mark.slow
@@ -93,6 +100,46 @@ def test_a_small_video_of_huge_frames_is_recorded_as_failed_not_decoded(tmp_path
     assert "decompression bomb" in reason, reason
     assert peak < 2.5 * 2**30, peak / 2**30
     assert _rows(tmp_path / "ix", "SELECT count(*) FROM files WHERE relpath = 'fine.mp4' AND status = 'indexed'")[0][0] >= 1
+
+
+def _bomb_video(path: Path, width: int, height: int, frames: int = 2) -> Path:
+    made = subprocess.run([sys.executable, "-c", BOMB, str(path), str(width), str(height), str(frames)],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert path.stat().st_size < 2_000_000
+    return path
+
+
+def test_a_video_of_frames_over_the_video_limit_is_refused_from_its_header(tmp_path):
+    """Videos had the photo limit (200 MP): a 353 KB video of 12000x12000 frames took 3.1 GB and 4.5 s, as a
+    decoder holds reference frames and per-thread buffers besides the frame converted. 9000x9000 (81 MP, under
+    the photo limit) is over the video limit: refused before a frame is decoded, by moments and frame_at."""
+    clip = _bomb_video(tmp_path / "big.mkv", 9000, 9000)
+    _assert_refused_as_a_bomb(clip)
+
+
+VIDEO_PEAK = """
+import resource, sys
+from alignsearch.media import video
+from alignsearch.media.images import ImageSpec
+spec = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5, rescale_offset=True,
+                 mean=None, std=None, include_top_std=None)
+moments = list(video.moments(sys.argv[1], spec))
+size = video.frame_at(sys.argv[1], 0.0, 2.0).size
+print(len(moments), size[0], size[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_video_just_under_the_video_limit_is_read_in_bounded_memory(tmp_path):
+    """12 frames of 8192x8192 (the largest a video may have) are read by moments and frame_at in one process
+    under 1.6 GB (1.3 GB seen; 2.1 GB before, with frame threads and frame.to_image's extra copies)."""
+    clip = _bomb_video(tmp_path / "edge.mkv", 8192, 8192, frames=12)
+    proc = subprocess.run([sys.executable, "-c", VIDEO_PEAK, str(clip)], capture_output=True, text=True, timeout=300,
+                          cwd=TESTS.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, width, height, peak_kb = map(int, proc.stdout.split())
+    assert count >= 1 and (width, height) == (8192, 8192)
+    assert peak_kb * 1024 < 1.6 * 2**30, peak_kb / 2**20
 
 
 def _video_created(path: Path, created: str) -> Path:
@@ -330,6 +377,18 @@ def test_finetune_over_a_folder_with_a_fifo_for_a_caption_skips_it_and_trains(tm
 
 # -- 5. a damaged value in the catalog's meta table --------------------------------------------------------------
 
+def _copy_with_meta(pristine: Path, ix: Path, key: str, value: str) -> Path:
+    """A copy of the index whose meta table holds this JSON text under this key."""
+    import shutil
+
+    shutil.copytree(pristine, ix)
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+    conn.close()
+    return ix
+
+
 DAMAGED_META = [("schema_version", '"banana"'), ("schema_version", "1e400"), ("schema_version", "not json"),
                 ("model", '"banana"'), ("model", '{"a": 1}'), ("vector_rows", "[1]"), ("roots", '"banana"'),
                 ("roots", "{}")]
@@ -341,18 +400,11 @@ def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(ind
     fail with "unexpected ValueError/TypeError/OverflowError" and exit 1, or was misread: the roots "banana"
     became the six roots b, a, n, a, n, a (relative folders, each scanned). It is damage: one line naming it,
     exit 7, for the commands that read and the one that writes, and nothing is written."""
-    import shutil
-
     from alignsearch.storage import state
 
     _, pristine = indexed_images(4)
     for n, (key, value) in enumerate(DAMAGED_META):
-        ix = tmp_path / f"ix{n}"
-        shutil.copytree(pristine, ix)
-        conn = sqlite3.connect(ix / "catalog.db")
-        with conn:
-            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
-        conn.close()
+        ix = _copy_with_meta(pristine, tmp_path / f"ix{n}", key, value)
         damaged = (ix / "catalog.db").read_bytes()
         for args in (("query", "a dog", "--index", ix), ("info", "--index", ix), ("index", "--index", ix, "--device", "cpu")):
             result = run(*args, code=7)
@@ -361,6 +413,31 @@ def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(ind
         assert (ix / "catalog.db").read_bytes() == damaged, (key, value)
         assert state.peek(ix / "catalog.db") is None  # a peek (the client, the cold start) reads it as no catalog, quietly
     assert run("query", "a dog", "--index", pristine, "--json").exit_code == 0
+
+
+DAMAGED_OBJECTS = [("tuning", "[1]"), ("tuning", '{"nprobe": "8"}'), ("ann_files", '"x"'), ("ann_files", '{"a": 1}'),
+                   ("tagging", '"x"'), ("tagging", '{"runs": "x"}'), ("tagging", '{"runs": [{"labels": "dog"}]}'),
+                   ("tagging", '{"labels": ["dog"], "threshold": "high", "top": 1}'), ("root_options", '"x"'),
+                   ("root_options", '{"/r": {"include_hidden": "yes"}}'), ("listing_errors", '{"/r": "x"}'),
+                   ("list_columns", "[]"), ("encoder", '"torch"'), ("model", '{"model": "m", "fingerprint": "f"}'),
+                   ("reindex", '{"model": 1}')]
+
+
+def test_a_damaged_object_in_the_meta_table_is_damage_named_by_its_key(indexed_images, tmp_path):
+    """The values other modules interpret whole (ANN tuning and files, tagging runs, root options, listing
+    errors, list columns, the encoder plan) were taken unchecked: `tuning` [1] made info and index fail with an
+    "unexpected" AttributeError (exit 1), `ann_files` "x" made verify fail so, and `tagging` or `root_options`
+    "x" passed verify as ok. A model record without its dim was damage "(KeyError: 'model')", as if the key
+    were missing. Each is damage in one line naming its key, exit 7, for every command, verify included."""
+    _, pristine = indexed_images(4)
+    for n, (key, value) in enumerate(DAMAGED_OBJECTS):
+        ix = _copy_with_meta(pristine, tmp_path / f"ix{n}", key, value)
+        for args in (("info", "--index", ix), ("verify", "--index", ix, "--skip-model"), ("query", "a dog", "--index", ix),
+                     ("index", "--index", ix, "--device", "cpu")):
+            result = run(*args, code=None)
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 7 and len(lines) == 1, (key, value, args, result.exit_code, result.output)
+            assert lines[0].startswith(f"error: catalog.db is damaged: the value of {key!r}"), (key, value, args, lines)
 
 
 # -- 6. kill -9 while the perceptual hashes of an older index are filled ----------------------------------------
@@ -456,6 +533,23 @@ def test_a_pairs_table_that_is_not_one_is_a_one_line_input_error(tmp_path, tiny_
         assert result.output.startswith(f"error: {name} cannot be read") and len(result.output.splitlines()) == 1
     (tmp_path / "ok.jsonl").write_text('{"image": "img000.png", "caption": "a"}\n\n{"image": "img001.jpg", "caption": "b"}\n')
     assert [p.caption for p in load_pairs(tmp_path / "ok.jsonl").pairs] == ["a", "b"]
+
+
+@pytest.mark.parametrize("line", ['"an image with a caption"', "42", '["img000.png", "a"]', "null"])
+def test_a_jsonl_line_that_is_no_object_is_a_one_line_input_error(tmp_path, tiny_model, line):
+    """A JSONL line that is JSON but no object: a string's `"image" in row` was a substring test, then
+    row["image"] raised TypeError (a number or null at once): "unexpected TypeError", exit 1. It is the input's
+    fault: one line naming the file and the line, exit 6."""
+    from alignsearch.encoders.pairs import load_pairs
+    from alignsearch.errors import BadInputError
+
+    make_images(tmp_path, 1)
+    (tmp_path / "p.jsonl").write_text('{"image": "img000.png", "caption": "a"}\n' + line + "\n")
+    with pytest.raises(BadInputError, match="line 2: expected an object"):
+        load_pairs(tmp_path / "p.jsonl")
+    result = run("finetune", tmp_path / "p.jsonl", "--model", tiny_model, "--out", tmp_path / "out", code=6)
+    assert result.output.startswith("error: p.jsonl cannot be read") and len(result.output.splitlines()) == 1
+    assert "line 2" in result.output
 
 
 # -- 8. kill -9 while `tag` stores its tags -------------------------------------------------------------------

@@ -105,6 +105,32 @@ def test_state_fields_round_trip_and_unknown_names_are_refused(tmp_path):
     db.dispose()
 
 
+# The object values as each older alignsearch wrote them (git log -S on each key's writer): none is damage.
+OLDER_OBJECTS = [
+    ("tagging", {"labels": ["dog", "cat"], "templates": ["{}"], "threshold": 0.5, "top": 3}),  # b3b421a: one run
+    ("tagging", {"runs": [{"labels": ["dog"], "templates": ["a photo of {}"], "threshold": 0.0, "top": 1}],
+                 "background": ["a photo", "an image"]}),  # 5aa3eab on
+    ("tagging", {"runs": []}),
+    ("tuning", {"nprobe": 0, "rerank_factor": 1, "recall": 1.0, "target": 0.95}),  # 44e7783: flat, without n
+    ("tuning", {"nprobe": 16, "rerank_factor": 4, "recall": 0.9612, "target": 0.95, "n": 5000}),
+    ("root_options", {"/r": {"include_hidden": True}}),  # c60043d
+    ("root_options", {"/r": {"video_interval": 1.0, "caption_column": "text"}, "/s": {"video_interval": 5}}),
+    ("listing_errors", {"/r": [{"folder": "/r/sub", "reason": "Permission denied"}], "/s": []}),
+    ("list_columns", {"/l.csv": "url"}),  # bb6c113
+    ("ann_files", {"index.faiss.lists": "ab12", "shard-0.faiss": "cd34"}),
+    ("encoder", {"backend": "torch", "text_precision": "fp32", "image_precision": "fp32"}),  # e58ddd6
+]
+OBJECT_FIELDS = {"tagging": lambda s: s.tagging, "tuning": lambda s: s.ann.tuning, "root_options": lambda s: s.roots.options,
+                 "listing_errors": lambda s: s.roots.listing_errors, "list_columns": lambda s: s.roots.list_columns,
+                 "ann_files": lambda s: s.ann.files, "encoder": lambda s: s.encoder}
+
+
+@pytest.mark.parametrize("key,value", OLDER_OBJECTS)
+def test_object_values_older_versions_wrote_are_read_as_written(key, value):
+    assert OBJECT_FIELDS[key](state.decode([(key, json.dumps(value))])) == value
+    assert OBJECT_FIELDS[key](state.decode([(key, "null")])) == OBJECT_FIELDS[key](state.IndexState())
+
+
 # -- the ladder, step by step, on tiny catalogs ----------------------------------------------------------------
 
 V2_FILES = """CREATE TABLE files (id INTEGER PRIMARY KEY AUTOINCREMENT, root TEXT NOT NULL, relpath TEXT NOT NULL,

@@ -56,9 +56,12 @@ def _table(data: Path, suffix: str, image_column: str, caption_column: str) -> l
     for n, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"line {n}: {exc}") from None
+            if not isinstance(row, dict):  # a string's `"image" in row` was a substring test, then row["image"] failed
+                raise ValueError(f"line {n}: expected an object of columns, found {type(row).__name__} {line.strip()[:60]}")
+            rows.append(row)
     return rows
 
 

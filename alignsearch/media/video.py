@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, crop_uint8
+from alignsearch.media.images import ImageSpec, crop_uint8
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,13 @@ class VideoError(Exception):
     """A video that cannot be read at all; its message is the reason recorded for it."""
 
 
-MAX_PIXELS = DEFAULT_MAX_PIXELS  # a frame larger than a photo may be is a decompression bomb, as for photos
+# A frame over MAX_PIXELS is a decompression bomb, refused from the header. Lower than a photo's limit: a decoder
+# holds reference frames and per-thread buffers besides the frame converted (a 353 KB video of 12000x12000
+# frames, under the photo limit, took 3.1 GB); 8192x8192 is twice real 8K.
+MAX_PIXELS = 8192 * 8192
+# Larger frames are decoded with slice threads only: each frame thread holds frames of its own (a 12-frame
+# 8192x8192 video took 2.8 GB with 16 frame threads, 1.2 GB with slice threads).
+FRAME_THREADS_MAX_PIXELS = 4096 * 2160
 
 
 def _refuse_bomb(width: int | None, height: int | None) -> None:
@@ -54,6 +60,31 @@ def _refuse_bomb(width: int | None, height: int | None) -> None:
     if width and height and width * height > MAX_PIXELS:
         raise VideoError(f"video too large: {width}x{height} pixels a frame exceeds the limit of {MAX_PIXELS:,} "
                          "(decompression bomb guard)")
+
+
+def _video_stream(container):
+    """The container's first video stream, set up to decode; refused (VideoError) when there is none, when its
+    codec is unknown to FFmpeg (codec_context None: an AttributeError stopped every index run) or when its
+    header's frame size is a decompression bomb."""
+    if not container.streams.video:
+        raise VideoError("not a video: no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise VideoError("cannot decode video: its video stream's codec is unknown")
+    width, height = stream.codec_context.width, stream.codec_context.height
+    _refuse_bomb(width, height)
+    # FFmpeg's own threads (the GIL is released while it decodes); a size not in the header may be large
+    small = bool(width and height) and width * height <= FRAME_THREADS_MAX_PIXELS
+    stream.thread_type = "AUTO" if small else "SLICE"
+    return stream
+
+
+def _to_image(frame):
+    """A decoded frame as a PIL RGB image: the pixels of frame.to_image(), which holds two more copies of the
+    frame while it converts (decoding an 8192x8192 frame peaked at 1.2 GB with it, 0.8 GB without)."""
+    from PIL import Image
+
+    return Image.fromarray(frame.to_ndarray(format="rgb24"))
 
 
 @dataclass
@@ -105,16 +136,10 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
     with container:
-        if not container.streams.video:
-            raise VideoError("not a video: no video stream")
-        stream = container.streams.video[0]
-        if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError: every index run stopped)
-            raise VideoError("cannot decode video: its video stream's codec is unknown")
-        stream.thread_type = "AUTO"  # FFmpeg's own frame threads (the GIL is released while it decodes)
+        stream = _video_stream(container)
         stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
-        _refuse_bomb(info.width, info.height)
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
@@ -145,14 +170,14 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             info.frames_examined += 1
             now = _signature(frame)
             if start is None:
-                start, frame_img, rep_final = t, frame.to_image(), False
+                start, frame_img, rep_final = t, _to_image(frame), False
             else:
                 cut = _is_cut(sig, now)
                 if (cut and t - start >= min_gap) or t - start >= interval:
                     yield _moment(index, start, t, frame_img, spec)
-                    index, start, frame_img, rep_final = index + 1, t, frame.to_image(), False
+                    index, start, frame_img, rep_final = index + 1, t, _to_image(frame), False
                 elif not rep_final and t - start >= REPRESENTATIVE_AFTER and not cut:
-                    frame_img, rep_final = frame.to_image(), True
+                    frame_img, rep_final = _to_image(frame), True
             sig = now
         if start is None:
             raise VideoError("cannot decode video: no frame could be decoded")
@@ -207,11 +232,7 @@ def frame_at(source, t: float, t_end: float | None = None):
     want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            if stream.codec_context is None:
-                raise VideoError("cannot decode video: its video stream's codec is unknown")
-            _refuse_bomb(stream.codec_context.width, stream.codec_context.height)
-            stream.thread_type = "AUTO"
+            stream = _video_stream(container)
             if want > 0 and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
             last = None
@@ -222,7 +243,7 @@ def frame_at(source, t: float, t_end: float | None = None):
             if last is None:
                 raise VideoError("cannot decode video: no frame at that time")
             _refuse_bomb(last.width, last.height)
-            return last.to_image()
+            return _to_image(last)
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
 

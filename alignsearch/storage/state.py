@@ -20,7 +20,7 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage.paths import LISTS_SUFFIX, readonly_uri
@@ -147,9 +147,8 @@ class MetaDamagedError(IndexDamagedError, ValueError):
     line with exit 7, where it was an "unexpected ValueError" (or TypeError, OverflowError) of every command.
     A ValueError too: the callers that read an unreadable catalog as none (peek, migrate.reader_schema) still do."""
 
-    def __init__(self, key: str | None, exc: Exception):
-        where = f"the value of {key!r}" if key else "a value"
-        super().__init__(f"catalog.db is damaged: {where} in its meta table is not what alignsearch writes "
+    def __init__(self, key: str, exc: Exception):
+        super().__init__(f"catalog.db is damaged: the value of {key!r} in its meta table is not what alignsearch writes "
                          f"({type(exc).__name__}: {exc}); restore the index from a backup, or index the folders "
                          "again into a new index")
 
@@ -163,50 +162,125 @@ def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
             raw[key] = json.loads(text)
         except (ValueError, TypeError) as exc:
             raise MetaDamagedError(key, exc) from None
-    try:
-        return _decode(raw)
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
-        raise MetaDamagedError(None, exc) from None
+    return _decode(raw)
 
 
 def _decode(raw: dict[str, Any]) -> IndexState:
-    def got(key: str, default: Any = None) -> Any:
+    def got(key: str, default: Any = None, convert: Callable[[Any], Any] | None = None) -> Any:
+        """The value of `key` as its field holds it (default when absent); MetaDamagedError naming the key when
+        it is not what alignsearch writes there."""
         value = raw.get(key)
-        return default if value is None else value
+        if value is None:
+            return default
+        try:
+            return value if convert is None else convert(value)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            raise MetaDamagedError(key, exc) from None
 
-    model = got("model")
-    run = got("index_run")
-    reindex = got("reindex")
-    version = got("schema_version")
     return IndexState(
-        schema_version=None if version is None else int(version),
+        schema_version=got("schema_version", None, int),
         index_id=got("index_id"),
-        model=None if model is None else ModelIdentity.from_record(model),
-        generation=int(got("generation", 0)),
-        vectors=VectorState(rows=int(got("vector_rows", 0)),
-                            segments=tuple((int(n), str(name), int(r)) for n, name, r in got("vector_segments", []))),
-        ann=AnnState(digest=got("ann_digest"), files=got("ann_files", {}), trained_n=int(got("index_trained_n", 0)),
-                     tuning=got("tuning", {}), ondisk_shards=int(got("ondisk_shards", 0)),
-                     index_shards=int(got("index_shards", 0))),
-        roots=RootsState(roots=tuple(_listed(got("roots", []))), options=got("root_options", {}),
-                         list_columns=got("list_columns", {}), listing_errors=got("listing_errors", {})),
-        videos=bool(got("videos", False)),
-        ocr=bool(got("ocr", False)),
-        keys_lossless=bool(got("keys_lossless", False)),
-        encoder=got("encoder"),
-        tagging=got("tagging"),
-        index_run=None if run is None else IndexRun(started=float(run["started"]), pid=int(run["pid"])),
-        reindex=None if reindex is None else Reindex(model=ModelIdentity.from_record(reindex["model"]),
-                                                     segment=reindex["segment"], rows=int(reindex["rows"]),
-                                                     done=int(reindex["done"])),
+        model=got("model", None, ModelIdentity.from_record),
+        generation=got("generation", 0, int),
+        vectors=VectorState(rows=got("vector_rows", 0, int), segments=got("vector_segments", (), _segments)),
+        ann=AnnState(digest=got("ann_digest"), files=got("ann_files", {}, _names_to_text),
+                     trained_n=got("index_trained_n", 0, int), tuning=got("tuning", {}, _tuning),
+                     ondisk_shards=got("ondisk_shards", 0, int), index_shards=got("index_shards", 0, int)),
+        roots=RootsState(roots=tuple(got("roots", [], _listed)), options=got("root_options", {}, _root_options),
+                         list_columns=got("list_columns", {}, _names_to_text),
+                         listing_errors=got("listing_errors", {}, _listing_errors)),
+        videos=got("videos", False, bool),
+        ocr=got("ocr", False, bool),
+        keys_lossless=got("keys_lossless", False, bool),
+        encoder=got("encoder", None, _object),
+        tagging=got("tagging", None, _tagging),
+        index_run=got("index_run", None, lambda run: IndexRun(started=float(run["started"]), pid=int(run["pid"]))),
+        reindex=got("reindex", None, _reindex),
     )
 
+
+# The shapes of the values other modules interpret whole: checked here, so that damage is said once, naming
+# its key, rather than failing wherever the value is used (or read as something else: a string's letters).
 
 def _listed(value: Any) -> list:
     """A JSON list as stored; anything else is damage (a string's letters were read as roots, each scanned)."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"expected a list of names, found {type(value).__name__}")
     return value
+
+
+def _object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, found {type(value).__name__}")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _names_to_text(value: Any) -> dict:
+    """{name: text}: the digest of each ANN file, a list root's column of paths."""
+    if not all(isinstance(v, str) for v in _object(value).values()):
+        raise TypeError("expected an object of texts")
+    return value
+
+
+def _segments(value: Any) -> tuple:
+    return tuple((int(n), str(name), int(rows)) for n, name, rows in value)
+
+
+TUNING_NUMBERS = ("nprobe", "rerank_factor", "recall", "target", "n")  # indexer/tune.py, indexer/build.py
+
+
+def _tuning(value: Any) -> dict:
+    tuning = _object(value)
+    if not all(_number(tuning.get(key)) for key in TUNING_NUMBERS):
+        raise TypeError(f"expected numbers for {', '.join(TUNING_NUMBERS)}")
+    return value
+
+
+ROOT_OPTIONS = {"include_hidden": bool, "caption_column": str, "video_interval": (int, float)}  # indexer/job.py
+
+
+def _root_options(value: Any) -> dict:
+    """{root: {option: value}}."""
+    for options in map(_object, _object(value).values()):
+        for name, kind in ROOT_OPTIONS.items():
+            if options.get(name) is not None and not isinstance(options[name], kind):
+                raise TypeError(f"expected {name} to be {kind}, found {type(options[name]).__name__}")
+    return value
+
+
+def _listing_errors(value: Any) -> dict:
+    """{root: [{"folder", "reason"}]}."""
+    for errors in _object(value).values():
+        if not isinstance(errors, list):
+            raise TypeError(f"expected a list of folders, found {type(errors).__name__}")
+        for error in errors:
+            _object(error)  # {"folder", "reason"}, spread into what `roots` and `index` print
+    return value
+
+
+def _tagging(value: Any) -> dict:
+    """{"runs": [run], "background": [prompt]}, or (tagged before runs accumulated) one run itself; a run is
+    {"labels": [label], "templates", "threshold", "top"} (indexer/tag.py)."""
+    tagging = _object(value)
+    runs = tagging["runs"] if "runs" in tagging else [tagging]
+    if not isinstance(runs, list):
+        raise TypeError(f"expected a list of runs, found {type(runs).__name__}")
+    for run in runs:
+        labels = _object(run).get("labels")
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise TypeError("expected each run's labels to be a list of texts")
+        if not (_number(run.get("threshold")) and _number(run.get("top"))):
+            raise TypeError("expected each run's threshold and top to be numbers")
+    return value
+
+
+def _reindex(value: Any) -> Reindex:
+    return Reindex(model=ModelIdentity.from_record(value["model"]), segment=value["segment"], rows=int(value["rows"]),
+                   done=int(value["done"]))
 
 
 def encode(name: str, value: Any) -> dict[str, Any]:

@@ -223,11 +223,12 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 continue
             if not _wanted(entry.name, include_hidden):
                 continue
-            relpath, raw = printable(os.path.join(rel, entry.name) if rel else entry.name)
+            name = os.path.join(rel, entry.name) if rel else entry.name
+            relpath, raw = printable(name)
             caption_link = os.path.splitext(entry.name)[0] + ".txt" in linked_captions
             try:
                 # a link is followed as it is read (safeopen): one another user planted is no file of the library
-                st = safeopen.stat_through(entry.path) if entry.is_symlink() else os.stat(entry.path)
+                st = safeopen.stat_through(root, name) if entry.is_symlink() else os.stat(entry.path)
             except safeopen.Refused as exc:
                 # the link's own size and time: a row indexed through it (before links were judged) is replaced
                 link = os.stat(entry.path, follow_symlinks=False)

@@ -326,9 +326,9 @@ def test_a_chain_of_links_is_judged_link_by_link(tmp_path):
         with pytest.raises(safeopen.Refused, match="another user"):
             open_it()
     with pytest.raises(safeopen.Refused, match="another user"):
-        safeopen.stat_through(lib / "a.txt")
+        safeopen.stat_through(lib, "a.txt")
     assert safeopen.read_fd(safeopen.open_under(lib, "b.txt", follow_last=True), 100) == b"caption"
-    assert safeopen.stat_through(lib / "b.txt").st_size == 7
+    assert safeopen.stat_through(lib, "b.txt").st_size == 7
     loop = lib / "loop.txt"
     loop.symlink_to("loop.txt")
     with pytest.raises(safeopen.Refused, match="symbolic links"):
@@ -350,6 +350,26 @@ def test_a_link_is_refused_only_where_another_user_could_have_planted_it(tmp_pat
         safeopen.open_regular(shared / "x.txt")
     os.chown(shared, ATTACKER, ATTACKER)  # the folder's owner made it (protected_symlinks)
     assert safeopen.read_fd(safeopen.open_regular(shared / "x.txt"), 100) == b"SECRET"
+
+
+@needs_root
+def test_a_link_in_a_folder_another_user_made_in_a_shared_one_is_refused(tmp_path):
+    """Where the share lets another user write, they can make a folder of their own in it, and a link there is
+    one its folder's owner made: followed by the folder-owner rule alone. A folder is judged as a link is, from /
+    down, the root the user chose included."""
+    shared, secret = _shared(tmp_path)
+    album = shared / "album"
+    album.mkdir()
+    os.chown(album, ATTACKER, ATTACKER)
+    _plant(album / "x.txt", secret)
+    for open_it in (lambda: safeopen.open_under(shared, "album/x.txt", follow_last=True),
+                    lambda: safeopen.open_under(album, "x.txt", follow_last=True),
+                    lambda: safeopen.open_regular(album / "x.txt"),
+                    lambda: safeopen.stat_through(shared, "album/x.txt")):
+        with pytest.raises(safeopen.Refused, match="in a folder another user made where others may write"):
+            open_it()
+    shared.chmod(0o755)  # no one but its owner may write the share: the folder is its owner's doing
+    assert safeopen.read_fd(safeopen.open_under(shared, "album/x.txt", follow_last=True), 100) == b"SECRET"
 
 
 @needs_root

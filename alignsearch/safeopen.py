@@ -305,16 +305,16 @@ def _entry(part: str, path: list[int], last: bool) -> tuple[os.stat_result, str 
     fd = os.open(part, _PATH | _NOFOLLOW | _CLOEXEC, dir_fd=path[-1])  # the entry itself; opens no file
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and not last:
+            fd, walk_on = -1, fd  # the folder to walk on, as judged: the caller's
+            return st, None, walk_on
         if stat.S_ISLNK(st.st_mode):
             _judge(st, path)
             return st, os.readlink("", dir_fd=fd), None  # the content of the inode judged
-        if stat.S_ISDIR(st.st_mode) and not last:
-            return st, None, fd  # the folder to walk on, as judged
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return st, None, None
+        return st, None, None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _judge(link: os.stat_result, path: list[int]) -> None:

@@ -321,6 +321,7 @@ def test_a_chain_of_links_is_judged_link_by_link(tmp_path):
     (lib / "b.txt").symlink_to("../shared/b.txt")  # relative, to another user's honest file: read
     (shared / "b.txt").write_bytes(b"caption")
     os.chown(shared / "b.txt", ATTACKER, ATTACKER)
+    open_fds = len(os.listdir("/proc/self/fd"))
     for open_it in (lambda: safeopen.open_under(lib, "a.txt", follow_last=True),
                     lambda: safeopen.open_regular(lib / "a.txt")):
         with pytest.raises(safeopen.Refused, match="another user"):
@@ -333,6 +334,7 @@ def test_a_chain_of_links_is_judged_link_by_link(tmp_path):
     loop.symlink_to("loop.txt")
     with pytest.raises(safeopen.Refused, match="symbolic links"):
         safeopen.open_regular(loop)
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # every folder and link walked through closed
 
 
 @needs_root

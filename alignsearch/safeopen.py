@@ -11,7 +11,7 @@ FIFO, /dev/zero, a socket) is refused before a byte is read, and so is a file wh
 longer match what the catalog recorded, when the caller gives them.
 
 A file symlink, where followed, is walked one link at a time (a chain, links among its target's folders), each
-link judged on the very inode followed (planted_link: not one another user may have planted in a folder they
+link judged on the very inode followed (planted: not one another user may have planted in a folder they
 can write) and the file finally opened as the entry judged, never by a second lookup of its name.
 
 The root itself is opened as named: it is the folder (or the list's folder) the user chose.

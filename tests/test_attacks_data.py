@@ -599,7 +599,7 @@ def test_what_planted_links_brought_into_an_index_built_before_links_were_judged
     lib.chmod(0o2775)
     ix = tmp_path / "ix"
     with monkeypatch.context() as old_release:  # links followed whoever made them
-        old_release.setattr(safeopen, "planted_link", lambda *args: False)
+        old_release.setattr(safeopen, "planted", lambda *args: False)
         s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
     assert s["added"] == 3 and not s["failed"], s
     assert "SECRETKEY" in "\n".join(sqlite3.connect(ix / "catalog.db").iterdump())  # what the old index held

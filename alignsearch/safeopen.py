@@ -10,6 +10,10 @@ absolute and empty components are refused. The file itself is stat'ed first and 
 FIFO, /dev/zero, a socket) is refused before a byte is read, and so is a file whose size or mtime no
 longer match what the catalog recorded, when the caller gives them.
 
+A file symlink, where followed, is walked one link at a time (a chain, links among its target's folders), each
+link judged on the very inode followed (planted: not one another user may have planted in a folder they
+can write) and the file finally opened as the entry judged, never by a second lookup of its name.
+
 The root itself is opened as named: it is the folder (or the list's folder) the user chose.
 Light to import: decode workers and the server use it.
 """
@@ -26,7 +30,9 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 # A folder on the way is only passed through: O_PATH needs no read permission on it (Linux).
-_DIR = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
+_PATH = getattr(os, "O_PATH", 0)
+_DIR = (_PATH or os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
+MAX_LINKS = 40  # as the kernel's own limit on a path's links
 
 
 class Refused(BadImageError):
@@ -74,6 +80,30 @@ def _regular(fd: int, expect: tuple[int, float] | None) -> os.stat_result:
     return st
 
 
+def _walk(root: str | os.PathLike, parts: list[str]) -> list[int]:
+    """Descriptors of root and of each folder of parts[:-1] below it, each opened relative to the one before,
+    none through a symlink (Refused). Kept open, not one at a time: whether a link another user made in the last
+    one may be followed depends on who made the folders above it (_trusted). The caller closes them."""
+    folders = [os.open(root, _DIR)]
+    try:
+        for name in parts[:-1]:
+            try:
+                folders.append(os.open(name, _DIR | _NOFOLLOW, dir_fd=folders[-1]))
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _folder_refused(name, folders[-1]) from None
+                raise
+    except BaseException:
+        _close(folders)
+        raise
+    return folders
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def open_under(root: str | os.PathLike, relpath: str | bytes, *, follow_last: bool = False,
                expect: tuple[int, float] | None = None) -> int:
     """A read-only descriptor of the regular file at relpath ("a/b/c.jpg", or its raw bytes) under root.
@@ -83,26 +113,22 @@ def open_under(root: str | os.PathLike, relpath: str | bytes, *, follow_last: bo
     (size, mtime) the catalog recorded. Raises Refused (or Changed) with the reason, FileNotFoundError
     when something on the way is gone, other OSErrors as they come. The caller closes the descriptor."""
     parts = _parts(relpath)
-    dir_fd = os.open(root, _DIR)
+    folders = _walk(root, parts)
     try:
-        for name in parts[:-1]:
-            try:
-                fd = os.open(name, _DIR | _NOFOLLOW, dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _folder_refused(name, dir_fd) from None
-                raise
-            os.close(dir_fd)
-            dir_fd = fd
-        return _open_leaf(parts[-1], dir_fd, follow_last, expect)
+        return _open_leaf(parts[-1], folders, follow_last, expect)
     finally:
-        os.close(dir_fd)
+        _close(folders)
 
 
 def open_regular(path: str | os.PathLike, *, follow: bool = True, expect: tuple[int, float] | None = None) -> int:
     """A read-only descriptor of the regular file at path, named by the user (a list file, a tar shard, a
     query image): its folders are taken as named; the file is checked as open_under checks it."""
-    return _open_leaf(os.fspath(path), None, follow, expect)
+    folder, name = os.path.split(os.fspath(path))
+    dir_fd = os.open(folder or ".", _DIR)
+    try:
+        return _open_leaf(name, [dir_fd], follow, expect)
+    finally:
+        os.close(dir_fd)
 
 
 def open_pinned(path: str | os.PathLike) -> tuple[int, os.stat_result]:
@@ -115,48 +141,190 @@ def open_pinned(path: str | os.PathLike) -> tuple[int, os.stat_result]:
     dir_fd = os.open(folder or ".", _DIR)
     try:
         folder_st = os.fstat(dir_fd)
-        return _open_leaf(name, dir_fd, False, None), folder_st
+        return _open_leaf(name, [dir_fd], False, None), folder_st
     finally:
         os.close(dir_fd)
 
 
-def _open_leaf(name: str, dir_fd: int | None, follow: bool, expect: tuple[int, float] | None) -> int:
-    if follow:
-        _refuse_planted_link(name, dir_fd)
-    # A stat first, so a device or FIFO is refused without being opened at all (opening some devices acts).
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow)
-    if stat.S_ISLNK(st.st_mode):
-        raise Refused("is a symbolic link")
-    if not stat.S_ISREG(st.st_mode):
-        raise Refused(f"not a regular file: {file_kind(st.st_mode)}")
+def stat_through(root: str | os.PathLike, relpath: str | bytes) -> os.stat_result:
+    """The lstat of what relpath under root names, walked as open_under(..., follow_last=True) walks it, its
+    links followed and judged the same way, nothing opened: for a scan that compares what a link leads to with
+    the catalog. Raises Refused for a planted link, FileNotFoundError for a broken one, other OSErrors."""
+    parts = _parts(relpath)
+    folders = _walk(root, parts)
     try:
-        fd = os.open(name, os.O_RDONLY | _NONBLOCK | _CLOEXEC | (0 if follow else _NOFOLLOW), dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow:  # replaced by a link since the stat
-            raise Refused("is a symbolic link") from None
-        raise
-    try:
-        _regular(fd, expect)  # replaced between the stat and the open
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        st = os.stat(parts[-1], dir_fd=folders[-1], follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            last_fd, _, st = _through_links(parts[-1], folders)
+            os.close(last_fd)
+        return st
+    finally:
+        _close(folders)
 
 
-def _refuse_planted_link(name: str, dir_fd: int | None) -> None:
-    """A file symlink is followed only when this user or the folder's owner made it (Linux's protected_symlinks
-    rule): one that another user planted in a folder they may write (a shared photo folder) led the indexer to
-    this user's private files, whose text (a sidecar caption linked to ~/.aws/credentials), EXIF place and
-    words in the picture it then stored and served with every result."""
+def _open_leaf(name: str, folders: list[int], follow: bool, expect: tuple[int, float] | None) -> int:
+    """name in folders[-1] (folders: the walk's folders, the first one trusted; borrowed), opened."""
+    dir_fd, own = folders[-1], None  # own: the folder a link led to, opened here
     try:
-        link = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        # An lstat first, so a device or FIFO is refused without being opened at all (opening some devices acts)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            if not follow:
+                raise Refused("is a symbolic link")
+            own, name, st = _through_links(name, folders)
+            dir_fd = own
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"not a regular file: {file_kind(st.st_mode)}")
+        # Never through a link here: the entry judged above is the one opened, or the open fails. Three calls
+        # for a plain file (lstat, open, fstat), one lookup of its name each time, compared by inode.
+        try:
+            fd = os.open(name, os.O_RDONLY | _NONBLOCK | _CLOEXEC | _NOFOLLOW, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+                raise Refused("is a symbolic link") from None
+            raise
+        try:
+            got = _regular(fd, expect)
+            if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
+                raise Refused("replaced by another file while it was opened")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    finally:
+        if own is not None:
+            os.close(own)
+
+
+def planted(entry: os.stat_result, folder: os.stat_result, folder_trusted: bool, me: int) -> bool:
+    """Whether an entry (a symbolic link, or a folder on the way to one) may have been made by another user to
+    lead this one's reads to their files. Made by this user or root: no. Else only where no other user could
+    have made it: its folder is trusted (not itself such an entry) and either the folder's owner made it
+    (Linux's protected_symlinks rule) or the folder is writable by its owner alone (neither group- nor
+    other-writable: the only way another user makes an entry). A link another user planted in a shared photo
+    folder (photo.txt -> ~/.aws/credentials, a photo -> a private one), or in a folder they made in it, carried
+    this user's files into the index, its captions, places and answers; links on a drive from another machine
+    or another uid's disk, in folders only their owner writes, are followed."""
+    if entry.st_uid in (0, me):
+        return False
+    return not folder_trusted or (entry.st_uid != folder.st_uid and bool(folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH)))
+
+
+def _trusted(folders: list[int]) -> tuple[bool, os.stat_result]:
+    """(whether the last folder is trusted, its stat): each one unless planted in the one before, the first one
+    judged from / down (_start_trusted). Asked only when another user's link is met."""
+    me = os.geteuid()
+    trusted, above = _start_trusted(folders[0], me)
+    for fd in folders[1:]:
+        st = os.fstat(fd)
+        trusted, above = not planted(st, above, trusted, me), st
+    return trusted, above
+
+
+def _start_trusted(fd: int, me: int) -> tuple[bool, os.stat_result]:
+    """(whether a walk's first folder is trusted, its stat): its folders from / judged one by one (the root the
+    user chose, or a named file's folder, may itself be a folder another user made in a shared one). Where the
+    system cannot say where fd lies (no /proc), it is trusted as named; one moved meanwhile is not."""
+    st = os.fstat(fd)
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
-        return  # gone: the open says so
-    if not stat.S_ISLNK(link.st_mode) or link.st_uid in (0, os.geteuid()):
-        return
-    folder = os.fstat(dir_fd) if dir_fd is not None else os.stat(os.path.dirname(name) or ".")
-    if link.st_uid != folder.st_uid:
-        raise Refused(f"a symbolic link made by another user (uid {link.st_uid}) than you or the folder's owner")
+        return True, st
+    trusted, above, cur = True, None, os.open("/", _DIR)
+    try:
+        above = os.fstat(cur)
+        for name in (p for p in where.split("/") if p):
+            cur = _replace(cur, os.open(name, _DIR | _NOFOLLOW, dir_fd=cur))
+            here = os.fstat(cur)
+            trusted, above = not planted(here, above, trusted, me), here
+    except OSError:
+        return False, st  # not where /proc says (moved, deleted): judged as planted
+    finally:
+        os.close(cur)
+    return trusted and (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino), st
+
+
+def _through_links(name: str, folders: list[int]) -> tuple[int, str, os.stat_result]:
+    """(an open descriptor of the folder holding the entry the link `name` in folders[-1] finally names, that
+    entry's name, its lstat): every link on the way (a chain of them, and links among the folders of a target)
+    judged by planted against the folder holding it, each on the very inode followed (an O_PATH descriptor of
+    the link, whose content is read from it), so a link swapped in after the judgement is never followed; the
+    folders a target names walked one at a time, from / for an absolute one. At most MAX_LINKS links. folders
+    are borrowed; the caller closes the descriptor returned."""
+    path = [os.dup(fd) for fd in folders]  # the folders from the walk's start to the current one
+    try:
+        pending, links = [name], 0  # components still to walk, the next last
+        while True:
+            part = pending.pop()
+            if part in ("", ".", ".."):
+                if not pending:
+                    raise Refused("not a file: a symbolic link leads to a folder")
+                if part == ".." and len(path) > 1:
+                    os.close(path.pop())
+                elif part == "..":  # above the walk's start: a new start
+                    path = [_replace(path[0], os.open("..", _DIR, dir_fd=path[0]))]
+                continue
+            st, target, entry_fd = _entry(part, path, last=not pending)
+            if target is None:
+                if not pending:
+                    return path.pop(), part, st
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, "not a folder on a symbolic link's way", part)
+                path.append(entry_fd if entry_fd is not None else os.open(part, _DIR | _NOFOLLOW, dir_fd=path[-1]))
+                continue
+            links += 1
+            if links > MAX_LINKS:
+                raise Refused(f"more than {MAX_LINKS} symbolic links on the way")
+            if target.startswith("/"):
+                root = os.open("/", _DIR)
+                _close(path)
+                path = [root]
+            pending.extend(reversed(target.split("/")))
+    finally:
+        _close(path)
+
+
+def _replace(old: int, new: int) -> int:
+    os.close(old)
+    return new
+
+
+def _entry(part: str, path: list[int], last: bool) -> tuple[os.stat_result, str | None, int | None]:
+    """(the lstat of part in path[-1], a link's target or None, an O_PATH descriptor of a folder to walk on, or
+    None): a link is judged (planted, Refused) on the inode its target is read from."""
+    if not _PATH:  # no O_PATH (not Linux): the link's lstat, compared by inode after its target is read
+        st = os.stat(part, dir_fd=path[-1], follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            return st, None, None
+        _judge(st, path)
+        target = os.readlink(part, dir_fd=path[-1])
+        again = os.stat(part, dir_fd=path[-1], follow_symlinks=False)
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            raise Refused("a symbolic link replaced while it was followed")
+        return st, target, None
+    fd = os.open(part, _PATH | _NOFOLLOW | _CLOEXEC, dir_fd=path[-1])  # the entry itself; opens no file
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and not last:
+            fd, walk_on = -1, fd  # the folder to walk on, as judged: the caller's
+            return st, None, walk_on
+        if stat.S_ISLNK(st.st_mode):
+            _judge(st, path)
+            return st, os.readlink("", dir_fd=fd), None  # the content of the inode judged
+        return st, None, None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _judge(link: os.stat_result, path: list[int]) -> None:
+    me = os.geteuid()
+    if link.st_uid in (0, me):
+        return  # no need for the folders' stats
+    trusted, folder = _trusted(path)
+    if planted(link, folder, trusted, me):
+        where = "in a folder others may write" if trusted else "in a folder another user made where others may write"
+        raise Refused(f"a symbolic link made by another user (uid {link.st_uid}) {where}")
 
 
 def read_fd(fd: int, max_bytes: int) -> bytes:

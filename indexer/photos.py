@@ -63,3 +63,21 @@ def _source_captions(root: str, cache: dict, caption_columns: dict, list_columns
         except (AlignSearchError, OSError) as exc:
             log.info("no captions from %s: %s", root, exc)
     return cache[root]
+
+
+def recaption(db, rows: Iterable[catalog.FileRow]) -> int:
+    """Read again the sidecar caption of unchanged photos whose photo.txt is a symbolic link, and store it where it
+    differs: a caption changes neither the photo's size nor its time, so a link's new target (or a link another
+    user planted, now refused, whose text an index built before links were judged had stored) went unnoticed for
+    good. Only such photos are read; returns how many captions changed (their keyword text too)."""
+    changed = []
+    with db.connect() as conn:
+        for row in rows:
+            found = scan.Found(row.root, row.relpath, row.size, row.mtime, None, row.relpath_raw)
+            caption = photometa.clean_caption(sidecar_caption(found))
+            ids = catalog.ids_with_other_caption(conn, row.root, row.relpath, caption)  # a video's moments too
+            changed += [(i, caption) for i in ids]
+    if changed:
+        with db.begin() as conn:
+            catalog.set_captions(conn, changed)
+    return len({i for i, _ in changed})

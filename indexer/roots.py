@@ -107,6 +107,7 @@ class Scanned:
     no_images: list = field(default_factory=list)  # roots that listed fine and hold no image
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
+    caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
 
 def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict, skip: str | None = None) -> Scanned:
@@ -136,6 +137,9 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             out.removed += d.removed
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)
             out.unchanged += d.unchanged
+            todo = {f.relpath for f in d.todo}
+            out.caption_links += [rows[f.relpath] for f in found if f.caption_link and f.relpath in rows
+                                  and f.relpath not in todo and rows[f.relpath].status == catalog.INDEXED]
             out.kept += d.kept
             listed = [{"folder": sources.shown_name(*scan.printable(sources.location(root, e.folder))) if e.folder else root,
                        "reason": e.reason} for e in errors]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+from alignsearch import safeopen
 from alignsearch.media import photometa, sources
 from alignsearch.errors import BadInputError
 from alignsearch.media.video import VIDEO_EXTENSIONS, is_video
@@ -47,6 +48,7 @@ class Found:
     relpath_raw: bytes | None = None  # the real bytes, only where the key is not the name
     offset: int = -1  # where a tar member's data starts in its shard
     caption: str | None = None  # from a list's caption column or a WebDataset sample's .txt/.json member
+    caption_link: bool = False  # a local photo whose sidecar caption (photo.txt) is a symbolic link
 
     @property
     def path(self) -> str:
@@ -209,6 +211,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 errors.append(ListingError(rel, f"cannot list: {exc.strerror or exc}"))
             continue
         subfolders = []
+        linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symlinks: a link to a folder is neither walked nor a file
@@ -220,14 +223,23 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 continue
             if not _wanted(entry.name, include_hidden):
                 continue
-            relpath, raw = printable(os.path.join(rel, entry.name) if rel else entry.name)
+            name = os.path.join(rel, entry.name) if rel else entry.name
+            relpath, raw = printable(name)
+            caption_link = os.path.splitext(entry.name)[0] + ".txt" in linked_captions
             try:
-                st = os.stat(entry.path)
+                # a link is followed as it is read (safeopen): one another user planted is no file of the library
+                st = safeopen.stat_through(root, name) if entry.is_symlink() else os.stat(entry.path)
+            except safeopen.Refused as exc:
+                # the link's own size and time: a row indexed through it (before links were judged) is replaced
+                link = os.stat(entry.path, follow_symlinks=False)
+                yield Found(root, relpath, link.st_size, link.st_mtime, str(exc), raw, caption_link=caption_link)
+                continue
             except OSError as exc:
                 broken = os.path.islink(entry.path) and exc.errno == 2
                 yield Found(root, relpath, 0, 0.0, "broken symlink" if broken else f"cannot stat: {exc.strerror or exc}", raw)
                 continue
-            yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw)
+            yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw,
+                        caption_link=caption_link)
         pending.extend(reversed(subfolders))
 
 
@@ -257,7 +269,7 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
             out.todo.append(f)
         elif _retry(f.error) and row.status == "indexed":
             out.unchanged += 1  # a network blip must not throw a good vector away
-        elif row.size != f.size or row.mtime != f.mtime or (
+        elif row.size != f.size or row.mtime != f.mtime or (f.error and row.status == "indexed") or (
                 _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))):
             out.todo.append(f)
             out.changed_ids.append(row.id)

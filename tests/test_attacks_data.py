@@ -628,15 +628,9 @@ def test_a_photo_unreadable_while_its_fields_are_filled_gets_them_once_it_can_be
 
 # -- 10. symlinks another user planted in a shared photo folder ---------------------------------------------------
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
-def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_files_into_the_index(tmp_path, tiny_model):
-    """The indexer follows file symlinks (a library of links to the originals is common), captions too. In a
-    folder another user may write (a shared photo folder), that user planted photo.txt -> this user's
-    credentials file and photo.jpg -> this user's private photo: the credentials became the caption, stored in the
-    catalog and sent with every result that showed the photo (the server never serves a file through a link;
-    the text read through one it served), and the private photo's GPS position with it. A link is followed only
-    when this user or the folder's owner made it, as Linux's protected_symlinks has it; the library's own
-    links are indexed as before."""
+def _shared_library_and_private_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(a photo folder of two images, this user's private folder with a photo taken at home, with GPS, and a
+    credentials file)."""
     from PIL import Image
 
     lib, private = tmp_path / "shared", tmp_path / "private"
@@ -647,11 +641,25 @@ def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_fi
     exif = Image.Exif()
     exif.get_ifd(0x8825).update({1: "N", 2: (38.0, 42.0, 0.0), 3: "W", 4: (9.0, 8.0, 0.0)})
     Image.new("RGB", (64, 48), (200, 40, 40)).save(private / "home.jpg", exif=exif.tobytes())
+    return lib, private, secret
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
+def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_files_into_the_index(tmp_path, tiny_model):
+    """The indexer follows file symlinks (a library of links to the originals is common), captions too. In a
+    folder another user may write (a shared photo folder), that user planted photo.txt -> this user's
+    credentials file and photo.jpg -> this user's private photo: the credentials became the caption, stored in the
+    catalog and sent with every result that showed the photo (the server never serves a file through a link;
+    the text read through one it served), and the private photo's GPS position with it. A link is followed only
+    when this user or the folder's owner made it, as Linux's protected_symlinks has it; the library's own
+    links are indexed as before."""
+    lib, private, secret = _shared_library_and_private_files(tmp_path)
     (lib / "img000.txt").symlink_to(secret)  # planted: a caption for img000.png
     (lib / "planted.jpg").symlink_to(private / "home.jpg")
     for link in (lib / "img000.txt", lib / "planted.jpg"):
         os.lchown(link, 4242, 4242)
     (lib / "mine.jpg").symlink_to(private / "home.jpg")  # the library owner's own link
+    lib.chmod(0o2775)  # shared: the group may write it (where another user can plant a link at all)
     ix = tmp_path / "ix"
     s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
     assert s["failed"] == 1 and s["added"] == 3, s
@@ -663,3 +671,48 @@ def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_fi
     assert [relpath for relpath, _ in gps] == ["mine.jpg"], gps
     out = run("query", "a red square", "--index", ix, "--json", "-k", "5").output
     assert "SECRETKEY" not in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
+def test_what_planted_links_brought_into_an_index_built_before_links_were_judged_leaves_it(tmp_path, tiny_model,
+                                                                                             monkeypatch):
+    """An index built by a release that followed every link holds what links another user planted brought in (a
+    credentials file as a caption, a private photo's vector and GPS). The scan followed links and compared only size
+    and time, so those rows stayed "unchanged" for ever, and a sidecar caption is not even looked at unless its
+    photo changes. Now the scan judges links as reads do: the planted photo becomes a failed row, and a photo
+    whose caption file is a link has its caption read again, every run (only those photos), so the planted
+    caption is dropped, from the keyword index too."""
+    from alignsearch import safeopen
+
+    lib, private, secret = _shared_library_and_private_files(tmp_path)
+    for link, target in ((lib / "img000.txt", secret), (lib / "planted.jpg", private / "home.jpg")):
+        link.symlink_to(target)
+        os.lchown(link, 4242, 4242)
+    (private / "own.txt").write_text("a caption of my own")
+    (lib / "img001.txt").symlink_to(private / "own.txt")  # the library owner's own link: kept
+    lib.chmod(0o2775)
+    ix = tmp_path / "ix"
+    with monkeypatch.context() as old_release:  # links followed whoever made them
+        old_release.setattr(safeopen, "planted", lambda *args: False)
+        s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert s["added"] == 3 and not s["failed"], s
+    assert "SECRETKEY" in "\n".join(sqlite3.connect(ix / "catalog.db").iterdump())  # what the old index held
+
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert s["failed"] == 1 and s["times"]["extra"]["captions_read_again"] == 1, s
+    (reason,) = _rows(ix, "SELECT reason FROM files WHERE relpath = 'planted.jpg'")[0]
+    assert "another user" in reason, reason
+    assert "SECRETKEY" not in "\n".join(sqlite3.connect(ix / "catalog.db").iterdump())
+    gps = _rows(ix, "SELECT f.relpath FROM photos p JOIN files f ON f.id = p.file_id WHERE p.lat IS NOT NULL")
+    assert gps == [], gps
+    assert _rows(ix, "SELECT f.relpath, p.caption FROM photos p JOIN files f ON f.id = p.file_id "
+                     "WHERE p.caption IS NOT NULL") == [("img001.jpg", "a caption of my own")]
+    for words in ("SECRETKEY0123456789", "aws_secret_access_key"):
+        hits = json.loads(run("query", words, "--index", ix, "--json", "-k", "5").output)["results"]
+        assert not any("SECRETKEY" in json.dumps(h) for h in hits), hits
+    assert not _rows(ix, "SELECT rowid FROM keywords WHERE keywords MATCH 'SECRETKEY0123456789'")
+    for db_file in ix.glob("catalog.db*"):  # nor in a page the rows left, nor in the journal
+        assert b"SECRETKEY" not in db_file.read_bytes(), db_file
+
+    s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")  # settled: nothing done again
+    assert not s["failed"] and not s["added"] and s["times"]["extra"]["captions_read_again"] == 0, s

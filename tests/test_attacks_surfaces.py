@@ -335,3 +335,28 @@ def test_names_a_latin1_terminal_cannot_show_are_escaped_not_fatal(served, tiny_
         assert out.returncode == 0, out.stderr
     assert b"\\u4f60\\u597d.jpg" in subprocess.run([sys.executable, "-m", "alignsearch", "query", "red", "--index",
                                                    str(ix)], capture_output=True, env=env, timeout=120).stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
+def test_a_query_image_through_a_planted_link_is_refused_alike_through_the_server(served, tmp_path):
+    """A search here reads a query image as every file is read (safeopen): through a link another user planted in
+    a folder they may write, it is refused. The client sent a server whatever the path led to (read_bytes
+    follows any link), so the same query searched once a server ran: one rule for both paths, the local one."""
+    from PIL import Image
+
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    private.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(private / "home.jpg")
+    os.chown(shared, 3000, 3000)
+    shared.chmod(0o2775)
+    (shared / "x.jpg").symlink_to(private / "home.jpg")
+    os.lchown(shared / "x.jpg", 4242, 4242)
+    (tmp_path / "mine.jpg").symlink_to(private / "home.jpg")  # this user's own link: searched both ways
+    warm, alone = (query(ix, "--image", shared / "x.jpg", "--json") for ix in (served["ix"], served["alone"]))
+    assert warm.returncode == alone.returncode == 6, (warm.stderr, alone.stderr)
+    for answer in (warm, alone):
+        assert b"symbolic link made by another user (uid 4242)" in answer.stderr, answer.stderr
+    warm, alone = (query(ix, "--image", tmp_path / "mine.jpg", "-k", "2", "--json") for ix in (served["ix"], served["alone"]))
+    assert warm.returncode == alone.returncode == 0, warm.stderr
+    assert b"notice" not in warm.stderr and json.loads(warm.stdout) == json.loads(alone.stdout)

@@ -283,3 +283,128 @@ def test_vectors_cut_short_under_the_server_answer_5xx_not_sigbus(tmp_path, tiny
         stop(proc)
     out = run("query", "anything", "--index", ix, "--device", "cpu", code=7).output
     assert "verify --repair" in out and "Traceback" not in out
+
+
+# -- symbolic links another user planted -------------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can make links owned by another user")
+ATTACKER = 4242
+
+
+def _shared(tmp_path: Path) -> tuple[Path, Path]:
+    """(a folder another user may write, as a shared photo folder is; this user's private file)."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    private.mkdir()
+    os.chown(shared, 3000, 3000)
+    shared.chmod(0o2775)
+    secret = private / "credentials"
+    secret.write_bytes(b"SECRET")
+    return shared, secret
+
+
+def _plant(link: Path, target) -> Path:
+    link.symlink_to(target)
+    os.lchown(link, ATTACKER, ATTACKER)
+    return link
+
+
+@needs_root
+def test_a_chain_of_links_is_judged_link_by_link(tmp_path):
+    """The user's own library link ~/lib/a.txt -> /shared/a.txt, and another user replaced /shared/a.txt with a
+    link to the user's credentials: only the first link was judged (the user's own), the second followed."""
+    shared, secret = _shared(tmp_path)
+    _plant(shared / "a.txt", secret)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "a.txt").symlink_to(shared / "a.txt")
+    (lib / "b.txt").symlink_to("../shared/b.txt")  # relative, to another user's honest file: read
+    (shared / "b.txt").write_bytes(b"caption")
+    os.chown(shared / "b.txt", ATTACKER, ATTACKER)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    for open_it in (lambda: safeopen.open_under(lib, "a.txt", follow_last=True),
+                    lambda: safeopen.open_regular(lib / "a.txt")):
+        with pytest.raises(safeopen.Refused, match="another user"):
+            open_it()
+    with pytest.raises(safeopen.Refused, match="another user"):
+        safeopen.stat_through(lib, "a.txt")
+    assert safeopen.read_fd(safeopen.open_under(lib, "b.txt", follow_last=True), 100) == b"caption"
+    assert safeopen.stat_through(lib, "b.txt").st_size == 7
+    loop = lib / "loop.txt"
+    loop.symlink_to("loop.txt")
+    with pytest.raises(safeopen.Refused, match="symbolic links"):
+        safeopen.open_regular(loop)
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # every folder and link walked through closed
+
+
+@needs_root
+def test_a_link_is_refused_only_where_another_user_could_have_planted_it(tmp_path):
+    """A link another user made is refused in a folder others may write, and followed in one only its owner
+    writes (a drive from another machine, a folder root made): no one else could have put it there."""
+    shared, secret = _shared(tmp_path)
+    _plant(shared / "x.txt", secret)
+    with pytest.raises(safeopen.Refused, match=r"another user \(uid 4242\) in a folder others may write"):
+        safeopen.open_under(shared, "x.txt", follow_last=True)
+    shared.chmod(0o755)
+    assert safeopen.read_fd(safeopen.open_under(shared, "x.txt", follow_last=True), 100) == b"SECRET"
+    shared.chmod(0o1777)  # a sticky world-writable folder: /tmp
+    with pytest.raises(safeopen.Refused):
+        safeopen.open_regular(shared / "x.txt")
+    os.chown(shared, ATTACKER, ATTACKER)  # the folder's owner made it (protected_symlinks)
+    assert safeopen.read_fd(safeopen.open_regular(shared / "x.txt"), 100) == b"SECRET"
+
+
+@needs_root
+def test_a_link_in_a_folder_another_user_made_in_a_shared_one_is_refused(tmp_path):
+    """Where the share lets another user write, they can make a folder of their own in it, and a link there is
+    one its folder's owner made: followed by the folder-owner rule alone. A folder is judged as a link is, from /
+    down, the root the user chose included."""
+    shared, secret = _shared(tmp_path)
+    album = shared / "album"
+    album.mkdir()
+    os.chown(album, ATTACKER, ATTACKER)
+    _plant(album / "x.txt", secret)
+    for open_it in (lambda: safeopen.open_under(shared, "album/x.txt", follow_last=True),
+                    lambda: safeopen.open_under(album, "x.txt", follow_last=True),
+                    lambda: safeopen.open_regular(album / "x.txt"),
+                    lambda: safeopen.stat_through(shared, "album/x.txt")):
+        with pytest.raises(safeopen.Refused, match="in a folder another user made where others may write"):
+            open_it()
+    shared.chmod(0o755)  # no one but its owner may write the share: the folder is its owner's doing
+    assert safeopen.read_fd(safeopen.open_under(shared, "album/x.txt", follow_last=True), 100) == b"SECRET"
+
+
+@needs_root
+def test_a_planted_link_swapped_in_while_a_file_is_opened_is_never_followed(tmp_path):
+    """The owner was judged on one lookup of the name and the file opened on another: another user exchanging a
+    regular file and a planted link under one name (renameat2 RENAME_EXCHANGE in a loop) got the user's
+    credentials read for them in a few percent of opens."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "renameat2"):
+        pytest.skip("no renameat2 in this C library")
+    shared, secret = _shared(tmp_path)
+    (shared / "x.txt").write_bytes(b"harmless")
+    _plant(shared / "x.alt", secret)
+    swapper = subprocess.Popen([os.sys.executable, "-c", (
+        "import ctypes, sys, time\n"
+        "libc = ctypes.CDLL(None)\n"
+        "a, b, end = sys.argv[1].encode(), sys.argv[2].encode(), time.time() + 30\n"
+        "print('go', flush=True)\n"
+        "while time.time() < end:\n"
+        "    libc.renameat2(-100, a, -100, b, 2)\n"), str(shared / "x.txt"), str(shared / "x.alt")],
+        stdout=subprocess.PIPE)
+    try:
+        assert swapper.stdout.readline() == b"go\n"
+        seen = {"secret": 0, "harmless": 0, "refused": 0}
+        for _ in range(20000):
+            try:
+                data = safeopen.read_fd(safeopen.open_under(shared, "x.txt", follow_last=True), 100)
+                seen["secret" if data == b"SECRET" else "harmless"] += 1
+            except (safeopen.Refused, FileNotFoundError):
+                seen["refused"] += 1
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert seen["secret"] == 0, seen
+    assert seen["harmless"] and seen["refused"], seen  # the swap did race the opens

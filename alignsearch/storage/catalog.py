@@ -732,6 +732,22 @@ def set_photo(conn: Connection, file_id: int, relpath: str, fields: dict, labels
 PHOTO_FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption", "ocr")
 
 
+def ids_with_other_caption(conn: Connection, root: str, relpath: str, caption: str | None) -> list[int]:
+    """The ids of one file's indexed rows (a video's moments) whose stored caption is not `caption`."""
+    query = select(files.c.id).join(photos, photos.c.file_id == files.c.id).where(
+        files.c.root == root, files.c.relpath == relpath, files.c.status == INDEXED,
+        photos.c.caption.is_distinct_from(caption))
+    return [int(i) for (i,) in conn.execute(query)]
+
+
+def set_captions(conn: Connection, captions: Iterable[tuple[int, str | None]]) -> None:
+    """Store files' captions ((file id, caption or None)) and re-write their keyword text."""
+    captions = list(captions)
+    for file_id, caption in captions:
+        conn.execute(update(photos).where(photos.c.file_id == int(file_id)).values(caption=caption))
+    refresh_keywords(conn, [i for i, _ in captions])
+
+
 def set_ocr(conn: Connection, texts: Iterable[tuple[int, str]]) -> None:
     """Store the text read in files already indexed ((file id, text), "" for none) and re-write their keyword
     text; the vectors are not touched."""

@@ -30,7 +30,8 @@ from urllib.parse import urlencode
 from urllib.request import ProxyHandler, Request, build_opener
 
 from alignsearch import safeopen
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadImageError, BadInputError
+from alignsearch.media import sources
 from alignsearch.search.request import SearchRequest, to_params
 from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_stat
 
@@ -299,6 +300,16 @@ class Routed:
     why_local: str | None = None
 
 
+def _query_image(path) -> bytes:
+    """A query image's bytes, read as a search here reads them (encoders/encoding.py: sources.read_local), so a
+    server running changes no answer: a FIFO or device, a file over the cap, a link another user planted (safeopen)
+    are refused alike (BadInputError), before the server is asked."""
+    try:
+        return sources.read_local(path)
+    except (OSError, BadImageError) as exc:
+        raise BadInputError(f"cannot use image {path}: {exc}") from None
+
+
 def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 30.0,
                       notice: Callable[[str], None] = _stderr, probe_every: float = PROBE_EVERY) -> Routed:
     """The request, whole, to a verified server for this index: GET /api/search with its parameters, or with
@@ -322,11 +333,12 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
     asked = not record["contacted"]  # this answer is the first word from it: it must name this index
+    image = request.image if request.image is None or isinstance(request.image, (bytes, bytearray)) else \
+        _query_image(request.image)
     try:
-        if request.image is None:
+        if image is None:
             answer, named = _watched(record, f"/api/search?{query_string}", None, None, timeout, probe_every)
         else:
-            image = request.image if isinstance(request.image, (bytes, bytearray)) else Path(request.image).read_bytes()
             boundary = uuid.uuid4().hex
             body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(image) + f"\r\n--{boundary}--\r\n".encode()

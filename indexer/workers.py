@@ -65,6 +65,9 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
         pool.shutdown(wait=False, cancel_futures=True)
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "
                                  "run with --workers 0 to decode in this process") from None
+    except BaseException:  # Ctrl-C while they start
+        _stop(pool, at_once=True)
+        raise
     return pool
 
 
@@ -174,7 +177,8 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
 
 def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterator[list]:
     """The rows fetch(conn, after, limit, without_ids=...) pages through, a page at a time, each read when the
-    one before has been taken (a fill step's files: catalog.files_without_ocr, files_without_phash)."""
+    one before has been taken (a fill step's files: catalog.files_without_ocr, files_without_phash,
+    files_without_photo)."""
     after = 0
     while True:
         with db.connect() as conn:

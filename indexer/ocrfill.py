@@ -50,5 +50,5 @@ def fill(db, workers: int = 0, on_batch=lambda n: None, *, without_ids: Iterable
             log.debug("stored text of %d files in %.2f s", len(batch), time.perf_counter() - t0)
             on_batch(len(batch))
     finally:
-        getattr(found, "close", lambda: None)()  # the worker processes stop with it
+        found.close()  # Ctrl-C or an error: the worker processes are terminated with it
     return done, seconds

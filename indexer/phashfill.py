@@ -50,7 +50,7 @@ def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callab
             done += len(hashed)
             on_batch(len(rows))
     finally:
-        getattr(found, "close", lambda: None)()  # Ctrl-C: the workers stop now rather than finish the queued files
+        found.close()  # Ctrl-C or an error: the worker processes are terminated with it
     return done
 
 

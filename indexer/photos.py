@@ -15,6 +15,7 @@ from alignsearch.media import photometa, sources
 from alignsearch.errors import AlignSearchError, BadImageError
 from indexer import scan
 from indexer.decode import sidecar_caption
+from indexer.workers import catalog_pages
 
 log = logging.getLogger(__name__)
 BATCH = 256
@@ -24,19 +25,15 @@ def fill(db, caption_columns: dict | None = None, list_columns: dict | None = No
          without_ids: Iterable[int] = ()) -> int:
     """Record the photo fields of every indexed file that has none, but for without_ids (files gone from disk,
     whose rows this run deletes); returns how many were filled."""
-    done, after, captions, without_ids = 0, 0, {}, list(without_ids)
-    while True:
-        with db.connect() as conn:
-            rows = catalog.files_without_photo(conn, after, BATCH, without_ids=without_ids)
-        if not rows:
-            return done
+    done, captions = 0, {}
+    for rows in catalog_pages(db, catalog.files_without_photo, BATCH, list(without_ids)):
         fields = [(row, _fields(row, captions, caption_columns or {}, list_columns or {})) for row in rows]
         fields = [(row, photo) for row, photo in fields if photo is not None]
         with db.begin() as conn:
             for row, photo in fields:
                 catalog.set_photo(conn, row.id, row.relpath, photo)
         done += len(fields)
-        after = rows[-1].id
+    return done
 
 
 def _fields(row: catalog.FileRow, captions: dict, caption_columns: dict, list_columns: dict) -> dict | None:

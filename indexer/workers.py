@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import chain, islice
@@ -65,6 +65,9 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
         pool.shutdown(wait=False, cancel_futures=True)
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "
                                  "run with --workers 0 to decode in this process") from None
+    except BaseException:  # Ctrl-C while they start
+        _stop(pool, at_once=True)
+        raise
     return pool
 
 
@@ -79,11 +82,14 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
     pending: deque[tuple[list, Future]] = deque()
     chunks = _chunked(todo)
     window = max(IN_FLIGHT, workers * 4 * CHUNK) // CHUNK
+    again = None
+    finished = False
     try:
         while True:
             while len(pending) < window and (chunk := next(chunks, None)) is not None:
                 pending.append((chunk, pool.submit(_read_chunk, fn, chunk)))
             if not pending:
+                finished = True
                 return
             chunk, future = pending[0]
             try:
@@ -93,7 +99,7 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
                 kept = [_result(f) for _, f in pending]  # in order: what finished before the death is kept
                 lost = [item for (c, _), r in zip(pending, kept) if r is None for item in c]
                 log.warning("a decode worker died: decoding the %d items it may have held again", len(lost))
-                again = iter(_again(fn, lost, workers, failed, init))
+                again = _again(fn, lost, workers, failed, init)
                 for (c, _), r in zip(list(pending), kept):
                     yield from r if r is not None else (next(again) for _ in c)
                 pending.clear()
@@ -102,7 +108,20 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
             pending.popleft()
             yield from results
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if again is not None and not finished:
+            again.close()  # its own pools stop with it
+        _stop(pool, at_once=not finished)
+
+
+def _stop(pool: ProcessPoolExecutor, at_once: bool) -> None:
+    """Shut the pool down; at_once (Ctrl-C, an error, the consumer gone): its workers are terminated too, as
+    Pool.terminate did. A shutdown alone cancels only the queued chunks: the running ones go on, and Python's
+    exit waits for them (a worker ignores SIGINT). SIGTERM ends a worker quietly."""
+    # ProcessPoolExecutor has no public way to end its workers before Python 3.14 (terminate_workers)
+    workers = list((getattr(pool, "_processes", None) or {}).values()) if at_once else []
+    for process in workers:
+        process.terminate()  # a no-op for one already ended
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _chunked(todo: Iterable) -> Iterator[list]:
@@ -129,8 +148,8 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
     except BrokenProcessPool:
         done = [_result(f) for f in futures]
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    single = None
+        _stop(pool, at_once=not all(f.done() for f in futures))  # not all done: Ctrl-C
+    single, finished = None, False
     try:
         for found, result in zip(items, done):
             if result is not None:
@@ -150,14 +169,16 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
                 log.warning("%s: %s", getattr(found, "relpath", found), DIED)
                 result = failed(found, DIED)
             yield result
+        finished = True
     finally:
         if single is not None:
-            single.shutdown(wait=False, cancel_futures=True)
+            _stop(single, at_once=not finished)
 
 
 def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterator[list]:
     """The rows fetch(conn, after, limit, without_ids=...) pages through, a page at a time, each read when the
-    one before has been taken (a fill step's files: catalog.files_without_ocr, files_without_phash)."""
+    one before has been taken (a fill step's files: catalog.files_without_ocr, files_without_phash,
+    files_without_photo)."""
     after = 0
     while True:
         with db.connect() as conn:
@@ -168,12 +189,14 @@ def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterato
         yield rows
 
 
-def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable, min_rows: int = 2) -> Iterator:
+def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable, min_rows: int = 2) -> Generator:
     """fn(row) for each row of pages, in order: in `workers` processes when there are any and the first page
     holds min_rows or more (decode_in_processes: a worker that dies is noticed, where Pool.map waited forever
-    for its task), else in this process. failed(row, reason): the result of a row whose worker died twice."""
+    for its task), else in this process. failed(row, reason): the result of a row whose worker died twice.
+    Closing the generator (the caller's finally) terminates the workers at once."""
     first = next(pages, [])
     rows = chain(first, chain.from_iterable(pages))
     if workers > 0 and len(first) >= min_rows:
-        return decode_in_processes(fn, rows, workers, failed)
-    return map(fn, rows)
+        yield from decode_in_processes(fn, rows, workers, failed)
+    else:
+        yield from map(fn, rows)

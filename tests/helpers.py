@@ -722,3 +722,26 @@ def indexed_corpus(base: Path, tiny_model, n: int) -> Path:
                                        str(tiny_model), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return base / "ix"
+
+
+# -- a fill whose worker is busy for long (tests/test_workers.py) -------------------------------------------------
+
+SLOW_S = 30  # a worker's chunk that meets a slow item takes this long: far over any bound a test waits
+
+
+def decode_slowly(item):
+    """For decode-worker tests: a worker that meets "slow" is busy for SLOW_S seconds, then upper-cases it."""
+    if item == "slow":
+        time.sleep(SLOW_S)
+    return item.upper()
+
+
+def phash_slowly(row):
+    """indexer.phashfill._hash_file in a worker process, but a file named slow* keeps its worker busy for SLOW_S
+    seconds first (a huge or remote file); FILE.busy beside it says a worker is on it."""
+    from indexer import phashfill
+
+    if os.path.basename(row.relpath).startswith("slow"):
+        open(row.path + ".busy", "w").close()
+        time.sleep(SLOW_S)
+    return phashfill._hash_file(row)

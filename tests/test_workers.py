@@ -2,12 +2,14 @@
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import make_images
+from conftest import index_json, make_images
 from helpers import child_pids, decode_growth, decode_or_die, summary
 
 from indexer.workers import DIED, decode_in_processes
@@ -114,6 +116,115 @@ def test_workers_that_cannot_start_fail_fast():
     finally:
         ctx.set_executable(real)
     assert time.monotonic() - started < 30
+
+
+def _gone_within(pids, seconds: float) -> bool:
+    """Have all these processes ended (or are zombies waiting to be reaped) within `seconds`?"""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(_state(pid) in (None, "Z") for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid: int) -> str | None:  # /proc's one-letter state; None: no such process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_closing_a_fills_decode_terminates_its_busy_workers_at_once():
+    """A fill step closes its decode (indexer/workers.py map_rows) on Ctrl-C or an error. The pool's shutdown
+    cancelled only the queued chunks: the chunks running went on (here for SLOW_S seconds), and Python's exit
+    waited for them. Now the workers are terminated when the generator closes."""
+    import multiprocessing
+
+    from helpers import SLOW_S, decode_slowly
+
+    from indexer.workers import CHUNK, map_rows
+
+    found = map_rows(decode_slowly, iter([["a"] * CHUNK + ["slow"] * (2 * CHUNK)]), 2, lambda item, reason: None)
+    assert next(found) == "A"  # the first chunk is done, each worker holds a slow one
+    workers = [p.pid for p in multiprocessing.active_children()]
+    assert workers
+    started = time.monotonic()
+    found.close()
+    assert _gone_within(workers, 5), f"workers still busy {time.monotonic() - started:.0f} s after close (of {SLOW_S})"
+
+
+def test_map_rows_in_this_process_is_a_generator_too():
+    """No workers (or few rows): the fills close what map_rows returns whatever it is."""
+    from indexer.workers import map_rows
+
+    found = map_rows(str.upper, iter([["a", "b"], ["c"]]), 0, lambda item, reason: None)
+    assert next(found) == "A"
+    found.close()
+    assert list(found) == []
+    assert list(map_rows(str.upper, iter([["a"]]), 2, lambda item, reason: None)) == ["A"]  # under min_rows
+
+
+FILL_SLOWLY = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import phashfill
+phashfill._hash_file = helpers.phash_slowly  # looked up by each worker by name: the worker runs the real one
+real = phashfill.fill_phashes
+phashfill.fill_index = lambda db, workers=0, *, without_ids=(): real(db, workers, batch=2, without_ids=without_ids)
+from alignsearch.surfaces.cli import main
+main(sys.argv[2:], prog_name="alignsearch")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_phash_fill_ends_the_run_and_its_workers_at_once(tmp_path, tiny_model):
+    """Ctrl-C (SIGINT to the process group) while `index` fills the phashes of an older index, a worker busy on
+    a slow file: the run said `error: interrupted` only once the running chunks were done (SLOW_S seconds here),
+    and its workers lived on until then. Now it ends at once, exit 130, its workers with it."""
+    from helpers import SLOW_S
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    for path in make_images(lib, 8)[1::2]:
+        path.rename(path.with_name(f"slow-{path.name}"))
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("DELETE FROM phashes")  # as an index written before phashes existed
+    conn.close()
+    proc = subprocess.Popen([sys.executable, "-c", FILL_SLOWLY, str(Path(__file__).parent), "index", "--index", str(ix),
+                             "--device", "cpu", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not list(lib.glob("*.busy")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert list(lib.glob("*.busy")), proc.communicate()[1][-3000:] if proc.poll() is not None else "none busy"
+        workers = [p for p in child_pids(proc.pid) if "multiprocessing.spawn" in _cmdline(p)]
+        os.killpg(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=3 * SLOW_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {3 * SLOW_S} s after Ctrl-C: it waited for its workers' chunks")
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "error: interrupted" in err, (proc.returncode, err[-3000:])
+    assert took < 5, f"{took:.1f} s after Ctrl-C (a worker's chunk takes {SLOW_S} s)"
+    assert workers and _gone_within(workers, 5), "decode workers outlived the run"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 # -- issue 24 #17: a pixel budget per decode worker ------------------------------------------------------------------

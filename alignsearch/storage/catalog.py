@@ -543,7 +543,7 @@ def integrity_problems(db_path: Path) -> list[str]:
         with db.connect() as conn:
             found = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
             # every page sound; and every table there, which readers rely on from version 3 (migrate.py)
-            if found == ["ok"] and (migrate.schema_of(conn).version or migrate.LATEST) >= 3:
+            if found == ["ok"] and migrate.every_table(migrate.schema_of(conn).version):
                 have = {name for (name,) in conn.exec_driver_sql("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
                 lacking = [t.name for t in metadata.sorted_tables if t.name not in have]
                 found = [f"it lacks the table{'s' * (len(lacking) > 1)} {', '.join(lacking)}"] if lacking else found
@@ -581,7 +581,7 @@ def keyword_problems(db_path: Path) -> list[str]:
         version = state.peek(db_path, "schema_version")  # from version 3 on every query reads them
         problems = [f"{Path(db_path).name} is damaged: its keyword index {name} is missing"
                     for name in (KEYWORDS, KEYWORDS_TRIGRAM) if name not in made and version is not None and
-                    (version.schema_version or migrate.LATEST) >= 3]
+                    migrate.every_table(version.schema_version)]
         conn = sqlite3.connect(copy)  # opened again: FTS5 reads the copied structure, not the empty one it cached
         try:
             for name in made:

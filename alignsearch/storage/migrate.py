@@ -95,6 +95,12 @@ STEPS: tuple[Step, ...] = (
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
+EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers rely on it
+
+
+def every_table(version: int | None) -> bool:
+    """Must a catalog at `version` hold every table? (None: no version recorded, as one made at LATEST.)"""
+    return (version or LATEST) >= EVERY_TABLE
 
 
 def pending(version: int | None) -> list[Step]:

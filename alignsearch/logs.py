@@ -47,6 +47,13 @@ class _Stderr(logging.StreamHandler):
         return sys.stderr
 
 
+def not_an_interrupt(record: logging.LogRecord) -> bool:
+    """False for a record of a Ctrl-C that a library logged on its way (SQLAlchemy's pool logs "Exception
+    closing connection" with a KeyboardInterrupt it then re-raises): the interrupt goes on up and the
+    command says it stopped, without a traceback."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
 _handler: _Stderr | None = None
 
 
@@ -59,6 +66,7 @@ def configure(verbose: int = 0) -> int:
     if _handler is not None:
         root.removeHandler(_handler)
     _handler = _Stderr()
+    _handler.addFilter(not_an_interrupt)
     _handler.setFormatter(logging.Formatter(PLAIN if level >= logging.WARNING else DETAILED))
     root.addHandler(_handler)
     root.setLevel(level)

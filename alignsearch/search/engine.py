@@ -628,6 +628,8 @@ class Engine:
             photos, labels = catalog.photos_of(conn, chosen), catalog.labels_of(conn, chosen)
         hits = []
         for i in order:
+            if int(ids[i]) not in rows:  # a writer removed it since its address was read: gone, as on the next search
+                continue
             made_of = None
             if query.late:
                 made_of = {"image": round(float(parts[i, 0]), 6), "text": round(float(parts[i, 1]), 6)}

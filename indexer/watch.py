@@ -7,7 +7,8 @@ during a run starts the next one. The main thread waits for a batch, keeps the c
 a file the indexer reads, a folder; not hidden files unless the root includes them, not the index's own folder,
 not an editor's or a browser's temporary file) and runs `index` over every root; batches that came during a run
 make one run after it. The writer lock is taken per run, so `forget`, `tag` or another `index` work between
-runs; a run that finds the lock taken waits and tries again.
+runs; a run that finds the lock taken waits and tries again. The encoder stays loaded between runs (job.EncoderCache)
+while the index's model is the one it loaded.
 
 A root that disappears (a drive unmounted, a folder moved away) is left to the run: the index keeps its files
 (state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device and
@@ -286,10 +287,10 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     matter, until SIGINT or SIGTERM. report(summary or None, watch facts, error or None) after each run; say(line)
     for notes. Returns the exit code: 130 after SIGINT, 0 after SIGTERM. An error of the first run, or one that
     `ends_watch`, is raised."""
-    from indexer.job import chosen_index_dir
+    from indexer.job import EncoderCache, chosen_index_dir
 
     out = chosen_index_dir(job.get("index_dir")).resolve()
-    job = {**job, "index_dir": str(out)}
+    job = {**job, "index_dir": str(out), "encoders": EncoderCache()}  # the model stays loaded between runs
     given = [name for root in roots for name in sources.normalise(str(root))]
     stopped: list[int] = []
 

@@ -19,8 +19,9 @@ import pytest
 from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.paths import writer_running
 from conftest import make_images
-from helpers import alignsearch, call, start_serve, stop, verify_problems, write_labels
+from helpers import alignsearch, call, resave_with_other_weights, start_serve, stop, verify_problems, write_labels
 from indexer import watch
+from indexer.job import EncoderCache, index_folders
 from indexer.watch import ADDED, DELETED, MODIFIED
 
 ROOT, SKIP = "/photos", "/photos/.alignsearch"
@@ -141,8 +142,11 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     assert watch.watch_index([str(root)], job, options, run, report, lines.append) == 130
     assert isinstance(reports[1][2], DiskFullError) and reports[2][2] is None
     assert [r[1]["run"] for r in reports] == [1, 2, 3] and reports[2][1]["roots"] == [str(root.resolve())]
-    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve())})
+    encoders = calls[0][1]["encoders"]
+    assert isinstance(encoders, EncoderCache)
+    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve()), "encoders": encoders})
     assert all(c == ([], watch.later_job(calls[0][1])) for c in calls[1:])  # no --rebuild each time
+    assert all(c[1]["encoders"] is encoders for c in calls)  # one model kept loaded for every run
     assert lines[-1] == "watch stopped"
 
     def damaged(roots, **job):
@@ -156,6 +160,44 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
         watch.watch_index([str(root)], job, options, damaged, lambda *a: None, lines.append)
     assert len(calls) == 5
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as before
+
+
+def test_runs_of_one_watch_load_the_model_once_and_another_model_when_the_index_changes(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    """index_folders with an EncoderCache (what the watch passes) loads the encoder on its first run only; after
+    another process re-encodes the index with other weights, the next run loads those (the old model would
+    write vectors of another space)."""
+    from alignsearch.encoders import loader
+
+    loads = []
+    real = loader.open_encoder
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "open_encoder", counted)
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2, seed=21)
+    cache = EncoderCache()
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0, "encoders": cache}
+    index_folders([root], **job)
+    first = cache.encoder
+    make_images(root / "more", 1, seed=22)
+    assert index_folders([], **job).added == 1
+    assert index_folders([], **job).unchanged == 3
+    assert len(loads) == 1 and cache.encoder is first
+    assert index_folders([], **{**job, "encoders": None}).unchanged == 3 and len(loads) == 2  # a plain run loads
+    job["model"] = None  # the index's model, whichever it records
+    other = Path(shutil.copytree(tiny_model, tmp_path / "other-weights"))  # its tokenizer and processor
+    resave_with_other_weights(tiny_model, other, seed=3)
+    index_folders([], index_dir=ix, device="cpu", workers=0, model=str(other), reindex=True)  # another process
+    make_images(root / "later", 1, seed=23)
+    assert index_folders([], **job).added == 1
+    assert cache.encoder is not first and cache.encoder.fingerprint != first.fingerprint
+    assert cache.encoder.name == str(other) and len(loads) == 4  # the reindex's own load, then this run's
+    assert index_folders([], **job).unchanged == 4 and len(loads) == 4
+    assert verify_problems(ix) == []
 
 
 # -- the command ----------------------------------------------------------------------------------------------------

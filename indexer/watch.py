@@ -300,29 +300,39 @@ def _read_roots(index_dir: Path) -> dict[str, bool] | None:
     return {r: bool(recorded.options.get(r, {}).get("include_hidden")) for r in recorded.roots}
 
 
-def _known_folder(index_dir: Path, root: str, path: str) -> bool:
-    """Whether the catalog holds files under `path` (a folder of `root`), read-only; False when it cannot tell."""
-    from sqlalchemy import select
+class _CatalogLook:
+    """Read-only questions to the catalog for one batch of changes: opened at the first, closed after the batch."""
 
-    from alignsearch.storage import catalog
-    from alignsearch.storage.paths import DB_FILE
+    def __init__(self, index_dir: Path):
+        self.index_dir = index_dir
+        self._db = None
+        self._conn = None
 
-    key = scan.printable(os.path.relpath(path, root).replace(os.sep, "/"))[0]
-    try:
-        db = catalog.connect(index_dir / DB_FILE, readonly=True)
-    except AlignSearchError:
-        return False
-    try:
-        with db.connect() as conn:  # relpaths under key/: from "key/" up to "key0" ("0" follows "/")
-            found = conn.execute(select(catalog.files.c.id).where(
-                catalog.files.c.root == root, catalog.files.c.relpath >= key + "/",
-                catalog.files.c.relpath < key + "0").limit(1)).first()
-    except Exception as exc:  # noqa: BLE001 - a writer mid-way: the next run's scan finds it anyway
-        log.info("catalog not read now: %s", exc)
-        return False
-    finally:
-        db.dispose()
-    return found is not None
+    def known_folder(self, root: str, path: str) -> bool:
+        """Whether the catalog holds files under `path` (a folder of `root`); False when it cannot tell now."""
+        from sqlalchemy import select
+
+        from alignsearch.storage import catalog
+        from alignsearch.storage.paths import DB_FILE
+
+        key = scan.printable(os.path.relpath(path, root).replace(os.sep, "/"))[0]
+        try:
+            if self._conn is None:
+                self._db = catalog.connect(self.index_dir / DB_FILE, readonly=True)
+                self._conn = self._db.connect()
+            files = catalog.files.c  # relpaths under key/: from "key/" up to "key0" ("0" follows "/")
+            return self._conn.execute(select(files.id).where(
+                files.root == root, files.relpath >= key + "/", files.relpath < key + "0").limit(1)).first() is not None
+        except Exception as exc:  # noqa: BLE001 - a writer mid-way, no catalog: the next run's scan finds it anyway
+            log.info("catalog not read now: %s", exc)
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._db is not None:
+            self._db.dispose()
+        self._db = self._conn = None
 
 
 def _watch_lock(index_dir: Path) -> int:
@@ -426,10 +436,13 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                     watcher = _restart(w, watcher, opts, say)
                     due = True
                 next_look = time.monotonic() + opts.tick_s
-            for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
-                                   path_kind, lambda root, path: _known_folder(out, root, path),
-                                   through_link).items():
-                pending[root] = pending.get(root, 0) + n
+            look = _CatalogLook(out)
+            try:
+                for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
+                                       path_kind, look.known_folder, through_link).items():
+                    pending[root] = pending.get(root, 0) + n
+            finally:
+                look.close()
             if opts.interval_s and time.monotonic() >= next_listing and any(not watchable(r) for r in w.roots):
                 due = True
             if not (pending or due):

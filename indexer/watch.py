@@ -17,6 +17,10 @@ came back empty on another device (an unmount that leaves its mount point) holds
 a run would drop its files. URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
 as `index` does, and --watch-interval makes a run that often to list them.
 
+One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The index folder deleted or moved
+away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
+never does (scan.scan_folder): changes reached through one start no run.
+
 The decisions (`matters`, `touched`, `identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`,
 `network_fs`) are pure functions.
 """

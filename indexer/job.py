@@ -73,10 +73,37 @@ class IndexOptions:
     video_interval: float | None = None  # seconds between moments of unchanged picture (remembered per root)
     ocr: bool = False  # read the text in images (the index's remembered choice, or --ocr / --no-ocr)
     gpu_decode: bool | None = None  # JPEGs decoded on the GPU (indexer/gpudecode.py); None: where it works
+    encoders: EncoderCache | None = None  # kept loaded across runs (index --watch); None: loaded by this run
 
     @property
     def encoder(self) -> EncoderOptions:
         return EncoderOptions(device=self.device, backend=self.backend, precision=self.precision)
+
+
+@dataclass
+class EncoderCache:
+    """The encoder one process keeps loaded across its runs (`index --watch`): a run reuses it while the model
+    asked for, the encoder options and the model the index records are those it was loaded for. Another
+    process's --reindex to another model changes the record, so the next run loads that one (as the search
+    engine does, search/engine.py _encoder_of). Decode workers and Ray actors are untouched: they never held it."""
+
+    key: tuple | None = None
+    encoder: Encoder | None = None
+
+    @staticmethod
+    def key_of(model: str | None, options: EncoderOptions, identity: state.ModelIdentity | None) -> tuple | None:
+        """None (never reused) for an index with no model recorded yet: the run picks and records one."""
+        if identity is None:
+            return None
+        return model, options, identity.name, identity.fingerprint, identity.content_digest
+
+    def get(self, key: tuple | None) -> Encoder | None:
+        return self.encoder if key is not None and key == self.key else None
+
+    def keep(self, model: str | None, options: EncoderOptions, encoder: Encoder) -> None:
+        """Kept for the next run, once the index records `encoder` as its model."""
+        self.key = (model, options, encoder.name, encoder.fingerprint, encoder.content_digest)
+        self.encoder = encoder
 
 
 def default_workers() -> int:
@@ -108,6 +135,7 @@ def index_folders(
     ocr: bool | None = None,
     gpu_decode: bool | None = None,
     compact: bool | None = None,
+    encoders: EncoderCache | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -138,6 +166,7 @@ def index_folders(
     None on the GPU where it can (a CUDA encoder, torchvision's nvJPEG working, no ocr, not on Ray).
     compact True copies the live vectors into a new store now if any row is dead (deleted, changed or
     forgotten files'), False never, None when the dead rows are many (indexer/compact.py).
+    encoders keeps the encoder loaded for the next run of this process (index --watch); None loads it per run.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     if video_interval is not None and not video_interval >= 1:
@@ -164,7 +193,7 @@ def index_folders(
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
                     caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-                    ocr=use_ocr, gpu_decode=gpu_decode)
+                    ocr=use_ocr, gpu_decode=gpu_decode, encoders=encoders)
                 summary = _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
                 summary.compacted = _compact(db, out, compact)
                 return summary
@@ -222,6 +251,8 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     count = reindex.reencode(db, out, encoder, store, workers, _batch_size(opts, encoder), opts.fast_decode, bar.update)
     bar.close()
     reindex.switch(db, out, encoder, store, {"ondisk_shards": opts.ondisk_shards, "index_shards": opts.index_shards})
+    if opts.encoders is not None:  # the index records the new model now
+        opts.encoders.keep(opts.model, opts.encoder, encoder)
     with db.connect() as conn:
         reindex.fold(db, vectors.load(conn, out, encoder.dim))
     summary = _index(db, out, roots, opts, encoder)
@@ -236,10 +267,11 @@ def _batch_size(opts: IndexOptions, encoder: Encoder) -> int:
     return batch_size
 
 
-def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
+def _load_encoder(db, model: str | None, options: EncoderOptions, encoders: EncoderCache | None = None) -> Encoder:
     """The index's model (from `model` when given: the same weights at another place, remembered there);
     the first run records the model it loads. Its cached exports when they are all a CPU run needs
-    (alignsearch/encoders/cached.py: no torch, no transformers), else the checkpoint itself."""
+    (alignsearch/encoders/cached.py: no torch, no transformers), else the checkpoint itself. encoders: the
+    one an earlier run of this process loaded, when it is still the one asked for (EncoderCache)."""
     from alignsearch.encoders.loader import open_encoder
 
     if options.precision == "int8":
@@ -247,11 +279,16 @@ def _load_encoder(db, model: str | None, options: EncoderOptions) -> Encoder:
     with db.connect() as conn:
         identity = state.read(conn).model
     recorded = None if identity is None else identity.record
+    warm = encoders.get(EncoderCache.key_of(model, options, identity)) if encoders is not None else None
+    if warm is not None:
+        return warm
     enc = open_encoder(model, options, recorded)
     if identity is None or (identity.name, identity.fingerprint, identity.content_digest) != \
             (enc.name, enc.fingerprint, enc.content_digest):
         with db.begin() as conn:
             state.write(conn, model=state.ModelIdentity.from_record(enc.describe()))
+    if encoders is not None:
+        encoders.keep(model, options, enc)
     return enc
 
 
@@ -284,7 +321,7 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
 
 def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:
     summary = Summary(str(out.resolve()))
-    encoder = encoder or _load_encoder(db, opts.model, opts.encoder)
+    encoder = encoder or _load_encoder(db, opts.model, opts.encoder, opts.encoders)
     with db.connect() as conn:
         columns = dict(state.read(conn).roots.list_columns)
         store = vectors.load(conn, out, encoder.dim)

@@ -7,7 +7,8 @@ during a run starts the next one. The main thread waits for a batch, keeps the c
 a file the indexer reads, a folder; not hidden files unless the root includes them, not the index's own folder,
 not an editor's or a browser's temporary file) and runs `index` over every root; batches that came during a run
 make one run after it. The writer lock is taken per run, so `forget`, `tag` or another `index` work between
-runs; a run that finds the lock taken waits and tries again.
+runs; a run that finds the lock taken waits and tries again. The encoder stays loaded between runs (job.EncoderCache)
+while the index's model is the one it loaded.
 
 A root that disappears (a drive unmounted, a folder moved away) is left to the run: the index keeps its files
 (state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device and
@@ -16,6 +17,10 @@ came back empty on another device (an unmount that leaves its mount point) holds
 a run would drop its files. URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
 as `index` does, and --watch-interval makes a run that often to list them.
 
+One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The index folder deleted or moved
+away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
+never does (scan.scan_folder): changes reached through one start no run.
+
 The decisions (`matters`, `touched`, `identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`,
 `network_fs`) are pure functions.
 """
@@ -23,6 +28,7 @@ The decisions (`matters`, `touched`, `identity_changed`, `looks_unmounted`, `lat
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import queue
@@ -33,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from alignsearch.errors import AlignSearchError, CatalogBusyError, IndexDamagedError, IndexNotFoundError, \
-    ModelLoadError, ModelMismatchError
+from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, IndexDamagedError, \
+    IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
 
@@ -49,6 +55,7 @@ NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ce
                         "fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse", "fuse.glusterfs", "virtiofs",
                         "vboxsf", "fuse.vmhgfs-fuse"})
 ADDED, MODIFIED, DELETED = 1, 2, 3  # watchfiles.Change values
+WATCH_LOCK = "watch.lock"  # held by the one `index --watch` of an index (the writer lock is held per run only)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,18 +99,23 @@ def owner(path: str, roots: list[str]) -> str | None:
     return best
 
 
-def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None) -> bool:
+def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None,
+            known_folder: bool = False, linked: bool = False) -> bool:
     """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
 
     is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
     images (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
-    extension may have been a folder. Never the index's own folder (skip), nor a temporary file."""
+    extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
+    moved away). linked: the path is reached through a link to a folder, or is one, which a run never follows
+    (scan.scan_folder) although the watcher does. Never the index's own folder (skip), nor a temporary file."""
     if path == skip or path.startswith(skip.rstrip(os.sep) + os.sep):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
         return True
+    if linked:
+        return False
     rel = os.path.relpath(path, root)
     name = os.path.basename(path)
     if _temporary(name):
@@ -112,20 +124,41 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
         return False
     if is_dir:
         return change != MODIFIED
-    if is_dir is None and not os.path.splitext(name)[1]:
+    if is_dir is None and (known_folder or not os.path.splitext(name)[1]):
         return True
     return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
 
 
-def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None]) -> dict[str, int]:
-    """{root: changes that matter} for a batch of (change, path); roots: {root: include_hidden}."""
+def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None],
+            known_folder: Callable[[str, str], bool] = lambda root, path: False,
+            linked: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, int]:
+    """{root: changes that matter} for a batch of (change, path); roots: {root: include_hidden}. known_folder
+    (root, path) is asked only of gone paths that would not be a file the indexer reads; linked(root, path) of
+    every path below a root."""
     out: dict[str, int] = {}
     for change, path in changes:
         root = owner(path, list(roots))
-        if root is not None and matters(int(change), path, root, include_hidden=roots[root], skip=skip,
-                                        is_dir=is_dir(path)):
+        if root is None:
+            continue
+        kind = is_dir(path)
+        odd_gone = kind is None and path != root and not scan._wanted(
+            os.path.relpath(path, root).replace(os.sep, "/"), True)
+        if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
+                   known_folder=odd_gone and known_folder(root, path),
+                   linked=path != root and linked(root, path)):
             out[root] = out.get(root, 0) + 1
     return out
+
+
+def through_link(root: str, path: str) -> bool:
+    """Whether `path` is reached from `root` through a link to a folder, or is one (roots are real paths:
+    sources.normalise resolves them)."""
+    folder = os.path.dirname(path)
+    try:
+        real = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(folder, root)))
+        return os.path.realpath(folder) != real or (os.path.islink(path) and os.path.isdir(path))
+    except OSError:
+        return False
 
 
 def path_kind(path: str) -> bool | None:
@@ -271,6 +304,62 @@ def _read_roots(index_dir: Path) -> dict[str, bool] | None:
     return {r: bool(recorded.options.get(r, {}).get("include_hidden")) for r in recorded.roots}
 
 
+class _CatalogLook:
+    """Read-only questions to the catalog for one batch of changes: opened at the first, closed after the batch."""
+
+    def __init__(self, index_dir: Path):
+        self.index_dir = index_dir
+        self._db = None
+        self._conn = None
+
+    def known_folder(self, root: str, path: str) -> bool:
+        """Whether the catalog holds files under `path` (a folder of `root`); False when it cannot tell now."""
+        from sqlalchemy import select
+
+        from alignsearch.storage import catalog
+        from alignsearch.storage.paths import DB_FILE
+
+        key = scan.printable(os.path.relpath(path, root).replace(os.sep, "/"))[0]
+        try:
+            if self._conn is None:
+                self._db = catalog.connect(self.index_dir / DB_FILE, readonly=True)
+                self._conn = self._db.connect()
+            files = catalog.files.c  # relpaths under key/: from "key/" up to "key0" ("0" follows "/")
+            return self._conn.execute(select(files.id).where(
+                files.root == root, files.relpath >= key + "/", files.relpath < key + "0").limit(1)).first() is not None
+        except Exception as exc:  # noqa: BLE001 - a writer mid-way, no catalog: the next run's scan finds it anyway
+            log.info("catalog not read now: %s", exc)
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._db is not None:
+            self._db.dispose()
+        self._db = self._conn = None
+
+
+def _watch_lock(index_dir: Path) -> int:
+    """The descriptor holding the index's watch lock (closed when the watch ends, or with the process): a
+    second `index --watch` of the index is refused rather than running every change twice."""
+    fd = os.open(index_dir / WATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BadInputError(f"another `alignsearch index --watch` is watching {index_dir}: one watch per index "
+                            "(stop that one first, Ctrl-C or SIGTERM)") from None
+    return fd
+
+
+def _check_index(index_dir: Path) -> None:
+    """The index deleted or moved away while watched ends the watch (a run would start a new, empty one)."""
+    from alignsearch.storage.paths import DB_FILE
+
+    if not (index_dir / DB_FILE).exists():
+        raise IndexNotFoundError(f"the index {index_dir} is gone (deleted or moved away): the watch ends")
+
+
 def _empty(folder: str) -> bool:
     try:
         with os.scandir(folder) as it:
@@ -286,10 +375,10 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     matter, until SIGINT or SIGTERM. report(summary or None, watch facts, error or None) after each run; say(line)
     for notes. Returns the exit code: 130 after SIGINT, 0 after SIGTERM. An error of the first run, or one that
     `ends_watch`, is raised."""
-    from indexer.job import chosen_index_dir
+    from indexer.job import EncoderCache, chosen_index_dir
 
     out = chosen_index_dir(job.get("index_dir")).resolve()
-    job = {**job, "index_dir": str(out)}
+    job = {**job, "index_dir": str(out), "encoders": EncoderCache()}  # the model stays loaded between runs
     given = [name for root in roots for name in sources.normalise(str(root))]
     stopped: list[int] = []
 
@@ -301,7 +390,9 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     w = Watch(str(out), interval_s=opts.interval_s)
     watcher: _Watcher | None = None
     running = False
+    lock_fd = None
     try:
+        lock_fd = _watch_lock(out) if out.is_dir() else None  # a new index: once its first run made the folder
         known = _read_roots(out) or {}
         w.roots = {r: Root(r, hidden) for r, hidden in {**{g: False for g in given}, **known}.items()}
         watcher = _start(w, opts, say)
@@ -309,6 +400,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         summary = run(given, **job)
         running = False
         w.runs = 1
+        lock_fd = _watch_lock(out) if lock_fd is None else lock_fd
         report(summary, {"run": 1, "changes": 0, "roots": []}, None)
         say(f"watching {sum(1 for r in w.roots.values() if watchable(r.name))} root(s) for changes; Ctrl-C stops")
         later = later_job(job)
@@ -334,6 +426,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                 except queue.Empty:
                     break
             if time.monotonic() >= next_look or changes:
+                _check_index(out)
                 fresh = _read_roots(out)
                 if fresh is not None and set(fresh) != set(w.roots):  # a root added or forgotten by another process
                     w.roots = {r: w.roots.get(r, Root(r)) for r in fresh}
@@ -347,16 +440,20 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                     watcher = _restart(w, watcher, opts, say)
                     due = True
                 next_look = time.monotonic() + opts.tick_s
-            for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
-                                   path_kind).items():
-                pending[root] = pending.get(root, 0) + n
+            look = _CatalogLook(out)
+            try:
+                for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
+                                       path_kind, look.known_folder, through_link).items():
+                    pending[root] = pending.get(root, 0) + n
+            finally:
+                look.close()
             if opts.interval_s and time.monotonic() >= next_listing and any(not watchable(r) for r in w.roots):
                 due = True
             if not (pending or due):
                 continue
-            held = [r.name for r in w.roots.values() if r.held]
-            if held:
+            if any(r.held for r in w.roots.values()):
                 continue
+            _check_index(out)
             running = True
             facts = {"run": w.runs + 1, "changes": sum(pending.values()), "roots": sorted(pending)}
             summary, error = _run_once(run, later, opts, say)
@@ -378,6 +475,8 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     finally:
         if watcher is not None:
             watcher.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
         try:
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])

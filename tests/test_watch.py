@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,8 +20,9 @@ import pytest
 from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.paths import writer_running
 from conftest import make_images
-from helpers import alignsearch, call, start_serve, stop, verify_problems, write_labels
+from helpers import alignsearch, call, resave_with_other_weights, start_serve, stop, verify_problems, write_labels
 from indexer import watch
+from indexer.job import EncoderCache, index_folders
 from indexer.watch import ADDED, DELETED, MODIFIED
 
 ROOT, SKIP = "/photos", "/photos/.alignsearch"
@@ -45,6 +47,35 @@ def test_images_and_folders_matter_other_files_do_not():
     assert matters(DELETED, "/photos/trip", is_dir=None)  # gone, no extension: may have been a folder
     assert not matters(MODIFIED, "/photos/trip", is_dir=True)
     assert matters(DELETED, "/photos", is_dir=None)  # the root itself went
+
+
+def test_a_gone_dotted_folder_the_catalog_knows_matters_and_changes_through_a_folder_link_do_not():
+    assert not matters(DELETED, "/photos/2024.trip", is_dir=None)  # a gone file that is no image
+    assert watch.matters(DELETED, "/photos/2024.trip", ROOT, include_hidden=False, skip=SKIP, is_dir=None,
+                         known_folder=True)  # the catalog holds files under it: a folder moved away
+    assert not watch.matters(ADDED, "/photos/link/a.jpg", ROOT, include_hidden=False, skip=SKIP, is_dir=False,
+                             linked=True)
+    calls = []
+
+    def known(root, path):
+        calls.append(path)
+        return path == "/photos/2024.trip"
+
+    changes = {(DELETED, "/photos/2024.trip"), (DELETED, "/photos/notes.txt"), (DELETED, "/photos/a.jpg")}
+    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: None, known) == {ROOT: 2}
+    assert sorted(calls) == ["/photos/2024.trip", "/photos/notes.txt"]  # an image path costs no catalog read
+
+
+def test_a_path_through_a_link_to_a_folder_is_told(tmp_path):
+    root, outside = tmp_path / "photos", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "photo-link.jpg").symlink_to(outside / "a.jpg")  # a file link: followed by a run, as by the scan
+    r = str(root)
+    assert watch.through_link(r, f"{r}/link/a.jpg") and watch.through_link(r, f"{r}/link")
+    assert not watch.through_link(r, f"{r}/real/a.jpg") and not watch.through_link(r, f"{r}/photo-link.jpg")
+    assert not watch.through_link(r, f"{r}/gone/deeper/a.jpg")
 
 
 def test_hidden_temporary_and_the_index_own_files_do_not_matter():
@@ -119,8 +150,16 @@ def test_network_file_systems_are_polled(tmp_path):
 def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     """watch_index over a real folder and real watchfiles, with a stand-in for the index job whose second run
     meets a full disk: reported, and the next change makes the next run; an error that fails every run ends it."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
     root, ix = tmp_path / "photos", tmp_path / "ix"
     root.mkdir()
+    ix.mkdir()
+    db = catalog.connect(ix / DB_FILE)  # an index of the root, which the stand-in runs leave as it is
+    with db.begin() as conn:
+        state.write(conn, roots=state.RootsState(roots=(str(root.resolve()),)))
+    db.dispose()
     calls, reports, lines = [], [], []
 
     def run(roots, **job):
@@ -141,8 +180,11 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     assert watch.watch_index([str(root)], job, options, run, report, lines.append) == 130
     assert isinstance(reports[1][2], DiskFullError) and reports[2][2] is None
     assert [r[1]["run"] for r in reports] == [1, 2, 3] and reports[2][1]["roots"] == [str(root.resolve())]
-    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve())})
+    encoders = calls[0][1]["encoders"]
+    assert isinstance(encoders, EncoderCache)
+    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve()), "encoders": encoders})
     assert all(c == ([], watch.later_job(calls[0][1])) for c in calls[1:])  # no --rebuild each time
+    assert all(c[1]["encoders"] is encoders for c in calls)  # one model kept loaded for every run
     assert lines[-1] == "watch stopped"
 
     def damaged(roots, **job):
@@ -156,6 +198,44 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
         watch.watch_index([str(root)], job, options, damaged, lambda *a: None, lines.append)
     assert len(calls) == 5
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as before
+
+
+def test_runs_of_one_watch_load_the_model_once_and_another_model_when_the_index_changes(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    """index_folders with an EncoderCache (what the watch passes) loads the encoder on its first run only; after
+    another process re-encodes the index with other weights, the next run loads those (the old model would
+    write vectors of another space)."""
+    from alignsearch.encoders import loader
+
+    loads = []
+    real = loader.open_encoder
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "open_encoder", counted)
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2, seed=21)
+    cache = EncoderCache()
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0, "encoders": cache}
+    index_folders([root], **job)
+    first = cache.encoder
+    make_images(root / "more", 1, seed=22)
+    assert index_folders([], **job).added == 1
+    assert index_folders([], **job).unchanged == 3
+    assert len(loads) == 1 and cache.encoder is first
+    assert index_folders([], **{**job, "encoders": None}).unchanged == 3 and len(loads) == 2  # a plain run loads
+    job["model"] = None  # the index's model, whichever it records
+    other = Path(shutil.copytree(tiny_model, tmp_path / "other-weights"))  # its tokenizer and processor
+    resave_with_other_weights(tiny_model, other, seed=3)
+    index_folders([], index_dir=ix, device="cpu", workers=0, model=str(other), reindex=True)  # another process
+    make_images(root / "later", 1, seed=23)
+    assert index_folders([], **job).added == 1
+    assert cache.encoder is not first and cache.encoder.fingerprint != first.fingerprint
+    assert cache.encoder.name == str(other) and len(loads) == 4  # the reindex's own load, then this run's
+    assert index_folders([], **job).unchanged == 4 and len(loads) == 4
+    assert verify_problems(ix) == []
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -396,3 +476,119 @@ def test_watch_options_are_documented(tmp_path):
     bad = alignsearch("index", tmp_path, "--watch-polling", "--index", tmp_path / "ix")
     assert bad.returncode == 2 and "--watch-polling goes with --watch" in bad.stderr
     assert not Path(tmp_path / "ix").exists()
+
+
+def _hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_a_file_copied_slowly_ends_indexed_with_its_final_content(indexed_images, watching, tmp_path):
+    """A big photo written in chunks with pauses longer than the settle time (a slow drive, a network copy):
+    runs in between may see it cut short; once the copy is done it is indexed whole, not left failed."""
+    from PIL import Image
+
+    root, ix = indexed_images(4)
+    big = tmp_path / "big.png"
+    rng = __import__("numpy").random.default_rng(5)
+    Image.fromarray((rng.random((900, 1200, 3)) * 255).astype("uint8")).save(big)
+    data = big.read_bytes()
+    w = watching(ix)
+    target = root / "big.png"
+    chunks = 4
+    with open(target, "wb") as f:
+        for i in range(chunks):
+            f.write(data[i * len(data) // chunks:(i + 1) * len(data) // chunks])
+            f.flush()
+            if i < chunks - 1:
+                time.sleep(1.3)  # longer than the 1 s settle: a run may start mid-copy
+
+    def settled():
+        if writer_running(ix) or str(target) not in indexed_paths(ix):
+            return False
+        info = json.loads(alignsearch("info", "--failed", "--json", "--index", ix).stdout)
+        with sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True) as db:
+            size = db.execute("SELECT size FROM files WHERE relpath = 'big.png'").fetchone()[0]
+        return info["failed_files"] == [] and info["images"] == 5 and size == len(data)  # its final content
+
+    w.until(settled, "the copied file indexed whole")
+    hits = alignsearch("query", "--image", big, "-k", "1", "--json", "--index", ix)
+    assert json.loads(hits.stdout)["results"][0]["path"] == str(target)
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_dotted_folder_moved_out_of_a_root_is_removed(indexed_images, watching, tmp_path):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    trip = root / "2024.trip"
+    make_images(trip, 2, seed=31)
+    w.next_run(added=2)
+    os.rename(trip, tmp_path / "2024.trip")  # moved away: inotify reports the folder alone, gone
+    w.next_run(removed=2)
+    assert not any("2024.trip" in p for p in indexed_paths(ix))
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_changes_through_a_link_to_a_folder_outside_the_root_start_no_run(indexed_images, watching, tmp_path):
+    """The watcher follows a link to a folder (watchfiles does), a run never does (scan.scan_folder): a change
+    out there is no change of the root. A change in the root made at the same moment is the only one counted."""
+    root, ix = indexed_images(4)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "elsewhere").symlink_to(outside, target_is_directory=True)
+    w = watching(ix)
+    staged = make_images(tmp_path / "staging", 1, seed=33)[0]
+    make_images(outside, 3, seed=32)
+    os.rename(staged, root / f"new-{staged.name}")  # one change in the root
+    run = w.next_run(added=1)
+    assert run["watch"]["changes"] == 1, run["watch"]
+    assert not any(str(outside) in p or "/elsewhere/" in p for p in indexed_paths(ix))
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_an_event_storm_makes_few_runs_and_bounded_memory(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    before = _hwm_kb(w.proc.pid)
+    photos = sorted(p for p in root.iterdir() if p.is_file())
+    for i in range(10_000):  # 10,000 touches: of the photos, and of files that are no photos
+        if i % 2:
+            os.utime(photos[i // 2 % len(photos)], (1_600_000_000 + i, 1_600_000_000 + i))
+        else:
+            (root / f"note-{i}.txt").touch()
+    w.next_run(updated=4)
+    w.until(lambda: not writer_running(ix), "the last run to end")
+    assert len(w.runs) - 1 <= 3, [r["watch"] for r in w.runs]
+    grown = _hwm_kb(w.proc.pid) - before
+    assert grown < 150_000, f"the watch's peak memory grew by {grown} kB"
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_the_index_deleted_while_watched_ends_the_watch_in_one_line(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    shutil.rmtree(ix)
+    make_images(root / "after", 1, seed=34)
+    assert w.proc.wait(timeout=DEADLINE) == 3
+    w.stop()
+    said = [e for e in w.errors if e.startswith("error")]
+    assert len(said) == 1 and "is gone" in said[0], w.errors
+    assert not ix.exists()  # no new, empty index made in its place
+
+
+@pytest.mark.slow
+def test_a_second_watch_of_one_index_is_refused_and_the_first_goes_on(indexed_images, watching):
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    second = alignsearch("index", "--index", ix, "--device", "cpu", "--workers", "0", "--watch", timeout=DEADLINE)
+    assert second.returncode == 6, second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith("error: another `alignsearch index --watch`")
+    make_images(root / "more", 1, seed=35)
+    w.next_run(added=1)
+    assert verify_problems(ix) == []
+    assert w.stop() == 130

@@ -189,6 +189,16 @@ def _sample_key(name: str) -> str:
     return f"{folder}/{base.split('.', 1)[0]}"
 
 
+def relinked(root: str, real: str, is_link: bool) -> str | None:
+    """Why a folder root is not listed when its path no longer leads to the folder itself (the root, or a folder
+    above it, swapped for a symbolic link), else None. Folder roots are recorded as real paths
+    (sources.normalise), so any difference is such a swap: a listing error, whose rows are kept."""
+    if real == root:
+        return None
+    how = "is now a symbolic link" if is_link else "is now reached through a symbolic link (a folder above it)"
+    return f"{root} {how} to {real}: index {real} as a root, or forget this one (`alignsearch forget {root}`)"
+
+
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
                 skip: str | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders).
@@ -196,9 +206,14 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
     (found from a stat, never opened). A folder that cannot be listed is appended to `errors`, never
-    silently skipped: its files must not look deleted.
+    silently skipped: its files must not look deleted. So is a root whose path is now a link (see relinked).
     """
-    root = str(Path(root).resolve())
+    moved = relinked(root, str(Path(root).resolve()), os.path.islink(root))
+    if moved:
+        # listed through the link, its files would be indexed under a root the index does not know
+        if errors is not None:
+            errors.append(ListingError("", moved))
+        return
     pending = [""]
     while pending:
         rel = pending.pop()

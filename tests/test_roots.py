@@ -3,7 +3,10 @@
 import json
 import shutil
 
+import pytest
+
 from conftest import index_json, make_images, run
+from helpers import alignsearch, summary
 
 
 def _paths(ix):
@@ -78,3 +81,49 @@ def test_include_hidden_is_remembered_per_root(tmp_path, tiny_model):
     assert roots == {str(b): {}, str(a): {"include_hidden": True}}
     s = index_json(ix, a, "--exclude-hidden")
     assert s["removed"] == 1
+
+
+@pytest.mark.parametrize("swapped", ["root", "parent"])
+def test_a_root_swapped_for_a_symlink_is_a_listing_error(tmp_path, tiny_model, swapped):
+    """A folder root (or a folder above it) replaced by a link to another folder: its rows are kept, nothing is
+    indexed under the link's target (a root the index does not know), and the run and `roots` say why."""
+    library, ix = tmp_path / "library", tmp_path / "ix"
+    root = library / "photos"
+    make_images(root, 3)
+    other = tmp_path / "elsewhere"
+    make_images(other / "photos", 2, seed=5)
+    summary(alignsearch("index", root, "--model", tiny_model, "--device", "cpu", "--index", ix, "--json"))
+    before = _paths(ix)
+    moved = tmp_path / "moved"
+    if swapped == "root":
+        root.rename(moved)
+        root.symlink_to(other / "photos")
+    else:
+        library.rename(moved)
+        library.symlink_to(other)
+
+    s = summary(alignsearch("index", "--index", ix, "--json"))  # exit 0, as for other listing errors
+    assert (s["added"], s["removed"], s["kept"]) == (0, 0, 3)
+    assert [(e["root"], e["folder"]) for e in s["listing_errors"]] == [(str(root), str(root))]
+    reason = s["listing_errors"][0]["reason"]
+    assert str(other / "photos") in reason and "symbolic link" in reason and "forget" in reason
+    assert _paths(ix) == before  # no row under the target
+    listed = json.loads(run("roots", "--json", "--index", ix).stdout)
+    assert [(r["root"], r["state"], r["indexed"]) for r in listed] == [(str(root), "listing errors", 3)]
+    assert listed[0]["listing_errors"] == [{"folder": str(root), "reason": reason}]
+
+    (library if swapped == "parent" else root).unlink()  # put back: the next run lists it again
+    moved.rename(library if swapped == "parent" else root)
+    s = summary(alignsearch("index", "--index", ix, "--json"))
+    assert s["listing_errors"] == [] and s["unchanged"] == 3 and _paths(ix) == before
+
+
+def test_a_root_given_as_a_symlink_is_recorded_as_its_target(tmp_path, tiny_model):
+    """How a root is recorded at first indexing (resolved): a link given then is no swap on the next run."""
+    real, link, ix = tmp_path / "real", tmp_path / "link", tmp_path / "ix"
+    make_images(real, 2)
+    link.symlink_to(real)
+    summary(alignsearch("index", link, "--model", tiny_model, "--device", "cpu", "--index", ix, "--json"))
+    assert json.loads(run("info", "--json", "--index", ix).stdout)["roots"] == [str(real)]
+    s = summary(alignsearch("index", "--index", ix, "--json"))
+    assert s["listing_errors"] == [] and s["unchanged"] == 2

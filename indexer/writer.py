@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from alignsearch.storage import catalog, vectors
+from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.vectors import VectorStore
 from indexer.decode import Item
 
@@ -85,6 +85,9 @@ def fold_small_segments(db: Engine, store: VectorStore, below: int = FOLD_BELOW_
             store.forget(n)
             moved += rows
         vectors.save(conn, store)
+        # addresses moved and the old files go, as in a compaction: a reader's snapshot (its filter columns, its
+        # store) of the addresses before must not meet the store after, so it searches the new generation
+        state.write(conn, generation=state.read(conn, "generation").generation + 1)
     for path in paths:
         path.unlink(missing_ok=True)
     return moved

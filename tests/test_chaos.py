@@ -458,3 +458,83 @@ def test_a_file_forgotten_while_a_search_reads_its_rows_is_left_out_not_a_crash(
         hits = engine.search_vector(query / np.linalg.norm(query), k=4)
     assert forgotten and forgotten[0].returncode == 0, forgotten[0].stderr
     assert hits == []
+
+
+REINDEX_WITHOUT_FOLD = r"""
+import sys
+import indexer.reindex
+
+indexer.reindex.fold = lambda db, store: None  # the fold is run by the test, once a reader holds the switch's snapshot
+from alignsearch.surfaces.cli import main
+main(sys.argv[1:], prog_name="alignsearch")
+"""
+
+
+def test_a_fold_after_a_reindex_while_a_search_holds_its_snapshot_is_searched_again_not_a_crash(indexed_images):
+    """Found by the soak (a filtered query answered 500, KeyError: 1): `index --reindex` switches to a new
+    generation in segment 1, then folds that small segment into vectors.f16 (segment 1 deleted, every address
+    moved). A reader that took the switch's snapshot and its filter columns (addresses in segment 1) met the moved
+    addresses, reloaded its store for them (no segment 1), and then read its columns' segment-1 addresses from
+    that store. A fold moves addresses as a compaction does: the reader searches the fold's generation."""
+    import alignsearch
+    from alignsearch.storage import catalog, vectors
+    from alignsearch.storage.paths import DB_FILE
+    from indexer import writer
+
+    _, ix = indexed_images(4)
+    switched = subprocess.run([sys.executable, "-c", REINDEX_WITHOUT_FOLD, "index", "--reindex", "--no-compact",
+                               *index_args_of(ix)], capture_output=True, text=True, timeout=240, env=ENV)
+    assert switched.returncode == 0, switched.stderr[-3000:]
+    with alignsearch.open(ix) as engine:
+        assert sorted(engine.store.segments) == [1]  # the re-encoded generation, not yet folded
+        query = np.random.default_rng(7).standard_normal(engine.store.dim).astype(np.float32)
+        query /= np.linalg.norm(query)
+        fmt = engine.search_vector(query, k=1)[0].format
+        before = engine.search_vector(query, k=4, format=fmt)  # the snapshot's filter columns: segment 1's addresses
+        db = catalog.connect(ix / DB_FILE)
+        try:
+            with db.connect() as conn:
+                store = vectors.load(conn, ix, engine.store.dim)
+            assert writer.fold_small_segments(db, store) == 4
+        finally:
+            db.dispose()
+        engine.search_vector(query, k=4)  # reads the moved addresses: a store of the fold's rows
+        after = engine.search_vector(query, k=4, format=fmt)
+    assert before and [(h.id, round(h.score, 4)) for h in after] == [(h.id, round(h.score, 4)) for h in before]
+
+
+def test_a_reindex_between_a_searchs_generation_check_and_its_store_reload_is_a_moved_snapshot(indexed_images,
+                                                                                             monkeypatch):
+    """A search whose snapshot's store lacks rows an `index` run appended since reloads the store (same generation).
+    A re-encode's switch between the generation check and that reload gave it the next generation's store (no row
+    of vectors.f16: IndexError, a 500). The store is checked to be of the snapshot's generation after it is read."""
+    import alignsearch
+    from alignsearch.search.engine import SnapshotMoved
+    from alignsearch.storage import vectors
+
+    root, ix = indexed_images(4)
+    with alignsearch.open(ix) as engine:
+        snap = engine.snapshot()
+        rng = random.Random(3)
+        for i in range(2):
+            paint(root / f"added-{i}.png", rng)
+        added = subprocess.run([sys.executable, "-m", "alignsearch", "index", str(root), *index_args_of(ix)],
+                               capture_output=True, text=True, timeout=240, env=ENV)
+        assert added.returncode == 0, added.stderr[-3000:]
+        real, switched = vectors.holding, []
+
+        def holding(conn, store, addresses, index_dir):
+            if not switched:
+                switched.append(subprocess.run([sys.executable, "-c", REINDEX_WITHOUT_FOLD, "index", "--reindex",
+                                                "--no-compact", *index_args_of(ix)], capture_output=True, text=True,
+                                               timeout=240, env=ENV))
+            return real(conn, store, addresses, index_dir)
+
+        monkeypatch.setattr(vectors, "holding", holding)
+        query = np.random.default_rng(7).standard_normal(snap.store.dim).astype(np.float32)
+        # the filter columns are read now: they hold the appended rows' addresses, the snapshot's store does not
+        with pytest.raises(SnapshotMoved):
+            engine.search_vector(query / np.linalg.norm(query), k=6, format="png", snapshot=snap)
+        assert switched and switched[0].returncode == 0, switched[0].stderr[-3000:]
+        monkeypatch.setattr(vectors, "holding", real)
+        assert len(engine.search_vector(query / np.linalg.norm(query), k=6, format="png")) >= 2

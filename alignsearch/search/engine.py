@@ -746,9 +746,13 @@ class Engine:
 
     def _stored(self, snap: Snapshot, addresses: np.ndarray) -> np.ndarray:
         if not snap.store.holds(addresses):
-            self._same_generation(snap)
             with self.db.connect() as conn:
                 store = vectors.holding(conn, snap.store, addresses, self.dir)  # rows committed since: a writer runs
+            # checked after the load (the store and the generation commit together): a store of the next generation
+            # lacks the segments these addresses name
+            self._same_generation(snap)
+            if not store.holds(addresses):  # addresses move only with the generation: these were never committed
+                raise IndexDamagedError("catalog rows point past the stored vectors: run `alignsearch verify --repair`")
             snap = replace(snap, store=store, _columns=snap._columns, _lock=snap._lock)
             with self._refresh_lock:
                 if self.snap.generation == snap.generation:

@@ -66,6 +66,11 @@ class WatchOptions:
     tick_s: float = 1.0  # how often roots are checked (gone, back, replaced) while waiting
     lock_retry_s: float = 2.0  # wait before trying again when another process writes the index
     interval_s: float | None = None  # with URL roots (not watched): a run at least this often, to list them
+    # The caller exits once the watch returns (the CLI): after a stop by SIGINT or SIGTERM both stay ignored until
+    # the process ends. Restored, a second Ctrl-C (a terminal's to the process group, a key pressed twice) while
+    # closing raised KeyboardInterrupt past the one line said, or once Python's own finalization had put SIGINT
+    # back to the system default, killed the process by the signal (exit -2) with no line at all.
+    process_ends: bool = False
 
 
 @dataclass
@@ -390,6 +395,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     w = Watch(str(out), interval_s=opts.interval_s)
     watcher: _Watcher | None = None
     running = False
+    closing = False  # stopped by SIGINT or SIGTERM: both ignored from then on
     lock_fd = None
     try:
         lock_fd = _watch_lock(out) if out.is_dir() else None  # a new index: once its first run made the folder
@@ -467,6 +473,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while closing: no traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        closing = True
         if watcher is not None:
             watcher.close()
         say("watch stopped" + (": the run in progress was abandoned; the index is as the last finished run left it, "
@@ -477,11 +484,12 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             watcher.close()
         if lock_fd is not None:
             os.close(lock_fd)
-        try:
-            signal.signal(signal.SIGTERM, previous[0])
-            signal.signal(signal.SIGINT, previous[1])
-        except (ValueError, TypeError):
-            pass
+        if not (opts.process_ends and closing):
+            try:
+                signal.signal(signal.SIGTERM, previous[0])
+                signal.signal(signal.SIGINT, previous[1])
+            except (ValueError, TypeError):
+                pass
 
 
 def _run_once(run, job: dict, opts: WatchOptions, say) -> tuple[object | None, BaseException | None]:

@@ -247,8 +247,8 @@ class Watching:
     """`alignsearch index --watch --json` in a child process; its JSON lines (one per run) and stderr lines, read
     as they come."""
 
-    def __init__(self, ix, *args):
-        cmd = [sys.executable, "-m", "alignsearch", "index", *map(str, args), "--index", str(ix), "--device", "cpu",
+    def __init__(self, ix, *args, launcher=("-m", "alignsearch")):
+        cmd = [sys.executable, *launcher, "index", *map(str, args), "--index", str(ix), "--device", "cpu",
                "--workers", "0", "--watch", "--json"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -299,8 +299,8 @@ class Watching:
 def watching():
     started = []
 
-    def start(ix, *args):
-        started.append(Watching(ix, *args))
+    def start(ix, *args, **kwargs):
+        started.append(Watching(ix, *args, **kwargs))
         return started[-1]
 
     yield start
@@ -406,6 +406,87 @@ def test_sigint_during_a_run_and_while_idle_ends_cleanly(indexed_images, watchin
     assert verify_problems(ix) == []
     done = alignsearch("verify", "--json", "--index", ix)
     assert done.returncode == 0, done.stdout
+
+
+# A second SIGINT as the command closes, after its one line: sent by the command to itself when `where` (a
+# module:function) has returned or raised, or as the interpreter ends (its last objects are freed once Python has
+# put SIGINT back to the system default: the soak's exit -2, killed by the signal with no line at all).
+SECOND_SIGINT = r"""
+import importlib, os, signal, sys
+
+where, when = sys.argv[1], sys.argv[2]  # module:function, "returned" or "finalizing"
+module, _, name = where.partition(":")
+owner = importlib.import_module(module)
+real, late = getattr(owner, name), []
+
+class Late:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+def second(*args, **kwargs):
+    try:
+        return real(*args, **kwargs)
+    finally:
+        if when == "returned":
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            late.append(Late())  # a module global: freed as the interpreter ends
+
+setattr(owner, name, second)
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""
+
+
+def _until_line(lines: list[str], text: str, proc) -> None:
+    end = time.monotonic() + DEADLINE
+    while not any(text in line for line in lines) and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["returned", "finalizing", "stopped said"])
+def test_a_second_sigint_while_the_watch_closes_ends_in_its_one_line_and_130(indexed_images, watching, when):
+    _, ix = indexed_images(3)
+    if when == "stopped said":  # the second Ctrl-C from here, as soon as the line shows
+        w = watching(ix)
+        w.proc.send_signal(signal.SIGINT)
+        _until_line(w.errors, "watch stopped", w.proc)
+    else:
+        w = watching(ix, launcher=("-c", SECOND_SIGINT, "indexer.watch:watch_index", when))
+    assert w.stop(signal.SIGINT) == 130, w.errors[-20:]
+    assert w.errors[-1] == "watch stopped", w.errors[-20:]
+    assert not [e for e in w.errors if "Traceback" in e or e.startswith(("error:", "Aborted"))], w.errors[-20:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["finalizing", "error said"])
+def test_index_stopped_by_two_sigints_says_one_line_and_exits_130(indexed_images, tmp_path, when):
+    """`index` without --watch, Ctrl-C during its run and again as it closes: its one line and 130 too."""
+    root, ix = indexed_images(3)
+    for path in make_images(tmp_path / "staging", 40, seed=4):
+        shutil.copy(path, root / f"more-{path.name}")
+    launcher = ("-c", SECOND_SIGINT, "indexer.job:index_folders", when) if when == "finalizing" else \
+        ("-m", "alignsearch")
+    proc = subprocess.Popen([sys.executable, *launcher, "index", "--index", str(ix), "--device", "cpu", "--workers",
+                             "0", "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNSEARCH_PROGRESS_SECONDS": "0"})
+    errors: list[str] = []
+    reader = threading.Thread(target=Watching._read, args=(proc.stderr, errors, str.rstrip))
+    reader.start()
+    try:
+        _until_line(errors, "indexing:", proc)  # the first batch committed: the run is under way
+        proc.send_signal(signal.SIGINT)
+        if when == "error said":
+            _until_line(errors, "error: interrupted", proc)
+            proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+    assert code == 130, errors[-20:]
+    assert errors[-1:] == ["error: interrupted"] and not [e for e in errors if "Traceback" in e], errors[-20:]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from functools import wraps
 
@@ -111,6 +112,7 @@ class _Main(click.Group):
         except AlignSearchError as exc:
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
+            _ignore_sigint_until_exit()
             _fail(ctx, "interrupted", 130)
         except Exception as exc:
             epipe = isinstance(exc, OSError) and exc.errno == errno.EPIPE
@@ -136,6 +138,16 @@ class _Main(click.Group):
                 where = f": {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"{exc.strerror}{where}", 1)
             _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (ALIGNSEARCH_DEBUG=1 shows the traceback)", 1)
+
+
+def _ignore_sigint_until_exit() -> None:
+    """Stopped by Ctrl-C, the command says so in one line and ends: a second Ctrl-C as it closes (a key pressed
+    twice, a terminal's to the whole process group) would raise KeyboardInterrupt past that line, or, once Python's
+    finalization has put SIGINT back to the system default, kill the process by the signal (exit -2) unsaid."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (a caller's): the signal is not this command's to handle
+        pass
 
 
 def _hold_std_fds() -> None:
@@ -312,7 +324,7 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
         from indexer.watch import WatchOptions, watch_index
 
         code = watch_index(list(roots), job, WatchOptions(polling=True if watch_polling else None,
-                                                       interval_s=watch_interval), index_folders,
+                                                       interval_s=watch_interval, process_ends=True), index_folders,
                            lambda s, facts, error: _say_watch_run(s, facts, error, as_json),
                            lambda line: click.echo(_shown(line), err=True))
         click.get_current_context().exit(code)

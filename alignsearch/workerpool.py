@@ -19,33 +19,29 @@ def ignore_sigint() -> None:
 
 @contextlib.contextmanager
 def sigint_ignored():
-    """SIGINT ignored in this process while processes are started in the block, so they start ignoring it (an
-    ignored signal survives exec: a Ctrl-C while a worker imports is quiet)."""
-    if threading.current_thread() is not threading.main_thread():
-        # signal.signal is the main thread's; a blocked signal mask is this thread's, and a child inherits it
-        # (the worker's initializer then ignores SIGINT, which discards one pending)
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """SIGINT held off while processes are started in the block, so they start with it blocked (a blocked
+    signal mask survives exec: a Ctrl-C while a worker imports is quiet; its initializer then ignores SIGINT,
+    which discards one pending). A Ctrl-C meanwhile is this process's still: raised when the block ends.
+    SIG_IGN here instead discarded it, and `index` went on to finish with exit 0."""
+    caught: list[int] = []
+    main = threading.current_thread() is threading.main_thread()  # signal.signal is the main thread's
+    # the main thread records one that another thread of this process took (its mask is not blocked)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum)) if main else None
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # one pending is handled here, into caught
+        if main:
+            signal.signal(signal.SIGINT, previous)
+            if caught:
+                signal.raise_signal(signal.SIGINT)  # as the handler before the block handles it
 
 
 def spawn_pool(workers: int):
-    """A spawn-context Pool whose workers ignore SIGINT from their first instruction: an ignored signal
-    survives exec and Python then installs no KeyboardInterrupt handler, so a Ctrl-C while they import is
-    quiet too. The parent ignores SIGINT only while it starts them (milliseconds)."""
+    """A spawn-context Pool whose workers hold SIGINT off from their first instruction (a blocked signal
+    survives exec) until their initializer ignores it, so a Ctrl-C while they import is quiet too.
+    The parent holds SIGINT off only while it starts them (milliseconds)."""
     context = multiprocessing.get_context("spawn")
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+    with sigint_ignored():
         return context.Pool(workers, initializer=ignore_sigint)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return context.Pool(workers, initializer=ignore_sigint)
-    finally:
-        signal.signal(signal.SIGINT, previous)

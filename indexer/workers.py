@@ -49,8 +49,8 @@ def _start_worker(initializer, initargs: tuple) -> None:
 
 def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
     # spawn: workers import only PIL and numpy, never the torch state of this process. init: (initializer,
-    # initargs) run once in each worker. The workers start at the first submit, with SIGINT ignored in this
-    # process meanwhile (an ignored signal survives exec: a Ctrl-C while they import is quiet too).
+    # initargs) run once in each worker. The workers start at the first submit, with SIGINT held off in this
+    # process meanwhile (a blocked signal survives exec: a Ctrl-C while they import is quiet too).
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=init)
     try:

@@ -474,3 +474,62 @@ def test_reduced_decoding_drifts_less_than_1e4_on_real_photos(tmp_path):
     a, b = enc.encode_crops(np.stack(exact)), enc.encode_crops(np.stack(reduced))
     cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() >= 0.9999, cosine
+
+
+# -- a Ctrl-C while the decode workers start -------------------------------------------------------------------
+
+CTRL_C_AS_WORKERS_START = r"""
+import contextlib, os, signal, sys
+import indexer.workers
+
+real = indexer.workers.sigint_ignored
+
+@contextlib.contextmanager
+def ctrl_c_at(when):
+    # a terminal's Ctrl-C (SIGINT to the whole process group) inside the block that starts the workers, or just
+    # after it, while they import
+    with real():
+        print("the decode workers start", file=sys.stderr, flush=True)
+        if when == "inside":
+            os.killpg(0, signal.SIGINT)
+        yield
+    if when == "after":
+        os.killpg(0, signal.SIGINT)
+
+indexer.workers.sigint_ignored = lambda: ctrl_c_at(sys.argv[1])
+from alignsearch.surfaces.cli import main
+main(sys.argv[2:], prog_name="alignsearch")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["inside", "after"])
+def test_ctrl_c_as_the_decode_workers_start_is_not_dropped(tmp_path, tiny_model, when):
+    """A first run (an empty model cache) stopped while its decode workers start: it was ignored there, and
+    `index` went on to finish with exit 0. Now one line, exit 130, the workers quiet, none left behind."""
+    smooth_photos(tmp_path / "photos", 40)  # enough to be decoded in worker processes
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_AS_WORKERS_START, when, "index", "--json", str(tmp_path / "photos"), "--index",
+         str(tmp_path / "ix"), "--model", str(tiny_model), "--device", "cpu", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, **CHILD_ENV, "ALIGNSEARCH_CACHE": str(tmp_path / "cache")})
+    out, err = proc.communicate(timeout=300)
+    assert "the decode workers start" in err, err
+    assert proc.returncode == 130, err
+    assert out == "", out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.splitlines()[-1] == "error: interrupted", err
+    time.sleep(0.5)
+    assert not _alive_in_group(proc.pid)  # its session's process group: the workers, whoever their parent is now
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            alive.append(int(stat.parent.name))
+    return alive

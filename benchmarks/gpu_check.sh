@@ -13,14 +13,15 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
   rm -rf .wheelhouse && mkdir -p .wheelhouse
   # The GPU image (Python 3.12) has torch, transformers, pillow, pyarrow, click, tqdm, fsspec, anyio, h11,
-  # scipy and pytest; it lacks faiss, sqlalchemy, fastapi (pydantic) , uvicorn, python-multipart and imagehash.
+  # scipy and pytest; it lacks faiss, sqlalchemy, fastapi (pydantic) , uvicorn, python-multipart, imagehash and
+  # watchfiles (index --watch).
   # faiss-cpu (~30 MB) rather than a GPU build (hundreds of MB): the carry limit is
   # 64 MiB, so FAISS on the GPU is not exercised by this check; the encoder, pipeline and bf16 autocast are.
   "${PYTHON:-python3}" -m pip download -q -d .wheelhouse --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_28_x86_64 --no-deps faiss-cpu sqlalchemy greenlet \
     fastapi starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions annotated-doc \
-    uvicorn python-multipart imagehash pywavelets opentelemetry-api importlib-metadata
+    uvicorn python-multipart imagehash pywavelets opentelemetry-api importlib-metadata watchfiles
   # nvImageCodec, the GPU decode's other JPEG decoder (--decode measures it beside torchvision's nvJPEG), with the
   # nvJPEG runtime it loads: ~28 MB for CUDA 13 (the GPU image's torch); NVIMGCODEC_CUDA=12 takes the CUDA 12 pair.
   if [ "${NVIMGCODEC_CUDA:-13}" = 12 ]; then nvimg=(nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12); else

@@ -110,6 +110,7 @@ def _bomb_video(path: Path, width: int, height: int, frames: int = 2) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_video_of_frames_over_the_video_limit_is_refused_from_its_header(tmp_path):
     """Videos had the photo limit (200 MP): a 353 KB video of 12000x12000 frames took 3.1 GB and 4.5 s, as a
     decoder holds reference frames and per-thread buffers besides the frame converted. 9000x9000 (81 MP, under
@@ -130,6 +131,7 @@ print(len(moments), size[0], size[1], resource.getrusage(resource.RUSAGE_SELF).r
 """
 
 
+@pytest.mark.slow
 def test_a_video_just_under_the_video_limit_is_read_in_bounded_memory(tmp_path):
     """12 frames of 8192x8192 (the largest a video may have) are read by moments and frame_at in one process
     under 1.6 GB (1.3 GB seen; 2.1 GB before, with frame threads and frame.to_image's extra copies)."""

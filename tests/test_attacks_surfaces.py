@@ -76,6 +76,7 @@ def test_per_video_over_a_thousand_is_answered_alike_through_the_server(served):
     assert json.loads(warm.stdout) == json.loads(alone.stdout)
 
 
+@pytest.mark.slow
 def test_a_query_image_over_the_servers_pixel_cap_is_searched_locally(served, tmp_path):
     """The server decodes uploads up to 50 MP (its memory guard), the CLI a query image up to the indexer's
     200 MP: a 63 MP photo searched alone, but through a server failed with exit 6 (`unreadable image`)."""
@@ -89,6 +90,7 @@ def test_a_query_image_over_the_servers_pixel_cap_is_searched_locally(served, tm
     assert b"cannot take this query" in warm.stderr and b"too large" in warm.stderr, warm.stderr
 
 
+@pytest.mark.slow
 def test_a_filter_that_is_not_utf8_is_searched_locally_with_the_true_reason(served):
     """A --path glob of a file name's raw bytes cannot go in a URL: the client said the server `did not
     answer`, which sent the user looking for a dead server."""
@@ -98,6 +100,7 @@ def test_a_filter_that_is_not_utf8_is_searched_locally_with_the_true_reason(serv
     assert b"did not answer" not in warm.stderr and b"not UTF-8" in warm.stderr, warm.stderr
 
 
+@pytest.mark.slow
 def test_a_query_too_long_for_a_url_is_searched_locally_every_time(served):
     """The server's HTTP parser refuses a request head over 16 KiB while it is incomplete: a --where of 30 KB
     was answered by the server or refused (400, `did not answer`) as the kernel split the URL."""
@@ -131,6 +134,7 @@ def close_fds(*fds):
     return preexec
 
 
+@pytest.mark.slow
 def test_commands_with_standard_streams_closed_run_as_into_dev_null(served, tiny_model, tmp_path):
     """`>&-` left sys.stdout None: every command failed at its end with `unexpected AttributeError` (exit 1),
     `index` with `2>&-` before it began; and the closed number went to the next file opened (the index's
@@ -265,6 +269,7 @@ def test_a_labels_file_that_is_no_text_file_is_refused_at_once(served, tmp_path,
     assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, out.stderr
 
 
+@pytest.mark.slow
 def test_a_request_body_sent_slowly_is_cut_off_too(served, tmp_path):
     """The twin of slowloris for bodies: headers sent at once, then a body a byte a second, read before the
     token is checked: held for ever (20 such connections without a token were all still open after 12 s).
@@ -320,6 +325,7 @@ def test_serve_with_an_empty_host_is_a_usage_error_not_every_interface(served, t
     assert out.returncode == 2 and "--host needs an address" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_names_a_latin1_terminal_cannot_show_are_escaped_not_fatal(served, tiny_model, tmp_path):
     """In a locale such as de_DE.ISO-8859-1 (PYTHONIOENCODING stands in for it), one result named 你好.jpg
     ended the query: `unexpected UnicodeEncodeError`, exit 1, no results."""
@@ -337,6 +343,7 @@ def test_names_a_latin1_terminal_cannot_show_are_escaped_not_fatal(served, tiny_
                                                    str(ix)], capture_output=True, env=env, timeout=120).stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
 def test_a_query_image_through_a_planted_link_is_refused_alike_through_the_server(served, tmp_path):
     """A search here reads a query image as every file is read (safeopen): through a link another user planted in

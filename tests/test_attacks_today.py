@@ -194,6 +194,7 @@ class _Silent(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
 def test_a_server_that_answers_healthz_but_never_the_search_is_given_up_on_at_the_timeout(tmp_path, trickle):
     """The probe finds the server alive each time, so the query waits on, but no longer than its timeout:

@@ -470,6 +470,7 @@ main(sys.argv[1:], prog_name="alignsearch")
 """
 
 
+@pytest.mark.slow
 def test_a_fold_after_a_reindex_while_a_search_holds_its_snapshot_is_searched_again_not_a_crash(indexed_images):
     """Found by the soak (a filtered query answered 500, KeyError: 1): `index --reindex` switches to a new
     generation in segment 1, then folds that small segment into vectors.f16 (segment 1 deleted, every address
@@ -503,6 +504,7 @@ def test_a_fold_after_a_reindex_while_a_search_holds_its_snapshot_is_searched_ag
     assert before and [(h.id, round(h.score, 4)) for h in after] == [(h.id, round(h.score, 4)) for h in before]
 
 
+@pytest.mark.slow
 def test_a_reindex_between_a_searchs_generation_check_and_its_store_reload_is_a_moved_snapshot(indexed_images,
                                                                                              monkeypatch):
     """A search whose snapshot's store lacks rows an `index` run appended since reloads the store (same generation).

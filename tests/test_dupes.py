@@ -247,6 +247,7 @@ def test_similar_pairs_match_exact_all_pairs_on_an_ivf_pq_index(planted):
     assert one_list < truth  # its own list only: pairs split across lists are missed (none invented)
 
 
+@pytest.mark.slow
 def test_similar_pairs_cover_vectors_the_index_does_not_hold_yet(planted):
     import faiss
 

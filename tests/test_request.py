@@ -297,6 +297,7 @@ def test_a_stopped_server_is_not_waited_for(served_index):
     assert cli(served_index["ix"], "red car", "-k", "2", "--json").stderr.count("notice") == 0  # served again
 
 
+@pytest.mark.slow
 def test_a_hung_server_is_given_up_on_within_seconds(tmp_path):
     """A server alive and not stopped, but hung (its event loop stuck): the kernel still completes every
     connection, so silence is all a query hears. The query asks /healthz once it has waited PROBE_EVERY; no
@@ -326,6 +327,7 @@ def test_a_hung_server_is_given_up_on_within_seconds(tmp_path):
     assert took < limit, took
 
 
+@pytest.mark.slow
 def test_a_slow_search_on_a_live_server_is_waited_for(prebuilt, tiny_model):
     """The other side of the probe: a server that is searching (its answer slower than PROBE_EVERY) answers
     /healthz meanwhile, and the query takes its answer rather than searching again locally."""

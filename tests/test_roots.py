@@ -83,6 +83,7 @@ def test_include_hidden_is_remembered_per_root(tmp_path, tiny_model):
     assert s["removed"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("swapped", ["root", "parent"])
 def test_a_root_swapped_for_a_symlink_is_a_listing_error(tmp_path, tiny_model, swapped):
     """A folder root (or a folder above it) replaced by a link to another folder: its rows are kept, nothing is
@@ -118,6 +119,7 @@ def test_a_root_swapped_for_a_symlink_is_a_listing_error(tmp_path, tiny_model, s
     assert s["listing_errors"] == [] and s["unchanged"] == 3 and _paths(ix) == before
 
 
+@pytest.mark.slow
 def test_a_root_given_as_a_symlink_is_recorded_as_its_target(tmp_path, tiny_model):
     """How a root is recorded at first indexing (resolved): a link given then is no swap on the next run."""
     real, link, ix = tmp_path / "real", tmp_path / "link", tmp_path / "ix"

@@ -249,6 +249,7 @@ def full_disk(request, tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_the_old_output_and_no_temporary_files(tmp_path, full_disk):
     folder, alignsearch = full_disk
     ix = tmp_path / "ix"
@@ -434,6 +435,7 @@ def test_remove_stale_in_sweeps_the_leftovers_of_every_files_writes_in_a_folder(
 
 @pytest.mark.parametrize("fmt,at", [("parquet", "pyarrow.parquet:ParquetWriter.write_table"),
                                     ("clip-retrieval", "alignsearch.search.export:_finish_npy")])
+@pytest.mark.slow
 def test_the_next_export_says_it_removed_what_a_killed_export_left(tmp_path, fmt, at):
     """An export killed mid-way leaves its copy beside OUT (as large as the export): the next export of OUT
     removes it and says so (-v), naming it for an export's, not the export itself failing or not."""

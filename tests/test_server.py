@@ -333,6 +333,7 @@ def test_concurrent_clients_get_correct_answers(served):
     assert answers == [str(p) for p in paths * 3]
 
 
+@pytest.mark.slow
 def test_twenty_clients_search_by_vector_and_load_thumbnails_at_once(served):
     """Many clients at once on the thread pool: searches by stored vector, thumbnails, info (the catalog is
     read from many threads together)."""
@@ -587,6 +588,7 @@ def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(prebuilt, tiny_
         engine.close()
 
 
+@pytest.mark.slow
 def test_uploads_decode_a_few_at_a_time(prebuilt, tiny_model, monkeypatch):
     """Issue 24 #17: every upload decoded at once on the thread pool (five 16-bit panoramas took the server to
     5.7 GB) before the encoder's queue bounded anything; now DECODE_SLOTS decode together."""

@@ -744,6 +744,7 @@ def _consistent(manifest: dict | None) -> None:
     assert all(entry == _entry(version, key) for key, entry in manifest["files"].items()), manifest
 
 
+@pytest.mark.slow
 def test_two_export_versions_writing_at_once_never_leave_a_mix_that_is_trusted(tmp_path):
     import multiprocessing
 

@@ -38,6 +38,7 @@ def test_an_item_that_never_ran_before_a_pool_died_is_not_failed_for_one_death(t
     assert out == [("failed", "die", DIED), items[1].upper(), "OK"]
 
 
+@pytest.mark.slow
 def test_every_worker_starts_with_ctrl_c_ignored(monkeypatch):
     """A spawn pool starts its workers one submit at a time: those started after the first were started with
     SIGINT at its default, so a Ctrl-C while one imported printed its traceback (seen in a CI run). Every
@@ -138,6 +139,7 @@ def _state(pid: int) -> str | None:  # /proc's one-letter state; None: no such p
         return None
 
 
+@pytest.mark.slow
 def test_closing_a_fills_decode_terminates_its_busy_workers_at_once():
     """A fill step closes its decode (indexer/workers.py map_rows) on Ctrl-C or an error. The pool's shutdown
     cancelled only the queued chunks: the chunks running went on (here for SLOW_S seconds), and Python's exit

@@ -246,7 +246,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 st = safeopen.stat_through(root, name) if entry.is_symlink() else os.stat(entry.path)
             except safeopen.Refused as exc:
                 # the link's own size and time: a row indexed through it (before links were judged) is replaced
-                link = os.stat(entry.path, follow_symlinks=False)
+                link = entry.stat(follow_symlinks=False)  # scandir's, cached
                 yield Found(root, relpath, link.st_size, link.st_mtime, str(exc), raw, caption_link=caption_link)
                 continue
             except OSError as exc:

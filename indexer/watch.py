@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, IndexDamagedError, \
+from alignsearch.errors import BadInputError, CatalogBusyError, IndexDamagedError, \
     IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
@@ -287,26 +287,15 @@ class Watch:
 
 
 def _read_roots(index_dir: Path) -> dict[str, bool] | None:
-    """{root: include_hidden} as the index remembers them, read-only; None when it cannot be read now."""
-    from alignsearch.storage import catalog, state
+    """{root: include_hidden} as the index remembers them, read-only; None when it cannot be read now (read
+    again on the next tick). Called about once a second: state.peek reads with sqlite3 alone, no engine."""
+    from alignsearch.storage import state
     from alignsearch.storage.paths import DB_FILE
 
-    if not (index_dir / DB_FILE).exists():
+    st = state.peek(index_dir / DB_FILE, "roots")
+    if st is None:
         return None
-    try:
-        db = catalog.connect(index_dir / DB_FILE, readonly=True)
-    except AlignSearchError as exc:
-        log.info("roots not read now: %s", exc)
-        return None
-    try:
-        with db.connect() as conn:
-            recorded = state.read(conn).roots
-    except Exception as exc:  # noqa: BLE001 - a writer mid-way: read again on the next tick
-        log.info("roots not read now: %s", exc)
-        return None
-    finally:
-        db.dispose()
-    return {r: bool(recorded.options.get(r, {}).get("include_hidden")) for r in recorded.roots}
+    return {r: bool(st.roots.options.get(r, {}).get("include_hidden")) for r in st.roots.roots}
 
 
 class _CatalogLook:

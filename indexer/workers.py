@@ -108,8 +108,8 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
             pending.popleft()
             yield from results
     finally:
-        if again is not None and not finished:
-            again.close()  # its own pools stop with it
+        if again is not None:
+            again.close()  # its own pools stop with it (finished too: it is paused after its last yield)
         _stop(pool, at_once=not finished)
 
 

@@ -591,11 +591,11 @@ class Engine:
             # Every score comes from the stored vectors, which carry checksums: a damaged ANN file cannot
             # inject scores, and a damaged vector (not unit length) is reported rather than ranked.
             stored = self._stored(snap, np.array([addresses[i] for i in ids.tolist()], dtype=np.int64))
-            damaged = vectors.not_unit_length(stored, tolerance=0.02)
+            norms = np.linalg.norm(stored, axis=1)
+            damaged = vectors.not_unit_length(stored, tolerance=0.02, norms=norms)
             if damaged:
                 raise IndexDamagedError(f"{damaged} stored vectors are damaged (not unit length): run `alignsearch "
                                         "verify --repair`")
-            norms = np.linalg.norm(stored, axis=1)
             stored = stored / np.maximum(norms, 1e-12)[:, None]  # fp16 rows are unit length only to ~1e-4
             parts = query.parts(stored)
             similarity = query.fused(parts).astype(np.float32)

@@ -311,7 +311,7 @@ def drop_generation(old: VectorStore, why: str) -> None:
     old generation keep their map), then each other segment deleted, under vectors/next/ too. A kill in
     between leaves files no commit lists, which the next writer deletes (truncate_uncommitted; under
     vectors/next/, indexer/reindex.remove_leftovers)."""
-    if old.path.exists() and old.path.stat().st_size:
+    if _size(old.path):
         empty_file(old.path)
         log.info("%s: emptied (the old generation: %s)", old.path.name, why)
     for n in old.numbers()[1:]:
@@ -472,10 +472,12 @@ def _inside(addresses: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
 UNIT_TOLERANCE = 0.05  # a stored row's norm is 1 to ~1e-4 (fp16): a zeroed or overwritten row is far off
 
 
-def not_unit_length(rows: np.ndarray, *, tolerance: float = UNIT_TOLERANCE) -> int:
+def not_unit_length(rows: np.ndarray, *, tolerance: float = UNIT_TOLERANCE, norms: np.ndarray | None = None) -> int:
     """How many of the (n, dim) rows are not unit length (NaN among them): what tells a damaged row no
-    checksum covers (one zero-filled or overwritten) from a good one."""
-    norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
+    checksum covers (one zero-filled or overwritten) from a good one. norms: the rows' norms, when the caller
+    has them already (a query divides by them next)."""
+    if norms is None:
+        norms = np.linalg.norm(np.asarray(rows, dtype=np.float32), axis=1)
     return int((~(np.abs(norms - 1) < tolerance)).sum())
 
 

@@ -76,3 +76,9 @@ class DiskFullError(AlignSearchError):
 
 class BadImageError(Exception):
     """One image file that cannot be used; the indexer records the reason and moves on."""
+
+
+class ImageTooLarge(BadImageError):
+    """An image whose header declares more pixels than the decoder was allowed (a decompression-bomb guard).
+    Its own class so a surface whose cap is lower than the indexer's (the server's) can say so (413) without
+    reading the header a second time."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
-from alignsearch.errors import BadImageError
+from alignsearch.errors import BadImageError, ImageTooLarge
 
 # Enough for a 200-megapixel camera; a larger header is treated as a decompression bomb.
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -58,7 +58,8 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
 
     draft (width, height): let a JPEG decode at 1/2, 1/4 or 1/8 scale, no smaller than this — much
     faster for camera photos, but the pixels differ slightly from a full decode (opt-in: --fast-decode).
-    Raises BadImageError with a reason a person can read.
+    Raises BadImageError with a reason a person can read; ImageTooLarge where the header declares more than
+    max_pixels (or more than Pillow's own guard takes).
     """
     if not data:
         raise BadImageError("empty file")
@@ -68,7 +69,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise BadImageError(
+                raise ImageTooLarge(
                     f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)"
                 )
             img.seek(0)
@@ -83,7 +84,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(f"image too large (decompression bomb guard): {exc}") from None
+        raise ImageTooLarge(f"image too large (decompression bomb guard): {exc}") from None
     except Image.UnidentifiedImageError:
         if _is_heif(data) and _register_heif():
             return open_rgb(data, max_pixels)

@@ -61,7 +61,7 @@ from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
-from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, IndexDamagedError
+from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, IndexDamagedError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, library_error
@@ -599,25 +599,12 @@ def decode_upload(data: bytes, max_pixels: int):
     querycheck.check_image(data)
     try:
         return open_rgb(data, max_pixels)[0]
+    except ImageTooLarge:
+        # this server's memory guard, not a rule of every surface: 413, on which the CLI searches locally
+        # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
+        raise ApiError(413, f"the image is too large: this server decodes at most {max_pixels:,} pixels") from None
     except BadImageError as exc:
-        if _over(data, max_pixels):
-            # this server's memory guard, not a rule of every surface: 413, on which the CLI searches locally
-            # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
-            raise ApiError(413, f"the image is too large: this server decodes at most {max_pixels:,} pixels") from None
         raise ApiError(400, f"unreadable image: {exc}") from None
-
-
-def _over(data: bytes, max_pixels: int) -> bool:
-    """Does the image's header declare more than max_pixels? Only the header is read; False where it cannot be."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size[0] * img.size[1] > max_pixels
-    except Image.DecompressionBombError:  # Pillow's own cap, far above ours
-        return True
-    except Exception:  # noqa: BLE001 - a header that cannot be read is not known to be over
-        return False
 
 
 def _hit_fields(exclude: tuple[str, ...] = ()) -> dict[str, Any]:

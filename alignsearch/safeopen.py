@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import weakref
 
 from alignsearch.errors import BadImageError
 
@@ -33,6 +34,8 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _PATH = getattr(os, "O_PATH", 0)
 _DIR = (_PATH or os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
 MAX_LINKS = 40  # as the kernel's own limit on a path's links
+# _start_trusted's answers by folder (st_dev, st_ino), kept while one folder's links are stat'ed (FolderWalks)
+Starts = dict[tuple[int, int], tuple[bool, os.stat_result]]
 
 
 class Refused(BadImageError):
@@ -153,13 +156,45 @@ def stat_through(root: str | os.PathLike, relpath: str | bytes) -> os.stat_resul
     parts = _parts(relpath)
     folders = _walk(root, parts)
     try:
-        st = os.stat(parts[-1], dir_fd=folders[-1], follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            last_fd, _, st = _through_links(parts[-1], folders)
-            os.close(last_fd)
-        return st
+        return _stat_leaf(parts[-1], folders)
     finally:
         _close(folders)
+
+
+class FolderWalks:
+    """stat_through for many files under one root, listed a folder at a time: each folder's chain is walked once
+    and kept open until a file of another folder is asked for (close(), or this object's end, closes it), not
+    walked again for every link in it. The links themselves are followed and judged as stat_through does."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = root
+        self._folder: list[str] | None = None  # the parts of the folder walked
+        self._fds: list[int] = []  # its walk; emptied in place, so the finalizer closes what is open then
+        self._starts: Starts = {}  # the judgements of its links' walks' first folders (_trusted)
+        weakref.finalize(self, _close, self._fds)
+
+    def stat_through(self, relpath: str | bytes) -> os.stat_result:
+        parts = _parts(relpath)
+        if parts[:-1] != self._folder:
+            self.close()
+            self._fds.extend(_walk(self.root, parts))  # raises with nothing kept: the next file walks again
+            self._folder = parts[:-1]
+        return _stat_leaf(parts[-1], self._fds, self._starts)
+
+    def close(self) -> None:
+        _close(self._fds)
+        self._fds.clear()
+        self._starts.clear()
+        self._folder = None
+
+
+def _stat_leaf(name: str, folders: list[int], starts: Starts | None = None) -> os.stat_result:
+    """name in folders[-1] (borrowed), lstat'ed; a link followed and judged as _open_leaf follows it."""
+    st = os.stat(name, dir_fd=folders[-1], follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        last_fd, _, st = _through_links(name, folders, starts)
+        os.close(last_fd)
+    return st
 
 
 def _open_leaf(name: str, folders: list[int], follow: bool, expect: tuple[int, float] | None) -> int:
@@ -210,11 +245,19 @@ def planted(entry: os.stat_result, folder: os.stat_result, folder_trusted: bool,
     return not folder_trusted or (entry.st_uid != folder.st_uid and bool(folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH)))
 
 
-def _trusted(folders: list[int]) -> tuple[bool, os.stat_result]:
+def _trusted(folders: list[int], starts: Starts | None = None) -> tuple[bool, os.stat_result]:
     """(whether the last folder is trusted, its stat): each one unless planted in the one before, the first one
-    judged from / down (_start_trusted). Asked only when another user's link is met."""
+    judged from / down (_start_trusted; remembered in starts, by the folder's inode, where the caller keeps
+    them). Asked only when another user's link is met."""
     me = os.geteuid()
-    trusted, above = _start_trusted(folders[0], me)
+    if starts is None:
+        trusted, above = _start_trusted(folders[0], me)
+    else:
+        first = os.fstat(folders[0])
+        key = (first.st_dev, first.st_ino)
+        if key not in starts:
+            starts[key] = _start_trusted(folders[0], me)
+        trusted, above = starts[key]
     for fd in folders[1:]:
         st = os.fstat(fd)
         trusted, above = not planted(st, above, trusted, me), st
@@ -244,13 +287,13 @@ def _start_trusted(fd: int, me: int) -> tuple[bool, os.stat_result]:
     return trusted and (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino), st
 
 
-def _through_links(name: str, folders: list[int]) -> tuple[int, str, os.stat_result]:
+def _through_links(name: str, folders: list[int], starts: Starts | None = None) -> tuple[int, str, os.stat_result]:
     """(an open descriptor of the folder holding the entry the link `name` in folders[-1] finally names, that
     entry's name, its lstat): every link on the way (a chain of them, and links among the folders of a target)
     judged by planted against the folder holding it, each on the very inode followed (an O_PATH descriptor of
     the link, whose content is read from it), so a link swapped in after the judgement is never followed; the
     folders a target names walked one at a time, from / for an absolute one. At most MAX_LINKS links. folders
-    are borrowed; the caller closes the descriptor returned."""
+    are borrowed; the caller closes the descriptor returned. starts: see _trusted."""
     path = [os.dup(fd) for fd in folders]  # the folders from the walk's start to the current one
     try:
         pending, links = [name], 0  # components still to walk, the next last
@@ -264,7 +307,7 @@ def _through_links(name: str, folders: list[int]) -> tuple[int, str, os.stat_res
                 elif part == "..":  # above the walk's start: a new start
                     path = [_replace(path[0], os.open("..", _DIR, dir_fd=path[0]))]
                 continue
-            st, target, entry_fd = _entry(part, path, last=not pending)
+            st, target, entry_fd = _entry(part, path, last=not pending, starts=starts)
             if target is None:
                 if not pending:
                     return path.pop(), part, st
@@ -289,14 +332,15 @@ def _replace(old: int, new: int) -> int:
     return new
 
 
-def _entry(part: str, path: list[int], last: bool) -> tuple[os.stat_result, str | None, int | None]:
+def _entry(part: str, path: list[int], last: bool,
+           starts: Starts | None = None) -> tuple[os.stat_result, str | None, int | None]:
     """(the lstat of part in path[-1], a link's target or None, an O_PATH descriptor of a folder to walk on, or
     None): a link is judged (planted, Refused) on the inode its target is read from."""
     if not _PATH:  # no O_PATH (not Linux): the link's lstat, compared by inode after its target is read
         st = os.stat(part, dir_fd=path[-1], follow_symlinks=False)
         if not stat.S_ISLNK(st.st_mode):
             return st, None, None
-        _judge(st, path)
+        _judge(st, path, starts)
         target = os.readlink(part, dir_fd=path[-1])
         again = os.stat(part, dir_fd=path[-1], follow_symlinks=False)
         if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
@@ -309,7 +353,7 @@ def _entry(part: str, path: list[int], last: bool) -> tuple[os.stat_result, str 
             fd, walk_on = -1, fd  # the folder to walk on, as judged: the caller's
             return st, None, walk_on
         if stat.S_ISLNK(st.st_mode):
-            _judge(st, path)
+            _judge(st, path, starts)
             return st, os.readlink("", dir_fd=fd), None  # the content of the inode judged
         return st, None, None
     finally:
@@ -317,11 +361,11 @@ def _entry(part: str, path: list[int], last: bool) -> tuple[os.stat_result, str 
             os.close(fd)
 
 
-def _judge(link: os.stat_result, path: list[int]) -> None:
+def _judge(link: os.stat_result, path: list[int], starts: Starts | None = None) -> None:
     me = os.geteuid()
     if link.st_uid in (0, me):
         return  # no need for the folders' stats
-    trusted, folder = _trusted(path)
+    trusted, folder = _trusted(path, starts)
     if planted(link, folder, trusted, me):
         where = "in a folder others may write" if trusted else "in a folder another user made where others may write"
         raise Refused(f"a symbolic link made by another user (uid {link.st_uid}) {where}")

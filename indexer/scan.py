@@ -214,6 +214,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
         if errors is not None:
             errors.append(ListingError("", moved))
         return
+    walks = safeopen.FolderWalks(root)  # each folder walked once for all its links
     pending = [""]
     while pending:
         rel = pending.pop()
@@ -243,7 +244,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             caption_link = os.path.splitext(entry.name)[0] + ".txt" in linked_captions
             try:
                 # a link is followed as it is read (safeopen): one another user planted is no file of the library
-                st = safeopen.stat_through(root, name) if entry.is_symlink() else os.stat(entry.path)
+                st = walks.stat_through(name) if entry.is_symlink() else os.stat(entry.path)
             except safeopen.Refused as exc:
                 # the link's own size and time: a row indexed through it (before links were judged) is replaced
                 link = entry.stat(follow_symlinks=False)  # scandir's, cached
@@ -256,6 +257,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw,
                         caption_link=caption_link)
         pending.extend(reversed(subfolders))
+    walks.close()
 
 
 @dataclass

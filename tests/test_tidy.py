@@ -2,16 +2,21 @@
 
 import io
 import json
+import os
 import uuid
+from functools import partial
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import alignsearch
+from alignsearch import safeopen
 from alignsearch.errors import BadImageError, ImageTooLarge
 from alignsearch.media.images import open_rgb
 from alignsearch.surfaces.server import ServerConfig, start_in_thread
 from helpers import call, indexed_corpus, png_bomb
+from indexer.scan import scan_folder
 
 UPLOAD_CAP = 40_000  # pixels: 200x200 passes, 300x300 does not
 
@@ -68,3 +73,65 @@ def test_open_rgb_says_too_large_with_its_own_class():
         open_rgb(b"not an image")
     assert not isinstance(refused.value, ImageTooLarge)
 
+
+# -- a listing's links: each folder walked once (safeopen.FolderWalks), judged as stat_through judges them ------
+
+
+def _outcome(stat_it):
+    try:
+        st = stat_it()
+    except (OSError, safeopen.Refused) as exc:
+        return type(exc).__name__, str(exc)
+    return st.st_ino, st.st_size
+
+
+def _link_tree(tmp_path) -> tuple[Path, list[str]]:
+    """A library of links in two folders (relative, absolute, chained, broken, to a folder, planted by another
+    user where root can plant them) and the relpaths to stat, the folders interleaved."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(3):
+        (real / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+    lib = tmp_path / "lib"
+    (lib / "a" / "b").mkdir(parents=True)
+    (lib / "a" / "rel.jpg").symlink_to("../../real/0.jpg")
+    (lib / "a" / "abs.jpg").symlink_to(real / "1.jpg")
+    (lib / "a" / "chain.jpg").symlink_to("rel.jpg")
+    (lib / "a" / "broken.jpg").symlink_to("nothing.jpg")
+    (lib / "a" / "folder.jpg").symlink_to(real)
+    (lib / "a" / "b" / "deep.jpg").symlink_to(real / "2.jpg")
+    (lib / "plain.jpg").write_bytes(b"plain")
+    names = ["a/rel.jpg", "a/abs.jpg", "a/b/deep.jpg", "a/chain.jpg", "plain.jpg", "a/broken.jpg", "a/folder.jpg"]
+    if os.geteuid() == 0:
+        (lib / "a" / "planted.jpg").symlink_to(real / "0.jpg")
+        os.lchown(lib / "a" / "planted.jpg", 4242, 4242)
+        (lib / "a").chmod(0o2775)  # others may write it: a link another user made there is refused
+        names.append("a/planted.jpg")
+    return lib, names
+
+
+def test_folder_walks_stat_links_as_stat_through_does(tmp_path):
+    lib, names = _link_tree(tmp_path)
+    expected = [_outcome(partial(safeopen.stat_through, lib, n)) for n in names]
+    open_fds = len(os.listdir("/proc/self/fd"))
+    walks = safeopen.FolderWalks(lib)
+    assert [_outcome(partial(walks.stat_through, n)) for n in names] == expected
+    assert [_outcome(partial(walks.stat_through, n)) for n in reversed(names)] == expected[::-1]
+    assert any("another user" in str(e[1]) for e in expected) == (os.geteuid() == 0)
+    walks.close()
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    walks.stat_through("a/rel.jpg")
+    del walks  # a listing abandoned half way closes its folders too
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+def test_a_listing_of_links_leaves_no_folder_open(tmp_path):
+    lib, _ = _link_tree(tmp_path)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    found = {f.relpath: f.error for f in scan_folder(str(lib))}
+    assert found["a/rel.jpg"] is None and found["a/b/deep.jpg"] is None and found["a/broken.jpg"] == "broken symlink"
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    listing = scan_folder(str(lib))
+    next(f for f in listing if f.relpath.startswith("a/"))  # its links' folder walked, and left half way
+    listing.close()
+    assert len(os.listdir("/proc/self/fd")) == open_fds

@@ -126,12 +126,7 @@ def open_under(root: str | os.PathLike, relpath: str | bytes, *, follow_last: bo
 def open_regular(path: str | os.PathLike, *, follow: bool = True, expect: tuple[int, float] | None = None) -> int:
     """A read-only descriptor of the regular file at path, named by the user (a list file, a tar shard, a
     query image): its folders are taken as named; the file is checked as open_under checks it."""
-    folder, name = os.path.split(os.fspath(path))
-    dir_fd = os.open(folder or ".", _DIR)
-    try:
-        return _open_leaf(name, [dir_fd], follow, expect)
-    finally:
-        os.close(dir_fd)
+    return _open_in_folder(path, follow, expect)[0]
 
 
 def open_pinned(path: str | os.PathLike) -> tuple[int, os.stat_result]:
@@ -139,12 +134,17 @@ def open_pinned(path: str | os.PathLike) -> tuple[int, os.stat_result]:
     that folder's stat, taken on the folder opened: who owns and may write the folder that held the file
     when it was opened (a folder renamed in its place later does not change the answer). For records whose
     trust depends on their folder (client.read_record). The caller closes the descriptor."""
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
+    return _open_in_folder(path, False, None)
+
+
+def _open_in_folder(path: str | os.PathLike, follow: bool,
+                    expect: tuple[int, float] | None) -> tuple[int, os.stat_result]:
+    """The file at path opened in its folder (taken as named, opened once), and that folder's stat."""
+    folder, name = os.path.split(os.fspath(path))
     dir_fd = os.open(folder or ".", _DIR)
     try:
         folder_st = os.fstat(dir_fd)
-        return _open_leaf(name, [dir_fd], False, None), folder_st
+        return _open_leaf(name, [dir_fd], follow, expect), folder_st
     finally:
         os.close(dir_fd)
 

@@ -76,7 +76,7 @@ def remove_leftovers(db, out: Path) -> None:
         recorded = state.read(conn)
         if recorded.model is None:
             return
-        store = vectors.load(conn, out, recorded.model.dim)
+        store = vectors.load(conn, out, recorded.model.dim, recorded.vectors)
     reindex.remove_leftovers(store, pending=recorded.reindex.segment if recorded.reindex else None)
 
 
@@ -90,7 +90,7 @@ def compact(db, out: Path, *, force: bool = False) -> Compacted | None:
         recorded = state.read(conn)
         if recorded.model is None or recorded.reindex is not None:
             return None
-        store = vectors.load(conn, out, recorded.model.dim)
+        store = vectors.load(conn, out, recorded.model.dim, recorded.vectors)
         counted = vectors.usage(conn, store)  # counts first: most runs end here, with no addresses loaded
         stored = counted["rows"]
         if not due(counted["live_rows"], stored, force):

@@ -144,7 +144,7 @@ class Engine:
             model_info, generation, roots, videos = st.model.record, st.generation, list(st.roots.roots), st.videos
             record = st.ann
             tuning = dict(record.tuning)
-            store = vectors.load(conn, self.dir, st.model.dim)
+            store = vectors.load(conn, self.dir, st.model.dim, st.vectors)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
             unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
             live = catalog.live_pairs(conn) if unbuilt else None
@@ -651,7 +651,7 @@ class Engine:
             st = state.read(conn)
             indexed_with, unfinished = st.encoder, st.index_run is not None
             # the store as committed now, as the counts beside it are (the snapshot's predates later runs)
-            stored = vectors.usage(conn, vectors.load(conn, self.dir, snap.store.dim))
+            stored = vectors.usage(conn, vectors.load(conn, self.dir, snap.store.dim, st.vectors))
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),

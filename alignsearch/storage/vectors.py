@@ -326,9 +326,11 @@ def _delete_old_segment(path: Path, index_dir: Path, why: str) -> None:
     log.info("%s: deleted (the old generation: %s)", path.relative_to(index_dir), why)
 
 
-def load(conn: Connection, index_dir: Path, dim: int) -> VectorStore:
-    """The store of the index at index_dir as the catalog last committed it."""
-    recorded = state.read(conn).vectors
+def load(conn: Connection, index_dir: Path, dim: int, recorded: state.VectorState | None = None) -> VectorStore:
+    """The store of the index at index_dir as the catalog last committed it. recorded: the state's vectors
+    where the caller has read the state in this transaction already (not read a second time)."""
+    if recorded is None:
+        recorded = state.read(conn, "vectors").vectors
     return VectorStore(Path(index_dir) / VECTORS_FILE, dim, recorded.rows,
                        {number: (name, rows) for number, name, rows in recorded.segments})
 

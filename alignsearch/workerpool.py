@@ -13,12 +13,14 @@ import threading
 
 
 def ignore_sigint() -> None:
-    """Pool initializer: a worker the pool starts later (after one died) does not inherit SIG_IGN."""
+    """Pool initializer: the worker ignores SIGINT from now on (the command stops its workers itself), and one
+    that came while it started, held off by sigint_held's blocked mask, is discarded pending. A worker the pool
+    starts later (after one died) starts outside sigint_held: this is what quiets it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
-def sigint_ignored():
+def sigint_held():
     """SIGINT held off while processes are started in the block, so they start with it blocked (a blocked
     signal mask survives exec: a Ctrl-C while a worker imports is quiet; its initializer then ignores SIGINT,
     which discards one pending). A Ctrl-C meanwhile is this process's still: raised when the block ends.
@@ -43,5 +45,5 @@ def spawn_pool(workers: int):
     survives exec) until their initializer ignores it, so a Ctrl-C while they import is quiet too.
     The parent holds SIGINT off only while it starts them (milliseconds)."""
     context = multiprocessing.get_context("spawn")
-    with sigint_ignored():
+    with sigint_held():
         return context.Pool(workers, initializer=ignore_sigint)

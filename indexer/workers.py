@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import chain, islice
 
 from alignsearch.errors import AlignSearchError
-from alignsearch.workerpool import ignore_sigint, sigint_ignored
+from alignsearch.workerpool import ignore_sigint, sigint_held
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
         # A spawn pool starts one worker per submit while none is idle (never all at once): submitting one task
         # per worker in a tight loop starts them all here, inside the block; none could be idle yet (a worker
         # takes far longer to boot than the loop runs). Later submits find idle workers and start none.
-        with sigint_ignored():
+        with sigint_held():
             first = [pool.submit(os.getpid) for _ in range(workers)]
         for f in first:
             f.result(timeout=120)

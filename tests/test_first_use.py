@@ -482,7 +482,7 @@ CTRL_C_AS_WORKERS_START = r"""
 import contextlib, os, signal, sys
 import indexer.workers
 
-real = indexer.workers.sigint_ignored
+real = indexer.workers.sigint_held
 
 @contextlib.contextmanager
 def ctrl_c_at(when):
@@ -496,7 +496,7 @@ def ctrl_c_at(when):
     if when == "after":
         os.killpg(0, signal.SIGINT)
 
-indexer.workers.sigint_ignored = lambda: ctrl_c_at(sys.argv[1])
+indexer.workers.sigint_held = lambda: ctrl_c_at(sys.argv[1])
 from alignsearch.surfaces.cli import main
 main(sys.argv[2:], prog_name="alignsearch")
 """

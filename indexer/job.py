@@ -80,6 +80,12 @@ class IndexOptions:
         return EncoderOptions(device=self.device, backend=self.backend, precision=self.precision)
 
 
+def model_identity(model: state.ModelIdentity | Encoder) -> tuple[str, str, str | None]:
+    """The recorded model's or a loaded encoder's name (a hub id or its folder), fingerprint and content digest:
+    what a reused encoder and the index's record are compared by."""
+    return model.name, model.fingerprint, model.content_digest
+
+
 @dataclass
 class EncoderCache:
     """The encoder one process keeps loaded across its runs (`index --watch`): a run reuses it while the model
@@ -95,14 +101,14 @@ class EncoderCache:
         """None (never reused) for an index with no model recorded yet: the run picks and records one."""
         if identity is None:
             return None
-        return model, options, identity.name, identity.fingerprint, identity.content_digest
+        return model, options, *model_identity(identity)
 
     def get(self, key: tuple | None) -> Encoder | None:
         return self.encoder if key is not None and key == self.key else None
 
     def keep(self, model: str | None, options: EncoderOptions, encoder: Encoder) -> None:
         """Kept for the next run, once the index records `encoder` as its model."""
-        self.key = (model, options, encoder.name, encoder.fingerprint, encoder.content_digest)
+        self.key = (model, options, *model_identity(encoder))
         self.encoder = encoder
 
 
@@ -283,8 +289,7 @@ def _load_encoder(db, model: str | None, options: EncoderOptions, encoders: Enco
     if warm is not None:
         return warm
     enc = open_encoder(model, options, recorded)
-    if identity is None or (identity.name, identity.fingerprint, identity.content_digest) != \
-            (enc.name, enc.fingerprint, enc.content_digest):
+    if identity is None or model_identity(identity) != model_identity(enc):
         with db.begin() as conn:
             state.write(conn, model=state.ModelIdentity.from_record(enc.describe()))
     if encoders is not None:

@@ -244,7 +244,7 @@ def frame_at(source, t: float, t_end: float | None = None):
                 raise VideoError("cannot decode video: no frame at that time")
             _refuse_bomb(last.width, last.height)
             return _to_image(last)
-    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+    except (av.error.FFmpegError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
 
 

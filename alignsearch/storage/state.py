@@ -110,7 +110,9 @@ class IndexState:
     schema_version: int | None = None  # None: a new catalog (alignsearch/storage/migrate.py)
     index_id: str | None = None  # random, given at creation; servers prove it to clients
     model: ModelIdentity | None = None  # None: nothing encoded yet
-    generation: int = 0  # raised by each re-encode's switch: readers re-open their snapshot
+    # raised wherever stored vectors change address or files go (a re-encode's switch, a compaction, a fold of
+    # small segments): readers re-open their snapshot
+    generation: int = 0
     vectors: VectorState = VectorState()
     ann: AnnState = AnnState()
     roots: RootsState = RootsState()

@@ -3,10 +3,12 @@
 import io
 import json
 import os
+import sqlite3
 import uuid
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -14,6 +16,9 @@ import alignsearch
 from alignsearch import safeopen
 from alignsearch.errors import BadImageError, ImageTooLarge
 from alignsearch.media.images import open_rgb
+from alignsearch.search.columns import Columns
+from alignsearch.search.query import null_prompts
+from alignsearch.storage.paths import DB_FILE
 from alignsearch.surfaces.server import ServerConfig, start_in_thread
 from helpers import call, indexed_corpus, png_bomb
 from indexer.scan import scan_folder
@@ -135,3 +140,37 @@ def test_a_listing_of_links_leaves_no_folder_open(tmp_path):
     next(f for f in listing if f.relpath.startswith("a/"))  # its links' folder walked, and left half way
     listing.close()
     assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+# -- the gate's null calibration over ANN ids the snapshot's columns lack --------------------------------------
+
+
+def test_rows_present_drops_the_ids_the_columns_lack():
+    cols = Columns.__new__(Columns)  # the id array alone: no catalog needed
+    cols.ids = np.array([2, 5, 9], dtype=np.int64)
+    assert cols.rows_present(np.array([9, 4, 2, 10, 1, 5])).tolist() == [2, 0, 1]  # 4: not 5's row, 10: past the end
+    assert cols.rows_present(np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_the_null_calibration_skips_ann_ids_whose_files_left_the_index(tmp_path, tiny_model):
+    """_null_best (auto mode's gate fusion) read each null query's ANN candidates' rows by searchsorted: an id the
+    snapshot's columns lack (its file failed or left after the ANN index was built) read a neighbour's vector, or,
+    past the last id, raised IndexError."""
+    ix = indexed_corpus(tmp_path, tiny_model, 4)
+    con = sqlite3.connect(ix / DB_FILE)
+    with con:  # every file but the first leaves the indexed ones; the ANN index still holds them all
+        con.execute("UPDATE files SET status = 'failed', reason = 'gone' WHERE id > (SELECT MIN(id) FROM files)")
+    con.close()
+    engine = alignsearch.open(ix, device="cpu")
+    try:
+        assert engine.snap.index.ntotal == 4 and len(engine.snap.columns(engine.db)) == 1
+        nulls = engine._null_best(engine.snap)
+        kept = engine.snap.columns(engine.db).vec_rows
+        best_kept = engine._text_encoder_of(engine.snap).encode_text(null_prompts()) @ \
+            engine.snap.store.get(kept).astype(np.float32).T
+    finally:
+        engine.close()
+    assert len(nulls) == len(null_prompts())
+    # each null query's best is the kept file's cosine, or none found among its candidates (0)
+    for got, kept_cosine in zip(nulls, best_kept[:, 0]):
+        assert got == 0.0 or got == pytest.approx(kept_cosine, abs=2e-3), (nulls, best_kept)

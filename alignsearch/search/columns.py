@@ -102,3 +102,12 @@ class Columns:
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Positions of these ids (all present) in the arrays."""
         return np.searchsorted(self.ids, ids)
+
+    def rows_present(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of those of these ids that are in the arrays, in their order; the others (an ANN id whose
+        file left the indexed ones after the ANN index was built) dropped, not read as a neighbour's row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        inside = pos < len(self.ids)
+        inside[inside] = self.ids[pos[inside]] == ids[inside]
+        return pos[inside]

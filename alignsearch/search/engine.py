@@ -490,8 +490,8 @@ class Engine:
         best = []
         for v in vectors_:
             sc = Scorer([unit(v)])
-            ids = np.array(self._vector_ids(snap, sc, opts, None), dtype=np.int64)
-            sims = sc.score(_unit(self._stored(snap, cols.vec_rows[cols.rows_of(ids)]))) if len(ids) else [0.0]
+            rows = cols.rows_present(np.array(self._vector_ids(snap, sc, opts, None), dtype=np.int64))
+            sims = sc.score(_unit(self._stored(snap, cols.vec_rows[rows]))) if len(rows) else [0.0]
             best.append(float(np.max(sims)))
         self._nulls = (snap, np.array(best))
         return self._nulls[1]

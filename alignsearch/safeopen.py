@@ -34,8 +34,8 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _PATH = getattr(os, "O_PATH", 0)
 _DIR = (_PATH or os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
 MAX_LINKS = 40  # as the kernel's own limit on a path's links
-# _start_trusted's answers by folder (st_dev, st_ino), kept while one folder's links are stat'ed (FolderWalks)
-Starts = dict[tuple[int, int], tuple[bool, os.stat_result]]
+# _start_trusted's answers by folder (st_dev, st_ino) and place, kept while one folder's links are stat'ed
+Starts = dict[tuple[int, int, str], bool]
 
 
 class Refused(BadImageError):
@@ -247,32 +247,35 @@ def planted(entry: os.stat_result, folder: os.stat_result, folder_trusted: bool,
 
 def _trusted(folders: list[int], starts: Starts | None = None) -> tuple[bool, os.stat_result]:
     """(whether the last folder is trusted, its stat): each one unless planted in the one before, the first one
-    judged from / down (_start_trusted; remembered in starts, by the folder's inode, where the caller keeps
-    them). Asked only when another user's link is met."""
+    judged from / down (_start_trusted). Asked only when another user's link is met."""
     me = os.geteuid()
-    if starts is None:
-        trusted, above = _start_trusted(folders[0], me)
-    else:
-        first = os.fstat(folders[0])
-        key = (first.st_dev, first.st_ino)
-        if key not in starts:
-            starts[key] = _start_trusted(folders[0], me)
-        trusted, above = starts[key]
+    trusted, above = _start_trusted(folders[0], me, starts)
     for fd in folders[1:]:
         st = os.fstat(fd)
         trusted, above = not planted(st, above, trusted, me), st
     return trusted, above
 
 
-def _start_trusted(fd: int, me: int) -> tuple[bool, os.stat_result]:
+def _start_trusted(fd: int, me: int, starts: Starts | None = None) -> tuple[bool, os.stat_result]:
     """(whether a walk's first folder is trusted, its stat): its folders from / judged one by one (the root the
     user chose, or a named file's folder, may itself be a folder another user made in a shared one). Where the
-    system cannot say where fd lies (no /proc), it is trusted as named; one moved meanwhile is not."""
+    system cannot say where fd lies (no /proc), it is trusted as named; one moved meanwhile is not. starts: the
+    answers already given for a folder at a place, where the caller keeps them (FolderWalks: one folder's links)."""
     st = os.fstat(fd)
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return True, st
+    if starts is None:
+        return _judged_from_root(where, st, me), st
+    key = (st.st_dev, st.st_ino, where)
+    if key not in starts:
+        starts[key] = _judged_from_root(where, st, me)
+    return starts[key], st
+
+
+def _judged_from_root(where: str, st: os.stat_result, me: int) -> bool:
+    """_start_trusted's walk: the folders of where, from /, each judged in the one before; st: the folder's own."""
     trusted, above, cur = True, None, os.open("/", _DIR)
     try:
         above = os.fstat(cur)
@@ -281,10 +284,10 @@ def _start_trusted(fd: int, me: int) -> tuple[bool, os.stat_result]:
             here = os.fstat(cur)
             trusted, above = not planted(here, above, trusted, me), here
     except OSError:
-        return False, st  # not where /proc says (moved, deleted): judged as planted
+        return False  # not where /proc says (moved, deleted): judged as planted
     finally:
         os.close(cur)
-    return trusted and (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino), st
+    return trusted and (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _through_links(name: str, folders: list[int], starts: Starts | None = None) -> tuple[int, str, os.stat_result]:
@@ -293,7 +296,7 @@ def _through_links(name: str, folders: list[int], starts: Starts | None = None) 
     judged by planted against the folder holding it, each on the very inode followed (an O_PATH descriptor of
     the link, whose content is read from it), so a link swapped in after the judgement is never followed; the
     folders a target names walked one at a time, from / for an absolute one. At most MAX_LINKS links. folders
-    are borrowed; the caller closes the descriptor returned. starts: see _trusted."""
+    are borrowed; the caller closes the descriptor returned. starts: see _start_trusted."""
     path = [os.dup(fd) for fd in folders]  # the folders from the walk's start to the current one
     try:
         pending, links = [name], 0  # components still to walk, the next last

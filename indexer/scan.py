@@ -208,13 +208,13 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
     (found from a stat, never opened). A folder that cannot be listed is appended to `errors`, never
     silently skipped: its files must not look deleted. So is a root whose path is now a link (see relinked).
     """
+    walks = safeopen.FolderWalks(root)  # each folder walked once for all its links (opens nothing until then)
     moved = relinked(root, str(Path(root).resolve()), os.path.islink(root))
     if moved:
         # listed through the link, its files would be indexed under a root the index does not know
         if errors is not None:
             errors.append(ListingError("", moved))
         return
-    walks = safeopen.FolderWalks(root)  # each folder walked once for all its links
     pending = [""]
     while pending:
         rel = pending.pop()

@@ -28,7 +28,6 @@ Pillow's where torchvision is missing.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -46,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from alignsearch.media import photometa
-from alignsearch.media.images import DECODE_MARGIN, DEFAULT_MAX_PIXELS, ImageSpec
+from alignsearch.media.images import DECODE_MARGIN, DEFAULT_MAX_PIXELS, ImageSpec, open_image
 from alignsearch.media.phash import PHASH_SIDE, phash_of
 from indexer import jpegdecoders
 from indexer.decode import Item, read_data, read_item, sidecar_caption
@@ -82,7 +81,7 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data)
             fmt, mode, (width, height) = img.format, img.mode, img.size
             orientation = img.getexif().get(ORIENTATION, 1) if fmt == "JPEG" else 1
     except Exception:  # noqa: BLE001 - the CPU path's decoder gives the reason a person reads

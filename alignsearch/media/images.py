@@ -26,6 +26,20 @@ if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < DEFAULT_MAX_P
     Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
+# The formats the indexer lists (indexer/scan.py), by Pillow's names; MPO is a camera JPEG read by the JPEG
+# plugin. Pillow's other readers are never asked: some decode whole at open, before the size is known (ICO/CUR
+# decode an embedded PNG of any size, past every pixel cap), EPS runs Ghostscript, and none is a photo format.
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF")
+READ_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC/HEIF, AVIF"
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy image of these bytes (header read, pixels not yet), in one of READ_FORMATS only.
+    Raises what Image.open raises (UnidentifiedImageError for any other format)."""
+    Image.init()  # every plugin registered (at once after the first call): Pillow fails on a name it lacks
+    return Image.open(io.BytesIO(data), formats=[f for f in READ_FORMATS if f in Image.OPEN])
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What the checkpoint's image processor does, read from its saved config."""
@@ -66,7 +80,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below decides
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLarge(
@@ -92,7 +106,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
             raise BadImageError(
                 "HEIC/HEIF/AVIF image, but no decoder is installed: pip install 'alignsearch[heif]'"
             ) from None
-        raise BadImageError("not an image (format not recognised)") from None
+        raise BadImageError(f"not an image alignsearch reads (it reads {READ_NAMES})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(f"cannot decode image: {exc}") from None
 
@@ -192,7 +206,7 @@ def decode_pixels(data: bytes, spec: ImageSpec, fast: bool = False) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data)
             if img.format == "JPEG":
                 img.draft("RGB", _draft(spec, fast))
             return img.size[0] * img.size[1]
@@ -208,7 +222,7 @@ def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, f
     img, fmt = open_rgb(data, max_pixels, _draft(spec, fast))
     size = img.size
     if fmt == "JPEG":  # report the stored size, not the reduced decode's
-        header = Image.open(io.BytesIO(data))
+        header = open_image(data)
         size = header.size[::-1] if header.getexif().get(0x0112) in (5, 6, 7, 8) else header.size
     factor = min(img.size) // side
     if factor >= 2 and not fast and fmt != "JPEG":  # other formats: box-reduced before the resize's copies

@@ -6,13 +6,14 @@ functions over bytes and text, so they are tested on hand-made EXIF layouts with
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import warnings
 from datetime import datetime, timedelta, timezone
 
 from PIL import Image
+
+from alignsearch.media.images import open_image
 
 EXIF_IFD, GPS_IFD = 0x8769, 0x8825
 MAKE, MODEL, DATETIME = 0x010F, 0x0110, 0x0132
@@ -38,7 +39,7 @@ def read(data: bytes, mtime: float, caption: str | None = None) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out.update(exif_fields(_exif(Image.open(io.BytesIO(data)), data)))
+            out.update(exif_fields(_exif(open_image(data), data)))
     except Exception:  # noqa: BLE001 - EXIF is a courtesy; the image itself is judged by the decoder
         pass
     if out["taken"] is None:

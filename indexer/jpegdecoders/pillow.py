@@ -4,12 +4,12 @@ logic is tested so in CI, where torchvision cannot be installed beside the CPU t
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
 from PIL import Image
 
+from alignsearch.media.images import open_image
 from indexer.jpegdecoders.base import JpegDecoder
 
 
@@ -24,7 +24,7 @@ class PillowDecoder(JpegDecoder):
         for data in datas:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the stage's probe bounds pixels
-                with Image.open(io.BytesIO(data)) as img:
+                with open_image(data) as img:
                     if img.format != "JPEG":
                         raise ValueError(f"not a JPEG ({img.format})")
                     # the whole picture as stored (no draft, no turn), copied out writable for torch

@@ -745,3 +745,47 @@ def phash_slowly(row):
         open(row.path + ".busy", "w").close()
         time.sleep(SLOW_S)
     return phashfill._hash_file(row)
+
+
+# -- a fill step's worker that dies, each death noted (tests/test_fills.py) ----------------------------------------
+
+DEATHS_ENV = "ALIGNSEARCH_TEST_DEATHS"  # a file: one line per worker a die* file killed
+
+
+def _die_noted(row) -> None:
+    if os.path.basename(row.relpath).startswith("die"):
+        with open(os.environ[DEATHS_ENV], "a") as f:
+            f.write(f"{row.relpath}\n")
+        os._exit(9)
+
+
+def ocr_read_noting_deaths(row):
+    """ocr_read_or_die, each worker's death noted in the file $ALIGNSEARCH_TEST_DEATHS names."""
+    from indexer import ocrfill
+
+    _die_noted(row)
+    return ocrfill._read(row)
+
+
+def phash_noting_deaths(row):
+    """phash_or_die, each worker's death noted in the file $ALIGNSEARCH_TEST_DEATHS names."""
+    from indexer import phashfill
+
+    _die_noted(row)
+    return phashfill._hash_file(row)
+
+
+def deaths(path: Path) -> int:
+    """How many workers a die* file killed (the lines of the file $ALIGNSEARCH_TEST_DEATHS names)."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def catalog_rows(ix: Path, sql: str) -> list:
+    """What a query of the index's catalog answers, read-only."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(ix) / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import index_json, make_images, run
+from helpers import catalog_rows
 
 from alignsearch.media.images import ImageSpec
 
@@ -24,12 +25,7 @@ SPEC = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=
 needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
 
 
-def _rows(ix: Path, sql: str) -> list:
-    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+_rows = catalog_rows
 
 
 # -- 1. a video whose frames claim more pixels than a photo may have ------------------------------------------

@@ -752,27 +752,15 @@ def phash_slowly(row):
 DEATHS_ENV = "ALIGNSEARCH_TEST_DEATHS"  # a file: one line per worker a die* file killed
 
 
-def _die_noted(row) -> None:
+def noting_deaths(fn, row):
+    """fn(row), but a worker process that meets a file named die* dies at once (as the OOM killer or a crash in a
+    codec ends one), noted first in the file $ALIGNSEARCH_TEST_DEATHS names. For a fill's worker processes:
+    functools.partial(noting_deaths, the fill's own function), which they unpickle by name."""
     if os.path.basename(row.relpath).startswith("die"):
         with open(os.environ[DEATHS_ENV], "a") as f:
             f.write(f"{row.relpath}\n")
         os._exit(9)
-
-
-def ocr_read_noting_deaths(row):
-    """ocr_read_or_die, each worker's death noted in the file $ALIGNSEARCH_TEST_DEATHS names."""
-    from indexer import ocrfill
-
-    _die_noted(row)
-    return ocrfill._read(row)
-
-
-def phash_noting_deaths(row):
-    """phash_or_die, each worker's death noted in the file $ALIGNSEARCH_TEST_DEATHS names."""
-    from indexer import phashfill
-
-    _die_noted(row)
-    return phashfill._hash_file(row)
+    return fn(row)
 
 
 def deaths(path: Path) -> int:

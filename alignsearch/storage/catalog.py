@@ -562,9 +562,9 @@ def integrity_problems(db_path: Path) -> list[str]:
         with db.connect() as conn:
             found = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
             # every page sound; and every table there, which readers rely on from version 3 (migrate.py)
-            if found == ["ok"] and migrate.every_table(migrate.schema_of(conn).version):
+            version = migrate.schema_of(conn).version
+            if found == ["ok"] and migrate.every_table(version):
                 have = {name for (name,) in conn.exec_driver_sql("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
-                version = migrate.schema_of(conn).version
                 lacking = [t.name for t in metadata.sorted_tables if t.name not in have and migrate.holds(version, t.name)]
                 found = [f"it lacks the table{'s' * (len(lacking) > 1)} {', '.join(lacking)}"] if lacking else found
     except DBAPIError as exc:
@@ -807,7 +807,7 @@ def count_without_ocr(conn: Connection, *, without_ids: Iterable[int] = ()) -> i
 def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256, *,
                       without_ids: Iterable[int] = ()) -> list[FileRow]:
     """Indexed images (not video moments) whose text has not been read yet, id > after, in id order (at most
-    limit); less without_ids (files gone in this run) and the images it could not be read in as they are now."""
+    limit); less without_ids (files gone in this run) and the images whose text could not be read as they are now."""
     query = select(files).join(photos, photos.c.file_id == files.c.id).where(
         files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after,
         ~_fill_failed(FILL_OCR), *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)

@@ -204,7 +204,8 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     photo_columns = [row[1] for row in dbapi_conn.execute(f"PRAGMA main.table_info({catalog.photos.name})")]
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
                    photo_ocr="ocr" in photo_columns, phashes=catalog.phashes.name in have,
-                   keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have, fill_failures=False)
+                   keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
+                   fill_failures=catalog.fill_failures.name in have)
     if not found.moments:
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {', '.join(V2_COLUMNS)}, 0 AS moment, "
                            "NULL AS t, NULL AS t_end FROM main.files")

@@ -46,6 +46,8 @@ class Summary:
     encoder: dict = field(default_factory=dict)  # backend and precision that ran (alignsearch/encoders/backend.py)
     ocr: dict = field(default_factory=dict)  # {"enabled", "read", "with_text"}: text in images (alignsearch/media/ocr.py)
     compacted: dict | None = None  # the vector store compacted at the end of the run (indexer/compact.py)
+    # {"ocr", "phash"}: indexed files each fill step could not read (this run or before), skipped until they change
+    fill_failures: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -457,6 +459,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
                              on_commit=lambda conn: catalog.delete_files(conn, gone_ids))
     with db.connect() as conn:
         summary.ocr["with_text"] = catalog.count_with_text(conn)
+        summary.fill_failures = catalog.fill_failure_counts(conn)
     times.extra["index_build"] = round(built.pop("seconds"), 3)
     summary.index = built
     # After encoding (a failed ONNX export has switched the plan to torch), before tagging (whose text export

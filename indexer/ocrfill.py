@@ -17,35 +17,44 @@ log = logging.getLogger(__name__)
 BATCH = 64
 
 
-def _read(row: catalog.FileRow) -> tuple[int, str | None, float]:
+def _read(row: catalog.FileRow) -> tuple[int, str | None, float, str | None]:
+    """(file id, its text or None, OCR seconds, why it cannot be read as it is: None when it may be next time)."""
     from alignsearch.media.images import open_rgb
     from indexer.decode import read_text
 
     try:
-        image, _ = open_rgb(row.read())
-    except Exception as exc:  # noqa: BLE001 - changed or gone since indexing: the next run reconciles it
+        data = row.read()
+    except Exception as exc:  # noqa: BLE001 - gone, unreadable for now, changed since indexing: tried again
         log.info("no text read from %s: %s", row.path, exc)
-        return row.id, None, 0.0
+        return row.id, None, 0.0, None
+    try:
+        image, _ = open_rgb(data)
+    except Exception as exc:  # noqa: BLE001 - its bytes cannot be decoded: no use trying them again
+        log.info("no text read from %s: %s", row.path, exc)
+        return row.id, None, 0.0, f"cannot decode it: {exc}"
     text, seconds = read_text(image, row.path)
-    return row.id, text, seconds
+    return row.id, text, seconds, None if text is not None else "the text reader failed on it"
 
 
 def fill(db, workers: int = 0, on_batch=lambda n: None, *, without_ids: Iterable[int] = ()) -> tuple[int, float]:
     """Read every indexed file that has not been read for text, but for without_ids (files gone from disk, whose
     rows this run deletes); returns (files read, OCR seconds summed over the workers). Files that cannot be
-    read now (or that kill the worker reading them twice) stay unread (NULL) for a later run."""
+    opened now stay unread (NULL) for a later run; those that cannot be decoded or read, or that kill the worker
+    reading them twice, are recorded (catalog.fill_failures) and skipped by later runs until they change."""
     from indexer.workers import catalog_pages, map_rows
 
     done, seconds = 0, 0.0
     pages = catalog_pages(db, catalog.files_without_ocr, BATCH, list(without_ids))
-    found = map_rows(_read, pages, workers, lambda row, _reason: (row.id, None, 0.0))  # decoded as the pipeline does
+    # decoded as the pipeline does; a file that killed its worker twice: recorded with that reason
+    found = map_rows(_read, pages, workers, lambda row, reason: (row.id, None, 0.0, reason))
     try:
         while batch := list(islice(found, BATCH)):
             t0 = time.perf_counter()
-            seconds += sum(s for _, _, s in batch)
-            texts = [(i, t) for i, t, _ in batch if t is not None]
+            seconds += sum(s for _, _, s, _ in batch)
+            texts = [(i, t) for i, t, _, _ in batch if t is not None]
             with db.begin() as conn:
                 catalog.set_ocr(conn, texts)
+                catalog.record_fill_failures(conn, catalog.FILL_OCR, [(i, why) for i, _, _, why in batch if why])
             done += len(texts)
             log.debug("stored text of %d files in %.2f s", len(batch), time.perf_counter() - t0)
             on_batch(len(batch))

@@ -7,11 +7,12 @@ What is checked, each against what the writer recorded when it committed:
   rows past the commits, segment files nobody knows, files pointing at no committed row;
 - the ANN index: its layout's files against their recorded checksums (alignsearch/storage/layout.py: check),
   then its ids against the catalog;
-- the model: it still loads and has the recorded fingerprint (unless --skip-model).
+- the model: it still loads and has the recorded fingerprint (unless --skip-model);
+- the records of files a fill step could not read (catalog.fill_failures): each names an indexed file.
 
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
-again (only them), rebuilds the ANN index from the stored vectors, and writes a damaged keyword index again
-from what it is made of. A damaged catalog cannot be
+again (only them), rebuilds the ANN index from the stored vectors, writes a damaged keyword index again
+from what it is made of, and drops fill failure records that name no indexed file. A damaged catalog cannot be
 mended from what is left: it says how to rebuild the index from its folders.
 """
 
@@ -40,6 +41,7 @@ class Report:
     ann_damaged: bool = False
     catalog_damaged: bool = False
     keywords_damaged: bool = False
+    dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
 
     @property
     def ok(self) -> bool:
@@ -71,6 +73,10 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     db = catalog.connect(index_dir / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
+            r.dangling_fill_failures = catalog.count_dangling_fill_failures(conn)
+            if r.dangling_fill_failures:  # harmless to searches, but no run drops them: --repair does
+                r.problems.append(f"{r.dangling_fill_failures} records of files a fill step could not read name "
+                                  "no indexed file")
             st = state.read(conn)
             if st.model is None:
                 r.problems.append("no model recorded: the index was never built")
@@ -165,6 +171,10 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 with db.begin() as conn:
                     catalog.rebuild_keywords(conn)
                 done.append("keyword index written again from the files' captions, text, paths and tags")
+            if report.dangling_fill_failures:
+                with db.begin() as conn:
+                    dropped = catalog.forget_dangling_fill_failures(conn)
+                done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
             with db.connect() as conn:
                 model = state.read(conn).model
             if model is None:

@@ -745,3 +745,35 @@ def phash_slowly(row):
         open(row.path + ".busy", "w").close()
         time.sleep(SLOW_S)
     return phashfill._hash_file(row)
+
+
+# -- a fill step's worker that dies, each death noted (tests/test_fills.py) ----------------------------------------
+
+DEATHS_ENV = "ALIGNSEARCH_TEST_DEATHS"  # a file: one line per worker a die* file killed
+
+
+def noting_deaths(fn, row):
+    """fn(row), but a worker process that meets a file named die* dies at once (as the OOM killer or a crash in a
+    codec ends one), noted first in the file $ALIGNSEARCH_TEST_DEATHS names. For a fill's worker processes:
+    functools.partial(noting_deaths, the fill's own function), which they unpickle by name."""
+    if os.path.basename(row.relpath).startswith("die"):
+        with open(os.environ[DEATHS_ENV], "a") as f:
+            f.write(f"{row.relpath}\n")
+        os._exit(9)
+    return fn(row)
+
+
+def deaths(path: Path) -> int:
+    """How many workers a die* file killed (the lines of the file $ALIGNSEARCH_TEST_DEATHS names)."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def catalog_rows(ix: Path, sql: str) -> list:
+    """What a query of the index's catalog answers, read-only."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(ix) / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import index_json, make_images, run
+from helpers import catalog_rows
 
 from alignsearch.media.images import ImageSpec
 
@@ -24,12 +25,7 @@ SPEC = ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=
 needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
 
 
-def _rows(ix: Path, sql: str) -> list:
-    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+_rows = catalog_rows
 
 
 # -- 1. a video whose frames claim more pixels than a photo may have ------------------------------------------
@@ -471,7 +467,7 @@ def test_kill_9_while_phashes_are_filled_leaves_none_half_written_and_the_next_r
 
 # -- 7. a catalog that lacks one of its tables -----------------------------------------------------------------
 
-@pytest.mark.parametrize("table", ["photos", "tags", "phashes", "keywords", "keywords_trigram"])
+@pytest.mark.parametrize("table", ["photos", "tags", "phashes", "keywords", "keywords_trigram", "fill_failures"])
 def test_verify_finds_a_table_gone_from_the_catalog_and_repairs_the_keyword_index(indexed_images, tmp_path, table):
     """A version 3 catalog has every table, and readers rely on it (migrate.py). One dropped (a hand edit, another
     tool): queries failed ("no such table: photos") or `index` did ("no such table: phashes"), while `verify`

@@ -208,7 +208,7 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
     assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
     conn = sqlite3.connect(ix / "catalog.db")
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"  # the latest
     conn.close()
 
 

@@ -42,7 +42,7 @@ def test_an_index_written_by_590b6d4_is_read_as_it_is_and_answers_the_same(v3):
     assert set(after) - set(before) <= {".alignsearch/catalog.db-wal", ".alignsearch/catalog.db-shm"}
     db = catalog.connect(v3 / ".alignsearch" / "catalog.db", readonly=True)
     with db.connect() as conn:
-        assert state.read(conn).schema_version == 3 and migrate.schema_of(conn) == migrate.Schema(3)
+        assert state.read(conn).schema_version == 3 and migrate.schema_of(conn) == migrate.Schema(3, fill_failures=False)
     db.dispose()
 
 
@@ -74,9 +74,10 @@ def test_state_reads_every_key_590b6d4_wrote_and_writes_them_back_the_same(v3, t
     with fresh.begin() as conn:
         state.write(conn, **{f: getattr(read, f) for f in state.KEYS if f != "schema_version"})
         written = dict(conn.exec_driver_sql("SELECT key, value FROM meta").all())
-        assert state.read(conn) == read
+        assert state.read(conn) == replace(read, schema_version=migrate.LATEST)  # the fresh catalog's own version
     fresh.dispose()
     # the same JSON under the same keys (index_id too: written over the fresh catalog's own)
+    rows.pop("schema_version")
     assert {k: json.loads(v) for k, v in written.items() if k in rows} == {k: json.loads(v) for k, v in rows.items()}
 
 

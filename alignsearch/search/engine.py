@@ -648,6 +648,7 @@ class Engine:
         snap = self.snap
         with self.db.connect() as conn:
             count = catalog.counts(conn)
+            unread = catalog.fill_failure_counts(conn)
             st = state.read(conn)
             indexed_with, unfinished = st.encoder, st.index_run is not None
             # the store as committed now, as the counts beside it are (the snapshot's predates later runs)
@@ -661,6 +662,7 @@ class Engine:
             "roots": snap.roots,
             "images": count[catalog.INDEXED],
             "failed": count[catalog.FAILED],
+            "fill_failures": unread,  # {step: indexed files it could not read, skipped until they change}
             "index": {
                 "type": snap.plan.kind,
                 "factory": snap.plan.factory,

@@ -34,6 +34,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal,
     or_,
     select,
     union,
@@ -135,6 +136,24 @@ photos = Table(
     Column("caption", Text),
     Column("ocr", Text),  # the text read in the image (alignsearch/media/ocr.py): NULL not read, "" none found
 )
+# The indexed files a fill step (indexer/ocrfill.py, indexer/phashfill.py) could not read: its worker died
+# twice over the file, or the file's pixels or text could not be made out. With the size and mtime the file had:
+# the step skips it while its row still has them (a changed file gets a new row, and these rows go with the
+# old one: forget_extras). A file that could not be opened (permissions, a disk away) is not recorded: the next
+# run tries it again. From schema 4 (alignsearch/storage/migrate.py).
+fill_failures = Table(
+    "fill_failures",
+    metadata,
+    Column("file_id", Integer, primary_key=True),
+    Column("step", String(16), primary_key=True),  # FILL_STEPS
+    Column("size", Integer, nullable=False),
+    Column("mtime", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("failed_at", Float, nullable=False),
+)
+FILL_OCR, FILL_PHASH = "ocr", "phash"
+FILL_STEPS = (FILL_OCR, FILL_PHASH)
+
 KEYWORDS = "keywords"  # SQLite FTS5 over captions, text in images, file and folder names and tags; rowid = file id
 # FTS5's trigram tokenizer over the chunks of that text that hold a digit, so `4711` finds `INV4711A`
 # (alignsearch/storage/keywords.py); substrings of 3+ characters, case-insensitive.
@@ -543,9 +562,10 @@ def integrity_problems(db_path: Path) -> list[str]:
         with db.connect() as conn:
             found = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
             # every page sound; and every table there, which readers rely on from version 3 (migrate.py)
-            if found == ["ok"] and migrate.every_table(migrate.schema_of(conn).version):
+            version = migrate.schema_of(conn).version
+            if found == ["ok"] and migrate.every_table(version):
                 have = {name for (name,) in conn.exec_driver_sql("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
-                lacking = [t.name for t in metadata.sorted_tables if t.name not in have]
+                lacking = [t.name for t in metadata.sorted_tables if t.name not in have and migrate.holds(version, t.name)]
                 found = [f"it lacks the table{'s' * (len(lacking) > 1)} {', '.join(lacking)}"] if lacking else found
     except DBAPIError as exc:
         found = [str(exc.orig).splitlines()[0]]
@@ -641,9 +661,9 @@ def phashes_of(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, 
 def files_without_phash(conn: Connection, after: int = 0, limit: int = 256, *,
                         without_ids: Iterable[int] = ()) -> list[FileRow]:
     """Indexed files with no phash yet, id > after, in id order (at most limit); less without_ids and their
-    videos' other moments (files gone in this run)."""
+    videos' other moments (files gone in this run), and files the fill could not read as they are now."""
     query = select(files).outerjoin(phashes, phashes.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after,
+        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after, ~_fill_failed(FILL_PHASH),
         *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
@@ -675,10 +695,11 @@ def duplicate_hashes(conn: Connection) -> list[list[int]]:
 
 
 def forget_extras(conn: Connection, ids: list[int]) -> None:
-    """Drop what hangs off files that leave the catalog (their photo fields and keywords)."""
+    """Drop what hangs off files that leave the catalog (their photo fields, keywords and fill failures)."""
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(delete(photos).where(photos.c.file_id.in_(chunk)))
+        conn.execute(delete(fill_failures).where(fill_failures.c.file_id.in_(chunk)))
         _drop_keywords(conn, chunk)
 
 
@@ -775,20 +796,21 @@ def count_with_text(conn: Connection) -> int:
 
 
 def count_without_ocr(conn: Connection, *, without_ids: Iterable[int] = ()) -> int:
-    """Indexed images (not video moments: their text is not read) whose text has not been read yet, less
-    without_ids (files gone in this run): what files_without_ocr pages through."""
+    """Indexed images (not video moments: their text is not read) whose text has not been read yet and could
+    be read before, less without_ids (files gone in this run): what files_without_ocr pages through."""
     query = select(func.count()).select_from(photos.join(files, files.c.id == photos.c.file_id)).where(
-        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), *_leaving_out(without_ids))
+        files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), ~_fill_failed(FILL_OCR),
+        *_leaving_out(without_ids))
     return int(conn.execute(query).scalar() or 0)
 
 
 def files_without_ocr(conn: Connection, after: int = 0, limit: int = 256, *,
                       without_ids: Iterable[int] = ()) -> list[FileRow]:
     """Indexed images (not video moments) whose text has not been read yet, id > after, in id order (at most
-    limit); less without_ids (files gone in this run)."""
+    limit); less without_ids (files gone in this run) and the images whose text could not be read as they are now."""
     query = select(files).join(photos, photos.c.file_id == files.c.id).where(
         files.c.status == INDEXED, files.c.t.is_(None), photos.c.ocr.is_(None), files.c.id > after,
-        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
+        ~_fill_failed(FILL_OCR), *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 
@@ -800,6 +822,71 @@ def files_without_photo(conn: Connection, after: int = 0, limit: int = 256, *,
         files.c.status == INDEXED, photos.c.file_id.is_(None), files.c.id > after,
         *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
+
+
+# -- what a fill step could not read (fill_failures) ---------------------------------------------------------------
+
+def _fill_failed(step: str):
+    """The clause: the file's failure at `step` is recorded for its size and mtime as they are now."""
+    ff = fill_failures
+    return select(ff.c.file_id).where(ff.c.file_id == files.c.id, ff.c.step == step, ff.c.size == files.c.size,
+                                      ff.c.mtime == files.c.mtime).exists()
+
+
+def record_fill_failures(conn: Connection, step: str, failed: Iterable[tuple[int, str]]) -> None:
+    """Remember that `step` could not read these files ((file id, reason)) as their rows stand now (size, mtime)."""
+    now = time.time()
+    for file_id, reason in failed:
+        conn.execute(delete(fill_failures).where(fill_failures.c.file_id == int(file_id), fill_failures.c.step == step))
+        conn.execute(insert(fill_failures).from_select(
+            ["file_id", "step", "size", "mtime", "reason", "failed_at"],
+            select(files.c.id, literal(step), files.c.size, files.c.mtime, literal(reason), literal(now)).where(
+                files.c.id == int(file_id))))
+
+
+def _fill_failures_now():
+    """fill_failures joined to the indexed files whose size and mtime are those recorded."""
+    ff = fill_failures
+    return ff.join(files, and_(files.c.id == ff.c.file_id, files.c.size == ff.c.size, files.c.mtime == ff.c.mtime,
+                               files.c.status == INDEXED))
+
+
+def fill_failure_counts(conn: Connection) -> dict[str, int]:
+    """{step: indexed files it could not read and skips until they change}, every step of FILL_STEPS (0 for a
+    catalog older than the table, which a reader does not upgrade)."""
+    found = dict.fromkeys(FILL_STEPS, 0)
+    if migrate.schema_of(conn).fill_failures:
+        query = select(fill_failures.c.step, func.count()).select_from(_fill_failures_now()).group_by(
+            fill_failures.c.step)
+        found.update({step: int(n) for step, n in conn.execute(query)})
+    return found
+
+
+def fill_failed_files(conn: Connection) -> list[tuple[FileRow, str, str]]:
+    """(file, step, reason) of each file a fill step skips until it changes, in path order ([] before schema 4)."""
+    if not migrate.schema_of(conn).fill_failures:
+        return []
+    step, reason = fill_failures.c.step.label("fill_step"), fill_failures.c.reason.label("fill_reason")  # files has a reason
+    query = select(files, step, reason).select_from(_fill_failures_now()).order_by(
+        files.c.root, files.c.relpath, files.c.moment, step)
+    return [(FileRow(**{c.name: row._mapping[c] for c in files.c}), row.fill_step, row.fill_reason)
+            for row in conn.execute(query)]
+
+
+def _dangling_fill_failures():
+    return ~select(files.c.id).where(files.c.id == fill_failures.c.file_id, files.c.status == INDEXED).exists()
+
+
+def count_dangling_fill_failures(conn: Connection) -> int:
+    """Fill failure rows that name no indexed file (verify; 0 before schema 4)."""
+    if not migrate.schema_of(conn).fill_failures:
+        return 0
+    return int(conn.execute(select(func.count()).select_from(fill_failures).where(_dangling_fill_failures())).scalar())
+
+
+def forget_dangling_fill_failures(conn: Connection) -> int:
+    """Drop the fill failure rows that name no indexed file (verify --repair); how many."""
+    return conn.execute(delete(fill_failures).where(_dangling_fill_failures())).rowcount
 
 
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:

@@ -88,19 +88,35 @@ def _rebuild_files(conn) -> None:
         conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)", (int(seq),))
 
 
+def _fill_failures(conn) -> None:
+    """The files a fill step (indexer/ocrfill.py, indexer/phashfill.py) could not read, remembered with the size
+    and mtime they had, so the next runs skip them until they change (one that killed its decode worker twice
+    cost two more deaths every run). A new table: readers of version 3 do without it (Schema.fill_failures)."""
+    from alignsearch.storage import catalog
+
+    catalog.fill_failures.create(conn, checkfirst=True)
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "vector addresses are (segment, row)", _segments),
     Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
          _moments_and_text),
+    Step(4, "the files a fill step could not read (fill_failures)", _fill_failures),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
 EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers rely on it
+ADDED = {"fill_failures": 4}  # tables that came after EVERY_TABLE: the version that brought each
 
 
 def every_table(version: int | None) -> bool:
     """Must a catalog at `version` hold every table? (None: no version recorded, as one made at LATEST.)"""
     return (version or LATEST) >= EVERY_TABLE
+
+
+def holds(version: int | None, table: str) -> bool:
+    """Must a catalog at `version` hold this table?"""
+    return every_table(version) and (version or LATEST) >= ADDED.get(table, EVERY_TABLE)
 
 
 def pending(version: int | None) -> list[Step]:
@@ -154,7 +170,8 @@ def _tables(dbapi_conn) -> set[str]:
 @dataclass(frozen=True)
 class Schema:
     """What a reader may rely on in the catalog it opened (it never upgrades one). Every field is true from
-    version 3 on; an older catalog is probed once, when a connection opens."""
+    version 4 on; fill_failures alone is false at version 3; an older catalog is probed once, when a
+    connection opens."""
 
     version: int | None = LATEST
     moments: bool = True  # files has moment, t, t_end (else the connection shows them through a view)
@@ -163,6 +180,7 @@ class Schema:
     phashes: bool = True
     keywords: bool = True
     trigram: bool = True  # the keyword index's trigram twin
+    fill_failures: bool = True  # from version 4
 
 
 CURRENT = Schema()
@@ -178,7 +196,7 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     except (sqlite3.DatabaseError, ValueError):
         return CURRENT
     if version is not None and version >= 3:
-        return Schema(version)
+        return Schema(version, fill_failures=holds(version, "fill_failures"))
     from alignsearch.storage import catalog
 
     have = _tables(dbapi_conn)
@@ -186,7 +204,8 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     photo_columns = [row[1] for row in dbapi_conn.execute(f"PRAGMA main.table_info({catalog.photos.name})")]
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
                    photo_ocr="ocr" in photo_columns, phashes=catalog.phashes.name in have,
-                   keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have)
+                   keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
+                   fill_failures=catalog.fill_failures.name in have)
     if not found.moments:
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {', '.join(V2_COLUMNS)}, 0 AS moment, "
                            "NULL AS t, NULL AS t_end FROM main.files")

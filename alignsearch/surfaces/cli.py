@@ -366,6 +366,8 @@ def _say_index(s, as_json: bool) -> None:
                    f"{s.failed} failed, {s.unchanged} unchanged")
     if s.ocr.get("read"):
         click.echo(f"text read in {s.ocr['read']} images ({s.ocr.get('with_text', 0)} indexed images hold text)")
+    if any(s.fill_failures.values()):
+        click.echo(_fill_failures_line(s.fill_failures))
     for root in s.no_images:
         click.echo(f"no images found in {_shown(root)}")
     if s.listing_errors:
@@ -377,6 +379,15 @@ def _say_index(s, as_json: bool) -> None:
     _say_compacted(s.compacted)
     if s.failed:
         click.echo("see the failures with: alignsearch info --failed", err=True)
+
+
+def _fill_failures_line(counts: dict) -> str:
+    """What fill steps could not read ({step: files}), as `index` and `info` say it."""
+    said = ", ".join(f"{n} for {FILL_WORDS.get(step, step)}" for step, n in counts.items() if n)
+    return f"files that could not be read again: {said} (skipped until they change: alignsearch info --failed)"
+
+
+FILL_WORDS = {"ocr": "text", "phash": "perceptual hashes"}  # catalog.FILL_STEPS, in words
 
 
 def _say_compacted(done: dict | None) -> None:
@@ -764,6 +775,7 @@ def info(failed, as_json, index_dir):
     data = engine.info()
     if failed:
         data["failed_files"] = [{"id": r.id, "path": r.path, "reason": r.reason} for r in engine.failed()]
+        data["fill_failed_files"] = _fill_failed_files(engine.db)
     data["listing_errors"] = _listing_errors(engine.db)
     data["tags"] = dict(_tag_counts(engine.dir, engine.db))
     if as_json:
@@ -804,11 +816,15 @@ def info(failed, as_json, index_dir):
                    + ("; text queries run without torch" if cache["torch_free_text"] else ""))
     if data["tags"]:
         click.echo("tags:    " + ", ".join(f"{_shown(label)} ({n})" for label, n in data["tags"].items()))
+    if any(data["fill_failures"].values()) and not failed:
+        click.echo(f"fills:   {_fill_failures_line(data['fill_failures'])}")
     if data["listing_errors"] and not failed:
         click.echo(f"listing: {len(data['listing_errors'])} folder(s) could not be listed by the last run "
                    "(alignsearch info --failed)")
     for f in data.get("failed_files", []):
         click.echo(f"failed:  {_shown(f['path'])}: {_shown(f['reason'])}")
+    for f in data.get("fill_failed_files", []):
+        click.echo(f"unread:  {_shown(f['path'])}: {FILL_WORDS.get(f['step'], f['step'])}: {_shown(f['reason'])}")
     for e in data["listing_errors"] if failed else []:
         click.echo(f"unlisted: {_shown(e['folder'])}: {_shown(e['reason'])} (its indexed files were kept)")
 
@@ -816,6 +832,15 @@ def info(failed, as_json, index_dir):
 def _cache_total(total: dict) -> str:
     models = total["models"]
     return f"the cache holds {total['bytes'] / 2**20:.1f} MiB for {models} model{'s' if models != 1 else ''}"
+
+
+def _fill_failed_files(db) -> list[dict]:
+    """Indexed files a fill step could not read: [{id, path, step, reason}], in path order."""
+    from alignsearch.storage import catalog
+
+    with db.connect() as conn:
+        return [{"id": r.id, "path": r.path, "step": step, "reason": reason}
+                for r, step, reason in catalog.fill_failed_files(conn)]
 
 
 def _listing_errors(db) -> list[dict]:

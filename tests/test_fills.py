@@ -1,0 +1,237 @@
+"""The files a fill step (indexer/ocrfill.py, indexer/phashfill.py) could not read are remembered
+(catalog.fill_failures, schema 4): a file that killed its decode worker twice cost those deaths again on every
+later `index` run, and nothing told the user. Now it is skipped until it changes, counted by `index` and `info`,
+and checked by `verify`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from alignsearch.storage import catalog, migrate, state
+from conftest import index_json, make_images, run
+from helpers import DEATHS_ENV, FIXTURES, catalog_rows, deaths, noting_deaths, render_sign, verify_problems
+from indexer import phashfill, workers
+from indexer.workers import DIED
+
+needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="pip install '.[ocr]'")
+LAST_V3 = "be67b8a"  # the last alignsearch that wrote (and read) schema 3
+
+
+def _sql(ix: Path, sql: str, *args) -> None:
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute(sql, args)
+    conn.close()
+
+
+ID_OF = "SELECT id FROM files WHERE relpath = '{}'"
+FAILURES = "SELECT f.relpath, x.step, x.reason FROM fill_failures x JOIN files f ON f.id = x.file_id ORDER BY 1, 2"
+
+
+def _dying_on_die(monkeypatch, noted: Path) -> None:
+    """A fill's workers die on a file named die*, each death a line in `noted` (helpers.noting_deaths)."""
+    real = workers.map_rows
+    monkeypatch.setenv(DEATHS_ENV, str(noted))
+    monkeypatch.setattr(workers, "map_rows", lambda fn, *args, **kwargs: real(partial(noting_deaths, fn), *args,
+                                                                             **kwargs))
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_a_file_that_kills_its_ocr_worker_is_tried_once_per_change_not_once_per_run(tmp_path, tiny_model,
+                                                                                   monkeypatch):
+    root, ix, noted = tmp_path / "signs", tmp_path / "ix", tmp_path / "deaths"
+    for i, words in enumerate(["Zanzibar Spice", "Kilimanjaro Express"]):
+        render_sign(root / f"sign{i}.png", [words])
+    render_sign(root / "die-sign.png", ["Okavango Delta"])
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")  # no text read yet
+    _dying_on_die(monkeypatch, noted)
+    ocr = ("--ocr", "--workers", "2", "--device", "cpu")
+
+    first = index_json(ix, *ocr)
+    died = deaths(noted)
+    # the pool's death, the same files again in a fresh pool, then the file alone, twice (indexer/workers.py)
+    assert 2 <= died <= 4, died
+    # another image to read (its text forgotten): a fill of one image reads it in this process (as the pipeline
+    # does), which the hook would end; the code before read die-sign.png in the workers again
+    _sql(ix, f"UPDATE photos SET ocr = NULL WHERE file_id = ({ID_OF.format('sign1.png')})")
+    second = index_json(ix, *ocr)
+    assert deaths(noted) == died  # not tried again: it killed as many workers on every run before
+    assert first["times"]["extra"]["ocr_filled"] == 2 and first["fill_failures"] == {"ocr": 1, "phash": 0}, first
+    assert catalog_rows(ix, FAILURES) == [("die-sign.png", "ocr", DIED)]
+    assert second["times"]["extra"]["ocr_filled"] == 1 and second["fill_failures"] == {"ocr": 1, "phash": 0}
+    said = run("index", "--index", ix, *ocr).output
+    assert "files that could not be read again: 1 for text (skipped until they change" in said, said
+    info = json.loads(run("info", "--index", ix, "--json").output)
+    assert info["fill_failures"] == {"ocr": 1, "phash": 0} and "fill_failed_files" not in info
+    listed = json.loads(run("info", "--index", ix, "--failed", "--json").output)["fill_failed_files"]
+    assert [(Path(f["path"]).name, f["step"], f["reason"]) for f in listed] == [("die-sign.png", "ocr", DIED)]
+    assert f"unread:  {root / 'die-sign.png'}: text: {DIED}" in run("info", "--index", ix, "--failed").output
+    assert verify_problems(ix) == []
+
+    # touched: new rows (their text not read, --no-ocr), and the old row's record goes with the old row. Two
+    # files: a fill of one file reads it in this process (which the hook would end), as the pipeline does
+    for name in ("die-sign.png", "sign0.png"):
+        stat = (root / name).stat()
+        os.utime(root / name, (stat.st_atime, stat.st_mtime + 10))
+    touched = index_json(ix, "--no-ocr", "--device", "cpu")
+    assert touched["updated"] == 2 and touched["fill_failures"] == {"ocr": 0, "phash": 0}, touched
+    assert catalog_rows(ix, "SELECT count(*) FROM fill_failures") == [(0,)] and deaths(noted) == died
+    again = index_json(ix, *ocr)
+    assert deaths(noted) == 2 * died  # tried again, as it changed
+    assert again["times"]["extra"]["ocr_filled"] == 1 and again["fill_failures"] == {"ocr": 1, "phash": 0}
+    assert catalog_rows(ix, FAILURES) == [("die-sign.png", "ocr", DIED)]
+
+
+@pytest.mark.slow
+def test_a_file_that_kills_its_phash_worker_is_skipped_while_its_record_matches_its_row(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    lib, ix, noted = tmp_path / "lib", tmp_path / "ix", tmp_path / "deaths"
+    make_images(lib, 6)
+    (lib / "img002.jpg").rename(lib / "die.jpg")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    _sql(ix, "DELETE FROM phashes")  # as an index written before phashes existed
+    _dying_on_die(monkeypatch, noted)
+    db = catalog.connect(ix / "catalog.db")
+    try:
+        assert phashfill.fill_phashes(db, workers=2, batch=2) == 5  # batches of 2: in worker processes
+        died = deaths(noted)
+        assert 2 <= died <= 4, died
+        # with another file to hash: a page of one is hashed in this process, which the hook would end
+        _sql(ix, f"DELETE FROM phashes WHERE file_id = ({ID_OF.format('img000.png')})")
+        assert phashfill.fill_phashes(db, workers=2, batch=2) == 1 and deaths(noted) == died
+        assert catalog_rows(ix, FAILURES) == [("die.jpg", "phash", DIED)]
+        # a record made for another size or mtime than the row has now holds nothing back
+        _sql(ix, "UPDATE fill_failures SET mtime = mtime - 1")
+        _sql(ix, f"DELETE FROM phashes WHERE file_id = ({ID_OF.format('img001.jpg')})")
+        assert phashfill.fill_phashes(db, workers=2, batch=2) == 1 and deaths(noted) == 2 * died
+        with db.connect() as conn:
+            assert catalog.fill_failure_counts(conn) == {"ocr": 0, "phash": 1}
+    finally:
+        db.dispose()
+
+
+def test_an_undecodable_file_is_recorded_and_one_gone_is_not(indexed_images):
+    """Bytes that no longer decode (same size and mtime) fail every time: recorded. A file that cannot be
+    opened now (gone, unreadable, changed) may be read next run: not recorded."""
+    root, ix = indexed_images(4)
+    files = sorted(root.iterdir())
+    stat = files[0].stat()
+    files[0].write_bytes(b"\0" * stat.st_size)
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    files[1].unlink()
+    _sql(ix, "DELETE FROM phashes")
+    db = catalog.connect(ix / "catalog.db")
+    try:
+        assert phashfill.fill_phashes(db) == 2  # in this process (fewer than a batch)
+        recorded = catalog_rows(ix, FAILURES)
+        assert [r[:2] for r in recorded] == [(files[0].name, "phash")] and recorded[0][2].startswith("cannot decode")
+        with db.connect() as conn:
+            assert [r.relpath for r in catalog.files_without_phash(conn)] == [files[1].name]  # tried next run
+    finally:
+        db.dispose()
+
+
+def test_a_record_goes_with_its_files_row_and_verify_finds_one_left_behind(indexed_images):
+    root, ix = indexed_images(3)
+    db = catalog.connect(ix / "catalog.db")
+    try:
+        with db.begin() as conn:
+            rows = catalog.indexed_files(conn)
+            ids = [r.id for r in rows]
+            catalog.record_fill_failures(conn, catalog.FILL_OCR, [(ids[0], "x"), (ids[1], "y")])
+            catalog.record_fill_failures(conn, catalog.FILL_PHASH, [(ids[0], "z")])
+    finally:
+        db.dispose()
+    (root / rows[0].relpath).unlink()
+    assert index_json(ix, "--device", "cpu")["fill_failures"] == {"ocr": 1, "phash": 0}  # a file gone: its records too
+    assert catalog_rows(ix, "SELECT file_id FROM fill_failures") == [(ids[1],)]
+    assert verify_problems(ix) == []
+    _sql(ix, "INSERT INTO fill_failures VALUES (9999, 'ocr', 1, 1.0, 'gone', 0.0)")  # as a bug or an older build
+    assert verify_problems(ix) == ["1 records of files a fill step could not read name no indexed file"]
+    out = run("verify", "--index", ix, "--skip-model", "--repair", "--json", code=None)
+    repaired = json.loads(out.output)
+    assert repaired["ok"], repaired
+    assert "dropped 1 records of fill failures of files no longer indexed" in repaired["repaired"]
+    assert catalog_rows(ix, "SELECT file_id FROM fill_failures") == [(ids[1],)]
+
+
+@pytest.fixture
+def v3(tmp_path) -> Path:
+    """The catalog of an index alignsearch wrote at schema 3 (tests/fixtures/index-v3, built by 590b6d4)."""
+    return Path(shutil.copytree(FIXTURES / "index-v3" / ".alignsearch", tmp_path / "v3" / ".alignsearch"))
+
+
+def _dump(db: Path, *, but: tuple = ()) -> list[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [line for line in conn.iterdump() if not any(word in line for word in but)]
+    finally:
+        conn.close()
+
+
+def test_a_version_3_catalog_is_read_as_it_stands_and_upgraded_once_by_a_writer(v3):
+    db = v3 / "catalog.db"
+    before = _dump(db)
+    reader = catalog.connect(db, readonly=True)
+    with reader.connect() as conn:  # a reader of version 3: no table, nothing recorded, nothing to verify
+        assert not migrate.schema_of(conn).fill_failures
+        assert catalog.fill_failure_counts(conn) == {"ocr": 0, "phash": 0} and catalog.fill_failed_files(conn) == []
+        assert catalog.count_dangling_fill_failures(conn) == 0
+    reader.dispose()
+    assert catalog.integrity_problems(db) == []  # the table came after version 3: not "damaged, lacks it"
+    assert _dump(db) == before
+
+    catalog.connect(db).dispose()  # a writer
+    after = _dump(db)
+    assert [x for x in after if "fill_failures" in x] == [
+        'CREATE TABLE fill_failures (\n\tfile_id INTEGER NOT NULL, \n\tstep VARCHAR(16) NOT NULL, \n\t'
+        'size INTEGER NOT NULL, \n\tmtime FLOAT NOT NULL, \n\treason TEXT NOT NULL, \n\tfailed_at FLOAT NOT NULL, '
+        '\n\tPRIMARY KEY (file_id, step)\n);']
+    # the rest as it was, but for the version (and the mark any writer leaves on a catalog from before 9b522d7)
+    assert [x for x in after if not any(w in x for w in ("fill_failures", "schema_version", "keys_lossless"))] == \
+        [x for x in before if "schema_version" not in x]
+    reader = catalog.connect(db, readonly=True)
+    with reader.connect() as conn:
+        assert state.read(conn).schema_version == migrate.LATEST == 4 and migrate.schema_of(conn) == migrate.CURRENT
+    reader.dispose()
+    catalog.connect(db).dispose()  # once: a second writer finds nothing to do
+    assert _dump(db) == after and catalog.integrity_problems(db) == []
+
+
+def _old_alignsearch(tmp_path: Path) -> Path:
+    """The code of LAST_V3 (alignsearch and indexer), from this repository's history; skipped without it."""
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "-C", repo, "cat-file", "-e", f"{LAST_V3}^{{commit}}"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip(f"no git history holding {LAST_V3} here")
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", repo, "archive", LAST_V3, "alignsearch", "indexer"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+    return old
+
+
+def test_the_alignsearch_before_version_4_refuses_a_version_4_catalog_in_one_line(v3, tmp_path):
+    old = _old_alignsearch(tmp_path)
+    catalog.connect(v3 / "catalog.db").dispose()  # upgraded to 4
+    before = _dump(v3 / "catalog.db")
+    for args in (["info", "--index", v3], ["index", "--index", v3, "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "alignsearch", *map(str, args)], capture_output=True, text=True,
+                              cwd=old, env={**os.environ, "PYTHONPATH": str(old), "HF_HUB_OFFLINE": "1"}, timeout=120)
+        assert proc.returncode == 7, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            "error: index schema version 4 is not supported by this alignsearch (it reads 3): upgrade alignsearch"], \
+            proc.stderr[-2000:]
+    assert _dump(v3 / "catalog.db") == before

@@ -121,8 +121,10 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away). linked: the path is reached through a link to a folder, or is one, which a run never follows
-    (scan.scan_folder) although the watcher does. Never the index's own folder (skip), nor a temporary file."""
+    moved away). linked: the path is reached through a link to a folder, which a run never follows
+    (scan.scan_folder) although the watcher does; a link made or removed is itself a change of its folder (one
+    put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
+    temporary file."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
@@ -179,12 +181,12 @@ def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
 
 
 def through_link(root: str, path: str) -> bool:
-    """Whether `path` is reached from `root` through a link to a folder, or is one (roots are real paths:
+    """Whether `path` is reached from `root` through a link to a folder (roots are real paths:
     sources.normalise resolves them)."""
     folder = os.path.dirname(path)
     try:
         real = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(folder, root)))
-        return os.path.realpath(folder) != real or (os.path.islink(path) and os.path.isdir(path))
+        return os.path.realpath(folder) != real
     except OSError:
         return False
 

@@ -74,7 +74,8 @@ def test_a_path_through_a_link_to_a_folder_is_told(tmp_path):
     (root / "link").symlink_to(outside)
     (root / "photo-link.jpg").symlink_to(outside / "a.jpg")  # a file link: followed by a run, as by the scan
     r = str(root)
-    assert watch.through_link(r, f"{r}/link/a.jpg") and watch.through_link(r, f"{r}/link")
+    assert watch.through_link(r, f"{r}/link/a.jpg") and watch.through_link(r, f"{r}/link/sub/b.jpg")
+    assert not watch.through_link(r, f"{r}/link")  # the link itself: a change of its folder (made, removed)
     assert not watch.through_link(r, f"{r}/real/a.jpg") and not watch.through_link(r, f"{r}/photo-link.jpg")
     assert not watch.through_link(r, f"{r}/gone/deeper/a.jpg")
 
@@ -799,6 +800,22 @@ def test_changes_through_a_link_to_a_folder_outside_the_root_start_no_run(indexe
     run = w.next_run(added=1)
     assert run["watch"]["changes"] == 1, run["watch"]
     assert not any(str(outside) in p or "/elsewhere/" in p for p in indexed_paths(ix))
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_folder_replaced_by_a_link_to_a_folder_loses_its_files_and_the_link_is_not_followed(
+        indexed_images, watching, tmp_path):
+    root, ix = indexed_images(4)
+    make_images(root / "trip", 2, seed=36)
+    outside = tmp_path / "outside"
+    make_images(outside, 3, seed=37)
+    w = watching(ix)
+    shutil.rmtree(root / "trip")
+    (root / "trip").symlink_to(outside, target_is_directory=True)  # its files' deletions come through the link
+    run = w.next_run(removed=2)
+    assert (run["added"], run["unchanged"]) == (0, 4)
+    assert not any("/trip/" in p or str(outside) in p for p in indexed_paths(ix))
     assert w.stop() == 130
 
 

@@ -632,6 +632,43 @@ def test_a_second_sigint_while_the_watch_closes_ends_in_its_one_line_and_130(ind
     assert not [e for e in w.errors if "Traceback" in e or e.startswith(("error:", "Aborted"))], w.errors[-20:]
 
 
+# A Ctrl-C that lands in a string exec (a dataclass or namedtuple made as a module imports: any library's, and a run
+# imports what it first needs) ends that exec with KeyboardInterrupt. CPython notes it as unhandled even once it
+# is caught (pythonrun.c run_eval_code_obj) and, under `python -m`, ends the process by SIGINT (status -2) after
+# the command has returned its code (main.c Py_RunMain); a script or -c does not. A module of this test's own, run
+# with -m as `python -m alignsearch` is: each index_folders run is interrupted inside a string exec.
+IN_A_STRING_EXEC = r"""
+import sys
+
+from indexer import job
+
+def interrupted(*args, **kwargs):
+    exec("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)")
+
+job.index_folders = interrupted
+from alignsearch.surfaces.cli import main
+main(sys.argv[1:], prog_name="alignsearch")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("watch_too", [True, False])
+def test_a_ctrl_c_inside_a_string_exec_under_python_m_still_ends_in_130(indexed_images, tmp_path, monkeypatch,
+                                                                       watch_too):
+    _, ix = indexed_images(3)
+    (tmp_path / "interrupted_launch").mkdir()
+    (tmp_path / "interrupted_launch" / "__main__.py").write_text(IN_A_STRING_EXEC)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "interrupted_launch", "index", "--index", str(ix), "--device", "cpu",
+                           *(["--watch"] if watch_too else [])], capture_output=True, text=True, timeout=DEADLINE,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    said = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130, said[-20:]
+    assert said[-1:] == (["watch stopped: the run in progress was abandoned; the index is as the last finished run "
+                          "left it, the next `alignsearch index` finishes the work"] if watch_too else
+                         ["error: interrupted"]), said[-20:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["finalizing", "error said"])
 def test_index_stopped_by_two_sigints_says_one_line_and_exits_130(indexed_images, tmp_path, when):

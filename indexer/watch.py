@@ -460,7 +460,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                     for r, hidden in fresh.items():
                         w.roots[r].include_hidden = hidden
                     watcher = _restart(w, watcher, opts, say)
-                    full = True
+                    due = full = True  # what changed while no watcher ran is found by a run listing everything
                 elif fresh is not None:
                     for r, hidden in fresh.items():
                         w.roots[r].include_hidden = hidden

@@ -365,6 +365,24 @@ def test_a_flood_of_changes_makes_the_next_run_list_every_root(tmp_path):
     assert watch.watch_index([str(root)], {"index_dir": str(ix)}, options, run, report, lambda line: None) == 130
     assert scopes == ["first", watch.Scope(folders={str(root.resolve()): ("sub",)}), None]
 
+    other = tmp_path / "other"
+    other.mkdir()
+    scopes.clear()
+
+    def another_process_adds_a_root(summary, facts, error):
+        if len(scopes) == 1:  # the watcher starts anew on the new root: a change meanwhile may go unseen
+            db = catalog.connect(ix / DB_FILE)
+            with db.begin() as conn:
+                state.write(conn, roots=state.RootsState(roots=(str(root.resolve()), str(other.resolve()))))
+            db.dispose()
+            (root / "sub" / "3.jpg").write_bytes(b"x")  # lost when the watcher it came to stops: a run anyway
+        else:
+            raise KeyboardInterrupt
+
+    assert watch.watch_index([], {"index_dir": str(ix)}, options, run, another_process_adds_a_root,
+                             lambda line: None) == 130
+    assert scopes == ["first", None]
+
 
 def test_the_rows_under_a_folder_are_one_range_of_the_catalog_index(tmp_path):
     from sqlalchemy import select
@@ -515,14 +533,16 @@ def test_a_change_in_one_folder_lists_that_folder_and_folders_renamed_moved_out_
     staged = make_images(tmp_path / "staging", 1, seed=53)[0]
     os.rename(staged, root / "trips" / "a" / "new.png")
     assert w.next_run(added=1)["unchanged"] == 2  # trips/a alone: not trips/b's 3, nor the root's 4
+    make_images(root / "trips" / "a" / "made" / "deeper", 1, seed=54)  # folders made: trips/a listed
+    assert w.next_run(added=1)["unchanged"] == 3
     os.rename(root / "trips" / "b", root / "trips" / "c")  # renamed: trips listed
     run = w.next_run(moved=3)
-    assert (run["unchanged"], run["removed"], run["added"]) == (3, 0, 0)
+    assert (run["unchanged"], run["removed"], run["added"]) == (4, 0, 0)  # trips/a's 4
     os.rename(root / "trips" / "c", tmp_path / "c")  # moved out
-    assert w.next_run(removed=3)["unchanged"] == 3
+    assert w.next_run(removed=3)["unchanged"] == 4
     os.rename(tmp_path / "c", root / "c")  # moved in at the top: the root listed
-    assert w.next_run(added=3)["unchanged"] == 7
-    assert len(indexed_paths(ix)) == 10 and verify_problems(ix) == []
+    assert w.next_run(added=3)["unchanged"] == 8
+    assert len(indexed_paths(ix)) == 11 and verify_problems(ix) == []
     assert w.stop() == 130
 
 

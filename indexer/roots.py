@@ -10,6 +10,7 @@ be listed: its rows were kept).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +23,11 @@ from alignsearch.media import sources
 from alignsearch.errors import BadInputError, UsageError
 from indexer import scan
 
+log = logging.getLogger(__name__)
+
 
 def _inside(path: str, folder: str) -> bool:
-    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
+    return path != folder and scan.at_or_under(path, folder)
 
 
 def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str], dict[str, str], list[str]]:
@@ -110,19 +113,72 @@ class Scanned:
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
 
-def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict, skip: str | None = None) -> Scanned:
-    """List every root and diff it with its catalog rows. A root or folder that cannot be listed keeps its
-    rows and is reported; a new root that cannot be listed at all is refused (BadInputError). skip: a folder
-    never listed (the index's own, resolved)."""
+@dataclass(frozen=True, kw_only=True)
+class Scope:
+    """What a run lists, where changes were seen (`index --watch`): {root: folders relative to it, "" the whole
+    root}. A known root not named is not listed, its rows and listing errors stay as they are; a folder root is
+    listed only under its folders (each lifted to the nearest one a listing of the root reaches: scan.listable),
+    so only the rows under them can be found gone. A root new to the index, a list, a shard or a URL prefix is
+    listed whole."""
+
+    folders: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def outermost(folders) -> tuple[str, ...]:
+    """The folders (relative) that none of the others holds, sorted; "" holds them all."""
+    given = set(folders)
+    if "" in given:
+        return ("",)
+
+    def held(folder: str) -> bool:
+        while folder:
+            folder = os.path.dirname(folder)
+            if folder in given:
+                return True
+        return False
+
+    return tuple(sorted(f for f in given if not held(f)))
+
+
+def _scoped(scope: Scope | None, root: str, known: list[str], include_hidden: bool,
+            skip: str | None) -> tuple[str, ...] | None:
+    """The folders of `root` this run lists: None the whole root, () none."""
+    if scope is None or root not in known:
+        return None
+    if root not in scope.folders:
+        return ()
+    if sources.kind(root) != sources.FOLDER:
+        return None
+    folders = outermost(scan.listable(root, f, include_hidden, skip) for f in scope.folders[root])
+    return None if folders == ("",) else folders
+
+
+def _shown_folder(root: str, folder: str) -> str:
+    """A folder of a root (relative) as a listing error names it."""
+    return sources.shown_name(*scan.printable(sources.location(root, folder))) if folder else root
+
+
+def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict, skip: str | None = None,
+             scope: Scope | None = None) -> Scanned:
+    """List every root (those of `scope`, and only there, when given) and diff it with its catalog rows. A root
+    or folder that cannot be listed keeps its rows and is reported; a new root that cannot be listed at all is
+    refused (BadInputError). skip: a folder never listed (the index's own, resolved)."""
     out = Scanned()
     with db.connect() as conn:
+        before = state.read(conn).roots.listing_errors if scope is not None else {}
         for root in roots:
             errors: list[scan.ListingError] = []
+            hidden = options.get(root, {}).get("include_hidden", False)
+            folders = _scoped(scope, root, known, hidden, skip)
+            if folders == ():
+                out.errors_by_root[root] = before.get(root, [])
+                continue
+            log.info("listing %s%s", root, f" under {', '.join(folders)}" if folders else "")
             try:
                 if not sources.exists(root):
                     raise FileNotFoundError(f"{root} is missing")
-                found = list(scan.scan(root, options.get(root, {}).get("include_hidden", False), columns.get(root),
-                                       errors, options.get(root, {}).get("caption_column"), skip))
+                found = list(scan.scan(root, hidden, columns.get(root), errors,
+                                       options.get(root, {}).get("caption_column"), skip, folders))
             except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                 reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                 if root not in known:  # a new root is only remembered once it could be listed
@@ -131,7 +187,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             found = _one_per_key(root, found, out.notes)
-            rows = catalog.files_under(conn, root)
+            rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             d = scan.diff(found, rows, [e.folder for e in errors])
             out.todo += d.todo
             out.removed += d.removed
@@ -141,11 +197,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             out.caption_links += [rows[f.relpath] for f in found if f.caption_link and f.relpath in rows
                                   and f.relpath not in todo and rows[f.relpath].status == catalog.INDEXED]
             out.kept += d.kept
-            listed = [{"folder": sources.shown_name(*scan.printable(sources.location(root, e.folder))) if e.folder else root,
-                       "reason": e.reason} for e in errors]
-            out.errors_by_root[root] = listed
+            listed = [{"folder": _shown_folder(root, e.folder), "reason": e.reason} for e in errors]
+            out.errors_by_root[root] = listed if folders is None else [  # those of folders not listed now stay
+                e for e in before.get(root, []) if not any(scan.at_or_under(e["folder"], _shown_folder(root, f))
+                                                           for f in folders)] + listed
             out.listing_errors += [{"root": root, **e} for e in listed]
-            if not found and not errors:
+            if not found and not errors and folders is None:
                 out.no_images.append(root)
     return out
 

@@ -64,6 +64,11 @@ def printable(relpath: str) -> tuple[str, bytes | None]:
     return sources.catalog_key(relpath)
 
 
+def at_or_under(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or inside it (paths as text, no file system asked; "/" holds every path)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _hidden(name: str) -> bool:
     return name.startswith(".")
 
@@ -93,10 +98,11 @@ class ListingError:
 
 def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
          errors: list[ListingError] | None = None, caption_column: str | None = None,
-         skip: str | None = None) -> Iterator[Found]:
+         skip: str | None = None, folders: tuple[str, ...] | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
-    skip: a folder never listed (the index's own, whose thumbnail cache is no photo library)."""
+    skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
+    folder root, only the images under these (relative, as `listable` gives them); None the whole root."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -104,7 +110,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden, errors, skip)
+    return scan_folder(root, include_hidden, errors, skip, folders)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -199,9 +205,25 @@ def relinked(root: str, real: str, is_link: bool) -> str | None:
     return f"{root} {how} to {real}: index {real} as a root, or forget this one (`alignsearch forget {root}`)"
 
 
+def listable(root: str, folder: str, include_hidden: bool, skip: str | None) -> str:
+    """The folder (relative to a folder root, "" the root) whose listing shows what is at `folder` as a listing of
+    the whole root would: `folder` itself when that listing reaches it (a real folder, not a link nor through one,
+    not hidden unless the root includes hidden files, not the index's own), else the nearest folder above it that
+    is so. A folder gone, replaced by a file or a link, or moved away: its parent's listing shows it gone."""
+    while folder:
+        path = os.path.join(root, folder)
+        hidden = not include_hidden and any(_hidden(part) for part in folder.split(os.sep))
+        if not hidden and not (skip and at_or_under(path, skip)) and os.path.isdir(path) and \
+                os.path.realpath(path) == path:
+            return folder
+        folder = os.path.dirname(folder)
+    return ""
+
+
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
-                skip: str | None = None) -> Iterator[Found]:
-    """Image files under a folder, by extension, sorted (a folder's files, then its subfolders).
+                skip: str | None = None, folders: tuple[str, ...] | None = None) -> Iterator[Found]:
+    """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
+    those under these folders (relative, each one `listable` gives, none under another), in their order.
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -215,7 +237,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
         if errors is not None:
             errors.append(ListingError("", moved))
         return
-    pending = [""]
+    pending = list(reversed(folders)) if folders else [""]
     while pending:
         rel = pending.pop()
         folder = os.path.join(root, rel) if rel else root

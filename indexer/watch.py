@@ -5,8 +5,10 @@ How it goes: watchfiles (inotify, or polling on network file systems) watches ea
 local list or shard file, in a thread that queues every change, also while a run is going, so a change made
 during a run starts the next one. The main thread waits for a batch, keeps the changes that matter (`matters`:
 a file the indexer reads, a folder; not hidden files unless the root includes them, not the index's own folder,
-not an editor's or a browser's temporary file) and runs `index` over every root; batches that came during a run
-make one run after it. The writer lock is taken per run, so `forget`, `tag` or another `index` work between
+not an editor's or a browser's temporary file) and runs `index` again, listing only the folders that hold the
+changes (`listing_folder`; indexer/roots.py Scope) rather than every root: a run after a watcher restart, a
+flood of changes (full_after) or a failed run lists every root whole, as the first does. Batches that came during
+a run make one run after it. The writer lock is taken per run, so `forget`, `tag` or another `index` work between
 runs; a run that finds the lock taken waits and tries again. The encoder stays loaded between runs (job.EncoderCache)
 while the index's model is the one it loaded.
 
@@ -21,8 +23,8 @@ One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The
 away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
 never does (scan.scan_folder): changes reached through one start no run.
 
-The decisions (`matters`, `touched`, `identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`,
-`network_fs`) are pure functions.
+The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `identity_changed`, `looks_unmounted`,
+`later_job`, `ends_watch`, `network_fs`) are pure functions.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from alignsearch.errors import BadInputError, CatalogBusyError, IndexDamagedErro
     IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
+from indexer.roots import Scope
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,11 @@ class WatchOptions:
     tick_s: float = 1.0  # how often roots are checked (gone, back, replaced) while waiting
     lock_retry_s: float = 2.0  # wait before trying again when another process writes the index
     interval_s: float | None = None  # with URL roots (not watched): a run at least this often, to list them
+    # A run lists only the folders where changes were seen, unless its batches held this many changes: then every
+    # root whole, as after a watcher restart (changes may be missed in between) or a failed run. inotify drops
+    # events when its queue (fs.inotify.max_queued_events, 16,384 by default) overflows, and watchfiles passes no
+    # word of it on (notify's rescan event carries no path), so a flood is taken for a possible loss.
+    full_after: int = 2_000
     # The caller exits once the watch returns (the CLI): after a stop by SIGINT or SIGTERM both stay ignored until
     # the process ends. Restored, a second Ctrl-C (a terminal's to the process group, a key pressed twice) while
     # closing raised KeyboardInterrupt past the one line said, or once Python's own finalization had put SIGINT
@@ -98,7 +106,7 @@ def owner(path: str, roots: list[str]) -> str | None:
     """The root a changed path belongs to (the root itself included), the deepest when roots nest."""
     best = None
     for root in roots:
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+        if scan.at_or_under(path, root):
             if best is None or len(root) > len(best):
                 best = root
     return best
@@ -113,9 +121,11 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away). linked: the path is reached through a link to a folder, or is one, which a run never follows
-    (scan.scan_folder) although the watcher does. Never the index's own folder (skip), nor a temporary file."""
-    if path == skip or path.startswith(skip.rstrip(os.sep) + os.sep):
+    moved away). linked: the path is reached through a link to a folder, which a run never follows
+    (scan.scan_folder) although the watcher does; a link made or removed is itself a change of its folder (one
+    put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
+    temporary file."""
+    if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
         return True
@@ -134,13 +144,21 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
 
 
+def listing_folder(path: str, root: str) -> str:
+    """The folder (relative to `root`, "" the root) whose listing shows a change at `path` (a path under `root`,
+    or the root itself): the folder holding it. A file made, changed or gone shows there, and so does a folder
+    made, gone or renamed (which, gone, has no listing of its own); the root itself, a list or a shard: the
+    whole root."""
+    return "" if path == root else os.path.dirname(os.path.relpath(path, root))
+
+
 def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None],
             known_folder: Callable[[str, str], bool] = lambda root, path: False,
-            linked: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, int]:
-    """{root: changes that matter} for a batch of (change, path); roots: {root: include_hidden}. known_folder
-    (root, path) is asked only of gone paths that would not be a file the indexer reads; linked(root, path) of
-    every path below a root."""
-    out: dict[str, int] = {}
+            linked: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, list[str]]:
+    """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
+    include_hidden}. known_folder(root, path) is asked only of gone paths that would not be a file the indexer
+    reads; linked(root, path) of every path below a root."""
+    out: dict[str, list[str]] = {}
     for change, path in changes:
         root = owner(path, list(roots))
         if root is None:
@@ -151,17 +169,24 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
                    known_folder=odd_gone and known_folder(root, path),
                    linked=path != root and linked(root, path)):
-            out[root] = out.get(root, 0) + 1
+            out.setdefault(root, []).append(listing_folder(path, root))
     return out
 
 
+def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
+    """What a run after these changes ({root: listing folders}, from `touched`) lists: those folders, and each
+    root that is not watched (a URL: every run lists it)."""
+    return Scope(folders={**{r: ("",) for r in roots if not watchable(r)},
+                          **{r: tuple(sorted(set(folders))) for r, folders in pending.items()}})
+
+
 def through_link(root: str, path: str) -> bool:
-    """Whether `path` is reached from `root` through a link to a folder, or is one (roots are real paths:
+    """Whether `path` is reached from `root` through a link to a folder (roots are real paths:
     sources.normalise resolves them)."""
     folder = os.path.dirname(path)
     try:
         real = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(folder, root)))
-        return os.path.realpath(folder) != real or (os.path.islink(path) and os.path.isdir(path))
+        return os.path.realpath(folder) != real
     except OSError:
         return False
 
@@ -197,23 +222,29 @@ def network_fs(fstype: str) -> bool:
     return fstype.lower() in NETWORK_FS
 
 
-def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
-    """The file system type of the mount holding `path` (Linux), or "" when unknown."""
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """(mount point, file system type) of every mount (Linux); none when unknown."""
     try:
         with open(mountinfo, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
-        return ""
-    path = os.path.realpath(path)
-    best, kind = "", ""
+        return []
+    out = []
     for line in lines:
         fields, _, rest = line.partition(" - ")
         parts = fields.split()
-        if len(parts) < 5 or not rest:
-            continue
-        point = parts[4].encode().decode("unicode_escape")  # \040 for a space
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, kind = point, rest.split()[0]
+        if len(parts) >= 5 and rest:
+            out.append((parts[4].encode().decode("unicode_escape"), rest.split()[0]))  # \040 for a space
+    return out
+
+
+def fs_type(path: str, table: list[tuple[str, str]]) -> str:
+    """The file system type of the mount (of `mounts`) holding `path`, or "" when unknown."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    for point, fstype in table:
+        if scan.at_or_under(path, point) and len(point) >= len(best):
+            best, kind = point, fstype
     return kind
 
 
@@ -235,8 +266,7 @@ def ends_watch(exc: BaseException, index_dir: str) -> bool:
     if isinstance(exc, CatalogBusyError):
         return False
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = os.path.realpath(str(exc.filename or ""))
-        return bool(exc.filename) and (where == index_dir or where.startswith(index_dir.rstrip(os.sep) + os.sep))
+        return bool(exc.filename) and scan.at_or_under(os.path.realpath(str(exc.filename)), index_dir)
     return False
 
 
@@ -318,9 +348,9 @@ class _CatalogLook:
             if self._conn is None:
                 self._db = catalog.connect(self.index_dir / DB_FILE, readonly=True)
                 self._conn = self._db.connect()
-            files = catalog.files.c  # relpaths under key/: from "key/" up to "key0" ("0" follows "/")
+            files = catalog.files.c
             return self._conn.execute(select(files.id).where(
-                files.root == root, files.relpath >= key + "/", files.relpath < key + "0").limit(1)).first() is not None
+                files.root == root, *catalog.under_folder(key)).limit(1)).first() is not None
         except Exception as exc:  # noqa: BLE001 - a writer mid-way, no catalog: the next run's scan finds it anyway
             log.info("catalog not read now: %s", exc)
             return False
@@ -399,8 +429,10 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         report(summary, {"run": 1, "changes": 0, "roots": []}, None)
         say(f"watching {sum(1 for r in w.roots.values() if watchable(r.name))} root(s) for changes; Ctrl-C stops")
         later = later_job(job)
-        pending: dict[str, int] = {}
+        pending: dict[str, list[str]] = {}  # {root: listing folders}: what the next run lists
         due = False
+        full = False  # the next run lists every root whole: changes may have gone unseen
+        seen = 0  # changes in the batches since the last run, those that do not matter too
         next_look = 0.0
         next_listing = time.monotonic() + (opts.interval_s or 0)
         while True:
@@ -409,7 +441,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                     say(f"change notifications failed ({watcher.failed}): polling instead")
                 w.polling = True
                 watcher = _restart(w, watcher, opts, say)
-                due = True
+                due = full = True
             try:
                 batch = watcher.batches.get(timeout=opts.tick_s)
             except queue.Empty:
@@ -428,18 +460,21 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                     for r, hidden in fresh.items():
                         w.roots[r].include_hidden = hidden
                     watcher = _restart(w, watcher, opts, say)
+                    due = full = True  # what changed while no watcher ran is found by a run listing everything
                 elif fresh is not None:
                     for r, hidden in fresh.items():
                         w.roots[r].include_hidden = hidden
                 if _roots_changed(w):
                     watcher = _restart(w, watcher, opts, say)
-                    due = True
+                    due = full = True
                 next_look = time.monotonic() + opts.tick_s
+            seen += len(changes)
+            full = full or seen >= opts.full_after
             look = _CatalogLook(out)
             try:
-                for root, n in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
-                                       path_kind, look.known_folder, through_link).items():
-                    pending[root] = pending.get(root, 0) + n
+                for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
+                                             path_kind, look.known_folder, through_link).items():
+                    pending.setdefault(root, []).extend(folders)
             finally:
                 look.close()
             if opts.interval_s and time.monotonic() >= next_listing and any(not watchable(r) for r in w.roots):
@@ -450,11 +485,14 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                 continue
             _check_index(out)
             running = True
-            facts = {"run": w.runs + 1, "changes": sum(pending.values()), "roots": sorted(pending)}
-            summary, error = _run_once(run, later, opts, say)
+            facts = {"run": w.runs + 1, "changes": sum(map(len, pending.values())), "roots": sorted(pending)}
+            scope = None if full else run_scope(pending, list(w.roots))
+            log.info("run %d lists %s", facts["run"], "every root" if scope is None else scope.folders)
+            summary, error = _run_once(run, {**later, "scope": scope}, opts, say)
             running = False
             w.runs += 1
-            pending, due = {}, False
+            pending, due, seen = {}, False, 0
+            full = error is not None  # what that run did not finish is found by listing everything
             next_listing = time.monotonic() + (opts.interval_s or 0)
             if error is not None and ends_watch(error, str(out)):
                 raise error
@@ -463,8 +501,9 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while closing: no traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         closing = True
-        if watcher is not None:
+        if watcher is not None:  # closed before the line is said, and only here
             watcher.close()
+            watcher = None
         say("watch stopped" + (": the run in progress was abandoned; the index is as the last finished run left it, "
                                "the next `alignsearch index` finishes the work" if running else ""))
         return 0 if stopped and stopped[0] == signal.SIGTERM else 130
@@ -531,7 +570,8 @@ def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool 
         return True
     if failed_before:
         return True
-    if any(network_fs(fs_type(p)) for p in paths):
+    table = mounts()
+    if any(network_fs(fs_type(p, table)) for p in paths):
         return True
     return None  # watchfiles' own choice (WATCHFILES_FORCE_POLLING, WSL)
 

@@ -21,8 +21,9 @@ from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, I
 from alignsearch.storage.paths import writer_running
 from conftest import make_images
 from helpers import alignsearch, call, resave_with_other_weights, start_serve, stop, verify_problems, write_labels
-from indexer import watch
+from indexer import scan, watch
 from indexer.job import EncoderCache, index_folders
+from indexer.roots import outermost
 from indexer.watch import ADDED, DELETED, MODIFIED
 
 ROOT, SKIP = "/photos", "/photos/.alignsearch"
@@ -62,7 +63,7 @@ def test_a_gone_dotted_folder_the_catalog_knows_matters_and_changes_through_a_fo
         return path == "/photos/2024.trip"
 
     changes = {(DELETED, "/photos/2024.trip"), (DELETED, "/photos/notes.txt"), (DELETED, "/photos/a.jpg")}
-    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: None, known) == {ROOT: 2}
+    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: None, known) == {ROOT: ["", ""]}
     assert sorted(calls) == ["/photos/2024.trip", "/photos/notes.txt"]  # an image path costs no catalog read
 
 
@@ -73,7 +74,8 @@ def test_a_path_through_a_link_to_a_folder_is_told(tmp_path):
     (root / "link").symlink_to(outside)
     (root / "photo-link.jpg").symlink_to(outside / "a.jpg")  # a file link: followed by a run, as by the scan
     r = str(root)
-    assert watch.through_link(r, f"{r}/link/a.jpg") and watch.through_link(r, f"{r}/link")
+    assert watch.through_link(r, f"{r}/link/a.jpg") and watch.through_link(r, f"{r}/link/sub/b.jpg")
+    assert not watch.through_link(r, f"{r}/link")  # the link itself: a change of its folder (made, removed)
     assert not watch.through_link(r, f"{r}/real/a.jpg") and not watch.through_link(r, f"{r}/photo-link.jpg")
     assert not watch.through_link(r, f"{r}/gone/deeper/a.jpg")
 
@@ -95,7 +97,7 @@ def test_a_batch_is_counted_per_root_the_deepest_root_owning_each_path():
     changes = {(ADDED, "/photos/a.jpg"), (ADDED, "/photos/b.txt"), (ADDED, "/photos2/.x/a.png"),
                (MODIFIED, "/data/list.csv"), (ADDED, "/elsewhere/a.jpg")}
     assert watch.touched(changes, roots, "/ix", lambda p: kinds.get(p, False)) == \
-        {"/photos": 1, "/photos2": 1, "/data/list.csv": 1}
+        {"/photos": [""], "/photos2": [".x"], "/data/list.csv": [""]}
     assert watch.owner("/photos2/a.jpg", ["/photos", "/photos2"]) == "/photos2"
     assert watch.owner("/a/b/c.jpg", ["/a", "/a/b"]) == "/a/b"
 
@@ -140,11 +142,12 @@ def test_network_file_systems_are_polled(tmp_path):
     info.write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
                     "40 22 0:50 / /mnt/nas rw - nfs4 nas:/photos rw\n"
                     "41 22 0:51 / /mnt/my\\040share rw - cifs //srv/s rw\n")
-    assert watch.fs_type("/mnt/nas/2024/a", str(info)) == "nfs4"
-    assert watch.fs_type("/mnt/my share/x", str(info)) == "cifs"
-    assert watch.fs_type("/mnt/nasty", str(info)) == "ext4"
+    table = watch.mounts(str(info))
+    assert watch.fs_type("/mnt/nas/2024/a", table) == "nfs4"
+    assert watch.fs_type("/mnt/my share/x", table) == "cifs"
+    assert watch.fs_type("/mnt/nasty", table) == "ext4"
     assert watch.network_fs("nfs4") and watch.network_fs("fuse.sshfs") and not watch.network_fs("ext4")
-    assert watch.fs_type("/x", str(tmp_path / "absent")) == ""
+    assert watch.fs_type("/x", watch.mounts(str(tmp_path / "absent"))) == ""
 
 
 def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
@@ -183,7 +186,10 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     encoders = calls[0][1]["encoders"]
     assert isinstance(encoders, EncoderCache)
     assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve()), "encoders": encoders})
-    assert all(c == ([], watch.later_job(calls[0][1])) for c in calls[1:])  # no --rebuild each time
+    scope = watch.Scope(folders={str(root.resolve()): ("",)})  # run 2 lists where its change was, the folder
+    # of 1.jpg; run 3 comes after a failed run, whose changes may not be indexed: it lists every root whole
+    assert [c[1]["scope"] for c in calls[1:]] == [scope, None]
+    assert all(c == ([], {**watch.later_job(calls[0][1]), "scope": c[1]["scope"]}) for c in calls[1:])  # no --rebuild
     assert all(c[1]["encoders"] is encoders for c in calls)  # one model kept loaded for every run
     assert lines[-1] == "watch stopped"
 
@@ -236,6 +242,166 @@ def test_runs_of_one_watch_load_the_model_once_and_another_model_when_the_index_
     assert cache.encoder.name == str(other) and len(loads) == 4  # the reindex's own load, then this run's
     assert index_folders([], **job).unchanged == 4 and len(loads) == 4
     assert verify_problems(ix) == []
+
+
+# -- runs that list where changes were seen ------------------------------------------------------------------------
+
+
+def test_a_change_is_listed_in_the_folder_holding_it_and_a_run_lists_those_folders_and_url_roots():
+    assert watch.listing_folder("/photos/2024/trip/a.jpg", ROOT) == "2024/trip"
+    assert watch.listing_folder("/photos/2024/trip", ROOT) == "2024"  # a folder made, gone, renamed: its parent
+    assert watch.listing_folder("/photos/a.jpg", ROOT) == ""
+    assert watch.listing_folder("/data/list.csv", "/data/list.csv") == ""  # a list or shard: the whole root
+    changes = {(ADDED, "/photos/2024/a.jpg"), (DELETED, "/photos/2024/trip"), (ADDED, "/photos/2025/b.jpg")}
+    kinds = {"/photos/2024/a.jpg": False, "/photos/2025/b.jpg": False}
+    pending = watch.touched(changes, {ROOT: False, "/other": False}, SKIP, kinds.get)
+    assert sorted(pending[ROOT]) == ["2024", "2024", "2025"] and "/other" not in pending
+    scope = watch.run_scope(pending, [ROOT, "/other", "s3://bucket/photos"])
+    assert scope.folders == {ROOT: ("2024", "2025"), "s3://bucket/photos": ("",)}  # /other is not listed
+    assert outermost(["a/b", "a", "c/d", "c/de", "x", "x"]) == ("a", "c/d", "c/de", "x")
+    assert outermost(["a", ""]) == ("",)
+
+
+def test_a_folder_a_full_listing_would_not_reach_is_listed_from_the_nearest_folder_above_it(tmp_path):
+    root, outside = (tmp_path / "photos").resolve(), tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".hidden" / "x").mkdir(parents=True)
+    (root / "ix" / "thumbs").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    (root / "a" / "was-a-folder").write_bytes(b"")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    r, skip = str(root), str(root / "ix")
+    assert scan.listable(r, "a/b", False, skip) == "a/b"
+    assert scan.listable(r, "a/gone/deeper", False, skip) == "a"  # gone: its parent shows it gone
+    assert scan.listable(r, "a/was-a-folder", False, skip) == "a"  # now a file
+    assert scan.listable(r, "link", False, skip) == "" and scan.listable(r, "link/sub", False, skip) == ""
+    assert scan.listable(r, ".hidden/x", False, skip) == "" and scan.listable(r, ".hidden/x", True, skip) == ".hidden/x"
+    assert scan.listable(r, "ix/thumbs", True, skip) == ""  # the index's own folder: never listed
+
+
+def test_a_scoped_run_lists_only_its_folders_and_takes_no_file_elsewhere_for_gone(tmp_path, tiny_model, monkeypatch):
+    """index_folders(scope=...) as the watch runs it after a change in folder a: b is not listed (neither
+    listed nor read from the catalog), so a file added there is not found and one deleted there is not removed
+    until a run lists b; listing errors of folders not listed stay remembered."""
+    from alignsearch.storage import catalog
+    from alignsearch.storage.paths import DB_FILE
+
+    root, other, ix = tmp_path / "photos", tmp_path / "other", tmp_path / "ix"
+    make_images(root / "x" / "a", 2, seed=41)
+    make_images(root / "x" / "b", 2, seed=42)
+    make_images(root, 1, seed=43)
+    make_images(other, 1, seed=45)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    r = str(root.resolve())
+    listed, refused = [], set()
+    scandir = os.scandir
+
+    def listing(path="."):
+        listed.append(str(path))
+        if str(path) in refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    assert index_folders([root, other], **job).added == 6
+    refused.add(f"{r}/x/b")  # b cannot be listed by the next run: its listing error is remembered
+    assert index_folders([], **job).kept == 2
+    refused.clear()
+    staged = make_images(tmp_path / "staging", 2, seed=44)
+    shutil.copy(staged[0], root / "x" / "a" / "new.png")
+    shutil.copy(staged[1], root / "x" / "b" / "new.png")
+    (root / "x" / "b" / "img001.jpg").unlink()
+    (other / "img000.png").unlink()
+    listed.clear()
+    done = index_folders([], **job, scope=watch.Scope(folders={r: ("x/a",)}))
+    assert (done.added, done.removed, done.unchanged, done.listing_errors) == (1, 0, 2, [])
+    libraries = [p for p in listed if p.startswith((r, str(other.resolve())))]  # not the model's, the index's
+    assert libraries == [f"{r}/x/a"], libraries  # neither b, nor the root, nor the other root
+    with catalog.connect(ix / DB_FILE).connect() as conn:
+        assert len(catalog.files_under(conn, r, ("x/b",))) == 2  # its deleted file is not taken for gone
+    roots = json.loads(alignsearch("roots", "--json", "--index", ix).stdout)
+    assert [e["folder"] for e in roots[0]["listing_errors"]] == [f"{r}/x/b"]  # still remembered
+    done = index_folders([], **job, scope=watch.Scope(folders={r: ("x/b",)}))
+    assert (done.added, done.removed, done.unchanged) == (1, 1, 1)
+    assert json.loads(alignsearch("roots", "--json", "--index", ix).stdout)[0]["listing_errors"] == []
+    shutil.rmtree(root / "x" / "a")  # a folder listed that is gone: listed from above, its files removed
+    done = index_folders([], **job, scope=watch.Scope(folders={r: ("x/a",)}))
+    assert (done.added, done.removed, done.unchanged) == (0, 3, 2)
+    done = index_folders([], **job)  # every root whole: the other root's deleted file goes now
+    assert (done.removed, done.unchanged) == (1, 3)
+    assert verify_problems(ix) == []
+
+
+def test_a_flood_of_changes_makes_the_next_run_list_every_root(tmp_path):
+    """inotify drops what overflows its queue and watchfiles says nothing of it: after full_after changes the
+    run lists every root whole (scope None), as the first run does."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    (root / "sub").mkdir(parents=True)
+    ix.mkdir()
+    db = catalog.connect(ix / DB_FILE)
+    with db.begin() as conn:
+        state.write(conn, roots=state.RootsState(roots=(str(root.resolve()),)))
+    db.dispose()
+    scopes = []
+
+    def run(roots, **job):
+        scopes.append(job.get("scope", "first"))
+        return {}
+
+    def report(summary, facts, error):
+        if len(scopes) == 1:
+            (root / "sub" / "1.jpg").write_bytes(b"x")
+        elif len(scopes) == 2:
+            for i in range(6):  # no image among them, yet changes the kernel queued
+                (root / "sub" / f"{i}.txt").write_bytes(b"x")
+            (root / "sub" / "2.jpg").write_bytes(b"x")
+        else:
+            raise KeyboardInterrupt
+
+    options = watch.WatchOptions(settle_ms=100, tick_s=0.2, full_after=5)
+    assert watch.watch_index([str(root)], {"index_dir": str(ix)}, options, run, report, lambda line: None) == 130
+    assert scopes == ["first", watch.Scope(folders={str(root.resolve()): ("sub",)}), None]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    scopes.clear()
+
+    def another_process_adds_a_root(summary, facts, error):
+        if len(scopes) == 1:  # the watcher starts anew on the new root: a change meanwhile may go unseen
+            db = catalog.connect(ix / DB_FILE)
+            with db.begin() as conn:
+                state.write(conn, roots=state.RootsState(roots=(str(root.resolve()), str(other.resolve()))))
+            db.dispose()
+            (root / "sub" / "3.jpg").write_bytes(b"x")  # lost when the watcher it came to stops: a run anyway
+        else:
+            raise KeyboardInterrupt
+
+    assert watch.watch_index([], {"index_dir": str(ix)}, options, run, another_process_adds_a_root,
+                             lambda line: None) == 130
+    assert scopes == ["first", None]
+
+
+def test_the_rows_under_a_folder_are_one_range_of_the_catalog_index(tmp_path):
+    from sqlalchemy import select
+
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        for rel in ("a/1.jpg", "a/b/2.jpg", "a.jpg", "a b/3.jpg", "ab/4.jpg", "c/5.jpg"):
+            conn.execute(catalog.files.insert().values(root="/r", relpath=rel, size=1, mtime=1.0, status="indexed",
+                                                       indexed_at=1.0))
+        assert sorted(catalog.files_under(conn, "/r", ("a",))) == ["a/1.jpg", "a/b/2.jpg"]
+        assert sorted(catalog.files_under(conn, "/r", ("a/b", "c"))) == ["a/b/2.jpg", "c/5.jpg"]
+        assert len(catalog.files_under(conn, "/r", ("",))) == 6
+        query = select(catalog.files).where(catalog.files.c.root == "/r", *catalog.under_folder("a"))
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + str(query.compile(compile_kwargs={"literal_binds": True}))))
+    db.dispose()
+    assert "USING INDEX" in plan and "relpath>? AND relpath<?" in plan, plan
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -354,6 +520,33 @@ def test_a_burst_makes_few_runs_and_a_change_during_a_run_makes_the_next(indexed
 
 
 @pytest.mark.slow
+def test_a_change_in_one_folder_lists_that_folder_and_folders_renamed_moved_out_and_in_are_found(
+        indexed_images, watching, tmp_path):
+    """A run after a change lists the folder holding it, not the library: its `unchanged` counts only that
+    folder's other files (every file of every root before). A folder renamed, moved out or in shows in its
+    parent's listing."""
+    root, ix = indexed_images(4)
+    make_images(root / "trips" / "a", 2, seed=51)
+    make_images(root / "trips" / "b", 3, seed=52)
+    w = watching(ix)
+    assert w.runs[0]["added"] == 5
+    staged = make_images(tmp_path / "staging", 1, seed=53)[0]
+    os.rename(staged, root / "trips" / "a" / "new.png")
+    assert w.next_run(added=1)["unchanged"] == 2  # trips/a alone: not trips/b's 3, nor the root's 4
+    make_images(root / "trips" / "a" / "made" / "deeper", 1, seed=54)  # folders made: trips/a listed
+    assert w.next_run(added=1)["unchanged"] == 3
+    os.rename(root / "trips" / "b", root / "trips" / "c")  # renamed: trips listed
+    run = w.next_run(moved=3)
+    assert (run["unchanged"], run["removed"], run["added"]) == (4, 0, 0)  # trips/a's 4
+    os.rename(root / "trips" / "c", tmp_path / "c")  # moved out
+    assert w.next_run(removed=3)["unchanged"] == 4
+    os.rename(tmp_path / "c", root / "c")  # moved in at the top: the root listed
+    assert w.next_run(added=3)["unchanged"] == 8
+    assert len(indexed_paths(ix)) == 11 and verify_problems(ix) == []
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
 def test_other_writers_work_between_runs_and_a_held_lock_is_waited_out(indexed_images, watching, tmp_path):
     from indexer.lock import writer_lock
 
@@ -457,6 +650,43 @@ def test_a_second_sigint_while_the_watch_closes_ends_in_its_one_line_and_130(ind
     assert w.stop(signal.SIGINT) == 130, w.errors[-20:]
     assert w.errors[-1] == "watch stopped", w.errors[-20:]
     assert not [e for e in w.errors if "Traceback" in e or e.startswith(("error:", "Aborted"))], w.errors[-20:]
+
+
+# A Ctrl-C that lands in a string exec (a dataclass or namedtuple made as a module imports: any library's, and a run
+# imports what it first needs) ends that exec with KeyboardInterrupt. CPython notes it as unhandled even once it
+# is caught (pythonrun.c run_eval_code_obj) and, under `python -m`, ends the process by SIGINT (status -2) after
+# the command has returned its code (main.c Py_RunMain); a script or -c does not. A module of this test's own, run
+# with -m as `python -m alignsearch` is: each index_folders run is interrupted inside a string exec.
+IN_A_STRING_EXEC = r"""
+import sys
+
+from indexer import job
+
+def interrupted(*args, **kwargs):
+    exec("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)")
+
+job.index_folders = interrupted
+from alignsearch.surfaces.cli import main
+main(sys.argv[1:], prog_name="alignsearch")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("watch_too", [True, False])
+def test_a_ctrl_c_inside_a_string_exec_under_python_m_still_ends_in_130(indexed_images, tmp_path, monkeypatch,
+                                                                       watch_too):
+    _, ix = indexed_images(3)
+    (tmp_path / "interrupted_launch").mkdir()
+    (tmp_path / "interrupted_launch" / "__main__.py").write_text(IN_A_STRING_EXEC)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "interrupted_launch", "index", "--index", str(ix), "--device", "cpu",
+                           *(["--watch"] if watch_too else [])], capture_output=True, text=True, timeout=DEADLINE,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    said = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130, said[-20:]
+    assert said[-1:] == (["watch stopped: the run in progress was abandoned; the index is as the last finished run "
+                          "left it, the next `alignsearch index` finishes the work"] if watch_too else
+                         ["error: interrupted"]), said[-20:]
 
 
 @pytest.mark.slow
@@ -627,6 +857,22 @@ def test_changes_through_a_link_to_a_folder_outside_the_root_start_no_run(indexe
     run = w.next_run(added=1)
     assert run["watch"]["changes"] == 1, run["watch"]
     assert not any(str(outside) in p or "/elsewhere/" in p for p in indexed_paths(ix))
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_folder_replaced_by_a_link_to_a_folder_loses_its_files_and_the_link_is_not_followed(
+        indexed_images, watching, tmp_path):
+    root, ix = indexed_images(4)
+    make_images(root / "trip", 2, seed=36)
+    outside = tmp_path / "outside"
+    make_images(outside, 3, seed=37)
+    w = watching(ix)
+    shutil.rmtree(root / "trip")
+    (root / "trip").symlink_to(outside, target_is_directory=True)  # its files' deletions come through the link
+    run = w.next_run(removed=2)
+    assert (run["added"], run["unchanged"]) == (0, 4)
+    assert not any("/trip/" in p or str(outside) in p for p in indexed_paths(ix))
     assert w.stop() == 130
 
 

@@ -392,9 +392,19 @@ def _rows(result) -> list[FileRow]:
     return [FileRow(**row._mapping) for row in result]
 
 
-def files_under(conn: Connection, root: str) -> dict[str, FileRow]:
-    """Every catalogued file of one root, by relative path."""
-    return {r.relpath: r for r in _rows(conn.execute(select(files).where(files.c.root == root)))}
+def files_under(conn: Connection, root: str, folders: tuple[str, ...] | None = None) -> dict[str, FileRow]:
+    """Every catalogued file of one root, by relative path; with folders (catalog keys relative to the root, ""
+    the root), only those under them, each a range of the (root, relpath) index, not a read of the root."""
+    if folders is None or "" in folders:
+        return {r.relpath: r for r in _rows(conn.execute(select(files).where(files.c.root == root)))}
+    return {r.relpath: r for key in folders
+            for r in _rows(conn.execute(select(files).where(files.c.root == root, *under_folder(key))))}
+
+
+def under_folder(key: str) -> tuple:
+    """Conditions on relpath for the rows under the folder `key` (a catalog key), one range of the (root,
+    relpath) index: from "key/" up to "key0" ("0" follows "/")."""
+    return files.c.relpath >= key + "/", files.c.relpath < key + "0"
 
 
 def get_files(conn: Connection, ids: Iterable[int]) -> dict[int, FileRow]:

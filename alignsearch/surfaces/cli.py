@@ -148,6 +148,15 @@ def _ignore_sigint_until_exit() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread (a caller's): the signal is not this command's to handle
         pass
+    _interrupt_handled()
+
+
+def _interrupt_handled() -> None:
+    """A Ctrl-C that landed in a string exec or eval (a dataclass or namedtuple made as a module imports, in any
+    library) ended it with KeyboardInterrupt, which CPython notes as unhandled even once caught, and under
+    `python -m alignsearch` then ends the process by SIGINT (status -2, not the command's exit code) after
+    finalization (pythonrun.c run_eval_code_obj, main.c Py_RunMain). Each string exec clears the note first."""
+    exec("")
 
 
 def _hold_std_fds() -> None:
@@ -327,13 +336,8 @@ def index(roots, index_dir, model, device, backend, precision, batch_size, worke
                                                        interval_s=watch_interval, process_ends=True), index_folders,
                            lambda s, facts, error: _say_watch_run(s, facts, error, as_json),
                            lambda line: click.echo(_shown(line), err=True))
-        # Ended here, not through the interpreter's finalization: a watch stopped by Ctrl-C then ended killed by
-        # SIGINT (status -2, its one line said but not its exit code) in 5 of 10 runs of
-        # test_sigint_during_a_run_and_while_idle_ends_cleanly, 0 of 10 this way. The watch has closed its watcher,
-        # its lock and its runs; what is committed is on disk (SQLite WAL), so nothing is left to finalize.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _interrupt_handled()  # the watch caught its Ctrl-C itself
+        click.get_current_context().exit(code)
     _say_index(index_folders(list(roots), **job), as_json)
 
 

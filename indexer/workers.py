@@ -190,13 +190,17 @@ def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterato
 
 
 def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable, min_rows: int = 2) -> Generator:
-    """fn(row) for each row of pages, in order: in `workers` processes when there are any and the first page
-    holds min_rows or more (decode_in_processes: a worker that dies is noticed, where Pool.map waited forever
-    for its task), else in this process. failed(row, reason): the result of a row whose worker died twice.
-    Closing the generator (the caller's finally) terminates the workers at once."""
+    """fn(row) for each row of pages, in order, in worker processes when there are any (decode_in_processes: a
+    worker that dies is noticed, where Pool.map waited forever for its task), else (--workers 0) in this process.
+    A first page of fewer than min_rows is decoded by one worker: a file that crashes its decoder (a segfault or
+    an abort in a C library) then kills that worker and is recorded, where in this process it ended the whole run
+    on every run, before anything could be recorded; nothing to do starts none. failed(row, reason): the result
+    of a row whose worker died twice. Closing the generator (the caller's finally) terminates the workers at once."""
     first = next(pages, [])
+    if not first:
+        return
     rows = chain(first, chain.from_iterable(pages))
-    if workers > 0 and len(first) >= min_rows:
-        yield from decode_in_processes(fn, rows, workers, failed)
+    if workers > 0:
+        yield from decode_in_processes(fn, rows, workers if len(first) >= min_rows else 1, failed)
     else:
         yield from map(fn, rows)

@@ -19,8 +19,8 @@ import pytest
 
 from alignsearch.storage import catalog, migrate, state
 from conftest import index_json, make_images, run
-from helpers import (DEATHS_ENV, FIXTURES, catalog_rows, deaths, noting_deaths, render_sign, verify_problems,
-                     with_dying_fills)
+from helpers import (DEATHS_ENV, FIXTURES, catalog_rows, deaths, killed_at, noting_deaths, render_sign,
+                     verify_problems, with_dying_fills)
 from indexer import phashfill, workers
 from indexer.workers import DIED
 
@@ -297,3 +297,41 @@ def test_the_alignsearch_before_version_4_refuses_a_version_4_catalog_in_one_lin
             proc.stderr[-2000:]
     assert _dump(v3 / "catalog.db") == before
 
+
+def test_malformed_fill_failure_rows_are_left_out_said_by_verify_and_repaired(indexed_images):
+    """Rows no alignsearch writes (a damaged catalog, another tool): a step no alignsearch has was counted and
+    listed as one (a new key in `index --json`'s fill_failures), and a reason held as bytes ended `info --failed
+    --json` with "unexpected TypeError". Now those of no known step are left out, verify names them and --repair
+    drops them; a reason is shown as text whatever its type; a size or mtime of the wrong type holds nothing back."""
+    root, ix = indexed_images(3)
+    first, second, third = sorted(p.name for p in root.iterdir())
+    row = "INSERT INTO fill_failures SELECT id, {}, {}, {}, {}, 0 FROM files WHERE relpath = '{}'"
+    _sql(ix, row.format("'thumbs'", "size", "mtime", "'x'", first))
+    _sql(ix, row.format("'phash'", "size", "mtime", "x'6f6b20ff'", second))
+    _sql(ix, row.format("'ocr'", "'big'", "'late'", "'y'", third))  # matches no row: tried again, not counted
+    info = json.loads(run("info", "--index", ix, "--failed", "--json").output)
+    assert info["fill_failures"] == {"ocr": 0, "phash": 1}, info["fill_failures"]
+    assert [(Path(f["path"]).name, f["step"], f["reason"]) for f in info["fill_failed_files"]] == [
+        (second, "phash", "ok \ufffd")]
+    assert verify_problems(ix) == ["1 records of files a fill step could not read name no fill step (ocr, phash)"]
+    repaired = json.loads(run("verify", "--index", ix, "--skip-model", "--repair", "--json", code=None).output)
+    assert repaired["ok"] and "dropped 1 records of fill failures of no fill step" in repaired["repaired"], repaired
+    assert catalog_rows(ix, "SELECT step FROM fill_failures ORDER BY 1") == [("ocr",), ("phash",)]
+    assert index_json(ix, "--device", "cpu")["fill_failures"] == {"ocr": 0, "phash": 1}
+    assert verify_problems(ix) == []
+
+
+def test_kill_9_during_the_upgrade_to_version_4_leaves_version_3_whole(v3):
+    """The upgrade is one transaction: killed after the table is made, before or after the version is written,
+    the catalog is version 3 as it was, read as such, and the next writer upgrades it."""
+    db = v3 / "catalog.db"
+    before = _dump(db)
+    for where, when in [("alignsearch.storage.catalog:fill_failures.create", "after"),
+                        ("alignsearch.storage.state:write", "before"), ("alignsearch.storage.state:write", "after")]:
+        proc = killed_at(where, when, "index", "--index", v3, "--device", "cpu")
+        assert proc.returncode == -9, (where, when, proc.returncode, proc.stderr[-2000:])
+        assert _dump(db) == before, (where, when)
+        assert catalog.integrity_problems(db) == [] and verify_problems(v3) == []
+        assert "images:  7 indexed" in run("info", "--index", v3).output
+    catalog.connect(db).dispose()
+    assert catalog_rows(v3, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,11 +42,27 @@ def _read_chunk(fn: Callable, chunk: list) -> list:
 
 
 def _start_worker(initializer, initargs: tuple) -> None:
-    """In each worker first: Ctrl-C is the command's to handle (alignsearch/workerpool.py), then the caller's
-    initializer (the texts already read)."""
+    """In each worker first: Ctrl-C is the command's to handle (alignsearch/workerpool.py), it ends with the
+    process that started it, then the caller's initializer (the texts already read)."""
     ignore_sigint()
+    _exit_with_parent()
     if initializer is not None:
         initializer(*initargs)
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the process that started it ends, killed -9 too: a worker waiting for its next task
+    never learns it (it holds both ends of its queue's pipe), so it lived on for good, holding the memory of its
+    decoder and the output pipes of whoever ran `index` (which then waited for them forever)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:

@@ -800,3 +800,12 @@ def with_dying_fills(noted: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", DYING_FILLS, str(Path(__file__).parent), *map(str, args)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", DEATHS_ENV: str(noted)})
+
+
+KILLED_IN_PHASH_FILL = KILL_HOOK + """
+from indexer import phashfill
+fill = phashfill.fill_phashes
+phashfill.fill_index = lambda db, workers=0, *, without_ids=(): fill(db, workers, batch=2, without_ids=without_ids)
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""  # killed_at's child, its phash fill in batches of 2 (decoded in worker processes from 2 files on)

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import pytest
 
 from alignsearch.storage import catalog, migrate, state
 from conftest import index_json, make_images, run
-from helpers import (DEATHS_ENV, FIXTURES, catalog_rows, deaths, killed_at, noting_deaths, render_sign,
-                     verify_problems, with_dying_fills)
+from helpers import (DEATHS_ENV, FIXTURES, KILLED_IN_PHASH_FILL, catalog_rows, deaths, killed_at, noting_deaths,
+                     render_sign, verify_problems, with_dying_fills)
 from indexer import phashfill, workers
 from indexer.workers import DIED
 
@@ -335,3 +336,23 @@ def test_kill_9_during_the_upgrade_to_version_4_leaves_version_3_whole(v3):
         assert "images:  7 indexed" in run("info", "--index", v3).output
     catalog.connect(db).dispose()
     assert catalog_rows(v3, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+
+
+def test_the_decode_workers_of_a_fill_end_with_the_run_killed_9(indexed_images):
+    """A run killed -9 while its fill's workers wait for their next task: they never learned it and lived on for
+    good, holding the run's output pipes (whoever waits for its output waited forever) and their memory. Now
+    each ends when the process that started it ends."""
+    _, ix = indexed_images(6)
+    _sql(ix, "DELETE FROM phashes")  # as an index written before phashes existed
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_PHASH_FILL, "alignsearch.storage.catalog:set_phashes",
+                             "after", "index", "--index", str(ix), "--device", "cpu", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers share its process group
+        proc.communicate()
+        pytest.fail("the fill's decode workers outlived the run killed -9 (its output pipes still open after 60 s)")
+    assert proc.returncode == -9, err[-3000:]
+    assert catalog_rows(ix, "SELECT count(*) FROM phashes") == [(0,)]  # killed before its first commit

@@ -8,12 +8,12 @@ What is checked, each against what the writer recorded when it committed:
 - the ANN index: its layout's files against their recorded checksums (alignsearch/storage/layout.py: check),
   then its ids against the catalog;
 - the model: it still loads and has the recorded fingerprint (unless --skip-model);
-- the records of files a fill step could not read (catalog.fill_failures): each names an indexed file.
+- the records of files a fill step could not read (catalog.fill_failures): each names an indexed file and a fill step.
 
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
 again (only them), rebuilds the ANN index from the stored vectors, writes a damaged keyword index again
-from what it is made of, and drops fill failure records that name no indexed file. A damaged catalog cannot be
-mended from what is left: it says how to rebuild the index from its folders.
+from what it is made of, and drops fill failure records that name no indexed file or no fill step. A damaged
+catalog cannot be mended from what is left: it says how to rebuild the index from its folders.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Report:
     catalog_damaged: bool = False
     keywords_damaged: bool = False
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
+    unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,10 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             if r.dangling_fill_failures:  # harmless to searches, but no run drops them: --repair does
                 r.problems.append(f"{r.dangling_fill_failures} records of files a fill step could not read name "
                                   "no indexed file")
+            r.unknown_step_fill_failures = catalog.count_dangling_fill_failures(conn, unknown_step=True)
+            if r.unknown_step_fill_failures:  # `index` and `info` leave them out; --repair drops them
+                r.problems.append(f"{r.unknown_step_fill_failures} records of files a fill step could not read name "
+                                  f"no fill step ({', '.join(catalog.FILL_STEPS)})")
             st = state.read(conn)
             if st.model is None:
                 r.problems.append("no model recorded: the index was never built")
@@ -171,10 +176,14 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 with db.begin() as conn:
                     catalog.rebuild_keywords(conn)
                 done.append("keyword index written again from the files' captions, text, paths and tags")
-            if report.dangling_fill_failures:
+            if report.dangling_fill_failures or report.unknown_step_fill_failures:
                 with db.begin() as conn:
                     dropped = catalog.forget_dangling_fill_failures(conn)
-                done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
+                    unknown = catalog.forget_dangling_fill_failures(conn, unknown_step=True)
+                if dropped:
+                    done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
+                if unknown:
+                    done.append(f"dropped {unknown} records of fill failures of no fill step")
             with db.connect() as conn:
                 model = state.read(conn).model
             if model is None:

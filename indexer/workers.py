@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,11 +42,27 @@ def _read_chunk(fn: Callable, chunk: list) -> list:
 
 
 def _start_worker(initializer, initargs: tuple) -> None:
-    """In each worker first: Ctrl-C is the command's to handle (alignsearch/workerpool.py), then the caller's
-    initializer (the texts already read)."""
+    """In each worker first: Ctrl-C is the command's to handle (alignsearch/workerpool.py), it ends with the
+    process that started it, then the caller's initializer (the texts already read)."""
     ignore_sigint()
+    _exit_with_parent()
     if initializer is not None:
         initializer(*initargs)
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the process that started it ends, killed -9 too: a worker waiting for its next task
+    never learns it (it holds both ends of its queue's pipe), so it lived on for good, holding the memory of its
+    decoder and the output pipes of whoever ran `index` (which then waited for them forever)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
@@ -190,13 +208,17 @@ def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterato
 
 
 def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable, min_rows: int = 2) -> Generator:
-    """fn(row) for each row of pages, in order: in `workers` processes when there are any and the first page
-    holds min_rows or more (decode_in_processes: a worker that dies is noticed, where Pool.map waited forever
-    for its task), else in this process. failed(row, reason): the result of a row whose worker died twice.
-    Closing the generator (the caller's finally) terminates the workers at once."""
+    """fn(row) for each row of pages, in order, in worker processes when there are any (decode_in_processes: a
+    worker that dies is noticed, where Pool.map waited forever for its task), else (--workers 0) in this process.
+    A first page of fewer than min_rows is decoded by one worker: a file that crashes its decoder (a segfault or
+    an abort in a C library) then kills that worker and is recorded, where in this process it ended the whole run
+    on every run, before anything could be recorded; nothing to do starts none. failed(row, reason): the result
+    of a row whose worker died twice. Closing the generator (the caller's finally) terminates the workers at once."""
     first = next(pages, [])
+    if not first:
+        return
     rows = chain(first, chain.from_iterable(pages))
-    if workers > 0 and len(first) >= min_rows:
-        yield from decode_in_processes(fn, rows, workers, failed)
+    if workers > 0:
+        yield from decode_in_processes(fn, rows, workers if len(first) >= min_rows else 1, failed)
     else:
         yield from map(fn, rows)

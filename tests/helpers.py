@@ -777,3 +777,35 @@ def catalog_rows(ix: Path, sql: str) -> list:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+# -- a fill's decoder crashing on a file, in a child `alignsearch` (tests/test_fills.py) -----------------------------
+
+DYING_FILLS = r"""
+import sys
+from functools import partial
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import workers
+real = workers.map_rows
+workers.map_rows = lambda fn, *args, **kwargs: real(partial(helpers.noting_deaths, fn), *args, **kwargs)
+from alignsearch.surfaces.cli import main
+main(sys.argv[2:], prog_name="alignsearch")
+"""
+
+
+def with_dying_fills(noted: Path, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child whose fill steps die on a file named die* wherever they decode it (as a crash
+    in a C decoder ends a process: this one too, when it decodes the file itself), each death a line in `noted`."""
+    return subprocess.run([sys.executable, "-c", DYING_FILLS, str(Path(__file__).parent), *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", DEATHS_ENV: str(noted)})
+
+
+KILLED_IN_PHASH_FILL = KILL_HOOK + """
+from indexer import phashfill
+fill = phashfill.fill_phashes
+phashfill.fill_index = lambda db, workers=0, *, without_ids=(): fill(db, workers, batch=2, without_ids=without_ids)
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""  # killed_at's child, its phash fill in batches of 2 (decoded in worker processes from 2 files on)

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import pytest
 
 from alignsearch.storage import catalog, migrate, state
 from conftest import index_json, make_images, run
-from helpers import DEATHS_ENV, FIXTURES, catalog_rows, deaths, noting_deaths, render_sign, verify_problems
+from helpers import (DEATHS_ENV, FIXTURES, KILLED_IN_PHASH_FILL, catalog_rows, deaths, killed_at, noting_deaths,
+                     render_sign, verify_problems, with_dying_fills)
 from indexer import phashfill, workers
 from indexer.workers import DIED
 
@@ -62,8 +64,7 @@ def test_a_file_that_kills_its_ocr_worker_is_tried_once_per_change_not_once_per_
     died = deaths(noted)
     # the pool's death, the same files again in a fresh pool, then the file alone, twice (indexer/workers.py)
     assert 2 <= died <= 4, died
-    # another image to read (its text forgotten): a fill of one image reads it in this process (as the pipeline
-    # does), which the hook would end; the code before read die-sign.png in the workers again
+    # another image to read (its text forgotten): the code before read die-sign.png in the workers again
     _sql(ix, f"UPDATE photos SET ocr = NULL WHERE file_id = ({ID_OF.format('sign1.png')})")
     second = index_json(ix, *ocr)
     assert deaths(noted) == died  # not tried again: it killed as many workers on every run before
@@ -79,8 +80,7 @@ def test_a_file_that_kills_its_ocr_worker_is_tried_once_per_change_not_once_per_
     assert f"unread:  {root / 'die-sign.png'}: text: {DIED}" in run("info", "--index", ix, "--failed").output
     assert verify_problems(ix) == []
 
-    # touched: new rows (their text not read, --no-ocr), and the old row's record goes with the old row. Two
-    # files: a fill of one file reads it in this process (which the hook would end), as the pipeline does
+    # touched: new rows (their text not read, --no-ocr), and the old row's record goes with the old row
     for name in ("die-sign.png", "sign0.png"):
         stat = (root / name).stat()
         os.utime(root / name, (stat.st_atime, stat.st_mtime + 10))
@@ -107,7 +107,7 @@ def test_a_file_that_kills_its_phash_worker_is_skipped_while_its_record_matches_
         assert phashfill.fill_phashes(db, workers=2, batch=2) == 5  # batches of 2: in worker processes
         died = deaths(noted)
         assert 2 <= died <= 4, died
-        # with another file to hash: a page of one is hashed in this process, which the hook would end
+        # with another file to hash
         _sql(ix, f"DELETE FROM phashes WHERE file_id = ({ID_OF.format('img000.png')})")
         assert phashfill.fill_phashes(db, workers=2, batch=2) == 1 and deaths(noted) == died
         assert catalog_rows(ix, FAILURES) == [("die.jpg", "phash", DIED)]
@@ -119,6 +119,68 @@ def test_a_file_that_kills_its_phash_worker_is_skipped_while_its_record_matches_
             assert catalog.fill_failure_counts(conn) == {"ocr": 0, "phash": 1}
     finally:
         db.dispose()
+
+
+def _index_with_dying_fills(ix: Path, noted: Path, *args) -> dict:
+    """`alignsearch index` in a child whose fill steps die on die* files; it must end normally (exit 0: files a
+    fill could not read are counted, not an error), its summary parsed."""
+    proc = with_dying_fills(noted, "index", "--index", ix, "--device", "cpu", "--workers", "2", "--json", *args)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_one_file_to_hash_that_crashes_the_decoder_fails_alone_not_the_run(tmp_path, tiny_model):
+    """A phash fill of fewer files than its batch (the usual case: a run adding a few files) decoded them in the
+    `index` process: a file that crashed the decoder ended the run (here exit 9), every run, nothing recorded.
+    Now one worker decodes them: it dies, the file is recorded, the run ends normally and the next skips it."""
+    lib, ix, noted = tmp_path / "lib", tmp_path / "ix", tmp_path / "deaths"
+    make_images(lib, 3)
+    (lib / "img002.jpg").rename(lib / "die.jpg")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    _sql(ix, f"DELETE FROM phashes WHERE file_id = ({ID_OF.format('die.jpg')})")  # the one file for the fill
+
+    first = _index_with_dying_fills(ix, noted)
+    died = deaths(noted)
+    assert 2 <= died <= 4, died
+    assert first["times"]["extra"]["phashes_filled"] == 0 and first["fill_failures"] == {"ocr": 0, "phash": 1}
+    assert catalog_rows(ix, FAILURES) == [("die.jpg", "phash", DIED)]
+    again = _index_with_dying_fills(ix, noted)
+    assert deaths(noted) == died and again["fill_failures"] == {"ocr": 0, "phash": 1}, again
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_one_image_to_read_that_crashes_the_text_reader_fails_alone_not_the_run(tmp_path, tiny_model):
+    """An OCR fill of one image read it in the `index` process: a crash there ended the run, every run."""
+    root, ix, noted = tmp_path / "signs", tmp_path / "ix", tmp_path / "deaths"
+    render_sign(root / "sign0.png", ["Zanzibar Spice"])
+    index_json(ix, root, "--model", tiny_model, "--ocr", "--device", "cpu")
+    render_sign(root / "die-sign.png", ["Okavango Delta"])
+    assert index_json(ix, "--no-ocr", "--device", "cpu")["added"] == 1  # its text not read: the fill's one image
+
+    first = _index_with_dying_fills(ix, noted, "--ocr")
+    died = deaths(noted)
+    assert 2 <= died <= 4, died
+    assert first["times"]["extra"]["ocr_filled"] == 0 and first["fill_failures"] == {"ocr": 1, "phash": 0}, first
+    assert catalog_rows(ix, FAILURES) == [("die-sign.png", "ocr", DIED)]
+    again = _index_with_dying_fills(ix, noted, "--ocr")
+    assert deaths(noted) == died and again["fill_failures"] == {"ocr": 1, "phash": 0}, again
+
+
+def test_a_small_fill_is_decoded_by_one_worker_and_nothing_to_fill_starts_none(monkeypatch):
+    """Fewer rows than min_rows: one worker (its start costs about half a second, measured), never this process;
+    --workers 0 still decodes here, as the user asked; nothing to do starts no worker at all."""
+    started = []
+    monkeypatch.setattr(workers, "decode_in_processes",
+                        lambda fn, rows, n, failed: started.append(n) or map(fn, rows))
+    fail = partial(pytest.fail, "decoded in this process")
+    assert list(workers.map_rows(str.upper, iter([]), 2, None)) == [] and started == []
+    assert list(workers.map_rows(str.upper, iter([["a"]]), 3, None)) == ["A"] and started == [1]
+    assert list(workers.map_rows(str.upper, iter([["a", "b"], ["c"]]), 3, None)) == ["A", "B", "C"]
+    assert started == [1, 3]
+    monkeypatch.setattr(workers, "decode_in_processes", lambda *args: fail())
+    assert list(workers.map_rows(str.upper, iter([["a"]]), 0, None)) == ["A"]
 
 
 def test_an_undecodable_file_is_recorded_and_one_gone_is_not(indexed_images):
@@ -133,7 +195,7 @@ def test_an_undecodable_file_is_recorded_and_one_gone_is_not(indexed_images):
     _sql(ix, "DELETE FROM phashes")
     db = catalog.connect(ix / "catalog.db")
     try:
-        assert phashfill.fill_phashes(db) == 2  # in this process (fewer than a batch)
+        assert phashfill.fill_phashes(db) == 2  # in this process (no workers)
         recorded = catalog_rows(ix, FAILURES)
         assert [r[:2] for r in recorded] == [(files[0].name, "phash")] and recorded[0][2].startswith("cannot decode")
         with db.connect() as conn:
@@ -235,3 +297,62 @@ def test_the_alignsearch_before_version_4_refuses_a_version_4_catalog_in_one_lin
             "error: index schema version 4 is not supported by this alignsearch (it reads 3): upgrade alignsearch"], \
             proc.stderr[-2000:]
     assert _dump(v3 / "catalog.db") == before
+
+
+def test_malformed_fill_failure_rows_are_left_out_said_by_verify_and_repaired(indexed_images):
+    """Rows no alignsearch writes (a damaged catalog, another tool): a step no alignsearch has was counted and
+    listed as one (a new key in `index --json`'s fill_failures), and a reason held as bytes ended `info --failed
+    --json` with "unexpected TypeError". Now those of no known step are left out, verify names them and --repair
+    drops them; a reason is shown as text whatever its type; a size or mtime of the wrong type holds nothing back."""
+    root, ix = indexed_images(3)
+    first, second, third = sorted(p.name for p in root.iterdir())
+    row = "INSERT INTO fill_failures SELECT id, {}, {}, {}, {}, 0 FROM files WHERE relpath = '{}'"
+    _sql(ix, row.format("'thumbs'", "size", "mtime", "'x'", first))
+    _sql(ix, row.format("'phash'", "size", "mtime", "x'6f6b20ff'", second))
+    _sql(ix, row.format("'ocr'", "'big'", "'late'", "'y'", third))  # matches no row: tried again, not counted
+    info = json.loads(run("info", "--index", ix, "--failed", "--json").output)
+    assert info["fill_failures"] == {"ocr": 0, "phash": 1}, info["fill_failures"]
+    assert [(Path(f["path"]).name, f["step"], f["reason"]) for f in info["fill_failed_files"]] == [
+        (second, "phash", "ok \ufffd")]
+    assert verify_problems(ix) == ["1 records of files a fill step could not read name no fill step (ocr, phash)"]
+    repaired = json.loads(run("verify", "--index", ix, "--skip-model", "--repair", "--json", code=None).output)
+    assert repaired["ok"] and "dropped 1 records of fill failures of no fill step" in repaired["repaired"], repaired
+    assert catalog_rows(ix, "SELECT step FROM fill_failures ORDER BY 1") == [("ocr",), ("phash",)]
+    assert index_json(ix, "--device", "cpu")["fill_failures"] == {"ocr": 0, "phash": 1}
+    assert verify_problems(ix) == []
+
+
+def test_kill_9_during_the_upgrade_to_version_4_leaves_version_3_whole(v3):
+    """The upgrade is one transaction: killed after the table is made, before or after the version is written,
+    the catalog is version 3 as it was, read as such, and the next writer upgrades it."""
+    db = v3 / "catalog.db"
+    before = _dump(db)
+    for where, when in [("alignsearch.storage.catalog:fill_failures.create", "after"),
+                        ("alignsearch.storage.state:write", "before"), ("alignsearch.storage.state:write", "after")]:
+        proc = killed_at(where, when, "index", "--index", v3, "--device", "cpu")
+        assert proc.returncode == -9, (where, when, proc.returncode, proc.stderr[-2000:])
+        assert _dump(db) == before, (where, when)
+        assert catalog.integrity_problems(db) == [] and verify_problems(v3) == []
+        assert "images:  7 indexed" in run("info", "--index", v3).output
+    catalog.connect(db).dispose()
+    assert catalog_rows(v3, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+
+
+def test_the_decode_workers_of_a_fill_end_with_the_run_killed_9(indexed_images):
+    """A run killed -9 while its fill's workers wait for their next task: they never learned it and lived on for
+    good, holding the run's output pipes (whoever waits for its output waited forever) and their memory. Now
+    each ends when the process that started it ends."""
+    _, ix = indexed_images(6)
+    _sql(ix, "DELETE FROM phashes")  # as an index written before phashes existed
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_PHASH_FILL, "alignsearch.storage.catalog:set_phashes",
+                             "after", "index", "--index", str(ix), "--device", "cpu", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers share its process group
+        proc.communicate()
+        pytest.fail("the fill's decode workers outlived the run killed -9 (its output pipes still open after 60 s)")
+    assert proc.returncode == -9, err[-3000:]
+    assert catalog_rows(ix, "SELECT count(*) FROM phashes") == [(0,)]  # killed before its first commit

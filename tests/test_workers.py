@@ -161,14 +161,14 @@ def test_closing_a_fills_decode_terminates_its_busy_workers_at_once():
 
 
 def test_map_rows_in_this_process_is_a_generator_too():
-    """No workers (or few rows): the fills close what map_rows returns whatever it is."""
+    """No workers (or few rows: one worker): the fills close what map_rows returns whatever it is."""
     from indexer.workers import map_rows
 
     found = map_rows(str.upper, iter([["a", "b"], ["c"]]), 0, lambda item, reason: None)
     assert next(found) == "A"
     found.close()
     assert list(found) == []
-    assert list(map_rows(str.upper, iter([["a"]]), 2, lambda item, reason: None)) == ["A"]  # under min_rows
+    assert list(map_rows(str.upper, iter([["a"]]), 2, lambda item, reason: None)) == ["A"]  # under min_rows: one worker
 
 
 FILL_SLOWLY = r"""

@@ -858,7 +858,7 @@ def _fill_failures_now():
     """fill_failures joined to the indexed files whose size and mtime are those recorded."""
     ff = fill_failures
     return ff.join(files, and_(files.c.id == ff.c.file_id, files.c.size == ff.c.size, files.c.mtime == ff.c.mtime,
-                               files.c.status == INDEXED))
+                               files.c.status == INDEXED, ff.c.step.in_(FILL_STEPS)))
 
 
 def fill_failure_counts(conn: Connection) -> dict[str, int]:
@@ -879,24 +879,42 @@ def fill_failed_files(conn: Connection) -> list[tuple[FileRow, str, str]]:
     step, reason = fill_failures.c.step.label("fill_step"), fill_failures.c.reason.label("fill_reason")  # files has a reason
     query = select(files, step, reason).select_from(_fill_failures_now()).order_by(
         files.c.root, files.c.relpath, files.c.moment, step)
-    return [(FileRow(**{c.name: row._mapping[c] for c in files.c}), row.fill_step, row.fill_reason)
+    return [(FileRow(**{c.name: row._mapping[c] for c in files.c}), row.fill_step, _as_text(row.fill_reason))
             for row in conn.execute(query)]
+
+
+def _as_text(value) -> str:
+    """A text column's value as text, whatever a damaged row holds there (bytes, a number, NULL): `info --failed
+    --json` failed on bytes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
 
 
 def _dangling_fill_failures():
     return ~select(files.c.id).where(files.c.id == fill_failures.c.file_id, files.c.status == INDEXED).exists()
 
 
-def count_dangling_fill_failures(conn: Connection) -> int:
-    """Fill failure rows that name no indexed file (verify; 0 before schema 4)."""
+def _unknown_fill_step():
+    # a step no alignsearch of this schema writes: damage (a new step would come with a new schema version,
+    # which this alignsearch refuses)
+    return or_(fill_failures.c.step.is_(None), fill_failures.c.step.not_in(FILL_STEPS))
+
+
+def count_dangling_fill_failures(conn: Connection, *, unknown_step: bool = False) -> int:
+    """Fill failure rows that name no indexed file, or with unknown_step those that name no step of FILL_STEPS
+    (verify; 0 before schema 4)."""
     if not migrate.schema_of(conn).fill_failures:
         return 0
-    return int(conn.execute(select(func.count()).select_from(fill_failures).where(_dangling_fill_failures())).scalar())
+    where = _unknown_fill_step() if unknown_step else _dangling_fill_failures()
+    return int(conn.execute(select(func.count()).select_from(fill_failures).where(where)).scalar())
 
 
-def forget_dangling_fill_failures(conn: Connection) -> int:
-    """Drop the fill failure rows that name no indexed file (verify --repair); how many."""
-    return conn.execute(delete(fill_failures).where(_dangling_fill_failures())).rowcount
+def forget_dangling_fill_failures(conn: Connection, *, unknown_step: bool = False) -> int:
+    """Drop the fill failure rows that name no indexed file, or with unknown_step no step of FILL_STEPS (verify
+    --repair); how many."""
+    where = _unknown_fill_step() if unknown_step else _dangling_fill_failures()
+    return conn.execute(delete(fill_failures).where(where)).rowcount
 
 
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:

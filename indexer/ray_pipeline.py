@@ -1,7 +1,8 @@
 """The same reader -> encoder -> writer stages on Ray Data, for many GPUs or many machines.
 
-Decoding runs as CPU tasks over blocks of the file list, encoding in actors that each load the model
-once (one GPU each when there are GPUs). Each actor appends its vectors to a vector-store segment of
+Each actor loads the model once (one GPU each when there are GPUs), then decodes and encodes the blocks of
+the file list it is given (Ray Data fused the two stages into one actor anyway; one stage gives a batch that
+kills its actor a bounded number of retries). Each actor appends its vectors to a vector-store segment of
 its own and sends back only where they are (alignsearch/storage/vectors.py), so the driver, the single
 catalog writer, handles ~100 bytes of metadata per image rather than its vector; an actor on a
 machine that does not see the index folder sends its vectors instead. The driver commits batch by
@@ -37,6 +38,10 @@ from indexer.scan import Found
 
 log = logging.getLogger(__name__)
 
+# An actor that dies is started again (Ray Data's default: a machine lost); a batch whose actor died this many
+# times more is given up, as the local path gives up a file that kills its decode worker twice. Ray Data retried
+# it forever: a file that crashes its decoder (a codec's fault, out of memory) kept the run going, never ending.
+BATCH_RETRIES = 2
 FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset")
 RUN_TOKEN = ".run"  # in the segment folder: an actor that reads this run's token there shares the driver's disk
 
@@ -78,13 +83,17 @@ class EncoderActor:
     in `segments` (fsync'ed before the batch is returned) when that folder holds the driver's `token`;
     otherwise they travel back as fp16 bytes."""
 
-    def __init__(self, encoder: EncoderConfig, segments: str | None = None, token: str | None = None):
+    def __init__(self, encoder: EncoderConfig, segments: str | None = None, token: str | None = None,
+                 spec: ImageSpec | None = None, fast: bool = False):
         self.encoder = load_encoder(encoder)
+        self.decode = {"spec": spec or self.encoder.spec, "fast": fast}
         shared = segments is not None and _token(Path(segments)) == token
         # A fresh name per actor process: a restarted actor never appends to a file its predecessor left.
         self.segment = VectorStore(Path(segments) / f"{uuid.uuid4().hex}.f16", self.encoder.dim, 0) if shared else None
 
     def __call__(self, batch: dict) -> dict:
+        if "crop" not in batch:  # rows of Found fields: decoded here first
+            batch = decode_batch(batch, **self.decode)
         start = time.perf_counter()
         ok = batch["ok"].astype(bool)
         n = len(ok)
@@ -190,9 +199,10 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
                  "on" if segments else "off")
         rows = [_row(found) for found in todo]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec, "fast": fast}, batch_size=batch_size, batch_format="numpy")
-        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token},
-                            batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0)
+        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token,
+                                                                 "spec": spec, "fast": fast},
+                            batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0,
+                            max_task_retries=BATCH_RETRIES)
         extra = {"vectors_in_actor_segments": 0, "vectors_sent_to_driver": 0, "actor_plans": set()}
         batches = stream(ds, store, batch_size, extra)
         try:
@@ -201,6 +211,12 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
             log.debug("the Ray task's report: %s", exc)
             raise AlignSearchError(f"a Ray task failed: {_raised(str(exc))} (the batches committed before it are "
                                    "kept; -vv logs Ray's report)") from None
+        except ray.exceptions.RayActorError as exc:  # an actor's process died on one batch, every retry
+            log.debug("the Ray actor's report: %s", exc)
+            raise AlignSearchError(
+                f"a Ray encoder actor died on the same batch {BATCH_RETRIES + 1} times (a file that crashes its "
+                "decoder, or out of memory?): the batches committed before it are kept; `alignsearch index` "
+                "without --ray records a file that kills its decoder as failed, and goes on") from None
         finally:
             batches.close()  # stops Ray Data's execution before ray.shutdown (stream)
         extra["actor_plans"] = [json.loads(p) for p in sorted(extra["actor_plans"])]  # each distinct plan once

@@ -1,6 +1,7 @@
 """Attacks on the Ray path (`alignsearch index --ray`, indexer/ray_pipeline.py): a folder of bad files, a decode that
-raises in a task, and the driver stopped part way by Ctrl-C, SIGTERM or an error. Each must end as the local path
-does: the same catalog and answers, one line for a failure, the index as its last commit left it.
+raises in a task, one that kills its actor every time, and the driver stopped part way by Ctrl-C, SIGTERM or an
+error. Each must end as the local path does: the same catalog and answers, one line for a failure, the index as its
+last commit left it, and the run always ends.
 
 A local Ray costs seconds to start on two cores: the in-process tests share one (module-scoped); the tests of a
 stopped driver run the command as a user does, with a Ray instance of its own."""
@@ -26,7 +27,7 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TESTS = Path(__file__).resolve().parent
-POISON = "poison.jpg"
+POISON, KILLER = "poison.jpg", "killer.jpg"  # the actor's decode raises on the one, dies on the other
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +99,28 @@ def test_a_mixed_folder_indexes_as_the_local_path_does(local_ray, tmp_path, tiny
     assert problems(tmp_path / "ray") == []
 
 
-def raising_decode(batch, spec, fast=False):
-    """decode_batch, except that one file's decode raises, as a codec's bug would, inside the Ray task."""
-    from indexer.ray_pipeline import decode_batch
+class Poisoned:
+    """The encoder actor, except that a batch holding POISON fails there as a codec's fault would: by raising
+    (a bug), or by killing the actor's process (a crash, the OOM killer)."""
 
-    if any(str(name).endswith(POISON) for name in batch["relpath"]):
-        raise RuntimeError("a codec's bug")
-    return decode_batch(batch, spec, fast)
+    def __init__(self, encoder, segments, token, **decode):
+        from indexer.ray_pipeline import EncoderActor
+
+        self.inner = EncoderActor(encoder, segments, token, **decode)
+
+    def __call__(self, batch):
+        names = [str(name) for name in batch["relpath"]]
+        if KILLER in names:
+            os._exit(1)
+        if POISON in names:
+            raise RuntimeError("a codec's bug")
+        return self.inner(batch)
+
+
+def poisoned_folder(root: Path, name: str) -> Path:
+    make_images(root, 12)
+    (root / name).write_bytes((root / "img001.jpg").read_bytes())
+    return root
 
 
 def only_allowed(found: list[str]) -> list[str]:
@@ -129,10 +145,8 @@ def test_a_decode_that_raises_in_a_task_stops_the_run_in_one_line_as_locally(loc
     task's error came back as Ray's whole report (the remote traceback, terminal colour codes) in that line."""
     import indexer.ray_pipeline as ray_pipeline
 
-    root = tmp_path / "photos"
-    make_images(root, 12)
-    (root / POISON).write_bytes((root / "img001.jpg").read_bytes())
-    monkeypatch.setattr(ray_pipeline, "decode_batch", raising_decode)
+    root = poisoned_folder(tmp_path / "photos", POISON)
+    monkeypatch.setattr(ray_pipeline, "EncoderActor", Poisoned)
     failed = ray_run(tmp_path / "ix", root, tiny_model, code=1)
     said = [line for line in failed.output.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and "RuntimeError: a codec's bug" in said[0], failed.output[-3000:]
@@ -220,3 +234,20 @@ def test_the_driver_stopped_mid_run_leaves_the_index_as_committed(tmp_path, tiny
     assert 8 < _rows(ix) < 80
     assert only_allowed(problems(ix)) == []
     finished_by_a_plain_run(ix, root, 80)
+
+
+def test_a_batch_that_kills_its_actor_every_time_ends_the_run(local_ray, tmp_path, tiny_model, monkeypatch):
+    """A file that crashes its decoder (a codec's fault, the OOM killer) kills the actor that holds its batch: Ray
+    Data started the actor again and retried the batch forever, so `index --ray` never ended (the local path gives
+    the file up after two deaths). Now the batch is given up after a few: one line, exit 1, what was committed
+    kept and nothing past it."""
+    import indexer.ray_pipeline as ray_pipeline
+
+    root = poisoned_folder(tmp_path / "photos", KILLER)
+    monkeypatch.setattr(ray_pipeline, "EncoderActor", Poisoned)
+    failed = ray_run(tmp_path / "ix", root, tiny_model, code=1)
+    said = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "died on the same batch 3 times" in said[0], failed.output[-3000:]
+    assert only_allowed(problems(tmp_path / "ix")) == []
+    monkeypatch.undo()
+    finished_by_a_plain_run(tmp_path / "ix", root, 13)

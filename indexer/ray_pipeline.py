@@ -1,7 +1,8 @@
 """The same reader -> encoder -> writer stages on Ray Data, for many GPUs or many machines.
 
-Decoding runs as CPU tasks over blocks of the file list, encoding in actors that each load the model
-once (one GPU each when there are GPUs). Each actor appends its vectors to a vector-store segment of
+Each actor loads the model once (one GPU each when there are GPUs), then decodes and encodes the blocks of
+the file list it is given (Ray Data fused the two stages into one actor anyway; one stage gives a batch that
+kills its actor a bounded number of retries). Each actor appends its vectors to a vector-store segment of
 its own and sends back only where they are (alignsearch/storage/vectors.py), so the driver, the single
 catalog writer, handles ~100 bytes of metadata per image rather than its vector; an actor on a
 machine that does not see the index folder sends its vectors instead. The driver commits batch by
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import signal
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -23,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from alignsearch import atomic
-from alignsearch.storage import vectors
-from alignsearch.errors import BadInputError
+from alignsearch.storage import catalog, vectors
+from alignsearch.errors import AlignSearchError, BadInputError
 from alignsearch.media.images import ImageSpec
+from alignsearch.storage.paths import DB_FILE
 from alignsearch.storage.vectors import VectorStore
 from indexer.decode import Item, read_item
 from indexer.pipeline import Batch, EncoderConfig, StageTimes, drive, load_encoder
@@ -33,6 +38,10 @@ from indexer.scan import Found
 
 log = logging.getLogger(__name__)
 
+# An actor that dies is started again (Ray Data's default: a machine lost); a batch whose actor died this many
+# times more is given up, as the local path gives up a file that kills its decode worker twice. Ray Data retried
+# it forever: a file that crashes its decoder (a codec's fault, out of memory) kept the run going, never ending.
+BATCH_RETRIES = 2
 FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset")
 RUN_TOKEN = ".run"  # in the segment folder: an actor that reads this run's token there shares the driver's disk
 
@@ -74,13 +83,17 @@ class EncoderActor:
     in `segments` (fsync'ed before the batch is returned) when that folder holds the driver's `token`;
     otherwise they travel back as fp16 bytes."""
 
-    def __init__(self, encoder: EncoderConfig, segments: str | None = None, token: str | None = None):
+    def __init__(self, encoder: EncoderConfig, segments: str | None = None, token: str | None = None,
+                 spec: ImageSpec | None = None, fast: bool = False):
         self.encoder = load_encoder(encoder)
+        self.decode = {"spec": spec or self.encoder.spec, "fast": fast}
         shared = segments is not None and _token(Path(segments)) == token
         # A fresh name per actor process: a restarted actor never appends to a file its predecessor left.
         self.segment = VectorStore(Path(segments) / f"{uuid.uuid4().hex}.f16", self.encoder.dim, 0) if shared else None
 
     def __call__(self, batch: dict) -> dict:
+        if "crop" not in batch:  # rows of Found fields: decoded here first
+            batch = decode_batch(batch, **self.decode)
         start = time.perf_counter()
         ok = batch["ok"].astype(bool)
         n = len(ok)
@@ -107,7 +120,20 @@ def stream(ds, store: VectorStore, batch_size: int, extra: dict):
     """The runner's reader on Ray: the actors' output as pipeline.Batch, the vectors they stored in segments
     committed to `store` (the caller saves it with the catalog rows) and addressed by the items' vec_row,
     the rest in Batch.vectors. Counts both in `extra`."""
-    for block in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+    blocks = ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+    try:
+        yield from _batches(blocks, store, extra)
+    finally:
+        # Now, while Ray is up: left to the garbage collector, Ray Data's iterator was closed after ray.shutdown
+        # (a stop part way), logged tracebacks ("Ray is not initialized") and could wait forever on its threads
+        # as the interpreter ended, the command hung after its last line.
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
+
+
+def _batches(blocks, store: VectorStore, extra: dict):
+    for block in blocks:
         ok = block["ok"].astype(bool)
         items = [
             Item(_found(block, i), np.empty(0) if ok[i] else None, str(block["sha256"][i]) or None,
@@ -146,6 +172,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
     if not todo:
         return StageTimes()
     started_here = not ray.is_initialized()
+    sigterm = _HeldSigterm()  # before ray.init, which puts a handler of its own in place
     if started_here:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -154,6 +181,8 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
                 f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[-1]}. A cluster started with "
                 "`ray start` authenticates with a token: set RAY_AUTH_MODE=token (the token is read from "
                 "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+    sigterm.hold()
+    finished = False
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the driver's bar
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -170,14 +199,95 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
                  "on" if segments else "off")
         rows = [_row(found) for found in todo]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec, "fast": fast}, batch_size=batch_size, batch_format="numpy")
-        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token},
-                            batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0)
+        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token,
+                                                                 "spec": spec, "fast": fast},
+                            batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0,
+                            max_task_retries=BATCH_RETRIES)
         extra = {"vectors_in_actor_segments": 0, "vectors_sent_to_driver": 0, "actor_plans": set()}
-        times = drive(stream(ds, store, batch_size, extra), None, write, on_batch)
+        batches = stream(ds, store, batch_size, extra)
+        try:
+            times = drive(batches, None, write, on_batch)
+        except ray.exceptions.RayTaskError as exc:  # a task raised: a decode, an actor's encode or write
+            log.debug("the Ray task's report: %s", exc)
+            raise AlignSearchError(f"a Ray task failed: {_raised(str(exc))} (the batches committed before it are "
+                                   "kept; -vv logs Ray's report)") from None
+        except ray.exceptions.RayActorError as exc:  # an actor's process died on one batch, every retry
+            log.debug("the Ray actor's report: %s", exc)
+            raise AlignSearchError(
+                f"a Ray encoder actor died on the same batch {BATCH_RETRIES + 1} times (a file that crashes its "
+                "decoder, or out of memory?): the batches committed before it are kept; `alignsearch index` "
+                "without --ray records a file that kills its decoder as failed, and goes on") from None
+        finally:
+            batches.close()  # stops Ray Data's execution before ray.shutdown (stream)
         extra["actor_plans"] = [json.loads(p) for p in sorted(extra["actor_plans"])]  # each distinct plan once
         times.extra.update(extra, ray_encoders=actors)
+        finished = True
         return times
     finally:
-        if started_here:
-            ray.shutdown()
+        try:
+            if started_here:
+                ray.shutdown()
+            if not finished:
+                # Stopped part way (Ctrl-C, SIGTERM, an error): the actors ran ahead of the driver's commits, so
+                # their segments hold rows no commit lists (a segment with none is a file no commit knows). Cut
+                # now, as the next run would: `verify` finds the index as the last commit left it.
+                _cut_uncommitted(store)
+        finally:
+            sigterm.release()
+
+
+# The line a traceback ends in ("RuntimeError: a codec's bug"): a task's error reaches the driver as Ray's report
+# (the remote traceback as text, terminal colour codes), the exception itself is not sent along.
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)\b.*$", re.M)
+
+
+def _raised(report: str) -> str:
+    found = _RAISED.search(report)
+    return found.group(0).strip() if found else report.strip().splitlines()[-1]
+
+
+class _Terminated(BaseException):
+    """SIGTERM during a Ray run, raised in the driver's main thread: the run unwinds through its clean-up."""
+
+
+class _HeldSigterm:
+    """SIGTERM while the Ray run goes on unwinds it (the cluster shut down, what no commit lists cut), then goes
+    to whatever took SIGTERM before: by default the process ends by it, as a local run does; `index --watch`
+    stops. ray.init's own handler, left in place, raised SystemExit through Ray Data's threads (their
+    tracebacks, a C++ stack dump) and the driver ended aborted (exit -6), or a watch by it."""
+
+    def __init__(self):
+        here = threading.current_thread() is threading.main_thread()
+        self.before = signal.getsignal(signal.SIGTERM) if here else None
+        self.received = False
+
+    def _raise(self, signum, frame):
+        self.received = True
+        raise _Terminated
+
+    def hold(self) -> None:
+        if self.before is not None and self.before is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, self._raise)
+
+    def release(self) -> None:
+        if self.before is None:
+            return
+        signal.signal(signal.SIGTERM, self.before)
+        if self.received:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def _cut_uncommitted(store: VectorStore) -> None:
+    """Cut what the store's files hold past the catalog's last commit, as read from the catalog: the driver's
+    store may count a batch whose transaction the stop cut short. Only rows no commit lists are cut: an actor of
+    a cluster still winding down that appends after this leaves bytes the next run cuts, never a loss."""
+    try:
+        db = catalog.connect(store.path.parent / DB_FILE)
+        try:
+            with db.connect() as conn:
+                committed = vectors.load(conn, store.path.parent, store.dim)
+        finally:
+            db.dispose()
+        committed.truncate_uncommitted()
+    except Exception as exc:  # noqa: BLE001 - the stop's own error is the one to report; the next run cuts them
+        log.warning("could not cut the rows the stopped Ray run left uncommitted (the next run will): %s", exc)

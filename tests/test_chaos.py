@@ -309,17 +309,29 @@ def watch(ix: Path, index_args, lib: Library, rng: random.Random, kill_after: fl
         failures.add(f"watch: exit {proc.returncode} on SIGINT: {err[-2000:]}")
 
 
-# Opt-in until the two races it still meets now and then are fixed (about one run in five on a loaded 2-core
-# machine): a filtered search during `index --reindex` answered 500 (KeyError: 1), and `index --watch` stopped
-# by Ctrl-C mid-run once exited killed by SIGINT (-2) after "watch stopped". Set ALIGNSEARCH_CHAOS=1 (or a seed).
+# The full soak (75 s of loops, a random seed) is opt-in: set ALIGNSEARCH_CHAOS=1 (or a seed). Seeds 1 to 6 passed
+# on a loaded 2-core machine, 104-125 s each; its two races (a filtered search during `index --reindex` answered
+# 500, `index --watch` stopped by Ctrl-C exited killed by SIGINT) have their own tests below. A short soak of one
+# seed runs by default (~40 s): seed 6 meets, in its 15 s, a compaction, an export, a repair, tagging, a watch
+# stopped by Ctrl-C and a kill -9.
 SOAK = bool(os.environ.get("ALIGNSEARCH_CHAOS") or os.environ.get("ALIGNSEARCH_CHAOS_SEED"))
+BRIEF_SEED, BRIEF_SECONDS = 6, 15.0
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SOAK, reason="the chaos soak runs when ALIGNSEARCH_CHAOS=1 or ALIGNSEARCH_CHAOS_SEED is set")
 def test_everything_at_once(tmp_path, tiny_model):
     seed = int(os.environ.get("ALIGNSEARCH_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
-    seconds = float(os.environ.get("ALIGNSEARCH_CHAOS_SECONDS", "75"))
+    soak(tmp_path, tiny_model, seed, float(os.environ.get("ALIGNSEARCH_CHAOS_SECONDS", "75")))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SOAK, reason="the full soak runs instead")
+def test_everything_at_once_briefly(tmp_path, tiny_model):
+    soak(tmp_path, tiny_model, BRIEF_SEED, BRIEF_SECONDS)
+
+
+def soak(tmp_path: Path, tiny_model: Path, seed: int, seconds: float) -> None:
     print(f"\nchaos seed {seed} (ALIGNSEARCH_CHAOS_SEED={seed} replays it), {seconds:.0f} s")
     master = random.Random(seed)
     base = tmp_path / "lib"

@@ -71,10 +71,10 @@ class DyingOnce:
     """An encoder actor whose worker process dies on its second batch, after writing its vectors and
     before returning them: Ray must restart it and retry; the rows it wrote must not count."""
 
-    def __init__(self, encoder, segments, token):
+    def __init__(self, encoder, segments, token, **decode):
         from indexer.ray_pipeline import EncoderActor
 
-        self.inner = EncoderActor(encoder, segments, token)
+        self.inner = EncoderActor(encoder, segments, token, **decode)
         self.batches = 0
 
     def __call__(self, batch):
@@ -93,10 +93,10 @@ class DyingOnce:
 class Elsewhere:
     """An encoder actor on a machine where the index folder is not the driver's: it must send its vectors."""
 
-    def __init__(self, encoder, segments, token):
+    def __init__(self, encoder, segments, token, **decode):
         from indexer.ray_pipeline import EncoderActor
 
-        self.inner = EncoderActor(encoder, segments, token="another machine's folder")
+        self.inner = EncoderActor(encoder, segments, token="another machine's folder", **decode)
 
     def __call__(self, batch):
         return self.inner(batch)

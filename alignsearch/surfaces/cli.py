@@ -99,6 +99,15 @@ class _Main(click.Group):
             sys.stdout.reconfigure(errors="backslashreplace")
         return super().main(*args, **kwargs)
 
+    def make_context(self, *args, **kwargs):
+        # The top-level options are parsed here, outside invoke (an eager --version, --help), where click's
+        # own handler would end a Ctrl-C in "Aborted!" and exit 1.
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            _ignore_sigint_until_exit()
+            _fail(click.Context(self), "interrupted", 130)
+
     def invoke(self, ctx):
         from alignsearch import notices
 
@@ -910,13 +919,17 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
                                "`alignsearch query` uses it; stop it first to serve it again")
     config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 
+    serving = []
+
     def ready(server):
+        serving.append(server)
         click.echo(f"serving {engine.dir} on {server.open_url} (Ctrl-C to stop)", err=True)
 
     try:
         run_server(engine, config, ready, verbose)
     except KeyboardInterrupt:
-        pass
+        if not serving:  # while the model loaded: stopped before it served, said as any command's Ctrl-C is
+            raise
     except OSError as exc:
         raise AlignSearchError(_cannot_listen(engine.dir, host, port, exc)) from None
 

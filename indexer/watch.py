@@ -400,9 +400,11 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     for notes. Returns the exit code: 130 after SIGINT, 0 after SIGTERM. An error of the first run, or one that
     `ends_watch`, is raised."""
     from indexer.job import EncoderCache, chosen_index_dir
+    from indexer.roots import LinkFolders
 
     out = chosen_index_dir(job.get("index_dir")).resolve()
-    job = {**job, "index_dir": str(out), "encoders": EncoderCache()}  # the model stays loaded between runs
+    # the model stays loaded between runs; the folders holding links to files are listed by every scoped run
+    job = {**job, "index_dir": str(out), "encoders": EncoderCache(), "links": LinkFolders()}
     given = [name for root in roots for name in sources.normalise(str(root))]
     stopped: list[int] = []
 

@@ -185,12 +185,14 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     assert [r[1]["run"] for r in reports] == [1, 2, 3] and reports[2][1]["roots"] == [str(root.resolve())]
     encoders = calls[0][1]["encoders"]
     assert isinstance(encoders, EncoderCache)
-    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve()), "encoders": encoders})
+    links = calls[0][1]["links"]  # the folders holding links to files, kept across runs
+    assert calls[0] == ([str(root.resolve())], {**job, "index_dir": str(ix.resolve()), "encoders": encoders,
+                                                "links": links})
     scope = watch.Scope(folders={str(root.resolve()): ("",)})  # run 2 lists where its change was, the folder
     # of 1.jpg; run 3 comes after a failed run, whose changes may not be indexed: it lists every root whole
     assert [c[1]["scope"] for c in calls[1:]] == [scope, None]
     assert all(c == ([], {**watch.later_job(calls[0][1]), "scope": c[1]["scope"]}) for c in calls[1:])  # no --rebuild
-    assert all(c[1]["encoders"] is encoders for c in calls)  # one model kept loaded for every run
+    assert all(c[1]["encoders"] is encoders and c[1]["links"] is links for c in calls)  # one model kept loaded for every run
     assert lines[-1] == "watch stopped"
 
     def damaged(roots, **job):

@@ -1,0 +1,57 @@
+"""Attacks on `index --watch`'s scoped runs (indexer/watch.py, indexer/roots.py Scope): after changes settle and a
+run lists only the folders the watcher saw them in, the catalog must be what a full `alignsearch index` makes, so a
+full run right after finds nothing to do. Each scenario runs the watch's own decisions (watch.touched, run_scope)
+on the changes made, then the scoped run as the watch makes it, then a full run."""
+
+import os
+import shutil
+
+from conftest import make_images
+from indexer import watch
+from indexer.job import index_folders
+from indexer.roots import LinkFolders
+from indexer.watch import DELETED, MODIFIED
+
+
+def scoped_run(job: dict, roots: list[str], changes: list[tuple[int, str]]):
+    """The run the watch makes after `changes` (paths under `roots`): its scope from the watch's decisions."""
+    pending = watch.touched(changes, {r: False for r in roots}, str(job["index_dir"]), watch.path_kind,
+                            linked=watch.through_link)
+    return index_folders([], **job, scope=watch.run_scope(pending, roots))
+
+
+def nothing_left(job: dict) -> None:
+    """A full run after the scoped one finds the catalog as it would make it."""
+    done = index_folders([], **job)
+    assert (done.added, done.updated, done.moved, done.removed, done.failed) == (0, 0, 0, 0, 0), done
+
+
+def test_a_link_to_a_file_in_another_folder_follows_its_target_changed_or_deleted(tmp_path, tiny_model):
+    """A link in folder a to a photo in folder b (or in another root) is indexed with its target's content: a
+    change of the target is seen in b only, so a run listing b alone left the link's row stale (its old vector, or
+    a broken link still indexed). Folders holding links to files are listed by every scoped run."""
+    root, other, ix = tmp_path / "photos", tmp_path / "other", tmp_path / "ix"
+    targets = make_images(root / "b", 3, seed=61)
+    outside = make_images(other, 1, seed=62)
+    (root / "a").mkdir()
+    (root / "a" / "fav.jpg").symlink_to(os.path.join("..", "b", targets[1].name))
+    (root / "a" / "far.png").symlink_to(outside[0])
+    make_images(root / "c", 1, seed=63)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0, "links": LinkFolders()}
+    assert index_folders([root, other], **job).added == 7
+    roots = [str(root.resolve()), str(other.resolve())]
+
+    fresh = make_images(tmp_path / "staging", 2, seed=64)
+    shutil.copy(fresh[0], targets[1])  # the target rewritten in place: a change of b only
+    done = scoped_run(job, roots, [(MODIFIED, str(targets[1]))])
+    assert done.updated == 2, done  # the photo and the link to it
+    nothing_left(job)
+
+    shutil.copy(fresh[1], outside[0])  # a change in the other root
+    scoped_run(job, roots, [(MODIFIED, str(outside[0]))])
+    nothing_left(job)
+
+    targets[1].unlink()  # the link is broken now: a full run fails it
+    done = scoped_run(job, roots, [(DELETED, str(targets[1]))])
+    assert (done.removed, done.failed) == (1, 1), done
+    nothing_left(job)

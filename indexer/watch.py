@@ -175,8 +175,9 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
 
 def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
     """What a run after these changes ({root: listing folders}, from `touched`) lists: those folders, and each
-    root that is not watched (a URL: every run lists it)."""
-    return Scope(folders={**{r: ("",) for r in roots if not watchable(r)},
+    root that is not watched (a URL: every run lists it) or is a list (its entries are files elsewhere, a folder
+    root's photos say, whose changes are seen there, never in the list file: every run lists it)."""
+    return Scope(folders={**{r: ("",) for r in roots if not watchable(r) or sources.kind(r) == sources.LIST},
                           **{r: tuple(sorted(set(folders))) for r, folders in pending.items()}})
 
 

@@ -55,3 +55,24 @@ def test_a_link_to_a_file_in_another_folder_follows_its_target_changed_or_delete
     done = scoped_run(job, roots, [(DELETED, str(targets[1]))])
     assert (done.removed, done.failed) == (1, 1), done
     nothing_left(job)
+
+
+def test_a_list_root_naming_files_of_a_folder_root_follows_their_changes(tmp_path, tiny_model):
+    """A list file's entries are other files, here the photos of a folder root: a change of one is seen in its
+    folder, never in the list, so a run listing that folder alone left the list's row of it stale. A local list
+    is listed by every run after changes, as a URL root is."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    photos = make_images(root / "a", 2, seed=65)
+    listing = tmp_path / "picked.csv"
+    listing.write_text("path\n" + "".join(f"{p}\n" for p in photos))
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root, listing], **job).added == 4
+    roots = [str(root.resolve()), str(listing.resolve())]
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=66)[0], photos[0])
+    done = scoped_run(job, roots, [(MODIFIED, str(photos[0]))])
+    assert done.updated == 2, done  # the photo as the folder's and as the list's
+    nothing_left(job)
+    photos[1].unlink()
+    done = scoped_run(job, roots, [(DELETED, str(photos[1]))])
+    assert (done.removed, done.failed) == (1, 1), done  # gone from the folder, "file not found" in the list
+    nothing_left(job)

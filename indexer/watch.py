@@ -338,7 +338,9 @@ class _CatalogLook:
         self._conn = None
 
     def known_folder(self, root: str, path: str) -> bool:
-        """Whether the catalog holds files under `path` (a folder of `root`); False when it cannot tell now."""
+        """Whether the catalog holds files under `path` (a folder of `root`); True when it cannot tell now (a run
+        lists only the folders changes were seen in, so a folder moved away and taken for nothing would keep its
+        files until some other change lists its parent; taken for one, its parent is listed, a cheap mistake)."""
         from sqlalchemy import select
 
         from alignsearch.storage import catalog
@@ -352,9 +354,9 @@ class _CatalogLook:
             files = catalog.files.c
             return self._conn.execute(select(files.id).where(
                 files.root == root, *catalog.under_folder(key)).limit(1)).first() is not None
-        except Exception as exc:  # noqa: BLE001 - a writer mid-way, no catalog: the next run's scan finds it anyway
+        except Exception as exc:  # noqa: BLE001 - a catalog held locked, unreadable now: whatever the error
             log.info("catalog not read now: %s", exc)
-            return False
+            return True
 
     def close(self) -> None:
         if self._conn is not None:

@@ -5,7 +5,9 @@ on the changes made, then the scoped run as the watch makes it, then a full run.
 
 import os
 import shutil
+import sqlite3
 
+from alignsearch.storage.paths import DB_FILE
 from conftest import make_images
 from indexer import watch
 from indexer.job import index_folders
@@ -75,4 +77,32 @@ def test_a_list_root_naming_files_of_a_folder_root_follows_their_changes(tmp_pat
     photos[1].unlink()
     done = scoped_run(job, roots, [(DELETED, str(photos[1]))])
     assert (done.removed, done.failed) == (1, 1), done  # gone from the folder, "file not found" in the list
+    nothing_left(job)
+
+
+def test_a_dotted_folder_moved_away_while_the_catalog_cannot_be_read_is_still_listed(tmp_path, tiny_model):
+    """A folder with a dot in its name moved out of a root is told from a file only by the catalog (does it hold
+    files under it?). Asked while another program holds the catalog locked, the watch took it for nothing: no run
+    listed its parent, so its files stayed indexed. Now a folder the catalog cannot answer for is listed."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root / "2024.trip", 2, seed=67)
+    make_images(root / "b", 1, seed=68)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == 3
+    r = str(root.resolve())
+    shutil.move(str(root / "2024.trip"), str(tmp_path / "2024.trip"))
+    holder = sqlite3.connect(ix / DB_FILE)  # a sqlite3 shell in EXCLUSIVE locking mode, say
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    look = watch._CatalogLook(ix)
+    try:
+        pending = watch.touched([(DELETED, f"{r}/2024.trip")], {r: False}, str(ix.resolve()), watch.path_kind,
+                                look.known_folder, watch.through_link)
+    finally:
+        look.close()
+        holder.rollback()
+        holder.close()
+    assert pending == {r: [""]}
+    done = index_folders([], **job, scope=watch.run_scope(pending, [r]))
+    assert done.removed == 2, done
     nothing_left(job)

@@ -336,6 +336,7 @@ class _CatalogLook:
         self.index_dir = index_dir
         self._db = None
         self._conn = None
+        self._unread = False  # the catalog could not be read: not asked again in this batch (each try waits)
 
     def known_folder(self, root: str, path: str) -> bool:
         """Whether the catalog holds files under `path` (a folder of `root`); True when it cannot tell now (a run
@@ -346,6 +347,8 @@ class _CatalogLook:
         from alignsearch.storage import catalog
         from alignsearch.storage.paths import DB_FILE
 
+        if self._unread:
+            return True
         key = scan.printable(os.path.relpath(path, root).replace(os.sep, "/"))[0]
         try:
             if self._conn is None:
@@ -356,6 +359,7 @@ class _CatalogLook:
                 files.root == root, *catalog.under_folder(key)).limit(1)).first() is not None
         except Exception as exc:  # noqa: BLE001 - a catalog held locked, unreadable now: whatever the error
             log.info("catalog not read now: %s", exc)
+            self._unread = True
             return True
 
     def close(self) -> None:

@@ -23,8 +23,8 @@ One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The
 away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
 never does (scan.scan_folder): changes reached through one start no run.
 
-The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `identity_changed`, `looks_unmounted`,
-`later_job`, `ends_watch`, `network_fs`) are pure functions.
+The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `unnamed_change`, `identity_changed`,
+`looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
 """
 
 from __future__ import annotations
@@ -179,6 +179,13 @@ def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
     root's photos say, whose changes are seen there, never in the list file: every run lists it)."""
     return Scope(folders={**{r: ("",) for r in roots if not watchable(r) or sources.kind(r) == sources.LIST},
                           **{r: tuple(sorted(set(folders))) for r, folders in pending.items()}})
+
+
+def unnamed_change(exc: BaseException) -> bool:
+    """Whether the watcher ended on a change at a path it cannot give as text (a name that is not UTF-8:
+    watchfiles raises for its whole batch, polling too): notifications work, and what changed is found by a
+    run listing every root."""
+    return isinstance(exc, RuntimeError) and "Unable to decode path" in str(exc)
 
 
 def through_link(root: str, path: str) -> bool:
@@ -445,7 +452,11 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         next_look = 0.0
         next_listing = time.monotonic() + (opts.interval_s or 0)
         while True:
-            if watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
+            if watcher.failed is not None and unnamed_change(watcher.failed):
+                log.info("a change watchfiles could not name (%s): every root listed", watcher.failed)
+                watcher = _restart(w, watcher, opts, say)
+                due = full = True
+            elif watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
                 if not w.polling:
                     say(f"change notifications failed ({watcher.failed}): polling instead")
                 w.polling = True

@@ -113,3 +113,31 @@ def test_a_dotted_folder_moved_away_while_the_catalog_cannot_be_read_is_still_li
     done = index_folders([], **job, scope=watch.run_scope(pending, [r]))
     assert done.removed == 2, done
     nothing_left(job)
+
+
+def test_the_error_watchfiles_raises_for_a_name_that_is_not_utf8_is_told_from_failed_notifications(tmp_path):
+    """What watchfiles raises when a change's path is not UTF-8 (its whole batch lost) is a change the watch cannot
+    name, met with a run listing every root; notifications failing (inotify's watch limit) are not."""
+    import threading
+
+    import watchfiles
+
+    folder = os.fsencode(str(tmp_path)) + b"/caf\xe9"
+    stop = threading.Event()
+    raised = []
+
+    def change_soon():
+        time.sleep(0.5)
+        os.mkdir(folder)
+        time.sleep(2)
+        stop.set()
+
+    threading.Thread(target=change_soon, daemon=True).start()
+    try:
+        for _ in watchfiles.watch(tmp_path, stop_event=stop, debounce=200, rust_timeout=100, raise_interrupt=False):
+            pass
+    except Exception as exc:  # noqa: BLE001 - the error as watchfiles raises it
+        raised.append(exc)
+    assert len(raised) == 1 and watch.unnamed_change(raised[0]), raised
+    assert not watch.unnamed_change(OSError(28, "No space left on device"))
+    assert not watch.unnamed_change(RuntimeError("OS file watch limit reached"))

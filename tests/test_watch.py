@@ -921,3 +921,23 @@ def test_a_second_watch_of_one_index_is_refused_and_the_first_goes_on(indexed_im
     w.next_run(added=1)
     assert verify_problems(ix) == []
     assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_change_at_a_name_that_is_not_utf8_makes_a_whole_run_and_notifications_go_on(indexed_images, watching,
+                                                                                         tmp_path):
+    """watchfiles raises for a batch holding a path that is not UTF-8 (polling too): the watch took it for failed
+    notifications and polled every root from then on. It is a change it cannot name: a run lists every root, and
+    the watch goes on with notifications."""
+    root, ix = indexed_images(4)
+    w = watching(ix)
+    staged = make_images(tmp_path / "staging", 3, seed=34)
+    latin1 = os.fsencode(str(root)) + b"/caf\xe9"
+    os.mkdir(latin1)
+    for p in staged[:2]:
+        shutil.copy(p, os.fsdecode(latin1 + b"/" + os.fsencode(p.name)))
+    w.next_run(added=2)
+    shutil.copy(staged[2], root / "new.jpg")
+    w.next_run(added=1)
+    assert not any("polling" in e for e in w.errors), w.errors
+    assert w.stop() == 130

@@ -121,10 +121,10 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away). linked: the path is reached through a link to a folder, which a run never follows
-    (scan.scan_folder) although the watcher does; a link made or removed is itself a change of its folder (one
-    put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
-    temporary file."""
+    moved away, or "#2024", named like a temporary file). linked: the path is reached through a link to a folder,
+    which a run never follows (scan.scan_folder) although the watcher does; a link made or removed is itself a
+    change of its folder (one put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
+    temporary file (a folder is none, whatever its name)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
@@ -133,13 +133,15 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
         return False
     rel = os.path.relpath(path, root)
     name = os.path.basename(path)
-    if _temporary(name):
-        return False
     if not include_hidden and any(part.startswith(".") for part in rel.split(os.sep)):
         return False
-    if is_dir:
+    if is_dir:  # whatever its name: a listing walks `#2024` and `scans.tmp` too
         return change != MODIFIED
-    if is_dir is None and (known_folder or not os.path.splitext(name)[1]):
+    if is_dir is None and known_folder:
+        return True
+    if _temporary(name):
+        return False
+    if is_dir is None and not os.path.splitext(name)[1]:
         return True
     return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
 

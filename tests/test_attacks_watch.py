@@ -141,3 +141,34 @@ def test_the_error_watchfiles_raises_for_a_name_that_is_not_utf8_is_told_from_fa
     assert len(raised) == 1 and watch.unnamed_change(raised[0]), raised
     assert not watch.unnamed_change(OSError(28, "No space left on device"))
     assert not watch.unnamed_change(RuntimeError("OS file watch limit reached"))
+
+
+def test_a_folder_named_like_a_temporary_file_moved_in_and_out_is_listed(tmp_path, tiny_model):
+    """A full listing walks every folder whatever its name, so `#2024` or `scans.tmp` moved into a root has its
+    photos indexed; the watch ignored the change as an editor's or a browser's temporary file, so no run listed
+    it (nor removed its files once moved out). A folder is never a temporary file; a gone one the catalog holds
+    files under is a folder."""
+    root, ix, away = tmp_path / "photos", tmp_path / "ix", tmp_path / "away"
+    make_images(root / "b", 1, seed=69)
+    make_images(away / "#2024", 2, seed=70)
+    make_images(away / "scans.tmp", 1, seed=71)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == 1
+    r = str(root.resolve())
+
+    def moved(names, there, back):
+        for name in names:
+            shutil.move(str(there / name), str(back / name))
+        look = watch._CatalogLook(ix)
+        try:
+            pending = watch.touched([(DELETED if back == away else watch.ADDED, f"{r}/{name}") for name in names],
+                                    {r: False}, str(ix.resolve()), watch.path_kind, look.known_folder,
+                                    watch.through_link)
+        finally:
+            look.close()
+        return index_folders([], **job, scope=watch.run_scope(pending, [r]))
+
+    assert moved(["#2024", "scans.tmp"], away, root).added == 3
+    nothing_left(job)
+    assert moved(["#2024", "scans.tmp"], root, away).removed == 3
+    nothing_left(job)

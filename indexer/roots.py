@@ -157,18 +157,24 @@ def outermost(folders) -> tuple[str, ...]:
 
 
 def _scoped(scope: Scope | None, root: str, known: list[str], include_hidden: bool,
-            skip: str | None, links: set[str] = frozenset()) -> tuple[str, ...] | None:
-    """The folders of `root` this run lists: None the whole root, () none. links: its folders holding links to
-    files (LinkFolders), listed by every scoped run."""
+            skip: str | None, also: set[str] = frozenset()) -> tuple[str, ...] | None:
+    """The folders of `root` this run lists: None the whole root, () none. also: folders every scoped run lists
+    (those holding links to files, LinkFolders; those the last runs could not list)."""
     if scope is None or root not in known:
         return None
     if sources.kind(root) != sources.FOLDER:
         return None if root in scope.folders else ()
-    wanted = [*scope.folders.get(root, ()), *sorted(links)]
+    wanted = [*scope.folders.get(root, ()), *sorted(also)]
     if not wanted:
         return ()
     folders = outermost(scan.listable(root, f, include_hidden, skip) for f in wanted)
     return None if folders == ("",) else folders
+
+
+def _relative(root: str, shown: str) -> str:
+    """A folder of a root as a listing error names it (_shown_folder), relative again ("" the root); a name shown
+    with \\xNN for bytes that are not UTF-8 names no folder, and `listable` lifts it to the nearest one above."""
+    return "" if shown == root else os.path.relpath(shown, root)
 
 
 def _shown_folder(root: str, folder: str) -> str:
@@ -188,7 +194,10 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
         for root in roots:
             errors: list[scan.ListingError] = []
             hidden = options.get(root, {}).get("include_hidden", False)
-            folders = _scoped(scope, root, known, hidden, skip, links.folders.get(root, set()) if links else set())
+            # a folder a run could not list is listed again, as a full run would (a flaky disk, too many open files)
+            unlisted = {_relative(root, e["folder"]) for e in before.get(root, [])}
+            folders = _scoped(scope, root, known, hidden, skip,
+                              unlisted | (links.folders.get(root, set()) if links else set()))
             if folders == ():
                 out.errors_by_root[root] = before.get(root, [])
                 continue

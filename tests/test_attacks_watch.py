@@ -172,3 +172,34 @@ def test_a_folder_named_like_a_temporary_file_moved_in_and_out_is_listed(tmp_pat
     nothing_left(job)
     assert moved(["#2024", "scans.tmp"], root, away).removed == 3
     nothing_left(job)
+
+
+def test_a_folder_a_scoped_run_could_not_list_is_listed_again_by_the_next(tmp_path, tiny_model, monkeypatch):
+    """A change seen in folder a whose listing then failed (a flaky disk, too many open files) keeps a's rows and
+    a listing error, as a full run does; but a full run lists a again each time, while scoped runs listed only
+    where new changes were seen, so a's change waited for another change in a. Every scoped run lists again the
+    folders the last runs could not list."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root / "a", 1, seed=72)
+    make_images(root / "b", 1, seed=73)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == 2
+    r = str(root.resolve())
+    staged = make_images(tmp_path / "staging", 2, seed=74)
+    refused = {f"{r}/a"}
+    scandir = os.scandir
+
+    def listing(path="."):
+        if str(path) in refused:
+            raise OSError(5, "Input/output error", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    shutil.copy(staged[0], root / "a" / "new.jpg")
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/a/new.jpg")])
+    assert (done.added, done.kept, len(done.listing_errors)) == (0, 1, 1), done
+    refused.clear()  # a can be listed again; the next change is elsewhere
+    shutil.copy(staged[1], root / "b" / "new.jpg")
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
+    assert (done.added, done.listing_errors) == (2, []), done
+    nothing_left(job)

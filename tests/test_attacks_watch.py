@@ -31,6 +31,16 @@ def nothing_left(job: dict) -> None:
     assert (done.added, done.updated, done.moved, done.removed, done.failed) == (0, 0, 0, 0, 0), done
 
 
+def library(tmp_path, tiny_model, folders: dict[str, tuple[int, int]]) -> tuple:
+    """A root with {folder: (images, seed)}, indexed: (root, its name as the index knows it, the job)."""
+    root = tmp_path / "photos"
+    for folder, (n, seed) in folders.items():
+        make_images(root / folder, n, seed=seed)
+    job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == sum(n for n, _ in folders.values())
+    return root, str(root.resolve()), job
+
+
 def test_a_link_to_a_file_in_another_folder_follows_its_target_changed_or_deleted(tmp_path, tiny_model):
     """A link in folder a to a photo in folder b (or in another root) is indexed with its target's content: a
     change of the target is seen in b only, so a run listing b alone left the link's row stale (its old vector, or
@@ -88,12 +98,8 @@ def test_a_dotted_folder_moved_away_while_the_catalog_cannot_be_read_is_still_li
     """A folder with a dot in its name moved out of a root is told from a file only by the catalog (does it hold
     files under it?). Asked while another program holds the catalog locked, the watch took it for nothing: no run
     listed its parent, so its files stayed indexed. Now a folder the catalog cannot answer for is listed."""
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root / "2024.trip", 2, seed=67)
-    make_images(root / "b", 1, seed=68)
-    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
-    assert index_folders([root], **job).added == 3
-    r = str(root.resolve())
+    root, r, job = library(tmp_path, tiny_model, {"2024.trip": (2, 67), "b": (1, 68)})
+    ix = job["index_dir"]
     shutil.move(str(root / "2024.trip"), str(tmp_path / "2024.trip"))
     holder = sqlite3.connect(ix / DB_FILE)  # a sqlite3 shell in EXCLUSIVE locking mode, say
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -148,13 +154,11 @@ def test_a_folder_named_like_a_temporary_file_moved_in_and_out_is_listed(tmp_pat
     photos indexed; the watch ignored the change as an editor's or a browser's temporary file, so no run listed
     it (nor removed its files once moved out). A folder is never a temporary file; a gone one the catalog holds
     files under is a folder."""
-    root, ix, away = tmp_path / "photos", tmp_path / "ix", tmp_path / "away"
-    make_images(root / "b", 1, seed=69)
+    away = tmp_path / "away"
     make_images(away / "#2024", 2, seed=70)
     make_images(away / "scans.tmp", 1, seed=71)
-    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
-    assert index_folders([root], **job).added == 1
-    r = str(root.resolve())
+    root, r, job = library(tmp_path, tiny_model, {"b": (1, 69)})
+    ix = job["index_dir"]
 
     def moved(names, there, back):
         for name in names:
@@ -179,12 +183,7 @@ def test_a_folder_a_scoped_run_could_not_list_is_listed_again_by_the_next(tmp_pa
     a listing error, as a full run does; but a full run lists a again each time, while scoped runs listed only
     where new changes were seen, so a's change waited for another change in a. Every scoped run lists again the
     folders the last runs could not list."""
-    root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root / "a", 1, seed=72)
-    make_images(root / "b", 1, seed=73)
-    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
-    assert index_folders([root], **job).added == 2
-    r = str(root.resolve())
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 72), "b": (1, 73)})
     staged = make_images(tmp_path / "staging", 2, seed=74)
     refused = {f"{r}/a"}
     scandir = os.scandir

@@ -128,8 +128,9 @@ class Scope:
 class LinkFolders:
     """The folders (relative, "" the root) of each folder root that hold links to files, as the listings so far
     found them; `index --watch` keeps one across its runs. A link's row holds its target's size and time, and the
-    target may change in another folder or root, where the watcher sees it: every scoped run lists these folders
-    too, so a link follows its target as a full listing would."""
+    target may change in another folder or root, where the watcher sees it; a caption that is a link is read again
+    by each listing of its photo's folder: every scoped run lists these folders too, so a link follows its target
+    as a full listing would."""
 
     folders: dict[str, set[str]] = field(default_factory=dict)
 

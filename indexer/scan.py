@@ -104,7 +104,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
     folder root, only the images under these (relative, as `listable` gives them); None the whole root. links:
-    of a folder root, each folder listed that holds a link to a file the indexer reads is appended."""
+    of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
+    appended."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -227,7 +228,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 links: list[str] | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
     those under these folders (relative, each one `listable` gives, none under another), in their order. links:
-    each folder listed that holds a link to a wanted file is appended (relative, "" the root).
+    each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root).
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -254,6 +255,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             continue
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
+        if links is not None and linked_captions:
+            links.append(rel)
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symlinks: a link to a folder is neither walked nor a file

@@ -202,3 +202,23 @@ def test_a_folder_a_scoped_run_could_not_list_is_listed_again_by_the_next(tmp_pa
     done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
     assert (done.added, done.listing_errors) == (2, []), done
     nothing_left(job)
+
+
+def test_a_caption_through_a_link_is_read_again_by_a_scoped_run_as_by_a_full_one(tmp_path, tiny_model):
+    """A photo's caption sidecar that is a link is read again by every run that lists its folder (its target may
+    change where no change of the photo shows). A full run lists every folder; a scoped run listed only changed
+    ones, so the caption stayed old until its photo's folder changed. Folders holding such links are listed by
+    every scoped run."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 75), "b": (1, 76)})
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    (captions / "img000.txt").write_text("a red bicycle")
+    photo = next((root / "a").iterdir())
+    (root / "a" / f"{photo.stem}.txt").symlink_to(captions / "img000.txt")
+    job["links"] = LinkFolders()
+    index_folders([], **job)  # the watch's first run: the caption read, its folder remembered
+    (captions / "img000.txt").write_text("a blue whale")
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=77)[0], root / "b" / "new.jpg")
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
+    assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0

@@ -427,7 +427,8 @@ class Watching:
                          threading.Thread(target=self._read, args=(self.proc.stderr, self.errors, str.rstrip))]
         for t in self._readers:
             t.start()
-        self.until(lambda: any("Ctrl-C stops" in e for e in self.errors), "the watch to start")
+        # the first run's JSON line comes before that stderr line, but through another pipe and reader: both
+        self.until(lambda: self.runs and any("Ctrl-C stops" in e for e in self.errors), "the watch to start")
 
     @staticmethod
     def _read(stream, into, parse):

@@ -943,3 +943,18 @@ def test_a_change_at_a_name_that_is_not_utf8_makes_a_whole_run_and_notifications
     w.next_run(added=1)
     assert not any("polling" in e for e in w.errors), w.errors
     assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_link_to_a_file_follows_its_target_changed_in_another_folder(indexed_images, watching, tmp_path):
+    """The watch keeps the folders holding links to files across its runs: a change of a link's target, seen in
+    the target's folder only, updates the link's row in the same run (test_attacks_watch.py has the cases)."""
+    root, ix = indexed_images(4)
+    target = make_images(root / "b", 1, seed=35)[0]
+    (root / "a").mkdir()
+    (root / "a" / "fav.jpg").symlink_to(os.path.join("..", "b", target.name))
+    w = watching(ix)
+    assert w.runs[0]["added"] == 2
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=36)[0], target)
+    assert w.next_run(updated=2)["unchanged"] == 0  # b's photo and a's link; a and b listed, not the root
+    assert w.stop() == 130

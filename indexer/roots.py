@@ -118,7 +118,8 @@ class Scope:
     """What a run lists, where changes were seen (`index --watch`): {root: folders relative to it, "" the whole
     root}. A known root not named is not listed, its rows and listing errors stay as they are; a folder root is
     listed only under its folders (each lifted to the nearest one a listing of the root reaches: scan.listable),
-    so only the rows under them can be found gone. A root new to the index, a list, a shard or a URL prefix is
+    so only the rows under them can be found gone. Its folders holding links (LinkFolders) and those the last
+    runs could not list are listed too, named or not. A root new to the index, a list, a shard or a URL prefix is
     listed whole."""
 
     folders: dict[str, tuple[str, ...]] = field(default_factory=dict)

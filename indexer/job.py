@@ -77,6 +77,7 @@ class IndexOptions:
     gpu_decode: bool | None = None  # JPEGs decoded on the GPU (indexer/gpudecode.py); None: where it works
     encoders: EncoderCache | None = None  # kept loaded across runs (index --watch); None: loaded by this run
     scope: index_roots.Scope | None = None  # only these roots and folders listed (index --watch); None: all
+    links: index_roots.LinkFolders | None = None  # kept across runs (index --watch): folders holding file links
 
     @property
     def encoder(self) -> EncoderOptions:
@@ -146,6 +147,7 @@ def index_folders(
     compact: bool | None = None,
     encoders: EncoderCache | None = None,
     scope: index_roots.Scope | None = None,
+    links: index_roots.LinkFolders | None = None,
 ) -> Summary:
     """Index `roots` (plus every root the index already knows) into index_dir.
 
@@ -178,6 +180,7 @@ def index_folders(
     forgotten files'), False never, None when the dead rows are many (indexer/compact.py).
     encoders keeps the encoder loaded for the next run of this process (index --watch); None loads it per run.
     scope lists only where changes were seen (index --watch; indexer/roots.py Scope); None lists every root whole.
+    links: the folders holding links to files, kept across runs (index --watch) and listed by each scoped run.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     if video_interval is not None and not video_interval >= 1:
@@ -204,7 +207,7 @@ def index_folders(
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
                     caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-                    ocr=use_ocr, gpu_decode=gpu_decode, encoders=encoders, scope=scope)
+                    ocr=use_ocr, gpu_decode=gpu_decode, encoders=encoders, scope=scope, links=links)
                 summary = _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
                 summary.compacted = _compact(db, out, compact)
                 return summary
@@ -356,7 +359,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             if opts.video_interval == video.DEFAULT_INTERVAL:  # only what differs from the default is kept
                 options[r].pop("video_interval")
 
-    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope)
+    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope,
+                                     opts.links)
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
     clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos

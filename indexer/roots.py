@@ -118,10 +118,28 @@ class Scope:
     """What a run lists, where changes were seen (`index --watch`): {root: folders relative to it, "" the whole
     root}. A known root not named is not listed, its rows and listing errors stay as they are; a folder root is
     listed only under its folders (each lifted to the nearest one a listing of the root reaches: scan.listable),
-    so only the rows under them can be found gone. A root new to the index, a list, a shard or a URL prefix is
+    so only the rows under them can be found gone. Its folders holding links (LinkFolders) and those the last
+    runs could not list are listed too, named or not. A root new to the index, a list, a shard or a URL prefix is
     listed whole."""
 
     folders: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class LinkFolders:
+    """The folders (relative, "" the root) of each folder root that hold links to files, as the listings so far
+    found them; `index --watch` keeps one across its runs. A link's row holds its target's size and time, and the
+    target may change in another folder or root, where the watcher sees it; a caption that is a link is read again
+    by each listing of its photo's folder: every scoped run lists these folders too, so a link follows its target
+    as a full listing would."""
+
+    folders: dict[str, set[str]] = field(default_factory=dict)
+
+    def listed(self, root: str, folders: tuple[str, ...] | None, found: list[str], unlisted: list[str]) -> None:
+        """A listing of `root` (under `folders`, None the whole root) found links in the folders `found`; those
+        known under the folders it could not list (`unlisted`) stay."""
+        self.folders[root] = {k for k in self.folders.get(root, ()) if scan._under(k, unlisted)
+                              or not scan._under(k, [""] if folders is None else list(folders))} | set(found)
 
 
 def outermost(folders) -> tuple[str, ...]:
@@ -141,16 +159,24 @@ def outermost(folders) -> tuple[str, ...]:
 
 
 def _scoped(scope: Scope | None, root: str, known: list[str], include_hidden: bool,
-            skip: str | None) -> tuple[str, ...] | None:
-    """The folders of `root` this run lists: None the whole root, () none."""
+            skip: str | None, also: set[str] = frozenset()) -> tuple[str, ...] | None:
+    """The folders of `root` this run lists: None the whole root, () none. also: folders every scoped run lists
+    (those holding links to files, LinkFolders; those the last runs could not list)."""
     if scope is None or root not in known:
         return None
-    if root not in scope.folders:
-        return ()
     if sources.kind(root) != sources.FOLDER:
-        return None
-    folders = outermost(scan.listable(root, f, include_hidden, skip) for f in scope.folders[root])
+        return None if root in scope.folders else ()
+    wanted = [*scope.folders.get(root, ()), *sorted(also)]
+    if not wanted:
+        return ()
+    folders = outermost(scan.listable(root, f, include_hidden, skip) for f in wanted)
     return None if folders == ("",) else folders
+
+
+def _relative(root: str, shown: str) -> str:
+    """A folder of a root as a listing error names it (_shown_folder), relative again ("" the root); a name shown
+    with \\xNN for bytes that are not UTF-8 names no folder, and `listable` lifts it to the nearest one above."""
+    return "" if shown == root else os.path.relpath(shown, root)
 
 
 def _shown_folder(root: str, folder: str) -> str:
@@ -159,26 +185,31 @@ def _shown_folder(root: str, folder: str) -> str:
 
 
 def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict, skip: str | None = None,
-             scope: Scope | None = None) -> Scanned:
+             scope: Scope | None = None, links: LinkFolders | None = None) -> Scanned:
     """List every root (those of `scope`, and only there, when given) and diff it with its catalog rows. A root
     or folder that cannot be listed keeps its rows and is reported; a new root that cannot be listed at all is
-    refused (BadInputError). skip: a folder never listed (the index's own, resolved)."""
+    refused (BadInputError). skip: a folder never listed (the index's own, resolved). links: the folders holding
+    links to files, listed too when scoped, updated by each listing."""
     out = Scanned()
     with db.connect() as conn:
         before = state.read(conn).roots.listing_errors if scope is not None else {}
         for root in roots:
             errors: list[scan.ListingError] = []
             hidden = options.get(root, {}).get("include_hidden", False)
-            folders = _scoped(scope, root, known, hidden, skip)
+            # a folder a run could not list is listed again, as a full run would (a flaky disk, too many open files)
+            unlisted = {_relative(root, e["folder"]) for e in before.get(root, [])}
+            folders = _scoped(scope, root, known, hidden, skip,
+                              unlisted | (links.folders.get(root, set()) if links else set()))
             if folders == ():
                 out.errors_by_root[root] = before.get(root, [])
                 continue
             log.info("listing %s%s", root, f" under {', '.join(folders)}" if folders else "")
+            linked: list[str] = []
             try:
                 if not sources.exists(root):
                     raise FileNotFoundError(f"{root} is missing")
                 found = list(scan.scan(root, hidden, columns.get(root), errors,
-                                       options.get(root, {}).get("caption_column"), skip, folders))
+                                       options.get(root, {}).get("caption_column"), skip, folders, linked))
             except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                 reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                 if root not in known:  # a new root is only remembered once it could be listed
@@ -186,6 +217,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 found, errors = [], [scan.ListingError("", reason)]
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
+            if links is not None and sources.kind(root) == sources.FOLDER:
+                links.listed(root, folders, linked, [e.folder for e in errors])
             found = _one_per_key(root, found, out.notes)
             rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             d = scan.diff(found, rows, [e.folder for e in errors])

@@ -98,11 +98,14 @@ class ListingError:
 
 def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
          errors: list[ListingError] | None = None, caption_column: str | None = None,
-         skip: str | None = None, folders: tuple[str, ...] | None = None) -> Iterator[Found]:
+         skip: str | None = None, folders: tuple[str, ...] | None = None,
+         links: list[str] | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
-    folder root, only the images under these (relative, as `listable` gives them); None the whole root."""
+    folder root, only the images under these (relative, as `listable` gives them); None the whole root. links:
+    of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
+    appended."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -110,7 +113,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden, errors, skip, folders)
+    return scan_folder(root, include_hidden, errors, skip, folders, links)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -221,9 +224,11 @@ def listable(root: str, folder: str, include_hidden: bool, skip: str | None) -> 
 
 
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
-                skip: str | None = None, folders: tuple[str, ...] | None = None) -> Iterator[Found]:
+                skip: str | None = None, folders: tuple[str, ...] | None = None,
+                links: list[str] | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
-    those under these folders (relative, each one `listable` gives, none under another), in their order.
+    those under these folders (relative, each one `listable` gives, none under another), in their order. links:
+    each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root).
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -250,6 +255,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             continue
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
+        if links is not None and linked_captions:
+            links.append(rel)
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symlinks: a link to a folder is neither walked nor a file
@@ -262,6 +269,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             if not _wanted(entry.name, include_hidden):
                 continue
             name = os.path.join(rel, entry.name) if rel else entry.name
+            if links is not None and entry.is_symlink() and (not links or links[-1] != rel):
+                links.append(rel)
             relpath, raw = printable(name)
             caption_link = os.path.splitext(entry.name)[0] + ".txt" in linked_captions
             try:

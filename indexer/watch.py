@@ -23,8 +23,8 @@ One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The
 away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
 never does (scan.scan_folder): changes reached through one start no run.
 
-The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `identity_changed`, `looks_unmounted`,
-`later_job`, `ends_watch`, `network_fs`) are pure functions.
+The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `unnamed_change`, `identity_changed`,
+`looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
 """
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away). linked: the path is reached through a link to a folder, which a run never follows
-    (scan.scan_folder) although the watcher does; a link made or removed is itself a change of its folder (one
-    put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
-    temporary file."""
+    moved away, or "#2024", named like a temporary file). linked: the path is reached through a link to a folder,
+    which a run never follows (scan.scan_folder) although the watcher does; a link made or removed is itself a
+    change of its folder (one put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
+    temporary file (a folder is none, whatever its name)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
@@ -133,13 +133,15 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
         return False
     rel = os.path.relpath(path, root)
     name = os.path.basename(path)
-    if _temporary(name):
-        return False
     if not include_hidden and any(part.startswith(".") for part in rel.split(os.sep)):
         return False
-    if is_dir:
+    if is_dir:  # whatever its name: a listing walks `#2024` and `scans.tmp` too
         return change != MODIFIED
-    if is_dir is None and (known_folder or not os.path.splitext(name)[1]):
+    if is_dir is None and known_folder:
+        return True
+    if _temporary(name):
+        return False
+    if is_dir is None and not os.path.splitext(name)[1]:
         return True
     return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
 
@@ -175,9 +177,17 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
 
 def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
     """What a run after these changes ({root: listing folders}, from `touched`) lists: those folders, and each
-    root that is not watched (a URL: every run lists it)."""
-    return Scope(folders={**{r: ("",) for r in roots if not watchable(r)},
+    root that is not watched (a URL: every run lists it) or is a list (its entries are files elsewhere, a folder
+    root's photos say, whose changes are seen there, never in the list file: every run lists it)."""
+    return Scope(folders={**{r: ("",) for r in roots if not watchable(r) or sources.kind(r) == sources.LIST},
                           **{r: tuple(sorted(set(folders))) for r, folders in pending.items()}})
+
+
+def unnamed_change(exc: BaseException) -> bool:
+    """Whether the watcher ended on a change at a path it cannot give as text (a name that is not UTF-8:
+    watchfiles raises for its whole batch, polling too): notifications work, and what changed is found by a
+    run listing every root."""
+    return isinstance(exc, RuntimeError) and "Unable to decode path" in str(exc)
 
 
 def through_link(root: str, path: str) -> bool:
@@ -335,14 +345,19 @@ class _CatalogLook:
         self.index_dir = index_dir
         self._db = None
         self._conn = None
+        self._unread = False  # the catalog could not be read: not asked again in this batch (each try waits)
 
     def known_folder(self, root: str, path: str) -> bool:
-        """Whether the catalog holds files under `path` (a folder of `root`); False when it cannot tell now."""
+        """Whether the catalog holds files under `path` (a folder of `root`); True when it cannot tell now (a run
+        lists only the folders changes were seen in, so a folder moved away and taken for nothing would keep its
+        files until some other change lists its parent; taken for one, its parent is listed, a cheap mistake)."""
         from sqlalchemy import select
 
         from alignsearch.storage import catalog
         from alignsearch.storage.paths import DB_FILE
 
+        if self._unread:
+            return True
         key = scan.printable(os.path.relpath(path, root).replace(os.sep, "/"))[0]
         try:
             if self._conn is None:
@@ -351,9 +366,10 @@ class _CatalogLook:
             files = catalog.files.c
             return self._conn.execute(select(files.id).where(
                 files.root == root, *catalog.under_folder(key)).limit(1)).first() is not None
-        except Exception as exc:  # noqa: BLE001 - a writer mid-way, no catalog: the next run's scan finds it anyway
+        except Exception as exc:  # noqa: BLE001 - a catalog held locked, unreadable now: whatever the error
             log.info("catalog not read now: %s", exc)
-            return False
+            self._unread = True
+            return True
 
     def close(self) -> None:
         if self._conn is not None:
@@ -400,9 +416,11 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     for notes. Returns the exit code: 130 after SIGINT, 0 after SIGTERM. An error of the first run, or one that
     `ends_watch`, is raised."""
     from indexer.job import EncoderCache, chosen_index_dir
+    from indexer.roots import LinkFolders
 
     out = chosen_index_dir(job.get("index_dir")).resolve()
-    job = {**job, "index_dir": str(out), "encoders": EncoderCache()}  # the model stays loaded between runs
+    # the model stays loaded between runs; the folders holding links to files are listed by every scoped run
+    job = {**job, "index_dir": str(out), "encoders": EncoderCache(), "links": LinkFolders()}
     given = [name for root in roots for name in sources.normalise(str(root))]
     stopped: list[int] = []
 
@@ -436,7 +454,11 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         next_look = 0.0
         next_listing = time.monotonic() + (opts.interval_s or 0)
         while True:
-            if watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
+            if watcher.failed is not None and unnamed_change(watcher.failed):
+                log.info("a change watchfiles could not name (%s): every root listed", watcher.failed)
+                watcher = _restart(w, watcher, opts, say)
+                due = full = True
+            elif watcher.failed is not None:  # notifications refused (inotify's watch limit, a file system without)
                 if not w.polling:
                     say(f"change notifications failed ({watcher.failed}): polling instead")
                 w.polling = True

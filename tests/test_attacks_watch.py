@@ -1,0 +1,224 @@
+"""Attacks on `index --watch`'s scoped runs (indexer/watch.py, indexer/roots.py Scope): after changes settle and a
+run lists only the folders the watcher saw them in, the catalog must be what a full `alignsearch index` makes, so a
+full run right after finds nothing to do. Each scenario runs the watch's own decisions (watch.touched, run_scope)
+on the changes made, then the scoped run as the watch makes it, then a full run."""
+
+import os
+import shutil
+import sqlite3
+import time
+
+import pytest
+
+from alignsearch.storage.paths import DB_FILE
+from conftest import make_images
+from indexer import watch
+from indexer.job import index_folders
+from indexer.roots import LinkFolders
+from indexer.watch import DELETED, MODIFIED
+
+
+def scoped_run(job: dict, roots: list[str], changes: list[tuple[int, str]]):
+    """The run the watch makes after `changes` (paths under `roots`): its scope from the watch's decisions."""
+    pending = watch.touched(changes, {r: False for r in roots}, str(job["index_dir"]), watch.path_kind,
+                            linked=watch.through_link)
+    return index_folders([], **job, scope=watch.run_scope(pending, roots))
+
+
+def nothing_left(job: dict) -> None:
+    """A full run after the scoped one finds the catalog as it would make it."""
+    done = index_folders([], **job)
+    assert (done.added, done.updated, done.moved, done.removed, done.failed) == (0, 0, 0, 0, 0), done
+
+
+def library(tmp_path, tiny_model, folders: dict[str, tuple[int, int]]) -> tuple:
+    """A root with {folder: (images, seed)}, indexed: (root, its name as the index knows it, the job)."""
+    root = tmp_path / "photos"
+    for folder, (n, seed) in folders.items():
+        make_images(root / folder, n, seed=seed)
+    job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == sum(n for n, _ in folders.values())
+    return root, str(root.resolve()), job
+
+
+def test_a_link_to_a_file_in_another_folder_follows_its_target_changed_or_deleted(tmp_path, tiny_model):
+    """A link in folder a to a photo in folder b (or in another root) is indexed with its target's content: a
+    change of the target is seen in b only, so a run listing b alone left the link's row stale (its old vector, or
+    a broken link still indexed). Folders holding links to files are listed by every scoped run."""
+    root, other, ix = tmp_path / "photos", tmp_path / "other", tmp_path / "ix"
+    targets = make_images(root / "b", 3, seed=61)
+    outside = make_images(other, 1, seed=62)
+    (root / "a").mkdir()
+    (root / "a" / "fav.jpg").symlink_to(os.path.join("..", "b", targets[1].name))
+    (root / "a" / "far.png").symlink_to(outside[0])
+    make_images(root / "c", 1, seed=63)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0, "links": LinkFolders()}
+    assert index_folders([root, other], **job).added == 7
+    roots = [str(root.resolve()), str(other.resolve())]
+
+    fresh = make_images(tmp_path / "staging", 2, seed=64)
+    shutil.copy(fresh[0], targets[1])  # the target rewritten in place: a change of b only
+    done = scoped_run(job, roots, [(MODIFIED, str(targets[1]))])
+    assert done.updated == 2, done  # the photo and the link to it
+    nothing_left(job)
+
+    shutil.copy(fresh[1], outside[0])  # a change in the other root
+    scoped_run(job, roots, [(MODIFIED, str(outside[0]))])
+    nothing_left(job)
+
+    targets[1].unlink()  # the link is broken now: a full run fails it
+    done = scoped_run(job, roots, [(DELETED, str(targets[1]))])
+    assert (done.removed, done.failed) == (1, 1), done
+    nothing_left(job)
+
+
+def test_a_list_root_naming_files_of_a_folder_root_follows_their_changes(tmp_path, tiny_model):
+    """A list file's entries are other files, here the photos of a folder root: a change of one is seen in its
+    folder, never in the list, so a run listing that folder alone left the list's row of it stale. A local list
+    is listed by every run after changes, as a URL root is."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    photos = make_images(root / "a", 2, seed=65)
+    listing = tmp_path / "picked.csv"
+    listing.write_text("path\n" + "".join(f"{p}\n" for p in photos))
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root, listing], **job).added == 4
+    roots = [str(root.resolve()), str(listing.resolve())]
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=66)[0], photos[0])
+    done = scoped_run(job, roots, [(MODIFIED, str(photos[0]))])
+    assert done.updated == 2, done  # the photo as the folder's and as the list's
+    nothing_left(job)
+    photos[1].unlink()
+    done = scoped_run(job, roots, [(DELETED, str(photos[1]))])
+    assert (done.removed, done.failed) == (1, 1), done  # gone from the folder, "file not found" in the list
+    nothing_left(job)
+
+
+@pytest.mark.slow
+def test_a_dotted_folder_moved_away_while_the_catalog_cannot_be_read_is_still_listed(tmp_path, tiny_model):
+    """A folder with a dot in its name moved out of a root is told from a file only by the catalog (does it hold
+    files under it?). Asked while another program holds the catalog locked, the watch took it for nothing: no run
+    listed its parent, so its files stayed indexed. Now a folder the catalog cannot answer for is listed."""
+    root, r, job = library(tmp_path, tiny_model, {"2024.trip": (2, 67), "b": (1, 68)})
+    ix = job["index_dir"]
+    shutil.move(str(root / "2024.trip"), str(tmp_path / "2024.trip"))
+    holder = sqlite3.connect(ix / DB_FILE)  # a sqlite3 shell in EXCLUSIVE locking mode, say
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    look = watch._CatalogLook(ix)
+    gone = [(DELETED, f"{r}/2024.trip"), *((DELETED, f"{r}/b/notes{i}.txt") for i in range(5))]
+    start = time.monotonic()
+    try:
+        pending = watch.touched(gone, {r: False}, str(ix.resolve()), watch.path_kind, look.known_folder,
+                                watch.through_link)
+        assert time.monotonic() - start < 6  # the catalog's lock waited out once a batch, not once a path
+    finally:
+        look.close()
+        holder.rollback()
+        holder.close()
+    assert pending == {r: ["", *["b"] * 5]}
+    done = index_folders([], **job, scope=watch.run_scope(pending, [r]))
+    assert done.removed == 2, done
+    nothing_left(job)
+
+
+def test_the_error_watchfiles_raises_for_a_name_that_is_not_utf8_is_told_from_failed_notifications(tmp_path):
+    """What watchfiles raises when a change's path is not UTF-8 (its whole batch lost) is a change the watch cannot
+    name, met with a run listing every root; notifications failing (inotify's watch limit) are not."""
+    import threading
+
+    import watchfiles
+
+    folder = os.fsencode(str(tmp_path)) + b"/caf\xe9"
+    stop = threading.Event()
+    raised = []
+
+    def change_soon():
+        time.sleep(0.5)
+        os.mkdir(folder)
+        time.sleep(2)
+        stop.set()
+
+    threading.Thread(target=change_soon, daemon=True).start()
+    try:
+        for _ in watchfiles.watch(tmp_path, stop_event=stop, debounce=200, rust_timeout=100, raise_interrupt=False):
+            pass
+    except Exception as exc:  # noqa: BLE001 - the error as watchfiles raises it
+        raised.append(exc)
+    assert len(raised) == 1 and watch.unnamed_change(raised[0]), raised
+    assert not watch.unnamed_change(OSError(28, "No space left on device"))
+    assert not watch.unnamed_change(RuntimeError("OS file watch limit reached"))
+
+
+def test_a_folder_named_like_a_temporary_file_moved_in_and_out_is_listed(tmp_path, tiny_model):
+    """A full listing walks every folder whatever its name, so `#2024` or `scans.tmp` moved into a root has its
+    photos indexed; the watch ignored the change as an editor's or a browser's temporary file, so no run listed
+    it (nor removed its files once moved out). A folder is never a temporary file; a gone one the catalog holds
+    files under is a folder."""
+    away = tmp_path / "away"
+    make_images(away / "#2024", 2, seed=70)
+    make_images(away / "scans.tmp", 1, seed=71)
+    root, r, job = library(tmp_path, tiny_model, {"b": (1, 69)})
+    ix = job["index_dir"]
+
+    def moved(names, there, back):
+        for name in names:
+            shutil.move(str(there / name), str(back / name))
+        look = watch._CatalogLook(ix)
+        try:
+            pending = watch.touched([(DELETED if back == away else watch.ADDED, f"{r}/{name}") for name in names],
+                                    {r: False}, str(ix.resolve()), watch.path_kind, look.known_folder,
+                                    watch.through_link)
+        finally:
+            look.close()
+        return index_folders([], **job, scope=watch.run_scope(pending, [r]))
+
+    assert moved(["#2024", "scans.tmp"], away, root).added == 3
+    nothing_left(job)
+    assert moved(["#2024", "scans.tmp"], root, away).removed == 3
+    nothing_left(job)
+
+
+def test_a_folder_a_scoped_run_could_not_list_is_listed_again_by_the_next(tmp_path, tiny_model, monkeypatch):
+    """A change seen in folder a whose listing then failed (a flaky disk, too many open files) keeps a's rows and
+    a listing error, as a full run does; but a full run lists a again each time, while scoped runs listed only
+    where new changes were seen, so a's change waited for another change in a. Every scoped run lists again the
+    folders the last runs could not list."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 72), "b": (1, 73)})
+    staged = make_images(tmp_path / "staging", 2, seed=74)
+    refused = {f"{r}/a"}
+    scandir = os.scandir
+
+    def listing(path="."):
+        if str(path) in refused:
+            raise OSError(5, "Input/output error", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    shutil.copy(staged[0], root / "a" / "new.jpg")
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/a/new.jpg")])
+    assert (done.added, done.kept, len(done.listing_errors)) == (0, 1, 1), done
+    refused.clear()  # a can be listed again; the next change is elsewhere
+    shutil.copy(staged[1], root / "b" / "new.jpg")
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
+    assert (done.added, done.listing_errors) == (2, []), done
+    nothing_left(job)
+
+
+def test_a_caption_through_a_link_is_read_again_by_a_scoped_run_as_by_a_full_one(tmp_path, tiny_model):
+    """A photo's caption sidecar that is a link is read again by every run that lists its folder (its target may
+    change where no change of the photo shows). A full run lists every folder; a scoped run listed only changed
+    ones, so the caption stayed old until its photo's folder changed. Folders holding such links are listed by
+    every scoped run."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 75), "b": (1, 76)})
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    (captions / "img000.txt").write_text("a red bicycle")
+    photo = next((root / "a").iterdir())
+    (root / "a" / f"{photo.stem}.txt").symlink_to(captions / "img000.txt")
+    job["links"] = LinkFolders()
+    index_folders([], **job)  # the watch's first run: the caption read, its folder remembered
+    (captions / "img000.txt").write_text("a blue whale")
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=77)[0], root / "b" / "new.jpg")
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
+    assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0

@@ -20,6 +20,7 @@ from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progre
 from indexer import roots as index_roots
 from indexer.compact import remove_leftovers as remove_vector_leftovers  # `compact` is index_folders' option
 from indexer.lock import writer_lock
+from indexer.workers import workers_for
 
 if TYPE_CHECKING:
     from alignsearch.encoders.model import Encoder
@@ -404,11 +405,11 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         if on_gpu is not None:
             from indexer import gpudecode
 
-            items = gpudecode.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
+            items = gpudecode.read_items(photo_todo, encoder.spec, workers_for(workers, len(photo_todo), batch_size),
                                          gpudecode.GpuDecodeOptions(
                                              device=str(encoder.device), fast=opts.fast_decode))
         else:
-            items = pipeline.read_items(photo_todo, encoder.spec, workers if len(photo_todo) > batch_size else 0,
+            items = pipeline.read_items(photo_todo, encoder.spec, workers_for(workers, len(photo_todo), batch_size),
                                         fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
         times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
                              encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)

@@ -29,6 +29,7 @@ from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, pipeline, scan, videos, writer
+from indexer.workers import workers_for
 
 if TYPE_CHECKING:
     from alignsearch.encoders.model import Encoder
@@ -73,7 +74,7 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
             state.write(conn, reindex=replace(progress, rows=pending.rows, done=count))
 
-    items = pipeline.read_items(todo, encoder.spec, workers if len(todo) > batch_size else 0, fast=fast)
+    items = pipeline.read_items(todo, encoder.spec, workers_for(workers, len(todo), batch_size), fast=fast)
     pipeline.run(items, encoder, write, batch_size, on_batch)
 
     def write_moments(moment_rows, new_vectors) -> None:

@@ -222,3 +222,14 @@ def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable
         yield from decode_in_processes(fn, rows, workers if len(first) >= min_rows else 1, failed)
     else:
         yield from map(fn, rows)
+
+
+def workers_for(workers: int, items: int, batch_size: int) -> int:
+    """How many decode processes a run of `items` files starts: `workers` when there are more than a batch, one
+    for a smaller run (the usual incremental run, every `index --watch` run), none with nothing to decode or
+    with --workers 0 (then the index process decodes, as the user asked). A file that crashes its decoder (a
+    segfault or an abort in a C library) kills only a worker and is recorded (decode_in_processes); decoded in
+    the index process it ended the run, every run, before anything could be recorded."""
+    if workers <= 0 or items == 0:
+        return 0
+    return workers if items > batch_size else 1

@@ -809,3 +809,35 @@ phashfill.fill_index = lambda db, workers=0, *, without_ids=(): fill(db, workers
 from alignsearch.surfaces.cli import main
 main(sys.argv[3:], prog_name="alignsearch")
 """  # killed_at's child, its phash fill in batches of 2 (decoded in worker processes from 2 files on)
+
+
+# -- the main decode crashing on a file, in a child `alignsearch` (tests/test_small_decode.py) -----------------------
+
+def noting_deaths_kw(fn, found, **kwargs):
+    """noting_deaths for a function called with keywords (indexer.decode.read_item's spec, fast, ...)."""
+    from functools import partial
+
+    return noting_deaths(partial(fn, **kwargs), found)
+
+
+DYING_DECODE = r"""
+import sys
+from functools import partial
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import pipeline
+pipeline.read_item = partial(helpers.noting_deaths_kw, pipeline.read_item)
+from alignsearch.surfaces.cli import main
+main(sys.argv[2:], prog_name="alignsearch")
+"""
+
+
+def with_dying_decode(noted: Path, *args, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child whose image decode dies on a file named die* wherever it decodes it (a worker
+    process, or this child itself), each death a line in `noted`; kwargs go to subprocess.run, or with
+    popen=True to subprocess.Popen (a watch that keeps running)."""
+    argv = [sys.executable, "-c", DYING_DECODE, str(Path(__file__).parent), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", DEATHS_ENV: str(noted)}
+    if kwargs.pop("popen", False):
+        return subprocess.Popen(argv, env=env, **kwargs)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, **kwargs)

@@ -106,11 +106,14 @@ def test_workers_that_cannot_start_fail_fast():
     """A worker process that cannot start (here: its interpreter exits at once) is an error within seconds;
     multiprocessing.Pool restarted such workers for minutes."""
     import multiprocessing
-    from multiprocessing import spawn
+    from multiprocessing import resource_tracker, spawn
 
     from indexer.workers import WorkersCannotStart
 
     ctx, real = multiprocessing.get_context("spawn"), spawn.get_executable()
+    # the pool's resource tracker is started with the same executable: started first, with the real one (a
+    # tracker that is /bin/false failed the test now and then with BrokenPipeError, whoever wrote to it first)
+    resource_tracker.ensure_running()
     ctx.set_executable("/bin/false")
     started = time.monotonic()
     try:

@@ -28,7 +28,7 @@ import numpy as np
 
 from alignsearch import atomic
 from alignsearch.storage import catalog, vectors
-from alignsearch.errors import AlignSearchError, BadInputError
+from alignsearch.errors import AlignSearchError, BadInputError, ModelLoadError
 from alignsearch.media.images import ImageSpec
 from alignsearch.storage.paths import DB_FILE
 from alignsearch.storage.vectors import VectorStore
@@ -177,10 +177,14 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
         except ConnectionError as exc:
+            sigterm.release()  # ray.init's handler would end a watch by SIGTERM, its "watch stopped" unsaid
             raise BadInputError(
                 f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[-1]}. A cluster started with "
                 "`ray start` authenticates with a token: set RAY_AUTH_MODE=token (the token is read from "
                 "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+        except BaseException:
+            sigterm.release()
+            raise
     sigterm.hold()
     finished = False
     try:
@@ -211,12 +215,9 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
             log.debug("the Ray task's report: %s", exc)
             raise AlignSearchError(f"a Ray task failed: {_raised(str(exc))} (the batches committed before it are "
                                    "kept; -vv logs Ray's report)") from None
-        except ray.exceptions.RayActorError as exc:  # an actor's process died on one batch, every retry
+        except ray.exceptions.RayActorError as exc:  # an actor failed to load its model, or died on a batch
             log.debug("the Ray actor's report: %s", exc)
-            raise AlignSearchError(
-                f"a Ray encoder actor died on the same batch {BATCH_RETRIES + 1} times (a file that crashes its "
-                "decoder, or out of memory?): the batches committed before it are kept; `alignsearch index` "
-                "without --ray records a file that kills its decoder as failed, and goes on") from None
+            raise actor_failure(exc) from None
         finally:
             batches.close()  # stops Ray Data's execution before ray.shutdown (stream)
         extra["actor_plans"] = [json.loads(p) for p in sorted(extra["actor_plans"])]  # each distinct plan once
@@ -241,6 +242,19 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)\b.*$", re.M)
 
 
+def actor_failure(exc: Exception) -> AlignSearchError:
+    """The error to report for a Ray actor that failed: one whose constructor raised (the model not where the
+    node looks, out of GPU memory as it loads) cannot load the model, on any batch; any other died on a batch
+    every retry."""
+    if getattr(exc, "actor_init_failed", False):
+        return ModelLoadError(f"a Ray encoder actor could not load the model: {_raised(str(exc))} (the batches "
+                              "committed before it are kept; -vv logs Ray's report)")
+    return AlignSearchError(
+        f"a Ray encoder actor died on the same batch {BATCH_RETRIES + 1} times (a file that crashes its "
+        "decoder, or out of memory?): the batches committed before it are kept; `alignsearch index` "
+        "without --ray records a file that kills its decoder as failed, and goes on")
+
+
 def _raised(report: str) -> str:
     found = _RAISED.search(report)
     return found.group(0).strip() if found else report.strip().splitlines()[-1]
@@ -257,8 +271,10 @@ class _HeldSigterm:
     tracebacks, a C++ stack dump) and the driver ended aborted (exit -6), or a watch by it."""
 
     def __init__(self):
-        here = threading.current_thread() is threading.main_thread()
-        self.before = signal.getsignal(signal.SIGTERM) if here else None
+        self.here = threading.current_thread() is threading.main_thread()  # signals are set there only
+        # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        before = signal.getsignal(signal.SIGTERM) if self.here else None
+        self.before = signal.SIG_DFL if before is None else before
         self.received = False
 
     def _raise(self, signum, frame):
@@ -266,11 +282,11 @@ class _HeldSigterm:
         raise _Terminated
 
     def hold(self) -> None:
-        if self.before is not None and self.before is not signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, self._raise)
+        if self.here:  # an ignored SIGTERM stays ignored: ray.init's handler would end the run by it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.before is signal.SIG_IGN else self._raise)
 
     def release(self) -> None:
-        if self.before is None:
+        if not self.here:
             return
         signal.signal(signal.SIGTERM, self.before)
         if self.received:

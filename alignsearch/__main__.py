@@ -12,16 +12,26 @@ import sys
 
 
 def run() -> None:
+    """The CLI, ended by SystemExit. Called as the program (the console script, `python -m`), the process ends
+    with it and SIGINT is ignored from then on; a Python caller's own SIGINT is left as it was, unless a Ctrl-C
+    stopped the command (ignored then, as the CLI does in process)."""
     try:
+        process_ends = sys._getframe(1).f_globals.get("__name__") == "__main__"
         try:
             from alignsearch.surfaces.cli import main
 
             main(prog_name="alignsearch")
         except SystemExit:  # the command has ended (click ends every one so) and said what it had to
-            _ignore_sigint()
+            if process_ends:
+                _ignore_sigint()
             raise
     except KeyboardInterrupt:
         _ignore_sigint()
+        # A KeyboardInterrupt out of a string exec (a dataclass made as the CLI imports) is noted by CPython as
+        # unhandled even once caught; under `python -m` the process then ended by SIGINT (-2), not 130. Each
+        # string exec clears the note (as surfaces/cli.py's _interrupt_handled, not imported here: it may be
+        # what was being imported).
+        exec("")
         try:
             sys.stderr.write("error: interrupted\n")  # the CLI's own words for it (surfaces/cli.py, _Main.invoke)
             sys.stderr.flush()

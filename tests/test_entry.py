@@ -51,7 +51,18 @@ class _Late:
 
 
 sys.meta_path.insert(0, _OnImport)
-if _kind == "atexit":
+if _kind == "exec":  # in the first string exec once the package has started: a dataclass's methods made
+    import dataclasses
+
+    def _exec(source, *args, **kwargs):
+        global _kind
+        if _kind == "exec" and isinstance(source, str) and "alignsearch" in sys.modules:
+            _kind = ""
+            source = "__import__('os').kill(__import__('os').getpid(), 2)\n" + source
+        return exec(source, *args, **kwargs)
+
+    dataclasses.exec = _exec
+elif _kind == "atexit":
     atexit.register(_sigint)  # registered first: runs last of the exit handlers
 elif _kind == "finalizing":
     sys.modules["_sigint_late"] = _Late()  # freed as the interpreter clears its modules
@@ -93,6 +104,29 @@ def _said_interrupted(proc: subprocess.CompletedProcess) -> None:
 ])
 def test_a_ctrl_c_while_the_cli_imports_or_parses_says_one_line(site_dir, module, args):
     _said_interrupted(_python(site_dir, f"import:{module}", "-m", "alignsearch", *args))
+
+
+def test_a_ctrl_c_in_a_string_exec_as_the_cli_imports_is_said_not_a_death_by_the_signal(site_dir, tmp_path):
+    """A KeyboardInterrupt raised in a string exec is noted by CPython as unhandled even once caught: under
+    `python -m alignsearch` the process said `error: interrupted`, then died by SIGINT (-2)."""
+    _said_interrupted(_python(site_dir, "exec:", "-m", "alignsearch", "info", "--index", str(tmp_path)))
+
+
+def test_run_called_from_python_leaves_its_callers_sigint_as_it_was(monkeypatch):
+    """run() ignored SIGINT after every command it ran: a Python caller was left unable to be stopped by Ctrl-C,
+    and the children it started inherited it ignored. Only the program, which ends with the command, keeps
+    ignoring it (a late Ctrl-C must not change the exit code)."""
+    from alignsearch.__main__ import run
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["alignsearch", "--version"])
+    try:
+        with pytest.raises(SystemExit) as ended:
+            run()
+        assert ended.value.code in (0, None)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_the_console_script_catches_it_too(site_dir, tmp_path):

@@ -62,6 +62,15 @@ if _kind == "exec":  # in the first string exec once the package has started: a 
         return exec(source, *args, **kwargs)
 
     dataclasses.exec = _exec
+elif _kind == "call":  # as a function first runs: "name@file-suffix"
+    _function, _, _file = _name.partition("@")
+
+    def _on_call(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == _function and frame.f_code.co_filename.endswith(_file):
+            sys.settrace(None)
+            _sigint()
+
+    sys.settrace(_on_call)
 elif _kind == "atexit":
     atexit.register(_sigint)  # registered first: runs last of the exit handlers
 elif _kind == "finalizing":
@@ -98,6 +107,7 @@ def _said_interrupted(proc: subprocess.CompletedProcess) -> None:
     ("alignsearch.surfaces.cli", ["info", "--index", "not-an-index"]),
     ("click", ["info", "--index", "not-an-index"]),
     ("alignsearch.errors", ["info", "--index", "not-an-index"]),
+    ("alignsearch.notices", ["info", "--index", "not-an-index"]),
     ("alignsearch.encoders.backend", ["--help"]),
     ("importlib.metadata", ["--version"]),
     ("alignsearch.media.sources", ["query", "--index", "not-an-index", "--image", "absent.jpg", "red"]),
@@ -110,6 +120,18 @@ def test_a_ctrl_c_in_a_string_exec_as_the_cli_imports_is_said_not_a_death_by_the
     """A KeyboardInterrupt raised in a string exec is noted by CPython as unhandled even once caught: under
     `python -m alignsearch` the process said `error: interrupted`, then died by SIGINT (-2)."""
     _said_interrupted(_python(site_dir, "exec:", "-m", "alignsearch", "info", "--index", str(tmp_path)))
+
+
+def test_a_ctrl_c_while_the_shell_completes_says_one_line(site_dir):
+    """Shell completion (click's `_ALIGNSEARCH_COMPLETE`) parses the arguments outside click's handler of its
+    own exit: a Ctrl-C there ended in a traceback of click.exceptions.Exit, exit 1."""
+    completing = {"_ALIGNSEARCH_COMPLETE": "bash_complete", "COMP_WORDS": "alignsearch in", "COMP_CWORD": "1"}
+    env = {**_env(site_dir, "call:parse_args@click/core.py"), **completing}
+    _said_interrupted(subprocess.run([sys.executable, "-m", "alignsearch"], capture_output=True, text=True,
+                                     timeout=120, env=env, cwd=ROOT))
+    done = subprocess.run([sys.executable, "-m", "alignsearch"], capture_output=True, text=True, timeout=120,
+                          env={**_env(site_dir), **completing}, cwd=ROOT)
+    assert done.returncode == 0 and "plain,info" in done.stdout.splitlines(), (done.returncode, done.stderr)
 
 
 def test_run_called_from_python_leaves_its_callers_sigint_as_it_was(monkeypatch):

@@ -106,13 +106,16 @@ class _Main(click.Group):
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt:
             _ignore_sigint_until_exit()
+            if kwargs.get("resilient_parsing"):  # shell completion: click's main runs it outside its handler
+                _say_error("interrupted")
+                sys.exit(130)
             _fail(click.Context(self), "interrupted", 130)
 
     def invoke(self, ctx):
-        from alignsearch import notices
-
-        notices.enable(False)  # each command turns on its waits' notices (never under --json)
         try:
+            from alignsearch import notices
+
+            notices.enable(False)  # each command turns on its waits' notices (never under --json)
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not as a warning at interpreter exit
             return result
@@ -230,11 +233,15 @@ def _quiet_stdout() -> None:
 
 
 def _fail(ctx, message: str, code: int):
+    _say_error(message)
+    ctx.exit(code)
+
+
+def _say_error(message: str) -> None:
     try:
         click.echo(f"error: {_shown(' '.join(str(message).split()))}", err=True)
     except BrokenPipeError:
         pass
-    ctx.exit(code)
 
 
 def _image_file(ctx, param, value):

@@ -86,7 +86,7 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
             orientation = img.getexif().get(ORIENTATION, 1) if fmt == "JPEG" else 1
     except Exception:  # noqa: BLE001 - the CPU path's decoder gives the reason a person reads
         return Probe(reason="header not readable")
-    if fmt != "JPEG":
+    if fmt != "JPEG":  # a camera's MPO too: the CPU workers draft-decode it and keep its format, MPO
         return Probe(reason=f"{fmt} (not JPEG)")
     if mode not in ("RGB", "L"):  # CMYK/YCCK: Pillow's colour conversion is the reference
         return Probe(reason=f"{mode} JPEG")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -76,3 +77,32 @@ def test_the_listed_formats_still_decode(fmt):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, fmt)
     img, name = images.open_rgb(buf.getvalue())
     assert (img.size, name) == ((40, 30), fmt)
+
+
+SPEC = images.ImageSpec(resize=(346, 346), resample=3, crop=(289, 289), rescale_factor=1 / 127.5,
+                        rescale_offset=True, mean=None, std=None, include_top_std=None)  # align-base's
+
+
+def _camera_pictures(size=(4000, 3000)) -> tuple[bytes, bytes]:
+    """A camera's MPO (its JPEG, then a second picture) and the same first picture saved as a plain JPEG."""
+    ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
+    first = Image.fromarray(np.dstack([np.tile(ramp, (size[1], 1))] * 3))
+    second = first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    first.save(mpo, "MPO", save_all=True, append_images=[second], quality=90)
+    first.save(jpeg, "JPEG", quality=90)
+    return mpo.getvalue(), jpeg.getvalue()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_camera_mpo_decodes_at_a_reduced_scale_as_a_jpeg_does(fast):
+    """Pillow names a camera's multi-picture JPEG "MPO": every check for "JPEG" skipped it, so a 12 MP camera
+    photo was decoded whole (and box-reduced after), never at the DCT scale its JPEG twin takes. Its format as
+    stored stays MPO."""
+    mpo, jpeg = _camera_pictures()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    from_mpo, from_jpeg = images.decode(mpo, SPEC, fast=fast), images.decode(jpeg, SPEC, fast=fast)
+    assert (from_mpo.width, from_mpo.height, from_mpo.format) == (4000, 3000, "MPO")
+    assert from_mpo.image.size == from_jpeg.image.size and max(from_mpo.image.size) < 4000
+    assert np.array_equal(from_mpo.crop, from_jpeg.crop)
+    assert images.decode_pixels(mpo, SPEC, fast) == images.decode_pixels(jpeg, SPEC, fast) < 4000 * 3000

@@ -33,6 +33,12 @@ READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF")
 READ_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC/HEIF, AVIF"
 
 
+def is_jpeg(fmt: str | None) -> bool:
+    """Whether Pillow's format name is a JPEG (its draft decodes at a reduced DCT scale): MPO, a camera's JPEG
+    holding a second picture, is named apart and decoded by the same plugin."""
+    return fmt in ("JPEG", "MPO")
+
+
 def open_image(data: bytes) -> Image.Image:
     """Pillow's lazy image of these bytes (header read, pixels not yet), in one of READ_FORMATS only.
     Raises what Image.open raises (UnidentifiedImageError for any other format)."""
@@ -87,7 +93,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int
                     f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)"
                 )
             img.seek(0)
-            if draft is not None and img.format == "JPEG":
+            if draft is not None and is_jpeg(img.format):
                 img.draft("RGB", draft)
             img.load()
             fmt = img.format or "unknown"
@@ -207,7 +213,7 @@ def decode_pixels(data: bytes, spec: ImageSpec, fast: bool = False) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = open_image(data)
-            if img.format == "JPEG":
+            if is_jpeg(img.format):
                 img.draft("RGB", _draft(spec, fast))
             return img.size[0] * img.size[1]
     except Exception:  # noqa: BLE001 - Pillow raises many types for bytes it cannot read; decode reports them
@@ -221,10 +227,10 @@ def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, f
     side = DECODE_MARGIN * max(spec.resize)
     img, fmt = open_rgb(data, max_pixels, _draft(spec, fast))
     size = img.size
-    if fmt == "JPEG":  # report the stored size, not the reduced decode's
+    if is_jpeg(fmt):  # report the stored size, not the reduced decode's
         header = open_image(data)
         size = header.size[::-1] if header.getexif().get(0x0112) in (5, 6, 7, 8) else header.size
     factor = min(img.size) // side
-    if factor >= 2 and not fast and fmt != "JPEG":  # other formats: box-reduced before the resize's copies
+    if factor >= 2 and not fast and not is_jpeg(fmt):  # other formats: box-reduced before the resize's copies
         img = img.reduce(factor)
     return Decoded(crop_uint8(img, spec), size[0], size[1], fmt, img)

@@ -692,7 +692,8 @@ def test_what_planted_links_brought_into_an_index_built_before_links_were_judged
     ix = tmp_path / "ix"
     with monkeypatch.context() as old_release:  # links followed whoever made them
         old_release.setattr(safeopen, "planted", lambda *args: False)
-        s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+        # decoded in this process, where the patch is (a decode worker would judge the links as today's code does)
+        s = index_json(ix, lib, "--model", tiny_model, "--device", "cpu", "--workers", "0")
     assert s["added"] == 3 and not s["failed"], s
     assert "SECRETKEY" in "\n".join(sqlite3.connect(ix / "catalog.db").iterdump())  # what the old index held
 

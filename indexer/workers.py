@@ -16,7 +16,9 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -233,3 +235,76 @@ def workers_for(workers: int, items: int, batch_size: int) -> int:
     if workers <= 0 or items == 0:
         return 0
     return workers if items > batch_size else 1
+
+
+class WorkerDied(AlignSearchError):
+    """The process streaming a generator's items died before its end (a crash in a C codec, the OOM killer)."""
+
+
+def hand_over(gen: Generator, put: Callable[[tuple], bool]) -> None:
+    """The producer's side of a stream: each item of gen as put(("item", item)), then ("end", its return value) or
+    ("error", the exception that ended it). put answers False when the consumer is gone: gen is closed then."""
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as end:
+                put(("end", end.value))
+                return
+            if not put(("item", item)):
+                gen.close()
+                return
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        put(("error", exc))
+
+
+def handed_over(get: Callable[[], tuple]) -> Generator:
+    """The consumer's side of a stream (hand_over), each message taken by get(): yields (item, seconds waited),
+    returns the producer's return value and raises the exception that ended it."""
+    while True:
+        t0 = time.perf_counter()
+        kind, value = get()
+        waited = time.perf_counter() - t0
+        if kind == "end":
+            return value
+        if kind == "error":
+            raise value
+        yield value, waited
+
+
+def _stream_items(fn: Callable, args: tuple, out) -> None:
+    """In the worker: fn(*args)'s items put on `out` (which holds back a fast producer), then how it ended."""
+    _start_worker(None, ())
+    hand_over(fn(*args), lambda message: out.put(message) or True)
+
+
+def stream_in_process(fn: Callable, args: tuple, maxsize: int, poll: float = 0.5) -> Generator:
+    """The generator fn(*args) run in a fresh spawn worker process, `maxsize` items ahead at most (its memory stays
+    bounded); yields (item, seconds waited) and returns the generator's return value; an exception that ended it
+    is raised here. A worker that dies first (a crash in its decoder) raises WorkerDied; closing the generator
+    (Ctrl-C, an error, the consumer gone) terminates the worker at once."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue(max(1, maxsize))
+    process = ctx.Process(target=_stream_items, args=(fn, args, out), name="stream-worker", daemon=True)
+    with sigint_held():
+        process.start()
+
+    def get() -> tuple:
+        while True:
+            try:
+                return out.get(timeout=poll)
+            except queue.Empty:
+                if process.is_alive():
+                    continue
+            try:  # what it put before it ended is still in the pipe
+                return out.get(timeout=poll)
+            except queue.Empty:
+                raise WorkerDied(f"the worker ended with exit code {process.exitcode}") from None
+
+    try:
+        return (yield from handed_over(get))
+    finally:
+        process.terminate()  # a no-op for one already ended
+        process.join(5)
+        out.close()
+        out.cancel_join_thread()

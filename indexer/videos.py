@@ -10,6 +10,7 @@ as failed with its reason; one that breaks off part way keeps the moments before
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import logging
@@ -32,7 +33,7 @@ from alignsearch.storage.vectors import VectorStore
 from alignsearch.media.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
 from indexer.decode import sidecar_caption
 from indexer.scan import Found
-from indexer.workers import DIED, WorkerDied, hand_over, handed_over, stream_in_process
+from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,21 @@ def index_videos(db, store: VectorStore, encoder, todo: list[Found], intervals: 
     each video is decoded in a worker process (a video that crashes its codec is recorded as failed, where in
     this process it ended the run); 0 (--workers 0): in a thread of this process."""
     stats = VideoStats()
-    for found in todo:
-        _one(db, store, encoder, found, intervals.get(found.root, DEFAULT_INTERVAL), batch_size, stats, workers)
-        on_video(1)
+    with _decoder(workers, batch_size) as worker:
+        for found in todo:
+            _one(db, store, encoder, found, intervals.get(found.root, DEFAULT_INTERVAL), batch_size, stats, worker)
+            on_video(1)
     return stats
 
 
+def _decoder(workers: int, batch_size: int):
+    """The worker process that decodes the run's videos one after the other (started at the first video it reads,
+    replaced when one dies), or None: a thread of this process (--workers 0)."""
+    return StreamWorker(batch_size) if workers > 0 else contextlib.nullcontext()
+
+
 def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_size: int, stats: VideoStats,
-         workers: int) -> None:
+         worker: StreamWorker | None) -> None:
     stats.videos += 1
     reason = found.error
     sha = None
@@ -88,7 +96,7 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     if reason is None:
         info = VideoInfo()
         try:
-            found_moments, vecs, hashes = _encode_retrying(found, encoder, info, interval, batch_size, stats, workers)
+            found_moments, vecs, hashes = _encode_retrying(found, encoder, info, interval, batch_size, stats, worker)
         except WorkerDied:  # twice: nothing of it is kept (a decode error keeps the moments before it)
             log.warning("%s: %s", found.path, DIED)
             reason = DIED
@@ -160,18 +168,18 @@ def decode_moments(found: Found, spec: ImageSpec, interval: float) -> Generator[
 
 
 def _encode_retrying(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
-                     workers: int):
+                     worker: StreamWorker | None):
     """_encode; a decode worker that dies mid-video loses all of it: the video is read once more, in a fresh
     worker. Dying again raises WorkerDied."""
     try:
-        return _encode(found, encoder, info, interval, batch_size, stats, workers)
+        return _encode(found, encoder, info, interval, batch_size, stats, worker)
     except WorkerDied as exc:
         log.warning("%s: the video decode worker died (%s): reading it again in a fresh one", found.path, exc)
-    return _encode(found, encoder, info, interval, batch_size, stats, workers)
+    return _encode(found, encoder, info, interval, batch_size, stats, worker)
 
 
 def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
-            workers: int = 0):
+            worker: StreamWorker | None = None):
     """(moments as (t, t_end, None), their vectors, their perceptual hashes), encoding batch by batch as the
     decoding worker process (workers > 0: a crash in its codec ends only it) or thread hands moments over."""
     spec: ImageSpec = encoder.spec
@@ -184,7 +192,7 @@ def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size:
         batch.clear()
 
     args = (found, spec, interval)
-    stream = (stream_in_process(decode_moments, args, maxsize=batch_size) if workers > 0
+    stream = (worker.stream(decode_moments, args) if worker is not None
               else _threaded(decode_moments(*args), maxsize=batch_size))
     try:
         while True:
@@ -281,18 +289,23 @@ def reencode_moments(db, encoder, rows: list, intervals: dict[str, float], batch
     videos: dict[tuple[str, str], list] = {}
     for row in rows:
         videos.setdefault((row.root, row.relpath), []).append(row)
-    for (root, _), moment_rows in videos.items():
-        r = moment_rows[0]
-        found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
-        try:
-            again, vecs, _ = _encode_retrying(found, encoder, VideoInfo(), intervals.get(root, DEFAULT_INTERVAL),
-                                              batch_size, VideoStats(), workers)
-        except (VideoError, BadImageError, OSError, WorkerDied) as exc:
-            log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
+    with _decoder(workers, batch_size) as worker:
+        for (root, _), moment_rows in videos.items():
+            _reencode_one(encoder, moment_rows, intervals.get(root, DEFAULT_INTERVAL), batch_size, commit, worker)
             on_video(1)
-            continue
-        starts = np.array([t for t, _, _ in again])
-        pick = np.clip(np.searchsorted(starts, [row.t for row in moment_rows], side="right") - 1, 0, len(starts) - 1)
-        commit(moment_rows, vecs[pick])
-        on_video(1)
     return len(videos)
+
+
+def _reencode_one(encoder, moment_rows: list, interval: float, batch_size: int,
+                  commit: Callable[[list, np.ndarray], None], worker: StreamWorker | None) -> None:
+    """One video's moment rows re-encoded (reencode_moments)."""
+    r = moment_rows[0]
+    found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
+    try:
+        again, vecs, _ = _encode_retrying(found, encoder, VideoInfo(), interval, batch_size, VideoStats(), worker)
+    except (VideoError, BadImageError, OSError, WorkerDied) as exc:
+        log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
+        return
+    starts = np.array([t for t, _, _ in again])
+    pick = np.clip(np.searchsorted(starts, [row.t for row in moment_rows], side="right") - 1, 0, len(starts) - 1)
+    commit(moment_rows, vecs[pick])

@@ -272,39 +272,81 @@ def handed_over(get: Callable[[], tuple]) -> Generator:
         yield value, waited
 
 
-def _stream_items(fn: Callable, args: tuple, out) -> None:
-    """In the worker: fn(*args)'s items put on `out` (which holds back a fast producer), then how it ended."""
+def _serve_streams(jobs, out) -> None:
+    """In the worker: for each (fn, args) job, fn(*args)'s items put on `out` (which holds back a fast producer),
+    then how it ended; None ends the worker."""
     _start_worker(None, ())
-    hand_over(fn(*args), lambda message: out.put(message) or True)
+    while (job := jobs.get()) is not None:
+        fn, args = job
+        hand_over(fn(*args), lambda message: out.put(message) or True)
 
 
-def stream_in_process(fn: Callable, args: tuple, maxsize: int, poll: float = 0.5) -> Generator:
-    """The generator fn(*args) run in a fresh spawn worker process, `maxsize` items ahead at most (its memory stays
-    bounded); yields (item, seconds waited) and returns the generator's return value; an exception that ended it
-    is raised here. A worker that dies first (a crash in its decoder) raises WorkerDied; closing the generator
-    (Ctrl-C, an error, the consumer gone) terminates the worker at once."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue(max(1, maxsize))
-    process = ctx.Process(target=_stream_items, args=(fn, args, out), name="stream-worker", daemon=True)
-    with sigint_held():
-        process.start()
+class StreamWorker:
+    """One spawn worker process that runs generators, one at a time, for this process (stream): each streams its
+    items back `maxsize` ahead at most (memory stays bounded). The worker is reused from one generator to the next,
+    started at the first (its start and imports cost once a run, not once an item); one that died or was left
+    mid-stream is replaced by a fresh one at the next. close() (a `with` block's end) ends it."""
 
-    def get() -> tuple:
+    def __init__(self, maxsize: int, poll: float = 0.5):
+        self.maxsize, self.poll = max(1, maxsize), poll
+        self.process = self.jobs = self.out = None
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.jobs, self.out = ctx.SimpleQueue(), ctx.Queue(self.maxsize)
+        self.process = ctx.Process(target=_serve_streams, args=(self.jobs, self.out), name="stream-worker",
+                                   daemon=True)
+        with sigint_held():
+            self.process.start()
+
+    def _get(self) -> tuple:
         while True:
             try:
-                return out.get(timeout=poll)
+                return self.out.get(timeout=self.poll)
             except queue.Empty:
-                if process.is_alive():
+                if self.process.is_alive():
                     continue
             try:  # what it put before it ended is still in the pipe
-                return out.get(timeout=poll)
+                return self.out.get(timeout=self.poll)
             except queue.Empty:
-                raise WorkerDied(f"the worker ended with exit code {process.exitcode}") from None
+                raise WorkerDied(f"the worker ended with exit code {self.process.exitcode}") from None
 
-    try:
-        return (yield from handed_over(get))
-    finally:
-        process.terminate()  # a no-op for one already ended
-        process.join(5)
-        out.close()
-        out.cancel_join_thread()
+    def stream(self, fn: Callable, args: tuple) -> Generator:
+        """fn(*args), a generator, run in the worker: yields (item, seconds waited) and returns its return value;
+        an exception that ended it is raised here. A worker that dies first (a crash in its decoder) raises
+        WorkerDied; closing this generator early (Ctrl-C, an error, the consumer gone) terminates the worker at
+        once."""
+        if self.process is None:
+            self._start()
+        self.jobs.put((fn, args))
+        ended = False
+        try:
+            try:
+                value = yield from handed_over(self._get)
+            except WorkerDied:
+                raise
+            except BaseException as exc:
+                ended = not isinstance(exc, (GeneratorExit, KeyboardInterrupt)) and self.process.is_alive()
+                raise
+            ended = True
+            return value
+        finally:
+            if not ended:
+                self.close()
+
+    def close(self) -> None:
+        """The worker terminated (a no-op for one already ended), its queues closed."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        self.process.join(5)
+        self.out.close()
+        self.out.cancel_join_thread()
+        self.jobs.close()
+        self.process = self.jobs = self.out = None
+
+    def __enter__(self) -> StreamWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -21,17 +21,19 @@ def test_a_video_that_crashes_its_decoder_is_recorded_and_the_rest_indexed(tmp_p
     make_images(lib, 1)
     make_video(lib / "good.mp4", [(1, 2), (2, 2)])
     make_video(lib / "die.mp4", [(3, 2)])
+    make_video(lib / "good2.mp4", [(4, 2)])
 
     first = index_with_dying_video_decode(noted, ix, lib, "--model", tiny_model, "--workers", "2")  # exit 9 before
     assert deaths(noted) == 2  # tried once more in a fresh worker
-    assert (first["added"], first["failed"]) == (2, 1), first
+    assert (first["added"], first["failed"]) == (3, 1), first
     listed = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)["failed_files"]
     assert [(f["path"].rsplit("/", 1)[-1], f["reason"]) for f in listed] == [("die.mp4", DIED)]
     hits = json.loads(run("query", "anything", "-k", "100", "--json", "--index", ix).stdout)["results"]
-    assert {h["path"].rsplit("/", 1)[-1] for h in hits} == {"img000.png", "good.mp4"}
+    assert {h["path"].rsplit("/", 1)[-1] for h in hits} == {"img000.png", "good.mp4", "good2.mp4"}
     pids = video_decode_pids(noted)
     (index_pid,) = pids["-"]
     assert pids["good.mp4"] and index_pid not in pids["good.mp4"] + pids["die.mp4"], pids
+    assert pids["good.mp4"] == pids["good2.mp4"], pids  # one worker reads the run's videos, one after the other
 
     again = index_with_dying_video_decode(noted, ix)
     assert (again["added"], again["updated"], again["failed"]) == (0, 0, 0) and deaths(noted) == 2, again

@@ -1,11 +1,15 @@
 """The video pass of `alignsearch index`: each new or changed video becomes its moments (alignsearch/media/video.py),
 one catalog row and one vector each, committed in one transaction per video.
 
-Frames stream through a decoding thread (FFmpeg releases the GIL while it decodes) into the encoder, a batch of
-moments at a time; only the video's vectors (2.5 KB a moment at 640-d) are held until its commit. As for photos,
-the vectors are appended and fsync'ed before the rows that point at them are committed: a run killed part way
-through a video leaves nothing of it, and the next run reads it again. A video that cannot be read is recorded
-as failed with its reason; one that breaks off part way keeps the moments before the break.
+Frames are decoded in a worker process (one for the run's videos; --workers 0: a thread of this process, FFmpeg
+releases the GIL while it decodes) and their moments (crop and perceptual hash, never the full-size frame) stream
+into the encoder through a bounded queue, a batch of moments at a time; only the video's vectors (2.5 KB a moment
+at 640-d) are held until its commit. As for photos, the vectors are appended and fsync'ed before the rows that
+point at them are committed: a run killed part way through a video leaves nothing of it, and the next run reads
+it again. A video that cannot be read is recorded as failed with its reason; one that breaks off part way keeps
+the moments before the break. One whose decoder crashes (a segfault or an abort in a C codec) kills only the
+worker: it is read once more in a fresh one, and dying again it is recorded as failed (indexer.workers.DIED),
+nothing of it kept.
 """
 
 from __future__ import annotations

@@ -419,7 +419,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         # a video is committed whole; its moments are encoded as they come, in the CPU's best batch
         found = videos.index_videos(db, store, encoder, clips, {r: options.get(r, {}).get(
             "video_interval", video.DEFAULT_INTERVAL) for r in all_roots},
-            CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, bar.update)
+            CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, bar.update, workers=workers)
         failed_now |= found.failed
         moved_in.extend(h for h in found.moved_in if h in gone_hashes)
         times.reused += found.reused

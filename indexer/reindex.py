@@ -88,7 +88,7 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
 
     clips = videos.reencode_moments(db, encoder, moment_rows, intervals,
                                     CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, write_moments,
-                                    on_batch)
+                                    on_batch, workers=workers)
     return len(todo) + clips
 
 

@@ -1,22 +1,27 @@
 """The video pass of `alignsearch index`: each new or changed video becomes its moments (alignsearch/media/video.py),
 one catalog row and one vector each, committed in one transaction per video.
 
-Frames stream through a decoding thread (FFmpeg releases the GIL while it decodes) into the encoder, a batch of
-moments at a time; only the video's vectors (2.5 KB a moment at 640-d) are held until its commit. As for photos,
-the vectors are appended and fsync'ed before the rows that point at them are committed: a run killed part way
-through a video leaves nothing of it, and the next run reads it again. A video that cannot be read is recorded
-as failed with its reason; one that breaks off part way keeps the moments before the break.
+Frames are decoded in a worker process (one for the run's videos; --workers 0: a thread of this process, FFmpeg
+releases the GIL while it decodes) and their moments (crop and perceptual hash, never the full-size frame) stream
+into the encoder through a bounded queue, a batch of moments at a time; only the video's vectors (2.5 KB a moment
+at 640-d) are held until its commit. As for photos, the vectors are appended and fsync'ed before the rows that
+point at them are committed: a run killed part way through a video leaves nothing of it, and the next run reads
+it again. A video that cannot be read is recorded as failed with its reason; one that breaks off part way keeps
+the moments before the break. One whose decoder crashes (a segfault or an abort in a C codec) kills only the
+worker: it is read once more in a fresh one, and dying again it is recorded as failed (indexer.workers.DIED),
+nothing of it kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +37,7 @@ from alignsearch.storage.vectors import VectorStore
 from alignsearch.media.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
 from indexer.decode import sidecar_caption
 from indexer.scan import Found
+from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +58,26 @@ class VideoStats:
 
 
 def index_videos(db, store: VectorStore, encoder, todo: list[Found], intervals: dict[str, float], batch_size: int,
-                 on_video: Callable[[int], None] = lambda n: None) -> VideoStats:
-    """Read, encode and commit every video of todo (new or changed files); returns counts and times."""
+                 on_video: Callable[[int], None] = lambda n: None, workers: int = 0) -> VideoStats:
+    """Read, encode and commit every video of todo (new or changed files); returns counts and times. workers > 0:
+    each video is decoded in a worker process (a video that crashes its codec is recorded as failed, where in
+    this process it ended the run); 0 (--workers 0): in a thread of this process."""
     stats = VideoStats()
-    for found in todo:
-        _one(db, store, encoder, found, intervals.get(found.root, DEFAULT_INTERVAL), batch_size, stats)
-        on_video(1)
+    with _decoder(workers, batch_size) as worker:
+        for found in todo:
+            _one(db, store, encoder, found, intervals.get(found.root, DEFAULT_INTERVAL), batch_size, stats, worker)
+            on_video(1)
     return stats
 
 
-def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_size: int, stats: VideoStats) -> None:
+def _decoder(workers: int, batch_size: int):
+    """The worker process that decodes the run's videos one after the other (started at the first video it reads,
+    replaced when one dies), or None: a thread of this process (--workers 0)."""
+    return StreamWorker(batch_size) if workers > 0 else contextlib.nullcontext()
+
+
+def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_size: int, stats: VideoStats,
+         worker: StreamWorker | None) -> None:
     stats.videos += 1
     reason = found.error
     sha = None
@@ -84,7 +100,10 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     if reason is None:
         info = VideoInfo()
         try:
-            found_moments, vecs, hashes = _encode(found, encoder, info, interval, batch_size, stats)
+            found_moments, vecs, hashes = _encode_retrying(found, encoder, info, interval, batch_size, stats, worker)
+        except WorkerDied:  # twice: nothing of it is kept (a decode error keeps the moments before it)
+            log.warning("%s: %s", found.path, DIED)
+            reason = DIED
         except (VideoError, BadImageError) as exc:
             reason = str(exc)
         except OSError as exc:
@@ -136,11 +155,38 @@ def _sha256(found: Found) -> str | None:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats):
-    """(moments as (t, t_end, None), their vectors, their perceptual hashes), encoding batch by batch as the
-    decoding thread hands moments over."""
-    spec: ImageSpec = encoder.spec
+def decode_moments(found: Found, spec: ImageSpec, interval: float) -> Generator[Moment, None, VideoInfo]:
+    """The video's moments, each with its perceptual hash and without its full-size frame (only the crop crosses
+    to the encoder); returns what was learnt of the video. Runs in a decode worker process, or (--workers 0) in a
+    thread of this one; opens the file itself (safeopen for a local one) from what pickles: found."""
+    info = VideoInfo()
     source = _source(found)
+    try:
+        for m in moments(source, spec, info, interval):
+            m.phash = phash_of(m.image)
+            m.image = None
+            yield m
+    finally:
+        source.close()
+    return info
+
+
+def _encode_retrying(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
+                     worker: StreamWorker | None):
+    """_encode; a decode worker that dies mid-video loses all of it: the video is read once more, in a fresh
+    worker. Dying again raises WorkerDied."""
+    try:
+        return _encode(found, encoder, info, interval, batch_size, stats, worker)
+    except WorkerDied as exc:
+        log.warning("%s: the video decode worker died (%s): reading it again in a fresh one", found.path, exc)
+    return _encode(found, encoder, info, interval, batch_size, stats, worker)
+
+
+def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
+            worker: StreamWorker | None = None):
+    """(moments as (t, t_end, None), their vectors, their perceptual hashes), encoding batch by batch as the
+    decoding worker process (workers > 0: a crash in its codec ends only it) or thread hands moments over."""
+    spec: ImageSpec = encoder.spec
     found_moments, hashes, parts, batch = [], [], [], []
 
     def flush():
@@ -149,14 +195,16 @@ def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size:
         stats.seconds["encode"] += time.perf_counter() - t0
         batch.clear()
 
-    def hashed():  # in the decoding thread: the full-size frame is dropped before a moment is queued
-        for m in moments(source, spec, info, interval):
-            m.phash = phash_of(m.image)
-            m.image = None
-            yield m
-
+    args = (found, spec, interval)
+    stream = (worker.stream(decode_moments, args) if worker is not None
+              else _threaded(decode_moments(*args), maxsize=batch_size))
     try:
-        for m, waited in _threaded(hashed(), maxsize=batch_size):
+        while True:
+            try:
+                m, waited = next(stream)
+            except StopIteration as end:
+                vars(info).update(vars(end.value))
+                break
             stats.seconds["decode"] += waited
             found_moments.append((m.t, m.t_end, None))
             hashes.append(m.phash)
@@ -166,43 +214,29 @@ def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size:
         if batch:
             flush()
     finally:
-        if not isinstance(source, str):
-            source.close()
+        stream.close()
     return found_moments, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32), hashes
 
 
-def _threaded(gen: Iterator[Moment], maxsize: int) -> Iterator[tuple[Moment, float]]:
-    """The generator run in a thread, `maxsize` moments ahead at most; yields (moment, seconds waited)."""
+def _threaded(gen: Generator, maxsize: int) -> Generator:
+    """The generator run in a thread, `maxsize` moments ahead at most; yields (moment, seconds waited) and
+    returns the generator's return value."""
     q: queue.Queue = queue.Queue(max(1, maxsize))
     stop = threading.Event()
 
-    def produce():
-        try:
-            for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            q.put(("error", exc))
+    def put(message: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(message, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    thread = threading.Thread(target=produce, name="video-decode", daemon=True)
+    thread = threading.Thread(target=hand_over, args=(gen, put), name="video-decode", daemon=True)
     thread.start()
     try:
-        while True:
-            t0 = time.perf_counter()
-            kind, value = q.get()
-            waited = time.perf_counter() - t0
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value, waited
+        return (yield from handed_over(q.get))
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -249,26 +283,33 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
 
 
 def reencode_moments(db, encoder, rows: list, intervals: dict[str, float], batch_size: int,
-                     commit: Callable[[list, np.ndarray], None], on_video: Callable[[int], None] = lambda n: None) -> int:
+                     commit: Callable[[list, np.ndarray], None], on_video: Callable[[int], None] = lambda n: None,
+                     workers: int = 0) -> int:
     """`index --reindex`: the moments of each video among rows (catalog rows with t) encoded again with the new
     model. The video is read again as it was indexed (same interval, same decoder: the same moments); each row
     takes the vector of the moment read again that contains its start. commit(rows, vectors) stores a video's
-    new vectors; a video that cannot be read again gets none (the switch then records it as failed)."""
+    new vectors; a video that cannot be read again (or whose decode worker dies twice) gets none (the switch then
+    records it as failed). workers: as for index_videos."""
     videos: dict[tuple[str, str], list] = {}
     for row in rows:
         videos.setdefault((row.root, row.relpath), []).append(row)
-    for (root, _), moment_rows in videos.items():
-        r = moment_rows[0]
-        found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
-        try:
-            again, vecs, _ = _encode(found, encoder, VideoInfo(), intervals.get(root, DEFAULT_INTERVAL), batch_size,
-                                     VideoStats())
-        except (VideoError, BadImageError, OSError) as exc:
-            log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
+    with _decoder(workers, batch_size) as worker:
+        for (root, _), moment_rows in videos.items():
+            _reencode_one(encoder, moment_rows, intervals.get(root, DEFAULT_INTERVAL), batch_size, commit, worker)
             on_video(1)
-            continue
-        starts = np.array([t for t, _, _ in again])
-        pick = np.clip(np.searchsorted(starts, [row.t for row in moment_rows], side="right") - 1, 0, len(starts) - 1)
-        commit(moment_rows, vecs[pick])
-        on_video(1)
     return len(videos)
+
+
+def _reencode_one(encoder, moment_rows: list, interval: float, batch_size: int,
+                  commit: Callable[[list, np.ndarray], None], worker: StreamWorker | None) -> None:
+    """One video's moment rows re-encoded (reencode_moments)."""
+    r = moment_rows[0]
+    found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
+    try:
+        again, vecs, _ = _encode_retrying(found, encoder, VideoInfo(), interval, batch_size, VideoStats(), worker)
+    except (VideoError, BadImageError, OSError, WorkerDied) as exc:
+        log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
+        return
+    starts = np.array([t for t, _, _ in again])
+    pick = np.clip(np.searchsorted(starts, [row.t for row in moment_rows], side="right") - 1, 0, len(starts) - 1)
+    commit(moment_rows, vecs[pick])

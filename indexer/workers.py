@@ -16,7 +16,9 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -233,3 +235,118 @@ def workers_for(workers: int, items: int, batch_size: int) -> int:
     if workers <= 0 or items == 0:
         return 0
     return workers if items > batch_size else 1
+
+
+class WorkerDied(AlignSearchError):
+    """The process streaming a generator's items died before its end (a crash in a C codec, the OOM killer)."""
+
+
+def hand_over(gen: Generator, put: Callable[[tuple], bool]) -> None:
+    """The producer's side of a stream: each item of gen as put(("item", item)), then ("end", its return value) or
+    ("error", the exception that ended it). put answers False when the consumer is gone: gen is closed then."""
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as end:
+                put(("end", end.value))
+                return
+            if not put(("item", item)):
+                gen.close()
+                return
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        put(("error", exc))
+
+
+def handed_over(get: Callable[[], tuple]) -> Generator:
+    """The consumer's side of a stream (hand_over), each message taken by get(): yields (item, seconds waited),
+    returns the producer's return value and raises the exception that ended it."""
+    while True:
+        t0 = time.perf_counter()
+        kind, value = get()
+        waited = time.perf_counter() - t0
+        if kind == "end":
+            return value
+        if kind == "error":
+            raise value
+        yield value, waited
+
+
+def _serve_streams(jobs, out) -> None:
+    """In the worker: for each (fn, args) job, fn(*args)'s items put on `out` (which holds back a fast producer),
+    then how it ended; None ends the worker."""
+    _start_worker(None, ())
+    while (job := jobs.get()) is not None:
+        fn, args = job
+        hand_over(fn(*args), lambda message: out.put(message) or True)
+
+
+class StreamWorker:
+    """One spawn worker process that runs generators, one at a time, for this process (stream): each streams its
+    items back `maxsize` ahead at most (memory stays bounded). The worker is reused from one generator to the next,
+    started at the first (its start and imports cost once a run, not once an item); one that died or was left
+    mid-stream is replaced by a fresh one at the next. close() (a `with` block's end) ends it."""
+
+    def __init__(self, maxsize: int, poll: float = 0.5):
+        self.maxsize, self.poll = max(1, maxsize), poll
+        self.process = self.jobs = self.out = None
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.jobs, self.out = ctx.SimpleQueue(), ctx.Queue(self.maxsize)
+        self.process = ctx.Process(target=_serve_streams, args=(self.jobs, self.out), name="stream-worker",
+                                   daemon=True)
+        with sigint_held():
+            self.process.start()
+
+    def _get(self) -> tuple:
+        while True:
+            try:
+                return self.out.get(timeout=self.poll)
+            except queue.Empty:
+                if self.process.is_alive():
+                    continue
+            try:  # what it put before it ended is still in the pipe
+                return self.out.get(timeout=self.poll)
+            except queue.Empty:
+                raise WorkerDied(f"the worker ended with exit code {self.process.exitcode}") from None
+
+    def stream(self, fn: Callable, args: tuple) -> Generator:
+        """fn(*args), a generator, run in the worker: yields (item, seconds waited) and returns its return value;
+        an exception that ended it is raised here. A worker that dies first (a crash in its decoder) raises
+        WorkerDied; closing this generator early (Ctrl-C, an error, the consumer gone) terminates the worker at
+        once."""
+        if self.process is None:
+            self._start()
+        self.jobs.put((fn, args))
+        ended = False
+        try:
+            try:
+                value = yield from handed_over(self._get)
+            except WorkerDied:
+                raise
+            except BaseException as exc:
+                ended = not isinstance(exc, (GeneratorExit, KeyboardInterrupt)) and self.process.is_alive()
+                raise
+            ended = True
+            return value
+        finally:
+            if not ended:
+                self.close()
+
+    def close(self) -> None:
+        """The worker terminated (a no-op for one already ended), its queues closed."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        self.process.join(5)
+        self.out.close()
+        self.out.cancel_join_thread()
+        self.jobs.close()
+        self.process = self.jobs = self.out = None
+
+    def __enter__(self) -> StreamWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

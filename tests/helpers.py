@@ -841,3 +841,68 @@ def with_dying_decode(noted: Path, *args, **kwargs) -> subprocess.Popen | subpro
     if kwargs.pop("popen", False):
         return subprocess.Popen(argv, env=env, **kwargs)
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, **kwargs)
+
+
+# -- a video's decoder crashing on a file, in a child `alignsearch` (tests/test_video_workers.py) ---------------------
+
+DYING_VIDEO_DECODE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import videos
+helpers.note_video_decode("index", os.getpid(), "-")
+if hasattr(videos, "decode_moments"):
+    videos.real_decode_moments, videos.decode_moments = videos.decode_moments, helpers.dying_video_decode
+else:  # the code before worker processes decoded videos: _source was called in this process
+    real_source = videos._source
+    videos._source = lambda found: helpers.dying_video_decode(found, source=real_source)
+from alignsearch.surfaces.cli import main
+main(sys.argv[2:], prog_name="alignsearch")
+"""
+
+
+def note_video_decode(kind: str, pid: int, relpath: str) -> None:
+    """A line `kind pid relpath` in the file $ALIGNSEARCH_TEST_DEATHS names, with .pids added."""
+    with open(os.environ[DEATHS_ENV] + ".pids", "a") as f:
+        f.write(f"{kind} {pid} {relpath}\n")
+
+
+def dying_video_decode(found, *args, source=None):
+    """indexer.videos.decode_moments (or source, the _source it was given), but the process that decodes a video
+    named die* dies at once (as a crash in a C codec ends one), noted in $ALIGNSEARCH_TEST_DEATHS; every decode's
+    process id is noted (note_video_decode). Pickled by name into a decode worker, where indexer.videos is not
+    patched: there decode_moments is the real one."""
+    from indexer import videos
+
+    note_video_decode("decode", os.getpid(), found.relpath)
+    if os.path.basename(found.relpath).startswith("die"):
+        with open(os.environ[DEATHS_ENV], "a") as f:
+            f.write(f"{found.relpath}\n")
+        os._exit(9)
+    if source is not None:
+        return source(found)
+    return getattr(videos, "real_decode_moments", videos.decode_moments)(found, *args)
+
+
+def video_decode_pids(noted: Path) -> dict[str, list[int]]:
+    """{relpath: the process ids that decoded it}, "-": the index process's (note_video_decode)."""
+    found: dict[str, list[int]] = {}
+    path = Path(f"{noted}.pids")
+    for line in path.read_text().splitlines() if path.exists() else []:
+        _, pid, relpath = line.split(" ", 2)
+        found.setdefault(relpath, []).append(int(pid))
+    return found
+
+
+def index_with_dying_video_decode(noted: Path, ix: Path, *args) -> dict:
+    """`alignsearch index ARGS --index IX --device cpu --json`, parsed, in a child whose video decode dies on a video
+    named die* wherever it decodes it (a worker process, or this child itself), each death a line in `noted`,
+    each decode's pid in noted.pids; the child must exit 0."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", DYING_VIDEO_DECODE, str(Path(__file__).parent), "index",
+                           *map(str, args), "--index", str(ix), "--device", "cpu", "--json"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", DEATHS_ENV: str(noted)})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    return json.loads(proc.stdout)

@@ -809,3 +809,15 @@ phashfill.fill_index = lambda db, workers=0, *, without_ids=(): fill(db, workers
 from alignsearch.surfaces.cli import main
 main(sys.argv[3:], prog_name="alignsearch")
 """  # killed_at's child, its phash fill in batches of 2 (decoded in worker processes from 2 files on)
+
+
+CTRL_C_AT = KILL_HOOK.replace("signal.SIGKILL", "signal.SIGINT") + """
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""  # killed_at's child, stopped by a Ctrl-C (SIGINT) instead of kill -9
+
+
+def ctrl_c_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that sends itself SIGINT (a Ctrl-C) when the run reaches `where`."""
+    return subprocess.run([sys.executable, "-c", CTRL_C_AT, where, when, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

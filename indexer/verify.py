@@ -119,11 +119,11 @@ def _check(index_dir: Path, check_model: bool) -> Report:
         unknown = store.unknown_files()
         if unknown:
             leftover.append(f"{len(unknown)} vector segment files the catalog does not know (left by a run killed "
-                              "part way: encoder actors before their first commit, or a compaction or re-encode after "
-                              "its switch; the next `index` run deletes them)")
+                            "part way: encoder actors before their first commit, or a compaction or re-encode after "
+                            "its switch; the next `index` run deletes them)")
     if unfinished and not writing:
-        r.notes.insert(0, "the last index run was interrupted: the files it committed are searched exactly until "
-                          "`alignsearch index` finishes it")
+        r.notes.insert(0, "the last index run was interrupted before it finished: what it committed is kept and "
+                          "searchable, and `alignsearch index` finishes it")
     index = _open_ann(index_dir, record, writing, r, unbuilt_ok=unfinished)
     if index is not None:
         ids = ann.stored_ids(index)

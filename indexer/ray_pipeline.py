@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -157,6 +158,22 @@ def _batches(blocks, store: VectorStore, extra: dict):
                     [items[i].vec_row for i in np.flatnonzero(written)], float(block["encode_seconds"].sum()))
 
 
+def _ray_console_level() -> int:
+    """The level from which Ray's own driver-side lines reach stderr: its start, Ray Data's execution plan and
+    deprecation notes would surround our one-line messages, so errors only, unless our log is at debug (-vv).
+    Ray's log files (/tmp/ray/session_*/logs) keep everything; our own loggers are not touched."""
+    return logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+
+
+def _quiet_ray_data(level: int) -> None:
+    """Ray Data's console handler (its logger keeps DEBUG for its own ray-data.log) from `level` on."""
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(level)
+
+
 def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: VectorStore, write, batch_size: int,
             address: str | None = None, encoders: int | None = None, on_batch=lambda n: None,
             fast: bool = False, actor_segments: bool = True, encoder_options: dict | None = None) -> StageTimes:
@@ -172,10 +189,12 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
     if not todo:
         return StageTimes()
     started_here = not ray.is_initialized()
+    ray_level = _ray_console_level()
     sigterm = _HeldSigterm()  # before ray.init, which puts a handler of its own in place
     if started_here:
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                     logging_level=ray_level)
         except ConnectionError as exc:
             sigterm.release()  # ray.init's handler would end a watch by SIGTERM, its "watch stopped" unsaid
             raise BadInputError(
@@ -189,6 +208,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
     finished = False
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the driver's bar
+        _quiet_ray_data(ray_level)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actors = encoders or max(1, gpus)
         token, segments = uuid.uuid4().hex, None
@@ -203,10 +223,13 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
                  "on" if segments else "off")
         rows = [_row(found) for found in todo]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 200)))
-        ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments, "token": token,
-                                                                 "spec": spec, "fast": fast},
-                            batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if gpus else 0,
-                            max_task_retries=BATCH_RETRIES)
+        with warnings.catch_warnings():  # Ray's notes on its own API's future, addressed to developers
+            if ray_level > logging.INFO:
+                warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"encoder": encoder, "segments": segments,
+                                                                     "token": token, "spec": spec, "fast": fast},
+                                batch_size=batch_size, batch_format="numpy", concurrency=actors,
+                                num_gpus=1 if gpus else 0, max_task_retries=BATCH_RETRIES)
         extra = {"vectors_in_actor_segments": 0, "vectors_sent_to_driver": 0, "actor_plans": set()}
         batches = stream(ds, store, batch_size, extra)
         try:

@@ -10,6 +10,11 @@ What is checked, each against what the writer recorded when it committed:
 - the model: it still loads and has the recorded fingerprint (unless --skip-model);
 - the records of files a fill step could not read (catalog.fill_failures): each names an indexed file and a fill step.
 
+An `index` run stopped part way (Ctrl-C, kill -9) is a normal state, not damage: its committed files are searched
+exactly until the next run builds their ANN entries, and what it left past its commits the next run cuts. While the
+state records such a run (state.IndexRun, removed when a run ends), those findings are notes, not problems, and
+--repair leaves them to `index`; the same findings after a finished run are damage.
+
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
 again (only them), rebuilds the ANN index from the stored vectors, writes a damaged keyword index again
 from what it is made of, and drops fill failure records that name no indexed file or no fill step. A damaged
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 class Report:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # expected states (an interrupted run's leftovers): not problems
     checked: dict = field(default_factory=dict)
     ann_damaged: bool = False
     catalog_damaged: bool = False
@@ -49,7 +55,8 @@ class Report:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "repaired": self.repaired, "checked": self.checked}
+        return {"ok": self.ok, "problems": self.problems, "repaired": self.repaired, "notes": self.notes,
+                "checked": self.checked}
 
 
 def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> Report:
@@ -90,12 +97,15 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             store = vectors.load(conn, index_dir, st.model.dim)
             live = catalog.live_pairs(conn)
             found = vectors.check(conn, store, live)
-            record = st.ann
+            record, unfinished = st.ann, st.index_run is not None
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
     r.checked.update(images=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
-                     vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing)
+                     vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing,
+                     last_run=last_run(unfinished, writing))
+    # what a run stopped part way leaves is the next run's to finish: noted, not counted as damage
+    leftover = r.notes if r.checked["last_run"] == "interrupted" else r.problems
     r.problems += found.problems
     if found.legacy_segments:
         r.problems.append(f"{len(found.legacy_segments)} vector files were written before checksums were recorded: "
@@ -105,13 +115,16 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             path, rows = store.segment_path(segment), store.committed(segment)
             size = _size(path)
             if size > rows * store.row_bytes:
-                r.problems.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
+                leftover.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
         unknown = store.unknown_files()
         if unknown:
-            r.problems.append(f"{len(unknown)} vector segment files the catalog does not know (left by a run killed "
-                              "part way: encoder actors before their first commit, or a compaction or re-encode after "
-                              "its switch; the next `index` run deletes them)")
-    index = _open_ann(index_dir, record, writing, r)
+            leftover.append(f"{len(unknown)} vector segment files the catalog does not know (left by a run killed "
+                            "part way: encoder actors before their first commit, or a compaction or re-encode after "
+                            "its switch; the next `index` run deletes them)")
+    if unfinished and not writing:
+        r.notes.insert(0, "the last index run was interrupted before it finished: what it committed is kept and "
+                          "searchable, and `alignsearch index` finishes it")
+    index = _open_ann(index_dir, record, writing, r, unbuilt_ok=unfinished)
     if index is not None:
         ids = ann.stored_ids(index)
         r.checked.update(index_vectors=len(ids), index_type=ann.describe(index).kind)
@@ -120,7 +133,10 @@ def _check(index_dir: Path, check_model: bool) -> Report:
         if len(ids) != len(np.unique(ids)):
             r.problems.append(f"{len(ids) - len(np.unique(ids))} ids appear twice in the index")
         missing, extra = np.setdiff1d(live[:, 0], ids), np.setdiff1d(ids, live[:, 0])
-        if len(missing):
+        if len(missing) and unfinished:  # committed by a run that has not (yet) built their ANN entries
+            r.notes.append(f"{len(missing)} files committed since the ANN index was built are searched exactly until "
+                           "`alignsearch index` finishes the run")
+        elif len(missing):
             r.problems.append(f"{len(missing)} indexed files are missing from the ANN index")
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
@@ -134,9 +150,22 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     return r
 
 
-def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report):
-    """The served ANN index, opened only when its layout's files carry the recorded checksums (or predate them)."""
+def last_run(unfinished: bool, writing: bool) -> str:
+    """finished, running (a writer holds the index now) or interrupted (an index run began and never ended), as
+    `info` says it."""
+    if not unfinished:
+        return "finished"
+    return "running" if writing else "interrupted"
+
+
+def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report, unbuilt_ok: bool = False):
+    """The served ANN index, opened only when its layout's files carry the recorded checksums (or predate them).
+    unbuilt_ok: an index run is unfinished, so an ANN index never built is its to build, not damage."""
     current = layouts.pick(index_dir, record)
+    if not current.exists() and unbuilt_ok and not record.digest:
+        r.notes.append(f"{ANN_FILE} was not built yet (the first index run did not finish; queries search exactly "
+                       "meanwhile): `alignsearch index` builds it")
+        return None
     if not current.exists():
         r.problems.append(f"{ANN_FILE} is missing" + ("" if record.digest else ": no ANN index was built yet (the "
                           "first index run did not finish; queries search exactly meanwhile): `alignsearch index` "

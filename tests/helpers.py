@@ -906,3 +906,15 @@ def index_with_dying_video_decode(noted: Path, ix: Path, *args) -> dict:
                           env={**os.environ, "HF_HUB_OFFLINE": "1", DEATHS_ENV: str(noted)})
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     return json.loads(proc.stdout)
+
+
+CTRL_C_AT = KILL_HOOK.replace("signal.SIGKILL", "signal.SIGINT") + """
+from alignsearch.surfaces.cli import main
+main(sys.argv[3:], prog_name="alignsearch")
+"""  # killed_at's child, stopped by a Ctrl-C (SIGINT) instead of kill -9
+
+
+def ctrl_c_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that sends itself SIGINT (a Ctrl-C) when the run reaches `where`."""
+    return subprocess.run([sys.executable, "-c", CTRL_C_AT, where, when, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -80,7 +80,8 @@ def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
     out = run("query", "--image", first.path, "--index", ix, "-k", "2").output
     assert first.path in out.splitlines()[0]
     assert run("similar", "1", "--index", ix, "-k", "2").output.count("\n") == 2
-    assert "the first index run did not finish" in run("verify", "--index", ix, "--skip-model", code=7).output
+    # an interrupted run is not damage: verify says so and exits 0
+    assert "the first index run did not finish" in run("verify", "--index", ix, "--skip-model").output
     run("index", "--index", ix)
     info = json.loads(run("info", "--index", ix, "--json").stdout)
     assert info["last_run"] == "finished" and info["images"] == 48 and info["index"]["layout"] == "memory"

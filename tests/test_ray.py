@@ -241,3 +241,23 @@ def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_m
     hit = engine.search(image=query, k=1)[0]
     assert hit.relpath == "nested/img001.jpg"
     assert hit.path == f"{tmp_path}/part-{files.index(query) % 2}.tar/nested/img001.jpg"
+
+
+def test_a_run_with_a_ray_of_its_own_prints_none_of_rays_info_or_warning_lines(tmp_path, tiny_model):
+    """Ray's driver-side lines (its start, its auth note, Ray Data's execution plan, deprecations) surrounded our
+    one-line messages on stderr; they stay in Ray's log files."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import make_images
+
+    root = make_images(tmp_path / "photos", 6)[0].parent
+    proc = subprocess.run([sys.executable, "-m", "alignsearch", "index", root, "--index", tmp_path / "ix", "--model",
+                           tiny_model, "--device", "cpu", "--batch-size", "4", "--ray"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in proc.stderr.splitlines() if re.search(r"\t(INFO|WARNING) |DeprecationWarning", line)]
+    assert noise == [], proc.stderr[-3000:]
+    assert json.loads(run("info", "--index", tmp_path / "ix", "--json").stdout)["images"] == 6

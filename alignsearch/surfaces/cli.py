@@ -998,6 +998,8 @@ def verify(repair, skip_model, as_json, index_dir):
             click.echo(f"repaired: {line}")
         for line in report.problems:
             click.echo(f"problem:  {line}")
+        for line in report.notes:
+            click.echo(f"note:     {line}")
         click.echo("ok: " + ", ".join(f"{k}={v}" for k, v in report.checked.items()) if report.ok else "index is inconsistent")
     if not report.ok:
         sys.exit(7)

@@ -1,0 +1,94 @@
+"""`verify` after an `index` run stopped part way (kill -9, Ctrl-C): a normal state the next run finishes, not
+damage (exit 0 with a note, and --repair leaves it to `index`); the same gap after a finished run is still damage."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import index_json, make_images, run
+from helpers import add_synthetic, ctrl_c_at, index_dim, killed_at
+
+# after the new files' batches are committed, before their ANN entries are built
+BEFORE_ANN = "indexer.build:sync_index"
+
+
+def stopped_run(stop, code: int, ix: Path, where: str = BEFORE_ANN) -> None:
+    proc = stop(where, "before", "index", "--index", ix, "--device", "cpu", "--workers", "0", "--batch-size", "2")
+    assert proc.returncode == code, proc.stderr[-3000:]  # stopped there, not finished nor failed
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
+
+
+def ann_files(ix: Path) -> dict:
+    return {p.name: p.read_bytes() for p in ix.iterdir() if p.is_file() and ".faiss" in p.name}
+
+
+def finished_and_clean(ix: Path, images: int) -> None:
+    index_json(ix, "--device", "cpu")
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "finished"
+    report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
+    assert report["ok"] and report["notes"] == [] and report["problems"] == [], report
+    assert report["checked"]["index_vectors"] == images and report["checked"]["last_run"] == "finished"
+
+
+@pytest.mark.parametrize("stop, code", [(killed_at, -9), (ctrl_c_at, 130)], ids=["kill-9", "ctrl-c"])
+def test_verify_after_a_run_stopped_before_its_ann_index_says_so_and_exits_0(indexed_images, stop, code):
+    root, ix = indexed_images(6)
+    make_images(root / "more", 4, seed=5)
+    stopped_run(stop, code, ix)
+    result = run("verify", "--index", ix, "--skip-model")  # on bcea196: exit 7, "index is inconsistent"
+    assert "problem" not in result.output and "inconsistent" not in result.output, result.output
+    assert "the last index run was interrupted" in result.output, result.output
+    assert "4 files committed since the ANN index was built are searched exactly" in result.output, result.output
+    report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
+    assert report["ok"] and report["problems"] == [] and report["checked"]["last_run"] == "interrupted", report
+    assert len(report["notes"]) == 2 and report["checked"]["images"] == 10, report
+
+    before = ann_files(ix)
+    repaired = json.loads(run("verify", "--index", ix, "--skip-model", "--repair", "--json").stdout)
+    assert repaired["repaired"] == [] and repaired["notes"] == report["notes"], repaired  # left to `index`
+    assert ann_files(ix) == before
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
+    finished_and_clean(ix, 10)
+
+
+def test_verify_after_a_first_run_killed_before_its_ann_index_exits_0(tmp_path, tiny_model):
+    photos, ix = make_images(tmp_path / "photos", 4)[0].parent, tmp_path / "ix"
+    proc = killed_at(BEFORE_ANN, "before", "index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu",
+                     "--workers", "0")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
+    assert report["ok"] and report["checked"]["last_run"] == "interrupted", report
+    assert any("index.faiss was not built yet" in n for n in report["notes"]), report
+    finished_and_clean(ix, 4)
+
+
+def test_files_missing_from_the_ann_index_after_a_finished_run_are_still_damage(indexed_images):
+    """Rows the real writer committed outside any index run: no run is unfinished, so the gap is damage (exit 7);
+    recorded as an unfinished run's, the same gap is a note."""
+    import time
+
+    from alignsearch.storage import state
+
+    root, ix = indexed_images(6)
+    db, _ = add_synthetic(ix, 3, index_dim(ix))
+    result = run("verify", "--index", ix, "--skip-model", code=7)
+    assert "3 indexed files are missing from the ANN index" in result.output, result.output
+    assert "interrupted" not in result.output and "note" not in result.output, result.output
+
+    with db.begin() as conn:
+        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=2**22 + 1))
+    db.dispose()
+    report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
+    assert report["ok"] and report["checked"]["last_run"] == "interrupted", report
+    assert report["notes"][1].startswith("3 files committed since the ANN index was built"), report
+
+
+def test_verify_after_a_run_killed_between_its_vectors_and_their_commit_exits_0(indexed_images):
+    """The vectors appended (fsync'ed), their rows not committed: the tail is the next run's to cut."""
+    root, ix = indexed_images(6)
+    make_images(root / "more", 4, seed=5)
+    stopped_run(killed_at, -9, ix, where="alignsearch.storage.vectors:record_chunk")
+    report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
+    assert report["ok"] and report["checked"]["last_run"] == "interrupted", report
+    assert any("uncommitted bytes past row 6" in n for n in report["notes"]), report
+    finished_and_clean(ix, 10)

@@ -453,3 +453,27 @@ def test_running_out_of_memory_or_an_os_error_while_decoding_is_not_recorded(tmp
     monkeypatch.setattr(ocr, "_get_engine", _Engine)
     assert ocrfill.fill(db, workers=0)[0] == 2
     assert phashfill.fill_phashes(db, workers=0) == 2
+
+
+def test_the_phash_fill_never_reads_a_video_for_its_moments(tmp_path, monkeypatch):
+    """A video's moment without a phash (its frame could not be hashed as it was indexed) was picked by the phash
+    fill, which read the whole video file for it, once per moment, and recorded each as "cannot decode it". Moments
+    are left out, as the text fill leaves them out."""
+    from sqlalchemy import insert
+
+    db = _unread_pngs(tmp_path, 1)
+    video = tmp_path / "lib" / "clip.mp4"
+    video.write_bytes(b"\0\0\0\x18ftypmp42" + bytes(64))
+    with db.begin() as conn:
+        for moment in range(2):
+            conn.execute(insert(catalog.files).values(
+                root=str(tmp_path / "lib"), relpath=video.name, moment=moment, t=float(moment), t_end=moment + 1.0,
+                size=video.stat().st_size, mtime=video.stat().st_mtime, status=catalog.INDEXED, indexed_at=0.0,
+                vec_row=1 + moment))
+    opened = []
+    read = catalog.FileRow.read
+    monkeypatch.setattr(catalog.FileRow, "read", lambda row: opened.append(row.relpath) or read(row))
+    assert phashfill.fill_phashes(db, workers=0) == 1
+    assert opened == ["img0.png"]
+    with db.connect() as conn:
+        assert catalog.fill_failed_files(conn) == []

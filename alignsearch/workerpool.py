@@ -1,15 +1,47 @@
-"""Decode worker processes that a Ctrl-C does not reach.
+"""Decode worker processes that a Ctrl-C does not reach, and worker processes that end with their parent.
 
 A terminal sends SIGINT to the whole process group: every spawned worker raised KeyboardInterrupt and printed
 its traceback before the command's one line `error: interrupted`. Workers ignore SIGINT instead; the command
-itself stops on it and terminates them (Pool.terminate: SIGTERM, which ends them quietly)."""
+itself stops on it and terminates them (Pool.terminate: SIGTERM, which ends them quietly).
+
+Every process pool's workers run exit_with_parent first (its initializer): a parent killed -9 never tells them."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import threading
+from concurrent.futures import ProcessPoolExecutor
+
+
+def exit_with_parent() -> None:
+    """Pool initializer: end this worker when the process that started it ends, killed -9 too. A worker waiting
+    for its next task never learns it (it holds both ends of its queue's pipe), so it lived on for good, holding
+    its memory and the output pipes of whoever ran the command (which then waited for them forever)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def quiet_worker() -> None:
+    """Pool initializer: ignore_sigint and exit_with_parent."""
+    ignore_sigint()
+    exit_with_parent()
+
+
+def spawn_executor(workers: int) -> ProcessPoolExecutor:
+    """A spawn-context ProcessPoolExecutor whose workers end with this process (exit_with_parent); Ctrl-C reaches
+    them as it reaches this process."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent)
 
 
 def ignore_sigint() -> None:
@@ -42,8 +74,8 @@ def sigint_held():
 
 def spawn_pool(workers: int):
     """A spawn-context Pool whose workers hold SIGINT off from their first instruction (a blocked signal
-    survives exec) until their initializer ignores it, so a Ctrl-C while they import is quiet too.
-    The parent holds SIGINT off only while it starts them (milliseconds)."""
+    survives exec) until their initializer ignores it, so a Ctrl-C while they import is quiet too; they end
+    with this process. The parent holds SIGINT off only while it starts them (milliseconds)."""
     context = multiprocessing.get_context("spawn")
     with sigint_held():
-        return context.Pool(workers, initializer=ignore_sigint)
+        return context.Pool(workers, initializer=quiet_worker)

@@ -90,11 +90,13 @@ def jpeg_corpus(n: int, seed: int = 0) -> Path:
     on every core (512 take two minutes on one)."""
     import multiprocessing
 
+    from alignsearch.workerpool import exit_with_parent  # a killed benchmark leaves no workers behind
+
     out = CACHE / f"jpegs-v2-{n}-{seed}"
     if out.exists() and len(list(out.glob("*.jpg"))) == n:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with multiprocessing.get_context("spawn").Pool() as pool:
+    with multiprocessing.get_context("spawn").Pool(initializer=exit_with_parent) as pool:
         pool.map(_jpeg, [(out / f"photo{i:05d}.jpg", i, seed) for i in range(n)], chunksize=4)
     return out
 
@@ -159,6 +161,8 @@ def photo_corpus(kind: str, n: int, seed: int = 0, distinct: int | None = None, 
     b{picture}-{copy}.jpg; made on every core."""
     import multiprocessing
 
+    from alignsearch.workerpool import exit_with_parent
+
     size = size or PHOTO_SIZES[kind]
     distinct = min(n, distinct or 48)
     out = CACHE / f"photos-{kind}-{size[0]}x{size[1]}-{n}-{distinct}-{seed}"
@@ -167,7 +171,7 @@ def photo_corpus(kind: str, n: int, seed: int = 0, distinct: int | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     noise = 4.0 if kind == "camera" else 2.0
     bases = [out / f"b{i:03d}-00000.jpg" for i in range(distinct)]
-    with multiprocessing.get_context("spawn").Pool() as pool:
+    with multiprocessing.get_context("spawn").Pool(initializer=exit_with_parent) as pool:
         pool.map(_photo, [(p, i, seed, size, noise) for i, p in enumerate(bases)], chunksize=1)
     for copy in range(distinct, n):
         base = bases[copy % distinct]

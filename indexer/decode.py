@@ -124,15 +124,35 @@ def set_known_text(texts: dict[str, str] | None) -> None:
 
 def read_text(image, where: str) -> tuple[str | None, float]:
     """(the text in a decoded image, seconds it took); None when the engine failed on it (read again later)."""
+    text, seconds, _ = read_text_or_error(image, where)
+    return text, seconds
+
+
+def read_text_or_error(image, where: str) -> tuple[str | None, float, Exception | None]:
+    """read_text, with the error that left the text None (alignsearch.media.ocr.EngineUnavailable: the engine
+    could not start, which says nothing about this image)."""
     from alignsearch.media.ocr import read_text as ocr_text
 
     start = time.perf_counter()
     try:
-        text = ocr_text(image)
+        return ocr_text(image), time.perf_counter() - start, None
     except Exception as exc:  # noqa: BLE001 - one image the engine chokes on never stops a run
         log.info("no text read from %s: %s", where, exc)
-        text = None
-    return text, time.perf_counter() - start
+        return None, time.perf_counter() - start, exc
+
+
+def lasting_failure(exc: Exception, engine: str | None = None) -> str | None:
+    """Why a fill step (indexer/ocrfill.py, phashfill.py) records a file as failed until it changes, else None
+    (tried again next run): a fault of its own bytes (BadImageError, ImageTooLarge too), or, where `engine`
+    names the engine that raised it on the file's pixels, that engine's error. Out of memory, an OSError, an
+    engine that could not start are this run's trouble, not the file's."""
+    from alignsearch.media.ocr import EngineUnavailable
+
+    if isinstance(exc, BadImageError):
+        return f"cannot decode it: {exc}"
+    if engine is None or isinstance(exc, (MemoryError, OSError, EngineUnavailable)):
+        return None
+    return f"{engine}: {exc}"
 
 
 def sidecar_caption(found: Found) -> str | None:

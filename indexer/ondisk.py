@@ -7,10 +7,8 @@ like the in-memory index while only the coarse quantizer and PQ tables stay in R
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -19,6 +17,7 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from alignsearch.storage import ann
 from alignsearch.storage.vectors import VectorStore
+from alignsearch.workerpool import spawn_executor
 
 
 def add_shard(trained_path: str, store: VectorStore, ids: np.ndarray, rows: np.ndarray, out_path: str) -> str:
@@ -51,7 +50,7 @@ def add_shards(trained: faiss.Index, store: VectorStore, parts: list[tuple[np.nd
         jobs = [(trained_path, store, part_ids, part_rows, str(out))
                 for (part_ids, part_rows), out in zip(parts, out_paths)]
         if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with spawn_executor(workers) as pool:  # its workers end with a run killed -9
                 list(pool.map(add_shard, *zip(*jobs)))
         else:
             for job in jobs:

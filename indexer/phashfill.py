@@ -17,6 +17,7 @@ FILL_BATCH = 256  # files hashed per transaction when an older index is filled
 def _hash_file(row) -> tuple[int, str | None, str | None]:
     """(file id, its phash or None, why it cannot be hashed as it is: None when it may be next time)."""
     from alignsearch.media.images import open_rgb
+    from indexer.decode import lasting_failure
 
     try:
         data = row.read()
@@ -25,9 +26,9 @@ def _hash_file(row) -> tuple[int, str | None, str | None]:
         return row.id, None, None
     try:
         return row.id, phash_of(open_rgb(data)[0]), None
-    except Exception as exc:  # noqa: BLE001 - its bytes cannot be decoded: no use trying them again
+    except Exception as exc:  # noqa: BLE001 - recorded only where its bytes cannot be decoded (lasting_failure)
         log.info("no phash for %s: %s", row.path, exc)
-        return row.id, None, f"cannot decode it: {exc}"
+        return row.id, None, lasting_failure(exc)
 
 
 def fill_phashes(db, workers: int = 0, batch: int = FILL_BATCH, on_batch: Callable[[int], None] = lambda n: None, *,

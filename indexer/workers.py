@@ -17,7 +17,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -26,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import chain, islice
 
 from alignsearch.errors import AlignSearchError
-from alignsearch.workerpool import ignore_sigint, sigint_held
+from alignsearch.workerpool import quiet_worker, sigint_held
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +43,11 @@ def _read_chunk(fn: Callable, chunk: list) -> list:
 
 
 def _start_worker(initializer, initargs: tuple) -> None:
-    """In each worker first: Ctrl-C is the command's to handle (alignsearch/workerpool.py), it ends with the
-    process that started it, then the caller's initializer (the texts already read)."""
-    ignore_sigint()
-    _exit_with_parent()
+    """In each worker first: Ctrl-C is the command's to handle and it ends with the process that started it
+    (alignsearch/workerpool.py), then the caller's initializer (the texts already read)."""
+    quiet_worker()
     if initializer is not None:
         initializer(*initargs)
-
-
-def _exit_with_parent() -> None:
-    """End this worker when the process that started it ends, killed -9 too: a worker waiting for its next task
-    never learns it (it holds both ends of its queue's pipe), so it lived on for good, holding the memory of its
-    decoder and the output pipes of whoever ran `index` (which then waited for them forever)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:

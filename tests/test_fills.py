@@ -356,3 +356,124 @@ def test_the_decode_workers_of_a_fill_end_with_the_run_killed_9(indexed_images):
         pytest.fail("the fill's decode workers outlived the run killed -9 (its output pipes still open after 60 s)")
     assert proc.returncode == -9, err[-3000:]
     assert catalog_rows(ix, "SELECT count(*) FROM phashes") == [(0,)]  # killed before its first commit
+
+
+def _unread_pngs(tmp_path: Path, n: int):
+    """A catalog of n indexed PNGs whose text and phash were never read (as an index from before either)."""
+    import time
+
+    from PIL import Image
+    from sqlalchemy import insert
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        for i in range(n):
+            path = root / f"img{i}.png"
+            Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(path)
+            st = path.stat()
+            fid = conn.execute(insert(catalog.files).values(
+                root=str(root), relpath=path.name, size=st.st_size, mtime=st.st_mtime, status=catalog.INDEXED,
+                indexed_at=time.time(), vec_row=i)).inserted_primary_key[0]
+            conn.execute(insert(catalog.photos).values(file_id=fid))
+    return db
+
+
+class _Engine:
+    def __call__(self, image):
+        return type("Result", (), {"txts": ("HELLO WORLD",), "scores": (0.99,)})()
+
+
+def test_a_text_reader_that_cannot_start_records_no_file_and_says_so_once(tmp_path, monkeypatch, caplog):
+    """An engine that fails to start (models missing, ONNX Runtime out of memory) is no fault of the images: each
+    was recorded as failed for good, and no later run read any of them. Now none is recorded, the run says so in
+    one line, and the next run with a working engine reads them all."""
+    from alignsearch.media import ocr
+    from indexer import ocrfill
+
+    db = _unread_pngs(tmp_path, 3)
+
+    def broken():
+        raise RuntimeError("onnxruntime: failed to load the detection model")
+
+    monkeypatch.setattr(ocr, "_get_engine", broken)
+    with caplog.at_level("WARNING", logger="indexer.ocrfill"):
+        assert ocrfill.fill(db, workers=0)[0] == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "indexer.ocrfill"]
+    assert len(said) == 1 and "cannot start" in said[0] and "detection model" in said[0], said
+    with db.connect() as conn:
+        assert catalog.fill_failure_counts(conn)[catalog.FILL_OCR] == 0
+        assert catalog.count_without_ocr(conn) == 3
+    monkeypatch.setattr(ocr, "_get_engine", _Engine)
+    assert ocrfill.fill(db, workers=0)[0] == 3
+    with db.connect() as conn:
+        assert catalog.count_without_ocr(conn) == 0
+
+
+def test_an_engine_error_on_one_image_is_recorded_once_the_engine_works(tmp_path, monkeypatch):
+    from alignsearch.media import ocr
+    from indexer import ocrfill
+
+    db = _unread_pngs(tmp_path, 2)
+
+    class Choking(_Engine):
+        def __call__(self, image):
+            if image.getpixel((0, 0))[0]:  # the second image only
+                raise ValueError("bad box")
+            return super().__call__(image)
+
+    monkeypatch.setattr(ocr, "_get_engine", Choking)
+    assert ocrfill.fill(db, workers=0)[0] == 1
+    with db.connect() as conn:
+        assert [(f.relpath, why.startswith("the text reader failed on it")) for f, _, why in
+                catalog.fill_failed_files(conn)] == [("img1.png", True)]
+
+
+@pytest.mark.parametrize("error", [MemoryError(), OSError(5, "Input/output error")])
+def test_running_out_of_memory_or_an_os_error_while_decoding_is_not_recorded(tmp_path, monkeypatch, error):
+    """open_rgb out of memory (a large image while the machine is short) or an OSError says nothing lasting about
+    the file: both fills recorded it as undecodable for good. Now it is tried again next run; a file whose bytes
+    cannot be decoded still is recorded."""
+    from alignsearch.media import images, ocr
+    from indexer import ocrfill
+
+    db = _unread_pngs(tmp_path, 2)
+
+    def failing(data, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocr, "_get_engine", _Engine)
+    monkeypatch.setattr(images, "open_rgb", failing)
+    assert ocrfill.fill(db, workers=0)[0] == 0
+    assert phashfill.fill_phashes(db, workers=0) == 0
+    with db.connect() as conn:
+        assert catalog.fill_failed_files(conn) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(ocr, "_get_engine", _Engine)
+    assert ocrfill.fill(db, workers=0)[0] == 2
+    assert phashfill.fill_phashes(db, workers=0) == 2
+
+
+def test_the_phash_fill_never_reads_a_video_for_its_moments(tmp_path, monkeypatch):
+    """A video's moment without a phash (its frame could not be hashed as it was indexed) was picked by the phash
+    fill, which read the whole video file for it, once per moment, and recorded each as "cannot decode it". Moments
+    are left out, as the text fill leaves them out."""
+    from sqlalchemy import insert
+
+    db = _unread_pngs(tmp_path, 1)
+    video = tmp_path / "lib" / "clip.mp4"
+    video.write_bytes(b"\0\0\0\x18ftypmp42" + bytes(64))
+    with db.begin() as conn:
+        for moment in range(2):
+            conn.execute(insert(catalog.files).values(
+                root=str(tmp_path / "lib"), relpath=video.name, moment=moment, t=float(moment), t_end=moment + 1.0,
+                size=video.stat().st_size, mtime=video.stat().st_mtime, status=catalog.INDEXED, indexed_at=0.0,
+                vec_row=1 + moment))
+    opened = []
+    read = catalog.FileRow.read
+    monkeypatch.setattr(catalog.FileRow, "read", lambda row: opened.append(row.relpath) or read(row))
+    assert phashfill.fill_phashes(db, workers=0) == 1
+    assert opened == ["img0.png"]
+    with db.connect() as conn:
+        assert catalog.fill_failed_files(conn) == []

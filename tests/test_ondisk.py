@@ -98,3 +98,70 @@ def test_both_layouts_at_once_is_an_error(tmp_path, corpus, tiny_model):
 
     out = run("index", corpus, "--index", tmp_path / "ix", "--ondisk-shards", "2", "--index-shards", "2", code=6)
     assert "choose one layout" in out.output
+
+
+_KILLED_IN_ADD_SHARDS = '''
+import multiprocessing, os, sys, threading, time
+from pathlib import Path
+
+
+class SleepyStore:  # a store whose vectors never come: each worker is busy in its shard when the run is killed
+    dim = 4
+
+    def get(self, rows):
+        time.sleep(600)
+
+
+def kill_me_when_busy():
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.05)
+    time.sleep(3)  # the workers have started their shards
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), 9)
+
+
+if __name__ == "__main__":
+    import faiss
+    import numpy as np
+    from indexer import ondisk
+
+    threading.Thread(target=kill_me_when_busy, daemon=True).start()
+    out = Path(sys.argv[1])
+    part = (np.arange(2, dtype=np.int64), np.arange(2))
+    ondisk.add_shards(faiss.IndexFlatL2(4), SleepyStore(), [part, part], [out / "a.index", out / "b.index"], workers=2)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_the_shard_workers_end_with_the_run_killed_9(tmp_path):
+    """`index --ondisk-shards` killed -9 while its workers add their shards: they never learned it and lived on
+    for good, holding its output pipes (whoever waited for its output waited forever) and their memory. Now
+    each ends with the process that started it (alignsearch.workerpool.spawn_executor)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_IN_ADD_SHARDS)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        assert proc.wait(timeout=60) == -9 and len(pids) == 2
+        deadline = time.monotonic() + 10
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, pids)), "the shard workers outlived the run killed -9"
+    finally:
+        if any(map(_alive, pids)):
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers share its process group
+        proc.stdout.close()

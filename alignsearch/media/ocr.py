@@ -36,6 +36,11 @@ MISSING = "text in images needs the OCR engine: pip install 'alignsearch[ocr]'"
 _engine = None  # one per process (a decode worker loads it on its first image)
 
 
+class EngineUnavailable(Exception):
+    """The engine could not start in this process (not installed, its models missing, ONNX Runtime out of
+    memory): no fault of the image it was asked to read."""
+
+
 def check_available() -> None:
     """Raise the one-line error naming the extra when the engine is not installed (before anything runs)."""
     try:
@@ -71,7 +76,11 @@ def read_text(image) -> str:
     detector returns them; "" when there is none."""
     if image is None or min(image.size) < 8:
         return ""
-    result = _get_engine()(image)
+    try:
+        engine = _get_engine()
+    except Exception as exc:  # whatever stops it starting, it is the engine's, not the image's
+        raise EngineUnavailable(str(exc) or type(exc).__name__) from exc
+    result = engine(image)
     texts, scores = getattr(result, "txts", None), getattr(result, "scores", None)
     if not texts:
         return ""

@@ -670,11 +670,12 @@ def phashes_of(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, 
 
 def files_without_phash(conn: Connection, after: int = 0, limit: int = 256, *,
                         without_ids: Iterable[int] = ()) -> list[FileRow]:
-    """Indexed files with no phash yet, id > after, in id order (at most limit); less without_ids and their
-    videos' other moments (files gone in this run), and files the fill could not read as they are now."""
+    """Indexed images (not video moments: theirs are hashed from their frames as they are indexed, and the fill
+    read the whole video for each) with no phash yet, id > after, in id order (at most limit); less without_ids
+    (files gone in this run), and files the fill could not read as they are now."""
     query = select(files).outerjoin(phashes, phashes.c.file_id == files.c.id).where(
-        files.c.status == INDEXED, phashes.c.file_id.is_(None), files.c.id > after, ~_fill_failed(FILL_PHASH),
-        *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
+        files.c.status == INDEXED, files.c.t.is_(None), phashes.c.file_id.is_(None), files.c.id > after,
+        ~_fill_failed(FILL_PHASH), *_leaving_out(without_ids)).order_by(files.c.id).limit(limit)
     return _rows(conn.execute(query))
 
 

@@ -167,6 +167,7 @@ def _video_created(path: Path, created: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_video_created_past_the_calendars_end_leaves_searches_that_show_it_answering(tmp_path, tiny_model):
     """A video whose creation_time is 9999-12-31T23:59:59 at UTC-23:59 (a valid ISO time, past year 9999 in UTC)
     was stored as its `taken` time, and every search that showed it then failed ("unexpected ValueError: year
@@ -192,6 +193,7 @@ def test_a_video_created_past_the_calendars_end_leaves_searches_that_show_it_ans
     assert iso(0.0) == "1970-01-01T00:00:00Z"
 
 
+@pytest.mark.slow
 def test_a_video_of_a_codec_ffmpeg_does_not_know_is_a_failed_file_not_a_stopped_run(tmp_path, tiny_model):
     """A video whose stream names a codec FFmpeg has no decoder for (found by flipping bytes of a real one: its
     sample entry's fourcc) has no codec context; reading it raised AttributeError ('NoneType' object has no

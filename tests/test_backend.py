@@ -430,6 +430,7 @@ def test_index_refuses_int8(tiny_model, tmp_path):
 
 
 # -- end to end -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_index_and_query_on_onnx_match_torch(tiny_model, tmp_path, exported_cache):
     corpus = tmp_path / "corpus"
     make_images(corpus, 12)
@@ -716,6 +717,7 @@ def test_an_export_version_bump_removes_the_towers_it_did_not_export_again(tiny_
     assert after["export_version"] == onnxexport.EXPORT_VERSION and "text-int8" not in after["files"]
 
 
+@pytest.mark.slow
 def test_info_gives_the_size_of_the_models_export_and_of_the_whole_cache(tiny_model, tmp_path, cache):
     import shutil
 

@@ -87,6 +87,7 @@ def build_odd_corpus(root):
     return ok, bad, nonutf8
 
 
+@pytest.mark.slow
 def test_odd_corpus_indexes_what_it_can_and_records_the_rest(tmp_path, tiny_model, monkeypatch):
     monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
     corpus = tmp_path / "odd"

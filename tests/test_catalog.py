@@ -65,6 +65,7 @@ def test_without_root_and_without_ids_combine(db):
     assert [i for i, _ in pairs(db, without_ids=[10_000])] == ids  # an id not in the catalog leaves nothing out
 
 
+@pytest.mark.slow
 def test_thousands_of_left_out_ids_pass_sqlites_parameter_cap(db):
     ids = fill(db, [row("/a", f"{i:05d}.jpg", i) for i in range(6000)])
     gone = ids[::3] + [ids[-1]]  # 2,001 ids: twice the cap on bound parameters

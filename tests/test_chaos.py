@@ -435,6 +435,7 @@ main(sys.argv[1:], prog_name="alignsearch")
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_connection_closes_prints_no_traceback(indexed_images):
     """Found by the soak: Ctrl-C of `index --watch` while SQLAlchemy closed a connection printed the pool's
     "Exception closing connection" with a KeyboardInterrupt traceback before "watch stopped"."""

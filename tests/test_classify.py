@@ -65,6 +65,7 @@ def test_cli_classify_json_and_similarity(tiny_model, corpus):
     assert set(sim) == {"text", "image", "similarity", "logit"}
 
 
+@pytest.mark.slow
 def test_tags_from_stored_vectors_equal_tags_from_encoding(tmp_path, corpus, tiny_model, encoder):
     ix = tmp_path / "ix"
     run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu")

@@ -65,6 +65,7 @@ def _live(ix):
     return pairs, generation
 
 
+@pytest.mark.slow
 def test_compaction_keeps_every_answer_and_frees_the_dead_rows(indexed_images, tmp_path, tiny_model):
     photos, ix = indexed_images(12)
     _churn(photos)
@@ -119,6 +120,7 @@ def test_new_files_after_a_compaction_go_to_vectors_f16(indexed_images, tmp_path
     assert len(fixed_answers(ix)) == 8 + 3 and verify_problems(ix) == []
 
 
+@pytest.mark.slow
 def test_a_damaged_row_is_not_copied_into_a_fresh_checksum(indexed_images):
     photos, ix = indexed_images(12)
     _churn(photos)
@@ -173,6 +175,7 @@ def test_kill_9_during_compaction_leaves_an_index_that_answers_as_before(indexed
         assert main == 14 * row_bytes and segments == {}, (main, segments)
 
 
+@pytest.mark.slow
 def test_a_killed_compactions_copy_is_deleted_by_the_next_run_even_one_that_may_not_compact(indexed_images):
     """kill -9 after the copy, before its commit: the copy under vectors/next/ is a file no commit knows. The
     next writer deletes it when it starts, whatever it was told: `index --no-compact` too (it stayed, taking
@@ -192,6 +195,7 @@ def test_a_killed_compactions_copy_is_deleted_by_the_next_run_even_one_that_may_
     assert _live(ix) == before and fixed_answers(ix) == want and verify_problems(ix) == []
 
 
+@pytest.mark.slow
 def test_a_compaction_killed_after_its_commit_is_finished_by_a_run_that_may_not_compact(indexed_images):
     """kill -9 right after the switch commits: the new segment under vectors/next/ is the store's, so the
     tidying when `index --no-compact` starts keeps it, and the run finishes the switch (vectors.f16 emptied)."""

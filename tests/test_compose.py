@@ -247,6 +247,7 @@ def test_keyword_mode_prints_its_rank_score(captioned):
     assert hits[0].similarity is not None and -1 <= hits[0].similarity <= 1
 
 
+@pytest.mark.slow
 def test_compose_on_the_cli_with_explain(flat, tmp_path):
     image = make_images(tmp_path / "q", 1, seed=9)[0]
     for method in ("product", "slerp", "sum", "weicom"):

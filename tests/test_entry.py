@@ -222,6 +222,7 @@ def test_serve_stopped_while_its_model_loads_says_so(site_dir, indexed_images):
     assert not (ix / SERVER_FILE).exists()
 
 
+@pytest.mark.slow
 def test_serve_stopped_once_serving_is_a_normal_stop(indexed_images):
     from helpers import start_serve
 

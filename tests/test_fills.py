@@ -285,6 +285,7 @@ def _old_alignsearch(tmp_path: Path) -> Path:
     return old
 
 
+@pytest.mark.slow
 def test_the_alignsearch_before_version_4_refuses_a_version_4_catalog_in_one_line(v3, tmp_path):
     old = _old_alignsearch(tmp_path)
     catalog.connect(v3 / "catalog.db").dispose()  # upgraded to 4
@@ -322,6 +323,7 @@ def test_malformed_fill_failure_rows_are_left_out_said_by_verify_and_repaired(in
     assert verify_problems(ix) == []
 
 
+@pytest.mark.slow
 def test_kill_9_during_the_upgrade_to_version_4_leaves_version_3_whole(v3):
     """The upgrade is one transaction: killed after the table is made, before or after the version is written,
     the catalog is version 3 as it was, read as such, and the next writer upgrades it."""
@@ -338,6 +340,7 @@ def test_kill_9_during_the_upgrade_to_version_4_leaves_version_3_whole(v3):
     assert catalog_rows(v3, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
 
 
+@pytest.mark.slow
 def test_the_decode_workers_of_a_fill_end_with_the_run_killed_9(indexed_images):
     """A run killed -9 while its fill's workers wait for their next task: they never learned it and lived on for
     good, holding the run's output pipes (whoever waits for its output waited forever) and their memory. Now

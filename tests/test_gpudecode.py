@@ -92,6 +92,7 @@ def test_probe_sends_what_the_gpu_does_not_read_to_the_cpu():
     assert gpudecode.probe(jpeg(photo(64, 48), mode="L")).reason is None  # greys decode to RGB on both paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(4000, 3000), (3000, 4000), (1000, 700), (320, 240), (6000, 4000)])
 def test_draft_factor_is_pillows(size):
     """The reduction the GPU path applies is the scale Pillow's draft decode picks on the CPU path."""
@@ -303,6 +304,7 @@ def test_a_batch_mixing_device_and_cpu_crops_encodes_as_one(tmp_path, tiny_model
     assert (enc.encode_crops(stacked) * from_cpu).sum(axis=1).min() > 0.999
 
 
+@pytest.mark.slow
 def test_reads_stay_bounded_while_the_encoder_is_slow(tmp_path):
     files = [found(tmp_path, f"p{i:03d}.jpg", jpeg(photo(48, 40, seed=i))) for i in range(120)]
     opts = dict(batch_images=2, queue_batches=1, threads=2, decoder="pillow")
@@ -374,6 +376,7 @@ def test_index_through_the_gpu_stage_matches_the_cpu_path(tmp_path, tiny_model, 
             assert rg[6] is not None
 
 
+@pytest.mark.slow
 def test_parity_on_real_photos(tmp_path, tiny_model, capsys, cpu_decoder):
     """scikit-image's photographs at camera and web size: the GPU path's embeddings against the exact CPU
     path's with the tiny model (the real model's figure is measured on the GPU: benchmarks/bench_index.py)."""

@@ -33,6 +33,7 @@ def vector_rows(ix) -> int:
     return json.loads(row[0]) if row else 0
 
 
+@pytest.mark.slow
 def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     paths = make_images(root, 8)
@@ -311,6 +312,7 @@ def test_fill_steps_leave_alone_the_files_deleted_since_the_last_run(indexed_ima
     assert bars["reading text"].total == 3
 
 
+@pytest.mark.slow
 def test_fill_steps_skip_a_file_replaced_since_the_scan(indexed_images, tiny_model, monkeypatch):
     """The phash, OCR and photo-field fills re-read files indexed before: one replaced between the scan and
     the fill had the other picture's hash, text and camera stored under the old row. It is left unfilled

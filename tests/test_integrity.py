@@ -37,6 +37,7 @@ def top_paths(ix, text="red", k=5, **kw):
 # -- 1. re-encoding is a new generation, never a wipe ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reindex_without_model_keeps_the_recorded_model(indexed_images):
     root, ix = indexed_images(5)
     fingerprint = meta(ix, "model")["fingerprint"]
@@ -87,6 +88,7 @@ def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(in
     assert run("verify", "--index", ix).exit_code == 0
 
 
+@pytest.mark.slow
 def test_reindex_is_not_mixed_with_an_ordinary_run(indexed_images, tiny_model, other_model, monkeypatch):
     """An `index` run (new files) between a failed re-encode and its resumption encodes the new files
     with the index's current model; the resumed re-encode then covers them too."""
@@ -506,6 +508,7 @@ def test_twenty_threads_read_through_one_engine(indexed_images):
     assert proc.returncode == 0 and proc.stdout.startswith("0 "), (proc.returncode, proc.stdout, proc.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(indexed_images, monkeypatch):
     """Issue 24 #22: SQLite's "database or disk is full" and "database is locked" (past the 30 s wait) were
     reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""

@@ -71,6 +71,7 @@ def test_index_ocr_makes_the_words_on_signs_findable(signs, tmp_path, tiny_model
         stop(proc)
 
 
+@pytest.mark.slow
 @needs_ocr
 def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, tiny_model):
     ix = tmp_path / "ix"
@@ -100,6 +101,7 @@ def test_the_choice_is_remembered_and_text_follows_the_files(signs, tmp_path, ti
     assert s["ocr"]["read"] == 1 and names(query(ix, "okavango", "--mode", "keyword")) == ["poster.png"]
 
 
+@pytest.mark.slow
 @needs_ocr
 def test_an_existing_index_gains_text_without_re_encoding(signs, tmp_path, tiny_model):
     ix = tmp_path / "ix"
@@ -241,6 +243,7 @@ def test_any_text_is_a_valid_keyword_query(tmp_path):
     db.dispose()
 
 
+@pytest.mark.slow
 @needs_ocr
 def test_decode_workers_read_text_and_take_known_text_from_the_initializer(tmp_path):
     """The worker path (more files than a batch): each spawned worker reads text itself, and content whose text

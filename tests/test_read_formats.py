@@ -35,6 +35,7 @@ def _ico_around(png: bytes) -> bytes:
     return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
 
 
+@pytest.mark.slow
 def test_an_ico_is_refused_from_its_header_not_after_decoding_its_picture(tmp_path):
     # measured in a process of its own: Pillow's pixel buffers are not Python allocations
     ico = tmp_path / "big.ico"

@@ -300,6 +300,7 @@ def test_keyword_search_with_a_filter_never_starves_and_honours_k(indexed_images
     assert sorted(r["relpath"] for r in out) == sorted(relpaths[150:])
 
 
+@pytest.mark.slow
 def test_path_glob_matches_either_unicode_normalisation(indexed_images):
     """macOS writes names decomposed (NFD: e + U+0301); a glob typed composed (NFC: U+00E9) or decomposed
     finds both spellings, on the Python API, the CLI (query and export) and HTTP, as keyword search does."""

@@ -547,6 +547,7 @@ def test_pure_helpers():
         resolve_token(ServerConfig(host="0.0.0.0", no_token=True))
 
 
+@pytest.mark.slow
 def test_encoding_queue_is_bounded_and_images_do_not_wait_for_it(prebuilt, tiny_model):
     """Text queries wait in a bounded queue for the one encoder (full: 503 at once, not a hang), while
     thumbnails, images and searches by stored vector are answered meanwhile."""
@@ -627,6 +628,7 @@ def test_uploads_decode_a_few_at_a_time(prebuilt, tiny_model, monkeypatch):
     assert most[0] == 2 == server_module.DECODE_SLOTS, most
 
 
+@pytest.mark.slow
 def test_thumbnails_of_images_between_the_upload_and_index_caps(tmp_path, tiny_model):
     """Issue 24 #23: an indexed 50-200 MP photo answered 404 for its thumbnail (the 50 MP upload cap applied)."""
     from conftest import index_json

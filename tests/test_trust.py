@@ -46,6 +46,7 @@ def _env_without_index() -> dict:
     return {k: v for k, v in os.environ.items() if k != "ALIGNSEARCH_INDEX"}
 
 
+@pytest.mark.slow
 @needs_root
 def test_discovery_ignores_an_ancestor_index_of_another_user(shared):
     chown_tree(shared / ".alignsearch", NOBODY)
@@ -61,6 +62,7 @@ def test_discovery_ignores_an_ancestor_index_of_another_user(shared):
     assert by_env.returncode == 0 and "ignoring" not in by_env.stderr, by_env.stderr
 
 
+@pytest.mark.slow
 def test_discovery_ignores_an_index_others_can_write_and_finds_its_own(shared):
     own = alignsearch("info", "--json", cwd=shared / "work", env=_env_without_index())
     assert own.returncode == 0 and json.loads(own.stdout)["images"] == 5, own.stderr  # this user's: found
@@ -264,6 +266,7 @@ main(sys.argv[1:], prog_name="alignsearch")
 """
 
 
+@pytest.mark.slow
 def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path):
     argv = [sys.executable, "-c", RAISE_EPIPE, "info", "--index", str(tmp_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)

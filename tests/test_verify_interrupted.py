@@ -30,6 +30,7 @@ def finished_and_clean(ix: Path, images: int) -> None:
     assert report["checked"]["index_vectors"] == images and report["checked"]["last_run"] == "finished"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop, code", [(killed_at, -9), (ctrl_c_at, 130)], ids=["kill-9", "ctrl-c"])
 def test_verify_after_a_run_stopped_before_its_ann_index_says_so_and_exits_0(indexed_images, stop, code):
     root, ix = indexed_images(6)
@@ -83,6 +84,7 @@ def test_files_missing_from_the_ann_index_after_a_finished_run_are_still_damage(
     assert report["notes"][1].startswith("3 files committed since the ANN index was built"), report
 
 
+@pytest.mark.slow
 def test_verify_after_a_run_killed_between_its_vectors_and_their_commit_exits_0(indexed_images):
     """The vectors appended (fsync'ed), their rows not committed: the tail is the next run's to cut."""
     root, ix = indexed_images(6)

@@ -150,6 +150,7 @@ def test_network_file_systems_are_polled(tmp_path):
     assert watch.fs_type("/x", watch.mounts(str(tmp_path / "absent"))) == ""
 
 
+@pytest.mark.slow
 def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     """watch_index over a real folder and real watchfiles, with a stand-in for the index job whose second run
     meets a full disk: reported, and the next change makes the next run; an error that fails every run ends it."""
@@ -281,6 +282,7 @@ def test_a_folder_a_full_listing_would_not_reach_is_listed_from_the_nearest_fold
     assert scan.listable(r, "ix/thumbs", True, skip) == ""  # the index's own folder: never listed
 
 
+@pytest.mark.slow
 def test_a_scoped_run_lists_only_its_folders_and_takes_no_file_elsewhere_for_gone(tmp_path, tiny_model, monkeypatch):
     """index_folders(scope=...) as the watch runs it after a change in folder a: b is not listed (neither
     listed nor read from the catalog), so a file added there is not found and one deleted there is not removed
@@ -335,6 +337,7 @@ def test_a_scoped_run_lists_only_its_folders_and_takes_no_file_elsewhere_for_gon
     assert verify_problems(ix) == []
 
 
+@pytest.mark.slow
 def test_a_flood_of_changes_makes_the_next_run_list_every_root(tmp_path):
     """inotify drops what overflows its queue and watchfiles says nothing of it: after full_after changes the
     run lists every root whole (scope None), as the first run does."""

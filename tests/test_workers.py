@@ -258,6 +258,7 @@ def _turn_taken(budget, pixels: int, seconds: float) -> bool:
     return taken
 
 
+@pytest.mark.slow
 def test_images_over_a_workers_pixel_budget_decode_one_at_a_time(tmp_path):
     """Workers decoding panoramas at once each held one's full decode (3 x 100 MP PNGs: 2.6 GB together). Over
     the budget, a decode waits for the pool's turn; within it, never; and a worker killed holding the turn (the

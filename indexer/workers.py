@@ -16,7 +16,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -255,13 +254,20 @@ def handed_over(get: Callable[[], tuple]) -> Generator:
         yield value, waited
 
 
-def _serve_streams(jobs, out) -> None:
-    """In the worker: for each (fn, args) job, fn(*args)'s items put on `out` (which holds back a fast producer),
-    then how it ended; None ends the worker."""
+def _serve_streams(jobs, out, room) -> None:
+    """In the worker: for each (fn, args) job, fn(*args)'s items sent on `out`, each once `room` (a semaphore the
+    consumer releases per message taken) lets it (a fast producer is held back), then how it ended; None ends the
+    worker. Sent from this thread, not a queue's feeder thread: a crash in the decoder never cuts a message short."""
     _start_worker(None, ())
+
+    def put(message: tuple) -> bool:
+        room.acquire()
+        out.send(message)
+        return True
+
     while (job := jobs.get()) is not None:
         fn, args = job
-        hand_over(fn(*args), lambda message: out.put(message) or True)
+        hand_over(fn(*args), put)
 
 
 class StreamWorker:
@@ -270,29 +276,33 @@ class StreamWorker:
     started at the first (its start and imports cost once a run, not once an item); one that died or was left
     mid-stream is replaced by a fresh one at the next. close() (a `with` block's end) ends it."""
 
-    def __init__(self, maxsize: int, poll: float = 0.5):
-        self.maxsize, self.poll = max(1, maxsize), poll
-        self.process = self.jobs = self.out = None
+    def __init__(self, maxsize: int):
+        self.maxsize = max(1, maxsize)
+        self.process = self.jobs = self.out = self.room = None
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.jobs, self.out = ctx.SimpleQueue(), ctx.Queue(self.maxsize)
-        self.process = ctx.Process(target=_serve_streams, args=(self.jobs, self.out), name="stream-worker",
+        self.jobs, self.room = ctx.SimpleQueue(), ctx.Semaphore(self.maxsize)
+        self.out, writer = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_serve_streams, args=(self.jobs, writer, self.room), name="stream-worker",
                                    daemon=True)
-        with sigint_held():
-            self.process.start()
+        try:
+            with sigint_held():
+                self.process.start()
+        finally:
+            # The write end is the worker's alone: its death is an end of file here, even part way through a
+            # message. With a copy held here (a multiprocessing.Queue's), a reader given half a moment (a crop over
+            # the pipe's 64 KB) waited for the rest for ever.
+            writer.close()
 
     def _get(self) -> tuple:
-        while True:
-            try:
-                return self.out.get(timeout=self.poll)
-            except queue.Empty:
-                if self.process.is_alive():
-                    continue
-            try:  # what it put before it ended is still in the pipe
-                return self.out.get(timeout=self.poll)
-            except queue.Empty:
-                raise WorkerDied(f"the worker ended with exit code {self.process.exitcode}") from None
+        try:
+            message = self.out.recv()
+        except (EOFError, OSError):  # it ended, part way through a message too (what it sent before is read first)
+            self.process.join(5)
+            raise WorkerDied(f"the worker ended with exit code {self.process.exitcode}") from None
+        self.room.release()
+        return message
 
     def stream(self, fn: Callable, args: tuple) -> Generator:
         """fn(*args), a generator, run in the worker: yields (item, seconds waited) and returns its return value;
@@ -324,9 +334,8 @@ class StreamWorker:
         self.process.terminate()
         self.process.join(5)
         self.out.close()
-        self.out.cancel_join_thread()
         self.jobs.close()
-        self.process = self.jobs = self.out = None
+        self.process = self.jobs = self.out = self.room = None
 
     def __enter__(self) -> StreamWorker:
         return self

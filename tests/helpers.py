@@ -918,3 +918,13 @@ def ctrl_c_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
     """`alignsearch ARGS` in a child that sends itself SIGINT (a Ctrl-C) when the run reaches `where`."""
     return subprocess.run([sys.executable, "-c", CTRL_C_AT, where, when, *map(str, args)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+# -- a video decode worker that dies while it hands a moment over (tests/test_video_workers.py) ----------------------
+
+
+def big_moments_then_wait(size: int):
+    """For StreamWorker tests: a decoder that hands over moments of `size` bytes (far over a pipe's 64 KB, as
+    align-base's 289 px crops are) and never ends, so a test can kill its worker while it hands one over."""
+    while True:
+        yield np.ones(size, np.uint8)

@@ -7,6 +7,9 @@ as failed with the reason a photo that kills its worker gets; --workers 0 still 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,32 @@ def test_workers_0_decodes_videos_in_the_index_process(tmp_path, tiny_model):
     assert (s["added"], s["failed"]) == (1, 0) and s["times"]["extra"]["moments"] == 2, s
     pids = video_decode_pids(noted)
     assert pids["good.mp4"] == pids["-"], pids
+
+
+STREAM_KILLED_MID_MOMENT = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer.workers import StreamWorker, WorkerDied
+with StreamWorker(4) as worker:
+    stream = worker.stream(helpers.big_moments_then_wait, (8 << 20,))
+    next(stream)
+    time.sleep(1)  # encoding that moment: the worker is part way through handing over the next ones
+    os.kill(worker.process.pid, signal.SIGKILL)  # a crash in its codec, the OOM killer
+    try:
+        for _ in stream:
+            pass
+    except WorkerDied as exc:
+        print("died:", exc)
+"""
+
+
+def test_a_video_worker_killed_while_it_hands_a_moment_over_is_noticed_not_waited_for(tmp_path):
+    """A moment larger than a pipe holds (every one of align-base's crops, 250 KB) is written a part at a time,
+    while the index process encodes the ones before. A worker that died then left half a moment in the pipe: the
+    index process read it and waited for the rest for ever (its own copy of the pipe's write end kept it open),
+    holding the writer lock."""
+    proc = subprocess.run([sys.executable, "-c", STREAM_KILLED_MID_MOMENT, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "died: the worker ended with exit code -9", (proc.stdout, proc.stderr[-2000:])

@@ -211,6 +211,8 @@ def index_folders(
                     ocr=use_ocr, gpu_decode=gpu_decode, encoders=encoders, scope=scope, links=links)
                 summary = _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
                 summary.compacted = _compact(db, out, compact)
+                with db.begin() as conn:  # only now: a compaction or re-encode stopped part way is the run's too
+                    state.write(conn, index_run=None)
                 return summary
             finally:
                 db.dispose()
@@ -258,6 +260,7 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
     encoder = reindex.load_new_model(recorded.record, opts.model, opts.encoder)  # before anything is written
+    _run_begins(db)
     with db.connect() as conn:
         store = vectors.load(conn, out, recorded.dim)
     store.truncate_uncommitted()
@@ -340,8 +343,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         columns = dict(state.read(conn).roots.list_columns)
         store = vectors.load(conn, out, encoder.dim)
     _check_store(db, store, out)
-    with db.begin() as conn:  # removed when the run ends: `info` tells an interrupted run from a finished one
-        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=os.getpid()))
+    _run_begins(db)
     with db.connect() as conn:
         known_roots = list(state.read(conn).roots.roots)
     all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
@@ -481,11 +483,19 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         summary.tags = _tag(db, store, encoder, tagging)
     summary.times = times.to_dict()
     encoder.prepare_text()  # with ONNX: the first `alignsearch query` then runs without loading torch
-    with db.begin() as conn:
-        if times.items - times.reused - times.failed > 0:
+    if times.items - times.reused - times.failed > 0:
+        with db.begin() as conn:
             state.write(conn, encoder=summary.encoder)  # what `info` reports
-        state.write(conn, index_run=None)
     return summary
+
+
+def _run_begins(db) -> None:
+    """Record that an index run is under way, until index_folders ends it after its compaction: `info` tells an
+    interrupted run from a finished one, and `verify` notes what one stopped part way left (uncommitted vector
+    bytes, unknown segments) instead of calling it damage. Recorded once the model has loaded, so a model that
+    cannot be loaded leaves none."""
+    with db.begin() as conn:
+        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=os.getpid()))
 
 
 def _gpu_decode(opts: IndexOptions, encoder: Encoder) -> str | None:

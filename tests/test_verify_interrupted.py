@@ -94,3 +94,26 @@ def test_verify_after_a_run_killed_between_its_vectors_and_their_commit_exits_0(
     assert report["ok"] and report["checked"]["last_run"] == "interrupted", report
     assert any("uncommitted bytes past row 6" in n for n in report["notes"]), report
     finished_and_clean(ix, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, when, option, deleted", [
+    ("indexer.compact:_switch", "after", "--compact", 5),
+    ("alignsearch.storage.vectors:drop_generation", "before", "--reindex", 0),
+], ids=["compaction", "re-encode"])
+def test_verify_after_a_run_killed_in_its_compaction_or_re_encode_exits_0(indexed_images, where, when, option,
+                                                                          deleted):
+    """`index` compacts after its listing and ANN build (when due, or --compact) and re-encodes (--reindex) before
+    them, but a run was recorded as under way only in between: killed after a compaction's or re-encode's switch,
+    before it removed the old generation's files, it was "finished", and verify called what it left (vectors.f16's
+    old rows past its committed row 0) damage, exit 7."""
+    root, ix = indexed_images(12)
+    for photo in sorted(root.iterdir())[:deleted]:  # dead rows to compact
+        photo.unlink()
+    proc = killed_at(where, when, "index", "--index", ix, "--device", "cpu", option)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
+    assert report["ok"] and report["problems"] == [] and report["checked"]["last_run"] == "interrupted", report
+    assert any("uncommitted bytes past row 0" in note for note in report["notes"]), report
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
+    finished_and_clean(ix, 12 - deleted)

@@ -262,7 +262,10 @@ def _serve_streams(jobs, out, room) -> None:
 
     def put(message: tuple) -> bool:
         room.acquire()
-        out.send(message)
+        try:
+            out.send(message)
+        except OSError:  # the consumer is gone, killed -9 too (a broken pipe): exit_with_parent ends this process
+            return False
         return True
 
     while (job := jobs.get()) is not None:

@@ -71,7 +71,8 @@ with StreamWorker(4) as worker:
 """
 
 
-def test_a_video_worker_killed_while_it_hands_a_moment_over_is_noticed_not_waited_for(tmp_path):
+@pytest.mark.slow
+def test_a_video_worker_killed_while_it_hands_a_moment_over_is_noticed_not_waited_for():
     """A moment larger than a pipe holds (every one of align-base's crops, 250 KB) is written a part at a time,
     while the index process encodes the ones before. A worker that died then left half a moment in the pipe: the
     index process read it and waited for the rest for ever (its own copy of the pipe's write end kept it open),

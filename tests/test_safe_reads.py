@@ -303,6 +303,17 @@ def _shared(tmp_path: Path) -> tuple[Path, Path]:
     return shared, secret
 
 
+@pytest.fixture(params=["o_path", "no_o_path"])
+def link_walk(request, monkeypatch):
+    """Links judged as on Linux (each on an O_PATH descriptor of the very inode followed) and as where the system
+    has no O_PATH (macOS, the BSDs: the link's lstat, compared by inode after its target is read), played here by
+    taking O_PATH away from safeopen."""
+    if request.param == "no_o_path":
+        monkeypatch.setattr(safeopen, "_PATH", 0)
+        monkeypatch.setattr(safeopen, "_DIR", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return request.param
+
+
 def _plant(link: Path, target) -> Path:
     link.symlink_to(target)
     os.lchown(link, ATTACKER, ATTACKER)
@@ -310,7 +321,7 @@ def _plant(link: Path, target) -> Path:
 
 
 @needs_root
-def test_a_chain_of_links_is_judged_link_by_link(tmp_path):
+def test_a_chain_of_links_is_judged_link_by_link(tmp_path, link_walk):
     """The user's own library link ~/lib/a.txt -> /shared/a.txt, and another user replaced /shared/a.txt with a
     link to the user's credentials: only the first link was judged (the user's own), the second followed."""
     shared, secret = _shared(tmp_path)
@@ -338,7 +349,7 @@ def test_a_chain_of_links_is_judged_link_by_link(tmp_path):
 
 
 @needs_root
-def test_a_link_is_refused_only_where_another_user_could_have_planted_it(tmp_path):
+def test_a_link_is_refused_only_where_another_user_could_have_planted_it(tmp_path, link_walk):
     """A link another user made is refused in a folder others may write, and followed in one only its owner
     writes (a drive from another machine, a folder root made): no one else could have put it there."""
     shared, secret = _shared(tmp_path)
@@ -355,7 +366,7 @@ def test_a_link_is_refused_only_where_another_user_could_have_planted_it(tmp_pat
 
 
 @needs_root
-def test_a_link_in_a_folder_another_user_made_in_a_shared_one_is_refused(tmp_path):
+def test_a_link_in_a_folder_another_user_made_in_a_shared_one_is_refused(tmp_path, link_walk):
     """Where the share lets another user write, they can make a folder of their own in it, and a link there is
     one its folder's owner made: followed by the folder-owner rule alone. A folder is judged as a link is, from /
     down, the root the user chose included."""
@@ -375,7 +386,7 @@ def test_a_link_in_a_folder_another_user_made_in_a_shared_one_is_refused(tmp_pat
 
 
 @needs_root
-def test_a_planted_link_swapped_in_while_a_file_is_opened_is_never_followed(tmp_path):
+def test_a_planted_link_swapped_in_while_a_file_is_opened_is_never_followed(tmp_path, link_walk):
     """The owner was judged on one lookup of the name and the file opened on another: another user exchanging a
     regular file and a planted link under one name (renameat2 RENAME_EXCHANGE in a loop) got the user's
     credentials read for them in a few percent of opens."""

@@ -232,6 +232,10 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Deleted rows' bytes are zeroed, not left in free pages: text that must leave the index (a caption a
+            # planted link brought in, a forgotten folder's captions and OCR text) leaves the file too. Debian's
+            # SQLite turns this on at build time; Python's own builds and macOS's do not.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
     try:

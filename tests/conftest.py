@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -10,6 +11,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/encoders/backend.py)
 os.environ.setdefault("ALIGNSEARCH_CACHE", tempfile.mkdtemp(prefix="alignsearch-cache-"))
+# A suite started in the background by a non-interactive shell (`.ci/run &`, nohup, some CI runners) inherits
+# SIGINT ignored, and so would every command a test starts: Python then installs no KeyboardInterrupt handler and
+# every test that presses Ctrl-C on a child failed. An ignored SIGINT is the caller's
+# choice that alignsearch honours; the tests need the terminal's default, so they put it back for their children
+# (a handler is reset to the default across exec, SIG_IGN is not).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tiny_align import build_tiny_align
 

@@ -21,7 +21,8 @@ as `index` does, and --watch-interval makes a run that often to list them.
 
 One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The index folder deleted or moved
 away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
-never does (scan.scan_folder): changes reached through one start no run.
+never does (scan.scan_folder): a change reached through one is a change where the link leads, if a root holds
+that (inotify watches a folder once, and names its changes by whichever path it came to it by last), else none.
 
 The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `unnamed_change`, `identity_changed`,
 `looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
@@ -113,7 +114,7 @@ def owner(path: str, roots: list[str]) -> str | None:
 
 
 def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None,
-            known_folder: bool = False, linked: bool = False) -> bool:
+            known_folder: bool = False) -> bool:
     """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
 
     is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
@@ -121,16 +122,14 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away, or "#2024", named like a temporary file). linked: the path is reached through a link to a folder,
-    which a run never follows (scan.scan_folder) although the watcher does; a link made or removed is itself a
-    change of its folder (one put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
-    temporary file (a folder is none, whatever its name)."""
+    moved away, or "#2024", named like a temporary file). A link made or removed is a change of its folder (one put
+    in the place of a folder takes that folder's files away); a path through a link to a folder is first made the
+    one it leads to (`touched`). Never the index's own folder (skip), nor a temporary file (a folder is none,
+    whatever its name)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
         return True
-    if linked:
-        return False
     rel = os.path.relpath(path, root)
     name = os.path.basename(path)
     if not include_hidden and any(part.startswith(".") for part in rel.split(os.sep)):
@@ -154,23 +153,35 @@ def listing_folder(path: str, root: str) -> str:
     return "" if path == root else os.path.dirname(os.path.relpath(path, root))
 
 
+def real_location(path: str) -> str:
+    """`path` with no link to a folder on the way (its folder resolved; the path itself, a file or a link, kept)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None],
             known_folder: Callable[[str, str], bool] = lambda root, path: False,
-            linked: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, list[str]]:
+            linked: Callable[[str, str], bool] = lambda root, path: False,
+            unlinked: Callable[[str], str] = real_location) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
     include_hidden}. known_folder(root, path) is asked only of gone paths that would not be a file the indexer
-    reads; linked(root, path) of every path below a root."""
+    reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
+    link to a folder: the path without links (`real_location`). A run never follows such a link, so the change is
+    one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
+    changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots
+    (other/fav -> photos/2024) had its changes named through the link only, and they started no run."""
     out: dict[str, list[str]] = {}
     for change, path in changes:
         root = owner(path, list(roots))
+        if root is not None and path != root and linked(root, path):
+            path = unlinked(path)
+            root = owner(path, list(roots))  # none: a folder outside the roots, which no run lists
         if root is None:
             continue
         kind = is_dir(path)
         odd_gone = kind is None and path != root and not scan._wanted(
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
-                   known_folder=odd_gone and known_folder(root, path),
-                   linked=path != root and linked(root, path)):
+                   known_folder=odd_gone and known_folder(root, path)):
             out.setdefault(root, []).append(listing_folder(path, root))
     return out
 

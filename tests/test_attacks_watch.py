@@ -222,3 +222,42 @@ def test_a_caption_through_a_link_is_read_again_by_a_scoped_run_as_by_a_full_one
     done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
     assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+
+
+def watched(roots: list[str], change) -> set:
+    """The changes the watch's own watcher (real watchfiles, notifications) reports for what `change()` does."""
+    watcher = watch._Watcher(roots, watch.WatchOptions(settle_ms=300, max_batch_ms=3_000), None)
+    try:
+        change()
+        seen: set = set()
+        end = time.monotonic() + 20
+        while not seen and time.monotonic() < end:
+            time.sleep(0.5)
+            while not watcher.batches.empty():
+                seen |= watcher.batches.get()
+        return seen
+    finally:
+        watcher.close()
+
+
+@pytest.mark.slow
+def test_a_change_named_through_a_link_from_another_root_is_one_of_the_folder_it_leads_to(tmp_path, tiny_model):
+    """inotify watches a folder once, whatever the paths leading to it, and watchfiles names its changes by the
+    path it came to it by last: with a link in root `other` to root photos' folder 2024, watched after photos,
+    a photo added to 2024 was reported as other/fav/new.jpg, a change through a link, and started no run. It is
+    a change of the folder the link leads to."""
+    root, other, ix = tmp_path / "photos", tmp_path / "other", tmp_path / "ix"
+    make_images(root / "2024", 2, seed=78)
+    make_images(other, 1, seed=79)
+    (other / "fav").symlink_to(root / "2024", target_is_directory=True)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root, other], **job).added == 3
+    roots = [str(root.resolve()), str(other.resolve())]
+    staged = make_images(tmp_path / "staging", 1, seed=80)[0]
+    changes = watched(roots, lambda: shutil.copy(staged, root / "2024" / "new.jpg"))
+    assert changes == {(watch.ADDED, f"{roots[1]}/fav/new.jpg")}  # the name inotify gives it
+    pending = watch.touched(changes, {r: False for r in roots}, str(ix.resolve()), watch.path_kind,
+                            linked=watch.through_link)
+    assert pending == {roots[0]: ["2024"]}
+    assert index_folders([], **job, scope=watch.run_scope(pending, roots)).added == 1
+    nothing_left(job)

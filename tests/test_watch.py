@@ -50,12 +50,15 @@ def test_images_and_folders_matter_other_files_do_not():
     assert matters(DELETED, "/photos", is_dir=None)  # the root itself went
 
 
-def test_a_gone_dotted_folder_the_catalog_knows_matters_and_changes_through_a_folder_link_do_not():
+def test_a_gone_dotted_folder_the_catalog_knows_matters_and_changes_through_a_folder_link_are_where_it_leads():
     assert not matters(DELETED, "/photos/2024.trip", is_dir=None)  # a gone file that is no image
     assert watch.matters(DELETED, "/photos/2024.trip", ROOT, include_hidden=False, skip=SKIP, is_dir=None,
                          known_folder=True)  # the catalog holds files under it: a folder moved away
-    assert not watch.matters(ADDED, "/photos/link/a.jpg", ROOT, include_hidden=False, skip=SKIP, is_dir=False,
-                             linked=True)
+    # through a link to a folder: the change of the folder it leads to, if a root holds it (none here)
+    real = {"/photos/link/a.jpg": "/elsewhere/a.jpg", "/photos/fav/b.jpg": "/photos2/2024/b.jpg"}
+    assert watch.touched({(ADDED, "/photos/link/a.jpg"), (ADDED, "/photos/fav/b.jpg")}, {ROOT: False, "/photos2": False},
+                         SKIP, lambda p: False, linked=lambda root, p: p in real, unlinked=real.get) == \
+        {"/photos2": ["2024"]}
     calls = []
 
     def known(root, path):

@@ -124,8 +124,8 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
     moved away, or "#2024", named like a temporary file). A link made or removed is a change of its folder (one put
     in the place of a folder takes that folder's files away); a path through a link to a folder is first made the
-    one it leads to (`touched`). Never the index's own folder (skip), nor a temporary file (a folder is none,
-    whatever its name)."""
+    one it leads to (`touched`). Never the index's own folder (skip), nor a temporary file: a name no listing
+    reads (a folder is none, whatever its name, nor is a photo named `#1.jpg`)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
@@ -138,11 +138,9 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
         return change != MODIFIED
     if is_dir is None and known_folder:
         return True
-    if _temporary(name):
-        return False
-    if is_dir is None and not os.path.splitext(name)[1]:
+    if scan._wanted(rel.replace(os.sep, "/"), include_hidden):  # a listing reads `#1.jpg` whatever its name
         return True
-    return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
+    return not _temporary(name) and is_dir is None and not os.path.splitext(name)[1]
 
 
 def listing_folder(path: str, root: str) -> str:

@@ -261,3 +261,17 @@ def test_a_change_named_through_a_link_from_another_root_is_one_of_the_folder_it
     assert pending == {roots[0]: ["2024"]}
     assert index_folders([], **job, scope=watch.run_scope(pending, roots)).added == 1
     nothing_left(job)
+
+
+def test_a_photo_named_like_a_temporary_file_is_indexed_and_removed_as_a_full_listing_does(tmp_path, tiny_model):
+    """`#1.jpg` is a photo to a full listing (scan._wanted reads any image by its extension, whatever its name), but
+    the watch took it for an editor's temporary file (a # prefix) and started no run: added, it waited for another
+    change of its folder. Only names no listing reads are temporary files."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 81)})
+    staged = make_images(tmp_path / "staging", 1, seed=82)[0]
+    shutil.copy(staged, root / "a" / "#1.jpg")
+    assert scoped_run(job, [r], [(watch.ADDED, f"{r}/a/#1.jpg")]).added == 1
+    nothing_left(job)
+    (root / "a" / "#1.jpg").unlink()
+    assert scoped_run(job, [r], [(DELETED, f"{r}/a/#1.jpg")]).removed == 1
+    nothing_left(job)

@@ -89,8 +89,11 @@ def test_hidden_temporary_and_the_index_own_files_do_not_matter():
     assert matters(ADDED, "/photos/.cache/a.jpg", include_hidden=True)
     assert not matters(ADDED, "/photos/.alignsearch/catalog.db", include_hidden=True)
     assert not matters(ADDED, "/photos/.alignsearch/thumbs/1.jpg", include_hidden=True)
-    for name in ("a.jpg.part", "a.jpg.crdownload", "~$a.jpg", ".a.jpg.swp", "a.jpg~", "a.jpg.tmp", ".#a.jpg"):
+    for name in ("a.jpg.part", "a.jpg.crdownload", "~$a.docx", ".a.jpg.swp", "a.jpg~", "a.jpg.tmp", ".#a.txt", "#a.jpg#"):
         assert not matters(ADDED, f"/photos/{name}", include_hidden=True), name
+        assert not matters(DELETED, f"/photos/{name}", include_hidden=True, is_dir=None), name
+    for name in ("#1.jpg", "~$a.jpg", ".#a.jpg"):  # named like temporary files, but photos to a listing
+        assert matters(ADDED, f"/photos/{name}", include_hidden=True), name
     assert matters(ADDED, "/photos/a.jpg", include_hidden=True)  # the download, renamed when done
 
 

@@ -122,7 +122,7 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away, or "#2024", named like a temporary file). A link made or removed is a change of its folder (one put
+    moved away, or "#2024", named like a temporary file; a file now, made in the place of a moved folder). A link made or removed is a change of its folder (one put
     in the place of a folder takes that folder's files away); a path through a link to a folder is first made the
     one it leads to (`touched`). Never the index's own folder (skip), nor a temporary file: a name no listing
     reads (a folder is none, whatever its name, nor is a photo named `#1.jpg`)."""
@@ -136,7 +136,7 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
         return False
     if is_dir:  # whatever its name: a listing walks `#2024` and `scans.tmp` too
         return change != MODIFIED
-    if is_dir is None and known_folder:
+    if not is_dir and known_folder:  # a folder the catalog holds files under, gone or a file now
         return True
     if scan._wanted(rel.replace(os.sep, "/"), include_hidden):  # a listing reads `#1.jpg` whatever its name
         return True
@@ -161,8 +161,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             linked: Callable[[str, str], bool] = lambda root, path: False,
             unlinked: Callable[[str], str] = real_location) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
-    include_hidden}. known_folder(root, path) is asked only of gone paths that would not be a file the indexer
-    reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
+    include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file
+    the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
     link to a folder: the path without links (`real_location`). A run never follows such a link, so the change is
     one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
     changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots
@@ -176,10 +176,12 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
         if root is None:
             continue
         kind = is_dir(path)
-        odd_gone = kind is None and path != root and not scan._wanted(
+        # a path gone, or made a file (a folder moved away and a file of its name made), that is no file a listing
+        # reads may have been a folder: the catalog tells (a file's own edits, MODIFIED, cost no read)
+        odd = (kind is None or (kind is False and int(change) != MODIFIED)) and path != root and not scan._wanted(
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
-                   known_folder=odd_gone and known_folder(root, path)):
+                   known_folder=odd and known_folder(root, path)):
             out.setdefault(root, []).append(listing_folder(path, root))
     return out
 

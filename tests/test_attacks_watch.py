@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +21,12 @@ from indexer.watch import DELETED, MODIFIED
 
 def scoped_run(job: dict, roots: list[str], changes: list[tuple[int, str]]):
     """The run the watch makes after `changes` (paths under `roots`): its scope from the watch's decisions."""
-    pending = watch.touched(changes, {r: False for r in roots}, str(job["index_dir"]), watch.path_kind,
-                            linked=watch.through_link)
+    look = watch._CatalogLook(Path(job["index_dir"]).resolve())
+    try:
+        pending = watch.touched(changes, {r: False for r in roots}, str(Path(job["index_dir"]).resolve()),
+                                watch.path_kind, look.known_folder, watch.through_link)
+    finally:
+        look.close()
     return index_folders([], **job, scope=watch.run_scope(pending, roots))
 
 
@@ -274,4 +279,15 @@ def test_a_photo_named_like_a_temporary_file_is_indexed_and_removed_as_a_full_li
     nothing_left(job)
     (root / "a" / "#1.jpg").unlink()
     assert scoped_run(job, [r], [(DELETED, f"{r}/a/#1.jpg")]).removed == 1
+    nothing_left(job)
+
+
+def test_a_folder_replaced_by_a_file_of_its_name_loses_its_files(tmp_path, tiny_model):
+    """`trip` moved away and a file `trip` (no photo) made in its place at once: the watch saw a change at a path
+    that is now a file it does not read, and started no run, so trip's photos stayed indexed. A path the catalog
+    holds files under is a folder that was there, whatever is there now."""
+    root, r, job = library(tmp_path, tiny_model, {"trip": (2, 83), "b": (1, 84)})
+    shutil.move(str(root / "trip"), str(tmp_path / "trip"))
+    (root / "trip").write_text("notes")
+    assert scoped_run(job, [r], [(DELETED, f"{r}/trip"), (watch.ADDED, f"{r}/trip")]).removed == 2
     nothing_left(job)

@@ -114,7 +114,7 @@ def owner(path: str, roots: list[str]) -> str | None:
 
 
 def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None,
-            known_folder: bool = False) -> bool:
+            known_folder: bool = False, caption_link: bool = False) -> bool:
     """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
 
     is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
@@ -124,8 +124,10 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
     moved away, or "#2024", named like a temporary file; a file now, made in the place of a moved folder). A link made or removed is a change of its folder (one put
     in the place of a folder takes that folder's files away); a path through a link to a folder is first made the
-    one it leads to (`touched`). Never the index's own folder (skip), nor a temporary file: a name no listing
-    reads (a folder is none, whatever its name, nor is a photo named `#1.jpg`)."""
+    one it leads to (`touched`). caption_link: the path is a .txt that is a link (a photo's sidecar caption, which
+    every listing of its folder reads again: one made or pointed elsewhere changes the photo's caption). Never the
+    index's own folder (skip), nor a temporary file: a name no listing reads (a folder is none, whatever its name,
+    nor is a photo named `#1.jpg`)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
@@ -136,7 +138,7 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
         return False
     if is_dir:  # whatever its name: a listing walks `#2024` and `scans.tmp` too
         return change != MODIFIED
-    if not is_dir and known_folder:  # a folder the catalog holds files under, gone or a file now
+    if known_folder or caption_link:  # a folder the catalog holds files under (gone, or a file now); a caption link
         return True
     if scan._wanted(rel.replace(os.sep, "/"), include_hidden):  # a listing reads `#1.jpg` whatever its name
         return True
@@ -159,14 +161,16 @@ def real_location(path: str) -> str:
 def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None],
             known_folder: Callable[[str, str], bool] = lambda root, path: False,
             linked: Callable[[str, str], bool] = lambda root, path: False,
-            unlinked: Callable[[str], str] = real_location) -> dict[str, list[str]]:
+            unlinked: Callable[[str], str] = real_location,
+            is_link: Callable[[str], bool] = os.path.islink) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
     include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file
     the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
     link to a folder: the path without links (`real_location`). A run never follows such a link, so the change is
     one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
     changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots
-    (other/fav -> photos/2024) had its changes named through the link only, and they started no run."""
+    (other/fav -> photos/2024) had its changes named through the link only, and they started no run. is_link(path)
+    is asked of .txt files (a caption that is a link)."""
     out: dict[str, list[str]] = {}
     for change, path in changes:
         root = owner(path, list(roots))
@@ -181,7 +185,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
         odd = (kind is None or (kind is False and int(change) != MODIFIED)) and path != root and not scan._wanted(
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
-                   known_folder=odd and known_folder(root, path)):
+                   known_folder=odd and known_folder(root, path),
+                   caption_link=kind is False and path.endswith(".txt") and is_link(path)):
             out.setdefault(root, []).append(listing_folder(path, root))
     return out
 

@@ -291,3 +291,24 @@ def test_a_folder_replaced_by_a_file_of_its_name_loses_its_files(tmp_path, tiny_
     (root / "trip").write_text("notes")
     assert scoped_run(job, [r], [(DELETED, f"{r}/trip"), (watch.ADDED, f"{r}/trip")]).removed == 2
     nothing_left(job)
+
+
+def test_a_caption_link_made_or_pointed_elsewhere_is_read_as_a_full_listing_reads_it(tmp_path, tiny_model):
+    """A full listing reads again the caption of every photo whose sidecar photo.txt is a link; the watch took a
+    .txt made or replaced for a file it does not read and started no run, so a caption link made (or pointed at
+    another text) next to an indexed photo was not read until its folder changed otherwise."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 85), "b": (1, 86)})
+    texts = tmp_path / "captions"
+    texts.mkdir()
+    (texts / "one.txt").write_text("a red bicycle")
+    (texts / "two.txt").write_text("a blue whale")
+    caption = root / "a" / f"{next((root / 'a').iterdir()).stem}.txt"
+    caption.symlink_to(texts / "one.txt")
+    done = scoped_run(job, [r], [(watch.ADDED, str(caption))])
+    assert done.times["extra"]["captions_read_again"] == 1, done
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+    caption.unlink()
+    caption.symlink_to(texts / "two.txt")  # ln -sf: the link made anew
+    done = scoped_run(job, [r], [(DELETED, str(caption)), (watch.ADDED, str(caption))])
+    assert done.times["extra"]["captions_read_again"] == 1, done
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0

@@ -179,6 +179,11 @@ def _relative(root: str, shown: str) -> str:
     return "" if shown == root else os.path.relpath(shown, root)
 
 
+def unlisted(root: str, errors: list[dict]) -> set[str]:
+    """The folders (relative, "" the root itself) that the listing errors remembered for `root` name."""
+    return {_relative(root, e["folder"]) for e in errors}
+
+
 def _shown_folder(root: str, folder: str) -> str:
     """A folder of a root (relative) as a listing error names it."""
     return sources.shown_name(*scan.printable(sources.location(root, folder))) if folder else root
@@ -197,9 +202,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             errors: list[scan.ListingError] = []
             hidden = options.get(root, {}).get("include_hidden", False)
             # a folder a run could not list is listed again, as a full run would (a flaky disk, too many open files)
-            unlisted = {_relative(root, e["folder"]) for e in before.get(root, [])}
             folders = _scoped(scope, root, known, hidden, skip,
-                              unlisted | (links.folders.get(root, set()) if links else set()))
+                              unlisted(root, before.get(root, [])) | (links.folders.get(root, set()) if links else set()))
             if folders == ():
                 out.errors_by_root[root] = before.get(root, [])
                 continue

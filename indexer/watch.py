@@ -24,7 +24,7 @@ away ends the watch (a run would start a new, empty index there). watchfiles fol
 never does (scan.scan_folder): a change reached through one is a change where the link leads, if a root holds
 that (inotify watches a folder once, and names its changes by whichever path it came to it by last), else none.
 
-The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `unnamed_change`, `identity_changed`,
+The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_again`, `unnamed_change`, `identity_changed`,
 `looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
 """
 
@@ -114,12 +114,13 @@ def owner(path: str, roots: list[str]) -> str | None:
 
 
 def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None,
-            known_folder: bool = False, caption_link: bool = False) -> bool:
+            known_folder: bool = False, caption_link: bool = False, unlisted: bool = False) -> bool:
     """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
 
     is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
     images (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees
-    those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
+    those for every file made in it) or modes, unless an earlier run could not list it (unlisted: a chmod that
+    makes it readable shows as nothing else, and inotify could not watch inside it). A file counts when the indexer would read it (scan._wanted: an image or
     video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
     extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
     moved away, or "#2024", named like a temporary file; a file now, made in the place of a moved folder). A link made or removed is a change of its folder (one put
@@ -137,7 +138,7 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     if not include_hidden and any(part.startswith(".") for part in rel.split(os.sep)):
         return False
     if is_dir:  # whatever its name: a listing walks `#2024` and `scans.tmp` too
-        return change != MODIFIED
+        return change != MODIFIED or unlisted
     if known_folder or caption_link:  # a folder the catalog holds files under (gone, or a file now); a caption link
         return True
     if scan._wanted(rel.replace(os.sep, "/"), include_hidden):  # a listing reads `#1.jpg` whatever its name
@@ -162,7 +163,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             known_folder: Callable[[str, str], bool] = lambda root, path: False,
             linked: Callable[[str, str], bool] = lambda root, path: False,
             unlinked: Callable[[str], str] = real_location,
-            is_link: Callable[[str], bool] = os.path.islink) -> dict[str, list[str]]:
+            is_link: Callable[[str], bool] = os.path.islink,
+            unlisted: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
     include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file
     the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
@@ -170,7 +172,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
     one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
     changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots
     (other/fav -> photos/2024) had its changes named through the link only, and they started no run. is_link(path)
-    is asked of .txt files (a caption that is a link)."""
+    is asked of .txt files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run
+    could not list?)."""
     out: dict[str, list[str]] = {}
     for change, path in changes:
         root = owner(path, list(roots))
@@ -186,7 +189,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
                    known_folder=odd and known_folder(root, path),
-                   caption_link=kind is False and path.endswith(".txt") and is_link(path)):
+                   caption_link=kind is False and path.endswith(".txt") and is_link(path),
+                   unlisted=kind is True and int(change) == MODIFIED and unlisted(root, path)):
             out.setdefault(root, []).append(listing_folder(path, root))
     return out
 
@@ -197,6 +201,14 @@ def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
     root's photos say, whose changes are seen there, never in the list file: every run lists it)."""
     return Scope(folders={**{r: ("",) for r in roots if not watchable(r) or sources.kind(r) == sources.LIST},
                           **{r: tuple(sorted(set(folders))) for r, folders in pending.items()}})
+
+
+def listed_again(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{root: folders} that a run could not list before a run and could after it ({root: folders} each, relative):
+    inotify cannot watch a folder it cannot read and never comes back to one made readable, so the watcher is
+    started anew, and a run lists them again for what changed before it watched them."""
+    out = {root: sorted(folders - after.get(root, set())) for root, folders in before.items()}
+    return {root: folders for root, folders in out.items() if folders}
 
 
 def unnamed_change(exc: BaseException) -> bool:
@@ -354,6 +366,21 @@ def _read_roots(index_dir: Path) -> dict[str, bool] | None:
     return {r: bool(st.roots.options.get(r, {}).get("include_hidden")) for r in st.roots.roots}
 
 
+def _unlisted(index_dir: Path) -> dict[str, set[str]] | None:
+    """{root: the folders (relative) below each folder root that the last runs could not list}, read-only; None when
+    it cannot be read now. Not the root itself: one gone and back is watched anew by its identity (`_paths`), and
+    listed whole then."""
+    from alignsearch.storage import state
+    from alignsearch.storage.paths import DB_FILE
+    from indexer.roots import unlisted
+
+    st = state.peek(index_dir / DB_FILE, "roots")
+    if st is None:
+        return None
+    return {root: unlisted(root, errors) - {""} for root, errors in st.roots.listing_errors.items()
+            if watchable(root) and sources.kind(root) == sources.FOLDER}
+
+
 class _CatalogLook:
     """Read-only questions to the catalog for one batch of changes: opened at the first, closed after the batch."""
 
@@ -362,6 +389,7 @@ class _CatalogLook:
         self._db = None
         self._conn = None
         self._unread = False  # the catalog could not be read: not asked again in this batch (each try waits)
+        self._unlisted: dict[str, set[str]] | None = None
 
     def known_folder(self, root: str, path: str) -> bool:
         """Whether the catalog holds files under `path` (a folder of `root`); True when it cannot tell now (a run
@@ -386,6 +414,13 @@ class _CatalogLook:
             log.info("catalog not read now: %s", exc)
             self._unread = True
             return True
+
+    def unlisted(self, root: str, path: str) -> bool:
+        """Whether the last runs could not list the folder `path` of `root`; True when that cannot be read now (a
+        run lists such folders anyway, and a folder modified otherwise lists its parent, a cheap mistake)."""
+        if self._unlisted is None:
+            self._unlisted = _unlisted(self.index_dir)
+        return self._unlisted is None or os.path.relpath(path, root) in self._unlisted.get(root, set())
 
     def close(self) -> None:
         if self._conn is not None:
@@ -511,7 +546,8 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             look = _CatalogLook(out)
             try:
                 for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
-                                             path_kind, look.known_folder, through_link).items():
+                                             path_kind, look.known_folder, through_link,
+                                             unlisted=look.unlisted).items():
                     pending.setdefault(root, []).extend(folders)
             finally:
                 look.close()
@@ -526,10 +562,16 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             facts = {"run": w.runs + 1, "changes": sum(map(len, pending.values())), "roots": sorted(pending)}
             scope = None if full else run_scope(pending, list(w.roots))
             log.info("run %d lists %s", facts["run"], "every root" if scope is None else scope.folders)
+            unlisted_before = _unlisted(out) or {}
             summary, error = _run_once(run, {**later, "scope": scope}, opts, say)
             running = False
             w.runs += 1
             pending, due, seen = {}, False, 0
+            unlisted_after = _unlisted(out)
+            again = listed_again(unlisted_before, unlisted_before if unlisted_after is None else unlisted_after)
+            if again:  # watched from now on; the next run lists them for what came before
+                watcher = _restart(w, watcher, opts, say)
+                pending = {root: list(folders) for root, folders in again.items()}
             full = error is not None  # what that run did not finish is found by listing everything
             next_listing = time.monotonic() + (opts.interval_s or 0)
             if error is not None and ends_watch(error, str(out)):

@@ -20,7 +20,8 @@ import pytest
 from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.paths import writer_running
 from conftest import make_images
-from helpers import alignsearch, call, resave_with_other_weights, start_serve, stop, verify_problems, write_labels
+from helpers import _drop_dac_capabilities, alignsearch, call, can_drop_dac, resave_with_other_weights, start_serve, \
+    stop, verify_problems, write_labels
 from indexer import scan, watch
 from indexer.job import EncoderCache, index_folders
 from indexer.roots import outermost
@@ -95,6 +96,23 @@ def test_hidden_temporary_and_the_index_own_files_do_not_matter():
     for name in ("#1.jpg", "~$a.jpg", ".#a.jpg"):  # named like temporary files, but photos to a listing
         assert matters(ADDED, f"/photos/{name}", include_hidden=True), name
     assert matters(ADDED, "/photos/a.jpg", include_hidden=True)  # the download, renamed when done
+
+
+def test_a_folder_an_earlier_run_could_not_list_matters_when_modified_and_is_watched_anew_once_listed():
+    assert not matters(MODIFIED, "/photos/locked", is_dir=True)
+    assert watch.matters(MODIFIED, "/photos/locked", ROOT, include_hidden=False, skip=SKIP, is_dir=True, unlisted=True)
+    asked = []
+
+    def unlisted(root, path):
+        asked.append(path)
+        return path == "/photos/locked"
+
+    changes = {(MODIFIED, "/photos/locked"), (MODIFIED, "/photos/open"), (ADDED, "/photos/made")}
+    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: True, unlisted=unlisted) == {ROOT: ["", ""]}
+    assert sorted(asked) == ["/photos/locked", "/photos/open"]  # only of folders modified
+    assert watch.listed_again({ROOT: {"locked", "flaky"}, "/b": {"x"}}, {ROOT: {"flaky"}, "/b": {"x"}}) == \
+        {ROOT: ["locked"]}
+    assert watch.listed_again({ROOT: {"gone"}}, {}) == {ROOT: ["gone"]}
 
 
 def test_a_batch_is_counted_per_root_the_deepest_root_owning_each_path():
@@ -425,11 +443,13 @@ class Watching:
     """`alignsearch index --watch --json` in a child process; its JSON lines (one per run) and stderr lines, read
     as they come."""
 
-    def __init__(self, ix, *args, launcher=("-m", "alignsearch")):
+    def __init__(self, ix, *args, launcher=("-m", "alignsearch"), unprivileged: bool = False):
         cmd = [sys.executable, *launcher, "index", *map(str, args), "--index", str(ix), "--device", "cpu",
                "--workers", "0", "--watch", "--json"]
+        # unprivileged: without root's power to read whatever the modes say (helpers.alignsearch's)
+        preexec = _drop_dac_capabilities if unprivileged and os.geteuid() == 0 else None
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=preexec)  # noqa: PLW1509 - prctl alone
         self.runs: list[dict] = []
         self.errors: list[str] = []
         self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.runs, json.loads)),
@@ -967,3 +987,29 @@ def test_a_link_to_a_file_follows_its_target_changed_in_another_folder(indexed_i
     shutil.copy(make_images(tmp_path / "staging", 1, seed=36)[0], target)
     assert w.next_run(updated=2)["unchanged"] == 0  # b's photo and a's link; a and b listed, not the root
     assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_folder_that_could_not_be_read_is_indexed_and_watched_once_readable(indexed_images, watching, tmp_path):
+    """A folder the watch cannot read keeps a listing error, and inotify cannot watch it. Made readable (chmod), it
+    shows only as a change of the folder's own attributes, which started no run, so its photos waited for another
+    change; and once listed it was still unwatched, so photos added to it later were never seen. A full `index`
+    finds both. The change of a folder an earlier run could not list starts a run, and a folder listed again is
+    watched anew."""
+    if not can_drop_dac():
+        pytest.skip("cannot start a process without root's permission bypass here")
+    root, ix = indexed_images(4)
+    locked = root / "locked"
+    make_images(locked, 1, seed=37)
+    locked.chmod(0)
+    try:
+        w = watching(ix, unprivileged=True)
+        assert (w.runs[0]["added"], len(w.runs[0]["listing_errors"])) == (0, 1), w.runs[0]
+        locked.chmod(0o755)
+        assert w.next_run(added=1)["listing_errors"] == []
+        shutil.copy(make_images(tmp_path / "staging", 1, seed=38)[0], locked / "new.jpg")
+        w.next_run(added=1)
+        assert str(locked / "new.jpg") in indexed_paths(ix)
+        assert w.stop() == 130
+    finally:
+        locked.chmod(0o755)

@@ -141,6 +141,19 @@ class LinkFolders:
         self.folders[root] = {k for k in self.folders.get(root, ()) if scan._under(k, unlisted)
                               or not scan._under(k, [""] if folders is None else list(folders))} | set(found)
 
+    def caption_targets(self) -> set[str]:
+        """The real paths of the texts that the caption links (photo.txt) in these folders lead to, read now: an
+        edit of one changes a caption each listing of the link's folder reads again."""
+        out = set()
+        for root, folders in self.folders.items():
+            for folder in folders:
+                try:
+                    with os.scandir(os.path.join(root, folder) if folder else root) as it:
+                        out.update(os.path.realpath(e.path) for e in it if e.name.endswith(".txt") and e.is_symlink())
+                except OSError:
+                    continue  # gone or unreadable now: the next run lists it and says so
+        return out
+
 
 def outermost(folders) -> tuple[str, ...]:
     """The folders (relative) that none of the others holds, sorted; "" holds them all."""

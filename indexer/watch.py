@@ -164,7 +164,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             linked: Callable[[str, str], bool] = lambda root, path: False,
             unlinked: Callable[[str], str] = real_location,
             is_link: Callable[[str], bool] = os.path.islink,
-            unlisted: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, list[str]]:
+            unlisted: Callable[[str, str], bool] = lambda root, path: False,
+            caption_target: Callable[[str], bool] = lambda path: False) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
     include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file
     the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
@@ -173,7 +174,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
     changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots
     (other/fav -> photos/2024) had its changes named through the link only, and they started no run. is_link(path)
     is asked of .txt files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run
-    could not list?)."""
+    could not list?), caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run
+    with no folder of its own, as the folders holding such links are listed by every scoped run."""
     out: dict[str, list[str]] = {}
     for change, path in changes:
         root = owner(path, list(roots))
@@ -181,6 +183,9 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             path = unlinked(path)
             root = owner(path, list(roots))  # none: a folder outside the roots, which no run lists
         if root is None:
+            continue
+        if path.endswith(".txt") and not scan.at_or_under(path, skip) and caption_target(path):
+            out.setdefault(root, [])
             continue
         kind = is_dir(path)
         # a path gone, or made a file (a folder moved away and a file of its name made), that is no file a listing
@@ -382,10 +387,13 @@ def _unlisted(index_dir: Path) -> dict[str, set[str]] | None:
 
 
 class _CatalogLook:
-    """Read-only questions to the catalog for one batch of changes: opened at the first, closed after the batch."""
+    """Read-only questions to the catalog (opened at the first, closed after the batch) and to the links known
+    (`links`, the watch's LinkFolders) for one batch of changes."""
 
-    def __init__(self, index_dir: Path):
+    def __init__(self, index_dir: Path, links=None):
         self.index_dir = index_dir
+        self.links = links
+        self._targets: set[str] | None = None
         self._db = None
         self._conn = None
         self._unread = False  # the catalog could not be read: not asked again in this batch (each try waits)
@@ -421,6 +429,14 @@ class _CatalogLook:
         if self._unlisted is None:
             self._unlisted = _unlisted(self.index_dir)
         return self._unlisted is None or os.path.relpath(path, root) in self._unlisted.get(root, set())
+
+    def caption_target(self, path: str) -> bool:
+        """Whether a caption link known to the watch leads to `path` (the links read once a batch)."""
+        if self.links is None:
+            return False
+        if self._targets is None:
+            self._targets = self.links.caption_targets()
+        return os.path.realpath(path) in self._targets
 
     def close(self) -> None:
         if self._conn is not None:
@@ -543,11 +559,11 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                 next_look = time.monotonic() + opts.tick_s
             seen += len(changes)
             full = full or seen >= opts.full_after
-            look = _CatalogLook(out)
+            look = _CatalogLook(out, job["links"])
             try:
                 for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
-                                             path_kind, look.known_folder, through_link,
-                                             unlisted=look.unlisted).items():
+                                             path_kind, look.known_folder, through_link, unlisted=look.unlisted,
+                                             caption_target=look.caption_target).items():
                     pending.setdefault(root, []).extend(folders)
             finally:
                 look.close()

@@ -115,6 +115,15 @@ def test_a_folder_an_earlier_run_could_not_list_matters_when_modified_and_is_wat
     assert watch.listed_again({ROOT: {"gone"}}, {}) == {ROOT: ["gone"]}
 
 
+def test_a_text_a_caption_link_leads_to_makes_a_run_of_no_folder_of_its_own():
+    targets = {"/photos/.captions/beach.txt"}  # hidden: read through the link all the same
+    changes = {(MODIFIED, "/photos/.captions/beach.txt"), (MODIFIED, "/photos/notes.txt")}
+    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: False, caption_target=targets.__contains__) == \
+        {ROOT: []}
+    assert watch.touched({(MODIFIED, "/photos/notes.txt")}, {ROOT: False}, SKIP, lambda p: False,
+                         caption_target=targets.__contains__) == {}
+
+
 def test_a_batch_is_counted_per_root_the_deepest_root_owning_each_path():
     roots = {"/photos": False, "/photos2": True, "/data/list.csv": False}
     kinds = {"/photos2/.x/a.png": False, "/photos/a.jpg": False, "/photos/b.txt": False}
@@ -1013,3 +1022,20 @@ def test_a_folder_that_could_not_be_read_is_indexed_and_watched_once_readable(in
         assert w.stop() == 130
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_a_caption_link_s_target_edited_in_a_root_is_read_again(indexed_images, watching):
+    """A photo's sidecar caption that is a link to a text elsewhere in the root (captions/beach.txt): a full listing
+    reads it again each run, but an edit of the text is a change of a .txt, which the watch does not read, so no run
+    started and the photo kept its old caption. A text that a known caption link leads to starts a run."""
+    root, ix = indexed_images(4)
+    photo = sorted(p for p in root.iterdir() if p.is_file())[0]
+    (root / "captions").mkdir()
+    (root / "captions" / "beach.txt").write_text("a red bicycle")
+    (root / f"{photo.stem}.txt").symlink_to(os.path.join("captions", "beach.txt"))
+    w = watching(ix)
+    assert w.runs[0]["times"]["extra"]["captions_read_again"] == 1
+    (root / "captions" / "beach.txt").write_text("a blue whale")
+    w.until(lambda: any(r["times"]["extra"]["captions_read_again"] == 1 for r in w.runs[1:]), "the caption read again")
+    assert w.stop() == 130

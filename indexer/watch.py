@@ -211,7 +211,8 @@ def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
 def listed_again(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, list[str]]:
     """{root: folders} that a run could not list before a run and could after it ({root: folders} each, relative):
     inotify cannot watch a folder it cannot read and never comes back to one made readable, so the watcher is
-    started anew, and a run lists them again for what changed before it watched them."""
+    started anew, and a run lists every root (as after any restart: watchfiles drops the changes a watcher holds
+    as it stops)."""
     out = {root: sorted(folders - after.get(root, set())) for root, folders in before.items()}
     return {root: folders for root, folders in out.items() if folders}
 
@@ -585,9 +586,9 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             pending, due, seen = {}, False, 0
             unlisted_after = _unlisted(out)
             again = listed_again(unlisted_before, unlisted_before if unlisted_after is None else unlisted_after)
-            if again:  # watched from now on; the next run lists them for what came before
+            if again:  # watched from now on; what came before, and what the old watcher held, found by a whole run
                 watcher = _restart(w, watcher, opts, say)
-                pending = {root: list(folders) for root, folders in again.items()}
+                due = full = True
             full = error is not None  # what that run did not finish is found by listing everything
             next_listing = time.monotonic() + (opts.interval_s or 0)
             if error is not None and ends_watch(error, str(out)):

@@ -134,12 +134,19 @@ class LinkFolders:
     as a full listing would."""
 
     folders: dict[str, set[str]] = field(default_factory=dict)
+    # the links to folders (relative) the listings met: inotify watches a folder once whatever the paths to it, and
+    # watchfiles names it by the last path it came to it by, maybe such a link; the link removed takes that one
+    # watch with it, so `index --watch` starts its watcher anew when one of these changes
+    to_folders: dict[str, set[str]] = field(default_factory=dict)
 
-    def listed(self, root: str, folders: tuple[str, ...] | None, found: list[str], unlisted: list[str]) -> None:
-        """A listing of `root` (under `folders`, None the whole root) found links in the folders `found`; those
-        known under the folders it could not list (`unlisted`) stay."""
-        self.folders[root] = {k for k in self.folders.get(root, ()) if scan._under(k, unlisted)
-                              or not scan._under(k, [""] if folders is None else list(folders))} | set(found)
+    def listed(self, root: str, folders: tuple[str, ...] | None, found: list[str], unlisted: list[str],
+               to_folders: list[str] = ()) -> None:
+        """A listing of `root` (under `folders`, None the whole root) found links to files in the folders `found`,
+        and the links to folders `to_folders`; those known under the folders it could not list (`unlisted`) stay."""
+        listed = [""] if folders is None else list(folders)
+        for known, now in ((self.folders, found), (self.to_folders, to_folders)):
+            known[root] = {k for k in known.get(root, ()) if scan._under(k, unlisted)
+                           or not scan._under(k, listed)} | set(now)
 
     def caption_targets(self) -> set[str]:
         """The real paths of the texts that the caption links (photo.txt) in these folders lead to, read now: an
@@ -222,11 +229,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 continue
             log.info("listing %s%s", root, f" under {', '.join(folders)}" if folders else "")
             linked: list[str] = []
+            to_folders: list[str] = []
             try:
                 if not sources.exists(root):
                     raise FileNotFoundError(f"{root} is missing")
                 found = list(scan.scan(root, hidden, columns.get(root), errors,
-                                       options.get(root, {}).get("caption_column"), skip, folders, linked))
+                                       options.get(root, {}).get("caption_column"), skip, folders, linked, to_folders))
             except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                 reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                 if root not in known:  # a new root is only remembered once it could be listed
@@ -235,7 +243,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
-                links.listed(root, folders, linked, [e.folder for e in errors])
+                links.listed(root, folders, linked, [e.folder for e in errors], to_folders)
             found = _one_per_key(root, found, out.notes)
             rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             d = scan.diff(found, rows, [e.folder for e in errors])

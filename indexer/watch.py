@@ -24,8 +24,8 @@ away ends the watch (a run would start a new, empty index there). watchfiles fol
 never does (scan.scan_folder): a change reached through one is a change where the link leads, if a root holds
 that (inotify watches a folder once, and names its changes by whichever path it came to it by last), else none.
 
-The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_again`, `unnamed_change`, `identity_changed`,
-`looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
+The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_again`, `relinked`, `unnamed_change`,
+`identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
 """
 
 from __future__ import annotations
@@ -215,6 +215,18 @@ def listed_again(before: dict[str, set[str]], after: dict[str, set[str]]) -> dic
     as it stops)."""
     out = {root: sorted(folders - after.get(root, set())) for root, folders in before.items()}
     return {root: folders for root, folders in out.items() if folders}
+
+
+def relinked(changes, links) -> bool:
+    """Whether a change of the batch is at a link to a folder that listings met (links: roots.LinkFolders): made
+    anew, or gone, it may have taken with it the one inotify watch of the folder it led to (see LinkFolders)."""
+    if not any(links.to_folders.values()):
+        return False
+    for _, path in changes:
+        for root, known in links.to_folders.items():
+            if path != root and scan.at_or_under(path, root) and os.path.relpath(path, root) in known:
+                return True
+    return False
 
 
 def unnamed_change(exc: BaseException) -> bool:
@@ -560,6 +572,10 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                 next_look = time.monotonic() + opts.tick_s
             seen += len(changes)
             full = full or seen >= opts.full_after
+            if relinked(changes, job["links"]):  # the folder it led to may have lost its one watch with it
+                log.info("a link to a folder changed: watched anew, every root listed")
+                watcher = _restart(w, watcher, opts, say)
+                due = full = True
             look = _CatalogLook(out, job["links"])
             try:
                 for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),

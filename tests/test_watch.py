@@ -19,7 +19,7 @@ import pytest
 
 from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.paths import writer_running
-from conftest import make_images
+from conftest import index_json, make_images
 from helpers import _drop_dac_capabilities, alignsearch, call, can_drop_dac, resave_with_other_weights, start_serve, \
     stop, verify_problems, write_labels
 from indexer import scan, watch
@@ -122,6 +122,24 @@ def test_a_text_a_caption_link_leads_to_makes_a_run_of_no_folder_of_its_own():
         {ROOT: []}
     assert watch.touched({(MODIFIED, "/photos/notes.txt")}, {ROOT: False}, SKIP, lambda p: False,
                          caption_target=targets.__contains__) == {}
+
+
+def test_a_change_at_a_known_link_to_a_folder_starts_the_watcher_anew(tmp_path):
+    from indexer.roots import LinkFolders
+
+    root = tmp_path / "photos"
+    (root / "2024" / "summer").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / "a" / "fav").symlink_to(root / "2024" / "summer", target_is_directory=True)
+    found: list[str] = []
+    assert list(scan.scan_folder(str(root), folder_links=found)) == [] and found == ["a/fav"]
+    links = LinkFolders()
+    assert not watch.relinked({(DELETED, f"{root}/a/fav")}, links)
+    links.listed(str(root), None, [], [], found)
+    assert watch.relinked({(DELETED, f"{root}/a/fav")}, links)
+    assert not watch.relinked({(DELETED, f"{root}/a/other"), (ADDED, f"{root}/a/fav/x.jpg")}, links)
+    links.listed(str(root), ("a",), [], [], [])  # a listed again, the link gone
+    assert not watch.relinked({(ADDED, f"{root}/a/fav")}, links)
 
 
 def test_a_batch_is_counted_per_root_the_deepest_root_owning_each_path():
@@ -1038,4 +1056,25 @@ def test_a_caption_link_s_target_edited_in_a_root_is_read_again(indexed_images, 
     assert w.runs[0]["times"]["extra"]["captions_read_again"] == 1
     (root / "captions" / "beach.txt").write_text("a blue whale")
     w.until(lambda: any(r["times"]["extra"]["captions_read_again"] == 1 for r in w.runs[1:]), "the caption read again")
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_folder_still_watched_after_a_link_to_it_from_another_root_is_removed(indexed_images, watching, tmp_path):
+    """inotify watches a folder once whatever the paths to it; watchfiles names it by the path it came to it by last,
+    here a link in a root watched after the folder's own, and removing that link removed the folder's one watch:
+    photos added to the folder from then on were never seen (a full `index` finds them). A known link to a folder
+    gone or replaced starts the watcher anew, and a run lists every root."""
+    root, ix = indexed_images(4)
+    make_images(root / "summer", 1, seed=39)
+    other = tmp_path / "other"
+    make_images(other, 1, seed=40)
+    (other / "fav").symlink_to(root / "summer", target_is_directory=True)
+    assert index_json(ix, other, "--device", "cpu")["added"] == 2
+    w = watching(ix)
+    (other / "fav").unlink()
+    w.next_run()
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=41)[0], root / "summer" / "new.jpg")
+    w.next_run(added=1)
+    assert str(root / "summer" / "new.jpg") in indexed_paths(ix)
     assert w.stop() == 130

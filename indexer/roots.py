@@ -222,8 +222,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             errors: list[scan.ListingError] = []
             hidden = options.get(root, {}).get("include_hidden", False)
             # a folder a run could not list is listed again, as a full run would (a flaky disk, too many open files)
-            folders = _scoped(scope, root, known, hidden, skip,
-                              unlisted(root, before.get(root, [])) | (links.folders.get(root, set()) if links else set()))
+            also = unlisted(root, before.get(root, [])) | (links.folders.get(root, set()) if links else set())
+            folders = _scoped(scope, root, known, hidden, skip, also)
             if folders == ():
                 out.errors_by_root[root] = before.get(root, [])
                 continue

@@ -117,18 +117,19 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
             known_folder: bool = False, caption_link: bool = False, unlisted: bool = False) -> bool:
     """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
 
-    is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
-    images (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees
-    those for every file made in it) or modes, unless an earlier run could not list it (unlisted: a chmod that
-    makes it readable shows as nothing else, and inotify could not watch inside it). A file counts when the indexer would read it (scan._wanted: an image or
-    video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
-    extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away, or "#2024", named like a temporary file; a file now, made in the place of a moved folder). A link made or removed is a change of its folder (one put
-    in the place of a folder takes that folder's files away); a path through a link to a folder is first made the
-    one it leads to (`touched`). caption_link: the path is a .txt that is a link (a photo's sidecar caption, which
-    every listing of its folder reads again: one made or pointed elsewhere changes the photo's caption). Never the
-    index's own folder (skip), nor a temporary file: a name no listing reads (a folder is none, whatever its name,
-    nor is a photo named `#1.jpg`)."""
+    is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry images
+    (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees those for
+    every file made in it) or modes, unless an earlier run could not list it (unlisted: a chmod that makes it
+    readable shows as nothing else, and inotify could not watch inside it). A file counts when the indexer would
+    read it (scan._wanted: an image or video by extension, not junk, not hidden unless the root includes hidden
+    files); a gone path with no extension may have been a folder, and so was one the catalog holds files under
+    (known_folder: "2024.trip" moved away, or "#2024", named like a temporary file; a file now, made in the place of
+    a moved folder). A link made or removed is a change of its folder (one put in the place of a folder takes that
+    folder's files away); a path through a link to a folder is first made the one it leads to (`touched`).
+    caption_link: the path is a .txt that is a link (a photo's sidecar caption, which every listing of its folder
+    reads again: one made or pointed elsewhere changes the photo's caption). Never the index's own folder (skip),
+    nor a temporary file: a name no listing reads (a folder is none, whatever its name, nor is a photo named
+    `#1.jpg`)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
@@ -167,15 +168,15 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             unlisted: Callable[[str, str], bool] = lambda root, path: False,
             caption_target: Callable[[str], bool] = lambda path: False) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
-    include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file
-    the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached through a
-    link to a folder: the path without links (`real_location`). A run never follows such a link, so the change is
-    one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
-    changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots
-    (other/fav -> photos/2024) had its changes named through the link only, and they started no run. is_link(path)
-    is asked of .txt files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run
-    could not list?), caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run
-    with no folder of its own, as the folders holding such links are listed by every scoped run."""
+    include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file the
+    indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached
+    through a link to a folder: the path without links (`real_location`). A run never follows such a link, so the change
+    is one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
+    changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots (other/fav ->
+    photos/2024) had its changes named through the link only, and they started no run. is_link(path) is asked of .txt
+    files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run could not list?),
+    caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run with no folder of its
+    own, as the folders holding such links are listed by every scoped run."""
     out: dict[str, list[str]] = {}
     for change, path in changes:
         root = owner(path, list(roots))
@@ -600,12 +601,11 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             running = False
             w.runs += 1
             pending, due, seen = {}, False, 0
-            unlisted_after = _unlisted(out)
-            again = listed_again(unlisted_before, unlisted_before if unlisted_after is None else unlisted_after)
-            if again:  # watched from now on; what came before, and what the old watcher held, found by a whole run
-                watcher = _restart(w, watcher, opts, say)
-                due = full = True
             full = error is not None  # what that run did not finish is found by listing everything
+            unlisted_after = _unlisted(out)
+            if listed_again(unlisted_before, unlisted_before if unlisted_after is None else unlisted_after):
+                watcher = _restart(w, watcher, opts, say)  # watched from now on; what came before, and what the old
+                due = full = True  # watcher held as it closed, found by a run listing every root
             next_listing = time.monotonic() + (opts.interval_s or 0)
             if error is not None and ends_watch(error, str(out)):
                 raise error

@@ -168,16 +168,17 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             unlisted: Callable[[str, str], bool] = lambda root, path: False,
             caption_target: Callable[[str], bool] = lambda path: False) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
-    include_hidden}. known_folder(root, path) is asked only of paths gone, or made files, that would not be a file the
-    indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are reached
-    through a link to a folder: the path without links (`real_location`). A run never follows such a link, so the change
-    is one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names its
-    changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots (other/fav ->
-    photos/2024) had its changes named through the link only, and they started no run. is_link(path) is asked of .txt
+    include_hidden}. known_folder(root, path) is asked only of paths gone, or deleted and now files, that would not be a
+    file the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are
+    reached through a link to a folder: the path without links (`real_location`). A run never follows such a link, so
+    the change is one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names
+    its changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots (other/fav
+    -> photos/2024) had its changes named through the link only, and they started no run. is_link(path) is asked of .txt
     files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run could not list?),
     caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run with no folder of its
     own, as the folders holding such links are listed by every scoped run."""
     out: dict[str, list[str]] = {}
+    gone = {path for change, path in changes if int(change) == DELETED}
     for change, path in changes:
         root = owner(path, list(roots))
         if root is not None and path != root and linked(root, path):
@@ -189,9 +190,9 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             out.setdefault(root, [])
             continue
         kind = is_dir(path)
-        # a path gone, or made a file (a folder moved away and a file of its name made), that is no file a listing
-        # reads may have been a folder: the catalog tells (a file's own edits, MODIFIED, cost no read)
-        odd = (kind is None or (kind is False and int(change) != MODIFIED)) and path != root and not scan._wanted(
+        # a path gone, or deleted and made a file in one batch (a folder moved away and a file of its name made), that
+        # is no file a listing reads may have been a folder: the catalog tells
+        odd = (kind is None or (kind is False and path in gone)) and path != root and not scan._wanted(
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
                    known_folder=odd and known_folder(root, path),
@@ -450,7 +451,7 @@ class _CatalogLook:
             return False
         if self._targets is None:
             self._targets = self.links.caption_targets()
-        return os.path.realpath(path) in self._targets
+        return bool(self._targets) and os.path.realpath(path) in self._targets
 
     def close(self) -> None:
         if self._conn is not None:

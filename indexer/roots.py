@@ -134,12 +134,32 @@ class LinkFolders:
     as a full listing would."""
 
     folders: dict[str, set[str]] = field(default_factory=dict)
+    # the links to folders (relative) the listings met: inotify watches a folder once whatever the paths to it, and
+    # watchfiles names it by the last path it came to it by, maybe such a link; the link removed takes that one
+    # watch with it, so `index --watch` starts its watcher anew when one of these changes
+    to_folders: dict[str, set[str]] = field(default_factory=dict)
 
-    def listed(self, root: str, folders: tuple[str, ...] | None, found: list[str], unlisted: list[str]) -> None:
-        """A listing of `root` (under `folders`, None the whole root) found links in the folders `found`; those
-        known under the folders it could not list (`unlisted`) stay."""
-        self.folders[root] = {k for k in self.folders.get(root, ()) if scan._under(k, unlisted)
-                              or not scan._under(k, [""] if folders is None else list(folders))} | set(found)
+    def listed(self, root: str, folders: tuple[str, ...] | None, found: list[str], unlisted: list[str],
+               to_folders: list[str] = ()) -> None:
+        """A listing of `root` (under `folders`, None the whole root) found links to files in the folders `found`,
+        and the links to folders `to_folders`; those known under the folders it could not list (`unlisted`) stay."""
+        listed = [""] if folders is None else list(folders)
+        for known, now in ((self.folders, found), (self.to_folders, to_folders)):
+            known[root] = {k for k in known.get(root, ()) if scan._under(k, unlisted)
+                           or not scan._under(k, listed)} | set(now)
+
+    def caption_targets(self) -> set[str]:
+        """The real paths of the texts that the caption links (photo.txt) in these folders lead to, read now: an
+        edit of one changes a caption each listing of the link's folder reads again."""
+        out = set()
+        for root, folders in self.folders.items():
+            for folder in folders:
+                try:
+                    with os.scandir(os.path.join(root, folder) if folder else root) as it:
+                        out.update(os.path.realpath(e.path) for e in it if e.name.endswith(".txt") and e.is_symlink())
+                except OSError:
+                    continue  # gone or unreadable now: the next run lists it and says so
+        return out
 
 
 def outermost(folders) -> tuple[str, ...]:
@@ -179,6 +199,11 @@ def _relative(root: str, shown: str) -> str:
     return "" if shown == root else os.path.relpath(shown, root)
 
 
+def unlisted(root: str, errors: list[dict]) -> set[str]:
+    """The folders (relative, "" the root itself) that the listing errors remembered for `root` name."""
+    return {_relative(root, e["folder"]) for e in errors}
+
+
 def _shown_folder(root: str, folder: str) -> str:
     """A folder of a root (relative) as a listing error names it."""
     return sources.shown_name(*scan.printable(sources.location(root, folder))) if folder else root
@@ -197,19 +222,19 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             errors: list[scan.ListingError] = []
             hidden = options.get(root, {}).get("include_hidden", False)
             # a folder a run could not list is listed again, as a full run would (a flaky disk, too many open files)
-            unlisted = {_relative(root, e["folder"]) for e in before.get(root, [])}
-            folders = _scoped(scope, root, known, hidden, skip,
-                              unlisted | (links.folders.get(root, set()) if links else set()))
+            also = unlisted(root, before.get(root, [])) | (links.folders.get(root, set()) if links else set())
+            folders = _scoped(scope, root, known, hidden, skip, also)
             if folders == ():
                 out.errors_by_root[root] = before.get(root, [])
                 continue
             log.info("listing %s%s", root, f" under {', '.join(folders)}" if folders else "")
             linked: list[str] = []
+            to_folders: list[str] = []
             try:
                 if not sources.exists(root):
                     raise FileNotFoundError(f"{root} is missing")
                 found = list(scan.scan(root, hidden, columns.get(root), errors,
-                                       options.get(root, {}).get("caption_column"), skip, folders, linked))
+                                       options.get(root, {}).get("caption_column"), skip, folders, linked, to_folders))
             except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                 reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                 if root not in known:  # a new root is only remembered once it could be listed
@@ -218,7 +243,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
-                links.listed(root, folders, linked, [e.folder for e in errors])
+                links.listed(root, folders, linked, [e.folder for e in errors], to_folders)
             found = _one_per_key(root, found, out.notes)
             rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             d = scan.diff(found, rows, [e.folder for e in errors])

@@ -99,13 +99,13 @@ class ListingError:
 def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
          errors: list[ListingError] | None = None, caption_column: str | None = None,
          skip: str | None = None, folders: tuple[str, ...] | None = None,
-         links: list[str] | None = None) -> Iterator[Found]:
+         links: list[str] | None = None, folder_links: list[str] | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
     folder root, only the images under these (relative, as `listable` gives them); None the whole root. links:
     of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
-    appended."""
+    appended; folder_links: each link to a folder met (relative)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -113,7 +113,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden, errors, skip, folders, links)
+    return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -225,10 +225,11 @@ def listable(root: str, folder: str, include_hidden: bool, skip: str | None) -> 
 
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
                 skip: str | None = None, folders: tuple[str, ...] | None = None,
-                links: list[str] | None = None) -> Iterator[Found]:
+                links: list[str] | None = None, folder_links: list[str] | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
     those under these folders (relative, each one `listable` gives, none under another), in their order. links:
-    each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root).
+    each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root);
+    folder_links: each link to a folder met (relative), which a listing never walks.
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -263,7 +264,10 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             except OSError:
                 is_dir = False
             if is_dir:
-                if not entry.is_symlink() and (include_hidden or not _hidden(entry.name)) and entry.path != skip:
+                if entry.is_symlink():
+                    if folder_links is not None:
+                        folder_links.append(os.path.join(rel, entry.name) if rel else entry.name)
+                elif (include_hidden or not _hidden(entry.name)) and entry.path != skip:
                     subfolders.append(os.path.join(rel, entry.name) if rel else entry.name)
                 continue
             if not _wanted(entry.name, include_hidden):

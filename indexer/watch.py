@@ -21,10 +21,11 @@ as `index` does, and --watch-interval makes a run that often to list them.
 
 One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The index folder deleted or moved
 away ends the watch (a run would start a new, empty index there). watchfiles follows links to folders, which a run
-never does (scan.scan_folder): changes reached through one start no run.
+never does (scan.scan_folder): a change reached through one is a change where the link leads, if a root holds
+that (inotify watches a folder once, and names its changes by whichever path it came to it by last), else none.
 
-The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `unnamed_change`, `identity_changed`,
-`looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
+The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_again`, `relinked`, `unnamed_change`,
+`identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
 """
 
 from __future__ import annotations
@@ -113,37 +114,37 @@ def owner(path: str, roots: list[str]) -> str | None:
 
 
 def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: str, is_dir: bool | None,
-            known_folder: bool = False, linked: bool = False) -> bool:
+            known_folder: bool = False, caption_link: bool = False, unlisted: bool = False) -> bool:
     """Whether a change at `path` (under `root`, or the root itself) may change what a run indexes.
 
-    is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry
-    images (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees
-    those for every file made in it). A file counts when the indexer would read it (scan._wanted: an image or
-    video by extension, not junk, not hidden unless the root includes hidden files); a gone path with no
-    extension may have been a folder, and so was one the catalog holds files under (known_folder: "2024.trip"
-    moved away, or "#2024", named like a temporary file). linked: the path is reached through a link to a folder,
-    which a run never follows (scan.scan_folder) although the watcher does; a link made or removed is itself a
-    change of its folder (one put in the place of a folder takes that folder's files away). Never the index's own folder (skip), nor a
-    temporary file (a folder is none, whatever its name)."""
+    is_dir: whether the path is a folder now (None: it is gone). A folder added, deleted or renamed may carry images
+    (a rename reports the folder alone); a folder "modified" is only its own time stamps (polling sees those for
+    every file made in it) or modes, unless an earlier run could not list it (unlisted: a chmod that makes it
+    readable shows as nothing else, and inotify could not watch inside it). A file counts when the indexer would
+    read it (scan._wanted: an image or video by extension, not junk, not hidden unless the root includes hidden
+    files); a gone path with no extension may have been a folder, and so was one the catalog holds files under
+    (known_folder: "2024.trip" moved away, or "#2024", named like a temporary file; a file now, made in the place of
+    a moved folder). A link made or removed is a change of its folder (one put in the place of a folder takes that
+    folder's files away); a path through a link to a folder is first made the one it leads to (`touched`).
+    caption_link: the path is a .txt that is a link (a photo's sidecar caption, which every listing of its folder
+    reads again: one made or pointed elsewhere changes the photo's caption). Never the index's own folder (skip),
+    nor a temporary file: a name no listing reads (a folder is none, whatever its name, nor is a photo named
+    `#1.jpg`)."""
     if scan.at_or_under(path, skip):
         return False
     if path == root:  # the root itself came or went, or a list or shard file changed
         return True
-    if linked:
-        return False
     rel = os.path.relpath(path, root)
     name = os.path.basename(path)
     if not include_hidden and any(part.startswith(".") for part in rel.split(os.sep)):
         return False
     if is_dir:  # whatever its name: a listing walks `#2024` and `scans.tmp` too
-        return change != MODIFIED
-    if is_dir is None and known_folder:
+        return change != MODIFIED or unlisted
+    if known_folder or caption_link:  # a folder the catalog holds files under (gone, or a file now); a caption link
         return True
-    if _temporary(name):
-        return False
-    if is_dir is None and not os.path.splitext(name)[1]:
+    if scan._wanted(rel.replace(os.sep, "/"), include_hidden):  # a listing reads `#1.jpg` whatever its name
         return True
-    return scan._wanted(rel.replace(os.sep, "/"), include_hidden)
+    return not _temporary(name) and is_dir is None and not os.path.splitext(name)[1]
 
 
 def listing_folder(path: str, root: str) -> str:
@@ -154,23 +155,49 @@ def listing_folder(path: str, root: str) -> str:
     return "" if path == root else os.path.dirname(os.path.relpath(path, root))
 
 
+def real_location(path: str) -> str:
+    """`path` with no link to a folder on the way (its folder resolved; the path itself, a file or a link, kept)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], bool | None],
             known_folder: Callable[[str, str], bool] = lambda root, path: False,
-            linked: Callable[[str, str], bool] = lambda root, path: False) -> dict[str, list[str]]:
+            linked: Callable[[str, str], bool] = lambda root, path: False,
+            unlinked: Callable[[str], str] = real_location,
+            is_link: Callable[[str], bool] = os.path.islink,
+            unlisted: Callable[[str, str], bool] = lambda root, path: False,
+            caption_target: Callable[[str], bool] = lambda path: False) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
-    include_hidden}. known_folder(root, path) is asked only of gone paths that would not be a file the indexer
-    reads; linked(root, path) of every path below a root."""
+    include_hidden}. known_folder(root, path) is asked only of paths gone, or deleted and now files, that would not be a
+    file the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are
+    reached through a link to a folder: the path without links (`real_location`). A run never follows such a link, so
+    the change is one of the folder the link leads to: inotify watches a folder once whatever the paths to it, and names
+    its changes by the path it came to it by last, so a root's own folder linked from elsewhere in the roots (other/fav
+    -> photos/2024) had its changes named through the link only, and they started no run. is_link(path) is asked of .txt
+    files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run could not list?),
+    caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run with no folder of its
+    own, as the folders holding such links are listed by every scoped run."""
     out: dict[str, list[str]] = {}
+    gone = {path for change, path in changes if int(change) == DELETED}
     for change, path in changes:
         root = owner(path, list(roots))
+        if root is not None and path != root and linked(root, path):
+            path = unlinked(path)
+            root = owner(path, list(roots))  # none: a folder outside the roots, which no run lists
         if root is None:
             continue
+        if path.endswith(".txt") and not scan.at_or_under(path, skip) and caption_target(path):
+            out.setdefault(root, [])
+            continue
         kind = is_dir(path)
-        odd_gone = kind is None and path != root and not scan._wanted(
+        # a path gone, or deleted and made a file in one batch (a folder moved away and a file of its name made), that
+        # is no file a listing reads may have been a folder: the catalog tells
+        odd = (kind is None or (kind is False and path in gone)) and path != root and not scan._wanted(
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
-                   known_folder=odd_gone and known_folder(root, path),
-                   linked=path != root and linked(root, path)):
+                   known_folder=odd and known_folder(root, path),
+                   caption_link=kind is False and path.endswith(".txt") and is_link(path),
+                   unlisted=kind is True and int(change) == MODIFIED and unlisted(root, path)):
             out.setdefault(root, []).append(listing_folder(path, root))
     return out
 
@@ -181,6 +208,27 @@ def run_scope(pending: dict[str, list[str]], roots: list[str]) -> Scope:
     root's photos say, whose changes are seen there, never in the list file: every run lists it)."""
     return Scope(folders={**{r: ("",) for r in roots if not watchable(r) or sources.kind(r) == sources.LIST},
                           **{r: tuple(sorted(set(folders))) for r, folders in pending.items()}})
+
+
+def listed_again(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{root: folders} that a run could not list before a run and could after it ({root: folders} each, relative):
+    inotify cannot watch a folder it cannot read and never comes back to one made readable, so the watcher is
+    started anew, and a run lists every root (as after any restart: watchfiles drops the changes a watcher holds
+    as it stops)."""
+    out = {root: sorted(folders - after.get(root, set())) for root, folders in before.items()}
+    return {root: folders for root, folders in out.items() if folders}
+
+
+def relinked(changes, links) -> bool:
+    """Whether a change of the batch is at a link to a folder that listings met (links: roots.LinkFolders): made
+    anew, or gone, it may have taken with it the one inotify watch of the folder it led to (see LinkFolders)."""
+    if not any(links.to_folders.values()):
+        return False
+    for _, path in changes:
+        for root, known in links.to_folders.items():
+            if path != root and scan.at_or_under(path, root) and os.path.relpath(path, root) in known:
+                return True
+    return False
 
 
 def unnamed_change(exc: BaseException) -> bool:
@@ -338,14 +386,33 @@ def _read_roots(index_dir: Path) -> dict[str, bool] | None:
     return {r: bool(st.roots.options.get(r, {}).get("include_hidden")) for r in st.roots.roots}
 
 
-class _CatalogLook:
-    """Read-only questions to the catalog for one batch of changes: opened at the first, closed after the batch."""
+def _unlisted(index_dir: Path) -> dict[str, set[str]] | None:
+    """{root: the folders (relative) below each folder root that the last runs could not list}, read-only; None when
+    it cannot be read now. Not the root itself: one gone and back is watched anew by its identity (`_paths`), and
+    listed whole then."""
+    from alignsearch.storage import state
+    from alignsearch.storage.paths import DB_FILE
+    from indexer.roots import unlisted
 
-    def __init__(self, index_dir: Path):
+    st = state.peek(index_dir / DB_FILE, "roots")
+    if st is None:
+        return None
+    return {root: unlisted(root, errors) - {""} for root, errors in st.roots.listing_errors.items()
+            if watchable(root) and sources.kind(root) == sources.FOLDER}
+
+
+class _CatalogLook:
+    """Read-only questions to the catalog (opened at the first, closed after the batch) and to the links known
+    (`links`, the watch's LinkFolders) for one batch of changes."""
+
+    def __init__(self, index_dir: Path, links=None):
         self.index_dir = index_dir
+        self.links = links
+        self._targets: set[str] | None = None
         self._db = None
         self._conn = None
         self._unread = False  # the catalog could not be read: not asked again in this batch (each try waits)
+        self._unlisted: dict[str, set[str]] | None = None
 
     def known_folder(self, root: str, path: str) -> bool:
         """Whether the catalog holds files under `path` (a folder of `root`); True when it cannot tell now (a run
@@ -370,6 +437,21 @@ class _CatalogLook:
             log.info("catalog not read now: %s", exc)
             self._unread = True
             return True
+
+    def unlisted(self, root: str, path: str) -> bool:
+        """Whether the last runs could not list the folder `path` of `root`; True when that cannot be read now (a
+        run lists such folders anyway, and a folder modified otherwise lists its parent, a cheap mistake)."""
+        if self._unlisted is None:
+            self._unlisted = _unlisted(self.index_dir)
+        return self._unlisted is None or os.path.relpath(path, root) in self._unlisted.get(root, set())
+
+    def caption_target(self, path: str) -> bool:
+        """Whether a caption link known to the watch leads to `path` (the links read once a batch)."""
+        if self.links is None:
+            return False
+        if self._targets is None:
+            self._targets = self.links.caption_targets()
+        return bool(self._targets) and os.path.realpath(path) in self._targets
 
     def close(self) -> None:
         if self._conn is not None:
@@ -492,10 +574,15 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
                 next_look = time.monotonic() + opts.tick_s
             seen += len(changes)
             full = full or seen >= opts.full_after
-            look = _CatalogLook(out)
+            if relinked(changes, job["links"]):  # the folder it led to may have lost its one watch with it
+                log.info("a link to a folder changed: watched anew, every root listed")
+                watcher = _restart(w, watcher, opts, say)
+                due = full = True
+            look = _CatalogLook(out, job["links"])
             try:
                 for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
-                                             path_kind, look.known_folder, through_link).items():
+                                             path_kind, look.known_folder, through_link, unlisted=look.unlisted,
+                                             caption_target=look.caption_target).items():
                     pending.setdefault(root, []).extend(folders)
             finally:
                 look.close()
@@ -510,11 +597,16 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             facts = {"run": w.runs + 1, "changes": sum(map(len, pending.values())), "roots": sorted(pending)}
             scope = None if full else run_scope(pending, list(w.roots))
             log.info("run %d lists %s", facts["run"], "every root" if scope is None else scope.folders)
+            unlisted_before = _unlisted(out) or {}
             summary, error = _run_once(run, {**later, "scope": scope}, opts, say)
             running = False
             w.runs += 1
             pending, due, seen = {}, False, 0
             full = error is not None  # what that run did not finish is found by listing everything
+            unlisted_after = _unlisted(out)
+            if listed_again(unlisted_before, unlisted_before if unlisted_after is None else unlisted_after):
+                watcher = _restart(w, watcher, opts, say)  # watched from now on; what came before, and what the old
+                due = full = True  # watcher held as it closed, found by a run listing every root
             next_listing = time.monotonic() + (opts.interval_s or 0)
             if error is not None and ends_watch(error, str(out)):
                 raise error

@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +21,12 @@ from indexer.watch import DELETED, MODIFIED
 
 def scoped_run(job: dict, roots: list[str], changes: list[tuple[int, str]]):
     """The run the watch makes after `changes` (paths under `roots`): its scope from the watch's decisions."""
-    pending = watch.touched(changes, {r: False for r in roots}, str(job["index_dir"]), watch.path_kind,
-                            linked=watch.through_link)
+    look = watch._CatalogLook(Path(job["index_dir"]).resolve())
+    try:
+        pending = watch.touched(changes, {r: False for r in roots}, str(Path(job["index_dir"]).resolve()),
+                                watch.path_kind, look.known_folder, watch.through_link)
+    finally:
+        look.close()
     return index_folders([], **job, scope=watch.run_scope(pending, roots))
 
 
@@ -221,4 +226,89 @@ def test_a_caption_through_a_link_is_read_again_by_a_scoped_run_as_by_a_full_one
     shutil.copy(make_images(tmp_path / "staging", 1, seed=77)[0], root / "b" / "new.jpg")
     done = scoped_run(job, [r], [(watch.ADDED, f"{r}/b/new.jpg")])
     assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+
+
+def watched(roots: list[str], change) -> set:
+    """The changes the watch's own watcher (real watchfiles, notifications) reports for what `change()` does."""
+    watcher = watch._Watcher(roots, watch.WatchOptions(settle_ms=300, max_batch_ms=3_000), None)
+    try:
+        change()
+        seen: set = set()
+        end = time.monotonic() + 20
+        while not seen and time.monotonic() < end:
+            time.sleep(0.5)
+            while not watcher.batches.empty():
+                seen |= watcher.batches.get()
+        return seen
+    finally:
+        watcher.close()
+
+
+@pytest.mark.slow
+def test_a_change_named_through_a_link_from_another_root_is_one_of_the_folder_it_leads_to(tmp_path, tiny_model):
+    """inotify watches a folder once, whatever the paths leading to it, and watchfiles names its changes by the
+    path it came to it by last: with a link in root `other` to root photos' folder 2024, watched after photos,
+    a photo added to 2024 was reported as other/fav/new.jpg, a change through a link, and started no run. It is
+    a change of the folder the link leads to."""
+    root, other, ix = tmp_path / "photos", tmp_path / "other", tmp_path / "ix"
+    make_images(root / "2024", 2, seed=78)
+    make_images(other, 1, seed=79)
+    (other / "fav").symlink_to(root / "2024", target_is_directory=True)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root, other], **job).added == 3
+    roots = [str(root.resolve()), str(other.resolve())]
+    staged = make_images(tmp_path / "staging", 1, seed=80)[0]
+    changes = watched(roots, lambda: shutil.copy(staged, root / "2024" / "new.jpg"))
+    assert changes == {(watch.ADDED, f"{roots[1]}/fav/new.jpg")}  # the name inotify gives it
+    pending = watch.touched(changes, {r: False for r in roots}, str(ix.resolve()), watch.path_kind,
+                            linked=watch.through_link)
+    assert pending == {roots[0]: ["2024"]}
+    assert index_folders([], **job, scope=watch.run_scope(pending, roots)).added == 1
+    nothing_left(job)
+
+
+def test_a_photo_named_like_a_temporary_file_is_indexed_and_removed_as_a_full_listing_does(tmp_path, tiny_model):
+    """`#1.jpg` is a photo to a full listing (scan._wanted reads any image by its extension, whatever its name), but
+    the watch took it for an editor's temporary file (a # prefix) and started no run: added, it waited for another
+    change of its folder. Only names no listing reads are temporary files."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 81)})
+    staged = make_images(tmp_path / "staging", 1, seed=82)[0]
+    shutil.copy(staged, root / "a" / "#1.jpg")
+    assert scoped_run(job, [r], [(watch.ADDED, f"{r}/a/#1.jpg")]).added == 1
+    nothing_left(job)
+    (root / "a" / "#1.jpg").unlink()
+    assert scoped_run(job, [r], [(DELETED, f"{r}/a/#1.jpg")]).removed == 1
+    nothing_left(job)
+
+
+def test_a_folder_replaced_by_a_file_of_its_name_loses_its_files(tmp_path, tiny_model):
+    """`trip` moved away and a file `trip` (no photo) made in its place at once: the watch saw a change at a path
+    that is now a file it does not read, and started no run, so trip's photos stayed indexed. A path the catalog
+    holds files under is a folder that was there, whatever is there now."""
+    root, r, job = library(tmp_path, tiny_model, {"trip": (2, 83), "b": (1, 84)})
+    shutil.move(str(root / "trip"), str(tmp_path / "trip"))
+    (root / "trip").write_text("notes")
+    assert scoped_run(job, [r], [(DELETED, f"{r}/trip"), (watch.ADDED, f"{r}/trip")]).removed == 2
+    nothing_left(job)
+
+
+def test_a_caption_link_made_or_pointed_elsewhere_is_read_as_a_full_listing_reads_it(tmp_path, tiny_model):
+    """A full listing reads again the caption of every photo whose sidecar photo.txt is a link; the watch took a
+    .txt made or replaced for a file it does not read and started no run, so a caption link made (or pointed at
+    another text) next to an indexed photo was not read until its folder changed otherwise."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 85), "b": (1, 86)})
+    texts = tmp_path / "captions"
+    texts.mkdir()
+    (texts / "one.txt").write_text("a red bicycle")
+    (texts / "two.txt").write_text("a blue whale")
+    caption = root / "a" / f"{next((root / 'a').iterdir()).stem}.txt"
+    caption.symlink_to(texts / "one.txt")
+    done = scoped_run(job, [r], [(watch.ADDED, str(caption))])
+    assert done.times["extra"]["captions_read_again"] == 1, done
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+    caption.unlink()
+    caption.symlink_to(texts / "two.txt")  # ln -sf: the link made anew
+    done = scoped_run(job, [r], [(DELETED, str(caption)), (watch.ADDED, str(caption))])
+    assert done.times["extra"]["captions_read_again"] == 1, done
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 0

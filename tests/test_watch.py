@@ -19,8 +19,9 @@ import pytest
 
 from alignsearch.errors import BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.paths import writer_running
-from conftest import make_images
-from helpers import alignsearch, call, resave_with_other_weights, start_serve, stop, verify_problems, write_labels
+from conftest import index_json, make_images
+from helpers import _drop_dac_capabilities, alignsearch, call, can_drop_dac, resave_with_other_weights, start_serve, \
+    stop, verify_problems, write_labels
 from indexer import scan, watch
 from indexer.job import EncoderCache, index_folders
 from indexer.roots import outermost
@@ -50,12 +51,15 @@ def test_images_and_folders_matter_other_files_do_not():
     assert matters(DELETED, "/photos", is_dir=None)  # the root itself went
 
 
-def test_a_gone_dotted_folder_the_catalog_knows_matters_and_changes_through_a_folder_link_do_not():
+def test_a_gone_dotted_folder_the_catalog_knows_matters_and_changes_through_a_folder_link_are_where_it_leads():
     assert not matters(DELETED, "/photos/2024.trip", is_dir=None)  # a gone file that is no image
     assert watch.matters(DELETED, "/photos/2024.trip", ROOT, include_hidden=False, skip=SKIP, is_dir=None,
                          known_folder=True)  # the catalog holds files under it: a folder moved away
-    assert not watch.matters(ADDED, "/photos/link/a.jpg", ROOT, include_hidden=False, skip=SKIP, is_dir=False,
-                             linked=True)
+    # through a link to a folder: the change of the folder it leads to, if a root holds it (none here)
+    real = {"/photos/link/a.jpg": "/elsewhere/a.jpg", "/photos/fav/b.jpg": "/photos2/2024/b.jpg"}
+    assert watch.touched({(ADDED, "/photos/link/a.jpg"), (ADDED, "/photos/fav/b.jpg")}, {ROOT: False, "/photos2": False},
+                         SKIP, lambda p: False, linked=lambda root, p: p in real, unlinked=real.get) == \
+        {"/photos2": ["2024"]}
     calls = []
 
     def known(root, path):
@@ -86,9 +90,56 @@ def test_hidden_temporary_and_the_index_own_files_do_not_matter():
     assert matters(ADDED, "/photos/.cache/a.jpg", include_hidden=True)
     assert not matters(ADDED, "/photos/.alignsearch/catalog.db", include_hidden=True)
     assert not matters(ADDED, "/photos/.alignsearch/thumbs/1.jpg", include_hidden=True)
-    for name in ("a.jpg.part", "a.jpg.crdownload", "~$a.jpg", ".a.jpg.swp", "a.jpg~", "a.jpg.tmp", ".#a.jpg"):
+    for name in ("a.jpg.part", "a.jpg.crdownload", "~$a.docx", ".a.jpg.swp", "a.jpg~", "a.jpg.tmp", ".#a.txt", "#a.jpg#"):
         assert not matters(ADDED, f"/photos/{name}", include_hidden=True), name
+        assert not matters(DELETED, f"/photos/{name}", include_hidden=True, is_dir=None), name
+    for name in ("#1.jpg", "~$a.jpg", ".#a.jpg"):  # named like temporary files, but photos to a listing
+        assert matters(ADDED, f"/photos/{name}", include_hidden=True), name
     assert matters(ADDED, "/photos/a.jpg", include_hidden=True)  # the download, renamed when done
+
+
+def test_a_folder_an_earlier_run_could_not_list_matters_when_modified_and_is_watched_anew_once_listed():
+    assert not matters(MODIFIED, "/photos/locked", is_dir=True)
+    assert watch.matters(MODIFIED, "/photos/locked", ROOT, include_hidden=False, skip=SKIP, is_dir=True, unlisted=True)
+    asked = []
+
+    def unlisted(root, path):
+        asked.append(path)
+        return path == "/photos/locked"
+
+    changes = {(MODIFIED, "/photos/locked"), (MODIFIED, "/photos/open"), (ADDED, "/photos/made")}
+    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: True, unlisted=unlisted) == {ROOT: ["", ""]}
+    assert sorted(asked) == ["/photos/locked", "/photos/open"]  # only of folders modified
+    assert watch.listed_again({ROOT: {"locked", "flaky"}, "/b": {"x"}}, {ROOT: {"flaky"}, "/b": {"x"}}) == \
+        {ROOT: ["locked"]}
+    assert watch.listed_again({ROOT: {"gone"}}, {}) == {ROOT: ["gone"]}
+
+
+def test_a_text_a_caption_link_leads_to_makes_a_run_of_no_folder_of_its_own():
+    targets = {"/photos/.captions/beach.txt"}  # hidden: read through the link all the same
+    changes = {(MODIFIED, "/photos/.captions/beach.txt"), (MODIFIED, "/photos/notes.txt")}
+    assert watch.touched(changes, {ROOT: False}, SKIP, lambda p: False, caption_target=targets.__contains__) == \
+        {ROOT: []}
+    assert watch.touched({(MODIFIED, "/photos/notes.txt")}, {ROOT: False}, SKIP, lambda p: False,
+                         caption_target=targets.__contains__) == {}
+
+
+def test_a_change_at_a_known_link_to_a_folder_starts_the_watcher_anew(tmp_path):
+    from indexer.roots import LinkFolders
+
+    root = tmp_path / "photos"
+    (root / "2024" / "summer").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / "a" / "fav").symlink_to(root / "2024" / "summer", target_is_directory=True)
+    found: list[str] = []
+    assert list(scan.scan_folder(str(root), folder_links=found)) == [] and found == ["a/fav"]
+    links = LinkFolders()
+    assert not watch.relinked({(DELETED, f"{root}/a/fav")}, links)
+    links.listed(str(root), None, [], [], found)
+    assert watch.relinked({(DELETED, f"{root}/a/fav")}, links)
+    assert not watch.relinked({(DELETED, f"{root}/a/other"), (ADDED, f"{root}/a/fav/x.jpg")}, links)
+    links.listed(str(root), ("a",), [], [], [])  # a listed again, the link gone
+    assert not watch.relinked({(ADDED, f"{root}/a/fav")}, links)
 
 
 def test_a_batch_is_counted_per_root_the_deepest_root_owning_each_path():
@@ -419,11 +470,13 @@ class Watching:
     """`alignsearch index --watch --json` in a child process; its JSON lines (one per run) and stderr lines, read
     as they come."""
 
-    def __init__(self, ix, *args, launcher=("-m", "alignsearch")):
+    def __init__(self, ix, *args, launcher=("-m", "alignsearch"), unprivileged: bool = False):
         cmd = [sys.executable, *launcher, "index", *map(str, args), "--index", str(ix), "--device", "cpu",
                "--workers", "0", "--watch", "--json"]
+        # unprivileged: without root's power to read whatever the modes say (helpers.alignsearch's)
+        preexec = _drop_dac_capabilities if unprivileged and os.geteuid() == 0 else None
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=preexec)  # noqa: PLW1509 - prctl alone
         self.runs: list[dict] = []
         self.errors: list[str] = []
         self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.runs, json.loads)),
@@ -960,4 +1013,68 @@ def test_a_link_to_a_file_follows_its_target_changed_in_another_folder(indexed_i
     assert w.runs[0]["added"] == 2
     shutil.copy(make_images(tmp_path / "staging", 1, seed=36)[0], target)
     assert w.next_run(updated=2)["unchanged"] == 0  # b's photo and a's link; a and b listed, not the root
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_folder_that_could_not_be_read_is_indexed_and_watched_once_readable(indexed_images, watching, tmp_path):
+    """A folder the watch cannot read keeps a listing error, and inotify cannot watch it. Made readable (chmod), it
+    shows only as a change of the folder's own attributes, which started no run, so its photos waited for another
+    change; and once listed it was still unwatched, so photos added to it later were never seen. A full `index`
+    finds both. The change of a folder an earlier run could not list starts a run, and a folder listed again is
+    watched anew."""
+    if not can_drop_dac():
+        pytest.skip("cannot start a process without root's permission bypass here")
+    root, ix = indexed_images(4)
+    locked = root / "locked"
+    make_images(locked, 1, seed=37)
+    locked.chmod(0)
+    try:
+        w = watching(ix, unprivileged=True)
+        assert (w.runs[0]["added"], len(w.runs[0]["listing_errors"])) == (0, 1), w.runs[0]
+        locked.chmod(0o755)
+        assert w.next_run(added=1)["listing_errors"] == []
+        shutil.copy(make_images(tmp_path / "staging", 1, seed=38)[0], locked / "new.jpg")
+        w.next_run(added=1)
+        assert str(locked / "new.jpg") in indexed_paths(ix)
+        assert w.stop() == 130
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_a_caption_link_s_target_edited_in_a_root_is_read_again(indexed_images, watching):
+    """A photo's sidecar caption that is a link to a text elsewhere in the root (captions/beach.txt): a full listing
+    reads it again each run, but an edit of the text is a change of a .txt, which the watch does not read, so no run
+    started and the photo kept its old caption. A text that a known caption link leads to starts a run."""
+    root, ix = indexed_images(4)
+    photo = sorted(p for p in root.iterdir() if p.is_file())[0]
+    (root / "captions").mkdir()
+    (root / "captions" / "beach.txt").write_text("a red bicycle")
+    (root / f"{photo.stem}.txt").symlink_to(os.path.join("captions", "beach.txt"))
+    w = watching(ix)
+    assert w.runs[0]["times"]["extra"]["captions_read_again"] == 1
+    (root / "captions" / "beach.txt").write_text("a blue whale")
+    w.until(lambda: any(r["times"]["extra"]["captions_read_again"] == 1 for r in w.runs[1:]), "the caption read again")
+    assert w.stop() == 130
+
+
+@pytest.mark.slow
+def test_a_folder_still_watched_after_a_link_to_it_from_another_root_is_removed(indexed_images, watching, tmp_path):
+    """inotify watches a folder once whatever the paths to it; watchfiles names it by the path it came to it by last,
+    here a link in a root watched after the folder's own, and removing that link removed the folder's one watch:
+    photos added to the folder from then on were never seen (a full `index` finds them). A known link to a folder
+    gone or replaced starts the watcher anew, and a run lists every root."""
+    root, ix = indexed_images(4)
+    make_images(root / "summer", 1, seed=39)
+    other = tmp_path / "other"
+    make_images(other, 1, seed=40)
+    (other / "fav").symlink_to(root / "summer", target_is_directory=True)
+    assert index_json(ix, other, "--device", "cpu")["added"] == 2
+    w = watching(ix)
+    (other / "fav").unlink()
+    w.next_run()
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=41)[0], root / "summer" / "new.jpg")
+    w.next_run(added=1)
+    assert str(root / "summer" / "new.jpg") in indexed_paths(ix)
     assert w.stop() == 130

@@ -343,7 +343,6 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         columns = dict(state.read(conn).roots.list_columns)
         store = vectors.load(conn, out, encoder.dim)
     _check_store(db, store, out)
-    _run_begins(db)
     with db.connect() as conn:
         known_roots = list(state.read(conn).roots.roots)
     all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
@@ -364,6 +363,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
 
     scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope,
                                      opts.links)
+    # Only now: what came before writes nothing verify could take for damage (place's roots move is one transaction),
+    # and a run refused there (no folder, a new root that cannot be listed) is no interrupted run. A marker an
+    # earlier interrupted run left stays until a run ends.
+    _run_begins(db)
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
     clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos

@@ -4,6 +4,7 @@ tar shards. Each must index the same images as the folder they came from, and re
 import csv
 import importlib.util
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -321,3 +322,21 @@ def test_keys_written_before_they_were_lossless_are_upgraded_in_place(tmp_path, 
     assert set(after) == set(before)
     assert sorted(after.values(), key=str) == sorted([("a\\\\xe9.jpg", b"a\\xe9.jpg"), ("b\\\\\\xe9.jpg", b"b\\\xe9.jpg"),
                                                       (pics[2].name, None)], key=str), after
+
+
+def test_a_refused_run_is_not_taken_for_an_interrupted_one(tmp_path, tiny_model):
+    """A run refused before it writes anything (a new root that cannot be listed, no folder to index) left the
+    index marked as a run under way: `info` then said the last run was interrupted and told the user to run index
+    again, and `verify` took a later real leftover for one of that run."""
+    from conftest import make_images
+
+    ix = tmp_path / "ix"
+    make_images(tmp_path / "photos", 2)
+    run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--device", "cpu")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "cannot index" in run("index", empty, "--index", ix, code=6).output
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "finished"
+    fresh = tmp_path / "fresh"
+    assert "no folder to index" in run("index", "--index", fresh, "--model", tiny_model, code=6).output
+    assert json.loads(run("info", "--index", fresh, "--json").stdout)["last_run"] != "interrupted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -344,29 +345,28 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         store = vectors.load(conn, out, encoder.dim)
     _check_store(db, store, out)
     with db.connect() as conn:
-        known_roots = list(state.read(conn).roots.roots)
-    all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
-    if opts.list_column:
-        columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
-    if not all_roots:
-        raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
-    options = index_roots.options_for(db, list(dict.fromkeys(holders.values())) if roots else all_roots,
-                                      opts.include_hidden)
-    if opts.caption_column:
-        for r in roots:
-            options.setdefault(r, {})["caption_column"] = opts.caption_column
-    if opts.video_interval is not None:
-        for r in (list(dict.fromkeys(holders.values())) if roots else all_roots):
-            options.setdefault(r, {})["video_interval"] = opts.video_interval
-            if opts.video_interval == video.DEFAULT_INTERVAL:  # only what differs from the default is kept
-                options[r].pop("video_interval")
-
-    scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope,
-                                     opts.links)
-    # Only now: what came before writes nothing verify could take for damage (place's roots move is one transaction),
-    # and a run refused there (no folder, a new root that cannot be listed) is no interrupted run. A marker an
-    # earlier interrupted run left stays until a run ends.
+        before = state.read(conn)
+    known_roots = list(before.roots.roots)
     _run_begins(db)
+    with _refusal_undoes_the_mark(db, before.index_run):
+        all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
+        if opts.list_column:
+            columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
+        if not all_roots:
+            raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
+        options = index_roots.options_for(db, list(dict.fromkeys(holders.values())) if roots else all_roots,
+                                          opts.include_hidden)
+        if opts.caption_column:
+            for r in roots:
+                options.setdefault(r, {})["caption_column"] = opts.caption_column
+        if opts.video_interval is not None:
+            for r in (list(dict.fromkeys(holders.values())) if roots else all_roots):
+                options.setdefault(r, {})["video_interval"] = opts.video_interval
+                if opts.video_interval == video.DEFAULT_INTERVAL:  # only what differs from the default is kept
+                    options[r].pop("video_interval")
+
+        scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope,
+                                         opts.links)
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
     clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos
@@ -490,6 +490,20 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         with db.begin() as conn:
             state.write(conn, encoder=summary.encoder)  # what `info` reports
     return summary
+
+
+@contextlib.contextmanager
+def _refusal_undoes_the_mark(db, mark):
+    """A run refused while it places and lists its roots (BadInputError: no folder to index, a new root that cannot
+    be listed) wrote nothing a run leaves but place's roots move (one transaction): the run-under-way mark goes back
+    to what it was (an earlier interrupted run's stays), so `info` does not call the refused run interrupted. A run
+    killed there keeps the mark: it was under way."""
+    try:
+        yield
+    except BadInputError:
+        with db.begin() as conn:
+            state.write(conn, index_run=mark)
+        raise
 
 
 def _run_begins(db) -> None:

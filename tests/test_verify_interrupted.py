@@ -117,3 +117,20 @@ def test_verify_after_a_run_killed_in_its_compaction_or_re_encode_exits_0(indexe
     assert any("uncommitted bytes past row 0" in note for note in report["notes"]), report
     assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
     finished_and_clean(ix, 12 - deleted)
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_it_lists_its_roots_is_interrupted_and_a_refused_one_is_not(indexed_images, tmp_path):
+    """The mark of a run under way is put back when the run is refused while it lists (nothing written), and kept
+    when it is killed there (it was under way)."""
+    root, ix = indexed_images(4)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    run("index", empty, "--index", ix, "--device", "cpu", code=6)
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "finished"
+    proc = killed_at("indexer.roots:scan_all", "before", "index", "--index", ix, "--device", "cpu")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
+    run("index", empty, "--index", ix, "--device", "cpu", code=6)  # refused: the killed run's mark stays
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
+    finished_and_clean(ix, 4)

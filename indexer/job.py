@@ -341,11 +341,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     summary = Summary(str(out.resolve()))
     encoder = encoder or _load_encoder(db, opts.model, opts.encoder, opts.encoders)
     with db.connect() as conn:
-        columns = dict(state.read(conn).roots.list_columns)
-        store = vectors.load(conn, out, encoder.dim)
+        before = state.read(conn)  # _check_store below writes neither roots nor the run's mark
+        store = vectors.load(conn, out, encoder.dim, before.vectors)
+    columns = dict(before.roots.list_columns)
     _check_store(db, store, out)
-    with db.connect() as conn:
-        before = state.read(conn)
     known_roots = list(before.roots.roots)
     _run_begins(db)
     with _refusal_undoes_the_mark(db, before.index_run):

@@ -104,8 +104,9 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     r.checked.update(images=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
                      vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing,
                      last_run=last_run(unfinished, writing))
+    interrupted = r.checked["last_run"] == "interrupted"
     # what a run stopped part way leaves is the next run's to finish: noted, not counted as damage
-    leftover = r.notes if r.checked["last_run"] == "interrupted" else r.problems
+    leftover = r.notes if interrupted else r.problems
     r.problems += found.problems
     if found.legacy_segments:
         r.problems.append(f"{len(found.legacy_segments)} vector files were written before checksums were recorded: "
@@ -121,7 +122,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             leftover.append(f"{len(unknown)} vector segment files the catalog does not know (left by a run killed "
                             "part way: encoder actors before their first commit, or a compaction or re-encode after "
                             "its switch; the next `index` run deletes them)")
-    if unfinished and not writing:
+    if interrupted:
         r.notes.insert(0, "the last index run was interrupted before it finished: what it committed is kept and "
                           "searchable, and `alignsearch index` finishes it")
     index = _open_ann(index_dir, record, writing, r, unbuilt_ok=unfinished)

@@ -8,6 +8,7 @@ This module imports no torch: decode workers import it alone.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -42,8 +43,14 @@ def is_jpeg(fmt: str | None) -> bool:
 def open_image(data: bytes) -> Image.Image:
     """Pillow's lazy image of these bytes (header read, pixels not yet), in one of READ_FORMATS only.
     Raises what Image.open raises (UnidentifiedImageError for any other format)."""
-    Image.init()  # every plugin registered (at once after the first call): Pillow fails on a name it lacks
-    return Image.open(io.BytesIO(data), formats=[f for f in READ_FORMATS if f in Image.OPEN])
+    return Image.open(io.BytesIO(data), formats=_read_formats())
+
+
+@functools.cache
+def _read_formats() -> tuple[str, ...]:
+    """READ_FORMATS that this Pillow has a plugin for, found once (open_image runs for every file read)."""
+    Image.init()  # every plugin registered: Pillow fails on a format name it lacks
+    return tuple(f for f in READ_FORMATS if f in Image.OPEN)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ runs; a run that finds the lock taken waits and tries again. The encoder stays l
 while the index's model is the one it loaded.
 
 A root that disappears (a drive unmounted, a folder moved away) is left to the run: the index keeps its files
-(state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device and
-inode) every second: a root back, replaced or moved in again is watched anew and indexed. A folder root that
+(state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device,
+inode, and whether it can be read) every second: a root back, replaced, moved in again or made readable is watched
+anew and indexed. A folder root that
 came back empty on another device (an unmount that leaves its mount point) holds every run until it is back, as
 a run would drop its files. URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
 as `index` does, and --watch-interval makes a run that often to list them.
@@ -36,6 +37,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,8 +90,8 @@ class Root:
 
     name: str
     include_hidden: bool = False
-    identity: tuple[int, int] | None = None  # (st_dev, st_ino) when it last held files; None: missing
-    seen: tuple[int, int] | None = None  # (st_dev, st_ino) when last looked at
+    identity: tuple[int, int, bool] | None = None  # (st_dev, st_ino, readable) when it last held files; None: missing
+    seen: tuple[int, int, bool] | None = None  # (st_dev, st_ino, readable) when last looked at
     held: bool = False  # looks unmounted: runs wait
 
 
@@ -257,20 +259,36 @@ def path_kind(path: str) -> bool | None:
         return None
 
 
-def identity(path: str) -> tuple[int, int] | None:
+def identity(path: str) -> tuple[int, int, bool] | None:
+    """(device, inode, readable now) of a root; None when it is not there. Readable counts: inotify cannot watch a
+    folder this process cannot read, so a root unreadable when the watch started (made readable by a chmod, which
+    inotify reports to no one) was never watched; a change of it now starts the watcher anew."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, _readable(path, stat.S_ISDIR(st.st_mode))
 
 
-def identity_changed(before: tuple[int, int] | None, now: tuple[int, int] | None) -> bool:
-    """A root gone, back, or replaced by another folder or file (moved in, remounted): watched anew."""
+def _readable(path: str, is_dir: bool) -> bool:
+    """Can this process read `path` (list it and reach its entries, for a folder)? Opened, not os.access'd: the
+    open is what a run does, whatever the user ids and capabilities say. O_NONBLOCK: a FIFO put in a root's place
+    does not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return not is_dir or os.access(path, os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
+def identity_changed(before: tuple | None, now: tuple | None) -> bool:
+    """A root gone, back, replaced by another folder or file (moved in, remounted), or made readable or unreadable:
+    watched anew."""
     return before != now
 
 
-def looks_unmounted(before: tuple[int, int] | None, now: tuple[int, int] | None, empty: bool) -> bool:
+def looks_unmounted(before: tuple | None, now: tuple | None, empty: bool) -> bool:
     """A folder root that is now an empty folder on another device: the mount point an unmounted drive left.
     A run would find no file there and drop them all; a missing root, by contrast, keeps its files."""
     return before is not None and now is not None and before[0] != now[0] and empty

@@ -185,7 +185,20 @@ def test_roots_gone_back_replaced_and_unmounted():
     assert not watch.looks_unmounted((5, 2), (5, 2), empty=True)  # emptied by the user: a run removes its files
     assert not watch.looks_unmounted((5, 2), None, empty=False)  # missing: a run keeps its files
     assert not watch.looks_unmounted(None, (1, 9), empty=True)
+    assert watch.identity_changed((1, 2, False), (1, 2, True))  # made readable: watched anew
+    assert watch.identity_changed((1, 2, True), (1, 2, False))
     assert not watch.watchable("s3://bucket/photos") and watch.watchable("/data/list.csv")
+
+
+def test_a_root_s_identity_says_whether_it_can_be_read(tmp_path):
+    folder, file = tmp_path / "photos", tmp_path / "list.csv"
+    folder.mkdir()
+    file.write_text("path\n")
+    st = folder.stat()
+    assert watch.identity(str(folder)) == (st.st_dev, st.st_ino, True)
+    assert watch.identity(str(file))[2] and watch.identity(str(tmp_path / "gone")) is None
+    os.mkfifo(tmp_path / "fifo")  # a FIFO in a root's place: looked at without waiting for a writer
+    assert watch.identity(str(tmp_path / "fifo"))[2]
 
 
 def test_network_file_systems_are_polled(tmp_path):
@@ -1040,6 +1053,30 @@ def test_a_folder_that_could_not_be_read_is_indexed_and_watched_once_readable(in
         assert w.stop() == 130
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_a_root_that_could_not_be_read_when_the_watch_started_is_watched_once_readable(indexed_images, watching,
+                                                                                       tmp_path):
+    """A root the watch could not read when it started: inotify cannot watch it, and made readable (chmod) it was
+    never watched, so its new photos waited for a full `index`. A root's readability is part of what the watch
+    looks at every tick: a change starts the watcher anew and a run listing every root."""
+    if not can_drop_dac():
+        pytest.skip("cannot start a process without root's permission bypass here")
+    root, ix = indexed_images(4)
+    shutil.copy(make_images(tmp_path / "staging", 1, seed=41)[0], root / "meanwhile.png")  # in the root's top folder
+    root.chmod(0)
+    try:
+        w = watching(ix, unprivileged=True)
+        assert w.runs[0]["added"] == 0 and w.runs[0]["listing_errors"], w.runs[0]
+        root.chmod(0o755)
+        assert w.next_run(added=1)["listing_errors"] == []
+        shutil.copy(make_images(tmp_path / "staging2", 1, seed=42)[0], root / "later.png")
+        w.next_run(added=1)
+        assert str(root / "later.png") in indexed_paths(ix)
+        assert w.stop() == 130
+    finally:
+        root.chmod(0o755)
 
 
 @pytest.mark.slow

@@ -182,6 +182,52 @@ def photo_corpus(kind: str, n: int, seed: int = 0, distinct: int | None = None, 
     return out
 
 
+class TreeRss:
+    """The peak of the summed RSS of a process and its descendants (every 20 ms, from /proc), while the block
+    runs: watch(pid) once the process is started. Sampled: a peak shorter than a sample can be missed."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.pid, self.done = 0, None, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def watch(self, pid: int) -> None:
+        self.pid = pid
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            for task in Path(f"/proc/{p}/task").glob("*/children"):
+                try:
+                    todo += [int(c) for c in task.read_text().split()]
+                except OSError:
+                    pass
+        return out
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            if self.pid is None:
+                continue
+            total = 0
+            for p in self._tree(self.pid):
+                try:
+                    total += next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                                  if line.startswith("VmRSS"))
+                except (OSError, StopIteration):
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 class GpuUtil:
     """nvidia-smi sampled every 200 ms while the block runs; summary() is None where there is no nvidia-smi."""
 

@@ -24,6 +24,7 @@ ALIGNSEARCH_BENCH_DRY=1 prints without recording.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sqlite3
@@ -38,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import record
+from common import load_note, record
 from sqlalchemy import event, select
 
 from alignsearch.storage import catalog, state, vectors
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dim", type=int, default=640)
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     built = sqlite3.connect(":memory:")
     default = built.execute("PRAGMA secure_delete").fetchone()[0]
     compiled = [o for (o,) in built.execute("PRAGMA compile_options") if "SECURE_DELETE" in o]
@@ -214,6 +216,7 @@ def main() -> None:
     lines.append("")
     for key in ("delete", "compact", "forget"):
         lines.append(f"- all {key}: " + "; ".join(f"{m} " + ", ".join(f"{r[key]:.3f}" for r in runs[m]) for m in MODES))
+    lines.append(load_note(load_at_start))
     record(f"SQLite secure_delete on the catalog's deleting operations, {args.rows:,} rows", lines)
 
 

@@ -15,6 +15,7 @@ ALIGNSEARCH_BENCH_DRY=1 prints without recording.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_video import index_run
-from common import CACHE, record
+from common import CACHE, load_note, record
 
 SIZE, FPS, SCENE = (640, 360), 15, 4.0
 
@@ -54,6 +55,7 @@ def main() -> None:
     tiny = CACHE / "tiny-align"
     if not (tiny / "config.json").exists():
         build_tiny_align(tiny)
+    load_at_start = os.getloadavg()[0]
     paths = corpus(args.videos, args.seconds)
     ways = {"worker": ("--workers", "1"), "in-process": ("--workers", "0")}
     runs: dict[str, list[dict]] = {w: [] for w in ways}
@@ -85,6 +87,7 @@ def main() -> None:
         lines.append(f"- all {way} walls: " + ", ".join(f"{r['wall']:.2f}" for r in runs[way]))
     lines.append(f"- worker minus in-process: {med('worker', 'wall') - med('in-process', 'wall'):+.2f} s wall, "
                  f"{(med('worker', 'peak_rss') - med('in-process', 'peak_rss')) / 2**20:+.0f} MiB peak RSS")
+    lines.append(load_note(load_at_start))
     record(f"Video decode in a StreamWorker process vs in the index process, {args.videos} short videos", lines)
 
 

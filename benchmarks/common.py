@@ -47,6 +47,14 @@ def commit() -> str:
         return "unknown"
 
 
+def load_note(at_start: float) -> str:
+    """A results line: the 1-minute load average at the start (os.getloadavg()[0] then) and now, other work on
+    the machine being shared by the columns that alternate in one run."""
+    return (f"- load average (1 min): {at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; other sessions' "
+            f"tests were running on the same {os.cpu_count()} cores: the columns alternate in one run and share that "
+            "load, so compare within this run only")
+
+
 def record(title: str, lines: list[str], save: bool = True) -> None:
     """Print the figures and (save) append them, dated and attributed, to RESULTS.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -8,16 +8,20 @@ A small corpus of H.264 videos (tests/helpers.make_video: 640x360, 15 fps, a cut
 made once under $ALIGNSEARCH_BENCH_CACHE; each run is a whole `alignsearch index` process (tiny random test
 checkpoint, cpu) of a fresh folder linking them into a fresh index, the two ways alternating. Medians of the
 wall time (process start and model load included), the summary's video decode wait, and the peak RSS of the
-process tree (index process + decode worker, summed; sampled every 20 ms).
+process tree (index process + decode worker, summed; sampled every 20 ms). Then, as many times each, the decode
+alone in this process, as the video pass takes it (decode_moments through a fresh StreamWorker or through
+_threaded): seconds to the first moment (where the worker's start shows) and to the last.
 ALIGNSEARCH_BENCH_DRY=1 prints without recording.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +48,27 @@ def corpus(videos: int, seconds: float) -> list[Path]:
     return paths
 
 
+def decode_only(paths: list[Path], way: str) -> dict:
+    """The corpus's moments decoded the way a run's video pass takes them (indexer.videos: decode_moments in a
+    fresh StreamWorker, or in _threaded, the --workers 0 path), nothing encoded or written, in this process:
+    seconds to the first moment (the worker's start and imports) and to the last."""
+    from alignsearch.media.images import ImageSpec
+    from indexer.scan import Found
+    from indexer.videos import _threaded, decode_moments
+    from indexer.workers import StreamWorker
+
+    spec = ImageSpec((289, 289), 3, None, 1 / 255, False, None, None, None)
+    first, n = None, 0
+    t0 = time.perf_counter()
+    with StreamWorker(32) if way == "worker" else contextlib.nullcontext() as worker:
+        for path in paths:
+            args = (Found(str(path.parent), path.name, path.stat().st_size, path.stat().st_mtime), spec, 10.0)
+            for _ in worker.stream(decode_moments, args) if worker else _threaded(decode_moments(*args), 32):
+                n += 1
+                first = first if first is not None else time.perf_counter() - t0
+    return {"first": first, "all": time.perf_counter() - t0, "moments": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=4)
@@ -66,6 +91,11 @@ def main() -> None:
             r = runs[way][-1]
             print(f"{way}: {r['wall']:.2f} s, decode wait {r['video_decode']:.2f} s, {r['moments']} moments, "
                   f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
+
+    alone: dict[str, list[dict]] = {w: [] for w in ways}
+    for i in range(args.runs):
+        for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+            alone[way].append(decode_only(paths, way))
 
     def med(way: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[way])
@@ -90,6 +120,11 @@ def main() -> None:
                  f"median of the {len(paired)} paired differences (run i of each, back to back) "
                  f"{statistics.median(paired):+.2f} s, {sum(d > 0 for d in paired)} of {len(paired)} slower with the "
                  f"worker; {(med('worker', 'peak_rss') - med('in-process', 'peak_rss')) / 2**20:+.0f} MiB peak RSS")
+    lines.append("- the decode alone, in the bench process (decode_moments through a fresh StreamWorker, or _threaded as "
+                 "`--workers 0`; nothing encoded or written), medians: "
+                 + "; ".join(f"{way}: first moment after {statistics.median(r['first'] for r in alone[way]):.2f} s, "
+                             f"all {alone[way][0]['moments']} after {statistics.median(r['all'] for r in alone[way]):.2f} s"
+                             for way in ("in-process", "worker")))
     lines.append(load_note(load_at_start))
     record(f"Video decode in a StreamWorker process vs in the index process, {args.videos} short videos", lines)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import CACHE, align_base_checkpoint, record
+from common import CACHE, TreeRss, align_base_checkpoint, record
 
 from alignsearch.media.images import ImageSpec
 from alignsearch.media.video import moments
@@ -93,21 +93,30 @@ def moments_only(path: Path) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def index_run(path: Path, model: Path) -> dict:
+def index_run(path: Path | list[Path], model: Path, extra: tuple = ()) -> dict:
+    """`alignsearch index` of a fresh folder linking the video(s) (extra: more options) into a fresh index: its wall
+    time, the summary's video stage times and the peak RSS of its process tree (the index process and any
+    decode worker, summed; sampled)."""
+    paths = path if isinstance(path, list) else [path]
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
         folder = Path(tmp) / "lib"
         folder.mkdir()
-        os.symlink(path, folder / path.name)  # a file symlink is followed, the video is not copied
+        for p in paths:
+            os.symlink(p, folder / p.name)  # a file symlink is followed, the video is not copied
         cmd = [sys.executable, "-m", "alignsearch", "index", str(folder), "--index", str(Path(tmp) / "ix"), "--model",
-               str(model), "--device", "cpu", "--json"]
+               str(model), "--device", "cpu", "--json", *extra]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+        with TreeRss() as rss:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            rss.watch(proc.pid)
+            out, err = proc.communicate()
         wall = time.perf_counter() - start
         if proc.returncode:
-            raise SystemExit(proc.stderr[-2000:])
-        summary = json.loads(proc.stdout)
-    return {"wall": wall, **summary["times"]["extra"], "encoder": summary["encoder"].get("image_backend")
-            or summary["encoder"].get("backend")}
+            raise SystemExit(err[-2000:])
+        summary = json.loads(out)
+    return {"wall": wall, "peak_rss": rss.peak, **summary["times"]["extra"],
+            "encoder": summary["encoder"].get("image_backend") or summary["encoder"].get("backend")}
 
 
 def main() -> None:

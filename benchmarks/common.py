@@ -47,6 +47,14 @@ def commit() -> str:
         return "unknown"
 
 
+def load_note(at_start: float) -> str:
+    """A results line: the 1-minute load average at the start (os.getloadavg()[0] then) and now, other work on
+    the machine being shared by the columns that alternate in one run."""
+    return (f"- load average (1 min): {at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; other sessions' "
+            f"tests were running on the same {os.cpu_count()} cores: the columns alternate in one run and share that "
+            "load, so compare within this run only")
+
+
 def record(title: str, lines: list[str], save: bool = True) -> None:
     """Print the figures and (save) append them, dated and attributed, to RESULTS.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -180,6 +188,52 @@ def photo_corpus(kind: str, n: int, seed: int = 0, distinct: int | None = None, 
         data = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
         (out / f"{base.name[:4]}-{copy:05d}.jpg").write_bytes(data)
     return out
+
+
+class TreeRss:
+    """The peak of the summed RSS of a process and its descendants (every 20 ms, from /proc), while the block
+    runs: watch(pid) once the process is started. Sampled: a peak shorter than a sample can be missed."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.pid, self.done = 0, None, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def watch(self, pid: int) -> None:
+        self.pid = pid
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            for task in Path(f"/proc/{p}/task").glob("*/children"):
+                try:
+                    todo += [int(c) for c in task.read_text().split()]
+                except OSError:
+                    pass
+        return out
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            if self.pid is None:
+                continue
+            total = 0
+            for p in self._tree(self.pid):
+                try:
+                    total += next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                                  if line.startswith("VmRSS"))
+                except (OSError, StopIteration):
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 class GpuUtil:

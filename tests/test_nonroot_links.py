@@ -41,18 +41,36 @@ def fresh(root, name):
 def listing(root):
     return {f.relpath: f.error for f in scan_folder(root)}
 
+def pause():  # the test changes the folders as root meanwhile
+    print("paused", flush=True)
+    sys.stdin.readline()
+
 out = {}
 exec(sys.argv[1])
 print(json.dumps(out))
 """ % (NOBODY, NOBODY)
 
 
-def as_nobody_child(script: str) -> dict:
-    """`script` run as nobody after CHILD's imports; what it put in `out`."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+def as_nobody_child(script: str, meanwhile=None) -> dict:
+    """`script` run as nobody after CHILD's imports; what it put in `out`. meanwhile: run here (as root) while
+    the script waits in pause()."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if meanwhile is not None:
+        assert proc.stdout.readline() == "paused\n", proc.communicate(timeout=60)[1]
+        meanwhile()
+    stdout, stderr = proc.communicate("\n", timeout=120)
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout)
+
+
+def _replace_by_link(folder: Path, into: Path) -> None:
+    """folder moved into `into`, a folder ATTACKER made where all may write, and a link to it left in its place."""
+    into.mkdir()
+    os.chown(into, ATTACKER, ATTACKER)
+    into.chmod(0o777)
+    folder.rename(into / folder.name)
+    folder.symlink_to(into / folder.name)
 
 
 def _link(link: Path, target, uid: int) -> None:
@@ -135,19 +153,16 @@ def test_a_folders_judgement_kept_within_one_listing_follows_a_change_as_a_fresh
     root = home / ("mine" if change == "folder writable" else "lib")
     first, second = [n for n in NAMES if n.endswith("0.jpg")], [n for n in NAMES if n.endswith("1.jpg")]
     changes = {
-        "folder writable": f"os.chmod({str(root)!r}, 0o777)",
-        "folder above writable": f"os.chmod({str(home)!r}, 0o777)",
-        # moved into a folder all may write, a link to it left in its place
-        "folder replaced by a link": f"os.mkdir({str(home / 'open')!r}, 0o777); os.chmod({str(home / 'open')!r}, 0o777); "
-                                     f"os.rename({str(root)!r}, {str(home / 'open' / 'lib')!r}); "
-                                     f"os.symlink('open/lib', {str(root)!r})",
+        "folder writable": lambda: root.chmod(0o777),
+        "folder above writable": lambda: home.chmod(0o777),
+        "folder replaced by a link": lambda: _replace_by_link(root, tree / "open"),
     }
     out = as_nobody_child(f"""
 walks = safeopen.FolderWalks({str(root)!r})
 out["first"] = [outcome(walks.stat_through, n) for n in {first!r}]
-{changes[change]}
+pause()
 out["second"] = [[outcome(walks.stat_through, n), fresh({str(root)!r}, n)] for n in {second!r}]
-""")
+""", changes[change])
     assert all(o[0] == "ok" for o in out["first"])
     for name, (walked, judged) in zip(second, out["second"]):
         assert walked == judged, (change, name)

@@ -34,8 +34,9 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _PATH = getattr(os, "O_PATH", 0)
 _DIR = (_PATH or os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
 MAX_LINKS = 40  # as the kernel's own limit on a path's links
-# _start_trusted's answers by folder (st_dev, st_ino) and place, kept while one folder's links are stat'ed
-Starts = dict[tuple[int, int, str], bool]
+# _start_trusted's walks from / by folder (st_dev, st_ino) and place: the folders' descriptors (None: not there),
+# kept while one folder's links are stat'ed
+Starts = dict[tuple[int, int, str], list[int] | None]
 
 
 class Refused(BadImageError):
@@ -170,8 +171,8 @@ class FolderWalks:
         self.root = root
         self._folder: list[str] | None = None  # the parts of the folder walked
         self._fds: list[int] = []  # its walk; emptied in place, so the finalizer closes what is open then
-        self._starts: Starts = {}  # the judgements of its links' walks' first folders (_trusted)
-        weakref.finalize(self, _close, self._fds)
+        self._starts: Starts = {}  # the walks from / to its links' walks' first folders (_trusted)
+        weakref.finalize(self, _forget, self._fds, self._starts)
 
     def stat_through(self, relpath: str | bytes) -> os.stat_result:
         parts = _parts(relpath)
@@ -182,10 +183,17 @@ class FolderWalks:
         return _stat_leaf(parts[-1], self._fds, self._starts)
 
     def close(self) -> None:
-        _close(self._fds)
-        self._fds.clear()
-        self._starts.clear()
+        _forget(self._fds, self._starts)
         self._folder = None
+
+
+def _forget(fds: list[int], starts: Starts) -> None:
+    """Close a FolderWalks' descriptors: its walk's and those its starts hold; both emptied in place."""
+    _close(fds)
+    fds.clear()
+    for chain in starts.values():
+        _close(chain or [])
+    starts.clear()
 
 
 def _stat_leaf(name: str, folders: list[int], starts: Starts | None = None) -> os.stat_result:
@@ -260,34 +268,53 @@ def _start_trusted(fd: int, me: int, starts: Starts | None = None) -> tuple[bool
     """(whether a walk's first folder is trusted, its stat): its folders from / judged one by one (the root the
     user chose, or a named file's folder, may itself be a folder another user made in a shared one). Where the
     system cannot say where fd lies (no /proc), it is trusted as named; one moved meanwhile is not. starts: the
-    answers already given for a folder at a place, where the caller keeps them (FolderWalks: one folder's links)."""
+    walks from / already made to a folder at a place, where the caller keeps them (FolderWalks: one folder's
+    links): their folders are not opened again, but judged again each time on their descriptors, as a folder
+    above may be made writable by others (or given to another user) while the links are stat'ed; remembering
+    only the verdict followed links there that a fresh walk refused."""
     st = os.fstat(fd)
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return True, st
     if starts is None:
-        return _judged_from_root(where, st, me), st
+        chain = _walk_from_root(where, st)
+        try:
+            return chain is not None and _chain_trusted(chain, me), st
+        finally:
+            _close(chain or [])
     key = (st.st_dev, st.st_ino, where)
     if key not in starts:
-        starts[key] = _judged_from_root(where, st, me)
-    return starts[key], st
+        starts[key] = _walk_from_root(where, st)
+    chain = starts[key]
+    return chain is not None and _chain_trusted(chain, me), st
 
 
-def _judged_from_root(where: str, st: os.stat_result, me: int) -> bool:
-    """_start_trusted's walk: the folders of where, from /, each judged in the one before; st: the folder's own."""
-    trusted, above, cur = True, None, os.open("/", _DIR)
+def _walk_from_root(where: str, st: os.stat_result) -> list[int] | None:
+    """Descriptors of / and of each folder of where below it, none through a link, the last one the folder of
+    stat st; None where that walk fails or leads elsewhere (moved, deleted: judged as planted)."""
+    chain = [os.open("/", _DIR)]
     try:
-        above = os.fstat(cur)
         for name in (p for p in where.split("/") if p):
-            cur = _replace(cur, os.open(name, _DIR | _NOFOLLOW, dir_fd=cur))
-            here = os.fstat(cur)
-            trusted, above = not planted(here, above, trusted, me), here
+            chain.append(os.open(name, _DIR | _NOFOLLOW, dir_fd=chain[-1]))
+        last = os.fstat(chain[-1])
     except OSError:
-        return False  # not where /proc says (moved, deleted): judged as planted
-    finally:
-        os.close(cur)
-    return trusted and (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino)
+        _close(chain)
+        return None
+    if (last.st_dev, last.st_ino) != (st.st_dev, st.st_ino):
+        _close(chain)
+        return None
+    return chain
+
+
+def _chain_trusted(chain: list[int], me: int) -> bool:
+    """Whether the last folder of a walk from / (_walk_from_root) is trusted: each one judged in the one before,
+    on its stat now."""
+    trusted, above = True, os.fstat(chain[0])
+    for fd in chain[1:]:
+        here = os.fstat(fd)
+        trusted, above = not planted(here, above, trusted, me), here
+    return trusted
 
 
 def _through_links(name: str, folders: list[int], starts: Starts | None = None) -> tuple[int, str, os.stat_result]:

@@ -87,8 +87,8 @@ PIXEL_BUDGET = 24_000_000
 
 @dataclass(frozen=True)
 class PixelBudget:
-    """The pool-wide turn for images over `pixels`: an flock on a file the run made (`path`; None: this
-    process decodes alone, nothing to share). The kernel releases it when a worker dies holding it, so a
+    """The pool-wide turn for images over `pixels`: an flock on a file the run made (`path`, pipeline.decode_turn;
+    None: this process decodes alone, nothing to share). The kernel releases it when a worker dies holding it, so a
     worker killed mid-decode (OOM) never leaves the others waiting."""
 
     path: str | None = None

@@ -11,8 +11,10 @@ batch is the unit of loss on a crash: everything before it is committed.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator, Protocol
@@ -93,9 +95,28 @@ def read_items(todo: list[Found], spec: ImageSpec, workers: int, max_pixels: int
     # a pool that notices a worker that died (indexer/workers.py): Pool.imap waited forever for its task. The
     # workers ignore Ctrl-C (the command stops them); the known texts go to each worker once (an initializer),
     # and the file whose lock is the pool's turn for images over a worker's pixel budget (decode.PixelBudget).
-    with tempfile.NamedTemporaryFile(prefix="alignsearch-decode-", suffix=".lock") as turn:
+    with decode_turn() as turn:
         yield from decode_in_processes(fn, todo, workers, lambda found, reason: Item(found, None, reason=reason),
-                                       initializer=start_worker, initargs=(ocr_known, PixelBudget(turn.name)))
+                                       initializer=start_worker, initargs=(ocr_known, PixelBudget(turn)))
+
+
+@contextmanager
+def decode_turn() -> Iterator[str]:
+    """The path of a file of this run's own for the decode pool's flock (decode.PixelBudget), while the pool runs.
+
+    A named temporary file stayed in the temp folder whenever the run was killed (kill -9, the OOM killer). This
+    one has no name (O_TMPFILE, or unlinked as soon as made: tempfile.TemporaryFile): this process holds it open,
+    and the workers (spawned: they inherit no descriptor; replacements for dead ones get the same path) open it
+    again through /proc/<this pid>/fd, each its own open file, so their flocks still exclude one another and the
+    kernel still drops a dead worker's. Nothing is left to remove, and no name in a shared folder for another user
+    to make first. Where there is no /proc, a named temporary file as before."""
+    with tempfile.TemporaryFile(prefix="alignsearch-decode-", suffix=".lock") as turn:
+        unnamed = f"/proc/{os.getpid()}/fd/{turn.fileno()}"
+        if os.path.exists(unnamed):
+            yield unnamed
+            return
+    with tempfile.NamedTemporaryFile(prefix="alignsearch-decode-", suffix=".lock") as named:
+        yield named.name
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -9,8 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-# Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/encoders/backend.py)
-os.environ.setdefault("ALIGNSEARCH_CACHE", tempfile.mkdtemp(prefix="alignsearch-cache-"))
+# Exported ONNX towers go to a folder of this run, never the user's ~/.cache (alignsearch/encoders/backend.py),
+# removed when the session ends (pytest_sessionfinish): every run left one in the temp folder. One the caller
+# gives (ALIGNSEARCH_CACHE set) is theirs, kept; so is this one in xdist workers, which inherit it.
+_MADE_CACHE = None
+if "ALIGNSEARCH_CACHE" not in os.environ:
+    _MADE_CACHE = os.environ["ALIGNSEARCH_CACHE"] = tempfile.mkdtemp(prefix="alignsearch-cache-")
+_MADE_BY = os.getpid()
 # A suite started in the background by a non-interactive shell (`.ci/run &`, nohup, some CI runners) inherits
 # SIGINT ignored, and so would every command a test starts: Python then installs no KeyboardInterrupt handler and
 # every test that presses Ctrl-C on a child failed. An ignored SIGINT is the caller's
@@ -19,7 +25,12 @@ os.environ.setdefault("ALIGNSEARCH_CACHE", tempfile.mkdtemp(prefix="alignsearch-
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from tiny_align import build_tiny_align
+from tiny_align import build_tiny_align  # noqa: E402 - after the environment above is set
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _MADE_CACHE is not None and os.getpid() == _MADE_BY:
+        shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
 def run(*args, code=0):

@@ -258,23 +258,39 @@ def _turn_taken(budget, pixels: int, seconds: float) -> bool:
     return taken
 
 
+@pytest.fixture(params=["named file", "decode_turn"])
+def turn(request, tmp_path, monkeypatch):
+    """The path of a file for the pool's turn: a named one, and the one a run's pool gets (pipeline.decode_turn),
+    which has no name in the temp folder (a private one here) for a killed run to leave behind."""
+    if request.param == "named file":
+        (tmp_path / "turn").touch()
+        yield str(tmp_path / "turn")
+        return
+    import tempfile
+
+    from indexer.pipeline import decode_turn
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with decode_turn() as path:
+        assert os.listdir(tmp_path) == [] and path.startswith("/proc/")
+        yield path
+
+
 @pytest.mark.slow
-def test_images_over_a_workers_pixel_budget_decode_one_at_a_time(tmp_path):
+def test_images_over_a_workers_pixel_budget_decode_one_at_a_time(turn):
     """Workers decoding panoramas at once each held one's full decode (3 x 100 MP PNGs: 2.6 GB together). Over
     the budget, a decode waits for the pool's turn; within it, never; and a worker killed holding the turn (the
     OOM killer) hands it on at once, as the kernel drops its flock."""
     from indexer.decode import PixelBudget
 
-    turn = tmp_path / "turn"
-    turn.touch()
-    budget = PixelBudget(str(turn), pixels=1_000_000)
+    budget = PixelBudget(turn, pixels=1_000_000)
     with budget.decoding(5_000_000):  # another worker decodes a large image
         assert _turn_taken(budget, 1_000_000, 5)  # within the budget: no wait
         assert not _turn_taken(budget, 5_000_000, 0.5)  # over it: waits
     assert _turn_taken(budget, 5_000_000, 5)
     assert _turn_taken(PixelBudget(None, pixels=1), 5_000_000, 5)  # decoding in one process: nothing to share
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(turn)],
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", turn],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -284,6 +300,23 @@ def test_images_over_a_workers_pixel_budget_decode_one_at_a_time(tmp_path):
         assert _turn_taken(budget, 5_000_000, 5)
     finally:
         holder.kill()
+
+
+def test_a_run_killed_while_it_decodes_leaves_no_file_of_its_pools_turn(tmp_path, tiny_model):
+    """The pool's turn was a named temporary file, left in the temp folder by every run killed -9 while it
+    decoded (the tests kill runs on purpose, users do too): /tmp held dozens of alignsearch-decode-*.lock."""
+    from helpers import KILLED_AT
+
+    make_images(tmp_path / "photos", 6)
+    private = tmp_path / "tmp"
+    private.mkdir()
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT, "indexer.workers:_new_pool", "after", "index",
+                           tmp_path / "photos", "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu",
+                           "--workers", "2"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(private)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not [p.name for p in private.iterdir() if p.name.startswith("alignsearch-decode-")]
 
 
 def test_the_pixels_a_decode_holds_are_known_from_the_header():

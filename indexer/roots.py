@@ -151,12 +151,23 @@ class LinkFolders:
     def caption_targets(self) -> set[str]:
         """The real paths of the texts that the caption links (photo.txt) in these folders lead to, read now: an
         edit of one changes a caption each listing of the link's folder reads again."""
-        out = set()
+        return {target for target, (_, name) in self._targets().items() if name.endswith(".txt")}
+
+    def targets_outside(self, roots: list[str]) -> dict[str, str]:
+        """{real path: the root of a link leading there} of what the links in these folders lead to outside every
+        root, read now: no watch of a root sees a change there, which each listing of the link's folder finds (a
+        link's row holds its target's size and time; a caption link's text is read again)."""
+        return {target: root for target, (root, _) in self._targets().items()
+                if not any(scan.at_or_under(target, r) for r in roots)}
+
+    def _targets(self) -> dict[str, tuple[str, str]]:
+        """{real path: (root, the link's name)} of what the links in these folders lead to, read now."""
+        out: dict[str, tuple[str, str]] = {}
         for root, folders in self.folders.items():
             for folder in folders:
                 try:
                     with os.scandir(os.path.join(root, folder) if folder else root) as it:
-                        out.update(os.path.realpath(e.path) for e in it if e.name.endswith(".txt") and e.is_symlink())
+                        out.update((os.path.realpath(e.path), (root, e.name)) for e in it if e.is_symlink() and not e.is_dir())
                 except OSError:
                     continue  # gone or unreadable now: the next run lists it and says so
         return out

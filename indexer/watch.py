@@ -168,7 +168,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             unlinked: Callable[[str], str] = real_location,
             is_link: Callable[[str], bool] = os.path.islink,
             unlisted: Callable[[str, str], bool] = lambda root, path: False,
-            caption_target: Callable[[str], bool] = lambda path: False) -> dict[str, list[str]]:
+            caption_target: Callable[[str], bool] = lambda path: False,
+            outside: Callable[[str], str | None] = lambda path: None) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
     include_hidden}. known_folder(root, path) is asked only of paths gone, or deleted and now files, that would not be a
     file the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are
@@ -178,7 +179,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
     -> photos/2024) had its changes named through the link only, and they started no run. is_link(path) is asked of .txt
     files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run could not list?),
     caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run with no folder of its
-    own, as the folders holding such links are listed by every scoped run."""
+    own, as the folders holding such links are listed by every scoped run; outside(path) of paths outside every root:
+    the root of a link leading there (watched in its own folder: `_Outside`), which makes such a run too."""
     out: dict[str, list[str]] = {}
     gone = {path for change, path in changes if int(change) == DELETED}
     for change, path in changes:
@@ -187,6 +189,9 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             path = unlinked(path)
             root = owner(path, list(roots))  # none: a folder outside the roots, which no run lists
         if root is None:
+            linker = outside(path)
+            if linker is not None:
+                out.setdefault(linker, [])
             continue
         if path.endswith(".txt") and not scan.at_or_under(path, skip) and caption_target(path):
             out.setdefault(root, [])
@@ -347,9 +352,10 @@ def ends_watch(exc: BaseException, index_dir: str) -> bool:
 
 
 class _Watcher:
-    """watchfiles in a thread: each batch of changes under `paths` goes to `batches`, also while a run is going."""
+    """watchfiles in a thread: each batch of changes under `paths` (in them alone when not `recursive`) goes to
+    `batches`, also while a run is going."""
 
-    def __init__(self, paths: list[str], opts: WatchOptions, polling: bool | None):
+    def __init__(self, paths: list[str], opts: WatchOptions, polling: bool | None, recursive: bool = True):
         import watchfiles
 
         self.batches: queue.Queue = queue.Queue()
@@ -362,7 +368,7 @@ class _Watcher:
                 for changes in watchfiles.watch(*paths, watch_filter=None, debounce=opts.max_batch_ms,
                                                 step=opts.settle_ms, stop_event=self._stop, rust_timeout=200,
                                                 yield_on_timeout=True, raise_interrupt=False, force_polling=polling,
-                                                ignore_permission_denied=True):
+                                                ignore_permission_denied=True, recursive=recursive):
                     self._ready.set()
                     if changes:
                         self.batches.put(changes)
@@ -534,6 +540,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
     running = False
     closing = False  # stopped by SIGINT or SIGTERM: both ignored from then on
     lock_fd = None
+    outside = _Outside()
     try:
         lock_fd = _watch_lock(out) if out.is_dir() else None  # a new index: once its first run made the folder
         known = _read_roots(out) or {}
@@ -545,6 +552,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         w.runs = 1
         lock_fd = _watch_lock(out) if lock_fd is None else lock_fd
         report(summary, {"run": 1, "changes": 0, "roots": []}, None)
+        outside.follow(job["links"], list(w.roots), opts, w.polling)
         say(f"watching {sum(1 for r in w.roots.values() if watchable(r.name))} root(s) for changes; Ctrl-C stops")
         later = later_job(job)
         pending: dict[str, list[str]] = {}  # {root: listing folders}: what the next run lists
@@ -569,11 +577,12 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             except queue.Empty:
                 batch = None
             changes = set(batch or ())
-            while True:  # every batch that came during the last run: one run
-                try:
-                    changes |= watcher.batches.get_nowait()
-                except queue.Empty:
-                    break
+            for batches in (watcher.batches, outside.batches):  # every batch that came during the last run: one run
+                while True:
+                    try:
+                        changes |= batches.get_nowait()
+                    except queue.Empty:
+                        break
             if time.monotonic() >= next_look or changes:
                 _check_index(out)
                 fresh = _read_roots(out)
@@ -600,7 +609,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             try:
                 for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
                                              path_kind, look.known_folder, through_link, unlisted=look.unlisted,
-                                             caption_target=look.caption_target).items():
+                                             caption_target=look.caption_target, outside=outside.root_of).items():
                     pending.setdefault(root, []).extend(folders)
             finally:
                 look.close()
@@ -629,6 +638,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             if error is not None and ends_watch(error, str(out)):
                 raise error
             report(summary, facts, error)
+            outside.follow(job["links"], list(w.roots), opts, w.polling)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while closing: no traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -636,12 +646,14 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         if watcher is not None:  # closed before the line is said, and only here
             watcher.close()
             watcher = None
+        outside.close()
         say("watch stopped" + (": the run in progress was abandoned; the index is as the last finished run left it, "
                                "the next `alignsearch index` finishes the work" if running else ""))
         return 0 if stopped and stopped[0] == signal.SIGTERM else 130
     finally:
         if watcher is not None:
             watcher.close()
+        outside.close()
         if lock_fd is not None:
             os.close(lock_fd)
         if not (opts.process_ends and closing):
@@ -726,6 +738,41 @@ def _restart(w: Watch, watcher, opts: WatchOptions, say):
             new.batches.put(watcher.batches.get_nowait())
         except queue.Empty:
             return new
+
+
+class _Outside:
+    """The folders outside every root that hold what links in the roots lead to (LinkFolders.targets_outside),
+    each watched alone (not what is below it): no watch of a root sees an edit there, which a full listing finds
+    (the link's row holds its target's size and time; a caption link's text is read again). Followed anew after
+    each run, as links come and go."""
+
+    def __init__(self):
+        self.targets: dict[str, str] = {}  # {real path: the root of a link leading there}
+        self._folders: list[str] = []
+        self._watcher: _Watcher | _Idle = _Idle()
+
+    @property
+    def batches(self) -> queue.Queue:
+        return self._watcher.batches
+
+    def root_of(self, path: str) -> str | None:
+        return self.targets.get(path) or self.targets.get(os.path.realpath(path))
+
+    def follow(self, links, roots: list[str], opts: WatchOptions, polling: bool) -> None:
+        self.targets = links.targets_outside(roots)
+        folders = sorted({os.path.dirname(t) for t in self.targets})
+        if self._watcher.failed is not None:
+            log.info("the folders of link targets outside the roots were not watched: %s", self._watcher.failed)
+        elif folders == self._folders:
+            return
+        self._watcher.close()
+        self._folders = folders
+        log.info("watching the folders of link targets outside the roots: %s", folders)
+        self._watcher = _Watcher(folders, opts, _polling(opts, folders, polling), recursive=False) if folders \
+            else _Idle()
+
+    def close(self) -> None:
+        self._watcher.close()
 
 
 class _Idle:

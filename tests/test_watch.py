@@ -124,6 +124,28 @@ def test_a_text_a_caption_link_leads_to_makes_a_run_of_no_folder_of_its_own():
                          caption_target=targets.__contains__) == {}
 
 
+def test_a_link_target_outside_the_roots_makes_a_run_of_its_link_s_root(tmp_path):
+    from indexer.roots import LinkFolders
+
+    targets = {"/elsewhere/shared.png": ROOT}
+    changes = {(MODIFIED, "/elsewhere/shared.png"), (ADDED, "/elsewhere/other.png")}
+    assert watch.touched(changes, {ROOT: False, "/photos2": False}, SKIP, lambda p: False, outside=targets.get) == \
+        {ROOT: []}
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("a.png", "a.txt", "in.png"):
+        (elsewhere if name != "in.png" else root / "sub").joinpath(name).write_bytes(b"x")
+    (root / "sub" / "fav.png").symlink_to(elsewhere / "a.png")
+    (root / "sub" / "fav.txt").symlink_to(elsewhere / "a.txt")
+    (root / "sub" / "here.png").symlink_to(root / "sub" / "in.png")  # inside a root: watched there
+    (root / "sub" / "album").symlink_to(elsewhere, target_is_directory=True)  # never followed by a listing
+    links = LinkFolders(folders={str(root): {"sub"}})
+    assert links.targets_outside([str(root)]) == {str(elsewhere / "a.png"): str(root),
+                                                  str(elsewhere / "a.txt"): str(root)}
+    assert links.caption_targets() == {str(elsewhere / "a.txt")}
+
+
 def test_a_change_at_a_known_link_to_a_folder_starts_the_watcher_anew(tmp_path):
     from indexer.roots import LinkFolders
 
@@ -1071,6 +1093,37 @@ def test_a_root_that_could_not_be_read_when_the_watch_started_is_watched_once_re
     root, ix = indexed_images(4)
     shutil.copy(make_images(tmp_path / "first", 1, seed=41)[0], root / "meanwhile.png")  # in the root's top folder
     readable_while_watched(watching, ix, root, tmp_path)
+
+
+@pytest.mark.slow
+def test_what_links_lead_to_outside_the_roots_is_watched(indexed_images, watching, tmp_path):
+    """A photo and a caption that are links to files outside every root (elsewhere/): a full listing notices an
+    edit there (the link's row holds its target's size and time; the caption is read again), but no watch of a
+    root sees it, so the index kept the old photo and caption until some change in a root started a run. The
+    folders of such targets are watched (alone, not below them), and a change of a target starts a run."""
+    root, ix = indexed_images(4)
+    elsewhere = tmp_path / "elsewhere"
+    first, second = make_images(tmp_path / "staging", 2, seed=43)
+    elsewhere.mkdir()
+    shutil.copy(first, elsewhere / "shared.png")
+    (elsewhere / "note.txt").write_text("a red bicycle")
+    (root / "fav.png").symlink_to(elsewhere / "shared.png")
+    (root / "fav.txt").symlink_to(elsewhere / "note.txt")
+    w = watching(ix)
+    assert w.runs[0]["added"] == 1, w.runs[0]
+    shutil.copy(second, elsewhere / "shared.new")
+    os.replace(elsewhere / "shared.new", elsewhere / "shared.png")  # as an editor saves it
+    w.next_run(updated=1)
+    hits = alignsearch("query", "--image", second, "-k", "1", "--json", "--index", ix)
+    assert json.loads(hits.stdout)["results"][0]["path"] == str(root / "fav.png")
+    (elsewhere / "note.txt").write_text("a blue whale")
+    w.until(lambda: any(r["times"]["extra"]["captions_read_again"] == 1 for r in w.runs[2:]), "the caption read again")
+    runs = len(w.runs)
+    (elsewhere / "unrelated.png").write_bytes(first.read_bytes())  # beside a target, not one: no run
+    time.sleep(3)
+    assert len(w.runs) == runs, w.runs[runs:]
+    assert w.stop() == 130
+    assert all(r["watch"]["roots"] == [str(root.resolve())] for r in w.runs[1:])
 
 
 @pytest.mark.slow

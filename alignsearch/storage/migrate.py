@@ -28,7 +28,8 @@ from alignsearch.storage import state
 
 log = logging.getLogger(__name__)
 
-# The files table's columns before video moments (schema 1-2).
+# The files table's columns before video moments (schema 1-2). A version 1 catalog written before 6df5cc1 (the first
+# alignsearch, aa1526b) lacks relpath_raw: step 2 adds it, a reader sees it NULL (UTF-8 names only then).
 V2_COLUMNS = ("id", "root", "relpath", "relpath_raw", "size", "mtime", "sha256", "width", "height", "format", "status",
               "reason", "indexed_at", "vec_row")
 
@@ -42,7 +43,11 @@ class Step:
 
 def _segments(conn) -> None:
     """files.vec_row became a (segment, row) address (alignsearch/storage/vectors.py): the addresses of a
-    version 1 catalog are segment 0's, which read the same. Nothing on disk changes."""
+    version 1 catalog are segment 0's, which read the same, and vectors.f16 is read as it is. A version 1
+    catalog from before non-UTF-8 names (aa1526b until 6df5cc1) gains files.relpath_raw, NULL for every row
+    (only UTF-8 names were stored then); step 3 then rebuilds the table with its columns in their order."""
+    if "relpath_raw" not in _columns(conn.connection.dbapi_connection, "files"):
+        conn.exec_driver_sql("ALTER TABLE files ADD COLUMN relpath_raw BLOB")
 
 
 def _moments_and_text(conn) -> None:
@@ -167,6 +172,10 @@ def _tables(dbapi_conn) -> set[str]:
     return {name for (name,) in dbapi_conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
 
 
+def _columns(dbapi_conn, table: str) -> list[str]:
+    return [row[1] for row in dbapi_conn.execute(f"PRAGMA main.table_info({table})")]
+
+
 @dataclass(frozen=True)
 class Schema:
     """What a reader may rely on in the catalog it opened (it never upgrades one). Every field is true from
@@ -188,27 +197,37 @@ CURRENT = Schema()
 
 def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     """What a read-only connection's catalog holds; a catalog older than version 3 gets a temporary view
-    named `files` with the moment columns (temp names shadow main ones, and temp objects need no write
-    access) so that it reads as photos, moment 0 with no times. A file that is not a catalog reads as
-    CURRENT: the caller's first query reports it."""
+    named `files` with the moment columns (and relpath_raw, NULL, where a version 1 catalog lacks it), and
+    an empty temporary table for each other table it lacks that no Schema field covers (vector_chunks: no
+    checksums yet, pending_vectors, tags): temp names shadow main ones, and temp objects need no write
+    access. It then reads as photos, moment 0 with no times. A file that is not a catalog reads as CURRENT:
+    the caller's first query reports it."""
     try:
         version = state.read(dbapi_conn, "schema_version").schema_version
     except (sqlite3.DatabaseError, ValueError):
         return CURRENT
     if version is not None and version >= 3:
         return Schema(version, fill_failures=holds(version, "fill_failures"))
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+    from sqlalchemy.schema import CreateTable
+
     from alignsearch.storage import catalog
 
     have = _tables(dbapi_conn)
-    files = [row[1] for row in dbapi_conn.execute("PRAGMA main.table_info(files)")]
-    photo_columns = [row[1] for row in dbapi_conn.execute(f"PRAGMA main.table_info({catalog.photos.name})")]
+    files = _columns(dbapi_conn, "files")
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
-                   photo_ocr="ocr" in photo_columns, phashes=catalog.phashes.name in have,
+                   photo_ocr="ocr" in _columns(dbapi_conn, catalog.photos.name), phashes=catalog.phashes.name in have,
                    keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
                    fill_failures=catalog.fill_failures.name in have)
     if not found.moments:
-        dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {', '.join(V2_COLUMNS)}, 0 AS moment, "
+        columns = ", ".join(c if c in files else f"NULL AS {c}" for c in V2_COLUMNS)
+        dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {columns}, 0 AS moment, "
                            "NULL AS t, NULL AS t_end FROM main.files")
+    covered = {catalog.files.name, catalog.photos.name, catalog.phashes.name, catalog.fill_failures.name}
+    for table in catalog.metadata.sorted_tables:
+        if table.name not in have and table.name not in covered:
+            ddl = str(CreateTable(table).compile(dialect=sqlite_dialect.dialect())).strip()
+            dbapi_conn.execute(ddl.replace("CREATE TABLE ", "CREATE TEMP TABLE IF NOT EXISTS ", 1))
     return found
 
 

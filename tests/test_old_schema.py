@@ -1,0 +1,156 @@
+"""An index written by the first alignsearch, aa1526b (catalog schema 1, tests/fixtures/index-v1, built by
+tests/fixtures/build_index_v1.py): its files table has no relpath_raw and its catalog none of the tables that
+came later (vector_chunks, tags...). migrate.OLDEST is 1, yet every reader called it damaged ("no such table:
+vector_chunks", "no such column: relpath_raw", exit 7, "restore it from a backup") and every `index` run
+failed its upgrade ("run `alignsearch verify`", which said the same). Readers read it as it stands; the first
+writer upgrades it in place, in one transaction, keeping vectors.f16 as it is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+from alignsearch.errors import ModelMismatchError
+from alignsearch.storage import catalog, migrate, state
+
+from helpers import FIXTURES
+from test_state import dump, hashes
+
+EXPECTED = json.loads((FIXTURES / "index-v1.json").read_text())
+OPTIONS = ["--device", "cpu", "--backend", "torch"]
+
+
+@pytest.fixture
+def v1(tmp_path) -> Path:
+    """A copy of the fixture (index and photos) with the model it was built with beside it."""
+    copy = Path(shutil.copytree(FIXTURES / "index-v1", tmp_path / "v1"))
+    shutil.copytree(FIXTURES / "index-v3" / "model", copy / "model")
+    return copy
+
+
+def known_model(copy: Path) -> None:
+    """aa1526b's fingerprint hashed the model's folder and the transformers version it ran under
+    (encoders/model.py _legacy_fingerprint): the model is known to it only at the place and under the
+    transformers it was built with. The copy records the fingerprint the model has now (every other byte
+    stays), so the tests below exercise the catalog and vectors of that era, not the fingerprint's."""
+    from alignsearch.encoders.model import Encoder
+
+    fingerprint = Encoder(str(copy / "model"), "cpu").fingerprint
+    conn = sqlite3.connect(copy / ".alignsearch" / "catalog.db")
+    with conn:
+        record = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps({**record, "fingerprint": fingerprint}),))
+    conn.close()
+
+
+def answers(copy: Path) -> list[list[tuple[int, str, float]]]:
+    got = []
+    for recorded in EXPECTED["answers"]:
+        args = [str(copy / "photos" / Path(a).relative_to(Path(EXPECTED["build_root"]) / "photos"))
+                if a.startswith(EXPECTED["build_root"]) else a for a in recorded["args"]]
+        out = run(*args, "--index", copy / ".alignsearch", "--model", copy / "model", *OPTIONS, "--json")
+        got.append([(h["id"], h["path"], h["score"]) for h in json.loads(out.output)["results"]])
+    return got
+
+
+def assert_answers_as_recorded(got, added: str | None = None) -> None:
+    """The same files in the same order, scores within 5e-4, fp16's precision (that alignsearch scored an
+    image query against its own file's stored fp16 row, this one against the query's exact vector; it
+    normalised the query in float32). added: a folder indexed since, whose files are left out (the answers
+    of the old files are then a prefix of those recorded)."""
+    for mine, recorded in zip(got, EXPECTED["answers"]):
+        mine = [h for h in mine if added is None or not h[1].startswith(added)]
+        theirs = recorded["results"][: len(mine)] if added else recorded["results"]
+        assert [(i, p) for i, p, _ in mine] == [(h["id"], h["path"]) for h in theirs], recorded["args"]
+        assert [s for _, _, s in mine] == pytest.approx([h["score"] for h in theirs], abs=5e-4)
+
+
+def test_info_and_verify_read_an_aa1526b_index_as_it_stands_and_write_nothing(v1):
+    ix = v1 / ".alignsearch"
+    before = hashes(ix)
+    info = json.loads(run("info", "--index", ix, "--failed", "--json").output)
+    old = EXPECTED["info"]
+    assert (info["images"], info["failed"], info["roots"], info["dim"]) == (old["images"], old["failed"], old["roots"],
+                                                                           old["dim"])
+    assert [f["path"] for f in info["failed_files"]] == [f["path"] for f in old["failed_files"]]
+    out = run("verify", "--index", ix, "--skip-model", code=None)
+    assert "cannot be read" not in out.output and "damaged" not in out.output, out.output
+    assert "written before checksums were recorded" in out.output  # what `index` or `verify --repair` adds
+    db = catalog.connect(ix / "catalog.db", readonly=True)
+    with db.connect() as conn:
+        assert state.read(conn).schema_version == 1 and migrate.schema_of(conn).version == 1
+        rows = catalog.indexed_files(conn)
+        assert [(r.relpath_raw, r.moment, r.t) for r in rows] == [(None, 0, None)] * 6
+        assert {r.path for r in rows} == {h["path"] for a in EXPECTED["answers"] for h in a["results"]}
+    db.dispose()
+    after = hashes(ix)
+    assert {k: after[k] for k in before} == before
+    assert set(after) - set(before) <= {"catalog.db-wal", "catalog.db-shm"}
+
+
+def test_queries_on_an_aa1526b_index_answer_what_it_answered(v1):
+    known_model(v1)
+    before = hashes(v1 / ".alignsearch")
+    assert_answers_as_recorded(answers(v1))
+    after = hashes(v1 / ".alignsearch")
+    assert {k: after[k] for k in before} == before
+
+
+def test_a_moved_model_of_that_era_is_refused_in_one_line_not_called_damage(v1):
+    out = run("query", "red", "--index", v1 / ".alignsearch", "--model", v1 / "model", *OPTIONS,
+              code=ModelMismatchError.exit_code)
+    assert len(out.output.strip().splitlines()) == 1 and "--reindex" in out.output, out.output
+
+
+def test_index_upgrades_an_aa1526b_index_in_place_keeping_its_vectors(v1, tmp_path):
+    known_model(v1)
+    ix = v1 / ".alignsearch"
+    vectors = (ix / "vectors.f16").read_bytes()
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(v1 / "photos" / "red.png", new / "red-copy.png")  # its vector is found by content: none encoded
+    shutil.copy(v1 / "photos" / "dog.png", new / "dog-copy.png")
+    summary = json.loads(run("index", new, "--index", ix, "--model", v1 / "model", *OPTIONS, "--workers", "0",
+                             "--json").stdout)
+    assert summary["added"] == 2 and summary["failed"] == 0
+    assert (ix / "vectors.f16").read_bytes() == vectors
+    db = catalog.connect(ix / "catalog.db", readonly=True)
+    with db.connect() as conn:
+        assert state.read(conn).schema_version == migrate.LATEST and migrate.schema_of(conn) == migrate.CURRENT
+        assert len(catalog.indexed_files(conn)) == 8
+    db.dispose()
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert [r[1] for r in conn.execute("PRAGMA table_info(files)")][:4] == ["id", "root", "relpath", "relpath_raw"]
+    conn.close()
+    out = run("verify", "--index", ix)
+    assert out.output.startswith("ok:"), out.output
+    got = answers(v1)  # the old files answer as before; each copy sits beside its original
+    assert_answers_as_recorded(got, added=str(new))
+    assert {Path(p).name for a in got for _, p, _ in a} >= {"red-copy.png", "dog-copy.png"}
+
+
+def test_an_upgrade_of_an_aa1526b_catalog_that_fails_leaves_it_as_it_was(v1, monkeypatch):
+    path = v1 / ".alignsearch" / "catalog.db"
+    before = dump(path)
+    last = migrate.STEPS[-1]
+
+    def fails(conn):
+        last.apply(conn)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(migrate, "STEPS", (*migrate.STEPS[:-1], replace(last, apply=fails)))
+    with pytest.raises(OSError):
+        catalog.connect(path)
+    assert dump(path) == before
+    monkeypatch.undo()
+    catalog.connect(path).dispose()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(migrate.LATEST)
+    assert [r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")] == list(range(1, 8))
+    conn.close()

@@ -3,7 +3,8 @@
 multiprocessing.Pool.imap never learns that a worker died mid-task (the OOM killer, a crash in a codec):
 it starts a replacement, the lost task's result never comes, and `index` waited forever holding the
 writer lock; workers that could not start were restarted for minutes. concurrent.futures' pool marks
-itself broken the moment a worker dies. Then the items that were in flight are decoded again one at a
+itself broken the moment a worker dies (one that dies part way through writing its result back wedges it
+instead: _wait breaks it). Then the items that were in flight are decoded again one at a
 time, each in a fresh worker: an item that kills its worker again is recorded as failed (its reason says
 so), the others are indexed as usual, and the run goes on with a new pool. A fresh worker is first asked
 for its pid: one that cannot even do that means workers cannot start here, which is an error, not a
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4  # items per task, as Pool.imap's chunksize was
 IN_FLIGHT = 256  # items decoding or decoded ahead of the consumer (Pool.imap bounded nothing)
 DIED = "the decode worker died while reading it (killed, out of memory?)"
+WEDGED_S = 1.0  # how often a wait for a result looks for a worker that died without the pool saying so
 
 
 class WorkersCannotStart(AlignSearchError):
@@ -95,7 +97,7 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
                 return
             chunk, future = pending[0]
             try:
-                results = future.result()
+                results = _wait(pool, future)
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 kept = [_result(f) for _, f in pending]  # in order: what finished before the death is kept
@@ -126,6 +128,36 @@ def _stop(pool: ProcessPoolExecutor, at_once: bool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _wait(pool: ProcessPoolExecutor, future: Future):
+    """future.result(), but a pool that a worker's death left wedged is broken here: BrokenProcessPool.
+
+    A worker killed (the OOM killer, kill -9) part way through writing its result back (a chunk of decoded images
+    is far over a pipe's 64 KB) left half a message in the pool's result pipe: the pool's manager thread read it
+    and waited for the rest for ever (this process holds a copy of that pipe's write end, so no end of file came),
+    no future was ever set, and `index` waited forever holding the writer lock. A dead worker still there at two
+    looks WEDGED_S apart (the manager notices a death otherwise within milliseconds) means that: its workers are
+    killed and this process's copy of the write end closed, so the manager's read ends (end of file, and the
+    manager thread with it: Python's exit joins it), and the caller decodes the items in flight again."""
+    dead_before = False
+    while True:
+        try:
+            return future.result(timeout=WEDGED_S)
+        except TimeoutError:
+            pass
+        # ProcessPoolExecutor keeps its workers and result queue private (as _stop reads the workers)
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        dead = bool(multiprocessing.connection.wait([p.sentinel for p in workers], timeout=0))
+        if dead and dead_before and not future.done():
+            for process in workers:
+                process.kill()  # one blocked on the result queue's lock the dead one held ends too
+            for process in workers:
+                process.join(5)
+            if (results := getattr(pool, "_result_queue", None)) is not None:
+                results._writer.close()
+            raise BrokenProcessPool("a worker died part way through writing its result back")
+        dead_before = dead
+
+
 def _chunked(todo: Iterable) -> Iterator[list]:
     items = iter(todo)
     while chunk := list(islice(items, CHUNK)):
@@ -146,7 +178,7 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
     pool = _new_pool(workers, init)
     futures = [pool.submit(fn, found) for found in items]
     try:
-        done = [f.result() for f in futures]
+        done = [_wait(pool, f) for f in futures]
     except BrokenProcessPool:
         done = [_result(f) for f in futures]
     finally:
@@ -162,7 +194,7 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
             for attempt in range(2):
                 single = single or _new_pool(1, init)
                 try:
-                    result = single.submit(fn, found).result()
+                    result = _wait(single, single.submit(fn, found))
                     break
                 except BrokenProcessPool:
                     single.shutdown(wait=False, cancel_futures=True)

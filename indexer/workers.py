@@ -70,7 +70,7 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "
                                  "run with --workers 0 to decode in this process") from None
     except BaseException:  # Ctrl-C while they start
-        _stop(pool, at_once=True)
+        _stop(pool)
         raise
     return pool
 
@@ -87,13 +87,11 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
     chunks = _chunked(todo)
     window = max(IN_FLIGHT, workers * 4 * CHUNK) // CHUNK
     again = None
-    finished = False
     try:
         while True:
             while len(pending) < window and (chunk := next(chunks, None)) is not None:
                 pending.append((chunk, pool.submit(_read_chunk, fn, chunk)))
             if not pending:
-                finished = True
                 return
             chunk, future = pending[0]
             try:
@@ -114,15 +112,17 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
     finally:
         if again is not None:
             again.close()  # its own pools stop with it (finished too: it is paused after its last yield)
-        _stop(pool, at_once=not finished)
+        _stop(pool)
 
 
-def _stop(pool: ProcessPoolExecutor, at_once: bool) -> None:
-    """Shut the pool down; at_once (Ctrl-C, an error, the consumer gone): its workers are terminated too, as
-    Pool.terminate did. A shutdown alone cancels only the queued chunks: the running ones go on, and Python's
-    exit waits for them (a worker ignores SIGINT). SIGTERM ends a worker quietly."""
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down and terminate its workers, as Pool.terminate did. A shutdown alone cancels only the
+    queued chunks: the running ones (Ctrl-C, an error, the consumer gone) go on, and Python's exit waits for them (a
+    worker ignores SIGINT). Idle ones at a run's end too: one killed -9 just after it wrote its last result back
+    can die holding the result queue's lock, and the others, told to stop, each wait for that lock to write a last
+    word back, and Python's exit waited for them for ever. SIGTERM ends a worker quietly."""
     # ProcessPoolExecutor has no public way to end its workers before Python 3.14 (terminate_workers)
-    workers = list((getattr(pool, "_processes", None) or {}).values()) if at_once else []
+    workers = list((getattr(pool, "_processes", None) or {}).values())
     for process in workers:
         process.terminate()  # a no-op for one already ended
     pool.shutdown(wait=False, cancel_futures=True)
@@ -182,8 +182,8 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
     except BrokenProcessPool:
         done = [_result(f) for f in futures]
     finally:
-        _stop(pool, at_once=not all(f.done() for f in futures))  # not all done: Ctrl-C
-    single, finished = None, False
+        _stop(pool)
+    single = None
     try:
         for found, result in zip(items, done):
             if result is not None:
@@ -203,10 +203,9 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
                 log.warning("%s: %s", getattr(found, "relpath", found), DIED)
                 result = failed(found, DIED)
             yield result
-        finished = True
     finally:
         if single is not None:
-            _stop(single, at_once=not finished)
+            _stop(single)
 
 
 def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterator[list]:

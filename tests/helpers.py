@@ -957,3 +957,28 @@ def big_then_killed(item: str, size: int = 64 << 20):
 
     threading.Thread(target=kill_mid_message, daemon=True).start()
     return np.ones(size, np.uint8)
+
+
+def killed_holding_the_result_lock(item: str):
+    """For decode-worker tests: upper-cases item; the worker that decodes one named last is then killed -9 holding
+    the pool's result queue's lock once that result is written back (a worker killed between its write and the
+    lock's release): a thread takes the lock, holds it half a second (the run ends meanwhile), then kills it."""
+    import threading
+
+    if item != "last":
+        return item.upper()
+    before = _bytes_written()
+    frame = sys._getframe()
+    while frame.f_code.co_name != "_process_worker":  # concurrent.futures' worker loop, which holds the queue
+        frame = frame.f_back
+    results = frame.f_locals["result_queue"]
+
+    def kill_holding_the_lock() -> None:
+        while _bytes_written() == before:
+            time.sleep(0.0002)
+        results._wlock.acquire()
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill_holding_the_lock, daemon=True).start()
+    return item.upper()

@@ -66,6 +66,28 @@ def test_a_worker_killed_while_it_writes_a_large_result_back_is_noticed_not_wait
     assert proc.stdout.strip() == repr(["A", ("failed", "big", DIED), "B", "C"]), (proc.stdout, proc.stderr[-2000:])
 
 
+KILLED_HOLDING_THE_RESULT_LOCK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import workers
+print(list(workers.decode_in_processes(helpers.killed_holding_the_result_lock, ["a", "b", "c", "last"], 2,
+                                       lambda item, reason: ("failed", item, reason))))
+"""
+
+
+@pytest.mark.slow  # 4 s (10 s on a busy machine)
+def test_a_run_whose_worker_died_holding_the_result_lock_still_exits():
+    """A worker killed -9 just after it wrote its result back may die holding the pool's result queue's lock. At the
+    run's end the pool told its other workers to stop, each waited for that lock to write a last word back, and the
+    pool (and Python's exit) waited for them: every result was in, the process never ended (reproduced: a 30 s
+    limit). The workers are terminated at the end now, as on Ctrl-C."""
+    proc = subprocess.run([sys.executable, "-c", KILLED_HOLDING_THE_RESULT_LOCK, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == repr(["A", "B", "C", "LAST"]), (proc.stdout, proc.stderr[-2000:])
+
+
 @pytest.mark.slow
 def test_every_worker_starts_with_ctrl_c_ignored(monkeypatch):
     """A spawn pool starts its workers one submit at a time: those started after the first were started with

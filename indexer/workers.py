@@ -3,7 +3,8 @@
 multiprocessing.Pool.imap never learns that a worker died mid-task (the OOM killer, a crash in a codec):
 it starts a replacement, the lost task's result never comes, and `index` waited forever holding the
 writer lock; workers that could not start were restarted for minutes. concurrent.futures' pool marks
-itself broken the moment a worker dies. Then the items that were in flight are decoded again one at a
+itself broken the moment a worker dies (one that dies part way through writing its result back wedges it
+instead: _wait breaks it). Then the items that were in flight are decoded again one at a
 time, each in a fresh worker: an item that kills its worker again is recorded as failed (its reason says
 so), the others are indexed as usual, and the run goes on with a new pool. A fresh worker is first asked
 for its pid: one that cannot even do that means workers cannot start here, which is an error, not a
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4  # items per task, as Pool.imap's chunksize was
 IN_FLIGHT = 256  # items decoding or decoded ahead of the consumer (Pool.imap bounded nothing)
 DIED = "the decode worker died while reading it (killed, out of memory?)"
+WEDGED_S = 1.0  # how often a wait for a result looks for a worker that died without the pool saying so
 
 
 class WorkersCannotStart(AlignSearchError):
@@ -68,7 +70,7 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "
                                  "run with --workers 0 to decode in this process") from None
     except BaseException:  # Ctrl-C while they start
-        _stop(pool, at_once=True)
+        _stop(pool)
         raise
     return pool
 
@@ -85,17 +87,15 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
     chunks = _chunked(todo)
     window = max(IN_FLIGHT, workers * 4 * CHUNK) // CHUNK
     again = None
-    finished = False
     try:
         while True:
             while len(pending) < window and (chunk := next(chunks, None)) is not None:
                 pending.append((chunk, pool.submit(_read_chunk, fn, chunk)))
             if not pending:
-                finished = True
                 return
             chunk, future = pending[0]
             try:
-                results = future.result()
+                results = _wait(pool, future)
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 kept = [_result(f) for _, f in pending]  # in order: what finished before the death is kept
@@ -112,18 +112,50 @@ def decode_in_processes(fn: Callable, todo: Iterable, workers: int, failed: Call
     finally:
         if again is not None:
             again.close()  # its own pools stop with it (finished too: it is paused after its last yield)
-        _stop(pool, at_once=not finished)
+        _stop(pool)
 
 
-def _stop(pool: ProcessPoolExecutor, at_once: bool) -> None:
-    """Shut the pool down; at_once (Ctrl-C, an error, the consumer gone): its workers are terminated too, as
-    Pool.terminate did. A shutdown alone cancels only the queued chunks: the running ones go on, and Python's
-    exit waits for them (a worker ignores SIGINT). SIGTERM ends a worker quietly."""
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down and terminate its workers, as Pool.terminate did. A shutdown alone cancels only the
+    queued chunks: the running ones (Ctrl-C, an error, the consumer gone) go on, and Python's exit waits for them (a
+    worker ignores SIGINT). Idle ones at a run's end too: one killed -9 just after it wrote its last result back
+    can die holding the result queue's lock, and the others, told to stop, each wait for that lock to write a last
+    word back, and Python's exit waited for them for ever. SIGTERM ends a worker quietly."""
     # ProcessPoolExecutor has no public way to end its workers before Python 3.14 (terminate_workers)
-    workers = list((getattr(pool, "_processes", None) or {}).values()) if at_once else []
+    workers = list((getattr(pool, "_processes", None) or {}).values())
     for process in workers:
         process.terminate()  # a no-op for one already ended
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _wait(pool: ProcessPoolExecutor, future: Future):
+    """future.result(), but a pool that a worker's death left wedged is broken here: BrokenProcessPool.
+
+    A worker killed (the OOM killer, kill -9) part way through writing its result back (a chunk of decoded images
+    is far over a pipe's 64 KB) left half a message in the pool's result pipe: the pool's manager thread read it
+    and waited for the rest for ever (this process holds a copy of that pipe's write end, so no end of file came),
+    no future was ever set, and `index` waited forever holding the writer lock. A dead worker still there at two
+    looks WEDGED_S apart (the manager notices a death otherwise within milliseconds) means that: its workers are
+    killed and this process's copy of the write end closed, so the manager's read ends (end of file, and the
+    manager thread with it: Python's exit joins it), and the caller decodes the items in flight again."""
+    dead_before = False
+    while True:
+        try:
+            return future.result(timeout=WEDGED_S)
+        except TimeoutError:
+            pass
+        # ProcessPoolExecutor keeps its workers and result queue private (as _stop reads the workers)
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        dead = bool(multiprocessing.connection.wait([p.sentinel for p in workers], timeout=0))
+        if dead and dead_before and not future.done():
+            for process in workers:
+                process.kill()  # one blocked on the result queue's lock the dead one held ends too
+            for process in workers:
+                process.join(5)
+            if (results := getattr(pool, "_result_queue", None)) is not None:
+                results._writer.close()
+            raise BrokenProcessPool("a worker died part way through writing its result back")
+        dead_before = dead
 
 
 def _chunked(todo: Iterable) -> Iterator[list]:
@@ -146,12 +178,12 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
     pool = _new_pool(workers, init)
     futures = [pool.submit(fn, found) for found in items]
     try:
-        done = [f.result() for f in futures]
+        done = [_wait(pool, f) for f in futures]
     except BrokenProcessPool:
         done = [_result(f) for f in futures]
     finally:
-        _stop(pool, at_once=not all(f.done() for f in futures))  # not all done: Ctrl-C
-    single, finished = None, False
+        _stop(pool)
+    single = None
     try:
         for found, result in zip(items, done):
             if result is not None:
@@ -162,7 +194,7 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
             for attempt in range(2):
                 single = single or _new_pool(1, init)
                 try:
-                    result = single.submit(fn, found).result()
+                    result = _wait(single, single.submit(fn, found))
                     break
                 except BrokenProcessPool:
                     single.shutdown(wait=False, cancel_futures=True)
@@ -171,10 +203,9 @@ def _again(fn: Callable, items: list, workers: int, failed: Callable, init: tupl
                 log.warning("%s: %s", getattr(found, "relpath", found), DIED)
                 result = failed(found, DIED)
             yield result
-        finished = True
     finally:
         if single is not None:
-            _stop(single, at_once=not finished)
+            _stop(single)
 
 
 def catalog_pages(db, fetch: Callable, limit: int, without_ids: list) -> Iterator[list]:

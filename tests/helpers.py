@@ -928,3 +928,57 @@ def big_moments_then_wait(size: int):
     align-base's 289 px crops are) and never ends, so a test can kill its worker while it hands one over."""
     while True:
         yield np.ones(size, np.uint8)
+
+
+# -- an image decode worker that dies while it writes a large result back (tests/test_workers.py) -------------------
+
+
+def _bytes_written() -> int:
+    """What this process has written so far (/proc/self/io's wchar: counted when a write call returns)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def big_then_killed(item: str, size: int = 64 << 20):
+    """For decode-worker tests: an item named big decodes to `size` bytes (far over a pipe's 64 KB, as a chunk of
+    decoded images is) and its worker is killed -9 (the OOM killer) part way through writing that result back to
+    the pool: a thread kills it once the message's header is written, while the result's own write is under way.
+    Any other item is upper-cased."""
+    import threading
+
+    if item != "big":
+        return item.upper()
+    before = _bytes_written()
+
+    def kill_mid_message() -> None:
+        while _bytes_written() == before:
+            time.sleep(0.0002)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill_mid_message, daemon=True).start()
+    return np.ones(size, np.uint8)
+
+
+def killed_holding_the_result_lock(item: str):
+    """For decode-worker tests: upper-cases item; the worker that decodes one named last is then killed -9 holding
+    the pool's result queue's lock once that result is written back (a worker killed between its write and the
+    lock's release): a thread takes the lock, holds it half a second (the run ends meanwhile), then kills it."""
+    import threading
+
+    if item != "last":
+        return item.upper()
+    before = _bytes_written()
+    frame = sys._getframe()
+    while frame.f_code.co_name != "_process_worker":  # concurrent.futures' worker loop, which holds the queue
+        frame = frame.f_back
+    results = frame.f_locals["result_queue"]
+
+    def kill_holding_the_lock() -> None:
+        while _bytes_written() == before:
+            time.sleep(0.0002)
+        results._wlock.acquire()
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill_holding_the_lock, daemon=True).start()
+    return item.upper()

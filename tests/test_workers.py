@@ -38,6 +38,56 @@ def test_an_item_that_never_ran_before_a_pool_died_is_not_failed_for_one_death(t
     assert out == [("failed", "die", DIED), items[1].upper(), "OK"]
 
 
+KILLED_MID_RESULT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import workers
+workers.WEDGED_S = 0.25  # a wedged pool is broken within half a second of a death (the test's four take 2 s)
+items, failed = ["a", "big", "b", "c"], lambda item, reason: ("failed", item, reason)
+if sys.argv[2] == "decode":
+    out = workers.decode_in_processes(helpers.big_then_killed, items, 2, failed)
+else:  # a fill step's (OCR, phash)
+    out = workers.map_rows(helpers.big_then_killed, iter([items]), 2, failed)
+print([o if isinstance(o, (str, tuple)) else "array" for o in out])
+"""
+
+
+@pytest.mark.slow  # 5 s (15 s on a busy machine): four deaths, a pool started after each
+@pytest.mark.parametrize("via", ["decode", "fill"])
+def test_a_worker_killed_while_it_writes_a_large_result_back_is_noticed_not_waited_for(via):
+    """A worker killed (the OOM killer) part way through writing its chunk's result back (decoded images, far over
+    a pipe's 64 KB) left half a message in the pool's result pipe: the pool read it and waited for the rest for
+    ever, and so did `index` (and Python's exit after it). Reproduced with 64 MB and 256 KB results: hung to a
+    60 s limit. Now the item is decoded again and fails after two deaths alone, as for any other death."""
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_RESULT, str(Path(__file__).parent), via],
+                          capture_output=True, text=True, timeout=45)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == repr(["A", ("failed", "big", DIED), "B", "C"]), (proc.stdout, proc.stderr[-2000:])
+
+
+KILLED_HOLDING_THE_RESULT_LOCK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import helpers
+from indexer import workers
+print(list(workers.decode_in_processes(helpers.killed_holding_the_result_lock, ["a", "b", "c", "last"], 2,
+                                       lambda item, reason: ("failed", item, reason))))
+"""
+
+
+@pytest.mark.slow  # 4 s (10 s on a busy machine)
+def test_a_run_whose_worker_died_holding_the_result_lock_still_exits():
+    """A worker killed -9 just after it wrote its result back may die holding the pool's result queue's lock. At the
+    run's end the pool told its other workers to stop, each waited for that lock to write a last word back, and the
+    pool (and Python's exit) waited for them: every result was in, the process never ended (reproduced: a 30 s
+    limit). The workers are terminated at the end now, as on Ctrl-C."""
+    proc = subprocess.run([sys.executable, "-c", KILLED_HOLDING_THE_RESULT_LOCK, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == repr(["A", "B", "C", "LAST"]), (proc.stdout, proc.stderr[-2000:])
+
+
 @pytest.mark.slow
 def test_every_worker_starts_with_ctrl_c_ignored(monkeypatch):
     """A spawn pool starts its workers one submit at a time: those started after the first were started with

@@ -17,7 +17,7 @@ from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.vectors import VectorStore
-from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, videos, writer
+from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, scan, videos, writer
 from indexer import roots as index_roots
 from indexer.compact import remove_leftovers as remove_vector_leftovers  # `compact` is index_folders' option
 from indexer.lock import writer_lock
@@ -258,8 +258,16 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     """Re-encode everything as a new generation (indexer/reindex.py), then index new and changed files."""
     with db.connect() as conn:
         recorded = state.read(conn).model
+        indexed = {root: n.get(catalog.INDEXED, 0) for root, n in index_roots.count_by_root(conn).items()}
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
+    away = reindex.out_of_reach(indexed, sources.kind, sources.exists,
+                                lambda r: scan.empty_folder(r) or not os.access(r, os.R_OK | os.X_OK))
+    if away:  # before the model loads: nothing written
+        n = sum(indexed[r] for r in away)
+        raise BadInputError(f"cannot re-encode: {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing, empty or "
+                            f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
+                            f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
     encoder = reindex.load_new_model(recorded.record, opts.model, opts.encoder)  # before anything is written
     _run_begins(db)
     with db.connect() as conn:

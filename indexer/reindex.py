@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
+from alignsearch.media import sources
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.state import ModelIdentity, Reindex
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
@@ -36,6 +37,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NEXT_FOLDER = "next"  # under vectors/: not a live segment until the switch, so no writer deletes it
+
+
+def out_of_reach(indexed: dict[str, int], kind, exists, empty) -> list[str]:
+    """The roots whose indexed files (indexed: {root: files}) a re-encode could not read: a folder or shard that is
+    missing, or a folder that is empty though it holds indexed files (the mount point an unplugged drive left) or
+    cannot be listed. kind, exists, empty: sources.kind, sources.exists and whether a folder shows no file (empty,
+    or unreadable), asked of local roots only.
+    Re-encoded anyway, each of their files lost its vector (no file to read, and the old model's vector cannot
+    stay beside the new model's) and was marked failed: out of every search until the drive came back."""
+    out = []
+    for root, n in sorted(indexed.items()):
+        if n == 0 or sources.is_url(root) or kind(root) not in (sources.FOLDER, sources.TAR):
+            continue  # a list's entries lie elsewhere; a URL is not asked here (each file's failure is its own)
+        if not exists(root) or (kind(root) == sources.FOLDER and empty(root)):
+            out.append(root)
+    return out
 
 
 def load_new_model(recorded: dict, model: str | None, options: EncoderOptions) -> Encoder:

@@ -331,3 +331,12 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
     out.removed = [row for row in gone if not _under(row.relpath, unlisted)] if unlisted else gone
     out.kept = len(gone) - len(out.removed)
     return out
+
+
+def empty_folder(folder: str) -> bool:
+    """Whether a folder holds no entry at all (False when it cannot be listed: not known to be empty)."""
+    try:
+        with os.scandir(folder) as it:
+            return next(it, None) is None
+    except OSError:
+        return False

@@ -506,14 +506,6 @@ def _check_index(index_dir: Path) -> None:
         raise IndexNotFoundError(f"the index {index_dir} is gone (deleted or moved away): the watch ends")
 
 
-def _empty(folder: str) -> bool:
-    try:
-        with os.scandir(folder) as it:
-            return next(it, None) is None
-    except OSError:
-        return False
-
-
 def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[..., object],
                 report: Callable[[object | None, dict, BaseException | None], None],
                 say: Callable[[str], None]) -> int:
@@ -694,7 +686,7 @@ def _paths(w: Watch, say) -> list[str]:
                 w.unwatched_said.add(r.name)
             continue
         now = r.seen = identity(r.name)
-        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(r.identity, now, _empty(r.name)):
+        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(r.identity, now, scan.empty_folder(r.name)):
             if not r.held:
                 say(f"{r.name} is an empty folder on another device (an unmounted drive?): runs wait until it is back")
             r.held = True  # its identity stays the drive's

@@ -58,6 +58,44 @@ def test_reindex_with_a_model_that_cannot_load_touches_nothing(indexed_images, t
     assert meta(ix, "model")["model"] == str(tiny_model)
 
 
+def test_roots_a_reencode_could_not_read_are_found_before_it_starts():
+    from indexer.reindex import out_of_reach
+    from alignsearch.media import sources
+
+    there = {"/photos", "/archive.tar", "/mnt/drive"}
+    empty = {"/mnt/drive"}
+    indexed = {"/photos": 3, "/gone": 2, "/archive.tar": 1, "/gone.tar": 4, "/mnt/drive": 9, "/mnt/none": 0,
+               "/lists/photos.csv": 5, "s3://bucket/photos": 7}
+    assert out_of_reach(indexed, lambda r: sources.kind(r), there.__contains__, empty.__contains__) == \
+        ["/gone", "/gone.tar", "/mnt/drive"]  # a list's entries lie elsewhere; a URL is not asked; none indexed
+
+
+def test_reindex_is_refused_while_a_root_is_missing_or_empty(indexed_images, tmp_path, tiny_model):
+    """`index --reindex` while a root's drive was unplugged re-encoded what it could read and marked every file of
+    that root failed, its vector dropped (the old model's cannot stay beside the new one's): they were out of every
+    search until the drive came back, though the run said they stayed in the index. Refused now, before anything."""
+    root, ix = indexed_images(5)
+    drive = tmp_path / "drive"
+    make_images(drive, 3, seed=44)
+    index_json(ix, drive, "--device", "cpu")
+    before = top_paths(ix, k=10)
+    files = {p.name: p.read_bytes() for p in ix.iterdir() if p.is_file() and p.suffix in (".f16", ".faiss", ".db")}
+    drive.rename(tmp_path / "away")
+    for state in ("missing", "empty"):
+        result = run("index", "--index", ix, "--reindex", code=6)
+        assert result.output.startswith("error: cannot re-encode: ") and len(result.output.splitlines()) == 1, \
+            result.output
+        assert f"{drive} is missing, empty or unreadable" in result.output and "3 indexed file(s)" in result.output
+        assert top_paths(ix, k=10) == before and len(before) == 8
+        assert {p: (ix / p).read_bytes() for p in files} == files, state
+        if state == "missing":
+            drive.mkdir()  # the mount point an unplugged drive leaves
+    drive.rmdir()
+    (tmp_path / "away").rename(drive)
+    assert index_json(ix, "--reindex", "--device", "cpu")["reencoded"] == 8
+    assert len(top_paths(ix, k=10)) == 8
+
+
 @pytest.mark.slow
 def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(indexed_images, other_model):
     root, ix = indexed_images(60)

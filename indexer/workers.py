@@ -13,6 +13,7 @@ reason to fail every file.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -65,7 +66,7 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
             first = [pool.submit(os.getpid) for _ in range(workers)]
         for f in first:
             f.result(timeout=120)
-    except (BrokenProcessPool, TimeoutError, OSError) as exc:
+    except (BrokenProcessPool, TimeoutError, concurrent.futures.TimeoutError, OSError) as exc:
         pool.shutdown(wait=False, cancel_futures=True)
         raise WorkersCannotStart(f"decode worker processes cannot start here ({exc or type(exc).__name__}): "
                                  "run with --workers 0 to decode in this process") from None
@@ -142,7 +143,7 @@ def _wait(pool: ProcessPoolExecutor, future: Future):
     while True:
         try:
             return future.result(timeout=WEDGED_S)
-        except TimeoutError:
+        except (TimeoutError, concurrent.futures.TimeoutError):  # one class from Python 3.11 on, two on 3.10
             pass
         # ProcessPoolExecutor keeps its workers and result queue private (as _stop reads the workers)
         workers = list((getattr(pool, "_processes", None) or {}).values())

@@ -982,3 +982,9 @@ def killed_holding_the_result_lock(item: str):
 
     threading.Thread(target=kill_holding_the_lock, daemon=True).start()
     return item.upper()
+
+
+def slow_upper(item: str, seconds: float = 0.5) -> str:
+    """For decode-worker tests: upper-cases item after `seconds` (a decode slower than workers.WEDGED_S)."""
+    time.sleep(seconds)
+    return item.upper()

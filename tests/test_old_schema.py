@@ -154,3 +154,33 @@ def test_an_upgrade_of_an_aa1526b_catalog_that_fails_leaves_it_as_it_was(v1, mon
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(migrate.LATEST)
     assert [r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")] == list(range(1, 8))
     conn.close()
+
+
+def test_a_reader_open_across_the_upgrade_sees_what_the_writer_wrote(tmp_path):
+    """A reader of a catalog older than version 3 shows it through temporary objects, per connection (the files view,
+    empty tables for vector_chunks, pending_vectors, tags), which shadow the tables of the same name. A reader open
+    for long (`alignsearch serve`, whose engine keeps its pooled connections) went on seeing them after an `index`
+    upgraded the catalog in place: the tags, checksums and relpath_raw the writer wrote were hidden from it until it
+    restarted. A connection prepared for an older version is made anew once the catalog is upgraded."""
+    from sqlalchemy import func, insert, select, update
+
+    db = Path(shutil.copytree(FIXTURES / "index-v1" / ".alignsearch", tmp_path / "ix")) / "catalog.db"
+    reader = catalog.connect(db, readonly=True)
+    try:
+        with reader.connect() as conn:
+            file_id = conn.execute(select(func.min(catalog.files.c.id))).scalar()
+            assert catalog.tags_of(conn, file_id) == []
+        writer = catalog.connect(db)  # upgrades it
+        try:
+            with writer.begin() as conn:
+                conn.execute(insert(catalog.tags).values(file_id=file_id, label="dog", probability=0.9))
+                conn.execute(update(catalog.files).where(catalog.files.c.id == file_id).values(relpath_raw=b"raw"))
+        finally:
+            writer.dispose()
+        with reader.connect() as conn:
+            assert catalog.tags_of(conn, file_id) == [("dog", 0.9)]
+            assert conn.execute(select(catalog.files.c.relpath_raw).where(catalog.files.c.id == file_id)).scalar() \
+                == b"raw"
+            assert migrate.schema_of(conn) == migrate.CURRENT
+    finally:
+        reader.dispose()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import index_json, make_images
-from helpers import child_pids, decode_growth, decode_or_die, summary
+from helpers import child_pids, decode_growth, decode_or_die, slow_upper, summary
 
 from indexer.workers import DIED, decode_in_processes
 
@@ -399,3 +399,25 @@ def test_a_large_png_decodes_in_about_its_own_pixels(tmp_path, mode):
     Image.new(mode, (8000, 6000), (40, 90, 200) if mode == "RGB" else 30000).save(path, compress_level=1)
     growth = decode_growth(path)[2]
     assert growth < 6 * 8000 * 6000, f"{growth / 48e6:.1f} bytes a pixel"
+
+
+@pytest.mark.slow  # 3 s: a spawned pool
+def test_a_chunk_slower_than_a_wedge_look_is_waited_for_on_python_3_10_too(monkeypatch):
+    """decode_in_processes waits for a result WEDGED_S at a time (workers._wait, which looks for a wedged pool in
+    between) and took the wait's end for the builtin TimeoutError. Python 3.10 (requires-python >= 3.10) raises
+    concurrent.futures' own TimeoutError there, not a subclass of the builtin: any chunk that took over a second
+    ended the run with it. Python 3.10's classes are put in place here (Future.result raises the name it finds in
+    concurrent.futures._base when it raises)."""
+    import concurrent.futures
+    import concurrent.futures._base
+
+    from indexer import workers
+
+    class Py310TimeoutError(concurrent.futures._base.Error):
+        """As concurrent.futures.TimeoutError is on Python 3.10."""
+
+    monkeypatch.setattr(concurrent.futures._base, "TimeoutError", Py310TimeoutError)
+    monkeypatch.setattr(concurrent.futures, "TimeoutError", Py310TimeoutError)
+    monkeypatch.setattr(workers, "WEDGED_S", 0.05)
+    out = list(decode_in_processes(slow_upper, ["a", "b"], 1, lambda item, reason: ("failed", item, reason)))
+    assert out == ["A", "B"]

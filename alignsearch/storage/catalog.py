@@ -41,7 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql import CompoundSelect
 
@@ -281,6 +281,16 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
         dbapi_conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         if prepare:
             record.info["schema"] = migrate.reader_schema(dbapi_conn)
+
+    @event.listens_for(engine, "checkout")
+    def _still_current(dbapi_conn, record, _proxy):
+        # A connection prepared for a catalog older than version 3 shows it through temporary objects that shadow
+        # its tables (reader_schema); once a writer upgraded the catalog in place they hid what it wrote (its tags,
+        # checksums, relpath_raw, moments) from a reader open for long (`serve`): such a connection is made anew.
+        # One query per checkout, of such connections only.
+        schema = record.info.get("schema")
+        if schema is not None and not migrate.every_table(schema.version) and migrate.upgraded(dbapi_conn, schema):
+            raise DisconnectionError("the catalog was upgraded since this connection opened")
 
     return engine
 

@@ -231,6 +231,15 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     return found
 
 
+def upgraded(dbapi_conn: sqlite3.Connection, schema: Schema) -> bool:
+    """Whether the catalog behind a reader's connection is at another version than `schema`, found when the
+    connection opened, says (a writer upgraded it meanwhile); False when it cannot be read now."""
+    try:
+        return state.read(dbapi_conn, "schema_version").schema_version != schema.version
+    except (sqlite3.DatabaseError, ValueError):
+        return False
+
+
 def schema_of(conn) -> Schema:
     """The Schema of a SQLAlchemy connection's catalog: a reader's as found when it opened (catalog.open_readonly),
     a writer's CURRENT (catalog.connect upgraded it)."""

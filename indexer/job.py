@@ -383,7 +383,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     known_roots = list(before.roots.roots)
     _run_begins(db)
     with _refusal_undoes_the_mark(db, before.index_run):
-        all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
+        all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots, opts.include_hidden)
         if opts.list_column:
             columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
         if not all_roots:

@@ -268,6 +268,13 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         raise BadInputError(f"cannot re-encode: {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing, empty or "
                             f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
                             f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
+    within = reindex.unreadable_within(_local_indexed_paths(db), _listing_error,
+                                       lambda p: os.path.exists(p) and not os.access(p, os.R_OK))
+    if within:  # a chmod, an I/O error below a root that lists: refused as a missing drive is
+        n, shown = sum(within.values()), list(within)[:3]
+        raise BadInputError(f"cannot re-encode: {n} indexed file(s) in {', '.join(shown)}"
+                            f"{f' and {len(within) - 3} more folder(s)' if len(within) > 3 else ''} cannot be read now, "
+                            "and would drop out of search: make them readable and run again, or remove them first")
     encoder = reindex.load_new_model(recorded.record, opts.model, opts.encoder)  # before anything is written
     _run_begins(db)
     with db.connect() as conn:
@@ -285,6 +292,26 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     summary = _index(db, out, roots, opts, encoder)
     summary.reencoded = count
     return summary
+
+
+def _local_indexed_paths(db) -> list[str]:
+    """The path of every indexed file of a local folder root, a video once."""
+    with db.connect() as conn:
+        rows = [r for r in catalog.indexed_files(conn) if r.moment == 0 and not sources.is_url(r.root)]
+    folder_roots = {r.root for r in rows if sources.kind(r.root) == sources.FOLDER}
+    return [r.path for r in rows if r.root in folder_roots]
+
+
+def _listing_error(folder: str) -> str | None:
+    """Why a folder cannot be listed now; None when it can, or is gone (deleted or moved: not an error)."""
+    try:
+        with os.scandir(folder) as it:
+            next(it, None)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _batch_size(opts: IndexOptions, encoder: Encoder) -> int:
@@ -356,7 +383,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     known_roots = list(before.roots.roots)
     _run_begins(db)
     with _refusal_undoes_the_mark(db, before.index_run):
-        all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots)
+        all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots, opts.include_hidden)
         if opts.list_column:
             columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
         if not all_roots:

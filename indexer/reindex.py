@@ -15,6 +15,7 @@ deleted, a previous switch's under vectors/next/ too. Killed before that, the ne
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +53,24 @@ def out_of_reach(indexed: dict[str, int], kind, exists, empty) -> list[str]:
             continue  # a list's entries lie elsewhere; a URL is not asked here (each file's failure is its own)
         if not exists(root) or (kind(root) == sources.FOLDER and empty(root)):
             out.append(root)
+    return out
+
+
+def unreadable_within(paths: list[str], listing_error, unreadable) -> dict[str, int]:
+    """The folders of reachable folder roots whose indexed files (paths, one per file) a re-encode could not read:
+    {folder: files}. listing_error(folder): why it cannot be listed now (a chmod, an I/O error), None when it can or
+    is gone; unreadable(path): a file that is there but cannot be read. A folder or file that is gone was deleted
+    or moved: the run after the switch removes it or finds it moved, as any run does.
+    The root-level check (out_of_reach) did not see these: re-encoded anyway, each such file lost its vector and
+    was marked failed, while the run's own listing said the files under such a folder stayed in the index."""
+    by_folder: dict[str, list[str]] = {}
+    for path in paths:
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
+    out = {}
+    for folder, held in sorted(by_folder.items()):
+        n = len(held) if listing_error(folder) else sum(1 for p in held if unreadable(p))
+        if n:
+            out[folder] = n
     return out
 
 

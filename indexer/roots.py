@@ -30,12 +30,13 @@ def _inside(path: str, folder: str) -> bool:
     return path != folder and scan.at_or_under(path, folder)
 
 
-def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str], dict[str, str], list[str]]:
+def place(db, given: list[str], known: list[str],
+          include_hidden: bool | None = None) -> tuple[list[str], list[str], dict[str, str], list[str]]:
     """Fit the roots given on the command line among the known ones, so that no file is indexed twice:
     a folder inside a known folder root is indexed as part of it (a re-scan of that root covers it); a
     folder that contains known folder roots takes them over (their rows move under it, vectors and ids
     kept, in one transaction). Returns (every root, the roots remembered now, {given root: the root that
-    holds it}, notes to print)."""
+    holds it}, notes to print). include_hidden: this run's flag (None: not given)."""
     roots, known = list(known), list(known)
     holder: dict[str, str] = {}
     notes: list[str] = []
@@ -52,6 +53,7 @@ def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str],
             continue
         inner = [k for k in folders if _inside(k, root)]
         if inner:
+            _refuse_hidden_takeover(db, root, inner, include_hidden)
             with db.begin() as conn:
                 for k in inner:
                     rebase_root(conn, k, root)
@@ -71,6 +73,28 @@ def place(db, given: list[str], known: list[str]) -> tuple[list[str], list[str],
             roots.append(root)
         holder[root] = root
     return roots, known, holder, notes
+
+
+def _refuse_hidden_takeover(db, root: str, inner: list[str], include_hidden: bool | None) -> None:
+    """Refuse (before anything is written) a folder that would take over known roots some of whose indexed files
+    its listing skips as hidden: a root inside a hidden folder (~/.photos/trip inside ~), or hidden files of a
+    root indexed with --include-hidden. Taken over, they were all "removed" by the same run, vectors and tags
+    with them, after its note said they now belonged to the new root. The new root lists hidden files when
+    this run says --include-hidden, else when the options it inherits (the first inner root's) say so."""
+    with db.connect() as conn:
+        options = state.read(conn).roots.options
+        inherited = next((options[k] for k in inner if k in options), {})
+        lists_hidden = include_hidden if include_hidden is not None else bool(inherited.get("include_hidden"))
+        if lists_hidden:
+            return
+        for k in inner:
+            prefix = os.path.relpath(k, root)
+            n = sum(1 for row in catalog.rows_under(conn, k)
+                    if row.moment == 0 and any(scan._hidden(part) for part in f"{prefix}/{row.relpath}".split("/")))
+            if n:
+                raise BadInputError(f"cannot index {root}: it holds the indexed root {k}, and {n} indexed file(s) there "
+                                    f"are hidden or in a hidden folder, which a listing of {root} skips: they would be "
+                                    f"removed; add --include-hidden, or `alignsearch forget {k}` first")
 
 
 def rebase_root(conn, old: str, new: str) -> None:

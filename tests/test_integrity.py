@@ -18,6 +18,7 @@ import pytest
 
 import alignsearch
 from conftest import index_json, make_images, run
+from helpers import alignsearch as as_child, can_drop_dac
 
 
 def meta(ix, key):
@@ -94,6 +95,40 @@ def test_reindex_is_refused_while_a_root_is_missing_or_empty(indexed_images, tmp
     (tmp_path / "away").rename(drive)
     assert index_json(ix, "--reindex", "--device", "cpu")["reencoded"] == 8
     assert len(top_paths(ix, k=10)) == 8
+
+
+def test_folders_and_files_a_reencode_could_not_read_below_a_root_are_found_before_it_starts():
+    from indexer.reindex import unreadable_within
+
+    paths = ["/p/a.jpg", "/p/b.jpg", "/p/locked/c.jpg", "/p/locked/d.jpg", "/p/gone/e.jpg", "/p/ok/f.jpg"]
+    errors = {"/p/locked": "Permission denied"}
+    assert unreadable_within(paths, errors.get, {"/p/b.jpg"}.__contains__) == {"/p": 1, "/p/locked": 2}
+
+
+@pytest.mark.skipif(not can_drop_dac(), reason="cannot drop root's read bypass here")
+def test_reindex_is_refused_while_a_folder_or_file_below_a_root_cannot_be_read(indexed_images, other_model):
+    """`index --reindex` with one subfolder unreadable (a chmod; the root itself lists) re-encoded the rest and marked
+    every file there failed, its vector and tags dropped, while the same run's summary said "the N files indexed
+    under them stay in the index". Refused now, before the model loads, nothing written."""
+    root, ix = indexed_images(5)
+    locked = root / "locked"
+    make_images(locked, 3, seed=45)
+    index_json(ix, "--device", "cpu")
+    before = top_paths(ix, k=10)
+    files = {p.name: p.read_bytes() for p in ix.iterdir() if p.is_file() and p.suffix in (".f16", ".faiss", ".db")}
+    for target, mode in ((locked, 0o755), (root / "img001.jpg", 0o644)):
+        target.chmod(0)
+        try:
+            result = as_child("index", "--index", ix, "--reindex", "--model", other_model, "--device", "cpu",
+                                 unprivileged=True)
+        finally:
+            target.chmod(mode)
+        assert result.returncode == 6 and result.stderr.startswith("error: cannot re-encode: "), result.stderr
+        assert str(target.parent if target.is_file() else target) in result.stderr
+        assert top_paths(ix, k=10) == before and len(before) == 8
+        assert {p: (ix / p).read_bytes() for p in files} == files
+    s = index_json(ix, "--reindex", "--model", other_model, "--device", "cpu")
+    assert s["reencoded"] == 8 and s["failed"] == 0
 
 
 @pytest.mark.slow

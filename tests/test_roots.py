@@ -41,6 +41,31 @@ def test_a_folder_that_contains_a_known_root_takes_its_files_over(tmp_path, tiny
     assert info["roots"] == [str(parent)] and info["index"]["vectors"] == 5
 
 
+def test_a_folder_is_refused_where_taking_over_a_root_would_drop_its_hidden_files(tmp_path, tiny_model):
+    """A known root inside a hidden folder (~/.archive/trip) taken over by `index ~`: the same run said "its files
+    now belong to ~", then listed ~ without hidden folders and removed every one of them, vectors and tags too.
+    Refused now (exit 6), nothing written; with --include-hidden the files are taken over whole."""
+    parent, ix = tmp_path / "home", tmp_path / "ix"
+    inner = parent / ".archive" / "trip"
+    make_images(inner, 3)
+    make_images(parent / "photos", 2, seed=1)
+    index_json(ix, inner, "--model", tiny_model, "--device", "cpu")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a photo\n")
+    run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix)
+    before = _paths(ix)
+    result = alignsearch("index", parent, "--index", ix)
+    assert result.returncode == 6 and result.stderr.startswith(f"error: cannot index {parent}: it holds the indexed "
+                                                               f"root {inner}, and 3 indexed file(s)"), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
+    assert info["roots"] == [str(inner)] and _paths(ix) == before and len(before) == 3
+    assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 3
+    s = index_json(ix, parent, "--include-hidden")
+    assert (s["added"], s["unchanged"], s["removed"]) == (2, 3, 0)
+    assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+
+
 def test_roots_lists_counts_and_state_and_forget_removes_a_root(tmp_path, tiny_model):
     a, b, ix = tmp_path / "a", tmp_path / "b", tmp_path / "ix"
     make_images(a, 3)

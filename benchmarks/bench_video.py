@@ -93,10 +93,10 @@ def moments_only(path: Path) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def index_run(path: Path | list[Path], model: Path, extra: tuple = ()) -> dict:
+def index_run(path: Path | list[Path], model: Path, extra: tuple = (), env: dict | None = None) -> dict:
     """`alignsearch index` of a fresh folder linking the video(s) (extra: more options) into a fresh index: its wall
     time, the summary's video stage times and the peak RSS of its process tree (the index process and any
-    decode worker, summed; sampled)."""
+    decode worker, summed; sampled); env: more environment for it (PYTHONPATH: another version's code)."""
     paths = path if isinstance(path, list) else [path]
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
         folder = Path(tmp) / "lib"
@@ -108,7 +108,7 @@ def index_run(path: Path | list[Path], model: Path, extra: tuple = ()) -> dict:
         start = time.perf_counter()
         with TreeRss() as rss:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
             rss.watch(proc.pid)
             out, err = proc.communicate()
         wall = time.perf_counter() - start

@@ -425,46 +425,50 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         moved_in.extend(h for h in hashes if h in rows and h in gone_hashes)
         return rows
 
-    if opts.use_ray:
-        from indexer.ray_pipeline import run_ray
+    # a video is committed whole; its moments are encoded as they come, in the CPU's best batch
+    video_batch = CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size
+    # The videos' decode worker starts now, when the run knows it has videos to read: its spawn and imports go on
+    # during the photos (and the first video's hash), where a worker started at the first video made the run wait.
+    with videos.decoder(workers, video_batch) if clips else contextlib.nullcontext() as video_worker:
+        if opts.use_ray:
+            from indexer.ray_pipeline import run_ray
 
-        times = run_ray(photo_todo, encoder.name, opts.device, encoder.spec, store, write, batch_size,
-                        opts.ray_address, on_batch=bar.update, fast=opts.fast_decode,
-                        actor_segments=opts.ray_actor_segments,
-                        encoder_options={"backend": opts.backend, "precision": opts.precision})
-        store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
-        times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
-    else:
-        known_text = {}
-        if opts.ocr and removed:  # a moved or renamed file keeps the text read in it, as it keeps its vector
-            with db.connect() as conn:
-                texts = catalog.ocr_of(conn, [r.id for r in removed if r.status == catalog.INDEXED])
-            known_text = {r.sha256: texts[r.id] for r in removed if r.id in texts and r.sha256}
-        on_gpu = _gpu_decode(opts, encoder) if photo_todo else None
-        if on_gpu is not None:
-            from indexer import gpudecode
-
-            items = gpudecode.read_items(photo_todo, encoder.spec, workers_for(workers, len(photo_todo), batch_size),
-                                         gpudecode.GpuDecodeOptions(
-                                             device=str(encoder.device), fast=opts.fast_decode))
+            times = run_ray(photo_todo, encoder.name, opts.device, encoder.spec, store, write, batch_size,
+                            opts.ray_address, on_batch=bar.update, fast=opts.fast_decode,
+                            actor_segments=opts.ray_actor_segments,
+                            encoder_options={"backend": opts.backend, "precision": opts.precision})
+            store.truncate_uncommitted()  # what actors killed mid-batch wrote; every actor has finished
+            times.extra["vectors_folded"] = writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)
         else:
-            items = pipeline.read_items(photo_todo, encoder.spec, workers_for(workers, len(photo_todo), batch_size),
-                                        fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
-        times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
-                             encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
-        if on_gpu is not None:
-            times.extra["gpu_decode"] = {"note": on_gpu, **items.stats.to_dict()}
-    if clips:
-        # a video is committed whole; its moments are encoded as they come, in the CPU's best batch
-        found = videos.index_videos(db, store, encoder, clips, {r: options.get(r, {}).get(
-            "video_interval", video.DEFAULT_INTERVAL) for r in all_roots},
-            CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, bar.update, workers=workers)
-        failed_now |= found.failed
-        moved_in.extend(h for h in found.moved_in if h in gone_hashes)
-        times.reused += found.reused
-        times.items += len(clips)
-        times.failed += len(found.failed)
-        times.extra.update(found.to_dict())
+            known_text = {}
+            if opts.ocr and removed:  # a moved or renamed file keeps the text read in it, as it keeps its vector
+                with db.connect() as conn:
+                    texts = catalog.ocr_of(conn, [r.id for r in removed if r.status == catalog.INDEXED])
+                known_text = {r.sha256: texts[r.id] for r in removed if r.id in texts and r.sha256}
+            on_gpu = _gpu_decode(opts, encoder) if photo_todo else None
+            if on_gpu is not None:
+                from indexer import gpudecode
+
+                items = gpudecode.read_items(photo_todo, encoder.spec, workers_for(workers, len(photo_todo), batch_size),
+                                             gpudecode.GpuDecodeOptions(
+                                                 device=str(encoder.device), fast=opts.fast_decode))
+            else:
+                items = pipeline.read_items(photo_todo, encoder.spec, workers_for(workers, len(photo_todo), batch_size),
+                                            fast=opts.fast_decode, ocr=opts.ocr, ocr_known=known_text)
+            times = pipeline.run(items, encoder, write, batch_size, bar.update, known,
+                                 encode_size=CPU_MICRO_BATCH if encoder.device.type == "cpu" else None)
+            if on_gpu is not None:
+                times.extra["gpu_decode"] = {"note": on_gpu, **items.stats.to_dict()}
+        if clips:
+            found = videos.index_videos(db, store, encoder, clips, {r: options.get(r, {}).get(
+                "video_interval", video.DEFAULT_INTERVAL) for r in all_roots},
+                video_batch, bar.update, workers=workers, worker=video_worker)
+            failed_now |= found.failed
+            moved_in.extend(h for h in found.moved_in if h in gone_hashes)
+            times.reused += found.reused
+            times.items += len(clips)
+            times.failed += len(found.failed)
+            times.extra.update(found.to_dict())
     bar.close()
     from alignsearch.notices import say
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import logging
 import queue
 import threading
@@ -29,14 +28,13 @@ from sqlalchemy import delete, insert
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.media import photometa, sources
-from alignsearch import safeopen
-from alignsearch.media.phash import phash_of
 from alignsearch.errors import BadImageError
 from alignsearch.media.images import ImageSpec
 from alignsearch.storage.vectors import VectorStore
-from alignsearch.media.video import DEFAULT_INTERVAL, Moment, VideoError, VideoInfo, moments
+from alignsearch.media.video import DEFAULT_INTERVAL, VideoError, VideoInfo
 from indexer.decode import sidecar_caption
 from indexer.scan import Found
+from indexer.videodecode import WARM, _open_local, decode_moments
 from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
 log = logging.getLogger(__name__)
@@ -58,22 +56,26 @@ class VideoStats:
 
 
 def index_videos(db, store: VectorStore, encoder, todo: list[Found], intervals: dict[str, float], batch_size: int,
-                 on_video: Callable[[int], None] = lambda n: None, workers: int = 0) -> VideoStats:
+                 on_video: Callable[[int], None] = lambda n: None, workers: int = 0,
+                 worker: StreamWorker | None = None) -> VideoStats:
     """Read, encode and commit every video of todo (new or changed files); returns counts and times. workers > 0:
     each video is decoded in a worker process (a video that crashes its codec is recorded as failed, where in
-    this process it ended the run); 0 (--workers 0): in a thread of this process."""
+    this process it ended the run); 0 (--workers 0): in a thread of this process. worker: that process, started
+    early by the caller (decoder(), closed by the caller), instead of one started and ended here."""
     stats = VideoStats()
-    with _decoder(workers, batch_size) as worker:
+    with contextlib.nullcontext(worker) if worker is not None else decoder(workers, batch_size) as worker:
         for found in todo:
             _one(db, store, encoder, found, intervals.get(found.root, DEFAULT_INTERVAL), batch_size, stats, worker)
             on_video(1)
     return stats
 
 
-def _decoder(workers: int, batch_size: int):
-    """The worker process that decodes the run's videos one after the other (started at the first video it reads,
-    replaced when one dies), or None: a thread of this process (--workers 0)."""
-    return StreamWorker(batch_size) if workers > 0 else contextlib.nullcontext()
+def decoder(workers: int, batch_size: int):
+    """The worker process that decodes a run's videos one after the other, started now: its spawn and its imports
+    (indexer.videodecode: PyAV, numpy, PIL) go on while this process works (the photos, the first video's hash);
+    replaced when one dies, ended by close() (a `with` block's end). A nullcontext (None) with workers 0: a thread
+    of this process decodes."""
+    return StreamWorker(batch_size, warm=WARM).start() if workers > 0 else contextlib.nullcontext()
 
 
 def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_size: int, stats: VideoStats,
@@ -124,26 +126,6 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     stats.failed.add((found.root, found.relpath))
 
 
-def _open_local(found: Found):
-    """The local video's file, opened under its root by safeopen (no symlinked folder on the way, a regular
-    file, a FIFO never blocks) as every indexed file is; None for a URL."""
-    local = sources.local_file(found.root, found.relpath, found.relpath_raw)
-    if local is None:
-        return None
-    return os.fdopen(safeopen.open_under(*local, follow_last=True), "rb")
-
-
-def _source(found: Found):
-    """What PyAV opens: the local file (safeopen), or a file object for a URL; a tar member is not read."""
-    if sources.kind(found.root) == sources.TAR:
-        raise VideoError("videos inside tar shards are not read")
-    f = _open_local(found)
-    if f is not None:
-        return f
-    fs, inner = sources.filesystem(found.path)
-    return fs.open(inner, "rb")
-
-
 def _sha256(found: Found) -> str | None:
     """The content's SHA-256 (local files; a URL's is not fetched twice: None)."""
     if sources.kind(found.root) == sources.TAR:
@@ -153,22 +135,6 @@ def _sha256(found: Found) -> str | None:
         return None
     with f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def decode_moments(found: Found, spec: ImageSpec, interval: float) -> Generator[Moment, None, VideoInfo]:
-    """The video's moments, each with its perceptual hash and without its full-size frame (only the crop crosses
-    to the encoder); returns what was learnt of the video. Runs in a decode worker process, or (--workers 0) in a
-    thread of this one; opens the file itself (safeopen for a local one) from what pickles: found."""
-    info = VideoInfo()
-    source = _source(found)
-    try:
-        for m in moments(source, spec, info, interval):
-            m.phash = phash_of(m.image)
-            m.image = None
-            yield m
-    finally:
-        source.close()
-    return info
 
 
 def _encode_retrying(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
@@ -293,7 +259,7 @@ def reencode_moments(db, encoder, rows: list, intervals: dict[str, float], batch
     videos: dict[tuple[str, str], list] = {}
     for row in rows:
         videos.setdefault((row.root, row.relpath), []).append(row)
-    with _decoder(workers, batch_size) as worker:
+    with decoder(workers, batch_size) as worker:
         for (root, _), moment_rows in videos.items():
             _reencode_one(encoder, moment_rows, intervals.get(root, DEFAULT_INTERVAL), batch_size, commit, worker)
             on_video(1)

@@ -14,6 +14,7 @@ reason to fail every file.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -286,11 +287,17 @@ def handed_over(get: Callable[[], tuple]) -> Generator:
         yield value, waited
 
 
-def _serve_streams(jobs, out, room) -> None:
-    """In the worker: for each (fn, args) job, fn(*args)'s items sent on `out`, each once `room` (a semaphore the
+def _serve_streams(jobs, out, room, warm: tuple[str, ...] = ()) -> None:
+    """In the worker: the modules named in warm imported first (while the consumer does other work: the jobs need
+    them), then for each (fn, args) job, fn(*args)'s items sent on `out`, each once `room` (a semaphore the
     consumer releases per message taken) lets it (a fast producer is held back), then how it ended; None ends the
     worker. Sent from this thread, not a queue's feeder thread: a crash in the decoder never cuts a message short."""
     _start_worker(None, ())
+    for name in warm:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - only a head start: the job that needs it imports it and says why not
+            pass
 
     def put(message: tuple) -> bool:
         room.acquire()
@@ -308,18 +315,28 @@ def _serve_streams(jobs, out, room) -> None:
 class StreamWorker:
     """One spawn worker process that runs generators, one at a time, for this process (stream): each streams its
     items back `maxsize` ahead at most (memory stays bounded). The worker is reused from one generator to the next,
-    started at the first (its start and imports cost once a run, not once an item); one that died or was left
-    mid-stream is replaced by a fresh one at the next. close() (a `with` block's end) ends it."""
+    started at the first (its start and imports cost once a run, not once an item) or earlier by start(), so that
+    they go on while this process does other work; warm: the modules it imports as soon as it starts, before the
+    first generator (those the generators need). One that died or was left mid-stream is replaced by a fresh one at
+    the next. close() (a `with` block's end) ends it."""
 
-    def __init__(self, maxsize: int):
+    def __init__(self, maxsize: int, warm: tuple[str, ...] = ()):
         self.maxsize = max(1, maxsize)
+        self.warm = tuple(warm)
         self.process = self.jobs = self.out = self.room = None
+
+    def start(self) -> StreamWorker:
+        """The worker process started now, unless one is running: it spawns and imports while this process goes
+        on (nothing here waits for it)."""
+        if self.process is None:
+            self._start()
+        return self
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.jobs, self.room = ctx.SimpleQueue(), ctx.Semaphore(self.maxsize)
         self.out, writer = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_serve_streams, args=(self.jobs, writer, self.room), name="stream-worker",
+        self.process = ctx.Process(target=_serve_streams, args=(self.jobs, writer, self.room, self.warm), name="stream-worker",
                                    daemon=True)
         try:
             with sigint_held():
@@ -344,8 +361,7 @@ class StreamWorker:
         an exception that ended it is raised here. A worker that dies first (a crash in its decoder) raises
         WorkerDied; closing this generator early (Ctrl-C, an error, the consumer gone) terminates the worker at
         once."""
-        if self.process is None:
-            self._start()
+        self.start()
         self.jobs.put((fn, args))
         ended = False
         try:

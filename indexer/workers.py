@@ -341,6 +341,11 @@ class StreamWorker:
         try:
             with sigint_held():
                 self.process.start()
+        except BaseException:  # not started (no process could be made, Ctrl-C): nothing for close() to end
+            self.out.close()
+            self.jobs.close()
+            self.process = self.jobs = self.out = self.room = None
+            raise
         finally:
             # The write end is the worker's alone: its death is an end of file here, even part way through a
             # message. With a copy held here (a multiprocessing.Queue's), a reader given half a moment (a crop over

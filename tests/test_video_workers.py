@@ -81,3 +81,21 @@ def test_a_video_worker_killed_while_it_hands_a_moment_over_is_noticed_not_waite
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "died: the worker ended with exit code -9", (proc.stdout, proc.stderr[-2000:])
+
+
+def test_a_stream_worker_that_could_not_start_closes_without_an_error(monkeypatch):
+    """The process could not be started (no memory for it, a limit on processes): the start's error is raised,
+    and close() (a `with` block's end) found a process never started and raised AttributeError over it."""
+    import multiprocessing.process
+
+    from indexer.workers import StreamWorker
+
+    def refuse(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    with pytest.raises(OSError, match="temporarily unavailable"):
+        with StreamWorker(2) as worker:
+            worker.start()
+    assert worker.process is None
+    worker.close()

@@ -6,6 +6,12 @@ Kept in the index state (alignsearch/storage/state.py, RootsState): the roots, e
 {"include_hidden": true} (only options that differ from the defaults), its listing errors
 [{"folder", "reason"}] from the last run that scanned the root (a folder, or the whole root, that could not
 be listed: its rows were kept).
+
+A local folder root's options also record its device ("device": st_dev) whenever a run lists it with entries in
+it: a drive's own. A root found empty on another device than that, while the catalog holds its files, is the
+mount point an unplugged drive left (`looks_unmounted`): a listing error keeps its files, as for a missing root,
+and `roots` shows it "missing". Emptied on its own device (by the user), or with no device recorded (an index from
+before the record), a run removes its files as it always did. Never recorded from an empty folder.
 """
 
 from __future__ import annotations
@@ -24,6 +30,29 @@ from alignsearch.errors import BadInputError, UsageError
 from indexer import scan
 
 log = logging.getLogger(__name__)
+
+
+DEVICE = "device"  # the root option that records a folder root's st_dev (internal: `roots` does not show it)
+
+
+def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
+    """A folder root that is now an empty folder (`empty`) on another device (`now`, its st_dev; None: missing)
+    than the one recorded when it last held files: the mount point an unmounted drive left. A run would find no
+    file there and drop them all; a missing root, by contrast, keeps its files. No record (None): not known.
+    Shared by a run (scan_all, report) and `index --watch` (indexer/watch.py, which records the device it saw)."""
+    return recorded is not None and now is not None and recorded != now and empty
+
+
+def unplugged_reason(root: str) -> str:
+    return (f"{root} is an empty folder on another device than when indexed (an unplugged drive?): its files are "
+            "kept until it is back")
+
+
+def _device(path: str) -> int | None:
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -61,7 +90,8 @@ def place(db, given: list[str], known: list[str],
                 known = [k for k in known if k not in inner] + [root]
                 recorded = state.read(conn).roots
                 options = dict(recorded.options)
-                merged = next((options[k] for k in inner if k in options), None)
+                merged = next(({n: v for n, v in options[k].items() if n != DEVICE} for k in inner if k in options),
+                              None)  # the device is the new root's own, recorded when it lists
                 for k in inner:
                     options.pop(k, None)
                 if merged:
@@ -133,6 +163,7 @@ class Scanned:
     listing_errors: list = field(default_factory=list)  # [{"root", "folder", "reason"}]
     no_images: list = field(default_factory=list)  # roots that listed fine and hold no image
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
+    devices: dict = field(default_factory=dict)  # {folder root: st_dev} of those listed with entries in them
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
@@ -265,22 +296,32 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             log.info("listing %s%s", root, f" under {', '.join(folders)}" if folders else "")
             linked: list[str] = []
             to_folders: list[str] = []
-            try:
-                if not sources.exists(root):
-                    raise FileNotFoundError(f"{root} is missing")
-                found = list(scan.scan(root, hidden, columns.get(root), errors,
-                                       options.get(root, {}).get("caption_column"), skip, folders, linked, to_folders))
-            except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
-                reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
-                if root not in known:  # a new root is only remembered once it could be listed
-                    raise BadInputError(f"cannot index {root}: {reason}") from None
-                found, errors = [], [scan.ListingError("", reason)]
+            rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
+            local = sources.kind(root) == sources.FOLDER and not sources.is_url(root)
+            device = _device(root) if local else None
+            recorded = options.get(root, {}).get(DEVICE)
+            # looked into only where the device is not the one recorded: a scoped run lists no more than its folders
+            empty = device is not None and device != recorded and scan.empty_folder(root)
+            if rows and root in known and looks_unmounted(recorded, device, empty):
+                found, errors = [], [scan.ListingError("", unplugged_reason(root))]
+            else:
+                try:
+                    if not sources.exists(root):
+                        raise FileNotFoundError(f"{root} is missing")
+                    found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
+                        "caption_column"), skip, folders, linked, to_folders))
+                except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
+                    reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
+                    if root not in known:  # a new root is only remembered once it could be listed
+                        raise BadInputError(f"cannot index {root}: {reason}") from None
+                    found, errors = [], [scan.ListingError("", reason)]
+                if device is not None and device != recorded and not empty and not any(e.folder == "" for e in errors):
+                    out.devices[root] = device  # listed with entries in it: the device its files are on
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
                 links.listed(root, folders, linked, [e.folder for e in errors], to_folders)
             found = _one_per_key(root, found, out.notes)
-            rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             d = scan.diff(found, rows, [e.folder for e in errors])
             out.todo += d.todo
             out.removed += d.removed
@@ -320,15 +361,21 @@ def _one_per_key(root: str, found: list, notes: list) -> list:
 
 
 def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanned) -> None:
+    """Record the roots, their options (with the device each folder root listed with entries is on) and errors."""
+    options = {r: o for r, o in options.items() if r in roots}
+    for r, device in scanned.devices.items():
+        if r in roots:
+            options[r] = {**options.get(r, {}), DEVICE: device}
     with db.begin() as conn:
         errors = {r: e for r, e in scanned.errors_by_root.items() if e}
         state.write(conn, roots=state.RootsState(roots=tuple(roots), list_columns=columns, listing_errors=errors,
-                                                 options={r: o for r, o in options.items() if r in roots}))
+                                                 options=options))
 
 
 def report(db) -> list[dict]:
-    """Every root with its counts (indexed, failed), state (ok, missing, listing errors), options and the
-    folders its last run could not list."""
+    """Every root with its counts (indexed, failed), state (ok, missing, listing errors), options (not the
+    recorded device) and the folders its last run could not list. A folder root that looks unmounted now (an
+    empty folder on another device than recorded, holding indexed files) is missing too."""
     with db.connect() as conn:
         remembered = state.read(conn).roots
         roots, options, errors = remembered.roots, remembered.options, remembered.listing_errors
@@ -340,12 +387,19 @@ def report(db) -> list[dict]:
         except BadInputError:
             present = False
         recorded = errors.get(root, [])
+        c = counts.get(root, {})
+        mine = options.get(root, {})
+        device = _device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
+        unplugged = (any(c.values()) and device is not None and device != mine.get(DEVICE)
+                     and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(root)))
         if present:  # a root the last run found missing and that is back (a restored shard, a remounted disk)
             recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == f"{root} is missing")]
-        health = "missing" if not present else "listing errors" if recorded else "ok"
-        c = counts.get(root, {})
+        if not unplugged:  # ... or a drive back in place of its empty mount point
+            recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == unplugged_reason(root))]
+        health = "missing" if not present or unplugged else "listing errors" if recorded else "ok"
         out.append({"root": root, "indexed": c.get(catalog.INDEXED, 0), "failed": c.get(catalog.FAILED, 0),
-                    "state": health, "options": options.get(root, {}), "listing_errors": recorded})
+                    "state": health, "options": {k: v for k, v in mine.items() if k != DEVICE},
+                    "listing_errors": recorded})
     return out
 
 

@@ -16,8 +16,9 @@ A root that disappears (a drive unmounted, a folder moved away) is left to the r
 (state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device,
 inode, and whether it can be read) every second: a root back, replaced, moved in again or made readable is watched
 anew and indexed. A folder root that
-came back empty on another device (an unmount that leaves its mount point) holds every run until it is back, as
-a run would drop its files. URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
+came back empty on another device (an unmount that leaves its mount point) holds every run until it is back
+(`looks_unmounted`, indexer/roots.py: the rule a run applies to the device the index recorded, which keeps the
+root's files as for a missing one). URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
 as `index` does, and --watch-interval makes a run that often to list them.
 
 One watch per index: a second `index --watch` of it is refused (WATCH_LOCK). The index folder deleted or moved
@@ -26,7 +27,7 @@ never does (scan.scan_folder): a change reached through one is a change where th
 that (inotify watches a folder once, and names its changes by whichever path it came to it by last), else none.
 
 The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_again`, `relinked`, `unnamed_change`,
-`identity_changed`, `looks_unmounted`, `later_job`, `ends_watch`, `network_fs`) are pure functions.
+`identity_changed`, `later_job`, `ends_watch`, `network_fs`; `looks_unmounted` in indexer/roots.py) are pure functions.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from alignsearch.errors import BadInputError, CatalogBusyError, IndexDamagedErro
     IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
-from indexer.roots import Scope
+from indexer.roots import Scope, looks_unmounted
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +294,9 @@ def identity_changed(before: tuple | None, now: tuple | None) -> bool:
     return before != now
 
 
-def looks_unmounted(before: tuple | None, now: tuple | None, empty: bool) -> bool:
-    """A folder root that is now an empty folder on another device: the mount point an unmounted drive left.
-    A run would find no file there and drop them all; a missing root, by contrast, keeps its files."""
-    return before is not None and now is not None and before[0] != now[0] and empty
+def _device(ident: tuple | None) -> int | None:
+    """The device of an identity (device, inode, readable); None: missing."""
+    return None if ident is None else ident[0]
 
 
 def network_fs(fstype: str) -> bool:
@@ -686,7 +686,8 @@ def _paths(w: Watch, say) -> list[str]:
                 w.unwatched_said.add(r.name)
             continue
         now = r.seen = identity(r.name)
-        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(r.identity, now, scan.empty_folder(r.name)):
+        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(_device(r.identity), _device(now),
+                                                                       scan.empty_folder(r.name)):
             if not r.held:
                 say(f"{r.name} is an empty folder on another device (an unmounted drive?): runs wait until it is back")
             r.held = True  # its identity stays the drive's

@@ -418,7 +418,8 @@ def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(ind
 DAMAGED_OBJECTS = [("tuning", "[1]"), ("tuning", '{"nprobe": "8"}'), ("ann_files", '"x"'), ("ann_files", '{"a": 1}'),
                    ("tagging", '"x"'), ("tagging", '{"runs": "x"}'), ("tagging", '{"runs": [{"labels": "dog"}]}'),
                    ("tagging", '{"labels": ["dog"], "threshold": "high", "top": 1}'), ("root_options", '"x"'),
-                   ("root_options", '{"/r": {"include_hidden": "yes"}}'), ("listing_errors", '{"/r": "x"}'),
+                   ("root_options", '{"/r": {"include_hidden": "yes"}}'), ("root_options", '{"/r": {"device": "sda1"}}'),
+                   ("listing_errors", '{"/r": "x"}'),
                    ("list_columns", "[]"), ("encoder", '"torch"'), ("model", '{"model": "m", "fingerprint": "f"}'),
                    ("reindex", '{"model": 1}')]
 

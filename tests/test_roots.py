@@ -1,6 +1,7 @@
 """Roots behave: no second copy of a nested folder, `roots` lists them, `forget` drops one, options stick."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -154,3 +155,122 @@ def test_a_root_given_as_a_symlink_is_recorded_as_its_target(tmp_path, tiny_mode
     assert json.loads(run("info", "--json", "--index", ix).stdout)["roots"] == [str(real)]
     s = summary(alignsearch("index", "--index", ix, "--json"))
     assert s["listing_errors"] == [] and s["unchanged"] == 2
+
+
+# -- a folder root that is now the empty mount point an unplugged drive leaves ---------------------------------
+
+
+def _set_recorded_device(ix, root, device):
+    """Write `device` as the st_dev the index records for `root` (None: no record, as an index from before it)."""
+    from dataclasses import replace
+
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+
+    db = catalog.connect(ix / DB_FILE)
+    try:
+        with db.begin() as conn:
+            recorded = state.read(conn).roots
+            options = {r: dict(o) for r, o in recorded.options.items()}
+            mine = options.setdefault(str(root), {})
+            mine.pop("device", None)
+            if device is not None:
+                mine["device"] = device
+            state.write(conn, roots=replace(recorded, options={r: o for r, o in options.items() if o}))
+    finally:
+        db.dispose()
+
+
+def _recorded_device(ix, root):
+    from helpers import index_state
+
+    return index_state(ix).roots.options.get(str(root), {}).get("device")
+
+
+def _unplug(root, away):
+    """What an unmount leaves of a mount point's folder, as far as a listing sees: an empty folder in its place."""
+    root.rename(away)
+    root.mkdir()
+
+
+def _plug_back(root, away):
+    root.rmdir()
+    away.rename(root)
+
+
+def test_an_unplugged_drive_keeps_its_files_until_it_is_back(tmp_path, tiny_model):
+    """`mv photos photos.away; mkdir photos; alignsearch index` removed every file of the root ("6 removed ... no
+    images found"), vectors and tags with them, where a missing root keeps its files. Simulated, as nothing is
+    mounted in a test: the index's record of the root's device is set to a number other than its folder's (as a
+    drive's is, against the file system that holds its mount point), then the folder is emptied as an unmount leaves
+    it. The run keeps its files (a listing error, exit 0 as for a missing root), `roots` says why, `--reindex` is
+    refused, and the drive back, a run finds every file unchanged and records the device it is on. `forget` drops
+    an unplugged root as a missing one."""
+    root, away, ix = tmp_path / "photos", tmp_path / "photos.away", tmp_path / "ix"
+    make_images(root, 6)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a photo\n")
+    run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix)
+    before = _paths(ix)
+    drive = os.stat(root).st_dev + 1  # not the device of the folder left behind
+    _set_recorded_device(ix, root, drive)
+    _unplug(root, away)
+
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["kept"]) == (0, 0, 6) and s["no_images"] == []
+    assert [(e["root"], e["folder"]) for e in s["listing_errors"]] == [(str(root), str(root))]
+    reason = s["listing_errors"][0]["reason"]
+    assert "an empty folder on another device than when indexed" in reason and "kept until it is back" in reason
+    text = run("index", "--index", ix, "--compact").output  # exit 0; said in the summary
+    assert "nothing changed" in text and "another device" in text and "no images found" not in text
+    assert _paths(ix) == before and json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 6
+    listed = json.loads(run("roots", "--json", "--index", ix).stdout)
+    assert [(r["root"], r["state"], r["indexed"], r["options"]) for r in listed] == [(str(root), "missing", 6, {})]
+    assert listed[0]["listing_errors"] == [{"folder": str(root), "reason": reason}]
+    assert "[missing]" in run("roots", "--index", ix).output
+    assert "cannot re-encode" in run("index", "--reindex", "--index", ix, code=6).output
+    assert _recorded_device(ix, root) == drive  # never recorded from the empty mount point
+
+    _plug_back(root, away)  # here on the folder's own device, which the next run records
+    listed = json.loads(run("roots", "--json", "--index", ix).stdout)
+    assert [(r["state"], r["listing_errors"]) for r in listed] == [("ok", [])]
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 6, [])
+    assert _paths(ix) == before and json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 6
+    assert _recorded_device(ix, root) == os.stat(root).st_dev
+
+    _set_recorded_device(ix, root, drive)  # unplugged again, and forgotten: its files and its record go
+    _unplug(root, away)
+    assert "6 files removed" in run("forget", root, "--index", ix).output
+    assert json.loads(run("roots", "--json", "--index", ix).stdout) == [] and _recorded_device(ix, root) is None
+
+
+def test_a_root_emptied_on_its_own_device_loses_its_files(tmp_path, tiny_model):
+    """Emptied by the user (the same device as recorded): the run removes its files, as it always did."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert _recorded_device(ix, root) == os.stat(root).st_dev
+    shutil.rmtree(root)
+    root.mkdir()
+    s = index_json(ix)
+    assert (s["removed"], s["listing_errors"], s["no_images"]) == (3, [], [str(root)])
+    assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["state"] == "ok"
+
+
+def test_an_index_without_the_device_record_behaves_as_before_until_a_listing_records_it(tmp_path, tiny_model):
+    """An index from before the record: an empty root loses its files as it did (nothing tells a drive's mount
+    point from a folder emptied by the user), the empty folder's device is not recorded, and the next listing of
+    the root with files in it records it."""
+    root, away, ix = tmp_path / "photos", tmp_path / "photos.away", tmp_path / "ix"
+    make_images(root, 3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    _set_recorded_device(ix, root, None)
+    _unplug(root, away)
+    s = index_json(ix)
+    assert (s["removed"], s["listing_errors"]) == (3, [])
+    assert _recorded_device(ix, root) is None
+    _plug_back(root, away)
+    s = index_json(ix)
+    assert s["added"] == 3 and _recorded_device(ix, root) == os.stat(root).st_dev

@@ -116,6 +116,7 @@ OLDER_OBJECTS = [
     ("tuning", {"nprobe": 16, "rerank_factor": 4, "recall": 0.9612, "target": 0.95, "n": 5000}),
     ("root_options", {"/r": {"include_hidden": True}}),  # c60043d
     ("root_options", {"/r": {"video_interval": 1.0, "caption_column": "text"}, "/s": {"video_interval": 5}}),
+    ("root_options", {"/r": {"include_hidden": True, "device": 2049}, "/s": {"device": 64768}}),  # and now
     ("listing_errors", {"/r": [{"folder": "/r/sub", "reason": "Permission denied"}], "/s": []}),
     ("list_columns", {"/l.csv": "url"}),  # bb6c113
     ("ann_files", {"index.faiss.lists": "ab12", "shard-0.faiss": "cd34"}),

@@ -202,11 +202,12 @@ def test_errors_that_fail_every_run_end_the_watch_others_do_not():
 def test_roots_gone_back_replaced_and_unmounted():
     assert watch.identity_changed((1, 2), None) and watch.identity_changed(None, (1, 2))
     assert watch.identity_changed((1, 2), (1, 3)) and not watch.identity_changed((1, 2), (1, 2))
-    assert watch.looks_unmounted((5, 2), (1, 9), empty=True)  # the mount point left behind, empty
-    assert not watch.looks_unmounted((5, 2), (1, 9), empty=False)  # another drive with files: indexed
-    assert not watch.looks_unmounted((5, 2), (5, 2), empty=True)  # emptied by the user: a run removes its files
-    assert not watch.looks_unmounted((5, 2), None, empty=False)  # missing: a run keeps its files
-    assert not watch.looks_unmounted(None, (1, 9), empty=True)
+    # indexer/roots.py's rule, a run's too (tests/test_roots.py): devices, recorded and now
+    assert watch.looks_unmounted(5, 1, empty=True)  # the mount point left behind, empty
+    assert not watch.looks_unmounted(5, 1, empty=False)  # another drive with files: indexed
+    assert not watch.looks_unmounted(5, 5, empty=True)  # emptied by the user: a run removes its files
+    assert not watch.looks_unmounted(5, None, empty=False)  # missing: a run keeps its files
+    assert not watch.looks_unmounted(None, 1, empty=True)  # none recorded (an index from before the record)
     assert watch.identity_changed((1, 2, False), (1, 2, True))  # made readable: watched anew
     assert watch.identity_changed((1, 2, True), (1, 2, False))
     assert not watch.watchable("s3://bucket/photos") and watch.watchable("/data/list.csv")
@@ -221,6 +222,22 @@ def test_a_root_s_identity_says_whether_it_can_be_read(tmp_path):
     assert watch.identity(str(file))[2] and watch.identity(str(tmp_path / "gone")) is None
     os.mkfifo(tmp_path / "fifo")  # a FIFO in a root's place: looked at without waiting for a writer
     assert watch.identity(str(tmp_path / "fifo"))[2]
+
+
+def test_an_empty_root_on_another_device_than_seen_holds_the_runs(tmp_path):
+    """The watch's rule is the run's (indexer/roots.py looks_unmounted) on the devices of the identities it saw:
+    simulated by an identity whose device is not the empty folder's (no drive is mounted in a test)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    st = folder.stat()
+    said = []
+    w = watch.Watch(str(tmp_path / "ix"), roots={str(folder): watch.Root(str(folder), identity=(st.st_dev + 1, 7, True))})
+    assert watch._paths(w, said.append) == [str(folder)]
+    assert w.roots[str(folder)].held and w.roots[str(folder)].identity == (st.st_dev + 1, 7, True)
+    assert len(said) == 1 and "another device" in said[0]
+    w.roots[str(folder)].identity = (st.st_dev, 7, True)  # the same device: emptied by the user, not held
+    watch._paths(w, said.append)
+    assert not w.roots[str(folder)].held
 
 
 def test_network_file_systems_are_polled(tmp_path):

@@ -80,7 +80,7 @@ class RootsState:
     """The index's roots and what each run remembers of them (indexer/roots.py)."""
 
     roots: tuple[str, ...] = ()
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # include_hidden, caption_column...
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # include_hidden, caption_column, device...
     list_columns: Mapping[str, str] = field(default_factory=dict)  # a list root's column of paths
     listing_errors: Mapping[str, list] = field(default_factory=dict)  # root: [{"folder", "reason"}] of the last run
 
@@ -242,7 +242,8 @@ def _tuning(value: Any) -> dict:
     return value
 
 
-ROOT_OPTIONS = {"include_hidden": bool, "caption_column": str, "video_interval": (int, float)}  # indexer/job.py
+# indexer/job.py; "device": a local folder root's st_dev when it last listed with entries (indexer/roots.py)
+ROOT_OPTIONS = {"include_hidden": bool, "caption_column": str, "video_interval": (int, float), "device": int}
 
 
 def _root_options(value: Any) -> dict:

@@ -71,6 +71,7 @@ def test_roots_a_reencode_could_not_read_are_found_before_it_starts():
         ["/gone", "/gone.tar", "/mnt/drive"]  # a list's entries lie elsewhere; a URL is not asked; none indexed
 
 
+@pytest.mark.slow
 def test_reindex_is_refused_while_a_root_is_missing_or_empty(indexed_images, tmp_path, tiny_model):
     """`index --reindex` while a root's drive was unplugged re-encoded what it could read and marked every file of
     that root failed, its vector dropped (the old model's cannot stay beside the new one's): they were out of every
@@ -106,6 +107,7 @@ def test_folders_and_files_a_reencode_could_not_read_below_a_root_are_found_befo
 
 
 @pytest.mark.skipif(not can_drop_dac(), reason="cannot drop root's read bypass here")
+@pytest.mark.slow
 def test_reindex_is_refused_while_a_folder_or_file_below_a_root_cannot_be_read(indexed_images, other_model):
     """`index --reindex` with one subfolder unreadable (a chmod; the root itself lists) re-encoded the rest and marked
     every file there failed, its vector and tags dropped, while the same run's summary said "the N files indexed

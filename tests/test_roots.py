@@ -42,6 +42,7 @@ def test_a_folder_that_contains_a_known_root_takes_its_files_over(tmp_path, tiny
     assert info["roots"] == [str(parent)] and info["index"]["vectors"] == 5
 
 
+@pytest.mark.slow
 def test_a_folder_is_refused_where_taking_over_a_root_would_drop_its_hidden_files(tmp_path, tiny_model):
     """A known root inside a hidden folder (~/.archive/trip) taken over by `index ~`: the same run said "its files
     now belong to ~", then listed ~ without hidden folders and removed every one of them, vectors and tags too.
@@ -198,6 +199,7 @@ def _plug_back(root, away):
     away.rename(root)
 
 
+@pytest.mark.slow
 def test_an_unplugged_drive_keeps_its_files_until_it_is_back(tmp_path, tiny_model):
     """`mv photos photos.away; mkdir photos; alignsearch index` removed every file of the root ("6 removed ... no
     images found"), vectors and tags with them, where a missing root keeps its files. Simulated, as nothing is
@@ -259,6 +261,7 @@ def test_a_root_emptied_on_its_own_device_loses_its_files(tmp_path, tiny_model):
     assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["state"] == "ok"
 
 
+@pytest.mark.slow
 def test_an_index_without_the_device_record_behaves_as_before_until_a_listing_records_it(tmp_path, tiny_model):
     """An index from before the record: an empty root loses its files as it did (nothing tells a drive's mount
     point from a folder emptied by the user), the empty folder's device is not recorded, and the next listing of

@@ -134,3 +134,30 @@ def test_a_run_killed_while_it_lists_its_roots_is_interrupted_and_a_refused_one_
     run("index", empty, "--index", ix, "--device", "cpu", code=6)  # refused: the killed run's mark stays
     assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
     finished_and_clean(ix, 4)
+
+
+def test_verify_while_a_run_commits_between_its_reads_finds_no_damage(indexed_images, tmp_path, monkeypatch):
+    """`verify` while `index` writes: it read the store's committed rows, then (statements later) the checksums and
+    live rows a commit made since, and called the healthy index damaged ("vectors.f16 is truncated: 4 committed
+    vector rows are missing", "indexed files point past the stored vectors"). Its reads are one snapshot now.
+    Here the other run commits exactly between verify's first read and the next."""
+    from alignsearch.storage import vectors
+    from indexer.job import index_folders
+    from indexer.verify import _check
+
+    root, ix = indexed_images(4)
+    more = make_images(tmp_path / "more", 3, seed=41)[0].parent
+    real, ran = vectors.load, []
+
+    def load_after_another_run(*args, **kwargs):
+        if not ran:
+            ran.append(True)
+            index_folders([more], index_dir=ix, device="cpu", workers=0)  # another process's run, committed now
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vectors, "load", load_after_another_run)
+    report = _check(Path(ix), check_model=False)
+    assert ran and report.problems == [], report.problems
+    monkeypatch.setattr(vectors, "load", real)
+    after = _check(Path(ix), check_model=False)
+    assert after.problems == [] and after.checked["images"] == 7

@@ -4,6 +4,7 @@ damage (exit 0 with a note, and --repair leaves it to `index`); the same gap aft
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import index_json, make_images, run
 from helpers import add_synthetic, ctrl_c_at, index_dim, killed_at
@@ -161,3 +162,31 @@ def test_verify_while_a_run_commits_between_its_reads_finds_no_damage(indexed_im
     monkeypatch.setattr(vectors, "load", real)
     after = _check(Path(ix), check_model=False)
     assert after.problems == [] and after.checked["images"] == 7
+
+
+def test_a_query_opened_while_a_first_run_commits_searches_one_commit(tmp_path, tiny_model, monkeypatch):
+    """A query while the first `index` run commits (no ANN index yet: the committed vectors are searched exactly)
+    read the store's rows, then the live files a later commit had added, and failed with IndexError (index 28 is
+    out of bounds for axis 0 with size 28) on rows past the store it had read. Here the run commits exactly between
+    the two reads; the query's reads are one snapshot now."""
+    from alignsearch.storage import catalog
+    import alignsearch
+
+    photos, ix = make_images(tmp_path / "photos", 4)[0].parent, tmp_path / "ix"
+    first = killed_at(BEFORE_ANN, "before", "index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu",
+                      "--workers", "0")
+    assert first.returncode == -9, first.stderr[-3000:]
+    make_images(photos / "more", 3, seed=42)
+    real, ran = catalog.live_pairs, []
+
+    def after_another_commit(*args, **kwargs):
+        if not ran:
+            ran.append(killed_at(BEFORE_ANN, "before", "index", "--index", ix, "--device", "cpu", "--workers", "0"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "live_pairs", after_another_commit)
+    with alignsearch.open(ix, device="cpu") as engine:
+        opened = engine.snap.index.ntotal  # the commit it opened on
+        hits = engine.search_vector(np.eye(engine.store.dim, dtype=np.float32)[0], k=10)
+    assert ran and ran[0].returncode == -9, ran and ran[0].stderr[-3000:]
+    assert opened == 4 and len(hits) == 7  # the query itself refreshes to the later commit

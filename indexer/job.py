@@ -110,7 +110,12 @@ class EncoderCache:
         return model, options, *model_identity(identity)
 
     def get(self, key: tuple | None) -> Encoder | None:
-        return self.encoder if key is not None and key == self.key else None
+        """The kept encoder for `key`; a run naming no model (the index's own: a watch's later runs) takes the one
+        kept for the same options and recorded model, whatever model the run that loaded it named."""
+        if key is None or self.key is None:
+            return None
+        same = key == self.key or (key[0] is None and key[1:] == self.key[1:])
+        return self.encoder if same else None
 
     def keep(self, model: str | None, options: EncoderOptions, encoder: Encoder) -> None:
         """Kept for the next run, once the index records `encoder` as its model."""

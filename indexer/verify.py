@@ -49,6 +49,7 @@ class Report:
     keywords_damaged: bool = False
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
+    read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
     def ok(self) -> bool:
@@ -68,7 +69,32 @@ def verify(index_dir: Path, repair: bool = False, check_model: bool = True) -> R
     return report
 
 
+CHECK_TRIES = 3  # a check that found problems while writers committed is done again, at most this often
+
+
 def _check(index_dir: Path, check_model: bool) -> Report:
+    """The index's problems. A writer that commits while the check reads (an `index`, a watch's run) moves the
+    vectors or the ANN index past what the check read of the catalog: problems found then are looked at again."""
+    for _ in range(CHECK_TRIES - 1):
+        r = _check_once(index_dir, check_model)
+        if not r.problems or r.read is None or r.read == _written(index_dir):
+            return r
+        log.info("a writer committed while the index was checked: checked again")
+    return _check_once(index_dir, check_model)
+
+
+def _written(index_dir: Path) -> tuple | None:
+    """What the catalog says now of the vectors and the ANN index (the generation, the store, the published ANN)."""
+    db = catalog.connect(index_dir / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            st = state.read(conn)
+        return st.generation, st.vectors, st.ann
+    finally:
+        db.dispose()
+
+
+def _check_once(index_dir: Path, check_model: bool) -> Report:
     r = Report()
     damage = catalog.integrity_problems(index_dir / DB_FILE)
     if damage:
@@ -81,6 +107,9 @@ def _check(index_dir: Path, check_model: bool) -> Report:
     db = catalog.connect(index_dir / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
+            # one read transaction: every read below sees one commit (statements read one each: the store's rows
+            # before a writer's commit and its checksums after it were "committed vector rows missing")
+            conn.exec_driver_sql("BEGIN")
             r.dangling_fill_failures = catalog.count_dangling_fill_failures(conn)
             if r.dangling_fill_failures:  # harmless to searches, but no run drops them: --repair does
                 r.problems.append(f"{r.dangling_fill_failures} records of files a fill step could not read name "
@@ -98,6 +127,7 @@ def _check(index_dir: Path, check_model: bool) -> Report:
             live = catalog.live_pairs(conn)
             found = vectors.check(conn, store, live)
             record, unfinished = st.ann, st.index_run is not None
+            r.read = (st.generation, st.vectors, st.ann)
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight

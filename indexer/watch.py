@@ -331,9 +331,12 @@ def fs_type(path: str, table: list[tuple[str, str]]) -> str:
 
 def later_job(job: dict) -> dict:
     """The options of the runs after the first: its one-time actions dropped (--rebuild, --reindex, --compact now)
-    and the choices the first run remembered per root (hidden files, list and caption columns, video interval,
-    OCR, the layout) left to the index, as a later `alignsearch index` with no option applies them."""
-    return {**job, "rebuild": False, "reindex": False, "compact": False if job.get("compact") is False else None,
+    and the choices the first run remembered (the model, hidden files, list and caption columns, video interval,
+    OCR, the layout) left to the index, as a later `alignsearch index` with no option applies them. The model too:
+    another process's `index --reindex --model NEW` changes the one the index records, and a run still naming the
+    first run's --model was refused as the wrong model, which ended the watch."""
+    return {**job, "model": None, "rebuild": False, "reindex": False,
+            "compact": False if job.get("compact") is False else None,
             "include_hidden": None, "list_column": None, "caption_column": None, "video_interval": None,
             "ocr": None, "ondisk_shards": None, "index_shards": None}
 

@@ -4,6 +4,7 @@ damage (exit 0 with a note, and --repair leaves it to `index`); the same gap aft
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import index_json, make_images, run
 from helpers import add_synthetic, ctrl_c_at, index_dim, killed_at
@@ -134,3 +135,58 @@ def test_a_run_killed_while_it_lists_its_roots_is_interrupted_and_a_refused_one_
     run("index", empty, "--index", ix, "--device", "cpu", code=6)  # refused: the killed run's mark stays
     assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
     finished_and_clean(ix, 4)
+
+
+def test_verify_while_a_run_commits_between_its_reads_finds_no_damage(indexed_images, tmp_path, monkeypatch):
+    """`verify` while `index` writes: it read the store's committed rows, then (statements later) the checksums and
+    live rows a commit made since, and called the healthy index damaged ("vectors.f16 is truncated: 4 committed
+    vector rows are missing", "indexed files point past the stored vectors"). Its reads are one snapshot now.
+    Here the other run commits exactly between verify's first read and the next."""
+    from alignsearch.storage import vectors
+    from indexer.job import index_folders
+    from indexer.verify import _check
+
+    root, ix = indexed_images(4)
+    more = make_images(tmp_path / "more", 3, seed=41)[0].parent
+    real, ran = vectors.load, []
+
+    def load_after_another_run(*args, **kwargs):
+        if not ran:
+            ran.append(True)
+            index_folders([more], index_dir=ix, device="cpu", workers=0)  # another process's run, committed now
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vectors, "load", load_after_another_run)
+    report = _check(Path(ix), check_model=False)
+    assert ran and report.problems == [], report.problems
+    monkeypatch.setattr(vectors, "load", real)
+    after = _check(Path(ix), check_model=False)
+    assert after.problems == [] and after.checked["images"] == 7
+
+
+def test_a_query_opened_while_a_first_run_commits_searches_one_commit(tmp_path, tiny_model, monkeypatch):
+    """A query while the first `index` run commits (no ANN index yet: the committed vectors are searched exactly)
+    read the store's rows, then the live files a later commit had added, and failed with IndexError (index 28 is
+    out of bounds for axis 0 with size 28) on rows past the store it had read. Here the run commits exactly between
+    the two reads; the query's reads are one snapshot now."""
+    from alignsearch.storage import catalog
+    import alignsearch
+
+    photos, ix = make_images(tmp_path / "photos", 4)[0].parent, tmp_path / "ix"
+    first = killed_at(BEFORE_ANN, "before", "index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu",
+                      "--workers", "0")
+    assert first.returncode == -9, first.stderr[-3000:]
+    make_images(photos / "more", 3, seed=42)
+    real, ran = catalog.live_pairs, []
+
+    def after_another_commit(*args, **kwargs):
+        if not ran:
+            ran.append(killed_at(BEFORE_ANN, "before", "index", "--index", ix, "--device", "cpu", "--workers", "0"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "live_pairs", after_another_commit)
+    with alignsearch.open(ix, device="cpu") as engine:
+        opened = engine.snap.index.ntotal  # the commit it opened on
+        hits = engine.search_vector(np.eye(engine.store.dim, dtype=np.float32)[0], k=10)
+    assert ran and ran[0].returncode == -9, ran and ran[0].stderr[-3000:]
+    assert opened == 4 and len(hits) == 7  # the query itself refreshes to the later commit

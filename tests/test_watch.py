@@ -180,7 +180,7 @@ def test_later_runs_drop_one_time_actions_and_leave_remembered_choices_to_the_in
              "include_hidden": True, "list_column": "url", "caption_column": "c", "video_interval": 5.0, "ocr": True,
              "ondisk_shards": 2, "index_shards": None, "workers": 0, "batch_size": 8}
     later = watch.later_job(first)
-    assert later == {**first, "rebuild": False, "reindex": False, "compact": None, "include_hidden": None,
+    assert later == {**first, "model": None, "rebuild": False, "reindex": False, "compact": None, "include_hidden": None,
                      "list_column": None, "caption_column": None, "video_interval": None, "ocr": None,
                      "ondisk_shards": None, "index_shards": None}
     assert watch.later_job({**first, "compact": False})["compact"] is False
@@ -347,6 +347,27 @@ def test_runs_of_one_watch_load_the_model_once_and_another_model_when_the_index_
     assert cache.encoder is not first and cache.encoder.fingerprint != first.fingerprint
     assert cache.encoder.name == str(other) and len(loads) == 4  # the reindex's own load, then this run's
     assert index_folders([], **job).unchanged == 4 and len(loads) == 4
+    assert verify_problems(ix) == []
+
+
+def test_a_watch_started_with_model_goes_on_after_another_process_reindexes_to_another_model(tmp_path, tiny_model,
+                                                                                            other_model):
+    """`index ROOT --watch --model M1`, then `index --reindex --model M2` from another shell: the watch's later runs
+    named M1 still, were refused as the wrong model (ModelMismatchError), and the watch ended, its new files never
+    indexed. They leave the model to the index now, keep the encoder loaded while it is the recorded one, and load
+    the new one after the re-encode."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2, seed=31)
+    job = {"index_dir": ix, "model": str(tiny_model), "device": "cpu", "workers": 0, "encoders": EncoderCache()}
+    index_folders([root], **job)
+    first = job["encoders"].encoder
+    later = watch.later_job(job)
+    make_images(root / "more", 1, seed=32)
+    assert index_folders([], **later).added == 1 and job["encoders"].encoder is first  # still loaded once
+    index_folders([], index_dir=ix, device="cpu", workers=0, model=str(other_model), reindex=True)  # another shell
+    make_images(root / "later", 1, seed=33)
+    assert index_folders([], **later).added == 1
+    assert job["encoders"].encoder.name == str(other_model)
     assert verify_problems(ix) == []
 
 

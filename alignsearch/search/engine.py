@@ -138,6 +138,9 @@ class Engine:
 
     def _open_snapshot(self) -> Snapshot:
         with self.db.connect() as conn:
+            # one read transaction: a writer's commit between the reads below gave live rows past the store read
+            # first (a query during a first run failed with IndexError)
+            conn.exec_driver_sql("BEGIN")
             st = state.read(conn)
             if st.model is None:
                 raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")

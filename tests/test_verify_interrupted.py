@@ -190,3 +190,24 @@ def test_a_query_opened_while_a_first_run_commits_searches_one_commit(tmp_path, 
         hits = engine.search_vector(np.eye(engine.store.dim, dtype=np.float32)[0], k=10)
     assert ran and ran[0].returncode == -9, ran and ran[0].stderr[-3000:]
     assert opened == 4 and len(hits) == 7  # the query itself refreshes to the later commit
+
+
+def test_a_catalog_with_no_table_yet_holds_nothing_yet_and_an_emptied_one_beside_vectors_is_damage(tmp_path,
+                                                                                                 indexed_images):
+    """A query, `info` or `verify` while the first `index` run creates the catalog (the file is made before the
+    transaction that makes its tables commits), or after that run was killed then: "catalog.db cannot be read (no
+    such table: meta)", exit 7, an index called damaged that holds nothing yet. A catalog emptied beside vectors
+    that exist is still damage."""
+    import sqlite3
+
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    sqlite3.connect(ix / "catalog.db").execute("PRAGMA journal_mode=WAL").close()  # a file, no table yet
+    for args in (["query", "a cat"], ["info"], ["verify"]):
+        out = run(*args, "--index", ix, code=3).output
+        assert "holds no indexed images yet" in out and "damaged" not in out and "verify" not in out, out
+    _, built = indexed_images(3)
+    (built / "catalog.db").write_bytes(b"")  # emptied beside its vectors and ANN index
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (built / name).unlink(missing_ok=True)
+    assert "cannot be read" in run("info", "--index", built, code=7).output

@@ -47,8 +47,9 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
-from alignsearch.storage.paths import readonly_uri
-from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError
+from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE, readonly_uri
+from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
+    IndexNotFoundError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -242,6 +243,13 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         if readonly:
             _refuse_if_locked(Path(db_path))
             with engine.connect() as conn:
+                if conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0 and not any(
+                        (Path(db_path).parent / name).exists() for name in (VECTORS_FILE, ANN_FILE, "vectors")):
+                    # a catalog with no table yet and nothing beside it: a first run creates its tables in one
+                    # transaction, before any vector, and one creating them now, or killed before, has committed
+                    # nothing; no damage ("no such table: meta"). With vectors beside it, an emptied catalog is.
+                    raise IndexNotFoundError(f"{Path(db_path).parent} holds no indexed images yet: its first "
+                                             "`alignsearch index` run has committed nothing (is one under way?)")
                 migrate.check(state.read(conn, "schema_version").schema_version)
             return engine
         with engine.begin() as conn:

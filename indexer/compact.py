@@ -11,7 +11,9 @@ is the switch a re-encode makes (indexer/reindex.py), with copied rows instead o
 
 Killed before the commit: the new segment is a file no commit knows (under vectors/next/), deleted when the
 next `index` run or `forget` starts (remove_leftovers), and the index is as it was. Killed after it: the
-new segment is the store's, and what is left of the old generation is what a writer tidies anyway:
+new segment is the store's, the commit recorded a run under way (an index run's own, or one the switch
+records for `forget`'s compaction, cleared once the old files are gone: `verify` says interrupted, not
+damaged), and what is left of the old generation is what a writer tidies anyway:
 vectors.f16's rows lie past its committed row 0 and the old top-level segments are files no commit lists
 (both for the next `index` run: VectorStore.truncate_uncommitted), an old segment under vectors/next/ is
 a leftover (remove_leftovers). Not killed, the compaction deletes them itself (vectors.drop_generation, as a
@@ -105,8 +107,15 @@ def compact(db, out: Path, *, force: bool = False) -> Compacted | None:
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
     new = VectorStore(out / VECTORS_FILE, store.dim, 0, {number: (name, len(live))})
     _copy(store, live, new.segment_path(number))
-    _switch(db, new, number, live, [vectors.segment_key(store, n) for n in store.numbers()], recorded.generation)
+    # `forget` compacts with no index run under way: the switch records one, so that a kill before the old
+    # generation's files are gone leaves an interrupted run's leftovers for verify, not damage (exit 7)
+    mark = None if recorded.index_run else state.IndexRun(started=time.time(), pid=os.getpid())
+    _switch(db, new, number, live, [vectors.segment_key(store, n) for n in store.numbers()], recorded.generation,
+            mark)
     vectors.drop_generation(store, f"its live rows are copied to {new.segment_path(number).relative_to(out)}")
+    if mark:  # an index run's own mark is the run's to clear, when it ends
+        with db.begin() as conn:
+            state.write(conn, index_run=None)
     done = Compacted(rows_before=stored, rows_after=len(live), bytes_freed=(stored - len(live)) * new.row_bytes,
                      seconds=round(time.perf_counter() - started, 3))
     log.info("vectors compacted: %d rows kept of %d (%d bytes freed)", done.rows_after, done.rows_before,
@@ -137,9 +146,11 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
         raise
 
 
-def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[str], generation: int) -> None:
+def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[str], generation: int,
+            mark: state.IndexRun | None = None) -> None:
     """One transaction: every file's address moves to the new segment (live[i] becomes its row i), the old
-    segments' checksums go, the new one's are recorded, the store and the generation are the new ones."""
+    segments' checksums go, the new one's are recorded, the store and the generation are the new ones (and
+    mark, when given, is the run under way)."""
     with db.begin() as conn:
         if state.read(conn, "generation").generation != generation:
             raise RuntimeError("the index changed while its vectors were compacted")  # the writer lock forbids it
@@ -159,3 +170,5 @@ def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[
             vectors.record_chunk(conn, new, number, start, min(CHUNK, len(live) - start))
         vectors.save(conn, new)
         state.write(conn, generation=generation + 1)
+        if mark:
+            state.write(conn, index_run=mark)

@@ -15,7 +15,7 @@ from alignsearch.storage import catalog, state
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
 from conftest import index_json
 from helpers import alignsearch as alignsearch_cli
-from helpers import compact_now, fixed_answers, killed_at, unlisted_vector_files, vector_files, verify_problems
+from helpers import compact_now, fixed_answers, index_state, killed_at, unlisted_vector_files, vector_files, verify_problems
 from indexer import compact
 
 
@@ -317,6 +317,7 @@ def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monke
     with alignsearch.open(ix) as engine:
         row_bytes = engine.store.row_bytes
     assert _files(ix)[0] == 0 and list(_files(ix)[1].values()) == [4 * row_bytes]
+    assert index_state(ix).index_run is None  # the mark its switch recorded is cleared once the old files are gone
 
 
 def test_an_export_across_a_compaction_stops_with_one_line_not_damage(indexed_images):

@@ -211,3 +211,33 @@ def test_a_catalog_with_no_table_yet_holds_nothing_yet_and_an_emptied_one_beside
     for name in ("catalog.db-wal", "catalog.db-shm"):
         (built / name).unlink(missing_ok=True)
     assert "cannot be read" in run("info", "--index", built, code=7).output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, when", [
+    ("indexer.compact:_switch", "after"),
+    ("alignsearch.storage.vectors:drop_generation", "before"),
+], ids=["after-switch", "before-drop"])
+def test_verify_after_a_forget_killed_in_its_compaction_exits_0(indexed_images, tmp_path, where, when):
+    """`forget` compacts the vector store when due, like `index`, but did not record a run as under way: killed
+    after its compaction's switch, before it removed the old generation's files, verify called what it left
+    (vectors.f16's old rows past its committed row 0, the old segments) damage, exit 7."""
+    import subprocess
+    import sys
+
+    from helpers import KILL_HOOK
+
+    photos, ix = indexed_images(12)
+    other = make_images(tmp_path / "other", 4, seed=5)[0].parent
+    index_json(ix, other, "--device", "cpu")
+    due_now = "import indexer.compact\nindexer.compact.MIN_DEAD_ROWS = 1\n"  # as at scale: 12 dead rows of 16
+    script = KILL_HOOK + due_now + "from alignsearch.surfaces.cli import main\nmain(sys.argv[3:], prog_name='a')\n"
+    proc = subprocess.run([sys.executable, "-c", script, where, when, "forget", photos, "--index", ix],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    result = run("verify", "--index", ix, "--skip-model", "--json")
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["problems"] == [] and report["checked"]["last_run"] == "interrupted", report
+    assert any("uncommitted bytes past row 0" in note for note in report["notes"]), report
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
+    finished_and_clean(ix, 4)

@@ -69,6 +69,7 @@ def place(db, given: list[str], known: list[str],
     roots, known = list(known), list(known)
     holder: dict[str, str] = {}
     notes: list[str] = []
+    _refuse_hidden_takeovers(db, given, known, include_hidden)  # every one before the first takeover commits
     for root in given:
         if root in roots or sources.kind(root) != sources.FOLDER:
             roots += [] if root in roots else [root]
@@ -82,7 +83,6 @@ def place(db, given: list[str], known: list[str],
             continue
         inner = [k for k in folders if _inside(k, root)]
         if inner:
-            _refuse_hidden_takeover(db, root, inner, include_hidden)
             with db.begin() as conn:
                 for k in inner:
                     rebase_root(conn, k, root)
@@ -103,6 +103,20 @@ def place(db, given: list[str], known: list[str],
             roots.append(root)
         holder[root] = root
     return roots, known, holder, notes
+
+
+def _refuse_hidden_takeovers(db, given: list[str], known: list[str], include_hidden: bool | None) -> None:
+    """_refuse_hidden_takeover for each given folder that would take over known roots, all before `place` commits
+    any takeover: a refusal of the second folder given left the first one's takeover written (exit 6, "nothing
+    written"). A root inside a given folder that `place` takes over as part of another one is a known root inside
+    that one too, so checking the known roots inside each given folder covers every takeover."""
+    folders = [k for k in known if sources.kind(k) == sources.FOLDER]
+    for root in given:
+        if root in known or sources.kind(root) != sources.FOLDER or any(_inside(root, k) for k in folders):
+            continue
+        inner = [k for k in folders if _inside(k, root)]
+        if inner:
+            _refuse_hidden_takeover(db, root, inner, include_hidden)
 
 
 def _refuse_hidden_takeover(db, root: str, inner: list[str], include_hidden: bool | None) -> None:

@@ -68,6 +68,20 @@ def test_a_folder_is_refused_where_taking_over_a_root_would_drop_its_hidden_file
     assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
 
 
+def test_a_hidden_takeover_refused_for_one_folder_writes_nothing_for_the_others_given(tmp_path, tiny_model):
+    """`index A B` where A takes over a known root and B's takeover is refused (hidden files): exit 6 said nothing
+    was written, yet A's takeover was already committed (A remembered, A/x's rows moved under it)."""
+    a_inner, b_inner, ix = tmp_path / "a" / "x", tmp_path / "b" / ".h" / "y", tmp_path / "ix"
+    make_images(a_inner, 2)
+    make_images(b_inner, 2, seed=1)
+    index_json(ix, a_inner, b_inner, "--model", tiny_model, "--device", "cpu")
+    before = json.loads(run("info", "--json", "--index", ix).stdout)["roots"]
+    result = alignsearch("index", tmp_path / "a", tmp_path / "b", "--index", ix)
+    assert result.returncode == 6 and f"cannot index {tmp_path / 'b'}: it holds the indexed root {b_inner}" in \
+        result.stderr, result.stderr
+    assert json.loads(run("info", "--json", "--index", ix).stdout)["roots"] == before == [str(a_inner), str(b_inner)]
+
+
 def test_roots_lists_counts_and_state_and_forget_removes_a_root(tmp_path, tiny_model):
     a, b, ix = tmp_path / "a", tmp_path / "b", tmp_path / "ix"
     make_images(a, 3)

@@ -274,12 +274,13 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
                             f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
                             f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
     within = reindex.unreadable_within(_local_indexed_paths(db), _listing_error,
-                                       lambda p: os.path.exists(p) and not os.access(p, os.R_OK))
-    if within:  # a chmod, an I/O error below a root that lists: refused as a missing drive is
+                                       lambda p: os.path.lexists(p) and not os.access(p, os.R_OK))
+    if within:  # a chmod, an I/O error below a root that lists, a link to an unplugged drive: refused as a missing root
         n, shown = sum(within.values()), list(within)[:3]
         raise BadInputError(f"cannot re-encode: {n} indexed file(s) in {', '.join(shown)}"
-                            f"{f' and {len(within) - 3} more folder(s)' if len(within) > 3 else ''} cannot be read now, "
-                            "and would drop out of search: make them readable and run again, or remove them first")
+                            f"{f' and {len(within) - 3} more folder(s)' if len(within) > 3 else ''} cannot be read now "
+                            "(unreadable, or links whose target is gone: an unplugged drive?), and would drop out of "
+                            "search: make them readable and run again, or remove them first")
     encoder = reindex.load_new_model(recorded.record, opts.model, opts.encoder)  # before anything is written
     _run_begins(db)
     with db.connect() as conn:

@@ -59,8 +59,9 @@ def out_of_reach(indexed: dict[str, int], kind, exists, empty) -> list[str]:
 def unreadable_within(paths: list[str], listing_error, unreadable) -> dict[str, int]:
     """The folders of reachable folder roots whose indexed files (paths, one per file) a re-encode could not read:
     {folder: files}. listing_error(folder): why it cannot be listed now (a chmod, an I/O error), None when it can or
-    is gone; unreadable(path): a file that is there but cannot be read. A folder or file that is gone was deleted
-    or moved: the run after the switch removes it or finds it moved, as any run does.
+    is gone; unreadable(path): a file that is there but cannot be read, a link whose target is gone among them (the
+    photo is not deleted: its drive may be unplugged). A folder or file that is gone was deleted or moved: the run
+    after the switch removes it or finds it moved, as any run does.
     The root-level check (out_of_reach) did not see these: re-encoded anyway, each such file lost its vector and
     was marked failed, while the run's own listing said the files under such a folder stayed in the index."""
     by_folder: dict[str, list[str]] = {}

@@ -134,6 +134,31 @@ def test_reindex_is_refused_while_a_folder_or_file_below_a_root_cannot_be_read(i
 
 
 @pytest.mark.slow
+def test_reindex_is_refused_while_a_photo_is_a_link_to_an_unplugged_drive(indexed_images, tmp_path, other_model):
+    """`index --reindex` with a photo that is a link to a file on a drive now unplugged (the link broken, the
+    photo not deleted) marked it failed and dropped its vector and out of every search until a run after the drive
+    came back, while a root or folder out of reach is refused. Refused the same way now, before anything."""
+    root, ix = indexed_images(5)
+    drive = tmp_path / "drive"
+    make_images(drive, 2, seed=46)
+    for n, photo in enumerate(sorted(drive.iterdir())):
+        (root / f"linked{n}{photo.suffix}").symlink_to(photo)
+    assert index_json(ix, "--device", "cpu")["added"] == 2
+    before = top_paths(ix, k=10)
+    files = {p.name: p.read_bytes() for p in ix.iterdir() if p.is_file() and p.suffix in (".f16", ".faiss", ".db")}
+    drive.rename(tmp_path / "away")
+    result = run("index", "--index", ix, "--reindex", "--model", other_model, "--device", "cpu", code=6)
+    assert result.output.startswith("error: cannot re-encode: 2 indexed file(s) in ") and \
+        len(result.output.splitlines()) == 1, result.output
+    assert str(root) in result.output and "link" in result.output
+    assert top_paths(ix, k=10) == before and len(before) == 7
+    assert {p: (ix / p).read_bytes() for p in files} == files
+    (tmp_path / "away").rename(drive)
+    s = index_json(ix, "--reindex", "--model", other_model, "--device", "cpu")
+    assert s["reencoded"] == 7 and s["failed"] == 0
+
+
+@pytest.mark.slow
 def test_queries_answer_from_the_old_generation_until_the_new_one_is_complete(indexed_images, other_model):
     root, ix = indexed_images(60)
     old_fp = meta(ix, "model")["fingerprint"]

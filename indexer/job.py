@@ -273,8 +273,9 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         raise BadInputError(f"cannot re-encode: {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing, empty or "
                             f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
                             f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
+    # access first: one system call for a readable file (most), a second only for one it cannot read
     within = reindex.unreadable_within(_local_indexed_paths(db), _listing_error,
-                                       lambda p: os.path.lexists(p) and not os.access(p, os.R_OK))
+                                       lambda p: not os.access(p, os.R_OK) and os.path.lexists(p))
     if within:  # a chmod, an I/O error below a root that lists, a link to an unplugged drive: refused as a missing root
         n, shown = sum(within.values()), list(within)[:3]
         raise BadInputError(f"cannot re-encode: {n} indexed file(s) in {', '.join(shown)}"

@@ -262,7 +262,8 @@ def _ocr_choice(db, ocr: bool | None) -> bool:
 def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     """Re-encode everything as a new generation (indexer/reindex.py), then index new and changed files."""
     with db.connect() as conn:
-        recorded = state.read(conn).model
+        st = state.read(conn)
+        recorded = st.model
         indexed = {root: n.get(catalog.INDEXED, 0) for root, n in index_roots.count_by_root(conn).items()}
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
@@ -273,6 +274,13 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         raise BadInputError(f"cannot re-encode: {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing, empty or "
                             f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
                             f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
+    unmounted = [os.path.join(root, rel) for root, o in sorted(st.roots.options.items()) if indexed.get(root)
+                 for rel in index_roots.unplugged_mounts(root, o.get(index_roots.MOUNTS, {}))]
+    if unmounted:  # a drive mounted inside a root: its files look deleted, and would lose their vectors
+        raise BadInputError(f"cannot re-encode: {', '.join(unmounted[:3])}{' and more' if len(unmounted) > 3 else ''} "
+                            f"{'is an empty folder' if len(unmounted) == 1 else 'are empty folders'} where a drive was "
+                            "mounted (unplugged?), and the files indexed there would drop out of search: reconnect it "
+                            "and run again")
     # access first: one system call for a readable file (most), a second only for one it cannot read
     within = reindex.unreadable_within(_local_indexed_paths(db), _listing_error,
                                        lambda p: not os.access(p, os.R_OK) and os.path.lexists(p))

@@ -12,6 +12,9 @@ it: a drive's own. A root found empty on another device than that, while the cat
 mount point an unplugged drive left (`looks_unmounted`): a listing error keeps its files, as for a missing root,
 and `roots` shows it "missing". Emptied on its own device (by the user), or with no device recorded (an index from
 before the record), a run removes its files as it always did. Never recorded from an empty folder.
+The same for a drive mounted on a folder inside a folder root (MOUNTS: each folder a listing found with entries on
+another device than the folder above it): found empty on another device than recorded, it is a listing error that
+keeps its files (`unplugged_mounts`); gone, or emptied on its own device, it is a folder like any other.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 
 DEVICE = "device"  # the root option that records a folder root's st_dev (internal: `roots` does not show it)
+# the root option that records {folder (relative): st_dev} of each folder inside a folder root that is on another
+# device than the folder above it (a drive mounted inside the library), from the last listing that found files there
+MOUNTS = "mounts"
+INTERNAL = (DEVICE, MOUNTS)  # options a run records for itself: never shown, never given
 
 
 def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
@@ -46,6 +53,33 @@ def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
 def unplugged_reason(root: str) -> str:
     return (f"{root} is an empty folder on another device than when indexed (an unplugged drive?): its files are "
             "kept until it is back")
+
+
+def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None) -> list[str]:
+    """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: an empty
+    folder on another device than recorded (`looks_unmounted`). Listed, each folder's files looked deleted and a run
+    dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
+    under or above these (a scoped listing's folders; None: all)."""
+    out = []
+    for rel, device in sorted(recorded.items()):
+        if within is not None and not any(scan.at_or_under(rel, f) or scan.at_or_under(f, rel) for f in within):
+            continue
+        path = os.path.join(root, rel)
+        now = scan.folder_device(path)
+        if looks_unmounted(device, now, now is not None and now != device and scan.empty_folder(path)):
+            out.append(rel)
+    return out
+
+
+def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unplugged: list[str],
+                 listed: tuple[str, ...] | None) -> dict[str, int]:
+    """A root's MOUNTS after a listing: those it found with files, those it judged unplugged (and any under them,
+    unseen), and, of a scoped listing, those outside the folders it listed. A mount folder found gone or empty on
+    its own device is dropped: a later run treats it as any folder (emptied or deleted by the user)."""
+    kept = {rel: d for rel, d in recorded.items()
+            if any(scan.at_or_under(rel, u) for u in unplugged)
+            or (listed is not None and not any(scan.at_or_under(rel, f) for f in listed))}
+    return {**kept, **found}
 
 
 def _device(path: str) -> int | None:
@@ -90,12 +124,13 @@ def place(db, given: list[str], known: list[str],
                 known = [k for k in known if k not in inner] + [root]
                 recorded = state.read(conn).roots
                 options = dict(recorded.options)
-                merged = next(({n: v for n, v in options[k].items() if n != DEVICE} for k in inner if k in options),
-                              None)  # the device is the new root's own, recorded when it lists
+                merged = next(({n: v for n, v in options[k].items() if n not in INTERNAL} for k in inner
+                               if k in options), None)  # the device is the new root's own, recorded when it lists
+                mounts = _taken_over_mounts(root, {k: options[k] for k in inner if k in options})
                 for k in inner:
                     options.pop(k, None)
-                if merged:
-                    options[root] = merged
+                if merged or mounts:
+                    options[root] = {**(merged or {}), **({MOUNTS: mounts} if mounts else {})}
                 errors = {k: v for k, v in recorded.listing_errors.items() if k not in inner}
                 state.write(conn, roots=replace(recorded, roots=tuple(roots), options=options, listing_errors=errors))
             notes += [f"{k} is inside {root}: its files now belong to {root}" for k in inner]
@@ -103,6 +138,19 @@ def place(db, given: list[str], known: list[str],
             roots.append(root)
         holder[root] = root
     return roots, known, holder, notes
+
+
+def _taken_over_mounts(root: str, inner: dict[str, dict]) -> dict[str, int]:
+    """The MOUNTS of a root that takes over the known roots inside it (inner: {root: options}): each inner root on
+    another device than the folder above it (a drive it was the mount point of) and each folder such a root
+    recorded, relative to the new root, so that an unplugged drive there keeps its files as it did."""
+    out = {}
+    for k, options in inner.items():
+        rel = os.path.relpath(k, root)
+        if options.get(DEVICE) is not None and options[DEVICE] != scan.folder_device(os.path.dirname(k)):
+            out[rel] = options[DEVICE]
+        out.update({os.path.join(rel, f): d for f, d in options.get(MOUNTS, {}).items()})
+    return out
 
 
 def _refuse_hidden_takeovers(db, given: list[str], known: list[str], include_hidden: bool | None) -> None:
@@ -178,6 +226,7 @@ class Scanned:
     no_images: list = field(default_factory=list)  # roots that listed fine and hold no image
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
     devices: dict = field(default_factory=dict)  # {folder root: st_dev} of those listed with entries in them
+    mounts: dict = field(default_factory=dict)  # {folder root: its MOUNTS after this listing}, of those listed
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
@@ -319,11 +368,17 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if rows and root in known and looks_unmounted(recorded, device, empty):
                 found, errors = [], [scan.ListingError("", unplugged_reason(root))]
             else:
+                mounts: dict[str, int] | None = {} if local else None
+                recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
+                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders)
+                        if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
+                # their rows are kept as under any folder that cannot be listed: the next run looks again
+                errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel))) for rel in away]
                 try:
                     if not sources.exists(root):
                         raise FileNotFoundError(f"{root} is missing")
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
-                        "caption_column"), skip, folders, linked, to_folders))
+                        "caption_column"), skip, folders, linked, to_folders, mounts=mounts))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                     if root not in known:  # a new root is only remembered once it could be listed
@@ -331,6 +386,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     found, errors = [], [scan.ListingError("", reason)]
                 if device is not None and device != recorded and not empty and not any(e.folder == "" for e in errors):
                     out.devices[root] = device  # listed with entries in it: the device its files are on
+                if mounts is not None and not any(e.folder == "" for e in errors):
+                    out.mounts[root] = _kept_mounts(recorded_mounts, mounts, away, folders)
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
@@ -380,6 +437,11 @@ def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanne
     for r, device in scanned.devices.items():
         if r in roots:
             options[r] = {**options.get(r, {}), DEVICE: device}
+    for r, mounts in scanned.mounts.items():
+        if r in roots:
+            mine = {k: v for k, v in options.get(r, {}).items() if k != MOUNTS}
+            options[r] = {**mine, MOUNTS: mounts} if mounts else mine
+    options = {r: o for r, o in options.items() if o}
     with db.begin() as conn:
         errors = {r: e for r, e in scanned.errors_by_root.items() if e}
         state.write(conn, roots=state.RootsState(roots=tuple(roots), list_columns=columns, listing_errors=errors,
@@ -412,7 +474,7 @@ def report(db) -> list[dict]:
             recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == unplugged_reason(root))]
         health = "missing" if not present or unplugged else "listing errors" if recorded else "ok"
         out.append({"root": root, "indexed": c.get(catalog.INDEXED, 0), "failed": c.get(catalog.FAILED, 0),
-                    "state": health, "options": {k: v for k, v in mine.items() if k != DEVICE},
+                    "state": health, "options": {k: v for k, v in mine.items() if k not in INTERNAL},
                     "listing_errors": recorded})
     return out
 

@@ -99,13 +99,15 @@ class ListingError:
 def scan(root: str, include_hidden: bool = False, list_column: str | None = None,
          errors: list[ListingError] | None = None, caption_column: str | None = None,
          skip: str | None = None, folders: tuple[str, ...] | None = None,
-         links: list[str] | None = None, folder_links: list[str] | None = None) -> Iterator[Found]:
+         links: list[str] | None = None, folder_links: list[str] | None = None, *,
+         mounts: dict[str, int] | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
     folder root, only the images under these (relative, as `listable` gives them); None the whole root. links:
     of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
-    appended; folder_links: each link to a folder met (relative)."""
+    appended; folder_links: each link to a folder met (relative); mounts: of a folder root, {folder: st_dev} of
+    each folder listed with entries on another device than the folder above it (a drive mounted inside the root)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -113,7 +115,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links)
+    return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links, mounts=mounts)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -225,11 +227,14 @@ def listable(root: str, folder: str, include_hidden: bool, skip: str | None) -> 
 
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
                 skip: str | None = None, folders: tuple[str, ...] | None = None,
-                links: list[str] | None = None, folder_links: list[str] | None = None) -> Iterator[Found]:
+                links: list[str] | None = None, folder_links: list[str] | None = None, *,
+                mounts: dict[str, int] | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
     those under these folders (relative, each one `listable` gives, none under another), in their order. links:
     each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root);
-    folder_links: each link to a folder met (relative), which a listing never walks.
+    folder_links: each link to a folder met (relative), which a listing never walks. mounts: {folder: st_dev} of
+    each folder listed with entries in it on another device than its parent (relative; a drive mounted inside the
+    root), so a later run can tell the empty folder an unmount leaves from one the user emptied (indexer/roots.py).
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -244,6 +249,11 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             errors.append(ListingError("", moved))
         return
     pending = list(reversed(folders)) if folders else [""]
+    # {folder: (its st_dev, its parent's)}, asked only when mounts are wanted: one lstat per folder, none per file
+    # (the root's own device is recorded by the run: indexer/roots.py DEVICE)
+    devices = {rel: (folder_device(os.path.join(root, rel) if rel else root),
+                     folder_device(os.path.dirname(os.path.join(root, rel))) if rel else None)
+               for rel in pending} if mounts is not None else {}
     while pending:
         rel = pending.pop()
         folder = os.path.join(root, rel) if rel else root
@@ -254,6 +264,9 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             if errors is not None:
                 errors.append(ListingError(rel, f"cannot list: {exc.strerror or exc}"))
             continue
+        if mounts is not None and rel and entries and None not in devices[rel] and \
+                devices[rel][0] != devices[rel][1] and printable(rel)[1] is None:
+            mounts[rel] = devices[rel][0]
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
         if links is not None and linked_captions:
@@ -269,6 +282,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                         folder_links.append(os.path.join(rel, entry.name) if rel else entry.name)
                 elif (include_hidden or not _hidden(entry.name)) and entry.path != skip:
                     subfolders.append(os.path.join(rel, entry.name) if rel else entry.name)
+                    if mounts is not None:
+                        devices[subfolders[-1]] = (folder_device(entry.path), devices[rel][0])
                 continue
             if not _wanted(entry.name, include_hidden):
                 continue
@@ -331,6 +346,14 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
     out.removed = [row for row in gone if not _under(row.relpath, unlisted)] if unlisted else gone
     out.kept = len(gone) - len(out.removed)
     return out
+
+
+def folder_device(path: str) -> int | None:
+    """A folder's st_dev, not following a link; None when it cannot be asked."""
+    try:
+        return os.lstat(path).st_dev
+    except OSError:
+        return None
 
 
 def empty_folder(folder: str) -> bool:

@@ -175,8 +175,8 @@ def test_a_root_given_as_a_symlink_is_recorded_as_its_target(tmp_path, tiny_mode
 # -- a folder root that is now the empty mount point an unplugged drive leaves ---------------------------------
 
 
-def _set_recorded_device(ix, root, device):
-    """Write `device` as the st_dev the index records for `root` (None: no record, as an index from before it)."""
+def _set_root_option(ix, root, name, value):
+    """Write the root option `name` the index records for `root` (None: no record, as an index from before it)."""
     from dataclasses import replace
 
     from alignsearch.storage import catalog, state
@@ -188,12 +188,17 @@ def _set_recorded_device(ix, root, device):
             recorded = state.read(conn).roots
             options = {r: dict(o) for r, o in recorded.options.items()}
             mine = options.setdefault(str(root), {})
-            mine.pop("device", None)
-            if device is not None:
-                mine["device"] = device
+            mine.pop(name, None)
+            if value is not None:
+                mine[name] = value
             state.write(conn, roots=replace(recorded, options={r: o for r, o in options.items() if o}))
     finally:
         db.dispose()
+
+
+def _set_recorded_device(ix, root, device):
+    """Write `device` as the st_dev the index records for `root` (None: no record, as an index from before it)."""
+    _set_root_option(ix, root, "device", device)
 
 
 def _recorded_device(ix, root):
@@ -291,3 +296,138 @@ def test_an_index_without_the_device_record_behaves_as_before_until_a_listing_re
     _plug_back(root, away)
     s = index_json(ix)
     assert s["added"] == 3 and _recorded_device(ix, root) == os.stat(root).st_dev
+
+
+# -- a drive mounted inside a root (a NAS share under ~/Pictures), then unplugged ---------------------------------
+
+
+def _set_recorded_mounts(ix, root, mounts):
+    """Write `mounts` ({relative folder: st_dev}) as the record of the folders inside `root` on another device."""
+    _set_root_option(ix, root, "mounts", mounts)
+
+
+def _recorded_mounts(ix, root):
+    from helpers import index_state
+
+    return index_state(ix).roots.options.get(str(root), {}).get("mounts")
+
+
+def test_which_recorded_mount_folders_look_unplugged(tmp_path):
+    from indexer.roots import _kept_mounts, unplugged_mounts
+
+    root = tmp_path / "photos"
+    for rel in ("nas", "usb", "gone-parent", "full"):
+        (root / rel).mkdir(parents=True)
+    (root / "full" / "a.jpg").write_bytes(b"x")
+    here = os.stat(root).st_dev
+    recorded = {"nas": here + 1, "usb": here, "full": here + 1, "missing": here + 1}
+    # empty on another device: unplugged; empty on its own: emptied by the user; with files: a drive renumbered
+    # (NFS) is no unmount; gone: deleted by the user
+    assert unplugged_mounts(str(root), recorded) == ["nas"]
+    assert unplugged_mounts(str(root), recorded, within=("nas/2019",)) == ["nas"]  # listed below it
+    assert unplugged_mounts(str(root), recorded, within=("usb",)) == []
+    found = {"full": here}
+    assert _kept_mounts({**recorded, "nas/inner": 9}, found, ["nas"], None) == \
+        {"nas": here + 1, "nas/inner": 9, "full": here}  # gone, or emptied on its own device: no longer recorded
+    assert _kept_mounts(recorded, {}, [], ("full",)) == {"nas": here + 1, "usb": here, "missing": here + 1}
+
+
+@pytest.mark.slow
+def test_a_drive_unplugged_from_a_folder_inside_a_root_keeps_its_files(tmp_path, tiny_model):
+    """A drive mounted at photos/nas, then unplugged: `alignsearch index` (cron) found photos/nas an empty folder and
+    removed every file indexed there, vectors and tags ("3 removed"), though only a mount point's own rule kept a
+    root's. Simulated as nothing is mounted in this test (see the next test for a real mount): the record of the
+    folder's device is set to a number other than its folder's, then the folder emptied as an unmount leaves it."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_images(root / "nas", 3, seed=3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert _recorded_mounts(ix, root) is None  # one device here: no folder inside is a mount
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a photo\n")
+    run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix)
+    before = _paths(ix)
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    (root / "nas").rename(tmp_path / "away")
+    (root / "nas").mkdir()
+
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["kept"], s["unchanged"]) == (0, 0, 3, 2), s
+    assert [(e["root"], e["folder"]) for e in s["listing_errors"]] == [(str(root), str(root / "nas"))]
+    assert "another device than when indexed" in s["listing_errors"][0]["reason"]
+    assert _paths(ix) == before and json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+    assert _recorded_mounts(ix, root) == {"nas": drive}  # still known as a mount point
+    assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["options"] == {}
+    result = run("index", "--reindex", "--index", ix, code=6)
+    assert f"cannot re-encode: {root / 'nas'} is an empty folder where a drive was mounted" in result.output
+
+    (root / "nas").rmdir()  # back: found unchanged, and the folder is no mount on this device
+    (tmp_path / "away").rename(root / "nas")
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, [])
+    assert _recorded_mounts(ix, root) is None
+
+    _set_recorded_mounts(ix, root, {"nas": drive})  # unplugged, then the mount point deleted by the user
+    shutil.rmtree(root / "nas")
+    s = index_json(ix)
+    assert (s["removed"], s["listing_errors"]) == (3, []) and _recorded_mounts(ix, root) is None
+
+
+def _mount_tmpfs(folder) -> bool:
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "alignsearch-test", str(folder)],
+                                                capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_real_mount_inside_a_root_is_recorded_and_its_unmount_keeps_the_files(tmp_path, tiny_model):
+    """The same with a tmpfs really mounted at photos/nas (where the test may mount: as root with the right)."""
+    import subprocess
+
+    root, ix, saved = tmp_path / "photos", tmp_path / "ix", tmp_path / "saved"
+    make_images(root, 2)
+    if not _mount_tmpfs(root / "nas"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        make_images(saved, 3, seed=3)
+        for photo in saved.iterdir():
+            shutil.copy2(photo, root / "nas" / photo.name)
+        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+        assert _recorded_mounts(ix, root) == {"nas": os.stat(root / "nas").st_dev}
+        before = _paths(ix)
+        subprocess.run(["umount", str(root / "nas")], check=True)
+        s = index_json(ix)
+        assert (s["removed"], s["kept"]) == (0, 3) and _paths(ix) == before
+        assert _mount_tmpfs(root / "nas")  # plugged back (a new tmpfs: another device number, the same files)
+        for photo in saved.iterdir():
+            shutil.copy2(photo, root / "nas" / photo.name)
+        s = index_json(ix)
+        assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, [])
+        assert _recorded_mounts(ix, root) == {"nas": os.stat(root / "nas").st_dev}
+    finally:
+        subprocess.run(["umount", str(root / "nas")], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_root_that_takes_over_an_unplugged_drive_root_inside_it_keeps_its_files(tmp_path, tiny_model):
+    """photos/nas indexed as a root of its own on its drive, then, while the drive is unplugged, photos: the
+    drive's record moves with its files (a listing with the drive in place records it itself), so the empty
+    mount point keeps them as it did while it was a root."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root / "nas", 3, seed=3)
+    index_json(ix, root / "nas", "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_device(ix, root / "nas", drive)
+    (root / "nas").rename(tmp_path / "away")
+    (root / "nas").mkdir()
+    make_images(root, 2)
+    s = index_json(ix, root)
+    assert (s["added"], s["removed"], s["kept"]) == (2, 0, 3), s
+    assert _recorded_mounts(ix, root) == {"nas": drive}
+    (root / "nas").rmdir()
+    (tmp_path / "away").rename(root / "nas")
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, [])

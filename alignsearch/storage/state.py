@@ -242,8 +242,10 @@ def _tuning(value: Any) -> dict:
     return value
 
 
-# indexer/job.py; "device": a local folder root's st_dev when it last listed with entries (indexer/roots.py)
-ROOT_OPTIONS = {"include_hidden": bool, "caption_column": str, "video_interval": (int, float), "device": int}
+# indexer/job.py; "device": a local folder root's st_dev when it last listed with entries, "mounts": {folder: st_dev}
+# of the folders inside it on another device (indexer/roots.py)
+ROOT_OPTIONS = {"include_hidden": bool, "caption_column": str, "video_interval": (int, float), "device": int,
+                "mounts": dict}
 
 
 def _root_options(value: Any) -> dict:
@@ -252,6 +254,8 @@ def _root_options(value: Any) -> dict:
         for name, kind in ROOT_OPTIONS.items():
             if options.get(name) is not None and not isinstance(options[name], kind):
                 raise TypeError(f"expected {name} to be {kind}, found {type(options[name]).__name__}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in options.get("mounts", {}).values()):
+            raise TypeError("expected mounts to map folders to devices")
     return value
 
 

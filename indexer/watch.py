@@ -542,12 +542,13 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         w.roots = {r: Root(r, hidden) for r, hidden in {**{g: False for g in given}, **known}.items()}
         watcher = _start(w, opts, say)
         running = True
+        started = time.time()
         summary = run(given, **job)
         running = False
         w.runs = 1
         lock_fd = _watch_lock(out) if lock_fd is None else lock_fd
         report(summary, {"run": 1, "changes": 0, "roots": []}, None)
-        outside.follow(job["links"], list(w.roots), opts, w.polling)
+        outside.follow(job["links"], list(w.roots), opts, w.polling, since=started)
         say(f"watching {sum(1 for r in w.roots.values() if watchable(r.name))} root(s) for changes; Ctrl-C stops")
         later = later_job(job)
         pending: dict[str, list[str]] = {}  # {root: listing folders}: what the next run lists
@@ -620,6 +621,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             scope = None if full else run_scope(pending, list(w.roots))
             log.info("run %d lists %s", facts["run"], "every root" if scope is None else scope.folders)
             unlisted_before = _unlisted(out) or {}
+            started = time.time()
             summary, error = _run_once(run, {**later, "scope": scope}, opts, say)
             running = False
             w.runs += 1
@@ -633,7 +635,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             if error is not None and ends_watch(error, str(out)):
                 raise error
             report(summary, facts, error)
-            outside.follow(job["links"], list(w.roots), opts, w.polling)
+            outside.follow(job["links"], list(w.roots), opts, w.polling, since=started)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while closing: no traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -754,21 +756,39 @@ class _Outside:
     def root_of(self, path: str) -> str | None:
         return self.targets.get(path) or self.targets.get(os.path.realpath(path))
 
-    def follow(self, links, roots: list[str], opts: WatchOptions, polling: bool) -> None:
+    def follow(self, links, roots: list[str], opts: WatchOptions, polling: bool, since: float) -> None:
+        """Watch the folders of what links lead to now. since: when the run that found the links started (time.time):
+        a target in a folder not watched before that was modified since may have changed after the run listed its
+        link, unseen by any watch; each such target is taken as changed (one more run at most, of the folders holding
+        links, which finds nothing where it had not changed)."""
         self.targets = links.targets_outside(roots)
         folders = sorted({os.path.dirname(t) for t in self.targets})
         if self._watcher.failed is not None:
             log.info("the folders of link targets outside the roots were not watched: %s", self._watcher.failed)
         elif folders == self._folders:
             return
+        new = set(folders) - set(self._folders)
         self._watcher.close()
         self._folders = folders
         log.info("watching the folders of link targets outside the roots: %s", folders)
         self._watcher = _Watcher(folders, opts, _polling(opts, folders, polling), recursive=False) if folders \
             else _Idle()
+        recent = {(MODIFIED, t) for t in self.targets if os.path.dirname(t) in new and _changed_since(t, since)}
+        if recent and self._watcher.failed is None:
+            self._watcher.batches.put(recent)
 
     def close(self) -> None:
         self._watcher.close()
+
+
+def _changed_since(path: str, since: float) -> bool:
+    """Whether a file was modified (or its status changed: a rename over it, a chmod) at or after `since`, give or
+    take a file system's time granularity (2 s on FAT)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False  # gone: its link is broken, which the next listing of its folder finds as any change
+    return max(st.st_mtime, st.st_ctime) >= since - 2
 
 
 class _Idle:

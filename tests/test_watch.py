@@ -146,6 +146,41 @@ def test_a_link_target_outside_the_roots_makes_a_run_of_its_link_s_root(tmp_path
     assert links.caption_targets() == {str(elsewhere / "a.txt")}
 
 
+def test_a_link_target_changed_during_the_run_that_found_its_link_is_taken_as_changed(tmp_path):
+    """A target outside the roots edited after the run listed its link but before its folder was watched (during
+    the run that first found the link) was seen by no watch: the index kept the old photo until some other change.
+    Newly watched targets modified since the run started are queued as changes; older ones, or ones in folders
+    watched already, are not."""
+    from indexer.roots import LinkFolders
+
+    root, elsewhere, more = tmp_path / "photos", tmp_path / "elsewhere", tmp_path / "more"
+    for folder in (root, elsewhere, more):
+        folder.mkdir()
+    for folder, name in ((elsewhere, "old.png"), (elsewhere, "edited.png"), (more, "later.png")):
+        (folder / name).write_bytes(b"x")
+        (root / name).symlink_to(folder / name)
+    started = time.time() + 5  # later than any status change made here (a ctime cannot be set back)
+    os.utime(elsewhere / "old.png", (started - 60, started - 60))
+    os.utime(more / "later.png", (started - 60, started - 60))
+    os.utime(elsewhere / "edited.png", (started + 1, started + 1))
+    links = LinkFolders(folders={str(root): {""}})
+    outside = watch._Outside()
+    try:
+        (root / "later.png").unlink()  # its folder not followed yet
+        outside.follow(links, [str(root)], watch.WatchOptions(polling=True), False, since=started)
+        assert outside.batches.get(timeout=5) == {(MODIFIED, str(elsewhere / "edited.png"))}
+        (root / "later.png").symlink_to(more / "later.png")
+        os.utime(elsewhere / "old.png", (started + 1, started + 1))  # in a folder watched already: the watch saw it
+        outside.follow(links, [str(root)], watch.WatchOptions(polling=True), False, since=started)
+        assert outside.batches.empty()
+        os.utime(more / "later.png", (started + 2, started + 2))
+        outside._folders = [str(elsewhere)]  # as before `more` was followed
+        outside.follow(links, [str(root)], watch.WatchOptions(polling=True), False, since=started)
+        assert outside.batches.get(timeout=5) == {(MODIFIED, str(more / "later.png"))}
+    finally:
+        outside.close()
+
+
 def test_a_change_at_a_known_link_to_a_folder_starts_the_watcher_anew(tmp_path):
     from indexer.roots import LinkFolders
 

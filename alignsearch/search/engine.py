@@ -355,7 +355,7 @@ class Engine:
             # encoded here: with the model of the generation searched, again after a switch
             sc = given if given is not None else self._scorer(self.parts_of(request, snap), request.compose)
             try:
-                hits = self._search(snap, sc, replace(opts, k=request.k * 3) if request.collapse else opts)
+                return self._collapsed(snap, sc, opts) if request.collapse else self._search(snap, sc, opts)
             except _Stale:
                 if snapshot is not None:
                     raise SnapshotMoved() from None
@@ -363,12 +363,22 @@ class Engine:
                     raise
                 self.refresh()
                 continue
-            if request.collapse:
-                from alignsearch.search.dupes import collapse_hits
-
-                return collapse_hits(self.db, hits, request.k)
-            return hits
         raise AssertionError("unreachable")
+
+    def _collapsed(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
+        """The best k pictures, near duplicates folded (alignsearch/search/dupes.py), in the order asked for. The
+        candidates are folded best first whatever the sort (folded in the sort's order, a copy was kept over the
+        better original and the newest of 3k candidates were cut to k, not the best), and looked for deeper while
+        folding leaves fewer than k and the search had more to give (a picture with more copies than 3k)."""
+        from alignsearch.search.dupes import collapse_hits
+
+        depth = opts.k * COLLAPSE_DEPTH
+        while True:
+            hits = self._search(snap, query, replace(opts, k=depth, sort="score"))
+            folded = collapse_hits(self.db, hits, opts.k)
+            if len(folded) >= opts.k or len(hits) < depth:
+                return sort_hits(folded, opts.sort)
+            depth *= 4
 
     def parts_of(self, request: SearchRequest, snapshot: Snapshot | None = None) -> Parts:
         """The request's text, image and negative encoded (unit vectors) with the model of `snapshot`."""
@@ -857,6 +867,7 @@ COMPOSE_RULES = {
 EXACT_BELOW = 4_000
 EXACT_CHUNK = 65_536
 PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a video may be dropped
+COLLAPSE_DEPTH = 3  # candidates folded per result wanted by collapse=True (more when copies fill them)
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100

@@ -3,6 +3,7 @@ same through the Python API, the CLI and the HTTP API. Each test is an attack th
 
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -68,3 +69,45 @@ def test_collapse_returns_k_pictures_when_one_has_more_copies_than_the_over_fetc
         assert len(hits[0].duplicates) == 7 and hits[1].duplicates == []
         every = engine.search(image=str(root / "photos" / "photo0000.jpg"), k=1000, collapse=True, media="photo")
         assert len(every) == 6  # the six pictures, every copy folded
+
+
+def test_per_video_never_starves_the_results(library):
+    """The per-video cap looked at 4k candidates: a video with 30 alike moments filled them all, so `--per-video
+    1 -k 5` gave 1 result (the other video and every photo lost), `--media video` 1 of 2 videos."""
+    _, ix, scene = library
+    with alignsearch.open(ix, device="cpu") as engine:
+        videos = engine.search(image=str(scene), k=5, per_video=1, media="video")
+        assert sorted(h.relpath for h in videos) == ["video/long.mp4", "video/short.mp4"]
+        hits = engine.search(image=str(scene), k=5, per_video=1)
+        assert len(hits) == 5 and hits[0].relpath == "video/long.mp4"
+        assert sum(h.relpath == "video/long.mp4" for h in hits) == 1
+        hits = engine.search(image=str(scene), k=1000, per_video=2)
+        assert len(hits) == 6 + 7 + 2 + 2  # photos, copies, two moments of each video
+
+
+SMALL_IVF = 1000  # vectors from which an IVF-PQ index is made here (ann.FLAT_BELOW: 10,000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{}, {"index_shards": 2}])
+def test_an_ivfpq_search_returns_k_when_the_lists_visited_hold_fewer(tmp_path, monkeypatch, layout):
+    """Unfiltered, an IVF-PQ search returned what its nprobe lists held: `-k 1000` on a small IVF-PQ library
+    answered 79 of 336 images, `--nprobe 1 -k 50` 13, where the same query with a filter every image passes
+    (searched exactly) answered them all. k results whenever the index holds k."""
+    from alignsearch.storage import ann
+    from helpers import layout_index
+
+    monkeypatch.setattr(ann.plan_index, "__defaults__", (SMALL_IVF,))
+    db, _, _ = layout_index(tmp_path / "ix", 2000, **layout)
+    db.dispose()
+    rng = np.random.default_rng(1)
+    query = rng.standard_normal(16).astype(np.float32)
+    query /= np.linalg.norm(query)
+    with alignsearch.open(tmp_path / "ix") as engine:
+        assert engine.plan.kind == "ivfpq"
+        for k, nprobe in ((1000, None), (50, 1), (1000, 1)):
+            hits = engine.search_vector(query, k=k, nprobe=nprobe)
+            assert len(hits) == k and len({h.id for h in hits}) == k, (k, nprobe, len(hits))
+            scores = [h.score for h in hits]
+            assert scores == sorted(scores, reverse=True)
+        assert len(engine.search_vector(query, k=1000, where="width > 0")) == 1000  # as a filter every image passes

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 import alignsearch
@@ -111,3 +112,27 @@ def test_an_ivfpq_search_returns_k_when_the_lists_visited_hold_fewer(tmp_path, m
             scores = [h.score for h in hits]
             assert scores == sorted(scores, reverse=True)
         assert len(engine.search_vector(query, k=1000, where="width > 0")) == 1000  # as a filter every image passes
+
+
+def test_an_uploaded_query_image_is_searched_as_the_same_image_given_by_path(library, tmp_path):
+    """The server decoded an upload whole where a query image given by path (the CLI alone, Engine.search) is
+    decoded as the indexer decodes, a large one reduced first: the same 320x240 photo scored its own file
+    0.99995 through the server and 1.0 alone, every other score differed too, so `alignsearch query --image` gave
+    other scores, and could give another order, once a server ran."""
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    root, ix, _ = library
+    png = tmp_path / "photo.png"
+    Image.open(root / "photos" / "photo0002.jpg").save(png)
+    with alignsearch.open(ix, device="cpu") as engine:
+        server = start_in_thread(engine, ServerConfig(port=0, token="s3cret"))
+        try:
+            for image, text in ((root / "photos" / "photo0002.jpg", None), (png, None), (png, "red car")):
+                alone = [(h.id, h.score) for h in engine.search(image=str(image), text=text, k=5)]
+                fields = {"k": "5", **({"q": text} if text else {})}
+                answer = requests.post(server.url + "/api/search", data=fields, files={"image": image.read_bytes()},
+                                       headers={"Authorization": "Bearer s3cret"}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                assert [(h["id"], h["score"]) for h in answer.json()["results"]] == alone, image.name
+        finally:
+            server.shutdown()

@@ -10,7 +10,7 @@ from PIL import Image
 
 import alignsearch
 from alignsearch.search.engine import sort_hits
-from conftest import index_json
+from conftest import index_json, run
 from helpers import make_video, scene_frame, smooth_photos
 
 
@@ -136,3 +136,21 @@ def test_an_uploaded_query_image_is_searched_as_the_same_image_given_by_path(lib
                 assert [(h["id"], h["score"]) for h in answer.json()["results"]] == alone, image.name
         finally:
             server.shutdown()
+
+
+@pytest.mark.parametrize("option, value, reason", [("-k", "0", "k must be an integer from 1 to 1000, got 0"),
+                                                   ("-k", "-3", "k must be an integer from 1 to 1000, got -3"),
+                                                   ("-k", "1001", "k must be an integer from 1 to 1000, got 1001"),
+                                                   ("--nprobe", "0", "nprobe must be an integer from 1 to 65536, got 0")])
+def test_a_k_or_nprobe_out_of_range_is_refused_by_the_cli_as_by_the_api(library, option, value, reason):
+    """One set of limits (querycheck): `query -k 0` was click's usage error (exit 2, "0 is not in the range x>=1")
+    while `-k 1001` and the Python API's k=0 were refused by querycheck (exit 6, "k must be an integer from 1 to
+    1000")."""
+    from alignsearch.errors import BadInputError
+
+    _, ix, _ = library
+    with alignsearch.open(ix, device="cpu") as engine, pytest.raises(BadInputError) as refused:
+        engine.search(text="red", **{option.lstrip("-"): int(value)})
+    assert str(refused.value) == reason and refused.value.exit_code == 6
+    out = run("query", "red", option, value, "--index", ix, code=6)
+    assert out.output.strip() == f"error: {reason}"

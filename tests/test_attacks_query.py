@@ -9,7 +9,7 @@ import requests
 from PIL import Image
 
 import alignsearch
-from alignsearch.search.engine import sort_hits
+from alignsearch.search.engine import Hit, sort_hits
 from conftest import index_json, run
 from helpers import make_video, scene_frame, smooth_photos
 
@@ -154,3 +154,16 @@ def test_a_k_or_nprobe_out_of_range_is_refused_by_the_cli_as_by_the_api(library,
     assert str(refused.value) == reason and refused.value.exit_code == 6
     out = run("query", "red", option, value, "--index", ix, code=6)
     assert out.output.strip() == f"error: {reason}"
+
+
+def test_sort_by_taken_orders_times_within_one_second():
+    """--sort taken compared the ISO strings: "…:20Z" sorted after "…:20.500000Z" ('.' < 'Z'), so a photo taken
+    half a second later came first (file times without EXIF carry fractions)."""
+    from alignsearch.media.photometa import iso
+
+    def hit(i, taken):
+        return Hit(i, f"/p/{i}.jpg", 1.0 - i / 10, "/p", f"{i}.jpg", 1, 1, "JPEG", 1, 0.0, taken=iso(taken))
+
+    hits = [hit(1, 1_600_000_000.5), hit(2, 1_600_000_000.0), hit(3, 1_599_999_999.25), hit(4, None)]
+    assert [h.id for h in sort_hits(hits, "taken")] == [3, 2, 1, 4]
+    assert [h.id for h in sort_hits(hits, "-taken")] == [1, 2, 3, 4]

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -940,7 +941,9 @@ def sort_hits(hits: list[Hit], key: str) -> list[Hit]:
     if key == "path":
         return sorted(hits, key=lambda h: h.path)
     known = [h for h in hits if h.taken is not None]
-    return sorted(known, key=lambda h: h.taken, reverse=key == "-taken") + [h for h in hits if h.taken is None]
+    # by the time, not its text: "...:20Z" sorted after "...:20.500000Z" ('.' < 'Z'); "+00:00": Python 3.10 reads no Z
+    return sorted(known, key=lambda h: datetime.fromisoformat(h.taken.replace("Z", "+00:00")),
+                  reverse=key == "-taken") + [h for h in hits if h.taken is None]
 
 
 def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001

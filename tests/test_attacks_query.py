@@ -154,6 +154,8 @@ def test_a_k_or_nprobe_out_of_range_is_refused_by_the_cli_as_by_the_api(library,
     assert str(refused.value) == reason and refused.value.exit_code == 6
     out = run("query", "red", option, value, "--index", ix, code=6)
     assert out.output.strip() == f"error: {reason}"
+    if option == "-k":  # `similar` too (click's IntRange(1, 1000): exit 2), as search_vector refuses it
+        assert run("similar", "1", "-k", value, "--index", ix, code=6).output.strip() == f"error: {reason}"
 
 
 def test_sort_by_taken_orders_times_within_one_second():

@@ -23,9 +23,9 @@ def library(prebuilt, tiny_model):
         root = base / "lib"
         photos = smooth_photos(root / "photos", 6)
         picture = Image.open(photos[0])
+        (root / "copies").mkdir()
         for i, quality in enumerate((95, 90, 85, 80, 75, 70, 65)):
-            picture.save(root / "copies" / f"copy{i}.jpg" if (root / "copies").is_dir()
-                         else _mkdir(root / "copies") / f"copy{i}.jpg", quality=quality)
+            picture.save(root / "copies" / f"copy{i}.jpg", quality=quality)
         when = 1.5e9
         for path in sorted(root.rglob("*.jpg")):  # taken = mtime (no EXIF): photo0001 first, the rest later
             os.utime(path, (when, when if path != photos[1] else 1.0e9))
@@ -38,11 +38,6 @@ def library(prebuilt, tiny_model):
         return root, ix, base / "scene.png"
 
     return prebuilt.folder("attacks-query-library", build)[1]
-
-
-def _mkdir(path):
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def test_collapse_with_a_sort_keeps_the_best_k_and_folds_into_the_best(library):

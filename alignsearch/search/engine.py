@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -355,7 +356,7 @@ class Engine:
             # encoded here: with the model of the generation searched, again after a switch
             sc = given if given is not None else self._scorer(self.parts_of(request, snap), request.compose)
             try:
-                hits = self._search(snap, sc, replace(opts, k=request.k * 3) if request.collapse else opts)
+                return self._collapsed(snap, sc, opts) if request.collapse else self._search(snap, sc, opts)
             except _Stale:
                 if snapshot is not None:
                     raise SnapshotMoved() from None
@@ -363,12 +364,22 @@ class Engine:
                     raise
                 self.refresh()
                 continue
-            if request.collapse:
-                from alignsearch.search.dupes import collapse_hits
-
-                return collapse_hits(self.db, hits, request.k)
-            return hits
         raise AssertionError("unreachable")
+
+    def _collapsed(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
+        """The best k pictures, near duplicates folded (alignsearch/search/dupes.py), in the order asked for. The
+        candidates are folded best first whatever the sort (folded in the sort's order, a copy was kept over the
+        better original and the newest of 3k candidates were cut to k, not the best), and looked for deeper while
+        folding leaves fewer than k and the search had more to give (a picture with more copies than 3k)."""
+        from alignsearch.search.dupes import collapse_hits
+
+        depth = opts.k * COLLAPSE_DEPTH
+        while True:
+            hits = self._search(snap, query, replace(opts, k=depth, sort="score"))
+            folded = collapse_hits(self.db, hits, opts.k)
+            if len(folded) >= opts.k or len(hits) < depth:
+                return sort_hits(folded, opts.sort)
+            depth *= 4
 
     def parts_of(self, request: SearchRequest, snapshot: Snapshot | None = None) -> Parts:
         """The request's text, image and negative encoded (unit vectors) with the model of `snapshot`."""
@@ -461,14 +472,22 @@ class Engine:
                 return []
         if query.method == "weicom" and query.stats is None:
             query.calibrate(self._calibration_sample(snap))
-        keyword = self._keyword_ids(opts, allowed) if opts.words else []
-        ranked = opts.mode == "keyword" or (keyword and opts.mode in ("hybrid", "auto"))
-        vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed, fusing=bool(ranked))
-        # Keyword matches are scored from their stored vectors too: they take their place in the similarity
-        # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
-        ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
-        nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
-        return self._hits(snap, query, ids, opts, keyword if ranked else None, nulls)
+        looked = 0
+        while True:
+            keyword = self._keyword_ids(opts, allowed) if opts.words else []
+            ranked = opts.mode == "keyword" or (keyword and opts.mode in ("hybrid", "auto"))
+            vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed, fusing=bool(ranked))
+            # Keyword matches are scored from their stored vectors too: they take their place in the similarity
+            # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
+            ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
+            nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
+            hits, capped = self._hits(snap, query, ids, opts, keyword if ranked else None, nulls)
+            # The per-video cap left fewer than k: the candidates were one video's moments mostly (a long shot holds
+            # alike moments). Look deeper while that finds more candidates, so the cap never starves the results.
+            if not capped or len(ids) <= looked:
+                return hits
+            looked = len(ids)
+            opts = replace(opts, pool=looked * PER_VIDEO_DEPTH)
 
     def _null_best(self, snap: Snapshot) -> np.ndarray | None:
         """The best cosine over the index of each null query (query.null_prompts), encoded with the snapshot's
@@ -527,7 +546,7 @@ class Engine:
         A late-fused query searches with each half and takes the union (on a flat index: every vector)."""
         depth = (max(opts.k, FUSION_DEPTH) if fusing else opts.k) + len(opts.exclude)
         if opts.per_video is not None and snap.videos:  # room for the moments the cap drops
-            depth = min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal)))
+            depth = max(min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal))), opts.pool)
         want = self._late_want(snap, depth) if query.late else \
             ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
         n = int(snap.index.ntotal)
@@ -538,12 +557,21 @@ class Engine:
         nprobe = opts.nprobe or snap.nprobe
         if allowed is not None:
             nprobe = ann.filtered_nprobe(nprobe, snap.plan, want, n, len(allowed))
+        ids = self._ann_ids(snap, query, want, nprobe, allowed)
+        if allowed is not None and len(ids) < min(depth, len(allowed)):
+            return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
+        if allowed is None and len(ids) < min(depth, n) and nprobe < snap.plan.nlist:
+            # The lists visited held fewer vectors than the search needs (k near the library's size on a small
+            # IVF-PQ index, a low --nprobe): `-k 1000` answered 79 of 336. Every list then, still re-ranked exactly.
+            ids = self._ann_ids(snap, query, want, snap.plan.nlist, None)
+        return ids
+
+    @staticmethod
+    def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None) -> list[int]:
+        """The ANN index's candidates for the query's probes, best first, each id once."""
         _, ids = ann.search(snap.index, np.stack(query.probes), want, nprobe, allowed)
         ids = ids.ravel()
-        ids = list(dict.fromkeys(ids[ids >= 0].tolist()))
-        if allowed is not None and len(ids) < min(opts.k + len(opts.exclude), len(allowed)):
-            return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
-        return ids
+        return list(dict.fromkeys(ids[ids >= 0].tolist()))
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best `depth` ids first."""
@@ -576,14 +604,15 @@ class Engine:
             among = None if allowed is None else allowed.tolist()
             if not opts.words or not catalog.has_keywords(conn):
                 return []
-            return [i for i, _ in keywords.search(conn, opts.words, max(opts.k + len(opts.exclude), KEYWORD_DEPTH),
+            return [i for i, _ in keywords.search(conn, opts.words, max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool),
                                                   among, evidence_only=opts.mode == "auto")]
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
-              keyword: list[int] | None = None, nulls: np.ndarray | None = None) -> list[Hit]:
+              keyword: list[int] | None = None, nulls: np.ndarray | None = None) -> tuple[list[Hit], bool]:
         """Catalog rows for candidate ids, scored exactly from the stored vectors, best first; cut to k, cutoff,
         sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone). nulls:
-        the null queries' best cosines, for auto's gate (query.null_z)."""
+        the null queries' best cosines, for auto's gate (query.null_z). Also whether the per-video cap left fewer
+        than k of candidates that all passed the cutoff (deeper candidates could fill the list)."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
             if state.read(conn, "generation").generation != snap.generation:
@@ -623,8 +652,11 @@ class Engine:
                 order = best_first(scores, similarity, tiebreak)  # best score first, ties by similarity
             if opts.min_score is not None:
                 order = order[similarity[order] >= opts.min_score]
+            capped = False
             if opts.per_video is not None and snap.videos:
+                passed = len(order)
                 order = _cap_per_video(conn, ids, order, opts.per_video, opts.k)
+                capped = len(order) < min(passed, opts.k) and passed == len(ids)
             order = order[: opts.k]
             chosen = ids[order].tolist()
             rows = catalog.get_files(conn, chosen)
@@ -645,7 +677,7 @@ class Engine:
                     made_of["model_z"] = round(model_z, 3)
             hits.append(_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []),
                              similarity=float(similarity[i]), parts=made_of))
-        return sort_hits(hits, opts.sort)
+        return sort_hits(hits, opts.sort), capped
 
     def info(self) -> dict[str, Any]:
         snap = self.snap
@@ -857,6 +889,7 @@ COMPOSE_RULES = {
 EXACT_BELOW = 4_000
 EXACT_CHUNK = 65_536
 PER_VIDEO_DEPTH = 4  # candidates looked at per result wanted when moments of a video may be dropped
+COLLAPSE_DEPTH = 3  # candidates folded per result wanted by collapse=True (more when copies fill them)
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
@@ -881,6 +914,7 @@ class _Options:
     sort: str
     per_video: int | None = None
     exclude: frozenset = frozenset()  # ids left out (`similar`: the image itself), fetched beyond k, not out of it
+    pool: int = 0  # at least this many candidates of each kind: a search looking deeper (_search's per-video cap)
 
 
 def _cap_per_video(conn, ids: np.ndarray, order: np.ndarray, cap: int, k: int) -> np.ndarray:
@@ -907,7 +941,9 @@ def sort_hits(hits: list[Hit], key: str) -> list[Hit]:
     if key == "path":
         return sorted(hits, key=lambda h: h.path)
     known = [h for h in hits if h.taken is not None]
-    return sorted(known, key=lambda h: h.taken, reverse=key == "-taken") + [h for h in hits if h.taken is None]
+    # by the time, not its text: "...:20Z" sorted after "...:20.500000Z" ('.' < 'Z'); "+00:00": Python 3.10 reads no Z
+    return sorted(known, key=lambda h: datetime.fromisoformat(h.taken.replace("Z", "+00:00")),
+                  reverse=key == "-taken") + [h for h in hits if h.taken is None]
 
 
 def open(index_dir: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",  # noqa: A001

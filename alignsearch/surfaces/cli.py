@@ -448,11 +448,13 @@ _REQUEST_OPTIONS = [
     click.argument("text", required=False),
     click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT)."),
     click.option("--negative", help="Text whose concept to subtract from the query."),
-    click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000)."),
+    # -k and --nprobe are whole numbers here; their range is querycheck's, as for Engine.search and HTTP (click's
+    # IntRange made -k 0 exit 2 where -k 1001 and the Python API's k=0 are exit 6)
+    click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results (1 to 1000)."),
     click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query."),
     click.option("--image-weight", type=float, default=1.0, show_default=True),
     click.option("--negative-weight", type=float, default=1.0, show_default=True),
-    click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit (default: the index's tuned value)."),
+    click.option("--nprobe", type=int, default=None, help="IVF lists to visit (default: the index's tuned value)."),
     click.option("--tag", help="Only images tagged with this label (see `alignsearch tag`)."),
     click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it (listed as its duplicates)."),
     click.option("--after", metavar="DATE", help="Taken on or after DATE (ISO 8601: 2019-07-14 or a date-time)."),
@@ -1124,7 +1126,7 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
 
 @main.command()
 @click.argument("ref", metavar="ID|PATH")
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results (1 to 1000; querycheck's range).")
 @click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option

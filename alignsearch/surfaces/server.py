@@ -62,7 +62,7 @@ from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, IndexDamagedError
-from alignsearch.media.images import DEFAULT_MAX_PIXELS, open_rgb
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, library_error
 
@@ -441,6 +441,12 @@ class Library:
         engine = self.fresh()
         return {**engine.explain(request), "encoder": engine.encoder_plan()}
 
+    def image_spec(self) -> ImageSpec:
+        """The input of the index's model (its recorded preprocessing), which decides how an upload is decoded."""
+        from alignsearch.encoders.cached import spec_from
+
+        return spec_from(self.engine.snap.model_info["preprocessing"])
+
     def vector_of(self, file_id: int, snapshot=None):
         vector = self.engine.vector_of(file_id, snapshot)  # without a snapshot it takes a fresh one itself
         if vector is None:
@@ -595,10 +601,12 @@ def _listed(row: catalog.FileRow, photo: dict | None = None, labels: list[str] =
     return out
 
 
-def decode_upload(data: bytes, max_pixels: int):
+def decode_upload(data: bytes, max_pixels: int, spec: ImageSpec):
+    """The uploaded image as a query image given by path is decoded (images.decode, for the model's input `spec`: a
+    large one reduced first): decoded whole, the same photo scored otherwise through a server than alone."""
     querycheck.check_image(data)
     try:
-        return open_rgb(data, max_pixels)[0]
+        return decode(data, spec, max_pixels).image
     except ImageTooLarge:
         # this server's memory guard, not a rule of every surface: 413, on which the CLI searches locally
         # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
@@ -839,7 +847,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         else:
             if request.image is not None:  # checked bytes: decoded a few at a time (DECODE_SLOTS)
                 async with decoding:
-                    pil = await run_in_threadpool(decode_upload, request.image, config.max_upload_pixels)
+                    pil = await run_in_threadpool(decode_upload, request.image, config.max_upload_pixels,
+                                                  library.image_spec())
                 request = search_request.with_image(request, pil)
             results = await encode_and_search(request)
         out = {"query": echo(request, posted), "results": results}

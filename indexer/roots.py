@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,7 +40,10 @@ DEVICE = "device"  # the root option that records a folder root's st_dev (intern
 # the root option that records {folder (relative): st_dev} of each folder inside a folder root that is on another
 # device than the folder above it (a drive mounted inside the library), from the last listing that found files there
 MOUNTS = "mounts"
-INTERNAL = (DEVICE, MOUNTS)  # options a run records for itself: never shown, never given
+# the root option that records when the last listing of a whole folder root started (time.time()): captions made or
+# edited since are read again by the next listings (scan.scan_folder's captions_since)
+LISTED = "listed"
+INTERNAL = (DEVICE, MOUNTS, LISTED)  # options a run records for itself: never shown, never given
 
 
 def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
@@ -227,6 +231,7 @@ class Scanned:
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
     devices: dict = field(default_factory=dict)  # {folder root: st_dev} of those listed with entries in them
     mounts: dict = field(default_factory=dict)  # {folder root: its MOUNTS after this listing}, of those listed
+    listed: dict = field(default_factory=dict)  # {folder root: when this run's listing of it whole started}
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
@@ -369,6 +374,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 found, errors = [], [scan.ListingError("", unplugged_reason(root))]
             else:
                 mounts: dict[str, int] | None = {} if local else None
+                started = time.time()
                 recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
                 away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders)
                         if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
@@ -378,7 +384,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     if not sources.exists(root):
                         raise FileNotFoundError(f"{root} is missing")
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
-                        "caption_column"), skip, folders, linked, to_folders, mounts=mounts))
+                        "caption_column"), skip, folders, linked, to_folders, mounts=mounts,
+                        captions_since=options.get(root, {}).get(LISTED) if local else None))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                     if root not in known:  # a new root is only remembered once it could be listed
@@ -388,6 +395,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     out.devices[root] = device  # listed with entries in it: the device its files are on
                 if mounts is not None and not any(e.folder == "" for e in errors):
                     out.mounts[root] = _kept_mounts(recorded_mounts, mounts, away, folders)
+                    if folders is None and not errors:  # whole: what it did not see changed before it started
+                        out.listed[root] = started
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
@@ -441,6 +450,9 @@ def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanne
         if r in roots:
             mine = {k: v for k, v in options.get(r, {}).items() if k != MOUNTS}
             options[r] = {**mine, MOUNTS: mounts} if mounts else mine
+    for r, started in scanned.listed.items():
+        if r in roots:
+            options[r] = {**options.get(r, {}), LISTED: started}
     options = {r: o for r, o in options.items() if o}
     with db.begin() as conn:
         errors = {r: e for r, e in scanned.errors_by_root.items() if e}

@@ -48,7 +48,9 @@ class Found:
     relpath_raw: bytes | None = None  # the real bytes, only where the key is not the name
     offset: int = -1  # where a tar member's data starts in its shard
     caption: str | None = None  # from a list's caption column or a WebDataset sample's .txt/.json member
-    caption_link: bool = False  # a local photo whose sidecar caption (photo.txt) is a symbolic link
+    # a local photo whose sidecar caption (photo.txt) is read again though the photo is unchanged: a symbolic link
+    # (its target may be another text now), or a caption made, edited or removed since the root's last full listing
+    caption_link: bool = False
 
     @property
     def path(self) -> str:
@@ -100,14 +102,15 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
          errors: list[ListingError] | None = None, caption_column: str | None = None,
          skip: str | None = None, folders: tuple[str, ...] | None = None,
          links: list[str] | None = None, folder_links: list[str] | None = None, *,
-         mounts: dict[str, int] | None = None) -> Iterator[Found]:
+         mounts: dict[str, int] | None = None, captions_since: float | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
     folder root, only the images under these (relative, as `listable` gives them); None the whole root. links:
     of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
     appended; folder_links: each link to a folder met (relative); mounts: of a folder root, {folder: st_dev} of
-    each folder listed with entries on another device than the folder above it (a drive mounted inside the root)."""
+    each folder listed with entries on another device than the folder above it (a drive mounted inside the root);
+    captions_since: of a folder root, when its last full listing started (see scan_folder)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -115,7 +118,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
         return scan_list(root, list_column, caption_column=caption_column)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
-    return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links, mounts=mounts)
+    return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links, mounts=mounts,
+                       captions_since=captions_since)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -228,13 +232,17 @@ def listable(root: str, folder: str, include_hidden: bool, skip: str | None) -> 
 def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingError] | None = None,
                 skip: str | None = None, folders: tuple[str, ...] | None = None,
                 links: list[str] | None = None, folder_links: list[str] | None = None, *,
-                mounts: dict[str, int] | None = None) -> Iterator[Found]:
+                mounts: dict[str, int] | None = None, captions_since: float | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
     those under these folders (relative, each one `listable` gives, none under another), in their order. links:
     each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root);
     folder_links: each link to a folder met (relative), which a listing never walks. mounts: {folder: st_dev} of
     each folder listed with entries in it on another device than its parent (relative; a drive mounted inside the
     root), so a later run can tell the empty folder an unmount leaves from one the user emptied (indexer/roots.py).
+    captions_since: when the root's last full listing started (time.time()); a photo whose sidecar caption was made
+    or edited since (its time), or whose folder changed since (a caption removed or renamed), is yielded with
+    caption_link set: an unchanged photo's caption is read again (indexer/photos.py recaption), as a caption changes
+    neither the photo's size nor its time. None: only caption links are.
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -269,6 +277,9 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             mounts[rel] = devices[rel][0]
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
+        if captions_since is not None:
+            texts = {e.name: e for e in entries if e.name.endswith(".txt")}
+            folder_changed = changed_since(folder, captions_since)
         if links is not None and linked_captions:
             links.append(rel)
         for entry in entries:
@@ -291,7 +302,9 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             if links is not None and entry.is_symlink() and (not links or links[-1] != rel):
                 links.append(rel)
             relpath, raw = printable(name)
-            caption_link = os.path.splitext(entry.name)[0] + ".txt" in linked_captions
+            caption = os.path.splitext(entry.name)[0] + ".txt"
+            caption_link = caption in linked_captions or (captions_since is not None and (
+                folder_changed or (caption in texts and changed_since(texts[caption].path, captions_since))))
             try:
                 # a link is followed as it is read (safeopen): one another user planted is no file of the library
                 st = walks.stat_through(name) if entry.is_symlink() else os.stat(entry.path)
@@ -346,6 +359,19 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
     out.removed = [row for row in gone if not _under(row.relpath, unlisted)] if unlisted else gone
     out.kept = len(gone) - len(out.removed)
     return out
+
+
+CHANGED_SLACK_S = 60  # a file time a little before a listing started still counts: coarse clocks, a server's skew
+
+
+def changed_since(path: str, since: float) -> bool:
+    """Whether a file or folder (not followed if a link) was modified, or its status changed (a rename over it, an
+    entry made or removed in a folder), at or after `since`, give or take CHANGED_SLACK_S."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return max(st.st_mtime, st.st_ctime) >= since - CHANGED_SLACK_S
 
 
 def folder_device(path: str) -> int | None:

@@ -130,7 +130,8 @@ def matters(change: int, path: str, root: str, *, include_hidden: bool, skip: st
     a moved folder). A link made or removed is a change of its folder (one put in the place of a folder takes that
     folder's files away); a path through a link to a folder is first made the one it leads to (`touched`).
     caption_link: the path is a .txt that is a link (a photo's sidecar caption, which every listing of its folder
-    reads again: one made or pointed elsewhere changes the photo's caption). Never the index's own folder (skip),
+    reads again: one made or pointed elsewhere changes the photo's caption), or a photo's sidecar caption (the
+    listing reads one made, edited or removed since the root's last whole listing). Never the index's own folder (skip),
     nor a temporary file: a name no listing reads (a folder is none, whatever its name, nor is a photo named
     `#1.jpg`)."""
     if scan.at_or_under(path, skip):
@@ -170,7 +171,8 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             is_link: Callable[[str], bool] = os.path.islink,
             unlisted: Callable[[str, str], bool] = lambda root, path: False,
             caption_target: Callable[[str], bool] = lambda path: False,
-            outside: Callable[[str], str | None] = lambda path: None) -> dict[str, list[str]]:
+            outside: Callable[[str], str | None] = lambda path: None,
+            sidecar: Callable[[str], bool] = lambda path: False) -> dict[str, list[str]]:
     """{root: the listing_folder of each change that matters} for a batch of (change, path); roots: {root:
     include_hidden}. known_folder(root, path) is asked only of paths gone, or deleted and now files, that would not be a
     file the indexer reads; linked(root, path) of every path below a root, and unlinked(path) of those it says are
@@ -181,7 +183,9 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
     files (a caption that is a link), unlisted(root, path) of folders modified (one an earlier run could not list?),
     caption_target(path) of .txt paths: one a caption link leads to (hidden or not) makes a run with no folder of its
     own, as the folders holding such links are listed by every scoped run; outside(path) of paths outside every root:
-    the root of a link leading there (watched in its own folder: `_Outside`), which makes such a run too."""
+    the root of a link leading there (watched in its own folder: `_Outside`), which makes such a run too; sidecar(path)
+    of .txt paths that are no link: whether a photo or video of its stem is beside it (its caption, made, edited or
+    removed: a run lists its folder, which reads the caption again)."""
     out: dict[str, list[str]] = {}
     gone = {path for change, path in changes if int(change) == DELETED}
     for change, path in changes:
@@ -204,7 +208,7 @@ def touched(changes, roots: dict[str, bool], skip: str, is_dir: Callable[[str], 
             os.path.relpath(path, root).replace(os.sep, "/"), True)
         if matters(int(change), path, root, include_hidden=roots[root], skip=skip, is_dir=kind,
                    known_folder=odd and known_folder(root, path),
-                   caption_link=kind is False and path.endswith(".txt") and is_link(path),
+                   caption_link=path.endswith(".txt") and ((kind is False and is_link(path)) or sidecar(path)),
                    unlisted=kind is True and int(change) == MODIFIED and unlisted(root, path)):
             out.setdefault(root, []).append(listing_folder(path, root))
     return out
@@ -440,6 +444,7 @@ class _CatalogLook:
         self._conn = None
         self._unread = False  # the catalog could not be read: not asked again in this batch (each try waits)
         self._unlisted: dict[str, set[str]] | None = None
+        self._stems: dict[str, set[str]] = {}  # {folder: the stems of the photos and videos in it}, listed once a batch
 
     def known_folder(self, root: str, path: str) -> bool:
         """Whether the catalog holds files under `path` (a folder of `root`); True when it cannot tell now (a run
@@ -479,6 +484,17 @@ class _CatalogLook:
         if self._targets is None:
             self._targets = self.links.caption_targets()
         return bool(self._targets) and os.path.realpath(path) in self._targets
+
+    def sidecar(self, path: str) -> bool:
+        """Whether a photo or video of the stem of `path` (a .txt) is in its folder: `path` is its caption."""
+        folder, name = os.path.split(path)
+        if folder not in self._stems:
+            try:
+                with os.scandir(folder) as it:
+                    self._stems[folder] = {os.path.splitext(e.name)[0] for e in it if scan._wanted(e.name, True)}
+            except OSError:
+                self._stems[folder] = set()
+        return os.path.splitext(name)[0] in self._stems[folder]
 
     def close(self) -> None:
         if self._conn is not None:
@@ -605,7 +621,8 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             try:
                 for root, folders in touched(changes, {r.name: r.include_hidden for r in w.roots.values()}, str(out),
                                              path_kind, look.known_folder, through_link, unlisted=look.unlisted,
-                                             caption_target=look.caption_target, outside=outside.root_of).items():
+                                             caption_target=look.caption_target, outside=outside.root_of,
+                                             sidecar=look.sidecar).items():
                     pending.setdefault(root, []).extend(folders)
             finally:
                 look.close()
@@ -773,22 +790,12 @@ class _Outside:
         log.info("watching the folders of link targets outside the roots: %s", folders)
         self._watcher = _Watcher(folders, opts, _polling(opts, folders, polling), recursive=False) if folders \
             else _Idle()
-        recent = {(MODIFIED, t) for t in self.targets if os.path.dirname(t) in new and _changed_since(t, since)}
+        recent = {(MODIFIED, t) for t in self.targets if os.path.dirname(t) in new and scan.changed_since(t, since)}
         if recent and self._watcher.failed is None:
             self._watcher.batches.put(recent)
 
     def close(self) -> None:
         self._watcher.close()
-
-
-def _changed_since(path: str, since: float) -> bool:
-    """Whether a file was modified (or its status changed: a rename over it, a chmod) at or after `since`, give or
-    take a file system's time granularity (2 s on FAT)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False  # gone: its link is broken, which the next listing of its folder finds as any change
-    return max(st.st_mtime, st.st_ctime) >= since - 2
 
 
 class _Idle:

@@ -24,7 +24,7 @@ def scoped_run(job: dict, roots: list[str], changes: list[tuple[int, str]]):
     look = watch._CatalogLook(Path(job["index_dir"]).resolve())
     try:
         pending = watch.touched(changes, {r: False for r in roots}, str(Path(job["index_dir"]).resolve()),
-                                watch.path_kind, look.known_folder, watch.through_link)
+                                watch.path_kind, look.known_folder, watch.through_link, sidecar=look.sidecar)
     finally:
         look.close()
     return index_folders([], **job, scope=watch.run_scope(pending, roots))
@@ -312,3 +312,43 @@ def test_a_caption_link_made_or_pointed_elsewhere_is_read_as_a_full_listing_read
     done = scoped_run(job, [r], [(DELETED, str(caption)), (watch.ADDED, str(caption))])
     assert done.times["extra"]["captions_read_again"] == 1, done
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+
+
+def _caption(job: dict, photo) -> str | None:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(job['index_dir']) / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT p.caption FROM files f JOIN photos p ON p.file_id = f.id WHERE f.relpath = ?",
+                            (f"{photo.parent.name}/{photo.name}",)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_sidecar_caption_made_edited_or_removed_beside_an_unchanged_photo_is_read_again(tmp_path, tiny_model):
+    """photo.txt beside photo.jpg is its caption (keyword search, export). Made, edited or removed while the photo
+    stayed as it was, it changed neither the photo's size nor its time: `index` said "nothing changed" and kept the
+    old caption for good, and the watch took a .txt for a file it does not read and made no run. A listing reads
+    again the captions made or changed since the root's last whole listing (or all of a folder changed since), and a
+    .txt beside a photo of its stem makes the watch list its folder; a text beside no photo makes no run."""
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 87)})
+    photo = sorted((root / "a").iterdir())[0]
+    caption = photo.with_suffix(".txt")
+    for change, text in ((watch.ADDED, "a red bicycle"), (MODIFIED, "a blue whale"), (DELETED, None)):
+        caption.write_text(text) if text else caption.unlink()
+        done = scoped_run(job, [r], [(change, str(caption))])
+        assert (done.times["extra"]["captions_read_again"], done.updated) == (1, 0), (change, done)
+        assert _caption(job, photo) == text
+    caption.write_text("a green kite")  # a plain run (cron) reads it too
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a green kite"
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+    (root / "a" / "notes.txt").write_text("shopping list")
+    look = watch._CatalogLook(Path(job["index_dir"]).resolve())
+    try:
+        assert watch.touched({(MODIFIED, f"{r}/a/notes.txt")}, {r: False}, str(Path(job["index_dir"]).resolve()),
+                             watch.path_kind, sidecar=look.sidecar) == {}
+        assert watch.touched({(MODIFIED, f"{r}/a/{caption.name}")}, {r: False}, str(Path(job["index_dir"]).resolve()),
+                             watch.path_kind, sidecar=look.sidecar) == {r: ["a"]}
+    finally:
+        look.close()

@@ -159,9 +159,9 @@ def test_a_link_target_changed_during_the_run_that_found_its_link_is_taken_as_ch
     for folder, name in ((elsewhere, "old.png"), (elsewhere, "edited.png"), (more, "later.png")):
         (folder / name).write_bytes(b"x")
         (root / name).symlink_to(folder / name)
-    started = time.time() + 5  # later than any status change made here (a ctime cannot be set back)
-    os.utime(elsewhere / "old.png", (started - 60, started - 60))
-    os.utime(more / "later.png", (started - 60, started - 60))
+    started = time.time() + 2 * scan.CHANGED_SLACK_S  # later than any status change made here (no ctime is set back)
+    os.utime(elsewhere / "old.png", (started - 600, started - 600))
+    os.utime(more / "later.png", (started - 600, started - 600))
     os.utime(elsewhere / "edited.png", (started + 1, started + 1))
     links = LinkFolders(folders={str(root): {""}})
     outside = watch._Outside()

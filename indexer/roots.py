@@ -71,13 +71,15 @@ def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...
     return out
 
 
-def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unplugged: list[str],
+def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unlisted: list[str],
                  listed: tuple[str, ...] | None) -> dict[str, int]:
-    """A root's MOUNTS after a listing: those it found with files, those it judged unplugged (and any under them,
-    unseen), and, of a scoped listing, those outside the folders it listed. A mount folder found gone or empty on
-    its own device is dropped: a later run treats it as any folder (emptied or deleted by the user)."""
+    """A root's MOUNTS after a listing: those it found with files, those at or under a folder it could not list
+    (judged unplugged, or unreadable: a share refusing access, a drive's I/O error; dropped, the drive unplugged
+    after such a run lost its files, as its mount point was then a folder like any other), and, of a scoped listing,
+    those outside the folders it listed. A mount folder found gone or empty on its own device is dropped: a later
+    run treats it as any folder (emptied or deleted by the user)."""
     kept = {rel: d for rel, d in recorded.items()
-            if any(scan.at_or_under(rel, u) for u in unplugged)
+            if any(scan.at_or_under(rel, u) for u in unlisted)
             or (listed is not None and not any(scan.at_or_under(rel, f) for f in listed))}
     return {**kept, **found}
 
@@ -387,7 +389,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 if device is not None and device != recorded and not empty and not any(e.folder == "" for e in errors):
                     out.devices[root] = device  # listed with entries in it: the device its files are on
                 if mounts is not None and not any(e.folder == "" for e in errors):
-                    out.mounts[root] = _kept_mounts(recorded_mounts, mounts, away, folders)
+                    out.mounts[root] = _kept_mounts(recorded_mounts, mounts, [e.folder for e in errors], folders)
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:

@@ -431,3 +431,33 @@ def test_a_root_that_takes_over_an_unplugged_drive_root_inside_it_keeps_its_file
     (tmp_path / "away").rename(root / "nas")
     s = index_json(ix)
     assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, [])
+
+
+@pytest.mark.slow
+def test_a_drive_inside_a_root_that_could_not_be_listed_then_unplugged_keeps_its_files(tmp_path, tiny_model):
+    """A run that could not list photos/nas (a share refusing access, an I/O error: a listing error, its files kept)
+    dropped the folder's record as a mount point, so once the drive was unplugged the next run found an empty folder
+    like any other and removed its 3 files. Simulated mount (the record set, the folder emptied, as above); the
+    unreadable folder is a chmod 000 read by a run without root's permission bypass."""
+    from helpers import can_drop_dac
+
+    if not can_drop_dac():
+        pytest.skip("cannot drop root's permission bypass here")
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_images(root / "nas", 3, seed=3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    os.chmod(root / "nas", 0)
+    try:
+        s = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+    finally:
+        os.chmod(root / "nas", 0o755)
+    assert (s["removed"], s["kept"]) == (0, 3) and "Permission denied" in s["listing_errors"][0]["reason"]
+    assert _recorded_mounts(ix, root) == {"nas": drive}  # still known as a mount point
+    (root / "nas").rename(tmp_path / "away")  # unplugged
+    (root / "nas").mkdir()
+    s = index_json(ix)
+    assert (s["removed"], s["kept"]) == (0, 3), s
+    assert "another device than when indexed" in s["listing_errors"][0]["reason"]

@@ -145,12 +145,18 @@ def place(db, given: list[str], known: list[str],
 def _taken_over_mounts(root: str, inner: dict[str, dict]) -> dict[str, int]:
     """The MOUNTS of a root that takes over the known roots inside it (inner: {root: options}): each inner root on
     another device than the folder above it (a drive it was the mount point of) and each folder such a root
-    recorded, relative to the new root, so that an unplugged drive there keeps its files as it did."""
+    recorded, relative to the new root, so that an unplugged drive there keeps its files as it did. An inner root
+    that is gone is judged by the nearest folder above it that is there: a folder on the drive (photos/nas/2019,
+    the drive at photos/nas) is gone with the drive, whose empty mount point was then no record, and the new
+    root's listing removed the inner root's files."""
     out = {}
     for k, options in inner.items():
+        there = k
+        while not os.path.lexists(there) and os.path.dirname(there) != root:
+            there = os.path.dirname(there)
+        if options.get(DEVICE) is not None and options[DEVICE] != scan.folder_device(os.path.dirname(there)):
+            out[os.path.relpath(there, root)] = options[DEVICE]
         rel = os.path.relpath(k, root)
-        if options.get(DEVICE) is not None and options[DEVICE] != scan.folder_device(os.path.dirname(k)):
-            out[rel] = options[DEVICE]
         out.update({os.path.join(rel, f): d for f, d in options.get(MOUNTS, {}).items()})
     return out
 

@@ -374,22 +374,16 @@ def test_a_drive_unplugged_from_a_folder_inside_a_root_keeps_its_files(tmp_path,
     assert (s["removed"], s["listing_errors"]) == (3, []) and _recorded_mounts(ix, root) is None
 
 
-def _mount_tmpfs(folder) -> bool:
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "alignsearch-test", str(folder)],
-                                                capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
 def test_a_real_mount_inside_a_root_is_recorded_and_its_unmount_keeps_the_files(tmp_path, tiny_model):
     """The same with a tmpfs really mounted at photos/nas (where the test may mount: as root with the right)."""
     import subprocess
 
+    from helpers import mount_tmpfs
+
     root, ix, saved = tmp_path / "photos", tmp_path / "ix", tmp_path / "saved"
     make_images(root, 2)
-    if not _mount_tmpfs(root / "nas"):
+    if not mount_tmpfs(root / "nas"):
         pytest.skip("cannot mount a tmpfs here")
     try:
         make_images(saved, 3, seed=3)
@@ -401,7 +395,7 @@ def test_a_real_mount_inside_a_root_is_recorded_and_its_unmount_keeps_the_files(
         subprocess.run(["umount", str(root / "nas")], check=True)
         s = index_json(ix)
         assert (s["removed"], s["kept"]) == (0, 3) and _paths(ix) == before
-        assert _mount_tmpfs(root / "nas")  # plugged back (a new tmpfs: another device number, the same files)
+        assert mount_tmpfs(root / "nas")  # plugged back (a new tmpfs: another device number, the same files)
         for photo in saved.iterdir():
             shutil.copy2(photo, root / "nas" / photo.name)
         s = index_json(ix)

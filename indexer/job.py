@@ -267,15 +267,18 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         indexed = {root: n.get(catalog.INDEXED, 0) for root, n in index_roots.count_by_root(conn).items()}
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
+    hidden = {root: bool(o.get("include_hidden")) for root, o in st.roots.options.items()}
     away = reindex.out_of_reach(indexed, sources.kind, sources.exists,
-                                lambda r: scan.empty_folder(r) or not os.access(r, os.R_OK | os.X_OK))
+                                lambda r: scan.empty_folder(r, include_hidden=hidden.get(r, False))
+                                or not os.access(r, os.R_OK | os.X_OK))
     if away:  # before the model loads: nothing written
         n = sum(indexed[r] for r in away)
         raise BadInputError(f"cannot re-encode: {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing, empty or "
                             f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
                             f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
     unmounted = [os.path.join(root, rel) for root, o in sorted(st.roots.options.items()) if indexed.get(root)
-                 for rel in index_roots.unplugged_mounts(root, o.get(index_roots.MOUNTS, {}))]
+                 for rel in index_roots.unplugged_mounts(root, o.get(index_roots.MOUNTS, {}),
+                                                         include_hidden=bool(o.get("include_hidden")))]
     if unmounted:  # a drive mounted inside a root: its files look deleted, and would lose their vectors
         raise BadInputError(f"cannot re-encode: {', '.join(unmounted[:3])}{' and more' if len(unmounted) > 3 else ''} "
                             f"{'is an empty folder' if len(unmounted) == 1 else 'are empty folders'} where a drive was "

@@ -55,18 +55,20 @@ def unplugged_reason(root: str) -> str:
             "kept until it is back")
 
 
-def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None) -> list[str]:
+def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None, *,
+                     include_hidden: bool = False) -> list[str]:
     """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: an empty
     folder on another device than recorded (`looks_unmounted`). Listed, each folder's files looked deleted and a run
     dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
-    under or above these (a scoped listing's folders; None: all)."""
+    under or above these (a scoped listing's folders; None: all); include_hidden: the root's (scan.empty_folder)."""
     out = []
     for rel, device in sorted(recorded.items()):
         if within is not None and not any(scan.at_or_under(rel, f) or scan.at_or_under(f, rel) for f in within):
             continue
         path = os.path.join(root, rel)
         now = scan.folder_device(path)
-        if looks_unmounted(device, now, now is not None and now != device and scan.empty_folder(path)):
+        if looks_unmounted(device, now, now is not None and now != device and scan.empty_folder(
+                path, include_hidden=include_hidden)):
             out.append(rel)
     return out
 
@@ -372,13 +374,13 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             device = _device(root) if local else None
             recorded = options.get(root, {}).get(DEVICE)
             # looked into only where the device is not the one recorded: a scoped run lists no more than its folders
-            empty = device is not None and device != recorded and scan.empty_folder(root)
+            empty = device is not None and device != recorded and scan.empty_folder(root, include_hidden=hidden)
             if rows and root in known and looks_unmounted(recorded, device, empty):
                 found, errors = [], [scan.ListingError("", unplugged_reason(root))]
             else:
                 mounts: dict[str, int] | None = {} if local else None
                 recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
-                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders)
+                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders, include_hidden=hidden)
                         if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
                 # their rows are kept as under any folder that cannot be listed: the next run looks again
                 errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel))) for rel in away]
@@ -475,7 +477,8 @@ def report(db) -> list[dict]:
         mine = options.get(root, {})
         device = _device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
         unplugged = (any(c.values()) and device is not None and device != mine.get(DEVICE)
-                     and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(root)))
+                     and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(
+                         root, include_hidden=bool(mine.get("include_hidden")))))
         if present:  # a root the last run found missing and that is back (a restored shard, a remounted disk)
             recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == f"{root} is missing")]
         if not unplugged:  # ... or a drive back in place of its empty mount point

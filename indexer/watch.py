@@ -720,8 +720,8 @@ def _paths(w: Watch, say) -> list[str]:
                 w.unwatched_said.add(r.name)
             continue
         now = r.seen = identity(r.name)
-        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(_device(r.identity), _device(now),
-                                                                       scan.empty_folder(r.name)):
+        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(
+                _device(r.identity), _device(now), scan.empty_folder(r.name, include_hidden=r.include_hidden)):
             if not r.held:
                 say(f"{r.name} is an empty folder on another device (an unmounted drive?): runs wait until it is back")
             r.held = True  # its identity stays the drive's

@@ -479,3 +479,40 @@ def test_a_root_that_takes_over_a_root_on_an_unplugged_drive_below_its_mount_poi
     (tmp_path / "away").rename(root / "nas")
     s = index_json(ix)
     assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, [])
+
+
+@pytest.mark.slow
+def test_a_mount_point_holding_a_hidden_marker_on_the_disk_below_is_an_unplugged_drive(tmp_path, tiny_model):
+    """A mount point holding a hidden file on the disk below (`touch /mnt/x/.not-mounted`, a file manager's
+    .DS_Store), the drive unplugged: the folder was not empty, so the next run removed the drive's files, at a mount
+    inside a root (seen with a real tmpfs: 3 removed) and at a root's own mount point alike. Hidden entries count as
+    none unless the root includes hidden files; simulated mounts, as above."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_images(root / "nas", 3, seed=3)
+    make_images(tmp_path / "usb", 2, seed=5)
+    index_json(ix, root, tmp_path / "usb", "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    _set_recorded_device(ix, tmp_path / "usb", drive + 1)
+    for folder in (root / "nas", tmp_path / "usb"):
+        _unplug(folder, tmp_path / f"{folder.name}.away")
+        (folder / ".not-mounted").touch()
+    s = index_json(ix)
+    assert (s["removed"], s["kept"]) == (0, 5), s
+    assert sorted(e["folder"] for e in s["listing_errors"]) == [str(root / "nas"), str(tmp_path / "usb")]
+    assert run("index", "--reindex", "--index", ix, code=6)
+    assert [r["state"] for r in json.loads(run("roots", "--json", "--index", ix).stdout)] == ["listing errors", "missing"]
+
+
+def test_a_folder_holding_only_hidden_entries_is_empty_unless_the_root_includes_hidden_files(tmp_path):
+    from indexer import scan
+
+    (tmp_path / "marker").mkdir()
+    (tmp_path / "marker" / ".not-mounted").touch()
+    (tmp_path / "marker" / ".Trash-1000").mkdir()
+    assert scan.empty_folder(str(tmp_path / "marker"))
+    assert not scan.empty_folder(str(tmp_path / "marker"), include_hidden=True)  # its hidden photos are listed
+    (tmp_path / "marker" / "a.jpg").touch()
+    assert not scan.empty_folder(str(tmp_path / "marker"))
+    assert not scan.empty_folder(str(tmp_path / "gone"))

@@ -40,6 +40,7 @@ import fcntl
 import logging
 import os
 import queue
+import re
 import signal
 import stat
 import threading
@@ -309,16 +310,19 @@ def network_fs(fstype: str) -> bool:
 def _mountinfo(mountinfo: str) -> list[tuple[str, str, str]]:
     """(mount id, mount point, file system type) of every mount (Linux); none when unknown."""
     try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+        with open(mountinfo, "rb") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
     out = []
     for line in lines:
-        fields, _, rest = line.partition(" - ")
+        fields, _, rest = line.partition(b" - ")
         parts = fields.split()
         if len(parts) >= 5 and rest:
-            out.append((parts[0], parts[4].encode().decode("unicode_escape"), rest.split()[0]))  # \040 for a space
+            # \040 for a space; other bytes as they are, named as the file system's paths are (os.fsdecode): read as
+            # text and unescaped, /home/jürgen's mounts were /home/jÃ¼rgen, under no root
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8) & 0xFF]), parts[4])
+            out.append((os.fsdecode(parts[0]), os.fsdecode(point), os.fsdecode(rest.split()[0])))
     return out
 
 

@@ -1256,3 +1256,18 @@ def test_a_drive_unplugged_and_plugged_in_again_inside_a_root_keeps_its_files_an
     finally:
         unmount(nas)
         unmount(drive)
+
+
+def test_mount_points_with_names_not_ascii_are_read_as_the_file_system_names_them(tmp_path):
+    """/proc/self/mountinfo holds a mount point's bytes, escaping only space, tab, newline and backslash: read as
+    text and unescaped, /home/jürgen/Pictures/nas was /home/jÃ¼rgen/Pictures/nas, under no root, so neither its
+    file system (polled if a network one) nor a drive mounted there was seen."""
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                     b"40 22 0:50 / /home/j\xc3\xbcrgen/Pictures/nas rw - nfs4 nas:/photos rw\n"
+                     b"41 22 0:51 / /home/j\xc3\xbcrgen/Pictures/my\\040usb rw - vfat /dev/sdb1 rw\n"
+                     b"42 22 0:52 / /data/\xff rw - ext4 /dev/sdc1 rw\n")
+    assert watch.fs_type("/home/jürgen/Pictures/nas/2024", watch.mounts(str(info))) == "nfs4"
+    assert watch.inner_mounts(watch.mounted(str(info)), {"/home/jürgen/Pictures": False}, SKIP) == {
+        ("40", "/home/jürgen/Pictures/nas"), ("41", "/home/jürgen/Pictures/my usb")}
+    assert ("42", os.fsdecode(b"/data/\xff")) in watch.mounted(str(info))  # not UTF-8: as os.listdir names it

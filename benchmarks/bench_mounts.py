@@ -9,10 +9,8 @@ each pass listing the whole tree once per variant, in an order turned each pass.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,21 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import record
+from common import module_at, record
 
 from indexer import scan
-
-
-def old_module(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:indexer/scan.py"], capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    path = Path(tempfile.mkdtemp()) / "scan_old.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("scan_old", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scan_old"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def tree(root: str, folders: int, files: int) -> None:
@@ -50,14 +36,14 @@ def tree(root: str, folders: int, files: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default="efe5e2f^", help="scan.py before the record (git revision)")
     ap.add_argument("--folders", type=int, default=20_000)
     ap.add_argument("--files-per-folder", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--baseline", default="efe5e2f^")
-    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--repeat", type=int, default=15, help="passes; the median is reported")
+    ap.add_argument("--no-save", action="store_true", help="print only, RESULTS.md untouched")
     args = ap.parse_args()
-    old = old_module(args.baseline)
+    old = module_at(args.baseline, "indexer/scan.py", "scan_old")
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "library")
         tree(root, args.folders, args.files_per_folder)

@@ -13,8 +13,9 @@ mount point an unplugged drive left (`looks_unmounted`): a listing error keeps i
 and `roots` shows it "missing". Emptied on its own device (by the user), or with no device recorded (an index from
 before the record), a run removes its files as it always did. Never recorded from an empty folder.
 The same for a drive mounted on a folder inside a folder root (MOUNTS: each folder a listing found with entries on
-another device than the folder above it): found empty on another device than recorded, it is a listing error that
-keeps its files (`unplugged_mounts`); gone, or emptied on its own device, it is a folder like any other.
+another device than the folder above it): found on another device than recorded, empty or holding none of the files
+indexed there, it is a listing error that keeps its files, and what is there (the disk below) is not indexed
+(`unplugged_mounts`); gone, or emptied on its own device, it is a folder like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Iterable
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
@@ -50,15 +52,19 @@ def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
     return recorded is not None and now is not None and recorded != now and empty
 
 
-def unplugged_reason(root: str) -> str:
-    return (f"{root} is an empty folder on another device than when indexed (an unplugged drive?): its files are "
-            "kept until it is back")
+def unplugged_reason(root: str, empty: bool = True) -> str:
+    """Why a folder root, or a mount folder inside one (`unplugged_mounts`: empty False, one holding files now, none
+    of those indexed there), is not listed."""
+    what = "an empty folder" if empty else "a folder holding none of the files indexed there"
+    return f"{root} is {what} on another device than when indexed (an unplugged drive?): its files are kept until it is back"
 
 
 def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None, *,
-                     include_hidden: bool = False) -> list[str]:
-    """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: an empty
-    folder on another device than recorded (`looks_unmounted`). Listed, each folder's files looked deleted and a run
+                     include_hidden: bool = False, indexed: Callable[[str], Iterable[str]] | None = None) -> list[str]:
+    """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: on another
+    device than recorded, and empty (`looks_unmounted`) or, where `indexed(folder)` gives the paths of the files
+    indexed under it, holding none of them: a photo saved into the mount point while the drive was away (an import,
+    a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
     dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
     under or above these (a scoped listing's folders; None: all); include_hidden: the root's (scan.empty_folder)."""
     out = []
@@ -67,10 +73,26 @@ def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...
             continue
         path = os.path.join(root, rel)
         now = scan.folder_device(path)
-        if looks_unmounted(device, now, now is not None and now != device and scan.empty_folder(
-                path, include_hidden=include_hidden)):
+        if now is None or now == device:
+            continue
+        if scan.empty_folder(path, include_hidden=include_hidden) or (indexed is not None and _none_there(indexed(rel))):
             out.append(rel)
     return out
+
+
+def _none_there(paths: Iterable[str]) -> bool:
+    """Whether there is a path and none of them is there now (one lstat each, up to the first that is): gone, not
+    unknown (a folder that cannot be read, whose listing error says why)."""
+    seen = False
+    for path in paths:
+        try:
+            os.lstat(path)
+            return False
+        except (FileNotFoundError, NotADirectoryError):
+            seen = True
+        except OSError:
+            return False
+    return seen
 
 
 def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unlisted: list[str],
@@ -380,10 +402,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             else:
                 mounts: dict[str, int] | None = {} if local else None
                 recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
-                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders, include_hidden=hidden)
+                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders, include_hidden=hidden,
+                                                        indexed=lambda rel: _paths_under(root, rows, rel))
                         if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
                 # their rows are kept as under any folder that cannot be listed: the next run looks again
-                errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel))) for rel in away]
+                errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel), scan.empty_folder(
+                    os.path.join(root, rel), include_hidden=hidden))) for rel in away]
                 try:
                     if not sources.exists(root):
                         raise FileNotFoundError(f"{root} is missing")
@@ -394,6 +418,10 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     if root not in known:  # a new root is only remembered once it could be listed
                         raise BadInputError(f"cannot index {root}: {reason}") from None
                     found, errors = [], [scan.ListingError("", reason)]
+                if away:  # what is there is the disk below the drive (a photo saved there meanwhile): not indexed,
+                    # or indexed, it was a file of that folder that is there, and the drive's looked deleted next run
+                    keys = [scan.printable(a)[0] for a in away]
+                    found = [f for f in found if not any(scan.at_or_under(f.relpath, k) for k in keys)]
                 if device is not None and device != recorded and not empty and not any(e.folder == "" for e in errors):
                     out.devices[root] = device  # listed with entries in it: the device its files are on
                 if mounts is not None and not any(e.folder == "" for e in errors):
@@ -420,6 +448,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if not found and not errors and folders is None:
                 out.no_images.append(root)
     return out
+
+
+def _paths_under(root: str, rows: dict, folder: str) -> Iterable[str]:
+    """The paths of the catalogued files (rows: files_under's) under `folder` (relative) of a root."""
+    key = scan.printable(folder)[0]
+    return (sources.location(root, r.relpath, r.relpath_raw) for k, r in rows.items() if scan.at_or_under(k, key))
 
 
 def _one_per_key(root: str, found: list, notes: list) -> list:

@@ -360,7 +360,7 @@ def test_a_drive_unplugged_from_a_folder_inside_a_root_keeps_its_files(tmp_path,
     assert _recorded_mounts(ix, root) == {"nas": drive}  # still known as a mount point
     assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["options"] == {}
     result = run("index", "--reindex", "--index", ix, code=6)
-    assert f"cannot re-encode: {root / 'nas'} is an empty folder where a drive was mounted" in result.output
+    assert f"cannot re-encode: {root / 'nas'} is a folder where a drive was mounted, now empty" in result.output
 
     (root / "nas").rmdir()  # back: found unchanged, and the folder is no mount on this device
     (tmp_path / "away").rename(root / "nas")
@@ -495,3 +495,43 @@ def test_a_folder_holding_only_hidden_entries_is_empty_unless_the_root_includes_
     (tmp_path / "marker" / "a.jpg").touch()
     assert not scan.empty_folder(str(tmp_path / "marker"))
     assert not scan.empty_folder(str(tmp_path / "gone"))
+
+
+@pytest.mark.slow
+def test_a_photo_saved_into_an_unplugged_drive_s_mount_point_leaves_the_drive_s_files(tmp_path, tiny_model):
+    """The drive at photos/nas unplugged, a photo saved into its mount point (an import, a download to the folder
+    on the disk below): the folder was not empty, so the next run removed the drive's 3 files, vectors and tags
+    (seen with a real tmpfs), and the drive back, they came back as new files, untagged. A mount folder on another
+    device than recorded that holds none of the files indexed there is unplugged too: they are kept, and the new
+    photo is not indexed (indexed, it was a file indexed there, and the next run removed the drive's files; the
+    drive back hides it). One holding some of them (a drive renumbered, as NFS after a reboot) is listed: what the
+    user deleted there goes. Simulated mounts, as above."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    photos = make_images(root / "nas", 4, seed=3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    photos[0].unlink()  # the drive renumbered, one of its photos deleted
+    s = index_json(ix)
+    assert (s["removed"], s["kept"], s["listing_errors"]) == (1, 0, []), s
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a photo\n")
+    run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix)
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    _unplug(root / "nas", tmp_path / "away")
+    make_images(root / "nas", 1, seed=9)
+
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["kept"]) == (0, 0, 3), s
+    assert [e["folder"] for e in s["listing_errors"]] == [str(root / "nas")]
+    assert "holding none of the files indexed there" in s["listing_errors"][0]["reason"]
+    assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+    assert index_json(ix)["kept"] == 3  # and the next run alike
+    result = run("index", "--reindex", "--index", ix, code=6)
+    assert f"{root / 'nas'} is a folder where a drive was mounted" in result.output
+    (root / "nas").rename(tmp_path / "below")  # plugged back: the photo saved below is hidden by the drive
+    (tmp_path / "away").rename(root / "nas")
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, []), s
+    assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5

@@ -62,7 +62,7 @@ def unplugged_reason(root: str, empty: bool = True) -> str:
 def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None, *,
                      include_hidden: bool = False, indexed: Callable[[str], Iterable[str]] | None = None) -> list[str]:
     """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: on another
-    device than recorded, and empty (`looks_unmounted`) or, where `indexed(folder)` gives the paths of the files
+    device than recorded, or no mount point now (on the device of the folder above it), and empty (`looks_unmounted`) or, where `indexed(folder)` gives the paths of the files
     indexed under it, holding none of them: a photo saved into the mount point while the drive was away (an import,
     a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
     dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
@@ -73,7 +73,10 @@ def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...
             continue
         path = os.path.join(root, rel)
         now = scan.folder_device(path)
-        if now is None or now == device:
+        # gone; or the drive there, a mount point on its device (emptied by the user). The recorded device alone
+        # did not tell: numbers are reused (another drive remounted above it may get it), and a nested drive's
+        # empty mount point on its parent drive, back with the number the nested one had, lost the nested files
+        if now is None or (now == device and now != scan.folder_device(os.path.dirname(path))):
             continue
         if scan.empty_folder(path, include_hidden=include_hidden) or (indexed is not None and _none_there(indexed(rel))):
             out.append(rel)

@@ -321,15 +321,36 @@ def test_which_recorded_mount_folders_look_unplugged(tmp_path):
     (root / "full" / "a.jpg").write_bytes(b"x")
     here = os.stat(root).st_dev
     recorded = {"nas": here + 1, "usb": here, "full": here + 1, "missing": here + 1}
-    # empty on another device: unplugged; empty on its own: emptied by the user; with files: a drive renumbered
-    # (NFS) is no unmount; gone: deleted by the user
-    assert unplugged_mounts(str(root), recorded) == ["nas"]
+    # empty on another device: unplugged; with files: a drive renumbered (NFS) is no unmount; gone: deleted by the
+    # user; empty on the recorded device but no mount point (the folder above on it too): another drive remounted
+    # above got that number (emptied by the user, the drive there: the next test)
+    assert unplugged_mounts(str(root), recorded) == ["nas", "usb"]
     assert unplugged_mounts(str(root), recorded, within=("nas/2019",)) == ["nas"]  # listed below it
-    assert unplugged_mounts(str(root), recorded, within=("usb",)) == []
+    assert unplugged_mounts(str(root), recorded, within=("full",)) == []
     found = {"full": here}
     assert _kept_mounts({**recorded, "nas/inner": 9}, found, ["nas"], None) == \
         {"nas": here + 1, "nas/inner": 9, "full": here}  # gone, or emptied on its own device: no longer recorded
     assert _kept_mounts(recorded, {}, [], ("full",)) == {"nas": here + 1, "usb": here, "missing": here + 1}
+
+
+def test_a_drive_emptied_by_the_user_is_no_unplugged_one_and_a_reused_device_number_is_no_drive(tmp_path):
+    """A drive at photos/nas/inner, inside one at photos/nas: both unplugged, photos/nas plugged back got the
+    device number photos/nas/inner had (numbers are reused: another mount took photos/nas's), so photos/nas/inner, an
+    empty folder on "its own" device, was taken for emptied by the user and its files removed (seen with real tmpfs
+    mounts: 2 removed). A mount point on its recorded device is the drive only where it is a mount point."""
+    from helpers import mount_tmpfs, unmount
+    from indexer.roots import unplugged_mounts
+
+    root = tmp_path / "photos"
+    if not mount_tmpfs(root / "nas"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        nas = os.stat(root / "nas").st_dev
+        assert unplugged_mounts(str(root), {"nas": nas}) == []  # the drive there, emptied by the user
+        (root / "nas" / "inner").mkdir()  # its empty folder, where the inner drive had that number
+        assert unplugged_mounts(str(root), {"nas": nas, "nas/inner": nas}) == ["nas/inner"]
+    finally:
+        unmount(root / "nas")
 
 
 @pytest.mark.slow

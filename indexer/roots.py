@@ -13,7 +13,8 @@ mount point an unplugged drive left (`looks_unmounted`): a listing error keeps i
 and `roots` shows it "missing". Emptied on its own device (by the user), or with no device recorded (an index from
 before the record), a run removes its files as it always did. Never recorded from an empty folder.
 The same for a drive mounted on a folder inside a folder root (MOUNTS: each folder a listing found with entries on
-another device than the folder above it): found on another device than recorded, empty or holding none of the files
+another device than the folder above it): found on another device than recorded (or on it, but no mount point now:
+numbers are reused), empty or holding none of the files
 indexed there, it is a listing error that keeps its files, and what is there (the disk below) is not indexed
 (`unplugged_mounts`); gone, or emptied on its own device, it is a folder like any other.
 """

@@ -9,10 +9,8 @@ the inode it judged; a plain file should cost no more than before, a link more (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,20 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import record
+from common import module_at, record
 
 from alignsearch import safeopen
-
-
-def old_module(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:alignsearch/safeopen.py"], capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    path = Path(tempfile.mkdtemp()) / "safeopen_old.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("safeopen_old", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def plain(root: str, rel: str, follow_last: bool = True) -> int:
@@ -61,7 +48,7 @@ def main() -> None:
     ap.add_argument("--baseline", default="b15ced5")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
-    old = old_module(args.baseline)
+    old = module_at(args.baseline, "alignsearch/safeopen.py", "safeopen_old")
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "library")
         os.makedirs(os.path.join(root, "album", "2024"))

@@ -47,6 +47,24 @@ def commit() -> str:
         return "unknown"
 
 
+def module_at(rev: str, path: str, name: str):
+    """The module at `path` (relative to the repository) as it was at git `rev`, loaded under `name` beside the
+    current one: a benchmark's baseline, measured in the same run."""
+    import importlib.util
+    import sys
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True,
+                            cwd=HERE.parent).stdout
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_note(at_start: float) -> str:
     """A results line: the 1-minute load average at the start (os.getloadavg()[0] then) and now, other work on
     the machine being shared by the columns that alternate in one run."""

@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from alignsearch.storage import catalog, layouts, state, vectors
 from alignsearch.media import sources, video
@@ -267,20 +267,25 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         indexed = {root: n.get(catalog.INDEXED, 0) for root, n in index_roots.count_by_root(conn).items()}
     if recorded is None:  # nothing encoded yet: an ordinary first run
         return _index(db, out, roots, opts)
+    hidden = {root: bool(o.get("include_hidden")) for root, o in st.roots.options.items()}
     away = reindex.out_of_reach(indexed, sources.kind, sources.exists,
-                                lambda r: scan.empty_folder(r) or not os.access(r, os.R_OK | os.X_OK))
+                                lambda r: scan.empty_folder(r, include_hidden=hidden.get(r, False))
+                                or not os.access(r, os.R_OK | os.X_OK))
     if away:  # before the model loads: nothing written
         n = sum(indexed[r] for r in away)
         raise BadInputError(f"cannot re-encode: {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing, empty or "
                             f"unreadable (an unplugged drive?), and {n} indexed file(s) there would drop out of search "
                             f"until back: reconnect it and run again, or `alignsearch forget {away[0]}` first")
-    unmounted = [os.path.join(root, rel) for root, o in sorted(st.roots.options.items()) if indexed.get(root)
-                 for rel in index_roots.unplugged_mounts(root, o.get(index_roots.MOUNTS, {}))]
+    with db.connect() as conn:
+        unmounted = [os.path.join(root, rel) for root, o in sorted(st.roots.options.items()) if indexed.get(root)
+                     for rel in index_roots.unplugged_mounts(
+                         root, o.get(index_roots.MOUNTS, {}), include_hidden=bool(o.get("include_hidden")),
+                         indexed=lambda rel, root=root: _indexed_under(conn, root, rel))]
     if unmounted:  # a drive mounted inside a root: its files look deleted, and would lose their vectors
         raise BadInputError(f"cannot re-encode: {', '.join(unmounted[:3])}{' and more' if len(unmounted) > 3 else ''} "
-                            f"{'is an empty folder' if len(unmounted) == 1 else 'are empty folders'} where a drive was "
-                            "mounted (unplugged?), and the files indexed there would drop out of search: reconnect it "
-                            "and run again")
+                            f"{'is a folder' if len(unmounted) == 1 else 'are folders'} where a drive was mounted, now "
+                            "empty or without the files indexed there (unplugged?), and those files would drop out of "
+                            "search: reconnect it and run again")
     # access first: one system call for a readable file (most), a second only for one it cannot read
     within = reindex.unreadable_within(_local_indexed_paths(db), _listing_error,
                                        lambda p: not os.access(p, os.R_OK) and os.path.lexists(p))
@@ -307,6 +312,17 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     summary = _index(db, out, roots, opts, encoder)
     summary.reencoded = count
     return summary
+
+
+def _indexed_under(conn, root: str, folder: str) -> Iterator[str]:
+    """The paths of the files catalogued under `folder` (relative) of a folder root, read as they are asked for
+    (unplugged_mounts stops at the first that is there): two columns, not whole rows."""
+    from sqlalchemy import select
+
+    f = catalog.files.c
+    query = select(f.relpath, f.relpath_raw).where(f.root == root, *catalog.under_folder(scan.printable(folder)[0]))
+    for relpath, raw in conn.execute(query):
+        yield sources.location(root, relpath, raw)
 
 
 def _local_indexed_paths(db) -> list[str]:

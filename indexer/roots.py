@@ -13,8 +13,10 @@ mount point an unplugged drive left (`looks_unmounted`): a listing error keeps i
 and `roots` shows it "missing". Emptied on its own device (by the user), or with no device recorded (an index from
 before the record), a run removes its files as it always did. Never recorded from an empty folder.
 The same for a drive mounted on a folder inside a folder root (MOUNTS: each folder a listing found with entries on
-another device than the folder above it): found empty on another device than recorded, it is a listing error that
-keeps its files (`unplugged_mounts`); gone, or emptied on its own device, it is a folder like any other.
+another device than the folder above it): found on another device than recorded (or on it, but no mount point now:
+numbers are reused), empty or holding none of the files
+indexed there, it is a listing error that keeps its files, and what is there (the disk below) is not indexed
+(`unplugged_mounts`); gone, or emptied on its own device, it is a folder like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Iterable
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
@@ -54,34 +57,61 @@ def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
     return recorded is not None and now is not None and recorded != now and empty
 
 
-def unplugged_reason(root: str) -> str:
-    return (f"{root} is an empty folder on another device than when indexed (an unplugged drive?): its files are "
-            "kept until it is back")
+def unplugged_reason(root: str, empty: bool = True) -> str:
+    """Why a folder root, or a mount folder inside one (`unplugged_mounts`: empty False, one holding files now, none
+    of those indexed there), is not listed."""
+    what = "an empty folder" if empty else "a folder holding none of the files indexed there"
+    return f"{root} is {what} on another device than when indexed (an unplugged drive?): its files are kept until it is back"
 
 
-def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None) -> list[str]:
-    """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: an empty
-    folder on another device than recorded (`looks_unmounted`). Listed, each folder's files looked deleted and a run
+def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None, *,
+                     include_hidden: bool = False, indexed: Callable[[str], Iterable[str]] | None = None) -> list[str]:
+    """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: on another
+    device than recorded, or no mount point now (on the device of the folder above it), and empty (`looks_unmounted`) or, where `indexed(folder)` gives the paths of the files
+    indexed under it, holding none of them: a photo saved into the mount point while the drive was away (an import,
+    a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
     dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
-    under or above these (a scoped listing's folders; None: all)."""
+    under or above these (a scoped listing's folders; None: all); include_hidden: the root's (scan.empty_folder)."""
     out = []
     for rel, device in sorted(recorded.items()):
         if within is not None and not any(scan.at_or_under(rel, f) or scan.at_or_under(f, rel) for f in within):
             continue
         path = os.path.join(root, rel)
         now = scan.folder_device(path)
-        if looks_unmounted(device, now, now is not None and now != device and scan.empty_folder(path)):
+        # gone; or the drive there, a mount point on its device (emptied by the user). The recorded device alone
+        # did not tell: numbers are reused (another drive remounted above it may get it), and a nested drive's
+        # empty mount point on its parent drive, back with the number the nested one had, lost the nested files
+        if now is None or (now == device and now != scan.folder_device(os.path.dirname(path))):
+            continue
+        if scan.empty_folder(path, include_hidden=include_hidden) or (indexed is not None and _none_there(indexed(rel))):
             out.append(rel)
     return out
 
 
-def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unplugged: list[str],
+def _none_there(paths: Iterable[str]) -> bool:
+    """Whether there is a path and none of them is there now (one lstat each, up to the first that is): gone, not
+    unknown (a folder that cannot be read, whose listing error says why)."""
+    seen = False
+    for path in paths:
+        try:
+            os.lstat(path)
+            return False
+        except (FileNotFoundError, NotADirectoryError):
+            seen = True
+        except OSError:
+            return False
+    return seen
+
+
+def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unlisted: list[str],
                  listed: tuple[str, ...] | None) -> dict[str, int]:
-    """A root's MOUNTS after a listing: those it found with files, those it judged unplugged (and any under them,
-    unseen), and, of a scoped listing, those outside the folders it listed. A mount folder found gone or empty on
-    its own device is dropped: a later run treats it as any folder (emptied or deleted by the user)."""
+    """A root's MOUNTS after a listing: those it found with files, those at or under a folder it could not list
+    (judged unplugged, or unreadable: a share refusing access, a drive's I/O error; dropped, the drive unplugged
+    after such a run lost its files, as its mount point was then a folder like any other), and, of a scoped listing,
+    those outside the folders it listed. A mount folder found gone or empty on its own device is dropped: a later
+    run treats it as any folder (emptied or deleted by the user)."""
     kept = {rel: d for rel, d in recorded.items()
-            if any(scan.at_or_under(rel, u) for u in unplugged)
+            if any(scan.at_or_under(rel, u) for u in unlisted)
             or (listed is not None and not any(scan.at_or_under(rel, f) for f in listed))}
     return {**kept, **found}
 
@@ -147,12 +177,18 @@ def place(db, given: list[str], known: list[str],
 def _taken_over_mounts(root: str, inner: dict[str, dict]) -> dict[str, int]:
     """The MOUNTS of a root that takes over the known roots inside it (inner: {root: options}): each inner root on
     another device than the folder above it (a drive it was the mount point of) and each folder such a root
-    recorded, relative to the new root, so that an unplugged drive there keeps its files as it did."""
+    recorded, relative to the new root, so that an unplugged drive there keeps its files as it did. An inner root
+    that is gone is judged by the nearest folder above it that is there: a folder on the drive (photos/nas/2019,
+    the drive at photos/nas) is gone with the drive, whose empty mount point was then no record, and the new
+    root's listing removed the inner root's files."""
     out = {}
     for k, options in inner.items():
+        there = k
+        while not os.path.lexists(there) and os.path.dirname(there) != root:
+            there = os.path.dirname(there)
+        if options.get(DEVICE) is not None and options[DEVICE] != scan.folder_device(os.path.dirname(there)):
+            out[os.path.relpath(there, root)] = options[DEVICE]
         rel = os.path.relpath(k, root)
-        if options.get(DEVICE) is not None and options[DEVICE] != scan.folder_device(os.path.dirname(k)):
-            out[rel] = options[DEVICE]
         out.update({os.path.join(rel, f): d for f, d in options.get(MOUNTS, {}).items()})
     return out
 
@@ -369,17 +405,19 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             device = _device(root) if local else None
             recorded = options.get(root, {}).get(DEVICE)
             # looked into only where the device is not the one recorded: a scoped run lists no more than its folders
-            empty = device is not None and device != recorded and scan.empty_folder(root)
+            empty = device is not None and device != recorded and scan.empty_folder(root, include_hidden=hidden)
             if rows and root in known and looks_unmounted(recorded, device, empty):
                 found, errors = [], [scan.ListingError("", unplugged_reason(root))]
             else:
                 mounts: dict[str, int] | None = {} if local else None
                 started = time.time()
                 recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
-                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders)
+                away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders, include_hidden=hidden,
+                                                        indexed=lambda rel: _paths_under(root, rows, rel))
                         if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
                 # their rows are kept as under any folder that cannot be listed: the next run looks again
-                errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel))) for rel in away]
+                errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel), scan.empty_folder(
+                    os.path.join(root, rel), include_hidden=hidden))) for rel in away]
                 try:
                     if not sources.exists(root):
                         raise FileNotFoundError(f"{root} is missing")
@@ -391,10 +429,14 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     if root not in known:  # a new root is only remembered once it could be listed
                         raise BadInputError(f"cannot index {root}: {reason}") from None
                     found, errors = [], [scan.ListingError("", reason)]
+                if away:  # what is there is the disk below the drive (a photo saved there meanwhile): not indexed,
+                    # or indexed, it was a file of that folder that is there, and the drive's looked deleted next run
+                    keys = [scan.printable(a)[0] for a in away]
+                    found = [f for f in found if not any(scan.at_or_under(f.relpath, k) for k in keys)]
                 if device is not None and device != recorded and not empty and not any(e.folder == "" for e in errors):
                     out.devices[root] = device  # listed with entries in it: the device its files are on
                 if mounts is not None and not any(e.folder == "" for e in errors):
-                    out.mounts[root] = _kept_mounts(recorded_mounts, mounts, away, folders)
+                    out.mounts[root] = _kept_mounts(recorded_mounts, mounts, [e.folder for e in errors], folders)
                     if folders is None and not errors:  # whole: what it did not see changed before it started
                         out.listed[root] = started
             if root not in known and any(e.folder == "" for e in errors):
@@ -419,6 +461,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if not found and not errors and folders is None:
                 out.no_images.append(root)
     return out
+
+
+def _paths_under(root: str, rows: dict, folder: str) -> Iterable[str]:
+    """The paths of the catalogued files (rows: files_under's) under `folder` (relative) of a root."""
+    key = scan.printable(folder)[0]
+    return (sources.location(root, r.relpath, r.relpath_raw) for k, r in rows.items() if scan.at_or_under(k, key))
 
 
 def _one_per_key(root: str, found: list, notes: list) -> list:
@@ -479,7 +527,8 @@ def report(db) -> list[dict]:
         mine = options.get(root, {})
         device = _device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
         unplugged = (any(c.values()) and device is not None and device != mine.get(DEVICE)
-                     and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(root)))
+                     and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(
+                         root, include_hidden=bool(mine.get("include_hidden")))))
         if present:  # a root the last run found missing and that is back (a restored shard, a remounted disk)
             recorded = [e for e in recorded if not (e["folder"] == root and e["reason"] == f"{root} is missing")]
         if not unplugged:  # ... or a drive back in place of its empty mount point

@@ -382,10 +382,13 @@ def folder_device(path: str) -> int | None:
         return None
 
 
-def empty_folder(folder: str) -> bool:
-    """Whether a folder holds no entry at all (False when it cannot be listed: not known to be empty)."""
+def empty_folder(folder: str, *, include_hidden: bool = False) -> bool:
+    """Whether a folder holds no entry, or only hidden ones where a listing skips them (include_hidden False); False
+    when it cannot be listed: not known to be empty. An unplugged drive's mount point often holds a marker on the
+    disk below (`.not-mounted`, a file manager's `.DS_Store`): taken for a folder emptied, the drive's files were
+    removed."""
     try:
         with os.scandir(folder) as it:
-            return next(it, None) is None
+            return all(not include_hidden and _hidden(e.name) for e in it)
     except OSError:
         return False

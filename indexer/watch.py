@@ -15,7 +15,10 @@ while the index's model is the one it loaded.
 A root that disappears (a drive unmounted, a folder moved away) is left to the run: the index keeps its files
 (state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device,
 inode, and whether it can be read) every second: a root back, replaced, moved in again or made readable is watched
-anew and indexed. A folder root that
+anew and indexed. So is each drive mounted inside a root (`inner_mounts`, from /proc/self/mountinfo every second):
+inotify reports no mount nor unmount, so a drive plugged in at photos/nas was never watched and an unplugged one's
+mount point no longer; a change makes a run listing every root, which keeps an unplugged drive's files
+(indexer/roots.py MOUNTS). A folder root that
 came back empty on another device (an unmount that leaves its mount point) holds every run until it is back
 (`looks_unmounted`, indexer/roots.py: the rule a run applies to the device the index recorded, which keeps the
 root's files as for a missing one). URL roots (s3://..., https://...) cannot be watched: said once; each run lists them
@@ -27,7 +30,7 @@ never does (scan.scan_folder): a change reached through one is a change where th
 that (inotify watches a folder once, and names its changes by whichever path it came to it by last), else none.
 
 The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_again`, `relinked`, `unnamed_change`,
-`identity_changed`, `later_job`, `ends_watch`, `network_fs`; `looks_unmounted` in indexer/roots.py) are pure functions.
+`identity_changed`, `inner_mounts`, `later_job`, `ends_watch`, `network_fs`; `looks_unmounted` in indexer/roots.py) are pure functions.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import fcntl
 import logging
 import os
 import queue
+import re
 import signal
 import stat
 import threading
@@ -307,20 +311,50 @@ def network_fs(fstype: str) -> bool:
     return fstype.lower() in NETWORK_FS
 
 
-def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
-    """(mount point, file system type) of every mount (Linux); none when unknown."""
+def _mountinfo(mountinfo: str) -> list[tuple[str, str, str]]:
+    """(mount id, mount point, file system type) of every mount (Linux); none when unknown."""
     try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+        with open(mountinfo, "rb") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
     out = []
     for line in lines:
-        fields, _, rest = line.partition(" - ")
+        fields, _, rest = line.partition(b" - ")
         parts = fields.split()
         if len(parts) >= 5 and rest:
-            out.append((parts[4].encode().decode("unicode_escape"), rest.split()[0]))  # \040 for a space
+            # \040 for a space; other bytes as they are, named as the file system's paths are (os.fsdecode): read as
+            # text and unescaped, /home/jürgen's mounts were /home/jÃ¼rgen, under no root
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8) & 0xFF]), parts[4])
+            out.append((os.fsdecode(parts[0]), os.fsdecode(point), os.fsdecode(rest.split()[0])))
     return out
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """(mount point, file system type) of every mount (Linux); none when unknown."""
+    return [(point, fstype) for _, point, fstype in _mountinfo(mountinfo)]
+
+
+def mounted(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """(mount id, mount point) of every mount (Linux): a mount made again at a point has another id."""
+    return [(mount_id, point) for mount_id, point, _ in _mountinfo(mountinfo)]
+
+
+def inner_mounts(table: list[tuple[str, str]], roots: dict[str, bool], skip: str) -> frozenset[tuple[str, str]]:
+    """The mounts of `table` (`mounted`) inside a folder root (roots: {root: include_hidden}), not the root's own
+    mount: those a run lists (not in a hidden folder unless the root includes hidden files, not in the index's own
+    folder, skip). inotify reports neither a mount nor an unmount: a drive plugged in at photos/nas went unseen, its
+    photos and every later change on it (nothing watched it: the watch was on the folder below), and an unplugged
+    drive's mount point was watched no more (its watches went with the drive). A change of these restarts the
+    watcher and makes a run."""
+    out = set()
+    for mount_id, point in table:
+        for root, include_hidden in roots.items():
+            if point == root or not scan.at_or_under(point, root) or scan.at_or_under(point, skip):
+                continue
+            if include_hidden or not any(part.startswith(".") for part in os.path.relpath(point, root).split(os.sep)):
+                out.add((mount_id, point))
+    return frozenset(out)
 
 
 def fs_type(path: str, table: list[tuple[str, str]]) -> str:
@@ -402,6 +436,7 @@ class Watch:
     unwatched_said: set = field(default_factory=set)
     runs: int = 0
     polling: bool = False  # notifications failed once: polled from then on
+    mounts: frozenset = frozenset()  # inner_mounts when the watcher started
     interval_s: float | None = None  # --watch-interval: URL roots listed this often
 
 
@@ -708,8 +743,8 @@ def _paths(w: Watch, say) -> list[str]:
                 w.unwatched_said.add(r.name)
             continue
         now = r.seen = identity(r.name)
-        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(_device(r.identity), _device(now),
-                                                                       scan.empty_folder(r.name)):
+        if sources.kind(r.name) == sources.FOLDER and looks_unmounted(
+                _device(r.identity), _device(now), scan.empty_folder(r.name, include_hidden=r.include_hidden)):
             if not r.held:
                 say(f"{r.name} is an empty folder on another device (an unmounted drive?): runs wait until it is back")
             r.held = True  # its identity stays the drive's
@@ -717,11 +752,24 @@ def _paths(w: Watch, say) -> list[str]:
             r.held, r.identity = False, now
         if now is not None:
             paths.append(r.name)
+    w.mounts = _inner_mounts(w)
     return paths
 
 
+def _inner_mounts(w: Watch) -> frozenset[tuple[str, str]]:
+    folders = {r.name: r.include_hidden for r in w.roots.values()
+               if watchable(r.name) and sources.kind(r.name) == sources.FOLDER}
+    return inner_mounts(mounted(), folders, w.index_dir) if folders else frozenset()
+
+
 def _roots_changed(w: Watch) -> bool:
-    return any(watchable(r.name) and identity_changed(r.seen, identity(r.name)) for r in w.roots.values())
+    """A root gone, back or replaced, or a drive mounted or unmounted inside one (`inner_mounts`)."""
+    if any(watchable(r.name) and identity_changed(r.seen, identity(r.name)) for r in w.roots.values()):
+        return True
+    if _inner_mounts(w) != w.mounts:
+        log.info("a drive was mounted or unmounted inside a root: watched anew, every root listed")
+        return True
+    return False
 
 
 def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool | None:

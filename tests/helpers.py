@@ -988,3 +988,21 @@ def slow_upper(item: str, seconds: float = 0.5) -> str:
     """For decode-worker tests: upper-cases item after `seconds` (a decode slower than workers.WEDGED_S)."""
     time.sleep(seconds)
     return item.upper()
+
+
+def mount_tmpfs(folder) -> bool:
+    """Mount a small tmpfs at `folder` (made if need be), as a drive mounted inside a root; False where this test
+    may not mount (not root, or no right to: a container). The caller unmounts it (`unmount`) in a finally."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "alignsearch-test",
+                                                 str(folder)], capture_output=True).returncode == 0
+
+
+def bind_mount(source, folder) -> None:
+    """Mount `source` (a mount_tmpfs folder, filled) at `folder` too: a drive plugged in with its photos at once."""
+    subprocess.run(["mount", "--bind", str(source), str(folder)], check=True, capture_output=True)
+
+
+def unmount(folder) -> None:
+    """Unmount `folder` (lazily: a mount below it goes too; nothing mounted there: nothing done)."""
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -321,15 +321,36 @@ def test_which_recorded_mount_folders_look_unplugged(tmp_path):
     (root / "full" / "a.jpg").write_bytes(b"x")
     here = os.stat(root).st_dev
     recorded = {"nas": here + 1, "usb": here, "full": here + 1, "missing": here + 1}
-    # empty on another device: unplugged; empty on its own: emptied by the user; with files: a drive renumbered
-    # (NFS) is no unmount; gone: deleted by the user
-    assert unplugged_mounts(str(root), recorded) == ["nas"]
+    # empty on another device: unplugged; with files: a drive renumbered (NFS) is no unmount; gone: deleted by the
+    # user; empty on the recorded device but no mount point (the folder above on it too): another drive remounted
+    # above got that number (emptied by the user, the drive there: the next test)
+    assert unplugged_mounts(str(root), recorded) == ["nas", "usb"]
     assert unplugged_mounts(str(root), recorded, within=("nas/2019",)) == ["nas"]  # listed below it
-    assert unplugged_mounts(str(root), recorded, within=("usb",)) == []
+    assert unplugged_mounts(str(root), recorded, within=("full",)) == []
     found = {"full": here}
     assert _kept_mounts({**recorded, "nas/inner": 9}, found, ["nas"], None) == \
         {"nas": here + 1, "nas/inner": 9, "full": here}  # gone, or emptied on its own device: no longer recorded
     assert _kept_mounts(recorded, {}, [], ("full",)) == {"nas": here + 1, "usb": here, "missing": here + 1}
+
+
+def test_a_drive_emptied_by_the_user_is_no_unplugged_one_and_a_reused_device_number_is_no_drive(tmp_path):
+    """A drive at photos/nas/inner, inside one at photos/nas: both unplugged, photos/nas plugged back got the
+    device number photos/nas/inner had (numbers are reused: another mount took photos/nas's), so photos/nas/inner, an
+    empty folder on "its own" device, was taken for emptied by the user and its files removed (seen with real tmpfs
+    mounts: 2 removed). A mount point on its recorded device is the drive only where it is a mount point."""
+    from helpers import mount_tmpfs, unmount
+    from indexer.roots import unplugged_mounts
+
+    root = tmp_path / "photos"
+    if not mount_tmpfs(root / "nas"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        nas = os.stat(root / "nas").st_dev
+        assert unplugged_mounts(str(root), {"nas": nas}) == []  # the drive there, emptied by the user
+        (root / "nas" / "inner").mkdir()  # its empty folder, where the inner drive had that number
+        assert unplugged_mounts(str(root), {"nas": nas, "nas/inner": nas}) == ["nas/inner"]
+    finally:
+        unmount(root / "nas")
 
 
 @pytest.mark.slow
@@ -360,7 +381,7 @@ def test_a_drive_unplugged_from_a_folder_inside_a_root_keeps_its_files(tmp_path,
     assert _recorded_mounts(ix, root) == {"nas": drive}  # still known as a mount point
     assert json.loads(run("roots", "--json", "--index", ix).stdout)[0]["options"] == {}
     result = run("index", "--reindex", "--index", ix, code=6)
-    assert f"cannot re-encode: {root / 'nas'} is an empty folder where a drive was mounted" in result.output
+    assert f"cannot re-encode: {root / 'nas'} is a folder where a drive was mounted, now empty" in result.output
 
     (root / "nas").rmdir()  # back: found unchanged, and the folder is no mount on this device
     (tmp_path / "away").rename(root / "nas")
@@ -374,22 +395,16 @@ def test_a_drive_unplugged_from_a_folder_inside_a_root_keeps_its_files(tmp_path,
     assert (s["removed"], s["listing_errors"]) == (3, []) and _recorded_mounts(ix, root) is None
 
 
-def _mount_tmpfs(folder) -> bool:
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "alignsearch-test", str(folder)],
-                                                capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
 def test_a_real_mount_inside_a_root_is_recorded_and_its_unmount_keeps_the_files(tmp_path, tiny_model):
     """The same with a tmpfs really mounted at photos/nas (where the test may mount: as root with the right)."""
     import subprocess
 
+    from helpers import mount_tmpfs
+
     root, ix, saved = tmp_path / "photos", tmp_path / "ix", tmp_path / "saved"
     make_images(root, 2)
-    if not _mount_tmpfs(root / "nas"):
+    if not mount_tmpfs(root / "nas"):
         pytest.skip("cannot mount a tmpfs here")
     try:
         make_images(saved, 3, seed=3)
@@ -401,7 +416,7 @@ def test_a_real_mount_inside_a_root_is_recorded_and_its_unmount_keeps_the_files(
         subprocess.run(["umount", str(root / "nas")], check=True)
         s = index_json(ix)
         assert (s["removed"], s["kept"]) == (0, 3) and _paths(ix) == before
-        assert _mount_tmpfs(root / "nas")  # plugged back (a new tmpfs: another device number, the same files)
+        assert mount_tmpfs(root / "nas")  # plugged back (a new tmpfs: another device number, the same files)
         for photo in saved.iterdir():
             shutil.copy2(photo, root / "nas" / photo.name)
         s = index_json(ix)
@@ -412,15 +427,18 @@ def test_a_real_mount_inside_a_root_is_recorded_and_its_unmount_keeps_the_files(
 
 
 @pytest.mark.slow
-def test_a_root_that_takes_over_an_unplugged_drive_root_inside_it_keeps_its_files(tmp_path, tiny_model):
+@pytest.mark.parametrize("inner", ["nas", "nas/2019"])
+def test_a_root_that_takes_over_an_unplugged_drive_root_inside_it_keeps_its_files(tmp_path, tiny_model, inner):
     """photos/nas indexed as a root of its own on its drive, then, while the drive is unplugged, photos: the
     drive's record moves with its files (a listing with the drive in place records it itself), so the empty
-    mount point keeps them as it did while it was a root."""
+    mount point keeps them as it did while it was a root. photos/nas/2019, a folder on the drive mounted at
+    photos/nas, gone with the drive: its files were removed (the record was carried only for an inner root that is
+    there; seen with a real tmpfs), now the nearest folder there, the mount point, carries it."""
     root, ix = tmp_path / "photos", tmp_path / "ix"
-    make_images(root / "nas", 3, seed=3)
-    index_json(ix, root / "nas", "--model", tiny_model, "--device", "cpu")
+    make_images(root / inner, 3, seed=3)
+    index_json(ix, root / inner, "--model", tiny_model, "--device", "cpu")
     drive = os.stat(root).st_dev + 1
-    _set_recorded_device(ix, root / "nas", drive)
+    _set_recorded_device(ix, root / inner, drive)
     (root / "nas").rename(tmp_path / "away")
     (root / "nas").mkdir()
     make_images(root, 2)
@@ -431,3 +449,110 @@ def test_a_root_that_takes_over_an_unplugged_drive_root_inside_it_keeps_its_file
     (tmp_path / "away").rename(root / "nas")
     s = index_json(ix)
     assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, [])
+
+
+@pytest.mark.slow
+def test_a_drive_inside_a_root_that_could_not_be_listed_then_unplugged_keeps_its_files(tmp_path, tiny_model):
+    """A run that could not list photos/nas (a share refusing access, an I/O error: a listing error, its files kept)
+    dropped the folder's record as a mount point, so once the drive was unplugged the next run found an empty folder
+    like any other and removed its 3 files. Simulated mount (the record set, the folder emptied, as above); the
+    unreadable folder is a chmod 000 read by a run without root's permission bypass."""
+    from helpers import can_drop_dac
+
+    if not can_drop_dac():
+        pytest.skip("cannot drop root's permission bypass here")
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_images(root / "nas", 3, seed=3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    os.chmod(root / "nas", 0)
+    try:
+        s = summary(alignsearch("index", "--index", ix, "--json", unprivileged=True))
+    finally:
+        os.chmod(root / "nas", 0o755)
+    assert (s["removed"], s["kept"]) == (0, 3) and "Permission denied" in s["listing_errors"][0]["reason"]
+    assert _recorded_mounts(ix, root) == {"nas": drive}  # still known as a mount point
+    (root / "nas").rename(tmp_path / "away")  # unplugged
+    (root / "nas").mkdir()
+    s = index_json(ix)
+    assert (s["removed"], s["kept"]) == (0, 3), s
+    assert "another device than when indexed" in s["listing_errors"][0]["reason"]
+
+
+@pytest.mark.slow
+def test_a_mount_point_holding_a_hidden_marker_on_the_disk_below_is_an_unplugged_drive(tmp_path, tiny_model):
+    """A mount point holding a hidden file on the disk below (`touch /mnt/x/.not-mounted`, a file manager's
+    .DS_Store), the drive unplugged: the folder was not empty, so the next run removed the drive's files, at a mount
+    inside a root (seen with a real tmpfs: 3 removed) and at a root's own mount point alike. Hidden entries count as
+    none unless the root includes hidden files; simulated mounts, as above."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_images(root / "nas", 3, seed=3)
+    make_images(tmp_path / "usb", 2, seed=5)
+    index_json(ix, root, tmp_path / "usb", "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    _set_recorded_device(ix, tmp_path / "usb", drive + 1)
+    for folder in (root / "nas", tmp_path / "usb"):
+        _unplug(folder, tmp_path / f"{folder.name}.away")
+        (folder / ".not-mounted").touch()
+    s = index_json(ix)
+    assert (s["removed"], s["kept"]) == (0, 5), s
+    assert sorted(e["folder"] for e in s["listing_errors"]) == [str(root / "nas"), str(tmp_path / "usb")]
+    assert run("index", "--reindex", "--index", ix, code=6)
+    assert [r["state"] for r in json.loads(run("roots", "--json", "--index", ix).stdout)] == ["listing errors", "missing"]
+
+
+def test_a_folder_holding_only_hidden_entries_is_empty_unless_the_root_includes_hidden_files(tmp_path):
+    from indexer import scan
+
+    (tmp_path / "marker").mkdir()
+    (tmp_path / "marker" / ".not-mounted").touch()
+    (tmp_path / "marker" / ".Trash-1000").mkdir()
+    assert scan.empty_folder(str(tmp_path / "marker"))
+    assert not scan.empty_folder(str(tmp_path / "marker"), include_hidden=True)  # its hidden photos are listed
+    (tmp_path / "marker" / "a.jpg").touch()
+    assert not scan.empty_folder(str(tmp_path / "marker"))
+    assert not scan.empty_folder(str(tmp_path / "gone"))
+
+
+@pytest.mark.slow
+def test_a_photo_saved_into_an_unplugged_drive_s_mount_point_leaves_the_drive_s_files(tmp_path, tiny_model):
+    """The drive at photos/nas unplugged, a photo saved into its mount point (an import, a download to the folder
+    on the disk below): the folder was not empty, so the next run removed the drive's 3 files, vectors and tags
+    (seen with a real tmpfs), and the drive back, they came back as new files, untagged. A mount folder on another
+    device than recorded that holds none of the files indexed there is unplugged too: they are kept, and the new
+    photo is not indexed (indexed, it was a file indexed there, and the next run removed the drive's files; the
+    drive back hides it). One holding some of them (a drive renumbered, as NFS after a reboot) is listed: what the
+    user deleted there goes. Simulated mounts, as above."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    photos = make_images(root / "nas", 4, seed=3)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    drive = os.stat(root).st_dev + 1
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    photos[0].unlink()  # the drive renumbered, one of its photos deleted
+    s = index_json(ix)
+    assert (s["removed"], s["kept"], s["listing_errors"]) == (1, 0, []), s
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a photo\n")
+    run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix)
+    _set_recorded_mounts(ix, root, {"nas": drive})
+    _unplug(root / "nas", tmp_path / "away")
+    make_images(root / "nas", 1, seed=9)
+
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["kept"]) == (0, 0, 3), s
+    assert [e["folder"] for e in s["listing_errors"]] == [str(root / "nas")]
+    assert "holding none of the files indexed there" in s["listing_errors"][0]["reason"]
+    assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+    assert index_json(ix)["kept"] == 3  # and the next run alike
+    result = run("index", "--reindex", "--index", ix, code=6)
+    assert f"{root / 'nas'} is a folder where a drive was mounted" in result.output
+    (root / "nas").rename(tmp_path / "below")  # plugged back: the photo saved below is hidden by the drive
+    (tmp_path / "away").rename(root / "nas")
+    s = index_json(ix)
+    assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, []), s
+    assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5

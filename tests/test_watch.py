@@ -1235,3 +1235,74 @@ def test_a_folder_still_watched_after_a_link_to_it_from_another_root_is_removed(
     w.next_run(added=1)
     assert str(root / "summer" / "new.jpg") in indexed_paths(ix)
     assert w.stop() == 130
+
+
+def test_drives_mounted_inside_the_roots_are_told_by_their_mount_ids(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                    "30 22 0:40 / /photos rw - ext4 /dev/sdb1 rw\n"  # the root's own drive: its identity tells
+                    "40 30 0:50 / /photos/nas rw - nfs4 nas:/photos rw\n"
+                    "41 40 0:51 / /photos/nas/usb rw - vfat /dev/sdc1 rw\n"  # a mount inside a mount
+                    "42 30 0:52 / /photos/.snapshots rw - btrfs /dev/sdb1 rw\n"
+                    "43 30 0:53 / /photos/.alignsearch/x rw - tmpfs tmpfs rw\n"
+                    "44 22 0:54 / /photosx/y rw - tmpfs tmpfs rw\n")
+    table = watch.mounted(str(info))
+    assert ("40", "/photos/nas") in table and watch.mounts(str(info))[2] == ("/photos/nas", "nfs4")
+    assert watch.inner_mounts(table, {ROOT: False}, SKIP) == {("40", "/photos/nas"), ("41", "/photos/nas/usb")}
+    assert ("42", "/photos/.snapshots") in watch.inner_mounts(table, {ROOT: True}, SKIP)  # hidden files included
+    assert watch.inner_mounts(table, {"/photos/nas/usb": False}, SKIP) == frozenset()
+    remounted = [(str(int(i) + 100) if p == "/photos/nas/usb" else i, p) for i, p in table]  # unplugged, back
+    assert watch.inner_mounts(remounted, {ROOT: False}, SKIP) != watch.inner_mounts(table, {ROOT: False}, SKIP)
+    assert watch.mounted(str(tmp_path / "absent")) == []
+
+
+@pytest.mark.slow
+def test_a_drive_unplugged_and_plugged_in_again_inside_a_root_keeps_its_files_and_is_watched(indexed_images,
+                                                                                            watching, tmp_path):
+    """A drive mounted at photos/nas: unmounted while watched, no run came (inotify reports no unmount); plugged
+    back in, neither, and photos added to it later were never indexed (nothing watched it). Now each is a run
+    listing every root: the unplugged drive's files kept (indexer/roots.py MOUNTS), the drive's photos found
+    unchanged when back, and a photo added to it then indexed. A real tmpfs (skipped where the test may not mount);
+    plugged back by a bind mount of a filled one, as a drive comes with its photos at once."""
+    from helpers import bind_mount, mount_tmpfs, unmount
+
+    root, ix = indexed_images(4)
+    drive, nas = tmp_path / "drive", root / "nas"
+    if not mount_tmpfs(drive):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for photo in make_images(tmp_path / "saved", 3, seed=3):
+            shutil.copy2(photo, drive / photo.name)
+        nas.mkdir()
+        bind_mount(drive, nas)
+        w = watching(ix)
+        assert w.runs[0]["added"] == 3
+        unmount(nas)
+        run = w.next_run(kept=3)
+        assert run["removed"] == 0 and [e["folder"] for e in run["listing_errors"]] == [str(nas)]
+        assert len(indexed_paths(ix)) == 7
+        bind_mount(drive, nas)
+        run = w.next_run(unchanged=7)
+        assert (run["removed"], run["listing_errors"]) == (0, [])
+        make_images(nas / "later", 1, seed=9)
+        w.next_run(added=1)
+        assert len(indexed_paths(ix)) == 8
+        assert w.stop() == 130
+    finally:
+        unmount(nas)
+        unmount(drive)
+
+
+def test_mount_points_with_names_not_ascii_are_read_as_the_file_system_names_them(tmp_path):
+    """/proc/self/mountinfo holds a mount point's bytes, escaping only space, tab, newline and backslash: read as
+    text and unescaped, /home/jürgen/Pictures/nas was /home/jÃ¼rgen/Pictures/nas, under no root, so neither its
+    file system (polled if a network one) nor a drive mounted there was seen."""
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                     b"40 22 0:50 / /home/j\xc3\xbcrgen/Pictures/nas rw - nfs4 nas:/photos rw\n"
+                     b"41 22 0:51 / /home/j\xc3\xbcrgen/Pictures/my\\040usb rw - vfat /dev/sdb1 rw\n"
+                     b"42 22 0:52 / /data/\xff rw - ext4 /dev/sdc1 rw\n")
+    assert watch.fs_type("/home/jürgen/Pictures/nas/2024", watch.mounts(str(info))) == "nfs4"
+    assert watch.inner_mounts(watch.mounted(str(info)), {"/home/jürgen/Pictures": False}, SKIP) == {
+        ("40", "/home/jürgen/Pictures/nas"), ("41", "/home/jürgen/Pictures/my usb")}
+    assert ("42", os.fsdecode(b"/data/\xff")) in watch.mounted(str(info))  # not UTF-8: as os.listdir names it

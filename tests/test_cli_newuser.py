@@ -35,3 +35,34 @@ def test_similar_finds_indexed_files_by_names_that_are_not_utf8_or_hold_a_backsl
     assert proc.returncode == 0, proc.stderr  # was: "is not an indexed image", exit 6
 
 
+def test_json_echoes_a_name_that_is_not_utf8_as_every_path_shows_it(odd_names, tiny_model):
+    """The echo of an image given on the command line carried os.fsdecode's lone surrogate (\\udcff), which strict
+    JSON readers refuse, where docs/json.md promises \\xNN as in the hits."""
+    root, ix = odd_names
+    image, shown = str(root / BAD), str(root / BAD_SHOWN)
+    outputs = {
+        "query": alignsearch("query", "--image", image, "-k", "1", "--json", "--index", ix),
+        "embed": alignsearch("embed", "--image", image, "--index", ix),
+        "similarity": alignsearch("similarity", "--text", "a cat", "--image", image, "--json", "--index", ix),
+        "classify": alignsearch("classify", image, "--labels", "a", "--labels", "b", "--json", "--index", ix),
+    }
+    for command, proc in outputs.items():
+        assert proc.returncode == 0, (command, proc.stderr)
+        assert "\\udcff" not in proc.stdout, (command, proc.stdout[:300])
+    assert json.loads(outputs["query"].stdout)["query"]["image"] == shown
+    assert json.loads(outputs["embed"].stdout)[0]["input"] == shown
+    assert json.loads(outputs["similarity"].stdout)["image"] == shown
+    assert json.loads(outputs["classify"].stdout)[0]["image"] == shown
+
+
+def test_classify_prints_names_and_labels_escaped_one_line_each(odd_names):
+    root, ix = odd_names
+    proc = alignsearch("classify", root / "x\x1b[31mred\nline.png", "--labels", "a\x1b[2J", "--labels", "b",
+                       "--index", ix)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3, lines  # the name, then one line per label: the name's newline started none
+    assert lines[0].endswith("x\\x1b[31mred\\nline.png") and "a\\x1b[2J" in proc.stdout
+
+

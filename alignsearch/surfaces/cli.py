@@ -222,6 +222,17 @@ def _shown(text) -> str:
     return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def _json_name(path):
+    """A path the user gave, as JSON output echoes it: bytes that are not UTF-8 as \\xNN, as hits show `path`
+    (docs/json.md). os.fsdecode's lone surrogates (\\udcff) are no Unicode text: strict JSON readers refuse them."""
+    if path is None or isinstance(path, bool):
+        return path
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to: kept as it was given
+        return path
+
+
 def _quiet_stdout() -> None:
     """The reader went away: send whatever is still buffered to /dev/null instead of raising again."""
     try:
@@ -501,7 +512,7 @@ def request_options(fn):
                         mode=mode, compose=compose, explain=explain, **narrowing)
         plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" \
             and not explain and compose == "auto" and media is None and per_video == DEFAULT_PER_VIDEO
-        asked = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
+        asked = {"text": text, "image": _json_name(image), "negative": negative, "k": k, "text_weight": text_weight,
                  "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
                  **{key: value for key, value in narrowing.items() if value is not None},
                  **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
@@ -606,7 +617,7 @@ def embed(texts, images, as_json, index_dir, model, device, backend, precision):
     if texts:
         out += [{"kind": "text", "input": t, "embedding": v.tolist()} for t, v in zip(texts, encoder.encode_text(list(texts)))]
     for path in images:
-        out.append({"kind": "image", "input": path, "embedding": encoder.encode_images([path])[0].tolist()})
+        out.append({"kind": "image", "input": _json_name(path), "embedding": encoder.encode_images([path])[0].tolist()})
     click.echo(json.dumps(out))
 
 
@@ -631,14 +642,14 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
     encoder = _encoder_for(index_dir, model, device, backend, precision)
     results = encoder.classify_each(list(images), list(labels), tuple(templates) or DEFAULT_TEMPLATES)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps([{**r, "image": _json_name(r["image"])} for r in results], indent=2))
     else:
-        for r in results:
-            click.echo(r["image"])
+        for r in results:  # names and labels shown as every command shows them: escaped, one line each
+            click.echo(_shown(r["image"]))
             if "error" in r:
-                click.echo(f"  error: {r['error']}")
+                click.echo(f"  error: {_shown(r['error'])}")
             for entry in sorted(r.get("labels", []), key=lambda e: -e["probability"]):
-                click.echo(f"  {entry['probability']:7.2%}  {entry['label']}  (similarity {entry['similarity']:.4f})")
+                click.echo(f"  {entry['probability']:7.2%}  {_shown(entry['label'])}  (similarity {entry['similarity']:.4f})")
     if all("error" in r for r in results):
         raise BadInputError("no image could be classified")
 
@@ -656,7 +667,7 @@ def similarity(text, image, as_json, index_dir, model, device, backend, precisio
     _quiet_transformers()
     result = _encoder_for(index_dir, model, device, backend, precision).similarity(text, image)
     if as_json:
-        click.echo(json.dumps({"text": text, "image": image, **result}))
+        click.echo(json.dumps({"text": text, "image": _json_name(image), **result}))
     else:
         click.echo(f"similarity {result['similarity']:.4f}  logit {result['logit']:.4f}")
 
@@ -1141,7 +1152,7 @@ def similar(ref, k, collapse, as_json, index_dir):
         raise BadInputError(f"{ref} is not an indexed image (give a catalog id or the path of an indexed file)")
     # the image itself is excluded inside the search, so -k counts the results (k + 1 was refused at 1000)
     hits = engine.search_vector(engine.vector_of(row.id), k=k, collapse=collapse, exclude=[row.id])
-    _print_hits({"similar": row.id, "path": row.path, "k": k, "collapse": collapse}, [h.to_dict() for h in hits], as_json)
+    _print_hits({"similar": row.id, "path": _json_name(row.path), "k": k, "collapse": collapse}, [h.to_dict() for h in hits], as_json)
 
 
 if __name__ == "__main__":

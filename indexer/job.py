@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from alignsearch.storage import catalog, layouts, state, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
-from alignsearch.encoders.classify import DEFAULT_TEMPLATES
+from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.vectors import VectorStore
@@ -608,6 +608,7 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
         raise BadInputError("the labels file holds no labels: write one label per line (# starts a comment)")
     if not 0 <= threshold <= 1 or top < 1:
         raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
+    check_templates(templates)  # before --clear removes anything: a bad template is refused with nothing changed
     out = Path(index_dir)
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)

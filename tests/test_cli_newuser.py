@@ -66,3 +66,24 @@ def test_classify_prints_names_and_labels_escaped_one_line_each(odd_names):
     assert lines[0].endswith("x\\x1b[31mred\\nline.png") and "a\\x1b[2J" in proc.stdout
 
 
+@pytest.mark.parametrize("template", ["{} and {}", "{label}", "a photo of {", "{!r}"])
+def test_a_template_str_format_cannot_fill_is_bad_usage(indexed_images, template, tmp_path):
+    root, ix = indexed_images(6)
+    out = run("classify", sorted(root.iterdir())[0], "--labels", "a", "--labels", "b", "--template", template,
+              "--index", ix, code=2).output
+    assert out.count("\n") == 1 and "write {} once where the label goes" in out  # was: unexpected IndexError, exit 1
+    labels = write_labels(tmp_path / "labels.txt", ["a cat"])
+    run("tag", "--labels-file", labels, "--index", ix)
+    run("tag", "--clear", "--labels-file", labels, "--template", template, "--index", ix, code=2)
+    assert json.loads(run("tags", "--json", "--index", ix).stdout) != []  # refused before --clear removed anything
+
+
+def test_the_label_goes_where_a_valid_template_says(indexed_images):
+    root, ix = indexed_images(6)
+    image = sorted(root.iterdir())[0]
+    for template in ("a photo of {}", "a {{braced}} photo of {}", "a photo of"):
+        out = json.loads(run("classify", image, "--labels", "a", "--labels", "b", "--template", template,
+                             "--index", ix, "--json").stdout)
+        assert len(out[0]["labels"]) == 2
+
+

@@ -635,9 +635,10 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
 
     An image that cannot be read is listed with its error and the others are classified: exit 0 when at
     least one image was classified, 6 when none could be."""
-    from alignsearch.encoders.classify import DEFAULT_TEMPLATES
+    from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
     from alignsearch.errors import BadInputError
 
+    check_templates(templates)  # before the model loads
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device, backend, precision)
     results = encoder.classify_each(list(images), list(labels), tuple(templates) or DEFAULT_TEMPLATES)

@@ -200,6 +200,8 @@ def index_folders(
         ondisk_shards = 0
     out = chosen_index_dir(index_dir)
     index_roots.refuse_index_folder(roots, out)
+    if not roots and not (out / DB_FILE).exists():  # said before the model loads, and no empty index made
+        raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -226,6 +228,25 @@ def index_folders(
         if created:  # the model loads before anything is written: leave no empty index behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+    except BadInputError:
+        # A first run refused (--precision int8, a new root that cannot be listed) left an index of no files, which
+        # later commands took for the user's: `query` answered "no results", exit 0, instead of "no index", 3
+        if created and _holds_no_files(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _holds_no_files(out: Path) -> bool:
+    """Whether the index at out records no file at all (False when that cannot be told)."""
+    try:
+        db = catalog.connect(out / DB_FILE, readonly=True)
+        try:
+            with db.connect() as conn:
+                return not any(catalog.counts(conn).values())
+        finally:
+            db.dispose()
+    except Exception:  # noqa: BLE001 - an unreadable catalog is kept: never delete what cannot be judged
+        return False
 
 
 def chosen_index_dir(index_dir: str | os.PathLike | None) -> Path:

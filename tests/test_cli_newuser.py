@@ -87,3 +87,28 @@ def test_the_label_goes_where_a_valid_template_says(indexed_images):
         assert len(out[0]["labels"]) == 2
 
 
+def test_index_without_a_folder_makes_no_index(tmp_path, tiny_model, monkeypatch):
+    """`alignsearch index --model M` (the folder forgotten) in a new place: refused, exit 6, and no empty index left,
+    which the next `query` answered with "no results", exit 0, instead of "no index", exit 3."""
+    monkeypatch.chdir(tmp_path)
+    out = run("index", "--model", tiny_model, code=6).output
+    assert "no folder to index" in out
+    assert not (tmp_path / ".alignsearch").exists()
+    run("query", "cat", code=3)
+
+
+def test_a_refused_first_index_run_leaves_no_index(tmp_path, tiny_model):
+    make_images(tmp_path / "photos", 2)
+    ix = tmp_path / "ix"
+    out = run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model, "--precision", "int8", code=6).output
+    assert "int8" in out
+    assert not ix.exists()
+
+
+def test_an_empty_root_is_refused_not_taken_for_the_current_folder(tmp_path, tiny_model, monkeypatch):
+    """`alignsearch index "$PHOTOS"` with PHOTOS unset indexed the current folder (os.path.abspath(""))."""
+    make_images(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    out = run("index", "", "--model", tiny_model, code=6).output
+    assert "an empty root" in out
+    assert not (tmp_path / ".alignsearch").exists()

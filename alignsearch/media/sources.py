@@ -80,6 +80,8 @@ def filesystem(url: str):
 def normalise(root: str) -> list[str]:
     """The catalog names for a root given on the command line: braces expanded, local paths absolute.
     Raises BadInputError when a root cannot be a source at all."""
+    if str(root) == "":  # os.path.abspath("") is the current folder: `index "$UNSET"` indexed it
+        raise BadInputError("an empty root was given: name a folder of images, e.g. `alignsearch index ./photos`")
     out = []
     for name in expand(str(root)):
         if name.lower().endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import make_images, run
-from helpers import alignsearch, write_labels
+from helpers import alignsearch, can_drop_dac, write_labels
 
 BAD = "bad\udcff name.png"  # os.fsdecode of b"bad\xff name.png": a name that is not UTF-8
 BAD_SHOWN = "bad\\xff name.png"  # how every output shows it (docs/json.md)
@@ -112,3 +112,16 @@ def test_an_empty_root_is_refused_not_taken_for_the_current_folder(tmp_path, tin
     out = run("index", "", "--model", tiny_model, code=6).output
     assert "an empty root" in out
     assert not (tmp_path / ".alignsearch").exists()
+
+
+needs_permissions = pytest.mark.skipif(not can_drop_dac(), reason="cannot run a child without root's file access")
+
+
+@needs_permissions
+def test_export_into_a_folder_that_cannot_be_searched_names_out(indexed_images, tmp_path):
+    root, ix = indexed_images(6)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0)
+    proc = alignsearch("export", locked / "x.parquet", "--index", ix, unprivileged=True)
+    # was: "Permission denied: .../x.parquet/catalog.db", a path nobody named (the check for an index folder above OUT)
+    assert proc.returncode == 1 and proc.stderr == f"error: Permission denied: {locked / 'x.parquet'}\n", proc.stderr

@@ -118,6 +118,26 @@ needs_permissions = pytest.mark.skipif(not can_drop_dac(), reason="cannot run a 
 
 
 @needs_permissions
+def test_an_unreadable_image_is_unusable_input_and_classify_goes_on(indexed_images, tmp_path):
+    """click's readable check refused a chmod 000 image as bad usage (exit 2, four lines) before anything ran: classify
+    classified none of the others, which its README says it lists with the error (exit 0 when one was classified)."""
+    root, ix = indexed_images(6)
+    good = sorted(root.iterdir())[0]
+    locked = tmp_path / "locked.png"
+    shutil.copyfile(good, locked)
+    locked.chmod(0)
+    proc = alignsearch("classify", good, locked, "--labels", "a", "--labels", "b", "--json", "--index", ix,
+                       unprivileged=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert "labels" in out[0] and out[1]["error"] == f"cannot use image {locked}: Permission denied"
+    for args in (("query", "--image", locked), ("embed", "--image", locked),
+                 ("similarity", "--text", "a", "--image", locked)):
+        proc = alignsearch(*args, "--index", ix, unprivileged=True)
+        assert proc.returncode == 6 and proc.stderr == f"error: cannot use image {locked}: Permission denied\n", args
+
+
+@needs_permissions
 def test_export_into_a_folder_that_cannot_be_searched_names_out(indexed_images, tmp_path):
     root, ix = indexed_images(6)
     locked = tmp_path / "locked"

@@ -457,7 +457,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 
 _REQUEST_OPTIONS = [
     click.argument("text", required=False),
-    click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT)."),
+    click.option("--image", type=click.Path(readable=False), callback=_image_file, help="Image to search with (alone or with TEXT)."),
     click.option("--negative", help="Text whose concept to subtract from the query."),
     click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of results (at most 1000)."),
     click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query."),
@@ -601,7 +601,7 @@ def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
 
 @main.command()
 @click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
-@click.option("--image", "images", multiple=True, type=click.Path(), callback=_image_file, help="Image to embed (repeatable).")
+@click.option("--image", "images", multiple=True, type=click.Path(readable=False), callback=_image_file, help="Image to embed (repeatable).")
 @click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
 @index_option
 @model_option
@@ -622,7 +622,7 @@ def embed(texts, images, as_json, index_dir, model, device, backend, precision):
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--labels", "labels", multiple=True, required=True, help='A candidate label (repeat), e.g. --labels "a cat".')
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble), e.g. "a photo of {}".')
 @click.option("--json", "as_json", is_flag=True)
@@ -657,7 +657,7 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
 
 @main.command()
 @click.option("--text", required=True)
-@click.option("--image", required=True, type=click.Path(), callback=_image_file)
+@click.option("--image", required=True, type=click.Path(readable=False), callback=_image_file)
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @model_option
@@ -674,7 +674,7 @@ def similarity(text, image, as_json, index_dir, model, device, backend, precisio
 
 
 @main.command()
-@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False, readable=False),
               help="One label per line (blank lines and lines starting with # are skipped).")
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble).')
 @click.option("--threshold", type=float, default=0.5, show_default=True,

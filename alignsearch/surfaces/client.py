@@ -307,7 +307,7 @@ def _query_image(path) -> bytes:
     try:
         return sources.read_local(path)
     except (OSError, BadImageError) as exc:
-        raise BadInputError(f"cannot use image {path}: {exc}") from None
+        raise BadInputError(f"cannot use image {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 30.0,

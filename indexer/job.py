@@ -229,20 +229,21 @@ def index_folders(
             shutil.rmtree(out, ignore_errors=True)
         raise
     except BadInputError:
-        # A first run refused (--precision int8, a new root that cannot be listed) left an index of no files, which
-        # later commands took for the user's: `query` answered "no results", exit 0, instead of "no index", 3
-        if created and _holds_no_files(out):
+        # A first run refused before its model was recorded (--precision int8) left an index of nothing, which later
+        # commands took for the user's: `query` answered "no results", exit 0, instead of "no index", 3. One refused
+        # later (a new list without its --list-column) keeps the model it recorded, so the corrected run needs none.
+        if created and _holds_nothing(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _holds_no_files(out: Path) -> bool:
-    """Whether the index at out records no file at all (False when that cannot be told)."""
+def _holds_nothing(out: Path) -> bool:
+    """Whether the index at out records neither a model nor a file (False when that cannot be told)."""
     try:
         db = catalog.connect(out / DB_FILE, readonly=True)
         try:
             with db.connect() as conn:
-                return not any(catalog.counts(conn).values())
+                return state.read(conn).model is None and not any(catalog.counts(conn).values())
         finally:
             db.dispose()
     except Exception:  # noqa: BLE001 - an unreadable catalog is kept: never delete what cannot be judged

@@ -415,6 +415,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     known_roots = list(before.roots.roots)
     _run_begins(db)
     with _refusal_undoes_the_mark(db, before.index_run):
+        _refuse_missing_columns(roots, opts)
         all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots, opts.include_hidden)
         if opts.list_column:
             columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
@@ -560,6 +561,21 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         with db.begin() as conn:
             state.write(conn, encoder=summary.encoder)  # what `info` reports
     return summary
+
+
+def _refuse_missing_columns(roots: list[str], opts: IndexOptions) -> None:
+    """A --list-column or --caption-column the list given with it does not have: refused before anything is written
+    (BadInputError, exit 6). For a list the index knew, the run said it as a listing error, exit 0, and remembered
+    the column, so every later run failed to list the root until it was given again right."""
+    for root in roots:
+        if sources.kind(root) != sources.LIST:
+            continue
+        asked = [c for c in (opts.list_column, opts.caption_column) if c is not None]
+        names = sources.list_columns(root) if asked else None
+        missing = [c for c in asked if names is not None and c not in names]
+        if missing:
+            raise BadInputError(f"cannot index {root}: the list has no column {missing[0]} (columns: {', '.join(names)}): "
+                                "name the one you mean with --list-column / --caption-column")
 
 
 @contextlib.contextmanager

@@ -145,3 +145,19 @@ def test_export_into_a_folder_that_cannot_be_searched_names_out(indexed_images, 
     proc = alignsearch("export", locked / "x.parquet", "--index", ix, unprivileged=True)
     # was: "Permission denied: .../x.parquet/catalog.db", a path nobody named (the check for an index folder above OUT)
     assert proc.returncode == 1 and proc.stderr == f"error: Permission denied: {locked / 'x.parquet'}\n", proc.stderr
+
+
+def test_a_list_column_the_list_lacks_is_refused_for_a_known_list_too(tmp_path, tiny_model):
+    """The column typed wrong on a later run: it was a listing error, exit 0, and remembered, so every later plain
+    `index` failed to list the root (its files kept, nothing new indexed) until the right column was given again."""
+    images = make_images(tmp_path / "photos", 2)
+    listing = tmp_path / "photos.csv"
+    listing.write_text("path\n" + "".join(f"{p}\n" for p in images))
+    ix = tmp_path / "ix"
+    run("index", listing, "--list-column", "path", "--index", ix, "--model", tiny_model)
+    for option in ("--list-column", "--caption-column"):
+        out = run("index", listing, option, "pth", "--index", ix, code=6).output
+        assert "has no column pth (columns: path)" in out and out.count("\n") == 1
+    roots = json.loads(run("roots", "--json", "--index", ix).stdout)
+    assert roots[0]["state"] == "ok" and roots[0]["indexed"] == 2
+    assert json.loads(run("index", "--index", ix, "--json").stdout)["listing_errors"] == []  # the column kept is right

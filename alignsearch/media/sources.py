@@ -295,6 +295,19 @@ def _list_table(path: str):
         raise BadInputError(f"cannot read the list {path}: {exc}") from None
 
 
+def list_columns(path: str) -> list[str] | None:
+    """The column names of a list file, from its header (parquet: its footer) alone; None when it cannot be read
+    now (a listing error of the run, not a refusal)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        with open_binary(path) as f:
+            return pq.read_schema(f).names if path.lower().endswith(".parquet") else pacsv.open_csv(f).schema.names
+    except (OSError, ValueError, BadInputError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
+
+
 def _path_column(path: str, table, column: str | None) -> str:
     names = table.column_names
     lowered = {name.lower(): name for name in names}

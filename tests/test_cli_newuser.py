@@ -161,3 +161,20 @@ def test_a_list_column_the_list_lacks_is_refused_for_a_known_list_too(tmp_path, 
     roots = json.loads(run("roots", "--json", "--index", ix).stdout)
     assert roots[0]["state"] == "ok" and roots[0]["indexed"] == 2
     assert json.loads(run("index", "--index", ix, "--json").stdout)["listing_errors"] == []  # the column kept is right
+
+
+def test_dupes_and_info_failed_json_give_a_name_that_is_not_utf8_as_hits_do(odd_names):
+    """dupes --json and info --failed --json carried \\udcff (refused by strict JSON readers, and no way for a script
+    in another language to reach the file): now \\xNN text and the bytes in path_b64, as hits."""
+    import base64
+
+    root, ix = odd_names
+    (root / "broken\udcfd.png").write_bytes(b"not an image")
+    run("index", "--index", ix)
+    groups = json.loads(run("dupes", "--tier", "exact", "--json", "--index", ix).stdout)
+    item = next(i for g in groups for i in g["items"] if "bad" in i["path"])
+    assert item["path"] == str(root / BAD_SHOWN) and base64.b64decode(item["path_b64"]) == os.fsencode(root / BAD)
+    failed = json.loads(run("info", "--failed", "--json", "--index", ix).stdout)["failed_files"]
+    entry = next(f for f in failed if "broken" in f["path"])
+    assert entry["path"] == str(root / "broken\\xfd.png") and "\udcfd" not in json.dumps(failed, ensure_ascii=False)
+    assert base64.b64decode(entry["path_b64"]) == os.fsencode(root / "broken\udcfd.png")

@@ -233,6 +233,16 @@ def _json_name(path):
         return path
 
 
+def _with_path_b64(entry: dict) -> dict:
+    """A JSON entry naming an indexed file, its `path` as hits give it (docs/json.md): a name that is not UTF-8 with
+    its bytes as \\xNN, and whole in `path_b64`, so a script can open (or delete, for dupes) the very file. It
+    carried os.fsdecode's lone surrogates (\\udcff), which strict JSON readers refuse."""
+    from alignsearch.storage.catalog import shown_path
+
+    path, b64 = shown_path(entry["path"])
+    return {**entry, "path": path, **({"path_b64": b64} if b64 else {})}
+
+
 def _quiet_stdout() -> None:
     """The reader went away: send whatever is still buffered to /dev/null instead of raising again."""
     try:
@@ -806,7 +816,7 @@ def info(failed, as_json, index_dir):
     engine = open_index(index_dir)
     data = engine.info()
     if failed:
-        data["failed_files"] = [{"id": r.id, "path": r.path, "reason": r.reason} for r in engine.failed()]
+        data["failed_files"] = [_with_path_b64({"id": r.id, "path": r.path, "reason": r.reason}) for r in engine.failed()]
         data["fill_failed_files"] = _fill_failed_files(engine.db)
     data["listing_errors"] = _listing_errors(engine.db)
     data["tags"] = dict(_tag_counts(engine.dir, engine.db))
@@ -871,7 +881,7 @@ def _fill_failed_files(db) -> list[dict]:
     from alignsearch.storage import catalog
 
     with db.connect() as conn:
-        return [{"id": r.id, "path": r.path, "step": step, "reason": reason}
+        return [_with_path_b64({"id": r.id, "path": r.path, "step": step, "reason": reason})
                 for r, step, reason in catalog.fill_failed_files(conn)]
 
 
@@ -1082,7 +1092,8 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
         raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
-        click.echo(json.dumps([g.to_dict() for g in groups], indent=2))
+        click.echo(json.dumps([{**g.to_dict(), "items": [_with_path_b64(i) for i in g.to_dict()["items"]]} for g in groups],
+                              indent=2))
         return
     if not groups:
         click.echo(f"no {tier} duplicates")

@@ -178,3 +178,15 @@ def test_dupes_and_info_failed_json_give_a_name_that_is_not_utf8_as_hits_do(odd_
     entry = next(f for f in failed if "broken" in f["path"])
     assert entry["path"] == str(root / "broken\\xfd.png") and "\udcfd" not in json.dumps(failed, ensure_ascii=False)
     assert base64.b64decode(entry["path_b64"]) == os.fsencode(root / "broken\udcfd.png")
+
+
+def test_the_printed_url_carries_a_chosen_token_whole():
+    """`serve --token 'a&b c'` printed http://.../?token=a&b c: the browser sent the token `a`, answered 401."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from alignsearch.surfaces.server import RunningServer
+
+    for token in ("a&b c;d#e", "plain-token_1.2~"):
+        url = RunningServer(url="http://127.0.0.1:8765", port=8765, token=token, server=None).open_url
+        assert " " not in url and parse_qs(urlsplit(url).query) == {"token": [token]}
+    assert RunningServer(url="http://127.0.0.1:8765", port=8765, token=None, server=None).open_url.endswith(":8765/")

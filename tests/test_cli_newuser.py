@@ -190,3 +190,24 @@ def test_the_printed_url_carries_a_chosen_token_whole():
         url = RunningServer(url="http://127.0.0.1:8765", port=8765, token=token, server=None).open_url
         assert " " not in url and parse_qs(urlsplit(url).query) == {"token": [token]}
     assert RunningServer(url="http://127.0.0.1:8765", port=8765, token=None, server=None).open_url.endswith(":8765/")
+
+
+def test_finetune_says_a_model_folder_is_missing_before_reading_pairs(tmp_path, corpus):
+    """finetune read every pair, then said "Repo id must use alphanumeric chars" for a --model folder not there,
+    which every other command says plainly (README: refused at once, exit 4)."""
+    out = run("finetune", corpus, "--model", "./no-such-model", "--out", tmp_path / "ft", code=4).output
+    assert "the model folder ./no-such-model does not exist" in out and "Repo id" not in out
+    assert "skipped" not in out  # refused before the pairs were read
+    assert not (tmp_path / "ft").exists()
+
+
+def test_an_offline_hub_id_is_said_in_sentences(tmp_path, corpus):
+    """The reason and the download hint were joined as "...not in the Hugging Face cache Without network access"."""
+    proc = alignsearch("classify", corpus / "img001.jpg", "--labels", "a", "--model", "kakaobrain/align-base",
+                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 4 and "Hugging Face cache. Without network access" in proc.stderr, proc.stderr
+    for image in make_images(tmp_path / "pairs", 3):
+        image.with_suffix(".txt").write_text("a red circle")
+    proc = alignsearch("finetune", tmp_path / "pairs", "--out", tmp_path / "ft",
+                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 4 and "Hugging Face cache. Without network access" in proc.stderr, proc.stderr

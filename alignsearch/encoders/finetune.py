@@ -23,7 +23,7 @@ from alignsearch import atomic
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, UsageError
 from alignsearch.media.images import ImageSpec, open_rgb
 from alignsearch.media.sources import read_local
-from alignsearch.encoders.model import load_image_spec, resolve_device
+from alignsearch.encoders.model import check_source, load_failure, load_image_spec, resolve_device
 from alignsearch.encoders.pixels import to_pixel_values
 from alignsearch.encoders.pairs import Pair, load_pairs
 
@@ -123,6 +123,10 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
         raise BadInputError("--freeze takes text or vision")
     out = Path(out)
     check_out(out)
+    # as every command loads a model: a folder that is not there said so at once ("Repo id must use alphanumeric
+    # chars" after every pair was read, before), and an offline machine looks in the cache alone
+    where = check_source(str(base))
+    local_only = where != "hub"
     loaded = load_pairs(data, image_column, caption_column)
     for what, why in loaded.skipped:
         log(f"skipped {what}: {why}")
@@ -146,12 +150,12 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     checkpoint = out / CHECKPOINT
     source = str(checkpoint) if resume and (checkpoint / "config.json").exists() else base
     try:
-        model = AlignModel.from_pretrained(source).float().to(device)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        image_processor = AutoImageProcessor.from_pretrained(base)
+        model = AlignModel.from_pretrained(source, local_files_only=local_only or source != base).float().to(device)
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=local_only)
+        image_processor = AutoImageProcessor.from_pretrained(base, local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the ALIGN checkpoint {base!r}: {exc}") from None
-    spec = load_image_spec(base)
+        raise load_failure(base, where, exc) from None
+    spec = load_image_spec(base, local_only)
     max_length = min(64, int(model.config.text_config.max_position_embeddings))
     if source == base and float(model.temperature.detach()) > 0.5:
         model.temperature.data.fill_(INITIAL_TEMPERATURE)

@@ -211,3 +211,10 @@ def test_an_offline_hub_id_is_said_in_sentences(tmp_path, corpus):
     proc = alignsearch("finetune", tmp_path / "pairs", "--out", tmp_path / "ft",
                        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 4 and "Hugging Face cache. Without network access" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("near, said", [("0,0,inf", "error: --near takes a finite number, not 'inf'\n"),
+                                        ("1,abc,2", "error: --near takes a number, not 'abc'\n")])
+def test_a_bad_near_names_near_not_where(indexed_images, near, said):
+    _, ix = indexed_images(6)
+    assert run("query", "cat", "--near", near, "--index", ix, code=2).output == said  # was "--where: --near ..."

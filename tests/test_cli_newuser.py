@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import make_images, run
-from helpers import alignsearch, can_drop_dac, write_labels
+from helpers import alignsearch, can_drop_dac, start_serve, stop, write_labels
 
 BAD = "bad\udcff name.png"  # os.fsdecode of b"bad\xff name.png": a name that is not UTF-8
 BAD_SHOWN = "bad\\xff name.png"  # how every output shows it (docs/json.md)
@@ -218,3 +218,22 @@ def test_an_offline_hub_id_is_said_in_sentences(tmp_path, corpus):
 def test_a_bad_near_names_near_not_where(indexed_images, near, said):
     _, ix = indexed_images(6)
     assert run("query", "cat", "--near", near, "--index", ix, code=2).output == said  # was "--where: --near ..."
+
+
+@pytest.mark.slow
+def test_an_image_that_is_no_image_is_said_alike_with_a_server(indexed_images, tmp_path):
+    """With a server running the same query said "unreadable image: ..." without the path, alone "cannot use image
+    PATH: ..." (README: the same result and exit code with or without a server)."""
+    root, ix = indexed_images(6)
+    alone = tmp_path / "alone"
+    shutil.copytree(ix, alone)
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"hello, no image here")
+    proc, _ = start_serve(ix)
+    try:
+        warm = alignsearch("query", "--image", junk, "--index", ix)
+    finally:
+        stop(proc)
+    local = alignsearch("query", "--image", junk, "--index", alone)
+    assert (warm.returncode, warm.stderr) == (local.returncode, local.stderr) == (6, local.stderr)
+    assert local.stderr.startswith(f"error: cannot use image {junk}: ")

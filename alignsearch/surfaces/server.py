@@ -604,7 +604,7 @@ def decode_upload(data: bytes, max_pixels: int):
         # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
         raise ApiError(413, f"the image is too large: this server decodes at most {max_pixels:,} pixels") from None
     except BadImageError as exc:
-        raise ApiError(400, f"unreadable image: {exc}") from None
+        raise ApiError(400, f"{querycheck.UNREADABLE_IMAGE}{exc}") from None
 
 
 def _hit_fields(exclude: tuple[str, ...] = ()) -> dict[str, Any]:

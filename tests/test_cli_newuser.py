@@ -237,3 +237,19 @@ def test_an_image_that_is_no_image_is_said_alike_with_a_server(indexed_images, t
     local = alignsearch("query", "--image", junk, "--index", alone)
     assert (warm.returncode, warm.stderr) == (local.returncode, local.stderr) == (6, local.stderr)
     assert local.stderr.startswith(f"error: cannot use image {junk}: ")
+
+
+def test_a_shard_range_a_digit_too_long_is_refused_at_once(tmp_path):
+    """`index 'part-{000..99999999}.tar'` built 100 million names (9.5 GB, 90 s) before saying part-002 is missing."""
+    import time
+
+    from alignsearch.errors import BadInputError
+    from alignsearch.media import sources
+
+    started = time.perf_counter()
+    with pytest.raises(BadInputError, match="stands for 100,000,000 names; at most 1,000,000"):
+        sources.normalise(str(tmp_path / "part-{000..99999999}.tar"))
+    assert time.perf_counter() - started < 5
+    with pytest.raises(BadInputError, match="stands for 1,000,000,000 names"):  # nested ranges multiply
+        sources.expand("s{0000..9999}-{00000..99999}.tar")
+    assert len(sources.expand("part-{000..099}.tar")) == 100

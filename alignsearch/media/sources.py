@@ -52,8 +52,18 @@ def kind(root: str) -> str:
     return PREFIX if url else FOLDER
 
 
+MAX_EXPANDED = 1_000_000  # names one pattern may stand for: more shards than any WebDataset set holds
+
+
 def expand(pattern: str) -> list[str]:
-    """WebDataset's shard notation: `shards-{000..009}.tar` is ten names (zero padding kept)."""
+    """WebDataset's shard notation: `shards-{000..009}.tar` is ten names (zero padding kept). A pattern for more
+    than MAX_EXPANDED names is refused before any is made: `{000..99999999}` (a digit too many) built 100 million
+    names, 9.5 GB and 90 s, before the first missing shard was said."""
+    count = 1
+    for lo, hi in _BRACES.findall(pattern):
+        count *= max(int(hi) - int(lo) + 1, 1)
+    if count > MAX_EXPANDED:
+        raise BadInputError(f"{pattern} stands for {count:,} names; at most {MAX_EXPANDED:,}: check the range")
     m = _BRACES.search(pattern)
     if m is None:
         return [pattern]

@@ -253,3 +253,25 @@ def test_a_shard_range_a_digit_too_long_is_refused_at_once(tmp_path):
     with pytest.raises(BadInputError, match="stands for 1,000,000,000 names"):  # nested ranges multiply
         sources.expand("s{0000..9999}-{00000..99999}.tar")
     assert len(sources.expand("part-{000..099}.tar")) == 100
+
+
+def test_forget_takes_the_shard_pattern_index_was_given(tmp_path, tiny_model):
+    """`index 'part-{000..001}.tar'` remembers each shard as a root; `forget` with the same pattern said it was no
+    root (exit 6), so a hundred shards took a hundred commands. Now every shard it names goes in one commit, and a
+    pattern naming a shard the index does not hold forgets nothing."""
+    from helpers import verify_problems, write_shard
+
+    images = make_images(tmp_path / "src", 4)
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        write_shard(tmp_path / "shards" / f"part-{i:03d}.tar", images[2 * i:2 * i + 2], tmp_path / "src")
+    ix = tmp_path / "ix"
+    run("index", str(tmp_path / "shards" / "part-{000..001}.tar"), "--index", ix, "--model", tiny_model)
+    out = run("forget", str(tmp_path / "shards" / "part-{000..002}.tar"), "--index", ix, code=6).output
+    assert "part-002.tar is not a root" in out
+    assert len(json.loads(run("roots", "--json", "--index", ix).stdout)) == 2  # nothing forgotten
+    out = run("forget", str(tmp_path / "shards" / "part-{000..001}.tar"), "--index", ix).output
+    assert "(2 roots): 4 files removed" in out
+    assert json.loads(run("roots", "--json", "--index", ix).stdout) == []
+    assert json.loads(run("info", "--json", "--index", ix).stdout)["images"] == 0
+    assert verify_problems(ix) == []

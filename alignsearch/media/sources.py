@@ -52,6 +52,11 @@ def kind(root: str) -> str:
     return PREFIX if url else FOLDER
 
 
+def is_pattern(name: str) -> bool:
+    """Whether a root as given holds a shard range (`{000..099}`) that expand() turns into several names."""
+    return _BRACES.search(name) is not None
+
+
 MAX_EXPANDED = 1_000_000  # names one pattern may stand for: more shards than any WebDataset set holds
 
 

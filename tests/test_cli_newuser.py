@@ -275,3 +275,13 @@ def test_forget_takes_the_shard_pattern_index_was_given(tmp_path, tiny_model):
     assert json.loads(run("roots", "--json", "--index", ix).stdout) == []
     assert json.loads(run("info", "--json", "--index", ix).stdout)["images"] == 0
     assert verify_problems(ix) == []
+
+
+def test_a_labels_file_saved_with_a_byte_order_mark_tags_its_first_label_by_name(indexed_images, tmp_path):
+    _, ix = indexed_images(6)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("\ufeffa cat\r\nred car\r\n".encode())  # as Notepad saves it
+    out = json.loads(run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix, "--json").stdout)
+    assert list(out["per_label"]) == ["a cat", "red car"]  # was "\ufeffa cat"
+    hits = json.loads(run("query", "cat", "--tag", "a cat", "--index", ix, "--json").stdout)["results"]
+    assert hits and all("a cat" in h["tags"] for h in hits)

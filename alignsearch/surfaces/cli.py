@@ -735,7 +735,9 @@ def _read_labels(path) -> list[str]:
     if len(data) > MAX_LABELS_BYTES:
         raise BadInputError(f"the labels file {path} is larger than {MAX_LABELS_BYTES} bytes")
     try:
-        return data.decode("utf-8").splitlines()
+        # utf-8-sig: a file saved by Notepad starts with a byte-order mark, which made its first label "\ufeffa cat",
+        # a tag apart from "a cat" that `query --tag "a cat"` never found
+        return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise BadInputError(f"the labels file {path} is not UTF-8 (byte {exc.start})") from None
 

@@ -285,3 +285,11 @@ def test_a_labels_file_saved_with_a_byte_order_mark_tags_its_first_label_by_name
     assert list(out["per_label"]) == ["a cat", "red car"]  # was "\ufeffa cat"
     hits = json.loads(run("query", "cat", "--tag", "a cat", "--index", ix, "--json").stdout)["results"]
     assert hits and all("a cat" in h["tags"] for h in hits)
+
+
+def test_a_sidecar_caption_saved_with_a_byte_order_mark_is_read_without_it(tmp_path, tiny_model):
+    photo = make_images(tmp_path / "photos", 2)[0]
+    photo.with_suffix(".txt").write_bytes("\ufeffa tiger in the snow".encode())
+    run("index", tmp_path / "photos", "--index", tmp_path / "ix", "--model", tiny_model)
+    hits = json.loads(run("query", "tiger", "--mode", "keyword", "--index", tmp_path / "ix", "--json").stdout)["results"]
+    assert [h["caption"] for h in hits] == ["a tiger in the snow"]  # was "\ufeffa tiger in the snow"

@@ -342,8 +342,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)
             out.unchanged += d.unchanged
             todo = {f.relpath for f in d.todo}
-            out.caption_links += [rows[f.relpath] for f in found if f.caption_link and f.relpath in rows
-                                  and f.relpath not in todo and rows[f.relpath].status == catalog.INDEXED]
+            # captions read again on unchanged photos: a link's (its target may have changed), and a caption file
+            # written since the photo was indexed (edited or added later, which changes neither the photo's size nor
+            # its time: the old caption, or none, stayed for good)
+            out.caption_links += [rows[f.relpath] for f in found if f.relpath in rows and f.relpath not in todo
+                                  and rows[f.relpath].status == catalog.INDEXED and (f.caption_link or (
+                                      f.caption_mtime is not None and f.caption_mtime >= rows[f.relpath].indexed_at))]
             out.kept += d.kept
             listed = [{"folder": _shown_folder(root, e.folder), "reason": e.reason} for e in errors]
             out.errors_by_root[root] = listed if folders is None else [  # those of folders not listed now stay

@@ -49,6 +49,7 @@ class Found:
     offset: int = -1  # where a tar member's data starts in its shard
     caption: str | None = None  # from a list's caption column or a WebDataset sample's .txt/.json member
     caption_link: bool = False  # a local photo whose sidecar caption (photo.txt) is a symbolic link
+    caption_mtime: float | None = None  # the modification time of a local photo's sidecar caption, not a link
 
     @property
     def path(self) -> str:
@@ -256,6 +257,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             continue
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
+        text_captions = {e.name: e for e in entries if e.name.endswith(".txt") and e.name not in linked_captions}
         if links is not None and linked_captions:
             links.append(rel)
         for entry in entries:
@@ -277,6 +279,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 links.append(rel)
             relpath, raw = printable(name)
             caption_link = os.path.splitext(entry.name)[0] + ".txt" in linked_captions
+            caption_mtime = _mtime(text_captions.get(os.path.splitext(entry.name)[0] + ".txt"))
             try:
                 # a link is followed as it is read (safeopen): one another user planted is no file of the library
                 st = walks.stat_through(name) if entry.is_symlink() else os.stat(entry.path)
@@ -290,9 +293,17 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 yield Found(root, relpath, 0, 0.0, "broken symlink" if broken else f"cannot stat: {exc.strerror or exc}", raw)
                 continue
             yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw,
-                        caption_link=caption_link)
+                        caption_link=caption_link, caption_mtime=caption_mtime)
         pending.extend(reversed(subfolders))
     walks.close()
+
+
+def _mtime(entry: os.DirEntry | None) -> float | None:
+    """A sidecar caption's modification time (its own, not a target's), None when there is none or it vanished."""
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime if entry is not None else None
+    except OSError:
+        return None
 
 
 @dataclass

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import make_images, run
+from conftest import index_json, make_images, run
 from helpers import alignsearch, can_drop_dac, start_serve, stop, write_labels
 
 BAD = "bad\udcff name.png"  # os.fsdecode of b"bad\xff name.png": a name that is not UTF-8
@@ -293,3 +293,28 @@ def test_a_sidecar_caption_saved_with_a_byte_order_mark_is_read_without_it(tmp_p
     run("index", tmp_path / "photos", "--index", tmp_path / "ix", "--model", tiny_model)
     hits = json.loads(run("query", "tiger", "--mode", "keyword", "--index", tmp_path / "ix", "--json").stdout)["results"]
     assert [h["caption"] for h in hits] == ["a tiger in the snow"]  # was "\ufeffa tiger in the snow"
+
+
+def test_a_caption_edited_or_added_after_indexing_is_read_by_the_next_run(tmp_path, tiny_model):
+    """photo.txt edited (a typo fixed) or written after its photo was indexed changed neither the photo's size nor
+    its time: every later `index` kept the old caption, or none, and keyword search never found the new words."""
+    import time
+
+    first, second = make_images(tmp_path / "photos", 2)
+    first.with_suffix(".txt").write_text("a red tram in Lisbn")
+    ix = tmp_path / "ix"
+    run("index", tmp_path / "photos", "--index", ix, "--model", tiny_model)
+    time.sleep(0.05)
+    first.with_suffix(".txt").write_text("a red tram in Lisbon")
+    second.with_suffix(".txt").write_text("a zebra crossing")
+    summary = index_json(ix)
+    assert summary["added"] == summary["updated"] == 0 and summary["times"]["extra"]["captions_read_again"] == 2
+
+    def captions(words):
+        out = run("query", words, "--mode", "keyword", "--index", ix, "--json").stdout
+        return [(os.path.basename(h["path"]), h["caption"]) for h in json.loads(out)["results"]]
+
+    assert captions("lisbon") == [(first.name, "a red tram in Lisbon")]
+    assert captions("zebra") == [(second.name, "a zebra crossing")]
+    assert captions("lisbn") == []
+    assert index_json(ix)["times"]["extra"]["captions_read_again"] == 0  # read again, nothing changed, nothing said

@@ -318,3 +318,25 @@ def test_a_caption_edited_or_added_after_indexing_is_read_by_the_next_run(tmp_pa
     assert captions("zebra") == [(second.name, "a zebra crossing")]
     assert captions("lisbn") == []
     assert index_json(ix)["times"]["extra"]["captions_read_again"] == 0  # read again, nothing changed, nothing said
+
+
+def _captioned_pairs(folder, n=3):
+    for image in make_images(folder, n):
+        image.with_suffix(".txt").write_text("a red circle")
+    return folder
+
+
+def test_finetune_refuses_an_out_under_a_file_before_training(tmp_path, tiny_model):
+    """--out photo.jpg/ft trained a whole epoch, then failed to save: "Not a directory", exit 1."""
+    pairs = _captioned_pairs(tmp_path / "pairs")
+    out = run("finetune", pairs, "--model", tiny_model, "--out", pairs / "img001.jpg" / "ft", code=2).output
+    assert "is a file, not a folder" in out and "epoch" not in out and out.count("\n") == 1
+
+
+@needs_permissions
+def test_finetune_refuses_an_out_it_cannot_write_before_training(tmp_path, tiny_model):
+    pairs = _captioned_pairs(tmp_path / "pairs")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    proc = alignsearch("finetune", pairs, "--model", tiny_model, "--out", locked / "ft", unprivileged=True)
+    assert proc.returncode == 2 and "cannot be written by you" in proc.stderr and "epoch" not in proc.stderr, proc.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,7 +251,9 @@ def _evaluate(model, tokenizer, images: _Images, val: list[Pair], spec: ImageSpe
 
 def check_out(out: Path) -> None:
     """Refuse (exit 2) an --out that holds anything but an earlier finetune output: its files would be replaced
-    (--out set to the training folder would otherwise lose the user's pictures)."""
+    (--out set to the training folder would otherwise lose the user's pictures), and one that cannot be written:
+    the place is checked before training, which found it out at the first save, after a whole epoch."""
+    _writable_place(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -258,6 +261,18 @@ def check_out(out: Path) -> None:
     if any(out.iterdir()) and not is_finetune_output(out):
         raise UsageError(f"--out {out} holds other files and is not an earlier finetune output: give a new or "
                          "empty folder")
+
+
+def _writable_place(out: Path) -> None:
+    """Refuse (exit 2) an --out whose folder cannot be made or written: each save is written beside OUT, so the
+    nearest folder above it that exists must be a folder this user may write (not a file, as in photo.jpg/ft)."""
+    here = out.absolute().parent
+    while not os.path.lexists(here) and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise UsageError(f"--out {out}: {here} is a file, not a folder: give a folder path")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {here} cannot be written by you: give a folder you can write")
 
 
 def is_finetune_output(folder: Path) -> bool:

@@ -340,3 +340,16 @@ def test_finetune_refuses_an_out_it_cannot_write_before_training(tmp_path, tiny_
     locked.mkdir(mode=0o555)
     proc = alignsearch("finetune", pairs, "--model", tiny_model, "--out", locked / "ft", unprivileged=True)
     assert proc.returncode == 2 and "cannot be written by you" in proc.stderr and "epoch" not in proc.stderr, proc.stderr
+
+
+def test_empty_values_from_unset_variables_are_refused_in_one_line(indexed_images, tmp_path, monkeypatch):
+    """export "" said ". is a folder" (the current folder taken for OUT); classify --labels "" printed "100.00%"
+    for a label of nothing; serve --allow-host "" started, allowing no name at all."""
+    root, ix = indexed_images(6)
+    monkeypatch.chdir(tmp_path)
+    out = run("export", "", "--index", ix, code=2).output
+    assert out == "error: export needs OUT: a file name such as lib.parquet, or a folder for --format clip-retrieval\n"
+    out = run("classify", sorted(root.iterdir())[0], "--labels", "a cat", "--labels", " ", "--index", ix, code=6).output
+    assert out.startswith("error: a label is empty") and out.count("\n") == 1
+    out = run("serve", "--allow-host", "", "--index", ix, code=2).output
+    assert "--allow-host needs a name" in out

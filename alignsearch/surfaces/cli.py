@@ -649,6 +649,8 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
     from alignsearch.errors import BadInputError
 
     check_templates(templates)  # before the model loads
+    if any(not label.strip() for label in labels):  # --labels "$UNSET": a label of nothing got 100% of one image
+        raise BadInputError("a label is empty: give each --labels a text, e.g. --labels \"a cat\"")
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device, backend, precision)
     results = encoder.classify_each(list(images), list(labels), tuple(templates) or DEFAULT_TEMPLATES)
@@ -923,6 +925,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
 
     if not host.strip():  # an unset variable (--host "$HOST") listened on every interface
         raise click.UsageError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    if any(not name.strip() for name in allow_hosts):  # an unset variable: no name a client could use
+        raise click.UsageError("--allow-host needs a name clients use for this machine, e.g. --allow-host photos.lan")
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()
@@ -1129,6 +1133,8 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     from alignsearch.search.export import export as run_export
     from indexer.roots import match
 
+    if out == "":  # an unset variable (export "$OUT"): it was taken for the current folder, ". is a folder"
+        raise UsageError("export needs OUT: a file name such as lib.parquet, or a folder for --format clip-retrieval")
     if out == "-":
         raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
                                "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")

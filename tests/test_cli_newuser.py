@@ -353,3 +353,13 @@ def test_empty_values_from_unset_variables_are_refused_in_one_line(indexed_image
     assert out.startswith("error: a label is empty") and out.count("\n") == 1
     out = run("serve", "--allow-host", "", "--index", ix, code=2).output
     assert "--allow-host needs a name" in out
+
+
+def test_similar_and_query_refuse_too_many_results_alike(indexed_images):
+    """-k 5000: query said one line, exit 6 (the rule of every surface, querycheck); similar four lines of click's
+    usage text, exit 2."""
+    _, ix = indexed_images(6)
+    said = "error: k must be an integer from 1 to 1000, got 5000\n"
+    assert run("query", "cat", "-k", "5000", "--index", ix, code=6).output == said
+    assert run("similar", "1", "-k", "5000", "--index", ix, code=6).output == said
+    assert len(json.loads(run("similar", "1", "-k", "1000", "--index", ix, "--json").stdout)["results"]) == 5

@@ -1155,7 +1155,8 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
 
 @main.command()
 @click.argument("ref", metavar="ID|PATH")
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of results (at most 1000).")
 @click.option("--collapse", is_flag=True, help="Fold near duplicates of a better result into it.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option

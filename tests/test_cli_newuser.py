@@ -201,6 +201,7 @@ def test_finetune_says_a_model_folder_is_missing_before_reading_pairs(tmp_path, 
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.slow
 def test_an_offline_hub_id_is_said_in_sentences(tmp_path, corpus):
     """The reason and the download hint were joined as "...not in the Hugging Face cache Without network access"."""
     proc = alignsearch("classify", corpus / "img001.jpg", "--labels", "a", "--model", "kakaobrain/align-base",
@@ -333,6 +334,7 @@ def test_finetune_refuses_an_out_under_a_file_before_training(tmp_path, tiny_mod
     assert "is a file, not a folder" in out and "epoch" not in out and out.count("\n") == 1
 
 
+@pytest.mark.slow
 @needs_permissions
 def test_finetune_refuses_an_out_it_cannot_write_before_training(tmp_path, tiny_model):
     pairs = _captioned_pairs(tmp_path / "pairs")

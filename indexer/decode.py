@@ -168,6 +168,7 @@ def sidecar_caption(found: Found) -> str | None:
         # opened. The first CAPTION_BYTES only: a longer caption is cut (clean_caption keeps CAPTION_MAX
         # characters anyway), where a sidecar over the limit was refused and its caption lost
         with os.fdopen(safeopen.open_under(*local, follow_last=True), "rb") as f:
-            return f.read(photometa.CAPTION_BYTES).decode("utf-8", "replace")
+            # utf-8-sig: a caption saved by Notepad starts with a byte-order mark, which stayed in the caption shown
+            return f.read(photometa.CAPTION_BYTES).decode("utf-8-sig", "replace")
     except (OSError, BadImageError):
         return None

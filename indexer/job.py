@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 from alignsearch.storage import catalog, layouts, state, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
-from alignsearch.encoders.classify import DEFAULT_TEMPLATES
+from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
 from alignsearch.storage.vectors import VectorStore
@@ -200,6 +200,8 @@ def index_folders(
         ondisk_shards = 0
     out = chosen_index_dir(index_dir)
     index_roots.refuse_index_folder(roots, out)
+    if not roots and not (out / DB_FILE).exists():  # said before the model loads, and no empty index made
+        raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -226,6 +228,26 @@ def index_folders(
         if created:  # the model loads before anything is written: leave no empty index behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+    except BadInputError:
+        # A first run refused before its model was recorded (--precision int8) left an index of nothing, which later
+        # commands took for the user's: `query` answered "no results", exit 0, instead of "no index", 3. One refused
+        # later (a new list without its --list-column) keeps the model it recorded, so the corrected run needs none.
+        if created and _holds_nothing(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _holds_nothing(out: Path) -> bool:
+    """Whether the index at out records neither a model nor a file (False when that cannot be told)."""
+    try:
+        db = catalog.connect(out / DB_FILE, readonly=True)
+        try:
+            with db.connect() as conn:
+                return state.read(conn).model is None and not any(catalog.counts(conn).values())
+        finally:
+            db.dispose()
+    except Exception:  # noqa: BLE001 - an unreadable catalog is kept: never delete what cannot be judged
+        return False
 
 
 def chosen_index_dir(index_dir: str | os.PathLike | None) -> Path:
@@ -419,6 +441,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     known_roots = list(before.roots.roots)
     _run_begins(db)
     with _refusal_undoes_the_mark(db, before.index_run):
+        _refuse_missing_columns(roots, opts)
         all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots, opts.include_hidden)
         if opts.list_column:
             columns.update({r: opts.list_column for r in roots if sources.kind(r) == sources.LIST})
@@ -566,6 +589,21 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     return summary
 
 
+def _refuse_missing_columns(roots: list[str], opts: IndexOptions) -> None:
+    """A --list-column or --caption-column the list given with it does not have: refused before anything is written
+    (BadInputError, exit 6). For a list the index knew, the run said it as a listing error, exit 0, and remembered
+    the column, so every later run failed to list the root until it was given again right."""
+    for root in roots:
+        if sources.kind(root) != sources.LIST:
+            continue
+        asked = [c for c in (opts.list_column, opts.caption_column) if c is not None]
+        names = sources.list_columns(root) if asked else None
+        missing = [c for c in asked if names is not None and c not in names]
+        if missing:
+            raise BadInputError(f"cannot index {root}: the list has no column {missing[0]} (columns: {', '.join(names)}): "
+                                "name the one you mean with --list-column / --caption-column")
+
+
 @contextlib.contextmanager
 def _refusal_undoes_the_mark(db, mark):
     """A run refused while it places and lists its roots (BadInputError: no folder to index, a new root that cannot
@@ -634,6 +672,7 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
         raise BadInputError("the labels file holds no labels: write one label per line (# starts a comment)")
     if not 0 <= threshold <= 1 or top < 1:
         raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
+    check_templates(templates)  # before --clear removes anything: a bad template is refused with nothing changed
     out = Path(index_dir)
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)

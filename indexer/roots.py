@@ -450,6 +450,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)
             out.unchanged += d.unchanged
             todo = {f.relpath for f in d.todo}
+            # captions read again on unchanged photos: a link's (its target may have changed), and one made, edited or
+            # removed since the root's last whole listing (scan.scan_folder's captions_since)
             out.caption_links += [rows[f.relpath] for f in found if f.caption_link and f.relpath in rows
                                   and f.relpath not in todo and rows[f.relpath].status == catalog.INDEXED]
             out.kept += d.kept
@@ -593,7 +595,9 @@ def known_root(root: str, roots: list[str]) -> str:
 def forget_root(index_dir, root: str) -> dict:
     """`alignsearch forget ROOT`: drop the root's rows from the catalog in the transaction that commits the ANN
     index without them (one writer at a time; a run killed before leaves both as they were: a catalog ahead
-    of its ANN index answered fewer than k). Works when the root's folder is gone."""
+    of its ANN index answered fewer than k). Works when the root's folder is gone. ROOT may be the shard pattern
+    `index` was given (`part-{000..099}.tar`): every root it names is forgotten in that one commit, and none when
+    one of them is not a root (the pattern was refused as no root, so 100 shards took 100 commands)."""
     from alignsearch.storage import vectors
     from alignsearch.storage.paths import ANN_FILE, DB_FILE
     from indexer import build, compact
@@ -605,23 +609,24 @@ def forget_root(index_dir, root: str) -> dict:
         try:
             with db.connect() as conn:
                 st = state.read(conn)
-                name = known_root(root, list(st.roots.roots))
+                given = sources.expand(root) if sources.is_pattern(root) else [root]
+                names = list(dict.fromkeys(known_root(r, list(st.roots.roots)) for r in given))
                 store = vectors.load(conn, out, st.model.dim) if st.model else None
-                live = catalog.live_pairs(conn, without_root=name)  # the ANN index once `name` is forgotten
+                live = catalog.live_pairs(conn, without_root=names)  # the ANN index once they are forgotten
             compact.remove_leftovers(db, out)  # a killed compaction's copy (a mistyped root touched nothing)
             done = []
             if store is None:
                 with db.begin() as conn:
-                    done.append(forget(conn, name))
+                    done += [forget(conn, name) for name in names]
                 built = {}
             else:
                 built = build.sync_index(db, store, out / ANN_FILE, live=live,
-                                         on_commit=lambda conn: done.append(forget(conn, name)))
+                                         on_commit=lambda conn: done.extend(forget(conn, name) for name in names))
             compacted = compact.compact(db, out) if store is not None else None  # when due
         finally:
             db.dispose()
-    name, removed = done[0]
-    return {"root": name, "files": removed, "vectors": built.get("vectors"),
+    shown = done[0][0] if len(done) == 1 else f"{root} ({len(done)} roots)"
+    return {"root": shown, "files": sum(n for _, n in done), "vectors": built.get("vectors"),
             "compacted": compacted.to_dict() if compacted else None}
 
 

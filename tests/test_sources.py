@@ -339,4 +339,5 @@ def test_a_refused_run_is_not_taken_for_an_interrupted_one(tmp_path, tiny_model)
     assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "finished"
     fresh = tmp_path / "fresh"
     assert "no folder to index" in run("index", "--index", fresh, "--model", tiny_model, code=6).output
-    assert json.loads(run("info", "--index", fresh, "--json").stdout)["last_run"] != "interrupted"
+    assert not fresh.exists()  # nothing to take for interrupted: a refused first run leaves no index at all
+    run("info", "--index", fresh, code=3)

@@ -13,7 +13,26 @@ MAX_TAG_CHARS = 200  # a tag label (index --tags, the tag filter)
 DEFAULT_TEMPLATES = ("{}",)
 
 
+def check_templates(templates) -> None:
+    """Refuse a prompt template that is not a text with at most one `{}` where the label goes (UsageError,
+    exit 2): str.format ended "{} and {}" in an IndexError, "{label}" in a KeyError and "{" in a ValueError,
+    each an "unexpected" exit 1 after the model had loaded. A template without `{}` gets the label appended."""
+    from string import Formatter
+
+    from alignsearch.errors import UsageError
+
+    for template in templates:
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in Formatter().parse(template) if name is not None]
+        except ValueError:
+            fields = None
+        if fields is None or len(fields) > 1 or any(f != ("", "", None) for f in fields):
+            raise UsageError(f"--template {template!r}: write {{}} once where the label goes, e.g. \"a photo of {{}}\" "
+                             "(no other braces; {{ and }} for literal ones)")
+
+
 def prompts(label: str, templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[str]:
+    check_templates(templates)
     return [t.format(label) if "{}" in t else f"{t} {label}" for t in templates]
 
 

@@ -87,7 +87,8 @@ class EncoderBase:
             data = image if isinstance(image, bytes) else read_local(image)  # never a FIFO or a device whole
             return decode(data, self.spec, max_pixels).crop  # as the indexer decodes (large images reduced)
         except (OSError, BadImageError) as exc:
-            raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {exc}") from None
+            why = getattr(exc, "strerror", None) or exc  # "Permission denied", not "[Errno 13] ... 'x.jpg'"
+            raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {why}") from None
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         return self.encode_crops(np.stack([self.crop(im) for im in images]))

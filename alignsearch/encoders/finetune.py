@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from alignsearch import atomic
 from alignsearch.errors import BadImageError, BadInputError, ModelLoadError, UsageError
 from alignsearch.media.images import ImageSpec, open_rgb
 from alignsearch.media.sources import read_local
-from alignsearch.encoders.model import load_image_spec, resolve_device
+from alignsearch.encoders.model import check_source, load_failure, load_image_spec, resolve_device
 from alignsearch.encoders.pixels import to_pixel_values
 from alignsearch.encoders.pairs import Pair, load_pairs
 
@@ -123,6 +124,10 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
         raise BadInputError("--freeze takes text or vision")
     out = Path(out)
     check_out(out)
+    # as every command loads a model: a folder that is not there said so at once ("Repo id must use alphanumeric
+    # chars" after every pair was read, before), and an offline machine looks in the cache alone
+    where = check_source(str(base))
+    local_only = where != "hub"
     loaded = load_pairs(data, image_column, caption_column)
     for what, why in loaded.skipped:
         log(f"skipped {what}: {why}")
@@ -146,12 +151,12 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     checkpoint = out / CHECKPOINT
     source = str(checkpoint) if resume and (checkpoint / "config.json").exists() else base
     try:
-        model = AlignModel.from_pretrained(source).float().to(device)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        image_processor = AutoImageProcessor.from_pretrained(base)
+        model = AlignModel.from_pretrained(source, local_files_only=local_only or source != base).float().to(device)
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=local_only)
+        image_processor = AutoImageProcessor.from_pretrained(base, local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the ALIGN checkpoint {base!r}: {exc}") from None
-    spec = load_image_spec(base)
+        raise load_failure(base, where, exc) from None
+    spec = load_image_spec(base, local_only)
     max_length = min(64, int(model.config.text_config.max_position_embeddings))
     if source == base and float(model.temperature.detach()) > 0.5:
         model.temperature.data.fill_(INITIAL_TEMPERATURE)
@@ -246,7 +251,9 @@ def _evaluate(model, tokenizer, images: _Images, val: list[Pair], spec: ImageSpe
 
 def check_out(out: Path) -> None:
     """Refuse (exit 2) an --out that holds anything but an earlier finetune output: its files would be replaced
-    (--out set to the training folder would otherwise lose the user's pictures)."""
+    (--out set to the training folder would otherwise lose the user's pictures), and one that cannot be written:
+    the place is checked before training, which found it out at the first save, after a whole epoch."""
+    _writable_place(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -254,6 +261,18 @@ def check_out(out: Path) -> None:
     if any(out.iterdir()) and not is_finetune_output(out):
         raise UsageError(f"--out {out} holds other files and is not an earlier finetune output: give a new or "
                          "empty folder")
+
+
+def _writable_place(out: Path) -> None:
+    """Refuse (exit 2) an --out whose folder cannot be made or written: each save is written beside OUT, so the
+    nearest folder above it that exists must be a folder this user may write (not a file, as in photo.jpg/ft)."""
+    here = out.absolute().parent
+    while not os.path.lexists(here) and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise UsageError(f"--out {out}: {here} is a file, not a folder: give a folder path")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {here} cannot be written by you: give a folder you can write")
 
 
 def is_finetune_output(folder: Path) -> bool:

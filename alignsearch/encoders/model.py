@@ -186,7 +186,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-def _check_source(model: str) -> str:
+def check_source(model: str) -> str:
     """Refuse a checkpoint folder that is not there (not "Repo id must use alphanumeric chars"). Returns where
     to load from: "folder", "offline" (HF_HUB_OFFLINE: the cache), "unreachable" (the hub did not answer one
     quick request: the cache, in seconds rather than after ~30 s of retries) or "hub"."""
@@ -209,6 +209,15 @@ def _check_source(model: str) -> str:
         os.environ["HF_HUB_OFFLINE"] = "1"  # later loads in this process go straight to the cache too
         return "unreachable"
     return "hub"
+
+
+def load_failure(name: str, source: str, exc: Exception) -> ModelLoadError:
+    """What a checkpoint that check_source let through but transformers could not load is, in one line: the hub
+    unreachable or HF_HUB_OFFLINE said as such, else transformers' reason; then how to get the weights."""
+    why = {"unreachable": f"cannot reach {_endpoint()} and it is not in the Hugging Face cache",
+           "offline": "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"}.get(source, str(exc))
+    # the hint starts a sentence of its own: joined into one line, "cache Without network access" ran on
+    return ModelLoadError(f"could not load the ALIGN checkpoint {name!r}: {why.rstrip('. ')}. {_download_hint()}")
 
 
 def _check_readable(folder: Path) -> None:
@@ -246,7 +255,7 @@ class Encoder(EncoderBase):
         # A local directory is remembered by absolute path, so later runs find it from anywhere.
         self.name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
         self.device = resolve_device(device)
-        source = _check_source(str(model))
+        source = check_source(str(model))
         local_only = source != "hub"
         stamp = checkpoint_stamp(self.name)  # before loading: the files these weights came from
         try:
@@ -254,9 +263,7 @@ class Encoder(EncoderBase):
             self.tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=local_only)
             self.spec = load_image_spec(self.name, local_only)
         except (OSError, ValueError) as exc:
-            why = {"unreachable": f"cannot reach {_endpoint()} and it is not in the Hugging Face cache",
-                   "offline": "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"}.get(source, str(exc))
-            raise ModelLoadError(f"could not load the ALIGN checkpoint {self.name!r}: {why}\n{_download_hint()}") from None
+            raise load_failure(self.name, source, exc) from None
         # Kept only if no file changed while loading (then the stamp describes exactly these weights)
         self.checkpoint_stamp = stamp if stamp is not None and checkpoint_stamp(self.name) == stamp else None
         self.dim = int(self.model.config.projection_dim)

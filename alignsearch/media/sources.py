@@ -52,8 +52,23 @@ def kind(root: str) -> str:
     return PREFIX if url else FOLDER
 
 
+def is_pattern(name: str) -> bool:
+    """Whether a root as given holds a shard range (`{000..099}`) that expand() turns into several names."""
+    return _BRACES.search(name) is not None
+
+
+MAX_EXPANDED = 1_000_000  # names one pattern may stand for: more shards than any WebDataset set holds
+
+
 def expand(pattern: str) -> list[str]:
-    """WebDataset's shard notation: `shards-{000..009}.tar` is ten names (zero padding kept)."""
+    """WebDataset's shard notation: `shards-{000..009}.tar` is ten names (zero padding kept). A pattern for more
+    than MAX_EXPANDED names is refused before any is made: `{000..99999999}` (a digit too many) built 100 million
+    names, 9.5 GB and 90 s, before the first missing shard was said."""
+    count = 1
+    for lo, hi in _BRACES.findall(pattern):
+        count *= max(int(hi) - int(lo) + 1, 1)
+    if count > MAX_EXPANDED:
+        raise BadInputError(f"{pattern} stands for {count:,} names; at most {MAX_EXPANDED:,}: check the range")
     m = _BRACES.search(pattern)
     if m is None:
         return [pattern]
@@ -80,6 +95,8 @@ def filesystem(url: str):
 def normalise(root: str) -> list[str]:
     """The catalog names for a root given on the command line: braces expanded, local paths absolute.
     Raises BadInputError when a root cannot be a source at all."""
+    if str(root) == "":  # os.path.abspath("") is the current folder: `index "$UNSET"` indexed it
+        raise BadInputError("an empty root was given: name a folder of images, e.g. `alignsearch index ./photos`")
     out = []
     for name in expand(str(root)):
         if name.lower().endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")):
@@ -291,6 +308,19 @@ def _list_table(path: str):
             return pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise BadInputError(f"cannot read the list {path}: {exc}") from None
+
+
+def list_columns(path: str) -> list[str] | None:
+    """The column names of a list file, from its header (parquet: its footer) alone; None when it cannot be read
+    now (a listing error of the run, not a refusal)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        with open_binary(path) as f:
+            return pq.read_schema(f).names if path.lower().endswith(".parquet") else pacsv.open_csv(f).schema.names
+    except (OSError, ValueError, BadInputError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
 
 
 def _path_column(path: str, table, column: str | None) -> str:

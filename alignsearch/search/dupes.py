@@ -428,7 +428,9 @@ def find_indexed(engine, ref: str):
                 continue
             inside = os.path.relpath(path, root)
             if not inside.startswith(os.pardir):
-                row = catalog.file_at(conn, root, inside)
+                # by its catalog key, as the scan stored it: a name that is not UTF-8 (bytes as \xNN) failed to
+                # encode in SQLite's query (exit 1), one with a backslash (doubled in the key) was never found
+                row = catalog.file_at(conn, root, sources.catalog_key(inside)[0])
                 if row is not None:
                     return row
     return None

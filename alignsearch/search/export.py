@@ -303,7 +303,9 @@ def check_out(out: Path, fmt: str) -> None:
     earlier clip-retrieval export."""
     where = Path(os.path.realpath(out.parent)) / out.name
     for folder in (where, *where.parents):
-        if folder.name == INDEX_DIRNAME or (folder / DB_FILE).exists():
+        # os.path.exists: a folder that cannot be searched (chmod 000) holds no catalog export could reach; Path.exists
+        # raised there, and the command ended in "Permission denied: OUT/catalog.db", a path nobody named
+        if folder.name == INDEX_DIRNAME or os.path.exists(folder / DB_FILE):
             raise UsageError(f"{out} is inside the index folder {folder}: export writes outside it")
     try:
         st = os.lstat(out)

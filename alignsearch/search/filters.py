@@ -174,12 +174,15 @@ def _atom(tokens, pos, depth):
 
 
 def _number(text: str, field: str) -> float:
+    """field: a --where field, or an option (--near) whose value is read here: that one is named alone, as
+    "--where: --near takes a number" sent the user to an option they had not given."""
+    said = field if field.startswith("--") else f"--where: {field}"
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"--where: {field} takes a number, not {text!r}") from None
+        raise UsageError(f"{said} takes a number, not {text!r}") from None
     if not math.isfinite(value):
-        raise UsageError(f"--where: {field} takes a finite number, not {text!r}")
+        raise UsageError(f"{said} takes a finite number, not {text!r}")
     return value
 
 

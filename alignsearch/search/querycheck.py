@@ -30,6 +30,9 @@ MAX_K = 1000
 DEFAULT_K = 10
 MAX_WEIGHT = 100.0  # |weight|
 MAX_NPROBE = 65536
+# How the server says an uploaded image cannot be decoded; the CLI puts the image's path back in its place, so a
+# query says the same with or without a server ("cannot use image PATH: ...", as a local search says it).
+UNREADABLE_IMAGE = "unreadable image: "
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an uploaded (or CLI --image) query image
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard for query images

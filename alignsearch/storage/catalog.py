@@ -442,15 +442,16 @@ def failed_files(conn: Connection) -> list[FileRow]:
     return _rows(conn.execute(select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)))
 
 
-def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_root: str | None = None) -> np.ndarray:
+def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (),
+               without_root: str | Iterable[str] | None = None) -> np.ndarray:
     """(file id, vector row) of every indexed file, in id order, as an (n, 2) int64 array: what the ANN index
     holds. without_ids: less these files and their videos' other moments (files whose deletion commits with the
-    ANN index); without_root: less that root's files (a root being forgotten)."""
+    ANN index); without_root: less that root's files, or those roots' (roots being forgotten)."""
     import numpy as np
 
     query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED, *_leaving_out(without_ids))
     if without_root is not None:
-        query = query.where(files.c.root != without_root)
+        query = query.where(files.c.root.not_in([without_root] if isinstance(without_root, str) else list(without_root)))
     # flattened straight into the array: np.array over a list of Row objects took 25-45 us a row (13 s at 480k)
     flat = itertools.chain.from_iterable(conn.execute(query.order_by(files.c.id)))
     return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)

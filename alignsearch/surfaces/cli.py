@@ -222,6 +222,27 @@ def _shown(text) -> str:
     return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def _json_name(path):
+    """A path the user gave, as JSON output echoes it: bytes that are not UTF-8 as \\xNN, as hits show `path`
+    (docs/json.md). os.fsdecode's lone surrogates (\\udcff) are no Unicode text: strict JSON readers refuse them."""
+    if path is None or isinstance(path, bool):
+        return path
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to: kept as it was given
+        return path
+
+
+def _with_path_b64(entry: dict) -> dict:
+    """A JSON entry naming an indexed file, its `path` as hits give it (docs/json.md): a name that is not UTF-8 with
+    its bytes as \\xNN, and whole in `path_b64`, so a script can open (or delete, for dupes) the very file. It
+    carried os.fsdecode's lone surrogates (\\udcff), which strict JSON readers refuse."""
+    from alignsearch.storage.catalog import shown_path
+
+    path, b64 = shown_path(entry["path"])
+    return {**entry, "path": path, **({"path_b64": b64} if b64 else {})}
+
+
 def _quiet_stdout() -> None:
     """The reader went away: send whatever is still buffered to /dev/null instead of raising again."""
     try:
@@ -446,7 +467,7 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
 
 _REQUEST_OPTIONS = [
     click.argument("text", required=False),
-    click.option("--image", type=click.Path(), callback=_image_file, help="Image to search with (alone or with TEXT)."),
+    click.option("--image", type=click.Path(readable=False), callback=_image_file, help="Image to search with (alone or with TEXT)."),
     click.option("--negative", help="Text whose concept to subtract from the query."),
     # -k and --nprobe are whole numbers here; their range is querycheck's, as for Engine.search and HTTP (click's
     # IntRange made -k 0 exit 2 where -k 1001 and the Python API's k=0 are exit 6)
@@ -503,7 +524,7 @@ def request_options(fn):
                         mode=mode, compose=compose, explain=explain, **narrowing)
         plain = not any(narrowing.values()) and min_score is None and sort == "score" and mode == "auto" \
             and not explain and compose == "auto" and media is None and per_video == DEFAULT_PER_VIDEO
-        asked = {"text": text, "image": image, "negative": negative, "k": k, "text_weight": text_weight,
+        asked = {"text": text, "image": _json_name(image), "negative": negative, "k": k, "text_weight": text_weight,
                  "image_weight": image_weight, "negative_weight": negative_weight, "tag": tag,
                  **{key: value for key, value in narrowing.items() if value is not None},
                  **({} if plain else {"min_score": min_score, "sort": sort, "mode": mode, "compose": compose})}
@@ -592,7 +613,7 @@ def _encoder_for(index_dir, model, device, backend="auto", precision="auto"):
 
 @main.command()
 @click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
-@click.option("--image", "images", multiple=True, type=click.Path(), callback=_image_file, help="Image to embed (repeatable).")
+@click.option("--image", "images", multiple=True, type=click.Path(readable=False), callback=_image_file, help="Image to embed (repeatable).")
 @click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
 @index_option
 @model_option
@@ -608,12 +629,12 @@ def embed(texts, images, as_json, index_dir, model, device, backend, precision):
     if texts:
         out += [{"kind": "text", "input": t, "embedding": v.tolist()} for t, v in zip(texts, encoder.encode_text(list(texts)))]
     for path in images:
-        out.append({"kind": "image", "input": path, "embedding": encoder.encode_images([path])[0].tolist()})
+        out.append({"kind": "image", "input": _json_name(path), "embedding": encoder.encode_images([path])[0].tolist()})
     click.echo(json.dumps(out))
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--labels", "labels", multiple=True, required=True, help='A candidate label (repeat), e.g. --labels "a cat".')
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble), e.g. "a photo of {}".')
 @click.option("--json", "as_json", is_flag=True)
@@ -626,28 +647,31 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
 
     An image that cannot be read is listed with its error and the others are classified: exit 0 when at
     least one image was classified, 6 when none could be."""
-    from alignsearch.encoders.classify import DEFAULT_TEMPLATES
+    from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
     from alignsearch.errors import BadInputError
 
+    check_templates(templates)  # before the model loads
+    if any(not label.strip() for label in labels):  # --labels "$UNSET": a label of nothing got 100% of one image
+        raise BadInputError("a label is empty: give each --labels a text, e.g. --labels \"a cat\"")
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device, backend, precision)
     results = encoder.classify_each(list(images), list(labels), tuple(templates) or DEFAULT_TEMPLATES)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps([{**r, "image": _json_name(r["image"])} for r in results], indent=2))
     else:
-        for r in results:
-            click.echo(r["image"])
+        for r in results:  # names and labels shown as every command shows them: escaped, one line each
+            click.echo(_shown(r["image"]))
             if "error" in r:
-                click.echo(f"  error: {r['error']}")
+                click.echo(f"  error: {_shown(r['error'])}")
             for entry in sorted(r.get("labels", []), key=lambda e: -e["probability"]):
-                click.echo(f"  {entry['probability']:7.2%}  {entry['label']}  (similarity {entry['similarity']:.4f})")
+                click.echo(f"  {entry['probability']:7.2%}  {_shown(entry['label'])}  (similarity {entry['similarity']:.4f})")
     if all("error" in r for r in results):
         raise BadInputError("no image could be classified")
 
 
 @main.command()
 @click.option("--text", required=True)
-@click.option("--image", required=True, type=click.Path(), callback=_image_file)
+@click.option("--image", required=True, type=click.Path(readable=False), callback=_image_file)
 @click.option("--json", "as_json", is_flag=True)
 @index_option
 @model_option
@@ -658,13 +682,13 @@ def similarity(text, image, as_json, index_dir, model, device, backend, precisio
     _quiet_transformers()
     result = _encoder_for(index_dir, model, device, backend, precision).similarity(text, image)
     if as_json:
-        click.echo(json.dumps({"text": text, "image": image, **result}))
+        click.echo(json.dumps({"text": text, "image": _json_name(image), **result}))
     else:
         click.echo(f"similarity {result['similarity']:.4f}  logit {result['logit']:.4f}")
 
 
 @main.command()
-@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False, readable=False),
               help="One label per line (blank lines and lines starting with # are skipped).")
 @click.option("--template", "templates", multiple=True, help='Prompt template (repeat to ensemble).')
 @click.option("--threshold", type=float, default=0.5, show_default=True,
@@ -715,7 +739,9 @@ def _read_labels(path) -> list[str]:
     if len(data) > MAX_LABELS_BYTES:
         raise BadInputError(f"the labels file {path} is larger than {MAX_LABELS_BYTES} bytes")
     try:
-        return data.decode("utf-8").splitlines()
+        # utf-8-sig: a file saved by Notepad starts with a byte-order mark, which made its first label "\ufeffa cat",
+        # a tag apart from "a cat" that `query --tag "a cat"` never found
+        return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise BadInputError(f"the labels file {path} is not UTF-8 (byte {exc.start})") from None
 
@@ -796,7 +822,7 @@ def info(failed, as_json, index_dir):
     engine = open_index(index_dir)
     data = engine.info()
     if failed:
-        data["failed_files"] = [{"id": r.id, "path": r.path, "reason": r.reason} for r in engine.failed()]
+        data["failed_files"] = [_with_path_b64({"id": r.id, "path": r.path, "reason": r.reason}) for r in engine.failed()]
         data["fill_failed_files"] = _fill_failed_files(engine.db)
     data["listing_errors"] = _listing_errors(engine.db)
     data["tags"] = dict(_tag_counts(engine.dir, engine.db))
@@ -861,7 +887,7 @@ def _fill_failed_files(db) -> list[dict]:
     from alignsearch.storage import catalog
 
     with db.connect() as conn:
-        return [{"id": r.id, "path": r.path, "step": step, "reason": reason}
+        return [_with_path_b64({"id": r.id, "path": r.path, "step": step, "reason": reason})
                 for r, step, reason in catalog.fill_failed_files(conn)]
 
 
@@ -901,6 +927,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
 
     if not host.strip():  # an unset variable (--host "$HOST") listened on every interface
         raise click.UsageError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    if any(not name.strip() for name in allow_hosts):  # an unset variable: no name a client could use
+        raise click.UsageError("--allow-host needs a name clients use for this machine, e.g. --allow-host photos.lan")
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()
@@ -1072,7 +1100,8 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
         raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
-        click.echo(json.dumps([g.to_dict() for g in groups], indent=2))
+        click.echo(json.dumps([{**g.to_dict(), "items": [_with_path_b64(i) for i in g.to_dict()["items"]]} for g in groups],
+                              indent=2))
         return
     if not groups:
         click.echo(f"no {tier} duplicates")
@@ -1106,6 +1135,8 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     from alignsearch.search.export import export as run_export
     from indexer.roots import match
 
+    if out == "":  # an unset variable (export "$OUT"): it was taken for the current folder, ". is a folder"
+        raise UsageError("export needs OUT: a file name such as lib.parquet, or a folder for --format clip-retrieval")
     if out == "-":
         raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
                                "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
@@ -1143,7 +1174,7 @@ def similar(ref, k, collapse, as_json, index_dir):
         raise BadInputError(f"{ref} is not an indexed image (give a catalog id or the path of an indexed file)")
     # the image itself is excluded inside the search, so -k counts the results (k + 1 was refused at 1000)
     hits = engine.search_vector(engine.vector_of(row.id), k=k, collapse=collapse, exclude=[row.id])
-    _print_hits({"similar": row.id, "path": row.path, "k": k, "collapse": collapse}, [h.to_dict() for h in hits], as_json)
+    _print_hits({"similar": row.id, "path": _json_name(row.path), "k": k, "collapse": collapse}, [h.to_dict() for h in hits], as_json)
 
 
 if __name__ == "__main__":

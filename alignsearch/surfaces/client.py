@@ -32,6 +32,7 @@ from urllib.request import ProxyHandler, Request, build_opener
 from alignsearch import safeopen
 from alignsearch.errors import BadImageError, BadInputError
 from alignsearch.media import sources
+from alignsearch.search import querycheck
 from alignsearch.search.request import SearchRequest, to_params
 from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_stat
 
@@ -307,7 +308,7 @@ def _query_image(path) -> bytes:
     try:
         return sources.read_local(path)
     except (OSError, BadImageError) as exc:
-        raise BadInputError(f"cannot use image {path}: {exc}") from None
+        raise BadInputError(f"cannot use image {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 30.0,
@@ -354,7 +355,10 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         # A query refused is refused by the rules every surface shares (querycheck): the same error as here;
         # 413 is a limit of the server's own (an upload's pixels), which a local search does not have
         if 400 <= exc.code < 500 and exc.code not in (401, 408, 413, 429):
-            raise BadInputError(_error_text(exc)) from None
+            said = _error_text(exc)
+            if said.startswith(querycheck.UNREADABLE_IMAGE) and isinstance(request.image, (str, os.PathLike)):
+                said = f"cannot use image {request.image}: {said.removeprefix(querycheck.UNREADABLE_IMAGE)}"
+            raise BadInputError(said) from None
         if exc.code == 413:
             why = f"the server at {record['url']} cannot take this query ({_error_text(exc)})"
             notice(f"notice: {why}; searching locally")

@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -612,7 +612,7 @@ def decode_upload(data: bytes, max_pixels: int, spec: ImageSpec):
         # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
         raise ApiError(413, f"the image is too large: this server decodes at most {max_pixels:,} pixels") from None
     except BadImageError as exc:
-        raise ApiError(400, f"unreadable image: {exc}") from None
+        raise ApiError(400, f"{querycheck.UNREADABLE_IMAGE}{exc}") from None
 
 
 def _hit_fields(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -960,7 +960,8 @@ class RunningServer:
     @property
     def open_url(self) -> str:
         """The URL to open in a browser: it trades the token for a cookie."""
-        return f"{self.url}/?token={self.token}" if self.token else f"{self.url}/"
+        # quoted: a --token holding &, # or a space cut the printed URL short, and opening it answered 401
+        return f"{self.url}/?token={quote(self.token, safe='')}" if self.token else f"{self.url}/"
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True

@@ -49,6 +49,7 @@ class Report:
     keywords_damaged: bool = False
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
+    malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -118,6 +119,14 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if r.unknown_step_fill_failures:  # `index` and `info` leave them out; --repair drops them
                 r.problems.append(f"{r.unknown_step_fill_failures} records of files a fill step could not read name "
                                   f"no fill step ({', '.join(catalog.FILL_STEPS)})")
+            malformed = catalog.malformed_values(conn)
+            if malformed:  # numbers no writer stores: nothing to mend them from, and every check below trips on them
+                r.problems += malformed
+                r.catalog_damaged = True
+                return r
+            r.malformed_phashes = len(catalog.malformed_phashes(conn))
+            if r.malformed_phashes:  # dupes and --collapse refuse them; the hash fill takes them again once dropped
+                r.problems.append(f"{r.malformed_phashes} perceptual hashes are not in the form alignsearch writes")
             st = state.read(conn)
             if st.model is None:
                 r.problems.append("no model recorded: the index was never built")
@@ -244,6 +253,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                     done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
                 if unknown:
                     done.append(f"dropped {unknown} records of fill failures of no fill step")
+            if report.malformed_phashes:
+                with db.begin() as conn:
+                    catalog.forget_phashes(conn, catalog.malformed_phashes(conn))
+                done.append(f"dropped {report.malformed_phashes} damaged perceptual hashes: the next `alignsearch "
+                            "index` run takes them again")
             with db.connect() as conn:
                 model = state.read(conn).model
             if model is None:

@@ -401,6 +401,67 @@ def test_verify_checks_every_file_the_index_owns(built):
         assert verify_json(ix, code=0)["ok"] and self_hits(ix, root), name
 
 
+
+def alter_catalog(ix, sql):
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        conn.executescript(sql)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("sql, said", [
+    ("UPDATE files SET vec_row = NULL WHERE id = 5", "vector addresses"),
+    ("UPDATE files SET vec_row = 'x' WHERE id = 5", "vector addresses"),
+    ("UPDATE files SET t = 'abc' WHERE id = 7", "moment start times"),
+    ("UPDATE photos SET taken = 'yesterday' WHERE file_id = 4", "photo dates"),
+])
+def test_numbers_no_writer_stores_are_one_line_of_damage(built, sql, said):
+    """SQLite keeps whatever a record says: NULL or text where the catalog holds a number (a damaged record,
+    another program) made queries, similar, export, dupes and verify itself die on TypeError or ValueError
+    (exit 1), or left the file out of results in silence, while verify said ok or crashed."""
+    root, ix = built
+    alter_catalog(ix, sql)
+    for args in (("query", "red", "-k", "41"), ("query", "--image", root / "img004.jpg", "-k", "41"),
+                 ("similar", "2", "-k", "41"), ("export", ix.parent / "out.parquet"), ("dupes", "--tier", "similar")):
+        out = run(*args, "--index", ix, code=None)
+        if args[0] == "dupes" and "vector" not in said:  # it reads addresses alone
+            assert out.exit_code == 0, out.output
+            continue
+        assert out.exit_code == 7 and said in out.output and out.output.count("\n") == 1, (args, out.output)
+    report = verify_json(ix, code=7)
+    assert any(said in p for p in report["problems"]), report
+    if "vector" in said:  # a writer never builds on such an address (the others it does not read)
+        assert said in run("index", "--index", ix, "--device", "cpu", code=7).output
+
+
+def test_a_damaged_perceptual_hash_is_refused_found_and_taken_again(built):
+    """A hash not in the form the writer stores made dupes and --collapse die on ValueError (exit 1) while verify
+    said ok; now both refuse it in one line, verify finds it, --repair drops it and `index` takes it again."""
+    root, ix = built
+    alter_catalog(ix, "UPDATE phashes SET phash = 'zzzz' WHERE file_id = 3")
+    for args in (("dupes",), ("query", "red", "--collapse", "-k", "41")):
+        out = run(*args, "--index", ix, code=7).output
+        assert "perceptual hashes" in out and "verify --repair" in out, (args, out)
+    assert any("perceptual hashes" in p for p in verify_json(ix, code=7)["problems"])
+    report = verify_json(ix, "--repair", code=0)
+    assert any("perceptual hashes" in line for line in report["repaired"]), report
+    index_json(ix, "--device", "cpu")
+    assert verify_json(ix, code=0)["ok"]
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT count(*) FROM phashes WHERE file_id = 3").fetchone()[0] == 1
+    conn.close()
+    run("dupes", "--index", ix)
+
+
+def test_a_vector_address_past_the_store_is_damage_for_similar_dupes_too(built):
+    """dupes --tier similar read a catalog address past the stored vectors: IndexError, exit 1."""
+    root, ix = built
+    alter_catalog(ix, "UPDATE files SET vec_row = 500 WHERE id = 5")
+    out = run("dupes", "--tier", "similar", "--index", ix, code=7).output
+    assert "past the stored vectors" in out
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

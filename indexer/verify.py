@@ -213,7 +213,10 @@ def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report,
         r.ann_damaged = True
         return None
     if not writing:
-        damaged = current.check()
+        try:
+            damaged = current.check()
+        except IndexDamagedError as exc:  # a manifest that cannot be read names no files to check
+            damaged = [str(exc).split(": run")[0]]
         if damaged:
             r.problems += damaged
             r.ann_damaged = True

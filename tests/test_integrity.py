@@ -462,6 +462,21 @@ def test_a_vector_address_past_the_store_is_damage_for_similar_dupes_too(built):
     assert "past the stored vectors" in out
 
 
+
+@pytest.mark.parametrize("manifest", ["{bad", '{"files": ["../catalog.db"]}', "[]"])
+def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
+    """A shards.json that is not the manifest a writer writes (here beside a single-file index) made every
+    command, verify included, die on JSONDecodeError or KeyError (exit 1); --repair rebuilds the ANN index."""
+    root, ix = built
+    (ix / "shards.json").write_text(manifest)
+    for args in (("query", "red"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "shards.json is damaged" in out and out.count("\n") == 1, (args, out)
+    assert any("shards.json" in p for p in verify_json(ix, code=7)["problems"])
+    verify_json(ix, "--repair", code=0)
+    assert verify_json(ix, code=0)["ok"] and self_hits(ix, root)
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -477,6 +477,24 @@ def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
     assert verify_json(ix, code=0)["ok"] and self_hits(ix, root)
 
 
+
+@pytest.mark.slow
+def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
+    """/api/recent built its rows without the check the searches make: "internal error" (500), nothing said."""
+    from alignsearch.storage.paths import SERVER_FILE
+    from helpers import call, start_serve, stop
+
+    root, ix = built
+    alter_catalog(ix, "UPDATE files SET t = 'abc' WHERE id = 7")
+    proc, url = start_serve(ix)
+    try:
+        token = json.loads((ix / SERVER_FILE).read_text())["token"]
+        status, _, body = call(url, "/api/recent?limit=50", token=token)
+    finally:
+        stop(proc)
+    assert status == 500 and b"moment start times" in body, body
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

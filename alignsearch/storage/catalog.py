@@ -437,9 +437,15 @@ def get_files(conn: Connection, ids: Iterable[int]) -> dict[int, FileRow]:
     for start in range(0, len(ids), 500):  # SQLite caps bound parameters
         chunk = ids[start : start + 500]
         out.update({r.id: r for r in _rows(conn.execute(select(files).where(files.c.id.in_(chunk))))})
-    if not all(map(_sound, out.values())):  # hits: a few rows, each checked before its numbers are shown
+    return check_rows(conn, out)  # hits: a few rows, each checked before its numbers are shown
+
+
+def check_rows(conn: Connection, rows):
+    """The rows (a list or a dict of them), once their numbers are of the types a writer stores; else the one-line
+    error of refuse_malformed."""
+    if not all(map(_sound, rows.values() if isinstance(rows, dict) else rows)):
         refuse_malformed(conn)
-    return out
+    return rows
 
 
 def _sound(row: FileRow) -> bool:
@@ -796,10 +802,7 @@ def forget_stale_phashes(conn: Connection) -> int:
 def indexed_after(conn: Connection, after: int, limit: int) -> list[FileRow]:
     """Indexed files with id > after, in id order (at most limit): a scan in bounded pages."""
     query = select(files).where(files.c.status == INDEXED, files.c.id > after).order_by(files.c.id).limit(limit)
-    rows = _rows(conn.execute(query))
-    if not all(map(_sound, rows)):  # export writes these numbers out: a text one failed deep in pyarrow (exit 1)
-        refuse_malformed(conn)
-    return rows
+    return check_rows(conn, _rows(conn.execute(query)))  # export writes them out: text failed deep in pyarrow
 
 
 def duplicate_hashes(conn: Connection) -> list[list[int]]:

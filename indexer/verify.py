@@ -50,6 +50,7 @@ class Report:
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
     malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
+    misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -180,6 +181,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             r.problems.append(f"{len(missing)} indexed files are missing from the ANN index")
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
+        # compared only with a sound store: rows that fail their checksum or are missing are reported above
+        r.misplaced = [] if found.problems or found.legacy_segments else _misplaced(index, live, store)
+        if r.misplaced:
+            r.problems.append(f"{len(r.misplaced)} indexed files' vector addresses name another vector than the ANN "
+                              "index holds for them (queries would answer with the wrong file)")
     if check_model:
         from alignsearch.encoders.model import load_recorded
 
@@ -188,6 +194,34 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
         except AlignSearchError as exc:
             r.problems.append(f"the index's model cannot be used: {exc}".splitlines()[0])
     return r
+
+
+MISPLACED_COSINE = 0.999  # a flat index's copy of a stored row: cosine >= 0.9999 (fp16 rounding)
+
+
+def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
+    """The files whose stored vector (at the address the catalog gives) is not the one a flat ANN index holds
+    for their id. Every vector batch and the ANN file carry checksums, but the address of each file is a plain
+    catalog number: altered or swapped, a query re-ranked another file's vector under this file's path (an
+    image query returned the wrong file at 1.0000) and verify said ok. IVF-PQ keeps codes, not vectors: not
+    checked."""
+    flat = ann.flat_vectors(index)
+    if flat is None or not len(live):
+        return []
+    ids, held = flat
+    rows = dict(live.tolist())
+    known = np.array([i in rows for i in ids.tolist()], dtype=bool)
+    ids, held = ids[known], held[known]
+    out, step = [], 65536
+    buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        stored = vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
+                                   buffer).astype(np.float32)
+        cos = np.einsum("ij,ij->i", stored, held[start : start + step]) / np.maximum(
+            np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + step], axis=1), 1e-12)
+        out += chunk[cos < MISPLACED_COSINE].tolist()
+    return out
 
 
 def last_run(unfinished: bool, writing: bool) -> str:
@@ -273,7 +307,7 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             store.truncate_uncommitted()
             with db.begin() as conn:
                 found = vectors.check(conn, store)
-                lost = found.damaged_ids.tolist() + found.unchecked_ids.tolist()
+                lost = found.damaged_ids.tolist() + found.unchecked_ids.tolist() + report.misplaced
                 catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
                 for key, start, rows in found.bad:
                     vectors.forget_chunks(conn, key, start, start + 1)

@@ -479,6 +479,28 @@ def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
 
 
 @pytest.mark.slow
+def test_swapped_vector_addresses_are_found_and_repaired(built):
+    """Two files' vector addresses swapped in the catalog (each batch of vectors and the ANN file are checksummed,
+    the address of a file is a plain number): an image query answered another file at 1.0000 and verify said
+    ok. verify now compares a flat ANN index's copy of each vector with the stored row the catalog names, and
+    --repair forgets and encodes those files again."""
+    root, ix = built
+    conn = sqlite3.connect(ix / "catalog.db")
+    (a, ra), (b, rb) = conn.execute("SELECT id, vec_row FROM files WHERE relpath IN ('img004.jpg', 'img020.jpg') "
+                                    "ORDER BY relpath").fetchall()
+    with conn:
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (rb, a))
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (ra, b))
+    conn.close()
+    report = verify_json(ix, code=7)
+    assert any("name another vector" in p for p in report["problems"]), report
+    report = verify_json(ix, "--repair", code=0)
+    assert any("re-encoded 2" in line for line in report["repaired"]), report
+    assert verify_json(ix, code=0)["checked"]["images"] == 41 and self_hits(ix, root)
+
+
+
+@pytest.mark.slow
 def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
     """/api/recent built its rows without the check the searches make: "internal error" (500), nothing said."""
     from alignsearch.storage.paths import SERVER_FILE

@@ -517,6 +517,28 @@ def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
     assert status == 500 and b"moment start times" in body, body
 
 
+
+@pytest.mark.parametrize("sql", [
+    "DROP TABLE keywords",
+    "DELETE FROM keywords_data WHERE id > 10",  # the segments' pages: the structure record names them still
+])
+def test_a_damaged_keyword_index_says_verify_repair_mends_it(built, sql):
+    """A keyword index SQLite cannot read made queries (and, for a dropped table, `index` and `tag`) say "restore
+    it from a backup or index into a new --index DIR", a rebuild that loses the tag labels, while verify --repair
+    writes the keyword index again from the catalog with nothing lost."""
+    root, ix = built
+    alter_catalog(ix, sql)
+    commands = [("query", "img004", "--mode", "keyword")]
+    if sql.startswith("DROP"):  # a run that writes a file's keywords
+        os.utime(root / "img004.jpg", (1, 1))
+        commands += [("index", "--device", "cpu")]
+    for args in commands:
+        out = run(*args, "--index", ix, code=7).output
+        assert "keyword index" in out and "verify --repair" in out and "new --index" not in out, (args, out)
+    verify_json(ix, "--repair", code=0)
+    assert "img004.jpg" in run("query", "img004", "--mode", "keyword", "--index", ix).output
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -51,6 +51,7 @@ class Report:
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
     malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
+    incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -125,6 +126,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.problems += malformed
                 r.catalog_damaged = True
                 return r
+            r.incomplete_videos = catalog.incomplete_videos(conn)
+            if r.incomplete_videos:  # moments are committed whole per video: a gap is a row lost to damage
+                videos = len(set(catalog.video_keys(conn, r.incomplete_videos).values()))
+                r.problems.append(f"{videos} videos lack some of their moments (never read again as they stand)")
             r.malformed_phashes = len(catalog.malformed_phashes(conn))
             if r.malformed_phashes:  # dupes and --collapse refuse them; the hash fill takes them again once dropped
                 r.problems.append(f"{r.malformed_phashes} perceptual hashes are not in the form alignsearch writes")
@@ -307,7 +312,8 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             store.truncate_uncommitted()
             with db.begin() as conn:
                 found = vectors.check(conn, store)
-                lost = found.damaged_ids.tolist() + found.unchecked_ids.tolist() + report.misplaced
+                lost = (found.damaged_ids.tolist() + found.unchecked_ids.tolist() + report.misplaced
+                        + report.incomplete_videos)
                 catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
                 for key, start, rows in found.bad:
                     vectors.forget_chunks(conn, key, start, start + 1)

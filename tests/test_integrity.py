@@ -539,6 +539,33 @@ def test_a_damaged_keyword_index_says_verify_repair_mends_it(built, sql):
     assert "img004.jpg" in run("query", "img004", "--mode", "keyword", "--index", ix).output
 
 
+
+@pytest.mark.slow
+def test_a_video_that_lost_a_moment_row_is_found_and_encoded_again(tmp_path, tiny_model):
+    """A video's moment row lost (here deleted with sqlite3): the video is never read again while its file is
+    unchanged, so that stretch stayed unsearchable for good, and verify --repair rebuilt the ANN index without it
+    and called the index sound. verify now names such videos and --repair encodes them again whole."""
+    from helpers import make_video
+
+    root, ix = tmp_path / "media", tmp_path / "ix"
+    make_images(root, 3)
+    make_video(root / "clip.mp4", [(1, 1.0), (2, 1.0), (3, 1.0)])
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+
+    def moments():
+        conn = sqlite3.connect(ix / "catalog.db")
+        try:
+            return [m for (m,) in conn.execute("SELECT moment FROM files WHERE relpath = 'clip.mp4' ORDER BY moment")]
+        finally:
+            conn.close()
+
+    assert moments() == [0, 1, 2]
+    alter_catalog(ix, "DELETE FROM files WHERE relpath = 'clip.mp4' AND moment = 0")
+    assert any("lack some of their moments" in p for p in verify_json(ix, code=7)["problems"])
+    verify_json(ix, "--repair", code=0)
+    assert moments() == [0, 1, 2] and verify_json(ix, code=0)["ok"]
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

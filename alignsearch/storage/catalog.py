@@ -559,6 +559,18 @@ def delete_files(conn: Connection, ids: Iterable[int]) -> None:
         conn.execute(delete(files).where(files.c.id.in_(ids[start : start + 500])))
 
 
+def incomplete_videos(conn: Connection) -> list[int]:
+    """The ids of every moment of the indexed videos whose moments are not 0, 1, 2... without a gap (a row lost
+    to damage): such a video is never read again, its file being unchanged, so the lost moment stayed
+    unsearchable for good and verify --repair called the index sound. verify reports them; --repair forgets each
+    such video whole and encodes it again."""
+    f = files.c
+    whole = (select(f.root, f.relpath).where(f.status == INDEXED, f.t.is_not(None)).group_by(f.root, f.relpath)
+             .having(or_(func.min(f.moment) != 0, func.max(f.moment) + 1 != func.count())).subquery())
+    query = select(f.id).join(whole, and_(whole.c.root == f.root, whole.c.relpath == f.relpath))
+    return [int(i) for (i,) in conn.execute(query.order_by(f.id))]
+
+
 def with_moments(conn: Connection, ids: Iterable[int]) -> list[int]:
     """ids, plus the ids of the other moments of the videos among them."""
     ids = list(ids)

@@ -369,7 +369,7 @@ def _has_duplicates(index_dir: Path) -> bool:
         return False
     try:
         ids = ann.stored_ids(layouts.open_current(index_dir, unchecked))
-    except RuntimeError:
+    except (RuntimeError, IndexDamagedError):
         return True
     return len(ids) != len(np.unique(ids))
 

@@ -566,6 +566,27 @@ def test_a_video_that_lost_a_moment_row_is_found_and_encoded_again(tmp_path, tin
     assert moments() == [0, 1, 2] and verify_json(ix, code=0)["ok"]
 
 
+
+@pytest.mark.slow
+def test_a_shard_file_cut_short_is_damage_not_an_unexpected_error(tmp_path):
+    """Shard files are not hashed when a query opens them (verify hashes them): one cut short or gone made
+    similar, dupes and info fail with "unexpected RuntimeError" from faiss (exit 1)."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    db, _, report = layout_index(ix, index_shards=3)
+    db.dispose()
+    assert report["layout"].startswith("sharded")
+    shard = sorted(ix.glob("shard-*.faiss"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    for args in (("similar", "5"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "ANN index cannot be read" in out and "verify --repair" in out, (args, out)
+    verify_json(ix, code=7)
+    verify_json(ix, "--repair", code=0)
+    run("similar", "5", "--index", ix)
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

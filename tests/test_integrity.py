@@ -587,6 +587,18 @@ def test_a_shard_file_cut_short_is_damage_not_an_unexpected_error(tmp_path):
     run("similar", "5", "--index", ix)
 
 
+
+@pytest.mark.slow
+def test_a_fifo_in_place_of_the_writer_lock_does_not_hang_verify(built):
+    """verify asks whether a writer holds write.lock by opening it read-only: a FIFO there (another tool, a stray
+    mkfifo) blocked that open for ever, until some process opened it for writing."""
+    root, ix = built
+    (ix / "write.lock").unlink(missing_ok=True)
+    os.mkfifo(ix / "write.lock")
+    proc = as_child("verify", "--index", ix, "--skip-model", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

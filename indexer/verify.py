@@ -49,6 +49,9 @@ class Report:
     keywords_damaged: bool = False
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
+    malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
+    misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
+    incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -118,6 +121,18 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if r.unknown_step_fill_failures:  # `index` and `info` leave them out; --repair drops them
                 r.problems.append(f"{r.unknown_step_fill_failures} records of files a fill step could not read name "
                                   f"no fill step ({', '.join(catalog.FILL_STEPS)})")
+            malformed = catalog.malformed_values(conn)
+            if malformed:  # numbers no writer stores: nothing to mend them from, and every check below trips on them
+                r.problems += malformed
+                r.catalog_damaged = True
+                return r
+            r.incomplete_videos = catalog.incomplete_videos(conn)
+            if r.incomplete_videos:  # moments are committed whole per video: a gap is a row lost to damage
+                videos = len(set(catalog.video_keys(conn, r.incomplete_videos).values()))
+                r.problems.append(f"{videos} videos lack some of their moments (never read again as they stand)")
+            r.malformed_phashes = len(catalog.malformed_phashes(conn))
+            if r.malformed_phashes:  # dupes and --collapse refuse them; the hash fill takes them again once dropped
+                r.problems.append(f"{r.malformed_phashes} perceptual hashes are not in the form alignsearch writes")
             st = state.read(conn)
             if st.model is None:
                 r.problems.append("no model recorded: the index was never built")
@@ -171,6 +186,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             r.problems.append(f"{len(missing)} indexed files are missing from the ANN index")
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
+        # compared only with a sound store: rows that fail their checksum or are missing are reported above
+        r.misplaced = [] if found.problems or found.legacy_segments else _misplaced(index, live, store)
+        if r.misplaced:
+            r.problems.append(f"{len(r.misplaced)} indexed files' vector addresses name another vector than the ANN "
+                              "index holds for them (queries would answer with the wrong file)")
     if check_model:
         from alignsearch.encoders.model import load_recorded
 
@@ -179,6 +199,34 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
         except AlignSearchError as exc:
             r.problems.append(f"the index's model cannot be used: {exc}".splitlines()[0])
     return r
+
+
+MISPLACED_COSINE = 0.999  # a flat index's copy of a stored row: cosine >= 0.9999 (fp16 rounding)
+
+
+def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
+    """The files whose stored vector (at the address the catalog gives) is not the one a flat ANN index holds
+    for their id. Every vector batch and the ANN file carry checksums, but the address of each file is a plain
+    catalog number: altered or swapped, a query re-ranked another file's vector under this file's path (an
+    image query returned the wrong file at 1.0000) and verify said ok. IVF-PQ keeps codes, not vectors: not
+    checked."""
+    flat = ann.flat_vectors(index)
+    if flat is None or not len(live):
+        return []
+    ids, held = flat
+    rows = dict(live.tolist())
+    known = np.array([i in rows for i in ids.tolist()], dtype=bool)
+    ids, held = ids[known], held[known]
+    out, step = [], 65536
+    buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        stored = vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
+                                   buffer).astype(np.float32)
+        cos = np.einsum("ij,ij->i", stored, held[start : start + step]) / np.maximum(
+            np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + step], axis=1), 1e-12)
+        out += chunk[cos < MISPLACED_COSINE].tolist()
+    return out
 
 
 def last_run(unfinished: bool, writing: bool) -> str:
@@ -204,7 +252,10 @@ def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report,
         r.ann_damaged = True
         return None
     if not writing:
-        damaged = current.check()
+        try:
+            damaged = current.check()
+        except IndexDamagedError as exc:  # a manifest that cannot be read names no files to check
+            damaged = [str(exc).split(": run")[0]]
         if damaged:
             r.problems += damaged
             r.ann_damaged = True
@@ -244,6 +295,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                     done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
                 if unknown:
                     done.append(f"dropped {unknown} records of fill failures of no fill step")
+            if report.malformed_phashes:
+                with db.begin() as conn:
+                    catalog.forget_phashes(conn, catalog.malformed_phashes(conn))
+                done.append(f"dropped {report.malformed_phashes} damaged perceptual hashes: the next `alignsearch "
+                            "index` run takes them again")
             with db.connect() as conn:
                 model = state.read(conn).model
             if model is None:
@@ -256,7 +312,8 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             store.truncate_uncommitted()
             with db.begin() as conn:
                 found = vectors.check(conn, store)
-                lost = found.damaged_ids.tolist() + found.unchecked_ids.tolist()
+                lost = (found.damaged_ids.tolist() + found.unchecked_ids.tolist() + report.misplaced
+                        + report.incomplete_videos)
                 catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
                 for key, start, rows in found.bad:
                     vectors.forget_chunks(conn, key, start, start + 1)
@@ -312,7 +369,7 @@ def _has_duplicates(index_dir: Path) -> bool:
         return False
     try:
         ids = ann.stored_ids(layouts.open_current(index_dir, unchecked))
-    except RuntimeError:
+    except (RuntimeError, IndexDamagedError):
         return True
     return len(ids) != len(np.unique(ids))
 

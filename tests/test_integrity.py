@@ -426,6 +426,204 @@ def test_verify_checks_every_file_the_index_owns(built):
         assert verify_json(ix, code=0)["ok"] and self_hits(ix, root), name
 
 
+
+def alter_catalog(ix, sql):
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        conn.executescript(sql)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("sql, said", [
+    ("UPDATE files SET vec_row = NULL WHERE id = 5", "vector addresses"),
+    ("UPDATE files SET vec_row = 'x' WHERE id = 5", "vector addresses"),
+    ("UPDATE files SET t = 'abc' WHERE id = 7", "moment start times"),
+    ("UPDATE photos SET taken = 'yesterday' WHERE file_id = 4", "photo dates"),
+])
+def test_numbers_no_writer_stores_are_one_line_of_damage(built, sql, said):
+    """SQLite keeps whatever a record says: NULL or text where the catalog holds a number (a damaged record,
+    another program) made queries, similar, export, dupes and verify itself die on TypeError or ValueError
+    (exit 1), or left the file out of results in silence, while verify said ok or crashed."""
+    root, ix = built
+    alter_catalog(ix, sql)
+    for args in (("query", "red", "-k", "41"), ("query", "--image", root / "img004.jpg", "-k", "41"),
+                 ("similar", "2", "-k", "41"), ("export", ix.parent / "out.parquet"), ("dupes", "--tier", "similar")):
+        out = run(*args, "--index", ix, code=None)
+        if args[0] == "dupes" and "vector" not in said:  # it reads addresses alone
+            assert out.exit_code == 0, out.output
+            continue
+        assert out.exit_code == 7 and said in out.output and out.output.count("\n") == 1, (args, out.output)
+    report = verify_json(ix, code=7)
+    assert any(said in p for p in report["problems"]), report
+    if "vector" in said:  # a writer never builds on such an address (the others it does not read)
+        assert said in run("index", "--index", ix, "--device", "cpu", code=7).output
+
+
+def test_a_damaged_perceptual_hash_is_refused_found_and_taken_again(built):
+    """A hash not in the form the writer stores made dupes and --collapse die on ValueError (exit 1) while verify
+    said ok; now both refuse it in one line, verify finds it, --repair drops it and `index` takes it again."""
+    root, ix = built
+    alter_catalog(ix, "UPDATE phashes SET phash = 'zzzz' WHERE file_id = 3")
+    for args in (("dupes",), ("query", "red", "--collapse", "-k", "41")):
+        out = run(*args, "--index", ix, code=7).output
+        assert "perceptual hashes" in out and "verify --repair" in out, (args, out)
+    assert any("perceptual hashes" in p for p in verify_json(ix, code=7)["problems"])
+    report = verify_json(ix, "--repair", code=0)
+    assert any("perceptual hashes" in line for line in report["repaired"]), report
+    index_json(ix, "--device", "cpu")
+    assert verify_json(ix, code=0)["ok"]
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT count(*) FROM phashes WHERE file_id = 3").fetchone()[0] == 1
+    conn.close()
+    run("dupes", "--index", ix)
+
+
+def test_a_vector_address_past_the_store_is_damage_for_similar_dupes_too(built):
+    """dupes --tier similar read a catalog address past the stored vectors: IndexError, exit 1."""
+    root, ix = built
+    alter_catalog(ix, "UPDATE files SET vec_row = 500 WHERE id = 5")
+    out = run("dupes", "--tier", "similar", "--index", ix, code=7).output
+    assert "past the stored vectors" in out
+
+
+
+@pytest.mark.parametrize("manifest", ["{bad", '{"files": ["../catalog.db"]}', "[]"])
+def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
+    """A shards.json that is not the manifest a writer writes (here beside a single-file index) made every
+    command, verify included, die on JSONDecodeError or KeyError (exit 1); --repair rebuilds the ANN index."""
+    root, ix = built
+    (ix / "shards.json").write_text(manifest)
+    for args in (("query", "red"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "shards.json is damaged" in out and out.count("\n") == 1, (args, out)
+    assert any("shards.json" in p for p in verify_json(ix, code=7)["problems"])
+    verify_json(ix, "--repair", code=0)
+    assert verify_json(ix, code=0)["ok"] and self_hits(ix, root)
+
+
+
+@pytest.mark.slow
+def test_swapped_vector_addresses_are_found_and_repaired(built):
+    """Two files' vector addresses swapped in the catalog (each batch of vectors and the ANN file are checksummed,
+    the address of a file is a plain number): an image query answered another file at 1.0000 and verify said
+    ok. verify now compares a flat ANN index's copy of each vector with the stored row the catalog names, and
+    --repair forgets and encodes those files again."""
+    root, ix = built
+    conn = sqlite3.connect(ix / "catalog.db")
+    (a, ra), (b, rb) = conn.execute("SELECT id, vec_row FROM files WHERE relpath IN ('img004.jpg', 'img020.jpg') "
+                                    "ORDER BY relpath").fetchall()
+    with conn:
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (rb, a))
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (ra, b))
+    conn.close()
+    report = verify_json(ix, code=7)
+    assert any("name another vector" in p for p in report["problems"]), report
+    report = verify_json(ix, "--repair", code=0)
+    assert any("re-encoded 2" in line for line in report["repaired"]), report
+    assert verify_json(ix, code=0)["checked"]["images"] == 41 and self_hits(ix, root)
+
+
+
+@pytest.mark.slow
+def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
+    """/api/recent built its rows without the check the searches make: "internal error" (500), nothing said."""
+    from alignsearch.storage.paths import SERVER_FILE
+    from helpers import call, start_serve, stop
+
+    root, ix = built
+    alter_catalog(ix, "UPDATE files SET t = 'abc' WHERE id = 7")
+    proc, url = start_serve(ix)
+    try:
+        token = json.loads((ix / SERVER_FILE).read_text())["token"]
+        status, _, body = call(url, "/api/recent?limit=50", token=token)
+    finally:
+        stop(proc)
+    assert status == 500 and b"moment start times" in body, body
+
+
+
+@pytest.mark.parametrize("sql", [
+    "DROP TABLE keywords",
+    "DELETE FROM keywords_data WHERE id > 10",  # the segments' pages: the structure record names them still
+])
+def test_a_damaged_keyword_index_says_verify_repair_mends_it(built, sql):
+    """A keyword index SQLite cannot read made queries (and, for a dropped table, `index` and `tag`) say "restore
+    it from a backup or index into a new --index DIR", a rebuild that loses the tag labels, while verify --repair
+    writes the keyword index again from the catalog with nothing lost."""
+    root, ix = built
+    alter_catalog(ix, sql)
+    commands = [("query", "img004", "--mode", "keyword")]
+    if sql.startswith("DROP"):  # a run that writes a file's keywords
+        os.utime(root / "img004.jpg", (1, 1))
+        commands += [("index", "--device", "cpu")]
+    for args in commands:
+        out = run(*args, "--index", ix, code=7).output
+        assert "keyword index" in out and "verify --repair" in out and "new --index" not in out, (args, out)
+    verify_json(ix, "--repair", code=0)
+    assert "img004.jpg" in run("query", "img004", "--mode", "keyword", "--index", ix).output
+
+
+
+@pytest.mark.slow
+def test_a_video_that_lost_a_moment_row_is_found_and_encoded_again(tmp_path, tiny_model):
+    """A video's moment row lost (here deleted with sqlite3): the video is never read again while its file is
+    unchanged, so that stretch stayed unsearchable for good, and verify --repair rebuilt the ANN index without it
+    and called the index sound. verify now names such videos and --repair encodes them again whole."""
+    from helpers import make_video
+
+    root, ix = tmp_path / "media", tmp_path / "ix"
+    make_images(root, 3)
+    make_video(root / "clip.mp4", [(1, 1.0), (2, 1.0), (3, 1.0)])
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+
+    def moments():
+        conn = sqlite3.connect(ix / "catalog.db")
+        try:
+            return [m for (m,) in conn.execute("SELECT moment FROM files WHERE relpath = 'clip.mp4' ORDER BY moment")]
+        finally:
+            conn.close()
+
+    assert moments() == [0, 1, 2]
+    alter_catalog(ix, "DELETE FROM files WHERE relpath = 'clip.mp4' AND moment = 0")
+    assert any("lack some of their moments" in p for p in verify_json(ix, code=7)["problems"])
+    verify_json(ix, "--repair", code=0)
+    assert moments() == [0, 1, 2] and verify_json(ix, code=0)["ok"]
+
+
+
+@pytest.mark.slow
+def test_a_shard_file_cut_short_is_damage_not_an_unexpected_error(tmp_path):
+    """Shard files are not hashed when a query opens them (verify hashes them): one cut short or gone made
+    similar, dupes and info fail with "unexpected RuntimeError" from faiss (exit 1)."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    db, _, report = layout_index(ix, index_shards=3)
+    db.dispose()
+    assert report["layout"].startswith("sharded")
+    shard = sorted(ix.glob("shard-*.faiss"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    for args in (("similar", "5"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "ANN index cannot be read" in out and "verify --repair" in out, (args, out)
+    verify_json(ix, code=7)
+    verify_json(ix, "--repair", code=0)
+    run("similar", "5", "--index", ix)
+
+
+
+@pytest.mark.slow
+def test_a_fifo_in_place_of_the_writer_lock_does_not_hang_verify(built):
+    """verify asks whether a writer holds write.lock by opening it read-only: a FIFO there (another tool, a stray
+    mkfifo) blocked that open for ever, until some process opened it for writing."""
+    root, ix = built
+    (ix / "write.lock").unlink(missing_ok=True)
+    os.mkfifo(ix / "write.lock")
+    proc = as_child("verify", "--index", ix, "--skip-model", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -38,10 +38,13 @@ class Columns:
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
+            try:
+                data = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+                self.ids = np.array([r[0] for r in rows], dtype=np.int64)
+                self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
+            except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7
+                catalog.refuse_malformed(conn)
         self.photos = photos
-        data = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
-        self.ids = np.array([r[0] for r in rows], dtype=np.int64)
-        self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # read as integers: addresses pass 2**53
         names = ["taken", "lat", "lon"] if photos else ["taken"]
         names += ["width", "height", "size", "mtime"]
         # contiguous copies: a strided column of the row array compares several times slower
@@ -73,10 +76,13 @@ class Columns:
         query = select(catalog.files.c.id, col).where(catalog.files.c.status == catalog.INDEXED, col.is_not(None))
         with self._db.connect() as conn:
             values = dict(conn.execute(query).all())
-        out = np.full(len(self), np.nan)
-        if values:
-            found = np.isin(self.ids, np.fromiter(values, dtype=np.int64, count=len(values)))
-            out[found] = [values[i] for i in self.ids[found].tolist()]
+            out = np.full(len(self), np.nan)
+            if values:
+                found = np.isin(self.ids, np.fromiter(values, dtype=np.int64, count=len(values)))
+                try:
+                    out[found] = [values[i] for i in self.ids[found].tolist()]
+                except (TypeError, ValueError):  # a time stored as text: one line, exit 7
+                    catalog.refuse_malformed(conn)
         return out
 
     def _load_text(self, name: str) -> np.ndarray:

@@ -367,6 +367,8 @@ def _similar_of_one_generation(engine, threshold: float, nprobe: int):
             if state.read(conn, "generation").generation != snap.generation:
                 continue  # the rows are a newer generation's than the snapshot just taken
             store = vectors.holding(conn, snap.store, live[:, 1], engine.dir)  # and rows committed since it
+        if not store.holds(live[:, 1]):  # addresses of this generation past its committed rows (IndexError before)
+            raise IndexDamagedError("catalog rows point past the stored vectors: run `alignsearch verify --repair`")
         try:
             return store, live, similar_pairs(snap.index, store, live, threshold, nprobe=nprobe)
         except IndexDamagedError:

@@ -98,7 +98,10 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
             # read after the rows: rows holding a new generation's addresses (a re-encode's or a compaction's
             # switch) are never read from this snapshot's files
             moved = state.read(conn, "generation").generation != snap.generation
-            addresses = np.array([r.vec_row for r in rows], dtype=np.int64)
+            try:
+                addresses = np.array([r.vec_row for r in rows], dtype=np.int64)
+            except (TypeError, ValueError):  # an indexed row with no vector address: one line, exit 7
+                catalog.refuse_malformed(conn)
             if not moved:  # rows an `index` run committed since the snapshot, in the same generation
                 store = vectors.holding(conn, store, addresses, engine.dir)
         if moved:

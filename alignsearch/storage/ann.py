@@ -244,6 +244,18 @@ def stored_ids(index: faiss.Index) -> np.ndarray:
     return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, dtype=np.int64)
 
 
+def flat_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, their vectors) of a flat index, as it holds them (a view: no copy); None for IVF-PQ and shards,
+    which keep codes, not vectors."""
+    if isinstance(index, faiss.IndexShards) or faiss.try_extract_index_ivf(index) is not None:
+        return None
+    flat = faiss.downcast_index(index.index)
+    if not isinstance(flat, faiss.IndexFlat):
+        return None
+    xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * index.d).reshape(-1, index.d)
+    return faiss.vector_to_array(index.id_map).astype(np.int64), xb
+
+
 def layout(index: faiss.Index) -> str:
     """"ondisk" when the inverted lists are memory-mapped from one merged file, "sharded (N files)" for
     an IndexShards, else "memory"."""

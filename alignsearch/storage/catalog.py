@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    case,
     create_engine,
     delete,
     event,
@@ -47,7 +49,7 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
-from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE, readonly_uri
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
     IndexNotFoundError
 
@@ -435,7 +437,23 @@ def get_files(conn: Connection, ids: Iterable[int]) -> dict[int, FileRow]:
     for start in range(0, len(ids), 500):  # SQLite caps bound parameters
         chunk = ids[start : start + 500]
         out.update({r.id: r for r in _rows(conn.execute(select(files).where(files.c.id.in_(chunk))))})
-    return out
+    return check_rows(conn, out)  # hits: a few rows, each checked before its numbers are shown
+
+
+def check_rows(conn: Connection, rows):
+    """The rows (a list or a dict of them), once their numbers are of the types a writer stores; else the one-line
+    error of refuse_malformed."""
+    if not all(map(_sound, rows.values() if isinstance(rows, dict) else rows)):
+        refuse_malformed(conn)
+    return rows
+
+
+def _sound(row: FileRow) -> bool:
+    """Whether a row's numbers are of the types a writer stores (see malformed_values)."""
+    number, maybe = (int, float), (int, float, type(None))
+    return (isinstance(row.vec_row, int if row.status == INDEXED else (int, type(None))) and isinstance(row.moment, int) and isinstance(row.size, int)
+            and isinstance(row.mtime, number) and isinstance(row.t, maybe) and isinstance(row.t_end, maybe)
+            and isinstance(row.width, (int, type(None))) and isinstance(row.height, (int, type(None))))
 
 
 def failed_files(conn: Connection) -> list[FileRow]:
@@ -454,7 +472,10 @@ def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (),
         query = query.where(files.c.root.not_in([without_root] if isinstance(without_root, str) else list(without_root)))
     # flattened straight into the array: np.array over a list of Row objects took 25-45 us a row (13 s at 480k)
     flat = itertools.chain.from_iterable(conn.execute(query.order_by(files.c.id)))
-    return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)
+    try:
+        return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)
+    except (TypeError, ValueError):  # a vector address that is NULL or text: damage, said in one line
+        refuse_malformed(conn)
 
 
 def _gone(ids: Iterable[int]) -> CompoundSelect:
@@ -537,6 +558,18 @@ def delete_files(conn: Connection, ids: Iterable[int]) -> None:
     forget_extras(conn, ids)
     for start in range(0, len(ids), 500):
         conn.execute(delete(files).where(files.c.id.in_(ids[start : start + 500])))
+
+
+def incomplete_videos(conn: Connection) -> list[int]:
+    """The ids of every moment of the indexed videos whose moments are not 0, 1, 2... without a gap (a row lost
+    to damage): such a video is never read again, its file being unchanged, so the lost moment stayed
+    unsearchable for good and verify --repair called the index sound. verify reports them; --repair forgets each
+    such video whole and encodes it again."""
+    f = files.c
+    whole = (select(f.root, f.relpath).where(f.status == INDEXED, f.t.is_not(None)).group_by(f.root, f.relpath)
+             .having(or_(func.min(f.moment) != 0, func.max(f.moment) + 1 != func.count())).subquery())
+    query = select(f.id).join(whole, and_(whole.c.root == f.root, whole.c.relpath == f.relpath))
+    return [int(i) for (i,) in conn.execute(query.order_by(f.id))]
 
 
 def with_moments(conn: Connection, ids: Iterable[int]) -> list[int]:
@@ -677,18 +710,89 @@ def set_phashes(conn: Connection, rows: Iterable[tuple[int, str]]) -> None:
 
 
 def phashes_of(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, str]:
-    """phash hex by file id, of indexed files (all of them when ids is None); {} when the table is absent."""
+    """phash hex by file id, of indexed files (all of them when ids is None); {} when the table is absent. A hash
+    not in the form a writer stores is refused in one line (dupes and --collapse parsed it: ValueError, exit 1)."""
     if not has_phashes(conn):
         return {}
     query = select(phashes.c.file_id, phashes.c.phash).join(files, files.c.id == phashes.c.file_id).where(
         files.c.status == INDEXED)
     if ids is None:
-        return {i: h for i, h in conn.execute(query)}
-    ids = list(ids)
-    out: dict[int, str] = {}
-    for start in range(0, len(ids), 500):
-        out.update({i: h for i, h in conn.execute(query.where(phashes.c.file_id.in_(ids[start : start + 500])))})
+        out = {i: h for i, h in conn.execute(query)}
+    else:
+        ids = list(ids)
+        out = {}
+        for start in range(0, len(ids), 500):
+            out.update({i: h for i, h in conn.execute(query.where(phashes.c.file_id.in_(ids[start : start + 500])))})
+    if any(not _phash_form(h) for h in out.values()):
+        raise IndexDamagedError(f"{DB_FILE} is damaged: perceptual hashes that alignsearch never writes: run "
+                                "`alignsearch verify --repair` (the next `index` run takes them again)")
     return out
+
+
+# A stored hash: 16 hex digits, then (from the colour grid on) "-" and whole bytes of hex (media/phash.py)
+PHASH_FORM = re.compile(r"[0-9a-f]{16}(?:-(?:[0-9a-f]{2})+)?")
+
+
+def _phash_form(value) -> bool:
+    return isinstance(value, str) and PHASH_FORM.fullmatch(value) is not None
+
+
+def malformed_phashes(conn: Connection) -> list[int]:
+    """The file ids whose stored perceptual hash is not in the form a writer stores (verify; --repair drops them
+    and the next `index` run's hash fill takes them again)."""
+    if not has_phashes(conn):
+        return []
+    return [i for i, h in conn.execute(select(phashes.c.file_id, phashes.c.phash)) if not _phash_form(h)]
+
+
+def forget_phashes(conn: Connection, ids: Iterable[int]) -> None:
+    ids = list(ids)
+    for start in range(0, len(ids), 500):
+        conn.execute(delete(phashes).where(phashes.c.file_id.in_(ids[start : start + 500])))
+
+
+# The SQLite types a writer stores in the columns readers compute with. SQLite keeps whatever a record says, so a
+# damaged record header or another program can leave text or NULL where a number was: queries, dupes, export and
+# verify then died on TypeError or ValueError (exit 1) and verify said nothing. verify counts such values
+# (malformed_values) and readers refuse them in one line (refuse_malformed).
+_NUMBER, _OR_NULL = ("integer", "real"), ("integer", "real", "null")
+
+
+def _typed_columns(conn: Connection) -> list[tuple[str, Any, tuple[str, ...], tuple]]:
+    """(what, column, the typeof() values a writer stores, the rows it applies to)."""
+    f = files.c
+    out = [("vector addresses of indexed files", f.vec_row, ("integer",), (f.status == INDEXED,)),
+           ("file sizes", f.size, ("integer",), ()), ("modification times", f.mtime, _NUMBER, ()),
+           ("widths", f.width, ("integer", "null"), ()), ("heights", f.height, ("integer", "null"), ()),
+           ("video moment numbers", f.moment, ("integer",), ()), ("video moment start times", f.t, _OR_NULL, ()),
+           ("video moment end times", f.t_end, _OR_NULL, ())]
+    if has_photos(conn):
+        p = photos.c
+        out += [("photo dates", p.taken, _OR_NULL, ()), ("latitudes", p.lat, _OR_NULL, ()),
+                ("longitudes", p.lon, _OR_NULL, ())]
+    return out
+
+
+def malformed_values(conn: Connection) -> list[str]:
+    """What of the catalog's numbers is of a type no writer stores, one line per column; [] when none. One scan
+    per table (the columns are counted together)."""
+    by_table: dict[Any, list] = {}
+    for what, column, allowed, where in _typed_columns(conn):
+        bad = and_(func.typeof(column).not_in(allowed), *where)
+        by_table.setdefault(column.table, []).append((what, func.sum(case((bad, 1), else_=0))))
+    found = []
+    for table, counts in by_table.items():
+        row = conn.execute(select(*[c for _, c in counts]).select_from(table)).one()
+        found += [f"{DB_FILE} is damaged: {n} {what} are not numbers as alignsearch writes them"
+                  for (what, _), n in zip(counts, row) if n]
+    return found
+
+
+def refuse_malformed(conn: Connection) -> None:
+    """Raise the one-line error for values no writer stores (called where reading them failed)."""
+    found = malformed_values(conn)
+    raise IndexDamagedError((found[0] if found else f"{DB_FILE} is damaged: a value that alignsearch never writes")
+                            + ": restore the index from a backup, or index the folders into a new --index DIR")
 
 
 def files_without_phash(conn: Connection, after: int = 0, limit: int = 256, *,
@@ -711,7 +815,7 @@ def forget_stale_phashes(conn: Connection) -> int:
 def indexed_after(conn: Connection, after: int, limit: int) -> list[FileRow]:
     """Indexed files with id > after, in id order (at most limit): a scan in bounded pages."""
     query = select(files).where(files.c.status == INDEXED, files.c.id > after).order_by(files.c.id).limit(limit)
-    return _rows(conn.execute(query))
+    return check_rows(conn, _rows(conn.execute(query)))  # export writes them out: text failed deep in pyarrow
 
 
 def duplicate_hashes(conn: Connection) -> list[list[int]]:
@@ -990,6 +1094,8 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     for start in range(0, len(ids), 500):
         query = select(*columns).where(photos.c.file_id.in_(ids[start : start + 500]))
         out.update({row.file_id: dict(row._mapping) for row in conn.execute(query)})
+    if not all(isinstance(p[k], (int, float, type(None))) for p in out.values() for k in ("taken", "lat", "lon")):
+        refuse_malformed(conn)  # shown as dates and places: text there raised deep in a query or export (exit 1)
     return out
 
 
@@ -1011,9 +1117,12 @@ def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
     ids, out = [int(i) for i in ids], {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        sql = (f"SELECT id, vec_row FROM files WHERE status = '{INDEXED}' AND vec_row IS NOT NULL "
-               f"AND id IN ({','.join('?' * len(chunk))})")
+        sql = f"SELECT id, vec_row FROM files WHERE status = '{INDEXED}' AND id IN ({','.join('?' * len(chunk))})"
         out.update(dict(conn.exec_driver_sql(sql, tuple(chunk)).all()))
+    # an indexed file always has one: NULL or text there is damage (NULL was left out and the file silently
+    # missing from results; text raised ValueError, exit 1)
+    if not all(type(v) is int for v in out.values()):
+        refuse_malformed(conn)
     return out
 
 

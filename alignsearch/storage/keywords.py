@@ -23,8 +23,13 @@ User text never reaches FTS5 as syntax: every word is quoted.
 from __future__ import annotations
 
 import re
+import sqlite3
 import unicodedata
 from dataclasses import dataclass, field
+
+from sqlalchemy.exc import DBAPIError
+
+from alignsearch.errors import IndexDamagedError
 
 
 def words(text: str | None) -> list[str]:
@@ -159,7 +164,7 @@ def search(conn, query: Query, limit: int, among=None, evidence_only: bool = Fal
     decided in the SQL before the limit: filtered after it, a hundred matches by file name alone left none. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
     are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
     all the query's words, those found only inside longer tokens after them."""
-    from alignsearch.storage import migrate
+    from alignsearch.storage import catalog, migrate
     from alignsearch.storage.catalog import KEYWORDS, KEYWORDS_TRIGRAM
 
     if not query:
@@ -195,7 +200,21 @@ def search(conn, query: Query, limit: int, among=None, evidence_only: bool = Fal
     sql = (f"SELECT h.id, r.score FROM ({hits}) h JOIN files f ON f.id = h.id AND f.status = 'indexed' "
            f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
            f"ON r.rowid = h.id{restrict} ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
-    return [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]
+    try:
+        rows = conn.exec_driver_sql(sql, tuple(params)).all()
+    except DBAPIError as exc:
+        if catalog.not_damage(exc) is not None or not isinstance(exc.orig, sqlite3.DatabaseError):
+            raise
+        raise damaged(exc.orig) from exc  # FTS5 pages SQLite calls malformed: mended by verify --repair
+    return [(int(i), float(s) if s is not None else 0.0) for i, s in rows]
+
+
+def damaged(cause) -> IndexDamagedError:
+    """The error for keyword tables that cannot be read. They are derived from the catalog's captions, text,
+    paths and tags, so `verify --repair` writes them again: the advice was "restore it from a backup or index
+    into a new --index DIR", which loses the tag labels and the index's settings for nothing."""
+    return IndexDamagedError(f"the catalog's keyword index cannot be read ({cause}): run `alignsearch verify "
+                             "--repair` (it writes it again from the captions, text, paths and tags)")
 
 
 EVIDENCE_FUNCTION = "alignsearch_evidence"

@@ -134,7 +134,9 @@ def writer_running(index_dir: Path) -> bool:
     path = Path(index_dir) / LOCK_FILE
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: a read-only index is checked too
+    # flock needs no write access: a read-only index is checked too. O_NONBLOCK: a FIFO put there blocked the
+    # open for ever (verify, info and verify --repair hung) until some process opened it for writing
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False

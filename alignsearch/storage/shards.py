@@ -17,6 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from alignsearch.errors import IndexDamagedError
 from alignsearch.storage.ann import next_path, publish_next
 from alignsearch.storage.paths import ANN_FILE
 
@@ -32,7 +33,13 @@ def files(folder: Path) -> list[Path] | None:
     manifest = Path(folder) / MANIFEST
     if not manifest.exists():
         return None
-    return [Path(folder) / name for name in json.loads(manifest.read_text())["files"]]
+    try:
+        names = json.loads(manifest.read_bytes())["files"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and Path(n).name == n for n in names):
+            raise TypeError("not a list of file names")
+    except (ValueError, KeyError, TypeError) as exc:  # every command died on JSONDecodeError (exit 1), verify too
+        raise IndexDamagedError(f"{MANIFEST} is damaged ({type(exc).__name__}): run `alignsearch verify --repair`")
+    return [Path(folder) / name for name in names]
 
 
 def new_name(folder: Path, shard: int) -> Path:

@@ -30,8 +30,12 @@ def _damaged_catalog(exc: BaseException) -> str | None:
     """A catalog.db that SQLite cannot read (not a database, malformed), in words; else None."""
     from sqlalchemy.exc import DatabaseError
 
+    from alignsearch.storage import keywords
+
     if isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
         cause = getattr(exc, "orig", None) or exc
+        if "no such table: keywords" in str(cause):  # derived tables (keywords_trigram too): --repair writes them
+            return str(keywords.damaged(cause))
         return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
                 "restore it from a backup or index into a new --index DIR")
     return None

@@ -468,7 +468,8 @@ class Library:
             total = conn.execute(select(func.count()).select_from(files).where(files.c.status == catalog.INDEXED)).scalar()
             query = (select(files).where(files.c.status == catalog.INDEXED).order_by(files.c.id.desc())
                      .offset(offset).limit(limit))
-            rows = [catalog.FileRow(**r._mapping) for r in conn.execute(query)]
+            # checked: a time stored as text answered "internal error" (500) without saying the index is damaged
+            rows = catalog.check_rows(conn, [catalog.FileRow(**r._mapping) for r in conn.execute(query)])
             ids = [r.id for r in rows]
             photos, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
         return {"total": int(total or 0), "offset": offset,

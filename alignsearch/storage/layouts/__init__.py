@@ -128,6 +128,10 @@ def open_current(folder: Path, record: AnnState, *, reread: Callable[[], AnnStat
                           time.monotonic() - start)
                 if not there or isinstance(exc, FileNotFoundError):
                     raise missing(folder) from exc
+                if isinstance(exc, RuntimeError):  # faiss could not read the published files (a shard file cut
+                    # short or gone: shards are not hashed on open): "unexpected RuntimeError", exit 1, before
+                    raise IndexDamagedError(f"the ANN index cannot be read ({str(exc).splitlines()[0][-160:]}): "
+                                            "run `alignsearch verify --repair`") from exc
                 raise
             log.debug("opening the ANN index in %s again after %r", folder, exc)
         time.sleep(wait)

@@ -500,14 +500,26 @@ def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanne
         if r in roots:
             mine = {k: v for k, v in options.get(r, {}).items() if k != MOUNTS}
             options[r] = {**mine, MOUNTS: mounts} if mounts else mine
-    for r, started in scanned.listed.items():
-        if r in roots:
-            options[r] = {**options.get(r, {}), LISTED: started}
     options = {r: o for r, o in options.items() if o}
     with db.begin() as conn:
         errors = {r: e for r, e in scanned.errors_by_root.items() if e}
         state.write(conn, roots=state.RootsState(roots=tuple(roots), list_columns=columns, listing_errors=errors,
                                                  options=options))
+
+
+def remember_listed(db, scanned: Scanned) -> None:
+    """Record when each root this run listed whole started its listing (LISTED), once the captions it found
+    changed are read again (photos.recaption): recorded with the roots, before the encoding, a run killed meanwhile
+    left the next one taking those captions for read, and their old text stayed for good."""
+    if not scanned.listed:
+        return
+    with db.begin() as conn:
+        recorded = state.read(conn, "roots").roots
+        options = dict(recorded.options)
+        for r, started in scanned.listed.items():
+            if r in recorded.roots:
+                options[r] = {**options.get(r, {}), LISTED: started}
+        state.write(conn, roots=replace(recorded, options=options))
 
 
 def report(db) -> list[dict]:

@@ -352,3 +352,28 @@ def test_a_sidecar_caption_made_edited_or_removed_beside_an_unchanged_photo_is_r
                              watch.path_kind, sidecar=look.sidecar) == {r: ["a"]}
     finally:
         look.close()
+
+
+def test_a_run_killed_before_it_reads_the_captions_again_leaves_them_to_the_next(tmp_path, tiny_model, monkeypatch):
+    """A caption edited beside an unchanged photo is read again by the next run (root option listed: when its last
+    whole listing started). That time was committed with the roots, before the run encoded anything; a run killed
+    during its encoding (Ctrl-C, the OOM killer: hours into a big import) had not read the caption again, and the
+    next run took it for read (older than the killed run's listing) and kept the old caption for good."""
+    from indexer import photos, scan
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 91)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # the killed run starts well after the edit, as in life
+    time.sleep(0.05)
+
+    def killed(db, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(photos, "recaption", killed)
+    with pytest.raises(KeyboardInterrupt):
+        index_folders([], **job)
+    monkeypatch.undo()
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"

@@ -161,10 +161,14 @@ def place(db, given: list[str], known: list[str],
                 merged = next(({n: v for n, v in options[k].items() if n not in INTERNAL} for k in inner
                                if k in options), None)  # the device is the new root's own, recorded when it lists
                 mounts = _taken_over_mounts(root, {k: options[k] for k in inner if k in options})
+                # the captions edited since the earliest of their whole listings are read again by the new
+                # root's listing (their rows move unchanged); an inner root never listed whole gives none to go by
+                since = [options.get(k, {}).get(LISTED) for k in inner]
+                listed = {LISTED: min(since)} if None not in since else {}
                 for k in inner:
                     options.pop(k, None)
-                if merged or mounts:
-                    options[root] = {**(merged or {}), **({MOUNTS: mounts} if mounts else {})}
+                if merged or mounts or listed:
+                    options[root] = {**(merged or {}), **({MOUNTS: mounts} if mounts else {}), **listed}
                 errors = {k: v for k, v in recorded.listing_errors.items() if k not in inner}
                 state.write(conn, roots=replace(recorded, roots=tuple(roots), options=options, listing_errors=errors))
             notes += [f"{k} is inside {root}: its files now belong to {root}" for k in inner]

@@ -377,3 +377,23 @@ def test_a_run_killed_before_it_reads_the_captions_again_leaves_them_to_the_next
     monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
     assert _caption(job, photo) == "a blue whale"
+
+
+def test_a_caption_edited_in_a_root_another_takes_over_is_read_again(tmp_path, tiny_model, monkeypatch):
+    """index photos/a, then index photos: photos takes photos/a over (its rows move, unchanged). The time photos/a
+    was last listed whole (root option listed) was dropped with its other recorded options, so the first listing of
+    photos read no caption again, then recorded its own start: a caption edited in photos/a between its last run
+    and the takeover kept its old text for good. The new root starts from the earliest time of the roots it takes
+    over."""
+    from indexer import scan
+
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # the takeover runs well after the edit, as in life
+    root = tmp_path / "photos"
+    photo = make_images(root / "a", 2, seed=92)[0]
+    make_images(root / "b", 1, seed=93)
+    job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root / "a"], **job).added == 2
+    photo.with_suffix(".txt").write_text("a blue whale")
+    time.sleep(0.05)
+    done = index_folders([root], **job)
+    assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done

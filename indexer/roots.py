@@ -46,7 +46,11 @@ MOUNTS = "mounts"
 # the root option that records when the last listing of a whole folder root started (time.time()): captions made or
 # edited since are read again by the next listings (scan.scan_folder's captions_since)
 LISTED = "listed"
-INTERNAL = (DEVICE, MOUNTS, LISTED)  # options a run records for itself: never shown, never given
+# the root option that records {folder (relative): time} of the folders the last whole listing could not list (an
+# unreadable lost+found, an unplugged drive): their captions count as read only up to that time (LISTED before it),
+# so the listing that set LISTED need not have listed every folder
+UNREAD = "unread"
+INTERNAL = (DEVICE, MOUNTS, LISTED, UNREAD)  # options a run records for itself: never shown, never given
 
 
 def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
@@ -164,6 +168,7 @@ def place(db, given: list[str], known: list[str],
                 # the captions edited since the earliest of their whole listings are read again by the new
                 # root's listing (their rows move unchanged); an inner root never listed whole gives none to go by
                 since = [options.get(k, {}).get(LISTED) for k in inner]
+                since += [t for k in inner for t in options.get(k, {}).get(UNREAD, {}).values()]
                 listed = {LISTED: min(since)} if None not in since else {}
                 for k in inner:
                     options.pop(k, None)
@@ -271,7 +276,8 @@ class Scanned:
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
     devices: dict = field(default_factory=dict)  # {folder root: st_dev} of those listed with entries in them
     mounts: dict = field(default_factory=dict)  # {folder root: its MOUNTS after this listing}, of those listed
-    listed: dict = field(default_factory=dict)  # {folder root: when this run's listing of it whole started}
+    # {folder root: (when this run's listing of it whole started, its UNREAD: the folders it could not list)}
+    listed: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
@@ -427,7 +433,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                         raise FileNotFoundError(f"{root} is missing")
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
                         "caption_column"), skip, folders, linked, to_folders, mounts=mounts,
-                        captions_since=options.get(root, {}).get(LISTED) if local else None))
+                        captions_since=options.get(root, {}).get(LISTED) if local else None,
+                        captions_unread=options.get(root, {}).get(UNREAD)))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                     if root not in known:  # a new root is only remembered once it could be listed
@@ -441,8 +448,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     out.devices[root] = device  # listed with entries in it: the device its files are on
                 if mounts is not None and not any(e.folder == "" for e in errors):
                     out.mounts[root] = _kept_mounts(recorded_mounts, mounts, [e.folder for e in errors], folders)
-                    if folders is None and not errors:  # whole: what it did not see changed before it started
-                        out.listed[root] = started
+                    if folders is None:  # whole: what it saw changed before it started, but for what it could not list
+                        out.listed[root] = (started, _unread(options.get(root, {}), [e.folder for e in errors]))
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
@@ -467,6 +474,17 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if not found and not errors and folders is None:
                 out.no_images.append(root)
     return out
+
+
+def _unread(recorded: dict, unlisted: list[str]) -> dict[str, float]:
+    """A root's UNREAD after a whole listing that could not list `unlisted` (relative folders): each keeps the time
+    its captions were read up to (LISTED, an earlier UNREAD at, above or under it; 0 when none: read them all once
+    it can be listed). Had LISTED stayed as it was until a listing listed every folder, a root holding one folder
+    it can never list (a drive's lost+found) never read an edited caption again."""
+    before = recorded.get(UNREAD, {})
+    return {u: min([recorded.get(LISTED) or 0] + [t for f, t in before.items()
+                                                  if scan.at_or_under(u, f) or scan.at_or_under(f, u)])
+            for u in unlisted}
 
 
 def _paths_under(root: str, rows: dict, folder: str) -> Iterable[str]:
@@ -520,9 +538,10 @@ def remember_listed(db, scanned: Scanned) -> None:
     with db.begin() as conn:
         recorded = state.read(conn, "roots").roots
         options = dict(recorded.options)
-        for r, started in scanned.listed.items():
+        for r, (started, unread) in scanned.listed.items():
             if r in recorded.roots:
-                options[r] = {**options.get(r, {}), LISTED: started}
+                mine = {k: v for k, v in options.get(r, {}).items() if k != UNREAD}
+                options[r] = {**mine, LISTED: started, **({UNREAD: unread} if unread else {})}
         state.write(conn, roots=replace(recorded, options=options))
 
 

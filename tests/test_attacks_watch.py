@@ -397,3 +397,43 @@ def test_a_caption_edited_in_a_root_another_takes_over_is_read_again(tmp_path, t
     time.sleep(0.05)
     done = index_folders([root], **job)
     assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done
+
+
+def test_captions_are_read_again_in_a_root_with_a_folder_it_cannot_list(tmp_path, tiny_model, monkeypatch):
+    """A root holding a folder no run can list (a drive's lost+found, mode 700, for a user indexing it): the time of
+    the last whole listing (root option listed) was only recorded by a listing that listed every folder, so it was
+    never recorded and no edited caption was read again, ever. A whole listing records it with the folders it could
+    not list (option unread), whose captions count as read only up to the time they had: an edit made there while
+    it could not be listed is read once it can."""
+    from indexer import scan
+
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # each run starts well after the edit before it, as in life
+    root = tmp_path / "photos"
+    photo = make_images(root / "a", 2, seed=94)[0]
+    locked = make_images(root / "locked", 1, seed=95)[0]
+    refused: set[str] = {str(root / "locked")}
+    scandir = os.scandir
+
+    def listing(path="."):
+        if str(path) in refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == 2
+    photo.with_suffix(".txt").write_text("a blue whale")
+    time.sleep(0.05)
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+    refused.clear()
+    assert index_folders([], **job).added == 1  # locked/ listed at last
+    refused.add(str(root / "locked"))
+    locked.with_suffix(".txt").write_text("a green kite")  # edited while the run cannot list its folder
+    time.sleep(0.05)
+    done = index_folders([], **job)
+    assert (done.times["extra"]["captions_read_again"], len(done.listing_errors)) == (0, 1), done
+    time.sleep(0.05)
+    refused.clear()
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, locked) == "a green kite"

@@ -437,3 +437,39 @@ def test_captions_are_read_again_in_a_root_with_a_folder_it_cannot_list(tmp_path
     refused.clear()
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
     assert _caption(job, locked) == "a green kite"
+
+
+def test_the_captions_of_a_changed_folder_are_compared_in_few_queries(tmp_path, tiny_model, monkeypatch):
+    """A caption made in a folder flags every photo of it (a caption removed shows only as a change of its folder),
+    and each flagged photo's stored caption was asked in a query of its own: 0.3 ms a photo, minutes a run for a
+    library whose folders changed, and every watch run of a large folder paid it again. They are asked in batches."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from indexer import photos
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (20, 96)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    statements, reading = [], [False]
+    recaption = photos.recaption
+
+    def counted(db, rows):
+        reading[0] = True
+        try:
+            return recaption(db, rows)
+        finally:
+            reading[0] = False
+
+    def seen(conn, cursor, statement, *args):
+        if reading[0] and statement.lstrip().upper().startswith("SELECT") and "JOIN photos" in statement:
+            statements.append(statement)
+
+    monkeypatch.setattr(photos, "recaption", counted)
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert _caption(job, photo) == "a blue whale"
+    assert len(statements) <= 2, statements

@@ -367,7 +367,7 @@ def test_a_run_killed_before_it_reads_the_captions_again_leaves_them_to_the_next
     monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # the killed run starts well after the edit, as in life
     time.sleep(0.05)
 
-    def killed(db, rows):
+    def killed(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(photos, "recaption", killed)
@@ -454,10 +454,10 @@ def test_the_captions_of_a_changed_folder_are_compared_in_few_queries(tmp_path, 
     statements, reading = [], [False]
     recaption = photos.recaption
 
-    def counted(db, rows):
+    def counted(*args):
         reading[0] = True
         try:
-            return recaption(db, rows)
+            return recaption(*args)
         finally:
             reading[0] = False
 
@@ -473,3 +473,37 @@ def test_the_captions_of_a_changed_folder_are_compared_in_few_queries(tmp_path, 
         event.remove(Engine, "before_cursor_execute", seen)
     assert _caption(job, photo) == "a blue whale"
     assert len(statements) <= 2, statements
+
+
+def test_a_caption_that_cannot_be_read_now_is_kept_not_cleared(tmp_path, tiny_model, monkeypatch):
+    """A photo added to a folder changes the folder, so every photo in it has its caption read again (one removed
+    shows only so). A sidecar that could not be read at that moment (an NFS hiccup, EIO, too many open files) was
+    taken for no caption: the stored one was cleared, keyword search lost its words, and nothing read it again until
+    the .txt itself changed. A caption that is there but unreadable now is kept as stored."""
+    from alignsearch import safeopen
+    from indexer import scan
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 97)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+    opened = safeopen.open_under
+
+    def flaky(folder, name, *args, **kwargs):
+        if os.fsdecode(name).endswith(".txt"):
+            raise OSError(5, "Input/output error", os.fsdecode(name))
+        return opened(folder, name, *args, **kwargs)
+
+    monkeypatch.setattr(safeopen, "open_under", flaky)
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # each run starts well after the edit before it, as in life
+    new = make_images(tmp_path / "staging", 1, seed=98)[0]
+    shutil.copy(new, root / "a" / f"new{new.suffix}")
+    photo.with_suffix(".txt").write_text("a grey whale")
+    time.sleep(0.05)
+    done = index_folders([], **job)
+    assert done.added == 1, done
+    assert _caption(job, photo) == "a blue whale"
+    monkeypatch.setattr(safeopen, "open_under", opened)  # readable again: the edit is read, though made before
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a grey whale"

@@ -507,3 +507,23 @@ def test_a_caption_that_cannot_be_read_now_is_kept_not_cleared(tmp_path, tiny_mo
     monkeypatch.setattr(safeopen, "open_under", opened)  # readable again: the edit is read, though made before
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
     assert _caption(job, photo) == "a grey whale"
+
+
+def test_a_clock_set_back_after_a_run_does_not_hide_the_edits_made_since(tmp_path, tiny_model, monkeypatch):
+    """A run made while the clock was ahead (a board without a battery clock before NTP set it, a wrong time
+    zone set right) recorded that time as the root's last whole listing (option listed); once the clock was set
+    back, every caption edited until the clock caught up was older than it and never read again. A recorded time
+    ahead of the clock is no time to go by: that run reads every caption again, once."""
+    import types
+
+    from indexer import roots
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 99)})
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 86400)  # this run's clock a day ahead
+    monkeypatch.setattr(roots, "time", ahead)
+    assert index_folders([], **job).updated == 0
+    monkeypatch.undo()  # set right
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"

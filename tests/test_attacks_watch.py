@@ -13,6 +13,7 @@ import pytest
 
 from alignsearch.storage.paths import DB_FILE
 from conftest import make_images
+from helpers import refuse_listing
 from indexer import watch
 from indexer.job import index_folders
 from indexer.roots import LinkFolders
@@ -412,14 +413,7 @@ def test_captions_are_read_again_in_a_root_with_a_folder_it_cannot_list(tmp_path
     photo = make_images(root / "a", 2, seed=94)[0]
     locked = make_images(root / "locked", 1, seed=95)[0]
     refused: set[str] = {str(root / "locked")}
-    scandir = os.scandir
-
-    def listing(path="."):
-        if str(path) in refused:
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", listing)
+    refuse_listing(monkeypatch, refused, PermissionError(13, "Permission denied", str(root / "locked")))
     job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
     assert index_folders([root], **job).added == 2
     photo.with_suffix(".txt").write_text("a blue whale")

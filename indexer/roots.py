@@ -433,7 +433,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                         raise FileNotFoundError(f"{root} is missing")
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
                         "caption_column"), skip, folders, linked, to_folders, mounts=mounts,
-                        captions_since=_since(options.get(root, {}).get(LISTED), started) if local else None,
+                        captions_since=_since(options.get(root, {}).get(LISTED), started, bool(rows)) if local else None,
                         captions_unread=options.get(root, {}).get(UNREAD)))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
@@ -476,10 +476,14 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
     return out
 
 
-def _since(listed: float | None, now: float) -> float | None:
+def _since(listed: float | None, now: float, indexed: bool) -> float | None:
     """The time captions count as read up to (LISTED); 0 (every caption read again, once) when it is ahead of the
-    clock: recorded while the clock was ahead, every caption edited until the clock caught up looked read."""
-    return 0 if listed is not None and listed > now else listed
+    clock (recorded while the clock was ahead, every caption edited until the clock caught up looked read), or when
+    none is recorded for a root holding indexed files (an index made before LISTED was: a caption fixed meanwhile
+    stayed old for good). None: a root new to the index, whose captions are all read as its files are indexed."""
+    if listed is None:
+        return 0 if indexed else None
+    return 0 if listed > now else listed
 
 
 def _unread(recorded: dict, unlisted: list[str]) -> dict[str, float]:

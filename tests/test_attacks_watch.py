@@ -3,6 +3,7 @@ run lists only the folders the watcher saw them in, the catalog must be what a f
 full run right after finds nothing to do. Each scenario runs the watch's own decisions (watch.touched, run_scope)
 on the changes made, then the scoped run as the watch makes it, then a full run."""
 
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -521,3 +522,26 @@ def test_a_clock_set_back_after_a_run_does_not_hide_the_edits_made_since(tmp_pat
     photo.with_suffix(".txt").write_text("a blue whale")
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
     assert _caption(job, photo) == "a blue whale"
+
+
+def test_an_index_made_before_listed_was_recorded_reads_its_captions_again_once(tmp_path, tiny_model):
+    """An index made before the root option listed existed (or one whose roots a takeover merged, one never listed
+    whole) holds captions read when their photos were indexed; its next listing had no time to go by, read no
+    caption again and recorded its own start: a caption fixed before the upgrade kept its old text for good. A root
+    with indexed files and no time recorded reads every caption again, once."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+    from indexer.roots import LISTED
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 100)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")  # fixed under the old version: no run read it
+    db = catalog.connect(Path(job["index_dir"]) / DB_FILE)
+    with db.begin() as conn:  # as the old version left it: no listed recorded
+        recorded = state.read(conn, "roots").roots
+        options = {k: {n: v for n, v in o.items() if n != LISTED} for k, o in recorded.options.items()}
+        state.write(conn, roots=dataclasses.replace(recorded, options={k: o for k, o in options.items() if o}))
+    db.dispose()
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0

@@ -155,8 +155,9 @@ def lasting_failure(exc: Exception, engine: str | None = None) -> str | None:
     return f"{engine}: {exc}"
 
 
-def sidecar_caption(found: Found) -> str | None:
-    """The caption in `photo.txt` beside a local `photo.jpg` (the convention `finetune` reads too)."""
+def sidecar_caption(found: Found, *, strict: bool = False) -> str | None:
+    """The caption in `photo.txt` beside a local `photo.jpg` (the convention `finetune` reads too). strict: a
+    caption there that cannot be read now (EIO, EMFILE) raises OSError rather than reading as none."""
     if sources.kind(found.root) != sources.FOLDER:
         return None
     txt = os.path.splitext(os.fsencode(found.relpath_raw or found.relpath))[0] + b".txt"
@@ -170,5 +171,9 @@ def sidecar_caption(found: Found) -> str | None:
         with os.fdopen(safeopen.open_under(*local, follow_last=True), "rb") as f:
             # utf-8-sig: a caption saved by Notepad starts with a byte-order mark, which stayed in the caption shown
             return f.read(photometa.CAPTION_BYTES).decode("utf-8-sig", "replace")
-    except (OSError, BadImageError):
+    except OSError as exc:
+        if strict and not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+            raise
+        return None
+    except BadImageError:  # refused (a FIFO, a link leading out of the root): no caption
         return None

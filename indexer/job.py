@@ -541,7 +541,11 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     times.extra["phashes_filled"] = phashfill.fill_index(db, workers, without_ids=gone_ids)
     times.extra["photo_fields_filled"] = photos.fill(db, {r: o.get("caption_column") for r, o in options.items()},
                                                      columns, without_ids=gone_ids)
-    times.extra["captions_read_again"] = photos.recaption(db, scanned.caption_links)
+    unread: set[str] = set()
+    times.extra["captions_read_again"] = photos.recaption(db, scanned.caption_links, unread)
+    for root in unread:  # a caption it could not read now is read by the next run, as one edited since
+        scanned.listed.pop(root, None)
+    index_roots.remember_listed(db, scanned)  # only now: a run killed before leaves them to the next
     summary.ocr = {"enabled": opts.ocr, "read": read_now[0]}
     if opts.ocr:  # images indexed before --ocr (or by Ray's actors): read now, their vectors untouched
         with db.connect() as conn:

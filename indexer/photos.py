@@ -62,18 +62,38 @@ def _source_captions(root: str, cache: dict, caption_columns: dict, list_columns
     return cache[root]
 
 
-def recaption(db, rows: Iterable[catalog.FileRow]) -> int:
-    """Read again the sidecar caption of unchanged photos whose photo.txt is a symbolic link, and store it where it
-    differs: a caption changes neither the photo's size nor its time, so a link's new target (or a link another
-    user planted, now refused, whose text an index built before links were judged had stored) went unnoticed for
-    good. Only such photos are read; returns how many captions changed (their keyword text too)."""
+_UNREAD = object()  # a caption there that recaption could not read now
+
+
+def recaption(db, rows: Iterable[catalog.FileRow], unread: set | None = None) -> int:
+    """Read again the sidecar caption of unchanged photos whose photo.txt is a symbolic link, or was made, edited or
+    removed since the last listing (scan.scan_folder's captions_since), and store it where it differs: a caption
+    changes neither the photo's size nor its time, so a link's new target (or a link another user planted, now
+    refused, whose text an index built before links were judged had stored) went unnoticed for good. Only such
+    photos are read, their stored captions asked BATCH at a time; returns how many captions changed (their keyword
+    text too). A caption there that cannot be read now keeps its stored text and its root goes into `unread`."""
     changed = []
+    by_root: dict[str, dict[str, catalog.FileRow]] = {}
+    for row in rows:
+        by_root.setdefault(row.root, {})[row.relpath] = row
     with db.connect() as conn:
-        for row in rows:
-            found = scan.Found(row.root, row.relpath, row.size, row.mtime, None, row.relpath_raw)
-            caption = photometa.clean_caption(sidecar_caption(found))
-            ids = catalog.ids_with_other_caption(conn, row.root, row.relpath, caption)  # a video's moments too
-            changed += [(i, caption) for i in ids]
+        for root, mine in by_root.items():
+            relpaths = list(mine)
+            for start in range(0, len(relpaths), BATCH):
+                now: dict[str, object] = {}
+                for relpath, file_id, stored in catalog.stored_captions(conn, root, relpaths[start:start + BATCH]):
+                    if relpath not in now:  # a video's moments share one caption
+                        row = mine[relpath]
+                        found = scan.Found(row.root, row.relpath, row.size, row.mtime, None, row.relpath_raw)
+                        try:
+                            now[relpath] = photometa.clean_caption(sidecar_caption(found, strict=True))
+                        except OSError as exc:  # there but unreadable now (EIO): kept, not taken for removed
+                            log.info("caption of %s not read again: %s", row.path, exc)
+                            now[relpath] = _UNREAD
+                            if unread is not None:
+                                unread.add(root)
+                    if now[relpath] is not _UNREAD and stored != now[relpath]:
+                        changed.append((file_id, now[relpath]))
     if changed:
         with db.begin() as conn:
             catalog.set_captions(conn, changed)

@@ -46,7 +46,11 @@ MOUNTS = "mounts"
 # the root option that records when the last listing of a whole folder root started (time.time()): captions made or
 # edited since are read again by the next listings (scan.scan_folder's captions_since)
 LISTED = "listed"
-INTERNAL = (DEVICE, MOUNTS, LISTED)  # options a run records for itself: never shown, never given
+# the root option that records {folder (relative): time} of the folders the last whole listing could not list (an
+# unreadable lost+found, an unplugged drive): their captions count as read only up to that time (LISTED before it),
+# so the listing that set LISTED need not have listed every folder
+UNREAD = "unread"
+INTERNAL = (DEVICE, MOUNTS, LISTED, UNREAD)  # options a run records for itself: never shown, never given
 
 
 def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
@@ -161,10 +165,15 @@ def place(db, given: list[str], known: list[str],
                 merged = next(({n: v for n, v in options[k].items() if n not in INTERNAL} for k in inner
                                if k in options), None)  # the device is the new root's own, recorded when it lists
                 mounts = _taken_over_mounts(root, {k: options[k] for k in inner if k in options})
+                # the captions edited since the earliest of their whole listings are read again by the new
+                # root's listing (their rows move unchanged); an inner root never listed whole gives none to go by
+                since = [options.get(k, {}).get(LISTED) for k in inner]
+                since += [t for k in inner for t in options.get(k, {}).get(UNREAD, {}).values()]
+                listed = {LISTED: min(since)} if None not in since else {}
                 for k in inner:
                     options.pop(k, None)
-                if merged or mounts:
-                    options[root] = {**(merged or {}), **({MOUNTS: mounts} if mounts else {})}
+                if merged or mounts or listed:
+                    options[root] = {**(merged or {}), **({MOUNTS: mounts} if mounts else {}), **listed}
                 errors = {k: v for k, v in recorded.listing_errors.items() if k not in inner}
                 state.write(conn, roots=replace(recorded, roots=tuple(roots), options=options, listing_errors=errors))
             notes += [f"{k} is inside {root}: its files now belong to {root}" for k in inner]
@@ -267,7 +276,8 @@ class Scanned:
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
     devices: dict = field(default_factory=dict)  # {folder root: st_dev} of those listed with entries in them
     mounts: dict = field(default_factory=dict)  # {folder root: its MOUNTS after this listing}, of those listed
-    listed: dict = field(default_factory=dict)  # {folder root: when this run's listing of it whole started}
+    # {folder root: (when this run's listing of it whole started, its UNREAD: the folders it could not list)}
+    listed: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
 
@@ -423,7 +433,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                         raise FileNotFoundError(f"{root} is missing")
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
                         "caption_column"), skip, folders, linked, to_folders, mounts=mounts,
-                        captions_since=options.get(root, {}).get(LISTED) if local else None))
+                        captions_since=_since(options.get(root, {}).get(LISTED), started, bool(rows)) if local else None,
+                        captions_unread=options.get(root, {}).get(UNREAD)))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                     if root not in known:  # a new root is only remembered once it could be listed
@@ -437,8 +448,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     out.devices[root] = device  # listed with entries in it: the device its files are on
                 if mounts is not None and not any(e.folder == "" for e in errors):
                     out.mounts[root] = _kept_mounts(recorded_mounts, mounts, [e.folder for e in errors], folders)
-                    if folders is None and not errors:  # whole: what it did not see changed before it started
-                        out.listed[root] = started
+                    if folders is None:  # whole: what it saw changed before it started, but for what it could not list
+                        out.listed[root] = (started, _unread(options.get(root, {}), [e.folder for e in errors]))
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
@@ -463,6 +474,27 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if not found and not errors and folders is None:
                 out.no_images.append(root)
     return out
+
+
+def _since(listed: float | None, now: float, indexed: bool) -> float | None:
+    """The time captions count as read up to (LISTED); 0 (every caption read again, once) when it is ahead of the
+    clock (recorded while the clock was ahead, every caption edited until the clock caught up looked read), or when
+    none is recorded for a root holding indexed files (an index made before LISTED was: a caption fixed meanwhile
+    stayed old for good). None: a root new to the index, whose captions are all read as its files are indexed."""
+    if listed is None:
+        return 0 if indexed else None
+    return 0 if listed > now else listed
+
+
+def _unread(recorded: dict, unlisted: list[str]) -> dict[str, float]:
+    """A root's UNREAD after a whole listing that could not list `unlisted` (relative folders): each keeps the time
+    its captions were read up to (LISTED, an earlier UNREAD at, above or under it; 0 when none: read them all once
+    it can be listed). Had LISTED stayed as it was until a listing listed every folder, a root holding one folder
+    it can never list (a drive's lost+found) never read an edited caption again."""
+    before = recorded.get(UNREAD, {})
+    return {u: min([recorded.get(LISTED) or 0] + [t for f, t in before.items()
+                                                  if scan.at_or_under(u, f) or scan.at_or_under(f, u)])
+            for u in unlisted}
 
 
 def _paths_under(root: str, rows: dict, folder: str) -> Iterable[str]:
@@ -500,14 +532,27 @@ def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanne
         if r in roots:
             mine = {k: v for k, v in options.get(r, {}).items() if k != MOUNTS}
             options[r] = {**mine, MOUNTS: mounts} if mounts else mine
-    for r, started in scanned.listed.items():
-        if r in roots:
-            options[r] = {**options.get(r, {}), LISTED: started}
     options = {r: o for r, o in options.items() if o}
     with db.begin() as conn:
         errors = {r: e for r, e in scanned.errors_by_root.items() if e}
         state.write(conn, roots=state.RootsState(roots=tuple(roots), list_columns=columns, listing_errors=errors,
                                                  options=options))
+
+
+def remember_listed(db, scanned: Scanned) -> None:
+    """Record when each root this run listed whole started its listing (LISTED), once the captions it found
+    changed are read again (photos.recaption): recorded with the roots, before the encoding, a run killed meanwhile
+    left the next one taking those captions for read, and their old text stayed for good."""
+    if not scanned.listed:
+        return
+    with db.begin() as conn:
+        recorded = state.read(conn, "roots").roots
+        options = dict(recorded.options)
+        for r, (started, unread) in scanned.listed.items():
+            if r in recorded.roots:
+                mine = {k: v for k, v in options.get(r, {}).items() if k != UNREAD}
+                options[r] = {**mine, LISTED: started, **({UNREAD: unread} if unread else {})}
+        state.write(conn, roots=replace(recorded, options=options))
 
 
 def report(db) -> list[dict]:

@@ -1006,3 +1006,16 @@ def bind_mount(source, folder) -> None:
 def unmount(folder) -> None:
     """Unmount `folder` (lazily: a mount below it goes too; nothing mounted there: nothing done)."""
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def refuse_listing(monkeypatch, refused: set, error: OSError) -> None:
+    """os.scandir raises `error` for the folders whose paths are in `refused` (a set the test may change later):
+    a folder a run cannot list (a permission, an I/O error), as root, whom a chmod does not stop."""
+    scandir = os.scandir
+
+    def listing(path="."):
+        if str(path) in refused:
+            raise error
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)

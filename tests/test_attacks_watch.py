@@ -3,6 +3,7 @@ run lists only the folders the watcher saw them in, the catalog must be what a f
 full run right after finds nothing to do. Each scenario runs the watch's own decisions (watch.touched, run_scope)
 on the changes made, then the scoped run as the watch makes it, then a full run."""
 
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -13,6 +14,7 @@ import pytest
 
 from alignsearch.storage.paths import DB_FILE
 from conftest import make_images
+from helpers import refuse_listing
 from indexer import watch
 from indexer.job import index_folders
 from indexer.roots import LinkFolders
@@ -352,3 +354,194 @@ def test_a_sidecar_caption_made_edited_or_removed_beside_an_unchanged_photo_is_r
                              watch.path_kind, sidecar=look.sidecar) == {r: ["a"]}
     finally:
         look.close()
+
+
+def test_a_run_killed_before_it_reads_the_captions_again_leaves_them_to_the_next(tmp_path, tiny_model, monkeypatch):
+    """A caption edited beside an unchanged photo is read again by the next run (root option listed: when its last
+    whole listing started). That time was committed with the roots, before the run encoded anything; a run killed
+    during its encoding (Ctrl-C, the OOM killer: hours into a big import) had not read the caption again, and the
+    next run took it for read (older than the killed run's listing) and kept the old caption for good."""
+    from indexer import photos, scan
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 91)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # the killed run starts well after the edit, as in life
+    time.sleep(0.05)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(photos, "recaption", killed)
+    with pytest.raises(KeyboardInterrupt):
+        index_folders([], **job)
+    monkeypatch.undo()
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+
+
+def test_a_caption_edited_in_a_root_another_takes_over_is_read_again(tmp_path, tiny_model, monkeypatch):
+    """index photos/a, then index photos: photos takes photos/a over (its rows move, unchanged). The time photos/a
+    was last listed whole (root option listed) was dropped with its other recorded options, so the first listing of
+    photos read no caption again, then recorded its own start: a caption edited in photos/a between its last run
+    and the takeover kept its old text for good. The new root starts from the earliest time of the roots it takes
+    over."""
+    from indexer import scan
+
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # the takeover runs well after the edit, as in life
+    root = tmp_path / "photos"
+    photo = make_images(root / "a", 2, seed=92)[0]
+    make_images(root / "b", 1, seed=93)
+    job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root / "a"], **job).added == 2
+    photo.with_suffix(".txt").write_text("a blue whale")
+    time.sleep(0.05)
+    done = index_folders([root], **job)
+    assert (done.added, done.times["extra"]["captions_read_again"]) == (1, 1), done
+
+
+def test_captions_are_read_again_in_a_root_with_a_folder_it_cannot_list(tmp_path, tiny_model, monkeypatch):
+    """A root holding a folder no run can list (a drive's lost+found, mode 700, for a user indexing it): the time of
+    the last whole listing (root option listed) was only recorded by a listing that listed every folder, so it was
+    never recorded and no edited caption was read again, ever. A whole listing records it with the folders it could
+    not list (option unread), whose captions count as read only up to the time they had: an edit made there while
+    it could not be listed is read once it can."""
+    from indexer import scan
+
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # each run starts well after the edit before it, as in life
+    root = tmp_path / "photos"
+    photo = make_images(root / "a", 2, seed=94)[0]
+    locked = make_images(root / "locked", 1, seed=95)[0]
+    refused: set[str] = {str(root / "locked")}
+    refuse_listing(monkeypatch, refused, PermissionError(13, "Permission denied", str(root / "locked")))
+    job = {"index_dir": tmp_path / "ix", "model": str(tiny_model), "device": "cpu", "workers": 0}
+    assert index_folders([root], **job).added == 2
+    photo.with_suffix(".txt").write_text("a blue whale")
+    time.sleep(0.05)
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+    refused.clear()
+    assert index_folders([], **job).added == 1  # locked/ listed at last
+    refused.add(str(root / "locked"))
+    locked.with_suffix(".txt").write_text("a green kite")  # edited while the run cannot list its folder
+    time.sleep(0.05)
+    done = index_folders([], **job)
+    assert (done.times["extra"]["captions_read_again"], len(done.listing_errors)) == (0, 1), done
+    time.sleep(0.05)
+    refused.clear()
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, locked) == "a green kite"
+
+
+def test_the_captions_of_a_changed_folder_are_compared_in_few_queries(tmp_path, tiny_model, monkeypatch):
+    """A caption made in a folder flags every photo of it (a caption removed shows only as a change of its folder),
+    and each flagged photo's stored caption was asked in a query of its own: 0.3 ms a photo, minutes a run for a
+    library whose folders changed, and every watch run of a large folder paid it again. They are asked in batches."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from indexer import photos
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (20, 96)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    statements, reading = [], [False]
+    recaption = photos.recaption
+
+    def counted(*args):
+        reading[0] = True
+        try:
+            return recaption(*args)
+        finally:
+            reading[0] = False
+
+    def seen(conn, cursor, statement, *args):
+        if reading[0] and statement.lstrip().upper().startswith("SELECT") and "JOIN photos" in statement:
+            statements.append(statement)
+
+    monkeypatch.setattr(photos, "recaption", counted)
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert _caption(job, photo) == "a blue whale"
+    assert len(statements) <= 2, statements
+
+
+def test_a_caption_that_cannot_be_read_now_is_kept_not_cleared(tmp_path, tiny_model, monkeypatch):
+    """A photo added to a folder changes the folder, so every photo in it has its caption read again (one removed
+    shows only so). A sidecar that could not be read at that moment (an NFS hiccup, EIO, too many open files) was
+    taken for no caption: the stored one was cleared, keyword search lost its words, and nothing read it again until
+    the .txt itself changed. A caption that is there but unreadable now is kept as stored."""
+    from alignsearch import safeopen
+    from indexer import scan
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 97)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+    opened = safeopen.open_under
+
+    def flaky(folder, name, *args, **kwargs):
+        if os.fsdecode(name).endswith(".txt"):
+            raise OSError(5, "Input/output error", os.fsdecode(name))
+        return opened(folder, name, *args, **kwargs)
+
+    monkeypatch.setattr(safeopen, "open_under", flaky)
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # each run starts well after the edit before it, as in life
+    new = make_images(tmp_path / "staging", 1, seed=98)[0]
+    shutil.copy(new, root / "a" / f"new{new.suffix}")
+    photo.with_suffix(".txt").write_text("a grey whale")
+    time.sleep(0.05)
+    done = index_folders([], **job)
+    assert done.added == 1, done
+    assert _caption(job, photo) == "a blue whale"
+    monkeypatch.setattr(safeopen, "open_under", opened)  # readable again: the edit is read, though made before
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a grey whale"
+
+
+def test_a_clock_set_back_after_a_run_does_not_hide_the_edits_made_since(tmp_path, tiny_model, monkeypatch):
+    """A run made while the clock was ahead (a board without a battery clock before NTP set it, a wrong time
+    zone set right) recorded that time as the root's last whole listing (option listed); once the clock was set
+    back, every caption edited until the clock caught up was older than it and never read again. A recorded time
+    ahead of the clock is no time to go by: that run reads every caption again, once."""
+    import types
+
+    from indexer import roots
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 99)})
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 86400)  # this run's clock a day ahead
+    monkeypatch.setattr(roots, "time", ahead)
+    assert index_folders([], **job).updated == 0
+    monkeypatch.undo()  # set right
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+
+
+def test_an_index_made_before_listed_was_recorded_reads_its_captions_again_once(tmp_path, tiny_model):
+    """An index made before the root option listed existed (or one whose roots a takeover merged, one never listed
+    whole) holds captions read when their photos were indexed; its next listing had no time to go by, read no
+    caption again and recorded its own start: a caption fixed before the upgrade kept its old text for good. A root
+    with indexed files and no time recorded reads every caption again, once."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE
+    from indexer.roots import LISTED
+
+    root, r, job = library(tmp_path, tiny_model, {"a": (2, 100)})
+    photo = sorted((root / "a").iterdir())[0]
+    photo.with_suffix(".txt").write_text("a blue whale")  # fixed under the old version: no run read it
+    db = catalog.connect(Path(job["index_dir"]) / DB_FILE)
+    with db.begin() as conn:  # as the old version left it: no listed recorded
+        recorded = state.read(conn, "roots").roots
+        options = {k: {n: v for n, v in o.items() if n != LISTED} for k, o in recorded.options.items()}
+        state.write(conn, roots=dataclasses.replace(recorded, options={k: o for k, o in options.items() if o}))
+    db.dispose()
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
+    assert _caption(job, photo) == "a blue whale"
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0

@@ -891,12 +891,12 @@ def set_photo(conn: Connection, file_id: int, relpath: str, fields: dict, labels
 PHOTO_FIELDS = ("taken", "taken_source", "camera", "lens", "lat", "lon", "caption", "ocr")
 
 
-def ids_with_other_caption(conn: Connection, root: str, relpath: str, caption: str | None) -> list[int]:
-    """The ids of one file's indexed rows (a video's moments) whose stored caption is not `caption`."""
-    query = select(files.c.id).join(photos, photos.c.file_id == files.c.id).where(
-        files.c.root == root, files.c.relpath == relpath, files.c.status == INDEXED,
-        photos.c.caption.is_distinct_from(caption))
-    return [int(i) for (i,) in conn.execute(query)]
+def stored_captions(conn: Connection, root: str, relpaths: list[str]) -> list[tuple[str, int, str | None]]:
+    """(relpath, id, caption) of the indexed rows of these files of one root (a video's moments: one each), in one
+    query: asked one file at a time, a listing that flagged a large folder's photos spent a query on each."""
+    query = select(files.c.relpath, files.c.id, photos.c.caption).join(photos, photos.c.file_id == files.c.id).where(
+        files.c.root == root, files.c.relpath.in_(relpaths), files.c.status == INDEXED)
+    return [(r, int(i), c) for r, i, c in conn.execute(query)]
 
 
 def set_captions(conn: Connection, captions: Iterable[tuple[int, str | None]]) -> None:

@@ -243,9 +243,10 @@ def _tuning(value: Any) -> dict:
 
 
 # indexer/job.py; "device": a local folder root's st_dev when it last listed with entries, "mounts": {folder: st_dev}
-# of the folders inside it on another device, "listed": when its last whole listing started (indexer/roots.py)
+# of the folders inside it on another device, "listed": when its last whole listing started, "unread": {folder: time}
+# of the folders that listing could not list (indexer/roots.py)
 ROOT_OPTIONS = {"include_hidden": bool, "caption_column": str, "video_interval": (int, float), "device": int,
-                "mounts": dict, "listed": (int, float)}
+                "mounts": dict, "listed": (int, float), "unread": dict}
 
 
 def _root_options(value: Any) -> dict:

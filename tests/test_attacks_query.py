@@ -67,6 +67,21 @@ def test_collapse_returns_k_pictures_when_one_has_more_copies_than_the_over_fetc
         assert len(every) == 6  # the six pictures, every copy folded
 
 
+def test_collapse_looks_no_deeper_than_its_bound(library, monkeypatch):
+    """The deeper looks of --collapse grew 4x until k pictures or the whole library: where the best matches are
+    copies of fewer than k pictures, a million-image library was scored and folded whole (~20 s). Bounded now."""
+    from alignsearch.search import engine as engine_module
+
+    root, ix, _ = library
+    monkeypatch.setattr(engine_module, "COLLAPSE_MAX_DEPTH", 8)
+    depths = []
+    with alignsearch.open(ix, device="cpu") as engine:
+        search = engine._search
+        monkeypatch.setattr(engine, "_search", lambda snap, query, opts: depths.append(opts.k) or search(snap, query, opts))
+        hits = engine.search(image=str(root / "photos" / "photo0000.jpg"), k=2, collapse=True, media="photo")
+    assert depths == [6, 8] and len(hits) == 1 and len(hits[0].duplicates) == 7, depths
+
+
 def test_per_video_never_starves_the_results(library):
     """The per-video cap looked at 4k candidates: a video with 30 alike moments filled them all, so `--per-video
     1 -k 5` gave 1 result (the other video and every photo lost), `--media video` 1 of 2 videos."""

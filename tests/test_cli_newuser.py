@@ -26,6 +26,7 @@ def odd_names(indexed_images):
     return root, ix
 
 
+@pytest.mark.slow
 def test_similar_finds_indexed_files_by_names_that_are_not_utf8_or_hold_a_backslash(odd_names):
     root, ix = odd_names
     proc = alignsearch("similar", root / BAD, "-k", "1", "--json", "--index", ix)
@@ -35,6 +36,7 @@ def test_similar_finds_indexed_files_by_names_that_are_not_utf8_or_hold_a_backsl
     assert proc.returncode == 0, proc.stderr  # was: "is not an indexed image", exit 6
 
 
+@pytest.mark.slow
 def test_json_echoes_a_name_that_is_not_utf8_as_every_path_shows_it(odd_names, tiny_model):
     """The echo of an image given on the command line carried os.fsdecode's lone surrogate (\\udcff), which strict
     JSON readers refuse, where docs/json.md promises \\xNN as in the hits."""
@@ -117,6 +119,7 @@ def test_an_empty_root_is_refused_not_taken_for_the_current_folder(tmp_path, tin
 needs_permissions = pytest.mark.skipif(not can_drop_dac(), reason="cannot run a child without root's file access")
 
 
+@pytest.mark.slow
 @needs_permissions
 def test_an_unreadable_image_is_unusable_input_and_classify_goes_on(indexed_images, tmp_path):
     """click's readable check refused a chmod 000 image as bad usage (exit 2, four lines) before anything ran: classify

@@ -488,6 +488,7 @@ def test_a_vector_address_past_the_store_is_damage_for_similar_dupes_too(built):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest", ["{bad", '{"files": ["../catalog.db"]}', "[]"])
 def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
     """A shards.json that is not the manifest a writer writes (here beside a single-file index) made every

@@ -146,6 +146,7 @@ def test_a_link_target_outside_the_roots_makes_a_run_of_its_link_s_root(tmp_path
     assert links.caption_targets() == {str(elsewhere / "a.txt")}
 
 
+@pytest.mark.slow
 def test_a_link_target_changed_during_the_run_that_found_its_link_is_taken_as_changed(tmp_path):
     """A target outside the roots edited after the run listed its link but before its folder was watched (during
     the run that first found the link) was seen by no watch: the index kept the old photo until some other change.

@@ -146,8 +146,44 @@ def test_reader_queries_in_a_loop_while_the_writer_updates(indexed_images):
         stop.set()
         thread.join()
     assert not errors, errors[:3]
-    assert counts and counts[-1] == 55 and min(counts) >= 10
+    assert counts and min(counts) >= 10
     assert all(b >= a for a, b in zip(counts, counts[1:]))  # never a half-updated view
+    # The reader's last look may have begun before the last run committed (its refresh, then the commit and
+    # the run's exit, then its search and the stop: CI saw 40 last): a refresh after the writer is done sees
+    # everything.
+    engine.refresh()
+    assert len(engine.search_vector(query, k=1000)) == 55
+
+
+@pytest.mark.slow
+def test_a_reader_opening_across_a_publish_picks_up_the_run_on_its_next_refresh(indexed_images, monkeypatch):
+    # CI once ended the loop above at 40 of 55. Suspected first: a reader whose catalog read came before a run's
+    # commit and whose look at the published file came after it would hold the older catalog with the newer
+    # index's stamp, and refresh() would see nothing to pick up until the next run published. It does not (this
+    # passes on the code of that CI run: the store and the rows are read at search time); kept as the guarantee.
+    from alignsearch.storage import vectors
+
+    root, ix = indexed_images(10)
+    engine = alignsearch.open(ix)
+    query = engine.embed(text="red car")
+    make_images(root / "more", 15, seed=40)
+    load, ran = vectors.load, []
+
+    def load_then_a_run_commits(*args, **kwargs):  # inside the reader's catalog transaction
+        if not ran:
+            ran.append(subprocess.run([sys.executable, "-m", "alignsearch", "index", "--index", str(ix)],
+                                      capture_output=True, text=True))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(vectors, "load", load_then_a_run_commits)
+    before = (ix / "index.faiss").read_bytes()  # the next run republishes it
+    os.utime(ix / "index.faiss")  # a stamp unlike the last open's
+    engine.refresh()
+    assert ran and ran[0].returncode == 0, ran and ran[0].stderr
+    assert (ix / "index.faiss").read_bytes() != before
+    monkeypatch.setattr(vectors, "load", load)
+    engine.refresh()
+    assert len(engine.search_vector(query, k=1000)) == 25
 
 
 def test_verify_finds_and_repairs_damage(indexed_images):

@@ -84,6 +84,24 @@ def test_truncated_video_keeps_what_was_readable(tmp_path):
     assert np.allclose(starts(found)[:2], [0, 3], atol=SAMPLE) and 3 < found[-1].t_end < 9, starts(found)
 
 
+def test_a_header_claiming_hours_does_not_stretch_the_last_moment(tmp_path):
+    """A 2 s AVI whose header (strh dwLength) claims 360,000 frames, ten hours: the length is what the file's
+    packets hold, frames skipped undecoded included, not what its header says (its last moment ended at 10:00:00)."""
+    import struct
+
+    data = bytearray(make_video(tmp_path / "short.avi", [(5, 1.2), (6, 0.8)]).read_bytes())
+    at = data.find(b"strh") + 40  # the video stream header's length in frames (AVIStreamHeader.dwLength)
+    assert struct.unpack("<I", data[at:at + 4]) == (20,)
+    data[at:at + 4] = struct.pack("<I", 360000)
+    (tmp_path / "long.avi").write_bytes(data)
+    info = VideoInfo()
+    found = list(moments(str(tmp_path / "long.avi"), SPEC, info))
+    assert found[-1].t_end == pytest.approx(2, abs=0.15) and info.duration == pytest.approx(2, abs=0.15)
+    # the frames NONREF leaves undecoded still count: a video's end is its last packet's, not its last decoded frame's
+    whole = list(moments(str(make_video(tmp_path / "b.mkv", [(7, 3.3)])), SPEC))
+    assert whole[-1].t_end == pytest.approx(3.3, abs=0.01), whole[-1].t_end
+
+
 def _library(tmp_path):
     lib = tmp_path / "lib"
     make_images(lib / "photos", 4)

@@ -144,7 +144,8 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
         next_sample, last_t = 0.0, None
-        frames = container.decode(stream)
+        packets_end = [0.0]
+        frames = _decode(container, stream, packets_end)
         while True:
             try:
                 frame = next(frames, None)
@@ -181,11 +182,20 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             sig = now
         if start is None:
             raise VideoError("cannot decode video: no frame could be decoded")
-        end = max(last_t + 1 / rate, start)
-        if stream.duration is not None and stream.time_base is not None and not info.truncated:
-            end = max(end, float(stream.duration * stream.time_base))
+        # The last packets may be frames never decoded (NONREF); they count, the header's duration does not: an
+        # AVI of 2 s whose header claimed 10 hours had its last moment end at 10:00:00.
+        end = max(last_t + 1 / rate, start, 0.0 if info.truncated else packets_end[0])
         info.duration = end
         yield _moment(index, start, end, frame_img, spec)
+
+
+def _decode(container, stream, packets_end: list) -> Iterator:
+    """container.decode(stream), noting in packets_end[0] the end (seconds) of the latest packet read: the
+    video's length as its packets say, frames skipped undecoded included."""
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base is not None:
+            packets_end[0] = max(packets_end[0], float((packet.pts + (packet.duration or 0)) * packet.time_base))
+        yield from packet.decode()
 
 
 def _moment(index: int, t: float, t_end: float, image, spec: ImageSpec) -> Moment:

@@ -292,3 +292,39 @@ def test_auto_mode_evidence_follows_the_keyword_rules():
     assert keywords.evidence(keywords.parse("4711"), "INVOICE INV-4711-A")
     assert not keywords.evidence(keywords.parse("red car on beach"), "a blue truck\nsunset")
     assert not keywords.evidence(keywords.parse("-red"), "red")  # nothing positive asked
+
+
+def test_chinese_and_japanese_words_are_found_inside_the_text_they_are_written_in(tmp_path):
+    """Chinese and Japanese are written without spaces: the text read on a sign, `東京駅 中央口`, was one token a
+    run, so `東京` (Tokyo) found neither the station's sign nor `東京タワー`. A character is a token now; text
+    written before (one token a run) is still found whole, and the evidence the default mode fuses agrees."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    texts = {"station.jpg": "東京駅 中央口", "tower.jpg": "東京タワー", "kyoto.jpg": "京都駅", "cafe.jpg": "Café 東"}
+    ids = {}
+    with db.begin() as conn:
+        for name, text in texts.items():
+            ids[catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                           "status": catalog.INDEXED})] = name
+            catalog.set_photo(conn, next(reversed(ids)), name, {"ocr": text})
+        old = catalog.upsert_file(conn, {"root": "/r", "relpath": "old.jpg", "size": 1, "mtime": 0.0,
+                                         "status": catalog.INDEXED})
+        ids[old] = "old.jpg"
+        # as an index written before held it: the run whole (unicode61's token)
+        conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)", (old, "大阪城公園"))
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(ids[i] for i, _ in keywords.search(conn, keywords.parse(text, partial_last=True), 10))
+
+    assert kw("東京") == ["station.jpg", "tower.jpg"]
+    assert kw("タワー") == ["tower.jpg"] and kw("中央口") == ["station.jpg"] and kw("東京駅") == ["station.jpg"]
+    assert kw("駅") == []  # one character, as one Latin letter, is no query
+    assert kw("京駅") == ["station.jpg"]  # characters next to each other: 京都駅 (Kyoto station) holds no 京駅
+    assert kw("東京 -タワー") == ["station.jpg"] and kw("東京 AND 中央") == ["station.jpg"]
+    assert kw("大阪城公園") == ["old.jpg"]  # an older index's text, found as it was
+    assert keywords.parse("東京").words == ["東京"]  # --explain shows the words as typed
+    assert keywords.evidence(keywords.parse("東京"), "東京駅 中央口")
+    assert not keywords.evidence(keywords.parse("京東"), "東京駅 中央口")
+    db.dispose()

@@ -328,3 +328,27 @@ def test_chinese_and_japanese_words_are_found_inside_the_text_they_are_written_i
     assert keywords.evidence(keywords.parse("東京"), "東京駅 中央口")
     assert not keywords.evidence(keywords.parse("京東"), "東京駅 中央口")
     db.dispose()
+
+
+def test_greek_accents_do_not_matter_as_latin_ones_do(tmp_path):
+    """`cafe` finds `Café`, but `αθηνα` did not find `Αθήνα` (unicode61 folds Latin accents only); text an older
+    index holds with its accents is still found as typed."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        sign = catalog.upsert_file(conn, {"root": "/r", "relpath": "a.jpg", "size": 1, "mtime": 0.0,
+                                          "status": catalog.INDEXED})
+        catalog.set_photo(conn, sign, "a.jpg", {"ocr": "ΟΔΟΣ Αθηνάς\nἈκρόπολις"})
+        old = catalog.upsert_file(conn, {"root": "/r", "relpath": "b.jpg", "size": 1, "mtime": 0.0,
+                                         "status": catalog.INDEXED})
+        conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)", (old, "Πλάκα"))
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(i for i, _ in keywords.search(conn, keywords.parse(text), 10))
+
+    assert kw("αθηνας") == kw("Αθηνάς") == kw("ακροπολις") == kw("οδός") == [sign]
+    assert kw("πλάκα") == [old]  # an older index's text, as it was written
+    assert keywords.evidence(keywords.parse("ακροπολις"), "Ἀκρόπολις")
+    db.dispose()

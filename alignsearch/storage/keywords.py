@@ -18,6 +18,7 @@ What a query text means (`parse`):
 - accents and case do not matter (`cafe` finds `Café`).
 - Chinese and Japanese, written without spaces, are indexed a character a token (`spaced`), so `東京` is the
   phrase `東 京` and finds `東京駅` (the unicode61 tokenizer made `東京駅前` one token, found only whole).
+  Greek loses its accents there too (`αθηνα` finds `Αθήνα`): unicode61 folds the accents of Latin letters only.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -58,10 +59,18 @@ MAX_ATOMS = 64
 _SPACELESS = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f])")
 
 
+# Greek letters (with the polytonic ones) without their accents and breathings (unicode61's remove_diacritics
+# folds Latin letters only, so `αθηνα` did not find `Αθήνα`).
+_GREEK_BARE = {c: "".join(d for d in unicodedata.normalize("NFD", chr(c)) if not unicodedata.combining(d))
+               for c in (*range(0x370, 0x400), *range(0x1F00, 0x2000))
+               if unicodedata.normalize("NFD", chr(c)) != chr(c) and unicodedata.category(chr(c)).startswith("L")}
+
+
 def spaced(text: str) -> str:
-    """text with every character of a script written without spaces (_SPACELESS) made a word of its own, as
-    the keyword index holds it and a query looks for it: a word of such text is then a phrase of characters."""
-    return _SPACELESS.sub(r" \1 ", text)
+    """text as the keyword index holds it and a query looks for it: every character of a script written
+    without spaces (_SPACELESS) a word of its own (a word of such text is then a phrase of characters), Greek
+    letters without their accents."""
+    return _SPACELESS.sub(r" \1 ", text).translate(_GREEK_BARE)
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,11 @@ class Atom:
     tokens: tuple[str, ...]
     prefix: bool = False
     code: str | None = None
-    whole: tuple[str, ...] | None = None  # the tokens as typed, where `spaced` split them (CJK)
+    whole: tuple[str, ...] | None = None  # the tokens as typed, where `spaced` changed them (CJK, Greek)
 
     def fts(self) -> str:
-        """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix; split CJK also as
-        typed, whole, which is how an index written before `spaced` holds it (until its keywords are written
-        again)."""
+        """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix; CJK or Greek also as
+        typed, which is how an index written before `spaced` holds it (until its keywords are written again)."""
         found = _phrase(self.tokens, self.prefix)
         return f"({found} OR {_phrase(self.whole, self.prefix)})" if self.whole else found
 

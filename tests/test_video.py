@@ -102,6 +102,49 @@ def test_a_header_claiming_hours_does_not_stretch_the_last_moment(tmp_path):
     assert whole[-1].t_end == pytest.approx(3.3, abs=0.01), whole[-1].t_end
 
 
+def _h264(size, frames: int, shade: int = 0) -> bytes:
+    """A raw H.264 stream (Annex B) of flat frames, which can be joined to another."""
+    import av
+
+    out_bytes = io.BytesIO()
+    with av.open(out_bytes, "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            frame = np.full((size[1], size[0], 3), (shade + 40 * i) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return out_bytes.getvalue()
+
+
+def _remux(data: bytes, path, duration: int | None = None):
+    """The raw H.264 `data` in a Matroska file, 10 frames a second (each packet `duration` long when given)."""
+    import fractions
+
+    import av
+
+    with av.open(io.BytesIO(data), format="h264") as src, av.open(str(path), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for i, packet in enumerate(p for p in src.demux() if p.size):
+            packet.stream, packet.pts, packet.dts = out, i, i
+            packet.time_base = fractions.Fraction(1, 10)
+            if duration is not None:
+                packet.duration = duration
+            dst.mux(packet)
+    return path
+
+
+def test_a_packet_claiming_hours_does_not_stretch_the_last_moment(tmp_path):
+    """Packets of a 3 s video each claiming 20 minutes (a muxer's or an attacker's): its end is its last
+    frame's, not 20 minutes past its last packet."""
+    video = _remux(_h264((160, 90), 30), tmp_path / "v.mkv", duration=12000)
+    info = VideoInfo()
+    found = list(moments(str(video), SPEC, info))
+    assert found[-1].t_end == pytest.approx(3, abs=0.15) and info.duration == pytest.approx(3, abs=0.15)
+
+
 def _library(tmp_path):
     lib = tmp_path / "lib"
     make_images(lib / "photos", 4)

@@ -144,8 +144,8 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
         next_sample, last_t = 0.0, None
-        packets_end = [0.0]
-        frames = _decode(container, stream, packets_end)
+        last_packet = [0.0]
+        frames = _decode(container, stream, last_packet)
         while True:
             try:
                 frame = next(frames, None)
@@ -183,18 +183,19 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         if start is None:
             raise VideoError("cannot decode video: no frame could be decoded")
         # The last packets may be frames never decoded (NONREF); they count, the header's duration does not: an
-        # AVI of 2 s whose header claimed 10 hours had its last moment end at 10:00:00.
-        end = max(last_t + 1 / rate, start, 0.0 if info.truncated else packets_end[0])
+        # AVI of 2 s whose header claimed 10 hours had its last moment end at 10:00:00. Nor does a packet's own
+        # duration (one claiming 12,000 s was met): a frame's length past the last frame or packet.
+        end = max(max(last_t, 0.0 if info.truncated else last_packet[0]) + 1 / rate, start)
         info.duration = end
         yield _moment(index, start, end, frame_img, spec)
 
 
-def _decode(container, stream, packets_end: list) -> Iterator:
-    """container.decode(stream), noting in packets_end[0] the end (seconds) of the latest packet read: the
-    video's length as its packets say, frames skipped undecoded included."""
+def _decode(container, stream, last_packet: list) -> Iterator:
+    """container.decode(stream), noting in last_packet[0] the latest time (seconds) of a packet read, frames
+    skipped undecoded (NONREF) included."""
     for packet in container.demux(stream):
         if packet.pts is not None and packet.time_base is not None:
-            packets_end[0] = max(packets_end[0], float((packet.pts + (packet.duration or 0)) * packet.time_base))
+            last_packet[0] = max(last_packet[0], float(packet.pts * packet.time_base))
         yield from packet.decode()
 
 

@@ -145,6 +145,22 @@ def test_a_packet_claiming_hours_does_not_stretch_the_last_moment(tmp_path):
     assert found[-1].t_end == pytest.approx(3, abs=0.15) and info.duration == pytest.approx(3, abs=0.15)
 
 
+def test_frames_larger_than_the_header_said_are_refused_by_the_decoder(tmp_path, monkeypatch):
+    """A header of 160x90, then frames over the limit: FFmpeg refuses them before it decodes them (max_pixels;
+    each frame thread decoded them first, 538 MB for 8400x8400 frames from an 834 KB file on 2 cores), and the
+    moments before them are kept. The limit is lowered here so the test encodes small frames."""
+    import alignsearch.media.video as video_module
+
+    monkeypatch.setattr(video_module, "MAX_PIXELS", 320 * 180)
+    video = _remux(_h264((160, 90), 30) + _h264((640, 360), 2, shade=128), tmp_path / "bomb.mkv")
+    seen = []
+    signature = video_module._signature
+    monkeypatch.setattr(video_module, "_signature", lambda frame: seen.append(frame.width) or signature(frame))
+    found = list(moments(str(video), SPEC, interval=1))
+    assert len(found) == 3 and found[-1].t_end == pytest.approx(3.2, abs=0.15), starts(found)
+    assert seen and set(seen) == {160}  # no larger frame ever reached this process
+
+
 def _library(tmp_path):
     lib = tmp_path / "lib"
     make_images(lib / "photos", 4)

@@ -218,6 +218,27 @@ def test_photos_and_videos_index_in_one_run(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
+def test_dupes_never_lists_a_video_as_a_copy_of_itself(tmp_path, tiny_model):
+    """The moments of one video that look alike (a still shot, a scene shown again) are that one file: `dupes`
+    listed a still video three times, "keep" on one and the same path as duplicates to be rid of. Real copies
+    across files are still grouped: a video encoded again in another container, a frame saved as a photo."""
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    make_video(lib / "still.mp4", [(41, 25)], drift=False)  # three moments of one picture
+    make_video(lib / "again.mkv", [(41, 25)], drift=False)  # the same shot, another file
+    make_video(lib / "twice.mp4", [(42, 4), (44, 4), (42, 4)], drift=False)  # a scene shown again
+    Image.fromarray(scene_frame(44)).save(lib / "frame.png")  # twice.mp4's second scene as a photo
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    for tier in ("near", "similar"):
+        groups = json.loads(run("dupes", "--tier", tier, "--json", "--index", ix).stdout)
+        listed = [sorted(os.path.basename(i["path"]) for i in g["items"]) for g in groups]
+        assert all(len(set(names)) == len(names) for names in listed), (tier, listed)
+        assert ["again.mkv", "still.mp4"] in listed and ["frame.png", "twice.mp4"] in listed, (tier, listed)
+    text = run("dupes", "--index", ix).output
+    assert "2 groups, 2 files besides the ones to keep" in text, text
+
+
+@pytest.mark.slow
 def test_an_image_of_a_scene_finds_its_video_at_that_second(tmp_path, tiny_model):
     lib, ix = tmp_path / "lib", tmp_path / "ix"
     make_video(lib / "trip.mp4", [(11, 6), (12, 5), (13, 8), (14, 4)])  # scene 13 from 11 s to 19 s

@@ -239,6 +239,37 @@ def test_dupes_never_lists_a_video_as_a_copy_of_itself(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
+def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model):
+    """A renamed (or copied) video keeps its vectors, found by its SHA-256, and now its date too: it was dated by
+    its mtime (the day of the rename) instead of its container's creation_time, and `--after` lost it."""
+    import av
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 1)
+    with av.open(str(lib / "trip.mp4"), "w") as out:
+        out.metadata["creation_time"] = "2019-05-01T10:00:00Z"
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        for i in range(30):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(scene_frame(3 + i // 15), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+
+    def in_2019():
+        out = run("query", "x", "--json", "--after", "2019-01-01", "--before", "2019-12-31", "--index", ix).stdout
+        return sorted((h["relpath"], h["t"], h["taken"]) for h in json.loads(out)["results"])
+
+    assert in_2019() == [("trip.mp4", 0.0, "2019-05-01T10:00:00Z"), ("trip.mp4", 1.5, "2019-05-01T10:00:00Z")]
+    (lib / "trip.mp4").rename(lib / "trip2.mp4")
+    shutil.copy(lib / "trip2.mp4", lib / "copy.mp4")
+    s = index_json(ix)
+    assert (s["moved"], s["added"]) == (1, 1), s  # the copy: found by its hash too
+    assert [h[0] for h in in_2019()] == ["copy.mp4", "copy.mp4", "trip2.mp4", "trip2.mp4"]
+
+
+@pytest.mark.slow
 def test_an_image_of_a_scene_finds_its_video_at_that_second(tmp_path, tiny_model):
     lib, ix = tmp_path / "lib", tmp_path / "ix"
     make_video(lib / "trip.mp4", [(11, 6), (12, 5), (13, 8), (14, 4)])  # scene 13 from 11 s to 19 s

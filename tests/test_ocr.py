@@ -9,8 +9,8 @@ import sqlite3
 import pytest
 from conftest import index_json, run
 from helpers import alignsearch as alignsearch_cli
-from helpers import call, render_sign, start_serve, stop
-from PIL import Image
+from helpers import call, render_sign, scene_frame, start_serve, stop
+from PIL import Image, ImageDraw, ImageFont
 
 import alignsearch
 from alignsearch.storage import keywords
@@ -352,3 +352,28 @@ def test_greek_accents_do_not_matter_as_latin_ones_do(tmp_path):
     assert kw("πλάκα") == [old]  # an older index's text, as it was written
     assert keywords.evidence(keywords.parse("ακροπολις"), "Ἀκρόπολις")
     db.dispose()
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_index_ocr_reads_the_whole_image_as_the_fill_step_does(tmp_path):
+    """`index --ocr` read the text in the decode made for the encoder, reduced to twice its input (here a
+    1600x1200 JPEG read at 200x150), where `--ocr` given to an existing index (the fill step) reads the whole
+    image: the small words on a camera-size photo were found one way and lost the other."""
+    from alignsearch.media.images import ImageSpec, open_rgb
+    from alignsearch.media.ocr import read_text
+    from indexer.decode import read_item
+    from indexer.scan import Found
+
+    photo = Image.fromarray(scene_frame(5, (1600, 1200)))
+    draw = ImageDraw.Draw(photo)
+    draw.rectangle([100, 100, 560, 170], fill="white")
+    draw.text((115, 118), "ZANZIBAR SPICE 4711", fill="black", font=ImageFont.load_default(size=28))
+    photo.save(tmp_path / "street.jpg", quality=92)
+    found = Found(str(tmp_path), "street.jpg", (tmp_path / "street.jpg").stat().st_size,
+                  (tmp_path / "street.jpg").stat().st_mtime)
+    spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    item = read_item(found, spec, ocr=True)
+    filled = read_text(open_rgb((tmp_path / "street.jpg").read_bytes())[0])  # what indexer/ocrfill.py reads
+    assert "ZANZIBAR" in filled and item.ocr == filled, (item.ocr, filled)
+    assert (item.width, item.height) == (1600, 1200) and item.crop.shape == (64, 64, 3)  # the encoder's as before

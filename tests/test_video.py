@@ -161,6 +161,34 @@ def test_frames_larger_than_the_header_said_are_refused_by_the_decoder(tmp_path,
     assert seen and set(seen) == {160}  # no larger frame ever reached this process
 
 
+def test_a_phone_video_stored_sideways_is_read_upright(tmp_path):
+    """A portrait phone video is stored sideways with a display matrix that turns it upright (ffprobe: "rotation
+    of -90.00 degrees"; FFmpeg's player turns such frames clockwise). Its moments were encoded, and shown on
+    the web page, lying on their side, with the stored size; now as displayed, as a photo's EXIF turn is."""
+    import av
+
+    from alignsearch.media.video import frame_at
+
+    upright = scene_frame(9, (90, 160))  # what the phone saw: 90 wide, 160 high
+    with av.open(str(tmp_path / "phone.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        stream.set_display_rotation(-90)  # a turn clockwise shows it upright
+        stored = np.ascontiguousarray(np.rot90(upright, k=1))  # the sensor's rows: the picture turned counter-clockwise
+        for _ in range(20):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = VideoInfo()
+    found = list(moments(str(tmp_path / "phone.mp4"), SPEC, info))
+    assert (info.width, info.height) == (90, 160) and found[0].image.size == (90, 160)
+    shown = np.asarray(found[0].image, dtype=np.float32)
+    assert np.abs(shown - upright).mean() < 8, np.abs(shown - upright).mean()  # H.264's loss only
+    thumb = np.asarray(frame_at(str(tmp_path / "phone.mp4"), found[0].t, found[0].t_end), dtype=np.float32)
+    assert thumb.shape == (160, 90, 3) and np.abs(thumb - upright).mean() < 8
+
+
 def _library(tmp_path):
     lib = tmp_path / "lib"
     make_images(lib / "photos", 4)

@@ -85,11 +85,22 @@ def _video_stream(container):
 
 
 def _to_image(frame):
-    """A decoded frame as a PIL RGB image: the pixels of frame.to_image(), which holds two more copies of the
-    frame while it converts (decoding an 8192x8192 frame peaked at 1.2 GB with it, 0.8 GB without)."""
+    """A decoded frame as a PIL RGB image, turned as its display matrix says (a phone's portrait video is stored
+    sideways: its moments were encoded, and shown on the web page, lying on their side): the pixels of
+    frame.to_image(), which holds two more copies of the frame while it converts (decoding an 8192x8192 frame
+    peaked at 1.2 GB with it, 0.8 GB without)."""
     from PIL import Image
 
-    return Image.fromarray(frame.to_ndarray(format="rgb24"))
+    img = Image.fromarray(frame.to_ndarray(format="rgb24"))
+    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_270}.get(_rotation(frame))  # PIL turns counter-clockwise too
+    return img if turn is None else img.transpose(turn)
+
+
+def _rotation(frame) -> int:
+    """The frame's display rotation, counter-clockwise degrees in 0, 90, 180, 270 (0 for any other angle)."""
+    degrees = round(float(getattr(frame, "rotation", 0) or 0)) % 360
+    return degrees if degrees in (90, 180, 270) else 0
 
 
 @dataclass
@@ -177,6 +188,7 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             now = _signature(frame)
             if start is None:
                 start, frame_img, rep_final = t, _to_image(frame), False
+                info.width, info.height = frame_img.size  # as displayed, as a photo's (after its rotation)
             else:
                 cut = _is_cut(sig, now)
                 if (cut and t - start >= min_gap) or t - start >= interval:

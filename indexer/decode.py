@@ -16,7 +16,7 @@ from alignsearch.media import photometa, sources
 from alignsearch import safeopen
 from alignsearch.media.phash import phash_of
 from alignsearch.errors import BadImageError
-from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, decode_pixels
+from alignsearch.media.images import DEFAULT_MAX_PIXELS, Decoded, ImageSpec, decode, decode_pixels, open_rgb
 from indexer.scan import Found
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,23 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
                 phash=phash_of(img.image), photo=photo)
     if ocr:
         known = _known_text.get(sha)
-        item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else read_text(img.image, found.path)
+        item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else \
+            read_text(_ocr_image(data, img, max_pixels), found.path)
     return item
+
+
+def _ocr_image(data: bytes, img: Decoded, max_pixels: int):
+    """The picture the text is read in: the whole image, as the fill step reads it (indexer/ocrfill.py). The
+    encoder's decode is reduced to twice its input: in a 4000x3000 JPEG (read at 1000x750) text 20 px high
+    came back as nothing where the whole image gave "ZANZIBAR SICE 4711", so one photo got one text from
+    `index --ocr` and another from `--ocr` given to an index built without it."""
+    if img.image is None or max(img.image.size) >= max(img.width, img.height):
+        return img.image
+    try:
+        with _budget.decoding(img.width * img.height if _budget.path is not None else 0):
+            return open_rgb(data, max_pixels)[0]
+    except BadImageError:
+        return img.image
 
 
 def read_data(found: Found, start: float) -> bytes | Item:

@@ -94,8 +94,12 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
         if known:
             with db.connect() as conn:
                 old = catalog.phashes_of(conn, [r.id for r in known])
+                fields = catalog.photos_of(conn, [known[0].id]).get(known[0].id) or {}
+            # the container's creation_time goes with the content, as its vectors do: a renamed video was dated
+            # by its mtime instead (the day it was renamed), and `--after`/`--before` lost it
+            created = fields.get("taken") if fields.get("taken_source") == "video:creation_time" else None
             _write(db, store, found, sha, known[0].width, known[0].height, [(r.t, r.t_end, r.vec_row) for r in known],
-                   np.zeros((0, 0), np.float32), [old.get(r.id) for r in known], stats, reuse=True)
+                   np.zeros((0, 0), np.float32), [old.get(r.id) for r in known], stats, reuse=True, created=created)
             stats.reused += 1
             stats.moved_in.append(sha)
             return

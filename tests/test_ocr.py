@@ -9,8 +9,8 @@ import sqlite3
 import pytest
 from conftest import index_json, run
 from helpers import alignsearch as alignsearch_cli
-from helpers import call, render_sign, start_serve, stop
-from PIL import Image
+from helpers import call, render_sign, scene_frame, start_serve, stop
+from PIL import Image, ImageDraw, ImageFont
 
 import alignsearch
 from alignsearch.storage import keywords
@@ -292,3 +292,88 @@ def test_auto_mode_evidence_follows_the_keyword_rules():
     assert keywords.evidence(keywords.parse("4711"), "INVOICE INV-4711-A")
     assert not keywords.evidence(keywords.parse("red car on beach"), "a blue truck\nsunset")
     assert not keywords.evidence(keywords.parse("-red"), "red")  # nothing positive asked
+
+
+def test_chinese_and_japanese_words_are_found_inside_the_text_they_are_written_in(tmp_path):
+    """Chinese and Japanese are written without spaces: the text read on a sign, `東京駅 中央口`, was one token a
+    run, so `東京` (Tokyo) found neither the station's sign nor `東京タワー`. A character is a token now; text
+    written before (one token a run) is still found whole, and the evidence the default mode fuses agrees."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    texts = {"station.jpg": "東京駅 中央口", "tower.jpg": "東京タワー", "kyoto.jpg": "京都駅", "cafe.jpg": "Café 東"}
+    ids = {}
+    with db.begin() as conn:
+        for name, text in texts.items():
+            ids[catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                           "status": catalog.INDEXED})] = name
+            catalog.set_photo(conn, next(reversed(ids)), name, {"ocr": text})
+        old = catalog.upsert_file(conn, {"root": "/r", "relpath": "old.jpg", "size": 1, "mtime": 0.0,
+                                         "status": catalog.INDEXED})
+        ids[old] = "old.jpg"
+        # as an index written before held it: the run whole (unicode61's token)
+        conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)", (old, "大阪城公園"))
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(ids[i] for i, _ in keywords.search(conn, keywords.parse(text, partial_last=True), 10))
+
+    assert kw("東京") == ["station.jpg", "tower.jpg"]
+    assert kw("タワー") == ["tower.jpg"] and kw("中央口") == ["station.jpg"] and kw("東京駅") == ["station.jpg"]
+    assert kw("駅") == []  # one character, as one Latin letter, is no query
+    assert kw("京駅") == ["station.jpg"]  # characters next to each other: 京都駅 (Kyoto station) holds no 京駅
+    assert kw("東京 -タワー") == ["station.jpg"] and kw("東京 AND 中央") == ["station.jpg"]
+    assert kw("大阪城公園") == ["old.jpg"]  # an older index's text, found as it was
+    assert keywords.parse("東京").words == ["東京"]  # --explain shows the words as typed
+    assert keywords.evidence(keywords.parse("東京"), "東京駅 中央口")
+    assert not keywords.evidence(keywords.parse("京東"), "東京駅 中央口")
+    db.dispose()
+
+
+def test_greek_accents_do_not_matter_as_latin_ones_do(tmp_path):
+    """`cafe` finds `Café`, but `αθηνα` did not find `Αθήνα` (unicode61 folds Latin accents only); text an older
+    index holds with its accents is still found as typed."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        sign = catalog.upsert_file(conn, {"root": "/r", "relpath": "a.jpg", "size": 1, "mtime": 0.0,
+                                          "status": catalog.INDEXED})
+        catalog.set_photo(conn, sign, "a.jpg", {"ocr": "ΟΔΟΣ Αθηνάς\nἈκρόπολις"})
+        old = catalog.upsert_file(conn, {"root": "/r", "relpath": "b.jpg", "size": 1, "mtime": 0.0,
+                                         "status": catalog.INDEXED})
+        conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)", (old, "Πλάκα"))
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(i for i, _ in keywords.search(conn, keywords.parse(text), 10))
+
+    assert kw("αθηνας") == kw("Αθηνάς") == kw("ακροπολις") == kw("οδός") == [sign]
+    assert kw("πλάκα") == [old]  # an older index's text, as it was written
+    assert keywords.evidence(keywords.parse("ακροπολις"), "Ἀκρόπολις")
+    db.dispose()
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_index_ocr_reads_the_whole_image_as_the_fill_step_does(tmp_path):
+    """`index --ocr` read the text in the decode made for the encoder, reduced to twice its input (here a
+    1600x1200 JPEG read at 200x150), where `--ocr` given to an existing index (the fill step) reads the whole
+    image: the small words on a camera-size photo were found one way and lost the other."""
+    from alignsearch.media.images import ImageSpec, open_rgb
+    from alignsearch.media.ocr import read_text
+    from indexer.decode import read_item
+    from indexer.scan import Found
+
+    photo = Image.fromarray(scene_frame(5, (1600, 1200)))
+    draw = ImageDraw.Draw(photo)
+    draw.rectangle([100, 100, 560, 170], fill="white")
+    draw.text((115, 118), "ZANZIBAR SPICE 4711", fill="black", font=ImageFont.load_default(size=28))
+    photo.save(tmp_path / "street.jpg", quality=92)
+    found = Found(str(tmp_path), "street.jpg", (tmp_path / "street.jpg").stat().st_size,
+                  (tmp_path / "street.jpg").stat().st_mtime)
+    spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    item = read_item(found, spec, ocr=True)
+    filled = read_text(open_rgb((tmp_path / "street.jpg").read_bytes())[0])  # what indexer/ocrfill.py reads
+    assert "ZANZIBAR" in filled and item.ocr == filled, (item.ocr, filled)
+    assert (item.width, item.height) == (1600, 1200) and item.crop.shape == (64, 64, 3)  # the encoder's as before

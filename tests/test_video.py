@@ -84,6 +84,111 @@ def test_truncated_video_keeps_what_was_readable(tmp_path):
     assert np.allclose(starts(found)[:2], [0, 3], atol=SAMPLE) and 3 < found[-1].t_end < 9, starts(found)
 
 
+def test_a_header_claiming_hours_does_not_stretch_the_last_moment(tmp_path):
+    """A 2 s AVI whose header (strh dwLength) claims 360,000 frames, ten hours: the length is what the file's
+    packets hold, frames skipped undecoded included, not what its header says (its last moment ended at 10:00:00)."""
+    import struct
+
+    data = bytearray(make_video(tmp_path / "short.avi", [(5, 1.2), (6, 0.8)]).read_bytes())
+    at = data.find(b"strh") + 40  # the video stream header's length in frames (AVIStreamHeader.dwLength)
+    assert struct.unpack("<I", data[at:at + 4]) == (20,)
+    data[at:at + 4] = struct.pack("<I", 360000)
+    (tmp_path / "long.avi").write_bytes(data)
+    info = VideoInfo()
+    found = list(moments(str(tmp_path / "long.avi"), SPEC, info))
+    assert found[-1].t_end == pytest.approx(2, abs=0.15) and info.duration == pytest.approx(2, abs=0.15)
+    # the frames NONREF leaves undecoded still count: a video's end is its last packet's, not its last decoded frame's
+    whole = list(moments(str(make_video(tmp_path / "b.mkv", [(7, 3.3)])), SPEC))
+    assert whole[-1].t_end == pytest.approx(3.3, abs=0.01), whole[-1].t_end
+
+
+def _h264(size, frames: int, shade: int = 0) -> bytes:
+    """A raw H.264 stream (Annex B) of flat frames, which can be joined to another."""
+    import av
+
+    out_bytes = io.BytesIO()
+    with av.open(out_bytes, "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            frame = np.full((size[1], size[0], 3), (shade + 40 * i) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return out_bytes.getvalue()
+
+
+def _remux(data: bytes, path, duration: int | None = None):
+    """The raw H.264 `data` in a Matroska file, 10 frames a second (each packet `duration` long when given)."""
+    import fractions
+
+    import av
+
+    with av.open(io.BytesIO(data), format="h264") as src, av.open(str(path), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for i, packet in enumerate(p for p in src.demux() if p.size):
+            packet.stream, packet.pts, packet.dts = out, i, i
+            packet.time_base = fractions.Fraction(1, 10)
+            if duration is not None:
+                packet.duration = duration
+            dst.mux(packet)
+    return path
+
+
+def test_a_packet_claiming_hours_does_not_stretch_the_last_moment(tmp_path):
+    """Packets of a 3 s video each claiming 20 minutes (a muxer's or an attacker's): its end is its last
+    frame's, not 20 minutes past its last packet."""
+    video = _remux(_h264((160, 90), 30), tmp_path / "v.mkv", duration=12000)
+    info = VideoInfo()
+    found = list(moments(str(video), SPEC, info))
+    assert found[-1].t_end == pytest.approx(3, abs=0.15) and info.duration == pytest.approx(3, abs=0.15)
+
+
+def test_frames_larger_than_the_header_said_are_refused_by_the_decoder(tmp_path, monkeypatch):
+    """A header of 160x90, then frames over the limit: FFmpeg refuses them before it decodes them (max_pixels;
+    each frame thread decoded them first, 538 MB for 8400x8400 frames from an 834 KB file on 2 cores), and the
+    moments before them are kept. The limit is lowered here so the test encodes small frames."""
+    import alignsearch.media.video as video_module
+
+    monkeypatch.setattr(video_module, "MAX_PIXELS", 320 * 180)
+    video = _remux(_h264((160, 90), 30) + _h264((640, 360), 2, shade=128), tmp_path / "bomb.mkv")
+    seen = []
+    signature = video_module._signature
+    monkeypatch.setattr(video_module, "_signature", lambda frame: seen.append(frame.width) or signature(frame))
+    found = list(moments(str(video), SPEC, interval=1))
+    assert len(found) == 3 and found[-1].t_end == pytest.approx(3.2, abs=0.15), starts(found)
+    assert seen and set(seen) == {160}  # no larger frame ever reached this process
+
+
+def test_a_phone_video_stored_sideways_is_read_upright(tmp_path):
+    """A portrait phone video is stored sideways with a display matrix that turns it upright (ffprobe: "rotation
+    of -90.00 degrees"; FFmpeg's player turns such frames clockwise). Its moments were encoded, and shown on
+    the web page, lying on their side, with the stored size; now as displayed, as a photo's EXIF turn is."""
+    import av
+
+    from alignsearch.media.video import frame_at
+
+    upright = scene_frame(9, (90, 160))  # what the phone saw: 90 wide, 160 high
+    with av.open(str(tmp_path / "phone.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        stream.set_display_rotation(-90)  # a turn clockwise shows it upright
+        stored = np.ascontiguousarray(np.rot90(upright, k=1))  # the sensor's rows: the picture turned counter-clockwise
+        for _ in range(20):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = VideoInfo()
+    found = list(moments(str(tmp_path / "phone.mp4"), SPEC, info))
+    assert (info.width, info.height) == (90, 160) and found[0].image.size == (90, 160)
+    shown = np.asarray(found[0].image, dtype=np.float32)
+    assert np.abs(shown - upright).mean() < 8, np.abs(shown - upright).mean()  # H.264's loss only
+    thumb = np.asarray(frame_at(str(tmp_path / "phone.mp4"), found[0].t, found[0].t_end), dtype=np.float32)
+    assert thumb.shape == (160, 90, 3) and np.abs(thumb - upright).mean() < 8
+
+
 def _library(tmp_path):
     lib = tmp_path / "lib"
     make_images(lib / "photos", 4)
@@ -138,6 +243,58 @@ def test_photos_and_videos_index_in_one_run(tmp_path, tiny_model):
     assert np.allclose(moments_out, [0, 3, 7.5, 17.5, 27.5, 32.5], atol=SAMPLE)
     assert all(t is None for rel, t in zip(table["relpath"].to_pylist(), table["t_end"].to_pylist())
                if rel.startswith("photos/"))
+
+
+@pytest.mark.slow
+def test_dupes_never_lists_a_video_as_a_copy_of_itself(tmp_path, tiny_model):
+    """The moments of one video that look alike (a still shot, a scene shown again) are that one file: `dupes`
+    listed a still video three times, "keep" on one and the same path as duplicates to be rid of. Real copies
+    across files are still grouped: a video encoded again in another container, a frame saved as a photo."""
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    make_video(lib / "still.mp4", [(41, 25)], drift=False)  # three moments of one picture
+    make_video(lib / "again.mkv", [(41, 25)], drift=False)  # the same shot, another file
+    make_video(lib / "twice.mp4", [(42, 4), (44, 4), (42, 4)], drift=False)  # a scene shown again
+    Image.fromarray(scene_frame(44)).save(lib / "frame.png")  # twice.mp4's second scene as a photo
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    for tier in ("near", "similar"):
+        groups = json.loads(run("dupes", "--tier", tier, "--json", "--index", ix).stdout)
+        listed = [sorted(os.path.basename(i["path"]) for i in g["items"]) for g in groups]
+        assert all(len(set(names)) == len(names) for names in listed), (tier, listed)
+        assert ["again.mkv", "still.mp4"] in listed and ["frame.png", "twice.mp4"] in listed, (tier, listed)
+    text = run("dupes", "--index", ix).output
+    assert "2 groups, 2 files besides the ones to keep" in text, text
+
+
+@pytest.mark.slow
+def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model):
+    """A renamed (or copied) video keeps its vectors, found by its SHA-256, and now its date too: it was dated by
+    its mtime (the day of the rename) instead of its container's creation_time, and `--after` lost it."""
+    import av
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 1)
+    with av.open(str(lib / "trip.mp4"), "w") as out:
+        out.metadata["creation_time"] = "2019-05-01T10:00:00Z"
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        for i in range(30):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(scene_frame(3 + i // 15), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+
+    def in_2019():
+        out = run("query", "x", "--json", "--after", "2019-01-01", "--before", "2019-12-31", "--index", ix).stdout
+        return sorted((h["relpath"], h["t"], h["taken"]) for h in json.loads(out)["results"])
+
+    assert in_2019() == [("trip.mp4", 0.0, "2019-05-01T10:00:00Z"), ("trip.mp4", 1.5, "2019-05-01T10:00:00Z")]
+    (lib / "trip.mp4").rename(lib / "trip2.mp4")
+    shutil.copy(lib / "trip2.mp4", lib / "copy.mp4")
+    s = index_json(ix)
+    assert (s["moved"], s["added"]) == (1, 1), s  # the copy: found by its hash too
+    assert [h[0] for h in in_2019()] == ["copy.mp4", "copy.mp4", "trip2.mp4", "trip2.mp4"]
 
 
 @pytest.mark.slow

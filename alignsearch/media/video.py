@@ -73,6 +73,11 @@ def _video_stream(container):
         raise VideoError("cannot decode video: its video stream's codec is unknown")
     width, height = stream.codec_context.width, stream.codec_context.height
     _refuse_bomb(width, height)
+    # FFmpeg itself refuses a frame over the limit, before it allocates it: a header of 160x90 then frames of
+    # 8400x8400 (an 834 KB file) were decoded by each frame thread before the frames looked at were checked
+    # (538 MB on 2 cores, more with more), and the whole video failed; now decoding stops at that frame and
+    # the moments before it are kept, as for any video that breaks off.
+    stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(MAX_PIXELS)}
     # FFmpeg's own threads (the GIL is released while it decodes); a size not in the header may be large
     small = bool(width and height) and width * height <= FRAME_THREADS_MAX_PIXELS
     stream.thread_type = "AUTO" if small else "SLICE"
@@ -80,11 +85,22 @@ def _video_stream(container):
 
 
 def _to_image(frame):
-    """A decoded frame as a PIL RGB image: the pixels of frame.to_image(), which holds two more copies of the
-    frame while it converts (decoding an 8192x8192 frame peaked at 1.2 GB with it, 0.8 GB without)."""
+    """A decoded frame as a PIL RGB image, turned as its display matrix says (a phone's portrait video is stored
+    sideways: its moments were encoded, and shown on the web page, lying on their side): the pixels of
+    frame.to_image(), which holds two more copies of the frame while it converts (decoding an 8192x8192 frame
+    peaked at 1.2 GB with it, 0.8 GB without)."""
     from PIL import Image
 
-    return Image.fromarray(frame.to_ndarray(format="rgb24"))
+    img = Image.fromarray(frame.to_ndarray(format="rgb24"))
+    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_270}.get(_rotation(frame))  # PIL turns counter-clockwise too
+    return img if turn is None else img.transpose(turn)
+
+
+def _rotation(frame) -> int:
+    """The frame's display rotation, counter-clockwise degrees in 0, 90, 180, 270 (0 for any other angle)."""
+    degrees = round(float(getattr(frame, "rotation", 0) or 0)) % 360
+    return degrees if degrees in (90, 180, 270) else 0
 
 
 @dataclass
@@ -144,7 +160,8 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
         next_sample, last_t = 0.0, None
-        frames = container.decode(stream)
+        last_packet = [0.0]
+        frames = _decode(container, stream, last_packet)
         while True:
             try:
                 frame = next(frames, None)
@@ -171,6 +188,7 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             now = _signature(frame)
             if start is None:
                 start, frame_img, rep_final = t, _to_image(frame), False
+                info.width, info.height = frame_img.size  # as displayed, as a photo's (after its rotation)
             else:
                 cut = _is_cut(sig, now)
                 if (cut and t - start >= min_gap) or t - start >= interval:
@@ -181,11 +199,21 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             sig = now
         if start is None:
             raise VideoError("cannot decode video: no frame could be decoded")
-        end = max(last_t + 1 / rate, start)
-        if stream.duration is not None and stream.time_base is not None and not info.truncated:
-            end = max(end, float(stream.duration * stream.time_base))
+        # The last packets may be frames never decoded (NONREF); they count, the header's duration does not: an
+        # AVI of 2 s whose header claimed 10 hours had its last moment end at 10:00:00. Nor does a packet's own
+        # duration (one claiming 12,000 s was met): a frame's length past the last frame or packet.
+        end = max(max(last_t, 0.0 if info.truncated else last_packet[0]) + 1 / rate, start)
         info.duration = end
         yield _moment(index, start, end, frame_img, spec)
+
+
+def _decode(container, stream, last_packet: list) -> Iterator:
+    """container.decode(stream), noting in last_packet[0] the latest time (seconds) of a packet read, frames
+    skipped undecoded (NONREF) included."""
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base is not None:
+            last_packet[0] = max(last_packet[0], float(packet.pts * packet.time_base))
+        yield from packet.decode()
 
 
 def _moment(index: int, t: float, t_end: float, image, spec: ImageSpec) -> Moment:

@@ -303,6 +303,20 @@ def keep_order(row) -> tuple:
     return (-((row.width or 0) * (row.height or 0)), row.mtime, row.id)
 
 
+def _one_per_file(ids: list[int], rows: dict) -> list[int]:
+    """A group's ids, one per file: the moments of one video that look alike (a still shot, a scene shown twice)
+    are that file, not copies of it. `dupes` listed a still video as three duplicates of itself, counted among
+    the "files besides the ones to keep" the very file it said to keep. A video stands for its first moment
+    in the group."""
+    seen, out = set(), []
+    for i in sorted(i for i in ids if i in rows):
+        key = (rows[i].root, rows[i].relpath)
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
 def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int], float]) -> Group:
     members = sorted((rows[i] for i in ids if i in rows), key=keep_order)
     kept = members[0]
@@ -347,7 +361,8 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
             return float(_cosines(va[None], vb[None])[0])
     with db.connect() as conn:
         rows = catalog.get_files(conn, [i for g in groups for i in g])
-    out = [_describe(tier, g, rows, score) for g in groups if sum(i in rows for i in g) > 1]
+    groups = [_one_per_file(g, rows) for g in groups]
+    out = [_describe(tier, g, rows, score) for g in groups if len(g) > 1]
     out.sort(key=lambda g: (-len(g.items), g.keep))
     return out
 

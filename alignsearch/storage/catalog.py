@@ -870,11 +870,11 @@ def _drop_keywords(conn: Connection, ids: Iterable[int]) -> None:
 
 def _put_keywords(conn: Connection, file_id: int, text: str) -> None:
     """A file's keyword text, in both keyword tables (a writer's connect() has created them)."""
-    from alignsearch.storage.keywords import coded_chunks
+    from alignsearch.storage.keywords import coded_chunks, spaced
 
     for table in (KEYWORDS, KEYWORDS_TRIGRAM):
         conn.exec_driver_sql(f"DELETE FROM {table} WHERE rowid = ?", (int(file_id),))
-    conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)", (int(file_id), text))
+    conn.exec_driver_sql(f"INSERT INTO {KEYWORDS}(rowid, body) VALUES (?, ?)", (int(file_id), spaced(text)))
     codes = coded_chunks(text)
     if codes:
         conn.exec_driver_sql(f"INSERT INTO {KEYWORDS_TRIGRAM}(rowid, body) VALUES (?, ?)", (int(file_id), codes))

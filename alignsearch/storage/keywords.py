@@ -16,6 +16,9 @@ What a query text means (`parse`):
 - a chunk with punctuation (`INV-4711`) is a phrase of its words; a chunk holding a digit, 3+ characters,
   is also found inside longer ones (`4711` finds `INV4711A` and `INV-4711-A`).
 - accents and case do not matter (`cafe` finds `Café`).
+- Chinese and Japanese, written without spaces, are indexed a character a token (`spaced`), so `東京` is the
+  phrase `東 京` and finds `東京駅` (the unicode61 tokenizer made `東京駅前` one token, found only whole).
+  Greek loses its accents there too (`αθηνα` finds `Αθήνα`): unicode61 folds the accents of Latin letters only.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -50,6 +53,24 @@ MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
 # Atoms looked for at most (the first ones): each is an FTS5 lookup or two, so a 1000-character text of short
 # words stays a query of bounded cost (and far from SQLite's 500 terms per compound SELECT).
 MAX_ATOMS = 64
+# Han ideographs (with extension A and the compatibility block), hiragana, katakana and half-width katakana:
+# scripts written without spaces between words. Hangul is written with spaces; Thai too has none, but its vowel
+# and tone marks are characters of their own, so a character a token does not fit it (not done).
+_SPACELESS = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f])")
+
+
+# Greek letters (with the polytonic ones) without their accents and breathings (unicode61's remove_diacritics
+# folds Latin letters only, so `αθηνα` did not find `Αθήνα`).
+_GREEK_BARE = {c: "".join(d for d in unicodedata.normalize("NFD", chr(c)) if not unicodedata.combining(d))
+               for c in (*range(0x370, 0x400), *range(0x1F00, 0x2000))
+               if unicodedata.normalize("NFD", chr(c)) != chr(c) and unicodedata.category(chr(c)).startswith("L")}
+
+
+def spaced(text: str) -> str:
+    """text as the keyword index holds it and a query looks for it: every character of a script written
+    without spaces (_SPACELESS) a word of its own (a word of such text is then a phrase of characters), Greek
+    letters without their accents."""
+    return _SPACELESS.sub(r" \1 ", text).translate(_GREEK_BARE)
 
 
 @dataclass(frozen=True)
@@ -60,13 +81,20 @@ class Atom:
     tokens: tuple[str, ...]
     prefix: bool = False
     code: str | None = None
+    whole: tuple[str, ...] | None = None  # the tokens as typed, where `spaced` changed them (CJK, Greek)
 
     def fts(self) -> str:
-        """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix."""
-        return '"' + " ".join(self.tokens).replace('"', '""') + '"' + (" *" if self.prefix else "")
+        """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix; CJK or Greek also as
+        typed, which is how an index written before `spaced` holds it (until its keywords are written again)."""
+        found = _phrase(self.tokens, self.prefix)
+        return f"({found} OR {_phrase(self.whole, self.prefix)})" if self.whole else found
 
     def text(self) -> str:
-        return " ".join(self.tokens) + ("*" if self.prefix else "")
+        return " ".join(self.whole or self.tokens) + ("*" if self.prefix else "")
+
+
+def _phrase(tokens: tuple[str, ...], prefix: bool) -> str:
+    return '"' + " ".join(tokens).replace('"', '""') + '"' + (" *" if prefix else "")
 
 
 @dataclass(frozen=True)
@@ -88,7 +116,8 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     raw = chunk.strip()
     prefix = not quoted and raw.endswith("*")
     raw = raw.rstrip("*") if prefix else raw
-    tokens = tuple(w.lower() for w in _WORD.findall(raw))
+    tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
+    whole = tuple(w.lower() for w in _WORD.findall(raw))
     if not tokens:
         return None
     if not quoted and len(tokens) == 1 and (tokens[0] in STOPWORDS or len(tokens[0]) < 2) and not prefix:
@@ -99,7 +128,7 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     code = "".join(c for c in raw if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
     if code is not None and len(code) < MIN_CODE:
         code = None
-    return Atom(tokens, prefix, code)
+    return Atom(tokens, prefix, code, whole if whole != tokens else None)
 
 
 def parse(text: str | None, partial_last: bool = False) -> Query:
@@ -128,7 +157,7 @@ def parse(text: str | None, partial_last: bool = False) -> Query:
             break
         if (partial_last and not quoted and not negate and n == len(parts) - 1 and not atom.prefix
                 and not text[-1:].isspace() and len(atom.tokens[-1]) >= MIN_PARTIAL):
-            atom = Atom(atom.tokens, True, atom.code)
+            atom = Atom(atom.tokens, True, atom.code, atom.whole)
         if negate:
             excluded.append(atom)
             continue
@@ -240,7 +269,7 @@ def _evidence_sql(conn, query: Query) -> str:
 def _fold(text: str) -> list[str]:
     """The words of text as the keyword index sees them: lower case, accents folded."""
     decomposed = unicodedata.normalize("NFKD", text.lower())
-    return _WORD.findall("".join(c for c in decomposed if not unicodedata.combining(c)))
+    return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c))))
 
 
 def _atom_in(atom: Atom, words: list[str], raw: str) -> bool:

@@ -260,11 +260,13 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             errors.append(ListingError("", moved))
         return
     pending = list(reversed(folders)) if folders else [""]
-    # {folder: (its st_dev, its parent's)}, asked only when mounts are wanted: one lstat per folder, none per file
-    # (the root's own device is recorded by the run: indexer/roots.py DEVICE)
-    devices = {rel: (folder_device(os.path.join(root, rel) if rel else root),
-                     folder_device(os.path.dirname(os.path.join(root, rel))) if rel else None)
-               for rel in pending} if mounts is not None else {}
+    # {folder: (its st_dev, when it last changed, its parent's st_dev)}, asked only when mounts or captions are
+    # wanted: one lstat per folder serves both, none per file (the root's own device is recorded by the run:
+    # indexer/roots.py DEVICE)
+    looked = mounts is not None or captions_since is not None
+    stats = {rel: (*folder_stat(os.path.join(root, rel) if rel else root),
+                   folder_device(os.path.dirname(os.path.join(root, rel))) if rel else None)
+             for rel in pending} if looked else {}
     while pending:
         rel = pending.pop()
         folder = os.path.join(root, rel) if rel else root
@@ -275,15 +277,15 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             if errors is not None:
                 errors.append(ListingError(rel, f"cannot list: {exc.strerror or exc}"))
             continue
-        if mounts is not None and rel and entries and None not in devices[rel] and \
-                devices[rel][0] != devices[rel][1] and printable(rel)[1] is None:
-            mounts[rel] = devices[rel][0]
+        if mounts is not None and rel and entries and None not in (stats[rel][0], stats[rel][2]) and \
+                stats[rel][0] != stats[rel][2] and printable(rel)[1] is None:
+            mounts[rel] = stats[rel][0]
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
         if captions_since is not None:
             since = min([captions_since] + [t for f, t in (captions_unread or {}).items() if at_or_under(rel, f)])
             texts = {e.name: e for e in entries if e.name.endswith(".txt")}
-            folder_changed = changed_since(folder, since)
+            folder_changed = stats[rel][1] >= since - CHANGED_SLACK_S  # changed_since, from the lstat above
         if links is not None and linked_captions:
             links.append(rel)
         for entry in entries:
@@ -297,8 +299,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                         folder_links.append(os.path.join(rel, entry.name) if rel else entry.name)
                 elif (include_hidden or not _hidden(entry.name)) and entry.path != skip:
                     subfolders.append(os.path.join(rel, entry.name) if rel else entry.name)
-                    if mounts is not None:
-                        devices[subfolders[-1]] = (folder_device(entry.path), devices[rel][0])
+                    if looked:
+                        stats[subfolders[-1]] = (*folder_stat(entry.path), stats[rel][0])
                 continue
             if not _wanted(entry.name, include_hidden):
                 continue
@@ -371,19 +373,22 @@ CHANGED_SLACK_S = 60  # a file time a little before a listing started still coun
 def changed_since(path: str, since: float) -> bool:
     """Whether a file or folder (not followed if a link) was modified, or its status changed (a rename over it, an
     entry made or removed in a folder), at or after `since`, give or take CHANGED_SLACK_S."""
+    return folder_stat(path)[1] >= since - CHANGED_SLACK_S
+
+
+def folder_stat(path: str) -> tuple[int | None, float]:
+    """(st_dev, when it last changed: the later of its modification and status change times) of a folder or file,
+    not following a link, from one lstat; (None, -inf) when it cannot be asked."""
     try:
         st = os.lstat(path)
     except OSError:
-        return False
-    return max(st.st_mtime, st.st_ctime) >= since - CHANGED_SLACK_S
+        return None, float("-inf")
+    return st.st_dev, max(st.st_mtime, st.st_ctime)
 
 
 def folder_device(path: str) -> int | None:
     """A folder's st_dev, not following a link; None when it cannot be asked."""
-    try:
-        return os.lstat(path).st_dev
-    except OSError:
-        return None
+    return folder_stat(path)[0]
 
 
 def empty_folder(folder: str, *, include_hidden: bool = False) -> bool:

@@ -556,3 +556,34 @@ def test_a_photo_saved_into_an_unplugged_drive_s_mount_point_leaves_the_drive_s_
     s = index_json(ix)
     assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, []), s
     assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+
+
+def test_a_listing_recording_mounts_and_captions_looks_at_each_folder_once(tmp_path, monkeypatch):
+    """A listing that records the drives mounted inside its root (mounts=) and reads edited captions again
+    (captions_since=) asked each folder's lstat twice, once for its device and once for its times: one lstat now
+    serves both (benchmarks/bench_mounts.py)."""
+    import time
+    from collections import Counter
+
+    from indexer import scan
+
+    root = tmp_path / "photos"
+    for i in range(6):
+        (root / f"y{i // 3}" / f"a{i % 3}").mkdir(parents=True)
+        (root / f"y{i // 3}" / f"a{i % 3}" / "img.jpg").write_bytes(b"\xff\xd8")
+    folders = {str(root), *(str(p) for p in root.rglob("*") if p.is_dir())}
+    asked: Counter = Counter()
+    lstat = os.lstat
+
+    def counted(path, *args, **kwargs):
+        asked[os.fsdecode(path)] += 1
+        return lstat(path, *args, **kwargs)
+
+    list(scan.scan_folder(str(root), errors=[]))  # what the listing asks anyway (the root resolved)
+    monkeypatch.setattr(os, "lstat", counted)
+    list(scan.scan_folder(str(root), errors=[]))
+    anyway = Counter(asked)
+    asked.clear()
+    found = list(scan.scan_folder(str(root), errors=[], mounts={}, captions_since=time.time()))
+    assert len(found) == 6
+    assert {f: asked[f] - anyway[f] for f in folders if asked[f] - anyway[f] > 1} == {}

@@ -120,13 +120,6 @@ def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unlisted: list
     return {**kept, **found}
 
 
-def _device(path: str) -> int | None:
-    try:
-        return os.stat(path).st_dev
-    except OSError:
-        return None
-
-
 def _inside(path: str, folder: str) -> bool:
     return path != folder and scan.at_or_under(path, folder)
 
@@ -412,7 +405,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             to_folders: list[str] = []
             rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             local = sources.kind(root) == sources.FOLDER and not sources.is_url(root)
-            device = _device(root) if local else None
+            device = scan.folder_device(root) if local else None
             recorded = options.get(root, {}).get(DEVICE)
             # looked into only where the device is not the one recorded: a scoped run lists no more than its folders
             empty = device is not None and device != recorded and scan.empty_folder(root, include_hidden=hidden)
@@ -572,7 +565,7 @@ def report(db) -> list[dict]:
         recorded = errors.get(root, [])
         c = counts.get(root, {})
         mine = options.get(root, {})
-        device = _device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
+        device = scan.folder_device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
         unplugged = (any(c.values()) and device is not None and device != mine.get(DEVICE)
                      and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(
                          root, include_hidden=bool(mine.get("include_hidden")))))

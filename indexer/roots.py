@@ -69,11 +69,11 @@ def unplugged_reason(root: str, empty: bool = True) -> str:
 
 
 def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None, *,
-                     include_hidden: bool = False, indexed: Callable[[str], Iterable[str]] | None = None) -> list[str]:
+                     include_hidden: bool = False, indexed: Callable[[str], Iterable[tuple[str, int]]] | None = None) -> list[str]:
     """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: on another
-    device than recorded, or no mount point now (on the device of the folder above it), and empty (`looks_unmounted`) or, where `indexed(folder)` gives the paths of the files
-    indexed under it, holding none of them: a photo saved into the mount point while the drive was away (an import,
-    a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
+    device than recorded, or no mount point now (on the device of the folder above it), and empty (`looks_unmounted`) or, where `indexed(folder)` gives (path, size) of the files
+    indexed under it, holding none of them (a file of the name and size): a photo saved into the mount point while
+    the drive was away (an import, a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
     dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
     under or above these (a scoped listing's folders; None: all); include_hidden: the root's (scan.empty_folder)."""
     out = []
@@ -92,14 +92,17 @@ def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...
     return out
 
 
-def _none_there(paths: Iterable[str]) -> bool:
-    """Whether there is a path and none of them is there now (one lstat each, up to the first that is): gone, not
-    unknown (a folder that cannot be read, whose listing error says why)."""
+def _none_there(files: Iterable[tuple[str, int]]) -> bool:
+    """Whether there is a file (path, size indexed) and none of them is there now (one stat each, up to the first
+    that is): gone, or another file of its name, not unknown (a folder that cannot be read, whose listing error says
+    why). By name alone, a photo saved into an unplugged drive's mount point as img000.jpg, a name the drive holds
+    too (cameras number alike), was taken for the drive's: the folder was listed, the drive's other files removed."""
     seen = False
-    for path in paths:
+    for path, size in files:
         try:
-            os.lstat(path)
-            return False
+            if os.stat(path).st_size == size:
+                return False
+            seen = True
         except (FileNotFoundError, NotADirectoryError):
             seen = True
         except OSError:
@@ -416,7 +419,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 started = time.time()
                 recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
                 away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders, include_hidden=hidden,
-                                                        indexed=lambda rel: _paths_under(root, rows, rel))
+                                                        indexed=lambda rel: _files_under(root, rows, rel))
                         if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
                 # their rows are kept as under any folder that cannot be listed: the next run looks again
                 errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel), scan.empty_folder(
@@ -490,10 +493,11 @@ def _unread(recorded: dict, unlisted: list[str]) -> dict[str, float]:
             for u in unlisted}
 
 
-def _paths_under(root: str, rows: dict, folder: str) -> Iterable[str]:
-    """The paths of the catalogued files (rows: files_under's) under `folder` (relative) of a root."""
+def _files_under(root: str, rows: dict, folder: str) -> Iterable[tuple[str, int]]:
+    """(path, size indexed) of the catalogued files (rows: files_under's) under `folder` (relative) of a root."""
     key = scan.printable(folder)[0]
-    return (sources.location(root, r.relpath, r.relpath_raw) for k, r in rows.items() if scan.at_or_under(k, key))
+    return ((sources.location(root, r.relpath, r.relpath_raw), r.size) for k, r in rows.items()
+            if scan.at_or_under(k, key))
 
 
 def _one_per_key(root: str, found: list, notes: list) -> list:

@@ -103,7 +103,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
          skip: str | None = None, folders: tuple[str, ...] | None = None,
          links: list[str] | None = None, folder_links: list[str] | None = None, *,
          mounts: dict[str, int] | None = None, captions_since: float | None = None,
-         captions_unread: dict[str, float] | None = None) -> Iterator[Found]:
+         captions_unread: dict[str, float] | None = None, captions_read: dict[str, float] | None = None
+         ) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
@@ -111,7 +112,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
     of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
     appended; folder_links: each link to a folder met (relative); mounts: of a folder root, {folder: st_dev} of
     each folder listed with entries on another device than the folder above it (a drive mounted inside the root);
-    captions_since, captions_unread: of a folder root, when its last full listing started (see scan_folder)."""
+    captions_since, captions_unread, captions_read: of a folder root, up to when its captions were read (see
+    scan_folder)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -120,7 +122,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
     return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links, mounts=mounts,
-                       captions_since=captions_since, captions_unread=captions_unread)
+                       captions_since=captions_since, captions_unread=captions_unread, captions_read=captions_read)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -234,7 +236,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 skip: str | None = None, folders: tuple[str, ...] | None = None,
                 links: list[str] | None = None, folder_links: list[str] | None = None, *,
                 mounts: dict[str, int] | None = None, captions_since: float | None = None,
-                captions_unread: dict[str, float] | None = None) -> Iterator[Found]:
+                captions_unread: dict[str, float] | None = None,
+                captions_read: dict[str, float] | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
     those under these folders (relative, each one `listable` gives, none under another), in their order. links:
     each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root);
@@ -246,6 +249,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
     caption_link set: an unchanged photo's caption is read again (indexer/photos.py recaption), as a caption changes
     neither the photo's size nor its time. None: only caption links are. captions_unread: {folder: time} of the
     folders that listing could not list, whose captions (those under them too) count as read up to that time only.
+    captions_read: {folder: time} of the folders a listing of some folders of the root (`index --watch`) listed
+    since, every folder under them too: their captions count as read up to that time.
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -284,6 +289,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
         if captions_since is not None:
             since = min([captions_since] + [t for f, t in (captions_unread or {}).items() if at_or_under(rel, f)])
+            since = max([since] + [t for f, t in (captions_read or {}).items() if at_or_under(rel, f)])
             texts = {e.name: e for e in entries if e.name.endswith(".txt")}
             folder_changed = stats[rel][1] >= since - CHANGED_SLACK_S  # changed_since, from the lstat above
         if links is not None and linked_captions:

@@ -336,15 +336,16 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
     return summary
 
 
-def _indexed_under(conn, root: str, folder: str) -> Iterator[str]:
-    """The paths of the files catalogued under `folder` (relative) of a folder root, read as they are asked for
-    (unplugged_mounts stops at the first that is there): two columns, not whole rows."""
+def _indexed_under(conn, root: str, folder: str) -> Iterator[tuple[str, int]]:
+    """(path, size indexed) of the files catalogued under `folder` (relative) of a folder root, read as they are
+    asked for (unplugged_mounts stops at the first that is there): three columns, not whole rows."""
     from sqlalchemy import select
 
     f = catalog.files.c
-    query = select(f.relpath, f.relpath_raw).where(f.root == root, *catalog.under_folder(scan.printable(folder)[0]))
-    for relpath, raw in conn.execute(query):
-        yield sources.location(root, relpath, raw)
+    query = select(f.relpath, f.relpath_raw, f.size).where(f.root == root,
+                                                           *catalog.under_folder(scan.printable(folder)[0]))
+    for relpath, raw, size in conn.execute(query):
+        yield sources.location(root, relpath, raw), size
 
 
 def _local_indexed_paths(db) -> list[str]:

@@ -50,7 +50,13 @@ LISTED = "listed"
 # unreadable lost+found, an unplugged drive): their captions count as read only up to that time (LISTED before it),
 # so the listing that set LISTED need not have listed every folder
 UNREAD = "unread"
-INTERNAL = (DEVICE, MOUNTS, LISTED, UNREAD)  # options a run records for itself: never shown, never given
+# the root option that records {folder (relative): time} of the folders a run listing only some folders of the root
+# (`index --watch`) listed since its last whole listing, with no listing error at, above or under them, once it had
+# read their captions changed: those under them count as read up to that time (LISTED, UNREAD are older). Without
+# it, each such run read again every caption changed since the last whole listing, and all of a folder changed
+READ = "read"
+READ_MOST = 1_000  # folders READ records at the most, the latest: one dropped only reads its captions again
+INTERNAL = (DEVICE, MOUNTS, LISTED, UNREAD, READ)  # options a run records for itself: never shown, never given
 
 
 def looks_unmounted(recorded: int | None, now: int | None, empty: bool) -> bool:
@@ -69,11 +75,11 @@ def unplugged_reason(root: str, empty: bool = True) -> str:
 
 
 def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...] | None = None, *,
-                     include_hidden: bool = False, indexed: Callable[[str], Iterable[str]] | None = None) -> list[str]:
+                     include_hidden: bool = False, indexed: Callable[[str], Iterable[tuple[str, int]]] | None = None) -> list[str]:
     """The folders of `recorded` (a root's MOUNTS: {relative folder: st_dev}) that look unmounted now: on another
-    device than recorded, or no mount point now (on the device of the folder above it), and empty (`looks_unmounted`) or, where `indexed(folder)` gives the paths of the files
-    indexed under it, holding none of them: a photo saved into the mount point while the drive was away (an import,
-    a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
+    device than recorded, or no mount point now (on the device of the folder above it), and empty (`looks_unmounted`) or, where `indexed(folder)` gives (path, size) of the files
+    indexed under it, holding none of them (a file of the name and size): a photo saved into the mount point while
+    the drive was away (an import, a download) is no sign that the drive's photos were deleted. Listed, each folder's files looked deleted and a run
     dropped them all, vectors and tags, though the drive mounted there was only unplugged. within: only folders at,
     under or above these (a scoped listing's folders; None: all); include_hidden: the root's (scan.empty_folder)."""
     out = []
@@ -92,14 +98,17 @@ def unplugged_mounts(root: str, recorded: dict[str, int], within: tuple[str, ...
     return out
 
 
-def _none_there(paths: Iterable[str]) -> bool:
-    """Whether there is a path and none of them is there now (one lstat each, up to the first that is): gone, not
-    unknown (a folder that cannot be read, whose listing error says why)."""
+def _none_there(files: Iterable[tuple[str, int]]) -> bool:
+    """Whether there is a file (path, size indexed) and none of them is there now (one stat each, up to the first
+    that is): gone, or another file of its name, not unknown (a folder that cannot be read, whose listing error says
+    why). By name alone, a photo saved into an unplugged drive's mount point as img000.jpg, a name the drive holds
+    too (cameras number alike), was taken for the drive's: the folder was listed, the drive's other files removed."""
     seen = False
-    for path in paths:
+    for path, size in files:
         try:
-            os.lstat(path)
-            return False
+            if os.stat(path).st_size == size:
+                return False
+            seen = True
         except (FileNotFoundError, NotADirectoryError):
             seen = True
         except OSError:
@@ -118,13 +127,6 @@ def _kept_mounts(recorded: dict[str, int], found: dict[str, int], unlisted: list
             if any(scan.at_or_under(rel, u) for u in unlisted)
             or (listed is not None and not any(scan.at_or_under(rel, f) for f in listed))}
     return {**kept, **found}
-
-
-def _device(path: str) -> int | None:
-    try:
-        return os.stat(path).st_dev
-    except OSError:
-        return None
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -276,7 +278,8 @@ class Scanned:
     errors_by_root: dict = field(default_factory=dict)  # for meta listing_errors
     devices: dict = field(default_factory=dict)  # {folder root: st_dev} of those listed with entries in them
     mounts: dict = field(default_factory=dict)  # {folder root: its MOUNTS after this listing}, of those listed
-    # {folder root: (when this run's listing of it whole started, its UNREAD: the folders it could not list)}
+    # {folder root: (when this run's listing of it started, its UNREAD: the folders it could not list, of a whole
+    # listing; None, the folders it listed with no listing error, of a listing of some folders: READ)}
     listed: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
@@ -412,7 +415,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             to_folders: list[str] = []
             rows = catalog.files_under(conn, root, folders and tuple(scan.printable(f)[0] for f in folders))
             local = sources.kind(root) == sources.FOLDER and not sources.is_url(root)
-            device = _device(root) if local else None
+            device = scan.folder_device(root) if local else None
             recorded = options.get(root, {}).get(DEVICE)
             # looked into only where the device is not the one recorded: a scoped run lists no more than its folders
             empty = device is not None and device != recorded and scan.empty_folder(root, include_hidden=hidden)
@@ -421,9 +424,10 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             else:
                 mounts: dict[str, int] | None = {} if local else None
                 started = time.time()
+                since = _since(options.get(root, {}).get(LISTED), started, bool(rows)) if local else None
                 recorded_mounts = options.get(root, {}).get(MOUNTS, {}) if local else {}
                 away = [rel for rel in unplugged_mounts(root, recorded_mounts, folders, include_hidden=hidden,
-                                                        indexed=lambda rel: _paths_under(root, rows, rel))
+                                                        indexed=lambda rel: _files_under(root, rows, rel))
                         if any(scan.at_or_under(r, scan.printable(rel)[0]) for r in rows)]
                 # their rows are kept as under any folder that cannot be listed: the next run looks again
                 errors += [scan.ListingError(rel, unplugged_reason(_shown_folder(root, rel), scan.empty_folder(
@@ -433,8 +437,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                         raise FileNotFoundError(f"{root} is missing")
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
                         "caption_column"), skip, folders, linked, to_folders, mounts=mounts,
-                        captions_since=_since(options.get(root, {}).get(LISTED), started, bool(rows)) if local else None,
-                        captions_unread=options.get(root, {}).get(UNREAD)))
+                        captions_since=since, captions_unread=options.get(root, {}).get(UNREAD),
+                        captions_read={f: t for f, t in options.get(root, {}).get(READ, {}).items() if t <= started}))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                     if root not in known:  # a new root is only remembered once it could be listed
@@ -449,7 +453,12 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 if mounts is not None and not any(e.folder == "" for e in errors):
                     out.mounts[root] = _kept_mounts(recorded_mounts, mounts, [e.folder for e in errors], folders)
                     if folders is None:  # whole: what it saw changed before it started, but for what it could not list
-                        out.listed[root] = (started, _unread(options.get(root, {}), [e.folder for e in errors]))
+                        out.listed[root] = (started, _unread(options.get(root, {}), [e.folder for e in errors]), None)
+                    elif since is not None:  # some folders: those it listed whole, nothing under them left unlisted
+                        done = tuple(f for f in folders if not any(scan.at_or_under(e.folder, f)
+                                                                   or scan.at_or_under(f, e.folder) for e in errors))
+                        if done:
+                            out.listed[root] = (started, None, done)
             if root not in known and any(e.folder == "" for e in errors):
                 raise BadInputError(f"cannot index {root}: {errors[0].reason}")
             if links is not None and sources.kind(root) == sources.FOLDER:
@@ -497,10 +506,11 @@ def _unread(recorded: dict, unlisted: list[str]) -> dict[str, float]:
             for u in unlisted}
 
 
-def _paths_under(root: str, rows: dict, folder: str) -> Iterable[str]:
-    """The paths of the catalogued files (rows: files_under's) under `folder` (relative) of a root."""
+def _files_under(root: str, rows: dict, folder: str) -> Iterable[tuple[str, int]]:
+    """(path, size indexed) of the catalogued files (rows: files_under's) under `folder` (relative) of a root."""
     key = scan.printable(folder)[0]
-    return (sources.location(root, r.relpath, r.relpath_raw) for k, r in rows.items() if scan.at_or_under(k, key))
+    return ((sources.location(root, r.relpath, r.relpath_raw), r.size) for k, r in rows.items()
+            if scan.at_or_under(k, key))
 
 
 def _one_per_key(root: str, found: list, notes: list) -> list:
@@ -540,18 +550,25 @@ def remember(db, roots: list[str], columns: dict, options: dict, scanned: Scanne
 
 
 def remember_listed(db, scanned: Scanned) -> None:
-    """Record when each root this run listed whole started its listing (LISTED), once the captions it found
-    changed are read again (photos.recaption): recorded with the roots, before the encoding, a run killed meanwhile
-    left the next one taking those captions for read, and their old text stayed for good."""
+    """Record when each root this run listed whole started its listing (LISTED), or, listed only under some folders,
+    those folders with that time (READ), once the captions it found changed are read again (photos.recaption):
+    recorded with the roots, before the encoding, a run killed meanwhile left the next one taking those captions for
+    read, and their old text stayed for good."""
     if not scanned.listed:
         return
     with db.begin() as conn:
         recorded = state.read(conn, "roots").roots
         options = dict(recorded.options)
-        for r, (started, unread) in scanned.listed.items():
-            if r in recorded.roots:
-                mine = {k: v for k, v in options.get(r, {}).items() if k != UNREAD}
+        for r, (started, unread, some) in scanned.listed.items():
+            if r in recorded.roots and some is None:  # a whole listing: READ's folders are all older
+                mine = {k: v for k, v in options.get(r, {}).items() if k not in (UNREAD, READ)}
                 options[r] = {**mine, LISTED: started, **({UNREAD: unread} if unread else {})}
+            elif r in recorded.roots:
+                read = {f: t for f, t in options.get(r, {}).get(READ, {}).items()
+                        if not any(scan.at_or_under(f, g) for g in some)}  # those under its folders are older
+                read.update(dict.fromkeys(some, started))
+                latest = sorted(read.items(), key=lambda item: item[1])[-READ_MOST:]
+                options[r] = {**options.get(r, {}), READ: dict(latest)}
         state.write(conn, roots=replace(recorded, options=options))
 
 
@@ -572,7 +589,7 @@ def report(db) -> list[dict]:
         recorded = errors.get(root, [])
         c = counts.get(root, {})
         mine = options.get(root, {})
-        device = _device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
+        device = scan.folder_device(root) if present and sources.kind(root) == sources.FOLDER and not sources.is_url(root) else None
         unplugged = (any(c.values()) and device is not None and device != mine.get(DEVICE)
                      and looks_unmounted(mine.get(DEVICE), device, scan.empty_folder(
                          root, include_hidden=bool(mine.get("include_hidden")))))

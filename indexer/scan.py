@@ -103,7 +103,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
          skip: str | None = None, folders: tuple[str, ...] | None = None,
          links: list[str] | None = None, folder_links: list[str] | None = None, *,
          mounts: dict[str, int] | None = None, captions_since: float | None = None,
-         captions_unread: dict[str, float] | None = None) -> Iterator[Found]:
+         captions_unread: dict[str, float] | None = None, captions_read: dict[str, float] | None = None
+         ) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
@@ -111,7 +112,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
     of a folder root, each folder listed that holds a link to a file the indexer reads, or to a caption, is
     appended; folder_links: each link to a folder met (relative); mounts: of a folder root, {folder: st_dev} of
     each folder listed with entries on another device than the folder above it (a drive mounted inside the root);
-    captions_since, captions_unread: of a folder root, when its last full listing started (see scan_folder)."""
+    captions_since, captions_unread, captions_read: of a folder root, up to when its captions were read (see
+    scan_folder)."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
@@ -120,7 +122,7 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
     return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links, mounts=mounts,
-                       captions_since=captions_since, captions_unread=captions_unread)
+                       captions_since=captions_since, captions_unread=captions_unread, captions_read=captions_read)
 
 
 def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -234,7 +236,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                 skip: str | None = None, folders: tuple[str, ...] | None = None,
                 links: list[str] | None = None, folder_links: list[str] | None = None, *,
                 mounts: dict[str, int] | None = None, captions_since: float | None = None,
-                captions_unread: dict[str, float] | None = None) -> Iterator[Found]:
+                captions_unread: dict[str, float] | None = None,
+                captions_read: dict[str, float] | None = None) -> Iterator[Found]:
     """Image files under a folder, by extension, sorted (a folder's files, then its subfolders). folders: only
     those under these folders (relative, each one `listable` gives, none under another), in their order. links:
     each folder listed that holds a link to a wanted file or a caption (.txt) is appended (relative, "" the root);
@@ -246,6 +249,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
     caption_link set: an unchanged photo's caption is read again (indexer/photos.py recaption), as a caption changes
     neither the photo's size nor its time. None: only caption links are. captions_unread: {folder: time} of the
     folders that listing could not list, whose captions (those under them too) count as read up to that time only.
+    captions_read: {folder: time} of the folders a listing of some folders of the root (`index --watch`) listed
+    since, every folder under them too: their captions count as read up to that time.
 
     Directory symlinks are not followed (no loops); file symlinks are, and a broken one is reported with
     an error, as are FIFOs, devices and sockets named like images and files over sources.MAX_FILE_BYTES
@@ -260,11 +265,13 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             errors.append(ListingError("", moved))
         return
     pending = list(reversed(folders)) if folders else [""]
-    # {folder: (its st_dev, its parent's)}, asked only when mounts are wanted: one lstat per folder, none per file
-    # (the root's own device is recorded by the run: indexer/roots.py DEVICE)
-    devices = {rel: (folder_device(os.path.join(root, rel) if rel else root),
-                     folder_device(os.path.dirname(os.path.join(root, rel))) if rel else None)
-               for rel in pending} if mounts is not None else {}
+    # {folder: (its st_dev, when it last changed, its parent's st_dev)}, asked only when mounts or captions are
+    # wanted: one lstat per folder serves both, none per file (the root's own device is recorded by the run:
+    # indexer/roots.py DEVICE)
+    looked = mounts is not None or captions_since is not None
+    stats = {rel: (*folder_stat(os.path.join(root, rel) if rel else root),
+                   folder_device(os.path.dirname(os.path.join(root, rel))) if rel else None)
+             for rel in pending} if looked else {}
     while pending:
         rel = pending.pop()
         folder = os.path.join(root, rel) if rel else root
@@ -275,15 +282,16 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             if errors is not None:
                 errors.append(ListingError(rel, f"cannot list: {exc.strerror or exc}"))
             continue
-        if mounts is not None and rel and entries and None not in devices[rel] and \
-                devices[rel][0] != devices[rel][1] and printable(rel)[1] is None:
-            mounts[rel] = devices[rel][0]
+        if mounts is not None and rel and entries and None not in (stats[rel][0], stats[rel][2]) and \
+                stats[rel][0] != stats[rel][2] and printable(rel)[1] is None:
+            mounts[rel] = stats[rel][0]
         subfolders = []
         linked_captions = {e.name for e in entries if e.name.endswith(".txt") and e.is_symlink()}
         if captions_since is not None:
             since = min([captions_since] + [t for f, t in (captions_unread or {}).items() if at_or_under(rel, f)])
+            since = max([since] + [t for f, t in (captions_read or {}).items() if at_or_under(rel, f)])
             texts = {e.name: e for e in entries if e.name.endswith(".txt")}
-            folder_changed = changed_since(folder, since)
+            folder_changed = stats[rel][1] >= since - CHANGED_SLACK_S  # changed_since, from the lstat above
         if links is not None and linked_captions:
             links.append(rel)
         for entry in entries:
@@ -297,8 +305,8 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                         folder_links.append(os.path.join(rel, entry.name) if rel else entry.name)
                 elif (include_hidden or not _hidden(entry.name)) and entry.path != skip:
                     subfolders.append(os.path.join(rel, entry.name) if rel else entry.name)
-                    if mounts is not None:
-                        devices[subfolders[-1]] = (folder_device(entry.path), devices[rel][0])
+                    if looked:
+                        stats[subfolders[-1]] = (*folder_stat(entry.path), stats[rel][0])
                 continue
             if not _wanted(entry.name, include_hidden):
                 continue
@@ -371,19 +379,22 @@ CHANGED_SLACK_S = 60  # a file time a little before a listing started still coun
 def changed_since(path: str, since: float) -> bool:
     """Whether a file or folder (not followed if a link) was modified, or its status changed (a rename over it, an
     entry made or removed in a folder), at or after `since`, give or take CHANGED_SLACK_S."""
+    return folder_stat(path)[1] >= since - CHANGED_SLACK_S
+
+
+def folder_stat(path: str) -> tuple[int | None, float]:
+    """(st_dev, when it last changed: the later of its modification and status change times) of a folder or file,
+    not following a link, from one lstat; (None, -inf) when it cannot be asked."""
     try:
         st = os.lstat(path)
     except OSError:
-        return False
-    return max(st.st_mtime, st.st_ctime) >= since - CHANGED_SLACK_S
+        return None, float("-inf")
+    return st.st_dev, max(st.st_mtime, st.st_ctime)
 
 
 def folder_device(path: str) -> int | None:
     """A folder's st_dev, not following a link; None when it cannot be asked."""
-    try:
-        return os.lstat(path).st_dev
-    except OSError:
-        return None
+    return folder_stat(path)[0]
 
 
 def empty_folder(folder: str, *, include_hidden: bool = False) -> bool:

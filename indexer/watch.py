@@ -15,7 +15,8 @@ while the index's model is the one it loaded.
 A root that disappears (a drive unmounted, a folder moved away) is left to the run: the index keeps its files
 (state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device,
 inode, and whether it can be read) every second: a root back, replaced, moved in again or made readable is watched
-anew and indexed. So is each drive mounted inside a root (`inner_mounts`, from /proc/self/mountinfo every second):
+anew and indexed. So is each drive mounted inside a root (`inner_mounts`, from /proc/self/mountinfo every second,
+and any change of that table then: MountTable):
 inotify reports no mount nor unmount, so a drive plugged in at photos/nas was never watched and an unplugged one's
 mount point no longer; a change makes a run listing every root, which keeps an unplugged drive's files
 (indexer/roots.py MOUNTS). A folder root that
@@ -41,6 +42,7 @@ import logging
 import os
 import queue
 import re
+import select
 import signal
 import stat
 import threading
@@ -437,6 +439,7 @@ class Watch:
     runs: int = 0
     polling: bool = False  # notifications failed once: polled from then on
     mounts: frozenset = frozenset()  # inner_mounts when the watcher started
+    table: "MountTable | None" = None  # tells a change of the mount table between two looks
     interval_s: float | None = None  # --watch-interval: URL roots listed this often
 
 
@@ -581,7 +584,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate), signal.getsignal(signal.SIGINT)
-    w = Watch(str(out), interval_s=opts.interval_s)
+    w = Watch(str(out), interval_s=opts.interval_s, table=MountTable())
     watcher: _Watcher | None = None
     running = False
     closing = False  # stopped by SIGINT or SIGTERM: both ignored from then on
@@ -703,6 +706,7 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
         if watcher is not None:
             watcher.close()
         outside.close()
+        w.table.close()
         if lock_fd is not None:
             os.close(lock_fd)
         if not (opts.process_ends and closing):
@@ -763,13 +767,40 @@ def _inner_mounts(w: Watch) -> frozenset[tuple[str, str]]:
 
 
 def _roots_changed(w: Watch) -> bool:
-    """A root gone, back or replaced, or a drive mounted or unmounted inside one (`inner_mounts`)."""
+    """A root gone, back or replaced, or a drive mounted or unmounted inside one (`inner_mounts`), also one unplugged
+    and plugged in again since the last look (the mount table changed, with drives inside the roots)."""
+    changed = w.table is not None and w.table.changed()  # asked each look: it answers for what came since the last
     if any(watchable(r.name) and identity_changed(r.seen, identity(r.name)) for r in w.roots.values()):
         return True
-    if _inner_mounts(w) != w.mounts:
+    if _inner_mounts(w) != w.mounts or (changed and w.mounts):
         log.info("a drive was mounted or unmounted inside a root: watched anew, every root listed")
         return True
     return False
+
+
+class MountTable:
+    """Whether the mount table changed since the last look: /proc/self/mountinfo polled for POLLPRI, as util-linux's
+    findmnt --poll does (each poll answers for what came since the one before). A drive unmounted and mounted again
+    between two looks came back with the mount id it had (ids are reused, lowest first), so `inner_mounts` was the
+    same, but inotify's watches on it went with the unmount: photos added to it were never indexed. Never changed
+    where the table cannot be polled (not Linux)."""
+
+    def __init__(self, path: str = "/proc/self/mountinfo"):
+        self._poll = None
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - held for the watch, closed by close()
+        except OSError:
+            return
+        self._poll = select.poll()
+        self._poll.register(self._file, select.POLLPRI)
+
+    def changed(self) -> bool:
+        return self._poll is not None and bool(self._poll.poll(0))
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._file.close()
+            self._poll = None
 
 
 def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool | None:

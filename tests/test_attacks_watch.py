@@ -545,3 +545,79 @@ def test_an_index_made_before_listed_was_recorded_reads_its_captions_again_once(
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 1
     assert _caption(job, photo) == "a blue whale"
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+
+
+def test_a_scoped_run_reads_again_only_the_captions_changed_since_its_folder_was_last_listed(tmp_path, tiny_model,
+                                                                                             monkeypatch):
+    """Scoped runs never recorded up to when they had read captions (root option listed is a whole listing's), so
+    each run of a folder read again every caption edited since the last whole listing, and every caption of a folder
+    changed since (a photo added): under `index --watch`, which lists every root whole only after a restart, a big
+    folder's captions were all read again by each run of it, for days. A scoped run records the folders it listed
+    with no listing error (root option read); a listing of a folder under one counts its captions read up to then."""
+    from indexer import photos, scan
+
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # each run starts well after the edit before it, as in life
+    root, r, job = library(tmp_path, tiny_model, {"a": (10, 101), "b": (1, 102)})
+    shots = sorted((root / "a").iterdir())
+    for i, photo in enumerate(shots):
+        photo.with_suffix(".txt").write_text(f"photo {i}")
+    time.sleep(0.05)
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 10
+    read: list[int] = []
+    recaption = photos.recaption
+
+    def counted(db, rows, *args):
+        rows = list(rows)
+        read.append(len(rows))
+        return recaption(db, rows, *args)
+
+    monkeypatch.setattr(photos, "recaption", counted)
+    staged = make_images(tmp_path / "staging", 1, seed=103)[0]
+    steps = [lambda: shots[0].with_suffix(".txt").write_text("a red bicycle"),  # edited in place: a alone changed
+             lambda: shots[1].with_suffix(".txt").write_text("a blue whale"),
+             lambda: shutil.copy(staged, root / "a" / "new.jpg"),  # the folder changed: each caption read, once
+             lambda: shots[2].with_suffix(".txt").write_text("a green kite")]
+    changed = [shots[0].with_suffix(".txt"), shots[1].with_suffix(".txt"), root / "a" / "new.jpg",
+               shots[2].with_suffix(".txt")]
+    for step, path in zip(steps, changed):
+        time.sleep(0.05)
+        step()
+        time.sleep(0.05)
+        scoped_run(job, [r], [(MODIFIED, str(path))])
+    assert read == [1, 1, 10, 1]
+    assert [_caption(job, p) for p in shots[:3]] == ["a red bicycle", "a blue whale", "a green kite"]
+    assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
+
+
+def test_a_scoped_run_that_could_not_list_a_folder_under_its_own_records_no_time_for_it(tmp_path, tiny_model,
+                                                                                         monkeypatch):
+    """A folder listed by a scoped run counts its captions read up to then (root option read) only when nothing
+    under it went unlisted: a caption edited in a/locked while it could not be listed is read once it can."""
+    from helpers import index_state
+    from indexer import scan
+    from indexer.roots import READ
+
+    monkeypatch.setattr(scan, "CHANGED_SLACK_S", 0)  # each run starts well after the edit before it, as in life
+    root, r, job = library(tmp_path, tiny_model, {"a": (1, 104), "a/locked": (1, 105)})
+    locked = next((root / "a" / "locked").iterdir())
+    refused = {str(root / "a" / "locked")}
+    refuse_listing(monkeypatch, refused, PermissionError(13, "Permission denied", str(root / "a" / "locked")))
+    time.sleep(0.05)
+    locked.with_suffix(".txt").write_text("a green kite")  # edited while a run cannot list its folder
+    staged = make_images(tmp_path / "staging", 1, seed=106)[0]
+    shutil.copy(staged, root / "a" / "new.jpg")
+    time.sleep(0.05)
+    done = scoped_run(job, [r], [(watch.ADDED, f"{r}/a/new.jpg")])
+    assert (done.added, len(done.listing_errors)) == (1, 1), done
+    assert "a" not in index_state(job["index_dir"]).roots.options[r].get(READ, {})
+    refused.clear()
+    time.sleep(0.05)
+    done = scoped_run(job, [r], [(MODIFIED, f"{r}/a/locked")])
+    assert (done.times["extra"]["captions_read_again"], done.listing_errors) == (1, []), done
+    conn = sqlite3.connect(f"file:{Path(job['index_dir']) / DB_FILE}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT p.caption FROM files f JOIN photos p ON p.file_id = f.id WHERE f.relpath = ?",
+                            (f"a/locked/{locked.name}",)).fetchall() == [("a green kite",)]
+    finally:
+        conn.close()
+    assert index_state(job["index_dir"]).roots.options[r][READ] == {"a/locked": pytest.approx(time.time(), abs=60)}

@@ -396,3 +396,86 @@ def test_fill_steps_skip_a_file_replaced_since_the_scan(indexed_images, tiny_mod
         assert conn.execute(select(catalog.photos.c.camera).where(catalog.photos.c.file_id == new_id)).scalar() \
             == "Replaced"
     db.dispose()
+
+
+# `index` with the caption slack off (scan.CHANGED_SLACK_S: a caption edited a minute before a run started is read
+# again whatever the records say), so that only the records (root options listed, unread, mounts) decide
+_NO_SLACK = ("import sys; from indexer import scan; scan.CHANGED_SLACK_S = 0; sys.argv[0] = 'alignsearch'; "
+             "from alignsearch.__main__ import run; run()")
+
+
+def _read_catalog(ix, sql: str, *args) -> list:
+    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_kill_9_of_runs_keeps_an_unplugged_drive_s_files_and_reads_the_captions_edited_meanwhile(tmp_path, tiny_model):
+    """The records a run keeps of a root (mounts: the drives mounted inside it, photos/nas a real tmpfs; listed and
+    unread: up to when its captions were read) under runs killed with -9 at random moments, between which a caption
+    of an unchanged photo is edited, photos are added (work to be killed in) and the drive is unplugged or plugged
+    back: no run removes the drive's files, and the run that ends at last has read the last caption."""
+    from helpers import mount_tmpfs, unmount
+
+    root, ix, drive = tmp_path / "photos", tmp_path / "ix", tmp_path / "drive"
+    captioned = make_images(root / "a", 2, seed=11)[0]
+    on_drive = make_images(drive, 3, seed=12)
+    if not mount_tmpfs(root / "nas"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for photo in on_drive:
+            shutil.copy2(photo, root / "nas" / photo.name)
+        cmd = [sys.executable, "-c", _NO_SLACK, "index", str(root), "--index", str(ix), "--model", str(tiny_model),
+               "--device", "cpu", "--batch-size", "2", "--workers", "0"]
+        assert subprocess.run(cmd, capture_output=True).returncode == 0
+        make_images(root / "b", 12, seed=99)
+        start = time.monotonic()
+        assert subprocess.run(cmd, capture_output=True).returncode == 0
+        took = time.monotonic() - start  # a run of the changes each step makes
+        r = str(root.resolve())
+
+        def drive_rows() -> int:
+            return _read_catalog(ix, "SELECT count(*) FROM files WHERE root = ? AND relpath LIKE 'nas/%'", r)[0][0]
+
+        rng, plugged, kills, text = random.Random(3), True, 0, None
+        for i in range(8):
+            time.sleep(0.05)  # every change below is older than the next run's start, as in life
+            text = f"caption {i}"
+            captioned.with_suffix(".txt").write_text(text)
+            make_images(root / "b", 12, seed=100 + i)  # overwritten: the same names, new photos
+            # the drive plugged for the last: a listing error (the drive away) holds the record of the captions back
+            if (i < 7 and rng.random() < 0.5) or (i == 7 and not plugged):
+                if plugged:
+                    unmount(root / "nas")
+                else:
+                    assert mount_tmpfs(root / "nas")
+                    for photo in on_drive:
+                        shutil.copy2(photo, root / "nas" / photo.name)
+                plugged = not plugged
+            time.sleep(0.05)
+            before = vector_rows(ix)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            if i % 2 or i == 7:  # killed as it encodes, its listing recorded (the last run too: its caption is checked)
+                while proc.poll() is None and vector_rows(ix) == before:
+                    time.sleep(0.01)
+            else:  # at any moment
+                time.sleep(rng.uniform(0.1, 1.0) * took)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+            assert drive_rows() == 3, (i, plugged)
+        assert kills >= 6, f"{kills} kills: the runs ended before the kill"
+        done = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert drive_rows() == 3
+        stored = _read_catalog(ix, "SELECT p.caption FROM files f JOIN photos p ON p.file_id = f.id "
+                                   "WHERE f.root = ? AND f.relpath = ?", r, f"a/{captioned.name}")
+        assert stored == [(text,)], stored
+        unmount(root / "nas")  # and unplugged once more, under a run that ends
+        assert subprocess.run(cmd, capture_output=True).returncode == 0 and drive_rows() == 3
+    finally:
+        unmount(root / "nas")

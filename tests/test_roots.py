@@ -556,3 +556,74 @@ def test_a_photo_saved_into_an_unplugged_drive_s_mount_point_leaves_the_drive_s_
     s = index_json(ix)
     assert (s["added"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 5, []), s
     assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+
+
+def test_a_listing_recording_mounts_and_captions_looks_at_each_folder_once(tmp_path, monkeypatch):
+    """A listing that records the drives mounted inside its root (mounts=) and reads edited captions again
+    (captions_since=) asked each folder's lstat twice, once for its device and once for its times: one lstat now
+    serves both (benchmarks/bench_mounts.py)."""
+    import time
+    from collections import Counter
+
+    from indexer import scan
+
+    root = tmp_path / "photos"
+    for i in range(6):
+        (root / f"y{i // 3}" / f"a{i % 3}").mkdir(parents=True)
+        (root / f"y{i // 3}" / f"a{i % 3}" / "img.jpg").write_bytes(b"\xff\xd8")
+    folders = {str(root), *(str(p) for p in root.rglob("*") if p.is_dir())}
+    asked: Counter = Counter()
+    lstat = os.lstat
+
+    def counted(path, *args, **kwargs):
+        asked[os.fsdecode(path)] += 1
+        return lstat(path, *args, **kwargs)
+
+    list(scan.scan_folder(str(root), errors=[]))  # what the listing asks anyway (the root resolved)
+    monkeypatch.setattr(os, "lstat", counted)
+    list(scan.scan_folder(str(root), errors=[]))
+    anyway = Counter(asked)
+    asked.clear()
+    found = list(scan.scan_folder(str(root), errors=[], mounts={}, captions_since=time.time()))
+    assert len(found) == 6
+    assert {f: asked[f] - anyway[f] for f in folders if asked[f] - anyway[f] > 1} == {}
+
+
+@pytest.mark.slow
+def test_a_photo_saved_into_an_unplugged_drive_s_mount_point_under_a_name_on_the_drive_leaves_its_files(
+        tmp_path, tiny_model):
+    """The drive at photos/nas (a real tmpfs) unplugged, a photo saved into its empty mount point under the name of
+    one of the drive's photos (img000.jpg: cameras number alike): the folder held "one of the files indexed there",
+    so the next run listed it and removed the drive's other 2 files, vectors and tags, and took the new photo for the
+    drive's img000 changed. A file counts as one indexed there when it has the size indexed too."""
+    from helpers import mount_tmpfs, unmount
+
+    root, ix, saved = tmp_path / "photos", tmp_path / "ix", tmp_path / "saved"
+    make_images(root, 2)
+    if not mount_tmpfs(root / "nas"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        on_drive = make_images(saved, 3, seed=3)
+        for photo in on_drive:
+            shutil.copy2(photo, root / "nas" / photo.name)
+        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+        labels = tmp_path / "labels.txt"
+        labels.write_text("a photo\n")
+        run("tag", "--labels-file", labels, "--threshold", "0", "--index", ix)
+        before = _paths(ix)
+        unmount(root / "nas")
+        other = make_images(tmp_path / "camera", 1, seed=9)[0]
+        assert other.stat().st_size != on_drive[0].stat().st_size
+        shutil.copy(other, root / "nas" / on_drive[0].name)  # the disk below, the drive's name
+        s = index_json(ix)
+        assert (s["added"], s["updated"], s["removed"], s["kept"]) == (0, 0, 0, 3), s
+        assert "holding none of the files indexed there" in s["listing_errors"][0]["reason"]
+        assert _paths(ix) == before and json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+        assert mount_tmpfs(root / "nas")  # plugged back: the photo saved below is hidden by the drive
+        for photo in on_drive:
+            shutil.copy2(photo, root / "nas" / photo.name)
+        s = index_json(ix)
+        assert (s["added"], s["updated"], s["removed"], s["unchanged"], s["listing_errors"]) == (0, 0, 0, 5, []), s
+        assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
+    finally:
+        unmount(root / "nas")

@@ -1307,3 +1307,37 @@ def test_mount_points_with_names_not_ascii_are_read_as_the_file_system_names_the
     assert watch.inner_mounts(watch.mounted(str(info)), {"/home/jürgen/Pictures": False}, SKIP) == {
         ("40", "/home/jürgen/Pictures/nas"), ("41", "/home/jürgen/Pictures/my usb")}
     assert ("42", os.fsdecode(b"/data/\xff")) in watch.mounted(str(info))  # not UTF-8: as os.listdir names it
+
+
+@pytest.mark.slow
+def test_a_drive_unplugged_and_plugged_in_again_between_two_looks_is_watched_anew(indexed_images, watching, tmp_path):
+    """The drive at photos/nas unmounted and mounted again at once (a loose cable, a share remounted by its
+    automounter) between two of the watch's looks at the mount table: the mount came back with the mount id it had
+    (ids are reused, lowest first), so the watch saw no change, the watches inotify had on the drive went with the
+    unmount, and photos added to the drive then were never indexed (seen with a real tmpfs; the drive's files stayed
+    indexed). A change of the mount table (/proc/self/mountinfo polled) with drives inside the roots is a change of
+    them. A real tmpfs unmounted, then a new one filled as the drive was (skipped where the test may not mount)."""
+    from helpers import mount_tmpfs, unmount
+
+    root, ix = indexed_images(4)
+    nas = root / "nas"
+    if not mount_tmpfs(nas):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        saved = make_images(tmp_path / "saved", 3, seed=3)
+        for photo in saved:
+            shutil.copy2(photo, nas / photo.name)
+        w = watching(ix)
+        assert w.runs[0]["added"] == 3
+        before = watch.inner_mounts(watch.mounted(), {str(root): False}, str(ix))
+        unmount(nas)
+        assert mount_tmpfs(nas)
+        for photo in saved:
+            shutil.copy2(photo, nas / photo.name)
+        if watch.inner_mounts(watch.mounted(), {str(root): False}, str(ix)) != before:
+            pytest.skip("the mount came back with another mount id here")
+        time.sleep(2)  # a look or two of the watch
+        later = make_images(nas / "later", 1, seed=9)[0]  # on the drive plugged in again: seen, indexed
+        assert w.next_run(added=1)["removed"] == 0 and str(later) in indexed_paths(ix)
+    finally:
+        unmount(nas)

@@ -1019,3 +1019,18 @@ def refuse_listing(monkeypatch, refused: set, error: OSError) -> None:
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", listing)
+
+
+# -- waiting for a condition, not for a time (the tests raced by threads and processes) ---------------------------
+
+
+def wait_until(condition, what: str, timeout: float = 60, every: float = 0.05):
+    """condition()'s first true value, polled every `every` s; a test failure naming `what` after `timeout` s. The
+    limit is generous (a loaded 2-core CI machine): it costs nothing when the condition holds at once, where a
+    fixed sleep either wastes its time or, under load, is too short."""
+    end = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > end:
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(every)
+    return value

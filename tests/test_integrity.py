@@ -18,7 +18,7 @@ import pytest
 
 import alignsearch
 from conftest import index_json, make_images, run
-from helpers import alignsearch as as_child, can_drop_dac
+from helpers import alignsearch as as_child, can_drop_dac, wait_until
 
 
 def meta(ix, key):
@@ -717,8 +717,11 @@ def test_searches_during_a_reencode_never_mix_generations(indexed_images, other_
     thread = threading.Thread(target=reader)
     thread.start()
     try:
+        # Waited for, not slept for: the reader's first search loads the model, and the search in flight at the
+        # switch may outlast a fixed pause on a loaded machine, leaving one generation seen.
+        wait_until(lambda: answers or errors, "a first answer of the reader")
         index_folders([], index_dir=ix, model=str(other_model), device="cpu", reindex=True, batch_size=2, workers=0)
-        time.sleep(0.5)
+        wait_until(lambda: len(set(answers)) == 2 or errors, "an answer of the new generation")
     finally:
         stop.set()
         thread.join()

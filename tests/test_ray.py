@@ -194,9 +194,11 @@ def test_an_actor_that_does_not_see_the_index_folder_sends_its_vectors(tmp_path,
     assert_same_results(engine, alignsearch.open(tmp_path / "local"), corpus)
 
 
-def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_model, monkeypatch):
+def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_model):
     """`--ray=ADDRESS` joins a cluster started apart (`ray start --head`), here fed WebDataset shards.
     Such a cluster authenticates with a token (~/.ray/auth_token): the driver must say so."""
+    import os
+    import secrets
     import shutil
     import socket
     import subprocess
@@ -205,7 +207,7 @@ def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_m
     import time
     from pathlib import Path
 
-    from helpers import write_shard
+    from helpers import alignsearch as as_child, write_shard
 
     files = sorted(p for p in corpus.rglob("*") if p.is_file())
     for s in range(2):
@@ -214,9 +216,15 @@ def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_m
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    # Token mode and a token of the test's own, named on both sides from their start as a user's shell sets them.
+    # Set here in the test's own process (monkeypatch), after `import ray` had read the mode, it reached the driver
+    # only when an earlier test's local ray.init() had switched this process to token mode (and made
+    # ~/.ray/auth_token); run alone where an earlier Ray had left ~/.ray/auth_token (which puts `ray start` in
+    # token mode), the driver sent no token: "cannot join" (exit 6). With no token file, token mode alone fails.
+    token_mode = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=token_mode)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -224,9 +232,10 @@ def test_existing_cluster_by_address_indexes_tar_shards(tmp_path, corpus, tiny_m
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.5)
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        out = run("index", tmp_path / "part-{0..1}.tar", "--index", tmp_path / "ix", "--model", tiny_model,
-                  "--device", "cpu", "--batch-size", "4", f"--ray=127.0.0.1:{port}", "--json").stdout
+        done = as_child("index", tmp_path / "part-{0..1}.tar", "--index", tmp_path / "ix", "--model", tiny_model,
+                        "--device", "cpu", "--batch-size", "4", f"--ray=127.0.0.1:{port}", "--json", env=token_mode)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = done.stdout
     finally:
         head.terminate()
         head.wait(60)

@@ -36,8 +36,8 @@ def test_build_parses_where_once_and_checks_every_option():
         search_request.build(text="x", compose="median")
     with pytest.raises(BadInputError):
         search_request.build(text="x", k=5000)
-    with pytest.raises(BadInputError):
-        search_request.build()  # nothing to search for
+    with pytest.raises(UsageError):
+        search_request.build()  # nothing to search for: asked wrongly (exit 2), as the CLI always said
 
 
 def test_similar_takes_no_text_negative_or_image():

@@ -512,8 +512,7 @@ def request_options(fn):
     def command(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after,
                 before, camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain,
                 **rest):
-        if text is None and image is None:
-            raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
+        # nothing to search for is refused by build (exit 2), as Engine.search and the server refuse it
         from alignsearch.search.request import DEFAULT_PER_VIDEO, build
 
         narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near,

@@ -1,0 +1,64 @@
+"""One query, one answer: the same bad query gets the same error, exit code and HTTP status from the CLI
+(`alignsearch query`), the Python API (alignsearch.open(...).search) and a real `alignsearch serve`; and the CLI
+refuses what it used to pass over in silence (an option given twice, an unknown --format, a threshold out of
+range said with the wrong code)."""
+
+import json
+import shutil
+import urllib.parse
+
+import pytest
+
+import alignsearch
+from alignsearch.errors import AlignSearchError
+from conftest import index_json, make_images, run
+from helpers import call, start_serve, stop
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    base = tmp_path_factory.mktemp("one-answer")
+    corpus, ix = base / "corpus", base / "ix"
+    make_images(corpus, 6)
+    index_json(ix, corpus, "--model", tiny_model, "--device", "cpu")
+    alone = base / "alone"  # no server record: the CLI searches locally
+    shutil.copytree(ix, alone)
+    proc, url = start_serve(ix, "--token", "s3cret")
+    yield {"ix": ix, "alone": alone, "corpus": corpus, "url": url}
+    stop(proc)
+
+
+# (CLI arguments, Engine.search keywords, GET /api/search parameters, exit code, words of the one message)
+CASES = [
+    # nothing to search for: a usage error everywhere (the API and the server said 6 where the CLI said 2)
+    ([], {}, {}, 2, "give a text, an image, or both"),
+    # an empty negative is refused as an empty text is (it was dropped: the search ran without it)
+    (["dog", "--negative", ""], {"text": "dog", "negative": ""}, {"q": "dog", "negative": ""}, 6,
+     "the negative text is empty"),
+    (["dog", "--negative", "  "], {"text": "dog", "negative": "  "}, {"q": "dog", "negative": "  "}, 6,
+     "the negative text is empty"),
+    # the limits that were already shared: kept the same on every surface
+    (["x" * 100_000], {"text": "x" * 100_000}, None, 6, "the text is 100000 characters long"),
+    # (HTTP answers k=0 with the framework's 422, as the README says of its types and ranges)
+    (["dog", "-k", "0"], {"text": "dog", "k": 0}, None, 6, "k must be an integer from 1"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, kwargs, params, code, words", CASES)
+def test_a_bad_query_is_one_error_on_every_surface(served, args, kwargs, params, code, words):
+    out = run("query", *args, "--index", served["alone"], code=code).output
+    assert words in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    through_server = run("query", *args, "--index", served["ix"], code=code).output  # checked before it is sent
+    assert words in through_server, through_server
+
+    engine = alignsearch.open(served["alone"], device="cpu")
+    with pytest.raises(AlignSearchError, match=words.replace("(", r"\(")) as raised:
+        engine.search(**kwargs)
+    assert raised.value.exit_code == code
+
+    if params is None:  # 100 KB does not fit a URL: the server's own check of it is test_server's
+        return
+    status, _, body = call(served["url"], "/api/search?" + urllib.parse.urlencode(params))
+    assert status == 400 == raised.value.http_status, body
+    assert words in json.loads(body)["error"]

@@ -37,6 +37,11 @@ CASES = [
      "the negative text is empty"),
     (["dog", "--negative", "  "], {"text": "dog", "negative": "  "}, {"q": "dog", "negative": "  "}, 6,
      "the negative text is empty"),
+    # a format no file can have: refused (it found nothing, exit 0), as an unknown --where field is
+    (["dog", "--format", "bogus"], {"text": "dog", "format": "bogus"}, {"q": "dog", "format": "bogus"}, 2,
+     "format 'bogus' is not one alignsearch indexes"),
+    (["dog", "--where", "format != pgn"], {"text": "dog", "where": "format != pgn"},
+     {"q": "dog", "where": "format != pgn"}, 2, "format 'pgn' is not one"),
     # the limits that were already shared: kept the same on every surface
     (["x" * 100_000], {"text": "x" * 100_000}, None, 6, "the text is 100000 characters long"),
     # (HTTP answers k=0 with the framework's 422, as the README says of its types and ranges)
@@ -62,3 +67,23 @@ def test_a_bad_query_is_one_error_on_every_surface(served, args, kwargs, params,
     status, _, body = call(served["url"], "/api/search?" + urllib.parse.urlencode(params))
     assert status == 400 == raised.value.http_status, body
     assert words in json.loads(body)["error"]
+
+
+def test_the_formats_a_query_takes_are_those_the_catalog_records():
+    """filters.FORMATS names the formats without importing media (a query is checked without numpy or Pillow):
+    held here to what the indexer records, so a format it learns is never refused."""
+    from alignsearch.media.images import READ_FORMATS
+    from alignsearch.media.video import VIDEO_EXTENSIONS
+    from alignsearch.search.filters import FORMAT_ALIASES, FORMATS
+
+    assert FORMATS == {f.lower() for f in READ_FORMATS} | {"mpo"} | {e.lstrip(".") for e in VIDEO_EXTENSIONS}
+    assert set(FORMAT_ALIASES.values()) <= FORMATS
+
+
+def test_an_indexed_format_is_found_by_any_of_its_names(indexed_images):
+    _, ix = indexed_images(6)
+    for name in ("jpeg", "JPG", "jfif", "png", "PNG"):
+        hits = json.loads(run("query", "dog", "--format", name, "--index", ix, "--json").stdout)["results"]
+        assert hits and all(h["format"].lower() == {"jpg": "jpeg", "jfif": "jpeg"}.get(name.lower(), name.lower())
+                            for h in hits), name
+    assert json.loads(run("query", "dog", "--format", "webp", "--index", ix, "--json").stdout)["results"] == []

@@ -87,3 +87,27 @@ def test_an_indexed_format_is_found_by_any_of_its_names(indexed_images):
         assert hits and all(h["format"].lower() == {"jpg": "jpeg", "jfif": "jpeg"}.get(name.lower(), name.lower())
                             for h in hits), name
     assert json.loads(run("query", "dog", "--format", "webp", "--index", ix, "--json").stdout)["results"] == []
+
+
+@pytest.mark.parametrize("args", [
+    ["similarity", "--text", "a cat", "--text", "a dog", "--image", "IMAGE"],  # measured "a dog" alone
+    ["query", "dog", "-k", "2", "-k", "50"],
+    ["query", "dog", "--negative", "cat", "--negative", "car"],
+    ["dupes", "--tier", "near", "--tier", "similar"],
+    ["embed", "--text", "a", "--device", "cpu", "--device", "cuda"],
+])
+def test_an_option_of_one_value_given_twice_is_refused(indexed_images, args):
+    """click kept the last value of a repeated option silently; repeatable options (--text of embed, --labels)
+    and flags stay as they are."""
+    root, ix = indexed_images(3)
+    args = [str(next(root.glob("*.jpg"))) if a == "IMAGE" else a for a in args]
+    out = run(*args, "--index", ix, code=2).output
+    assert "given more than once: it takes one value" in out, out
+
+
+def test_repeatable_options_and_flags_still_repeat(indexed_images):
+    _, ix = indexed_images(3)
+    vectors = json.loads(run("embed", "--text", "a", "--text", "b", "--index", ix).stdout)
+    assert [v["input"] for v in vectors] == ["a", "b"]
+    assert json.loads(run("query", "dog", "--json", "--json", "-k", "1", "--index", ix).stdout)["results"]
+    run("-v", "-v", "info", "--index", ix)

@@ -87,9 +87,28 @@ def reports_errors(fn):
     return wrapper
 
 
+class _Command(click.Command):
+    """Every command: an option that takes one value given twice is refused (exit 2). click keeps the last
+    silently, so `similarity --text a --text b` measured b alone, and `-k 5 ... -k 50` searched for 50."""
+
+    def parse_args(self, ctx, args):
+        if not ctx.resilient_parsing:  # shell completion parses partial lines: nothing to refuse there
+            # the parser only splits the line (no conversion, no callback): run once more for the order it saw
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            seen = set()
+            for param in order:
+                if isinstance(param, click.Option) and not (param.multiple or param.count or param.is_flag):
+                    if param.name in seen:
+                        raise click.UsageError(f"{param.opts[-1]} is given more than once: it takes one value", ctx)
+                    seen.add(param.name)
+        return super().parse_args(ctx, args)
+
+
 class _Main(click.Group):
     """Every error ends in one line and a documented exit code (see the module docstring), never a
     traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
+
+    command_class = _Command
 
     def main(self, *args, **kwargs):
         _hold_std_fds()

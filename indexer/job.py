@@ -15,7 +15,7 @@ from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
-from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
+from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError, UsageError
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, scan, videos, writer
 from indexer import roots as index_roots
@@ -674,8 +674,8 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
     labels = tag.parse_labels(labels)
     if not labels and not clear:
         raise BadInputError("the labels file holds no labels: write one label per line (# starts a comment)")
-    if not 0 <= threshold <= 1 or top < 1:
-        raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
+    if not 0 <= threshold <= 1 or top < 1:  # an option value out of range: exit 2, as dupes --threshold and --top's own
+        raise UsageError("--threshold must be in [0, 1] and --top at least 1")
     check_templates(templates)  # before --clear removes anything: a bad template is refused with nothing changed
     out = Path(index_dir)
     with writer_lock(out):

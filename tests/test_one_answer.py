@@ -111,3 +111,18 @@ def test_repeatable_options_and_flags_still_repeat(indexed_images):
     assert [v["input"] for v in vectors] == ["a", "b"]
     assert json.loads(run("query", "dog", "--json", "--json", "-k", "1", "--index", ix).stdout)["results"]
     run("-v", "-v", "info", "--index", ix)
+
+
+def test_a_threshold_out_of_range_is_a_usage_error_in_every_command(indexed_images, tmp_path):
+    """README: exit 2 is bad usage, an option's value included (dupes said 2, tag 6 for the same mistake)."""
+    _, ix = indexed_images(3)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a cat\na dog\n")
+    for bad in ("1.5", "-0.1", "nan"):
+        out = run("tag", "--labels-file", labels, "--threshold", bad, "--index", ix, code=2).output
+        assert "--threshold must be in [0, 1]" in out, out
+    run("dupes", "--tier", "near", "--threshold", "70", "--index", ix, code=2)
+    run("dupes", "--tier", "similar", "--threshold", "nan", "--index", ix, code=2)
+    assert "exact copies" in run("dupes", "--tier", "exact", "--threshold", "5", "--index", ix, code=2).output  # was ignored
+    run("query", "dog", "--min-score", "2", "--index", ix, code=2)
+    run("tag", "--labels-file", labels, "--threshold", "0.4", "--index", ix)  # in range: tagged

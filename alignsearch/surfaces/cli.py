@@ -1108,14 +1108,10 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     """Group duplicate images, largest groups first. Reports only: nothing is ever deleted.
 
     The file to keep in each group: the largest resolution, then the oldest (modification time)."""
-    from alignsearch.search.dupes import find_groups
+    from alignsearch.search.dupes import check_threshold, find_groups
     from alignsearch.search.engine import open as open_index
-    from alignsearch.errors import UsageError
 
-    if threshold is not None and tier == "near" and not (0 <= threshold < 64 and threshold == int(threshold)):
-        raise UsageError("--threshold for --tier near is a number of bits from 0 to 63")  # bad usage: exit 2
-    if threshold is not None and tier == "similar" and not -1 <= threshold <= 1:
-        raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
+    check_threshold(tier, threshold)  # before the index opens; find_groups checks it again for Python callers
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
         click.echo(json.dumps([{**g.to_dict(), "items": [_with_path_b64(i) for i in g.to_dict()["items"]]} for g in groups],

@@ -126,3 +126,27 @@ def test_a_threshold_out_of_range_is_a_usage_error_in_every_command(indexed_imag
     assert "exact copies" in run("dupes", "--tier", "exact", "--threshold", "5", "--index", ix, code=2).output  # was ignored
     run("query", "dog", "--min-score", "2", "--index", ix, code=2)
     run("tag", "--labels-file", labels, "--threshold", "0.4", "--index", ix)  # in range: tagged
+
+
+def test_a_search_parameter_given_twice_is_refused_by_the_server(served):
+    """As the CLI refuses an option given twice: the framework kept the last (?q=dog&q=cat searched for cat)."""
+    for query in ("q=dog&q=cat", "q=dog&k=2&k=50"):
+        status, _, body = call(served["url"], "/api/search?" + query)
+        assert status == 400 and "given more than once in the URL" in json.loads(body)["error"], body
+    image = next(served["corpus"].glob("*.jpg")).read_bytes()
+    boundary = "b0undary"
+
+    def form(*fields):
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                 for name, value in fields]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + image + b"\r\n")
+        return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, body = call(served["url"], "/api/search", data=form(("q", "dog"), ("q", "cat")), headers=headers)
+    assert status == 400 and "q is given more than once in the form" in json.loads(body)["error"], body
+    status, _, body = call(served["url"], "/api/search?k=2&sort=path", data=form(("q", "dog"), ("k", "2")), headers=headers)
+    assert status == 200 and len(json.loads(body)["results"]) == 2, body  # once in each place, agreeing: as before
+    status, _, body = call(served["url"], "/api/search?k=2&q=dog")
+    assert status == 200 and json.loads(body)["query"]["k"] == 2

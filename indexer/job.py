@@ -698,8 +698,8 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
 
 def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
     """Re-tune nprobe and the re-rank depth of an existing index for a new target recall@10."""
-    if not 0 < target_recall <= 1:
-        raise BadInputError(f"--recall must be in (0, 1], got {target_recall}")
+    if not 0 < target_recall <= 1:  # an option's value out of range: exit 2, as tag's --threshold
+        raise UsageError(f"--recall must be in (0, 1], got {target_recall}")
     out = Path(index_dir)
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)

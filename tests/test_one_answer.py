@@ -150,3 +150,24 @@ def test_a_search_parameter_given_twice_is_refused_by_the_server(served):
     assert status == 200 and len(json.loads(body)["results"]) == 2, body  # once in each place, agreeing: as before
     status, _, body = call(served["url"], "/api/search?k=2&q=dog")
     assert status == 200 and json.loads(body)["query"]["k"] == 2
+
+
+def test_a_number_option_refuses_nan_and_infinity_before_anything_loads(indexed_images, tmp_path, tiny_model):
+    """click's FloatRange compares its bounds with NaN, which is always false: `finetune --lr nan` passed and
+    ended, after the data and the model were loaded, in "unexpected ValueError", exit 1; `tune --recall nan`
+    was exit 6 from the library. Every bounded number option now refuses them while parsing, exit 2."""
+    _, ix = indexed_images(3)
+    (tmp_path / "pairs").mkdir()
+    for args in (["finetune", tmp_path / "pairs", "--model", tiny_model, "--out", tmp_path / "o", "--lr", "nan"],
+                 ["finetune", tmp_path / "pairs", "--model", tiny_model, "--out", tmp_path / "o", "--val-fraction", "nan"],
+                 ["finetune", tmp_path / "pairs", "--model", tiny_model, "--out", tmp_path / "o", "--lr", "inf"],
+                 ["tune", "--recall", "nan", "--index", ix],
+                 ["query", "dog", "--min-score", "nan", "--index", ix]):
+        out = run(*args, code=2).output
+        assert "is not a finite number" in out, (args, out)
+    assert not (tmp_path / "o").exists()
+    from indexer.job import tune_index
+    from alignsearch.errors import UsageError
+
+    with pytest.raises(UsageError):  # the library's own check: the same code
+        tune_index(ix, float("nan"))

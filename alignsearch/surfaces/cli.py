@@ -18,6 +18,7 @@ import errno
 import base64
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -46,6 +47,18 @@ class _IndexDir(click.Path):
             if exc.errno in self._NEVER:
                 self.fail(f"Directory {click.format_filename(value)!r} {self._NEVER[exc.errno]}.", param, ctx)
         return path
+
+
+class _FiniteRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and infinity (exit 2): its bounds compare false with NaN, so `--lr nan`
+    passed the parser and failed once the data and the model were loaded ("unexpected ValueError", exit 1), and an
+    unbounded side took inf (`--watch-interval inf`: a watch that never looks again)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 index_option = click.option(
@@ -356,7 +369,7 @@ def main(verbose: int) -> None:
 @click.option("--watch-polling", is_flag=True,
               help="With --watch: look for changes by polling, for network drives (NFS, SMB) where change "
                    "notifications miss other machines' writes (default: polling where the root is on one).")
-@click.option("--watch-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+@click.option("--watch-interval", type=_FiniteRange(min=1), default=None, metavar="SECONDS",
               help="With --watch and URL roots (s3://..., which cannot be watched): list them again this often.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (with --watch: one line per run).")
 @reports_errors
@@ -507,7 +520,7 @@ _REQUEST_OPTIONS = [
     click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments."),
     click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
                   help="At most this many moments of one video in the results."),
-    click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+    click.option("--min-score", type=_FiniteRange(-1, 1), default=None,
                   help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
                        "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings."),
     click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
@@ -802,10 +815,10 @@ def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the fine-tuned checkpoint.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True, help="Pairs per contrastive batch.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+@click.option("--lr", type=_FiniteRange(min=0, min_open=True), default=5e-5, show_default=True)
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Batches per optimizer step.")
 @click.option("--freeze", type=click.Choice(["text", "vision"]), default=None, help="Keep one tower fixed.")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
+@click.option("--val-fraction", type=_FiniteRange(0, 0.5), default=0.1, show_default=True)
 @click.option("--no-flip", is_flag=True, help="No mirror augmentation (when captions say left/right).")
 @click.option("--image-column", default="image", show_default=True)
 @click.option("--caption-column", default="caption", show_default=True)
@@ -1004,7 +1017,7 @@ def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
 
 
 @main.command()
-@click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+@click.option("--recall", type=_FiniteRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Target recall@10 against exact search.")
 @index_option
 @reports_errors

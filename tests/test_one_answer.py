@@ -171,3 +171,13 @@ def test_a_number_option_refuses_nan_and_infinity_before_anything_loads(indexed_
 
     with pytest.raises(UsageError):  # the library's own check: the same code
         tune_index(ix, float("nan"))
+
+
+def test_query_output_options_that_cannot_go_together_are_refused_before_the_search(indexed_images):
+    """`query -0` without --paths was refused only after the search had run (its plan printed first), and
+    `--paths --json` printed paths, the --json ignored."""
+    _, ix = indexed_images(3)
+    out = run("query", "dog", "-0", "--explain", "--index", ix, code=2).output
+    assert "-0 goes with --paths" in out and "plan:" not in out, out
+    assert "give one" in run("query", "dog", "--paths", "--json", "--index", ix, code=2).output
+    assert run("query", "dog", "--paths", "-0", "-k", "1", "--index", ix).stdout_bytes.endswith(b"\0")

@@ -584,6 +584,11 @@ def query(request, asked, paths_only, null, as_json, index_dir, model, device, b
     from alignsearch import notices
     from alignsearch.storage.paths import resolve_index_dir
 
+    # before the search: -0 alone was refused only once the search had run, and --paths silently won over --json
+    if null and not paths_only:
+        raise click.UsageError("-0 goes with --paths")
+    if paths_only and as_json:
+        raise click.UsageError("--paths and --json are two outputs: give one")
     notices.enable(not as_json and not paths_only)
     found = resolve_index_dir(index_dir)
     if model is not None or (backend, precision) != ("auto", "auto"):
@@ -607,8 +612,6 @@ def query(request, asked, paths_only, null, as_json, index_dir, model, device, b
             asked["plan"] = plan
         else:
             click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
-    if null and not paths_only:
-        raise click.UsageError("-0 goes with --paths")
     if not hits and request.tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
         click.echo(f"note: no image passed the filters with the tag {request.tag!r} (tags ignore case; `alignsearch tags` "
                    "lists them)", err=True)

@@ -4,28 +4,21 @@ refuses what it used to pass over in silence (an option given twice, an unknown 
 range said with the wrong code)."""
 
 import json
-import shutil
 import urllib.parse
 
 import pytest
 
 import alignsearch
 from alignsearch.errors import AlignSearchError
-from conftest import index_json, make_images, run
-from helpers import call, start_serve, stop
+from conftest import run
+from helpers import call, served_with_local_copy, stop
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model):
-    base = tmp_path_factory.mktemp("one-answer")
-    corpus, ix = base / "corpus", base / "ix"
-    make_images(corpus, 6)
-    index_json(ix, corpus, "--model", tiny_model, "--device", "cpu")
-    alone = base / "alone"  # no server record: the CLI searches locally
-    shutil.copytree(ix, alone)
-    proc, url = start_serve(ix, "--token", "s3cret")
-    yield {"ix": ix, "alone": alone, "corpus": corpus, "url": url}
-    stop(proc)
+    served = served_with_local_copy(tmp_path_factory.mktemp("one-answer"), tiny_model, 6)
+    yield served
+    stop(served["proc"])
 
 
 # (CLI arguments, Engine.search keywords, GET /api/search parameters, exit code, words of the one message)

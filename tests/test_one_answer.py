@@ -174,3 +174,14 @@ def test_query_output_options_that_cannot_go_together_are_refused_before_the_sea
     assert "-0 goes with --paths" in out and "plan:" not in out, out
     assert "give one" in run("query", "dog", "--paths", "--json", "--index", ix, code=2).output
     assert run("query", "dog", "--paths", "-0", "-k", "1", "--index", ix).stdout_bytes.endswith(b"\0")
+
+
+def test_an_empty_query_image_is_said_alike_with_or_without_a_server(served, tmp_path):
+    """Searched locally, an empty image file was "cannot use image PATH: empty file"; through a server, its upload
+    was "the query image is empty". The path is checked before the choice (querycheck.check_image)."""
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    said = {run("query", "--image", empty, "--index", served[ix], code=6).output for ix in ("alone", "ix")}
+    assert said == {f"error: cannot use image {empty}: empty file\n"}, said
+    with pytest.raises(AlignSearchError, match="empty file"):
+        alignsearch.open(served["alone"], device="cpu").search(image=str(empty))

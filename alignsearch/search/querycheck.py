@@ -132,6 +132,8 @@ def check_image(value: Any) -> Any:
 
             raise BadInputError(f"cannot use the query image {os.fspath(value)}: {unusable(st)}")
         size = st.st_size
+        if size == 0:  # said as the decoder says it: through a server the empty upload was "the query image is empty"
+            raise BadInputError(f"cannot use image {os.fspath(value)}: empty file")
     elif isinstance(value, (bytes, bytearray, memoryview)):
         size = len(value)
         if size == 0:

@@ -199,6 +199,11 @@ def index_folders(
     if index_shards and ondisk_shards is None:
         ondisk_shards = 0
     out = chosen_index_dir(index_dir)
+    try:  # faiss takes only UTF-8 file names: the run failed at its very end, "unexpected TypeError ... write_index"
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the index folder {out} has a name that is not UTF-8, which faiss cannot write its "
+                         "ANN index to: give another --index") from None
     index_roots.refuse_index_folder(roots, out)
     if not roots and not (out / DB_FILE).exists():  # said before the model loads, and no empty index made
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")

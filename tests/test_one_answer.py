@@ -185,3 +185,47 @@ def test_an_empty_query_image_is_said_alike_with_or_without_a_server(served, tmp
     assert said == {f"error: cannot use image {empty}: empty file\n"}, said
     with pytest.raises(AlignSearchError, match="empty file"):
         alignsearch.open(served["alone"], device="cpu").search(image=str(empty))
+
+
+def test_info_shows_an_index_and_model_folder_named_with_any_bytes_escaped(indexed_images, tmp_path, tiny_model):
+    """`info` printed the index's and the model's folder as they were: a name that is not UTF-8 went out as raw
+    bytes, a newline or ESC in one reached the terminal. Escaped as the roots already were."""
+    import os
+    import shutil
+
+    root, _ = indexed_images(2)
+    odd, model = tmp_path / "ix\x1b[31m", tmp_path / "model\n\x1b[2J"
+    shutil.copytree(tiny_model, model)
+    run("index", root, "--index", odd, "--model", model, "--device", "cpu")
+    moved = os.fsdecode(bytes(tmp_path) + b"/ix\xff")  # an index can be moved or copied to any name
+    os.rename(odd, moved)
+    lines = run("info", "--index", moved).stdout_bytes.splitlines()
+    assert lines[0].endswith(b"/ix\\xff") and b"/model\\n\\x1b[2J (dim " in lines[1], lines[:2]
+
+
+def test_an_index_folder_named_with_bytes_that_are_not_utf8_is_refused_before_indexing(indexed_images, tmp_path,
+                                                                                        tiny_model):
+    """faiss opens only UTF-8 file names: `index --index DIR\xff` encoded every image and then ended in "unexpected
+    TypeError: Wrong number or type of arguments for overloaded function 'write_index'", exit 1. Refused first."""
+    import os
+
+    root, _ = indexed_images(2)
+    odd = os.fsdecode(bytes(tmp_path) + b"/ix\xff")
+    out = run("index", root, "--index", odd, "--model", tiny_model, "--device", "cpu", code=2).output
+    assert "has a name that is not UTF-8" in out and "ix\\xff" in out, out
+    assert not os.path.exists(odd)
+
+
+def test_a_model_folder_named_with_bytes_that_are_not_utf8_is_a_model_load_error(indexed_images, tmp_path, tiny_model):
+    """safetensors opens only UTF-8 paths: `--model` naming such a folder ended in "unexpected SafetensorError",
+    exit 1, for index and query alike; now the model cannot be loaded, exit 4, saying why."""
+    import os
+    import shutil
+
+    root, ix = indexed_images(2)
+    model = os.fsdecode(bytes(tmp_path) + b"/model\xfe")
+    shutil.copytree(tiny_model, model)
+    for args in (["index", root, "--index", tmp_path / "ix"], ["query", "dog", "--index", ix],
+                 ["embed", "--text", "a"]):
+        out = run(*args, "--model", model, "--device", "cpu", code=4).output
+        assert "has a name that is not UTF-8" in out and "model\\xfe" in out, out

@@ -864,8 +864,8 @@ def info(failed, as_json, index_dir):
         click.echo(json.dumps(data, indent=2))
         return
     ix = data["index"]
-    click.echo(f"index:   {data['index_dir']}")
-    click.echo(f"model:   {data['model']} (dim {data['dim']})")
+    click.echo(f"index:   {_shown(data['index_dir'])}")  # escaped as the roots are: a folder's name may hold any byte
+    click.echo(f"model:   {_shown(data['model'])} (dim {data['dim']})")
     click.echo(f"roots:   {', '.join(_shown(r) for r in data['roots'])}")
     click.echo(f"images:  {data['images']} indexed, {data['failed']} failed")
     params = (

@@ -229,3 +229,24 @@ def test_a_model_folder_named_with_bytes_that_are_not_utf8_is_a_model_load_error
                  ["embed", "--text", "a"]):
         out = run(*args, "--model", model, "--device", "cpu", code=4).output
         assert "has a name that is not UTF-8" in out and "model\\xfe" in out, out
+
+
+def test_outputs_named_with_bytes_that_are_not_utf8_are_refused_before_any_work(indexed_images, tmp_path, tiny_model):
+    """finetune --out DIR\\xff trained a whole epoch, then its save (safetensors: UTF-8 paths only) ended in
+    "unexpected UnicodeEncodeError", exit 1, leaving an empty DIR\\xff; export --format clip-retrieval to such a
+    folder ended the same way (pyarrow). Both refused first, exit 2, nothing made; a parquet export (written
+    through an open file) goes to any name, as before."""
+    import os
+
+    from shapes_data import all_specs, write_set
+
+    _, ix = indexed_images(2)
+    pairs = tmp_path / "train"
+    write_set(pairs, all_specs(held_out=False)[:2], 2, seed=1)
+    odd = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    out = run("finetune", pairs, "--model", tiny_model, "--out", odd, "--epochs", "1", "--device", "cpu", code=2).output
+    assert "not UTF-8" in out and "epoch" not in out, out
+    out = run("export", odd, "--format", "clip-retrieval", "--index", ix, code=2).output
+    assert "not UTF-8" in out, out
+    assert not os.path.exists(odd) and sorted(os.listdir(tmp_path)) == ["train"]
+    run("export", odd + ".parquet", "--index", ix)

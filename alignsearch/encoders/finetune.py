@@ -255,6 +255,11 @@ def check_out(out: Path) -> None:
     (--out set to the training folder would otherwise lose the user's pictures), and one that cannot be written:
     the place is checked before training, which found it out at the first save, after a whole epoch."""
     _writable_place(out)
+    try:  # safetensors writes only to UTF-8 paths: the save after the first epoch failed, "unexpected UnicodeEncodeError"
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"--out {out} has a name that is not UTF-8, which the checkpoint writer (safetensors) "
+                         "cannot write to: give another folder") from None
     if not out.exists():
         return
     if not out.is_dir():

@@ -190,10 +190,11 @@ def index_folders(
     links: the folders holding links to files, kept across runs (index --watch) and listed by each scoped run.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
+    # option values out of range, or two options that exclude each other: bad usage, exit 2 (they said 6)
     if video_interval is not None and not video_interval >= 1:
-        raise BadInputError(f"--video-interval must be at least 1 second, got {video_interval}")
+        raise UsageError(f"--video-interval must be at least 1 second, got {video_interval}")
     if ondisk_shards and index_shards:
-        raise BadInputError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
+        raise UsageError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
     if ondisk_shards and index_shards is None:
         index_shards = 0
     if index_shards and ondisk_shards is None:

@@ -119,6 +119,9 @@ def test_a_threshold_out_of_range_is_a_usage_error_in_every_command(indexed_imag
     assert "exact copies" in run("dupes", "--tier", "exact", "--threshold", "5", "--index", ix, code=2).output  # was ignored
     run("query", "dog", "--min-score", "2", "--index", ix, code=2)
     run("tag", "--labels-file", labels, "--threshold", "0.4", "--index", ix)  # in range: tagged
+    root = next(iter(ix.parent.glob("photos")))
+    for args in (["--video-interval", "0.5"], ["--video-interval", "nan"], ["--ondisk-shards", "2", "--index-shards", "2"]):
+        run("index", root, "--index", ix, *args, code=2)  # said 6, where --watch-interval 0.5 said 2
 
 
 def test_a_search_parameter_given_twice_is_refused_by_the_server(served):

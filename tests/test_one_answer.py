@@ -124,6 +124,7 @@ def test_a_threshold_out_of_range_is_a_usage_error_in_every_command(indexed_imag
         run("index", root, "--index", ix, *args, code=2)  # said 6, where --watch-interval 0.5 said 2
 
 
+@pytest.mark.slow  # a real server (the module's, ~7 s to start)
 def test_a_search_parameter_given_twice_is_refused_by_the_server(served):
     """As the CLI refuses an option given twice: the framework kept the last (?q=dog&q=cat searched for cat)."""
     for query in ("q=dog&q=cat", "q=dog&k=2&k=50"):
@@ -179,6 +180,7 @@ def test_query_output_options_that_cannot_go_together_are_refused_before_the_sea
     assert run("query", "dog", "--paths", "-0", "-k", "1", "--index", ix).stdout_bytes.endswith(b"\0")
 
 
+@pytest.mark.slow  # a real server (the module's, ~7 s to start)
 def test_an_empty_query_image_is_said_alike_with_or_without_a_server(served, tmp_path):
     """Searched locally, an empty image file was "cannot use image PATH: empty file"; through a server, its upload
     was "the query image is empty". The path is checked before the choice (querycheck.check_image)."""

@@ -255,3 +255,16 @@ def test_outputs_named_with_bytes_that_are_not_utf8_are_refused_before_any_work(
     assert "not UTF-8" in out, out
     assert not os.path.exists(odd) and sorted(os.listdir(tmp_path)) == ["train"]
     run("export", odd + ".parquet", "--index", ix)
+
+
+def test_embed_and_similarity_take_a_text_as_a_query_does(indexed_images):
+    """`embed --text ""` and `similarity --text ""` answered (exit 0) with the vector of an empty text, and a
+    100 KB text was tokenised whole, where `query ""`, Engine.embed(text="") and `classify --labels ""` refuse:
+    the query's text rules (querycheck.check_text, exit 6) apply to them too."""
+    root, ix = indexed_images(2)
+    image = next(root.glob("*.jpg"))
+    for text, words in (("", "the text is empty"), ("  ", "the text is empty"),
+                        ("x" * 100_000, "the text is 100000 characters long")):
+        assert words in run("embed", "--text", "a cat", "--text", text, "--index", ix, code=6).output
+        assert words in run("similarity", "--text", text, "--image", image, "--index", ix, code=6).output
+    assert json.loads(run("embed", "--text", "a cat", "--index", ix).stdout)[0]["input"] == "a cat"

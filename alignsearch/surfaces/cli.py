@@ -657,6 +657,10 @@ def embed(texts, images, as_json, index_dir, model, device, backend, precision):
     """Print normalised embeddings as a JSON array, for other tools."""
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image")
+    from alignsearch.search.querycheck import check_text
+
+    for text in texts:  # a query's rules (exit 6): --text "" was embedded as if it said something
+        check_text(text)
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device, backend, precision)
     out = []
@@ -713,6 +717,9 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
 @reports_errors
 def similarity(text, image, as_json, index_dir, model, device, backend, precision):
     """Cosine similarity of a text and an image, and the model's logit."""
+    from alignsearch.search.querycheck import check_text
+
+    check_text(text)  # as a query's text (exit 6): --text "" was measured as if it said something
     _quiet_transformers()
     result = _encoder_for(index_dir, model, device, backend, precision).similarity(text, image)
     if as_json:

@@ -21,7 +21,8 @@ class IndexNotFoundError(AlignSearchError):
 
 
 class UsageError(AlignSearchError):
-    """A malformed option value the parser could not check by itself (a --where expression, a date): 400."""
+    """A malformed option value the parser could not check by itself (a --where expression, a date, a threshold
+    out of range), or a search asked with nothing to search for: 400."""
 
     exit_code = 2
     http_status = 400
@@ -44,7 +45,7 @@ class ModelMismatchError(AlignSearchError):
 
 
 class BadInputError(AlignSearchError):
-    """A query argument that cannot be used (unreadable image, nothing to search for): 400."""
+    """A query argument that cannot be used (an unreadable image, an empty or too long text): 400."""
 
     exit_code = 6
     http_status = 400

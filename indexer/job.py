@@ -15,7 +15,7 @@ from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
-from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError
+from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError, UsageError
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, scan, videos, writer
 from indexer import roots as index_roots
@@ -190,15 +190,21 @@ def index_folders(
     links: the folders holding links to files, kept across runs (index --watch) and listed by each scoped run.
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
+    # option values out of range, or two options that exclude each other: bad usage, exit 2 (they said 6)
     if video_interval is not None and not video_interval >= 1:
-        raise BadInputError(f"--video-interval must be at least 1 second, got {video_interval}")
+        raise UsageError(f"--video-interval must be at least 1 second, got {video_interval}")
     if ondisk_shards and index_shards:
-        raise BadInputError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
+        raise UsageError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
     if ondisk_shards and index_shards is None:
         index_shards = 0
     if index_shards and ondisk_shards is None:
         ondisk_shards = 0
     out = chosen_index_dir(index_dir)
+    try:  # faiss takes only UTF-8 file names: the run failed at its very end, "unexpected TypeError ... write_index"
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the index folder {out} has a name that is not UTF-8, which faiss cannot write its "
+                         "ANN index to: give another --index") from None
     index_roots.refuse_index_folder(roots, out)
     if not roots and not (out / DB_FILE).exists():  # said before the model loads, and no empty index made
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
@@ -675,8 +681,8 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
     labels = tag.parse_labels(labels)
     if not labels and not clear:
         raise BadInputError("the labels file holds no labels: write one label per line (# starts a comment)")
-    if not 0 <= threshold <= 1 or top < 1:
-        raise BadInputError("--threshold must be in [0, 1] and --top at least 1")
+    if not 0 <= threshold <= 1 or top < 1:  # an option value out of range: exit 2, as dupes --threshold and --top's own
+        raise UsageError("--threshold must be in [0, 1] and --top at least 1")
     check_templates(templates)  # before --clear removes anything: a bad template is refused with nothing changed
     out = Path(index_dir)
     with writer_lock(out):
@@ -699,8 +705,8 @@ def tag_index(index_dir: str | os.PathLike, labels: list[str], templates: list[s
 
 def tune_index(index_dir: str | os.PathLike, target_recall: float) -> dict:
     """Re-tune nprobe and the re-rank depth of an existing index for a new target recall@10."""
-    if not 0 < target_recall <= 1:
-        raise BadInputError(f"--recall must be in (0, 1], got {target_recall}")
+    if not 0 < target_recall <= 1:  # an option's value out of range: exit 2, as tag's --threshold
+        raise UsageError(f"--recall must be in (0, 1], got {target_recall}")
     out = Path(index_dir)
     with writer_lock(out):
         db = catalog.connect(out / DB_FILE)

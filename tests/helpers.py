@@ -1034,3 +1034,19 @@ def wait_until(condition, what: str, timeout: float = 60, every: float = 0.05):
             pytest.fail(f"no {what} within {timeout} s")
         time.sleep(every)
     return value
+
+
+def served_with_local_copy(base: Path, model, n: int, *serve_args) -> dict:
+    """An index of n make_images pictures under base, served by a real `alignsearch serve` (start_serve), and a copy
+    of it with no server record, which the CLI searches locally: {ix, alone, corpus, proc, url}; stop(proc) ends it."""
+    import shutil
+
+    from conftest import index_json, make_images
+
+    corpus, ix = base / "corpus", base / "ix"
+    make_images(corpus, n)
+    index_json(ix, corpus, "--model", model, "--device", "cpu")
+    alone = base / "alone"
+    shutil.copytree(ix, alone)
+    proc, url = start_serve(ix, "--token", "s3cret", *serve_args)
+    return {"ix": ix, "alone": alone, "corpus": corpus, "proc": proc, "url": url}

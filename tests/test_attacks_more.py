@@ -486,6 +486,35 @@ def test_finetune_out_through_a_link_to_the_users_folder_is_refused(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-out", "train"]  # nothing beside it either
 
 
+def test_finetune_out_that_is_a_model_in_use_is_refused(tmp_path, tiny_model, monkeypatch):
+    """An earlier finetune output is a valid --out, and the save replaced the model in it: with --out the
+    model training starts from, or the model of the index found here (ALIGNSEARCH_INDEX, or .alignsearch/ in
+    the current folder or above), that model's weights were gone and the index's vectors no longer matched its
+    model. Refused before training, the model as it was."""
+    import shutil
+
+    from shapes_data import all_specs, write_set
+
+    pairs = tmp_path / "train"
+    write_set(pairs, all_specs(held_out=False)[:2], 2, seed=1)
+    tuned = tmp_path / "tuned"  # an earlier finetune output
+    shutil.copytree(tiny_model, tuned)
+    (tuned / "alignsearch_finetune.json").write_text("{}")
+    home = tmp_path / "home"
+    index_json(home / ".alignsearch", make_images(tmp_path / "photos", 3)[0].parent, "--model", tuned, "--device", "cpu")
+    before = _tree(tuned)
+    args = ("finetune", pairs, "--out", tuned, "--epochs", "1", "--device", "cpu")
+    result = run(*args, "--model", tuned, code=2)
+    assert "is the model it starts from" in result.output, result.output
+    monkeypatch.setenv("ALIGNSEARCH_INDEX", str(home / ".alignsearch"))
+    assert "is the model of the index" in run(*args, "--model", tiny_model, code=2).output
+    monkeypatch.delenv("ALIGNSEARCH_INDEX")
+    monkeypatch.chdir(home)
+    assert "is the model of the index" in run(*args, "--model", tiny_model, code=2).output
+    assert _tree(tuned) == before
+    run("query", "a square", "--backend", "torch", "--device", "cpu")  # the index's model is still its model
+
+
 # -- 9. a thumbnail cache another user can write ------------------------------------------------------------------
 
 @pytest.mark.slow

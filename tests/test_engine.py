@@ -7,7 +7,7 @@ from PIL import Image
 import alignsearch
 from alignsearch.storage import catalog
 from alignsearch.search.engine import ANN_FILE
-from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError
+from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError, UsageError
 from indexer import build
 from indexer.job import index_folders
 from helpers import clustered
@@ -65,7 +65,7 @@ def test_search_by_text_image_and_both(index_dir, corpus):
     i = engine.encoder.encode_images([target])[0]
     expected = (2 * t + i) / np.linalg.norm(2 * t + i)
     assert np.allclose(engine.embed(text="red car", image=target), expected, atol=1e-5)
-    with pytest.raises(BadInputError):
+    with pytest.raises(UsageError):  # nothing to search for: exit 2, as the CLI and the server say
         engine.search()
     with pytest.raises(BadInputError):
         engine.search(text="x", k=0)

@@ -96,7 +96,7 @@ def test_index_shards_search_like_one_file_and_update_in_place(tmp_path, corpus,
 def test_both_layouts_at_once_is_an_error(tmp_path, corpus, tiny_model):
     from conftest import run
 
-    out = run("index", corpus, "--index", tmp_path / "ix", "--ondisk-shards", "2", "--index-shards", "2", code=6)
+    out = run("index", corpus, "--index", tmp_path / "ix", "--ondisk-shards", "2", "--index-shards", "2", code=2)
     assert "choose one layout" in out.output
 
 

@@ -19,7 +19,7 @@ from alignsearch.search import request as search_request
 from alignsearch.storage import catalog, keywords
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, SERVER_FILE
 from conftest import index_json, make_images
-from helpers import call, fake_server_record, start_serve, stop, vector_index
+from helpers import call, fake_server_record, served_with_local_copy, stop, vector_index
 
 
 # -- the request: one check ------------------------------------------------------------------------------------------
@@ -36,8 +36,8 @@ def test_build_parses_where_once_and_checks_every_option():
         search_request.build(text="x", compose="median")
     with pytest.raises(BadInputError):
         search_request.build(text="x", k=5000)
-    with pytest.raises(BadInputError):
-        search_request.build()  # nothing to search for
+    with pytest.raises(UsageError):
+        search_request.build()  # nothing to search for: asked wrongly (exit 2), as the CLI always said
 
 
 def test_similar_takes_no_text_negative_or_image():
@@ -103,17 +103,9 @@ def cli(ix, *args):
 
 @pytest.fixture(scope="module")
 def served_index(tmp_path_factory, tiny_model):
-    base = tmp_path_factory.mktemp("request")
-    corpus, ix = base / "corpus", base / "ix"
-    make_images(corpus, 12)
-    index_json(ix, corpus, "--model", tiny_model, "--device", "cpu")
-    alone = base / "alone"  # the same index with no server record: local search
-    import shutil
-
-    shutil.copytree(ix, alone)
-    proc, url = start_serve(ix, "--token", "s3cret", "--verbose")
-    yield {"ix": ix, "alone": alone, "corpus": corpus, "proc": proc, "url": url}
-    stop(proc)
+    served = served_with_local_copy(tmp_path_factory.mktemp("request"), tiny_model, 12, "--verbose")
+    yield served  # alone: the same index with no server record, searched locally
+    stop(served["proc"])
 
 
 @pytest.mark.slow

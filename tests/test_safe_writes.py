@@ -277,8 +277,9 @@ def pairs(tmp_path_factory):
     return folder
 
 
-def finetune(pairs, model, out, *args, code=0):
-    return run("finetune", pairs, "--model", model, "--out", out, "--epochs", "1", "--batch-size", "4",
+def finetune(pairs, model, out, *args, code=0, epochs=1):
+    # epochs apart: an option given twice is refused (exit 2), so args cannot override the one here
+    return run("finetune", pairs, "--model", model, "--out", out, "--epochs", epochs, "--batch-size", "4",
                "--device", "cpu", "--val-fraction", "0", *args, code=code)
 
 
@@ -343,7 +344,7 @@ def test_resume_does_not_run_a_planted_pickle(pairs, tiny_model, tmp_path):
     written = saved.read_bytes()
     flag = tmp_path / "payload-ran"
     torch.save({"optimizer": Payload(flag), "scheduler": {}, "epoch": 1, "rng": None}, saved)
-    result = finetune(pairs, tiny_model, out, "--epochs", "2", "--resume", code=None)
+    result = finetune(pairs, tiny_model, out, "--resume", epochs=2, code=None)
     assert not flag.exists()
     error = result.output.strip().splitlines()[-1]
     assert result.exit_code == 4 and error.startswith("error: cannot resume"), result.output
@@ -353,7 +354,7 @@ def test_resume_does_not_run_a_planted_pickle(pairs, tiny_model, tmp_path):
     saved.write_bytes(written)  # what finetune itself wrote: tensors and plain values, and resumable
     state = torch.load(saved, weights_only=True)
     assert state["epoch"] == 1 and state["rng"]["bit_generator"] == "PCG64"
-    assert "resumed" in finetune(pairs, tiny_model, out, "--epochs", "2", "--resume").output
+    assert "resumed" in finetune(pairs, tiny_model, out, "--resume", epochs=2).output
 
 
 def _aged(path: Path, seconds: float = 120.0) -> Path:

@@ -124,6 +124,7 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
         raise BadInputError("--freeze takes text or vision")
     out = Path(out)
     check_out(out)
+    check_not_in_use(out, str(base))
     # as every command loads a model: a folder that is not there said so at once ("Repo id must use alphanumeric
     # chars" after every pair was read, before), and an offline machine looks in the cache alone
     where = check_source(str(base))
@@ -254,6 +255,11 @@ def check_out(out: Path) -> None:
     (--out set to the training folder would otherwise lose the user's pictures), and one that cannot be written:
     the place is checked before training, which found it out at the first save, after a whole epoch."""
     _writable_place(out)
+    try:  # safetensors writes only to UTF-8 paths: the save after the first epoch failed, "unexpected UnicodeEncodeError"
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"--out {out} has a name that is not UTF-8, which the checkpoint writer (safetensors) "
+                         "cannot write to: give another folder") from None
     if not out.exists():
         return
     if not out.is_dir():
@@ -261,6 +267,48 @@ def check_out(out: Path) -> None:
     if any(out.iterdir()) and not is_finetune_output(out):
         raise UsageError(f"--out {out} holds other files and is not an earlier finetune output: give a new or "
                          "empty folder")
+
+
+def check_not_in_use(out: Path, base: str) -> None:
+    """Refuse (exit 2) an --out that is the model training starts from, or the model of the index a command run
+    here uses (ALIGNSEARCH_INDEX, else the nearest .alignsearch/, as `query` finds it): the save replaced it, an
+    earlier finetune output being a valid --out, so its weights were gone and that index's vectors no longer
+    matched its model (queries on torch said exit 5; only `index --reindex` with the new model mended it)."""
+    if not out.is_dir():
+        return
+    in_use = [(Path(base).expanduser(), "the model it starts from (--model)")]
+    in_use += [(Path(name), f"the model of the index {where}") for where, name in _index_models_here()]
+    for folder, what in in_use:
+        try:
+            same = os.path.samefile(out, folder)
+        except OSError:  # a hub id, a folder gone: not this one
+            continue
+        if same:
+            raise UsageError(f"--out {out} is {what}: the save would replace it; give a new folder for the "
+                             "fine-tuned model")
+
+
+def _index_models_here() -> list[tuple[Path, str]]:
+    """(index folder, model name) of the index found from here, and of the model a re-encode of it is moving
+    to; nothing where no index is found or its catalog cannot be read (that is for the commands that use it)."""
+    from alignsearch.storage import catalog, state
+    from alignsearch.storage.paths import DB_FILE, find_index_dir
+
+    chosen = os.environ.get("ALIGNSEARCH_INDEX")
+    index = Path(chosen) if chosen else find_index_dir()
+    if index is None or not (index / DB_FILE).is_file():
+        return []
+    try:
+        db = catalog.open_readonly(index / DB_FILE)
+        try:
+            with db.connect() as conn:
+                found = state.read(conn, "model", "reindex")
+        finally:
+            db.dispose()
+    except Exception:  # noqa: BLE001 - damaged, locked, another version: no model to protect is known
+        return []
+    models = [found.model, found.reindex.model if found.reindex is not None else None]
+    return [(index, m.name) for m in models if m is not None]
 
 
 def _writable_place(out: Path) -> None:

@@ -195,6 +195,11 @@ def check_source(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         _check_readable(path)
+        try:  # the folder as loaded (Encoder resolves it): safetensors takes only UTF-8 paths
+            str(path.resolve()).encode("utf-8")
+        except UnicodeEncodeError:  # it was "unexpected SafetensorError: Path ... is not valid UTF-8", exit 1
+            raise ModelLoadError(f"the model folder {path.resolve()} has a name that is not UTF-8, which the "
+                                 "checkpoint reader (safetensors) cannot open: rename or move it") from None
         if not (path / "config.json").exists():
             raise ModelLoadError(f"the model folder {model} holds no config.json: it is not a saved ALIGN checkpoint. "
                                  + _download_hint(model))

@@ -326,13 +326,30 @@ def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int],
     return Group(tier, items, kept.id)
 
 
+def check_threshold(tier: str, threshold: float | None) -> None:
+    """Refuse a tier or threshold that is out of range, as every option value is (UsageError, exit 2; `tag
+    --threshold` and `query --min-score` the same): a NaN too, and a threshold for the exact tier, which has none
+    (it was ignored)."""
+    from alignsearch.errors import UsageError
+
+    if tier not in TIERS:
+        raise UsageError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    if threshold is None:
+        return
+    if tier == "exact":
+        raise UsageError("--threshold is for --tier near or similar: exact copies have the same SHA-256")
+    if tier == "near" and not (0 <= threshold < PHASH_BITS and threshold == int(threshold)):
+        raise UsageError(f"--threshold for --tier near is a number of bits from 0 to {PHASH_BITS - 1}")
+    if tier == "similar" and not -1 <= threshold <= 1:
+        raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
+
+
 def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = SIMILAR_NPROBE) -> list[Group]:
     """Duplicate groups of an opened index (alignsearch.search.engine.Engine), largest first. Scores: 1.0 for the
     kept file and exact copies; near: 1 - distance / 64 to the kept file's hash; similar: cosine to it."""
     from alignsearch.storage import catalog
 
-    if tier not in TIERS:
-        raise ValueError(f"tier must be one of {', '.join(TIERS)}")
+    check_threshold(tier, threshold)
     db = engine.db
     if tier == "exact":
         with db.connect() as conn:

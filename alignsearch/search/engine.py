@@ -286,7 +286,7 @@ class Engine:
         from alignsearch.search.query import unit
 
         if text is None and image is None:
-            raise BadInputError("give a text, an image, or both to search for")
+            raise querycheck.nothing_to_search()
         enc = self._encoder_of(snap) if image is not None else self._text_encoder_of(snap)
         with self._encoder_lock:  # torch modules are not safe to call from two threads at once
             t = enc.encode_text([text])[0] if text is not None else None

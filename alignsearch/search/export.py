@@ -310,6 +310,12 @@ def check_out(out: Path, fmt: str) -> None:
         # raised there, and the command ended in "Permission denied: OUT/catalog.db", a path nobody named
         if folder.name == INDEX_DIRNAME or os.path.exists(folder / DB_FILE):
             raise UsageError(f"{out} is inside the index folder {folder}: export writes outside it")
+    if fmt == "clip-retrieval":
+        try:  # pyarrow opens a path only as UTF-8: it ended in "unexpected UnicodeEncodeError", exit 1
+            str(out).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{out} has a name that is not UTF-8, which pyarrow cannot write the clip-retrieval "
+                             "metadata to: give another folder") from None
     try:
         st = os.lstat(out)
     except FileNotFoundError:

@@ -218,11 +218,19 @@ def compare(field: str, op: str, value: str) -> Compare:
         raise UsageError(f"--where: {field} is text: use = != ~" + (" or glob" if field == "path" else ""))
     if field == "format" and op in ("=", "!="):
         value = FORMAT_ALIASES.get(value.lower(), value)
+        if value.lower() not in FORMATS:  # `--format bogus` (or a typo, `--format pgn`) found nothing, exit 0
+            raise UsageError(f"format {value!r} is not one alignsearch indexes: {', '.join(sorted(FORMATS))} "
+                             f"(or {', '.join(sorted(FORMAT_ALIASES))})")
     return Compare(field, op, value)
 
 
 # The names users give formats, to the names Pillow stores (the catalog's `format`): `--format jpg` found nothing.
 FORMAT_ALIASES = {"jpg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "tif": "tiff", "heic": "heif"}
+# Every `format` the catalog records: Pillow's names of the image formats the indexer reads (media/images.py
+# READ_FORMATS, and MPO: a camera's JPEG) and a video's extension (media/video.py VIDEO_EXTENSIONS). Names here,
+# not imports: a query is checked without numpy or Pillow (request.py); tests/test_request.py holds them equal.
+FORMATS = frozenset({"jpeg", "mpo", "png", "webp", "bmp", "gif", "tiff", "avif", "heif",
+                     "mp4", "m4v", "mov", "mkv", "webm", "avi"})
 
 
 def near(lat: float, lon: float, km: float) -> Near:

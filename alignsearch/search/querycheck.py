@@ -17,7 +17,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING, Any
 
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadInputError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,6 +132,8 @@ def check_image(value: Any) -> Any:
 
             raise BadInputError(f"cannot use the query image {os.fspath(value)}: {unusable(st)}")
         size = st.st_size
+        if size == 0:  # said as the decoder says it: through a server the empty upload was "the query image is empty"
+            raise BadInputError(f"cannot use image {os.fspath(value)}: empty file")
     elif isinstance(value, (bytes, bytearray, memoryview)):
         size = len(value)
         if size == 0:
@@ -188,21 +190,30 @@ def check_filters(**values: Any) -> dict[str, Any]:
     return out
 
 
+def nothing_to_search() -> UsageError:
+    """A search given neither a text nor an image: the command was asked wrongly (exit 2, HTTP 400), as a missing
+    argument is; a text or image that is given but unusable (empty, too long, unreadable) is bad input (exit 6).
+    One error for every surface: the CLI said exit 2 here where Engine.search and the server said 6."""
+    return UsageError("give a text, an image, or both to search for")
+
+
 def validate(text: str | None = None, image: Any = None, k: int = DEFAULT_K, negative: str | None = None,
              text_weight: float = 2.0, image_weight: float = 1.0, negative_weight: float = 1.0,
              nprobe: int | None = None, tag: str | None = None, by_vector: bool = False) -> dict[str, Any]:
-    """Check a search and return its arguments normalised (an empty negative means none).
+    """Check a search and return its arguments normalised. A negative given empty is refused as an empty text is
+    (it was dropped silently, so `--negative "$UNSET"` searched without the subtraction asked for).
     by_vector: the query is a stored vector (Engine.search_vector, `similar`), so no text or image.
-    Raises BadInputError (CLI exit code 6, HTTP 400) with a message that names the limit."""
+    Raises BadInputError (CLI exit code 6, HTTP 400) with a message that names the limit; UsageError (exit 2,
+    HTTP 400) when there is nothing to search for."""
+    if not by_vector and text is None and image is None:
+        raise nothing_to_search()
     checked_text = check_text(text)
     checked_image = check_image(image) if image is not None else None
-    if not by_vector and checked_text is None and checked_image is None:
-        raise BadInputError("give a text, an image, or both to search for")
     return {
         "text": checked_text,
         "image": checked_image,
         "k": check_k(k),
-        "negative": check_text(negative, "negative text") if negative else None,
+        "negative": check_text(negative, "negative text"),
         "text_weight": check_weight(text_weight, "text_weight"),
         "image_weight": check_weight(image_weight, "image_weight"),
         "negative_weight": check_weight(negative_weight, "negative_weight"),

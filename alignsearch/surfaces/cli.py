@@ -18,6 +18,7 @@ import errno
 import base64
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -46,6 +47,18 @@ class _IndexDir(click.Path):
             if exc.errno in self._NEVER:
                 self.fail(f"Directory {click.format_filename(value)!r} {self._NEVER[exc.errno]}.", param, ctx)
         return path
+
+
+class _FiniteRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and infinity (exit 2): its bounds compare false with NaN, so `--lr nan`
+    passed the parser and failed once the data and the model were loaded ("unexpected ValueError", exit 1), and an
+    unbounded side took inf (`--watch-interval inf`: a watch that never looks again)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 index_option = click.option(
@@ -87,9 +100,28 @@ def reports_errors(fn):
     return wrapper
 
 
+class _Command(click.Command):
+    """Every command: an option that takes one value given twice is refused (exit 2). click keeps the last
+    silently, so `similarity --text a --text b` measured b alone, and `-k 5 ... -k 50` searched for 50."""
+
+    def parse_args(self, ctx, args):
+        if not ctx.resilient_parsing:  # shell completion parses partial lines: nothing to refuse there
+            # the parser only splits the line (no conversion, no callback): run once more for the order it saw
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            seen = set()
+            for param in order:
+                if isinstance(param, click.Option) and not (param.multiple or param.count or param.is_flag):
+                    if param.name in seen:
+                        raise click.UsageError(f"{param.opts[-1]} is given more than once: it takes one value", ctx)
+                    seen.add(param.name)
+        return super().parse_args(ctx, args)
+
+
 class _Main(click.Group):
     """Every error ends in one line and a documented exit code (see the module docstring), never a
     traceback; output into a closed pipe (`| head -1`) ends quietly with exit 0."""
+
+    command_class = _Command
 
     def main(self, *args, **kwargs):
         _hold_std_fds()
@@ -337,7 +369,7 @@ def main(verbose: int) -> None:
 @click.option("--watch-polling", is_flag=True,
               help="With --watch: look for changes by polling, for network drives (NFS, SMB) where change "
                    "notifications miss other machines' writes (default: polling where the root is on one).")
-@click.option("--watch-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+@click.option("--watch-interval", type=_FiniteRange(min=1), default=None, metavar="SECONDS",
               help="With --watch and URL roots (s3://..., which cannot be watched): list them again this often.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (with --watch: one line per run).")
 @reports_errors
@@ -488,7 +520,7 @@ _REQUEST_OPTIONS = [
     click.option("--media", type=click.Choice(["photo", "video"]), default=None, help="Only photos, or only video moments."),
     click.option("--per-video", type=click.IntRange(min=1), default=3, show_default=True,
                   help="At most this many moments of one video in the results."),
-    click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+    click.option("--min-score", type=_FiniteRange(-1, 1), default=None,
                   help="Drop results whose similarity is below this, in every mode: the cosine, or with --compose product "
                        "or weicom the fused similarity (0 to 1); never the rank score of keyword and hybrid rankings."),
     click.option("--sort", type=click.Choice(["score", "taken", "-taken", "path"]), default="score", show_default=True,
@@ -512,8 +544,7 @@ def request_options(fn):
     def command(text, image, negative, k, text_weight, image_weight, negative_weight, nprobe, tag, collapse, after,
                 before, camera, near, path_glob, fmt, where, media, per_video, min_score, sort, mode, compose, explain,
                 **rest):
-        if text is None and image is None:
-            raise click.UsageError("give TEXT, --image PATH, or both, e.g. alignsearch query \"red car on beach\"")
+        # nothing to search for is refused by build (exit 2), as Engine.search and the server refuse it
         from alignsearch.search.request import DEFAULT_PER_VIDEO, build
 
         narrowing = {"where": where, "after": after, "before": before, "camera": camera, "near": near,
@@ -553,6 +584,11 @@ def query(request, asked, paths_only, null, as_json, index_dir, model, device, b
     from alignsearch import notices
     from alignsearch.storage.paths import resolve_index_dir
 
+    # before the search: -0 alone was refused only once the search had run, and --paths silently won over --json
+    if null and not paths_only:
+        raise click.UsageError("-0 goes with --paths")
+    if paths_only and as_json:
+        raise click.UsageError("--paths and --json are two outputs: give one")
     notices.enable(not as_json and not paths_only)
     found = resolve_index_dir(index_dir)
     if model is not None or (backend, precision) != ("auto", "auto"):
@@ -576,8 +612,6 @@ def query(request, asked, paths_only, null, as_json, index_dir, model, device, b
             asked["plan"] = plan
         else:
             click.echo("plan: " + ", ".join(f"{key}={value}" for key, value in plan.items()), err=True)
-    if null and not paths_only:
-        raise click.UsageError("-0 goes with --paths")
     if not hits and request.tag and not as_json and not paths_only:  # JSON and path lists stay clean for programs
         click.echo(f"note: no image passed the filters with the tag {request.tag!r} (tags ignore case; `alignsearch tags` "
                    "lists them)", err=True)
@@ -623,6 +657,10 @@ def embed(texts, images, as_json, index_dir, model, device, backend, precision):
     """Print normalised embeddings as a JSON array, for other tools."""
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image")
+    from alignsearch.search.querycheck import check_text
+
+    for text in texts:  # a query's rules (exit 6): --text "" was embedded as if it said something
+        check_text(text)
     _quiet_transformers()
     encoder = _encoder_for(index_dir, model, device, backend, precision)
     out = []
@@ -679,6 +717,9 @@ def classify(images, labels, templates, as_json, index_dir, model, device, backe
 @reports_errors
 def similarity(text, image, as_json, index_dir, model, device, backend, precision):
     """Cosine similarity of a text and an image, and the model's logit."""
+    from alignsearch.search.querycheck import check_text
+
+    check_text(text)  # as a query's text (exit 6): --text "" was measured as if it said something
     _quiet_transformers()
     result = _encoder_for(index_dir, model, device, backend, precision).similarity(text, image)
     if as_json:
@@ -784,10 +825,10 @@ def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the fine-tuned checkpoint.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True, help="Pairs per contrastive batch.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+@click.option("--lr", type=_FiniteRange(min=0, min_open=True), default=5e-5, show_default=True)
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Batches per optimizer step.")
 @click.option("--freeze", type=click.Choice(["text", "vision"]), default=None, help="Keep one tower fixed.")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
+@click.option("--val-fraction", type=_FiniteRange(0, 0.5), default=0.1, show_default=True)
 @click.option("--no-flip", is_flag=True, help="No mirror augmentation (when captions say left/right).")
 @click.option("--image-column", default="image", show_default=True)
 @click.option("--caption-column", default="caption", show_default=True)
@@ -830,8 +871,8 @@ def info(failed, as_json, index_dir):
         click.echo(json.dumps(data, indent=2))
         return
     ix = data["index"]
-    click.echo(f"index:   {data['index_dir']}")
-    click.echo(f"model:   {data['model']} (dim {data['dim']})")
+    click.echo(f"index:   {_shown(data['index_dir'])}")  # escaped as the roots are: a folder's name may hold any byte
+    click.echo(f"model:   {_shown(data['model'])} (dim {data['dim']})")
     click.echo(f"roots:   {', '.join(_shown(r) for r in data['roots'])}")
     click.echo(f"images:  {data['images']} indexed, {data['failed']} failed")
     params = (
@@ -986,7 +1027,7 @@ def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
 
 
 @main.command()
-@click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+@click.option("--recall", type=_FiniteRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Target recall@10 against exact search.")
 @index_option
 @reports_errors
@@ -1090,14 +1131,10 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     """Group duplicate images, largest groups first. Reports only: nothing is ever deleted.
 
     The file to keep in each group: the largest resolution, then the oldest (modification time)."""
-    from alignsearch.search.dupes import find_groups
+    from alignsearch.search.dupes import check_threshold, find_groups
     from alignsearch.search.engine import open as open_index
-    from alignsearch.errors import UsageError
 
-    if threshold is not None and tier == "near" and not (0 <= threshold < 64 and threshold == int(threshold)):
-        raise UsageError("--threshold for --tier near is a number of bits from 0 to 63")  # bad usage: exit 2
-    if threshold is not None and tier == "similar" and not -1 <= threshold <= 1:
-        raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
+    check_threshold(tier, threshold)  # before the index opens; find_groups checks it again for Python callers
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
         click.echo(json.dumps([{**g.to_dict(), "items": [_with_path_b64(i) for i in g.to_dict()["items"]]} for g in groups],

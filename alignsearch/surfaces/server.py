@@ -61,7 +61,7 @@ from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
-from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, IndexDamagedError
+from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, IndexDamagedError, UsageError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, library_error
@@ -676,6 +676,16 @@ class SearchForm(SearchParams):
     image: UploadFile | None = File(None, description="query image (20 MB at most)")
 
 
+def given_once(items, where: str) -> None:
+    """Refuse a search parameter given twice (400), as the CLI refuses an option given twice: the framework kept
+    the last silently, so ?q=dog&q=cat searched for cat and a form's k=2, k=50 for 50."""
+    names = [name for name, _ in items if name in SearchParams.model_fields]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"{', '.join(twice)} {'is' if len(twice) == 1 else 'are'} given more than once in the "
+                         f"{where}: each takes one value")
+
+
 def merged(in_url: SearchParams, in_form: SearchParams) -> SearchParams:
     """POST's parameters: those of the form and those of the URL together; one given in both must agree."""
     fields = {}
@@ -867,9 +877,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         return await run_in_threadpool(library.info)
 
     @app.get("/api/search", response_model=SearchAnswer, response_model_exclude_unset=True, tags=["search"], **api)
-    async def search_get(params: Annotated[SearchParams, Query()], response: Response):
+    async def search_get(request: Request, params: Annotated[SearchParams, Query()], response: Response):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
+        given_once(request.query_params.multi_items(), "URL")
         response.headers[INDEX_HEADER] = library.index_id or ""  # the CLI checks the answer is of its index
         return await answer(request_of(params, text=params.q), posted=False)
 
@@ -880,6 +891,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         taken as a form field or in the URL (once: a value given in both that differs is refused)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
+        given_once(request.query_params.multi_items(), "URL")
+        given_once((await request.form()).multi_items(), "form")  # the form the framework read, kept by the request
         params = merged(in_url, form)
         response.headers[INDEX_HEADER] = library.index_id or ""
         data = await form.image.read() if form.image is not None else None

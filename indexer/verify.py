@@ -187,7 +187,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
         # compared only with a sound store: rows that fail their checksum or are missing are reported above
-        r.misplaced = [] if found.problems or found.legacy_segments else _misplaced(index, live, store)
+        r.misplaced, compared = [], 0
+        if not found.problems and not found.legacy_segments:
+            r.misplaced, compared = _misplaced(index, live, store)
+        r.checked["addresses_compared"] = compared
         if r.misplaced:
             r.problems.append(f"{len(r.misplaced)} indexed files' vector addresses name another vector than the ANN "
                               "index holds for them (queries would answer with the wrong file)")
@@ -202,22 +205,37 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
 
 
 MISPLACED_COSINE = 0.999  # a flat index's copy of a stored row: cosine >= 0.9999 (fp16 rounding)
+# An IVF-PQ entry whose code is not the stored row's own: the squared distance (unit vectors) from the row to the
+# code's reconstruction exceeds the row's own code's by more than this. The row's own code is the nearest per
+# sub-quantizer, so a sound entry exceeds it by 0 (a CPU build) or float rounding at near-ties (a GPU build);
+# another file's code exceeds it by about |a - b|^2 = 2 - 2 cos(a, b): pictures closer than cos ~0.99 pass.
+MISPLACED_PQ_EXCESS = 0.02
+MISPLACED_STEP = 65536  # rows read and compared at a time
+# IVF-PQ entries compared per verify: every one up to this, a random sample of this many above it. Encoding a row
+# costs ~256 * dim flops (~6 CPU-seconds per 65,536 rows at 640-d here): all of a million rows took minutes.
+MISPLACED_PQ_SAMPLE = 131_072
 
 
 def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
-    """The files whose stored vector (at the address the catalog gives) is not the one a flat ANN index holds
+    """The files whose stored vector (at the address the catalog gives) is not the one the ANN index holds
     for their id. Every vector batch and the ANN file carry checksums, but the address of each file is a plain
     catalog number: altered or swapped, a query re-ranked another file's vector under this file's path (an
-    image query returned the wrong file at 1.0000) and verify said ok. IVF-PQ keeps codes, not vectors: not
-    checked."""
-    flat = ann.flat_vectors(index)
-    if flat is None or not len(live):
-        return []
-    ids, held = flat
+    image query returned the wrong file at 1.0000) and verify said ok. A flat index holds the vectors; an
+    IVF-PQ index holds a code of each, compared with the code of the stored row (_misplaced_pq)."""
+    if not len(live):
+        return [], 0
     rows = dict(live.tolist())
+    flat = ann.flat_vectors(index)
+    if flat is None:
+        parts = ann.pq_entries(index) or []
+        total = sum(len(ids) for _, ids, _, _ in parts)
+        share = min(1.0, MISPLACED_PQ_SAMPLE / max(total, 1))  # a fresh sample each run: runs add up
+        found = [_misplaced_pq(*part, rows, store, share) for part in parts]
+        return [i for out, _ in found for i in out], sum(n for _, n in found)
+    ids, held = flat
     known = np.array([i in rows for i in ids.tolist()], dtype=bool)
     ids, held = ids[known], held[known]
-    out, step = [], 65536
+    out, step = [], MISPLACED_STEP
     buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
     for start in range(0, len(ids), step):
         chunk = ids[start : start + step]
@@ -226,7 +244,31 @@ def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
         cos = np.einsum("ij,ij->i", stored, held[start : start + step]) / np.maximum(
             np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + step], axis=1), 1e-12)
         out += chunk[cos < MISPLACED_COSINE].tolist()
-    return out
+    return out, len(ids)
+
+
+def _misplaced_pq(ivf, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray, rows: dict,
+                  store: VectorStore, share: float = 1.0) -> tuple[list[int], int]:
+    """The ids of one IVF-PQ part whose code is not the code of their stored row, and how many were compared
+    (share of them, drawn at random): each row is encoded again in the list the index holds it in (no coarse
+    search) and both codes decoded."""
+    known = np.array([i in rows for i in ids.tolist()], dtype=bool)
+    if share < 1.0:
+        known &= np.random.default_rng().random(len(ids)) < share
+    ids, lists, codes = ids[known], lists[known], codes[known]
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) if ivf.by_residual else None
+    out, step = [], MISPLACED_STEP
+    buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        stored = vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
+                                   buffer).astype(np.float32)
+        residual = stored - centroids[lists[start : start + step]] if centroids is not None else stored
+        held = ivf.pq.decode(np.ascontiguousarray(codes[start : start + step]))
+        own = ivf.pq.decode(ivf.pq.compute_codes(np.ascontiguousarray(residual)))
+        excess = ((residual - held) ** 2).sum(axis=1) - ((residual - own) ** 2).sum(axis=1)
+        out += chunk[excess > MISPLACED_PQ_EXCESS].tolist()
+    return out, len(ids)
 
 
 def last_run(unfinished: bool, writing: bool) -> str:

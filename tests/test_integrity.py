@@ -527,6 +527,41 @@ def test_swapped_vector_addresses_are_found_and_repaired(built):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", [{}, {"index_shards": 3}, {"ondisk_shards": 2}], ids=["memory", "shards", "ondisk"])
+def test_swapped_vector_addresses_are_found_with_an_ivfpq_index(tmp_path, layout):
+    """The flat index's check of each file's vector address (above) skipped IVF-PQ, which keeps codes, not
+    vectors: two addresses swapped in a 10,000-vector IVF-PQ index and verify said ok. Each stored row is now
+    encoded again in the list the index holds it in and compared with the code it holds, in every layout."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    db, _, report = layout_index(ix, **layout)
+    db.dispose()
+    assert report["plan"]["kind"] == "ivfpq"
+    assert verify_json(ix, code=0)["checked"]["addresses_compared"] == 10_000
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        (a, ra), (b, rb) = conn.execute("SELECT id, vec_row FROM files WHERE id IN (11, 4000)").fetchall()
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (rb, a))
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (ra, b))
+    conn.close()
+    problems = verify_json(ix, code=7)["problems"]
+    assert any(p.startswith("2 indexed files' vector addresses name another vector") for p in problems), problems
+
+
+def test_a_sample_of_a_large_ivfpq_index_is_compared(tmp_path, monkeypatch):
+    """Above MISPLACED_PQ_SAMPLE entries a random sample of that many is compared (README), not all of them."""
+    from helpers import layout_index
+    from indexer import verify
+
+    ix = tmp_path / "ix"
+    layout_index(ix)[0].dispose()
+    monkeypatch.setattr(verify, "MISPLACED_PQ_SAMPLE", 2_000)
+    compared = verify.verify(ix, check_model=False).checked["addresses_compared"]
+    assert 1_500 < compared < 2_500
+
+
+@pytest.mark.slow
 def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
     """/api/recent built its rows without the check the searches make: "internal error" (500), nothing said."""
     from alignsearch.storage.paths import SERVER_FILE

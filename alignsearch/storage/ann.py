@@ -256,6 +256,27 @@ def flat_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
     return faiss.vector_to_array(index.id_map).astype(np.int64), xb
 
 
+def pq_entries(index: faiss.Index) -> list[tuple[faiss.IndexIVFPQ, np.ndarray, np.ndarray, np.ndarray]] | None:
+    """For each IVF-PQ part (the index, or each of its shards): (the part, its ids, the list each is in, their
+    PQ codes), as it holds them (copies); None for a flat index."""
+    out = []
+    for part in parts(index):
+        ivf = faiss.try_extract_index_ivf(part)
+        if ivf is None or not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+            return None
+        ivf, lists = faiss.downcast_index(ivf), ivf.invlists
+        ids, nos, codes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros((0, lists.code_size), np.uint8)]
+        for i in range(ivf.nlist):
+            size = lists.list_size(i)
+            if size:
+                ids.append(faiss.rev_swig_ptr(lists.get_ids(i), size).astype(np.int64))
+                nos.append(np.full(size, i, dtype=np.int64))
+                codes.append(faiss.rev_swig_ptr(lists.get_codes(i), size * lists.code_size)
+                             .reshape(size, lists.code_size).copy())
+        out.append((ivf, np.concatenate(ids), np.concatenate(nos), np.concatenate(codes)))
+    return out
+
+
 def layout(index: faiss.Index) -> str:
     """"ondisk" when the inverted lists are memory-mapped from one merged file, "sharded (N files)" for
     an IndexShards, else "memory"."""

@@ -50,6 +50,7 @@ class Report:
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
     malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
+    leftover_rows: int = 0  # tags, hashes, photo fields, keywords of files no longer in the catalog: --repair drops them
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
@@ -121,6 +122,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if r.unknown_step_fill_failures:  # `index` and `info` leave them out; --repair drops them
                 r.problems.append(f"{r.unknown_step_fill_failures} records of files a fill step could not read name "
                                   f"no fill step ({', '.join(catalog.FILL_STEPS)})")
+            leftover = catalog.leftover_rows(conn, keywords=not r.keywords_damaged)
+            r.leftover_rows = sum(leftover.values())
+            if leftover:  # no reader shows them (each joins files), and no run drops them: --repair does
+                r.problems.append(f"{r.leftover_rows} rows name no file of the catalog ("
+                                  + ", ".join(f"{table}: {n}" for table, n in leftover.items()) + ")")
             malformed = catalog.malformed_values(conn)
             if malformed:  # numbers no writer stores: nothing to mend them from, and every check below trips on them
                 r.problems += malformed
@@ -337,6 +343,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                     done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
                 if unknown:
                     done.append(f"dropped {unknown} records of fill failures of no fill step")
+            if report.leftover_rows:
+                with db.begin() as conn:
+                    dropped = catalog.forget_leftover_rows(conn, keywords=not report.keywords_damaged)
+                done.append(f"dropped {dropped} rows of tags, hashes, photo fields or keywords of files no longer "
+                            "in the catalog")
             if report.malformed_phashes:
                 with db.begin() as conn:
                     catalog.forget_phashes(conn, catalog.malformed_phashes(conn))

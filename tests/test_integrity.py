@@ -562,6 +562,46 @@ def test_a_sample_of_a_large_ivfpq_index_is_compared(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_rows_of_files_no_longer_in_the_catalog_are_found_and_dropped(built, tmp_path):
+    """Tags, perceptual hashes, photo fields and keyword rows naming no file of the catalog: verify said ok and
+    nothing ever dropped them. Now verify names them (exit 7) and --repair drops them, and only them."""
+    root, ix = built
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\nblue\n")
+    run("tag", "--labels-file", labels, "--index", ix, "--threshold", "0")
+    conn = sqlite3.connect(ix / "catalog.db")
+    counts = "SELECT (SELECT count(*) FROM tags), (SELECT count(*) FROM phashes), (SELECT count(*) FROM photos), " \
+             "(SELECT count(*) FROM keywords), (SELECT count(*) FROM keywords_trigram)"
+    before = conn.execute(counts).fetchone()
+    assert before[:4] == (82, 41, 41, 41), before
+    with conn:
+        conn.execute("INSERT INTO tags VALUES (99999, 'red', 0.9)")
+        conn.execute("INSERT INTO phashes SELECT 99999, phash FROM phashes LIMIT 1")
+        conn.execute("INSERT INTO photos (file_id, caption) VALUES (99999, 'gone')")
+        conn.execute("INSERT INTO keywords (rowid, body) VALUES (99999, 'zanzibar')")
+        conn.execute("INSERT INTO keywords_trigram (rowid, body) VALUES (99999, 'inv4711')")
+    problems = verify_json(ix, code=7)["problems"]
+    assert ("5 rows name no file of the catalog (tags: 1, phashes: 1, photos: 1, keywords: 1, keywords_trigram: 1)"
+            in problems), problems
+    repaired = verify_json(ix, "--repair", code=0)["repaired"]
+    assert any(line.startswith("dropped 5 rows") for line in repaired), repaired
+    assert conn.execute(counts).fetchone() == before
+    conn.close()
+
+
+@pytest.mark.slow
+def test_files_an_index_run_removes_leave_no_rows_behind(built):
+    """A removed file's perceptual hash stayed until the next run's hash fill (which runs before the run deletes
+    the file's row): verify, which now counts such rows as damage, must find none after an ordinary run."""
+    root, ix = built
+    for name in ("img004.jpg", "img020.jpg"):
+        (root / name).unlink()
+    index_json(ix)
+    report = verify_json(ix, code=0)
+    assert report["checked"]["images"] == 39, report
+
+
+@pytest.mark.slow
 def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
     """/api/recent built its rows without the check the searches make: "internal error" (500), nothing said."""
     from alignsearch.storage.paths import SERVER_FILE

@@ -833,10 +833,15 @@ def duplicate_hashes(conn: Connection) -> list[list[int]]:
 
 
 def forget_extras(conn: Connection, ids: list[int]) -> None:
-    """Drop what hangs off files that leave the catalog (their photo fields, keywords and fill failures)."""
+    """Drop what hangs off files that leave the catalog (their photo fields, keywords, fill failures, perceptual
+    hashes and tags: the hash fill dropped a removed file's hash only on the next run, and verify counts what is
+    left behind as damage)."""
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(delete(photos).where(photos.c.file_id.in_(chunk)))
+        conn.execute(delete(tags).where(tags.c.file_id.in_(chunk)))
+        if has_phashes(conn):
+            conn.execute(delete(phashes).where(phashes.c.file_id.in_(chunk)))
         conn.execute(delete(fill_failures).where(fill_failures.c.file_id.in_(chunk)))
         _drop_keywords(conn, chunk)
 
@@ -1043,6 +1048,33 @@ def forget_dangling_fill_failures(conn: Connection, *, unknown_step: bool = Fals
     --repair); how many."""
     where = _unknown_fill_step() if unknown_step else _dangling_fill_failures()
     return conn.execute(delete(fill_failures).where(where)).rowcount
+
+
+def _hanging_tables(conn: Connection, keywords: bool) -> list[tuple[str, str]]:
+    """(table, the column naming its file) of the tables whose rows hang off a file, those this catalog has."""
+    schema = migrate.schema_of(conn)
+    return [(table, column) for table, column, present in (
+        ("tags", "file_id", True), ("phashes", "file_id", schema.phashes), ("photos", "file_id", schema.photos),
+        (KEYWORDS, "rowid", keywords and schema.keywords), (KEYWORDS_TRIGRAM, "rowid", keywords and schema.trigram))
+        if present]
+
+
+def leftover_rows(conn: Connection, *, keywords: bool = True) -> dict[str, int]:
+    """How many rows of each table that hangs off a file (tags, perceptual hashes, photo fields, the keyword
+    index) name no row of files, for the tables that have any (verify: no reader shows them, but nothing else
+    drops them either). keywords=False leaves the keyword index out (a damaged one is written again whole)."""
+    found = {}
+    for table, column in _hanging_tables(conn, keywords):
+        n = conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {column} NOT IN (SELECT id FROM files)").scalar()
+        if n:
+            found[table] = int(n)
+    return found
+
+
+def forget_leftover_rows(conn: Connection, *, keywords: bool = True) -> int:
+    """Drop the rows leftover_rows counts (verify --repair); how many."""
+    return sum(conn.exec_driver_sql(f"DELETE FROM {table} WHERE {column} NOT IN (SELECT id FROM files)").rowcount
+               for table, column in _hanging_tables(conn, keywords))
 
 
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:

@@ -304,6 +304,8 @@ def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report,
             damaged = current.check()
         except IndexDamagedError as exc:  # a manifest that cannot be read names no files to check
             damaged = [str(exc).split(": run")[0]]
+        except PermissionError as exc:  # derived from the vectors: --repair writes it again (a fresh file)
+            damaged = [f"{Path(exc.filename).name} cannot be read ({exc.strerror})"]
         if damaged:
             r.problems += damaged
             r.ann_damaged = True

@@ -602,6 +602,41 @@ def test_files_an_index_run_removes_leave_no_rows_behind(built):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not can_drop_dac(), reason="cannot drop root's read bypass here")
+@pytest.mark.parametrize("name", ["index.faiss", "vectors.f16"])
+def test_an_index_file_that_cannot_be_read_is_exit_7_for_every_command(built, name):
+    """index.faiss or vectors.f16 made unreadable (chmod 000, for a user without root's bypass): query, verify and
+    index stopped with "Permission denied" as an unexpected error (exit 1), where an unreadable catalog.db is
+    exit 7. Now each says it in one line with exit 7; verify --repair writes an unreadable index.faiss again."""
+    root, ix = built
+    os.chmod(ix / name, 0)
+    for args in (("query", "red"), ("similar", "1"), ("verify", "--skip-model"), ("index",)):
+        proc = as_child(*args, "--index", ix, unprivileged=True, timeout=120)
+        lines = proc.stderr.strip().splitlines() + proc.stdout.strip().splitlines()
+        assert proc.returncode == 7, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and any(f"{name}" in line and "cannot be read" in line
+                                                      for line in lines), (args, proc.stdout, proc.stderr)
+    if name == "index.faiss":
+        proc = as_child("verify", "--repair", "--skip-model", "--index", ix, unprivileged=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert as_child("query", "red", "--index", ix, unprivileged=True, timeout=120).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_deleted_ann_file_is_damage_for_every_command(built):
+    """index.faiss deleted after the catalog recorded it built: query, similar and info said "no index found"
+    (exit 3) while verify called it damage (exit 7). Now all say exit 7; --repair (or an index run) builds it."""
+    root, ix = built
+    (ix / "index.faiss").unlink()
+    for args in (("query", "red"), ("similar", "1"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "index.faiss is missing" in out and "verify --repair" in out, (args, out)
+    verify_json(ix, code=7)
+    verify_json(ix, "--repair", code=0)
+    assert self_hits(ix, root)
+
+
+@pytest.mark.slow
 def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
     """/api/recent built its rows without the check the searches make: "internal error" (500), nothing said."""
     from alignsearch.storage.paths import SERVER_FILE

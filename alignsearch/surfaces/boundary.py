@@ -5,7 +5,9 @@ on the CLI, a 500 JSON answer from the server, the traceback logged at debug lev
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from pathlib import Path
 
 from alignsearch.errors import AlignSearchError, IndexDamagedError
 
@@ -22,8 +24,26 @@ def library_error(exc: BaseException) -> AlignSearchError | None:
     trouble = not_damage(exc)
     if trouble is not None:
         return trouble
-    damaged = _damaged_catalog(exc)
+    damaged = _damaged_catalog(exc) or _unreadable_index_file(exc)
     return IndexDamagedError(damaged) if damaged else None
+
+
+def _unreadable_index_file(exc: BaseException) -> str | None:
+    """A file of an index (index.faiss, vectors.f16, a shard, list or segment file) that this user cannot read, in
+    words; else None. An index file others made unreadable (chmod, another owner) stopped every command with
+    "Permission denied" as an unexpected error (exit 1), while an unreadable catalog.db was exit 7. A file that
+    can be read met a refused write instead: that is no damage, and stays the error it is."""
+    from alignsearch.storage.paths import DB_FILE
+
+    if not isinstance(exc, PermissionError) or exc.filename is None:
+        return None
+    path = Path(os.fsdecode(exc.filename))
+    if not any((folder / DB_FILE).is_file() for folder in list(path.parents)[:3]):  # vectors/next/<id>.f16 at most
+        return None
+    if os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    return (f"{path.name} in {path.parent} cannot be read ({exc.strerror}): the index cannot be used until the file "
+            "is readable again (its owner's chmod); `alignsearch verify` says what else is wrong")
 
 
 def _damaged_catalog(exc: BaseException) -> str | None:

@@ -735,6 +735,25 @@ def test_a_fifo_in_place_of_the_writer_lock_does_not_hang_verify(built):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
+def test_a_symlink_in_place_of_the_writer_lock_is_never_followed(built, tmp_path):
+    """write.lock replaced by a symbolic link (anyone who can write the folder): every writer opened it through the
+    link, creating the file it named (an index run made tmp/planted) or locking another program's file. Writers
+    now refuse it in one line (exit 7) and change nothing; verify names it; removed, writers run again."""
+    root, ix = built
+    planted = tmp_path / "planted"
+    (ix / "write.lock").unlink(missing_ok=True)
+    (ix / "write.lock").symlink_to(planted)
+    for args in (("index",), ("tag", "--clear"), ("verify", "--repair", "--skip-model")):
+        out = run(*args, "--index", ix, code=7).output
+        assert "write.lock is a symbolic link" in out and "Traceback" not in out, (args, out)
+    assert not os.path.lexists(planted)
+    assert any("write.lock is a symbolic link" in p for p in verify_json(ix, code=7)["problems"])
+    (ix / "write.lock").unlink()
+    index_json(ix)
+    assert verify_json(ix, code=0)["ok"]
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -50,6 +50,7 @@ class Report:
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
     malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
+    linked_vectors: list[str] = field(default_factory=list)  # vector files that are symlinks: --repair copies them
     leftover_rows: int = 0  # tags, hashes, photo fields, keywords of files no longer in the catalog: --repair drops them
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
@@ -163,6 +164,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
     # what a run stopped part way leaves is the next run's to finish: noted, not counted as damage
     leftover = r.notes if interrupted else r.problems
     r.problems += found.problems
+    r.linked_vectors = [p.name for p in store.linked()]
+    if r.linked_vectors:  # readers follow them (the rows are checksummed); a writer would write into the target
+        r.problems.append(f"{', '.join(r.linked_vectors)}: a symbolic link where the index keeps its vectors (writers "
+                          "refuse to write through it; --repair copies the file it names into its place)")
     if found.legacy_segments:
         r.problems.append(f"{len(found.legacy_segments)} vector files were written before checksums were recorded: "
                           "`alignsearch index` or `verify --repair` records them")
@@ -226,12 +231,13 @@ MISPLACED_STEP = 65536  # rows read and compared at a time
 MISPLACED_PQ_SAMPLE = 131_072
 
 
-def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
+def _misplaced(index, live: np.ndarray, store: VectorStore) -> tuple[list[int], int]:
     """The files whose stored vector (at the address the catalog gives) is not the one the ANN index holds
     for their id. Every vector batch and the ANN file carry checksums, but the address of each file is a plain
     catalog number: altered or swapped, a query re-ranked another file's vector under this file's path (an
     image query returned the wrong file at 1.0000) and verify said ok. A flat index holds the vectors; an
-    IVF-PQ index holds a code of each, compared with the code of the stored row (_misplaced_pq)."""
+    IVF-PQ index holds a code of each, compared with the code of the stored row (_misplaced_pq). With how many
+    were compared."""
     if not len(live):
         return [], 0
     rows = dict(live.tolist())
@@ -245,16 +251,21 @@ def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
     ids, held = flat
     known = np.array([i in rows for i in ids.tolist()], dtype=bool)
     ids, held = ids[known], held[known]
-    out, step = [], MISPLACED_STEP
-    buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
-    for start in range(0, len(ids), step):
-        chunk = ids[start : start + step]
-        stored = vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
-                                   buffer).astype(np.float32)
-        cos = np.einsum("ij,ij->i", stored, held[start : start + step]) / np.maximum(
-            np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + step], axis=1), 1e-12)
+    out = []
+    for start, chunk, stored in _stored_rows(ids, rows, store):
+        cos = np.einsum("ij,ij->i", stored, held[start : start + len(chunk)]) / np.maximum(
+            np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + len(chunk)], axis=1), 1e-12)
         out += chunk[cos < MISPLACED_COSINE].tolist()
     return out, len(ids)
+
+
+def _stored_rows(ids: np.ndarray, rows: dict, store: VectorStore):
+    """(start, ids[start:start + MISPLACED_STEP], their stored rows as float32) for each step of ids."""
+    buffer = np.empty((min(MISPLACED_STEP, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
+    for start in range(0, len(ids), MISPLACED_STEP):
+        chunk = ids[start : start + MISPLACED_STEP]
+        yield start, chunk, vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
+                                              buffer).astype(np.float32)
 
 
 def _misplaced_pq(ivf, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray, rows: dict,
@@ -267,14 +278,11 @@ def _misplaced_pq(ivf, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray, ro
         known &= np.random.default_rng().random(len(ids)) < share
     ids, lists, codes = ids[known], lists[known], codes[known]
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) if ivf.by_residual else None
-    out, step = [], MISPLACED_STEP
-    buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
-    for start in range(0, len(ids), step):
-        chunk = ids[start : start + step]
-        stored = vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
-                                   buffer).astype(np.float32)
-        residual = stored - centroids[lists[start : start + step]] if centroids is not None else stored
-        held = ivf.pq.decode(np.ascontiguousarray(codes[start : start + step]))
+    out = []
+    for start, chunk, stored in _stored_rows(ids, rows, store):
+        end = start + len(chunk)
+        residual = stored - centroids[lists[start:end]] if centroids is not None else stored
+        held = ivf.pq.decode(np.ascontiguousarray(codes[start:end]))
         own = ivf.pq.decode(ivf.pq.compute_codes(np.ascontiguousarray(residual)))
         excess = ((residual - held) ** 2).sum(axis=1) - ((residual - own) ** 2).sum(axis=1)
         out += chunk[excess > MISPLACED_PQ_EXCESS].tolist()
@@ -367,6 +375,9 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 store = vectors.load(conn, index_dir, model.dim)
             cut = [store.segment_path(s).name for s in store.numbers()
                    if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
+            copied = store.own_linked()  # before any write: writers never write through a link
+            if copied:
+                done.append(f"copied the files {', '.join(copied)} linked to into their places")
             store = _held(store)
             store.truncate_uncommitted()
             with db.begin() as conn:

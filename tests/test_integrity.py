@@ -754,6 +754,28 @@ def test_a_symlink_in_place_of_the_writer_lock_is_never_followed(built, tmp_path
     assert verify_json(ix, code=0)["ok"]
 
 
+@pytest.mark.slow
+def test_a_symlink_in_place_of_the_vector_file_is_never_written_through(built, tmp_path):
+    """vectors.f16 replaced by a symbolic link to another file of the user's: `verify --repair` cut that file to the
+    committed rows' length and appended re-encoded vectors to it (10,500 bytes of text became 3,840), and verify
+    of a link to an exact copy said ok. Writers now never write through a link; verify names it; --repair copies
+    the file it names into its place and leaves that file as it was."""
+    root, ix = built
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"precious line\n" * 800)
+    (ix / "vectors.f16").unlink()
+    (ix / "vectors.f16").symlink_to(victim)
+    out = run("index", "--index", ix, code=7).output
+    assert "Traceback" not in out
+    problems = verify_json(ix, code=7)["problems"]
+    assert any("vectors.f16: a symbolic link" in p for p in problems), problems
+    repaired = verify_json(ix, "--repair", code=0)["repaired"]
+    assert any("copied the files vectors.f16" in line for line in repaired), repaired
+    assert victim.read_bytes() == b"precious line\n" * 800
+    assert not (ix / "vectors.f16").is_symlink() and verify_json(ix, code=0)["checked"]["images"] == 41
+    assert self_hits(ix, root)
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -776,6 +776,23 @@ def test_a_symlink_in_place_of_the_vector_file_is_never_written_through(built, t
     assert self_hits(ix, root)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["index.faiss", "vectors.f16"])
+def test_a_folder_in_place_of_an_index_file_is_damage_in_one_line(built, name):
+    """A folder where index.faiss or vectors.f16 belongs: every command, verify --repair too, stopped with "Is a
+    directory" as an unexpected error (exit 1). Now exit 7 saying what to do; once it is moved away, --repair
+    mends the index."""
+    root, ix = built
+    (ix / name).unlink()
+    (ix / name).mkdir()
+    for args in (("query", "red"), ("verify", "--skip-model"), ("index",), ("verify", "--repair", "--skip-model")):
+        out = run(*args, "--index", ix, code=7).output
+        assert f"{name} in {ix} is a folder" in out and len(out.strip().splitlines()) == 1, (args, out)
+    (ix / name).rmdir()
+    verify_json(ix, "--repair", code=0)
+    assert verify_json(ix, code=0)["checked"]["images"] == 41 and self_hits(ix, root)
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -29,17 +29,20 @@ def library_error(exc: BaseException) -> AlignSearchError | None:
 
 
 def _unreadable_index_file(exc: BaseException) -> str | None:
-    """A file of an index (index.faiss, vectors.f16, a shard, list or segment file) that this user cannot read, in
-    words; else None. An index file others made unreadable (chmod, another owner) stopped every command with
+    """A file of an index (index.faiss, vectors.f16, a shard, list or segment file) that this user cannot read, or
+    a folder in its place, in words; else None. An index file others made unreadable (chmod, another owner) stopped every command with
     "Permission denied" as an unexpected error (exit 1), while an unreadable catalog.db was exit 7. A file that
     can be read met a refused write instead: that is no damage, and stays the error it is."""
     from alignsearch.storage.paths import DB_FILE
 
-    if not isinstance(exc, PermissionError) or exc.filename is None:
+    if not isinstance(exc, (PermissionError, IsADirectoryError)) or exc.filename is None:
         return None
     path = Path(os.fsdecode(exc.filename))
     if not any((folder / DB_FILE).is_file() for folder in list(path.parents)[:3]):  # vectors/next/<id>.f16 at most
         return None
+    if isinstance(exc, IsADirectoryError):  # every command said "Is a directory" (exit 1), verify --repair too
+        return (f"{path.name} in {path.parent} is a folder where the index keeps a file: move it away, then run "
+                "`alignsearch verify --repair`")
     if os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
         return None
     return (f"{path.name} in {path.parent} cannot be read ({exc.strerror}): the index cannot be used until the file "

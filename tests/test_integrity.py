@@ -505,6 +505,31 @@ def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_manifest_of_a_sharded_index_is_repaired(tmp_path, damage):
+    """shards.json of a real sharded index cut short or with a byte flipped: verify found it, but --repair's
+    rebuild read the damaged manifest again to know the files it replaces and stopped (exit 7, "run verify
+    --repair"), so nothing could mend it."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    db, _, report = layout_index(ix, index_shards=3)
+    db.dispose()
+    manifest = ix / "shards.json"
+    data = bytearray(manifest.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    manifest.write_bytes(bytes(data))
+    assert "shards.json is damaged" in run("similar", "5", "--index", ix, code=7).output
+    verify_json(ix, code=7)
+    verify_json(ix, "--repair", code=0)
+    assert verify_json(ix, code=0)["checked"]["index_vectors"] == 10_000
+    run("similar", "5", "--index", ix)
+
+
+@pytest.mark.slow
 def test_swapped_vector_addresses_are_found_and_repaired(built):
     """Two files' vector addresses swapped in the catalog (each batch of vectors and the ANN file are checksummed,
     the address of a file is a plain number): an image query answered another file at 1.0000 and verify said

@@ -530,6 +530,40 @@ def test_a_damaged_manifest_of_a_sharded_index_is_repaired(tmp_path, damage):
 
 
 @pytest.mark.slow
+def test_an_ondisk_index_is_read_from_its_own_folder_read_only_and_checked_for_length(tmp_path):
+    """faiss keeps the absolute path an on-disk index's lists file was built at and opened it "r+": a moved index
+    could not be searched (exit 7, "could not open <old folder>/lists-..."), a copy read the original's lists, and
+    an index the reader may not write (read-only files and folder) was exit 7 too, though readers write nothing.
+    A lists file cut short killed the query with SIGBUS (exit 135, no word)."""
+    import shutil
+
+    from helpers import layout_index
+
+    db, _, report = layout_index(tmp_path / "built", ondisk_shards=2)
+    db.dispose()
+    assert report["layout"] == "ondisk"
+    ix = tmp_path / "moved"
+    shutil.move(tmp_path / "built", ix)
+    proc = as_child("similar", "5", "--index", ix, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if can_drop_dac():
+        for path in [*ix.iterdir(), ix]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            proc = as_child("similar", "5", "--index", ix, unprivileged=True, timeout=120)
+        finally:
+            for path in [ix, *ix.iterdir()]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        assert proc.returncode == 0, proc.stderr
+    lists = next(ix.glob("lists-*.ivfdata"))
+    os.truncate(lists, lists.stat().st_size // 4)
+    proc = as_child("similar", "5", "--index", ix, timeout=120)
+    assert proc.returncode == 7 and f"{lists.name} is shorter" in proc.stderr, (proc.returncode, proc.stderr)
+    verify_json(ix, "--repair", code=0)
+    assert as_child("similar", "5", "--index", ix, timeout=120).returncode == 0
+
+
+@pytest.mark.slow
 def test_swapped_vector_addresses_are_found_and_repaired(built):
     """Two files' vector addresses swapped in the catalog (each batch of vectors and the ANN file are checksummed,
     the address of a file is a plain number): an image query answered another file at 1.0000 and verify said

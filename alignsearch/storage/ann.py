@@ -163,6 +163,25 @@ def read(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
+def read_ondisk(path: Path) -> faiss.Index:
+    """An on-disk layout's index.faiss with its lists file mapped read-only from the index's own folder. faiss
+    opened the lists "r+" at the absolute path they were built at: an index a reader may not write (another
+    user's, a read-only mount) could not be searched (exit 7), and a moved index looked for its lists in the
+    old folder (a copy read the original's). IO_FLAG_ONDISK_SAME_DIR would do the second but prints to stdout."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_IVF_DATA)
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):  # written before the layout's lists: read as it is
+        return read(path)
+    lists.filename = str(Path(path).parent / Path(lists.filename).name)
+    if os.stat(lists.filename).st_size < lists.totsize:  # a page past the end of a mapped file is SIGBUS: a query
+        # on a lists file cut short died with exit 135 and no word (lists are hashed by verify, not on open)
+        raise IndexDamagedError(f"{Path(lists.filename).name} is shorter than its index says: run "
+                                "`alignsearch verify --repair`")
+    lists.do_mmap()
+    return index
+
+
 NEXT_SUFFIX = ".next"  # index.faiss.next: written and fsync'ed, recorded in the catalog, then renamed over
 
 

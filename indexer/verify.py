@@ -101,6 +101,11 @@ def _written(index_dir: Path) -> tuple | None:
 
 def _check_once(index_dir: Path, check_model: bool) -> Report:
     r = Report()
+    side = catalog.side_file_problems(index_dir / DB_FILE)
+    if side:  # SQLite opens the catalog through none of them (or for reading only): nothing else can be checked;
+        # not catalog damage (the catalog may be sound), and --repair, which cannot open it either, says so in one line
+        r.problems += side
+        return r
     damage = catalog.integrity_problems(index_dir / DB_FILE)
     if damage:
         r.problems += damage

@@ -852,6 +852,50 @@ def test_a_folder_in_place_of_an_index_file_is_damage_in_one_line(built, name):
     assert verify_json(ix, code=0)["checked"]["images"] == 41 and self_hits(ix, root)
 
 
+LEAVE_A_WAL = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.execute("UPDATE files SET mtime = 12345 WHERE relpath = 'img004.jpg'")
+os._exit(0)  # no checkpoint: the commit stays in catalog.db-wal
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, how", [("catalog.db-wal", "symlink"), ("catalog.db-shm", "symlink"),
+                                       ("catalog.db-shm", "folder")])
+def test_sqlites_side_files_swapped_for_a_link_or_a_folder_are_named(built, tmp_path, name, how):
+    """catalog.db-wal or -shm replaced by a symbolic link (to a copy of itself) or a folder: every command said
+    "catalog.db cannot be read (unable to open database file): run alignsearch verify" of a sound catalog, and
+    verify said only that it was damaged; with a folder for -shm, queries ran and `index` said "it is damaged or
+    not an alignsearch index; restore it from a backup". Now each names the file and what to do; done, the
+    commit the log held is there."""
+    root, ix = built
+    subprocess.run([sys.executable, "-c", LEAVE_A_WAL, str(ix / "catalog.db")], check=True)
+    side = ix / name
+    assert side.stat().st_size
+    if how == "symlink":
+        shutil.copy(side, tmp_path / name)
+        side.unlink()
+        side.symlink_to(tmp_path / name)
+    else:
+        side.unlink()
+        side.mkdir()
+    for args in (("index",), ("verify", "--skip-model"), ("verify", "--repair", "--skip-model")):
+        out = run(*args, "--index", ix, code=7).output
+        assert f"{name} is a {'symbolic link' if how == 'symlink' else 'folder'}" in out, (args, out)
+    if how == "symlink":
+        assert f"{name} is a symbolic link" in run("query", "red", "--index", ix, code=7).output
+        side.unlink()
+        shutil.copy(tmp_path / name, side)
+    else:
+        side.rmdir()
+    assert verify_json(ix, code=0)["ok"]
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT mtime FROM files WHERE relpath = 'img004.jpg'").fetchone() == (12345,)
+    conn.close()
+
+
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------
 
 

@@ -225,6 +225,9 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     if readonly:
         engine = open_readonly(db_path)
     else:
+        side = side_file_problems(db_path)
+        if side:  # a writer's first write failed on them later, said as "damaged: restore it from a backup"
+            raise IndexDamagedError(side[0])
         # URL.create, not an f-string: a '?', '#' or '%20' in the folder's path is part of the file name, not a
         # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success)
         engine = create_engine(URL.create("sqlite", database=str(db_path)))
@@ -347,8 +350,32 @@ def damaged(db_path, exc: Exception) -> AlignSearchError:
     trouble = not_damage(exc)
     if trouble is not None:
         return trouble
+    side = side_file_problems(db_path)
+    if side:  # SQLite's own reason ("unable to open database file") names none of them
+        return IndexDamagedError(side[0])
     reason = str(getattr(exc, "orig", exc)).splitlines()[0]
     return IndexDamagedError(f"{Path(db_path).name} cannot be read ({reason}): run `alignsearch verify`")
+
+
+def side_file_problems(db_path: Path) -> list[str]:
+    """SQLite's -wal and -shm files beside the catalog that are not plain files (a symbolic link, a folder), in
+    words: SQLite will not open the catalog through them (or only for reading), and every command said "catalog.db
+    cannot be read" or "damaged: restore it from a backup" of a sound catalog. Never removed here: the log may
+    hold committed changes, and readers may have the shared memory open."""
+    import stat
+
+    found = []
+    for suffix in ("-wal", "-shm"):
+        path = Path(f"{db_path}{suffix}")
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "no plain file"
+            found.append(f"{path.name} is {kind}, not SQLite's own file: with no alignsearch process using the index, "
+                         "put the file a link names in its place (it may hold committed changes) or move it away")
+    return found
 
 
 # SQLite's primary result codes (the low byte of an extended code)

@@ -38,7 +38,7 @@ def _unreadable_index_file(exc: BaseException) -> str | None:
     if not isinstance(exc, (PermissionError, IsADirectoryError)) or exc.filename is None:
         return None
     path = Path(os.fsdecode(exc.filename))
-    if not any((folder / DB_FILE).is_file() for folder in list(path.parents)[:3]):  # vectors/next/<id>.f16 at most
+    if not any(_is_file(folder / DB_FILE) for folder in list(path.parents)[:3]):  # vectors/next/<id>.f16 at most
         return None
     if isinstance(exc, IsADirectoryError):  # every command said "Is a directory" (exit 1), verify --repair too
         return (f"{path.name} in {path.parent} is a folder where the index keeps a file: move it away, then run "
@@ -62,3 +62,11 @@ def _damaged_catalog(exc: BaseException) -> str | None:
         return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
                 "restore it from a backup or index into a new --index DIR")
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False where the folder cannot be searched (is_file raises PermissionError there)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

@@ -608,6 +608,7 @@ def test_swapped_vector_addresses_are_found_with_an_ivfpq_index(tmp_path, layout
     assert any(p.startswith("2 indexed files' vector addresses name another vector") for p in problems), problems
 
 
+@pytest.mark.slow
 def test_a_sample_of_a_large_ivfpq_index_is_compared(tmp_path, monkeypatch):
     """Above MISPLACED_PQ_SAMPLE entries a random sample of that many is compared (README), not all of them."""
     from helpers import layout_index

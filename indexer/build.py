@@ -154,7 +154,10 @@ def _build_sharded(out: Sharded, job: BuildJob) -> Built:
     when there are none, their number changed, or the collection outgrew their training. Shards that
     change are written under new names; the rest are staged as they are."""
     store, ids, rows, count, folder = job.store, job.ids, job.rows, job.shards, out.folder
-    current = shards.files(folder)
+    try:
+        current = shards.files(folder)
+    except IndexDamagedError:  # a manifest that cannot be read: built anew (verify --repair's rebuild died here)
+        current = None
     owner = shards.shard_of(ids, count)
     if current and len(current) == count and not job.rebuild:
         plan = ann.describe(faiss.read_index(str(current[0]), faiss.IO_FLAG_MMAP_IFC))

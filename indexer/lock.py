@@ -6,13 +6,14 @@ would cut rows the first one's encoder actors had written but not yet committed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadInputError, IndexDamagedError
 from alignsearch.storage.paths import LOCK_FILE, writer_running  # noqa: F401 - the probe readers use lives in the core
 
 
@@ -23,7 +24,15 @@ class WriterBusy(BadInputError):
 @contextmanager
 def writer_lock(index_dir: Path) -> Iterator[None]:
     """Held for the block; an index another process is writing is a clear error, not a wait."""
-    fd = os.open(Path(index_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    path = Path(index_dir) / LOCK_FILE
+    try:  # never through a symbolic link: one planted there (by anyone who can write the folder) made every writer
+        # create the file it names, or lock a file of another program's; O_NONBLOCK: a FIFO there opens at once
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        raise IndexDamagedError(f"{path} is {lock_trouble(path)}, not the lock file alignsearch makes: nothing was "
+                                "changed; remove it and run again") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -33,3 +42,19 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
         yield  # the lock goes with the descriptor, also when the process dies
     finally:
         os.close(fd)
+
+
+def lock_trouble(path: Path) -> str | None:
+    """What is at the lock file's place that no writer may lock (a symbolic link, a folder, a socket), in words;
+    None for a file a writer can lock (or nothing there)."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return None if stat.S_ISREG(mode) or stat.S_ISFIFO(mode) else "a socket or device"

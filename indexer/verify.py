@@ -33,7 +33,7 @@ from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError, IndexNotFoundError
 from alignsearch.storage.vectors import VectorStore
 from indexer.build import sync_index
-from indexer.lock import writer_lock, writer_running
+from indexer.lock import LOCK_FILE, lock_trouble, writer_lock, writer_running
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class Report:
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
     malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
+    linked_vectors: list[str] = field(default_factory=list)  # vector files that are symlinks: --repair copies them
+    leftover_rows: int = 0  # tags, hashes, photo fields, keywords of files no longer in the catalog: --repair drops them
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
@@ -99,6 +101,11 @@ def _written(index_dir: Path) -> tuple | None:
 
 def _check_once(index_dir: Path, check_model: bool) -> Report:
     r = Report()
+    side = catalog.side_file_problems(index_dir / DB_FILE)
+    if side:  # SQLite opens the catalog through none of them (or for reading only): nothing else can be checked;
+        # not catalog damage (the catalog may be sound), and --repair, which cannot open it either, says so in one line
+        r.problems += side
+        return r
     damage = catalog.integrity_problems(index_dir / DB_FILE)
     if damage:
         r.problems += damage
@@ -121,6 +128,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if r.unknown_step_fill_failures:  # `index` and `info` leave them out; --repair drops them
                 r.problems.append(f"{r.unknown_step_fill_failures} records of files a fill step could not read name "
                                   f"no fill step ({', '.join(catalog.FILL_STEPS)})")
+            leftover = catalog.leftover_rows(conn, keywords=not r.keywords_damaged)
+            r.leftover_rows = sum(leftover.values())
+            if leftover:  # no reader shows them (each joins files), and no run drops them: --repair does
+                r.problems.append(f"{r.leftover_rows} rows name no file of the catalog ("
+                                  + ", ".join(f"{table}: {n}" for table, n in leftover.items()) + ")")
             malformed = catalog.malformed_values(conn)
             if malformed:  # numbers no writer stores: nothing to mend them from, and every check below trips on them
                 r.problems += malformed
@@ -146,6 +158,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
+    trouble = lock_trouble(index_dir / LOCK_FILE)
+    if trouble:  # --repair cannot take it either: removing what another process may be replacing is not safe
+        r.problems.append(f"{LOCK_FILE} is {trouble}, not the lock file alignsearch makes: every writer refuses the "
+                          "index until it is removed")
     r.checked.update(images=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
                      vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing,
                      last_run=last_run(unfinished, writing))
@@ -153,6 +169,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
     # what a run stopped part way leaves is the next run's to finish: noted, not counted as damage
     leftover = r.notes if interrupted else r.problems
     r.problems += found.problems
+    r.linked_vectors = [p.name for p in store.linked()]
+    if r.linked_vectors:  # readers follow them (the rows are checksummed); a writer would write into the target
+        r.problems.append(f"{', '.join(r.linked_vectors)}: a symbolic link where the index keeps its vectors (writers "
+                          "refuse to write through it; --repair copies the file it names into its place)")
     if found.legacy_segments:
         r.problems.append(f"{len(found.legacy_segments)} vector files were written before checksums were recorded: "
                           "`alignsearch index` or `verify --repair` records them")
@@ -187,7 +207,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
         if len(extra):
             r.problems.append(f"{len(extra)} ANN ids name no indexed file")
         # compared only with a sound store: rows that fail their checksum or are missing are reported above
-        r.misplaced = [] if found.problems or found.legacy_segments else _misplaced(index, live, store)
+        r.misplaced, compared = [], 0
+        if not found.problems and not found.legacy_segments:
+            r.misplaced, compared = _misplaced(index, live, store)
+        r.checked["addresses_compared"] = compared
         if r.misplaced:
             r.problems.append(f"{len(r.misplaced)} indexed files' vector addresses name another vector than the ANN "
                               "index holds for them (queries would answer with the wrong file)")
@@ -202,31 +225,73 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
 
 
 MISPLACED_COSINE = 0.999  # a flat index's copy of a stored row: cosine >= 0.9999 (fp16 rounding)
+# An IVF-PQ entry whose code is not the stored row's own: the squared distance (unit vectors) from the row to the
+# code's reconstruction exceeds the row's own code's by more than this. The row's own code is the nearest per
+# sub-quantizer, so a sound entry exceeds it by 0 (a CPU build) or float rounding at near-ties (a GPU build);
+# another file's code exceeds it by about |a - b|^2 = 2 - 2 cos(a, b): pictures closer than cos ~0.99 pass.
+MISPLACED_PQ_EXCESS = 0.02
+MISPLACED_STEP = 65536  # rows read and compared at a time
+# IVF-PQ entries compared per verify: every one up to this, a random sample of this many above it. Encoding a row
+# costs ~256 * dim flops (~6 CPU-seconds per 65,536 rows at 640-d here): all of a million rows took minutes.
+MISPLACED_PQ_SAMPLE = 131_072
 
 
-def _misplaced(index, live: np.ndarray, store: VectorStore) -> list[int]:
-    """The files whose stored vector (at the address the catalog gives) is not the one a flat ANN index holds
+def _misplaced(index, live: np.ndarray, store: VectorStore) -> tuple[list[int], int]:
+    """The files whose stored vector (at the address the catalog gives) is not the one the ANN index holds
     for their id. Every vector batch and the ANN file carry checksums, but the address of each file is a plain
     catalog number: altered or swapped, a query re-ranked another file's vector under this file's path (an
-    image query returned the wrong file at 1.0000) and verify said ok. IVF-PQ keeps codes, not vectors: not
-    checked."""
-    flat = ann.flat_vectors(index)
-    if flat is None or not len(live):
-        return []
-    ids, held = flat
+    image query returned the wrong file at 1.0000) and verify said ok. A flat index holds the vectors; an
+    IVF-PQ index holds a code of each, compared with the code of the stored row (_misplaced_pq). With how many
+    were compared."""
+    if not len(live):
+        return [], 0
     rows = dict(live.tolist())
+    flat = ann.flat_vectors(index)
+    if flat is None:
+        parts = ann.pq_entries(index) or []
+        total = sum(len(ids) for _, ids, _, _ in parts)
+        share = min(1.0, MISPLACED_PQ_SAMPLE / max(total, 1))  # a fresh sample each run: runs add up
+        found = [_misplaced_pq(*part, rows, store, share) for part in parts]
+        return [i for out, _ in found for i in out], sum(n for _, n in found)
+    ids, held = flat
     known = np.array([i in rows for i in ids.tolist()], dtype=bool)
     ids, held = ids[known], held[known]
-    out, step = [], 65536
-    buffer = np.empty((min(step, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
-    for start in range(0, len(ids), step):
-        chunk = ids[start : start + step]
-        stored = vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
-                                   buffer).astype(np.float32)
-        cos = np.einsum("ij,ij->i", stored, held[start : start + step]) / np.maximum(
-            np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + step], axis=1), 1e-12)
+    out = []
+    for start, chunk, stored in _stored_rows(ids, rows, store):
+        cos = np.einsum("ij,ij->i", stored, held[start : start + len(chunk)]) / np.maximum(
+            np.linalg.norm(stored, axis=1) * np.linalg.norm(held[start : start + len(chunk)], axis=1), 1e-12)
         out += chunk[cos < MISPLACED_COSINE].tolist()
-    return out
+    return out, len(ids)
+
+
+def _stored_rows(ids: np.ndarray, rows: dict, store: VectorStore):
+    """(start, ids[start:start + MISPLACED_STEP], their stored rows as float32) for each step of ids."""
+    buffer = np.empty((min(MISPLACED_STEP, len(ids)) or 1, store.dim), dtype=vectors.DTYPE)
+    for start in range(0, len(ids), MISPLACED_STEP):
+        chunk = ids[start : start + MISPLACED_STEP]
+        yield start, chunk, vectors.read_into(store, np.array([rows[i] for i in chunk.tolist()], dtype=np.int64),
+                                              buffer).astype(np.float32)
+
+
+def _misplaced_pq(ivf, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray, rows: dict,
+                  store: VectorStore, share: float = 1.0) -> tuple[list[int], int]:
+    """The ids of one IVF-PQ part whose code is not the code of their stored row, and how many were compared
+    (share of them, drawn at random): each row is encoded again in the list the index holds it in (no coarse
+    search) and both codes decoded."""
+    known = np.array([i in rows for i in ids.tolist()], dtype=bool)
+    if share < 1.0:
+        known &= np.random.default_rng().random(len(ids)) < share
+    ids, lists, codes = ids[known], lists[known], codes[known]
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) if ivf.by_residual else None
+    out = []
+    for start, chunk, stored in _stored_rows(ids, rows, store):
+        end = start + len(chunk)
+        residual = stored - centroids[lists[start:end]] if centroids is not None else stored
+        held = ivf.pq.decode(np.ascontiguousarray(codes[start:end]))
+        own = ivf.pq.decode(ivf.pq.compute_codes(np.ascontiguousarray(residual)))
+        excess = ((residual - held) ** 2).sum(axis=1) - ((residual - own) ** 2).sum(axis=1)
+        out += chunk[excess > MISPLACED_PQ_EXCESS].tolist()
+    return out, len(ids)
 
 
 def last_run(unfinished: bool, writing: bool) -> str:
@@ -256,6 +321,8 @@ def _open_ann(index_dir: Path, record: state.AnnState, writing: bool, r: Report,
             damaged = current.check()
         except IndexDamagedError as exc:  # a manifest that cannot be read names no files to check
             damaged = [str(exc).split(": run")[0]]
+        except PermissionError as exc:  # derived from the vectors: --repair writes it again (a fresh file)
+            damaged = [f"{Path(exc.filename).name} cannot be read ({exc.strerror})"]
         if damaged:
             r.problems += damaged
             r.ann_damaged = True
@@ -295,6 +362,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                     done.append(f"dropped {dropped} records of fill failures of files no longer indexed")
                 if unknown:
                     done.append(f"dropped {unknown} records of fill failures of no fill step")
+            if report.leftover_rows:
+                with db.begin() as conn:
+                    dropped = catalog.forget_leftover_rows(conn, keywords=not report.keywords_damaged)
+                done.append(f"dropped {dropped} rows of tags, hashes, photo fields or keywords of files no longer "
+                            "in the catalog")
             if report.malformed_phashes:
                 with db.begin() as conn:
                     catalog.forget_phashes(conn, catalog.malformed_phashes(conn))
@@ -308,6 +380,9 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 store = vectors.load(conn, index_dir, model.dim)
             cut = [store.segment_path(s).name for s in store.numbers()
                    if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
+            copied = store.own_linked()  # before any write: writers never write through a link
+            if copied:
+                done.append(f"copied the files {', '.join(copied)} linked to into their places")
             store = _held(store)
             store.truncate_uncommitted()
             with db.begin() as conn:

@@ -505,6 +505,65 @@ def test_a_shard_manifest_that_cannot_be_read_is_damage(built, manifest):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_manifest_of_a_sharded_index_is_repaired(tmp_path, damage):
+    """shards.json of a real sharded index cut short or with a byte flipped: verify found it, but --repair's
+    rebuild read the damaged manifest again to know the files it replaces and stopped (exit 7, "run verify
+    --repair"), so nothing could mend it."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    db, _, report = layout_index(ix, index_shards=3)
+    db.dispose()
+    manifest = ix / "shards.json"
+    data = bytearray(manifest.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    manifest.write_bytes(bytes(data))
+    assert "shards.json is damaged" in run("similar", "5", "--index", ix, code=7).output
+    verify_json(ix, code=7)
+    verify_json(ix, "--repair", code=0)
+    assert verify_json(ix, code=0)["checked"]["index_vectors"] == 10_000
+    run("similar", "5", "--index", ix)
+
+
+@pytest.mark.slow
+def test_an_ondisk_index_is_read_from_its_own_folder_read_only_and_checked_for_length(tmp_path):
+    """faiss keeps the absolute path an on-disk index's lists file was built at and opened it "r+": a moved index
+    could not be searched (exit 7, "could not open <old folder>/lists-..."), a copy read the original's lists, and
+    an index the reader may not write (read-only files and folder) was exit 7 too, though readers write nothing.
+    A lists file cut short killed the query with SIGBUS (exit 135, no word)."""
+    import shutil
+
+    from helpers import layout_index
+
+    db, _, report = layout_index(tmp_path / "built", ondisk_shards=2)
+    db.dispose()
+    assert report["layout"] == "ondisk"
+    ix = tmp_path / "moved"
+    shutil.move(tmp_path / "built", ix)
+    proc = as_child("similar", "5", "--index", ix, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if can_drop_dac():
+        for path in [*ix.iterdir(), ix]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            proc = as_child("similar", "5", "--index", ix, unprivileged=True, timeout=120)
+        finally:
+            for path in [ix, *ix.iterdir()]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        assert proc.returncode == 0, proc.stderr
+    lists = next(ix.glob("lists-*.ivfdata"))
+    os.truncate(lists, lists.stat().st_size // 4)
+    proc = as_child("similar", "5", "--index", ix, timeout=120)
+    assert proc.returncode == 7 and f"{lists.name} is shorter" in proc.stderr, (proc.returncode, proc.stderr)
+    verify_json(ix, "--repair", code=0)
+    assert as_child("similar", "5", "--index", ix, timeout=120).returncode == 0
+
+
+@pytest.mark.slow
 def test_swapped_vector_addresses_are_found_and_repaired(built):
     """Two files' vector addresses swapped in the catalog (each batch of vectors and the ANN file are checksummed,
     the address of a file is a plain number): an image query answered another file at 1.0000 and verify said
@@ -524,6 +583,117 @@ def test_swapped_vector_addresses_are_found_and_repaired(built):
     assert any("re-encoded 2" in line for line in report["repaired"]), report
     assert verify_json(ix, code=0)["checked"]["images"] == 41 and self_hits(ix, root)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{}, {"index_shards": 3}, {"ondisk_shards": 2}], ids=["memory", "shards", "ondisk"])
+def test_swapped_vector_addresses_are_found_with_an_ivfpq_index(tmp_path, layout):
+    """The flat index's check of each file's vector address (above) skipped IVF-PQ, which keeps codes, not
+    vectors: two addresses swapped in a 10,000-vector IVF-PQ index and verify said ok. Each stored row is now
+    encoded again in the list the index holds it in and compared with the code it holds, in every layout."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    db, _, report = layout_index(ix, **layout)
+    db.dispose()
+    assert report["plan"]["kind"] == "ivfpq"
+    assert verify_json(ix, code=0)["checked"]["addresses_compared"] == 10_000
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        (a, ra), (b, rb) = conn.execute("SELECT id, vec_row FROM files WHERE id IN (11, 4000)").fetchall()
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (rb, a))
+        conn.execute("UPDATE files SET vec_row = ? WHERE id = ?", (ra, b))
+    conn.close()
+    problems = verify_json(ix, code=7)["problems"]
+    assert any(p.startswith("2 indexed files' vector addresses name another vector") for p in problems), problems
+
+
+@pytest.mark.slow
+def test_a_sample_of_a_large_ivfpq_index_is_compared(tmp_path, monkeypatch):
+    """Above MISPLACED_PQ_SAMPLE entries a random sample of that many is compared (README), not all of them."""
+    from helpers import layout_index
+    from indexer import verify
+
+    ix = tmp_path / "ix"
+    layout_index(ix)[0].dispose()
+    monkeypatch.setattr(verify, "MISPLACED_PQ_SAMPLE", 2_000)
+    compared = verify.verify(ix, check_model=False).checked["addresses_compared"]
+    assert 1_500 < compared < 2_500
+
+
+@pytest.mark.slow
+def test_rows_of_files_no_longer_in_the_catalog_are_found_and_dropped(built, tmp_path):
+    """Tags, perceptual hashes, photo fields and keyword rows naming no file of the catalog: verify said ok and
+    nothing ever dropped them. Now verify names them (exit 7) and --repair drops them, and only them."""
+    root, ix = built
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\nblue\n")
+    run("tag", "--labels-file", labels, "--index", ix, "--threshold", "0")
+    conn = sqlite3.connect(ix / "catalog.db")
+    counts = "SELECT (SELECT count(*) FROM tags), (SELECT count(*) FROM phashes), (SELECT count(*) FROM photos), " \
+             "(SELECT count(*) FROM keywords), (SELECT count(*) FROM keywords_trigram)"
+    before = conn.execute(counts).fetchone()
+    assert before[:4] == (82, 41, 41, 41), before
+    with conn:
+        conn.execute("INSERT INTO tags VALUES (99999, 'red', 0.9)")
+        conn.execute("INSERT INTO phashes SELECT 99999, phash FROM phashes LIMIT 1")
+        conn.execute("INSERT INTO photos (file_id, caption) VALUES (99999, 'gone')")
+        conn.execute("INSERT INTO keywords (rowid, body) VALUES (99999, 'zanzibar')")
+        conn.execute("INSERT INTO keywords_trigram (rowid, body) VALUES (99999, 'inv4711')")
+    problems = verify_json(ix, code=7)["problems"]
+    assert ("5 rows name no file of the catalog (tags: 1, phashes: 1, photos: 1, keywords: 1, keywords_trigram: 1)"
+            in problems), problems
+    repaired = verify_json(ix, "--repair", code=0)["repaired"]
+    assert any(line.startswith("dropped 5 rows") for line in repaired), repaired
+    assert conn.execute(counts).fetchone() == before
+    conn.close()
+
+
+@pytest.mark.slow
+def test_files_an_index_run_removes_leave_no_rows_behind(built):
+    """A removed file's perceptual hash stayed until the next run's hash fill (which runs before the run deletes
+    the file's row): verify, which now counts such rows as damage, must find none after an ordinary run."""
+    root, ix = built
+    for name in ("img004.jpg", "img020.jpg"):
+        (root / name).unlink()
+    index_json(ix)
+    report = verify_json(ix, code=0)
+    assert report["checked"]["images"] == 39, report
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_drop_dac(), reason="cannot drop root's read bypass here")
+@pytest.mark.parametrize("name", ["index.faiss", "vectors.f16"])
+def test_an_index_file_that_cannot_be_read_is_exit_7_for_every_command(built, name):
+    """index.faiss or vectors.f16 made unreadable (chmod 000, for a user without root's bypass): query, verify and
+    index stopped with "Permission denied" as an unexpected error (exit 1), where an unreadable catalog.db is
+    exit 7. Now each says it in one line with exit 7; verify --repair writes an unreadable index.faiss again."""
+    root, ix = built
+    os.chmod(ix / name, 0)
+    for args in (("query", "red"), ("similar", "1"), ("verify", "--skip-model"), ("index",)):
+        proc = as_child(*args, "--index", ix, unprivileged=True, timeout=120)
+        lines = proc.stderr.strip().splitlines() + proc.stdout.strip().splitlines()
+        assert proc.returncode == 7, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and any(f"{name}" in line and "cannot be read" in line
+                                                      for line in lines), (args, proc.stdout, proc.stderr)
+    if name == "index.faiss":
+        proc = as_child("verify", "--repair", "--skip-model", "--index", ix, unprivileged=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert as_child("query", "red", "--index", ix, unprivileged=True, timeout=120).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_deleted_ann_file_is_damage_for_every_command(built):
+    """index.faiss deleted after the catalog recorded it built: query, similar and info said "no index found"
+    (exit 3) while verify called it damage (exit 7). Now all say exit 7; --repair (or an index run) builds it."""
+    root, ix = built
+    (ix / "index.faiss").unlink()
+    for args in (("query", "red"), ("similar", "1"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "index.faiss is missing" in out and "verify --repair" in out, (args, out)
+    verify_json(ix, code=7)
+    verify_json(ix, "--repair", code=0)
+    assert self_hits(ix, root)
 
 
 @pytest.mark.slow
@@ -623,6 +793,108 @@ def test_a_fifo_in_place_of_the_writer_lock_does_not_hang_verify(built):
     os.mkfifo(ix / "write.lock")
     proc = as_child("verify", "--index", ix, "--skip-model", timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_symlink_in_place_of_the_writer_lock_is_never_followed(built, tmp_path):
+    """write.lock replaced by a symbolic link (anyone who can write the folder): every writer opened it through the
+    link, creating the file it named (an index run made tmp/planted) or locking another program's file. Writers
+    now refuse it in one line (exit 7) and change nothing; verify names it; removed, writers run again."""
+    root, ix = built
+    planted = tmp_path / "planted"
+    (ix / "write.lock").unlink(missing_ok=True)
+    (ix / "write.lock").symlink_to(planted)
+    for args in (("index",), ("tag", "--clear"), ("verify", "--repair", "--skip-model")):
+        out = run(*args, "--index", ix, code=7).output
+        assert "write.lock is a symbolic link" in out and "Traceback" not in out, (args, out)
+    assert not os.path.lexists(planted)
+    assert any("write.lock is a symbolic link" in p for p in verify_json(ix, code=7)["problems"])
+    (ix / "write.lock").unlink()
+    index_json(ix)
+    assert verify_json(ix, code=0)["ok"]
+
+
+@pytest.mark.slow
+def test_a_symlink_in_place_of_the_vector_file_is_never_written_through(built, tmp_path):
+    """vectors.f16 replaced by a symbolic link to another file of the user's: `verify --repair` cut that file to the
+    committed rows' length and appended re-encoded vectors to it (10,500 bytes of text became 3,840), and verify
+    of a link to an exact copy said ok. Writers now never write through a link; verify names it; --repair copies
+    the file it names into its place and leaves that file as it was."""
+    root, ix = built
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"precious line\n" * 800)
+    (ix / "vectors.f16").unlink()
+    (ix / "vectors.f16").symlink_to(victim)
+    out = run("index", "--index", ix, code=7).output
+    assert "Traceback" not in out
+    problems = verify_json(ix, code=7)["problems"]
+    assert any("vectors.f16: a symbolic link" in p for p in problems), problems
+    repaired = verify_json(ix, "--repair", code=0)["repaired"]
+    assert any("copied the files vectors.f16" in line for line in repaired), repaired
+    assert victim.read_bytes() == b"precious line\n" * 800
+    assert not (ix / "vectors.f16").is_symlink() and verify_json(ix, code=0)["checked"]["images"] == 41
+    assert self_hits(ix, root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["index.faiss", "vectors.f16"])
+def test_a_folder_in_place_of_an_index_file_is_damage_in_one_line(built, name):
+    """A folder where index.faiss or vectors.f16 belongs: every command, verify --repair too, stopped with "Is a
+    directory" as an unexpected error (exit 1). Now exit 7 saying what to do; once it is moved away, --repair
+    mends the index."""
+    root, ix = built
+    (ix / name).unlink()
+    (ix / name).mkdir()
+    for args in (("query", "red"), ("verify", "--skip-model"), ("index",), ("verify", "--repair", "--skip-model")):
+        out = run(*args, "--index", ix, code=7).output
+        assert f"{name} in {ix} is a folder" in out and len(out.strip().splitlines()) == 1, (args, out)
+    (ix / name).rmdir()
+    verify_json(ix, "--repair", code=0)
+    assert verify_json(ix, code=0)["checked"]["images"] == 41 and self_hits(ix, root)
+
+
+LEAVE_A_WAL = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.execute("UPDATE files SET mtime = 12345 WHERE relpath = 'img004.jpg'")
+os._exit(0)  # no checkpoint: the commit stays in catalog.db-wal
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, how", [("catalog.db-wal", "symlink"), ("catalog.db-shm", "symlink"),
+                                       ("catalog.db-shm", "folder")])
+def test_sqlites_side_files_swapped_for_a_link_or_a_folder_are_named(built, tmp_path, name, how):
+    """catalog.db-wal or -shm replaced by a symbolic link (to a copy of itself) or a folder: every command said
+    "catalog.db cannot be read (unable to open database file): run alignsearch verify" of a sound catalog, and
+    verify said only that it was damaged; with a folder for -shm, queries ran and `index` said "it is damaged or
+    not an alignsearch index; restore it from a backup". Now each names the file and what to do; done, the
+    commit the log held is there."""
+    root, ix = built
+    subprocess.run([sys.executable, "-c", LEAVE_A_WAL, str(ix / "catalog.db")], check=True)
+    side = ix / name
+    assert side.stat().st_size
+    if how == "symlink":
+        shutil.copy(side, tmp_path / name)
+        side.unlink()
+        side.symlink_to(tmp_path / name)
+    else:
+        side.unlink()
+        side.mkdir()
+    for args in (("index",), ("verify", "--skip-model"), ("verify", "--repair", "--skip-model")):
+        out = run(*args, "--index", ix, code=7).output
+        assert f"{name} is a {'symbolic link' if how == 'symlink' else 'folder'}" in out, (args, out)
+    if how == "symlink":
+        assert f"{name} is a symbolic link" in run("query", "red", "--index", ix, code=7).output
+        side.unlink()
+        shutil.copy(tmp_path / name, side)
+    else:
+        side.rmdir()
+    assert verify_json(ix, code=0)["ok"]
+    conn = sqlite3.connect(ix / "catalog.db")
+    assert conn.execute("SELECT mtime FROM files WHERE relpath = 'img004.jpg'").fetchone() == (12345,)
+    conn.close()
 
 
 # -- 5. readers see one consistent snapshot, and write nothing ---------------------------------------

@@ -156,8 +156,9 @@ class Engine:
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
                             videos=videos)
-        if not layouts.pick(self.dir, record).exists():
-            raise layouts.missing(self.dir)
+        if not layouts.pick(self.dir, record).exists():  # the catalog records it built: gone is damage, not "no
+            # index" (exit 3, which verify called damage and --repair mends)
+            raise IndexDamagedError(f"{layouts.missing(self.dir)} again, or `alignsearch verify --repair`")
         stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)

@@ -163,6 +163,25 @@ def read(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
+def read_ondisk(path: Path) -> faiss.Index:
+    """An on-disk layout's index.faiss with its lists file mapped read-only from the index's own folder. faiss
+    opened the lists "r+" at the absolute path they were built at: an index a reader may not write (another
+    user's, a read-only mount) could not be searched (exit 7), and a moved index looked for its lists in the
+    old folder (a copy read the original's). IO_FLAG_ONDISK_SAME_DIR would do the second but prints to stdout."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_IVF_DATA)
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):  # written before the layout's lists: read as it is
+        return read(path)
+    lists.filename = str(Path(path).parent / Path(lists.filename).name)
+    if os.stat(lists.filename).st_size < lists.totsize:  # a page past the end of a mapped file is SIGBUS: a query
+        # on a lists file cut short died with exit 135 and no word (lists are hashed by verify, not on open)
+        raise IndexDamagedError(f"{Path(lists.filename).name} is shorter than its index says: run "
+                                "`alignsearch verify --repair`")
+    lists.do_mmap()
+    return index
+
+
 NEXT_SUFFIX = ".next"  # index.faiss.next: written and fsync'ed, recorded in the catalog, then renamed over
 
 
@@ -254,6 +273,27 @@ def flat_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * index.d).reshape(-1, index.d)
     return faiss.vector_to_array(index.id_map).astype(np.int64), xb
+
+
+def pq_entries(index: faiss.Index) -> list[tuple[faiss.IndexIVFPQ, np.ndarray, np.ndarray, np.ndarray]] | None:
+    """For each IVF-PQ part (the index, or each of its shards): (the part, its ids, the list each is in, their
+    PQ codes), as it holds them (copies); None for a flat index."""
+    out = []
+    for part in parts(index):
+        ivf = faiss.try_extract_index_ivf(part)
+        if ivf is None or not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+            return None
+        ivf, lists = faiss.downcast_index(ivf), ivf.invlists
+        ids, nos, codes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros((0, lists.code_size), np.uint8)]
+        for i in range(ivf.nlist):
+            size = lists.list_size(i)
+            if size:
+                ids.append(faiss.rev_swig_ptr(lists.get_ids(i), size).astype(np.int64))
+                nos.append(np.full(size, i, dtype=np.int64))
+                codes.append(faiss.rev_swig_ptr(lists.get_codes(i), size * lists.code_size)
+                             .reshape(size, lists.code_size).copy())
+        out.append((ivf, np.concatenate(ids), np.concatenate(nos), np.concatenate(codes)))
+    return out
 
 
 def layout(index: faiss.Index) -> str:

@@ -225,6 +225,9 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     if readonly:
         engine = open_readonly(db_path)
     else:
+        side = side_file_problems(db_path)
+        if side:  # a writer's first write failed on them later, said as "damaged: restore it from a backup"
+            raise IndexDamagedError(side[0])
         # URL.create, not an f-string: a '?', '#' or '%20' in the folder's path is part of the file name, not a
         # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success)
         engine = create_engine(URL.create("sqlite", database=str(db_path)))
@@ -347,8 +350,32 @@ def damaged(db_path, exc: Exception) -> AlignSearchError:
     trouble = not_damage(exc)
     if trouble is not None:
         return trouble
+    side = side_file_problems(db_path)
+    if side:  # SQLite's own reason ("unable to open database file") names none of them
+        return IndexDamagedError(side[0])
     reason = str(getattr(exc, "orig", exc)).splitlines()[0]
     return IndexDamagedError(f"{Path(db_path).name} cannot be read ({reason}): run `alignsearch verify`")
+
+
+def side_file_problems(db_path: Path) -> list[str]:
+    """SQLite's -wal and -shm files beside the catalog that are not plain files (a symbolic link, a folder), in
+    words: SQLite will not open the catalog through them (or only for reading), and every command said "catalog.db
+    cannot be read" or "damaged: restore it from a backup" of a sound catalog. Never removed here: the log may
+    hold committed changes, and readers may have the shared memory open."""
+    import stat
+
+    found = []
+    for suffix in ("-wal", "-shm"):
+        path = Path(f"{db_path}{suffix}")
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "no plain file"
+            found.append(f"{path.name} is {kind}, not SQLite's own file: with no alignsearch process using the index, "
+                         "put the file a link names in its place (it may hold committed changes) or move it away")
+    return found
 
 
 # SQLite's primary result codes (the low byte of an extended code)
@@ -833,10 +860,15 @@ def duplicate_hashes(conn: Connection) -> list[list[int]]:
 
 
 def forget_extras(conn: Connection, ids: list[int]) -> None:
-    """Drop what hangs off files that leave the catalog (their photo fields, keywords and fill failures)."""
+    """Drop what hangs off files that leave the catalog (their photo fields, keywords, fill failures, perceptual
+    hashes and tags: the hash fill dropped a removed file's hash only on the next run, and verify counts what is
+    left behind as damage)."""
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(delete(photos).where(photos.c.file_id.in_(chunk)))
+        conn.execute(delete(tags).where(tags.c.file_id.in_(chunk)))
+        if has_phashes(conn):
+            conn.execute(delete(phashes).where(phashes.c.file_id.in_(chunk)))
         conn.execute(delete(fill_failures).where(fill_failures.c.file_id.in_(chunk)))
         _drop_keywords(conn, chunk)
 
@@ -1043,6 +1075,33 @@ def forget_dangling_fill_failures(conn: Connection, *, unknown_step: bool = Fals
     --repair); how many."""
     where = _unknown_fill_step() if unknown_step else _dangling_fill_failures()
     return conn.execute(delete(fill_failures).where(where)).rowcount
+
+
+def _hanging_tables(conn: Connection, keywords: bool) -> list[tuple[str, str]]:
+    """(table, the column naming its file) of the tables whose rows hang off a file, those this catalog has."""
+    schema = migrate.schema_of(conn)
+    return [(table, column) for table, column, present in (
+        ("tags", "file_id", True), ("phashes", "file_id", schema.phashes), ("photos", "file_id", schema.photos),
+        (KEYWORDS, "rowid", keywords and schema.keywords), (KEYWORDS_TRIGRAM, "rowid", keywords and schema.trigram))
+        if present]
+
+
+def leftover_rows(conn: Connection, *, keywords: bool = True) -> dict[str, int]:
+    """How many rows of each table that hangs off a file (tags, perceptual hashes, photo fields, the keyword
+    index) name no row of files, for the tables that have any (verify: no reader shows them, but nothing else
+    drops them either). keywords=False leaves the keyword index out (a damaged one is written again whole)."""
+    found = {}
+    for table, column in _hanging_tables(conn, keywords):
+        n = conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {column} NOT IN (SELECT id FROM files)").scalar()
+        if n:
+            found[table] = int(n)
+    return found
+
+
+def forget_leftover_rows(conn: Connection, *, keywords: bool = True) -> int:
+    """Drop the rows leftover_rows counts (verify --repair); how many."""
+    return sum(conn.exec_driver_sql(f"DELETE FROM {table} WHERE {column} NOT IN (SELECT id FROM files)").rowcount
+               for table, column in _hanging_tables(conn, keywords))
 
 
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:

@@ -3,6 +3,7 @@ the CLI's route to a warm server needs nothing heavier."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -136,7 +137,12 @@ def writer_running(index_dir: Path) -> bool:
         return False
     # flock needs no write access: a read-only index is checked too. O_NONBLOCK: a FIFO put there blocked the
     # open for ever (verify, info and verify --repair hung) until some process opened it for writing
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:  # not through a symbolic link (indexer/lock.py: writers refuse one, so no writer holds it)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False

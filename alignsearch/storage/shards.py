@@ -57,7 +57,10 @@ def publish(folder: Path, paths: list[Path]) -> None:
     (atomically). Files of the generation before stay one more round, so a reader that read the old manifest
     a moment ago can still open them; older ones are deleted."""
     folder = Path(folder)
-    previous = {p.name for p in files(folder) or []}
+    try:
+        previous = {p.name for p in files(folder) or []}
+    except IndexDamagedError:  # the manifest verify --repair replaces names nothing to keep (its rebuild died here)
+        previous = set()
     publish_next(folder / MANIFEST)
     keep = {p.name for p in paths} | previous
     for old in folder.glob("shard-*.faiss"):  # open readers keep their mapping of an unlinked file

@@ -17,6 +17,7 @@ Readers memory-map the committed rows, so exact re-ranking touches only the rows
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
@@ -29,7 +30,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
 from alignsearch.storage import catalog, state
-from alignsearch.atomic import fsync_dir, write_bytes
+from alignsearch.atomic import fsync_dir, write_bytes, writing
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage.paths import VECTORS_FILE
 
@@ -146,7 +147,7 @@ class VectorStore:
         """Drop what killed runs wrote past the committed rows, and unknown segment files. Only the holder
         of the index's writer lock (indexer/lock.py) may call this, with no actors of its own running.
         A file shorter than its committed rows is left for `alignsearch verify` to report."""
-        self.path.touch(exist_ok=True)
+        os.close(_open_to_write(self.path, create=True))
         for segment in self.numbers():
             path, keep = self.segment_path(segment), self.committed(segment) * self.row_bytes
             size = path.stat().st_size if path.exists() else 0
@@ -156,7 +157,7 @@ class VectorStore:
             if keep == 0 and segment == 0 and size:
                 empty_file(path)  # a generation replaced whole: readers of the old one keep their map
             elif size > keep:
-                with open(path, "r+b") as f:
+                with os.fdopen(_open_to_write(path), "r+b") as f:
                     f.truncate(keep)
                     os.fsync(f.fileno())
         for path in self.unknown_files():
@@ -175,7 +176,7 @@ class VectorStore:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected (n, {self.dim}) vectors, got {vectors.shape}")
         start, created = self.rows, not self.path.exists()
-        with open(self.path, "w+b" if created else "r+b") as f:
+        with os.fdopen(_open_to_write(self.path, create=created), "r+b") as f:
             f.seek(start * self.row_bytes)
             f.write(vectors.tobytes())
             f.flush()
@@ -185,6 +186,23 @@ class VectorStore:
         self.rows += len(vectors)
         self._maps.pop(0, None)
         return start
+
+    def linked(self) -> list[Path]:
+        """The store's files that are symbolic links (writers refuse to write through them: _open_to_write)."""
+        return [p for p in (self.segment_path(s) for s in self.numbers()) if p.is_symlink()]
+
+    def own_linked(self) -> list[str]:
+        """Replace each file that is a symbolic link by a copy of the file it names (that file is left as it is):
+        what `verify --repair` does, under the writer lock; the names copied."""
+        import shutil
+
+        done = []
+        for path in self.linked():
+            with open(path, "rb") as src, writing(path) as out:  # the new file is renamed over the link
+                shutil.copyfileobj(src, out, 1 << 22)
+            done.append(path.name)
+        self._maps.clear()
+        return done
 
     def commit(self, name: str, rows: int) -> int:
         """Record that segment `name` holds at least `rows` durable rows; returns its number.
@@ -298,6 +316,19 @@ def usage(conn: Connection, store: VectorStore) -> dict:
     stored = store.committed_rows
     live = int(conn.exec_driver_sql(f"SELECT COUNT(DISTINCT vec_row) {_LIVE}").scalar())
     return {"rows": stored, "live_rows": live, "dead_bytes": max(0, stored - live) * store.row_bytes}
+
+
+def _open_to_write(path: Path, create: bool = False) -> int:
+    """A descriptor of a vector file to write or cut, never through a symbolic link: one put at vectors.f16 made
+    `verify --repair` cut the file it named (any file of this user's) to the committed rows and append to it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise IndexDamagedError(f"{path.name} is a symbolic link, and alignsearch never writes through one: run "
+                                "`alignsearch verify --repair` (it copies the file the link names into its place)"
+                                ) from None
 
 
 def empty_file(path: Path) -> None:

@@ -5,7 +5,9 @@ on the CLI, a 500 JSON answer from the server, the traceback logged at debug lev
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from pathlib import Path
 
 from alignsearch.errors import AlignSearchError, IndexDamagedError
 
@@ -22,8 +24,29 @@ def library_error(exc: BaseException) -> AlignSearchError | None:
     trouble = not_damage(exc)
     if trouble is not None:
         return trouble
-    damaged = _damaged_catalog(exc)
+    damaged = _damaged_catalog(exc) or _unreadable_index_file(exc)
     return IndexDamagedError(damaged) if damaged else None
+
+
+def _unreadable_index_file(exc: BaseException) -> str | None:
+    """A file of an index (index.faiss, vectors.f16, a shard, list or segment file) that this user cannot read, or
+    a folder in its place, in words; else None. An index file others made unreadable (chmod, another owner) stopped every command with
+    "Permission denied" as an unexpected error (exit 1), while an unreadable catalog.db was exit 7. A file that
+    can be read met a refused write instead: that is no damage, and stays the error it is."""
+    from alignsearch.storage.paths import DB_FILE
+
+    if not isinstance(exc, (PermissionError, IsADirectoryError)) or exc.filename is None:
+        return None
+    path = Path(os.fsdecode(exc.filename))
+    if not any(_is_file(folder / DB_FILE) for folder in list(path.parents)[:3]):  # vectors/next/<id>.f16 at most
+        return None
+    if isinstance(exc, IsADirectoryError):  # every command said "Is a directory" (exit 1), verify --repair too
+        return (f"{path.name} in {path.parent} is a folder where the index keeps a file: move it away, then run "
+                "`alignsearch verify --repair`")
+    if os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    return (f"{path.name} in {path.parent} cannot be read ({exc.strerror}): the index cannot be used until the file "
+            "is readable again (its owner's chmod); `alignsearch verify` says what else is wrong")
 
 
 def _damaged_catalog(exc: BaseException) -> str | None:
@@ -39,3 +62,11 @@ def _damaged_catalog(exc: BaseException) -> str | None:
         return (f"the index catalog cannot be read ({cause}): it is damaged or not an alignsearch index; "
                 "restore it from a backup or index into a new --index DIR")
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False where the folder cannot be searched (is_file raises PermissionError there)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

@@ -38,6 +38,11 @@ class OnDisk(OneFile):
         found = sorted(self.folder.glob(f"lists-*{LISTS_SUFFIX}"))  # an index older than its record
         return found[-1] if found else None
 
+    def open(self):
+        if self.record.digest is not None:  # the layout records its checksums among its files: not one of its own
+            return super().open()
+        return ann.read_ondisk(self.path)
+
     def files(self) -> list[Path]:
         lists = self.lists()
         return [self.path] + ([lists] if lists is not None else [])

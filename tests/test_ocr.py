@@ -377,3 +377,31 @@ def test_index_ocr_reads_the_whole_image_as_the_fill_step_does(tmp_path):
     filled = read_text(open_rgb((tmp_path / "street.jpg").read_bytes())[0])  # what indexer/ocrfill.py reads
     assert "ZANZIBAR" in filled and item.ocr == filled, (item.ocr, filled)
     assert (item.width, item.height) == (1600, 1200) and item.crop.shape == (64, 64, 3)  # the encoder's as before
+
+
+def test_kana_with_voiced_marks_are_found_however_written_and_count_as_evidence(tmp_path):
+    """`spaced` cut a kana written with its voiced mark apart (NFD, as macOS names files: パ as ハ + U+309A)
+    from its mark, so `パン` (bread) never found the file `パン屋.jpg` named so; and the default mode's evidence
+    compared the text folded (voiced marks and accents gone) with the query as typed, so `ガイド` (guide) in
+    `観光ガイド`, and `café` in `Café`, found by the keyword index, were no evidence."""
+    import unicodedata
+
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    ids = {}
+    with db.begin() as conn:
+        for name, text in {unicodedata.normalize("NFD", "パン屋.jpg"): None, "guide.jpg": "観光ガイド"}.items():
+            fid = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                             "status": catalog.INDEXED})
+            ids[fid] = unicodedata.normalize("NFC", name)
+            catalog.set_photo(conn, fid, name, {"ocr": text})
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(ids[i] for i, _ in keywords.search(conn, keywords.parse(text), 10))
+
+    assert kw("パン") == ["パン屋.jpg"] and kw("ガイド") == ["guide.jpg"]
+    assert keywords.evidence(keywords.parse("ガイド"), "観光ガイド")
+    assert keywords.evidence(keywords.parse("café"), "Café au lait")
+    db.dispose()

@@ -210,7 +210,7 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
     assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
     conn = sqlite3.connect(ix / "catalog.db")
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"  # the latest
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"  # the latest
     conn.close()
 
 
@@ -405,3 +405,34 @@ def test_kana_with_voiced_marks_are_found_however_written_and_count_as_evidence(
     assert keywords.evidence(keywords.parse("ガイド"), "観光ガイド")
     assert keywords.evidence(keywords.parse("café"), "Café au lait")
     db.dispose()
+
+
+def test_a_keyword_index_written_before_cjk_and_greek_were_spaced_is_written_again_by_the_next_writer(tmp_path):
+    """An index written before `spaced` held `東京駅前` one token and `Αθήνα` with its accents: `東京` and `αθηνα`
+    found them only in files whose keywords a later run happened to write again (never, for a library that does not
+    change). Its first writer writes the keyword index again (schema 5), from what the catalog holds."""
+    from alignsearch.storage import catalog, state
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        ids = {}
+        for name, text in {"station.jpg": "東京駅前", "athens.jpg": "Αθήνα"}.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            catalog.set_photo(conn, fid, name, {"ocr": text})
+            # as the version before wrote it: the text as it is
+            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", (f"{name}\n{text}", fid))
+        state.write(conn, schema_version=4)
+    db.dispose()
+
+    def kw(text, **kwargs):
+        reader = catalog.connect(tmp_path / "catalog.db", **kwargs)
+        with reader.connect() as conn:
+            found = sorted(i for i, _ in keywords.search(conn, keywords.parse(text), 10))
+        reader.dispose()
+        return found
+
+    assert kw("東京駅前", readonly=True) == [ids["station.jpg"]] and kw("東京", readonly=True) == []  # as it stands
+    catalog.connect(tmp_path / "catalog.db").dispose()  # a writer
+    assert kw("東京", readonly=True) == [ids["station.jpg"]] and kw("αθηνα", readonly=True) == [ids["athens.jpg"]]
+    assert kw("東京駅前", readonly=True) == [ids["station.jpg"]] and kw("station") == [ids["station.jpg"]]

@@ -25,6 +25,7 @@ User text never reaches FTS5 as syntax: every word is quoted.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import unicodedata
@@ -274,10 +275,15 @@ def _fold(text: str) -> list[str]:
     return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c))))
 
 
+@functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once
+def _folded(tokens: tuple[str, ...]) -> list[str]:
+    """The query's words folded as the text's are: folded text against the words as typed found no `café` in
+    `Café` and no `ガイド` (its voiced marks folded away) in `観光ガイド`, which the keyword index matched."""
+    return [w for t in tokens for w in _fold(t)] or list(tokens)
+
+
 def _atom_in(atom: Atom, words: list[str], raw: str) -> bool:
-    # the query's words folded as the text's are: folded text against the words as typed found no `café` in
-    # `Café` and no `ガイド` (its voiced marks folded away) in `観光ガイド`, which the keyword index matched
-    tokens = [w for t in atom.tokens for w in _fold(t)] or list(atom.tokens)
+    tokens = _folded(atom.tokens)
     n = len(tokens)
     for i in range(len(words) - n + 1):
         head, last = words[i:i + n - 1], words[i + n - 1]

@@ -58,22 +58,24 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     if ocr:
         known = _known_text.get(sha)
         item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else \
-            read_text(_ocr_image(data, img, max_pixels), found.path)
+            _read_text_whole(data, img, max_pixels, found.path)
     return item
 
 
-def _ocr_image(data: bytes, img: Decoded, max_pixels: int):
-    """The picture the text is read in: the whole image, as the fill step reads it (indexer/ocrfill.py). The
-    encoder's decode is reduced to twice its input: in a 4000x3000 JPEG (read at 1000x750) text 20 px high
-    came back as nothing where the whole image gave "ZANZIBAR SICE 4711", so one photo got one text from
-    `index --ocr` and another from `--ocr` given to an index built without it."""
+def _read_text_whole(data: bytes, img: Decoded, max_pixels: int, where: str) -> tuple[str | None, float]:
+    """read_text in the whole image, as the fill step reads it (indexer/ocrfill.py). The encoder's decode is
+    reduced to twice its input: in a 4000x3000 JPEG (read at 1000x750) text 20 px high came back as nothing
+    where the whole image gave "ZANZIBAR SICE 4711", so one photo got one text from `index --ocr` and another
+    from `--ocr` given to an index built without it. The pool's pixel budget is held while the text is read,
+    not only while the image is decoded: the whole image, and the engine's copies of it, live until then."""
     if img.image is None or max(img.image.size) >= max(img.width, img.height):
-        return img.image
-    try:
-        with _budget.decoding(img.width * img.height if _budget.path is not None else 0):
-            return open_rgb(data, max_pixels)[0]
-    except BadImageError:
-        return img.image
+        return read_text(img.image, where)
+    with _budget.decoding(img.width * img.height if _budget.path is not None else 0):
+        try:
+            whole = open_rgb(data, max_pixels)[0]
+        except BadImageError:
+            whole = img.image
+        return read_text(whole, where)
 
 
 def read_data(found: Found, start: float) -> bytes | Item:

@@ -16,7 +16,7 @@ A root that disappears (a drive unmounted, a folder moved away) is left to the r
 (state "missing" in `alignsearch roots`) as a normal run does. The watch checks each root's identity (device,
 inode, and whether it can be read) every second: a root back, replaced, moved in again or made readable is watched
 anew and indexed. So is each drive mounted inside a root (`inner_mounts`, from /proc/self/mountinfo every second,
-and any change of that table then: MountTable):
+and one unmounted since, even if mounted again with the id it had: DrivesGone):
 inotify reports no mount nor unmount, so a drive plugged in at photos/nas was never watched and an unplugged one's
 mount point no longer; a change makes a run listing every root, which keeps an unplugged drive's files
 (indexer/roots.py MOUNTS). A folder root that
@@ -36,6 +36,7 @@ The decisions (`matters`, `touched`, `listing_folder`, `run_scope`, `listed_agai
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -440,6 +441,7 @@ class Watch:
     polling: bool = False  # notifications failed once: polled from then on
     mounts: frozenset = frozenset()  # inner_mounts when the watcher started
     table: "MountTable | None" = None  # tells a change of the mount table between two looks
+    drives: "DrivesGone | None" = None  # tells whether a drive of `mounts` was unmounted since the watcher started
     interval_s: float | None = None  # --watch-interval: URL roots listed this often
 
 
@@ -707,6 +709,8 @@ def watch_index(roots: list[str], job: dict, opts: WatchOptions, run: Callable[.
             watcher.close()
         outside.close()
         w.table.close()
+        if w.drives is not None:
+            w.drives.close()
         if lock_fd is not None:
             os.close(lock_fd)
         if not (opts.process_ends and closing):
@@ -757,6 +761,9 @@ def _paths(w: Watch, say) -> list[str]:
         if now is not None:
             paths.append(r.name)
     w.mounts = _inner_mounts(w)
+    if w.drives is not None:
+        w.drives.close()
+    w.drives = DrivesGone([point for _, point in w.mounts])  # before the watcher's own watches on them
     return paths
 
 
@@ -770,9 +777,12 @@ def _roots_changed(w: Watch) -> bool:
     """A root gone, back or replaced, or a drive mounted or unmounted inside one (`inner_mounts`), also one unplugged
     and plugged in again since the last look (the mount table changed, with drives inside the roots)."""
     changed = w.table is not None and w.table.changed()  # asked each look: it answers for what came since the last
+    gone = w.drives.gone() if w.drives is not None else None
     if any(watchable(r.name) and identity_changed(r.seen, identity(r.name)) for r in w.roots.values()):
         return True
-    if _inner_mounts(w) != w.mounts or (changed and w.mounts):
+    # any change of the table counted only where the drives cannot be watched: on a host whose mounts change all
+    # the time elsewhere (a container host) it restarted the watcher and listed every root at every look
+    if _inner_mounts(w) != w.mounts or (w.mounts and (changed if gone is None else gone)):
         log.info("a drive was mounted or unmounted inside a root: watched anew, every root listed")
         return True
     return False
@@ -801,6 +811,52 @@ class MountTable:
         if self._poll is not None:
             self._file.close()
             self._poll = None
+
+
+_IN_MOVE_SELF, _IN_DELETE_SELF = 0x800, 0x400  # <sys/inotify.h>; IN_UNMOUNT and IN_IGNORED come unasked
+
+
+class DrivesGone:
+    """Whether a drive mounted inside a root when the watcher started was unmounted since, even if mounted again with
+    the mount id it had (`inner_mounts` the same: MountTable's case): an inotify watch of its own on each drive's top
+    folder, which the kernel ends (IN_UNMOUNT, IN_IGNORED) when its drive goes. Only those drives count: any change
+    of the mount table restarted the watcher and listed every root, at every look on a host mounting elsewhere all
+    the time. A watch holds no drive busy (an open file would refuse its unmount). The inotify API by ctypes:
+    neither the standard library nor watchfiles (which reports no unmount) offers it. gone() is None where it
+    cannot be had (not Linux, the user's inotify instances used up, a drive's top folder unreadable): then any
+    change of the mount table counts, as before."""
+
+    def __init__(self, points: list[str]):
+        self._fd = None
+        if not points:
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init, add = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError):
+            return
+        add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return
+        if any(add(fd, os.fsencode(p), _IN_MOVE_SELF | _IN_DELETE_SELF) < 0 for p in points):
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def gone(self) -> bool | None:
+        """Whether one of the drives went since the watches were set (None: not known, see the class)."""
+        if self._fd is None:
+            return None
+        try:
+            return bool(os.read(self._fd, 65536))  # events stay until read: every one since the watches were set
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _polling(opts: WatchOptions, paths: list[str], failed_before: bool) -> bool | None:

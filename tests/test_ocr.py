@@ -210,7 +210,7 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
     assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
     conn = sqlite3.connect(ix / "catalog.db")
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"  # the latest
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"  # the latest
     conn.close()
 
 
@@ -377,3 +377,62 @@ def test_index_ocr_reads_the_whole_image_as_the_fill_step_does(tmp_path):
     filled = read_text(open_rgb((tmp_path / "street.jpg").read_bytes())[0])  # what indexer/ocrfill.py reads
     assert "ZANZIBAR" in filled and item.ocr == filled, (item.ocr, filled)
     assert (item.width, item.height) == (1600, 1200) and item.crop.shape == (64, 64, 3)  # the encoder's as before
+
+
+def test_kana_with_voiced_marks_are_found_however_written_and_count_as_evidence(tmp_path):
+    """`spaced` cut a kana written with its voiced mark apart (NFD, as macOS names files: パ as ハ + U+309A)
+    from its mark, so `パン` (bread) never found the file `パン屋.jpg` named so; and the default mode's evidence
+    compared the text folded (voiced marks and accents gone) with the query as typed, so `ガイド` (guide) in
+    `観光ガイド`, and `café` in `Café`, found by the keyword index, were no evidence."""
+    import unicodedata
+
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    ids = {}
+    with db.begin() as conn:
+        for name, text in {unicodedata.normalize("NFD", "パン屋.jpg"): None, "guide.jpg": "観光ガイド"}.items():
+            fid = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                             "status": catalog.INDEXED})
+            ids[fid] = unicodedata.normalize("NFC", name)
+            catalog.set_photo(conn, fid, name, {"ocr": text})
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(ids[i] for i, _ in keywords.search(conn, keywords.parse(text), 10))
+
+    assert kw("パン") == ["パン屋.jpg"] and kw("ガイド") == ["guide.jpg"]
+    assert keywords.evidence(keywords.parse("ガイド"), "観光ガイド")
+    assert keywords.evidence(keywords.parse("café"), "Café au lait")
+    db.dispose()
+
+
+def test_a_keyword_index_written_before_cjk_and_greek_were_spaced_is_written_again_by_the_next_writer(tmp_path):
+    """An index written before `spaced` held `東京駅前` one token and `Αθήνα` with its accents: `東京` and `αθηνα`
+    found them only in files whose keywords a later run happened to write again (never, for a library that does not
+    change). Its first writer writes the keyword index again (schema 5), from what the catalog holds."""
+    from alignsearch.storage import catalog, state
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        ids = {}
+        for name, text in {"station.jpg": "東京駅前", "athens.jpg": "Αθήνα"}.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            catalog.set_photo(conn, fid, name, {"ocr": text})
+            # as the version before wrote it: the text as it is
+            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", (f"{name}\n{text}", fid))
+        state.write(conn, schema_version=4)
+    db.dispose()
+
+    def kw(text, **kwargs):
+        reader = catalog.connect(tmp_path / "catalog.db", **kwargs)
+        with reader.connect() as conn:
+            found = sorted(i for i, _ in keywords.search(conn, keywords.parse(text), 10))
+        reader.dispose()
+        return found
+
+    assert kw("東京駅前", readonly=True) == [ids["station.jpg"]] and kw("東京", readonly=True) == []  # as it stands
+    catalog.connect(tmp_path / "catalog.db").dispose()  # a writer
+    assert kw("東京", readonly=True) == [ids["station.jpg"]] and kw("αθηνα", readonly=True) == [ids["athens.jpg"]]
+    assert kw("東京駅前", readonly=True) == [ids["station.jpg"]] and kw("station") == [ids["station.jpg"]]

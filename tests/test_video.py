@@ -385,7 +385,7 @@ def test_schema_2_catalog_is_read_then_upgraded(tmp_path, tiny_model):
     assert s["added"] == 2, s  # img002 (its row was dropped above) and the video
     conn = sqlite3.connect(ix / "catalog.db")
     try:
-        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == 4  # the latest
+        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == 5  # the latest
         kept = dict(conn.execute("SELECT relpath, id FROM files WHERE relpath LIKE 'img00%'").fetchall())
         new_ids = [i for (i,) in conn.execute("SELECT id FROM files WHERE relpath IN ('img002.jpg', 'v.mp4')")]
     finally:
@@ -536,3 +536,22 @@ def test_videos_are_opened_like_every_indexed_file(tmp_path, tiny_model):
         assert call(url, f"/api/image/{moment}?size=64")[0] == 409  # the moment's frame: same check
     finally:
         stop(proc)
+
+
+@pytest.mark.slow
+def test_dupes_never_says_to_keep_a_file_it_lists_to_be_rid_of_elsewhere(tmp_path, tiny_model):
+    """A video's scenes are in different groups: one of a larger photo (the photo kept, the video listed besides
+    it) and one of a smaller photo (the video kept, the photo listed). A script removing the files besides the
+    ones to keep removed the video and the small photo: the second scene was lost."""
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_video(lib / "clip.mp4", [(42, 4), (44, 4)], drift=False)
+    Image.fromarray(scene_frame(42, (320, 180))).save(lib / "big.png")
+    Image.fromarray(scene_frame(44, (120, 68))).save(lib / "small.png")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    for tier in ("near", "similar"):
+        groups = json.loads(run("dupes", "--tier", tier, "--json", "--index", ix).stdout)
+        kept = {i["path"] for g in groups for i in g["items"] if i["keep"]}
+        rid = {i["path"] for g in groups for i in g["items"] if not i["keep"]}
+        assert not kept & rid, (tier, [[(os.path.basename(i["path"]), i["keep"]) for i in g["items"]] for g in groups])
+    text = run("dupes", "--index", ix).output  # near: big.png and clip.mp4 kept, small.png alone to be rid of
+    assert "2 groups, 1 files besides the ones to keep" in text, text

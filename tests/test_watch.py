@@ -1341,3 +1341,55 @@ def test_a_drive_unplugged_and_plugged_in_again_between_two_looks_is_watched_ane
         assert w.next_run(added=1)["removed"] == 0 and str(later) in indexed_paths(ix)
     finally:
         unmount(nas)
+
+
+@pytest.mark.slow
+def test_mounts_coming_and_going_outside_the_roots_make_no_run(indexed_images, watching, tmp_path):
+    """Any change of the mount table, with a drive mounted inside a root, restarted the watcher (a walk of every
+    root's folders) and made a run listing every root: on a host whose mounts change all the time elsewhere (a
+    container host mounts each container's layers) that is every look, every second. Only a drive inside a root
+    that went (unmounted, even if mounted again since with the id it had) counts. A real tmpfs mounted and
+    unmounted again and again outside the roots (skipped where the test may not mount)."""
+    from helpers import mount_tmpfs, unmount
+
+    root, ix = indexed_images(2)
+    nas, elsewhere = root / "nas", tmp_path / "elsewhere"
+    if not mount_tmpfs(nas):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        w = watching(ix)
+        time.sleep(2)  # the first look's
+        before = len(w.runs)
+        for _ in range(12):
+            assert mount_tmpfs(elsewhere)
+            time.sleep(0.25)
+            unmount(elsewhere)
+            time.sleep(0.25)
+        time.sleep(2)
+        assert w.runs[before:] == [], w.errors[-5:]
+        later = make_images(nas / "later", 1, seed=9)[0]  # the drive's watches are alive: its change is a run
+        assert w.next_run(added=1)["removed"] == 0 and str(later) in indexed_paths(ix)
+    finally:
+        unmount(elsewhere)
+        unmount(nas)
+
+
+def test_a_drive_unmounted_and_mounted_again_is_told_gone_and_an_unwatchable_one_unknown(tmp_path):
+    """DrivesGone, under the two tests above: a real tmpfs unmounted and mounted again at once is gone (once: the
+    next look starts anew), and a drive whose top folder cannot be watched is not known (any change of the mount
+    table then counts). Skipped where the test may not mount."""
+    from helpers import mount_tmpfs, unmount
+
+    assert watch.DrivesGone([str(tmp_path / "no such folder")]).gone() is None
+    nas = tmp_path / "nas"
+    if not mount_tmpfs(nas):
+        pytest.skip("cannot mount a tmpfs here")
+    drives = watch.DrivesGone([str(nas)])
+    try:
+        assert drives.gone() is False
+        unmount(nas)
+        assert mount_tmpfs(nas)
+        assert drives.gone() is True and drives.gone() is False
+    finally:
+        drives.close()
+        unmount(nas)

@@ -421,3 +421,36 @@ def test_a_chunk_slower_than_a_wedge_look_is_waited_for_on_python_3_10_too(monke
     monkeypatch.setattr(workers, "WEDGED_S", 0.05)
     out = list(decode_in_processes(slow_upper, ["a", "b"], 1, lambda item, reason: ("failed", item, reason)))
     assert out == ["A", "B"]
+
+
+def test_the_whole_image_ocr_reads_is_held_within_the_pools_pixel_budget(tmp_path, monkeypatch):
+    """`index --ocr` decodes the whole image again for the text (indexer/decode.py) under the pool's pixel budget,
+    but let the turn go before the text was read in it: the whole image (a 100 MP one: 300 MB) and the engine's
+    copies of it lived through the ~1 s of OCR outside the budget, in every worker at once."""
+    import fcntl
+
+    from PIL import Image
+
+    from alignsearch.media.images import ImageSpec
+    from indexer import decode
+    from indexer.scan import Found
+
+    (tmp_path / "turn").touch()
+    Image.new("RGB", (1600, 1200), "gray").save(tmp_path / "big.jpg")
+    monkeypatch.setattr(decode, "_budget", decode.PixelBudget(str(tmp_path / "turn"), pixels=1_000_000))
+    seen = []
+
+    def read_text(image, where):
+        with open(tmp_path / "turn", "rb") as other:  # another worker's turn: its own open file, its own flock
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append((image.size, "free"))
+            except BlockingIOError:
+                seen.append((image.size, "held"))
+        return "", 0.0
+
+    monkeypatch.setattr(decode, "read_text", read_text)
+    stat = (tmp_path / "big.jpg").stat()
+    spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    decode.read_item(Found(str(tmp_path), "big.jpg", stat.st_size, stat.st_mtime), spec, ocr=True)
+    assert seen == [((1600, 1200), "held")]

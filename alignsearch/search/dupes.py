@@ -344,6 +344,17 @@ def check_threshold(tier: str, threshold: float | None) -> None:
         raise UsageError("--threshold for --tier similar is a cosine from -1 to 1")
 
 
+def _kept_everywhere(groups: list[Group]) -> list[Group]:
+    """groups, a file kept in one of them marked kept in every other too: a video's scenes fall in different groups,
+    so it was kept beside a smaller photo of one scene and listed to be rid of beside a larger photo of the other;
+    removing the files besides the ones to keep lost the first scene (the video and its one other copy)."""
+    kept = {i["path"] for g in groups for i in g.items if i["keep"]}
+    for g in groups:
+        for i in g.items:
+            i["keep"] = i["keep"] or i["path"] in kept
+    return groups
+
+
 def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = SIMILAR_NPROBE) -> list[Group]:
     """Duplicate groups of an opened index (alignsearch.search.engine.Engine), largest first. Scores: 1.0 for the
     kept file and exact copies; near: 1 - distance / 64 to the kept file's hash; similar: cosine to it."""
@@ -379,7 +390,7 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
     with db.connect() as conn:
         rows = catalog.get_files(conn, [i for g in groups for i in g])
     groups = [_one_per_file(g, rows) for g in groups]
-    out = [_describe(tier, g, rows, score) for g in groups if len(g) > 1]
+    out = _kept_everywhere([_describe(tier, g, rows, score) for g in groups if len(g) > 1])
     out.sort(key=lambda g: (-len(g.items), g.keep))
     return out
 

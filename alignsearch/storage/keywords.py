@@ -25,6 +25,7 @@ User text never reaches FTS5 as syntax: every word is quoted.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import unicodedata
@@ -69,8 +70,10 @@ _GREEK_BARE = {c: "".join(d for d in unicodedata.normalize("NFD", chr(c)) if not
 def spaced(text: str) -> str:
     """text as the keyword index holds it and a query looks for it: every character of a script written
     without spaces (_SPACELESS) a word of its own (a word of such text is then a phrase of characters), Greek
-    letters without their accents."""
-    return _SPACELESS.sub(r" \1 ", text).translate(_GREEK_BARE)
+    letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
+    U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
+    パン屋 written so."""
+    return _SPACELESS.sub(r" \1 ", unicodedata.normalize("NFC", text)).translate(_GREEK_BARE)
 
 
 @dataclass(frozen=True)
@@ -272,12 +275,19 @@ def _fold(text: str) -> list[str]:
     return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c))))
 
 
+@functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once
+def _folded(tokens: tuple[str, ...]) -> list[str]:
+    """The query's words folded as the text's are: folded text against the words as typed found no `café` in
+    `Café` and no `ガイド` (its voiced marks folded away) in `観光ガイド`, which the keyword index matched."""
+    return [w for t in tokens for w in _fold(t)] or list(tokens)
+
+
 def _atom_in(atom: Atom, words: list[str], raw: str) -> bool:
-    n = len(atom.tokens)
+    tokens = _folded(atom.tokens)
+    n = len(tokens)
     for i in range(len(words) - n + 1):
         head, last = words[i:i + n - 1], words[i + n - 1]
-        if list(atom.tokens[:-1]) == head and (last.startswith(atom.tokens[-1]) if atom.prefix else
-                                               last == atom.tokens[-1]):
+        if tokens[:-1] == head and (last.startswith(tokens[-1]) if atom.prefix else last == tokens[-1]):
             return True
     return atom.code is not None and atom.code.lower() in raw
 

@@ -68,10 +68,27 @@ def _moments_and_text(conn) -> None:
         columns = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({catalog.photos.name})")}
         if "ocr" not in columns:
             conn.exec_driver_sql(f"ALTER TABLE {catalog.photos.name} ADD COLUMN ocr TEXT")
+    _keywords_again(conn)
+
+
+def _keywords_again(conn) -> None:
+    """The keyword index and its trigram twin built again from what the catalog holds (nothing is read from the
+    images)."""
+    from alignsearch.storage import catalog
+
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {catalog.KEYWORDS}")
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {catalog.KEYWORDS_TRIGRAM}")
     catalog.create_keywords(conn)
     catalog.refresh_keywords(conn)
+
+
+def _spaced_keywords(conn) -> None:
+    """The keyword index written again as keywords.spaced holds text (a Chinese or Japanese character a token, Greek
+    without its accents): an index written before kept `東京駅前` one token and `Αθήνα` accented, so `東京` and
+    `αθηνα` found them only in files whose keywords a later run happened to write again. Also an older alignsearch
+    now says "upgrade alignsearch" where it would have found none of the spaced words (its query `東京`, one token,
+    is in no text written so)."""
+    _keywords_again(conn)
 
 
 def _rebuild_files(conn) -> None:
@@ -107,6 +124,7 @@ STEPS: tuple[Step, ...] = (
     Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
          _moments_and_text),
     Step(4, "the files a fill step could not read (fill_failures)", _fill_failures),
+    Step(5, "keyword index: a token per Chinese or Japanese character, Greek without accents", _spaced_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -1149,7 +1149,7 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
             mark = "keep" if item["keep"] else "    "
             click.echo(f"  {mark} {item['score']:.4f}  {item['width']}x{item['height']}  {shown}")
     if groups:
-        click.echo(f"{len(groups)} groups, {sum(len(g.items) - 1 for g in groups)} files besides the ones to keep")
+        click.echo(f"{len(groups)} groups, {sum(not i['keep'] for g in groups for i in g.items)} files besides the ones to keep")
 
 
 @main.command()

@@ -191,8 +191,9 @@ def index_folders(
     """
     roots = [name for root in roots for name in sources.normalise(str(root))]
     # option values out of range, or two options that exclude each other: bad usage, exit 2 (they said 6)
-    if video_interval is not None and not video_interval >= 1:
-        raise UsageError(f"--video-interval must be at least 1 second, got {video_interval}")
+    # inf too: it was remembered, and `roots --json` then printed Infinity, which no JSON reader takes
+    if video_interval is not None and not 1 <= video_interval < float("inf"):
+        raise UsageError(f"--video-interval must be a number of seconds, at least 1, got {video_interval}")
     if ondisk_shards and index_shards:
         raise UsageError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
     if ondisk_shards and index_shards is None:

@@ -120,7 +120,8 @@ def test_a_threshold_out_of_range_is_a_usage_error_in_every_command(indexed_imag
     run("query", "dog", "--min-score", "2", "--index", ix, code=2)
     run("tag", "--labels-file", labels, "--threshold", "0.4", "--index", ix)  # in range: tagged
     root = next(iter(ix.parent.glob("photos")))
-    for args in (["--video-interval", "0.5"], ["--video-interval", "nan"], ["--ondisk-shards", "2", "--index-shards", "2"]):
+    for args in (["--video-interval", "0.5"], ["--video-interval", "nan"], ["--video-interval", "inf"],
+                 ["--ondisk-shards", "2", "--index-shards", "2"]):
         run("index", root, "--index", ix, *args, code=2)  # said 6, where --watch-interval 0.5 said 2
 
 

@@ -87,8 +87,12 @@ def _spaced_keywords(conn) -> None:
     without its accents): an index written before kept `東京駅前` one token and `Αθήνα` accented, so `東京` and
     `αθηνα` found them only in files whose keywords a later run happened to write again. Also an older alignsearch
     now says "upgrade alignsearch" where it would have found none of the spaced words (its query `東京`, one token,
-    is in no text written so)."""
+    is in no text written so). Also drops the rows of files no longer in the catalog (catalog.leftover_rows): the
+    hashes of removed files were left behind by every alignsearch before this step."""
+    from alignsearch.storage import catalog
+
     _keywords_again(conn)
+    catalog.forget_leftover_rows(conn, keywords=False)
 
 
 def _rebuild_files(conn) -> None:
@@ -124,7 +128,8 @@ STEPS: tuple[Step, ...] = (
     Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
          _moments_and_text),
     Step(4, "the files a fill step could not read (fill_failures)", _fill_failures),
-    Step(5, "keyword index: a token per Chinese or Japanese character, Greek without accents", _spaced_keywords),
+    Step(5, "keyword index: a token per Chinese or Japanese character, Greek without accents; rows of removed "
+                "files dropped", _spaced_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -35,6 +35,7 @@ CHUNK = 4  # items per task, as Pool.imap's chunksize was
 IN_FLIGHT = 256  # items decoding or decoded ahead of the consumer (Pool.imap bounded nothing)
 DIED = "the decode worker died while reading it (killed, out of memory?)"
 WEDGED_S = 1.0  # how often a wait for a result looks for a worker that died without the pool saying so
+STOP_WAIT_S = 10.0  # how long a stopped pool's manager thread is waited for (it ends within milliseconds of its workers)
 
 
 class WorkersCannotStart(AlignSearchError):
@@ -125,9 +126,15 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     word back, and Python's exit waited for them for ever. SIGTERM ends a worker quietly."""
     # ProcessPoolExecutor has no public way to end its workers before Python 3.14 (terminate_workers)
     workers = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown forgets it
     for process in workers:
         process.terminate()  # a no-op for one already ended
     pool.shutdown(wait=False, cancel_futures=True)
+    # Its manager thread, which ends soon with its workers, is waited for (a while): Python's exit wakes every pool's
+    # manager, and one closing its wake-up pipe at that moment made the exit print "OSError: [Errno 9] Bad file
+    # descriptor" with a traceback after Ctrl-C (seen in CI; CPython's race). The exit joins these threads anyway.
+    if manager is not None:
+        manager.join(timeout=STOP_WAIT_S)
 
 
 def _wait(pool: ProcessPoolExecutor, future: Future):

@@ -454,3 +454,20 @@ def test_the_whole_image_ocr_reads_is_held_within_the_pools_pixel_budget(tmp_pat
     spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
     decode.read_item(Found(str(tmp_path), "big.jpg", stat.st_size, stat.st_mtime), spec, ocr=True)
     assert seen == [((1600, 1200), "held")]
+
+
+def test_a_stopped_pool_leaves_python_s_exit_no_manager_to_wake():
+    """Ctrl-C once printed "OSError: [Errno 9] Bad file descriptor" with a traceback at exit (CI): Python's exit
+    woke a stopped pool's manager thread while that thread closed its wake-up pipe. Once _stop returns, the
+    manager has ended and its pipe is closed, so the exit has nothing to race."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from indexer.workers import _stop
+
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(4):  # busy workers, as a run's are when Ctrl-C comes
+        pool.submit(time.sleep, 30)
+    manager, wakeup = pool._executor_manager_thread, pool._executor_manager_thread_wakeup
+    _stop(pool)
+    assert not manager.is_alive() and wakeup._closed

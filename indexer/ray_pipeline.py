@@ -14,10 +14,12 @@ actors' vectors, and the stage times are the local path's.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -206,6 +208,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
             raise
     sigterm.hold()
     finished = False
+    rays_own = set(threading.enumerate())  # ray.init's threads live as long as Ray
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the driver's bar
         _quiet_ray_data(ray_level)
@@ -250,6 +253,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
     finally:
         try:
             if started_here:
+                _settle(rays_own)
                 ray.shutdown()
             if not finished:
                 # Stopped part way (Ctrl-C, SIGTERM, an error): the actors ran ahead of the driver's commits, so
@@ -314,6 +318,35 @@ class _HeldSigterm:
         signal.signal(signal.SIGTERM, self.before)
         if self.received:
             signal.raise_signal(signal.SIGTERM)
+
+
+def _settle(rays_own: set, seconds: float = 3.0) -> list:
+    """Wait (up to `seconds`) until the threads the run started in this process (Ray Data's: its prefetcher, its
+    iterator's workers, its executor's) have ended or are parked, before Ray is shut down. Ray Data does not join
+    them when its iterator is closed (they watch a flag); one still inside a Ray call as Ray shut down ended the
+    process at once, exit 1 and Ray's C++ "The core worker has already been shutdown ... The process will exit",
+    where a stopped run says `error: interrupted` (130). A parked thread waits on a condition with no timeout: only
+    another thread of the run can wake it, and none is left running. Returns those still running at the deadline:
+    seen, a worker of Ray Data's iterator polling for a slot no consumer will free (its stop flag is set when its
+    generator is finalized, which the stop's traceback delays), which touches Ray only once it has a slot."""
+    deadline = time.monotonic() + seconds
+    while True:
+        gc.collect()  # the finalizers that stop them: the closed iterator's generators, left to the collector
+        frames = sys._current_frames()
+        running = [t for t in threading.enumerate()
+                   if t not in rays_own and t.is_alive() and not parked(frames.get(t.ident))]
+        if not running or time.monotonic() >= deadline:
+            if running:
+                log.debug("Ray shut down with the run's threads still running: %s", [t.name for t in running])
+            return running
+        running[0].join(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def parked(frame) -> bool:
+    """Whether a thread whose innermost frame is `frame` waits on a threading.Condition with no timeout (a
+    queue's get, an Event's wait, a Condition's): it runs again only when another thread notifies it."""
+    return (frame is not None and frame.f_code is threading.Condition.wait.__code__
+            and frame.f_locals.get("timeout") is None)
 
 
 def _cut_uncommitted(store: VectorStore) -> None:

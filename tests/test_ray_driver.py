@@ -77,3 +77,30 @@ def test_an_actor_that_cannot_load_the_model_is_a_model_load_error():
 
     died = ray_pipeline.actor_failure(exceptions.ActorDiedError())
     assert type(died) is AlignSearchError and "died on the same batch 3 times" in str(died)
+
+
+def test_ray_is_shut_down_once_the_runs_threads_have_ended_or_parked():
+    """Ray Data leaves its iterator's threads running when the iterator is closed (a stop part way): Ray shut down
+    under one still in a Ray call ended the process at once (exit 1, "The core worker has already been shutdown").
+    _settle waits for each thread the run started until it has ended or is parked (a queue's get, an Event or a
+    Condition waited on with no timeout: nothing left running can wake it), and no longer than its deadline."""
+    import queue
+    import threading
+    import time
+
+    before = set(threading.enumerate())
+    stop, never, waited_on = threading.Event(), threading.Event(), queue.Queue()
+    polling_until_stopped = threading.Thread(target=lambda: [stop.wait(0.01) for _ in iter(stop.is_set, True)],
+                                             daemon=True)
+    parked = [threading.Thread(target=never.wait, daemon=True),
+              threading.Thread(target=waited_on.get, daemon=True)]
+    for t in [polling_until_stopped, *parked]:
+        t.start()
+    assert ray_pipeline._settle(before, seconds=0.3) == [polling_until_stopped]  # still polling at the deadline
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    assert ray_pipeline._settle(before, seconds=30) == []
+    assert not polling_until_stopped.is_alive() and all(t.is_alive() for t in parked)
+    assert time.monotonic() - started < 10  # not the deadline: as soon as only parked threads were left
+    never.set()
+    waited_on.put(None)

@@ -289,3 +289,14 @@ def test_similar_while_an_index_run_commits_rows_reads_them_too(indexed_images, 
         monkeypatch.setattr(catalog, "live_pairs", pairs_after_a_run)
         groups = dupes.find_groups(engine, "similar")
     assert added and any(len(g.items) == 2 and any("/copy." in i["path"] for i in g.items) for g in groups), groups
+
+
+def test_a_file_listed_in_two_groups_is_one_file_to_be_rid_of():
+    """A video whose two scenes each have a larger photo kept is listed in both groups: "files besides the ones to
+    keep" counted it twice (3 for two files)."""
+    def item(path, keep):
+        return {"id": 0, "path": path, "score": 1.0, "width": 1, "height": 1, "size": 1, "mtime": 0.0, "keep": keep}
+
+    groups = [dupes.Group("near", [item("/a/big1.png", True), item("/a/clip.mp4", False), item("/a/small.png", False)]),
+              dupes.Group("near", [item("/a/big2.png", True), item("/a/clip.mp4", False)])]
+    assert dupes.to_be_rid_of(groups) == ["/a/clip.mp4", "/a/small.png"]

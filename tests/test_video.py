@@ -558,4 +558,4 @@ def test_dupes_never_says_to_keep_a_file_it_lists_to_be_rid_of_elsewhere(tmp_pat
         rid = {i["path"] for g in groups for i in g["items"] if not i["keep"]}
         assert not kept & rid, (tier, [[(os.path.basename(i["path"]), i["keep"]) for i in g["items"]] for g in groups])
     text = run("dupes", "--index", ix).output  # near: big.png and clip.mp4 kept, small.png alone to be rid of
-    assert "2 groups, 1 files besides the ones to keep" in text, text
+    assert "2 groups, 1 file besides the ones to keep" in text, text

@@ -355,6 +355,12 @@ def _kept_everywhere(groups: list[Group]) -> list[Group]:
     return groups
 
 
+def to_be_rid_of(groups: list[Group]) -> list[str]:
+    """The paths a user would remove to keep one of each group, each once: a video whose scenes fall in two groups
+    where a larger photo is kept is one file, counted twice in "files besides the ones to keep"."""
+    return list(dict.fromkeys(i["path"] for g in groups for i in g.items if not i["keep"]))
+
+
 def find_groups(engine, tier: str = "near", threshold: float | None = None, nprobe: int = SIMILAR_NPROBE) -> list[Group]:
     """Duplicate groups of an opened index (alignsearch.search.engine.Engine), largest first. Scores: 1.0 for the
     kept file and exact copies; near: 1 - distance / 64 to the kept file's hash; similar: cosine to it."""

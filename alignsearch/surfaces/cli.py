@@ -1131,7 +1131,7 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     """Group duplicate images, largest groups first. Reports only: nothing is ever deleted.
 
     The file to keep in each group: the largest resolution, then the oldest (modification time)."""
-    from alignsearch.search.dupes import check_threshold, find_groups
+    from alignsearch.search.dupes import check_threshold, find_groups, to_be_rid_of
     from alignsearch.search.engine import open as open_index
 
     check_threshold(tier, threshold)  # before the index opens; find_groups checks it again for Python callers
@@ -1149,7 +1149,8 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
             mark = "keep" if item["keep"] else "    "
             click.echo(f"  {mark} {item['score']:.4f}  {item['width']}x{item['height']}  {shown}")
     if groups:
-        click.echo(f"{len(groups)} groups, {sum(not i['keep'] for g in groups for i in g.items)} files besides the ones to keep")
+        rid = len(to_be_rid_of(groups))
+        click.echo(f"{len(groups)} group{'s' * (len(groups) != 1)}, {rid} file{'s' * (rid != 1)} besides the ones to keep")
 
 
 @main.command()

@@ -436,3 +436,49 @@ def test_a_keyword_index_written_before_cjk_and_greek_were_spaced_is_written_aga
     catalog.connect(tmp_path / "catalog.db").dispose()  # a writer
     assert kw("東京", readonly=True) == [ids["station.jpg"]] and kw("αθηνα", readonly=True) == [ids["athens.jpg"]]
     assert kw("東京駅前", readonly=True) == [ids["station.jpg"]] and kw("station") == [ids["station.jpg"]]
+
+
+def test_a_chinese_or_japanese_word_start_keeps_its_star_and_evidence_agrees(tmp_path):
+    """`東京*` lost its `*` (its last token, one character, was under MIN_PREFIX): --explain showed `東京`, and an
+    index written before `spaced` (東京駅前 one token, read as it stands) found nothing for it, where `tok*` finds
+    `tokyo`. It means 東京 followed by anything: the phrase of its characters, or a whole run starting so."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    ids = {}
+    with db.begin() as conn:
+        for name, text in {"station.jpg": "東京駅前", "kyoto.jpg": "京都駅", "old.jpg": None}.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            catalog.set_photo(conn, fid, name, {"ocr": text})
+        # as an index written before `spaced` held it: the run whole (unicode61's token)
+        conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", ("東京タワー", ids["old.jpg"]))
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(name for name, fid in ids.items()
+                          if fid in {i for i, _ in keywords.search(conn, keywords.parse(text), 10)})
+
+    assert keywords.parse("東京*").words == ["東京*"] and keywords.parse("京*").words == ["京*"]
+    assert kw("東京*") == ["old.jpg", "station.jpg"] and kw("東京") == ["station.jpg"]
+    assert kw("京都*") == ["kyoto.jpg"]
+    assert keywords.evidence(keywords.parse("東京*"), "東京駅前") and keywords.evidence(keywords.parse("東京*"), "東京")
+    assert not keywords.evidence(keywords.parse("東京*"), "京都駅") and not keywords.evidence(keywords.parse("京都*"), "東京")
+    db.dispose()
+
+
+def test_greek_final_sigma_is_sigma_in_the_evidence_as_in_the_keyword_index():
+    """unicode61 folds ς to σ, so `οδοσ` (typed without the final form) finds `ΟΔΟΣ` and `οδός`; the default mode's
+    evidence lower-cased `ΟΔΟΣ` to `οδος` (Python writes a word-final Σ as ς) and found no `οδοσ` in it."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE VIRTUAL TABLE k USING fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
+    for query in ("οδοσ", "οδος", "ΟΔΟΣ", "οδός", "ερμου*"):
+        for n, text in enumerate(("ΟΔΟΣ ΕΡΜΟΥ", "οδός Ερμού", "Οδοσ ερμούσ")):
+            conn.execute("DELETE FROM k")
+            conn.execute("INSERT INTO k(rowid, body) VALUES (1, ?)", (keywords.spaced(text),))
+            parsed = keywords.parse(query)
+            matched = bool(conn.execute("SELECT 1 FROM k WHERE k MATCH ?", (parsed.positive()[0].fts(),)).fetchall())
+            assert matched and keywords.evidence(parsed, text), (query, text, matched)
+    assert not keywords.evidence(keywords.parse("οδοσ"), "οδόστρωμα")  # a whole word, as the index matches it

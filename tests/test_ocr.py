@@ -210,7 +210,7 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
     assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
     conn = sqlite3.connect(ix / "catalog.db")
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"  # the latest
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "6"  # the latest
     conn.close()
 
 
@@ -482,3 +482,72 @@ def test_greek_final_sigma_is_sigma_in_the_evidence_as_in_the_keyword_index():
             matched = bool(conn.execute("SELECT 1 FROM k WHERE k MATCH ?", (parsed.positive()[0].fts(),)).fetchall())
             assert matched and keywords.evidence(parsed, text), (query, text, matched)
     assert not keywords.evidence(keywords.parse("οδοσ"), "οδόστρωμα")  # a whole word, as the index matches it
+
+
+def _captioned_and_read(db_path, parts):
+    """A catalog of files named `name` with the caption, text read in the image and tags of parts[name]; their ids."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(db_path)
+    ids = {}
+    with db.begin() as conn:
+        for name, (caption, ocr, labels) in parts.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            for label in labels:
+                conn.exec_driver_sql("INSERT INTO tags (file_id, label, probability) VALUES (?, ?, 1.0)", (fid, label))
+            catalog.set_photo(conn, fid, name, {"caption": caption, "ocr": ocr}, labels)
+    db.dispose()
+    return ids
+
+
+def test_a_phrase_is_found_within_a_caption_text_name_or_tag_never_across_two(tmp_path):
+    """The keyword index held a file's caption, text read in the image, name and tags joined by a space: the phrase
+    "red car" matched a caption ending in `red` whose image's text starts with `car` (and two tags, `red` and
+    `car`), and the default mode's evidence (caption, text and tags joined by a newline) agreed."""
+    from alignsearch.storage import catalog
+
+    ids = _captioned_and_read(tmp_path / "catalog.db", {
+        "join.jpg": ("a big red", "car park", ["bus"]), "tags.jpg": (None, None, ["red", "car"]),
+        "both.jpg": ("a red car", None, []), "name_red.jpg": ("car wash", None, [])})
+    db = catalog.connect(tmp_path / "catalog.db", readonly=True)
+
+    def kw(text, evidence_only=False):
+        names = {fid: name for name, fid in ids.items()}
+        with db.connect() as conn:
+            return sorted(names[i] for i, _ in keywords.search(conn, keywords.parse(text), 10,
+                                                               evidence_only=evidence_only))
+
+    assert kw('"red car"') == kw('"red car"', evidence_only=True) == ["both.jpg"]
+    assert kw('"big red"') == ["join.jpg"] and kw('"car park"') == ["join.jpg"]  # a phrase within a part
+    assert kw("red AND car") == ["both.jpg", "join.jpg", "name_red.jpg", "tags.jpg"]  # words: in any part
+    assert kw('"name red"') == ["name_red.jpg"]  # the name's words, as before
+    assert not keywords.evidence(keywords.parse('"red car"'), f"a big red{keywords.BREAK}car park")
+    db.dispose()
+
+
+def test_a_schema_5_keyword_index_gains_its_breaks_from_its_next_writer(tmp_path):
+    """An index of schema 5 held a file's parts joined by a space; a reader finds "red car" across them as it
+    stands, and the next writer writes the keyword index again (schema 6) so that it does not."""
+    from alignsearch.storage import catalog, migrate, state
+
+    ids = _captioned_and_read(tmp_path / "catalog.db", {"join.jpg": ("a big red", "car park", [])})
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:  # as schema 5 wrote it
+        conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?",
+                             ("a big red car park join", ids["join.jpg"]))
+        state.write(conn, schema_version=5)
+    db.dispose()
+
+    def kw(text):
+        reader = catalog.connect(tmp_path / "catalog.db", readonly=True)
+        with reader.connect() as conn:
+            found = [i for i, _ in keywords.search(conn, keywords.parse(text), 10)]
+            version = state.read(conn).schema_version
+        reader.dispose()
+        return found, version
+
+    assert kw('"red car"') == ([ids["join.jpg"]], 5)  # read as it stands: a reader writes nothing
+    catalog.connect(tmp_path / "catalog.db").dispose()  # a writer
+    assert kw('"red car"') == ([], migrate.LATEST) and migrate.LATEST == 6
+    assert kw('"big red"') == kw('"car park"') == kw("join") == ([ids["join.jpg"]], 6)

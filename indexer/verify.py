@@ -154,6 +154,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             model = st.model.record
             store = vectors.load(conn, index_dir, st.model.dim)
             live = catalog.live_pairs(conn)
+            # images counts files, a video once whatever its moments, as `info` does (README: Video); live has
+            # a row per vector (a video's moments each), which verify printed as images (6 for 3 photos and a
+            # video of 3 moments, where info said 4)
+            indexed = catalog.counts(conn)[catalog.INDEXED]
             found = vectors.check(conn, store, live)
             record, unfinished = st.ann, st.index_run is not None
             r.read = (st.generation, st.vectors, st.ann)
@@ -164,7 +168,7 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
     if trouble:  # --repair cannot take it either: removing what another process may be replacing is not safe
         r.problems.append(f"{LOCK_FILE} is {trouble}, not the lock file alignsearch makes: every writer refuses the "
                           "index until it is removed")
-    r.checked.update(images=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
+    r.checked.update(images=indexed, vectors_indexed=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
                      vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing,
                      last_run=last_run(unfinished, writing))
     interrupted = r.checked["last_run"] == "interrupted"

@@ -210,7 +210,7 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     assert names(query(ix, "cafe", "--mode", "keyword")) == ["cafe.jpg"]  # folded now
     assert names(query(ix, "4711", "--mode", "keyword")) == ["receipt.jpg"]
     conn = sqlite3.connect(ix / "catalog.db")
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"  # the latest
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "6"  # the latest
     conn.close()
 
 
@@ -436,3 +436,118 @@ def test_a_keyword_index_written_before_cjk_and_greek_were_spaced_is_written_aga
     catalog.connect(tmp_path / "catalog.db").dispose()  # a writer
     assert kw("東京", readonly=True) == [ids["station.jpg"]] and kw("αθηνα", readonly=True) == [ids["athens.jpg"]]
     assert kw("東京駅前", readonly=True) == [ids["station.jpg"]] and kw("station") == [ids["station.jpg"]]
+
+
+def test_a_chinese_or_japanese_word_start_keeps_its_star_and_evidence_agrees(tmp_path):
+    """`東京*` lost its `*` (its last token, one character, was under MIN_PREFIX): --explain showed `東京`, and an
+    index written before `spaced` (東京駅前 one token, read as it stands) found nothing for it, where `tok*` finds
+    `tokyo`. It means 東京 followed by anything: the phrase of its characters, or a whole run starting so."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    ids = {}
+    with db.begin() as conn:
+        for name, text in {"station.jpg": "東京駅前", "kyoto.jpg": "京都駅", "old.jpg": None}.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            catalog.set_photo(conn, fid, name, {"ocr": text})
+        # as an index written before `spaced` held it: the run whole (unicode61's token)
+        conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", ("東京タワー", ids["old.jpg"]))
+
+    def kw(text):
+        with db.connect() as conn:
+            return sorted(name for name, fid in ids.items()
+                          if fid in {i for i, _ in keywords.search(conn, keywords.parse(text), 10)})
+
+    assert keywords.parse("東京*").words == ["東京*"] and keywords.parse("京*").words == ["京*"]
+    assert kw("東京*") == ["old.jpg", "station.jpg"] and kw("東京") == ["station.jpg"]
+    assert kw("京都*") == ["kyoto.jpg"]
+    assert keywords.evidence(keywords.parse("東京*"), "東京駅前") and keywords.evidence(keywords.parse("東京*"), "東京")
+    assert not keywords.evidence(keywords.parse("東京*"), "京都駅") and not keywords.evidence(keywords.parse("京都*"), "東京")
+    db.dispose()
+
+
+def test_greek_final_sigma_is_sigma_in_the_evidence_as_in_the_keyword_index():
+    """unicode61 folds ς to σ, so `οδοσ` (typed without the final form) finds `ΟΔΟΣ` and `οδός`; the default mode's
+    evidence lower-cased `ΟΔΟΣ` to `οδος` (Python writes a word-final Σ as ς) and found no `οδοσ` in it."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE VIRTUAL TABLE k USING fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
+    for query in ("οδοσ", "οδος", "ΟΔΟΣ", "οδός", "ερμου*"):
+        for n, text in enumerate(("ΟΔΟΣ ΕΡΜΟΥ", "οδός Ερμού", "Οδοσ ερμούσ")):
+            conn.execute("DELETE FROM k")
+            conn.execute("INSERT INTO k(rowid, body) VALUES (1, ?)", (keywords.spaced(text),))
+            parsed = keywords.parse(query)
+            matched = bool(conn.execute("SELECT 1 FROM k WHERE k MATCH ?", (parsed.positive()[0].fts(),)).fetchall())
+            assert matched and keywords.evidence(parsed, text), (query, text, matched)
+    assert not keywords.evidence(keywords.parse("οδοσ"), "οδόστρωμα")  # a whole word, as the index matches it
+
+
+def _captioned_and_read(db_path, parts):
+    """A catalog of files named `name` with the caption, text read in the image and tags of parts[name]; their ids."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(db_path)
+    ids = {}
+    with db.begin() as conn:
+        for name, (caption, ocr, labels) in parts.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            for label in labels:
+                conn.exec_driver_sql("INSERT INTO tags (file_id, label, probability) VALUES (?, ?, 1.0)", (fid, label))
+            catalog.set_photo(conn, fid, name, {"caption": caption, "ocr": ocr}, labels)
+    db.dispose()
+    return ids
+
+
+def test_a_phrase_is_found_within_a_caption_text_name_or_tag_never_across_two(tmp_path):
+    """The keyword index held a file's caption, text read in the image, name and tags joined by a space: the phrase
+    "red car" matched a caption ending in `red` whose image's text starts with `car` (and two tags, `red` and
+    `car`), and the default mode's evidence (caption, text and tags joined by a newline) agreed."""
+    from alignsearch.storage import catalog
+
+    ids = _captioned_and_read(tmp_path / "catalog.db", {
+        "join.jpg": ("a big red", "car park", ["bus"]), "tags.jpg": (None, None, ["red", "car"]),
+        "both.jpg": ("a red car", None, []), "name_red.jpg": ("car wash", None, [])})
+    db = catalog.connect(tmp_path / "catalog.db", readonly=True)
+
+    def kw(text, evidence_only=False):
+        names = {fid: name for name, fid in ids.items()}
+        with db.connect() as conn:
+            return sorted(names[i] for i, _ in keywords.search(conn, keywords.parse(text), 10,
+                                                               evidence_only=evidence_only))
+
+    assert kw('"red car"') == kw('"red car"', evidence_only=True) == ["both.jpg"]
+    assert kw('"big red"') == ["join.jpg"] and kw('"car park"') == ["join.jpg"]  # a phrase within a part
+    assert kw("red AND car") == ["both.jpg", "join.jpg", "name_red.jpg", "tags.jpg"]  # words: in any part
+    assert kw('"name red"') == ["name_red.jpg"]  # the name's words, as before
+    assert not keywords.evidence(keywords.parse('"red car"'), f"a big red{keywords.BREAK}car park")
+    db.dispose()
+
+
+def test_a_schema_5_keyword_index_gains_its_breaks_from_its_next_writer(tmp_path):
+    """An index of schema 5 held a file's parts joined by a space; a reader finds "red car" across them as it
+    stands, and the next writer writes the keyword index again (schema 6) so that it does not."""
+    from alignsearch.storage import catalog, migrate, state
+
+    ids = _captioned_and_read(tmp_path / "catalog.db", {"join.jpg": ("a big red", "car park", [])})
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:  # as schema 5 wrote it
+        conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?",
+                             ("a big red car park join", ids["join.jpg"]))
+        state.write(conn, schema_version=5)
+    db.dispose()
+
+    def kw(text):
+        reader = catalog.connect(tmp_path / "catalog.db", readonly=True)
+        with reader.connect() as conn:
+            found = [i for i, _ in keywords.search(conn, keywords.parse(text), 10)]
+            version = state.read(conn).schema_version
+        reader.dispose()
+        return found, version
+
+    assert kw('"red car"') == ([ids["join.jpg"]], 5)  # read as it stands: a reader writes nothing
+    catalog.connect(tmp_path / "catalog.db").dispose()  # a writer
+    assert kw('"red car"') == ([], migrate.LATEST) and migrate.LATEST == 6
+    assert kw('"big red"') == kw('"car park"') == kw("join") == ([ids["join.jpg"]], 6)

@@ -237,6 +237,10 @@ def test_photos_and_videos_index_in_one_run(tmp_path, tiny_model):
     text = run("query", "a picture", "--media", "video", "--index", ix).output
     assert "match.mp4 @ 0:" in text, text
     assert run("verify", "--index", ix).exit_code == 0
+    # verify counted a vector an image (10 here, where info says 5): a video counts once, its moments as vectors
+    checked = json.loads(run("verify", "--json", "--index", ix).stdout)["checked"]
+    assert checked["images"] == info["images"] == 5, checked
+    assert (checked["vectors_indexed"], checked["index_vectors"]) == (10, 10), checked
     run("export", tmp_path / "lib.parquet", "--index", ix)
     table = pq.read_table(tmp_path / "lib.parquet")
     moments_out = sorted(t for rel, t in zip(table["relpath"].to_pylist(), table["t"].to_pylist()) if rel.endswith(".mp4"))
@@ -385,7 +389,7 @@ def test_schema_2_catalog_is_read_then_upgraded(tmp_path, tiny_model):
     assert s["added"] == 2, s  # img002 (its row was dropped above) and the video
     conn = sqlite3.connect(ix / "catalog.db")
     try:
-        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == 5  # the latest
+        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == 6  # the latest
         kept = dict(conn.execute("SELECT relpath, id FROM files WHERE relpath LIKE 'img00%'").fetchall())
         new_ids = [i for (i,) in conn.execute("SELECT id FROM files WHERE relpath IN ('img002.jpg', 'v.mp4')")]
         # the deleted row's photo fields were left, as alignsearch before d819991 left removed files' hashes: the

@@ -883,11 +883,15 @@ def has_photos(conn: Connection) -> bool:
 
 def keyword_text(relpath: str, caption: str | None, labels: Iterable[str] = (), ocr: str | None = None) -> str:
     """What the keyword index holds for a file: its caption, the text in the image, the words of its folders and
-    name, its tags (one column: the text in an image weighs like a caption)."""
+    name, each of its tags (one column: the text in an image weighs like a caption), with keywords.BREAK between
+    them: joined by a space, the phrase "red car" matched a caption ending in red and the text read in the image
+    starting with car."""
+    from alignsearch.storage.keywords import BREAK
+
     words = relpath.replace("\\", "/").rsplit(".", 1)[0]
     for sep in "/_-.":
         words = words.replace(sep, " ")
-    return " ".join(p for p in (caption, ocr, words, " ".join(labels)) if p)
+    return f" {BREAK} ".join(p for p in (caption, ocr, words, *labels) if p)
 
 
 def _drop_keywords(conn: Connection, ids: Iterable[int]) -> None:

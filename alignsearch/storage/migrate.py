@@ -95,6 +95,13 @@ def _spaced_keywords(conn) -> None:
     catalog.forget_leftover_rows(conn, keywords=False)
 
 
+def _broken_keywords(conn) -> None:
+    """The keyword index written again with keywords.BREAK between a file's caption, text in the image, name and
+    tags: an index written before joined them with a space, so the phrase "red car" matched a caption ending in
+    red and text read in the image starting with car, until the file's keywords happened to be written again."""
+    _keywords_again(conn)
+
+
 def _rebuild_files(conn) -> None:
     from alignsearch.storage import catalog
 
@@ -130,6 +137,8 @@ STEPS: tuple[Step, ...] = (
     Step(4, "the files a fill step could not read (fill_failures)", _fill_failures),
     Step(5, "keyword index: a token per Chinese or Japanese character, Greek without accents; rows of removed "
                 "files dropped", _spaced_keywords),
+    Step(6, "keyword index: a break between caption, text in the image, name and tags (no phrase across them)",
+         _broken_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -68,6 +68,7 @@ def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: l
         raise BadInputError("tagging needs the background prompts' vectors")
     with db.connect() as conn:
         live = catalog.live_pairs(conn)
+        images, one_file = catalog.counts(conn)[catalog.INDEXED], catalog.first_moments(conn)
     rows = []
     for start in range(0, len(live), CHUNK):
         ids, vec_rows = live[start : start + CHUNK, 0], live[start : start + CHUNK, 1]
@@ -80,10 +81,13 @@ def tag_all(db: Engine, store: VectorStore, label_vectors: np.ndarray, labels: l
             catalog.refresh_keywords(conn)  # tags are keywords too
         if remember is not None:  # with the tags: a kill between two commits left tags later runs did not repeat
             state.write(conn, tagging=remember)
+    # a video counts once, as `info` counts it: its moments are tagged each, "7 tags on 5 images" counted a tag
+    # of three moments three times and the video as three images
+    tagged = {(one_file.get(r["file_id"], r["file_id"]), r["label"]) for r in rows}
     counts = dict.fromkeys(labels, 0)
-    for r in rows:
-        counts[r["label"]] += 1
-    return {"images": len(live), "tags": len(rows), "per_label": counts}
+    for _, label in tagged:
+        counts[label] += 1
+    return {"images": images, "tags": len(tagged), "per_label": counts}
 
 
 def tag_runs(db: Engine, store: VectorStore, encoder, tagging: dict | None, remember: dict | None = None) -> dict:

@@ -563,3 +563,22 @@ def test_dupes_never_says_to_keep_a_file_it_lists_to_be_rid_of_elsewhere(tmp_pat
         assert not kept & rid, (tier, [[(os.path.basename(i["path"]), i["keep"]) for i in g["items"]] for g in groups])
     text = run("dupes", "--index", ix).output  # near: big.png and clip.mp4 kept, small.png alone to be rid of
     assert "2 groups, 1 file besides the ones to keep" in text, text
+
+
+@pytest.mark.slow
+def test_tag_counts_a_video_once_as_info_does(tmp_path, tiny_model):
+    """Each moment of a video is tagged, but `tag` said "5 tags on 5 images" for 2 photos and a video of 3 moments
+    that `info` calls 3 images: a video is one image of the summary, and one tag of each label it has."""
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    make_video(lib / "clip.mp4", [(41, 4), (42, 4), (43, 4)], drift=False)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["images"] == 3
+    with sqlite3.connect(ix / "catalog.db") as conn:
+        assert conn.execute("select count(*) from files where relpath = 'clip.mp4'").fetchone()[0] > 1  # moments
+    (tmp_path / "labels.txt").write_text("a thing\n")
+    result = json.loads(run("tag", "--labels-file", tmp_path / "labels.txt", "--threshold", "0", "--index", ix,
+                            "--device", "cpu", "--json").stdout)
+    assert (result["images"], result["tags"], result["per_label"]) == (3, 3, {"a thing": 3}), result
+    assert "3 tags on 3 images" in run("tag", "--labels-file", tmp_path / "labels.txt", "--threshold", "0", "--index",
+                                       ix, "--device", "cpu").output

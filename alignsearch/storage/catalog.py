@@ -521,6 +521,16 @@ def _leaving_out(ids: Iterable[int]) -> list:
     return [files.c.id.not_in(_gone(ids))] if ids else []
 
 
+def first_moments(conn: Connection) -> dict[int, int]:
+    """{id of a later moment of an indexed video: the id of its moment 0}: where a video counts once, its
+    moments' rows stand for that one file (a row per moment otherwise counts it as several images)."""
+    first, later = files.alias("first"), files.alias("later")
+    query = select(later.c.id, first.c.id).join(
+        first, and_(first.c.root == later.c.root, first.c.relpath == later.c.relpath, first.c.moment == 0)
+    ).where(later.c.moment > 0, later.c.status == INDEXED)
+    return {int(a): int(b) for a, b in conn.execute(query)}
+
+
 def vectors_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
     """Vector rows of already indexed content, by SHA-256: moved, renamed and duplicated files reuse them."""
     hashes = list(set(hashes))

@@ -501,8 +501,8 @@ _REQUEST_OPTIONS = [
     click.argument("text", required=False),
     click.option("--image", type=click.Path(readable=False), callback=_image_file, help="Image to search with (alone or with TEXT)."),
     click.option("--negative", help="Text whose concept to subtract from the query."),
-    # -k and --nprobe are whole numbers here; their range is querycheck's, as for Engine.search and HTTP (click's
-    # IntRange made -k 0 exit 2 where -k 1001 and the Python API's k=0 are exit 6)
+    # -k and --nprobe are whole numbers here; their range is querycheck's, as for Engine.search and HTTP: exit 2 as
+    # IntRange's, with the one message every surface gives
     click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results (1 to 1000)."),
     click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query."),
     click.option("--image-weight", type=float, default=1.0, show_default=True),

@@ -303,3 +303,28 @@ def test_embed_and_similarity_take_a_text_as_a_query_does(indexed_images):
         assert words in run("embed", "--text", "a cat", "--text", text, "--index", ix, code=6).output
         assert words in run("similarity", "--text", text, "--image", image, "--index", ix, code=6).output
     assert json.loads(run("embed", "--text", "a cat", "--index", ix).stdout)[0]["input"] == "a cat"
+
+
+@pytest.mark.slow  # the module's server (~7 s to start)
+@pytest.mark.parametrize("options, words", [
+    ({"backend": "torch", "precision": "int8"}, "--precision int8 needs the onnx backend"),
+    ({"backend": "onnx", "precision": "bf16"}, "--precision bf16 runs on OpenVINO or torch"),
+])
+def test_a_backend_and_precision_that_cannot_go_together_are_bad_usage(served, options, words):
+    """README: exit 2 is an option's value that cannot be taken; a --precision the chosen --backend cannot run said
+    6 (unusable input) from query, serve and Engine.search alike, where an unknown --precision said click's 2."""
+    given = [part for name, value in options.items() for part in (f"--{name}", value)]
+    out = run("query", "dog", *given, "--device", "cpu", "--index", served["alone"], code=2).output
+    assert out.startswith(f"error: {words}") and len(out.splitlines()) == 1, out
+    with pytest.raises(UsageError, match=re.escape(words)):
+        alignsearch.open(served["alone"], device="cpu", **options).search(text="dog")
+    with pytest.raises(UsageError, match="unknown backend"):  # as click's Choice says --backend tensorrt (exit 2)
+        alignsearch.open(served["alone"], device="cpu", backend="tensorrt").search(text="dog")
+    assert words in run("serve", *given, "--device", "cpu", "--index", served["alone"], code=2).output
+
+
+def test_index_at_int8_is_bad_usage(indexed_images):
+    """int8 is a precision of the text tower: index refused it with exit 6, as if a file were unusable."""
+    root, ix = indexed_images(2)
+    out = run("index", root, "--index", ix, "--precision", "int8", "--device", "cpu", code=2).output
+    assert "int8 is for the text tower" in out

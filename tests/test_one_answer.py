@@ -328,3 +328,14 @@ def test_index_at_int8_is_bad_usage(indexed_images):
     root, ix = indexed_images(2)
     out = run("index", root, "--index", ix, "--precision", "int8", "--device", "cpu", code=2).output
     assert "int8 is for the text tower" in out
+
+
+@pytest.mark.parametrize("command", [["forget", ""], ["forget", "  "], ["export", "OUT", "--root", ""]])
+def test_an_empty_root_is_said_so_by_forget_and_export(indexed_images, tmp_path, command):
+    """`forget ""` said "error:  is not a root of this index": the name shown as nothing. Said as `index ''` says it,
+    exit 6 as that is, and nothing forgotten or written."""
+    root, ix = indexed_images(2)
+    args = [str(tmp_path / "out.parquet") if a == "OUT" else a for a in command]
+    out = run(*args, "--index", ix, code=6).output
+    assert out.startswith("error: an empty root was given: name one of this index's roots") and str(root) in out, out
+    assert len(json.loads(run("roots", "--json", "--index", ix).stdout)) == 1 and not (tmp_path / "out.parquet").exists()

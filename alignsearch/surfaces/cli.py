@@ -1167,10 +1167,10 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 @reports_errors
 def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
-    from alignsearch.errors import BadInputError, UsageError
+    from alignsearch.errors import UsageError
     from alignsearch.search.engine import open as open_index
     from alignsearch.search.export import export as run_export
-    from indexer.roots import match
+    from indexer.roots import known_root
 
     if out == "":  # an unset variable (export "$OUT"): it was taken for the current folder, ". is a folder"
         raise UsageError("export needs OUT: a file name such as lib.parquet, or a folder for --format clip-retrieval")
@@ -1180,11 +1180,7 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     engine = open_index(index_dir)
     named = []
     for root in roots:  # as `forget` resolves them: relative, with a trailing slash, through symlinks
-        known = match(root, engine.roots)
-        if known is None:
-            raise BadInputError(f"{root} is not a root of this index (its roots: {', '.join(engine.roots) or 'none'}); "
-                                "see `alignsearch roots`")
-        named.append(known)
+        named.append(known_root(root, list(engine.roots)))
     result = run_export(engine, out, fmt, named, where, path_glob, shard_rows=shard_rows)
     if as_json:
         click.echo(json.dumps(result))

@@ -235,7 +235,7 @@ def index_folders(
         if created:  # the model loads before anything is written: leave no empty index behind
             shutil.rmtree(out, ignore_errors=True)
         raise
-    except BadInputError:
+    except (BadInputError, UsageError):  # refused: unusable input, or options that cannot go together (int8)
         # A first run refused before its model was recorded (--precision int8) left an index of nothing, which later
         # commands took for the user's: `query` answered "no results", exit 0, instead of "no index", 3. One refused
         # later (a new list without its --list-column) keeps the model it recorded, so the corrected run needs none.
@@ -395,7 +395,7 @@ def _load_encoder(db, model: str | None, options: EncoderOptions, encoders: Enco
     from alignsearch.encoders.loader import open_encoder
 
     if options.precision == "int8":
-        raise BadInputError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
+        raise UsageError("--precision int8 is for the text tower (query, serve): index with fp32 or bf16")
     with db.connect() as conn:
         identity = state.read(conn).model
     recorded = None if identity is None else identity.record

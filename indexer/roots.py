@@ -646,10 +646,13 @@ def forget(conn, root: str) -> tuple[str, int]:
 
 
 def known_root(root: str, roots: list[str]) -> str:
-    """The root of `roots` that `root` names; BadInputError if none."""
+    """The root of `roots` that `root` names; BadInputError if none. An empty name is said so, as `index ''` says
+    it (it was "error:  is not a root": the name shown as nothing)."""
+    listed = ", ".join(roots) or "none"
+    if not root.strip():
+        raise BadInputError(f"an empty root was given: name one of this index's roots ({listed}); see `alignsearch roots`")
     name = match(root, roots)
     if name is None:
-        listed = ", ".join(roots) or "none"
         raise BadInputError(f"{root} is not a root of this index (its roots: {listed}); see `alignsearch roots`")
     return name
 

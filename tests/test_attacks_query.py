@@ -155,17 +155,17 @@ def test_an_uploaded_query_image_is_searched_as_the_same_image_given_by_path(lib
 def test_a_k_or_nprobe_out_of_range_is_refused_by_the_cli_as_by_the_api(library, option, value, reason):
     """One set of limits (querycheck): `query -k 0` was click's usage error (exit 2, "0 is not in the range x>=1")
     while `-k 1001` and the Python API's k=0 were refused by querycheck (exit 6, "k must be an integer from 1 to
-    1000")."""
-    from alignsearch.errors import BadInputError
+    1000"). One message now, and exit 2: an option out of its range is bad usage (README, exit codes)."""
+    from alignsearch.errors import UsageError
 
     _, ix, _ = library
-    with alignsearch.open(ix, device="cpu") as engine, pytest.raises(BadInputError) as refused:
+    with alignsearch.open(ix, device="cpu") as engine, pytest.raises(UsageError) as refused:
         engine.search(text="red", **{option.lstrip("-"): int(value)})
-    assert str(refused.value) == reason and refused.value.exit_code == 6
-    out = run("query", "red", option, value, "--index", ix, code=6)
+    assert str(refused.value) == reason and refused.value.exit_code == 2
+    out = run("query", "red", option, value, "--index", ix, code=2)
     assert out.output.strip() == f"error: {reason}"
-    if option == "-k":  # `similar` too (click's IntRange(1, 1000): exit 2), as search_vector refuses it
-        assert run("similar", "1", "-k", value, "--index", ix, code=6).output.strip() == f"error: {reason}"
+    if option == "-k":  # `similar` too, as search_vector refuses it
+        assert run("similar", "1", "-k", value, "--index", ix, code=2).output.strip() == f"error: {reason}"
 
 
 def test_sort_by_taken_orders_times_within_one_second():

@@ -15,7 +15,7 @@ import pytest
 
 from alignsearch.encoders import backend
 from alignsearch.encoders.backend import EncoderOptions, Plan, plan
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadInputError, UsageError
 from alignsearch.encoders.model import Encoder
 from conftest import index_json, make_images, run
 from helpers import NOBODY, alignsearch, can_drop_dac, resave_with_other_weights
@@ -72,7 +72,7 @@ def test_plan_without_onnxruntime_says_why_and_refuses_what_needs_it():
     (EncoderOptions(backend="openvino"), "cuda"), (EncoderOptions(backend="openvino", precision="int8"), "cpu"),
 ])
 def test_plan_refuses_combinations_that_cannot_run(opts, device):
-    with pytest.raises(BadInputError):
+    with pytest.raises(UsageError):  # options that cannot go together: bad usage (exit 2), not unusable input
         plan(opts, device, True, True, True)
 
 
@@ -84,9 +84,9 @@ def test_plan_refuses_openvino_where_it_cannot_run():
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(BadInputError, match="unknown backend"):
+    with pytest.raises(UsageError, match="unknown backend"):  # as click's Choice says it: exit 2
         EncoderOptions(backend="tensorrt")
-    with pytest.raises(BadInputError, match="unknown precision"):
+    with pytest.raises(UsageError, match="unknown precision"):
         EncoderOptions(precision="fp8")
 
 
@@ -425,7 +425,7 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
 def test_index_refuses_int8(tiny_model, tmp_path):
     make_images(tmp_path / "c", 2)
     out = run("index", tmp_path / "c", "--index", tmp_path / "ix", "--model", tiny_model, "--precision", "int8",
-              code=BadInputError.exit_code).output
+              code=UsageError.exit_code).output
     assert "int8 is for the text tower" in out
 
 

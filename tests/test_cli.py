@@ -127,7 +127,7 @@ def test_bad_arguments_get_messages(tmp_path, monkeypatch, tiny_model):
     monkeypatch.delenv("ALIGNSEARCH_INDEX", raising=False)
     assert "no .alignsearch/ index" in run("query", "dog", code=3).output
     assert "give a text, an image, or both" in run("query", code=2).output
-    assert "k must be an integer from 1 to 1000, got 0" in run("query", "dog", "-k", "0", code=6).output  # as -k 1001
+    assert "k must be an integer from 1 to 1000, got 0" in run("query", "dog", "-k", "0", code=2).output  # as -k 1001
     assert "missing does not exist: give a folder" in run("index", tmp_path / "missing", code=6).output
     (tmp_path / "one.jpg").write_bytes(b"x")
     assert "one.jpg is a file" in run("index", tmp_path / "one.jpg", code=6).output

@@ -4,12 +4,13 @@ refuses what it used to pass over in silence (an option given twice, an unknown 
 range said with the wrong code)."""
 
 import json
+import re
 import urllib.parse
 
 import pytest
 
 import alignsearch
-from alignsearch.errors import AlignSearchError
+from alignsearch.errors import AlignSearchError, BadInputError, UsageError
 from conftest import run
 from helpers import call, served_with_local_copy, stop
 
@@ -37,23 +38,56 @@ CASES = [
      {"q": "dog", "where": "format != pgn"}, 2, "format 'pgn' is not one"),
     # the limits that were already shared: kept the same on every surface
     (["x" * 100_000], {"text": "x" * 100_000}, None, 6, "the text is 100000 characters long"),
-    # (HTTP answers k=0 with the framework's 422, as the README says of its types and ranges)
-    (["dog", "-k", "0"], {"text": "dog", "k": 0}, None, 6, "k must be an integer from 1"),
+    # an option out of its range, or empty, is bad usage (2, 400) on every surface, as click's IntRange says
+    # --per-video 0: -k, the weights, --nprobe and --tag said 6 (and HTTP 422 for the numbers)
+    (["dog", "-k", "0"], {"text": "dog", "k": 0}, {"q": "dog", "k": 0}, 2, "k must be an integer from 1 to 1000"),
+    (["dog", "-k", "1001"], {"text": "dog", "k": 1001}, {"q": "dog", "k": 1001}, 2, "k must be an integer from 1"),
+    (["dog", "--text-weight", "101"], {"text": "dog", "text_weight": 101}, {"q": "dog", "text_weight": 101}, 2,
+     "text_weight must be a finite number from -100 to 100"),
+    (["dog", "--image-weight", "nan"], {"text": "dog", "image_weight": float("nan")},
+     {"q": "dog", "image_weight": "nan"}, 2, "image_weight must be a finite number"),
+    (["dog", "--negative-weight", "-inf"], {"text": "dog", "negative_weight": float("-inf")},
+     {"q": "dog", "negative_weight": "-inf"}, 2, "negative_weight must be a finite number"),
+    (["dog", "--nprobe", "0"], {"text": "dog", "nprobe": 0}, {"q": "dog", "nprobe": 0}, 2,
+     "nprobe must be an integer from 1 to 65536"),
+    (["dog", "--nprobe", "65537"], {"text": "dog", "nprobe": 65537}, {"q": "dog", "nprobe": 65537}, 2,
+     "nprobe must be an integer from 1"),
+    (["dog", "--tag", ""], {"text": "dog", "tag": ""}, {"q": "dog", "tag": ""}, 2, "a tag is a label of 1 to"),
+    (["dog", "--tag", "t" * 300], {"text": "dog", "tag": "t" * 300}, {"q": "dog", "tag": "t" * 300}, 2,
+     "a tag is a label of 1 to"),
+    (["dog", "--camera", ""], {"text": "dog", "camera": ""}, {"q": "dog", "camera": ""}, 2, "--camera is empty"),
+    # ranges and names click checks on the CLI (its own usage message there): the library and HTTP say 2 and 400
+    (["dog", "--per-video", "0"], {"text": "dog", "per_video": 0}, {"q": "dog", "per_video": 0}, 2,
+     ("Invalid value for '--per-video'", "per_video must be a whole number of at least 1")),
+    (["dog", "--min-score", "2"], {"text": "dog", "min_score": 2}, {"q": "dog", "min_score": 2}, 2,
+     ("Invalid value for '--min-score'", "min_score is a similarity in [-1, 1]")),
+    (["dog", "--min-score", "nan"], {"text": "dog", "min_score": float("nan")}, {"q": "dog", "min_score": "nan"}, 2,
+     ("is not a finite number", "min_score is a similarity in [-1, 1]")),
+    (["dog", "--sort", "size"], {"text": "dog", "sort": "size"}, {"q": "dog", "sort": "size"}, 2,
+     ("Invalid value for '--sort'", "sort must be one of")),
+    (["dog", "--mode", "fast"], {"text": "dog", "mode": "fast"}, {"q": "dog", "mode": "fast"}, 2,
+     ("Invalid value for '--mode'", "mode must be one of")),
+    (["dog", "--compose", "median"], {"text": "dog", "compose": "median"}, {"q": "dog", "compose": "median"}, 2,
+     ("Invalid value for '--compose'", "compose must be one of")),
+    (["dog", "--media", "audio"], {"text": "dog", "media": "audio"}, {"q": "dog", "media": "audio"}, 2,
+     ("Invalid value for '--media'", "media must be photo or video")),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, kwargs, params, code, words", CASES)
 def test_a_bad_query_is_one_error_on_every_surface(served, args, kwargs, params, code, words):
+    said, words = (words, words) if isinstance(words, str) else words  # click's words on the CLI, else ours
     out = run("query", *args, "--index", served["alone"], code=code).output
-    assert words in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    assert said in out and "Traceback" not in out, out
+    assert said != words or len(out.strip().splitlines()) == 1, out
     through_server = run("query", *args, "--index", served["ix"], code=code).output  # checked before it is sent
-    assert words in through_server, through_server
+    assert said in through_server, through_server
 
     engine = alignsearch.open(served["alone"], device="cpu")
-    with pytest.raises(AlignSearchError, match=words.replace("(", r"\(")) as raised:
+    with pytest.raises(AlignSearchError, match=re.escape(words)) as raised:
         engine.search(**kwargs)
-    assert raised.value.exit_code == code
+    assert type(raised.value) is {2: UsageError, 6: BadInputError}[code] and raised.value.exit_code == code
 
     if params is None:  # 100 KB does not fit a URL: the server's own check of it is test_server's
         return
@@ -269,3 +303,39 @@ def test_embed_and_similarity_take_a_text_as_a_query_does(indexed_images):
         assert words in run("embed", "--text", "a cat", "--text", text, "--index", ix, code=6).output
         assert words in run("similarity", "--text", text, "--image", image, "--index", ix, code=6).output
     assert json.loads(run("embed", "--text", "a cat", "--index", ix).stdout)[0]["input"] == "a cat"
+
+
+@pytest.mark.slow  # the module's server (~7 s to start)
+@pytest.mark.parametrize("options, words", [
+    ({"backend": "torch", "precision": "int8"}, "--precision int8 needs the onnx backend"),
+    ({"backend": "onnx", "precision": "bf16"}, "--precision bf16 runs on OpenVINO or torch"),
+])
+def test_a_backend_and_precision_that_cannot_go_together_are_bad_usage(served, options, words):
+    """README: exit 2 is an option's value that cannot be taken; a --precision the chosen --backend cannot run said
+    6 (unusable input) from query, serve and Engine.search alike, where an unknown --precision said click's 2."""
+    given = [part for name, value in options.items() for part in (f"--{name}", value)]
+    out = run("query", "dog", *given, "--device", "cpu", "--index", served["alone"], code=2).output
+    assert out.startswith(f"error: {words}") and len(out.splitlines()) == 1, out
+    with pytest.raises(UsageError, match=re.escape(words)):
+        alignsearch.open(served["alone"], device="cpu", **options).search(text="dog")
+    with pytest.raises(UsageError, match="unknown backend"):  # as click's Choice says --backend tensorrt (exit 2)
+        alignsearch.open(served["alone"], device="cpu", backend="tensorrt").search(text="dog")
+    assert words in run("serve", *given, "--device", "cpu", "--index", served["alone"], code=2).output
+
+
+def test_index_at_int8_is_bad_usage(indexed_images):
+    """int8 is a precision of the text tower: index refused it with exit 6, as if a file were unusable."""
+    root, ix = indexed_images(2)
+    out = run("index", root, "--index", ix, "--precision", "int8", "--device", "cpu", code=2).output
+    assert "int8 is for the text tower" in out
+
+
+@pytest.mark.parametrize("command", [["forget", ""], ["forget", "  "], ["export", "OUT", "--root", ""]])
+def test_an_empty_root_is_said_so_by_forget_and_export(indexed_images, tmp_path, command):
+    """`forget ""` said "error:  is not a root of this index": the name shown as nothing. Said as `index ''` says it,
+    exit 6 as that is, and nothing forgotten or written."""
+    root, ix = indexed_images(2)
+    args = [str(tmp_path / "out.parquet") if a == "OUT" else a for a in command]
+    out = run(*args, "--index", ix, code=6).output
+    assert out.startswith("error: an empty root was given: name one of this index's roots") and str(root) in out, out
+    assert len(json.loads(run("roots", "--json", "--index", ix).stdout)) == 1 and not (tmp_path / "out.parquet").exists()

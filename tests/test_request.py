@@ -34,7 +34,7 @@ def test_build_parses_where_once_and_checks_every_option():
         search_request.build(text="x", sort="size")
     with pytest.raises(UsageError):
         search_request.build(text="x", compose="median")
-    with pytest.raises(BadInputError):
+    with pytest.raises(UsageError):  # an option out of its range: exit 2, as click's ranges say
         search_request.build(text="x", k=5000)
     with pytest.raises(UsageError):
         search_request.build()  # nothing to search for: asked wrongly (exit 2), as the CLI always said

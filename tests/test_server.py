@@ -130,7 +130,7 @@ def test_compose_on_get_and_post(served):
             assert all(set(r["parts"]) == {"image", "text"} for r in out["results"])
     out = json.loads(call(served["url"], "/api/search?q=at+night&k=3&compose=product")[2])  # one half: a cosine
     assert [r["id"] for r in out["results"]] == [h.id for h in engine.search(text="at night", k=3)]
-    assert call(served["url"], "/api/search?q=x&compose=median")[0] == 422
+    assert call(served["url"], "/api/search?q=x&compose=median")[0] == 400  # request.build's, as --compose's exit 2
 
 
 def test_similar_by_id_and_recent(served):
@@ -164,10 +164,10 @@ def test_images_by_id_and_cached_thumbnails(served):
 @pytest.mark.parametrize("path,codes", [
     ("/api/search", {400}),  # no query
     ("/api/search?q=", {400}),  # an empty text, as `alignsearch query ""`
-    ("/api/search?q=x&k=abc", {422}),
-    ("/api/search?q=x&k=-1", {422}),
-    ("/api/search?q=x&k=100000", {422}),
-    ("/api/search?q=x&text_weight=nan", {422}),
+    ("/api/search?q=x&k=abc", {422}),  # a type: the framework's
+    ("/api/search?q=x&k=-1", {400}),  # a range: request.build's (exit 2 on the CLI)
+    ("/api/search?q=x&k=100000", {400}),
+    ("/api/search?q=x&text_weight=nan", {400}),
     ("/api/search?similar=999999", {404}),
     ("/api/image/999999", {404}),
     ("/api/image/1?size=0", {422}),

@@ -7,6 +7,8 @@ on a 2-core Xeon; ORT 2.2x torch on an EPYC: benchmarks/RESULTS.md), all at iden
 >= 0.9999 to torch fp32, checked on probes). GPUs keep torch (bf16 autocast), which ORT's CUDA provider was
 not measured to beat. Precision beyond parity is opt-in: bf16 (OpenVINO where the CPU has BF16, else torch
 autocast) and int8 for the text tower (ORT dynamic quantization), each with its measured drift in RESULTS.md.
+A backend, precision and device that cannot go together are bad usage (UsageError, exit 2), as an unknown name
+is to click; what this machine lacks (an engine not installed, no BF16 on its CPU, no GPU) stays BadInputError (6).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alignsearch.errors import BadInputError
+from alignsearch.errors import BadInputError, UsageError
 from alignsearch.storage.paths import cache_root, untrusted
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,9 @@ class EncoderOptions:
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
-            raise BadInputError(f"unknown backend {self.backend!r}: use {', '.join(BACKENDS)}")
+            raise UsageError(f"unknown backend {self.backend!r}: use {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
-            raise BadInputError(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+            raise UsageError(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS)}")
 
 
 def encoder_options(*, device: str = "auto", backend: str = "auto", precision: str = "auto",
@@ -163,9 +165,9 @@ def plan(options: EncoderOptions, device_type: str, ort_available: bool, ov_avai
     b, p = options.backend, options.precision
     if device_type == "cuda":
         if b in ("onnx", "openvino"):
-            raise BadInputError(f"the {b} backend runs on the CPU: use --device cpu, or --backend torch on the GPU")
+            raise UsageError(f"the {b} backend runs on the CPU: use --device cpu, or --backend torch on the GPU")
         if p == "int8":
-            raise BadInputError("--precision int8 is for text on the CPU (ONNX Runtime): add --device cpu, or use bf16 "
+            raise UsageError("--precision int8 is for text on the CPU (ONNX Runtime): add --device cpu, or use bf16 "
                                 "or fp32 on the GPU")
         prec = "bf16" if p == "auto" else p
         return Plan("torch", prec, prec)
@@ -173,7 +175,7 @@ def plan(options: EncoderOptions, device_type: str, ort_available: bool, ov_avai
         raise BadInputError("openvino is not installed: pip install openvino (or use --backend auto)")
     if p == "bf16":
         if b == "onnx":
-            raise BadInputError("--precision bf16 runs on OpenVINO or torch (ONNX Runtime has no bf16 CPU kernels): "
+            raise UsageError("--precision bf16 runs on OpenVINO or torch (ONNX Runtime has no bf16 CPU kernels): "
                                 "use --backend openvino, torch or auto")
         if b in ("auto", "openvino") and ov_available and ov_bf16:
             return Plan("openvino", "bf16", "bf16")
@@ -186,11 +188,11 @@ def plan(options: EncoderOptions, device_type: str, ort_available: bool, ov_avai
     text = "int8" if p == "int8" else "fp32"
     if b == "torch":
         if p == "int8":
-            raise BadInputError("--precision int8 needs the onnx backend (ONNX Runtime's dynamic quantization)")
+            raise UsageError("--precision int8 needs the onnx backend (ONNX Runtime's dynamic quantization)")
         return Plan("torch", text, "fp32")
     if b == "openvino":
         if p == "int8":
-            raise BadInputError("--precision int8 runs on ONNX Runtime (OpenVINO was 4x slower on its int8 text "
+            raise UsageError("--precision int8 runs on ONNX Runtime (OpenVINO was 4x slower on its int8 text "
                                 "tower): use --backend auto or onnx")
         return Plan("openvino", "fp32", "fp32")
     if not ort_available:

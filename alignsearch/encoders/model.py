@@ -18,7 +18,7 @@ from alignsearch.encoders.backend import CPU_MICRO_BATCH, encoder_options
 from alignsearch.encoders.encoding import DEFAULT_MODEL, EncoderBase, ImageInput, checkpoint_stamp, describe_model
 from alignsearch.encoders.pixels import scale_pixels, to_pixel_values
 from alignsearch.encoders.resolve import resolve
-from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError
+from alignsearch.errors import BadInputError, ModelLoadError, ModelMismatchError, UsageError
 from alignsearch.media.images import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise BadInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     return torch.device(device)

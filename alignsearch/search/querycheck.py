@@ -65,13 +65,14 @@ def check_text(value: str | None, name: str = "text") -> str | None:
 
 
 def _integer(value: Any, name: str, high: int) -> int:
-    """An int (numpy's too, not bool or float) from 1 to high."""
+    """An int (numpy's too, not bool or float) from 1 to high; else a UsageError (exit 2), as click's IntRange
+    says an option out of its range (-k 0 was exit 6 where --per-video 0 was exit 2)."""
     try:
         number = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         number = None
     if number is None or not 1 <= number <= high:
-        raise BadInputError(f"{name} must be an integer from 1 to {high}, got {value!r}")
+        raise UsageError(f"{name} must be an integer from 1 to {high}, got {value!r}")
     return int(number)
 
 
@@ -80,12 +81,13 @@ def check_k(value: int) -> int:
 
 
 def check_weight(value: float, name: str) -> float:
+    """A weight: an option's value, so out of its range is a UsageError (exit 2), as --min-score's is."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise BadInputError(f"{name} must be a number, got {value!r}") from None
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(number) or abs(number) > MAX_WEIGHT:
-        raise BadInputError(f"{name} must be a finite number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, got {value!r}")
+        raise UsageError(f"{name} must be a finite number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, got {value!r}")
     return number
 
 
@@ -94,12 +96,14 @@ def check_nprobe(value: int | None) -> int | None:
 
 
 def check_tag(value: str | None) -> str | None:
+    """A --tag filter: empty or past the label limit is a UsageError (exit 2), as an empty --camera is; the tag
+    filters the results, it is not what the query searches for."""
     if value is None:
         return None
     from alignsearch.encoders.classify import MAX_TAG_CHARS
 
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_TAG_CHARS:
-        raise BadInputError(f"a tag is a label of 1 to {MAX_TAG_CHARS} characters, got {str(value)[:40]!r}")
+        raise UsageError(f"a tag is a label of 1 to {MAX_TAG_CHARS} characters, got {str(value)[:40]!r}")
     return _unicode(value, "tag")
 
 
@@ -171,7 +175,8 @@ def check_vector(value: Any, dim: int) -> np.ndarray:
 def check_filters(**values: Any) -> dict[str, Any]:
     """The named filters of Engine.search (where, after, before, camera, near, path, format, tag), as the
     filter parser takes them: text, with dates also as date/datetime (a naive one is UTC, as in --where)
-    and near also as (lat, lon, km) numbers. A wrong type is one clear error, not a raw Python one."""
+    and near also as (lat, lon, km) numbers. A wrong type is one clear error, not a raw Python one: a UsageError
+    (exit 2), as the filter parser says a malformed one (near=(1, 2) was exit 6 where near="1,2" was 2)."""
     out: dict[str, Any] = {}
     for name, value in values.items():
         if value is not None and name in ("after", "before") and isinstance(value, (datetime.date, datetime.datetime)):
@@ -182,17 +187,18 @@ def check_filters(**values: Any) -> dict[str, Any]:
             except (TypeError, ValueError):
                 parts = ()
             if len(parts) != 3 or not all(math.isfinite(p) for p in parts):
-                raise BadInputError(f"near must be (lat, lon, km) or \"lat,lon,km\", got {value!r}")
+                raise UsageError(f"near must be (lat, lon, km) or \"lat,lon,km\", got {value!r}")
             value = parts
         elif value is not None and not isinstance(value, str):
-            raise BadInputError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+            raise UsageError(f"{name} must be a string, got {type(value).__name__} {value!r}")
         out[name] = value
     return out
 
 
 def nothing_to_search() -> UsageError:
     """A search given neither a text nor an image: the command was asked wrongly (exit 2, HTTP 400), as a missing
-    argument is; a text or image that is given but unusable (empty, too long, unreadable) is bad input (exit 6).
+    argument and an option out of its range are; a text or image that is given but unusable (empty, too long,
+    unreadable) is bad input (exit 6).
     One error for every surface: the CLI said exit 2 here where Engine.search and the server said 6."""
     return UsageError("give a text, an image, or both to search for")
 
@@ -203,8 +209,9 @@ def validate(text: str | None = None, image: Any = None, k: int = DEFAULT_K, neg
     """Check a search and return its arguments normalised. A negative given empty is refused as an empty text is
     (it was dropped silently, so `--negative "$UNSET"` searched without the subtraction asked for).
     by_vector: the query is a stored vector (Engine.search_vector, `similar`), so no text or image.
-    Raises BadInputError (CLI exit code 6, HTTP 400) with a message that names the limit; UsageError (exit 2,
-    HTTP 400) when there is nothing to search for."""
+    Raises BadInputError (CLI exit code 6, HTTP 400) for the query's own text or image (empty, too long, not
+    UTF-8, unreadable); UsageError (exit 2, HTTP 400) for an option out of its range (k, a weight, nprobe, an
+    empty tag) and when there is nothing to search for. Both name the limit."""
     if not by_vector and text is None and image is None:
         raise nothing_to_search()
     checked_text = check_text(text)

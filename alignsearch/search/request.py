@@ -72,8 +72,9 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
           media: str | None = None, per_video: int | None = DEFAULT_PER_VIDEO, min_score: float | None = None,
           sort: str = "score", mode: str = "auto", collapse: bool = False, explain: bool = False,
           similar: int | None = None, by_vector: bool = False) -> SearchRequest:
-    """The one check of a search, whoever asks: BadInputError (exit 6, HTTP 400) for a value past a limit,
-    UsageError (exit 2, HTTP 400) for a malformed option (a filter, a sort, a mode...). by_vector: the query
+    """The one check of a search, whoever asks: BadInputError (exit 6, HTTP 400) for the query's own text or
+    image that cannot be used, UsageError (exit 2, HTTP 400) for an option out of its range or malformed (k, a
+    weight, a filter, a sort, a mode...). by_vector: the query
     is a vector given by the caller (Engine.search_vector) or a stored one (similar), so no text or image is
     needed; a text is then only the words for the keyword index."""
     checked = querycheck.validate(text=text, image=image, k=k, negative=negative, text_weight=text_weight,

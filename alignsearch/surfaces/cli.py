@@ -501,8 +501,8 @@ _REQUEST_OPTIONS = [
     click.argument("text", required=False),
     click.option("--image", type=click.Path(readable=False), callback=_image_file, help="Image to search with (alone or with TEXT)."),
     click.option("--negative", help="Text whose concept to subtract from the query."),
-    # -k and --nprobe are whole numbers here; their range is querycheck's, as for Engine.search and HTTP (click's
-    # IntRange made -k 0 exit 2 where -k 1001 and the Python API's k=0 are exit 6)
+    # -k and --nprobe are whole numbers here; their range is querycheck's, as for Engine.search and HTTP: exit 2 as
+    # IntRange's, with the one message every surface gives
     click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results (1 to 1000)."),
     click.option("--text-weight", type=float, default=2.0, show_default=True, help="Weight of TEXT in a text+image query."),
     click.option("--image-weight", type=float, default=1.0, show_default=True),
@@ -1168,10 +1168,10 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
 @reports_errors
 def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     """Write every indexed image's metadata and embedding to OUT (parquet, or clip-retrieval's layout)."""
-    from alignsearch.errors import BadInputError, UsageError
+    from alignsearch.errors import UsageError
     from alignsearch.search.engine import open as open_index
     from alignsearch.search.export import export as run_export
-    from indexer.roots import match
+    from indexer.roots import known_root
 
     if out == "":  # an unset variable (export "$OUT"): it was taken for the current folder, ". is a folder"
         raise UsageError("export needs OUT: a file name such as lib.parquet, or a folder for --format clip-retrieval")
@@ -1181,11 +1181,7 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     engine = open_index(index_dir)
     named = []
     for root in roots:  # as `forget` resolves them: relative, with a trailing slash, through symlinks
-        known = match(root, engine.roots)
-        if known is None:
-            raise BadInputError(f"{root} is not a root of this index (its roots: {', '.join(engine.roots) or 'none'}); "
-                                "see `alignsearch roots`")
-        named.append(known)
+        named.append(known_root(root, list(engine.roots)))
     result = run_export(engine, out, fmt, named, where, path_glob, shard_rows=shard_rows)
     if as_json:
         click.echo(json.dumps(result))

@@ -38,7 +38,7 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable
 from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
@@ -634,19 +634,32 @@ Hit = create_model("Hit", __config__=ConfigDict(extra="allow"), **_hit_fields())
 Listed = create_model("Listed", __config__=ConfigDict(extra="allow"), **_hit_fields(exclude=("score",)))
 
 
+def _ranged(default, low=None, high=None, **field):
+    """A parameter whose range the schema publishes but request.build checks (UsageError: 400, as the CLI's exit 2
+    and Engine.search's error): the framework's own check answered 422 where the CLI and the library said 6 or 2."""
+    bounds = {key: value for key, value in (("minimum", low), ("maximum", high)) if value is not None}
+    return Field(default, json_schema_extra=bounds, **field)
+
+
+def _one_of(default, names, **field):
+    """A parameter of a few names, published as an enum, checked by request.build (400, as above)."""
+    return Field(default, json_schema_extra={"enum": list(names)}, **field)
+
+
 class SearchParams(BaseModel):
     """The parameters of /api/search, one model for GET (the URL) and POST (the URL or the form): the names of
-    `alignsearch query`'s options. Checked again by request.build, the one set of rules of every surface."""
+    `alignsearch query`'s options. The framework checks their types (422); their ranges and names are
+    request.build's, the one set of rules of every surface (400)."""
 
     model_config = ConfigDict(extra="ignore")
 
     q: str | None = Field(None, description=f"the text to search for, at most {querycheck.MAX_TEXT_CHARS} characters")
     similar: int | None = Field(None, ge=1, le=querycheck.MAX_ID, description="an indexed image's id: images like it")
-    k: int = Field(querycheck.DEFAULT_K, ge=1, le=querycheck.MAX_K, description="number of results")
+    k: int = _ranged(querycheck.DEFAULT_K, 1, querycheck.MAX_K, description="number of results")
     negative: str | None = Field(None, description="text whose concept is subtracted")
-    text_weight: float = Field(2.0, ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
-    image_weight: float = Field(1.0, ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
-    negative_weight: float = Field(1.0, ge=-querycheck.MAX_WEIGHT, le=querycheck.MAX_WEIGHT, allow_inf_nan=False)
+    text_weight: float = _ranged(2.0, -querycheck.MAX_WEIGHT, querycheck.MAX_WEIGHT)
+    image_weight: float = _ranged(1.0, -querycheck.MAX_WEIGHT, querycheck.MAX_WEIGHT)
+    negative_weight: float = _ranged(1.0, -querycheck.MAX_WEIGHT, querycheck.MAX_WEIGHT)
     tag: str | None = Field(None, description="only images with this tag")
     where: str | None = Field(None, description="a filter expression (README: the --where language)")
     after: str | None = Field(None, description="taken on or after this ISO 8601 date")
@@ -655,17 +668,17 @@ class SearchParams(BaseModel):
     near: str | None = Field(None, description="LAT,LON,KM: taken within KM km")
     path: str | None = Field(None, description="glob on the path under its root")
     format: str | None = Field(None, description="image format")
-    min_score: float | None = Field(None, ge=-1, le=1)
-    sort: Literal[search_request.SORTS] = "score"
-    mode: Literal[search_request.MODES] = "auto"
+    min_score: float | None = _ranged(None, -1, 1)
+    sort: str = _one_of("score", search_request.SORTS)
+    mode: str = _one_of("auto", search_request.MODES)
     collapse: bool = Field(False, description="fold near duplicates into the better hit")
-    compose: Literal[search_request.COMPOSE_METHODS] = Field(
-        "auto", description="how a text and an image combine (README: how composition works)")
-    media: Literal[search_request.MEDIA] | None = Field(None, description="only photos, or only video moments")
+    compose: str = _one_of("auto", search_request.COMPOSE_METHODS,
+                           description="how a text and an image combine (README: how composition works)")
+    media: str | None = _one_of(None, search_request.MEDIA, description="only photos, or only video moments")
     # no upper bound: request.build takes any whole number from 1 (as the CLI and Engine.search do)
-    per_video: int = Field(search_request.DEFAULT_PER_VIDEO, ge=1, description="at most this many moments of one video")
-    nprobe: int | None = Field(None, ge=1, le=querycheck.MAX_NPROBE,
-                               description="IVF lists to visit (default: the index's tuned value)")
+    per_video: int = _ranged(search_request.DEFAULT_PER_VIDEO, 1, description="at most this many moments of one video")
+    nprobe: int | None = _ranged(None, 1, querycheck.MAX_NPROBE,
+                                 description="IVF lists to visit (default: the index's tuned value)")
     explain: bool = Field(False, description="also answer how the search runs (`plan`)")
 
 

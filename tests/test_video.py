@@ -20,6 +20,8 @@ from conftest import index_json, make_images, run
 from helpers import (
     alignsearch_peak_rss,
     call,
+    frame_number,
+    make_numbered_video,
     make_video,
     scene_frame,
     start_serve,
@@ -67,6 +69,20 @@ def test_at_most_one_moment_per_second(tmp_path):
     video = make_video(tmp_path / "flicker.webm", [(i % 2 + 7, 0.5) for i in range(8)], codec="libvpx-vp9")
     found = starts(list(moments(str(video), SPEC)))
     assert len(found) >= 3 and all(b - a >= 1.0 for a, b in itertools.pairwise(found)), found
+
+
+@pytest.mark.parametrize("name,codec", [("x264.avi", "libx264"), ("xvid.avi", "mpeg4"), ("x264.mp4", "libx264"),
+                                        ("x264.mkv", "libx264")])
+def test_each_moment_is_at_the_time_of_the_frame_it_shows_with_b_frames(tmp_path, name, codec):
+    # An AVI has no presentation times: with B-frames FFmpeg's made-up ones came out of order (0.12, 0.20,
+    # 0.16...), forced forward, and a moment's time was up to 2 frames past the frame it showed
+    fps = 25
+    video = make_numbered_video(tmp_path / name, 100, fps=fps, codec=codec, b_frames=3)
+    info = VideoInfo()
+    found = list(moments(str(video), SPEC, info, interval=0.01, min_gap=0))  # every frame examined a moment
+    assert len(found) >= 15
+    assert [(m.index, round(m.t * fps, 2)) for m in found] == [(i, frame_number(m.image)) for i, m in enumerate(found)]
+    assert found[-1].t_end == info.duration == pytest.approx(100 / fps)
 
 
 def test_unreadable_video_raises_with_a_reason(tmp_path):

@@ -153,15 +153,23 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
     with container:
         stream = _video_stream(container)
-        stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
+        # An AVI has no presentation times: FFmpeg gives each packet one from its place in decode order, so with
+        # B-frames the frames came out with times 0.1, 0.4, 0.3... (moments a few frames off, forced forward).
+        # The decode-order time of the packet a frame comes out with rises in display order, a constant delay
+        # behind it: such a video is timed by it, and all its frames are decoded (a skipped one would shift the
+        # frames after it by one).
+        by_dts = info.format == "avi"
+        if not (by_dts and stream.codec_context.has_b_frames):
+            stream.codec_context.skip_frame = "NONREF"
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
         next_sample, last_t = 0.0, None
         last_packet = [0.0]
-        frames = _decode(container, stream, last_packet)
+        frames = _decode(container, stream, last_packet, by_dts)
+        first_dts = None
         while True:
             try:
                 frame = next(frames, None)
@@ -174,6 +182,10 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             if frame is None:
                 break
             t = frame.time
+            if by_dts:
+                if first_dts is None:
+                    first_dts = frame.dts
+                t = None if frame.dts is None or first_dts is None else float((frame.dts - first_dts) * stream.time_base)
             if t is None:
                 t = (last_t + 1 / rate) if last_t is not None else 0.0
             t = max(float(t), 0.0)
@@ -207,12 +219,15 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         yield _moment(index, start, end, frame_img, spec)
 
 
-def _decode(container, stream, last_packet: list) -> Iterator:
+def _decode(container, stream, last_packet: list, by_dts: bool = False) -> Iterator:
     """container.decode(stream), noting in last_packet[0] the latest time (seconds) of a packet read, frames
-    skipped undecoded (NONREF) included."""
+    skipped undecoded (NONREF) included; by_dts (an AVI): its decode-order time since the first packet's."""
+    first = None
     for packet in container.demux(stream):
-        if packet.pts is not None and packet.time_base is not None:
-            last_packet[0] = max(last_packet[0], float(packet.pts * packet.time_base))
+        stamp = packet.dts if by_dts else packet.pts
+        if stamp is not None and packet.time_base is not None:
+            first = stamp if by_dts and first is None else first
+            last_packet[0] = max(last_packet[0], float((stamp - (first or 0)) * packet.time_base))
         yield from packet.decode()
 
 

@@ -1052,11 +1052,11 @@ def served_with_local_copy(base: Path, model, n: int, *serve_args) -> dict:
     return {"ix": ix, "alone": alone, "corpus": corpus, "proc": proc, "url": url}
 
 
-NUMBER_BITS = 8  # frames a numbered video can tell apart: 2 ** NUMBER_BITS
+NUMBER_BITS = 16  # frames a numbered video can tell apart: 2 ** NUMBER_BITS
 
 
 def make_numbered_video(path, frames: int, fps: int = 25, codec: str = "libx264", b_frames: int = 3,
-                        gop: int = 250, size=(64, 48)) -> Path:
+                        gop: int = 250, size=(128, 48)) -> Path:
     """A video whose frame n shows n in binary (NUMBER_BITS black or white columns, most significant first), so
     the frame a moment or a thumbnail holds can be read back by frame_number whatever the container's
     timestamps say. b_frames > 0 encodes with B-frames (frames stored out of display order); gop is the

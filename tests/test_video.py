@@ -5,6 +5,7 @@ Every video is generated here with PyAV."""
 import io
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,7 +34,8 @@ from PIL import Image
 import alignsearch
 from alignsearch.storage import catalog
 from alignsearch.media.images import ImageSpec
-from alignsearch.media.video import VideoError, VideoInfo, moments
+from alignsearch.media import video as video_module
+from alignsearch.media.video import VideoError, VideoInfo, frame_at, moments
 
 SPEC = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
 SCENES = [(1, 3), (2, 4.5), (3, 25), (4, 2)]  # cuts at 3, 7.5 and 32.5 s; 34.5 s long
@@ -83,6 +85,41 @@ def test_each_moment_is_at_the_time_of_the_frame_it_shows_with_b_frames(tmp_path
     assert len(found) >= 15
     assert [(m.index, round(m.t * fps, 2)) for m in found] == [(i, frame_number(m.image)) for i, m in enumerate(found)]
     assert found[-1].t_end == info.duration == pytest.approx(100 / fps)
+
+
+@pytest.mark.parametrize("name,codec", [("x264.avi", "libx264"), ("x264.mp4", "libx264")])
+def test_a_moments_picture_is_the_frame_at_its_time_with_b_frames(tmp_path, name, codec):
+    # the web page's picture of a moment in an AVI with B-frames was 1-3 frames early (FFmpeg's made-up pts)
+    fps = 25
+    video = make_numbered_video(tmp_path / name, 30 * fps, fps=fps, codec=codec, b_frames=3, gop=100)
+    for t in (0.0, 1.0, 7.3, 22.04):
+        want = math.ceil(round((t + video_module.REPRESENTATIVE_AFTER) * fps, 6))  # the first frame at or after
+        assert frame_number(frame_at(str(video), t, t + 5)) == want, t
+
+
+@pytest.fixture(scope="module")
+def one_keyframe_video(tmp_path_factory):
+    """Ten minutes at 25 fps with a single keyframe (a screen recording's), each frame showing its number."""
+    return make_numbered_video(tmp_path_factory.mktemp("long") / "one-keyframe.mkv", 600 * 25, fps=25, b_frames=3,
+                               gop=600 * 25)
+
+
+@pytest.mark.slow
+def test_a_moment_ten_minutes_past_the_only_keyframe_is_drawn_quickly(one_keyframe_video):
+    start = time.perf_counter()
+    picture = frame_at(str(one_keyframe_video), 599.0, 600.0)
+    assert frame_number(picture) == math.ceil(599.5 * 25) and time.perf_counter() - start < 5
+
+
+@pytest.mark.slow
+def test_decoding_up_to_a_moment_far_from_a_keyframe_is_bounded(one_keyframe_video, monkeypatch):
+    # 720p: ten minutes of frames decoded for one picture took ~50 s on 2 cores; past THUMB_RUNUP_PIXELS the
+    # frame reached is shown (an earlier one), here with a budget of 60 s of this video's frames
+    monkeypatch.setattr(video_module, "THUMB_RUNUP_PIXELS", 60 * 25 * 128 * 48, raising=False)
+    shown = frame_number(frame_at(str(one_keyframe_video), 599.0, 600.0))
+    assert 0 < shown <= 2 * 60 * 25  # decoded frames count; the others (NONREF) are skipped on the way
+    near = frame_number(frame_at(str(one_keyframe_video), 30.0, 40.0))
+    assert near == math.ceil(30.5 * 25)  # within the budget: the right frame
 
 
 def test_unreadable_video_raises_with_a_reason(tmp_path):

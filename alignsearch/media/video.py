@@ -159,7 +159,7 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         # The decode-order time of the packet a frame comes out with rises in display order, a constant delay
         # behind it: such a video is timed by it, and all its frames are decoded (a skipped one would shift the
         # frames after it by one).
-        by_dts = info.format == "avi"
+        by_dts = _is_avi(container)
         if not (by_dts and stream.codec_context.has_b_frames):
             stream.codec_context.skip_frame = "NONREF"
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
@@ -181,14 +181,9 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
                 break
             if frame is None:
                 break
-            t = frame.time
-            if by_dts:
-                if first_dts is None:
-                    first_dts = frame.dts
-                t = None if frame.dts is None or first_dts is None else float((frame.dts - first_dts) * stream.time_base)
-            if t is None:
-                t = (last_t + 1 / rate) if last_t is not None else 0.0
-            t = max(float(t), 0.0)
+            if by_dts and first_dts is None:
+                first_dts = frame.dts
+            t = _frame_time(frame, stream, first_dts if by_dts else None, last_t, rate)
             if last_t is not None and t < last_t:  # out-of-order timestamps: keep time moving forward
                 t = last_t
             last_t = t
@@ -217,6 +212,22 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         end = max(max(last_t, 0.0 if info.truncated else last_packet[0]) + 1 / rate, start)
         info.duration = end
         yield _moment(index, start, end, frame_img, spec)
+
+
+def _frame_time(frame, stream, origin, last_t: float | None, rate: float) -> float:
+    """A decoded frame's time in seconds (never negative): its pts, or for an AVI (origin: the dts its first
+    frame came out with) its dts since origin; a frame without either is a frame after the one before."""
+    if origin is not None:
+        t = None if frame.dts is None else float((frame.dts - origin) * stream.time_base)
+    else:
+        t = frame.time
+    if t is None:
+        t = (last_t + 1 / rate) if last_t is not None else 0.0
+    return max(float(t), 0.0)
+
+
+def _is_avi(container) -> bool:
+    return (container.format.name or "").split(",")[0] == "avi"
 
 
 def _decode(container, stream, last_packet: list, by_dts: bool = False) -> Iterator:
@@ -267,21 +278,40 @@ VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime",
                "mkv": "video/x-matroska", "avi": "video/x-msvideo"}
 
 
+# A moment's picture for the web page (frame_at) decodes from the keyframe before it: in a screen recording with
+# one keyframe, a moment at 9:59 decoded ten minutes of frames (720p: ~50 s on 2 cores, benchmarks/RESULTS.md).
+# Up to RUNUP_FULL seconds before it, frames no other refers to are skipped (NONREF: about half of H.264's with
+# B-frames); past THUMB_RUNUP_PIXELS decoded (~3 s of 720p here, ~870 frames) the last frame reached is shown.
+THUMB_RUNUP_PIXELS = 800_000_000
+RUNUP_FULL = 1.0
+
+
 def frame_at(source, t: float, t_end: float | None = None):
     """The picture of a moment that starts at t (as its representative: REPRESENTATIVE_AFTER in, or halfway
-    through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it."""
+    through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it; where
+    that keyframe is over THUMB_RUNUP_PIXELS of decoding before it, the frame reached then (an earlier one)."""
     import av
 
     want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = _video_stream(container)
-            if want > 0 and stream.time_base:
+            rate = float(stream.average_rate) if stream.average_rate else 25.0
+            # an AVI is timed as moments() timed it: by dts, from the dts its first frame comes out with
+            origin = next((f.dts for f in container.decode(stream)), None) if _is_avi(container) else None
+            if (want > 0 or origin is not None) and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
-            last = None
+            stream.codec_context.skip_frame = "NONREF"
+            last, last_t, pixels = None, None, 0
             for frame in container.decode(stream):
-                last = frame
-                if frame.time is not None and frame.time + 1e-6 >= want:
+                last, last_t = frame, _frame_time(frame, stream, origin, last_t, rate)
+                if last_t + 1e-6 >= want:
+                    break
+                if last_t >= want - RUNUP_FULL:
+                    stream.codec_context.skip_frame = "DEFAULT"
+                pixels += frame.width * frame.height
+                if pixels > THUMB_RUNUP_PIXELS:
+                    log.info("the frame at %.1f s is too far from a keyframe: shown at %.1f s", want, last_t)
                     break
             if last is None:
                 raise VideoError("cannot decode video: no frame at that time")

@@ -456,6 +456,48 @@ def test_the_whole_image_ocr_reads_is_held_within_the_pools_pixel_budget(tmp_pat
     assert seen == [((1600, 1200), "held")]
 
 
+def test_a_png_the_encoder_reduces_is_decoded_once_for_its_text_within_the_budget(tmp_path, monkeypatch):
+    """A PNG the encoder's decode box-reduces was decoded whole a second time for the text reader (0.3-0.6 s of
+    a 12 MP photo PNG, benchmarks/RESULTS.md bench_ocr_png): the whole image is kept from the one decode and
+    read whole, with the pool's turn held."""
+    import fcntl
+
+    from PIL import Image
+
+    from alignsearch.media import images
+    from alignsearch.media.images import ImageSpec
+    from indexer import decode
+    from indexer.scan import Found
+
+    (tmp_path / "turn").touch()
+    Image.new("RGB", (1600, 1200), "gray").save(tmp_path / "big.png")
+    monkeypatch.setattr(decode, "_budget", decode.PixelBudget(str(tmp_path / "turn"), pixels=1_000_000))
+    seen, decodes = [], []
+
+    def read_text(image, where):
+        with open(tmp_path / "turn", "rb") as other:  # another worker's turn: its own open file, its own flock
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append((image.size, "free"))
+            except BlockingIOError:
+                seen.append((image.size, "held"))
+        return "words", 0.0
+
+    def open_rgb(data, *args, **kwargs):
+        decodes.append(len(data))
+        return original(data, *args, **kwargs)
+
+    original = images.open_rgb
+    monkeypatch.setattr(images, "open_rgb", open_rgb)
+    monkeypatch.setattr(decode, "open_rgb", open_rgb)
+    monkeypatch.setattr(decode, "read_text", read_text)
+    stat = (tmp_path / "big.png").stat()
+    spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    item = decode.read_item(Found(str(tmp_path), "big.png", stat.st_size, stat.st_mtime), spec, ocr=True)
+    assert seen == [((1600, 1200), "held")] and len(decodes) == 1 and item.ocr == "words"
+    assert (item.width, item.height) == (1600, 1200) and item.crop.shape == (64, 64, 3)
+
+
 def test_a_stopped_pool_leaves_python_s_exit_no_manager_to_wake():
     """Ctrl-C once printed "OSError: [Errno 9] Bad file descriptor" with a traceback at exit (CI): Python's exit
     woke a stopped pool's manager thread while that thread closed its wake-up pipe. Once _stop returns, the

@@ -109,17 +109,51 @@ def test_a_moment_ten_minutes_past_the_only_keyframe_is_drawn_quickly(one_keyfra
     start = time.perf_counter()
     picture = frame_at(str(one_keyframe_video), 599.0, 600.0)
     assert frame_number(picture) == math.ceil(599.5 * 25) and time.perf_counter() - start < 5
+    assert "reached" not in picture.info  # the frame at that time
 
 
 @pytest.mark.slow
 def test_decoding_up_to_a_moment_far_from_a_keyframe_is_bounded(one_keyframe_video, monkeypatch):
-    # 720p: ten minutes of frames decoded for one picture took ~50 s on 2 cores; past THUMB_RUNUP_PIXELS the
-    # frame reached is shown (an earlier one), here with a budget of 60 s of this video's frames
-    monkeypatch.setattr(video_module, "THUMB_RUNUP_PIXELS", 60 * 25 * 128 * 48, raising=False)
-    shown = frame_number(frame_at(str(one_keyframe_video), 599.0, 600.0))
-    assert 0 < shown <= 2 * 60 * 25  # decoded frames count; the others (NONREF) are skipped on the way
-    near = frame_number(frame_at(str(one_keyframe_video), 30.0, 40.0))
-    assert near == math.ceil(30.5 * 25)  # within the budget: the right frame
+    # a 720p screen recording's moment at 9:59 decoded ten minutes of frames for its picture (~50 s on 2 cores):
+    # after THUMB_RUNUP_SECONDS, here 0.05 s, the frame reached is shown, and says so
+    monkeypatch.setattr(video_module, "THUMB_RUNUP_SECONDS", 0.05, raising=False)
+    start = time.perf_counter()
+    picture = frame_at(str(one_keyframe_video), 599.0, 600.0)
+    assert time.perf_counter() - start < 1.0
+    assert frame_number(picture) < 599 * 25 and picture.info["reached"] == pytest.approx(frame_number(picture) / 25)
+
+
+@pytest.mark.slow
+def test_the_server_shows_a_far_moment_quickly_and_keeps_only_the_right_frame(one_keyframe_video, tmp_path,
+                                                                               tiny_model, monkeypatch):
+    # the frame reached when the run-up's time is up is served (200, at once) but not kept as the moment's
+    # thumbnail; once the moment's own frame is reached, it is served and kept
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    lib.mkdir()
+    shutil.copy(one_keyframe_video, lib / "screen.mkv")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu", "--video-interval", "60")
+    conn = sqlite3.connect(ix / "catalog.db")
+    moment, t, t_end = conn.execute("SELECT id, t, t_end FROM files WHERE t IS NOT NULL ORDER BY t DESC LIMIT 1").fetchone()
+    conn.close()
+    assert t >= 540
+    monkeypatch.setattr(video_module, "THUMB_RUNUP_SECONDS", 0.05, raising=False)
+    with alignsearch.open(ix, device="cpu") as engine:
+        server = start_in_thread(engine, ServerConfig(port=0, token="s3cret"))
+        try:
+            def shown():
+                start = time.perf_counter()
+                status, _, body = call(server.url, f"/api/image/{moment}?size=128")
+                assert status == 200 and time.perf_counter() - start < 5
+                return frame_number(Image.open(io.BytesIO(body)))
+
+            assert shown() < t * 25 and not (ix / "thumbs" / f"{moment}-128.jpg").exists()
+            monkeypatch.setattr(video_module, "THUMB_RUNUP_SECONDS", 30.0)
+            assert shown() == math.ceil((t + min(video_module.REPRESENTATIVE_AFTER, (t_end - t) / 2)) * 25)
+            assert (ix / "thumbs" / f"{moment}-128.jpg").exists()
+        finally:
+            server.shutdown()
 
 
 def test_unreadable_video_raises_with_a_reason(tmp_path):

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -279,20 +280,25 @@ VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime",
 
 
 # A moment's picture for the web page (frame_at) decodes from the keyframe before it: in a screen recording with
-# one keyframe, a moment at 9:59 decoded ten minutes of frames (720p: ~50 s on 2 cores, benchmarks/RESULTS.md).
-# Up to RUNUP_FULL seconds before it, frames no other refers to are skipped (NONREF: about half of H.264's with
-# B-frames); past THUMB_RUNUP_PIXELS decoded (~3 s of 720p here, ~870 frames) the last frame reached is shown.
-THUMB_RUNUP_PIXELS = 800_000_000
+# one keyframe, a moment at 9:59 decoded ten minutes of frames (a 20 s 720p clip of noise took 1.6 s: ~50 s for
+# ten minutes on 2 cores; flat content far less). Up to RUNUP_FULL seconds before the moment, frames no other
+# refers to are skipped (NONREF: about half of H.264's with B-frames); after THUMB_RUNUP_SECONDS of decoding the
+# frame reached is shown, marked as such (image.info["reached"]: its time), so that the server does not keep it.
+# A budget in time, not in pixels: 2238 flat 720p frames decode in 0.8 s, where a cap of 800 M pixels (870 such
+# frames) showed a frame 54 s early; 90 s of 720p noise took 9.5 s, now 2.0 s (benchmarks/RESULTS.md,
+# bench_video_thumb).
+THUMB_RUNUP_SECONDS = 2.0
 RUNUP_FULL = 1.0
 
 
 def frame_at(source, t: float, t_end: float | None = None):
     """The picture of a moment that starts at t (as its representative: REPRESENTATIVE_AFTER in, or halfway
     through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it; where
-    that keyframe is over THUMB_RUNUP_PIXELS of decoding before it, the frame reached then (an earlier one)."""
+    that takes over THUMB_RUNUP_SECONDS, the frame reached then (an earlier one, its time in info["reached"])."""
     import av
 
     want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
+    deadline = time.monotonic() + THUMB_RUNUP_SECONDS
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = _video_stream(container)
@@ -302,21 +308,24 @@ def frame_at(source, t: float, t_end: float | None = None):
             if (want > 0 or origin is not None) and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
             stream.codec_context.skip_frame = "NONREF"
-            last, last_t, pixels = None, None, 0
+            last, last_t, reached = None, None, False
             for frame in container.decode(stream):
                 last, last_t = frame, _frame_time(frame, stream, origin, last_t, rate)
                 if last_t + 1e-6 >= want:
                     break
                 if last_t >= want - RUNUP_FULL:
                     stream.codec_context.skip_frame = "DEFAULT"
-                pixels += frame.width * frame.height
-                if pixels > THUMB_RUNUP_PIXELS:
-                    log.info("the frame at %.1f s is too far from a keyframe: shown at %.1f s", want, last_t)
+                if time.monotonic() > deadline:
+                    log.info("the frame at %.1f s is far from a keyframe: the one at %.1f s shown", want, last_t)
+                    reached = True
                     break
             if last is None:
                 raise VideoError("cannot decode video: no frame at that time")
             _refuse_bomb(last.width, last.height)
-            return _to_image(last)
+            image = _to_image(last)
+            if reached:
+                image.info["reached"] = last_t
+            return image
     except (av.error.FFmpegError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
 

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import CACHE, load_note, module_at, record
-from helpers import frame_number, make_numbered_video
+from helpers import encode_pictures, frame_number, make_numbered_video, numbered_picture
 
 from alignsearch.media import video
 
@@ -47,24 +47,20 @@ def noisy(name: str, frames: int) -> Path:
     path = CACHE / "video-thumb" / name
     if path.exists():
         return path
-    band = make_numbered_video(CACHE / "video-thumb" / "band.mkv", frames, fps=25, b_frames=0, size=(1280, 48))
     tmp = path.with_suffix(".part" + path.suffix)
-    noise = (np.random.default_rng(0).random((720, 1280 + 8 * frames % 1280 + 1280, 3)) * 255).astype(np.uint8)
-    with av.open(str(band)) as src, av.open(str(tmp), mode="w") as out:
+    noise = (np.random.default_rng(0).random((720, 2560, 3)) * 255).astype(np.uint8)
+
+    def picture(n: int) -> np.ndarray:
+        shifted = np.ascontiguousarray(noise[:, 8 * n % 1280:8 * n % 1280 + 1280])
+        shifted[:48] = numbered_picture(n, (1280, 48))
+        return shifted
+
+    with av.open(str(tmp), mode="w") as out:
         stream = out.add_stream("libx264", rate=25)
         stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
         stream.options = {"bf": "3", "g": str(frames), "keyint_min": str(frames), "sc_threshold": "0",
                           "preset": "ultrafast"}
-        for n, frame in enumerate(src.decode(video=0)):
-            shift = 8 * n % 1280
-            picture = np.ascontiguousarray(noise[:, shift:shift + 1280])
-            picture[:48] = frame.to_ndarray(format="rgb24")
-            out_frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
-            out_frame.pts = n
-            for packet in stream.encode(out_frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        encode_pictures(out, stream, (picture(n) for n in range(frames)))
     tmp.rename(path)
     return path
 

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,19 +46,27 @@ def read_item(found: Found, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     if isinstance(data, Item):
         return data
     sha = hashlib.sha256(data).hexdigest()
+    known = _known_text.get(sha) if ocr else None
+    text = None
     try:
         # the header is read for the budget only where a pool shares one (decode reads it again anyway)
         with _budget.decoding(decode_pixels(data, spec, fast) if _budget.path is not None else 0):
-            img = decode(data, spec, max_pixels, fast)
+            # A PNG (any image but a JPEG) the encoder reduces was decoded whole again for its text: 0.3-0.6 s of
+            # a 12 MP photo PNG's 2-4 s (benchmarks/RESULTS.md, bench_ocr_png). Kept whole instead, and read
+            # while the turn that decoded it is held.
+            img = decode(data, spec, max_pixels, fast, keep_whole=ocr and known is None)
+            if img.whole is not None:
+                whole, img = img.whole, replace(img, whole=None)
+                text = read_text(whole, found.path)
+                del whole  # not held past the turn
     except BadImageError as exc:
         return Item(found, None, sha, reason=str(exc), seconds=time.perf_counter() - start)
     photo = photometa.read(data, found.mtime, found.caption or sidecar_caption(found))
-    item = Item(found, img.crop, sha, img.width, img.height, img.format, seconds=time.perf_counter() - start,
-                phash=phash_of(img.image), photo=photo)
+    item = Item(found, img.crop, sha, img.width, img.height, img.format, phash=phash_of(img.image), photo=photo,
+                seconds=time.perf_counter() - start - (text[1] if text is not None else 0.0))  # OCR's apart
     if ocr:
-        known = _known_text.get(sha)
         item.ocr, item.ocr_seconds = (known, 0.0) if known is not None else \
-            _read_text_whole(data, img, max_pixels, found.path)
+            text if text is not None else _read_text_whole(data, img, max_pixels, found.path)
     return item
 
 

@@ -1050,3 +1050,80 @@ def served_with_local_copy(base: Path, model, n: int, *serve_args) -> dict:
     shutil.copytree(ix, alone)
     proc, url = start_serve(ix, "--token", "s3cret", *serve_args)
     return {"ix": ix, "alone": alone, "corpus": corpus, "proc": proc, "url": url}
+
+
+NUMBER_BITS = 16  # frames a numbered video can tell apart: 2 ** NUMBER_BITS
+
+
+def make_numbered_video(path, frames: int, fps: int = 25, codec: str = "libx264", b_frames: int = 3,
+                        gop: int = 250, size=(128, 48)) -> Path:
+    """A video whose frame n shows n in binary (NUMBER_BITS black or white columns, most significant first), so
+    the frame a moment or a thumbnail holds can be read back by frame_number whatever the container's
+    timestamps say. b_frames > 0 encodes with B-frames (frames stored out of display order); gop is the
+    keyframe interval (a keyframe only at the start when gop >= frames)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        if codec == "libx264":
+            stream.options = {"bf": str(b_frames), "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+        else:
+            stream.codec_context.max_b_frames = b_frames
+            stream.codec_context.gop_size = gop
+        encode_pictures(out, stream, (numbered_picture(n, size) for n in range(frames)))
+    return path
+
+
+def numbered_picture(n: int, size=(128, 48)) -> np.ndarray:
+    """A (height, width, 3) picture of n in binary: NUMBER_BITS black or white columns, most significant first."""
+    width, height = size
+    column = width // NUMBER_BITS
+    picture = np.zeros((height, width, 3), np.uint8)
+    for bit in range(NUMBER_BITS):
+        if n >> (NUMBER_BITS - 1 - bit) & 1:
+            picture[:, bit * column:(bit + 1) * column] = 255
+    return picture
+
+
+def encode_pictures(out, stream, pictures) -> None:
+    """Encode (H, W, 3) uint8 RGB pictures into a PyAV output's stream, the n-th at pts n, and flush it."""
+    import av
+
+    for n, picture in enumerate(pictures):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
+        frame.pts = n
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+
+
+def frame_number(image) -> int:
+    """The number a make_numbered_video frame shows (a PIL image or an (H, W, 3) array, any size)."""
+    grey = np.asarray(image.convert("L") if hasattr(image, "convert") else image, dtype=np.float32)
+    if grey.ndim == 3:
+        grey = grey.mean(axis=2)
+    column = grey.shape[1] / NUMBER_BITS
+    bits = [grey[:, int(b * column + column / 4):int((b + 1) * column - column / 4)].mean() > 127
+            for b in range(NUMBER_BITS)]
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def turn_witness(turn, seen: list, text: str = ""):
+    """A stand-in for indexer.decode.read_text: notes (the image's size, "held" or "free") as another worker would
+    find the pool's turn file `turn` while the text is read, and answers `text`."""
+    import fcntl
+
+    def read_text(image, where):
+        with open(turn, "rb") as other:  # another worker's turn: its own open file, its own flock
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append((image.size, "free"))
+            except BlockingIOError:
+                seen.append((image.size, "held"))
+        return text, 0.0
+
+    return read_text

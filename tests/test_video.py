@@ -5,6 +5,7 @@ Every video is generated here with PyAV."""
 import io
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,8 @@ from conftest import index_json, make_images, run
 from helpers import (
     alignsearch_peak_rss,
     call,
+    frame_number,
+    make_numbered_video,
     make_video,
     scene_frame,
     start_serve,
@@ -31,7 +34,8 @@ from PIL import Image
 import alignsearch
 from alignsearch.storage import catalog
 from alignsearch.media.images import ImageSpec
-from alignsearch.media.video import VideoError, VideoInfo, moments
+from alignsearch.media import video as video_module
+from alignsearch.media.video import VideoError, VideoInfo, frame_at, moments
 
 SPEC = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
 SCENES = [(1, 3), (2, 4.5), (3, 25), (4, 2)]  # cuts at 3, 7.5 and 32.5 s; 34.5 s long
@@ -67,6 +71,89 @@ def test_at_most_one_moment_per_second(tmp_path):
     video = make_video(tmp_path / "flicker.webm", [(i % 2 + 7, 0.5) for i in range(8)], codec="libvpx-vp9")
     found = starts(list(moments(str(video), SPEC)))
     assert len(found) >= 3 and all(b - a >= 1.0 for a, b in itertools.pairwise(found)), found
+
+
+@pytest.mark.parametrize("name,codec", [("x264.avi", "libx264"), ("xvid.avi", "mpeg4"), ("x264.mp4", "libx264"),
+                                        ("x264.mkv", "libx264")])
+def test_each_moment_is_at_the_time_of_the_frame_it_shows_with_b_frames(tmp_path, name, codec):
+    # An AVI has no presentation times: with B-frames FFmpeg's made-up ones came out of order (0.12, 0.20,
+    # 0.16...), forced forward, and a moment's time was up to 2 frames past the frame it showed
+    fps = 25
+    video = make_numbered_video(tmp_path / name, 100, fps=fps, codec=codec, b_frames=3)
+    info = VideoInfo()
+    found = list(moments(str(video), SPEC, info, interval=0.01, min_gap=0))  # every frame examined a moment
+    assert len(found) >= 15
+    assert [(m.index, round(m.t * fps, 2)) for m in found] == [(i, frame_number(m.image)) for i, m in enumerate(found)]
+    assert found[-1].t_end == info.duration == pytest.approx(100 / fps)
+
+
+@pytest.mark.parametrize("name,codec", [("x264.avi", "libx264"), ("x264.mp4", "libx264")])
+def test_a_moments_picture_is_the_frame_at_its_time_with_b_frames(tmp_path, name, codec):
+    # the web page's picture of a moment in an AVI with B-frames was 1-3 frames early (FFmpeg's made-up pts)
+    fps = 25
+    video = make_numbered_video(tmp_path / name, 30 * fps, fps=fps, codec=codec, b_frames=3, gop=100)
+    for t in (0.0, 1.0, 7.3, 22.04):
+        want = math.ceil(round((t + video_module.REPRESENTATIVE_AFTER) * fps, 6))  # the first frame at or after
+        assert frame_number(frame_at(str(video), t, t + 5)) == want, t
+
+
+@pytest.fixture(scope="module")
+def one_keyframe_video(tmp_path_factory):
+    """Ten minutes at 25 fps with a single keyframe (a screen recording's), each frame showing its number."""
+    return make_numbered_video(tmp_path_factory.mktemp("long") / "one-keyframe.mkv", 600 * 25, fps=25, b_frames=3,
+                               gop=600 * 25)
+
+
+@pytest.mark.slow
+def test_a_moment_ten_minutes_past_the_only_keyframe_is_drawn_quickly(one_keyframe_video):
+    start = time.perf_counter()
+    picture = frame_at(str(one_keyframe_video), 599.0, 600.0)
+    assert frame_number(picture) == math.ceil(599.5 * 25) and time.perf_counter() - start < 5
+    assert "reached" not in picture.info  # the frame at that time
+
+
+@pytest.mark.slow
+def test_decoding_up_to_a_moment_far_from_a_keyframe_is_bounded(one_keyframe_video, monkeypatch):
+    # a 720p screen recording's moment at 9:59 decoded ten minutes of frames for its picture (~50 s on 2 cores):
+    # after THUMB_RUNUP_SECONDS, here 0.05 s, the frame reached is shown, and says so
+    monkeypatch.setattr(video_module, "THUMB_RUNUP_SECONDS", 0.05, raising=False)
+    start = time.perf_counter()
+    picture = frame_at(str(one_keyframe_video), 599.0, 600.0)
+    assert time.perf_counter() - start < 1.0
+    assert frame_number(picture) < 599 * 25 and picture.info["reached"] == pytest.approx(frame_number(picture) / 25)
+
+
+@pytest.mark.slow
+def test_the_server_shows_a_far_moment_quickly_and_keeps_only_the_right_frame(one_keyframe_video, tmp_path,
+                                                                               tiny_model, monkeypatch):
+    # the frame reached when the run-up's time is up is served (200, at once) but not kept as the moment's
+    # thumbnail; once the moment's own frame is reached, it is served and kept
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    lib.mkdir()
+    shutil.copy(one_keyframe_video, lib / "screen.mkv")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu", "--video-interval", "60")
+    conn = sqlite3.connect(ix / "catalog.db")
+    moment, t, t_end = conn.execute("SELECT id, t, t_end FROM files WHERE t IS NOT NULL ORDER BY t DESC LIMIT 1").fetchone()
+    conn.close()
+    assert t >= 540
+    monkeypatch.setattr(video_module, "THUMB_RUNUP_SECONDS", 0.05, raising=False)
+    with alignsearch.open(ix, device="cpu") as engine:
+        server = start_in_thread(engine, ServerConfig(port=0, token="s3cret"))
+        try:
+            def shown():
+                start = time.perf_counter()
+                status, _, body = call(server.url, f"/api/image/{moment}?size=128")
+                assert status == 200 and time.perf_counter() - start < 5
+                return frame_number(Image.open(io.BytesIO(body)))
+
+            assert shown() < t * 25 and not (ix / "thumbs" / f"{moment}-128.jpg").exists()
+            monkeypatch.setattr(video_module, "THUMB_RUNUP_SECONDS", 30.0)
+            assert shown() == math.ceil((t + min(video_module.REPRESENTATIVE_AFTER, (t_end - t) / 2)) * 25)
+            assert (ix / "thumbs" / f"{moment}-128.jpg").exists()
+        finally:
+            server.shutdown()
 
 
 def test_unreadable_video_raises_with_a_reason(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import index_json, make_images
-from helpers import child_pids, decode_growth, decode_or_die, slow_upper, summary
+from helpers import child_pids, decode_growth, decode_or_die, slow_upper, summary, turn_witness
 
 from indexer.workers import DIED, decode_in_processes
 
@@ -427,7 +427,6 @@ def test_the_whole_image_ocr_reads_is_held_within_the_pools_pixel_budget(tmp_pat
     """`index --ocr` decodes the whole image again for the text (indexer/decode.py) under the pool's pixel budget,
     but let the turn go before the text was read in it: the whole image (a 100 MP one: 300 MB) and the engine's
     copies of it lived through the ~1 s of OCR outside the budget, in every worker at once."""
-    import fcntl
 
     from PIL import Image
 
@@ -439,21 +438,43 @@ def test_the_whole_image_ocr_reads_is_held_within_the_pools_pixel_budget(tmp_pat
     Image.new("RGB", (1600, 1200), "gray").save(tmp_path / "big.jpg")
     monkeypatch.setattr(decode, "_budget", decode.PixelBudget(str(tmp_path / "turn"), pixels=1_000_000))
     seen = []
-
-    def read_text(image, where):
-        with open(tmp_path / "turn", "rb") as other:  # another worker's turn: its own open file, its own flock
-            try:
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                seen.append((image.size, "free"))
-            except BlockingIOError:
-                seen.append((image.size, "held"))
-        return "", 0.0
-
-    monkeypatch.setattr(decode, "read_text", read_text)
+    monkeypatch.setattr(decode, "read_text", turn_witness(tmp_path / "turn", seen))
     stat = (tmp_path / "big.jpg").stat()
     spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
     decode.read_item(Found(str(tmp_path), "big.jpg", stat.st_size, stat.st_mtime), spec, ocr=True)
     assert seen == [((1600, 1200), "held")]
+
+
+def test_a_png_the_encoder_reduces_is_decoded_once_for_its_text_within_the_budget(tmp_path, monkeypatch):
+    """A PNG the encoder's decode box-reduces was decoded whole a second time for the text reader (0.3-0.6 s of
+    a 12 MP photo PNG, benchmarks/RESULTS.md bench_ocr_png): the whole image is kept from the one decode and
+    read whole, with the pool's turn held."""
+
+    from PIL import Image
+
+    from alignsearch.media import images
+    from alignsearch.media.images import ImageSpec
+    from indexer import decode
+    from indexer.scan import Found
+
+    (tmp_path / "turn").touch()
+    Image.new("RGB", (1600, 1200), "gray").save(tmp_path / "big.png")
+    monkeypatch.setattr(decode, "_budget", decode.PixelBudget(str(tmp_path / "turn"), pixels=1_000_000))
+    seen, decodes = [], []
+
+    def open_rgb(data, *args, **kwargs):
+        decodes.append(len(data))
+        return original(data, *args, **kwargs)
+
+    original = images.open_rgb
+    monkeypatch.setattr(images, "open_rgb", open_rgb)
+    monkeypatch.setattr(decode, "open_rgb", open_rgb)
+    monkeypatch.setattr(decode, "read_text", turn_witness(tmp_path / "turn", seen, "words"))
+    stat = (tmp_path / "big.png").stat()
+    spec = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
+    item = decode.read_item(Found(str(tmp_path), "big.png", stat.st_size, stat.st_mtime), spec, ocr=True)
+    assert seen == [((1600, 1200), "held")] and len(decodes) == 1 and item.ocr == "words"
+    assert (item.width, item.height) == (1600, 1200) and item.crop.shape == (64, 64, 3)
 
 
 def test_a_stopped_pool_leaves_python_s_exit_no_manager_to_wake():

@@ -78,6 +78,8 @@ class Decoded:
     height: int
     format: str
     image: Image.Image | None = field(default=None, repr=False, compare=False)  # the decoded RGB image
+    # the image before it was reduced (decode's keep_whole): the text reader reads it whole
+    whole: Image.Image | None = field(default=None, repr=False, compare=False)
 
 
 def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
@@ -227,10 +229,12 @@ def decode_pixels(data: bytes, spec: ImageSpec, fast: bool = False) -> int:
         return 0
 
 
-def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False) -> Decoded:
+def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False, *,
+           keep_whole: bool = False) -> Decoded:
     """Bytes to the uint8 crop the encoder takes, with the image's (stored) size and format.
     Large images are decoded or reduced to DECODE_MARGIN times the resize target first (bounded memory);
-    fast: JPEG draft decoding at no less than the resize target itself (see open_rgb)."""
+    fast: JPEG draft decoding at no less than the resize target itself (see open_rgb). keep_whole: an image
+    decoded whole then reduced (not a JPEG, which decodes reduced) is kept whole too, as Decoded.whole."""
     side = DECODE_MARGIN * max(spec.resize)
     img, fmt = open_rgb(data, max_pixels, _draft(spec, fast))
     size = img.size
@@ -238,6 +242,8 @@ def decode(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, f
         header = open_image(data)
         size = header.size[::-1] if header.getexif().get(0x0112) in (5, 6, 7, 8) else header.size
     factor = min(img.size) // side
+    whole = None
     if factor >= 2 and not fast and not is_jpeg(fmt):  # other formats: box-reduced before the resize's copies
+        whole = img if keep_whole else None
         img = img.reduce(factor)
-    return Decoded(crop_uint8(img, spec), size[0], size[1], fmt, img)
+    return Decoded(crop_uint8(img, spec), size[0], size[1], fmt, img, whole)

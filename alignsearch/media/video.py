@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -153,15 +154,23 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
     with container:
         stream = _video_stream(container)
-        stream.codec_context.skip_frame = "NONREF"
         info.format = (container.format.name or "").split(",")[0] or None
+        # An AVI has no presentation times: FFmpeg gives each packet one from its place in decode order, so with
+        # B-frames the frames came out with times 0.1, 0.4, 0.3... (moments a few frames off, forced forward).
+        # The decode-order time of the packet a frame comes out with rises in display order, a constant delay
+        # behind it: such a video is timed by it, and all its frames are decoded (a skipped one would shift the
+        # frames after it by one).
+        by_dts = _is_avi(container)
+        if not (by_dts and stream.codec_context.has_b_frames):
+            stream.codec_context.skip_frame = "NONREF"
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
         index, start, frame_img, sig, rep_final = 0, None, None, None, False
         next_sample, last_t = 0.0, None
         last_packet = [0.0]
-        frames = _decode(container, stream, last_packet)
+        frames = _decode(container, stream, last_packet, by_dts)
+        first_dts = None
         while True:
             try:
                 frame = next(frames, None)
@@ -173,10 +182,9 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
                 break
             if frame is None:
                 break
-            t = frame.time
-            if t is None:
-                t = (last_t + 1 / rate) if last_t is not None else 0.0
-            t = max(float(t), 0.0)
+            if by_dts and first_dts is None:
+                first_dts = frame.dts
+            t = _frame_time(frame, stream, first_dts if by_dts else None, last_t, rate)
             if last_t is not None and t < last_t:  # out-of-order timestamps: keep time moving forward
                 t = last_t
             last_t = t
@@ -207,12 +215,31 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         yield _moment(index, start, end, frame_img, spec)
 
 
-def _decode(container, stream, last_packet: list) -> Iterator:
+def _frame_time(frame, stream, origin, last_t: float | None, rate: float) -> float:
+    """A decoded frame's time in seconds (never negative): its pts, or for an AVI (origin: the dts its first
+    frame came out with) its dts since origin; a frame without either is a frame after the one before."""
+    if origin is not None:
+        t = None if frame.dts is None else float((frame.dts - origin) * stream.time_base)
+    else:
+        t = frame.time
+    if t is None:
+        t = (last_t + 1 / rate) if last_t is not None else 0.0
+    return max(float(t), 0.0)
+
+
+def _is_avi(container) -> bool:
+    return (container.format.name or "").split(",")[0] == "avi"
+
+
+def _decode(container, stream, last_packet: list, by_dts: bool = False) -> Iterator:
     """container.decode(stream), noting in last_packet[0] the latest time (seconds) of a packet read, frames
-    skipped undecoded (NONREF) included."""
+    skipped undecoded (NONREF) included; by_dts (an AVI): its decode-order time since the first packet's."""
+    first = None
     for packet in container.demux(stream):
-        if packet.pts is not None and packet.time_base is not None:
-            last_packet[0] = max(last_packet[0], float(packet.pts * packet.time_base))
+        stamp = packet.dts if by_dts else packet.pts
+        if stamp is not None and packet.time_base is not None:
+            first = stamp if by_dts and first is None else first
+            last_packet[0] = max(last_packet[0], float((stamp - (first or 0)) * packet.time_base))
         yield from packet.decode()
 
 
@@ -252,26 +279,53 @@ VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime",
                "mkv": "video/x-matroska", "avi": "video/x-msvideo"}
 
 
+# A moment's picture for the web page (frame_at) decodes from the keyframe before it: in a screen recording with
+# one keyframe, a moment at 9:59 decoded ten minutes of frames (a 20 s 720p clip of noise took 1.6 s: ~50 s for
+# ten minutes on 2 cores; flat content far less). Up to RUNUP_FULL seconds before the moment, frames no other
+# refers to are skipped (NONREF: about half of H.264's with B-frames); after THUMB_RUNUP_SECONDS of decoding the
+# frame reached is shown, marked as such (image.info["reached"]: its time), so that the server does not keep it.
+# A budget in time, not in pixels: 2238 flat 720p frames decode in 0.8 s, where a cap of 800 M pixels (870 such
+# frames) showed a frame 54 s early; 90 s of 720p noise took 9.5 s, now 2.0 s (benchmarks/RESULTS.md,
+# bench_video_thumb).
+THUMB_RUNUP_SECONDS = 2.0
+RUNUP_FULL = 1.0
+
+
 def frame_at(source, t: float, t_end: float | None = None):
     """The picture of a moment that starts at t (as its representative: REPRESENTATIVE_AFTER in, or halfway
-    through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it."""
+    through a shorter moment), as a PIL image: a seek to the keyframe before it, then decoding up to it; where
+    that takes over THUMB_RUNUP_SECONDS, the frame reached then (an earlier one, its time in info["reached"])."""
     import av
 
     want = t + min(REPRESENTATIVE_AFTER, max(0.0, ((t_end or t) - t) / 2))
+    deadline = time.monotonic() + THUMB_RUNUP_SECONDS
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = _video_stream(container)
-            if want > 0 and stream.time_base:
+            rate = float(stream.average_rate) if stream.average_rate else 25.0
+            # an AVI is timed as moments() timed it: by dts, from the dts its first frame comes out with
+            origin = next((f.dts for f in container.decode(stream)), None) if _is_avi(container) else None
+            if (want > 0 or origin is not None) and stream.time_base:
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
-            last = None
+            stream.codec_context.skip_frame = "NONREF"
+            last, last_t, reached = None, None, False
             for frame in container.decode(stream):
-                last = frame
-                if frame.time is not None and frame.time + 1e-6 >= want:
+                last, last_t = frame, _frame_time(frame, stream, origin, last_t, rate)
+                if last_t + 1e-6 >= want:
+                    break
+                if last_t >= want - RUNUP_FULL:
+                    stream.codec_context.skip_frame = "DEFAULT"
+                if time.monotonic() > deadline:
+                    log.info("the frame at %.1f s is far from a keyframe: the one at %.1f s shown", want, last_t)
+                    reached = True
                     break
             if last is None:
                 raise VideoError("cannot decode video: no frame at that time")
             _refuse_bomb(last.width, last.height)
-            return _to_image(last)
+            image = _to_image(last)
+            if reached:
+                image.info["reached"] = last_t
+            return image
     except (av.error.FFmpegError, ValueError) as exc:
         raise VideoError(f"cannot read video: {_reason(exc)}") from None
 

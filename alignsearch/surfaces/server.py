@@ -528,6 +528,8 @@ class Library:
                 return cached
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)
+                if "reached" in img.info:  # an earlier frame, its keyframe too far to decode to: not kept
+                    path = None
             else:
                 # An indexed image is within the indexer's pixel cap (200 MP), not the upload cap (50 MP): those
                 # between answered 404. A JPEG decodes at a reduced DCT scale still at least the thumbnail's

@@ -44,3 +44,33 @@ def test_an_emptied_catalog_beside_its_vectors_is_damage_and_stays_as_it_is(tmp_
         assert "Traceback" not in out and len(out.strip().splitlines()) == 1, (args, out)
         assert (ix / "catalog.db").stat().st_size == 0, args
     verify_json(ix, code=7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,pattern", [({}, "index.faiss"), ({"index_shards": 3}, "shard-*.faiss"),
+                                            ({"index_shards": 3}, "shards.json"),
+                                            ({"ondisk_shards": 2}, "lists-*.ivfdata")],
+                         ids=["single", "shard", "manifest", "lists"])
+def test_a_symlink_at_an_ann_file_is_damage_and_repaired(tmp_path, layout, pattern):
+    """index.faiss, a shard file, the shard manifest or an on-disk lists file swapped for a symbolic link to a copy of
+    itself: readers followed it (queries answered, verify said ok), though writers only ever rename a file of their
+    own there; a link to a FIFO would hang them. Now a link there is damage: every reader says so (exit 7), verify
+    names it, --repair builds the ANN files again from the vectors and leaves the link's target as it was."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 10_000 if layout else 2_000, **layout)[0].dispose()
+    planted = sorted(ix.glob(pattern))[0]
+    target = tmp_path / "elsewhere"
+    planted.rename(target)
+    planted.symlink_to(target)
+    before = target.read_bytes()
+    out = run("similar", "5", "--index", ix, code=7).output
+    assert f"{planted.name} is a symbolic link" in out and len(out.strip().splitlines()) == 1, out
+    problems = verify_json(ix, code=7)["problems"]
+    assert any(p.startswith(f"{planted.name} is a symbolic link") for p in problems), problems
+    assert verify_json(ix, "--repair", code=0)["ok"]
+    assert target.read_bytes() == before
+    run("similar", "5", "--index", ix)
+    assert verify_json(ix, code=0)["checked"]["index_vectors"] == (10_000 if layout else 2_000)
+

@@ -74,3 +74,53 @@ def test_a_symlink_at_an_ann_file_is_damage_and_repaired(tmp_path, layout, patte
     run("similar", "5", "--index", ix)
     assert verify_json(ix, code=0)["checked"]["index_vectors"] == (10_000 if layout else 2_000)
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
+def test_a_catalog_another_user_planted_in_an_index_folder_others_can_write_is_refused(indexed_images, tmp_path):
+    """An index folder every user can write (mode 0777): another user (nobody) renamed over catalog.db a copy of it
+    naming one more root, a private folder of this user's (mode 0700). The next `index` run read that folder into a
+    catalog owned by the other user (its paths, hashes, EXIF, embeddings theirs to read), and every command used
+    it. Now every command refuses such an index in one line (exit 6), and one whose catalog another user made
+    even once the folder is closed again; nothing is read into it."""
+    import shutil
+    import sqlite3
+    import subprocess
+
+    from conftest import make_images
+    from helpers import as_nobody
+
+    root, ix = indexed_images(3)
+    private = make_images(tmp_path / "private", 2, seed=7)[0].parent
+    private.chmod(0o700)
+    ix.chmod(0o777)
+
+    def in_the_index_as_nobody():
+        os.chdir(ix)  # the tests' folders are root's own (0700): the other user works from inside the index
+        as_nobody()
+
+    theirs = tmp_path / "theirs.db"  # their catalog: a copy of this index's, naming the private folder as a root too
+    shutil.copy(ix / "catalog.db", theirs)
+    conn = sqlite3.connect(theirs)
+    with conn:
+        roots = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'roots'").fetchone()[0])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'roots'", (json.dumps(roots + [str(private)]),))
+    conn.close()
+    shutil.copy(theirs, ix / ".theirs")  # where they can read it (python cannot run as nobody here: sh's cp and mv)
+    planted = subprocess.run(["sh", "-c", "cp .theirs .planted && mv .planted catalog.db && rm -f catalog.db-wal "
+                              "catalog.db-shm"], preexec_fn=in_the_index_as_nobody, capture_output=True, text=True,
+                             timeout=60)
+    assert planted.returncode == 0, planted.stderr
+    assert (ix / "catalog.db").stat().st_uid == 65534
+    for args in (("index",), ("similar", "1"), ("roots",), ("verify", "--skip-model")):
+        out = run(*args, "--index", ix, code=6).output
+        assert f"refusing the index {ix}: {ix} is writable by every user" in out, (args, out)
+        assert len(out.strip().splitlines()) == 1, (args, out)
+    ix.chmod(0o755)
+    out = run("info", "--index", ix, code=6).output
+    assert "catalog.db belongs to another user (uid 65534)" in out, out
+    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT count(*) FROM files WHERE root = ?", (str(private),)).fetchone()[0] == 0
+    finally:
+        conn.close()

@@ -49,7 +49,7 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri, untrusted_index
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
     IndexNotFoundError
 
@@ -222,6 +222,10 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     read-only mount or owned by another user can be queried. A file that is not a readable SQLite database
     raises IndexDamagedError (one line, exit 7) rather than a driver traceback, as does a catalog written by
     a newer alignsearch."""
+    why = untrusted_index(Path(db_path).parent, writing=not readonly)
+    if why is not None:  # another user could have put its files there: never read, whatever they hold
+        raise BadInputError(f"refusing the index {Path(db_path).parent}: {why} (another user may have written what "
+                            "it holds: move the index to a folder only you can write, or `chmod go-w` it)")
     if readonly:
         engine = open_readonly(db_path)
     else:

@@ -359,10 +359,15 @@ def _emptied(db_path) -> bool:
 
 
 def _no_tables(db_path) -> bool:
-    """Whether the catalog at db_path exists and holds no table (an emptied file), read without writing."""
-    if not Path(db_path).exists():
+    """Whether the catalog at db_path exists and holds no table (an emptied file), read without writing. Asked
+    only of a file of one page at most (SQLite's largest is 64 KiB): a catalog with tables has more, so a sound
+    one costs a stat, and one another process keeps locked is not waited for here."""
+    try:
+        if os.stat(db_path).st_size > 65536:
+            return False
+    except FileNotFoundError:
         return False
-    engine = open_readonly(db_path, prepare=False)
+    engine = open_readonly(db_path, busy_ms=0, prepare=False)
     try:
         with engine.connect() as conn:
             return conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0

@@ -160,7 +160,7 @@ def _build_sharded(out: Sharded, job: BuildJob) -> Built:
         current = None
     owner = shards.shard_of(ids, count)
     if current and len(current) == count and not job.rebuild:
-        plan = ann.describe(faiss.read_index(str(current[0]), faiss.IO_FLAG_MMAP_IFC))
+        plan = ann.describe(faiss.read_index(ann.own(current[0]), faiss.IO_FLAG_MMAP_IFC))
         if not ann.needs_rebuild(plan, job.trained_n, len(ids), store.dim):
             paths, added, removed, changed = [], 0, 0, 0
             for s, path in enumerate(current):  # one shard in memory at a time

@@ -24,15 +24,7 @@ class WriterBusy(BadInputError):
 @contextmanager
 def writer_lock(index_dir: Path) -> Iterator[None]:
     """Held for the block; an index another process is writing is a clear error, not a wait."""
-    path = Path(index_dir) / LOCK_FILE
-    try:  # never through a symbolic link: one planted there (by anyone who can write the folder) made every writer
-        # create the file it names, or lock a file of another program's; O_NONBLOCK: a FIFO there opens at once
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise
-        raise IndexDamagedError(f"{path} is {lock_trouble(path)}, not the lock file alignsearch makes: nothing was "
-                                "changed; remove it and run again") from None
+    fd = open_lock_file(Path(index_dir) / LOCK_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,6 +34,20 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
         yield  # the lock goes with the descriptor, also when the process dies
     finally:
         os.close(fd)
+
+
+def open_lock_file(path: Path) -> int:
+    """The one way a lock file of the index (write.lock, watch.lock) is opened: created if need be, never through
+    a symbolic link. One planted there (by anyone who can write the folder) made every writer create the file it
+    names, or lock a file of another program's; O_NONBLOCK: a FIFO there opens at once. Anything a lock cannot
+    be taken on is IndexDamagedError (exit 7), nothing changed. The caller closes the descriptor."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        raise IndexDamagedError(f"{path} is {lock_trouble(path)}, not the lock file alignsearch makes: nothing was "
+                                "changed; remove it and run again") from None
 
 
 def lock_trouble(path: Path) -> str | None:

@@ -56,6 +56,7 @@ from alignsearch.errors import BadInputError, CatalogBusyError, IndexDamagedErro
     IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
+from indexer.lock import open_lock_file
 from indexer.roots import Scope, looks_unmounted
 
 log = logging.getLogger(__name__)
@@ -547,7 +548,7 @@ class _CatalogLook:
 def _watch_lock(index_dir: Path) -> int:
     """The descriptor holding the index's watch lock (closed when the watch ends, or with the process): a
     second `index --watch` of the index is refused rather than running every change twice."""
-    fd = os.open(index_dir / WATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(index_dir / WATCH_LOCK)  # never through a link planted there (it created the link's target)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

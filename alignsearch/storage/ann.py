@@ -6,15 +6,18 @@ above, with candidates re-ranked exactly from the vector store by the query laye
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from alignsearch import safeopen
 from alignsearch.atomic import fsync_dir, replacing
 from alignsearch.errors import IndexDamagedError
 
@@ -142,7 +145,7 @@ def write_next(index: faiss.Index, path: Path) -> str:
     """Write the index to `path`.next (fsync'ed) and return its digest, for the caller to record in the
     catalog before it calls publish_next(path)."""
     write_atomic(index, next_path(path))
-    return file_digest(next_path(path))
+    return own_digest(next_path(path))
 
 
 def publish_next(path: Path) -> None:
@@ -159,8 +162,48 @@ def write_atomic(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
+def open_own(path: Path) -> int:
+    """A read-only descriptor of one of the ANN files the index keeps (index.faiss, shards and their manifest, a
+    lists file), only when it is a regular file at its own name (safeopen). Writers replace them by a rename, so
+    a symbolic link there was never written by alignsearch: readers followed one (to a FIFO, which hung them, or to
+    another index's file), and verify hashed the file it named. It is damage: IndexDamagedError (exit 7), mended
+    by `verify --repair`, which builds the files again. FileNotFoundError when nothing is there."""
+    try:
+        return safeopen.open_regular(path, follow=False)
+    except safeopen.Refused as exc:
+        raise _not_own(path, exc) from None
+    except OSError as exc:  # opened in its folder, the error names the file alone: the whole path, as open() gave,
+        # tells the CLI an index file is unreadable (surfaces/boundary.py), not an unexpected error
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+
+
+def _not_own(path: Path, exc: safeopen.Refused) -> OSError | IndexDamagedError:
+    """What open_own raises for what it refused: a folder stays "Is a directory" (the CLI says to move it away:
+    a rebuild cannot rename over it), anything else is damage --repair mends."""
+    try:
+        folder = stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        folder = False
+    if folder:
+        return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    said = str(exc) if str(exc).startswith("is ") else f"is {exc}"
+    return IndexDamagedError(f"{Path(path).name} {said}, where the index keeps a file of its own (damage: never "
+                             f"written there by alignsearch){REPAIR}")
+
+
+REPAIR = ": run `alignsearch verify --repair`"
+
+
+def own(path: Path) -> str:
+    """path, as a string for faiss (which opens it itself, mapping shards and lists), once open_own found a
+    regular file there. faiss opens it again by name; a swap in between needs the index folder writable by
+    someone else, which every command refuses (paths.untrusted_index)."""
+    os.close(open_own(path))
+    return str(path)
+
+
 def read(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+    return faiss.read_index(own(path))
 
 
 def read_ondisk(path: Path) -> faiss.Index:
@@ -169,7 +212,7 @@ def read_ondisk(path: Path) -> faiss.Index:
     user's, a read-only mount) could not be searched (exit 7), and a moved index looked for its lists in the
     old folder (a copy read the original's). IO_FLAG_ONDISK_SAME_DIR would do the second but prints to stdout."""
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_IVF_DATA)
+        index = faiss.read_index(own(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_IVF_DATA)
     except RuntimeError:  # lists held in the file (faiss cannot skip them): the layout before, which a writer killed
         # between its commit and its publish left in place, readers serve (tests/test_attacks.py SWITCHES)
         return read(path)
@@ -177,7 +220,7 @@ def read_ondisk(path: Path) -> faiss.Index:
     lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
     if not isinstance(lists, faiss.OnDiskInvertedLists):  # written before the layout's lists: read as it is
         return read(path)
-    lists.filename = str(Path(path).parent / Path(lists.filename).name)
+    lists.filename = own(Path(path).parent / Path(lists.filename).name)
     if os.stat(lists.filename).st_size < lists.totsize:  # a page past the end of a mapped file is SIGBUS: a query
         # on a lists file cut short died with exit 135 and no word (lists are hashed by verify, not on open)
         raise IndexDamagedError(f"{Path(lists.filename).name} is shorter than its index says: run "
@@ -194,10 +237,20 @@ def next_path(path: Path) -> Path:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+        return _digest(f)
+
+
+def own_digest(path: Path) -> str:
+    """file_digest of one of the index's own ANN files, opened by open_own (a symbolic link there is damage)."""
+    with os.fdopen(open_own(path), "rb") as f:
+        return _digest(f)
+
+
+def _digest(f) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -213,7 +266,8 @@ def read_verified(path: Path, digest: str | None) -> faiss.Index:
     found = False
     for candidate in (path, next_path(path)):
         try:
-            data = Path(candidate).read_bytes()
+            with os.fdopen(open_own(candidate), "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             continue
         found = True

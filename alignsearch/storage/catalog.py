@@ -49,7 +49,7 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri, untrusted_index
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
     IndexNotFoundError
 
@@ -222,12 +222,21 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     read-only mount or owned by another user can be queried. A file that is not a readable SQLite database
     raises IndexDamagedError (one line, exit 7) rather than a driver traceback, as does a catalog written by
     a newer alignsearch."""
+    why = untrusted_index(Path(db_path).parent, writing=not readonly)
+    if why is not None:  # another user could have put its files there: never read, whatever they hold
+        raise BadInputError(f"refusing the index {Path(db_path).parent}: {why} (another user may have written what "
+                            "it holds: move the index to a folder only you can write, or `chmod go-w` it)")
     if readonly:
         engine = open_readonly(db_path)
     else:
         side = side_file_problems(db_path)
         if side:  # a writer's first write failed on them later, said as "damaged: restore it from a backup"
             raise IndexDamagedError(side[0])
+        if _emptied(db_path) and _no_tables(db_path):  # asked read-only first: a writer's open writes at once
+            # an emptied catalog beside the vectors it addressed: a writer (`roots`, `tag`) created its tables in
+            # it, and every command then said "no indexed images yet" (exit 3) of a damaged index
+            raise IndexDamagedError(f"{Path(db_path).name} is empty, but the vectors or the ANN index it describes "
+                                    "are beside it: it is damaged (run `alignsearch verify`)")
         # URL.create, not an f-string: a '?', '#' or '%20' in the folder's path is part of the file name, not a
         # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success)
         engine = create_engine(URL.create("sqlite", database=str(db_path)))
@@ -248,8 +257,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
         if readonly:
             _refuse_if_locked(Path(db_path))
             with engine.connect() as conn:
-                if conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0 and not any(
-                        (Path(db_path).parent / name).exists() for name in (VECTORS_FILE, ANN_FILE, "vectors")):
+                if conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0 and not _emptied(db_path):
                     # a catalog with no table yet and nothing beside it: a first run creates its tables in one
                     # transaction, before any vector, and one creating them now, or killed before, has committed
                     # nothing; no damage ("no such table: meta"). With vectors beside it, an emptied catalog is.
@@ -342,6 +350,31 @@ def upgrade_keys_lossless(conn: Connection) -> None:
     for file_id, key, new_raw in changed:
         conn.execute(update(files).where(files.c.id == file_id).values(relpath=key, relpath_raw=new_raw))
     state.write(conn, keys_lossless=True)
+
+
+def _emptied(db_path) -> bool:
+    """Whether what a first run writes only after its catalog's tables (vectors, an ANN index) lies beside
+    db_path: then a catalog without tables was emptied (damage), not one whose first run committed nothing yet."""
+    return any((Path(db_path).parent / name).exists() for name in (VECTORS_FILE, ANN_FILE, "vectors"))
+
+
+def _no_tables(db_path) -> bool:
+    """Whether the catalog at db_path exists and holds no table (an emptied file), read without writing. Asked
+    only of a file of one page at most (SQLite's largest is 64 KiB): a catalog with tables has more, so a sound
+    one costs a stat, and one another process keeps locked is not waited for here."""
+    try:
+        if os.stat(db_path).st_size > 65536:
+            return False
+    except FileNotFoundError:
+        return False
+    engine = open_readonly(db_path, busy_ms=0, prepare=False)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0
+    except DBAPIError:
+        return False  # not a database at all: the open below says so
+    finally:
+        engine.dispose()
 
 
 def damaged(db_path, exc: Exception) -> AlignSearchError:

@@ -32,6 +32,7 @@ The ANN index's part of the index state (state.AnnState) is read by read_record 
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import ClassVar
 
 import faiss
 
+from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import ann, shards, state
 from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
 
@@ -126,8 +128,14 @@ class Layout(ABC):
         """One line per file whose bytes are missing or differ from the recorded checksum, unless it is
         published by a rename (RENAMED) and its `.next` file carries that checksum (committed_next): readers
         serve the layout before it or those bytes, and the next writer publishes it (finish_publish)."""
-        return [damaged_message(name) for name, want in self.expected().items()
-                if not holds(self.folder / name, want) and not self.pending(name, want)]
+        found = []
+        for name, want in self.expected().items():
+            trouble = not_own(self.folder / name)
+            if trouble is not None:  # not the file a writer renamed there: rebuilt by --repair, whatever it holds
+                found.append(trouble)
+            elif not holds(self.folder / name, want) and not self.pending(name, want):
+                found.append(damaged_message(name))
+        return found
 
     def pending(self, name: str, want: str | None) -> bool:
         """Is `name` published by a rename and does its `.next` file carry `want`, the committed checksum?"""
@@ -169,16 +177,30 @@ class OneFile(Layout):
         self._written = ann.write_next(index, self.path)
 
 
+def not_own(path: Path) -> str | None:
+    """What is at the name of one of the index's ANN files instead of a regular file of its own (ann.open_own), in
+    words; None for a regular file or nothing. A folder there raises IsADirectoryError, as a read would."""
+    try:
+        os.close(ann.open_own(path))
+    except IndexDamagedError as exc:
+        return str(exc).removesuffix(ann.REPAIR)
+    except FileNotFoundError:
+        pass
+    return None
+
+
 def holds(path: Path, digest: str) -> bool:
-    """Does `path` carry the recorded `digest`?"""
-    return path.exists() and ann.file_digest(path) == digest
+    """Does `path` carry the recorded `digest` (in a regular file of its own)?"""
+    try:
+        return ann.own_digest(path) == digest
+    except (FileNotFoundError, IndexDamagedError):
+        return False
 
 
 def committed_next(path: Path, digest: str | None) -> bool:
     """Does path's `.next` file carry the recorded `digest`: committed, not yet renamed over path (a writer
     killed between the two, whose next run renames it)? Then path's bytes are not damage."""
-    nxt = ann.next_path(path)
-    return digest is not None and nxt.exists() and ann.file_digest(nxt) == digest
+    return digest is not None and holds(ann.next_path(path), digest)
 
 
 def drop_lists(folder: Path, keep: Path | None = None) -> None:

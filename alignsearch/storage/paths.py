@@ -63,6 +63,54 @@ def foreign(index: Path) -> str | None:
     return untrusted(index) or untrusted(index / DB_FILE)
 
 
+def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | None:
+    """Why the index in index_dir may hold what another user put there, or None; every command asks before it
+    opens the catalog (catalog.connect). Its folder must be writable by its owner alone (a folder others may write
+    let them rename their own catalog.db over this user's: the next `index` run read the folders that catalog named,
+    a private one too, into a catalog they could read), and every file or folder in it (and under vectors/) must
+    be its owner's, this user's or root's and writable by no one else. The folder may be another user's own (their
+    index, queried as it is), not for a writer: this user's paths would go into it. Its parent is not asked: an
+    index found in a shared folder is this user's to use (find_index_dir), and one swapped in there is another
+    user's folder, which no writer writes."""
+    folder = Path(index_dir)
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None  # a new index: made by this run, as this user
+    owners = (st.st_uid, 0)
+    if writing and st.st_uid not in (os.geteuid(), 0):
+        return f"{folder} belongs to another user (uid {st.st_uid}): this user's paths and pictures would go into it"
+    why = untrusted_stat(st, folder, owners)
+    if why is not None:
+        return why
+    for path in _index_entries(folder):
+        lst = os.lstat(path)
+        if stat.S_ISLNK(lst.st_mode):  # a link's own mode is always 0777: only who made it says anything
+            why = None if lst.st_uid in (*owners, os.geteuid()) else f"{path} was made by another user (uid {lst.st_uid})"
+        else:
+            why = untrusted_stat(lst, path, (*owners, os.geteuid()))
+        if why is not None:
+            return why
+    return None
+
+
+def _index_entries(folder: Path) -> list[Path]:
+    """The files an index folder keeps that a command reads (the catalog and SQLite's files beside it, the vectors,
+    the ANN files: storage/shards.py's manifest and shards, the on-disk lists, each layout's `.next` file), and
+    what is under its vectors/ folder. Not the lock files (never read), server.json (client.read_record judges
+    it) nor the thumbnail cache (the server judges it, and makes its thumbnails again)."""
+    found = []
+    for entry in os.scandir(folder):
+        name = entry.name.removesuffix(".next")
+        if name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", VECTORS_FILE, ANN_FILE, "shards.json", "vectors") or (
+                name.startswith("shard-") and name.endswith(".faiss")) or name.endswith(LISTS_SUFFIX):
+            found.append(Path(entry.path))
+        if entry.name == "vectors" and entry.is_dir(follow_symlinks=False):
+            for where, dirs, files in os.walk(entry.path):
+                found += [Path(where) / name for name in (*dirs, *files)]
+    return found
+
+
 def cache_root() -> Path:
     """Where exported towers are kept, shared by every index of the same model: $ALIGNSEARCH_CACHE, else
     $XDG_CACHE_HOME/alignsearch, else ~/.cache/alignsearch."""

@@ -11,6 +11,7 @@ replaced atomically: a reader sees one generation or the next, never a mix.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import faiss
 import numpy as np
 
 from alignsearch.errors import IndexDamagedError
+from alignsearch.storage import ann
 from alignsearch.storage.ann import next_path, publish_next
 from alignsearch.storage.paths import ANN_FILE
 
@@ -34,7 +36,8 @@ def files(folder: Path) -> list[Path] | None:
     if not manifest.exists():
         return None
     try:
-        names = json.loads(manifest.read_bytes())["files"]
+        with os.fdopen(ann.open_own(manifest), "rb") as f:  # a link there is damage, as at every ANN file
+            names = json.loads(f.read())["files"]
         if not isinstance(names, list) or not all(isinstance(n, str) and Path(n).name == n for n in names):
             raise TypeError("not a list of file names")
     except (ValueError, KeyError, TypeError) as exc:  # every command died on JSONDecodeError (exit 1), verify too
@@ -81,9 +84,9 @@ def unpublish(folder: Path) -> None:
 def open_shards(paths: list[Path], mmap: bool = True) -> faiss.IndexShards:
     """One index over the shard files, searched in parallel threads; ids are the catalog's own."""
     flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
-    first = faiss.read_index(str(paths[0]), flags)
+    first = faiss.read_index(ann.own(paths[0]), flags)
     index = faiss.IndexShards(first.d, True, False)  # threaded, ids kept as stored
     index.add_shard(first)
     for path in paths[1:]:
-        index.add_shard(faiss.read_index(str(path), flags))
+        index.add_shard(faiss.read_index(ann.own(path), flags))
     return index

@@ -48,7 +48,7 @@ class OnDisk(OneFile):
         return [self.path] + ([lists] if lists is not None else [])
 
     def checksums(self) -> tuple[str | None, dict[str, str]]:
-        return None, {p.name: self._written if p == self.path else ann.file_digest(p) for p in self.files()}
+        return None, {p.name: self._written if p == self.path else ann.own_digest(p) for p in self.files()}
 
     def publish(self) -> None:
         ann.publish_next(self.path)

@@ -54,7 +54,7 @@ class Sharded(Layout):
         return shards.open_shards(paths)
 
     def checksums(self) -> tuple[str | None, dict[str, str]]:
-        files = {p.name: ann.file_digest(p) for p in self.shard_files()}
+        files = {p.name: ann.own_digest(p) for p in self.shard_files()}
         files[self.manifest.name] = self._written
         return None, files
 

@@ -1,0 +1,126 @@
+"""The files of an index folder are opened as the index keeps them, never through what someone else put at their
+names: a symbolic link at a lock file or at an ANN file, an emptied catalog beside its vectors, and an index folder
+(or its files) that another user can write or made."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run
+from helpers import alignsearch as as_child
+
+
+def verify_json(ix, *args, code):
+    return json.loads(run("verify", "--index", ix, "--json", "--skip-model", *args, code=code).stdout)
+
+
+@pytest.mark.slow
+def test_a_symlink_at_the_watch_lock_is_never_followed(indexed_images, tmp_path):
+    """watch.lock was opened with O_CREAT and without O_NOFOLLOW: a link planted at it (by anyone who can write the
+    folder) made `index --watch` create the file the link names (or lock another program's file). It is refused now
+    as write.lock is: one line, exit 7, the target not made."""
+    root, ix = indexed_images(4)
+    planted = tmp_path / "planted"
+    (ix / "watch.lock").symlink_to(planted)
+    proc = as_child("index", "--index", ix, "--device", "cpu", "--workers", "0", "--watch", timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "watch.lock is a symbolic link" in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
+    assert not os.path.lexists(planted)
+
+
+def test_an_emptied_catalog_beside_its_vectors_is_damage_and_stays_as_it_is(tmp_path):
+    """catalog.db cut to 0 bytes beside the vectors and ANN index it described: a writer (`roots`, `tag --clear`)
+    created fresh tables in it, and from then on every command said "holds no indexed images yet" (exit 3) of a
+    damaged index. Now every command says it is damaged (exit 7) and none writes into it."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 300)[0].dispose()
+    (ix / "catalog.db").write_bytes(b"")
+    for args in (("roots",), ("tag", "--clear"), ("tune",), ("similar", "5"), ("info",)):
+        out = run(*args, "--index", ix, code=7).output
+        assert "Traceback" not in out and len(out.strip().splitlines()) == 1, (args, out)
+        assert (ix / "catalog.db").stat().st_size == 0, args
+    verify_json(ix, code=7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,pattern", [({}, "index.faiss"), ({"index_shards": 3}, "shard-*.faiss"),
+                                            ({"index_shards": 3}, "shards.json"),
+                                            ({"ondisk_shards": 2}, "lists-*.ivfdata")],
+                         ids=["single", "shard", "manifest", "lists"])
+def test_a_symlink_at_an_ann_file_is_damage_and_repaired(tmp_path, layout, pattern):
+    """index.faiss, a shard file, the shard manifest or an on-disk lists file swapped for a symbolic link to a copy of
+    itself: readers followed it (queries answered, verify said ok), though writers only ever rename a file of their
+    own there; a link to a FIFO would hang them. Now a link there is damage: every reader says so (exit 7), verify
+    names it, --repair builds the ANN files again from the vectors and leaves the link's target as it was."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 10_000 if layout else 2_000, **layout)[0].dispose()
+    planted = sorted(ix.glob(pattern))[0]
+    target = tmp_path / "elsewhere"
+    planted.rename(target)
+    planted.symlink_to(target)
+    before = target.read_bytes()
+    out = run("similar", "5", "--index", ix, code=7).output
+    assert f"{planted.name} is a symbolic link" in out and len(out.strip().splitlines()) == 1, out
+    problems = verify_json(ix, code=7)["problems"]
+    assert any(p.startswith(f"{planted.name} is a symbolic link") for p in problems), problems
+    assert verify_json(ix, "--repair", code=0)["ok"]
+    assert target.read_bytes() == before
+    run("similar", "5", "--index", ix)
+    assert verify_json(ix, code=0)["checked"]["index_vectors"] == (10_000 if layout else 2_000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
+def test_a_catalog_another_user_planted_in_an_index_folder_others_can_write_is_refused(indexed_images, tmp_path):
+    """An index folder every user can write (mode 0777): another user (nobody) renamed over catalog.db a copy of it
+    naming one more root, a private folder of this user's (mode 0700). The next `index` run read that folder into a
+    catalog owned by the other user (its paths, hashes, EXIF, embeddings theirs to read), and every command used
+    it. Now every command refuses such an index in one line (exit 6), and one whose catalog another user made
+    even once the folder is closed again; nothing is read into it."""
+    import shutil
+    import sqlite3
+    import subprocess
+
+    from conftest import make_images
+    from helpers import as_nobody
+
+    root, ix = indexed_images(3)
+    private = make_images(tmp_path / "private", 2, seed=7)[0].parent
+    private.chmod(0o700)
+    ix.chmod(0o777)
+
+    def in_the_index_as_nobody():
+        os.chdir(ix)  # the tests' folders are root's own (0700): the other user works from inside the index
+        as_nobody()
+
+    theirs = tmp_path / "theirs.db"  # their catalog: a copy of this index's, naming the private folder as a root too
+    shutil.copy(ix / "catalog.db", theirs)
+    conn = sqlite3.connect(theirs)
+    with conn:
+        roots = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'roots'").fetchone()[0])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'roots'", (json.dumps(roots + [str(private)]),))
+    conn.close()
+    shutil.copy(theirs, ix / ".theirs")  # where they can read it (python cannot run as nobody here: sh's cp and mv)
+    planted = subprocess.run(["sh", "-c", "cp .theirs .planted && mv .planted catalog.db && rm -f catalog.db-wal "
+                              "catalog.db-shm"], preexec_fn=in_the_index_as_nobody, capture_output=True, text=True,
+                             timeout=60)
+    assert planted.returncode == 0, planted.stderr
+    assert (ix / "catalog.db").stat().st_uid == 65534
+    for args in (("index",), ("similar", "1"), ("roots",), ("verify", "--skip-model")):
+        out = run(*args, "--index", ix, code=6).output
+        assert f"refusing the index {ix}: {ix} is writable by every user" in out, (args, out)
+        assert len(out.strip().splitlines()) == 1, (args, out)
+    ix.chmod(0o755)
+    out = run("info", "--index", ix, code=6).output
+    assert "catalog.db belongs to another user (uid 65534)" in out, out
+    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT count(*) FROM files WHERE root = ?", (str(private),)).fetchone()[0] == 0
+    finally:
+        conn.close()

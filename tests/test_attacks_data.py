@@ -258,6 +258,7 @@ def test_exif_text_fields_of_megabytes_are_cut_to_a_name(tmp_path):
     assert photometa.read(small.read_bytes(), 0.0)["camera"] == "OLYMPUS IMAGING CORP. E-M5MarkII"  # names kept whole
 
 
+@pytest.mark.slow
 def test_a_photo_with_a_huge_camera_field_does_not_swell_the_catalog_or_the_answers(tmp_path, tiny_model):
     lib = tmp_path / "lib"
     _huge_exif(lib / "huge.png", 5_000_000)
@@ -351,6 +352,7 @@ def test_a_worker_that_dies_while_phashes_are_filled_fails_its_file_and_the_fill
 
 # -- 4. finetune over a folder holding a FIFO ------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_finetune_over_a_folder_with_a_fifo_for_a_caption_skips_it_and_trains(tmp_path, tiny_model):
     """`finetune FOLDER` read each photo's sidecar caption with read_text: a FIFO named like a caption (c.txt
@@ -442,6 +444,7 @@ def test_a_damaged_object_in_the_meta_table_is_damage_named_by_its_key(indexed_i
 
 
 # -- 6. kill -9 while the perceptual hashes of an older index are filled ----------------------------------------
+
 
 @pytest.mark.slow
 def test_kill_9_while_phashes_are_filled_leaves_none_half_written_and_the_next_run_fills_them(indexed_images):
@@ -555,6 +558,7 @@ def test_a_jsonl_line_that_is_no_object_is_a_one_line_input_error(tmp_path, tiny
 
 # -- 8. kill -9 while `tag` stores its tags -------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_kill_9_after_the_tags_are_stored_leaves_tags_and_remembered_labels_together(indexed_images, tmp_path):
     """`tag` committed the new tags, then in a second transaction remembered the labels (meta `tagging`) that
@@ -585,6 +589,7 @@ def test_kill_9_after_the_tags_are_stored_leaves_tags_and_remembered_labels_toge
 
 
 # -- 9. a file unreadable while the photo fields of an older index are filled ------------------------------------
+
 
 @pytest.mark.slow
 def test_a_photo_unreadable_while_its_fields_are_filled_gets_them_once_it_can_be_read(tmp_path, tiny_model):

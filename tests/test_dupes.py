@@ -260,6 +260,7 @@ def test_similar_pairs_cover_vectors_the_index_does_not_hold_yet(planted):
     assert {tuple(p) for p in dupes.similar_pairs(index, store, live, 0.95).tolist()} == truth
 
 
+@pytest.mark.slow
 def test_similar_pairs_keep_k_partners_per_list_at_a_low_threshold(planted):
     index, store, live, unit = planted
     found = dupes.similar_pairs(index, store, live, -1.0, k=3, nprobe=2)

@@ -208,6 +208,7 @@ def test_ctrl_c_at_any_moment_of_a_short_command(site_dir, tmp_path):
     assert 130 in seen, seen  # some landed while it ran: the test saw the handling, not only finished runs
 
 
+@pytest.mark.slow
 def test_serve_stopped_while_its_model_loads_says_so(site_dir, indexed_images):
     """Before it serves, `serve` is stopped as any command is (it ended with exit 0 and no word, as if it had
     served and been stopped); the record of a server is never written."""

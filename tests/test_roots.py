@@ -68,6 +68,7 @@ def test_a_folder_is_refused_where_taking_over_a_root_would_drop_its_hidden_file
     assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
 
 
+@pytest.mark.slow
 def test_a_hidden_takeover_refused_for_one_folder_writes_nothing_for_the_others_given(tmp_path, tiny_model):
     """`index A B` where A takes over a known root and B's takeover is refused (hidden files): exit 6 said nothing
     was written, yet A's takeover was already committed (A remembered, A/x's rows moved under it)."""

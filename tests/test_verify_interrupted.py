@@ -164,6 +164,7 @@ def test_verify_while_a_run_commits_between_its_reads_finds_no_damage(indexed_im
     assert after.problems == [] and after.checked["images"] == 7
 
 
+@pytest.mark.slow
 def test_a_query_opened_while_a_first_run_commits_searches_one_commit(tmp_path, tiny_model, monkeypatch):
     """A query while the first `index` run commits (no ANN index yet: the committed vectors are searched exactly)
     read the store's rows, then the live files a later commit had added, and failed with IndexError (index 28 is

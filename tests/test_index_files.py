@@ -124,3 +124,16 @@ def test_a_catalog_another_user_planted_in_an_index_folder_others_can_write_is_r
         assert conn.execute("SELECT count(*) FROM files WHERE root = ?", (str(private),)).fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_a_file_of_the_index_gone_while_it_is_judged_is_not_an_error(tmp_path, monkeypatch):
+    """The files judged are listed, then each looked at: a writer's `.next` renamed into place or a segment compacted
+    away in between raised FileNotFoundError out of every command that opened the index then (a reader beside a
+    running `index`): a file gone holds nothing planted."""
+    from alignsearch.storage import paths
+
+    (tmp_path / "catalog.db").write_bytes(b"")
+    listed = paths._index_entries
+    monkeypatch.setattr(paths, "_index_entries", lambda folder: [*listed(folder), folder / "index.faiss.next"])
+    assert paths.untrusted_index(tmp_path, writing=False) is None
+    assert paths.untrusted_index(tmp_path, writing=True) is None

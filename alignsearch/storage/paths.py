@@ -84,7 +84,10 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
     if why is not None:
         return why
     for path in _index_entries(folder):
-        lst = os.lstat(path)
+        try:
+            lst = os.lstat(path)
+        except FileNotFoundError:  # a writer's `.next` renamed into place, a segment compacted away: not planted
+            continue
         if stat.S_ISLNK(lst.st_mode):  # a link's own mode is always 0777: only who made it says anything
             why = None if lst.st_uid in (*owners, os.geteuid()) else f"{path} was made by another user (uid {lst.st_uid})"
         else:

@@ -156,6 +156,55 @@ def test_the_server_shows_a_far_moment_quickly_and_keeps_only_the_right_frame(on
             server.shutdown()
 
 
+@pytest.mark.slow
+def test_moment_pictures_decode_in_the_image_decode_slots(tmp_path, tiny_model, monkeypatch):
+    # a moment's picture (frame_at: up to THUMB_RUNUP_SECONDS of decoding from the keyframe before it) was
+    # decoded outside the server's DECODE_SLOTS: 8 requests for moments of a one-keyframe video decoded 8 at once
+    # (CPU and each decoder's reference frames unbounded); now moments and image thumbnails share the slots
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 2)
+    make_numbered_video(lib / "screen.mkv", 90 * 10, fps=10, b_frames=0, gop=90 * 10)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu", "--video-interval", "10")
+    conn = sqlite3.connect(ix / "catalog.db")
+    moments_ = [r[0] for r in conn.execute("SELECT id FROM files WHERE t IS NOT NULL ORDER BY t")]
+    images = [r[0] for r in conn.execute("SELECT id FROM files WHERE t IS NULL AND relpath != 'screen.mkv'")]
+    conn.close()
+    assert len(moments_) >= 8 and len(images) == 2, (moments_, images)
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def counted(real):
+        def decode(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.2)  # a decode long enough for the requests to meet
+                return real(*args, **kwargs)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return decode
+
+    monkeypatch.setattr(video_module, "frame_at", counted(video_module.frame_at))
+    monkeypatch.setattr(server_module, "open_rgb", counted(server_module.open_rgb))
+    with alignsearch.open(ix, device="cpu") as engine:
+        server = start_in_thread(engine, ServerConfig(port=0, token="s3cret"))
+        try:
+            paths = [f"/api/image/{i}?size=128" for i in moments_[:8] + images]
+            with ThreadPoolExecutor(len(paths)) as pool:
+                answers = list(pool.map(lambda p: call(server.url, p), paths))
+        finally:
+            server.shutdown()
+    assert [status for status, _, _ in answers] == [200] * len(paths), [a[2][:200] for a in answers]
+    assert most[0] == server_module.DECODE_SLOTS == 2, most
+
+
 def test_unreadable_video_raises_with_a_reason(tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video at all" * 50)

@@ -80,7 +80,8 @@ BODY_BYTES = querycheck.MAX_IMAGE_BYTES + FORM_FIELDS * FORM_FIELD_BYTES  # one 
 BACKLOG = 2048
 # Uploaded images decoding at once. Each may hold ~5 bytes per pixel of its up to 50 MP while it decodes;
 # run_in_threadpool alone let 40 decode together (five uploads took the server to 5.7 GB) before any met
-# the encoder's queue. The others wait, holding only their bytes (20 MB at most each).
+# the encoder's queue. The others wait, holding only their bytes (20 MB at most each). Thumbnails of indexed
+# images and video moments' pictures share another DECODE_SLOTS (Library._thumb_slots).
 DECODE_SLOTS = 2
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -568,7 +569,11 @@ class Library:
 
         with self.open_video(row) as f:
             try:
-                return frame_at(f, row.t, row.t_end)
+                # in the image thumbnails' decode slots: up to THUMB_RUNUP_SECONDS of decoding each, holding the
+                # decoder's reference frames (a 4K video's are large); outside them 8 requests decoded 8 videos
+                # at once. The run-up's clock starts in frame_at, after the wait, so waiting costs no frames
+                with self._thumb_slots:
+                    return frame_at(f, row.t, row.t_end)
             except VideoError as exc:
                 raise ApiError(404, str(exc)) from None
 

@@ -34,7 +34,7 @@ from alignsearch.errors import BadImageError, BadInputError
 from alignsearch.media import sources
 from alignsearch.search import querycheck
 from alignsearch.search.request import SearchRequest, to_params
-from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_stat
+from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_index, untrusted_stat
 
 CONTACT_TIMEOUT = 2.0
 # How long a query waits for its answer before it asks whether the server is alive (GET /healthz); the
@@ -317,6 +317,12 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
     an image POST /api/search with the image's bytes as the form's file and the parameters in the URL. No
     answer (Routed.answer None) when no verified server runs or it cannot take the request; the caller then
     loads the engine itself. A query the server rejects raises BadInputError with its message."""
+    try:
+        why = untrusted_index(index_dir, writing=False)
+    except OSError:  # not readable: the local open says so in its own words
+        why = None
+    if why is not None:  # no record or catalog of it is read (state.peek would not): the local open refuses it
+        return Routed(None, why)
     record = _found(index_dir, notice, contact=False)
     if record is None:
         return Routed(None, "no server runs for this index")

@@ -137,3 +137,29 @@ def test_a_file_of_the_index_gone_while_it_is_judged_is_not_an_error(tmp_path, m
     monkeypatch.setattr(paths, "_index_entries", lambda folder: [*listed(folder), folder / "index.faiss.next"])
     assert paths.untrusted_index(tmp_path, writing=False) is None
     assert paths.untrusted_index(tmp_path, writing=True) is None
+
+
+@pytest.mark.parametrize("put", ["link", "folder"])
+def test_verify_names_what_every_watch_refuses_at_the_watch_lock(tmp_path, put):
+    """A symbolic link or a folder at watch.lock makes every `index --watch` stop (exit 7), but verify said the index
+    was ok: it named such trouble at write.lock only. It names both now; --repair removes neither (another process
+    may be replacing it) and says to; removed, the index is ok again."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 300)[0].dispose()
+    planted = tmp_path / "planted"
+    if put == "link":
+        (ix / "watch.lock").symlink_to(planted)
+    else:
+        (ix / "watch.lock").mkdir()
+    what = "a symbolic link" if put == "link" else "a folder"
+    problems = verify_json(ix, code=7)["problems"]
+    assert [p for p in problems if p.startswith(f"watch.lock is {what}") and "remove it" in p], problems
+    assert any(p.startswith(f"watch.lock is {what}") for p in verify_json(ix, "--repair", code=7)["problems"])
+    assert os.path.lexists(ix / "watch.lock") and not os.path.lexists(planted)
+    if put == "link":
+        (ix / "watch.lock").unlink()
+    else:
+        (ix / "watch.lock").rmdir()
+    assert verify_json(ix, code=0)["ok"]

@@ -875,8 +875,7 @@ def test_a_query_neither_peeks_at_nor_routes_from_an_index_others_can_write(reco
     private.parent.mkdir(mode=0o700)
     _place(theirs.read_bytes(), private)
     os.chmod(ix, 0o777)
-    answer, notes = _routed(ix)
-    assert answer is None and server.received == [] and notes == [], (server.received, notes)
+    _refused(ix, server, f"{ix} is writable by every user")
     planted = tmp_path / "planted.db"
     shutil.copy(ix / DB_FILE, planted)
     conn = sqlite3.connect(planted)
@@ -885,7 +884,9 @@ def test_a_query_neither_peeks_at_nor_routes_from_an_index_others_can_write(reco
     conn.close()  # its WAL folded into the file copied
     plant_as_nobody(ix, planted, DB_FILE)
     assert state.peek(ix / DB_FILE, "index_id") is None
-    out = run("query", "a dog", "--index", ix, code=6).output
-    assert f"refusing the index {ix}: {ix} is writable by every user" in out and len(out.strip().splitlines()) == 1, out
+    lines = run("query", "a dog", "--index", ix, code=6).output.strip().splitlines()
+    assert server.received == [] and "searching locally" in lines[0], lines
+    assert lines[1:] == [f"error: refusing the index {ix}: {ix} is writable by every user (another user may have "
+                         "written what it holds: move the index to a folder only you can write, or `chmod go-w` it)"]
     os.chmod(ix, 0o755)  # closed again, the catalog is still another user's: not read either
     assert state.peek(ix / DB_FILE, "index_id") is None

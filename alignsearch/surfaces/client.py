@@ -247,6 +247,13 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
     if _stopped(pid):
         notice(f"notice: the server recorded in {path} is stopped (process {pid}); searching locally")
         return None
+    try:
+        why = untrusted_index(index_dir, writing=False)
+    except OSError:  # not readable: the local open says so in its own words
+        why = None
+    if why is not None:  # its catalog is not read (state.peek would not): the local open refuses the index
+        notice(f"notice: not asking the server recorded in {path}: {why}; searching locally")
+        return None
     if not contact and isinstance(record.get("search_params"), list):
         claimed = record
     else:
@@ -317,12 +324,6 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
     an image POST /api/search with the image's bytes as the form's file and the parameters in the URL. No
     answer (Routed.answer None) when no verified server runs or it cannot take the request; the caller then
     loads the engine itself. A query the server rejects raises BadInputError with its message."""
-    try:
-        why = untrusted_index(index_dir, writing=False)
-    except OSError:  # not readable: the local open says so in its own words
-        why = None
-    if why is not None:  # no record or catalog of it is read (state.peek would not): the local open refuses it
-        return Routed(None, why)
     record = _found(index_dir, notice, contact=False)
     if record is None:
         return Routed(None, "no server runs for this index")

@@ -17,6 +17,9 @@ from alignsearch.errors import BadInputError, IndexDamagedError
 from alignsearch.storage.paths import LOCK_FILE, writer_running  # noqa: F401 - the probe readers use lives in the core
 
 
+WATCH_LOCK = "watch.lock"  # held by the one `index --watch` of an index (the writer lock is held per run only)
+
+
 class WriterBusy(BadInputError):
     """Another process holds the writer lock (exit 6, as any BadInputError): `index --watch` waits and retries."""
 

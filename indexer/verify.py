@@ -33,7 +33,7 @@ from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError, IndexNotFoundError
 from alignsearch.storage.vectors import VectorStore
 from indexer.build import sync_index
-from indexer.lock import LOCK_FILE, lock_trouble, writer_lock, writer_running
+from indexer.lock import LOCK_FILE, WATCH_LOCK, lock_trouble, writer_lock, writer_running
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,12 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
-    trouble = lock_trouble(index_dir / LOCK_FILE)
-    if trouble:  # --repair cannot take it either: removing what another process may be replacing is not safe
-        r.problems.append(f"{LOCK_FILE} is {trouble}, not the lock file alignsearch makes: every writer refuses the "
-                          "index until it is removed")
+    for name, who in ((LOCK_FILE, "every writer"), (WATCH_LOCK, "every `index --watch`")):
+        trouble = lock_trouble(index_dir / name)
+        if trouble:  # --repair leaves it (it cannot take write.lock either): removing what another process may be
+            # replacing is not safe
+            r.problems.append(f"{name} is {trouble}, not the lock file alignsearch makes: {who} refuses the index "
+                              "until it is removed (verify --repair leaves it: remove it yourself)")
     r.checked.update(images=indexed, vectors_indexed=len(live), vector_segments=len(store.numbers()), vector_rows_hashed=found.rows_hashed,
                      vector_rows=sum(store.committed(s) for s in store.numbers()), writer_running=writing,
                      last_run=last_run(unfinished, writing))

@@ -56,7 +56,7 @@ from alignsearch.errors import BadInputError, CatalogBusyError, IndexDamagedErro
     IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
-from indexer.lock import open_lock_file
+from indexer.lock import WATCH_LOCK, open_lock_file
 from indexer.roots import Scope, looks_unmounted
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ce
                         "fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse", "fuse.glusterfs", "virtiofs",
                         "vboxsf", "fuse.vmhgfs-fuse"})
 ADDED, MODIFIED, DELETED = 1, 2, 3  # watchfiles.Change values
-WATCH_LOCK = "watch.lock"  # held by the one `index --watch` of an index (the writer lock is held per run only)
 
 
 @dataclass(frozen=True, kw_only=True)

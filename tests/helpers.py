@@ -1127,3 +1127,23 @@ def turn_witness(turn, seen: list, text: str = ""):
         return text, 0.0
 
     return read_text
+
+
+def plant_as_nobody(folder: Path, source: Path, name: str) -> None:
+    """As another user (nobody): rename a copy of source over folder/name, as anyone who may write folder could
+    (folder must let them: 0777). Python cannot run as nobody here, so sh's cp and mv do it, from inside the folder
+    (the tests' own folders above it are root's, 0700)."""
+    import shutil
+
+    folder = Path(folder)
+    shutil.copy(source, folder / ".theirs")
+    os.chmod(folder / ".theirs", 0o644)
+
+    def inside_as_nobody():
+        os.chdir(folder)
+        as_nobody()
+
+    done = subprocess.run(["sh", "-c", f"cp .theirs .planted && mv .planted '{name}' && rm -f .theirs"],
+                          preexec_fn=inside_as_nobody, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (folder / name).stat().st_uid == NOBODY

@@ -3,6 +3,7 @@ names: a symbolic link at a lock file or at an ANN file, an emptied catalog besi
 (or its files) that another user can write or made."""
 
 import json
+import shutil
 import os
 
 import pytest
@@ -137,3 +138,80 @@ def test_a_file_of_the_index_gone_while_it_is_judged_is_not_an_error(tmp_path, m
     monkeypatch.setattr(paths, "_index_entries", lambda folder: [*listed(folder), folder / "index.faiss.next"])
     assert paths.untrusted_index(tmp_path, writing=False) is None
     assert paths.untrusted_index(tmp_path, writing=True) is None
+
+
+@pytest.mark.parametrize("put", ["link", "folder"])
+def test_verify_names_what_every_watch_refuses_at_the_watch_lock(tmp_path, put):
+    """A symbolic link or a folder at watch.lock makes every `index --watch` stop (exit 7), but verify said the index
+    was ok: it named such trouble at write.lock only. It names both now; --repair removes neither (another process
+    may be replacing it) and says to; removed, the index is ok again."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 300)[0].dispose()
+    planted = tmp_path / "planted"
+    if put == "link":
+        (ix / "watch.lock").symlink_to(planted)
+    else:
+        (ix / "watch.lock").mkdir()
+    what = "a symbolic link" if put == "link" else "a folder"
+    problems = verify_json(ix, code=7)["problems"]
+    assert [p for p in problems if p.startswith(f"watch.lock is {what}") and "remove it" in p], problems
+    assert any(p.startswith(f"watch.lock is {what}") for p in verify_json(ix, "--repair", code=7)["problems"])
+    assert os.path.lexists(ix / "watch.lock") and not os.path.lexists(planted)
+    if put == "link":
+        (ix / "watch.lock").unlink()
+    else:
+        (ix / "watch.lock").rmdir()
+    assert verify_json(ix, code=0)["ok"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
+def test_a_reader_open_for_long_judges_the_folder_again_before_a_new_snapshot(tmp_path):
+    """`serve` judged the index folder once, when it opened: a folder made writable by every user after that, and a
+    catalog and ANN file another user (nobody) then renamed over the index's, were read at the next request (its
+    Engine.refresh picked up the planted index.faiss as a newer snapshot). Now each refresh judges the folder again
+    (a few stats) and refuses it as every command's open does; the snapshot it had is not replaced."""
+    import sqlite3
+
+    from alignsearch.errors import BadInputError
+    from alignsearch.search.engine import open as open_index
+    from helpers import plant_as_nobody, vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    engine = open_index(ix)
+    assert engine.refresh() is False
+    snap = engine.snap
+    theirs = tmp_path / "theirs.db"
+    shutil.copy(ix / "catalog.db", theirs)
+    conn = sqlite3.connect(theirs)
+    with conn:
+        conn.execute("UPDATE meta SET value = '7' WHERE key = 'generation'")
+    conn.close()  # its WAL folded into the file copied
+    ix.chmod(0o777)
+    plant_as_nobody(ix, theirs, "catalog.db")
+    plant_as_nobody(ix, ix / "index.faiss", "index.faiss")
+    with pytest.raises(BadInputError, match=f"refusing the index {ix}: {ix} is writable by every user"):
+        engine.refresh()
+    assert engine.snap is snap
+    engine.db.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
+def test_serve_refuses_its_index_once_others_can_write_it(indexed_images):
+    """The same through a real `serve`: its folder made 0777 while it runs, an index.faiss another user (nobody)
+    renamed over the index's was the next request's snapshot (answered 200); now that request is refused (400)."""
+    from helpers import call, plant_as_nobody, start_serve, stop
+
+    root, ix = indexed_images(3)
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        assert call(url, "/api/search?q=a+photo&k=1")[0] == 200
+        ix.chmod(0o777)
+        plant_as_nobody(ix, ix / "index.faiss", "index.faiss")
+        status, _, body = call(url, "/api/search?q=a+photo&k=1")
+    finally:
+        stop(proc)
+    assert status == 400 and f"refusing the index {ix}: {ix} is writable by every user".encode() in body, body

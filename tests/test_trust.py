@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -856,3 +857,36 @@ def test_serve_keeps_its_record_private_where_the_index_folder_others_may_write(
     assert "writable by every user" in (read_only(ix) or "")
     os.chmod(ix, 0o755)
     assert read_only(ix) is None
+
+
+@needs_root
+def test_a_query_neither_peeks_at_nor_routes_from_an_index_others_can_write(record_ix, tmp_path, monkeypatch):
+    """`query` asked a running server only after state.peek read the index's catalog (its index id, to check the
+    server serves it) with sqlite3 alone, without the judgement catalog.connect makes: in a folder every user can
+    write, the query went to the server this user's private record named, and a catalog another user planted was
+    read (its index id taken for this index's). Now neither: the query searches locally, whose open refuses it."""
+    from alignsearch.storage import state
+    from alignsearch.storage.paths import DB_FILE, private_record
+    from helpers import plant_as_nobody
+
+    ix, server, theirs = record_ix
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    private = private_record(ix)
+    private.parent.mkdir(mode=0o700)
+    _place(theirs.read_bytes(), private)
+    os.chmod(ix, 0o777)
+    _refused(ix, server, f"{ix} is writable by every user")
+    planted = tmp_path / "planted.db"
+    shutil.copy(ix / DB_FILE, planted)
+    conn = sqlite3.connect(planted)
+    with conn:
+        conn.execute("UPDATE meta SET value = '\"planted\"' WHERE key = 'index_id'")
+    conn.close()  # its WAL folded into the file copied
+    plant_as_nobody(ix, planted, DB_FILE)
+    assert state.peek(ix / DB_FILE, "index_id") is None
+    lines = run("query", "a dog", "--index", ix, code=6).output.strip().splitlines()
+    assert server.received == [] and "searching locally" in lines[0], lines
+    assert lines[1:] == [f"error: refusing the index {ix}: {ix} is writable by every user (another user may have "
+                         "written what it holds: move the index to a folder only you can write, or `chmod go-w` it)"]
+    os.chmod(ix, 0o755)  # closed again, the catalog is still another user's: not read either
+    assert state.peek(ix / DB_FILE, "index_id") is None

@@ -164,7 +164,10 @@ class Engine:
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
 
     def refresh(self) -> bool:
-        """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed."""
+        """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed. The folder
+        is judged again first (a few stats): one made writable by others since the open (`serve` runs for days)
+        may hold a catalog or ANN file they planted, which neither this check nor a new pooled connection reads."""
+        catalog.refuse_untrusted(self.dir, writing=False)
         snap = self.snap
         with self.db.connect() as conn:
             generation = state.read(conn, "generation").generation

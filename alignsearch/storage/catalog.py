@@ -213,6 +213,16 @@ def shown_path(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def refuse_untrusted(index_dir: Path, *, writing: bool) -> None:
+    """BadInputError where another user could have put the index's files there (paths.untrusted_index): asked
+    before the catalog opens (connect), and by a reader open for long each time it looks for a newer snapshot
+    (Engine.refresh: a folder made writable by others after `serve` opened it)."""
+    why = untrusted_index(index_dir, writing=writing)
+    if why is not None:  # never read, whatever they hold
+        raise BadInputError(f"refusing the index {index_dir}: {why} (another user may have written what "
+                            "it holds: move the index to a folder only you can write, or `chmod go-w` it)")
+
+
 BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another process's lock before giving up
 
 
@@ -222,10 +232,7 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     read-only mount or owned by another user can be queried. A file that is not a readable SQLite database
     raises IndexDamagedError (one line, exit 7) rather than a driver traceback, as does a catalog written by
     a newer alignsearch."""
-    why = untrusted_index(Path(db_path).parent, writing=not readonly)
-    if why is not None:  # another user could have put its files there: never read, whatever they hold
-        raise BadInputError(f"refusing the index {Path(db_path).parent}: {why} (another user may have written what "
-                            "it holds: move the index to a folder only you can write, or `chmod go-w` it)")
+    refuse_untrusted(Path(db_path).parent, writing=not readonly)
     if readonly:
         engine = open_readonly(db_path)
     else:

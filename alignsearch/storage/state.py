@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage.paths import LISTS_SUFFIX, readonly_uri
+from alignsearch.storage.paths import LISTS_SUFFIX, readonly_uri, untrusted_index
 
 
 @dataclass(frozen=True)
@@ -355,9 +355,12 @@ def write(conn, **fields: Any) -> None:
 def peek(db_path: Path, *fields: str) -> IndexState | None:
     """These fields of the state of the catalog at db_path (read(conn, *fields)), read with the sqlite3 module
     alone, for callers that must not wait for SQLAlchemy's import (the cold-start peek at the model, the
-    client's check of a server's index id); None when it cannot be read. Opened as catalog.open_readonly
-    opens it (paths.readonly_uri: nothing is written)."""
+    client's check of a server's index id); None when it cannot be read, or when another user could have put it
+    there (paths.untrusted_index, which catalog.connect asks too: a planted catalog was read here, its index id
+    taken for this index's). Opened as catalog.open_readonly opens it (paths.readonly_uri: nothing is written)."""
     try:
+        if untrusted_index(Path(db_path).parent, writing=False) is not None:
+            return None
         db = Path(db_path).resolve()
         if not db.is_file():
             return None

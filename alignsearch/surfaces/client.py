@@ -34,7 +34,7 @@ from alignsearch.errors import BadImageError, BadInputError
 from alignsearch.media import sources
 from alignsearch.search import querycheck
 from alignsearch.search.request import SearchRequest, to_params
-from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_stat
+from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_index, untrusted_stat
 
 CONTACT_TIMEOUT = 2.0
 # How long a query waits for its answer before it asks whether the server is alive (GET /healthz); the
@@ -246,6 +246,13 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
         return None
     if _stopped(pid):
         notice(f"notice: the server recorded in {path} is stopped (process {pid}); searching locally")
+        return None
+    try:
+        why = untrusted_index(index_dir, writing=False)
+    except OSError:  # not readable: the local open says so in its own words
+        why = None
+    if why is not None:  # its catalog is not read (state.peek would not): the local open refuses the index
+        notice(f"notice: not asking the server recorded in {path}: {why}; searching locally")
         return None
     if not contact and isinstance(record.get("search_params"), list):
         claimed = record

@@ -61,10 +61,16 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=init)
     try:
-        # A spawn pool starts one worker per submit while none is idle (never all at once): submitting one task
-        # per worker in a tight loop starts them all here, inside the block; none could be idle yet (a worker
-        # takes far longer to boot than the loop runs). Later submits find idle workers and start none.
+        # All the workers started here, before the first submit starts the pool's manager thread: a spawn pool
+        # otherwise starts one per submit, the later ones while that thread runs, and a worker that died at once
+        # (one that cannot start) made it close the pool's queues while the next worker was being started with
+        # their descriptors noted for the child: the new worker's own pipe took such a number, and submit raised
+        # `ValueError: bad value(s) in fds_to_keep` (CPython 3.11; seen in the tests). Private, as _stop's
+        # reads are: without it (another Python), one worker per submit as before.
         with sigint_held():
+            launch = getattr(pool, "_launch_processes", None)
+            if launch is not None:
+                launch()
             first = [pool.submit(os.getpid) for _ in range(workers)]
         for f in first:
             f.result(timeout=120)

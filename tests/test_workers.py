@@ -174,6 +174,47 @@ def test_workers_that_cannot_start_fail_fast():
     assert time.monotonic() - started < 30
 
 
+def test_a_worker_dying_while_the_next_one_starts_is_workers_cannot_start(monkeypatch):
+    """Seen once in the fast subset: `ValueError: bad value(s) in fds_to_keep` out of pool.submit instead of
+    WorkersCannotStart. The pool started its workers one per submit, the later ones while its manager thread ran:
+    a worker that died at once made that thread tear the pool down, closing its call queue, while the next worker
+    was being started with the queue's descriptors already noted for the child; the new worker's own pipes then
+    took those numbers (CPython 3.11 concurrent.futures; the manager's loop over the workers also raised
+    "dictionary changed size during iteration" now and then). Here each worker's start waits, after its
+    descriptors are noted, for a running manager thread of its pool to close the queue, as it now and then did
+    by itself under load: no worker may be handed descriptors already closed."""
+    import concurrent.futures.process as cfp
+    import multiprocessing
+    import threading
+    from multiprocessing import popen_spawn_posix, resource_tracker, spawn
+
+    from indexer.workers import WorkersCannotStart, _new_pool
+
+    real_dump, handed_closed = popen_spawn_posix.reduction.dump, []
+
+    def dump_then_teardown(obj, file, *args, **kwargs):
+        real_dump(obj, file, *args, **kwargs)  # the queues' descriptors are noted for the child here
+        if not isinstance(obj, multiprocessing.process.BaseProcess):
+            return
+        call_queue = obj._args[0]
+        if any(isinstance(t, cfp._ExecutorManagerThread) and t.call_queue is call_queue for t in threading.enumerate()):
+            deadline = time.monotonic() + 10  # the manager then waits for the lock that submit holds
+            while not call_queue._reader.closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+        handed_closed.append(call_queue._reader.closed)
+
+    ctx, real = multiprocessing.get_context("spawn"), spawn.get_executable()
+    resource_tracker.ensure_running()  # with the real executable (see test_workers_that_cannot_start_fail_fast)
+    monkeypatch.setattr(popen_spawn_posix.reduction, "dump", dump_then_teardown)
+    ctx.set_executable("/bin/false")
+    try:
+        with pytest.raises(WorkersCannotStart, match="--workers 0"):
+            _new_pool(4)
+    finally:
+        ctx.set_executable(real)
+    assert handed_closed and not any(handed_closed), handed_closed
+
+
 def _gone_within(pids, seconds: float) -> bool:
     """Have all these processes ended (or are zombies waiting to be reaped) within `seconds`?"""
     deadline = time.monotonic() + seconds

@@ -39,9 +39,23 @@ def quiet_worker() -> None:
 
 
 def spawn_executor(workers: int) -> ProcessPoolExecutor:
-    """A spawn-context ProcessPoolExecutor whose workers end with this process (exit_with_parent); Ctrl-C reaches
-    them as it reaches this process."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent)
+    """A spawn-context ProcessPoolExecutor whose workers end with this process (exit_with_parent), all started
+    (start_all); Ctrl-C reaches them as it reaches this process."""
+    return start_all(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=exit_with_parent))
+
+
+def start_all(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    """pool with all its workers started now, before a submit starts its manager thread. A spawn pool otherwise
+    starts one per submit, the later ones while that thread runs; a worker that died at once made the thread close
+    the pool's queues while the next worker was being started with their descriptors noted for the child, whose
+    own pipe then took such a number: submit raised `ValueError: bad value(s) in fds_to_keep` (CPython 3.11, seen
+    in the tests) where a BrokenProcessPool was due. Private, as indexer/workers.py's reads of a pool are: without
+    it (another Python), one worker per submit as before."""
+    launch = getattr(pool, "_launch_processes", None)
+    if launch is not None:
+        launch()
+    return pool
 
 
 def ignore_sigint() -> None:

@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import chain, islice
 
 from alignsearch.errors import AlignSearchError
-from alignsearch.workerpool import quiet_worker, sigint_held
+from alignsearch.workerpool import quiet_worker, sigint_held, start_all
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,10 @@ def _new_pool(workers: int, init: tuple = (None, ())) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=init)
     try:
-        # All the workers started here, before the first submit starts the pool's manager thread: a spawn pool
-        # otherwise starts one per submit, the later ones while that thread runs, and a worker that died at once
-        # (one that cannot start) made it close the pool's queues while the next worker was being started with
-        # their descriptors noted for the child: the new worker's own pipe took such a number, and submit raised
-        # `ValueError: bad value(s) in fds_to_keep` (CPython 3.11; seen in the tests). Private, as _stop's
-        # reads are: without it (another Python), one worker per submit as before.
+        # All the workers started here, before the first submit starts the pool's manager thread (start_all: one
+        # that cannot start, dying at once, made a later submit raise ValueError, not WorkersCannotStart)
         with sigint_held():
-            launch = getattr(pool, "_launch_processes", None)
-            if launch is not None:
-                launch()
+            start_all(pool)
             first = [pool.submit(os.getpid) for _ in range(workers)]
         for f in first:
             f.result(timeout=120)

@@ -533,3 +533,17 @@ def test_a_stopped_pool_leaves_python_s_exit_no_manager_to_wake():
     manager, wakeup = pool._executor_manager_thread, pool._executor_manager_thread_wakeup
     _stop(pool)
     assert not manager.is_alive() and wakeup._closed
+
+
+def test_the_ondisk_pool_starts_all_its_workers_before_any_submit():
+    """indexer/ondisk.py's pool (workerpool.spawn_executor) started one worker per submit, the later ones while the
+    pool's manager thread ran: the race test_a_worker_dying_while_the_next_one_starts_is_workers_cannot_start forces
+    for decode pools. It starts them all at once now, before a submit starts that thread."""
+    from alignsearch.workerpool import spawn_executor
+
+    pool = spawn_executor(3)
+    try:
+        assert len(pool._processes) == 3 and pool._executor_manager_thread is None
+        assert sorted(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]
+    finally:
+        pool.shutdown()

@@ -24,7 +24,7 @@ from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRe
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, resolve_index_dir
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, judged_key, resolve_index_dir
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class Engine:
         self.dir = Path(index_dir)
         self._model_name = model
         self._enc_options = encoder_options(device=device, backend=backend, precision=precision, text_bf16=text_bf16)
+        self._judged = judged_key(self.dir)  # before connect's judgement: a change while it judges is judged again
         self.db = catalog.connect(self.dir / DB_FILE, readonly=True)
         # The one encoder cache: (fingerprint, encoder, whether it encodes images); a text-only one
         # (cached.CachedText: no torch) gives way to the full encoder when an image is encoded.
@@ -165,9 +166,12 @@ class Engine:
 
     def refresh(self) -> bool:
         """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed. The folder
-        is judged again first (a few stats): one made writable by others since the open (`serve` runs for days)
+        is judged again first when it changed (judged_key: three stats): one made writable by others since the open (`serve` runs for days)
         may hold a catalog or ANN file they planted, which neither this check nor a new pooled connection reads."""
-        catalog.refuse_untrusted(self.dir, writing=False)
+        key = judged_key(self.dir)
+        if key != self._judged:  # entries, modes or owners changed since last judged: the whole folder again
+            catalog.refuse_untrusted(self.dir, writing=False)
+            self._judged = key
         snap = self.snap
         with self.db.connect() as conn:
             generation = state.read(conn, "generation").generation

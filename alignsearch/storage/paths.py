@@ -97,6 +97,23 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
     return None
 
 
+def judged_key(index_dir: str | os.PathLike) -> tuple:
+    """What untrusted_index's answer rests on, in three stats: the index folder, its vectors/ folder and its catalog
+    (each's inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed,
+    changes one of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
+    again only then, not its every file each time."""
+    folder = Path(index_dir)
+    key = []
+    for path in (folder, folder / "vectors", folder / DB_FILE):
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            key.append(None)
+            continue
+        key.append((st.st_ino, st.st_mode, st.st_uid, st.st_ctime_ns, st.st_mtime_ns))
+    return tuple(key)
+
+
 def _index_entries(folder: Path) -> list[Path]:
     """The files an index folder keeps that a command reads (the catalog and SQLite's files beside it, the vectors,
     the ANN files: storage/shards.py's manifest and shards, the on-disk lists, each layout's `.next` file), and

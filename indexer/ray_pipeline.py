@@ -330,8 +330,8 @@ def _settle(rays_own: set, seconds: float = 3.0) -> list:
     seen, a worker of Ray Data's iterator polling for a slot no consumer will free (its stop flag is set when its
     generator is finalized, which the stop's traceback delays), which touches Ray only once it has a slot."""
     deadline = time.monotonic() + seconds
+    gc.collect()  # once (~0.2 s of a torch process): the finalizers that stop them, the closed iterator's generators
     while True:
-        gc.collect()  # the finalizers that stop them: the closed iterator's generators, left to the collector
         frames = sys._current_frames()
         running = [t for t in threading.enumerate()
                    if t not in rays_own and t.is_alive() and not parked(frames.get(t.ident))]

@@ -655,3 +655,110 @@ def test_thumbnails_of_images_between_the_upload_and_index_caps(tmp_path, tiny_m
         engine.close()
     assert status == 200, body[:200]
     assert max(Image.open(io.BytesIO(body)).size) == 256
+
+
+def held_thumbnail_decodes(monkeypatch):
+    """The server module's image decode, held until the returned event is set: (decoding count, release)."""
+    from alignsearch.surfaces import server as server_module
+
+    real, lock, started, release = server_module.open_rgb, threading.Lock(), [0], threading.Event()
+
+    def held(*args, **kwargs):
+        with lock:
+            started[0] += 1
+        release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "open_rgb", held)
+    return started, release
+
+
+@pytest.mark.slow
+def test_thumbnails_waiting_for_a_decode_slot_leave_the_other_requests_alone(prebuilt, tiny_model, monkeypatch):
+    """A page of thumbnails whose decodes are slow (big camera JPEGs, far video moments): each request waiting
+    for one of the DECODE_SLOTS held a worker thread, so 60 of them filled the thread pool (40) and a search
+    waited until the decodes were done. Now a thumbnail waits THUMB_WAIT_SECONDS at most, holding no thread,
+    then answers 503 with Retry-After (not kept by the browser); the search answers meanwhile."""
+    import alignsearch
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
+    started, release = held_thumbnail_decodes(monkeypatch)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    url, token = server.url, server.token
+    try:
+        first = json.loads(call(url, "/api/recent?limit=1", token)[2])["results"][0]["id"]
+        with ThreadPoolExecutor(61) as pool:
+            try:
+                thumbs = [pool.submit(call, url, f"/api/image/{first}?size=256", token) for _ in range(60)]
+                wait_until(lambda: started[0] == server_module.DECODE_SLOTS, "both decode slots taken")
+                time.sleep(0.5)  # the other 58 reach the server and wait for a slot
+                began = time.monotonic()
+                searched = pool.submit(call, url, "/api/search?q=red&k=2", token)
+                try:
+                    status = searched.result(timeout=15)[0]
+                except TimeoutError:
+                    status = None
+                waited = time.monotonic() - began
+                assert status == 200, f"the search waited {waited:.1f} s behind the thumbnails' decodes"
+                assert waited < 5, waited
+                wait_until(lambda: sum(f.done() for f in thumbs) == 58, "58 thumbnails refused", timeout=15)
+                refused = [f.result() for f in thumbs if f.done()]
+            finally:
+                release.set()
+            answers = [f.result() for f in thumbs]
+        assert started[0] == server_module.DECODE_SLOTS  # the refused ones never decoded
+        assert sorted(s for s, _, _ in answers) == [200] * 2 + [503] * 58, [s for s, _, _ in answers]
+        assert {s for s, _, _ in refused} == {503}
+        _, headers, body = refused[0]
+        assert int(headers["Retry-After"]) >= 1 and headers["Cache-Control"] == "no-store", dict(headers)
+        assert "busy" in json.loads(body)["error"]
+    finally:
+        release.set()
+        server.shutdown()
+        engine.close()
+
+
+@pytest.mark.slow
+def test_a_thumbnail_waiting_for_a_slot_is_drawn_once_the_slot_frees(prebuilt, tiny_model, monkeypatch):
+    """A thumbnail that waits for a decode slot less than THUMB_WAIT_SECONDS is drawn, not refused; one refused
+    while the slots were held is drawn when asked again after they free (as the page retries it)."""
+    import alignsearch
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
+    started, release = held_thumbnail_decodes(monkeypatch)
+    monkeypatch.setattr(server_module, "THUMB_WAIT_SECONDS", 5.0, raising=False)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    url, token = server.url, server.token
+    try:
+        ids = [r["id"] for r in json.loads(call(url, "/api/recent?limit=3", token)[2])["results"]]
+        with ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(call, url, f"/api/image/{i}?size=128", token) for i in ids[:2]]
+            wait_until(lambda: started[0] == 2, "both decode slots taken")
+            waiting = pool.submit(call, url, f"/api/image/{ids[2]}?size=128", token)
+            time.sleep(1.0)  # it waits for a slot
+            assert not waiting.done()
+            release.set()
+            status, headers, body = waiting.result(timeout=30)
+        assert status == 200 and Image.open(io.BytesIO(body)).size[0] <= 128
+        assert headers["Cache-Control"].startswith("private") and [f.result()[0] for f in held] == [200, 200]
+
+        release.clear()
+        monkeypatch.setattr(server_module, "THUMB_WAIT_SECONDS", 0.3, raising=False)
+        with ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(call, url, f"/api/image/{i}?size=64", token) for i in ids[:2]]
+            wait_until(lambda: started[0] == 5, "both decode slots taken again")
+            assert call(url, f"/api/image/{ids[2]}?size=64", token)[0] == 503
+            release.set()
+            assert [f.result()[0] for f in held] == [200, 200]
+        status, headers, body = call(url, f"/api/image/{ids[2]}?size=64", token)
+        assert status == 200 and Image.open(io.BytesIO(body)).size[0] <= 64
+    finally:
+        release.set()
+        server.shutdown()
+        engine.close()

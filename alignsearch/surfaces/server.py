@@ -81,8 +81,17 @@ BACKLOG = 2048
 # Uploaded images decoding at once. Each may hold ~5 bytes per pixel of its up to 50 MP while it decodes;
 # run_in_threadpool alone let 40 decode together (five uploads took the server to 5.7 GB) before any met
 # the encoder's queue. The others wait, holding only their bytes (20 MB at most each). Thumbnails of indexed
-# images and video moments' pictures share another DECODE_SLOTS (Library._thumb_slots).
+# images and video moments' pictures share another DECODE_SLOTS. Both wait in the event loop (in_slot), not on
+# a worker thread: 60 thumbnails waiting on a threading semaphore filled the thread pool (anyio's 40) and a
+# search waited until their decodes were done.
 DECODE_SLOTS = 2
+# How long a thumbnail waits for a decode slot before it is answered 503 (Retry-After: THUMB_RETRY_SECONDS, not
+# cached), so a pile of them (other tabs and clients, a script) is turned away instead of queuing without end.
+# A browser asks a server for 6 things at once: 2 decoding and 4 waiting, which wait at most two rounds of the
+# slowest decode (a video moment's run-up, THUMB_RUNUP_SECONDS = 2 s; a 24 MP JPEG draws in 0.06 s), so one
+# page's own thumbnails are not refused.
+THUMB_WAIT_SECONDS = 4.0
+THUMB_RETRY_SECONDS = 1
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),  # the page's first URL carries the token
@@ -411,7 +420,6 @@ class Library:
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-        self._thumb_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._members_lock = threading.Lock()
 
     def fresh(self) -> Engine:
@@ -509,16 +517,20 @@ class Library:
         offset, size = members[name]
         return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
 
-    def original(self, file_id: int) -> tuple[bytes, str]:
+    def original(self, file_id: int) -> tuple[bytes | None, str]:
+        """The image's bytes and type; (None, JPEG) for one a browser cannot show: its largest thumbnail is to be
+        drawn (thumbnail, in a decode slot)."""
         row = self.row(file_id)
         if row.format not in BROWSER_FORMATS:
-            return self.thumbnail(file_id, THUMB_SIZES[-1]), "image/jpeg"
+            return self.thumbnail(file_id, THUMB_SIZES[-1], draw=False), "image/jpeg"
         try:
             return self.read(row), BROWSER_FORMATS[row.format]
         except (OSError, BadInputError) as exc:
             raise ApiError(404, f"the file is gone from its source: {exc}") from None
 
-    def thumbnail(self, file_id: int, size: int) -> bytes:
+    def thumbnail(self, file_id: int, size: int, draw: bool = True) -> bytes | None:
+        """The JPEG thumbnail, from the cache while its file is unchanged, else decoded (draw=False: None instead,
+        so the caller first takes one of the decode slots, waiting in the event loop rather than on a thread)."""
         row = self.row(file_id)
         cache = self.thumb_cache()
         path = None if cache is None else cache / f"{row.id}-{size}.jpg"
@@ -527,6 +539,8 @@ class Library:
             if cached is not None:
                 self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
                 return cached
+            if not draw:
+                return None
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)
                 if "reached" in img.info:  # an earlier frame, its keyframe too far to decode to: not kept
@@ -534,9 +548,8 @@ class Library:
             else:
                 # An indexed image is within the indexer's pixel cap (200 MP), not the upload cap (50 MP): those
                 # between answered 404. A JPEG decodes at a reduced DCT scale still at least the thumbnail's
-                # size, and a few decode at once (the others wait), so a large one costs little memory.
-                with self._thumb_slots:
-                    img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(size, size))
+                # size, and a few decode at once (the caller holds a decode slot), so a large one costs little memory.
+                img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(size, size))
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None
         img.thumbnail((size, size))
@@ -569,11 +582,10 @@ class Library:
 
         with self.open_video(row) as f:
             try:
-                # in the image thumbnails' decode slots: up to THUMB_RUNUP_SECONDS of decoding each, holding the
-                # decoder's reference frames (a 4K video's are large); outside them 8 requests decoded 8 videos
+                # called in the image thumbnails' decode slots: up to THUMB_RUNUP_SECONDS of decoding each, holding
+                # the decoder's reference frames (a 4K video's are large); outside them 8 requests decoded 8 videos
                 # at once. The run-up's clock starts in frame_at, after the wait, so waiting costs no frames
-                with self._thumb_slots:
-                    return frame_at(f, row.t, row.t_end)
+                return frame_at(f, row.t, row.t_end)
             except VideoError as exc:
                 raise ApiError(404, str(exc)) from None
 
@@ -757,7 +769,9 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     """The ASGI application: the API, the page and its assets, behind the Host check."""
     library = Library(engine, config)
     encoder = EncoderQueue(config.queue_size)
-    decoding = asyncio.Semaphore(DECODE_SLOTS)  # bounded decode concurrency (see DECODE_SLOTS)
+    decoding = asyncio.Semaphore(DECODE_SLOTS)  # uploads decoding at once (see DECODE_SLOTS)
+    drawing = asyncio.Semaphore(DECODE_SLOTS)  # thumbnails and moments' pictures decoding at once: their own, so a
+    # page of thumbnails never holds up a search by image
     cookie = cookie_name(config.port)
     bearer, by_cookie = HTTPBearer(auto_error=False), APIKeyCookie(name=cookie, auto_error=False)
 
@@ -843,6 +857,20 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     id_param = dict(ge=1, le=querycheck.MAX_ID)
     api = dict(dependencies=[Depends(authorise)], responses=errors)
 
+    async def in_slot(slots: asyncio.Semaphore, fn: Callable, *args, wait: float | None = None):
+        """fn(*args) on a worker thread once one of slots is free. The wait is in the event loop and holds no
+        thread (see DECODE_SLOTS); wait: seconds at most, then 503 with Retry-After."""
+        try:
+            async with asyncio.timeout(wait):
+                await slots.acquire()
+        except TimeoutError:
+            raise ApiError(503, "the server is busy decoding other images: try again shortly",
+                           {"Retry-After": str(THUMB_RETRY_SECONDS), "Cache-Control": "no-store"}) from None
+        try:
+            return await run_in_threadpool(fn, *args)  # not cancelled mid-decode: the slot is freed after it
+        finally:
+            slots.release()
+
     async def encode_and_search(request: SearchRequest) -> list[dict]:
         # One snapshot for both steps: during a re-encode's model switch a query encoded with the old model
         # was ranked against the new vectors. If the index moves on in between, encode again.
@@ -877,9 +905,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
             results = await similar_search(request)
         else:
             if request.image is not None:  # checked bytes: decoded a few at a time (DECODE_SLOTS)
-                async with decoding:
-                    pil = await run_in_threadpool(decode_upload, request.image, config.max_upload_pixels,
-                                                  library.image_spec())
+                pil = await in_slot(decoding, decode_upload, request.image, config.max_upload_pixels,
+                                    library.image_spec())
                 request = search_request.with_image(request, pil)
             results = await encode_and_search(request)
         out = {"query": echo(request, posted), "results": results}
@@ -932,8 +959,12 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         """The indexed image (size: a cached JPEG thumbnail), only while its file matches the catalog."""
         if size is None:
             data, ctype = await run_in_threadpool(library.original, file_id)
+            size = THUMB_SIZES[-1]  # what a format a browser cannot show is drawn at
         else:
-            data, ctype = await run_in_threadpool(library.thumbnail, file_id, thumb_size(size)), "image/jpeg"
+            size = thumb_size(size)
+            data, ctype = await run_in_threadpool(library.thumbnail, file_id, size, False), "image/jpeg"
+        if data is None:  # not cached: drawn in a decode slot, waiting THUMB_WAIT_SECONDS at most for one
+            data = await in_slot(drawing, library.thumbnail, file_id, size, wait=THUMB_WAIT_SECONDS)
         return Response(data, media_type=ctype, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/video/{file_id}", tags=["images"], response_class=Response, **api,

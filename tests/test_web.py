@@ -168,3 +168,40 @@ def test_a_video_moment_shows_its_time_whole_and_plays_from_it(tmp_path_factory,
                                               "return v && !v.hidden && v.currentTime >= 3"))
     finally:
         server.shutdown()
+
+
+def test_thumbnails_refused_while_the_server_is_busy_are_asked_for_again(tmp_path_factory, tiny_model, browser,
+                                                                        monkeypatch):
+    """A thumbnail answered 503 (its decode slots stayed full past THUMB_WAIT_SECONDS) stayed a broken image; the
+    page now asks for it again after Retry-After, and it shows once the slots free."""
+    import threading
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from alignsearch.surfaces import server as server_module
+    from conftest import make_images
+
+    base = tmp_path_factory.mktemp("webbusy")
+    make_images(base / "corpus", 12)
+    ix = base / "ix"
+    assert CliRunner().invoke(main, ["index", str(base / "corpus"), "--index", str(ix), "--model", str(tiny_model),
+                                     "--device", "cpu"]).exit_code == 0
+    real, release, started = server_module.open_rgb, threading.Event(), []
+
+    def held(*args, **kwargs):  # the first decodes hold both slots for 2 s: the thumbnails after them get 503
+        started.append(1)
+        if len(started) == 1:
+            threading.Timer(2, release.set).start()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "open_rgb", held)
+    monkeypatch.setattr(server_module, "THUMB_WAIT_SECONDS", 0.2)
+    server = start_in_thread(alignsearch.open(ix, device="cpu"), ServerConfig(port=free_port()))
+    try:
+        browser.get(server.open_url)
+        loaded = "return [...document.querySelectorAll('#grid img')].slice(0, 8).every(i => i.complete && i.naturalWidth > 0)"
+        WebDriverWait(browser, 30).until(lambda d: len(started) >= 8 and d.execute_script(loaded))
+    finally:
+        release.set()
+        server.shutdown()

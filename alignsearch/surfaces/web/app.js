@@ -86,6 +86,32 @@
     search({ similar: hit.id, k: $("k").value, tag: $("tag").value.trim(), ...filters(), mode: "" });
   }
 
+  // A thumbnail the server was too busy to draw (503: its decode slots stayed full for a few seconds) is asked for
+  // again after its Retry-After, a few times; an <img> cannot see the status, so the retries use fetch.
+  const BUSY_RETRIES = 4;
+  const pause = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+
+  async function retryWhenBusy(event) {
+    const img = event.target, url = img.src;
+    if (url.startsWith("blob:")) return;
+    let wait = 1; // the first 503's Retry-After is not visible to the <img>: the server sends 1
+    for (let i = 0; i < BUSY_RETRIES; i++) {
+      await pause(wait);
+      if (img.src !== url) return; // the viewer moved on to another image
+      let response;
+      try { response = await fetch(url); } catch { return; }
+      if (response.ok) {
+        const blob = URL.createObjectURL(await response.blob());
+        if (img.src !== url) { URL.revokeObjectURL(blob); return; }
+        img.addEventListener("load", () => URL.revokeObjectURL(blob), { once: true });
+        img.src = blob;
+        return;
+      }
+      if (response.status !== 503) return; // gone or refused: the broken image stays, as it was
+      wait = Math.min(Number(response.headers.get("Retry-After")) || 1, 30);
+    }
+  }
+
   function render(results, { append = false, pick = false } = {}) {
     const grid = $("grid");
     const fragment = document.createDocumentFragment();
@@ -97,6 +123,7 @@
       const img = document.createElement("img");
       img.loading = "lazy"; // a thousand results load only what is on screen
       img.decoding = "async";
+      img.addEventListener("error", retryWhenBusy, { once: true });
       img.src = `/api/image/${hit.id}?size=256`;
       img.alt = hit.relpath;
       img.width = 256; img.height = 256;
@@ -207,6 +234,7 @@
   document.addEventListener("keydown", (e) => {
     if (e.key === "/" && document.activeElement !== $("q")) { e.preventDefault(); $("q").focus(); }
   });
+  $("viewer-img").addEventListener("error", retryWhenBusy); // a format drawn as JPEG (HEIC, TIFF) can be busy too
   $("viewer-close").addEventListener("click", () => $("viewer").close());
   $("viewer").addEventListener("close", () => $("viewer-video").pause());
   $("more").addEventListener("click", () => browse());

@@ -242,8 +242,9 @@ def map_rows(fn: Callable, pages: Iterator[list], workers: int, failed: Callable
     if not first:
         return
     rows = chain(first, chain.from_iterable(pages))
-    if workers > 0:
-        yield from decode_in_processes(fn, rows, workers if len(first) >= min_rows else 1, failed)
+    count = workers_for(workers, len(first), batch_size=min_rows - 1)  # the one rule of how many decode processes
+    if count:
+        yield from decode_in_processes(fn, rows, count, failed)
     else:
         yield from map(fn, rows)
 

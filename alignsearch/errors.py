@@ -1,9 +1,10 @@
 """Errors a user can act on. Each carries the CLI exit code that reports it and the HTTP status the server
 answers it with (alignsearch/surfaces/boundary.py is where both surfaces turn an exception into them).
 
-A 4xx says the request is at fault and asking otherwise helps; a 5xx says the server or its index is, and
-the same request may work elsewhere or later: the CLI's client then searches locally (client.py), where
-the same error is reported with its exit code."""
+A 4xx says the request is at fault and asking otherwise helps; a 5xx says the server or its index is. The
+server's answer names the class (boundary.KINDS): the CLI's client raises it again where a search without the
+server meets it too (its index damaged or refused, a query refused), with the same exit code and line, and
+searches locally where the trouble is the server's own (its model, a catalog busy now, its disk)."""
 
 
 class AlignSearchError(Exception):
@@ -49,6 +50,15 @@ class BadInputError(AlignSearchError):
 
     exit_code = 6
     http_status = 400
+
+
+class IndexUntrustedError(BadInputError):
+    """An index folder another user could have written (paths.untrusted_index): nothing in it is read. Exit 6 as
+    before (a BadInputError, refused as input is). 500: to a client of `serve` it is the server's own index that
+    cannot be used, not the request (a 400 told it to fix its query), and it stays so until the folder's owner
+    mends it (`chmod go-w`), as a damaged index does (not 503)."""
+
+    http_status = 500
 
 
 class IndexDamagedError(AlignSearchError):

@@ -99,19 +99,19 @@ def test_a_damaged_catalog_under_the_server_is_a_5xx_json_error_without_tracebac
     try:
         status, headers, body = call(url, "/api/search?q=red&where=((", token="t")
         assert status == 400 and headers["Content-Type"] == "application/json", (status, body)
-        assert list(json.loads(body)) == ["error"] and "--where" in json.loads(body)["error"]
+        assert json.loads(body)["kind"] == "UsageError" and "--where" in json.loads(body)["error"]
         for path in ("/api/search?q=red&k=3", "/api/recent"):
             status, headers, body = call(url, path, token="t")
             assert 500 <= status < 600 and headers["Content-Type"] == "application/json", (status, body[:300])
             answer = json.loads(body)
-            assert list(answer) == ["error"], answer
+            assert answer["kind"] == "IndexDamagedError", answer  # the CLI's client raises it (exit 7)
             assert "damaged" in answer["error"] and "malformed" in answer["error"], answer
         assert call(url, "/api/info", token="t")[0] == 200  # still serving
     finally:
         stop(proc)
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert "malformed" in stderr  # the 5xx answers are logged, one line each
+    assert "malformed" in stderr  # the 5xx answers are logged
     out = alignsearch("query", "red", "--index", ix, "--device", "cpu")
     assert out.returncode == 7 and "Traceback" not in out.stderr, out.stderr
 
@@ -159,8 +159,139 @@ def test_each_error_answers_its_status_with_the_json_error_body(in_thread, monke
         got, headers, body = call(url, "/api/search?q=red&k=3", token=None)
     assert got == status and headers["Content-Type"] == "application/json", (got, body)
     answer = json.loads(body)
-    assert list(answer) == ["error"] and answer["error"].startswith(says), answer
+    assert answer["error"].startswith(says), answer
+    # its kind (boundary.kind_of), which the CLI's client raises again or not: an unexpected error has none
+    kinds = {sqlite3.DatabaseError: "IndexDamagedError", sqlite3.OperationalError: "CatalogBusyError"}
+    kind = type(raised).__name__ if isinstance(raised, errors.AlignSearchError) else kinds.get(type(raised))
+    assert answer == {"error": answer["error"], **({"kind": kind} if kind else {})}, answer
     # the traceback goes to the debug log only, never to the error log (nor the server's own)
     assert not [r for r in caplog.records if r.exc_info and r.levelno > logging.DEBUG], caplog.text
     if status >= 500:
         assert [r for r in caplog.records if r.levelno == logging.ERROR and "/api/search" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_an_index_folder_others_can_write_is_the_servers_trouble_logged_once(indexed, tmp_path):
+    """`serve` whose index folder others could write (made 0777 while it runs) refused each search with 400, as if
+    the query were at fault, and its log said nothing. Now each is a 500 naming the error's kind (what a damaged
+    index is answered: the server cannot serve until the folder is mended), logged once, not once per request;
+    once the folder is mended the searches are answered again and the log says so."""
+    ix = tmp_path / "ix"
+    shutil.copytree(indexed, ix)
+    proc, url = start_serve(ix, "--token", "t")
+    try:
+        assert call(url, "/api/search?q=red&k=1", token="t")[0] == 200
+        ix.chmod(0o777)
+        answers = [call(url, "/api/search?q=red&k=1", token="t") for _ in range(3)]
+        ix.chmod(0o755)
+        assert call(url, "/api/search?q=red&k=1", token="t")[0] == 200
+    finally:
+        stop(proc)
+    stderr = proc.stderr.read()
+    for status, headers, body in answers:
+        assert status == 500 and headers["Content-Type"] == "application/json", (status, body)
+        answer = json.loads(body)
+        assert answer["kind"] == "IndexUntrustedError", answer
+        assert answer["error"].startswith(f"refusing the index {ix}: {ix} is writable by every user"), answer
+    assert [line.split(":")[0] for line in stderr.splitlines() if "refusing the index" in line] == [
+        "GET /api/search", "searches are answered again (before"], stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_cli_through_the_server_fails_as_a_search_without_it_does(indexed, tmp_path):
+    """`query` routed through a running server took every 4xx but a few for unusable input (exit 6), and every 5xx
+    for "searching locally": a bad --where (exit 2 without the server) was exit 6, and a damaged catalog printed a
+    notice and loaded the model to fail here. Now the server's answer names the error's kind and the CLI raises it:
+    the same exit code and line as without a server, and no notice. A folder others could write is refused alike
+    (the client does not ask the server then: test_trust)."""
+    from alignsearch.storage.paths import SERVER_FILE
+
+    ix, alone = tmp_path / "ix", tmp_path / "alone"
+    shutil.copytree(indexed, ix)
+    shutil.copytree(indexed, alone, ignore=shutil.ignore_patterns(SERVER_FILE, "thumbs"))
+    bad_query = ("query", "red", "--where", "((")
+    proc, url = start_serve(ix, "--token", "t")
+    try:
+        served = {"bad query": alignsearch(*bad_query, "--index", ix)}
+        damage_table(ix / "catalog.db", "photos")  # read per answer: the server keeps running
+        served["damaged"] = alignsearch("query", "red", "--index", ix)
+        ix.chmod(0o777)
+        served["refused"] = alignsearch("query", "red", "--index", ix)
+        ix.chmod(0o755)
+    finally:
+        stop(proc)
+    assert not (ix / SERVER_FILE).exists()  # from here on the same index is searched without a server
+    here = {"bad query": alignsearch(*bad_query, "--index", alone), "damaged": alignsearch("query", "red", "--index", ix)}
+    ix.chmod(0o777)
+    here["refused"] = alignsearch("query", "red", "--index", ix)
+    ix.chmod(0o755)
+    assert [here[case].returncode for case in here] == [2, 7, 6], {case: here[case].stderr for case in here}
+    for case in ("bad query", "damaged"):  # the error line alone, as without a server: no "searching locally"
+        assert (served[case].returncode, served[case].stdout, served[case].stderr) == \
+            (here[case].returncode, here[case].stdout, here[case].stderr), (case, served[case].stderr, here[case].stderr)
+        assert len(here[case].stderr.splitlines()) == 1, (case, here[case].stderr)
+    # the server is not asked of an index others could write: a notice says so (it is not read), then the same line
+    assert served["refused"].returncode == 6, served["refused"].stderr
+    assert served["refused"].stderr.splitlines()[-1] == here["refused"].stderr.splitlines()[-1], served["refused"].stderr
+
+
+UNTRUSTED = "refusing the index /x: /x is writable by every user (another user may have written what it holds)"
+
+
+@pytest.mark.parametrize("status,body,named,raised", [
+    (400, {"error": "--where: the expression is empty", "kind": "UsageError"}, True,
+     ("UsageError", "--where: the expression is empty")),
+    (500, {"error": "the index is damaged: vectors.f16 fails its checksum", "kind": "IndexDamagedError"}, True,
+     ("IndexDamagedError", "vectors.f16 fails its checksum")),
+    (500, {"error": UNTRUSTED, "kind": "IndexUntrustedError"}, True, ("IndexUntrustedError", UNTRUSTED)),
+    (400, {"error": "the text is empty"}, True, ("BadInputError", "the text is empty")),  # a server before kinds
+    (503, {"error": "catalog.db is locked", "kind": "CatalogBusyError"}, True, None),  # busy now: searched here
+    (500, {"error": "the model cannot be loaded", "kind": "ModelLoadError"}, True, None),  # the server's own model
+    (500, {"error": "the index is damaged: x", "kind": "IndexDamagedError"}, False, None),  # not this index's server
+], ids=["usage", "damaged", "untrusted", "no-kind", "busy", "model", "unnamed"])
+def test_the_client_raises_the_error_a_server_names_as_a_search_here_would(tmp_path, status, body, named, raised):
+    """The CLI's client took every 4xx (but 401, 408, 413, 429) for unusable input (BadInputError, exit 6) and every
+    5xx for "searching locally": a --where the server refused (exit 2 here) was exit 6, a damaged index or one
+    others may write was searched again here. An answer that names its kind is raised as that error, with its own
+    line, where a search here meets it too; the server's own trouble, an answer without a kind (an older server),
+    and one from a program that does not name this index, keep the rules they had. A stand-in server over a socket."""
+    import http.server
+    import threading
+
+    from alignsearch.search import request as search_request
+    from alignsearch.surfaces import client
+    from helpers import fake_server_record, vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    index_id = client.local_index_id(ix)
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if named:
+                self.send_header(client.INDEX_HEADER, index_id)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fake_server_record(ix, server.server_address[1])
+    notes: list[str] = []
+    try:
+        if raised is None:
+            routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+            assert routed.answer is None and len(notes) == 1 and "searching locally" in notes[0], (routed, notes)
+        else:
+            with pytest.raises(errors.AlignSearchError) as caught:
+                client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+            assert (type(caught.value).__name__, str(caught.value)) == raised and not notes, (caught.value, notes)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -202,7 +202,8 @@ def test_a_reader_open_for_long_judges_the_folder_again_before_a_new_snapshot(tm
 @pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
 def test_serve_refuses_its_index_once_others_can_write_it(indexed_images):
     """The same through a real `serve`: its folder made 0777 while it runs, an index.faiss another user (nobody)
-    renamed over the index's was the next request's snapshot (answered 200); now that request is refused (400)."""
+    renamed over the index's was the next request's snapshot (answered 200); now that request is refused: 500, the
+    server's own index cannot be used (it was 400, as if the query were at fault), naming its kind for the CLI."""
     from helpers import call, plant_as_nobody, start_serve, stop
 
     root, ix = indexed_images(3)
@@ -214,4 +215,5 @@ def test_serve_refuses_its_index_once_others_can_write_it(indexed_images):
         status, _, body = call(url, "/api/search?q=a+photo&k=1")
     finally:
         stop(proc)
-    assert status == 400 and f"refusing the index {ix}: {ix} is writable by every user".encode() in body, body
+    assert status == 500 and f"refusing the index {ix}: {ix} is writable by every user".encode() in body, body
+    assert json.loads(body)["kind"] == "IndexUntrustedError", body

@@ -51,7 +51,7 @@ from alignsearch.media import sources
 from alignsearch.storage import migrate, state
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri, untrusted_index
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
-    IndexNotFoundError
+    IndexNotFoundError, IndexUntrustedError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -214,12 +214,12 @@ def shown_path(path: str) -> tuple[str, str | None]:
 
 
 def refuse_untrusted(index_dir: Path, *, writing: bool) -> None:
-    """BadInputError where another user could have put the index's files there (paths.untrusted_index): asked
+    """IndexUntrustedError where another user could have put the index's files there (paths.untrusted_index): asked
     before the catalog opens (connect), and by a reader open for long each time it looks for a newer snapshot
     (Engine.refresh: a folder made writable by others after `serve` opened it)."""
     why = untrusted_index(index_dir, writing=writing)
     if why is not None:  # never read, whatever they hold
-        raise BadInputError(f"refusing the index {index_dir}: {why} (another user may have written what "
+        raise IndexUntrustedError(f"refusing the index {index_dir}: {why} (another user may have written what "
                             "it holds: move the index to a folder only you can write, or `chmod go-w` it)")
 
 

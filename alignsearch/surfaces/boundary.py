@@ -9,9 +9,41 @@ import os
 import sqlite3
 from pathlib import Path
 
-from alignsearch.errors import AlignSearchError, IndexDamagedError
+from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
+    IndexNotFoundError, IndexUntrustedError, ModelLoadError, ModelMismatchError, UsageError
 
 INTERNAL_STATUS = 500  # an unexpected exception's HTTP status; its exit code is 1 (the CLI's main)
+
+# The kinds of error a JSON error answer of `serve` names ("kind", beside "error"): the classes of errors.py, whose
+# HTTP status each carries. The first ones a search here meets the same way (the query's rules, the same index
+# folder and files): the CLI's client raises them again (same exit code, same line) rather than search again. The
+# others are the server's own (its model, a catalog busy now, its disk, anything else) that a search here may not
+# meet: the client searches locally. The server (answer_of) and the client (raised_again) read this one table.
+SAME_HERE = (UsageError, BadInputError, IndexUntrustedError, IndexNotFoundError, IndexDamagedError)
+KINDS = {cls.__name__: cls for cls in (*SAME_HERE, ModelLoadError, ModelMismatchError, CatalogBusyError,
+                                       DiskFullError, AlignSearchError)}
+_SAID = {IndexDamagedError: "the index is damaged: "}  # what the server's answer adds before the error's own line
+
+
+def kind_of(exc: AlignSearchError) -> type[AlignSearchError]:
+    """The class of errors.py exc is (a subclass of one of its own, indexer's WriterBusy too, counts as it)."""
+    return next(cls for cls in type(exc).__mro__ if KINDS.get(cls.__name__) is cls)
+
+
+def answer_of(exc: AlignSearchError) -> tuple[int, dict]:
+    """The server's answer to a library error: its HTTP status (errors.py) and JSON body, the line and its kind."""
+    kind = kind_of(exc)
+    return exc.http_status, {"error": _SAID.get(kind, "") + str(exc), "kind": kind.__name__}
+
+
+def raised_again(body: dict) -> AlignSearchError | None:
+    """The error a server's JSON error answer names (answer_of), where a search here would meet the same one: the
+    same class and line; else None (a server from before kinds, or the server's own trouble)."""
+    kind, said = body.get("kind"), body.get("error")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls not in SAME_HERE or not isinstance(said, str):
+        return None
+    return cls(said.removeprefix(_SAID.get(cls, "")))
 
 
 def library_error(exc: BaseException) -> AlignSearchError | None:

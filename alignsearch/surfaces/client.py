@@ -34,6 +34,7 @@ from alignsearch.errors import BadImageError, BadInputError
 from alignsearch.media import sources
 from alignsearch.search import querycheck
 from alignsearch.search.request import SearchRequest, to_params
+from alignsearch.surfaces.boundary import raised_again
 from alignsearch.storage.paths import DB_FILE, SERVER_FILE, private_record, untrusted_index, untrusted_stat
 
 CONTACT_TIMEOUT = 2.0
@@ -270,13 +271,26 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
     return {**record, "search_params": claimed.get("search_params"), "contacted": claimed is not record}
 
 
-def _error_text(exc: HTTPError) -> str:
-    """The error a server's 4xx answer gives, or the status line where its body is not the JSON it sends."""
+def _error_body(exc: HTTPError) -> dict:
+    """A server's error answer: its JSON ({"error", and from this version "kind"}), else {} (not the JSON it sends)."""
     try:
-        text = json.loads(exc.read() or b"{}").get("error")
-    except (ValueError, AttributeError, OSError):
-        text = None
+        body = json.loads(exc.read() or b"{}")
+    except (ValueError, OSError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error_text(exc: HTTPError, body: dict) -> str:
+    """The error a server's answer gives, or the status line where its body is not the JSON it sends."""
+    text = body.get("error")
     return text if isinstance(text, str) else str(exc)
+
+
+def _as_here(said: str, request: SearchRequest) -> str:
+    """A server's line about the query image it was sent (bytes) as a search here says it of the file named."""
+    if said.startswith(querycheck.UNREADABLE_IMAGE) and isinstance(request.image, (str, os.PathLike)):
+        return f"cannot use image {request.image}: {said.removeprefix(querycheck.UNREADABLE_IMAGE)}"
+    return said
 
 
 def _silent(url: str, exc: Exception) -> str:
@@ -323,7 +337,9 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
     """The request, whole, to a verified server for this index: GET /api/search with its parameters, or with
     an image POST /api/search with the image's bytes as the form's file and the parameters in the URL. No
     answer (Routed.answer None) when no verified server runs or it cannot take the request; the caller then
-    loads the engine itself. A query the server rejects raises BadInputError with its message."""
+    loads the engine itself. An error the server names that a search here would meet too (a query refused,
+    this index refused or damaged: boundary.raised_again) is raised as that search raises it; from an older server,
+    which names none, a query it rejects raises BadInputError with its message."""
     record = _found(index_dir, notice, contact=False)
     if record is None:
         return Routed(None, "no server runs for this index")
@@ -354,20 +370,26 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
                                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout,
                                      probe_every)
     except HTTPError as exc:
-        if asked and 400 <= exc.code < 500 and exc.headers.get(INDEX_HEADER) != record.get("index_id"):
+        said = _error_body(exc)
+        theirs = not asked or exc.headers.get(INDEX_HEADER) == record.get("index_id")
+        if not theirs and 400 <= exc.code < 500:
             # the first word from whatever listens there, and not the server of this index (its errors name
             # it): another program on a reused port, the recorded server killed, is not taken at its word
             notice(_silent(record["url"], exc))
             return Routed(None, f"the server did not answer ({exc.code})")
-        # A query refused is refused by the rules every surface shares (querycheck): the same error as here;
-        # 413 is a limit of the server's own (an upload's pixels), which a local search does not have
-        if 400 <= exc.code < 500 and exc.code not in (401, 408, 413, 429):
-            said = _error_text(exc)
-            if said.startswith(querycheck.UNREADABLE_IMAGE) and isinstance(request.image, (str, os.PathLike)):
-                said = f"cannot use image {request.image}: {said.removeprefix(querycheck.UNREADABLE_IMAGE)}"
-            raise BadInputError(said) from None
+        # An error the server names (its kind: boundary.raised_again) that a search here meets the same way (a query
+        # refused by the rules every surface shares, querycheck; this index's folder refused or damaged) is
+        # raised as it: the same exit code and line as without a server. Its own trouble (its model, a catalog
+        # busy now) is not: searched here, below.
+        known = raised_again(said) if theirs else None
+        if known is not None:
+            raise type(known)(_as_here(str(known), request)) from None
+        # A server from before kinds: a query refused is refused by the rules every surface shares; 413 is a limit
+        # of the server's own (an upload's pixels), which a local search does not have
+        if "kind" not in said and 400 <= exc.code < 500 and exc.code not in (401, 408, 413, 429):
+            raise BadInputError(_as_here(_error_text(exc, said), request)) from None
         if exc.code == 413:
-            why = f"the server at {record['url']} cannot take this query ({_error_text(exc)})"
+            why = f"the server at {record['url']} cannot take this query ({_error_text(exc, said)})"
             notice(f"notice: {why}; searching locally")
             return Routed(None, why)
         notice(f"notice: the server at {record['url']} answered {exc.code}; searching locally")

@@ -61,10 +61,10 @@ from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
-from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, IndexDamagedError, UsageError
+from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, UsageError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
-from alignsearch.surfaces.boundary import INTERNAL_STATUS, library_error
+from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, library_error
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +409,32 @@ def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read:
     return data
 
 
+class Trouble:
+    """The server's own trouble that requests meet (a 5xx library error: its index refused or damaged, its model),
+    logged once when it begins or changes and once when a search is answered again. A folder others may write was
+    refused to every request (400) and never logged; as a 5xx each request logged it again, a line per search."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._said: tuple[str, str] | None = None  # the kind and line last logged, while requests still meet it
+
+    def met(self, where: str, kind: str, line: str) -> None:
+        with self._lock:
+            if self._said == (kind, line):
+                return
+            self._said = (kind, line)
+        log.error("%s: %s (logged once while it lasts)", where, line)
+
+    def gone(self) -> None:
+        """A search was answered: trouble logged before is over (its next occurrence is logged again)."""
+        if self._said is None:  # the common case, without the lock
+            return
+        with self._lock:
+            said, self._said = self._said, None
+        if said is not None:
+            log.warning("searches are answered again (before: %s)", said[1])
+
+
 class Library:
     """The engine and the files behind it, as the endpoints use them (blocking: called on worker threads)."""
 
@@ -419,6 +445,7 @@ class Library:
         with engine.db.connect() as conn:
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
+        self.trouble = Trouble()
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._members_lock = threading.Lock()
 
@@ -763,6 +790,9 @@ class RecentAnswer(BaseModel):
 class Error(BaseModel):
     model_config = ConfigDict(extra="allow")
     error: str
+    # the error's class in alignsearch/errors.py, on an error of the library's (boundary.KINDS): the CLI's client
+    # raises the same error from it (exit code and line) where a search without the server would meet it too
+    kind: str | None = None
 
 
 def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan=None):
@@ -819,12 +849,13 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         return error(exc.status, str(exc), exc.headers)
 
     def library_answer(request, exc: AlignSearchError) -> JSONResponse:
-        # the status each error class carries (alignsearch/errors.py); a 5xx is the server's or the index's
-        # fault, not the request's: logged too
-        message = f"the index is damaged: {exc}" if isinstance(exc, IndexDamagedError) else str(exc)
-        if exc.http_status >= 500:
-            log.error("%s %s: %s", request.method, request.url.path, message)
-        return error(exc.http_status, message)
+        # the status each error class carries (alignsearch/errors.py) and its kind, which the CLI's client raises
+        # again (boundary.py); a 5xx is the server's or the index's fault, not the request's: logged too, once
+        # while it lasts (Trouble)
+        status, body = answer_of(exc)
+        if status >= 500:
+            library.trouble.met(f"{request.method} {request.url.path}", body["kind"], body["error"])
+        return error(status, body.pop("error"), **body)
 
     @app.exception_handler(AlignSearchError)
     async def _library_error(request, exc: AlignSearchError):
@@ -912,6 +943,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         out = {"query": echo(request, posted), "results": results}
         if request.explain:
             out["plan"] = await run_in_threadpool(library.explain, request)
+        library.trouble.gone()  # a search answered: the trouble logged before is over
         return out
 
     @app.get("/healthz", tags=["server"])

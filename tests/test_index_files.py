@@ -217,3 +217,77 @@ def test_serve_refuses_its_index_once_others_can_write_it(indexed_images):
         stop(proc)
     assert status == 500 and f"refusing the index {ix}: {ix} is writable by every user".encode() in body, body
     assert json.loads(body)["kind"] == "IndexUntrustedError", body
+
+
+# Every data endpoint of `serve` as a request: (method, path template of the app's route, URL, form). The test checks
+# the list against the app's own routes (/openapi.json), so an endpoint added later and not asked here fails it.
+def _data_requests(photo: int, moment: int) -> list[tuple[str, str, str, dict | None]]:
+    return [("GET", "/api/info", "/api/info", None),
+            ("GET", "/api/search", "/api/search?q=red&k=1", None),
+            ("GET", "/api/search", f"/api/search?similar={photo}&k=1", None),
+            ("POST", "/api/search", "/api/search", {"q": "red", "k": "1"}),
+            ("GET", "/api/recent", "/api/recent", None),
+            ("GET", "/api/image/{file_id}", f"/api/image/{photo}", None),
+            ("GET", "/api/image/{file_id}", f"/api/image/{photo}?size=64", None),  # cached thumbnail, once drawn
+            ("GET", "/api/image/{file_id}", f"/api/image/{moment}?size=64", None),  # a moment's picture
+            ("GET", "/api/video/{file_id}", f"/api/video/{moment}", None)]
+
+
+@pytest.mark.slow
+def test_every_endpoint_of_serve_refuses_an_index_folder_made_writable_by_others(tmp_path, tiny_model):
+    """Only the searches (and /api/info) judged the index folder again while `serve` ran: made 0777 after the start,
+    /api/recent, /api/image (the file, its cached thumbnail) and /api/video still answered 200 from the catalog, which
+    another user could by then have replaced by one naming any file this server's user can read, with its size and
+    mtime, and /api/image served its bytes. Now every endpoint that reads the index answers the searches' refusal
+    (500, IndexUntrustedError) until `chmod go-w`; /healthz, the page and its assets read nothing of the index."""
+    import httpx
+    from conftest import make_images
+    from helpers import make_video, start_serve, stop
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    upload = make_images(lib, 2)[0].read_bytes()
+    make_video(lib / "clip.mp4", [(71, 3), (72, 3)])
+    run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu")
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer s3cret"}, trust_env=False,
+                          timeout=60) as client:
+            routes = {path for path in client.get("/openapi.json").json()["paths"] if path != "/healthz"}
+            listed = client.get("/api/recent").json()["results"]
+            photo = next(r["id"] for r in listed if r.get("t") is None)
+            moment = next(r["id"] for r in listed if r.get("t") is not None)
+            asked = _data_requests(photo, moment)
+            assert routes == {route for _, route, _, _ in asked}, routes  # every endpoint that reads the index
+
+            def answers():
+                out = {}
+                for method, _, path, form in asked:
+                    files = None if form is None else {"image": ("q.png", upload)}
+                    r = client.request(method, path, data=form, files=files)
+                    out[f"{method} {path}"] = (r.status_code, r.headers.get("content-type"), r.content)
+                return out
+
+            def plain():
+                return {path: client.get(path).status_code for path in ("/healthz", "/", "/static/app.js",
+                                                                       "/static/style.css")}
+
+            before = answers()
+            ix.chmod(0o777)
+            try:
+                refused, plain_refused = answers(), plain()
+            finally:
+                ix.chmod(0o755)  # chmod go-w
+            after = answers()
+    finally:
+        ix.chmod(0o755)
+        stop(proc)
+    assert {k: v[0] for k, v in before.items()} == {k: 200 for k in before}, before
+    assert {k: v[0] for k, v in after.items()} == {k: 200 for k in after}, after
+    kinds = {k: (status, json.loads(body).get("kind") if ctype == "application/json" else ctype)
+             for k, (status, ctype, body) in refused.items()}
+    assert kinds == {k: (500, "IndexUntrustedError") for k in refused}, kinds
+    for status, ctype, body in refused.values():
+        assert json.loads(body)["error"].startswith(f"refusing the index {ix}: {ix} is writable by every user"), body
+    assert plain_refused == {"/healthz": 200, "/": 200, "/static/app.js": 200, "/static/style.css": 200}
+    stderr = proc.stderr.read()
+    assert len([line for line in stderr.splitlines() if "refusing the index" in line]) == 2, stderr[-3000:]  # logged once

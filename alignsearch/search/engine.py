@@ -164,14 +164,21 @@ class Engine:
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
 
-    def refresh(self) -> bool:
-        """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed. The folder
-        is judged again first when it changed (judged_key: three stats): one made writable by others since the open (`serve` runs for days)
-        may hold a catalog or ANN file they planted, which neither this check nor a new pooled connection reads."""
+    def judge(self) -> None:
+        """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
+        open's rule), judged again only when it changed (judged_key: three stats, 11 µs): one made writable by others
+        since the open (`serve` runs for days) may hold a catalog or ANN file they planted. Every read of a long-open
+        engine asks it first: refresh does, and the server's reads that need no newer snapshot (Library.engine)."""
         key = judged_key(self.dir)
         if key != self._judged:  # entries, modes or owners changed since last judged: the whole folder again
             catalog.refuse_untrusted(self.dir, writing=False)
             self._judged = key
+
+    def refresh(self) -> bool:
+        """Pick up a newer generation or ANN index (files are replaced atomically); True if it changed. The folder
+        is judged first (judge), so a catalog or ANN file planted since is read neither by this check nor by a new
+        pooled connection."""
+        self.judge()
         snap = self.snap
         with self.db.connect() as conn:
             generation = state.read(conn, "generation").generation

@@ -436,10 +436,14 @@ class Trouble:
 
 
 class Library:
-    """The engine and the files behind it, as the endpoints use them (blocking: called on worker threads)."""
+    """The engine and the files behind it, as the endpoints use them (blocking: called on worker threads).
+    The engine is reached only through `engine` (or fresh and snapshot, which refresh it): each judges the index
+    folder first (Engine.judge), so no endpoint reads a catalog row, a vector, a file a row names or a cached
+    thumbnail of a folder others could write since the open. Only searches judged it: /api/recent and /api/image
+    read the catalog straight from the pooled connection and served a file a planted catalog named."""
 
     def __init__(self, engine: Engine, config: ServerConfig):
-        self.engine, self.config = engine, config
+        self._engine, self.config = engine, config  # judged by its open just now
         # None: an index this server must not write (read-only, another user's): thumbnails are not kept
         self.thumb_dir = None if read_only(engine.dir) else engine.dir / "thumbs"
         with engine.db.connect() as conn:
@@ -449,11 +453,18 @@ class Library:
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._members_lock = threading.Lock()
 
+    @property
+    def engine(self) -> Engine:
+        """The engine, while its folder is still one it may read (IndexUntrustedError else: 500, the searches'
+        answer); judged again only when the folder changed (Engine.judge), so a thumbnail pays three stats."""
+        self._engine.judge()
+        return self._engine
+
     def fresh(self) -> Engine:
-        """The engine, after picking up an index rebuilt since the last request."""
+        """The engine, after picking up an index rebuilt since the last request (refresh judges the folder first)."""
         with self._refresh_lock:
-            self.engine.refresh()
-        return self.engine
+            self._engine.refresh()
+        return self._engine
 
     def info(self) -> dict[str, Any]:
         # search_params: what /api/search takes, so a client sends only what this server understands
@@ -462,7 +473,7 @@ class Library:
     def snapshot(self):
         """The engine's current snapshot: one per request, for its encoding and its search alike."""
         with self._refresh_lock:
-            return self.engine.snapshot()
+            return self._engine.snapshot()  # refreshed, so judged
 
     def search(self, request: SearchRequest, query, snapshot=None, leave_out: int | None = None) -> list[dict]:
         """The hits of a request whose query is already encoded (query: its halves, or a stored vector).

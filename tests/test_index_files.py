@@ -291,3 +291,24 @@ def test_every_endpoint_of_serve_refuses_an_index_folder_made_writable_by_others
     assert plain_refused == {"/healthz": 200, "/": 200, "/static/app.js": 200, "/static/style.css": 200}
     stderr = proc.stderr.read()
     assert len([line for line in stderr.splitlines() if "refusing the index" in line]) == 2, stderr[-3000:]  # logged once
+
+
+def test_serve_judges_its_index_folder_again_after_loading_the_model(tmp_path):
+    """`serve` opens the index, then loads the model (seconds), then read the catalog's index id for its record and
+    every error's header straight from the pooled connection: a folder made writable by every user meanwhile was
+    read. Now that read goes through the endpoints' judgement, and serve stops with the open's refusal."""
+    from alignsearch.errors import IndexUntrustedError
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.surfaces.server import ServerConfig, create_app
+    from helpers import vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    engine = open_index(ix)
+    try:
+        ix.chmod(0o777)
+        with pytest.raises(IndexUntrustedError, match=f"refusing the index {ix}: {ix} is writable by every user"):
+            create_app(engine, ServerConfig(), token="t")
+    finally:
+        ix.chmod(0o755)
+        engine.db.dispose()

@@ -443,10 +443,10 @@ class Library:
     read the catalog straight from the pooled connection and served a file a planted catalog named."""
 
     def __init__(self, engine: Engine, config: ServerConfig):
-        self._engine, self.config = engine, config  # judged by its open just now
+        self._engine, self.config = engine, config
         # None: an index this server must not write (read-only, another user's): thumbnails are not kept
         self.thumb_dir = None if read_only(engine.dir) else engine.dir / "thumbs"
-        with engine.db.connect() as conn:
+        with self.engine.db.connect() as conn:  # judged again: serve loaded the model (seconds) since the open
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()
         self.trouble = Trouble()
@@ -1169,8 +1169,7 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
 
     @asynccontextmanager
     async def lifespan(app):
-        with engine.db.connect() as conn:
-            index_id = catalog.index_id(conn)
+        index_id = app.state.library.index_id  # read through the library's judgement (Library.engine)
         write_record(record_file, {"pid": pid, "hostname": socket.gethostname(), "host": shown, "port": port,
                                   "url": url, "token": token, "index_id": index_id,
                                   "index_dir": str(engine.dir.resolve()),

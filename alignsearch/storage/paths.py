@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 from urllib.parse import urlencode
 
-from alignsearch.errors import IndexNotFoundError
+from alignsearch.errors import IndexDamagedError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,32 @@ def judged_key(index_dir: str | os.PathLike) -> tuple:
             continue
         key.append((st.st_ino, st.st_mode, st.st_uid, st.st_ctime_ns, st.st_mtime_ns))
     return tuple(key)
+
+
+def own_entry(path: str | os.PathLike) -> os.stat_result | None:
+    """The lstat of a file the index keeps and SQLite opens by name (the catalog), or None when nothing is there;
+    IndexDamagedError (exit 7) when it is not a regular file at its own name. Writers only ever make one there, so a
+    symbolic link (to another index's catalog, to /dev/zero) or a FIFO (which hung every reader's open) is damage.
+    SQLite follows links and opens FIFOs, and cannot be given a descriptor: the callers judge the name before the
+    open and again after it (same inode), as the vector and ANN files are judged on the descriptor opened."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):  # a folder: the open says so, as it did
+        return st
+    from alignsearch.safeopen import file_kind
+
+    raise IndexDamagedError(f"{Path(path).name} is a {file_kind(st.st_mode)}, where the index keeps its own file: "
+                            "alignsearch never opens one through it (replace it with the file it should be, or "
+                            "move the index aside and rebuild it with `alignsearch index ROOTS`)")
+
+
+def same_entry(before: os.stat_result | None, path: str | os.PathLike) -> None:
+    """IndexDamagedError unless path (own_entry) is still the file `before` judged: the open read that one."""
+    after = own_entry(path)
+    if before is not None and (after is None or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)):
+        raise IndexDamagedError(f"{Path(path).name} was replaced while it was opened: run the command again")
 
 
 def _index_entries(folder: Path) -> list[Path]:

@@ -5,6 +5,7 @@ names: a symbolic link at a lock file or at an ANN file, an emptied catalog besi
 import json
 import shutil
 import os
+import subprocess
 
 import pytest
 
@@ -263,6 +264,49 @@ def test_a_reader_open_for_long_refuses_a_catalog_linked_in_after_it_opened(tmp_
         assert engine.snap is snap
     finally:
         engine.db.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
+def test_an_index_in_a_folder_others_can_write_is_refused_before_they_swap_it(tmp_path):
+    """The index folder's parent was never judged: in a folder every user may write without the sticky bit, another
+    user (nobody) renamed this user's index folder aside and put a copy of their own in its place; a reader read
+    theirs as this one (another user's own index is queryable as it is). Now readers and writers refuse an index
+    whose parent others may write (exit 6, naming the folder), and discovery skips it; /tmp's sticky bit passes."""
+    from helpers import NOBODY, as_nobody, layout_index
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    ix = shared / "ix"
+    layout_index(ix, 300)[0].dispose()
+    shared.chmod(0o777)
+    theirs = shared / ".theirs"
+    shutil.copytree(ix, theirs)
+    for folder, _, files in os.walk(theirs):
+        os.chown(folder, NOBODY, NOBODY)
+        for f in files:
+            os.chown(os.path.join(folder, f), NOBODY, NOBODY)
+
+    def in_shared_as_nobody():
+        os.chdir(shared)
+        as_nobody()
+
+    swap = subprocess.run(["sh", "-c", "mv ix ix.aside && mv .theirs ix"], preexec_fn=in_shared_as_nobody,
+                          capture_output=True, text=True, timeout=60)
+    assert swap.returncode == 0 and ix.stat().st_uid == NOBODY, swap.stderr
+    why = f"its parent folder {shared} is writable by every user"
+    for args in (("similar", "5"), ("info",), ("tag", "--clear")):
+        proc = as_child(*args, "--index", ix, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 6 and len(lines) == 1 and why in lines[0], (args, proc.stderr)
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNSEARCH_INDEX"}
+    shutil.rmtree(ix)
+    os.rename(shared / "ix.aside", shared / ".alignsearch")
+    (shared / "work").mkdir()
+    found = as_child("info", env=env, cwd=shared / "work", timeout=60)
+    assert found.returncode == 3 and why in found.stderr, found.stderr
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is this user's
+    assert as_child("info", env=env, cwd=shared / "work", timeout=60).returncode == 0
 
 
 @pytest.mark.slow

@@ -60,7 +60,15 @@ def foreign(index: Path) -> str | None:
     or others may write it. Another user's `.alignsearch` above a shared, world-writable folder would
     otherwise receive this user's paths, hashes, EXIF and embeddings (git's CVE-2022-24765: git refuses such
     a repository)."""
-    return untrusted(index) or untrusted(index / DB_FILE)
+    return untrusted(index) or untrusted(index / DB_FILE) or untrusted_parent(index, owners=(os.stat(index).st_uid, 0))
+
+
+def untrusted_parent(index: str | os.PathLike, owners: tuple[int, ...]) -> str | None:
+    """Why others could swap the index folder for one of theirs, or None: its parent judged by untrusted's rule for
+    the folders above the model cache (sticky_ok: /tmp passes). owners: the index's owner and root."""
+    parent = Path(os.path.abspath(index)).parent
+    why = untrusted(parent, owners=owners, sticky_ok=True)
+    return None if why is None else f"its parent folder {why}: they may swap the whole index folder for one of theirs"
 
 
 def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | None:
@@ -69,14 +77,22 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
     let them rename their own catalog.db over this user's: the next `index` run read the folders that catalog named,
     a private one too, into a catalog they could read), and every file or folder in it (and under vectors/) must
     be its owner's, this user's or root's and writable by no one else. The folder may be another user's own (their
-    index, queried as it is), not for a writer: this user's paths would go into it. Its parent is not asked: an
-    index found in a shared folder is this user's to use (find_index_dir), and one swapped in there is another
-    user's folder, which no writer writes."""
+    index, queried as it is), not for a writer: this user's paths would go into it. Its parent is judged by the
+    model cache's rule for the folders above it (untrusted, sticky_ok: /tmp passes): a parent other users may write
+    let them rename the index folder away and put their own in its place, which a reader then read as this one."""
     folder = Path(index_dir)
     try:
         st = os.stat(folder)
     except FileNotFoundError:
-        return None  # a new index: made by this run, as this user
+        st = None  # a new index: made by this run, as this user, in a parent judged as any index's
+    try:
+        why = untrusted_parent(folder, owners=(0,) if st is None else (st.st_uid, 0))
+    except FileNotFoundError:
+        why = None  # made by this run too (index makes the folders on the way)
+    if why is not None:
+        return why
+    if st is None:
+        return None
     owners = (st.st_uid, 0)
     if writing and st.st_uid not in (os.geteuid(), 0):
         return f"{folder} belongs to another user (uid {st.st_uid}): this user's paths and pictures would go into it"
@@ -98,13 +114,13 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
 
 
 def judged_key(index_dir: str | os.PathLike) -> tuple:
-    """What untrusted_index's answer rests on, in three stats: the index folder, its vectors/ folder and its catalog
-    (each's inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed,
+    """What untrusted_index's answer rests on, in four stats: the index folder, its vectors/ folder, its catalog and
+    its parent (each's inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed,
     changes one of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
     again only then, not its every file each time."""
     folder = Path(index_dir)
-    key = []
-    for path in (folder, folder / "vectors", folder / DB_FILE):
+    key = []  # the parent too: one made writable by others since (untrusted_index judges it)
+    for path in (folder, folder / "vectors", folder / DB_FILE, Path(os.path.abspath(folder)).parent):
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:

@@ -1147,3 +1147,16 @@ def plant_as_nobody(folder: Path, source: Path, name: str) -> None:
                           preexec_fn=inside_as_nobody, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (folder / name).stat().st_uid == NOBODY
+
+
+def catalog_copy_at_generation(ix: Path, dest: Path, generation: int = 7) -> Path:
+    """A copy of ix's catalog at dest that names another generation (a newer snapshot to a reader open for long)."""
+    import shutil
+    import sqlite3
+
+    shutil.copy(Path(ix) / "catalog.db", dest)
+    conn = sqlite3.connect(dest)
+    with conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
+    conn.close()  # its WAL folded into the file copied
+    return Path(dest)

@@ -5,6 +5,7 @@ names: a symbolic link at a lock file or at an ANN file, an emptied catalog besi
 import json
 import shutil
 import os
+import subprocess
 
 import pytest
 
@@ -172,23 +173,16 @@ def test_a_reader_open_for_long_judges_the_folder_again_before_a_new_snapshot(tm
     catalog and ANN file another user (nobody) then renamed over the index's, were read at the next request (its
     Engine.refresh picked up the planted index.faiss as a newer snapshot). Now each refresh judges the folder again
     (a few stats) and refuses it as every command's open does; the snapshot it had is not replaced."""
-    import sqlite3
-
     from alignsearch.errors import BadInputError
     from alignsearch.search.engine import open as open_index
-    from helpers import plant_as_nobody, vector_index
+    from helpers import catalog_copy_at_generation, plant_as_nobody, vector_index
 
     ix = tmp_path / "ix"
     vector_index(ix, 3, 8)
     engine = open_index(ix)
     assert engine.refresh() is False
     snap = engine.snap
-    theirs = tmp_path / "theirs.db"
-    shutil.copy(ix / "catalog.db", theirs)
-    conn = sqlite3.connect(theirs)
-    with conn:
-        conn.execute("UPDATE meta SET value = '7' WHERE key = 'generation'")
-    conn.close()  # its WAL folded into the file copied
+    theirs = catalog_copy_at_generation(ix, tmp_path / "theirs.db")
     ix.chmod(0o777)
     plant_as_nobody(ix, theirs, "catalog.db")
     plant_as_nobody(ix, ix / "index.faiss", "index.faiss")
@@ -312,3 +306,123 @@ def test_serve_judges_its_index_folder_again_after_loading_the_model(tmp_path):
     finally:
         ix.chmod(0o755)
         engine.db.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vectors.f16", "catalog.db"])
+@pytest.mark.parametrize("target", ["copy", "theirs", "/dev/zero", "fifo"])
+def test_a_reader_never_opens_the_vectors_or_the_catalog_through_a_link(tmp_path, name, target):
+    """vectors.f16 or catalog.db swapped for a symbolic link: writers refused one at vectors.f16, yet readers
+    followed both (and writers, `tag --clear`, wrote through one at catalog.db). A link to a FIFO hung `similar` (and
+    `info`, at the catalog) for ever; one to a copy, or to a file of another user's, was read as the index's own; one
+    to /dev/zero was taken for a cut vector file or a catalog with no tables. Now a reader refuses a link there as a
+    writer does: one line, exit 7, in the time an open takes."""
+    from helpers import NOBODY, layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 300)[0].dispose()
+    own = ix / name
+    if target in ("copy", "theirs"):
+        elsewhere = tmp_path / target
+        shutil.copy(own, elsewhere)
+        if target == "theirs":
+            os.chown(elsewhere, NOBODY, NOBODY)
+    elif target == "fifo":
+        elsewhere = tmp_path / "fifo"
+        os.mkfifo(elsewhere)
+    else:
+        elsewhere = target
+    own.unlink()
+    own.symlink_to(elsewhere)
+    for args in (("similar", "5"), ("info",)) if name == "catalog.db" else (("similar", "5"),):
+        proc = as_child(*args, "--index", ix, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 7 and len(lines) == 1 and f"{name} is a symbolic link" in lines[0], (args, proc.stderr)
+
+
+def test_a_reader_open_for_long_refuses_a_catalog_linked_in_after_it_opened(tmp_path):
+    """`serve`'s Engine.refresh judged the folder again after catalog.db changed, but a link there made by the user
+    passed that judgement, and the pool's next connection opened the file it named (here a copy at a newer
+    generation: taken as the next snapshot). Now the refresh says the index is damaged and keeps its snapshot."""
+    from alignsearch.errors import IndexDamagedError
+    from alignsearch.search.engine import open as open_index
+    from helpers import catalog_copy_at_generation, vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    engine = open_index(ix)
+    snap = engine.snap
+    theirs = catalog_copy_at_generation(ix, tmp_path / "theirs.db")
+    (ix / "catalog.db.link").symlink_to(theirs)
+    os.replace(ix / "catalog.db.link", ix / "catalog.db")
+    try:
+        with pytest.raises(IndexDamagedError, match="catalog.db is a symbolic link"):
+            engine.refresh()
+        assert engine.snap is snap
+    finally:
+        engine.db.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (nobody) needs root")
+def test_an_index_in_a_folder_others_can_write_is_refused_before_they_swap_it(tmp_path):
+    """The index folder's parent was never judged: in a folder every user may write without the sticky bit, another
+    user (nobody) renamed this user's index folder aside and put a copy of their own in its place; a reader read
+    theirs as this one (another user's own index is queryable as it is). Now readers and writers refuse an index
+    whose parent others may write (exit 6, naming the folder), and discovery skips it; /tmp's sticky bit passes."""
+    from helpers import NOBODY, as_nobody, layout_index
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    ix = shared / "ix"
+    layout_index(ix, 300)[0].dispose()
+    shared.chmod(0o777)
+    theirs = shared / ".theirs"
+    shutil.copytree(ix, theirs)
+    for folder, _, files in os.walk(theirs):
+        os.chown(folder, NOBODY, NOBODY)
+        for f in files:
+            os.chown(os.path.join(folder, f), NOBODY, NOBODY)
+
+    def in_shared_as_nobody():
+        os.chdir(shared)
+        as_nobody()
+
+    swap = subprocess.run(["sh", "-c", "mv ix ix.aside && mv .theirs ix"], preexec_fn=in_shared_as_nobody,
+                          capture_output=True, text=True, timeout=60)
+    assert swap.returncode == 0 and ix.stat().st_uid == NOBODY, swap.stderr
+    why = f"its parent folder {shared} is writable by every user"
+    for args in (("similar", "5"), ("info",), ("tag", "--clear")):
+        proc = as_child(*args, "--index", ix, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 6 and len(lines) == 1 and why in lines[0], (args, proc.stderr)
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNSEARCH_INDEX"}
+    shutil.rmtree(ix)
+    os.rename(shared / "ix.aside", shared / ".alignsearch")
+    (shared / "work").mkdir()
+    found = as_child("info", env=env, cwd=shared / "work", timeout=60)
+    assert found.returncode == 3 and why in found.stderr, found.stderr
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is this user's
+    assert as_child("info", env=env, cwd=shared / "work", timeout=60).returncode == 0
+
+
+@pytest.mark.slow
+def test_verify_and_repair_never_read_a_fifo_a_vector_link_names(tmp_path):
+    """vectors.f16 -> a FIFO: `verify` and `verify --repair` hung for ever, the first hashing the rows through the link,
+    the second copying the file it names into its place (a link to /dev/zero had that copy fill the disk: 3.5 GB in
+    15 s). Now verify names the link without reading through it, and --repair refuses to copy anything but a regular
+    file: one line, exit 7, the link left for the user to remove."""
+    from helpers import layout_index
+
+    ix = tmp_path / "ix"
+    layout_index(ix, 300)[0].dispose()
+    os.mkfifo(tmp_path / "fifo")
+    (ix / "vectors.f16").unlink()
+    (ix / "vectors.f16").symlink_to(tmp_path / "fifo")
+    proc = as_child("verify", "--index", ix, "--json", "--skip-model", timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    assert any("vectors.f16: a symbolic link" in p for p in json.loads(proc.stdout)["problems"]), proc.stdout
+    proc = as_child("verify", "--index", ix, "--repair", "--skip-model", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 7 and len(lines) == 1 and "cannot be copied into its place" in lines[0], proc.stderr
+    assert (ix / "vectors.f16").is_symlink() and sorted(p.name for p in ix.iterdir() if p.name.startswith(".")) == []

@@ -35,11 +35,12 @@ def chown_tree(path: Path, uid: int) -> None:
 # -- 7: index discovery does not walk into another user's index ----------------------------------------
 @pytest.fixture
 def shared(tmp_path) -> Path:
-    """A world-writable folder (as /srv/shared or a sticky-less tmp) holding an index, and a subfolder of it."""
+    """A world-writable folder with the sticky bit (as /tmp or /srv/shared) holding an index, and a subfolder of it.
+    Without the sticky bit the index in it is refused whoever owns it: test_an_index_in_a_folder_others_can_write."""
     shared = tmp_path / "shared"
     vector_index(shared / ".alignsearch", 5, 8)
     (shared / "work").mkdir()
-    os.chmod(shared, 0o777)
+    os.chmod(shared, 0o1777)
     return shared
 
 

@@ -126,3 +126,32 @@ def test_a_query_meeting_damaged_rows_counts_each_nan_among_them(tmp_path):
         with pytest.raises(IndexDamagedError, match="^2 stored vectors are damaged"):
             engine.search_vector(x[0], k=20, format="JPEG")
     assert not_unit_length(x) == 1 and not_unit_length(x, tolerance=0.02) == 2 and UNIT_TOLERANCE > 0.03
+
+
+def test_a_segment_is_never_read_through_a_link(tmp_path):
+    """A segment under vectors/ swapped for a symbolic link (to a copy of itself, to a FIFO): readers mapped or read the
+    file it named, and a FIFO hung them for ever. Now the map (made once per segment, not per query) and the bulk
+    reader refuse it as writers do: IndexDamagedError (exit 7), before a byte is read."""
+    import os
+
+    import pytest
+
+    from alignsearch.errors import IndexDamagedError
+    from alignsearch.storage.vectors import read_into
+
+    store = VectorStore(tmp_path / "vectors.f16", 4, 0)
+    store.append(rows(2))
+    store.folder.mkdir()
+    VectorStore(store.folder / "a1.f16", 4, 0).append(rows(3, seed=1))
+    store.commit("a1", 3)
+    segment = store.folder / "a1.f16"
+    os.rename(segment, tmp_path / "copy.f16")
+    os.mkfifo(tmp_path / "fifo")
+    for target in (tmp_path / "copy.f16", tmp_path / "fifo"):
+        segment.unlink(missing_ok=True)
+        segment.symlink_to(target)
+        fresh = VectorStore(store.path, 4, store.rows, dict(store.segments))
+        with pytest.raises(IndexDamagedError, match="a1.f16 is a symbolic link"):
+            fresh.get(np.array([address(1, 0)]))
+        with pytest.raises(IndexDamagedError, match="a1.f16 is a symbolic link"):
+            read_into(fresh, np.array([address(1, 0)]), np.empty((1, 4), np.float16))

@@ -24,7 +24,7 @@ from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRe
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, judged_key, resolve_index_dir
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, judged_key, own_entry, resolve_index_dir
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,13 @@ class Engine:
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
-        open's rule), judged again only when it changed (judged_key: three stats, 11 µs): one made writable by others
+        open's rule), judged again only when it changed (judged_key: four stats, 16 µs): one made writable by others
         since the open (`serve` runs for days) may hold a catalog or ANN file they planted. Every read of a long-open
         engine asks it first: refresh does, and the server's reads that need no newer snapshot (Library.engine)."""
         key = judged_key(self.dir)
         if key != self._judged:  # entries, modes or owners changed since last judged: the whole folder again
             catalog.refuse_untrusted(self.dir, writing=False)
+            own_entry(self.dir / DB_FILE)  # the pool's next connection opens it by name: not through a link
             self._judged = key
 
     def refresh(self) -> bool:

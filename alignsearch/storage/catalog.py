@@ -49,7 +49,7 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, readonly_uri, untrusted_index
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, own_entry, readonly_uri, same_entry, untrusted_index
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
     IndexNotFoundError, IndexUntrustedError
 
@@ -233,6 +233,9 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
     raises IndexDamagedError (one line, exit 7) rather than a driver traceback, as does a catalog written by
     a newer alignsearch."""
     refuse_untrusted(Path(db_path).parent, writing=not readonly)
+    # judged by name before SQLite opens it and again once it did (below): SQLite follows a link (readers read and
+    # writers wrote the file it named) and blocks for ever in the open of a FIFO
+    judged = own_entry(db_path)
     if readonly:
         engine = open_readonly(db_path)
     else:
@@ -271,10 +274,12 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
                     raise IndexNotFoundError(f"{Path(db_path).parent} holds no indexed images yet: its first "
                                              "`alignsearch index` run has committed nothing (is one under way?)")
                 migrate.check(state.read(conn, "schema_version").schema_version)
+            same_entry(judged, db_path)
             return engine
         with engine.begin() as conn:
             migrate.upgrade(conn)
             upgrade_keys_lossless(conn)
+            same_entry(judged, db_path)  # before this transaction commits anything
             if state.read(conn, "index_id").index_id is None:  # names this index (a copy keeps it: see server records)
                 state.write(conn, index_id=uuid.uuid4().hex)
     except DBAPIError as exc:

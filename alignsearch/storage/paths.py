@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 from urllib.parse import urlencode
 
-from alignsearch.errors import IndexNotFoundError
+from alignsearch.errors import IndexDamagedError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,15 @@ def foreign(index: Path) -> str | None:
     or others may write it. Another user's `.alignsearch` above a shared, world-writable folder would
     otherwise receive this user's paths, hashes, EXIF and embeddings (git's CVE-2022-24765: git refuses such
     a repository)."""
-    return untrusted(index) or untrusted(index / DB_FILE)
+    return untrusted(index) or untrusted(index / DB_FILE) or untrusted_parent(index, owners=(os.stat(index).st_uid, 0))
+
+
+def untrusted_parent(index: str | os.PathLike, owners: tuple[int, ...]) -> str | None:
+    """Why others could swap the index folder for one of theirs, or None: its parent judged by untrusted's rule for
+    the folders above the model cache (sticky_ok: /tmp passes). owners: the index's owner and root."""
+    parent = Path(os.path.abspath(index)).parent
+    why = untrusted(parent, owners=owners, sticky_ok=True)
+    return None if why is None else f"its parent folder {why}: they may swap the whole index folder for one of theirs"
 
 
 def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | None:
@@ -69,14 +77,22 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
     let them rename their own catalog.db over this user's: the next `index` run read the folders that catalog named,
     a private one too, into a catalog they could read), and every file or folder in it (and under vectors/) must
     be its owner's, this user's or root's and writable by no one else. The folder may be another user's own (their
-    index, queried as it is), not for a writer: this user's paths would go into it. Its parent is not asked: an
-    index found in a shared folder is this user's to use (find_index_dir), and one swapped in there is another
-    user's folder, which no writer writes."""
+    index, queried as it is), not for a writer: this user's paths would go into it. Its parent is judged by the
+    model cache's rule for the folders above it (untrusted, sticky_ok: /tmp passes): a parent other users may write
+    let them rename the index folder away and put their own in its place, which a reader then read as this one."""
     folder = Path(index_dir)
     try:
         st = os.stat(folder)
     except FileNotFoundError:
-        return None  # a new index: made by this run, as this user
+        st = None  # a new index: made by this run, as this user, in a parent judged as any index's
+    try:
+        why = untrusted_parent(folder, owners=(0,) if st is None else (st.st_uid, 0))
+    except FileNotFoundError:
+        why = None  # made by this run too (index makes the folders on the way)
+    if why is not None:
+        return why
+    if st is None:
+        return None
     owners = (st.st_uid, 0)
     if writing and st.st_uid not in (os.geteuid(), 0):
         return f"{folder} belongs to another user (uid {st.st_uid}): this user's paths and pictures would go into it"
@@ -98,13 +114,13 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
 
 
 def judged_key(index_dir: str | os.PathLike) -> tuple:
-    """What untrusted_index's answer rests on, in three stats: the index folder, its vectors/ folder and its catalog
-    (each's inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed,
+    """What untrusted_index's answer rests on, in four stats: the index folder, its vectors/ folder, its catalog and
+    its parent (each's inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed,
     changes one of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
     again only then, not its every file each time."""
     folder = Path(index_dir)
-    key = []
-    for path in (folder, folder / "vectors", folder / DB_FILE):
+    key = []  # the parent too: one made writable by others since (untrusted_index judges it)
+    for path in (folder, folder / "vectors", folder / DB_FILE, Path(os.path.abspath(folder)).parent):
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
@@ -112,6 +128,32 @@ def judged_key(index_dir: str | os.PathLike) -> tuple:
             continue
         key.append((st.st_ino, st.st_mode, st.st_uid, st.st_ctime_ns, st.st_mtime_ns))
     return tuple(key)
+
+
+def own_entry(path: str | os.PathLike) -> os.stat_result | None:
+    """The lstat of a file the index keeps and SQLite opens by name (the catalog), or None when nothing is there;
+    IndexDamagedError (exit 7) when it is not a regular file at its own name. Writers only ever make one there, so a
+    symbolic link (to another index's catalog, to /dev/zero) or a FIFO (which hung every reader's open) is damage.
+    SQLite follows links and opens FIFOs, and cannot be given a descriptor: the callers judge the name before the
+    open and again after it (same inode), as the vector and ANN files are judged on the descriptor opened."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):  # a folder: the open says so, as it did
+        return st
+    from alignsearch.safeopen import file_kind
+
+    raise IndexDamagedError(f"{Path(path).name} is a {file_kind(st.st_mode)}, where the index keeps its own file: "
+                            "alignsearch never opens one through it (replace it with the file it should be, or "
+                            "move the index aside and rebuild it with `alignsearch index ROOTS`)")
+
+
+def same_entry(before: os.stat_result | None, path: str | os.PathLike) -> None:
+    """IndexDamagedError unless path (own_entry) is still the file `before` judged: the open read that one."""
+    after = own_entry(path)
+    if before is not None and (after is None or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)):
+        raise IndexDamagedError(f"{Path(path).name} was replaced while it was opened: run the command again")
 
 
 def _index_entries(folder: Path) -> list[Path]:

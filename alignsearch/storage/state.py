@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage.paths import LISTS_SUFFIX, readonly_uri, untrusted_index
+from alignsearch.storage.paths import LISTS_SUFFIX, own_entry, readonly_uri, same_entry, untrusted_index
 
 
 @dataclass(frozen=True)
@@ -361,13 +361,16 @@ def peek(db_path: Path, *fields: str) -> IndexState | None:
     try:
         if untrusted_index(Path(db_path).parent, writing=False) is not None:
             return None
+        judged = own_entry(db_path)  # not a link nor a FIFO (catalog.connect judges it so too)
         db = Path(db_path).resolve()
         if not db.is_file():
             return None
         con = sqlite3.connect(readonly_uri(db), uri=True, timeout=0.5)
         try:
-            return read(con, *fields)
+            got = read(con, *fields)
         finally:
             con.close()
-    except (sqlite3.Error, OSError, ValueError, TypeError, KeyError, AttributeError):
+        same_entry(judged, db_path)
+        return got
+    except (sqlite3.Error, OSError, ValueError, TypeError, KeyError, AttributeError, IndexDamagedError):
         return None

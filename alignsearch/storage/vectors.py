@@ -29,6 +29,7 @@ import numpy as np
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 
+from alignsearch import safeopen
 from alignsearch.storage import catalog, state
 from alignsearch.atomic import fsync_dir, write_bytes, writing
 from alignsearch.errors import IndexDamagedError
@@ -198,7 +199,13 @@ class VectorStore:
 
         done = []
         for path in self.linked():
-            with open(path, "rb") as src, writing(path) as out:  # the new file is renamed over the link
+            try:  # the file it names read as a photo's link is (safeopen): a regular file, not one planted by another
+                # user; a link to a FIFO hung the copy, one to /dev/zero filled the disk
+                src_fd = safeopen.open_regular(path, follow=True)
+            except safeopen.Refused as exc:
+                raise IndexDamagedError(f"{path.name} is a symbolic link that cannot be copied into its place ({exc}): "
+                                        "remove it, then run `alignsearch verify --repair` again") from None
+            with os.fdopen(src_fd, "rb") as src, writing(path) as out:  # the new file is renamed over the link
                 shutil.copyfileobj(src, out, 1 << 22)
             done.append(path.name)
         self._maps.clear()
@@ -233,7 +240,7 @@ class VectorStore:
         held = self._maps.get(segment)
         if held is None or len(held[1]) != rows:
             try:
-                with open(self.segment_path(segment), "rb") as f:
+                with os.fdopen(_open_to_read(self.segment_path(segment)), "rb") as f:
                     mapped = mmap.mmap(f.fileno(), rows * self.row_bytes, access=mmap.ACCESS_READ)
             except (FileNotFoundError, ValueError):  # ValueError: the file is shorter than the map asked for
                 raise self._short(segment) from None
@@ -282,7 +289,7 @@ def read_into(store: VectorStore, addresses: np.ndarray, out: np.ndarray) -> np.
         for i, j in zip(starts.tolist(), ends.tolist()):
             segment, row = int(unique[i]) >> SEGMENT_BITS, int(unique[i]) & ROW_MASK
             if segment not in files:
-                files[segment] = open(store.segment_path(segment), "rb", buffering=0)  # noqa: SIM115
+                files[segment] = open(_open_to_read(store.segment_path(segment)), "rb", buffering=0)  # noqa: SIM115
             f, view = files[segment], memoryview(into[i:j]).cast("B")
             f.seek(row * store.row_bytes)
             done = 0
@@ -329,6 +336,25 @@ def _open_to_write(path: Path, create: bool = False) -> int:
         raise IndexDamagedError(f"{path.name} is a symbolic link, and alignsearch never writes through one: run "
                                 "`alignsearch verify --repair` (it copies the file the link names into its place)"
                                 ) from None
+
+
+def _open_to_read(path: Path) -> int:
+    """A read-only descriptor of a vector file, only when it is a regular file at its own name (safeopen, as the ANN
+    files are opened: ann.open_own). Writers never write through a link (_open_to_write), yet readers followed one:
+    to a FIFO (a query hung for ever), /dev/zero or another user's file. Judged when a segment is mapped, not per
+    query. IndexDamagedError (exit 7) for what it refuses; OSErrors (missing, unreadable) name the whole path."""
+    try:
+        return safeopen.open_regular(path, follow=False)
+    except safeopen.Refused as exc:
+        if os.path.isdir(path) and not os.path.islink(path):  # said as before: "move it away" (surfaces/boundary.py)
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)) from None
+        said = str(exc) if str(exc).startswith("is ") else f"is {exc}"
+        raise IndexDamagedError(f"{path.name} {said}, and alignsearch never reads vectors through one: run "
+                                "`alignsearch verify --repair` (it copies the file a link names into its place)"
+                                ) from None
+    except OSError as exc:  # opened in its folder, the error names the file alone: the whole path, as open() gave,
+        # tells the CLI an index file is unreadable (surfaces/boundary.py), not an unexpected error
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
 
 
 def empty_file(path: Path) -> None:
@@ -396,11 +422,14 @@ def _read_rows(store: VectorStore, segment: int, start: int, rows: int) -> bytes
     """The bytes of rows [start, start + rows) as the file holds them (shorter when the file is)."""
     path = store.segment_path(segment)
     try:
-        with open(path, "rb") as f:
-            f.seek(start * store.row_bytes)
-            return f.read(rows * store.row_bytes)
+        fd = _open_to_read(path)
     except FileNotFoundError:
         return b""
+    except IndexDamagedError:  # a link (verify names it, --repair copies its file in first), a FIFO: none read
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        f.seek(start * store.row_bytes)
+        return f.read(rows * store.row_bytes)
 
 
 def digest(data) -> str:

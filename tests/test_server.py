@@ -702,8 +702,8 @@ def test_thumbnails_waiting_for_a_decode_slot_leave_the_other_requests_alone(pre
                 except TimeoutError:
                     status = None
                 waited = time.monotonic() - began
+                # no bound on the time itself (a loaded machine): the old code held the search until release
                 assert status == 200, f"the search waited {waited:.1f} s behind the thumbnails' decodes"
-                assert waited < 5, waited
                 wait_until(lambda: sum(f.done() for f in thumbs) == 58, "58 thumbnails refused", timeout=15)
                 refused = [f.result() for f in thumbs if f.done()]
             finally:

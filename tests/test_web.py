@@ -196,7 +196,9 @@ def test_thumbnails_refused_while_the_server_is_busy_are_asked_for_again(tmp_pat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(server_module, "open_rgb", held)
-    monkeypatch.setattr(server_module, "THUMB_WAIT_SECONDS", 0.2)
+    # 1 s: those asked during the 2 s hold are refused; once it ends, a retry's wait is ample for a small decode on a
+    # loaded machine (0.2 s could refuse a retry four times in a row)
+    monkeypatch.setattr(server_module, "THUMB_WAIT_SECONDS", 1.0)
     server = start_in_thread(alignsearch.open(ix, device="cpu"), ServerConfig(port=free_port()))
     try:
         browser.get(server.open_url)

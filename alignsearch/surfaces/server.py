@@ -488,6 +488,10 @@ class Library:
         engine = self.fresh()
         return {**engine.explain(request), "encoder": engine.encoder_plan()}
 
+    def parts_of(self, request: SearchRequest, snapshot):
+        """The request's query encoded (Engine.parts_of) for snapshot; called off the event loop, as every judgement."""
+        return self.engine.parts_of(request, snapshot)
+
     def image_spec(self) -> ImageSpec:
         """The input of the index's model (its recorded preprocessing), which decides how an upload is decoded."""
         from alignsearch.encoders.cached import spec_from
@@ -909,7 +913,9 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
             raise ApiError(503, "the server is busy decoding other images: try again shortly",
                            {"Retry-After": str(THUMB_RETRY_SECONDS), "Cache-Control": "no-store"}) from None
         try:
-            return await run_in_threadpool(fn, *args)  # not cancelled mid-decode: the slot is freed after it
+            # freed once fn returns: nothing here cancels a handler when its client goes (Starlette's Response, no
+            # BaseHTTPMiddleware); a cancellation would free the slot while the thread still decodes
+            return await run_in_threadpool(fn, *args)
         finally:
             slots.release()
 
@@ -918,7 +924,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         # was ranked against the new vectors. If the index moves on in between, encode again.
         for attempt in range(4):
             snap = await run_in_threadpool(library.snapshot)
-            future = encoder.submit(library.engine.parts_of, request, snap)
+            future = encoder.submit(library.parts_of, request, snap)  # judged on the encoder's thread, not the loop
             parts = await asyncio.wrap_future(future)
             try:
                 return await run_in_threadpool(library.search, request, parts, snap)
@@ -947,8 +953,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
             results = await similar_search(request)
         else:
             if request.image is not None:  # checked bytes: decoded a few at a time (DECODE_SLOTS)
-                pil = await in_slot(decoding, decode_upload, request.image, config.max_upload_pixels,
-                                    library.image_spec())
+                pil = await in_slot(decoding, lambda: decode_upload(request.image, config.max_upload_pixels,
+                                                                    library.image_spec()))  # judged on the thread
                 request = search_request.with_image(request, pil)
             results = await encode_and_search(request)
         out = {"query": echo(request, posted), "results": results}

@@ -888,6 +888,7 @@ def test_a_query_neither_peeks_at_nor_routes_from_an_index_others_can_write(reco
     lines = run("query", "a dog", "--index", ix, code=6).output.strip().splitlines()
     assert server.received == [] and "searching locally" in lines[0], lines
     assert lines[1:] == [f"error: refusing the index {ix}: {ix} is writable by every user (another user may have "
-                         "written what it holds: move the index to a folder only you can write, or `chmod go-w` it)"]
+                         "written what it holds: keep the index in a folder only you can write (--index DIR), or "
+                         "`chmod go-w` what is named)"]
     os.chmod(ix, 0o755)  # closed again, the catalog is still another user's: not read either
     assert state.peek(ix / DB_FILE, "index_id") is None

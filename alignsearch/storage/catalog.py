@@ -219,8 +219,10 @@ def refuse_untrusted(index_dir: Path, *, writing: bool) -> None:
     (Engine.refresh: a folder made writable by others after `serve` opened it)."""
     why = untrusted_index(index_dir, writing=writing)
     if why is not None:  # never read, whatever they hold
+        # the remedy names no "it": the folder judged may be the index's parent (paths.untrusted_parent), not the index
         raise IndexUntrustedError(f"refusing the index {index_dir}: {why} (another user may have written what "
-                            "it holds: move the index to a folder only you can write, or `chmod go-w` it)")
+                                  "it holds: keep the index in a folder only you can write (--index DIR), or "
+                                  "`chmod go-w` what is named)")
 
 
 BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another process's lock before giving up

@@ -432,11 +432,13 @@ def _say_index(s, as_json: bool) -> None:
         return
     for note in s.notes:
         click.echo(f"note: {note}")
-    if s.added + s.updated + s.moved + s.removed + s.failed == 0:
+    if s.added + s.updated + s.moved + s.removed + s.failed + s.reencoded == 0:
         click.echo(f"nothing changed ({s.unchanged} unchanged)")
     else:
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
+    if s.reencoded:  # --reindex: every file encoded again, which the counts above (changes on disk) do not show
+        click.echo(f"{s.reencoded} re-encoded (a new generation)")
     if s.ocr.get("read"):
         click.echo(f"text read in {s.ocr['read']} images ({s.ocr.get('with_text', 0)} indexed images hold text)")
     if any(s.fill_failures.values()):

@@ -100,14 +100,26 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     ids = {(r.root, r.relpath): r.id for r in rows}
     todo = [scan.Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw) for r in rows]
 
+    shared: dict[str, int] = {}  # content hash -> its row in the next generation, this run
+
     def write(batch, new_vectors, actor_rows=()) -> None:
         good = [it for it in batch if it.crop is not None]
-        start = pending.append(new_vectors) if good else pending.rows
+        # Copies of one content share one row, as an index run stores them (the writer's rule); before, a
+        # re-encode stored a row per copy. A resumed re-encode may store a copy's row once more: harmless.
+        fresh, seen = [], set()
+        for n, it in enumerate(good):
+            if not it.sha256 or (it.sha256 not in shared and it.sha256 not in seen):
+                seen.add(it.sha256)
+                fresh.append(n)
+        start = pending.append(new_vectors[fresh]) if fresh else pending.rows
+        rows = {n: start + slot for slot, n in enumerate(fresh)}
+        shared.update({good[n].sha256: rows[n] for n in fresh if good[n].sha256})
         with db.begin() as conn:
             if good:
                 conn.execute(insert(catalog.pending_vectors), [
-                    {"file_id": ids[(it.found.root, it.found.relpath)], "vec_row": start + n} for n, it in enumerate(good)])
-            vectors.record_chunk(conn, pending, 0, start, len(good), key=progress.segment)
+                    {"file_id": ids[(it.found.root, it.found.relpath)],
+                     "vec_row": rows[n] if n in rows else shared[it.sha256]} for n, it in enumerate(good)])
+            vectors.record_chunk(conn, pending, 0, start, len(fresh), key=progress.segment)
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
             state.write(conn, reindex=replace(progress, rows=pending.rows, done=count))
 

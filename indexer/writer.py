@@ -21,17 +21,26 @@ def catalog_writer(db: Engine, store: VectorStore) -> Callable[..., None]:
 
     def write(batch: list[Item], new_vectors: np.ndarray, actor_rows=()) -> None:
         encoded = [it for it in batch if it.crop is not None and it.vec_row is None]
+        # Copies of one content met before any of them was stored (one batch, or batches gathered for one
+        # write) share one row, as copies met later do through `known`: the first copy's vector is kept.
+        # Before, a first run stored each copy's vector, and "one row per content" held only across runs.
+        slot: dict = {}
+        for i, it in enumerate(encoded):
+            slot.setdefault(it.sha256 or id(it), i)
+        kept = sorted(set(slot.values()))
+        at = {i: n for n, i in enumerate(kept)}
+        new_vectors = new_vectors[kept] if len(kept) < len(encoded) else new_vectors
         start = store.append(new_vectors) if encoded else store.rows
-        rows = iter(range(start, start + len(encoded)))
+        row_of = {id(it): start + at[slot[it.sha256 or id(it)]] for it in encoded}
         with db.begin() as conn:
             for it in batch:
                 file_id = catalog.upsert_file(conn, file_values(it, it.vec_row if it.vec_row is not None or it.crop is None
-                                                                else next(rows)))
+                                                                else row_of[id(it)]))
                 if it.phash and it.crop is not None:
                     catalog.set_phashes(conn, [(file_id, it.phash)])
                 if it.photo is not None and it.crop is not None:
                     catalog.set_photo(conn, file_id, it.found.relpath, {**it.photo, "ocr": it.ocr})
-            vectors.record_chunk(conn, store, 0, start, len(encoded))
+            vectors.record_chunk(conn, store, 0, start, len(kept))
             record_runs(conn, store, actor_rows)
             vectors.save(conn, store)
 

@@ -193,3 +193,25 @@ def test_index_root_that_is_a_fifo_says_so_without_opening_it(tmp_path):
         done.set()
         watcher.join()
     assert opened == []
+
+
+def test_reindex_says_how_many_files_it_encoded_again(indexed_images):
+    """`index --reindex` encoded every file again but printed `nothing changed (4 unchanged)`: the text summary
+    had no word for `reencoded`, which the README says the summary counts."""
+    _, ix = indexed_images(4)
+    out = run("index", "--reindex", "--index", ix, "--device", "cpu").stdout
+    assert "4 re-encoded" in out and "nothing changed" not in out, out
+
+
+def test_serve_on_a_port_another_program_holds_is_exit_6_not_an_unexpected_error(indexed_images):
+    """`serve --port P` with P taken said so in one line but exited 1, which README's table keeps for unexpected
+    errors; a port held by another process is refused as an index another process writes is: exit 6."""
+    import socket
+
+    _, ix = indexed_images(4)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = run("serve", "--port", port, "--index", ix, code=6).output
+    assert "another program listens there" in out, out

@@ -479,3 +479,37 @@ def test_kill_9_of_runs_keeps_an_unplugged_drive_s_files_and_reads_the_captions_
         assert subprocess.run(cmd, capture_output=True).returncode == 0 and drive_rows() == 3
     finally:
         unmount(root / "nas")
+
+
+@pytest.mark.slow
+def test_copies_met_in_one_run_share_one_vector_row(tmp_path, tiny_model):
+    """Three copies of one photo indexed in the same first run stored three vector rows (README: one row per
+    content, copies share one); only a copy met in a later run reused the stored row."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    paths = make_images(root, 2)
+    for name in ("copy1.jpg", "copy2.jpg"):
+        shutil.copy(paths[0], root / name)
+    s = index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert s["added"] == 4 and vector_rows(ix) == 2, s
+    engine = alignsearch.open(ix)
+    hits = engine.search(image=paths[0], k=4)
+    assert sorted(h.relpath for h in hits[:3]) == sorted(["copy1.jpg", "copy2.jpg", paths[0].name])
+    assert all(h.score == pytest.approx(1, abs=2e-3) for h in hits[:3])
+    assert json.loads(run("verify", "--json", "--index", ix).stdout)["ok"]
+
+
+@pytest.mark.slow
+def test_a_reindex_stores_one_row_for_copies_of_one_content(tmp_path, tiny_model, other_model):
+    """`index --reindex` stored a row per file: three copies of one photo took three rows of the new generation
+    (`vectors: 3 rows stored, 3 in use`), where an index run stores them in one (README: copies share one)."""
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    paths = make_images(root, 2)
+    for name in ("copy1.jpg", "copy2.jpg"):
+        shutil.copy(paths[0], root / name)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    s = index_json(ix, "--reindex", "--model", other_model, "--device", "cpu")
+    assert s["reencoded"] == 4 and vector_rows(ix) == 2, s
+    hits = alignsearch.open(ix).search(image=paths[0], k=3)
+    assert sorted(h.relpath for h in hits) == sorted(["copy1.jpg", "copy2.jpg", paths[0].name])
+    assert all(h.score == pytest.approx(1, abs=2e-3) for h in hits)
+    assert json.loads(run("verify", "--json", "--index", ix).stdout)["ok"]

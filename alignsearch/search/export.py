@@ -14,7 +14,7 @@ reused buffer (vectors.read_into: the store's memory map would leave every page 
 buffer (168 MB at 640-d, the largest part; the embedding column without a dictionary, which the writer
 would otherwise try for each row group). clip-retrieval writes each page's vectors as they are read.
 
-`taken` (EXIF capture time, else null) and `caption` come from the catalog's photo fields
+`taken` (EXIF capture time, else the file's mtime: photometa.read) and `caption` come from the catalog's photo fields
 (alignsearch/media/photometa.py), `tags` from `alignsearch tag`. Filters: `where` (the --where language of
 alignsearch/search/filters.py), `path` (a glob on the relative path, as `query --path`) and `roots` (root names).
 """

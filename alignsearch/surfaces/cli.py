@@ -28,7 +28,7 @@ from functools import wraps
 import click
 
 from alignsearch.encoders.backend import BACKENDS, PRECISIONS, EncoderOptions, torch_free_text
-from alignsearch.errors import AlignSearchError
+from alignsearch.errors import AlignSearchError, BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -432,11 +432,13 @@ def _say_index(s, as_json: bool) -> None:
         return
     for note in s.notes:
         click.echo(f"note: {note}")
-    if s.added + s.updated + s.moved + s.removed + s.failed == 0:
+    if s.added + s.updated + s.moved + s.removed + s.failed + s.reencoded == 0:
         click.echo(f"nothing changed ({s.unchanged} unchanged)")
     else:
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
+    if s.reencoded:  # --reindex: every file encoded again, which the counts above (changes on disk) do not show
+        click.echo(f"{s.reencoded} re-encoded (a new generation)")
     if s.ocr.get("read"):
         click.echo(f"text read in {s.ocr['read']} images ({s.ocr.get('with_text', 0)} indexed images hold text)")
     if any(s.fill_failures.values()):
@@ -993,7 +995,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     # the second only) and removed it on exit, leaving the first unknown to `query`.
     running = verified_server(engine.dir, notice=lambda line: None)
     if running is not None:
-        raise AlignSearchError(f"this index is already served at {running['url']} (process {running['pid']}): "
+        # exit 6, as an index another process writes: a resource another process holds, no unexpected error (1)
+        raise BadInputError(f"this index is already served at {running['url']} (process {running['pid']}): "
                                "`alignsearch query` uses it; stop it first to serve it again")
     config = ServerConfig(host=host, port=port, token=token, no_token=no_token, allow_hosts=tuple(allow_hosts))
 
@@ -1009,7 +1012,7 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
         if not serving:  # while the model loaded: stopped before it served, said as any command's Ctrl-C is
             raise
     except OSError as exc:
-        raise AlignSearchError(_cannot_listen(engine.dir, host, port, exc)) from None
+        raise BadInputError(_cannot_listen(engine.dir, host, port, exc)) from None
 
 
 def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:

@@ -70,6 +70,9 @@ def configure(verbose: int = 0) -> int:
     _handler.setFormatter(logging.Formatter(PLAIN if level >= logging.WARNING else DETAILED))
     root.addHandler(_handler)
     root.setLevel(level)
+    # faiss's loader logs at INFO each build it tries, with a ModuleNotFoundError for each one this CPU lacks
+    # (faiss.swigfaiss_avx2): alarming and not ours at -v; shown from -vv (DEBUG)
+    logging.getLogger("faiss").setLevel(logging.WARNING if level > logging.DEBUG else logging.NOTSET)
     if problem:
         logging.getLogger(__name__).warning("note: %s", problem)
     return level

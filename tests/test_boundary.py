@@ -295,3 +295,21 @@ def test_the_client_raises_the_error_a_server_names_as_a_search_here_would(tmp_p
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_faiss_loader_lines_wait_for_debug(capsys):
+    """faiss logs at INFO each of its builds it tries to load, with a ModuleNotFoundError for each the CPU lacks:
+    at -v those lines, not ours, looked like a failure. They show from -vv."""
+    from alignsearch import logs
+
+    try:
+        logs.configure(1)
+        logging.getLogger("faiss.loader").info("Could not load library with AVX2 support")
+        logging.getLogger("alignsearch.x").info("ours")
+        err = capsys.readouterr().err
+        assert "ours" in err and "AVX2" not in err, err
+        logs.configure(2)
+        logging.getLogger("faiss.loader").debug("Loading faiss")
+        assert "Loading faiss" in capsys.readouterr().err
+    finally:
+        logs.configure(0)

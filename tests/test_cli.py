@@ -215,3 +215,10 @@ def test_serve_on_a_port_another_program_holds_is_exit_6_not_an_unexpected_error
         port = held.getsockname()[1]
         out = run("serve", "--port", port, "--index", ix, code=6).output
     assert "another program listens there" in out, out
+
+
+def test_summary_counts_say_one_image_not_one_images():
+    """`1 images exported`, `(1 indexed images hold text)`: the summary lines counted in the plural whatever n."""
+    from alignsearch.surfaces.cli import _count
+
+    assert [_count(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]

@@ -87,9 +87,12 @@ def filesystem(url: str):
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as exc:
         protocol = url.split("://", 1)[0]
-        package = FSSPEC_PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
-        raise BadInputError(f"cannot read {url}: {exc}. Install {package} (pip install {package}) "
-                            f"to index {protocol}:// paths") from None
+        package = FSSPEC_PACKAGES.get(protocol)
+        if package is not None and isinstance(exc, ImportError):  # fsspec's own line says "Install s3fs" too
+            raise BadInputError(f"cannot read {url}: {package} is not installed (pip install {package}) "
+                                f"to index {protocol}:// paths") from None
+        raise BadInputError(f"cannot read {url}: {exc}. Install {package or f'the fsspec package for {protocol}://'}"
+                            f"{f' (pip install {package})' if package else ''} to index {protocol}:// paths") from None
 
 
 def normalise(root: str) -> list[str]:

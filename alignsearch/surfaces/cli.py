@@ -426,6 +426,11 @@ def _say_watch_run(s, facts: dict, error: BaseException | None, as_json: bool) -
     sys.stdout.flush()
 
 
+def _count(n: int, noun: str) -> str:
+    """`1 image`, `2 images`: what a summary line counts."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _say_index(s, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
@@ -440,7 +445,9 @@ def _say_index(s, as_json: bool) -> None:
     if s.reencoded:  # --reindex: every file encoded again, which the counts above (changes on disk) do not show
         click.echo(f"{s.reencoded} re-encoded (a new generation)")
     if s.ocr.get("read"):
-        click.echo(f"text read in {s.ocr['read']} images ({s.ocr.get('with_text', 0)} indexed images hold text)")
+        held = s.ocr.get("with_text", 0)
+        click.echo(f"text read in {_count(s.ocr['read'], 'image')} ({_count(held, 'indexed image')} "
+                   f"{'holds' if held == 1 else 'hold'} text)")
     if any(s.fill_failures.values()):
         click.echo(_fill_failures_line(s.fill_failures))
     for root in s.no_images:
@@ -1189,7 +1196,7 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{result['rows']} images exported to {result['path']} ({fmt})")
+        click.echo(f"{_count(result['rows'], 'image')} exported to {result['path']} ({fmt})")
 
 
 @main.command()

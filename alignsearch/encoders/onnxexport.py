@@ -29,7 +29,7 @@ from alignsearch.encoders import exportcache, records
 from alignsearch.encoders.backend import cache_untrusted, make_cache_dir, onnx_dir
 from alignsearch.encoders.onnxrun import (EXPORT_VERSION, FILES, PROBE_TEXTS, TOKENIZER, OnnxUnusable, Tower,
                                  clear_folder, file_record, load_text, load_vision, machine, openvino_cache, probe_crops,
-                                 read_manifest, tokenizer)
+                                 measured_on, read_manifest, rejected, rejection_key, tokenizer)
 from alignsearch.encoders.pixels import scale_pixels
 
 log = logging.getLogger(__name__)
@@ -173,33 +173,45 @@ class Exporter:
 
     def text(self, precision: str, engine: str = "onnx") -> Tower:
         """The text tower at fp32 or int8 (bf16: fp32 on OpenVINO) on `engine`, exported (and quantized)
-        when not cached or not right."""
+        when not cached or not right. Below fp32 it is measured against torch once (on a checked fp32 tower: a
+        damaged file is exported again, not taken for drift), and a refusal is remembered (_reject)."""
+        why = rejected(self.manifest, precision, engine)
+        if why:  # measured: this model drifts at this precision here; no compiling, quantizing or export again
+            raise OnnxUnusable(why)
         try:
             return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
         except (OnnxUnusable, KeyError) as why:
             if records.exists(self.folder):
-                log.info("re-exporting the %s text tower: %s", precision, why)
-        rejected = self.manifest.setdefault("rejected", {})
-        if precision == "int8" and "text-int8" in rejected:  # measured once: this model does not quantize well
-            raise OnnxUnusable(rejected["text-int8"])
+                log.info("the cached %s text tower is not used (made or measured again): %s", precision, why)
+        if precision == "fp32":
+            self._write(self._make_text, "text-fp32")
+            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+        self.text("fp32", engine)  # a checked fp32 tower: the one int8 quantizes, the one bf16 computes
         if precision == "int8":
-            self.text("fp32")  # a checked fp32 tower to quantize
             self._write(self._make_int8, "text-int8")
-            try:
-                return load_text(self.folder, self.manifest, precision, self._tokenize)
-            except OnnxUnusable as why:
-                # Measured once: remembered, so that int8 queries do not quantize (and load torch) every time.
-                (self.folder / FILES["text-int8"]).unlink(missing_ok=True)
-                self.manifest.setdefault("rejected", {})["text-int8"] = str(why)
-                self.manifest["files"].pop("text-int8", None)
-                try:
-                    self.records.drop_file("text-int8")
-                    self.records.rejected("text-int8", str(why))
-                except OSError:
-                    pass  # measured again next time
-                raise
-        self._write(self._make_text, "text-fp32")
-        return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+        try:
+            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+        except OnnxUnusable as why:
+            self._reject(precision, engine, why)
+            raise
+
+    def _reject(self, precision: str, engine: str, why: OnnxUnusable) -> None:
+        """Remember that the text tower drifts too far at `precision` on `engine` (one rule for int8 and bf16),
+        with where it was measured (onnxrun.measured_on): later runs go straight to exact text, and measure
+        again only for other weights, another export version, CPU or engine version. A file made for that
+        precision alone (int8's) is deleted."""
+        key, own, on = rejection_key(precision, engine), f"text-{precision}", measured_on(engine)
+        if own in FILES:  # int8's file (bf16 computes the checked fp32 one, kept)
+            (self.folder / FILES[own]).unlink(missing_ok=True)
+            self.manifest["files"].pop(own, None)
+        self.manifest.setdefault("rejected", {})[key] = str(why)
+        self.manifest.setdefault("rejected_on", {})[key] = on
+        try:
+            if own in FILES:
+                self.records.drop_file(own)
+            self.records.rejected(key, str(why), on)
+        except OSError:
+            pass  # measured again next time
 
     def vision(self, engine: str = "onnx", precision: str = "fp32") -> Tower:
         size = self.enc.spec.output_size

@@ -78,6 +78,41 @@ def machine() -> str:
     return f"{model} x{os.cpu_count()}"
 
 
+ENGINE_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+def rejection_key(precision: str, engine: str) -> str:
+    """The name a text tower's refusal at `precision` on `engine` is remembered under. ONNX Runtime's is the
+    one int8 refusals had before engines were named ("text-int8"), so those stay remembered."""
+    return f"text-{precision}" if engine == "onnx" else f"text-{precision}-{engine}"
+
+
+def measured_on(engine: str) -> dict:
+    """What a precision's parity depends on besides the weights and the export (which the cache folder's name
+    and the records' export identity already key): this CPU (bf16 is AMX or AVX512-BF16 arithmetic) and the
+    engine's version. A refusal measured under other ones is measured again."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version(ENGINE_PACKAGES[engine])
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"machine": machine(), "engine": engine, "version": version}
+
+
+def rejected(manifest: dict, precision: str, engine: str) -> str | None:
+    """Why the text tower at `precision` on `engine` was refused when measured against torch (remembered by
+    onnxexport.Exporter, the same way for every precision), or None: never measured, measured good, or measured
+    on another CPU or engine version. A refusal recorded before records said where (int8's, by older versions)
+    holds, as it did then."""
+    key = rejection_key(precision, engine)
+    why = (manifest.get("rejected") or {}).get(key)
+    if why is None:
+        return None
+    on = (manifest.get("rejected_on") or {}).get(key)
+    return str(why) if on is None or on == measured_on(engine) else None
+
+
 def read_manifest(folder: Path) -> dict | None:
     """The cache folder's manifest as one dict (records.read), or None."""
     return records.read(folder)

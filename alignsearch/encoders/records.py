@@ -3,10 +3,11 @@
 A cache folder (backend.onnx_dir) keeps its records in records/: model.json (what the exports are of: the
 model's identity, preprocessing and sizes), file-KEY.json per exported file (its size, time and SHA-256,
 and what it needs to be checked: the probes torch answered for a tower, the pad token for tokenizer.json),
-rejected-KEY.json (a tower measured unusable: int8 text that drifts), speed-MACHINE.json (the vision
-tower's measured engine rates on one CPU) and checkpoint-PLACE.json (the stamp of a checkpoint folder
-these weights were loaded from). Two processes exporting different towers each write their own record, so
-neither needs a lock nor a merge, and a crash leaves every record whole (the old or the new one).
+rejected-KEY.json (a tower measured unusable at a precision: int8 or bf16 text that drifts, and where:
+the CPU and engine version), speed-MACHINE.json (the vision tower's measured engine rates on one CPU) and
+checkpoint-PLACE.json (the stamp of a checkpoint folder these weights were loaded from). Two processes
+exporting different towers each write their own record, so neither needs a lock nor a merge, and a crash
+leaves every record whole (the old or the new one).
 
 read() assembles them into one dict of the shape the single manifest.json had before; a folder that still
 holds only that older manifest.json is read as it is, and converted to records on the next write.
@@ -98,6 +99,8 @@ def read(folder: Path) -> dict | None:
                     target[part[-1]] = record[part[-1]]
         elif kind == "rejected" and "why" in record:
             manifest["rejected"][key] = record["why"]
+            if "on" in record:  # where it was measured (onnxrun.measured_on): elsewhere it is measured again
+                manifest.setdefault("rejected_on", {})[key] = record["on"]
         elif kind == "speed" and isinstance(record.get("speed"), dict):
             manifest["vision_speed"][str(record.get("machine"))] = record["speed"]
         elif kind == "checkpoint" and "stamp" in record:
@@ -184,9 +187,10 @@ class Writer:
     def drop_file(self, key: str) -> None:
         (self.folder / FOLDER / f"file-{key}.json").unlink(missing_ok=True)
 
-    def rejected(self, key: str, why: str) -> None:
+    def rejected(self, key: str, why: str, on: dict | None = None) -> None:
+        """Record a tower refused at a precision, and where that was measured (`on`)."""
         self._prepare()
-        self._put(f"rejected-{key}.json", {"why": why})
+        self._put(f"rejected-{key}.json", {"why": why, **({"on": on} if on is not None else {})})
 
     def speed(self, machine: str, speed: dict) -> None:
         self._prepare()

@@ -12,8 +12,8 @@ takes seconds, and a tower never used costs nothing), on ONNX Runtime or OpenVIN
 
 The plan changes here only, in Towers._change, and only on first use of a tower (each change needs the
 tower built, exported or measured: not decided without exporting at construction): under --backend auto the
-vision tower goes to the engine measured fastest on this CPU; int8 text that was measured too far from torch
-runs at fp32; and a tower that cannot be built (OnnxUnusable: the export, its check or its load failed) makes
+vision tower goes to the engine measured fastest on this CPU; int8 or bf16 text that was measured too far
+from torch runs at fp32 on the same engine (remembered: onnxexport.Exporter._reject); and a tower that cannot be built (OnnxUnusable: the export, its check or its load failed) makes
 the fallback. Each change is said in one line and kept in the plan's note. Encoders read `plan`; none
 writes it.
 """
@@ -29,7 +29,7 @@ from alignsearch.encoders import records
 from alignsearch.encoders.backend import (ENGINES, EncoderOptions, Plan, choose_images, fallback, installed_engines,
                                           onnxruntime_installed, openvino_bf16, openvino_installed, plan,
                                           torch_free_text)
-from alignsearch.encoders.onnxrun import OnnxUnusable, TextEncoder, load_vision, machine
+from alignsearch.encoders.onnxrun import OnnxUnusable, TextEncoder, load_vision, machine, rejected
 from alignsearch.errors import ModelMismatchError
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,16 @@ class Cached:
         self.folder, self.manifest, self.size = folder, manifest, size
         self.load_full = load_full
 
-    def int8_rejected(self) -> str | None:
-        """Why this model's int8 text tower was refused when it was measured (at export), or None: not
-        measured, or measured good; the checkpoint then loads and quantizes (the fallback)."""
-        return _unusable(lambda: (self.manifest.get("rejected") or {}).get("text-int8"))
+    def rejected(self, precision: str, engine: str) -> str | None:
+        """Why this model's text tower at `precision` on `engine` was refused when it was measured (at export:
+        onnxrun.rejected), or None: not measured here, or measured good; the checkpoint then loads and
+        measures (the fallback)."""
+        return _unusable(lambda: rejected(self.manifest, precision, engine))
 
     def text(self, precision: str, engine: str):
-        if precision == "int8" and self.int8_rejected():
-            raise OnnxUnusable(self.int8_rejected())
+        why = self.rejected(precision, engine) if precision != "fp32" else None
+        if why:
+            raise OnnxUnusable(why)
         return _unusable(lambda: TextEncoder(self.folder, self.manifest, precision, engine))
 
     def vision(self, engine: str, precision: str):
@@ -174,13 +176,13 @@ class Towers:
         if tower == "image":
             engine = self._image_engine()
             return None if engine == "torch" else self.source.vision(engine, self._plan.image)
-        if self._plan.text == "int8":
+        if self._plan.text != "fp32":  # int8 or bf16: one rule for both
             try:
-                return self.source.text("int8", self._plan.backend)
+                return self.source.text(self._plan.text, self._plan.backend)
             except OnnxUnusable as why:
-                if isinstance(self.source, Cached) and not self.source.int8_rejected():
-                    raise  # never measured here: the checkpoint loads and quantizes it (the fallback)
-                # measured: this model does not quantize well, exact text instead
+                if isinstance(self.source, Cached) and not self.source.rejected(self._plan.text, self._plan.backend):
+                    raise  # never measured here: the checkpoint loads and measures it (the fallback)
+                # measured: this model drifts too far at this precision, exact text instead (same engine)
                 self._change(f"text at fp32: {why}", to=replace(self._plan, text="fp32", why=_noted(self._plan.why, why)))
         return self.source.text(self._plan.text, self._plan.backend)
 

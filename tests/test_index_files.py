@@ -510,3 +510,36 @@ def test_the_clients_peek_at_the_catalog_never_reads_through_a_link(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     (ix / "catalog.db").symlink_to(tmp_path / "fifo")
     assert state.peek(ix / "catalog.db", "index_id") is None
+
+
+def test_a_writer_opens_the_catalog_a_path_through_a_link_and_dotdot_names(tmp_path):
+    """`--index a/down/../ix` with down a link: the kernel (the folder's judgement, its lock, readers) goes to the
+    index in the folder down names, but SQLAlchemy made the writer's path absolute by its letters (a/ix): `tag`,
+    `index` said "catalog.db cannot be read ... run `alignsearch verify`" (exit 7) of a sound index, and where a/ix
+    held another index wrote that one's catalog, judged by nothing. Now the writer opens the catalog judged."""
+    import sqlite3
+
+    from alignsearch.storage import catalog, state
+    from helpers import vector_index
+
+    vector_index(tmp_path / "shared" / "ix", 3, 8)
+    (tmp_path / "shared" / "sub").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "down").symlink_to(tmp_path / "shared" / "sub")
+    vector_index(tmp_path / "a" / "ix", 3, 8)  # what the path's letters name
+    db = catalog.connect(tmp_path / "a" / "down" / ".." / "ix" / "catalog.db")
+    try:
+        with db.begin() as conn:
+            state.write(conn, index_id="written-through-dotdot")
+    finally:
+        db.dispose()
+
+    def index_id(folder):
+        conn = sqlite3.connect(folder / "catalog.db")
+        try:
+            return conn.execute("SELECT value FROM meta WHERE key = 'index_id'").fetchone()[0]
+        finally:
+            conn.close()
+
+    assert index_id(tmp_path / "shared" / "ix") == '"written-through-dotdot"'
+    assert index_id(tmp_path / "a" / "ix") != '"written-through-dotdot"'

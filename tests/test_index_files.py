@@ -543,3 +543,27 @@ def test_a_writer_opens_the_catalog_a_path_through_a_link_and_dotdot_names(tmp_p
 
     assert index_id(tmp_path / "shared" / "ix") == '"written-through-dotdot"'
     assert index_id(tmp_path / "a" / "ix") != '"written-through-dotdot"'
+
+
+@pytest.mark.slow
+def test_index_makes_the_folder_a_link_names_and_nothing_in_a_folder_others_can_write(tmp_path, tiny_model):
+    """`index --index mine` with mine a link to a folder not made yet: "error: File exists: mine", exit 1 (mkdir on the
+    link itself); the folder it names is made now. And a first run refused for a parent every user may write (exit
+    6) left the empty index folder it had made there: the folder is judged before it is made."""
+    from conftest import make_images
+
+    photos = make_images(tmp_path / "photos", 2)[0].parent
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    (tmp_path / "mine").symlink_to(shared / "ix")
+    for ix in (shared / "new", tmp_path / "mine"):
+        proc = as_child("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu", timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 6 and len(lines) == 1 and f"its parent folder {shared} is writable" in lines[0], (
+            ix, proc.stderr)
+    assert sorted(os.listdir(shared)) == []
+    shared.chmod(0o755)
+    proc = as_child("index", photos, "--index", tmp_path / "mine", "--model", tiny_model, "--device", "cpu", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "mine").is_symlink() and (shared / "ix" / "catalog.db").is_file()

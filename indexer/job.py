@@ -209,8 +209,14 @@ def index_folders(
     index_roots.refuse_index_folder(roots, out)
     if not roots and not (out / DB_FILE).exists():  # said before the model loads, and no empty index made
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
+    # judged before the folder is made (catalog.connect judges it again): a run refused for a parent others may write
+    # left the folder it made there behind
+    catalog.refuse_untrusted(out, writing=True)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    # a link to a folder not made yet (`--index mine`, mine -> /mnt/big/ix): the folder it names, as its parent was
+    # judged (paths.untrusted_parent); mkdir on the link itself said "File exists" (exit 1)
+    made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
+    made.mkdir(parents=True, exist_ok=True)
     try:
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)
@@ -233,14 +239,14 @@ def index_folders(
                 db.dispose()
     except ModelLoadError:
         if created:  # the model loads before anything is written: leave no empty index behind
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(made, ignore_errors=True)
         raise
     except (BadInputError, UsageError):  # refused: unusable input, or options that cannot go together (int8)
         # A first run refused before its model was recorded (--precision int8) left an index of nothing, which later
         # commands took for the user's: `query` answered "no results", exit 0, instead of "no index", 3. One refused
         # later (a new list without its --list-column) keeps the model it recorded, so the corrected run needs none.
         if created and _holds_nothing(out):
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(made, ignore_errors=True)
         raise
 
 

@@ -426,3 +426,144 @@ def test_verify_and_repair_never_read_a_fifo_a_vector_link_names(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 7 and len(lines) == 1 and "cannot be copied into its place" in lines[0], proc.stderr
     assert (ix / "vectors.f16").is_symlink() and sorted(p.name for p in ix.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.slow
+def test_the_folder_an_index_really_lies_in_is_judged_through_a_link_or_a_dotdot(tmp_path):
+    """Only the parent its path names (abspath's) was judged: `--index mine` with mine -> an index in a folder every
+    user may write, `--index a/down/../ix` with down -> a folder in it (abspath drops 'down/..' by the letters, the
+    kernel goes through the link), and a `.alignsearch` found by walking up that is such a link were all read (exit
+    0), though the same index named by its real path is refused: another user may swap the folder it lies in. Now the
+    folder it really lies in is judged too: exit 6 naming it, and discovery skips it."""
+    from helpers import layout_index
+
+    shared = tmp_path / "shared"
+    (shared / "sub").mkdir(parents=True)
+    layout_index(shared / "ix", 300)[0].dispose()
+    shared.chmod(0o777)
+    me = tmp_path / "me"
+    (me / "a").mkdir(parents=True)
+    (me / "mine").symlink_to(shared / "ix")
+    (me / "a" / "down").symlink_to(shared / "sub")
+    why = f"its parent folder {shared} is writable by every user"
+    for ix in ("mine", "a/down/../ix"):
+        proc = as_child("similar", "5", "--index", ix, cwd=me, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 6 and len(lines) == 1 and why in lines[0], (ix, proc.stderr)
+    (me / ".alignsearch").symlink_to(shared / "ix")
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNSEARCH_INDEX"}
+    found = as_child("info", env=env, cwd=me / "a", timeout=60)
+    assert found.returncode == 3 and why in found.stderr, found.stderr
+    shared.chmod(0o755)  # the same paths read once the folder is the user's alone
+    assert as_child("similar", "5", "--index", "mine", cwd=me, timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("opened, made_writable", [("link", "folder"), ("link", "parent"), ("path", "parent")])
+def test_a_reader_open_for_long_judges_again_the_folder_it_really_reads_and_its_parent(tmp_path, opened, made_writable):
+    """An index opened through a link at its name (`serve --index mine`): what the reader's judgement rested on was the
+    link's own stat, its catalog's and its parent's, none of which changes when the folder the link names, or the
+    folder that one lies in, is made writable by every user; so serve went on reading it as judged. Now the folder a
+    link names and its real parent are in what the judgement rests on (paths.judged_key); an index opened by its path
+    is judged again once its parent is made writable by every user, as its folder is."""
+    from alignsearch.errors import IndexUntrustedError
+    from alignsearch.search.engine import open as open_index
+    from helpers import vector_index
+
+    real = tmp_path / "shared" / "ix"
+    vector_index(real, 3, 8)
+    (tmp_path / "mine").symlink_to(real)
+    engine = open_index(tmp_path / "mine" if opened == "link" else real)
+    changed = real if made_writable == "folder" else real.parent
+    named = tmp_path / "mine" if made_writable == "folder" else real.parent  # the folder by the name it was given
+    try:
+        engine.judge()
+        changed.chmod(0o777)
+        with pytest.raises(IndexUntrustedError, match=f"{named} is writable by every user"):
+            engine.judge()
+    finally:
+        changed.chmod(0o755)
+        engine.db.dispose()
+
+
+def test_the_clients_peek_at_the_catalog_never_reads_through_a_link(tmp_path):
+    """state.peek (the CLI client's first look at the catalog, for the index id a running server must serve) is judged
+    as catalog.connect is (paths.own_entry): catalog.db as a link to another catalog (here one naming another index
+    id) is no catalog to it, not that catalog's id taken for this index's; a link to a FIFO is not waited on."""
+    import sqlite3
+
+    from alignsearch.storage import state
+    from helpers import vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    assert state.peek(ix / "catalog.db", "index_id") is not None
+    other = tmp_path / "other.db"
+    shutil.copy(ix / "catalog.db", other)
+    conn = sqlite3.connect(other)
+    with conn:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('index_id', '\"theirs\"')")
+    conn.close()
+    os.rename(ix / "catalog.db", tmp_path / "own.db")
+    (ix / "catalog.db").symlink_to(other)
+    assert state.peek(ix / "catalog.db", "index_id") is None
+    (ix / "catalog.db").unlink()
+    os.mkfifo(tmp_path / "fifo")
+    (ix / "catalog.db").symlink_to(tmp_path / "fifo")
+    assert state.peek(ix / "catalog.db", "index_id") is None
+
+
+def test_a_writer_opens_the_catalog_a_path_through_a_link_and_dotdot_names(tmp_path):
+    """`--index a/down/../ix` with down a link: the kernel (the folder's judgement, its lock, readers) goes to the
+    index in the folder down names, but SQLAlchemy made the writer's path absolute by its letters (a/ix): `tag`,
+    `index` said "catalog.db cannot be read ... run `alignsearch verify`" (exit 7) of a sound index, and where a/ix
+    held another index wrote that one's catalog, judged by nothing. Now the writer opens the catalog judged."""
+    import sqlite3
+
+    from alignsearch.storage import catalog, state
+    from helpers import vector_index
+
+    vector_index(tmp_path / "shared" / "ix", 3, 8)
+    (tmp_path / "shared" / "sub").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "down").symlink_to(tmp_path / "shared" / "sub")
+    vector_index(tmp_path / "a" / "ix", 3, 8)  # what the path's letters name
+    db = catalog.connect(tmp_path / "a" / "down" / ".." / "ix" / "catalog.db")
+    try:
+        with db.begin() as conn:
+            state.write(conn, index_id="written-through-dotdot")
+    finally:
+        db.dispose()
+
+    def index_id(folder):
+        conn = sqlite3.connect(folder / "catalog.db")
+        try:
+            return conn.execute("SELECT value FROM meta WHERE key = 'index_id'").fetchone()[0]
+        finally:
+            conn.close()
+
+    assert index_id(tmp_path / "shared" / "ix") == '"written-through-dotdot"'
+    assert index_id(tmp_path / "a" / "ix") != '"written-through-dotdot"'
+
+
+@pytest.mark.slow
+def test_index_makes_the_folder_a_link_names_and_nothing_in_a_folder_others_can_write(tmp_path, tiny_model):
+    """`index --index mine` with mine a link to a folder not made yet: "error: File exists: mine", exit 1 (mkdir on the
+    link itself); the folder it names is made now. And a first run refused for a parent every user may write (exit
+    6) left the empty index folder it had made there: the folder is judged before it is made."""
+    from conftest import make_images
+
+    photos = make_images(tmp_path / "photos", 2)[0].parent
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    (tmp_path / "mine").symlink_to(shared / "ix")
+    for ix in (shared / "new", tmp_path / "mine"):
+        proc = as_child("index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu", timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 6 and len(lines) == 1 and f"its parent folder {shared} is writable" in lines[0], (
+            ix, proc.stderr)
+    assert sorted(os.listdir(shared)) == []
+    shared.chmod(0o755)
+    proc = as_child("index", photos, "--index", tmp_path / "mine", "--model", tiny_model, "--device", "cpu", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "mine").is_symlink() and (shared / "ix" / "catalog.db").is_file()

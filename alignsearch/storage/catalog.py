@@ -250,8 +250,11 @@ def connect(db_path: Path, readonly: bool = False) -> Engine:
             raise IndexDamagedError(f"{Path(db_path).name} is empty, but the vectors or the ANN index it describes "
                                     "are beside it: it is damaged (run `alignsearch verify`)")
         # URL.create, not an f-string: a '?', '#' or '%20' in the folder's path is part of the file name, not a
-        # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success)
-        engine = create_engine(URL.create("sqlite", database=str(db_path)))
+        # query string (an f-string URL wrote the catalog to the path cut at '?' and reported success). The folder's
+        # real path, as readers open it (readonly_uri): SQLAlchemy makes the path absolute by its letters, so in
+        # `a/link/../ix` it dropped 'link/..' and opened a/ix/catalog.db, not the catalog judged and locked here
+        real = Path(db_path).parent.resolve() / Path(db_path).name
+        engine = create_engine(URL.create("sqlite", database=str(real)))
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):

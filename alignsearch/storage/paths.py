@@ -66,9 +66,23 @@ def foreign(index: Path) -> str | None:
 def untrusted_parent(index: str | os.PathLike, owners: tuple[int, ...]) -> str | None:
     """Why others could swap the index folder for one of theirs, or None: its parent judged by untrusted's rule for
     the folders above the model cache (sticky_ok: /tmp passes). owners: the index's owner and root."""
-    parent = Path(os.path.abspath(index)).parent
-    why = untrusted(parent, owners=owners, sticky_ok=True)
-    return None if why is None else f"its parent folder {why}: they may swap the whole index folder for one of theirs"
+    for parent in _parents(index, os.path.islink(index)):
+        why = untrusted(parent, owners=owners, sticky_ok=True)
+        if why is not None:
+            return f"its parent folder {why}: they may swap the whole index folder for one of theirs"
+    return None
+
+
+def _parents(index: str | os.PathLike, linked: bool) -> tuple[Path, ...]:
+    """The folders whose writers could swap the index folder: the one its path names (abspath's, where a link at the
+    index's name lies) and, when that name is a link (linked) or the path holds a '..' (abspath drops 'a/..' by the
+    letters, the kernel resolves it through a linked 'a'), the one the folder really lies in: `--index mine` with
+    mine -> a folder every user may write was read with only mine's folder judged."""
+    lexical = Path(os.path.abspath(index)).parent
+    if not linked and ".." not in Path(index).parts:
+        return (lexical,)
+    real = Path(os.path.realpath(index)).parent
+    return (lexical,) if real == lexical else (lexical, real)
 
 
 def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | None:
@@ -115,18 +129,30 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
 
 def judged_key(index_dir: str | os.PathLike) -> tuple:
     """What untrusted_index's answer rests on, in four stats: the index folder, its vectors/ folder, its catalog and
-    its parent (each's inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed,
-    changes one of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
+    its parent (where the folder is a link or its path holds '..': the folder it names and its real parent too; each's
+    inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed, changes one
+    of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
     again only then, not its every file each time."""
     folder = Path(index_dir)
-    key = []  # the parent too: one made writable by others since (untrusted_index judges it)
-    for path in (folder, folder / "vectors", folder / DB_FILE, Path(os.path.abspath(folder)).parent):
+    key = []
+
+    def judged(path: Path, follow: bool) -> os.stat_result | None:
         try:
-            st = os.stat(path, follow_symlinks=False)
+            st = os.stat(path, follow_symlinks=follow)
         except FileNotFoundError:
             key.append(None)
-            continue
+            return None
         key.append((st.st_ino, st.st_mode, st.st_uid, st.st_ctime_ns, st.st_mtime_ns))
+        return st
+
+    st = judged(folder, False)
+    linked = st is not None and stat.S_ISLNK(st.st_mode)
+    judged(folder / "vectors", False)
+    judged(folder / DB_FILE, False)
+    # the folder a link names and the parents followed: a link's own stat stays the same when what it names is made
+    # writable by others; the parents, as one made writable by others since (untrusted_index judges them)
+    for path in ((folder,) if linked else ()) + _parents(folder, linked):
+        judged(path, True)
     return tuple(key)
 
 

@@ -22,6 +22,7 @@ SORTS = ("score", "taken", "-taken", "path")
 MODES = ("auto", "vector", "keyword", "hybrid")
 MEDIA = ("photo", "video")
 COMPOSE_METHODS = ("auto", "sum", "slerp", "product", "weicom")  # as alignsearch/search/query.py resolves them
+SHARE_METHODS = ("slerp", "product", "weicom")  # they split a text+image query by the weights' shares
 FILTER_NAMES = tuple(f.name for f in fields(FilterOptions))  # where, after, before, camera, near, path, format, tag
 
 
@@ -82,6 +83,10 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
                                   tag=tag, by_vector=by_vector or similar is not None)
     if compose not in COMPOSE_METHODS:
         raise UsageError(f"compose must be one of {', '.join(COMPOSE_METHODS)}, got {compose!r}")
+    if compose in SHARE_METHODS and checked["text"] is not None and checked["image"] is not None:
+        # checked here, before the model loads: these methods take each half's share of the weights' sum, which a
+        # zero or negative weight leaves meaningless (the sum and auto use the weighted sum as given)
+        querycheck.check_shares(checked["text_weight"], checked["image_weight"], compose)
     if sort not in SORTS:
         raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
     if mode not in MODES:

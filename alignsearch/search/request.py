@@ -91,6 +91,14 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
         raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    import numpy as np
+
+    for name, flag in (("collapse", collapse), ("explain", explain)):
+        # a string was taken for its truth: collapse="no" folded duplicates
+        if not isinstance(flag, (bool, np.bool_)):
+            raise UsageError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(min_score, (bool, np.bool_)):  # True is 1.0 to float(): a cut nothing passes, as k=True is refused
+        raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score!r}")
     if min_score is not None:
         try:
             min_score = float(min_score)

@@ -342,7 +342,7 @@ class Engine:
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
         ranking), hybrid (reciprocal rank fusion of both: the exact-similarity ranking of the vector candidates
         and keyword matches together, and the keyword ranking), auto (hybrid when the text's words are in a
-        caption or a tag; file and folder names count only in keyword and hybrid), else vector. In keyword
+        caption, the text read in an image or a tag; file and folder names count only in keyword and hybrid), else vector. In keyword
         and hybrid rankings `score` is the fused rank score and `similarity` the vector side's; min_score
         always applies to `similarity`. The query is encoded with the model of the generation it searches.
         media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import alignsearch
+from alignsearch.errors import UsageError
 from alignsearch.search import engine as engine_module
 from alignsearch.search.query import DEFAULT_COMPOSE, Parts, compose, scorer, slerp, unit
 from conftest import index_json, make_images, run
@@ -280,3 +281,24 @@ def test_the_python_api_takes_compose(flat, tmp_path):
         assert [h.id for h in via_search] == [h.id for h in engine.search_vector(parts, k=5, compose=method)]
     with pytest.raises(alignsearch.AlignSearchError):
         engine.search(text="x", image=image, compose="median")
+
+
+@pytest.mark.parametrize("method", ["slerp", "product", "weicom"])
+def test_a_weight_the_method_cannot_use_is_bad_usage_before_encoding(flat, tmp_path, monkeypatch, method):
+    """`query --image I "x" --text-weight 0 --compose product` said exit 6 ("unusable input") after loading the
+    model and encoding both halves, where the README's table makes a weight out of its range exit 2 (UsageError,
+    HTTP 400): refused on entry, for the CLI and the Python API alike, and for embed_parts' halves."""
+    image = make_images(tmp_path / "q", 1, seed=9)[0]
+    engine = alignsearch.open(flat, device="cpu")
+    parts = engine.embed_parts("a red bus", image, text_weight=0)
+    monkeypatch.setattr(engine_module.Engine, "_parts", lambda *a, **kw: pytest.fail("encoded before the check"))
+    for weights in ({"text_weight": 0}, {"image_weight": -1}):
+        with pytest.raises(UsageError, match="positive"):
+            engine.search(text="a red bus", image=image, compose=method, **weights)
+    with pytest.raises(UsageError, match="positive"):
+        engine.search_vector(parts, k=5, compose=method)
+    # auto falls back to the weighted sum, and one half alone needs no share
+    assert engine.search_vector(parts, k=3, compose="auto")
+    out = run("query", "x", "--image", image, "--text-weight", "0", "--compose", method, "--index", flat,
+              code=2).output
+    assert "positive" in out and "Traceback" not in out

@@ -131,3 +131,21 @@ def test_empty_flags_and_an_empty_date_range_are_usage_errors(flags):
     with pytest.raises(UsageError) as exc:
         mask(**flags)
     assert exc.value.exit_code == 2 and ("empty" in str(exc.value) or "not before" in str(exc.value))
+
+
+def test_substring_and_equality_match_either_unicode_normalisation():
+    """`--where 'path ~ café'` found nothing in a folder macOS named decomposed (NFD: e + U+0301) while
+    `path glob "café*"` and keyword search found it: `~`, `=` and `!=` compare text as the glob does."""
+    import unicodedata
+
+    rows = {"path": np.array(["cafe\u0301/a.jpg", "caf\u00e9/b.jpg", "cafe/c.jpg"], dtype=object),
+            "caption": np.array(["cre\u0300me", "cr\u00e8me", None], dtype=object)}
+
+    def where(expr):
+        node = filters.build(filters.FilterOptions(where=expr))
+        return filters.evaluate(node, rows.__getitem__, lambda label: np.zeros(3, bool)).tolist()
+
+    for typed in ("caf\u00e9", "cafe\u0301", "CAF\u00c9"):
+        assert where(f"path ~ '{typed}'") == [True, True, False], ascii(typed)
+    assert where("caption = 'cr\u00e8me'") == [True, True, False]
+    assert where(f"caption != '{unicodedata.normalize('NFD', 'crème')}'") == [False, False, False]

@@ -97,3 +97,10 @@ def test_bf16_on_cpu_stays_close_to_fp32(encoder, tiny_model):
     crops = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     close = (fast.encode_crops(crops) * encoder.encode_crops(crops)).sum(axis=1)
     assert close.min() >= 0.999 and not np.array_equal(fast.encode_crops(crops), encoder.encode_crops(crops))
+
+
+def test_empty_lists_encode_to_no_rows(encoder):
+    """alignsearch.Encoder(...).encode_text([]) raised IndexError from deep in the tokenizer and
+    encode_images([]) ValueError from np.stack: an empty batch is (0, dim), as encode_crops already answered."""
+    for got in (encoder.encode_text([]), encoder.encode_images([])):
+        assert got.shape == (0, encoder.dim) and got.dtype == np.float32

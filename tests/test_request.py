@@ -351,3 +351,13 @@ def test_a_slow_search_on_a_live_server_is_waited_for(prebuilt, tiny_model):
         engine.close()
     assert notes == [] and routed.answer is not None and len(routed.answer["results"]) == 2, (notes, routed)
     assert took >= 1.5, took  # it did wait through several probes
+
+
+def test_a_flag_or_a_score_of_the_wrong_type_is_refused():
+    """Engine.search(collapse="no") folded duplicates (any non-empty string is true) and min_score=True cut at
+    1.0, where k=True and nprobe=True are refused: an option of the wrong type is a UsageError (README)."""
+    for bad in ({"collapse": "no"}, {"collapse": "false"}, {"explain": "no"}, {"collapse": None},
+                {"min_score": True}, {"min_score": False}):
+        with pytest.raises(UsageError):
+            search_request.build(text="x", **bad)
+    assert search_request.build(text="x", collapse=np.bool_(True), explain=False, min_score=np.float32(0.5)).collapse

@@ -156,6 +156,8 @@ class _FromCache(EncoderBase):
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
+        if len(texts) == 0:  # the tokenizer fails on an empty batch (IndexError): none is no rows
+            return np.zeros((0, self.dim), dtype=np.float32)
         tower = self.towers.get("text")
         if tower is None:
             return self.towers.full.encode_text(texts)

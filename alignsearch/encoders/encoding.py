@@ -67,9 +67,10 @@ def describe_model(name: str, fingerprint: str, content_digest: str, dim: int, m
 
 
 class EncoderBase:
-    """Needs encode_text(texts) and encode_crops(crops) -> (N, dim) unit vectors, `spec` and `temperature`."""
+    """Needs encode_text(texts) and encode_crops(crops) -> (N, dim) unit vectors, `spec`, `dim` and `temperature`."""
 
     spec: ImageSpec
+    dim: int
     temperature: float
     text_only = False  # True for an encoder of text alone (cached.CachedText): images need the full one
 
@@ -91,7 +92,10 @@ class EncoderBase:
             raise BadInputError(f"cannot use image {image if not isinstance(image, bytes) else '<bytes>'}: {why}") from None
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        return self.encode_crops(np.stack([self.crop(im) for im in images]))
+        crops = [self.crop(im) for im in images]
+        if not crops:  # np.stack refuses an empty list: none is no rows
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_crops(np.stack(crops))
 
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """One unit vector per label: its prompts' embeddings averaged (prompt ensembling)."""

@@ -342,6 +342,8 @@ class Encoder(EncoderBase):
         """(N, dim) float32 unit vectors. Long texts are truncated to the model's token limit."""
         if isinstance(texts, str):
             texts = [texts]
+        if len(texts) == 0:  # the tokenizer fails on an empty batch (IndexError): none is no rows, as encode_crops says
+            return np.zeros((0, self.dim), dtype=np.float32)
         tower = self.towers.get("text")
         if tower is not None:
             from alignsearch.encoders.onnxrun import text_feeds

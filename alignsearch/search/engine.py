@@ -20,7 +20,7 @@ from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
 from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
-from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SORTS, SearchRequest, build as build_request  # noqa: F401
+from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SHARE_METHODS, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
@@ -316,6 +316,8 @@ class Engine:
 
     @staticmethod
     def _scorer(parts: Parts, compose: str) -> Scorer:
+        if compose in SHARE_METHODS and parts.compound:  # embed_parts' halves: their weights checked as a search's
+            querycheck.check_shares(parts.text_weight, parts.image_weight, compose)
         try:
             return scorer(parts, compose)
         except ValueError as exc:
@@ -340,7 +342,7 @@ class Engine:
         orders the result set by score, taken, -taken or path. mode: vector, keyword (the keyword index's
         ranking), hybrid (reciprocal rank fusion of both: the exact-similarity ranking of the vector candidates
         and keyword matches together, and the keyword ranking), auto (hybrid when the text's words are in a
-        caption or a tag; file and folder names count only in keyword and hybrid), else vector. In keyword
+        caption, the text read in an image or a tag; file and folder names count only in keyword and hybrid), else vector. In keyword
         and hybrid rankings `score` is the fused rank score and `similarity` the vector side's; min_score
         always applies to `similarity`. The query is encoded with the model of the generation it searches.
         media: "photo" or "video" keeps only those; per_video: at most this many moments of one video (None: no

@@ -398,14 +398,15 @@ def _text_mask(values, op: str, value: str) -> np.ndarray:
     import numpy as np
 
     column = values if isinstance(values, TextColumn) else TextColumn.of(values)
-    distinct, inverse = ["\x00" if d is None else d for d in column.distinct], column.codes
-    needle = value.lower()
+    # é typed (NFC) matches é as macOS names store it (NFD), as keyword search does, in every text comparison
+    # (`path ~ café` found only the glob's matches before); a name's bytes that are not UTF-8 are shown as \\xNN,
+    # plain ASCII that normalising leaves alone. Each distinct value is normalised once.
+    distinct = ["\x00" if d is None else unicodedata.normalize("NFC", d) for d in column.distinct]
+    inverse = column.codes
+    needle = unicodedata.normalize("NFC", value).lower()
     if op == "glob":
-        # é typed (NFC) matches é as macOS names store it (NFD), as keyword search does; a name's bytes that
-        # are not UTF-8 are shown as \\xNN, plain ASCII that normalising leaves alone
         regex = glob_regex(unicodedata.normalize("NFC", value))
-        hit = np.array([d != "\x00" and regex.match(unicodedata.normalize("NFC", d)) is not None for d in distinct],
-                       dtype=bool)
+        hit = np.array([d != "\x00" and regex.match(d) is not None for d in distinct], dtype=bool)
     elif op == "~":
         hit = np.array([d != "\x00" and needle in d for d in distinct], dtype=bool)
     else:

@@ -91,6 +91,14 @@ def check_weight(value: float, name: str) -> float:
     return number
 
 
+def check_shares(text_weight: float, image_weight: float, method: str) -> None:
+    """slerp, product and weicom split a text+image query by text_weight / (text_weight + image_weight): both
+    weights must be positive, an option out of its range for that method (UsageError, exit 2) as any weight's."""
+    if not (text_weight > 0 and image_weight > 0):
+        raise UsageError(f"--compose {method} needs positive text and image weights, got text_weight "
+                         f"{text_weight:g} and image_weight {image_weight:g}")
+
+
 def check_nprobe(value: int | None) -> int | None:
     return None if value is None else _integer(value, "nprobe", MAX_NPROBE)
 

@@ -22,6 +22,7 @@ SORTS = ("score", "taken", "-taken", "path")
 MODES = ("auto", "vector", "keyword", "hybrid")
 MEDIA = ("photo", "video")
 COMPOSE_METHODS = ("auto", "sum", "slerp", "product", "weicom")  # as alignsearch/search/query.py resolves them
+SHARE_METHODS = ("slerp", "product", "weicom")  # they split a text+image query by the weights' shares
 FILTER_NAMES = tuple(f.name for f in fields(FilterOptions))  # where, after, before, camera, near, path, format, tag
 
 
@@ -82,10 +83,22 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
                                   tag=tag, by_vector=by_vector or similar is not None)
     if compose not in COMPOSE_METHODS:
         raise UsageError(f"compose must be one of {', '.join(COMPOSE_METHODS)}, got {compose!r}")
+    if compose in SHARE_METHODS and checked["text"] is not None and checked["image"] is not None:
+        # checked here, before the model loads: these methods take each half's share of the weights' sum, which a
+        # zero or negative weight leaves meaningless (the sum and auto use the weighted sum as given)
+        querycheck.check_shares(checked["text_weight"], checked["image_weight"], compose)
     if sort not in SORTS:
         raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    import numpy as np
+
+    for name, flag in (("collapse", collapse), ("explain", explain)):
+        # a string was taken for its truth: collapse="no" folded duplicates
+        if not isinstance(flag, (bool, np.bool_)):
+            raise UsageError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(min_score, (bool, np.bool_)):  # True is 1.0 to float(): a cut nothing passes, as k=True is refused
+        raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score!r}")
     if min_score is not None:
         try:
             min_score = float(min_score)

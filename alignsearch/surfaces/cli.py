@@ -536,7 +536,7 @@ _REQUEST_OPTIONS = [
                   help="Order of the result set (the best k by score that pass the filters)."),
     click.option("--mode", type=click.Choice(["auto", "vector", "keyword", "hybrid"]), default="auto", show_default=True,
                   help="vector, keyword (captions, text in images, names, tags; AND, OR, -word, \"phrase\", word*: README), hybrid (both fused; score = the fused rank score), auto "
-                       "(hybrid when words are in a caption or tag; file and folder names count only in keyword/hybrid)."),
+                       "(hybrid when words are in a caption, text in an image or a tag; file and folder names count only in keyword/hybrid)."),
     click.option("--compose", type=click.Choice(["auto", "sum", "slerp", "product", "weicom"]), default="auto",
                   show_default=True, help="How TEXT and --image combine: sum (weighted), slerp, product (both must "
                                           "match: late fusion), weicom (normalised late fusion), auto (the best measured)."),

@@ -892,3 +892,21 @@ def test_a_query_neither_peeks_at_nor_routes_from_an_index_others_can_write(reco
                          "`chmod go-w` what is named)"]
     os.chmod(ix, 0o755)  # closed again, the catalog is still another user's: not read either
     assert state.peek(ix / DB_FILE, "index_id") is None
+
+
+def test_discovery_sends_no_one_to_an_index_option_that_refuses_too(tmp_path, monkeypatch, caplog):
+    """An index every user may write was skipped by discovery with "pass --index DIR to use it anyway", and
+    `--index DIR` then refused it (exit 6): the note now says what does help."""
+    from alignsearch import errors
+    from alignsearch.storage import catalog, paths
+
+    vector_index(tmp_path / ".alignsearch", 3, 8)
+    (tmp_path / "work").mkdir()
+    os.chmod(tmp_path / ".alignsearch", 0o777)
+    monkeypatch.chdir(tmp_path / "work")
+    with caplog.at_level("WARNING"):
+        assert paths.find_index_dir() is None
+    note = " ".join(r.getMessage() for r in caplog.records)
+    assert "writable by every user" in note and "use it anyway" not in note and "chmod go-w" in note, note
+    with pytest.raises(errors.IndexUntrustedError):
+        catalog.refuse_untrusted(tmp_path / ".alignsearch", writing=False)

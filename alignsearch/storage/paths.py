@@ -261,6 +261,10 @@ def resolve_index_dir(index_dir: str | os.PathLike | None) -> Path:
     if chosen:
         path = Path(chosen)
         if not (path / DB_FILE).exists():
+            if (path / INDEX_DIRNAME / DB_FILE).exists():  # the folder holding one, as discovery starts from: the
+                # advice below would have made a second index beside it
+                raise IndexNotFoundError(f"{path} is not an alignsearch index, but holds one: name "
+                                         f"{path / INDEX_DIRNAME} (--index and ALIGNSEARCH_INDEX name the index folder)")
             raise IndexNotFoundError(f"{path} is not an alignsearch index: run `alignsearch index ROOT --index {path}` first")
         return path
     found = find_index_dir()

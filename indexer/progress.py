@@ -3,6 +3,8 @@ plain line every ALIGNSEARCH_PROGRESS_SECONDS (default 5) with files done, rate 
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import sys
 import time
@@ -17,10 +19,31 @@ def bar(total: int | None = None, desc: str = "", enabled: bool = True):
     return tqdm(total=total, unit="img", disable=not enabled, desc=desc)
 
 
+DEFAULT_SECONDS = 5.0
+
+
+def interval_from_env() -> float:
+    """ALIGNSEARCH_PROGRESS_SECONDS, else DEFAULT_SECONDS. A value that is not a number of seconds (a typo) is
+    said in one note and the default kept: it ended an `index` run with "unexpected ValueError" (exit 1), after
+    its files were listed, as logs.configure treats a bad ALIGNSEARCH_LOG."""
+    raw = os.environ.get("ALIGNSEARCH_PROGRESS_SECONDS")
+    if raw is None:
+        return DEFAULT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        logging.getLogger(__name__).warning("note: ALIGNSEARCH_PROGRESS_SECONDS=%r is not a number of seconds: "
+                                            "every %g s instead", raw, DEFAULT_SECONDS)
+        return DEFAULT_SECONDS
+    return seconds
+
+
 class LineProgress:
     def __init__(self, total: int | None, desc: str, interval: float | None = None, stream=None):
         self.total, self.desc, self.n = total, desc, 0
-        self.interval = float(os.environ.get("ALIGNSEARCH_PROGRESS_SECONDS", 5)) if interval is None else interval
+        self.interval = interval_from_env() if interval is None else interval
         self.stream = stream or sys.stderr
         self.started = self.last = time.monotonic()
         self.closed = False

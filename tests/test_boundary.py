@@ -313,3 +313,23 @@ def test_faiss_loader_lines_wait_for_debug(capsys):
         assert "Loading faiss" in capsys.readouterr().err
     finally:
         logs.configure(0)
+
+
+def test_a_query_on_an_index_it_cannot_read_names_no_other_index(tmp_path):
+    """A link at catalog.db-wal beside a running server's record: `query` said "the server at URL serves another
+    index (/ix/.alignsearch), not /ix/.alignsearch (a copy?)" (one folder named twice), since the catalog it could
+    not read gave no index id to compare. The local open says why in its own words: no notice of a copy."""
+    from alignsearch.search import request as search_request
+    from alignsearch.surfaces import client
+    from helpers import fake_server_record, free_port, vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    fake_server_record(ix, free_port())
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (ix / name).unlink(missing_ok=True)
+    (tmp_path / "elsewhere").write_bytes(b"")
+    (ix / "catalog.db-wal").symlink_to(tmp_path / "elsewhere")
+    notes: list[str] = []
+    routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+    assert routed.answer is None and not any("another index" in n for n in notes), notes

@@ -567,3 +567,31 @@ def test_index_makes_the_folder_a_link_names_and_nothing_in_a_folder_others_can_
     proc = as_child("index", photos, "--index", tmp_path / "mine", "--model", tiny_model, "--device", "cpu", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "mine").is_symlink() and (shared / "ix" / "catalog.db").is_file()
+
+
+@pytest.mark.parametrize("side", ["catalog.db-wal", "catalog.db-shm"])
+def test_a_link_at_a_side_file_under_a_long_open_reader_is_said_as_such(tmp_path, side):
+    """A link planted at catalog.db-wal or -shm while `serve` runs: the next pooled connection the server made (any
+    time: a pool grows and is refreshed) failed in Engine.refresh with SQLite's raw "unable to open database file",
+    which the boundary could only answer as a damaged catalog to restore from a backup, though the catalog is
+    sound. Now it is the damaged-index answer that names the link, as the CLI's open says it."""
+    from helpers import vector_index
+
+    from alignsearch.errors import IndexDamagedError
+    from alignsearch.search import engine
+    from alignsearch.surfaces.boundary import library_error
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 4, 8)
+    eng = engine.open(ix)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (ix / name).unlink(missing_ok=True)
+    (ix / side).symlink_to(target)
+    eng.db.dispose()  # what the pool does to its connections over a long run: the next one is opened afresh
+    with pytest.raises(Exception) as raised:
+        eng.refresh()
+    said = library_error(raised.value)
+    assert isinstance(said, IndexDamagedError), repr(raised.value)
+    assert f"{side} is a symbolic link" in str(said), said

@@ -21,6 +21,8 @@ import pytest
 from conftest import make_images, run
 from helpers import alignsearch, call, can_drop_dac, start_serve, stop, vector_index
 
+from alignsearch import errors
+
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 
@@ -892,3 +894,31 @@ def test_a_query_neither_peeks_at_nor_routes_from_an_index_others_can_write(reco
                          "`chmod go-w` what is named)"]
     os.chmod(ix, 0o755)  # closed again, the catalog is still another user's: not read either
     assert state.peek(ix / DB_FILE, "index_id") is None
+
+
+def test_discovery_sends_no_one_to_an_index_option_that_refuses_too(tmp_path, monkeypatch, caplog):
+    """An index every user may write was skipped by discovery with "pass --index DIR to use it anyway", and
+    `--index DIR` then refused it (exit 6): the note now says what does help."""
+    from alignsearch.storage import catalog, paths
+
+    vector_index(tmp_path / ".alignsearch", 3, 8)
+    (tmp_path / "work").mkdir()
+    os.chmod(tmp_path / ".alignsearch", 0o777)
+    monkeypatch.chdir(tmp_path / "work")
+    with caplog.at_level("WARNING"):
+        assert paths.find_index_dir() is None
+    note = " ".join(r.getMessage() for r in caplog.records)
+    assert "writable by every user" in note and "use it anyway" not in note and "chmod go-w" in note, note
+    with pytest.raises(errors.IndexUntrustedError):
+        catalog.refuse_untrusted(tmp_path / ".alignsearch", writing=False)
+
+
+def test_an_index_option_naming_the_folder_above_the_index_says_which_to_name(tmp_path):
+    """`--index PROJECT` (the folder holding .alignsearch/) said "PROJECT is not an alignsearch index: run
+    `alignsearch index ROOT --index PROJECT` first", advice that makes a second index beside the first."""
+    from alignsearch.storage import paths
+
+    vector_index(tmp_path / ".alignsearch", 3, 8)
+    with pytest.raises(errors.IndexNotFoundError) as raised:
+        paths.resolve_index_dir(tmp_path)
+    assert str(tmp_path / ".alignsearch") in str(raised.value) and "run `alignsearch index" not in str(raised.value)

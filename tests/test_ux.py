@@ -198,3 +198,19 @@ def test_a_model_file_the_user_cannot_read_is_said_to_be_unreadable(tmp_path, ti
     assert proc.returncode == 4, proc.stderr
     assert "permission denied" in proc.stderr and weights.name in proc.stderr, proc.stderr
     assert "does not exist" not in proc.stderr and "cache" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-1"])
+def test_a_progress_interval_that_is_no_number_of_seconds_is_a_note(monkeypatch, caplog, value):
+    """ALIGNSEARCH_PROGRESS_SECONDS=abc ended an `index` run, files already listed, with "error: unexpected
+    ValueError: could not convert string to float: 'abc'" (exit 1). A bad value is said in one note and the
+    default interval kept, as a bad ALIGNSEARCH_LOG is."""
+    import io
+
+    from indexer import progress
+
+    monkeypatch.setenv("ALIGNSEARCH_PROGRESS_SECONDS", value)
+    with caplog.at_level("WARNING"):
+        line = progress.LineProgress(3, "indexing", stream=io.StringIO())
+    assert line.interval == progress.DEFAULT_SECONDS
+    assert any("ALIGNSEARCH_PROGRESS_SECONDS" in r.getMessage() for r in caplog.records), caplog.text

@@ -330,6 +330,18 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
         if schema is not None and not migrate.every_table(schema.version) and migrate.upgraded(dbapi_conn, schema):
             raise DisconnectionError("the catalog was upgraded since this connection opened")
 
+    @event.listens_for(engine, "handle_error")
+    def _side_files(context):
+        # A reader open for long (`serve`) makes a new pooled connection at any time: one that fails because a link
+        # or folder now stands at catalog.db-wal or -shm surfaced as SQLite's "unable to open database file", which
+        # the boundary could only call a damaged catalog ("restore it from a backup") of a sound one. Said as
+        # catalog.connect says it at the open; a busy catalog or a full disk stays what it is.
+        if not_damage(context.original_exception) is None:
+            side = side_file_problems(path)
+            if side:
+                return IndexDamagedError(side[0])
+        return None
+
     return engine
 
 

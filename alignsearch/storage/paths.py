@@ -224,8 +224,8 @@ _noted: set[str] = set()  # indexes already skipped with a note in this process
 
 def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
     """The nearest `.alignsearch` directory in start (default: cwd) or its parents, like `.git`; one owned
-    by another user or writable by others is skipped with a warning logged (stderr; name it with --index or
-    ALIGNSEARCH_INDEX to use it anyway)."""
+    by another user or writable by others is skipped with a warning logged (stderr; another user's own index can be
+    named with --index or ALIGNSEARCH_INDEX to use it anyway: _remedy)."""
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
         candidate = folder / INDEX_DIRNAME
@@ -239,8 +239,20 @@ def find_index_dir(start: str | os.PathLike | None = None) -> Path | None:
             return candidate
         if str(candidate) not in _noted:
             _noted.add(str(candidate))
-            log.warning("note: ignoring the index %s: %s; pass --index %s to use it anyway", candidate, why, candidate)
+            log.warning("note: ignoring the index %s: %s; %s", candidate, why, _remedy(candidate))
     return None
+
+
+def _remedy(candidate: Path) -> str:
+    """What to do about an index discovery skipped: --index where that opens it (another user's own index, read as
+    it is); else what --index refuses too (catalog.refuse_untrusted): the note sent users to a second refusal."""
+    try:
+        why = untrusted_index(candidate, writing=False)
+    except OSError:
+        why = None
+    if why is None:
+        return f"pass --index {candidate} to use it anyway"
+    return "--index refuses it too: `chmod go-w` what is named, or keep the index in a folder only you can write"
 
 
 def resolve_index_dir(index_dir: str | os.PathLike | None) -> Path:
@@ -249,6 +261,10 @@ def resolve_index_dir(index_dir: str | os.PathLike | None) -> Path:
     if chosen:
         path = Path(chosen)
         if not (path / DB_FILE).exists():
+            if (path / INDEX_DIRNAME / DB_FILE).exists():  # the folder holding one, as discovery starts from: the
+                # advice below would have made a second index beside it
+                raise IndexNotFoundError(f"{path} is not an alignsearch index, but holds one: name "
+                                         f"{path / INDEX_DIRNAME} (--index and ALIGNSEARCH_INDEX name the index folder)")
             raise IndexNotFoundError(f"{path} is not an alignsearch index: run `alignsearch index ROOT --index {path}` first")
         return path
     found = find_index_dir()

@@ -264,6 +264,10 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
             notice(_silent(url, exc))
             return None
     if not serves(claimed.get("index_id"), claimed.get("index_dir"), index_dir):
+        if local_index_id(index_dir) is None and _same_dir(str(claimed.get("index_dir")), index_dir):
+            # this index's catalog cannot be read here (a link at catalog.db-wal, damage): the local open says why
+            # in its own words; "serves another index (X), not X (a copy?)" named one folder twice
+            return None
         notice(f"notice: the server at {url} serves another index ({claimed.get('index_dir')}), not {index_dir} "
                "(a copy?); searching locally")
         return None

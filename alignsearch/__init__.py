@@ -8,7 +8,11 @@ Imports are lazy so that decode workers, which import alignsearch.media.images, 
 """
 
 __version__ = "0.1.0"
-__all__ = ["open", "Engine", "Hit", "Encoder", "AlignSearchError"]
+# The errors a caller can catch, each with the CLI exit code it is reported with (alignsearch/errors.py); README
+# names them from Python (`UsageError` for an option out of range, `BadInputError` for unusable input).
+ERRORS = ("AlignSearchError", "UsageError", "BadInputError", "IndexNotFoundError", "IndexUntrustedError",
+          "IndexDamagedError", "ModelLoadError", "ModelMismatchError", "CatalogBusyError", "DiskFullError")
+__all__ = ["open", "Engine", "Hit", "Encoder", *ERRORS]
 
 
 def __getattr__(name):
@@ -20,8 +24,8 @@ def __getattr__(name):
         from alignsearch.encoders.model import Encoder
 
         return Encoder
-    if name == "AlignSearchError":
-        from alignsearch.errors import AlignSearchError
+    if name in ERRORS:
+        from alignsearch import errors
 
-        return AlignSearchError
+        return getattr(errors, name)
     raise AttributeError(f"module 'alignsearch' has no attribute {name!r}")

@@ -287,7 +287,13 @@ def _ocr_choice(db, ocr: bool | None) -> bool:
     if chosen:
         from alignsearch.media.ocr import check_available
 
-        check_available()
+        try:
+            check_available()
+        except BadInputError as exc:
+            if ocr is None:  # remembered from an earlier run, not asked now: the other way out is to stop asking
+                raise BadInputError(f"{exc} (this index reads text in images since an earlier `index --ocr`; "
+                                    "`alignsearch index --no-ocr` stops)") from None
+            raise
     if ocr is not None and chosen != remembered:
         with db.begin() as conn:
             state.write(conn, ocr=chosen)

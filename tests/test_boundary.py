@@ -333,3 +333,15 @@ def test_a_query_on_an_index_it_cannot_read_names_no_other_index(tmp_path):
     notes: list[str] = []
     routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
     assert routed.answer is None and not any("another index" in n for n in notes), notes
+
+
+def test_the_errors_readme_names_are_the_packages():
+    """README names UsageError and BadInputError as what the Python API raises, but only AlignSearchError could be
+    imported from `alignsearch`; every error class of errors.py a caller catches is now."""
+    import alignsearch
+    from alignsearch import errors
+
+    for name in alignsearch.ERRORS:
+        assert getattr(alignsearch, name) is getattr(errors, name) and name in alignsearch.__all__
+    assert {n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.AlignSearchError)} \
+        == set(alignsearch.ERRORS)

@@ -116,6 +116,20 @@ def test_resume_continues_from_the_last_epoch(trained):
     assert json.loads(result.stdout.strip().splitlines()[-1])["epoch"] == 7
 
 
+def test_resume_with_another_freeze_is_bad_usage_and_writes_nothing(trained):
+    """`finetune --resume` with a --freeze other than the training's said the model cannot be loaded (exit 4) after
+    loading it: the options differ, which is usage (exit 2), said before anything is trained or written."""
+    base_dir, base, _ = trained
+    state = base_dir / "tuned" / "checkpoint" / "trainer_state.pt"
+    before = state.read_bytes()
+    result = CliRunner().invoke(main, ["finetune", str(base_dir / "train"), "--model", str(base), "--out",
+                                       str(base_dir / "tuned"), "--epochs", "9", "--batch-size", "48", "--lr", "2e-3",
+                                       "--device", "cpu", "--resume", "--freeze", "text"])
+    assert result.exit_code == 2, result.output
+    assert "it froze no tower, this run freezes text; give the same --freeze" in result.output
+    assert state.read_bytes() == before
+
+
 def test_bad_data_is_a_clear_error(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["finetune", str(tmp_path / "empty"), "--model", str(tiny_model), "--out", str(tmp_path / "o")])

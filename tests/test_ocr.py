@@ -566,3 +566,32 @@ def test_the_evidence_folds_each_part_of_a_files_text_once_whatever_the_number_o
     assert not keywords.evidence(query, text)
     assert sorted(folded) == sorted(text.split(keywords.BREAK))  # each part once
     assert keywords.evidence(keywords.parse("field toy"), text)  # found in a part as before
+
+
+def test_a_remembered_ocr_without_its_engine_says_how_to_stop_asking(tmp_path, monkeypatch):
+    """An index that reads text since an earlier `index --ocr`, run where the OCR extra is missing, said only
+    "pip install 'alignsearch[ocr]'": `index --no-ocr`, the other way out, was not named. Asked now with --ocr, the
+    line stays as it was."""
+    from alignsearch.media import ocr
+    from alignsearch.storage import catalog, state
+    from indexer.job import _ocr_choice
+
+    def missing():
+        raise BadInputError(ocr.MISSING)
+
+    monkeypatch.setattr(ocr, "check_available", missing)
+    db = catalog.connect(tmp_path / "catalog.db")
+    try:
+        with db.begin() as conn:
+            state.write(conn, ocr=True)
+        with pytest.raises(BadInputError) as remembered:
+            _ocr_choice(db, None)
+        assert str(remembered.value).startswith(ocr.MISSING) and "`alignsearch index --no-ocr`" in str(remembered.value)
+        with pytest.raises(BadInputError) as asked:
+            _ocr_choice(db, True)
+        assert str(asked.value) == ocr.MISSING
+        assert _ocr_choice(db, False) is False  # --no-ocr needs no engine, and is remembered
+        with db.connect() as conn:
+            assert state.read(conn).ocr is False
+    finally:
+        db.dispose()

@@ -179,6 +179,11 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     start_epoch = 0
     if source != base:
         state = load_trainer_state(checkpoint / TRAINER_STATE)
+        froze = (state.get("config") or {}).get("freeze", config.freeze)
+        if froze != config.freeze:  # its optimizer holds other towers' parameters: an option to give again, not damage
+            raise UsageError(f"cannot resume the training in {checkpoint}: it froze {froze or 'no tower'}, this run "
+                             f"freezes {config.freeze or 'none'}; give the same --freeze to resume it, or run without "
+                             "--resume to start again")
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

@@ -1031,8 +1031,9 @@ def _cannot_listen(index_dir, host: str, port: int, exc: OSError) -> str:
 
     running = verified_server(index_dir, notice=lambda line: None)
     if running is not None:
+        # not "another port": one server per index (the check before the model loads refuses a second anywhere)
         return (f"this index is already served at {running['url']} (process {running['pid']}): `alignsearch query` "
-                "uses it; stop it first, or serve on another port with --port N")
+                "uses it; stop it first to serve it again")
     return f"{message}: another program listens there; choose another port with --port N (--port 0: any free one)"
 
 

@@ -595,3 +595,30 @@ def test_a_link_at_a_side_file_under_a_long_open_reader_is_said_as_such(tmp_path
     said = library_error(raised.value)
     assert isinstance(said, IndexDamagedError), repr(raised.value)
     assert f"{side} is a symbolic link" in str(said), said
+
+
+def test_a_querys_own_error_beside_a_side_file_link_is_not_called_the_link(tmp_path):
+    """The side-file listener (catalog.open_readonly) turned any error but a busy catalog or a full disk into "the
+    catalog.db-wal is a symbolic link" while such a link stood there: a query's own mistake (no such column) too,
+    with exit 7 and the wrong remedy. Only a failure to open a file is the link's now."""
+    import sqlite3
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from alignsearch.storage import catalog
+
+    db_path = tmp_path / "catalog.db"
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE files (id INTEGER)")  # rollback journal: the -wal name is never opened
+    conn.commit()
+    conn.close()
+    (tmp_path / "catalog.db-wal").symlink_to(tmp_path / "nowhere")
+    engine = catalog.open_readonly(db_path, prepare=False)
+    try:
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM files")).scalar() == 0
+            with pytest.raises(OperationalError, match="no such column"):
+                c.execute(text("SELECT nope FROM files"))
+    finally:
+        engine.dispose()

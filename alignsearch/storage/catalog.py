@@ -336,7 +336,10 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
         # or folder now stands at catalog.db-wal or -shm surfaced as SQLite's "unable to open database file", which
         # the boundary could only call a damaged catalog ("restore it from a backup") of a sound one. Said as
         # catalog.connect says it at the open; a busy catalog or a full disk stays what it is.
-        if not_damage(context.original_exception) is None:
+        # only a failure to open or map a file (SQLITE_CANTOPEN, SQLITE_IOERR: -shm's are IOERR_SHMOPEN/SHMMAP):
+        # a query's own error (no such column, a bug) beside such a link stays what it is
+        code = getattr(context.original_exception, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (SQLITE_CANTOPEN, SQLITE_IOERR):
             side = side_file_problems(path)
             if side:
                 return IndexDamagedError(side[0])
@@ -441,7 +444,7 @@ def side_file_problems(db_path: Path) -> list[str]:
 
 
 # SQLite's primary result codes (the low byte of an extended code)
-SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 10, 13, 14
 
 
 def not_damage(exc: BaseException) -> AlignSearchError | None:

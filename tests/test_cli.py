@@ -195,6 +195,7 @@ def test_index_root_that_is_a_fifo_says_so_without_opening_it(tmp_path):
     assert opened == []
 
 
+@pytest.mark.slow
 def test_reindex_says_how_many_files_it_encoded_again(indexed_images):
     """`index --reindex` encoded every file again but printed `nothing changed (4 unchanged)`: the text summary
     had no word for `reencoded`, which the README says the summary counts."""

@@ -90,6 +90,7 @@ def test_a_cut_between_photos_of_like_colour_and_brightness_is_a_cut():
         assert not video_module._is_cut(cat, sig(other))
 
 
+@pytest.mark.slow
 def test_the_walkthrough_video_gets_a_moment_at_its_cut(tmp_path):
     import av
 

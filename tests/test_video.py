@@ -90,6 +90,19 @@ def test_a_cut_between_photos_of_like_colour_and_brightness_is_a_cut():
         assert not video_module._is_cut(cat, sig(other))
 
 
+def test_a_flat_frame_one_grey_level_across_a_bins_edge_is_no_cut():
+    """A flat frame (a sky, a title card) going from grey 127 to 128 filled another bin of the joint histogram and
+    scored a whole cut (1.055: review); a second grid offset by half a bin keeps it in one bin there. Two flat frames
+    far apart in colour are still a cut."""
+    def flat(rgb):
+        return video_module.signature_of(np.full((18, 32, 3), rgb, np.uint8))
+
+    for a, b in ((127, 128), (63, 64), (191, 192), (95, 96)):
+        assert not video_module._is_cut(flat(a), flat(b)), (a, b)
+    assert video_module._is_cut(flat(30), flat(220))
+    assert video_module._is_cut(flat((200, 40, 40)), flat((40, 40, 200)))
+
+
 @pytest.mark.slow
 def test_the_walkthrough_video_gets_a_moment_at_its_cut(tmp_path):
     import av

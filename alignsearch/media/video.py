@@ -139,12 +139,18 @@ def _signature(frame) -> tuple[np.ndarray, np.ndarray]:
 
 def signature_of(thumb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A thumbnail's (THUMB, RGB uint8) joint colour histogram (sums to 1) and its standardised grey pattern."""
-    q = thumb.reshape(-1, 3).astype(np.int64) // (256 // HIST_BINS)
-    hist = np.bincount((q[:, 0] * HIST_BINS + q[:, 1]) * HIST_BINS + q[:, 2], minlength=HIST_BINS ** 3)
+    width = 256 // HIST_BINS
+    # two grids, the second offset by half a bin (HIST_BINS + 1 bins a channel): a flat frame one grey level across
+    # a bin's edge (127 -> 128, a sky, a title card) filled another bin of the one grid and scored a whole cut; the
+    # distance is the smaller of the two grids' (cut_score), and the same bin in one of them is no change
+    rgb = thumb.reshape(-1, 3).astype(np.int64)
+    side = HIST_BINS + 1
+    hist = np.concatenate([np.bincount((q[:, 0] * side + q[:, 1]) * side + q[:, 2], minlength=side ** 3)
+                           for q in (rgb // width, (rgb + width // 2) // width)])
     grey = thumb.reshape(-1, 3).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     grey -= grey.mean()
     # over max(std, STD_FLOOR), not std: two flat noisy frames (a night sky) would correlate at random
-    return hist / len(q), grey / max(float(grey.std()), STD_FLOOR)
+    return hist / len(rgb), grey / max(float(grey.std()), STD_FLOOR)
 
 
 def pattern_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -154,7 +160,9 @@ def pattern_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def cut_score(a, b) -> float:
     """Over 1 where signatures a and b (signature_of) are of different scenes."""
-    hist = 0.5 * float(np.abs(a[0] - b[0]).sum())
+    grid = (HIST_BINS + 1) ** 3  # the bins of one grid (signature_of): the nearer of the two grids counts
+    change = np.abs(a[0] - b[0])
+    hist = 0.5 * min(float(change[:grid].sum()), float(change[grid:].sum()))
     return hist / HIST_CUT + pattern_distance(a[1], b[1]) / PATTERN_CUT
 
 

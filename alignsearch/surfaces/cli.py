@@ -1014,6 +1014,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     def ready(server):
         serving.append(server)
         click.echo(f"serving {engine.dir} on {server.open_url} (Ctrl-C to stop)", err=True)
+        if allow_hosts and not is_loopback(host):  # where the token is printed already: this terminal only
+            click.echo(f"other machines open {server.open_url_as(allow_hosts[0])}", err=True)
 
     try:
         run_server(engine, config, ready, verbose)

@@ -1077,6 +1077,13 @@ class RunningServer:
         # quoted: a --token holding &, # or a space cut the printed URL short, and opening it answered 401
         return f"{self.url}/?token={quote(self.token, safe='')}" if self.token else f"{self.url}/"
 
+    def open_url_as(self, name: str) -> str:
+        """open_url addressed as name (an --allow-host name): on every interface the URL says 127.0.0.1,
+        which other machines cannot open."""
+        name = name.strip("[]").rstrip(".")
+        host = f"[{name}]" if ":" in name else name
+        return self.open_url.replace(self.url, f"http://{host}:{self.port}", 1)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self.stopped.wait(timeout)

@@ -128,6 +128,32 @@ def in_thread(indexed):
     engine.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("raised", [errors.IndexDamagedError("recent rows unreadable"),
+                                    sqlite3.DatabaseError("database disk image is malformed: recent rows unreadable")])
+def test_trouble_only_recent_meets_is_logged_once_while_searches_succeed(in_thread, monkeypatch, caplog, raised):
+    """The once-per-state log of a 5xx was cleared only by a search answered: an error only /api/recent met was
+    logged again after every search, each time with "searches are answered again" about an error no search met."""
+    from alignsearch.surfaces import server as server_module
+
+    _, url = in_thread
+
+    def failing(*args, **kwargs):
+        raise raised
+
+    with caplog.at_level(logging.WARNING):
+        with monkeypatch.context() as patched:
+            patched.setattr(server_module.Library, "recent", failing)
+            for _ in range(3):
+                assert call(url, "/api/recent", token=None)[0] == 500
+                assert call(url, "/api/search?q=red&k=3", token=None)[0] == 200
+        assert call(url, "/api/recent", token=None)[0] == 200  # mended: its endpoint answers again
+        assert call(url, "/api/recent", token=None)[0] == 200
+    said = [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records if "recent rows" in r.getMessage()]
+    assert said == [(logging.ERROR, "GET /api/recent"), (logging.WARNING, "/api/recent is answered again (before")], \
+        caplog.text
+
+
 def _locked():
     exc = sqlite3.OperationalError("database is locked")
     exc.sqlite_errorcode = 5  # SQLITE_BUSY, as the driver sets it
@@ -194,7 +220,7 @@ def test_an_index_folder_others_can_write_is_the_servers_trouble_logged_once(ind
         assert answer["kind"] == "IndexUntrustedError", answer
         assert answer["error"].startswith(f"refusing the index {ix}: {ix} is writable by every user"), answer
     assert [line.split(":")[0] for line in stderr.splitlines() if "refusing the index" in line] == [
-        "GET /api/search", "searches are answered again (before"], stderr[-3000:]
+        "GET /api/search", "/api/search is answered again (before"], stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -195,6 +195,28 @@ def test_the_printed_url_carries_a_chosen_token_whole():
     assert RunningServer(url="http://127.0.0.1:8765", port=8765, token=None, server=None).open_url.endswith(":8765/")
 
 
+@pytest.mark.slow
+def test_serve_on_every_interface_prints_a_url_other_machines_can_open(indexed_images):
+    """`serve --host 0.0.0.0 --allow-host photos.lan` printed only http://127.0.0.1:PORT/?token=…, which
+    other machines cannot open; the URL by the --allow-host name is printed beside it, on the same stderr."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from alignsearch.storage.paths import SERVER_FILE
+
+    _, ix = indexed_images(3)
+    proc, url = start_serve(ix, "--host", "0.0.0.0", "--allow-host", "photos.lan", "--allow-host", "other.lan")
+    token = json.loads((ix / SERVER_FILE).read_text())["token"]
+    stop(proc)
+    lines = proc.stderr.read().splitlines()
+    local = [line for line in lines if line.startswith("serving ")]
+    remote = [line for line in lines if "photos.lan" in line]
+    assert len(local) == 1 and f"{url}/?token=" in local[0], lines
+    assert len(remote) == 1 and "other.lan" not in remote[0], lines
+    opened = urlsplit(remote[0].split()[-1])
+    assert (opened.hostname, opened.port) == ("photos.lan", urlsplit(url).port), remote
+    assert parse_qs(opened.query) == {"token": [token]}, remote
+
+
 def test_finetune_says_a_model_folder_is_missing_before_reading_pairs(tmp_path, corpus):
     """finetune read every pair, then said "Repo id must use alphanumeric chars" for a --model folder not there,
     which every other command says plainly (README: refused at once, exit 4)."""

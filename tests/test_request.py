@@ -194,6 +194,18 @@ def test_a_model_given_searches_locally_and_the_plan_says_why(served_index, tiny
 
 
 @pytest.mark.slow
+def test_a_device_given_searches_locally_like_a_model(served_index):
+    """--device says where the model runs: it was sent to the server, which ignores it, so `--device cuda` on a
+    machine without a GPU exited 0 with a server running and 6 without one."""
+    out = cli(served_index["ix"], "red car", "--explain", "--json", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["via"] == "local" and "--device" in plan["why_local"], plan
+    out = cli(served_index["ix"], "red car", "--explain", "--json", "--device", "auto")  # auto: any place will do
+    assert out.returncode == 0 and json.loads(out.stdout)["plan"]["via"] == "server", out.stderr
+
+
+@pytest.mark.slow
 def test_the_answer_echoes_what_it_did_and_a_plan_only_when_asked(served_index):
     status, _, body = call(served_index["url"], "/api/search?q=red+car&k=2")
     assert status == 200, body

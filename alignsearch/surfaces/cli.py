@@ -600,8 +600,10 @@ def query(request, asked, paths_only, null, as_json, index_dir, model, device, b
         raise click.UsageError("--paths and --json are two outputs: give one")
     notices.enable(not as_json and not paths_only)
     found = resolve_index_dir(index_dir)
-    if model is not None or (backend, precision) != ("auto", "auto"):
-        answer, why_local = None, "--model, --backend or --precision choose an encoder: the server runs its own"
+    # an explicit --device says where the model runs, so it too is searched here: the answer (a refused cuda on a
+    # machine without one) must not depend on whether a server happens to run for the index
+    if model is not None or (device, backend, precision) != ("auto", "auto", "auto"):
+        answer, why_local = None, "--model, --device, --backend or --precision choose an encoder: the server runs its own"
     else:  # a warm `alignsearch serve` answers in milliseconds
         from alignsearch.surfaces.client import search_via_server
 
@@ -1012,6 +1014,8 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     def ready(server):
         serving.append(server)
         click.echo(f"serving {engine.dir} on {server.open_url} (Ctrl-C to stop)", err=True)
+        if allow_hosts and not is_loopback(host):  # where the token is printed already: this terminal only
+            click.echo(f"other machines open {server.open_url_as(allow_hosts[0])}", err=True)
 
     try:
         run_server(engine, config, ready, verbose)

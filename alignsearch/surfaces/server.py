@@ -411,28 +411,54 @@ def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read:
 
 class Trouble:
     """The server's own trouble that requests meet (a 5xx library error: its index refused or damaged, its model),
-    logged once when it begins or changes and once when a search is answered again. A folder others may write was
-    refused to every request (400) and never logged; as a 5xx each request logged it again, a line per search."""
+    logged once when it begins or changes at an endpoint and once when that endpoint answers again. A folder others
+    may write was refused to every request (400) and never logged; as a 5xx each request logged it again, a line per
+    search. Kept per endpoint (its route: /api/image/{id}/thumb, not each id): when only a search's success ended
+    it, an error only /api/recent or a thumbnail met was logged again after every search, with a "searches are
+    answered again" line about an error no search had met."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._said: tuple[str, str] | None = None  # the kind and line last logged, while requests still meet it
+        self._said: dict[str, tuple[str, str]] = {}  # endpoint -> the kind and line last logged, while it meets it
 
-    def met(self, where: str, kind: str, line: str) -> None:
+    def met(self, endpoint: str, where: str, kind: str, line: str) -> None:
         with self._lock:
-            if self._said == (kind, line):
+            if self._said.get(endpoint) == (kind, line):
                 return
-            self._said = (kind, line)
+            self._said[endpoint] = (kind, line)
         log.error("%s: %s (logged once while it lasts)", where, line)
 
-    def gone(self) -> None:
-        """A search was answered: trouble logged before is over (its next occurrence is logged again)."""
-        if self._said is None:  # the common case, without the lock
+    def gone(self, endpoint: str) -> None:
+        """The endpoint answered (below 500): the trouble it logged is over (its next occurrence is logged again)."""
+        if not self._said:  # the common case, without the lock
             return
         with self._lock:
-            said, self._said = self._said, None
+            said = self._said.pop(endpoint, None)
         if said is not None:
-            log.warning("searches are answered again (before: %s)", said[1])
+            log.warning("%s is answered again (before: %s)", endpoint, said[1])
+
+
+def endpoint_of(scope) -> str:
+    """The route a request reached (its path template), else its path."""
+    return getattr(scope.get("route"), "path", scope["path"])
+
+
+class TroubleOver:
+    """ASGI middleware: any answer below 500 ends the trouble its endpoint met (Trouble.gone)."""
+
+    def __init__(self, app, trouble: Trouble):
+        self.app, self.trouble = app, trouble
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def watched(message):
+            if message["type"] == "http.response.start" and message["status"] < 500:
+                self.trouble.gone(endpoint_of(scope))  # the route is in the scope once the router matched it
+            await send(message)
+
+        await self.app(scope, receive, watched)
 
 
 class Library:
@@ -869,7 +895,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         # while it lasts (Trouble)
         status, body = answer_of(exc)
         if status >= 500:
-            library.trouble.met(f"{request.method} {request.url.path}", body["kind"], body["error"])
+            library.trouble.met(endpoint_of(request.scope), f"{request.method} {request.url.path}", body["kind"],
+                                body["error"])
         return error(status, body.pop("error"), **body)
 
     @app.exception_handler(AlignSearchError)
@@ -897,6 +924,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         log.debug("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return error(INTERNAL_STATUS, "internal error")
 
+    app.add_middleware(TroubleOver, trouble=library.trouble)
     app.add_middleware(Boundary, answer=unexpected)
 
     errors = {code: {"model": Error} for code in (400, 401, 404, 409, 413, 415, 422, 500, 503, 507)}
@@ -960,7 +988,6 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         out = {"query": echo(request, posted), "results": results}
         if request.explain:
             out["plan"] = await run_in_threadpool(library.explain, request)
-        library.trouble.gone()  # a search answered: the trouble logged before is over
         return out
 
     @app.get("/healthz", tags=["server"])
@@ -1076,6 +1103,13 @@ class RunningServer:
         """The URL to open in a browser: it trades the token for a cookie."""
         # quoted: a --token holding &, # or a space cut the printed URL short, and opening it answered 401
         return f"{self.url}/?token={quote(self.token, safe='')}" if self.token else f"{self.url}/"
+
+    def open_url_as(self, name: str) -> str:
+        """open_url addressed as name (an --allow-host name): on every interface the URL says 127.0.0.1,
+        which other machines cannot open."""
+        name = name.strip("[]").rstrip(".")
+        host = f"[{name}]" if ":" in name else name
+        return self.open_url.replace(self.url, f"http://{host}:{self.port}", 1)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True

@@ -391,7 +391,9 @@ def main() -> None:
     rows.append("| rule | thresholds (X, Y) | tuning margin | tuning P | R | F1 | tp/detected/true | held-out P | R | F1 | tp/detected/true "
                 "| cat->rocket cut |")
     rows.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows.append(f"| base ({args.base}: hist > {base.HIST_CUT} or pixels > {base.PIXEL_CUT}) | - | - | {fmt('tuning', 'base')} | "
+    rule = (f"hist > {base.HIST_CUT} or pixels > {base.PIXEL_CUT}" if hasattr(base, "PIXEL_CUT")
+            else f"cut_score: hist / {base.HIST_CUT} + pattern / {base.PATTERN_CUT} > 1")  # the rule before ba0ff41, or since
+    rows.append(f"| base ({args.base}: {rule}) | - | - | {fmt('tuning', 'base')} | "
                 f"{fmt('held-out', 'base')} | {case_line['base']} |")
     rows.append(f"| current (this tree's _is_cut) | - | - | {fmt('tuning', 'current')} | {fmt('held-out', 'current')} | "
                 f"{case_line['current']} |")

@@ -10,6 +10,7 @@ are parsed here into one tree (`node`), which the engine uses as is.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -91,13 +92,15 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
         raise UsageError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    import numpy as np
-
+    # numpy's bool only where numpy is loaded already: importing it here put numpy on the CLI's path to a running
+    # server, which loads no numeric library (tests/test_request.py: a query through the server imports no engine)
+    numpy = sys.modules.get("numpy")
+    bools = (bool,) if numpy is None else (bool, numpy.bool_)
     for name, flag in (("collapse", collapse), ("explain", explain)):
         # a string was taken for its truth: collapse="no" folded duplicates
-        if not isinstance(flag, (bool, np.bool_)):
+        if not isinstance(flag, bools):
             raise UsageError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(min_score, (bool, np.bool_)):  # True is 1.0 to float(): a cut nothing passes, as k=True is refused
+    if isinstance(min_score, bools):  # True is 1.0 to float(): a cut nothing passes, as k=True is refused
         raise UsageError(f"min_score is a similarity in [-1, 1], got {min_score!r}")
     if min_score is not None:
         try:

@@ -12,25 +12,37 @@ or from 35%), camera noise (Gaussian, sigma 6-14 of 255, new each frame), a flas
 towards white), and every other video is encoded at a low bitrate (120 kbit/s, blocky). Each shot shows one view
 of its photo (a random crop of 55-90% of it), so two shots of one photo never meet.
 
+Flash set. The shots' flash frames above fall on an examined frame only by chance (one frame in 6.25; 2 on the
+tuning half and none held-out made a false cut in the runs of ba0ff41). So each half also has a flash set: one 8 s
+video a photo of the half (25 fps, no B-frames, so that every frame is decoded), that photo for 4 s then the next
+photo of the half, each a still view, with a flash frame (70% towards white) on three examined frames: at 2 s, at 6
+s, and the video's last examined frame. One true cut (4 s) a video; every other cut found is a flash taken for a
+cut.
+
 Measure. Each video is decoded once by alignsearch's own moments() (its sampling every SAMPLE_SECONDS, its
-NONREF skipping), recording the 32x18 thumbnail of every frame it examines; each rule then judges each pair of
-consecutive examined frames, and its cuts go through MIN_GAP as moments() applies it. A detected cut is right when
-it is within one sampling step (SAMPLE_SECONDS) after a true cut not already matched. The rules:
-- base: `_is_cut` of the --base revision's video.py (loaded beside the current one), i.e. the old method;
-- current: `_is_cut` of this tree's video.py;
-- candidates, each with its two thresholds chosen on the tuning half only (highest recall with precision at least
-  the base's on the tuning half, then highest F1): the old two measures with new thresholds (either over), the
-  two as one combined score, a joint RGB histogram (4x4x4 bins) instead of per-channel ones, and the joint
-  histogram with the luma correlation ("corr": 1 - Pearson r of the grey thumbnails, blind to brightness and
-  contrast, each thumbnail's std floored at STD_FLOOR so that flat noisy frames do not correlate at random).
-The "current" row is this tree's video.py as shipped: it should match the proposed rule's row.
-The walkthrough's case (scikit-image's cat for 12 s, then the rocket; 640x360) is judged by each rule too.
+NONREF skipping), recording the 32x18 thumbnail of every frame it examines; each rule then places its cuts over
+the examined frames. A detected cut is right when it is within one sampling step (SAMPLE_SECONDS) after a true cut
+not already matched. The rules:
+- base: the --base revision's video.py (loaded beside the current one), i.e. the old method: through its own
+  decision code (cut_times: Cuts, the flash check, MIN_GAP) where it has one, else its `_is_cut` on each pair of
+  consecutive examined frames with MIN_GAP applied as moments() applied it then (pairwise_cuts);
+- current: this tree's video.py the same way: its cut_times, the code moments() runs;
+- candidates (pairwise rules, MIN_GAP by pairwise_cuts, no flash check), each with its two thresholds chosen on the
+  tuning half only (highest recall with precision at least the base's on the tuning half, then highest F1): the old
+  two measures with new thresholds (either over), the two as one combined score, a joint RGB histogram (4x4x4 bins)
+  instead of per-channel ones, and the joint histogram with the luma correlation ("corr": 1 - Pearson r of the grey
+  thumbnails, blind to brightness and contrast, each thumbnail's std floored at video.py's STD_FLOOR so that flat
+  noisy frames do not correlate at random: video.py's own pattern_distance).
+The candidate rows are the history of how the measures and thresholds were chosen (ba0ff41); "current" is the
+shipped code. The walkthrough's case (scikit-image's cat for 12 s, then the rocket; 640x360) is judged by each rule
+too.
 ALIGNSEARCH_BENCH_DRY=1 prints without recording.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -50,7 +62,6 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "stereo_motorcycle", "camera", "moon", "coins", "page", "text", "brick", "grass", "gravel", "clock", "cell",
           "microaneurysms")
 EFFECTS = ("still", "pan", "zoom", "fade", "noise", "flash", "dark")
-STD_FLOOR = 4.0  # luma levels: a thumbnail less varied than this is flat, its pattern mostly noise (see luma_dist)
 VIDEO_SECONDS = 30
 
 
@@ -178,29 +189,19 @@ def joint_hist(t: np.ndarray, bins: int = 4) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=bins ** 3) for row in code]) / q.shape[1]
 
 
-def luma_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """1 - Pearson r of the grey thumbnails (blind to a change of brightness or contrast), computed as half the
-    mean squared difference of the standardised thumbnails, each divided by max(its std, STD_FLOOR): two flat
-    noisy frames (a night sky) would otherwise correlate at random and cut at every sample."""
-    w = np.array([0.299, 0.587, 0.114], np.float32)
-    z = []
-    for t in (a, b):
-        y = (t.astype(np.float32) @ w).reshape(len(t), -1)
-        y = y - y.mean(1, keepdims=True)
-        z.append(y / np.maximum(y.std(1, keepdims=True), STD_FLOOR))
-    return 0.5 * ((z[0] - z[1]) ** 2).mean(1)
-
-
 def features(thumbs: np.ndarray) -> dict[str, np.ndarray]:
     a, b = thumbs[:-1], thumbs[1:]
     mh, jh = marginal_hist(thumbs), joint_hist(thumbs)
+    # 1 - Pearson r of the grey thumbnails (blind to a change of brightness or contrast), each std floored
+    # (STD_FLOOR): video.py's own pattern distance
+    pattern = [video_module.signature_of(t)[1] for t in thumbs]
     return {
         # in [0, 1]: the histograms sum to 1 over the three channels. video.py before this benchmark divided this
         # by 3 once more, so its hist could not exceed 1/3 and its HIST_CUT 0.45 never fired
         "hist": 0.5 * np.abs(mh[1:] - mh[:-1]).sum(1),
         "pixels": np.abs(a.astype(np.float32) - b.astype(np.float32)).mean((1, 2, 3)) / 255,
         "joint": 0.5 * np.abs(jh[1:] - jh[:-1]).sum(1),
-        "corr": luma_dist(a, b),
+        "corr": np.array([video_module.pattern_distance(p, q) for p, q in zip(pattern, pattern[1:])]),
     }
 
 
@@ -224,20 +225,27 @@ def decide(f: dict, x: str, y: str, how: str, tx: float, ty: float) -> np.ndarra
     return f[x] / tx + f[y] / ty > 1
 
 
-def score(videos: list[tuple], flags: list[np.ndarray], min_gap: float, misses: list | None = None) -> tuple[int, int, int]:
-    """(true positives, detections, true cuts) over videos [(times, cuts), ...] given each pair's flag; misses
+def pairwise_cuts(times: np.ndarray, flag: np.ndarray, min_gap: float) -> list[float]:
+    """The cuts of a rule that judges each pair of consecutive examined frames alone (flag[i]: a cut between frames
+    i and i + 1), MIN_GAP applied as moments() applied it before Cuts (148c77d and earlier): the candidates' rule,
+    and a base revision that has no cut_times."""
+    out, start = [], times[0]
+    for i in np.flatnonzero(flag):  # only the flagged pairs (the grid search calls this thousands of times)
+        if times[i + 1] - start >= min_gap:
+            start = times[i + 1]
+            out.append(float(start))
+    return out
+
+
+def match(videos: list[tuple], found: list[list[float]], misses: list | None = None) -> tuple[int, int, int]:
+    """(true positives, detections, true cuts) over videos [(times, cuts), ...] given each one's cuts found; misses
     (when given) gets ("false", video, t) and ("missed", video, cut time) for each error."""
     step = video_module.SAMPLE_SECONDS
     tp = det = total = 0
-    for v, ((times, cuts), flag) in enumerate(zip(videos, flags)):
-        total += len(cuts)
+    for v, ((_, cuts), ts) in enumerate(zip(videos, found)):
+        total, det = total + len(cuts), det + len(ts)
         used = [False] * len(cuts)
-        start = times[0]
-        for i in np.flatnonzero(flag):  # only the flagged pairs (the grid search calls this thousands of times)
-            t = times[i + 1]
-            if t - start < min_gap:
-                continue
-            start, det = t, det + 1
+        for t in ts:
             for k, c in enumerate(cuts):
                 if not used[k] and c - 1e-6 <= t <= c + step + 1e-6:
                     used[k], tp = True, tp + 1
@@ -250,25 +258,75 @@ def score(videos: list[tuple], flags: list[np.ndarray], min_gap: float, misses: 
     return tp, det, total
 
 
+def score(videos: list[tuple], flags: list[np.ndarray], min_gap: float, misses: list | None = None) -> tuple[int, int, int]:
+    """match() of a pairwise rule's cuts, given each pair's flag."""
+    return match(videos, [pairwise_cuts(times, flag, min_gap) for (times, _), flag in zip(videos, flags)], misses)
+
+
 def prf(s: tuple[int, int, int]) -> tuple[float, float, float]:
     tp, det, total = s
     p, r = tp / max(det, 1), tp / max(total, 1)
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def module_flags(module, thumbs_list: list[np.ndarray]) -> list[np.ndarray]:
-    """Each pair judged by a video.py's own _signature and _is_cut (its thumbnail: an identity reformat)."""
+def module_cuts(module, videos: list[tuple], min_gap: float) -> list[list[float]]:
+    """Each video's cuts [(times, thumbnails), ...] as a video.py places them, from its own _signature (of the
+    thumbnail: an identity reformat): its cut_times (the code its moments() runs: the flash check, MIN_GAP; no
+    interval) where it has one, else its _is_cut on each pair, MIN_GAP by pairwise_cuts."""
     import av
 
     out = []
-    for thumbs in thumbs_list:
+    for times, thumbs in videos:
         sigs = [module._signature(av.VideoFrame.from_ndarray(np.ascontiguousarray(t), format="rgb24")) for t in thumbs]
-        out.append(np.array([module._is_cut(a, b) for a, b in zip(sigs, sigs[1:])], bool))
+        if hasattr(module, "cut_times"):
+            out.append(module.cut_times(zip(times, sigs), interval=math.inf, min_gap=min_gap)[1:])
+        else:
+            flags = np.array([module._is_cut(a, b) for a, b in zip(sigs, sigs[1:])], bool)
+            out.append(pairwise_cuts(times, flags, min_gap))
     return out
 
 
-def walkthrough_case(folder: Path) -> np.ndarray:
-    """The README walkthrough's video: the cat for 12 s then the rocket, 640x360; the thumbnails at the cut."""
+def flash_video(path: Path, pics: dict[str, np.ndarray], first: str, then: str) -> tuple[list[float], list[int]]:
+    """The flash set's video (docstring): photo `first` for 4 s then `then` for 4 s, flashes on examined frames.
+    Returns its true cuts (s) and its flash frames' numbers. Cached."""
+    import av
+    from PIL import Image
+
+    n = 8 * FPS
+    last = max(i for i in range(n) if _sampled(i))  # the last frame moments() examines
+    flashes = [2 * FPS, 6 * FPS, last]
+    if not path.exists():
+        views = []
+        for name in (first, then):
+            h, w = pics[name].shape[:2]
+            vw = 0.8 * min(w, h * 16 / 9)
+            x0, y0 = (w - vw) / 2, (h - vw * 9 / 16) / 2
+            views.append(_view(Image.fromarray(pics[name]), (x0, y0, x0 + vw, y0 + vw * 9 / 16)))
+        with av.open(str(path.with_suffix(".part.mp4")), mode="w") as out:
+            stream = out.add_stream("libx264", rate=FPS, options={"preset": "veryfast", "bf": "0"})
+            stream.width, stream.height, stream.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
+            for i in range(n):
+                frame = views[i >= n // 2]
+                frame = frame * 0.3 + 255 * 0.7 if i in flashes else frame
+                vf = av.VideoFrame.from_ndarray(np.clip(frame, 0, 255).astype(np.uint8), format="rgb24")
+                for packet in stream.encode(vf):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        path.with_suffix(".part.mp4").rename(path)
+    return [n // 2 / FPS], flashes
+
+
+def _sampled(i: int) -> bool:
+    """Whether frame i (of FPS a second, every one decoded) is one moments() examines: the first at or after each
+    multiple of SAMPLE_SECONDS."""
+    step = video_module.SAMPLE_SECONDS
+    return i == 0 or math.floor(i / FPS / step) > math.floor((i - 1) / FPS / step)
+
+
+def walkthrough_case(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The README walkthrough's video: the cat for 12 s then the rocket, 640x360; its examined frames' times and
+    thumbnails, and the index of the first after the cut."""
     import av
     import skimage.data
     from PIL import Image
@@ -288,8 +346,7 @@ def walkthrough_case(folder: Path) -> np.ndarray:
                 out.mux(packet)
         path.with_suffix(".part.mp4").rename(path)
     times, thumbs = examined(path)
-    k = int(np.searchsorted(times, 12.0))
-    return thumbs[k - 1 : k + 1]
+    return times, thumbs, int(np.searchsorted(times, 12.0))
 
 
 def main() -> None:
@@ -314,15 +371,28 @@ def main() -> None:
             times, thumbs = examined(path)
             vids.append((times, [sh[1] / FPS for sh in shots[1:]], thumbs, shots, v))
         halves[half] = vids
+    flash_sets, flash_scores = {}, {}
+    for half, names in (("tuning", tune_names), ("held-out", held_names)):
+        vids, flash_scores[half] = [], []
+        for first, then in zip(names, names[1:] + names[:1]):
+            cuts, flashes = flash_video(folder / f"flash-{half}-{first}.mp4", pics, first, then)
+            times, thumbs = examined(folder / f"flash-{half}-{first}.mp4")
+            at = [int(np.flatnonzero(np.isclose(times, f / FPS))[0]) for f in flashes if np.isclose(times, f / FPS).any()]
+            if len(at) != len(flashes):  # the set is only meaningful if each flash was examined
+                raise SystemExit(f"flash-{half}-{first}: a flash frame is not examined ({flashes} at {FPS} fps)")
+            sigs = [video_module.signature_of(t) for t in thumbs]
+            flash_scores[half] += [video_module.cut_score(sigs[k - 1], sigs[k]) for k in at]
+            vids.append((times, cuts, thumbs))
+        flash_sets[half] = vids
     made = time.perf_counter() - t0
 
     min_gap = video_module.MIN_GAP
     feats = {h: [features(v[2]) for v in vids] for h, vids in halves.items()}
     tc = {h: [(v[0], v[1]) for v in vids] for h, vids in halves.items()}
     rows, chosen = [], {}
-    base_flags = {h: module_flags(base, [v[2] for v in vids]) for h, vids in halves.items()}
-    cur_flags = {h: module_flags(video_module, [v[2] for v in vids]) for h, vids in halves.items()}
-    base_p = prf(score(tc["tuning"], base_flags["tuning"], min_gap))[0]
+    module_found = {(h, name): module_cuts(module, [(v[0], v[2]) for v in vids], min_gap)
+                    for h, vids in halves.items() for name, module in (("base", base), ("current", video_module))}
+    base_p = prf(match(tc["tuning"], module_found[("tuning", "base")]))[0]
     for name, (x, y, how) in CANDIDATES.items():
         allx = np.concatenate([f[x] for f in feats["tuning"]])
         ally = np.concatenate([f[y] for f in feats["tuning"]])
@@ -360,13 +430,13 @@ def main() -> None:
     results, errors = {}, {}
     for half in halves:
         for name in ("base", "current", *chosen):
+            errors[(half, name)] = []
             if name in ("base", "current"):
-                flags = (base_flags if name == "base" else cur_flags)[half]
+                results[(half, name)] = match(tc[half], module_found[(half, name)], errors[(half, name)])
             else:
                 x, y, how, tx, ty = chosen[name]
                 flags = [decide(f, x, y, how, tx, ty) for f in feats[half]]
-            errors[(half, name)] = []
-            results[(half, name)] = score(tc[half], flags, min_gap, errors[(half, name)])
+                results[(half, name)] = score(tc[half], flags, min_gap, errors[(half, name)])
 
     def what(half, kind, v, t):
         """An error in words: where, and the shot (its photo and effect) it fell in."""
@@ -377,9 +447,17 @@ def main() -> None:
     for (half, name), errs in errors.items():
         print(f"{half} {name}: " + "; ".join(what(half, *e) for e in errs))
 
-    case = walkthrough_case(folder)
-    cf = features(case)
-    case_line = {"base": bool(module_flags(base, [case])[0][0]), "current": bool(module_flags(video_module, [case])[0][0])}
+    case_times, case_thumbs, k = walkthrough_case(folder)
+    cf = features(case_thumbs[k - 1 : k + 1])
+    case_line, flash_results = {}, {}
+    for name, module in (("base", base), ("current", video_module)):
+        found = module_cuts(module, [(case_times, case_thumbs)], min_gap)[0]
+        case_line[name] = any(abs(t - case_times[k]) < 1e-6 for t in found)
+        for half, vids in flash_sets.items():
+            errs = []
+            flash_results[(half, name)] = match([(v[0], v[1]) for v in vids],
+                                                module_cuts(module, [(v[0], v[2]) for v in vids], min_gap), errs)
+            print(f"flash set {half} {name}: " + "; ".join(f"{kind} flash-{half}-{v} @ {t:.2f}s" for kind, v, t in errs))
     for name, (x, y, how, tx, ty) in chosen.items():
         case_line[name] = bool(decide(cf, x, y, how, tx, ty)[0])
 
@@ -395,7 +473,7 @@ def main() -> None:
             else f"cut_score: hist / {base.HIST_CUT} + pattern / {base.PATTERN_CUT} > 1")  # the rule before ba0ff41, or since
     rows.append(f"| base ({args.base}: {rule}) | - | - | {fmt('tuning', 'base')} | "
                 f"{fmt('held-out', 'base')} | {case_line['base']} |")
-    rows.append(f"| current (this tree's _is_cut) | - | - | {fmt('tuning', 'current')} | {fmt('held-out', 'current')} | "
+    rows.append(f"| current (this tree's cut_times) | - | - | {fmt('tuning', 'current')} | {fmt('held-out', 'current')} | "
                 f"{case_line['current']} |")
     for name, (x, y, how, tx, ty) in chosen.items():
         mark = " (proposed)" if name == proposed else ""
@@ -403,12 +481,20 @@ def main() -> None:
         rows.append(f"| {name}{mark} | {tx:.3f}, {ty:.3f} | {margin} | {fmt('tuning', name)} | {fmt('held-out', name)} | "
                     f"{case_line[name]} |")
     n_pairs = {h: sum(len(v[0]) - 1 for v in vids) for h, vids in halves.items()}
+    flash_rows = ["| rule | flash set: tuning P | R | tp/detected/true | held-out P | R | tp/detected/true |",
+                  "|---|---|---|---|---|---|---|"]
+    for name in ("base", "current"):
+        cells = [f"{prf(flash_results[(h, name)])[0]:.3f} | {prf(flash_results[(h, name)])[1]:.3f} | "
+                 f"{'/'.join(map(str, flash_results[(h, name)]))}" for h in flash_sets]
+        flash_rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    over = {h: sum(x > 1 for x in sc) for h, sc in flash_scores.items()}
     lines = [
         f"- photos (scikit-image), split by photo with seed {args.seed}: tuning {', '.join(tune_names)}; held-out "
         f"{', '.join(held_names)}",
         f"- {args.videos} videos a half, {VIDEO_SECONDS} s, {SIZE[0]}x{SIZE[1]} {FPS} fps H.264, every other at 120 kbit/s; "
         f"pairs of examined frames judged: tuning {n_pairs['tuning']}, held-out {n_pairs['held-out']}; a cut is right "
-        f"within {video_module.SAMPLE_SECONDS} s after a true one; cuts closer than MIN_GAP {min_gap} s merged as moments() does",
+        f"within {video_module.SAMPLE_SECONDS} s after a true one; cuts closer than MIN_GAP {min_gap} s merged as moments() does "
+        "(base and current: by their own revision's code)",
         f"- cat->rocket (walkthrough case) measures: hist {cf['hist'][0]:.3f} (the base's code divided it by 3 once more: "
         f"{cf['hist'][0] / 3:.3f}), pixels {cf['pixels'][0]:.3f}, joint "
         f"{cf['joint'][0]:.3f}, corr {cf['corr'][0]:.3f}",
@@ -416,6 +502,14 @@ def main() -> None:
         "then F1",
         "",
         *rows,
+        "",
+        f"- flash set (docstring): {len(flash_sets['tuning'])} + {len(flash_sets['held-out'])} videos, 8 s, one true cut "
+        f"each at 4 s, 3 flash frames each on examined frames; of those flashes cut_score > 1 against the frame "
+        f"before: tuning {over['tuning']}/{len(flash_scores['tuning'])}, held-out {over['held-out']}/"
+        f"{len(flash_scores['held-out'])} (median score {np.median(flash_scores['tuning']):.2f}, "
+        f"{np.median(flash_scores['held-out']):.2f})",
+        "",
+        *flash_rows,
         "",
         f"- time: {time.perf_counter() - t0:.0f} s in all ({made:.0f} s making/decoding videos)",
         load_note(load0),

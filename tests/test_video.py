@@ -84,8 +84,8 @@ def test_a_cut_between_photos_of_like_colour_and_brightness_is_a_cut():
     sig = video_module._signature
     cat, rocket = sig(_photo_frame("cat")), sig(_photo_frame("rocket"))
     assert video_module._is_cut(cat, rocket) and video_module._is_cut(rocket, cat)
-    # one scene: the cat a little panned, or faded to 45%, is no cut (a flash frame still is, as before:
-    # bench_scene_cuts)
+    # one scene: the cat a little panned, or faded to 45%, is no cut (a flash frame still scores as one: Cuts
+    # passes it over when the frame after it is of the scene before; the tests below)
     for other in (_photo_frame("cat", shift=12), _photo_frame("cat", gain=0.45)):
         assert not video_module._is_cut(cat, sig(other))
 
@@ -101,6 +101,84 @@ def test_a_flat_frame_one_grey_level_across_a_bins_edge_is_no_cut():
         assert not video_module._is_cut(flat(a), flat(b)), (a, b)
     assert video_module._is_cut(flat(30), flat(220))
     assert video_module._is_cut(flat((200, 40, 40)), flat((40, 40, 200)))
+
+
+def _cut_times(letters: str, step: float = 0.25, **kwargs) -> list[float]:
+    """video.cut_times over frames every `step` s whose signatures are letters, a cut between any two unlike."""
+    frames = [(i * step, c) for i, c in enumerate(letters)]
+    return video_module.cut_times(frames, is_cut=lambda a, b: a != b, **kwargs)
+
+
+def test_a_flash_frame_between_two_of_one_scene_is_no_cut():
+    assert _cut_times("AAAAAAFAAAAA") == [0]  # A F A: F was a flash
+    assert _cut_times("AAAAAAFGAAAA") == [0, 1.5]  # two frames unlike A: the first of them starts a moment
+    assert _cut_times("AAAAAABBBBBB") == [0, 1.5]  # A B B: a cut, at B's time
+
+
+def test_a_cut_is_decided_one_sample_late_holding_only_its_frame():
+    cuts = video_module.Cuts(is_cut=lambda a, b: a != b)
+    steps = [cuts.feed(i * 0.25, c) for i, c in enumerate("AAAAAABBB")]
+    assert steps[0].start and not any(s.start for s in steps[1:])
+    assert [s.hold for s in steps] == [False] * 6 + [True, False, False]  # B at 1.5 held...
+    assert [s.confirmed for s in steps] == [None] * 7 + [1.5, None]  # ...and confirmed by the next frame
+
+
+def test_a_flash_or_a_cut_at_the_last_examined_frame_is_no_cut():
+    # nothing after it tells them apart; the scene it would start lasts under one sample
+    assert _cut_times("AAAAAAAAF") == [0]
+    assert _cut_times("AAAAAAAABB") == [0, 2.0]
+
+
+def test_min_gap_and_the_interval_hold_with_the_flash_check():
+    assert _cut_times("AABBBBBCCC") == [0, 1.75]  # B at 0.5 is a cut within MIN_GAP: no moment; C at 1.75 is
+    assert _cut_times("ABBBBBCCC", min_gap=0.0) == [0, 0.25, 1.5]
+    # a flash within MIN_GAP is passed over too: the frame after it (at 1 s, MIN_GAP in) is no cut
+    assert _cut_times("AAAFAAAAA") == [0]
+    assert _cut_times("A" * 90) == [0, 10, 20]  # at least one every interval
+    assert _cut_times("A" * 40 + "F" + "A" * 10, interval=10) == [0, 10]  # a flash at the interval: that moment
+    assert _cut_times("ABCDEFGHIJ", step=1.0) == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # frames 1 s apart, each a cut
+
+
+def test_the_representative_frame_is_never_a_flash():
+    cuts = video_module.Cuts(is_cut=lambda a, b: a != b)
+    reps = [cuts.feed(i * 0.25, c).representative for i, c in enumerate("AAFAAA")]
+    assert reps == [False, False, False, True, False, False]  # 0.5 s in is the flash: the frame after it
+    cuts = video_module.Cuts(is_cut=lambda a, b: a != b)
+    reps = [cuts.feed(i * 0.25, c).representative for i, c in enumerate("AAAAAABBBBB")]
+    assert reps == [False, False, True] + [False] * 5 + [True, False, False]  # B's moment from 1.5: its frame at 2.0
+
+
+def _flash_video(path, flashes, fps: int = 10) -> list:
+    """Scene 11 for 5 s, then scene 2 for 3 s (helpers.scene_frame, drifting), with the frames numbered in
+    `flashes` blended 70% towards white; no B-frames, so every frame is decoded. Scene 11 and 2 are ones whose
+    flash scores as a cut (cut_score 1.05 and 1.02 before encoding)."""
+    import av
+
+    frames = [np.roll(scene_frame(seed), i % 8, axis=1) for seed, n in ((11, 5 * fps), (2, 3 * fps)) for i in range(n)]
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        for i, frame in enumerate(frames):
+            frame = (frame * 0.3 + 255 * 0.7).astype(np.uint8) if i in flashes else frame
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_a_flash_frame_on_an_examined_frame_makes_no_moment(tmp_path, monkeypatch):
+    # a flash at 2.0 s and one at the last examined frame (7.8 s); the cut at 5 s. The rule before started a
+    # moment at each flash: [0, 2.0, 5.0, 7.8]
+    video = _flash_video(tmp_path / "flash.mp4", flashes={20, 78})
+    examined, signature = [], video_module._signature
+    monkeypatch.setattr(video_module, "_signature", lambda f: examined.append(round(f.time, 3)) or signature(f))
+    found = list(moments(str(video), SPEC))
+    assert {2.0, 7.8} <= set(examined) and max(examined) == 7.8  # the flashes were examined (and scored)
+    assert starts(found) == pytest.approx([0, 5.0]), starts(found)
+    assert found[-1].t_end == pytest.approx(8.0, abs=0.15)
+    # the moments' pictures are no flash: each is its scene's frame REPRESENTATIVE_AFTER in
+    assert all(float(np.asarray(m.image).mean()) < 200 for m in found)
 
 
 @pytest.mark.slow

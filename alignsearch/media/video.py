@@ -8,8 +8,9 @@ decoded at all (FFmpeg's skip_frame=NONREF). Scene cuts are found on a 32x18 thu
 against the previous one's: the distance of their joint colour histograms (robust to motion) and of their grey
 patterns with brightness and contrast taken out (robust to fades and flashes; a cut between two scenes of the
 same colours), the two summed, each over its threshold (cut_score; benchmarks/bench_scene_cuts.py chose the
-measures and thresholds). Only the open moment's frame is held, so memory does not grow with the video's length.
-This module imports no torch.
+measures and thresholds). A cut is confirmed by the next examined frame (Cuts): one that differs from the scene
+before it only for one sample (a camera flash) is no cut. Only the open moment's frame, and at most one candidate
+cut's frame, are held, so memory does not grow with the video's length. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 
@@ -170,6 +172,76 @@ def _is_cut(a, b) -> bool:
     return cut_score(a, b) > 1
 
 
+class Step(NamedTuple):
+    """What Cuts.feed says of an examined frame, in the order moments() acts on it."""
+    confirmed: float | None  # the candidate held from the frame before is a cut: a moment starts at its time
+    start: bool  # a moment starts at this frame (the video's first frame, or `interval` reached)
+    hold: bool  # this frame is a candidate cut that may start a moment: keep its image until the next step
+    representative: bool  # this frame is the open moment's picture (REPRESENTATIVE_AFTER into it)
+
+
+class Cuts:
+    """Where a video's moments start, decided from its examined frames fed in time order as (t, signature): pure
+    and streaming (moments() and benchmarks/bench_scene_cuts.py both run this). A frame A -> F that scores as a cut
+    (is_cut) is only a candidate until the next examined frame G: a cut when G too differs from A, else F was a
+    flash (a frame blended towards white; a one-sample glitch) and is passed over, G compared with A. So each cut
+    is decided one sample (SAMPLE_SECONDS) late, and only the candidate's frame is held meanwhile. A confirmed cut
+    starts a moment at F's time when the open moment is at least `min_gap` old by then; a moment starts anyway
+    once the open one is `interval` old, as before. A frame that scores as a cut is never a moment's picture."""
+
+    def __init__(self, *, interval: float = DEFAULT_INTERVAL, min_gap: float = MIN_GAP, is_cut=_is_cut):
+        self.interval, self.min_gap, self.is_cut = interval, min_gap, is_cut
+        self.start: float | None = None  # the open moment's start
+        self.prev = None  # what the next frame is compared with: the last examined frame that was no flash
+        self.pending: tuple | None = None  # (t, signature, may start a moment) of the candidate awaiting a frame
+        self.rep_final = False
+
+    def feed(self, t: float, sig) -> Step:
+        if self.start is None:
+            self.start, self.prev = t, sig
+            return Step(None, True, False, False)
+        confirmed, jump = None, None
+        if self.pending is not None:
+            pt, psig, may_start = self.pending
+            self.pending = None
+            if self.is_cut(self.prev, sig):  # the scene before the candidate is gone: it was a cut
+                if may_start:
+                    confirmed, self.start, self.rep_final = pt, pt, False
+                self.prev = psig
+            else:
+                jump = False  # back to the scene before: the candidate was a flash, this frame no cut
+        if jump is None:
+            jump = self.is_cut(self.prev, sig)
+        start = t - self.start >= self.interval
+        if start:
+            self.start, self.rep_final = t, False
+        if jump:  # compared with the next frame before it counts; self.prev stays the scene before it
+            may_start = not start and t - self.start >= self.min_gap
+            self.pending = (t, sig, may_start)
+            return Step(confirmed, start, may_start, False)
+        self.prev = sig
+        rep = not start and not self.rep_final and t - self.start >= REPRESENTATIVE_AFTER
+        self.rep_final = self.rep_final or rep
+        return Step(confirmed, start, False, rep)
+
+    # At the end of the video a candidate still pending is no cut: with no frame after it a flash cannot be told
+    # from a cut, and the scene it would start lasts under one sample (SAMPLE_SECONDS): a moment shorter than
+    # MIN_GAP that a flash in the last quarter second would make as often. Nothing is called: it is dropped.
+
+
+def cut_times(frames, *, interval: float = DEFAULT_INTERVAL, min_gap: float = MIN_GAP, is_cut=_is_cut) -> list[float]:
+    """The times moments start at (the first frame's included) for examined frames [(t, signature), ...], as
+    moments() places them."""
+    cuts, out = Cuts(interval=interval, min_gap=min_gap, is_cut=is_cut), []
+    for t, sig in frames:
+        step = cuts.feed(t, sig)
+        if step.confirmed is not None:
+            out.append(step.confirmed)
+        if step.start:
+            out.append(t)
+    return out
+
+
 def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: float = DEFAULT_INTERVAL,
             min_gap: float = MIN_GAP) -> Iterator[Moment]:
     """The moments of a video (a path or a binary file object), in time order, each yielded when it ends.
@@ -198,7 +270,8 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         info.width, info.height = stream.codec_context.width or None, stream.codec_context.height or None
         info.created = creation_time(container.metadata)
         rate = float(stream.average_rate) if stream.average_rate else 25.0
-        index, start, frame_img, sig, rep_final = 0, None, None, None, False
+        cuts = Cuts(interval=interval, min_gap=min_gap)
+        index, start, frame_img, held = 0, None, None, None  # held: the pending candidate cut's frame
         next_sample, last_t = 0.0, None
         last_packet = [0.0]
         frames = _decode(container, stream, last_packet, by_dts)
@@ -225,18 +298,22 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
             next_sample = (math.floor(t / SAMPLE_SECONDS) + 1) * SAMPLE_SECONDS
             _refuse_bomb(frame.width, frame.height)  # a header without a size, or a size that changes mid-way
             info.frames_examined += 1
-            now = _signature(frame)
-            if start is None:
-                start, frame_img, rep_final = t, _to_image(frame), False
+            step = cuts.feed(t, _signature(frame))
+            if step.confirmed is not None:  # the frame held one sample ago starts a moment
+                yield _moment(index, start, step.confirmed, frame_img, spec)
+                index, start, frame_img = index + 1, step.confirmed, held
+            held = None
+            if step.start and start is None:
+                start, frame_img = t, _to_image(frame)
                 info.width, info.height = frame_img.size  # as displayed, as a photo's (after its rotation)
-            else:
-                cut = _is_cut(sig, now)
-                if (cut and t - start >= min_gap) or t - start >= interval:
-                    yield _moment(index, start, t, frame_img, spec)
-                    index, start, frame_img, rep_final = index + 1, t, _to_image(frame), False
-                elif not rep_final and t - start >= REPRESENTATIVE_AFTER and not cut:
-                    frame_img, rep_final = _to_image(frame), True
-            sig = now
+            elif step.start:
+                yield _moment(index, start, t, frame_img, spec)
+                index, start, frame_img = index + 1, t, _to_image(frame)
+            elif step.representative:
+                frame_img = _to_image(frame)
+            if step.hold:
+                held = _to_image(frame)
+        # a candidate cut still held here is dropped (Cuts: no frame after it tells a flash from a cut)
         if start is None:
             raise VideoError("cannot decode video: no frame could be decoded")
         # The last packets may be frames never decoded (NONREF); they count, the header's duration does not: an

@@ -762,3 +762,65 @@ def test_a_thumbnail_waiting_for_a_slot_is_drawn_once_the_slot_frees(prebuilt, t
         release.set()
         server.shutdown()
         engine.close()
+
+
+def build_mixed(base: Path, tiny_model) -> Path:
+    """An index of two photos (a JPEG, and a TIFF a browser cannot show: its picture is drawn) and a video's
+    moments; returns its folder."""
+    from conftest import index_json, make_images
+    from helpers import make_video
+
+    root = base / "media"
+    make_images(root, 2)
+    Image.open(next(root.glob("*.jpg"))).save(root / "flat.tiff")
+    make_video(root / "clip.mp4", [(71, 3), (72, 3)])
+    ix = base / "ix"
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    return ix
+
+
+def mixed_copy(prebuilt, tiny_model) -> Path:
+    return prebuilt.folder("server-mixed", lambda base: build_mixed(base, tiny_model))[1]
+
+
+@pytest.mark.slow
+def test_a_thumbnail_looks_its_row_up_and_judges_the_folder_once(prebuilt, tiny_model):
+    """An uncached thumbnail looked its file up and judged the index folder (and read the cache) on a worker thread,
+    then, nothing being cached, did it all again in its decode slot; a TIFF's picture three times. Now the slot draws
+    from what the first pass found: one row lookup and one judgement a request, cached or not, photo or moment."""
+    import alignsearch
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    ix = mixed_copy(prebuilt, tiny_model)
+    engine = alignsearch.open(ix, device="cpu")
+    counts = {"file": 0, "judge": 0}
+
+    def counted(name):
+        real = getattr(engine, name)
+
+        def spy(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+
+        return spy
+
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        listed = json.loads(call(server.url, "/api/recent", server.token)[2])["results"]
+        tiff = next(r["id"] for r in listed if r["path"].endswith(".tiff"))
+        jpeg = next(r["id"] for r in listed if r["path"].endswith(".jpg"))
+        moment = next(r["id"] for r in listed if r.get("t") is not None)
+        engine.file, engine.judge = counted("file"), counted("judge")
+        seen = {}
+        for path in (f"/api/image/{jpeg}?size=64", f"/api/image/{moment}?size=64", f"/api/image/{tiff}") * 2:
+            counts.update(file=0, judge=0)
+            status, headers, body = call(server.url, path, server.token)
+            assert status == 200 and headers["Content-Type"] == "image/jpeg", (path, status, body[:200])
+            assert Image.open(io.BytesIO(body)).format == "JPEG"
+            assert seen.setdefault(path, body) == body  # the second time from the cache: the same picture
+            assert counts == {"file": 1, "judge": 1}, (path, counts)
+        assert len(list((ix / "thumbs").iterdir())) == 3  # drawn once each, then served from the cache
+    finally:
+        server.shutdown()
+        engine.close()
+

@@ -461,6 +461,16 @@ class TroubleOver:
         await self.app(scope, receive, watched)
 
 
+@dataclass(frozen=True)
+class ThumbPlan:
+    """An uncached thumbnail, as Library.thumbnail found it (its row looked up in a judged folder, the cache read): what
+    Library.draw needs, handed from the first pass on a worker thread to the draw in a decode slot."""
+
+    row: catalog.FileRow
+    size: int
+    path: Path | None  # where the drawn thumbnail is kept; None: not kept (no trusted cache folder)
+
+
 class Library:
     """The engine and the files behind it, as the endpoints use them (blocking: called on worker threads).
     The engine is reached only through `engine` (or fresh and snapshot, which refresh it): each judges the index
@@ -585,30 +595,38 @@ class Library:
         offset, size = members[name]
         return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
 
-    def original(self, file_id: int) -> tuple[bytes | None, str]:
-        """The image's bytes and type; (None, JPEG) for one a browser cannot show: its largest thumbnail is to be
-        drawn (thumbnail, in a decode slot)."""
+    def original(self, file_id: int) -> tuple[bytes | ThumbPlan, str]:
+        """The image's bytes and type; for one a browser cannot show, its largest thumbnail: cached, else the plan of
+        drawing it (draw, in a decode slot)."""
         row = self.row(file_id)
         if row.format not in BROWSER_FORMATS:
-            return self.thumbnail(file_id, THUMB_SIZES[-1], draw=False), "image/jpeg"
+            return self.thumbnail(file_id, THUMB_SIZES[-1], row=row), "image/jpeg"
         try:
             return self.read(row), BROWSER_FORMATS[row.format]
         except (OSError, BadInputError) as exc:
             raise ApiError(404, f"the file is gone from its source: {exc}") from None
 
-    def thumbnail(self, file_id: int, size: int, draw: bool = True) -> bytes | None:
-        """The JPEG thumbnail, from the cache while its file is unchanged, else decoded (draw=False: None instead,
-        so the caller first takes one of the decode slots, waiting in the event loop rather than on a thread)."""
-        row = self.row(file_id)
+    def thumbnail(self, file_id: int, size: int, row: catalog.FileRow | None = None) -> bytes | ThumbPlan:
+        """The JPEG thumbnail from the cache while its file is unchanged, else the plan of drawing it (draw), which the
+        caller runs once it holds a decode slot (waiting in the event loop rather than on a thread). The row is looked
+        up and the folder judged here only: the draw took both again, a SQLite read and a judgement a thumbnail more.
+        row: already looked up (original)."""
+        row = row or self.row(file_id)
         cache = self.thumb_cache()
         path = None if cache is None else cache / f"{row.id}-{size}.jpg"
+        cached = None if path is None else read_cached(path)
+        if cached is None:
+            return ThumbPlan(row, size, path)
         try:
-            cached = None if path is None else read_cached(path)
-            if cached is not None:
-                self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
-                return cached
-            if not draw:
-                return None
+            self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
+        except (OSError, BadImageError, BadInputError) as exc:
+            raise ApiError(404, f"cannot read the image: {exc}") from None
+        return cached
+
+    def draw(self, plan: ThumbPlan) -> bytes:
+        """The thumbnail thumbnail() found no cached copy of, decoded from its file (read_regular's checks) and kept."""
+        row, path = plan.row, plan.path
+        try:
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)
                 if "reached" in img.info:  # an earlier frame, its keyframe too far to decode to: not kept
@@ -617,14 +635,15 @@ class Library:
                 # An indexed image is within the indexer's pixel cap (200 MP), not the upload cap (50 MP): those
                 # between answered 404. A JPEG decodes at a reduced DCT scale still at least the thumbnail's
                 # size, and a few decode at once (the caller holds a decode slot), so a large one costs little memory.
-                img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(size, size))
+                img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(plan.size, plan.size))
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None
-        img.thumbnail((size, size))
+        img.thumbnail((plan.size, plan.size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-        if path is not None:
-            cache.mkdir(exist_ok=True)
+        # the cache folder judged again (a link, a mode: two stats): the plan was made before the slot's wait
+        if path is not None and self.thumb_cache() is not None:
+            path.parent.mkdir(exist_ok=True)
             write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw
         return buf.getvalue()
 
@@ -1035,12 +1054,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         """The indexed image (size: a cached JPEG thumbnail), only while its file matches the catalog."""
         if size is None:
             data, ctype = await run_in_threadpool(library.original, file_id)
-            size = THUMB_SIZES[-1]  # what a format a browser cannot show is drawn at
         else:
-            size = thumb_size(size)
-            data, ctype = await run_in_threadpool(library.thumbnail, file_id, size, False), "image/jpeg"
-        if data is None:  # not cached: drawn in a decode slot, waiting THUMB_WAIT_SECONDS at most for one
-            data = await in_slot(drawing, library.thumbnail, file_id, size, wait=THUMB_WAIT_SECONDS)
+            data, ctype = await run_in_threadpool(library.thumbnail, file_id, thumb_size(size)), "image/jpeg"
+        if isinstance(data, ThumbPlan):  # not cached: drawn in a decode slot, waiting THUMB_WAIT_SECONDS at most
+            data = await in_slot(drawing, library.draw, data, wait=THUMB_WAIT_SECONDS)
         return Response(data, media_type=ctype, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/video/{file_id}", tags=["images"], response_class=Response, **api,

@@ -661,7 +661,12 @@ def held_thumbnail_decodes(monkeypatch):
     """The server module's image decode, held until the returned event is set: (decoding count, release)."""
     from alignsearch.surfaces import server as server_module
 
-    real, lock, started, release = server_module.open_rgb, threading.Lock(), [0], threading.Event()
+    return held_decodes(monkeypatch, server_module, "open_rgb")
+
+
+def held_decodes(monkeypatch, module, name: str):
+    """module.name (a decode), held until the returned event is set: (decoding count, release)."""
+    real, lock, started, release = getattr(module, name), threading.Lock(), [0], threading.Event()
 
     def held(*args, **kwargs):
         with lock:
@@ -669,7 +674,7 @@ def held_thumbnail_decodes(monkeypatch):
         release.wait(120)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "open_rgb", held)
+    monkeypatch.setattr(module, name, held)
     return started, release
 
 
@@ -824,3 +829,42 @@ def test_a_thumbnail_looks_its_row_up_and_judges_the_folder_once(prebuilt, tiny_
         server.shutdown()
         engine.close()
 
+
+@pytest.mark.slow
+def test_a_moments_picture_waiting_past_the_decode_slots_is_refused_with_retry_after(prebuilt, tiny_model, monkeypatch):
+    """Only an image's thumbnail was shown to answer 503 with Retry-After when every decode slot stayed busy. A video
+    moment's picture (its frame decoded from the file, up to THUMB_RUNUP_SECONDS) waits for the same slots: refused
+    alike while they are held by other moments' frames, and drawn when asked again once they free."""
+    import alignsearch
+    from alignsearch.media import video as video_module
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    ix = mixed_copy(prebuilt, tiny_model)
+    started, release = held_decodes(monkeypatch, video_module, "frame_at")
+    monkeypatch.setattr(server_module, "THUMB_WAIT_SECONDS", 0.3)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    url, token = server.url, server.token
+    try:
+        listed = json.loads(call(url, "/api/recent", token)[2])["results"]
+        moments = [r["id"] for r in listed if r.get("t") is not None]
+        assert len(moments) >= 2, listed
+        with ThreadPoolExecutor(server_module.DECODE_SLOTS) as pool:
+            try:
+                held_ones = [pool.submit(call, url, f"/api/image/{moments[0]}?size={s}", token) for s in (64, 128)]
+                wait_until(lambda: started[0] == server_module.DECODE_SLOTS, "both decode slots taken by moments")
+                status, headers, body = call(url, f"/api/image/{moments[1]}?size=64", token)
+            finally:
+                release.set()
+            assert [f.result()[0] for f in held_ones] == [200, 200]
+        assert status == 503, (status, body[:300])
+        assert int(headers["Retry-After"]) >= 1 and headers["Cache-Control"] == "no-store", dict(headers)
+        assert "busy" in json.loads(body)["error"]
+        assert started[0] == server_module.DECODE_SLOTS  # the refused one never decoded
+        status, headers, body = call(url, f"/api/image/{moments[1]}?size=64", token)
+        assert status == 200 and Image.open(io.BytesIO(body)).size[0] <= 64, (status, body[:300])
+    finally:
+        release.set()
+        server.shutdown()
+        engine.close()

@@ -868,3 +868,52 @@ def test_a_moments_picture_waiting_past_the_decode_slots_is_refused_with_retry_a
         release.set()
         server.shutdown()
         engine.close()
+
+
+@pytest.mark.parametrize("method, path, data, headers, status, kind", [
+    ("GET", "/api/nope", None, None, 404, "AlignSearchError"),  # no such endpoint: the server's, not a search's
+    ("GET", "/api/image/999999", None, None, 404, "BadInputError"),  # no such id: as `similar 999999` (exit 6)
+    ("GET", "/api/search?similar=999999&k=1", None, None, 404, "BadInputError"),
+    ("GET", "/api/image/abc", None, None, 422, "UsageError"),  # the framework's type check: a malformed value
+    ("GET", "/api/search?q=red&k=abc", None, None, 422, "UsageError"),
+    ("POST", "/api/search", *multipart({f"f{i}": "v" for i in range(13)}, None), 400, "UsageError"),  # over 12 fields
+    ("POST", "/api/search", b"q=red", {"Content-Type": "text/plain"}, 415, "UsageError"),
+    ("DELETE", "/api/info", None, None, 405, "AlignSearchError"),
+    ("GET", "/api/info", None, {"Authorization": "Bearer wrong"}, 401, "AlignSearchError"),
+    ("GET", "/api/info", None, {"Host": "evil.example"}, 400, "AlignSearchError"),  # HostCheck's own refusal
+    ("GET", "/api/info", None, {"Sec-Fetch-Site": "cross-site"}, 403, "AlignSearchError"),
+], ids=["route", "image-id", "similar-id", "image-type", "search-type", "form-fields", "media-type", "method", "token",
+        "host", "cross-site"])
+def test_every_json_error_answer_names_its_kind(served, method, path, data, headers, status, kind):
+    """Library errors named their kind (boundary.KINDS) so the CLI's client raises the same error again, but an
+    unknown route or id (404), the framework's own 400 and 422 and the server's refusals (401, 403, 405, 415) named
+    none. Every JSON error answer names one now, over a real socket: a request malformed in itself is a UsageError,
+    an id that is no indexed image a BadInputError (the CLI's `similar`), the rest the server's own (AlignSearchError),
+    which the client does not raise again."""
+    headers = {"Authorization": "Bearer s3cret", **(headers or {})}
+    got, answered, body = call(served["url"], path, token=None, data=data, headers=headers, method=method)
+    assert (got, answered["Content-Type"]) == (status, "application/json"), (got, body[:300])
+    answer = json.loads(body)
+    assert answer["kind"] == kind and answer["error"], answer
+
+
+@pytest.mark.slow
+def test_the_client_raises_the_kind_a_server_names_for_a_request_malformed_in_itself(served):
+    """The CLI's client took a 4xx without a kind for unusable input (BadInputError, exit 6), whatever it was: a value
+    the server's types refuse (422) is the parser's refusal of an option's value, exit 2 as `query -k abc` here. A
+    request built past request.build's checks, as a client of another version might send."""
+    import dataclasses
+
+    from alignsearch import errors
+    from alignsearch.search import request as search_request
+    from alignsearch.surfaces import client
+
+    notes: list[str] = []
+    malformed = dataclasses.replace(search_request.build(text="red", k=3), k="abc")
+    with pytest.raises(errors.AlignSearchError) as caught:
+        client.search_via_server(served["ix"], malformed, notice=notes.append)
+    assert type(caught.value) is errors.UsageError and "k" in str(caught.value) and not notes, (caught.value, notes)
+    with pytest.raises(errors.BadInputError, match="no indexed image with id 999999"):
+        client.search_via_server(served["ix"], search_request.build(similar=999999, k=3), notice=notes.append)
+    assert not notes, notes
+

@@ -64,7 +64,7 @@ from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, UsageError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
-from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, library_error
+from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,12 @@ class ServerConfig:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    """A refusal of the server's own (no library error), answered with status; kind: the class of errors.py its
+    answer names, by default the status's (boundary.kind_of_status)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, kind: str | None = None):
         super().__init__(message)
-        self.status, self.headers = status, headers
+        self.status, self.headers, self.kind = status, headers, kind or kind_of_status(status)
 
 
 def is_loopback(host: str) -> bool:
@@ -253,7 +256,7 @@ class HostCheck:
 
     def __init__(self, app, hosts: frozenset[str], too_large: str = "the request body is too large"):
         self.app, self.hosts = app, hosts
-        self.too_large = json.dumps({"error": too_large}).encode()
+        self.too_large = json.dumps({"error": too_large, "kind": kind_of_status(413)}).encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -261,7 +264,8 @@ class HostCheck:
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
         if host_name(host) not in self.hosts:
             return await refuse(send, 400, f"this server does not answer for Host {host!r}: start it with "
-                                           "--allow-host NAME to reach it by another name")
+                                           "--allow-host NAME to reach it by another name",
+                                kind=AlignSearchError.__name__)  # how the server was started, not the request
         names = [k for k, _ in scope["headers"]]
         if b"transfer-encoding" in names and b"content-length" in names:
             # two framings of one body: a proxy in front may read the other one, and take what follows for a
@@ -297,9 +301,9 @@ class HostCheck:
         return await self.app(scope, receive, secured)
 
 
-async def refuse(send, status: int, message: str) -> None:
-    """Answer {"error": message} and close the connection (what follows on it is not read as a request)."""
-    body = json.dumps({"error": message}).encode()
+async def refuse(send, status: int, message: str, kind: str | None = None) -> None:
+    """Answer {"error": message, "kind": ...} and close the connection (what follows on it is not read as a request)."""
+    body = json.dumps({"error": message, "kind": kind or kind_of_status(status)}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *SECURITY_HEADERS]})
@@ -364,6 +368,11 @@ class EncoderQueue:
             self._jobs.put(None, timeout=1)
         except queue.Full:
             pass
+
+
+def _no_such_id(file_id: int) -> ApiError:
+    # 404, of the kind the CLI's `similar ID` raises for an id that is no indexed image (BadInputError, exit 6)
+    return ApiError(404, f"no indexed image with id {file_id}", kind=BadInputError.__name__)
 
 
 def _changed(what: str) -> ApiError:
@@ -537,13 +546,13 @@ class Library:
     def vector_of(self, file_id: int, snapshot=None):
         vector = self.engine.vector_of(file_id, snapshot)  # without a snapshot it takes a fresh one itself
         if vector is None:
-            raise ApiError(404, f"no indexed image with id {file_id}")
+            raise _no_such_id(file_id)
         return vector
 
     def row(self, file_id: int) -> catalog.FileRow:
         row = self.engine.file(file_id)
         if row is None:
-            raise ApiError(404, f"no indexed image with id {file_id}")
+            raise _no_such_id(file_id)
         return row
 
     def recent(self, offset: int, limit: int) -> dict[str, Any]:
@@ -850,9 +859,10 @@ class RecentAnswer(BaseModel):
 class Error(BaseModel):
     model_config = ConfigDict(extra="allow")
     error: str
-    # the error's class in alignsearch/errors.py, on an error of the library's (boundary.KINDS): the CLI's client
-    # raises the same error from it (exit code and line) where a search without the server would meet it too
-    kind: str | None = None
+    # the error's class in alignsearch/errors.py (boundary.KINDS), on every error answer (boundary.kind_of_status for
+    # those that are no library error's): the CLI's client raises the same error from it (exit code and line) where a
+    # search without the server would meet it too
+    kind: str
 
 
 def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan=None):
@@ -902,11 +912,12 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         # an error names the index too (not to a caller without the token), so the CLI, whose first word
         # from a recorded server this may be, takes a refusal only from the server of its index
         named = {} if status in (401, 403) else {INDEX_HEADER: library.index_id or ""}
+        extra.setdefault("kind", kind_of_status(status))  # every error answer names one (boundary.kind_of_status)
         return JSONResponse({"error": message, **extra}, status_code=status, headers={**named, **(headers or {})})
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error(exc.status, str(exc), exc.headers)
+        return error(exc.status, str(exc), exc.headers, kind=exc.kind)
 
     def library_answer(request, exc: AlignSearchError) -> JSONResponse:
         # the status each error class carries (alignsearch/errors.py) and its kind, which the CLI's client raises

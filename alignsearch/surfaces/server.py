@@ -623,10 +623,10 @@ class Library:
         row = row or self.row(file_id)
         cache = self.thumb_cache()
         path = None if cache is None else cache / f"{row.id}-{size}.jpg"
-        cached = None if path is None else read_cached(path)
-        if cached is None:
-            return ThumbPlan(row, size, path)
         try:
+            cached = None if path is None else read_cached(path)
+            if cached is None:
+                return ThumbPlan(row, size, path)
             self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None

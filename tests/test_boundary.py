@@ -186,10 +186,11 @@ def test_each_error_answers_its_status_with_the_json_error_body(in_thread, monke
     assert got == status and headers["Content-Type"] == "application/json", (got, body)
     answer = json.loads(body)
     assert answer["error"].startswith(says), answer
-    # its kind (boundary.kind_of), which the CLI's client raises again or not: an unexpected error has none
+    # its kind (boundary.kind_of), which the CLI's client raises again or not: an unexpected error is the server's own
     kinds = {sqlite3.DatabaseError: "IndexDamagedError", sqlite3.OperationalError: "CatalogBusyError"}
-    kind = type(raised).__name__ if isinstance(raised, errors.AlignSearchError) else kinds.get(type(raised))
-    assert answer == {"error": answer["error"], **({"kind": kind} if kind else {})}, answer
+    kind = type(raised).__name__ if isinstance(raised, errors.AlignSearchError) else \
+        kinds.get(type(raised), "AlignSearchError")
+    assert answer == {"error": answer["error"], "kind": kind}, answer
     # the traceback goes to the debug log only, never to the error log (nor the server's own)
     assert not [r for r in caplog.records if r.exc_info and r.levelno > logging.DEBUG], caplog.text
     if status >= 500:

@@ -36,6 +36,19 @@ def answer_of(exc: AlignSearchError) -> tuple[int, dict]:
     return exc.http_status, {"error": _SAID.get(kind, "") + str(exc), "kind": kind.__name__}
 
 
+# A JSON error answer that is no library error's (answer_of) names a kind too, so every error answer of `serve` has one:
+# a request malformed in itself (the framework's type check 422, a form over its limits 400, not multipart 415, a
+# range that cannot be served 416) is a UsageError, as the CLI's parser refuses an option's value (exit 2); anything
+# else (no such endpoint or method, a token missing, a Host or site refused, a body too large, a file gone or
+# changed, busy) is the server's own: AlignSearchError, which the client does not raise again (it searches here).
+MALFORMED = (400, 415, 416, 422)
+
+
+def kind_of_status(status: int) -> str:
+    """The kind of an error answer that is no library error's, by its HTTP status (MALFORMED)."""
+    return (UsageError if status in MALFORMED else AlignSearchError).__name__
+
+
 def raised_again(body: dict) -> AlignSearchError | None:
     """The error a server's JSON error answer names (answer_of), where a search here would meet the same one: the
     same class and line; else None (a server from before kinds, or the server's own trouble)."""

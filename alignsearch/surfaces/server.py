@@ -64,7 +64,7 @@ from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, UsageError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
-from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, library_error
+from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,12 @@ class ServerConfig:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    """A refusal of the server's own (no library error), answered with status; kind: the class of errors.py its
+    answer names, by default the status's (boundary.kind_of_status)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, kind: str | None = None):
         super().__init__(message)
-        self.status, self.headers = status, headers
+        self.status, self.headers, self.kind = status, headers, kind or kind_of_status(status)
 
 
 def is_loopback(host: str) -> bool:
@@ -253,7 +256,7 @@ class HostCheck:
 
     def __init__(self, app, hosts: frozenset[str], too_large: str = "the request body is too large"):
         self.app, self.hosts = app, hosts
-        self.too_large = json.dumps({"error": too_large}).encode()
+        self.too_large = json.dumps({"error": too_large, "kind": kind_of_status(413)}).encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -261,7 +264,8 @@ class HostCheck:
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
         if host_name(host) not in self.hosts:
             return await refuse(send, 400, f"this server does not answer for Host {host!r}: start it with "
-                                           "--allow-host NAME to reach it by another name")
+                                           "--allow-host NAME to reach it by another name",
+                                kind=AlignSearchError.__name__)  # how the server was started, not the request
         names = [k for k, _ in scope["headers"]]
         if b"transfer-encoding" in names and b"content-length" in names:
             # two framings of one body: a proxy in front may read the other one, and take what follows for a
@@ -297,9 +301,9 @@ class HostCheck:
         return await self.app(scope, receive, secured)
 
 
-async def refuse(send, status: int, message: str) -> None:
-    """Answer {"error": message} and close the connection (what follows on it is not read as a request)."""
-    body = json.dumps({"error": message}).encode()
+async def refuse(send, status: int, message: str, kind: str | None = None) -> None:
+    """Answer {"error": message, "kind": ...} and close the connection (what follows on it is not read as a request)."""
+    body = json.dumps({"error": message, "kind": kind or kind_of_status(status)}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *SECURITY_HEADERS]})
@@ -364,6 +368,11 @@ class EncoderQueue:
             self._jobs.put(None, timeout=1)
         except queue.Full:
             pass
+
+
+def _no_such_id(file_id: int) -> ApiError:
+    # 404, of the kind the CLI's `similar ID` raises for an id that is no indexed image (BadInputError, exit 6)
+    return ApiError(404, f"no indexed image with id {file_id}", kind=BadInputError.__name__)
 
 
 def _changed(what: str) -> ApiError:
@@ -461,6 +470,16 @@ class TroubleOver:
         await self.app(scope, receive, watched)
 
 
+@dataclass(frozen=True)
+class ThumbPlan:
+    """An uncached thumbnail, as Library.thumbnail found it (its row looked up in a judged folder, the cache read): what
+    Library.draw needs, handed from the first pass on a worker thread to the draw in a decode slot."""
+
+    row: catalog.FileRow
+    size: int
+    path: Path | None  # where the drawn thumbnail is kept; None: not kept (no trusted cache folder)
+
+
 class Library:
     """The engine and the files behind it, as the endpoints use them (blocking: called on worker threads).
     The engine is reached only through `engine` (or fresh and snapshot, which refresh it): each judges the index
@@ -527,13 +546,13 @@ class Library:
     def vector_of(self, file_id: int, snapshot=None):
         vector = self.engine.vector_of(file_id, snapshot)  # without a snapshot it takes a fresh one itself
         if vector is None:
-            raise ApiError(404, f"no indexed image with id {file_id}")
+            raise _no_such_id(file_id)
         return vector
 
     def row(self, file_id: int) -> catalog.FileRow:
         row = self.engine.file(file_id)
         if row is None:
-            raise ApiError(404, f"no indexed image with id {file_id}")
+            raise _no_such_id(file_id)
         return row
 
     def recent(self, offset: int, limit: int) -> dict[str, Any]:
@@ -585,30 +604,38 @@ class Library:
         offset, size = members[name]
         return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
 
-    def original(self, file_id: int) -> tuple[bytes | None, str]:
-        """The image's bytes and type; (None, JPEG) for one a browser cannot show: its largest thumbnail is to be
-        drawn (thumbnail, in a decode slot)."""
+    def original(self, file_id: int) -> tuple[bytes | ThumbPlan, str]:
+        """The image's bytes and type; for one a browser cannot show, its largest thumbnail: cached, else the plan of
+        drawing it (draw, in a decode slot)."""
         row = self.row(file_id)
         if row.format not in BROWSER_FORMATS:
-            return self.thumbnail(file_id, THUMB_SIZES[-1], draw=False), "image/jpeg"
+            return self.thumbnail(file_id, THUMB_SIZES[-1], row=row), "image/jpeg"
         try:
             return self.read(row), BROWSER_FORMATS[row.format]
         except (OSError, BadInputError) as exc:
             raise ApiError(404, f"the file is gone from its source: {exc}") from None
 
-    def thumbnail(self, file_id: int, size: int, draw: bool = True) -> bytes | None:
-        """The JPEG thumbnail, from the cache while its file is unchanged, else decoded (draw=False: None instead,
-        so the caller first takes one of the decode slots, waiting in the event loop rather than on a thread)."""
-        row = self.row(file_id)
+    def thumbnail(self, file_id: int, size: int, row: catalog.FileRow | None = None) -> bytes | ThumbPlan:
+        """The JPEG thumbnail from the cache while its file is unchanged, else the plan of drawing it (draw), which the
+        caller runs once it holds a decode slot (waiting in the event loop rather than on a thread). The row is looked
+        up and the folder judged here only: the draw took both again, a SQLite read and a judgement a thumbnail more.
+        row: already looked up (original)."""
+        row = row or self.row(file_id)
         cache = self.thumb_cache()
         path = None if cache is None else cache / f"{row.id}-{size}.jpg"
         try:
             cached = None if path is None else read_cached(path)
-            if cached is not None:
-                self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
-                return cached
-            if not draw:
-                return None
+            if cached is None:
+                return ThumbPlan(row, size, path)
+            self.read(row, check_only=True)  # a cached thumbnail of a file since replaced is not served
+        except (OSError, BadImageError, BadInputError) as exc:
+            raise ApiError(404, f"cannot read the image: {exc}") from None
+        return cached
+
+    def draw(self, plan: ThumbPlan) -> bytes:
+        """The thumbnail thumbnail() found no cached copy of, decoded from its file (read_regular's checks) and kept."""
+        row, path = plan.row, plan.path
+        try:
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)
                 if "reached" in img.info:  # an earlier frame, its keyframe too far to decode to: not kept
@@ -617,14 +644,15 @@ class Library:
                 # An indexed image is within the indexer's pixel cap (200 MP), not the upload cap (50 MP): those
                 # between answered 404. A JPEG decodes at a reduced DCT scale still at least the thumbnail's
                 # size, and a few decode at once (the caller holds a decode slot), so a large one costs little memory.
-                img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(size, size))
+                img, _ = open_rgb(self.read(row), DEFAULT_MAX_PIXELS, draft=(plan.size, plan.size))
         except (OSError, BadImageError, BadInputError) as exc:
             raise ApiError(404, f"cannot read the image: {exc}") from None
-        img.thumbnail((size, size))
+        img.thumbnail((plan.size, plan.size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-        if path is not None:
-            cache.mkdir(exist_ok=True)
+        # the cache folder judged again (a link, a mode: two stats): the plan was made before the slot's wait
+        if path is not None and self.thumb_cache() is not None:
+            path.parent.mkdir(exist_ok=True)
             write_bytes(path, buf.getvalue(), durable=False)  # a cache: losing it to a power cut costs a redraw
         return buf.getvalue()
 
@@ -831,9 +859,10 @@ class RecentAnswer(BaseModel):
 class Error(BaseModel):
     model_config = ConfigDict(extra="allow")
     error: str
-    # the error's class in alignsearch/errors.py, on an error of the library's (boundary.KINDS): the CLI's client
-    # raises the same error from it (exit code and line) where a search without the server would meet it too
-    kind: str | None = None
+    # the error's class in alignsearch/errors.py (boundary.KINDS), on every error answer (boundary.kind_of_status for
+    # those that are no library error's): the CLI's client raises the same error from it (exit code and line) where a
+    # search without the server would meet it too
+    kind: str
 
 
 def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan=None):
@@ -883,11 +912,12 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         # an error names the index too (not to a caller without the token), so the CLI, whose first word
         # from a recorded server this may be, takes a refusal only from the server of its index
         named = {} if status in (401, 403) else {INDEX_HEADER: library.index_id or ""}
+        extra.setdefault("kind", kind_of_status(status))  # every error answer names one (boundary.kind_of_status)
         return JSONResponse({"error": message, **extra}, status_code=status, headers={**named, **(headers or {})})
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error(exc.status, str(exc), exc.headers)
+        return error(exc.status, str(exc), exc.headers, kind=exc.kind)
 
     def library_answer(request, exc: AlignSearchError) -> JSONResponse:
         # the status each error class carries (alignsearch/errors.py) and its kind, which the CLI's client raises
@@ -1035,12 +1065,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         """The indexed image (size: a cached JPEG thumbnail), only while its file matches the catalog."""
         if size is None:
             data, ctype = await run_in_threadpool(library.original, file_id)
-            size = THUMB_SIZES[-1]  # what a format a browser cannot show is drawn at
         else:
-            size = thumb_size(size)
-            data, ctype = await run_in_threadpool(library.thumbnail, file_id, size, False), "image/jpeg"
-        if data is None:  # not cached: drawn in a decode slot, waiting THUMB_WAIT_SECONDS at most for one
-            data = await in_slot(drawing, library.thumbnail, file_id, size, wait=THUMB_WAIT_SECONDS)
+            data, ctype = await run_in_threadpool(library.thumbnail, file_id, thumb_size(size)), "image/jpeg"
+        if isinstance(data, ThumbPlan):  # not cached: drawn in a decode slot, waiting THUMB_WAIT_SECONDS at most
+            data = await in_slot(drawing, library.draw, data, wait=THUMB_WAIT_SECONDS)
         return Response(data, media_type=ctype, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/video/{file_id}", tags=["images"], response_class=Response, **api,

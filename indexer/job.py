@@ -350,7 +350,7 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         opts.encoders.keep(opts.model, opts.encoder, encoder)
     with db.connect() as conn:
         reindex.fold(db, vectors.load(conn, out, encoder.dim))
-    summary = _index(db, out, roots, opts, encoder)
+    summary = _index(db, out, roots, opts, encoder, run_begun=True)
     summary.reencoded = count
     return summary
 
@@ -450,7 +450,10 @@ def _check_store(db, store: VectorStore, out: Path) -> None:
     layouts.finish_publish(out, record)
 
 
-def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None) -> Summary:
+def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | None = None, *,
+           run_begun: bool = False) -> Summary:
+    """An ordinary run over roots. run_begun: the caller (_reindex) already marked the run under way: one run writes
+    its mark once (it was written again here, a second transaction moving the recorded start)."""
     summary = Summary(str(out.resolve()))
     encoder = encoder or _load_encoder(db, opts.model, opts.encoder, opts.encoders)
     with db.connect() as conn:
@@ -459,7 +462,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     columns = dict(before.roots.list_columns)
     _check_store(db, store, out)
     known_roots = list(before.roots.roots)
-    _run_begins(db)
+    if not run_begun:
+        _run_begins(db)
     with _refusal_undoes_the_mark(db, before.index_run):
         _refuse_missing_columns(roots, opts)
         all_roots, known_roots, holders, summary.notes = index_roots.place(db, roots, known_roots, opts.include_hidden)

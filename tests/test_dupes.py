@@ -9,6 +9,8 @@ import pytest
 from conftest import index_json, make_images, run
 from helpers import near_copies, smooth_photos
 
+from alignsearch.errors import UsageError
+from alignsearch.search import request as search_request
 from alignsearch.storage import catalog
 from alignsearch.search import dupes
 from alignsearch.media import phash
@@ -159,6 +161,18 @@ def test_similar_by_id_and_by_path(library):
     assert scores == sorted(scores, reverse=True)
     run("similar", "999999", "--index", ix, code=6)
     run("similar", root / "nope.jpg", "--index", ix, code=6)
+
+
+def test_similar_by_an_id_that_can_never_be_one_is_a_usage_error(library):
+    """`similar 0` was exit 6, "not an indexed image", as 999999 (in range, not indexed) is: an id out of
+    querycheck's range is a UsageError (exit 2) as the Python API's similar= is, and HTTP's 422 (README)."""
+    _, ix = library
+    for ref in ("0", "-1", "+0", "9223372036854775808"):
+        out = run("similar", "--index", ix, "--", ref, code=2).output
+        assert "an image id must be an integer from 1 to" in out
+    with pytest.raises(UsageError):
+        search_request.build(similar=0, by_vector=True)
+    run("similar", "--index", ix, "--", "999999", code=6)  # a possible id that is not indexed stays unusable input
 
 
 def test_similar_over_fetch_does_not_count_against_k(library):

@@ -150,3 +150,20 @@ def test_python_api_inputs_are_checked_with_one_clear_error(index_dir, corpus):
     assert engine.search(text="red car", k=20, after=datetime(2000, 1, 1, tzinfo=timezone.utc)) == some
     assert engine.search(text="red car", k=20, before=datetime(2000, 1, 1)) == []
     assert engine.search(text="red car", k=20, near=(np.float64(0), 0, 10)) == []
+
+
+def test_search_vector_exclude_of_the_wrong_type_is_a_usage_error(index_dir):
+    """exclude=5 (one id where a collection belongs) was a raw TypeError, "'int' object is not iterable", where
+    every other option of the wrong type is a UsageError (README, "Arguments are checked on entry"); a string was
+    taken for its characters. A collection of ids, a numpy array's too, is what it was."""
+    engine = alignsearch.open(index_dir, device="cpu")
+    first, second = (h.id for h in engine.search(text="red car", k=2))
+    v = engine.vector_of(first)
+    for bad in (first, str(first), None, np.int64(first), np.array(first)):
+        with pytest.raises(UsageError, match="exclude must be a collection of image ids"):
+            engine.search_vector(v, k=3, exclude=bad)
+    with pytest.raises(UsageError, match="an image id must be"):
+        engine.search_vector(v, k=3, exclude=[0])
+    for ids in ([first], (first,), {first}, np.array([first])):
+        hits = [h.id for h in engine.search_vector(v, k=3, exclude=ids)]
+        assert first not in hits and second in hits and len(hits) == 3

@@ -74,6 +74,28 @@ def test_reindex_switches_the_model(indexed_images, other_model):
     assert engine.search(image=root / "img001.jpg", k=1)[0].score == pytest.approx(1, abs=2e-3)
 
 
+def test_a_run_marks_itself_under_way_once_a_reindex_too(indexed_images, other_model, monkeypatch):
+    """`index --reindex` wrote the run-under-way mark twice, once as its re-encode began (_reindex) and again as
+    the ordinary run after it began (_index), each a transaction of its own, the second moving the recorded start
+    to after the re-encode. One run, one mark, cleared at its end, as an ordinary run's."""
+    root, ix = indexed_images(4)
+    written = []
+    real_write = state.write
+
+    def noting(conn, **fields):
+        if "index_run" in fields:
+            written.append(fields["index_run"])
+        return real_write(conn, **fields)
+
+    monkeypatch.setattr(state, "write", noting)
+    make_images(root / "more", 1, seed=5)  # the ordinary run after the re-encode has a file to add
+    assert index_json(ix, root, "--model", other_model, "--reindex")["reencoded"] == 4
+    assert len([m for m in written if m is not None]) == 1 and written[-1] is None, written
+    written.clear()
+    index_json(ix, root)  # an ordinary run, for comparison: the same one mark
+    assert len([m for m in written if m is not None]) == 1 and written[-1] is None, written
+
+
 def consistent(ix, expected_paths):
     """Every image exactly once in catalog and index; vectors agree with the images."""
     engine = alignsearch.open(ix)

@@ -628,3 +628,24 @@ def test_a_querys_own_error_beside_a_side_file_link_is_not_called_the_link(tmp_p
                 c.execute(text("SELECT nope FROM files"))
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["catalog.db-wal", "catalog.db-shm", "catalog.db-journal"])
+def test_a_fifo_at_a_side_file_is_refused_by_every_command_without_hanging(tmp_path, side):
+    """A FIFO planted at SQLite's files beside the catalog: at catalog.db-wal readers (`info`, `similar`) read it as
+    an empty log and exited 0 where writers and verify said exit 7; at catalog.db-journal every command hung in
+    SQLite's open of it. Now each says what is there, in one line, exit 7, before SQLite opens anything."""
+    from helpers import vector_index
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 4, 8)
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (ix / name).unlink(missing_ok=True)
+    os.mkfifo(ix / side)
+    for args in (("info",), ("similar", "1", "-k", "1"), ("verify", "--skip-model"), ("roots",)):
+        proc = as_child(*args, "--index", ix, timeout=60)  # the old code hung here at -journal: TimeoutExpired
+        assert proc.returncode == 7, (args, proc.stdout, proc.stderr)
+        assert f"{side} is a fifo" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    (ix / side).unlink()
+    assert as_child("similar", "1", "-k", "1", "--index", ix, timeout=60).returncode == 0

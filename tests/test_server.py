@@ -191,7 +191,8 @@ def test_paths_never_leave_the_served_files(served, path):
 
 @pytest.mark.parametrize("path", ["/api/image/9223372036854775808", "/api/image/99999999999999999999999",
                                   "/api/image/%C2%B2", "/api/image/%EF%BC%91%EF%BC%92", "/api/image/0", "/api/image/-3",
-                                  "/api/search?similar=9223372036854775808", "/api/search?similar=%C2%B2"])
+                                  "/api/search?similar=9223372036854775808", "/api/search?similar=%C2%B2",
+                                  "/api/search?similar=0"])
 def test_ids_out_of_range_or_not_ascii_digits_are_422(served, path):
     """Ids at or past 2^63, superscript and full-width digits: a 422 from the framework, never a 500."""
     status, headers, body = call(served["url"], path)

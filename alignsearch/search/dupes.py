@@ -459,19 +459,19 @@ def collapse_hits(db, hits: list, k: int, threshold: int = NEAR_THRESHOLD) -> li
 
 
 def find_indexed(engine, ref: str):
-    """The catalog row of an indexed file named by its id or its path (local roots), or None."""
+    """The catalog row of an indexed file named by its id or its path (local roots), or None; an id that can never
+    be one (querycheck.check_id) is a UsageError."""
     import os
+    import re
 
     from alignsearch.storage import catalog
     from alignsearch.media import sources
-    from alignsearch.search.querycheck import MAX_ID
+    from alignsearch.search.querycheck import check_id
 
-    if ref.isdigit() and not os.path.exists(ref):
-        try:
-            number = int(ref)
-        except ValueError:  # '²' is a digit that int() refuses
-            return None
-        return engine.file(number) if number <= MAX_ID else None  # a larger one overflowed in SQLite
+    if re.fullmatch(r"[+-]?[0-9]+", ref) and not os.path.exists(ref):
+        # an id is checked as the Python API's similar= and HTTP's are (querycheck): 0, -1 or one past 2^63-1
+        # can never be an id, a UsageError (exit 2); they were "not an indexed image" (exit 6) as 999999 is
+        return engine.file(check_id(int(ref)))
     path = os.path.abspath(ref)
     with engine.db.connect() as conn:
         for root in engine.roots:

@@ -479,7 +479,7 @@ class Engine:
             else keywords.Query()
         return _Options(k=request.k, nprobe=request.nprobe, node=request.node, words=words, mode=request.mode,
                         min_score=request.min_score, sort=request.sort, per_video=request.per_video,
-                        exclude=frozenset(querycheck.check_id(i) for i in exclude))
+                        exclude=querycheck.check_ids(exclude))
 
     def _search(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
         if snap.index.ntotal == 0:

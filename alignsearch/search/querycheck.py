@@ -120,6 +120,19 @@ def check_id(value: int) -> int:
     return _integer(value, "an image id", MAX_ID)
 
 
+def check_ids(values: Any) -> frozenset[int]:
+    """Catalog ids to leave out (search_vector's exclude): a collection of ids, each as check_id. One id alone, a
+    string or None is an option of the wrong type, a UsageError (exit 2) as every other option's (one int was a
+    raw TypeError, "'int' object is not iterable"; a string was taken for its characters)."""
+    try:
+        ids = None if isinstance(values, (str, bytes)) else list(values)
+    except TypeError:  # an int, None, a 0-d numpy array
+        ids = None
+    if ids is None:
+        raise UsageError(f"exclude must be a collection of image ids, got {type(values).__name__} {values!r:.40}")
+    return frozenset(check_id(i) for i in ids)
+
+
 def check_image(value: Any) -> Any:
     """A query image: a path (its file size is capped), bytes (capped), or an already decoded image (not
     empty, within the pixel cap). Anything else is refused here rather than deep in the decoder."""

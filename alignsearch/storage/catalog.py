@@ -49,7 +49,8 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
-from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE, own_entry, readonly_uri, same_entry, untrusted_index
+from alignsearch.storage.paths import (ANN_FILE, DB_FILE, VECTORS_FILE, own_entry, readonly_uri, same_entry,
+                                      side_file_problems, untrusted_index)
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
     IndexNotFoundError, IndexUntrustedError
 
@@ -309,6 +310,13 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
 
     @event.listens_for(engine, "do_connect")
     def _url_now(dialect, _record, cargs, cparams):
+        # SQLite opens its side files by name: a FIFO at catalog.db-journal hung every command in that open, one at
+        # -wal was read as an empty log (exit 0 where writers and verify said exit 7). Judged before each
+        # connection (three lstats), a pooled one a server makes later too; a link or a folder at -wal or -shm fails
+        # SQLite's own open, said by _side_files below (a catalog that never opens its -wal is read beside one)
+        side = side_file_problems(path, reading=True)
+        if side:
+            raise IndexDamagedError(side[0])
         # decided per connection: a writer may have made the folder's WAL files since the engine was made
         args, params = dialect.create_connect_args(readonly_url(path))
         cargs[:] = args
@@ -420,27 +428,6 @@ def damaged(db_path, exc: Exception) -> AlignSearchError:
         return IndexDamagedError(side[0])
     reason = str(getattr(exc, "orig", exc)).splitlines()[0]
     return IndexDamagedError(f"{Path(db_path).name} cannot be read ({reason}): run `alignsearch verify`")
-
-
-def side_file_problems(db_path: Path) -> list[str]:
-    """SQLite's -wal and -shm files beside the catalog that are not plain files (a symbolic link, a folder), in
-    words: SQLite will not open the catalog through them (or only for reading), and every command said "catalog.db
-    cannot be read" or "damaged: restore it from a backup" of a sound catalog. Never removed here: the log may
-    hold committed changes, and readers may have the shared memory open."""
-    import stat
-
-    found = []
-    for suffix in ("-wal", "-shm"):
-        path = Path(f"{db_path}{suffix}")
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(mode):
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "no plain file"
-            found.append(f"{path.name} is {kind}, not SQLite's own file: with no alignsearch process using the index, "
-                         "put the file a link names in its place (it may hold committed changes) or move it away")
-    return found
 
 
 # SQLite's primary result codes (the low byte of an extended code)

@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 INDEX_DIRNAME = ".alignsearch"
 DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
+# the files SQLite keeps beside a database and opens by name: its write-ahead log, its shared memory, and the
+# rollback journal (WAL mode writes none, but SQLite looks for a hot one before every first read)
+SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 SERVER_FILE = "server.json"  # written by a running `alignsearch serve`
 LISTS_SUFFIX = ".ivfdata"  # the on-disk ANN layout's inverted lists: lists-<ns>.ivfdata
 
@@ -173,6 +176,32 @@ def own_entry(path: str | os.PathLike) -> os.stat_result | None:
     raise IndexDamagedError(f"{Path(path).name} is a {file_kind(st.st_mode)}, where the index keeps its own file: "
                             "alignsearch never opens one through it (replace it with the file it should be, or "
                             "move the index aside and rebuild it with `alignsearch index ROOTS`)")
+
+
+def side_file_problems(db_path: Path, *, reading: bool = False) -> list[str]:
+    """SQLite's files beside the catalog (SIDE_SUFFIXES) that are not plain files (a symbolic link, a folder, a FIFO),
+    in words: SQLite will not open the catalog through them (or only for reading), and every command said "catalog.db
+    cannot be read" or "damaged: restore it from a backup" of a sound catalog; a FIFO blocked SQLite's open of it
+    (at -journal, every command hung). Asked before SQLite opens the catalog, by readers and writers alike. Never
+    removed here: the log may hold committed changes, and readers may have the shared memory open. reading: only what a
+    reader's SQLite would open as it stands: not a link or a folder at -wal or -shm, which its open fails on (the
+    reader's connection then names them: catalog.open_readonly), but a link at -journal, which it follows."""
+    from alignsearch.safeopen import file_kind
+
+    found = []
+    for suffix in SIDE_SUFFIXES:
+        path = Path(f"{db_path}{suffix}")
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if reading and suffix != "-journal" and (stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else f"a {file_kind(mode)}"  # a fifo, a socket, a device
+            found.append(f"{path.name} is {kind}, not SQLite's own file: with no alignsearch process using the index, "
+                         "put the file a link names in its place (it may hold committed changes) or move it away")
+    return found
 
 
 def same_entry(before: os.stat_result | None, path: str | os.PathLike) -> None:

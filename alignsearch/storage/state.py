@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage.paths import LISTS_SUFFIX, own_entry, readonly_uri, same_entry, untrusted_index
+from alignsearch.storage.paths import LISTS_SUFFIX, own_entry, readonly_uri, same_entry, side_file_problems, untrusted_index
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ def peek(db_path: Path, *fields: str) -> IndexState | None:
             return None
         judged = own_entry(db_path)  # not a link nor a FIFO (catalog.connect judges it so too)
         db = Path(db_path).resolve()
-        if not db.is_file():
+        if not db.is_file() or side_file_problems(db):  # SQLite's open of a FIFO at catalog.db-journal hung
             return None
         con = sqlite3.connect(readonly_uri(db), uri=True, timeout=0.5)
         try:

@@ -127,14 +127,20 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
     return None
 
 
-def judged_key(index_dir: str | os.PathLike) -> tuple:
-    """What untrusted_index's answer rests on, in four stats: the index folder, its vectors/ folder, its catalog and
-    its parent (where the folder is a link or its path holds '..': the folder it names and its real parent too; each's
-    inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed, changes one
-    of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
-    again only then, not its every file each time."""
+def judged_key(index_dir: str | os.PathLike, like: tuple | None = None) -> tuple:
+    """What untrusted_index's answer rests on: the stats of the index folder, its vectors/ folder, its catalog and its
+    parent (where the folder is a link or its path holds '..': the folder it names and its real parent too; each's
+    inode, mode, owner and change times; None where missing), then the inode, mode, owner and group of every entry
+    untrusted_index judges (_index_entries; a folder's mtime too: its names). A file renamed in, a mode or owner
+    changed, changes one of them; a reader open for long (Engine.judge, every request of `serve`) judges the whole
+    folder again only then. A file's own chmod changes nothing of its folder's stat (`chmod o+w vectors.f16` left the
+    folder's mtime and ctime as they were, and a reader trusted the file others could then rewrite), so every entry is
+    stat'ed: an lstat each, and an index keeps a few (segments under a million rows are folded into vectors.f16; an
+    ANN layout adds its shards or lists). like: an earlier key, whose entries are stat'ed again instead of the folder
+    being listed (a scandir and a walk of vectors/ cost more than the stats): a name come or gone changes the
+    folders' stats, which are taken anew."""
     folder = Path(index_dir)
-    key = []
+    key: list = []
 
     def judged(path: Path, follow: bool) -> os.stat_result | None:
         try:
@@ -153,7 +159,26 @@ def judged_key(index_dir: str | os.PathLike) -> tuple:
     # writable by others; the parents, as one made writable by others since (untrusted_index judges them)
     for path in ((folder,) if linked else ()) + _parents(folder, linked):
         judged(path, True)
-    return tuple(key)
+    # listed after the folders' stats: a name that comes after the listing changes them
+    if like is not None:
+        names = [name for name, _ in like[-1]]
+    else:
+        try:
+            names = [str(path) for path in _index_entries(folder)]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+    return (*key, tuple((name, _entry_stat(name)) for name in names))
+
+
+def _entry_stat(path: str) -> tuple | None:
+    """What untrusted_index's judgement of one entry rests on (judged_key), or None where it is gone."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    # not a file's times: a writer appending to vectors.f16 is no reason to judge again; a folder's are its names
+    names = st.st_mtime_ns if stat.S_ISDIR(st.st_mode) else None
+    return st.st_ino, st.st_mode, st.st_uid, st.st_gid, names
 
 
 def own_entry(path: str | os.PathLike) -> os.stat_result | None:

@@ -425,6 +425,68 @@ def test_fill_steps_skip_a_file_replaced_since_the_scan(indexed_images, tiny_mod
 _NO_SLACK = ("import sys; from indexer import scan; scan.CHANGED_SLACK_S = 0; sys.argv[0] = 'alignsearch'; "
              "from alignsearch.__main__ import run; run()")
 
+# _NO_SLACK's run, which stops itself (SIGSTOP) where STOP_AT says, for the test to kill it there: "begin:N" as its
+# N-th transaction begins (a catalog read or write; what the run did before is done), "write:N" once its N-th batch is
+# committed; and says so, or at its end how many of each it ran, on the pipe STOP_FD. A kill at a point of the run's
+# own progress, not at a time: under load a kill timed by an earlier run's duration came after the run had ended.
+_STOPPING = """
+import atexit, os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from indexer import scan, writer
+scan.CHANGED_SLACK_S = 0
+fd = int(os.environ["STOP_FD"])
+os.set_inheritable(fd, False)
+kind, _, at = os.environ.get("STOP_AT", ":0").partition(":")
+seen = {"begin": 0, "write": 0}
+
+def reached(what):
+    seen[what] += 1
+    if what == kind and seen[what] == int(at):
+        os.write(fd, b"stopped\\n")
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+event.listen(Engine, "begin", lambda conn: reached("begin"))
+made = writer.catalog_writer
+
+def catalog_writer(*args, **kwargs):
+    write = made(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        write(*args, **kwargs)
+        reached("write")
+    return counted
+
+writer.catalog_writer = catalog_writer
+atexit.register(lambda: os.write(fd, ("ran %d %d\\n" % (seen["begin"], seen["write"])).encode()))
+sys.argv[0] = "alignsearch"
+from alignsearch.__main__ import run
+run()
+"""
+
+
+def _run_stopping(cmd: list, stop_at: str) -> tuple[bool, str]:
+    """cmd (a _STOPPING run) with STOP_AT=stop_at, killed with -9 (its process group) where it stopped itself;
+    (whether it was, what it said on the pipe)."""
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                pass_fds=(write,), env={**os.environ, "STOP_FD": str(write), "STOP_AT": stop_at})
+    finally:
+        os.close(write)
+    said = b""
+    with os.fdopen(read, "rb") as pipe:
+        while b"\n" not in said:  # a line, or the end of the pipe: the run ended
+            chunk = pipe.read1(256)
+            if not chunk:
+                break
+            said += chunk
+    stopped = said.startswith(b"stopped")
+    if stopped:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return stopped, said.decode()
+
 
 def _read_catalog(ix, sql: str, *args) -> list:
     conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
@@ -454,9 +516,10 @@ def test_kill_9_of_runs_keeps_an_unplugged_drive_s_files_and_reads_the_captions_
                "--device", "cpu", "--batch-size", "2", "--workers", "0"]
         assert subprocess.run(cmd, capture_output=True).returncode == 0
         make_images(root / "b", 12, seed=99)
-        start = time.monotonic()
-        assert subprocess.run(cmd, capture_output=True).returncode == 0
-        took = time.monotonic() - start  # a run of the changes each step makes
+        stopping = [sys.executable, "-c", _STOPPING, *cmd[3:]]
+        stopped, said = _run_stopping(stopping, "")  # a run of the changes each step makes: its transactions counted
+        assert not stopped and said.startswith("ran "), said
+        transactions = int(said.split()[1])
         r = str(root.resolve())
 
         def drive_rows() -> int:
@@ -479,16 +542,13 @@ def test_kill_9_of_runs_keeps_an_unplugged_drive_s_files_and_reads_the_captions_
                 plugged = not plugged
             time.sleep(0.05)
             before = vector_rows(ix)
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            if i % 2 or i == 7:  # killed as it encodes, its listing recorded (the last run too: its caption is checked)
-                while proc.poll() is None and vector_rows(ix) == before:
-                    time.sleep(0.01)
-            else:  # at any moment
-                time.sleep(rng.uniform(0.1, 1.0) * took)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                kills += 1
-            proc.wait()
+            # killed as it encodes, its listing recorded (the last run too: its caption is checked): once its first
+            # batch is committed; else at any moment: as one of its transactions begins, all it did before done
+            at = "write:1" if i % 2 or i == 7 else f"begin:{rng.randint(1, transactions)}"
+            stopped, said = _run_stopping(stopping, at)
+            kills += stopped
+            assert stopped or at.startswith("begin"), (i, said)  # every run commits its batches
+            assert not at.startswith("write") or vector_rows(ix) > before, i
             assert drive_rows() == 3, (i, plugged)
         assert kills >= 6, f"{kills} kills: the runs ended before the kill"
         done = subprocess.run(cmd + ["--json"], capture_output=True, text=True)

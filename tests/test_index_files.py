@@ -464,6 +464,49 @@ def test_the_folder_an_index_really_lies_in_is_judged_through_a_link_or_a_dotdot
     assert as_child("similar", "5", "--index", "mine", cwd=me, timeout=60).returncode == 0
 
 
+
+@pytest.mark.slow
+def test_the_folder_holding_a_link_on_the_index_path_is_judged(tmp_path):
+    """`--index a/link/ix` with `a/link` a link to this user's folder: only the folder the link led to (the index's
+    parent) was judged, not `a`, which holds the link; with `a` writable by every user another user could point
+    `link` at a folder of theirs, and the index read was theirs (exit 0 before and after the swap). Now `a` is judged
+    as a parent is: exit 6 naming it, from a new open and from a reader open since (`serve`); and a link made by another
+    user in /tmp's kind of folder (every user may write it, sticky) is refused: its maker may point it anywhere."""
+    from alignsearch.errors import IndexUntrustedError
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.storage.paths import untrusted_index
+    from helpers import vector_index
+
+    vector_index(tmp_path / "mine" / "ix", 3, 8)
+    a = tmp_path / "a"
+    (a / "b").mkdir(parents=True)
+    (a / "link").symlink_to(tmp_path / "mine")
+    (a / "b" / "up").symlink_to("../link")  # a link to a link: both folders hold one
+    engine = open_index(a / "link" / "ix")
+    try:
+        engine.judge()
+        for holder, named in ((a, "a/link/ix"), (a / "b", "a/b/up/ix")):
+            holder.chmod(0o777)
+            why = f"{holder} is writable by every user, and holds the link {holder / named.split('/')[-2]} on its path"
+            assert why in untrusted_index(tmp_path / named, writing=False)
+            proc = as_child("info", "--index", named, cwd=tmp_path, timeout=60)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 6 and len(lines) == 1 and why in lines[0], proc.stderr
+            if holder == a:
+                with pytest.raises(IndexUntrustedError, match=why):
+                    engine.judge()
+            holder.chmod(0o755)
+        engine.judge()
+        assert untrusted_index(a / "b" / "up" / "ix", writing=False) is None
+    finally:
+        engine.db.dispose()
+    if os.geteuid() == 0:
+        a.chmod(0o1777)  # sticky: others cannot replace this user's link, but one of theirs is theirs to point
+        assert untrusted_index(a / "link" / "ix", writing=False) is None
+        os.lchown(a / "link", 4242, 4242)
+        assert "the link" in untrusted_index(a / "link" / "ix", writing=False)
+        assert "made by another user (uid 4242)" in untrusted_index(a / "link" / "ix", writing=False)
+
 @pytest.mark.parametrize("opened, made_writable", [("link", "folder"), ("link", "parent"), ("path", "parent")])
 def test_a_reader_open_for_long_judges_again_the_folder_it_really_reads_and_its_parent(tmp_path, opened, made_writable):
     """An index opened through a link at its name (`serve --index mine`): what the reader's judgement rested on was the
@@ -489,6 +532,48 @@ def test_a_reader_open_for_long_judges_again_the_folder_it_really_reads_and_its_
     finally:
         changed.chmod(0o755)
         engine.db.dispose()
+
+
+
+@pytest.mark.parametrize("made_writable", ["every user", "group"])
+@pytest.mark.parametrize("entry", ["vectors.f16", "index.faiss", "vectors/1796527815173563733.f16"])
+def test_a_reader_open_for_long_judges_again_a_file_of_the_index_made_writable_by_others(tmp_path, entry,
+                                                                                          made_writable):
+    """`chmod o+w` (or g+w, its group another than this user's own) of one file of the index, after a long-open reader
+    (the server's Library) judged it: what the judgement rested on (paths.judged_key) was the stats of the folder,
+    vectors/, the catalog and the parent, none of which a child's chmod changes, so the server went on reading
+    vectors, an ANN index or a segment others could rewrite, where a new open refuses it. Now every file the
+    judgement judged is in the key: the next request is refused as the open would be, and answered again once the
+    file is the user's alone."""
+    from alignsearch.errors import IndexUntrustedError
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.storage.paths import untrusted_index
+    from alignsearch.surfaces.server import Library, ServerConfig
+    from helpers import vector_index
+
+    if made_writable == "group" and os.geteuid() != 0:
+        pytest.skip("giving a file another group needs root")
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    (ix / "vectors").mkdir()
+    (ix / "vectors" / "1796527815173563733.f16").write_bytes(b"")  # a segment of a run killed before it committed
+    path = ix / entry
+    if made_writable == "group":
+        os.chown(path, os.geteuid(), 12345)  # a group others are in: harmless while it may not write
+    bit, why = (0o002, "writable by every user") if made_writable == "every user" else (0o020, "writable by its group")
+    library = Library(open_index(ix), ServerConfig())
+    try:
+        library.engine.judge()
+        path.chmod(path.stat().st_mode | bit)
+        assert why in untrusted_index(ix, writing=False)  # what a new open says
+        with pytest.raises(IndexUntrustedError, match=f"{path} is {why}"):
+            library.engine
+        with pytest.raises(IndexUntrustedError, match=f"{path} is {why}"):
+            library.fresh()
+        path.chmod(path.stat().st_mode & ~bit)
+        assert library.engine.refresh() is False  # the user's alone again: read as it was
+    finally:
+        library.engine.db.dispose()
 
 
 def test_the_clients_peek_at_the_catalog_never_reads_through_a_link(tmp_path):

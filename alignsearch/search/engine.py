@@ -166,11 +166,14 @@ class Engine:
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
-        open's rule), judged again only when it changed (judged_key: four stats, 16 µs): one made writable by others
-        since the open (`serve` runs for days) may hold a catalog or ANN file they planted. Every read of a long-open
-        engine asks it first: refresh does, and the server's reads that need no newer snapshot (Library.engine)."""
-        key = judged_key(self.dir)
+        open's rule), judged again only when it changed (judged_key: four stats, and one for each file the last
+        judgement judged): one made writable by others since the open (`serve` runs for days) may hold a catalog or
+        ANN file they planted, and a file of it made writable by others (`chmod o+w vectors.f16`) may be rewritten by
+        them. Every read of a long-open engine asks it first: refresh does, and the server's reads that need no newer
+        snapshot (Library.engine)."""
+        key = judged_key(self.dir, like=self._judged)
         if key != self._judged:  # entries, modes or owners changed since last judged: the whole folder again
+            key = judged_key(self.dir)  # listed again, before the judgement: a change while it judges is judged again
             catalog.refuse_untrusted(self.dir, writing=False)
             own_entry(self.dir / DB_FILE)  # the pool's next connection opens it by name: not through a link
             self._judged = key

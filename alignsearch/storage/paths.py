@@ -67,25 +67,79 @@ def foreign(index: Path) -> str | None:
 
 
 def untrusted_parent(index: str | os.PathLike, owners: tuple[int, ...]) -> str | None:
-    """Why others could swap the index folder for one of theirs, or None: its parent judged by untrusted's rule for
-    the folders above the model cache (sticky_ok: /tmp passes). owners: the index's owner and root."""
-    for parent in _parents(index, os.path.islink(index)):
-        why = untrusted(parent, owners=owners, sticky_ok=True)
+    """Why others could swap the index folder for one of theirs, or None: its parents and each folder holding a link
+    its path goes through (_parents) judged by untrusted's rule for the folders above the model cache (sticky_ok:
+    /tmp passes), and each such link made by this user or `owners` (in /tmp its maker may point it elsewhere).
+    owners: the index's owner and root. A folder not made yet is made by this run, as this user."""
+    parents, links = _parents(index)
+    judged = [(folder, "its parent folder {why}: they may swap the whole index folder for one of theirs")
+              for folder in parents]
+    judged += [(link.parent, f"{{why}}, and holds the link {link} on its path: they may point it at a folder of theirs")
+               for link in links if link.parent not in parents]
+    for folder, reason in judged:
+        try:
+            why = untrusted(folder, owners=owners, sticky_ok=True)
+        except FileNotFoundError:
+            continue
         if why is not None:
-            return f"its parent folder {why}: they may swap the whole index folder for one of theirs"
+            return reason.format(why=why)
+    for link in links:
+        uid = os.lstat(link).st_uid
+        if uid != os.geteuid() and uid not in owners:
+            return f"the link {link} on its path was made by another user (uid {uid}): they may point it at a folder of theirs"
     return None
 
 
-def _parents(index: str | os.PathLike, linked: bool) -> tuple[Path, ...]:
-    """The folders whose writers could swap the index folder: the one its path names (abspath's, where a link at the
-    index's name lies) and, when that name is a link (linked) or the path holds a '..' (abspath drops 'a/..' by the
-    letters, the kernel resolves it through a linked 'a'), the one the folder really lies in: `--index mine` with
-    mine -> a folder every user may write was read with only mine's folder judged."""
-    lexical = Path(os.path.abspath(index)).parent
-    if not linked and ".." not in Path(index).parts:
-        return (lexical,)
-    real = Path(os.path.realpath(index)).parent
-    return (lexical,) if real == lexical else (lexical, real)
+def _parents(index: str | os.PathLike) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """The folders whose writers could swap the index folder, and the links its path goes through (_route). The
+    folders: the one its path names (abspath's, where a link at the index's name lies), the one it really lies in
+    (`--index mine` with mine -> a folder every user may write; a '..': abspath drops 'a/..' by the letters, the
+    kernel resolves it through a linked 'a'); and the folder holding each link (`--index a/link/ix`: whoever may
+    write `a` may point `link` at a folder of theirs, where only the folder it led to was judged)."""
+    real, links = _route(index)
+    return tuple(dict.fromkeys((Path(os.path.abspath(index)).parent, real.parent))), links
+
+
+def _judged_folders(index: str | os.PathLike) -> tuple[Path, ...]:
+    """Every folder untrusted_parent judges: the parents and the folders holding a link on the way."""
+    parents, links = _parents(index)
+    return tuple(dict.fromkeys((*parents, *(link.parent for link in links))))
+
+
+MAX_LINKS = 40  # the kernel's limit (ELOOP) on links followed in one path
+
+
+def _route(index: str | os.PathLike) -> tuple[Path, tuple[Path, ...]]:
+    """Where the path really leads (os.path.realpath's answer) and the symbolic links it goes through, in the order the
+    kernel follows them: a link met in a link's target too, a '..' after a link going up from where it led. What is
+    not made yet is taken as written; a loop of links (which no open goes through) ends the walk where it is."""
+    path = os.fspath(index)
+    here = os.sep if os.path.isabs(path) else os.getcwd()  # getcwd: a real path, no link in it
+    todo = path.split(os.sep)[::-1]
+    links: list[Path] = []
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            here = os.path.dirname(here)
+            continue
+        step = os.path.join(here, name)
+        try:
+            st = os.lstat(step)
+        except (FileNotFoundError, NotADirectoryError):  # not made yet: a name as written, as realpath takes it
+            st = None
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            here = step
+            continue
+        if len(links) == MAX_LINKS:
+            break
+        links.append(Path(step))
+        target = os.readlink(step)
+        if os.path.isabs(target):
+            here = os.sep
+        todo += target.split(os.sep)[::-1]
+    return Path(here), tuple(links)
 
 
 def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | None:
@@ -130,14 +184,21 @@ def untrusted_index(index_dir: str | os.PathLike, *, writing: bool) -> str | Non
     return None
 
 
-def judged_key(index_dir: str | os.PathLike) -> tuple:
-    """What untrusted_index's answer rests on, in four stats: the index folder, its vectors/ folder, its catalog and
-    its parent (where the folder is a link or its path holds '..': the folder it names and its real parent too; each's
-    inode, mode, owner and change times; None where missing). A file renamed in, a mode or owner changed, changes one
-    of them; a reader open for long (Engine.refresh, every request of `serve`) judges the whole folder
-    again only then, not its every file each time."""
+def judged_key(index_dir: str | os.PathLike, like: tuple | None = None) -> tuple:
+    """What untrusted_index's answer rests on: the stats of the index folder, its vectors/ folder, its catalog and the
+    folders above it that untrusted_parent judges (its parent; where its path goes through a link or a '..', its real
+    parent and the folders holding the links; where the folder is a link, the folder it names too: each's inode,
+    mode, owner and change times; None where missing), then the inode, mode, owner and group of every entry
+    untrusted_index judges (_index_entries; a folder's mtime too: its names). A file renamed in, a mode or owner
+    changed, changes one of them; a reader open for long (Engine.judge, every request of `serve`) judges the whole
+    folder again only then. A file's own chmod changes nothing of its folder's stat (`chmod o+w vectors.f16` left the
+    folder's mtime and ctime as they were, and a reader trusted the file others could then rewrite), so every entry is
+    stat'ed: an lstat each, and an index keeps a few (segments under a million rows are folded into vectors.f16; an
+    ANN layout adds its shards or lists). like: an earlier key, whose entries are stat'ed again instead of the folder
+    being listed (a scandir and a walk of vectors/ cost more than the stats): a name come or gone changes the
+    folders' stats, which are taken anew."""
     folder = Path(index_dir)
-    key = []
+    key: list = []
 
     def judged(path: Path, follow: bool) -> os.stat_result | None:
         try:
@@ -153,10 +214,30 @@ def judged_key(index_dir: str | os.PathLike) -> tuple:
     judged(folder / "vectors", False)
     judged(folder / DB_FILE, False)
     # the folder a link names and the parents followed: a link's own stat stays the same when what it names is made
-    # writable by others; the parents, as one made writable by others since (untrusted_index judges them)
-    for path in ((folder,) if linked else ()) + _parents(folder, linked):
+    # writable by others; the parents and the folders holding a link on the way, as one made writable by others since
+    # (untrusted_index judges them): a link swapped changes its folder's stat
+    for path in ((folder,) if linked else ()) + _judged_folders(folder):
         judged(path, True)
-    return tuple(key)
+    # listed after the folders' stats: a name that comes after the listing changes them
+    if like is not None:
+        names = [name for name, _ in like[-1]]
+    else:
+        try:
+            names = [str(path) for path in _index_entries(folder)]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+    return (*key, tuple((name, _entry_stat(name)) for name in names))
+
+
+def _entry_stat(path: str) -> tuple | None:
+    """What untrusted_index's judgement of one entry rests on (judged_key), or None where it is gone."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    # not a file's times: a writer appending to vectors.f16 is no reason to judge again; a folder's are its names
+    names = st.st_mtime_ns if stat.S_ISDIR(st.st_mode) else None
+    return st.st_ino, st.st_mode, st.st_uid, st.st_gid, names
 
 
 def own_entry(path: str | os.PathLike) -> os.stat_result | None:

@@ -501,7 +501,8 @@ class Library:
     @property
     def engine(self) -> Engine:
         """The engine, while its folder is still one it may read (IndexUntrustedError else: 500, the searches'
-        answer); judged again only when the folder changed (Engine.judge), so a thumbnail pays four stats."""
+        answer); judged again only when the folder changed (Engine.judge), so a thumbnail pays four stats and one
+        for each file of the index (paths.judged_key)."""
         self._engine.judge()
         return self._engine
 

@@ -362,9 +362,12 @@ def readonly_url(path: Path) -> URL:
 
 
 def create_keywords(conn: Connection) -> None:
-    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+)
+    from alignsearch.storage.keywords import THAI_MARKS
+
+    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). tokenchars: Thai vowel and
+    # tone marks are part of their word (schema 7), not the separators unicode61 takes them for (Mn).
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
-                         "fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
+                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{THAI_MARKS}'\")")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
 
 

@@ -21,6 +21,13 @@ What a query text means (`parse`):
   `東京*` is the same phrase (a character is a word start of its own; an older index's whole runs found by it).
   Greek loses its accents there too (`αθηνα` finds `Αθήνα`): unicode61 folds the accents of Latin letters only.
   Final sigma is sigma (`οδοσ` finds `ΟΔΟΣ`), as unicode61 folds it.
+- Thai, also written without spaces, is indexed a grapheme cluster a token (a letter with the vowel and tone marks
+  that follow it), so `กรุงเทพ` is the phrase `ก รุ ง เ ท พ` and finds `ตลาดกรุงเทพมหานคร`. Its marks are token
+  characters of the keyword index (THAI_MARKS): unicode61 took them (Mn) for separators, so a Thai run was cut at
+  every mark, `กรุงเทพ` found nothing inside a longer run, and `ข้าว` (rice) found `ข่าว` (news), their tone marks
+  dropped.
+- Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
+  Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -40,7 +47,7 @@ from alignsearch.errors import IndexDamagedError
 
 def words(text: str | None) -> list[str]:
     """The words of a query text for the keyword index (letters and digits, lower-cased, 2+ characters)."""
-    found = re.findall(r"\w+", (text or "").lower())
+    found = _WORD.findall((text or "").lower())
     return list(dict.fromkeys(w for w in found if len(w) > 1 and w not in STOPWORDS))
 
 
@@ -53,18 +60,30 @@ STOPWORDS = frozenset("an the of on in at and or with to for by is it its this t
 # are \w+, which Co is not), so a phrase never matches across two parts, and nothing typed matches it.
 BREAK = "\ue000"
 
+# Thai vowel and tone marks (combining, Mn): part of the word they are written in. unicode61 (categories L* N* Co)
+# and Python's \w both took them for separators, cutting a Thai run at every mark and dropping the marks, so
+# words told apart by a tone mark alone (ข้าว rice, ข่าว news) were one; the keyword index holds them as token
+# characters (catalog.create_keywords: tokenchars), and a query's words keep them.
+THAI_MARKS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) == "Mn")
 _TOKEN = re.compile(r'(-?)"([^"]*)"?|(\S+)')
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(f"[\\w{THAI_MARKS}]+")
 MIN_PREFIX = 2  # shorter starts (`a*`) would match most of the library
 MIN_PARTIAL = 3  # the default mode's partial last word: `ca` is no start of anything meant yet
 MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
 # Atoms looked for at most (the first ones): each is an FTS5 lookup or two, so a 1000-character text of short
 # words stays a query of bounded cost (and far from SQLite's 500 terms per compound SELECT).
 MAX_ATOMS = 64
-# Han ideographs (with extension A and the compatibility block), hiragana, katakana and half-width katakana:
-# scripts written without spaces between words. Hangul is written with spaces; Thai too has none, but its vowel
-# and tone marks are characters of their own, so a character a token does not fit it (not done).
-_SPACELESS = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f])")
+# Han ideographs (with extension A and the compatibility block), hiragana, katakana and half-width katakana, a
+# character each, and Thai letters with the marks that follow them (a grapheme cluster each: a Thai character
+# alone would part a consonant from its vowel and tone): scripts written without spaces between words, whose
+# units are tokens of their own. Thai digits stay in runs, as other digits do. Hangul is written with spaces
+# (_HANGUL).
+_THAI_LETTERS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
+_SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]"
+                        f"|[{_THAI_LETTERS}][{THAI_MARKS}]*)")
+# Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
+# word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
+_HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+")
 
 
 # Greek letters (with the polytonic ones) without their accents and breathings (unicode61's remove_diacritics
@@ -79,7 +98,8 @@ _GREEK_BARE[ord("ς")] = "σ"
 
 def spaced(text: str) -> str:
     """text as the keyword index holds it and a query looks for it: every character of a script written
-    without spaces (_SPACELESS) a word of its own (a word of such text is then a phrase of characters), Greek
+    without spaces (_SPACELESS; for Thai, every letter with its marks) a word of its own (a word of such text is
+    then a phrase of characters), Greek
     letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
     U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
     パン屋 written so."""
@@ -140,6 +160,10 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     # and --explain shows it as typed. Dropped, `東京*` was `東京` there and in --explain.
     if prefix and len(tokens[-1]) < MIN_PREFIX and not _SPACELESS.fullmatch(tokens[-1]):
         prefix = False
+    # A bare Hangul word is also found with the particle written onto it (`서울` in `서울에서`): unicode61 keeps
+    # `서울에서` one token, which the word alone never matched. Quoted, it is the word alone, as typed.
+    if not quoted and len(tokens[-1]) >= MIN_PREFIX and _HANGUL.fullmatch(tokens[-1]):
+        prefix = True
     # printable characters only: FTS5 reads a query string up to a NUL ("unterminated string")
     code = "".join(c for c in raw if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
     if code is not None and len(code) < MIN_CODE:
@@ -172,7 +196,8 @@ def parse(text: str | None, partial_last: bool = False) -> Query:
         if sum(map(len, groups)) + len(excluded) >= MAX_ATOMS:
             break
         if (partial_last and not quoted and not negate and n == len(parts) - 1 and not atom.prefix
-                and not text[-1:].isspace() and len(atom.tokens[-1]) >= MIN_PARTIAL):
+                and not text[-1:].isspace() and len(atom.tokens[-1]) >= MIN_PARTIAL
+                and not _SPACELESS.fullmatch(atom.tokens[-1])):  # a Thai cluster (3+ with its marks) is whole
             atom = Atom(atom.tokens, True, atom.code, atom.whole)
         if negate:
             excluded.append(atom)
@@ -284,9 +309,12 @@ def _evidence_sql(conn, query: Query) -> str:
 
 
 def _fold(text: str) -> list[str]:
-    """The words of text as the keyword index sees them: lower case, accents folded."""
-    decomposed = unicodedata.normalize("NFKD", text.lower())
-    return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c))))
+    """The words of text as the keyword index sees them: lower case, accents folded (Thai marks kept: the
+    index tells ข้าว from ข่าว)."""
+    # ำ (SARA AM) whole again: NFKD writes it as a mark and a letter, which a query word folded alone (`ทำ`, cut
+    # into ท and ำ) and the text around it (ทำอาหาร) would cluster apart; the index holds it whole (NFC)
+    decomposed = unicodedata.normalize("NFKD", text.lower()).replace("\u0e4d\u0e32", "\u0e33")
+    return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS)))
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

@@ -102,6 +102,14 @@ def _broken_keywords(conn) -> None:
     _keywords_again(conn)
 
 
+def _thai_keywords(conn) -> None:
+    """The keyword index made again with Thai vowel and tone marks as token characters and written as keywords.spaced
+    holds text now (a Thai letter with its marks a token): an index written before cut a Thai run at every mark and
+    dropped the marks, so `กรุงเทพ` found nothing inside `ตลาดกรุงเทพมหานคร` and `ข้าว` (rice) found `ข่าว` (news).
+    The tokenizer is part of the table, so it is dropped and made again (_keywords_again), not only written again."""
+    _keywords_again(conn)
+
+
 def _rebuild_files(conn) -> None:
     from alignsearch.storage import catalog
 
@@ -139,6 +147,8 @@ STEPS: tuple[Step, ...] = (
                 "files dropped", _spaced_keywords),
     Step(6, "keyword index: a break between caption, text in the image, name and tags (no phrase across them)",
          _broken_keywords),
+    Step(7, "keyword index: Thai vowel and tone marks are token characters, a Thai letter with its marks a token",
+         _thai_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -1,0 +1,104 @@
+"""Keyword search in Thai and Korean (alignsearch/storage/keywords.py).
+
+Thai is written without spaces between words, and unicode61 took its vowel and tone marks (combining, Mn) for
+separators: a Thai run was cut at every mark, so `กรุงเทพ` (Bangkok) found nothing inside `ตลาดกรุงเทพมหานคร`,
+and the marks were dropped, so `ข้าว` (rice) found `ข่าว` (news). Korean is written with spaces, but a particle joins
+the noun it follows: `서울` (Seoul) found neither `서울에서` (in Seoul) nor `서울의` (Seoul's)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from alignsearch.storage import catalog, keywords, migrate, state
+
+
+def _library(db_path, files):
+    """A catalog of files named as the keys of `files`, each with its caption (None: the name alone); their ids."""
+    db = catalog.connect(db_path)
+    ids = {}
+    with db.begin() as conn:
+        for name, caption in files.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            catalog.set_photo(conn, fid, name, {"caption": caption})
+    db.dispose()
+    return ids
+
+
+def _found(db_path, ids, text, partial_last=False, **kwargs):
+    """The names of the files the keyword query `text` finds, sorted."""
+    db = catalog.connect(db_path, **kwargs)
+    with db.connect() as conn:
+        found = {i for i, _ in keywords.search(conn, keywords.parse(text, partial_last=partial_last), 10)}
+    db.dispose()
+    return sorted(name for name, fid in ids.items() if fid in found)
+
+
+def test_a_thai_word_is_found_inside_the_longer_thai_run_it_is_written_in(tmp_path):
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"ตลาดกรุงเทพมหานคร.jpg": None, "rice.jpg": "ข้าวผัดกุ้ง ที่ร้านริมถนน",
+                        "news.jpg": "ข่าวเช้าวันนี้", "plain.jpg": "a white wall"})
+
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("กรุงเทพ") == kw("ตลาด") == kw("มหานคร") == ["ตลาดกรุงเทพมหานคร.jpg"]
+        assert kw("กุ้ง") == kw("ร้าน") == ["rice.jpg"]
+        # the tone mark tells rice from news: dropped with the other marks, each found the other
+        assert kw("ข้าว") == ["rice.jpg"] and kw("ข่าว") == ["news.jpg"]
+        assert kw("กรุงเทพ -ตลาด") == [] and kw("ข้าว OR ข่าว") == ["news.jpg", "rice.jpg"]
+    # the marks of a cluster typed in another order (tone before vowel) are the same cluster (NFC orders them)
+    assert _found(db, ids, "ก\u0e49\u0e38ง") == ["rice.jpg"]
+    assert keywords.parse("กรุงเทพ").words == ["กรุงเทพ"]  # --explain shows the word as typed
+    assert keywords.evidence(keywords.parse("ข้าว"), "ข้าวผัดกุ้ง") and keywords.evidence(keywords.parse("ผัด"), "ข้าวผัดกุ้ง")
+    assert not keywords.evidence(keywords.parse("ข้าว"), "ข่าวเช้าวันนี้")
+    assert keywords.evidence(keywords.parse("ทำ"), "ทำอาหาร") and keywords.evidence(keywords.parse("น้ำ"), "น้ำตก")  # ำ, decomposed by the evidence's fold, agrees
+
+
+def test_a_korean_noun_is_found_with_the_particle_written_onto_it(tmp_path):
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"서울에서.jpg": None, "night.jpg": "서울의 밤 풍경", "busan.jpg": "부산 바다",
+                        "seoul.jpg": "Seoul tower"})
+
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("서울") == ["night.jpg", "서울에서.jpg"]
+        assert kw("서울 -풍경") == ["서울에서.jpg"] and kw("부산") == ["busan.jpg"] and kw("바다") == ["busan.jpg"]
+        assert kw('"서울"') == []  # quoted: the word alone, as typed
+        assert kw('"서울의"') == ["night.jpg"]
+    assert keywords.evidence(keywords.parse("서울"), "서울의 밤 풍경")
+    assert not keywords.evidence(keywords.parse("서울"), "부산 바다")
+    # Hangul only: a Latin word is whole as before (`seo` finds no `seoul` but in the default mode, as it is typed)
+    assert _found(db, ids, "seo") == [] and _found(db, ids, "seo", partial_last=True) == ["seoul.jpg"]
+    assert [a.prefix for a in keywords.parse("서울 seoul").positive()] == [True, False]
+
+
+def test_a_schema_6_keyword_index_finds_thai_words_once_its_next_writer_upgrades_it(tmp_path):
+    """An index of schema 6 holds Thai runs cut at their marks (its tokenizer took them for separators); a reader
+    reads it as it stands (the whole run still found), and the next writer makes the keyword index again."""
+    db_path = tmp_path / "catalog.db"
+    ids = _library(db_path, {"ตลาดกรุงเทพมหานคร.jpg": None, "rice.jpg": "ข้าวผัด"})
+    db = catalog.connect(db_path)
+    with db.begin() as conn:  # as schema 6 made and wrote it: its tokenizer, the text as it is
+        conn.exec_driver_sql(f"DROP TABLE {catalog.KEYWORDS}")
+        conn.exec_driver_sql(f"CREATE VIRTUAL TABLE {catalog.KEYWORDS} USING "
+                             "fts5(body, tokenize = 'unicode61 remove_diacritics 2')")
+        for name, caption in (("ตลาดกรุงเทพมหานคร.jpg", None), ("rice.jpg", "ข้าวผัด")):
+            conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)",
+                                 (ids[name], unicodedata.normalize("NFC", catalog.keyword_text(name, caption))))
+        state.write(conn, schema_version=6)
+    db.dispose()
+
+    assert _found(db_path, ids, "กรุงเทพ", readonly=True) == []  # as it stands: a reader writes nothing
+    assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]  # whole, as before
+    catalog.connect(db_path).dispose()  # a writer
+    assert _found(db_path, ids, "กรุงเทพ", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
+    assert _found(db_path, ids, "ผัด", readonly=True) == ["rice.jpg"]
+    assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
+    reader = catalog.connect(db_path, readonly=True)
+    with reader.connect() as conn:
+        assert state.read(conn).schema_version == migrate.LATEST == 7
+    reader.dispose()

@@ -175,6 +175,15 @@ def test_similar_by_an_id_that_can_never_be_one_is_a_usage_error(library):
     run("similar", "--index", ix, "--", "999999", code=6)  # a possible id that is not indexed stays unusable input
 
 
+def test_similar_by_an_id_of_more_digits_than_python_converts_is_a_usage_error(library):
+    """`similar 999...` of 5000 digits: int() refuses a string past 4300 digits with ValueError, which find_indexed
+    let out as "unexpected ValueError: Exceeds the limit (4300 digits)" (exit 1); it was exit 6 before ids were
+    checked. Far past 2^63-1, it is the usage error every id out of range is (exit 2, one line)."""
+    _, ix = library
+    out = run("similar", "--index", ix, "--", "9" * 5000, code=2).output
+    assert "an image id must be an integer from 1 to" in out and len(out.strip().splitlines()) == 1
+
+
 def test_similar_over_fetch_does_not_count_against_k(library):
     """Issue 24 #21: `similar ID -k 1000` was refused ("got 1001"), `-k 334 --collapse` too ("got 1003"):
     the image itself and the collapse's over-fetch are the search's business, not the user's k."""

@@ -205,6 +205,8 @@ def test_bad_uploads(served):
     body, headers = multipart({"k": 3}, b"not an image at all")
     status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
     assert status == 400 and "unreadable image" in json.loads(answer)["error"]
+    # what a search here says of the file (exit 6), which the CLI's client raises again: not UsageError (exit 2)
+    assert json.loads(answer)["kind"] == "BadInputError"
     status, _, _ = call(served["url"], "/api/search", data=b"plain", headers={"Content-Type": "text/plain"})
     assert status == 415
     # an oversized upload is refused from its Content-Length, before the body is read

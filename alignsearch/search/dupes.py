@@ -466,12 +466,17 @@ def find_indexed(engine, ref: str):
 
     from alignsearch.storage import catalog
     from alignsearch.media import sources
-    from alignsearch.search.querycheck import check_id
+    from alignsearch.errors import UsageError
+    from alignsearch.search.querycheck import MAX_ID, check_id
 
     if re.fullmatch(r"[+-]?[0-9]+", ref) and not os.path.exists(ref):
         # an id is checked as the Python API's similar= and HTTP's are (querycheck): 0, -1 or one past 2^63-1
         # can never be an id, a UsageError (exit 2); they were "not an indexed image" (exit 6) as 999999 is
-        return engine.file(check_id(int(ref)))
+        try:
+            number = int(ref)
+        except ValueError:  # past Python's 4300 digits for int() (exit 1, "unexpected"): far past 2^63-1 too
+            raise UsageError(f"an image id must be an integer from 1 to {MAX_ID}, got one of {len(ref)} digits") from None
+        return engine.file(check_id(number))
     path = os.path.abspath(ref)
     with engine.db.connect() as conn:
         for root in engine.roots:

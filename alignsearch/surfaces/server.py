@@ -729,7 +729,8 @@ def decode_upload(data: bytes, max_pixels: int, spec: ImageSpec):
         # (it decodes a query image up to the indexer's cap, a 108 MP phone photo too)
         raise ApiError(413, f"the image is too large: this server decodes at most {max_pixels:,} pixels") from None
     except BadImageError as exc:
-        raise ApiError(400, f"{querycheck.UNREADABLE_IMAGE}{exc}") from None
+        # what a search here says of the file (BadInputError, exit 6), not a request malformed in itself (400's default)
+        raise ApiError(400, f"{querycheck.UNREADABLE_IMAGE}{exc}", kind=BadInputError.__name__) from None
 
 
 def _hit_fields(exclude: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from alignsearch.surfaces.cli import main
 from alignsearch.storage.paths import SERVER_FILE
-from helpers import call, start_serve, stop, wait_until
+from helpers import call, indexed_corpus, start_serve, stop, wait_until
 
 
 def build_index(base: Path, tiny_model, n=12) -> tuple[Path, Path]:
@@ -796,7 +796,8 @@ def mixed_copy(prebuilt, tiny_model) -> Path:
 def test_a_thumbnail_looks_its_row_up_and_judges_the_folder_once(prebuilt, tiny_model):
     """An uncached thumbnail looked its file up and judged the index folder (and read the cache) on a worker thread,
     then, nothing being cached, did it all again in its decode slot; a TIFF's picture three times. Now the slot draws
-    from what the first pass found: one row lookup and one judgement a request, cached or not, photo or moment."""
+    from what the first pass found: one row lookup a request, cached or not, photo or moment; one judgement for a
+    cached one, and for a drawn one a second after the slot's wait (a few stats: test_a_thumbnail_planned_before...)."""
     import alignsearch
     from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
@@ -826,12 +827,38 @@ def test_a_thumbnail_looks_its_row_up_and_judges_the_folder_once(prebuilt, tiny_
             status, headers, body = call(server.url, path, server.token)
             assert status == 200 and headers["Content-Type"] == "image/jpeg", (path, status, body[:200])
             assert Image.open(io.BytesIO(body)).format == "JPEG"
+            drawn = path not in seen
             assert seen.setdefault(path, body) == body  # the second time from the cache: the same picture
-            assert counts == {"file": 1, "judge": 1}, (path, counts)
+            assert counts == {"file": 1, "judge": 2 if drawn else 1}, (path, counts)
         assert len(list((ix / "thumbs").iterdir())) == 3  # drawn once each, then served from the cache
     finally:
         server.shutdown()
         engine.close()
+
+
+def test_a_thumbnail_planned_before_the_folder_turned_untrusted_is_not_drawn(tmp_path, tiny_model):
+    """A thumbnail's plan is made (row looked up, folder judged) before it waits up to THUMB_WAIT_SECONDS for a decode
+    slot. A folder made writable by every user during that wait refused every new request, but the plan was still
+    drawn and its picture kept in the folder's thumbs/: the draw judges the index again (stats, no row lookup)."""
+    from alignsearch.errors import IndexUntrustedError
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.surfaces.server import Library, ServerConfig, ThumbPlan
+
+    ix = indexed_corpus(tmp_path, tiny_model, 2)
+    library = Library(open_index(ix), ServerConfig())
+    try:
+        plan = library.thumbnail(1, 64)
+        assert isinstance(plan, ThumbPlan)
+        ix.chmod(0o777)  # during the slot's wait
+        with pytest.raises(IndexUntrustedError):
+            library.draw(plan)
+        assert not (ix / "thumbs").exists() or not list((ix / "thumbs").iterdir())
+        ix.chmod(0o755)
+        assert isinstance(library.draw(plan), bytes)  # trusted again: drawn and kept
+        assert [p.name for p in (ix / "thumbs").iterdir()] == ["1-64.jpg"]
+    finally:
+        ix.chmod(0o755)
+        library.engine.db.dispose()
 
 
 @pytest.mark.slow

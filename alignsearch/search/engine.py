@@ -166,8 +166,8 @@ class Engine:
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
-        open's rule), judged again only when it changed (judged_key: four stats, and one for each file the last
-        judgement judged): one made writable by others since the open (`serve` runs for days) may hold a catalog or
+        open's rule), judged again only when it changed (judged_key: a stat of each folder untrusted_parent judges, the
+        folder's path walked as the kernel does, and one for each file the last judgement judged): one made writable by others since the open (`serve` runs for days) may hold a catalog or
         ANN file they planted, and a file of it made writable by others (`chmod o+w vectors.f16`) may be rewritten by
         them. Every read of a long-open engine asks it first: refresh does, and the server's reads that need no newer
         snapshot (Library.engine)."""

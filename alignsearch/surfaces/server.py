@@ -501,8 +501,8 @@ class Library:
     @property
     def engine(self) -> Engine:
         """The engine, while its folder is still one it may read (IndexUntrustedError else: 500, the searches'
-        answer); judged again only when the folder changed (Engine.judge), so a thumbnail pays four stats and one
-        for each file of the index (paths.judged_key)."""
+        answer); judged again only when the folder changed (Engine.judge), so a thumbnail pays the folders' stats, the
+        walk of the folder's path and one stat for each file of the index (paths.judged_key)."""
         self._engine.judge()
         return self._engine
 
@@ -636,6 +636,9 @@ class Library:
     def draw(self, plan: ThumbPlan) -> bytes:
         """The thumbnail thumbnail() found no cached copy of, decoded from its file (read_regular's checks) and kept."""
         row, path = plan.row, plan.path
+        # the index judged again (its stats, no row looked up): the plan was made before the slot's wait (up to
+        # THUMB_WAIT_SECONDS), and a folder made writable by others meanwhile is refused as every request then is
+        self._engine.judge()
         try:
             if row.t is not None:  # a video moment: its frame, decoded from the file (never read whole)
                 img = self.moment_frame(row)

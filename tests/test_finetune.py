@@ -134,3 +134,20 @@ def test_bad_data_is_a_clear_error(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["finetune", str(tmp_path / "empty"), "--model", str(tiny_model), "--out", str(tmp_path / "o")])
     assert result.exit_code == 6 and "usable image-caption pairs" in result.output
+
+
+def test_resume_of_a_finished_training_says_so_and_reports_its_last_epoch(trained):
+    """`finetune --resume` with no epoch left (the checkpoint ran as many as --epochs, or more) said only that it
+    resumed and printed `{"out": ...}`: no metrics, no word that nothing was trained. It says so, with the --epochs
+    that would train further, and prints the last epoch's metrics as a training that ran does."""
+    from alignsearch.encoders.finetune import TRAINER_STATE, load_trainer_state
+
+    base_dir, base, _ = trained
+    done = int(load_trainer_state(base_dir / "tuned" / "checkpoint" / TRAINER_STATE)["epoch"])
+    result = CliRunner().invoke(main, ["finetune", str(base_dir / "train"), "--model", str(base), "--out",
+                                       str(base_dir / "tuned"), "--epochs", str(done), "--batch-size", "48",
+                                       "--lr", "2e-3", "--device", "cpu", "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "nothing left to train" in result.stderr and f"give --epochs above {done}" in result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["epoch"] == done and "loss" in printed and "temperature" in printed

@@ -352,6 +352,9 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         reindex.fold(db, vectors.load(conn, out, encoder.dim))
     summary = _index(db, out, roots, opts, encoder)
     summary.reencoded = count
+    if count:  # the run after it records its encoder only when it encodes new files: `info` named the one before
+        with db.begin() as conn:
+            state.write(conn, encoder=summary.encoder)
     return summary
 
 

@@ -1193,6 +1193,10 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     if out == "-":
         raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
                                "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
+    given = click.get_current_context().get_parameter_source("shard_rows") is not click.core.ParameterSource.DEFAULT
+    if given and fmt != "clip-retrieval":  # it was ignored without a word: the parquet export is one file
+        raise UsageError("--shard-rows is for --format clip-retrieval (rows per img_emb/metadata pair); a parquet "
+                         "export is one file: leave --shard-rows out, or add --format clip-retrieval")
     engine = open_index(index_dir)
     named = []
     for root in roots:  # as `forget` resolves them: relative, with a trailing slash, through symlinks

@@ -319,3 +319,13 @@ def test_a_file_two_roots_list_is_not_its_own_duplicate(tmp_path, tiny_model):
         found = groups_of(ix, "--tier", tier)
         assert [names(g) for g in found] == [["photo0001.jpg", "same-bytes.jpg"]], (tier, found)
         assert [i["keep"] for i in found[0]["items"]] == [True, False]
+
+
+def test_nprobe_outside_the_similar_tier_is_bad_usage(library):
+    """`dupes --tier near --nprobe 4` (and exact) ran and said nothing of an option those tiers never use: refused,
+    exit 2, as `--threshold` for the exact tier is; the similar tier takes it."""
+    root, ix = library
+    for tier in ("near", "exact"):
+        out = run("dupes", "--tier", tier, "--nprobe", "4", "--index", ix, code=2)
+        assert "--nprobe is for --tier similar" in out.output, out.output
+    run("dupes", "--tier", "similar", "--nprobe", "4", "--index", ix)

@@ -1132,6 +1132,12 @@ def forget(root, index_dir):
     _say_compacted(done["compacted"])
 
 
+def _given(param: str) -> bool:
+    """Whether the running command's option was given (not its default): an option another mode ignores is refused
+    when given, as `dupes --tier exact --threshold` is, not dropped without a word."""
+    return click.get_current_context().get_parameter_source(param) is not click.core.ParameterSource.DEFAULT
+
+
 @main.command()
 @click.option("--tier", type=click.Choice(["exact", "near", "similar"]), default="near", show_default=True,
               help="exact: same bytes (SHA-256); near: same picture re-saved, resized or lightly cropped (perceptual "
@@ -1150,6 +1156,11 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     from alignsearch.search.engine import open as open_index
 
     check_threshold(tier, threshold)  # before the index opens; find_groups checks it again for Python callers
+    if _given("nprobe") and tier != "similar":  # exact and near compare hashes: no IVF list is visited
+        from alignsearch.errors import UsageError
+
+        raise UsageError(f"--nprobe is for --tier similar (the IVF lists each vector visits); --tier {tier} compares "
+                         "hashes and visits none: leave --nprobe out")
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
         click.echo(json.dumps([{**g.to_dict(), "items": [_with_path_b64(i) for i in g.to_dict()["items"]]} for g in groups],
@@ -1193,8 +1204,7 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     if out == "-":
         raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
                                "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
-    given = click.get_current_context().get_parameter_source("shard_rows") is not click.core.ParameterSource.DEFAULT
-    if given and fmt != "clip-retrieval":  # it was ignored without a word: the parquet export is one file
+    if _given("shard_rows") and fmt != "clip-retrieval":  # it was ignored without a word: the parquet export is one file
         raise UsageError("--shard-rows is for --format clip-retrieval (rows per img_emb/metadata pair); a parquet "
                          "export is one file: leave --shard-rows out, or add --format clip-retrieval")
     engine = open_index(index_dir)

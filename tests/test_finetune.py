@@ -151,3 +151,15 @@ def test_resume_of_a_finished_training_says_so_and_reports_its_last_epoch(traine
     assert "nothing left to train" in result.stderr and f"give --epochs above {done}" in result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["epoch"] == done and "loss" in printed and "temperature" in printed
+
+
+def test_column_options_with_a_folder_are_bad_usage(tmp_path, tiny_model):
+    """`finetune FOLDER --image-column foo` trained on the folder's .txt captions and dropped the option without a
+    word (it names a column of a CSV, JSONL or parquet file): refused, exit 2, before the model loads."""
+    folder = tmp_path / "pairs"
+    write_set(folder, all_specs(False)[:3], 1, seed=0)
+    for option in ("--image-column", "--caption-column"):
+        result = CliRunner().invoke(main, ["finetune", str(folder), "--model", str(tiny_model), "--out",
+                                           str(tmp_path / "out"), option, "foo"])
+        assert result.exit_code == 2 and "name columns of a CSV, JSONL or parquet file" in result.output, result.output
+    assert not (tmp_path / "out").exists()

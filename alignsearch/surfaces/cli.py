@@ -850,6 +850,11 @@ def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
 def finetune(data, base, out, epochs, batch_size, lr, accumulate, freeze, val_fraction, no_flip, image_column,
              caption_column, seed, resume, device):
     """Fine-tune ALIGN on image-caption pairs: a folder of images with .txt captions, or a CSV/JSONL/parquet file."""
+    if os.path.isdir(data) and (_given("image_column") or _given("caption_column")):  # they were dropped silently
+        from alignsearch.errors import UsageError
+
+        raise UsageError("--image-column and --caption-column name columns of a CSV, JSONL or parquet file; in a "
+                         f"folder ({data}) each image's caption is the .txt file of its stem: leave them out")
     _quiet_transformers()
     from alignsearch.encoders.finetune import FinetuneConfig, finetune as run_finetune
     from alignsearch.encoders.model import DEFAULT_MODEL

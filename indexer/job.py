@@ -196,6 +196,12 @@ def index_folders(
         raise UsageError(f"--video-interval must be a number of seconds, at least 1, got {video_interval}")
     if ondisk_shards and index_shards:
         raise UsageError("choose one layout: --ondisk-shards (one merged file) or --index-shards (several files)")
+    asked = [f"--{name}" for name, given in (("list-column", list_column), ("caption-column", caption_column)) if given]
+    if asked and not any(sources.kind(r) == sources.LIST for r in roots):  # it was dropped, or remembered for a folder
+        raise UsageError(f"{asked[0]} names a column of a .csv or .parquet list given with it, and "
+                         f"{'no root is given' if not roots else 'no root given is one'} (a folder's captions are "
+                         "photo.txt files beside its photos): e.g. `alignsearch index photos.csv --caption-column "
+                         "caption`")
     if ondisk_shards and index_shards is None:
         index_shards = 0
     if index_shards and ondisk_shards is None:
@@ -352,6 +358,9 @@ def _reindex(db, out: Path, roots: list, opts: IndexOptions) -> Summary:
         reindex.fold(db, vectors.load(conn, out, encoder.dim))
     summary = _index(db, out, roots, opts, encoder, run_begun=True)
     summary.reencoded = count
+    if count:  # the run after it records its encoder only when it encodes new files: `info` named the one before
+        with db.begin() as conn:
+            state.write(conn, encoder=summary.encoder)
     return summary
 
 
@@ -473,9 +482,10 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
             raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")
         options = index_roots.options_for(db, list(dict.fromkeys(holders.values())) if roots else all_roots,
                                           opts.include_hidden)
-        if opts.caption_column:
+        if opts.caption_column:  # a list's column: a folder given beside the list has none
             for r in roots:
-                options.setdefault(r, {})["caption_column"] = opts.caption_column
+                if sources.kind(r) == sources.LIST:
+                    options.setdefault(r, {})["caption_column"] = opts.caption_column
         if opts.video_interval is not None:
             for r in (list(dict.fromkeys(holders.values())) if roots else all_roots):
                 options.setdefault(r, {})["video_interval"] = opts.video_interval

@@ -777,3 +777,17 @@ def test_info_gives_the_size_of_the_models_export_and_of_the_whole_cache(tiny_mo
     assert status["bytes"] == tree_bytes(folder) > 0 and status["path"] == str(folder)
     assert status["total"] == {"path": str(cache / "onnx"), "bytes": on_disk, "models": 2}
     assert status["total"]["bytes"] > status["bytes"]
+
+
+@pytest.mark.slow
+def test_info_names_the_encoder_a_reindex_ran(tiny_model, tmp_path, exported_cache):
+    """`index --reindex` encodes every file again, but `info` went on naming the engine of the run before it ("images
+    on torch at fp32 (last index run)" after a re-encode on ONNX Runtime): only a run that encoded new files recorded
+    its encoder, and a re-encode's own run finds none new."""
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 4)
+    assert index_json(tmp_path / "ix", corpus, "--model", tiny_model, "--backend", "torch")["encoder"]["backend"] == "torch"
+    again = index_json(tmp_path / "ix", "--reindex", "--backend", "onnx")
+    assert again["reencoded"] == 4 and again["encoder"]["backend"] == "onnx"
+    info = json.loads(run("info", "--index", tmp_path / "ix", "--json").stdout)["encoder"]["last_index_run"]
+    assert info == again["encoder"], info

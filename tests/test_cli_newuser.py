@@ -390,3 +390,23 @@ def test_similar_and_query_refuse_too_many_results_alike(indexed_images):
     assert run("query", "cat", "-k", "5000", "--index", ix, code=2).output == said
     assert run("similar", "1", "-k", "5000", "--index", ix, code=2).output == said
     assert len(json.loads(run("similar", "1", "-k", "1000", "--index", ix, "--json").stdout)["results"]) == 5
+
+
+@pytest.mark.slow
+def test_a_list_column_with_no_list_given_is_bad_usage(tmp_path, tiny_model):
+    """`index ./photos --caption-column foo` indexed the folder and remembered a caption column for it (`roots --json`
+    showed it; a folder's captions are photo.txt files), and `index --list-column path` with no root dropped the
+    option without a word. Both are refused, exit 2, before the model loads (no index made); a folder given beside a
+    list does not take the list's column."""
+    images = make_images(tmp_path / "photos", 2)
+    ix = tmp_path / "ix"
+    for args in ([tmp_path / "photos", "--caption-column", "foo"], ["--list-column", "path"]):
+        out = run("index", *args, "--index", ix, "--model", tiny_model, code=2).output
+        assert "names a column of a .csv or .parquet list given with it" in out and out.count("\n") == 1, out
+    assert not ix.exists()
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,caption\n" + "".join(f"{p},a caption\n" for p in images))
+    other = make_images(tmp_path / "more", 1)[0].parent
+    run("index", listing, other, "--caption-column", "caption", "--index", ix, "--model", tiny_model)
+    options = {r["root"]: r["options"] for r in json.loads(run("roots", "--json", "--index", ix).stdout)}
+    assert options == {str(listing): {"caption_column": "caption"}, str(other): {}}, options

@@ -324,3 +324,31 @@ def test_a_file_listed_in_two_groups_is_one_file_to_be_rid_of():
     groups = [dupes.Group("near", [item("/a/big1.png", True), item("/a/clip.mp4", False), item("/a/small.png", False)]),
               dupes.Group("near", [item("/a/big2.png", True), item("/a/clip.mp4", False)])]
     assert dupes.to_be_rid_of(groups) == ["/a/clip.mp4", "/a/small.png"]
+
+
+@pytest.mark.slow
+def test_a_file_two_roots_list_is_not_its_own_duplicate(tmp_path, tiny_model):
+    """A folder root and a CSV list naming one of its photos hold that file under two catalog rows: `dupes` listed it
+    as a group of itself, the same path twice and both marked keep ("exact: 2 files ... 1 group, 0 files besides the
+    ones to keep"). One file is one member of a group, whatever root lists it; real copies still group."""
+    lib = tmp_path / "lib"
+    photos = smooth_photos(lib, 3)
+    shutil.copyfile(photos[1], lib / "same-bytes.jpg")
+    (tmp_path / "favourites.csv").write_text(f"path\n{photos[0]}\n{photos[1]}\n")
+    ix = tmp_path / "ix"
+    index_json(ix, lib, "--model", tiny_model)
+    index_json(ix, tmp_path / "favourites.csv")
+    for tier in ("exact", "near"):
+        found = groups_of(ix, "--tier", tier)
+        assert [names(g) for g in found] == [["photo0001.jpg", "same-bytes.jpg"]], (tier, found)
+        assert [i["keep"] for i in found[0]["items"]] == [True, False]
+
+
+def test_nprobe_outside_the_similar_tier_is_bad_usage(library):
+    """`dupes --tier near --nprobe 4` (and exact) ran and said nothing of an option those tiers never use: refused,
+    exit 2, as `--threshold` for the exact tier is; the similar tier takes it."""
+    root, ix = library
+    for tier in ("near", "exact"):
+        out = run("dupes", "--tier", tier, "--nprobe", "4", "--index", ix, code=2)
+        assert "--nprobe is for --tier similar" in out.output, out.output
+    run("dupes", "--tier", "similar", "--nprobe", "4", "--index", ix)

@@ -198,3 +198,13 @@ def test_an_export_while_an_index_run_adds_files_exports_them_too(indexed_images
         for rows, vecs in rest:
             assert np.array_equal(vecs, stored.get(np.array([r.vec_row for r in rows])).astype("<f2"))
     assert exported == 15
+
+
+def test_shard_rows_without_clip_retrieval_is_bad_usage(indexed, tmp_path):
+    """`export lib.parquet --shard-rows 5` wrote one parquet file and said nothing: the option only shapes
+    clip-retrieval's pairs. It is refused (exit 2) before anything is written, as `dupes --tier exact --threshold` is."""
+    root, ix = indexed
+    out = run("export", tmp_path / "lib.parquet", "--shard-rows", "5", "--index", ix, code=2)
+    assert "--shard-rows is for --format clip-retrieval" in out.output
+    assert not (tmp_path / "lib.parquet").exists()
+    run("export", tmp_path / "lib.parquet", "--index", ix)  # the default, not given: still a plain export

@@ -134,3 +134,32 @@ def test_bad_data_is_a_clear_error(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["finetune", str(tmp_path / "empty"), "--model", str(tiny_model), "--out", str(tmp_path / "o")])
     assert result.exit_code == 6 and "usable image-caption pairs" in result.output
+
+
+def test_resume_of_a_finished_training_says_so_and_reports_its_last_epoch(trained):
+    """`finetune --resume` with no epoch left (the checkpoint ran as many as --epochs, or more) said only that it
+    resumed and printed `{"out": ...}`: no metrics, no word that nothing was trained. It says so, with the --epochs
+    that would train further, and prints the last epoch's metrics as a training that ran does."""
+    from alignsearch.encoders.finetune import TRAINER_STATE, load_trainer_state
+
+    base_dir, base, _ = trained
+    done = int(load_trainer_state(base_dir / "tuned" / "checkpoint" / TRAINER_STATE)["epoch"])
+    result = CliRunner().invoke(main, ["finetune", str(base_dir / "train"), "--model", str(base), "--out",
+                                       str(base_dir / "tuned"), "--epochs", str(done), "--batch-size", "48",
+                                       "--lr", "2e-3", "--device", "cpu", "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "nothing left to train" in result.stderr and f"give --epochs above {done}" in result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["epoch"] == done and "loss" in printed and "temperature" in printed
+
+
+def test_column_options_with_a_folder_are_bad_usage(tmp_path, tiny_model):
+    """`finetune FOLDER --image-column foo` trained on the folder's .txt captions and dropped the option without a
+    word (it names a column of a CSV, JSONL or parquet file): refused, exit 2, before the model loads."""
+    folder = tmp_path / "pairs"
+    write_set(folder, all_specs(False)[:3], 1, seed=0)
+    for option in ("--image-column", "--caption-column"):
+        result = CliRunner().invoke(main, ["finetune", str(folder), "--model", str(tiny_model), "--out",
+                                           str(tmp_path / "out"), option, "foo"])
+        assert result.exit_code == 2 and "name columns of a CSV, JSONL or parquet file" in result.output, result.output
+    assert not (tmp_path / "out").exists()

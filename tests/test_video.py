@@ -848,3 +848,6 @@ def test_tag_counts_a_video_once_as_info_does(tmp_path, tiny_model):
     assert (result["images"], result["tags"], result["per_label"]) == (3, 3, {"a thing": 3}), result
     assert "3 tags on 3 images" in run("tag", "--labels-file", tmp_path / "labels.txt", "--threshold", "0", "--index",
                                        ix, "--device", "cpu").output
+    # `tags` and `info` counted the tag rows, one a moment: "5  a thing" after "3 tags on 3 images" (walk3)
+    assert json.loads(run("tags", "--index", ix, "--json").stdout) == [{"label": "a thing", "images": 3}]
+    assert json.loads(run("info", "--index", ix, "--json").stdout)["tags"] == {"a thing": 3}

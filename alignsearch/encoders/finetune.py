@@ -193,9 +193,14 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
             raise ModelLoadError(f"{checkpoint / TRAINER_STATE} does not fit this training ({exc}): run without "
                                  "--resume to start again") from None
         log(f"resumed from {checkpoint} after epoch {start_epoch}")
+        if start_epoch >= config.epochs:  # a finished training: said, not a silent re-save that printed only "out"
+            log(f"nothing left to train: {checkpoint} already ran {start_epoch} epoch(s) and --epochs is "
+                f"{config.epochs}; give --epochs above {start_epoch} to train further")
     images, reported = _Images(spec), set()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    metrics: dict = {}
+    # a resume with no epoch left reports the last one's metrics, which its state keeps (an older state: its epoch)
+    kept = state.get("metrics") if start_epoch else None
+    metrics: dict = dict(kept) if isinstance(kept, dict) and kept else ({"epoch": start_epoch} if start_epoch else {})
     for epoch in range(start_epoch, config.epochs):
         model.train()
         perm = rng.permutation(len(train))
@@ -229,7 +234,8 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
                    "temperature": float(model.temperature.detach()), **_evaluate(model, tokenizer, images, val, spec, device, max_length)}
         log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                 "rng": rng.bit_generator.state, "config": asdict(config)}  # no objects: see load_trainer_state
+                 "rng": rng.bit_generator.state, "config": asdict(config),
+                 "metrics": metrics}  # no objects: see load_trainer_state
         _save(model, tokenizer, image_processor, checkpoint, state)
     _save(model, tokenizer, image_processor, out)
     return metrics

@@ -850,6 +850,11 @@ def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
 def finetune(data, base, out, epochs, batch_size, lr, accumulate, freeze, val_fraction, no_flip, image_column,
              caption_column, seed, resume, device):
     """Fine-tune ALIGN on image-caption pairs: a folder of images with .txt captions, or a CSV/JSONL/parquet file."""
+    if os.path.isdir(data) and (_given("image_column") or _given("caption_column")):  # they were dropped silently
+        from alignsearch.errors import UsageError
+
+        raise UsageError("--image-column and --caption-column name columns of a CSV, JSONL or parquet file; in a "
+                         f"folder ({data}) each image's caption is the .txt file of its stem: leave them out")
     _quiet_transformers()
     from alignsearch.encoders.finetune import FinetuneConfig, finetune as run_finetune
     from alignsearch.encoders.model import DEFAULT_MODEL
@@ -1132,6 +1137,12 @@ def forget(root, index_dir):
     _say_compacted(done["compacted"])
 
 
+def _given(param: str) -> bool:
+    """Whether the running command's option was given (not its default): an option another mode ignores is refused
+    when given, as `dupes --tier exact --threshold` is, not dropped without a word."""
+    return click.get_current_context().get_parameter_source(param) is not click.core.ParameterSource.DEFAULT
+
+
 @main.command()
 @click.option("--tier", type=click.Choice(["exact", "near", "similar"]), default="near", show_default=True,
               help="exact: same bytes (SHA-256); near: same picture re-saved, resized or lightly cropped (perceptual "
@@ -1150,6 +1161,11 @@ def dupes(tier, threshold, nprobe, as_json, index_dir):
     from alignsearch.search.engine import open as open_index
 
     check_threshold(tier, threshold)  # before the index opens; find_groups checks it again for Python callers
+    if _given("nprobe") and tier != "similar":  # exact and near compare hashes: no IVF list is visited
+        from alignsearch.errors import UsageError
+
+        raise UsageError(f"--nprobe is for --tier similar (the IVF lists each vector visits); --tier {tier} compares "
+                         "hashes and visits none: leave --nprobe out")
     groups = find_groups(open_index(index_dir), tier, threshold, nprobe)
     if as_json:
         click.echo(json.dumps([{**g.to_dict(), "items": [_with_path_b64(i) for i in g.to_dict()["items"]]} for g in groups],
@@ -1193,6 +1209,9 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     if out == "-":
         raise UsageError("export writes files (parquet needs its footer, clip-retrieval a folder), not standard "
                                "output: give a file name such as lib.parquet, or a folder for --format clip-retrieval")
+    if _given("shard_rows") and fmt != "clip-retrieval":  # it was ignored without a word: the parquet export is one file
+        raise UsageError("--shard-rows is for --format clip-retrieval (rows per img_emb/metadata pair); a parquet "
+                         "export is one file: leave --shard-rows out, or add --format clip-retrieval")
     engine = open_index(index_dir)
     named = []
     for root in roots:  # as `forget` resolves them: relative, with a trailing slash, through symlinks

@@ -464,6 +464,36 @@ def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_i
     assert "bf16" in compiled
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("earlier, clears", [((), 0), (("--backend", "openvino"), 1)])
+def test_measuring_a_drifting_bf16_text_tower_clears_the_compiled_graphs_once_at_most(tiny_model, tmp_path, exported_cache,
+                                                                                      monkeypatch, earlier, clears):
+    """The first `query --precision bf16` over an exported cache loads the bf16 text tower four times (the cold
+    path's head start and its own try, then the checkpoint's, before and after its fp32 check), and each failed
+    check said "clearing OpenVINO's compiled graphs" and compiled again: four warnings for one measurement. Graphs
+    this process compiled are not damaged: their failure is the precision's drift. A graph an earlier run compiled
+    may be: cleared once, saying why."""
+    from alignsearch.encoders import onnxrun, resolve
+
+    if not backend.openvino_installed():
+        pytest.skip("openvino is not installed")
+    make_images(tmp_path / "photos", 3)
+    index_json(tmp_path / "ix", tmp_path / "photos", "--model", tiny_model, "--device", "cpu")
+    if earlier:  # an earlier query compiled the text graph (at fp32: OpenVINO keeps one graph for f32 and bf16)
+        run("query", "dog", "--index", tmp_path / "ix", *earlier)
+    monkeypatch.setattr(onnxrun, "_COMPILED_HERE", set(), raising=False)  # the query below is another run than those
+    monkeypatch.setattr(resolve, "openvino_bf16", lambda: True)
+    monkeypatch.setitem(onnxrun.FLOOR, "bf16", 2.0)  # drifts on every CPU
+    cleared, real_clear = [], onnxrun.clear_folder
+    monkeypatch.setattr(onnxrun, "clear_folder", lambda folder: cleared.append(folder.name) or real_clear(folder))
+    out = run("query", "dog", "--index", tmp_path / "ix", "--precision", "bf16")
+    said = [line for line in out.stderr.splitlines() if "compiled" in line]
+    assert len(cleared) == len(said) == clears, (cleared, out.stderr)
+    assert all("compiled by an earlier run" in line and "clearing" in line for line in said), said
+    assert "text at fp32" in out.stderr and onnxrun.rejected(onnx_manifest(next(exported_cache.glob("onnx/*"))),
+                                                             "bf16", "openvino")
+
+
 def test_index_refuses_int8(tiny_model, tmp_path):
     make_images(tmp_path / "c", 2)
     out = run("index", tmp_path / "c", "--index", tmp_path / "ix", "--model", tiny_model, "--precision", "int8",

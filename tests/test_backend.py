@@ -465,6 +465,38 @@ def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_i
 
 
 @pytest.mark.slow
+def test_a_bf16_vision_tower_that_drifts_is_refused_once_and_remembered_as_texts_is(tiny_model, tmp_path, cache,
+                                                                                   monkeypatch):
+    """`index --precision bf16` on a model whose bf16 images drift past their floor: the refusal was not
+    remembered (text's only), so every run compiled and measured bf16 again, exported the vision tower again and
+    ran the whole model on torch. Now the images run at fp32 on OpenVINO, and later runs know it without
+    measuring. Forced (the floor above any cosine), so this does not depend on the CPU's bf16."""
+    from alignsearch.encoders import onnxexport, onnxrun, resolve
+
+    if not backend.openvino_installed():
+        pytest.skip("openvino is not installed")
+    monkeypatch.setattr(resolve, "openvino_bf16", lambda: True)
+    monkeypatch.setitem(onnxrun.FLOOR, "bf16", 2.0)
+    compiled, exported = [], []
+    real_ov, real_export = onnxrun._openvino, onnxexport._export
+    monkeypatch.setattr(onnxrun, "_openvino",
+                        lambda path, precision: compiled.append((path.stem, precision)) or real_ov(path, precision))
+    monkeypatch.setattr(onnxexport, "_export", lambda *a, **k: exported.append(Path(a[2]).name) or real_export(*a, **k))
+    make_images(tmp_path / "photos", 3)
+    make_images(tmp_path / "more", 2, seed=5)
+    index = ("--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu", "--precision", "bf16")
+    first = run("index", tmp_path / "photos", *index)
+    assert ("vision-fp32", "bf16") in compiled, first.stderr  # measured
+    compiled.clear(), exported.clear()
+    second = json.loads(run("index", tmp_path / "photos", tmp_path / "more", *index, "--json").stdout)
+    assert second["added"] == 2 and ("vision-fp32", "bf16") not in compiled and exported == [], (compiled, exported)
+    assert (second["encoder"]["backend"], second["encoder"]["image_precision"]) == ("openvino", "fp32"), second["encoder"]
+    manifest = onnx_manifest(next(cache.glob("onnx/*")))
+    assert "vision-fp32" in onnxrun.rejected(manifest, "bf16", "openvino", "vision")  # its own record, beside text's
+    assert "images at fp32" in first.stderr and "on torch" not in first.stderr, first.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("earlier, clears", [((), 0), (("--backend", "openvino"), 1)])
 def test_measuring_a_drifting_bf16_text_tower_clears_the_compiled_graphs_once_at_most(tiny_model, tmp_path, exported_cache,
                                                                                       monkeypatch, earlier, clears):

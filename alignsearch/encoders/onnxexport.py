@@ -195,12 +195,12 @@ class Exporter:
             self._reject(precision, engine, why)
             raise
 
-    def _reject(self, precision: str, engine: str, why: OnnxUnusable) -> None:
-        """Remember that the text tower drifts too far at `precision` on `engine` (one rule for int8 and bf16),
-        with where it was measured (onnxrun.measured_on): later runs go straight to exact text, and measure
-        again only for other weights, another export version, CPU or engine version. A file made for that
-        precision alone (int8's) is deleted."""
-        key, own, on = rejection_key(precision, engine), f"text-{precision}", measured_on(engine)
+    def _reject(self, precision: str, engine: str, why: OnnxUnusable, tower: str = "text") -> None:
+        """Remember that `tower` ("text" or "vision") drifts too far at `precision` on `engine` (one rule for
+        int8 and bf16, text and images), with where it was measured (onnxrun.measured_on): later runs go
+        straight to fp32 on that engine, and measure again only for other weights, another export version, CPU
+        or engine version. A file made for that precision alone (int8's) is deleted."""
+        key, own, on = rejection_key(precision, engine, tower), f"{tower}-{precision}", measured_on(engine)
         if own in FILES:  # int8's file (bf16 computes the checked fp32 one, kept)
             (self.folder / FILES[own]).unlink(missing_ok=True)
             self.manifest["files"].pop(own, None)
@@ -214,14 +214,28 @@ class Exporter:
             pass  # measured again next time
 
     def vision(self, engine: str = "onnx", precision: str = "fp32") -> Tower:
+        """The vision tower at fp32 (bf16: fp32 on OpenVINO) on `engine`, exported when not cached or not right.
+        bf16 is measured as text's precisions are (text): once, on a checked fp32 tower (a damaged file is
+        exported again, not taken for drift), and a refusal is remembered (_reject): without that, every run
+        measured it again, exported the vision tower again and ran the whole model on torch."""
         size = self.enc.spec.output_size
+        why = rejected(self.manifest, precision, engine, "vision") if precision != "fp32" else None
+        if why:  # measured: the images drift at this precision here; no compiling or export again
+            raise OnnxUnusable(why)
         try:
             return load_vision(self.folder, self.manifest, size, engine, precision)
         except (OnnxUnusable, KeyError) as why:
             if records.exists(self.folder):
-                log.info("re-exporting the vision tower: %s", why)
-        self._write(self._make_vision, "vision-fp32")
-        return load_vision(self.folder, self.manifest, size, engine, precision)
+                log.info("the cached vision tower is not used at %s (made or measured again): %s", precision, why)
+        if precision == "fp32":
+            self._write(self._make_vision, "vision-fp32")
+            return load_vision(self.folder, self.manifest, size, engine, precision)
+        self.vision(engine)  # a checked fp32 tower: the one bf16 computes
+        try:
+            return load_vision(self.folder, self.manifest, size, engine, precision)
+        except OnnxUnusable as why:
+            self._reject(precision, engine, why, "vision")
+            raise
 
     def vision_speed(self, engines: tuple[str, ...]) -> dict:
         """Images per second of each engine ("onnx", "openvino", "torch"; fp32) for the vision tower on this

@@ -81,10 +81,11 @@ def machine() -> str:
 ENGINE_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
-def rejection_key(precision: str, engine: str) -> str:
-    """The name a text tower's refusal at `precision` on `engine` is remembered under. ONNX Runtime's is the
-    one int8 refusals had before engines were named ("text-int8"), so those stay remembered."""
-    return f"text-{precision}" if engine == "onnx" else f"text-{precision}-{engine}"
+def rejection_key(precision: str, engine: str, tower: str = "text") -> str:
+    """The name a tower's ("text" or "vision") refusal at `precision` on `engine` is remembered under. ONNX
+    Runtime's text one is the one int8 refusals had before engines were named ("text-int8"), so those stay
+    remembered."""
+    return f"{tower}-{precision}" if engine == "onnx" else f"{tower}-{precision}-{engine}"
 
 
 def measured_on(engine: str) -> dict:
@@ -100,12 +101,12 @@ def measured_on(engine: str) -> dict:
     return {"machine": machine(), "engine": engine, "version": version}
 
 
-def rejected(manifest: dict, precision: str, engine: str) -> str | None:
-    """Why the text tower at `precision` on `engine` was refused when measured against torch (remembered by
-    onnxexport.Exporter, the same way for every precision), or None: never measured, measured good, or measured
-    on another CPU or engine version. A refusal recorded before records said where (int8's, by older versions)
-    holds, as it did then."""
-    key = rejection_key(precision, engine)
+def rejected(manifest: dict, precision: str, engine: str, tower: str = "text") -> str | None:
+    """Why `tower` ("text" or "vision") at `precision` on `engine` was refused when measured against torch
+    (remembered by onnxexport.Exporter, the same way for every precision and tower), or None: never measured,
+    measured good, or measured on another CPU or engine version. A refusal recorded before records said where
+    (int8's, by older versions) holds, as it did then."""
+    key = rejection_key(precision, engine, tower)
     why = (manifest.get("rejected") or {}).get(key)
     if why is None:
         return None

@@ -3,7 +3,7 @@
 A cache folder (backend.onnx_dir) keeps its records in records/: model.json (what the exports are of: the
 model's identity, preprocessing and sizes), file-KEY.json per exported file (its size, time and SHA-256,
 and what it needs to be checked: the probes torch answered for a tower, the pad token for tokenizer.json),
-rejected-KEY.json (a tower measured unusable at a precision: int8 or bf16 text that drifts, and where:
+rejected-KEY.json (a tower measured unusable at a precision: int8 or bf16 text, bf16 images, that drift, and where:
 the CPU and engine version), speed-MACHINE.json (the vision tower's measured engine rates on one CPU) and
 checkpoint-PLACE.json (the stamp of a checkpoint folder these weights were loaded from). Two processes
 exporting different towers each write their own record, so neither needs a lock nor a merge, and a crash

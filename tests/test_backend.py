@@ -422,6 +422,36 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
     assert light is not None and light.text_only and light.plan.text == "fp32" and "text-int8" in light.plan.why
 
 
+@pytest.mark.parametrize("quantizes", [False, True])
+def test_an_int8_refusal_recorded_before_records_said_where_is_measured_again_once(tiny_model, tmp_path, cache,
+                                                                                  monkeypatch, quantizes):
+    """A rejected-text-int8.json without "on" (written before refusals said where they were measured) held on
+    every CPU and ONNX Runtime for ever: int8 was never measured again. It is measured once, and the
+    measurement replaces it: a refusal that says where, or (int8 passes now) no refusal."""
+    from alignsearch.encoders import onnxrun, records
+
+    model = build_tiny_align(tmp_path / "m", text_init=0.02, text_hidden=64) if quantizes else tiny_model
+    Encoder(str(model), device="cpu").encode_text(["a dog"])
+    folder = next(cache.glob("onnx/*"))
+    identity = json.loads((folder / "records" / "model.json").read_text())
+    old = folder / "records" / "rejected-text-int8.json"
+    old.write_text(json.dumps({"why": "an old refusal", records.OF: records.of_export(identity)}))
+    assert onnxrun.read_manifest(folder)["rejected"] == {"text-int8": "an old refusal"}  # read as it is
+    enc = Encoder(str(model), device="cpu", precision="int8")
+    enc.encode_text(TEXTS)
+    assert enc.plan.text == ("int8" if quantizes else "fp32") and "an old refusal" not in enc.plan.why, enc.plan
+    manifest = onnx_manifest(folder)
+    assert "an old refusal" not in json.dumps(manifest)
+    assert bool(onnxrun.rejected(manifest, "int8", "onnx")) is not quantizes  # the measurement, recorded with where
+    import onnxruntime.quantization
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized again")))
+    again = Encoder(str(model), device="cpu", precision="int8")
+    again.encode_text(["a dog"])
+    assert again.plan.text == enc.plan.text and "quantized again" not in again.plan.why  # measured once
+
+
 @pytest.mark.slow
 def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_is(tiny_model, tmp_path, cache,
                                                                                      monkeypatch):

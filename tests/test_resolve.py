@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from alignsearch.encoders import backend, records, resolve
+from alignsearch.encoders import backend, onnxrun, records, resolve
 from alignsearch.encoders.backend import EncoderOptions, Plan
 from alignsearch.encoders.onnxrun import OnnxUnusable
 from alignsearch.errors import BadInputError, ModelMismatchError
@@ -134,7 +134,8 @@ def test_a_cache_runs_int8_text_at_fp32_only_where_int8_was_measured_and_refused
         return resolve.Towers(Plan("onnx", "int8", "fp32"), EncoderOptions(device="cpu", precision="int8"),
                               resolve.Cached(tmp_path, manifest, None, load_full))
 
-    refused = towers({**MANIFEST, "rejected": {"text-int8": "cosine 0.98 (needs 0.99)"}})
+    here = {"text-int8": onnxrun.measured_on("onnx")}  # measured on this CPU and ONNX Runtime
+    refused = towers({**MANIFEST, "rejected": {"text-int8": "cosine 0.98 (needs 0.99)"}, "rejected_on": here})
     assert refused.get("text") is None and loads == [1]  # no tower files here at all: fp32 fails too
     assert _warnings(caplog) == ["text at fp32: cosine 0.98 (needs 0.99)",
                                  f"loading the checkpoint: no exported tokenizer in {tmp_path}"]
@@ -144,6 +145,10 @@ def test_a_cache_runs_int8_text_at_fp32_only_where_int8_was_measured_and_refused
     assert _warnings(caplog) == [f"loading the checkpoint: no exported tokenizer in {tmp_path}"]  # no fp32 step
     damaged = towers({**MANIFEST, "rejected": ["not", "a", "mapping"]})
     assert damaged.get("text") is None and loads == [1, 1, 1]  # damage is a tower that cannot be used
+    caplog.clear()
+    unplaced = towers({**MANIFEST, "rejected": {"text-int8": "cosine 0.98 (needs 0.99)"}})  # written before "on"
+    assert unplaced.get("text") is None and loads == [1, 1, 1, 1]  # measured again by the checkpoint, once
+    assert _warnings(caplog) == [f"loading the checkpoint: no exported tokenizer in {tmp_path}"]
 
 
 def test_text_runs_torch_free_where_the_plan_puts_it_on_an_exported_engine(monkeypatch):

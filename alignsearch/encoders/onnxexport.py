@@ -179,7 +179,7 @@ class Exporter:
         if why:  # measured: this model drifts at this precision here; no compiling, quantizing or export again
             raise OnnxUnusable(why)
         try:
-            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+            return self._passed(load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine), engine)
         except (OnnxUnusable, KeyError) as why:
             if records.exists(self.folder):
                 log.info("the cached %s text tower is not used (made or measured again): %s", precision, why)
@@ -190,10 +190,22 @@ class Exporter:
         if precision == "int8":
             self._write(self._make_int8, "text-int8")
         try:
-            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+            return self._passed(load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine), engine)
         except OnnxUnusable as why:
             self._reject(precision, engine, why)
             raise
+
+    def _passed(self, tower: Tower, engine: str) -> Tower:
+        """`tower`, which passed its probes: a refusal of it recorded without where it was measured (by an older
+        version: onnxrun.rejected measures it again) is dropped, so the record says what was measured here."""
+        key = rejection_key(tower.precision, engine, tower.key.split("-")[0])
+        if key in self.manifest.get("rejected", {}) and key not in self.manifest.get("rejected_on", {}):
+            self.manifest["rejected"].pop(key)
+            try:
+                self.records.drop_rejected(key)
+            except OSError:
+                pass  # dropped next time
+        return tower
 
     def _reject(self, precision: str, engine: str, why: OnnxUnusable, tower: str = "text") -> None:
         """Remember that `tower` ("text" or "vision") drifts too far at `precision` on `engine` (one rule for
@@ -223,7 +235,7 @@ class Exporter:
         if why:  # measured: the images drift at this precision here; no compiling or export again
             raise OnnxUnusable(why)
         try:
-            return load_vision(self.folder, self.manifest, size, engine, precision)
+            return self._passed(load_vision(self.folder, self.manifest, size, engine, precision), engine)
         except (OnnxUnusable, KeyError) as why:
             if records.exists(self.folder):
                 log.info("the cached vision tower is not used at %s (made or measured again): %s", precision, why)
@@ -232,7 +244,7 @@ class Exporter:
             return load_vision(self.folder, self.manifest, size, engine, precision)
         self.vision(engine)  # a checked fp32 tower: the one bf16 computes
         try:
-            return load_vision(self.folder, self.manifest, size, engine, precision)
+            return self._passed(load_vision(self.folder, self.manifest, size, engine, precision), engine)
         except OnnxUnusable as why:
             self._reject(precision, engine, why, "vision")
             raise

@@ -105,13 +105,16 @@ def rejected(manifest: dict, precision: str, engine: str, tower: str = "text") -
     """Why `tower` ("text" or "vision") at `precision` on `engine` was refused when measured against torch
     (remembered by onnxexport.Exporter, the same way for every precision and tower), or None: never measured,
     measured good, or measured on another CPU or engine version. A refusal recorded before records said where
-    (int8's, by older versions) holds, as it did then."""
+    (int8's, by older versions, or converted from the single manifest.json) was measured on a CPU and ONNX
+    Runtime nobody knows, and int8's arithmetic depends on both (VNNI or not, the version's kernels): it held
+    everywhere for ever, so int8 was never measured again. It is measured again once here, as one from another
+    CPU is; the measurement then replaces it (Exporter: a refusal recorded with where, or the old record dropped)."""
     key = rejection_key(precision, engine, tower)
     why = (manifest.get("rejected") or {}).get(key)
     if why is None:
         return None
     on = (manifest.get("rejected_on") or {}).get(key)
-    return str(why) if on is None or on == measured_on(engine) else None
+    return str(why) if on is not None and on == measured_on(engine) else None
 
 
 def read_manifest(folder: Path) -> dict | None:

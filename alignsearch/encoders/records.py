@@ -192,6 +192,11 @@ class Writer:
         self._prepare()
         self._put(f"rejected-{key}.json", {"why": why, **({"on": on} if on is not None else {})})
 
+    def drop_rejected(self, key: str) -> None:
+        """Forget a refusal recorded without where it was measured (measured again: onnxrun.rejected)."""
+        self._prepare()  # an older manifest.json is converted first, or its refusal would come back
+        (self.folder / FOLDER / f"rejected-{key}.json").unlink(missing_ok=True)
+
     def speed(self, machine: str, speed: dict) -> None:
         self._prepare()
         self._put(f"speed-{_digest(machine)}.json", {"machine": machine, "speed": speed})

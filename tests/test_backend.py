@@ -452,6 +452,49 @@ def test_an_int8_refusal_recorded_before_records_said_where_is_measured_again_on
     assert again.plan.text == enc.plan.text and "quantized again" not in again.plan.why  # measured once
 
 
+def test_machines_sharing_a_cache_each_keep_their_own_refusal(tiny_model, exported_cache, monkeypatch):
+    """A cache shared by machines of two CPUs (an NFS home): the int8 refusal was one record per key, which each
+    machine overwrote with its own, so each measured (quantized) again whenever the other had run in between."""
+    from alignsearch.encoders import onnxrun
+    import onnxruntime.quantization
+
+    where, quantized = ["Xeon A [amx_bf16 avx512_vnni]"], []
+    monkeypatch.setattr(onnxrun, "numerics", lambda: where[0], raising=False)
+    monkeypatch.setattr(onnxrun, "machine", lambda: f"{where[0]} x16")  # what the key held before, faked alike
+    real = onnxruntime.quantization.quantize_dynamic
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
+                        lambda *a, **k: quantized.append(where[0]) or real(*a, **k))
+    for cpu in ("Xeon A [amx_bf16 avx512_vnni]", "EPYC B [avx2]") * 2:
+        where[0] = cpu
+        enc = Encoder(str(tiny_model), device="cpu", precision="int8")
+        enc.encode_text(["a dog"])
+        assert enc.plan.text == "fp32" and "text-int8" in enc.plan.why
+    assert quantized == ["Xeon A [amx_bf16 avx512_vnni]", "EPYC B [avx2]"]  # once each, then each reuses its own
+    manifest = onnx_manifest(next(exported_cache.glob("onnx/*")))
+    assert sorted(r["on"]["machine"] for r in manifest["refusals"]["text-int8"]) == ["EPYC B [avx2]",
+                                                                                  "Xeon A [amx_bf16 avx512_vnni]"]
+
+
+def test_a_refusal_is_keyed_by_the_cpu_model_and_its_numeric_instruction_sets_not_its_core_count(tmp_path, monkeypatch):
+    """bf16 and int8 arithmetic depend on the CPU's model and instruction sets (a hypervisor may hide AMX under the
+    same model name); its core count changes the vision tower's speed, not the numbers."""
+    from alignsearch.encoders import onnxrun
+
+    def cpuinfo(name: str, cores: int, flags: str) -> str:
+        (tmp_path / name).write_text("".join(f"processor\t: {i}\nmodel name\t: Xeon X\nflags\t\t: {flags}\n\n"
+                                             for i in range(cores)))
+        return str(tmp_path / name)
+
+    small = onnxrun.numerics(cpuinfo("small", 2, "fpu sse4_2 avx2 avx512f avx512_bf16 amx_bf16"))
+    large = onnxrun.numerics(cpuinfo("large", 64, "fpu sse4_2 avx2 avx512f avx512_bf16 amx_bf16 ht"))
+    hidden = onnxrun.numerics(cpuinfo("vm", 2, "fpu sse4_2 avx2 avx512f"))
+    assert small == large != hidden and small.startswith("Xeon X")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    two = onnxrun.measured_on("onnx"), onnxrun.machine()
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert onnxrun.measured_on("onnx") == two[0] and onnxrun.machine() != two[1]  # speed per core count, not parity
+
+
 @pytest.mark.slow
 def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_is(tiny_model, tmp_path, cache,
                                                                                      monkeypatch):
@@ -485,10 +528,11 @@ def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_i
     assert onnxrun.rejected(manifest, "bf16", "openvino") and "text-fp32" in manifest["files"]
     # measured again on another OpenVINO version or CPU (weights and export version: another folder or export)
     key = onnxrun.rejection_key("bf16", "openvino")
+    (refusal,) = manifest["refusals"][key]
     for changed in ({"version": "0.0"}, {"machine": "another CPU"}):
-        other = {**manifest, "rejected_on": {key: {**manifest["rejected_on"][key], **changed}}}
+        other = {**manifest, "refusals": {key: [{**refusal, "on": {**refusal["on"], **changed}}]}}
         assert onnxrun.rejected(other, "bf16", "openvino") is None
-    monkeypatch.setattr(onnxrun, "machine", lambda: "another CPU")
+    monkeypatch.setattr(onnxrun, "numerics", lambda: "another CPU")
     compiled.clear()
     run(*query)
     assert "bf16" in compiled

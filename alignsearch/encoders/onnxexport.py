@@ -199,8 +199,12 @@ class Exporter:
         """`tower`, which passed its probes: a refusal of it recorded without where it was measured (by an older
         version: onnxrun.rejected measures it again) is dropped, so the record says what was measured here."""
         key = rejection_key(tower.precision, engine, tower.key.split("-")[0])
-        if key in self.manifest.get("rejected", {}) and key not in self.manifest.get("rejected_on", {}):
-            self.manifest["rejected"].pop(key)
+        refusals = self.manifest.get("refusals", {}).get(key)
+        if key in self.manifest.get("rejected", {}) and (refusals is None or any(r.get("on") is None for r in refusals)):
+            placed = [r for r in refusals or () if r.get("on") is not None]  # other places' refusals stay
+            self.manifest.setdefault("refusals", {})[key] = placed
+            if not placed:
+                self.manifest["rejected"].pop(key)
             try:
                 self.records.drop_rejected(key)
             except OSError:
@@ -217,7 +221,8 @@ class Exporter:
             (self.folder / FILES[own]).unlink(missing_ok=True)
             self.manifest["files"].pop(own, None)
         self.manifest.setdefault("rejected", {})[key] = str(why)
-        self.manifest.setdefault("rejected_on", {})[key] = on
+        refusals = self.manifest.setdefault("refusals", {})  # other places' stay; an unplaced one is replaced
+        refusals[key] = [r for r in refusals.get(key, []) if r.get("on") not in (None, on)] + [{"why": str(why), "on": on}]
         try:
             if own in FILES:
                 self.records.drop_file(own)

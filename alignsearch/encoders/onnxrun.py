@@ -64,18 +64,47 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (normalise(a) * normalise(b)).sum(axis=1)
 
 
-def machine() -> str:
-    """The CPU model and core count: what decides whether ONNX Runtime or torch is faster."""
-    import os
+CPUINFO = "/proc/cpuinfo"
+# The instruction sets that change what a bf16 or int8 kernel computes (x86 flags, ARM features, as /proc/cpuinfo
+# names them): AVX512-BF16 or AMX runs bf16 natively where others round through f32; VNNI takes another int8
+# path than AVX2's u8s8 (which saturates). A hypervisor can hide some under the same model name.
+NUMERIC_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx_vnni_int8",
+                           "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+                           "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2", "svebf16", "svei8mm"})
+
+
+def _cpuinfo(path: str = CPUINFO) -> tuple[str, set[str]]:
+    """The CPU's model name and its flags (x86) or features (ARM), from the first core's lines (every core
+    repeats them); the platform's name where there is no /proc/cpuinfo (macOS), with no flags."""
     import platform
 
-    model = platform.processor() or platform.machine()
+    found: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                found.setdefault("flags" if name.strip() == "Features" else name.strip(), value.strip())
+                if "model name" in found and "flags" in found:
+                    break  # the other cores' lines repeat the first's (thousands on a large server)
     except OSError:
         pass
-    return f"{model} x{os.cpu_count()}"
+    return found.get("model name") or platform.processor() or platform.machine(), set(found.get("flags", "").split())
+
+
+def machine() -> str:
+    """The CPU model and core count: what decides whether ONNX Runtime or torch is faster (the vision tower's
+    measured rates are kept per machine)."""
+    import os
+
+    return f"{_cpuinfo()[0]} x{os.cpu_count()}"
+
+
+def numerics(cpuinfo: str = CPUINFO) -> str:
+    """What a precision's parity depends on in the CPU: its model and the instruction sets of NUMERIC_FLAGS it
+    has. Not its core count: more threads split a reduction differently, a rounding-level change (~1e-7) far
+    inside every floor, while a refusal remembered per core count was measured again on each size of one CPU."""
+    model, flags = _cpuinfo(cpuinfo)
+    return f"{model} [{' '.join(sorted(flags & NUMERIC_FLAGS))}]"
 
 
 ENGINE_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -90,15 +119,17 @@ def rejection_key(precision: str, engine: str, tower: str = "text") -> str:
 
 def measured_on(engine: str) -> dict:
     """What a precision's parity depends on besides the weights and the export (which the cache folder's name
-    and the records' export identity already key): this CPU (bf16 is AMX or AVX512-BF16 arithmetic) and the
-    engine's version. A refusal measured under other ones is measured again."""
+    and the records' export identity already key): this CPU's model and instruction sets (numerics: bf16 is AMX
+    or AVX512-BF16 arithmetic) and the engine's version. A refusal measured under other ones is measured again,
+    and kept beside theirs (one record per place: records.Writer.rejected), so machines that share a cache (an
+    NFS home) each reuse their own."""
     from importlib import metadata
 
     try:
         version = metadata.version(ENGINE_PACKAGES[engine])
     except metadata.PackageNotFoundError:
         version = None
-    return {"machine": machine(), "engine": engine, "version": version}
+    return {"machine": numerics(), "engine": engine, "version": version}
 
 
 def rejected(manifest: dict, precision: str, engine: str, tower: str = "text") -> str | None:
@@ -109,12 +140,11 @@ def rejected(manifest: dict, precision: str, engine: str, tower: str = "text") -
     Runtime nobody knows, and int8's arithmetic depends on both (VNNI or not, the version's kernels): it held
     everywhere for ever, so int8 was never measured again. It is measured again once here, as one from another
     CPU is; the measurement then replaces it (Exporter: a refusal recorded with where, or the old record dropped)."""
-    key = rejection_key(precision, engine, tower)
-    why = (manifest.get("rejected") or {}).get(key)
-    if why is None:
-        return None
-    on = (manifest.get("rejected_on") or {}).get(key)
-    return str(why) if on is not None and on == measured_on(engine) else None
+    here = measured_on(engine)
+    for refusal in (manifest.get("refusals") or {}).get(rejection_key(precision, engine, tower), ()):
+        if refusal.get("on") == here:
+            return str(refusal["why"])
+    return None
 
 
 def read_manifest(folder: Path) -> dict | None:

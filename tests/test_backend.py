@@ -422,6 +422,79 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
     assert light is not None and light.text_only and light.plan.text == "fp32" and "text-int8" in light.plan.why
 
 
+@pytest.mark.parametrize("quantizes", [False, True])
+def test_an_int8_refusal_recorded_before_records_said_where_is_measured_again_once(tiny_model, tmp_path, cache,
+                                                                                  monkeypatch, quantizes):
+    """A rejected-text-int8.json without "on" (written before refusals said where they were measured) held on
+    every CPU and ONNX Runtime for ever: int8 was never measured again. It is measured once, and the
+    measurement replaces it: a refusal that says where, or (int8 passes now) no refusal."""
+    from alignsearch.encoders import onnxrun, records
+
+    model = build_tiny_align(tmp_path / "m", text_init=0.02, text_hidden=64) if quantizes else tiny_model
+    Encoder(str(model), device="cpu").encode_text(["a dog"])
+    folder = next(cache.glob("onnx/*"))
+    identity = json.loads((folder / "records" / "model.json").read_text())
+    old = folder / "records" / "rejected-text-int8.json"
+    old.write_text(json.dumps({"why": "an old refusal", records.OF: records.of_export(identity)}))
+    assert onnxrun.read_manifest(folder)["rejected"] == {"text-int8": "an old refusal"}  # read as it is
+    enc = Encoder(str(model), device="cpu", precision="int8")
+    enc.encode_text(TEXTS)
+    assert enc.plan.text == ("int8" if quantizes else "fp32") and "an old refusal" not in enc.plan.why, enc.plan
+    manifest = onnx_manifest(folder)
+    assert "an old refusal" not in json.dumps(manifest)
+    assert bool(onnxrun.rejected(manifest, "int8", "onnx")) is not quantizes  # the measurement, recorded with where
+    import onnxruntime.quantization
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized again")))
+    again = Encoder(str(model), device="cpu", precision="int8")
+    again.encode_text(["a dog"])
+    assert again.plan.text == enc.plan.text and "quantized again" not in again.plan.why  # measured once
+
+
+def test_machines_sharing_a_cache_each_keep_their_own_refusal(tiny_model, exported_cache, monkeypatch):
+    """A cache shared by machines of two CPUs (an NFS home): the int8 refusal was one record per key, which each
+    machine overwrote with its own, so each measured (quantized) again whenever the other had run in between."""
+    from alignsearch.encoders import onnxrun
+    import onnxruntime.quantization
+
+    where, quantized = ["Xeon A [amx_bf16 avx512_vnni]"], []
+    monkeypatch.setattr(onnxrun, "numerics", lambda: where[0], raising=False)
+    monkeypatch.setattr(onnxrun, "machine", lambda: f"{where[0]} x16")  # what the key held before, faked alike
+    real = onnxruntime.quantization.quantize_dynamic
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
+                        lambda *a, **k: quantized.append(where[0]) or real(*a, **k))
+    for cpu in ("Xeon A [amx_bf16 avx512_vnni]", "EPYC B [avx2]") * 2:
+        where[0] = cpu
+        enc = Encoder(str(tiny_model), device="cpu", precision="int8")
+        enc.encode_text(["a dog"])
+        assert enc.plan.text == "fp32" and "text-int8" in enc.plan.why
+    assert quantized == ["Xeon A [amx_bf16 avx512_vnni]", "EPYC B [avx2]"]  # once each, then each reuses its own
+    manifest = onnx_manifest(next(exported_cache.glob("onnx/*")))
+    assert sorted(r["on"]["machine"] for r in manifest["refusals"]["text-int8"]) == ["EPYC B [avx2]",
+                                                                                  "Xeon A [amx_bf16 avx512_vnni]"]
+
+
+def test_a_refusal_is_keyed_by_the_cpu_model_and_its_numeric_instruction_sets_not_its_core_count(tmp_path, monkeypatch):
+    """bf16 and int8 arithmetic depend on the CPU's model and instruction sets (a hypervisor may hide AMX under the
+    same model name); its core count changes the vision tower's speed, not the numbers."""
+    from alignsearch.encoders import onnxrun
+
+    def cpuinfo(name: str, cores: int, flags: str) -> str:
+        (tmp_path / name).write_text("".join(f"processor\t: {i}\nmodel name\t: Xeon X\nflags\t\t: {flags}\n\n"
+                                             for i in range(cores)))
+        return str(tmp_path / name)
+
+    small = onnxrun.numerics(cpuinfo("small", 2, "fpu sse4_2 avx2 avx512f avx512_bf16 amx_bf16"))
+    large = onnxrun.numerics(cpuinfo("large", 64, "fpu sse4_2 avx2 avx512f avx512_bf16 amx_bf16 ht"))
+    hidden = onnxrun.numerics(cpuinfo("vm", 2, "fpu sse4_2 avx2 avx512f"))
+    assert small == large != hidden and small.startswith("Xeon X")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    two = onnxrun.measured_on("onnx"), onnxrun.machine()
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert onnxrun.measured_on("onnx") == two[0] and onnxrun.machine() != two[1]  # speed per core count, not parity
+
+
 @pytest.mark.slow
 def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_is(tiny_model, tmp_path, cache,
                                                                                      monkeypatch):
@@ -455,13 +528,76 @@ def test_a_bf16_text_tower_that_drifts_is_refused_once_and_remembered_as_int8s_i
     assert onnxrun.rejected(manifest, "bf16", "openvino") and "text-fp32" in manifest["files"]
     # measured again on another OpenVINO version or CPU (weights and export version: another folder or export)
     key = onnxrun.rejection_key("bf16", "openvino")
+    (refusal,) = manifest["refusals"][key]
     for changed in ({"version": "0.0"}, {"machine": "another CPU"}):
-        other = {**manifest, "rejected_on": {key: {**manifest["rejected_on"][key], **changed}}}
+        other = {**manifest, "refusals": {key: [{**refusal, "on": {**refusal["on"], **changed}}]}}
         assert onnxrun.rejected(other, "bf16", "openvino") is None
-    monkeypatch.setattr(onnxrun, "machine", lambda: "another CPU")
+    monkeypatch.setattr(onnxrun, "numerics", lambda: "another CPU")
     compiled.clear()
     run(*query)
     assert "bf16" in compiled
+
+
+@pytest.mark.slow
+def test_a_bf16_vision_tower_that_drifts_is_refused_once_and_remembered_as_texts_is(tiny_model, tmp_path, cache,
+                                                                                   monkeypatch):
+    """`index --precision bf16` on a model whose bf16 images drift past their floor: the refusal was not
+    remembered (text's only), so every run compiled and measured bf16 again, exported the vision tower again and
+    ran the whole model on torch. Now the images run at fp32 on OpenVINO, and later runs know it without
+    measuring. Forced (the floor above any cosine), so this does not depend on the CPU's bf16."""
+    from alignsearch.encoders import onnxexport, onnxrun, resolve
+
+    if not backend.openvino_installed():
+        pytest.skip("openvino is not installed")
+    monkeypatch.setattr(resolve, "openvino_bf16", lambda: True)
+    monkeypatch.setitem(onnxrun.FLOOR, "bf16", 2.0)
+    compiled, exported = [], []
+    real_ov, real_export = onnxrun._openvino, onnxexport._export
+    monkeypatch.setattr(onnxrun, "_openvino",
+                        lambda path, precision: compiled.append((path.stem, precision)) or real_ov(path, precision))
+    monkeypatch.setattr(onnxexport, "_export", lambda *a, **k: exported.append(Path(a[2]).name) or real_export(*a, **k))
+    make_images(tmp_path / "photos", 3)
+    make_images(tmp_path / "more", 2, seed=5)
+    index = ("--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu", "--precision", "bf16")
+    first = run("index", tmp_path / "photos", *index)
+    assert ("vision-fp32", "bf16") in compiled, first.stderr  # measured
+    compiled.clear(), exported.clear()
+    second = json.loads(run("index", tmp_path / "photos", tmp_path / "more", *index, "--json").stdout)
+    assert second["added"] == 2 and ("vision-fp32", "bf16") not in compiled and exported == [], (compiled, exported)
+    assert (second["encoder"]["backend"], second["encoder"]["image_precision"]) == ("openvino", "fp32"), second["encoder"]
+    manifest = onnx_manifest(next(cache.glob("onnx/*")))
+    assert "vision-fp32" in onnxrun.rejected(manifest, "bf16", "openvino", "vision")  # its own record, beside text's
+    assert "images at fp32" in first.stderr and "on torch" not in first.stderr, first.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("earlier, clears", [((), 0), (("--backend", "openvino"), 1)])
+def test_measuring_a_drifting_bf16_text_tower_clears_the_compiled_graphs_once_at_most(tiny_model, tmp_path, exported_cache,
+                                                                                      monkeypatch, earlier, clears):
+    """The first `query --precision bf16` over an exported cache loads the bf16 text tower four times (the cold
+    path's head start and its own try, then the checkpoint's, before and after its fp32 check), and each failed
+    check said "clearing OpenVINO's compiled graphs" and compiled again: four warnings for one measurement. Graphs
+    this process compiled are not damaged: their failure is the precision's drift. A graph an earlier run compiled
+    may be: cleared once, saying why."""
+    from alignsearch.encoders import onnxrun, resolve
+
+    if not backend.openvino_installed():
+        pytest.skip("openvino is not installed")
+    make_images(tmp_path / "photos", 3)
+    index_json(tmp_path / "ix", tmp_path / "photos", "--model", tiny_model, "--device", "cpu")
+    if earlier:  # an earlier query compiled the text graph (at fp32: OpenVINO keeps one graph for f32 and bf16)
+        run("query", "dog", "--index", tmp_path / "ix", *earlier)
+    monkeypatch.setattr(onnxrun, "_COMPILED_HERE", set(), raising=False)  # the query below is another run than those
+    monkeypatch.setattr(resolve, "openvino_bf16", lambda: True)
+    monkeypatch.setitem(onnxrun.FLOOR, "bf16", 2.0)  # drifts on every CPU
+    cleared, real_clear = [], onnxrun.clear_folder
+    monkeypatch.setattr(onnxrun, "clear_folder", lambda folder: cleared.append(folder.name) or real_clear(folder))
+    out = run("query", "dog", "--index", tmp_path / "ix", "--precision", "bf16")
+    said = [line for line in out.stderr.splitlines() if "compiled" in line]
+    assert len(cleared) == len(said) == clears, (cleared, out.stderr)
+    assert all("compiled by an earlier run" in line and "clearing" in line for line in said), said
+    assert "text at fp32" in out.stderr and onnxrun.rejected(onnx_manifest(next(exported_cache.glob("onnx/*"))),
+                                                             "bf16", "openvino")
 
 
 def test_index_refuses_int8(tiny_model, tmp_path):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from alignsearch.encoders import backend, records, resolve
+from alignsearch.encoders import backend, onnxrun, records, resolve
 from alignsearch.encoders.backend import EncoderOptions, Plan
 from alignsearch.encoders.onnxrun import OnnxUnusable
 from alignsearch.errors import BadInputError, ModelMismatchError
@@ -134,7 +134,9 @@ def test_a_cache_runs_int8_text_at_fp32_only_where_int8_was_measured_and_refused
         return resolve.Towers(Plan("onnx", "int8", "fp32"), EncoderOptions(device="cpu", precision="int8"),
                               resolve.Cached(tmp_path, manifest, None, load_full))
 
-    refused = towers({**MANIFEST, "rejected": {"text-int8": "cosine 0.98 (needs 0.99)"}})
+    why = "cosine 0.98 (needs 0.99)"  # measured on another CPU, and on this one and its ONNX Runtime
+    here = {"text-int8": [{"why": "elsewhere", "on": {"machine": "another CPU"}}, {"why": why, "on": onnxrun.measured_on("onnx")}]}
+    refused = towers({**MANIFEST, "rejected": {"text-int8": why}, "refusals": here})
     assert refused.get("text") is None and loads == [1]  # no tower files here at all: fp32 fails too
     assert _warnings(caplog) == ["text at fp32: cosine 0.98 (needs 0.99)",
                                  f"loading the checkpoint: no exported tokenizer in {tmp_path}"]
@@ -144,6 +146,10 @@ def test_a_cache_runs_int8_text_at_fp32_only_where_int8_was_measured_and_refused
     assert _warnings(caplog) == [f"loading the checkpoint: no exported tokenizer in {tmp_path}"]  # no fp32 step
     damaged = towers({**MANIFEST, "rejected": ["not", "a", "mapping"]})
     assert damaged.get("text") is None and loads == [1, 1, 1]  # damage is a tower that cannot be used
+    caplog.clear()
+    unplaced = towers({**MANIFEST, "rejected": {"text-int8": "cosine 0.98 (needs 0.99)"}})  # written before "on"
+    assert unplaced.get("text") is None and loads == [1, 1, 1, 1]  # measured again by the checkpoint, once
+    assert _warnings(caplog) == [f"loading the checkpoint: no exported tokenizer in {tmp_path}"]
 
 
 def test_text_runs_torch_free_where_the_plan_puts_it_on_an_exported_engine(monkeypatch):
@@ -197,7 +203,7 @@ def test_each_artefact_has_its_own_record_and_two_writers_keep_both(tmp_path):
     b.file("text-fp32", {"size": 2}, {"probes": {"texts": ["x"], "text": [[2.0]]}})
     b.file("tokenizer", {"size": 3}, {"tokenizer": {"pad_id": 0, "pad_token": "<pad>"}})
     a.speed("cpu x2", {"onnx": 1.0})
-    b.rejected("text-int8", "drifts")
+    b.rejected("text-int8", "drifts", {"machine": "cpu", "engine": "onnx", "version": "1"})
     for i in range(records.MAX_CHECKPOINTS + 2):
         a.checkpoint({"path": f"/m{i}", "files": {}})
     m = records.read(tmp_path)
@@ -208,6 +214,21 @@ def test_each_artefact_has_its_own_record_and_two_writers_keep_both(tmp_path):
     assert m["vision_speed"] == {"cpu x2": {"onnx": 1.0}}
     assert [c["path"] for c in m["checkpoints"]] == [f"/m{i}" for i in range(2, records.MAX_CHECKPOINTS + 2)]
     assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("records/.*"))  # no leftovers
+
+
+def test_a_refusal_is_kept_per_place_and_replaces_one_written_before_refusals_said_where(tmp_path):
+    w = records.Writer(tmp_path, MODEL)
+    w._prepare()
+    w._put("rejected-text-int8.json", {"why": "old"})  # as an older version wrote it
+    assert records.read(tmp_path)["refusals"] == {"text-int8": [{"why": "old", "on": None}]}
+    places = [{"machine": f"cpu {i}", "engine": "onnx", "version": "1"} for i in range(records.MAX_PLACES + 2)]
+    for i, on in enumerate(places):
+        w.rejected("text-int8", f"drifts {i}", on)
+    w.rejected("text-int8", "drifts again", places[-1])  # the same place measured again: its record replaced
+    m = records.read(tmp_path)
+    assert [r["on"] for r in m["refusals"]["text-int8"]] == places[2:]  # the latest places, and no "old"
+    assert m["refusals"]["text-int8"][-1]["why"] == m["rejected"]["text-int8"] == "drifts again"
+    assert len(list(tmp_path.glob("records/rejected-*"))) == records.MAX_PLACES
 
 
 def test_a_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -179,7 +179,7 @@ class Exporter:
         if why:  # measured: this model drifts at this precision here; no compiling, quantizing or export again
             raise OnnxUnusable(why)
         try:
-            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+            return self._passed(load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine), engine)
         except (OnnxUnusable, KeyError) as why:
             if records.exists(self.folder):
                 log.info("the cached %s text tower is not used (made or measured again): %s", precision, why)
@@ -190,22 +190,39 @@ class Exporter:
         if precision == "int8":
             self._write(self._make_int8, "text-int8")
         try:
-            return load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine)
+            return self._passed(load_text(self.folder, self.manifest, precision, self._tokenize, engine=engine), engine)
         except OnnxUnusable as why:
             self._reject(precision, engine, why)
             raise
 
-    def _reject(self, precision: str, engine: str, why: OnnxUnusable) -> None:
-        """Remember that the text tower drifts too far at `precision` on `engine` (one rule for int8 and bf16),
-        with where it was measured (onnxrun.measured_on): later runs go straight to exact text, and measure
-        again only for other weights, another export version, CPU or engine version. A file made for that
-        precision alone (int8's) is deleted."""
-        key, own, on = rejection_key(precision, engine), f"text-{precision}", measured_on(engine)
+    def _passed(self, tower: Tower, engine: str) -> Tower:
+        """`tower`, which passed its probes: a refusal of it recorded without where it was measured (by an older
+        version: onnxrun.rejected measures it again) is dropped, so the record says what was measured here."""
+        key = rejection_key(tower.precision, engine, tower.key.split("-")[0])
+        refusals = self.manifest.get("refusals", {}).get(key)
+        if key in self.manifest.get("rejected", {}) and (refusals is None or any(r.get("on") is None for r in refusals)):
+            placed = [r for r in refusals or () if r.get("on") is not None]  # other places' refusals stay
+            self.manifest.setdefault("refusals", {})[key] = placed
+            if not placed:
+                self.manifest["rejected"].pop(key)
+            try:
+                self.records.drop_rejected(key)
+            except OSError:
+                pass  # dropped next time
+        return tower
+
+    def _reject(self, precision: str, engine: str, why: OnnxUnusable, tower: str = "text") -> None:
+        """Remember that `tower` ("text" or "vision") drifts too far at `precision` on `engine` (one rule for
+        int8 and bf16, text and images), with where it was measured (onnxrun.measured_on): later runs go
+        straight to fp32 on that engine, and measure again only for other weights, another export version, CPU
+        or engine version. A file made for that precision alone (int8's) is deleted."""
+        key, own, on = rejection_key(precision, engine, tower), f"{tower}-{precision}", measured_on(engine)
         if own in FILES:  # int8's file (bf16 computes the checked fp32 one, kept)
             (self.folder / FILES[own]).unlink(missing_ok=True)
             self.manifest["files"].pop(own, None)
         self.manifest.setdefault("rejected", {})[key] = str(why)
-        self.manifest.setdefault("rejected_on", {})[key] = on
+        refusals = self.manifest.setdefault("refusals", {})  # other places' stay; an unplaced one is replaced
+        refusals[key] = [r for r in refusals.get(key, []) if r.get("on") not in (None, on)] + [{"why": str(why), "on": on}]
         try:
             if own in FILES:
                 self.records.drop_file(own)
@@ -214,14 +231,28 @@ class Exporter:
             pass  # measured again next time
 
     def vision(self, engine: str = "onnx", precision: str = "fp32") -> Tower:
+        """The vision tower at fp32 (bf16: fp32 on OpenVINO) on `engine`, exported when not cached or not right.
+        bf16 is measured as text's precisions are (text): once, on a checked fp32 tower (a damaged file is
+        exported again, not taken for drift), and a refusal is remembered (_reject): without that, every run
+        measured it again, exported the vision tower again and ran the whole model on torch."""
         size = self.enc.spec.output_size
+        why = rejected(self.manifest, precision, engine, "vision") if precision != "fp32" else None
+        if why:  # measured: the images drift at this precision here; no compiling or export again
+            raise OnnxUnusable(why)
         try:
-            return load_vision(self.folder, self.manifest, size, engine, precision)
+            return self._passed(load_vision(self.folder, self.manifest, size, engine, precision), engine)
         except (OnnxUnusable, KeyError) as why:
             if records.exists(self.folder):
-                log.info("re-exporting the vision tower: %s", why)
-        self._write(self._make_vision, "vision-fp32")
-        return load_vision(self.folder, self.manifest, size, engine, precision)
+                log.info("the cached vision tower is not used at %s (made or measured again): %s", precision, why)
+        if precision == "fp32":
+            self._write(self._make_vision, "vision-fp32")
+            return load_vision(self.folder, self.manifest, size, engine, precision)
+        self.vision(engine)  # a checked fp32 tower: the one bf16 computes
+        try:
+            return self._passed(load_vision(self.folder, self.manifest, size, engine, precision), engine)
+        except OnnxUnusable as why:
+            self._reject(precision, engine, why, "vision")
+            raise
 
     def vision_speed(self, engines: tuple[str, ...]) -> dict:
         """Images per second of each engine ("onnx", "openvino", "torch"; fp32) for the vision tower on this

@@ -64,53 +64,87 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (normalise(a) * normalise(b)).sum(axis=1)
 
 
-def machine() -> str:
-    """The CPU model and core count: what decides whether ONNX Runtime or torch is faster."""
-    import os
+CPUINFO = "/proc/cpuinfo"
+# The instruction sets that change what a bf16 or int8 kernel computes (x86 flags, ARM features, as /proc/cpuinfo
+# names them): AVX512-BF16 or AMX runs bf16 natively where others round through f32; VNNI takes another int8
+# path than AVX2's u8s8 (which saturates). A hypervisor can hide some under the same model name.
+NUMERIC_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx_vnni_int8",
+                           "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+                           "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2", "svebf16", "svei8mm"})
+
+
+def _cpuinfo(path: str = CPUINFO) -> tuple[str, set[str]]:
+    """The CPU's model name and its flags (x86) or features (ARM), from the first core's lines (every core
+    repeats them); the platform's name where there is no /proc/cpuinfo (macOS), with no flags."""
     import platform
 
-    model = platform.processor() or platform.machine()
+    found: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                found.setdefault("flags" if name.strip() == "Features" else name.strip(), value.strip())
+                if "model name" in found and "flags" in found:
+                    break  # the other cores' lines repeat the first's (thousands on a large server)
     except OSError:
         pass
-    return f"{model} x{os.cpu_count()}"
+    return found.get("model name") or platform.processor() or platform.machine(), set(found.get("flags", "").split())
+
+
+def machine() -> str:
+    """The CPU model and core count: what decides whether ONNX Runtime or torch is faster (the vision tower's
+    measured rates are kept per machine)."""
+    import os
+
+    return f"{_cpuinfo()[0]} x{os.cpu_count()}"
+
+
+def numerics(cpuinfo: str = CPUINFO) -> str:
+    """What a precision's parity depends on in the CPU: its model and the instruction sets of NUMERIC_FLAGS it
+    has. Not its core count: more threads split a reduction differently, a rounding-level change (~1e-7) far
+    inside every floor, while a refusal remembered per core count was measured again on each size of one CPU."""
+    model, flags = _cpuinfo(cpuinfo)
+    return f"{model} [{' '.join(sorted(flags & NUMERIC_FLAGS))}]"
 
 
 ENGINE_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
-def rejection_key(precision: str, engine: str) -> str:
-    """The name a text tower's refusal at `precision` on `engine` is remembered under. ONNX Runtime's is the
-    one int8 refusals had before engines were named ("text-int8"), so those stay remembered."""
-    return f"text-{precision}" if engine == "onnx" else f"text-{precision}-{engine}"
+def rejection_key(precision: str, engine: str, tower: str = "text") -> str:
+    """The name a tower's ("text" or "vision") refusal at `precision` on `engine` is remembered under. ONNX
+    Runtime's text one is the one int8 refusals had before engines were named ("text-int8"), so those stay
+    remembered."""
+    return f"{tower}-{precision}" if engine == "onnx" else f"{tower}-{precision}-{engine}"
 
 
 def measured_on(engine: str) -> dict:
     """What a precision's parity depends on besides the weights and the export (which the cache folder's name
-    and the records' export identity already key): this CPU (bf16 is AMX or AVX512-BF16 arithmetic) and the
-    engine's version. A refusal measured under other ones is measured again."""
+    and the records' export identity already key): this CPU's model and instruction sets (numerics: bf16 is AMX
+    or AVX512-BF16 arithmetic) and the engine's version. A refusal measured under other ones is measured again,
+    and kept beside theirs (one record per place: records.Writer.rejected), so machines that share a cache (an
+    NFS home) each reuse their own."""
     from importlib import metadata
 
     try:
         version = metadata.version(ENGINE_PACKAGES[engine])
     except metadata.PackageNotFoundError:
         version = None
-    return {"machine": machine(), "engine": engine, "version": version}
+    return {"machine": numerics(), "engine": engine, "version": version}
 
 
-def rejected(manifest: dict, precision: str, engine: str) -> str | None:
-    """Why the text tower at `precision` on `engine` was refused when measured against torch (remembered by
-    onnxexport.Exporter, the same way for every precision), or None: never measured, measured good, or measured
-    on another CPU or engine version. A refusal recorded before records said where (int8's, by older versions)
-    holds, as it did then."""
-    key = rejection_key(precision, engine)
-    why = (manifest.get("rejected") or {}).get(key)
-    if why is None:
-        return None
-    on = (manifest.get("rejected_on") or {}).get(key)
-    return str(why) if on is None or on == measured_on(engine) else None
+def rejected(manifest: dict, precision: str, engine: str, tower: str = "text") -> str | None:
+    """Why `tower` ("text" or "vision") at `precision` on `engine` was refused when measured against torch
+    (remembered by onnxexport.Exporter, the same way for every precision and tower), or None: never measured,
+    measured good, or measured on another CPU or engine version. A refusal recorded before records said where
+    (int8's, by older versions, or converted from the single manifest.json) was measured on a CPU and ONNX
+    Runtime nobody knows, and int8's arithmetic depends on both (VNNI or not, the version's kernels): it held
+    everywhere for ever, so int8 was never measured again. It is measured again once here, as one from another
+    CPU is; the measurement then replaces it (Exporter: a refusal recorded with where, or the old record dropped)."""
+    here = measured_on(engine)
+    for refusal in (manifest.get("refusals") or {}).get(rejection_key(precision, engine, tower), ()):
+        if refusal.get("on") == here:
+            return str(refusal["why"])
+    return None
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -203,7 +237,9 @@ class Tower:
         self.precision = precision or key.split("-")[1]
         try:
             if engine == "openvino":
+                before = _blobs(openvino_cache(path))
                 self.request = _openvino(path, self.precision)
+                _COMPILED_HERE.update(_blobs(openvino_cache(path)) - before)
                 self.inputs = [i.get_any_name() for i in self.request.model_inputs]
             else:
                 self.session = _session(path)
@@ -247,17 +283,40 @@ def load_vision(folder: Path, manifest: dict, size: tuple[int, int], engine: str
                     lambda tower: tower.check(tower.run(crops=probe_crops(size)), manifest["probes"]["image"]))
 
 
+# The compiled graphs (path, size, time) OpenVINO wrote into its cache in this process, from a file checked
+# before (check_file). A tower that fails its probes on those alone drifts at that precision: clearing and
+# compiling again gives the same graph. A bf16 text tower that drifts is loaded up to four times in one run (the
+# cold path's head start and its own try, then the checkpoint's, before and after its fp32 check), and each
+# failure cleared the graphs, compiled again and said so: four warnings for one measurement. (OpenVINO keeps
+# one graph per file for f32 and bf16 alike: whether a compile wrote a new one does not tell.)
+_COMPILED_HERE: set[tuple] = set()
+
+
+def _blobs(folder: Path) -> set[tuple]:
+    found = set()
+    for blob in folder.glob("*"):
+        try:
+            st = blob.stat()
+        except OSError:
+            continue
+        found.add((str(blob), st.st_size, st.st_mtime_ns))
+    return found
+
+
 def _checked(make, check) -> Tower:
-    """make() a tower and check() its probes. On OpenVINO a failed check is tried once more with the compiled
-    graphs cleared: a damaged cache blob gave cosine -0.02 from an intact ONNX file."""
+    """make() a tower and check() its probes. On OpenVINO a failed check on graphs another run compiled is tried
+    once more with them cleared: a damaged cache blob gave cosine -0.02 from an intact ONNX file. On graphs this
+    process compiled (_COMPILED_HERE) the failure is the precision's drift, and stands."""
     tower = make()
     try:
         check(tower)
     except OnnxUnusable as why:
         cache = openvino_cache(tower.folder / FILES[tower.key])
-        if tower.engine != "openvino" or not any(cache.glob("*")):
+        if tower.engine != "openvino" or _blobs(cache) <= _COMPILED_HERE:
             raise
-        log.warning("clearing OpenVINO's compiled graphs in %s: %s", cache, why)
+        log.warning("OpenVINO's %s graph at %s, compiled by an earlier run, fails its probes (%s): clearing the "
+                    "graphs in %s and compiling again (a damaged compiled graph does this)",
+                    tower.key, tower.precision, why, cache)
         clear_folder(cache)
         tower = make()
         check(tower)

@@ -3,8 +3,9 @@
 A cache folder (backend.onnx_dir) keeps its records in records/: model.json (what the exports are of: the
 model's identity, preprocessing and sizes), file-KEY.json per exported file (its size, time and SHA-256,
 and what it needs to be checked: the probes torch answered for a tower, the pad token for tokenizer.json),
-rejected-KEY.json (a tower measured unusable at a precision: int8 or bf16 text that drifts, and where:
-the CPU and engine version), speed-MACHINE.json (the vision tower's measured engine rates on one CPU) and
+rejected-KEY@PLACE.json (a tower measured unusable at a precision: int8 or bf16 text, bf16 images, that drift, one
+per place it was measured: the CPU and engine version; rejected-KEY.json for one written before refusals said
+where), speed-MACHINE.json (the vision tower's measured engine rates on one CPU) and
 checkpoint-PLACE.json (the stamp of a checkpoint folder these weights were loaded from). Two processes
 exporting different towers each write their own record, so neither needs a lock nor a merge, and a crash
 leaves every record whole (the old or the new one).
@@ -37,6 +38,7 @@ MODEL = "model.json"
 IDENTITY = ("fingerprint", "content_digest", "spec", "export_version")
 MODEL_KEYS = IDENTITY + ("model", "dim", "max_length", "temperature")
 MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
+MAX_PLACES = 8  # places (CPU and engine version) a refusal is remembered for, per tower and precision
 MAX_RECORD_BYTES = 4 << 20  # a tower's probes are tens of KB; a larger file is not a record
 OF = "of"  # the key naming, in every record but model.json, the export it belongs to (of_export)
 # What using a damaged manifest's values raises (a key missing, a value of another type or shape): readers
@@ -80,8 +82,8 @@ def read(folder: Path) -> dict | None:
         legacy = _load(folder / LEGACY)
         return legacy if isinstance(legacy, dict) else None
     manifest = {**{k: model[k] for k in MODEL_KEYS if k in model}, "files": {}, "probes": {}, "rejected": {},
-                "vision_speed": {}, "checkpoints": []}
-    stamps, of = [], of_export(model)
+                "refusals": {}, "vision_speed": {}, "checkpoints": []}
+    stamps, refusals, of = [], [], of_export(model)
     for path in sorted((folder / FOLDER).glob("*.json")):
         record = _load(path)
         # a damaged record, or another export's: its artefact is made again. One without OF was written before
@@ -98,14 +100,18 @@ def read(folder: Path) -> dict | None:
                         target = target.setdefault(name, {})
                     target[part[-1]] = record[part[-1]]
         elif kind == "rejected" and "why" in record:
-            manifest["rejected"][key] = record["why"]
-            if "on" in record:  # where it was measured (onnxrun.measured_on): elsewhere it is measured again
-                manifest.setdefault("rejected_on", {})[key] = record["on"]
+            key = record["key"] if isinstance(record.get("key"), str) else key.partition("@")[0]
+            refusals.append((_at(record), key, {"why": record["why"], "on": record.get("on")}))
         elif kind == "speed" and isinstance(record.get("speed"), dict):
             manifest["vision_speed"][str(record.get("machine"))] = record["speed"]
         elif kind == "checkpoint" and "stamp" in record:
             stamps.append((_at(record), record["stamp"]))
     manifest["checkpoints"] = [s for _, s in sorted(stamps, key=lambda t: t[0])]
+    # per key: every place's refusal (on: where it was measured, None before refusals said where: onnxrun.rejected
+    # takes the one measured here), and in "rejected" the latest one's reason, to say what was refused
+    for _, key, refusal in sorted(refusals, key=lambda t: t[0]):
+        manifest["refusals"].setdefault(key, []).append(refusal)
+        manifest["rejected"][key] = refusal["why"]
     return manifest
 
 
@@ -187,10 +193,28 @@ class Writer:
     def drop_file(self, key: str) -> None:
         (self.folder / FOLDER / f"file-{key}.json").unlink(missing_ok=True)
 
-    def rejected(self, key: str, why: str, on: dict | None = None) -> None:
-        """Record a tower refused at a precision, and where that was measured (`on`)."""
+    def rejected(self, key: str, why: str, on: dict) -> None:
+        """Record a tower refused at a precision where it was measured (`on`: onnxrun.measured_on), in a record of
+        that place's own: a cache shared by machines of other CPUs keeps each one's (one record per key, each
+        overwriting the other's, made every machine measure again after another had). It replaces one written
+        before refusals said where; the MAX_PLACES latest places are kept."""
+        import time
+
         self._prepare()
-        self._put(f"rejected-{key}.json", {"why": why, **({"on": on} if on is not None else {})})
+        self._put(f"rejected-{key}@{_digest(json.dumps(on, sort_keys=True))}.json",
+                  {"key": key, "why": why, "on": on, "at": time.time_ns()})
+        self.drop_rejected(key)
+        self._keep_latest(f"rejected-{key}@*.json", MAX_PLACES)
+
+    def drop_rejected(self, key: str) -> None:
+        """Forget a refusal recorded without where it was measured (measured again: onnxrun.rejected)."""
+        self._prepare()  # an older manifest.json is converted first, or its refusal would come back
+        (self.folder / FOLDER / f"rejected-{key}.json").unlink(missing_ok=True)
+
+    def _keep_latest(self, pattern: str, n: int) -> None:
+        kept = sorted((_at(_load(p)), p) for p in (self.folder / FOLDER).glob(pattern))
+        for _, old in kept[:-n]:
+            old.unlink(missing_ok=True)
 
     def speed(self, machine: str, speed: dict) -> None:
         self._prepare()
@@ -202,6 +226,4 @@ class Writer:
 
         self._prepare()
         self._put(f"checkpoint-{_digest(str(stamp.get('path')))}.json", {"stamp": stamp, "at": time.time_ns()})
-        kept = sorted((_at(_load(p)), p) for p in (self.folder / FOLDER).glob("checkpoint-*.json"))
-        for _, old in kept[:-MAX_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
+        self._keep_latest("checkpoint-*.json", MAX_CHECKPOINTS)

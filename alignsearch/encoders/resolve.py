@@ -12,8 +12,8 @@ takes seconds, and a tower never used costs nothing), on ONNX Runtime or OpenVIN
 
 The plan changes here only, in Towers._change, and only on first use of a tower (each change needs the
 tower built, exported or measured: not decided without exporting at construction): under --backend auto the
-vision tower goes to the engine measured fastest on this CPU; int8 or bf16 text that was measured too far
-from torch runs at fp32 on the same engine (remembered: onnxexport.Exporter._reject); and a tower that cannot be built (OnnxUnusable: the export, its check or its load failed) makes
+vision tower goes to the engine measured fastest on this CPU; int8 or bf16 text, or bf16 images, measured too
+far from torch run at fp32 on the same engine (remembered: onnxexport.Exporter._reject); and a tower that cannot be built (OnnxUnusable: the export, its check or its load failed) makes
 the fallback. Each change is said in one line and kept in the plan's note. Encoders read `plan`; none
 writes it.
 """
@@ -109,19 +109,23 @@ class Cached:
         self.folder, self.manifest, self.size = folder, manifest, size
         self.load_full = load_full
 
-    def rejected(self, precision: str, engine: str) -> str | None:
-        """Why this model's text tower at `precision` on `engine` was refused when it was measured (at export:
-        onnxrun.rejected), or None: not measured here, or measured good; the checkpoint then loads and
-        measures (the fallback)."""
-        return _unusable(lambda: rejected(self.manifest, precision, engine))
+    def rejected(self, precision: str, engine: str, tower: str = "text") -> str | None:
+        """Why this model's `tower` ("text" or "vision") at `precision` on `engine` was refused when it was
+        measured (at export: onnxrun.rejected), or None: not measured here, or measured good; the checkpoint
+        then loads and measures (the fallback)."""
+        return _unusable(lambda: rejected(self.manifest, precision, engine, tower))
 
-    def text(self, precision: str, engine: str):
-        why = self.rejected(precision, engine) if precision != "fp32" else None
+    def _refused(self, precision: str, engine: str, tower: str) -> None:
+        why = self.rejected(precision, engine, tower) if precision != "fp32" else None
         if why:
             raise OnnxUnusable(why)
+
+    def text(self, precision: str, engine: str):
+        self._refused(precision, engine, "text")
         return _unusable(lambda: TextEncoder(self.folder, self.manifest, precision, engine))
 
     def vision(self, engine: str, precision: str):
+        self._refused(precision, engine, "vision")
         return _unusable(lambda: load_vision(self.folder, self.manifest, self.size, engine, precision))
 
     def vision_speed(self, engines: tuple[str, ...]) -> dict:
@@ -175,16 +179,28 @@ class Towers:
         tower before it is used."""
         if tower == "image":
             engine = self._image_engine()
-            return None if engine == "torch" else self.source.vision(engine, self._plan.image)
-        if self._plan.text != "fp32":  # int8 or bf16: one rule for both
+            if engine == "torch":
+                return None
+            return self._exact_if_refused("image", engine, lambda precision: self.source.vision(engine, precision))
+        engine = self._plan.backend
+        return self._exact_if_refused("text", engine, lambda precision: self.source.text(precision, engine))
+
+    def _exact_if_refused(self, tower: str, engine: str, build):
+        """build(the plan's precision for `tower`); below fp32 (int8 or bf16: one rule for both, and for both
+        towers) one measured too far from torch makes the tower run at fp32 on the same engine, said once."""
+        precision = getattr(self._plan, tower)
+        if precision != "fp32":
             try:
-                return self.source.text(self._plan.text, self._plan.backend)
+                return build(precision)
             except OnnxUnusable as why:
-                if isinstance(self.source, Cached) and not self.source.rejected(self._plan.text, self._plan.backend):
+                name = "vision" if tower == "image" else "text"
+                if isinstance(self.source, Cached) and not self.source.rejected(precision, engine, name):
                     raise  # never measured here: the checkpoint loads and measures it (the fallback)
-                # measured: this model drifts too far at this precision, exact text instead (same engine)
-                self._change(f"text at fp32: {why}", to=replace(self._plan, text="fp32", why=_noted(self._plan.why, why)))
-        return self.source.text(self._plan.text, self._plan.backend)
+                # measured: this model drifts too far at this precision, exact instead (same engine)
+                said = "images" if tower == "image" else "text"
+                self._change(f"{said} at fp32: {why}", to=replace(self._plan, **{tower: "fp32"},
+                                                                   why=_noted(self._plan.why, why)))
+        return build(getattr(self._plan, tower))
 
     def attempt(self, fn):
         """fn() (building or checking exported towers), or None after the fallback when it fails."""

@@ -102,3 +102,23 @@ def test_a_schema_6_keyword_index_finds_thai_words_once_its_next_writer_upgrades
     with reader.connect() as conn:
         assert state.read(conn).schema_version == migrate.LATEST == 7
     reader.dispose()
+
+
+def test_sara_am_written_as_nikhahit_and_sara_aa_is_the_same_vowel(tmp_path):
+    """ำ (SARA AM) written as ํ and า (its NFKC form; some keyboards and OCR write it so) reads the same: the index
+    held the clusters ทํ า against ท ำ, so `ทำ` never found such text, and the default mode's match check, whose
+    fold made ำ of them, dropped what the keyword index found for `ทํา`."""
+    db_path = tmp_path / "catalog.db"
+    ids = _library(db_path, {"cook.jpg": "ทำอาหาร", "falls.jpg": unicodedata.normalize("NFKC", "น้ำตก ทำอาหาร"),
+                             "other.jpg": "ข้าวผัด"})
+    assert "\u0e4d\u0e32" in unicodedata.normalize("NFKC", "ทำ")  # no composition undoes it
+    db = catalog.connect(db_path)
+    with db.connect() as conn:
+        for typed in ("ทำ", "ท\u0e4d\u0e32"):
+            keyword = {i for i, _ in keywords.search(conn, keywords.parse(typed), 10)}
+            auto = {i for i, _ in keywords.search(conn, keywords.parse(typed, partial_last=True), 10,
+                                                  evidence_only=True)}
+            assert keyword == auto == {ids["cook.jpg"], ids["falls.jpg"]}, ascii(typed)
+        for typed in ("น้ำ", "น\u0e49\u0e4d\u0e32", "น\u0e4d\u0e49\u0e32"):  # a tone mark before or after the ํ
+            assert [i for i, _ in keywords.search(conn, keywords.parse(typed), 10)] == [ids["falls.jpg"]], ascii(typed)
+    db.dispose()

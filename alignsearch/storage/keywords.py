@@ -84,6 +84,11 @@ _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+")
+# ำ (SARA AM) as NIKHAHIT and SARA AA (its NFKC and NFKD form, which no composition undoes; some keyboards and OCR
+# write it so), a tone mark between them or not: the same vowel to a reader, but the clusters ทํ า to the index
+# against ท ำ, so `ทำ` found no text written so, and the default mode's match check (its fold made ำ of them) dropped
+# what the keyword index found for `ทํา`.
+_SARA_AM = re.compile("\u0e4d([\u0e48-\u0e4b]?)\u0e32")
 
 
 # Greek letters (with the polytonic ones) without their accents and breathings (unicode61's remove_diacritics
@@ -102,8 +107,9 @@ def spaced(text: str) -> str:
     then a phrase of characters), Greek
     letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
     U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
-    パン屋 written so."""
-    return _SPACELESS.sub(r" \1 ", unicodedata.normalize("NFC", text)).translate(_GREEK_BARE)
+    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ."""
+    composed = _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text))
+    return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 
 @dataclass(frozen=True)
@@ -311,9 +317,8 @@ def _evidence_sql(conn, query: Query) -> str:
 def _fold(text: str) -> list[str]:
     """The words of text as the keyword index sees them: lower case, accents folded (Thai marks kept: the
     index tells ข้าว from ข่าว)."""
-    # ำ (SARA AM) whole again: NFKD writes it as a mark and a letter, which a query word folded alone (`ทำ`, cut
-    # into ท and ำ) and the text around it (ทำอาหาร) would cluster apart; the index holds it whole (NFC)
-    decomposed = unicodedata.normalize("NFKD", text.lower()).replace("\u0e4d\u0e32", "\u0e33")
+    # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
+    decomposed = unicodedata.normalize("NFKD", text.lower())
     return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS)))
 
 

@@ -11,6 +11,7 @@ What a query text means (`parse`):
 - `OR` (upper case): either (what words alone mean too); lower-case `and` / `or` are ordinary (common) words.
 - `-word` or `-"a phrase"`: no result holds it.
 - `"a phrase"`: those words next to each other, in that order, within one part of a file's text (BREAK).
+  A phrase is looked for by its first MAX_PHRASE tokens (a Thai or CJK run is a phrase of its clusters).
 - `word*`: words starting with it (`zanzi*` finds Zanzibar); in the default mode (`auto`) the last word is
   also taken as a start when the text does not end in a space (`zanzi` finds Zanzibar as it is typed).
 - a chunk with punctuation (`INV-4711`) is a phrase of its words; a chunk holding a digit, 3+ characters,
@@ -73,6 +74,11 @@ MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
 # Atoms looked for at most (the first ones): each is an FTS5 lookup or two, so a 1000-character text of short
 # words stays a query of bounded cost (and far from SQLite's 500 terms per compound SELECT).
 MAX_ATOMS = 64
+# Tokens of one phrase looked for at most (the first ones: the phrase of them holds wherever the whole one does). A
+# Thai or CJK run is a phrase of a token per cluster or character, so a 1000-character run was one atom of 1000
+# tokens, each a lookup of its whole list (a Thai cluster like า is in most Thai text): `า` typed 1000 times took
+# 0.9 s on 20,000 Thai captions (0.05 s at 64), growing with the library.
+MAX_PHRASE = 64
 # Han ideographs (with extension A and the compatibility block), hiragana, katakana and half-width katakana, a
 # character each, and Thai letters with the marks that follow them (a grapheme cluster each: a Thai character
 # alone would part a consonant from its vowel and tone): scripts written without spaces between words, whose
@@ -84,6 +90,11 @@ _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+")
+# ำ (SARA AM) as NIKHAHIT and SARA AA (its NFKC and NFKD form, which no composition undoes; some keyboards and OCR
+# write it so), a tone mark between them or not: the same vowel to a reader, but the clusters ทํ า to the index
+# against ท ำ, so `ทำ` found no text written so, and the default mode's match check (its fold made ำ of them) dropped
+# what the keyword index found for `ทํา`.
+_SARA_AM = re.compile("\u0e4d([\u0e48-\u0e4b]?)\u0e32")
 
 
 # Greek letters (with the polytonic ones) without their accents and breathings (unicode61's remove_diacritics
@@ -102,8 +113,9 @@ def spaced(text: str) -> str:
     then a phrase of characters), Greek
     letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
     U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
-    パン屋 written so."""
-    return _SPACELESS.sub(r" \1 ", unicodedata.normalize("NFC", text)).translate(_GREEK_BARE)
+    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ."""
+    composed = _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text))
+    return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,9 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     prefix = not quoted and raw.endswith("*")
     raw = raw.rstrip("*") if prefix else raw
     tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
-    whole = tuple(w.lower() for w in _WORD.findall(raw))
+    whole = tuple(w.lower() for w in _WORD.findall(raw))[:MAX_PHRASE]
+    cut = len(tokens) > MAX_PHRASE
+    tokens = tokens[:MAX_PHRASE]
     if not tokens:
         return None
     if not quoted and len(tokens) == 1 and (tokens[0] in STOPWORDS or len(tokens[0]) < 2) and not prefix:
@@ -164,6 +178,8 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     # `서울에서` one token, which the word alone never matched. Quoted, it is the word alone, as typed.
     if not quoted and len(tokens[-1]) >= MIN_PREFIX and _HANGUL.fullmatch(tokens[-1]):
         prefix = True
+    if cut:  # the phrase's last token stands whole in the text the whole phrase is in
+        prefix = False
     # printable characters only: FTS5 reads a query string up to a NUL ("unterminated string")
     code = "".join(c for c in raw if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
     if code is not None and len(code) < MIN_CODE:
@@ -311,9 +327,8 @@ def _evidence_sql(conn, query: Query) -> str:
 def _fold(text: str) -> list[str]:
     """The words of text as the keyword index sees them: lower case, accents folded (Thai marks kept: the
     index tells ข้าว from ข่าว)."""
-    # ำ (SARA AM) whole again: NFKD writes it as a mark and a letter, which a query word folded alone (`ทำ`, cut
-    # into ท and ำ) and the text around it (ทำอาหาร) would cluster apart; the index holds it whole (NFC)
-    decomposed = unicodedata.normalize("NFKD", text.lower()).replace("\u0e4d\u0e32", "\u0e33")
+    # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
+    decomposed = unicodedata.normalize("NFKD", text.lower())
     return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS)))
 
 

@@ -143,3 +143,17 @@ def test_a_long_thai_or_cjk_run_is_a_phrase_of_bounded_length_that_still_finds_i
         found = keywords.search(conn, keywords.parse(thai, partial_last=True), 10, evidence_only=True)
     db.dispose()
     assert [i for i, _ in found] == [ids["thai.jpg"]]
+
+
+def test_a_korean_word_of_one_syllable_is_a_word(tmp_path):
+    """Words under two characters are dropped from a query (a stray `a`), and so was a Hangul syllable, which is a
+    word: `밤` (night) searched for nothing and `서울 AND 밤` found Seoul by day. It is kept, whole."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"night.jpg": "서울의 밤 풍경", "day.jpg": "서울 낮", "walk.jpg": "산책 길", "hill.jpg": "산 위"})
+    for partial_last in (False, True):
+        assert _found(db, ids, "밤", partial_last) == ["night.jpg"]
+        assert _found(db, ids, "서울 AND 밤", partial_last) == ["night.jpg"]
+    assert _found(db, ids, "산") == ["hill.jpg"]  # whole: no word start, 산책 is another word
+    assert [a.tokens for a in keywords.parse("밤").positive()] == [("밤",)]
+    assert keywords.parse("a").positive() == []  # a lone Latin letter is still no query
+    assert keywords.evidence(keywords.parse("밤"), "서울의 밤 풍경")

@@ -167,7 +167,11 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     tokens = tokens[:MAX_PHRASE]
     if not tokens:
         return None
-    if not quoted and len(tokens) == 1 and (tokens[0] in STOPWORDS or len(tokens[0]) < 2) and not prefix:
+    # a lone letter is dropped (`a`, a typo's stray key), but a Hangul syllable is a word (밤 night, 꽃 flower):
+    # dropped, `밤` searched for nothing and `서울 AND 밤` was `서울` alone. It stays whole (no word start, as a
+    # longer Hangul word is below): one syllable starts too many words (산 mountain: 산책 walk, 산업 industry).
+    if (not quoted and len(tokens) == 1 and not prefix
+            and (tokens[0] in STOPWORDS or (len(tokens[0]) < 2 and not _HANGUL.fullmatch(tokens[0])))):
         return None
     # A character of a script written without spaces is a word start of its own (`東京*`: 東京 followed by anything,
     # which the phrase of its characters already is); kept, the `*` also finds an older index's whole runs (東京駅前)

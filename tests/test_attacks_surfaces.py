@@ -245,9 +245,13 @@ def test_clients_sending_their_headers_slowly_are_cut_off_and_others_served(serv
 @pytest.mark.parametrize("ref", ["99999999999999999999999999", "9223372036854775808", "²"])
 def test_similar_to_an_id_that_cannot_be_one_is_not_an_indexed_image(served, ref):
     """An id past SQLite's INTEGER was `unexpected OverflowError` (exit 1), a digit int() refuses
-    `unexpected ValueError`."""
+    `unexpected ValueError`. An id past SQLite's INTEGER is a usage error (exit 2), as the API's UsageError and
+    HTTP's 422 say it (b2385af); a digit int() refuses is no id but a path, which the index does not hold (exit 6)."""
     out = CliRunner().invoke(main, ["similar", ref, "--index", str(served["alone"])])
-    assert out.exit_code == 6 and "is not an indexed image" in out.output, out.output
+    if ref.isascii():
+        assert out.exit_code == 2 and "an image id must be an integer from 1 to" in out.output, out.output
+    else:
+        assert out.exit_code == 6 and "is not an indexed image" in out.output, out.output
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "latin-1"])

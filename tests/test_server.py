@@ -836,6 +836,45 @@ def test_a_thumbnail_looks_its_row_up_and_judges_the_folder_once(prebuilt, tiny_
         engine.close()
 
 
+@pytest.mark.slow
+def test_a_search_request_judges_the_index_folder_once(tmp_path, tiny_model):
+    """A search request judged the index folder (paths.judged_key: a stat of each file of the index, the path walked
+    for links; 0.56 ms with 200 segments) for its snapshot, again for its encoding and again for its search, and an
+    upload once more for its image's decoding: 3 or 4 judgements a request. Now the request's snapshot is taken
+    judged and its later steps read that snapshot: one judgement a search, by text, upload, similar= or both."""
+    import alignsearch
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    ix = indexed_corpus(tmp_path, tiny_model, 3)
+    upload = (tmp_path / "corpus" / "img001.jpg").read_bytes()
+    engine = alignsearch.open(ix, device="cpu")
+    judged = []
+    real = engine.judge
+
+    def spy():
+        judged.append(threading.current_thread().name)
+        return real()
+
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        first = json.loads(call(server.url, "/api/search?q=red&k=1", server.token)[2])["results"][0]["id"]
+        engine.judge = spy
+        asked = {"text": ("/api/search?q=red&k=2", None), "upload": ("/api/search", {"k": 2}),
+                 "similar": (f"/api/search?similar={first}&k=2", None),
+                 "text and upload": ("/api/search", {"k": 2, "q": "red"})}
+        counts = {}
+        for name, (path, form) in asked.items():
+            data, headers = (None, None) if form is None else multipart(form, upload)
+            judged.clear()
+            status, _, body = call(server.url, path, server.token, data=data, headers=headers)
+            assert status == 200 and json.loads(body)["results"], (name, status, body[:200])
+            counts[name] = len(judged)
+        assert counts == {name: 1 for name in asked}, counts
+    finally:
+        server.shutdown()
+        engine.close()
+
+
 def test_a_thumbnail_planned_before_the_folder_turned_untrusted_is_not_drawn(tmp_path, tiny_model):
     """A thumbnail's plan is made (row looked up, folder judged) before it waits up to THUMB_WAIT_SECONDS for a decode
     slot. A folder made writable by every user during that wait refused every new request, but the plan was still

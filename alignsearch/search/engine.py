@@ -170,7 +170,8 @@ class Engine:
         folder's path walked as the kernel does, and one for each file the last judgement judged): one made writable by others since the open (`serve` runs for days) may hold a catalog or
         ANN file they planted, and a file of it made writable by others (`chmod o+w vectors.f16`) may be rewritten by
         them. Every read of a long-open engine asks it first: refresh does, and the server's reads that need no newer
-        snapshot (Library.engine)."""
+        snapshot (Library.engine); a server's search asks once, for its snapshot (Library.snapshot), and its
+        encoding and search read through that snapshot."""
         key = judged_key(self.dir, like=self._judged)
         if key != self._judged:  # entries, modes or owners changed since last judged: the whole folder again
             key = judged_key(self.dir)  # listed again, before the judgement: a change while it judges is judged again

@@ -327,14 +327,16 @@ def test_a_file_listed_in_two_groups_is_one_file_to_be_rid_of():
 
 
 @pytest.mark.slow
-def test_a_file_two_roots_list_is_not_its_own_duplicate(tmp_path, tiny_model):
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_file_two_roots_list_is_not_its_own_duplicate(tmp_path, tiny_model, scheme):
     """A folder root and a CSV list naming one of its photos hold that file under two catalog rows: `dupes` listed it
     as a group of itself, the same path twice and both marked keep ("exact: 2 files ... 1 group, 0 files besides the
-    ones to keep"). One file is one member of a group, whatever root lists it; real copies still group."""
+    ones to keep"). One file is one member of a group, whatever root lists it; real copies still group. A list
+    naming it by a file:// URL too (photo0001.jpg and file:///.../photo0001.jpg were listed as copies)."""
     lib = tmp_path / "lib"
     photos = smooth_photos(lib, 3)
     shutil.copyfile(photos[1], lib / "same-bytes.jpg")
-    (tmp_path / "favourites.csv").write_text(f"path\n{photos[0]}\n{photos[1]}\n")
+    (tmp_path / "favourites.csv").write_text(f"path\n{scheme}{photos[0]}\n{scheme}{photos[1]}\n")
     ix = tmp_path / "ix"
     index_json(ix, lib, "--model", tiny_model)
     index_json(ix, tmp_path / "favourites.csv")

@@ -628,3 +628,43 @@ def test_a_photo_saved_into_an_unplugged_drive_s_mount_point_under_a_name_on_the
         assert json.loads(run("tags", "--json", "--index", ix).stdout)[0]["images"] == 5
     finally:
         unmount(root / "nas")
+
+
+def _ranked(ix, *args) -> list[str]:
+    """The files of a query's hits, best first (a file:// hit as the local path it names)."""
+    hits = json.loads(run("query", "x", *args, "--json", "--index", ix).stdout)["results"]
+    return [h["path"].removeprefix("file://") for h in hits]
+
+
+@pytest.mark.slow
+def test_a_file_two_roots_name_is_one_hit_and_forgetting_either_root_keeps_it(tmp_path, tiny_model):
+    """A folder root and CSV lists naming some of its photos hold each of those files under one catalog row per
+    root: `query` listed the path twice in its top k (`index ./photos`, `index files.csv`, then `query -k 10`:
+    photo0000.jpg at 1. and 2., both 0.2710; a list's file:// entry showed the URL beside the path), and `similar`
+    answered the photo itself. Each file is one hit, the k hits stay k, the list keeps its own files (a filter on
+    its root), and `forget` of either root leaves the file found through the other."""
+    lib, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(lib, 5)
+    photos = sorted(lib.iterdir())
+    favourites, more = tmp_path / "files.csv", tmp_path / "more.csv"
+    favourites.write_text(f"path\n{photos[0]}\n{photos[3]}\n")
+    more.write_text(f"path\nfile://{photos[3]}\n")  # a file:// URL is the local path it names
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    index_json(ix, favourites)
+    index_json(ix, more)
+    everything = _ranked(ix, "-k", "100")
+    assert sorted(everything) == [str(p) for p in photos], everything
+    for k in range(1, 6):  # k hits, each file once, the same ranking cut at k
+        assert _ranked(ix, "-k", str(k)) == everything[:k], k
+    listed = json.loads(run("query", "x", "-k", "100", "--where", f"root = {favourites}", "--json", "--index", ix).stdout)
+    assert sorted(h["path"] for h in listed["results"]) == [str(photos[0]), str(photos[3])]
+    assert {h["root"] for h in listed["results"]} == {str(favourites)}
+    alike = run("similar", photos[3], "-k", "4", "--json", "--index", ix).stdout
+    assert sorted(h["path"] for h in json.loads(alike)["results"]) == [str(p) for p in photos if p != photos[3]]
+
+    run("forget", more, "--index", ix)
+    run("forget", lib, "--index", ix)
+    assert sorted(_ranked(ix, "-k", "100")) == [str(photos[0]), str(photos[3])]
+    index_json(ix, lib)
+    run("forget", favourites, "--index", ix)
+    assert sorted(_ranked(ix, "-k", "100")) == [str(p) for p in photos]

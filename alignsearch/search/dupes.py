@@ -307,12 +307,13 @@ def _one_per_file(ids: list[int], rows: dict) -> list[int]:
     """A group's ids, one per file: the moments of one video that look alike (a still shot, a scene shown twice)
     are that file, not copies of it. `dupes` listed a still video as three duplicates of itself, counted among
     the "files besides the ones to keep" the very file it said to keep. A video stands for its first moment
-    in the group. The key is the file's path, not its (root, relpath): a folder root and a list root naming one
-    of its photos hold that file twice, and `dupes` listed it as a group of itself, both rows marked keep
-    (`path` keeps a name that is not UTF-8 whole, so two files never share one)."""
+    in the group. The key is the file (FileRow.file: its path, a list's file:// entry as its local path), not its
+    (root, relpath): a folder root and a list root naming one of its photos hold that file twice, and `dupes`
+    listed it as a group of itself, both rows marked keep (`path` keeps a name that is not UTF-8 whole, so two
+    files never share one)."""
     seen, out = set(), []
     for i in sorted(i for i in ids if i in rows):
-        key = rows[i].path
+        key = rows[i].file
         if key not in seen:
             seen.add(key)
             out.append(i)

@@ -507,7 +507,8 @@ class Engine:
             nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
             hits, capped = self._hits(snap, query, ids, opts, keyword if ranked else None, nulls)
             # The per-video cap left fewer than k: the candidates were one video's moments mostly (a long shot holds
-            # alike moments). Look deeper while that finds more candidates, so the cap never starves the results.
+            # alike moments), or rows of files two roots name, one hit each. Look deeper while that finds more
+            # candidates, so neither starves the results.
             if not capped or len(ids) <= looked:
                 return hits
             looked = len(ids)
@@ -570,7 +571,8 @@ class Engine:
         A late-fused query searches with each half and takes the union (on a flat index: every vector)."""
         depth = (max(opts.k, FUSION_DEPTH) if fusing else opts.k) + len(opts.exclude)
         if opts.per_video is not None and snap.videos:  # room for the moments the cap drops
-            depth = max(min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal))), opts.pool)
+            depth = min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal)))
+        depth = max(depth, opts.pool)  # looking deeper: the cap or a file two roots name left fewer than k
         want = self._late_want(snap, depth) if query.late else \
             ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
         n = int(snap.index.ntotal)
@@ -635,8 +637,9 @@ class Engine:
               keyword: list[int] | None = None, nulls: np.ndarray | None = None) -> tuple[list[Hit], bool]:
         """Catalog rows for candidate ids, scored exactly from the stored vectors, best first; cut to k, cutoff,
         sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone). nulls:
-        the null queries' best cosines, for auto's gate (query.null_z). Also whether the per-video cap left fewer
-        than k of candidates that all passed the cutoff (deeper candidates could fill the list)."""
+        the null queries' best cosines, for auto's gate (query.null_z). Also whether the per-video cap, or each file
+        once (_distinct), left fewer than k of candidates that all passed the cutoff (deeper candidates could fill
+        the list)."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
             if state.read(conn, "generation").generation != snap.generation:
@@ -676,14 +679,11 @@ class Engine:
                 order = best_first(scores, similarity, tiebreak)  # best score first, ties by similarity
             if opts.min_score is not None:
                 order = order[similarity[order] >= opts.min_score]
-            capped = False
-            if opts.per_video is not None and snap.videos:
-                passed = len(order)
-                order = _cap_per_video(conn, ids, order, opts.per_video, opts.k)
-                capped = len(order) < min(passed, opts.k) and passed == len(ids)
-            order = order[: opts.k]
+            passed = len(order)
+            cap = opts.per_video if snap.videos else None
+            order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude))
+            capped = len(order) < min(passed, opts.k) and passed == len(ids)
             chosen = ids[order].tolist()
-            rows = catalog.get_files(conn, chosen)
             photos, labels = catalog.photos_of(conn, chosen), catalog.labels_of(conn, chosen)
         hits = []
         for i in order:
@@ -939,24 +939,46 @@ class _Options:
     sort: str
     per_video: int | None = None
     exclude: frozenset = frozenset()  # ids left out (`similar`: the image itself), fetched beyond k, not out of it
-    pool: int = 0  # at least this many candidates of each kind: a search looking deeper (_search's per-video cap)
+    pool: int = 0  # at least this many candidates of each kind: a search looking deeper (_search)
 
 
-def _cap_per_video(conn, ids: np.ndarray, order: np.ndarray, cap: int, k: int) -> np.ndarray:
-    """The ranking with at most `cap` moments of any one video, cut at k."""
-    keys = catalog.video_keys(conn, ids[order].tolist())
-    seen: dict = {}
-    keep = []
-    for i in order.tolist():
-        key = keys.get(int(ids[i]))
-        if key is not None:
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] > cap:
-                continue
-        keep.append(i)
-        if len(keep) == k:
-            break
-    return np.array(keep, dtype=np.int64)
+def _files_of(conn, ids) -> set[tuple[str, int]]:
+    """The files (path, moment) of the ids left out (`similar`'s image): none of their rows is a hit either."""
+    return {(row.file, row.moment) for row in catalog.get_files(conn, ids).values()} if ids else set()
+
+
+def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
+              seen: set[tuple[str, int]]) -> tuple[np.ndarray, dict[int, catalog.FileRow]]:
+    """The ranking cut at k with each file once, and at most `cap` moments of any one video (None: no cap), with
+    the catalog rows of the ids kept. A file two roots name (a folder root and a list naming one of its photos,
+    two lists) has a row in each: both ranked, with the one vector they share, and `query` showed the path twice.
+    The first row of a file stands for it; `seen`: files already out. The first read is of the top k, the rows
+    the hits need anyway: a ranking without such files (or capped moments) costs no more reads; further reads
+    go down the ranking, each at least as long as all before it."""
+    keep: list[int] = []
+    rows: dict[int, catalog.FileRow] = {}
+    moments: dict[str, int] = {}
+    at = 0
+    while len(keep) < k and at < len(order):
+        step = order[at : at + max(k - len(keep), at)].tolist()  # twice as many read each time: few reads
+        at += len(step)
+        found = catalog.get_files(conn, ids[step].tolist())
+        rows.update(found)
+        for i in step:
+            row = found.get(int(ids[i]))
+            if row is not None:  # else removed by a writer since its address was read: dropped with the hits
+                path = row.file
+                if (path, row.moment) in seen:
+                    continue
+                if row.t is not None and cap is not None:  # a video moment: its video's count, whatever the root
+                    if moments.get(path, 0) >= cap:
+                        continue
+                    moments[path] = moments.get(path, 0) + 1
+                seen.add((path, row.moment))
+            keep.append(i)
+            if len(keep) == k:
+                break
+    return np.array(keep, dtype=np.int64), rows
 
 
 def sort_hits(hits: list[Hit], key: str) -> list[Hit]:

@@ -192,6 +192,20 @@ class FileRow:
         return sources.location(self.root, self.relpath, self.relpath_raw)
 
     @property
+    def file(self) -> str:
+        """The file the row names, the same whatever root names it: its path, a list's `file://` entry as the
+        local path it names. A folder root and a list naming one of its photos (or two lists) hold a row each,
+        and a search or `dupes` listed the one file twice (under two names for a `file://` entry)."""
+        path = self.path
+        if sources.kind(self.root) != sources.LIST:
+            return path
+        try:
+            local = sources.file_path(path)
+        except BadInputError:  # another host's: never indexed (refused when listed), a name of its own
+            return path
+        return os.path.normpath(local) if local else path
+
+    @property
     def shown_relpath(self) -> str:
         """The relative path to show: bytes that are not UTF-8 as \\xNN (the key also doubles backslashes)."""
         return sources.shown_name(self.relpath, self.relpath_raw)

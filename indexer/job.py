@@ -613,8 +613,8 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
     # After encoding (a failed ONNX export has switched the plan to torch), before tagging (whose text export
     # could switch it again, for text only).
     summary.encoder = encoder.plan.to_dict()
-    if opts.use_ray:
-        summary.encoder = ray_plan(times.extra.pop("actor_plans", []), summary.encoder)
+    if opts.use_ray and "actor_plans" in times.extra:  # none when nothing was new: no actor ran (run_ray)
+        summary.encoder = ray_plan(times.extra.pop("actor_plans"), summary.encoder)
     with db.connect() as conn:
         tagging = state.read(conn).tagging
     if tagging:  # new images get the labels the library was tagged with

@@ -927,3 +927,20 @@ def test_info_names_the_encoder_a_reindex_ran(tiny_model, tmp_path, exported_cac
     assert again["reencoded"] == 4 and again["encoder"]["backend"] == "onnx"
     info = json.loads(run("info", "--index", tmp_path / "ix", "--json").stdout)["encoder"]["last_index_run"]
     assert info == again["encoder"], info
+
+
+def test_info_names_the_encoder_of_a_reindex_with_ray_that_found_nothing_new(tiny_model, tmp_path, exported_cache,
+                                                                            monkeypatch):
+    """`index --reindex --ray` re-encodes on the driver, then its pass through Ray finds no new file and starts no
+    actor; `info` said "note: encoded by Ray actors, which reported no plan" of the re-encode (review3). No actor ran:
+    the encoder is the driver's. (Ray is not needed: run_ray returns before using it when there is nothing to do.)"""
+    import types
+
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    index_json(tmp_path / "ix", corpus, "--model", tiny_model, "--backend", "torch", "--workers", "0")
+    again = index_json(tmp_path / "ix", "--reindex", "--backend", "onnx", "--workers", "0", "--ray")
+    assert again["reencoded"] == 3 and again["encoder"]["backend"] == "onnx" and "Ray" not in json.dumps(again["encoder"])
+    info = json.loads(run("info", "--index", tmp_path / "ix", "--json").stdout)["encoder"]["last_index_run"]
+    assert info == again["encoder"], info

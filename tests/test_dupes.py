@@ -354,3 +354,22 @@ def test_nprobe_outside_the_similar_tier_is_bad_usage(library):
         out = run("dupes", "--tier", tier, "--nprobe", "4", "--index", ix, code=2)
         assert "--nprobe is for --tier similar" in out.output, out.output
     run("dupes", "--tier", "similar", "--nprobe", "4", "--index", ix)
+
+
+@pytest.mark.slow
+def test_a_file_reached_by_two_names_is_not_its_own_duplicate(tmp_path, tiny_model):
+    """One file named twice: a list's file:// URL of a folder root's photo, and a symlink in the folder to another
+    of its photos. `dupes` listed each as a group of itself: "keep lib/photo0000.jpg", then file://.../photo0000.jpg
+    among the "files besides the ones to keep"; and "keep a-link.jpg" with photo0002.jpg, the link's target, to be
+    rid of (removing it leaves the link dangling: the picture is gone). A file is one member, whatever names it."""
+    lib = tmp_path / "lib"
+    photos = smooth_photos(lib, 3)
+    shutil.copyfile(photos[1], lib / "same-bytes.jpg")
+    (lib / "a-link.jpg").symlink_to(photos[2])
+    (tmp_path / "fav.csv").write_text(f"path\n{photos[0].as_uri()}\n")
+    ix = tmp_path / "ix"
+    index_json(ix, lib, "--model", tiny_model)
+    assert index_json(ix, tmp_path / "fav.csv")["added"] == 1
+    for tier in ("exact", "near"):
+        found = groups_of(ix, "--tier", tier)
+        assert [names(g) for g in found] == [["photo0001.jpg", "same-bytes.jpg"]], (tier, found)

@@ -408,3 +408,17 @@ def test_a_damaged_cached_text_tower_gives_the_full_encoder_through_the_one_fall
     assert len(said) == 1 and said[0].startswith("loading the checkpoint: ") and "SHA-256" in said[0], said
     engine.search(image=str(images[0]), k=2)
     assert engine._encoder[1] is enc  # the checkpoint loaded once: images use it too
+
+
+def test_a_writer_leaves_an_identical_model_json_in_place(tmp_path):
+    """Every Writer's first record (each process's: a speed, a checkpoint stamp, a refusal) replaced model.json with
+    the same content, and a reader opening it meanwhile was refused ("replaced by another file while it was
+    opened"): records.read() said no manifest, 4 reads in 4559 beside a looping writer, and that cache's towers
+    were exported again. It is replaced only when it changes."""
+    records.Writer(tmp_path, MODEL).file("tokenizer", {"size": 1}, {"tokenizer": {"pad_id": 0}})
+    model_json = tmp_path / "records" / "model.json"
+    before = model_json.stat().st_ino
+    records.Writer(tmp_path, MODEL).speed("cpu x2", {"onnx": 1.0})  # another process's first record
+    assert model_json.stat().st_ino == before and records.read(tmp_path)["vision_speed"] == {"cpu x2": {"onnx": 1.0}}
+    records.Writer(tmp_path, {**MODEL, "temperature": 0.25}).speed("cpu x2", {"onnx": 2.0})  # changed: rewritten
+    assert json.loads(model_json.read_text())["temperature"] == 0.25 and "tokenizer" in records.read(tmp_path)["files"]

@@ -156,7 +156,10 @@ class Writer:
         if isinstance(legacy, dict) and all(legacy.get(k) == self.model[k] for k in IDENTITY):
             log.info("note: converting the ONNX cache manifest in %s to per-artefact records", self.folder)
             self._convert(legacy)
-        self._put(MODEL, self.model)
+        # replaced only when it changes: every process's first record rewrote it, and a reader meeting the replace
+        # (safeopen: "replaced by another file while it was opened") took the whole cache for none, exported again
+        if on_disk != json.loads(json.dumps(self.model)):
+            self._put(MODEL, self.model)
         if (self.folder / LEGACY).exists():
             (self.folder / LEGACY).unlink(missing_ok=True)
         self._ready = True

@@ -315,7 +315,8 @@ def _checked(make, check) -> Tower:
         if tower.engine != "openvino" or _blobs(cache) <= _COMPILED_HERE:
             raise
         log.warning("OpenVINO's %s graph at %s, compiled by an earlier run, fails its probes (%s): clearing the "
-                    "graphs in %s and compiling again (a damaged compiled graph does this)",
+                    "graphs in %s and compiling again, once (a damaged compiled graph fails so; a precision that "
+                    "drifts from fp32 fails again, and is then refused)",
                     tower.key, tower.precision, why, cache)
         clear_folder(cache)
         tower = make()

@@ -112,3 +112,19 @@ def test_the_fill_queries_leave_out_the_files_gone_in_this_run(db):
     with db.connect() as conn:
         assert ids(conn, catalog.files_without_photo, without_ids=gone) == [photos[0], *photos[2:]]
         assert [r.id for r in catalog.files_without_photo(conn, photos[2], 1, without_ids=gone)] == [photos[3]]
+
+
+def test_a_file_a_list_names_by_any_spelling_is_the_file_a_folder_root_names():
+    """FileRow.file, the key that holds a file once in search results: a list's entry `//tmp/a.jpg` (POSIX's
+    normpath keeps two leading slashes) or `/tmp/./b/../a.jpg` was another file than the folder root's /tmp/a.jpg,
+    and a search showed it twice, where dupes (by real path) said it had no copy."""
+    def row(root, relpath):
+        return catalog.FileRow(id=1, root=root, relpath=relpath, relpath_raw=None, size=1, mtime=0.0, sha256=None,
+                               width=None, height=None, format=None, status=catalog.INDEXED, reason=None,
+                               indexed_at=0.0, vec_row=0)
+
+    folder = row("/tmp", "a.jpg").file
+    assert folder == "/tmp/a.jpg"
+    for entry in ("//tmp/a.jpg", "///tmp/a.jpg", "/tmp/./b/../a.jpg", "file:///tmp/a.jpg", "file:////tmp/a.jpg"):
+        assert row("/nowhere/list.csv", entry).file == folder, entry
+    assert row("/nowhere/list.csv", "https://example.com/tmp/a.jpg").file != folder

@@ -200,10 +200,15 @@ class FileRow:
         if sources.kind(self.root) != sources.LIST:
             return path
         try:
-            local = sources.file_path(path)
+            local = sources.file_path(path) if sources.is_url(path) else path
         except BadInputError:  # another host's: never indexed (refused when listed), a name of its own
             return path
-        return os.path.normpath(local) if local else path
+        if not local:
+            return path
+        local = os.path.normpath(local)
+        # normpath keeps two leading slashes (POSIX leaves `//` to the system; Linux reads it as `/`, as realpath
+        # and dupes' key do): a list naming `//tmp/a.jpg` showed that file beside `/tmp/a.jpg` in a search
+        return "/" + local.lstrip("/") if local.startswith("//") else local
 
     @property
     def shown_relpath(self) -> str:

@@ -841,7 +841,9 @@ def test_a_search_request_judges_the_index_folder_once(tmp_path, tiny_model):
     """A search request judged the index folder (paths.judged_key: a stat of each file of the index, the path walked
     for links; 0.56 ms with 200 segments) for its snapshot, again for its encoding and again for its search, and an
     upload once more for its image's decoding: 3 or 4 judgements a request. Now the request's snapshot is taken
-    judged and its later steps read that snapshot: one judgement a search, by text, upload, similar= or both."""
+    judged and its later steps read that snapshot: one judgement a search, by text, upload, similar= or both. With
+    explain=1 its plan judged once more (and could describe a newer index than its results): now it is told of the
+    request's snapshot."""
     import alignsearch
     from alignsearch.surfaces.server import ServerConfig, start_in_thread
 
@@ -861,7 +863,8 @@ def test_a_search_request_judges_the_index_folder_once(tmp_path, tiny_model):
         engine.judge = spy
         asked = {"text": ("/api/search?q=red&k=2", None), "upload": ("/api/search", {"k": 2}),
                  "similar": (f"/api/search?similar={first}&k=2", None),
-                 "text and upload": ("/api/search", {"k": 2, "q": "red"})}
+                 "text and upload": ("/api/search", {"k": 2, "q": "red"}),
+                 "explained": ("/api/search?q=red&k=2&explain=1", None)}
         counts = {}
         for name, (path, form) in asked.items():
             data, headers = (None, None) if form is None else multipart(form, upload)

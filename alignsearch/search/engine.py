@@ -429,13 +429,14 @@ class Engine:
                                 by_vector=True)
         return self.run(request, query=query, snapshot=snapshot, exclude=exclude)
 
-    def explain(self, request: SearchRequest) -> dict[str, Any]:
+    def explain(self, request: SearchRequest, snapshot: Snapshot | None = None) -> dict[str, Any]:
         """How a request would run (`query --explain`), without running it: matches, selectivity, exact or ANN,
-        nprobe, and for a text and an image how they combine."""
+        nprobe, and for a text and an image how they combine. snapshot: the one a search ran on (the server's
+        request), else the current one."""
         opts = self._options(request)
         k, mode, compose, compound = request.k, request.mode, request.compose, request.compound
         weights = (request.text_weight, request.image_weight)
-        snap = self.snap
+        snap = self.snap if snapshot is None else snapshot
         n = int(snap.index.ntotal)
         method = resolve_compose(compose) if compound else None
         if compound and compose == "auto" and not min(weights) > 0:

@@ -534,10 +534,10 @@ class Library:
                                 exclude=() if leave_out is None else (leave_out,))
         return [h.to_dict() for h in hits]
 
-    def explain(self, request: SearchRequest) -> dict[str, Any]:
-        """How the request runs (`query --explain`'s plan), with what encodes queries."""
-        engine = self.fresh()
-        return {**engine.explain(request), "encoder": engine.encoder_plan()}
+    def explain(self, request: SearchRequest, snapshot) -> dict[str, Any]:
+        """How the request runs (`query --explain`'s plan), with what encodes queries, told of the snapshot its
+        search ran on (taken judged by snapshot()): not judged again, and not a newer index than the results'."""
+        return {**self._engine.explain(request, snapshot), "encoder": self._engine.encoder_plan()}
 
     def parts_of(self, request: SearchRequest, snapshot):
         """The request's query encoded (Engine.parts_of) for the request's snapshot (judged when taken); called off
@@ -991,7 +991,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         finally:
             slots.release()
 
-    async def encode_and_search(request: SearchRequest) -> list[dict]:
+    async def encode_and_search(request: SearchRequest) -> tuple[list[dict], Any]:
         # One snapshot for both steps: during a re-encode's model switch a query encoded with the old model
         # was ranked against the new vectors. If the index moves on in between, encode again.
         for attempt in range(4):
@@ -999,13 +999,13 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
             future = encoder.submit(library.parts_of, request, snap)  # encoded on the encoder's thread, not the loop
             parts = await asyncio.wrap_future(future)
             try:
-                return await run_in_threadpool(library.search, request, parts, snap)
+                return await run_in_threadpool(library.search, request, parts, snap), snap
             except SnapshotMoved:
                 if attempt == 3:
                     raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
         raise AssertionError("unreachable")
 
-    async def similar_search(request: SearchRequest) -> list[dict]:
+    async def similar_search(request: SearchRequest) -> tuple[list[dict], Any]:
         """The stored vector of an indexed image and its search, from one snapshot (as encode_and_search); the
         image itself is left out, as the CLI's `similar` does."""
         request = dataclasses.replace(request, text=None, mode="vector")
@@ -1013,7 +1013,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
             snap = await run_in_threadpool(library.snapshot)
             try:
                 vector = await run_in_threadpool(library.vector_of, request.similar, snap)
-                return await run_in_threadpool(library.search, request, vector, snap, request.similar)
+                return await run_in_threadpool(library.search, request, vector, snap, request.similar), snap
             except SnapshotMoved:
                 if attempt == 3:
                     raise ApiError(503, "the index is being re-encoded: try again shortly", {"Retry-After": "1"}) from None
@@ -1022,16 +1022,16 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def answer(request: SearchRequest, posted: bool) -> dict[str, Any]:
         """Search (by the request's text and image, or its similar= id) and say what was asked."""
         if request.similar is not None:
-            results = await similar_search(request)
+            results, snap = await similar_search(request)
         else:
             if request.image is not None:  # checked bytes: decoded a few at a time (DECODE_SLOTS)
                 pil = await in_slot(decoding, lambda: decode_upload(request.image, config.max_upload_pixels,
                                                                     library.image_spec()))
                 request = search_request.with_image(request, pil)
-            results = await encode_and_search(request)
+            results, snap = await encode_and_search(request)
         out = {"query": echo(request, posted), "results": results}
-        if request.explain:
-            out["plan"] = await run_in_threadpool(library.explain, request)
+        if request.explain:  # the plan of the snapshot the results came from
+            out["plan"] = await run_in_threadpool(library.explain, request, snap)
         return out
 
     @app.get("/healthz", tags=["server"])

@@ -365,6 +365,16 @@ def test_two_first_writers_into_an_empty_records_folder_keep_both_records(tmp_pa
     assert (tmp_path / "records" / records.LOCK).stat().st_mode & 0o077 == 0  # passes the folder's trust check
 
 
+def test_the_records_lock_is_never_taken_through_a_symbolic_link(tmp_path):
+    """A link at write.lock (the folder is this user's: cache_untrusted) is refused, never followed to create or
+    lock a file elsewhere; callers take the OSError as "not recorded", as any failed write."""
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / records.LOCK).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        records.Writer(tmp_path, MODEL).speed("cpu", {"onnx": 1.0})
+    assert not (tmp_path / "elsewhere").exists() and records.read(tmp_path) is None
+
+
 # -- with a model ------------------------------------------------------------------------------------------
 def test_an_export_that_fails_its_parity_check_runs_on_torch_with_one_line(tiny_model, tmp_path, monkeypatch, caplog):
     from alignsearch.encoders import onnxrun

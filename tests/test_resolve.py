@@ -304,6 +304,77 @@ def test_a_record_others_can_write_makes_the_cache_untrusted(tmp_path, monkeypat
     assert "speed-" in backend.cache_untrusted(folder)
 
 
+# One writer of the records, in a process of its own (only records imported: a fraction of a second). Role "a"
+# stops right after its first write has read model.json and waits for "go"; role "b" waits for "start", then
+# writes, saying "blocked" if it has to wait for another writer's lock, and "done" when its record is written.
+_FIRST_WRITER = """
+import fcntl, json, sys
+from pathlib import Path
+from alignsearch.encoders import records
+role, folder, model = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+def say(word):
+    print(word, flush=True)
+if role == "a":
+    load = records._load
+    def paused(path):
+        got = load(path)
+        if path.name == records.MODEL:
+            say("read")
+            sys.stdin.readline()
+        return got
+    records._load = paused
+else:
+    sys.stdin.readline()
+    flock = fcntl.flock
+    def watched(fd, how):
+        try:
+            return flock(fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("blocked")
+            if how & fcntl.LOCK_NB:
+                raise
+        return flock(fd, how)
+    fcntl.flock = watched
+records.Writer(folder, model).speed("cpu " + role, {"onnx": 1.0})
+say("done")
+"""
+
+
+def test_two_first_writers_into_an_empty_records_folder_keep_both_records(tmp_path):
+    """Two processes (an `index` and a `serve`) each writing their first record: a, having read that there is
+    no model.json, is held there until b has written its record or waits for a's lock. Before the lock, a then
+    took b's records for another export's, cleared them, and b's measurement was lost."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    a, b = (subprocess.Popen([sys.executable, "-c", _FIRST_WRITER, role, str(tmp_path), json.dumps(MODEL)], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for role in "ab")
+    try:
+        assert a.stdout.readline() == "read\n"
+        b.stdin.write("start\n"), b.stdin.flush()
+        said = b.stdout.readline()  # "done" (no lock: b wrote it all) or "blocked" (a holds the lock)
+        assert said in ("done\n", "blocked\n"), said
+        a.stdin.write("go\n"), a.stdin.flush()
+        outs = [p.communicate(timeout=60)[0] for p in (a, b)]
+    finally:
+        for p in (a, b):
+            p.kill()
+    assert (a.returncode, b.returncode) == (0, 0) and outs[0] == "done\n" and (said + outs[1]).endswith("done\n")
+    assert records.read(tmp_path)["vision_speed"] == {"cpu a": {"onnx": 1.0}, "cpu b": {"onnx": 1.0}}
+    assert (tmp_path / "records" / records.LOCK).stat().st_mode & 0o077 == 0  # passes the folder's trust check
+
+
+def test_the_records_lock_is_never_taken_through_a_symbolic_link(tmp_path):
+    """A link at write.lock (the folder is this user's: cache_untrusted) is refused, never followed to create or
+    lock a file elsewhere; callers take the OSError as "not recorded", as any failed write."""
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / records.LOCK).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        records.Writer(tmp_path, MODEL).speed("cpu", {"onnx": 1.0})
+    assert not (tmp_path / "elsewhere").exists() and records.read(tmp_path) is None
+
+
 # -- with a model ------------------------------------------------------------------------------------------
 def test_an_export_that_fails_its_parity_check_runs_on_torch_with_one_line(tiny_model, tmp_path, monkeypatch, caplog):
     from alignsearch.encoders import onnxrun

@@ -147,7 +147,8 @@ def remove_superseded(folder: Path, manifest: dict) -> list[tuple[str, int]]:
 def remove_stale_files(folder: Path, manifest: dict, before_ns: int) -> list[str]:
     """Tower files in `folder` its manifest no longer lists, left by an export of an older export version
     (and their compiled graphs), when last written before `before_ns` (the moment the old manifest was read:
-    a tower another process writes now is newer). Call under the folder's manifest lock."""
+    a tower another process writes now is newer). No lock is held (there is no manifest lock: records.py locks
+    only a first write's check of model.json): that mtime rule is what spares another process's newer tower."""
     removed = []
     for key, name in FILES.items():
         path = folder / name

@@ -7,8 +7,12 @@ rejected-KEY@PLACE.json (a tower measured unusable at a precision: int8 or bf16 
 per place it was measured: the CPU and engine version; rejected-KEY.json for one written before refusals said
 where), speed-MACHINE.json (the vision tower's measured engine rates on one CPU) and
 checkpoint-PLACE.json (the stamp of a checkpoint folder these weights were loaded from). Two processes
-exporting different towers each write their own record, so neither needs a lock nor a merge, and a crash
-leaves every record whole (the old or the new one).
+exporting different towers each write their own record, so neither needs a merge, and a crash leaves every
+record whole (the old or the new one). One step is shared: a writer's first record checks model.json and, where
+it is missing or another export's, clears the folder and writes its own. That is done under an exclusive lock
+(write.lock, beside the records): two first writers into an empty folder each read "no model.json" and the
+later one's clearing deleted the records the other had written meanwhile (an `index` and a `serve` measuring
+at once kept one of their two records, and the other measured again on its next run).
 
 read() assembles them into one dict of the shape the single manifest.json had before; a folder that still
 holds only that older manifest.json is read as it is, and converted to records on the next write.
@@ -23,10 +27,16 @@ one that is not (or not JSON) is taken for missing, and its artefact made again.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from alignsearch import atomic, safeopen
 
@@ -35,6 +45,8 @@ log = logging.getLogger(__name__)
 FOLDER = "records"
 LEGACY = "manifest.json"  # the single manifest written before per-artefact records
 MODEL = "model.json"
+LOCK = "write.lock"  # in FOLDER, not a record (*.json): held while a first write checks or clears the folder
+LOCK_WAIT = 60.0  # seconds a writer waits for another's first write (milliseconds of work; else a stopped process)
 IDENTITY = ("fingerprint", "content_digest", "spec", "export_version")
 MODEL_KEYS = IDENTITY + ("model", "dim", "max_length", "temperature")
 MAX_CHECKPOINTS = 8  # checkpoint folders (stamps) remembered per model
@@ -124,6 +136,34 @@ def is_legacy(folder: Path) -> bool:
     return (Path(folder) / LEGACY).exists() and not (Path(folder) / FOLDER / MODEL).exists()
 
 
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the records folder's LOCK (flock) for the block. Opened as the index's lock files are (indexer/lock.py):
+    created 0600 (the folder's trust check judges every entry in it: backend.cache_untrusted), never through a
+    symbolic link, a FIFO opened at once. Another process holding it longer than LOCK_WAIT is an OSError, which
+    callers take as "not recorded" (made or measured again next time). Where the filesystem has no flock
+    (ENOLCK, EOPNOTSUPP), the write goes on unlocked, as every write did before."""
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(errno.EWOULDBLOCK, f"another process held {folder / LOCK} for {LOCK_WAIT:.0f} s",
+                                  str(folder / LOCK)) from None
+                time.sleep(0.02)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                break
+        yield  # the lock goes with the descriptor, also when the process dies
+    finally:
+        os.close(fd)
+
+
 class Writer:
     """Writes one cache folder's records, each atomically (alignsearch/atomic.py). The first write makes
     model.json and converts an older manifest.json (one line in the log), or clears records left by an
@@ -148,20 +188,21 @@ class Writer:
             return
         records = self.folder / FOLDER
         records.mkdir(mode=0o700, exist_ok=True)
-        legacy = _load(self.folder / LEGACY) if is_legacy(self.folder) else None
-        on_disk = _load(records / MODEL)
-        if not (isinstance(on_disk, dict) and all(on_disk.get(k) == self.model[k] for k in IDENTITY)):
-            for stale in records.glob("*.json"):  # another export version's records describe other files
-                stale.unlink(missing_ok=True)
-        if isinstance(legacy, dict) and all(legacy.get(k) == self.model[k] for k in IDENTITY):
-            log.info("note: converting the ONNX cache manifest in %s to per-artefact records", self.folder)
-            self._convert(legacy)
-        # replaced only when it changes: every process's first record rewrote it, and a reader meeting the replace
-        # (safeopen: "replaced by another file while it was opened") took the whole cache for none, exported again
-        if on_disk != json.loads(json.dumps(self.model)):
-            self._put(MODEL, self.model)
-        if (self.folder / LEGACY).exists():
-            (self.folder / LEGACY).unlink(missing_ok=True)
+        with _locked(records):  # read, clear and write model.json as one step: see the module's docstring
+            legacy = _load(self.folder / LEGACY) if is_legacy(self.folder) else None
+            on_disk = _load(records / MODEL)
+            if not (isinstance(on_disk, dict) and all(on_disk.get(k) == self.model[k] for k in IDENTITY)):
+                for stale in records.glob("*.json"):  # another export version's records describe other files
+                    stale.unlink(missing_ok=True)
+            if isinstance(legacy, dict) and all(legacy.get(k) == self.model[k] for k in IDENTITY):
+                log.info("note: converting the ONNX cache manifest in %s to per-artefact records", self.folder)
+                self._convert(legacy)
+            # replaced only when it changes: every process's first record rewrote it, and a reader meeting the replace
+            # (safeopen: "replaced by another file while it was opened") took the whole cache for none, exported again
+            if on_disk != json.loads(json.dumps(self.model)):
+                self._put(MODEL, self.model)
+            if (self.folder / LEGACY).exists():
+                (self.folder / LEGACY).unlink(missing_ok=True)
         self._ready = True
 
     def _convert(self, legacy: dict) -> None:

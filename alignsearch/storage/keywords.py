@@ -250,8 +250,9 @@ def coded_chunks(text: str) -> str:
 def search(conn, query: Query, limit: int, among=None, evidence_only: bool = False) -> list[tuple[int, float]]:
     """(file id, bm25 score: lower is better) of the indexed files matching `query`, best first, at most
     `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves.
-    evidence_only: only files whose caption, text read in the image or tags hold the query (`evidence`), also
-    decided in the SQL before the limit: filtered after it, a hundred matches by file name alone left none. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
+    evidence_only: only files whose caption, text read in the image or tags hold the query (`evidence`), decided
+    before the limit (filtered after it, a hundred matches by file name alone left none), in rank order until the
+    limit is filled (_with_evidence). Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
     are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
     all the query's words, those found only inside longer tokens after them."""
     from alignsearch.storage import catalog, migrate
@@ -284,19 +285,56 @@ def search(conn, query: Query, limit: int, among=None, evidence_only: bool = Fal
         # answers far slower (minutes at 150,000 ids); as a plain filter it costs what the unfiltered query does.
         restrict = " WHERE +h.id IN (SELECT value FROM json_each(?))"
         params.append("[" + ",".join(str(int(i)) for i in among) + "]")
-    if evidence_only:
-        restrict += (" AND " if restrict else " WHERE ") + _evidence_sql(conn, query)
-    params.append(int(limit))
+    # evidence_only: every match in rank order (no limit), checked lazily below. As a condition in this SQL, SQLite
+    # ran the evidence check (Python, per row) on every match before it sorted and cut them: a 64-word query over
+    # 20,000 matching files checked 20,000 rows to keep 100.
+    params.append(-1 if evidence_only else int(limit))
     sql = (f"SELECT h.id, r.score FROM ({hits}) h JOIN files f ON f.id = h.id AND f.status = 'indexed' "
            f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
            f"ON r.rowid = h.id{restrict} ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
     try:
-        rows = conn.exec_driver_sql(sql, tuple(params)).all()
+        rows = [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]
+        return _with_evidence(conn, query, rows, limit) if evidence_only else rows
     except DBAPIError as exc:
         if catalog.not_damage(exc) is not None or not isinstance(exc.orig, sqlite3.DatabaseError):
             raise
         raise damaged(exc.orig) from exc  # FTS5 pages SQLite calls malformed: mended by verify --repair
-    return [(int(i), float(s) if s is not None else 0.0) for i, s in rows]
+
+
+EVIDENCE_BATCH = 128  # matches whose text is read at once (then twice as many, ...) while the limit is not filled
+
+
+def _with_evidence(conn, query: Query, ranked: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
+    """The first `limit` of the ranked matches whose caption, text read in the image or tags hold the query
+    (`evidence`), in their order: the same as checking every match, then cutting, but the text is read and checked
+    in rank order, batch by batch, until the limit is filled. A match with none of that text (a file found by its
+    name alone, uncaptioned) is no evidence, decided without Python's check."""
+    kept: list[tuple[int, float]] = []
+    checks = _checks(tuple(query.positive()))
+    start, batch = 0, max(EVIDENCE_BATCH, int(limit))
+    while start < len(ranked) and len(kept) < limit:
+        chunk = ranked[start:start + batch]
+        texts = _evidence_texts(conn, [i for i, _ in chunk])
+        kept += [(i, s) for i, s in chunk if texts.get(i) and _holds(checks, texts[i])]
+        start, batch = start + len(chunk), batch * 2
+    return kept[:max(int(limit), 0)]
+
+
+def _evidence_texts(conn, ids: list[int]) -> dict[int, str]:
+    """{file id: its tag labels, caption and text read in the image joined by BREAK} for those that have any."""
+    from alignsearch.storage import migrate
+    from alignsearch.storage.catalog import photos
+
+    parts = [f"(SELECT group_concat(t.label, char({ord(BREAK)})) FROM tags t WHERE t.file_id = h.value)"]
+    schema = migrate.schema_of(conn)
+    if schema.photos:
+        # a catalog older than photos.ocr (a reader cannot upgrade it) has the columns it has
+        columns = ("caption", "ocr") if schema.photo_ocr else ("caption",)
+        parts += [f"(SELECT p.{c} FROM {photos.name} p WHERE p.file_id = h.value)" for c in columns]
+    joined = f" || char({ord(BREAK)}) || ".join(f"coalesce({p}, '')" for p in parts)
+    rows = conn.exec_driver_sql(f"SELECT h.value, {joined} FROM json_each(?) h",
+                                ("[" + ",".join(str(int(i)) for i in ids) + "]",))
+    return {int(i): text for i, text in rows if text and text.strip(BREAK)}
 
 
 def damaged(cause) -> IndexDamagedError:
@@ -305,27 +343,6 @@ def damaged(cause) -> IndexDamagedError:
     into a new --index DIR", which loses the tag labels and the index's settings for nothing."""
     return IndexDamagedError(f"the catalog's keyword index cannot be read ({cause}): run `alignsearch verify "
                              "--repair` (it writes it again from the captions, text, paths and tags)")
-
-
-EVIDENCE_FUNCTION = "alignsearch_evidence"
-
-
-def _evidence_sql(conn, query: Query) -> str:
-    """A condition on h.id: the file's caption, text read in the image and tag labels hold evidence of the
-    query. `evidence` runs in SQLite as a function of this connection, registered for this query."""
-    from alignsearch.storage import migrate
-    from alignsearch.storage.catalog import photos
-
-    conn.connection.driver_connection.create_function(EVIDENCE_FUNCTION, 1,
-                                                      lambda text: evidence(query, text or ""), deterministic=True)
-    parts = [f"(SELECT group_concat(t.label, char({ord(BREAK)})) FROM tags t WHERE t.file_id = h.id)"]
-    schema = migrate.schema_of(conn)
-    if schema.photos:
-        # a catalog older than photos.ocr (a reader cannot upgrade it) has the columns it has
-        columns = ("caption", "ocr") if schema.photo_ocr else ("caption",)
-        parts += [f"(SELECT p.{c} FROM {photos.name} p WHERE p.file_id = h.id)" for c in columns]
-    joined = f" || char({ord(BREAK)}) || ".join(f"coalesce({p}, '')" for p in parts)
-    return f"{EVIDENCE_FUNCTION}({joined})"
 
 
 def _fold(text: str) -> list[str]:
@@ -343,14 +360,24 @@ def _folded(tokens: tuple[str, ...]) -> list[str]:
     return [w for t in tokens for w in _fold(t)] or list(tokens)
 
 
-def _atom_in(atom: Atom, words: list[str], raw: str) -> bool:
+@functools.lru_cache(maxsize=64)  # evidence() may run for each match a query finds: its atoms are sorted once
+def _checks(atoms: tuple[Atom, ...]) -> tuple[frozenset[str], tuple[Atom, ...]]:
+    """The query's atoms as (the folded words of those that are one whole word, found by a set intersection; the
+    rest: starts of words, phrases, codes, looked for one by one)."""
+    whole = [a for a in atoms if len(_folded(a.tokens)) == 1 and not a.prefix and a.code is None]
+    return frozenset(_folded(a.tokens)[0] for a in whole), tuple(a for a in atoms if a not in whole)
+
+
+def _atom_in(atom: Atom, words: list[str], present: set[str], raw: str) -> bool:
     tokens = _folded(atom.tokens)
     n = len(tokens)
-    for i in range(len(words) - n + 1):
-        head, last = words[i:i + n - 1], words[i + n - 1]
-        if tokens[:-1] == head and (last.startswith(tokens[-1]) if atom.prefix else last == tokens[-1]):
-            return True
-    return atom.code is not None and atom.code.lower() in raw
+    if n > 1 and tokens[0] not in present:  # a phrase whose first word the text lacks: no scan
+        found = False
+    else:
+        found = any(words[i:i + n - 1] == tokens[:-1] and (words[i + n - 1].startswith(tokens[-1]) if atom.prefix
+                                                           else words[i + n - 1] == tokens[-1])
+                    for i in range(len(words) - n + 1))
+    return found or (atom.code is not None and atom.code.lower() in raw)
 
 
 def evidence(query: Query, text: str) -> bool:
@@ -358,11 +385,22 @@ def evidence(query: Query, text: str) -> bool:
     any of the query's positive atoms, as the keyword index would match them (a phrase within one of the parts
     that BREAK separates). The default mode fuses keyword
     evidence only when it is found there, never in a file or folder name alone (README: One coherent ranking)."""
-    atoms = query.positive()
+    # Whole words are one set intersection per part: each atom scanning the part's words cost the default mode
+    # ~0.3 ms a match on a 64-word query (bench_keyword_evidence), run on thousands of matches.
+    return _holds(_checks(tuple(query.positive())), text)
+
+
+def _holds(checks: tuple[frozenset[str], tuple[Atom, ...]], text: str) -> bool:
+    """evidence() with the query's _checks made (once for all the matches of one search: hashing a 64-atom query
+    for the cache on each match cost a third of the check)."""
+    whole, others = checks
     for part in text.split(BREAK):
+        if not part or part.isspace():
+            continue
         # each part folded once for all the atoms: folded again for each atom (78ea7a9), the default mode's keyword
         # list took twice as long on 4-word queries (bench_keyword_break: most of its hits hold no evidence)
         words, raw = _fold(part), part.lower()
-        if any(_atom_in(a, words, raw) for a in atoms):
+        present = set(words)
+        if not whole.isdisjoint(present) or any(_atom_in(a, words, present, raw) for a in others):
             return True
     return False

@@ -29,6 +29,7 @@ What a query text means (`parse`):
   dropped.
 - Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
   Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
+  Hangul written onto a Latin or digit word is parted from it (_HANGUL_EDGE): `BTS` finds `BTS의 공연`.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -89,7 +90,14 @@ _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff
                         f"|[{_THAI_LETTERS}][{THAI_MARKS}]*)")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
-_HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+")
+_HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges
+_HANGUL = re.compile(f"[{_HANGUL_LETTERS}]+")
+# Where Hangul meets a letter or digit of another script (`BTS의`, BTS's; `iPhone으로`, with an iPhone; `2024년`, the
+# year 2024): a particle or counter written onto a Latin or digit word. unicode61 kept `bts의` one token, so `BTS`
+# found no `BTS의 공연` (a bare Hangul word is a start, _atom, but `BTS` is no Hangul word); split there, `BTS` is a
+# word of its own, and `BTS의` typed is the phrase `bts 의`, found where it was.
+_HANGUL_EDGE = re.compile(f"(?<=[^\\W_{_HANGUL_LETTERS}])(?=[{_HANGUL_LETTERS}])"
+                          f"|(?<=[{_HANGUL_LETTERS}])(?=[^\\W_{_HANGUL_LETTERS}])")
 # ำ (SARA AM) as NIKHAHIT and SARA AA (its NFKC and NFKD form, which no composition undoes; some keyboards and OCR
 # write it so), a tone mark between them or not: the same vowel to a reader, but the clusters ทํ า to the index
 # against ท ำ, so `ทำ` found no text written so, and the default mode's match check (its fold made ำ of them) dropped
@@ -113,8 +121,9 @@ def spaced(text: str) -> str:
     then a phrase of characters), Greek
     letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
     U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
-    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ."""
-    composed = _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text))
+    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ. Hangul and a letter or digit of another script
+    next to each other are two words (_HANGUL_EDGE)."""
+    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text)))
     return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 

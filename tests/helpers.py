@@ -1165,3 +1165,19 @@ def catalog_copy_at_generation(ix: Path, dest: Path, generation: int = 7) -> Pat
         conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
     conn.close()  # its WAL folded into the file copied
     return Path(dest)
+
+
+def keyword_library(db_path, files, root: str = "/r") -> dict:
+    """A catalog of files named as the keys of `files`, each with its caption (None: the name alone), written as an
+    index run writes them (catalog.upsert_file, set_photo: the keyword text too); {name: file id}."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(db_path)
+    ids = {}
+    with db.begin() as conn:
+        for name, caption in files.items():
+            fid = ids[name] = catalog.upsert_file(conn, {"root": root, "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": catalog.INDEXED})
+            catalog.set_photo(conn, fid, name, {"caption": caption})
+    db.dispose()
+    return ids

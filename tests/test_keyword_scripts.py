@@ -100,7 +100,7 @@ def test_a_schema_6_keyword_index_finds_thai_words_once_its_next_writer_upgrades
     assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
     reader = catalog.connect(db_path, readonly=True)
     with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST == 7
+        assert state.read(conn).schema_version == migrate.LATEST == 8
     reader.dispose()
 
 
@@ -157,3 +157,54 @@ def test_a_korean_word_of_one_syllable_is_a_word(tmp_path):
     assert [a.tokens for a in keywords.parse("밤").positive()] == [("밤",)]
     assert keywords.parse("a").positive() == []  # a lone Latin letter is still no query
     assert keywords.evidence(keywords.parse("밤"), "서울의 밤 풍경")
+
+
+def test_a_latin_or_digit_word_with_a_korean_particle_written_onto_it_is_found_by_the_word(tmp_path):
+    """Korean writes a particle onto the word before it, a Latin or digit one too (`BTS의 공연`, BTS's concert;
+    `2024년`, the year 2024): unicode61 kept `bts의` one token, so `BTS` found neither file in keyword mode (and in
+    the default mode only as the last word typed, a word start). Hangul is parted from the word there."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"BTS의 공연.jpg": None, "song.jpg": "BTS가 노래한다", "year.jpg": "2024년 여름",
+                        "iphone.jpg": "iPhone으로 찍은 사진", "other.jpg": "BTSX 공연", "서울에서.jpg": None})
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        # not the last word (the default mode takes that as a start, `BTS` finding `BTSX` too): a whole word
+        assert kw("BTS concert") == kw("bts concert") == ["BTS의 공연.jpg", "song.jpg"]
+        assert kw("BTS AND 공연") == ["BTS의 공연.jpg"]
+        assert kw("BTS의") == kw('"BTS의"') == ["BTS의 공연.jpg"]  # as typed, found where it was
+        assert kw("iphone") == ["iphone.jpg"] and kw("2024") == kw("2024년") == ["year.jpg"]
+        assert kw("서울") == ["서울에서.jpg"]  # a Hangul word with its particle: a word start (schema 7)
+    assert _found(db, ids, "BTS") == ["BTS의 공연.jpg", "song.jpg"]  # keyword mode
+    assert keywords.evidence(keywords.parse("bts concert"), "BTS가 노래한다")
+    assert not keywords.evidence(keywords.parse("bts"), "BTSX 공연")
+    db_ = catalog.connect(db, readonly=True)
+    with db_.connect() as conn:  # the default mode's keyword list: caption evidence only
+        auto = keywords.search(conn, keywords.parse("BTS concert", partial_last=True), 10, evidence_only=True)
+    db_.dispose()
+    assert [i for i, _ in auto] == [ids["song.jpg"]]
+
+
+def test_a_schema_7_keyword_index_finds_a_latin_word_with_a_korean_particle_once_its_next_writer_upgrades_it(tmp_path):
+    """An index of schema 7 holds `BTS의` as one token; a reader reads it as it stands, the next writer writes the
+    keyword index again (migrate._hangul_edge_keywords)."""
+    db_path = tmp_path / "catalog.db"
+    ids = _library(db_path, {"BTS의 공연.jpg": None, "song.jpg": "BTS가 노래한다"})
+    db = catalog.connect(db_path)
+    with db.begin() as conn:  # as schema 7 wrote it: Hangul and Latin in one token
+        for name, caption in (("BTS의 공연.jpg", None), ("song.jpg", "BTS가 노래한다")):
+            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?",
+                                 (catalog.keyword_text(name, caption), ids[name]))
+        state.write(conn, schema_version=7)
+    db.dispose()
+
+    assert _found(db_path, ids, "BTS", readonly=True) == []  # as it stands: a reader writes nothing
+    assert _found(db_path, ids, "공연", readonly=True) == ["BTS의 공연.jpg"]
+    catalog.connect(db_path).dispose()  # a writer
+    assert _found(db_path, ids, "BTS", readonly=True) == ["BTS의 공연.jpg", "song.jpg"]
+    assert _found(db_path, ids, "BTS의", readonly=True) == ["BTS의 공연.jpg"]
+    reader = catalog.connect(db_path, readonly=True)
+    with reader.connect() as conn:
+        assert state.read(conn).schema_version == migrate.LATEST == 8
+    reader.dispose()

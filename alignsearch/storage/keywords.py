@@ -29,6 +29,7 @@ What a query text means (`parse`):
   dropped.
 - Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
   Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
+  Hangul written onto a Latin or digit word is parted from it (_HANGUL_EDGE): `BTS` finds `BTS의 공연`.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -89,7 +90,14 @@ _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff
                         f"|[{_THAI_LETTERS}][{THAI_MARKS}]*)")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
-_HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+")
+_HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges
+_HANGUL = re.compile(f"[{_HANGUL_LETTERS}]+")
+# Where Hangul meets a letter or digit of another script (`BTS의`, BTS's; `iPhone으로`, with an iPhone; `2024년`, the
+# year 2024): a particle or counter written onto a Latin or digit word. unicode61 kept `bts의` one token, so `BTS`
+# found no `BTS의 공연` (a bare Hangul word is a start, _atom, but `BTS` is no Hangul word); split there, `BTS` is a
+# word of its own, and `BTS의` typed is the phrase `bts 의`, found where it was.
+_HANGUL_EDGE = re.compile(f"(?<=[^\\W_{_HANGUL_LETTERS}])(?=[{_HANGUL_LETTERS}])"
+                          f"|(?<=[{_HANGUL_LETTERS}])(?=[^\\W_{_HANGUL_LETTERS}])")
 # ำ (SARA AM) as NIKHAHIT and SARA AA (its NFKC and NFKD form, which no composition undoes; some keyboards and OCR
 # write it so), a tone mark between them or not: the same vowel to a reader, but the clusters ทํ า to the index
 # against ท ำ, so `ทำ` found no text written so, and the default mode's match check (its fold made ำ of them) dropped
@@ -113,8 +121,9 @@ def spaced(text: str) -> str:
     then a phrase of characters), Greek
     letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
     U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
-    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ."""
-    composed = _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text))
+    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ. Hangul and a letter or digit of another script
+    next to each other are two words (_HANGUL_EDGE)."""
+    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text)))
     return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 
@@ -250,8 +259,9 @@ def coded_chunks(text: str) -> str:
 def search(conn, query: Query, limit: int, among=None, evidence_only: bool = False) -> list[tuple[int, float]]:
     """(file id, bm25 score: lower is better) of the indexed files matching `query`, best first, at most
     `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves.
-    evidence_only: only files whose caption, text read in the image or tags hold the query (`evidence`), also
-    decided in the SQL before the limit: filtered after it, a hundred matches by file name alone left none. Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
+    evidence_only: only files whose caption, text read in the image or tags hold the query (`evidence`), decided
+    before the limit (filtered after it, a hundred matches by file name alone left none), in rank order until the
+    limit is filled (_with_evidence). Each atom is a set of rowids (the word index, or with a code also the trigram index); the sets
     are combined in SQL (INTERSECT for AND, UNION for OR, EXCEPT for -word); the matches rank by bm25 over
     all the query's words, those found only inside longer tokens after them."""
     from alignsearch.storage import catalog, migrate
@@ -284,19 +294,56 @@ def search(conn, query: Query, limit: int, among=None, evidence_only: bool = Fal
         # answers far slower (minutes at 150,000 ids); as a plain filter it costs what the unfiltered query does.
         restrict = " WHERE +h.id IN (SELECT value FROM json_each(?))"
         params.append("[" + ",".join(str(int(i)) for i in among) + "]")
-    if evidence_only:
-        restrict += (" AND " if restrict else " WHERE ") + _evidence_sql(conn, query)
-    params.append(int(limit))
+    # evidence_only: every match in rank order (no limit), checked lazily below. As a condition in this SQL, SQLite
+    # ran the evidence check (Python, per row) on every match before it sorted and cut them: a 64-word query over
+    # 20,000 matching files checked 20,000 rows to keep 100.
+    params.append(-1 if evidence_only else int(limit))
     sql = (f"SELECT h.id, r.score FROM ({hits}) h JOIN files f ON f.id = h.id AND f.status = 'indexed' "
            f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
            f"ON r.rowid = h.id{restrict} ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
     try:
-        rows = conn.exec_driver_sql(sql, tuple(params)).all()
+        rows = [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]
+        return _with_evidence(conn, query, rows, limit) if evidence_only else rows
     except DBAPIError as exc:
         if catalog.not_damage(exc) is not None or not isinstance(exc.orig, sqlite3.DatabaseError):
             raise
         raise damaged(exc.orig) from exc  # FTS5 pages SQLite calls malformed: mended by verify --repair
-    return [(int(i), float(s) if s is not None else 0.0) for i, s in rows]
+
+
+EVIDENCE_BATCH = 128  # matches whose text is read at once (then twice as many, ...) while the limit is not filled
+
+
+def _with_evidence(conn, query: Query, ranked: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
+    """The first `limit` of the ranked matches whose caption, text read in the image or tags hold the query
+    (`evidence`), in their order: the same as checking every match, then cutting, but the text is read and checked
+    in rank order, batch by batch, until the limit is filled. A match with none of that text (a file found by its
+    name alone, uncaptioned) is no evidence, decided without Python's check."""
+    kept: list[tuple[int, float]] = []
+    checks = _checks(tuple(query.positive()))
+    start, batch = 0, max(EVIDENCE_BATCH, int(limit))
+    while start < len(ranked) and len(kept) < limit:
+        chunk = ranked[start:start + batch]
+        texts = _evidence_texts(conn, [i for i, _ in chunk])
+        kept += [(i, s) for i, s in chunk if texts.get(i) and _holds(checks, texts[i])]
+        start, batch = start + len(chunk), batch * 2
+    return kept[:max(int(limit), 0)]
+
+
+def _evidence_texts(conn, ids: list[int]) -> dict[int, str]:
+    """{file id: its tag labels, caption and text read in the image joined by BREAK} for those that have any."""
+    from alignsearch.storage import migrate
+    from alignsearch.storage.catalog import photos
+
+    parts = [f"(SELECT group_concat(t.label, char({ord(BREAK)})) FROM tags t WHERE t.file_id = h.value)"]
+    schema = migrate.schema_of(conn)
+    if schema.photos:
+        # a catalog older than photos.ocr (a reader cannot upgrade it) has the columns it has
+        columns = ("caption", "ocr") if schema.photo_ocr else ("caption",)
+        parts += [f"(SELECT p.{c} FROM {photos.name} p WHERE p.file_id = h.value)" for c in columns]
+    joined = f" || char({ord(BREAK)}) || ".join(f"coalesce({p}, '')" for p in parts)
+    rows = conn.exec_driver_sql(f"SELECT h.value, {joined} FROM json_each(?) h",
+                                ("[" + ",".join(str(int(i)) for i in ids) + "]",))
+    return {int(i): text for i, text in rows if text and text.strip(BREAK)}
 
 
 def damaged(cause) -> IndexDamagedError:
@@ -305,27 +352,6 @@ def damaged(cause) -> IndexDamagedError:
     into a new --index DIR", which loses the tag labels and the index's settings for nothing."""
     return IndexDamagedError(f"the catalog's keyword index cannot be read ({cause}): run `alignsearch verify "
                              "--repair` (it writes it again from the captions, text, paths and tags)")
-
-
-EVIDENCE_FUNCTION = "alignsearch_evidence"
-
-
-def _evidence_sql(conn, query: Query) -> str:
-    """A condition on h.id: the file's caption, text read in the image and tag labels hold evidence of the
-    query. `evidence` runs in SQLite as a function of this connection, registered for this query."""
-    from alignsearch.storage import migrate
-    from alignsearch.storage.catalog import photos
-
-    conn.connection.driver_connection.create_function(EVIDENCE_FUNCTION, 1,
-                                                      lambda text: evidence(query, text or ""), deterministic=True)
-    parts = [f"(SELECT group_concat(t.label, char({ord(BREAK)})) FROM tags t WHERE t.file_id = h.id)"]
-    schema = migrate.schema_of(conn)
-    if schema.photos:
-        # a catalog older than photos.ocr (a reader cannot upgrade it) has the columns it has
-        columns = ("caption", "ocr") if schema.photo_ocr else ("caption",)
-        parts += [f"(SELECT p.{c} FROM {photos.name} p WHERE p.file_id = h.id)" for c in columns]
-    joined = f" || char({ord(BREAK)}) || ".join(f"coalesce({p}, '')" for p in parts)
-    return f"{EVIDENCE_FUNCTION}({joined})"
 
 
 def _fold(text: str) -> list[str]:
@@ -343,14 +369,24 @@ def _folded(tokens: tuple[str, ...]) -> list[str]:
     return [w for t in tokens for w in _fold(t)] or list(tokens)
 
 
-def _atom_in(atom: Atom, words: list[str], raw: str) -> bool:
+@functools.lru_cache(maxsize=64)  # evidence() may run for each match a query finds: its atoms are sorted once
+def _checks(atoms: tuple[Atom, ...]) -> tuple[frozenset[str], tuple[Atom, ...]]:
+    """The query's atoms as (the folded words of those that are one whole word, found by a set intersection; the
+    rest: starts of words, phrases, codes, looked for one by one)."""
+    whole = [a for a in atoms if len(_folded(a.tokens)) == 1 and not a.prefix and a.code is None]
+    return frozenset(_folded(a.tokens)[0] for a in whole), tuple(a for a in atoms if a not in whole)
+
+
+def _atom_in(atom: Atom, words: list[str], present: set[str], raw: str) -> bool:
     tokens = _folded(atom.tokens)
     n = len(tokens)
-    for i in range(len(words) - n + 1):
-        head, last = words[i:i + n - 1], words[i + n - 1]
-        if tokens[:-1] == head and (last.startswith(tokens[-1]) if atom.prefix else last == tokens[-1]):
-            return True
-    return atom.code is not None and atom.code.lower() in raw
+    if n > 1 and tokens[0] not in present:  # a phrase whose first word the text lacks: no scan
+        found = False
+    else:
+        found = any(words[i:i + n - 1] == tokens[:-1] and (words[i + n - 1].startswith(tokens[-1]) if atom.prefix
+                                                           else words[i + n - 1] == tokens[-1])
+                    for i in range(len(words) - n + 1))
+    return found or (atom.code is not None and atom.code.lower() in raw)
 
 
 def evidence(query: Query, text: str) -> bool:
@@ -358,11 +394,22 @@ def evidence(query: Query, text: str) -> bool:
     any of the query's positive atoms, as the keyword index would match them (a phrase within one of the parts
     that BREAK separates). The default mode fuses keyword
     evidence only when it is found there, never in a file or folder name alone (README: One coherent ranking)."""
-    atoms = query.positive()
+    # Whole words are one set intersection per part: each atom scanning the part's words cost the default mode
+    # ~0.3 ms a match on a 64-word query (bench_keyword_evidence), run on thousands of matches.
+    return _holds(_checks(tuple(query.positive())), text)
+
+
+def _holds(checks: tuple[frozenset[str], tuple[Atom, ...]], text: str) -> bool:
+    """evidence() with the query's _checks made (once for all the matches of one search: hashing a 64-atom query
+    for the cache on each match cost a third of the check)."""
+    whole, others = checks
     for part in text.split(BREAK):
+        if not part or part.isspace():
+            continue
         # each part folded once for all the atoms: folded again for each atom (78ea7a9), the default mode's keyword
         # list took twice as long on 4-word queries (bench_keyword_break: most of its hits hold no evidence)
         words, raw = _fold(part), part.lower()
-        if any(_atom_in(a, words, raw) for a in atoms):
+        present = set(words)
+        if not whole.isdisjoint(present) or any(_atom_in(a, words, present, raw) for a in others):
             return True
     return False

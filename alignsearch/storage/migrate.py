@@ -110,6 +110,14 @@ def _thai_keywords(conn) -> None:
     _keywords_again(conn)
 
 
+def _hangul_edge_keywords(conn) -> None:
+    """The keyword index written again with Hangul parted from a Latin or digit word it is written onto
+    (keywords._HANGUL_EDGE): an index written before held `BTS의 공연` as the token `bts의`, so `BTS` did not find it
+    (until the file's keywords happened to be written again). The tokenizer is unchanged; made again as the steps
+    before did (_keywords_again)."""
+    _keywords_again(conn)
+
+
 def _rebuild_files(conn) -> None:
     from alignsearch.storage import catalog
 
@@ -149,6 +157,8 @@ STEPS: tuple[Step, ...] = (
          _broken_keywords),
     Step(7, "keyword index: Thai vowel and tone marks are token characters, a Thai letter with its marks a token",
          _thai_keywords),
+    Step(8, "keyword index: Hangul parted from a Latin or digit word it is written onto (BTS의: bts 의)",
+         _hangul_edge_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -3,6 +3,7 @@ image or tags hold the query, best first, checked in rank order until the limit 
 
 from __future__ import annotations
 
+import pytest
 from helpers import keyword_library
 
 from alignsearch.storage import catalog, keywords
@@ -49,3 +50,114 @@ def test_evidence_is_checked_in_rank_order_until_the_limit_is_filled_with_the_sa
             if limit <= 7:
                 assert len(checked) < len(failing) + len(passing) // 2, (limit, len(checked))  # was all 36
     db.dispose()
+
+
+# -- the lazy check against the check it replaced (keywords.evidence run by SQLite on every match, e429b06) ---------
+
+def _old_atom_in(atom, words, raw):
+    """keywords._atom_in as it was at e429b06 (every atom scanned the part's words), on today's fold."""
+    tokens = keywords._folded(atom.tokens)
+    n = len(tokens)
+    for i in range(len(words) - n + 1):
+        head, last = words[i:i + n - 1], words[i + n - 1]
+        if tokens[:-1] == head and (last.startswith(tokens[-1]) if atom.prefix else last == tokens[-1]):
+            return True
+    return atom.code is not None and atom.code.lower() in raw
+
+
+def _old_evidence(query, text):
+    """keywords.evidence as it was at e429b06."""
+    for part in text.split(keywords.BREAK):
+        words, raw = keywords._fold(part), part.lower()
+        if any(_old_atom_in(a, words, raw) for a in query.positive()):
+            return True
+    return False
+
+
+# words of every script and kind the check treats apart: repeated words, a phrase's first word repeated, codes found
+# inside longer chunks, Thai and CJK runs, Hangul with and without a particle or a Latin word before it, Greek accents
+# and final sigma, ligatures and full-width letters NFKD folds, a kana with its mark apart, blanks and BREAK
+_WORDS = ["red", "red", "car", "cars", "Café", "cafe", "INV-4711", "4711", "inv4711a", "東京", "東京駅", "駅", "กรุงเทพ",
+          "ข้าว", "ข่าว", "ทํา", "ทำ", "서울", "서울에서", "의", "BTS의", "BTS", "2024년", "x2024년", "ＢＴＳ의", "ㅋㅋlol",
+          "A1의", "韓國의", "Αθήνα", "αθηνα", "ΟΔΟΣ", "οδός", "the", "a", "ab", "abc", "ß", "ss", "ﬁne", "fine", "パン",
+          "ハ\u309aン", "BTS에서는", "INV-47110", "golden_retriever", "retriever", "1", "123", " ", "", "\t", "-", "*", keywords.BREAK]
+_QUERY_WORDS = [*_WORDS, '"', "AND", "OR", '"red car"', '"red red car"', '"car red"', "-red", '-"red car"', "red*", "re*",
+                "서*", '"서울"', "BT", "BTS", "ca", '"INV-4711"', "INV-471", "BTS에서"]
+
+
+def test_the_lazy_check_holds_where_the_check_it_replaced_held():
+    """keywords.evidence (whole words by a set lookup, phrases skipped when the text lacks their first word) says
+    what the scan of every atom over every word said, on texts and queries drawn from every script and kind of atom,
+    as typed in keyword mode and in the default mode (the last word a start)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    texts = st.lists(st.sampled_from(_WORDS), max_size=12).map(" ".join)
+    queries = st.lists(st.sampled_from(_QUERY_WORDS), min_size=1, max_size=6).map(" ".join)
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(st.lists(texts, max_size=4).map(keywords.BREAK.join), queries, st.booleans(), st.booleans())
+    def check(text, typed, partial, spaced_end):
+        query = keywords.parse(typed + (" " if spaced_end else ""), partial_last=partial)
+        assert keywords.evidence(query, text) == _old_evidence(query, text), (typed, text)
+
+    check()
+
+
+@pytest.mark.slow
+def test_the_default_modes_keyword_list_is_what_checking_every_match_then_cutting_gave(tmp_path, monkeypatch):
+    """keywords.search with evidence_only against the old semantics (every match in rank order, kept when its tags,
+    caption and text read in the image hold the query, then cut to the limit): ties in bm25 (files of the same
+    text), matches found only by the trigram index (no bm25 score, ranked last), files of another status, files with
+    tags but no photo row, filters (among, empty too), limits 0, 1, a few and huge, batches of 1 and 3 matches."""
+    import random
+
+    rng = random.Random(8)
+    words = [w for w in _WORDS if w.strip() and w != keywords.BREAK] + ["xx4711yy", "INV4711A"]
+
+    def text():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    same = text()
+    with db.begin() as conn:
+        ids = []
+        for n in range(80):
+            name = f"{rng.choice(['red', 'car', 'img', '4711', 'ab'])}_{n}.jpg"
+            ids.append(fid := catalog.upsert_file(conn, {"root": "/r", "relpath": name, "size": 1, "mtime": 0.0,
+                                                         "status": rng.choice([catalog.INDEXED] * 9 + ["failed"])}))
+            if rng.random() < .8:  # else: no photo row
+                caption = same if rng.random() < .25 else rng.choice([text(), None])
+                catalog.set_photo(conn, fid, name, {"caption": caption, "ocr": text() if rng.random() < .3 else None})
+        tagged = [{"file_id": i, "label": text(), "probability": .5} for i in ids if rng.random() < .3]
+        catalog.replace_tags(conn, tagged)
+        catalog.refresh_keywords(conn, [t["file_id"] for t in tagged])
+    db.dispose()
+
+    def old_search(conn, query, limit, among):
+        kept = []
+        for i, score in keywords.search(conn, query, 10**9, among):
+            labels = [label for (label,) in conn.exec_driver_sql("SELECT label FROM tags WHERE file_id = ?", (i,))]
+            photo = conn.exec_driver_sql("SELECT caption, ocr FROM photos WHERE file_id = ?", (i,)).first() or ("", "")
+            if _old_evidence(query, keywords.BREAK.join([keywords.BREAK.join(labels), photo[0] or "", photo[1] or ""])):
+                kept.append((i, score))
+        return kept[:limit]
+
+    reader = catalog.connect(tmp_path / "catalog.db", readonly=True)
+    seen = {"scoreless": 0, "mixed": 0}
+    with reader.connect() as conn:
+        for n in range(120):
+            typed = " ".join(rng.choice(_QUERY_WORDS) for _ in range(rng.randint(1, 4)))
+            if n % 4:  # a word of the files' names too: matches that fail the check among those that pass
+                typed = rng.choice(["red", "car", "4711", "ab"]) + " " + typed
+            query = keywords.parse(typed, partial_last=n % 2 == 0)
+            among = None if n % 3 else rng.sample(ids, rng.randint(0, 40))
+            monkeypatch.setattr(keywords, "EVIDENCE_BATCH", rng.choice([1, 3, 128]))
+            for limit in (0, 1, 2, 5, 10**9):
+                expected = old_search(conn, query, limit, among)
+                assert keywords.search(conn, query, limit, among, evidence_only=True) == expected, (typed, limit)
+            every = keywords.search(conn, query, 10**9, among)
+            seen["scoreless"] += any(s == 0.0 for _, s in every)
+            seen["mixed"] += len(every) > len(expected) > 0
+    reader.dispose()
+    assert seen["scoreless"] > 5 and seen["mixed"] > 30, seen  # the draw reached what it is meant to

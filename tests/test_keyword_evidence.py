@@ -161,3 +161,30 @@ def test_the_default_modes_keyword_list_is_what_checking_every_match_then_cuttin
             seen["mixed"] += len(every) > len(expected) > 0
     reader.dispose()
     assert seen["scoreless"] > 5 and seen["mixed"] > 30, seen  # the draw reached what it is meant to
+
+
+def test_an_underscore_parts_words_in_the_default_modes_check_as_it_does_in_the_keyword_index(tmp_path):
+    """unicode61 takes `_` for a separator (punctuation), Python's \\w for a letter: the keyword index found
+    `retriever` in a tag `golden_retriever` (a label as ImageNet writes it) and in text read as `sale_2024`, but the
+    default mode's check folded them into one word each and dropped those files; `golden_retriever` typed (the
+    phrase `golden retriever` to the index) dropped the caption `a golden retriever`."""
+    ids = keyword_library(tmp_path / "catalog.db", {"a.jpg": "a dog on the grass", "b.jpg": "a golden retriever",
+                                                    "c.jpg": "a shop window sale_2024", "d.jpg": "a grey wall"})
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        catalog.replace_tags(conn, [{"file_id": ids["a.jpg"], "label": "golden_retriever", "probability": .9}])
+        catalog.refresh_keywords(conn, [ids["a.jpg"]])
+    db.dispose()
+    reader = catalog.connect(tmp_path / "catalog.db", readonly=True)
+    with reader.connect() as conn:
+        def found(typed, auto):
+            hits = keywords.search(conn, keywords.parse(typed, partial_last=auto), 10, evidence_only=auto)
+            return sorted(name for name, i in ids.items() if i in {h for h, _ in hits})
+
+        for typed, names in (("retriever", ["a.jpg", "b.jpg"]), ("golden_retriever", ["a.jpg", "b.jpg"]),
+                             ('"golden retriever"', ["a.jpg", "b.jpg"]), ("sale", ["c.jpg"])):
+            assert found(typed, auto=False) == names, typed  # the keyword index
+            assert found(typed, auto=True) == names, typed  # the default mode: each file's caption or tag holds it
+    reader.dispose()
+    assert keywords.evidence(keywords.parse("retriever"), "golden_retriever")
+    assert not keywords.evidence(keywords.parse("golden_retriever"), "a retriever, golden")

@@ -359,7 +359,10 @@ def _fold(text: str) -> list[str]:
     index tells ข้าว from ข่าว)."""
     # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
     decomposed = unicodedata.normalize("NFKD", text.lower())
-    return _WORD.findall(spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS)))
+    bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS))
+    # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
+    # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found
+    return _WORD.findall(bare.replace("_", " "))
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

@@ -208,3 +208,25 @@ def test_a_schema_7_keyword_index_finds_a_latin_word_with_a_korean_particle_once
     with reader.connect() as conn:
         assert state.read(conn).schema_version == migrate.LATEST == 8
     reader.dispose()
+
+
+def test_a_korean_particle_being_typed_onto_a_latin_word_is_a_word_start_as_the_whole_word_was(tmp_path):
+    """Parted from `BTS` (schema 8), the particle `에` of `BTS에` is one syllable, counted alone against the rules on
+    word starts: `BTS에*` was the phrase `bts 에` (a start needs 2 characters), and the default mode's `BTS에`, typed
+    on the way to `BTS에서`, no start (3 characters): both found nothing, where `bts에*` found `BTS에서` before.
+    The word as typed counts, particle and all."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"letter.jpg": "BTS에서 온 편지", "photo.jpg": "iPhone으로 찍은 사진", "show.jpg": "BTS의 공연"})
+    for typed in ("BTS에*", "iPhone으*"):  # a start asked for, in both modes
+        name = "letter.jpg" if typed.startswith("BTS") else "photo.jpg"
+        assert _found(db, ids, typed) == _found(db, ids, typed, partial_last=True) == [name], typed
+    assert _found(db, ids, "BTS에", partial_last=True) == ["letter.jpg"]  # as it is typed
+    assert _found(db, ids, "iPhone으", partial_last=True) == ["photo.jpg"]
+    assert _found(db, ids, "BTS에") == _found(db, ids, "BTS에 ", partial_last=True) == []  # ended: the word alone
+    assert [a.prefix for a in keywords.parse("BTS에 공연", partial_last=True).positive()] == [False, True]
+    assert keywords.parse("밤*").positive()[0].prefix is False  # a syllable alone is still too short a start
+    db_ = catalog.connect(db, readonly=True)
+    with db_.connect() as conn:  # the default mode's keyword list: the caption holds the start
+        auto = keywords.search(conn, keywords.parse("BTS에", partial_last=True), 10, evidence_only=True)
+    db_.dispose()
+    assert [i for i, _ in auto] == [ids["letter.jpg"]]

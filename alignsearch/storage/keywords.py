@@ -30,6 +30,7 @@ What a query text means (`parse`):
 - Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
   Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
   Hangul written onto a Latin or digit word is parted from it (_HANGUL_EDGE): `BTS` finds `BTS의 공연`.
+  For a word start it counts with that word (_typed_length): `BTS에*` finds `BTS에서`.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -185,7 +186,7 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     # A character of a script written without spaces is a word start of its own (`東京*`: 東京 followed by anything,
     # which the phrase of its characters already is); kept, the `*` also finds an older index's whole runs (東京駅前)
     # and --explain shows it as typed. Dropped, `東京*` was `東京` there and in --explain.
-    if prefix and len(tokens[-1]) < MIN_PREFIX and not _SPACELESS.fullmatch(tokens[-1]):
+    if prefix and _typed_length(tokens, whole) < MIN_PREFIX and not _SPACELESS.fullmatch(tokens[-1]):
         prefix = False
     # A bare Hangul word is also found with the particle written onto it (`서울` in `서울에서`): unicode61 keeps
     # `서울에서` one token, which the word alone never matched. Quoted, it is the word alone, as typed.
@@ -198,6 +199,17 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     if code is not None and len(code) < MIN_CODE:
         code = None
     return Atom(tokens, prefix, code, whole if whole != tokens else None)
+
+
+def _typed_length(tokens: tuple[str, ...], whole: tuple[str, ...] | None) -> int:
+    """The length of the last word as typed, for the rules on word starts (MIN_PREFIX, MIN_PARTIAL): a Hangul
+    particle parted from the Latin or digit word it is written onto (_HANGUL_EDGE) counts with that word. Counted
+    alone (`에`, one syllable), `BTS에*` was the phrase `bts 에` and the default mode's `BTS에`, typed on the way to
+    `BTS에서`, found nothing, where both found `BTS에서` before schema 8 parted them (`bts에*`)."""
+    last = tokens[-1]
+    if whole and _HANGUL.fullmatch(last) and whole[-1] != last and whole[-1].endswith(last):
+        return len(whole[-1])
+    return len(last)
 
 
 def parse(text: str | None, partial_last: bool = False) -> Query:
@@ -225,7 +237,7 @@ def parse(text: str | None, partial_last: bool = False) -> Query:
         if sum(map(len, groups)) + len(excluded) >= MAX_ATOMS:
             break
         if (partial_last and not quoted and not negate and n == len(parts) - 1 and not atom.prefix
-                and not text[-1:].isspace() and len(atom.tokens[-1]) >= MIN_PARTIAL
+                and not text[-1:].isspace() and _typed_length(atom.tokens, atom.whole) >= MIN_PARTIAL
                 and not _SPACELESS.fullmatch(atom.tokens[-1])):  # a Thai cluster (3+ with its marks) is whole
             atom = Atom(atom.tokens, True, atom.code, atom.whole)
         if negate:

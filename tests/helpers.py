@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import io
 import struct
 import tarfile
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -1181,3 +1183,18 @@ def keyword_library(db_path, files, root: str = "/r") -> dict:
             catalog.set_photo(conn, fid, name, {"caption": caption})
     db.dispose()
     return ids
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """{path under folder: sha256} of every file below it: what a reader must leave as it found."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dump(path: Path) -> list[str]:
+    """A SQLite file's whole content as SQL (iterdump), opened read-only: compared before and after."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()

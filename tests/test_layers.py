@@ -44,3 +44,18 @@ def test_the_architecture_tables_name_every_module_and_no_other():
         if folder == "alignsearch/surfaces":
             have.add("web")  # the page's folder (static files, no module)
         assert named == have, (folder, "missing:", sorted(have - named), "not a module:", sorted(named - have))
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through tests/helpers.py (and conftest.py's fixtures), never by importing another test
+    module: test_old_schema imported dump and hashes from test_state, which ran test_state's module code (its
+    fixtures, its imports) in every session collecting test_old_schema and tied the two files together."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert offenders == []

@@ -19,8 +19,7 @@ from conftest import run
 from alignsearch.errors import ModelMismatchError
 from alignsearch.storage import catalog, migrate, state
 
-from helpers import FIXTURES
-from test_state import dump, hashes
+from helpers import FIXTURES, dump, hashes
 
 EXPECTED = json.loads((FIXTURES / "index-v1.json").read_text())
 OPTIONS = ["--device", "cpu", "--backend", "torch"]

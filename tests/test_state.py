@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sqlite3
@@ -18,18 +17,13 @@ from conftest import run
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import catalog, migrate, state
 
-from helpers import FIXTURES, V3_EXPECTED as EXPECTED, answers_as_recorded
+from helpers import FIXTURES, V3_EXPECTED as EXPECTED, answers_as_recorded, dump, hashes
 
 
 @pytest.fixture
 def v3(tmp_path) -> Path:
     """A copy of the fixture: index, model and photos."""
     return Path(shutil.copytree(FIXTURES / "index-v3", tmp_path / "v3"))
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -159,14 +153,6 @@ def old_catalog(path: Path, version: int) -> Path:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (json.dumps(version),))
     conn.close()
     return path
-
-
-def dump(path: Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
 
 
 def tables(path: Path) -> set[str]:

@@ -809,25 +809,18 @@ def tags(as_json, index_dir):
     click.echo(json.dumps(listed, indent=2) if as_json else "\n".join(lines))
 
 
-def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
-    """[(label, images)] from the index's catalog (db: an open one); the remembered labels that tag no image
-    yet are listed with 0 (later index runs apply them)."""
+def _tag_counts(index_dir) -> list[tuple[str, int]]:
+    """[(label, images)] from the index's catalog; the remembered labels that tag no image yet are listed with 0
+    (later index runs apply them)."""
     from alignsearch.storage import catalog, state
     from alignsearch.storage.paths import DB_FILE, resolve_index_dir
-    from indexer.tag import runs_of
 
-    own = db is None
-    db = db or catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
+    db = catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            counts = catalog.tag_counts(conn)
-            remembered = [label for run in runs_of(state.read(conn).tagging) for label in run["labels"]]
-        seen = {label.lower() for label, _ in counts}
-        unused = [label for label in dict.fromkeys(remembered) if label.lower() not in seen]
-        return counts + [(label, 0) for label in sorted(set(unused), key=str.lower)]
+            return catalog.label_counts(conn, state.read(conn).tagging)
     finally:
-        if own:
-            db.dispose()
+        db.dispose()
 
 
 @main.command()
@@ -881,8 +874,6 @@ def info(failed, as_json, index_dir):
     if failed:
         data["failed_files"] = [_with_path_b64({"id": r.id, "path": r.path, "reason": r.reason}) for r in engine.failed()]
         data["fill_failed_files"] = _fill_failed_files(engine.db)
-    data["listing_errors"] = _listing_errors(engine.db)
-    data["tags"] = dict(_tag_counts(engine.dir, engine.db))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -946,16 +937,6 @@ def _fill_failed_files(db) -> list[dict]:
     with db.connect() as conn:
         return [_with_path_b64({"id": r.id, "path": r.path, "step": step, "reason": reason})
                 for r, step, reason in catalog.fill_failed_files(conn)]
-
-
-def _listing_errors(db) -> list[dict]:
-    """Folders the last run could not list (their rows were kept): [{root, folder, reason}], in root order."""
-    from alignsearch.storage import state
-
-    with db.connect() as conn:
-        recorded = state.read(conn).roots
-    roots, errors = recorded.roots, recorded.listing_errors
-    return [{"root": root, **e} for root in roots for e in errors.get(root, [])]
 
 
 @main.command()

@@ -961,12 +961,13 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     # teams starve each other (a 2 ms query took 80 ms on 2 cores). Idle threads sleep instead; this must
     # be set before torch and faiss load.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
+    from alignsearch.surfaces.server import LOOPBACK, ServerConfig, allow_host_problem, is_loopback, serve as run_server
 
     if not host.strip():  # an unset variable (--host "$HOST") listened on every interface
         raise click.UsageError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
-    if any(not name.strip() for name in allow_hosts):  # an unset variable: no name a client could use
-        raise click.UsageError("--allow-host needs a name clients use for this machine, e.g. --allow-host photos.lan")
+    problem = next(filter(None, map(allow_host_problem, allow_hosts)), None)
+    if problem:
+        raise click.UsageError(f"--allow-host {problem}")
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()

@@ -153,6 +153,20 @@ def allowed_hosts(config: ServerConfig) -> frozenset[str]:
     return frozenset(names - WILDCARD)
 
 
+def allow_host_problem(value: str) -> str | None:
+    """Why value cannot be an --allow-host NAME, or None. A request names the server as `NAME[:PORT]` in its Host
+    header and only NAME is compared, so a port, scheme or path given with it (`photos.lan:8765`,
+    `http://photos.lan`) matched no request: every one was refused, telling the user to pass --allow-host NAME,
+    and the URL printed for other machines was `http://[photos.lan:8765]:8765/`."""
+    name = value.strip()
+    if not name:  # an unset variable: no name a client could use
+        return "needs a name clients use for this machine, e.g. --allow-host photos.lan"
+    if any(c.isspace() or c in "/@?#" for c in name) or host_name(name) != name.strip("[]").lower().rstrip("."):
+        return (f"takes a name or address alone, without port or scheme (photos.lan, 192.168.1.5), got {value!r}: "
+                "clients may use any port --port gives")
+    return None
+
+
 def host_name(header: str) -> str | None:
     """The name in a Host header, without port or IPv6 brackets: `[::1]:80` -> `::1`, `Example.:80` -> `example`;
     None unless what follows the name is nothing or `:` and digits (`localhost:evil.com` is no name of ours)."""

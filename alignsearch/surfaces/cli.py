@@ -437,11 +437,15 @@ def _say_index(s, as_json: bool) -> None:
         return
     for note in s.notes:
         click.echo(f"note: {note}")
-    if s.added + s.updated + s.moved + s.removed + s.failed + s.reencoded == 0:
+    # a sidecar caption edited beside an unchanged photo changes what keyword search finds: said, not "nothing changed"
+    recaptioned = s.times.get("extra", {}).get("captions_read_again", 0)
+    if s.added + s.updated + s.moved + s.removed + s.failed + s.reencoded + recaptioned == 0:
         click.echo(f"nothing changed ({s.unchanged} unchanged)")
     else:
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
+    if recaptioned:
+        click.echo(f"{_count(recaptioned, 'caption')} read again: made, edited or removed beside an unchanged photo")
     if s.reencoded:  # --reindex: every file encoded again, which the counts above (changes on disk) do not show
         click.echo(f"{s.reencoded} re-encoded (a new generation)")
     if s.ocr.get("read"):

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from alignsearch.storage import catalog, state
 from alignsearch.encoders.classify import BACKGROUND_PROMPTS, DEFAULT_TEMPLATES, against_background, choose_tags
 from alignsearch.errors import BadInputError
+from alignsearch.storage.state import runs_of
 from alignsearch.storage.vectors import VectorStore
 
 CHUNK = 65_536
@@ -37,14 +38,6 @@ def parse_labels(lines) -> list[str]:
                                 f"{MAX_TAG_CHARS} (as for --tag)")
         labels.setdefault(label.lower(), label)
     return list(labels.values())
-
-
-def runs_of(tagging: dict | None) -> list[dict]:
-    """The remembered runs ({labels, templates, threshold, top}); an index tagged before runs accumulated
-    holds one run as the meta itself."""
-    if not tagging:
-        return []
-    return list(tagging["runs"]) if "runs" in tagging else [tagging]
 
 
 def with_run(tagging: dict | None, run: dict) -> dict:

@@ -10,6 +10,7 @@ from PIL import Image
 from alignsearch.encoders.classify import BACKGROUND_PROMPTS, against_background, choose_tags
 from alignsearch.encoders.model import Encoder
 from conftest import run
+from helpers import write_labels
 
 LABELS = ["a red car", "a dog", "a photo of the beach at night"]
 
@@ -103,3 +104,24 @@ def test_tags_from_stored_vectors_equal_tags_from_encoding(tmp_path, corpus, tin
     make_images(corpus / "later", 3, seed=21)
     summary = json.loads(run("index", "--index", ix, "--json").stdout)
     assert summary["tags"]["images"] == 21
+
+
+@pytest.mark.slow  # two `tag` runs, each loading the model
+def test_the_engines_info_lists_the_tags_as_info_and_tags_do(indexed_images, tmp_path):
+    """GET /api/info is the engine's info(): the tags and the folders not listed were added by the CLI alone, so
+    the server's info lacked them. A remembered label that tags nothing yet is listed with 0, as `tags` lists it."""
+    import alignsearch
+
+    _, ix = indexed_images(6)
+    labels = write_labels(tmp_path / "labels.txt", ["a cat", "a dog"])
+    run("tag", "--labels-file", labels, "--threshold", "0", "--top", "1", "--index", ix)
+    run("tag", "--labels-file", write_labels(tmp_path / "never.txt", ["a zebra"]), "--threshold", "1",
+        "--index", ix)
+    listed = {e["label"]: e["images"] for e in json.loads(run("tags", "--json", "--index", ix).stdout)}
+    engine = alignsearch.open(ix)
+    try:
+        info = engine.info()
+    finally:
+        engine.close()
+    assert info["tags"] == listed == json.loads(run("info", "--json", "--index", ix).stdout)["tags"], info["tags"]
+    assert listed["a zebra"] == 0 and sum(listed.values()) == 6 and info["listing_errors"] == []

@@ -204,6 +204,17 @@ def test_reindex_says_how_many_files_it_encoded_again(indexed_images):
     assert "4 re-encoded" in out and "nothing changed" not in out, out
 
 
+@pytest.mark.slow  # two index runs
+def test_index_says_it_read_captions_again_not_that_nothing_changed(indexed_images):
+    """A sidecar caption written beside an unchanged photo is read again (keyword search finds it), but the
+    text summary said `nothing changed (6 unchanged)`: only --json's times.extra.captions_read_again told."""
+    root, ix = indexed_images(6)
+    next(root.glob("*.jpg")).with_suffix(".txt").write_text("a zebra crossing")
+    out = run("index", "--index", ix).stdout
+    assert "1 caption read again" in out and "nothing changed" not in out, out
+    assert "nothing changed (6 unchanged)" in run("index", "--index", ix).stdout  # read, nothing new: as before
+
+
 def test_serve_on_a_port_another_program_holds_is_exit_6_not_an_unexpected_error(indexed_images):
     """`serve --port P` with P taken said so in one line but exited 1, which README's table keeps for unexpected
     errors; a port held by another process is refused as an index another process writes is: exit 6."""

@@ -410,3 +410,27 @@ def test_a_list_column_with_no_list_given_is_bad_usage(tmp_path, tiny_model):
     run("index", listing, other, "--caption-column", "caption", "--index", ix, "--model", tiny_model)
     options = {r["root"]: r["options"] for r in json.loads(run("roots", "--json", "--index", ix).stdout)}
     assert options == {str(listing): {"caption_column": "caption"}, str(other): {}}, options
+
+
+@pytest.mark.slow  # imports the server's framework in-process (~5 s on a loaded 2-core machine)
+def test_allow_host_takes_a_name_without_port_or_scheme(indexed_images):
+    """serve --allow-host photos.lan:8765 started, printed `other machines open http://[photos.lan:8765]:8765/`
+    and refused every request addressed so (Host names compare without the port), saying to pass --allow-host
+    NAME: what the user had done. A port, scheme, path or space is refused before anything loads."""
+    import socket
+
+    _, ix = indexed_images(6)
+    with socket.socket() as taken:  # were the name let through, serve would stop here (exit 6), not serve on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for bad in ("photos.lan:8765", "http://photos.lan"):
+            out = run("serve", "--port", port, "--allow-host", bad, "--index", ix, code=2).output
+            assert "--allow-host takes a name or address alone, without port or scheme" in out and repr(bad) in out, out
+    from alignsearch.surfaces.server import allow_host_problem
+
+    for good in ("photos.lan", "Photos.LAN.", "192.168.1.5", "[::1]", "fe80::1", "localhost"):
+        assert allow_host_problem(good) is None, good
+    for bad in ("photos.lan/", "a b", "user@photos.lan", "photos.lan:", "[::1]:80"):
+        assert "without port or scheme" in allow_host_problem(bad), bad
+    assert "needs a name" in allow_host_problem(" ")

@@ -184,6 +184,29 @@ def test_a_search_parameter_given_twice_is_refused_by_the_server(served):
     assert status == 200 and json.loads(body)["query"]["k"] == 2
 
 
+@pytest.mark.slow  # a real server (the module's, ~7 s to start)
+def test_a_parameter_the_search_does_not_take_is_refused_by_the_server(served):
+    """As the CLI refuses an unknown option: the server ignored it, so a typo searched without what it asked for
+    (?min-score=0.99 answered every image, a form's negativ=leash subtracted nothing) and looked like any answer."""
+    for query in ("q=dog&min-score=0.99", "q=dog&negativ=leash", "q=dog&image=x"):
+        status, _, body = call(served["url"], "/api/search?" + query)
+        said = json.loads(body)
+        assert status == 400 and said["kind"] == "UsageError", body
+        assert f"does not take '{query.split('&')[1].split('=')[0]}' in the URL" in said["error"], body
+        assert "min_score" in said["error"], body  # the names it takes, to correct the typo by
+    image = next(served["corpus"].glob("*.jpg")).read_bytes()
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="negativ"\r\n\r\nleash\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, said = call(served["url"], "/api/search?k=2", data=body, headers=headers)
+    assert status == 400 and "does not take 'negativ' in the form" in json.loads(said)["error"], said
+    status, _, said = call(served["url"], "/api/search?k=2", data=body.replace(b'"negativ"', b'"negative"'),
+                           headers=headers)
+    assert status == 200 and json.loads(said)["query"]["negative"] == "leash", said  # the right name: searched
+
+
 def test_a_number_option_refuses_nan_and_infinity_before_anything_loads(indexed_images, tmp_path, tiny_model):
     """click's FloatRange compares its bounds with NaN, which is always false: `finetune --lr nan` passed and
     ended, after the data and the model were loaded, in "unexpected ValueError", exit 1; `tune --recall nan`

@@ -98,6 +98,11 @@ def test_search_info_health_and_json_shape(served):
     assert {"id", "path", "score", "width", "height"} <= set(out["results"][0])
     info = json.loads(call(served["url"], "/api/info")[2])
     assert info["images"] == 12 and info["failed"] == 1
+    # what `info --json` says, plus the index id and search_params (README, docs/json.md): it lacked the listing
+    # errors and the tags, which the CLI added on its own
+    local = json.loads(CliRunner().invoke(main, ["info", "--json", "--index", str(served["ix"])]).stdout)
+    assert set(info) - set(local) == {"index_id", "search_params"} and set(local) <= set(info), set(local) ^ set(info)
+    assert (info["tags"], info["listing_errors"]) == (local["tags"], local["listing_errors"]) == ({}, [])
     assert json.loads(call(served["url"], "/healthz", token=None)[2]) == {"ok": True}
     schema = json.loads(call(served["url"], "/openapi.json", token=None)[2])
     assert {"/api/search", "/api/image/{file_id}", "/api/info", "/api/recent", "/healthz"} <= set(schema["paths"])

@@ -713,6 +713,7 @@ class Engine:
             indexed_with, unfinished = st.encoder, st.index_run is not None
             # the store as committed now, as the counts beside it are (the snapshot's predates later runs)
             stored = vectors.usage(conn, vectors.load(conn, self.dir, snap.store.dim, st.vectors))
+            labels = catalog.label_counts(conn, st.tagging)
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),
@@ -740,6 +741,9 @@ class Engine:
             "vector_store": stored,
             "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
                         "onnx_cache": onnx_cache_status(snap.model_info)},
+            # here, not added by the CLI: GET /api/info is documented as what `info --json` says, and lacked both
+            "listing_errors": st.roots.unlisted(),
+            "tags": dict(labels),
         }
 
     def _last_run(self, unfinished: bool) -> str:

@@ -1273,6 +1273,16 @@ def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
     return out
 
 
+def label_counts(conn: Connection, tagging: Any) -> list[tuple[str, int]]:
+    """tag_counts, then the labels of the remembered tagging runs (state.tagging) that tag no image yet, with 0
+    (later index runs apply them): what `tags` and `info` list."""
+    counts = tag_counts(conn)
+    seen = {label.lower() for label, _ in counts}
+    remembered = [label for run in state.runs_of(tagging) for label in run["labels"]]
+    unused = [label for label in dict.fromkeys(remembered) if label.lower() not in seen]
+    return counts + [(label, 0) for label in sorted(set(unused), key=str.lower)]
+
+
 def tag_counts(conn: Connection) -> list[tuple[str, int]]:
     """[(label, indexed images tagged with it)], most used first. A video counts once, as `info` and `tag` count
     it: each of its moments carries its tags, and `tags` said "5  a thing" where `tag` said "3 tags on 3 images"."""

@@ -84,6 +84,10 @@ class RootsState:
     list_columns: Mapping[str, str] = field(default_factory=dict)  # a list root's column of paths
     listing_errors: Mapping[str, list] = field(default_factory=dict)  # root: [{"folder", "reason"}] of the last run
 
+    def unlisted(self) -> list[dict]:
+        """Folders the last run could not list (their rows were kept): [{root, folder, reason}], in root order."""
+        return [{"root": root, **e} for root in self.roots for e in self.listing_errors.get(root, [])]
+
 
 @dataclass(frozen=True)
 class IndexRun:
@@ -268,6 +272,14 @@ def _listing_errors(value: Any) -> dict:
         for error in errors:
             _object(error)  # {"folder", "reason"}, spread into what `roots` and `index` print
     return value
+
+
+def runs_of(tagging: Mapping[str, Any] | None) -> list[dict]:
+    """The remembered tagging runs ({labels, templates, threshold, top}); an index tagged before runs accumulated
+    holds one run as the meta itself."""
+    if not tagging:
+        return []
+    return list(tagging["runs"]) if "runs" in tagging else [dict(tagging)]
 
 
 def _tagging(value: Any) -> dict:

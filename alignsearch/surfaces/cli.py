@@ -437,11 +437,15 @@ def _say_index(s, as_json: bool) -> None:
         return
     for note in s.notes:
         click.echo(f"note: {note}")
-    if s.added + s.updated + s.moved + s.removed + s.failed + s.reencoded == 0:
+    # a sidecar caption edited beside an unchanged photo changes what keyword search finds: said, not "nothing changed"
+    recaptioned = s.times.get("extra", {}).get("captions_read_again", 0)
+    if s.added + s.updated + s.moved + s.removed + s.failed + s.reencoded + recaptioned == 0:
         click.echo(f"nothing changed ({s.unchanged} unchanged)")
     else:
         click.echo(f"{s.added} added, {s.updated} updated, {s.moved} moved, {s.removed} removed, "
                    f"{s.failed} failed, {s.unchanged} unchanged")
+    if recaptioned:
+        click.echo(f"{_count(recaptioned, 'caption')} read again: made, edited or removed beside an unchanged photo")
     if s.reencoded:  # --reindex: every file encoded again, which the counts above (changes on disk) do not show
         click.echo(f"{s.reencoded} re-encoded (a new generation)")
     if s.ocr.get("read"):
@@ -809,25 +813,18 @@ def tags(as_json, index_dir):
     click.echo(json.dumps(listed, indent=2) if as_json else "\n".join(lines))
 
 
-def _tag_counts(index_dir, db=None) -> list[tuple[str, int]]:
-    """[(label, images)] from the index's catalog (db: an open one); the remembered labels that tag no image
-    yet are listed with 0 (later index runs apply them)."""
+def _tag_counts(index_dir) -> list[tuple[str, int]]:
+    """[(label, images)] from the index's catalog; the remembered labels that tag no image yet are listed with 0
+    (later index runs apply them)."""
     from alignsearch.storage import catalog, state
     from alignsearch.storage.paths import DB_FILE, resolve_index_dir
-    from indexer.tag import runs_of
 
-    own = db is None
-    db = db or catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
+    db = catalog.connect(resolve_index_dir(index_dir) / DB_FILE, readonly=True)
     try:
         with db.connect() as conn:
-            counts = catalog.tag_counts(conn)
-            remembered = [label for run in runs_of(state.read(conn).tagging) for label in run["labels"]]
-        seen = {label.lower() for label, _ in counts}
-        unused = [label for label in dict.fromkeys(remembered) if label.lower() not in seen]
-        return counts + [(label, 0) for label in sorted(set(unused), key=str.lower)]
+            return catalog.label_counts(conn, state.read(conn).tagging)
     finally:
-        if own:
-            db.dispose()
+        db.dispose()
 
 
 @main.command()
@@ -881,8 +878,6 @@ def info(failed, as_json, index_dir):
     if failed:
         data["failed_files"] = [_with_path_b64({"id": r.id, "path": r.path, "reason": r.reason}) for r in engine.failed()]
         data["fill_failed_files"] = _fill_failed_files(engine.db)
-    data["listing_errors"] = _listing_errors(engine.db)
-    data["tags"] = dict(_tag_counts(engine.dir, engine.db))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -948,16 +943,6 @@ def _fill_failed_files(db) -> list[dict]:
                 for r, step, reason in catalog.fill_failed_files(conn)]
 
 
-def _listing_errors(db) -> list[dict]:
-    """Folders the last run could not list (their rows were kept): [{root, folder, reason}], in root order."""
-    from alignsearch.storage import state
-
-    with db.connect() as conn:
-        recorded = state.read(conn).roots
-    roots, errors = recorded.roots, recorded.listing_errors
-    return [{"root": root, **e} for root in roots for e in errors.get(root, [])]
-
-
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on; another than loopback only when you mean it.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
@@ -980,12 +965,13 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
     # teams starve each other (a 2 ms query took 80 ms on 2 cores). Idle threads sleep instead; this must
     # be set before torch and faiss load.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from alignsearch.surfaces.server import LOOPBACK, ServerConfig, is_loopback, serve as run_server
+    from alignsearch.surfaces.server import LOOPBACK, ServerConfig, allow_host_problem, is_loopback, serve as run_server
 
     if not host.strip():  # an unset variable (--host "$HOST") listened on every interface
         raise click.UsageError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
-    if any(not name.strip() for name in allow_hosts):  # an unset variable: no name a client could use
-        raise click.UsageError("--allow-host needs a name clients use for this machine, e.g. --allow-host photos.lan")
+    problem = next(filter(None, map(allow_host_problem, allow_hosts)), None)
+    if problem:
+        raise click.UsageError(f"--allow-host {problem}")
     if no_token and (token or not is_loopback(host)):
         raise click.UsageError("--no-token is for loopback only (--host 127.0.0.1, ::1 or localhost) and without --token")
     _quiet_transformers()

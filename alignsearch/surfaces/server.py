@@ -153,6 +153,20 @@ def allowed_hosts(config: ServerConfig) -> frozenset[str]:
     return frozenset(names - WILDCARD)
 
 
+def allow_host_problem(value: str) -> str | None:
+    """Why value cannot be an --allow-host NAME, or None. A request names the server as `NAME[:PORT]` in its Host
+    header and only NAME is compared, so a port, scheme or path given with it (`photos.lan:8765`,
+    `http://photos.lan`) matched no request: every one was refused, telling the user to pass --allow-host NAME,
+    and the URL printed for other machines was `http://[photos.lan:8765]:8765/`."""
+    name = value.strip()
+    if not name:  # an unset variable: no name a client could use
+        return "needs a name clients use for this machine, e.g. --allow-host photos.lan"
+    if any(c.isspace() or c in "/@?#" for c in name) or host_name(name) != name.strip("[]").lower().rstrip("."):
+        return (f"takes a name or address alone, without port or scheme (photos.lan, 192.168.1.5), got {value!r}: "
+                "clients may use any port --port gives")
+    return None
+
+
 def host_name(header: str) -> str | None:
     """The name in a Host header, without port or IPv6 brackets: `[::1]:80` -> `::1`, `Example.:80` -> `example`;
     None unless what follows the name is nothing or `:` and digits (`localhost:evil.com` is no name of ours)."""
@@ -828,6 +842,16 @@ def given_once(items, where: str) -> None:
                          f"{where}: each takes one value")
 
 
+def known_only(items, known, where: str) -> None:
+    """Refuse a parameter /api/search does not take (400), as the CLI refuses an unknown option: the framework
+    ignored it, so a typo (?q=dog&min-score=0.3, a form's negativ=leash) searched without what it asked for and
+    the answer looked like any other. The CLI's client sends only the names a server lists (search_params)."""
+    unknown = sorted({name for name, _ in items} - set(known))
+    if unknown:
+        raise UsageError(f"/api/search does not take {', '.join(repr(n[:40]) for n in unknown[:5])} in the {where}; "
+                         f"it takes {', '.join(sorted(known))}")
+
+
 def merged(in_url: SearchParams, in_form: SearchParams) -> SearchParams:
     """POST's parameters: those of the form and those of the URL together; one given in both must agree."""
     fields = {}
@@ -1047,6 +1071,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def search_get(request: Request, params: Annotated[SearchParams, Query()], response: Response):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
+        known_only(request.query_params.multi_items(), SearchParams.model_fields, "URL")
         given_once(request.query_params.multi_items(), "URL")
         response.headers[INDEX_HEADER] = library.index_id or ""  # the CLI checks the answer is of its index
         return await answer(request_of(params, text=params.q), posted=False)
@@ -1058,6 +1083,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         taken as a form field or in the URL (once: a value given in both that differs is refused)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
+        known_only(request.query_params.multi_items(), SearchParams.model_fields, "URL")
+        known_only((await request.form()).multi_items(), SearchForm.model_fields, "form")
         given_once(request.query_params.multi_items(), "URL")
         given_once((await request.form()).multi_items(), "form")  # the form the framework read, kept by the request
         params = merged(in_url, form)

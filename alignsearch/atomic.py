@@ -9,6 +9,8 @@ manifest, thumbnails, the server record, an emptied vector file, the ONNX cache,
 - The temporary name is made by mkstemp / mkdtemp (O_EXCL, random) in the target's folder: never a fixed
   `OUT.tmp` that another user could plant a symlink at, and never a sibling the user owns (`DIR.old`,
   `DIR.tmp`) that it would overwrite or delete.
+- The file written has the umask's modes and never gives the group or others more than the file it replaces
+  (file_mode): an export its owner made 0600 stays 0600.
 - While a write is in progress its temporary file or folder is locked (flock): what a killed writer left is
   told from a write at work by taking that lock, and remove_stale deletes only the former.
 - A folder is swapped whole (renameat2 RENAME_EXCHANGE where the kernel has it), and what the old one held
@@ -35,13 +37,30 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 
+def file_mode(requested: int, umask: int, replaced: int | None) -> int:
+    """The permission bits of a file written in place of one with bits `replaced` (None: there is none): those
+    `requested`, less what the umask takes from the group and others, less what the replaced file denied them.
+    A fixed 0644 made `export lib.parquet` (and index.faiss beside a 0600 catalog) readable by every user under
+    umask 077, and a re-export of a file its owner had made 0600. The owner's bits are kept whatever the umask:
+    a writer given the temporary path (FAISS, the ONNX exporter) opens it by name to write it."""
+    others = requested & ~umask & 0o077
+    if replaced is not None:
+        others &= replaced
+    return (requested & 0o700) | others
+
+
 def _temp_file(path: Path, mode: int) -> tuple[int, str]:
     if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+    try:
+        st = os.lstat(path)
+        replaced = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        replaced = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held while fd is open: this write is at work (remove_stale)
-    if mode != 0o600:
-        os.fchmod(fd, mode)  # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
+    # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
+    os.fchmod(fd, file_mode(mode, _umask(), replaced))
     return fd, tmp
 
 
@@ -210,7 +229,16 @@ def _others_may_rename(folder: os.stat_result) -> bool:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    """The process's umask, read where Linux shows it: setting it to read it (os.umask) left another thread's
+    file made meanwhile (the server writes thumbnails from several) with the wrong modes."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # a kernel before 4.7, or no /proc
     os.umask(mask)
     return mask
 

@@ -1,6 +1,7 @@
 """Fine-tuning: pairs loading, the recipe end to end on CPU, resume, and quality well above chance."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +129,27 @@ def test_resume_with_another_freeze_is_bad_usage_and_writes_nothing(trained):
     assert result.exit_code == 2, result.output
     assert "it froze no tower, this run freezes text; give the same --freeze" in result.output
     assert state.read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_refuses_to_replace_the_model_in_out(trained, tmp_path):
+    """`finetune --resume` where OUT held a fine-tuned model but no checkpoint (deleted to save space: a copy of the
+    model and its optimizer state; or left aside by a save cut short) trained from --model again without a word,
+    and its save replaced OUT's weights: the earlier training was lost by asking to continue it. Refused, exit 2,
+    before anything is trained; a new or empty OUT has nothing to lose and starts."""
+    base_dir, base, _ = trained
+    out = tmp_path / "tuned"
+    shutil.copytree(base_dir / "tuned", out)
+    shutil.rmtree(out / "checkpoint")
+    before = (out / "model.safetensors").read_bytes()
+    result = CliRunner().invoke(main, ["finetune", str(base_dir / "train"), "--model", str(base), "--out", str(out),
+                                       "--epochs", "7", "--batch-size", "48", "--device", "cpu", "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "holds no checkpoint to continue" in result.output and "epoch" not in result.output
+    assert (out / "model.safetensors").read_bytes() == before
+    from alignsearch.encoders.finetune import check_resume
+
+    (tmp_path / "empty").mkdir()
+    assert not check_resume(tmp_path / "empty") and not check_resume(tmp_path / "new")
 
 
 def test_bad_data_is_a_clear_error(tmp_path, tiny_model):

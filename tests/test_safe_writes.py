@@ -185,6 +185,34 @@ def test_export_refuses_to_write_inside_an_index(ix, tmp_path):
     assert tree(ix) == before
 
 
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_outputs_follow_the_umask_and_never_open_a_file_its_owner_closed(ix, tmp_path):
+    """Every atomic write made its file 0644 whatever the umask: under umask 077 `export lib.parquet` (the paths,
+    captions, tags and embeddings of the library) and index.faiss beside a 0600 catalog were readable by every
+    user, and a re-export turned an export its owner had made 0640 into 0644."""
+    old = os.umask(0o077)
+    try:
+        export(ix, tmp_path / "lib.parquet")
+        vector_index(tmp_path / "private", 5, 8)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "lib.parquet") == 0o600
+    assert _mode(tmp_path / "private" / "index.faiss") == _mode(tmp_path / "private" / "catalog.db") == 0o600
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "lib.parquet").chmod(0o640)
+        export(ix, tmp_path / "lib.parquet")
+        export(ix, tmp_path / "new.parquet")
+    finally:
+        os.umask(old)
+    assert pq.read_table(tmp_path / "lib.parquet").num_rows == 40  # written anew, with the modes it had
+    assert _mode(tmp_path / "lib.parquet") == 0o640
+    assert _mode(tmp_path / "new.parquet") == 0o644
+
+
 def test_export_refuses_an_existing_file_it_did_not_write(ix, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("a week of work")

@@ -125,6 +125,8 @@ def finetune(data: str | Path, base: str, out: str | Path, config: FinetuneConfi
     out = Path(out)
     check_out(out)
     check_not_in_use(out, str(base))
+    if resume and not check_resume(out):
+        log(f"nothing to resume in {out} (no {CHECKPOINT}/ there): training starts from {base}")
     # as every command loads a model: a folder that is not there said so at once ("Repo id must use alphanumeric
     # chars" after every pair was read, before), and an offline machine looks in the cache alone
     where = check_source(str(base))
@@ -278,6 +280,20 @@ def check_out(out: Path) -> None:
     if any(out.iterdir()) and not is_finetune_output(out):
         raise UsageError(f"--out {out} holds other files and is not an earlier finetune output: give a new or "
                          "empty folder")
+
+
+def check_resume(out: Path) -> bool:
+    """Whether --resume finds a checkpoint in `out` to continue; refuse (exit 2) where it finds none but `out` holds
+    an earlier output: training started over from --model without a word, and its save replaced the weights in
+    `out` (a training whose checkpoint folder was deleted to save space, or left aside by a save cut short), so
+    hours of an earlier training were lost by asking to keep them. A new or empty `out` has nothing to lose."""
+    if (out / CHECKPOINT / "config.json").is_file():
+        return True
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--resume: {out} holds no checkpoint to continue ({out / CHECKPOINT}/ has no model), and "
+                         f"a training started anew would replace the model in it: run without --resume to do that, "
+                         "or give a new --out")
+    return False
 
 
 def check_not_in_use(out: Path, base: str) -> None:

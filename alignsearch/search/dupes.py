@@ -315,8 +315,8 @@ def _one_per_file(ids: list[int], rows: dict) -> list[int]:
     best: dict = {}
     for i in (i for i in ids if i in rows):
         row = rows[i]
-        file = onefile.file_key(row)
-        order = (onefile.shown_first(row)[:3], row.moment, row.id)
+        (file, _), shown = onefile.named(row)
+        order = (shown[:3], row.moment, row.id)
         if file not in best or order < best[file][0]:
             best[file] = (order, i)
     return sorted(i for _, i in best.values())

@@ -972,7 +972,6 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
     moments: dict = {}
     at = 0
     held: dict[onefile.Key, int] = {}  # entry -> its slot in keep
-    ranked_keys: dict[int, onefile.Key] = {}
     shared: set[tuple[str, int]] = set()  # (sha256, moment) held by more than one row: their files have other names
     while len(keep) < k and at < len(order):
         step = order[at : at + max(k - len(keep), at)].tolist()  # twice as many read each time: few reads
@@ -994,36 +993,38 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
                     moments[entry[0]] = moments.get(entry[0], 0) + 1
                 seen.add(entry)
                 held[entry] = len(keep)
-                ranked_keys[row.id] = entry
             keep.append(i)
             if len(keep) == k:
                 break
     _shown_rows(conn, ids, order, keep, rows, {e: s for e, s in held.items()
-                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared}, ranked_keys, admits)
+                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared}, admits)
     return np.array(keep, dtype=np.int64), rows
 
 
-def _shown_rows(conn, ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict, ranked_keys: dict,
+def _shown_rows(conn, ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict,
                 admits: Callable[[list[int]], np.ndarray] | None) -> None:
     """Each kept file shown by its preferred row (onefile.shown_first) among its rows the search may show, at the
     place and with the scores of its best-ranked row (they share one vector; a row ranked below it, or not a
     candidate at all when the ranking was cut at k, is the same file). Its other rows share its content, so one
-    indexed query finds them, made only when a kept file's content has several rows (held: those files' slots).
-    rows: the kept ids' entries are replaced in place by the row to show."""
-    best = {entry: int(ids[keep[slot]]) for entry, slot in held.items()}
-    candidates = [rows[i] for i in best.values()]
-    if not candidates:
+    range of the sha256 index finds them, read only when a kept file's content has several rows (held: those
+    files' slots). rows: the kept ids' entries are replaced in place by the row to show."""
+    if not held:
         return
-    others = [r for r in catalog.rows_of_contents(conn, (r.sha256 for r in candidates)) if r.id not in best.values()]
+    best = {entry: int(ids[keep[slot]]) for entry, slot in held.items()}
+    contents = {(rows[i].sha256, entry[1]) for entry, i in best.items()}
+    others = [r for r in catalog.rows_of_hashes(conn, (sha for sha, _ in contents)) if (r.sha256, r.moment) in contents]
     if admits is None:
         ranked = set(ids[order].tolist())
         others = [r for r in others if r.id in ranked]
     elif others:
         others = [r for r, ok in zip(others, admits([r.id for r in others])) if ok]
-    for other in others:
-        first = best.get(ranked_keys.get(other.id) or onefile.key(other))
-        if first is not None and onefile.shown_first(other) < onefile.shown_first(rows[first]):
-            rows[first] = other
+    shown: dict[onefile.Key, tuple] = {}
+    for row in others:
+        entry, rank = onefile.named(row)
+        if entry in best and (entry not in shown or rank < shown[entry][0]):
+            shown[entry] = (rank, row)
+    for entry, (_, row) in shown.items():
+        rows[best[entry]] = row
 
 
 def sort_hits(hits: list[Hit], key: str) -> list[Hit]:

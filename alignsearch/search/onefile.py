@@ -65,29 +65,35 @@ def keys(conn, rows: Iterable) -> dict[int, Key]:
     return {r.id: key(r, alone=(r.sha256, r.moment) not in shared) for r in rows}
 
 
-def shown_first(row) -> tuple:
+def shown_first(row, real: bytes | None | bool = False) -> tuple:
     """Sort key of the rows of one file, the one to show first: its real path, else the shortest name, then byte
-    order, then the lowest id."""
+    order, then the lowest id. real: the row's real_path when the caller has it (False: look it up)."""
     name = os.fsencode(row.path)
-    return (name != real_path(row), len(name), name, row.id)
+    return (name != (real_path(row) if real is False else real), len(name), name, row.id)
+
+
+def named(row) -> tuple[Key, tuple]:
+    """(key, shown_first) of a row of shared content, its links resolved once."""
+    real = real_path(row)
+    return ((row.path if real is None else real), row.moment), shown_first(row, real)
 
 
 def others(rows: Iterable, admitted: Callable[[object], bool] | None = None) -> set[int]:
     """Ids of the rows (all of shared content: catalog.rows_of_contents) that name an entry another admitted row
     stands for: the rows export and the recent listing leave out. Rows not admitted (filtered out) stand for
     nothing and are not returned."""
-    best: dict[Key, object] = {}
+    best: dict[Key, tuple] = {}
     out: set[int] = set()
     for row in rows:
         if admitted is not None and not admitted(row):
             continue
-        k = key(row)
+        k, order = named(row)
         held = best.get(k)
         if held is None:
-            best[k] = row
-        elif shown_first(row) < shown_first(held):
-            out.add(held.id)
-            best[k] = row
+            best[k] = (order, row.id)
+        elif order < held[0]:
+            out.add(held[1])
+            best[k] = (order, row.id)
         else:
             out.add(row.id)
     return out

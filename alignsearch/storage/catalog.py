@@ -941,6 +941,15 @@ def shared_contents(conn: Connection, hashes: Iterable[str]) -> set[tuple[str, i
     return out
 
 
+def rows_of_hashes(conn: Connection, hashes: Iterable[str]) -> list[FileRow]:
+    """Indexed rows (every moment) holding these contents: one range of the sha256 index per 500."""
+    hashes, out = sorted(set(h for h in hashes if h)), []
+    for start in range(0, len(hashes), 500):
+        query = select(files).where(files.c.sha256.in_(hashes[start : start + 500]), files.c.status == INDEXED)
+        out.extend(_rows(conn.execute(query)))
+    return check_rows(conn, out)
+
+
 def rows_of_contents(conn: Connection, hashes: Iterable[str] | None = None) -> list[FileRow]:
     """Indexed rows whose (sha256, moment) another indexed row shares, in id order: of these hashes, or (None) of the
     whole catalog (one grouped scan: export and the recent listing drop the rows naming a file another row stands for)."""

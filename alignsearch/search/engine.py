@@ -973,6 +973,7 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
     at = 0
     held: dict[onefile.Key, int] = {}  # entry -> its slot in keep
     shared: set[tuple[str, int]] = set()  # (sha256, moment) held by more than one row: their files have other names
+    reals: dict[int, bytes | None] = {}  # real paths looked up, by id: each row's links resolved once a search
     while len(keep) < k and at < len(order):
         step = order[at : at + max(k - len(keep), at)].tolist()  # twice as many read each time: few reads
         at += len(step)
@@ -980,7 +981,8 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
         rows.update(found)
         step_shared = catalog.shared_contents(conn, (r.sha256 for r in found.values()))
         shared |= step_shared
-        keyed = {r.id: onefile.key(r, alone=(r.sha256, r.moment) not in step_shared) for r in found.values()}
+        keyed = {r.id: onefile.named(r, reals)[0] if (r.sha256, r.moment) in step_shared else onefile.key(r, alone=True)
+                 for r in found.values()}
         for i in step:
             row = found.get(int(ids[i]))
             if row is not None:  # else removed by a writer since its address was read: dropped with the hits
@@ -997,12 +999,12 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
             if len(keep) == k:
                 break
     _shown_rows(conn, ids, order, keep, rows, {e: s for e, s in held.items()
-                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared}, admits)
+                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared}, admits, reals)
     return np.array(keep, dtype=np.int64), rows
 
 
 def _shown_rows(conn, ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict,
-                admits: Callable[[list[int]], np.ndarray] | None) -> None:
+                admits: Callable[[list[int]], np.ndarray] | None, reals: dict | None = None) -> None:
     """Each kept file shown by its preferred row (onefile.shown_first) among its rows the search may show, at the
     place and with the scores of its best-ranked row (they share one vector; a row ranked below it, or not a
     candidate at all when the ranking was cut at k, is the same file). Its other rows share its content, so one
@@ -1020,7 +1022,7 @@ def _shown_rows(conn, ids: np.ndarray, order: np.ndarray, keep: list[int], rows:
         others = [r for r, ok in zip(others, admits([r.id for r in others])) if ok]
     shown: dict[onefile.Key, tuple] = {}
     for row in others:
-        entry, rank = onefile.named(row)
+        entry, rank = onefile.named(row, reals)
         if entry in best and (entry not in shown or rank < shown[entry][0]):
             shown[entry] = (rank, row)
     for entry, (_, row) in shown.items():

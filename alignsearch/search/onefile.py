@@ -72,9 +72,14 @@ def shown_first(row, real: bytes | None | bool = False) -> tuple:
     return (name != (real_path(row) if real is False else real), len(name), name, row.id)
 
 
-def named(row) -> tuple[Key, tuple]:
-    """(key, shown_first) of a row of shared content, its links resolved once."""
-    real = real_path(row)
+def named(row, reals: dict | None = None) -> tuple[Key, tuple]:
+    """(key, shown_first) of a row of shared content, its links resolved once. reals: {id: real_path} already
+    looked up (a search's, for the rows it keyed), added to."""
+    if reals is None:
+        reals = {}
+    if row.id not in reals:
+        reals[row.id] = real_path(row)
+    real = reals[row.id]
     return ((row.path if real is None else real), row.moment), shown_first(row, real)
 
 

@@ -974,12 +974,15 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
     held: dict[onefile.Key, int] = {}  # entry -> its slot in keep
     shared: set[tuple[str, int]] = set()  # (sha256, moment) held by more than one row: their files have other names
     reals: dict[int, bytes | None] = {}  # real paths looked up, by id: each row's links resolved once a search
+    contents: dict[tuple[str, int], dict[int, catalog.FileRow]] = {}  # the rows of each (sha256, moment) read
     while len(keep) < k and at < len(order):
         step = order[at : at + max(k - len(keep), at)].tolist()  # twice as many read each time: few reads
         at += len(step)
         found = catalog.get_files(conn, ids[step].tolist())
         rows.update(found)
-        step_shared = catalog.shared_contents(conn, (r.sha256 for r in found.values()))
+        for other in catalog.rows_of_hashes(conn, (r.sha256 for r in found.values())):  # one range of the index
+            contents.setdefault((other.sha256, other.moment), {})[other.id] = other
+        step_shared = {c for c in ((r.sha256, r.moment) for r in found.values()) if len(contents.get(c, ())) > 1}
         shared |= step_shared
         keyed = {r.id: onefile.named(r, reals)[0] if (r.sha256, r.moment) in step_shared else onefile.key(r, alone=True)
                  for r in found.values()}
@@ -998,23 +1001,23 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
             keep.append(i)
             if len(keep) == k:
                 break
-    _shown_rows(conn, ids, order, keep, rows, {e: s for e, s in held.items()
-                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared}, admits, reals)
+    _shown_rows(ids, order, keep, rows, {e: s for e, s in held.items()
+                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared},
+                admits, reals, contents)
     return np.array(keep, dtype=np.int64), rows
 
 
-def _shown_rows(conn, ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict,
-                admits: Callable[[list[int]], np.ndarray] | None, reals: dict | None = None) -> None:
+def _shown_rows(ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict,
+                admits: Callable[[list[int]], np.ndarray] | None, reals: dict, contents: dict) -> None:
     """Each kept file shown by its preferred row (onefile.shown_first) among its rows the search may show, at the
     place and with the scores of its best-ranked row (they share one vector; a row ranked below it, or not a
-    candidate at all when the ranking was cut at k, is the same file). Its other rows share its content, so one
-    range of the sha256 index finds them, read only when a kept file's content has several rows (held: those
-    files' slots). rows: the kept ids' entries are replaced in place by the row to show."""
+    candidate at all when the ranking was cut at k, is the same file). Its other rows share its content: they
+    are among `contents`, read with the ranked rows (catalog.rows_of_hashes). held: the slots of the kept files
+    whose content several rows hold. rows: the kept ids' entries are replaced in place by the row to show."""
     if not held:
         return
     best = {entry: int(ids[keep[slot]]) for entry, slot in held.items()}
-    contents = {(rows[i].sha256, entry[1]) for entry, i in best.items()}
-    others = [r for r in catalog.rows_of_hashes(conn, (sha for sha, _ in contents)) if (r.sha256, r.moment) in contents]
+    others = [r for entry, i in best.items() for r in contents.get((rows[i].sha256, entry[1]), {}).values()]
     if admits is None:
         ranked = set(ids[order].tolist())
         others = [r for r in others if r.id in ranked]

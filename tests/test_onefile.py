@@ -115,3 +115,26 @@ def test_the_name_shown_is_the_real_path_then_the_shortest(tmp_path):
     assert min(rows[3:], key=onefile.shown_first).id == 5
     assert onefile.others(rows) == {1, 2, 4}
     assert onefile.others(rows, admitted=lambda r: r.id != 3) == {2, 4}  # the link first, then the URL (longer)
+
+
+def test_a_real_path_through_the_folder_memo_is_realpaths(tmp_path):
+    """onefile.real_path with a folder memo (one realpath a folder, one lstat a name) answers what os.path.realpath
+    does: a plain name, a symlink (to a file, to a missing one), a name inside a symlinked folder, a gone name."""
+    import os
+
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    lib, other = tmp_path / "lib", tmp_path / "other"
+    (lib / "sub").mkdir(parents=True)
+    other.mkdir()
+    (other / "b.jpg").write_bytes(b"b")
+    (lib / "a.jpg").write_bytes(b"a")
+    (lib / "to-b.jpg").symlink_to(other / "b.jpg")
+    (lib / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (lib / "linked").symlink_to(other)
+    names = ["a.jpg", "to-b.jpg", "dangling.jpg", "linked/b.jpg", "gone.jpg", "sub/../a.jpg"]
+    memo: dict = {}
+    for name in names:
+        row = FileRow(1, str(lib), name, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+        assert onefile.real_path(row, memo) == onefile.real_path(row) == os.path.realpath(os.fsencode(lib / name)), name

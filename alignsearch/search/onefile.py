@@ -23,6 +23,7 @@ resolved links) called them one file. Every place now asks this module.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 
 from alignsearch.errors import AlignSearchError
@@ -32,8 +33,12 @@ from alignsearch.storage import catalog
 Key = tuple[bytes | str, int]
 
 
-def real_path(row) -> bytes | None:
-    """Where a local row's file really lies (bytes), else None (a URL, a tar member, another host's file:// URL)."""
+def real_path(row, folders: dict | None = None) -> bytes | None:
+    """Where a local row's file really lies (bytes), else None (a URL, a tar member, another host's file:// URL).
+    folders: {folder: its real path} of earlier calls, added to: os.path.realpath takes an lstat per component
+    of the path, and the names of one folder share all but the last, so each further name costs one lstat (its
+    own link, if it is one, resolved whole): the real path of folder/name is the folder's real path joined
+    with name unless name is a symlink."""
     try:
         local = sources.local_file(row.root, row.relpath, row.relpath_raw)
     except AlignSearchError:  # a file:// URL of another host: never indexed, so never here
@@ -41,7 +46,19 @@ def real_path(row) -> bytes | None:
     if local is None:
         return None
     folder, under = local
-    return os.path.realpath(os.path.join(os.fsencode(folder), os.fsencode(under)))
+    path = os.path.join(os.fsencode(folder), os.fsencode(under))
+    if folders is None:
+        return os.path.realpath(path)
+    head, name = os.path.split(path)
+    if head not in folders:
+        folders[head] = os.path.realpath(head)
+    real = os.path.join(folders[head], name)
+    try:
+        if stat.S_ISLNK(os.lstat(real).st_mode):
+            return os.path.realpath(path)
+    except OSError:  # gone (or unreadable folder): realpath too keeps the name as it is
+        pass
+    return real
 
 
 def file_key(row, alone: bool = False) -> bytes | str:
@@ -73,12 +90,12 @@ def shown_first(row, real: bytes | None | bool = False) -> tuple:
 
 
 def named(row, reals: dict | None = None) -> tuple[Key, tuple]:
-    """(key, shown_first) of a row of shared content, its links resolved once. reals: {id: real_path} already
-    looked up (a search's, for the rows it keyed), added to."""
+    """(key, shown_first) of a row of shared content, its links resolved once. reals: a memo (a search's, an
+    export's), added to: {id: real_path} of the rows looked up, and {folder (bytes): its real path}."""
     if reals is None:
         reals = {}
     if row.id not in reals:
-        reals[row.id] = real_path(row)
+        reals[row.id] = real_path(row, reals)  # int keys are rows', bytes keys folders': never the same
     real = reals[row.id]
     return ((row.path if real is None else real), row.moment), shown_first(row, real)
 
@@ -89,10 +106,11 @@ def others(rows: Iterable, admitted: Callable[[object], bool] | None = None) -> 
     nothing and are not returned."""
     best: dict[Key, tuple] = {}
     out: set[int] = set()
+    reals: dict = {}  # folders' real paths (and rows'), looked up once
     for row in rows:
         if admitted is not None and not admitted(row):
             continue
-        k, order = named(row)
+        k, order = named(row, reals)
         held = best.get(k)
         if held is None:
             best[k] = (order, row.id)

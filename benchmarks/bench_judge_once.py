@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, load_note, module_at, record
+from common import load_note, module_at, record, tiny_photos
 
 import alignsearch
 from alignsearch.search.request import build as build_request
@@ -30,21 +30,10 @@ from alignsearch.surfaces import server as server_new
 
 def tiny_index(base: Path, images: int) -> Path:
     """`images` small pictures indexed by the tiny test model into base/ix."""
-    import numpy as np
-    from PIL import Image
-    from tiny_align import build_tiny_align
-
     from indexer.job import index_folders
 
-    model = CACHE / "tiny-align"
-    if not (model / "config.json").exists():
-        build_tiny_align(model)
-    corpus = base / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(images):
-        Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(corpus / f"img{i:03d}.jpg")
-    index_folders([corpus], base / "ix", model=str(model), device="cpu", workers=0)
+    model = tiny_photos(base / "corpus", images)
+    index_folders([base / "corpus"], base / "ix", model=str(model), device="cpu", workers=0)
     return base / "ix"
 
 

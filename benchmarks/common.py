@@ -291,3 +291,19 @@ class GpuUtil:
         util = [u for u, _ in self.samples]
         return {"mean_pct": round(float(np.mean(util)), 1), "peak_pct": max(util), "samples": len(util),
                 "memory_peak_mib": max(m for _, m in self.samples)}
+
+
+def tiny_photos(folder: Path, n: int) -> Path:
+    """The tiny test model (built once into the bench cache; its folder returned) and n small noise pictures
+    folder/img{i:03d}.jpg to index with it."""
+    from PIL import Image
+    from tiny_align import build_tiny_align
+
+    model = CACHE / "tiny-align"
+    if not (model / "config.json").exists():
+        build_tiny_align(model)
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(folder / f"img{i:03d}.jpg")
+    return model

@@ -307,34 +307,19 @@ def _one_per_file(ids: list[int], rows: dict) -> list[int]:
     """A group's ids, one per file: the moments of one video that look alike (a still shot, a scene shown twice)
     are that file, not copies of it. `dupes` listed a still video as three duplicates of itself, counted among
     the "files besides the ones to keep" the very file it said to keep. A video stands for its first moment
-    in the group. The key is the file's path, not its (root, relpath): a folder root and a list root naming one
-    of its photos hold that file twice, and `dupes` listed it as a group of itself, both rows marked keep
-    (`path` keeps a name that is not UTF-8 whole, so two files never share one). A local file's key is where it
-    really lies (_file_key): a list naming it by a file:// URL, or a symlink to it, is that file too."""
-    seen, out = set(), []
-    for i in sorted(i for i in ids if i in rows):
-        key = _file_key(rows[i])
-        if key not in seen:
-            seen.add(key)
-            out.append(i)
-    return out
+    in the group. A file several rows name (a folder root and a list naming one of its photos, a file:// URL, a
+    symlink to it) is one member, keyed and shown as search and export show it (onefile.py): `dupes` listed it
+    as a group of itself, the kept one or its link's target among those to remove."""
+    from alignsearch.search import onefile
 
-
-def _file_key(row) -> str | bytes:
-    """The file a row reads: a local one's real path (symlinks resolved, bytes: a name that is not UTF-8 stays
-    whole), else its path or URL. `path` alone let one file be listed as a copy of itself, the kept one or its
-    link's target among those to remove: a list's file:// URL of a folder's photo, a symlink in the folder."""
-    from alignsearch.errors import AlignSearchError
-    from alignsearch.media import sources
-
-    try:
-        local = sources.local_file(row.root, row.relpath, row.relpath_raw)
-    except AlignSearchError:  # a file:// URL of another host: never indexed, so never here
-        local = None
-    if local is None:
-        return row.path
-    folder, under = local
-    return os.path.realpath(os.path.join(os.fsencode(folder), os.fsencode(under)))
+    best: dict = {}
+    for i in (i for i in ids if i in rows):
+        row = rows[i]
+        (file, _), shown = onefile.named(row)
+        order = (shown[:3], row.moment, row.id)
+        if file not in best or order < best[file][0]:
+            best[file] = (order, i)
+    return sorted(i for _, i in best.values())
 
 
 def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int], float]) -> Group:

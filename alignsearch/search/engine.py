@@ -9,12 +9,12 @@ import threading
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from alignsearch.storage import ann, catalog, keywords, layouts, state, vectors
-from alignsearch.search import filters, querycheck
+from alignsearch.search import filters, onefile, querycheck
 from alignsearch.encoders.backend import encoder_options
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
@@ -506,7 +506,7 @@ class Engine:
             # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
             ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
             nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
-            hits, capped = self._hits(snap, query, ids, opts, keyword if ranked else None, nulls)
+            hits, capped = self._hits(snap, query, ids, opts, keyword if ranked else None, nulls, allowed)
             # The per-video cap left fewer than k: the candidates were one video's moments mostly (a long shot holds
             # alike moments), or rows of files two roots name, one hit each. Look deeper while that finds more
             # candidates, so neither starves the results.
@@ -635,12 +635,13 @@ class Engine:
                                                   among, evidence_only=opts.mode == "auto")]
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
-              keyword: list[int] | None = None, nulls: np.ndarray | None = None) -> tuple[list[Hit], bool]:
+              keyword: list[int] | None = None, nulls: np.ndarray | None = None,
+              allowed: np.ndarray | None = None) -> tuple[list[Hit], bool]:
         """Catalog rows for candidate ids, scored exactly from the stored vectors, best first; cut to k, cutoff,
         sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone). nulls:
         the null queries' best cosines, for auto's gate (query.null_z). Also whether the per-video cap, or each file
         once (_distinct), left fewer than k of candidates that all passed the cutoff (deeper candidates could fill
-        the list)."""
+        the list). allowed: the ids the filters admit (None: all), of which a file's row to show is chosen."""
         with self.db.connect() as conn:  # one connection: addresses, their generation, then the chosen rows
             addresses = catalog.addresses_of(conn, ids.tolist())
             if state.read(conn, "generation").generation != snap.generation:
@@ -682,7 +683,8 @@ class Engine:
                 order = order[similarity[order] >= opts.min_score]
             passed = len(order)
             cap = opts.per_video if snap.videos else None
-            order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude))
+            order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude),
+                                    _admits(ids[order] if opts.mode == "keyword" else allowed, opts.exclude))
             capped = len(order) < min(passed, opts.k) and passed == len(ids)
             chosen = ids[order].tolist()
             photos, labels = catalog.photos_of(conn, chosen), catalog.labels_of(conn, chosen)
@@ -947,43 +949,92 @@ class _Options:
     pool: int = 0  # at least this many candidates of each kind: a search looking deeper (_search)
 
 
-def _files_of(conn, ids) -> set[tuple[str, int]]:
-    """The files (path, moment) of the ids left out (`similar`'s image): none of their rows is a hit either."""
-    return {(row.file, row.moment) for row in catalog.get_files(conn, ids).values()} if ids else set()
+def _files_of(conn, ids) -> set[onefile.Key]:
+    """The entries (file, moment) of the ids left out (`similar`'s image): none of their rows is a hit either."""
+    return set(onefile.keys(conn, catalog.get_files(conn, ids).values()).values()) if ids else set()
 
 
-def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
-              seen: set[tuple[str, int]]) -> tuple[np.ndarray, dict[int, catalog.FileRow]]:
-    """The ranking cut at k with each file once, and at most `cap` moments of any one video (None: no cap), with
-    the catalog rows of the ids kept. A file two roots name (a folder root and a list naming one of its photos,
-    two lists) has a row in each: both ranked, with the one vector they share, and `query` showed the path twice.
-    The first row of a file stands for it; `seen`: files already out. The first read is of the top k, the rows
-    the hits need anyway: a ranking without such files (or capped moments) costs no more reads; further reads
-    go down the ranking, each at least as long as all before it."""
+def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarray]:
+    """Which of some ids a search may show: among those given (the filters' ids; a keyword search's matches; None:
+    any), not left out."""
+    def admits(some: list[int]) -> np.ndarray:
+        ok = np.ones(len(some), dtype=bool) if among is None else np.isin(np.asarray(some, dtype=np.int64), among)
+        return ok & ~np.isin(np.asarray(some, dtype=np.int64), np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+    return admits
+
+
+def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None, seen: set[onefile.Key],
+              admits: Callable[[list[int]], np.ndarray] | None = None) -> tuple[np.ndarray, dict[int, catalog.FileRow]]:
+    """The ranking cut at k with each file once (onefile.py), and at most `cap` moments of any one video (None: no
+    cap), with the catalog rows of the ids kept. A file two roots or a symlink name has a row each: both ranked,
+    with the one vector they share, and `query` showed it twice. A file holds its best place; the row shown for it
+    is onefile.shown_first's among its rows the search may show (`admits`; None: those it ranked): its real path,
+    not a link's name or a file:// URL, whichever ranked first. `seen`: entries already out. The first read is of
+    the top k, the rows the hits need anyway; further reads go down the ranking, each at least as long as all
+    before it, until k files are in (a dropped name never leaves fewer than k when more files were ranked)."""
     keep: list[int] = []
     rows: dict[int, catalog.FileRow] = {}
-    moments: dict[str, int] = {}
+    moments: dict = {}
     at = 0
+    held: dict[onefile.Key, int] = {}  # entry -> its slot in keep
+    shared: set[tuple[str, int]] = set()  # (sha256, moment) held by more than one row: their files have other names
+    reals: dict[int, bytes | None] = {}  # real paths looked up, by id: each row's links resolved once a search
+    contents: dict[tuple[str, int], dict[int, catalog.FileRow]] = {}  # the rows of each (sha256, moment) read
     while len(keep) < k and at < len(order):
         step = order[at : at + max(k - len(keep), at)].tolist()  # twice as many read each time: few reads
         at += len(step)
         found = catalog.get_files(conn, ids[step].tolist())
         rows.update(found)
+        for other in catalog.rows_of_hashes(conn, (r.sha256 for r in found.values())):  # one range of the index
+            contents.setdefault((other.sha256, other.moment), {})[other.id] = other
+        step_shared = {c for c in ((r.sha256, r.moment) for r in found.values()) if len(contents.get(c, ())) > 1}
+        shared |= step_shared
+        keyed = {r.id: onefile.named(r, reals)[0] if (r.sha256, r.moment) in step_shared else onefile.key(r, alone=True)
+                 for r in found.values()}
         for i in step:
             row = found.get(int(ids[i]))
             if row is not None:  # else removed by a writer since its address was read: dropped with the hits
-                path = row.file
-                if (path, row.moment) in seen:
+                entry = keyed[row.id]
+                if entry in seen:
                     continue
                 if row.t is not None and cap is not None:  # a video moment: its video's count, whatever the root
-                    if moments.get(path, 0) >= cap:
+                    if moments.get(entry[0], 0) >= cap:
                         continue
-                    moments[path] = moments.get(path, 0) + 1
-                seen.add((path, row.moment))
+                    moments[entry[0]] = moments.get(entry[0], 0) + 1
+                seen.add(entry)
+                held[entry] = len(keep)
             keep.append(i)
             if len(keep) == k:
                 break
+    _shown_rows(ids, order, keep, rows, {e: s for e, s in held.items()
+                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared},
+                admits, reals, contents)
     return np.array(keep, dtype=np.int64), rows
+
+
+def _shown_rows(ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict,
+                admits: Callable[[list[int]], np.ndarray] | None, reals: dict, contents: dict) -> None:
+    """Each kept file shown by its preferred row (onefile.shown_first) among its rows the search may show, at the
+    place and with the scores of its best-ranked row (they share one vector; a row ranked below it, or not a
+    candidate at all when the ranking was cut at k, is the same file). Its other rows share its content: they
+    are among `contents`, read with the ranked rows (catalog.rows_of_hashes). held: the slots of the kept files
+    whose content several rows hold. rows: the kept ids' entries are replaced in place by the row to show."""
+    if not held:
+        return
+    best = {entry: int(ids[keep[slot]]) for entry, slot in held.items()}
+    others = [r for entry, i in best.items() for r in contents.get((rows[i].sha256, entry[1]), {}).values()]
+    if admits is None:
+        ranked = set(ids[order].tolist())
+        others = [r for r in others if r.id in ranked]
+    elif others:
+        others = [r for r, ok in zip(others, admits([r.id for r in others])) if ok]
+    shown: dict[onefile.Key, tuple] = {}
+    for row in others:
+        entry, rank = onefile.named(row, reals)
+        if entry in best and (entry not in shown or rank < shown[entry][0]):
+            shown[entry] = (rank, row)
+    for entry, (_, row) in shown.items():
+        rows[best[entry]] = row
 
 
 def sort_hits(hits: list[Hit], key: str) -> list[Hit]:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from alignsearch import atomic
 from alignsearch.storage import catalog, state, vectors
-from alignsearch.search import filters
+from alignsearch.search import filters, onefile
 from alignsearch.errors import CatalogBusyError, UsageError
 from alignsearch.storage.paths import DB_FILE, INDEX_DIRNAME
 
@@ -69,10 +69,20 @@ def _allowed(snap, db, where: str | None, path: str | None) -> np.ndarray | None
     return np.sort(cols.ids[filters.evaluate(node, cols.column, cols.tagged)])
 
 
+def _holds(allowed: np.ndarray | None, file_id: int) -> bool:
+    """Whether the sorted ids `allowed` (None: all) hold file_id."""
+    if allowed is None:
+        return True
+    at = int(np.searchsorted(allowed, file_id))
+    return at < len(allowed) and int(allowed[at]) == file_id
+
+
 def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: str | None = None,
-            path: str | None = None) -> Iterator[tuple[list, np.ndarray, dict]]:
+            path: str | None = None, tally: dict | None = None) -> Iterator[tuple[list, np.ndarray, dict]]:
     """(catalog rows, their fp16 vectors, {id: {"taken", "caption", "tags"}}) of the indexed files the
-    filters admit, in id order, at most `batch` at a time.
+    filters admit, in id order, at most `batch` at a time. A file several admitted rows name (two roots, a
+    file:// URL, a symlink beside its target) is one row, the one search shows (onefile.py): an export wrote it
+    once per name. tally["same_file"]: how many admitted rows were left out so.
 
     Memory stays bounded: the catalog is read in pages of `batch` rows by id, and the vectors with plain
     reads (vectors.read_into) into one buffer that each page overwrites, so the caller must use (or copy)
@@ -80,6 +90,10 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     once, and mapped pages would stay in the process's resident memory (1.28 GB at 1M rows of 640-d)."""
     snap = engine.snapshot()  # refreshed: an engine opened before a switch holds the old generation
     allowed = _allowed(snap, engine.db, where, path)
+    with engine.db.connect() as conn:  # rows of shared content only: a library without copies reads nothing more
+        same = onefile.left_out(conn, lambda r: (not roots or r.root in roots) and _holds(allowed, r.id))
+    if tally is not None:
+        tally["same_file"] = 0
     buffer = np.empty((batch, snap.store.dim), dtype=vectors.DTYPE)
     store, after = snap.store, 0
     while True:
@@ -93,6 +107,11 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
             if allowed is not None:
                 ids = np.array([r.id for r in rows], dtype=np.int64)
                 rows = [r for r, ok in zip(rows, np.isin(ids, allowed)) if ok]
+            if same:
+                kept = [r for r in rows if r.id not in same]
+                if tally is not None:
+                    tally["same_file"] += len(rows) - len(kept)
+                rows = kept
             ids = [r.id for r in rows]
             photo, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
             # read after the rows: rows holding a new generation's addresses (a re-encode's or a compaction's
@@ -170,14 +189,14 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
     dim = int(engine.snap.store.dim)
     schema = _schema(dim)
     group = np.empty((batch, dim), dtype=np.float32)  # the row group's embeddings, filled page by page
-    n = 0
+    n, tally = 0, {}
     # no dictionary for the embedding: distinct floats never fit one, and the writer would buffer the
     # column's pages (and a hash table) until it gave up, ~80 MB more per row group at 640-d
     plain = [f.name for f in schema if f.name != "embedding"]
     # written through the descriptor of a fresh temporary file beside `out`, renamed over it when complete
     with atomic.writing(out) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=plain) as writer:
         groups = _Groups(writer, schema, batch)
-        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
+        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters, tally=tally):
             while rows:
                 take = min(len(rows), groups.room())
                 emb = group[groups.filled : groups.filled + take]
@@ -186,7 +205,8 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
                 rows, vecs, n = rows[take:], vecs[take:], n + take
             log.info("exported %d rows", n)
         groups.flush()
-    return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups.written}
+    return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups.written,
+            "same_file": tally.get("same_file", 0)}
 
 
 def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS, **filters) -> dict:
@@ -221,9 +241,9 @@ def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int,
                     len(_npy_header(shard_rows, dim)))
         state.update(groups=None, raw=None, filled=0)
 
-    n = 0
+    n, tally = 0, {}
     try:
-        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters):
+        for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters, tally=tally):
             while rows:
                 if state["groups"] is None:
                     state["shard"] += 1
@@ -250,7 +270,8 @@ def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int,
             except Exception as exc:  # noqa: BLE001 - the first error is the one to report
                 log.debug("closing the metadata writer after an error: %s", exc)
         raise
-    return {"format": "clip-retrieval", "rows": n, "path": str(out), "shards": state["shard"] + 1}
+    return {"format": "clip-retrieval", "rows": n, "path": str(out), "shards": state["shard"] + 1,
+            "same_file": tally.get("same_file", 0)}
 
 
 def _npy_header(rows: int, dim: int) -> bytes:

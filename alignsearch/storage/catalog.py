@@ -193,9 +193,9 @@ class FileRow:
 
     @property
     def file(self) -> str:
-        """The file the row names, the same whatever root names it: its path, a list's `file://` entry as the
-        local path it names. A folder root and a list naming one of its photos (or two lists) hold a row each,
-        and a search or `dupes` listed the one file twice (under two names for a `file://` entry)."""
+        """The row's name, the same whatever root names it: its path, a list's `file://` entry as the local path
+        it names. The file a row stands for where no other row shares its content (onefile.file_key, which
+        resolves links where another row does)."""
         path = self.path
         if sources.kind(self.root) != sources.LIST:
             return path
@@ -927,6 +927,48 @@ def indexed_after(conn: Connection, after: int, limit: int) -> list[FileRow]:
     """Indexed files with id > after, in id order (at most limit): a scan in bounded pages."""
     query = select(files).where(files.c.status == INDEXED, files.c.id > after).order_by(files.c.id).limit(limit)
     return check_rows(conn, _rows(conn.execute(query)))  # export writes them out: text failed deep in pyarrow
+
+
+def shared_contents(conn: Connection, hashes: Iterable[str]) -> set[tuple[str, int]]:
+    """The (sha256, moment) pairs among these hashes that more than one indexed row holds: only such rows can name
+    one file between them (the same file has the same bytes), so only they need their links resolved (onefile.py)."""
+    hashes, out = sorted(set(h for h in hashes if h)), set()
+    for start in range(0, len(hashes), 500):
+        query = (select(files.c.sha256, files.c.moment)
+                 .where(files.c.status == INDEXED, files.c.sha256.in_(hashes[start : start + 500]))
+                 .group_by(files.c.sha256, files.c.moment).having(func.count() > 1))
+        out.update((sha, int(moment)) for sha, moment in conn.execute(query))
+    return out
+
+
+def rows_of_hashes(conn: Connection, hashes: Iterable[str]) -> list[FileRow]:
+    """Indexed rows (every moment) holding these contents: one range of the sha256 index per 500."""
+    hashes, out = sorted(set(h for h in hashes if h)), []
+    for start in range(0, len(hashes), 500):
+        query = select(files).where(files.c.sha256.in_(hashes[start : start + 500]), files.c.status == INDEXED)
+        out.extend(_rows(conn.execute(query)))
+    return check_rows(conn, out)
+
+
+def rows_of_contents(conn: Connection, hashes: Iterable[str] | None = None) -> list[FileRow]:
+    """Indexed rows whose (sha256, moment) another indexed row shares, in id order: of these hashes, or (None) of the
+    whole catalog (one grouped scan: export and the recent listing drop the rows naming a file another row stands for)."""
+    if hashes is None:
+        chunks: list[list[str] | None] = [None]
+    else:
+        hashes = sorted(set(h for h in hashes if h))
+        chunks = [hashes[start : start + 500] for start in range(0, len(hashes), 500)]
+    out: list[FileRow] = []
+    for chunk in chunks:
+        shared = (select(files.c.sha256, files.c.moment).where(files.c.status == INDEXED, files.c.sha256.is_not(None))
+                  .group_by(files.c.sha256, files.c.moment).having(func.count() > 1))
+        if chunk is not None:
+            shared = shared.where(files.c.sha256.in_(chunk))
+        shared = shared.subquery()
+        query = select(files).join(shared, and_(files.c.sha256 == shared.c.sha256, files.c.moment == shared.c.moment)
+                                   ).where(files.c.status == INDEXED)
+        out.extend(_rows(conn.execute(query)))
+    return check_rows(conn, sorted(out, key=lambda r: r.id))
 
 
 def duplicate_hashes(conn: Connection) -> list[list[int]]:

@@ -1206,7 +1206,9 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{_count(result['rows'], 'image')} exported to {result['path']} ({fmt})")
+        same = result.get("same_file", 0)  # said, not dropped silently: a row per name was what an export wrote
+        also = f"; {_count(same, 'row')} naming a file another row names left out" if same else ""
+        click.echo(f"{_count(result['rows'], 'image')} exported to {result['path']} ({fmt}{also})")
 
 
 @main.command()

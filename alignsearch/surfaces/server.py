@@ -514,6 +514,7 @@ class Library:
         self.trouble = Trouble()
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._members_lock = threading.Lock()
+        self._same: tuple = ((), frozenset())  # (catalog signature, ids the recent listing leaves out: onefile.py)
 
     @property
     def engine(self) -> Engine:
@@ -580,20 +581,46 @@ class Library:
         return row
 
     def recent(self, offset: int, limit: int) -> dict[str, Any]:
-        """Indexed images, newest (highest id) first, for the landing page."""
+        """Indexed images, newest (highest id) first, for the landing page: each file once (onefile.py), by the
+        row search shows for it; offset and total count files, not rows (the page asks for offset = shown so far).
+        A folder root and a list naming one of its photos, or a link beside its target, listed it twice."""
         from sqlalchemy import func, select
 
         files = catalog.files
         with self.engine.db.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(files).where(files.c.status == catalog.INDEXED)).scalar()
-            query = (select(files).where(files.c.status == catalog.INDEXED).order_by(files.c.id.desc())
-                     .offset(offset).limit(limit))
-            # checked: a time stored as text answered "internal error" (500) without saying the index is damaged
-            rows = catalog.check_rows(conn, [catalog.FileRow(**r._mapping) for r in conn.execute(query)])
-            ids = [r.id for r in rows]
+            indexed = files.c.status == catalog.INDEXED
+            count, last = conn.execute(select(func.count(), func.max(files.c.id)).where(indexed)).one()
+            same = self._same_file(conn, (count, last))
+            total = int(count or 0) - len(same)
+            ids, skipped = [], 0
+            # newest first, rows another row's file stands for skipped: a walk down the id index to offset + limit
+            for (file_id,) in conn.execute(select(files.c.id).where(indexed).order_by(files.c.id.desc())):
+                if file_id in same:
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                ids.append(file_id)
+                if len(ids) == limit:
+                    break
+            found = catalog.get_files(conn, ids)  # checked: a time stored as text answered "internal error" (500)
+            rows = [found[i] for i in ids if i in found]
             photos, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
-        return {"total": int(total or 0), "offset": offset,
+        return {"total": total, "offset": offset,
                 "results": [_listed(r, photos.get(r.id), labels.get(r.id, [])) for r in rows]}
+
+    def _same_file(self, conn, signature: tuple) -> frozenset:
+        """Ids of the rows whose file another row stands for (onefile.left_out: a grouped scan of the catalog's
+        hashes), kept while the catalog's indexed rows (their count, the highest id) stay the same: every
+        insert takes a new id, every removal lowers the count, so a landing page's further pages read none."""
+        held = self._same
+        if held[0] == signature:
+            return held[1]
+        from alignsearch.search import onefile
+
+        same = frozenset(onefile.left_out(conn))
+        self._same = (signature, same)
+        return same
 
     def read(self, row: catalog.FileRow, check_only: bool = False) -> bytes | None:
         """An indexed image's bytes, when the source still matches its catalog row (else 404/409). A file on

@@ -1,0 +1,127 @@
+"""One file on disk is one entry: in search and `similar` results, `dupes` groups, `export` and the recent listing.
+
+Several catalog rows can name one file: a folder root and a list naming one of its photos (by path or file:// URL),
+two lists, a symlink in a folder to a photo beside it (or a folder symlink). Each such row was an entry of its own:
+a search listed the photo and its link as two hits, an export wrote the file once per root, while `dupes` (which
+resolved links) called them one file. Every place now asks this module.
+
+- The key (file_key): a local file's real path (symlinks resolved, as bytes: a name that is not UTF-8 stays whole),
+  with the video moment; a URL or tar member keys by its own path. Resolving costs an lstat per path component, so
+  it is done only for rows whose content (sha256, moment) another indexed row holds (catalog.shared_contents: one
+  indexed query per read of hits): one file has one content, so a row whose content is its own cannot be another
+  row's file, and its name stands for it with no system call (`alone`).
+- Which row represents a file (shown_first): the name that is the file's real path (not through a symlink, not a
+  file:// URL), else the shortest name, then the first in byte order, then the lowest id. The real path is what
+  `dupes` keys on, it opens without a link and outlives the link; among names that all go through links, the
+  shortest is the least nested. Root order or row ids were not chosen: they change with `forget` and re-indexing,
+  and the shown path would change with them.
+- Hard links (one inode, two real paths) stay two files: only a stat of each name can tell them (the catalog stores
+  no inode), and each name is its own directory entry that can be moved or deleted on its own. `dupes --tier exact`
+  lists them as copies.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+
+from alignsearch.errors import AlignSearchError
+from alignsearch.media import sources
+from alignsearch.storage import catalog
+
+Key = tuple[bytes | str, int]
+
+
+def real_path(row, folders: dict | None = None) -> bytes | None:
+    """Where a local row's file really lies (bytes), else None (a URL, a tar member, another host's file:// URL).
+    folders: {folder: its real path} of earlier calls, added to: os.path.realpath takes an lstat per component
+    of the path, and the names of one folder share all but the last, so each further name costs one lstat (its
+    own link, if it is one, resolved whole): the real path of folder/name is the folder's real path joined
+    with name unless name is a symlink."""
+    try:
+        local = sources.local_file(row.root, row.relpath, row.relpath_raw)
+    except AlignSearchError:  # a file:// URL of another host: never indexed, so never here
+        return None
+    if local is None:
+        return None
+    folder, under = local
+    path = os.path.join(os.fsencode(folder), os.fsencode(under))
+    if folders is None:
+        return os.path.realpath(path)
+    head, name = os.path.split(path)
+    if head not in folders:
+        folders[head] = os.path.realpath(head)
+    real = os.path.join(folders[head], name)
+    try:
+        if stat.S_ISLNK(os.lstat(real).st_mode):
+            return os.path.realpath(path)
+    except OSError:  # gone (or unreadable folder): realpath too keeps the name as it is
+        pass
+    return real
+
+
+def file_key(row, alone: bool = False) -> bytes | str:
+    """The file a row names, the same whatever root or link names it. alone: no other indexed row holds its content,
+    so no other row can be its file: its normalised name (FileRow.file) stands for it, no system call."""
+    if alone:
+        return row.file
+    real = real_path(row)
+    return row.path if real is None else real
+
+
+def key(row, alone: bool = False) -> Key:
+    """The entry a row is: its file and moment (a video's moments are entries of their own)."""
+    return file_key(row, alone), row.moment
+
+
+def keys(conn, rows: Iterable) -> dict[int, Key]:
+    """{id: key} of these rows, links resolved only for rows whose content another indexed row holds."""
+    rows = list(rows)
+    shared = catalog.shared_contents(conn, (r.sha256 for r in rows))
+    return {r.id: key(r, alone=(r.sha256, r.moment) not in shared) for r in rows}
+
+
+def shown_first(row, real: bytes | None | bool = False) -> tuple:
+    """Sort key of the rows of one file, the one to show first: its real path, else the shortest name, then byte
+    order, then the lowest id. real: the row's real_path when the caller has it (False: look it up)."""
+    name = os.fsencode(row.path)
+    return (name != (real_path(row) if real is False else real), len(name), name, row.id)
+
+
+def named(row, reals: dict | None = None) -> tuple[Key, tuple]:
+    """(key, shown_first) of a row of shared content, its links resolved once. reals: a memo (a search's, an
+    export's), added to: {id: real_path} of the rows looked up, and {folder (bytes): its real path}."""
+    if reals is None:
+        reals = {}
+    if row.id not in reals:
+        reals[row.id] = real_path(row, reals)  # int keys are rows', bytes keys folders': never the same
+    real = reals[row.id]
+    return ((row.path if real is None else real), row.moment), shown_first(row, real)
+
+
+def others(rows: Iterable, admitted: Callable[[object], bool] | None = None) -> set[int]:
+    """Ids of the rows (all of shared content: catalog.rows_of_contents) that name an entry another admitted row
+    stands for: the rows export and the recent listing leave out. Rows not admitted (filtered out) stand for
+    nothing and are not returned."""
+    best: dict[Key, tuple] = {}
+    out: set[int] = set()
+    reals: dict = {}  # folders' real paths (and rows'), looked up once
+    for row in rows:
+        if admitted is not None and not admitted(row):
+            continue
+        k, order = named(row, reals)
+        held = best.get(k)
+        if held is None:
+            best[k] = (order, row.id)
+        elif order < held[0]:
+            out.add(held[1])
+            best[k] = (order, row.id)
+        else:
+            out.add(row.id)
+    return out
+
+
+def left_out(conn, admitted: Callable[[object], bool] | None = None) -> set[int]:
+    """Ids of the indexed rows, among those admitted, that another admitted row's file entry stands for."""
+    return others(catalog.rows_of_contents(conn), admitted)

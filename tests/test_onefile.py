@@ -1,0 +1,140 @@
+"""One file on disk is one entry (alignsearch/search/onefile.py): search, similar, export, the recent listing and
+dupes agree, and show it by one name: its real path, not a link's name or a list's file:// URL."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import index_json, make_images, run
+
+
+@pytest.fixture(scope="module")
+def named_twice(tmp_path_factory, tiny_model):
+    """A folder of 4 photos, a symlink in it to img002.jpg, and a list naming img001.jpg by its file:// URL: 5 names
+    (6 rows), 4 files. The list is indexed after the folder, so its row has the higher id."""
+    base = tmp_path_factory.mktemp("named-twice")
+    lib, ix = base / "lib", base / "ix"
+    photos = make_images(lib, 4)
+    (lib / "a-link.jpg").symlink_to(photos[2])
+    (base / "fav.csv").write_text(f"path\n{photos[1].as_uri()}\n")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert index_json(ix, base / "fav.csv")["added"] == 1
+    return base, ix, [str(p) for p in photos]
+
+
+def _paths(ix, *args) -> list[str]:
+    return [h["path"] for h in json.loads(run(*args, "--json", "--index", ix).stdout)["results"]]
+
+
+@pytest.mark.slow
+def test_a_symlink_beside_its_target_is_one_hit(named_twice):
+    """(a) `query` listed img002.jpg and a-link.jpg (its symlink) as two hits with one score while `dupes` called
+    them one file; `similar img002.jpg` answered its link. Each file once, by its real path, the k hits filled."""
+    base, ix, photos = named_twice
+    everything = _paths(ix, "query", "x", "-k", "100")
+    assert sorted(everything) == photos, everything
+    for k in range(1, 5):  # k files, the ranking cut at k
+        assert _paths(ix, "query", "x", "-k", str(k)) == everything[:k], k
+    alike = _paths(ix, "similar", photos[2], "-k", "10")
+    assert sorted(alike) == [p for p in photos if p != photos[2]], alike
+    alike = _paths(ix, "similar", base / "lib" / "a-link.jpg", "-k", "10")
+    assert sorted(alike) == [p for p in photos if p != photos[2]], alike
+    assert json.loads(run("dupes", "--tier", "exact", "--json", "--index", ix).stdout) == []
+
+
+@pytest.mark.slow
+def test_a_file_two_names_reach_is_shown_by_its_real_path(named_twice):
+    """(c) Which row stood for a file two roots name was the first ranked: `query` showed img001.jpg as
+    file:///.../img001.jpg, the list's URL. The real path is shown, whatever ranks first; a search of the list's
+    root alone still shows the list's row (its only name there)."""
+    base, ix, photos = named_twice
+    hits = json.loads(run("query", "x", "-k", "100", "--json", "--index", ix).stdout)["results"]
+    shown = {h["path"]: h for h in hits}
+    assert photos[1] in shown and shown[photos[1]]["root"] == str(base / "lib"), hits
+    assert _paths(ix, "query", "x", "-k", "100", "--where", f"root = {base / 'fav.csv'}") == [f"file://{photos[1]}"]
+
+
+@pytest.mark.slow
+def test_export_writes_a_file_two_names_reach_once_and_says_so(named_twice, tmp_path):
+    """(b) `export` wrote a row per name: 6 rows for 4 files (img001.jpg and its file:// URL, img002.jpg and its
+    link). One row per file, the one search shows, and the summary counts the rows left out; exporting the list's
+    root alone keeps its row."""
+    base, ix, photos = named_twice
+    out = run("export", tmp_path / "all.parquet", "--index", ix).stdout
+    assert "4 images exported" in out and "2 rows naming a file another row names left out" in out, out
+    assert sorted(pq.read_table(tmp_path / "all.parquet").column("path").to_pylist()) == photos
+    summary = json.loads(run("export", tmp_path / "fav.parquet", "--root", base / "fav.csv", "--json",
+                             "--index", ix).stdout)
+    assert (summary["rows"], summary["same_file"]) == (1, 0)
+    assert pq.read_table(tmp_path / "fav.parquet").column("path").to_pylist() == [f"file://{photos[1]}"]
+
+
+@pytest.mark.slow
+def test_the_recent_listing_lists_a_file_two_names_reach_once(named_twice):
+    """(b) The landing page's listing (/api/recent) listed img001.jpg and its file:// URL, img002.jpg and its link:
+    total 6 for 4 files. Each file once, by its real path, pages by files (offset = files shown so far)."""
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.surfaces.server import Library, ServerConfig
+
+    base, ix, photos = named_twice
+    library = Library(open_index(ix), ServerConfig())
+    try:
+        whole = library.recent(0, 60)
+        assert whole["total"] == 4
+        assert sorted(h["path"] for h in whole["results"]) == photos
+        paged = [h["path"] for offset in range(4) for h in library.recent(offset, 1)["results"]]
+        assert paged == [h["path"] for h in whole["results"]]
+        assert library.recent(4, 1)["results"] == []
+    finally:
+        library.engine.db.dispose()
+
+
+def test_the_name_shown_is_the_real_path_then_the_shortest(tmp_path):
+    """onefile.shown_first: the real path before a link's name or a file:// URL of it; among names that all go
+    through links (the file outside every root), the shortest, then byte order; others() keeps one row per file."""
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    outside, lib = tmp_path / "outside", tmp_path / "lib"
+    outside.mkdir()
+    lib.mkdir()
+    (outside / "a.jpg").write_bytes(b"x")
+    (lib / "a.jpg").write_bytes(b"y")
+    (lib / "link.jpg").symlink_to(lib / "a.jpg")
+    (lib / "l1.jpg").symlink_to(outside / "a.jpg")
+    (lib / "long-link.jpg").symlink_to(outside / "a.jpg")
+
+    def row(i, root, relpath):
+        return FileRow(i, str(root), relpath, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+
+    csv = tmp_path / "fav.csv"
+    rows = [row(1, lib, "link.jpg"), row(2, csv, (lib / "a.jpg").as_uri()), row(3, lib, "a.jpg"),
+            row(4, lib, "long-link.jpg"), row(5, lib, "l1.jpg")]
+    assert min(rows[:3], key=onefile.shown_first).id == 3
+    assert min(rows[3:], key=onefile.shown_first).id == 5
+    assert onefile.others(rows) == {1, 2, 4}
+    assert onefile.others(rows, admitted=lambda r: r.id != 3) == {2, 4}  # the link first, then the URL (longer)
+
+
+def test_a_real_path_through_the_folder_memo_is_realpaths(tmp_path):
+    """onefile.real_path with a folder memo (one realpath a folder, one lstat a name) answers what os.path.realpath
+    does: a plain name, a symlink (to a file, to a missing one), a name inside a symlinked folder, a gone name."""
+    import os
+
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    lib, other = tmp_path / "lib", tmp_path / "other"
+    (lib / "sub").mkdir(parents=True)
+    other.mkdir()
+    (other / "b.jpg").write_bytes(b"b")
+    (lib / "a.jpg").write_bytes(b"a")
+    (lib / "to-b.jpg").symlink_to(other / "b.jpg")
+    (lib / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (lib / "linked").symlink_to(other)
+    names = ["a.jpg", "to-b.jpg", "dangling.jpg", "linked/b.jpg", "gone.jpg", "sub/../a.jpg"]
+    memo: dict = {}
+    for name in names:
+        row = FileRow(1, str(lib), name, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+        assert onefile.real_path(row, memo) == onefile.real_path(row) == os.path.realpath(os.fsencode(lib / name)), name

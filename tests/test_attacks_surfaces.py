@@ -177,6 +177,8 @@ def test_a_body_framed_twice_is_refused_and_nothing_after_it_is_read(served):
     {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"},  # <img> on evil.example
     {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"},  # a page on another port of this host: cookie sent
     {"Origin": "https://evil.example"},  # a browser without Sec-Fetch-*
+    {"Origin": "http://localhost:1"},  # a page on another port of this host, a browser without Sec-Fetch-*
+    {"Origin": "http://127.0.0.1:1"},
     {"Origin": "null"},  # a sandboxed frame, a file:// page
 ])
 def test_requests_from_another_sites_page_are_refused(served, headers):
@@ -193,6 +195,8 @@ def test_the_page_itself_and_links_to_it_are_still_served(served):
     cookie = {"Cookie": f"alignsearch-token-{served['port']}=s3cret"}
     same = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Origin": served["url"]}
     assert call(served["url"], "/api/search?q=red&k=1", token=None, headers={**cookie, **same})[0] == 200
+    old_browser = {"Origin": served["url"].rstrip("/")}  # no Sec-Fetch-*: its Origin is the Host it asks
+    assert call(served["url"], "/api/search?q=red&k=1", token=None, headers={**cookie, **old_browser})[0] == 200
     link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
     assert call(served["url"], "/?q=red", token=None, headers=link)[0] == 200  # a link from elsewhere opens the page
     status, _, _ = call(served["url"], "/api/search", token=None, method="POST", data=b"q=red",

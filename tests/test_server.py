@@ -1042,3 +1042,20 @@ def test_an_index_folder_others_may_write_is_logged_once_an_endpoint_while_it_la
     paths = [re.search(r"GET (\S+): refusing the index", line).group(1) for line in met]
     assert sorted(paths) == sorted(path.split("?")[0] for path in asked.values()), stderr[-3000:]
     assert sorted(over) == sorted(asked), stderr[-3000:]
+
+
+def test_an_origin_is_ours_by_its_host_or_a_proxy_name_never_another_loopback_port():
+    """A browser without Sec-Fetch-Site (before 2023) is judged by its Origin: a loopback name was ours whatever its
+    port, so with --no-token a page of another server on this machine (http://localhost:3000) could search. A name
+    a proxy in front answers for (--allow-host) stays ours on any port: the proxy's port is not the server's."""
+    from alignsearch.surfaces.server import ServerConfig, allowed_hosts, cross_site
+
+    hosts = allowed_hosts(ServerConfig(host="0.0.0.0", allow_hosts=("photos.lan",)))
+
+    def refused(origin: str, host: str = "127.0.0.1:8765") -> bool:
+        return cross_site("GET", [(b"origin", origin.encode()), (b"host", host.encode())], hosts) is not None
+
+    assert not refused("http://127.0.0.1:8765") and not refused("http://localhost:8765", "localhost:8765")
+    assert not refused("https://photos.lan") and not refused("http://photos.lan:8080")  # through the proxy
+    assert refused("http://localhost:3000") and refused("http://127.0.0.1:3000") and refused("http://[::1]:3000")
+    assert refused("https://evil.example") and refused("null")

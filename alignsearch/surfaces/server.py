@@ -212,7 +212,11 @@ def cross_site(method: str, headers: list[tuple[bytes, bytes]], hosts: frozenset
     origin = got.get(b"origin")
     if origin is not None:
         scheme, sep, netloc = origin.partition("://")
-        ours = netloc == got.get(b"host", "") or host_name(netloc) in hosts
+        name = host_name(netloc)
+        # a name of ours that a proxy in front may answer for (--allow-host), whatever its port; but a loopback name
+        # on another port is another server of this machine (ports are one site to the cookie, never one origin):
+        # its page searched with --no-token where the browser sent no Sec-Fetch-Site
+        ours = netloc == got.get(b"host", "") or (name in hosts and not is_loopback(name))
         if not sep or scheme not in ("http", "https") or not ours:
             return f"requests from another site's page are refused (Origin: {origin})"
     return None

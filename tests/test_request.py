@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import alignsearch
-from alignsearch.errors import BadInputError, UsageError
+from alignsearch.errors import UsageError
 from alignsearch.search import request as search_request
 from alignsearch.storage import catalog, keywords
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, SERVER_FILE
@@ -45,7 +45,7 @@ def test_similar_takes_no_text_negative_or_image():
     was ignored and echoed back as if searched; now refused, saying which, as a negative or an image is."""
     assert search_request.build(similar=3, tag="car", path="a/**").similar == 3
     for extra, word in (({"text": "red"}, "text"), ({"negative": "blue"}, "negative"), ({"image": b"x"}, "image")):
-        with pytest.raises(BadInputError, match=f"takes no {word}"):
+        with pytest.raises(UsageError, match=f"takes no {word}"):  # BadInputError before: exit 6, not 2
             search_request.build(similar=3, **extra)
 
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from alignsearch.errors import BadInputError, UsageError
+from alignsearch.errors import UsageError
 from alignsearch.search import filters, querycheck
 from alignsearch.search.filters import FilterOptions
 
@@ -116,8 +116,8 @@ def build(*, text: str | None = None, image: Any = None, negative: str | None = 
     if similar is not None:
         similar = querycheck.check_id(similar)
         extra = _with_similar(checked)
-        if extra:
-            raise BadInputError(f"similar=ID searches by that image's stored vector alone, as `alignsearch similar` "
+        if extra:  # asked wrongly, as `similar ID --text` is in the CLI (exit 2; 400 UsageError over HTTP)
+            raise UsageError(f"similar=ID searches by that image's stored vector alone, as `alignsearch similar` "
                                 f"does; it takes no {' or '.join(extra)}: search for those apart")
     flt = FilterOptions(**querycheck.check_filters(where=where, after=after, before=before, camera=camera, near=near,
                                                    path=path, format=format, tag=checked["tag"]))

@@ -49,6 +49,23 @@ def file_mode(requested: int, umask: int, replaced: int | None) -> int:
     return (requested & 0o700) | others
 
 
+NAME_BYTES = 200  # of the target's name kept in a temporary's: its `.` + `.XXXXXXXX.tmp` fit in 255 bytes beside it
+
+
+def temp_prefix(path: Path) -> str:
+    """`.NAME.`, the start of every temporary this module makes for `path` (and all remove_stale looks for),
+    NAME cut to NAME_BYTES bytes on a character boundary: the whole name made the temporary's longer than
+    the filesystem's limit (255 bytes) for a target whose own name is valid (`export` of a 245-byte name
+    failed "File name too long"). Names of fewer bytes are kept whole, as earlier versions named them."""
+    kept, size = [], 0
+    for ch in path.name:
+        size += len(os.fsencode(ch))  # a byte the name's encoding could not decode counts as the one it was
+        if size > NAME_BYTES:
+            break
+        kept.append(ch)
+    return f".{''.join(kept)}."
+
+
 def _temp_file(path: Path, mode: int) -> tuple[int, str]:
     if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
@@ -57,7 +74,7 @@ def _temp_file(path: Path, mode: int) -> tuple[int, str]:
         replaced = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
     except OSError:
         replaced = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held while fd is open: this write is at work (remove_stale)
     # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
     os.fchmod(fd, file_mode(mode, _umask(), replaced))
@@ -136,7 +153,7 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     replaced), so the link stays as the user made it."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+    new = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".new", dir=path.parent))
     held = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_EX)  # this write is at work (remove_stale), until the swap is done
     try:
@@ -171,7 +188,7 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER, *, write
     rename of this user's folder to such a name would have this user delete it). `writer` names the writes
     in the log line said for each ("an export": "removed X, left by an export of OUT killed mid-way")."""
     path = Path(os.path.realpath(path))
-    return _sweep(path.parent, f".{path.name}.", min_age, f"{writer} of {path.name}")
+    return _sweep(path.parent, temp_prefix(path), min_age, f"{writer} of {path.name}")
 
 
 def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
@@ -290,7 +307,7 @@ def _swap(new: Path, path: Path) -> Path | None:
     # exchanged from a `.old` name (rename replaces an empty folder), so the old folder lands under one: until
     # _carry_over is done it holds the user's own files, and remove_stale takes an unlocked `.new` for a
     # killed write's leftover (a kill between the exchange and the move deleted them on the next run)
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    aside = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".old", dir=path.parent))
     os.rename(new, aside)
     try:
         if _exchange(aside, path):
@@ -301,7 +318,7 @@ def _swap(new: Path, path: Path) -> Path | None:
     os.rename(aside, new)
     # no exchange: move the old folder aside first, onto an empty folder of a fresh name (rename replaces
     # an empty folder), so it is never deleted nor renamed over anything of the user's
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".old", dir=path.parent))
     os.rename(path, old)
     try:
         os.rename(new, path)

@@ -477,3 +477,44 @@ def test_the_next_export_says_it_removed_what_a_killed_export_left(tmp_path, fmt
     assert proc.returncode == 0, proc.stderr
     assert f"removed {left[0].name}, left by an export of out killed mid-way" in proc.stderr, proc.stderr
     assert not left[0].exists() and out.exists()
+
+
+# -- names near the filesystem's limit --------------------------------------------------------------------
+
+LONG_NAMES = ["a" * 245 + ".parquet", "图" * 80 + ".parquet", "b" * 255]  # 253, 248 and 255 bytes: all valid
+
+
+@pytest.mark.parametrize("name", LONG_NAMES[:2])
+def test_export_writes_a_file_whose_name_is_near_the_limit(ix, tmp_path, name):
+    """The temporary was `.NAME.XXXXXXXX.tmp`, 14 bytes longer than NAME: `export "a"*245.parquet` failed
+    "File name too long" though the name is valid."""
+    export(ix, tmp_path / name)
+    assert pq.read_table(tmp_path / name).num_rows == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES)
+def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name):
+    """A file and a folder of such a name are written, and what a killed write of them left is still
+    recognised by remove_stale (the temporary names carry the name cut, on a character boundary)."""
+    prefix = atomic.temp_prefix(tmp_path / name)
+    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2 and name.startswith(prefix[1:-1])
+    atomic.write_bytes(tmp_path / name, b"file")
+    assert (tmp_path / name).read_bytes() == b"file"
+    folder = tmp_path / "d" / name
+    for content in (b"one", b"two"):  # the second swaps a folder in place of one (`.old` names too)
+        with atomic.replacing_dir(folder) as new:
+            (new / "x").write_bytes(content)
+    assert (folder / "x").read_bytes() == b"two" and os.listdir(folder.parent) == [name]
+
+    # a writer killed mid-write leaves its temporary file and folder (os._exit: no cleanup runs)
+    code = ("import os, sys; from pathlib import Path; from alignsearch import atomic\n"
+            "out = Path(sys.argv[1])\n"
+            "with atomic.replacing_dir(out.parent / 'd' / out.name) as new:\n"
+            "    with atomic.writing(out) as f:\n"
+            "        f.write(b'half'); os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / name)]).returncode == 9
+    left = [_aged(p) for p in (*tmp_path.iterdir(), *(tmp_path / "d").iterdir()) if p.name != name and p.name != "d"]
+    assert len(left) == 2
+    assert atomic.remove_stale(tmp_path / name) == 1 and atomic.remove_stale(folder) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(["d", name]) and os.listdir(tmp_path / "d") == [name]

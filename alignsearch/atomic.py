@@ -183,8 +183,8 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER, *, write
     """Delete what writes of `path` killed mid-way left beside it (`.NAME.XXXX.tmp` files, `.NAME.XXXX.new`
     folders: a killed export's can be the size of the export), and return how many. Only this user's, not a
     link, not changed for min_age seconds, and only while no write holds its lock (a write at work, in this
-    or another process, keeps it). `.NAME.XXXX.old` folders are never touched: a swap cut short leaves the
-    user's previous folder there. Nothing in a folder where another user may rename entries (an attacker's
+    or another process, keeps it). `.NAME.XXXX.old` folders are never deleted: a swap cut short leaves the
+    user's previous folder there, or the new copy; each is named in a warning (_report_swap_left). Nothing in a folder where another user may rename entries (an attacker's
     rename of this user's folder to such a name would have this user delete it). `writer` names the writes
     in the log line said for each ("an export": "removed X, left by an export of OUT killed mid-way")."""
     path = Path(os.path.realpath(path))
@@ -205,13 +205,16 @@ def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
     try:
         if _others_may_rename(os.stat(parent)):
             return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
-        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new"))]
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new", ".old"))]
     except OSError:
         return 0
     for entry in entries:
         try:
             st = entry.stat(follow_symlinks=False)
             folder = stat.S_ISDIR(st.st_mode)
+            if entry.name.endswith(".old"):
+                _report_swap_left(entry, st, min_age, writes)
+                continue
             if st.st_uid != os.geteuid() or time.time() - st.st_mtime < min_age or not (folder or stat.S_ISREG(st.st_mode)):
                 continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if folder else os.O_NONBLOCK))
@@ -235,6 +238,30 @@ def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, writes: str) -> None:
+    """Say where a folder swap killed mid-way left a `.old` folder: killed after the exchange it is the
+    folder replaced, holding the user's own files not yet moved into the new one; killed just before, the
+    new copy. Which one cannot be told from here, and the former may hold the only copy of the user's files:
+    it is never deleted, but said once each run until the user moves what they want and deletes it (it was
+    left unsaid, for good). Not while a swap may be at work: own, a folder, unchanged (ctime: a rename sets
+    it, not the mtime) for min_age, and not locked."""
+    if (st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
+            or time.time() - max(st.st_mtime, st.st_ctime) < min_age):
+        return
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # the new copy of a swap at work
+    finally:
+        os.close(fd)
+    log.warning("warning: %s was left by %s killed mid-swap: the folder replaced (with any files of your own it "
+                "held) or the unfinished new one; move what you want from it, then delete it", entry.path, writes)
 
 
 def _others_may_rename(folder: os.stat_result) -> bool:

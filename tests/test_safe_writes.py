@@ -518,3 +518,38 @@ def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name
     assert len(left) == 2
     assert atomic.remove_stale(tmp_path / name) == 1 and atomic.remove_stale(folder) == 1
     assert sorted(os.listdir(tmp_path)) == sorted(["d", name]) and os.listdir(tmp_path / "d") == [name]
+
+
+# -- a folder swap killed mid-way ---------------------------------------------------------------------------
+
+SWAP_KILLED = """
+import os, sys
+from pathlib import Path
+from alignsearch import atomic
+# _carry_over: the exchange done, the user's files not yet moved; _exchange: the new copy under its `.old` name
+setattr(atomic, sys.argv[2], lambda *args: os._exit(9))
+with atomic.replacing_dir(sys.argv[1]) as new:
+    (new / "model.bin").write_bytes(b"new")
+"""
+
+
+@pytest.mark.parametrize("at", ["_carry_over", "_exchange"])
+def test_what_a_swap_killed_mid_way_left_is_named_and_kept(tmp_path, caplog, at):
+    """Killed between the exchange and the move of the user's files, `.OUT.XXXX.old` held the user's own files
+    (finetune --out ft: ft/NOTES.md); killed just before the exchange, a whole new copy: neither was ever
+    said. The next remove_stale (every finetune and export runs it) names it in one warning, and keeps it."""
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model.bin").write_bytes(b"old")
+    (out / "NOTES.md").write_text("the user's")
+    assert subprocess.run([sys.executable, "-c", SWAP_KILLED, str(out), at]).returncode == 9
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert len(left) == 1
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(out) == 0
+        assert not caplog.records  # just made (a rename sets its ctime): a swap may be at work
+        assert atomic.remove_stale(out, min_age=0) == 0
+    assert len(caplog.records) == 1 and str(left[0]) in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+    kept = {p.name: p.read_bytes() for p in [*out.iterdir(), *left[0].iterdir()]}
+    assert kept["NOTES.md"] == b"the user's" and left[0].is_dir()

@@ -176,6 +176,24 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
         fsync_dir(path.parent)
 
 
+@contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A fresh private (0700) folder in the temporary folder, `.NAME.XXXX.new`, removed when the block ends:
+    for work that must not write its input (verify's copy of the keyword tables). Locked while in use, so
+    what a killed user left is told from one at work and removed by the next use (remove_stale): a
+    TemporaryDirectory killed mid-way kept its copy of every caption, text read and path there for good."""
+    place = Path(tempfile.gettempdir()) / name
+    remove_stale(place, writer="a use")
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(place), suffix=".new", dir=place.parent))
+    held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(held)
+
+
 STALE_AFTER = 60.0  # seconds: younger temporaries are left alone (between mkstemp and its lock, a write holds none)
 
 

@@ -66,6 +66,13 @@ def temp_prefix(path: Path) -> str:
     return f".{''.join(kept)}."
 
 
+def follow_umask(path: Path) -> None:
+    """Give a file a library made with modes of its own the umask's, as open() gives a new file: safetensors
+    writes 0600, so `finetune`'s model.safetensors alone could not be read by the group the rest of its
+    output folder is readable by (a model fine-tuned for a team)."""
+    os.chmod(path, file_mode(0o666, _umask(), None), follow_symlinks=False)
+
+
 def _temp_file(path: Path, mode: int) -> tuple[int, str]:
     if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))

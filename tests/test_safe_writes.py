@@ -350,6 +350,20 @@ def test_finetune_swaps_its_output_and_never_touches_siblings(pairs, tiny_model,
     assert sorted(p.name for p in shared.iterdir()) == ["tuned", "tuned.old", "tuned.tmp"]  # no temporary left
 
 
+@pytest.mark.slow
+def test_finetunes_model_file_follows_the_umask_like_its_other_files(pairs, tiny_model, tmp_path):
+    """model.safetensors was 0600 (safetensors makes it so) while the rest of the output followed the umask:
+    a model fine-tuned for a team (umask 027) could not be read by the team."""
+    old = os.umask(0o027)
+    try:
+        finetune(pairs, tiny_model, tmp_path / "tuned")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): _mode(p) for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
+    assert "tuned/model.safetensors" in modes and "tuned/checkpoint/model.safetensors" in modes
+    assert set(modes.values()) == {0o640}, modes
+
+
 class Payload:
     """What an attacker pickles: unpickling it runs os.mkdir(flag)."""
 

@@ -49,6 +49,30 @@ def file_mode(requested: int, umask: int, replaced: int | None) -> int:
     return (requested & 0o700) | others
 
 
+NAME_BYTES = 200  # of the target's name kept in a temporary's: its `.` + `.XXXXXXXX.tmp` fit in 255 bytes beside it
+
+
+def temp_prefix(path: Path) -> str:
+    """`.NAME.`, the start of every temporary this module makes for `path` (and all remove_stale looks for),
+    NAME cut to NAME_BYTES bytes on a character boundary: the whole name made the temporary's longer than
+    the filesystem's limit (255 bytes) for a target whose own name is valid (`export` of a 245-byte name
+    failed "File name too long"). Names of fewer bytes are kept whole, as earlier versions named them."""
+    kept, size = [], 0
+    for ch in path.name:
+        size += len(os.fsencode(ch))  # a byte the name's encoding could not decode counts as the one it was
+        if size > NAME_BYTES:
+            break
+        kept.append(ch)
+    return f".{''.join(kept)}."
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file a library made with modes of its own the umask's, as open() gives a new file: safetensors
+    writes 0600, so `finetune`'s model.safetensors alone could not be read by the group the rest of its
+    output folder is readable by (a model fine-tuned for a team)."""
+    os.chmod(path, file_mode(0o666, _umask(), None), follow_symlinks=False)
+
+
 def _temp_file(path: Path, mode: int) -> tuple[int, str]:
     if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
@@ -57,7 +81,7 @@ def _temp_file(path: Path, mode: int) -> tuple[int, str]:
         replaced = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
     except OSError:
         replaced = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held while fd is open: this write is at work (remove_stale)
     # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
     os.fchmod(fd, file_mode(mode, _umask(), replaced))
@@ -136,7 +160,7 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     replaced), so the link stays as the user made it."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+    new = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".new", dir=path.parent))
     held = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_EX)  # this write is at work (remove_stale), until the swap is done
     try:
@@ -159,6 +183,24 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
         fsync_dir(path.parent)
 
 
+@contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A fresh private (0700) folder in the temporary folder, `.NAME.XXXX.new`, removed when the block ends:
+    for work that must not write its input (verify's copy of the keyword tables). Locked while in use, so
+    what a killed user left is told from one at work and removed by the next use (remove_stale): a
+    TemporaryDirectory killed mid-way kept its copy of every caption, text read and path there for good."""
+    place = Path(tempfile.gettempdir()) / name
+    remove_stale(place, writer="a use")
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(place), suffix=".new", dir=place.parent))
+    held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(held)
+
+
 STALE_AFTER = 60.0  # seconds: younger temporaries are left alone (between mkstemp and its lock, a write holds none)
 
 
@@ -166,12 +208,12 @@ def remove_stale(path: str | os.PathLike, min_age: float = STALE_AFTER, *, write
     """Delete what writes of `path` killed mid-way left beside it (`.NAME.XXXX.tmp` files, `.NAME.XXXX.new`
     folders: a killed export's can be the size of the export), and return how many. Only this user's, not a
     link, not changed for min_age seconds, and only while no write holds its lock (a write at work, in this
-    or another process, keeps it). `.NAME.XXXX.old` folders are never touched: a swap cut short leaves the
-    user's previous folder there. Nothing in a folder where another user may rename entries (an attacker's
+    or another process, keeps it). `.NAME.XXXX.old` folders are never deleted: a swap cut short leaves the
+    user's previous folder there, or the new copy; each is named in a warning (_report_swap_left). Nothing in a folder where another user may rename entries (an attacker's
     rename of this user's folder to such a name would have this user delete it). `writer` names the writes
     in the log line said for each ("an export": "removed X, left by an export of OUT killed mid-way")."""
     path = Path(os.path.realpath(path))
-    return _sweep(path.parent, f".{path.name}.", min_age, f"{writer} of {path.name}")
+    return _sweep(path.parent, temp_prefix(path), min_age, f"{writer} of {path.name}")
 
 
 def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> int:
@@ -188,13 +230,16 @@ def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
     try:
         if _others_may_rename(os.stat(parent)):
             return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
-        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new"))]
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new", ".old"))]
     except OSError:
         return 0
     for entry in entries:
         try:
             st = entry.stat(follow_symlinks=False)
             folder = stat.S_ISDIR(st.st_mode)
+            if entry.name.endswith(".old"):
+                _report_swap_left(entry, st, min_age, writes)
+                continue
             if st.st_uid != os.geteuid() or time.time() - st.st_mtime < min_age or not (folder or stat.S_ISREG(st.st_mode)):
                 continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if folder else os.O_NONBLOCK))
@@ -218,6 +263,30 @@ def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, writes: str) -> None:
+    """Say where a folder swap killed mid-way left a `.old` folder: killed after the exchange it is the
+    folder replaced, holding the user's own files not yet moved into the new one; killed just before, the
+    new copy. Which one cannot be told from here, and the former may hold the only copy of the user's files:
+    it is never deleted, but said once each run until the user moves what they want and deletes it (it was
+    left unsaid, for good). Not while a swap may be at work: own, a folder, unchanged (ctime: a rename sets
+    it, not the mtime) for min_age, and not locked."""
+    if (st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
+            or time.time() - max(st.st_mtime, st.st_ctime) < min_age):
+        return
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # the new copy of a swap at work
+    finally:
+        os.close(fd)
+    log.warning("warning: %s was left by %s killed mid-swap: the folder replaced (with any files of your own it "
+                "held) or the unfinished new one; move what you want from it, then delete it", entry.path, writes)
 
 
 def _others_may_rename(folder: os.stat_result) -> bool:
@@ -290,7 +359,7 @@ def _swap(new: Path, path: Path) -> Path | None:
     # exchanged from a `.old` name (rename replaces an empty folder), so the old folder lands under one: until
     # _carry_over is done it holds the user's own files, and remove_stale takes an unlocked `.new` for a
     # killed write's leftover (a kill between the exchange and the move deleted them on the next run)
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    aside = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".old", dir=path.parent))
     os.rename(new, aside)
     try:
         if _exchange(aside, path):
@@ -301,7 +370,7 @@ def _swap(new: Path, path: Path) -> Path | None:
     os.rename(aside, new)
     # no exchange: move the old folder aside first, onto an empty folder of a fresh name (rename replaces
     # an empty folder), so it is never deleted nor renamed over anything of the user's
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".old", dir=path.parent))
     os.rename(path, old)
     try:
         os.rename(new, path)

@@ -350,6 +350,20 @@ def test_finetune_swaps_its_output_and_never_touches_siblings(pairs, tiny_model,
     assert sorted(p.name for p in shared.iterdir()) == ["tuned", "tuned.old", "tuned.tmp"]  # no temporary left
 
 
+@pytest.mark.slow
+def test_finetunes_model_file_follows_the_umask_like_its_other_files(pairs, tiny_model, tmp_path):
+    """model.safetensors was 0600 (safetensors makes it so) while the rest of the output followed the umask:
+    a model fine-tuned for a team (umask 027) could not be read by the team."""
+    old = os.umask(0o027)
+    try:
+        finetune(pairs, tiny_model, tmp_path / "tuned")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): _mode(p) for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
+    assert "tuned/model.safetensors" in modes and "tuned/checkpoint/model.safetensors" in modes
+    assert set(modes.values()) == {0o640}, modes
+
+
 class Payload:
     """What an attacker pickles: unpickling it runs os.mkdir(flag)."""
 
@@ -477,3 +491,79 @@ def test_the_next_export_says_it_removed_what_a_killed_export_left(tmp_path, fmt
     assert proc.returncode == 0, proc.stderr
     assert f"removed {left[0].name}, left by an export of out killed mid-way" in proc.stderr, proc.stderr
     assert not left[0].exists() and out.exists()
+
+
+# -- names near the filesystem's limit --------------------------------------------------------------------
+
+LONG_NAMES = ["a" * 245 + ".parquet", "图" * 80 + ".parquet", "b" * 255]  # 253, 248 and 255 bytes: all valid
+
+
+@pytest.mark.parametrize("name", LONG_NAMES[:2])
+def test_export_writes_a_file_whose_name_is_near_the_limit(ix, tmp_path, name):
+    """The temporary was `.NAME.XXXXXXXX.tmp`, 14 bytes longer than NAME: `export "a"*245.parquet` failed
+    "File name too long" though the name is valid."""
+    export(ix, tmp_path / name)
+    assert pq.read_table(tmp_path / name).num_rows == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES)
+def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name):
+    """A file and a folder of such a name are written, and what a killed write of them left is still
+    recognised by remove_stale (the temporary names carry the name cut, on a character boundary)."""
+    prefix = atomic.temp_prefix(tmp_path / name)
+    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2 and name.startswith(prefix[1:-1])
+    atomic.write_bytes(tmp_path / name, b"file")
+    assert (tmp_path / name).read_bytes() == b"file"
+    folder = tmp_path / "d" / name
+    for content in (b"one", b"two"):  # the second swaps a folder in place of one (`.old` names too)
+        with atomic.replacing_dir(folder) as new:
+            (new / "x").write_bytes(content)
+    assert (folder / "x").read_bytes() == b"two" and os.listdir(folder.parent) == [name]
+
+    # a writer killed mid-write leaves its temporary file and folder (os._exit: no cleanup runs)
+    code = ("import os, sys; from pathlib import Path; from alignsearch import atomic\n"
+            "out = Path(sys.argv[1])\n"
+            "with atomic.replacing_dir(out.parent / 'd' / out.name) as new:\n"
+            "    with atomic.writing(out) as f:\n"
+            "        f.write(b'half'); os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / name)]).returncode == 9
+    left = [_aged(p) for p in (*tmp_path.iterdir(), *(tmp_path / "d").iterdir()) if p.name != name and p.name != "d"]
+    assert len(left) == 2
+    assert atomic.remove_stale(tmp_path / name) == 1 and atomic.remove_stale(folder) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(["d", name]) and os.listdir(tmp_path / "d") == [name]
+
+
+# -- a folder swap killed mid-way ---------------------------------------------------------------------------
+
+SWAP_KILLED = """
+import os, sys
+from pathlib import Path
+from alignsearch import atomic
+# _carry_over: the exchange done, the user's files not yet moved; _exchange: the new copy under its `.old` name
+setattr(atomic, sys.argv[2], lambda *args: os._exit(9))
+with atomic.replacing_dir(sys.argv[1]) as new:
+    (new / "model.bin").write_bytes(b"new")
+"""
+
+
+@pytest.mark.parametrize("at", ["_carry_over", "_exchange"])
+def test_what_a_swap_killed_mid_way_left_is_named_and_kept(tmp_path, caplog, at):
+    """Killed between the exchange and the move of the user's files, `.OUT.XXXX.old` held the user's own files
+    (finetune --out ft: ft/NOTES.md); killed just before the exchange, a whole new copy: neither was ever
+    said. The next remove_stale (every finetune and export runs it) names it in one warning, and keeps it."""
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model.bin").write_bytes(b"old")
+    (out / "NOTES.md").write_text("the user's")
+    assert subprocess.run([sys.executable, "-c", SWAP_KILLED, str(out), at]).returncode == 9
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert len(left) == 1
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(out) == 0
+        assert not caplog.records  # just made (a rename sets its ctime): a swap may be at work
+        assert atomic.remove_stale(out, min_age=0) == 0
+    assert len(caplog.records) == 1 and str(left[0]) in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+    kept = {p.name: p.read_bytes() for p in [*out.iterdir(), *left[0].iterdir()]}
+    assert kept["NOTES.md"] == b"the user's" and left[0].is_dir()

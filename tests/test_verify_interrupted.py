@@ -242,3 +242,47 @@ def test_verify_after_a_forget_killed_in_its_compaction_exits_0(indexed_images, 
     assert any("uncommitted bytes past row 0" in note for note in report["notes"]), report
     assert json.loads(run("info", "--index", ix, "--json").stdout)["last_run"] == "interrupted"
     finished_and_clean(ix, 4)
+
+
+# kill -9 once the keyword check's private copy holds the keyword tables (state.peek is its next step)
+KILLED_IN_KEYWORD_CHECK = """
+import os, signal, sys
+from alignsearch.storage import state
+real = state.peek
+def peek(*args, **kwargs):
+    if any("alignsearch-keywords" in name for name in os.listdir(os.environ["TMPDIR"])):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+state.peek = peek
+from alignsearch.surfaces.cli import main
+main(sys.argv[1:], prog_name="alignsearch")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repair", [False, True])
+def test_the_keyword_copy_of_a_killed_verify_is_removed_by_the_next(tmp_path, repair):
+    """verify checks the keyword tables on a private copy in the temporary folder: killed there (-9), a
+    TemporaryDirectory kept that copy of every caption, text read and path for good. The next verify
+    removes it, once its maker is dead (its lock gone), and leaves another verify's at work."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import alignsearch, vector_index
+
+    ix, tmp = tmp_path / "ix", tmp_path / "tmp"
+    vector_index(ix, 10, 8)
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
+    args = ["verify", "--index", str(ix), "--skip-model", *(["--repair"] if repair else [])]
+    child = subprocess.run([sys.executable, "-c", KILLED_IN_KEYWORD_CHECK, *args], env=env, capture_output=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    left = [p for p in tmp.iterdir() if "alignsearch-keywords" in p.name]
+    assert len(left) == 1 and (left[0] / "keywords.db").exists()
+    assert left[0].stat().st_mode & 0o077 == 0  # private meanwhile
+    past = left[0].stat().st_mtime - 120
+    os.utime(left[0], (past, past))  # as a minute later: a younger one may be a verify just starting
+    proc = alignsearch(*args[:-1] if repair else args, env={"TMPDIR": str(tmp)})
+    assert proc.returncode in (0, 7) and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # 7: this index's
+    assert [p.name for p in tmp.iterdir() if "keywords" in p.name] == []  # ANN index is empty (vector_index)

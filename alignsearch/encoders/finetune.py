@@ -397,5 +397,8 @@ def _save(model, tokenizer, image_processor, folder: Path, trainer_state: dict |
         AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        for written in tmp.iterdir():
+            if written.is_file() and not written.is_symlink():
+                atomic.follow_umask(written)  # model.safetensors was 0600, the rest the umask's
         files = sorted(p.name for p in tmp.iterdir()) + [MARKER]
         (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))

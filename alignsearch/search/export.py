@@ -315,7 +315,7 @@ def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = No
             return export_parquet(engine, out, batch, **chosen)
         return export_clip_retrieval(engine, out, batch, shard_rows, **chosen)
     except OSError as exc:  # a full disk: name OUT, not the temporary file already deleted (or no file at all)
-        if exc.strerror and (exc.filename is None or f".{Path(out).name}." in str(exc.filename)):
+        if exc.strerror and (exc.filename is None or atomic.temp_prefix(Path(out)) in str(exc.filename)):
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
         raise
 

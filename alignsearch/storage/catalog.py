@@ -47,6 +47,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql import CompoundSelect
 
+from alignsearch import atomic
 from alignsearch.media import sources
 from alignsearch.storage import migrate, state
 from alignsearch.storage.paths import (ANN_FILE, DB_FILE, VECTORS_FILE, own_entry, readonly_uri, same_entry,
@@ -757,9 +758,8 @@ def keyword_problems(db_path: Path) -> list[str]:
     sound. The check is an INSERT, so it runs on a private temporary copy of those tables: the catalog, read
     through a read-only URI, is never written (verify reads indexes it may not write)."""
     import sqlite3
-    import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="alignsearch-keywords-") as tmp:
+    with atomic.scratch("alignsearch-keywords") as tmp:  # a killed verify's copy goes at the next verify
         copy = os.path.join(tmp, "keywords.db")
         conn = sqlite3.connect(copy, uri=True)  # uri: the catalog is attached by its read-only URI
         try:

@@ -138,3 +138,32 @@ def test_a_real_path_through_the_folder_memo_is_realpaths(tmp_path):
     for name in names:
         row = FileRow(1, str(lib), name, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
         assert onefile.real_path(row, memo) == onefile.real_path(row) == os.path.realpath(os.fsencode(lib / name)), name
+
+
+@pytest.mark.slow
+def test_names_through_a_symlinked_folder_show_the_files_own_name(tmp_path, tiny_model):
+    """A list naming photos through a folder that is itself a symlink (~/Pictures on another disk; macOS's /tmp), or
+    a folder root that became one (moved to another disk, a link left behind): no name is a real path, so the
+    shortest won, and a symlink `l.jpg` beside IMG_0001.jpg was the hit shown (and the row exported, the landing
+    page's entry) for that photo, its own name left out. Its own name is shown: the real path reached through a
+    link above the root's folder, none below it."""
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    disk, lib, ix = tmp_path / "disk", tmp_path / "Pictures", tmp_path / "ix"
+    photos = make_images(disk, 3)
+    own = photos[1].rename(photos[1].with_name("IMG_0001" + photos[1].suffix))
+    (disk / "l.jpg").symlink_to(own.name)
+    lib.symlink_to(disk)
+
+    def row(i, relpath):
+        return FileRow(i, str(lib), relpath, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+
+    rows = [row(1, own.name), row(2, "l.jpg")]
+    assert min(rows, key=onefile.shown_first).id == 1
+    assert onefile.others(rows) == {2}
+    (tmp_path / "lists").mkdir()
+    listed = tmp_path / "lists" / "fav.csv"  # not above the link: a folder link below a list's folder is refused
+    listed.write_text("path\n" + "".join(f"{lib / name}\n" for name in ("l.jpg", own.name, photos[0].name)))
+    index_json(ix, listed, "--model", tiny_model, "--device", "cpu")
+    assert sorted(_paths(ix, "query", "x", "-k", "10")) == sorted([str(lib / own.name), str(lib / photos[0].name)])

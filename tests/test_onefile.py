@@ -3,6 +3,7 @@ dupes agree, and show it by one name: its real path, not a link's name or a list
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -167,3 +168,25 @@ def test_names_through_a_symlinked_folder_show_the_files_own_name(tmp_path, tiny
     listed.write_text("path\n" + "".join(f"{lib / name}\n" for name in ("l.jpg", own.name, photos[0].name)))
     index_json(ix, listed, "--model", tiny_model, "--device", "cpu")
     assert sorted(_paths(ix, "query", "x", "-k", "10")) == sorted([str(lib / own.name), str(lib / photos[0].name)])
+
+
+@pytest.mark.slow
+def test_a_search_over_long_videos_reads_the_rows_of_its_hits_moments_only(tmp_path, monkeypatch):
+    """Every moment of a video holds the video's sha256: the rows of each hit's content were read by hash alone, so
+    a search whose hits held moments of long videos read every moment of each (36,000 rows, ~0.6 s a search, at
+    ten two-hour videos: benchmarks/bench_onefile_video.py). Only the rows of the hits' (sha256, moment) are read."""
+    import alignsearch
+    from alignsearch.storage import catalog
+    from helpers import video_moments_index
+
+    ix = video_moments_index(tmp_path / "ix", videos=4, moments=500, dim=16)
+    checked, real_check = [], catalog.check_rows  # every row read is checked: their count, per read
+    monkeypatch.setattr(catalog, "check_rows", lambda conn, rows: checked.append(len(rows)) or real_check(conn, rows))
+    engine = alignsearch.open(ix)
+    try:
+        query = np.ones(16, dtype=np.float32) / 4.0
+        hits = engine.search_vector(query, k=10)
+    finally:
+        engine.close()
+    assert len(hits) == 10 and len({h.path for h in hits}) == 4, [h.path for h in hits]  # capped per video
+    assert sum(checked) < 100, checked  # the hits' rows and their contents' (each one row): not 2,000 moments

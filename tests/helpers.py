@@ -1198,3 +1198,18 @@ def dump(path: Path) -> list[str]:
         return list(conn.iterdump())
     finally:
         conn.close()
+
+
+def video_moments_index(folder, videos: int, moments: int, dim: int = 32):
+    """layout_index's rows made the moments of `videos` videos of `moments` each (one sha256 a video, moments 1..,
+    t in seconds), the ANN index built by the real writer: for searches over long videos at sizes no test should
+    decode. Returns the folder."""
+    from sqlalchemy import text
+
+    db = layout_index(folder, videos * moments, dim)[0]
+    with db.begin() as conn:
+        conn.execute(text(f"UPDATE files SET sha256 = printf('%064x', (id - 1) / {moments}), moment = (id - 1) % "
+                          f"{moments} + 1, t = (id - 1) % {moments}, t_end = (id - 1) % {moments} + 1, "
+                          f"relpath = printf('v%d.mp4', (id - 1) / {moments}), format = 'MP4'"))
+    db.dispose()
+    return Path(folder)

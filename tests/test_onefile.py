@@ -3,6 +3,7 @@ dupes agree, and show it by one name: its real path, not a link's name or a list
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -138,3 +139,54 @@ def test_a_real_path_through_the_folder_memo_is_realpaths(tmp_path):
     for name in names:
         row = FileRow(1, str(lib), name, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
         assert onefile.real_path(row, memo) == onefile.real_path(row) == os.path.realpath(os.fsencode(lib / name)), name
+
+
+@pytest.mark.slow
+def test_names_through_a_symlinked_folder_show_the_files_own_name(tmp_path, tiny_model):
+    """A list naming photos through a folder that is itself a symlink (~/Pictures on another disk; macOS's /tmp), or
+    a folder root that became one (moved to another disk, a link left behind): no name is a real path, so the
+    shortest won, and a symlink `l.jpg` beside IMG_0001.jpg was the hit shown (and the row exported, the landing
+    page's entry) for that photo, its own name left out. Its own name is shown: the real path reached through a
+    link above the root's folder, none below it."""
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    disk, lib, ix = tmp_path / "disk", tmp_path / "Pictures", tmp_path / "ix"
+    photos = make_images(disk, 3)
+    own = photos[1].rename(photos[1].with_name("IMG_0001" + photos[1].suffix))
+    (disk / "l.jpg").symlink_to(own.name)
+    lib.symlink_to(disk)
+
+    def row(i, relpath):
+        return FileRow(i, str(lib), relpath, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+
+    rows = [row(1, own.name), row(2, "l.jpg")]
+    assert min(rows, key=onefile.shown_first).id == 1
+    assert onefile.others(rows) == {2}
+    (tmp_path / "lists").mkdir()
+    listed = tmp_path / "lists" / "fav.csv"  # not above the link: a folder link below a list's folder is refused
+    listed.write_text("path\n" + "".join(f"{lib / name}\n" for name in ("l.jpg", own.name, photos[0].name)))
+    index_json(ix, listed, "--model", tiny_model, "--device", "cpu")
+    assert sorted(_paths(ix, "query", "x", "-k", "10")) == sorted([str(lib / own.name), str(lib / photos[0].name)])
+
+
+@pytest.mark.slow
+def test_a_search_over_long_videos_reads_the_rows_of_its_hits_moments_only(tmp_path, monkeypatch):
+    """Every moment of a video holds the video's sha256: the rows of each hit's content were read by hash alone, so
+    a search whose hits held moments of long videos read every moment of each (36,000 rows, ~0.6 s a search, at
+    ten two-hour videos: benchmarks/bench_onefile_video.py). Only the rows of the hits' (sha256, moment) are read."""
+    import alignsearch
+    from alignsearch.storage import catalog
+    from helpers import video_moments_index
+
+    ix = video_moments_index(tmp_path / "ix", videos=4, moments=500, dim=16)
+    checked, real_check = [], catalog.check_rows  # every row read is checked: their count, per read
+    monkeypatch.setattr(catalog, "check_rows", lambda conn, rows: checked.append(len(rows)) or real_check(conn, rows))
+    engine = alignsearch.open(ix)
+    try:
+        query = np.ones(16, dtype=np.float32) / 4.0
+        hits = engine.search_vector(query, k=10)
+    finally:
+        engine.close()
+    assert len(hits) == 10 and len({h.path for h in hits}) == 4, [h.path for h in hits]  # capped per video
+    assert sum(checked) < 100, checked  # the hits' rows and their contents' (each one row): not 2,000 moments

@@ -985,7 +985,7 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
         at += len(step)
         found = catalog.get_files(conn, ids[step].tolist())
         rows.update(found)
-        for other in catalog.rows_of_hashes(conn, (r.sha256 for r in found.values())):  # one range of the index
+        for other in catalog.rows_holding(conn, ((r.sha256, r.moment) for r in found.values())):  # the index's range
             contents.setdefault((other.sha256, other.moment), {})[other.id] = other
         step_shared = {c for c in ((r.sha256, r.moment) for r in found.values()) if len(contents.get(c, ())) > 1}
         shared |= step_shared
@@ -1017,7 +1017,7 @@ def _shown_rows(ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict,
     """Each kept file shown by its preferred row (onefile.shown_first) among its rows the search may show, at the
     place and with the scores of its best-ranked row (they share one vector; a row ranked below it, or not a
     candidate at all when the ranking was cut at k, is the same file). Its other rows share its content: they
-    are among `contents`, read with the ranked rows (catalog.rows_of_hashes). held: the slots of the kept files
+    are among `contents`, read with the ranked rows (catalog.rows_holding). held: the slots of the kept files
     whose content several rows hold. rows: the kept ids' entries are replaced in place by the row to show."""
     if not held:
         return

@@ -10,8 +10,9 @@ resolved links) called them one file. Every place now asks this module.
   it is done only for rows whose content (sha256, moment) another indexed row holds (catalog.shared_contents: one
   indexed query per read of hits): one file has one content, so a row whose content is its own cannot be another
   row's file, and its name stands for it with no system call (`alone`).
-- Which row represents a file (shown_first): the name that is the file's real path (not through a symlink, not a
-  file:// URL), else the shortest name, then the first in byte order, then the lowest id. The real path is what
+- Which row represents a file (shown_first): the file's own name (direct): its real path, or that path reached
+  through a link above the root's folder (a folder that is itself a symlink), not through a symlink below it, not
+  a file:// URL; else the shortest name, then the first in byte order, then the lowest id. The real path is what
   `dupes` keys on, it opens without a link and outlives the link; among names that all go through links, the
   shortest is the least nested. Root order or row ids were not chosen: they change with `forget` and re-indexing,
   and the shown path would change with them.
@@ -82,11 +83,37 @@ def keys(conn, rows: Iterable) -> dict[int, Key]:
     return {r.id: key(r, alone=(r.sha256, r.moment) not in shared) for r in rows}
 
 
-def shown_first(row, real: bytes | None | bool = False) -> tuple:
-    """Sort key of the rows of one file, the one to show first: its real path, else the shortest name, then byte
-    order, then the lowest id. real: the row's real_path when the caller has it (False: look it up)."""
+def shown_first(row, real: bytes | None | bool = False, folders: dict | None = None) -> tuple:
+    """Sort key of the rows of one file, the one to show first: its own name (direct), else the shortest name, then
+    byte order, then the lowest id. real: the row's real_path when the caller has it (False: look it up); folders:
+    real_path's memo."""
     name = os.fsencode(row.path)
-    return (name != (real_path(row) if real is False else real), len(name), name, row.id)
+    real = real_path(row, folders) if real is False else real
+    return (not direct(row, name, real, folders), len(name), name, row.id)
+
+
+def direct(row, name: bytes, real: bytes | None, folders: dict | None = None) -> bool:
+    """Whether a row's name is its file's own name: its real path, or that path reached through a link above the
+    root (a root folder that is itself a symlink: ~/Pictures on another disk, macOS's /tmp and /var), with no link
+    below it and not a file:// URL. Comparing the name with the real path alone called no name of such a root
+    direct, and the shortest won: a symlink `l.jpg` beside IMG_0001.jpg was shown (and exported) for it, the
+    file's own name left out. A name that is its real path costs nothing more; else one realpath per folder."""
+    if real is None or name == real:
+        return name == real
+    try:
+        local = sources.local_file(row.root, row.relpath, row.relpath_raw)
+    except AlignSearchError:  # another host's file:// URL: never indexed
+        return False
+    if local is None:
+        return False
+    folder, under = os.fsencode(local[0]), os.fsencode(local[1])
+    if name != os.path.join(folder, under):  # a file:// URL, a name as the list spells it
+        return False
+    if folders is None:
+        folders = {}
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.normpath(os.path.join(folders[folder], under)) == real
 
 
 def named(row, reals: dict | None = None) -> tuple[Key, tuple]:
@@ -97,7 +124,7 @@ def named(row, reals: dict | None = None) -> tuple[Key, tuple]:
     if row.id not in reals:
         reals[row.id] = real_path(row, reals)  # int keys are rows', bytes keys folders': never the same
     real = reals[row.id]
-    return ((row.path if real is None else real), row.moment), shown_first(row, real)
+    return ((row.path if real is None else real), row.moment), shown_first(row, real, reals)
 
 
 def others(rows: Iterable, admitted: Callable[[object], bool] | None = None) -> set[int]:

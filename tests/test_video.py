@@ -32,7 +32,7 @@ from helpers import (
 from PIL import Image
 
 import alignsearch
-from alignsearch.storage import catalog
+from alignsearch.storage import catalog, migrate
 from alignsearch.media.images import ImageSpec
 from alignsearch.media import video as video_module
 from alignsearch.media.video import VideoError, VideoInfo, frame_at, moments
@@ -655,7 +655,7 @@ def test_schema_2_catalog_is_read_then_upgraded(tmp_path, tiny_model):
     assert s["added"] == 2, s  # img002 (its row was dropped above) and the video
     conn = sqlite3.connect(ix / "catalog.db")
     try:
-        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == 7  # the latest
+        assert json.loads(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) == migrate.LATEST
         kept = dict(conn.execute("SELECT relpath, id FROM files WHERE relpath LIKE 'img00%'").fetchall())
         new_ids = [i for (i,) in conn.execute("SELECT id FROM files WHERE relpath IN ('img002.jpg', 'v.mp4')")]
         # the deleted row's photo fields were left, as alignsearch before d819991 left removed files' hashes: the

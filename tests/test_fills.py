@@ -262,13 +262,14 @@ def test_a_version_3_catalog_is_read_as_it_stands_and_upgraded_once_by_a_writer(
         '\n\tPRIMARY KEY (file_id, step)\n);']
     # the rest as it was, but for the version (and the mark any writer leaves on a catalog from before 9b522d7), and
     # the keyword index, written again (version 5: migrate._spaced_keywords; version 6: migrate._broken_keywords;
-    # version 7: migrate._thai_keywords; version 8: migrate._hangul_edge_keywords)
+    # version 7: migrate._thai_keywords; version 8: migrate._hangul_edge_keywords;
+    # version 9: migrate._width_keywords)
     assert [x for x in after if not any(w in x for w in ("fill_failures", "schema_version", "keys_lossless",
                                                          "keywords"))] == \
         [x for x in before if not any(w in x for w in ("schema_version", "keywords"))]
     reader = catalog.connect(db, readonly=True)
     with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST == 8 and migrate.schema_of(conn) == migrate.CURRENT
+        assert state.read(conn).schema_version == migrate.LATEST == 9 and migrate.schema_of(conn) == migrate.CURRENT
     reader.dispose()
     catalog.connect(db).dispose()  # once: a second writer finds nothing to do
     assert _dump(db) == after and catalog.integrity_problems(db) == []
@@ -291,14 +292,15 @@ def _old_alignsearch(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_the_alignsearch_before_version_4_refuses_a_version_4_catalog_in_one_line(v3, tmp_path):
     old = _old_alignsearch(tmp_path)
-    catalog.connect(v3 / "catalog.db").dispose()  # upgraded to the latest (8)
+    catalog.connect(v3 / "catalog.db").dispose()  # upgraded to the latest
     before = _dump(v3 / "catalog.db")
     for args in (["info", "--index", v3], ["index", "--index", v3, "--device", "cpu"]):
         proc = subprocess.run([sys.executable, "-m", "alignsearch", *map(str, args)], capture_output=True, text=True,
                               cwd=old, env={**os.environ, "PYTHONPATH": str(old), "HF_HUB_OFFLINE": "1"}, timeout=120)
         assert proc.returncode == 7, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines() == [
-            "error: index schema version 8 is not supported by this alignsearch (it reads 3): upgrade alignsearch"], \
+            f"error: index schema version {migrate.LATEST} is not supported by this alignsearch (it reads 3): "
+            "upgrade alignsearch"], \
             proc.stderr[-2000:]
     assert _dump(v3 / "catalog.db") == before
 

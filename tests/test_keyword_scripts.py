@@ -100,7 +100,7 @@ def test_a_schema_6_keyword_index_finds_thai_words_once_its_next_writer_upgrades
     assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
     reader = catalog.connect(db_path, readonly=True)
     with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST == 8
+        assert state.read(conn).schema_version == migrate.LATEST == 9
     reader.dispose()
 
 
@@ -206,7 +206,7 @@ def test_a_schema_7_keyword_index_finds_a_latin_word_with_a_korean_particle_once
     assert _found(db_path, ids, "BTS의", readonly=True) == ["BTS의 공연.jpg"]
     reader = catalog.connect(db_path, readonly=True)
     with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST == 8
+        assert state.read(conn).schema_version == migrate.LATEST == 9
     reader.dispose()
 
 
@@ -230,3 +230,65 @@ def test_a_korean_particle_being_typed_onto_a_latin_word_is_a_word_start_as_the_
         auto = keywords.search(conn, keywords.parse("BTS에", partial_last=True), 10, evidence_only=True)
     db_.dispose()
     assert [i for i, _ in auto] == [ids["letter.jpg"]]
+
+
+def test_full_width_latin_letters_and_digits_are_their_ascii_ones_both_ways(tmp_path):
+    """Chinese and Japanese text writes Latin letters and digits full-width (`ＢＴＳ`, `２０２４年`; U+FF01-U+FF5E):
+    unicode61 folds no width, so `BTS` found no `ＢＴＳのライブ` in keyword mode (nor in the default mode, whose match
+    check, NFKD, folded them: the keyword index offered nothing to check), and `ＢＴＳ` typed found no `BTS`. Half-width
+    katakana (`ｶﾞｲﾄﾞ`) is katakana, its voiced mark composed."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"live.jpg": "ＢＴＳのライブ", "summer.jpg": "２０２４年の夏", "ascii.jpg": "BTS live 2024",
+                        "case.jpg": "ｉＰｈｏｎｅ\u3000ケース", "invoice.jpg": "invoice AB123", "long.jpg": "INVAB123X",
+                        "wide.jpg": "伝票 ＩＮＶＣＤ４５６Ｚ", "guide.jpg": "ｶﾞｲﾄﾞﾌﾞｯｸ", "book.jpg": "ガイド本",
+                        "plain.jpg": "a white wall"})
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("BTS") == kw("ＢＴＳ") == kw("ｂｔｓ") == ["ascii.jpg", "live.jpg"]
+        assert kw("2024") == kw("２０２４") == ["ascii.jpg", "summer.jpg"]
+        assert kw("iphone") == kw("ｉＰｈｏｎｅ") == kw('"iphone ケース"') == ["case.jpg"]
+        # a code typed full-width finds it written in ASCII, as a word and inside a longer token, and the other way
+        assert kw("ＡＢ１２３") == kw("AB123") == ["invoice.jpg", "long.jpg"]
+        assert kw("CD456") == kw("ＣＤ４５６") == ["wide.jpg"]
+        assert kw("ガイド") == kw("ｶﾞｲﾄﾞ") == ["book.jpg", "guide.jpg"]
+    conn_db = catalog.connect(db, readonly=True)
+    with conn_db.connect() as conn:  # the default mode's keyword list: caption evidence, across widths too
+        for typed, names in (("BTS", ["ascii.jpg", "live.jpg"]), ("ＡＢ１２３", ["invoice.jpg", "long.jpg"]),
+                             ("CD456", ["wide.jpg"]), ("ｶﾞｲﾄﾞ", ["book.jpg", "guide.jpg"])):
+            auto = keywords.search(conn, keywords.parse(typed, partial_last=True), 10, evidence_only=True)
+            assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == names, typed
+    conn_db.dispose()
+    assert keywords.evidence(keywords.parse("CD456"), "ＩＮＶＣＤ４５６Ｚ")  # a code inside a full-width token
+    assert not keywords.evidence(keywords.parse("BTS"), "ＢＴＳＸ")
+    # one character for one: what NFKC of the whole text would change stays (Thai ำ, Hangul compatibility jamo)
+    assert keywords.narrow("ทำ ㄱㄴ ＡＢ\u3000１") == "ทำ ㄱㄴ AB 1"
+
+
+def test_a_schema_8_keyword_index_finds_full_width_text_by_ascii_once_its_next_writer_upgrades_it(tmp_path):
+    """An index of schema 8 holds `ＢＴＳのライブ` full-width (and its trigram twin `ＩＮＶＣＤ４５６Ｚ`); a reader reads it as
+    it stands, the next writer writes both keyword tables again (migrate._width_keywords)."""
+    db_path = tmp_path / "catalog.db"
+    files = {"live.jpg": "ＢＴＳのライブ", "wide.jpg": "伝票 ＩＮＶＣＤ４５６Ｚ"}
+    ids = _library(db_path, files)
+    db = catalog.connect(db_path)
+    with db.begin() as conn:  # as schema 8 wrote it: widths as they are
+        for name, caption in files.items():
+            text = catalog.keyword_text(name, caption)
+            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", (text, ids[name]))
+            conn.exec_driver_sql(f"DELETE FROM {catalog.KEYWORDS_TRIGRAM} WHERE rowid = ?", (ids[name],))
+        conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS_TRIGRAM}(rowid, body) VALUES (?, ?)",
+                             (ids["wide.jpg"], "ＩＮＶＣＤ４５６Ｚ"))
+        state.write(conn, schema_version=8)
+    db.dispose()
+
+    assert _found(db_path, ids, "BTS", readonly=True) == []  # as it stands: a reader writes nothing
+    assert _found(db_path, ids, "CD456", readonly=True) == []
+    catalog.connect(db_path).dispose()  # a writer
+    assert _found(db_path, ids, "BTS", readonly=True) == _found(db_path, ids, "ＢＴＳ", readonly=True) == ["live.jpg"]
+    assert _found(db_path, ids, "CD456", readonly=True) == ["wide.jpg"]
+    reader = catalog.connect(db_path, readonly=True)
+    with reader.connect() as conn:
+        assert state.read(conn).schema_version == migrate.LATEST == 9
+    reader.dispose()

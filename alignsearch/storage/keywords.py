@@ -16,7 +16,8 @@ What a query text means (`parse`):
   also taken as a start when the text does not end in a space (`zanzi` finds Zanzibar as it is typed).
 - a chunk with punctuation (`INV-4711`) is a phrase of its words; a chunk holding a digit, 3+ characters,
   is also found inside longer ones (`4711` finds `INV4711A` and `INV-4711-A`).
-- accents and case do not matter (`cafe` finds `Café`).
+- accents and case do not matter (`cafe` finds `Café`), nor width: full-width Latin letters and digits are ASCII
+  (`BTS` finds `ＢＴＳのライブ`, `ＡＢ１２３` finds `AB123`), half-width katakana is katakana (`narrow`).
 - Chinese and Japanese, written without spaces, are indexed a character a token (`spaced`), so `東京` is the
   phrase `東 京` and finds `東京駅` (the unicode61 tokenizer made `東京駅前` one token, found only whole).
   `東京*` is the same phrase (a character is a word start of its own; an older index's whole runs found by it).
@@ -116,6 +117,22 @@ _GREEK_BARE = {c: "".join(d for d in unicodedata.normalize("NFD", chr(c)) if not
 _GREEK_BARE[ord("ς")] = "σ"
 
 
+# Full-width Latin letters, digits and punctuation (U+FF01-U+FF5E: `ＢＴＳ`, `２０２４年`, as Chinese and Japanese text
+# writes them) as ASCII, the ideographic space (U+3000) as a space, and half-width katakana (U+FF61-U+FF9F) as
+# katakana: unicode61 folds no width, so `BTS` found no `ＢＴＳのライブ` (nor `ＢＴＳ` `BTS`) in the keyword index, where
+# the default mode's match check (_fold: NFKD) folded them. A table of single characters, not NFKC over the whole
+# text: NFKC writes ำ (SARA AM) as two characters (_SARA_AM) and Hangul compatibility jamo as conjoining ones. Each
+# character's NFKC form is one character; a half-width voiced mark (ﾞ, ﾟ) is the combining one (U+3099, U+309A), which
+# spaced's NFC then composes with the kana before it (ｶﾞ: ガ), as it composes a kana written with its mark apart.
+_WIDTH = {c: unicodedata.normalize("NFKC", chr(c)) for c in (*range(0xFF01, 0xFF5F), *range(0xFF61, 0xFFA0))}
+_WIDTH[0x3000] = " "
+
+
+def narrow(text: str) -> str:
+    """text with full-width ASCII as ASCII, the ideographic space a space, half-width katakana full-width (_WIDTH)."""
+    return text.translate(_WIDTH)
+
+
 def spaced(text: str) -> str:
     """text as the keyword index holds it and a query looks for it: every character of a script written
     without spaces (_SPACELESS; for Thai, every letter with its marks) a word of its own (a word of such text is
@@ -123,8 +140,9 @@ def spaced(text: str) -> str:
     letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
     U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
     パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ. Hangul and a letter or digit of another script
-    next to each other are two words (_HANGUL_EDGE)."""
-    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text)))
+    next to each other are two words (_HANGUL_EDGE). Full-width ASCII is ASCII, half-width katakana full-width
+    (narrow, before NFC composes a voiced mark)."""
+    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", narrow(text))))
     return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 
@@ -195,7 +213,8 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     if cut:  # the phrase's last token stands whole in the text the whole phrase is in
         prefix = False
     # printable characters only: FTS5 reads a query string up to a NUL ("unterminated string")
-    code = "".join(c for c in raw if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
+    # narrow: `ＡＢ１２３` typed finds `AB123` (the trigram index holds chunks narrowed, coded_chunks)
+    code = "".join(c for c in narrow(raw) if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
     if code is not None and len(code) < MIN_CODE:
         code = None
     return Atom(tokens, prefix, code, whole if whole != tokens else None)
@@ -264,7 +283,7 @@ def as_query(words) -> Query:
 def coded_chunks(text: str) -> str:
     """The chunks of a file's keyword text that the trigram index holds: those with a digit (codes, numbers,
     dates), MIN_CODE characters or more."""
-    chunks = (c.strip(".,;:!?()[]{}'\"") for c in text.split())
+    chunks = (c.strip(".,;:!?()[]{}'\"") for c in narrow(text).split())  # full-width as ASCII, as the query's code
     return " ".join(dict.fromkeys(c for c in chunks if len(c) >= MIN_CODE and any(ch.isdigit() for ch in c)))
 
 
@@ -423,7 +442,7 @@ def _holds(checks: tuple[frozenset[str], tuple[Atom, ...]], text: str) -> bool:
             continue
         # each part folded once for all the atoms: folded again for each atom (78ea7a9), the default mode's keyword
         # list took twice as long on 4-word queries (bench_keyword_break: most of its hits hold no evidence)
-        words, raw = _fold(part), part.lower()
+        words, raw = _fold(part), narrow(part).lower()  # raw: for codes, narrowed as the query's are
         present = set(words)
         if not whole.isdisjoint(present) or any(_atom_in(a, words, present, raw) for a in others):
             return True

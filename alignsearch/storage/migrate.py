@@ -76,7 +76,7 @@ _DEFERRED = "alignsearch.migrate.keywords_again"  # conn.info: inside upgrade(),
 
 def _keywords_again(conn) -> None:
     """The keyword index and its trigram twin built again from what the catalog holds (nothing is read from the
-    images). Inside upgrade() it is built once, after its last step: steps 3 and 5-8 each ask for it, and a catalog
+    images). Inside upgrade() it is built once, after its last step: steps 3 and 5-9 each ask for it, and a catalog
     from schema 1 was rebuilt five times in one transaction (~2.5 s each at 20,000 files); no step between reads
     the keyword tables."""
     if _DEFERRED in conn.info:
@@ -130,6 +130,14 @@ def _hangul_edge_keywords(conn) -> None:
     _keywords_again(conn)
 
 
+def _width_keywords(conn) -> None:
+    """The keyword index and its trigram twin written again with full-width ASCII as ASCII, the ideographic space a
+    space and half-width katakana full-width (keywords.narrow): an index written before held `ＢＴＳのライブ` as the
+    token `ｂｔｓ`, so `BTS` (and `2024`, `AB123`) did not find it (until the file's keywords happened to be written
+    again). The tokenizer is unchanged; made again as the steps before did (_keywords_again)."""
+    _keywords_again(conn)
+
+
 def _rebuild_files(conn) -> None:
     from alignsearch.storage import catalog
 
@@ -171,6 +179,7 @@ STEPS: tuple[Step, ...] = (
          _thai_keywords),
     Step(8, "keyword index: Hangul parted from a Latin or digit word it is written onto (BTS의: bts 의)",
          _hangul_edge_keywords),
+    Step(9, "keyword index: full-width ASCII as ASCII, half-width katakana full-width (ＢＴＳ: bts)", _width_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -5,12 +5,15 @@ with the engine.py and catalog.py of git --base (common.module_at) against this 
 synthetic index (tests/helpers.video_moments_index) whose rows are the moments of `--videos` videos of `--moments` each.
 
     python benchmarks/bench_onefile_video.py [--videos 10] [--moments 3600] [--searches 20] [--rounds 5] [--base e5853c7]
+        [--sha256-only]   # also this tree on schema 9's index on sha256 alone
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -33,6 +36,8 @@ def options() -> argparse.Namespace:
     for flag, default in (("--videos", 10), ("--moments", 3600), ("--searches", 20), ("--rounds", 5)):
         ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--base", default="e5853c7", help="commit whose engine.py and catalog.py are the baseline")
+    ap.add_argument("--sha256-only", action="store_true",
+                    help="also this tree on a copy of the index whose files_sha256 is on sha256 alone (schema 9's)")
     ap.add_argument("--no-save", action="store_true")
     return ap.parse_args()
 
@@ -47,6 +52,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ix = video_moments_index(Path(tmp) / "ix", args.videos, args.moments)
         engines = {name: m.Engine(ix, device="cpu") for name, m in modules.items()}
+        if args.sha256_only:  # schema 9's index, to tell what migrate step 10's (sha256, moment) index saves
+            old_ix = Path(shutil.copytree(ix, Path(tmp) / "ix-sha256"))
+            with sqlite3.connect(old_ix / "catalog.db") as conn:
+                conn.execute("DROP INDEX files_sha256")
+                conn.execute("CREATE INDEX files_sha256 ON files (sha256)")
+            conn.close()
+            engines = {f"base {args.base}": engines[f"base {args.base}"],
+                       "this tree, files_sha256 on (sha256)": engine_new.Engine(old_ix, device="cpu"),
+                       "this tree": engines["this tree"]}
         dim = int(engines["this tree"].snapshot().store.dim)
         queries = np.random.default_rng(1).standard_normal((args.searches, dim)).astype(np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)

@@ -276,7 +276,7 @@ def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(indexed_images)
     assert len(alignsearch.open(ix).search(text="x", k=5)) == 2  # read as it is: a reader writes nothing
     index_json(ix, "--device", "cpu")  # the next writer upgrades it
     with alignsearch.open(ix).db.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST == 9
+        assert state.read(conn).schema_version == migrate.LATEST
     set_version(migrate.LATEST + 1)  # written by a newer alignsearch
     with pytest.raises(AlignSearchError, match="upgrade alignsearch"):
         alignsearch.open(ix)

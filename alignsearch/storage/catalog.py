@@ -88,7 +88,9 @@ files = Table(
     Column("t", Float),
     Column("t_end", Float),
     UniqueConstraint("root", "relpath", "moment"),
-    Index("files_sha256", "sha256"),
+    # (sha256, moment): a search reads the other rows holding each hit's content (onefile.py); on sha256 alone a hit
+    # of a video walked every moment of that video in the index to find its own (migrate step 10)
+    Index("files_sha256", "sha256", "moment"),
     sqlite_autoincrement=True,  # ids are never reused, so a stale FAISS id never names a new file
 )
 

@@ -39,7 +39,6 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    tuple_,
     union,
     update,
 )
@@ -945,17 +944,19 @@ def shared_contents(conn: Connection, hashes: Iterable[str]) -> set[tuple[str, i
 
 
 def rows_holding(conn: Connection, contents: Iterable[tuple[str, int]]) -> list[FileRow]:
-    """Indexed rows holding these contents ((sha256, moment)): one range of the sha256 index per 300 (900 variables,
-    under SQLite's old limit of 999). By moment, not by hash alone: every moment of a video holds the video's
-    hash, and a search whose hits held moments of ten two-hour videos read all 36,000 of their rows (a FileRow
-    each, ~0.7 s) to find the few rows naming those moments (benchmarks/bench_onefile_video.py)."""
-    pairs, out = sorted(set((h, int(m)) for h, m in contents if h)), []
-    for start in range(0, len(pairs), 300):
-        chunk = pairs[start : start + 300]
-        query = select(files).where(files.c.sha256.in_(sorted({h for h, _ in chunk})),  # the index's range
-                                    tuple_(files.c.sha256, files.c.moment).in_(chunk), files.c.status == INDEXED)
-        out.extend(_rows(conn.execute(query)))
-    return check_rows(conn, out)
+    """Indexed rows holding these contents ((sha256, moment)). By moment, not by hash alone: every moment of a video
+    holds the video's hash, and a search whose hits held moments of ten two-hour videos read all 36,000 of their
+    rows (a FileRow each, ~0.7 s) to find the few rows naming those moments (benchmarks/bench_onefile_video.py).
+    The pairs are joined as one JSON list (json_each), so each is a seek on files_sha256 (sha256, moment): as
+    `(sha256, moment) IN (...)` SQLite used the index's first column alone and walked each video's moments."""
+    pairs = sorted(set((h, int(m)) for h, m in contents if h))
+    if not pairs:
+        return []
+    wanted = func.json_each(json.dumps(pairs)).table_valued("value").alias("wanted")
+    query = select(files).join(wanted, and_(files.c.sha256 == func.json_extract(wanted.c.value, "$[0]"),
+                                            files.c.moment == func.json_extract(wanted.c.value, "$[1]"))
+                               ).where(files.c.status == INDEXED)
+    return check_rows(conn, _rows(conn.execute(query)))
 
 
 def rows_of_contents(conn: Connection, hashes: Iterable[str] | None = None) -> list[FileRow]:

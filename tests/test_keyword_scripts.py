@@ -34,14 +34,14 @@ def _found(db_path, ids, text, partial_last=False, **kwargs):
     return sorted(name for name, fid in ids.items() if fid in found)
 
 
-def _schema_8_library(db_path, files, trigram):
-    """_library's catalog as schema 8 wrote it, widths as they are: each file's keyword text unnarrowed, its trigram
-    row the text `trigram` gives it (none for a file it leaves out)."""
+def _schema_8_library(db_path, files, trigram, bodies=None):
+    """_library's catalog as schema 8 wrote it, widths as they are: each file's keyword text unnarrowed (or the
+    body `bodies` gives it), its trigram row the text `trigram` gives it (none for a file it leaves out)."""
     ids = _library(db_path, files)
     db = catalog.connect(db_path)
     with db.begin() as conn:
         for name, caption in files.items():
-            text = catalog.keyword_text(name, caption)
+            text = (bodies or {}).get(name) or catalog.keyword_text(name, caption)
             conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", (text, ids[name]))
             conn.exec_driver_sql(f"DELETE FROM {catalog.KEYWORDS_TRIGRAM} WHERE rowid = ?", (ids[name],))
             if name in trigram:
@@ -316,3 +316,21 @@ def test_a_code_typed_full_width_still_finds_a_schema_8_trigram_index_inside_lon
     catalog.connect(db_path).dispose()  # a writer upgrades it
     for text in ("ＣＤ４５６", "CD456"):
         assert _found(db_path, ids, text, readonly=True) == ["wide.jpg"]
+
+
+def test_full_width_text_typed_still_finds_a_schema_8_word_index_before_its_writer_upgrades_it(tmp_path):
+    """Schema 8 spaced text without narrowing it: `２０２４年の夏` is held as the tokens `２０２４ 年 の 夏`, `ｶﾞｲﾄﾞ` as
+    `ｶ ﾞ ｲ ﾄ ﾞ`. A reader never upgrades, and the same text typed there found it before 246a290; after, the query
+    was the narrowed phrase (`2024 年`) or the run as typed, one token (`２０２４年`: how an index before schema 5
+    holds it), neither in a schema-8 index. It is also looked for spaced as schema 8 spaced it."""
+    db_path = tmp_path / "catalog.db"
+    files = {"summer.jpg": "２０２４年の夏", "guide.jpg": "ｶﾞｲﾄﾞ", "other.jpg": "冬"}
+    # the tokens schema 8 wrote (spaced, widths as they are), no trigram rows (a code is found in them too)
+    ids = _schema_8_library(db_path, files, {}, {"summer.jpg": "２０２４ 年  の  夏", "guide.jpg": "ｶ ﾞ ｲ ﾄ ﾞ"})
+
+    for partial_last in (False, True):
+        assert _found(db_path, ids, "２０２４年", partial_last, readonly=True) == ["summer.jpg"]
+        assert _found(db_path, ids, "ｶﾞｲﾄﾞ", partial_last, readonly=True) == ["guide.jpg"]
+    catalog.connect(db_path).dispose()  # a writer upgrades it
+    for text, name in (("２０２４年", "summer.jpg"), ("2024年", "summer.jpg"), ("ｶﾞｲﾄﾞ", "guide.jpg"), ("ガイド", "guide.jpg")):
+        assert _found(db_path, ids, text, readonly=True) == [name], text

@@ -143,7 +143,12 @@ def spaced(text: str) -> str:
     パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ. Hangul and a letter or digit of another script
     next to each other are two words (_HANGUL_EDGE). Full-width ASCII is ASCII, half-width katakana full-width
     (narrow, before NFC composes a voiced mark)."""
-    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", narrow(text))))
+    return _spaced_wide(narrow(text))
+
+
+def _spaced_wide(text: str) -> str:
+    """spaced without narrow: how schema 5-8 wrote the keyword index (Atom.wide)."""
+    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text)))
     return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 
@@ -157,12 +162,14 @@ class Atom:
     code: str | None = None
     whole: tuple[str, ...] | None = None  # the tokens as typed, where `spaced` changed them (CJK, Greek)
     typed_code: str | None = None  # the code as typed, where `narrow` changed it (full-width)
+    wide: tuple[str, ...] | None = None  # the tokens spaced but not narrowed, where `narrow` changed them (schema 5-8)
 
     def fts(self) -> str:
         """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix; CJK or Greek also as
-        typed, which is how an index written before `spaced` holds it (until its keywords are written again)."""
-        found = _phrase(self.tokens, self.prefix)
-        return f"({found} OR {_phrase(self.whole, self.prefix)})" if self.whole else found
+        typed, which is how an index written before `spaced` holds it, and full-width text also spaced but not
+        narrowed, as schema 5-8 held it (until its keywords are written again: a reader never upgrades)."""
+        forms = dict.fromkeys(_phrase(t, self.prefix) for t in (self.tokens, self.wide, self.whole) if t)
+        return f"({' OR '.join(forms)})" if len(forms) > 1 else next(iter(forms))
 
     def text(self) -> str:
         return " ".join(self.whole or self.tokens) + ("*" if self.prefix else "")
@@ -199,6 +206,9 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     raw = raw.rstrip("*") if prefix else raw
     tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
     whole = tuple(w.lower() for w in _WORD.findall(raw))[:MAX_PHRASE]
+    # a schema 5-8 index (until its next writer: a reader never upgrades) holds `２０２４年` as `２０２４ 年`: found
+    # by this, not by the narrowed tokens nor by the run as typed (how an index before schema 5 holds it)
+    wide = tuple(w.lower() for w in _WORD.findall(_spaced_wide(raw)))[:MAX_PHRASE] if narrow(raw) != raw else None
     cut = len(tokens) > MAX_PHRASE
     tokens = tokens[:MAX_PHRASE]
     if not tokens:
@@ -223,7 +233,7 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     code, typed_code = _code(raw) if any(c.isdigit() for c in raw) else (None, None)
     if code is not None and len(code) < MIN_CODE:
         code = typed_code = None
-    return Atom(tokens, prefix, code, whole if whole != tokens else None, typed_code)
+    return Atom(tokens, prefix, code, whole if whole != tokens else None, typed_code, wide if wide != tokens else None)
 
 
 def _code(raw: str) -> tuple[str, str | None]:

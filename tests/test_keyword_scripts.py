@@ -34,6 +34,24 @@ def _found(db_path, ids, text, partial_last=False, **kwargs):
     return sorted(name for name, fid in ids.items() if fid in found)
 
 
+def _schema_8_library(db_path, files, trigram, bodies=None):
+    """_library's catalog as schema 8 wrote it, widths as they are: each file's keyword text unnarrowed (or the
+    body `bodies` gives it), its trigram row the text `trigram` gives it (none for a file it leaves out)."""
+    ids = _library(db_path, files)
+    db = catalog.connect(db_path)
+    with db.begin() as conn:
+        for name, caption in files.items():
+            text = (bodies or {}).get(name) or catalog.keyword_text(name, caption)
+            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", (text, ids[name]))
+            conn.exec_driver_sql(f"DELETE FROM {catalog.KEYWORDS_TRIGRAM} WHERE rowid = ?", (ids[name],))
+            if name in trigram:
+                conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS_TRIGRAM}(rowid, body) VALUES (?, ?)",
+                                     (ids[name], trigram[name]))
+        state.write(conn, schema_version=8)
+    db.dispose()
+    return ids
+
+
 def test_a_thai_word_is_found_inside_the_longer_thai_run_it_is_written_in(tmp_path):
     db = tmp_path / "catalog.db"
     ids = _library(db, {"ตลาดกรุงเทพมหานคร.jpg": None, "rice.jpg": "ข้าวผัดกุ้ง ที่ร้านริมถนน",
@@ -271,17 +289,7 @@ def test_a_schema_8_keyword_index_finds_full_width_text_by_ascii_once_its_next_w
     it stands, the next writer writes both keyword tables again (migrate._width_keywords)."""
     db_path = tmp_path / "catalog.db"
     files = {"live.jpg": "ＢＴＳのライブ", "wide.jpg": "伝票 ＩＮＶＣＤ４５６Ｚ"}
-    ids = _library(db_path, files)
-    db = catalog.connect(db_path)
-    with db.begin() as conn:  # as schema 8 wrote it: widths as they are
-        for name, caption in files.items():
-            text = catalog.keyword_text(name, caption)
-            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?", (text, ids[name]))
-            conn.exec_driver_sql(f"DELETE FROM {catalog.KEYWORDS_TRIGRAM} WHERE rowid = ?", (ids[name],))
-        conn.exec_driver_sql(f"INSERT INTO {catalog.KEYWORDS_TRIGRAM}(rowid, body) VALUES (?, ?)",
-                             (ids["wide.jpg"], "ＩＮＶＣＤ４５６Ｚ"))
-        state.write(conn, schema_version=8)
-    db.dispose()
+    ids = _schema_8_library(db_path, files, {"wide.jpg": "ＩＮＶＣＤ４５６Ｚ"})
 
     assert _found(db_path, ids, "BTS", readonly=True) == []  # as it stands: a reader writes nothing
     assert _found(db_path, ids, "CD456", readonly=True) == []
@@ -292,3 +300,37 @@ def test_a_schema_8_keyword_index_finds_full_width_text_by_ascii_once_its_next_w
     with reader.connect() as conn:
         assert state.read(conn).schema_version == migrate.LATEST
     reader.dispose()
+
+
+def test_a_code_typed_full_width_still_finds_a_schema_8_trigram_index_inside_longer_tokens(tmp_path):
+    """The query's code is narrowed (`ＣＤ４５６`: `CD456`), but a reader never upgrades: until the next writer, a schema
+    8 trigram index holds `ＩＮＶＣＤ４５６Ｚ` as written, and `ＣＤ４５６` typed there found it before 246a290 and nothing
+    after (the word index holds the token `ｉｎｖｃｄ４５６ｚ` whole). The code is also looked for as typed, as the
+    word index's tokens are (Atom.whole); after the upgrade the narrowed one finds it."""
+    db_path = tmp_path / "catalog.db"
+    files = {"wide.jpg": "伝票 ＩＮＶＣＤ４５６Ｚ", "other.jpg": "伝票 ＩＮＶＣＤ７８９Ｚ"}
+    ids = _schema_8_library(db_path, files, {name: caption.split()[1] for name, caption in files.items()})
+
+    for partial_last in (False, True):
+        assert _found(db_path, ids, "ＣＤ４５６", partial_last, readonly=True) == ["wide.jpg"]  # as it stands
+    catalog.connect(db_path).dispose()  # a writer upgrades it
+    for text in ("ＣＤ４５６", "CD456"):
+        assert _found(db_path, ids, text, readonly=True) == ["wide.jpg"]
+
+
+def test_full_width_text_typed_still_finds_a_schema_8_word_index_before_its_writer_upgrades_it(tmp_path):
+    """Schema 8 spaced text without narrowing it: `２０２４年の夏` is held as the tokens `２０２４ 年 の 夏`, `ｶﾞｲﾄﾞ` as
+    `ｶ ﾞ ｲ ﾄ ﾞ`. A reader never upgrades, and the same text typed there found it before 246a290; after, the query
+    was the narrowed phrase (`2024 年`) or the run as typed, one token (`２０２４年`: how an index before schema 5
+    holds it), neither in a schema-8 index. It is also looked for spaced as schema 8 spaced it."""
+    db_path = tmp_path / "catalog.db"
+    files = {"summer.jpg": "２０２４年の夏", "guide.jpg": "ｶﾞｲﾄﾞ", "other.jpg": "冬"}
+    # the tokens schema 8 wrote (spaced, widths as they are), no trigram rows (a code is found in them too)
+    ids = _schema_8_library(db_path, files, {}, {"summer.jpg": "２０２４ 年  の  夏", "guide.jpg": "ｶ ﾞ ｲ ﾄ ﾞ"})
+
+    for partial_last in (False, True):
+        assert _found(db_path, ids, "２０２４年", partial_last, readonly=True) == ["summer.jpg"]
+        assert _found(db_path, ids, "ｶﾞｲﾄﾞ", partial_last, readonly=True) == ["guide.jpg"]
+    catalog.connect(db_path).dispose()  # a writer upgrades it
+    for text, name in (("２０２４年", "summer.jpg"), ("2024年", "summer.jpg"), ("ｶﾞｲﾄﾞ", "guide.jpg"), ("ガイド", "guide.jpg")):
+        assert _found(db_path, ids, text, readonly=True) == [name], text

@@ -38,6 +38,7 @@ User text never reaches FTS5 as syntax: every word is quoted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import sqlite3
@@ -142,7 +143,12 @@ def spaced(text: str) -> str:
     パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ. Hangul and a letter or digit of another script
     next to each other are two words (_HANGUL_EDGE). Full-width ASCII is ASCII, half-width katakana full-width
     (narrow, before NFC composes a voiced mark)."""
-    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", narrow(text))))
+    return _spaced_wide(narrow(text))
+
+
+def _spaced_wide(text: str) -> str:
+    """spaced without narrow: how schema 5-8 wrote the keyword index (Atom.wide)."""
+    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text)))
     return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
 
 
@@ -155,15 +161,24 @@ class Atom:
     prefix: bool = False
     code: str | None = None
     whole: tuple[str, ...] | None = None  # the tokens as typed, where `spaced` changed them (CJK, Greek)
+    typed_code: str | None = None  # the code as typed, where `narrow` changed it (full-width)
+    wide: tuple[str, ...] | None = None  # the tokens spaced but not narrowed, where `narrow` changed them (schema 5-8)
 
     def fts(self) -> str:
         """This atom as an FTS5 expression: the tokens quoted (a phrase), `*` for a prefix; CJK or Greek also as
-        typed, which is how an index written before `spaced` holds it (until its keywords are written again)."""
-        found = _phrase(self.tokens, self.prefix)
-        return f"({found} OR {_phrase(self.whole, self.prefix)})" if self.whole else found
+        typed, which is how an index written before `spaced` holds it, and full-width text also spaced but not
+        narrowed, as schema 5-8 held it (until its keywords are written again: a reader never upgrades)."""
+        forms = dict.fromkeys(_phrase(t, self.prefix) for t in (self.tokens, self.wide, self.whole) if t)
+        return f"({' OR '.join(forms)})" if len(forms) > 1 else next(iter(forms))
 
     def text(self) -> str:
         return " ".join(self.whole or self.tokens) + ("*" if self.prefix else "")
+
+    def trigram(self) -> str:
+        """The code as an FTS5 expression for the trigram index; full-width also as typed, which is how an index
+        written before `narrow` (schema 8) holds it until its next writer upgrades it: a reader never does, and
+        `ＣＤ４５６` typed there found `ＩＮＶＣＤ４５６Ｚ` before the code was narrowed and nothing after."""
+        return " OR ".join('"' + c.replace('"', '""') + '"' for c in (self.code, self.typed_code) if c)
 
 
 def _phrase(tokens: tuple[str, ...], prefix: bool) -> str:
@@ -191,6 +206,9 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     raw = raw.rstrip("*") if prefix else raw
     tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
     whole = tuple(w.lower() for w in _WORD.findall(raw))[:MAX_PHRASE]
+    # a schema 5-8 index (until its next writer: a reader never upgrades) holds `２０２４年` as `２０２４ 年`: found
+    # by this, not by the narrowed tokens nor by the run as typed (how an index before schema 5 holds it)
+    wide = tuple(w.lower() for w in _WORD.findall(_spaced_wide(raw)))[:MAX_PHRASE] if narrow(raw) != raw else None
     cut = len(tokens) > MAX_PHRASE
     tokens = tokens[:MAX_PHRASE]
     if not tokens:
@@ -212,12 +230,22 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
         prefix = True
     if cut:  # the phrase's last token stands whole in the text the whole phrase is in
         prefix = False
-    # printable characters only: FTS5 reads a query string up to a NUL ("unterminated string")
-    # narrow: `ＡＢ１２３` typed finds `AB123` (the trigram index holds chunks narrowed, coded_chunks)
-    code = "".join(c for c in narrow(raw) if c.isprintable()).strip(".,;:!?()[]{}'") if any(c.isdigit() for c in raw) else None
+    code, typed_code = _code(raw) if any(c.isdigit() for c in raw) else (None, None)
     if code is not None and len(code) < MIN_CODE:
-        code = None
-    return Atom(tokens, prefix, code, whole if whole != tokens else None)
+        code = typed_code = None
+    return Atom(tokens, prefix, code, whole if whole != tokens else None, typed_code, wide if wide != tokens else None)
+
+
+def _code(raw: str) -> tuple[str, str | None]:
+    """The code of a chunk (printable characters only: FTS5 reads a query string up to a NUL, "unterminated
+    string"), narrowed (`ＡＢ１２３` typed finds `AB123`: the trigram index holds chunks narrowed, coded_chunks), and
+    the same characters as typed where narrowing changed them (Atom.trigram), else None."""
+    kept = [(n, c) for n, c in zip(narrow(raw), raw) if n.isprintable()]  # narrow maps a character to one
+    narrowed, typed = "".join(n for n, _ in kept), "".join(c for _, c in kept)
+    code = narrowed.strip(".,;:!?()[]{}'")
+    start = len(narrowed) - len(narrowed.lstrip(".,;:!?()[]{}'"))
+    typed = typed[start : start + len(code)]
+    return code, typed if typed != code else None
 
 
 def _typed_length(tokens: tuple[str, ...], whole: tuple[str, ...] | None) -> int:
@@ -258,7 +286,7 @@ def parse(text: str | None, partial_last: bool = False) -> Query:
         if (partial_last and not quoted and not negate and n == len(parts) - 1 and not atom.prefix
                 and not text[-1:].isspace() and _typed_length(atom.tokens, atom.whole) >= MIN_PARTIAL
                 and not _SPACELESS.fullmatch(atom.tokens[-1])):  # a Thai cluster (3+ with its marks) is whole
-            atom = Atom(atom.tokens, True, atom.code, atom.whole)
+            atom = dataclasses.replace(atom, prefix=True)
         if negate:
             excluded.append(atom)
             continue
@@ -307,7 +335,7 @@ def search(conn, query: Query, limit: int, among=None, evidence_only: bool = Fal
         params.append(a.fts())
         sql = f"SELECT rowid AS id FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?"
         if trigram and a.code:
-            params.append('"' + a.code.replace('"', '""') + '"')
+            params.append(a.trigram())
             sql += f" UNION SELECT rowid AS id FROM {KEYWORDS_TRIGRAM} WHERE {KEYWORDS_TRIGRAM} MATCH ?"
         return sql
 

@@ -203,3 +203,21 @@ def test_an_upgrade_writes_the_keyword_index_once_for_all_its_steps(v1, monkeypa
     assert built == [None]
     monkeypatch.undo()
     assert_answers_as_recorded(answers(v1))  # the keyword index written once answers as before
+
+
+def test_an_upgraded_aa1526b_catalog_finds_its_files_by_name(v1):
+    """Its files have no photos row (the table came later), and the keyword index was written from files joined
+    with photos: after the upgrade no old file was in it, and keyword search by name (`harbour`) found nothing
+    until each file was indexed again. Written from the path (and tags) where there is no photos row."""
+    from alignsearch.storage import keywords
+
+    path = v1 / ".alignsearch" / "catalog.db"
+    catalog.connect(path).dispose()  # a writer's connect upgrades it
+    db = catalog.connect(path, readonly=True)
+    try:
+        with db.connect() as conn:
+            found = catalog.keyword_search(conn, keywords.parse("harbour"), 10)
+            names = {row.relpath for row in catalog.get_files(conn, [i for i, _ in found]).values()}
+    finally:
+        db.dispose()
+    assert names == {"harbour.jpg"}

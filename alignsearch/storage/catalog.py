@@ -1244,8 +1244,10 @@ def forget_leftover_rows(conn: Connection, *, keywords: bool = True) -> int:
 
 
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:
-    """Re-write the keyword text of files (all when ids is None) from their caption, text, path and tags."""
-    query = select(files.c.id, files.c.relpath, photos.c.caption, photos.c.ocr).join(
+    """Re-write the keyword text of files (all when ids is None) from their caption, text, path and tags. A file
+    without a photos row (indexed by a schema 1 alignsearch, before photos existed) is written from its path and
+    tags: joined, not outer joined, its upgrade left it out of the keyword index and `harbour` found no harbour.jpg."""
+    query = select(files.c.id, files.c.relpath, photos.c.caption, photos.c.ocr).outerjoin(
         photos, photos.c.file_id == files.c.id).where(files.c.status == INDEXED)
     labels: dict[int, list[str]] = {}
     if ids is None:

@@ -297,6 +297,27 @@ def _others_may_rename(folder: os.stat_result) -> bool:
     return bool(folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH)) and not folder.st_mode & stat.S_ISVTX
 
 
+def make_folders(folder: str | os.PathLike, mode: int = 0o755) -> None:
+    """Create folder and any missing parents (mkdir -p) with `mode` less the umask: never writable by the group or
+    others where mode is not, whatever the umask. A folder alignsearch keeps is refused when others may write it
+    (paths.untrusted_index, backend.cache_untrusted): under umask 000 `index` made its folder 0777 and then refused
+    the index it had just made ("is writable by every user"), and every command after it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, "not a folder", str(folder))  # as mkdir(exist_ok=True) says
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, mode)
+        except FileExistsError:  # another process made it meanwhile
+            if not p.is_dir():
+                raise
+
+
 def _umask() -> int:
     """The process's umask, read where Linux shows it: setting it to read it (os.umask) left another thread's
     file made meanwhile (the server writes thumbnails from several) with the wrong modes."""

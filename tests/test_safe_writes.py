@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run
-from helpers import alignsearch, killed_at, vector_index
+from helpers import alignsearch, killed_at, smooth_photos, vector_index
 
 from alignsearch import atomic
 
@@ -567,3 +567,19 @@ def test_what_a_swap_killed_mid_way_left_is_named_and_kept(tmp_path, caplog, at)
     assert "\n" not in caplog.records[0].getMessage()
     kept = {p.name: p.read_bytes() for p in [*out.iterdir(), *left[0].iterdir()]}
     assert kept["NOTES.md"] == b"the user's" and left[0].is_dir()
+
+
+@pytest.mark.slow
+def test_an_index_made_under_umask_000_is_not_refused_by_itself(tiny_model, tmp_path):
+    """`index` made its folder (and a missing parent) with mkdir's 0777 less the umask: under umask 000 the folder
+    was writable by every user, and the run refused the index it had just made ("refusing the index ...: is
+    writable by every user"), as every query after it. Its folders are never group/other-writable now."""
+    smooth_photos(tmp_path / "pics", 3)
+    ix = tmp_path / "new" / "ix"
+    old = os.umask(0o000)
+    try:
+        run("index", "--index", ix, "--model", tiny_model, tmp_path / "pics")
+        assert "photo" in run("query", "--index", ix, "a photo").output
+    finally:
+        os.umask(old)
+    assert _mode(ix) == _mode(ix.parent) == 0o755

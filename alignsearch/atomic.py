@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -50,20 +51,41 @@ def file_mode(requested: int, umask: int, replaced: int | None) -> int:
 
 
 NAME_BYTES = 200  # of the target's name kept in a temporary's: its `.` + `.XXXXXXXX.tmp` fit in 255 bytes beside it
+_RANDOM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")  # of the 8 characters mkstemp / mkdtemp add
+SUFFIXES = ("tmp", "new", "old")
 
 
 def temp_prefix(path: Path) -> str:
-    """`.NAME.`, the start of every temporary this module makes for `path` (and all remove_stale looks for),
-    NAME cut to NAME_BYTES bytes on a character boundary: the whole name made the temporary's longer than
-    the filesystem's limit (255 bytes) for a target whose own name is valid (`export` of a 245-byte name
-    failed "File name too long"). Names of fewer bytes are kept whole, as earlier versions named them."""
+    """`.NAME.`, the start of every temporary this module makes for `path` (and all remove_stale looks for).
+    A name over NAME_BYTES bytes is cut on a character boundary and a digest of the whole name added,
+    `.CUT~DIGEST.`: the whole name made the temporary's longer than the filesystem's limit (255 bytes) for a
+    target whose own name is valid (`export` of a 245-byte name failed "File name too long"), and the cut
+    alone named two long names alike (a sweep for one removed and named the other's leftovers). Names of
+    NAME_BYTES bytes or fewer are kept whole, as earlier versions named them."""
+    whole = os.fsencode(path.name)  # surrogateescape: a byte the name's encoding could not decode is that byte
+    if len(whole) <= NAME_BYTES:
+        return f".{path.name}."
     kept, size = [], 0
     for ch in path.name:
-        size += len(os.fsencode(ch))  # a byte the name's encoding could not decode counts as the one it was
-        if size > NAME_BYTES:
+        size += len(os.fsencode(ch))
+        if size > NAME_BYTES - 9:  # room for `~` and the digest
             break
         kept.append(ch)
-    return f".{''.join(kept)}."
+    return f".{''.join(kept)}~{hashlib.sha256(whole).hexdigest()[:8]}."
+
+
+def is_temporary(name: str, prefix: str | None) -> bool:
+    """Whether `name` is one this module gives a temporary: `prefix`, then mkstemp's 8 random characters, then
+    `.tmp`, `.new` or `.old` (prefix None: any target's `.NAME.`). A name merely starting with the prefix was
+    taken for one: `export lib` deleted the user's own `.lib.backup.tmp` and `.lib.notes.new/` folder (unchanged
+    for a minute), and swept and named the leftovers of `lib.parquet` (`.lib.parquet.XXXXXXXX.tmp`) as its own."""
+    stem, dot, suffix = name.rpartition(".")
+    head, random = stem[:-8], stem[-8:]
+    if not dot or suffix not in SUFFIXES or len(random) != 8 or not set(random) <= _RANDOM:
+        return False
+    if prefix is None:
+        return len(head) > 2 and head.startswith(".") and head.endswith(".")
+    return head == prefix
 
 
 def follow_umask(path: Path) -> None:
@@ -220,17 +242,17 @@ def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> 
     """As remove_stale, for the writes of every file in `folder` (`.*.tmp`, `.*.new`): for a folder whose
     files only this tool writes, each under a name not known beforehand (the ONNX cache and its records)."""
     folder = Path(os.path.realpath(folder))
-    return _sweep(folder, ".", min_age, f"a write in {folder}")
+    return _sweep(folder, None, min_age, f"a write in {folder}")
 
 
-def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
-    """remove_stale's rule on the entries of `parent` named `PREFIX*.tmp` / `PREFIX*.new`; `writes` names
+def _sweep(parent: Path, prefix: str | None, min_age: float, writes: str) -> int:
+    """remove_stale's rule on the entries of `parent` named as temporaries of `prefix` (is_temporary); `writes` names
     whose leftovers they are, in the log."""
     removed = 0
     try:
         if _others_may_rename(os.stat(parent)):
             return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
-        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new", ".old"))]
+        entries = [e for e in os.scandir(parent) if is_temporary(e.name, prefix)]
     except OSError:
         return 0
     for entry in entries:

@@ -512,7 +512,8 @@ def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name
     """A file and a folder of such a name are written, and what a killed write of them left is still
     recognised by remove_stale (the temporary names carry the name cut, on a character boundary)."""
     prefix = atomic.temp_prefix(tmp_path / name)
-    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2 and name.startswith(prefix[1:-1])
+    cut, digest = prefix[1:-1].rsplit("~", 1)  # the name cut, then a digest of the whole name
+    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2 and name.startswith(cut) and len(digest) == 8
     atomic.write_bytes(tmp_path / name, b"file")
     assert (tmp_path / name).read_bytes() == b"file"
     folder = tmp_path / "d" / name
@@ -533,6 +534,53 @@ def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name
     assert atomic.remove_stale(tmp_path / name) == 1 and atomic.remove_stale(folder) == 1
     assert sorted(os.listdir(tmp_path)) == sorted(["d", name]) and os.listdir(tmp_path / "d") == [name]
 
+
+
+def test_remove_stale_keeps_the_users_files_and_other_targets_leftovers(tmp_path, caplog):
+    """Every entry starting `.OUT.` and ending .tmp/.new/.old was taken for a temporary of OUT: `export lib` deleted
+    the user's own `.lib.backup.tmp` and `.lib.notes.new/` (unchanged for a minute), and swept and named as its own
+    the leftovers of `lib.parquet`. Only mkstemp's names (8 random characters) of OUT's own prefix are taken now."""
+    out = tmp_path / "OUT"
+    (tmp_path / ".OUT.notes.new").mkdir()
+    (tmp_path / ".OUT.notes.new" / "draft.txt").write_text("the user's")
+    (tmp_path / ".OUT.backup.tmp").write_text("the user's")
+    (tmp_path / ".OUT.1.old").mkdir()
+    others = [Path(tempfile.mkstemp(prefix=".OUT.parquet.", suffix=".tmp", dir=tmp_path)[1]),
+              Path(tempfile.mkdtemp(prefix=".OUT.parquet.", suffix=".old", dir=tmp_path))]
+    mine = Path(tempfile.mkstemp(prefix=".OUT.", suffix=".tmp", dir=tmp_path)[1])
+    for p in (*tmp_path.iterdir(), tmp_path / ".OUT.notes.new" / "draft.txt"):
+        _aged(p)
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(out) == 1 and not mine.exists()
+    assert not caplog.records  # `.OUT.parquet.XXXXXXXX.old` is OUT.parquet's, `.OUT.1.old` the user's
+    assert (tmp_path / ".OUT.notes.new" / "draft.txt").read_text() == (tmp_path / ".OUT.backup.tmp").read_text()
+    assert all(p.exists() for p in others)
+
+
+def test_two_long_names_cut_alike_have_their_own_temporaries(tmp_path, caplog):
+    """Two names of over 200 bytes with the same first 200 had the same `.CUT.` temporaries: a sweep for one
+    removed what a killed write of the other left and warned of the other's `.old` folder as its own."""
+    a, b = tmp_path / ("x" * 200 + "-a.parquet"), tmp_path / ("x" * 200 + "-b.parquet")
+    assert atomic.temp_prefix(a) != atomic.temp_prefix(b)
+    left = [_aged(Path(tempfile.mkstemp(prefix=atomic.temp_prefix(a), suffix=".tmp", dir=tmp_path)[1])),
+            _aged(Path(tempfile.mkdtemp(prefix=atomic.temp_prefix(a), suffix=".old", dir=tmp_path)))]
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(b) == 0
+    assert not caplog.records and all(p.exists() for p in left)
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(a, min_age=0) == 1  # its own: found (min_age: a `.old` ctime cannot be aged)
+    assert len(caplog.records) == 1 and str(left[1]) in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("name", ["é" * 100, "a" + "é" * 100, "é" * 99 + "ab", os.fsdecode(b"\xff" * 201)])
+def test_names_of_200_bytes_or_so_are_cut_on_a_character_and_found(tmp_path, name):
+    """200 bytes exactly (kept whole), 201 with a 2-byte character across the cut, undecodable bytes
+    (surrogateescape): the temporaries fit, and a killed write's leftover is found again."""
+    prefix = atomic.temp_prefix(tmp_path / name)
+    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2
+    assert (prefix == f".{name}.") == (len(os.fsencode(name)) <= atomic.NAME_BYTES)
+    _aged(Path(tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_path)[1]))
+    assert atomic.remove_stale(tmp_path / name) == 1 and not os.listdir(tmp_path)
 
 # -- a folder swap killed mid-way ---------------------------------------------------------------------------
 

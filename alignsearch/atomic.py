@@ -205,13 +205,24 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
         fsync_dir(path.parent)
 
 
+class SharedTempError(PermissionError):
+    """scratch's temporary folder is one where other users may rename entries."""
+
+
 @contextmanager
 def scratch(name: str) -> Iterator[Path]:
     """A fresh private (0700) folder in the temporary folder, `.NAME.XXXX.new`, removed when the block ends:
     for work that must not write its input (verify's copy of the keyword tables). Locked while in use, so
     what a killed user left is told from one at work and removed by the next use (remove_stale): a
-    TemporaryDirectory killed mid-way kept its copy of every caption, text read and path there for good."""
+    TemporaryDirectory killed mid-way kept its copy of every caption, text read and path there for good.
+    SharedTempError where other users may rename entries of the temporary folder (_others_may_rename)."""
     place = Path(tempfile.gettempdir()) / name
+    if _others_may_rename(os.stat(place.parent)):
+        # there another user may rename this folder away and put theirs (the copy then written where they read
+        # it) or one of this user's own folders (emptied by the rmtree below) under its name mid-use
+        raise SharedTempError(errno.EPERM, "other users may rename what is in it (another user's, or writable "
+                              "by its group or everyone without the sticky bit): set TMPDIR to a folder only you "
+                              "can write", str(place.parent))
     remove_stale(place, writer="a use")
     folder = Path(tempfile.mkdtemp(prefix=temp_prefix(place), suffix=".new", dir=place.parent))
     held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

@@ -631,3 +631,28 @@ def test_an_index_made_under_umask_000_is_not_refused_by_itself(tiny_model, tmp_
     finally:
         os.umask(old)
     assert _mode(ix) == _mode(ix.parent) == 0o755
+
+
+def test_scratch_refuses_a_temporary_folder_others_may_rename_in(ix, tmp_path, monkeypatch):
+    """In a TMPDIR writable by everyone without the sticky bit, another user could rename verify's private folder
+    away mid-use and put one of this user's own folders under its name: scratch's rmtree then emptied it (and a
+    folder of theirs there received the copy of the keyword tables). scratch refuses such a folder; verify says
+    so in one line (exit 6)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "work").mkdir()
+    (shared / "work" / "thesis.txt").write_text("the user's")
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))  # what TMPDIR gives gettempdir
+    with pytest.raises(PermissionError):  # atomic.SharedTempError
+        with atomic.scratch("alignsearch-keywords") as tmp:
+            os.rename(tmp, shared / "taken")  # another user's two renames
+            os.rename(shared / "work", tmp)
+    assert os.listdir(shared) == ["work"] and (shared / "work" / "thesis.txt").read_text() == "the user's"
+    result = run("verify", "--index", ix, code=6)
+    assert result.output.strip().splitlines()[-1].startswith("error: cannot check the keyword index: the temporary")
+    assert os.listdir(shared) == ["work"]
+    shared.chmod(0o1777)  # the sticky bit (/tmp): others may not rename this user's entries
+    with atomic.scratch("alignsearch-keywords") as tmp:
+        assert tmp.parent == shared and tmp.stat().st_mode & 0o777 == 0o700
+    assert os.listdir(shared) == ["work"]

@@ -298,6 +298,9 @@ def _sweep(parent: Path, prefix: str | None, min_age: float, writes: str) -> int
     return removed
 
 
+_REPORTED: set[str] = set()  # the `.old` folders _report_swap_left has named in this process
+
+
 def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, writes: str) -> None:
     """Say where a folder swap killed mid-way left a `.old` folder: killed after the exchange it is the
     folder replaced, holding the user's own files not yet moved into the new one; killed just before, the
@@ -305,7 +308,7 @@ def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, wr
     it is never deleted, but said once each run until the user moves what they want and deletes it (it was
     left unsaid, for good). Not while a swap may be at work: own, a folder, unchanged (ctime: a rename sets
     it, not the mtime) for min_age, and not locked."""
-    if (st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
+    if (entry.path in _REPORTED or st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
             or time.time() - max(st.st_mtime, st.st_ctime) < min_age):
         return
     try:
@@ -318,6 +321,7 @@ def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, wr
         return  # the new copy of a swap at work
     finally:
         os.close(fd)
+    _REPORTED.add(entry.path)  # finetune sweeps beside its checkpoint each epoch: one warning a run, not each
     log.warning("warning: %s was left by %s killed mid-swap: the folder replaced (with any files of your own it "
                 "held) or the unfinished new one; move what you want from it, then delete it", entry.path, writes)
 

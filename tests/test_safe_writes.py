@@ -656,3 +656,25 @@ def test_scratch_refuses_a_temporary_folder_others_may_rename_in(ix, tmp_path, m
     with atomic.scratch("alignsearch-keywords") as tmp:
         assert tmp.parent == shared and tmp.stat().st_mode & 0o777 == 0o700
     assert os.listdir(shared) == ["work"]
+
+
+@pytest.mark.slow
+def test_a_swap_left_old_folder_is_named_once_a_run(pairs, tiny_model, tmp_path, monkeypatch, caplog):
+    """finetune saves its checkpoint each epoch, and each save swept beside it: a `.checkpoint.XXXXXXXX.old` a
+    killed save left was named in a warning once per epoch (three in a 3-epoch run), not once a run."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    out = tmp_path / "tuned"
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        finetune(pairs, tiny_model, out, epochs=2)
+        finetune(pairs, tiny_model, out, "--resume", epochs=3)
+    assert not caplog.records and not [p for p in (*out.iterdir(), *tmp_path.iterdir()) if p.name.startswith(".")]
+    left = Path(tempfile.mkdtemp(prefix=".checkpoint.", suffix=".old", dir=out))
+    # a minute later (its ctime cannot be set back): the sweep's clock, moved on
+    monkeypatch.setattr(atomic, "time", SimpleNamespace(time=lambda: real_time.time() + 120))
+    monkeypatch.setattr(atomic, "_REPORTED", set(), raising=False)  # a fresh run (raising: main had none)
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        finetune(pairs, tiny_model, out, "--resume", epochs=6)
+    said = [r.getMessage() for r in caplog.records if str(left) in r.getMessage()]
+    assert len(said) == 1 and left.exists(), said

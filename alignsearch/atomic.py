@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -50,20 +51,41 @@ def file_mode(requested: int, umask: int, replaced: int | None) -> int:
 
 
 NAME_BYTES = 200  # of the target's name kept in a temporary's: its `.` + `.XXXXXXXX.tmp` fit in 255 bytes beside it
+_RANDOM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")  # of the 8 characters mkstemp / mkdtemp add
+SUFFIXES = ("tmp", "new", "old")
 
 
 def temp_prefix(path: Path) -> str:
-    """`.NAME.`, the start of every temporary this module makes for `path` (and all remove_stale looks for),
-    NAME cut to NAME_BYTES bytes on a character boundary: the whole name made the temporary's longer than
-    the filesystem's limit (255 bytes) for a target whose own name is valid (`export` of a 245-byte name
-    failed "File name too long"). Names of fewer bytes are kept whole, as earlier versions named them."""
+    """`.NAME.`, the start of every temporary this module makes for `path` (and all remove_stale looks for).
+    A name over NAME_BYTES bytes is cut on a character boundary and a digest of the whole name added,
+    `.CUT~DIGEST.`: the whole name made the temporary's longer than the filesystem's limit (255 bytes) for a
+    target whose own name is valid (`export` of a 245-byte name failed "File name too long"), and the cut
+    alone named two long names alike (a sweep for one removed and named the other's leftovers). Names of
+    NAME_BYTES bytes or fewer are kept whole, as earlier versions named them."""
+    whole = os.fsencode(path.name)  # surrogateescape: a byte the name's encoding could not decode is that byte
+    if len(whole) <= NAME_BYTES:
+        return f".{path.name}."
     kept, size = [], 0
     for ch in path.name:
-        size += len(os.fsencode(ch))  # a byte the name's encoding could not decode counts as the one it was
-        if size > NAME_BYTES:
+        size += len(os.fsencode(ch))
+        if size > NAME_BYTES - 9:  # room for `~` and the digest
             break
         kept.append(ch)
-    return f".{''.join(kept)}."
+    return f".{''.join(kept)}~{hashlib.sha256(whole).hexdigest()[:8]}."
+
+
+def is_temporary(name: str, prefix: str | None) -> bool:
+    """Whether `name` is one this module gives a temporary: `prefix`, then mkstemp's 8 random characters, then
+    `.tmp`, `.new` or `.old` (prefix None: any target's `.NAME.`). A name merely starting with the prefix was
+    taken for one: `export lib` deleted the user's own `.lib.backup.tmp` and `.lib.notes.new/` folder (unchanged
+    for a minute), and swept and named the leftovers of `lib.parquet` (`.lib.parquet.XXXXXXXX.tmp`) as its own."""
+    stem, dot, suffix = name.rpartition(".")
+    head, random = stem[:-8], stem[-8:]
+    if not dot or suffix not in SUFFIXES or len(random) != 8 or not set(random) <= _RANDOM:
+        return False
+    if prefix is None:
+        return len(head) > 2 and head.startswith(".") and head.endswith(".")
+    return head == prefix
 
 
 def follow_umask(path: Path) -> None:
@@ -183,13 +205,24 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
         fsync_dir(path.parent)
 
 
+class SharedTempError(PermissionError):
+    """scratch's temporary folder is one where other users may rename entries."""
+
+
 @contextmanager
 def scratch(name: str) -> Iterator[Path]:
     """A fresh private (0700) folder in the temporary folder, `.NAME.XXXX.new`, removed when the block ends:
     for work that must not write its input (verify's copy of the keyword tables). Locked while in use, so
     what a killed user left is told from one at work and removed by the next use (remove_stale): a
-    TemporaryDirectory killed mid-way kept its copy of every caption, text read and path there for good."""
+    TemporaryDirectory killed mid-way kept its copy of every caption, text read and path there for good.
+    SharedTempError where other users may rename entries of the temporary folder (_others_may_rename)."""
     place = Path(tempfile.gettempdir()) / name
+    if _others_may_rename(os.stat(place.parent)):
+        # there another user may rename this folder away and put theirs (the copy then written where they read
+        # it) or one of this user's own folders (emptied by the rmtree below) under its name mid-use
+        raise SharedTempError(errno.EPERM, "other users may rename what is in it (another user's, or writable "
+                              "by its group or everyone without the sticky bit): set TMPDIR to a folder only you "
+                              "can write", str(place.parent))
     remove_stale(place, writer="a use")
     folder = Path(tempfile.mkdtemp(prefix=temp_prefix(place), suffix=".new", dir=place.parent))
     held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -220,17 +253,17 @@ def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> 
     """As remove_stale, for the writes of every file in `folder` (`.*.tmp`, `.*.new`): for a folder whose
     files only this tool writes, each under a name not known beforehand (the ONNX cache and its records)."""
     folder = Path(os.path.realpath(folder))
-    return _sweep(folder, ".", min_age, f"a write in {folder}")
+    return _sweep(folder, None, min_age, f"a write in {folder}")
 
 
-def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
-    """remove_stale's rule on the entries of `parent` named `PREFIX*.tmp` / `PREFIX*.new`; `writes` names
+def _sweep(parent: Path, prefix: str | None, min_age: float, writes: str) -> int:
+    """remove_stale's rule on the entries of `parent` named as temporaries of `prefix` (is_temporary); `writes` names
     whose leftovers they are, in the log."""
     removed = 0
     try:
         if _others_may_rename(os.stat(parent)):
             return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
-        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith((".tmp", ".new", ".old"))]
+        entries = [e for e in os.scandir(parent) if is_temporary(e.name, prefix)]
     except OSError:
         return 0
     for entry in entries:
@@ -265,6 +298,9 @@ def _sweep(parent: Path, prefix: str, min_age: float, writes: str) -> int:
     return removed
 
 
+_REPORTED: set[str] = set()  # the `.old` folders _report_swap_left has named in this process
+
+
 def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, writes: str) -> None:
     """Say where a folder swap killed mid-way left a `.old` folder: killed after the exchange it is the
     folder replaced, holding the user's own files not yet moved into the new one; killed just before, the
@@ -272,7 +308,7 @@ def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, wr
     it is never deleted, but said once each run until the user moves what they want and deletes it (it was
     left unsaid, for good). Not while a swap may be at work: own, a folder, unchanged (ctime: a rename sets
     it, not the mtime) for min_age, and not locked."""
-    if (st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
+    if (entry.path in _REPORTED or st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
             or time.time() - max(st.st_mtime, st.st_ctime) < min_age):
         return
     try:
@@ -285,6 +321,7 @@ def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, wr
         return  # the new copy of a swap at work
     finally:
         os.close(fd)
+    _REPORTED.add(entry.path)  # finetune sweeps beside its checkpoint each epoch: one warning a run, not each
     log.warning("warning: %s was left by %s killed mid-swap: the folder replaced (with any files of your own it "
                 "held) or the unfinished new one; move what you want from it, then delete it", entry.path, writes)
 
@@ -295,6 +332,27 @@ def _others_may_rename(folder: os.stat_result) -> bool:
     if folder.st_uid not in (0, os.geteuid()):
         return True
     return bool(folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH)) and not folder.st_mode & stat.S_ISVTX
+
+
+def make_folders(folder: str | os.PathLike, mode: int = 0o755) -> None:
+    """Create folder and any missing parents (mkdir -p) with `mode` less the umask: never writable by the group or
+    others where mode is not, whatever the umask. A folder alignsearch keeps is refused when others may write it
+    (paths.untrusted_index, backend.cache_untrusted): under umask 000 `index` made its folder 0777 and then refused
+    the index it had just made ("is writable by every user"), and every command after it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, "not a folder", str(folder))  # as mkdir(exist_ok=True) says
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, mode)
+        except FileExistsError:  # another process made it meanwhile
+            if not p.is_dir():
+                raise
 
 
 def _umask() -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
-from alignsearch.atomic import fsync_dir
+from alignsearch.atomic import fsync_dir, make_folders
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import state, vectors
 from alignsearch.storage.paths import VECTORS_FILE
@@ -127,7 +127,7 @@ def _copy(store: VectorStore, live: np.ndarray, path: Path) -> None:
     """The rows at `live`'s addresses, in that order, into a new file at path, fsync'ed with its name. Each
     chunk read is checked against its checksum (store.expect_chunks): ChunkChanged, and no file, when one
     changed since it was written; IndexDamagedError when a row is not unit length."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)  # as the index folder: others writing vectors/ would have the index refused
     try:
         with open(path, "wb") as f:
             for start in range(0, len(live), COPY):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from alignsearch import atomic
 from alignsearch.storage import catalog, layouts, state, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
@@ -222,7 +223,7 @@ def index_folders(
     # a link to a folder not made yet (`--index mine`, mine -> /mnt/big/ix): the folder it names, as its parent was
     # judged (paths.untrusted_parent); mkdir on the link itself said "File exists" (exit 1)
     made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
-    made.mkdir(parents=True, exist_ok=True)
+    atomic.make_folders(made)  # never 0777 under umask 000: the index would refuse itself (untrusted_index)
     try:
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)

@@ -217,7 +217,7 @@ def run_ray(todo: list[Found], model: str, device: str, spec: ImageSpec, store: 
         token, segments = uuid.uuid4().hex, None
         if actor_segments:
             if not store.folder.exists():
-                store.folder.mkdir()
+                atomic.make_folders(store.folder)  # as the index folder (job.py): under umask 000 too
                 vectors.fsync_dir(store.folder.parent)
             atomic.write_bytes(store.folder / RUN_TOKEN, token.encode())
             segments = str(store.folder.resolve())

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
+from alignsearch import atomic
 from alignsearch.media import sources
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.state import ModelIdentity, Reindex
@@ -87,7 +88,7 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     """Encode every indexed file without a pending vector into the next generation; returns how many."""
     progress = _progress(db, encoder, store)
     pending = VectorStore(store.folder / f"{progress.segment}.f16", encoder.dim, progress.rows)
-    pending.path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.make_folders(pending.path.parent)  # as the index folder (job.py): under umask 000 too
     vectors.fsync_dir(pending.path.parent.parent)
     pending.truncate_uncommitted()  # what a killed re-encode wrote past its last commit
     with db.connect() as conn:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run
-from helpers import alignsearch, killed_at, vector_index
+from helpers import alignsearch, killed_at, smooth_photos, vector_index
 
 from alignsearch import atomic
 
@@ -512,7 +512,8 @@ def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name
     """A file and a folder of such a name are written, and what a killed write of them left is still
     recognised by remove_stale (the temporary names carry the name cut, on a character boundary)."""
     prefix = atomic.temp_prefix(tmp_path / name)
-    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2 and name.startswith(prefix[1:-1])
+    cut, digest = prefix[1:-1].rsplit("~", 1)  # the name cut, then a digest of the whole name
+    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2 and name.startswith(cut) and len(digest) == 8
     atomic.write_bytes(tmp_path / name, b"file")
     assert (tmp_path / name).read_bytes() == b"file"
     folder = tmp_path / "d" / name
@@ -533,6 +534,53 @@ def test_a_long_names_temporaries_fit_and_a_killed_ones_are_found(tmp_path, name
     assert atomic.remove_stale(tmp_path / name) == 1 and atomic.remove_stale(folder) == 1
     assert sorted(os.listdir(tmp_path)) == sorted(["d", name]) and os.listdir(tmp_path / "d") == [name]
 
+
+
+def test_remove_stale_keeps_the_users_files_and_other_targets_leftovers(tmp_path, caplog):
+    """Every entry starting `.OUT.` and ending .tmp/.new/.old was taken for a temporary of OUT: `export lib` deleted
+    the user's own `.lib.backup.tmp` and `.lib.notes.new/` (unchanged for a minute), and swept and named as its own
+    the leftovers of `lib.parquet`. Only mkstemp's names (8 random characters) of OUT's own prefix are taken now."""
+    out = tmp_path / "OUT"
+    (tmp_path / ".OUT.notes.new").mkdir()
+    (tmp_path / ".OUT.notes.new" / "draft.txt").write_text("the user's")
+    (tmp_path / ".OUT.backup.tmp").write_text("the user's")
+    (tmp_path / ".OUT.1.old").mkdir()
+    others = [Path(tempfile.mkstemp(prefix=".OUT.parquet.", suffix=".tmp", dir=tmp_path)[1]),
+              Path(tempfile.mkdtemp(prefix=".OUT.parquet.", suffix=".old", dir=tmp_path))]
+    mine = Path(tempfile.mkstemp(prefix=".OUT.", suffix=".tmp", dir=tmp_path)[1])
+    for p in (*tmp_path.iterdir(), tmp_path / ".OUT.notes.new" / "draft.txt"):
+        _aged(p)
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(out) == 1 and not mine.exists()
+    assert not caplog.records  # `.OUT.parquet.XXXXXXXX.old` is OUT.parquet's, `.OUT.1.old` the user's
+    assert (tmp_path / ".OUT.notes.new" / "draft.txt").read_text() == (tmp_path / ".OUT.backup.tmp").read_text()
+    assert all(p.exists() for p in others)
+
+
+def test_two_long_names_cut_alike_have_their_own_temporaries(tmp_path, caplog):
+    """Two names of over 200 bytes with the same first 200 had the same `.CUT.` temporaries: a sweep for one
+    removed what a killed write of the other left and warned of the other's `.old` folder as its own."""
+    a, b = tmp_path / ("x" * 200 + "-a.parquet"), tmp_path / ("x" * 200 + "-b.parquet")
+    assert atomic.temp_prefix(a) != atomic.temp_prefix(b)
+    left = [_aged(Path(tempfile.mkstemp(prefix=atomic.temp_prefix(a), suffix=".tmp", dir=tmp_path)[1])),
+            _aged(Path(tempfile.mkdtemp(prefix=atomic.temp_prefix(a), suffix=".old", dir=tmp_path)))]
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(b) == 0
+    assert not caplog.records and all(p.exists() for p in left)
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        assert atomic.remove_stale(a, min_age=0) == 1  # its own: found (min_age: a `.old` ctime cannot be aged)
+    assert len(caplog.records) == 1 and str(left[1]) in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("name", ["é" * 100, "a" + "é" * 100, "é" * 99 + "ab", os.fsdecode(b"\xff" * 201)])
+def test_names_of_200_bytes_or_so_are_cut_on_a_character_and_found(tmp_path, name):
+    """200 bytes exactly (kept whole), 201 with a 2-byte character across the cut, undecodable bytes
+    (surrogateescape): the temporaries fit, and a killed write's leftover is found again."""
+    prefix = atomic.temp_prefix(tmp_path / name)
+    assert len(os.fsencode(prefix)) <= atomic.NAME_BYTES + 2
+    assert (prefix == f".{name}.") == (len(os.fsencode(name)) <= atomic.NAME_BYTES)
+    _aged(Path(tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_path)[1]))
+    assert atomic.remove_stale(tmp_path / name) == 1 and not os.listdir(tmp_path)
 
 # -- a folder swap killed mid-way ---------------------------------------------------------------------------
 
@@ -567,3 +615,66 @@ def test_what_a_swap_killed_mid_way_left_is_named_and_kept(tmp_path, caplog, at)
     assert "\n" not in caplog.records[0].getMessage()
     kept = {p.name: p.read_bytes() for p in [*out.iterdir(), *left[0].iterdir()]}
     assert kept["NOTES.md"] == b"the user's" and left[0].is_dir()
+
+
+@pytest.mark.slow
+def test_an_index_made_under_umask_000_is_not_refused_by_itself(tiny_model, tmp_path):
+    """`index` made its folder (and a missing parent) with mkdir's 0777 less the umask: under umask 000 the folder
+    was writable by every user, and the run refused the index it had just made ("refusing the index ...: is
+    writable by every user"), as every query after it. Its folders are never group/other-writable now."""
+    smooth_photos(tmp_path / "pics", 3)
+    ix = tmp_path / "new" / "ix"
+    old = os.umask(0o000)
+    try:
+        run("index", "--index", ix, "--model", tiny_model, tmp_path / "pics")
+        assert "photo" in run("query", "--index", ix, "a photo").output
+    finally:
+        os.umask(old)
+    assert _mode(ix) == _mode(ix.parent) == 0o755
+
+
+def test_scratch_refuses_a_temporary_folder_others_may_rename_in(ix, tmp_path, monkeypatch):
+    """In a TMPDIR writable by everyone without the sticky bit, another user could rename verify's private folder
+    away mid-use and put one of this user's own folders under its name: scratch's rmtree then emptied it (and a
+    folder of theirs there received the copy of the keyword tables). scratch refuses such a folder; verify says
+    so in one line (exit 6)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "work").mkdir()
+    (shared / "work" / "thesis.txt").write_text("the user's")
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))  # what TMPDIR gives gettempdir
+    with pytest.raises(PermissionError):  # atomic.SharedTempError
+        with atomic.scratch("alignsearch-keywords") as tmp:
+            os.rename(tmp, shared / "taken")  # another user's two renames
+            os.rename(shared / "work", tmp)
+    assert os.listdir(shared) == ["work"] and (shared / "work" / "thesis.txt").read_text() == "the user's"
+    result = run("verify", "--index", ix, code=6)
+    assert result.output.strip().splitlines()[-1].startswith("error: cannot check the keyword index: the temporary")
+    assert os.listdir(shared) == ["work"]
+    shared.chmod(0o1777)  # the sticky bit (/tmp): others may not rename this user's entries
+    with atomic.scratch("alignsearch-keywords") as tmp:
+        assert tmp.parent == shared and tmp.stat().st_mode & 0o777 == 0o700
+    assert os.listdir(shared) == ["work"]
+
+
+@pytest.mark.slow
+def test_a_swap_left_old_folder_is_named_once_a_run(pairs, tiny_model, tmp_path, monkeypatch, caplog):
+    """finetune saves its checkpoint each epoch, and each save swept beside it: a `.checkpoint.XXXXXXXX.old` a
+    killed save left was named in a warning once per epoch (three in a 3-epoch run), not once a run."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    out = tmp_path / "tuned"
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        finetune(pairs, tiny_model, out, epochs=2)
+        finetune(pairs, tiny_model, out, "--resume", epochs=3)
+    assert not caplog.records and not [p for p in (*out.iterdir(), *tmp_path.iterdir()) if p.name.startswith(".")]
+    left = Path(tempfile.mkdtemp(prefix=".checkpoint.", suffix=".old", dir=out))
+    # a minute later (its ctime cannot be set back): the sweep's clock, moved on
+    monkeypatch.setattr(atomic, "time", SimpleNamespace(time=lambda: real_time.time() + 120))
+    monkeypatch.setattr(atomic, "_REPORTED", set(), raising=False)  # a fresh run (raising: main had none)
+    with caplog.at_level("WARNING", logger="alignsearch.atomic"):
+        finetune(pairs, tiny_model, out, "--resume", epochs=6)
+    said = [r.getMessage() for r in caplog.records if str(left) in r.getMessage()]
+    assert len(said) == 1 and left.exists(), said

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from alignsearch import atomic
 from alignsearch.errors import BadInputError, UsageError
 from alignsearch.storage.paths import cache_root, untrusted
 
@@ -245,16 +246,7 @@ def cache_untrusted(folder: Path | None = None) -> str | None:
 def make_cache_dir(folder: Path) -> None:
     """Create folder and any missing parents as private (0700) folders: the umask (002 leaves them
     group-writable) must not make the cache fail its own check (cache_untrusted) next time."""
-    missing = []
-    for p in (folder, *folder.parents):
-        if p.exists():
-            break
-        missing.append(p)
-    for p in reversed(missing):
-        try:
-            os.mkdir(p, 0o700)
-        except FileExistsError:  # another process made it meanwhile
-            pass
+    atomic.make_folders(folder, 0o700)
 
 
 IN_USE = ".inuse"  # in a model's cache folder: locked shared by each process with a tower loaded from it

@@ -758,7 +758,15 @@ def keyword_problems(db_path: Path) -> list[str]:
     """FTS5's own check of the keyword tables (PRAGMA integrity_check reads FTS5 only from SQLite 3.44: flipped
     bytes in their data left every keyword query answering nothing, and verify called the index sound); [] when
     sound. The check is an INSERT, so it runs on a private temporary copy of those tables: the catalog, read
-    through a read-only URI, is never written (verify reads indexes it may not write)."""
+    through a read-only URI, is never written (verify reads indexes it may not write). BadInputError where the
+    temporary folder is one other users may rename entries in (atomic.scratch)."""
+    try:
+        return _keyword_problems(db_path)
+    except atomic.SharedTempError as exc:
+        raise BadInputError(f"cannot check the keyword index: the temporary folder {exc.filename}: {exc.strerror}") from None
+
+
+def _keyword_problems(db_path: Path) -> list[str]:
     import sqlite3
 
     with atomic.scratch("alignsearch-keywords") as tmp:  # a killed verify's copy goes at the next verify

@@ -34,6 +34,16 @@ def _found(db_path, ids, text, partial_last=False, **kwargs):
     return sorted(name for name, fid in ids.items() if fid in found)
 
 
+def _version(db_path):
+    """The catalog's schema version, read by a reader (which never upgrades it)."""
+    reader = catalog.connect(db_path, readonly=True)
+    try:
+        with reader.connect() as conn:
+            return state.read(conn).schema_version
+    finally:
+        reader.dispose()
+
+
 def _schema_8_library(db_path, files, trigram, bodies=None):
     """_library's catalog as schema 8 wrote it, widths as they are: each file's keyword text unnarrowed (or the
     body `bodies` gives it), its trigram row the text `trigram` gives it (none for a file it leaves out)."""
@@ -116,10 +126,7 @@ def test_a_schema_6_keyword_index_finds_thai_words_once_its_next_writer_upgrades
     assert _found(db_path, ids, "กรุงเทพ", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
     assert _found(db_path, ids, "ผัด", readonly=True) == ["rice.jpg"]
     assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
-    reader = catalog.connect(db_path, readonly=True)
-    with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST
-    reader.dispose()
+    assert _version(db_path) == migrate.LATEST
 
 
 def test_sara_am_written_as_nikhahit_and_sara_aa_is_the_same_vowel(tmp_path):
@@ -222,10 +229,7 @@ def test_a_schema_7_keyword_index_finds_a_latin_word_with_a_korean_particle_once
     catalog.connect(db_path).dispose()  # a writer
     assert _found(db_path, ids, "BTS", readonly=True) == ["BTS의 공연.jpg", "song.jpg"]
     assert _found(db_path, ids, "BTS의", readonly=True) == ["BTS의 공연.jpg"]
-    reader = catalog.connect(db_path, readonly=True)
-    with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST
-    reader.dispose()
+    assert _version(db_path) == migrate.LATEST
 
 
 def test_a_korean_particle_being_typed_onto_a_latin_word_is_a_word_start_as_the_whole_word_was(tmp_path):
@@ -296,10 +300,7 @@ def test_a_schema_8_keyword_index_finds_full_width_text_by_ascii_once_its_next_w
     catalog.connect(db_path).dispose()  # a writer
     assert _found(db_path, ids, "BTS", readonly=True) == _found(db_path, ids, "ＢＴＳ", readonly=True) == ["live.jpg"]
     assert _found(db_path, ids, "CD456", readonly=True) == ["wide.jpg"]
-    reader = catalog.connect(db_path, readonly=True)
-    with reader.connect() as conn:
-        assert state.read(conn).schema_version == migrate.LATEST
-    reader.dispose()
+    assert _version(db_path) == migrate.LATEST
 
 
 def test_a_code_typed_full_width_still_finds_a_schema_8_trigram_index_inside_longer_tokens(tmp_path):

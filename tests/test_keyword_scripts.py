@@ -7,6 +7,7 @@ the noun it follows: `서울` (Seoul) found neither `서울에서` (in Seoul) no
 
 from __future__ import annotations
 
+import sqlite3
 import unicodedata
 
 from alignsearch.storage import catalog, keywords, migrate, state
@@ -335,3 +336,42 @@ def test_full_width_text_typed_still_finds_a_schema_8_word_index_before_its_writ
     catalog.connect(db_path).dispose()  # a writer upgrades it
     for text, name in (("２０２４年", "summer.jpg"), ("2024年", "summer.jpg"), ("ｶﾞｲﾄﾞ", "guide.jpg"), ("ガイド", "guide.jpg")):
         assert _found(db_path, ids, text, readonly=True) == [name], text
+
+
+def test_every_scripts_decimal_digits_are_ascii_digits_both_ways(tmp_path):
+    """Thai (`๒๕๖๗`, the Buddhist year 2567), Arabic-Indic (`٢٠٢٤`) and Devanagari (`२०२४`) digits: a number is typed
+    in either, and neither unicode61 nor the match check's NFKD folds them, so `2567` found no `ปี๒๕๖๗` and `๒๕๖๗`
+    typed found no `2567`. Now they are ASCII digits on both sides (keywords.narrow)."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"thai.jpg": "งานวัด ปี๒๕๖๗", "ascii.jpg": "fair 2567", "arabic.jpg": "معرض ٢٠٢٤",
+                        "hindi.jpg": "मेला २०२४", "plain.jpg": "a white wall"})
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("2567") == kw("๒๕๖๗") == ["ascii.jpg", "thai.jpg"]
+        assert kw("2024") == kw("٢٠٢٤") == kw("२०२४") == ["arabic.jpg", "hindi.jpg"]
+    conn_db = catalog.connect(db, readonly=True)
+    with conn_db.connect() as conn:  # the default mode's keyword list: caption evidence
+        auto = keywords.search(conn, keywords.parse("2567", partial_last=True), 10, evidence_only=True)
+        assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == ["ascii.jpg", "thai.jpg"]
+    conn_db.dispose()
+    assert keywords.narrow("ปี๒๕๖๗ ٢٠٢٤ ทำ") == "ปี2567 2024 ทำ"  # Thai letters and marks stay
+
+
+def test_a_schema_10_index_finds_native_digits_as_typed_and_by_ascii_once_upgraded(tmp_path):
+    """A schema-10 index holds `๒๕๖๗` as written: a reader (which never upgrades) still finds it typed so (the query
+    also looks for its words unnarrowed, Atom.wide); the next writer writes the keyword tables again
+    (migrate._digit_keywords) and `2567` finds it."""
+    db_path = tmp_path / "catalog.db"
+    files = {"thai.jpg": "งานวัด ปี๒๕๖๗", "other.jpg": "งานวัด"}
+    # the text as schema 10 wrote it: spaced (a Thai letter with its marks a token), digits as they are
+    ids = _schema_8_library(db_path, files, {}, {n: keywords._spaced_wide(catalog.keyword_text(n, c)) for n, c in files.items()})
+    with sqlite3.connect(db_path) as conn:  # schema 10 wrote digits as they are (no writer's connect: it upgrades)
+        conn.execute("UPDATE meta SET value = '10' WHERE key = 'schema_version'")
+    conn.close()
+    assert _found(db_path, ids, "๒๕๖๗", readonly=True) == ["thai.jpg"]  # as it stands, typed as written
+    assert _found(db_path, ids, "2567", readonly=True) == []
+    catalog.connect(db_path).dispose()  # a writer upgrades it
+    assert _found(db_path, ids, "2567", readonly=True) == _found(db_path, ids, "๒๕๖๗", readonly=True) == ["thai.jpg"]
+    assert _version(db_path) == migrate.LATEST

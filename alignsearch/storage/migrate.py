@@ -138,6 +138,13 @@ def _width_keywords(conn) -> None:
     _keywords_again(conn)
 
 
+def _digit_keywords(conn) -> None:
+    """The keyword index and its trigram twin written again with every script's decimal digits as ASCII digits
+    (keywords.narrow): an index written before held `ปี๒๕๖๗` as `ปี ๒๕๖๗`, so `2567` (and `2024` in `٢٠٢٤`) did not
+    find it. Made again as the steps before did (_keywords_again)."""
+    _keywords_again(conn)
+
+
 def _content_index(conn) -> None:
     """files_sha256 on (sha256, moment) instead of sha256 alone: a search reads the rows holding each hit's content
     (search/onefile.py, catalog.rows_holding), and every moment of a video holds the video's hash, so each video
@@ -191,6 +198,7 @@ STEPS: tuple[Step, ...] = (
     Step(9, "keyword index: full-width ASCII as ASCII, half-width katakana full-width (ＢＴＳ: bts)", _width_keywords),
     Step(10, "files_sha256 indexes (sha256, moment): a video's moment found without walking its others",
          _content_index),
+    Step(11, "keyword index: every script's decimal digits as ASCII digits (๒๕๖๗: 2567)", _digit_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

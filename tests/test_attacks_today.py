@@ -89,8 +89,9 @@ def shared():
 
 def test_another_user_cannot_have_the_sweep_delete_what_they_renamed_into_a_leftovers_name(shared):
     """In a folder others may write (without the sticky bit) another user can rename any of this user's
-    entries, though not delete what is inside them. Renamed to `.OUT.XXXX.new` (or `.tmp`) it is this
-    user's, unlocked and old: the sweep would do the deleting for them."""
+    entries, though not delete what is inside them. Renamed to `.OUT.XXXXXXXX.new` (or `.tmp`; shaped as mkstemp
+    names them, which is all a sweep takes) it is this user's, unlocked and old: the sweep would do the deleting
+    for them."""
     precious = shared / "photos-2019"  # root's folder of root's files, beside where root exports
     precious.mkdir()
     (precious / "a.jpg").write_bytes(b"root's photo")
@@ -99,11 +100,11 @@ def test_another_user_cannot_have_the_sweep_delete_what_they_renamed_into_a_left
     for path in (precious / "a.jpg", precious, report):
         _aged(path)
     out = shared / "OUT"
-    subprocess.run(["sh", "-c", 'mv "$1" "$2" && mv "$3" "$4"', "rename", str(precious), str(shared / ".OUT.x1y2.new"),
-                    str(report), str(shared / ".OUT.z3w4.tmp")], check=True, preexec_fn=as_nobody)
+    subprocess.run(["sh", "-c", 'mv "$1" "$2" && mv "$3" "$4"', "rename", str(precious), str(shared / ".OUT.x1y2z3w4.new"),
+                    str(report), str(shared / ".OUT.z3w4q5r6.tmp")], check=True, preexec_fn=as_nobody)
     assert atomic.remove_stale(out) == 0
-    assert (shared / ".OUT.x1y2.new" / "a.jpg").read_bytes() == b"root's photo"
-    assert (shared / ".OUT.z3w4.tmp").read_bytes() == b"root's earlier export"
+    assert (shared / ".OUT.x1y2z3w4.new" / "a.jpg").read_bytes() == b"root's photo"
+    assert (shared / ".OUT.z3w4q5r6.tmp").read_bytes() == b"root's earlier export"
 
 
 def test_a_leftover_replaced_by_a_link_between_its_stat_and_its_open_is_not_followed(tmp_path, monkeypatch):

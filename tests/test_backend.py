@@ -722,7 +722,8 @@ def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
     folder = next(cache.glob("onnx/*"))
-    stale, live = folder / ".vision-fp32.onnx.abc123.tmp", folder / ".vision-fp32.onnx.def456.tmp"
+    # named as mkstemp names them (8 random characters): a sweep takes no other name (atomic.is_temporary)
+    stale, live = folder / ".vision-fp32.onnx.abc12345.tmp", folder / ".vision-fp32.onnx.def45678.tmp"
     stale.write_bytes(b"half an export")
     live.write_bytes(b"another process, still writing")
     os.utime(stale, (1, 1))

@@ -421,7 +421,7 @@ def test_remove_stale_deletes_only_what_a_killed_write_left(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep").write_text("the user's")
-    link = tmp_path / ".OUT.planted.new"
+    link = tmp_path / ".OUT.planted8.new"  # shaped as mkstemp names (8 characters): a link is never swept
     link.symlink_to(victim, target_is_directory=True)
     _aged(link)
     with atomic.writing(out) as f:  # a write at work: its temporary file locked, here made old

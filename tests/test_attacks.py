@@ -193,6 +193,7 @@ def _opened_by(pid: int, path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_tower_loaded_while_its_folder_is_being_removed_is_not_used_from_the_removed_folder(exported_cache):
     """The remover holds a superseded folder's IN_USE lock exclusively while it renames the folder away and
     deletes it; a process loading a tower from that folder at that moment got no shared lock, went on

@@ -396,6 +396,7 @@ DAMAGED_META = [("schema_version", '"banana"'), ("schema_version", "1e400"), ("s
                 ("roots", "{}")]
 
 
+@pytest.mark.slow
 def test_a_damaged_value_in_the_meta_table_is_reported_as_damage_in_one_line(indexed_images, tmp_path):
     """Each value of the catalog's meta table (the schema version, the model, the vector rows, the roots) was
     converted without a check: one that no alignsearch writes (bytes flipped, a hand edit) made every command
@@ -426,6 +427,7 @@ DAMAGED_OBJECTS = [("tuning", "[1]"), ("tuning", '{"nprobe": "8"}'), ("ann_files
                    ("reindex", '{"model": 1}')]
 
 
+@pytest.mark.slow
 def test_a_damaged_object_in_the_meta_table_is_damage_named_by_its_key(indexed_images, tmp_path):
     """The values other modules interpret whole (ANN tuning and files, tagging runs, root options, listing
     errors, list columns, the encoder plan) were taken unchecked: `tuning` [1] made info and index fail with an

@@ -113,6 +113,7 @@ def test_forget_drops_the_roots_captions_text_and_keyword_rows(tmp_path, tiny_mo
     assert run("verify", "--index", ix, "--skip-model").exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_root_taken_over_by_its_parent_folder_is_found_by_its_folders_name(tmp_path, tiny_model):
     """`index LIB` after `index LIB/zanzibar`: the files of LIB/zanzibar move under LIB (ids and vectors kept),
     their paths become zanzibar/NAME, but their keyword text kept the old path's words: a keyword search for

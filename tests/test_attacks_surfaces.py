@@ -64,6 +64,7 @@ def statuses(answer: bytes) -> list[int]:
 # -- the CLI through the server answers as the CLI alone ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_per_video_over_a_thousand_is_answered_alike_through_the_server(served):
     """The server capped per_video at 1000 (422) where request.build, the CLI and Engine.search take any whole
     number from 1: `query --per-video 5000` searched alone, but failed with exit 6 once a server ran."""

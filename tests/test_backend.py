@@ -452,6 +452,7 @@ def test_an_int8_refusal_recorded_before_records_said_where_is_measured_again_on
     assert again.plan.text == enc.plan.text and "quantized again" not in again.plan.why  # measured once
 
 
+@pytest.mark.slow
 def test_machines_sharing_a_cache_each_keep_their_own_refusal(tiny_model, exported_cache, monkeypatch):
     """A cache shared by machines of two CPUs (an NFS home): the int8 refusal was one record per key, which each
     machine overwrote with its own, so each measured (quantized) again whenever the other had run in between."""

@@ -216,6 +216,7 @@ def test_a_compaction_killed_after_its_commit_is_finished_by_a_run_that_may_not_
     assert fixed_answers(ix) == want and verify_problems(ix) == []
 
 
+@pytest.mark.slow
 def test_a_re_encode_after_a_compaction_deletes_the_old_generation_under_vectors_next(indexed_images, caplog):
     """The live generation lies under vectors/next/ after a compaction: the re-encode's switch deletes it, as
     it deletes the rest of the old generation, and says so (it stayed, taking the disk of every live row,

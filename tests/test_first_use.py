@@ -90,6 +90,7 @@ def test_interrupted_first_run_is_searchable_and_info_says_so(interrupted):
 # -- item 3: the index folder is never a root, never listed -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_index_folder_is_refused_as_a_root_and_never_listed(tmp_path, tiny_model):
     import json
     import shutil

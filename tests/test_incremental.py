@@ -64,6 +64,7 @@ def test_rename_move_duplicate_touch_reuse_vectors(tmp_path, tiny_model):
     assert info["images"] == 8 and info["index"]["vectors"] == 8
 
 
+@pytest.mark.slow
 def test_reindex_switches_the_model(indexed_images, other_model):
     root, ix = indexed_images(4)
     assert run("index", "--index", ix, "--model", other_model, code=5)
@@ -74,6 +75,7 @@ def test_reindex_switches_the_model(indexed_images, other_model):
     assert engine.search(image=root / "img001.jpg", k=1)[0].score == pytest.approx(1, abs=2e-3)
 
 
+@pytest.mark.slow
 def test_a_run_marks_itself_under_way_once_a_reindex_too(indexed_images, other_model, monkeypatch):
     """`index --reindex` wrote the run-under-way mark twice, once as its re-encode began (_reindex) and again as
     the ordinary run after it began (_index), each a transaction of its own, the second moving the recorded start

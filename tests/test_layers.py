@@ -2,6 +2,8 @@
 had fallen 11 modules behind the code; issue 26)."""
 
 import re
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +48,7 @@ def test_the_architecture_tables_name_every_module_and_no_other():
         assert named == have, (folder, "missing:", sorted(have - named), "not a module:", sorted(named - have))
 
 
+@pytest.mark.slow
 def test_no_test_module_imports_another():
     """Tests share code through tests/helpers.py (and conftest.py's fixtures), never by importing another test
     module: test_old_schema imported dump and hashes from test_state, which ran test_state's module code (its

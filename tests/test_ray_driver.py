@@ -79,6 +79,7 @@ def test_an_actor_that_cannot_load_the_model_is_a_model_load_error():
     assert type(died) is AlignSearchError and "died on the same batch 3 times" in str(died)
 
 
+@pytest.mark.slow
 def test_ray_is_shut_down_once_the_runs_threads_have_ended_or_parked():
     """Ray Data leaves its iterator's threads running when the iterator is closed (a stop part way): Ray shut down
     under one still in a Ray call ended the process at once (exit 1, "The core worker has already been shutdown").

@@ -421,6 +421,7 @@ def test_a_cache_with_an_older_manifest_is_used_without_exporting_again(tiny_mod
     assert again.plan == Plan("onnx", "fp32", "fp32") and float(got[0] @ want[0]) >= 0.9999
 
 
+@pytest.mark.slow
 def test_the_engine_keeps_one_encoder_and_a_text_only_one_gives_way(tiny_model, tmp_path, monkeypatch):
     import alignsearch
     from alignsearch.encoders.cached import CachedText

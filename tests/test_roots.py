@@ -15,6 +15,7 @@ def _paths(ix):
     return sorted(h["path"] for h in hits)
 
 
+@pytest.mark.slow
 def test_a_folder_inside_a_known_root_is_not_indexed_twice(tmp_path, tiny_model):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 2)
@@ -29,6 +30,7 @@ def test_a_folder_inside_a_known_root_is_not_indexed_twice(tmp_path, tiny_model)
     assert info["roots"] == [str(root)] and info["images"] == 5
 
 
+@pytest.mark.slow
 def test_a_folder_that_contains_a_known_root_takes_its_files_over(tmp_path, tiny_model):
     parent, ix = tmp_path / "all", tmp_path / "ix"
     make_images(parent / "photos", 3)
@@ -107,6 +109,7 @@ def test_roots_lists_counts_and_state_and_forget_removes_a_root(tmp_path, tiny_m
     assert index_json(ix)["removed"] == 0  # a later run does not bring it back
 
 
+@pytest.mark.slow
 def test_include_hidden_is_remembered_per_root(tmp_path, tiny_model):
     a, b, ix = tmp_path / "a", tmp_path / "b", tmp_path / "ix"
     make_images(a, 1)

@@ -53,6 +53,7 @@ def test_verify_after_a_run_stopped_before_its_ann_index_says_so_and_exits_0(ind
     finished_and_clean(ix, 10)
 
 
+@pytest.mark.slow
 def test_verify_after_a_first_run_killed_before_its_ann_index_exits_0(tmp_path, tiny_model):
     photos, ix = make_images(tmp_path / "photos", 4)[0].parent, tmp_path / "ix"
     proc = killed_at(BEFORE_ANN, "before", "index", photos, "--index", ix, "--model", tiny_model, "--device", "cpu",

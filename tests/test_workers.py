@@ -393,6 +393,7 @@ def test_images_over_a_workers_pixel_budget_decode_one_at_a_time(turn):
         holder.kill()
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_it_decodes_leaves_no_file_of_its_pools_turn(tmp_path, tiny_model):
     """The pool's turn was a named temporary file, left in the temp folder by every run killed -9 while it
     decoded (the tests kill runs on purpose, users do too): /tmp held dozens of alignsearch-decode-*.lock."""

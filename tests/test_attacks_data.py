@@ -475,6 +475,7 @@ def test_kill_9_while_phashes_are_filled_leaves_none_half_written_and_the_next_r
 
 # -- 7. a catalog that lacks one of its tables -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", ["photos", "tags", "phashes", "keywords", "keywords_trigram", "fill_failures"])
 def test_verify_finds_a_table_gone_from_the_catalog_and_repairs_the_keyword_index(indexed_images, tmp_path, table):
     """A version 3 catalog has every table, and readers rely on it (migrate.py). One dropped (a hand edit, another

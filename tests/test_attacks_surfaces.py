@@ -322,6 +322,7 @@ def test_a_request_body_sent_slowly_is_cut_off_too(served, tmp_path):
         engine.close()
 
 
+@pytest.mark.slow
 def test_serve_with_an_empty_host_is_a_usage_error_not_every_interface(served, tmp_path):
     """--host "" (an unset variable in a script) listened on every interface while it printed 127.0.0.1."""
     shutil.copytree(served["alone"], tmp_path / "ix")

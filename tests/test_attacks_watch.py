@@ -547,6 +547,7 @@ def test_an_index_made_before_listed_was_recorded_reads_its_captions_again_once(
     assert index_folders([], **job).times["extra"]["captions_read_again"] == 0
 
 
+@pytest.mark.slow
 def test_a_scoped_run_reads_again_only_the_captions_changed_since_its_folder_was_last_listed(tmp_path, tiny_model,
                                                                                              monkeypatch):
     """Scoped runs never recorded up to when they had read captions (root option listed is a whole listing's), so

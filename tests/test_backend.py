@@ -387,6 +387,7 @@ def test_a_cache_error_names_the_entry_in_the_way():
 
 
 # -- precision ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_int8_text_tower_on_a_model_that_quantizes(tmp_path, cache):
     model = build_tiny_align(tmp_path / "m", text_init=0.02, text_hidden=64)  # trained-like weight scale
     exact = Encoder(str(model), device="cpu")

@@ -57,6 +57,7 @@ def test_json_echoes_a_name_that_is_not_utf8_as_every_path_shows_it(odd_names, t
     assert json.loads(outputs["classify"].stdout)[0]["image"] == shown
 
 
+@pytest.mark.slow
 def test_classify_prints_names_and_labels_escaped_one_line_each(odd_names):
     root, ix = odd_names
     proc = alignsearch("classify", root / "x\x1b[31mred\nline.png", "--labels", "a\x1b[2J", "--labels", "b",

@@ -105,6 +105,7 @@ def test_compaction_keeps_every_answer_and_frees_the_dead_rows(indexed_images, t
     assert _files(ix) == (main, segments)
 
 
+@pytest.mark.slow
 def test_new_files_after_a_compaction_go_to_vectors_f16(indexed_images, tmp_path):
     from conftest import make_images
 
@@ -386,6 +387,7 @@ def _compact_on_first_read(monkeypatch, ix) -> list:
     return switched
 
 
+@pytest.mark.slow
 def test_an_index_run_compacts_when_due_unless_told_not_to(indexed_images, tmp_path, monkeypatch):
     """The end of a plain `index` run applies the rule (here at a size a test can reach), and --no-compact
     overrides it."""

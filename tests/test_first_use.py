@@ -247,6 +247,7 @@ def test_killed_servers_record_is_removed_once_and_a_busy_port_explained(indexed
 # -- item 7: small lies ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_small_lies_format_aliases_zero_tags_threshold_usage_exact_copy_and_restored_shard(tmp_path, tiny_model):
     import json
     import shutil

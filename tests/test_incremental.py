@@ -210,6 +210,7 @@ def test_a_reader_opening_across_a_publish_picks_up_the_run_on_its_next_refresh(
     assert len(engine.search_vector(query, k=1000)) == 25
 
 
+@pytest.mark.slow
 def test_verify_finds_and_repairs_damage(indexed_images):
     from alignsearch.storage.ann import read, remove, write_atomic
 

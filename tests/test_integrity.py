@@ -222,6 +222,7 @@ def test_reindex_is_not_mixed_with_an_ordinary_run(indexed_images, tiny_model, o
 # -- 2. the model's identity does not depend on where its folder lies --------------------------------
 
 
+@pytest.mark.slow
 def test_a_moved_model_folder_keeps_the_index_usable(tmp_path, tiny_model, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
@@ -343,6 +344,7 @@ def test_unit_length_damage_to_vectors_is_never_served(built):
     assert self_hits(ix, root)
 
 
+@pytest.mark.slow
 def test_random_bytes_in_the_ann_file_are_never_served(built):
     root, ix = built
     path = ix / "index.faiss"
@@ -361,6 +363,7 @@ def test_random_bytes_in_the_ann_file_are_never_served(built):
         assert all(-1 <= h.score <= 1 for h in engine.search(text="red", k=41))
 
 
+@pytest.mark.slow
 def test_a_damaged_ann_header_is_reported_not_crashed_on(built):
     root, ix = built
     path = ix / "index.faiss"
@@ -460,6 +463,7 @@ def test_numbers_no_writer_stores_are_one_line_of_damage(built, sql, said):
         assert said in run("index", "--index", ix, "--device", "cpu", code=7).output
 
 
+@pytest.mark.slow
 def test_a_damaged_perceptual_hash_is_refused_found_and_taken_again(built):
     """A hash not in the form the writer stores made dupes and --collapse die on ValueError (exit 1) while verify
     said ok; now both refuse it in one line, verify finds it, --repair drops it and `index` takes it again."""

@@ -85,6 +85,7 @@ _QUERY_WORDS = [*_WORDS, '"', "AND", "OR", '"red car"', '"red red car"', '"car r
                 "서*", '"서울"', "BT", "BTS", "ca", '"INV-4711"', "INV-471", "BTS에서"]
 
 
+@pytest.mark.slow
 def test_the_lazy_check_holds_where_the_check_it_replaced_held():
     """keywords.evidence (whole words by a set lookup, phrases skipped when the text lacks their first word) says
     what the scan of every atom over every word said, on texts and queries drawn from every script and kind of atom,

@@ -260,6 +260,7 @@ def test_opening_a_folder_without_an_index_gives_up_at_once_and_says_why(tmp_pat
     assert str(raised.value) == f"{tmp_path / ANN_FILE} is missing: run `alignsearch index` to build it"
 
 
+@pytest.mark.slow
 def test_an_index_that_never_opens_is_given_up_on_within_the_retry_bounds(tmp_path):
     """Bytes the recorded checksum never matches (damage, not a publish): tried `tries` times at most, none
     started past the budget, then reported as damaged in one line."""

@@ -107,6 +107,7 @@ def test_a_moved_model_of_that_era_is_refused_in_one_line_not_called_damage(v1):
     assert len(out.output.strip().splitlines()) == 1 and "--reindex" in out.output, out.output
 
 
+@pytest.mark.slow
 def test_index_upgrades_an_aa1526b_index_in_place_keeping_its_vectors(v1, tmp_path):
     known_model(v1)
     ix = v1 / ".alignsearch"

@@ -460,6 +460,7 @@ def test_a_text_query_reports_what_its_tower_ran_on(tiny_model, tmp_path, export
     assert (got["backend"], got["text_precision"]) == ("onnx", "fp32") and full.plan.why in got["note"], got
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_text_tower_gives_the_full_encoder_through_the_one_fallback(tiny_model, tmp_path,
                                                                                      exported_cache, caplog):
     import alignsearch

@@ -385,6 +385,7 @@ def test_a_link_in_a_folder_another_user_made_in_a_shared_one_is_refused(tmp_pat
     assert safeopen.read_fd(safeopen.open_under(shared, "album/x.txt", follow_last=True), 100) == b"SECRET"
 
 
+@pytest.mark.slow
 @needs_root
 def test_a_planted_link_swapped_in_while_a_file_is_opened_is_never_followed(tmp_path, link_walk):
     """The owner was judged on one lookup of the name and the file opened on another: another user exchanging a

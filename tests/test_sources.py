@@ -132,6 +132,7 @@ def test_webdataset_shards_index_like_the_folder(tmp_path, corpus, tiny_model):
     assert (again["added"], again["unchanged"]) == (0, 19)
 
 
+@pytest.mark.slow
 def test_url_prefix_through_fsspec(tmp_path, corpus, tiny_model):
     """file:// goes through fsspec in the decode workers; memory:// is in-process only, so 0 workers."""
     import fsspec

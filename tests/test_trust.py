@@ -364,6 +364,7 @@ def test_loopback_is_an_address_not_a_name_prefix():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
 
 
+@pytest.mark.slow
 def test_no_token_is_refused_for_a_name_that_looks_like_loopback(tmp_path):
     proc = alignsearch("serve", "--no-token", "--host", "127.example.com", "--index", tmp_path)
     assert proc.returncode == 2 and "--no-token is for loopback only" in proc.stderr, proc.stderr

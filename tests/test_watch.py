@@ -348,6 +348,7 @@ def test_an_error_in_one_run_is_reported_and_the_watch_goes_on(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as before
 
 
+@pytest.mark.slow
 def test_runs_of_one_watch_load_the_model_once_and_another_model_when_the_index_changes(tmp_path, tiny_model,
                                                                                        monkeypatch):
     """index_folders with an EncoderCache (what the watch passes) loads the encoder on its first run only; after
@@ -950,6 +951,7 @@ def test_url_roots_are_not_watched_but_listed_again_every_interval(tmp_path, tin
     assert w.stop() == 130
 
 
+@pytest.mark.slow
 def test_watch_options_are_documented(tmp_path):
     helped = alignsearch("index", "--help")
     assert all(option in helped.stdout for option in ("--watch", "--watch-polling", "--watch-interval", "JSON lines"))

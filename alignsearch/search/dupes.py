@@ -313,9 +313,10 @@ def _one_per_file(ids: list[int], rows: dict) -> list[int]:
     from alignsearch.search import onefile
 
     best: dict = {}
+    reals: dict = {}  # onefile.named's memo: each folder's real path looked up once for the group, not once a row
     for i in (i for i in ids if i in rows):
         row = rows[i]
-        (file, _), shown = onefile.named(row)
+        (file, _), shown = onefile.named(row, reals)
         order = (shown[:3], row.moment, row.id)
         if file not in best or order < best[file][0]:
             best[file] = (order, i)

@@ -214,3 +214,27 @@ def test_the_rows_of_a_moments_content_are_found_by_the_index_on_sha256_and_mome
     db.dispose()
     assert sorted((r.sha256[-1], r.moment) for r in found) == [("0", 7), ("1", 3)]
     assert "files_sha256 (sha256=? AND moment=?)" in plan, plan
+
+
+@pytest.mark.slow
+def test_a_link_beside_a_photo_whose_name_is_not_utf8_is_one_hit_shown_by_that_name(tmp_path, tiny_model):
+    """The key is the real path as bytes: a photo whose name is not UTF-8 and holds a control character, with a
+    symlink beside it, is one hit (its own name, not the link's), and a second real file of the same bytes stays a
+    hit of its own."""
+    import os
+    import shutil
+
+    import alignsearch
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    photos = make_images(lib, 2)
+    odd = os.path.join(os.fsencode(lib), b"\xffph\x01oto.jpg")
+    os.rename(photos[0], odd)
+    os.symlink(odd, os.path.join(os.fsencode(lib), b"z-link.jpg"))
+    copy = lib / "copy.jpg"
+    shutil.copyfile(odd, copy)  # same bytes, another file
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    with alignsearch.open(ix, device="cpu") as engine:
+        hits = engine.search(text="x", k=10)
+    names = sorted(os.fsencode(h.path) for h in hits)
+    assert names == sorted([odd, os.fsencode(copy), os.fsencode(photos[1])]), names

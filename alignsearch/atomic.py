@@ -96,13 +96,13 @@ def follow_umask(path: Path) -> None:
 
 
 def _temp_file(path: Path, mode: int) -> tuple[int, str]:
-    if path.is_dir() and not path.is_symlink():  # os.replace would fail only after all the writing
-        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
-    try:
+    try:  # one lstat for both questions (every write, each thumbnail, asked three times)
         st = os.lstat(path)
-        replaced = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
     except OSError:
-        replaced = None
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):  # a folder, not a link to one: os.replace would fail only
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))  # after all the writing
+    replaced = stat.S_IMODE(st.st_mode) if st is not None and stat.S_ISREG(st.st_mode) else None
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held while fd is open: this write is at work (remove_stale)
     # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others

@@ -977,7 +977,6 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
     moments: dict = {}
     at = 0
     held: dict[onefile.Key, int] = {}  # entry -> its slot in keep
-    shared: set[tuple[str, int]] = set()  # (sha256, moment) held by more than one row: their files have other names
     reals: dict[int, bytes | None] = {}  # real paths looked up, by id: each row's links resolved once a search
     contents: dict[tuple[str, int], dict[int, catalog.FileRow]] = {}  # the rows of each (sha256, moment) read
     while len(keep) < k and at < len(order):
@@ -988,7 +987,6 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
         for other in catalog.rows_holding(conn, ((r.sha256, r.moment) for r in found.values())):  # the index's range
             contents.setdefault((other.sha256, other.moment), {})[other.id] = other
         step_shared = {c for c in ((r.sha256, r.moment) for r in found.values()) if len(contents.get(c, ())) > 1}
-        shared |= step_shared
         keyed = {r.id: onefile.named(r, reals)[0] if (r.sha256, r.moment) in step_shared else onefile.key(r, alone=True)
                  for r in found.values()}
         for i in step:
@@ -1006,8 +1004,9 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
             keep.append(i)
             if len(keep) == k:
                 break
+    # the kept files whose content more than one row holds: their files may have other names to show
     _shown_rows(ids, order, keep, rows, {e: s for e, s in held.items()
-                                               if (rows[int(ids[keep[s]])].sha256, e[1]) in shared},
+                                               if len(contents.get((rows[int(ids[keep[s]])].sha256, e[1]), ())) > 1},
                 admits, reals, contents)
     return np.array(keep, dtype=np.int64), rows
 

@@ -7,8 +7,8 @@ resolved links) called them one file. Every place now asks this module.
 
 - The key (file_key): a local file's real path (symlinks resolved, as bytes: a name that is not UTF-8 stays whole),
   with the video moment; a URL or tar member keys by its own path. Resolving costs an lstat per path component, so
-  it is done only for rows whose content (sha256, moment) another indexed row holds (catalog.shared_contents: one
-  indexed query per read of hits): one file has one content, so a row whose content is its own cannot be another
+  it is done only for rows whose content (sha256, moment) another indexed row holds (a search reads the rows holding
+  its hits' contents, catalog.rows_holding, per read of hits; catalog.shared_contents for a few ids): one file has one content, so a row whose content is its own cannot be another
   row's file, and its name stands for it with no system call (`alone`).
 - Which row represents a file (shown_first): the file's own name (direct): its real path, or that path reached
   through a link above the root's folder (a folder that is itself a symlink), not through a symlink below it, not

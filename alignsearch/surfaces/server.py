@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import alignsearch
 from alignsearch.storage import catalog
-from alignsearch.search import querycheck
+from alignsearch.search import onefile, querycheck
 from alignsearch import safeopen
 from alignsearch.media import sources
 from alignsearch.search import engine as engine_module
@@ -620,7 +620,6 @@ class Library:
         held = self._same
         if held[0] == signature:
             return held[1]
-        from alignsearch.search import onefile
 
         same = frozenset(onefile.left_out(conn))
         self._same = (signature, same)

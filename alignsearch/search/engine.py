@@ -686,8 +686,10 @@ class Engine:
             order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude),
                                     _admits(ids[order] if opts.mode == "keyword" else allowed, opts.exclude))
             capped = len(order) < min(passed, opts.k) and passed == len(ids)
-            chosen = ids[order].tolist()
-            photos, labels = catalog.photos_of(conn, chosen), catalog.labels_of(conn, chosen)
+            # each hit's metadata is its shown row's, read by that row's id: by the ranked id, a file's folder row was
+            # shown with a list's caption (or tags, OCR text) of the same bytes, beside a path that has none of it
+            shown = [rows[i].id for i in ids[order].tolist() if i in rows]
+            photos, labels = catalog.photos_of(conn, shown), catalog.labels_of(conn, shown)
         hits = []
         for i in order:
             if int(ids[i]) not in rows:  # a writer removed it since its address was read: gone, as on the next search
@@ -702,7 +704,8 @@ class Engine:
                     made_of.update(belief=round(float(beliefs[i]), 6), keyword_share=round(float(scores[i] - beliefs[i]), 6))
                 if model_z is not None:  # the gate's measure: the query's best cosine in null sds
                     made_of["model_z"] = round(model_z, 3)
-            hits.append(_hit(rows[int(ids[i])], float(scores[i]), photos.get(int(ids[i])), labels.get(int(ids[i]), []),
+            row = rows[int(ids[i])]
+            hits.append(_hit(row, float(scores[i]), photos.get(row.id), labels.get(row.id, []),
                              similarity=float(similarity[i]), parts=made_of))
         return sort_hits(hits, opts.sort), capped
 

@@ -967,14 +967,15 @@ def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarr
 
 
 def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None, seen: set[onefile.Key],
-              admits: Callable[[list[int]], np.ndarray] | None = None) -> tuple[np.ndarray, dict[int, catalog.FileRow]]:
+              admits: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, dict[int, catalog.FileRow]]:
     """The ranking cut at k with each file once (onefile.py), and at most `cap` moments of any one video (None: no
     cap), with the catalog rows of the ids kept. A file two roots or a symlink name has a row each: both ranked,
     with the one vector they share, and `query` showed it twice. A file holds its best place; the row shown for it
-    is onefile.shown_first's among its rows the search may show (`admits`; None: those it ranked): its real path,
-    not a link's name or a file:// URL, whichever ranked first. `seen`: entries already out. The first read is of
-    the top k, the rows the hits need anyway; further reads go down the ranking, each at least as long as all
-    before it, until k files are in (a dropped name never leaves fewer than k when more files were ranked)."""
+    is onefile.shown_first's among its rows the search may show (`admits`, from _admits: the filters' ids, not
+    those left out): its real path, not a link's name or a file:// URL, whichever ranked first. `seen`: entries
+    already out. The first read is of the top k, the rows the hits need anyway; further reads go down the ranking,
+    each at least as long as all before it, until k files are in (a dropped name never leaves fewer than k when
+    more files were ranked)."""
     keep: list[int] = []
     rows: dict[int, catalog.FileRow] = {}
     moments: dict = {}
@@ -1008,14 +1009,14 @@ def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None,
             if len(keep) == k:
                 break
     # the kept files whose content more than one row holds: their files may have other names to show
-    _shown_rows(ids, order, keep, rows, {e: s for e, s in held.items()
-                                               if len(contents.get((rows[int(ids[keep[s]])].sha256, e[1]), ())) > 1},
+    _shown_rows(ids, keep, rows, {e: s for e, s in held.items()
+                                  if len(contents.get((rows[int(ids[keep[s]])].sha256, e[1]), ())) > 1},
                 admits, reals, contents)
     return np.array(keep, dtype=np.int64), rows
 
 
-def _shown_rows(ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict, held: dict,
-                admits: Callable[[list[int]], np.ndarray] | None, reals: dict, contents: dict) -> None:
+def _shown_rows(ids: np.ndarray, keep: list[int], rows: dict, held: dict,
+                admits: Callable[[list[int]], np.ndarray], reals: dict, contents: dict) -> None:
     """Each kept file shown by its preferred row (onefile.shown_first) among its rows the search may show, at the
     place and with the scores of its best-ranked row (they share one vector; a row ranked below it, or not a
     candidate at all when the ranking was cut at k, is the same file). Its other rows share its content: they
@@ -1025,10 +1026,7 @@ def _shown_rows(ids: np.ndarray, order: np.ndarray, keep: list[int], rows: dict,
         return
     best = {entry: int(ids[keep[slot]]) for entry, slot in held.items()}
     others = [r for entry, i in best.items() for r in contents.get((rows[i].sha256, entry[1]), {}).values()]
-    if admits is None:
-        ranked = set(ids[order].tolist())
-        others = [r for r in others if r.id in ranked]
-    elif others:
+    if others:
         others = [r for r, ok in zip(others, admits([r.id for r in others])) if ok]
     shown: dict[onefile.Key, tuple] = {}
     for row in others:

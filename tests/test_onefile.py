@@ -12,13 +12,13 @@ from conftest import index_json, make_images, run
 
 @pytest.fixture(scope="module")
 def named_twice(tmp_path_factory, tiny_model):
-    """A folder of 4 photos, a symlink in it to img002.jpg, and a list naming img001.jpg by its file:// URL, with a
-    caption: 5 names (6 rows), 4 files. The list is indexed after the folder, so its row has the higher id."""
+    """A folder of 4 photos, a symlink in it to img002.jpg, and a list naming img001.jpg by its file:// URL: 5 names
+    (6 rows), 4 files. The list is indexed after the folder, so its row has the higher id."""
     base = tmp_path_factory.mktemp("named-twice")
     lib, ix = base / "lib", base / "ix"
     photos = make_images(lib, 4)
     (lib / "a-link.jpg").symlink_to(photos[2])
-    (base / "fav.csv").write_text(f"path,caption\n{photos[1].as_uri()},zanzibar sunset\n")
+    (base / "fav.csv").write_text(f"path\n{photos[1].as_uri()}\n")
     index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
     assert index_json(ix, base / "fav.csv")["added"] == 1
     return base, ix, [str(p) for p in photos]
@@ -57,36 +57,41 @@ def test_a_file_two_names_reach_is_shown_by_its_real_path(named_twice):
 
 
 @pytest.mark.slow
-def test_a_hit_shows_the_caption_of_the_row_it_shows(named_twice):
-    """A hit showed the chosen row's path and id beside the ranked row's caption, tags, time, camera and OCR text: a
-    hybrid search for the list's caption ranked the list's row of img001.jpg first and showed the folder's row
-    (its real path) with the list's caption, which that path has not. A hit's metadata is its shown row's, in the
-    Python API, `query --json` and /api/search alike; the list's row, shown where it is the file's only name, keeps
-    its caption."""
+def test_a_hit_shows_its_own_rows_caption_else_the_one_that_placed_it(tmp_path, tiny_model):
+    """A hit showed the chosen row's path and id beside the ranked row's caption: a hybrid search for a list's caption
+    ranked the list's row of img000.jpg first and showed the folder's row (its real path) with the list's caption,
+    though the photo's own sidecar caption (img000.txt) says otherwise. A hit's caption is its shown row's, in the
+    Python API, `query --json` and /api/search alike; where the shown row has none (img001.jpg, no sidecar), the
+    caption of the name that placed it, not none. The list's row, shown where the search admits only it, keeps its."""
     import alignsearch
     from alignsearch.surfaces.server import ServerConfig, start_in_thread
     from helpers import call
 
-    base, ix, photos = named_twice
-    listed = {"path": f"file://{photos[1]}", "root": str(base / "fav.csv"), "caption": "zanzibar sunset"}
-    own = {"path": photos[1], "root": str(base / "lib"), "caption": None}
+    lib, ix, listing = tmp_path / "lib", tmp_path / "ix", tmp_path / "fav.csv"
+    photos = make_images(lib, 3)
+    (lib / "img000.txt").write_text("harbour at dawn")
+    listing.write_text(f"path,caption\n{photos[0].as_uri()},zanzibar sunset\n{photos[1].as_uri()},kilimanjaro snow\n")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert index_json(ix, listing)["added"] == 2
 
-    def first(hits: list[dict]) -> dict:
-        return {key: hits[0][key] for key in own}
+    def first(hits: list[dict]) -> tuple:
+        return hits[0]["path"], hits[0]["root"], hits[0]["caption"]
 
-    cli = json.loads(run("query", "zanzibar", "--mode", "hybrid", "-k", "4", "--json", "--index", ix).stdout)["results"]
-    assert first(cli) == own, cli
-    alone = run("query", "zanzibar", "--mode", "hybrid", "--where", f"root = {base / 'fav.csv'}", "--json", "--index", ix)
-    assert first(json.loads(alone.stdout)["results"]) == listed, alone.stdout
+    def cli(*args: str) -> tuple:
+        return first(json.loads(run("query", *args, "--mode", "hybrid", "-k", "3", "--json", "--index", ix).stdout)["results"])
+
+    assert cli("zanzibar") == (str(photos[0]), str(lib), "harbour at dawn")
+    assert cli("kilimanjaro") == (str(photos[1]), str(lib), "kilimanjaro snow")
+    assert cli("zanzibar", "--where", f"root = {listing}") == (photos[0].as_uri(), str(listing), "zanzibar sunset")
     with alignsearch.open(ix, device="cpu") as engine:
-        assert first([h.to_dict() for h in engine.search(text="zanzibar", mode="hybrid", k=4)]) == own
+        assert first([h.to_dict() for h in engine.search(text="zanzibar", mode="hybrid", k=3)])[2] == "harbour at dawn"
         server = start_in_thread(engine, ServerConfig(port=0))
         try:
-            status, _, body = call(server.url, "/api/search?q=zanzibar&mode=hybrid&k=4", token=server.token)
+            status, _, body = call(server.url, "/api/search?q=zanzibar&mode=hybrid&k=3", token=server.token)
         finally:
             server.shutdown()
     assert status == 200, body
-    assert first(json.loads(body)["results"]) == own, body
+    assert first(json.loads(body)["results"]) == (str(photos[0]), str(lib), "harbour at dawn"), body
 
 
 @pytest.mark.slow

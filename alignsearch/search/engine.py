@@ -686,10 +686,13 @@ class Engine:
             order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude),
                                     _admits(ids[order] if opts.mode == "keyword" else allowed, opts.exclude))
             capped = len(order) < min(passed, opts.k) and passed == len(ids)
-            # each hit's metadata is its shown row's, read by that row's id: by the ranked id, a file's folder row was
-            # shown with a list's caption (or tags, OCR text) of the same bytes, beside a path that has none of it
-            shown = [rows[i].id for i in ids[order].tolist() if i in rows]
-            photos, labels = catalog.photos_of(conn, shown), catalog.labels_of(conn, shown)
+            # each hit's metadata is its shown row's, read by that row's id: by the ranked id, a file's folder row
+            # was shown with a list's caption of the same bytes where the photo's own sidecar caption says otherwise.
+            # The ranked row's are read too: where the shown row has no caption, the file's caption is the one of
+            # its name that placed it (a list's caption a hybrid search matched), not none
+            ranked = [i for i in ids[order].tolist() if i in rows]
+            photos = catalog.photos_of(conn, {*ranked, *(rows[i].id for i in ranked)})
+            labels = catalog.labels_of(conn, [rows[i].id for i in ranked])
         hits = []
         for i in order:
             if int(ids[i]) not in rows:  # a writer removed it since its address was read: gone, as on the next search
@@ -705,7 +708,8 @@ class Engine:
                 if model_z is not None:  # the gate's measure: the query's best cosine in null sds
                     made_of["model_z"] = round(model_z, 3)
             row = rows[int(ids[i])]
-            hits.append(_hit(row, float(scores[i]), photos.get(row.id), labels.get(row.id, []),
+            photo = _own_caption_else(photos.get(row.id), photos.get(int(ids[i])))
+            hits.append(_hit(row, float(scores[i]), photo, labels.get(row.id, []),
                              similarity=float(similarity[i]), parts=made_of))
         return sort_hits(hits, opts.sort), capped
 
@@ -897,6 +901,15 @@ def onnx_cache_status(model_info: dict) -> dict:
     size = exportcache.tree_bytes(folder)  # the exports and OpenVINO's compiled graphs
     return {"path": str(folder), "towers": sorted(k for k in files if k != "tokenizer"), "torch_free_text": ready,
             "bytes": size, "total": exportcache.usage()}
+
+
+def _own_caption_else(own: dict | None, ranked: dict | None) -> dict | None:
+    """A hit's photo fields: its shown row's; the caption, where that row has none, the ranked row's (the same bytes
+    under another name: a list's caption of a photo whose folder row has no sidecar). Time, camera, place and OCR
+    text are read from the bytes, so both rows hold the same."""
+    if ranked is None or ranked is own or (own or {}).get("caption") or not ranked.get("caption"):
+        return own
+    return {**(own or {}), "caption": ranked["caption"]}
 
 
 def _hit(row: catalog.FileRow, score: float, photo: dict | None = None, labels: list[str] = (), *,

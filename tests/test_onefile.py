@@ -91,6 +91,35 @@ def test_the_recent_listing_lists_a_file_two_names_reach_once(named_twice):
         library.engine.db.dispose()
 
 
+
+@pytest.mark.slow
+def test_the_recent_listing_sees_a_link_replaced_by_a_copy_of_its_target(tmp_path, tiny_model):
+    """The listing keeps the ids it leaves out (onefile.left_out) while the indexed rows' count and highest id stay
+    the same (Library._same_file). A symlink beside its target is left out; replaced by a copy of the target's bytes
+    it is a file of its own, listed. Its re-indexed row takes a new id (catalog.upsert_file) and the old row goes, so
+    the count stays and the highest id moves: a row replaced in place, keeping its id, left the listing without it."""
+    import shutil
+
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.surfaces.server import Library, ServerConfig
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    photos = make_images(lib, 3)
+    link = lib / "a-link.jpg"
+    link.symlink_to(photos[0])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    library = Library(open_index(ix), ServerConfig())
+    try:
+        before = library.recent(0, 60)
+        assert before["total"] == 3 and str(link) not in [h["path"] for h in before["results"]]
+        link.unlink()
+        shutil.copy(photos[0], link)  # the same bytes, a new mtime: another file now
+        assert index_json(ix, lib, "--device", "cpu")["updated"] == 1
+        after = library.recent(0, 60)
+        assert after["total"] == 4 and sorted(h["path"] for h in after["results"]) == sorted(map(str, [*photos, link]))
+    finally:
+        library.engine.db.dispose()
+
 def test_the_name_shown_is_the_real_path_then_the_shortest(tmp_path):
     """onefile.shown_first: the real path before a link's name or a file:// URL of it; among names that all go
     through links (the file outside every root), the shortest, then byte order; others() keeps one row per file."""

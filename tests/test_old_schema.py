@@ -8,6 +8,7 @@ writer upgrades it in place, in one transaction, keeping vectors.f16 as it is.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from dataclasses import replace
@@ -222,3 +223,63 @@ def test_an_upgraded_aa1526b_catalog_finds_its_files_by_name(v1):
     finally:
         db.dispose()
     assert names == {"harbour.jpg"}
+
+
+def _at_its_own_place(copy: Path, exif_photo: str) -> bytes:
+    """The copy's catalog names the copy's photos (the fixture's root, BUILD_ROOT, is gone once it was built), each
+    photo at the size and mtime its row records, so a re-scan finds every file unchanged; `exif_photo` carries the
+    EXIF of a camera that aa1526b (which read no EXIF) would have indexed as it was. Returns its bytes."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    photos = copy / "photos"
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS 5D"
+    exif[0x8769] = {0x9003: "2011:07:04 10:20:30"}  # DateTimeOriginal
+    out = io.BytesIO()
+    Image.open(photos / exif_photo).convert("RGB").save(out, "JPEG", exif=exif)
+    data = out.getvalue()
+    (photos / exif_photo).write_bytes(data)
+    conn = sqlite3.connect(copy / ".alignsearch" / "catalog.db")
+    with conn:
+        conn.execute("UPDATE files SET root = ?", (str(photos),))
+        conn.execute("UPDATE files SET size = ?, sha256 = ? WHERE relpath = ?",
+                     (len(data), hashlib.sha256(data).hexdigest(), exif_photo))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'roots'", (json.dumps([str(photos)]),))
+        for relpath, mtime in conn.execute("SELECT relpath, mtime FROM files").fetchall():
+            os.utime(photos / relpath, (mtime, mtime))
+    conn.close()
+    return data
+
+
+@pytest.mark.slow
+def test_an_upgraded_aa1526b_index_gets_its_photo_fields_from_the_next_index_run_killed_9_or_not(v1):
+    """Its files have no photos row (the table came later): no date, camera or caption to filter on. The `index` run
+    that upgrades it fills them (indexer/photos.py: headers read, nothing encoded), one transaction per batch: a run
+    killed -9 in the fill leaves a whole index without them, and the next run fills them."""
+    from helpers import catalog_rows, killed_at, verify_problems
+
+    known_model(v1)
+    _at_its_own_place(v1, "beach.jpg")
+    ix = v1 / ".alignsearch"
+    vectors = (ix / "vectors.f16").read_bytes()
+    args = ["index", "--index", ix, "--model", v1 / "model", *OPTIONS, "--workers", "0"]
+    proc = killed_at("alignsearch.storage.catalog:set_photo", "after", *args)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert catalog_rows(ix, "SELECT count(*) FROM photos") == [(0,)]  # the batch killed in its transaction: none
+    assert catalog_rows(ix, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
+    assert verify_problems(ix) == []
+
+    summary = json.loads(run(*args, "--json").stdout)
+    assert (summary["added"], summary["updated"], summary["removed"]) == (0, 0, 0), summary
+    assert summary["times"]["extra"]["photo_fields_filled"] == 6, summary["times"]
+    assert (ix / "vectors.f16").read_bytes() == vectors  # nothing encoded
+    rows = dict(catalog_rows(ix, "SELECT f.relpath, p.camera FROM files f JOIN photos p ON p.file_id = f.id"))
+    assert rows == {"beach.jpg": "Canon EOS 5D", "dog.png": None, "harbour.jpg": None, "red.png": None,
+                    "nested/sky.jpg": None, "nested/tree.png": None}
+    hits = json.loads(run("query", "beach", "--index", ix, "--model", v1 / "model", *OPTIONS, "--camera", "canon",
+                          "--before", "2012-01-01", "--json").output)["results"]
+    assert [Path(h["path"]).name for h in hits] == ["beach.jpg"]
+    assert run(*args, "--json").stdout and verify_problems(ix) == []

@@ -276,6 +276,9 @@ def test_full_width_latin_letters_and_digits_are_their_ascii_ones_both_ways(tmp_
         assert kw("ＡＢ１２３") == kw("AB123") == ["invoice.jpg", "long.jpg"]
         assert kw("CD456") == kw("ＣＤ４５６") == ["wide.jpg"]
         assert kw("ガイド") == kw("ｶﾞｲﾄﾞ") == ["book.jpg", "guide.jpg"]
+        # a full-width `＊` is `*`: a word start, as `AB12*` is (kept, its code `AB12*` wanted a literal `*`)
+        assert kw("ＡＢ１２＊") == kw("AB12*") == kw("ＡＢ１２*") == ["invoice.jpg", "long.jpg"]
+        assert kw('"ＡＢ１２＊"') == kw('"AB12*"') == []  # quoted, as typed: no word start either way
     conn_db = catalog.connect(db, readonly=True)
     with conn_db.connect() as conn:  # the default mode's keyword list: caption evidence, across widths too
         for typed, names in (("BTS", ["ascii.jpg", "live.jpg"]), ("ＡＢ１２３", ["invoice.jpg", "long.jpg"]),
@@ -284,6 +287,7 @@ def test_full_width_latin_letters_and_digits_are_their_ascii_ones_both_ways(tmp_
             assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == names, typed
     conn_db.dispose()
     assert keywords.evidence(keywords.parse("CD456"), "ＩＮＶＣＤ４５６Ｚ")  # a code inside a full-width token
+    assert [(a.tokens, a.prefix, a.code) for a in keywords.parse("ＡＢ１２＊").positive()] == [(("ab12",), True, "AB12")]
     assert not keywords.evidence(keywords.parse("BTS"), "ＢＴＳＸ")
     # one character for one: what NFKC of the whole text would change stays (Thai ำ, Hangul compatibility jamo)
     assert keywords.narrow("ทำ ㄱㄴ ＡＢ\u3000１") == "ทำ ㄱㄴ AB 1"

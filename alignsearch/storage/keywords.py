@@ -216,8 +216,10 @@ class Query:
 
 def _atom(chunk: str, quoted: bool) -> Atom | None:
     raw = chunk.strip()
-    prefix = not quoted and raw.endswith("*")
-    raw = raw.rstrip("*") if prefix else raw
+    # `＊` (full-width, as a Japanese or Chinese keyboard types it) is `*`, as narrow makes the rest of the chunk: kept,
+    # `ＡＢ１２３＊` was no word start, its code `AB123*` found only a literal `*`, where `AB123*` finds `AB1234`
+    prefix = not quoted and raw.endswith(("*", "\uff0a"))
+    raw = raw.rstrip("*\uff0a") if prefix else raw
     tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
     whole = tuple(w.lower() for w in _WORD.findall(raw))[:MAX_PHRASE]
     # a schema 5-8 index (until its next writer: a reader never upgrades) holds `２０２４年` as `２０２４ 年`: found
@@ -430,12 +432,22 @@ def damaged(cause) -> IndexDamagedError:
 def _fold(text: str) -> list[str]:
     """The words of text as the keyword index sees them: lower case, accents folded (Thai marks kept: the
     index tells ข้าว from ข่าว)."""
+    if _VOICED.search(text):
+        # a kana voiced mark that composes with no letter before it (`aﾞb`) is a token of its own to spaced, which
+        # unicode61 drops (Mn): the index holds `a b`. Dropped with the other marks below, this check read `ab`, and
+        # refused what the keyword index found for `aﾞb` (the phrase `a b`)
+        text = _VOICED.sub(" ", unicodedata.normalize("NFC", narrow(text)))
     # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
     decomposed = unicodedata.normalize("NFKD", text.lower())
     bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS))
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found
     return _WORD.findall(bare.replace("_", " "))
+
+
+# Kana voiced and semi-voiced marks, combining and half-width (narrow makes those combining): after NFC, those left
+# are marks no letter took (_fold).
+_VOICED = re.compile("[\u3099\u309a\uff9e\uff9f]")
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

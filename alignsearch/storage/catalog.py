@@ -384,12 +384,12 @@ def readonly_url(path: Path) -> URL:
 
 
 def create_keywords(conn: Connection) -> None:
-    from alignsearch.storage.keywords import THAI_MARKS
+    from alignsearch.storage.keywords import MARKS
 
-    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). tokenchars: Thai vowel and
-    # tone marks are part of their word (schema 7), not the separators unicode61 takes them for (Mn).
+    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). tokenchars: Thai (schema 7) and
+    # Lao (schema 12) vowel and tone marks are part of their word, not the separators unicode61 takes them for (Mn).
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
-                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{THAI_MARKS}'\")")
+                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{MARKS}'\")")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
 
 

@@ -448,7 +448,7 @@ def damaged(cause) -> IndexDamagedError:
 
 
 def _fold(text: str) -> list[str]:
-    """The words of text as the keyword index sees them: lower case, accents folded (Thai marks kept: the
+    """The words of text as the keyword index sees them: lower case, accents folded (Thai and Lao marks kept: the
     index tells ข้าว from ข่าว)."""
     if _VOICED.search(text):
         # a kana voiced mark that composes with no letter before it (`aﾞb`) is a token of its own to spaced, which

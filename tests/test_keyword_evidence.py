@@ -189,3 +189,23 @@ def test_an_underscore_parts_words_in_the_default_modes_check_as_it_does_in_the_
     reader.dispose()
     assert keywords.evidence(keywords.parse("retriever"), "golden_retriever")
     assert not keywords.evidence(keywords.parse("golden_retriever"), "a retriever, golden")
+
+
+def test_a_kana_voiced_mark_after_a_latin_letter_parts_words_in_the_default_modes_check_as_in_the_index(tmp_path):
+    """A half-width voiced mark (ﾞ, U+FF9E) composes with no Latin letter: spaced leaves it a token of its own, which
+    unicode61 drops, so the keyword index holds `aﾞbc` as `a bc`. The default mode's check dropped the mark with the
+    accents and read `abc`: the keyword index found the file for `aﾞbc` (and `bc`) and the check refused it."""
+    ids = keyword_library(tmp_path / "catalog.db", {"mark.jpg": "label xﾞbc zz", "kana.jpg": "ｶﾞｲﾄﾞ",
+                                                    "plain.jpg": "a grey wall"})
+    reader = catalog.connect(tmp_path / "catalog.db", readonly=True)
+    with reader.connect() as conn:
+        def found(typed, auto):
+            hits = keywords.search(conn, keywords.parse(typed, partial_last=auto), 10, evidence_only=auto)
+            return sorted(name for name, i in ids.items() if i in {h for h, _ in hits})
+
+        for typed, names in (("xﾞbc", ["mark.jpg"]), ("bc", ["mark.jpg"]), ('"label x\u3099bc"', ["mark.jpg"]),
+                             ("xbc", []), ("ガイド", ["kana.jpg"])):
+            assert found(typed, auto=False) == names, typed  # the keyword index
+            assert found(typed, auto=True) == names, typed  # the default mode's check agrees with it
+    reader.dispose()
+    assert keywords.evidence(keywords.parse("bc"), "xﾞbc") and not keywords.evidence(keywords.parse("xbc"), "xﾞbc")

@@ -121,12 +121,18 @@ def test_a_schema_6_keyword_index_finds_thai_words_once_its_next_writer_upgrades
         state.write(conn, schema_version=6)
     db.dispose()
 
-    assert _found(db_path, ids, "กรุงเทพ", readonly=True) == []  # as it stands: a reader writes nothing
-    assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]  # whole, as before
-    catalog.connect(db_path).dispose()  # a writer
-    assert _found(db_path, ids, "กรุงเทพ", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
+    _found_inside_once_upgraded(db_path, ids, "กรุงเทพ", "ตลาดกรุงเทพมหานคร")
     assert _found(db_path, ids, "ผัด", readonly=True) == ["rice.jpg"]
-    assert _found(db_path, ids, "ตลาดกรุงเทพมหานคร", readonly=True) == ["ตลาดกรุงเทพมหานคร.jpg"]
+
+
+def _found_inside_once_upgraded(db_path, ids, word, run):
+    """An older index (its runs cut at their marks) read as it stands finds `word` nowhere and the file named `run`
+    by the whole run; after a writer's connect (which upgrades it to LATEST) `word` finds it inside the run too."""
+    name = run + ".jpg"
+    assert _found(db_path, ids, word, readonly=True) == []  # as it stands: a reader writes nothing
+    assert _found(db_path, ids, run, readonly=True) == [name]  # whole, as before
+    catalog.connect(db_path).dispose()  # a writer
+    assert _found(db_path, ids, word, readonly=True) == _found(db_path, ids, run, readonly=True) == [name]
     assert _version(db_path) == migrate.LATEST
 
 
@@ -276,6 +282,9 @@ def test_full_width_latin_letters_and_digits_are_their_ascii_ones_both_ways(tmp_
         assert kw("ＡＢ１２３") == kw("AB123") == ["invoice.jpg", "long.jpg"]
         assert kw("CD456") == kw("ＣＤ４５６") == ["wide.jpg"]
         assert kw("ガイド") == kw("ｶﾞｲﾄﾞ") == ["book.jpg", "guide.jpg"]
+        # a full-width `＊` is `*`: a word start, as `AB12*` is (kept, its code `AB12*` wanted a literal `*`)
+        assert kw("ＡＢ１２＊") == kw("AB12*") == kw("ＡＢ１２*") == ["invoice.jpg", "long.jpg"]
+        assert kw('"ＡＢ１２＊"') == kw('"AB12*"') == []  # quoted, as typed: no word start either way
     conn_db = catalog.connect(db, readonly=True)
     with conn_db.connect() as conn:  # the default mode's keyword list: caption evidence, across widths too
         for typed, names in (("BTS", ["ascii.jpg", "live.jpg"]), ("ＡＢ１２３", ["invoice.jpg", "long.jpg"]),
@@ -284,6 +293,7 @@ def test_full_width_latin_letters_and_digits_are_their_ascii_ones_both_ways(tmp_
             assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == names, typed
     conn_db.dispose()
     assert keywords.evidence(keywords.parse("CD456"), "ＩＮＶＣＤ４５６Ｚ")  # a code inside a full-width token
+    assert [(a.tokens, a.prefix, a.code) for a in keywords.parse("ＡＢ１２＊").positive()] == [(("ab12",), True, "AB12")]
     assert not keywords.evidence(keywords.parse("BTS"), "ＢＴＳＸ")
     # one character for one: what NFKC of the whole text would change stays (Thai ำ, Hangul compatibility jamo)
     assert keywords.narrow("ทำ ㄱㄴ ＡＢ\u3000１") == "ทำ ㄱㄴ AB 1"
@@ -375,3 +385,52 @@ def test_a_schema_10_index_finds_native_digits_as_typed_and_by_ascii_once_upgrad
     catalog.connect(db_path).dispose()  # a writer upgrades it
     assert _found(db_path, ids, "2567", readonly=True) == _found(db_path, ids, "๒๕๖๗", readonly=True) == ["thai.jpg"]
     assert _version(db_path) == migrate.LATEST
+
+
+def test_a_lao_word_is_found_inside_the_longer_lao_run_it_is_written_in(tmp_path):
+    """Lao (U+0E80-U+0EFF) is written as Thai is, without spaces, with vowel and tone marks (Mn): unicode61 and \\w cut
+    a Lao run at every mark and dropped it, so `ຫຼວງພະບາງ` (Luang Prabang) found nothing (its ຼ parted `ຫ` from the
+    rest) and `ໄກ` (far) found `ໄກ່` (chicken). Now a Lao letter with its marks is a token, as a Thai one is."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"ຕະຫຼາດຫຼວງພະບາງ.jpg": None, "chicken.jpg": "ປີ້ງໄກ່ ຢູ່ຕະຫຼາດ", "far.jpg": "ທາງໄກ",
+                        "fruit.jpg": "ໝາກໄມ້", "plain.jpg": "a white wall"})
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("ຫຼວງພະບາງ") == ["ຕະຫຼາດຫຼວງພະບາງ.jpg"]
+        assert kw("ຕະຫຼາດ") == ["chicken.jpg", "ຕະຫຼາດຫຼວງພະບາງ.jpg"]
+        # the tone mark tells chicken from far
+        assert kw("ໄກ່") == ["chicken.jpg"] and kw("ໄກ") == ["far.jpg"]
+        assert kw("ໝາກ") == kw("ຫມາກ") == ["fruit.jpg"]  # ໝ, and the two letters it is (NFKC), typed either way
+        assert kw("ຫຼວງພະບາງ -ຕະຫຼາດ") == []
+    reader = catalog.connect(db, readonly=True)
+    with reader.connect() as conn:  # the default mode's keyword list: the caption's evidence, as the index found it
+        for typed, names in (("ໄກ່", ["chicken.jpg"]), ("ໄກ", ["far.jpg"]), ("ຫມາກ", ["fruit.jpg"]),
+                             ("ຕະຫຼາດ", ["chicken.jpg"])):
+            auto = keywords.search(conn, keywords.parse(typed, partial_last=True), 10, evidence_only=True)
+            assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == names, typed
+    reader.dispose()
+    # ຳ written as ໍ and າ (its NFKC form) is the same vowel, in the index and in the match check
+    assert keywords.spaced("ກຳ") == keywords.spaced("ກ\u0ecd\u0eb2")
+    assert keywords.evidence(keywords.parse("ກ\u0ecd\u0eb2"), "ກຳລັງ") and keywords.evidence(keywords.parse("ກຳ"), "ກຳລັງ")
+    assert not keywords.evidence(keywords.parse("ໄກ"), "ປີ້ງໄກ່")
+
+
+def test_a_schema_11_keyword_index_finds_lao_words_once_its_next_writer_upgrades_it(tmp_path):
+    """A schema-11 index holds Lao runs cut at their marks (its tokenizer took them for separators); a reader reads it
+    as it stands (the whole run still found), and the next writer makes the keyword index again (step 12)."""
+    db_path = tmp_path / "catalog.db"
+    files = {"ຕະຫຼາດຫຼວງພະບາງ.jpg": None, "chicken.jpg": "ປີ້ງໄກ່"}
+    ids = _library(db_path, files)
+    with sqlite3.connect(db_path) as conn:  # as schema 11 made and wrote it: Thai marks only, a Lao run as it is
+        conn.execute(f"DROP TABLE {catalog.KEYWORDS}")
+        conn.execute(f"CREATE VIRTUAL TABLE {catalog.KEYWORDS} USING "
+                     f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{keywords.THAI_MARKS}'\")")
+        for name, caption in files.items():
+            conn.execute(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)",
+                         (ids[name], unicodedata.normalize("NFC", catalog.keyword_text(name, caption))))
+        conn.execute("UPDATE meta SET value = '11' WHERE key = 'schema_version'")
+    conn.close()
+    _found_inside_once_upgraded(db_path, ids, "ຫຼວງພະບາງ", "ຕະຫຼາດຫຼວງພະບາງ")
+    assert _found(db_path, ids, "ໄກ່", readonly=True) == ["chicken.jpg"]

@@ -92,8 +92,8 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     allowed = _allowed(snap, engine.db, where, path)
     with engine.db.connect() as conn:  # rows of shared content only: a library without copies reads nothing more
         same = onefile.left_out(conn, lambda r: (not roots or r.root in roots) and _holds(allowed, r.id))
-    if tally is not None:
-        tally["same_file"] = 0
+    if tally is not None:  # every id left_out gives is an admitted row's, left out of the pages below
+        tally["same_file"] = len(same)
     buffer = np.empty((batch, snap.store.dim), dtype=vectors.DTYPE)
     store, after = snap.store, 0
     while True:
@@ -108,10 +108,7 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
                 ids = np.array([r.id for r in rows], dtype=np.int64)
                 rows = [r for r, ok in zip(rows, np.isin(ids, allowed)) if ok]
             if same:
-                kept = [r for r in rows if r.id not in same]
-                if tally is not None:
-                    tally["same_file"] += len(rows) - len(kept)
-                rows = kept
+                rows = [r for r in rows if r.id not in same]
             ids = [r.id for r in rows]
             photo, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
             # read after the rows: rows holding a new generation's addresses (a re-encode's or a compaction's

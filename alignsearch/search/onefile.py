@@ -34,16 +34,21 @@ from alignsearch.storage import catalog
 Key = tuple[bytes | str, int]
 
 
-def real_path(row, folders: dict | None = None) -> bytes | None:
+def _local(row) -> tuple | None:
+    """sources.local_file of a row, None also for another host's file:// URL (never indexed, so never here)."""
+    try:
+        return sources.local_file(row.root, row.relpath, row.relpath_raw)
+    except AlignSearchError:
+        return None
+
+
+def real_path(row, folders: dict | None = None, local: tuple | None | bool = False) -> bytes | None:
     """Where a local row's file really lies (bytes), else None (a URL, a tar member, another host's file:// URL).
     folders: {folder: its real path} of earlier calls, added to: os.path.realpath takes an lstat per component
     of the path, and the names of one folder share all but the last, so each further name costs one lstat (its
     own link, if it is one, resolved whole): the real path of folder/name is the folder's real path joined
-    with name unless name is a symlink."""
-    try:
-        local = sources.local_file(row.root, row.relpath, row.relpath_raw)
-    except AlignSearchError:  # a file:// URL of another host: never indexed, so never here
-        return None
+    with name unless name is a symlink. local: the row's _local when the caller has it (False: look it up)."""
+    local = _local(row) if local is False else local
     if local is None:
         return None
     folder, under = local
@@ -83,16 +88,18 @@ def keys(conn, rows: Iterable) -> dict[int, Key]:
     return {r.id: key(r, alone=(r.sha256, r.moment) not in shared) for r in rows}
 
 
-def shown_first(row, real: bytes | None | bool = False, folders: dict | None = None) -> tuple:
+def shown_first(row, real: bytes | None | bool = False, folders: dict | None = None,
+                local: tuple | None | bool = False) -> tuple:
     """Sort key of the rows of one file, the one to show first: its own name (direct), else the shortest name, then
     byte order, then the lowest id. real: the row's real_path when the caller has it (False: look it up); folders:
-    real_path's memo."""
+    real_path's memo; local: the row's _local when the caller has it (False: looked up if needed)."""
     name = os.fsencode(row.path)
-    real = real_path(row, folders) if real is False else real
-    return (not direct(row, name, real, folders), len(name), name, row.id)
+    real = real_path(row, folders, local) if real is False else real
+    return (not direct(row, name, real, folders, local), len(name), name, row.id)
 
 
-def direct(row, name: bytes, real: bytes | None, folders: dict | None = None) -> bool:
+def direct(row, name: bytes, real: bytes | None, folders: dict | None = None,
+           local: tuple | None | bool = False) -> bool:
     """Whether a row's name is its file's own name: its real path, or that path reached through a link above the
     root (a root folder that is itself a symlink: ~/Pictures on another disk, macOS's /tmp and /var), with no link
     below it and not a file:// URL. Comparing the name with the real path alone called no name of such a root
@@ -100,10 +107,7 @@ def direct(row, name: bytes, real: bytes | None, folders: dict | None = None) ->
     file's own name left out. A name that is its real path costs nothing more; else one realpath per folder."""
     if real is None or name == real:
         return name == real
-    try:
-        local = sources.local_file(row.root, row.relpath, row.relpath_raw)
-    except AlignSearchError:  # another host's file:// URL: never indexed
-        return False
+    local = _local(row) if local is False else local
     if local is None:
         return False
     folder, under = os.fsencode(local[0]), os.fsencode(local[1])
@@ -121,10 +125,12 @@ def named(row, reals: dict | None = None) -> tuple[Key, tuple]:
     export's), added to: {id: real_path} of the rows looked up, and {folder (bytes): its real path}."""
     if reals is None:
         reals = {}
+    local: tuple | None | bool = False  # sources.local_file, asked at most once (real_path and direct both read it)
     if row.id not in reals:
-        reals[row.id] = real_path(row, reals)  # int keys are rows', bytes keys folders': never the same
+        local = _local(row)
+        reals[row.id] = real_path(row, reals, local)  # int keys are rows', bytes keys folders': never the same
     real = reals[row.id]
-    return ((row.path if real is None else real), row.moment), shown_first(row, real, reals)
+    return ((row.path if real is None else real), row.moment), shown_first(row, real, reals, local)
 
 
 def others(rows: Iterable, admitted: Callable[[object], bool] | None = None) -> set[int]:

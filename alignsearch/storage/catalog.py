@@ -384,12 +384,12 @@ def readonly_url(path: Path) -> URL:
 
 
 def create_keywords(conn: Connection) -> None:
-    from alignsearch.storage.keywords import THAI_MARKS
+    from alignsearch.storage.keywords import MARKS
 
-    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). tokenchars: Thai vowel and
-    # tone marks are part of their word (schema 7), not the separators unicode61 takes them for (Mn).
+    # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). tokenchars: Thai (schema 7) and
+    # Lao (schema 12) vowel and tone marks are part of their word, not the separators unicode61 takes them for (Mn).
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
-                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{THAI_MARKS}'\")")
+                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{MARKS}'\")")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
 
 
@@ -944,11 +944,15 @@ def shared_contents(conn: Connection, hashes: Iterable[str]) -> set[tuple[str, i
     one file between them (the same file has the same bytes), so only they need their links resolved (onefile.py)."""
     hashes, out = sorted(set(h for h in hashes if h)), set()
     for start in range(0, len(hashes), 500):
-        query = (select(files.c.sha256, files.c.moment)
-                 .where(files.c.status == INDEXED, files.c.sha256.in_(hashes[start : start + 500]))
-                 .group_by(files.c.sha256, files.c.moment).having(func.count() > 1))
+        query = _shared().where(files.c.sha256.in_(hashes[start : start + 500]))
         out.update((sha, int(moment)) for sha, moment in conn.execute(query))
     return out
+
+
+def _shared():
+    """The (sha256, moment) pairs that more than one indexed row holds, as a grouped query."""
+    return (select(files.c.sha256, files.c.moment).where(files.c.status == INDEXED, files.c.sha256.is_not(None))
+            .group_by(files.c.sha256, files.c.moment).having(func.count() > 1))
 
 
 def rows_holding(conn: Connection, contents: Iterable[tuple[str, int]]) -> list[FileRow]:
@@ -967,25 +971,13 @@ def rows_holding(conn: Connection, contents: Iterable[tuple[str, int]]) -> list[
     return check_rows(conn, _rows(conn.execute(query)))
 
 
-def rows_of_contents(conn: Connection, hashes: Iterable[str] | None = None) -> list[FileRow]:
-    """Indexed rows whose (sha256, moment) another indexed row shares, in id order: of these hashes, or (None) of the
-    whole catalog (one grouped scan: export and the recent listing drop the rows naming a file another row stands for)."""
-    if hashes is None:
-        chunks: list[list[str] | None] = [None]
-    else:
-        hashes = sorted(set(h for h in hashes if h))
-        chunks = [hashes[start : start + 500] for start in range(0, len(hashes), 500)]
-    out: list[FileRow] = []
-    for chunk in chunks:
-        shared = (select(files.c.sha256, files.c.moment).where(files.c.status == INDEXED, files.c.sha256.is_not(None))
-                  .group_by(files.c.sha256, files.c.moment).having(func.count() > 1))
-        if chunk is not None:
-            shared = shared.where(files.c.sha256.in_(chunk))
-        shared = shared.subquery()
-        query = select(files).join(shared, and_(files.c.sha256 == shared.c.sha256, files.c.moment == shared.c.moment)
-                                   ).where(files.c.status == INDEXED)
-        out.extend(_rows(conn.execute(query)))
-    return check_rows(conn, sorted(out, key=lambda r: r.id))
+def rows_of_contents(conn: Connection) -> list[FileRow]:
+    """Indexed rows whose (sha256, moment) another indexed row shares, in id order, of the whole catalog (one grouped
+    scan: export and the recent listing drop the rows naming a file another row stands for)."""
+    shared = _shared().subquery()
+    query = select(files).join(shared, and_(files.c.sha256 == shared.c.sha256, files.c.moment == shared.c.moment)
+                               ).where(files.c.status == INDEXED)
+    return check_rows(conn, sorted(_rows(conn.execute(query)), key=lambda r: r.id))
 
 
 def duplicate_hashes(conn: Connection) -> list[list[int]]:

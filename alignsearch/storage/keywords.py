@@ -28,6 +28,8 @@ What a query text means (`parse`):
   characters of the keyword index (THAI_MARKS): unicode61 took them (Mn) for separators, so a Thai run was cut at
   every mark, `กรุงเทพ` found nothing inside a longer run, and `ข้าว` (rice) found `ข่าว` (news), their tone marks
   dropped.
+- Lao is indexed as Thai is (LAO_MARKS: `ຫຼວງພະບາງ` finds `ຕະຫຼາດຫຼວງພະບາງ`, schema 12); `ໝ` and `ໜ` are the two
+  letters they stand for (`ຫມ`, `ຫນ`, typed either way).
 - Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
   Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
   Hangul written onto a Latin or digit word is parted from it (_HANGUL_EDGE): `BTS` finds `BTS의 공연`.
@@ -70,8 +72,13 @@ BREAK = "\ue000"
 # words told apart by a tone mark alone (ข้าว rice, ข่าว news) were one; the keyword index holds them as token
 # characters (catalog.create_keywords: tokenchars), and a query's words keep them.
 THAI_MARKS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) == "Mn")
+# Lao (U+0E80-U+0EFF) is written as Thai is, without spaces and with vowel and tone marks (Mn) above and below its
+# letters, and was cut at every mark as Thai was: `ຫຼວງພະບາງ` (Luang Prabang) found nothing, its ຼ a separator that
+# left `ຫ` and `ວງພະບາງ`, and not inside a longer run; the tone marks dropped (ໄກ່ chicken, ໄກ far, one word).
+LAO_MARKS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) == "Mn")
+MARKS = THAI_MARKS + LAO_MARKS  # the token characters of the keyword index beside unicode61's (create_keywords)
 _TOKEN = re.compile(r'(-?)"([^"]*)"?|(\S+)')
-_WORD = re.compile(f"[\\w{THAI_MARKS}]+")
+_WORD = re.compile(f"[\\w{MARKS}]+")
 MIN_PREFIX = 2  # shorter starts (`a*`) would match most of the library
 MIN_PARTIAL = 3  # the default mode's partial last word: `ca` is no start of anything meant yet
 MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
@@ -89,8 +96,9 @@ MAX_PHRASE = 64
 # units are tokens of their own. Thai digits stay in runs, as other digits do. Hangul is written with spaces
 # (_HANGUL).
 _THAI_LETTERS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
+_LAO_LETTERS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]"
-                        f"|[{_THAI_LETTERS}][{THAI_MARKS}]*)")
+                        f"|[{_THAI_LETTERS}{_LAO_LETTERS}][{MARKS}]*)")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges
@@ -105,7 +113,12 @@ _HANGUL_EDGE = re.compile(f"(?<=[^\\W_{_HANGUL_LETTERS}])(?=[{_HANGUL_LETTERS}])
 # write it so), a tone mark between them or not: the same vowel to a reader, but the clusters ทํ า to the index
 # against ท ำ, so `ทำ` found no text written so, and the default mode's match check (its fold made ำ of them) dropped
 # what the keyword index found for `ทํา`.
-_SARA_AM = re.compile("\u0e4d([\u0e48-\u0e4b]?)\u0e32")
+# Lao has the same vowel (ຳ, U+0EB3; NFKC ໍ and າ): one pattern for both, one scan of the text.
+_SARA_AM = re.compile("\u0e4d([\u0e48-\u0e4b]?)\u0e32|\u0ecd([\u0ec8-\u0ecb]?)\u0eb2")
+
+
+def _sara_am(m: re.Match) -> str:
+    return m[1] + "\u0e33" if m[1] is not None else m[2] + "\u0eb3"
 
 
 # Greek letters (with the polytonic ones) without their accents and breathings (unicode61's remove_diacritics
@@ -116,6 +129,11 @@ _GREEK_BARE = {c: "".join(d for d in unicodedata.normalize("NFD", chr(c)) if not
 # Final sigma as sigma: unicode61 folds ς to σ (`οδοσ` finds `ΟΔΟΣ`), but Python's lower() writes a word-final Σ as ς,
 # so the default mode's evidence found no `οδοσ` in `ΟΔΟΣ` (nor in `οδός`) where the keyword index did.
 _GREEK_BARE[ord("ς")] = "σ"
+# Lao ໜ and ໝ as the two letters they stand for (ຫນ, ຫມ: their NFKC form, and so typed too), a token each, as
+# _SPACELESS makes them when typed so: the match check's NFKD writes them apart, so the index holds them apart
+# (ໝາກ, fruit, found typed either way). After _SPACELESS, in the one table: a cluster ໜ with its marks (ໜຶ່) is then
+# ຫ and ນຶ່, as ຫນຶ່ typed is.
+_BARE = {**_GREEK_BARE, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1"}
 
 
 # Full-width Latin letters, digits and punctuation (U+FF01-U+FF5E: `ＢＴＳ`, `２０２４年`, as Chinese and Japanese text
@@ -150,20 +168,20 @@ def narrow(text: str) -> str:
 
 def spaced(text: str) -> str:
     """text as the keyword index holds it and a query looks for it: every character of a script written
-    without spaces (_SPACELESS; for Thai, every letter with its marks) a word of its own (a word of such text is
-    then a phrase of characters), Greek
-    letters without their accents. Composed first (NFC): a kana written with its voiced mark apart (パ as ハ and
-    U+309A, as macOS names files) was cut from its mark, a token of its own, and the query パン never found
-    パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ. Hangul and a letter or digit of another script
-    next to each other are two words (_HANGUL_EDGE). Full-width ASCII is ASCII, half-width katakana full-width
-    (narrow, before NFC composes a voiced mark)."""
+    without spaces (_SPACELESS; for Thai and Lao, every letter with its marks) a word of its own (a word of such
+    text is then a phrase of characters), Greek letters without their accents. Composed first (NFC): a kana written
+    with its voiced mark apart (パ as ハ and U+309A, as macOS names files) was cut from its mark, a token of its own,
+    and the query パン never found パン屋 written so. Thai ำ written as ํ and า (_SARA_AM) is ำ, Lao ຳ so too; Lao ໜ
+    and ໝ are two letters each (_BARE). Hangul and a letter or digit of another script next to each other are two
+    words (_HANGUL_EDGE). Full-width ASCII is ASCII, half-width katakana full-width (narrow, before NFC composes a
+    voiced mark)."""
     return _spaced_wide(narrow(text))
 
 
 def _spaced_wide(text: str) -> str:
     """spaced without narrow: how schema 5-8 wrote the keyword index (Atom.wide)."""
-    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub("\\1\u0e33", unicodedata.normalize("NFC", text)))
-    return _SPACELESS.sub(r" \1 ", composed).translate(_GREEK_BARE)
+    composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub(_sara_am, unicodedata.normalize("NFC", text)))
+    return _SPACELESS.sub(r" \1 ", composed).translate(_BARE)
 
 
 @dataclass(frozen=True)
@@ -216,8 +234,10 @@ class Query:
 
 def _atom(chunk: str, quoted: bool) -> Atom | None:
     raw = chunk.strip()
-    prefix = not quoted and raw.endswith("*")
-    raw = raw.rstrip("*") if prefix else raw
+    # `＊` (full-width, as a Japanese or Chinese keyboard types it) is `*`, as narrow makes the rest of the chunk: kept,
+    # `ＡＢ１２３＊` was no word start, its code `AB123*` found only a literal `*`, where `AB123*` finds `AB1234`
+    prefix = not quoted and raw.endswith(("*", "\uff0a"))
+    raw = raw.rstrip("*\uff0a") if prefix else raw
     tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
     whole = tuple(w.lower() for w in _WORD.findall(raw))[:MAX_PHRASE]
     # a schema 5-8 index (until its next writer: a reader never upgrades) holds `２０２４年` as `２０２４ 年`: found
@@ -428,14 +448,24 @@ def damaged(cause) -> IndexDamagedError:
 
 
 def _fold(text: str) -> list[str]:
-    """The words of text as the keyword index sees them: lower case, accents folded (Thai marks kept: the
+    """The words of text as the keyword index sees them: lower case, accents folded (Thai and Lao marks kept: the
     index tells ข้าว from ข่าว)."""
+    if _VOICED.search(text):
+        # a kana voiced mark that composes with no letter before it (`aﾞb`) is a token of its own to spaced, which
+        # unicode61 drops (Mn): the index holds `a b`. Dropped with the other marks below, this check read `ab`, and
+        # refused what the keyword index found for `aﾞb` (the phrase `a b`)
+        text = _VOICED.sub(" ", unicodedata.normalize("NFC", narrow(text)))
     # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
     decomposed = unicodedata.normalize("NFKD", text.lower())
-    bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in THAI_MARKS))
+    bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in MARKS))
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found
     return _WORD.findall(bare.replace("_", " "))
+
+
+# Kana voiced and semi-voiced marks, combining and half-width (narrow makes those combining): after NFC, those left
+# are marks no letter took (_fold).
+_VOICED = re.compile("[\u3099\u309a\uff9e\uff9f]")
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

@@ -76,9 +76,9 @@ _DEFERRED = "alignsearch.migrate.keywords_again"  # conn.info: inside upgrade(),
 
 def _keywords_again(conn) -> None:
     """The keyword index and its trigram twin built again from what the catalog holds (nothing is read from the
-    images). Inside upgrade() it is built once, after its last step: steps 3 and 5-9 each ask for it, and a catalog
-    from schema 1 was rebuilt five times in one transaction (~2.5 s each at 20,000 files); no step between reads
-    the keyword tables."""
+    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11 and 12 each ask for it, and a
+    catalog from schema 1 was rebuilt five times in one transaction (~2.5 s each at 20,000 files); no step between
+    reads the keyword tables."""
     if _DEFERRED in conn.info:
         conn.info[_DEFERRED] = True
         return
@@ -145,6 +145,14 @@ def _digit_keywords(conn) -> None:
     _keywords_again(conn)
 
 
+def _lao_keywords(conn) -> None:
+    """The keyword index made again with Lao vowel and tone marks as token characters and a Lao letter with its marks
+    a token (keywords.LAO_MARKS), as step 7 made Thai: an index written before cut a Lao run at every mark and dropped
+    the marks, so `ຫຼວງພະບາງ` found nothing (its ຼ parted `ຫ` from the rest) and no Lao word was found inside a
+    longer run. The tokenizer is part of the table, so it is dropped and made again (_keywords_again)."""
+    _keywords_again(conn)
+
+
 def _content_index(conn) -> None:
     """files_sha256 on (sha256, moment) instead of sha256 alone: a search reads the rows holding each hit's content
     (search/onefile.py, catalog.rows_holding), and every moment of a video holds the video's hash, so each video
@@ -199,6 +207,8 @@ STEPS: tuple[Step, ...] = (
     Step(10, "files_sha256 indexes (sha256, moment): a video's moment found without walking its others",
          _content_index),
     Step(11, "keyword index: every script's decimal digits as ASCII digits (๒๕๖๗: 2567)", _digit_keywords),
+    Step(12, "keyword index: Lao vowel and tone marks are token characters, a Lao letter with its marks a token",
+         _lao_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -11,7 +11,7 @@ manifest, thumbnails, the server record, an emptied vector file, the ONNX cache,
   `DIR.tmp`) that it would overwrite or delete.
 - The file written has the umask's modes and never gives the group or others more than the file it replaces
   (file_mode): an export its owner made 0600 stays 0600.
-- While a write is in progress its temporary file or folder is locked (flock): what a killed writer left is
+- While a write is in progress, up to its rename, its temporary file or folder is locked (flock): what a killed writer left is
   told from a write at work by taking that lock, and remove_stale deletes only the former.
 - A folder is swapped whole (renameat2 RENAME_EXCHANGE where the kernel has it), and what the old one held
   besides what the writer superseded (the user's own files, a checkpoint written separately) is moved into
@@ -144,7 +144,10 @@ def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) ->
     path = Path(path)
     fd, tmp = _temp_file(path, mode)
     try:
-        with os.fdopen(fd, "w+b") as f:
+        # closefd=False: closing f closed fd, and its lock with it, before the rename; a remove_stale in between
+        # (the next `export` of OUT, after a last write over STALE_AFTER ago and a slow fsync) took the
+        # temporary for a killed write's and deleted it, and the rename failed: the whole write lost
+        with os.fdopen(fd, "w+b", closefd=False) as f:
             yield f
             f.flush()
             if durable:
@@ -153,6 +156,8 @@ def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)  # as replacing's: its lock says the write is at work until the file is in place
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, durable: bool = True) -> None:

@@ -447,6 +447,32 @@ def test_remove_stale_deletes_only_what_a_killed_write_left(tmp_path):
     assert atomic.remove_stale(out) == 1 and not lone.exists()  # its writer gone: stale
 
 
+@pytest.mark.parametrize("how", ["writing", "replacing"])
+def test_a_write_holds_its_lock_until_its_file_is_in_place(tmp_path, monkeypatch, how):
+    """writing() closed its temporary file, and the lock on it, before the rename: a sweep between the two (the
+    next `export` of OUT, in another process: flock locks of two opens exclude each other in one process too)
+    found the temporary unlocked, its last write older than STALE_AFTER (a slow fsync of a large export), and
+    deleted it; the rename then failed and the write was lost. The lock is now held until the rename is done."""
+    out = tmp_path / "OUT"
+    out.write_bytes(b"old")
+    swept, real = [], atomic._commit
+
+    def commit(tmp, path, durable):  # between the written file's close and its rename
+        _aged(Path(tmp))
+        swept.append(atomic.remove_stale(path))
+        real(tmp, path, durable)
+
+    monkeypatch.setattr(atomic, "_commit", commit)
+    if how == "writing":
+        with atomic.writing(out) as f:
+            f.write(b"new")
+    else:
+        with atomic.replacing(out) as tmp:
+            tmp.write_bytes(b"new")
+    assert swept == [0] and out.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["OUT"]
+
+
 def test_remove_stale_leaves_another_users_leftovers(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("chown to another user needs root")

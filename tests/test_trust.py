@@ -812,6 +812,92 @@ def test_a_server_leaving_does_not_wait_on_or_follow_what_replaced_its_record(tm
     assert not own.exists()
 
 
+def _replaced_mid_removal(record: Path, remove, monkeypatch) -> dict | None:
+    """Run remove() (a removal of the server record at `record`) while, just after it has read the record, a later
+    `serve` writes its own there (server.write_record, on another thread): what the record holds after both, None
+    if there is none. The later writer is let go on, and the removal resumes once that writer has either replaced
+    the record or been refused a lock it needs (flock, without waiting): which one happens first is not left to
+    the scheduler."""
+    import fcntl
+
+    from alignsearch.surfaces import client, server
+
+    settled = threading.Condition()
+    refused: list[int] = []
+    written: list[Path] = []
+    ended: list[bool] = []
+
+    def write():
+        try:
+            written.append(server.write_record(record, {"pid": 2**22 + 1}))
+        finally:
+            with settled:
+                ended.append(True)
+                settled.notify_all()
+
+    later = threading.Thread(target=write)
+    real_flock, real_read = fcntl.flock, client.read_record
+
+    def flock(fd, how):
+        try:
+            return real_flock(fd, how)
+        except BlockingIOError:
+            if threading.current_thread() is later:
+                with settled:
+                    refused.append(fd)
+                    settled.notify_all()
+            raise
+
+    def read(path):
+        got = real_read(path)
+        if path == record and later.ident is None:
+            with settled:
+                later.start()
+                settled.wait_for(lambda: refused or ended)
+        return got
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    for module in (client, server):  # the removal reads through one of them
+        monkeypatch.setattr(module, "read_record", read, raising=False)
+    remove()
+    later.join()
+    assert written == [record]
+    return json.loads(record.read_text()) if record.exists() else None
+
+
+def test_a_server_leaving_never_removes_the_record_a_later_server_wrote(tmp_path, monkeypatch):
+    """remove_record read its own record, then unlinked whatever was at the name: a second `serve` of the index
+    that wrote its record in between (write-then-replace) lost it to the first's exit, and its clients searched
+    locally. The record is read and removed in one turn that its writers take too (client.record_turn)."""
+    from alignsearch.surfaces.server import remove_record, write_record
+
+    record = tmp_path / "index" / "server.json"
+    record.parent.mkdir(mode=0o700)
+    write_record(record, {"pid": os.getpid()})
+    assert _replaced_mid_removal(record, lambda: remove_record(record, os.getpid()), monkeypatch) == {"pid": 2**22 + 1}
+
+
+def test_a_query_removing_a_stale_record_never_removes_the_one_a_server_just_wrote(tmp_path, monkeypatch):
+    """The same read-then-unlink in the client: a query that found the record of a server killed with -9 removed
+    it as stale, and with it the record a new `serve` wrote in between."""
+    from alignsearch.surfaces import client
+    from alignsearch.surfaces.server import write_record
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = {"pid": int(gone.stdout)}
+    record = tmp_path / "index" / "server.json"
+    record.parent.mkdir(mode=0o700)
+    write_record(record, dead)
+    assert not client._alive(dead["pid"])
+    after = _replaced_mid_removal(record, lambda: client._remove_stale(record, dead), monkeypatch)
+    assert after == {"pid": 2**22 + 1}
+    # and with no server starting meanwhile, the stale record is still removed, the later one kept
+    assert not client._remove_stale(record, dead) and record.exists()
+    write_record(record, dead)
+    assert client._remove_stale(record, dead) and not record.exists()
+
+
 @pytest.mark.parametrize("answer", [
     b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\nConnection: close\r\n\r\n<h1>x</h1>",
     b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 22\r\nConnection: close\r\n\r\n'

@@ -14,6 +14,8 @@ from another machine, a record another user could have written...).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -21,6 +23,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -42,6 +46,9 @@ CONTACT_TIMEOUT = 2.0
 # server's own answer takes milliseconds (RESULTS.md: p50 21.7 ms at 100k vectors).
 PROBE_EVERY = 2.0
 MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; more is not one `serve` wrote
+# How long a `serve` waits for its turn at its record (record_turn) to write or remove it: another holds the turn
+# for one small write or unlink, so only a process stopped while holding it makes one wait this long.
+RECORD_WAIT = 10.0
 # The longest query string sent: the server's HTTP parser (h11) refuses a request head that is over 16 KiB
 # while it is still incomplete, so a longer URL passed or failed (400) as the kernel happened to split it.
 MAX_QUERY_STRING = 15 * 1024
@@ -123,17 +130,71 @@ def read_record(path: Path) -> dict:
     return record
 
 
+@contextmanager
+def record_turn(path: Path, wait: float) -> Iterator[bool]:
+    """The turn at the server record `path`: an flock on its folder, held for the block. Every write of a record
+    (server.write_record) and every removal (remove_record_if) takes it, so what a removal read is what it unlinks:
+    a removal read one record and unlinked the next `serve`'s, written between the two (write-then-replace), and
+    that server's clients searched locally. No check of the file unlinked can stand in for it: an inode compared
+    before the unlink is one the next rename may replace before the unlink, and renaming the record aside to look
+    at it leaves none at its name meanwhile. The folder, not a lock file: none to create in an index a client
+    cannot write, nor to judge when reading a record's folder; flock needs only read access, and a FIFO or symlink
+    at the record's name is never opened. Yields whether the turn is had, waiting up to `wait` seconds (0: one
+    try) for another's: False while another holds it for longer (a process stopped while holding it). Where the
+    folder cannot be locked (a filesystem without flock, a folder that cannot be opened) nobody can hold it:
+    True, and the caller goes on unlocked, as every write and removal did before the turn."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield True
+        return
+    try:
+        yield _take_turn(fd, wait)
+    finally:
+        os.close(fd)  # the lock with it
+
+
+def _take_turn(fd: int, wait: float) -> bool:
+    """record_turn's flock on fd, tried until `wait` seconds have passed; True too where it cannot be had at all."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        except OSError as exc:  # no flock here (EBADF: NFS locks only what is open for writing)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                return True
+            raise
+
+
+def remove_record_if(path: Path, superseded: Callable[[dict], bool], wait: float) -> bool:
+    """Remove the server record at `path` if `superseded(record)` says the one there now may go, reading and
+    removing it in one turn (record_turn, waiting up to `wait` seconds for it; a turn not had leaves the record).
+    Read as the client reads it (read_record): a FIFO or symlink put in its place is neither waited on nor
+    followed, only left. True when removed; a record that cannot be read or removed (an error of superseded's
+    too: a record without a pid) is left."""
+    with record_turn(path, wait) as turn:
+        if not turn:
+            return False
+        try:
+            if not superseded(read_record(path)):
+                return False
+            path.unlink()
+            return True
+        except (OSError, RecordRefused, ValueError, KeyError, TypeError):
+            return False
+
+
 def _remove_stale(path: Path, record: dict) -> bool:
     """Remove the record of a server whose process is gone (killed with -9, a crash), so the notice is said
     once, not on every query. Only while the file still holds that very record (a server started since wrote
-    its own) and its process is still gone; an index this user cannot write keeps it. True when removed."""
-    try:
-        if read_record(path) != record or _alive(int(record["pid"])):
-            return False
-        path.unlink()
-        return True
-    except (OSError, RecordRefused, ValueError, KeyError, TypeError):
-        return False
+    its own) and its process is still gone; an index this user cannot write keeps it. True when removed. A
+    query does not wait for the record's turn: one held means a server is writing or removing it now."""
+    return remove_record_if(path, lambda now: now == record and not _alive(int(record["pid"])), wait=0)
 
 
 def _same_dir(a: str, b: Path) -> bool:

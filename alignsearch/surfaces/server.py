@@ -60,7 +60,7 @@ from alignsearch.search import request as search_request
 from alignsearch.search.request import SearchRequest
 from alignsearch.atomic import write_bytes
 from alignsearch.search.engine import Engine, SnapshotMoved
-from alignsearch.surfaces.client import INDEX_HEADER, RecordRefused, read_record
+from alignsearch.surfaces.client import INDEX_HEADER, RECORD_WAIT, record_turn, remove_record_if
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, UsageError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE
@@ -1269,18 +1269,19 @@ def record_path(index_dir: Path) -> Path:
 
 
 def write_record(path: Path, record: dict) -> Path:
-    write_bytes(path, json.dumps(record).encode(), mode=0o600)  # 0600 from the start: it holds the token
+    """Write the server record in its turn (client.record_turn), so no removal of the one before it (the exit of
+    a server this one follows) reads that one and unlinks this. Another holding the turn past RECORD_WAIT (a
+    process stopped while holding it) is not waited on longer: serving goes on, as it did before the turn."""
+    with record_turn(path, RECORD_WAIT):
+        write_bytes(path, json.dumps(record).encode(), mode=0o600)  # 0600 from the start: it holds the token
     return path
 
 
 def remove_record(path: Path, pid: int) -> None:
-    """Remove the record if it is still this process's (a later server may have replaced it). Read as the
-    client reads it: a FIFO or symlink put in its place is neither waited on nor followed, only left."""
-    try:
-        if read_record(path).get("pid") == pid:
-            path.unlink()
-    except (OSError, RecordRefused):
-        pass
+    """Remove the record if it is still this process's (a later server may have replaced it), read and removed
+    in one turn (client.remove_record_if). A record whose turn is not had within RECORD_WAIT is left: a
+    query removes it once this process is gone."""
+    remove_record_if(path, lambda record: record.get("pid") == pid, RECORD_WAIT)
 
 
 def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer], None] | None = None,

@@ -42,6 +42,10 @@ CONTACT_TIMEOUT = 2.0
 # server's own answer takes milliseconds (RESULTS.md: p50 21.7 ms at 100k vectors).
 PROBE_EVERY = 2.0
 MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; more is not one `serve` wrote
+# The most of an answer read. A search's answer is at most k (1000) hits of a few paths each, and collapse's
+# duplicate ids: a few MB. More is not a search's answer (another program on the port, a broken server): read
+# whole, a stream of gigabytes took gigabytes of memory before it was refused as not JSON.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # The longest query string sent: the server's HTTP parser (h11) refuses a request head that is over 16 KiB
 # while it is still incomplete, so a longer URL passed or failed (400) as the kernel happened to split it.
 MAX_QUERY_STRING = 15 * 1024
@@ -151,7 +155,20 @@ def _exchange(record: dict, path: str, data: bytes | None = None, headers: dict 
         headers["Authorization"] = f"Bearer {record['token']}"
     request = Request(f"{record['url']}{path}", data=data, headers=headers, method="POST" if data is not None else "GET")
     with _OPENER.open(request, timeout=timeout) as response:
-        return json.loads(response.read()), response.headers.get(INDEX_HEADER)
+        return _json_answer(response), response.headers.get(INDEX_HEADER)
+
+
+def _json_answer(response) -> object:
+    """The JSON a response carries, read up to MAX_ANSWER_BYTES. ValueError where it is not a whole JSON text
+    of that size: JSON nested deeper than the parser recurses (json raises RecursionError, which was no
+    ValueError and ended the command as `unexpected RecursionError` instead of a search here)."""
+    data = response.read(MAX_ANSWER_BYTES + 1)
+    if len(data) > MAX_ANSWER_BYTES:
+        raise ValueError(f"an answer over {MAX_ANSWER_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("an answer nested too deep to be a search's") from None
 
 
 def _request(record: dict, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30.0):
@@ -278,8 +295,8 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
 def _error_body(exc: HTTPError) -> dict:
     """A server's error answer: its JSON ({"error", and from this version "kind"}), else {} (not the JSON it sends)."""
     try:
-        body = json.loads(exc.read() or b"{}")
-    except (ValueError, OSError):
+        body = _json_answer(exc) if exc.fp is not None else {}
+    except (ValueError, OSError, HTTPException):
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -412,4 +429,25 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         why = f"the server at {record['url']} searched another index ({named}), not {index_dir}"
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
+    if not _search_answer(answer):
+        why = f"the server at {record['url']} answered with JSON that is not a search's results"
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
     return Routed(answer)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _search_answer(answer: object) -> bool:
+    """Is answer shaped as /api/search answers, as far as the CLI reads it: {"results": [hit...], "plan": {...}},
+    each hit with a path and a score, and its moment (t), duplicates and path_b64 of their kinds where given? A
+    list, a number or a hit without a path ended `query` in `unexpected TypeError` instead of a search here."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("results"), list) \
+            or not isinstance(answer.get("plan", {}), dict):
+        return False
+    return all(isinstance(hit, dict) and isinstance(hit.get("path"), str) and _number(hit.get("score"))
+               and (hit.get("t") is None or _number(hit["t"]))
+               and isinstance(hit.get("duplicates") or [], list) and isinstance(hit.get("path_b64") or "", str)
+               for hit in answer["results"])

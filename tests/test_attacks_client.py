@@ -60,7 +60,7 @@ def test_json_nested_deeper_than_the_parser_recurses_is_searched_around(tmp_path
     ix = tmp_path / "ix"
     vector_index(ix, 3, 8)
     routed, notes = _routed(ix, _answering(b"[" * 100_000, status))
-    assert routed.answer is None and len(notes) == 1 and "searching locally" in notes[0], (routed, notes)
+    assert routed.answer is None and len(notes) == 1 and "did not answer" in notes[0], (routed, notes)
 
 
 def test_an_answer_over_the_limit_is_not_read_whole(tmp_path, monkeypatch):
@@ -96,3 +96,38 @@ def test_a_search_answer_naming_this_index_is_taken(tmp_path):
                           {"path": "/p/v.mp4", "score": 1, "t": 12.5, "path_b64": "L3Av"}], "plan": {"ann": "flat"}}
     routed, notes = _routed(ix, _answering(json.dumps(answer).encode(), index_id=client.local_index_id(ix)))
     assert routed.answer == answer and notes == [], (routed, notes)
+
+
+def test_a_record_whose_process_number_now_names_another_process_sends_it_nothing(tmp_path):
+    """A record outlives its server when the machine loses power (no exit removes it); after the reboot its
+    pid names another live process, and another program (another user's) may listen at the recorded port. The
+    query text and the token were sent there, and an answer naming this index (its id is in the catalog,
+    which others may read) was printed as this index's hits. Now the process must hold the socket listening
+    at the recorded address: here it does not, so nothing is sent and the search is local."""
+    import socket
+    import subprocess
+    import sys
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    server = _answering(json.dumps({"results": [{"path": "/planted.jpg", "score": 0.99}]}).encode(),
+                        index_id=client.local_index_id(ix))
+    sent: list[str] = []
+    server.RequestHandlerClass.log_request = lambda handler, *args: sent.append(handler.path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the number reused
+    try:
+        port = server.server_address[1]
+        record = {"pid": other.pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+                  "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
+                  "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
+        (ix / "server.json").write_text(json.dumps(record))
+        (ix / "server.json").chmod(0o600)
+        notes: list[str] = []
+        routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+    finally:
+        other.kill()
+        other.wait()
+        server.shutdown()
+        server.server_close()
+    assert routed.answer is None and sent == [], (routed, sent)
+    assert len(notes) == 1 and f"process {other.pid} does not listen" in notes[0], notes

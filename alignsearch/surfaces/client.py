@@ -4,7 +4,8 @@ The server record (.alignsearch/server.json, mode 0600) names the process, the h
 the address, the token, the index id and folder, and what /api/search takes. A record is read only as this
 user alone could have written it: not through a symlink, not owned by another user, in a folder no other
 user can write (paths.untrusted, the rule of index discovery and of the model cache), and of a record's
-size. It is used only when it was written on this host, its process is alive, and the server it names
+size. It is used only when it was written on this host, its process is alive and holds the socket
+listening at its port (_holds_port: not a number reused after a reboot), and the server it names
 serves this very index: the same index id, in the same directory. A query proves that with its own
 answer, which names the index it was searched in (INDEX_HEADER): no round trip before it (GET /api/info
 is asked only of a server whose record predates the header, and by verified_server). Otherwise the caller
@@ -26,7 +27,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError, URLError
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 from urllib.request import ProxyHandler, Request, build_opener
 
 from alignsearch import safeopen
@@ -89,6 +90,58 @@ def _stopped(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2 :][:1] in ("T", "t")  # the state follows the name, which may hold spaces
+
+
+def _listening_inodes(pid: int, port: int) -> set[str] | None:
+    """The inodes of the TCP sockets listening at port in pid's network namespace (/proc/PID/net/tcp, tcp6:
+    local address ADDR:PORT in hex, state 0A), or None where /proc cannot tell (another system)."""
+    found, read = set(), False
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+                found.add(fields[9])
+    return found if read else None
+
+
+def _port_of(url: str) -> int | None:
+    """The port a request to url goes to (None: not one that can be told)."""
+    try:
+        parts = urlsplit(url)
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+
+
+def _holds_port(pid: int, port: int | None) -> bool | None:
+    """Does process pid hold the socket listening at port: is it the server its record names? A record outlives
+    its server when the machine lost power or rebooted (no exit to remove it), and its pid is then soon some
+    other process, alive: the query and the token went to whatever listened at the recorded port by then,
+    another user's program too, which could answer for this index (its id is in the catalog anyone may read).
+    True or False from Linux's /proc (False also where pid's descriptors cannot be read: not this user's
+    process, so not the `serve` that wrote this user's record); None where /proc cannot tell."""
+    listening = None if port is None else _listening_inodes(pid, port)
+    if listening is None:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return False  # gone since it was found alive; or not this user's
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed since it was listed (the listing's own descriptor, when pid is this process)
+            continue
+        if link.startswith("socket:[") and link[8:-1] in listening:
+            return True
+    return False
 
 
 class RecordRefused(Exception):
@@ -264,6 +317,10 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
         return None
     if _stopped(pid):
         notice(f"notice: the server recorded in {path} is stopped (process {pid}); searching locally")
+        return None
+    if _holds_port(pid, _port_of(url)) is False:
+        notice(f"notice: the server recorded in {path} is not running (process {pid} does not listen at {url}: "
+               "another process has its number); searching locally")
         return None
     try:
         why = untrusted_index(index_dir, writing=False)

@@ -4,7 +4,8 @@ The server record (.alignsearch/server.json, mode 0600) names the process, the h
 the address, the token, the index id and folder, and what /api/search takes. A record is read only as this
 user alone could have written it: not through a symlink, not owned by another user, in a folder no other
 user can write (paths.untrusted, the rule of index discovery and of the model cache), and of a record's
-size. It is used only when it was written on this host, its process is alive, and the server it names
+size. It is used only when it was written on this host, its process is alive and holds the socket
+listening at its port (_holds_port: not a number reused after a reboot), and the server it names
 serves this very index: the same index id, in the same directory. A query proves that with its own
 answer, which names the index it was searched in (INDEX_HEADER): no round trip before it (GET /api/info
 is asked only of a server whose record predates the header, and by verified_server). Otherwise the caller
@@ -30,7 +31,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError, URLError
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 from urllib.request import ProxyHandler, Request, build_opener
 
 from alignsearch import safeopen
@@ -49,6 +50,10 @@ MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; more is not one
 # How long a `serve` waits for its turn at its record (record_turn) to write or remove it: another holds the turn
 # for one small write or unlink, so only a process stopped while holding it makes one wait this long.
 RECORD_WAIT = 10.0
+# The most of an answer read. A search's answer is at most k (1000) hits of a few paths each, and collapse's
+# duplicate ids: a few MB. More is not a search's answer (another program on the port, a broken server): read
+# whole, a stream of gigabytes took gigabytes of memory before it was refused as not JSON.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # The longest query string sent: the server's HTTP parser (h11) refuses a request head that is over 16 KiB
 # while it is still incomplete, so a longer URL passed or failed (400) as the kernel happened to split it.
 MAX_QUERY_STRING = 15 * 1024
@@ -92,6 +97,58 @@ def _stopped(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2 :][:1] in ("T", "t")  # the state follows the name, which may hold spaces
+
+
+def _listening_inodes(pid: int, port: int) -> set[str] | None:
+    """The inodes of the TCP sockets listening at port in pid's network namespace (/proc/PID/net/tcp, tcp6:
+    local address ADDR:PORT in hex, state 0A), or None where /proc cannot tell (another system)."""
+    found, read = set(), False
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+                found.add(fields[9])
+    return found if read else None
+
+
+def _port_of(url: str) -> int | None:
+    """The port a request to url goes to (None: not one that can be told)."""
+    try:
+        parts = urlsplit(url)
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+
+
+def _holds_port(pid: int, port: int | None) -> bool | None:
+    """Does process pid hold the socket listening at port: is it the server its record names? A record outlives
+    its server when the machine lost power or rebooted (no exit to remove it), and its pid is then soon some
+    other process, alive: the query and the token went to whatever listened at the recorded port by then,
+    another user's program too, which could answer for this index (its id is in the catalog anyone may read).
+    True or False from Linux's /proc (False also where pid's descriptors cannot be read: not this user's
+    process, so not the `serve` that wrote this user's record); None where /proc cannot tell."""
+    listening = None if port is None else _listening_inodes(pid, port)
+    if listening is None:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return False  # gone since it was found alive; or not this user's
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed since it was listed (the listing's own descriptor, when pid is this process)
+            continue
+        if link.startswith("socket:[") and link[8:-1] in listening:
+            return True
+    return False
 
 
 class RecordRefused(Exception):
@@ -212,7 +269,20 @@ def _exchange(record: dict, path: str, data: bytes | None = None, headers: dict 
         headers["Authorization"] = f"Bearer {record['token']}"
     request = Request(f"{record['url']}{path}", data=data, headers=headers, method="POST" if data is not None else "GET")
     with _OPENER.open(request, timeout=timeout) as response:
-        return json.loads(response.read()), response.headers.get(INDEX_HEADER)
+        return _json_answer(response), response.headers.get(INDEX_HEADER)
+
+
+def _json_answer(response) -> object:
+    """The JSON a response carries, read up to MAX_ANSWER_BYTES. ValueError where it is not a whole JSON text
+    of that size: JSON nested deeper than the parser recurses (json raises RecursionError, which was no
+    ValueError and ended the command as `unexpected RecursionError` instead of a search here)."""
+    data = response.read(MAX_ANSWER_BYTES + 1)
+    if len(data) > MAX_ANSWER_BYTES:
+        raise ValueError(f"an answer over {MAX_ANSWER_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("an answer nested too deep to be a search's") from None
 
 
 def _request(record: dict, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30.0):
@@ -309,6 +379,10 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
     if _stopped(pid):
         notice(f"notice: the server recorded in {path} is stopped (process {pid}); searching locally")
         return None
+    if _holds_port(pid, _port_of(url)) is False:
+        notice(f"notice: the server recorded in {path} is not running (process {pid} does not listen at {url}: "
+               "another process has its number); searching locally")
+        return None
     try:
         why = untrusted_index(index_dir, writing=False)
     except OSError:  # not readable: the local open says so in its own words
@@ -339,8 +413,8 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
 def _error_body(exc: HTTPError) -> dict:
     """A server's error answer: its JSON ({"error", and from this version "kind"}), else {} (not the JSON it sends)."""
     try:
-        body = json.loads(exc.read() or b"{}")
-    except (ValueError, OSError):
+        body = _json_answer(exc) if exc.fp is not None else {}
+    except (ValueError, OSError, HTTPException):
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -473,4 +547,25 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
         why = f"the server at {record['url']} searched another index ({named}), not {index_dir}"
         notice(f"notice: {why}; searching locally")
         return Routed(None, why)
+    if not _search_answer(answer):
+        why = f"the server at {record['url']} answered with JSON that is not a search's results"
+        notice(f"notice: {why}; searching locally")
+        return Routed(None, why)
     return Routed(answer)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _search_answer(answer: object) -> bool:
+    """Is answer shaped as /api/search answers, as far as the CLI reads it: {"results": [hit...], "plan": {...}},
+    each hit with a path and a score, and its moment (t), duplicates and path_b64 of their kinds where given? A
+    list, a number or a hit without a path ended `query` in `unexpected TypeError` instead of a search here."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("results"), list) \
+            or not isinstance(answer.get("plan", {}), dict):
+        return False
+    return all(isinstance(hit, dict) and isinstance(hit.get("path"), str) and _number(hit.get("score"))
+               and (hit.get("t") is None or _number(hit["t"]))
+               and isinstance(hit.get("duplicates") or [], list) and isinstance(hit.get("path_b64") or "", str)
+               for hit in answer["results"])

@@ -1,0 +1,133 @@
+"""Attacks on the CLI's side of the warm server (surfaces/client.py): whatever answers at a recorded server's
+address (a broken server, another program on the port) is searched around in one notice, never read into
+memory without bound, and never ends `query` in an unexpected error."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+from helpers import fake_server_record, vector_index
+
+from alignsearch.search import request as search_request
+from alignsearch.surfaces import client
+
+
+def _answering(body: bytes, status: int = 200, index_id: str | None = None):
+    """A stand-in server: /healthz answers, every other GET gets body with status (and INDEX_HEADER index_id)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path.startswith("/healthz")
+            data = b'{"ok": true}' if ok else body
+            self.send_response(200 if ok else status)
+            if index_id is not None:
+                self.send_header(client.INDEX_HEADER, index_id)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except OSError:  # the client stopped reading: what it was sent is over its limit
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _routed(ix, server):
+    notes: list[str] = []
+    fake_server_record(ix, server.server_address[1])
+    try:
+        routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), timeout=10.0,
+                                          notice=notes.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return routed, notes
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_json_nested_deeper_than_the_parser_recurses_is_searched_around(tmp_path, status):
+    """json.loads raises RecursionError (no ValueError) on a text of 100,000 `[`: it came out of
+    search_via_server, and `query` ended in `unexpected RecursionError` (exit 1) instead of searching here."""
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    routed, notes = _routed(ix, _answering(b"[" * 100_000, status))
+    assert routed.answer is None and len(notes) == 1 and "did not answer" in notes[0], (routed, notes)
+
+
+def test_an_answer_over_the_limit_is_not_read_whole(tmp_path, monkeypatch):
+    """An answer longer than any search's is refused once MAX_ANSWER_BYTES are read: a stream of 1.5 GB of
+    spaces took the process to 4 GB of memory before it was found not to be JSON."""
+    monkeypatch.setattr(client, "MAX_ANSWER_BYTES", 1 << 20)
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    hits = [{"path": "x" * 1000, "score": 0.5}] * 2000  # a valid answer, over the (lowered) limit
+    server = _answering(json.dumps({"results": hits}).encode(), index_id=client.local_index_id(ix))
+    routed, notes = _routed(ix, server)
+    assert routed.answer is None and len(notes) == 1 and f"over {1 << 20} bytes" in notes[0], (routed, notes)
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b"NaN", b'{"hits": []}', b'{"results": [{"path": "a.jpg"}]}',
+                                  b'{"results": [{"path": "a.jpg", "score": "high"}]}',
+                                  b'{"results": [], "plan": [1]}', b'{"results": [{"path": "a", "score": 1, "t": "x"}]}'],
+                         ids=["list", "number", "no-results", "no-score", "text-score", "plan-list", "text-t"])
+def test_an_answer_naming_this_index_that_is_no_search_answer_is_searched_around(tmp_path, body):
+    """JSON that names this index (INDEX_HEADER) but is not /api/search's shape was returned as the answer, and
+    `query` ended on it in `unexpected TypeError` or `KeyError` (answer["results"], h["score"]:.4f)."""
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    routed, notes = _routed(ix, _answering(body, index_id=client.local_index_id(ix)))
+    assert routed.answer is None and len(notes) == 1 and "not a search's results" in notes[0], (routed, notes)
+
+
+def test_a_search_answer_naming_this_index_is_taken(tmp_path):
+    """The shape check passes what a server answers (so the tests above do not pass by refusing everything)."""
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    answer = {"results": [{"path": "/p/a.jpg", "score": 0.25, "t": None, "duplicates": [3]},
+                          {"path": "/p/v.mp4", "score": 1, "t": 12.5, "path_b64": "L3Av"}], "plan": {"ann": "flat"}}
+    routed, notes = _routed(ix, _answering(json.dumps(answer).encode(), index_id=client.local_index_id(ix)))
+    assert routed.answer == answer and notes == [], (routed, notes)
+
+
+def test_a_record_whose_process_number_now_names_another_process_sends_it_nothing(tmp_path):
+    """A record outlives its server when the machine loses power (no exit removes it); after the reboot its
+    pid names another live process, and another program (another user's) may listen at the recorded port. The
+    query text and the token were sent there, and an answer naming this index (its id is in the catalog,
+    which others may read) was printed as this index's hits. Now the process must hold the socket listening
+    at the recorded address: here it does not, so nothing is sent and the search is local."""
+    import socket
+    import subprocess
+    import sys
+
+    ix = tmp_path / "ix"
+    vector_index(ix, 3, 8)
+    server = _answering(json.dumps({"results": [{"path": "/planted.jpg", "score": 0.99}]}).encode(),
+                        index_id=client.local_index_id(ix))
+    sent: list[str] = []
+    server.RequestHandlerClass.log_request = lambda handler, *args: sent.append(handler.path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the number reused
+    try:
+        port = server.server_address[1]
+        record = {"pid": other.pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+                  "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
+                  "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
+        (ix / "server.json").write_text(json.dumps(record))
+        (ix / "server.json").chmod(0o600)
+        notes: list[str] = []
+        routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+    finally:
+        other.kill()
+        other.wait()
+        server.shutdown()
+        server.server_close()
+    assert routed.answer is None and sent == [], (routed, sent)
+    assert len(notes) == 1 and f"process {other.pid} does not listen" in notes[0], notes

@@ -5,6 +5,7 @@ and swapped in (alignsearch/atomic.py); `export` and `finetune` refuse targets t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -245,6 +246,118 @@ def test_export_refuses_an_existing_file_it_did_not_write(ix, tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".part")]
     assert leftovers == []
 
+
+
+def _refused(ix, out, *why):
+    """`export OUT --format clip-retrieval` refused in one line (exit 2, as every refusal) naming each of `why`."""
+    result = export(ix, out, "--format", "clip-retrieval", code=2)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert all(w in lines[0] for w in why) and "give another OUT, or remove them yourself" in lines[0], lines[0]
+
+
+def test_clip_export_replaces_only_files_an_export_wrote(ix, tmp_path):
+    """Anything named like a shard in OUT/img_emb/ or OUT/metadata/ was taken for an earlier export's and
+    deleted, whatever it held: `echo notes > o/img_emb/img_emb_9.npy` went, and so would the output of
+    clip-retrieval itself. The repro, then clip-retrieval's layout written by numpy and pyarrow (not by us)."""
+    notes = tmp_path / "notes"
+    (notes / "img_emb").mkdir(parents=True)
+    (notes / "metadata").mkdir()
+    (notes / "img_emb" / "img_emb_9.npy").write_text("notes\n")
+    (notes / "metadata" / "metadata_9.parquet").write_text("t\n")
+    theirs = tmp_path / "theirs"  # clip-retrieval's output: float16 rows, metadata of its own columns
+    (theirs / "img_emb").mkdir(parents=True)
+    (theirs / "metadata").mkdir()
+    np.save(theirs / "img_emb" / "img_emb_0.npy", np.ones((3, 16), dtype=np.float16))
+    pq.write_table(pa.table({"image_path": ["a.jpg", "b.jpg", "c.jpg"], "caption": ["x", "y", "z"],
+                             "url": ["u1", "u2", "u3"]}), theirs / "metadata" / "metadata_0.parquet")
+    half = tmp_path / "half"  # an export's embeddings without their metadata
+    (half / "img_emb").mkdir(parents=True)
+    np.save(half / "img_emb" / "img_emb_0.npy", np.ones((3, 16), dtype=np.float16))
+    before = tree(tmp_path)
+    _refused(ix, notes, "img_emb/img_emb_9.npy", "did not write")
+    _refused(ix, theirs, "did not write")
+    _refused(ix, half, "img_emb/img_emb_0.npy", "did not write")
+    assert tree(tmp_path) == before
+
+
+def test_clip_export_replaces_its_own_export_unless_changed_since(ix, tmp_path):
+    """An export lists what it wrote (alignsearch-export.json: names, sizes, sha256); a later export replaces
+    those files as they were written, and refuses a folder where one was edited or another file added."""
+    out = tmp_path / "clip"
+    export(ix, out, "--format", "clip-retrieval", "--shard-rows", "10")
+    listed = json.loads((out / "alignsearch-export.json").read_text())["files"]
+    assert sorted(listed) == sorted(f"{sub}/{p.name}" for sub in ("img_emb", "metadata") for p in (out / sub).iterdir())
+    export(ix, out, "--format", "clip-retrieval", "--shard-rows", "30")  # our own: replaced, extra shards gone
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy"]
+
+    shard = out / "img_emb" / "img_emb_1.npy"
+    edited = bytearray(shard.read_bytes())
+    edited[-1] ^= 1  # one bit of one vector: same name, same size
+    shard.write_bytes(bytes(edited))
+    before = tree(tmp_path)
+    _refused(ix, out, "img_emb/img_emb_1.npy", "changed since")
+    assert tree(tmp_path) == before
+    shard.write_bytes(bytes(edited[:-1]) + bytes([edited[-1] ^ 1]))  # put back as written
+    shutil.copy(out / "metadata" / "metadata_0.parquet", out / "metadata" / "metadata_5.parquet")
+    before = tree(tmp_path)
+    _refused(ix, out, "metadata/metadata_5.parquet", "does not list")
+    assert tree(tmp_path) == before
+    (out / "metadata" / "metadata_5.parquet").unlink()
+    export(ix, out, "--format", "clip-retrieval")
+    assert sum(len(np.load(p)) for p in (out / "img_emb").iterdir()) == 40
+
+
+@pytest.mark.parametrize("dropped", [(), ("t", "t_end"), ("path_b64",), ("t", "t_end", "path_b64")])
+def test_clip_export_replaces_an_export_of_earlier_versions(ix, tmp_path, dropped):
+    """Exports before the list was written have none: their pairs are known by content (a float16 array, and
+    metadata of the same rows with the columns an alignsearch version wrote: t/t_end and path_b64 came later),
+    so their users can still export over them."""
+    out = tmp_path / "clip"
+    export(ix, out, "--format", "clip-retrieval", "--shard-rows", "30")
+    (out / "alignsearch-export.json").unlink()
+    for p in (out / "metadata").iterdir():
+        pq.write_table(pq.read_table(p).drop_columns(list(dropped)), p)
+    export(ix, out, "--format", "clip-retrieval")
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy"]
+    assert (out / "alignsearch-export.json").exists()
+
+
+def test_clip_export_replaces_nothing_put_in_out_during_it(ix, tmp_path, monkeypatch):
+    """The folder is checked before the export, which can take minutes; a file put in OUT/img_emb/ meanwhile
+    was never looked at, and the swap would delete it: the export is refused and the file stays."""
+    from alignsearch.search import export as exporting
+
+    out = tmp_path / "clip"
+    export(ix, out, "--format", "clip-retrieval")
+    write = exporting._write_clip_retrieval
+
+    def meanwhile(*args, **kwargs):
+        (out / "img_emb" / "img_emb_7.npy").write_text("the user's, written during the export")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(exporting, "_write_clip_retrieval", meanwhile)
+    result = export(ix, out, "--format", "clip-retrieval", code=2)
+    assert "changed during the export" in result.output and len(result.output.strip().splitlines()) == 1
+    assert (out / "img_emb" / "img_emb_7.npy").read_text() == "the user's, written during the export"
+    assert [p.name for p in tmp_path.iterdir()] == ["clip"]  # the new copy removed
+
+
+@pytest.mark.parametrize("at", ["alignsearch.search.export:_finish_npy", "alignsearch.search.export:_write_marker"])
+@pytest.mark.slow
+def test_a_clip_export_killed_mid_way_leaves_the_earlier_export_whole(tmp_path, at):
+    """kill -9 in the middle of a re-export (a shard half written, or every shard written and the list not yet):
+    OUT is the earlier export, file for file, and the next export replaces it."""
+    ix, out = tmp_path / "ix", tmp_path / "out"
+    vector_index(ix, 50, 16)
+    assert alignsearch("export", out, "--format", "clip-retrieval", "--shard-rows", "20", "--index", ix).returncode == 0
+    before = tree(out)
+    proc = killed_at(at, "before", "export", out, "--format", "clip-retrieval", "--index", ix)
+    assert proc.returncode == -9, proc.stderr
+    assert tree(out) == before
+    proc = alignsearch("export", out, "--format", "clip-retrieval", "--index", ix)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy"]
 
 FULL_DISK = """
 import resource, signal, sys

@@ -6,7 +6,9 @@
   `batch` rows, so memory stays bounded whatever the library's size.
 - clip-retrieval: the layout clip-retrieval writes and autofaiss / embedding-reader read:
   `img_emb/img_emb_{i}.npy` (float16, n x dim, unit rows) and `metadata/metadata_{i}.parquet` (image_path,
-  caption, and our columns), row i of one matching row i of the other, `shard_rows` rows per pair.
+  caption, and our columns), row i of one matching row i of the other, `shard_rows` rows per pair, and
+  `alignsearch-export.json` (MARKER) listing them: a later export of OUT replaces only what it lists, unchanged
+  (clip_refusal).
 
 Memory: the catalog is read in pages of PAGE rows by id, each page's vectors with plain reads into one
 reused buffer (vectors.read_into: the store's memory map would leave every page read resident, 1.28 GB at
@@ -21,7 +23,9 @@ alignsearch/search/filters.py), `path` (a glob on the relative path, as `query -
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -46,7 +50,11 @@ FORMATS = ("parquet", "clip-retrieval")
 BATCH = 65_536  # rows per parquet row group: 168 MB of float32 at 640-d, the largest thing export holds
 PAGE = 8_192  # rows per catalog page and per vector read
 SHARD_ROWS = 1_000_000  # rows per img_emb_{i}.npy, as clip-retrieval's default write batch
-CLIP_FOLDERS = {"img_emb": re.compile(r"img_emb_\d+\.npy"), "metadata": re.compile(r"metadata_\d+\.parquet")}
+CLIP_FOLDERS = {"img_emb": re.compile(r"img_emb_(\d+)\.npy"), "metadata": re.compile(r"metadata_(\d+)\.parquet")}
+# what a clip-retrieval export wrote (names, sizes, sha256), written with it: a later export replaces only these
+MARKER = "alignsearch-export.json"
+MARKER_MAX = 1 << 24  # bytes: ~100k shards listed; anything larger is not one export wrote
+REFUSED = "export replaces only files it wrote: give another OUT, or remove them yourself"
 
 
 def _schema(dim: int) -> pa.Schema:
@@ -206,15 +214,53 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
             "same_file": tally.get("same_file", 0)}
 
 
-def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS, **filters) -> dict:
+def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS,
+                          seen: dict | None = None, **filters) -> dict:
     """Write OUT/img_emb/img_emb_{i}.npy and OUT/metadata/metadata_{i}.parquet; returns {"rows", "shards"}.
 
     The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows.
     The layout is written in a fresh folder beside OUT that then replaces it whole: an earlier export's
-    shards beyond the new count go with it, and a failed export leaves OUT as it was."""
-    with atomic.replacing_dir(out, superseded=lambda old: CLIP_FOLDERS) as tmp:
+    shards beyond the new count go with it, and a failed export leaves OUT as it was. `seen`: OUT's
+    _fingerprint when check_out accepted it (export takes it before the check); OUT must still be so at the swap (None: there was no OUT)."""
+    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER]) as tmp:
         result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
+        _write_marker(tmp)
+        # the swap deletes what OUT's img_emb/ and metadata/ hold: anything put there since the check (the
+        # export took minutes) was never looked at, so the export is refused and OUT left as it is now
+        if _fingerprint(Path(out)) != seen:
+            raise UsageError(f"{out} changed during the export; nothing was replaced: run it again")
     return {**result, "path": str(out)}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_marker(folder: Path) -> None:
+    """folder/MARKER: every file the export wrote in folder, with its size and sha256 (read back once: the .npy
+    header is rewritten after its rows, so no digest can be taken as the bytes go out)."""
+    files = {f"{sub}/{name}": {"size": (folder / sub / name).stat().st_size, "sha256": _sha256(folder / sub / name)}
+             for sub in CLIP_FOLDERS for name in sorted(os.listdir(folder / sub))}
+    (folder / MARKER).write_text(json.dumps({"written_by": "alignsearch export", "format": "clip-retrieval",
+                                             "files": files}, indent=1) + "\n")
+
+
+def _fingerprint(out: Path) -> dict | None:
+    """(size, mtime, inode, mode) of OUT's top entries and of those in its img_emb/ and metadata/; None: no OUT."""
+    try:
+        top = list(os.scandir(out))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    seen = {}
+    for entry in top:
+        st = entry.stat(follow_symlinks=False)
+        seen[entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+        if entry.name in CLIP_FOLDERS and stat.S_ISDIR(st.st_mode):
+            for inner in os.scandir(entry.path):
+                st = inner.stat(follow_symlinks=False)
+                seen[f"{entry.name}/{inner.name}"] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+    return seen
 
 
 def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int, **filters) -> dict:
@@ -224,7 +270,7 @@ def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int,
     dim = int(engine.snap.store.dim)
     full = _schema(dim)
     meta_schema = pa.schema([("image_path", pa.string()), ("caption", pa.string())]
-                            + [f for f in full if f.name not in ("path", "caption", "embedding")])
+                            + [full.field(n) for n in _metadata_names(full.names)[2:]])
     order = [f.name for f in full if f.name != "embedding"]
     pick = [order.index("path" if f.name == "image_path" else f.name) for f in meta_schema]
     state = {"shard": -1, "filled": 0, "raw": None, "groups": None}
@@ -304,13 +350,14 @@ def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = No
     `batch` rows (BATCH, read when called)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    seen = _fingerprint(Path(out)) if fmt == "clip-retrieval" else None  # taken first: a change after is seen
     check_out(Path(out), fmt)
     atomic.remove_stale(out, writer="an export")  # an earlier export of OUT killed mid-way left its copy beside it
     chosen = {"roots": roots or None, "where": where, "path": path}
     try:
         if fmt == "parquet":
             return export_parquet(engine, out, batch, **chosen)
-        return export_clip_retrieval(engine, out, batch, shard_rows, **chosen)
+        return export_clip_retrieval(engine, out, batch, shard_rows, seen, **chosen)
     except OSError as exc:  # a full disk: name OUT, not the temporary file already deleted (or no file at all)
         if exc.strerror and (exc.filename is None or atomic.temp_prefix(Path(out)) in str(exc.filename)):
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
@@ -321,7 +368,7 @@ def check_out(out: Path, fmt: str) -> None:
     """Refuse (UsageError) an OUT that export would write over something it did not make: a place inside an
     index folder (`export .alignsearch/catalog.db` replaced the catalog), a folder or a link where a file
     goes, an existing file that is not an earlier parquet export, a folder holding anything besides an
-    earlier clip-retrieval export."""
+    earlier clip-retrieval export (clip_refusal)."""
     where = Path(os.path.realpath(out.parent)) / out.name
     for folder in (where, *where.parents):
         # os.path.exists: a folder that cannot be searched (chmod 000) holds no catalog export could reach; Path.exists
@@ -348,12 +395,108 @@ def check_out(out: Path, fmt: str) -> None:
         return
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{out} is a file: the clip-retrieval export is a folder")
-    for entry in os.scandir(out):
-        pattern = CLIP_FOLDERS.get(entry.name)
-        if pattern is None or not entry.is_dir(follow_symlinks=False) or not all(
-                pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
-            raise UsageError(f"{out} holds {entry.name}, which is not part of a clip-retrieval export: "
-                             "choose an empty or new folder")
+    refusal = clip_refusal(out)
+    if refusal:
+        raise UsageError(f"{out} {refusal}")
+
+
+def clip_refusal(out: Path) -> str | None:
+    """Why export may not replace the folder OUT's contents (None: it may). It may where OUT holds only what an
+    export wrote: img_emb/ and metadata/ holding exactly the files its MARKER lists, unchanged (size and
+    sha256); or, with no MARKER (exports before it was written), only pairs img_emb_{i}.npy / metadata_{i}.parquet
+    read as an export's: a float16 (rows, dim) array and a parquet file of the same rows with the metadata
+    columns some alignsearch version wrote. clip-retrieval's own output (image_path, caption, ...) is not."""
+    entries = {e.name: e for e in os.scandir(out)}
+    for name, entry in entries.items():
+        if not (name in CLIP_FOLDERS and entry.is_dir(follow_symlinks=False)
+                or name == MARKER and entry.is_file(follow_symlinks=False)):
+            return f"holds {name}, which is not part of a clip-retrieval export alignsearch wrote: {REFUSED}"
+    files = {}
+    for sub in CLIP_FOLDERS:
+        if sub in entries:
+            for e in os.scandir(entries[sub].path):
+                if not e.is_file(follow_symlinks=False):
+                    return f"holds {sub}/{e.name}, which is not a file alignsearch's export wrote: {REFUSED}"
+                files[f"{sub}/{e.name}"] = Path(e.path)
+    if MARKER in entries:
+        return _unlisted(files, Path(entries[MARKER].path))
+    return _not_earlier_export(files)
+
+
+def _unlisted(files: dict[str, Path], marker: Path) -> str | None:
+    """Why `files` are not all as the export that wrote `marker` left them (None: they are)."""
+    try:
+        if marker.stat().st_size > MARKER_MAX:
+            raise ValueError("too large")
+        listed = json.loads(marker.read_bytes())["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("no file list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"holds a {MARKER} that is not one alignsearch's export wrote ({exc}): {REFUSED}"
+    for rel, path in sorted(files.items()):
+        want = listed.get(rel)
+        if not isinstance(want, dict):
+            return f"holds {rel}, which its {MARKER} does not list (alignsearch's export did not write it): {REFUSED}"
+        if path.stat().st_size != want.get("size") or _sha256(path) != want.get("sha256"):
+            return f"holds {rel}, changed since alignsearch's export wrote it: {REFUSED}"
+    return None
+
+
+def _not_earlier_export(files: dict[str, Path]) -> str | None:
+    """Why `files` (no MARKER beside them) are not an earlier export's pairs (None: they are)."""
+    shards: dict[str, dict[str, Path]] = {}
+    for rel, path in files.items():
+        sub, name = rel.split("/")
+        match = CLIP_FOLDERS[sub].fullmatch(name)
+        if not match:
+            return f"holds {rel}, which is not part of a clip-retrieval export alignsearch wrote: {REFUSED}"
+        shards.setdefault(match.group(1), {})[sub] = path
+    for rel, path in sorted(files.items()):
+        pair = shards[CLIP_FOLDERS[rel.split("/")[0]].fullmatch(path.name).group(1)]
+        rows = None if len(pair) != 2 else (_npy_rows(pair["img_emb"]), _metadata_rows(pair["metadata"]))
+        if rows is None or rows[0] is None or rows[0] != rows[1]:
+            return (f"holds {rel}, which alignsearch's export did not write (no {MARKER}, and not a pair of float16 "
+                    f"embeddings and metadata of the columns alignsearch writes): {REFUSED}")
+    return None
+
+
+def _npy_rows(path: Path) -> int | None:
+    """Rows of the .npy file `path` if it is one export writes: a C-order (rows, dim) little-endian float16
+    array, its size exactly the header and the rows; else None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                return None
+            shape, fortran, dtype = read[version](f)
+            start = f.tell()
+        if dtype != np.dtype("<f2") or fortran or len(shape) != 2:
+            return None
+        return shape[0] if os.path.getsize(path) == start + shape[0] * shape[1] * 2 else None
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return None
+
+
+def _metadata_rows(path: Path) -> int | None:
+    """Rows of the parquet file `path` if it has the metadata columns some alignsearch version wrote, else None."""
+    try:
+        meta = pq.read_metadata(path)
+        names = meta.schema.to_arrow_schema().names
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    return meta.num_rows if tuple(names) in _METADATA_COLUMNS else None
+
+
+def _metadata_names(full: list[str]) -> tuple[str, ...]:
+    """The metadata file's columns for an export of columns `full` (_schema's, of some version)."""
+    return ("image_path", "caption", *(n for n in full if n not in ("path", "caption", "embedding")))
+
+
+# every column list an export's metadata has had: t and t_end came with video moments, path_b64 with names that
+# are not UTF-8 (each on its own branch first); a markerless folder of these is an earlier export's
+_METADATA_COLUMNS = {_metadata_names([n for n in _schema(1).names if n not in dropped])
+                     for dropped in ((), ("t", "t_end"), ("path_b64",), ("t", "t_end", "path_b64"))}
 
 
 def _is_parquet_export(path: Path) -> bool:

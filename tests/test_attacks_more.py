@@ -429,10 +429,10 @@ def _tree(folder: Path) -> dict[str, bytes | str]:
 
 @pytest.mark.slow
 def test_export_killed_part_way_leaves_the_earlier_export_and_links_are_never_written_through(tmp_path):
-    """`export` killed -9 while it writes (a parquet file, a clip-retrieval folder), each over an earlier export
-    of its own: the earlier export is there byte for byte, and the next export replaces it whole. A clip-retrieval
-    OUT whose img_emb is a link to the user's folder (holding files named like shards) is refused, that folder
-    untouched."""
+    """`export` killed -9 while it writes (a parquet file, a clip-retrieval folder: mid-shard, and after its list
+    of files), each over an earlier export of its own: the earlier export is there byte for byte, and the next
+    export replaces it whole. A clip-retrieval OUT whose img_emb is a link to the user's folder (holding files
+    named like shards) is refused, that folder untouched."""
     import pyarrow.parquet as pq
 
     from helpers import vector_index
@@ -442,13 +442,15 @@ def test_export_killed_part_way_leaves_the_earlier_export_and_links_are_never_wr
     out = tmp_path / "out"
     out.mkdir()
     small = {"alignsearch.search.export:BATCH": 10, "alignsearch.search.export:PAGE": 10}
-    for target, fmt, where in ((out / "emb.parquet", "parquet", "_record_batch"),  # the third row group written
-                               (out / "clip", "clip-retrieval", "_finish_npy")):  # the second shard closed
+    for target, fmt, where, nth in ((out / "emb.parquet", "parquet", "_record_batch", 2),  # the third row group written
+                                    (out / "clip", "clip-retrieval", "_finish_npy", 2),  # the second shard closed
+                                    # every shard and the list of them written, not yet swapped in
+                                    (out / "clip", "clip-retrieval", "_write_marker", 1)):
         # --shard-rows is clip-retrieval's alone (a parquet export refuses it: d181f6e)
         shards = ["--shard-rows", "10"] if fmt == "clip-retrieval" else []
         run("export", target, "--index", ix, "--format", fmt, *shards, "--path", "00000[0-2]*")
         earlier = _tree(out)
-        proc = _killed_at_call(f"alignsearch.search.export:{where}", 2, small,
+        proc = _killed_at_call(f"alignsearch.search.export:{where}", nth, small,
                                "export", target, "--index", ix, "--format", fmt, *shards)
         assert proc.returncode == -9, proc.stderr[-3000:]
         assert {k: v for k, v in _tree(out).items() if k in earlier} == earlier, fmt
@@ -460,6 +462,8 @@ def test_export_killed_part_way_leaves_the_earlier_export_and_links_are_never_wr
         rows = pq.read_table(target).num_rows if fmt == "parquet" else sum(
             pq.read_table(p).num_rows for p in (target / "metadata").iterdir())
         assert rows == 40, fmt
+        if fmt == "clip-retrieval":  # the new export lists what it wrote, for the next one to replace
+            assert (target / "alignsearch-export.json").is_file()
 
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -342,23 +342,6 @@ def test_clip_export_replaces_nothing_put_in_out_during_it(ix, tmp_path, monkeyp
     assert (out / "img_emb" / "img_emb_7.npy").read_text() == "the user's, written during the export"
     assert [p.name for p in tmp_path.iterdir()] == ["clip"]  # the new copy removed
 
-
-@pytest.mark.parametrize("at", ["alignsearch.search.export:_finish_npy", "alignsearch.search.export:_write_marker"])
-@pytest.mark.slow
-def test_a_clip_export_killed_mid_way_leaves_the_earlier_export_whole(tmp_path, at):
-    """kill -9 in the middle of a re-export (a shard half written, or every shard written and the list not yet):
-    OUT is the earlier export, file for file, and the next export replaces it."""
-    ix, out = tmp_path / "ix", tmp_path / "out"
-    vector_index(ix, 50, 16)
-    assert alignsearch("export", out, "--format", "clip-retrieval", "--shard-rows", "20", "--index", ix).returncode == 0
-    before = tree(out)
-    proc = killed_at(at, "before", "export", out, "--format", "clip-retrieval", "--index", ix)
-    assert proc.returncode == -9, proc.stderr
-    assert tree(out) == before
-    proc = alignsearch("export", out, "--format", "clip-retrieval", "--index", ix)
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy"]
-
 FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing

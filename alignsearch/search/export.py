@@ -221,12 +221,13 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
     The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows.
     The layout is written in a fresh folder beside OUT that then replaces it whole: an earlier export's
     shards beyond the new count go with it, and a failed export leaves OUT as it was. `seen`: OUT's
-    _fingerprint when check_out accepted it (export takes it before the check); OUT must still be so at the swap (None: there was no OUT)."""
+    _fingerprint when check_out accepted it (export takes it before the check; None: there was no OUT); OUT
+    must still be so at the swap."""
     with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER]) as tmp:
         result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
         _write_marker(tmp)
-        # the swap deletes what OUT's img_emb/ and metadata/ hold: anything put there since the check (the
-        # export took minutes) was never looked at, so the export is refused and OUT left as it is now
+        # the swap deletes what OUT's img_emb/ and metadata/ hold: anything put there since the check (an
+        # export can take minutes) was never looked at, so the export is refused and OUT left as it is now
         if _fingerprint(Path(out)) != seen:
             raise UsageError(f"{out} changed during the export; nothing was replaced: run it again")
     return {**result, "path": str(out)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import io
 import struct
@@ -1213,3 +1214,29 @@ def video_moments_index(folder, videos: int, moments: int, dim: int = 32):
                           f"relpath = printf('v%d.mp4', (id - 1) / {moments}), format = 'MP4'"))
     db.dispose()
     return Path(folder)
+
+
+def ipv6_loopback() -> bool:
+    """Can ::1 be listened at here (IPv6 in the kernel and on lo)?"""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def taken_by_another(address: str, port: int) -> bool:
+    """Is address:port refused to another program's listening socket (IPV6_V6ONLY, as one would bind ::1 beside a
+    server at 127.0.0.1)?"""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+        return False

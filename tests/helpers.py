@@ -248,13 +248,13 @@ def stop(proc, sig=signal.SIGTERM):
             proc.wait()
 
 
-def fake_server_record(ix, port: int) -> None:
-    """The server record of a server of this process's at 127.0.0.1:port for index ix, as `serve` writes it
-    (a stand-in server: hung, or answering as the test chooses)."""
+def fake_server_record(ix, port: int, pid: int | None = None) -> None:
+    """The server record of a server of this process's (or pid's) at 127.0.0.1:port for index ix, as `serve`
+    writes it (a stand-in server: hung, or answering as the test chooses)."""
     from alignsearch.surfaces import client
 
     ix = Path(ix)
-    record = {"pid": os.getpid(), "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+    record = {"pid": os.getpid() if pid is None else pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
               "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
               "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
     (ix / SERVER_FILE).write_text(json.dumps(record))

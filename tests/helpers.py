@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import io
 import struct
@@ -247,13 +248,13 @@ def stop(proc, sig=signal.SIGTERM):
             proc.wait()
 
 
-def fake_server_record(ix, port: int) -> None:
-    """The server record of a server of this process's at 127.0.0.1:port for index ix, as `serve` writes it
-    (a stand-in server: hung, or answering as the test chooses)."""
+def fake_server_record(ix, port: int, pid: int | None = None) -> None:
+    """The server record of a server of this process's (or pid's) at 127.0.0.1:port for index ix, as `serve`
+    writes it (a stand-in server: hung, or answering as the test chooses)."""
     from alignsearch.surfaces import client
 
     ix = Path(ix)
-    record = {"pid": os.getpid(), "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+    record = {"pid": os.getpid() if pid is None else pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
               "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
               "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
     (ix / SERVER_FILE).write_text(json.dumps(record))
@@ -1213,3 +1214,29 @@ def video_moments_index(folder, videos: int, moments: int, dim: int = 32):
                           f"relpath = printf('v%d.mp4', (id - 1) / {moments}), format = 'MP4'"))
     db.dispose()
     return Path(folder)
+
+
+def ipv6_loopback() -> bool:
+    """Can ::1 be listened at here (IPv6 in the kernel and on lo)?"""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def taken_by_another(address: str, port: int) -> bool:
+    """Is address:port refused to another program's listening socket (IPV6_V6ONLY, as one would bind ::1 beside a
+    server at 127.0.0.1)?"""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+        return False

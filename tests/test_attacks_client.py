@@ -98,36 +98,79 @@ def test_a_search_answer_naming_this_index_is_taken(tmp_path):
     assert routed.answer == answer and notes == [], (routed, notes)
 
 
+def _asked_in_place_of(ix, pid: int):
+    """A query of a new index ix whose record names pid and the port of a stand-in server answering for ix with a
+    planted hit: (Routed, notices, the paths the stand-in was asked)."""
+    vector_index(ix, 3, 8)
+    server = _answering(json.dumps({"results": [{"path": "/planted.jpg", "score": 0.99}]}).encode(),
+                        index_id=client.local_index_id(ix))
+    sent: list[str] = []
+    server.RequestHandlerClass.log_request = lambda handler, *args: sent.append(handler.path)
+    notes: list[str] = []
+    try:
+        fake_server_record(ix, server.server_address[1], pid=pid)
+        routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return routed, notes, sent
+
+
 def test_a_record_whose_process_number_now_names_another_process_sends_it_nothing(tmp_path):
     """A record outlives its server when the machine loses power (no exit removes it); after the reboot its
     pid names another live process, and another program (another user's) may listen at the recorded port. The
     query text and the token were sent there, and an answer naming this index (its id is in the catalog,
     which others may read) was printed as this index's hits. Now the process must hold the socket listening
     at the recorded address: here it does not, so nothing is sent and the search is local."""
-    import socket
     import subprocess
     import sys
 
-    ix = tmp_path / "ix"
-    vector_index(ix, 3, 8)
-    server = _answering(json.dumps({"results": [{"path": "/planted.jpg", "score": 0.99}]}).encode(),
-                        index_id=client.local_index_id(ix))
-    sent: list[str] = []
-    server.RequestHandlerClass.log_request = lambda handler, *args: sent.append(handler.path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the number reused
     try:
-        port = server.server_address[1]
-        record = {"pid": other.pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
-                  "url": f"http://127.0.0.1:{port}", "token": "t", "index_id": client.local_index_id(ix),
-                  "index_dir": str(ix.resolve()), "search_params": ["q", "k"]}
-        (ix / "server.json").write_text(json.dumps(record))
-        (ix / "server.json").chmod(0o600)
-        notes: list[str] = []
-        routed = client.search_via_server(ix, search_request.build(text="a dog", k=3), notice=notes.append)
+        routed, notes, sent = _asked_in_place_of(tmp_path / "ix", other.pid)
     finally:
         other.kill()
         other.wait()
-        server.shutdown()
-        server.server_close()
     assert routed.answer is None and sent == [], (routed, sent)
     assert len(notes) == 1 and f"process {other.pid} does not listen" in notes[0], notes
+
+
+def test_a_record_whose_process_is_another_users_sends_it_nothing(tmp_path, monkeypatch):
+    """A record's pid that kill(pid, 0) answers EPERM for is another user's process: not the `serve` this user
+    started (a record another user wrote is never read), so its number was reused. It was taken as alive, and
+    where /proc could not tell which sockets it holds (another user's /proc/PID hidden by a hidepid mount; no
+    /proc) the check was skipped: the query and the token went to whatever listened at the recorded port.
+    Simulated: a pid /proc does not show (a process gone, as hidepid shows another user's), which kill answers
+    EPERM for."""
+    import errno
+    import os
+    import subprocess
+    import sys
+
+    hidden = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                text=True, check=True).stdout)
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == hidden:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    routed, notes, sent = _asked_in_place_of(tmp_path / "ix", hidden)
+    assert routed.answer is None and sent == [], (routed, sent)
+    assert len(notes) == 1 and f"process {hidden} is another user's" in notes[0], notes
+    assert not (tmp_path / "ix" / "server.json").exists()  # its server is gone: the notice comes once
+
+
+@pytest.mark.parametrize("signalled,stopped,holds_port,verdict", [
+    ("running", False, True, None),
+    ("running", False, None, None),  # /proc cannot tell (no /proc): this user's process is taken at its record
+    ("gone", False, None, "gone"),
+    ("another user's", False, None, "another user's"),  # hidepid hides its /proc: kill tells
+    ("another user's", False, True, "another user's"),
+    ("running", True, True, "stopped"),
+    ("running", False, False, "not listening"),
+])
+def test_which_recorded_process_is_asked(signalled, stopped, holds_port, verdict):
+    assert client.not_serving(signalled, stopped, holds_port) == verdict

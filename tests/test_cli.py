@@ -234,3 +234,25 @@ def test_summary_counts_say_one_image_not_one_images():
     from alignsearch.surfaces.cli import _count
 
     assert [_count(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+
+
+@pytest.mark.slow
+def test_paths_lists_each_file_once_a_videos_moments_too(tmp_path, tiny_model):
+    """--paths is for pipes: a video whose moments ranked three times (--per-video's default) was printed three
+    times, and `query --paths | xargs cp -t DIR` met it again (cp refuses to overwrite a file it just
+    created, or warns). Each path once, where it first ranks; --json and the ranked list keep every moment."""
+    from conftest import index_json
+
+    from helpers import make_video
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib / "photos", 2)
+    make_video(lib / "clips" / "match.mp4", [(1, 3), (2, 3), (3, 3), (4, 3)])  # four scenes: four moments
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    ranked = [h["path"] for h in json.loads(run("query", "a picture", "--json", "--index", ix).stdout)["results"]]
+    video = str(lib / "clips" / "match.mp4")
+    assert ranked.count(video) == 3 and len(ranked) == 5, ranked
+    assert run("query", "a picture", "--index", ix).output.count("match.mp4 @ ") == 3
+    for end, args in (("\n", ()), ("\0", ("-0",))):
+        listed = run("query", "a picture", "--paths", *args, "--index", ix).stdout_bytes
+        assert listed == "".join(path + end for path in dict.fromkeys(ranked)).encode(), listed

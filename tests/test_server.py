@@ -22,7 +22,7 @@ from PIL import Image
 
 from alignsearch.surfaces.cli import main
 from alignsearch.storage.paths import SERVER_FILE
-from helpers import call, indexed_corpus, start_serve, stop, wait_until
+from helpers import call, indexed_corpus, ipv6_loopback, start_serve, stop, taken_by_another, wait_until
 
 
 def build_index(base: Path, tiny_model, n=12) -> tuple[Path, Path]:
@@ -1059,3 +1059,108 @@ def test_an_origin_is_ours_by_its_host_or_a_proxy_name_never_another_loopback_po
     assert not refused("https://photos.lan") and not refused("http://photos.lan:8080")  # through the proxy
     assert refused("http://localhost:3000") and refused("http://127.0.0.1:3000") and refused("http://[::1]:3000")
     assert refused("https://evil.example") and refused("null")
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here: nobody can listen at ::1")
+
+
+def _resolving_localhost_to(monkeypatch, *addresses):
+    """getaddrinfo answering `localhost` with these addresses, in this order, as /etc/hosts may (Debian's names
+    ::1 too, and glibc sorts it first; this machine's, 127.0.0.1 alone)."""
+    real = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0)) if ":" in a else
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+
+
+@needs_ipv6
+@pytest.mark.parametrize("resolved", [("127.0.0.1",), ("::1", "127.0.0.1")])
+@pytest.mark.slow
+def test_serving_localhost_leaves_neither_loopback_address_to_another_program(prebuilt, tiny_model, monkeypatch,
+                                                                               tmp_path, resolved):
+    """`serve --host localhost` listened at the first address getaddrinfo gave alone: at 127.0.0.1, another
+    user's program could listen at [::1] on the same port, and a browser (which takes localhost as both) or
+    a query resolving localhost to ::1 reached it (a page asking for the token, results of its own); the record
+    named http://localhost:PORT, which each query resolved again. Now both loopback addresses are this
+    server's, and the record names the address a query connects to."""
+    import alignsearch
+    from alignsearch.search import request as search_request
+    from alignsearch.surfaces import client
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _resolving_localhost_to(monkeypatch, *resolved)
+    _, ix = indexed_copy(prebuilt, tiny_model, n=3)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(host="localhost", port=0))
+    try:
+        assert [taken_by_another(a, server.port) for a in ("127.0.0.1", "::1")] == [True, True]
+        record = json.loads((ix / SERVER_FILE).read_text())
+        assert record["url"] == server.url == f"http://127.0.0.1:{server.port}", record
+        notes: list[str] = []
+        routed = client.search_via_server(ix, search_request.build(text="a dog", k=2), notice=notes.append)
+        assert routed.answer is not None and notes == [], (routed, notes)
+    finally:
+        server.shutdown()
+        engine.close()
+
+
+@needs_ipv6
+def test_localhost_is_not_served_while_another_program_listens_at_its_other_address():
+    """Another program already at [::1]:PORT: serving localhost at 127.0.0.1 alone would leave it the clients that
+    take localhost as ::1, so the start fails, naming the address taken (the CLI's `cannot listen` line)."""
+    from alignsearch.surfaces.server import _listen
+
+    with socket.socket(socket.AF_INET6) as other:
+        other.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        other.bind(("::1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=r"in use at \[::1\]"):
+            _listen("localhost", port)
+        assert not taken_by_another("127.0.0.1", port)  # nothing left listening on the way out
+
+
+@needs_ipv6
+@pytest.mark.parametrize("host", ["localhost", "::", "0.0.0.0"])
+def test_every_address_a_host_stands_for_is_listened_at_on_one_port(host):
+    """The wildcard is both families' too: `--host ::` listened at 0.0.0.0 alone (getaddrinfo(None)'s first)."""
+    from alignsearch.surfaces.server import _listen
+
+    socks = _listen(host, 0)
+    try:
+        port = socks[0].getsockname()[1]
+        assert sorted(s.getsockname()[:2] for s in socks) == sorted(
+            [("127.0.0.1", port), ("::1", port)] if host == "localhost" else [("0.0.0.0", port), ("::", port)])
+        assert [taken_by_another(a, port) for a in ("127.0.0.1", "::1")] == [True, True]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_the_addresses_a_host_stands_for():
+    from alignsearch.surfaces.server import address_shown, listen_addresses
+
+    v4, v6 = socket.AF_INET, socket.AF_INET6
+
+    def resolved():
+        return [(v4, 1, 6, "", ("10.0.0.5", 0)), (v6, 1, 6, "", ("fd00::5", 0, 0, 0)), (v4, 1, 6, "", ("10.0.0.5", 0))]
+
+    def unasked():
+        raise AssertionError("an address or localhost is not resolved")
+
+    both = [(v4, "127.0.0.1"), (v6, "::1")]
+    assert listen_addresses("localhost", unasked) == listen_addresses("LocalHost.", unasked) == both
+    assert listen_addresses("::", unasked) == listen_addresses("0.0.0.0", unasked) == [(v4, "0.0.0.0"), (v6, "::")]
+    assert listen_addresses("127.0.0.1", unasked) == [(v4, "127.0.0.1")]
+    assert listen_addresses("[::1]", unasked) == [(v6, "::1")]
+    assert listen_addresses("photos.lan", resolved) == [(v4, "10.0.0.5"), (v6, "fd00::5")]
+    assert address_shown("localhost", ["127.0.0.1", "::1"]) == "127.0.0.1"
+    assert address_shown("localhost", ["::1"]) == "::1"  # no IPv4 loopback here
+    assert address_shown("::", ["0.0.0.0", "::"]) == "127.0.0.1" and address_shown("::", ["::"]) == "::1"
+    assert address_shown("photos.lan", ["10.0.0.5"]) == "photos.lan"  # its Host header
+    assert address_shown("::1", ["::1"]) == "::1"

@@ -889,7 +889,7 @@ def test_a_query_removing_a_stale_record_never_removes_the_one_a_server_just_wro
     record = tmp_path / "index" / "server.json"
     record.parent.mkdir(mode=0o700)
     write_record(record, dead)
-    assert not client._alive(dead["pid"])
+    assert client._signalled(dead["pid"]) == client.GONE
     after = _replaced_mid_removal(record, lambda: client._remove_stale(record, dead), monkeypatch)
     assert after == {"pid": 2**22 + 1}
     # and with no server starting meanwhile, the stale record is still removed, the later one kept

@@ -482,14 +482,23 @@ def _say_compacted(done: dict | None) -> None:
                    f"{done['bytes_freed'] / 2**20:.1f} MiB freed")
 
 
+def listed_paths(hits: list[dict]) -> list[bytes]:
+    """The files --paths lists for hits: each path's exact bytes once, where it first ranks. A video's moments
+    (up to --per-video of them) are one file: printed once per moment, `query --paths | xargs cp -t DIR` copied
+    it again over itself (cp refuses that, or warns), `xargs rm` failed on the second."""
+    seen: dict[bytes, None] = {}
+    for h in hits:
+        seen.setdefault(base64.b64decode(h["path_b64"]) if h.get("path_b64") else os.fsencode(h["path"]))
+    return list(seen)
+
+
 def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None = None, explain: bool = False) -> None:
     """JSON, a ranked list, or (paths "\n" or "\0") the paths alone as raw bytes, for `xargs` and scripts."""
     plan = query.pop("plan", None)
     if paths is not None:
         out = sys.stdout.buffer
-        for h in hits:
-            out.write((base64.b64decode(h["path_b64"]) if h.get("path_b64") else os.fsencode(h["path"]))
-                      + paths.encode())
+        for path in listed_paths(hits):
+            out.write(path + paths.encode())
         out.flush()
         return
     if as_json:
@@ -585,7 +594,7 @@ def request_options(fn):
 
 @main.command()
 @request_options
-@click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line (for pipes).")
+@click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, each file once (a video for all its moments), one per line (for pipes).")
 @click.option("-0", "--null", "null", is_flag=True, help="With --paths: end each path with NUL, for xargs -0.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, results} as JSON.")
 @index_option

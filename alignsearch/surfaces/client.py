@@ -4,8 +4,9 @@ The server record (.alignsearch/server.json, mode 0600) names the process, the h
 the address, the token, the index id and folder, and what /api/search takes. A record is read only as this
 user alone could have written it: not through a symlink, not owned by another user, in a folder no other
 user can write (paths.untrusted, the rule of index discovery and of the model cache), and of a record's
-size. It is used only when it was written on this host, its process is alive and holds the socket
-listening at its port (_holds_port: not a number reused after a reboot), and the server it names
+size. It is used only when it was written on this host, its process is alive, this user's (kill does not
+answer EPERM) and holds the socket listening at its port (_holds_port: not a number reused after a reboot):
+the rule not_serving, and the server it names
 serves this very index: the same index id, in the same directory. A query proves that with its own
 answer, which names the index it was searched in (INDEX_HEADER): no round trip before it (GET /api/info
 is asked only of a server whose record predates the header, and by verified_server). Otherwise the caller
@@ -78,14 +79,45 @@ def local_index_id(index_dir: Path) -> str | None:
     return None if found is None else found.index_id
 
 
-def _alive(pid: int) -> bool:
+# What kill(pid, 0) says of a recorded server's process (_signalled), and what else keeps it from being asked
+# (not_serving's answers).
+RUNNING, GONE, OTHERS, STOPPED, NOT_LISTENING = "running", "gone", "another user's", "stopped", "not listening"
+STALE = (GONE, OTHERS)  # the server that wrote the record is gone: the record may be removed
+
+
+def _signalled(pid: int) -> str:
+    """What kill(pid, 0) says of pid: RUNNING (a process this user may signal), GONE, or OTHERS (EPERM)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        return GONE
+    except PermissionError:
+        return OTHERS
+    return RUNNING
+
+
+def not_serving(signalled: str, stopped: bool, holds_port: bool | None) -> str | None:
+    """Why the process a server record names is not the server to ask (GONE, OTHERS, STOPPED, NOT_LISTENING), or
+    None where it is: the one rule on a recorded pid (its facts: _signalled, _stopped, _holds_port). A record is
+    read only as this user alone could have written it (read_record), so the `serve` that wrote it ran as this
+    user: a process kill answers EPERM for is another user's, its number reused (after a reboot), whatever
+    listens at the port. It was taken as alive, and where /proc could not say which sockets it holds (another
+    user's /proc/PID hidden by a hidepid mount) the check was skipped: the query and the token went to
+    whatever listened at the recorded port. Where /proc cannot tell of this user's own process (no /proc:
+    holds_port None) it is taken at its record."""
+    if signalled in STALE:
+        return signalled
+    if stopped:
+        return STOPPED
+    if holds_port is False:
+        return NOT_LISTENING
+    return None
+
+
+def _judged(record: dict) -> str | None:
+    """not_serving of the process the record names, on the facts gathered now."""
+    pid = int(record["pid"])
+    return not_serving(_signalled(pid), _stopped(pid), _holds_port(pid, _port_of(str(record["url"]))))
 
 
 def _stopped(pid: int) -> bool:
@@ -249,9 +281,11 @@ def remove_record_if(path: Path, superseded: Callable[[dict], bool], wait: float
 def _remove_stale(path: Path, record: dict) -> bool:
     """Remove the record of a server whose process is gone (killed with -9, a crash), so the notice is said
     once, not on every query. Only while the file still holds that very record (a server started since wrote
-    its own) and its process is still gone; an index this user cannot write keeps it. True when removed. A
-    query does not wait for the record's turn: one held means a server is writing or removing it now."""
-    return remove_record_if(path, lambda now: now == record and not _alive(int(record["pid"])), wait=0)
+    its own) and its process is still gone (or another user's: not_serving); an index this user cannot write
+    keeps it. True when removed. A query does not wait for the record's turn: one held means a server is
+    writing or removing it now."""
+    # not_serving answers GONE or OTHERS on kill's answer alone: /proc is not read again
+    return remove_record_if(path, lambda now: now == record and _signalled(int(record["pid"])) in STALE, wait=0)
 
 
 def _same_dir(a: str, b: Path) -> bool:
@@ -371,15 +405,17 @@ def _verified(index_dir: Path, path: Path, notice: Callable[[str], None], contac
         notice(f"notice: the server record {path} was written on another host ({record.get('hostname')}); "
                "searching locally")
         return None
-    if not _alive(pid):
+    verdict = _judged(record)
+    if verdict in STALE:
         removed = _remove_stale(path, record)
-        notice(f"notice: the server recorded in {path} is not running (process {pid} is gone); searching locally"
+        notice(f"notice: the server recorded in {path} is not running (process {pid} is "
+               + ("gone" if verdict == GONE else "another user's: its number was reused") + "); searching locally"
                + ("; the stale record was removed" if removed else ""))
         return None
-    if _stopped(pid):
+    if verdict == STOPPED:
         notice(f"notice: the server recorded in {path} is stopped (process {pid}); searching locally")
         return None
-    if _holds_port(pid, _port_of(url)) is False:
+    if verdict == NOT_LISTENING:
         notice(f"notice: the server recorded in {path} is not running (process {pid} does not listen at {url}: "
                "another process has its number); searching locally")
         return None

@@ -21,6 +21,7 @@ server is a 500 answer, not a crash.
 import asyncio
 import atexit
 import dataclasses
+import errno
 import hmac
 import io
 import ipaddress
@@ -1215,19 +1216,107 @@ class RunningServer:
         self.stopped.wait(timeout)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    info = socket.getaddrinfo(None if host in WILDCARD else host, port, type=socket.SOCK_STREAM,
-                              flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+# A name's addresses of both families: a browser takes `localhost` as loopback whatever /etc/hosts says, trying
+# ::1 and 127.0.0.1 (and a client resolving it may get either first); and the wildcard of each family.
+LOOPBACK_ADDRESSES = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+WILDCARD_ADDRESSES = ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))
+# A bind that fails so is of an address that cannot exist here (no IPv6 in this kernel or on this interface):
+# nobody else can listen there either, so serving goes on at the others.
+NOT_HERE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+PORT_TRIES = 8  # --port 0: tries at a free port free in every family
+
+
+def listen_addresses(host: str, resolved: Callable[[], list]) -> list[tuple[int, str]]:
+    """The (family, address) pairs `serve --host host` listens at, all on one port. Every address the host stands
+    for, not only the first getaddrinfo gives: bound to 127.0.0.1 alone for `localhost`, ::1 at the same port was
+    free to another user's program, which a browser or client taking `localhost` as ::1 reached (a page asking
+    for the token, results of its own). `localhost` is the loopback of both families, as browsers take it (not
+    what /etc/hosts says, which may lack ::1 or, for --no-token, name another machine); the wildcard is both
+    families' (`--host ::` listened on 0.0.0.0 only); another name is every address it resolves to (as
+    tornado's bind_sockets does), by resolved() (getaddrinfo's entries); an address, itself."""
+    bare = host.strip().strip("[]")
+    if host in WILDCARD:
+        return list(WILDCARD_ADDRESSES)
     try:
-        sock.bind(info[4])
-        sock.listen(BACKLOG)  # now: a client that reads the server record may connect before the loop runs
-    except OSError:
-        sock.close()
+        address = ipaddress.ip_address(bare)
+        return [(socket.AF_INET6 if address.version == 6 else socket.AF_INET, bare)]
+    except ValueError:
+        pass
+    if is_loopback(bare):
+        return list(LOOPBACK_ADDRESSES)
+    return list(dict.fromkeys((entry[0], entry[4][0]) for entry in resolved()))
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets at every address of listen_addresses(host), on one port (port 0: one free in all)."""
+    pairs = listen_addresses(host, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE))
+    tries = 0
+    while True:
+        try:
+            return _bind_all(pairs, port)
+        except OSError as exc:
+            tries += 1
+            # a port free in one family and taken in the other: another, as a single bind to port 0 never fails
+            if port or exc.errno != errno.EADDRINUSE or tries == PORT_TRIES:
+                raise
+
+
+def _bind_all(pairs: list[tuple[int, str]], port: int) -> list[socket.socket]:
+    """Sockets bound and listening at each pair, the port the first took (port 0) for the others; those of an
+    address that cannot exist here (NOT_HERE) left out while one is bound. An address taken by another program
+    closes them all: serving at the others would leave that one to it."""
+    socks: list[socket.socket] = []
+    skipped: OSError | None = None
+    try:
+        for family, address in pairs:
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if exc.errno not in NOT_HERE:
+                    raise
+                skipped = skipped or exc
+                continue
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # [::] of its own family only: 0.0.0.0 is bound by its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, socks[0].getsockname()[1] if len(socks) > 1 else port))
+                sock.listen(BACKLOG)  # now: a client that reads the server record may connect before the loop runs
+            except OSError as exc:
+                socks.pop().close()
+                if exc.errno in NOT_HERE and (socks or len(pairs) > 1):
+                    skipped = skipped or exc
+                    continue
+                if len(pairs) > 1:  # which of them: the one taken is not the one the user named
+                    shown = f"[{address}]" if ":" in address else address
+                    raise OSError(exc.errno, f"{exc.strerror} at {shown}") from None
+                raise
+        if not socks:
+            raise skipped or OSError(errno.EADDRNOTAVAIL, "no address to listen at")
+    except BaseException:
+        for sock in socks:
+            sock.close()
         raise
-    sock.set_inheritable(True)
-    return sock
+    for sock in socks:
+        sock.set_inheritable(True)
+    return socks
+
+
+def address_shown(host: str, bound: list[str]) -> str:
+    """The address or name a started server's URL (printed, and recorded for `query`) names, given the addresses
+    it is bound at. An address for `localhost`, so a client connects to a socket of this server, not to whatever
+    a resolver makes of the name; 127.0.0.1 for every interface; another name itself (its Host header)."""
+    if host in WILDCARD:
+        return "127.0.0.1" if "0.0.0.0" in bound else "::1"
+    bare = host.strip().strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if is_loopback(bare):
+            return bound[0]
+    return host
 
 
 def read_only(index_dir: Path) -> str | None:
@@ -1294,10 +1383,10 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
 
     record_file = record_path(engine.dir)  # before any loading: an index with no place for it is refused at once
     token = resolve_token(config)
-    sock = _listen(config.host, config.port)  # first: a busy port is said at once, not after loading the model
+    socks = _listen(config.host, config.port)  # first: a busy port is said at once, not after loading the model
     _ = engine.encoder  # load the model now, not on the first request
-    port = sock.getsockname()[1]
-    shown = "127.0.0.1" if config.host in WILDCARD else config.host
+    port = socks[0].getsockname()[1]
+    shown = address_shown(config.host, [sock.getsockname()[0] for sock in socks])
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
     config = ServerConfig(**{**config.__dict__, "port": port})
     pid = os.getpid()
@@ -1331,9 +1420,10 @@ def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer],
     handle = RunningServer(url, port, token, server)
     atexit.register(remove_record, record_file, pid)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=socks)
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
         remove_record(record_file, pid)
         handle.stopped.set()
 

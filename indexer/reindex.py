@@ -91,6 +91,7 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     atomic.make_folders(pending.path.parent)  # as the index folder (job.py): under umask 000 too
     vectors.fsync_dir(pending.path.parent.parent)
     pending.truncate_uncommitted()  # what a killed re-encode wrote past its last commit
+    _forget_damaged(db, pending, progress)
     with db.connect() as conn:
         done = {i for (i,) in conn.execute(select(catalog.pending_vectors.c.file_id))}
         rows = [r for r in catalog.indexed_files(conn) if r.id not in done]
@@ -140,6 +141,22 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
                                     CPU_MICRO_BATCH if encoder.device.type == "cpu" else batch_size, write_moments,
                                     on_batch, workers=workers)
     return len(todo) + clips
+
+
+def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
+    """Forget the pending vectors of a resumed re-encode that lie in committed batches whose bytes no longer match
+    their checksum: their files are encoded again by this run. Nothing reads the pending rows before the switch,
+    which makes them live, and the fold that follows writes a fresh checksum over what it copies: a byte flipped
+    in vectors/next/ while the re-encode was stopped went live unnoticed, and verify said ok."""
+    with db.begin() as conn:
+        damaged = vectors.changed_chunks(conn, pending, 0, key=progress.segment)
+        p = catalog.pending_vectors.c
+        for start, rows in damaged:
+            conn.execute(delete(catalog.pending_vectors).where(p.vec_row >= start, p.vec_row < start + rows))
+            vectors.forget_chunks(conn, progress.segment, start, start + 1)
+    if damaged:
+        log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
+                    "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))
 
 
 def _progress(db, encoder: Encoder, store: VectorStore) -> Reindex:
@@ -215,5 +232,9 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
 
 
 def fold(db, store: VectorStore) -> None:
-    """Copy a small new generation into vectors.f16 (as a Ray run's segments are)."""
+    """Copy a small new generation into vectors.f16 (as a Ray run's segments are). Each row is read against
+    its checksum (ChunkChanged, nothing moved): the fold records a fresh one over what it copies, so a row
+    damaged since the switch went in unchecked and verify called it sound (a compaction checks as it copies)."""
+    with db.connect() as conn:
+        store.expect_chunks(conn)
     writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)

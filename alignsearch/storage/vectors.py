@@ -451,6 +451,20 @@ def record_chunk(conn: Connection, store: VectorStore, segment: int, start: int,
     conn.execute(insert(catalog.vector_chunks).values(segment=key, start=start, rows=rows, digest=digest(data)))
 
 
+def changed_chunks(conn: Connection, store: VectorStore, segment: int, key: str | None = None) -> list[tuple[int, int]]:
+    """(start, rows) of the segment's recorded chunks whose bytes no longer hash to their checksum, or that the
+    file no longer holds whole. key: as record_chunk's (a re-encode's segment, read as segment 0 of its own store)."""
+    c = catalog.vector_chunks.c
+    key = segment_key(store, segment) if key is None else key
+    out = []
+    for start, rows, expected in conn.execute(select(c.start, c.rows, c.digest).where(c.segment == key)
+                                              .order_by(c.start)).all():
+        data = _read_rows(store, segment, int(start), int(rows))
+        if len(data) != rows * store.row_bytes or digest(data) != expected:
+            out.append((int(start), int(rows)))
+    return out
+
+
 def forget_chunks(conn: Connection, key: str, low: int = 0, high: int | None = None) -> None:
     """Drop the checksums of a segment's chunks that start in [low, high) (all of them by default)."""
     c = catalog.vector_chunks.c

@@ -432,7 +432,8 @@ def _unlisted(files: dict[str, Path], marker: Path) -> str | None:
         listed = json.loads(marker.read_bytes())["files"]
         if not isinstance(listed, dict):
             raise TypeError("no file list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    # RecursionError: JSON nested deeper than the parser recurses (no ValueError to json), one an export never wrote
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         return f"holds a {MARKER} that is not one alignsearch's export wrote ({exc}): {REFUSED}"
     for rel, path in sorted(files.items()):
         want = listed.get(rel)

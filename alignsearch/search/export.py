@@ -53,7 +53,11 @@ SHARD_ROWS = 1_000_000  # rows per img_emb_{i}.npy, as clip-retrieval's default 
 CLIP_FOLDERS = {"img_emb": re.compile(r"img_emb_(\d+)\.npy"), "metadata": re.compile(r"metadata_(\d+)\.parquet")}
 # what a clip-retrieval export wrote (names, sizes, sha256), written with it: a later export replaces only these
 MARKER = "alignsearch-export.json"
-MARKER_MAX = 1 << 24  # bytes: ~100k shards listed; anything larger is not one export wrote
+# The most of a MARKER read: MARKER_MAX, and MARKER_PER_FILE more for each file there is to check against it (an
+# entry is ~135 bytes). A fixed 16 MiB (~60k shards) refused the next export of OUT after one of 620k rows with
+# --shard-rows 10: its own list was "too large". Larger is not one an export wrote (nor read whole into memory).
+MARKER_MAX = 1 << 24
+MARKER_PER_FILE = 1024
 REFUSED = "export replaces only files it wrote: give another OUT, or remove them yourself"
 
 
@@ -450,7 +454,7 @@ def clip_refusal(out: Path) -> str | None:
 def _unlisted(files: dict[str, Path], marker: Path) -> str | None:
     """Why `files` are not all as the export that wrote `marker` left them (None: they are)."""
     try:
-        if marker.stat().st_size > MARKER_MAX:
+        if marker.stat().st_size > MARKER_MAX + MARKER_PER_FILE * len(files):
             raise ValueError("too large")
         listed = json.loads(marker.read_bytes())["files"]
         if not isinstance(listed, dict):

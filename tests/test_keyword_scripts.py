@@ -285,6 +285,13 @@ def test_full_width_latin_letters_and_digits_are_their_ascii_ones_both_ways(tmp_
         # a full-width `＊` is `*`: a word start, as `AB12*` is (kept, its code `AB12*` wanted a literal `*`)
         assert kw("ＡＢ１２＊") == kw("AB12*") == kw("ＡＢ１２*") == ["invoice.jpg", "long.jpg"]
         assert kw('"ＡＢ１２＊"') == kw('"AB12*"') == []  # quoted, as typed: no word start either way
+        # the operators typed full-width too (a Japanese or Chinese keyboard's `－`, `＂`, `ＡＮＤ`): `－ascii` found the
+        # files with `ascii` instead of leaving them out, `＂invoice ab123＂` was two words, `ＡＮＤ` a stop word (OR)
+        assert kw("bts －ascii") == kw("bts -ascii") == ["live.jpg"]
+        assert kw("－＂bts live＂ bts") == kw('-"bts live" bts') == ["live.jpg"]
+        assert kw("＂ab123 invoice＂") == kw('"ab123 invoice"') == []
+        assert kw("bts ＡＮＤ 2024") == kw("bts AND 2024") == ["ascii.jpg"]
+        assert kw("bts ＯＲ 2024") == kw("bts OR 2024") == ["ascii.jpg", "live.jpg", "summer.jpg"]
     conn_db = catalog.connect(db, readonly=True)
     with conn_db.connect() as conn:  # the default mode's keyword list: caption evidence, across widths too
         for typed, names in (("BTS", ["ascii.jpg", "live.jpg"]), ("ＡＢ１２３", ["invoice.jpg", "long.jpg"]),

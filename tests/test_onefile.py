@@ -56,6 +56,18 @@ def test_a_file_two_names_reach_is_shown_by_its_real_path(named_twice):
     assert _paths(ix, "query", "x", "-k", "100", "--where", f"root = {base / 'fav.csv'}") == [f"file://{photos[1]}"]
 
 
+def _captioned_twice(tmp_path, tiny_model) -> tuple:
+    """(lib, ix, listing, photos): 3 photos in lib, img000.jpg with a sidecar caption, img000.jpg and img001.jpg
+    also named (file:// URLs) by a caption list; both indexed."""
+    lib, ix, listing = tmp_path / "lib", tmp_path / "ix", tmp_path / "fav.csv"
+    photos = make_images(lib, 3)
+    (lib / "img000.txt").write_text("harbour at dawn")
+    listing.write_text(f"path,caption\n{photos[0].as_uri()},zanzibar sunset\n{photos[1].as_uri()},kilimanjaro snow\n")
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert index_json(ix, listing)["added"] == 2
+    return lib, ix, listing, photos
+
+
 @pytest.mark.slow
 def test_a_hit_shows_its_own_rows_caption_else_the_one_that_placed_it(tmp_path, tiny_model):
     """A hit showed the chosen row's path and id beside the ranked row's caption: a hybrid search for a list's caption
@@ -67,12 +79,7 @@ def test_a_hit_shows_its_own_rows_caption_else_the_one_that_placed_it(tmp_path, 
     from alignsearch.surfaces.server import ServerConfig, start_in_thread
     from helpers import call
 
-    lib, ix, listing = tmp_path / "lib", tmp_path / "ix", tmp_path / "fav.csv"
-    photos = make_images(lib, 3)
-    (lib / "img000.txt").write_text("harbour at dawn")
-    listing.write_text(f"path,caption\n{photos[0].as_uri()},zanzibar sunset\n{photos[1].as_uri()},kilimanjaro snow\n")
-    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
-    assert index_json(ix, listing)["added"] == 2
+    lib, ix, listing, photos = _captioned_twice(tmp_path, tiny_model)
 
     def first(hits: list[dict]) -> tuple:
         return hits[0]["path"], hits[0]["root"], hits[0]["caption"]
@@ -92,6 +99,24 @@ def test_a_hit_shows_its_own_rows_caption_else_the_one_that_placed_it(tmp_path, 
             server.shutdown()
     assert status == 200, body
     assert first(json.loads(body)["results"]) == (str(photos[0]), str(lib), "harbour at dawn"), body
+
+
+@pytest.mark.slow
+def test_export_gives_a_file_with_no_caption_of_its_own_the_caption_of_the_name_it_left_out(tmp_path, tiny_model):
+    """Export writes a file once, by the name search shows, and left out the list's row naming it: the list's caption
+    of img001.jpg (no sidecar) was in no row of the export, though search shows it for that file. The file's own
+    caption still comes first (img000.jpg's sidecar), and a file no list names has none."""
+    lib, ix, listing, photos = _captioned_twice(tmp_path, tiny_model)
+    want = {str(photos[0]): "harbour at dawn", str(photos[1]): "kilimanjaro snow", str(photos[2]): None}
+    run("export", tmp_path / "o.parquet", "--index", ix)
+    assert {r["path"]: r["caption"] for r in pq.read_table(tmp_path / "o.parquet").to_pylist()} == want
+    run("export", tmp_path / "clip", "--format", "clip-retrieval", "--index", ix)
+    rows = pq.read_table(tmp_path / "clip" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert {r["image_path"]: r["caption"] for r in rows} == want
+    # where --root admits only the list, its rows are exported with their own captions
+    run("export", tmp_path / "list.parquet", "--index", ix, "--root", listing)
+    assert sorted(r["caption"] for r in pq.read_table(tmp_path / "list.parquet").to_pylist()) == [
+        "kilimanjaro snow", "zanzibar sunset"]
 
 
 @pytest.mark.slow

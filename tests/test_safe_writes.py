@@ -308,6 +308,30 @@ def test_clip_export_replaces_its_own_export_unless_changed_since(ix, tmp_path):
     assert sum(len(np.load(p)) for p in (out / "img_emb").iterdir()) == 40
 
 
+def test_clip_export_refuses_a_list_nested_deeper_than_json_recurses_in_one_line(ix, tmp_path):
+    """An alignsearch-export.json of arrays nested 100,000 deep (not one an export wrote): json raised
+    RecursionError, no ValueError, and `export` ended in `unexpected RecursionError` instead of its refusal."""
+    out = tmp_path / "clip"
+    export(ix, out, "--format", "clip-retrieval")
+    (out / "alignsearch-export.json").write_text("[" * 100_000 + "]" * 100_000)
+    before = tree(tmp_path)
+    _refused(ix, out, "alignsearch-export.json", "is not one alignsearch's export wrote")
+    assert tree(tmp_path) == before
+
+
+def test_clip_export_replaces_its_own_export_of_more_shards_than_the_fixed_list_limit(ix, tmp_path, monkeypatch):
+    """The list was refused past a fixed 16 MiB (~60k shards: 620k rows at --shard-rows 10): the next export of OUT
+    said its own list was not one an export wrote. The limit grows with the files there are to check (here the fixed
+    part is made smaller than this export's list of 80 files, as 16 MiB is than one of 120k files)."""
+    from alignsearch.search import export as exporting
+
+    out = tmp_path / "clip"
+    export(ix, out, "--format", "clip-retrieval", "--shard-rows", "1")
+    monkeypatch.setattr(exporting, "MARKER_MAX", (out / "alignsearch-export.json").stat().st_size // 2)
+    export(ix, out, "--format", "clip-retrieval")
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy"]
+
+
 @pytest.mark.parametrize("dropped", [(), ("t", "t_end"), ("path_b64",), ("t", "t_end", "path_b64")])
 def test_clip_export_replaces_an_export_of_earlier_versions(ix, tmp_path, dropped):
     """Exports before the list was written have none: their pairs are known by content (a float16 array, and

@@ -53,7 +53,11 @@ SHARD_ROWS = 1_000_000  # rows per img_emb_{i}.npy, as clip-retrieval's default 
 CLIP_FOLDERS = {"img_emb": re.compile(r"img_emb_(\d+)\.npy"), "metadata": re.compile(r"metadata_(\d+)\.parquet")}
 # what a clip-retrieval export wrote (names, sizes, sha256), written with it: a later export replaces only these
 MARKER = "alignsearch-export.json"
-MARKER_MAX = 1 << 24  # bytes: ~100k shards listed; anything larger is not one export wrote
+# The most of a MARKER read: MARKER_MAX, and MARKER_PER_FILE more for each file there is to check against it (an
+# entry is ~135 bytes). A fixed 16 MiB (~60k shards) refused the next export of OUT after one of 620k rows with
+# --shard-rows 10: its own list was "too large". Larger is not one an export wrote (nor read whole into memory).
+MARKER_MAX = 1 << 24
+MARKER_PER_FILE = 1024
 REFUSED = "export replaces only files it wrote: give another OUT, or remove them yourself"
 
 
@@ -99,9 +103,12 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     snap = engine.snapshot()  # refreshed: an engine opened before a switch holds the old generation
     allowed = _allowed(snap, engine.db, where, path)
     with engine.db.connect() as conn:  # rows of shared content only: a library without copies reads nothing more
-        same = onefile.left_out(conn, lambda r: (not roots or r.root in roots) and _holds(allowed, r.id))
-    if tally is not None:  # every id left_out gives is an admitted row's, left out of the pages below
+        shared = catalog.rows_of_contents(conn)
+        same = onefile.others(shared, lambda r: (not roots or r.root in roots) and _holds(allowed, r.id))
+        lent, reals = _lent_captions(conn, [r for r in shared if r.id in same])
+    if tally is not None:  # every id others gives is an admitted row's, left out of the pages below
         tally["same_file"] = len(same)
+    shared_ids = {r.id for r in shared} if lent else set()
     buffer = np.empty((batch, snap.store.dim), dtype=vectors.DTYPE)
     store, after = snap.store, 0
     while True:
@@ -133,8 +140,28 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
                                    "vectors) during the export: run it again")
         extra = {i: {"taken": photo.get(i, {}).get("taken"), "caption": photo.get(i, {}).get("caption"),
                      "tags": labels.get(i, [])} for i in ids}
+        for r in rows:  # a file with no caption of its own: that of a name of it left out (_lent_captions)
+            if r.id in shared_ids and not extra[r.id]["caption"]:
+                extra[r.id]["caption"] = lent.get(onefile.named(r, reals)[0])
         if rows:
             yield rows, vectors.read_into(store, addresses, buffer), extra
+
+
+def _lent_captions(conn, left: list) -> tuple[dict, dict]:
+    """{file entry (onefile.Key): caption} of the rows `left` out for naming a file another row stands for, and
+    onefile.named's memo. A file is exported once, by the name search shows; where that row has no caption, the
+    file's is one of its left-out names' (a list's caption of a photo whose folder row has no sidecar), as a hit
+    shows it (engine._own_caption_else): left out with its row, it was in no row of the export. Of several, the
+    caption of the name search would show first (onefile.shown_first)."""
+    captions = {i: p["caption"] for i, p in catalog.photos_of(conn, [r.id for r in left]).items() if p.get("caption")}
+    best: dict = {}
+    reals: dict = {}
+    for row in left:
+        if row.id in captions:
+            entry, order = onefile.named(row, reals)
+            if entry not in best or order < best[entry][0]:
+                best[entry] = (order, captions[row.id])
+    return {entry: caption for entry, (_, caption) in best.items()}, reals
 
 
 def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:
@@ -427,12 +454,13 @@ def clip_refusal(out: Path) -> str | None:
 def _unlisted(files: dict[str, Path], marker: Path) -> str | None:
     """Why `files` are not all as the export that wrote `marker` left them (None: they are)."""
     try:
-        if marker.stat().st_size > MARKER_MAX:
+        if marker.stat().st_size > MARKER_MAX + MARKER_PER_FILE * len(files):
             raise ValueError("too large")
         listed = json.loads(marker.read_bytes())["files"]
         if not isinstance(listed, dict):
             raise TypeError("no file list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    # RecursionError: JSON nested deeper than the parser recurses (no ValueError to json), one an export never wrote
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         return f"holds a {MARKER} that is not one alignsearch's export wrote ({exc}): {REFUSED}"
     for rel, path in sorted(files.items()):
         want = listed.get(rel)

@@ -17,7 +17,8 @@ What a query text means (`parse`):
 - a chunk with punctuation (`INV-4711`) is a phrase of its words; a chunk holding a digit, 3+ characters,
   is also found inside longer ones (`4711` finds `INV4711A` and `INV-4711-A`).
 - accents and case do not matter (`cafe` finds `Café`), nor width: full-width Latin letters and digits are ASCII
-  (`BTS` finds `ＢＴＳのライブ`, `ＡＢ１２３` finds `AB123`), half-width katakana is katakana (`narrow`).
+  (`BTS` finds `ＢＴＳのライブ`, `ＡＢ１２３` finds `AB123`), half-width katakana is katakana (`narrow`); the
+  operators typed full-width (`－`, `＂`, `ＡＮＤ`, `ＯＲ`, `＊`) are the ones above.
 - Chinese and Japanese, written without spaces, are indexed a character a token (`spaced`), so `東京` is the
   phrase `東 京` and finds `東京駅` (the unicode61 tokenizer made `東京駅前` one token, found only whole).
   `東京*` is the same phrase (a character is a word start of its own; an older index's whole runs found by it).
@@ -77,7 +78,11 @@ THAI_MARKS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.catego
 # left `ຫ` and `ວງພະບາງ`, and not inside a longer run; the tone marks dropped (ໄກ່ chicken, ໄກ far, one word).
 LAO_MARKS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) == "Mn")
 MARKS = THAI_MARKS + LAO_MARKS  # the token characters of the keyword index beside unicode61's (create_keywords)
-_TOKEN = re.compile(r'(-?)"([^"]*)"?|(\S+)')
+# The operators as typed full-width too (a Japanese or Chinese keyboard's `－`, `＂`, `ＡＮＤ`; `＊` in _atom): only where
+# they are operators, so a code's `ＡＢ－１２` keeps its form as typed (Atom.typed_code). Read as words, `－cat`
+# found what it was to leave out, `＂new york＂` was two words, and `ＡＮＤ` a stop word (an OR).
+_TOKEN = re.compile(r'([-\uff0d]?)["\uff02]([^"\uff02]*)["\uff02]?|(\S+)')
+_NEGATE = ("-", "\uff0d")
 _WORD = re.compile(f"[\\w{MARKS}]+")
 MIN_PREFIX = 2  # shorter starts (`a*`) would match most of the library
 MIN_PARTIAL = 3  # the default mode's partial last word: `ca` is no start of anything meant yet
@@ -303,13 +308,14 @@ def parse(text: str | None, partial_last: bool = False) -> Query:
     parts = list(_TOKEN.finditer(text))
     for n, m in enumerate(parts):
         negate, phrase, bare = m.group(1), m.group(2), m.group(3)
-        if bare == "AND":
+        operator = narrow(bare) if bare is not None else None
+        if operator == "AND":
             join_next = bool(groups[-1])
             continue
-        if bare == "OR":
+        if operator == "OR":
             join_next = False
             continue
-        if phrase is None and bare.startswith("-") and len(bare) > 1:
+        if phrase is None and bare.startswith(_NEGATE) and len(bare) > 1:
             negate, bare = "-", bare[1:]
         quoted = phrase is not None
         atom = _atom(phrase if quoted else bare, quoted)

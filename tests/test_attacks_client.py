@@ -77,8 +77,13 @@ def test_an_answer_over_the_limit_is_not_read_whole(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b"NaN", b'{"hits": []}', b'{"results": [{"path": "a.jpg"}]}',
                                   b'{"results": [{"path": "a.jpg", "score": "high"}]}',
-                                  b'{"results": [], "plan": [1]}', b'{"results": [{"path": "a", "score": 1, "t": "x"}]}'],
-                         ids=["list", "number", "no-results", "no-score", "text-score", "plan-list", "text-t"])
+                                  b'{"results": [], "plan": [1]}', b'{"results": [{"path": "a", "score": 1, "t": "x"}]}',
+                                  b'{"results": [{"path": "a", "score": 1, "t": Infinity}]}',
+                                  b'{"results": [{"path": "a", "score": NaN}]}',
+                                  b'{"results": [{"path": "a", "score": 1, "similarity": "x"}]}',
+                                  b'{"results": [{"path": "a", "score": 1, "parts": [1]}]}'],
+                         ids=["list", "number", "no-results", "no-score", "text-score", "plan-list", "text-t",
+                              "infinite-t", "nan-score", "text-similarity", "parts-list"])
 def test_an_answer_naming_this_index_that_is_no_search_answer_is_searched_around(tmp_path, body):
     """JSON that names this index (INDEX_HEADER) but is not /api/search's shape was returned as the answer, and
     `query` ended on it in `unexpected TypeError` or `KeyError` (answer["results"], h["score"]:.4f)."""
@@ -92,7 +97,8 @@ def test_a_search_answer_naming_this_index_is_taken(tmp_path):
     """The shape check passes what a server answers (so the tests above do not pass by refusing everything)."""
     ix = tmp_path / "ix"
     vector_index(ix, 3, 8)
-    answer = {"results": [{"path": "/p/a.jpg", "score": 0.25, "t": None, "duplicates": [3]},
+    answer = {"results": [{"path": "/p/a.jpg", "score": 0.25, "t": None, "duplicates": [3], "similarity": 0.3,
+                           "parts": {"keyword_rank": 2}},
                           {"path": "/p/v.mp4", "score": 1, "t": 12.5, "path_b64": "L3Av"}], "plan": {"ann": "flat"}}
     routed, notes = _routed(ix, _answering(json.dumps(answer).encode(), index_id=client.local_index_id(ix)))
     assert routed.answer == answer and notes == [], (routed, notes)

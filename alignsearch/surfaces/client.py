@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
@@ -591,17 +592,21 @@ def search_via_server(index_dir: Path, request: SearchRequest, timeout: float = 
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number: json reads Infinity and NaN, and a moment at t = Infinity ended `query` in `unexpected
+    OverflowError` (its timestamp)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _search_answer(answer: object) -> bool:
     """Is answer shaped as /api/search answers, as far as the CLI reads it: {"results": [hit...], "plan": {...}},
-    each hit with a path and a score, and its moment (t), duplicates and path_b64 of their kinds where given? A
-    list, a number or a hit without a path ended `query` in `unexpected TypeError` instead of a search here."""
+    each hit with a path and a score, and its moment (t), similarity, parts (what --explain prints), duplicates and
+    path_b64 of their kinds where given? A list, a number or a hit without a path ended `query` in `unexpected
+    TypeError` instead of a search here."""
     if not isinstance(answer, dict) or not isinstance(answer.get("results"), list) \
             or not isinstance(answer.get("plan", {}), dict):
         return False
     return all(isinstance(hit, dict) and isinstance(hit.get("path"), str) and _number(hit.get("score"))
-               and (hit.get("t") is None or _number(hit["t"]))
+               and all(hit.get(key) is None or _number(hit[key]) for key in ("t", "similarity"))
+               and isinstance(hit.get("parts") or {}, dict)
                and isinstance(hit.get("duplicates") or [], list) and isinstance(hit.get("path_b64") or "", str)
                for hit in answer["results"])

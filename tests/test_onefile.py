@@ -95,10 +95,15 @@ def test_a_hit_shows_its_own_rows_caption_else_the_one_that_placed_it(tmp_path, 
         server = start_in_thread(engine, ServerConfig(port=0))
         try:
             status, _, body = call(server.url, "/api/search?q=zanzibar&mode=hybrid&k=3", token=server.token)
+            listed = call(server.url, "/api/recent?limit=10", token=server.token)
         finally:
             server.shutdown()
     assert status == 200, body
     assert first(json.loads(body)["results"]) == (str(photos[0]), str(lib), "harbour at dawn"), body
+    # the landing page's listing shows each file by the same name with the same caption (it showed img001.jpg bare)
+    assert listed[0] == 200, listed
+    want = {str(photos[0]): "harbour at dawn", str(photos[1]): "kilimanjaro snow", str(photos[2]): None}
+    assert {h["path"]: h["caption"] for h in json.loads(listed[2])["results"]} == want, listed[2]
 
 
 @pytest.mark.slow

@@ -105,7 +105,8 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     with engine.db.connect() as conn:  # rows of shared content only: a library without copies reads nothing more
         shared = catalog.rows_of_contents(conn)
         same = onefile.others(shared, lambda r: (not roots or r.root in roots) and _holds(allowed, r.id))
-        lent, reals = _lent_captions(conn, [r for r in shared if r.id in same])
+        reals: dict = {}
+        lent = onefile.captions_by_entry(conn, [r for r in shared if r.id in same], reals)
     if tally is not None:  # every id others gives is an admitted row's, left out of the pages below
         tally["same_file"] = len(same)
     shared_ids = {r.id for r in shared} if lent else set()
@@ -140,28 +141,11 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
                                    "vectors) during the export: run it again")
         extra = {i: {"taken": photo.get(i, {}).get("taken"), "caption": photo.get(i, {}).get("caption"),
                      "tags": labels.get(i, [])} for i in ids}
-        for r in rows:  # a file with no caption of its own: that of a name of it left out (_lent_captions)
+        for r in rows:  # a file with no caption of its own: that of a name of it left out (captions_by_entry)
             if r.id in shared_ids and not extra[r.id]["caption"]:
                 extra[r.id]["caption"] = lent.get(onefile.named(r, reals)[0])
         if rows:
             yield rows, vectors.read_into(store, addresses, buffer), extra
-
-
-def _lent_captions(conn, left: list) -> tuple[dict, dict]:
-    """{file entry (onefile.Key): caption} of the rows `left` out for naming a file another row stands for, and
-    onefile.named's memo. A file is exported once, by the name search shows; where that row has no caption, the
-    file's is one of its left-out names' (a list's caption of a photo whose folder row has no sidecar), as a hit
-    shows it (engine._own_caption_else): left out with its row, it was in no row of the export. Of several, the
-    caption of the name search would show first (onefile.shown_first)."""
-    captions = {i: p["caption"] for i, p in catalog.photos_of(conn, [r.id for r in left]).items() if p.get("caption")}
-    best: dict = {}
-    reals: dict = {}
-    for row in left:
-        if row.id in captions:
-            entry, order = onefile.named(row, reals)
-            if entry not in best or order < best[entry][0]:
-                best[entry] = (order, captions[row.id])
-    return {entry: caption for entry, (_, caption) in best.items()}, reals
 
 
 def _columns(rows: list, tags: dict, schema: pa.Schema) -> list[pa.Array]:

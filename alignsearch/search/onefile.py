@@ -158,3 +158,36 @@ def others(rows: Iterable, admitted: Callable[[object], bool] | None = None) -> 
 def left_out(conn, admitted: Callable[[object], bool] | None = None) -> set[int]:
     """Ids of the indexed rows, among those admitted, that another admitted row's file entry stands for."""
     return others(catalog.rows_of_contents(conn), admitted)
+
+
+def captions_by_entry(conn, rows: Iterable, reals: dict | None = None) -> dict[Key, str]:
+    """{file entry: caption} of these rows' captions, one per entry: of several, the caption of the name search
+    would show first (shown_first). reals: named's memo, added to. A file is listed once, by the name search
+    shows; where that row has no caption of its own, the file's is one of its other names' (a list's caption of a
+    photo whose folder row has no sidecar), as a hit shows it (engine._own_caption_else)."""
+    rows = list(rows)
+    reals = {} if reals is None else reals
+    captions = {i: p["caption"] for i, p in catalog.photos_of(conn, [r.id for r in rows]).items() if p.get("caption")}
+    best: dict[Key, tuple] = {}
+    for row in rows:
+        if row.id in captions:
+            entry, order = named(row, reals)
+            if entry not in best or order < best[entry][0]:
+                best[entry] = (order, captions[row.id])
+    return {entry: caption for entry, (_, caption) in best.items()}
+
+
+def lent_captions(conn, rows: Iterable, photos: dict[int, dict]) -> dict[int, str]:
+    """{row id: caption} for those of `rows` (each shown for its file) with no caption of their own in `photos`
+    whose file another name holds with one (captions_by_entry of the file's other rows). One grouped read of the
+    shared contents, only of the captionless rows': a library without copies reads nothing more."""
+    lacking = [r for r in rows if r.sha256 and not (photos.get(r.id) or {}).get("caption")]
+    shared = catalog.shared_contents(conn, [r.sha256 for r in lacking]) if lacking else set()
+    lacking = [r for r in lacking if (r.sha256, r.moment) in shared]
+    if not lacking:
+        return {}
+    ids = {r.id for r in lacking}
+    reals: dict = {}
+    holders = catalog.rows_holding(conn, {(r.sha256, r.moment) for r in lacking})
+    held = captions_by_entry(conn, [h for h in holders if h.id not in ids], reals)
+    return {r.id: held[entry] for r in lacking if (entry := named(r, reals)[0]) in held}

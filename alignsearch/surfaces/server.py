@@ -611,6 +611,10 @@ class Library:
             found = catalog.get_files(conn, ids)  # checked: a time stored as text answered "internal error" (500)
             rows = [found[i] for i in ids if i in found]
             photos, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
+            # a file with no caption of its own shows the caption another name of it holds, as a search's hit does
+            # and export writes: the landing page showed a list's captioned photo without it
+            for file_id, caption in onefile.lent_captions(conn, rows, photos).items():
+                photos[file_id] = {**photos.get(file_id, {}), "caption": caption}
         return {"total": total, "offset": offset,
                 "results": [_listed(r, photos.get(r.id), labels.get(r.id, [])) for r in rows]}
 

@@ -232,9 +232,7 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
 
 
 def fold(db, store: VectorStore) -> None:
-    """Copy a small new generation into vectors.f16 (as a Ray run's segments are). Each row is read against
-    its checksum (ChunkChanged, nothing moved): the fold records a fresh one over what it copies, so a row
-    damaged since the switch went in unchecked and verify called it sound (a compaction checks as it copies)."""
-    with db.connect() as conn:
-        store.expect_chunks(conn)
+    """Copy a small new generation into vectors.f16 (as a Ray run's segments are). fold_small_segments reads each
+    row against its checksum first (ChunkChanged, nothing moved): a row damaged since the switch must not go in
+    with the fresh checksum the fold records over what it copies."""
     writer.fold_small_segments(db, store, writer.FOLD_BELOW_ROWS)

@@ -77,6 +77,8 @@ def fold_small_segments(db: Engine, store: VectorStore, below: int = FOLD_BELOW_
     pile up files, and a long-lived reader an open map per file. The rows are copied (fsync'ed) first,
     then one transaction re-addresses the catalog and drops the segments; killed in between, the copy
     is cut off as uncommitted, and killed after it, the old files are deleted as unknown by the next writer.
+    Every segment is read against its checksums before anything moves (ChunkChanged): the copy records a fresh
+    checksum over what it read, so a row damaged on disk since its segment was written went live as sound.
     """
     small = [n for n in sorted(store.segments) if store.committed(n) < below]
     if not small:
@@ -84,6 +86,13 @@ def fold_small_segments(db: Engine, store: VectorStore, below: int = FOLD_BELOW_
     paths = [store.segment_path(n) for n in small]
     moved = 0
     with db.begin() as conn:
+        for n in small:
+            damaged = vectors.changed_chunks(conn, store, n)
+            if damaged:
+                start, rows = damaged[0]
+                raise vectors.ChunkChanged(f"{store.segment_path(n).name}: vector rows {start} to {start + rows - 1} "
+                                           "changed since they were written (checksum): run `alignsearch verify "
+                                           "--repair`")
         for n in small:
             rows, base = store.committed(n), store.rows
             for start in range(0, rows, CHUNK):

@@ -270,3 +270,38 @@ def test_a_run_with_a_ray_of_its_own_prints_none_of_rays_info_or_warning_lines(t
     noise = [line for line in proc.stderr.splitlines() if re.search(r"\t(INFO|WARNING) |DeprecationWarning", line)]
     assert noise == [], proc.stderr[-3000:]
     assert json.loads(run("info", "--index", tmp_path / "ix", "--json").stdout)["images"] == 6
+
+
+def test_a_segment_damaged_before_the_end_of_run_fold_stops_the_run_in_one_line(tmp_path, corpus, tiny_model,
+                                                                                 monkeypatch):
+    """The end-of-run fold copied the actors' segments into vectors.f16 and recorded fresh checksums over what it
+    read: a byte flipped on disk between an actor's write and the fold went live and verify said ok. The fold reads
+    the rows against their checksums: one error line, exit 7, nothing moved, verify finds it and --repair mends it."""
+    import indexer.writer
+
+    from helpers import verify_problems
+
+    real = indexer.writer.fold_small_segments
+
+    def damage_then_fold(db, store, below):
+        segment = store.segment_path(min(store.segments))
+        data = bytearray(segment.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        segment.write_bytes(bytes(data))
+        return real(db, store, below)
+
+    monkeypatch.setattr(indexer.writer, "fold_small_segments", damage_then_fold)
+    ix = tmp_path / "ix"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = run("index", corpus, "--index", ix, "--model", tiny_model, "--device", "cpu", "--batch-size", "4",
+                  "--ray", code=7)
+    finally:
+        ray.shutdown()
+    errors = [line for line in out.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "changed since they were written" in errors[0], out.output
+    assert "alignsearch verify --repair" in errors[0] and "Traceback" not in out.output, out.output
+    assert segment_files(ix) != {"vectors.f16"}  # nothing folded: the segments are still there
+    assert verify_problems(ix)
+    run("verify", "--index", ix, "--skip-model", "--repair")
+    assert verify_problems(ix) == []

@@ -1164,3 +1164,32 @@ def test_the_addresses_a_host_stands_for():
     assert address_shown("::", ["0.0.0.0", "::"]) == "127.0.0.1" and address_shown("::", ["::"]) == "::1"
     assert address_shown("photos.lan", ["10.0.0.5"]) == "photos.lan"  # its Host header
     assert address_shown("::1", ["::1"]) == "::1"
+
+
+def test_a_damaged_cached_thumbnail_is_drawn_again_and_replaced(indexed_images):
+    """A cached thumbnail was served if it was a regular file under 16 MB: one cut short (a writer killed on a
+    filesystem without atomic rename, disk damage) or overwritten with something else went to every client as the
+    image's thumbnail until someone deleted thumbs/. One that is not a whole JPEG (SOI, EOI) is drawn again and
+    written over."""
+    import alignsearch
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _, ix = indexed_images(2)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        first = json.loads(call(server.url, "/api/recent", server.token)[2])["results"][0]["id"]
+        path = f"/api/image/{first}?size=64"
+        status, _, whole = call(server.url, path, server.token)
+        assert status == 200 and Image.open(io.BytesIO(whole)).format == "JPEG"
+        [cached] = (ix / "thumbs").iterdir()
+        assert cached.read_bytes() == whole
+        for damaged in (whole[: len(whole) // 2], b"not a picture at all", whole[:-2], b"\0\0" + whole[2:]):
+            cached.write_bytes(damaged)
+            status, headers, body = call(server.url, path, server.token)
+            assert status == 200 and headers["Content-Type"] == "image/jpeg"
+            assert body == whole, len(body)  # drawn again, the same picture
+            assert cached.read_bytes() == whole  # and the cache mended
+    finally:
+        server.shutdown()
+        engine.close()

@@ -155,3 +155,47 @@ def test_a_segment_is_never_read_through_a_link(tmp_path):
             fresh.get(np.array([address(1, 0)]))
         with pytest.raises(IndexDamagedError, match="a1.f16 is a symbolic link"):
             read_into(fresh, np.array([address(1, 0)]), np.empty((1, 4), np.float16))
+
+
+def test_a_segment_row_damaged_before_the_fold_is_refused_and_nothing_moves(tmp_path):
+    """A Ray run's segments carry checksums (writer.record_runs); the fold copied their rows into vectors.f16
+    unchecked and recorded a fresh checksum over what it read, so a byte flipped on disk between the segment's
+    write and the fold went live as sound and verify said ok. The fold reads them first: ChunkChanged, and the
+    store, the catalog and the files are as they were."""
+    import pytest
+
+    from alignsearch.storage import catalog, vectors
+    from indexer.writer import fold_small_segments, record_runs
+
+    db = catalog.connect(tmp_path / "catalog.db")
+    store = VectorStore(tmp_path / "vectors.f16", 4, 0)
+    store.append(rows(2))
+    store.folder.mkdir()
+    VectorStore(store.folder / "a.f16", 4, 0).append(rows(3, seed=1))
+    VectorStore(store.folder / "b.f16", 4, 0).append(rows(2, seed=2))
+    assert store.commit("a", 3) == 1 and store.commit("b", 2) == 2
+    pointers = [0, 1, address(1, 0), address(1, 1), address(1, 2), address(2, 0), address(2, 1)]
+    with db.begin() as conn:
+        for i, vec_row in enumerate(pointers):
+            catalog.upsert_file(conn, dict(root="/r", relpath=f"f{i}.jpg", relpath_raw=None, size=1, mtime=0.0,
+                                           sha256=str(i), width=1, height=1, format="JPEG", status=catalog.INDEXED,
+                                           reason=None, vec_row=vec_row))
+        vectors.record_chunk(conn, store, 0, 0, 2)
+        record_runs(conn, store, np.array(pointers[2:]))
+        vectors.save(conn, store)
+        chunks_before = conn.execute(catalog.vector_chunks.select().order_by("segment", "start")).all()
+    damaged = store.folder / "b.f16"
+    data = bytearray(damaged.read_bytes())
+    data[store.row_bytes] ^= 0x40  # the low byte of row 1's first component
+    damaged.write_bytes(bytes(data))
+    files_before = {p.name: p.read_bytes() for p in [store.path, *store.folder.iterdir()]}
+
+    with pytest.raises(vectors.ChunkChanged, match=r"b\.f16: vector rows 0 to 1 changed .* verify --repair"):
+        fold_small_segments(db, store, below=4)
+    assert store.rows == 2 and store.segments == {1: ("a", 3), 2: ("b", 2)}
+    assert {p.name: p.read_bytes() for p in [store.path, *store.folder.iterdir()]} == files_before
+    with db.connect() as conn:
+        assert catalog.live_pairs(conn)[:, 1].tolist() == pointers
+        assert conn.execute(catalog.vector_chunks.select().order_by("segment", "start")).all() == chunks_before
+        reloaded = vectors.load(conn, tmp_path, 4)
+    assert reloaded.rows == 2 and reloaded.segments == store.segments

@@ -416,14 +416,22 @@ MAX_THUMBNAIL_BYTES = 16 << 20  # a cached thumbnail is a small JPEG; more is no
 
 
 def read_cached(path: Path) -> bytes | None:
-    """A cached thumbnail's bytes: a regular file, never read through a link (nor a FIFO); None when there is
-    none to use (the caller draws it again and writes it over whatever is there)."""
+    """A cached thumbnail's bytes: a regular file, never read through a link (nor a FIFO), that is a whole JPEG;
+    None when there is none to use (the caller draws it again and writes it over whatever is there)."""
     try:
         fd = safeopen.open_regular(path, follow=False)
     except (OSError, safeopen.Refused):
         return None
     data = safeopen.read_fd(fd, MAX_THUMBNAIL_BYTES)
-    return data if len(data) <= MAX_THUMBNAIL_BYTES else None
+    return data if len(data) <= MAX_THUMBNAIL_BYTES and whole_jpeg(data) else None
+
+
+def whole_jpeg(data: bytes) -> bool:
+    """Whether data starts and ends as a JPEG does (SOI, EOI): a cached thumbnail cut short (a writer killed on a
+    filesystem without atomic rename, disk damage) or overwritten by another tool was served as it was. The two
+    markers, not a decode: a cached thumbnail is served without decoding it, and a whole one this server wrote
+    always has both."""
+    return data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
 
 
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:

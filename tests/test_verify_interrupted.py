@@ -335,6 +335,11 @@ def test_files_a_stopped_run_committed_after_the_ann_index_are_searched_exactly(
     note = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)["notes"][1]
     assert note == "4 files committed since the ANN index was built are searched exactly until `alignsearch index` " \
                    "finishes the run", note
+    with alignsearch.open(ix, device="cpu") as engine:  # open meanwhile (`serve`): another stopped run commits 2 more
+        make_images(root / "later", 2, seed=9)
+        stopped_run(killed_at, -9, ix)
+        hits = engine.search_vector(np.ones(engine.store.dim, np.float32) / np.sqrt(engine.store.dim), k=100)
+        assert len(hits) == 12 and sum(Path(h.path).parent.name == "later" for h in hits) == 2
     index_json(ix, "--device", "cpu")
     with alignsearch.open(ix, device="cpu") as engine:
-        assert engine.snap.pending is None and engine.index.ntotal == 10
+        assert engine.snap.pending is None and engine.index.ntotal == 12

@@ -93,7 +93,8 @@ class Snapshot:
     # `index` run (one stopped after its commits, before its ANN build, or still running): scored exactly and merged
     # into every search's candidates (_vector_ids), so they are found meanwhile. None: no run unfinished (no cost).
     pending: np.ndarray | None = None
-    live: int = 0  # live files when opened, where `pending` was read: a count that moves means a run committed since
+    committed: Any = None  # where `pending` was read: the vector store's committed state (state.VectorState) then;
+    # one that moves means a run committed files since (refresh)
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -170,7 +171,7 @@ class Engine:
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         pending = None if live is None else missing_from(live, ann.stored_ids(index))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos,
-                        pending=pending, live=0 if live is None else len(live))
+                        pending=pending, committed=None if live is None else st.vectors)
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
@@ -194,10 +195,12 @@ class Engine:
         self.judge()
         snap = self.snap
         with self.db.connect() as conn:
-            generation = state.read(conn, "generation").generation
-            # a first run commits (unbuilt), or a later unfinished one does (pending): its new files are searched
-            grown = (snap.unbuilt or snap.pending is not None) and \
-                catalog.counts(conn)[catalog.INDEXED] != (snap.index.ntotal if snap.unbuilt else snap.live)
+            # a run still under way commits: a first one's files (unbuilt) or a later one's (pending) are searched.
+            # Its new vector rows tell (one row of state; a count of the files scanned them all on every query)
+            st = state.read(conn, "generation", *(("vectors",) if snap.pending is not None else ()))
+            generation = st.generation
+            grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal or \
+                snap.pending is not None and st.vectors != snap.committed
         if generation == snap.generation and layouts.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:

@@ -89,12 +89,13 @@ class Snapshot:
     stamp: int  # the ANN files' modification stamp when read (layouts.stamp)
     videos: bool = False  # the index has held video moments (per-video caps apply)
     unbuilt: bool = False  # no ANN index was ever published: `index` is an exact one over the committed vectors
-    # (file id, vector address) of the live files the ANN index lacks, read only while the state records an unfinished
-    # `index` run (one stopped after its commits, before its ANN build, or still running): scored exactly and merged
-    # into every search's candidates (_vector_ids), so they are found meanwhile. None: no run unfinished (no cost).
+    # (file id, vector address) of the live files the ANN index lacks, read only while the state records an `index`
+    # run whose process is gone (stopped after its commits, before its ANN build): scored exactly and merged into
+    # every search's candidates (_vector_ids), so they are found until the next run builds them in. None: no such
+    # run (no cost). A run still at work is not read: its files join the ANN index when it ends, and reading every
+    # live pair again after each of its commits cost a query a catalog scan per batch the run committed
     pending: np.ndarray | None = None
-    committed: Any = None  # where `pending` was read: the vector store's committed state (state.VectorState) then;
-    # one that moves means a run committed files since (refresh)
+    run: Any = None  # the index run the state recorded when this was read (state.IndexRun; refresh compares it)
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -158,8 +159,8 @@ class Engine:
             store = vectors.load(conn, self.dir, st.model.dim, st.vectors)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
             unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
-            unfinished = st.index_run is not None  # the cheap check: a finished index reads nothing more
-            live = catalog.live_pairs(conn) if unbuilt or unfinished else None
+            stopped = st.index_run is not None and not run_at_work(st.index_run)  # a finished index reads nothing more
+            live = catalog.live_pairs(conn) if unbuilt or stopped else None
         if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
@@ -171,7 +172,7 @@ class Engine:
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         pending = None if live is None else missing_from(live, ann.stored_ids(index))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos,
-                        pending=pending, committed=None if live is None else st.vectors)
+                        pending=pending, run=st.index_run)
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
@@ -195,12 +196,12 @@ class Engine:
         self.judge()
         snap = self.snap
         with self.db.connect() as conn:
-            # a run still under way commits: a first one's files (unbuilt) or a later one's (pending) are searched.
-            # Its new vector rows tell (one row of state; a count of the files scanned them all on every query)
-            st = state.read(conn, "generation", *(("vectors",) if snap.pending is not None else ()))
+            # a first run's commits are searched as they come (unbuilt); a later run's once it is stopped (pending):
+            # a run begun, ended or gone since the snapshot was read is a new one to read (one row of state more)
+            st = state.read(conn, "generation", "index_run")
             generation = st.generation
             grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal or \
-                snap.pending is not None and st.vectors != snap.committed
+                not snap.unbuilt and run_stopped_since(snap.run, snap.pending is not None, st.index_run)
         if generation == snap.generation and layouts.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
@@ -903,6 +904,25 @@ def exact_index(store: vectors.VectorStore, live: np.ndarray):
         chunk = live[start : start + 65_536]
         ann.add(index, store.get(chunk[:, 1]), chunk[:, 0])
     return index
+
+
+def run_at_work(run) -> bool:
+    """Is the recorded index run's process still there (state.IndexRun.pid; one of another user's answers EPERM,
+    and is)? A pid reused since (a reboot) reads as at work: its files are then found when a run next ends, as
+    before pending files were searched."""
+    try:
+        os.kill(run.pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def run_stopped_since(was, read_pending: bool, now) -> bool:
+    """Does a snapshot read with index run `was` (and its pending files read or not) need reading again, the state
+    now recording `now`: a run begun or ended since (another record), or the one at work then gone now."""
+    return was != now or now is not None and not read_pending and not run_at_work(now)
 
 
 def missing_from(live: np.ndarray, indexed: np.ndarray) -> np.ndarray:

@@ -3,6 +3,12 @@ cold `alignsearch query` process against a fresh process that imports transforme
 
     python benchmarks/bench_query.py [--n 100000] [--repeats 30]
     python benchmarks/bench_query.py --suite server [--n 20000]
+    python benchmarks/bench_query.py --suite pending [--n 20000] [--pending 1000,10000] [--base main]
+
+--suite pending: Engine.search_vector (no encoding) with the engine module of git --base against this tree's,
+alternating in one run: on the finished index, then with N more files committed by a run recorded as unfinished
+(state.IndexRun; no ANN entries for them), which this tree scores exactly beside the ANN candidates; also the
+snapshot's open (Engine._open_snapshot) on each.
 
 --suite server: cold `alignsearch query` processes answered by a running `alignsearch serve` (a plain text, a
 filter, --explain, an image), against the same commands answered locally before the server started (the
@@ -26,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_ann import structured
-from common import align_base_checkpoint, jpeg_corpus, record
+from common import align_base_checkpoint, jpeg_corpus, load_note, module_at, record
 
 import alignsearch
 from alignsearch.storage import catalog
@@ -69,10 +75,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--suite", choices=["engines", "server"], default="engines")
+    ap.add_argument("--suite", choices=["engines", "server", "pending"], default="engines")
+    ap.add_argument("--pending", default="1000,10000", help="--suite pending: files committed by the unfinished run")
+    ap.add_argument("--base", default="main", help="--suite pending: commit whose engine.py is the baseline")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if args.suite == "server":
         return server_suite(args)
+    if args.suite == "pending":
+        return pending_suite(args)
     model, corpus = align_base_checkpoint(), jpeg_corpus(8, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         index_dir = Path(tmp) / "ix"
@@ -164,6 +175,68 @@ SERVED_FORMS = {
     "--explain": ["red car", "--explain"],
     "an image (--image, its bytes uploaded)": ["--image", "IMAGE"],
 }
+
+
+def pending_suite(args) -> None:
+    """Search cost while an unfinished run left files the ANN index lacks, against --base (which leaves them out)."""
+    import os
+
+    from alignsearch.search import engine as engine_new
+    from alignsearch.storage import state
+
+    load_at_start = os.getloadavg()[0]
+    modules = {f"base {args.base}": module_at(args.base, "alignsearch/search/engine.py", "engine_old"),
+               "this tree": engine_new}
+    model, corpus = align_base_checkpoint(), jpeg_corpus(8, seed=1)
+    lines = [f"- align-base geometry (640-d), {args.n:,} synthetic vectors + 8 JPEGs through the real writer and ANN "
+             f"build; Engine.search_vector(k=10) of random unit vectors (no encoding), median of {args.rounds} "
+             f"alternating rounds, each the mean of {args.repeats} searches; open: Engine._open_snapshot, median of 5",
+             "", "| files the ANN index lacks | engine.py | ms/search | ms/open | hits from them (of 10) |",
+             "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        index_dir = Path(tmp) / "ix"
+        build(index_dir, model, corpus, args.n)
+        db = catalog.connect(index_dir / "catalog.db")
+        rng = np.random.default_rng(1)
+        dim = alignsearch.open(index_dir).store.dim
+        queries = rng.standard_normal((args.repeats, dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        added = 0
+        for pending in [0] + [int(x) for x in args.pending.split(",")]:
+            if pending > added:  # committed by a run that stops before its ANN build, recorded as unfinished
+                store = alignsearch.open(index_dir).store
+                write, x = catalog_writer(db, store), structured(pending - added, seed=11 + pending)
+                for start in range(0, len(x), 5000):
+                    chunk = x[start : start + 5000]
+                    write([Item(Found("/pending", f"{added + start + j}.jpg", 1, 0.0), crop=np.zeros(1))
+                           for j in range(len(chunk))], chunk)
+                with db.begin() as conn:
+                    # a stopped run's record: a pid above the kernel's largest (2**22) is no process (a run at
+                    # work's files are not read beside the ANN index, engine.run_at_work)
+                    state.write(conn, index_run=state.IndexRun(started=time.time(), pid=2**22 + 1))
+                added = pending
+            engines = {name: m.Engine(index_dir, device="cpu") for name, m in modules.items()}
+            runs = {name: [] for name in engines}
+            for name, engine in engines.items():
+                engine.search_vector(queries[0], k=10)  # warm: snapshot, columns
+            for _ in range(args.rounds):
+                for name, engine in engines.items():
+                    t = time.perf_counter()
+                    for q in queries:
+                        engine.search_vector(q, k=10)
+                    runs[name].append((time.perf_counter() - t) / len(queries) * 1e3)
+            for name, engine in engines.items():
+                opens = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    engine._open_snapshot()
+                    opens.append((time.perf_counter() - t) * 1e3)
+                found = sum(h.path.startswith("/pending") for q in queries[:10] for h in engine.search_vector(q, k=10))
+                lines.append(f"| {pending:,} | {name} | {statistics.median(runs[name]):.2f} | "
+                             f"{statistics.median(opens):.1f} | {found / 10:.1f} |")
+                engine.close()
+    lines += ["", load_note(load_at_start)]
+    record("search: files an unfinished run committed, scored exactly (bench_query.py --suite pending)", lines)
 
 
 def server_suite(args) -> None:

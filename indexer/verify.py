@@ -10,9 +10,9 @@ What is checked, each against what the writer recorded when it committed:
 - the model: it still loads and has the recorded fingerprint (unless --skip-model);
 - the records of files a fill step could not read (catalog.fill_failures): each names an indexed file and a fill step.
 
-An `index` run stopped part way (Ctrl-C, kill -9) is a normal state, not damage: its committed files are kept, and
-found by searches once the next run builds their ANN entries (a first run's are searched exactly meanwhile: no ANN
-index exists), and what it left past its commits the next run cuts. While the
+An `index` run stopped part way (Ctrl-C, kill -9) is a normal state, not damage: its committed files are kept and
+searched exactly until the next run builds their ANN entries (a run still at work: when it ends) (the engine merges them into every search's candidates;
+a first run's: no ANN index exists yet), and what it left past its commits the next run cuts. While the
 state records such a run (state.IndexRun, removed when a run ends), those findings are notes, not problems, and
 --repair leaves them to `index`; the same findings after a finished run are damage.
 
@@ -209,10 +209,12 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             r.problems.append(f"{len(ids) - len(np.unique(ids))} ids appear twice in the index")
         missing, extra = np.setdiff1d(live[:, 0], ids), np.setdiff1d(ids, live[:, 0])
         if len(missing) and unfinished:  # committed by a run that has not (yet) built their ANN entries
-            # queries search the last complete ANN index (the engine scores committed rows exactly only while no
-            # ANN index was ever built): these are in no answer meanwhile, which the note said they were
-            r.notes.append(f"{len(missing)} files committed since the ANN index was built are not found by searches "
-                           "until `alignsearch index` finishes the run")
+            # a stopped run's: the engine scores them exactly meanwhile and merges them into every search
+            # (Snapshot.pending); a run at work's join the ANN index when it ends (read on each commit, they cost
+            # every query a catalog scan per batch)
+            r.notes.append(f"{len(missing)} files committed since the ANN index was built are "
+                           + ("found by searches when the run at work finishes" if writing else
+                              "searched exactly until `alignsearch index` finishes the run"))
         elif len(missing):
             r.problems.append(f"{len(missing)} indexed files are missing from the ANN index")
         if len(extra):

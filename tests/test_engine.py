@@ -167,3 +167,21 @@ def test_search_vector_exclude_of_the_wrong_type_is_a_usage_error(index_dir):
     for ids in ([first], (first,), {first}, np.array([first])):
         hits = [h.id for h in engine.search_vector(v, k=3, exclude=ids)]
         assert first not in hits and second in hits and len(hits) == 3
+
+
+def test_a_snapshot_is_read_again_when_its_index_run_begins_ends_or_stops():
+    """The pure rule refresh asks (engine.run_stopped_since): files of a stopped run are read once it is seen gone,
+    a run at work is not read again on every query, a run begun or ended since is a new state."""
+    import os
+
+    from alignsearch.search.engine import run_at_work, run_stopped_since
+    from alignsearch.storage.state import IndexRun
+
+    here, gone = IndexRun(started=1.0, pid=os.getpid()), IndexRun(started=2.0, pid=2**22 + 1)  # above pid_max's default
+    assert run_at_work(here) and not run_at_work(gone)
+    assert not run_stopped_since(None, False, None)
+    assert run_stopped_since(None, False, here)  # a run began
+    assert run_stopped_since(here, False, None)  # it ended
+    assert not run_stopped_since(here, False, here)  # still at work: nothing to read again
+    assert run_stopped_since(gone, False, gone)  # read while at work, gone now: its files are read
+    assert not run_stopped_since(gone, True, gone)  # read since it stopped: nothing more

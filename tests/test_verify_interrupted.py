@@ -40,7 +40,7 @@ def test_verify_after_a_run_stopped_before_its_ann_index_says_so_and_exits_0(ind
     result = run("verify", "--index", ix, "--skip-model")  # on bcea196: exit 7, "index is inconsistent"
     assert "problem" not in result.output and "inconsistent" not in result.output, result.output
     assert "the last index run was interrupted" in result.output, result.output
-    assert "4 files committed since the ANN index was built are not found by searches" in result.output, result.output
+    assert "4 files committed since the ANN index was built are searched exactly" in result.output, result.output
     report = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)
     assert report["ok"] and report["problems"] == [] and report["checked"]["last_run"] == "interrupted", report
     assert len(report["notes"]) == 2 and report["checked"]["images"] == 10, report
@@ -290,23 +290,56 @@ def test_the_keyword_copy_of_a_killed_verify_is_removed_by_the_next(tmp_path, re
 
 
 @pytest.mark.slow
-def test_the_note_on_files_a_stopped_run_committed_says_what_searches_do_with_them(indexed_images):
+def test_files_a_stopped_run_committed_after_the_ann_index_are_searched_exactly(indexed_images):
     """A run killed after it committed new files, before their ANN entries (an earlier run built the ANN index):
-    queries search the last complete ANN index, so the new files are in no answer until `index` finishes the run
-    (README: "a query running meanwhile sees the last complete index"). verify's note said they "are searched
-    exactly" meanwhile: a user told so looked for them, and found them missing from every answer in silence."""
+    queries searched the last complete ANN index only, so the 4 new files were in no answer until `index` finished
+    the run, while verify's note had said they were searched. The engine now scores the live files the ANN index
+    lacks exactly and merges them into every search's candidates: each answer here is the exact ranking over all 10
+    files (plain, text, filtered, late-fused, `similar`'s exclude, hybrid), and verify's note says they are searched
+    exactly. A finished index reads no such files (Snapshot.pending is None)."""
     import alignsearch
+    from alignsearch.search.query import Parts, scorer
 
     root, ix = indexed_images(6)
-    new = {p.name for p in make_images(root / "more", 4, seed=5)}
+    make_images(root / "more", 4, seed=5)
     stopped_run(killed_at, -9, ix)
-    with alignsearch.open(ix) as engine:
-        query = np.random.default_rng(7).standard_normal(engine.store.dim).astype(np.float32)
-        found = {Path(h.path).name for h in engine.search_vector(query / np.linalg.norm(query), k=100)
-                 if Path(h.path).parent.name == "more"}
+    with alignsearch.open(ix, device="cpu") as engine:
+        ids = engine.snap.columns(engine.db).ids
+        stored = np.stack([engine.vector_of(int(i)) for i in ids])
+        more = {int(i) for i in ids if Path(engine.file(int(i)).path).parent.name == "more"}
+
+        def exact(q, k, among=None):
+            sims = stored @ q
+            order = [int(ids[j]) for j in np.argsort(-sims, kind="stable") if among is None or int(ids[j]) in among]
+            return order[:k]
+
+        rng = np.random.default_rng(7)
+        for _ in range(5):
+            q = rng.standard_normal(engine.store.dim).astype(np.float32)
+            q /= np.linalg.norm(q)
+            for k in (3, 10):
+                assert [h.id for h in engine.search_vector(q, k=k)] == exact(q, k)
+            assert [h.id for h in engine.search_vector(q, k=10, path="more/*")] == exact(q, 10, more)
+            half = rng.standard_normal(engine.store.dim).astype(np.float32)
+            parts = Parts(text=half / np.linalg.norm(half), image=q)
+            fused = scorer(parts, "product").fused(scorer(parts, "product").parts(stored))  # ties at 0: by tiebreak
+            got = [h.score for h in engine.search_vector(parts, k=5, compose="product")]
+            assert np.allclose(got, np.sort(fused)[::-1][:5], atol=1e-5)
+        for i in more:  # `similar`: the file's own vector, the file left out
+            got = [h.id for h in engine.search_vector(engine.vector_of(i), k=3, exclude=[i])]
+            assert got == [j for j in exact(engine.vector_of(i), 4) if j != i][:3]
+        text = engine.embed("red")
+        assert [h.id for h in engine.search("red", k=10, mode="vector")] == exact(text, 10)
+        assert {h.id for h in engine.search("red", k=10, mode="hybrid")} == set(ids.tolist())
+        assert engine.index.ntotal == 6 and set(engine.snap.pending[:, 0].tolist()) == more  # the ANN index lacks them
     note = json.loads(run("verify", "--index", ix, "--skip-model", "--json").stdout)["notes"][1]
-    assert note.startswith("4 files committed since the ANN index was built"), note
-    searched = "searched exactly" in note
-    assert searched == (found == new), (note, found)  # the note says what a query does with them
-    if not found:
-        assert "not found by searches until `alignsearch index` finishes the run" in note, note
+    assert note == "4 files committed since the ANN index was built are searched exactly until `alignsearch index` " \
+                   "finishes the run", note
+    with alignsearch.open(ix, device="cpu") as engine:  # open meanwhile (`serve`): another stopped run commits 2 more
+        make_images(root / "later", 2, seed=9)
+        stopped_run(killed_at, -9, ix)
+        hits = engine.search_vector(np.ones(engine.store.dim, np.float32) / np.sqrt(engine.store.dim), k=100)
+        assert len(hits) == 12 and sum(Path(h.path).parent.name == "later" for h in hits) == 2
+    index_json(ix, "--device", "cpu")
+    with alignsearch.open(ix, device="cpu") as engine:
+        assert engine.snap.pending is None and engine.index.ntotal == 12

@@ -89,6 +89,13 @@ class Snapshot:
     stamp: int  # the ANN files' modification stamp when read (layouts.stamp)
     videos: bool = False  # the index has held video moments (per-video caps apply)
     unbuilt: bool = False  # no ANN index was ever published: `index` is an exact one over the committed vectors
+    # (file id, vector address) of the live files the ANN index lacks, read only while the state records an `index`
+    # run whose process is gone (stopped after its commits, before its ANN build): scored exactly and merged into
+    # every search's candidates (_vector_ids), so they are found until the next run builds them in. None: no such
+    # run (no cost). A run still at work is not read: its files join the ANN index when it ends, and reading every
+    # live pair again after each of its commits cost a query a catalog scan per batch the run committed
+    pending: np.ndarray | None = None
+    run: Any = None  # the index run the state recorded when this was read (state.IndexRun; refresh compares it)
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -152,7 +159,8 @@ class Engine:
             store = vectors.load(conn, self.dir, st.model.dim, st.vectors)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
             unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
-            live = catalog.live_pairs(conn) if unbuilt else None
+            stopped = st.index_run is not None and not run_at_work(st.index_run)  # a finished index reads nothing more
+            live = catalog.live_pairs(conn) if unbuilt or stopped else None
         if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
@@ -162,7 +170,9 @@ class Engine:
             raise IndexDamagedError(f"{layouts.missing(self.dir)} again, or `alignsearch verify --repair`")
         stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
-        return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos)
+        pending = None if live is None else missing_from(live, ann.stored_ids(index))
+        return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos,
+                        pending=pending, run=st.index_run)
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
@@ -186,8 +196,12 @@ class Engine:
         self.judge()
         snap = self.snap
         with self.db.connect() as conn:
-            generation = state.read(conn, "generation").generation
-            grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal  # a first run commits
+            # a first run's commits are searched as they come (unbuilt); a later run's once it is stopped (pending):
+            # a run begun, ended or gone since the snapshot was read is a new one to read (one row of state more)
+            st = state.read(conn, "generation", "index_run")
+            generation = st.generation
+            grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal or \
+                not snap.unbuilt and run_stopped_since(snap.run, snap.pending is not None, st.index_run)
         if generation == snap.generation and layouts.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
@@ -487,7 +501,7 @@ class Engine:
                         exclude=querycheck.check_ids(exclude))
 
     def _search(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
-        if snap.index.ntotal == 0:
+        if snap.index.ntotal == 0 and (snap.pending is None or not len(snap.pending)):
             return []
         allowed = None
         if opts.node is not None:
@@ -565,15 +579,26 @@ class Engine:
 
     def _vector_ids(self, snap: Snapshot, query: Scorer, opts: "_Options", allowed: np.ndarray | None,
                     fusing: bool = False) -> list[int]:
+        """The ANN index's candidates (_indexed_ids), and while an unfinished run left live files the ANN index
+        lacks (Snapshot.pending), the best of those scored exactly, as many as the ANN side's depth: every search
+        re-ranks its candidates exactly (_hits), so they take their place by their true cosine."""
+        ids = self._indexed_ids(snap, query, opts, allowed, fusing)
+        if snap.pending is None or not len(snap.pending):
+            return ids
+        pending = snap.pending if allowed is None else snap.pending[np.isin(snap.pending[:, 0], allowed)]
+        depth = _depth(opts, fusing, snap.videos, len(pending))
+        if query.late:
+            depth = max(depth, self._late_want(snap, depth))
+        return list(dict.fromkeys(ids + self._best_of(snap, query, pending[:, 0], pending[:, 1], depth)))
+
+    def _indexed_ids(self, snap: Snapshot, query: Scorer, opts: "_Options", allowed: np.ndarray | None,
+                     fusing: bool = False) -> list[int]:
         """The best ids by similarity (ANN candidates, or every allowed one when few are), best first,
         enough for the exact re-rank and, when fusing with keyword hits, for fusion; never fewer than
         min(k, allowed) (no starving). Only fusion needs FUSION_DEPTH: a text whose words match no keyword
         (most queries of a photo library) re-ranks k x rerank_factor candidates, not 100 x (29 -> 4 ms at 100k).
         A late-fused query searches with each half and takes the union (on a flat index: every vector)."""
-        depth = (max(opts.k, FUSION_DEPTH) if fusing else opts.k) + len(opts.exclude)
-        if opts.per_video is not None and snap.videos:  # room for the moments the cap drops
-            depth = min(depth * PER_VIDEO_DEPTH, max(depth, int(snap.index.ntotal)))
-        depth = max(depth, opts.pool)  # looking deeper: the cap or a file two roots name left fewer than k
+        depth = _depth(opts, fusing, snap.videos, int(snap.index.ntotal))
         want = self._late_want(snap, depth) if query.late else \
             ann.candidate_count(depth, snap.plan, snap.tuning.get("rerank_factor", 10))
         n = int(snap.index.ntotal)
@@ -603,19 +628,23 @@ class Engine:
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best `depth` ids first."""
         cols = snap.columns(self.db)
+        return self._best_of(snap, query, allowed, cols.vec_rows[cols.rows_of(allowed)], depth)
+
+    def _best_of(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int) -> list[int]:
+        """Exact scores of the vectors at these addresses (ids[i]'s at addresses[i]), best `depth` ids first."""
         if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
             best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
-            for start in range(0, len(allowed), EXACT_CHUNK):
-                chunk = allowed[start : start + EXACT_CHUNK]
-                parts = query.parts(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)]))
+            for start in range(0, len(ids), EXACT_CHUNK):
+                chunk = ids[start : start + EXACT_CHUNK]
+                parts = query.parts(self._stored(snap, addresses[start : start + EXACT_CHUNK]))
                 best_ids, best_parts = np.concatenate([best_ids, chunk]), np.concatenate([best_parts, parts])
                 keep = query.order(best_parts)[:depth]
                 best_ids, best_parts = best_ids[keep], best_parts[keep]
             return best_ids.tolist()
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        for start in range(0, len(allowed), EXACT_CHUNK):  # bounded memory however many match
-            chunk = allowed[start : start + EXACT_CHUNK]
-            scores = query.score(_unit(self._stored(snap, cols.vec_rows[cols.rows_of(chunk)])))
+        for start in range(0, len(ids), EXACT_CHUNK):  # bounded memory however many match
+            chunk = ids[start : start + EXACT_CHUNK]
+            scores = query.score(_unit(self._stored(snap, addresses[start : start + EXACT_CHUNK])))
             best_ids, best_scores = np.concatenate([best_ids, chunk]), np.concatenate([best_scores, scores])
             if len(best_ids) > depth:
                 keep = np.argpartition(-best_scores, depth)[:depth]
@@ -877,6 +906,30 @@ def exact_index(store: vectors.VectorStore, live: np.ndarray):
     return index
 
 
+def run_at_work(run) -> bool:
+    """Is the recorded index run's process still there (state.IndexRun.pid; one of another user's answers EPERM,
+    and is)? A pid reused since (a reboot) reads as at work: its files are then found when a run next ends, as
+    before pending files were searched."""
+    try:
+        os.kill(run.pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def run_stopped_since(was, read_pending: bool, now) -> bool:
+    """Does a snapshot read with index run `was` (and its pending files read or not) need reading again, the state
+    now recording `now`: a run begun or ended since (another record), or the one at work then gone now."""
+    return was != now or now is not None and not read_pending and not run_at_work(now)
+
+
+def missing_from(live: np.ndarray, indexed: np.ndarray) -> np.ndarray:
+    """The (id, address) pairs of `live` whose ids the ANN index (`indexed`: its ids) lacks."""
+    return live[~np.isin(live[:, 0], indexed)]
+
+
 def onnx_cache_status(model_info: dict) -> dict:
     """The exported towers cached for the index's model: where, which, and whether text queries can skip
     torch (the files listed and unchanged; the probes run when a query loads them)."""
@@ -944,6 +997,14 @@ KEYWORD_DEPTH = 100
 # How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
 # rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
 # measure them against it and found neither better over every case (RESULTS.md).
+
+
+def _depth(opts: "_Options", fusing: bool, videos: bool, n: int) -> int:
+    """How many of n vectors' best a search needs scored exactly."""
+    depth = (max(opts.k, FUSION_DEPTH) if fusing else opts.k) + len(opts.exclude)
+    if opts.per_video is not None and videos:  # room for the moments the cap drops
+        depth = min(depth * PER_VIDEO_DEPTH, max(depth, n))
+    return max(depth, opts.pool)  # looking deeper: the cap or a file two roots name left fewer than k
 
 
 def _fusion(mode: str) -> str:

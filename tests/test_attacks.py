@@ -233,6 +233,7 @@ def test_a_tower_loaded_while_its_folder_is_being_removed_is_not_used_from_the_r
 
 # -- 3. what a removal cut short leaves: `.superseded-*` ------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("by", ["the next removal", "the next run that uses the model"])
 def test_a_removal_cut_short_is_finished_by_the_next_and_nothing_else_is_touched(exported_cache, tmp_path, tiny_model, by):
     """A process killed between renaming a superseded export away and deleting it leaves `.superseded-NAME-XXXX`

@@ -116,6 +116,7 @@ def record_speed(folder, machine: str, speed: dict) -> None:
     records.Writer(folder, onnx_manifest(folder)).speed(machine, speed)
 
 
+@pytest.mark.slow
 def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
     ort = Encoder(str(tiny_model), device="cpu", backend="onnx")
     ref = Encoder(str(tiny_model), device="cpu", backend="torch")
@@ -129,6 +130,7 @@ def test_onnx_is_the_cpu_default_and_matches_torch(tiny_model, cache):
     assert set(manifest["files"]) == {"text-fp32", "vision-fp32", "tokenizer"}
 
 
+@pytest.mark.slow
 def test_auto_runs_images_on_whichever_engine_was_measured_faster_here(tiny_model, cache):
     auto = Encoder(str(tiny_model), device="cpu")
     ref = Encoder(str(tiny_model), device="cpu", backend="torch")
@@ -159,6 +161,7 @@ def test_auto_runs_images_on_whichever_engine_was_measured_faster_here(tiny_mode
     assert set(again) == {"onnx", "openvino", "torch"} and again != {"onnx": 1.0, "torch": 2.0}
 
 
+@pytest.mark.slow
 def test_openvino_runs_both_towers_at_parity_and_bf16_within_its_floor(tiny_model, cache):
     ref = Encoder(str(tiny_model), device="cpu", backend="torch")
     ov = Encoder(str(tiny_model), device="cpu", backend="openvino")
@@ -186,6 +189,7 @@ def test_faster_for_images_picks_the_fastest_and_keeps_torch_only_when_clearly_f
     assert backend.faster_for_images({"onnx": 0.0, "openvino": 3.0, "torch": 3.1}) == "openvino"  # 0: failed to load
 
 
+@pytest.mark.slow
 def test_a_later_run_uses_the_cache_without_exporting(tiny_model, cache, monkeypatch):
     first = Encoder(str(tiny_model), device="cpu")
     first.encode_text(["a dog"])

@@ -1128,15 +1128,17 @@ def test_localhost_is_not_served_while_another_program_listens_at_its_other_addr
 @needs_ipv6
 @pytest.mark.parametrize("host", ["localhost", "::", "0.0.0.0"])
 def test_every_address_a_host_stands_for_is_listened_at_on_one_port(host):
-    """The wildcard is both families' too: `--host ::` listened at 0.0.0.0 alone (getaddrinfo(None)'s first)."""
+    """The wildcard is both families' too: `--host ::` listened at 0.0.0.0 alone (getaddrinfo(None)'s first).
+    `0.0.0.0` is IPv4's wildcard, an address: itself alone (no IPv6 interface the user did not name)."""
     from alignsearch.surfaces.server import _listen
 
     socks = _listen(host, 0)
     try:
         port = socks[0].getsockname()[1]
-        assert sorted(s.getsockname()[:2] for s in socks) == sorted(
-            [("127.0.0.1", port), ("::1", port)] if host == "localhost" else [("0.0.0.0", port), ("::", port)])
-        assert [taken_by_another(a, port) for a in ("127.0.0.1", "::1")] == [True, True]
+        want = {"localhost": [("127.0.0.1", port), ("::1", port)], "::": [("0.0.0.0", port), ("::", port)],
+                "0.0.0.0": [("0.0.0.0", port)]}[host]
+        assert sorted(s.getsockname()[:2] for s in socks) == sorted(want)
+        assert [taken_by_another(a, port) for a in ("127.0.0.1", "::1")] == [True, host != "0.0.0.0"]
     finally:
         for sock in socks:
             sock.close()
@@ -1155,7 +1157,8 @@ def test_the_addresses_a_host_stands_for():
 
     both = [(v4, "127.0.0.1"), (v6, "::1")]
     assert listen_addresses("localhost", unasked) == listen_addresses("LocalHost.", unasked) == both
-    assert listen_addresses("::", unasked) == listen_addresses("0.0.0.0", unasked) == [(v4, "0.0.0.0"), (v6, "::")]
+    assert listen_addresses("::", unasked) == listen_addresses("", unasked) == [(v4, "0.0.0.0"), (v6, "::")]
+    assert listen_addresses("0.0.0.0", unasked) == [(v4, "0.0.0.0")]  # an address: no IPv6 interface opened for it
     assert listen_addresses("127.0.0.1", unasked) == [(v4, "127.0.0.1")]
     assert listen_addresses("[::1]", unasked) == [(v6, "::1")]
     assert listen_addresses("photos.lan", resolved) == [(v4, "10.0.0.5"), (v6, "fd00::5")]

@@ -1244,10 +1244,11 @@ def listen_addresses(host: str, resolved: Callable[[], list]) -> list[tuple[int,
     free to another user's program, which a browser or client taking `localhost` as ::1 reached (a page asking
     for the token, results of its own). `localhost` is the loopback of both families, as browsers take it (not
     what /etc/hosts says, which may lack ::1 or, for --no-token, name another machine); the wildcard is both
-    families' (`--host ::` listened on 0.0.0.0 only); another name is every address it resolves to (as
+    families' (`--host ::` listened on 0.0.0.0 only; `0.0.0.0`, IPv4's, is an address and itself: IPv6 interfaces
+    the user did not name, and a firewall may not cover, are not opened for it); another name is every address it resolves to (as
     tornado's bind_sockets does), by resolved() (getaddrinfo's entries); an address, itself."""
     bare = host.strip().strip("[]")
-    if host in WILDCARD:
+    if host in WILDCARD and host != "0.0.0.0":
         return list(WILDCARD_ADDRESSES)
     try:
         address = ipaddress.ip_address(bare)

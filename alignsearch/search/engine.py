@@ -908,15 +908,34 @@ def exact_index(store: vectors.VectorStore, live: np.ndarray):
 
 def run_at_work(run) -> bool:
     """Is the recorded index run's process still there (state.IndexRun.pid; one of another user's answers EPERM,
-    and is)? A pid reused since (a reboot) reads as at work: its files are then found when a run next ends, as
-    before pending files were searched."""
+    and is)? Not where /proc says the number is now another process's (one that began after the run did: a reboot
+    or a crash, then the number reused) or a zombie's (a killed run not yet reaped): kill 0 answers for both, and
+    the stopped run's files were in no answer until the next run ended. Without /proc, a live pid is the run's."""
     try:
         os.kill(run.pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True
-    return True
+    began, zombie = _process_facts(run.pid)
+    return not zombie and (began is None or began <= run.started + RUN_START_SLACK)
+
+
+# Seconds a process may seem to have begun after its run recorded `started` (the run writes it after the model
+# loads, so the true start is earlier): /proc/stat's boot time is whole seconds, a tick is 1/100 s
+RUN_START_SLACK = 5.0
+
+
+def _process_facts(pid: int) -> tuple[float | None, bool]:
+    """(when pid's process began, as a time.time() value, or None where /proc cannot say; whether it is a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        fields = stat[stat.rfind(")") + 2 :].split()  # after the name, which may hold spaces and parentheses
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"  # starttime: field 22
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None, False
 
 
 def run_stopped_since(was, read_pending: bool, now) -> bool:

@@ -188,12 +188,13 @@ def test_a_snapshot_is_read_again_when_its_index_run_begins_ends_or_stops():
     assert not run_stopped_since(gone, True, gone)  # read since it stopped: nothing more
 
 
-def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work():
+def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work(monkeypatch):
     """A run stopped by a reboot or a crash leaves its pid in the state; a process that started after the run began
     holds that number now (a daemon after a reboot, any later program). kill 0 answered for it, so the run was
     taken as at work and the files it committed were in no answer until the next run ended, while verify (no
     writer lock held) said they were searched. A process that began after the run did is not the run, nor is a
     zombie (a killed run its parent has not reaped: kill 0 answers for it too)."""
+    import errno
     import os
     import subprocess
     import sys
@@ -217,3 +218,13 @@ def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work():
         assert not run_at_work(IndexRun(started=time.time(), pid=child.pid))
     finally:
         child.wait()
+    real_kill = os.kill
+
+    def kill(pid, sig):  # another user's process (a reader of a shared index, or a daemon since a reboot): EPERM
+        if pid == os.getpid():
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert run_at_work(IndexRun(started=time.time(), pid=os.getpid()))  # the run, another user's
+    assert not run_at_work(IndexRun(started=1.0, pid=os.getpid()))  # its number, another user's process's since

@@ -915,15 +915,16 @@ def exact_index(store: vectors.VectorStore, live: np.ndarray):
 
 def run_at_work(run) -> bool:
     """Is the recorded index run's process still there (state.IndexRun.pid; one of another user's answers EPERM,
-    and is)? Not where /proc says the number is now another process's (one that began after the run did: a reboot
-    or a crash, then the number reused) or a zombie's (a killed run not yet reaped): kill 0 answers for both, and
-    the stopped run's files were in no answer until the next run ended. Without /proc, a live pid is the run's."""
+    and is, unless /proc tells as below)? Not where /proc says the number is now another process's (one that began
+    after the run did: a reboot or a crash, then the number reused, this user's or another's) or a zombie's (a
+    killed run not yet reaped): kill 0 answers for both, and the stopped run's files were in no answer until the
+    next run ended. Without /proc (or another user's hidden by hidepid), a live pid is the run's."""
     try:
         os.kill(run.pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        return True
+    except OSError:  # EPERM: another user's process, the run (a reader of a shared index) or its number's since
+        pass
     began, zombie = _process_facts(run.pid)
     return not zombie and (began is None or began <= run.started + RUN_START_SLACK)
 

@@ -81,12 +81,17 @@ def test_an_answer_over_the_limit_is_not_read_whole(tmp_path, monkeypatch):
                                   b'{"results": [{"path": "a", "score": 1, "t": Infinity}]}',
                                   b'{"results": [{"path": "a", "score": NaN}]}',
                                   b'{"results": [{"path": "a", "score": 1, "similarity": "x"}]}',
-                                  b'{"results": [{"path": "a", "score": 1, "parts": [1]}]}'],
+                                  b'{"results": [{"path": "a", "score": 1, "parts": [1]}]}',
+                                  b'{"results": [{"path": "a", "score": 1, "path_b64": "abc"}]}',
+                                  b'{"results": [{"path": "a", "score": 1, "path_b64": "YQBi"}]}'],
                          ids=["list", "number", "no-results", "no-score", "text-score", "plan-list", "text-t",
-                              "infinite-t", "nan-score", "text-similarity", "parts-list"])
+                              "infinite-t", "nan-score", "text-similarity", "parts-list", "path-b64-not-base64",
+                              "path-b64-with-nul"])
 def test_an_answer_naming_this_index_that_is_no_search_answer_is_searched_around(tmp_path, body):
     """JSON that names this index (INDEX_HEADER) but is not /api/search's shape was returned as the answer, and
-    `query` ended on it in `unexpected TypeError` or `KeyError` (answer["results"], h["score"]:.4f)."""
+    `query` ended on it in `unexpected TypeError` or `KeyError` (answer["results"], h["score"]:.4f). A path_b64 that
+    is not base64 ended `query --paths` in binascii.Error (Incorrect padding); one whose bytes hold a NUL (no file's
+    name can) split `query --paths -0`'s list where no path ends."""
     ix = tmp_path / "ix"
     vector_index(ix, 3, 8)
     routed, notes = _routed(ix, _answering(body, index_id=client.local_index_id(ix)))

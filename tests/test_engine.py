@@ -173,11 +173,12 @@ def test_a_snapshot_is_read_again_when_its_index_run_begins_ends_or_stops():
     """The pure rule refresh asks (engine.run_stopped_since): files of a stopped run are read once it is seen gone,
     a run at work is not read again on every query, a run begun or ended since is a new state."""
     import os
+    import time
 
     from alignsearch.search.engine import run_at_work, run_stopped_since
     from alignsearch.storage.state import IndexRun
 
-    here, gone = IndexRun(started=1.0, pid=os.getpid()), IndexRun(started=2.0, pid=2**22 + 1)  # above pid_max's default
+    here, gone = IndexRun(started=time.time(), pid=os.getpid()), IndexRun(started=2.0, pid=2**22 + 1)  # above pid_max's default
     assert run_at_work(here) and not run_at_work(gone)
     assert not run_stopped_since(None, False, None)
     assert run_stopped_since(None, False, here)  # a run began
@@ -185,3 +186,45 @@ def test_a_snapshot_is_read_again_when_its_index_run_begins_ends_or_stops():
     assert not run_stopped_since(here, False, here)  # still at work: nothing to read again
     assert run_stopped_since(gone, False, gone)  # read while at work, gone now: its files are read
     assert not run_stopped_since(gone, True, gone)  # read since it stopped: nothing more
+
+
+def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work(monkeypatch):
+    """A run stopped by a reboot or a crash leaves its pid in the state; a process that started after the run began
+    holds that number now (a daemon after a reboot, any later program). kill 0 answered for it, so the run was
+    taken as at work and the files it committed were in no answer until the next run ended, while verify (no
+    writer lock held) said they were searched. A process that began after the run did is not the run, nor is a
+    zombie (a killed run its parent has not reaped: kill 0 answers for it too)."""
+    import errno
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from alignsearch.search.engine import run_at_work
+    from alignsearch.storage.state import IndexRun
+
+    if not Path(f"/proc/{os.getpid()}/stat").exists():
+        pytest.skip("no /proc: a process's start is unknown, a live pid is taken as the run's")
+    assert run_at_work(IndexRun(started=time.time(), pid=os.getpid()))  # this process began before: the run
+    assert not run_at_work(IndexRun(started=1.0, pid=os.getpid()))  # began after the run (1970): a pid reused
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        for _ in range(500):  # exited, not yet reaped
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert not run_at_work(IndexRun(started=time.time(), pid=child.pid))
+    finally:
+        child.wait()
+    real_kill = os.kill
+
+    def kill(pid, sig):  # another user's process (a reader of a shared index, or a daemon since a reboot): EPERM
+        if pid == os.getpid():
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert run_at_work(IndexRun(started=time.time(), pid=os.getpid()))  # the run, another user's
+    assert not run_at_work(IndexRun(started=1.0, pid=os.getpid()))  # its number, another user's process's since

@@ -1167,6 +1167,13 @@ def test_the_addresses_a_host_stands_for():
     assert address_shown("::", ["0.0.0.0", "::"]) == "127.0.0.1" and address_shown("::", ["::"]) == "::1"
     assert address_shown("photos.lan", ["10.0.0.5"]) == "photos.lan"  # its Host header
     assert address_shown("::1", ["::1"]) == "::1"
+    # `--host [::]` (as URLs write it) is `::`: it listened on IPv6 alone, answered no Host header (allowed_hosts
+    # was empty) and recorded http://[::]:PORT
+    from alignsearch.surfaces.server import ServerConfig, allowed_hosts
+
+    assert listen_addresses("[::]", unasked) == [(v4, "0.0.0.0"), (v6, "::")]
+    assert address_shown("[::]", ["0.0.0.0", "::"]) == "127.0.0.1"
+    assert allowed_hosts(ServerConfig(host="[::]")) == allowed_hosts(ServerConfig(host="::")) != frozenset()
 
 
 def test_a_damaged_cached_thumbnail_is_drawn_again_and_replaced(indexed_images):

@@ -343,3 +343,41 @@ def test_files_a_stopped_run_committed_after_the_ann_index_are_searched_exactly(
     index_json(ix, "--device", "cpu")
     with alignsearch.open(ix, device="cpu") as engine:
         assert engine.snap.pending is None and engine.index.ntotal == 12
+
+
+def test_a_stopped_runs_files_stay_found_while_the_next_run_is_at_work(indexed_images):
+    """A stopped run's files (searched exactly beside the ANN index) vanished from every answer as soon as the next
+    `index` began (a resumed run at work: its files join the ANN index when it ends, so Snapshot.pending was not
+    read), until that run ended: an open `serve` lost results it had just given. The snapshot a run at work is read
+    in keeps the pending files of the one before it (no catalog scan); those the run replaces are gone from
+    answers, and once the run at work is itself stopped, all its files are found."""
+    import subprocess
+    import sys
+    import time
+
+    import alignsearch
+    from alignsearch.storage import state
+
+    root, ix = indexed_images(6)
+    db, _ = add_synthetic(ix, 3, index_dim(ix))
+    with db.begin() as conn:
+        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=2**22 + 1))  # above pid_max's default
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the next run's process
+    try:
+        with alignsearch.open(ix, device="cpu") as engine:
+            q = np.ones(engine.store.dim, np.float32) / np.sqrt(engine.store.dim)
+            synthetic = {h.path for h in engine.search_vector(q, k=100) if h.path.startswith("/synthetic/")}
+            assert len(synthetic) == 3 and len(engine.search_vector(q, k=100)) == 9
+            with db.begin() as conn:
+                state.write(conn, index_run=state.IndexRun(started=time.time(), pid=child.pid))  # at work
+            assert {h.path for h in engine.search_vector(q, k=100) if h.path.startswith("/synthetic/")} == synthetic
+            add_synthetic(ix, 2, index_dim(ix), seed=1)  # it replaces 0.jpg and 1.jpg (new ids) and goes on
+            hits = engine.search_vector(q, k=100)
+            assert "/synthetic/2.jpg" in {h.path for h in hits} and len({h.id for h in hits}) == len(hits)
+            child.kill()
+            child.wait()  # stopped: every file it committed is read
+            hits = engine.search_vector(q, k=100)
+            assert len(hits) == 9 and {h.path for h in hits if h.path.startswith("/synthetic/")} == synthetic
+    finally:
+        child.kill()
+        child.wait()

@@ -93,9 +93,12 @@ class Snapshot:
     # run whose process is gone (stopped after its commits, before its ANN build): scored exactly and merged into
     # every search's candidates (_vector_ids), so they are found until the next run builds them in. None: no such
     # run (no cost). A run still at work is not read: its files join the ANN index when it ends, and reading every
-    # live pair again after each of its commits cost a query a catalog scan per batch the run committed
+    # live pair again after each of its commits cost a query a catalog scan per batch the run committed. A run begun
+    # after a stopped one keeps the stopped one's (carried from the snapshot before, no scan): the resumed run
+    # builds them in only when it ends, and they were in no answer meanwhile
     pending: np.ndarray | None = None
     run: Any = None  # the index run the state recorded when this was read (state.IndexRun; refresh compares it)
+    run_stopped: bool = False  # that run's process was gone when this was read (its files read: pending)
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -145,7 +148,8 @@ class Engine:
         self._nulls = None  # (snapshot, best cosines of the null queries): the gate's scale (query.null_z)
         self.snap = self._open_snapshot()
 
-    def _open_snapshot(self) -> Snapshot:
+    def _open_snapshot(self, before: Snapshot | None = None) -> Snapshot:
+        """before: the snapshot this one replaces (refresh), whose pending files a run at work keeps searching."""
         with self.db.connect() as conn:
             # one read transaction: a writer's commit between the reads below gave live rows past the store read
             # first (a query during a first run failed with IndexError)
@@ -171,8 +175,11 @@ class Engine:
         stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         pending = None if live is None else missing_from(live, ann.stored_ids(index))
+        if pending is None and st.index_run is not None and before is not None and before.pending is not None \
+                and before.generation == generation:  # addresses move only with the generation
+            pending = before.pending if before.stamp == stamp else missing_from(before.pending, ann.stored_ids(index))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos,
-                        pending=pending, run=st.index_run)
+                        pending=pending, run=st.index_run, run_stopped=stopped)
 
     def judge(self) -> None:
         """IndexUntrustedError where the folder is no longer one this engine may read (catalog.refuse_untrusted, the
@@ -201,13 +208,13 @@ class Engine:
             st = state.read(conn, "generation", "index_run")
             generation = st.generation
             grown = snap.unbuilt and catalog.counts(conn)[catalog.INDEXED] != snap.index.ntotal or \
-                not snap.unbuilt and run_stopped_since(snap.run, snap.pending is not None, st.index_run)
+                not snap.unbuilt and run_stopped_since(snap.run, snap.run_stopped, st.index_run)
         if generation == snap.generation and layouts.stamp(self.dir) == snap.stamp and not grown:
             return False
         with self._refresh_lock:
             if self.snap is not snap:  # another thread refreshed meanwhile
                 return True
-            new = self._open_snapshot()
+            new = self._open_snapshot(snap)
             self.snap = new  # a re-encode's new model is loaded on next use (_encoder_of)
         return True
 
@@ -908,21 +915,42 @@ def exact_index(store: vectors.VectorStore, live: np.ndarray):
 
 def run_at_work(run) -> bool:
     """Is the recorded index run's process still there (state.IndexRun.pid; one of another user's answers EPERM,
-    and is)? A pid reused since (a reboot) reads as at work: its files are then found when a run next ends, as
-    before pending files were searched."""
+    and is, unless /proc tells as below)? Not where /proc says the number is now another process's (one that began
+    after the run did: a reboot or a crash, then the number reused, this user's or another's) or a zombie's (a
+    killed run not yet reaped): kill 0 answers for both, and the stopped run's files were in no answer until the
+    next run ended. Without /proc (or another user's hidden by hidepid), a live pid is the run's."""
     try:
         os.kill(run.pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        return True
-    return True
+    except OSError:  # EPERM: another user's process, the run (a reader of a shared index) or its number's since
+        pass
+    began, zombie = _process_facts(run.pid)
+    return not zombie and (began is None or began <= run.started + RUN_START_SLACK)
 
 
-def run_stopped_since(was, read_pending: bool, now) -> bool:
-    """Does a snapshot read with index run `was` (and its pending files read or not) need reading again, the state
-    now recording `now`: a run begun or ended since (another record), or the one at work then gone now."""
-    return was != now or now is not None and not read_pending and not run_at_work(now)
+# Seconds a process may seem to have begun after its run recorded `started` (the run writes it after the model
+# loads, so the true start is earlier): /proc/stat's boot time is whole seconds, a tick is 1/100 s
+RUN_START_SLACK = 5.0
+
+
+def _process_facts(pid: int) -> tuple[float | None, bool]:
+    """(when pid's process began, as a time.time() value, or None where /proc cannot say; whether it is a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        fields = stat[stat.rfind(")") + 2 :].split()  # after the name, which may hold spaces and parentheses
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"  # starttime: field 22
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None, False
+
+
+def run_stopped_since(was, read_stopped: bool, now) -> bool:
+    """Does a snapshot read with index run `was` (seen stopped then, its pending files read, or not) need reading
+    again, the state now recording `now`: a run begun or ended since (another record), or the one at work then gone
+    now."""
+    return was != now or now is not None and not read_stopped and not run_at_work(now)
 
 
 def missing_from(live: np.ndarray, indexed: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ from another machine, a record another user could have written...).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import fcntl
 import json
@@ -608,5 +610,16 @@ def _search_answer(answer: object) -> bool:
     return all(isinstance(hit, dict) and isinstance(hit.get("path"), str) and _number(hit.get("score"))
                and all(hit.get(key) is None or _number(hit[key]) for key in ("t", "similarity"))
                and isinstance(hit.get("parts") or {}, dict)
-               and isinstance(hit.get("duplicates") or [], list) and isinstance(hit.get("path_b64") or "", str)
+               and isinstance(hit.get("duplicates") or [], list) and _path_bytes(hit.get("path_b64"))
                for hit in answer["results"])
+
+
+def _path_bytes(value: object) -> bool:
+    """Is a hit's path_b64 absent or base64 of a path's bytes (no NUL: no file's name holds one)? `query --paths`
+    decodes it: one that was not base64 ended it in binascii.Error, and a NUL split `--paths -0`'s list."""
+    if not value:
+        return True
+    try:
+        return isinstance(value, str) and b"\0" not in base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: a str with non-ASCII characters
+        return False

@@ -123,6 +123,12 @@ class ApiError(Exception):
         self.status, self.headers, self.kind = status, headers, kind or kind_of_status(status)
 
 
+def is_wildcard(host: str) -> bool:
+    """Every interface: 0.0.0.0, ::, or :: as URLs write it ([::]: it was taken as IPv6's alone, and no Host
+    header was allowed)."""
+    return host.strip().strip("[]") in WILDCARD
+
+
 def is_loopback(host: str) -> bool:
     """localhost, or an address literal in 127.0.0.0/8 or ::1; never a name (127.example.com is anyone's)."""
     host = host.strip().strip("[]").lower().rstrip(".")
@@ -149,7 +155,7 @@ def allowed_hosts(config: ServerConfig) -> frozenset[str]:
     """Host header names (without port) this server answers: the bound address, the loopback names
     when bound to loopback or to every interface, and the names given with --allow-host."""
     names = {config.host.strip("[]").lower(), *(h.strip("[]").lower().rstrip(".") for h in config.allow_hosts)}
-    if is_loopback(config.host) or config.host in WILDCARD:
+    if is_loopback(config.host) or is_wildcard(config.host):
         names |= LOOPBACK
     return frozenset(names - WILDCARD)
 
@@ -1248,7 +1254,7 @@ def listen_addresses(host: str, resolved: Callable[[], list]) -> list[tuple[int,
     the user did not name, and a firewall may not cover, are not opened for it); another name is every address it resolves to (as
     tornado's bind_sockets does), by resolved() (getaddrinfo's entries); an address, itself."""
     bare = host.strip().strip("[]")
-    if host in WILDCARD and host != "0.0.0.0":
+    if is_wildcard(host) and bare != "0.0.0.0":
         return list(WILDCARD_ADDRESSES)
     try:
         address = ipaddress.ip_address(bare)
@@ -1321,7 +1327,7 @@ def address_shown(host: str, bound: list[str]) -> str:
     """The address or name a started server's URL (printed, and recorded for `query`) names, given the addresses
     it is bound at. An address for `localhost`, so a client connects to a socket of this server, not to whatever
     a resolver makes of the name; 127.0.0.1 for every interface; another name itself (its Host header)."""
-    if host in WILDCARD:
+    if is_wildcard(host):
         return "127.0.0.1" if "0.0.0.0" in bound else "::1"
     bare = host.strip().strip("[]")
     try:

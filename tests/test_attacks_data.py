@@ -653,6 +653,7 @@ def _shared_library_and_private_files(tmp_path: Path) -> tuple[Path, Path, Path]
     return lib, private, secret
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
 def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_files_into_the_index(tmp_path, tiny_model):
     """The indexer follows file symlinks (a library of links to the originals is common), captions too. In a

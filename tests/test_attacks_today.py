@@ -208,7 +208,7 @@ def test_a_server_that_answers_healthz_but_never_the_search_is_given_up_on_at_th
     handler = type("Handler", (_Silent,), {"trickle": trickle})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()  # shutdown waits a poll
     port = server.server_address[1]
     fake_server_record(ix, port)
     notes: list[str] = []
@@ -375,6 +375,7 @@ def test_kill_9_at_more_moments_of_a_compaction_of_every_kind_of_segment(indexed
     assert unlisted_vector_files(ix) == [], (moment, vector_files(ix))
 
 
+@pytest.mark.slow
 def test_a_compaction_logs_what_it_does_with_each_file_of_the_old_generation(indexed_images, caplog):
     """vectors.f16 emptied, an encoder actor's segment and a previous compaction's deleted, each named as what
     it is: not "uncommitted bytes" nor "an encoder actor killed before its first commit" (the words of the

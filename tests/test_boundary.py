@@ -308,7 +308,7 @@ def test_the_client_raises_the_error_a_server_names_as_a_search_here_would(tmp_p
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()  # shutdown waits a poll
     fake_server_record(ix, server.server_address[1])
     notes: list[str] = []
     try:

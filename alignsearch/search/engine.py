@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import threading
@@ -934,12 +935,19 @@ def run_at_work(run) -> bool:
 RUN_START_SLACK = 5.0
 
 
+@functools.lru_cache(maxsize=1)
+def _boot_time() -> float:
+    """The machine's boot time (/proc/stat btime): fixed while this process lives, read once, not on each refresh
+    that asks whether a recorded run is at work (StopIteration or OSError where /proc cannot say)."""
+    return next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+
+
 def _process_facts(pid: int) -> tuple[float | None, bool]:
     """(when pid's process began, as a time.time() value, or None where /proc cannot say; whether it is a zombie)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = _boot_time()
         fields = stat[stat.rfind(")") + 2 :].split()  # after the name, which may hold spaces and parentheses
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"  # starttime: field 22
     except (OSError, StopIteration, IndexError, ValueError):

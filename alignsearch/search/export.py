@@ -458,16 +458,22 @@ def _unlisted(files: dict[str, Path], marker: Path) -> str | None:
 def _not_earlier_export(files: dict[str, Path]) -> str | None:
     """Why `files` (no MARKER beside them) are not an earlier export's pairs (None: they are)."""
     shards: dict[str, dict[str, Path]] = {}
+    shard_of: dict[str, str] = {}  # rel: its shard number, matched once
     for rel, path in files.items():
         sub, name = rel.split("/")
         match = CLIP_FOLDERS[sub].fullmatch(name)
         if not match:
             return f"holds {rel}, which is not part of a clip-retrieval export alignsearch wrote: {REFUSED}"
+        shard_of[rel] = match.group(1)
         shards.setdefault(match.group(1), {})[sub] = path
-    for rel, path in sorted(files.items()):
-        pair = shards[CLIP_FOLDERS[rel.split("/")[0]].fullmatch(path.name).group(1)]
-        rows = None if len(pair) != 2 else (_npy_rows(pair["img_emb"]), _metadata_rows(pair["metadata"]))
-        if rows is None or rows[0] is None or rows[0] != rows[1]:
+    sound: dict[str, bool] = {}  # shard number: its pair read as ours, each pair's two files read once
+    for rel in sorted(files):
+        number = shard_of[rel]
+        if number not in sound:
+            pair = shards[number]
+            rows = None if len(pair) != 2 else (_npy_rows(pair["img_emb"]), _metadata_rows(pair["metadata"]))
+            sound[number] = rows is not None and rows[0] is not None and rows[0] == rows[1]
+        if not sound[number]:
             return (f"holds {rel}, which alignsearch's export did not write (no {MARKER}, and not a pair of float16 "
                     f"embeddings and metadata of the columns alignsearch writes): {REFUSED}")
     return None

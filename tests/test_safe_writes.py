@@ -824,3 +824,24 @@ def test_a_swap_left_old_folder_is_named_once_a_run(pairs, tiny_model, tmp_path,
         finetune(pairs, tiny_model, out, "--resume", epochs=6)
     said = [r.getMessage() for r in caplog.records if str(left) in r.getMessage()]
     assert len(said) == 1 and left.exists(), said
+
+
+def test_clip_export_called_directly_guards_out_as_the_command_does(ix, tmp_path):
+    """export_clip_retrieval called without export()'s fingerprint (a Python caller): its default `seen` None
+    refused every OUT that existed, its own earlier export too ("changed during the export"), and it skipped
+    check_out. Now it takes both itself: its own export is replaced, a folder of notes is refused as untouched."""
+    from alignsearch.errors import UsageError
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.search.export import export_clip_retrieval
+
+    engine = open_index(ix)
+    out = tmp_path / "clip"
+    assert export_clip_retrieval(engine, out, shard_rows=30)["rows"] == 40
+    assert export_clip_retrieval(engine, out, shard_rows=10)["shards"] == 4  # its own export, replaced whole
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == [f"img_emb_{i}.npy" for i in range(4)]
+    notes = tmp_path / "notes"
+    (notes / "img_emb").mkdir(parents=True)
+    (notes / "img_emb" / "img_emb_9.npy").write_text("notes\n")
+    with pytest.raises(UsageError, match="did not write"):
+        export_clip_retrieval(engine, notes)
+    assert (notes / "img_emb" / "img_emb_9.npy").read_text() == "notes\n"

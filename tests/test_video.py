@@ -851,3 +851,14 @@ def test_tag_counts_a_video_once_as_info_does(tmp_path, tiny_model):
     # `tags` and `info` counted the tag rows, one a moment: "5  a thing" after "3 tags on 3 images" (walk3)
     assert json.loads(run("tags", "--index", ix, "--json").stdout) == [{"label": "a thing", "images": 3}]
     assert json.loads(run("info", "--index", ix, "--json").stdout)["tags"] == {"a thing": 3}
+
+
+def test_a_timestamp_of_any_number_a_server_may_send():
+    """video.timestamp prints a moment's start; the CLI prints a server's `t` with it too. Floor division printed
+    -5 s as "-1:59:55", and a time that is not finite raised (int(inf))."""
+    from alignsearch.media.video import timestamp
+
+    assert [timestamp(t) for t in (None, 0, 42.9, 3600, 5025)] == ["", "0:00", "0:42", "1:00:00", "1:23:45"]
+    assert timestamp(-5) == "-0:05" and timestamp(-3725.5) == "-1:02:05"
+    assert timestamp(float("inf")) == timestamp(float("-inf")) == timestamp(float("nan")) == ""
+    assert timestamp(1e12) == "277777777:46:40"

@@ -362,9 +362,13 @@ def _reason(exc: Exception) -> str:
 
 
 def timestamp(seconds: float | None) -> str:
-    """1:23:45 (hours, minutes, seconds; 0:42 under an hour) for a moment's start."""
-    if seconds is None:
+    """1:23:45 (hours, minutes, seconds; 0:42 under an hour) for a moment's start; "" for none. A negative
+    time keeps its sign (-0:05; floor division printed -5 s as "-1:59:55"), and a time that is not finite is
+    "" (int() raised on it): neither comes from a video here, but a server's answer is printed with this too."""
+    if seconds is None or not math.isfinite(seconds):
         return ""
+    if seconds < 0:
+        return "-" + timestamp(-seconds)
     s = int(seconds)
     h, m, s = s // 3600, s // 60 % 60, s % 60
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -225,15 +225,22 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
             "same_file": tally.get("same_file", 0)}
 
 
+NOT_TAKEN = object()  # export_clip_retrieval's `seen` when its caller took no fingerprint of OUT
+
+
 def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS,
-                          seen: dict | None = None, **filters) -> dict:
+                          seen: dict | None | object = NOT_TAKEN, **filters) -> dict:
     """Write OUT/img_emb/img_emb_{i}.npy and OUT/metadata/metadata_{i}.parquet; returns {"rows", "shards"}.
 
     The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows.
     The layout is written in a fresh folder beside OUT that then replaces it whole: an earlier export's
     shards beyond the new count go with it, and a failed export leaves OUT as it was. `seen`: OUT's
     _fingerprint when check_out accepted it (export takes it before the check; None: there was no OUT); OUT
-    must still be so at the swap."""
+    must still be so at the swap. Not given (a direct call, not export's), it is taken here and OUT checked as
+    export checks it: the default None refused every OUT that existed ("changed during the export")."""
+    if seen is NOT_TAKEN:
+        seen = _fingerprint(Path(out))
+        check_out(Path(out), "clip-retrieval")
     with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER]) as tmp:
         result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
         _write_marker(tmp)

@@ -453,6 +453,11 @@ def damaged(cause) -> IndexDamagedError:
                              "--repair` (it writes it again from the captions, text, paths and tags)")
 
 
+# Kana voiced and semi-voiced marks, combining and half-width (narrow makes those combining): after NFC, those left
+# are marks no letter took (_fold).
+_VOICED = re.compile("[\u3099\u309a\uff9e\uff9f]")
+
+
 def _fold(text: str) -> list[str]:
     """The words of text as the keyword index sees them: lower case, accents folded (Thai and Lao marks kept: the
     index tells ข้าว from ข่าว)."""
@@ -467,11 +472,6 @@ def _fold(text: str) -> list[str]:
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found
     return _WORD.findall(bare.replace("_", " "))
-
-
-# Kana voiced and semi-voiced marks, combining and half-width (narrow makes those combining): after NFC, those left
-# are marks no letter took (_fold).
-_VOICED = re.compile("[\u3099\u309a\uff9e\uff9f]")
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

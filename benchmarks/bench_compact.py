@@ -6,6 +6,12 @@ the integrity pass every `index` run already makes before it appends (vectors.ch
 re-hashed), over the same store, before and after. Medians of --repeat runs, each on a fresh copy.
 
     python benchmarks/bench_compact.py [--rows 400000] [--repeat 3]
+    python benchmarks/bench_compact.py --fold 8 [--rows 400000] [--repeat 3]
+
+--fold S measures instead the fold at the end of a Ray run (writer.fold_small_segments): --rows rows in S
+segments (one per encoder actor) moved into vectors.f16, each segment first read against its checksums; the
+baseline in the same run, on the same store, is that checksum pass alone (vectors.changed_chunks), the share
+of the fold added when the fold began to check before copying.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from common import record
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
-from indexer import compact
+from indexer import compact, writer
 
 DIM = 640
 BATCH = 8_192
@@ -55,6 +61,71 @@ def build(folder: Path, rows: int, seed: int = 0) -> None:
     db.dispose()
 
 
+def build_segments(folder: Path, rows: int, segments: int, seed: int = 0) -> None:
+    """An index whose rows lie in `segments` segment files (as Ray's actors leave them), each committed with
+    its checksums and catalog rows; vectors.f16 empty."""
+    folder.mkdir(parents=True)
+    store = vectors.VectorStore(folder / VECTORS_FILE, DIM, 0)
+    store.folder.mkdir()
+    db = catalog.connect(folder / DB_FILE)
+    rng = np.random.default_rng(seed)
+    each = rows // segments
+    with db.begin() as conn:
+        for s in range(segments):
+            part = vectors.VectorStore(store.folder / f"actor-{s}.f16", DIM, 0)
+            for start in range(0, each, BATCH):
+                x = rng.standard_normal((min(BATCH, each - start), DIM)).astype(np.float32)
+                part.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+            n = store.commit(f"actor-{s}", each)
+            for start in range(0, each, BATCH):
+                vectors.record_chunk(conn, store, n, start, min(BATCH, each - start))
+            conn.execute(catalog.insert(catalog.files), [
+                dict(root="/synthetic", relpath=f"{s}-{i:08d}.jpg", size=1000 + i, mtime=1.6e9 + i,
+                     sha256=f"{s:08x}{i:056x}", width=640, height=480, format="JPEG", status=catalog.INDEXED,
+                     indexed_at=0.0, vec_row=vectors.address(n, i)) for i in range(each)])
+        state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=DIM))
+        vectors.save(conn, store)
+    db.dispose()
+
+
+def fold_run(folder: Path) -> tuple[float, float, int]:
+    """(seconds of the checksum pass alone, seconds of the whole fold, rows moved), on folder's store."""
+    db = catalog.connect(folder / DB_FILE)
+    with db.connect() as conn:
+        store = vectors.load(conn, folder, DIM)
+        started = time.perf_counter()
+        damaged = [vectors.changed_chunks(conn, store, n) for n in sorted(store.segments)]
+        check = time.perf_counter() - started
+    assert not any(damaged), damaged
+    started = time.perf_counter()
+    moved = writer.fold_small_segments(db, store)
+    took = time.perf_counter() - started
+    db.dispose()
+    return check, took, moved
+
+
+def fold_main(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pristine = Path(tmp) / "pristine"
+        build_segments(pristine, args.rows, args.fold)
+        runs = []
+        for i in range(args.repeat):
+            ix = Path(tmp) / f"run{i}"
+            shutil.copytree(pristine, ix)
+            runs.append(fold_run(ix))
+            shutil.rmtree(ix)
+    check, took, moved = (statistics.median(r[k] for r in runs) for k in range(3))
+    rows = args.rows // args.fold * args.fold
+    assert moved == rows, (moved, rows)
+    record(f"fold of a Ray run's segments (bench_compact.py --fold, {rows:,} rows of {DIM}-d in {args.fold} segments)", [
+        f"- writer.fold_small_segments (checksum pass, then copy into vectors.f16, one re-addressing transaction): "
+        f"{took:.2f} s median of {args.repeat} ({rows / took:,.0f} rows/s); runs: "
+        + ", ".join(f"{r[1]:.2f}" for r in runs),
+        f"- baseline, the checksum pass alone on the same store before each fold (vectors.changed_chunks of every "
+        f"segment, the part added to the fold): {check:.2f} s median ({check / took:.0%} of the fold)",
+    ], save=not args.no_save)
+
+
 def check_seconds(folder: Path) -> float:
     db = catalog.connect(folder / DB_FILE)
     with db.connect() as conn:
@@ -76,7 +147,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--fold", type=int, default=0, metavar="S",
+                        help="measure the fold of S segments instead of a compaction")
     args = parser.parse_args()
+    if args.fold:
+        return fold_main(args)
     with tempfile.TemporaryDirectory() as tmp:
         pristine = Path(tmp) / "pristine"
         build(pristine, args.rows)

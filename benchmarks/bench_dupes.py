@@ -3,10 +3,11 @@ generated photos with re-saved / resized / cropped copies, and `export` of N row
 
     python benchmarks/bench_dupes.py [--n 1000000] [--photos 300] [--skip-export] [--nprobe 8] [--rebuild]
     python benchmarks/bench_dupes.py --photos 0 --n 100000 --n 1000000 --recall 50000
-    python benchmarks/bench_dupes.py --photos 0 --n 1000000 --export-only [--format parquet]
+    python benchmarks/bench_dupes.py --photos 0 --n 1000000 --export-only [--format parquet] [--again R]
 
 --export-only measures only `alignsearch export` on each --n's cached index (the similar tier is not run);
---format picks one of its formats (default: both). ALIGNSEARCH_BENCH_DRY=1 prints without recording.
+--format picks one of its formats (default: both); --again R times R rounds of an export into a fresh OUT then
+over that export (an OUT export must check first). ALIGNSEARCH_BENCH_DRY=1 prints without recording.
 
 The synthetic index of N vectors is built once under $ALIGNSEARCH_BENCH_CACHE/dupes-N (default
 /tmp/alignsearch-bench) and reused by later runs (--rebuild builds it again). --recall N times nothing: it
@@ -193,7 +194,28 @@ def recall_vs_exact(n: int, trained_on: int, lines: list[str]) -> None:
 def export_memory(folder: Path, n: int, lines: list[str]) -> None:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # the exports are not kept
         for fmt in args.format or ("parquet", "clip-retrieval"):
-            export_peak(folder, Path(tmp) / f"export-{fmt}", fmt, lines)
+            if args.again:
+                export_again(folder, Path(tmp), fmt, args.again, lines)
+            else:
+                export_peak(folder, Path(tmp) / f"export-{fmt}", fmt, lines)
+
+
+def export_again(folder: Path, tmp: Path, fmt: str, rounds: int, lines: list[str]) -> None:
+    """An export into a fresh OUT, then the same export over it (export checks that OUT holds only its own
+    earlier export: a clip-retrieval OUT's files are read back for their sha256, clip_refusal), `rounds` times in
+    turn, so both share the machine's load; medians of each."""
+    fresh, over = [], []
+    for r in range(rounds):
+        out = tmp / f"again-{fmt}-{r}"
+        for times in (fresh, over):
+            probe: list[str] = []
+            export_peak(folder, out, fmt, probe)
+            times.append(float(probe[0].split(" rows: ")[1].split(" s,")[0]))
+        shutil.rmtree(out, ignore_errors=True)
+        Path(str(out) + ".parquet").unlink(missing_ok=True)
+    lines.append(f"- `alignsearch export --format {fmt}` over its own earlier export vs into a fresh OUT, {rounds} "
+                 f"rounds in turn: median {np.median(over):.1f} s vs {np.median(fresh):.1f} s (over: "
+                 f"{', '.join(f'{t:.1f}' for t in over)}; fresh: {', '.join(f'{t:.1f}' for t in fresh)})")
 
 
 def export_peak(folder: Path, out: Path, fmt: str, lines: list[str]) -> None:
@@ -259,6 +281,8 @@ if __name__ == "__main__":
     ap.add_argument("--export-only", action="store_true", help="only `alignsearch export` on each --n's cached index")
     ap.add_argument("--format", action="append", choices=["parquet", "clip-retrieval"],
                     help="the export format(s) measured (repeatable; default both)")
+    ap.add_argument("--again", type=int, default=0, metavar="R",
+                    help="with --export-only: R rounds of an export into a fresh OUT then the same export over it")
     ap.add_argument("--nprobe", type=int, default=dupes.SIMILAR_NPROBE, help="similar tier: IVF lists visited per vector")
     ap.add_argument("--recall", type=int, default=0, metavar="N",
                     help="instead of timing: the similar tier's recall against exact all pairs on N vectors, held in the lists of "

@@ -402,7 +402,9 @@ def writer_running(index_dir: Path) -> bool:
     try:  # not through a symbolic link (indexer/lock.py: writers refuse one, so no writer holds it)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # EACCES: another user's index, whose lock file is theirs alone to open (0600, indexer/lock.py: one others could
+        # open, others could hold): whether they write it now cannot be told here, and is taken as not
+        if exc.errno in (errno.ELOOP, errno.EACCES):
             return False
         raise
     try:

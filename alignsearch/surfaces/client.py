@@ -222,21 +222,30 @@ def read_record(path: Path) -> dict:
     return record
 
 
+# The lock file of the turn at a server record, beside it (record_turn).
+RECORD_LOCK = "server.lock"
+
+
 @contextmanager
 def record_turn(path: Path, wait: float) -> Iterator[bool]:
-    """The turn at the server record `path`: an flock on its folder, held for the block. Every write of a record
-    (server.write_record) and every removal (remove_record_if) takes it, so what a removal read is what it unlinks:
-    a removal read one record and unlinked the next `serve`'s, written between the two (write-then-replace), and
-    that server's clients searched locally. No check of the file unlinked can stand in for it: an inode compared
+    """The turn at the server record `path`: an flock on RECORD_LOCK beside it, held for the block. Every write of a
+    record (server.write_record) and every removal (remove_record_if) takes it, so what a removal read is what it
+    unlinks: a removal read one record and unlinked the next `serve`'s, written between the two (write-then-replace),
+    and that server's clients searched locally. No check of the file unlinked can stand in for it: an inode compared
     before the unlink is one the next rename may replace before the unlink, and renaming the record aside to look
-    at it leaves none at its name meanwhile. The folder, not a lock file: none to create in an index a client
-    cannot write, nor to judge when reading a record's folder; flock needs only read access, and a FIFO or symlink
-    at the record's name is never opened. Yields whether the turn is had, waiting up to `wait` seconds (0: one
-    try) for another's: False while another holds it for longer (a process stopped while holding it). Where the
-    folder cannot be locked (a filesystem without flock, a folder that cannot be opened) nobody can hold it:
-    True, and the caller goes on unlocked, as every write and removal did before the turn."""
+    at it leaves none at its name meanwhile. A lock file of this user's, 0600, not the folder: flock needs only
+    read access, and every user who may list the index folder (0755) could flock it and keep it, so this user's
+    `serve` waited RECORD_WAIT to start and three times that to stop, left its record, and no query could remove
+    it. Only a process that may write the folder takes the turn (to write or unlink the record there), so only it
+    needs to create the file; it is opened as the index's lock files are (indexer/lock.open_lock_file: never through
+    a symbolic link, a FIFO at once), and the record is never opened through it. Yields whether the turn is had,
+    waiting up to `wait` seconds (0: one try) for another's: False while another holds it for longer (a process
+    stopped while holding it). Where it cannot be locked (a folder this user cannot write, a filesystem without
+    flock) nobody else can hold it either: True, and the caller goes on unlocked (its unlink fails in a folder it
+    cannot write)."""
     try:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path.parent / RECORD_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
     except OSError:
         yield True
         return

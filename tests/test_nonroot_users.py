@@ -1,0 +1,241 @@
+"""Two real local users: alice, whose index and server these are, and mallory, another user of the same machine who
+tries to take them over (README, "What others can write"). Each side runs as that user (helpers.as_user), without
+root's power to read any file or signal any process: what the other user may do is what the system lets them.
+
+Guarantees tried: the index's lock files (write.lock) and the server record's turn (client.record_turn) cannot be
+held by another user, who held them for ever (every `index` of alice's refused, her `serve` 10 s late to start and to
+stop, its record never removed); a query never trusts a server record another user wrote, nor sends to a process of
+another user's, nor to a port held by another user for a process of its own."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import (as_user, local_user, started_as_user, stopped_user, users_folder,
+                     why_no_local_users)
+
+pytestmark = [pytest.mark.skipif(why_no_local_users() is not None, reason=str(why_no_local_users())), pytest.mark.slow]
+
+# Holds an exclusive flock on each path given (a folder where it ends with /) for as long as its stdin is open,
+# where the user may open it: prints "ready" and, per path, "held" or why not.
+HOLD = """
+import fcntl, json, os, sys
+said = []
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.endswith("/") else os.O_NONBLOCK))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        said.append("held")
+    except OSError as exc:
+        said.append(exc.strerror)
+print("ready", json.dumps(said), flush=True)
+sys.stdin.read()
+"""
+
+# An index run's lock, as alice: what `index` says when it cannot have it.
+WRITER = """
+import sys
+from pathlib import Path
+from alignsearch.errors import BadInputError
+from indexer.lock import writer_lock
+try:
+    with writer_lock(Path(sys.argv[1])):
+        print("locked")
+except BadInputError as exc:
+    print("refused:", exc)
+"""
+
+# A stand-in HTTP server (another user's program at a port): answers every request as a search that names the index id
+# argv[1], and prints each request it is sent. Prints "ready PID PORT".
+STANDIN = """
+import http.server, json, os, sys, threading
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print("asked", self.command, self.path, self.headers.get("Authorization"), flush=True)
+        body = json.dumps({"results": [{"path": "/planted.jpg", "score": 1.0}], "plan": {}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Alignsearch-Index", sys.argv[1])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+family, host = (http.server.socket.AF_INET6, "::1") if sys.argv[2] == "6" else (http.server.socket.AF_INET, "127.0.0.1")
+http.server.ThreadingHTTPServer.address_family = family
+server = http.server.ThreadingHTTPServer((host, int(sys.argv[3])), Answer)
+print("ready", os.getpid(), server.server_address[1], flush=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.stdin.read()
+"""
+
+# Writes a server record, as the user running it: argv: path, pid, port, token, mode[, index id].
+RECORD = """
+import json, os, socket, sys
+path, pid, port, token, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5], 8)
+record = {"pid": pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+          "url": f"http://127.0.0.1:{port}", "token": token, "index_id": (sys.argv[6:] or ["the-index"])[0],
+          "index_dir": os.path.dirname(path), "search_params": ["q", "k"]}
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+os.write(fd, json.dumps(record).encode())
+os.close(fd)
+"""
+
+# A query routed as `alignsearch query` routes it, as alice: whether it got an answer from a server, and the notices.
+QUERY = """
+import json, sys
+from pathlib import Path
+from alignsearch.search.request import SearchRequest
+from alignsearch.surfaces import client
+notices = []
+routed = client.search_via_server(Path(sys.argv[1]), SearchRequest(text="dog"), notice=notices.append, timeout=10)
+print(json.dumps({"answer": routed.answer, "notices": notices}))
+"""
+
+
+@pytest.fixture
+def shared():
+    """A folder every user may enter, for alice's and mallory's own folders (pytest's tmp_path is root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="alignsearch-users-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _index_folder(shared: Path, name: str) -> Path:
+    """An index folder of user `name` (0755, as `index` makes one), in their own folder."""
+    user = local_user(name)
+    ix = users_folder(shared, name) / "ix"
+    ix.mkdir()
+    os.chown(ix, user.pw_uid, user.pw_gid)
+    return ix
+
+
+def _holding(name: str, *paths):
+    """HOLD run as `name` on paths: (the process, what it could hold of each)."""
+    proc, line = started_as_user(name, HOLD, *map(str, paths))
+    return proc, json.loads(line.split(" ", 1)[1])
+
+
+@pytest.mark.parametrize("left", [None, 0o644], ids=["new", "left-by-older-release"])
+def test_another_user_cannot_hold_the_writer_lock(shared, left):
+    """mallory could open alice's write.lock (0644) and flock it: every writer of alice's index was refused as
+    "another alignsearch process is writing" for as long as mallory liked. Now the lock file is 0600, and one an
+    older release left 0644 is made 0600 by alice's next writer."""
+    ix = _index_folder(shared, "alice")
+    if left is not None:
+        (ix / "write.lock").touch()
+        os.chown(ix / "write.lock", local_user("alice").pw_uid, local_user("alice").pw_gid)
+        (ix / "write.lock").chmod(left)
+    first = as_user("alice", WRITER, ix)
+    assert first.stdout.strip() == "locked", first.stderr
+    holder, held = _holding("mallory", ix / "write.lock")
+    try:
+        assert held == ["Permission denied"]
+        after = as_user("alice", WRITER, ix)
+        assert after.stdout.strip() == "locked", after.stdout + after.stderr
+    finally:
+        stopped_user(holder)
+    assert (ix / "write.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_another_users_lock_file_is_no_writer_at_work(shared):
+    """mallory, reading alice's index, cannot open her 0600 write.lock to ask whether she writes it: taken as not
+    (verify, info), not an error."""
+    ix = _index_folder(shared, "alice")
+    assert as_user("alice", WRITER, ix).stdout.strip() == "locked"
+    probe = as_user("mallory", "import sys; from pathlib import Path; from alignsearch.storage.paths import "
+                               "writer_running; print(writer_running(Path(sys.argv[1])))", ix)
+    assert probe.stdout.strip() == "False", probe.stderr
+
+
+TURN = """
+import json, sys
+from pathlib import Path
+from alignsearch.surfaces import client
+path = Path(sys.argv[1])
+with client.record_turn(path, 0) as turn:
+    had = turn
+removed = client.remove_record_if(path, lambda record: True, 0)
+print(json.dumps({"turn": had, "removed": removed, "left": path.exists()}))
+"""
+
+
+def test_another_user_cannot_hold_the_record_turn(shared):
+    """The turn at a server record was an flock on the index folder, which every user who may list it could take and
+    keep: alice's `serve` then waited 10 s to write its record and 10 s (three times) to remove it at its exit, and
+    left it, and a query could not remove a stale one. Now the turn is a 0600 lock file of alice's (server.lock)."""
+    ix = _index_folder(shared, "alice")
+    record = ix / "server.json"
+    assert as_user("alice", RECORD, record, 999_999_999, 1, "t", "600").returncode == 0
+    first = as_user("alice", TURN, record)  # makes the lock file, and removes the record
+    assert json.loads(first.stdout)["removed"], first.stderr
+    assert as_user("alice", RECORD, record, 999_999_999, 1, "t", "600").returncode == 0
+    holder, held = _holding("mallory", f"{ix}/", ix / "server.lock")
+    try:
+        assert held[1] == "Permission denied"
+        turned = as_user("alice", TURN, record)
+        assert json.loads(turned.stdout) == {"turn": True, "removed": True, "left": False}, turned.stderr
+    finally:
+        stopped_user(holder)
+    assert (ix / "server.lock").stat().st_mode & 0o777 == 0o600
+
+
+def _query(ix: Path) -> dict:
+    routed = as_user("alice", QUERY, ix)
+    assert routed.returncode == 0, routed.stderr
+    return json.loads(routed.stdout)
+
+
+def _asked(ix: Path, writer: str, mode: str, pid=None, port=0, index_id: str = "the-index") -> tuple[dict, str]:
+    """mallory's stand-in server started at 127.0.0.1:port (0: any), a record by `writer` (file mode `mode`) in ix
+    naming pid (None: the stand-in's) and the stand-in's port, and alice's query of ix: (what it routed, what the
+    stand-in was asked)."""
+    standin, line = started_as_user("mallory", STANDIN, index_id, "4", port)
+    try:
+        _, standin_pid, port = line.split()
+        assert as_user(writer, RECORD, ix / "server.json", pid or standin_pid, port, "secret-token", mode,
+                       index_id).returncode == 0
+        routed = _query(ix)
+    finally:
+        asked = stopped_user(standin)
+    return routed, asked
+
+
+def test_a_record_another_user_wrote_is_never_used(shared):
+    """mallory's own index holds a record she wrote, readable by all, naming her own server (alive, listening where
+    it says, answering for any index): alice's query of that index sends nothing to it and searches locally."""
+    routed, asked = _asked(_index_folder(shared, "mallory"), "mallory", "644")
+    assert routed["answer"] is None
+    assert any("belongs to another user" in notice for notice in routed["notices"]), routed["notices"]
+    assert asked == ""
+
+
+def test_a_recorded_process_of_another_user_is_not_asked(shared):
+    """alice's record (her server killed -9 or lost in a reboot) names a pid that is now mallory's server at the
+    recorded port: kill answers EPERM, so it is another user's process and not asked; the stale record is removed."""
+    ix = _index_folder(shared, "alice")
+    routed, asked = _asked(ix, "alice", "600")
+    assert routed["answer"] is None
+    assert any("another user's" in notice and "stale record was removed" in notice for notice in routed["notices"]), \
+        routed["notices"]
+    assert asked == "" and not (ix / "server.json").exists()
+
+
+def test_a_port_another_user_holds_is_not_asked(shared):
+    """alice's record names a process of hers that is alive (its number reused by another program of hers) and a port
+    mallory's server now holds: the process holds no socket at that port, so the query and the token stay here."""
+    hers, mine = started_as_user("alice", "import os, sys; print('ready', os.getpid(), flush=True); sys.stdin.read()")
+    try:
+        routed, asked = _asked(_index_folder(shared, "alice"), "alice", "600", pid=mine.split()[1])
+    finally:
+        stopped_user(hers)
+    assert routed["answer"] is None
+    assert any("does not listen at" in notice for notice in routed["notices"]), routed["notices"]
+    assert asked == ""

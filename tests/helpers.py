@@ -1304,11 +1304,26 @@ def user_python(name: str) -> tuple[list[str], dict[str, str]]:
     return found
 
 
-def as_user(name: str, code: str, *args, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
-    """`python -c code ARGS` run as user `name` (user_python), to its end."""
+# Runs its arguments where /proc hides every other user's processes (hidepid=2), in a mount namespace of its own.
+HIDEPID = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           'mount -t proc -o hidepid=2 proc /proc && exec "$@"', "hidepid"]
+
+
+def can_hide_pids() -> bool:
+    """Whether a /proc with hidepid=2 can be mounted here, in a mount namespace of the child's own (HIDEPID)."""
+    try:
+        return subprocess.run([*HIDEPID, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def as_user(name: str, code: str, *args, timeout: float = 120, hidepid: bool = False,
+            **popen) -> subprocess.CompletedProcess:
+    """`python -c code ARGS` run as user `name` (user_python), to its end; hidepid: where /proc hides other users'
+    processes from it (HIDEPID)."""
     command, env = user_python(name)
-    return subprocess.run([*command, "-c", code, *map(str, args)], env=env, cwd="/", capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return subprocess.run([*(HIDEPID if hidepid else []), *command, "-c", code, *map(str, args)], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def started_as_user(name: str, code: str, *args, ready: str = "ready") -> tuple[subprocess.Popen, str]:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import (as_user, local_user, started_as_user, stopped_user, users_folder,
+from helpers import (as_user, can_hide_pids, ipv6_loopback, local_user, started_as_user, stopped_user, users_folder,
                      why_no_local_users)
 
 pytestmark = [pytest.mark.skipif(why_no_local_users() is not None, reason=str(why_no_local_users())), pytest.mark.slow]
@@ -187,22 +187,23 @@ def test_another_user_cannot_hold_the_record_turn(shared):
     assert (ix / "server.lock").stat().st_mode & 0o777 == 0o600
 
 
-def _query(ix: Path) -> dict:
-    routed = as_user("alice", QUERY, ix)
+def _query(ix: Path, hidepid: bool = False) -> dict:
+    routed = as_user("alice", QUERY, ix, hidepid=hidepid)
     assert routed.returncode == 0, routed.stderr
     return json.loads(routed.stdout)
 
 
-def _asked(ix: Path, writer: str, mode: str, pid=None, port=0, index_id: str = "the-index") -> tuple[dict, str]:
+def _asked(ix: Path, writer: str, mode: str, pid=None, port=0, index_id: str = "the-index",
+           hidepid: bool = False) -> tuple[dict, str]:
     """mallory's stand-in server started at 127.0.0.1:port (0: any), a record by `writer` (file mode `mode`) in ix
-    naming pid (None: the stand-in's) and the stand-in's port, and alice's query of ix: (what it routed, what the
-    stand-in was asked)."""
+    naming pid (None: the stand-in's) and the stand-in's port, and alice's query of ix (hidepid: where /proc hides
+    mallory's processes from her): (what it routed, what the stand-in was asked)."""
     standin, line = started_as_user("mallory", STANDIN, index_id, "4", port)
     try:
         _, standin_pid, port = line.split()
         assert as_user(writer, RECORD, ix / "server.json", pid or standin_pid, port, "secret-token", mode,
                        index_id).returncode == 0
-        routed = _query(ix)
+        routed = _query(ix, hidepid)
     finally:
         asked = stopped_user(standin)
     return routed, asked
@@ -217,25 +218,64 @@ def test_a_record_another_user_wrote_is_never_used(shared):
     assert asked == ""
 
 
-def test_a_recorded_process_of_another_user_is_not_asked(shared):
+HIDEPID = [False, pytest.param(True, marks=pytest.mark.skipif(not can_hide_pids(), reason="needs a hidepid=2 /proc"))]
+
+
+@pytest.mark.parametrize("hidepid", HIDEPID, ids=["proc", "hidepid"])
+def test_a_recorded_process_of_another_user_is_not_asked(shared, hidepid):
     """alice's record (her server killed -9 or lost in a reboot) names a pid that is now mallory's server at the
-    recorded port: kill answers EPERM, so it is another user's process and not asked; the stale record is removed."""
+    recorded port: kill answers EPERM, so it is another user's process and not asked; the stale record is removed.
+    Also where /proc hides mallory's processes from alice (hidepid=2), where /proc cannot say which sockets it holds."""
     ix = _index_folder(shared, "alice")
-    routed, asked = _asked(ix, "alice", "600")
+    routed, asked = _asked(ix, "alice", "600", hidepid=hidepid)
     assert routed["answer"] is None
     assert any("another user's" in notice and "stale record was removed" in notice for notice in routed["notices"]), \
         routed["notices"]
     assert asked == "" and not (ix / "server.json").exists()
 
 
-def test_a_port_another_user_holds_is_not_asked(shared):
+@pytest.mark.parametrize("hidepid", HIDEPID, ids=["proc", "hidepid"])
+def test_a_port_another_user_holds_is_not_asked(shared, hidepid):
     """alice's record names a process of hers that is alive (its number reused by another program of hers) and a port
-    mallory's server now holds: the process holds no socket at that port, so the query and the token stay here."""
+    mallory's server now holds: the process holds no socket at that port, so the query and the token stay here.
+    Also where /proc hides mallory's processes (hidepid=2): alice's own are seen, and mallory's socket in the table."""
     hers, mine = started_as_user("alice", "import os, sys; print('ready', os.getpid(), flush=True); sys.stdin.read()")
     try:
-        routed, asked = _asked(_index_folder(shared, "alice"), "alice", "600", pid=mine.split()[1])
+        routed, asked = _asked(_index_folder(shared, "alice"), "alice", "600", pid=mine.split()[1], hidepid=hidepid)
     finally:
         stopped_user(hers)
     assert routed["answer"] is None
+    assert any("does not listen at" in notice for notice in routed["notices"]), routed["notices"]
+    assert asked == ""
+
+
+def _users_index(indexed_images, shared: Path, name: str) -> Path:
+    """A real index (the tiny model's, of two images) of user `name`, in their own folder."""
+    user = local_user(name)
+    ix = users_folder(shared, name) / "ix"
+    shutil.copytree(indexed_images(2)[1], ix)
+    for path in (ix, *ix.rglob("*")):
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    return ix
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6's loopback")
+def test_the_port_at_another_address_is_not_the_recorded_one(shared, indexed_images):
+    """alice's record names 127.0.0.1:PORT and a live process of hers that listens at PORT on [::1] only (a program
+    of hers that took the dead server's number, or another server of hers): mallory's server at 127.0.0.1:PORT is
+    what the query would reach. The process was taken as the recorded server, as it held a socket at that port on
+    any address, and the query and the token went to mallory, whose answer named the index id (anyone may read it
+    in the catalog) and was taken."""
+    from alignsearch.surfaces.client import local_index_id
+
+    ix = _users_index(indexed_images, shared, "alice")
+    index_id = local_index_id(ix)
+    hers, line6 = started_as_user("alice", STANDIN, index_id, "6", 0)
+    try:
+        _, pid, port = line6.split()
+        routed, asked = _asked(ix, "alice", "600", pid=pid, port=port, index_id=index_id)
+    finally:
+        stopped_user(hers)
+    assert routed["answer"] is None, routed
     assert any("does not listen at" in notice for notice in routed["notices"]), routed["notices"]
     assert asked == ""

@@ -279,3 +279,44 @@ def test_the_port_at_another_address_is_not_the_recorded_one(shared, indexed_ima
     assert routed["answer"] is None, routed
     assert any("does not listen at" in notice for notice in routed["notices"]), routed["notices"]
     assert asked == ""
+
+
+# A write of alice's killed mid-way (atomic.writing): its temporary is left beside the file.
+KILLED_WRITE = """
+import os, sys
+from alignsearch import atomic
+with atomic.writing(sys.argv[1]) as f:
+    f.write(b"half a file")
+    f.flush()
+    os.kill(os.getpid(), 9)
+"""
+
+SWEEP = "import sys; from alignsearch import atomic; print(atomic.remove_stale(sys.argv[1], min_age=0))"
+
+
+def test_another_user_cannot_keep_a_killed_writes_temporary(shared):
+    """A write's temporary was made 0644 (the final file's mode) as soon as it was made: once its writer was killed,
+    mallory could open it and hold its flock, and alice's remove_stale took it for a write at work and never removed
+    it (an ANN index or an export of gigabytes, for as long as mallory liked). It stays 0600 until it is put in place."""
+    folder = users_folder(shared, "alice")
+    killed = as_user("alice", KILLED_WRITE, folder / "out.bin")
+    assert killed.returncode in (-9, 128 + 9), killed.stderr  # runuser says a killed child so
+    left = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and not (folder / "out.bin").exists()
+    holder, held = _holding("mallory", left[0])
+    try:
+        assert held == ["Permission denied"]
+        swept = as_user("alice", SWEEP, folder / "out.bin")
+        assert swept.stdout.strip() == "1", swept.stdout + swept.stderr
+    finally:
+        stopped_user(holder)
+    assert not left[0].exists()
+
+
+def test_a_write_put_in_place_has_its_mode(shared):
+    """The mode a write asks for (less the umask) is the file's once it is in place, as before it stayed 0600 meanwhile."""
+    folder = users_folder(shared, "alice")
+    done = as_user("alice", "import sys; from alignsearch import atomic; atomic.write_bytes(sys.argv[1], b'x'); "
+                            "atomic.write_bytes(sys.argv[2], b'x', mode=0o600)", folder / "a", folder / "b")
+    assert done.returncode == 0, done.stderr
+    assert [(folder / n).stat().st_mode & 0o777 for n in "ab"] == [0o644, 0o600]

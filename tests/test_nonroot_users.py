@@ -320,3 +320,37 @@ def test_a_write_put_in_place_has_its_mode(shared):
                             "atomic.write_bytes(sys.argv[2], b'x', mode=0o600)", folder / "a", folder / "b")
     assert done.returncode == 0, done.stderr
     assert [(folder / n).stat().st_mode & 0o777 for n in "ab"] == [0o644, 0o600]
+
+
+# The server's open of an indexed file (server.open_indexed), as alice: what it answers.
+SERVED = """
+import os, sys
+from alignsearch.surfaces.server import ApiError, open_indexed
+try:
+    fd = open_indexed(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    print("served", os.read(fd, 100).decode())
+except ApiError as exc:
+    print("refused", exc.status, exc)
+"""
+
+MADE = "import os, sys; os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True); open(sys.argv[1], 'w').write(sys.argv[2])"
+
+
+def test_a_folder_another_user_swaps_for_a_link_is_not_served_through(shared):
+    """alice indexed mallory's folder `m` in a shared photo folder (sticky, world-writable); mallory then renames it and
+    puts a link to alice's private folder at its name, holding a file of the same name, size and mtime: alice's server
+    (serving her results to whoever has her token, or to anyone with --no-token) does not read through the link."""
+    common = shared / "common"
+    common.mkdir()
+    common.chmod(0o1777)
+    private = users_folder(shared, "alice", 0o700) / "private"
+    assert as_user("mallory", MADE, common / "m" / "x.txt", "public").returncode == 0
+    assert as_user("alice", MADE, private / "x.txt", "secret").returncode == 0
+    indexed = (common / "m" / "x.txt").stat()
+    os.utime(private / "x.txt", ns=(indexed.st_atime_ns, indexed.st_mtime_ns))
+    args = (common, "m/x.txt", indexed.st_size, indexed.st_mtime)
+    assert as_user("alice", SERVED, *args).stdout.strip() == "served public"
+    swap = "import os, sys; os.rename(sys.argv[1], sys.argv[1] + '.old'); os.symlink(sys.argv[2], sys.argv[1])"
+    assert as_user("mallory", swap, common / "m", private).returncode == 0
+    served = as_user("alice", SERVED, *args)
+    assert served.stdout.startswith("refused 409"), served.stdout + served.stderr

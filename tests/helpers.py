@@ -1317,11 +1317,12 @@ def can_hide_pids() -> bool:
         return False
 
 
-def as_user(name: str, code: str, *args, timeout: float = 120, hidepid: bool = False,
+def as_user(name: str, code: str, *args, timeout: float = 120, hidepid: bool = False, extra_env: dict | None = None,
             **popen) -> subprocess.CompletedProcess:
     """`python -c code ARGS` run as user `name` (user_python), to its end; hidepid: where /proc hides other users'
-    processes from it (HIDEPID)."""
+    processes from it (HIDEPID); extra_env: added to its environment."""
     command, env = user_python(name)
+    env = {**env, **(extra_env or {})}
     return subprocess.run([*(HIDEPID if hidepid else []), *command, "-c", code, *map(str, args)], env=env, cwd="/",
                           capture_output=True, text=True, timeout=timeout, **popen)
 

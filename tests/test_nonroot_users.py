@@ -354,3 +354,32 @@ def test_a_folder_another_user_swaps_for_a_link_is_not_served_through(shared):
     assert as_user("mallory", swap, common / "m", private).returncode == 0
     served = as_user("alice", SERVED, *args)
     assert served.stdout.startswith("refused 409"), served.stdout + served.stderr
+
+
+
+# What judges a folder above an index and above the model cache say of them, as alice.
+ABOVE = """
+import json, os, sys
+from pathlib import Path
+from alignsearch.encoders import backend
+from alignsearch.storage import paths
+print(json.dumps([paths.untrusted_parent(Path(sys.argv[1]), owners=(os.getuid(), 0)), backend.cache_untrusted()]))
+"""
+
+
+def test_a_sticky_folder_like_tmp_passes_above_a_users_index_and_cache(shared):
+    """/tmp is 1777: writable by root's group too. The sticky bit passed its write by every user, not its group's, so
+    to every user but root (whose group it is) an index in /tmp was refused, exit 6 ("its parent folder /tmp is
+    writable by its group (gid 0)"), and a model cache under it was not used; the tests ran as root. A folder its
+    group may write without the sticky bit is still refused."""
+    sticky, plain = shared / "sticky", shared / "group-writable"
+    for folder, mode in ((sticky, 0o1777), (plain, 0o775)):
+        folder.mkdir()
+        folder.chmod(mode)
+        ix = folder / "ix"
+        ix.mkdir()
+        os.chown(ix, local_user("alice").pw_uid, local_user("alice").pw_gid)
+    judged = as_user("alice", ABOVE, sticky / "ix", extra_env={"ALIGNSEARCH_CACHE": str(sticky / "cache")})
+    assert json.loads(judged.stdout) == [None, None], judged.stdout + judged.stderr
+    judged = as_user("alice", ABOVE, plain / "ix", extra_env={"ALIGNSEARCH_CACHE": str(plain / "cache")})
+    assert [why and "writable by its group (gid 0)" in why for why in json.loads(judged.stdout)] == [True, True]

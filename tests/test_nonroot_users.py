@@ -383,3 +383,32 @@ def test_a_sticky_folder_like_tmp_passes_above_a_users_index_and_cache(shared):
     assert json.loads(judged.stdout) == [None, None], judged.stdout + judged.stderr
     judged = as_user("alice", ABOVE, plain / "ix", extra_env={"ALIGNSEARCH_CACHE": str(plain / "cache")})
     assert [why and "writable by its group (gid 0)" in why for why in json.loads(judged.stdout)] == [True, True]
+
+RECORD_PATH = """
+import sys
+from pathlib import Path
+from alignsearch.errors import AlignSearchError
+from alignsearch.surfaces.server import record_path
+try:
+    print("kept in", record_path(Path(sys.argv[1])))
+except AlignSearchError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("variable", ["XDG_RUNTIME_DIR", "ALIGNSEARCH_CACHE"])
+def test_a_private_record_is_not_kept_in_a_folder_another_user_may_rename(shared, variable):
+    """alice serves mallory's index (read-only to her): the record, with its token, goes to alice's private folder
+    ($XDG_RUNTIME_DIR/alignsearch, else the cache's servers/). With that variable naming a folder of mallory's that
+    everyone may write, only the private folder itself was judged (made 0700, alice's: passed), so mallory could
+    rename it away or put a link to another folder of alice's in its place; the folders above it are now judged as
+    the model cache's are, and `serve` refuses in one line before it makes anything there."""
+    ix = _index_folder(shared, "mallory")
+    theirs = users_folder(shared, "mallory", 0o777) / "runtime"
+    assert as_user("mallory", "import os, sys; os.mkdir(sys.argv[1], 0o777); os.chmod(sys.argv[1], 0o777)",
+                   theirs).returncode == 0
+    kept = as_user("alice", RECORD_PATH, ix, extra_env={variable: str(theirs)})
+    assert kept.stdout.startswith("refused: cannot keep the server record"), kept.stdout + kept.stderr
+    assert "belongs to another user" in kept.stdout and os.listdir(theirs) == []
+    mine = as_user("alice", RECORD_PATH, ix, extra_env={variable: str(users_folder(shared, "alice", 0o700))})
+    assert mine.stdout.startswith("kept in"), mine.stdout + mine.stderr

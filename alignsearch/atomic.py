@@ -95,7 +95,9 @@ def follow_umask(path: Path) -> None:
     os.chmod(path, file_mode(0o666, _umask(), None), follow_symlinks=False)
 
 
-def _temp_file(path: Path, mode: int) -> tuple[int, str]:
+def _temp_file(path: Path, mode: int) -> tuple[int, str, int]:
+    """A fresh temporary file beside path, 0600 and locked (flock) while its descriptor is open; and the mode it gets
+    when it is put in place (_commit)."""
     try:  # one lstat for both questions (every write, each thumbnail, asked three times)
         st = os.lstat(path)
     except OSError:
@@ -105,12 +107,14 @@ def _temp_file(path: Path, mode: int) -> tuple[int, str]:
     replaced = stat.S_IMODE(st.st_mode) if st is not None and stat.S_ISREG(st.st_mode) else None
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held while fd is open: this write is at work (remove_stale)
-    # mkstemp makes it 0600: a secret written with mode 0o600 is never readable by others
-    os.fchmod(fd, file_mode(mode, _umask(), replaced))
-    return fd, tmp
+    # mkstemp makes it 0600, and it stays 0600 until _commit: a secret written with mode 0o600 is never readable by
+    # others, and no other user can open the temporary to hold its lock (flock needs only read access): made 0644 here,
+    # one left by a writer killed mid-way could be locked by another user for ever, and remove_stale never removed it
+    return fd, tmp, file_mode(mode, _umask(), replaced)
 
 
-def _commit(tmp: str, path: Path, durable: bool) -> None:
+def _commit(tmp: str, path: Path, durable: bool, mode: int) -> None:
+    os.chmod(tmp, mode)  # the file at tmp now: a writer given the path (replacing) may have replaced the one made
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
@@ -123,13 +127,13 @@ def replacing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) 
     fsync'ed, so the rename survives a power cut). On an error it is removed and `path` is untouched.
     durable=False skips the fsyncs (a cache that may be lost, such as thumbnails)."""
     path = Path(path)
-    fd, tmp = _temp_file(path, mode)
+    fd, tmp, final = _temp_file(path, mode)
     try:
         yield Path(tmp)
         if durable:
             with open(tmp, "rb") as f:  # the file at tmp now: a writer may have replaced the one made here
                 os.fsync(f.fileno())
-        _commit(tmp, path, durable)
+        _commit(tmp, path, durable, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -142,7 +146,7 @@ def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) ->
     """As replacing, but yields the temporary file open for writing (the descriptor mkstemp created: the
     name is never opened again, so nothing planted under it can be written through)."""
     path = Path(path)
-    fd, tmp = _temp_file(path, mode)
+    fd, tmp, final = _temp_file(path, mode)
     try:
         # closefd=False: closing f closed fd, and its lock with it, before the rename; a remove_stale in between
         # (the next `export` of OUT, after a last write over STALE_AFTER ago and a slow fsync) took the
@@ -152,7 +156,7 @@ def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) ->
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        _commit(tmp, path, durable)
+        _commit(tmp, path, durable, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

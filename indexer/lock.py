@@ -43,14 +43,24 @@ def open_lock_file(path: Path) -> int:
     """The one way a lock file of the index (write.lock, watch.lock) is opened: created if need be, never through
     a symbolic link. One planted there (by anyone who can write the folder) made every writer create the file it
     names, or lock a file of another program's; O_NONBLOCK: a FIFO there opens at once. Anything a lock cannot
-    be taken on is IndexDamagedError (exit 7), nothing changed. The caller closes the descriptor."""
+    be taken on is IndexDamagedError (exit 7), nothing changed. The caller closes the descriptor.
+    Mode 0600, and one this user made readable by others (0644, as every release before this one made it) is made
+    0600: flock needs only read access, so another user who could open it held it for ever, and every `index`,
+    `tag`, `tune` and `index --watch` of this user's index was refused as "another alignsearch process is writing"."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise
         raise IndexDamagedError(f"{path} is {lock_trouble(path)}, not the lock file alignsearch makes: nothing was "
                                 "changed; remove it and run again") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # who opened it before keeps it open (and may hold it): they cannot open it again
+    except OSError:
+        pass  # a filesystem without modes (vfat) has no other users' opens to keep out either
+    return fd
 
 
 def lock_trouble(path: Path) -> str | None:

@@ -1240,3 +1240,124 @@ def taken_by_another(address: str, port: int) -> bool:
                 return True
             raise
         return False
+
+
+# -- other local users: alice and mallory (test_nonroot_users.py) --------------------------------------------------
+# The tests run as root; the guarantees between users are tried by children that run as real, unprivileged users
+# (runuser), which have neither root's permission bypass nor its right to signal any process.
+
+LOCAL_USERS = ("alice", "mallory")
+_USER_PYTHON: dict[str, tuple[list[str], dict[str, str]] | str] = {}
+
+
+def why_no_local_users() -> str | None:
+    """Why the tests of other local users cannot run here (skip), or None."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root to make local users and run commands as them"
+    for tool in ("runuser", "useradd"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+def local_user(name: str):
+    """The passwd entry of local user `name`, made (useradd -m) if there is none."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-m", name], check=True, capture_output=True, timeout=60)
+        return pwd.getpwnam(name)
+
+
+def user_python(name: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start this project's Python as user `name`: the tests' interpreter where
+    the user can run it, else the system's of the same version (the tests' may lie in root's private home) with the
+    tests' site-packages; pytest.skip where neither can import alignsearch as that user."""
+    if name not in _USER_PYTHON:
+        user = local_user(name)
+        repo = str(Path(__file__).resolve().parent.parent)
+        paths = [repo, str(Path(__file__).resolve().parent)] + [p for p in sys.path if p.endswith("site-packages")]
+        env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths),
+               "LANG": "C.UTF-8"}
+        found: tuple[list[str], dict[str, str]] | str = f"no Python that user {name} can run imports alignsearch"
+        import shutil
+
+        runuser = shutil.which("runuser") or "runuser"  # in /usr/sbin, not on the user's PATH given
+        for exe in dict.fromkeys([sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]):
+            command = [runuser, "-u", name, "--", exe]
+            try:
+                probe = subprocess.run([*command, "-c", "import alignsearch.surfaces.client"], env=env, cwd="/",
+                                       capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if probe.returncode == 0:
+                found = (command, env)
+                break
+        _USER_PYTHON[name] = found
+    found = _USER_PYTHON[name]
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
+
+
+# Runs its arguments where /proc hides every other user's processes (hidepid=2), in a mount namespace of its own.
+HIDEPID = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           'mount -t proc -o hidepid=2 proc /proc && exec "$@"', "hidepid"]
+
+
+def can_hide_pids() -> bool:
+    """Whether a /proc with hidepid=2 can be mounted here, in a mount namespace of the child's own (HIDEPID)."""
+    try:
+        return subprocess.run([*HIDEPID, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def as_user(name: str, code: str, *args, timeout: float = 120, hidepid: bool = False, extra_env: dict | None = None,
+            **popen) -> subprocess.CompletedProcess:
+    """`python -c code ARGS` run as user `name` (user_python), to its end; hidepid: where /proc hides other users'
+    processes from it (HIDEPID); extra_env: added to its environment."""
+    command, env = user_python(name)
+    env = {**env, **(extra_env or {})}
+    return subprocess.run([*(HIDEPID if hidepid else []), *command, "-c", code, *map(str, args)], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def started_as_user(name: str, code: str, *args, ready: str = "ready") -> tuple[subprocess.Popen, str]:
+    """`python -c code ARGS` started as user `name`, once it printed a line starting with `ready`: (the process, that
+    line). It runs until its stdin is closed (stopped_user), or whatever code does."""
+    command, env = user_python(name)
+    proc = subprocess.Popen([*command, "-c", code, *map(str, args)], env=env, cwd="/", stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith(ready):
+        proc.kill()
+        pytest.fail(f"the child of {name} did not start: {line}{proc.communicate(timeout=30)[1]}")
+    return proc, line.strip()
+
+
+def stopped_user(proc: subprocess.Popen) -> str:
+    """Close the stdin of a started_as_user child, wait for its end (killed after 30 s); what it printed after."""
+    try:
+        out, _ = proc.communicate("", timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def users_folder(base: Path, name: str, mode: int = 0o755) -> Path:
+    """base/name, owned by local user `name` with this mode, in a folder every user may enter (base, made 0755: a
+    pytest tmp_path lies in root's 0700 folder)."""
+    base.mkdir(exist_ok=True)
+    base.chmod(0o755)
+    user = local_user(name)
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    folder.chmod(mode)
+    return folder

@@ -185,3 +185,41 @@ def test_a_record_whose_process_is_another_users_sends_it_nothing(tmp_path, monk
 ])
 def test_which_recorded_process_is_asked(signalled, stopped, holds_port, verdict):
     assert client.not_serving(signalled, stopped, holds_port) == verdict
+
+
+@pytest.mark.parametrize("bound, target, reached", [
+    ("127.0.0.1", "127.0.0.1", True), ("0.0.0.0", "127.0.0.1", True), ("::1", "::1", True), ("::", "::1", True),
+    ("::ffff:127.0.0.1", "127.0.0.1", True),
+    ("::1", "127.0.0.1", False), ("127.0.0.1", "::1", False), ("127.0.0.2", "127.0.0.1", False),
+    ("192.168.1.5", "127.0.0.1", False), ("0.0.0.0", "::1", False),
+    ("::", "127.0.0.1", False),  # whether [::] takes IPv4 (IPV6_V6ONLY) /proc does not say; serve binds 0.0.0.0 itself
+])
+def test_a_socket_at_the_recorded_port_is_the_servers_only_at_the_recorded_address(bound, target, reached):
+    """client.reaches: a process listening at the recorded port on another address is not the recorded server (a
+    connection to the record's address reaches whatever holds that address: tests/test_nonroot_users.py)."""
+    import ipaddress
+
+    assert client.reaches(ipaddress.ip_address(bound), ipaddress.ip_address(target)) is reached
+
+
+def test_proc_net_tcp_addresses_are_read_in_this_machines_byte_order():
+    """The addresses of /proc/net/tcp and tcp6, read from a socket of this process's listening at each."""
+    import ipaddress
+    import os
+    import socket
+    from pathlib import Path
+
+    for family, host, table in ((socket.AF_INET, "127.0.0.1", "tcp"), (socket.AF_INET6, "::1", "tcp6")):
+        try:
+            sock = socket.socket(family)
+            sock.bind((host, 0))
+        except OSError:
+            continue  # no IPv6 here
+        with sock:
+            sock.listen()
+            port = sock.getsockname()[1]
+            rows = [line.split()[1] for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]]
+            address = next(row.rpartition(":")[0] for row in rows if row.endswith(f":{port:04X}"))
+            assert client._proc_address(address) == ipaddress.ip_address(host)
+            assert client._holds_port(os.getpid(), port, host) is True
+            assert client._holds_port(os.getpid(), port, "127.0.0.2" if table == "tcp" else "127.0.0.1") is False

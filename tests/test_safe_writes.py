@@ -577,10 +577,10 @@ def test_a_write_holds_its_lock_until_its_file_is_in_place(tmp_path, monkeypatch
     out.write_bytes(b"old")
     swept, real = [], atomic._commit
 
-    def commit(tmp, path, durable):  # between the written file's close and its rename
+    def commit(tmp, path, *rest):  # between the written file's close and its rename
         _aged(Path(tmp))
         swept.append(atomic.remove_stale(path))
-        real(tmp, path, durable)
+        real(tmp, path, *rest)
 
     monkeypatch.setattr(atomic, "_commit", commit)
     if how == "writing":

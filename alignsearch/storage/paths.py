@@ -28,8 +28,8 @@ def untrusted(path: str | os.PathLike, owners: tuple[int, ...] = (), sticky_ok: 
     one of `owners`, e.g. root for a system folder), or others may write it: every user (o+w), or a group
     other than this user's private group (the user-private-group convention: umask 002 leaves a user's
     files g+w for a group of one). As ssh treats its keys; follows symlinks (the target is what is read).
-    sticky_ok: a world-writable folder with the sticky bit (/tmp) passes: others cannot rename or remove
-    what this user keeps in it."""
+    sticky_ok: a folder every user (or its group) may write with the sticky bit (/tmp, 1777) passes: others cannot
+    rename or remove what this user keeps in it."""
     return untrusted_stat(os.stat(path), path, owners, sticky_ok)
 
 
@@ -39,9 +39,13 @@ def untrusted_stat(st: os.stat_result, path: str | os.PathLike, owners: tuple[in
     file read, whatever is renamed over its path meanwhile. path only names it in the reason."""
     if st.st_uid != os.geteuid() and st.st_uid not in owners:
         return f"{path} belongs to another user (uid {st.st_uid})"
-    if st.st_mode & 0o002 and not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+    # the sticky bit covers the group's write as it covers everyone's: /tmp is 1777, g+w for root's group, and was
+    # refused as "writable by its group (gid 0)" to every user but root (whose own group that is): an index in /tmp,
+    # the model cache under it, a server record kept there
+    sticky = sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o002 and not sticky:
         return f"{path} is writable by every user"
-    if st.st_mode & 0o020 and not _private_group(st.st_gid):
+    if st.st_mode & 0o020 and not sticky and not _private_group(st.st_gid):
         return f"{path} is writable by its group (gid {st.st_gid})"
     return None
 
@@ -402,7 +406,9 @@ def writer_running(index_dir: Path) -> bool:
     try:  # not through a symbolic link (indexer/lock.py: writers refuse one, so no writer holds it)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # EACCES: another user's index, whose lock file is theirs alone to open (0600, indexer/lock.py: one others could
+        # open, others could hold): whether they write it now cannot be told here, and is taken as not
+        if exc.errno in (errno.ELOOP, errno.EACCES):
             return False
         raise
     try:

@@ -20,10 +20,12 @@ import base64
 import binascii
 import errno
 import fcntl
+import ipaddress
 import json
 import math
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -120,7 +122,8 @@ def not_serving(signalled: str, stopped: bool, holds_port: bool | None) -> str |
 def _judged(record: dict) -> str | None:
     """not_serving of the process the record names, on the facts gathered now."""
     pid = int(record["pid"])
-    return not_serving(_signalled(pid), _stopped(pid), _holds_port(pid, _port_of(str(record["url"]))))
+    url = str(record["url"])
+    return not_serving(_signalled(pid), _stopped(pid), _holds_port(pid, _port_of(url), _host_of(url)))
 
 
 def _stopped(pid: int) -> bool:
@@ -134,10 +137,12 @@ def _stopped(pid: int) -> bool:
     return stat[stat.rfind(")") + 2 :][:1] in ("T", "t")  # the state follows the name, which may hold spaces
 
 
-def _listening_inodes(pid: int, port: int) -> set[str] | None:
+def _listening_inodes(pid: int, port: int, host: str | None = None) -> set[str] | None:
     """The inodes of the TCP sockets listening at port in pid's network namespace (/proc/PID/net/tcp, tcp6:
-    local address ADDR:PORT in hex, state 0A), or None where /proc cannot tell (another system)."""
+    local address ADDR:PORT in hex, state 0A) that a connection to host:port reaches (reaches; any address where
+    host is a name, which this process does not resolve), or None where /proc cannot tell (another system)."""
     found, read = set(), False
+    target = _ip(host)
     for table in ("tcp", "tcp6"):
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
@@ -146,9 +151,47 @@ def _listening_inodes(pid: int, port: int) -> set[str] | None:
         read = True
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+            if len(fields) <= 9 or fields[3] != "0A":
+                continue
+            address, _, hex_port = fields[1].rpartition(":")
+            if hex_port == f"{port:04X}" and (target is None or reaches(_proc_address(address), target)):
                 found.add(fields[9])
     return found if read else None
+
+
+def reaches(bound: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+            target: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Does a connection to target reach a socket listening at address `bound` (same port)? Its own address, or its
+    family's wildcard (0.0.0.0, ::), or an IPv4 address as IPv6 writes it (::ffff:a.b.c.d). Not another address at
+    the same port: a record of 127.0.0.1:PORT whose process listened at [::1]:PORT only was taken as held by it, and
+    the query and the token went to whatever held 127.0.0.1:PORT (another user's program, as the system lets anyone
+    bind an address at a port another user holds at another address). Not the IPv6 wildcard for an IPv4 address
+    either: whether that socket takes IPv4 (IPV6_V6ONLY) /proc does not say, and `serve` binds 0.0.0.0 with its own
+    socket. bound None: an address /proc wrote that could not be read, reaching nothing."""
+    if bound is None:
+        return False
+    if isinstance(bound, ipaddress.IPv6Address) and bound.ipv4_mapped is not None:
+        bound = bound.ipv4_mapped
+    return bound.version == target.version and (bound == target or bound.is_unspecified)
+
+
+def _ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """host as an IP address, None where it is a name (or none)."""
+    try:
+        return None if host is None else ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _proc_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as /proc/net/tcp and tcp6 write it: the 32-bit words of the address in hex, each in this machine's
+    byte order."""
+    try:
+        words = [int(hex_address[i:i + 8], 16) for i in range(0, len(hex_address), 8)]
+        packed = struct.pack(f"={len(words)}I", *words)
+        return ipaddress.ip_address(packed) if len(packed) in (4, 16) else None
+    except (ValueError, struct.error):
+        return None
 
 
 def _port_of(url: str) -> int | None:
@@ -160,14 +203,23 @@ def _port_of(url: str) -> int | None:
         return None
 
 
-def _holds_port(pid: int, port: int | None) -> bool | None:
-    """Does process pid hold the socket listening at port: is it the server its record names? A record outlives
+def _host_of(url: str) -> str | None:
+    """The host a request to url goes to, as the URL names it (an address, or a name)."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def _holds_port(pid: int, port: int | None, host: str | None = None) -> bool | None:
+    """Does process pid hold the socket listening at port (at host, where the URL names an address: reaches), a
+    socket a request to the record's URL reaches: is it the server its record names? A record outlives
     its server when the machine lost power or rebooted (no exit to remove it), and its pid is then soon some
     other process, alive: the query and the token went to whatever listened at the recorded port by then,
     another user's program too, which could answer for this index (its id is in the catalog anyone may read).
     True or False from Linux's /proc (False also where pid's descriptors cannot be read: not this user's
     process, so not the `serve` that wrote this user's record); None where /proc cannot tell."""
-    listening = None if port is None else _listening_inodes(pid, port)
+    listening = None if port is None else _listening_inodes(pid, port, host)
     if listening is None:
         return None
     try:
@@ -222,21 +274,30 @@ def read_record(path: Path) -> dict:
     return record
 
 
+# The lock file of the turn at a server record, beside it (record_turn).
+RECORD_LOCK = "server.lock"
+
+
 @contextmanager
 def record_turn(path: Path, wait: float) -> Iterator[bool]:
-    """The turn at the server record `path`: an flock on its folder, held for the block. Every write of a record
-    (server.write_record) and every removal (remove_record_if) takes it, so what a removal read is what it unlinks:
-    a removal read one record and unlinked the next `serve`'s, written between the two (write-then-replace), and
-    that server's clients searched locally. No check of the file unlinked can stand in for it: an inode compared
+    """The turn at the server record `path`: an flock on RECORD_LOCK beside it, held for the block. Every write of a
+    record (server.write_record) and every removal (remove_record_if) takes it, so what a removal read is what it
+    unlinks: a removal read one record and unlinked the next `serve`'s, written between the two (write-then-replace),
+    and that server's clients searched locally. No check of the file unlinked can stand in for it: an inode compared
     before the unlink is one the next rename may replace before the unlink, and renaming the record aside to look
-    at it leaves none at its name meanwhile. The folder, not a lock file: none to create in an index a client
-    cannot write, nor to judge when reading a record's folder; flock needs only read access, and a FIFO or symlink
-    at the record's name is never opened. Yields whether the turn is had, waiting up to `wait` seconds (0: one
-    try) for another's: False while another holds it for longer (a process stopped while holding it). Where the
-    folder cannot be locked (a filesystem without flock, a folder that cannot be opened) nobody can hold it:
-    True, and the caller goes on unlocked, as every write and removal did before the turn."""
+    at it leaves none at its name meanwhile. A lock file of this user's, 0600, not the folder: flock needs only
+    read access, and every user who may list the index folder (0755) could flock it and keep it, so this user's
+    `serve` waited RECORD_WAIT to start and three times that to stop, left its record, and no query could remove
+    it. Only a process that may write the folder takes the turn (to write or unlink the record there), so only it
+    needs to create the file; it is opened as the index's lock files are (indexer/lock.open_lock_file: never through
+    a symbolic link, a FIFO at once), and the record is never opened through it. Yields whether the turn is had,
+    waiting up to `wait` seconds (0: one try) for another's: False while another holds it for longer (a process
+    stopped while holding it). Where it cannot be locked (a folder this user cannot write, a filesystem without
+    flock) nobody else can hold it either: True, and the caller goes on unlocked (its unlink fails in a folder it
+    cannot write)."""
     try:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path.parent / RECORD_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
     except OSError:
         yield True
         return

@@ -1367,13 +1367,29 @@ def record_path(index_dir: Path) -> Path:
 
     path = private_record(index_dir)
     try:
-        make_cache_dir(path.parent)
-        why = untrusted(path.parent)
+        # the folders above it first, as the model cache's are (backend.cache_untrusted; /tmp's sticky bit passes):
+        # only the folder was judged, and with $XDG_RUNTIME_DIR or ALIGNSEARCH_CACHE in a folder of another user's,
+        # they could rename this user's record folder away or swap a link to another of this user's folders in
+        why = next(filter(None, map(_untrusted_above, reversed(path.parent.parents))), None)
+        if why is None:
+            make_cache_dir(path.parent)
+            why = untrusted(path.parent)
     except OSError as exc:
         why = f"{path.parent}: {exc.strerror or exc}"
     if why:
         raise AlignSearchError(f"cannot keep the server record of the read-only index {index_dir} elsewhere: {why}")
     return path
+
+
+def _untrusted_above(folder: Path) -> str | None:
+    """Why another user could rename what folder holds (paths.untrusted, root's and a sticky world-writable folder
+    passing), or None; None for one not made yet (made by this user)."""
+    from alignsearch.storage.paths import untrusted
+
+    try:
+        return untrusted(folder, owners=(0,), sticky_ok=True)
+    except FileNotFoundError:
+        return None
 
 
 def write_record(path: Path, record: dict) -> Path:

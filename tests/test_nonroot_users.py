@@ -1,0 +1,414 @@
+"""Two real local users: alice, whose index and server these are, and mallory, another user of the same machine who
+tries to take them over (README, "What others can write"). Each side runs as that user (helpers.as_user), without
+root's power to read any file or signal any process: what the other user may do is what the system lets them.
+
+Guarantees tried: the index's lock files (write.lock) and the server record's turn (client.record_turn) cannot be
+held by another user, who held them for ever (every `index` of alice's refused, her `serve` 10 s late to start and to
+stop, its record never removed); a query never trusts a server record another user wrote, nor sends to a process of
+another user's, nor to a port held by another user for a process of its own."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import (as_user, can_hide_pids, ipv6_loopback, local_user, started_as_user, stopped_user, users_folder,
+                     why_no_local_users)
+
+pytestmark = [pytest.mark.skipif(why_no_local_users() is not None, reason=str(why_no_local_users())), pytest.mark.slow]
+
+# Holds an exclusive flock on each path given (a folder where it ends with /) for as long as its stdin is open,
+# where the user may open it: prints "ready" and, per path, "held" or why not.
+HOLD = """
+import fcntl, json, os, sys
+said = []
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.endswith("/") else os.O_NONBLOCK))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        said.append("held")
+    except OSError as exc:
+        said.append(exc.strerror)
+print("ready", json.dumps(said), flush=True)
+sys.stdin.read()
+"""
+
+# An index run's lock, as alice: what `index` says when it cannot have it.
+WRITER = """
+import sys
+from pathlib import Path
+from alignsearch.errors import BadInputError
+from indexer.lock import writer_lock
+try:
+    with writer_lock(Path(sys.argv[1])):
+        print("locked")
+except BadInputError as exc:
+    print("refused:", exc)
+"""
+
+# A stand-in HTTP server (another user's program at a port): answers every request as a search that names the index id
+# argv[1], and prints each request it is sent. Prints "ready PID PORT".
+STANDIN = """
+import http.server, json, os, sys, threading
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print("asked", self.command, self.path, self.headers.get("Authorization"), flush=True)
+        body = json.dumps({"results": [{"path": "/planted.jpg", "score": 1.0}], "plan": {}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Alignsearch-Index", sys.argv[1])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+family, host = (http.server.socket.AF_INET6, "::1") if sys.argv[2] == "6" else (http.server.socket.AF_INET, "127.0.0.1")
+http.server.ThreadingHTTPServer.address_family = family
+server = http.server.ThreadingHTTPServer((host, int(sys.argv[3])), Answer)
+print("ready", os.getpid(), server.server_address[1], flush=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.stdin.read()
+"""
+
+# Writes a server record, as the user running it: argv: path, pid, port, token, mode[, index id].
+RECORD = """
+import json, os, socket, sys
+path, pid, port, token, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5], 8)
+record = {"pid": pid, "hostname": socket.gethostname(), "host": "127.0.0.1", "port": port,
+          "url": f"http://127.0.0.1:{port}", "token": token, "index_id": (sys.argv[6:] or ["the-index"])[0],
+          "index_dir": os.path.dirname(path), "search_params": ["q", "k"]}
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+os.write(fd, json.dumps(record).encode())
+os.close(fd)
+"""
+
+# A query routed as `alignsearch query` routes it, as alice: whether it got an answer from a server, and the notices.
+QUERY = """
+import json, sys
+from pathlib import Path
+from alignsearch.search.request import SearchRequest
+from alignsearch.surfaces import client
+notices = []
+routed = client.search_via_server(Path(sys.argv[1]), SearchRequest(text="dog"), notice=notices.append, timeout=10)
+print(json.dumps({"answer": routed.answer, "notices": notices}))
+"""
+
+
+@pytest.fixture
+def shared():
+    """A folder every user may enter, for alice's and mallory's own folders (pytest's tmp_path is root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="alignsearch-users-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _index_folder(shared: Path, name: str) -> Path:
+    """An index folder of user `name` (0755, as `index` makes one), in their own folder."""
+    user = local_user(name)
+    ix = users_folder(shared, name) / "ix"
+    ix.mkdir()
+    os.chown(ix, user.pw_uid, user.pw_gid)
+    return ix
+
+
+def _holding(name: str, *paths):
+    """HOLD run as `name` on paths: (the process, what it could hold of each)."""
+    proc, line = started_as_user(name, HOLD, *map(str, paths))
+    return proc, json.loads(line.split(" ", 1)[1])
+
+
+@pytest.mark.parametrize("left", [None, 0o644], ids=["new", "left-by-older-release"])
+def test_another_user_cannot_hold_the_writer_lock(shared, left):
+    """mallory could open alice's write.lock (0644) and flock it: every writer of alice's index was refused as
+    "another alignsearch process is writing" for as long as mallory liked. Now the lock file is 0600, and one an
+    older release left 0644 is made 0600 by alice's next writer."""
+    ix = _index_folder(shared, "alice")
+    if left is not None:
+        (ix / "write.lock").touch()
+        os.chown(ix / "write.lock", local_user("alice").pw_uid, local_user("alice").pw_gid)
+        (ix / "write.lock").chmod(left)
+    first = as_user("alice", WRITER, ix)
+    assert first.stdout.strip() == "locked", first.stderr
+    holder, held = _holding("mallory", ix / "write.lock")
+    try:
+        assert held == ["Permission denied"]
+        after = as_user("alice", WRITER, ix)
+        assert after.stdout.strip() == "locked", after.stdout + after.stderr
+    finally:
+        stopped_user(holder)
+    assert (ix / "write.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_another_users_lock_file_is_no_writer_at_work(shared):
+    """mallory, reading alice's index, cannot open her 0600 write.lock to ask whether she writes it: taken as not
+    (verify, info), not an error."""
+    ix = _index_folder(shared, "alice")
+    assert as_user("alice", WRITER, ix).stdout.strip() == "locked"
+    probe = as_user("mallory", "import sys; from pathlib import Path; from alignsearch.storage.paths import "
+                               "writer_running; print(writer_running(Path(sys.argv[1])))", ix)
+    assert probe.stdout.strip() == "False", probe.stderr
+
+
+TURN = """
+import json, sys
+from pathlib import Path
+from alignsearch.surfaces import client
+path = Path(sys.argv[1])
+with client.record_turn(path, 0) as turn:
+    had = turn
+removed = client.remove_record_if(path, lambda record: True, 0)
+print(json.dumps({"turn": had, "removed": removed, "left": path.exists()}))
+"""
+
+
+def test_another_user_cannot_hold_the_record_turn(shared):
+    """The turn at a server record was an flock on the index folder, which every user who may list it could take and
+    keep: alice's `serve` then waited 10 s to write its record and 10 s (three times) to remove it at its exit, and
+    left it, and a query could not remove a stale one. Now the turn is a 0600 lock file of alice's (server.lock)."""
+    ix = _index_folder(shared, "alice")
+    record = ix / "server.json"
+    assert as_user("alice", RECORD, record, 999_999_999, 1, "t", "600").returncode == 0
+    first = as_user("alice", TURN, record)  # makes the lock file, and removes the record
+    assert json.loads(first.stdout)["removed"], first.stderr
+    assert as_user("alice", RECORD, record, 999_999_999, 1, "t", "600").returncode == 0
+    holder, held = _holding("mallory", f"{ix}/", ix / "server.lock")
+    try:
+        assert held[1] == "Permission denied"
+        turned = as_user("alice", TURN, record)
+        assert json.loads(turned.stdout) == {"turn": True, "removed": True, "left": False}, turned.stderr
+    finally:
+        stopped_user(holder)
+    assert (ix / "server.lock").stat().st_mode & 0o777 == 0o600
+
+
+def _query(ix: Path, hidepid: bool = False) -> dict:
+    routed = as_user("alice", QUERY, ix, hidepid=hidepid)
+    assert routed.returncode == 0, routed.stderr
+    return json.loads(routed.stdout)
+
+
+def _asked(ix: Path, writer: str, mode: str, pid=None, port=0, index_id: str = "the-index",
+           hidepid: bool = False) -> tuple[dict, str]:
+    """mallory's stand-in server started at 127.0.0.1:port (0: any), a record by `writer` (file mode `mode`) in ix
+    naming pid (None: the stand-in's) and the stand-in's port, and alice's query of ix (hidepid: where /proc hides
+    mallory's processes from her): (what it routed, what the stand-in was asked)."""
+    standin, line = started_as_user("mallory", STANDIN, index_id, "4", port)
+    try:
+        _, standin_pid, port = line.split()
+        assert as_user(writer, RECORD, ix / "server.json", pid or standin_pid, port, "secret-token", mode,
+                       index_id).returncode == 0
+        routed = _query(ix, hidepid)
+    finally:
+        asked = stopped_user(standin)
+    return routed, asked
+
+
+def test_a_record_another_user_wrote_is_never_used(shared):
+    """mallory's own index holds a record she wrote, readable by all, naming her own server (alive, listening where
+    it says, answering for any index): alice's query of that index sends nothing to it and searches locally."""
+    routed, asked = _asked(_index_folder(shared, "mallory"), "mallory", "644")
+    assert routed["answer"] is None
+    assert any("belongs to another user" in notice for notice in routed["notices"]), routed["notices"]
+    assert asked == ""
+
+
+HIDEPID = [False, pytest.param(True, marks=pytest.mark.skipif(not can_hide_pids(), reason="needs a hidepid=2 /proc"))]
+
+
+@pytest.mark.parametrize("hidepid", HIDEPID, ids=["proc", "hidepid"])
+def test_a_recorded_process_of_another_user_is_not_asked(shared, hidepid):
+    """alice's record (her server killed -9 or lost in a reboot) names a pid that is now mallory's server at the
+    recorded port: kill answers EPERM, so it is another user's process and not asked; the stale record is removed.
+    Also where /proc hides mallory's processes from alice (hidepid=2), where /proc cannot say which sockets it holds."""
+    ix = _index_folder(shared, "alice")
+    routed, asked = _asked(ix, "alice", "600", hidepid=hidepid)
+    assert routed["answer"] is None
+    assert any("another user's" in notice and "stale record was removed" in notice for notice in routed["notices"]), \
+        routed["notices"]
+    assert asked == "" and not (ix / "server.json").exists()
+
+
+@pytest.mark.parametrize("hidepid", HIDEPID, ids=["proc", "hidepid"])
+def test_a_port_another_user_holds_is_not_asked(shared, hidepid):
+    """alice's record names a process of hers that is alive (its number reused by another program of hers) and a port
+    mallory's server now holds: the process holds no socket at that port, so the query and the token stay here.
+    Also where /proc hides mallory's processes (hidepid=2): alice's own are seen, and mallory's socket in the table."""
+    hers, mine = started_as_user("alice", "import os, sys; print('ready', os.getpid(), flush=True); sys.stdin.read()")
+    try:
+        routed, asked = _asked(_index_folder(shared, "alice"), "alice", "600", pid=mine.split()[1], hidepid=hidepid)
+    finally:
+        stopped_user(hers)
+    assert routed["answer"] is None
+    assert any("does not listen at" in notice for notice in routed["notices"]), routed["notices"]
+    assert asked == ""
+
+
+def _users_index(indexed_images, shared: Path, name: str) -> Path:
+    """A real index (the tiny model's, of two images) of user `name`, in their own folder."""
+    user = local_user(name)
+    ix = users_folder(shared, name) / "ix"
+    shutil.copytree(indexed_images(2)[1], ix)
+    for path in (ix, *ix.rglob("*")):
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    return ix
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6's loopback")
+def test_the_port_at_another_address_is_not_the_recorded_one(shared, indexed_images):
+    """alice's record names 127.0.0.1:PORT and a live process of hers that listens at PORT on [::1] only (a program
+    of hers that took the dead server's number, or another server of hers): mallory's server at 127.0.0.1:PORT is
+    what the query would reach. The process was taken as the recorded server, as it held a socket at that port on
+    any address, and the query and the token went to mallory, whose answer named the index id (anyone may read it
+    in the catalog) and was taken."""
+    from alignsearch.surfaces.client import local_index_id
+
+    ix = _users_index(indexed_images, shared, "alice")
+    index_id = local_index_id(ix)
+    hers, line6 = started_as_user("alice", STANDIN, index_id, "6", 0)
+    try:
+        _, pid, port = line6.split()
+        routed, asked = _asked(ix, "alice", "600", pid=pid, port=port, index_id=index_id)
+    finally:
+        stopped_user(hers)
+    assert routed["answer"] is None, routed
+    assert any("does not listen at" in notice for notice in routed["notices"]), routed["notices"]
+    assert asked == ""
+
+
+# A write of alice's killed mid-way (atomic.writing): its temporary is left beside the file.
+KILLED_WRITE = """
+import os, sys
+from alignsearch import atomic
+with atomic.writing(sys.argv[1]) as f:
+    f.write(b"half a file")
+    f.flush()
+    os.kill(os.getpid(), 9)
+"""
+
+SWEEP = "import sys; from alignsearch import atomic; print(atomic.remove_stale(sys.argv[1], min_age=0))"
+
+
+def test_another_user_cannot_keep_a_killed_writes_temporary(shared):
+    """A write's temporary was made 0644 (the final file's mode) as soon as it was made: once its writer was killed,
+    mallory could open it and hold its flock, and alice's remove_stale took it for a write at work and never removed
+    it (an ANN index or an export of gigabytes, for as long as mallory liked). It stays 0600 until it is put in place."""
+    folder = users_folder(shared, "alice")
+    killed = as_user("alice", KILLED_WRITE, folder / "out.bin")
+    assert killed.returncode in (-9, 128 + 9), killed.stderr  # runuser says a killed child so
+    left = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and not (folder / "out.bin").exists()
+    holder, held = _holding("mallory", left[0])
+    try:
+        assert held == ["Permission denied"]
+        swept = as_user("alice", SWEEP, folder / "out.bin")
+        assert swept.stdout.strip() == "1", swept.stdout + swept.stderr
+    finally:
+        stopped_user(holder)
+    assert not left[0].exists()
+
+
+def test_a_write_put_in_place_has_its_mode(shared):
+    """The mode a write asks for (less the umask) is the file's once it is in place, as before it stayed 0600 meanwhile."""
+    folder = users_folder(shared, "alice")
+    done = as_user("alice", "import sys; from alignsearch import atomic; atomic.write_bytes(sys.argv[1], b'x'); "
+                            "atomic.write_bytes(sys.argv[2], b'x', mode=0o600)", folder / "a", folder / "b")
+    assert done.returncode == 0, done.stderr
+    assert [(folder / n).stat().st_mode & 0o777 for n in "ab"] == [0o644, 0o600]
+
+
+# The server's open of an indexed file (server.open_indexed), as alice: what it answers.
+SERVED = """
+import os, sys
+from alignsearch.surfaces.server import ApiError, open_indexed
+try:
+    fd = open_indexed(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    print("served", os.read(fd, 100).decode())
+except ApiError as exc:
+    print("refused", exc.status, exc)
+"""
+
+MADE = "import os, sys; os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True); open(sys.argv[1], 'w').write(sys.argv[2])"
+
+
+def test_a_folder_another_user_swaps_for_a_link_is_not_served_through(shared):
+    """alice indexed mallory's folder `m` in a shared photo folder (sticky, world-writable); mallory then renames it and
+    puts a link to alice's private folder at its name, holding a file of the same name, size and mtime: alice's server
+    (serving her results to whoever has her token, or to anyone with --no-token) does not read through the link."""
+    common = shared / "common"
+    common.mkdir()
+    common.chmod(0o1777)
+    private = users_folder(shared, "alice", 0o700) / "private"
+    assert as_user("mallory", MADE, common / "m" / "x.txt", "public").returncode == 0
+    assert as_user("alice", MADE, private / "x.txt", "secret").returncode == 0
+    indexed = (common / "m" / "x.txt").stat()
+    os.utime(private / "x.txt", ns=(indexed.st_atime_ns, indexed.st_mtime_ns))
+    args = (common, "m/x.txt", indexed.st_size, indexed.st_mtime)
+    assert as_user("alice", SERVED, *args).stdout.strip() == "served public"
+    swap = "import os, sys; os.rename(sys.argv[1], sys.argv[1] + '.old'); os.symlink(sys.argv[2], sys.argv[1])"
+    assert as_user("mallory", swap, common / "m", private).returncode == 0
+    served = as_user("alice", SERVED, *args)
+    assert served.stdout.startswith("refused 409"), served.stdout + served.stderr
+
+
+
+# What judges a folder above an index and above the model cache say of them, as alice.
+ABOVE = """
+import json, os, sys
+from pathlib import Path
+from alignsearch.encoders import backend
+from alignsearch.storage import paths
+print(json.dumps([paths.untrusted_parent(Path(sys.argv[1]), owners=(os.getuid(), 0)), backend.cache_untrusted()]))
+"""
+
+
+def test_a_sticky_folder_like_tmp_passes_above_a_users_index_and_cache(shared):
+    """/tmp is 1777: writable by root's group too. The sticky bit passed its write by every user, not its group's, so
+    to every user but root (whose group it is) an index in /tmp was refused, exit 6 ("its parent folder /tmp is
+    writable by its group (gid 0)"), and a model cache under it was not used; the tests ran as root. A folder its
+    group may write without the sticky bit is still refused."""
+    sticky, plain = shared / "sticky", shared / "group-writable"
+    for folder, mode in ((sticky, 0o1777), (plain, 0o775)):
+        folder.mkdir()
+        folder.chmod(mode)
+        ix = folder / "ix"
+        ix.mkdir()
+        os.chown(ix, local_user("alice").pw_uid, local_user("alice").pw_gid)
+    judged = as_user("alice", ABOVE, sticky / "ix", extra_env={"ALIGNSEARCH_CACHE": str(sticky / "cache")})
+    assert json.loads(judged.stdout) == [None, None], judged.stdout + judged.stderr
+    judged = as_user("alice", ABOVE, plain / "ix", extra_env={"ALIGNSEARCH_CACHE": str(plain / "cache")})
+    assert [why and "writable by its group (gid 0)" in why for why in json.loads(judged.stdout)] == [True, True]
+
+RECORD_PATH = """
+import sys
+from pathlib import Path
+from alignsearch.errors import AlignSearchError
+from alignsearch.surfaces.server import record_path
+try:
+    print("kept in", record_path(Path(sys.argv[1])))
+except AlignSearchError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("variable", ["XDG_RUNTIME_DIR", "ALIGNSEARCH_CACHE"])
+def test_a_private_record_is_not_kept_in_a_folder_another_user_may_rename(shared, variable):
+    """alice serves mallory's index (read-only to her): the record, with its token, goes to alice's private folder
+    ($XDG_RUNTIME_DIR/alignsearch, else the cache's servers/). With that variable naming a folder of mallory's that
+    everyone may write, only the private folder itself was judged (made 0700, alice's: passed), so mallory could
+    rename it away or put a link to another folder of alice's in its place; the folders above it are now judged as
+    the model cache's are, and `serve` refuses in one line before it makes anything there."""
+    ix = _index_folder(shared, "mallory")
+    theirs = users_folder(shared, "mallory", 0o777) / "runtime"
+    assert as_user("mallory", "import os, sys; os.mkdir(sys.argv[1], 0o777); os.chmod(sys.argv[1], 0o777)",
+                   theirs).returncode == 0
+    kept = as_user("alice", RECORD_PATH, ix, extra_env={variable: str(theirs)})
+    assert kept.stdout.startswith("refused: cannot keep the server record"), kept.stdout + kept.stderr
+    assert "belongs to another user" in kept.stdout and os.listdir(theirs) == []
+    mine = as_user("alice", RECORD_PATH, ix, extra_env={variable: str(users_folder(shared, "alice", 0o700))})
+    assert mine.stdout.startswith("kept in"), mine.stdout + mine.stderr

@@ -121,8 +121,10 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
             stats.video_seconds += info.duration or 0.0
             if info.truncated:
                 log.warning("%s: %s (the moments before it are kept)", found.path, info.truncated)
+            if info.damaged:
+                log.warning("%s: %s (the moments after them are kept)", found.path, info.damaged)
             _write(db, store, found, sha, info.width, info.height, found_moments, vecs, hashes, stats,
-                   created=info.created, note=info.truncated)
+                   created=info.created, note="; ".join(filter(None, (info.damaged, info.truncated))) or None)
             return
     t0 = time.perf_counter()
     with db.begin() as conn:

@@ -9,6 +9,11 @@ import sqlite3
 import pytest
 from conftest import run
 from helpers import make_video
+from PIL import Image
+
+from alignsearch.media.images import ImageSpec
+
+SPEC = ImageSpec((64, 64), Image.BICUBIC, None, 1 / 255, False, None, None, None)
 
 
 def _rows(ix, relpath):
@@ -56,3 +61,25 @@ def test_a_video_replaced_between_its_hash_and_its_decode_never_lends_its_moment
     run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu", "--workers", "0")
     assert [(r[0], r[1], r[2]) for r in _rows(ix, "c.mp4")] == [("indexed", _sha(old), 0), ("indexed", _sha(old), 1)]
     assert [(r[0], r[1]) for r in _rows(ix, "a.mp4")] == [("indexed", _sha(new))] * 3
+
+
+@pytest.mark.slow
+def test_a_damaged_stretch_mid_video_costs_its_own_moments_not_the_rest(tmp_path):
+    """2,000 bytes overwritten halfway through a 12 s video of four scenes (a bad sector, a hole a broken download
+    left): decoding stopped at the first packet the decoder refused ("decoding stopped at 5.8 s") and the scenes
+    after it were lost, as if the file ended there. The damaged packets are passed over; the moments after them are
+    kept, and the video's note says what was skipped."""
+    from alignsearch.media.video import VideoInfo, frame_at, moments
+
+    data = bytearray(make_video(tmp_path / "whole.mp4", [(1, 3), (2, 3), (3, 3), (4, 3)]).read_bytes())
+    data[len(data) // 2:len(data) // 2 + 2000] = b"\xff" * 2000
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    info = VideoInfo()
+    found = list(moments(str(tmp_path / "damaged.mp4"), SPEC, info))
+    # the moments run to the end, a new one after the damage (where the cut at 6 s was lost): [(0, 3), (3, 5.8)] before
+    assert len(found) >= 3 and found[-1].t > 6 and found[-1].t_end > 11.5, [(m.t, m.t_end) for m in found]
+    assert info.duration > 11.5, info.duration
+    assert info.truncated is None and "damaged" in (info.damaged or ""), (info.truncated, info.damaged)
+    # and the web page's picture of each (frame_at) is there too: the one after the damage answered 404
+    for m in found:
+        assert frame_at(str(tmp_path / "damaged.mp4"), m.t, m.t_end).size == (160, 90)

@@ -83,3 +83,43 @@ def test_a_damaged_stretch_mid_video_costs_its_own_moments_not_the_rest(tmp_path
     # and the web page's picture of each (frame_at) is there too: the one after the damage answered 404
     for m in found:
         assert frame_at(str(tmp_path / "damaged.mp4"), m.t, m.t_end).size == (160, 90)
+
+
+@pytest.mark.slow
+def test_a_library_of_broken_and_disguised_videos_indexes_and_answers_without_a_traceback(tmp_path, tiny_model):
+    """A zero-byte .mp4, one holding audio alone, a video named .jpg, a photo named .mp4, a video of one frame,
+    one whose timestamps start negative and jump by a million seconds, one truncated to its first 200 bytes: the
+    run ends (exit 0), the photo and the good video keep their rows, each bad file is failed with a one-line
+    reason and counted once by `info`; searches and the removal of a video answer without a traceback."""
+    import json
+
+    from helpers import make_audio_only, make_stamped_video, scene_frame
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    good = make_video(lib / "good.mp4", [(1, 3), (2, 3)])
+    Image.fromarray(scene_frame(9)).save(lib / "photo.jpg")
+    (lib / "zero.mp4").write_bytes(b"")
+    (lib / "head.mp4").write_bytes(good.read_bytes()[:200])
+    make_audio_only(lib / "audio.mp4")
+    shutil.copy(good, lib / "video.jpg")
+    Image.fromarray(scene_frame(10)).save(lib / "photo.mp4", format="JPEG")
+    make_video(lib / "one.mp4", [(3, 0.1)])
+    make_stamped_video(lib / "stamps.mkv", [-50, -40, 1, 10**7, 10**7 + 1, 3 * 10**7])
+    s = json.loads(run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu", "--json").stdout)
+    assert (s["added"], s["failed"]) == (5, 4), s
+    failed = run("info", "--failed", "--index", ix).output
+    for name, why in [("zero.mp4", "cannot read video"), ("head.mp4", "cannot read video"),
+                      ("audio.mp4", "not a video: no video stream"), ("video.jpg", "not an image alignsearch reads")]:
+        line = next(x for x in failed.splitlines() if f"/{name}:" in x)
+        assert why in line, failed
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
+    assert (info["images"], info["failed"]) == (5, 4), info
+    with sqlite3.connect(ix / "catalog.db") as conn:
+        stamps = [t for (t,) in conn.execute("SELECT t FROM files WHERE relpath = 'stamps.mkv' ORDER BY moment")]
+    assert stamps[0] == 0 and stamps == sorted(stamps) and len(stamps) >= 2, stamps  # time never runs backwards
+    for args in (["--media", "video"], ["--mode", "keyword"], ["--mode", "hybrid"], ["--where", "t >= 3600"]):
+        hits = json.loads(run("query", "--index", ix, "--json", "-k", "20", *args, "--", "stamps OR good").stdout)
+        assert all(h["t"] is None or h["t"] >= 0 for h in hits["results"]), hits
+    (lib / "good.mp4").unlink()  # gone between index and query: still listed, never a traceback
+    out = run("query", "--index", ix, "-k", "20", "--media", "video", "good").output
+    assert "good.mp4 @ 0:0" in out and "Traceback" not in out, out

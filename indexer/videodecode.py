@@ -18,6 +18,16 @@ from indexer.scan import Found
 # What a video decode worker imports as soon as it starts, before its first video (indexer.workers.StreamWorker):
 # this module and PyAV, which alignsearch.media.video imports only when it opens the first video.
 WARM = (__name__, "av")
+# "cannot read" (indexer.scan.TRANSIENT): tried again by the next run even where the file's size and mtime match the
+# listing's, as a replacement's may (a sync keeps the mtime)
+CHANGED = "cannot read: the video changed while it was read (read again by the next index run)"
+
+
+def file_identity(fd: int) -> tuple[int, int, int, int, int]:
+    """What tells one version of a file from another without reading it: a file replaced has another inode, one
+    rewritten in place another size, mtime or ctime (ctime: set by any write, and by no user's touch)."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _open_local(found: Found):
@@ -40,17 +50,27 @@ def _source(found: Found):
     return fs.open(inner, "rb")
 
 
-def decode_moments(found: Found, spec: ImageSpec, interval: float) -> Generator[Moment, None, VideoInfo]:
+def decode_moments(found: Found, spec: ImageSpec, interval: float,
+                   identity: tuple | None = None) -> Generator[Moment, None, VideoInfo]:
     """The video's moments, each with its perceptual hash and without its full-size frame (only the crop crosses
     to the encoder); returns what was learnt of the video. Runs in a decode worker process, or (--workers 0) in a
-    thread of this one; opens the file itself (safeopen for a local one) from what pickles: found."""
+    thread of this one; opens the file itself (safeopen for a local one) from what pickles: found. identity: the
+    file whose content was hashed (file_identity), checked when the file is opened and once it is read, so that
+    the moments recorded under a hash are that content's (VideoError otherwise: the caller keeps none of them)."""
     info = VideoInfo()
     source = _source(found)
     try:
+        _same_file(source, identity)
         for m in moments(source, spec, info, interval):
             m.phash = phash_of(m.image)
             m.image = None
             yield m
+        _same_file(source, identity)
     finally:
         source.close()
     return info
+
+
+def _same_file(source, identity: tuple | None) -> None:
+    if identity is not None and file_identity(source.fileno()) != identity:
+        raise VideoError(CHANGED)

@@ -34,7 +34,7 @@ from alignsearch.storage.vectors import VectorStore
 from alignsearch.media.video import DEFAULT_INTERVAL, VideoError, VideoInfo
 from indexer.decode import sidecar_caption
 from indexer.scan import Found
-from indexer.videodecode import WARM, _open_local, decode_moments
+from indexer.videodecode import CHANGED, WARM, _open_local, decode_moments, file_identity
 from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,14 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
          worker: StreamWorker | None) -> None:
     stats.videos += 1
     reason = found.error
-    sha = None
+    sha = identity = None
     if reason is None:
         try:
-            sha = _sha256(found)
+            sha, identity = _sha256(found)
         except (OSError, ValueError, BadImageError) as exc:  # BadImageError: refused by safeopen
             reason = f"cannot read: {getattr(exc, 'strerror', None) or exc}"
+        except VideoError as exc:  # it changed while it was hashed
+            reason = str(exc)
     if reason is None and sha is not None:
         with db.connect() as conn:
             known = catalog.moments_by_hash(conn, sha)
@@ -106,7 +108,8 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     if reason is None:
         info = VideoInfo()
         try:
-            found_moments, vecs, hashes = _encode_retrying(found, encoder, info, interval, batch_size, stats, worker)
+            found_moments, vecs, hashes = _encode_retrying(found, encoder, info, interval, batch_size, stats, worker,
+                                                           identity)
         except WorkerDied:  # twice: nothing of it is kept (a decode error keeps the moments before it)
             log.warning("%s: %s", found.path, DIED)
             reason = DIED
@@ -118,8 +121,10 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
             stats.video_seconds += info.duration or 0.0
             if info.truncated:
                 log.warning("%s: %s (the moments before it are kept)", found.path, info.truncated)
+            if info.damaged:
+                log.warning("%s: %s (the moments after them are kept)", found.path, info.damaged)
             _write(db, store, found, sha, info.width, info.height, found_moments, vecs, hashes, stats,
-                   created=info.created, note=info.truncated)
+                   created=info.created, note="; ".join(filter(None, (info.damaged, info.truncated))) or None)
             return
     t0 = time.perf_counter()
     with db.begin() as conn:
@@ -130,32 +135,40 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     stats.failed.add((found.root, found.relpath))
 
 
-def _sha256(found: Found) -> str | None:
-    """The content's SHA-256 (local files; a URL's is not fetched twice: None)."""
+def _sha256(found: Found) -> tuple[str | None, tuple | None]:
+    """The content's SHA-256 and the identity of the file hashed (file_identity), which the decode checks: it opens
+    the file again, and a video replaced or rewritten in between had the old content's hash recorded over the new
+    content's moments (a copy of the old content then took those moments by hash). (None, None) for a URL (not
+    fetched twice) or a tar member. Raises VideoError when the file changes while it is hashed."""
     if sources.kind(found.root) == sources.TAR:
-        return None
+        return None, None
     f = _open_local(found)
     if f is None:
-        return None
+        return None, None
     with f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        before = file_identity(f.fileno())
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if file_identity(f.fileno()) != before:
+            raise VideoError(CHANGED)
+    return digest, before
 
 
 def _encode_retrying(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
-                     worker: StreamWorker | None):
+                     worker: StreamWorker | None, identity: tuple | None = None):
     """_encode; a decode worker that dies mid-video loses all of it: the video is read once more, in a fresh
     worker. Dying again raises WorkerDied."""
     try:
-        return _encode(found, encoder, info, interval, batch_size, stats, worker)
+        return _encode(found, encoder, info, interval, batch_size, stats, worker, identity)
     except WorkerDied as exc:
         log.warning("%s: the video decode worker died (%s): reading it again in a fresh one", found.path, exc)
-    return _encode(found, encoder, info, interval, batch_size, stats, worker)
+    return _encode(found, encoder, info, interval, batch_size, stats, worker, identity)
 
 
 def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
-            worker: StreamWorker | None = None):
+            worker: StreamWorker | None = None, identity: tuple | None = None):
     """(moments as (t, t_end, None), their vectors, their perceptual hashes), encoding batch by batch as the
-    decoding worker process (workers > 0: a crash in its codec ends only it) or thread hands moments over."""
+    decoding worker process (workers > 0: a crash in its codec ends only it) or thread hands moments over.
+    identity: the file hashed (_sha256), which the decode must find (VideoError otherwise)."""
     spec: ImageSpec = encoder.spec
     found_moments, hashes, parts, batch = [], [], [], []
 
@@ -165,7 +178,7 @@ def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size:
         stats.seconds["encode"] += time.perf_counter() - t0
         batch.clear()
 
-    args = (found, spec, interval)
+    args = (found, spec, interval, identity)
     stream = (worker.stream(decode_moments, args) if worker is not None
               else _threaded(decode_moments(*args), maxsize=batch_size))
     try:

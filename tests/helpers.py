@@ -1361,3 +1361,41 @@ def users_folder(base: Path, name: str, mode: int = 0o755) -> Path:
     os.chown(folder, user.pw_uid, user.pw_gid)
     folder.chmod(mode)
     return folder
+
+
+def make_audio_only(path) -> Path:
+    """An .mp4 holding one AAC stream of silence and no video stream."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("aac", rate=44100)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def make_stamped_video(path, stamps: list[int], fmt: str | None = None) -> Path:
+    """A video of len(stamps) distinct frames (scene_frame) whose packets carry these pts/dts (in the encoder's
+    1/10 s), as a damaged or hostile muxer writes them: negative, huge jumps."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), mode="w", format=fmt) as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        packets = []
+        for i in range(len(stamps)):
+            frame = av.VideoFrame.from_ndarray(scene_frame(i), format="rgb24")
+            frame.pts = i
+            packets += list(stream.encode(frame))
+        packets += list(stream.encode())
+        for packet, stamp in zip(packets, stamps):
+            packet.pts = packet.dts = stamp
+            out.mux(packet)
+    return path

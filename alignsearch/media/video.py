@@ -131,6 +131,7 @@ class VideoInfo:
     format: str | None = None  # the container, as FFmpeg names it (first of its names)
     duration: float | None = None
     truncated: str | None = None  # why decoding stopped early (what came before is kept)
+    damaged: str | None = None  # which packets the decoder refused and were passed over (the moments after are kept)
     created: float | None = None  # the container's creation_time (UTC epoch seconds), when it has one
     frames_examined: int = 0
 
@@ -273,8 +274,8 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
         cuts = Cuts(interval=interval, min_gap=min_gap)
         index, start, frame_img, held = 0, None, None, None  # held: the pending candidate cut's frame
         next_sample, last_t = 0.0, None
-        last_packet = [0.0]
-        frames = _decode(container, stream, last_packet, by_dts)
+        last_packet, damage = [0.0], []
+        frames = _decode(container, stream, last_packet, by_dts, damage)
         first_dts = None
         while True:
             try:
@@ -315,7 +316,11 @@ def moments(source, spec: ImageSpec, info: VideoInfo | None = None, interval: fl
                 held = _to_image(frame)
         # a candidate cut still held here is dropped (Cuts: no frame after it tells a flash from a cut)
         if start is None:
-            raise VideoError("cannot decode video: no frame could be decoded")
+            raise VideoError(f"cannot decode video: {damage[-1][1] if damage else 'no frame could be decoded'}")
+        if damage:
+            info.damaged = (f"{len(damage)} damaged packet{'s' if len(damage) > 1 else ''} passed over "
+                            f"(from {damage[0][0]:.1f} s to {damage[-1][0]:.1f} s): {damage[-1][1]}")
+            log.info("%s", info.damaged)
         # The last packets may be frames never decoded (NONREF); they count, the header's duration does not: an
         # AVI of 2 s whose header claimed 10 hours had its last moment end at 10:00:00. Nor does a packet's own
         # duration (one claiming 12,000 s was met): a frame's length past the last frame or packet.
@@ -340,16 +345,29 @@ def _is_avi(container) -> bool:
     return (container.format.name or "").split(",")[0] == "avi"
 
 
-def _decode(container, stream, last_packet: list, by_dts: bool = False) -> Iterator:
+def _decode(container, stream, last_packet: list, by_dts: bool = False, damage: list | None = None) -> Iterator:
     """container.decode(stream), noting in last_packet[0] the latest time (seconds) of a packet read, frames
-    skipped undecoded (NONREF) included; by_dts (an AVI): its decode-order time since the first packet's."""
+    skipped undecoded (NONREF) included; by_dts (an AVI): its decode-order time since the first packet's.
+    A packet the decoder refuses as invalid data is passed over, noted in damage as (its time, the reason): a
+    stretch of damaged bytes mid-video (a bad sector, a hole a broken download left) stopped the whole decode
+    there, and every moment after it was lost as if the file ended (the decoder takes the next packets, FFmpeg
+    concealing what referred to the lost ones). A container that cannot be read on still stops it (demux)."""
+    import av
+
     first = None
     for packet in container.demux(stream):
         stamp = packet.dts if by_dts else packet.pts
         if stamp is not None and packet.time_base is not None:
             first = stamp if by_dts and first is None else first
             last_packet[0] = max(last_packet[0], float((stamp - (first or 0)) * packet.time_base))
-        yield from packet.decode()
+        try:
+            decoded = packet.decode()
+        except av.error.InvalidDataError as exc:
+            if damage is None:
+                raise
+            damage.append((last_packet[0], _reason(exc)))
+            continue
+        yield from decoded
 
 
 def _moment(index: int, t: float, t_end: float, image, spec: ImageSpec) -> Moment:
@@ -422,7 +440,8 @@ def frame_at(source, t: float, t_end: float | None = None):
                 container.seek(int(want / stream.time_base), stream=stream, backward=True)
             stream.codec_context.skip_frame = "NONREF"
             last, last_t, reached = None, None, False
-            for frame in container.decode(stream):
+            # damaged packets passed over as moments() passes them: a moment after a damaged stretch had no picture
+            for frame in _decode(container, stream, [0.0], damage=[]):
                 last, last_t = frame, _frame_time(frame, stream, origin, last_t, rate)
                 if last_t + 1e-6 >= want:
                     break

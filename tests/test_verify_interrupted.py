@@ -454,3 +454,21 @@ def test_info_and_explain_count_the_files_searched_exactly_beside_the_ann_index(
     resume()
     write_vectors(ix, clustered(1, index_dim(ix), seed=1))  # the resumed run replaces 0.jpg
     assert json.loads(run("info", "--json", "--index", ix).stdout)["index"]["searched_exactly"] == 2
+
+
+def test_a_run_records_where_its_commits_begin_only_after_a_stopped_run(indexed_images):
+    """A run begun on a finished index records no pending_below (readers then scan nothing while it works); one
+    begun over a stopped run's mark records the id its own commits start at, above every committed one."""
+    from alignsearch.storage import catalog, state
+    from indexer.job import _run_begins
+
+    root, ix = indexed_images(6)
+    db = catalog.connect(ix / "catalog.db")
+    _run_begins(db)
+    with db.connect() as conn:
+        assert state.read(conn, "index_run").index_run.pending_below is None
+    _run_begins(db)  # over the first's mark: it stopped
+    with db.connect() as conn:
+        below = state.read(conn, "index_run").index_run.pending_below
+        assert below > max(i for (i,) in conn.exec_driver_sql("SELECT id FROM files"))
+    db.dispose()

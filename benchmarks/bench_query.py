@@ -8,7 +8,8 @@ cold `alignsearch query` process against a fresh process that imports transforme
 --suite pending: Engine.search_vector (no encoding) with the engine module of git --base against this tree's,
 alternating in one run: on the finished index, then with N more files committed by a run recorded as unfinished
 (state.IndexRun; no ANN entries for them), which this tree scores exactly beside the ANN candidates; also the
-snapshot's open (Engine._open_snapshot) on each.
+snapshot's open (Engine._open_snapshot) on each; and for the largest N, engines opened once the next run is at
+work (recorded with this process's pid and the id its own commits begin at, IndexRun.pending_below).
 
 --suite server: cold `alignsearch query` processes answered by a running `alignsearch serve` (a plain text, a
 filter, --explain, an image), against the same commands answered locally before the server started (the
@@ -201,9 +202,13 @@ def pending_suite(args) -> None:
         dim = alignsearch.open(index_dir).store.dim
         queries = rng.standard_normal((args.repeats, dim)).astype(np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        added = 0
-        for pending in [0] + [int(x) for x in args.pending.split(",")]:
-            if pending > added:  # committed by a run that stops before its ANN build, recorded as unfinished
+        added, sizes = 0, [0] + [int(x) for x in args.pending.split(",")]
+        for pending, resumed in [(n, False) for n in sizes] + [(sizes[-1], True)]:
+            if resumed:  # the next run begun, at work (this process): a reader opened now
+                with db.begin() as conn:
+                    state.write(conn, index_run=state.IndexRun(started=time.time(), pid=os.getpid(),
+                                                               pending_below=catalog.next_id(conn)))
+            elif pending > added:  # committed by a run that stops before its ANN build, recorded as unfinished
                 store = alignsearch.open(index_dir).store
                 write, x = catalog_writer(db, store), structured(pending - added, seed=11 + pending)
                 for start in range(0, len(x), 5000):
@@ -232,7 +237,8 @@ def pending_suite(args) -> None:
                     engine._open_snapshot()
                     opens.append((time.perf_counter() - t) * 1e3)
                 found = sum(h.path.startswith("/pending") for q in queries[:10] for h in engine.search_vector(q, k=10))
-                lines.append(f"| {pending:,} | {name} | {statistics.median(runs[name]):.2f} | "
+                lines.append(f"| {pending:,}{', next run at work' if resumed else ''} | {name} | "
+                             f"{statistics.median(runs[name]):.2f} | "
                              f"{statistics.median(opens):.1f} | {found / 10:.1f} |")
                 engine.close()
     lines += ["", load_note(load_at_start)]

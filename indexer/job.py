@@ -663,7 +663,10 @@ def _run_begins(db) -> None:
     bytes, unknown segments) instead of calling it damage. Recorded once the model has loaded, so a model that
     cannot be loaded leaves none."""
     with db.begin() as conn:
-        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=os.getpid()))
+        stopped = state.read(conn, "index_run").index_run  # a run's mark still there: it stopped (the lock is ours)
+        # where this run's own commits begin: readers search the stopped run's files below it until this run's build
+        below = None if stopped is None else catalog.next_id(conn)
+        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=os.getpid(), pending_below=below))
 
 
 def _gpu_decode(opts: IndexOptions, encoder: Encoder) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import index_json, make_images, run
-from helpers import add_synthetic, ctrl_c_at, index_dim, killed_at
+from helpers import add_synthetic, clustered, ctrl_c_at, index_dim, killed_at, write_vectors
 
 # after the new files' batches are committed, before their ANN entries are built
 BEFORE_ANN = "indexer.build:sync_index"
@@ -381,3 +381,94 @@ def test_a_stopped_runs_files_stay_found_while_the_next_run_is_at_work(indexed_i
     finally:
         child.kill()
         child.wait()
+
+
+def _stopped_then_resumed(ix: Path, x: np.ndarray):
+    """x's rows committed by a run stopped before its ANN build, then the next run begun (this process: at work)."""
+    import time
+
+    from alignsearch.storage import state
+    from indexer.job import _run_begins
+
+    db, _ = write_vectors(ix, x)
+    with db.begin() as conn:
+        state.write(conn, index_run=state.IndexRun(started=time.time(), pid=2**22 + 1))  # above pid_max's default
+    return db, lambda: _run_begins(db)
+
+
+def test_a_reader_opened_while_the_next_run_is_at_work_finds_the_stopped_runs_files_too(indexed_images):
+    """A reader open before the next run began kept the stopped run's files (its snapshot's pending list carried),
+    while one opened after (a `query`, a restarted `serve`) found none of them until that run ended: the next run
+    records where its own commits begin (IndexRun.pending_below), and every reader reads the files below it that
+    the ANN index lacks. Those the run replaces meanwhile are gone from both."""
+    import alignsearch
+
+    root, ix = indexed_images(6)
+    dim = index_dim(ix)
+    db, resume = _stopped_then_resumed(ix, clustered(3, dim))
+    q = np.ones(dim, np.float32) / np.sqrt(dim)
+
+    def synthetic(engine):
+        return sorted(h.path for h in engine.search_vector(q, k=100) if h.path.startswith("/synthetic/"))
+
+    with alignsearch.open(ix, device="cpu") as before:
+        assert synthetic(before) == [f"/synthetic/{j}.jpg" for j in range(3)]
+        resume()
+        with alignsearch.open(ix, device="cpu") as fresh:
+            assert synthetic(fresh) == synthetic(before) == [f"/synthetic/{j}.jpg" for j in range(3)]
+            write_vectors(ix, clustered(1, dim, seed=1))  # the run replaces 0.jpg
+            with alignsearch.open(ix, device="cpu") as later:
+                assert synthetic(later) == synthetic(fresh) == synthetic(before) == ["/synthetic/1.jpg", "/synthetic/2.jpg"]
+
+
+def test_rows_the_resumed_run_replaced_take_no_place_in_the_top_k(indexed_images):
+    """The pending files' best `depth` were chosen before the catalog was asked which still live: a row the resumed
+    run replaced (best for the query) took the one slot of -k 1, _hits dropped it, and the live pending file just
+    behind it was missing from the answer (a photo came first)."""
+    import alignsearch
+
+    root, ix = indexed_images(6)
+    dim = index_dim(ix)
+    e = np.zeros(dim, np.float32)
+    e[0] = 1.0
+    near = e + 0.05 * np.random.default_rng(0).standard_normal(dim).astype(np.float32)
+    db, resume = _stopped_then_resumed(ix, np.stack([e, near / np.linalg.norm(near)]))
+    with alignsearch.open(ix, device="cpu") as engine:
+        assert [h.path for h in engine.search_vector(e, k=1)] == ["/synthetic/0.jpg"]
+        resume()
+        write_vectors(ix, -e[None, :])  # the resumed run replaces 0.jpg (its new row waits for the run's ANN build)
+        assert [h.path for h in engine.search_vector(e, k=1)] == ["/synthetic/1.jpg"]
+        assert [h.path for h in engine.search_vector(e, k=2)][0] == "/synthetic/1.jpg"
+
+
+def test_info_and_explain_count_the_files_searched_exactly_beside_the_ann_index(indexed_images):
+    """`info` and `query --explain` said the ANN index's vectors alone (6) while every search also scored the
+    stopped run's 3 files exactly: both say them (searched_exactly), less those the resumed run replaced."""
+    root, ix = indexed_images(6)
+    db, resume = _stopped_then_resumed(ix, clustered(3, index_dim(ix)))
+    info = json.loads(run("info", "--json", "--index", ix).stdout)
+    assert info["index"]["vectors"] == 6 and info["index"]["searched_exactly"] == 3, info["index"]
+    assert "3 more committed by an unfinished run, not yet in it, searched exactly" in run("info", "--index", ix).output
+    plan = json.loads(run("query", "red", "--index", ix, "--explain", "--json", "--device", "cpu").stdout)["plan"]
+    assert plan["vectors"] == 6 and plan["searched_exactly"] == 3 and "3 vectors an unfinished" in plan["path"], plan
+    resume()
+    write_vectors(ix, clustered(1, index_dim(ix), seed=1))  # the resumed run replaces 0.jpg
+    assert json.loads(run("info", "--json", "--index", ix).stdout)["index"]["searched_exactly"] == 2
+
+
+def test_a_run_records_where_its_commits_begin_only_after_a_stopped_run(indexed_images):
+    """A run begun on a finished index records no pending_below (readers then scan nothing while it works); one
+    begun over a stopped run's mark records the id its own commits start at, above every committed one."""
+    from alignsearch.storage import catalog, state
+    from indexer.job import _run_begins
+
+    root, ix = indexed_images(6)
+    db = catalog.connect(ix / "catalog.db")
+    _run_begins(db)
+    with db.connect() as conn:
+        assert state.read(conn, "index_run").index_run.pending_below is None
+    _run_begins(db)  # over the first's mark: it stopped
+    with db.connect() as conn:
+        below = state.read(conn, "index_run").index_run.pending_below
+        assert below > max(i for (i,) in conn.exec_driver_sql("SELECT id FROM files"))
+    db.dispose()

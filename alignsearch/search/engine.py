@@ -96,12 +96,27 @@ class Snapshot:
     # run (no cost). A run still at work is not read: its files join the ANN index when it ends, and reading every
     # live pair again after each of its commits cost a query a catalog scan per batch the run committed. A run begun
     # after a stopped one keeps the stopped one's (carried from the snapshot before, no scan): the resumed run
-    # builds them in only when it ends, and they were in no answer meanwhile
+    # builds them in only when it ends, and they were in no answer meanwhile. A snapshot opened while that run is at
+    # work reads them too (those below its IndexRun.pending_below: committed before it began), so a reader opened
+    # then finds what one opened before finds. Rows a run replaces or forgets drop out as searches find them gone
+    # (pending_now)
     pending: np.ndarray | None = None
     run: Any = None  # the index run the state recorded when this was read (state.IndexRun; refresh compares it)
     run_stopped: bool = False  # that run's process was gone when this was read (its files read: pending)
     _columns: list = field(default_factory=list, compare=False, repr=False)  # filled once, on first use
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
+    _pruned: list = field(default_factory=list, compare=False, repr=False)  # pending less the rows found gone
+
+    def pending_now(self) -> np.ndarray | None:
+        """pending, less the rows searches found gone from the catalog since (drop_pending)."""
+        with self._lock:
+            return self._pruned[0] if self._pruned else self.pending
+
+    def drop_pending(self, gone: list[int]) -> None:
+        """Leave these ids out of pending from now on: their rows are gone, and ids are never reused."""
+        with self._lock:
+            now = self._pruned[0] if self._pruned else self.pending
+            self._pruned[:] = [now[~np.isin(now[:, 0], np.asarray(gone, dtype=np.int64))]]
 
     @property
     def nprobe(self) -> int:
@@ -164,8 +179,14 @@ class Engine:
             store = vectors.load(conn, self.dir, st.model.dim, st.vectors)
             store.expect_chunks(conn)  # a query checks the chunks it reads (vectors.VectorStore.expect_chunks)
             unbuilt = record.digest is None and not layouts.pick(self.dir, record).exists()
-            stopped = st.index_run is not None and not run_at_work(st.index_run)  # a finished index reads nothing more
-            live = catalog.live_pairs(conn) if unbuilt or stopped else None
+            run = st.index_run
+            stopped = run is not None and not run_at_work(run)  # a finished index reads nothing more
+            carried = run is not None and not stopped and before is not None and before.pending is not None \
+                and before.generation == generation  # addresses move only with the generation
+            # a run at work begun after a stopped one: the files committed before it began (no scan if carried)
+            below = None if run is None or stopped or carried else run.pending_below
+            live = catalog.live_pairs(conn) if unbuilt or stopped else \
+                None if below is None else catalog.live_pairs(conn, below=below)
         if unbuilt:  # a first run stopped (or still running) before its ANN index: what it committed is searchable
             index = exact_index(store, live)
             return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), 0, unbuilt=True,
@@ -176,9 +197,9 @@ class Engine:
         stamp = layouts.stamp(self.dir)  # taken first: a publish while opening triggers one more refresh
         index = layouts.open_current(self.dir, record, reread=lambda: layouts.recorded(self.db))
         pending = None if live is None else missing_from(live, ann.stored_ids(index))
-        if pending is None and st.index_run is not None and before is not None and before.pending is not None \
-                and before.generation == generation:  # addresses move only with the generation
-            pending = before.pending if before.stamp == stamp else missing_from(before.pending, ann.stored_ids(index))
+        if carried:
+            kept = before.pending_now()
+            pending = kept if before.stamp == stamp else missing_from(kept, ann.stored_ids(index))
         return Snapshot(generation, model_info, roots, tuning, store, index, ann.describe(index), stamp, videos,
                         pending=pending, run=st.index_run, run_stopped=stopped)
 
@@ -463,8 +484,10 @@ class Engine:
         method = resolve_compose(compose) if compound else None
         if compound and compose == "auto" and not min(weights) > 0:
             method = "sum"  # as query.scorer decides
-        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "mode": mode, "words": opts.words.words,
-                               "compose": method}
+        # the vectors an unfinished run committed that the ANN index lacks: every search scores them too
+        pending = self.searched_exactly(snap)
+        out: dict[str, Any] = {"index": snap.plan.factory, "vectors": n, "searched_exactly": pending, "mode": mode,
+                               "words": opts.words.words, "compose": method}
         if method is not None:
             out["compose_rule"] = COMPOSE_RULES[method] + (" (auto)" if compose == "auto" else "")
         if opts.words and mode != "vector":
@@ -485,7 +508,7 @@ class Engine:
                 out["path"] = ("exact: every vector scored (flat index)" if snap.plan.kind == "flat" else
                                f"ANN for the image and for the text ({self._late_want(snap, k)} candidates each), "
                                "union re-scored exactly")
-            return out
+            return _with_pending(out, pending)
         cols = snap.columns(self.db)
         m = int(filters.evaluate(opts.node, cols.column, cols.tagged).sum())
         out.update(filter=repr(opts.node), matching=m, selectivity=round(m / max(n, 1), 6))
@@ -498,7 +521,7 @@ class Engine:
                        "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), candidates=want)
             if late:
                 out["path"] = "for the image and for the text: " + out["path"]
-        return out
+        return _with_pending(out, pending)
 
     @staticmethod
     def _options(request: SearchRequest, exclude=()) -> "_Options":
@@ -509,7 +532,7 @@ class Engine:
                         exclude=querycheck.check_ids(exclude))
 
     def _search(self, snap: Snapshot, query: Scorer, opts: "_Options") -> list[Hit]:
-        if snap.index.ntotal == 0 and (snap.pending is None or not len(snap.pending)):
+        if snap.index.ntotal == 0 and not _count(snap.pending_now()):
             return []
         allowed = None
         if opts.node is not None:
@@ -589,15 +612,45 @@ class Engine:
                     fusing: bool = False) -> list[int]:
         """The ANN index's candidates (_indexed_ids), and while an unfinished run left live files the ANN index
         lacks (Snapshot.pending), the best of those scored exactly, as many as the ANN side's depth: every search
-        re-ranks its candidates exactly (_hits), so they take their place by their true cosine."""
+        re-ranks its candidates exactly (_hits), so they take their place by their true cosine. A row found gone
+        among the best (replaced or forgotten by the run at work) leaves the snapshot's pending list and the best are
+        chosen again: _hits drops such rows, and one there took the place of a live file just behind it."""
         ids = self._indexed_ids(snap, query, opts, allowed, fusing)
-        if snap.pending is None or not len(snap.pending):
-            return ids
-        pending = snap.pending if allowed is None else snap.pending[np.isin(snap.pending[:, 0], allowed)]
-        depth = _depth(opts, fusing, snap.videos, len(pending))
-        if query.late:
-            depth = max(depth, self._late_want(snap, depth))
-        return list(dict.fromkeys(ids + self._best_of(snap, query, pending[:, 0], pending[:, 1], depth)))
+        while True:
+            pending = snap.pending_now()
+            if not _count(pending):
+                return ids
+            if allowed is not None:
+                pending = pending[np.isin(pending[:, 0], allowed)]
+            depth = _depth(opts, fusing, snap.videos, len(pending))
+            if query.late:
+                depth = max(depth, self._late_want(snap, depth))
+            best = self._best_of(snap, query, pending[:, 0], pending[:, 1], depth)
+            gone = self._gone(best)
+            if not gone:
+                return list(dict.fromkeys(ids + best))
+            snap.drop_pending(gone)
+
+    def _gone(self, ids: list[int]) -> list[int]:
+        """Those of ids the catalog no longer holds as indexed files."""
+        if not ids:
+            return []
+        with self.db.connect() as conn:
+            held = catalog.addresses_of(conn, ids)
+        return [i for i in ids if i not in held]
+
+    def searched_exactly(self, snap: Snapshot | None = None) -> int:
+        """How many vectors the ANN index lacks that every search scores exactly (Snapshot.pending), those found
+        gone from the catalog left out (and from the snapshot's list): what `info` and `--explain` add to the ANN
+        index's count."""
+        snap = self.snap if snap is None else snap
+        pending = snap.pending_now()
+        if not _count(pending):
+            return 0
+        gone = self._gone(pending[:, 0].tolist())
+        if gone:
+            snap.drop_pending(gone)
+        return len(pending) - len(gone)
 
     def _indexed_ids(self, snap: Snapshot, query: Scorer, opts: "_Options", allowed: np.ndarray | None,
                      fusing: bool = False) -> list[int]:
@@ -780,6 +833,8 @@ class Engine:
                 "tuned_recall_at_10": snap.tuning.get("recall"),
                 "target_recall": snap.tuning.get("target"),
                 "vectors": int(snap.index.ntotal),
+                # committed by an unfinished run, not yet in the ANN index: scored exactly by every search
+                "searched_exactly": self.searched_exactly(snap),
                 "metric": "inner_product",
                 "layout": "exact" if snap.unbuilt else ann.layout(snap.index),  # exact: no ANN index built yet
             },
@@ -1033,6 +1088,19 @@ KEYWORD_DEPTH = 100
 # How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
 # rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
 # measure them against it and found neither better over every case (RESULTS.md).
+
+
+def _with_pending(plan: dict, pending: int) -> dict:
+    """An explained plan's path, saying the vectors the ANN index lacks that the search scores exactly beside it."""
+    if pending:
+        plan["path"] += f"; and {pending} vectors an unfinished index run committed, not yet in the ANN index: " \
+                        "scored exactly"
+    return plan
+
+
+def _count(pending: np.ndarray | None) -> int:
+    """Rows in a snapshot's pending list (None: none read)."""
+    return 0 if pending is None else len(pending)
 
 
 def _depth(opts: "_Options", fusing: bool, videos: bool, n: int) -> int:

@@ -565,13 +565,16 @@ def failed_files(conn: Connection) -> list[FileRow]:
 
 
 def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (),
-               without_root: str | Iterable[str] | None = None) -> np.ndarray:
+               without_root: str | Iterable[str] | None = None, below: int | None = None) -> np.ndarray:
     """(file id, vector row) of every indexed file, in id order, as an (n, 2) int64 array: what the ANN index
     holds. without_ids: less these files and their videos' other moments (files whose deletion commits with the
-    ANN index); without_root: less that root's files, or those roots' (roots being forgotten)."""
+    ANN index); without_root: less that root's files, or those roots' (roots being forgotten); below: only ids
+    below it (those committed before next_id said it)."""
     import numpy as np
 
     query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED, *_leaving_out(without_ids))
+    if below is not None:
+        query = query.where(files.c.id < below)
     if without_root is not None:
         query = query.where(files.c.root.not_in([without_root] if isinstance(without_root, str) else list(without_root)))
     # flattened straight into the array: np.array over a list of Row objects took 25-45 us a row (13 s at 480k)
@@ -618,6 +621,12 @@ def vectors_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
         )
         out.update({sha: row for sha, row in conn.execute(query)})
     return out
+
+
+def next_id(conn: Connection) -> int:
+    """The id the next file row will get, or one above it: ids are never reused (sqlite_autoincrement), so every
+    row committed from now on has an id at least this."""
+    return int(conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = 'files'").scalar() or 0) + 1
 
 
 def counts(conn: Connection) -> dict[str, int]:

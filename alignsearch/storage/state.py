@@ -95,6 +95,9 @@ class IndexRun:
 
     started: float
     pid: int
+    # begun after a stopped run: the first file id it may commit (ids are never reused), so every reader, opened
+    # before or after it began, searches the files below it the ANN index lacks (engine Snapshot.pending); None: none
+    pending_below: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,9 +203,14 @@ def _decode(raw: dict[str, Any]) -> IndexState:
         keys_lossless=got("keys_lossless", False, bool),
         encoder=got("encoder", None, _object),
         tagging=got("tagging", None, _tagging),
-        index_run=got("index_run", None, lambda run: IndexRun(started=float(run["started"]), pid=int(run["pid"]))),
+        index_run=got("index_run", None, _index_run),
         reindex=got("reindex", None, _reindex),
     )
+
+
+def _index_run(run) -> IndexRun:
+    below = run.get("pending_below")
+    return IndexRun(started=float(run["started"]), pid=int(run["pid"]), pending_below=None if below is None else int(below))
 
 
 # The shapes of the values other modules interpret whole: checked here, so that damage is said once, naming
@@ -320,7 +328,10 @@ def encode(name: str, value: Any) -> dict[str, Any]:
         return {"roots": list(value.roots), "root_options": dict(value.options),
                 "list_columns": dict(value.list_columns), "listing_errors": dict(value.listing_errors)}
     if name == "index_run":
-        return {"index_run": None if value is None else {"started": value.started, "pid": value.pid}}
+        if value is None:
+            return {"index_run": None}
+        below = {} if value.pending_below is None else {"pending_below": value.pending_below}
+        return {"index_run": {"started": value.started, "pid": value.pid, **below}}
     if name == "reindex":
         return {"reindex": None if value is None else {"model": value.model.to_record(), "segment": value.segment,
                                                        "rows": value.rows, "done": value.done}}

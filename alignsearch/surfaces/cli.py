@@ -901,7 +901,9 @@ def info(failed, as_json, index_dir):
         if ix["type"] != "flat" else ""
     )
     click.echo(f"ann:     {ix['type']} ({ix['factory']}){params}, {ix['vectors']} vectors"
-               + (", searched exactly (no ANN index built yet)" if ix["layout"] == "exact" else ""))
+               + (", searched exactly (no ANN index built yet)" if ix["layout"] == "exact" else "")
+               + (f"; {ix['searched_exactly']} more committed by an unfinished run, not yet in it, searched exactly"
+                  if ix.get("searched_exactly") else ""))
     store = data["vector_store"]
     click.echo(f"vectors: {store['rows']} rows stored, {store['live_rows']} in use"
                + (f" ({store['dead_bytes'] / 2**20:.1f} MiB of deleted or changed files'; `alignsearch index "

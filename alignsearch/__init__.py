@@ -7,6 +7,16 @@
 Imports are lazy so that decode workers, which import alignsearch.media.images, never load torch.
 """
 
+from os import environ as _environ
+
+# OpenMP's idle threads (faiss's and torch's: each wheel loads its own libgomp) sleep instead of spinning. By
+# default libgomp spins a thread up to 300000 rounds after each parallel region (faiss's search of one query is
+# one), and on a busy machine the spinner is descheduled and the next search on the caller's thread waits for it to
+# run again: Engine.search of a 6-image index was several times slower (benchmarks/RESULTS.md, bench_inproc.py).
+# `serve` alone set this; the Python API and the CLI's own searches spun. Set here, where every entry passes before
+# faiss or torch loads (each reads it once, as it loads); a caller's own setting stands.
+_environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 # The errors a caller can catch, each with the CLI exit code it is reported with (alignsearch/errors.py); README
 # names them from Python (`UsageError` for an option out of range, `BadInputError` for unusable input).

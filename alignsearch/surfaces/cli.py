@@ -972,10 +972,9 @@ def serve(host, port, token, no_token, allow_hosts, verbose, bf16_text, index_di
 
     The URL carries a random token, required by every API call; opening it sets a cookie. The CLI's
     `query` finds the server and its token in the index's server record."""
-    # The encoder thread and the search threads each drive an OpenMP team (torch's, faiss's): spinning idle
-    # teams starve each other (a 2 ms query took 80 ms on 2 cores). Idle threads sleep instead; this must
-    # be set before torch and faiss load.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The encoder thread and the search threads each drive an OpenMP team (torch's, faiss's): spinning idle teams
+    # starve each other (a 2 ms query took 80 ms on 2 cores). Their threads sleep instead: OMP_WAIT_POLICY, set
+    # for every entry as the package loads (alignsearch/__init__.py), before torch and faiss.
     from alignsearch.surfaces.server import LOOPBACK, ServerConfig, allow_host_problem, is_loopback, serve as run_server
 
     if not host.strip():  # an unset variable (--host "$HOST") listened on every interface

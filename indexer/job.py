@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from alignsearch import atomic
+from alignsearch import atomic, notices
 from alignsearch.storage import catalog, layouts, state, vectors
 from alignsearch.media import sources, video
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
@@ -18,7 +18,7 @@ from alignsearch.encoders.classify import DEFAULT_TEMPLATES, check_templates
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, find_index_dir
 from alignsearch.errors import BadInputError, IndexDamagedError, ModelLoadError, UsageError
 from alignsearch.storage.vectors import VectorStore
-from indexer import build, compact, ocrfill, phashfill, photos, pipeline, progress, reindex, scan, videos, writer
+from indexer import build, compact, ocrfill, phashfill, photos, pipeline, privacy, progress, reindex, scan, videos, writer
 from indexer import roots as index_roots
 from indexer.compact import remove_leftovers as remove_vector_leftovers  # `compact` is index_folders' option
 from indexer.lock import writer_lock
@@ -224,6 +224,9 @@ def index_folders(
     # judged (paths.untrusted_parent); mkdir on the link itself said "File exists" (exit 1)
     made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
     atomic.make_folders(made)  # never 0777 under umask 000: the index would refuse itself (untrusted_index)
+    told = privacy.keep_private(out, roots)  # no more readable by others than the photos it holds
+    if told and not created:
+        notices.say(told)
     try:
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)

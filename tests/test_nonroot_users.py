@@ -412,3 +412,46 @@ def test_a_private_record_is_not_kept_in_a_folder_another_user_may_rename(shared
     assert "belongs to another user" in kept.stdout and os.listdir(theirs) == []
     mine = as_user("alice", RECORD_PATH, ix, extra_env={variable: str(users_folder(shared, "alice", 0o700))})
     assert mine.stdout.startswith("kept in"), mine.stdout + mine.stderr
+
+
+# Reads the first bytes of each path given, printing per path "read" or why not.
+PEEK = """
+import json, sys
+said = []
+for path in sys.argv[1:]:
+    try:
+        with open(path, "rb") as f:
+            f.read(16)
+        said.append("read")
+    except OSError as exc:
+        said.append(exc.strerror)
+print(json.dumps(said))
+"""
+
+
+def test_another_user_reads_no_index_of_photos_they_cannot_read(tiny_model):
+    """alice's photos in her 0700 folder, indexed into a folder every user may enter: the index was 0755 and
+    mallory read its catalog (paths, captions, places, OCR text). Now it is 0700 (indexer/privacy.py), while an index
+    of photos every user may read stays readable by mallory."""
+    from conftest import run
+    from helpers import smooth_photos
+
+    base = Path(tempfile.mkdtemp(prefix="alignsearch-home-"))  # in /tmp: every user may enter (pytest's are 0700)
+    try:
+        _peek_both(base, tiny_model, run, smooth_photos)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _peek_both(base: Path, tiny_model, run, smooth_photos) -> None:
+    base.chmod(0o755)
+    hidden = users_folder(base, "alice", 0o700) / "photos"
+    smooth_photos(hidden, 2)
+    shown = base / "open"
+    smooth_photos(shown, 2)
+    shown.chmod(0o755)
+    kept_ix, open_ix = base / "kept-ix", base / "open-ix"
+    run("index", "--index", kept_ix, "--model", tiny_model, hidden)
+    run("index", "--index", open_ix, "--model", tiny_model, shown)
+    peeked = as_user("mallory", PEEK, kept_ix / "catalog.db", open_ix / "catalog.db")
+    assert json.loads(peeked.stdout) == ["Permission denied", "read"], peeked.stderr

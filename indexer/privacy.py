@@ -1,0 +1,87 @@
+"""The index folder is no more readable by other users than the photos it holds.
+
+An index holds what its photos show: their paths, captions, GPS places, OCR text, vectors, and the server's
+thumbnails. Made 0755 under the usual umask, it let every local user read the thumbnails and text of photos kept
+in a 0700 folder (another user's `cat` of thumbs/*.jpg). Each `index` run takes away from the index folder the
+read and search bits of a class of users (group, others) that cannot reach one of the local roots it is given: a
+folder or list that class could not open itself. Only taken away, never given back: a user who opens the index to
+others (chmod) after their photos became private does so on purpose, and is told so again at the next run that
+finds it so. Remembered roots were judged when given; a root made private later is judged at its next naming.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import NamedTuple
+
+from alignsearch.media import sources
+
+log = logging.getLogger(__name__)
+
+GROUP, OTHERS = 0o070, 0o007
+
+
+class Step(NamedTuple):
+    """One folder on the way to a root (the root last): its mode bits and group."""
+
+    mode: int
+    gid: int
+
+
+def reachable(steps: list[Step], gid: int) -> int:
+    """Which classes of users (GROUP, OTHERS bits) can read the root at the end of `steps` (every folder before it
+    searchable, the root readable, and searchable where it is a folder): OTHERS by the others bits alone, GROUP by
+    the group bits of a step whose group is `gid` (the index folder's) or else its others bits."""
+    if not steps:
+        return GROUP | OTHERS
+    *above, root = steps
+    need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(root.mode) else 0)
+
+    def grants(step: Step, bits: int, group: bool) -> bool:
+        if group and step.gid == gid and (step.mode >> 3) & bits == bits:
+            return True
+        return step.mode & bits == bits
+
+    out = 0
+    for cls, group in ((OTHERS, False), (GROUP, True)):
+        if all(grants(s, stat.S_IXOTH, group) for s in above) and grants(root, need, group):
+            out |= cls
+    return out
+
+
+def narrowed(mode: int, gid: int, roots: list[list[Step]]) -> int:
+    """The index folder's permission bits with the read and search bits of each class that cannot reach every root
+    taken away (its own write bits untouched: others never have them, paths.untrusted_index refuses that)."""
+    keep = GROUP | OTHERS
+    for steps in roots:
+        keep &= reachable(steps, gid)
+    cut = (~keep) & (GROUP | OTHERS) & 0o055
+    return stat.S_IMODE(mode) & ~cut
+
+
+def _steps(path: str) -> list[Step] | None:
+    """The folders from / to path (path last), None where one cannot be looked at."""
+    real = Path(os.path.realpath(path))
+    try:
+        return [Step(st.st_mode, st.st_gid) for st in (os.stat(p) for p in [*reversed(real.parents), real])]
+    except OSError:
+        return None
+
+
+def keep_private(index_dir: Path, roots: list[str]) -> str | None:
+    """Narrow index_dir's mode to what the local roots allow (narrowed); a line saying so where an index folder
+    that existed was opened wider, else None (a folder made now is narrowed without a word)."""
+    local = [r for r in roots if not sources.is_url(r) and not sources.is_pattern(r)]
+    paths = [s for s in map(_steps, local) if s is not None]
+    if not paths:
+        return None
+    st = os.stat(index_dir)
+    mode = narrowed(st.st_mode, st.st_gid, paths)
+    if mode == stat.S_IMODE(st.st_mode):
+        return None
+    os.chmod(index_dir, mode)
+    return (f"notice: {index_dir} made {mode:04o} (was {stat.S_IMODE(st.st_mode):04o}): the photos it indexes are not "
+            "readable by every user it was open to, and it holds their paths, text, places and thumbnails")

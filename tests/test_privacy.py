@@ -1,0 +1,77 @@
+"""The index folder is no more readable by other users than the photos it indexes (indexer/privacy.py): it holds
+their paths, captions, places, OCR text and the server's thumbnails, and was made 0755 beside photos in a 0700
+folder."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import run
+from helpers import smooth_photos
+
+from indexer.privacy import GROUP, OTHERS, Step, narrowed, reachable
+
+D = stat.S_IFDIR
+F = stat.S_IFREG
+
+
+def test_which_users_reach_a_root():
+    """OTHERS by the others bits of every folder on the way (x) and of the root (r, and x for a folder); GROUP by
+    the group bits where a step's group is the index folder's, else by its others bits."""
+    public = [Step(D | 0o755, 0), Step(D | 0o755, 0)]
+    assert reachable(public, 100) == GROUP | OTHERS
+    assert reachable([Step(D | 0o700, 0), Step(D | 0o755, 0)], 100) == 0  # a 0700 home above the photos
+    assert reachable([Step(D | 0o711, 0), Step(D | 0o755, 0)], 100) == GROUP | OTHERS  # searchable is enough above
+    assert reachable([Step(D | 0o755, 0), Step(D | 0o750, 100)], 100) == GROUP  # the index's group may read
+    assert reachable([Step(D | 0o755, 0), Step(D | 0o750, 200)], 100) == 0  # another group's folder
+    assert reachable([Step(D | 0o755, 0), Step(D | 0o754, 0)], 100) == 0  # readable, not searchable: no photo opens
+    assert reachable([Step(D | 0o755, 0), Step(F | 0o644, 0)], 100) == GROUP | OTHERS  # a list file: read alone
+    assert reachable([Step(D | 0o755, 0), Step(F | 0o600, 0)], 100) == 0
+
+
+def test_the_index_folder_loses_only_read_and_search_bits():
+    public, private = [Step(D | 0o755, 0)], [Step(D | 0o700, 0)]
+    assert narrowed(D | 0o755, 100, [public]) == 0o755
+    assert narrowed(D | 0o755, 100, [public, private]) == 0o700
+    assert narrowed(D | 0o2775, 100, [[Step(D | 0o750, 100)]]) == 0o2770  # setgid, the group's write kept
+    assert narrowed(D | 0o700, 100, [public]) == 0o700  # never opened wider
+    assert narrowed(D | 0o755, 100, []) == 0o755
+
+
+@pytest.fixture
+def public_dir():
+    """A folder every user may search and read (pytest's own are root's, 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="alignsearch-privacy-"))
+    base.chmod(0o755)
+    yield base
+    subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.mark.slow
+def test_an_index_of_private_photos_is_private_and_of_public_ones_public(tiny_model, public_dir, capfd):
+    """`index` of photos in a 0700 folder into a folder others may read: the index was 0755, its catalog and
+    thumbnails readable by every user. Made 0700 now; an index of photos every user may read stays 0755. An index
+    opened to others since (chmod 755) is narrowed again at the next run that names the private folder, with a line."""
+    open_photos, hidden = public_dir / "open", public_dir / "hidden"
+    smooth_photos(open_photos, 2)
+    smooth_photos(hidden, 2)
+    open_photos.chmod(0o755)
+    hidden.chmod(0o700)
+    shown, kept = public_dir / "shown-ix", public_dir / "kept-ix"
+    run("index", "--index", shown, "--model", tiny_model, open_photos)
+    assert stat.S_IMODE(os.stat(shown).st_mode) == 0o755
+    run("index", "--index", kept, "--model", tiny_model, open_photos, hidden)
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o700
+    assert len(run("query", "--index", kept, "a photo", "-k", "10", "--paths").stdout.split()) == 4
+    kept.chmod(0o755)
+    capfd.readouterr()
+    run("index", "--index", kept, "--model", tiny_model, hidden)
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o700
+    assert f"notice: {kept} made 0700 (was 0755)" in capfd.readouterr().err  # notices go to the process's stderr
+    run("index", "--index", shown, "--model", tiny_model, hidden)  # a private root added to a public index
+    assert stat.S_IMODE(os.stat(shown).st_mode) == 0o700

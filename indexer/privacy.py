@@ -82,6 +82,9 @@ def keep_private(index_dir: Path, roots: list[str]) -> str | None:
     mode = narrowed(st.st_mode, st.st_gid, paths)
     if mode == stat.S_IMODE(st.st_mode):
         return None
-    os.chmod(index_dir, mode)
+    try:
+        os.chmod(index_dir, mode)
+    except PermissionError:  # not this user's folder (an index shared with a group): its owner decides
+        return None
     return (f"notice: {index_dir} made {mode:04o} (was {stat.S_IMODE(st.st_mode):04o}): the photos it indexes are not "
             "readable by every user it was open to, and it holds their paths, text, places and thumbnails")

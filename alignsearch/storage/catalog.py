@@ -536,12 +536,51 @@ def under_folder(key: str) -> tuple:
 
 
 def get_files(conn: Connection, ids: Iterable[int]) -> dict[int, FileRow]:
+    """The rows of these ids, each checked before it is shown: its numbers (check_rows) and its name (check_names)."""
     ids = list(ids)
     out: dict[int, FileRow] = {}
     for start in range(0, len(ids), 500):  # SQLite caps bound parameters
         chunk = ids[start : start + 500]
-        out.update({r.id: r for r in _rows(conn.execute(select(files).where(files.c.id.in_(chunk))))})
+        out.update({r.id: r for r in check_names(conn.execute(select(files, _key_owner()).where(files.c.id.in_(chunk))))})
     return check_rows(conn, out)  # hits: a few rows, each checked before its numbers are shown
+
+
+# The name of a row a reader shows has a second copy: the unique index on (root, relpath, moment) holds the key as it
+# was written, beside the row's id. SQLite pages carry no checksum, so a flipped byte in a row's text is read as
+# it stands (`query` showed /photos/hmg001.jpg for img001.jpg, exit 0) and only verify's integrity check, a read of
+# the whole catalog, found it. Each row shown is looked up in that index by its own key, in the statement that reads
+# it (one snapshot: a writer's change between two statements is no damage): a seek of the index per row, not a
+# read of the catalog. The subquery names the row's key columns with equalities only, so SQLite seeks the unique
+# index (a covering seek: the id is in it); tests/test_catalog_names.py flips the bytes to prove it.
+_NAMED = files.alias("named")
+KEY_OWNER = "key_owner"
+
+
+def _key_owner():
+    """The id the unique index gives the row's key (NULL: the key is in no index entry), a column of the row's select."""
+    return (select(_NAMED.c.id).where(_NAMED.c.root == files.c.root, _NAMED.c.relpath == files.c.relpath,
+                                      _NAMED.c.moment == files.c.moment).limit(1).scalar_subquery().label(KEY_OWNER))
+
+
+def check_names(result) -> list[FileRow]:
+    """The rows of a select of files and _key_owner, once each one's name is the one its index entry holds
+    (name_as_written); else IndexDamagedError, one line (exit 7)."""
+    rows = []
+    for got in result:
+        fields = dict(got._mapping)
+        owner = fields.pop(KEY_OWNER)
+        row = FileRow(**fields)
+        if not name_as_written(row, owner):
+            raise IndexDamagedError(f"{DB_FILE} is damaged: the name in the row of file {row.id} is not the one its "
+                                    "index holds: run `alignsearch verify --repair`")
+        rows.append(row)
+    return rows
+
+
+def name_as_written(row: FileRow, owner: int | None) -> bool:
+    """Whether a row's name is the one written: its key is its own entry of the unique index (owner: the id that
+    entry names), and its kept bytes are the name the key spells (sources.key_holds)."""
+    return owner == row.id and sources.key_holds(row.relpath, row.relpath_raw)
 
 
 def check_rows(conn: Connection, rows):
@@ -909,6 +948,16 @@ def malformed_values(conn: Connection) -> list[str]:
     return found
 
 
+def misspelled_names(conn: Connection) -> list[str]:
+    """The rows whose kept name bytes are not the name their key spells (sources.key_holds), as one line; [] when
+    none. What readers refuse row by row (check_names), for `verify`: SQLite's integrity check compares each key with
+    its index entry, but no index copies the bytes. A read of the rows that keep bytes (names that are not UTF-8 or
+    hold a backslash), not of the catalog."""
+    rows = conn.execute(select(files.c.relpath, files.c.relpath_raw).where(files.c.relpath_raw.is_not(None))).all()
+    bad = sum(not sources.key_holds(relpath, raw) for relpath, raw in rows)
+    return [f"{DB_FILE} is damaged: {bad} rows keep name bytes that are not the name their key spells"] if bad else []
+
+
 def refuse_malformed(conn: Connection) -> None:
     """Raise the one-line error for values no writer stores (called where reading them failed)."""
     found = malformed_values(conn)
@@ -965,10 +1014,10 @@ def rows_holding(conn: Connection, contents: Iterable[tuple[str, int]]) -> list[
     if not pairs:
         return []
     wanted = func.json_each(json.dumps(pairs)).table_valued("value").alias("wanted")
-    query = select(files).join(wanted, and_(files.c.sha256 == func.json_extract(wanted.c.value, "$[0]"),
-                                            files.c.moment == func.json_extract(wanted.c.value, "$[1]"))
-                               ).where(files.c.status == INDEXED)
-    return check_rows(conn, _rows(conn.execute(query)))
+    query = select(files, _key_owner()).join(wanted, and_(files.c.sha256 == func.json_extract(wanted.c.value, "$[0]"),
+                                                          files.c.moment == func.json_extract(wanted.c.value, "$[1]"))
+                                             ).where(files.c.status == INDEXED)
+    return check_rows(conn, check_names(conn.execute(query)))  # a hit may be shown by one of them (onefile.py)
 
 
 def rows_of_contents(conn: Connection) -> list[FileRow]:

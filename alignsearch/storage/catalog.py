@@ -592,11 +592,16 @@ def check_rows(conn: Connection, rows):
 
 
 def _sound(row: FileRow) -> bool:
-    """Whether a row's numbers are of the types a writer stores (see malformed_values)."""
-    number, maybe = (int, float), (int, float, type(None))
+    """Whether a row's numbers and text are of the types a writer stores (see malformed_values). A flipped bit of a
+    record's header turns text into bytes of the same length (serial types 2N+13 and 2N+12): a format read as
+    b'PNG' failed deep in `query --json` ("unexpected TypeError", exit 1)."""
+    number, maybe, text = (int, float), (int, float, type(None)), (str, type(None))
     return (isinstance(row.vec_row, int if row.status == INDEXED else (int, type(None))) and isinstance(row.moment, int) and isinstance(row.size, int)
             and isinstance(row.mtime, number) and isinstance(row.t, maybe) and isinstance(row.t_end, maybe)
-            and isinstance(row.width, (int, type(None))) and isinstance(row.height, (int, type(None))))
+            and isinstance(row.width, (int, type(None))) and isinstance(row.height, (int, type(None)))
+            and isinstance(row.root, str) and isinstance(row.relpath, str) and isinstance(row.status, str)
+            and isinstance(row.relpath_raw, (bytes, type(None))) and isinstance(row.sha256, text)
+            and isinstance(row.format, text) and isinstance(row.reason, text))
 
 
 def failed_files(conn: Connection) -> list[FileRow]:
@@ -925,26 +930,38 @@ def _typed_columns(conn: Connection) -> list[tuple[str, Any, tuple[str, ...], tu
            ("file sizes", f.size, ("integer",), ()), ("modification times", f.mtime, _NUMBER, ()),
            ("widths", f.width, ("integer", "null"), ()), ("heights", f.height, ("integer", "null"), ()),
            ("video moment numbers", f.moment, ("integer",), ()), ("video moment start times", f.t, _OR_NULL, ()),
-           ("video moment end times", f.t_end, _OR_NULL, ())]
+           ("video moment end times", f.t_end, _OR_NULL, ()), ("roots", f.root, _TEXT, ()), ("names", f.relpath, _TEXT, ()),
+           ("statuses", f.status, _TEXT, ()), ("content hashes", f.sha256, _TEXT_OR_NULL, ()),
+           ("image formats", f.format, _TEXT_OR_NULL, ()), ("failure reasons", f.reason, _TEXT_OR_NULL, ()),
+           ("kept name bytes", f.relpath_raw, ("blob", "null"), ())]
     if has_photos(conn):
         p = photos.c
         out += [("photo dates", p.taken, _OR_NULL, ()), ("latitudes", p.lat, _OR_NULL, ()),
                 ("longitudes", p.lon, _OR_NULL, ())]
+        out += [(what, getattr(p, name), _TEXT_OR_NULL, ()) for what, name in _PHOTO_TEXT
+                if name != "ocr" or migrate.schema_of(conn).photo_ocr]
     return out
 
 
+_TEXT, _TEXT_OR_NULL = ("text",), ("text", "null")
+# the photo fields a hit shows as text (Hit.to_dict, the web page), with what verify calls them
+_PHOTO_TEXT = (("photo date sources", "taken_source"), ("cameras", "camera"), ("lenses", "lens"), ("captions", "caption"),
+               ("texts read in images", "ocr"))
+
+
 def malformed_values(conn: Connection) -> list[str]:
-    """What of the catalog's numbers is of a type no writer stores, one line per column; [] when none. One scan
+    """What of the catalog's numbers and shown text is of a type no writer stores, one line per column; [] when none. One scan
     per table (the columns are counted together)."""
     by_table: dict[Any, list] = {}
     for what, column, allowed, where in _typed_columns(conn):
         bad = and_(func.typeof(column).not_in(allowed), *where)
-        by_table.setdefault(column.table, []).append((what, func.sum(case((bad, 1), else_=0))))
+        kind = "text" if "text" in allowed else "bytes" if "blob" in allowed else "numbers"
+        by_table.setdefault(column.table, []).append((what, kind, func.sum(case((bad, 1), else_=0))))
     found = []
     for table, counts in by_table.items():
-        row = conn.execute(select(*[c for _, c in counts]).select_from(table)).one()
-        found += [f"{DB_FILE} is damaged: {n} {what} are not numbers as alignsearch writes them"
-                  for (what, _), n in zip(counts, row) if n]
+        row = conn.execute(select(*[c for _, _, c in counts]).select_from(table)).one()
+        found += [f"{DB_FILE} is damaged: {n} {what} are not {kind} as alignsearch writes them"
+                  for (what, kind, _), n in zip(counts, row) if n]
     return found
 
 
@@ -1345,6 +1362,8 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
         out.update({row.file_id: dict(row._mapping) for row in conn.execute(query)})
     if not all(isinstance(p[k], (int, float, type(None))) for p in out.values() for k in ("taken", "lat", "lon")):
         refuse_malformed(conn)  # shown as dates and places: text there raised deep in a query or export (exit 1)
+    if not all(isinstance(p.get(k), (str, type(None))) for p in out.values() for _, k in _PHOTO_TEXT):
+        refuse_malformed(conn)  # shown as text: bytes there (a flipped bit of the record's header) failed in JSON
     return out
 
 

@@ -136,8 +136,8 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.notes.append(f"{r.leftover_rows} rows name no file of the catalog ("
                                + ", ".join(f"{table}: {n}" for table, n in leftover.items())
                                + "): no answer shows them; `alignsearch verify --repair` drops them")
-            malformed = catalog.malformed_values(conn)
-            if malformed:  # numbers no writer stores: nothing to mend them from, and every check below trips on them
+            malformed = catalog.malformed_values(conn) + catalog.misspelled_names(conn)
+            if malformed:  # numbers or name bytes no writer stores: nothing to mend them from, and every check below trips on them
                 r.problems += malformed
                 r.catalog_damaged = True
                 return r

@@ -1406,3 +1406,23 @@ def make_stamped_video(path, stamps: list[int], fmt: str | None = None) -> Path:
             packet.pts = packet.dts = stamp
             out.mux(packet)
     return path
+
+# -- bytes flipped in a catalog table's page (tests/test_catalog_names.py) --------------------------------------------
+
+
+def flip_in_table_page(db: Path, table: str, needle: bytes, at: int = 0) -> None:
+    """Flip the lowest bit of byte `at` of `needle` where it lies in `table`'s root page of the catalog (a small
+    table is that one page): a flipped byte of a row's own cell, not of an index holding a copy. SQLite pages carry
+    no checksum, so the record still reads, with the byte changed."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+    finally:
+        conn.close()
+    data = bytearray(Path(db).read_bytes())
+    start = (root - 1) * page_size
+    found = data.find(needle, start, start + page_size)
+    assert found >= 0, f"{needle!r} is not in the root page of {table}"
+    data[found + at] ^= 0x01
+    Path(db).write_bytes(data)

@@ -443,6 +443,9 @@ def alter_catalog(ix, sql):
     ("UPDATE files SET vec_row = 'x' WHERE id = 5", "vector addresses"),
     ("UPDATE files SET t = 'abc' WHERE id = 7", "moment start times"),
     ("UPDATE photos SET taken = 'yesterday' WHERE file_id = 4", "photo dates"),
+    # text read as bytes of its length: a flipped low bit of the record header's serial type (2N+13 -> 2N+12)
+    ("UPDATE files SET format = CAST(format AS BLOB) WHERE id = 5", "image formats are not text"),
+    ("UPDATE photos SET caption = CAST('a red cat' AS BLOB) WHERE file_id = 4", "captions are not text"),
 ])
 def test_numbers_no_writer_stores_are_one_line_of_damage(built, sql, said):
     """SQLite keeps whatever a record says: NULL or text where the catalog holds a number (a damaged record,

@@ -159,6 +159,18 @@ def catalog_key(name: str) -> tuple[str, bytes | None]:
     return key, (None if key == name else raw)
 
 
+def key_holds(relpath: str, relpath_raw: bytes | None) -> bool:
+    """Whether a row's kept bytes are the name its key spells (or there are none): the key is a lossless escape of
+    them (catalog_key), or, in a catalog not yet upgraded to lossless keys, the bytes with those that are not UTF-8
+    as \\xNN. The key has a second copy in the catalog's unique index, the bytes none: a damaged byte of theirs shows
+    here (catalog.check_names)."""
+    if relpath_raw is None:
+        return True
+    if not isinstance(relpath_raw, bytes) or not relpath_raw:  # a writer stores bytes or NULL, never text or b""
+        return False
+    return relpath in (catalog_key(os.fsdecode(relpath_raw))[0], relpath_raw.decode("utf-8", "backslashreplace"))
+
+
 def name_bytes(relpath: str, relpath_raw: bytes | None = None) -> bytes:
     """The bytes of a catalogued name: raw where the catalog kept them, else the key, which is then the name."""
     return relpath_raw if relpath_raw else relpath.encode("utf-8")

@@ -536,12 +536,55 @@ def under_folder(key: str) -> tuple:
 
 
 def get_files(conn: Connection, ids: Iterable[int]) -> dict[int, FileRow]:
+    """The rows of these ids, each checked before it is shown: its numbers (check_rows) and its name (check_names)."""
     ids = list(ids)
     out: dict[int, FileRow] = {}
     for start in range(0, len(ids), 500):  # SQLite caps bound parameters
         chunk = ids[start : start + 500]
-        out.update({r.id: r for r in _rows(conn.execute(select(files).where(files.c.id.in_(chunk))))})
+        out.update({r.id: r for r in check_names(conn.execute(select(files, _key_owner()).where(files.c.id.in_(chunk))))})
     return check_rows(conn, out)  # hits: a few rows, each checked before its numbers are shown
+
+
+# The name of a row a reader shows has a second copy: the unique index on (root, relpath, moment) holds the key as it
+# was written, beside the row's id. SQLite pages carry no checksum, so a flipped byte in a row's text is read as
+# it stands (`query` showed /photos/hmg001.jpg for img001.jpg, exit 0) and only verify's integrity check, a read of
+# the whole catalog, found it. Each row shown is looked up in that index by its own key, in the statement that reads
+# it (one snapshot: a writer's change between two statements is no damage): a seek of the index per row, not a
+# read of the catalog. The subquery names the row's key columns with equalities only, so SQLite seeks the unique
+# index (a covering seek: the id is in it); tests/test_catalog_names.py flips the bytes to prove it.
+_NAMED = files.alias("named")
+KEY_OWNER = "key_owner"
+
+
+def _key_owner():
+    """The id the unique index gives the row's key (NULL: the key is in no index entry), a column of the row's select."""
+    return _KEY_OWNER
+
+
+# built once: a search reads rows twice, and building the subquery anew took ~80 us each time
+_KEY_OWNER = (select(_NAMED.c.id).where(_NAMED.c.root == files.c.root, _NAMED.c.relpath == files.c.relpath,
+                                        _NAMED.c.moment == files.c.moment).limit(1).scalar_subquery().label(KEY_OWNER))
+
+
+def check_names(result) -> list[FileRow]:
+    """The rows of a select of files and _key_owner, once each one's name is the one its index entry holds
+    (name_as_written); else IndexDamagedError, one line (exit 7)."""
+    rows = []
+    for got in result:
+        fields = dict(got._mapping)
+        owner = fields.pop(KEY_OWNER)
+        row = FileRow(**fields)
+        if not name_as_written(row, owner):
+            raise IndexDamagedError(f"{DB_FILE} is damaged: the name in the row of file {row.id} is not the one its "
+                                    "index holds: run `alignsearch verify --repair`")
+        rows.append(row)
+    return rows
+
+
+def name_as_written(row: FileRow, owner: int | None) -> bool:
+    """Whether a row's name is the one written: its key is its own entry of the unique index (owner: the id that
+    entry names), and its kept bytes are the name the key spells (sources.key_holds)."""
+    return owner == row.id and sources.key_holds(row.relpath, row.relpath_raw)
 
 
 def check_rows(conn: Connection, rows):
@@ -553,11 +596,16 @@ def check_rows(conn: Connection, rows):
 
 
 def _sound(row: FileRow) -> bool:
-    """Whether a row's numbers are of the types a writer stores (see malformed_values)."""
-    number, maybe = (int, float), (int, float, type(None))
+    """Whether a row's numbers and text are of the types a writer stores (see malformed_values). A flipped bit of a
+    record's header turns text into bytes of the same length (serial types 2N+13 and 2N+12): a format read as
+    b'PNG' failed deep in `query --json` ("unexpected TypeError", exit 1)."""
+    number, maybe, text = (int, float), (int, float, type(None)), (str, type(None))
     return (isinstance(row.vec_row, int if row.status == INDEXED else (int, type(None))) and isinstance(row.moment, int) and isinstance(row.size, int)
             and isinstance(row.mtime, number) and isinstance(row.t, maybe) and isinstance(row.t_end, maybe)
-            and isinstance(row.width, (int, type(None))) and isinstance(row.height, (int, type(None))))
+            and isinstance(row.width, (int, type(None))) and isinstance(row.height, (int, type(None)))
+            and isinstance(row.root, str) and isinstance(row.relpath, str) and isinstance(row.status, str)
+            and isinstance(row.relpath_raw, (bytes, type(None))) and isinstance(row.sha256, text)
+            and isinstance(row.format, text) and isinstance(row.reason, text))
 
 
 def failed_files(conn: Connection) -> list[FileRow]:
@@ -895,27 +943,49 @@ def _typed_columns(conn: Connection) -> list[tuple[str, Any, tuple[str, ...], tu
            ("file sizes", f.size, ("integer",), ()), ("modification times", f.mtime, _NUMBER, ()),
            ("widths", f.width, ("integer", "null"), ()), ("heights", f.height, ("integer", "null"), ()),
            ("video moment numbers", f.moment, ("integer",), ()), ("video moment start times", f.t, _OR_NULL, ()),
-           ("video moment end times", f.t_end, _OR_NULL, ())]
+           ("video moment end times", f.t_end, _OR_NULL, ()), ("roots", f.root, _TEXT, ()), ("names", f.relpath, _TEXT, ()),
+           ("statuses", f.status, _TEXT, ()), ("content hashes", f.sha256, _TEXT_OR_NULL, ()),
+           ("image formats", f.format, _TEXT_OR_NULL, ()), ("failure reasons", f.reason, _TEXT_OR_NULL, ()),
+           ("kept name bytes", f.relpath_raw, ("blob", "null"), ())]
     if has_photos(conn):
         p = photos.c
         out += [("photo dates", p.taken, _OR_NULL, ()), ("latitudes", p.lat, _OR_NULL, ()),
                 ("longitudes", p.lon, _OR_NULL, ())]
+        out += [(what, getattr(p, name), _TEXT_OR_NULL, ()) for what, name in _PHOTO_TEXT
+                if name != "ocr" or migrate.schema_of(conn).photo_ocr]
     return out
 
 
+_TEXT, _TEXT_OR_NULL = ("text",), ("text", "null")
+# the photo fields a hit shows as text (Hit.to_dict, the web page), with what verify calls them
+_PHOTO_TEXT = (("photo date sources", "taken_source"), ("cameras", "camera"), ("lenses", "lens"), ("captions", "caption"),
+               ("texts read in images", "ocr"))
+
+
 def malformed_values(conn: Connection) -> list[str]:
-    """What of the catalog's numbers is of a type no writer stores, one line per column; [] when none. One scan
+    """What of the catalog's numbers and shown text is of a type no writer stores, one line per column; [] when none. One scan
     per table (the columns are counted together)."""
     by_table: dict[Any, list] = {}
     for what, column, allowed, where in _typed_columns(conn):
         bad = and_(func.typeof(column).not_in(allowed), *where)
-        by_table.setdefault(column.table, []).append((what, func.sum(case((bad, 1), else_=0))))
+        kind = "text" if "text" in allowed else "bytes" if "blob" in allowed else "numbers"
+        by_table.setdefault(column.table, []).append((what, kind, func.sum(case((bad, 1), else_=0))))
     found = []
     for table, counts in by_table.items():
-        row = conn.execute(select(*[c for _, c in counts]).select_from(table)).one()
-        found += [f"{DB_FILE} is damaged: {n} {what} are not numbers as alignsearch writes them"
-                  for (what, _), n in zip(counts, row) if n]
+        row = conn.execute(select(*[c for _, _, c in counts]).select_from(table)).one()
+        found += [f"{DB_FILE} is damaged: {n} {what} are not {kind} as alignsearch writes them"
+                  for (what, kind, _), n in zip(counts, row) if n]
     return found
+
+
+def misspelled_names(conn: Connection) -> list[str]:
+    """The rows whose kept name bytes are not the name their key spells (sources.key_holds), as one line; [] when
+    none. What readers refuse row by row (check_names), for `verify`: SQLite's integrity check compares each key with
+    its index entry, but no index copies the bytes. A read of the rows that keep bytes (names that are not UTF-8 or
+    hold a backslash), not of the catalog."""
+    rows = conn.execute(select(files.c.relpath, files.c.relpath_raw).where(files.c.relpath_raw.is_not(None))).all()
+    bad = sum(not sources.key_holds(relpath, raw) for relpath, raw in rows)
+    return [f"{DB_FILE} is damaged: {bad} rows keep name bytes that are not the name their key spells"] if bad else []
 
 
 def refuse_malformed(conn: Connection) -> None:
@@ -974,10 +1044,10 @@ def rows_holding(conn: Connection, contents: Iterable[tuple[str, int]]) -> list[
     if not pairs:
         return []
     wanted = func.json_each(json.dumps(pairs)).table_valued("value").alias("wanted")
-    query = select(files).join(wanted, and_(files.c.sha256 == func.json_extract(wanted.c.value, "$[0]"),
-                                            files.c.moment == func.json_extract(wanted.c.value, "$[1]"))
-                               ).where(files.c.status == INDEXED)
-    return check_rows(conn, _rows(conn.execute(query)))
+    query = select(files, _key_owner()).join(wanted, and_(files.c.sha256 == func.json_extract(wanted.c.value, "$[0]"),
+                                                          files.c.moment == func.json_extract(wanted.c.value, "$[1]"))
+                                             ).where(files.c.status == INDEXED)
+    return check_rows(conn, check_names(conn.execute(query)))  # a hit may be shown by one of them (onefile.py)
 
 
 def rows_of_contents(conn: Connection) -> list[FileRow]:
@@ -1305,6 +1375,8 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
         out.update({row.file_id: dict(row._mapping) for row in conn.execute(query)})
     if not all(isinstance(p[k], (int, float, type(None))) for p in out.values() for k in ("taken", "lat", "lon")):
         refuse_malformed(conn)  # shown as dates and places: text there raised deep in a query or export (exit 1)
+    if not all(isinstance(p.get(k), (str, type(None))) for p in out.values() for _, k in _PHOTO_TEXT):
+        refuse_malformed(conn)  # shown as text: bytes there (a flipped bit of the record's header) failed in JSON
     return out
 
 

@@ -1,0 +1,129 @@
+"""What checking each shown row's name against the catalog's unique index (catalog.check_names) and its text's types
+(catalog._sound, photos_of) costs a search: Engine.search_vector (no encoding) with catalog.get_files, rows_holding
+and photos_of, the reads that now carry the checks, taken from git --base (alignsearch/storage/catalog.py loaded from
+git, common.module_at) against this tree's, alternating in one run, on one synthetic index; and get_files with
+rows_holding alone for k rows. The engine is this tree's in both columns (the change touches no other module a
+search runs).
+
+    python benchmarks/bench_catalog_names.py [--n 100000] [--dim 64] [--searches 200] [--rounds 5] [--base main]
+
+A synthetic index: N random unit vectors (a small --dim, so the catalog's part of a search is not hidden under the
+scoring), each file a row with its own content hash and a photos row (a caption, a camera), written straight into the catalog and the vector store, then
+the flat or IVF index the real build makes (sync_index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_note, module_at, record
+
+import alignsearch
+from alignsearch.storage import catalog, state, vectors
+from alignsearch.search.engine import ANN_FILE, DB_FILE
+from indexer.build import sync_index
+
+READS = ("get_files", "rows_holding", "photos_of")  # the reads a search makes that the checks changed
+
+
+def build(index_dir: Path, n: int, dim: int) -> None:
+    index_dir.mkdir()
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    db = catalog.connect(index_dir / DB_FILE)
+    store = vectors.VectorStore(index_dir / "vectors.f16", dim, 0)
+    with db.begin() as conn:
+        for start in range(0, n, 50_000):
+            stop = min(n, start + 50_000)
+            first = store.append(x[start:stop])
+            conn.execute(catalog.files.insert(), [
+                {"id": i + 1, "root": "/synthetic/photos", "relpath": f"{i // 1000:03d}/IMG_{i:07d}.jpg", "size": 1,
+                 "mtime": 0.0, "format": "JPEG", "sha256": f"{i:064x}", "status": catalog.INDEXED, "indexed_at": 0.0,
+                 "vec_row": first + i - start} for i in range(start, stop)])
+            conn.execute(catalog.photos.insert(), [{"file_id": i + 1, "caption": f"photo {i} of the trip", "camera": "Canon"}
+                                                   for i in range(start, stop)])
+            for chunk in range(start, stop, 65_536):
+                vectors.record_chunk(conn, store, 0, chunk, min(65_536, stop - chunk))
+        vectors.save(conn, store)
+        state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
+        state.write(conn, roots=state.RootsState(roots=("/synthetic/photos",)))
+    sync_index(db, store, index_dir / ANN_FILE)
+    db.dispose()
+
+
+def use(module) -> None:
+    for name in READS:
+        setattr(catalog, name, getattr(module, name))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="the cost of checking shown rows' names")
+    for flag, default in (("--n", 100_000), ("--dim", 64), ("--searches", 200), ("--rounds", 5)):
+        ap.add_argument(flag, type=int, default=default)
+    ap.add_argument("--base", default="main", help="commit whose catalog.get_files and rows_holding are the baseline")
+    ap.add_argument("--no-save", action="store_true")
+    args, load_at_start = ap.parse_args(), os.getloadavg()[0]
+    new = {name: getattr(catalog, name) for name in READS}
+    old = module_at(args.base, "alignsearch/storage/catalog.py", "catalog_old")
+    columns = {f"base {args.base}": old, "this tree": type("new", (), new)}
+    search_ms: dict = {}
+    read_us: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ix = Path(tmp) / "ix"
+        build(ix, args.n, args.dim)
+        rng = np.random.default_rng(1)
+        queries = rng.standard_normal((args.searches, args.dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        with alignsearch.open(ix, device="cpu") as engine:
+            for k in (10, 100):
+                ids = rng.choice(args.n, k, replace=False) + 1
+                for name, module in columns.items():
+                    use(module)
+                    shown = [h.path for h in engine.search_vector(queries[0], k=k)]  # warm: snapshot, columns
+                    assert len(shown) == k, (name, len(shown))
+                for _ in range(args.rounds):  # alternating, so both share the machine's load
+                    for name, module in columns.items():
+                        use(module)
+                        start = time.perf_counter()
+                        for q in queries:
+                            engine.search_vector(q, k=k)
+                        search_ms.setdefault((k, name), []).append((time.perf_counter() - start) / len(queries) * 1e3)
+                        with engine.db.connect() as conn:
+                            start = time.perf_counter()
+                            for _ in range(args.searches):
+                                rows = catalog.get_files(conn, ids.tolist())
+                                catalog.rows_holding(conn, ((r.sha256, r.moment) for r in rows.values()))
+                            read_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
+            use(type("new", (), new))
+        # the other design: SQLite's integrity check (what verify runs), e.g. once per catalog generation
+        integrity_s = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assert catalog.integrity_problems(ix / DB_FILE) == []
+            integrity_s.append(time.perf_counter() - start)
+    lines = [f"- {args.n:,} files in a synthetic catalog ({args.dim}-d vectors, each file its own content), "
+             "this tree's Engine.search_vector (a random unit vector, no encoding) with catalog.get_files, "
+             f"rows_holding and photos_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
+             f"{args.searches} searches; last column: get_files and rows_holding alone for k random ids", load_note(load_at_start), "",
+             "| k | catalog reads of | ms/search | get_files + rows_holding of k rows, us |", "|---|---|---|---|"]
+    for (k, name), runs in search_ms.items():
+        lines.append(f"| {k} | {name} | {statistics.median(runs):.2f} | {statistics.median(read_us[(k, name)]):.0f} |")
+    lines += ["", f"- the alternative, SQLite's integrity check of this catalog (catalog.integrity_problems, as verify "
+              f"runs it), median of 3: {statistics.median(integrity_s) * 1e3:.0f} ms, a reader's price per check (a CLI "
+              "query is a new process each time: once per generation would be once per query)"]
+    record("The name check of shown rows (catalog.check_names)", lines, save=not args.no_save)
+
+
+if __name__ == "__main__":
+    main()

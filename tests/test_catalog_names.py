@@ -1,0 +1,76 @@
+"""A flipped byte in a catalog row's name is damage a reader reports, never a path it shows (catalog.check_names).
+
+SQLite pages carry no checksum: a byte flipped in the files table's page was read as it stood, and `query` printed
+/photos/hmg001.jpg for img001.jpg with exit 0; only `verify` (SQLite's integrity check of the whole catalog) found it.
+Each shown row's name is now looked up in the unique index that holds a second copy of it.
+"""
+
+import os
+import sqlite3
+
+import pytest
+
+from conftest import make_images, run
+from helpers import flip_in_table_page
+from alignsearch.media import sources
+from alignsearch.storage import catalog
+
+
+def _paths(ix, k=12):
+    return sorted(line.split()[-1] for line in run("query", "a photo", "--index", ix, "-k", k).stdout.splitlines())
+
+
+def test_an_intact_index_answers_every_file(indexed_images):
+    photos, ix = indexed_images(12)
+    assert _paths(ix) == sorted(str(p) for p in photos.iterdir())
+
+
+@pytest.mark.parametrize("at", [0, 3])  # the name's first letter; the root's, which every row repeats
+def test_a_flipped_byte_in_a_rows_name_is_damage_not_a_path(indexed_images, at):
+    photos, ix = indexed_images(12)
+    needle = b"img001.jpg" if at == 0 else os.fsencode(photos)
+    flip_in_table_page(ix / "catalog.db", "files", needle, at)
+    result = run("query", "a photo", "--index", ix, "-k", 12, code=7)  # exit 0 with /photos/hmg001.jpg before
+    assert "hmg001" not in result.output and "/tmp" not in result.stdout
+    assert result.output.strip().splitlines() == [result.output.strip()]  # one line
+    assert "catalog.db is damaged" in result.output and "alignsearch verify --repair" in result.output
+    run("similar", photos / "img000.png", "--index", ix, "-k", 12, code=7)  # every surface reads rows so
+    assert run("verify", "--index", ix, code=7)  # and verify finds it, as it did
+
+
+@pytest.mark.slow  # an index of its own (~4 s)
+def test_a_flipped_byte_in_a_names_kept_bytes_is_damage(tmp_path, tiny_model):
+    """A name that is not UTF-8 keeps its bytes in relpath_raw, which no index copies; they must spell the key."""
+    folder = tmp_path / "photos"
+    make_images(folder, 2)
+    os.rename(folder / "img001.jpg", os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
+    run("index", folder, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu")
+    flip_in_table_page(tmp_path / "ix" / "catalog.db", "files", b"caf\xe9.jpg")  # the bytes, not the key caf\xe9
+    result = run("query", "a photo", "--index", tmp_path / "ix", code=7)  # exit 0 with .../baf\xe9.jpg before
+    assert "baf" not in result.output and "alignsearch verify --repair" in result.output
+    assert "name" in run("verify", "--index", tmp_path / "ix", code=7).output
+
+
+def test_key_holds_both_forms_of_key():
+    raw = b"caf\xe9 a\\b.jpg"
+    assert sources.key_holds(sources.catalog_key(os.fsdecode(raw))[0], raw)  # lossless: backslashes doubled
+    assert sources.key_holds("caf\\xe9 a\\b.jpg", raw)  # written before keys were lossless
+    assert sources.key_holds("img.jpg", None)
+    assert not sources.key_holds("caf\\xe9 a\\\\b.jpg", b"baf\xe9 a\\b.jpg")
+    assert not sources.key_holds("x", "x")  # text where a writer stores bytes
+
+
+def test_the_check_seeks_the_names_index(indexed_images):
+    """The lookup must read the index's copy, not the row again (then it would agree with any damage)."""
+    _, ix = indexed_images(12)
+    from sqlalchemy import select
+    from sqlalchemy.dialects import sqlite
+
+    sql = str(select(catalog.files, catalog._key_owner()).where(catalog.files.c.id == 1)
+              .compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
+    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+    finally:
+        conn.close()
+    assert "COVERING INDEX sqlite_autoindex_files_1 (root=? AND relpath=? AND moment=?)" in plan, plan

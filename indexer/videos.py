@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.media import photometa, sources
@@ -229,9 +229,6 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
         photo = {**photo, "taken": created, "taken_source": "video:creation_time"}
     with db.begin() as conn:
         stale = [r.id for r in catalog.rows_at(conn, found.root, found.relpath)]
-        # as upsert_file: a name not looked at (found.link None) keeps the link its rows record
-        link = found.link if found.link is not None or not stale else conn.execute(
-            select(catalog.links.c.target).where(catalog.links.c.file_id.in_(stale))).scalar()
         catalog.forget_extras(conn, stale)
         conn.execute(delete(catalog.files).where(catalog.files.c.root == found.root,
                                                  catalog.files.c.relpath == found.relpath))
@@ -245,7 +242,7 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
             if phash:
                 catalog.set_phashes(conn, [(file_id, phash)])
             catalog.set_photo(conn, file_id, found.relpath, photo)
-            catalog.set_link(conn, file_id, link)
+            catalog.set_link(conn, file_id, found.link)
         if not reuse:
             vectors.record_chunk(conn, store, 0, start, len(rows))
         if rows:

@@ -450,3 +450,25 @@ def test_a_schema_12_index_answers_as_it_stands_and_its_next_index_run_upgrades_
     shutil.copy2(photos[0], link)
     assert index_json(ix, lib, "--device", "cpu")["updated"] == 1
     assert sorted(_paths(ix, "query", "x", "-k", "10")) == sorted(map(str, [*photos, link]))
+
+
+@pytest.mark.slow
+def test_a_names_link_record_outlives_a_reindex_and_rides_a_ray_batch(tmp_path, tiny_model):
+    """The record of a link (catalog.links) is kept by `index --reindex` (it encodes every row again from the
+    catalog, never listing a name): lost, the next run found every link a change and read it again. Ray's batch
+    rows carry Found.link, b"" and None alike (lost there, each run read the links it indexed again)."""
+    from indexer import ray_pipeline
+    from indexer.scan import Found
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    photos = make_images(lib, 2)
+    (lib / "a-link.jpg").symlink_to(photos[0])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert index_json(ix, lib, "--device", "cpu")["updated"] == 0
+    index_json(ix, "--reindex", "--device", "cpu")
+    again = index_json(ix, lib, "--device", "cpu")
+    assert (again["added"], again["updated"], again["removed"]) == (0, 0, 0), again
+    for link in (None, b"", b"../img000.jpg"):
+        found = Found(str(lib), "a.jpg", 1, 2.0, None, None, link=link)
+        batch = {key: [value] for key, value in ray_pipeline._row(found).items()}
+        assert ray_pipeline._found(batch, 0) == found

@@ -642,15 +642,11 @@ def counts(conn: Connection) -> dict[str, int]:
 def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     """Insert or replace the row of (root, relpath). A replaced file gets a new id, so the ANN
     index never confuses its old vector with its new one. values["link"] (scan.Found.link): the name's link
-    target to record (b"": not a link); absent or None: the name was not looked at (a list's entry, a row read
-    again from the catalog), and the replaced row's record, if any, is kept."""
+    target to record (b"" or None: none; a list's entry or a tar member is never looked at)."""
     values = dict(values)
     link = values.pop("link", None)
     where = (files.c.root == values["root"], files.c.relpath == values["relpath"])
-    old = [i for (i,) in conn.execute(select(files.c.id).where(*where))]
-    if link is None and old:
-        link = conn.execute(select(links.c.target).where(links.c.file_id.in_(old))).scalar()
-    forget_extras(conn, old)
+    forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(*where))])
     conn.execute(delete(files).where(*where))
     values = {"indexed_at": time.time(), **values}
     file_id = int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])

@@ -367,7 +367,7 @@ def _under(relpath: str, folders: list[str]) -> bool:
 
 def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict | None = None) -> Diff:
     """Compare one root's scan with its catalog rows (relpath -> FileRow) by size and mtime, and each listed name's
-    link (Found.link) with the one recorded (links: catalog.links_under's {relpath: target}; None: none known). Rows
+    link (Found.link) with the one its row records (links: catalog.links_of's {file id: target}; None: none known). Rows
     under the `unlisted` folders (relative; "" is the whole root) that the scan did not see are kept."""
     out = Diff()
     unlisted = [printable(folder)[0] for folder in unlisted]
@@ -380,7 +380,7 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict 
         elif _retry(f.error) and row.status == "indexed":
             out.unchanged += 1  # a network blip must not throw a good vector away
         elif row.size != f.size or row.mtime != f.mtime or (f.error and row.status == "indexed") or (
-                _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))) or relinked_name(f, links):
+                _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))) or relinked_name(f, row, links):
             out.todo.append(f)
             out.changed_ids.append(row.id)
         else:
@@ -391,11 +391,11 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict 
     return out
 
 
-def relinked_name(f: Found, links: dict | None) -> bool:
+def relinked_name(f: Found, row, links: dict | None) -> bool:
     """Whether a listed name's link differs from the one its row records: a link that became a file, a file that
     became a link, a link pointed elsewhere. The size and time are the target's, so these can leave both as they
     were. A name not looked at (f.link None) never differs."""
-    return f.link is not None and links is not None and (links.get(f.relpath) or b"") != f.link
+    return f.link is not None and links is not None and links.get(row.id, b"") != f.link
 
 
 CHANGED_SLACK_S = 60  # a file time a little before a listing started still counts: coarse clocks, a server's skew

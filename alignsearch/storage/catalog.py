@@ -660,14 +660,10 @@ def set_link(conn: Connection, file_id: int, target: bytes | None) -> None:
         conn.execute(insert(links).values(file_id=file_id, target=target))
 
 
-def links_under(conn: Connection, root: str, folders: tuple[str, ...] | None = None) -> dict[str, bytes]:
-    """{relpath: link target} of one root's rows recorded as symbolic links (files_under's rows, folders alike):
-    a read of the links table, as small as the library's links, each looked up in files by id."""
-    query = select(files.c.relpath, links.c.target).join(links, links.c.file_id == files.c.id).where(
-        files.c.root == root)
-    if folders is None or "" in folders:
-        return dict(conn.execute(query).all())
-    return {relpath: target for key in folders for relpath, target in conn.execute(query.where(*under_folder(key)))}
+def links_of(conn: Connection) -> dict[int, bytes]:
+    """{file id: link target} of every row recorded as a symbolic link: one read of a table as small as the
+    library's links (joined to a root's rows, SQLite walked every row of the root to probe it)."""
+    return dict(conn.execute(select(links.c.file_id, links.c.target)).all())
 
 
 def replace_tags(conn: Connection, rows: list[dict], labels: Iterable[str] | None = None) -> None:

@@ -159,6 +159,7 @@ fill_failures = Table(
     Column("failed_at", Float, nullable=False),
 )
 FILL_OCR, FILL_PHASH = "ocr", "phash"
+FILL_STEPS = (FILL_OCR, FILL_PHASH)
 
 # The rows whose name was a symbolic link when a folder listing indexed it, with the link's target as readlink gave
 # it (schema 13). The listing stats through a link, so a link replaced by a copy of its target (the same size and
@@ -172,7 +173,6 @@ links = Table(
     Column("file_id", Integer, primary_key=True),
     Column("target", LargeBinary, nullable=False),
 )
-FILL_STEPS = (FILL_OCR, FILL_PHASH)
 
 KEYWORDS = "keywords"  # SQLite FTS5 over captions, text in images, file and folder names and tags; rowid = file id
 # FTS5's trigram tokenizer over the chunks of that text that hold a digit, so `4711` finds `INV4711A`

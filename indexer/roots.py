@@ -401,6 +401,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
     out = Scanned()
     with db.connect() as conn:
         before = state.read(conn).roots.listing_errors if scope is not None else {}
+        recorded_links = catalog.links_of(conn)  # {file id: target}: the rows whose name was a link
         for root in roots:
             errors: list[scan.ListingError] = []
             hidden = options.get(root, {}).get("include_hidden", False)
@@ -464,7 +465,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             if links is not None and sources.kind(root) == sources.FOLDER:
                 links.listed(root, folders, linked, [e.folder for e in errors], to_folders)
             found = _one_per_key(root, found, out.notes)
-            d = scan.diff(found, rows, [e.folder for e in errors])
+            d = scan.diff(found, rows, [e.folder for e in errors], recorded_links)
             out.todo += d.todo
             out.removed += d.removed
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)

@@ -51,6 +51,9 @@ class Found:
     # a local photo whose sidecar caption (photo.txt) is read again though the photo is unchanged: a symbolic link
     # (its target may be another text now), or a caption made, edited or removed since the root's last full listing
     caption_link: bool = False
+    # a folder listing's name: b"" a file, else a symbolic link's target as readlink gives it (catalog.links); None: not
+    # looked at (a list's entry, a tar member, a row read back from the catalog), so never a change (diff)
+    link: bytes | None = None
 
     @property
     def path(self) -> str:
@@ -317,22 +320,36 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
             caption = os.path.splitext(entry.name)[0] + ".txt"
             caption_link = caption in linked_captions or (captions_since is not None and (
                 folder_changed or (caption in texts and changed_since(texts[caption].path, since))))
+            target = link_target(entry)
             try:
                 # a link is followed as it is read (safeopen): one another user planted is no file of the library
                 st = walks.stat_through(name) if entry.is_symlink() else os.stat(entry.path)
             except safeopen.Refused as exc:
                 # the link's own size and time: a row indexed through it (before links were judged) is replaced
                 link = entry.stat(follow_symlinks=False)  # scandir's, cached
-                yield Found(root, relpath, link.st_size, link.st_mtime, str(exc), raw, caption_link=caption_link)
+                yield Found(root, relpath, link.st_size, link.st_mtime, str(exc), raw, caption_link=caption_link,
+                            link=target)
                 continue
             except OSError as exc:
                 broken = os.path.islink(entry.path) and exc.errno == 2
-                yield Found(root, relpath, 0, 0.0, "broken symlink" if broken else f"cannot stat: {exc.strerror or exc}", raw)
+                yield Found(root, relpath, 0, 0.0, "broken symlink" if broken else f"cannot stat: {exc.strerror or exc}", raw,
+                            link=target)
                 continue
             yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw,
-                        caption_link=caption_link)
+                        caption_link=caption_link, link=target)
         pending.extend(reversed(subfolders))
     walks.close()
+
+
+def link_target(entry: os.DirEntry) -> bytes:
+    """Found.link of a listed name: b"" for a file (scandir's type, no system call), a link's target (one readlink;
+    a link unreadable meanwhile: b"?", never a target readlink gives)."""
+    if not entry.is_symlink():
+        return b""
+    try:
+        return os.fsencode(os.readlink(entry.path))
+    except OSError:
+        return b"?"
 
 
 @dataclass
@@ -348,9 +365,10 @@ def _under(relpath: str, folders: list[str]) -> bool:
     return any(not folder or relpath == folder or relpath.startswith(folder + "/") for folder in folders)
 
 
-def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
-    """Compare one root's scan with its catalog rows (relpath -> FileRow) by size and mtime. Rows under
-    the `unlisted` folders (relative; "" is the whole root) that the scan did not see are kept."""
+def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict | None = None) -> Diff:
+    """Compare one root's scan with its catalog rows (relpath -> FileRow) by size and mtime, and each listed name's
+    link (Found.link) with the one its row records (links: catalog.links_of's {file id: target}; None: none known). Rows
+    under the `unlisted` folders (relative; "" is the whole root) that the scan did not see are kept."""
     out = Diff()
     unlisted = [printable(folder)[0] for folder in unlisted]
     seen = set()
@@ -362,7 +380,7 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
         elif _retry(f.error) and row.status == "indexed":
             out.unchanged += 1  # a network blip must not throw a good vector away
         elif row.size != f.size or row.mtime != f.mtime or (f.error and row.status == "indexed") or (
-                _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))):
+                _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))) or relinked_name(f, row, links):
             out.todo.append(f)
             out.changed_ids.append(row.id)
         else:
@@ -371,6 +389,13 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = ()) -> Diff:
     out.removed = [row for row in gone if not _under(row.relpath, unlisted)] if unlisted else gone
     out.kept = len(gone) - len(out.removed)
     return out
+
+
+def relinked_name(f: Found, row, links: dict | None) -> bool:
+    """Whether a listed name's link differs from the one its row records: a link that became a file, a file that
+    became a link, a link pointed elsewhere. The size and time are the target's, so these can leave both as they
+    were. A name not looked at (f.link None) never differs."""
+    return f.link is not None and links is not None and links.get(row.id, b"") != f.link
 
 
 CHANGED_SLACK_S = 60  # a file time a little before a listing started still counts: coarse clocks, a server's skew

@@ -130,7 +130,7 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     with db.begin() as conn:
         catalog.upsert_file(conn, {"root": found.root, "relpath": found.relpath, "relpath_raw": found.relpath_raw,
                                    "size": found.size, "mtime": found.mtime, "sha256": sha, "format": _format(found),
-                                   "status": catalog.FAILED, "reason": reason, "vec_row": None})
+                                   "status": catalog.FAILED, "reason": reason, "vec_row": None, "link": found.link})
     stats.seconds["write"] += time.perf_counter() - t0
     stats.failed.add((found.root, found.relpath))
 
@@ -255,6 +255,7 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
             if phash:
                 catalog.set_phashes(conn, [(file_id, phash)])
             catalog.set_photo(conn, file_id, found.relpath, photo)
+            catalog.set_link(conn, file_id, found.link)
         if not reuse:
             vectors.record_chunk(conn, store, 0, start, len(rows))
         if rows:

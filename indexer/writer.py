@@ -52,7 +52,8 @@ def file_values(it: Item, vec_row: int | None) -> dict:
     f, ok = it.found, it.crop is not None
     return dict(root=f.root, relpath=f.relpath, relpath_raw=f.relpath_raw, size=f.size, mtime=f.mtime,
                 sha256=it.sha256, width=it.width, height=it.height, format=it.format,
-                status=catalog.INDEXED if ok else catalog.FAILED, reason=it.reason, vec_row=vec_row if ok else None)
+                status=catalog.INDEXED if ok else catalog.FAILED, reason=it.reason, vec_row=vec_row if ok else None,
+                link=f.link)
 
 
 def record_runs(conn, store: VectorStore, addresses) -> None:

@@ -202,18 +202,53 @@ def test_the_recent_listing_sees_a_link_replaced_by_a_copy_of_its_target(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known: a running server's recent listing keeps its left-out ids while no "
-                   "catalog row changes; the fix tried (the links of shared rows resolved again on every first page) "
-                   "cost 10.9 -> 650 ms a first page at 50,000 rows, half of them shared")
 def test_the_recent_listing_sees_a_link_become_a_file_no_catalog_row_changed(tmp_path, tiny_model):
-    """A symlink replaced by a copy of its target's bytes, size and mtime: `index` finds it unchanged (it stats
-    through the link), so no row changes and the listing's cache key (the indexed rows' count and highest id) stays;
-    a running server's listing leaves the copy out (total 3) while a search lists it and a new server does (4)."""
+    """A symlink replaced by a copy of its target's bytes, size and mtime: `index` found it unchanged (it stats
+    through the link), so no row changed and the listing's cache key (the indexed rows' count and highest id) stayed;
+    a running server's listing left the copy out (total 3) while a search listed it and a new server did (4). The
+    catalog records which names are links (catalog.links): the name's change is a change, its row indexed again."""
     got = _served_link_then_copy(tmp_path, tiny_model, keep_mtime=True)
     s = got["summary"]
-    assert (s["added"], s["updated"], s["removed"]) == (0, 0, 0), s
+    assert (s["added"], s["updated"], s["removed"]) == (0, 1, 0), s
     assert len(_paths(got["ix"], "query", "x", "-k", "10")) == 4
     assert got["total"] == 4 and got["paged"] == got["files"]
+
+
+@pytest.mark.slow
+def test_the_recent_listing_sees_a_file_become_a_link_and_a_link_retargeted(tmp_path, tiny_model):
+    """The reverse: a copy of a photo (same bytes, size and mtime) replaced by a link to it was found unchanged, and
+    a running server listed the link as a file of its own (4 where a new server lists 3). A link pointed at another
+    copy of its target's bytes, size and mtime (outside the folder) is a file of its own again (4)."""
+    import shutil
+
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.surfaces.server import Library, ServerConfig
+
+    lib, ix, elsewhere = tmp_path / "lib", tmp_path / "ix", tmp_path / "elsewhere"
+    photos = make_images(lib, 3)
+    copy = lib / "a-copy.jpg"
+    shutil.copy2(photos[0], copy)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    library = Library(open_index(ix), ServerConfig())
+    try:
+        assert library.recent(0, 60)["total"] == 4
+        copy.unlink()
+        copy.symlink_to(photos[0])
+        summary = index_json(ix, lib, "--device", "cpu")
+        assert (summary["added"], summary["updated"], summary["removed"]) == (0, 1, 0), summary
+        listed = library.recent(0, 60)
+        assert listed["total"] == 3 and str(copy) not in [h["path"] for h in listed["results"]], listed
+        elsewhere.mkdir()
+        shutil.copy2(photos[0], elsewhere / "img000.jpg")
+        copy.unlink()
+        copy.symlink_to(elsewhere / "img000.jpg")
+        summary = index_json(ix, lib, "--device", "cpu")
+        assert (summary["added"], summary["updated"], summary["removed"]) == (0, 1, 0), summary
+        assert library.recent(0, 60)["total"] == 4
+        assert (index_json(ix, lib, "--device", "cpu")["updated"]) == 0  # recorded: the next run finds no change
+    finally:
+        library.engine.db.dispose()
+
 
 def test_the_name_shown_is_the_real_path_then_the_shortest(tmp_path):
     """onefile.shown_first: the real path before a link's name or a file:// URL of it; among names that all go
@@ -362,3 +397,78 @@ def test_a_link_beside_a_photo_whose_name_is_not_utf8_is_one_hit_shown_by_that_n
         hits = engine.search(text="x", k=10)
     names = sorted(os.fsencode(h.path) for h in hits)
     assert names == sorted([odd, os.fsencode(copy), os.fsencode(photos[1])]), names
+
+
+@pytest.mark.slow
+def test_a_schema_12_index_answers_as_it_stands_and_its_next_index_run_upgrades_it_and_records_its_links(
+        tmp_path, tiny_model):
+    """Schema 13 added catalog.links. An index of schema 12 (the same catalog without that table) is read as it
+    stands by a search and the recent listing (writing nothing); the next `index` upgrades it, finds its link a
+    change once (the link was not recorded: its row indexed again, its vector reused, none encoded) and then none;
+    the link replaced by a copy of its target is then seen."""
+    import shutil
+    import sqlite3
+
+    from alignsearch.search.engine import open as open_index
+    from alignsearch.storage import migrate
+    from alignsearch.surfaces.server import Library, ServerConfig
+    from helpers import dump
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    photos = make_images(lib, 3)
+    link = lib / "a-link.jpg"
+    link.symlink_to(photos[0])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    db = ix / "catalog.db"
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("DROP TABLE links")
+        conn.execute("UPDATE meta SET value = '12' WHERE key = 'schema_version'")
+    conn.close()
+    before, vectors = dump(db), (ix / "vectors.f16").stat().st_size
+
+    def version() -> int:
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return int(c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        finally:
+            c.close()
+
+    assert sorted(_paths(ix, "query", "x", "-k", "10")) == sorted(map(str, photos))
+    library = Library(open_index(ix), ServerConfig())
+    try:
+        assert library.recent(0, 60)["total"] == 3
+    finally:
+        library.engine.db.dispose()
+    assert version() == 12 and dump(db) == before  # a reader writes nothing
+    first = index_json(ix, lib, "--device", "cpu")
+    assert version() == migrate.LATEST
+    assert (first["added"], first["updated"], first["removed"]) == (0, 1, 0), first
+    assert (ix / "vectors.f16").stat().st_size == vectors  # the link's content known: its vector reused
+    assert index_json(ix, lib, "--device", "cpu")["updated"] == 0
+    link.unlink()
+    shutil.copy2(photos[0], link)
+    assert index_json(ix, lib, "--device", "cpu")["updated"] == 1
+    assert sorted(_paths(ix, "query", "x", "-k", "10")) == sorted(map(str, [*photos, link]))
+
+
+@pytest.mark.slow
+def test_a_names_link_record_outlives_a_reindex_and_rides_a_ray_batch(tmp_path, tiny_model):
+    """The record of a link (catalog.links) is kept by `index --reindex` (it encodes every row again from the
+    catalog, never listing a name): lost, the next run found every link a change and read it again. Ray's batch
+    rows carry Found.link, b"" and None alike (lost there, each run read the links it indexed again)."""
+    from indexer import ray_pipeline
+    from indexer.scan import Found
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    photos = make_images(lib, 2)
+    (lib / "a-link.jpg").symlink_to(photos[0])
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    assert index_json(ix, lib, "--device", "cpu")["updated"] == 0
+    index_json(ix, "--reindex", "--device", "cpu")
+    again = index_json(ix, lib, "--device", "cpu")
+    assert (again["added"], again["updated"], again["removed"]) == (0, 0, 0), again
+    for link in (None, b"", b"../img000.jpg"):
+        found = Found(str(lib), "a.jpg", 1, 2.0, None, None, link=link)
+        batch = {key: [value] for key, value in ray_pipeline._row(found).items()}
+        assert ray_pipeline._found(batch, 0) == found

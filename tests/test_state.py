@@ -252,6 +252,37 @@ def test_an_upgrade_killed_half_way_leaves_the_old_version_whole(tmp_path, monke
     assert "keywords_trigram" in tables(path)
 
 
+def test_an_upgrade_to_13_killed_half_way_leaves_version_12_whole(tmp_path, monkeypatch):
+    """Step 13 (catalog.links) applied, then the process dies before the version is written: the catalog is the
+    schema 12 one it was, and the next writer upgrades it whole."""
+    path = old_catalog(tmp_path / "c.db", 1)
+    catalog.connect(path).dispose()
+    conn = sqlite3.connect(path)
+    with conn:  # the catalog as schema 12 left it
+        conn.execute("DROP TABLE links")
+        conn.execute("UPDATE meta SET value = '12' WHERE key = 'schema_version'")
+    conn.close()
+    before = dump(path)
+    at = [s.version for s in migrate.STEPS].index(13)
+    step = migrate.STEPS[at]
+
+    def half(conn):
+        step.apply(conn)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(migrate, "STEPS", (*migrate.STEPS[:at], replace(step, apply=half), *migrate.STEPS[at + 1:]))
+    with pytest.raises(KeyboardInterrupt):
+        catalog.connect(path)
+    assert dump(path) == before and "links" not in tables(path)
+    monkeypatch.undo()
+    catalog.connect(path).dispose()
+    assert "links" in tables(path)
+    db = catalog.connect(path, readonly=True)
+    with db.connect() as c:
+        assert state.read(c).schema_version == migrate.LATEST
+    db.dispose()
+
+
 def test_a_search_never_looks_at_the_schema(v3):
     """What a reader may rely on comes from the version, once per connection: a search runs no
     sqlite_master probe (one per keyword search and per photo-field read before)."""

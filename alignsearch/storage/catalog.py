@@ -161,6 +161,19 @@ fill_failures = Table(
 FILL_OCR, FILL_PHASH = "ocr", "phash"
 FILL_STEPS = (FILL_OCR, FILL_PHASH)
 
+# The rows whose name was a symbolic link when a folder listing indexed it, with the link's target as readlink gave
+# it (schema 13). The listing stats through a link, so a link replaced by a copy of its target (the same size and
+# time), a file replaced by a link to its copy, or a link pointed at another copy looked unchanged: no row changed,
+# and a running server's recent listing (keyed on the rows' count and highest id) kept leaving the copy out, or
+# listed a link as a file of its own. Recorded, each is a change of the name (indexer/scan.py diff): the row is
+# indexed again and takes a new id. Only writers read it: a reader of an older catalog never asks.
+links = Table(
+    "links",
+    metadata,
+    Column("file_id", Integer, primary_key=True),
+    Column("target", LargeBinary, nullable=False),
+)
+
 KEYWORDS = "keywords"  # SQLite FTS5 over captions, text in images, file and folder names and tags; rowid = file id
 # FTS5's trigram tokenizer over the chunks of that text that hold a digit, so `4711` finds `INV4711A`
 # (alignsearch/storage/keywords.py); substrings of 3+ characters, case-insensitive.
@@ -685,12 +698,29 @@ def counts(conn: Connection) -> dict[str, int]:
 
 def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     """Insert or replace the row of (root, relpath). A replaced file gets a new id, so the ANN
-    index never confuses its old vector with its new one."""
+    index never confuses its old vector with its new one. values["link"] (scan.Found.link): the name's link
+    target to record (b"" or None: none; a list's entry or a tar member is never looked at)."""
+    values = dict(values)
+    link = values.pop("link", None)
     where = (files.c.root == values["root"], files.c.relpath == values["relpath"])
     forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(*where))])
     conn.execute(delete(files).where(*where))
     values = {"indexed_at": time.time(), **values}
-    return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+    file_id = int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+    set_link(conn, file_id, link)
+    return file_id
+
+
+def set_link(conn: Connection, file_id: int, target: bytes | None) -> None:
+    """Record a new row's name as a symbolic link to `target` (nothing for None or b"": not a link)."""
+    if target:
+        conn.execute(insert(links).values(file_id=file_id, target=target))
+
+
+def links_of(conn: Connection) -> dict[int, bytes]:
+    """{file id: link target} of every row recorded as a symbolic link: one read of a table as small as the
+    library's links (joined to a root's rows, SQLite walked every row of the root to probe it)."""
+    return dict(conn.execute(select(links.c.file_id, links.c.target)).all())
 
 
 def replace_tags(conn: Connection, rows: list[dict], labels: Iterable[str] | None = None) -> None:
@@ -719,6 +749,7 @@ def tags_of(conn: Connection, file_id: int) -> list[tuple[str, float]]:
 
 
 def delete_all_files(conn: Connection) -> None:
+    conn.execute(delete(links))
     conn.execute(delete(files))
 
 
@@ -1084,6 +1115,7 @@ def forget_extras(conn: Connection, ids: list[int]) -> None:
         if has_phashes(conn):
             conn.execute(delete(phashes).where(phashes.c.file_id.in_(chunk)))
         conn.execute(delete(fill_failures).where(fill_failures.c.file_id.in_(chunk)))
+        conn.execute(delete(links).where(links.c.file_id.in_(chunk)))
         _drop_keywords(conn, chunk)
 
 

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import NamedTuple
 
-from alignsearch.errors import BadInputError
+from alignsearch.errors import AlignSearchError, BadInputError
 from alignsearch.media import sources
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,35 @@ def _local(roots: list[str]) -> list[str]:
     return [r for r in out if r]
 
 
-def keep_private(index_dir: Path, roots: list[str]) -> str | None:
-    """Narrow index_dir's mode to what the local roots allow (narrowed); a line saying so where an index folder
-    that existed was opened wider, else None (a folder made now is narrowed without a word)."""
-    paths = [s for s in map(_steps, _local(roots)) if s is not None]
+def _listed(root: str, column: str | None) -> list[str]:
+    """Of a local list, one local photo it names in each folder (its first): a list others may read, naming photos
+    in a 0700 folder, left the index as open as the list. One per folder, as a library's folder keeps one mode for
+    its photos; [] where the list cannot be read (the scan says why) or is not a list."""
+    if sources.kind(root) != sources.LIST:
+        return []
+    try:
+        entries = sources.read_list(root, column)
+    except (AlignSearchError, OSError, ValueError):
+        return []
+    base, first = os.path.dirname(root), {}
+    for entry in (e.strip() for e in entries):  # as the scan reads them (scan.scan_list)
+        if sources.is_url(entry):
+            local = _local([entry])
+            path = local[0] if local else None
+        else:
+            path = os.path.normpath(os.path.join(base, entry))
+        if path:
+            first.setdefault(os.path.dirname(path), path)
+    return list(first.values())
+
+
+def keep_private(index_dir: Path, roots: list[str], list_column: str | None = None) -> str | None:
+    """Narrow index_dir's mode to what the local roots, and the local photos their lists name (list_column: the
+    lists' path column as given), allow (narrowed); a line saying so where an index folder that existed was opened
+    wider, else None (a folder made now is narrowed without a word)."""
+    local = _local(roots)
+    local += [photo for root in local for photo in _listed(root, list_column)]
+    paths = [s for s in map(_steps, local) if s is not None]
     if not paths:
         return None
     st = os.stat(index_dir)

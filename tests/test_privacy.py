@@ -100,3 +100,34 @@ def test_a_file_url_root_is_judged_as_the_folder_it_names(public_dir):
     assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
     assert keep_private(ix, [hidden.as_uri()]) is not None
     assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+
+
+def test_a_list_is_judged_by_the_photos_it_names(public_dir):
+    """A list every user may read naming photos in a 0700 folder (by path, relative to the list, or file://) left
+    the index 0755: the list was judged as a file alone. A list naming only photos others may open leaves it so."""
+    from indexer.privacy import keep_private
+
+    shown, hidden = public_dir / "shown", public_dir / "hidden"
+    smooth_photos(shown, 1)
+    smooth_photos(hidden, 1)
+    shown.chmod(0o755)
+    hidden.chmod(0o700)
+    public_photo, private_photo = next(shown.iterdir()), next(hidden.iterdir())
+    public_photo.chmod(0o644)
+    private_photo.chmod(0o644)
+    for n, entry in enumerate([str(private_photo), f"hidden/{private_photo.name}", private_photo.as_uri()]):
+        listed, ix = public_dir / f"list{n}.csv", public_dir / f"ix{n}"
+        listed.write_text(f"path\n{public_photo}\n{entry}\n")
+        listed.chmod(0o644)
+        ix.mkdir()
+        ix.chmod(0o755)
+        assert keep_private(ix, [str(listed)]) is not None, entry
+        assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700, entry
+    listed, ix = public_dir / "open.csv", public_dir / "open-ix"
+    listed.write_text(f"photo\n{public_photo}\n")
+    listed.chmod(0o644)
+    ix.mkdir()
+    ix.chmod(0o755)
+    assert keep_private(ix, [str(listed)], "photo") is None
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    assert keep_private(ix, [str(listed)], "no-such-column") is None  # the scan says what is wrong with it

@@ -113,8 +113,19 @@ def _temp_file(path: Path, mode: int) -> tuple[int, str, int]:
     return fd, tmp, file_mode(mode, _umask(), replaced)
 
 
-def _commit(tmp: str, path: Path, durable: bool, mode: int) -> None:
-    os.chmod(tmp, mode)  # the file at tmp now: a writer given the path (replacing) may have replaced the one made
+def _commit(tmp: str, path: Path, durable: bool, mode: int, fd: int | None = None) -> None:
+    """Give the temporary its mode and put it in place. fd: the file written (writing), else the file at tmp now (a
+    writer given the path, replacing, may have replaced the one made), never through a symbolic link: chmod by name
+    followed one that another user who may rename entries of the folder (a group's shared folder) put at tmp, and
+    made the file it named, any file of this user's, readable by all (ELOOP now: the write fails, nothing chmod'ed)."""
+    if fd is not None:
+        os.fchmod(fd, mode)
+    else:
+        held = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fchmod(held, mode)
+        finally:
+            os.close(held)
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
@@ -156,7 +167,7 @@ def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) ->
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        _commit(tmp, path, durable, final)
+        _commit(tmp, path, durable, final, fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

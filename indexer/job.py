@@ -224,7 +224,7 @@ def index_folders(
     # judged (paths.untrusted_parent); mkdir on the link itself said "File exists" (exit 1)
     made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
     atomic.make_folders(made)  # never 0777 under umask 000: the index would refuse itself (untrusted_index)
-    told = privacy.keep_private(out, roots)  # no more readable by others than the photos it holds
+    told = privacy.keep_private(out, roots, list_column)  # no more readable by others than the photos it holds
     if told and not created:
         notices.say(told)
     try:

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 from typing import NamedTuple
 
+from alignsearch.errors import AlignSearchError, BadInputError
 from alignsearch.media import sources
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,16 @@ class Step(NamedTuple):
 def reachable(steps: list[Step], gid: int) -> int:
     """Which classes of users (GROUP, OTHERS bits) can read the root at the end of `steps` (every folder before it
     searchable, the root readable, and searchable where it is a folder): OTHERS by the others bits alone, GROUP by
-    the group bits of a step whose group is `gid` (the index folder's) or else its others bits."""
+    the group bits of a step whose group is `gid` (the index folder's; as the kernel does, its others bits do not
+    count for that group's members) or else its others bits."""
     if not steps:
         return GROUP | OTHERS
     *above, root = steps
     need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(root.mode) else 0)
 
     def grants(step: Step, bits: int, group: bool) -> bool:
-        if group and step.gid == gid and (step.mode >> 3) & bits == bits:
-            return True
+        if group and step.gid == gid:  # a member of the file's group gets its group bits alone, never the others'
+            return (step.mode >> 3) & bits == bits
         return step.mode & bits == bits
 
     out = 0
@@ -71,10 +73,48 @@ def _steps(path: str) -> list[Step] | None:
         return None
 
 
-def keep_private(index_dir: Path, roots: list[str]) -> str | None:
-    """Narrow index_dir's mode to what the local roots allow (narrowed); a line saying so where an index folder
-    that existed was opened wider, else None (a folder made now is narrowed without a word)."""
-    local = [r for r in roots if not sources.is_url(r) and not sources.is_pattern(r)]
+def _local(roots: list[str]) -> list[str]:
+    """The local paths of roots: a file:// URL is a local folder read through fsspec (file:///home/me/private left
+    the index 0755), other URLs no local user reads."""
+    out = []
+    for root in roots:
+        if sources.is_pattern(root):
+            continue
+        try:
+            out.append(sources.file_path(root) if sources.is_url(root) else root)
+        except BadInputError:  # file:// naming another host: not this machine's
+            continue
+    return [r for r in out if r]
+
+
+def _listed(root: str, column: str | None) -> list[str]:
+    """Of a local list, one local photo it names in each folder (its first): a list others may read, naming photos
+    in a 0700 folder, left the index as open as the list. One per folder, as a library's folder keeps one mode for
+    its photos; [] where the list cannot be read (the scan says why) or is not a list."""
+    if sources.kind(root) != sources.LIST:
+        return []
+    try:
+        entries = sources.read_list(root, column)
+    except (AlignSearchError, OSError, ValueError):
+        return []
+    base, first = os.path.dirname(root), {}
+    for entry in (e.strip() for e in entries):  # as the scan reads them (scan.scan_list)
+        if sources.is_url(entry):
+            local = _local([entry])
+            path = local[0] if local else None
+        else:
+            path = os.path.normpath(os.path.join(base, entry))
+        if path:
+            first.setdefault(os.path.dirname(path), path)
+    return list(first.values())
+
+
+def keep_private(index_dir: Path, roots: list[str], list_column: str | None = None) -> str | None:
+    """Narrow index_dir's mode to what the local roots, and the local photos their lists name (list_column: the
+    lists' path column as given), allow (narrowed); a line saying so where an index folder that existed was opened
+    wider, else None (a folder made now is narrowed without a word)."""
+    local = _local(roots)
+    local += [photo for root in local for photo in _listed(root, list_column)]
     paths = [s for s in map(_steps, local) if s is not None]
     if not paths:
         return None

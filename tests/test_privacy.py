@@ -75,3 +75,59 @@ def test_an_index_of_private_photos_is_private_and_of_public_ones_public(tiny_mo
     assert f"notice: {kept} made 0700 (was 0755)" in capfd.readouterr().err  # notices go to the process's stderr
     run("index", "--index", shown, "--model", tiny_model, hidden)  # a private root added to a public index
     assert stat.S_IMODE(os.stat(shown).st_mode) == 0o700
+
+
+def test_the_index_group_reads_by_its_group_bits_alone():
+    """A member of a folder's group gets its group bits, never its others bits (the kernel's rule): a folder of the
+    index's group made 0705 keeps that group out, and the index was left 0755 to it."""
+    assert reachable([Step(D | 0o755, 0), Step(D | 0o705, 100)], 100) == OTHERS
+    assert reachable([Step(D | 0o705, 100), Step(D | 0o755, 0)], 100) == OTHERS  # a folder on the way
+    assert reachable([Step(D | 0o755, 0), Step(D | 0o705, 200)], 100) == GROUP | OTHERS  # another group's: others'
+    assert narrowed(D | 0o755, 100, [[Step(D | 0o755, 0), Step(D | 0o705, 100)]]) == 0o705
+
+
+def test_a_file_url_root_is_judged_as_the_folder_it_names(public_dir):
+    """file:///home/me/private is a local folder (read through fsspec): `index file://...` of photos in a 0700
+    folder left the index 0755, where the same folder named as a path made it 0700. Other URLs are not judged."""
+    from indexer.privacy import keep_private
+
+    hidden, ix = public_dir / "hidden", public_dir / "ix"
+    hidden.mkdir(mode=0o700)
+    ix.mkdir(mode=0o755)
+    hidden.chmod(0o700)
+    ix.chmod(0o755)
+    assert keep_private(ix, ["s3://bucket/photos", "file://otherhost/x"]) is None
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    assert keep_private(ix, [hidden.as_uri()]) is not None
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+
+
+def test_a_list_is_judged_by_the_photos_it_names(public_dir):
+    """A list every user may read naming photos in a 0700 folder (by path, relative to the list, or file://) left
+    the index 0755: the list was judged as a file alone. A list naming only photos others may open leaves it so."""
+    from indexer.privacy import keep_private
+
+    shown, hidden = public_dir / "shown", public_dir / "hidden"
+    smooth_photos(shown, 1)
+    smooth_photos(hidden, 1)
+    shown.chmod(0o755)
+    hidden.chmod(0o700)
+    public_photo, private_photo = next(shown.iterdir()), next(hidden.iterdir())
+    public_photo.chmod(0o644)
+    private_photo.chmod(0o644)
+    for n, entry in enumerate([str(private_photo), f"hidden/{private_photo.name}", private_photo.as_uri()]):
+        listed, ix = public_dir / f"list{n}.csv", public_dir / f"ix{n}"
+        listed.write_text(f"path\n{public_photo}\n{entry}\n")
+        listed.chmod(0o644)
+        ix.mkdir()
+        ix.chmod(0o755)
+        assert keep_private(ix, [str(listed)]) is not None, entry
+        assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700, entry
+    listed, ix = public_dir / "open.csv", public_dir / "open-ix"
+    listed.write_text(f"photo\n{public_photo}\n")
+    listed.chmod(0o644)
+    ix.mkdir()
+    ix.chmod(0o755)
+    assert keep_private(ix, [str(listed)], "photo") is None
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    assert keep_private(ix, [str(listed)], "no-such-column") is None  # the scan says what is wrong with it

@@ -846,3 +846,34 @@ def test_clip_export_called_directly_guards_out_as_the_command_does(ix, tmp_path
     with pytest.raises(UsageError, match="did not write"):
         export_clip_retrieval(engine, notes)
     assert (notes / "img_emb" / "img_emb_9.npy").read_text() == "notes\n"
+
+
+@pytest.mark.parametrize("how", ["writing", "replacing"])
+def test_a_link_put_at_the_temporary_is_never_chmod_ed_through(tmp_path, how):
+    """Another user who may rename entries of the folder written (a group's shared folder, not sticky) swaps the
+    temporary for a symbolic link to a 0600 file of this user's while an export or index write is at work: the mode
+    given at the commit was a chmod by name, which followed the link and made that file 0644. The file written is
+    given its mode by its descriptor (writing), or the one at the name never through a link (replacing: ELOOP)."""
+    shared, secret = tmp_path / "shared", tmp_path / "secret"
+    shared.mkdir()
+    secret.write_text("private\n")
+    secret.chmod(0o600)
+
+    def swap():
+        (tmp,) = shared.glob(".out*.tmp")
+        tmp.rename(shared / "away")
+        tmp.symlink_to(secret)
+
+    try:
+        if how == "writing":
+            with atomic.writing(shared / "out") as f:
+                f.write(b"data")
+                swap()
+        else:
+            with atomic.replacing(shared / "out") as tmp:
+                tmp.write_bytes(b"data")
+                swap()
+    except OSError:
+        pass  # replacing: the link at the name is refused, the write fails
+    assert _mode(secret) == 0o600
+    assert secret.read_text() == "private\n"

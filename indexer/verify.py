@@ -18,8 +18,10 @@ state records such a run (state.IndexRun, removed when a run ends), those findin
 
 --repair cuts what was never committed, forgets the files whose vectors were lost and encodes them
 again (only them), rebuilds the ANN index from the stored vectors, writes a damaged keyword index again
-from what it is made of, and drops fill failure records that name no indexed file or no fill step. A damaged
-catalog cannot be mended from what is left: it says how to rebuild the index from its folders.
+from what it is made of, drops fill failure records that name no indexed file or no fill step, and writes
+a row's kept name bytes (a name that is not UTF-8) again from its key where they no longer spell it and the key is
+lossless (sources.key_name). A damaged catalog cannot be mended from what is left: it says how to rebuild the index
+from its folders.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Report:
     dangling_fill_failures: int = 0  # fill failure rows that name no indexed file
     unknown_step_fill_failures: int = 0  # fill failure rows that name no fill step (catalog.FILL_STEPS)
     malformed_phashes: int = 0  # perceptual hashes not in the form a writer stores: --repair drops them
+    misspelled_names: int = 0  # rows whose kept name bytes are not their lossless key's: --repair writes them again
     linked_vectors: list[str] = field(default_factory=list)  # vector files that are symlinks: --repair copies them
     leftover_rows: int = 0  # tags, hashes, photo fields, keywords of files no longer in the catalog: --repair drops them
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
@@ -136,10 +139,13 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.notes.append(f"{r.leftover_rows} rows name no file of the catalog ("
                                + ", ".join(f"{table}: {n}" for table, n in leftover.items())
                                + "): no answer shows them; `alignsearch verify --repair` drops them")
-            malformed = catalog.malformed_values(conn) + catalog.misspelled_names(conn)
-            if malformed:  # numbers or name bytes no writer stores: nothing to mend them from, and every check below trips on them
-                r.problems += malformed
-                r.catalog_damaged = True
+            malformed, names = catalog.malformed_values(conn), catalog.misspelled_names(conn)
+            mendable = None if malformed else catalog.mendable_names(conn)
+            if malformed or names:  # numbers or name bytes no writer stores, and every check below trips on them:
+                # name bytes are mended from their keys where those are lossless; nothing else is there to mend from
+                r.problems += malformed + names
+                r.misspelled_names = len(mendable or ())
+                r.catalog_damaged = not r.misspelled_names
                 return r
             r.incomplete_videos = catalog.incomplete_videos(conn)
             if r.incomplete_videos:  # moments are committed whole per video: a gap is a row lost to damage
@@ -363,6 +369,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
     with writer_lock(index_dir):
         db = catalog.connect(index_dir / DB_FILE)
         try:
+            if report.misspelled_names:
+                with db.begin() as conn:  # found again under the lock: what a writer left since the check counts
+                    mended = catalog.mend_names(conn, catalog.mendable_names(conn) or {})
+                if mended:
+                    done.append(f"wrote the name bytes of {mended} files again from their keys")
             if report.keywords_damaged:
                 with db.begin() as conn:
                     catalog.rebuild_keywords(conn)

@@ -1426,3 +1426,16 @@ def flip_in_table_page(db: Path, table: str, needle: bytes, at: int = 0) -> None
     assert found >= 0, f"{needle!r} is not in the root page of {table}"
     data[found + at] ^= 0x01
     Path(db).write_bytes(data)
+
+
+def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, Path]:
+    """(folder, index, the file) of an index of two images, one named caf\\xe9.jpg (bytes that are not UTF-8):
+    its row keeps the name's bytes in relpath_raw (test_catalog_names.py flips one of them)."""
+    from conftest import make_images, run
+
+    folder = tmp_path / "photos"
+    make_images(folder, 2)
+    named = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    os.rename(folder / "img001.jpg", named)
+    run("index", folder, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu")
+    return folder, tmp_path / "ix", Path(os.fsdecode(named))

@@ -10,8 +10,8 @@ import sqlite3
 
 import pytest
 
-from conftest import make_images, run
-from helpers import flip_in_table_page
+from conftest import run
+from helpers import flip_in_table_page, index_with_a_name_not_utf8
 from alignsearch.media import sources
 from alignsearch.storage import catalog
 
@@ -41,14 +41,57 @@ def test_a_flipped_byte_in_a_rows_name_is_damage_not_a_path(indexed_images, at):
 @pytest.mark.slow  # an index of its own (~4 s)
 def test_a_flipped_byte_in_a_names_kept_bytes_is_damage(tmp_path, tiny_model):
     """A name that is not UTF-8 keeps its bytes in relpath_raw, which no index copies; they must spell the key."""
-    folder = tmp_path / "photos"
-    make_images(folder, 2)
-    os.rename(folder / "img001.jpg", os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
-    run("index", folder, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu")
+    index_with_a_name_not_utf8(tmp_path, tiny_model)
     flip_in_table_page(tmp_path / "ix" / "catalog.db", "files", b"caf\xe9.jpg")  # the bytes, not the key caf\xe9
     result = run("query", "a photo", "--index", tmp_path / "ix", code=7)  # exit 0 with .../baf\xe9.jpg before
     assert "baf" not in result.output and "alignsearch verify --repair" in result.output
     assert "name" in run("verify", "--index", tmp_path / "ix", code=7).output
+
+
+@pytest.mark.slow  # an index of its own (~4 s)
+def test_verify_repair_writes_a_names_kept_bytes_again_from_its_key(tmp_path, tiny_model):
+    """The key is lossless and has its second copy in the unique index: the bytes are rebuilt from it, and the
+    index is kept (before: "damaged beyond repair: move ... aside and rebuild", exit 7)."""
+    folder, ix, _ = index_with_a_name_not_utf8(tmp_path, tiny_model)
+    flip_in_table_page(ix / "catalog.db", "files", b"caf\xe9.jpg")
+    result = run("verify", "--repair", "--skip-model", "--index", ix)
+    assert "repaired: wrote the name bytes of 1 files again from their keys" in result.output
+    assert "beyond repair" not in result.output
+    assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        assert conn.execute("SELECT relpath_raw FROM files WHERE relpath_raw IS NOT NULL").fetchall() == [(b"caf\xe9.jpg",)]
+    finally:
+        conn.close()
+    shown = sorted(line.split()[-1] for line in run("query", "a photo", "--index", ix, "-k", 2).stdout.splitlines())
+    assert shown == [f"{folder}/caf\\xe9.jpg", f"{folder}/img000.png"]  # its bytes not UTF-8 as \xNN, as shown
+
+
+@pytest.mark.slow  # an index of its own (~4 s)
+def test_verify_repair_leaves_a_name_whose_key_is_not_lossless(tmp_path, tiny_model):
+    """A catalog whose keys were written before they were lossless (state.keys_lossless unset): the key does not
+    spell the bytes for sure, so --repair changes nothing and says how to rebuild, as before."""
+    _, ix, _ = index_with_a_name_not_utf8(tmp_path, tiny_model)
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("DELETE FROM meta WHERE key = 'keys_lossless'")
+    conn.close()
+    flip_in_table_page(ix / "catalog.db", "files", b"caf\xe9.jpg")
+    result = run("verify", "--repair", "--skip-model", "--index", ix, code=7)
+    assert "repaired:" not in result.output and "damaged beyond repair" in result.output
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        assert conn.execute("SELECT relpath_raw FROM files WHERE relpath_raw IS NOT NULL").fetchall() == [(b"baf\xe9.jpg",)]
+    finally:
+        conn.close()
+
+
+def test_a_name_is_rebuilt_only_from_a_lossless_key():
+    for raw in [b"caf\xe9 a\\b.jpg", b"a\\b", b"\xff\\x41", "caf\u00e9.jpg".encode(), b"img.jpg"]:
+        key = sources.catalog_key(os.fsdecode(raw))
+        assert sources.key_name(key[0]) == key
+    assert sources.key_name("caf\\xe9 a\\b.jpg") is None  # written before keys were lossless: a lone backslash
+    assert sources.key_name("\\x41") is None  # catalog_key writes A, never \x41
 
 
 def test_key_holds_both_forms_of_key():

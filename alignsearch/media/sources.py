@@ -171,6 +171,28 @@ def key_holds(relpath: str, relpath_raw: bytes | None) -> bool:
     return relpath in (catalog_key(os.fsdecode(relpath_raw))[0], relpath_raw.decode("utf-8", "backslashreplace"))
 
 
+_KEY_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})?")  # what catalog_key writes: a doubled backslash, \xNN
+
+
+def key_name(relpath: str) -> tuple[str, bytes | None] | None:
+    """The inverse of catalog_key for a lossless key: (relpath, raw) as catalog_key gives them for the name the key
+    escapes; None where the key is no lossless escape (a lone backslash, or one catalog_key would not write, as
+    \\x41 for A). Keys written before keys were lossless left backslashes single: no name is rebuilt from those."""
+    out, pos = bytearray(), 0
+    try:
+        for m in _KEY_ESCAPE.finditer(relpath):
+            if m.group(1) is None:
+                return None
+            out += relpath[pos:m.start()].encode("utf-8")
+            out += b"\\" if m.group(1) == "\\" else bytes([int(m.group(1)[1:], 16)])
+            pos = m.end()
+        out += relpath[pos:].encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: catalog_key never writes one
+        return None
+    key = catalog_key(os.fsdecode(bytes(out)))
+    return key if key[0] == relpath else None
+
+
 def name_bytes(relpath: str, relpath_raw: bytes | None = None) -> bytes:
     """The bytes of a catalogued name: raw where the catalog kept them, else the key, which is then the name."""
     return relpath_raw if relpath_raw else relpath.encode("utf-8")

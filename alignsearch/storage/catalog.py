@@ -1019,6 +1019,29 @@ def misspelled_names(conn: Connection) -> list[str]:
     return [f"{DB_FILE} is damaged: {bad} rows keep name bytes that are not the name their key spells"] if bad else []
 
 
+def mendable_names(conn: Connection) -> dict[int, bytes | None] | None:
+    """For the rows whose kept name bytes are not the name their key spells (misspelled_names): the bytes each
+    key spells (sources.key_name), by file id; None when some row's cannot be rebuilt: keys written before keys
+    were lossless (state.keys_lossless) left backslashes single, so their names are not in them. The key has a second
+    copy in the unique index (SQLite's integrity check compares them), the bytes none: the key is the one to trust."""
+    rows = conn.execute(select(files.c.id, files.c.relpath, files.c.relpath_raw)
+                        .where(files.c.relpath_raw.is_not(None))).all()
+    bad = [(file_id, relpath) for file_id, relpath, raw in rows if not sources.key_holds(relpath, raw)]
+    if not bad:
+        return {}
+    if not state.read(conn, "keys_lossless").keys_lossless:
+        return None
+    names = {file_id: sources.key_name(relpath) for file_id, relpath in bad}
+    return None if None in names.values() else {file_id: name[1] for file_id, name in names.items()}
+
+
+def mend_names(conn: Connection, names: dict[int, bytes | None]) -> int:
+    """Write these rows' name bytes (mendable_names) again, in the caller's transaction (verify --repair); how many."""
+    for file_id, raw in names.items():
+        conn.execute(update(files).where(files.c.id == file_id).values(relpath_raw=raw))
+    return len(names)
+
+
 def refuse_malformed(conn: Connection) -> None:
     """Raise the one-line error for values no writer stores (called where reading them failed)."""
     found = malformed_values(conn)

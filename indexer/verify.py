@@ -140,11 +140,12 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                                + ", ".join(f"{table}: {n}" for table, n in leftover.items())
                                + "): no answer shows them; `alignsearch verify --repair` drops them")
             malformed, names = catalog.malformed_values(conn), catalog.misspelled_names(conn)
-            mendable = None if malformed else catalog.mendable_names(conn)
+            mendable = catalog.mendable_names(conn) if names and not malformed else None  # a read only then
             if malformed or names:  # numbers or name bytes no writer stores, and every check below trips on them:
                 # name bytes are mended from their keys where those are lossless; nothing else is there to mend from
-                r.problems += malformed + names
                 r.misspelled_names = len(mendable or ())
+                r.problems += malformed + [f"{line}: `alignsearch verify --repair` writes them again from their keys"
+                                           if r.misspelled_names else line for line in names]
                 r.catalog_damaged = not r.misspelled_names
                 return r
             r.incomplete_videos = catalog.incomplete_videos(conn)

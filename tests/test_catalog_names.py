@@ -54,6 +54,7 @@ def test_verify_repair_writes_a_names_kept_bytes_again_from_its_key(tmp_path, ti
     index is kept (before: "damaged beyond repair: move ... aside and rebuild", exit 7)."""
     folder, ix, _ = index_with_a_name_not_utf8(tmp_path, tiny_model)
     flip_in_table_page(ix / "catalog.db", "files", b"caf\xe9.jpg")
+    assert "--repair` writes them again from their keys" in run("verify", "--skip-model", "--index", ix, code=7).output
     result = run("verify", "--repair", "--skip-model", "--index", ix)
     assert "repaired: wrote the name bytes of 1 files again from their keys" in result.output
     assert "beyond repair" not in result.output

@@ -224,13 +224,17 @@ def index_folders(
     # judged (paths.untrusted_parent); mkdir on the link itself said "File exists" (exit 1)
     made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
     atomic.make_folders(made)  # never 0777 under umask 000: the index would refuse itself (untrusted_index)
-    told = privacy.keep_private(out, roots, list_column)  # no more readable by others than the photos it holds
-    if told and not created:
-        notices.say(told)
+    if created:  # no more readable by others than the photos it will hold, from its first file on
+        privacy.keep_private(out, roots, list_column)
     try:
         with writer_lock(out):
             db = catalog.connect(out / DB_FILE)
             try:
+                # an index that existed: once this run holds it and can read it, so a run refused (another writer,
+                # a damaged catalog) leaves it as it was and says one line
+                told = None if created else privacy.keep_private(out, roots, list_column)
+                if told:
+                    notices.say(told)
                 use_ocr = _ocr_choice(db, ocr)
                 remove_vector_leftovers(db, out)  # a killed compaction's copy, whether this run may compact or not
                 options = IndexOptions(

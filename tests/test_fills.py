@@ -263,10 +263,12 @@ def test_a_version_3_catalog_is_read_as_it_stands_and_upgraded_once_by_a_writer(
     # the rest as it was, but for the version (and the mark any writer leaves on a catalog from before 9b522d7), and
     # the keyword index, written again (version 5: migrate._spaced_keywords; version 6: migrate._broken_keywords;
     # version 7: migrate._thai_keywords; version 8: migrate._hangul_edge_keywords; version 9: migrate._width_keywords),
-    # and files_sha256 on (sha256, moment) (version 10: migrate._content_index)
+    # and files_sha256 on (sha256, moment) (version 10: migrate._content_index), and the links table, made empty
+    # (version 13: migrate._links)
     assert "CREATE INDEX files_sha256 ON files (sha256, moment);" in after
+    assert any(x.startswith("CREATE TABLE links (") for x in after)
     assert [x for x in after if not any(w in x for w in ("fill_failures", "schema_version", "keys_lossless",
-                                                         "keywords", "INDEX files_sha256"))] == \
+                                                         "keywords", "INDEX files_sha256", "CREATE TABLE links ("))] == \
         [x for x in before if not any(w in x for w in ("schema_version", "keywords", "INDEX files_sha256"))]
     reader = catalog.connect(db, readonly=True)
     with reader.connect() as conn:

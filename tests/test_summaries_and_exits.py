@@ -60,3 +60,6 @@ def test_a_damaged_catalog_is_one_line_and_exit_7(tmp_path, tiny_model):
         proc = alignsearch(*args, "--index", ix)
         assert proc.returncode == 7, proc.stderr
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "not a database" in proc.stderr
+    # the refused `index` left the folder as it was: it was narrowed (indexer/privacy.py) before the catalog was read,
+    # and a notice line came before the error
+    assert ix.stat().st_mode & 0o777 == 0o755

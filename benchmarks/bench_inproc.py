@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import load_note, record, tiny_photos  # noqa: E402
+from common import add_worktree, load_note, record, remove_worktree, tiny_photos  # noqa: E402
 
 # One process's figures: per-call medians (ms) of the API, the endpoint's steps and HTTP, on the index argv[1].
 CHILD = r"""
@@ -116,14 +116,11 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     load_at_start = os.getloadavg()[0]
-    base_sha = subprocess.run(["git", "rev-parse", "--short", args.base], capture_output=True, text=True,
-                              cwd=REPO, check=True).stdout.strip()
     busy_levels = [int(b) for b in args.busy.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base_tree = tmp / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), base_sha], cwd=REPO, check=True,
-                       capture_output=True)
+        base_sha = add_worktree(args.base, base_tree)
         try:
             from indexer.job import index_folders
 
@@ -147,7 +144,7 @@ def main() -> None:
                         for p in spinners:
                             p.join()
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, capture_output=True)
+            remove_worktree(base_tree)
 
     def med(busy, name, key):
         return statistics.median(r[key] for r in runs[busy, name])

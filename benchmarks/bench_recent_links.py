@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_note, record, tiny_photos
+from common import add_worktree, load_note, record, remove_worktree, tiny_photos
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -95,13 +95,10 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()
     load = os.getloadavg()[0]
-    base_rev = subprocess.run(["git", "rev-parse", "--short", a.base], capture_output=True, text=True, cwd=HERE,
-                              check=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         old = tmp / "base-tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(old), base_rev], cwd=HERE, check=True,
-                       capture_output=True)
+        base_rev = add_worktree(a.base, old)
         try:
             lib = tmp / "lib"
             model = tiny_photos(lib, a.photos)
@@ -129,7 +126,7 @@ def main() -> None:
                 print({n: (round(page[n][-1], 1), round(rescan[n][-1], 2), round(listing[n][-1], 1)) for n in trees},
                       flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=HERE, capture_output=True)
+            remove_worktree(old)
     rows = 2 * a.photos
     lines = [
         f"- library: {a.photos:,} tiny photos and a symlink beside each to it: {rows:,} indexed rows, half of them "

@@ -65,6 +65,20 @@ def module_at(rev: str, path: str, name: str):
     return module
 
 
+def add_worktree(rev: str, folder: Path) -> str:
+    """A detached git worktree of `rev` at folder (a baseline run from its own tree); returns rev's short hash.
+    remove_worktree takes it away."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=HERE.parent,
+                           check=True).stdout.strip()
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), short], cwd=HERE.parent, check=True,
+                   capture_output=True)
+    return short
+
+
+def remove_worktree(folder: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=HERE.parent, capture_output=True)
+
+
 def load_note(at_start: float) -> str:
     """A results line: the 1-minute load average at the start (os.getloadavg()[0] then) and now, other work on
     the machine being shared by the columns that alternate in one run."""

@@ -105,7 +105,7 @@ def _listed(root: str, column: str | None, lists: dict | None = None) -> list[st
     if sources.kind(root) != sources.LIST:
         return []
     try:
-        entries = sources.read_list(root, column, sources.list_table(root, lists))
+        entries = sources.list_entries(root, column, lists)
     except (AlignSearchError, OSError, ValueError):
         return []
     base, first = os.path.dirname(root), {}

@@ -150,12 +150,12 @@ def scan_list(root: str, column: str | None = None, threads: int = 16,
     (sources.list_table): the table read when the index folder was judged (privacy.py) is the one listed, and
     dropped from it once listed (a list of 1M entries held no longer than its listing); None: read here."""
     base = os.path.dirname(root)
-    table = sources.list_table(root, lists)
+    table, listed = sources.list_table(root, lists), sources.list_entries(root, column, lists)
     if lists is not None:
         lists.pop(root, None)
     captions = sources.list_captions(root, column, caption_column, table)
     entries = {}
-    for raw in sources.read_list(root, column, table):
+    for raw in listed:
         entry = raw.strip()
         if not sources.is_url(entry):
             entry = os.path.normpath(os.path.join(base, entry)) if not sources.is_url(base) else f"{base}/{entry}"

@@ -192,7 +192,8 @@ def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch):
     """privacy.keep_private reads a list into the run's tables (sources.list_table) and the scan lists that table:
     a list replaced after the judgement by one naming a photo in a 0700 folder is listed as it was judged (read
     again, the new list's private photo was indexed into a folder left open), and the file is parsed once, where
-    the judgement, the scan's captions and its entries each read it (a list of 1M entries parsed three times)."""
+    the judgement, the scan's captions and its entries each read it (a list of 1M entries parsed three times), and
+    its entries made strings once for the judgement and the scan (the same column)."""
     from alignsearch.media import sources
     from indexer import privacy, scan
 
@@ -205,8 +206,10 @@ def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch):
     ix.mkdir()
     ix.chmod(0o755)
     reads: list[str] = []
-    real_table = sources._list_table
+    made: list[str] = []
+    real_table, real_entries = sources._list_table, sources.read_list
     monkeypatch.setattr(sources, "_list_table", lambda path: reads.append(path) or real_table(path))
+    monkeypatch.setattr(sources, "read_list", lambda path, *args: made.append(path) or real_entries(path, *args))
     lists: dict = {}
     assert privacy.keep_private(ix, [str(listed)], None, lists) is None
     assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
@@ -215,7 +218,7 @@ def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch):
     os.replace(swapped, listed)
     found = list(scan.scan(str(listed), lists=lists))
     assert sorted(f.relpath for f in found) == sorted(map(str, photos))
-    assert reads == [str(listed)] and lists == {}  # read once, and not held past its listing
+    assert reads == made == [str(listed)] and lists == {}  # read and made entries once, not held past its listing
     assert [f.relpath for f in scan.scan(str(listed))] == [str(hidden / "p.jpg")]  # a next run reads the new list
 
 

@@ -336,22 +336,43 @@ def tar_members(root: str) -> dict[str, tuple[int, int]]:
         return {m.name.removeprefix("./"): (m.offset_data, m.size) for m in tarfile.open(fileobj=f, mode="r:") if m.isfile()}
 
 
+class ListRead:
+    """One list file as a run read it (list_table): its table, or the error reading it raised, and the entries of
+    each path column asked (list_entries)."""
+
+    def __init__(self, table=None, error: BadInputError | None = None):
+        self.table, self.error = table, error
+        self.entries: dict[str | None, list[str]] = {}
+
+
 def list_table(path: str, tables: dict | None = None):
-    """A list file's table, read once per run where `tables` (a run's {path: table or the BadInputError reading it
-    raised}) is given: the table privacy.keep_private judged is the one the scan lists (read again, a list replaced
-    between the two was listed unjudged), and a list of 1M entries is parsed once, not three times (the judgement,
-    the scan's captions, its entries). An error is kept too: a list unreadable when judged is unreadable to the scan."""
+    """A list file's table, read once per run where `tables` (a run's {path: ListRead}, added to) is given: the table
+    privacy.keep_private judged is the one the scan lists (read again, a list replaced between the two was listed
+    unjudged), and a list of 1M entries is parsed once, not three times (the judgement, the scan's captions, its
+    entries). An error is kept too: a list unreadable when judged is unreadable to the scan."""
     if tables is None:
         return _list_table(path)
     if path not in tables:
         try:
-            tables[path] = _list_table(path)
+            tables[path] = ListRead(_list_table(path))
         except BadInputError as exc:
-            tables[path] = exc
+            tables[path] = ListRead(error=exc)
     held = tables[path]
-    if isinstance(held, BadInputError):
-        raise BadInputError(str(held))
-    return held
+    if held.error is not None:
+        raise BadInputError(str(held.error))
+    return held.table
+
+
+def list_entries(path: str, column: str | None, tables: dict | None = None) -> list[str]:
+    """read_list of the run's table (list_table), kept per column in `tables`: the judgement and the scan of a run
+    ask for the same column, and making 1M cells strings cost about what parsing the file did."""
+    table = list_table(path, tables)
+    if tables is None:
+        return read_list(path, column, table)
+    held = tables[path].entries
+    if column not in held:
+        held[column] = read_list(path, column, table)
+    return held[column]
 
 
 def _list_table(path: str):

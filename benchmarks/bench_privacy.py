@@ -9,7 +9,8 @@ once per judgement.
 The list: --entries paths in --folders folders (lib/y{i}/m{j}/, 20 top folders), the first entry of each folder a
 real file (what the judgement stats), the others names the judgement never looks at. The scan's stat of each entry
 (scan._stat_entry) is replaced by a constant answer on both sides, and its thread pool by a plain map: the same work
-on both sides, left out so that what differs is measured.
+on both sides, left out so that what differs is measured. Wall and CPU time (the process's, all its threads) are
+reported: on a shared machine the wall moves with others' load.
 
     python benchmarks/bench_privacy.py [--entries 1000000] [--folders 5000] [--rounds 3] [--base main] [--no-save]
 """
@@ -59,20 +60,20 @@ class Serial:
 scan.ThreadPoolExecutor = Serial
 once = "lists" in inspect.signature(privacy.keep_private).parameters
 lists = {} if once else None
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 privacy.keep_private(ix, [listed], None, *([lists] if once else []))
 judged = time.perf_counter()
 n = sum(1 for _ in scan.scan(listed, **({"lists": lists} if once else {})))
-done = time.perf_counter()
-print((judged - start) * 1e3, (done - start) * 1e3, n)
+done, cpu_done = time.perf_counter(), time.process_time()
+print((judged - start) * 1e3, (done - start) * 1e3, (cpu_done - cpu) * 1e3, n)
 """
 
 
-def run_in(tree: Path, ix: Path, listed: Path) -> tuple[float, float, int]:
+def run_in(tree: Path, ix: Path, listed: Path) -> tuple[float, float, float, int]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", RUN, str(ix), str(listed)], capture_output=True, text=True, cwd=tree,
                          env=env, check=True).stdout.split()
-    return float(out[0]), float(out[1]), int(out[2])
+    return float(out[0]), float(out[1]), float(out[2]), int(out[3])
 
 
 def make_list(tmp: Path, entries: int, folders: int) -> Path:
@@ -103,6 +104,7 @@ def main() -> None:
         trees = {"base": old, "new": HERE}
         judged = {name: [] for name in trees}
         whole = {name: [] for name in trees}
+        cpu = {name: [] for name in trees}
         counts = {}
         for name, tree in trees.items():  # untimed: a fresh worktree compiles its modules, the list enters the cache
             (tmp / f"ix-{name}-warm").mkdir(mode=0o755)
@@ -111,10 +113,11 @@ def main() -> None:
             for name, tree in trees.items():
                 ix = tmp / f"ix-{name}-{r}"
                 ix.mkdir(mode=0o755)
-                j, w, counts[name] = run_in(tree, ix, listed)
+                j, w, c, counts[name] = run_in(tree, ix, listed)
                 judged[name].append(j)
                 whole[name].append(w)
-            print({n: (round(judged[n][-1]), round(whole[n][-1])) for n in trees}, flush=True)
+                cpu[name].append(c)
+            print({n: (round(judged[n][-1]), round(whole[n][-1]), round(cpu[n][-1])) for n in trees}, flush=True)
     assert counts["base"] == counts["new"] == a.entries, counts
 
     def fig(values: dict) -> str:
@@ -130,6 +133,8 @@ def main() -> None:
         f"- the judgement (privacy.keep_private of the list), median: {fig(judged)}",
         f"- the judgement and the scan's reading of the list (scan.scan of the list root, each entry's stat replaced "
         f"by a constant answer and its thread pool by a plain map on both sides), median: {fig(whole)}",
+        f"- the same, CPU time of the process (time.process_time: all its threads, pyarrow's reader's too; less "
+        f"moved by other sessions' load than the wall), median: {fig(cpu)}",
         load_note(load),
     ]
     record(f"A local list's judgement and reading in one `index` run, {a.entries:,} entries", lines,

@@ -98,17 +98,19 @@ def _local(roots: list[str]) -> list[str]:
 
 
 def _listed(root: str, column: str | None, lists: dict | None = None) -> list[str]:
-    """Of a local list, one local photo it names in each folder (its first): a list others may read, naming photos
-    in a 0700 folder, left the index as open as the list. One per folder, as a library's folder keeps one mode for
-    its photos; [] where the list cannot be read (the scan says why) or is not a list. lists: the run's tables of
-    lists (sources.list_table), added to: the scan lists the table judged here, not the file read again."""
-    if sources.kind(root) != sources.LIST:
+    """Of a local list (a path or a file:// URL, as the run names the root), one local photo it names in each folder
+    (its first): a list others may read, naming photos in a 0700 folder, left the index as open as the list. One per
+    folder, as a library's folder keeps one mode for its photos; [] where the list cannot be read (the scan says
+    why) or is not a local list. lists: the run's tables of lists (sources.list_table), added to under the root's
+    own name, the scan's: the scan lists the table judged here, not the file read again."""
+    local = _local([root])
+    if not local or sources.kind(local[0]) != sources.LIST:
         return []
     try:
         entries = sources.list_entries(root, column, lists)
     except (AlignSearchError, OSError, ValueError):
         return []
-    base, first = os.path.dirname(root), {}
+    base, first = os.path.dirname(local[0]), {}
     for entry in (e.strip() for e in entries):  # as the scan reads them (scan.scan_list)
         if sources.is_url(entry):
             local = _local([entry])
@@ -127,7 +129,7 @@ def keep_private(index_dir: Path, roots: list[str], list_column: str | None = No
     wider, else None (a folder made now is narrowed without a word). lists: the run's tables of lists
     (sources.list_table), added to, for its scan to list the lists judged here."""
     local = _local(roots)
-    local += [photo for root in local for photo in _listed(root, list_column, lists)]
+    local += [photo for root in roots for photo in _listed(root, list_column, lists)]
     seen: dict[Path, Step] = {}
     paths = [s for s in (_steps(path, seen) for path in local) if s is not None]
     if not paths:

@@ -188,16 +188,20 @@ def test_a_lists_photos_under_shared_folders_are_judged_as_each_alone_and_each_f
     assert str(public_dir / "lib") in folders
 
 
-def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch):
+@pytest.mark.parametrize("as_url", [False, True])
+def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch, as_url):
     """privacy.keep_private reads a list into the run's tables (sources.list_table) and the scan lists that table:
     a list replaced after the judgement by one naming a photo in a 0700 folder is listed as it was judged (read
     again, the new list's private photo was indexed into a folder left open), and the file is parsed once, where
     the judgement, the scan's captions and its entries each read it (a list of 1M entries parsed three times), and
-    its entries made strings once for the judgement and the scan (the same column)."""
+    its entries made strings once for the judgement and the scan (the same column). as_url: the list named by its
+    file:// URL (judged as the local file it names, kept under the URL the scan lists)."""
     from alignsearch.media import sources
     from indexer import privacy, scan
 
     listed, photos = _shared_ancestors(public_dir, None)
+    root = listed.as_uri() if as_url else str(listed)
+    judged = sorted(f.relpath for f in scan.scan(root))  # as the scan names them (a URL list's entries by URL)
     hidden = public_dir / "hidden"
     hidden.mkdir()
     (hidden / "p.jpg").write_bytes(b"x")
@@ -211,15 +215,15 @@ def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch):
     monkeypatch.setattr(sources, "_list_table", lambda path: reads.append(path) or real_table(path))
     monkeypatch.setattr(sources, "read_list", lambda path, *args: made.append(path) or real_entries(path, *args))
     lists: dict = {}
-    assert privacy.keep_private(ix, [str(listed)], None, lists) is None
+    assert privacy.keep_private(ix, [root], None, lists) is None
     assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
     swapped = public_dir / "swapped.csv"
     swapped.write_text(f"path\n{hidden / 'p.jpg'}\n")
     os.replace(swapped, listed)
-    found = list(scan.scan(str(listed), lists=lists))
-    assert sorted(f.relpath for f in found) == sorted(map(str, photos))
-    assert reads == made == [str(listed)] and lists == {}  # read and made entries once, not held past its listing
-    assert [f.relpath for f in scan.scan(str(listed))] == [str(hidden / "p.jpg")]  # a next run reads the new list
+    found = list(scan.scan(root, lists=lists))
+    assert sorted(f.relpath for f in found) == judged and len(judged) == len(photos)
+    assert reads == made == [root] and lists == {}  # read and made entries once, not held past its listing
+    assert len(list(scan.scan(root))) == 1  # a next run reads the new list
 
 
 def test_a_list_unreadable_when_judged_is_unreadable_to_the_scan(public_dir):

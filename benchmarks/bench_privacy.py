@@ -69,6 +69,31 @@ print((judged - start) * 1e3, (done - start) * 1e3, (cpu_done - cpu) * 1e3, n)
 """
 
 
+# the judgement's stats alone: privacy._steps of the photo the judgement takes in each folder, a memo shared by the
+# calls where this tree's _steps takes one (as its keep_private does), CPU time, median of 5 in one process
+STEPS = """
+import inspect, statistics, sys, time
+from indexer import privacy
+
+photos = sys.argv[1:]
+shared = "seen" in inspect.signature(privacy._steps).parameters
+times = []
+for _ in range(5):
+    seen = {}
+    start = time.process_time()
+    for photo in photos:
+        privacy._steps(photo, seen) if shared else privacy._steps(photo)
+    times.append((time.process_time() - start) * 1e3)
+print(statistics.median(times))
+"""
+
+
+def steps_ms(tree: Path, photos: list[str]) -> float:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return float(subprocess.run([sys.executable, "-c", STEPS, *photos], capture_output=True, text=True, cwd=tree,
+                                env=env, check=True).stdout.split()[0])
+
+
 def run_in(tree: Path, ix: Path, listed: Path) -> tuple[float, float, float, int]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", RUN, str(ix), str(listed)], capture_output=True, text=True, cwd=tree,
@@ -105,6 +130,8 @@ def main() -> None:
         judged = {name: [] for name in trees}
         whole = {name: [] for name in trees}
         cpu = {name: [] for name in trees}
+        steps = {name: [] for name in trees}
+        photos = sorted(str(p) for p in (tmp / "lib").glob("y*/m*/p0.jpg"))
         counts = {}
         for name, tree in trees.items():  # untimed: a fresh worktree compiles its modules, the list enters the cache
             (tmp / f"ix-{name}-warm").mkdir(mode=0o755)
@@ -117,6 +144,7 @@ def main() -> None:
                 judged[name].append(j)
                 whole[name].append(w)
                 cpu[name].append(c)
+                steps[name].append(steps_ms(tree, photos))
             print({n: (round(judged[n][-1]), round(whole[n][-1]), round(cpu[n][-1])) for n in trees}, flush=True)
     assert counts["base"] == counts["new"] == a.entries, counts
 
@@ -135,6 +163,9 @@ def main() -> None:
         f"by a constant answer and its thread pool by a plain map on both sides), median: {fig(whole)}",
         f"- the same, CPU time of the process (time.process_time: all its threads, pyarrow's reader's too; less "
         f"moved by other sessions' load than the wall), median: {fig(cpu)}",
+        f"- the judgement's stats alone (privacy._steps of the {len(photos):,} photos it takes, one a folder; this "
+        f"tree's memo shared by the calls as its keep_private shares it), CPU time, each round's figure the median "
+        f"of 5 in one process, median: {fig(steps)}",
         load_note(load),
     ]
     record(f"A local list's judgement and reading in one `index` run, {a.entries:,} entries", lines,

@@ -123,3 +123,38 @@ def test_a_library_of_broken_and_disguised_videos_indexes_and_answers_without_a_
     (lib / "good.mp4").unlink()  # gone between index and query: still listed, never a traceback
     out = run("query", "--index", ix, "-k", "20", "--media", "video", "good").output
     assert "good.mp4 @ 0:0" in out and "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_a_video_is_served_with_the_type_its_content_has_never_its_names(tmp_path, tiny_model):
+    """`serve` chose a video's Content-Type from its file name: a JPEG named .mp4 (which FFmpeg reads as a video of
+    one frame, so it is indexed as one) was sent as video/mp4, a Matroska file named .mp4 as MP4, an MP4 named .mov
+    as QuickTime. The type comes from the container's own signature; content that is no video container a browser
+    plays is not served as a video at all (its moment's picture still is, at /api/image)."""
+    from helpers import call, scene_frame, start_serve, stop
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    lib.mkdir()
+    shutil.copy(make_video(tmp_path / "m.mkv", [(1, 2)]), lib / "matroska.mp4")
+    shutil.copy(make_video(tmp_path / "i.mp4", [(2, 2)]), lib / "mp4.mov")
+    shutil.copy(make_video(tmp_path / "q.mov", [(3, 2)]), lib / "quicktime.webm")
+    Image.fromarray(scene_frame(4)).save(lib / "photo.mp4", format="JPEG")
+    run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu")
+    with sqlite3.connect(ix / "catalog.db") as conn:
+        ids = dict(conn.execute("SELECT relpath, id FROM files WHERE status = 'indexed' AND moment = 0"))
+    assert set(ids) == {"matroska.mp4", "mp4.mov", "quicktime.webm", "photo.mp4"}, ids  # each read by its content
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        for name, wanted in (("matroska.mp4", "video/x-matroska"), ("mp4.mov", "video/mp4"),
+                             ("quicktime.webm", "video/quicktime")):
+            status, headers, body = call(url, f"/api/video/{ids[name]}")
+            assert (status, headers["Content-Type"]) == (200, wanted), (name, status, headers["Content-Type"])
+            assert body == (lib / name).read_bytes() and headers["X-Content-Type-Options"] == "nosniff"
+        status, headers, body = call(url, f"/api/video/{ids['photo.mp4']}")
+        assert status == 404 and not headers["Content-Type"].startswith(("video/", "image/")), (status, headers)
+        assert (lib / "photo.mp4").read_bytes()[:64] not in body and b"not a video" in body, body[:300]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        status, headers, _ = call(url, f"/api/image/{ids['photo.mp4']}?size=64")  # the moment's picture: a JPEG drawn
+        assert (status, headers["Content-Type"]) == (200, "image/jpeg")
+    finally:
+        stop(proc)

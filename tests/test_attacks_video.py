@@ -158,3 +158,50 @@ def test_a_video_is_served_with_the_type_its_content_has_never_its_names(tmp_pat
         assert (status, headers["Content-Type"]) == (200, "image/jpeg")
     finally:
         stop(proc)
+
+
+def _same_size_other_content(path, like) -> None:
+    """path's bytes put in place of like (a new file renamed over it, as a sync does) with 300 bytes mid-file
+    inverted: another content of the same size, given like's mtime, which the listing cannot tell from it."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 300] = bytes(b ^ 0xFF for b in data[mid:mid + 300])
+    st = like.stat()
+    part = like.with_suffix(".part")
+    part.write_bytes(bytes(data))
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(part, like)
+
+
+@pytest.mark.slow
+def test_reindex_reads_a_video_with_the_same_identity_check_as_an_index_run(tmp_path, tiny_model, other_model,
+                                                                             monkeypatch):
+    """`index --reindex` read each video again with no hash and no identity check: a video replaced (same size and
+    mtime, as a sync leaves them) between two runs, or while the re-encode read it, had the new content's moments'
+    vectors recorded under the old content's SHA-256, and as size and mtime matched, no later run read it again.
+    It goes through the index run's check now: hashed (the recorded hash must match), then decoded from the file
+    hashed; one that changed gets no vectors (failed, `cannot read`, so read again by the run that follows)."""
+    from indexer import videos
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    old = make_video(lib / "a.mp4", [(1, 3), (2, 3)])
+    shutil.copy(old, lib / "b.mp4")
+    run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    assert {r[0] for name in ("a.mp4", "b.mp4") for r in _rows(ix, name)} == {"indexed"}
+    _same_size_other_content(old, lib / "b.mp4")  # between the runs
+    real, swapped = videos.decode_moments, []
+
+    def swap_then_decode(found, *args):  # a.mp4 replaced after the re-encode hashed it, before it is decoded
+        if found.relpath == "a.mp4" and not swapped:
+            swapped.append(found.relpath)
+            _same_size_other_content(lib / "a.mp4", lib / "a.mp4")
+        return real(found, *args)
+
+    monkeypatch.setattr(videos, "decode_moments", swap_then_decode)
+    run("index", "--reindex", "--index", ix, "--model", other_model, "--device", "cpu", "--workers", "0")
+    assert swapped == ["a.mp4"]
+    for name in ("a.mp4", "b.mp4"):
+        rows = _rows(ix, name)
+        # never the old content's hash over what the file holds now: read again for what it is
+        assert rows and all(r[0] == "indexed" and r[1] == _sha(lib / name) for r in rows), (name, rows)
+    assert run("verify", "--index", ix).exit_code == 0

@@ -12,6 +12,7 @@ Timed, base and now taking turns:
 - a keyword-mode query (keywords.parse then keywords.search, limit 100): one word, four words, a code, 64 words;
 - the default mode's keyword list (parse with the last word a start, search with evidence_only: the match check folds
   each candidate's text, keywords._fold, narrow included), the same queries;
+- the parse alone (the query side's own work, which the rule adds to; SQLite's search left out), the same queries;
 - the text an index run writes for a file (keywords.spaced and keywords.coded_chunks of catalog.keyword_text), over
   every file's text;
 - narrow's table, made once a process on its first use (keywords._narrowing, uncached).
@@ -89,6 +90,12 @@ def main() -> None:
 
                     lines.append(row(f"{mode}: {name}", timed(query, args.repeat, modules), 1000, "ms a query"))
                     print(lines[-1], flush=True)
+
+                def parse(kw, text=text):  # the query side's own work, without SQLite's (100 parses a sample)
+                    return [[a.fts() for a in kw.parse(text, partial_last=True).positive()] for _ in range(100)][0]
+
+                lines.append(row(f"parse alone: {name}", timed(parse, args.repeat, modules), 1e6 / 100, "µs a parse"))
+                print(lines[-1], flush=True)
         db.dispose()
 
         def write_side(kw):

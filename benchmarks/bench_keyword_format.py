@@ -8,7 +8,7 @@ The catalog is common.keyword_catalog's, built by this tree: every file's name h
 number (`trip/<w1>_<w2>_<n>.jpg`: the number is a code, found in the trigram index too), two thirds have a caption of
 plain words, every 200th with a query word. No text holds a format character, so the two must answer alike
 (checked): what is timed is the rule's price on ordinary text.
-Timed, base and now taking turns:
+Timed, base and now taking turns (and taking turns going first):
 - a keyword-mode query (keywords.parse then keywords.search, limit 100): one word, four words, a code, 64 words;
 - the default mode's keyword list (parse with the last word a start, search with evidence_only: the match check folds
   each candidate's text, keywords._fold, narrow included), the same queries;
@@ -40,9 +40,11 @@ def timed(fn, repeat: int, modules: dict) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {label: [] for label in modules}
     for kw in modules.values():  # once untimed: the first call of a process makes narrow's table (timed on its own)
         fn(kw)
-    for _ in range(repeat):
+    for n in range(repeat):
         answers = {}
-        for label, kw in modules.items():
+        # which goes first alternates too: always second, "now" was 23% slower on a one-word query in two runs
+        # (RESULTS.md, dba006f and 5c224f1), where timeit's best of 7 x 50 put the two within 1% either way round
+        for label, kw in (list(modules.items()) if n % 2 == 0 else list(modules.items())[::-1]):
             t = time.perf_counter()
             answers[label] = fn(kw)
             times[label].append(time.perf_counter() - t)

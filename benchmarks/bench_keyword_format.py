@@ -8,7 +8,8 @@ The catalog is common.keyword_catalog's, built by this tree: every file's name h
 number (`trip/<w1>_<w2>_<n>.jpg`: the number is a code, found in the trigram index too), two thirds have a caption of
 plain words, every 200th with a query word. No text holds a format character, so the two must answer alike
 (checked): what is timed is the rule's price on ordinary text.
-Timed, base and now taking turns (and taking turns going first):
+Timed, base and now taking turns (and taking turns going first), each figure the mean of the calls made in about
+SAMPLE_S, the table the median of --repeat such figures:
 - a keyword-mode query (keywords.parse then keywords.search, limit 100): one word, four words, a code, 64 words;
 - the default mode's keyword list (parse with the last word a start, search with evidence_only: the match check folds
   each candidate's text, keywords._fold, narrow included), the same queries;
@@ -35,19 +36,29 @@ from common import keyword_catalog, keyword_query_words, load_note, module_at, r
 LIMIT = 100
 
 
+SAMPLE_S = 0.05  # each timing is of as many calls as take about this long: one call of ~1 ms was cut by other
+# sessions' processes on the 2 cores (samples of 1.2 ms and of 5 to 9 ms in one run), and 25 such moved a median by 50%
+
+
 def timed(fn, repeat: int, modules: dict) -> dict[str, list[float]]:
-    """{label: [seconds]} of fn(module) for each module, taking turns; fn's answers must be equal."""
+    """{label: [seconds a call]} of fn(module) for each module, taking turns (and turns going first), each figure the
+    mean of the calls made in about SAMPLE_S; fn's answers must be equal."""
     times: dict[str, list[float]] = {label: [] for label in modules}
+    took = []
     for kw in modules.values():  # once untimed: the first call of a process makes narrow's table (timed on its own)
+        t = time.perf_counter()
         fn(kw)
+        took.append(time.perf_counter() - t)
+    calls = max(1, round(SAMPLE_S / min(took)))
     for n in range(repeat):
         answers = {}
         # which goes first alternates too: always second, "now" was 23% slower on a one-word query in two runs
         # (RESULTS.md, dba006f and 5c224f1), where timeit's best of 7 x 50 put the two within 1% either way round
         for label, kw in (list(modules.items()) if n % 2 == 0 else list(modules.items())[::-1]):
             t = time.perf_counter()
-            answers[label] = fn(kw)
-            times[label].append(time.perf_counter() - t)
+            for _ in range(calls):
+                answers[label] = fn(kw)
+            times[label].append((time.perf_counter() - t) / calls)
         first, *rest = answers.values()
         assert all(a == first for a in rest), "the two answered differently"
     return times
@@ -93,10 +104,10 @@ def main() -> None:
                     lines.append(row(f"{mode}: {name}", timed(query, args.repeat, modules), 1000, "ms a query"))
                     print(lines[-1], flush=True)
 
-                def parse(kw, text=text):  # the query side's own work, without SQLite's (100 parses a sample)
-                    return [[a.fts() for a in kw.parse(text, partial_last=True).positive()] for _ in range(100)][0]
+                def parse(kw, text=text):  # the query side's own work, without SQLite's
+                    return [a.fts() for a in kw.parse(text, partial_last=True).positive()]
 
-                lines.append(row(f"parse alone: {name}", timed(parse, args.repeat, modules), 1e6 / 100, "µs a parse"))
+                lines.append(row(f"parse alone: {name}", timed(parse, args.repeat, modules), 1e6, "µs a parse"))
                 print(lines[-1], flush=True)
         db.dispose()
 

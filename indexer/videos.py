@@ -33,7 +33,7 @@ from alignsearch.media.images import ImageSpec
 from alignsearch.storage.vectors import VectorStore
 from alignsearch.media.video import DEFAULT_INTERVAL, VideoError, VideoInfo
 from indexer.decode import sidecar_caption
-from indexer.scan import Found
+from indexer.scan import Found, content_changed
 from indexer.videodecode import CHANGED, WARM, _open_local, decode_moments, file_identity
 from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
@@ -295,7 +295,7 @@ def _reencode_one(encoder, moment_rows: list, interval: float, batch_size: int,
         # with the same size and mtime had the new content's vectors recorded under the old content's hash, and
         # no later run, its listing matching, read it again. No vectors: failed, `cannot read` (read again).
         sha, identity = _sha256(found)
-        if sha != r.sha256:
+        if content_changed(r.sha256, sha):
             raise VideoError(CHANGED)
         again, vecs, _ = _encode_retrying(found, encoder, VideoInfo(), interval, batch_size, VideoStats(), worker,
                                           identity)

@@ -875,6 +875,8 @@ def test_a_containers_type_is_read_from_its_signature():
              (ebml + b"\x84webm\x42\x87", "video/webm"), (ebml + b"\x88matroska", "video/x-matroska"),
              (ebml + b"\x40\x04webm", "video/webm"),  # the size written on two bytes, as EBML allows
              (b"RIFF\x10\0\0\0AVI LIST", "video/x-msvideo"),
+             (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", None), (b"\0\0\0\x1cftypavif\0\0\0\0avifmif1", None),
+             (b"\0\0\0\x18ftypmif1\0\0\0\0", None), (b"\0\0\0\x18ftyp", None),  # a still image's brand; no brand
              (b"RIFF\x10\0\0\0WAVEfmt ", None), (ebml + b"\x88matros", None), (ebml + b"\x84avi1", None),
              (ebml[:4], None), (b"\xff\xd8\xff\xe0\0\x10JFIF", None), (b"\x89PNG\r\n\x1a\n", None),
              (b"ID3\x04\0\0\0\0\0\0", None), (b"ftyp", None), (b"", None), (b"<html>ftypisom", None)]

@@ -413,14 +413,20 @@ def creation_time(metadata) -> float | None:
 # (VIDEO_EXTENSIONS); general sniffers (filetype, puremagic: not dependencies) would add a package for these five.
 SNIFF_BYTES = 64  # the EBML header's DocType lies within its first few dozen bytes; ftyp and RIFF within 12
 QUICKTIME_ATOMS = (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")  # a QuickTime file older than ftyp
+# ftyp brands of still images (and image sequences) in the same box format: HEIF/HEIC, AVIF, Canon's CR3 raw. FFmpeg's
+# mov demuxer may read one as a video of one frame, as it reads a JPEG; no browser plays one in a <video>.
+IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"mif2",
+                          b"msf1", b"avif", b"avis", b"crx "})
 
 
 def container_type(head: bytes) -> str | None:
     """The media type of a video container from its first bytes (SNIFF_BYTES), None when they are no MP4,
-    QuickTime, WebM, Matroska or AVI container. ISO/IEC 14496-12 `ftyp` box: brand `qt  ` is QuickTime, any
-    other (isom, mp41, mp42, avc1, M4V...) MP4; EBML (RFC 8794) with DocType `webm` or `matroska` (RFC 9559);
+    QuickTime, WebM, Matroska or AVI container. ISO/IEC 14496-12 `ftyp` box: brand `qt  ` is QuickTime, an image's
+    (IMAGE_BRANDS: HEIC, AVIF...) none, any other (isom, mp41, mp42, avc1, M4V...) MP4; EBML (RFC 8794) with DocType `webm` or `matroska` (RFC 9559);
     RIFF with form type `AVI `."""
     if head[4:8] == b"ftyp":
+        if head[8:12] in IMAGE_BRANDS or len(head) < 12:
+            return None
         return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
     if head[4:8] in QUICKTIME_ATOMS:
         return "video/quicktime"

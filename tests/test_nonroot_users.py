@@ -14,10 +14,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import (as_user, can_hide_pids, ipv6_loopback, local_user, started_as_user, stopped_user, users_folder,
-                     why_no_local_users)
+from helpers import (as_user, can_hide_pids, ipv6_loopback, local_user, needs_local_users, shown_to_users,
+                     started_as_user, stopped_user, users_folder)
 
-pytestmark = [pytest.mark.skipif(why_no_local_users() is not None, reason=str(why_no_local_users())), pytest.mark.slow]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _local_users():
+    """Skipped where no local user can be made or run as (not root, no runuser): failed instead where CI asks
+    (ALIGNSEARCH_REQUIRE_USERS), so these guarantees never go untried unseen."""
+    needs_local_users()
 
 # Holds an exclusive flock on each path given (a folder where it ends with /) for as long as its stdin is open,
 # where the user may open it: prints "ready" and, per path, "held" or why not.
@@ -100,7 +107,7 @@ print(json.dumps({"answer": routed.answer, "notices": notices}))
 @pytest.fixture
 def shared():
     """A folder every user may enter, for alice's and mallory's own folders (pytest's tmp_path is root's alone)."""
-    base = Path(tempfile.mkdtemp(prefix="alignsearch-users-", dir="/tmp"))
+    base = shown_to_users(Path(tempfile.mkdtemp(prefix="alignsearch-users-", dir="/tmp")))
     base.chmod(0o755)
     try:
         yield base
@@ -444,7 +451,7 @@ def test_another_user_reads_no_index_of_photos_they_cannot_read(tiny_model):
 
 
 def _peek_both(base: Path, tiny_model, run, smooth_photos) -> None:
-    base.chmod(0o755)
+    shown_to_users(base).chmod(0o755)
     hidden = users_folder(base, "alice", 0o700) / "photos"
     smooth_photos(hidden, 2)
     shown = base / "open"
@@ -455,3 +462,18 @@ def _peek_both(base: Path, tiny_model, run, smooth_photos) -> None:
     run("index", "--index", open_ix, "--model", tiny_model, shown)
     peeked = as_user("mallory", PEEK, kept_ix / "catalog.db", open_ix / "catalog.db")
     assert json.loads(peeked.stdout) == ["Permission denied", "read"], peeked.stderr
+
+
+def test_a_shared_folder_under_a_private_one_is_reached(tmp_path):
+    """A folder the tests share with the users may lie under one the users cannot enter: pytest's tmp_path (0700, in
+    root's 0700 /tmp/pytest-of-root), or any folder in a clone inside a 0700 `mktemp -d` folder, where every test here
+    was skipped. No folder the tests did not make is chmod'ed: the users' children reach the shared one at its own
+    path (helpers.users_view) and see nothing else of the private folders above it."""
+    (tmp_path / "root-only").write_text("root's")
+    folder = users_folder(tmp_path / "shared", "alice")
+    wrote = as_user("alice", "import sys; open(sys.argv[1], 'w').write('hers')", folder / "x")
+    assert wrote.returncode == 0, wrote.stderr
+    assert (folder / "x").read_text() == "hers"
+    seen = as_user("mallory", PEEK, folder / "x", tmp_path / "root-only")
+    assert json.loads(seen.stdout) == ["read", "No such file or directory"], seen.stderr
+    assert tmp_path.stat().st_mode & 0o777 == 0o700

@@ -4,7 +4,8 @@ are reached at their own paths wherever they lie; and CI's demand that the tests
 (ALIGNSEARCH_REQUIRE_USERS). The views at work: test_nonroot_users.py."""
 
 import pytest
-from helpers import REQUIRE_USERS, can_enter, cannot_run_as_users, exposing_mounts
+import helpers
+from helpers import REQUIRE_USERS, can_enter, cannot_run_as_users, exposing_mounts, users_required
 
 
 def test_a_folder_is_entered_by_the_bits_of_owner_group_or_others():
@@ -48,5 +49,14 @@ def test_tests_of_other_users_that_cannot_run_skip_unless_ci_requires_them(monke
     with pytest.raises(pytest.skip.Exception, match="needs runuser"):
         cannot_run_as_users("needs runuser")
     monkeypatch.setenv(REQUIRE_USERS, "1")
+    monkeypatch.setattr(helpers, "why_no_views", lambda: None)
+    monkeypatch.setattr(helpers.os, "geteuid", lambda: 0)
     with pytest.raises(pytest.fail.Exception, match="needs runuser"):
         cannot_run_as_users("needs runuser")
+
+
+def test_required_tests_of_other_users_skip_where_the_machine_lacks_what_they_need():
+    assert users_required(True, True, None)
+    assert not users_required(False, True, None)
+    assert not users_required(True, False, None)  # not root: cannot make users
+    assert not users_required(True, True, "needs unshare")  # a container without mount namespaces

@@ -25,30 +25,39 @@ class WriterBusy(BadInputError):
 
 
 @contextmanager
-def writer_lock(index_dir: Path) -> Iterator[None]:
-    """Held for the block; an index another process is writing is a clear error, not a wait."""
-    fd = open_lock_file(Path(index_dir) / LOCK_FILE)
+def writer_lock(index_dir: Path) -> Iterator[tuple[int, int]]:
+    """Held for the block; an index another process is writing is a clear error, not a wait. Yields the (st_dev,
+    st_ino) of the folder whose lock file is held: the lock file is opened in that open folder, so what a run does
+    to "its" folder by name later can be checked to be this one (privacy.keep_private)."""
+    folder = os.open(index_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        held = os.fstat(folder)
+        fd = open_lock_file(Path(index_dir) / LOCK_FILE, dir_fd=folder)
+    finally:
+        os.close(folder)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WriterBusy(f"another alignsearch process is writing {index_dir} (index, tag, tune or "
                                 "verify --repair): run this again when it has finished") from None
-        yield  # the lock goes with the descriptor, also when the process dies
+        yield held.st_dev, held.st_ino  # the lock goes with the descriptor, also when the process dies
     finally:
         os.close(fd)
 
 
-def open_lock_file(path: Path) -> int:
+def open_lock_file(path: Path, dir_fd: int | None = None) -> int:
     """The one way a lock file of the index (write.lock, watch.lock) is opened: created if need be, never through
     a symbolic link. One planted there (by anyone who can write the folder) made every writer create the file it
     names, or lock a file of another program's; O_NONBLOCK: a FIFO there opens at once. Anything a lock cannot
-    be taken on is IndexDamagedError (exit 7), nothing changed. The caller closes the descriptor.
+    be taken on is IndexDamagedError (exit 7), nothing changed. The caller closes the descriptor. dir_fd: an open
+    folder the file is opened in (by path's name alone), as os.open's.
     Mode 0600, and one this user made readable by others (0644, as every release before this one made it) is made
     0600: flock needs only read access, so another user who could open it held it for ever, and every `index`,
     `tag`, `tune` and `index --watch` of this user's index was refused as "another alignsearch process is writing"."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = os.open(path if dir_fd is None else path.name,
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise

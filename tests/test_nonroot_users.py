@@ -477,3 +477,30 @@ def test_a_shared_folder_under_a_private_one_is_reached(tmp_path):
     seen = as_user("mallory", PEEK, folder / "x", tmp_path / "root-only")
     assert json.loads(seen.stdout) == ["read", "No such file or directory"], seen.stderr
     assert tmp_path.stat().st_mode & 0o777 == 0o700
+
+
+# alice's sweep beside OUT (as every write of OUT runs it): the warnings it logs go to stderr.
+SWEEP_SAID = "import sys; from alignsearch import atomic; atomic.remove_stale(sys.argv[1], min_age=0)"
+
+
+def test_another_user_cannot_silence_the_warning_of_a_swap_left_folder(shared):
+    """A folder swap killed mid-way leaves `.OUT.XXXX.old` (the folder replaced, with files of the user's own, or the
+    new copy), named in a warning unless locked, as a swap at work keeps its copy. Such a folder has the mode of the
+    folder swapped (0755): mallory opened it and held its lock, and alice was never told of it. A lock on a folder
+    others may open is no word of alice's now; one only alice may open (0700) still keeps it unsaid."""
+    folder = users_folder(shared, "alice")
+    left, private = folder / ".out.abcd1234.old", folder / ".out.efgh5678.old"
+    made = "import os, sys; os.mkdir(sys.argv[1], 0o755); os.mkdir(sys.argv[2], 0o700)"
+    assert as_user("alice", made, left, private).returncode == 0
+    holder, held = _holding("mallory", f"{left}/", f"{private}/")
+    try:
+        assert held == ["held", "Permission denied"]
+        said = as_user("alice", SWEEP_SAID, folder / "out").stderr
+    finally:
+        stopped_user(holder)
+    assert f"{left} was left by a write of out killed mid-swap" in said, said
+    assert f"{private} was left" in said  # not locked by anyone: said, as before
+    at_work = "import fcntl, os, subprocess, sys; fd = os.open(sys.argv[2], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); " \
+              "print(subprocess.run([sys.executable, '-c', sys.argv[3], sys.argv[1]], capture_output=True, text=True).stderr)"
+    kept = as_user("alice", at_work, folder / "out", private, SWEEP_SAID).stdout
+    assert f"{private} was left" not in kept and f"{left} was left" in kept, kept

@@ -504,3 +504,92 @@ def test_another_user_cannot_silence_the_warning_of_a_swap_left_folder(shared):
               "print(subprocess.run([sys.executable, '-c', sys.argv[3], sys.argv[1]], capture_output=True, text=True).stderr)"
     kept = as_user("alice", at_work, folder / "out", private, SWEEP_SAID).stdout
     assert f"{private} was left" not in kept and f"{left} was left" in kept, kept
+
+
+# HOLD's lock taken by a process that then ends, a child it made keeping the file open (so /proc/locks names a
+# process that is gone): prints "ready" once the first is gone.
+HOLD_AND_LEAVE = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+parent = os.getpid()
+if os.fork():
+    os._exit(0)
+while os.getppid() == parent:
+    time.sleep(0.01)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+# The watch lock of `index --watch`, as alice: taken, or why not.
+WATCHER = """
+import sys
+from pathlib import Path
+from alignsearch.errors import BadInputError
+from indexer.watch import _watch_lock
+try:
+    _watch_lock(Path(sys.argv[1]))
+    print("locked")
+except BadInputError as exc:
+    print("refused:", exc)
+"""
+
+
+def _left_0644(ix: Path, name: str = "write.lock") -> Path:
+    """A lock file of alice's as every release before 0600 ones left it: 0644."""
+    lock = ix / name
+    lock.touch()
+    os.chown(lock, local_user("alice").pw_uid, local_user("alice").pw_gid)
+    lock.chmod(0o644)
+    return lock
+
+
+@pytest.mark.parametrize("how", ["holding", "left-a-child-holding"])
+def test_another_users_hold_on_an_old_lock_file_is_replaced(shared, how):
+    """mallory opened alice's write.lock while it was 0644 (an earlier release's) and held its flock before alice's
+    next writer made it 0600: the open stayed hers, and every writer of alice's was refused for ever, as was every
+    `index --watch` for watch.lock. A lock held only by another user's processes (the one that took it gone, a child
+    keeping it, too) is now replaced by a fresh 0600 file; mallory keeps a lock on a file no longer at the name."""
+    ix = _index_folder(shared, "alice")
+    locks = [_left_0644(ix), _left_0644(ix, "watch.lock")]
+    before = [lock.stat().st_ino for lock in locks]
+    if how == "holding":
+        holder, held = _holding("mallory", *locks)
+        assert held == ["held", "held"]
+    else:
+        holder, _ = started_as_user("mallory", HOLD_AND_LEAVE, locks[0])
+    try:
+        first = as_user("alice", WRITER, ix)
+        assert first.stdout.strip() == "locked", first.stdout + first.stderr
+        assert "was held by process" in first.stderr and "of another user" in first.stderr
+        assert as_user("alice", WRITER, ix).stdout.strip() == "locked"  # the fresh one: no more replacing
+        if how == "holding":
+            watched = as_user("alice", WATCHER, ix)
+            assert watched.stdout.strip() == "locked", watched.stdout + watched.stderr
+    finally:
+        stopped_user(holder)
+    for lock, ino in zip(locks if how == "holding" else locks[:1], before):  # watch.lock taken where held
+        assert lock.stat().st_ino != ino and lock.stat().st_mode & 0o777 == 0o600
+        assert lock.stat().st_uid == local_user("alice").pw_uid
+
+
+@pytest.mark.parametrize("how", ["holding", "left-a-child-holding"])
+def test_alices_own_hold_on_an_old_lock_file_is_a_writer_at_work(shared, how):
+    """The same 0644 lock file held by a process of alice's (an earlier release's `index` started before the upgrade,
+    or a child of one still holding it): a writer at work, never replaced; the writer is refused as before."""
+    ix = _index_folder(shared, "alice")
+    lock = _left_0644(ix)
+    ino = lock.stat().st_ino
+    if how == "holding":
+        holder, held = _holding("alice", lock)
+        assert held == ["held"]
+    else:
+        holder, _ = started_as_user("alice", HOLD_AND_LEAVE, lock)
+    try:
+        refused = as_user("alice", WRITER, ix)
+        assert refused.stdout.startswith("refused: another alignsearch process is writing"), \
+            refused.stdout + refused.stderr
+    finally:
+        stopped_user(holder)
+    assert lock.stat().st_ino == ino
+    assert as_user("alice", WRITER, ix).stdout.strip() == "locked"

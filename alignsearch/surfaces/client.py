@@ -379,7 +379,7 @@ def _remove_stale(path: Path, record: dict) -> bool:
     once, not on every query. Only while the file still holds that very record (a server started since wrote
     its own) and its process is still gone (or another user's: not_serving); an index this user cannot write
     keeps it. True when removed. A query does not wait for the record's turn: one held means a server is
-    writing or removing it now."""
+    writing or removing it now (only an earlier release's turn, the folder's lock, is waited for: _old_turn)."""
     # not_serving answers GONE or OTHERS on kill's answer alone: /proc is not read again
     return remove_record_if(path, lambda now: now == record and _signalled(int(record["pid"])) in STALE, wait=0)
 

@@ -208,15 +208,21 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     try:
         yield new
         try:
-            os.chmod(new, os.stat(path).st_mode & 0o7777)
+            mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
-            os.chmod(new, 0o777 & ~_umask())  # mkdtemp's 0700 otherwise
+            mode = 0o777 & ~_umask()  # mkdtemp's 0700 otherwise
         if durable:
             _fsync_tree(new)
         old = _swap(new, path)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
+        os.close(held)
         raise
+    try:
+        # given its mode only once in place, through its descriptor: a `.new` (or `.old`) a killed swap left stays
+        # 0700, so no other user can open it and hold the lock that keeps it from remove_stale (it was made 0755
+        # first, and another user who held a killed export's lock kept it, as large as the export, for ever)
+        os.fchmod(held, mode)
     finally:
         os.close(held)
     if old is not None:

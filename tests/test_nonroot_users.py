@@ -306,18 +306,24 @@ def test_another_user_cannot_keep_a_killed_writes_temporary(shared):
     mallory could open it and hold its flock, and alice's remove_stale took it for a write at work and never removed
     it (an ANN index or an export of gigabytes, for as long as mallory liked). It stays 0600 until it is put in place."""
     folder = users_folder(shared, "alice")
-    killed = as_user("alice", KILLED_WRITE, folder / "out.bin")
+    _killed_and_swept(folder / "out.bin", KILLED_WRITE, ".tmp")
+    assert not (folder / "out.bin").exists()
+
+
+def _killed_and_swept(out: Path, killed_write: str, suffix: str) -> None:
+    """alice's write of out run and killed (killed_write), leaving one `suffix` temporary beside it; mallory cannot
+    open it to hold its lock, and alice's next sweep removes it."""
+    killed = as_user("alice", killed_write, out)
     assert killed.returncode in (-9, 128 + 9), killed.stderr  # runuser says a killed child so
-    left = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    assert len(left) == 1 and not (folder / "out.bin").exists()
-    holder, held = _holding("mallory", left[0])
+    (left,) = [p for p in out.parent.iterdir() if p.name.endswith(suffix)]
+    holder, held = _holding("mallory", f"{left}/" if left.is_dir() else left)
     try:
         assert held == ["Permission denied"]
-        swept = as_user("alice", SWEEP, folder / "out.bin")
+        swept = as_user("alice", SWEEP, out)
         assert swept.stdout.strip() == "1", swept.stdout + swept.stderr
     finally:
         stopped_user(holder)
-    assert not left[0].exists()
+    assert not left.exists()
 
 
 def test_a_write_put_in_place_has_its_mode(shared):
@@ -593,3 +599,25 @@ def test_alices_own_hold_on_an_old_lock_file_is_a_writer_at_work(shared, how):
         stopped_user(holder)
     assert lock.stat().st_ino == ino
     assert as_user("alice", WRITER, ix).stdout.strip() == "locked"
+
+
+# A folder replacement of alice's (atomic.replacing_dir) killed once its new copy is filled, before the swap.
+KILLED_SWAP = """
+import os, sys
+from alignsearch import atomic
+os.mkdir(sys.argv[1])
+atomic._fsync_tree = lambda folder: os.kill(os.getpid(), 9)
+with atomic.replacing_dir(sys.argv[1]) as new:
+    (new / "part").write_bytes(b"a killed export's copy")
+"""
+
+
+def test_another_user_cannot_keep_a_killed_folder_swaps_copy(shared):
+    """A folder swap gave its new copy (`.OUT.XXXX.new`) the replaced folder's mode (0755) before the swap: killed
+    then, mallory could open the copy and hold its lock, and alice's remove_stale took it for a write at work and
+    never removed it (an export's copy, as large as the export). It stays 0700 until it is in place."""
+    folder = users_folder(shared, "alice")
+    _killed_and_swept(folder / "out", KILLED_SWAP, ".new")
+    done = as_user("alice", "import sys; from alignsearch import atomic\nwith atomic.replacing_dir(sys.argv[1]) as new:\n"
+                            "    (new / 'x').write_bytes(b'x')", folder / "out")
+    assert done.returncode == 0 and (folder / "out").stat().st_mode & 0o777 == 0o755, done.stderr

@@ -4,8 +4,10 @@ root's power to read any file or signal any process: what the other user may do 
 
 Guarantees tried: the index's lock files (write.lock) and the server record's turn (client.record_turn) cannot be
 held by another user, who held them for ever (every `index` of alice's refused, her `serve` 10 s late to start and to
-stop, its record never removed); a query never trusts a server record another user wrote, nor sends to a process of
-another user's, nor to a port held by another user for a process of its own."""
+stop, its record never removed), not even one opened while an earlier release left it 0644 (replaced); a lock on a
+killed write's leftover (a `.tmp`, a swap's `.new` copy) or on a `.old` folder cannot keep it or silence its
+warning; a query never trusts a server record another user wrote, nor sends to a process of another user's, nor to a
+port held by another user for a process of its own."""
 
 import json
 import os

@@ -36,7 +36,7 @@ from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError, IndexNotFoundError
 from alignsearch.storage.vectors import VectorStore
 from indexer.build import sync_index
-from indexer.lock import LOCK_FILE, WATCH_LOCK, lock_trouble, writer_lock, writer_running
+from indexer.lock import LOCK_FILE, LOCK_TURN, WATCH_LOCK, lock_trouble, writer_lock, writer_running
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
     finally:
         db.dispose()
     writing = writer_running(index_dir)  # then rows past the commits, and new segment files, are in flight
-    for name, who in ((LOCK_FILE, "every writer"), (WATCH_LOCK, "every `index --watch`")):
+    for name, who in ((LOCK_FILE, "every writer"), (WATCH_LOCK, "every `index --watch`"), (LOCK_TURN, "every writer")):
         trouble = lock_trouble(index_dir / name)
         if trouble:  # --repair leaves it (it cannot take write.lock either): removing what another process may be
             # replacing is not safe

@@ -636,6 +636,45 @@ def killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+# -- kill -9 at the n-th return of a function: inside its caller's transaction, before its commit -----------
+
+KILLED_AT_CALL = r"""
+import importlib, json, os, signal, sys
+
+def owner_of(where):
+    module, _, name = where.partition(":")
+    owner = importlib.import_module(module)
+    *outer, attr = name.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    return owner, attr
+
+where, nth = sys.argv[1], int(sys.argv[2])
+for name, value in json.loads(sys.argv[3]).items():  # module settings for the run (e.g. a smaller batch)
+    setattr(*owner_of(name), value)
+owner, attr = owner_of(where)
+real, calls = getattr(owner, attr), [0]
+
+def killed(*args, **kwargs):  # after the n-th call returns: inside the caller's transaction, before its commit
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+setattr(owner, attr, killed)
+from alignsearch.surfaces.cli import main
+main(sys.argv[4:], prog_name="alignsearch")
+"""
+
+
+def killed_at_call(where: str, nth: int, settings: dict, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that kill -9s itself when the nth call of `where` (module:attribute) returns."""
+    return subprocess.run([sys.executable, "-c", KILLED_AT_CALL, where, str(nth), json.dumps(settings),
+                           *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def fixed_answers(ix: Path, k: int = 100) -> list[str]:
     """The paths the index finds for one fixed query vector, best first (flat: exact, so comparable)."""
     import alignsearch

@@ -6,7 +6,8 @@ Guarantees tried: the index's lock files (write.lock) and the server record's tu
 held by another user, who held them for ever (every `index` of alice's refused, her `serve` 10 s late to start and to
 stop, its record never removed), not even one opened while an earlier release left it 0644 (replaced); a lock on a
 killed write's leftover (a `.tmp`, a swap's `.new` copy) or on a `.old` folder cannot keep it or silence its
-warning; a query never trusts a server record another user wrote, nor sends to a process of another user's, nor to a
+warning; the model cache's lock files (records/write.lock, .inuse) cannot be opened by another user at all; a query
+never trusts a server record another user wrote, nor sends to a process of another user's, nor to a
 port held by another user for a process of its own."""
 
 import json
@@ -623,3 +624,43 @@ def test_another_user_cannot_keep_a_killed_folder_swaps_copy(shared):
     done = as_user("alice", "import sys; from alignsearch import atomic\nwith atomic.replacing_dir(sys.argv[1]) as new:\n"
                             "    (new / 'x').write_bytes(b'x')", folder / "out")
     assert done.returncode == 0 and (folder / "out").stat().st_mode & 0o777 == 0o755, done.stderr
+
+
+# As alice: the model cache's two lock files made as an export and a loader make them (records/write.lock by a first
+# record, .inuse by a loader's shared hold), in the model folder argv[1]; prints what the cache's trust check says.
+CACHE_LOCKS = """
+import json, sys
+from pathlib import Path
+from alignsearch.encoders import backend, records
+folder = Path(sys.argv[1])
+model = {key: "x" for key in records.MODEL_KEYS}
+records.Writer(folder, model).speed("this cpu", {"onnx": 1.0})
+held = backend.lock_in_use(folder)
+print(json.dumps({"untrusted": backend.cache_untrusted(folder), "held": held is not None}))
+"""
+
+
+def test_another_user_cannot_hold_the_model_caches_locks(shared):
+    """The model cache's lock files: records/write.lock (a first record's check of model.json: held by another user,
+    every export and measurement of alice's waited 60 s and recorded nothing) and .inuse (held exclusive, every load
+    waited 120 s; held shared, no superseded export was ever removed). Not open to mallory, even in the most open
+    layout the cache's trust check accepts: a cache root alice made 0755 (ALIGNSEARCH_CACHE), its onnx/ and model
+    folders 0755 as releases before the cache was made 0700 left them. Both files are made 0600 (no release made them
+    otherwise) and records/ 0700: mallory's open is refused, so the rule of the index's lock files (a held one
+    replaced, indexer/lock.py) has nothing to replace here."""
+    alice = local_user("alice")
+    cache = users_folder(shared, "alice") / "cache"
+    folder = cache / "onnx" / "abc-def"
+    folder.mkdir(parents=True)
+    for made in (cache, cache / "onnx", folder):
+        os.chown(made, alice.pw_uid, alice.pw_gid)
+        made.chmod(0o755)
+    made = as_user("alice", CACHE_LOCKS, folder, extra_env={"ALIGNSEARCH_CACHE": str(cache)})
+    assert json.loads(made.stdout) == {"untrusted": None, "held": True}, made.stdout + made.stderr
+    lock, in_use = folder / "records" / "write.lock", folder / ".inuse"
+    assert [p.stat().st_mode & 0o777 for p in (folder / "records", lock, in_use)] == [0o700, 0o600, 0o600]
+    holder, held = _holding("mallory", lock, in_use)
+    try:
+        assert held == ["Permission denied", "Permission denied"]
+    finally:
+        stopped_user(holder)

@@ -243,3 +243,11 @@ def test_a_file_a_reindex_could_not_read_keeps_a_digest_that_holds(digested):
         assert catalog.off_digest(conn) == []
     db.dispose()
     assert catalog_rows(ix, f"SELECT status FROM files WHERE id = {file_id}") == [(catalog.FAILED,)]
+
+
+@pytest.mark.parametrize("field", ["caption", "width"])
+def test_export_refuses_a_row_that_fails_its_digest(digested, field, tmp_path):
+    """Export reads every row (catalog.indexed_after, photos_of): it wrote the flipped value out, exit 0."""
+    _, ix = digested
+    _flip(ix, field)
+    _one_line_damage(run("export", tmp_path / "out", "--index", ix, code=7))

@@ -20,7 +20,8 @@ state records such a run (state.IndexRun, removed when a run ends), those findin
 again (only them), rebuilds the ANN index from the stored vectors, writes a damaged keyword index again
 from what it is made of, drops fill failure records that name no indexed file or no fill step, and writes
 a row's kept name bytes (a name that is not UTF-8) again from its key where they no longer spell it and the key is
-lossless (sources.key_name). A damaged catalog cannot be mended from what is left: it says how to rebuild the index
+lossless (sources.key_name). A file whose row or photo fields fail their digest (catalog.off_digest: a flipped
+byte in a caption, a camera, a width) is forgotten and indexed again from the file. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
 from its folders.
 """
 
@@ -58,6 +59,7 @@ class Report:
     leftover_rows: int = 0  # tags, hashes, photo fields, keywords of files no longer in the catalog: --repair drops them
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
+    off_digest: list[int] = field(default_factory=list)  # files whose shown fields fail their digest: read again
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -148,6 +150,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                                            if r.misspelled_names else line for line in names]
                 r.catalog_damaged = not r.misspelled_names
                 return r
+            r.off_digest = catalog.off_digest(conn)
+            if r.off_digest:  # a flipped byte in a caption, camera, width...: readers refuse them (rowdigest.py)
+                r.problems.append(f"the rows of {len(r.off_digest)} files are not as written (their fields fail their "
+                                  "checksum): `alignsearch verify --repair` reads those files again")
             r.incomplete_videos = catalog.incomplete_videos(conn)
             if r.incomplete_videos:  # moments are committed whole per video: a gap is a row lost to damage
                 videos = len(set(catalog.video_keys(conn, r.incomplete_videos).values()))
@@ -412,8 +418,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             store.truncate_uncommitted()
             with db.begin() as conn:
                 found = vectors.check(conn, store)
+                # a row failing its digest (found again under the lock): forgotten and read again from its file,
+                # never its digest written anew over what a flipped byte left
+                off = catalog.off_digest(conn)
                 lost = (found.damaged_ids.tolist() + found.unchecked_ids.tolist() + report.misplaced
-                        + report.incomplete_videos)
+                        + report.incomplete_videos + off)
                 catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
                 for key, start, rows in found.bad:
                     vectors.forget_chunks(conn, key, start, start + 1)
@@ -422,8 +431,10 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                         raise IndexDamagedError(f"{store.segment_path(segment).name} holds damaged vectors written "
                                                 "before checksums existed: re-encode with `alignsearch index --reindex`")
                 vectors.save(conn, store)
-            if lost:
-                done.append(f"forgot {len(lost)} files whose vectors were lost")
+            if len(lost) > len(off):
+                done.append(f"forgot {len(lost) - len(off)} files whose vectors were lost")
+            if off:
+                done.append(f"forgot {len(off)} files whose rows failed their checksum, to be read again")
             if found.legacy_segments:
                 done.append(f"recorded checksums for {len(found.legacy_segments)} vector files written before them")
             if cut:

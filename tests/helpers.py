@@ -391,6 +391,7 @@ def vector_index(folder, n, dim, seed=0, rows=None):
                 dict(root="/synthetic", relpath=f"{i:07d}.jpg", size=1000 + i, mtime=1.6e9 + i, sha256=f"{i:064x}",
                      width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
                 for i in range(start, min(n, start + 10_000))])
+        seal(conn)  # synthetic rows with the digests a writer gives them
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         vectors.save(conn, store)
     db.dispose()
@@ -1258,6 +1259,7 @@ def video_moments_index(folder, videos: int, moments: int, dim: int = 32):
         conn.execute(text(f"UPDATE files SET sha256 = printf('%064x', (id - 1) / {moments}), moment = (id - 1) % "
                           f"{moments} + 1, t = (id - 1) % {moments}, t_end = (id - 1) % {moments} + 1, "
                           f"relpath = printf('v%d.mp4', (id - 1) / {moments}), format = 'MP4'"))
+        seal(conn)
     db.dispose()
     return Path(folder)
 
@@ -1672,3 +1674,32 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
     os.rename(folder / "img001.jpg", named)
     run("index", folder, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu")
     return folder, tmp_path / "ix", Path(os.fsdecode(named))
+
+
+# -- per-row digests (alignsearch/storage/rowdigest.py, schema 14) ----------------------------------------------------
+
+def without_digests(db: Path, copy: Path) -> list[str]:
+    """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped: what an
+    upgrade to schema 14 left of the catalog as it was (SQLite's DROP COLUMN takes the column's text back out)."""
+    copy.mkdir(parents=True, exist_ok=True)
+    target = copy / "catalog.db"
+    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(target)
+    try:
+        source.backup(conn)
+        for table in ("files", "photos"):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
+        conn.commit()
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+        source.close()
+
+
+def seal(conn) -> None:
+    """Digest every files and photos row as it stands (migrate.digest_rows): for a test that writes rows by hand what
+    a writer would have written (synthetic rows, a text not read yet), never for damage a test means readers to find.
+    conn: a sqlite3 connection, or a SQLAlchemy one."""
+    from alignsearch.storage import migrate
+
+    migrate.digest_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)

@@ -225,14 +225,15 @@ def index_folders(
     made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
     atomic.make_folders(made)  # never 0777 under umask 000: the index would refuse itself (untrusted_index)
     if created:  # no more readable by others than the photos it will hold, from its first file on
-        privacy.keep_private(out, roots, list_column)
+        made_st = os.stat(made)
+        privacy.keep_private(out, roots, list_column, judged=(made_st.st_dev, made_st.st_ino))
     try:
-        with writer_lock(out):
+        with writer_lock(out) as held:
             db = catalog.connect(out / DB_FILE)
             try:
                 # an index that existed: once this run holds it and can read it, so a run refused (another writer,
                 # a damaged catalog) leaves it as it was and says one line
-                told = None if created else privacy.keep_private(out, roots, list_column)
+                told = None if created else privacy.keep_private(out, roots, list_column, judged=held)
                 if told:
                     notices.say(told)
                 use_ocr = _ocr_choice(db, ocr)

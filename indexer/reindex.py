@@ -223,8 +223,8 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         f, p = catalog.files.c, catalog.pending_vectors.c
         new_row = select(p.vec_row + vectors.address(number, 0)).where(p.file_id == f.id).scalar_subquery()
         conn.execute(update(catalog.files).where(f.status == catalog.INDEXED).values(vec_row=new_row))
-        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED, f.vec_row.is_(None)).values(
-            status=catalog.FAILED, reason="cannot read: the file could not be read again to re-encode it"))
+        unread = [i for (i,) in conn.execute(select(f.id).where(f.status == catalog.INDEXED, f.vec_row.is_(None)))]
+        catalog.mark_failed(conn, unread, "cannot read: the file could not be read again to re-encode it")
         conn.execute(delete(catalog.pending_vectors))
         for key in old_keys:
             vectors.forget_chunks(conn, key)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, insert
+from sqlalchemy import delete
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.media import photometa, sources
@@ -251,8 +251,7 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
                       "size": found.size, "mtime": found.mtime, "sha256": sha, "width": width, "height": height,
                       "format": _format(found), "status": catalog.INDEXED, "reason": note,
                       "vec_row": vec_row if reuse else start + i, "moment": i, "t": t, "t_end": t_end}
-            file_id = int(conn.execute(insert(catalog.files).values(indexed_at=time.time(), **values))
-                          .inserted_primary_key[0])
+            file_id = catalog.insert_file(conn, values)  # with its digest (rowdigest.py)
             if phash:
                 catalog.set_phashes(conn, [(file_id, phash)])
             catalog.set_photo(conn, file_id, found.relpath, photo)

@@ -866,7 +866,11 @@ LEAVE_A_WAL = """
 import os, sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.execute("BEGIN")
 conn.execute("UPDATE files SET mtime = 12345 WHERE relpath = 'img004.jpg'")
+from alignsearch.storage import migrate
+migrate.digest_rows(conn)  # the row's digest with it, as a writer writes it (schema 14)
+conn.execute("COMMIT")
 os._exit(0)  # no checkpoint: the commit stays in catalog.db-wal
 """
 

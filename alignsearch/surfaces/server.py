@@ -1416,8 +1416,10 @@ def write_record(path: Path, record: dict) -> Path:
 def remove_record(path: Path, pid: int) -> None:
     """Remove the record if it is still this process's (a later server may have replaced it), read and removed
     in one turn (client.remove_record_if). A record whose turn is not had within RECORD_WAIT is left: a
-    query removes it once this process is gone."""
-    remove_record_if(path, lambda record: record.get("pid") == pid, RECORD_WAIT)
+    query removes it once this process is gone. None there (removed already: serve's exit, then atexit): no turn
+    is waited for, as one held by another user costs client.OLD_TURN_WAIT each time."""
+    if os.path.lexists(path):  # a record of this process's is never written again, so none now is none later
+        remove_record_if(path, lambda record: record.get("pid") == pid, RECORD_WAIT)
 
 
 def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer], None] | None = None,

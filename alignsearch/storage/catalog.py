@@ -1444,6 +1444,21 @@ def forget_leftover_rows(conn: Connection, *, keywords: bool = True) -> int:
                for table, column in _hanging_tables(conn, keywords))
 
 
+def format_split_keywords(conn: Connection) -> list[int]:
+    """Ids of the files whose keyword row holds a zero-width or other format character (keywords.holds_format):
+    written before both sides dropped them, its words are cut there (`sun<U+200B>set` is `sun` `set`), so neither
+    `sunset` nor the same text typed finds it. Derived data, a read of every row's text (verify): refresh_keywords
+    writes them again. No schema step: a writer's rows are right, only these few are rewritten."""
+    from alignsearch.storage.keywords import holds_format
+
+    if not migrate.schema_of(conn).keywords:
+        return []
+    # indexed files only: refresh_keywords writes no other's row (a leftover row is verify's leftover_rows)
+    rows = conn.exec_driver_sql(f"SELECT k.rowid, k.body FROM {KEYWORDS} k JOIN files f ON f.id = k.rowid "
+                                "WHERE f.status = ?", (INDEXED,))
+    return [int(rowid) for rowid, body in rows if body and holds_format(body)]
+
+
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:
     """Re-write the keyword text of files (all when ids is None) from their caption, text, path and tags. A file
     without a photos row (indexed by a schema 1 alignsearch, before photos existed) is written from its path and

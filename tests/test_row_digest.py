@@ -270,3 +270,18 @@ def test_a_photo_at_zero_degrees_west_is_no_damage(tmp_path, tiny_model):
     hits = {h["path"].rsplit("/", 1)[-1]: h for h in index_json_query(ix)}
     assert hits["greenwich.jpg"]["lat"] == 0 and hits["greenwich.jpg"]["lon"] == 0
     assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+
+
+@pytest.mark.slow  # an index run of its own (~5 s)
+def test_info_failed_refuses_a_reason_that_fails_its_digest(tmp_path, tiny_model):
+    """`info --failed` shows each failed file's reason, a digested field: it read the rows unchecked
+    (catalog.failed_files) and showed a flipped byte of the reason as it stood, exit 0."""
+    photos = tmp_path / "photos"
+    make_images(photos, 2)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg at all" * 10)
+    ix = tmp_path / "ix"
+    index_json(ix, photos, "--model", tiny_model, "--device", "cpu")
+    reason = _value(ix, _files_of("broken.jpg").format("reason"))
+    assert reason and reason in run("info", "--failed", "--index", ix).output  # a healthy index shows it
+    flip_in_table_page(ix / DB_FILE, "files", reason.encode(), 1)
+    _one_line_damage(run("info", "--failed", "--index", ix, code=7))

@@ -177,7 +177,9 @@ def foreign_hold(fd: int) -> str | None:
         return None
     for pid in pids:
         uid = _process_uid(pid)
-        if uid in (os.geteuid(), 0) or (uid is _GONE and _open_here(st, fd)):
+        # None: a number that names no process here (another pid namespace's, a remote lock): it may be a writer
+        # of this user's, and replacing the file under it let two writers run at once
+        if uid is None or uid in (os.geteuid(), 0) or (uid is _GONE and _open_here(st, fd)):
             return None
     return f"process {pids[0]} of another user"
 

@@ -791,3 +791,19 @@ def test_a_writer_arriving_while_an_old_lock_file_is_replaced_is_refused(tmp_pat
         os.close(after)
     finally:
         os.close(theirs)
+
+
+@pytest.mark.parametrize("pid", [0, -1, -42])
+def test_a_lock_holder_with_no_process_number_here_is_never_taken_for_another_users(tmp_path, monkeypatch, pid):
+    """/proc/locks gives a number <= 0 for a holder it cannot name here (another pid namespace's, a remote lock):
+    it may be a writer of this user's, so its lock file is never replaced (two writers at once). foreign_hold took
+    such a holder for "another user" (_process_uid answers None for it, which counted as neither this user nor
+    root) and take_lock replaced the lock file under it."""
+    from indexer import lock
+
+    monkeypatch.setattr(lock, "lock_holders", lambda locks, dev, ino: [pid])
+    fd = os.open(tmp_path / "write.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert lock.foreign_hold(fd) is None
+    finally:
+        os.close(fd)

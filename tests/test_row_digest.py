@@ -199,7 +199,8 @@ def test_stored_gives_what_sqlite_reads_back():
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (i INTEGER, r FLOAT, s TEXT)")
     fields = (("i", rowdigest.INT), ("r", rowdigest.REAL), ("s", rowdigest.TEXT))
-    for values in [{"i": 3.0, "r": 2, "s": 7}, {"i": True, "r": math.nan, "s": 1.5}, {"i": None, "r": 1e300, "s": "é"}]:
+    for values in [{"i": 3.0, "r": 2, "s": 7}, {"i": True, "r": math.nan, "s": 1.5}, {"i": None, "r": 1e300, "s": "é"},
+                   {"i": -0.0, "r": -0.0, "s": None}]:  # -0.0 in a REAL reads back 0.0
         conn.execute("DELETE FROM t")
         conn.execute("INSERT INTO t VALUES (?, ?, ?)", (values["i"], values["r"], values["s"]))
         read = dict(zip("irs", conn.execute("SELECT i, r, s FROM t").fetchone()))
@@ -251,3 +252,36 @@ def test_export_refuses_a_row_that_fails_its_digest(digested, field, tmp_path):
     _, ix = digested
     _flip(ix, field)
     _one_line_damage(run("export", tmp_path / "out", "--index", ix, code=7))
+
+
+@pytest.mark.slow  # an index run of its own (~5 s)
+def test_a_photo_at_zero_degrees_west_is_no_damage(tmp_path, tiny_model):
+    """A place on the prime meridian or the equator with a W or S reference (a camera's zeroes with its default
+    references, Greenwich) reads -0.0 degrees (photometa.gps_degrees); SQLite keeps a REAL's integral value as an
+    integer, so the row reads back 0.0, and its digest (of -0.0) called the healthy row damaged: exit 7."""
+    photos = tmp_path / "photos"
+    make_images(photos, 2)
+    exif = Image.Exif()
+    gps = exif.get_ifd(photometa.GPS_IFD)
+    gps[1], gps[2], gps[3], gps[4] = "S", (0.0, 0.0, 0.0), "W", (0.0, 0.0, 0.0)
+    Image.new("RGB", (100, 90), (30, 160, 40)).save(photos / "greenwich.jpg", "JPEG", exif=exif)
+    ix = tmp_path / "ix"
+    index_json(ix, photos, "--model", tiny_model, "--device", "cpu")
+    hits = {h["path"].rsplit("/", 1)[-1]: h for h in index_json_query(ix)}
+    assert hits["greenwich.jpg"]["lat"] == 0 and hits["greenwich.jpg"]["lon"] == 0
+    assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+
+
+@pytest.mark.slow  # an index run of its own (~5 s)
+def test_info_failed_refuses_a_reason_that_fails_its_digest(tmp_path, tiny_model):
+    """`info --failed` shows each failed file's reason, a digested field: it read the rows unchecked
+    (catalog.failed_files) and showed a flipped byte of the reason as it stood, exit 0."""
+    photos = tmp_path / "photos"
+    make_images(photos, 2)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg at all" * 10)
+    ix = tmp_path / "ix"
+    index_json(ix, photos, "--model", tiny_model, "--device", "cpu")
+    reason = _value(ix, _files_of("broken.jpg").format("reason"))
+    assert reason and reason in run("info", "--failed", "--index", ix).output  # a healthy index shows it
+    flip_in_table_page(ix / DB_FILE, "files", reason.encode(), 1)
+    _one_line_damage(run("info", "--failed", "--index", ix, code=7))

@@ -641,7 +641,10 @@ def _sound(row: FileRow) -> bool:
 
 
 def failed_files(conn: Connection) -> list[FileRow]:
-    return _rows(conn.execute(select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)))
+    """The failed files' rows, in path order, each checked (check_rows): `info --failed` shows their reasons, a
+    digested field (a flipped byte of one was shown as it stood, exit 0)."""
+    query = select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)
+    return check_rows(conn, _rows(conn.execute(query)))
 
 
 def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (),

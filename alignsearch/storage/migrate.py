@@ -252,8 +252,8 @@ STEPS: tuple[Step, ...] = (
 OLDEST = 1
 LATEST = STEPS[-1].version
 EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers rely on it
-ADDED = {"fill_failures": 4, "links": 13}
-DIGESTS = 14  # from this version on every files and photos row has a digest (rowdigest.py)  # tables that came after EVERY_TABLE: the version that brought each
+ADDED = {"fill_failures": 4, "links": 13}  # tables that came after EVERY_TABLE: the version that brought each
+DIGESTS = 14  # from this version on every files and photos row has a digest (rowdigest.py)
 
 
 def every_table(version: int | None) -> bool:

@@ -42,6 +42,10 @@ def stored(fields: tuple, values: Mapping[str, Any]) -> dict[str, Any]:
             v = int(v)
         if isinstance(v, float) and math.isnan(v):
             v = None  # SQLite stores NaN as NULL
+        elif kind == REAL and isinstance(v, float) and v == 0:
+            # SQLite keeps a REAL with no fraction as an integer, so -0.0 (a place at 0 degrees W or S) reads back
+            # 0.0: digested as -0.0, the healthy row was called damaged (exit 7)
+            v = 0.0
         elif kind == REAL and isinstance(v, int):
             v = float(v)
         elif kind == INT and isinstance(v, float) and v.is_integer():

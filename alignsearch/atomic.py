@@ -208,15 +208,21 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     try:
         yield new
         try:
-            os.chmod(new, os.stat(path).st_mode & 0o7777)
+            mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
-            os.chmod(new, 0o777 & ~_umask())  # mkdtemp's 0700 otherwise
+            mode = 0o777 & ~_umask()  # mkdtemp's 0700 otherwise
         if durable:
             _fsync_tree(new)
         old = _swap(new, path)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
+        os.close(held)
         raise
+    try:
+        # given its mode only once in place, through its descriptor: a `.new` (or `.old`) a killed swap left stays
+        # 0700, so no other user can open it and hold the lock that keeps it from remove_stale (it was made 0755
+        # first, and another user who held a killed export's lock kept it, as large as the export, for ever)
+        os.fchmod(held, mode)
     finally:
         os.close(held)
     if old is not None:
@@ -327,9 +333,12 @@ def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, wr
     new copy. Which one cannot be told from here, and the former may hold the only copy of the user's files:
     it is never deleted, but said once each run until the user moves what they want and deletes it (it was
     left unsaid, for good). Not while a swap may be at work: own, a folder, unchanged (ctime: a rename sets
-    it, not the mtime) for min_age, and not locked."""
+    it, not the mtime) for min_age, and not locked, where a lock is this user's word (lock_is_own)."""
     if (entry.path in _REPORTED or st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode)
             or time.time() - max(st.st_mtime, st.st_ctime) < min_age):
+        return
+    if not lock_is_own(st.st_mode):
+        _warn_swap_left(entry.path, writes)  # a lock there may be anyone's, and says nothing (the age does)
         return
     try:
         fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
@@ -341,9 +350,21 @@ def _report_swap_left(entry: os.DirEntry, st: os.stat_result, min_age: float, wr
         return  # the new copy of a swap at work
     finally:
         os.close(fd)
-    _REPORTED.add(entry.path)  # finetune sweeps beside its checkpoint each epoch: one warning a run, not each
+    _warn_swap_left(entry.path, writes)
+
+
+def _warn_swap_left(path: str, writes: str) -> None:
+    _REPORTED.add(path)  # finetune sweeps beside its checkpoint each epoch: one warning a run, not each
     log.warning("warning: %s was left by %s killed mid-swap: the folder replaced (with any files of your own it "
-                "held) or the unfinished new one; move what you want from it, then delete it", entry.path, writes)
+                "held) or the unfinished new one; move what you want from it, then delete it", path, writes)
+
+
+def lock_is_own(mode: int) -> bool:
+    """Whether an flock on a file or folder of this user's with this mode can only be this user's (or root's): no
+    group or other bits, so no other user can open it (flock needs no more than an open for reading). A `.old`
+    folder has the mode of the folder swapped (0755 for most): another user could open one left by a killed swap
+    and hold a shared lock on it for ever, and it was taken for a swap at work and never named."""
+    return stat.S_IMODE(mode) & 0o077 == 0
 
 
 def _others_may_rename(folder: os.stat_result) -> bool:

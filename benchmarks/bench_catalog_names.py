@@ -1,5 +1,6 @@
-"""What checking each shown row's name against the catalog's unique index (catalog.check_names) and its text's types
-(catalog._sound, photos_of) costs a search: Engine.search_vector (no encoding) with catalog.get_files, rows_holding
+"""What checking each shown row's name against the catalog's unique index (catalog.check_names), its text's types
+(catalog._sound, photos_of) and, from schema 14, its shown fields against their digest (rowdigest.py: check_rows,
+photos_of) costs a search: Engine.search_vector (no encoding) with catalog.get_files, rows_holding
 and photos_of, the reads that now carry the checks, taken from git --base (alignsearch/storage/catalog.py loaded from
 git, common.module_at) against this tree's, alternating in one run, on one synthetic index; and get_files with
 rows_holding alone for k rows. The engine is this tree's in both columns (the change touches no other module a
@@ -8,8 +9,9 @@ search runs).
     python benchmarks/bench_catalog_names.py [--n 100000] [--dim 64] [--searches 200] [--rounds 5] [--base main]
 
 A synthetic index: N random unit vectors (a small --dim, so the catalog's part of a search is not hidden under the
-scoring), each file a row with its own content hash and a photos row (a caption, a camera), written straight into the catalog and the vector store, then
-the flat or IVF index the real build makes (sync_index).
+scoring), each file a row with its own content hash and a photos row (a caption, a camera), written straight into the catalog and the vector store
+(their digests then written as the upgrade to schema 14 writes them: migrate.digest_rows), then the flat or IVF index
+the real build makes (sync_index).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_note, module_at, record
 
 import alignsearch
-from alignsearch.storage import catalog, state, vectors
+from alignsearch.storage import catalog, migrate, state, vectors
 from alignsearch.search.engine import ANN_FILE, DB_FILE
 from indexer.build import sync_index
 
@@ -55,6 +57,8 @@ def build(index_dir: Path, n: int, dim: int) -> None:
                                                    for i in range(start, stop)])
             for chunk in range(start, stop, 65_536):
                 vectors.record_chunk(conn, store, 0, chunk, min(65_536, stop - chunk))
+        if "digest" in catalog.files.c:  # rows written by hand carry the digests a writer gives them
+            migrate.digest_rows(conn.connection.dbapi_connection)
         vectors.save(conn, store)
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         state.write(conn, roots=state.RootsState(roots=("/synthetic/photos",)))
@@ -112,6 +116,16 @@ def main() -> None:
             start = time.perf_counter()
             assert catalog.integrity_problems(ix / DB_FILE) == []
             integrity_s.append(time.perf_counter() - start)
+        # what verify adds to read every row against its digest (catalog.off_digest; [] on the base's catalog, none)
+        digest_s = []
+        if hasattr(catalog, "off_digest"):
+            db = catalog.connect(ix / DB_FILE, readonly=True)
+            with db.connect() as conn:
+                for _ in range(3):
+                    start = time.perf_counter()
+                    assert catalog.off_digest(conn) == []
+                    digest_s.append(time.perf_counter() - start)
+            db.dispose()
     lines = [f"- {args.n:,} files in a synthetic catalog ({args.dim}-d vectors, each file its own content), "
              "this tree's Engine.search_vector (a random unit vector, no encoding) with catalog.get_files, "
              f"rows_holding and photos_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
@@ -122,7 +136,11 @@ def main() -> None:
     lines += ["", f"- the alternative, SQLite's integrity check of this catalog (catalog.integrity_problems, as verify "
               f"runs it), median of 3: {statistics.median(integrity_s) * 1e3:.0f} ms, a reader's price per check (a CLI "
               "query is a new process each time: once per generation would be once per query)"]
-    record("The name check of shown rows (catalog.check_names)", lines, save=not args.no_save)
+    if digest_s:
+        lines.append(f"- verify's read of every files and photos row against its digest (catalog.off_digest), median of "
+                     f"3: {statistics.median(digest_s) * 1e3:.0f} ms for {args.n:,} files")
+    record(f"The checks of shown rows (names: catalog.check_names; digests, schema {migrate.LATEST}: rowdigest.py), "
+           f"against {args.base}", lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

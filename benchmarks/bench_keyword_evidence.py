@@ -29,38 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import load_note, module_at, record
-
-PLAIN = ("a quiet street with parked cars and trees along the side walk in the late afternoon light near the old "
-         "market hall").split()
-
-
-def query_words() -> list[str]:
-    """64 letter-only words (no digit: a digit makes a code, the trigram index's)."""
-    letters = "bcdfghjklmnpqrstvwz"
-    return [f"{a}o{b}an" for a in letters[:8] for b in letters[8:16]]
-
-
-def build(db_path: Path, n: int, every: int, rng: random.Random) -> int:
-    from alignsearch.storage import catalog
-
-    words = query_words()
-    db = catalog.connect(db_path)
-    with db.begin() as conn:
-        for i in range(n):
-            w1, w2 = rng.sample(words, 2)
-            relpath = f"trip/{w1}_{w2}_{i}.jpg"
-            fid = catalog.upsert_file(conn, {"root": "/photos", "relpath": relpath, "size": 1, "mtime": 0.0,
-                                             "status": catalog.INDEXED})
-            caption = None
-            if i % 3:
-                caption = " ".join(rng.sample(PLAIN, 8))
-                if i % every == 0:
-                    caption += " " + rng.choice(words)
-            catalog.set_photo(conn, fid, relpath, {"caption": caption})
-    db.dispose()
-    return n
-
+from common import keyword_catalog, keyword_query_words, load_note, module_at, record
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -75,11 +44,11 @@ def main() -> None:
     from alignsearch.storage import catalog, keywords
 
     old = module_at(args.base, "alignsearch/storage/keywords.py", "keywords_base")
-    words = query_words()
+    words = keyword_query_words()
     with tempfile.TemporaryDirectory(prefix="bench-keyword-evidence-") as where:
         tmp = Path(where)
         t = time.perf_counter()
-        build(tmp / "catalog.db", args.files, args.every, random.Random(0))
+        keyword_catalog(tmp / "catalog.db", args.files, args.every, random.Random(0))
         built = time.perf_counter() - t
         db = catalog.connect(tmp / "catalog.db", readonly=True)
         lines = [f"- {args.files} files, each named with 2 of 64 query words; captions on 2/3 of them, a query word in "

@@ -343,3 +343,39 @@ def tiny_photos(folder: Path, n: int) -> Path:
     for i in range(n):
         Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(folder / f"img{i:03d}.jpg")
     return model
+
+
+# -- a keyword catalog built in code (bench_keyword_evidence, bench_keyword_format) ---------------------------------
+
+KEYWORD_PLAIN = ("a quiet street with parked cars and trees along the side walk in the late afternoon light near the "
+                 "old market hall").split()
+
+
+def keyword_query_words() -> list[str]:
+    """64 letter-only words (no digit: a digit makes a code, the trigram index's)."""
+    letters = "bcdfghjklmnpqrstvwz"
+    return [f"{a}o{b}an" for a in letters[:8] for b in letters[8:16]]
+
+
+def keyword_catalog(db_path: Path, n: int, every: int, rng) -> int:
+    """A catalog of n files written by catalog.upsert_file and catalog.set_photo (the code an index run uses): each
+    named with 2 of the 64 query words and its number (`trip/<w1>_<w2>_<n>.jpg`), two thirds with a caption of 8 plain
+    words (KEYWORD_PLAIN), every `every`th file's caption with a query word too; rng: a random.Random."""
+    from alignsearch.storage import catalog
+
+    words = keyword_query_words()
+    db = catalog.connect(db_path)
+    with db.begin() as conn:
+        for i in range(n):
+            w1, w2 = rng.sample(words, 2)
+            relpath = f"trip/{w1}_{w2}_{i}.jpg"
+            fid = catalog.upsert_file(conn, {"root": "/photos", "relpath": relpath, "size": 1, "mtime": 0.0,
+                                             "status": catalog.INDEXED})
+            caption = None
+            if i % 3:
+                caption = " ".join(rng.sample(KEYWORD_PLAIN, 8))
+                if i % every == 0:
+                    caption += " " + rng.choice(words)
+            catalog.set_photo(conn, fid, relpath, {"caption": caption})
+    db.dispose()
+    return n

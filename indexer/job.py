@@ -229,14 +229,15 @@ def index_folders(
     # replaced in between (sources.list_table)
     lists: dict = {}
     if created:  # no more readable by others than the photos it will hold, from its first file on
-        privacy.keep_private(out, roots, list_column, lists)
+        made_st = os.stat(made)
+        privacy.keep_private(out, roots, list_column, lists, judged=(made_st.st_dev, made_st.st_ino))
     try:
-        with writer_lock(out):
+        with writer_lock(out) as held:
             db = catalog.connect(out / DB_FILE)
             try:
                 # an index that existed: once this run holds it and can read it, so a run refused (another writer,
                 # a damaged catalog) leaves it as it was and says one line
-                told = None if created else privacy.keep_private(out, roots, list_column, lists)
+                told = None if created else privacy.keep_private(out, roots, list_column, lists, judged=held)
                 if told:
                     notices.say(told)
                 use_ocr = _ocr_choice(db, ocr)

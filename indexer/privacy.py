@@ -123,24 +123,41 @@ def _listed(root: str, column: str | None, lists: dict | None = None) -> list[st
 
 
 def keep_private(index_dir: Path, roots: list[str], list_column: str | None = None,
-                 lists: dict | None = None) -> str | None:
+                 lists: dict | None = None, judged: tuple[int, int] | None = None) -> str | None:
     """Narrow index_dir's mode to what the local roots, and the local photos their lists name (list_column: the
     lists' path column as given), allow (narrowed); a line saying so where an index folder that existed was opened
     wider, else None (a folder made now is narrowed without a word). lists: the run's tables of lists
-    (sources.list_table), added to, for its scan to list the lists judged here."""
+    (sources.list_table), added to, for its scan to list the lists judged here. judged: the (st_dev, st_ino) of the
+    folder the caller judged and holds (job: the one it made, or the one whose write.lock it holds); another folder
+    at index_dir's name now is left as it is, and None returned."""
     local = _local(roots)
     local += [photo for root in roots for photo in _listed(root, list_column, lists)]
     seen: dict[Path, Step] = {}
     paths = [s for s in (_steps(path, seen) for path in local) if s is not None]
     if not paths:
         return None
-    st = os.stat(index_dir)
-    mode = narrowed(st.st_mode, st.st_gid, paths)
-    if mode == stat.S_IMODE(st.st_mode):
+    # the mode read and the mode set are those of one open folder, the one judged: a chmod by name followed
+    # whatever was put at index_dir's name after the judgement (a link to another folder of this user's, or of
+    # anyone's where run as root), and gave that folder the index's mode, opening it to users it was closed to.
+    # Not O_NOFOLLOW: `--index mine`, mine -> /mnt/big/ix is this user's own link, and the identity is the check
+    try:
+        fd = os.open(index_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         return None
     try:
-        os.chmod(index_dir, mode)
-    except PermissionError:  # not this user's folder (an index shared with a group): its owner decides
-        return None
+        st = os.fstat(fd)
+        if judged is not None and (st.st_dev, st.st_ino) != judged:
+            log.warning("warning: %s is no longer the index folder this run judged (replaced meanwhile): its mode "
+                        "is left as it is", index_dir)
+            return None
+        mode = narrowed(st.st_mode, st.st_gid, paths)
+        if mode == stat.S_IMODE(st.st_mode):
+            return None
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:  # not this user's folder (an index shared with a group): its owner decides
+            return None
+    finally:
+        os.close(fd)
     return (f"notice: {index_dir} made {mode:04o} (was {stat.S_IMODE(st.st_mode):04o}): the photos it indexes are not "
             "readable by every user it was open to, and it holds their paths, text, places and thumbnails")

@@ -100,12 +100,19 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     moment_rows = [r for r in rows if r.t is not None]  # read again by indexer/videos.py
     rows = [r for r in rows if r.t is None]
     ids = {(r.root, r.relpath): r.id for r in rows}
+    recorded = {(r.root, r.relpath): r.sha256 for r in rows}
     todo = [scan.Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw) for r in rows]
 
     shared: dict[str, int] = {}  # content hash -> its row in the next generation, this run
 
     def write(batch, new_vectors, actor_rows=()) -> None:
-        good = [it for it in batch if it.crop is not None]
+        read = [it for it in batch if it.crop is not None]  # new_vectors: a row each
+        keep = [n for n, it in enumerate(read)
+                if not scan.content_changed(recorded[(it.found.root, it.found.relpath)], it.sha256)]
+        for n in sorted(set(range(len(read))) - set(keep)):  # no new vector: failed at the switch (`cannot read`)
+            log.warning("%s changed since it was indexed (another content, same size and mtime): it is read again "
+                        "by the run after the re-encode", read[n].found.path)
+        good, new_vectors = [read[n] for n in keep], new_vectors[keep]
         # Copies of one content share one row, as an index run stores them (the writer's rule); before, a
         # re-encode stored a row per copy. A resumed re-encode may store a copy's row once more: harmless.
         fresh, seen = [], set()
@@ -216,8 +223,8 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         f, p = catalog.files.c, catalog.pending_vectors.c
         new_row = select(p.vec_row + vectors.address(number, 0)).where(p.file_id == f.id).scalar_subquery()
         conn.execute(update(catalog.files).where(f.status == catalog.INDEXED).values(vec_row=new_row))
-        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED, f.vec_row.is_(None)).values(
-            status=catalog.FAILED, reason="cannot read: the file could not be read again to re-encode it"))
+        unread = [i for (i,) in conn.execute(select(f.id).where(f.status == catalog.INDEXED, f.vec_row.is_(None)))]
+        catalog.mark_failed(conn, unread, "cannot read: the file could not be read again to re-encode it")
         conn.execute(delete(catalog.pending_vectors))
         for key in old_keys:
             vectors.forget_chunks(conn, key)

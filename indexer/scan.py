@@ -27,6 +27,15 @@ JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 TRANSIENT = ("cannot stat", "cannot read")  # over a network, worth another try on the next run
 
 
+def content_changed(recorded: str | None, read: str | None) -> bool:
+    """Whether a file read again (`index --reindex`: a photo as it is decoded, a video before it is) holds content
+    other than its row records, by their SHA-256s; the listing cannot tell (size and mtime match). Re-encoded anyway,
+    a file replaced with the same size and mtime (a sync keeps them) had the new content's vectors under the old
+    content's hash, and no later run, its listing matching, read it again. A row without a hash (written before
+    hashes were) or a read without one (a URL's video) is taken as it is."""
+    return recorded is not None and read is not None and read != recorded
+
+
 def _retry(reason: str | None) -> bool:
     return (reason or "").startswith(TRANSIENT)
 

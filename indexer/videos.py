@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, insert
+from sqlalchemy import delete
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.media import photometa, sources
@@ -33,7 +33,7 @@ from alignsearch.media.images import ImageSpec
 from alignsearch.storage.vectors import VectorStore
 from alignsearch.media.video import DEFAULT_INTERVAL, VideoError, VideoInfo
 from indexer.decode import sidecar_caption
-from indexer.scan import Found
+from indexer.scan import Found, content_changed
 from indexer.videodecode import CHANGED, WARM, _open_local, decode_moments, file_identity
 from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
@@ -154,7 +154,7 @@ def _sha256(found: Found) -> tuple[str | None, tuple | None]:
 
 
 def _encode_retrying(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
-                     worker: StreamWorker | None, identity: tuple | None = None):
+                     worker: StreamWorker | None, identity: tuple | None):
     """_encode; a decode worker that dies mid-video loses all of it: the video is read once more, in a fresh
     worker. Dying again raises WorkerDied."""
     try:
@@ -165,10 +165,11 @@ def _encode_retrying(found: Found, encoder, info: VideoInfo, interval: float, ba
 
 
 def _encode(found: Found, encoder, info: VideoInfo, interval: float, batch_size: int, stats: VideoStats,
-            worker: StreamWorker | None = None, identity: tuple | None = None):
+            worker: StreamWorker | None, identity: tuple | None):
     """(moments as (t, t_end, None), their vectors, their perceptual hashes), encoding batch by batch as the
     decoding worker process (workers > 0: a crash in its codec ends only it) or thread hands moments over.
-    identity: the file hashed (_sha256), which the decode must find (VideoError otherwise)."""
+    identity: the file hashed (_sha256), which the decode must find (VideoError otherwise); None only where _sha256
+    gives none (a URL). No default: `--reindex` decoded videos with none, unchecked."""
     spec: ImageSpec = encoder.spec
     found_moments, hashes, parts, batch = [], [], [], []
 
@@ -250,8 +251,7 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
                       "size": found.size, "mtime": found.mtime, "sha256": sha, "width": width, "height": height,
                       "format": _format(found), "status": catalog.INDEXED, "reason": note,
                       "vec_row": vec_row if reuse else start + i, "moment": i, "t": t, "t_end": t_end}
-            file_id = int(conn.execute(insert(catalog.files).values(indexed_at=time.time(), **values))
-                          .inserted_primary_key[0])
+            file_id = catalog.insert_file(conn, values)  # with its digest (rowdigest.py)
             if phash:
                 catalog.set_phashes(conn, [(file_id, phash)])
             catalog.set_photo(conn, file_id, found.relpath, photo)
@@ -290,8 +290,15 @@ def _reencode_one(encoder, moment_rows: list, interval: float, batch_size: int,
     r = moment_rows[0]
     found = Found(r.root, r.relpath, r.size, r.mtime, None, r.relpath_raw)
     try:
-        again, vecs, _ = _encode_retrying(found, encoder, VideoInfo(), interval, batch_size, VideoStats(), worker)
-    except (VideoError, BadImageError, OSError, WorkerDied) as exc:
+        # an index run's check (_sha256, then the decode finds the file hashed): read with none, a video replaced
+        # with the same size and mtime had the new content's vectors recorded under the old content's hash, and
+        # no later run, its listing matching, read it again. No vectors: failed, `cannot read` (read again).
+        sha, identity = _sha256(found)
+        if content_changed(r.sha256, sha):
+            raise VideoError(CHANGED)
+        again, vecs, _ = _encode_retrying(found, encoder, VideoInfo(), interval, batch_size, VideoStats(), worker,
+                                          identity)
+    except (VideoError, BadImageError, OSError, ValueError, WorkerDied) as exc:
         log.warning("%s cannot be read again to re-encode it: %s", found.path, exc)
         return
     starts = np.array([t for t, _, _ in again])

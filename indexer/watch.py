@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import queue
@@ -56,7 +55,7 @@ from alignsearch.errors import BadInputError, CatalogBusyError, IndexDamagedErro
     IndexNotFoundError, ModelLoadError, ModelMismatchError
 from alignsearch.media import sources
 from indexer import scan
-from indexer.lock import WATCH_LOCK, open_lock_file
+from indexer.lock import WATCH_LOCK, take_lock
 from indexer.roots import Scope, looks_unmounted
 
 log = logging.getLogger(__name__)
@@ -547,13 +546,10 @@ class _CatalogLook:
 def _watch_lock(index_dir: Path) -> int:
     """The descriptor holding the index's watch lock (closed when the watch ends, or with the process): a
     second `index --watch` of the index is refused rather than running every change twice."""
-    fd = open_lock_file(index_dir / WATCH_LOCK)  # never through a link planted there (it created the link's target)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd, _ = take_lock(index_dir, WATCH_LOCK)  # never through a link planted there (it created the link's target)
+    if fd is None:
         raise BadInputError(f"another `alignsearch index --watch` is watching {index_dir}: one watch per index "
-                            "(stop that one first, Ctrl-C or SIGTERM)") from None
+                            "(stop that one first, Ctrl-C or SIGTERM)")
     return fd
 
 

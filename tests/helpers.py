@@ -391,6 +391,7 @@ def vector_index(folder, n, dim, seed=0, rows=None):
                 dict(root="/synthetic", relpath=f"{i:07d}.jpg", size=1000 + i, mtime=1.6e9 + i, sha256=f"{i:064x}",
                      width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
                 for i in range(start, min(n, start + 10_000))])
+        seal(conn)  # synthetic rows with the digests a writer gives them
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         vectors.save(conn, store)
     db.dispose()
@@ -634,6 +635,45 @@ def killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
     """`alignsearch ARGS` in a child that kill -9s itself when the run reaches `where` (before or after it)."""
     return subprocess.run([sys.executable, "-c", KILLED_AT, where, when, *map(str, args)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+# -- kill -9 at the n-th return of a function: inside its caller's transaction, before its commit -----------
+
+KILLED_AT_CALL = r"""
+import importlib, json, os, signal, sys
+
+def owner_of(where):
+    module, _, name = where.partition(":")
+    owner = importlib.import_module(module)
+    *outer, attr = name.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    return owner, attr
+
+where, nth = sys.argv[1], int(sys.argv[2])
+for name, value in json.loads(sys.argv[3]).items():  # module settings for the run (e.g. a smaller batch)
+    setattr(*owner_of(name), value)
+owner, attr = owner_of(where)
+real, calls = getattr(owner, attr), [0]
+
+def killed(*args, **kwargs):  # after the n-th call returns: inside the caller's transaction, before its commit
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+setattr(owner, attr, killed)
+from alignsearch.surfaces.cli import main
+main(sys.argv[4:], prog_name="alignsearch")
+"""
+
+
+def killed_at_call(where: str, nth: int, settings: dict, *args) -> subprocess.CompletedProcess:
+    """`alignsearch ARGS` in a child that kill -9s itself when the nth call of `where` (module:attribute) returns."""
+    return subprocess.run([sys.executable, "-c", KILLED_AT_CALL, where, str(nth), json.dumps(settings),
+                           *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def fixed_answers(ix: Path, k: int = 100) -> list[str]:
@@ -1219,6 +1259,7 @@ def video_moments_index(folder, videos: int, moments: int, dim: int = 32):
         conn.execute(text(f"UPDATE files SET sha256 = printf('%064x', (id - 1) / {moments}), moment = (id - 1) % "
                           f"{moments} + 1, t = (id - 1) % {moments}, t_end = (id - 1) % {moments} + 1, "
                           f"relpath = printf('v%d.mp4', (id - 1) / {moments}), format = 'MP4'"))
+        seal(conn)
     db.dispose()
     return Path(folder)
 
@@ -1254,7 +1295,9 @@ def taken_by_another(address: str, port: int) -> bool:
 # (runuser), which have neither root's permission bypass nor its right to signal any process.
 
 LOCAL_USERS = ("alice", "mallory")
-_USER_PYTHON: dict[str, tuple[list[str], dict[str, str]] | str] = {}
+_USER_PYTHON: dict[str, tuple[list[str], dict[str, str], list[str]] | str] = {}
+_SHOWN_TO_USERS: list[Path] = []  # folders the tests share with the users (users_folder, shown_to_users)
+REQUIRE_USERS = "ALIGNSEARCH_REQUIRE_USERS"  # set (.ci/run): a test of other users that cannot run fails
 
 
 def why_no_local_users() -> str | None:
@@ -1269,6 +1312,29 @@ def why_no_local_users() -> str | None:
     return None
 
 
+def users_required(required: bool, root: bool, no_views: str | None) -> bool:
+    """Whether a test of other local users that cannot run must fail rather than skip: where CI asks for them
+    (ALIGNSEARCH_REQUIRE_USERS) on a machine that could run them (root, mount namespaces made). A run not as root, or
+    in a container that makes no mount namespace, lacks what they need: that skips with the reason, since failing CI
+    for what the machine lacks would say nothing of alignsearch."""
+    return required and root and no_views is None
+
+
+def cannot_run_as_users(reason: str):
+    """A test of other local users that cannot run here: skipped, or failed where CI requires them and the machine
+    could run them (users_required): a skip there would leave these guarantees untried unseen."""
+    if users_required(bool(os.environ.get(REQUIRE_USERS)), os.geteuid() == 0, why_no_views()):
+        pytest.fail(f"{reason} ({REQUIRE_USERS} is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_local_users() -> None:
+    """Skip (or fail: cannot_run_as_users) a test of other local users where none can be made or run."""
+    reason = why_no_local_users()
+    if reason is not None:
+        cannot_run_as_users(reason)
+
+
 def local_user(name: str):
     """The passwd entry of local user `name`, made (useradd -m) if there is none."""
     import pwd
@@ -1280,35 +1346,203 @@ def local_user(name: str):
         return pwd.getpwnam(name)
 
 
-def user_python(name: str) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that start this project's Python as user `name`: the tests' interpreter where
-    the user can run it, else the system's of the same version (the tests' may lie in root's private home) with the
-    tests' site-packages; pytest.skip where neither can import alignsearch as that user."""
-    if name not in _USER_PYTHON:
-        user = local_user(name)
-        repo = str(Path(__file__).resolve().parent.parent)
-        paths = [repo, str(Path(__file__).resolve().parent)] + [p for p in sys.path if p.endswith("site-packages")]
-        env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths),
-               "LANG": "C.UTF-8"}
-        found: tuple[list[str], dict[str, str]] | str = f"no Python that user {name} can run imports alignsearch"
-        import shutil
+# -- what the other users can reach: a view of their own (mount namespace) -----------------------------------------
+# The checkout, its virtual environment (.ci/run makes it in the clone), the Python it was made from (root's 0700
+# home) or a test's folder may lie under a folder the users cannot enter: a clone in a 0700 `mktemp -d` folder, where
+# every test here was skipped. That folder is not the tests' to chmod. A child run as another user instead starts in
+# a mount namespace of its own where each such folder is covered by an empty tmpfs every user may enter, holding only
+# the paths the tests share with the users, bound at their own paths: every path in sys.path and in the tests stays
+# valid, nothing else of the private folder is shown, and the host's mounts are untouched.
 
-        runuser = shutil.which("runuser") or "runuser"  # in /usr/sbin, not on the user's PATH given
-        for exe in dict.fromkeys([sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]):
-            command = [runuser, "-u", name, "--", exe]
+def can_enter(mode: int, owner: int, group: int, uid: int, gids) -> bool:
+    """Whether user uid (in groups gids) may enter a folder of this mode, owner and group (POSIX bits, no ACLs): the
+    owner's bits alone apply to the owner, the group's to its members, the others' to the rest."""
+    if uid == owner:
+        return bool(mode & 0o100)
+    return bool(mode & (0o010 if group in gids else 0o001))
+
+
+def exposing_mounts(paths, blocked) -> list[tuple[str, str]]:
+    """The mounts, in order, that show each of paths (absolute, resolved) to a user who cannot enter the folders
+    blocked(folder) is true of: ("tmpfs", F) covers folder F with an empty one every user may enter, ("bind", P) then
+    shows the real P at its own place in it. A folder a bound path holds is the real one again, so a blocked one
+    below it is covered in turn; a path that is itself blocked is shown as it is (its owner's to open)."""
+    mounts: list[tuple[str, str]] = []
+    covered, bound = set(), set()
+    for path in sorted(set(paths), key=lambda p: (len(Path(p).parts), p)):
+        parts = Path(path).parts
+        in_tmpfs = False  # whether the folder walked lies in a tmpfs (made by the view) rather than the real tree
+        for depth in range(2, len(parts)):
+            folder = str(Path(*parts[:depth]))
+            if folder in covered or folder in bound:
+                in_tmpfs = folder in covered
+            elif not in_tmpfs and blocked(folder):
+                mounts.append(("tmpfs", folder))
+                covered.add(folder)
+                in_tmpfs = True
+        if in_tmpfs and path not in covered | bound:
+            mounts.append(("bind", path))
+            bound.add(path)
+    return mounts
+
+
+# Run as root in a fresh mount namespace (VIEW): argv[1] the mounts (exposing_mounts, as JSON), then the command it
+# becomes. Each bound path is opened first, then bound from its descriptor: once a tmpfs covers the folder above it,
+# its own path names the tmpfs's.
+SHOW = r"""
+import ctypes, json, os, stat, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def mount(source, target, kind, flags, data=None):
+    if libc.mount(source.encode(), target.encode(), kind and kind.encode(), flags, data and data.encode()) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount {source} at {target}: {os.strerror(code)}")
+mounts = json.loads(sys.argv[1])
+held = {path: os.open(path, os.O_PATH) for kind, path in mounts if kind == "bind"}
+os.umask(0o022)  # the folders made in a tmpfs: 0755
+for kind, path in mounts:
+    if kind == "tmpfs":
+        mount("tmpfs", path, "tmpfs", 2 | 4, "mode=0755")  # MS_NOSUID | MS_NODEV
+        continue
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if stat.S_ISDIR(os.fstat(held[path]).st_mode):
+        os.mkdir(path)
+    else:
+        open(path, "x").close()
+    mount(f"/proc/self/fd/{held[path]}", path, None, 4096 | 16384)  # MS_BIND | MS_REC
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+VIEW = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SHOW]
+
+
+_NO_VIEWS: list[str | None] = []  # why_no_views's answer, once asked
+
+
+def why_no_views() -> str | None:
+    """Why no mount namespace of a child's own can be made here (VIEW: not in a container without CAP_SYS_ADMIN, say),
+    or None; asked once."""
+    import shutil
+
+    if not _NO_VIEWS:
+        reason = None
+        if shutil.which("unshare") is None:
+            reason = "needs unshare"
+        else:
             try:
-                probe = subprocess.run([*command, "-c", "import alignsearch.surfaces.client"], env=env, cwd="/",
-                                       capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            if probe.returncode == 0:
-                found = (command, env)
-                break
-        _USER_PYTHON[name] = found
+                made = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True,
+                                      text=True, timeout=30)
+                if made.returncode != 0:
+                    reason = made.stderr.strip() or f"unshare exit {made.returncode}"
+            except (OSError, subprocess.SubprocessError) as exc:
+                reason = f"unshare: {exc}"
+        _NO_VIEWS.append(reason)
+    return _NO_VIEWS[0]
+
+
+def shown_to_users(folder: Path) -> Path:
+    """folder, shown to the users' children (users_view) wherever it lies: a folder the tests share with them."""
+    folder = Path(folder)
+    if folder not in _SHOWN_TO_USERS:
+        _SHOWN_TO_USERS.append(folder)
+    return folder
+
+
+def _view_mounts(name: str, paths) -> list[tuple[str, str]]:
+    """The mounts (exposing_mounts) that show paths and the folders shared with the users (shown_to_users) to user
+    `name`, judged by the folders' modes now."""
+    import pwd
+
+    user = pwd.getpwnam(name)
+    gids = set(os.getgrouplist(name, user.pw_gid))
+
+    def blocked(folder: str) -> bool:
+        st = os.stat(folder)
+        return not can_enter(st.st_mode, st.st_uid, st.st_gid, user.pw_uid, gids)
+
+    shared = [os.path.realpath(p) for p in _SHOWN_TO_USERS if p.exists()]
+    return exposing_mounts([p for p in [*paths, *shared] if os.path.exists(p)], blocked)
+
+
+def _no_view(name: str, mounts) -> str | None:
+    """Why the view of these mounts cannot be made for user `name` (naming the folders closed to them), or None."""
+    reason = why_no_views() if mounts else None
+    if reason is None:
+        return None
+    closed = ", ".join(path for kind, path in mounts if kind == "tmpfs")
+    return f"user {name} cannot enter {closed}, and no mount namespace can be made here to show what lies there ({reason})"
+
+
+def users_view(name: str, paths) -> list[str]:
+    """The command prefix (VIEW, or none where the user reaches them all already) that shows paths and the folders
+    shared with the users (shown_to_users) to a child that becomes user `name`; the test skipped where it cannot be
+    made (cannot_run_as_users)."""
+    mounts = _view_mounts(name, paths)
+    reason = _no_view(name, mounts)
+    if reason is not None:
+        cannot_run_as_users(reason)
+    return [*VIEW, json.dumps(mounts)] if mounts else []
+
+
+def _interpreter_paths(exe: str, pythonpath: list[str]) -> list[str]:
+    """What Python exe needs to start and import this project, resolved: the PYTHONPATH given it (the checkout, the
+    tests' site-packages), and for the tests' own interpreter all of sys.path (its standard library), its prefixes
+    (the virtual environment's pyvenv.cfg, the Python it was made from) and the file it links to."""
+    paths = list(pythonpath)
+    if exe == sys.executable:
+        paths += [p for p in sys.path if os.path.isabs(p)]
+        paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(exe),
+                  os.path.dirname(os.path.realpath(exe))]
+    return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
+
+
+def user_python(name: str) -> tuple[list[str], dict[str, str], list[str]]:
+    """The command, environment and paths (users_view) that start this project's Python as user `name`: the tests'
+    interpreter, else the system's of the same version with the tests' site-packages, each shown to the user where it
+    lies under a folder they cannot enter (users_view). Skipped (cannot_run_as_users) where that view is needed and
+    cannot be made; failed where it is made and still no Python imports alignsearch as that user: the tests of other
+    users must not turn into skips unseen."""
+    if name not in _USER_PYTHON:
+        _USER_PYTHON[name] = _find_user_python(name)
     found = _USER_PYTHON[name]
     if isinstance(found, str):
-        pytest.skip(found)
+        if found.startswith("skip: "):
+            cannot_run_as_users(found.removeprefix("skip: "))
+        pytest.fail(found, pytrace=False)
     return found
+
+
+def _find_user_python(name: str) -> tuple[list[str], dict[str, str], list[str]] | str:
+    """user_python's search: its answer, or why none ("skip: ..." where the user cannot be shown the checkout)."""
+    import shutil
+
+    needs_local_users()
+    user = local_user(name)
+    repo = str(Path(__file__).resolve().parent.parent)
+    paths = [repo, str(Path(__file__).resolve().parent)] + [p for p in sys.path if p.endswith("site-packages")]
+    env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths),
+           "LANG": "C.UTF-8"}
+    runuser = shutil.which("runuser") or "runuser"  # in /usr/sbin, not on the user's PATH given
+    no_view, tried = None, []
+    for exe in dict.fromkeys([sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]):
+        if not os.path.exists(exe):
+            continue
+        shown = _interpreter_paths(exe, paths)
+        mounts = _view_mounts(name, shown)
+        if _no_view(name, mounts) is not None:  # the next may need none (the system's Python, the checkout open)
+            no_view = _no_view(name, mounts)
+            continue
+        command = [runuser, "-u", name, "--", exe]
+        try:
+            probe = subprocess.run([*users_view(name, shown), *command, "-c", "import alignsearch.surfaces.client"],
+                                   env=env, cwd="/", capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            tried.append(f"{exe}: {exc}")
+            continue
+        if probe.returncode == 0:
+            return command, env, shown
+        tried.append(f"{exe}: exit {probe.returncode}: {probe.stderr.strip()[-500:]}")
+    if no_view and not tried:
+        return "skip: " + no_view
+    return f"no Python that user {name} can run imports alignsearch: " + "; ".join(tried)
 
 
 # Runs its arguments where /proc hides every other user's processes (hidepid=2), in a mount namespace of its own.
@@ -1328,18 +1562,18 @@ def as_user(name: str, code: str, *args, timeout: float = 120, hidepid: bool = F
             **popen) -> subprocess.CompletedProcess:
     """`python -c code ARGS` run as user `name` (user_python), to its end; hidepid: where /proc hides other users'
     processes from it (HIDEPID); extra_env: added to its environment."""
-    command, env = user_python(name)
+    command, env, shown = user_python(name)
     env = {**env, **(extra_env or {})}
-    return subprocess.run([*(HIDEPID if hidepid else []), *command, "-c", code, *map(str, args)], env=env, cwd="/",
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run([*(HIDEPID if hidepid else []), *users_view(name, shown), *command, "-c", code,
+                           *map(str, args)], env=env, cwd="/", capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def started_as_user(name: str, code: str, *args, ready: str = "ready") -> tuple[subprocess.Popen, str]:
     """`python -c code ARGS` started as user `name`, once it printed a line starting with `ready`: (the process, that
     line). It runs until its stdin is closed (stopped_user), or whatever code does."""
-    command, env = user_python(name)
-    proc = subprocess.Popen([*command, "-c", code, *map(str, args)], env=env, cwd="/", stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command, env, shown = user_python(name)
+    proc = subprocess.Popen([*users_view(name, shown), *command, "-c", code, *map(str, args)], env=env, cwd="/",
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith(ready):
         proc.kill()
@@ -1358,10 +1592,11 @@ def stopped_user(proc: subprocess.Popen) -> str:
 
 
 def users_folder(base: Path, name: str, mode: int = 0o755) -> Path:
-    """base/name, owned by local user `name` with this mode, in a folder every user may enter (base, made 0755: a
-    pytest tmp_path lies in root's 0700 folder)."""
+    """base/name, owned by local user `name` with this mode, in a folder every user may enter (base, made 0755 and
+    shown to the users wherever it lies: shown_to_users)."""
     base.mkdir(exist_ok=True)
     base.chmod(0o755)
+    shown_to_users(base)
     user = local_user(name)
     folder = base / name
     folder.mkdir(exist_ok=True)
@@ -1439,3 +1674,32 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
     os.rename(folder / "img001.jpg", named)
     run("index", folder, "--index", tmp_path / "ix", "--model", tiny_model, "--device", "cpu")
     return folder, tmp_path / "ix", Path(os.fsdecode(named))
+
+
+# -- per-row digests (alignsearch/storage/rowdigest.py, schema 14) ----------------------------------------------------
+
+def without_digests(db: Path, copy: Path) -> list[str]:
+    """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped: what an
+    upgrade to schema 14 left of the catalog as it was (SQLite's DROP COLUMN takes the column's text back out)."""
+    copy.mkdir(parents=True, exist_ok=True)
+    target = copy / "catalog.db"
+    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(target)
+    try:
+        source.backup(conn)
+        for table in ("files", "photos"):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
+        conn.commit()
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+        source.close()
+
+
+def seal(conn) -> None:
+    """Digest every files and photos row as it stands (migrate.digest_rows): for a test that writes rows by hand what
+    a writer would have written (synthetic rows, a text not read yet), never for damage a test means readers to find.
+    conn: a sqlite3 connection, or a SQLAlchemy one."""
+    from alignsearch.storage import migrate
+
+    migrate.digest_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)

@@ -8,13 +8,12 @@ import importlib.util
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import index_json, make_images, run
+from helpers import killed_at_call
 
 from alignsearch.storage import catalog
 
@@ -171,43 +170,6 @@ def test_verify_finds_bytes_flipped_in_the_keyword_index(indexed_images):
 
 # -- kill -9 at the n-th call of a function, in a child `alignsearch` --------------------------------------------
 
-KILLED_AT_CALL = r"""
-import importlib, json, os, signal, sys
-
-def owner_of(where):
-    module, _, name = where.partition(":")
-    owner = importlib.import_module(module)
-    *outer, attr = name.split(".")
-    for part in outer:
-        owner = getattr(owner, part)
-    return owner, attr
-
-where, nth = sys.argv[1], int(sys.argv[2])
-for name, value in json.loads(sys.argv[3]).items():  # module settings for the run (e.g. a smaller batch)
-    setattr(*owner_of(name), value)
-owner, attr = owner_of(where)
-real, calls = getattr(owner, attr), [0]
-
-def killed(*args, **kwargs):  # after the n-th call returns: inside the caller's transaction, before its commit
-    out = real(*args, **kwargs)
-    calls[0] += 1
-    if calls[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-
-setattr(owner, attr, killed)
-from alignsearch.surfaces.cli import main
-main(sys.argv[4:], prog_name="alignsearch")
-"""
-
-
-def _killed_at_call(where: str, nth: int, settings: dict, *args) -> subprocess.CompletedProcess:
-    """`alignsearch ARGS` in a child that kill -9s itself when the nth call of `where` (module:attribute) returns."""
-    return subprocess.run([sys.executable, "-c", KILLED_AT_CALL, where, str(nth), json.dumps(settings),
-                           *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
 # -- 3. kill -9 while the text in images is being read ---------------------------------------------------------
 
 SIGNS = {"zanzibar": ["Zanzibar Spice Co."], "kilimanjaro": ["Kilimanjaro Express"], "serengeti": ["Serengeti Safari"],
@@ -238,7 +200,7 @@ def test_kill_9_while_text_is_read_into_an_existing_index_leaves_whole_batches(t
         render_sign(root / signs[word], lines)
     ix = tmp_path / "ix"
     index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    proc = _killed_at_call("alignsearch.storage.catalog:set_ocr", 2, {"indexer.ocrfill:BATCH": 2},
+    proc = killed_at_call("alignsearch.storage.catalog:set_ocr", 2, {"indexer.ocrfill:BATCH": 2},
                            "index", "--index", ix, "--device", "cpu", "--ocr", "--workers", "0")
     assert proc.returncode == -9, proc.stderr[-3000:]
     read = {name: text for name, text in _read_ocr(ix).items() if text is not None}
@@ -286,7 +248,7 @@ def test_kill_9_in_a_videos_commit_leaves_it_whole_or_absent(tmp_path, tiny_mode
     first = counts["a.mp4"]  # videos are read in the order of their names
     for nth, expected in ((first + 2, {"a.mp4": first}), (2, {})):
         ix = tmp_path / f"killed-at-{nth}"
-        proc = _killed_at_call("alignsearch.storage.catalog:set_photo", nth, {}, *args, "--index", ix)
+        proc = killed_at_call("alignsearch.storage.catalog:set_photo", nth, {}, *args, "--index", ix)
         assert proc.returncode == -9, proc.stderr[-3000:]
         assert _moments(ix) == expected, nth
         assert keyword_drift(ix) == [], nth
@@ -450,7 +412,7 @@ def test_export_killed_part_way_leaves_the_earlier_export_and_links_are_never_wr
         shards = ["--shard-rows", "10"] if fmt == "clip-retrieval" else []
         run("export", target, "--index", ix, "--format", fmt, *shards, "--path", "00000[0-2]*")
         earlier = _tree(out)
-        proc = _killed_at_call(f"alignsearch.search.export:{where}", nth, small,
+        proc = killed_at_call(f"alignsearch.search.export:{where}", nth, small,
                                "export", target, "--index", ix, "--format", fmt, *shards)
         assert proc.returncode == -9, proc.stderr[-3000:]
         assert {k: v for k, v in _tree(out).items() if k in earlier} == earlier, fmt

@@ -123,3 +123,85 @@ def test_a_library_of_broken_and_disguised_videos_indexes_and_answers_without_a_
     (lib / "good.mp4").unlink()  # gone between index and query: still listed, never a traceback
     out = run("query", "--index", ix, "-k", "20", "--media", "video", "good").output
     assert "good.mp4 @ 0:0" in out and "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_a_video_is_served_with_the_type_its_content_has_never_its_names(tmp_path, tiny_model):
+    """`serve` chose a video's Content-Type from its file name: a JPEG named .mp4 (which FFmpeg reads as a video of
+    one frame, so it is indexed as one) was sent as video/mp4, a Matroska file named .mp4 as MP4, an MP4 named .mov
+    as QuickTime. The type comes from the container's own signature; content that is no video container a browser
+    plays is not served as a video at all (its moment's picture still is, at /api/image)."""
+    from helpers import call, scene_frame, start_serve, stop
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    lib.mkdir()
+    shutil.copy(make_video(tmp_path / "m.mkv", [(1, 2)]), lib / "matroska.mp4")
+    shutil.copy(make_video(tmp_path / "i.mp4", [(2, 2)]), lib / "mp4.mov")
+    shutil.copy(make_video(tmp_path / "q.mov", [(3, 2)]), lib / "quicktime.webm")
+    Image.fromarray(scene_frame(4)).save(lib / "photo.mp4", format="JPEG")
+    run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu")
+    with sqlite3.connect(ix / "catalog.db") as conn:
+        ids = dict(conn.execute("SELECT relpath, id FROM files WHERE status = 'indexed' AND moment = 0"))
+    assert set(ids) == {"matroska.mp4", "mp4.mov", "quicktime.webm", "photo.mp4"}, ids  # each read by its content
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        for name, wanted in (("matroska.mp4", "video/x-matroska"), ("mp4.mov", "video/mp4"),
+                             ("quicktime.webm", "video/quicktime")):
+            status, headers, body = call(url, f"/api/video/{ids[name]}")
+            assert (status, headers["Content-Type"]) == (200, wanted), (name, status, headers["Content-Type"])
+            assert body == (lib / name).read_bytes() and headers["X-Content-Type-Options"] == "nosniff"
+        status, headers, body = call(url, f"/api/video/{ids['photo.mp4']}")
+        assert status == 404 and not headers["Content-Type"].startswith(("video/", "image/")), (status, headers)
+        assert (lib / "photo.mp4").read_bytes()[:64] not in body and b"not a video" in body, body[:300]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        status, headers, _ = call(url, f"/api/image/{ids['photo.mp4']}?size=64")  # the moment's picture: a JPEG drawn
+        assert (status, headers["Content-Type"]) == (200, "image/jpeg")
+    finally:
+        stop(proc)
+
+
+def _same_size_other_content(path, like) -> None:
+    """path's bytes put in place of like (a new file renamed over it, as a sync does) with 300 bytes mid-file
+    inverted: another content of the same size, given like's mtime, which the listing cannot tell from it."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 300] = bytes(b ^ 0xFF for b in data[mid:mid + 300])
+    st = like.stat()
+    part = like.with_suffix(".part")
+    part.write_bytes(bytes(data))
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(part, like)
+
+
+@pytest.mark.slow
+def test_reindex_reads_a_video_with_the_same_identity_check_as_an_index_run(tmp_path, tiny_model, other_model,
+                                                                             monkeypatch):
+    """`index --reindex` read each video again with no hash and no identity check: a video replaced (same size and
+    mtime, as a sync leaves them) between two runs, or while the re-encode read it, had the new content's moments'
+    vectors recorded under the old content's SHA-256, and as size and mtime matched, no later run read it again.
+    It goes through the index run's check now: hashed (the recorded hash must match), then decoded from the file
+    hashed; one that changed gets no vectors (failed, `cannot read`, so read again by the run that follows)."""
+    from indexer import videos
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    old = make_video(lib / "a.mp4", [(1, 3), (2, 3)])
+    shutil.copy(old, lib / "b.mp4")
+    run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    assert {r[0] for name in ("a.mp4", "b.mp4") for r in _rows(ix, name)} == {"indexed"}
+    _same_size_other_content(old, lib / "b.mp4")  # between the runs
+    real, swapped = videos.decode_moments, []
+
+    def swap_then_decode(found, *args):  # a.mp4 replaced after the re-encode hashed it, before it is decoded
+        if found.relpath == "a.mp4" and not swapped:
+            swapped.append(found.relpath)
+            _same_size_other_content(lib / "a.mp4", lib / "a.mp4")
+        return real(found, *args)
+
+    monkeypatch.setattr(videos, "decode_moments", swap_then_decode)
+    run("index", "--reindex", "--index", ix, "--model", other_model, "--device", "cpu", "--workers", "0")
+    assert swapped == ["a.mp4"]
+    for name in ("a.mp4", "b.mp4"):
+        rows = _rows(ix, name)
+        # never the old content's hash over what the file holds now: read again for what it is
+        assert rows and all(r[0] == "indexed" and r[1] == _sha(lib / name) for r in rows), (name, rows)
+    assert run("verify", "--index", ix).exit_code == 0

@@ -4,7 +4,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from sqlalchemy import event, insert
+from sqlalchemy import event
 
 from alignsearch.storage import catalog
 
@@ -31,7 +31,7 @@ def db(tmp_path):
 def fill(db, rows) -> list[int]:
     """Insert rows in this order; returns their ids."""
     with db.begin() as conn:
-        return [int(conn.execute(insert(catalog.files).values(**r)).inserted_primary_key[0]) for r in rows]
+        return [catalog.insert_file(conn, r) for r in rows]
 
 
 def pairs(db, **filters) -> list[list[int]]:

@@ -6,12 +6,14 @@ Each shown row's name is now looked up in the unique index that holds a second c
 """
 
 import os
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 
-from conftest import run
-from helpers import flip_in_table_page, index_with_a_name_not_utf8
+from conftest import make_images, run
+from helpers import flip_in_table_page, index_with_a_name_not_utf8, killed_at_call
 from alignsearch.media import sources
 from alignsearch.storage import catalog
 
@@ -118,3 +120,51 @@ def test_the_check_seeks_the_names_index(indexed_images):
     finally:
         conn.close()
     assert "COVERING INDEX sqlite_autoindex_files_1 (root=? AND relpath=? AND moment=?)" in plan, plan
+
+
+NOT_UTF8 = (b"caf\xe9.jpg", b"na\xefve.jpg", b"\xfcber.jpg")  # three rows that keep their name's bytes
+
+
+def _kept_names(ix) -> list[bytes]:
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        return sorted(raw for raw, in conn.execute("SELECT relpath_raw FROM files WHERE relpath_raw IS NOT NULL"))
+    finally:
+        conn.close()
+
+
+# kill -9 of `verify --repair` as it mends three rows' name bytes (one transaction), each moment the n-th return of
+# a function (helpers.killed_at_call), and the catalog the kill must leave: "old" (every row's bytes still flipped)
+# or "mended" (every row's written again), never some rows of each
+MEND_MOMENTS = [
+    ("alignsearch.storage.catalog:mendable_names", 2, "old"),  # the rows found again under the writer lock
+    ("alignsearch.storage.catalog:update", 2, "old"),  # one row's bytes written in the transaction
+    ("alignsearch.storage.catalog:update", 3, "old"),  # two rows' written
+    ("alignsearch.storage.catalog:mend_names", 1, "old"),  # all three written, not yet committed
+    ("indexer.verify:_held", 1, "mended"),  # committed: the repair's next step (the vectors) begun
+]
+
+
+@pytest.mark.slow  # an index and six runs of verify (~15 s)
+def test_verify_repair_killed_while_it_mends_names_leaves_the_old_or_the_mended_catalog(tmp_path, tiny_model):
+    """kill -9 at each moment of a mend leaves the catalog as it was or mended whole (the rows are written in one
+    transaction, committed together), and a second `verify --repair` finishes the job: verify ok, every row's bytes
+    the name its key spells."""
+    folder = tmp_path / "photos"
+    for path, name in zip(make_images(folder, 4)[1:], NOT_UTF8):
+        os.rename(path, os.path.join(os.fsencode(folder), name))
+    built = tmp_path / "built"
+    run("index", folder, "--index", built, "--model", tiny_model, "--device", "cpu")
+    for name in NOT_UTF8:
+        flip_in_table_page(built / "catalog.db", "files", name)  # its first byte: c -> b, n -> o, \xfc -> \xfd
+    old = _kept_names(built)
+    assert len(old) == 3 and not set(old) & set(NOT_UTF8)
+    for where, nth, left in MEND_MOMENTS:
+        ix = Path(shutil.copytree(built, tmp_path / f"{where.rpartition(':')[2]}-{nth}"))
+        proc = killed_at_call(where, nth, {}, "verify", "--repair", "--skip-model", "--index", ix)
+        assert proc.returncode == -9, (where, nth, proc.returncode, proc.stdout + proc.stderr)  # killed at the moment
+        assert _kept_names(ix) == (old if left == "old" else sorted(NOT_UTF8)), (where, nth)
+        again = run("verify", "--repair", "--skip-model", "--index", ix)
+        assert ("wrote the name bytes of 3 files again" in again.output) == (left == "old"), (where, nth, again.output)
+        assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: "), (where, nth)
+        assert _kept_names(ix) == sorted(NOT_UTF8), (where, nth)

@@ -21,7 +21,7 @@ import pytest
 from alignsearch.storage import catalog, migrate, state
 from conftest import index_json, make_images, run
 from helpers import (DEATHS_ENV, FIXTURES, KILLED_IN_PHASH_FILL, catalog_rows, deaths, killed_at, noting_deaths,
-                     render_sign, verify_problems, with_dying_fills)
+                     render_sign, seal, verify_problems, with_dying_fills, without_digests)
 from indexer import phashfill, workers
 from indexer.workers import DIED
 
@@ -29,10 +29,13 @@ needs_ocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, rea
 LAST_V3 = "be67b8a"  # the last alignsearch that wrote (and read) schema 3
 
 
-def _sql(ix: Path, sql: str, *args) -> None:
+def _sql(ix: Path, sql: str, *args, sealed: bool = False) -> None:
+    """Run sql on the catalog; sealed: and digest the rows as a writer would (helpers.seal)."""
     conn = sqlite3.connect(ix / "catalog.db")
     with conn:
         conn.execute(sql, args)
+        if sealed:
+            seal(conn)
     conn.close()
 
 
@@ -65,7 +68,7 @@ def test_a_file_that_kills_its_ocr_worker_is_tried_once_per_change_not_once_per_
     # the pool's death, the same files again in a fresh pool, then the file alone, twice (indexer/workers.py)
     assert 2 <= died <= 4, died
     # another image to read (its text forgotten): the code before read die-sign.png in the workers again
-    _sql(ix, f"UPDATE photos SET ocr = NULL WHERE file_id = ({ID_OF.format('sign1.png')})")
+    _sql(ix, f"UPDATE photos SET ocr = NULL WHERE file_id = ({ID_OF.format('sign1.png')})", sealed=True)
     second = index_json(ix, *ocr)
     assert deaths(noted) == died  # not tried again: it killed as many workers on every run before
     assert first["times"]["extra"]["ocr_filled"] == 2 and first["fill_failures"] == {"ocr": 1, "phash": 0}, first
@@ -264,12 +267,15 @@ def test_a_version_3_catalog_is_read_as_it_stands_and_upgraded_once_by_a_writer(
     # the keyword index, written again (version 5: migrate._spaced_keywords; version 6: migrate._broken_keywords;
     # version 7: migrate._thai_keywords; version 8: migrate._hangul_edge_keywords; version 9: migrate._width_keywords),
     # and files_sha256 on (sha256, moment) (version 10: migrate._content_index), and the links table, made empty
-    # (version 13: migrate._links)
+    # (version 13: migrate._links), and each files and photos row's digest (version 14: migrate._digests), compared
+    # with a copy that drops it
     assert "CREATE INDEX files_sha256 ON files (sha256, moment);" in after
     assert any(x.startswith("CREATE TABLE links (") for x in after)
-    assert [x for x in after if not any(w in x for w in ("fill_failures", "schema_version", "keys_lossless",
-                                                         "keywords", "INDEX files_sha256", "CREATE TABLE links ("))] == \
-        [x for x in before if not any(w in x for w in ("schema_version", "keywords", "INDEX files_sha256"))]
+    assert catalog_rows(v3, "SELECT count(*) FROM files WHERE digest IS NULL") == [(0,)]
+    assert catalog_rows(v3, "SELECT count(*) FROM photos WHERE digest IS NULL") == [(0,)]
+    assert [x for x in without_digests(db, v3.parent / "copy") if not any(w in x for w in (
+        "fill_failures", "schema_version", "keys_lossless", "keywords", "INDEX files_sha256", "CREATE TABLE links ("))] \
+        == [x for x in before if not any(w in x for w in ("schema_version", "keywords", "INDEX files_sha256"))]
     reader = catalog.connect(db, readonly=True)
     with reader.connect() as conn:
         assert state.read(conn).schema_version == migrate.LATEST and migrate.schema_of(conn) == migrate.CURRENT
@@ -388,6 +394,7 @@ def _unread_pngs(tmp_path: Path, n: int):
                 root=str(root), relpath=path.name, size=st.st_size, mtime=st.st_mtime, status=catalog.INDEXED,
                 indexed_at=time.time(), vec_row=i)).inserted_primary_key[0]
             conn.execute(insert(catalog.photos).values(file_id=fid))
+        seal(conn)
     return db
 
 
@@ -481,6 +488,7 @@ def test_the_phash_fill_never_reads_a_video_for_its_moments(tmp_path, monkeypatc
                 root=str(tmp_path / "lib"), relpath=video.name, moment=moment, t=float(moment), t_end=moment + 1.0,
                 size=video.stat().st_size, mtime=video.stat().st_mtime, status=catalog.INDEXED, indexed_at=0.0,
                 vec_row=1 + moment))
+        seal(conn)
     opened = []
     read = catalog.FileRow.read
     monkeypatch.setattr(catalog.FileRow, "read", lambda row: opened.append(row.relpath) or read(row))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from helpers import child_pids, decode_growth, smooth_photos
+from helpers import child_pids, decode_growth, seal, smooth_photos
 
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "ALIGNSEARCH_PROGRESS_SECONDS": "0"}
 
@@ -319,6 +319,7 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
         conn.execute(catalog.insert(catalog.files), [
             dict(root="/synthetic", relpath=f"{i}.jpg", size=1000 + i, mtime=1.6e9, sha256=f"{i:064x}", width=64,
                  height=64, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i) for i in range(5)])
+        seal(conn)
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         vectors.save(conn, store)
     db.dispose()

@@ -18,6 +18,7 @@ import alignsearch
 from alignsearch.storage import catalog, migrate, state
 from alignsearch.errors import AlignSearchError
 from conftest import index_json, make_images, run
+from helpers import seal
 
 
 def vector_rows(ix) -> int:
@@ -392,6 +393,7 @@ def test_fill_steps_skip_a_file_replaced_since_the_scan(indexed_images, tiny_mod
     with db.begin() as conn:  # as an index written before these existed, or without --ocr
         conn.execute(delete(catalog.phashes))
         conn.execute(update(catalog.photos).values(ocr=None))
+        seal(conn)
     before = os.stat(root / victim)
     exif = Image.Exif()
     exif[0x0110] = "Replaced"  # the camera model the other picture would have lent the old row

@@ -734,3 +734,76 @@ def test_a_fifo_at_a_side_file_is_refused_by_every_command_without_hanging(tmp_p
         assert f"{side} is a fifo" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     (ix / side).unlink()
     assert as_child("similar", "1", "-k", "1", "--index", ix, timeout=60).returncode == 0
+
+
+def test_lock_holders_reads_the_flocks_of_one_file_from_proc_locks():
+    """/proc/locks names each lock's process and file (MAJ:MIN:INODE, in hex but the inode); waiters ("->") hold none."""
+    from indexer.lock import lock_holders
+
+    locks = ("1: FLOCK  ADVISORY  WRITE 9231 fe:00:2147788 0 EOF\n"
+             "1: -> FLOCK  ADVISORY  WRITE 9300 fe:00:2147788 0 EOF\n"
+             "2: POSIX  ADVISORY  WRITE 77 fe:00:2147788 0 EOF\n"
+             "3: FLOCK  ADVISORY  READ 12 fe:01:2147788 0 EOF\n"
+             "4: FLOCK  ADVISORY  READ 13 fe:00:21477881 0 EOF\n")
+    assert lock_holders(locks, os.makedev(0xfe, 0), 2147788) == [9231]
+    assert lock_holders(locks, os.makedev(0xfe, 1), 2147788) == [12]
+    assert lock_holders("", os.makedev(0xfe, 0), 2147788) == []
+
+
+def test_a_writer_arriving_while_an_old_lock_file_is_replaced_is_refused(tmp_path, monkeypatch):
+    """Two writers of this user's and a lock file another user holds: the first replaces it (in its turn), and a
+    second that comes meanwhile, or after, is refused, never holding the old file or a second fresh one while the
+    first holds its own. (Another user's hold is told here by foreign_hold, made to say so of the old file.)"""
+    import fcntl
+
+    from indexer import lock
+
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    old = ix / "write.lock"
+    old.touch()
+    theirs = os.open(old, os.O_RDONLY)
+    fcntl.flock(theirs, fcntl.LOCK_EX)
+    old_ino = old.stat().st_ino
+    monkeypatch.setattr(lock, "foreign_hold", lambda fd: os.fstat(fd).st_ino == old_ino and "another user")
+    monkeypatch.setattr(lock, "TURN_WAIT", 0)  # the second's wait for the first's turn, not waited here
+    arrived = []
+    real_fresh = lock._fresh_lock
+
+    def fresh(folder, name):
+        if arrived:  # the second writer replacing too (renaming over the first's)
+            arrived.append("replaced again")
+        else:  # a second writer, while the first is in its turn, about to replace the old file
+            arrived.append("arriving")
+            arrived[0] = lock.take_lock(ix, "write.lock")[0]
+        return real_fresh(folder, name)
+
+    monkeypatch.setattr(lock, "_fresh_lock", fresh)
+    try:
+        first, _ = lock.take_lock(ix, "write.lock")
+        assert first is not None and arrived == [None]
+        assert os.fstat(first).st_ino == old.stat().st_ino != old_ino  # the file at the name is the first's, held
+        monkeypatch.setattr(lock, "_fresh_lock", real_fresh)
+        assert lock.take_lock(ix, "write.lock")[0] is None  # after: the first, this user's, holds it
+        os.close(first)
+        after, _ = lock.take_lock(ix, "write.lock")
+        assert after is not None
+        os.close(after)
+    finally:
+        os.close(theirs)
+
+
+@pytest.mark.parametrize("pid", [0, -1, -42])
+def test_a_lock_holder_with_no_process_number_here_is_never_taken_for_another_users(tmp_path, monkeypatch, pid):
+    """/proc/locks gives a number <= 0 for a holder it cannot name here (another pid namespace's, a remote lock):
+    it may be a writer of this user's, so its lock file is never replaced (two writers at once). foreign_hold took
+    such a holder for "another user" (_process_uid answers None for it, which counted as neither this user nor
+    root) and take_lock replaced the lock file under it."""
+    from indexer import lock
+
+    monkeypatch.setattr(lock, "lock_holders", lambda locks, dev, ino: [pid])
+    fd = os.open(tmp_path / "write.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert lock.foreign_hold(fd) is None
+    finally:
+        os.close(fd)

@@ -866,7 +866,11 @@ LEAVE_A_WAL = """
 import os, sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.execute("BEGIN")
 conn.execute("UPDATE files SET mtime = 12345 WHERE relpath = 'img004.jpg'")
+from alignsearch.storage import migrate
+migrate.digest_rows(conn)  # the row's digest with it, as a writer writes it (schema 14)
+conn.execute("COMMIT")
 os._exit(0)  # no checkpoint: the commit stays in catalog.db-wal
 """
 
@@ -1139,3 +1143,32 @@ def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(indexed_images, 
     # nothing was harmed: a re-run indexes the new images and verify agrees
     assert index_json(ix, root)["added"] == 4
     assert json.loads(run("verify", "--index", ix, "--json").stdout)["ok"] is True
+
+
+@pytest.mark.slow
+def test_reindex_gives_a_photo_no_vector_of_content_other_than_the_one_its_row_records(tmp_path, tiny_model,
+                                                                                       other_model):
+    """A photo replaced between two runs by another of the same size with its mtime (a sync leaves them so) was
+    re-encoded by `index --reindex` from what the file held then, under the hash its row records: the old content's
+    SHA-256 over the new content's vector, and as size and mtime matched, no later run read it again. A file whose
+    content is not the one recorded gets no new vector (failed, `cannot read`), and the run that ends --reindex
+    reads it again for what it holds, as videos are (test_attacks_video)."""
+    from PIL import Image
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    root.mkdir()
+    for name, colour in (("a.bmp", (200, 30, 30)), ("b.bmp", (30, 200, 30))):
+        Image.new("RGB", (64, 48), colour).save(root / name)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    st = (root / "a.bmp").stat()
+    Image.new("RGB", (64, 48), (30, 30, 200)).save(root / "a.part", format="BMP")  # same size: same dimensions
+    assert (root / "a.part").stat().st_size == st.st_size
+    os.utime(root / "a.part", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(root / "a.part", root / "a.bmp")
+    index_json(ix, "--reindex", "--model", other_model, "--device", "cpu")
+    with sqlite3.connect(ix / "catalog.db") as conn:
+        rows = dict(conn.execute("SELECT relpath, sha256 FROM files WHERE status = 'indexed'"))
+    import hashlib
+
+    assert rows == {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in ("a.bmp", "b.bmp")}, rows
+    assert run("verify", "--index", ix, "--skip-model").exit_code == 0

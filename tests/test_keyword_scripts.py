@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 import unicodedata
 
+import pytest
+
 from alignsearch.storage import catalog, keywords, migrate, state
 
 
@@ -441,3 +443,73 @@ def test_a_schema_11_keyword_index_finds_lao_words_once_its_next_writer_upgrades
     conn.close()
     _found_inside_once_upgraded(db_path, ids, "ຫຼວງພະບາງ", "ຕະຫຼາດຫຼວງພະບາງ")
     assert _found(db_path, ids, "ໄກ່", readonly=True) == ["chicken.jpg"]
+
+
+# Zero width space, zero width non-joiner and joiner, word joiner, BOM, soft hyphen: invisible inside a word
+ZERO_WIDTH = ("\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad")
+
+
+def test_a_zero_width_character_inside_a_word_cuts_it_neither_in_the_text_nor_in_the_query(tmp_path):
+    """unicode61 takes a format character (Cf) for a separator: a caption `sun<U+200B>set` (a web page's or a PDF's
+    text pasted in) was the words `sun` `set`, so `sunset` missed it; a query typed with one was the phrase `sun set`
+    and missed the plain caption. Both sides drop them now (keywords.narrow): each finds the other, the default
+    mode's match check agrees, and a code cut so is found whole (the trigram index's text too)."""
+    db = tmp_path / "catalog.db"
+    files = {f"zw{n}.jpg": f"a sun{zw}set over the bay" for n, zw in enumerate(ZERO_WIDTH)}
+    files.update({"plain.jpg": "a sunset over the bay", "apart.jpg": "the sun set early", "code.jpg": "invoice INV\u200b4711",
+                  "persian.jpg": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"})  # a ZWNJ inside a Persian word
+    ids = _library(db, files)
+    sunsets = sorted([n for n in files if n.startswith("zw")] + ["plain.jpg"])
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("sunset") == sunsets, kw("sunset")
+        for zw in ZERO_WIDTH:
+            assert kw(f"sun{zw}set") == sunsets and kw(f'"a sun{zw}set"') == sunsets, repr(zw)
+            assert kw(f"{zw}sunset{zw}") == sunsets, repr(zw)
+        assert kw('"sun set"') == ["apart.jpg"]  # two words are still two words
+        assert kw("INV4711") == kw("INV\u20604711") == kw("4711") == ["code.jpg"]
+        # the word typed with or without its ZWNJ (keyboards differ): one word either way
+        assert kw("\u0645\u06cc\u062e\u0648\u0627\u0647\u0645") == kw("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645") == ["persian.jpg"]
+    # the default mode keeps a keyword match only where the caption holds it (evidence): it must agree
+    for text in files.values():
+        if "sun" in text and "bay" in text:
+            assert keywords.evidence(keywords.parse("sunset", partial_last=True), text), repr(text)
+            assert keywords.evidence(keywords.parse("sun\u200bset"), text.replace("\u00ad", "")), repr(text)
+    assert not keywords.evidence(keywords.parse("sunset"), "the sun set early")
+    assert keywords.spaced("sun\u200bset") == "sunset" == keywords.narrow("\ufeffsun\u2060set")
+
+
+@pytest.mark.slow
+def test_keyword_rows_an_older_writer_cut_at_a_zero_width_character_are_found_by_verify_and_written_again(
+        indexed_images):
+    """An index written before zero-width characters were dropped holds `sun<U+200B>set` as `sun` `set` (FTS5 keeps
+    the text it was given): no schema step rewrites it (derived data: a scan of every row). verify names those rows
+    in a note (exit 0: searches answer), and --repair writes only them again, after which `sunset` finds them."""
+    import json
+
+    from conftest import run
+
+    _, ix = indexed_images(3)
+    caption = "a sun\u200bset over the bay"
+    db = catalog.connect(ix / "catalog.db")
+    with db.begin() as conn:  # a caption as the previous writer wrote it: its keyword row kept the character
+        (fid, relpath), *_ = conn.exec_driver_sql("SELECT id, relpath FROM files ORDER BY id").all()
+        catalog.set_photo(conn, fid, relpath, {"caption": caption})
+        conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?",
+                             (catalog.keyword_text(relpath, caption), fid))
+    db.dispose()
+
+    def found(text):
+        hits = json.loads(run("query", text, "--mode", "keyword", "--json", "--index", ix).stdout)["results"]
+        return [h["relpath"] for h in hits]
+
+    assert found("sunset") == []  # what such an index answers until it is repaired
+    report = json.loads(run("verify", "--index", ix, "--json", "--skip-model").stdout)
+    assert report["ok"] and any("keyword rows of 1 files hold zero-width" in n for n in report["notes"]), report
+    repaired = json.loads(run("verify", "--index", ix, "--json", "--skip-model", "--repair").stdout)
+    assert any("keyword rows of 1 files" in line for line in repaired["repaired"]), repaired
+    assert found("sunset") == found("sun\u200bset") == [relpath]
+    report = json.loads(run("verify", "--index", ix, "--json", "--skip-model").stdout)
+    assert report["ok"] and not any("zero-width" in n for n in report["notes"]), report

@@ -4,8 +4,11 @@ root's power to read any file or signal any process: what the other user may do 
 
 Guarantees tried: the index's lock files (write.lock) and the server record's turn (client.record_turn) cannot be
 held by another user, who held them for ever (every `index` of alice's refused, her `serve` 10 s late to start and to
-stop, its record never removed); a query never trusts a server record another user wrote, nor sends to a process of
-another user's, nor to a port held by another user for a process of its own."""
+stop, its record never removed), not even one opened while an earlier release left it 0644 (replaced); a lock on a
+killed write's leftover (a `.tmp`, a swap's `.new` copy) or on a `.old` folder cannot keep it or silence its
+warning; the model cache's lock files (records/write.lock, .inuse) cannot be opened by another user at all; a query
+never trusts a server record another user wrote, nor sends to a process of another user's, nor to a
+port held by another user for a process of its own."""
 
 import json
 import os
@@ -14,10 +17,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import (as_user, can_hide_pids, ipv6_loopback, local_user, started_as_user, stopped_user, users_folder,
-                     why_no_local_users)
+from helpers import (as_user, can_hide_pids, ipv6_loopback, local_user, needs_local_users, shown_to_users,
+                     started_as_user, stopped_user, users_folder)
 
-pytestmark = [pytest.mark.skipif(why_no_local_users() is not None, reason=str(why_no_local_users())), pytest.mark.slow]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _local_users():
+    """Skipped where no local user can be made or run as (not root, no runuser): failed instead where CI asks
+    (ALIGNSEARCH_REQUIRE_USERS), so these guarantees never go untried unseen."""
+    needs_local_users()
 
 # Holds an exclusive flock on each path given (a folder where it ends with /) for as long as its stdin is open,
 # where the user may open it: prints "ready" and, per path, "held" or why not.
@@ -100,7 +110,7 @@ print(json.dumps({"answer": routed.answer, "notices": notices}))
 @pytest.fixture
 def shared():
     """A folder every user may enter, for alice's and mallory's own folders (pytest's tmp_path is root's alone)."""
-    base = Path(tempfile.mkdtemp(prefix="alignsearch-users-", dir="/tmp"))
+    base = shown_to_users(Path(tempfile.mkdtemp(prefix="alignsearch-users-", dir="/tmp")))
     base.chmod(0o755)
     try:
         yield base
@@ -299,18 +309,24 @@ def test_another_user_cannot_keep_a_killed_writes_temporary(shared):
     mallory could open it and hold its flock, and alice's remove_stale took it for a write at work and never removed
     it (an ANN index or an export of gigabytes, for as long as mallory liked). It stays 0600 until it is put in place."""
     folder = users_folder(shared, "alice")
-    killed = as_user("alice", KILLED_WRITE, folder / "out.bin")
+    _killed_and_swept(folder / "out.bin", KILLED_WRITE, ".tmp")
+    assert not (folder / "out.bin").exists()
+
+
+def _killed_and_swept(out: Path, killed_write: str, suffix: str) -> None:
+    """alice's write of out run and killed (killed_write), leaving one `suffix` temporary beside it; mallory cannot
+    open it to hold its lock, and alice's next sweep removes it."""
+    killed = as_user("alice", killed_write, out)
     assert killed.returncode in (-9, 128 + 9), killed.stderr  # runuser says a killed child so
-    left = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    assert len(left) == 1 and not (folder / "out.bin").exists()
-    holder, held = _holding("mallory", left[0])
+    (left,) = [p for p in out.parent.iterdir() if p.name.endswith(suffix)]
+    holder, held = _holding("mallory", f"{left}/" if left.is_dir() else left)
     try:
         assert held == ["Permission denied"]
-        swept = as_user("alice", SWEEP, folder / "out.bin")
+        swept = as_user("alice", SWEEP, out)
         assert swept.stdout.strip() == "1", swept.stdout + swept.stderr
     finally:
         stopped_user(holder)
-    assert not left[0].exists()
+    assert not left.exists()
 
 
 def test_a_write_put_in_place_has_its_mode(shared):
@@ -444,7 +460,7 @@ def test_another_user_reads_no_index_of_photos_they_cannot_read(tiny_model):
 
 
 def _peek_both(base: Path, tiny_model, run, smooth_photos) -> None:
-    base.chmod(0o755)
+    shown_to_users(base).chmod(0o755)
     hidden = users_folder(base, "alice", 0o700) / "photos"
     smooth_photos(hidden, 2)
     shown = base / "open"
@@ -455,3 +471,196 @@ def _peek_both(base: Path, tiny_model, run, smooth_photos) -> None:
     run("index", "--index", open_ix, "--model", tiny_model, shown)
     peeked = as_user("mallory", PEEK, kept_ix / "catalog.db", open_ix / "catalog.db")
     assert json.loads(peeked.stdout) == ["Permission denied", "read"], peeked.stderr
+
+
+def test_a_shared_folder_under_a_private_one_is_reached(tmp_path):
+    """A folder the tests share with the users may lie under one the users cannot enter: pytest's tmp_path (0700, in
+    root's 0700 /tmp/pytest-of-root), or any folder in a clone inside a 0700 `mktemp -d` folder, where every test here
+    was skipped. No folder the tests did not make is chmod'ed: the users' children reach the shared one at its own
+    path (helpers.users_view) and see nothing else of the private folders above it."""
+    (tmp_path / "root-only").write_text("root's")
+    folder = users_folder(tmp_path / "shared", "alice")
+    wrote = as_user("alice", "import sys; open(sys.argv[1], 'w').write('hers')", folder / "x")
+    assert wrote.returncode == 0, wrote.stderr
+    assert (folder / "x").read_text() == "hers"
+    seen = as_user("mallory", PEEK, folder / "x", tmp_path / "root-only")
+    assert json.loads(seen.stdout) == ["read", "No such file or directory"], seen.stderr
+    assert tmp_path.stat().st_mode & 0o777 == 0o700
+
+
+# alice's sweep beside OUT (as every write of OUT runs it): the warnings it logs go to stderr.
+SWEEP_SAID = "import sys; from alignsearch import atomic; atomic.remove_stale(sys.argv[1], min_age=0)"
+
+
+def test_another_user_cannot_silence_the_warning_of_a_swap_left_folder(shared):
+    """A folder swap killed mid-way leaves `.OUT.XXXX.old` (the folder replaced, with files of the user's own, or the
+    new copy), named in a warning unless locked, as a swap at work keeps its copy. Such a folder has the mode of the
+    folder swapped (0755): mallory opened it and held its lock, and alice was never told of it. A lock on a folder
+    others may open is no word of alice's now; one only alice may open (0700) still keeps it unsaid."""
+    folder = users_folder(shared, "alice")
+    left, private = folder / ".out.abcd1234.old", folder / ".out.efgh5678.old"
+    made = "import os, sys; os.mkdir(sys.argv[1], 0o755); os.mkdir(sys.argv[2], 0o700)"
+    assert as_user("alice", made, left, private).returncode == 0
+    holder, held = _holding("mallory", f"{left}/", f"{private}/")
+    try:
+        assert held == ["held", "Permission denied"]
+        said = as_user("alice", SWEEP_SAID, folder / "out").stderr
+    finally:
+        stopped_user(holder)
+    assert f"{left} was left by a write of out killed mid-swap" in said, said
+    assert f"{private} was left" in said  # not locked by anyone: said, as before
+    at_work = "import fcntl, os, subprocess, sys; fd = os.open(sys.argv[2], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); " \
+              "print(subprocess.run([sys.executable, '-c', sys.argv[3], sys.argv[1]], capture_output=True, text=True).stderr)"
+    kept = as_user("alice", at_work, folder / "out", private, SWEEP_SAID).stdout
+    assert f"{private} was left" not in kept and f"{left} was left" in kept, kept
+
+
+# HOLD's lock taken by a process that then ends, a child it made keeping the file open (so /proc/locks names a
+# process that is gone): prints "ready" once the first is gone.
+HOLD_AND_LEAVE = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+parent = os.getpid()
+if os.fork():
+    os._exit(0)
+while os.getppid() == parent:
+    time.sleep(0.01)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+# The watch lock of `index --watch`, as alice: taken, or why not.
+WATCHER = """
+import sys
+from pathlib import Path
+from alignsearch.errors import BadInputError
+from indexer.watch import _watch_lock
+try:
+    _watch_lock(Path(sys.argv[1]))
+    print("locked")
+except BadInputError as exc:
+    print("refused:", exc)
+"""
+
+
+def _left_0644(ix: Path, name: str = "write.lock") -> Path:
+    """A lock file of alice's as every release before 0600 ones left it: 0644."""
+    lock = ix / name
+    lock.touch()
+    os.chown(lock, local_user("alice").pw_uid, local_user("alice").pw_gid)
+    lock.chmod(0o644)
+    return lock
+
+
+@pytest.mark.parametrize("how", ["holding", "left-a-child-holding"])
+def test_another_users_hold_on_an_old_lock_file_is_replaced(shared, how):
+    """mallory opened alice's write.lock while it was 0644 (an earlier release's) and held its flock before alice's
+    next writer made it 0600: the open stayed hers, and every writer of alice's was refused for ever, as was every
+    `index --watch` for watch.lock. A lock held only by another user's processes (the one that took it gone, a child
+    keeping it, too) is now replaced by a fresh 0600 file; mallory keeps a lock on a file no longer at the name."""
+    ix = _index_folder(shared, "alice")
+    locks = [_left_0644(ix), _left_0644(ix, "watch.lock")]
+    before = [lock.stat().st_ino for lock in locks]
+    if how == "holding":
+        holder, held = _holding("mallory", *locks)
+        assert held == ["held", "held"]
+    else:
+        holder, _ = started_as_user("mallory", HOLD_AND_LEAVE, locks[0])
+    try:
+        first = as_user("alice", WRITER, ix)
+        assert first.stdout.strip() == "locked", first.stdout + first.stderr
+        assert "was held by process" in first.stderr and "of another user" in first.stderr
+        assert as_user("alice", WRITER, ix).stdout.strip() == "locked"  # the fresh one: no more replacing
+        if how == "holding":
+            watched = as_user("alice", WATCHER, ix)
+            assert watched.stdout.strip() == "locked", watched.stdout + watched.stderr
+    finally:
+        stopped_user(holder)
+    for lock, ino in zip(locks if how == "holding" else locks[:1], before):  # watch.lock taken where held
+        assert lock.stat().st_ino != ino and lock.stat().st_mode & 0o777 == 0o600
+        assert lock.stat().st_uid == local_user("alice").pw_uid
+
+
+@pytest.mark.parametrize("how", ["holding", "left-a-child-holding"])
+def test_alices_own_hold_on_an_old_lock_file_is_a_writer_at_work(shared, how):
+    """The same 0644 lock file held by a process of alice's (an earlier release's `index` started before the upgrade,
+    or a child of one still holding it): a writer at work, never replaced; the writer is refused as before."""
+    ix = _index_folder(shared, "alice")
+    lock = _left_0644(ix)
+    ino = lock.stat().st_ino
+    if how == "holding":
+        holder, held = _holding("alice", lock)
+        assert held == ["held"]
+    else:
+        holder, _ = started_as_user("alice", HOLD_AND_LEAVE, lock)
+    try:
+        refused = as_user("alice", WRITER, ix)
+        assert refused.stdout.startswith("refused: another alignsearch process is writing"), \
+            refused.stdout + refused.stderr
+    finally:
+        stopped_user(holder)
+    assert lock.stat().st_ino == ino
+    assert as_user("alice", WRITER, ix).stdout.strip() == "locked"
+
+
+# A folder replacement of alice's (atomic.replacing_dir) killed once its new copy is filled, before the swap.
+KILLED_SWAP = """
+import os, sys
+from alignsearch import atomic
+os.mkdir(sys.argv[1])
+atomic._fsync_tree = lambda folder: os.kill(os.getpid(), 9)
+with atomic.replacing_dir(sys.argv[1]) as new:
+    (new / "part").write_bytes(b"a killed export's copy")
+"""
+
+
+def test_another_user_cannot_keep_a_killed_folder_swaps_copy(shared):
+    """A folder swap gave its new copy (`.OUT.XXXX.new`) the replaced folder's mode (0755) before the swap: killed
+    then, mallory could open the copy and hold its lock, and alice's remove_stale took it for a write at work and
+    never removed it (an export's copy, as large as the export). It stays 0700 until it is in place."""
+    folder = users_folder(shared, "alice")
+    _killed_and_swept(folder / "out", KILLED_SWAP, ".new")
+    done = as_user("alice", "import sys; from alignsearch import atomic\nwith atomic.replacing_dir(sys.argv[1]) as new:\n"
+                            "    (new / 'x').write_bytes(b'x')", folder / "out")
+    assert done.returncode == 0 and (folder / "out").stat().st_mode & 0o777 == 0o755, done.stderr
+
+
+# As alice: the model cache's two lock files made as an export and a loader make them (records/write.lock by a first
+# record, .inuse by a loader's shared hold), in the model folder argv[1]; prints what the cache's trust check says.
+CACHE_LOCKS = """
+import json, sys
+from pathlib import Path
+from alignsearch.encoders import backend, records
+folder = Path(sys.argv[1])
+model = {key: "x" for key in records.MODEL_KEYS}
+records.Writer(folder, model).speed("this cpu", {"onnx": 1.0})
+held = backend.lock_in_use(folder)
+print(json.dumps({"untrusted": backend.cache_untrusted(folder), "held": held is not None}))
+"""
+
+
+def test_another_user_cannot_hold_the_model_caches_locks(shared):
+    """The model cache's lock files: records/write.lock (a first record's check of model.json: held by another user,
+    every export and measurement of alice's waited 60 s and recorded nothing) and .inuse (held exclusive, every load
+    waited 120 s; held shared, no superseded export was ever removed). Not open to mallory, even in the most open
+    layout the cache's trust check accepts: a cache root alice made 0755 (ALIGNSEARCH_CACHE), its onnx/ and model
+    folders 0755 as releases before the cache was made 0700 left them. Both files are made 0600 (no release made them
+    otherwise) and records/ 0700: mallory's open is refused, so the rule of the index's lock files (a held one
+    replaced, indexer/lock.py) has nothing to replace here."""
+    alice = local_user("alice")
+    cache = users_folder(shared, "alice") / "cache"
+    folder = cache / "onnx" / "abc-def"
+    folder.mkdir(parents=True)
+    for made in (cache, cache / "onnx", folder):
+        os.chown(made, alice.pw_uid, alice.pw_gid)
+        made.chmod(0o755)
+    made = as_user("alice", CACHE_LOCKS, folder, extra_env={"ALIGNSEARCH_CACHE": str(cache)})
+    assert json.loads(made.stdout) == {"untrusted": None, "held": True}, made.stdout + made.stderr
+    lock, in_use = folder / "records" / "write.lock", folder / ".inuse"
+    assert [p.stat().st_mode & 0o777 for p in (folder / "records", lock, in_use)] == [0o700, 0o600, 0o600]
+    holder, held = _holding("mallory", lock, in_use)
+    try:
+        assert held == ["Permission denied", "Permission denied"]
+    finally:
+        stopped_user(holder)

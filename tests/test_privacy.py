@@ -279,3 +279,50 @@ def test_an_index_run_lists_the_list_it_judged_and_reads_it_once(public_dir, tin
     monkeypatch.undo()
     run("index", "--index", ix, str(listed))  # the next run judges the new list first
     assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+
+
+def _swap_for_link(ix: Path, target: Path) -> None:
+    """What another user who may rename entries beside the index does: its folder renamed away, a link to a folder of
+    their choice (or root's) put at its name."""
+    ix.rename(ix.with_name(ix.name + ".away"))
+    ix.symlink_to(target)
+
+
+def test_a_link_swapped_in_after_the_judgement_is_not_chmodded_through(public_dir, monkeypatch):
+    """keep_private read the index folder's mode, then chmodded it by name: a link put at its name between the two
+    was followed, and the folder it named (another user's, or root's where run as root) was given the index's
+    narrowed mode. Now the mode read and set are those of one open folder: the index folder judged is narrowed,
+    the link's target is left as it was."""
+    from indexer import privacy
+
+    hidden, ix, theirs = public_dir / "hidden", public_dir / "ix", public_dir / "theirs"
+    for folder, mode in ((hidden, 0o700), (ix, 0o755), (theirs, 0o755)):
+        folder.mkdir()
+        folder.chmod(mode)
+    real_narrowed = privacy.narrowed
+
+    def swapping(*args):  # between reading the index folder's mode and setting it
+        _swap_for_link(ix, theirs)
+        return real_narrowed(*args)
+
+    monkeypatch.setattr(privacy, "narrowed", swapping)
+    privacy.keep_private(ix, [str(hidden)])
+    assert stat.S_IMODE(os.stat(theirs).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(public_dir / "ix.away").st_mode) == 0o700
+
+
+def test_a_link_swapped_in_before_the_call_is_not_the_judged_folder(public_dir):
+    """Swapped before keep_private opens it (after job judged the folder and took its lock): the folder now at the
+    name is not the one judged (writer_lock's identity), and nothing is changed."""
+    from indexer.lock import writer_lock
+    from indexer.privacy import keep_private
+
+    hidden, ix, theirs = public_dir / "hidden", public_dir / "ix", public_dir / "theirs"
+    for folder, mode in ((hidden, 0o700), (ix, 0o755), (theirs, 0o755)):
+        folder.mkdir()
+        folder.chmod(mode)
+    with writer_lock(ix) as held:
+        _swap_for_link(ix, theirs)
+        assert keep_private(ix, [str(hidden)], judged=held) is None
+    assert stat.S_IMODE(os.stat(theirs).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(public_dir / "ix.away").st_mode) == 0o755

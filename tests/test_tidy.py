@@ -20,7 +20,7 @@ from alignsearch.search.columns import Columns
 from alignsearch.search.query import null_prompts
 from alignsearch.storage.paths import DB_FILE
 from alignsearch.surfaces.server import ServerConfig, start_in_thread
-from helpers import call, indexed_corpus, png_bomb
+from helpers import call, indexed_corpus, png_bomb, seal
 from indexer.scan import scan_folder
 
 UPLOAD_CAP = 40_000  # pixels: 200x200 passes, 300x300 does not
@@ -160,6 +160,7 @@ def test_the_null_calibration_skips_ann_ids_whose_files_left_the_index(tmp_path,
     con = sqlite3.connect(ix / DB_FILE)
     with con:  # every file but the first leaves the indexed ones; the ANN index still holds them all
         con.execute("UPDATE files SET status = 'failed', reason = 'gone' WHERE id > (SELECT MIN(id) FROM files)")
+        seal(con)
     con.close()
     engine = alignsearch.open(ix, device="cpu")
     try:

@@ -877,10 +877,8 @@ def test_a_server_leaving_never_removes_the_record_a_later_server_wrote(tmp_path
     assert _replaced_mid_removal(record, lambda: remove_record(record, os.getpid()), monkeypatch) == {"pid": 2**22 + 1}
 
 
-def test_a_query_removing_a_stale_record_never_removes_the_one_a_server_just_wrote(tmp_path, monkeypatch):
-    """The same read-then-unlink in the client: a query that found the record of a server killed with -9 removed
-    it as stale, and with it the record a new `serve` wrote in between."""
-    from alignsearch.surfaces import client
+def _stale_record(tmp_path: Path) -> tuple[Path, dict]:
+    """A record (tmp_path/index/server.json, in a 0700 folder) naming a process that is gone: (its path, it)."""
     from alignsearch.surfaces.server import write_record
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -889,6 +887,16 @@ def test_a_query_removing_a_stale_record_never_removes_the_one_a_server_just_wro
     record = tmp_path / "index" / "server.json"
     record.parent.mkdir(mode=0o700)
     write_record(record, dead)
+    return record, dead
+
+
+def test_a_query_removing_a_stale_record_never_removes_the_one_a_server_just_wrote(tmp_path, monkeypatch):
+    """The same read-then-unlink in the client: a query that found the record of a server killed with -9 removed
+    it as stale, and with it the record a new `serve` wrote in between."""
+    from alignsearch.surfaces import client
+    from alignsearch.surfaces.server import write_record
+
+    record, dead = _stale_record(tmp_path)
     assert client._signalled(dead["pid"]) == client.GONE
     after = _replaced_mid_removal(record, lambda: client._remove_stale(record, dead), monkeypatch)
     assert after == {"pid": 2**22 + 1}
@@ -1009,3 +1017,71 @@ def test_an_index_option_naming_the_folder_above_the_index_says_which_to_name(tm
     with pytest.raises(errors.IndexNotFoundError) as raised:
         paths.resolve_index_dir(tmp_path)
     assert str(tmp_path / ".alignsearch") in str(raised.value) and "run `alignsearch index" not in str(raised.value)
+
+
+class _OldRelease:
+    """A `serve` of the release before server.lock, in its turn at the record (an exclusive flock on the record's
+    folder, as its record_turn took it), with one step left to do (`then`: the unlink of the record it read, or the
+    write of its own); finish() does it and leaves the turn."""
+
+    def __init__(self, record: Path, then):
+        import fcntl
+
+        self.fd = os.open(record.parent, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.then, self.done = then, False
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.then()
+            os.close(self.fd)
+
+
+def _finished_when_waited_on(monkeypatch, old: _OldRelease) -> None:
+    """The old release's step done when a new process waits for a turn (client's sleep between tries)."""
+    from types import SimpleNamespace
+
+    from alignsearch.surfaces import client
+
+    real = time.sleep
+    monkeypatch.setattr(client, "time", SimpleNamespace(monotonic=time.monotonic,
+                                                        sleep=lambda s: (old.finish(), real(s))))
+
+
+def test_a_new_server_s_record_is_not_removed_by_an_old_release_s_server_leaving(tmp_path, monkeypatch):
+    """A `serve` started before an upgrade runs the old release's code: at its exit it reads its record and unlinks
+    it in the old turn (the folder's flock), which server.lock did not exclude. A new `serve` writing its record in
+    between lost it to that unlink, and `query` searched locally while it ran. The new code takes the old turn too."""
+    from alignsearch.surfaces.server import write_record
+
+    record = tmp_path / "index" / "server.json"
+    record.parent.mkdir(mode=0o700)
+    write_record(record, {"pid": 1})  # the old server's, read by its removal in its turn
+    old = _OldRelease(record, record.unlink)
+    _finished_when_waited_on(monkeypatch, old)
+    write_record(record, {"pid": os.getpid()})
+    old.finish()  # where the new write did not wait, the old removal unlinks it now
+    assert json.loads(record.read_text()) == {"pid": os.getpid()}
+
+
+def test_a_query_does_not_remove_the_record_an_old_release_s_server_writes(tmp_path, monkeypatch):
+    """The other way: an old release's `serve` (a second install, or one restarted by an old service file) writes its
+    record over a stale one in the old turn while a query reads the stale one to remove it: the query unlinked the
+    new record. It waits for the old turn, then reads what is there."""
+    from alignsearch.surfaces import client
+
+    record, dead = _stale_record(tmp_path)
+    live = {"pid": os.getpid()}
+    old = _OldRelease(record, lambda: record.write_text(json.dumps(live)))
+    _finished_when_waited_on(monkeypatch, old)
+    real_read = client.read_record
+
+    def read(path):  # the old server's write lands after the query's read where nothing kept it out
+        got = real_read(path)
+        old.finish()
+        return got
+
+    monkeypatch.setattr(client, "read_record", read)
+    client._remove_stale(record, dead)
+    assert json.loads(record.read_text()) == live

@@ -862,3 +862,22 @@ def test_a_timestamp_of_any_number_a_server_may_send():
     assert timestamp(-5) == "-0:05" and timestamp(-3725.5) == "-1:02:05"
     assert timestamp(float("inf")) == timestamp(float("-inf")) == timestamp(float("nan")) == ""
     assert timestamp(1e12) == "277777777:46:40"
+
+
+def test_a_containers_type_is_read_from_its_signature():
+    """container_type (what `serve` sends a video as): each container's own signature, whatever the bytes after it;
+    a head too short to say, or of anything else (a JPEG, a PNG, text, an MP3), is no video."""
+    from alignsearch.media.video import container_type
+
+    ebml = b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\xf7\x81\x01\x42\xf2\x81\x04\x42\xf3\x81\x08\x42\x82"
+    cases = [(b"\0\0\0\x20ftypisom\0\0\2\0", "video/mp4"), (b"\0\0\0\x1cftypmp42", "video/mp4"),
+             (b"\0\0\0\x14ftypqt  \0\0\2\0", "video/quicktime"), (b"\0\0\x01\x00moov\0\0\0\x6cmvhd", "video/quicktime"),
+             (ebml + b"\x84webm\x42\x87", "video/webm"), (ebml + b"\x88matroska", "video/x-matroska"),
+             (ebml + b"\x40\x04webm", "video/webm"),  # the size written on two bytes, as EBML allows
+             (b"RIFF\x10\0\0\0AVI LIST", "video/x-msvideo"),
+             (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", None), (b"\0\0\0\x1cftypavif\0\0\0\0avifmif1", None),
+             (b"\0\0\0\x18ftypmif1\0\0\0\0", None), (b"\0\0\0\x18ftyp", None),  # a still image's brand; no brand
+             (b"RIFF\x10\0\0\0WAVEfmt ", None), (ebml + b"\x88matros", None), (ebml + b"\x84avi1", None),
+             (ebml[:4], None), (b"\xff\xd8\xff\xe0\0\x10JFIF", None), (b"\x89PNG\r\n\x1a\n", None),
+             (b"ID3\x04\0\0\0\0\0\0", None), (b"ftyp", None), (b"", None), (b"<html>ftypisom", None)]
+    assert [(head, container_type(head)) for head, _ in cases] == cases

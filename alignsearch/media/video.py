@@ -406,8 +406,49 @@ def creation_time(metadata) -> float | None:
     return seconds
 
 
-VIDEO_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",
-               "mkv": "video/x-matroska", "avi": "video/x-msvideo"}
+# What a video is served as (`serve`'s /api/video) is read from its container's own signature, never from its name:
+# by the extension, a JPEG named .mp4 (FFmpeg reads it as a video of one frame, so it is indexed as one) went out
+# as video/mp4, a Matroska file named .mp4 as MP4. The catalog's format column is the extension for a video (the
+# name `--format mp4` filters on), so it cannot say. These are the signatures of the containers the indexer reads
+# (VIDEO_EXTENSIONS); general sniffers (filetype, puremagic: not dependencies) would add a package for these five.
+SNIFF_BYTES = 64  # the EBML header's DocType lies within its first few dozen bytes; ftyp and RIFF within 12
+QUICKTIME_ATOMS = (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")  # a QuickTime file older than ftyp
+# ftyp brands of still images (and image sequences) in the same box format: HEIF/HEIC, AVIF, Canon's CR3 raw. FFmpeg's
+# mov demuxer may read one as a video of one frame, as it reads a JPEG; no browser plays one in a <video>.
+IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"mif2",
+                          b"msf1", b"avif", b"avis", b"crx "})
+
+
+def container_type(head: bytes) -> str | None:
+    """The media type of a video container from its first bytes (SNIFF_BYTES), None when they are no MP4,
+    QuickTime, WebM, Matroska or AVI container. ISO/IEC 14496-12 `ftyp` box: brand `qt  ` is QuickTime, an image's
+    (IMAGE_BRANDS: HEIC, AVIF...) none, any other (isom, mp41, mp42, avc1, M4V...) MP4; EBML (RFC 8794) with DocType `webm` or `matroska` (RFC 9559);
+    RIFF with form type `AVI `."""
+    if head[4:8] == b"ftyp":
+        if head[8:12] in IMAGE_BRANDS or len(head) < 12:
+            return None
+        return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
+    if head[4:8] in QUICKTIME_ATOMS:
+        return "video/quicktime"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return {b"webm": "video/webm", b"matroska": "video/x-matroska"}.get(_ebml_doctype(head))
+    return None
+
+
+def _ebml_doctype(head: bytes) -> bytes | None:
+    """The DocType (element 0x4282) of an EBML header, from the bytes given; None when they do not hold it."""
+    at = head.find(b"\x42\x82", 4)
+    if at < 0 or at + 2 >= len(head):
+        return None
+    first = head[at + 2]
+    width = 8 - first.bit_length() + 1 if first else 9  # an EBML variable-size integer: its leading zeros + 1
+    if width > 8 or at + 2 + width > len(head):
+        return None
+    size = int.from_bytes(head[at + 2:at + 2 + width], "big") & ((1 << (7 * width)) - 1)
+    value = head[at + 2 + width:at + 2 + width + size]
+    return value.rstrip(b"\0") if len(value) == size else None
 
 
 # A moment's picture for the web page (frame_at) decodes from the keyframe before it: in a screen recording with

@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -49,7 +49,7 @@ from sqlalchemy.sql import CompoundSelect
 
 from alignsearch import atomic
 from alignsearch.media import sources
-from alignsearch.storage import migrate, state
+from alignsearch.storage import migrate, rowdigest, state
 from alignsearch.storage.paths import (ANN_FILE, DB_FILE, VECTORS_FILE, own_entry, readonly_uri, same_entry,
                                       side_file_problems, untrusted_index)
 from alignsearch.errors import AlignSearchError, BadInputError, CatalogBusyError, DiskFullError, IndexDamagedError, \
@@ -86,6 +86,8 @@ files = Table(
     Column("moment", Integer, nullable=False, server_default="0"),
     Column("t", Float),
     Column("t_end", Float),
+    # rowdigest.digest of the shown fields (rowdigest.FILE_FIELDS), written in the statement that writes them (schema 14)
+    Column("digest", String(16)),
     UniqueConstraint("root", "relpath", "moment"),
     # (sha256, moment): a search reads the other rows holding each hit's content (onefile.py); on sha256 alone a hit
     # of a video walked every moment of that video in the index to find its own (migrate step 10)
@@ -142,6 +144,7 @@ photos = Table(
     Column("lon", Float),
     Column("caption", Text),
     Column("ocr", Text),  # the text read in the image (alignsearch/media/ocr.py): NULL not read, "" none found
+    Column("digest", String(16)),  # rowdigest.digest of the fields above (rowdigest.PHOTO_FIELDS), from schema 14
 )
 # The indexed files a fill step (indexer/ocrfill.py, indexer/phashfill.py) could not read: its worker died
 # twice over the file, or the file's pixels or text could not be made out. With the size and mtime the file had:
@@ -201,6 +204,8 @@ class FileRow:
     moment: int = 0
     t: float | None = None  # a video moment's start and end, in seconds; None for photos
     t_end: float | None = None
+    # rowdigest.digest of the shown fields as written (None from a catalog older than schema 14); check_rows compares
+    digest: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -365,12 +370,13 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
 
     @event.listens_for(engine, "checkout")
     def _still_current(dbapi_conn, record, _proxy):
-        # A connection prepared for a catalog older than version 3 shows it through temporary objects that shadow
-        # its tables (reader_schema); once a writer upgraded the catalog in place they hid what it wrote (its tags,
-        # checksums, relpath_raw, moments) from a reader open for long (`serve`): such a connection is made anew.
-        # One query per checkout, of such connections only.
+        # A connection prepared for a catalog older than version 14 shows it through temporary objects that shadow
+        # its tables (reader_schema: a files view with NULL digests; before version 3 without moments either); once a
+        # writer upgraded the catalog in place they hid what it wrote (its tags, checksums, relpath_raw, moments,
+        # digests) from a reader open for long (`serve`): such a connection is made anew. One query per checkout,
+        # of such connections only.
         schema = record.info.get("schema")
-        if schema is not None and not migrate.every_table(schema.version) and migrate.upgraded(dbapi_conn, schema):
+        if schema is not None and not schema.digests and migrate.upgraded(dbapi_conn, schema):
             raise DisconnectionError("the catalog was upgraded since this connection opened")
 
     @event.listens_for(engine, "handle_error")
@@ -601,11 +607,24 @@ def name_as_written(row: FileRow, owner: int | None) -> bool:
 
 
 def check_rows(conn: Connection, rows):
-    """The rows (a list or a dict of them), once their numbers are of the types a writer stores; else the one-line
-    error of refuse_malformed."""
-    if not all(map(_sound, rows.values() if isinstance(rows, dict) else rows)):
+    """The rows (a list or a dict of them), once their numbers are of the types a writer stores (else the one-line
+    error of refuse_malformed) and their shown fields are those their digest was written for (else
+    refuse_off_digest)."""
+    listed = list(rows.values() if isinstance(rows, dict) else rows)
+    if not all(map(_sound, listed)):
         refuse_malformed(conn)
+    if migrate.schema_of(conn).digests and not all(rowdigest.holds(FILE_DIGESTED, vars(r), r.digest) for r in listed):
+        refuse_off_digest()
     return rows
+
+
+FILE_DIGESTED, PHOTO_DIGESTED = rowdigest.FILE_FIELDS, rowdigest.PHOTO_FIELDS
+
+
+def refuse_off_digest() -> None:
+    """The one-line error for a row whose shown fields are not those its digest was written for (a flipped byte)."""
+    raise IndexDamagedError(f"{DB_FILE} is damaged: a row's shown fields are not those written (their checksum "
+                            "differs): run `alignsearch verify --repair`")
 
 
 def _sound(row: FileRow) -> bool:
@@ -622,7 +641,10 @@ def _sound(row: FileRow) -> bool:
 
 
 def failed_files(conn: Connection) -> list[FileRow]:
-    return _rows(conn.execute(select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)))
+    """The failed files' rows, in path order, each checked (check_rows): `info --failed` shows their reasons, a
+    digested field (a flipped byte of one was shown as it stood, exit 0)."""
+    query = select(files).where(files.c.status == FAILED).order_by(files.c.root, files.c.relpath)
+    return check_rows(conn, _rows(conn.execute(query)))
 
 
 def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (),
@@ -705,10 +727,17 @@ def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
     where = (files.c.root == values["root"], files.c.relpath == values["relpath"])
     forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(*where))])
     conn.execute(delete(files).where(*where))
-    values = {"indexed_at": time.time(), **values}
-    file_id = int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+    file_id = insert_file(conn, values)
     set_link(conn, file_id, link)
     return file_id
+
+
+def insert_file(conn: Connection, values: dict[str, Any]) -> int:
+    """Insert a row of files (no link: upsert_file records it) with its digest in the same statement; its id."""
+    values = {"indexed_at": time.time(), "moment": 0, **values}  # moment: the column's default, digested as read
+    values.update(rowdigest.stored(FILE_DIGESTED, values))  # stored as read back, so the digest is of what is read
+    values["digest"] = rowdigest.digest(FILE_DIGESTED, values)
+    return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
 
 
 def set_link(conn: Connection, file_id: int, target: bytes | None) -> None:
@@ -1019,6 +1048,23 @@ def misspelled_names(conn: Connection) -> list[str]:
     return [f"{DB_FILE} is damaged: {bad} rows keep name bytes that are not the name their key spells"] if bad else []
 
 
+def off_digest(conn: Connection) -> list[int]:
+    """The ids of the files whose row, or photo fields, are not those their digest was written for (rowdigest.py),
+    in id order: what readers refuse row by row (check_rows, photos_of), for `verify` (SQLite's integrity check
+    cannot see a flipped byte in a value no index copies). One read of each table; [] before schema 14."""
+    if not migrate.schema_of(conn).digests:
+        return []
+    found = set()
+    # photo fields of no file are leftover_rows' (a note, dropped by --repair), not a row shown
+    for table, fields, key, where in ((files, FILE_DIGESTED, files.c.id, ()),
+                                      (photos, PHOTO_DIGESTED, photos.c.file_id, (photos.c.file_id.in_(select(files.c.id)),))):
+        columns = [table.c[name] for name, _ in fields]
+        rows = conn.execute(select(key, table.c.digest, *columns).where(*where)).all()
+        found.update(rowdigest.mismatched(fields, ((r[0], dict(zip([c.name for c in columns], r[2:])), r[1])
+                                                   for r in rows)))
+    return sorted(int(i) for i in found)
+
+
 def mendable_names(conn: Connection) -> dict[int, bytes | None] | None:
     """For the rows whose kept name bytes are not the name their key spells (misspelled_names): the bytes each
     key spells (sources.key_name), by file id; None when some row's cannot be rebuilt: keys written before keys
@@ -1189,7 +1235,8 @@ def set_photo(conn: Connection, file_id: int, relpath: str, fields: dict, labels
     """Store a file's photo fields (with `ocr`, the text in it, when read) and its keyword text (one
     transaction with the caller's)."""
     conn.execute(delete(photos).where(photos.c.file_id == file_id))
-    conn.execute(insert(photos).values(file_id=file_id, **{k: fields.get(k) for k in PHOTO_FIELDS}))
+    values = rowdigest.stored(PHOTO_DIGESTED, {k: fields.get(k) for k in PHOTO_FIELDS})
+    conn.execute(insert(photos).values(file_id=file_id, digest=rowdigest.digest(PHOTO_DIGESTED, values), **values))
     _put_keywords(conn, file_id, keyword_text(relpath, fields.get("caption"), labels, fields.get("ocr")))
 
 
@@ -1207,8 +1254,7 @@ def stored_captions(conn: Connection, root: str, relpaths: list[str]) -> list[tu
 def set_captions(conn: Connection, captions: Iterable[tuple[int, str | None]]) -> None:
     """Store files' captions ((file id, caption or None)) and re-write their keyword text."""
     captions = list(captions)
-    for file_id, caption in captions:
-        conn.execute(update(photos).where(photos.c.file_id == int(file_id)).values(caption=caption))
+    _change(conn, photos, [(i, {"caption": caption}) for i, caption in captions])
     refresh_keywords(conn, [i for i, _ in captions])
 
 
@@ -1216,9 +1262,33 @@ def set_ocr(conn: Connection, texts: Iterable[tuple[int, str]]) -> None:
     """Store the text read in files already indexed ((file id, text), "" for none) and re-write their keyword
     text; the vectors are not touched."""
     texts = list(texts)
-    for file_id, text in texts:
-        conn.execute(update(photos).where(photos.c.file_id == int(file_id)).values(ocr=text))
+    _change(conn, photos, [(i, {"ocr": text}) for i, text in texts])
     refresh_keywords(conn, [i for i, _ in texts])
+
+
+def mark_failed(conn: Connection, ids: Iterable[int], reason: str) -> None:
+    """Make these rows failed files with this reason (their digests written with them: _change)."""
+    _change(conn, files, [(i, {"status": FAILED, "reason": reason}) for i in ids])
+
+
+def _change(conn: Connection, table: Table, changes: list[tuple[int, dict]]) -> None:
+    """Change some shown fields of rows of files or photos ((file id, {field: value})), each row's digest in the same
+    statement: that of the row as changed where it read as written, else the one it had (rowdigest.next_digest: an OCR
+    fill, a caption read again or a re-encode's failure never blesses a damaged row; verify --repair reads its file
+    again)."""
+    fields, key = (FILE_DIGESTED, files.c.id) if table is files else (PHOTO_DIGESTED, photos.c.file_id)
+    ids = [int(i) for i, _ in changes]
+    before: dict[int, dict] = {}
+    for start in range(0, len(ids), 500):
+        query = select(table).where(key.in_(ids[start : start + 500]))
+        before.update({row._mapping[key]: dict(row._mapping) for row in conn.execute(query)})
+    for file_id, change in changes:
+        row = before.get(int(file_id))
+        if row is None:
+            continue  # no such row: the UPDATE changed nothing either
+        after = {**row, **rowdigest.stored(fields, change)}
+        written = rowdigest.next_digest(fields, row, row["digest"], after)
+        conn.execute(update(table).where(key == int(file_id)).values(digest=written, **{k: after[k] for k in change}))
 
 
 def ocr_of(conn: Connection, ids: Iterable[int]) -> dict[int, str]:
@@ -1377,6 +1447,21 @@ def forget_leftover_rows(conn: Connection, *, keywords: bool = True) -> int:
                for table, column in _hanging_tables(conn, keywords))
 
 
+def format_split_keywords(conn: Connection) -> list[int]:
+    """Ids of the files whose keyword row holds a zero-width or other format character (keywords.holds_format):
+    written before both sides dropped them, its words are cut there (`sun<U+200B>set` is `sun` `set`), so neither
+    `sunset` nor the same text typed finds it. Derived data, a read of every row's text (verify): refresh_keywords
+    writes them again. No schema step: a writer's rows are right, only these few are rewritten."""
+    from alignsearch.storage.keywords import holds_format
+
+    if not migrate.schema_of(conn).keywords:
+        return []
+    # indexed files only: refresh_keywords writes no other's row (a leftover row is verify's leftover_rows)
+    rows = conn.exec_driver_sql(f"SELECT k.rowid, k.body FROM {KEYWORDS} k JOIN files f ON f.id = k.rowid "
+                                "WHERE f.status = ?", (INDEXED,))
+    return [int(rowid) for rowid, body in rows if body and holds_format(body)]
+
+
 def refresh_keywords(conn: Connection, ids: Iterable[int] | None = None) -> None:
     """Re-write the keyword text of files (all when ids is None) from their caption, text, path and tags. A file
     without a photos row (indexed by a schema 1 alignsearch, before photos existed) is written from its path and
@@ -1423,7 +1508,8 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     if not has_photos(conn):
         return {}
     # a reader of a catalog older than photos.ocr (it cannot upgrade it) reads the columns there are
-    columns = [c for c in photos.c if c.name != "ocr" or migrate.schema_of(conn).photo_ocr]
+    schema = migrate.schema_of(conn)
+    columns = [c for c in photos.c if (c.name != "ocr" or schema.photo_ocr) and (c.name != "digest" or schema.digests)]
     ids, out = list(ids), {}
     for start in range(0, len(ids), 500):
         query = select(*columns).where(photos.c.file_id.in_(ids[start : start + 500]))
@@ -1432,6 +1518,9 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
         refuse_malformed(conn)  # shown as dates and places: text there raised deep in a query or export (exit 1)
     if not all(isinstance(p.get(k), (str, type(None))) for p in out.values() for _, k in _PHOTO_TEXT):
         refuse_malformed(conn)  # shown as text: bytes there (a flipped bit of the record's header) failed in JSON
+    written = {i: p.pop("digest", None) for i, p in out.items()}  # checked here, never shown
+    if schema.digests and not all(rowdigest.holds(PHOTO_DIGESTED, p, written[i]) for i, p in out.items()):
+        refuse_off_digest()  # a flipped byte in a caption, a camera, the text read in it
     return out
 
 

@@ -152,23 +152,62 @@ _WIDTH = {c: unicodedata.normalize("NFKC", chr(c)) for c in (*range(0xFF01, 0xFF
 _WIDTH[0x3000] = " "
 
 
+# Format characters (Unicode category Cf): invisible, no letter of any word. ZERO WIDTH SPACE (U+200B), the joiners
+# ZWNJ/ZWJ (U+200C/D: Persian writes a ZWNJ inside a word, `می<U+200C>روم`), WORD JOINER (U+2060), the BOM (U+FEFF), the soft
+# hyphen (U+00AD), bidi marks, which a web page or PDF copied into a caption, OCR, or a name carries inside words. To
+# unicode61 (tokens: L*, N*, Co) each was a separator: `sun<U+200B>set` was the words `sun` and `set`, so `sunset` did
+# not find it, and `sunset` typed with one was the phrase `sun set`, which missed the plain caption. Dropped from both
+# the text written and the query (narrow), they join the word they sit in, as a reader sees it. Below U+20000 and the
+# tag characters (U+E0000-U+E0FFF: a flag emoji's tags) lie all of them.
+_FORMAT_PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE1000))
+
+
 @functools.cache
-def _narrowing() -> dict[int, str]:
-    """_WIDTH, and the decimal digits of every script as ASCII ones (`๒๕๖๗`, Thai; `٢٠٢٤`, Arabic-Indic; `२०२४`,
+def _narrowing() -> dict[int, str | None]:
+    """_WIDTH, the decimal digits of every script as ASCII ones (`๒๕๖๗`, Thai; `٢٠٢٤`, Arabic-Indic; `२०२४`,
     Devanagari): a year or a number is typed in either, and neither unicode61 nor NFKD (the match check's fold) folds
-    them, so `2567` found no `ปี๒๕๖๗` nor `๒๕๖๗` typed `2567`. One character for one. Made on first use: every
-    script's digits lie below U+20000, a scan of ~10 ms a process that a process never searching words is spared."""
-    table = dict(_WIDTH)
-    for c in range(0x80, 0x20000):
-        if c not in table and unicodedata.category(chr(c)) == "Nd":
-            table[c] = str(unicodedata.decimal(chr(c)))
+    them, so `2567` found no `ปี๒๕๖๗` nor `๒๕๖๗` typed `2567`; and the format characters (Cf: _FORMAT_PLANES)
+    deleted. One character for one or for none. Made on first use: a scan of every character below U+20000
+    (bench_keyword_format times it) that a process never searching words is spared."""
+    table: dict[int, str | None] = dict(_WIDTH)
+    for plane in _FORMAT_PLANES:
+        for c in plane:
+            category = unicodedata.category(chr(c))
+            if category == "Cf":
+                table[c] = None
+            elif c not in table and category == "Nd":
+                table[c] = str(unicodedata.decimal(chr(c)))
     return table
 
 
 def narrow(text: str) -> str:
     """text with full-width ASCII as ASCII, the ideographic space a space, half-width katakana full-width (_WIDTH),
-    and every script's decimal digits ASCII digits (_narrowing)."""
+    every script's decimal digits ASCII digits, and no format character (zero-width spaces and joiners, the BOM, the
+    soft hyphen: _narrowing). What the keyword index is written from (spaced, coded_chunks) and a query read by
+    (_atom, the match check's _fold): one rule both ways."""
     return text.translate(_narrowing())
+
+
+def unformatted(text: str) -> str:
+    """text without its format characters (narrow's rule for them alone): a query's chunk as typed (Atom.whole,
+    typed_code, wide) is then the same with or without them."""
+    return text.translate(_format_only())
+
+
+@functools.cache
+def _format_only() -> dict[int, None]:
+    return {c: None for c, to in _narrowing().items() if to is None}
+
+
+@functools.cache
+def _any_format() -> re.Pattern:
+    return re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(_format_only())) + "]")
+
+
+def holds_format(body: str) -> bool:
+    """Whether a keyword row's text holds a format character: written before narrow dropped them (a writer now never
+    writes one), its words are cut where they sit (catalog.format_split_keywords; `verify --repair` writes it again)."""
+    return _any_format().search(body) is not None
 
 
 def spaced(text: str) -> str:
@@ -238,7 +277,7 @@ class Query:
 
 
 def _atom(chunk: str, quoted: bool) -> Atom | None:
-    raw = chunk.strip()
+    raw = unformatted(chunk).strip()  # `sun<U+200B>set` typed is `sunset` in every form (narrow drops them from tokens)
     # `＊` (full-width, as a Japanese or Chinese keyboard types it) is `*`, as narrow makes the rest of the chunk: kept,
     # `ＡＢ１２３＊` was no word start, its code `AB123*` found only a literal `*`, where `AB123*` finds `AB1234`
     prefix = not quoted and raw.endswith(("*", "\uff0a"))
@@ -279,7 +318,8 @@ def _code(raw: str) -> tuple[str, str | None]:
     """The code of a chunk (printable characters only: FTS5 reads a query string up to a NUL, "unterminated
     string"), narrowed (`ＡＢ１２３` typed finds `AB123`: the trigram index holds chunks narrowed, coded_chunks), and
     the same characters as typed where narrowing changed them (Atom.trigram), else None."""
-    kept = [(n, c) for n, c in zip(narrow(raw), raw) if n.isprintable()]  # narrow maps a character to one
+    # narrow maps a character to one: raw holds no format character, which it deletes (_atom: unformatted)
+    kept = [(n, c) for n, c in zip(narrow(raw), raw) if n.isprintable()]
     narrowed, typed = "".join(n for n, _ in kept), "".join(c for _, c in kept)
     code = narrowed.strip(".,;:!?()[]{}'")
     start = len(narrowed) - len(narrowed.lstrip(".,;:!?()[]{}'"))

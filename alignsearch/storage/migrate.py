@@ -200,6 +200,33 @@ def _links(conn) -> None:
     catalog.links.create(conn, checkfirst=True)
 
 
+def _digests(conn) -> None:
+    """A digest of each files and photos row's shown fields (alignsearch/storage/rowdigest.py), which readers compare
+    with what they read: a flipped byte in a caption, a camera or a width was shown as it stood, exit 0, and verify
+    said ok. Computed here from the values as they are, so an upgraded catalog is trusted as far as it was before
+    (its rows had nothing to be checked against), and from now on every row is checked: a NULL digest is never
+    taken for "unchecked", so a reader need not tell old rows from damaged ones. The columns may be there already:
+    step 3 creates the tables it rebuilds or adds with catalog.metadata's columns."""
+    dbapi = conn.connection.dbapi_connection
+    for table in ("files", "photos"):
+        if "digest" not in _columns(dbapi, table):
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN digest VARCHAR(16)")
+    digest_rows(dbapi)
+
+
+def digest_rows(dbapi_conn: sqlite3.Connection) -> None:
+    """Write every files and photos row's digest from its values as they stand, in the caller's transaction. Only
+    the upgrade to schema 14 does (its rows had none); a writer digests what it writes (catalog.insert_file,
+    set_photo), and verify --repair reads a file again rather than digest a damaged row anew."""
+    from alignsearch.storage import rowdigest
+
+    for table, fields, key in (("files", rowdigest.FILE_FIELDS, "id"), ("photos", rowdigest.PHOTO_FIELDS, "file_id")):
+        names = [name for name, _ in fields]
+        rows = dbapi_conn.execute(f"SELECT {key}, {', '.join(names)} FROM {table}").fetchall()
+        dbapi_conn.executemany(f"UPDATE {table} SET digest = ? WHERE {key} = ?",
+                               [(rowdigest.digest(fields, dict(zip(names, row[1:]))), row[0]) for row in rows])
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "vector addresses are (segment, row)", _segments),
     Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
@@ -220,11 +247,13 @@ STEPS: tuple[Step, ...] = (
     Step(12, "keyword index: Lao vowel and tone marks are token characters, a Lao letter with its marks a token",
          _lao_keywords),
     Step(13, "the rows whose name is a symbolic link, with its target (links)", _links),
+    Step(14, "a digest of each files and photos row's shown fields, which readers check", _digests),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
 EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers rely on it
 ADDED = {"fill_failures": 4, "links": 13}  # tables that came after EVERY_TABLE: the version that brought each
+DIGESTS = 14  # from this version on every files and photos row has a digest (rowdigest.py)
 
 
 def every_table(version: int | None) -> bool:
@@ -309,6 +338,7 @@ class Schema:
     keywords: bool = True
     trigram: bool = True  # the keyword index's trigram twin
     fill_failures: bool = True  # from version 4
+    digests: bool = True  # files.digest and photos.digest, from version 14 (else the connection shows them NULL)
 
 
 CURRENT = Schema()
@@ -326,7 +356,9 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     except (sqlite3.DatabaseError, ValueError):
         return CURRENT
     if version is not None and version >= 3:
-        return Schema(version, fill_failures=holds(version, "fill_failures"))
+        if version < DIGESTS:  # a temp view with the column, NULL (unchecked): select(files) names it
+            dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest FROM main.files")
+        return Schema(version, fill_failures=holds(version, "fill_failures"), digests=version >= DIGESTS)
     from sqlalchemy.dialects import sqlite as sqlite_dialect
     from sqlalchemy.schema import CreateTable
 
@@ -337,11 +369,13 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
                    photo_ocr="ocr" in _columns(dbapi_conn, catalog.photos.name), phashes=catalog.phashes.name in have,
                    keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
-                   fill_failures=catalog.fill_failures.name in have)
+                   fill_failures=catalog.fill_failures.name in have, digests=False)
     if not found.moments:
         columns = ", ".join(c if c in files else f"NULL AS {c}" for c in V2_COLUMNS)
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {columns}, 0 AS moment, "
-                           "NULL AS t, NULL AS t_end FROM main.files")
+                           "NULL AS t, NULL AS t_end, NULL AS digest FROM main.files")
+    elif files:
+        dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest FROM main.files")
     covered = {catalog.files.name, catalog.photos.name, catalog.phashes.name, catalog.fill_failures.name}
     for table in catalog.metadata.sorted_tables:
         if table.name not in have and table.name not in covered:

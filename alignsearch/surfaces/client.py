@@ -294,7 +294,7 @@ def record_turn(path: Path, wait: float) -> Iterator[bool]:
     waiting up to `wait` seconds (0: one try) for another's: False while another holds it for longer (a process
     stopped while holding it). Where it cannot be locked (a folder this user cannot write, a filesystem without
     flock) nobody else can hold it either: True, and the caller goes on unlocked (its unlink fails in a folder it
-    cannot write)."""
+    cannot write). The turn had, the earlier releases' turn is taken too (_old_turn)."""
     try:
         fd = os.open(path.parent / RECORD_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      0o600)
@@ -302,17 +302,49 @@ def record_turn(path: Path, wait: float) -> Iterator[bool]:
         yield True
         return
     try:
-        yield _take_turn(fd, wait)
+        turn = _take_turn(fd, wait)
+        if not turn:
+            yield False
+            return
+        with _old_turn(path.parent):
+            yield True
     finally:
         os.close(fd)  # the lock with it
 
 
-def _take_turn(fd: int, wait: float) -> bool:
-    """record_turn's flock on fd, tried until `wait` seconds have passed; True too where it cannot be had at all."""
+# How long record_turn waits for an earlier release's turn (an flock on the index folder, _old_turn): that
+# release held it for one small write or unlink of the record; held longer, it is another user's hold.
+OLD_TURN_WAIT = 2.0
+
+
+@contextmanager
+def _old_turn(folder: Path) -> Iterator[None]:
+    """The turn at the record as releases before server.lock took it: an flock on the record's folder. A `serve`
+    started before an upgrade keeps running that release's code, and removes its record at its exit in that turn:
+    without it, its removal read its own record, a new `serve` wrote its record, and the old one unlinked that (the
+    race record_turn closes), as a query removing a stale record unlinked one an old release's `serve` just wrote.
+    A shared lock, which the old release's exclusive one excludes and two new processes (already one at a time by
+    server.lock) do not contend for. Any user who may list the folder can hold its lock too (why server.lock was
+    made): waited for OLD_TURN_WAIT at most, then gone on without it, as its holder is then no record's writer."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        _take_turn(fd, OLD_TURN_WAIT, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _take_turn(fd: int, wait: float, how: int = fcntl.LOCK_EX) -> bool:
+    """record_turn's flock on fd (`how`), tried until `wait` seconds have passed; True too where it cannot be had
+    at all."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -347,7 +379,7 @@ def _remove_stale(path: Path, record: dict) -> bool:
     once, not on every query. Only while the file still holds that very record (a server started since wrote
     its own) and its process is still gone (or another user's: not_serving); an index this user cannot write
     keeps it. True when removed. A query does not wait for the record's turn: one held means a server is
-    writing or removing it now."""
+    writing or removing it now (only an earlier release's turn, the folder's lock, is waited for: _old_turn)."""
     # not_serving answers GONE or OTHERS on kill's answer alone: /proc is not read again
     return remove_record_if(path, lambda now: now == record and _signalled(int(record["pid"])) in STALE, wait=0)
 

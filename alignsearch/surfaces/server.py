@@ -770,18 +770,30 @@ class Library:
         return os.fdopen(open_indexed(*local, row.size, row.mtime), "rb")
 
     def video(self, file_id: int, range_header: str | None):
-        """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET."""
-        from alignsearch.media.video import VIDEO_TYPES, byte_range
+        """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET. The type
+        is the container's, read from the file opened (container_type), never its name's: content that is no video
+        container a browser plays is not served (its moments' pictures are, at /api/image)."""
+        from alignsearch.media.video import SNIFF_BYTES, byte_range, container_type
 
         row = self.row(file_id)
         f = self.open_video(row)
         try:
+            ctype = container_type(os.pread(f.fileno(), SNIFF_BYTES, 0))
+            if ctype is None:
+                raise ApiError(404, "not a video a browser plays: its content is no MP4, QuickTime, WebM, Matroska or "
+                                    f"AVI container, whatever its name says (its picture: /api/image/{file_id})")
             span = byte_range(range_header, row.size)
         except ValueError as exc:
             f.close()
             raise ApiError(416, f"cannot serve that range: {exc}", {"Content-Range": f"bytes */{row.size}"}) from None
+        except OSError as exc:
+            f.close()
+            raise ApiError(404, f"cannot read the video: {exc.strerror or exc}") from None
+        except BaseException:
+            f.close()
+            raise
         start, length = span or (0, row.size)
-        return f, start, length, row.size, VIDEO_TYPES.get(row.format or "", "application/octet-stream"), span is not None
+        return f, start, length, row.size, ctype, span is not None
 
 
 def _listed(row: catalog.FileRow, photo: dict | None = None, labels: list[str] = ()) -> dict[str, Any]:
@@ -1404,8 +1416,10 @@ def write_record(path: Path, record: dict) -> Path:
 def remove_record(path: Path, pid: int) -> None:
     """Remove the record if it is still this process's (a later server may have replaced it), read and removed
     in one turn (client.remove_record_if). A record whose turn is not had within RECORD_WAIT is left: a
-    query removes it once this process is gone."""
-    remove_record_if(path, lambda record: record.get("pid") == pid, RECORD_WAIT)
+    query removes it once this process is gone. None there (removed already: serve's exit, then atexit): no turn
+    is waited for, as one held by another user costs client.OLD_TURN_WAIT each time."""
+    if os.path.lexists(path):  # a record of this process's is never written again, so none now is none later
+        remove_record_if(path, lambda record: record.get("pid") == pid, RECORD_WAIT)
 
 
 def serve(engine: Engine, config: ServerConfig, ready: Callable[[RunningServer], None] | None = None,

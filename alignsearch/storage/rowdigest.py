@@ -1,0 +1,101 @@
+"""A catalog row's digest: a short BLAKE2b of the fields a search, `similar`, `dupes`, the server or an export shows.
+
+SQLite pages carry no checksum: a byte flipped inside a caption, a camera or a width was read as it stood and shown,
+exit 0, and `verify` (SQLite's integrity check) said ok, for no index holds a second copy of such a value. Every
+writer of a files or photos row now stores this digest in the same statement as the fields (catalog.insert_file,
+catalog.set_photo, set_captions, set_ocr; migrate step 14 for the rows written before), and readers compare it with
+the fields they read (catalog.check_rows, catalog.photos_of). Pure functions: no database here.
+
+The name (root, relpath, relpath_raw) is left out: the unique index on the key holds its second copy
+(catalog.check_names), and writers rename rows in place (upgrade_keys_lossless, roots.move_file). So is the vector
+address: it is not shown, and compaction and `--reindex` move it (verify compares it with the vectors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from typing import Any, Iterable, Mapping
+
+INT, REAL, TEXT = "integer", "real", "text"
+
+# (column, the SQLite type its writers store): the order is part of the digest
+FILE_FIELDS = (("size", INT), ("mtime", REAL), ("sha256", TEXT), ("width", INT), ("height", INT), ("format", TEXT),
+               ("status", TEXT), ("reason", TEXT), ("indexed_at", REAL), ("moment", INT), ("t", REAL),
+               ("t_end", REAL))
+PHOTO_FIELDS = (("taken", REAL), ("taken_source", TEXT), ("camera", TEXT), ("lens", TEXT), ("lat", REAL),
+                ("lon", REAL), ("caption", TEXT), ("ocr", TEXT))
+SIZE = 8  # bytes of digest (16 hex digits): a random change passes unseen once in 2**64
+
+
+def stored(fields: tuple, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values as SQLite stores them in those columns (what a reader reads back), for the fields given: a number
+    in a REAL column reads as a float, an integral float in an INTEGER column as an int, a number in a TEXT column as
+    text, NaN as NULL. A writer stores these, and digests them, so the digest is of what a reader will read."""
+    out = {}
+    for name, kind in fields:
+        if name not in values:
+            continue
+        v = values[name]
+        if isinstance(v, bool):
+            v = int(v)
+        if isinstance(v, float) and math.isnan(v):
+            v = None  # SQLite stores NaN as NULL
+        elif kind == REAL and isinstance(v, float) and v == 0:
+            # SQLite keeps a REAL with no fraction as an integer, so -0.0 (a place at 0 degrees W or S) reads back
+            # 0.0: digested as -0.0, the healthy row was called damaged (exit 7)
+            v = 0.0
+        elif kind == REAL and isinstance(v, int):
+            v = float(v)
+        elif kind == INT and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        elif kind == TEXT and isinstance(v, (int, float)):
+            v = str(v)
+        out[name] = v
+    return out
+
+
+def _encode(value: Any) -> bytes:
+    """One value, its type told apart (1 and 1.0 and "1" differ; a text read as bytes differs), length-prefixed so
+    no two rows' fields run together into the same bytes."""
+    if value is None:
+        return b"N"
+    if isinstance(value, int) and not isinstance(value, bool):
+        body, tag = str(value).encode(), b"I"
+    elif isinstance(value, float):
+        body, tag = struct.pack(">d", value), b"F"
+    elif isinstance(value, str):
+        body, tag = value.encode("utf-8", "surrogatepass"), b"S"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        body, tag = bytes(value), b"B"
+    else:  # a type no reader gets from SQLite: never equal to a digest written
+        body, tag = repr(value).encode(), b"?"
+    return tag + struct.pack(">I", len(body)) + body
+
+
+def digest(fields: tuple, values: Mapping[str, Any]) -> str:
+    """The digest of a row's shown fields as read (or as stored() gives them to a writer): 16 hex digits. A field
+    missing from values counts as NULL (a reader of an older catalog's photos lacks ocr)."""
+    # personalised: a files row's digest never fits a photos row
+    h = hashlib.blake2b(digest_size=SIZE, person=b"as-files" if fields is FILE_FIELDS else b"as-photos")
+    for name, _ in fields:
+        h.update(_encode(values.get(name)))
+    return h.hexdigest()
+
+
+def holds(fields: tuple, values: Mapping[str, Any], written: Any) -> bool:
+    """Whether a row's fields as read are the ones its digest was written for (NULL or a damaged digest: no)."""
+    return isinstance(written, str) and digest(fields, values) == written
+
+
+def next_digest(fields: tuple, before: Mapping[str, Any], written: Any, after: Mapping[str, Any]) -> Any:
+    """The digest to store when a writer changes some fields of a row that read `before` with digest `written`:
+    that of `after` when the row was as written; else `written` unchanged, so a damaged row stays found (verify,
+    readers) and is never blessed by an unrelated write (an OCR fill, a caption read again)."""
+    return digest(fields, after) if holds(fields, before, written) else written
+
+
+def mismatched(fields: tuple, rows: Iterable[tuple[int, Mapping[str, Any], Any]]) -> list[int]:
+    """The ids of the (id, fields as read, digest) rows whose digest does not hold."""
+    return [i for i, values, written in rows if not holds(fields, values, written)]

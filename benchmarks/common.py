@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,6 +79,26 @@ def add_worktree(rev: str, folder: Path) -> str:
 
 def remove_worktree(folder: Path) -> None:
     subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=HERE.parent, capture_output=True)
+
+
+def against_base(ap, rounds: int):
+    """ap's arguments parsed, with those of a run against a baseline commit: --rounds, --base (main), --no-save."""
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--base", default="main")
+    ap.add_argument("--no-save", action="store_true")
+    return ap.parse_args()
+
+
+@contextlib.contextmanager
+def base_worktree(rev: str):
+    """(a temporary folder, a worktree of rev in it, rev's short hash), the worktree and folder taken away after."""
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "base-tree"
+        short = add_worktree(rev, old)
+        try:
+            yield Path(tmp), old, short
+        finally:
+            remove_worktree(old)
 
 
 def load_note(at_start: float) -> str:

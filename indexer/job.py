@@ -81,6 +81,7 @@ class IndexOptions:
     encoders: EncoderCache | None = None  # kept loaded across runs (index --watch); None: loaded by this run
     scope: index_roots.Scope | None = None  # only these roots and folders listed (index --watch); None: all
     links: index_roots.LinkFolders | None = None  # kept across runs (index --watch): folders holding file links
+    lists: dict | None = None  # the run's tables of list roots (sources.list_table): those privacy judged are scanned
 
     @property
     def encoder(self) -> EncoderOptions:
@@ -224,16 +225,19 @@ def index_folders(
     # judged (paths.untrusted_parent); mkdir on the link itself said "File exists" (exit 1)
     made = Path(os.path.realpath(out)) if created and out.is_symlink() else out
     atomic.make_folders(made)  # never 0777 under umask 000: the index would refuse itself (untrusted_index)
+    # each list read once in the run: the table judged (privacy) is the table the scan lists, never a list
+    # replaced in between (sources.list_table)
+    lists: dict = {}
     if created:  # no more readable by others than the photos it will hold, from its first file on
         made_st = os.stat(made)
-        privacy.keep_private(out, roots, list_column, judged=(made_st.st_dev, made_st.st_ino))
+        privacy.keep_private(out, roots, list_column, lists, judged=(made_st.st_dev, made_st.st_ino))
     try:
         with writer_lock(out) as held:
             db = catalog.connect(out / DB_FILE)
             try:
                 # an index that existed: once this run holds it and can read it, so a run refused (another writer,
                 # a damaged catalog) leaves it as it was and says one line
-                told = None if created else privacy.keep_private(out, roots, list_column, judged=held)
+                told = None if created else privacy.keep_private(out, roots, list_column, lists, judged=held)
                 if told:
                     notices.say(told)
                 use_ocr = _ocr_choice(db, ocr)
@@ -244,7 +248,7 @@ def index_folders(
                     ray_address=ray_address, ondisk_shards=ondisk_shards, index_shards=index_shards,
                     fast_decode=fast_decode, list_column=list_column, ray_actor_segments=ray_actor_segments,
                     caption_column=caption_column, backend=backend, precision=precision, video_interval=video_interval,
-                    ocr=use_ocr, gpu_decode=gpu_decode, encoders=encoders, scope=scope, links=links)
+                    ocr=use_ocr, gpu_decode=gpu_decode, encoders=encoders, scope=scope, links=links, lists=lists)
                 summary = _reindex(db, out, roots, options) if reindex else _index(db, out, roots, options)
                 summary.compacted = _compact(db, out, compact)
                 with db.begin() as conn:  # only now: a compaction or re-encode stopped part way is the run's too
@@ -502,7 +506,7 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
                     options[r].pop("video_interval")
 
         scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope,
-                                         opts.links)
+                                         opts.links, opts.lists)
     index_roots.remember(db, all_roots, columns, options, scanned)
     todo, removed = scanned.todo, scanned.removed
     clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos

@@ -64,11 +64,21 @@ def narrowed(mode: int, gid: int, roots: list[list[Step]]) -> int:
     return stat.S_IMODE(mode) & ~cut
 
 
-def _steps(path: str) -> list[Step] | None:
-    """The folders from / to path (path last), None where one cannot be looked at."""
+def _steps(path: str, seen: dict[Path, Step] | None = None) -> list[Step] | None:
+    """The folders from / to path (path last), None where one cannot be looked at. seen: {folder: its Step} of the
+    folders stat'ed by earlier calls of one judgement, added to: a list's photos in 10,000 folders of one library
+    stat'ed /, /home, /home/me... once each, not once a folder (the path itself is stat'ed every time)."""
     real = Path(os.path.realpath(path))
+    seen = {} if seen is None else seen
     try:
-        return [Step(st.st_mode, st.st_gid) for st in (os.stat(p) for p in [*reversed(real.parents), real])]
+        out = []
+        for folder in reversed(real.parents):
+            if folder not in seen:
+                st = os.stat(folder)
+                seen[folder] = Step(st.st_mode, st.st_gid)
+            out.append(seen[folder])
+        st = os.stat(real)
+        return [*out, Step(st.st_mode, st.st_gid)]
     except OSError:
         return None
 
@@ -87,17 +97,20 @@ def _local(roots: list[str]) -> list[str]:
     return [r for r in out if r]
 
 
-def _listed(root: str, column: str | None) -> list[str]:
-    """Of a local list, one local photo it names in each folder (its first): a list others may read, naming photos
-    in a 0700 folder, left the index as open as the list. One per folder, as a library's folder keeps one mode for
-    its photos; [] where the list cannot be read (the scan says why) or is not a list."""
-    if sources.kind(root) != sources.LIST:
+def _listed(root: str, column: str | None, lists: dict | None = None) -> list[str]:
+    """Of a local list (a path or a file:// URL, as the run names the root), one local photo it names in each folder
+    (its first): a list others may read, naming photos in a 0700 folder, left the index as open as the list. One per
+    folder, as a library's folder keeps one mode for its photos; [] where the list cannot be read (the scan says
+    why) or is not a local list. lists: the run's tables of lists (sources.list_table), added to under the root's
+    own name, the scan's: the scan lists the table judged here, not the file read again."""
+    local = _local([root])
+    if not local or sources.kind(local[0]) != sources.LIST:
         return []
     try:
-        entries = sources.read_list(root, column)
+        entries = sources.list_entries(root, column, lists)
     except (AlignSearchError, OSError, ValueError):
         return []
-    base, first = os.path.dirname(root), {}
+    base, first = os.path.dirname(local[0]), {}
     for entry in (e.strip() for e in entries):  # as the scan reads them (scan.scan_list)
         if sources.is_url(entry):
             local = _local([entry])
@@ -110,15 +123,17 @@ def _listed(root: str, column: str | None) -> list[str]:
 
 
 def keep_private(index_dir: Path, roots: list[str], list_column: str | None = None,
-                 judged: tuple[int, int] | None = None) -> str | None:
+                 lists: dict | None = None, judged: tuple[int, int] | None = None) -> str | None:
     """Narrow index_dir's mode to what the local roots, and the local photos their lists name (list_column: the
     lists' path column as given), allow (narrowed); a line saying so where an index folder that existed was opened
-    wider, else None (a folder made now is narrowed without a word). judged: the (st_dev, st_ino) of the folder the
-    caller judged and holds (job: the one it made, or the one whose write.lock it holds); another folder at
-    index_dir's name now is left as it is, and None returned."""
+    wider, else None (a folder made now is narrowed without a word). lists: the run's tables of lists
+    (sources.list_table), added to, for its scan to list the lists judged here. judged: the (st_dev, st_ino) of the
+    folder the caller judged and holds (job: the one it made, or the one whose write.lock it holds); another folder
+    at index_dir's name now is left as it is, and None returned."""
     local = _local(roots)
-    local += [photo for root in local for photo in _listed(root, list_column)]
-    paths = [s for s in map(_steps, local) if s is not None]
+    local += [photo for root in roots for photo in _listed(root, list_column, lists)]
+    seen: dict[Path, Step] = {}
+    paths = [s for s in (_steps(path, seen) for path in local) if s is not None]
     if not paths:
         return None
     # the mode read and the mode set are those of one open folder, the one judged: a chmod by name followed

@@ -393,11 +393,12 @@ def _shown_folder(root: str, folder: str) -> str:
 
 
 def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dict, skip: str | None = None,
-             scope: Scope | None = None, links: LinkFolders | None = None) -> Scanned:
+             scope: Scope | None = None, links: LinkFolders | None = None, lists: dict | None = None) -> Scanned:
     """List every root (those of `scope`, and only there, when given) and diff it with its catalog rows. A root
     or folder that cannot be listed keeps its rows and is reported; a new root that cannot be listed at all is
     refused (BadInputError). skip: a folder never listed (the index's own, resolved). links: the folders holding
-    links to files, listed too when scoped, updated by each listing."""
+    links to files, listed too when scoped, updated by each listing. lists: the run's tables of list roots
+    (sources.list_table), the ones privacy.keep_private judged."""
     out = Scanned()
     with db.connect() as conn:
         before = state.read(conn).roots.listing_errors if scope is not None else {}
@@ -439,7 +440,8 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                     found = list(scan.scan(root, hidden, columns.get(root), errors, options.get(root, {}).get(
                         "caption_column"), skip, folders, linked, to_folders, mounts=mounts,
                         captions_since=since, captions_unread=options.get(root, {}).get(UNREAD),
-                        captions_read={f: t for f, t in options.get(root, {}).get(READ, {}).items() if t <= started}))
+                        captions_read={f: t for f, t in options.get(root, {}).get(READ, {}).items() if t <= started},
+                        lists=lists))
                 except Exception as exc:  # noqa: BLE001 - a source that cannot be listed, whatever its backend says
                     reason = str(exc) if isinstance(exc, (BadInputError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
                     if root not in known:  # a new root is only remembered once it could be listed

@@ -115,8 +115,8 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
          skip: str | None = None, folders: tuple[str, ...] | None = None,
          links: list[str] | None = None, folder_links: list[str] | None = None, *,
          mounts: dict[str, int] | None = None, captions_since: float | None = None,
-         captions_unread: dict[str, float] | None = None, captions_read: dict[str, float] | None = None
-         ) -> Iterator[Found]:
+         captions_unread: dict[str, float] | None = None, captions_read: dict[str, float] | None = None,
+         lists: dict | None = None) -> Iterator[Found]:
     """The images of one source (a catalog root, as sources.normalise names it), in a stable order.
     Folders that cannot be listed are appended to `errors` (a whole source that cannot be listed raises).
     skip: a folder never listed (the index's own, whose thumbnail cache is no photo library). folders: of a
@@ -125,12 +125,12 @@ def scan(root: str, include_hidden: bool = False, list_column: str | None = None
     appended; folder_links: each link to a folder met (relative); mounts: of a folder root, {folder: st_dev} of
     each folder listed with entries on another device than the folder above it (a drive mounted inside the root);
     captions_since, captions_unread, captions_read: of a folder root, up to when its captions were read (see
-    scan_folder)."""
+    scan_folder). lists: of a list root, the run's tables of lists (sources.list_table), the one privacy judged."""
     kind = sources.kind(root)
     if kind == sources.PREFIX:
         return scan_prefix(root, include_hidden)
     if kind == sources.LIST:
-        return scan_list(root, list_column, caption_column=caption_column)
+        return scan_list(root, list_column, caption_column=caption_column, lists=lists)
     if kind == sources.TAR:
         return scan_tar(root, include_hidden)
     return scan_folder(root, include_hidden, errors, skip, folders, links, folder_links, mounts=mounts,
@@ -152,14 +152,19 @@ def scan_prefix(root: str, include_hidden: bool = False) -> Iterator[Found]:
 
 
 def scan_list(root: str, column: str | None = None, threads: int = 16,
-              caption_column: str | None = None) -> Iterator[Found]:
+              caption_column: str | None = None, lists: dict | None = None) -> Iterator[Found]:
     """Every entry of a list file, in its order, duplicates once. Entries are not filtered by extension
     (the list says what is an image); one that cannot be stat'ed is reported with its reason. Captions
-    come from caption_column, else a column named caption/text/alt."""
+    come from caption_column, else a column named caption/text/alt. lists: the run's tables of lists
+    (sources.list_table): the table read when the index folder was judged (privacy.py) is the one listed, and
+    dropped from it once listed (a list of 1M entries held no longer than its listing); None: read here."""
     base = os.path.dirname(root)
-    captions = sources.list_captions(root, column, caption_column)
+    table, listed = sources.list_table(root, lists), sources.list_entries(root, column, lists)
+    if lists is not None:
+        lists.pop(root, None)
+    captions = sources.list_captions(root, column, caption_column, table)
     entries = {}
-    for raw in sources.read_list(root, column):
+    for raw in listed:
         entry = raw.strip()
         if not sources.is_url(entry):
             entry = os.path.normpath(os.path.join(base, entry)) if not sources.is_url(base) else f"{base}/{entry}"

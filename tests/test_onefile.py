@@ -300,6 +300,94 @@ def test_a_real_path_through_the_folder_memo_is_realpaths(tmp_path):
         assert onefile.real_path(row, memo) == onefile.real_path(row) == os.path.realpath(os.fsencode(lib / name)), name
 
 
+def _link_shapes(tmp_path):
+    """lib/ (the root) and other/ with a file each, and in lib/ a link of each shape onefile._through_link follows or
+    leaves to realpath: absolute, relative, through `..`, a chain across folders, a link to a link in a symlinked
+    folder, a loop, dangling, a target naming a folder (`..`). Returns (lib, [names])."""
+    lib, other = tmp_path / "lib", tmp_path / "other"
+    (lib / "sub").mkdir(parents=True)
+    other.mkdir()
+    (lib / "a.jpg").write_bytes(b"a")
+    (other / "b.jpg").write_bytes(b"b")
+    (other / "to-a.jpg").symlink_to("../lib/a.jpg")
+    (lib / "linked").symlink_to(other)
+    links = {"abs.jpg": lib / "a.jpg", "rel.jpg": "a.jpg", "up.jpg": "sub/../../other/b.jpg",
+             "chain.jpg": "linked/to-a.jpg", "chain2.jpg": "chain.jpg", "loop1.jpg": "loop2.jpg",
+             "loop2.jpg": "loop1.jpg", "dangling.jpg": tmp_path / "nowhere.jpg", "dotdot.jpg": "sub/..",
+             "sub/back.jpg": "../rel.jpg"}
+    for name, target in links.items():
+        (lib / name).symlink_to(target)
+    return lib, ["a.jpg", "linked/b.jpg", "gone.jpg", *links]
+
+
+def _realpath_others(rows) -> set[int]:
+    """onefile.others as the code before the folder memo answered it: each row's key (onefile.key with no memo: its
+    local name resolved whole by os.path.realpath), the row shown first by shown_first with no memo (the same)."""
+    from alignsearch.search import onefile
+
+    best, out = {}, set()
+    for row in rows:
+        key = onefile.key(row)
+        order = onefile.shown_first(row)
+        if key not in best:
+            best[key] = (order, row.id)
+        elif order < best[key][0]:
+            out.add(best[key][1])
+            best[key] = (order, row.id)
+        else:
+            out.add(row.id)
+    return out
+
+
+def test_links_followed_through_the_folder_memo_lead_where_realpath_does(tmp_path):
+    """onefile.real_path follows a link from the folder memo (readlink, its target's folder resolved once): each
+    shape of link leads where os.path.realpath of the whole name does, with a fresh memo and with one shared by all."""
+    import os
+
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    lib, names = _link_shapes(tmp_path)
+    shared: dict = {}
+    for name in names:
+        row = FileRow(1, str(lib), name, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+        want = os.path.realpath(os.fsencode(lib / name))
+        assert onefile.real_path(row, {}) == onefile.real_path(row, shared) == want, name
+    assert onefile.real_path(FileRow(1, str(lib), "chain2.jpg", None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None,
+                                     0.0, 0), {}) == os.fsencode(lib / "a.jpg")  # a link resolved, not its name
+
+
+def test_the_rows_left_out_are_realpaths_answer_as_links_change(tmp_path):
+    """onefile.others (the recent listing's and export's left-out rows) over rows of one content naming every link
+    shape (and a list naming two of them), the same as resolving each name whole with os.path.realpath: as indexed,
+    then with links pointed elsewhere, then with links removed (the catalog not told: a server's next first page)."""
+    import os
+
+    from alignsearch.search import onefile
+    from alignsearch.storage.catalog import FileRow
+
+    lib, names = _link_shapes(tmp_path)
+    csv = tmp_path / "fav.csv"
+    rows = [FileRow(i, str(lib), name, None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None, 0.0, 0)
+            for i, name in enumerate(names, 1)]
+    rows += [FileRow(90, str(csv), (lib / "chain2.jpg").as_uri(), None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None,
+                     0.0, 0),
+             FileRow(91, str(csv), str(lib / "linked" / "b.jpg"), None, 1, 0.0, "h", 1, 1, "JPEG", "indexed", None,
+                     0.0, 0)]
+    first = onefile.others(rows)
+    assert first == _realpath_others(rows)
+    assert {r.relpath for r in rows if r.id in first} >= {"abs.jpg", "rel.jpg", "chain.jpg", "chain2.jpg"}
+    for name, target in (("abs.jpg", tmp_path / "other" / "b.jpg"), ("rel.jpg", "linked/b.jpg"),
+                         ("chain.jpg", "up.jpg"), ("loop2.jpg", "a.jpg")):
+        os.unlink(lib / name)
+        (lib / name).symlink_to(target)
+    retargeted = onefile.others(rows)
+    assert retargeted == _realpath_others(rows) and retargeted != first
+    for name in ("chain.jpg", "rel.jpg", "sub/back.jpg"):
+        os.unlink(lib / name)
+    assert onefile.others(rows) == _realpath_others(rows)
+
+
 @pytest.mark.slow
 def test_names_through_a_symlinked_folder_show_the_files_own_name(tmp_path, tiny_model):
     """A list naming photos through a folder that is itself a symlink (~/Pictures on another disk; macOS's /tmp), or

@@ -133,6 +133,154 @@ def test_a_list_is_judged_by_the_photos_it_names(public_dir):
     assert keep_private(ix, [str(listed)], "no-such-column") is None  # the scan says what is wrong with it
 
 
+def _shared_ancestors(public_dir, private: str | None) -> tuple[Path, list[Path]]:
+    """A list every user may read naming one photo in each of 12 folders lib/a{i}/b{j}/ (their ancestors shared),
+    the folder `private` (relative to lib, e.g. "a1") made 0700, the rest 0755. (list, photos)"""
+    photos = []
+    for i in range(3):
+        for j in range(4):
+            folder = public_dir / "lib" / f"a{i}" / f"b{j}"
+            folder.mkdir(parents=True)
+            photo = folder / "p.jpg"
+            photo.write_bytes(b"x")
+            photo.chmod(0o644)
+            photos.append(photo)
+    for folder in (public_dir / "lib").rglob("*"):
+        if folder.is_dir():
+            folder.chmod(0o755)
+    (public_dir / "lib").chmod(0o755)
+    if private:
+        (public_dir / "lib" / private).chmod(0o700)
+    listed = public_dir / "fav.csv"
+    listed.write_text("path\n" + "".join(f"{p}\n" for p in photos))
+    listed.chmod(0o644)
+    return listed, photos
+
+
+@pytest.mark.parametrize("private", [None, "a1", "a2/b3"])
+def test_a_lists_photos_under_shared_folders_are_judged_as_each_alone_and_each_folder_stated_once(
+        public_dir, monkeypatch, private):
+    """privacy._steps remembers the folders it stat'ed in one judgement (a list's photos in 10,000 folders of one
+    library stat'ed /, /home, /home/me again for each): the index folder is narrowed as when each photo's folders
+    are stat'ed anew (a private folder above some of the photos, or none), and no folder is stat'ed twice."""
+    from indexer import privacy
+
+    listed, photos = _shared_ancestors(public_dir, private)
+    ix = public_dir / "ix"
+    ix.mkdir()
+    ix.chmod(0o755)
+    alone = [privacy._steps(str(path)) for path in [str(listed), *map(str, photos)]]
+    want = narrowed(os.stat(ix).st_mode, os.stat(ix).st_gid, alone)
+    stated: list[str] = []
+    real_stat = os.stat
+
+    def counting(path, *args, **kwargs):
+        stated.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(privacy.os, "stat", counting)
+    told = privacy.keep_private(ix, [str(listed)])
+    monkeypatch.undo()
+    assert stat.S_IMODE(os.stat(ix).st_mode) == want == (0o755 if private is None else 0o700)
+    assert (told is None) == (private is None)
+    folders = [p for p in stated if os.path.isdir(p) and p != str(ix)]
+    assert sorted(folders) == sorted(set(folders)), "a folder stat'ed twice"
+    assert str(public_dir / "lib") in folders
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_the_list_judged_is_the_list_the_scan_lists(public_dir, monkeypatch, as_url):
+    """privacy.keep_private reads a list into the run's tables (sources.list_table) and the scan lists that table:
+    a list replaced after the judgement by one naming a photo in a 0700 folder is listed as it was judged (read
+    again, the new list's private photo was indexed into a folder left open), and the file is parsed once, where
+    the judgement, the scan's captions and its entries each read it (a list of 1M entries parsed three times), and
+    its entries made strings once for the judgement and the scan (the same column). as_url: the list named by its
+    file:// URL (judged as the local file it names, kept under the URL the scan lists)."""
+    from alignsearch.media import sources
+    from indexer import privacy, scan
+
+    listed, photos = _shared_ancestors(public_dir, None)
+    root = listed.as_uri() if as_url else str(listed)
+    judged = sorted(f.relpath for f in scan.scan(root))  # as the scan names them (a URL list's entries by URL)
+    hidden = public_dir / "hidden"
+    hidden.mkdir()
+    (hidden / "p.jpg").write_bytes(b"x")
+    hidden.chmod(0o700)
+    ix = public_dir / "ix"
+    ix.mkdir()
+    ix.chmod(0o755)
+    reads: list[str] = []
+    made: list[str] = []
+    real_table, real_entries = sources._list_table, sources.read_list
+    monkeypatch.setattr(sources, "_list_table", lambda path: reads.append(path) or real_table(path))
+    monkeypatch.setattr(sources, "read_list", lambda path, *args: made.append(path) or real_entries(path, *args))
+    lists: dict = {}
+    assert privacy.keep_private(ix, [root], None, lists) is None
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    swapped = public_dir / "swapped.csv"
+    swapped.write_text(f"path\n{hidden / 'p.jpg'}\n")
+    os.replace(swapped, listed)
+    found = list(scan.scan(root, lists=lists))
+    assert sorted(f.relpath for f in found) == judged and len(judged) == len(photos)
+    assert reads == made == [root] and lists == {}  # read and made entries once, not held past its listing
+    assert len(list(scan.scan(root))) == 1  # a next run reads the new list
+
+
+def test_a_list_unreadable_when_judged_is_unreadable_to_the_scan(public_dir):
+    """A list privacy could not read (missing: judged by nothing it names) is not listed by the scan of the same run even
+    where it reads since: the error is kept in the run's tables, and the scan reports it as before."""
+    from alignsearch.errors import BadInputError
+    from indexer import privacy, scan
+
+    listed = public_dir / "fav.csv"  # not there yet when judged
+    ix = public_dir / "ix"
+    ix.mkdir()
+    lists: dict = {}
+    privacy.keep_private(ix, [str(listed)], None, lists)
+    listed.write_text("path\n/nowhere/p.jpg\n")
+    with pytest.raises(BadInputError, match="cannot read the list"):
+        list(scan.scan(str(listed), lists=lists))
+    assert len(list(scan.scan(str(listed)))) == 1
+
+
+@pytest.mark.slow
+def test_an_index_run_lists_the_list_it_judged_and_reads_it_once(public_dir, tiny_model, monkeypatch):
+    """`index` of a list: the run judged the index folder on the list as privacy read it, then its scan read the
+    file again (and again for its captions). A list replaced in between by one naming a photo in a 0700 folder was
+    indexed into a folder left 0755; now the run lists the table it judged (the new list waits for the next run,
+    which judges it first), and the file is parsed once."""
+    from alignsearch.media import sources
+    from indexer import privacy
+    from indexer.job import index_folders
+
+    shown, hidden = public_dir / "shown", public_dir / "hidden"
+    public = smooth_photos(shown, 2)
+    private = smooth_photos(hidden, 1)
+    shown.chmod(0o755)
+    hidden.chmod(0o700)
+    listed, swapped = public_dir / "fav.csv", public_dir / "swapped.csv"
+    listed.write_text("path\n" + "".join(f"{p}\n" for p in public))
+    listed.chmod(0o644)
+    reads: list[str] = []
+    real_table, real_keep = sources._list_table, privacy.keep_private
+    monkeypatch.setattr(sources, "_list_table", lambda path: reads.append(path) or real_table(path))
+
+    def judged_then_replaced(*args, **kwargs):
+        told = real_keep(*args, **kwargs)
+        swapped.write_text(f"path\n{private[0]}\n")
+        os.replace(swapped, listed)
+        return told
+
+    monkeypatch.setattr(privacy, "keep_private", judged_then_replaced)
+    ix = public_dir / "ix"
+    summary = index_folders([str(listed)], index_dir=ix, model=str(tiny_model), device="cpu", workers=0)
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    assert (summary.added, reads) == (2, [str(listed)])
+    monkeypatch.undo()
+    run("index", "--index", ix, str(listed))  # the next run judges the new list first
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+
+
 def _swap_for_link(ix: Path, target: Path) -> None:
     """What another user who may rename entries beside the index does: its folder renamed away, a link to a folder of
     their choice (or root's) put at its name."""

@@ -336,6 +336,45 @@ def tar_members(root: str) -> dict[str, tuple[int, int]]:
         return {m.name.removeprefix("./"): (m.offset_data, m.size) for m in tarfile.open(fileobj=f, mode="r:") if m.isfile()}
 
 
+class ListRead:
+    """One list file as a run read it (list_table): its table, or the error reading it raised, and the entries of
+    each path column asked (list_entries)."""
+
+    def __init__(self, table=None, error: BadInputError | None = None):
+        self.table, self.error = table, error
+        self.entries: dict[str | None, list[str]] = {}
+
+
+def list_table(path: str, tables: dict | None = None):
+    """A list file's table, read once per run where `tables` (a run's {path: ListRead}, added to) is given: the table
+    privacy.keep_private judged is the one the scan lists (read again, a list replaced between the two was listed
+    unjudged), and a list of 1M entries is parsed once, not three times (the judgement, the scan's captions, its
+    entries). An error is kept too: a list unreadable when judged is unreadable to the scan."""
+    if tables is None:
+        return _list_table(path)
+    if path not in tables:
+        try:
+            tables[path] = ListRead(_list_table(path))
+        except BadInputError as exc:
+            tables[path] = ListRead(error=exc)
+    held = tables[path]
+    if held.error is not None:
+        raise BadInputError(str(held.error))
+    return held.table
+
+
+def list_entries(path: str, column: str | None, tables: dict | None = None) -> list[str]:
+    """read_list of the run's table (list_table), kept per column in `tables`: the judgement and the scan of a run
+    ask for the same column, and making 1M cells strings cost about what parsing the file did."""
+    table = list_table(path, tables)
+    if tables is None:
+        return read_list(path, column, table)
+    held = tables[path].entries
+    if column not in held:
+        held[column] = read_list(path, column, table)
+    return held[column]
+
+
 def _list_table(path: str):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -372,10 +411,11 @@ def _path_column(path: str, table, column: str | None) -> str:
     return chosen
 
 
-def read_list(path: str, column: str | None = None) -> list[str]:
+def read_list(path: str, column: str | None = None, table=None) -> list[str]:
     """The entries of a list file's path column: `column`, else the first of PATH_COLUMNS present, else
-    its only column. A one-column CSV without a header (its first line a path) is read as all entries."""
-    table = _list_table(path)
+    its only column. A one-column CSV without a header (its first line a path) is read as all entries.
+    table: the list's table already read (list_table), else it is read now."""
+    table = _list_table(path) if table is None else table
     names = table.column_names
     chosen = _path_column(path, table, column)
     entries = [str(v) for v in table.column(chosen).to_pylist() if v is not None and str(v).strip()]
@@ -387,9 +427,11 @@ def read_list(path: str, column: str | None = None) -> list[str]:
 CAPTION_COLUMNS = ("caption", "text", "alt")
 
 
-def list_captions(path: str, column: str | None = None, caption_column: str | None = None) -> dict[str, str]:
-    """{entry: caption} from a list's caption column (`caption_column`, else caption/text/alt); {} if none."""
-    table = _list_table(path)
+def list_captions(path: str, column: str | None = None, caption_column: str | None = None,
+                  table=None) -> dict[str, str]:
+    """{entry: caption} from a list's caption column (`caption_column`, else caption/text/alt); {} if none.
+    table: the list's table already read (list_table), else it is read now."""
+    table = _list_table(path) if table is None else table
     lowered = {name.lower(): name for name in table.column_names}
     chosen = caption_column if caption_column is not None else next(
         (lowered[c] for c in CAPTION_COLUMNS if c in lowered), None)

@@ -61,10 +61,39 @@ def real_path(row, folders: dict | None = None, local: tuple | None | bool = Fal
     real = os.path.join(folders[head], name)
     try:
         if stat.S_ISLNK(os.lstat(real).st_mode):
-            return os.path.realpath(path)
+            return _through_link(real, folders) or os.path.realpath(path)
     except OSError:  # gone (or unreadable folder): realpath too keeps the name as it is
         pass
     return real
+
+
+LINK_HOPS = 8  # a longer chain (or a loop) is left to os.path.realpath, whose answer for a loop is its own
+
+
+def _through_link(link: bytes, folders: dict) -> bytes | None:
+    """Where a symlink leads, its folder already resolved (link: that folder's real path joined with the link's
+    name), as os.path.realpath answers: the target read (readlink) and joined to the link's folder, that target's
+    folder resolved once in the memo (`folders`) and its name lstat'ed, a link there followed the same way. None
+    where realpath must answer (a chain over LINK_HOPS, a loop, a target ending in `..`, the link gone meanwhile).
+    os.path.realpath of the whole name took an lstat per component of the link's path and of its target, in Python:
+    the recent listing's first page resolved every link of a library half links so (benchmarks/bench_recent_links.py)."""
+    for _ in range(LINK_HOPS):
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        head, name = os.path.split(os.path.join(os.path.dirname(link), target))
+        if name in (b"", b".", b".."):  # a folder's name, not a file's: realpath decides
+            return None
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        link = os.path.join(folders[head], name)
+        try:
+            if not stat.S_ISLNK(os.lstat(link).st_mode):
+                return link
+        except OSError:  # a missing target: realpath keeps its name, its folder resolved
+            return link
+    return None
 
 
 def file_key(row, alone: bool = False) -> bytes | str:

@@ -139,6 +139,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.notes.append(f"{r.leftover_rows} rows name no file of the catalog ("
                                + ", ".join(f"{table}: {n}" for table, n in leftover.items())
                                + "): no answer shows them; `alignsearch verify --repair` drops them")
+            unreadable = catalog.unreadable_tables(conn)
+            if unreadable:  # every reader refuses such a catalog, and every read below would fail on it
+                r.problems += unreadable
+                r.catalog_damaged = True
+                return r
             malformed, names = catalog.malformed_values(conn), catalog.misspelled_names(conn)
             mendable = catalog.mendable_names(conn) if names and not malformed else None  # a read only then
             if malformed or names:  # numbers or name bytes no writer stores, and every check below trips on them:

@@ -67,3 +67,19 @@ def test_no_flipped_byte_of_any_catalog_page_answers_short(indexed_images):
               if REFUSED in (row["query"][0], row["similar"][0]) and row["verify"][0] == VERIFY_OK]
     assert not unseen, unseen
     assert set(SWEPT) <= set(swept[0])
+
+
+def test_a_flipped_column_name_in_the_schema_is_found_by_verify(indexed_images):
+    """A byte of a column's name in files' CREATE statement (the schema's page): readers refuse the catalog in one
+    line, and verify, whose integrity check passes and which never selected indexed_at, said ok (exit 0)."""
+    _, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    data = bytearray(db.read_bytes())
+    at = data.find(b"indexed_at FLOAT", 0, 4096)  # page 1: the schema (4,096-byte pages, the default)
+    assert at > 0
+    data[at] ^= 0x01  # "hndexed_at"
+    db.write_bytes(data)
+    result = run("query", "red circle", "--index", ix, "--json", "-k", 12, code=7)
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert "its table files does not read as alignsearch writes it (no such column: files.indexed_at)" in \
+        run("verify", "--skip-model", "--index", ix, code=7).output

@@ -1017,6 +1017,24 @@ def malformed_values(conn: Connection) -> list[str]:
     return found
 
 
+def unreadable_tables(conn: Connection) -> list[str]:
+    """The catalog's tables that do not read as readers read them (every column alignsearch selects), one line
+    each; [] when all do. A flipped byte of a column's name in its CREATE statement (sqlite_schema's page) makes
+    every reader refuse the catalog ("no such column: files.indexed_at", exit 7), yet SQLite's integrity check
+    passes and verify, which selects only some of the columns, said ok. Each statement is prepared, not run (LIMIT
+    0). Only the current schema: a reader of an older catalog reads some tables through views and lacks others."""
+    if migrate.schema_of(conn).version != SCHEMA_VERSION:
+        return []
+    found = []
+    for table in metadata.sorted_tables:
+        try:
+            conn.execute(select(*table.c).limit(0)).all()
+        except DBAPIError as exc:
+            reason = str(exc.orig).splitlines()[0][:160] if exc.orig is not None else type(exc).__name__
+            found.append(f"{DB_FILE} is damaged: its table {table.name} does not read as alignsearch writes it ({reason})")
+    return found
+
+
 def misspelled_names(conn: Connection) -> list[str]:
     """The rows whose kept name bytes are not the name their key spells (sources.key_holds), as one line; [] when
     none. What readers refuse row by row (check_names), for `verify`: SQLite's integrity check compares each key with

@@ -1,6 +1,7 @@
-"""What checking each shown row's name against the catalog's unique index (catalog.check_names) and its text's types
-(catalog._sound, photos_of) costs a search: Engine.search_vector (no encoding) with catalog.get_files, rows_holding
-and photos_of, the reads that now carry the checks, taken from git --base (alignsearch/storage/catalog.py loaded from
+"""What checking each shown row's name against the catalog's unique index (catalog.check_names), its text's types
+and its status (catalog._sound, photos_of), and each ANN hit's status (addresses_of, status_known) costs a search:
+Engine.search_vector (no encoding) with catalog.get_files, rows_holding, photos_of and addresses_of, the reads
+that now carry the checks, taken from git --base (alignsearch/storage/catalog.py loaded from
 git, common.module_at) against this tree's, alternating in one run, on one synthetic index; and get_files with
 rows_holding alone for k rows. The engine is this tree's in both columns (the change touches no other module a
 search runs).
@@ -34,7 +35,8 @@ from alignsearch.storage import catalog, state, vectors
 from alignsearch.search.engine import ANN_FILE, DB_FILE
 from indexer.build import sync_index
 
-READS = ("get_files", "rows_holding", "photos_of")  # the reads a search makes that the checks changed
+# the reads a search makes that the checks changed; addresses_of reads each ANN hit's status (status_known)
+READS = ("get_files", "rows_holding", "photos_of", "addresses_of")
 
 
 def build(index_dir: Path, n: int, dim: int) -> None:
@@ -114,7 +116,7 @@ def main() -> None:
             integrity_s.append(time.perf_counter() - start)
     lines = [f"- {args.n:,} files in a synthetic catalog ({args.dim}-d vectors, each file its own content), "
              "this tree's Engine.search_vector (a random unit vector, no encoding) with catalog.get_files, "
-             f"rows_holding and photos_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
+             f"rows_holding, photos_of and addresses_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
              f"{args.searches} searches; last column: get_files and rows_holding alone for k random ids", load_note(load_at_start), "",
              "| k | catalog reads of | ms/search | get_files + rows_holding of k rows, us |", "|---|---|---|---|"]
     for (k, name), runs in search_ms.items():
@@ -122,7 +124,7 @@ def main() -> None:
     lines += ["", f"- the alternative, SQLite's integrity check of this catalog (catalog.integrity_problems, as verify "
               f"runs it), median of 3: {statistics.median(integrity_s) * 1e3:.0f} ms, a reader's price per check (a CLI "
               "query is a new process each time: once per generation would be once per query)"]
-    record("The name check of shown rows (catalog.check_names)", lines, save=not args.no_save)
+    record("The catalog checks of shown rows and hits (catalog.check_names, _sound, status_known)", lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,21 @@ def test_a_flipped_column_name_in_the_schema_is_found_by_verify(indexed_images):
     assert result.output.strip().splitlines() == [result.output.strip()]
     assert "its table files does not read as alignsearch writes it (no such column: files.indexed_at)" in \
         run("verify", "--skip-model", "--index", ix, code=7).output
+
+
+def test_a_flipped_column_name_of_the_keyword_index_is_found_and_repaired(indexed_images):
+    """keywords_idx's pgno read as pgoo (the schema's page): every keyword search of the catalog fails, yet verify's
+    FTS5 check, on a copy whose shadow tables it makes afresh, called it sound (exit 0). Now verify searches the
+    catalog itself, and --repair writes the keyword index again, as for other damage of it."""
+    _, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    data = bytearray(db.read_bytes())
+    at = data.find(b"'keywords_idx'(segid, term, pgno", 0, 4096)
+    assert at > 0
+    data[at + len(b"'keywords_idx'(segid, term, pg")] ^= 0x01  # pgno -> pgoo
+    db.write_bytes(data)
+    result = run("query", "red circle", "--index", ix, "--json", "-k", 12, code=7)
+    assert result.output.strip().splitlines() == [result.output.strip()] and "verify --repair" in result.output
+    assert "its keyword index keywords cannot be searched" in run("verify", "--skip-model", "--index", ix, code=7).output
+    run("verify", "--repair", "--skip-model", "--index", ix)
+    assert len(json.loads(run("query", "red circle", "--index", ix, "--json", "-k", 12).stdout)["results"]) == 12

@@ -891,6 +891,18 @@ def _keyword_problems(db_path: Path) -> list[str]:
                     problems.append(f"{Path(db_path).name} is damaged: its keyword index {name}: {exc}")
         finally:
             conn.close()
+    # The copy's shadow tables are made afresh and filled by position, so a flipped byte of a column's name in
+    # the catalog's own (keywords_idx's pgno read as pgoo) checked sound, while every keyword query of the catalog
+    # failed ("SQL logic error", exit 7). A search as readers make one, on the catalog itself, read-only.
+    conn = sqlite3.connect(readonly_uri(db_path), uri=True)
+    try:
+        for name in made:
+            try:
+                conn.execute(f"SELECT rowid FROM {name} WHERE {name} MATCH ? LIMIT 1", ('"abc"',)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                problems.append(f"{Path(db_path).name} is damaged: its keyword index {name} cannot be searched: {exc}")
+    finally:
+        conn.close()
     return problems
 
 

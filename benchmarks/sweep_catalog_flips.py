@@ -92,7 +92,7 @@ def main() -> None:
                 args.keep.write_text(json.dumps(results))
         finally:
             remove_worktree(tmp / "base-tree")
-    lines = [f"- a 12-photo index of the tiny test model; the lowest bit of {'each' if args.every == 1 else f'every {args.every}th'} "
+    lines = [f"- a 12-photo index of the tiny test model; the lowest bit of {'each' if args.every == 1 else f'every {args.every}-th'} "
              f"used byte of each catalog.db page holding cells flipped in turn ({len(next(iter(results.values())))} flips), "
              "then `query \"red circle\" --json -k 12`, `similar img001.jpg --json -k 12`, `verify --skip-model`; "
              f"wall time {time.time() - load_at_start[0]:.0f} s", load_note(load_at_start[1]), ""]

@@ -1,7 +1,8 @@
 """What checking each shown row's name against the catalog's unique index (catalog.check_names), its text's types
-(catalog._sound, photos_of) and, from schema 14, its shown fields against their digest (rowdigest.py: check_rows,
-photos_of) costs a search: Engine.search_vector (no encoding) with catalog.get_files, rows_holding
-and photos_of, the reads that now carry the checks, taken from git --base (alignsearch/storage/catalog.py loaded from
+(catalog._sound, photos_of) and status, each ANN hit's status (addresses_of, status_known) and, from schema 14,
+its shown fields against their digest (rowdigest.py: check_rows, photos_of) costs a search: Engine.search_vector
+(no encoding) with catalog.get_files, rows_holding, photos_of and addresses_of, the reads that now carry the
+checks, taken from git --base (alignsearch/storage/catalog.py loaded from
 git, common.module_at) against this tree's, alternating in one run, on one synthetic index; and get_files with
 rows_holding alone for k rows. The engine is this tree's in both columns (the change touches no other module a
 search runs).
@@ -36,7 +37,8 @@ from alignsearch.storage import catalog, migrate, state, vectors
 from alignsearch.search.engine import ANN_FILE, DB_FILE
 from indexer.build import sync_index
 
-READS = ("get_files", "rows_holding", "photos_of")  # the reads a search makes that the checks changed
+# the reads a search makes that the checks changed; addresses_of reads each ANN hit's status (status_known)
+READS = ("get_files", "rows_holding", "photos_of", "addresses_of")
 
 
 def build(index_dir: Path, n: int, dim: int) -> None:
@@ -128,7 +130,7 @@ def main() -> None:
             db.dispose()
     lines = [f"- {args.n:,} files in a synthetic catalog ({args.dim}-d vectors, each file its own content), "
              "this tree's Engine.search_vector (a random unit vector, no encoding) with catalog.get_files, "
-             f"rows_holding and photos_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
+             f"rows_holding, photos_of and addresses_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
              f"{args.searches} searches; last column: get_files and rows_holding alone for k random ids", load_note(load_at_start), "",
              "| k | catalog reads of | ms/search | get_files + rows_holding of k rows, us |", "|---|---|---|---|"]
     for (k, name), runs in search_ms.items():
@@ -139,7 +141,8 @@ def main() -> None:
     if digest_s:
         lines.append(f"- verify's read of every files and photos row against its digest (catalog.off_digest), median of "
                      f"3: {statistics.median(digest_s) * 1e3:.0f} ms for {args.n:,} files")
-    record(f"The checks of shown rows (names: catalog.check_names; digests, schema {migrate.LATEST}: rowdigest.py), "
+    record(f"The checks of shown rows and hits (names: catalog.check_names; status: _sound, status_known; digests, "
+           f"schema {migrate.LATEST}: rowdigest.py), "
            f"against {args.base}", lines, save=not args.no_save)
 
 

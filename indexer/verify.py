@@ -142,6 +142,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.notes.append(f"{r.leftover_rows} rows name no file of the catalog ("
                                + ", ".join(f"{table}: {n}" for table, n in leftover.items())
                                + "): no answer shows them; `alignsearch verify --repair` drops them")
+            unreadable = catalog.unreadable_tables(conn)
+            if unreadable:  # every reader refuses such a catalog, and every read below would fail on it
+                r.problems += unreadable
+                r.catalog_damaged = True
+                return r
             r.split_keywords = [] if r.keywords_damaged else catalog.format_split_keywords(conn)
             if r.split_keywords:  # searches answer, but miss these words: a note, as an older writer's rows are
                 r.notes.append(f"the keyword rows of {len(r.split_keywords)} files hold zero-width characters (written "

@@ -1703,3 +1703,112 @@ def seal(conn) -> None:
     from alignsearch.storage import migrate
 
     migrate.digest_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)
+
+# The catalog flip sweep (a7af884's, extended): the lowest bit of each used byte of a catalog page flipped in turn,
+# the commands run on each, their outcomes sorted into kinds. SQLite pages carry no checksum, so each flip is read
+# as it stands; a reader must answer as before, or refuse in one line (exit 7), never answer short with exit 0.
+SWEPT = ("query", "similar", "verify")
+SAME, REFUSED, FEWER, WRONG, CRASH, OTHER, VERIFY_OK, VERIFY_FOUND = (
+    "same", "exit 7, one line", "fewer rows, exit 0", "other rows or values, exit 0", "exit 1 / traceback",
+    "other exit", "verify: ok", "verify: damage found")
+
+
+def catalog_pages(db: Path) -> dict[str, list[tuple[int, int, int]]]:
+    """{table or index name: [(page's first byte in the file, first used byte, end)]} of each page holding cells:
+    the page header and cell pointers (first used byte: the page's start, after the file header on page 1) and the
+    cell content area up to the page's end (the unused gap between them is left out: no reader looks at it)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("SELECT name, pageno FROM dbstat WHERE ncell > 0 ORDER BY pageno").fetchall()
+    finally:
+        conn.close()
+    data = Path(db).read_bytes()
+    out: dict[str, list] = {}
+    for name, pageno in pages:
+        start = (pageno - 1) * size
+        head = start + (100 if pageno == 1 else 0)
+        interior = data[head] in (2, 5)
+        cells = struct.unpack(">H", data[head + 3 : head + 5])[0]
+        content = struct.unpack(">H", data[head + 5 : head + 7])[0] or 65536
+        pointers_end = head + (12 if interior else 8) + 2 * cells
+        out.setdefault(name, []).append((start, head, pointers_end, start + content, start + size))
+    return out
+
+
+def flip_offsets(db: Path, names=None, every: int = 1) -> list[tuple[str, int]]:
+    """(table, byte offset) of each byte to flip: the pages of `names` (all pages holding cells if None), every
+    `every`-th used byte."""
+    offsets = []
+    for name, spans in catalog_pages(db).items():
+        if names is None or name in names:
+            for _, head, pointers_end, content, end in spans:
+                used = list(range(head, pointers_end)) + list(range(content, end))
+                offsets += [(name, at) for at in used[::every]]
+    return offsets
+
+
+def swept_command(command: str, photos: Path, ix: Path) -> list:
+    """The arguments of one swept command (a7af884's: `query "red circle" --json -k 12`, and so similar and verify)."""
+    return {"query": ["query", "red circle", "--index", ix, "--json", "-k", 12],
+            "similar": ["similar", photos / "img001.jpg", "--index", ix, "--json", "-k", 12],
+            "verify": ["verify", "--skip-model", "--index", ix]}[command]
+
+
+def swept_outcome(command: str, code: int, output: str, intact: str) -> str:
+    """The kind of one command's outcome after a flip (pure): intact is its output on the intact catalog."""
+    if command == "verify":
+        return VERIFY_OK if code == 0 else VERIFY_FOUND if code == 7 else CRASH if code == 1 else OTHER
+    if code == 0:
+        if output == intact:
+            return SAME
+        try:
+            got, want = json.loads(output)["results"], json.loads(intact)["results"]
+        except (ValueError, KeyError):
+            return WRONG
+        return FEWER if len(got) < len(want) else WRONG
+    if code == 7 and len(output.strip().splitlines()) == 1:
+        return REFUSED
+    return CRASH if code == 1 or "Traceback" in output else OTHER
+
+
+def flip_sweep(photos: Path, ix: Path, offsets, commands=SWEPT) -> list[dict]:
+    """Each flip of offsets ((table, byte)) in turn, the commands run in-process on it, the catalog restored after:
+    [{table, at, command: (kind, exit code, first line of its output, or the last of a traceback)}]."""
+    from click.testing import CliRunner
+
+    from alignsearch.surfaces.cli import main
+
+    def invoke(command):
+        result = CliRunner().invoke(main, [str(a) for a in swept_command(command, photos, ix)])
+        output = result.output + ("".join(__import__("traceback").format_exception(result.exception))
+                                  if result.exit_code == 1 and result.exception and not isinstance(result.exception, SystemExit) else "")
+        return result.exit_code, output
+
+    db = ix / "catalog.db"
+    intact = {c: invoke(c)[1] for c in commands}
+    original = db.read_bytes()
+    out = []
+    try:
+        for table, at in offsets:
+            data = bytearray(original)
+            data[at] ^= 0x01
+            db.write_bytes(data)
+            row = {"table": table, "at": at}
+            for command in commands:
+                code, output = invoke(command)
+                row[command] = (swept_outcome(command, code, output, intact[command]), code,
+                                (output.strip().splitlines() or [""])[-1 if code == 1 else 0][:200])
+            out.append(row)
+    finally:
+        db.write_bytes(original)
+    return out
+
+
+def flip_sweep_index(base: Path, model) -> tuple[Path, Path]:
+    """(photos, index) of the sweep: 12 pictures (conftest.make_images) indexed by the tiny model, as a7af884's."""
+    from conftest import index_json, make_images
+
+    photos = make_images(base / "photos", 12)[0].parent
+    index_json(base / "ix", photos, "--model", model, "--device", "cpu")
+    return photos, base / "ix"

@@ -881,3 +881,36 @@ def test_a_containers_type_is_read_from_its_signature():
              (ebml[:4], None), (b"\xff\xd8\xff\xe0\0\x10JFIF", None), (b"\x89PNG\r\n\x1a\n", None),
              (b"ID3\x04\0\0\0\0\0\0", None), (b"ftyp", None), (b"", None), (b"<html>ftypisom", None)]
     assert [(head, container_type(head)) for head, _ in cases] == cases
+
+
+def test_an_mp4s_type_is_its_brands_behind_a_leading_free_box(tmp_path):
+    """A fragmented MP4 (isom) with an 8-byte `free` (or `skip`, `wide`) box before its ftyp: FFmpeg decodes it (its
+    fragments' offsets are their own), and container_type called it QuickTime from the box alone, so `serve` sent an
+    .mp4 it had sent as video/mp4 as video/quicktime, which Firefox refuses; a HEIC behind one was served as a video.
+    A padding box's size steps to the next box; where that lies past the bytes read, QuickTime as before."""
+    import struct
+
+    import av
+
+    from alignsearch.media.video import SNIFF_BYTES, container_type
+
+    made = tmp_path / "frag.mp4"
+    with av.open(str(made), "w", format="mp4",
+                 options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * i, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    for box in (b"free", b"skip", b"wide"):
+        padded = tmp_path / f"{box.decode()}.mp4"
+        padded.write_bytes(struct.pack(">I", 8) + box + made.read_bytes())
+        with av.open(str(padded)) as got:
+            assert sum(1 for _ in got.decode(video=0)) == 3  # a video FFmpeg plays
+        assert container_type(padded.read_bytes()[:SNIFF_BYTES]) == "video/mp4", box
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic"
+    assert container_type(b"\0\0\0\x08free" + heic) is None
+    assert container_type(b"\0\0\0\x10free" + b"\0" * 8 + b"\0\0\0\x14ftypqt  \0\0\2\0") == "video/quicktime"
+    assert container_type(b"\0\0\0\x08wide\0\0\x10\0mdat") == "video/quicktime"  # QuickTime of before ftyp
+    assert container_type(b"\0\0\x10\x00free" + b"\0" * 40) == "video/quicktime"  # the next box unread: as before
+    assert container_type(b"\0\0\0\x01free" + b"\0" * 40) == "video/quicktime"  # a 64-bit size: not stepped over

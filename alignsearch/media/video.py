@@ -424,10 +424,11 @@ def container_type(head: bytes) -> str | None:
     QuickTime, WebM, Matroska or AVI container. ISO/IEC 14496-12 `ftyp` box: brand `qt  ` is QuickTime, an image's
     (IMAGE_BRANDS: HEIC, AVIF...) none, any other (isom, mp41, mp42, avc1, M4V...) MP4; EBML (RFC 8794) with DocType `webm` or `matroska` (RFC 9559);
     RIFF with form type `AVI `."""
-    if head[4:8] == b"ftyp":
-        if head[8:12] in IMAGE_BRANDS or len(head) < 12:
+    typed = _past_padding(head)  # an MP4 (or HEIC) whose ftyp follows a free box: its brand decides, as FFmpeg reads it
+    if typed[4:8] == b"ftyp":
+        if typed[8:12] in IMAGE_BRANDS or len(typed) < 12:
             return None
-        return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
+        return "video/quicktime" if typed[8:12] == b"qt  " else "video/mp4"
     if head[4:8] in QUICKTIME_ATOMS:
         return "video/quicktime"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
@@ -435,6 +436,23 @@ def container_type(head: bytes) -> str | None:
     if head[:4] == b"\x1a\x45\xdf\xa3":
         return {b"webm": "video/webm", b"matroska": "video/x-matroska"}.get(_ebml_doctype(head))
     return None
+
+
+PADDING_ATOMS = (b"free", b"skip", b"wide")  # boxes that hold nothing: a reader steps over them to the next
+
+
+def _past_padding(head: bytes) -> bytes:
+    """head from its first box that is no padding (PADDING_ATOMS), each stepped over by its 32-bit size; head as
+    given where a padding box's size is 0 or 1 (to the end, or a 64-bit size) or the box after it lies past head.
+    A leading `free` box made an isom MP4 (FFmpeg plays it, Firefox refuses video/quicktime) QuickTime, and an
+    image's ftyp (HEIC) behind one a video."""
+    at = 0
+    while head[at + 4:at + 8] in PADDING_ATOMS:
+        size = int.from_bytes(head[at:at + 4], "big")
+        if size < 8 or at + size + 8 > len(head):
+            return head
+        at += size
+    return head[at:]
 
 
 def _ebml_doctype(head: bytes) -> bytes | None:

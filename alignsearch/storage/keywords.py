@@ -180,18 +180,32 @@ def _narrowing() -> dict[int, str | None]:
     return table
 
 
+# A ZWNJ (U+200C) between two letters of the Arabic script is Persian's mark between a word's stem and its affixes
+# (کتاب‌ها, books: کتاب, book, and ها), which keyword search took for a separator before format characters were
+# dropped, as unicode61 does and Lucene's Persian analyzer (a space): the stem `کتاب` found `کتاب‌ها`. Dropped with the
+# other format characters it joined them, and the stem found nothing (seen end to end in a review). There it is a
+# space, on both sides; elsewhere (a ligature breaker in German `Auf<U+200C>lage`, an Indic conjunct's) it is dropped.
+_ARABIC = "\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufefc"
+_PERSIAN_ZWNJ = re.compile(f"(?<=[{_ARABIC}])\u200c(?=[{_ARABIC}])")
+
+
+def _zwnj_apart(text: str) -> str:
+    """text with each ZWNJ between two Arabic-script letters a space (_PERSIAN_ZWNJ); one character for one."""
+    return _PERSIAN_ZWNJ.sub(" ", text) if "\u200c" in text else text
+
+
 def narrow(text: str) -> str:
     """text with full-width ASCII as ASCII, the ideographic space a space, half-width katakana full-width (_WIDTH),
     every script's decimal digits ASCII digits, and no format character (zero-width spaces and joiners, the BOM, the
-    soft hyphen: _narrowing). What the keyword index is written from (spaced, coded_chunks) and a query read by
+    soft hyphen: _narrowing) but a ZWNJ between Arabic-script letters, which is a space (_zwnj_apart). What the keyword index is written from (spaced, coded_chunks) and a query read by
     (_atom, the match check's _fold): one rule both ways."""
-    return text.translate(_narrowing())
+    return _zwnj_apart(text).translate(_narrowing())
 
 
 def unformatted(text: str) -> str:
     """text without its format characters (narrow's rule for them alone): a query's chunk as typed (Atom.whole,
     typed_code, wide) is then the same with or without them."""
-    return text.translate(_format_only())
+    return _zwnj_apart(text).translate(_format_only())
 
 
 @functools.cache
@@ -207,7 +221,7 @@ def _any_format() -> re.Pattern:
 def holds_format(body: str) -> bool:
     """Whether a keyword row's text holds a format character: written before narrow dropped them (a writer now never
     writes one), its words are cut where they sit (catalog.format_split_keywords; `verify --repair` writes it again)."""
-    return _any_format().search(body) is not None
+    return _any_format().search(_zwnj_apart(body)) is not None  # a Persian ZWNJ cut there as it still does
 
 
 def spaced(text: str) -> str:

@@ -1366,7 +1366,9 @@ def exposing_mounts(paths, blocked) -> list[tuple[str, str]]:
     """The mounts, in order, that show each of paths (absolute, resolved) to a user who cannot enter the folders
     blocked(folder) is true of: ("tmpfs", F) covers folder F with an empty one every user may enter, ("bind", P) then
     shows the real P at its own place in it. A folder a bound path holds is the real one again, so a blocked one
-    below it is covered in turn; a path that is itself blocked is shown as it is (its owner's to open)."""
+    below it is covered in turn. A path that is itself blocked (a clone made in the 0700 `mktemp -d` folder itself,
+    as CI may make it) is ("spread", P): a tmpfs every user may enter covers it, holding each of its entries bound
+    at its own place (a bind keeps the folder's own mode, so binding P itself showed nothing)."""
     mounts: list[tuple[str, str]] = []
     covered, bound = set(), set()
     for path in sorted(set(paths), key=lambda p: (len(Path(p).parts), p)):
@@ -1380,7 +1382,12 @@ def exposing_mounts(paths, blocked) -> list[tuple[str, str]]:
                 mounts.append(("tmpfs", folder))
                 covered.add(folder)
                 in_tmpfs = True
-        if in_tmpfs and path not in covered | bound:
+        if path in covered | bound:
+            continue
+        if blocked(path):
+            mounts.append(("spread", path))
+            bound.add(path)  # its entries are the real ones: a path below it is walked as in the real tree
+        elif in_tmpfs:
             mounts.append(("bind", path))
             bound.add(path)
     return mounts
@@ -1396,19 +1403,41 @@ def mount(source, target, kind, flags, data=None):
     if libc.mount(source.encode(), target.encode(), kind and kind.encode(), flags, data and data.encode()) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"mount {source} at {target}: {os.strerror(code)}")
+def place(fd, path):  # the real file or folder fd opens, bound at path (made in a tmpfs)
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.mkdir(path)
+    else:
+        open(path, "x").close()
+    mount(f"/proc/self/fd/{fd}", path, None, 4096 | 16384)  # MS_BIND | MS_REC
 mounts = json.loads(sys.argv[1])
 held = {path: os.open(path, os.O_PATH) for kind, path in mounts if kind == "bind"}
+spread = {}  # a blocked folder's entries: (name, a descriptor, or the text of a symbolic link)
+for kind, path in mounts:
+    if kind == "spread":
+        folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        entries = []
+        for name in os.listdir(folder):
+            st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                entries.append((name, os.readlink(name, dir_fd=folder)))
+            elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                entries.append((name, os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=folder)))
+        spread[path] = entries
 os.umask(0o022)  # the folders made in a tmpfs: 0755
 for kind, path in mounts:
     if kind == "tmpfs":
         mount("tmpfs", path, "tmpfs", 2 | 4, "mode=0755")  # MS_NOSUID | MS_NODEV
-        continue
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if stat.S_ISDIR(os.fstat(held[path]).st_mode):
-        os.mkdir(path)
+    elif kind == "spread":
+        os.makedirs(path, exist_ok=True)
+        mount("tmpfs", path, "tmpfs", 2 | 4, "mode=0755")
+        for name, entry in spread[path]:
+            if isinstance(entry, str):
+                os.symlink(entry, os.path.join(path, name))
+            else:
+                place(entry, os.path.join(path, name))
     else:
-        open(path, "x").close()
-    mount(f"/proc/self/fd/{held[path]}", path, None, 4096 | 16384)  # MS_BIND | MS_REC
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        place(held[path], path)
 os.execvp(sys.argv[2], sys.argv[2:])
 """
 VIEW = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SHOW]

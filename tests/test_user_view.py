@@ -44,6 +44,15 @@ def test_a_closed_folder_inside_a_bound_path_is_covered_in_turn():
         ("tmpfs", "/a"), ("bind", "/a/c"), ("tmpfs", "/a/c/p"), ("bind", "/a/c/p/q")]
 
 
+def test_a_closed_folder_that_is_itself_needed_is_spread():
+    """The clone made in the 0700 mktemp folder itself (CI's may be): its entries are shown in a tmpfs over it, and a
+    path below it is the real tree's again (nothing more mounted for it unless closed in turn)."""
+    assert _mounts(["/tmp/tmp.x", "/tmp/tmp.x/.venv/lib/python3.11/site-packages", "/tmp/tmp.x/tests"],
+                   {"/tmp/tmp.x"}) == [("spread", "/tmp/tmp.x")]
+    assert _mounts(["/a/c", "/a/c/p/q"], {"/a", "/a/c", "/a/c/p"}) == [
+        ("tmpfs", "/a"), ("spread", "/a/c"), ("tmpfs", "/a/c/p"), ("bind", "/a/c/p/q")]
+
+
 def test_tests_of_other_users_that_cannot_run_skip_unless_ci_requires_them(monkeypatch):
     monkeypatch.delenv(REQUIRE_USERS, raising=False)
     with pytest.raises(pytest.skip.Exception, match="needs runuser"):

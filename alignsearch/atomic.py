@@ -282,14 +282,31 @@ def remove_stale_in(folder: str | os.PathLike, min_age: float = STALE_AFTER) -> 
     return _sweep(folder, None, min_age, f"a write in {folder}")
 
 
-def _sweep(parent: Path, prefix: str | None, min_age: float, writes: str) -> int:
-    """remove_stale's rule on the entries of `parent` named as temporaries of `prefix` (is_temporary); `writes` names
-    whose leftovers they are, in the log."""
+def remove_stale_of(folder: str | os.PathLike, targets: Callable[[str], bool], min_age: float = STALE_AFTER, *,
+                    writer: str = "a write") -> int:
+    """As remove_stale, for the writes of each file in `folder` whose name `targets` accepts (the NAME of
+    `.NAME.XXXXXXXX.tmp`): for a folder that may hold others' files beside this tool's, such as an index folder
+    made inside one of the user's (their own `.notes.txt.a1b2c3d4.tmp` is no leftover of ours)."""
+    folder = Path(os.path.realpath(folder))
+    return _sweep(folder, None, min_age, f"{writer} in {folder}", targets)
+
+
+def target_of(temporary: str) -> str:
+    """The name of the file a temporary (is_temporary, a name of 255 bytes or fewer) was written for: NAME of
+    `.NAME.XXXXXXXX.tmp`."""
+    return temporary.rpartition(".")[0][1:-9]
+
+
+def _sweep(parent: Path, prefix: str | None, min_age: float, writes: str,
+           targets: Callable[[str], bool] | None = None) -> int:
+    """remove_stale's rule on the entries of `parent` named as temporaries of `prefix` (is_temporary) and, given
+    `targets`, written for a name it accepts; `writes` names whose leftovers they are, in the log."""
     removed = 0
     try:
         if _others_may_rename(os.stat(parent)):
             return 0  # there a leftover's name is not this user's word: anyone may rename an entry to it
-        entries = [e for e in os.scandir(parent) if is_temporary(e.name, prefix)]
+        entries = [e for e in os.scandir(parent)
+                   if is_temporary(e.name, prefix) and (targets is None or targets(target_of(e.name)))]
     except OSError:
         return 0
     for entry in entries:

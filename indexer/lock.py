@@ -45,6 +45,10 @@ def writer_lock(index_dir: Path) -> Iterator[tuple[int, int]]:
         raise WriterBusy(f"another alignsearch process is writing {index_dir} (index, tag, tune or "
                          "verify --repair): run this again when it has finished")
     try:
+        from alignsearch.storage.layout import remove_killed_writes  # faiss: not for the light paths importing this
+
+        # only the writer may: a write at work holds its temporary's flock, and none but a writer writes the folder
+        remove_killed_writes(Path(index_dir), names=(LOCK_FILE, WATCH_LOCK))
         yield held.st_dev, held.st_ino  # the lock goes with the descriptor, also when the process dies
     finally:
         os.close(fd)

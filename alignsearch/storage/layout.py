@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
@@ -40,9 +41,10 @@ from typing import ClassVar
 
 import faiss
 
+from alignsearch import atomic
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import ann, shards, state
-from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX
+from alignsearch.storage.paths import ANN_FILE, LISTS_SUFFIX, SEGMENTS_DIR, THUMBS_DIR, VECTORS_FILE
 
 # The files a layout publishes by renaming the `.next` file it wrote before its commit (step 4 above).
 RENAMED = (ANN_FILE, shards.MANIFEST)
@@ -208,3 +210,28 @@ def drop_lists(folder: Path, keep: Path | None = None) -> None:
     for old in Path(folder).glob(f"lists-*{LISTS_SUFFIX}"):
         if old != keep:
             old.unlink()
+
+
+# The files of an index folder a writer replaces through a temporary renamed into place (atomic.replacing): each
+# layout's (ANN_FILE and shards.MANIFEST as `.next` files too, shards, lists) and the vectors file (a linked one is
+# copied into its place by `verify --repair`). A writer killed mid-write leaves `.NAME.XXXXXXXX.tmp` beside it, as
+# large as the file (an IVF-PQ index.faiss of 1M images holds 64 MB of codes, a copied vectors.f16 1.3 GB); nothing
+# else ever removed one, and verify said "ok" beside it.
+_WRITTEN = re.compile("|".join([
+    rf"(?:{re.escape(ANN_FILE)}|{re.escape(shards.MANIFEST)})(?:{re.escape(ann.NEXT_SUFFIX)})?",
+    re.escape(VECTORS_FILE), r"shard-\d+-\d+\.faiss", rf"lists-\d+{re.escape(LISTS_SUFFIX)}"]))
+
+
+def remove_killed_writes(index_dir: Path, names: tuple[str, ...] = ()) -> int:
+    """Delete the temporaries that writes killed mid-way left in an index folder (atomic.remove_stale's rules: this
+    user's, unchanged for a minute, not held by a write at work), and return how many: those of the files above and
+    of `names` (the lock files, whose fresh copies indexer/lock.py renames into place), and any in the folders only
+    alignsearch writes (vectors/ segments, the server's thumbnails). Only those names: an index folder may be made
+    inside one of the user's folders, whose own `.notes.txt.a1b2c3d4.tmp` is no leftover of ours. A folder that is
+    a link is not followed (the index never makes one)."""
+    removed = atomic.remove_stale_of(index_dir, lambda name: name in names or _WRITTEN.fullmatch(name) is not None,
+                                     writer="a writer of the index")
+    for sub in (SEGMENTS_DIR, THUMBS_DIR):
+        if os.path.isdir(index_dir / sub) and not os.path.islink(index_dir / sub):
+            removed += atomic.remove_stale_in(index_dir / sub)
+    return removed

@@ -21,6 +21,8 @@ DB_FILE, VECTORS_FILE, ANN_FILE = "catalog.db", "vectors.f16", "index.faiss"
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 SERVER_FILE = "server.json"  # written by a running `alignsearch serve`
 LISTS_SUFFIX = ".ivfdata"  # the on-disk ANN layout's inverted lists: lists-<ns>.ivfdata
+SEGMENTS_DIR = "vectors"  # the vector segments of rows added since the last compaction (vectors.py)
+THUMBS_DIR = "thumbs"  # the thumbnails `serve` draws, kept for the next request
 
 
 def untrusted(path: str | os.PathLike, owners: tuple[int, ...] = (), sticky_ok: bool = False) -> str | None:

@@ -33,14 +33,13 @@ from alignsearch import safeopen
 from alignsearch.storage import catalog, state
 from alignsearch.atomic import fsync_dir, write_bytes, writing
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage.paths import VECTORS_FILE
+from alignsearch.storage.paths import SEGMENTS_DIR, VECTORS_FILE
 
 log = logging.getLogger(__name__)
 
 DTYPE = np.dtype("<f2")
 SEGMENT_BITS = 40  # 1.1e12 rows per segment, 8.4e6 segments in an int64 address
 ROW_MASK = (1 << SEGMENT_BITS) - 1
-SEGMENTS_DIR = "vectors"
 
 
 class ChunkChanged(IndexDamagedError):

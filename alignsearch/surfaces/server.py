@@ -64,7 +64,7 @@ from alignsearch.search.engine import Engine, SnapshotMoved
 from alignsearch.surfaces.client import INDEX_HEADER, RECORD_WAIT, record_turn, remove_record_if
 from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, ImageTooLarge, UsageError
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
-from alignsearch.storage.paths import SERVER_FILE
+from alignsearch.storage.paths import SERVER_FILE, THUMBS_DIR
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
 
 log = logging.getLogger(__name__)
@@ -526,7 +526,7 @@ class Library:
     def __init__(self, engine: Engine, config: ServerConfig):
         self._engine, self.config = engine, config
         # None: an index this server must not write (read-only, another user's): thumbnails are not kept
-        self.thumb_dir = None if read_only(engine.dir) else engine.dir / "thumbs"
+        self.thumb_dir = None if read_only(engine.dir) else engine.dir / THUMBS_DIR
         with self.engine.db.connect() as conn:  # judged again: serve loaded the model (seconds) since the open
             self.index_id = catalog.index_id(conn)
         self._refresh_lock = threading.Lock()

@@ -237,7 +237,7 @@ def index_folders(
             try:
                 # an index that existed: once this run holds it and can read it, so a run refused (another writer,
                 # a damaged catalog) leaves it as it was and says one line
-                told = None if created else privacy.keep_private(out, roots, list_column, lists, judged=held)
+                told = None if created else _keep_private(db, out, roots, list_column, lists, held, scope)
                 if told:
                     notices.say(told)
                 use_ocr = _ocr_choice(db, ocr)
@@ -295,6 +295,19 @@ def _compact(db, out: Path, force: bool | None) -> dict | None:
         return None
     done = compact.compact(db, out, force=bool(force))
     return done.to_dict() if done else None
+
+
+def _keep_private(db, out: Path, roots: list[str], list_column: str | None, lists: dict, held: tuple[int, int],
+                  scope: index_roots.Scope | None) -> str | None:
+    """privacy.keep_private for an index that existed, judged by every root it holds, named or remembered (the run
+    lists them all): a root made private since it was indexed left the index open to every user until it was named
+    again. A remembered list is judged by the photos it names in a full run, which reads it anyway, and by the file
+    alone in a scoped one (index --watch: a million-line list read at every change seen)."""
+    with db.connect() as conn:
+        recorded = state.read(conn).roots
+    columns = {**recorded.list_columns, **{r: list_column for r in roots if sources.kind(r) == sources.LIST}}
+    every = list(dict.fromkeys([*roots, *recorded.roots]))
+    return privacy.keep_private(out, every, columns, lists, judged=held, by_photos=roots if scope is not None else None)
 
 
 def _ocr_choice(db, ocr: bool | None) -> bool:

@@ -6,7 +6,8 @@ in a 0700 folder (another user's `cat` of thumbs/*.jpg). Each `index` run takes 
 read and search bits of a class of users (group, others) that cannot reach one of the local roots it is given: a
 folder or list that class could not open itself. Only taken away, never given back: a user who opens the index to
 others (chmod) after their photos became private does so on purpose, and is told so again at the next run that
-finds it so. Remembered roots were judged when given; a root made private later is judged at its next naming.
+finds it so. Every run judges every root the index holds, named or remembered: a folder made private after it was
+indexed narrows the index at the next `alignsearch index`, named or not (it waited for the root's next naming).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
 from alignsearch.errors import AlignSearchError, BadInputError
@@ -122,16 +124,20 @@ def _listed(root: str, column: str | None, lists: dict | None = None) -> list[st
     return list(first.values())
 
 
-def keep_private(index_dir: Path, roots: list[str], list_column: str | None = None,
-                 lists: dict | None = None, judged: tuple[int, int] | None = None) -> str | None:
-    """Narrow index_dir's mode to what the local roots, and the local photos their lists name (list_column: the
-    lists' path column as given), allow (narrowed); a line saying so where an index folder that existed was opened
-    wider, else None (a folder made now is narrowed without a word). lists: the run's tables of lists
-    (sources.list_table), added to, for its scan to list the lists judged here. judged: the (st_dev, st_ino) of the
-    folder the caller judged and holds (job: the one it made, or the one whose write.lock it holds); another folder
-    at index_dir's name now is left as it is, and None returned."""
+def keep_private(index_dir: Path, roots: list[str], columns: Mapping[str, str | None] | str | None = None,
+                 lists: dict | None = None, judged: tuple[int, int] | None = None,
+                 by_photos: Collection[str] | None = None) -> str | None:
+    """Narrow index_dir's mode to what the local roots, and the local photos their lists name, allow (narrowed); a
+    line saying so where an index folder that existed was opened wider, else None (a folder made now is narrowed
+    without a word). columns: each list's path column ({root: column}, a missing root: the default column; one
+    name: every list's). lists: the run's tables of lists (sources.list_table), added to, for its scan to list the
+    lists judged here. judged: the (st_dev, st_ino) of the folder the caller judged and holds (job: the one it made,
+    or the one whose write.lock it holds); another folder at index_dir's name now is left as it is, and None
+    returned. by_photos: the lists judged by the photos they name (None: all); the others by the list file alone."""
     local = _local(roots)
-    local += [photo for root in roots for photo in _listed(root, list_column, lists)]
+    column = columns.get if isinstance(columns, Mapping) else (lambda root: columns)
+    local += [photo for root in roots if by_photos is None or root in by_photos
+              for photo in _listed(root, column(root), lists)]
     seen: dict[Path, Step] = {}
     paths = [s for s in (_steps(path, seen) for path in local) if s is not None]
     if not paths:

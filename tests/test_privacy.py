@@ -326,3 +326,54 @@ def test_a_link_swapped_in_before_the_call_is_not_the_judged_folder(public_dir):
         assert keep_private(ix, [str(hidden)], judged=held) is None
     assert stat.S_IMODE(os.stat(theirs).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(public_dir / "ix.away").st_mode) == 0o755
+
+
+@pytest.mark.slow
+def test_a_remembered_root_made_private_later_is_judged_by_the_next_run_without_naming_it(tiny_model, public_dir):
+    """`chmod 700 photos` after they were indexed, then `alignsearch index` (every remembered root listed again): the
+    index stayed 0755, the thumbnails and text of photos now private readable by every user, until the root was
+    named again. Every run judges every root it holds; a watch's scoped run judges remembered lists by the file
+    alone (reading a million-line list at each change seen would be the cost), a full run by the photos they name."""
+    photos, more, ix = public_dir / "photos", public_dir / "more", public_dir / "ix"
+    smooth_photos(photos, 2)
+    smooth_photos(more, 1)
+    photos.chmod(0o755)
+    more.chmod(0o755)
+    run("index", "--index", ix, "--model", tiny_model, photos)
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    photos.chmod(0o700)
+    run("index", "--index", ix)  # the remembered root alone
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+    ix.chmod(0o755)
+    run("index", "--index", ix, more)  # another root named: the remembered one is judged beside it
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+    private_photo = next(photos.iterdir())
+    listed = public_dir / "list.csv"
+    listed.write_text(f"shot\n{private_photo}\n")
+    listed.chmod(0o644)
+    photos.chmod(0o755)
+    ix.chmod(0o755)
+    run("index", "--index", ix, listed, "--list-column", "shot")
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o755
+    photos.chmod(0o700)
+    run("index", "--index", ix)  # the list remembered with its column: its photo judged
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+
+
+def test_a_list_left_out_of_by_photos_is_judged_by_its_file_alone(public_dir):
+    """A scoped run (index --watch) judges the remembered lists it does not read by the list file, not by reading a
+    possibly million-line list at each change; its own, and a full run's, by the photos they name."""
+    from indexer.privacy import keep_private
+
+    hidden = public_dir / "hidden"
+    smooth_photos(hidden, 1)
+    hidden.chmod(0o700)
+    listed = public_dir / "list.csv"
+    listed.write_text(f"shot\n{next(hidden.iterdir())}\n")
+    listed.chmod(0o644)
+    for by_photos, mode in (((), 0o755), ([str(listed)], 0o700), (None, 0o700)):
+        ix = public_dir / f"ix-{mode:o}-{by_photos is None}"
+        ix.mkdir()
+        ix.chmod(0o755)
+        keep_private(ix, [str(listed)], {str(listed): "shot"}, by_photos=by_photos)
+        assert stat.S_IMODE(os.stat(ix).st_mode) == mode, by_photos

@@ -1841,3 +1841,40 @@ def flip_sweep_index(base: Path, model) -> tuple[Path, Path]:
     photos = make_images(base / "photos", 12)[0].parent
     index_json(base / "ix", photos, "--model", model, "--device", "cpu")
     return photos, base / "ix"
+
+
+# -- MP4 box layouts FFmpeg reads (alignsearch.media.video.container_type) --------------------------------------------
+
+
+def make_fragmented_mp4(path) -> Path:
+    """A fragmented MP4 (isom) of 3 frames whose fragments' offsets are their own (default_base_moof): bytes put
+    before it leave it playable, as a box before its ftyp does."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), "w", format="mp4",
+                 options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * i, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def top_level_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(type, offset, size) of each top-level box of an MP4 (32-bit sizes only, as a small file's are)."""
+    boxes, at = [], 0
+    while at + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        boxes.append((kind, at, size))
+        at += size
+    return boxes
+
+
+def decoded_frames(path) -> int:
+    """How many video frames FFmpeg decodes from path."""
+    import av
+
+    with av.open(str(path)) as got:
+        return sum(1 for _ in got.decode(video=0))

@@ -864,6 +864,39 @@ def test_a_timestamp_of_any_number_a_server_may_send():
     assert timestamp(1e12) == "277777777:46:40"
 
 
+def test_a_file_without_ftyp_is_quicktime_and_a_leading_uuid_box_is_stepped_over(tmp_path):
+    """A file whose first box is `mdat` or `uuid` has no ftyp. With mdat (or moov) first it is QuickTime as it was
+    before ftyp (file(1): "Apple QuickTime movie"): no brand in it says MP4, and a movie box holds none, so it stays
+    video/quicktime (Chromium plays it under that type; a browser that refuses it gets the moment's picture). A
+    leading `uuid` box (a vendor's extension) made a video FFmpeg and Chromium play no video at all (404): it is now
+    stepped over by its size, as FFmpeg's probe does, and the box after it decides: an ftyp's brand, else QuickTime."""
+    import struct
+
+    from alignsearch.media.video import SNIFF_BYTES, container_type
+    from helpers import decoded_frames, make_fragmented_mp4, top_level_boxes
+
+    data = make_video(tmp_path / "src.mp4", [(1, 1)], drift=False).read_bytes()
+    boxes = top_level_boxes(data)
+    assert [kind for kind, _, _ in boxes] == [b"ftyp", b"free", b"mdat", b"moov"]
+    _, at, size = boxes[2]
+    # the mdat grown back over the ftyp and free boxes: the chunk offsets (absolute) still point at the frames
+    mdat_first = tmp_path / "mdat-first.mp4"
+    mdat_first.write_bytes(struct.pack(">I", at + size) + b"mdat" + data[8:])
+    uuid_first = tmp_path / "uuid-first.mp4"  # the ftyp box (32 bytes) retyped: a uuid box, then free, mdat, moov
+    uuid_first.write_bytes(data[:4] + b"uuid" + data[8:])
+    frag = make_fragmented_mp4(tmp_path / "frag.mp4").read_bytes()
+    uuid_ftyp = tmp_path / "uuid-ftyp.mp4"  # a 24-byte uuid box before an isom MP4's ftyp
+    uuid_ftyp.write_bytes(struct.pack(">I", 24) + b"uuid" + bytes(range(16)) + frag)
+    assert [decoded_frames(p) for p in (mdat_first, uuid_first, uuid_ftyp)] == [10, 10, 3]  # FFmpeg plays each
+    got = [container_type(p.read_bytes()[:SNIFF_BYTES]) for p in (mdat_first, uuid_first, uuid_ftyp)]
+    assert got == ["video/quicktime", "video/quicktime", "video/mp4"]
+    uuid = struct.pack(">I", 24) + b"uuid" + b"\0" * 16
+    assert container_type(uuid + b"\0\0\0\x18ftypheic\0\0\0\0mif1heic") is None  # an image's brand behind it
+    assert container_type(uuid + b"\0\0\0\x08ABCD" + b"\0" * 32) is None  # no box known after it
+    assert container_type(b"\0\0\x10\x00uuid" + b"\0" * 56) is None  # the box after it unread: nothing says video
+    assert container_type(uuid + b"\0\0\x10\x00moov\0\0\0\x6cmvhd") == "video/quicktime"
+
+
 def test_a_containers_type_is_read_from_its_signature():
     """container_type (what `serve` sends a video as): each container's own signature, whatever the bytes after it;
     a head too short to say, or of anything else (a JPEG, a PNG, text, an MP3), is no video."""
@@ -890,23 +923,14 @@ def test_an_mp4s_type_is_its_brands_behind_a_leading_free_box(tmp_path):
     A padding box's size steps to the next box; where that lies past the bytes read, QuickTime as before."""
     import struct
 
-    import av
-
     from alignsearch.media.video import SNIFF_BYTES, container_type
+    from helpers import decoded_frames, make_fragmented_mp4
 
-    made = tmp_path / "frag.mp4"
-    with av.open(str(made), "w", format="mp4",
-                 options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(3):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * i, np.uint8), format="rgb24")))
-        out.mux(stream.encode())
+    made = make_fragmented_mp4(tmp_path / "frag.mp4")
     for box in (b"free", b"skip", b"wide"):
         padded = tmp_path / f"{box.decode()}.mp4"
         padded.write_bytes(struct.pack(">I", 8) + box + made.read_bytes())
-        with av.open(str(padded)) as got:
-            assert sum(1 for _ in got.decode(video=0)) == 3  # a video FFmpeg plays
+        assert decoded_frames(padded) == 3  # a video FFmpeg plays
         assert container_type(padded.read_bytes()[:SNIFF_BYTES]) == "video/mp4", box
     heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic"
     assert container_type(b"\0\0\0\x08free" + heic) is None

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def browser(tmp_path_factory):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,900", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read by get_log("browser")
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     yield driver
     driver.quit()
@@ -149,14 +151,8 @@ def test_a_video_moment_shows_its_time_whole_and_plays_from_it(tmp_path_factory,
     base = tmp_path_factory.mktemp("webvideo")
     make_images(base / "corpus", 3)
     make_video(base / "corpus" / "a-rather-long-name-for-a-holiday-clip.mp4", [(71, 3), (72, 3)])
-    ix = base / "ix"
-    assert CliRunner().invoke(main, ["index", str(base / "corpus"), "--index", str(ix), "--model", str(tiny_model),
-                                     "--device", "cpu"]).exit_code == 0
-    server = start_in_thread(alignsearch.open(ix, device="cpu"), ServerConfig(port=free_port()))
-    try:
+    with searched_on_the_page(base / "corpus", tiny_model, browser):
         wait = WebDriverWait(browser, 30)
-        browser.get(server.open_url)
-        browser.get(server.url + "/?q=a%20picture")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card .at")) == 2)
         times = browser.find_elements(By.CSS_SELECTOR, "#grid .card .at")
         assert sorted(t.text for t in times) == ["@ 0:00", "@ 0:03"]
@@ -166,8 +162,73 @@ def test_a_video_moment_shows_its_time_whole_and_plays_from_it(tmp_path_factory,
         card.find_element(By.TAG_NAME, "img").click()
         wait.until(lambda d: d.execute_script("const v = document.querySelector('dialog video'); "
                                               "return v && !v.hidden && v.currentTime >= 3"))
+
+
+@contextmanager
+def searched_on_the_page(corpus, tiny_model, browser, q="a%20picture"):
+    """corpus indexed, served, and the page opened (the token traded for its cookie) showing the search q."""
+    ix = corpus.parent / "ix"
+    assert CliRunner().invoke(main, ["index", str(corpus), "--index", str(ix), "--model", str(tiny_model),
+                                     "--device", "cpu"]).exit_code == 0
+    server = start_in_thread(alignsearch.open(ix, device="cpu"), ServerConfig(port=free_port()))
+    try:
+        browser.get(server.open_url)
+        browser.get(f"{server.url}/?q={q}")
+        yield server
     finally:
         server.shutdown()
+
+
+def test_a_moment_whose_video_cannot_play_shows_its_picture_instead(tmp_path_factory, tiny_model, browser):
+    """The viewer showed an empty player, and not the moment's picture, for a video the browser cannot play: a JPEG
+    named .mp4 (indexed as a video of one frame; the server answers /api/video 404, naming /api/image), an MPEG-4
+    Part 2 video (served as video/mp4; Chromium has no decoder for it) and a video replaced since it was indexed
+    (409; its still is refused too, and the thumbnail its card loaded is shown). Each now shows its picture and a
+    note, and the page logs no error of its own (the refusals themselves are the browser's network lines)."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import make_images
+    from helpers import make_video, scene_frame
+
+    base = tmp_path_factory.mktemp("webstill")
+    corpus = base / "corpus"
+    make_images(corpus, 2)
+    Image.fromarray(scene_frame(4)).save(corpus / "jpeg-named.mp4", format="JPEG")
+    make_video(corpus / "mpeg4-part2.mp4", [(5, 2)], codec="mpeg4", drift=False)
+    make_video(corpus / "replaced.mp4", [(6, 2)], drift=False)
+    with searched_on_the_page(corpus, tiny_model, browser):
+        wait = WebDriverWait(browser, 30)
+        names = ("jpeg-named.mp4", "mpeg4-part2.mp4", "replaced.mp4")
+        cards = "return [...document.querySelectorAll('#grid .card')].filter(c => c.querySelector('.at'))"
+        wait.until(lambda d: len(d.execute_script(cards)) == 3)
+        loaded = "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda d: d.execute_script(loaded))  # the cards' thumbnails, replaced.mp4's among them
+        browser.get_log("browser")  # the console so far: read and dropped
+        (corpus / "replaced.mp4").write_bytes((corpus / "jpeg-named.mp4").read_bytes())  # a non-video, another size
+        ARTIFACTS.mkdir(exist_ok=True)
+        shown = ("const v = document.getElementById('viewer-video'), i = document.getElementById('viewer-img'), "
+                 "n = document.getElementById('viewer-note'); return document.getElementById('viewer').open && "
+                 "v.hidden && !i.hidden && i.complete && i.naturalWidth > 0 && !n.hidden && n.textContent")
+        for name in names:
+            card = next(c for c in browser.execute_script(cards)
+                        if c.find_element(By.CLASS_NAME, "path").text == name)
+            card.find_element(By.TAG_NAME, "img").click()
+            note = wait.until(lambda d: d.execute_script(shown), message=name)
+            assert "cannot be played" in note and "0:00" in note, (name, note)
+            src = browser.execute_script("return document.getElementById('viewer-img').currentSrc")
+            # the moment's still; for the replaced file (its still is refused too) the card's thumbnail
+            assert src.endswith("?size=256") == (name == "replaced.mp4"), (name, src)
+            browser.save_screenshot(str(ARTIFACTS / f"web-still-{name}.png"))
+            browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            wait.until(lambda d: not d.execute_script("return document.getElementById('viewer').open"))
+        logged = browser.get_log("browser")
+        own = [e for e in logged if e["level"] == "SEVERE" and e.get("source") != "network"]
+        assert own == [], own
+        refused = [e["message"].split()[0] for e in logged if e.get("source") == "network"]
+        assert refused and all("/api/video/" in u or "/api/image/" in u for u in refused), logged
 
 
 def test_thumbnails_refused_while_the_server_is_busy_are_asked_for_again(tmp_path_factory, tiny_model, browser,

@@ -429,7 +429,8 @@ def container_type(head: bytes) -> str | None:
         if typed[8:12] in IMAGE_BRANDS or len(typed) < 12:
             return None
         return "video/quicktime" if typed[8:12] == b"qt  " else "video/mp4"
-    if head[4:8] in QUICKTIME_ATOMS:
+    # no ftyp: QuickTime older than it, by its first box, or by the box after a leading uuid (no brand says MP4)
+    if head[4:8] in QUICKTIME_ATOMS or typed[4:8] in QUICKTIME_ATOMS:
         return "video/quicktime"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "video/x-msvideo"
@@ -438,14 +439,18 @@ def container_type(head: bytes) -> str | None:
     return None
 
 
-PADDING_ATOMS = (b"free", b"skip", b"wide")  # boxes that hold nothing: a reader steps over them to the next
+# Boxes that say nothing of the file's type, stepped over to the box after them: padding, which holds nothing, and
+# `uuid`, a vendor's extension (ISO/IEC 14496-12 4.2), whose contents no reader is bound to know. FFmpeg's mov
+# probe steps over `skip` and `uuid` the same way (by their size) and judges the tag after them; a file that opens
+# with a uuid box was refused (404) though FFmpeg and Chromium play it.
+PADDING_ATOMS = (b"free", b"skip", b"wide", b"uuid")
 
 
 def _past_padding(head: bytes) -> bytes:
-    """head from its first box that is no padding (PADDING_ATOMS), each stepped over by its 32-bit size; head as
-    given where a padding box's size is 0 or 1 (to the end, or a 64-bit size) or the box after it lies past head.
-    A leading `free` box made an isom MP4 (FFmpeg plays it, Firefox refuses video/quicktime) QuickTime, and an
-    image's ftyp (HEIC) behind one a video."""
+    """head from its first box that is neither padding nor uuid (PADDING_ATOMS), each stepped over by its 32-bit
+    size; head as given where such a box's size is 0 or 1 (to the end, or a 64-bit size) or the box after it lies
+    past head. A leading `free` box made an isom MP4 (FFmpeg plays it, Firefox refuses video/quicktime) QuickTime,
+    and an image's ftyp (HEIC) behind one a video."""
     at = 0
     while head[at + 4:at + 8] in PADDING_ATOMS:
         size = int.from_bytes(head[at:at + 4], "big")

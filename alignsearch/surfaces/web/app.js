@@ -107,7 +107,11 @@
         img.src = blob;
         return;
       }
-      if (response.status !== 503) return; // gone or refused: the broken image stays, as it was
+      if (response.status !== 503) { // gone or refused: its fallback (a moment's thumbnail the card loaded), if any
+        const fallback = img.dataset.fallback;
+        if (fallback && fallback !== url) img.src = fallback;
+        return;
+      }
       wait = Math.min(Number(response.headers.get("Retry-After")) || 1, 30);
     }
   }
@@ -171,11 +175,17 @@
     return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
   }
 
+  let viewing = null; // the hit the viewer shows: a late error of a video no longer shown is ignored
+
   function open(hit) {
     const video = $("viewer-video");
+    viewing = hit;
     video.pause();
+    $("viewer-note").hidden = true;
+    delete $("viewer-img").dataset.fallback;
     if (hit.t != null) { // a video moment: play its file from t (the server answers range requests)
       $("viewer-img").hidden = true;
+      $("viewer-img").removeAttribute("src");
       video.hidden = false;
       video.src = `/api/video/${hit.id}#t=${hit.t}`;
       video.addEventListener("loadedmetadata", () => { video.currentTime = hit.t; video.play().catch(() => {}); },
@@ -192,6 +202,26 @@
     $("viewer-caption").textContent = `${hit.path} · ${hit.width}×${hit.height}${score}` +
       (hit.ocr ? ` · text: ${hit.ocr.replace(/\s+/g, " ")}` : "");
     $("viewer").showModal();
+  }
+
+  // A moment's video the browser cannot play shows the moment's picture instead, with a note: the server answers
+  // 404 for a file whose content is no video container (a JPEG named .mp4), 409 for one changed since it was
+  // indexed, and a codec the browser has no decoder for (MPEG-4 Part 2) fails to decode; each is an error event on
+  // the <video> (which cannot see the status), and it left an empty player. The picture is the moment's still
+  // (/api/image); where that is refused too, the thumbnail its card already loaded (kept by the browser's cache).
+  function stillInstead() {
+    const hit = viewing, video = $("viewer-video");
+    if (!hit || hit.t == null || video.hidden) return;
+    video.removeAttribute("src");
+    video.load(); // drops the failed source: nothing more is fetched for it
+    video.hidden = true;
+    const img = $("viewer-img");
+    img.dataset.fallback = `/api/image/${hit.id}?size=256`;
+    img.src = `/api/image/${hit.id}`;
+    img.hidden = false;
+    const note = $("viewer-note");
+    note.textContent = `This video cannot be played here: its picture at ${clock(hit.t)} is shown instead.`;
+    note.hidden = false;
   }
 
   function setImage(file) {
@@ -235,6 +265,7 @@
     if (e.key === "/" && document.activeElement !== $("q")) { e.preventDefault(); $("q").focus(); }
   });
   $("viewer-img").addEventListener("error", retryWhenBusy); // a format drawn as JPEG (HEIC, TIFF) can be busy too
+  $("viewer-video").addEventListener("error", stillInstead);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
   $("viewer").addEventListener("close", () => $("viewer-video").pause());
   $("more").addEventListener("click", () => browse());

@@ -521,6 +521,9 @@ def _index(db, out: Path, roots: list, opts: IndexOptions, encoder: Encoder | No
         scanned = index_roots.scan_all(db, all_roots, known_roots, options, columns, str(out.resolve()), opts.scope,
                                          opts.links, opts.lists)
     index_roots.remember(db, all_roots, columns, options, scanned)
+    if scanned.confirmed:  # their content is the one recorded: the next run need not hash them again
+        with db.begin() as conn:
+            catalog.relisted(conn, scanned.confirmed)
     todo, removed = scanned.todo, scanned.removed
     clips = [f for f in todo if video.is_video(f.relpath)]  # read by indexer/videos.py, after the photos
     photo_todo = [f for f in todo if not video.is_video(f.relpath)]

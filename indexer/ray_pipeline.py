@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # times more is given up, as the local path gives up a file that kills its decode worker twice. Ray Data retried
 # it forever: a file that crashes its decoder (a codec's fault, out of memory) kept the run going, never ending.
 BATCH_RETRIES = 2
-FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset", "link")
+FOUND_FIELDS = ("root", "relpath", "size", "mtime", "error", "relpath_raw", "offset", "link", "listed_at")
 RUN_TOKEN = ".run"  # in the segment folder: an actor that reads this run's token there shares the driver's disk
 
 
@@ -53,13 +53,14 @@ def _row(found: Found) -> dict:
     # Arrow columns have no None for these: empty string / bytes stand for it.
     # link: b"\0" stands for None (not looked at): no link's target holds a NUL byte
     return {**asdict(found), "error": found.error or "", "relpath_raw": found.relpath_raw or b"",
-            "link": b"\0" if found.link is None else found.link}
+            "link": b"\0" if found.link is None else found.link, "listed_at": found.listed_at or 0.0}
 
 
 def _found(batch: dict, i: int) -> Found:
     return Found(str(batch["root"][i]), str(batch["relpath"][i]), int(batch["size"][i]), float(batch["mtime"][i]),
                  str(batch["error"][i]) or None, bytes(batch["relpath_raw"][i]) or None, int(batch["offset"][i]),
-                 link=None if bytes(batch["link"][i]) == b"\0" else bytes(batch["link"][i]))
+                 link=None if bytes(batch["link"][i]) == b"\0" else bytes(batch["link"][i]),
+                 listed_at=float(batch["listed_at"][i]) or None)
 
 
 def decode_batch(batch: dict, spec: ImageSpec, fast: bool = False) -> dict:

@@ -283,6 +283,9 @@ class Scanned:
     listed: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # entries that share one catalog key (see _one_per_key)
     caption_links: list = field(default_factory=list)  # unchanged rows whose sidecar caption is a link: read again
+    # (root, relpath, when its listing began) of files whose status changed but whose content is the one recorded
+    # (scan.confirm): their rows' indexed_at moves to that listing, so the next run does not hash them again
+    confirmed: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -468,6 +471,10 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
                 links.listed(root, folders, linked, [e.folder for e in errors], to_folders)
             found = _one_per_key(root, found, out.notes)
             d = scan.diff(found, rows, [e.folder for e in errors], recorded_links)
+            same, differ = scan.confirm(d.suspects)
+            d.todo += differ
+            d.unchanged += len(same)
+            out.confirmed += [(f.root, f.relpath, f.listed_at) for f in same]
             out.todo += d.todo
             out.removed += d.removed
             out.changed.update((f.root, f.relpath) for f in d.todo if f.relpath in rows)

@@ -7,7 +7,9 @@ re-run compares.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -63,6 +65,11 @@ class Found:
     # a folder listing's name: b"" a file, else a symbolic link's target as readlink gives it (catalog.links); None: not
     # looked at (a list's entry, a tar member, a row read back from the catalog), so never a change (diff)
     link: bytes | None = None
+    # the file's status change time (st_ctime), and when the listing that stat'ed it began (time.time()); None where
+    # there is none to ask (a URL, a tar member, a row read back from the catalog). A row's indexed_at is the
+    # listed_at of the file it was made from (row_time), so a change after that listing is seen (diff: status_changed)
+    ctime: float | None = None
+    listed_at: float | None = None
 
     @property
     def path(self) -> str:
@@ -182,16 +189,17 @@ def _stat_entry(root: str, entry: str) -> Found:
             fs, inner = sources.filesystem(entry)
             info = fs.info(inner)
             return Found(root, relpath, int(info.get("size") or 0), sources.info_mtime(info), relpath_raw=raw)
+        listed_at = time.time()
         st = os.stat(local)
         problem = sources.unusable(st, max_bytes(local))
         if problem:
-            return Found(root, relpath, st.st_size, st.st_mtime, problem, raw)
+            return Found(root, relpath, st.st_size, st.st_mtime, problem, raw, ctime=st.st_ctime, listed_at=listed_at)
     except BadInputError as exc:
         return Found(root, relpath, 0, 0.0, str(exc), raw)
     except (OSError, ValueError) as exc:
         reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot stat: {exc}"
         return Found(root, relpath, 0, 0.0, reason, raw)
-    return Found(root, relpath, st.st_size, st.st_mtime, None, raw)
+    return Found(root, relpath, st.st_size, st.st_mtime, None, raw, ctime=st.st_ctime, listed_at=listed_at)
 
 
 def scan_tar(root: str, include_hidden: bool = False) -> Iterator[Found]:
@@ -274,6 +282,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
     (found from a stat, never opened). A folder that cannot be listed is appended to `errors`, never
     silently skipped: its files must not look deleted. So is a root whose path is now a link (see relinked).
     """
+    listed_at = time.time()  # before any stat: a file changed after it is changed after its row's indexed_at
     walks = safeopen.FolderWalks(root)  # each folder walked once for all its links (opens nothing until then)
     moved = relinked(root, str(Path(root).resolve()), os.path.islink(root))
     if moved:
@@ -350,7 +359,7 @@ def scan_folder(root: str, include_hidden: bool = False, errors: list[ListingErr
                             link=target)
                 continue
             yield Found(root, relpath, st.st_size, st.st_mtime, sources.unusable(st, max_bytes(relpath)), raw,
-                        caption_link=caption_link, link=target)
+                        caption_link=caption_link, link=target, ctime=st.st_ctime, listed_at=listed_at)
         pending.extend(reversed(subfolders))
     walks.close()
 
@@ -373,6 +382,9 @@ class Diff:
     removed: list = field(default_factory=list)  # catalog rows whose file is gone
     unchanged: int = 0
     kept: int = 0  # rows not seen because their folder could not be listed: kept as they are
+    # (found, its row) whose size and mtime match but whose status changed since its listing (status_changed): hashed
+    # by `confirm`, changed only where the content is not the one recorded
+    suspects: list = field(default_factory=list)
 
 
 def _under(relpath: str, folders: list[str]) -> bool:
@@ -383,7 +395,7 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict 
     """Compare one root's scan with its catalog rows (relpath -> FileRow) by size and mtime, and each listed name's
     link (Found.link) with the one its row records (links: catalog.links_of's {file id: target}; None: none known). Rows
     under the `unlisted` folders (relative; "" is the whole root) that the scan did not see are kept."""
-    out = Diff()
+    out, now = Diff(), time.time()
     unlisted = [printable(folder)[0] for folder in unlisted]
     seen = set()
     for f in found:
@@ -397,12 +409,56 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict 
                 _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))) or relinked_name(f, row, links):
             out.todo.append(f)
             out.changed_ids.append(row.id)
+        elif status_changed(f, row.indexed_at, now):
+            out.suspects.append((f, row))
         else:
             out.unchanged += 1
     gone = [row for rel, row in known.items() if rel not in seen]
     out.removed = [row for row in gone if not _under(row.relpath, unlisted)] if unlisted else gone
     out.kept = len(gone) - len(out.removed)
     return out
+
+
+def status_changed(f: Found, indexed_at: float, now: float) -> bool:
+    """Whether a file's status changed (st_ctime) after the listing its row was made from began (indexed_at): its
+    content may differ though its size and mtime do not. `cp -p` or `rsync -a` of another file of the same size over
+    it, `exiftool -P` rewriting a tag in place, keep both: the old content's vectors and hash stayed for good, by
+    `index` and by the server. No tool sets a ctime; a chmod, chown or rename changes it too, so such a file is read
+    and hashed again, once, and keeps its vectors when its content is the same (pipeline: `known` hashes). A ctime
+    ahead of this machine's clock (`now`, give or take CHANGED_SLACK_S: a file server's clock, one set wrong when
+    the file changed) says nothing: it would be "changed" at every run until the clock caught up."""
+    return f.ctime is not None and indexed_at < f.ctime <= now + CHANGED_SLACK_S
+
+
+def confirm(suspects: list[tuple[Found, object]], threads: int = 8) -> tuple[list[Found], list[Found]]:
+    """(the suspects whose bytes hash to their row's SHA-256: unchanged, their rows' indexed_at to be moved to this
+    listing; the others: changed, read again) of diff's suspects. Only the hash is compared: a chmod of a library, a
+    backup restored, a folder renamed on some filesystems change every file's ctime, and re-encoding them, or taking
+    their rows' photo fields, OCR text and tags away with a new row, would cost hours for nothing."""
+    with ThreadPoolExecutor(threads) as pool:  # reads overlap: a disk queue, a network filesystem's round trips
+        hashes = list(pool.map(lambda pair: content_sha256(pair[0]), suspects))
+    same = [f for (f, row), h in zip(suspects, hashes) if h is not None and h == row.sha256]
+    return same, [f for (f, row), h in zip(suspects, hashes) if h is None or h != row.sha256]
+
+
+def content_sha256(f: Found) -> str | None:
+    """The SHA-256 of a local file's bytes as they are now, opened under its root as every indexed file is
+    (safeopen: no link planted on the way, a regular file, a FIFO never blocks), read in chunks (a video of
+    gigabytes); None where it cannot be read: the run reads it again as changed and says why."""
+    local = sources.local_file(f.root, f.relpath, f.relpath_raw)
+    if local is None:
+        return None
+    try:
+        with os.fdopen(safeopen.open_under(*local, follow_last=True), "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except (OSError, safeopen.Refused):
+        return None
+
+
+def row_time(f: Found) -> dict:
+    """The indexed_at of a row made from f: when its listing began, so a change after it is seen (status_changed);
+    {} where f has none (a row written now: catalog.insert_file's time)."""
+    return {} if f.listed_at is None else {"indexed_at": f.listed_at}
 
 
 def relinked_name(f: Found, row, links: dict | None) -> bool:

@@ -33,7 +33,7 @@ from alignsearch.media.images import ImageSpec
 from alignsearch.storage.vectors import VectorStore
 from alignsearch.media.video import DEFAULT_INTERVAL, VideoError, VideoInfo
 from indexer.decode import sidecar_caption
-from indexer.scan import Found, content_changed
+from indexer.scan import Found, content_changed, row_time
 from indexer.videodecode import CHANGED, WARM, _open_local, decode_moments, file_identity
 from indexer.workers import DIED, StreamWorker, WorkerDied, hand_over, handed_over
 
@@ -130,7 +130,8 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
     with db.begin() as conn:
         catalog.upsert_file(conn, {"root": found.root, "relpath": found.relpath, "relpath_raw": found.relpath_raw,
                                    "size": found.size, "mtime": found.mtime, "sha256": sha, "format": _format(found),
-                                   "status": catalog.FAILED, "reason": reason, "vec_row": None, "link": found.link})
+                                   "status": catalog.FAILED, "reason": reason, "vec_row": None, "link": found.link,
+                                   **row_time(found)})
     stats.seconds["write"] += time.perf_counter() - t0
     stats.failed.add((found.root, found.relpath))
 
@@ -250,7 +251,8 @@ def _write(db, store: VectorStore, found: Found, sha, width, height, rows: list,
             values = {"root": found.root, "relpath": found.relpath, "relpath_raw": found.relpath_raw,
                       "size": found.size, "mtime": found.mtime, "sha256": sha, "width": width, "height": height,
                       "format": _format(found), "status": catalog.INDEXED, "reason": note,
-                      "vec_row": vec_row if reuse else start + i, "moment": i, "t": t, "t_end": t_end}
+                      "vec_row": vec_row if reuse else start + i, "moment": i, "t": t, "t_end": t_end,
+                      **row_time(found)}
             file_id = catalog.insert_file(conn, values)  # with its digest (rowdigest.py)
             if phash:
                 catalog.set_phashes(conn, [(file_id, phash)])

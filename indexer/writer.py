@@ -9,6 +9,7 @@ from sqlalchemy.engine import Engine
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.vectors import VectorStore
+from indexer import scan
 from indexer.decode import Item
 
 
@@ -53,7 +54,7 @@ def file_values(it: Item, vec_row: int | None) -> dict:
     return dict(root=f.root, relpath=f.relpath, relpath_raw=f.relpath_raw, size=f.size, mtime=f.mtime,
                 sha256=it.sha256, width=it.width, height=it.height, format=it.format,
                 status=catalog.INDEXED if ok else catalog.FAILED, reason=it.reason, vec_row=vec_row if ok else None,
-                link=f.link)
+                link=f.link, **scan.row_time(f))
 
 
 def record_runs(conn, store: VectorStore, addresses) -> None:

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 from conftest import run
-from helpers import make_video
+from helpers import make_video, same_size_other_content
 from PIL import Image
 
 from alignsearch.media.images import ImageSpec
@@ -160,19 +160,6 @@ def test_a_video_is_served_with_the_type_its_content_has_never_its_names(tmp_pat
         stop(proc)
 
 
-def _same_size_other_content(path, like) -> None:
-    """path's bytes put in place of like (a new file renamed over it, as a sync does) with 300 bytes mid-file
-    inverted: another content of the same size, given like's mtime, which the listing cannot tell from it."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 300] = bytes(b ^ 0xFF for b in data[mid:mid + 300])
-    st = like.stat()
-    part = like.with_suffix(".part")
-    part.write_bytes(bytes(data))
-    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
-    os.replace(part, like)
-
-
 @pytest.mark.slow
 def test_reindex_reads_a_video_with_the_same_identity_check_as_an_index_run(tmp_path, tiny_model, other_model,
                                                                              monkeypatch):
@@ -188,13 +175,13 @@ def test_reindex_reads_a_video_with_the_same_identity_check_as_an_index_run(tmp_
     shutil.copy(old, lib / "b.mp4")
     run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu", "--workers", "0")
     assert {r[0] for name in ("a.mp4", "b.mp4") for r in _rows(ix, name)} == {"indexed"}
-    _same_size_other_content(old, lib / "b.mp4")  # between the runs
+    same_size_other_content(old, lib / "b.mp4")  # between the runs
     real, swapped = videos.decode_moments, []
 
     def swap_then_decode(found, *args):  # a.mp4 replaced after the re-encode hashed it, before it is decoded
         if found.relpath == "a.mp4" and not swapped:
             swapped.append(found.relpath)
-            _same_size_other_content(lib / "a.mp4", lib / "a.mp4")
+            same_size_other_content(lib / "a.mp4", lib / "a.mp4")
         return real(found, *args)
 
     monkeypatch.setattr(videos, "decode_moments", swap_then_decode)

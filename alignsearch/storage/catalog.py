@@ -1309,6 +1309,16 @@ def mark_failed(conn: Connection, ids: Iterable[int], reason: str) -> None:
     _change(conn, files, [(i, {"status": FAILED, "reason": reason}) for i in ids])
 
 
+def relisted(conn: Connection, confirmed: Iterable[tuple[str, str, float]]) -> None:
+    """Set the indexed_at of every row of each (root, relpath) to `when` (a listing that found its content the one
+    recorded though its status changed: indexer/scan.py confirm), a video's moments alike, each digest with it."""
+    changes = []
+    for root, relpath, when in confirmed:
+        ids = conn.execute(select(files.c.id).where(files.c.root == root, files.c.relpath == relpath)).scalars()
+        changes += [(i, {"indexed_at": float(when)}) for i in ids]
+    _change(conn, files, changes)
+
+
 def _change(conn: Connection, table: Table, changes: list[tuple[int, dict]]) -> None:
     """Change some shown fields of rows of files or photos ((file id, {field: value})), each row's digest in the same
     statement: that of the row as changed where it read as written, else the one it had (rowdigest.next_digest: an OCR

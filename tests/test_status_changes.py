@@ -1,0 +1,78 @@
+"""A file whose content changed though its size and mtime did not is read again (scan.status_changed).
+
+`cp -p` or `rsync -a` of another file of the same size over a photo or video, or `exiftool -P` rewriting a tag in
+place, keep both; the listing compared only those, so the old content's vectors and SHA-256 stayed for good. The
+file's status change time (st_ctime), which no tool sets, is now compared with when the listing its row was made
+from began. A chmod, chown or rename changes it too: such a file is hashed again, once, and keeps its vectors.
+"""
+
+import hashlib
+import os
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from conftest import index_json
+from helpers import make_video, same_size_other_content
+from indexer.scan import Found
+
+
+def _sha(ix, name):
+    with sqlite3.connect(ix / "catalog.db") as db:
+        return {sha for (sha,) in db.execute("SELECT sha256 FROM files WHERE relpath = ?", (name,))}
+
+
+def _ids(ix):
+    with sqlite3.connect(ix / "catalog.db") as db:
+        return db.execute("SELECT id, relpath, moment FROM files ORDER BY id").fetchall()
+
+
+def _vector_rows(ix):
+    with sqlite3.connect(ix / "catalog.db") as db:
+        return db.execute("SELECT COUNT(DISTINCT vec_row) FROM files WHERE vec_row IS NOT NULL").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_a_photo_and_a_video_replaced_with_the_same_size_and_mtime_are_read_again(tmp_path, tiny_model, monkeypatch):
+    from indexer import scan
+
+    real = scan.content_sha256
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    lib.mkdir()
+    for name, colour in (("a.bmp", (255, 0, 0)), ("c.bmp", (0, 255, 0))):
+        Image.new("RGB", (64, 64), colour).save(lib / name)
+    make_video(lib / "v.mp4", [(1, 3), (2, 3)])
+    first = index_json(ix, lib, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    assert first["added"] == 3
+    blue = tmp_path / "blue.bmp"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
+    before = (lib / "a.bmp").stat()
+    (lib / "a.bmp").write_bytes(blue.read_bytes())  # in place, as exiftool -P writes: same size, mtime put back
+    os.utime(lib / "a.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (lib / "a.bmp").stat().st_size == before.st_size
+    same_size_other_content(lib / "v.mp4", lib / "v.mp4")  # renamed over it, as a sync does
+    second = index_json(ix, "--workers", "0")
+    assert second["updated"] == 2, second
+    for name in ("a.bmp", "v.mp4"):
+        assert _sha(ix, name) == {hashlib.sha256((lib / name).read_bytes()).hexdigest()}, name
+    assert index_json(ix, "--workers", "0")["updated"] == 0  # read once, not at every run
+    rows, ids = _vector_rows(ix), _ids(ix)
+    hashed = []
+    monkeypatch.setattr(scan, "content_sha256", lambda f: hashed.append(f.relpath) or real(f))
+    os.chmod(lib / "c.bmp", 0o600)  # the status alone: hashed again; the same content keeps its row as it was
+    third = index_json(ix, "--workers", "0")
+    assert (third["updated"], third["added"], third["unchanged"]) == (0, 0, 3), third
+    assert hashed == ["c.bmp"] and _vector_rows(ix) == rows and _ids(ix) == ids  # its photo fields, tags: kept
+    index_json(ix, "--workers", "0")
+    assert hashed == ["c.bmp"]  # its row moved to that listing: not hashed at every run
+
+
+def test_a_status_change_counts_only_after_the_rows_listing_and_not_from_the_future():
+    from indexer.scan import CHANGED_SLACK_S, status_changed
+
+    f = Found("/r", "a.jpg", 10, 100.0, ctime=500.0, listed_at=600.0)
+    assert status_changed(f, indexed_at=400.0, now=1000.0)
+    assert not status_changed(f, indexed_at=500.0, now=1000.0)  # the listing the row was made from saw it
+    assert not status_changed(f, indexed_at=400.0, now=500.0 - CHANGED_SLACK_S - 1)  # a clock ahead of this one's
+    assert not status_changed(Found("/r", "a.jpg", 10, 100.0), indexed_at=0.0, now=1000.0)  # a URL, a tar member

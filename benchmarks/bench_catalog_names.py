@@ -13,7 +13,9 @@ search runs).
 The base's catalog.py runs with the base's rowdigest.py where it has one (the digest's own code is what a change of
 it changes), and beside the search: check_rows alone over k rows read once (the digest check of the rows a search
 shows), catalog._change over --changes photos rows (the OCR fill's and captions' write, rolled back each time) and
-verify's read of every row against its digest (catalog.off_digest), each base and this tree alternating.
+verify's read of every row against its digest (catalog.off_digest), each base and this tree alternating. A third
+column, this tree with every digest taken to hold (rowdigest.holds and holds_shown answer True), is the search less
+its digest checks: what they cost a search.
 
 A synthetic index: N random unit vectors (a small --dim, so the catalog's part of a search is not hidden under the
 scoring), each file a row with its own content hash and a photos row (a caption, a camera), written straight into the catalog and the vector store
@@ -24,6 +26,7 @@ the real build makes (sync_index).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_note, module_at, record
 
 import alignsearch
-from alignsearch.storage import catalog, migrate, state, vectors
+from alignsearch.storage import catalog, migrate, rowdigest, state, vectors
 from alignsearch.search.engine import ANN_FILE, DB_FILE
 from indexer.build import sync_index
 
@@ -93,6 +96,21 @@ def base_catalog(rev: str):
     return old
 
 
+UNCHECKED = "this tree, no digest check"
+
+
+@contextlib.contextmanager
+def unchecked(on: bool):
+    """With on, every digest this tree's catalog compares holds (the column of a search less its digest checks)."""
+    saved = rowdigest.holds, getattr(rowdigest, "holds_shown", None)
+    if on:
+        rowdigest.holds = rowdigest.holds_shown = lambda *_: True
+    try:
+        yield
+    finally:
+        rowdigest.holds, rowdigest.holds_shown = saved
+
+
 def median_us(runs: dict, key) -> str:
     return f"{statistics.median(runs[key]):.0f}"
 
@@ -106,7 +124,7 @@ def main() -> None:
     args, load_at_start = ap.parse_args(), os.getloadavg()[0]
     new = {name: getattr(catalog, name) for name in READS}
     old = base_catalog(args.base)
-    columns = {f"base {args.base}": old, "this tree": type("new", (), new)}
+    columns = {f"base {args.base}": old, "this tree": type("new", (), new), UNCHECKED: type("new", (), new)}
     whole = {f"base {args.base}": old, "this tree": catalog}  # check_rows, _change, off_digest: each module's own
     search_ms: dict = {}
     read_us: dict = {}
@@ -127,21 +145,22 @@ def main() -> None:
                 for _ in range(args.rounds):  # alternating, so both share the machine's load
                     for name, module in columns.items():
                         use(module)
-                        start = time.perf_counter()
-                        for q in queries:
-                            engine.search_vector(q, k=k)
-                        search_ms.setdefault((k, name), []).append((time.perf_counter() - start) / len(queries) * 1e3)
-                        with engine.db.connect() as conn:
+                        with unchecked(name == UNCHECKED):
                             start = time.perf_counter()
-                            for _ in range(args.searches):
-                                rows = catalog.get_files(conn, ids.tolist())
-                                catalog.rows_holding(conn, ((r.sha256, r.moment) for r in rows.values()))
-                            read_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
-                            rows = list(new["get_files"](conn, ids.tolist()).values())
-                            start = time.perf_counter()
-                            for _ in range(args.searches):
-                                whole[name].check_rows(conn, rows)
-                            check_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
+                            for q in queries:
+                                engine.search_vector(q, k=k)
+                            search_ms.setdefault((k, name), []).append((time.perf_counter() - start) / len(queries) * 1e3)
+                            with engine.db.connect() as conn:
+                                start = time.perf_counter()
+                                for _ in range(args.searches):
+                                    rows = catalog.get_files(conn, ids.tolist())
+                                    catalog.rows_holding(conn, ((r.sha256, r.moment) for r in rows.values()))
+                                read_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
+                                rows = list(new["get_files"](conn, ids.tolist()).values())
+                                start = time.perf_counter()
+                                for _ in range(args.searches):
+                                    whole.get(name, catalog).check_rows(conn, rows)
+                                check_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
             use(type("new", (), new))
         change_ms: dict = {}
         if hasattr(catalog, "_change"):
@@ -178,8 +197,11 @@ def main() -> None:
             db.dispose()
     lines = [f"- {args.n:,} files in a synthetic catalog ({args.dim}-d vectors, each file its own content), "
              "this tree's Engine.search_vector (a random unit vector, no encoding) with catalog.get_files, "
-             f"rows_holding, photos_of and addresses_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
-             f"{args.searches} searches; last column: get_files and rows_holding alone for k random ids", load_note(load_at_start), "",
+             f"rows_holding, photos_of and addresses_of of {args.base} or of this tree (its own rowdigest.py each), or of "
+             "this tree with every digest taken to hold (no digest check); median of "
+             f"{args.rounds} alternating rounds, each the mean of {args.searches} searches; then get_files and rows_holding "
+             "alone for k random ids, and check_rows alone over those k rows read once (types, status, digest)",
+             load_note(load_at_start), "",
              "| k | catalog reads of | ms/search | get_files + rows_holding of k rows, us | check_rows of k rows, us |",
              "|---|---|---|---|---|"]
     for (k, name), runs in search_ms.items():

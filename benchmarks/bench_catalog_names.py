@@ -8,6 +8,14 @@ rows_holding alone for k rows. The engine is this tree's in both columns (the ch
 search runs).
 
     python benchmarks/bench_catalog_names.py [--n 100000] [--dim 64] [--searches 200] [--rounds 5] [--base main]
+        [--changes 2000]
+
+The base's catalog.py runs with the base's rowdigest.py where it has one (the digest's own code is what a change of
+it changes), and beside the search: check_rows alone over k rows read once (the digest check of the rows a search
+shows), catalog._change over --changes photos rows (the OCR fill's and captions' write, rolled back each time) and
+verify's read of every row against its digest (catalog.off_digest), each base and this tree alternating. A third
+column, this tree with every digest taken to hold (rowdigest.holds and holds_shown answer True), is the search less
+its digest checks: what they cost a search.
 
 A synthetic index: N random unit vectors (a small --dim, so the catalog's part of a search is not hidden under the
 scoring), each file a row with its own content hash and a photos row (a caption, a camera), written straight into the catalog and the vector store
@@ -18,8 +26,10 @@ the real build makes (sync_index).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_note, module_at, record
 
 import alignsearch
-from alignsearch.storage import catalog, migrate, state, vectors
+from alignsearch.storage import catalog, migrate, rowdigest, state, vectors
 from alignsearch.search.engine import ANN_FILE, DB_FILE
 from indexer.build import sync_index
 
@@ -73,18 +83,52 @@ def use(module) -> None:
         setattr(catalog, name, getattr(module, name))
 
 
+def base_catalog(rev: str):
+    """catalog.py at rev, with rev's own rowdigest.py where it has one (module_at loads one file: its catalog would
+    digest with this tree's rowdigest otherwise)."""
+    old = module_at(rev, "alignsearch/storage/catalog.py", "catalog_old")
+    try:
+        digests = module_at(rev, "alignsearch/storage/rowdigest.py", "rowdigest_old")
+    except subprocess.CalledProcessError:  # before schema 14: no digests to check
+        return old
+    old.rowdigest = digests
+    old.FILE_DIGESTED, old.PHOTO_DIGESTED = digests.FILE_FIELDS, digests.PHOTO_FIELDS  # its digest tells them by identity
+    return old
+
+
+UNCHECKED = "this tree, no digest check"
+
+
+@contextlib.contextmanager
+def unchecked(on: bool):
+    """With on, every digest this tree's catalog compares holds (the column of a search less its digest checks)."""
+    saved = rowdigest.holds, getattr(rowdigest, "holds_shown", None)
+    if on:
+        rowdigest.holds = rowdigest.holds_shown = lambda *_: True
+    try:
+        yield
+    finally:
+        rowdigest.holds, rowdigest.holds_shown = saved
+
+
+def median_us(runs: dict, key) -> str:
+    return f"{statistics.median(runs[key]):.0f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="the cost of checking shown rows' names")
-    for flag, default in (("--n", 100_000), ("--dim", 64), ("--searches", 200), ("--rounds", 5)):
+    for flag, default in (("--n", 100_000), ("--dim", 64), ("--searches", 200), ("--rounds", 5), ("--changes", 2000)):
         ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--base", default="main", help="commit whose catalog.get_files and rows_holding are the baseline")
     ap.add_argument("--no-save", action="store_true")
     args, load_at_start = ap.parse_args(), os.getloadavg()[0]
     new = {name: getattr(catalog, name) for name in READS}
-    old = module_at(args.base, "alignsearch/storage/catalog.py", "catalog_old")
-    columns = {f"base {args.base}": old, "this tree": type("new", (), new)}
+    old = base_catalog(args.base)
+    columns = {f"base {args.base}": old, "this tree": type("new", (), new), UNCHECKED: type("new", (), new)}
+    whole = {f"base {args.base}": old, "this tree": catalog}  # check_rows, _change, off_digest: each module's own
     search_ms: dict = {}
     read_us: dict = {}
+    check_us: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ix = Path(tmp) / "ix"
         build(ix, args.n, args.dim)
@@ -101,17 +145,38 @@ def main() -> None:
                 for _ in range(args.rounds):  # alternating, so both share the machine's load
                     for name, module in columns.items():
                         use(module)
-                        start = time.perf_counter()
-                        for q in queries:
-                            engine.search_vector(q, k=k)
-                        search_ms.setdefault((k, name), []).append((time.perf_counter() - start) / len(queries) * 1e3)
-                        with engine.db.connect() as conn:
+                        with unchecked(name == UNCHECKED):
                             start = time.perf_counter()
-                            for _ in range(args.searches):
-                                rows = catalog.get_files(conn, ids.tolist())
-                                catalog.rows_holding(conn, ((r.sha256, r.moment) for r in rows.values()))
-                            read_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
+                            for q in queries:
+                                engine.search_vector(q, k=k)
+                            search_ms.setdefault((k, name), []).append((time.perf_counter() - start) / len(queries) * 1e3)
+                            with engine.db.connect() as conn:
+                                start = time.perf_counter()
+                                for _ in range(args.searches):
+                                    rows = catalog.get_files(conn, ids.tolist())
+                                    catalog.rows_holding(conn, ((r.sha256, r.moment) for r in rows.values()))
+                                read_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
+                                rows = list(new["get_files"](conn, ids.tolist()).values())
+                                start = time.perf_counter()
+                                for _ in range(args.searches):
+                                    whole.get(name, catalog).check_rows(conn, rows)
+                                check_us.setdefault((k, name), []).append((time.perf_counter() - start) / args.searches * 1e6)
             use(type("new", (), new))
+        change_ms: dict = {}
+        if hasattr(catalog, "_change"):
+            db = catalog.connect(ix / DB_FILE)
+            changed = (rng.choice(args.n, args.changes, replace=False) + 1).tolist()
+            with db.connect() as conn:
+                for _ in range(args.rounds):
+                    for name, module in whole.items():
+                        if not hasattr(module, "_change"):
+                            continue
+                        transaction = conn.begin()
+                        start = time.perf_counter()
+                        module._change(conn, module.photos, [(i, {"ocr": f"text {i}"}) for i in changed])
+                        change_ms.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+                        transaction.rollback()
+            db.dispose()
         # the other design: SQLite's integrity check (what verify runs), e.g. once per catalog generation
         integrity_s = []
         for _ in range(3):
@@ -119,28 +184,38 @@ def main() -> None:
             assert catalog.integrity_problems(ix / DB_FILE) == []
             integrity_s.append(time.perf_counter() - start)
         # what verify adds to read every row against its digest (catalog.off_digest; [] on the base's catalog, none)
-        digest_s = []
+        digest_s: dict = {}
         if hasattr(catalog, "off_digest"):
             db = catalog.connect(ix / DB_FILE, readonly=True)
             with db.connect() as conn:
                 for _ in range(3):
-                    start = time.perf_counter()
-                    assert catalog.off_digest(conn) == []
-                    digest_s.append(time.perf_counter() - start)
+                    for name, module in whole.items():
+                        if hasattr(module, "off_digest"):
+                            start = time.perf_counter()
+                            assert module.off_digest(conn) == []
+                            digest_s.setdefault(name, []).append(time.perf_counter() - start)
             db.dispose()
     lines = [f"- {args.n:,} files in a synthetic catalog ({args.dim}-d vectors, each file its own content), "
              "this tree's Engine.search_vector (a random unit vector, no encoding) with catalog.get_files, "
-             f"rows_holding, photos_of and addresses_of of {args.base} or of this tree; median of {args.rounds} alternating rounds, each the mean of "
-             f"{args.searches} searches; last column: get_files and rows_holding alone for k random ids", load_note(load_at_start), "",
-             "| k | catalog reads of | ms/search | get_files + rows_holding of k rows, us |", "|---|---|---|---|"]
+             f"rows_holding, photos_of and addresses_of of {args.base} or of this tree (its own rowdigest.py each), or of "
+             "this tree with every digest taken to hold (no digest check); median of "
+             f"{args.rounds} alternating rounds, each the mean of {args.searches} searches; then get_files and rows_holding "
+             "alone for k random ids, and check_rows alone over those k rows read once (types, status, digest)",
+             load_note(load_at_start), "",
+             "| k | catalog reads of | ms/search | get_files + rows_holding of k rows, us | check_rows of k rows, us |",
+             "|---|---|---|---|---|"]
     for (k, name), runs in search_ms.items():
-        lines.append(f"| {k} | {name} | {statistics.median(runs):.2f} | {statistics.median(read_us[(k, name)]):.0f} |")
+        lines.append(f"| {k} | {name} | {statistics.median(runs):.2f} | {median_us(read_us, (k, name))} | "
+                     f"{median_us(check_us, (k, name))} |")
     lines += ["", f"- the alternative, SQLite's integrity check of this catalog (catalog.integrity_problems, as verify "
               f"runs it), median of 3: {statistics.median(integrity_s) * 1e3:.0f} ms, a reader's price per check (a CLI "
               "query is a new process each time: once per generation would be once per query)"]
-    if digest_s:
-        lines.append(f"- verify's read of every files and photos row against its digest (catalog.off_digest), median of "
-                     f"3: {statistics.median(digest_s) * 1e3:.0f} ms for {args.n:,} files")
+    for name, runs in change_ms.items():
+        lines.append(f"- catalog._change of {args.changes:,} photos rows' ocr (set_ocr's write, each row's digest with "
+                     f"it; rolled back), {name}, median of {args.rounds}: {statistics.median(runs):.0f} ms")
+    for name, runs in digest_s.items():
+        lines.append(f"- verify's read of every files and photos row against its digest (catalog.off_digest), {name}, "
+                     f"median of 3: {statistics.median(runs) * 1e3:.0f} ms for {args.n:,} files")
     record(f"The checks of shown rows and hits (names: catalog.check_names; status: _sound, status_known; digests, "
            f"schema {migrate.LATEST}: rowdigest.py), "
            f"against {args.base}", lines, save=not args.no_save)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import index_json, make_images, run
 from helpers import catalog_rows, flip_in_table_page, killed_at
+from alignsearch.errors import IndexDamagedError
 from alignsearch.media import photometa
 from alignsearch.storage import catalog, migrate, rowdigest
 from alignsearch.storage.paths import DB_FILE
@@ -285,3 +286,124 @@ def test_info_failed_refuses_a_reason_that_fails_its_digest(tmp_path, tiny_model
     assert reason and reason in run("info", "--failed", "--index", ix).output  # a healthy index shows it
     flip_in_table_page(ix / DB_FILE, "files", reason.encode(), 1)
     _one_line_damage(run("info", "--failed", "--index", ix, code=7))
+
+
+# Rows and the digests schema 14 wrote for them, computed with rowdigest.py as it was at 4715f7a (one h.update of
+# _encode(value) per field): the catalogs written since hold these digests, so a faster digest must give the same
+# (readers would call every row of them damaged, exit 7). Each type a reader gets, and ones it never gets.
+FILE_ROW = {"size": 2_345_678, "mtime": 1_700_000_000.125, "sha256": "9f" * 32, "width": 4032, "height": 3024,
+            "format": "JPEG", "status": "indexed", "reason": None, "indexed_at": 1_700_000_123.5, "moment": 0,
+            "t": None, "t_end": None}
+PINNED = [
+    (rowdigest.FILE_FIELDS, FILE_ROW, "1f05f7255ad255c1"),
+    (rowdigest.FILE_FIELDS, {**FILE_ROW, "format": "MP4", "moment": 3, "t": 12.0, "t_end": 16.5, "width": None,
+                             "height": None}, "af70d9db6dcd9291"),  # a video moment
+    (rowdigest.FILE_FIELDS, {**FILE_ROW, "status": "failed", "reason": "cannot read: truncated", "sha256": None,
+                             "size": -1, "mtime": 0.0}, "059eb2630e938978"),
+    (rowdigest.PHOTO_FIELDS, {"taken": 1_620_284_889.0, "taken_source": "exif:DateTimeOriginal",
+                              "camera": "Canon EOS R5", "lens": "RF24-70mm F2.8", "lat": 38.704861, "lon": -9.134236,
+                              "caption": "a harbour at dusk — café ☕", "ocr": ""}, "4b5f1f5d72d5f8b5"),
+    # what a damaged or odd row reads: bytes where text was, a lone surrogate, an int in a REAL column, -0.0, and
+    # types no reader gets from SQLite (a bool; an int past 64 bits)
+    (rowdigest.PHOTO_FIELDS, {"taken": 7, "taken_source": b"exif:DateTime", "camera": "\udcff", "lens": None,
+                              "lat": -0.0, "lon": 0.0, "caption": True, "ocr": -(2**63)}, "de9b60541eab803f"),
+    (rowdigest.FILE_FIELDS, {}, "a6e4a68ca62808ae"),
+    (rowdigest.PHOTO_FIELDS, {}, "690edbd33217b0a4"),
+]
+
+
+@pytest.mark.parametrize("fields, values, hexdigest", PINNED)
+def test_the_digest_of_a_row_is_the_one_schema_14_wrote(fields, values, hexdigest):
+    assert rowdigest.digest(fields, values) == hexdigest
+    shown = [values.get(name) for name, _ in fields]
+    assert rowdigest.digest_of(fields, shown) == hexdigest and rowdigest.holds_shown(fields, tuple(shown), hexdigest)
+    assert rowdigest.holds(fields, values, hexdigest)
+
+
+def test_the_digest_is_of_each_value_tagged_and_length_prefixed():
+    """The format spelled out (rowdigest._encode), for a row of each type a reader gets."""
+    import hashlib
+
+    values = {"taken": 1.5, "taken_source": "é", "camera": None, "lat": 12}
+    spelled = (b"F\0\0\0\x08" + struct.pack(">d", 1.5) + b"S\0\0\0\x02" + "é".encode() + b"N" + b"N" + b"I\0\0\0\x0212"
+               + b"N" * 3)
+    assert rowdigest.digest(rowdigest.PHOTO_FIELDS, values) == \
+        hashlib.blake2b(spelled, digest_size=8, person=b"as-photos").hexdigest()
+    long = "x" * 300  # past the lengths whose prefix is made once
+    assert rowdigest.digest(rowdigest.FILE_FIELDS, {"sha256": long, "size": 10**300}) == hashlib.blake2b(
+        b"I" + struct.pack(">I", 301) + b"1" + b"0" * 300 + b"N" + b"S" + struct.pack(">I", 300) + long.encode()
+        + b"N" * 9, digest_size=8, person=b"as-files").hexdigest()
+
+
+def _flips(value) -> list:
+    """Other values a damaged field may read: the same type changed (a bit of text, the last bit of a float, an
+    integer off by one), another type of the same look (1 / 1.0 / "1", text / bytes), NULL for a value and back."""
+    if value is None:
+        return [0, 0.0, "", b""]
+    if isinstance(value, float):
+        out = [math.nextafter(value, math.inf), -value if value else -0.0, None, str(value)]
+        return out + ([int(value)] if value.is_integer() else [])
+    if isinstance(value, int):
+        return [value + 1, value ^ 1, float(value), str(value), None]
+    return [chr(ord(value[0]) ^ 1) + value[1:] if value else "\x01", value.encode(), None]
+
+
+def _sealed_file(values: dict) -> catalog.FileRow:
+    row = catalog.FileRow(id=1, root="/photos", relpath="a.jpg", relpath_raw=None, vec_row=0, **values)
+    return catalog.FileRow(**{**vars(row), "digest": rowdigest.digest(rowdigest.FILE_FIELDS, values)})
+
+
+@pytest.mark.parametrize("name", [name for name, _ in rowdigest.FILE_FIELDS])
+def test_a_changed_files_field_of_each_kind_fails_check_rows(name, tmp_path):
+    """catalog.check_rows reads a FileRow's fields as a tuple (no dict): each field is still in it, and a value
+    changed in it, of the same type or another, fails the digest."""
+    moment = {**FILE_ROW, "t": 12.0, "t_end": 16.5, "reason": "a note", "moment": 3}  # no NULL: each a value to flip
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.connect() as conn:
+        for values in (FILE_ROW, moment):
+            row = _sealed_file(values)
+            assert catalog.check_rows(conn, [row]) == [row]
+            for other in _flips(values[name]):
+                changed = catalog.FileRow(**{**vars(row), name: other})
+                assert not rowdigest.holds_shown(rowdigest.FILE_FIELDS, catalog._shown(changed), row.digest), other
+                if catalog._sound(changed):  # a type no writer stores is refused before (refuse_malformed)
+                    with pytest.raises(IndexDamagedError, match="checksum differs"):
+                        catalog.check_rows(conn, {1: changed})
+    db.dispose()
+
+
+@pytest.mark.parametrize("name", [name for name, _ in rowdigest.PHOTO_FIELDS])
+def test_a_changed_photos_field_of_each_kind_fails_its_digest(name):
+    """photos_of compares each row as a dict (rowdigest.holds): a value changed in any field fails it."""
+    fields = rowdigest.PHOTO_FIELDS
+    row = {"taken": 1_620_284_889.0, "taken_source": "exif:DateTimeOriginal", "camera": "Canon EOS R5", "lens": "RF",
+           "lat": 38.704861, "lon": -9.25, "caption": "a harbour", "ocr": "INVOICE 4711"}
+    written = rowdigest.digest(fields, row)
+    for other in _flips(row[name]) + _flips(None):
+        if other != row[name] or type(other) is not type(row[name]):
+            changed = {**row, name: other}
+            assert not rowdigest.holds(fields, changed, written), other
+            assert not rowdigest.holds_shown(fields, [changed[n] for n, _ in fields], written), other
+
+
+def test_a_change_of_many_rows_writes_each_its_digest(tmp_path):
+    """catalog._change writes every row's change and digest in one executemany per run of changed fields: each row
+    as changed holds its digest, a damaged row keeps its own (still found), an id of no row changes nothing, and a
+    row changed twice ends as the last change wrote it."""
+    db = catalog.connect(tmp_path / DB_FILE)
+    with db.begin() as conn:
+        ids = [catalog.insert_file(conn, {**FILE_ROW, "root": "/photos", "relpath": f"{i}.jpg", "sha256": f"{i:064x}"})
+               for i in range(5)]
+        for i in ids:
+            catalog.set_photo(conn, i, f"{i}.jpg", {"caption": f"photo {i}", "camera": "Canon"})
+        conn.exec_driver_sql("UPDATE photos SET caption = 'damaged' WHERE file_id = ?", (ids[1],))
+        catalog.set_ocr(conn, [(ids[0], "one"), (ids[1], "two"), (9999, "none"), (ids[2], "three"), (ids[2], "again")])
+        catalog.set_captions(conn, [(ids[3], "a new caption")])
+        catalog.mark_failed(conn, ids[3:], "cannot read")
+        assert catalog.off_digest(conn) == [ids[1]]
+        ocr = dict(conn.exec_driver_sql("SELECT file_id, ocr FROM photos").all())
+        assert ocr == {ids[0]: "one", ids[1]: "two", ids[2]: "again", ids[3]: None, ids[4]: None}
+        got = conn.exec_driver_sql("SELECT id, status, reason FROM files WHERE id >= ?", (ids[3],)).all()
+        assert got == [(ids[3], catalog.FAILED, "cannot read"), (ids[4], catalog.FAILED, "cannot read")]
+        assert catalog.photos_of(conn, [ids[3]])[ids[3]]["caption"] == "a new caption"
+    db.dispose()

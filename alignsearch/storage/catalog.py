@@ -10,6 +10,7 @@ import base64
 import errno
 import itertools
 import json
+import operator
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -613,12 +615,16 @@ def check_rows(conn: Connection, rows):
     listed = list(rows.values() if isinstance(rows, dict) else rows)
     if not all(map(_sound, listed)):
         refuse_malformed(conn)
-    if migrate.schema_of(conn).digests and not all(rowdigest.holds(FILE_DIGESTED, vars(r), r.digest) for r in listed):
+    if migrate.schema_of(conn).digests and not all(rowdigest.holds_shown(FILE_DIGESTED, _shown(r), r.digest)
+                                                   for r in listed):
         refuse_off_digest()
     return rows
 
 
 FILE_DIGESTED, PHOTO_DIGESTED = rowdigest.FILE_FIELDS, rowdigest.PHOTO_FIELDS
+# a FileRow's digested fields as a tuple in their digest's order, read in one call (rowdigest.holds_shown): the check
+# of each row a search shows looked each field up in vars(r) (benchmarks/bench_catalog_names.py: check_rows)
+_shown = operator.attrgetter(*(name for name, _ in FILE_DIGESTED))
 
 
 def refuse_off_digest() -> None:
@@ -1098,8 +1104,7 @@ def off_digest(conn: Connection) -> list[int]:
                                       (photos, PHOTO_DIGESTED, photos.c.file_id, (photos.c.file_id.in_(select(files.c.id)),))):
         columns = [table.c[name] for name, _ in fields]
         rows = conn.execute(select(key, table.c.digest, *columns).where(*where)).all()
-        found.update(rowdigest.mismatched(fields, ((r[0], dict(zip([c.name for c in columns], r[2:])), r[1])
-                                                   for r in rows)))
+        found.update(r[0] for r in rows if not rowdigest.holds_shown(fields, r[2:], r[1]))  # fields' order: columns'
     return sorted(int(i) for i in found)
 
 
@@ -1330,13 +1335,21 @@ def _change(conn: Connection, table: Table, changes: list[tuple[int, dict]]) -> 
     for start in range(0, len(ids), 500):
         query = select(table).where(key.in_(ids[start : start + 500]))
         before.update({row._mapping[key]: dict(row._mapping) for row in conn.execute(query)})
-    for file_id, change in changes:
-        row = before.get(int(file_id))
-        if row is None:
-            continue  # no such row: the UPDATE changed nothing either
-        after = {**row, **rowdigest.stored(fields, change)}
-        written = rowdigest.next_digest(fields, row, row["digest"], after)
-        conn.execute(update(table).where(key == int(file_id)).values(digest=written, **{k: after[k] for k in change}))
+    # one executemany per run of changes to the same fields, not a statement per row (an OCR fill's or a caption
+    # reread's batch: benchmarks/bench_catalog_names.py), the runs in the order given: a row changed twice ends as
+    # the old loop left it, changed last
+    for names, run in itertools.groupby(changes, key=lambda c: tuple(c[1])):
+        params = []
+        for file_id, change in run:
+            row = before.get(int(file_id))
+            if row is None:
+                continue  # no such row: the UPDATE changed nothing either
+            after = {**row, **rowdigest.stored(fields, change)}
+            written = rowdigest.next_digest(fields, row, row["digest"], after)
+            params.append({"row_key": int(file_id), "new_digest": written, **{f"new_{k}": after[k] for k in names}})
+        if params:
+            conn.execute(update(table).where(key == bindparam("row_key")).values(
+                digest=bindparam("new_digest"), **{k: bindparam(f"new_{k}") for k in names}), params)
 
 
 def ocr_of(conn: Connection, ids: Iterable[int]) -> dict[int, str]:

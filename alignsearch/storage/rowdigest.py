@@ -74,19 +74,59 @@ def _encode(value: Any) -> bytes:
     return tag + struct.pack(">I", len(body)) + body
 
 
+_LENGTH, _DOUBLE = struct.Struct(">I").pack, struct.Struct(">d").pack
+_FLOAT_HEAD = b"F" + _LENGTH(8)
+# the tag and length of a text or integer of under 256 bytes (every integer SQLite holds; most text), made once
+_TEXT_HEADS, _INT_HEADS = (tuple(tag + _LENGTH(n) for n in range(256)) for tag in (b"S", b"I"))
+
+
+def _encoded(shown: Iterable[Any]) -> bytes:
+    """The values in their fields' order, each as _encode gives it, run together: the bytes a digest is of. The
+    types a reader gets from SQLite (None, int, float, str: exact types) are encoded here in line, for a call of
+    _encode with its isinstance tests and an update of the hash per field was about half of a shown row's check
+    (cProfile of a search); any other type, a subclass or bytes included, is _encode's, so the bytes are _encode's
+    for every value (tests/test_row_digest.py pins digests written by the code before)."""
+    parts = []
+    add = parts.append
+    for value in shown:
+        kind = type(value)
+        if value is None:
+            add(b"N")
+        elif kind is float:
+            add(_FLOAT_HEAD + _DOUBLE(value))
+        elif kind is str:
+            body = value.encode("utf-8", "surrogatepass")
+            add((_TEXT_HEADS[len(body)] if len(body) < 256 else b"S" + _LENGTH(len(body))) + body)
+        elif kind is int:
+            body = str(value).encode()
+            add((_INT_HEADS[len(body)] if len(body) < 256 else b"I" + _LENGTH(len(body))) + body)
+        else:
+            add(_encode(value))
+    return b"".join(parts)
+
+
+def digest_of(fields: tuple, shown: Iterable[Any]) -> str:
+    """The digest of a row's shown values given in the order of `fields` (a reader's tuple: catalog.check_rows reads
+    them off a FileRow in one step, no dict): digest() of the same values."""
+    # personalised: a files row's digest never fits a photos row
+    return hashlib.blake2b(_encoded(shown), digest_size=SIZE,
+                           person=b"as-files" if fields is FILE_FIELDS else b"as-photos").hexdigest()
+
+
 def digest(fields: tuple, values: Mapping[str, Any]) -> str:
     """The digest of a row's shown fields as read (or as stored() gives them to a writer): 16 hex digits. A field
     missing from values counts as NULL (a reader of an older catalog's photos lacks ocr)."""
-    # personalised: a files row's digest never fits a photos row
-    h = hashlib.blake2b(digest_size=SIZE, person=b"as-files" if fields is FILE_FIELDS else b"as-photos")
-    for name, _ in fields:
-        h.update(_encode(values.get(name)))
-    return h.hexdigest()
+    return digest_of(fields, [values.get(name) for name, _ in fields])
 
 
 def holds(fields: tuple, values: Mapping[str, Any], written: Any) -> bool:
     """Whether a row's fields as read are the ones its digest was written for (NULL or a damaged digest: no)."""
     return isinstance(written, str) and digest(fields, values) == written
+
+
+def holds_shown(fields: tuple, shown: Iterable[Any], written: Any) -> bool:
+    """holds() of the shown values given in the order of `fields` (digest_of)."""
+    return isinstance(written, str) and digest_of(fields, shown) == written
 
 
 def next_digest(fields: tuple, before: Mapping[str, Any], written: Any, after: Mapping[str, Any]) -> Any:

@@ -232,7 +232,15 @@ def _format_only() -> dict[int, None]:
 
 
 def _class(codes) -> str:
-    return "[" + "".join(re.escape(chr(c)) for c in sorted(codes)) + "]"
+    """A regex class of code points, runs of consecutive ones as ranges: the 5,000 of _format_only one by one made a
+    class re scans in turn for every character of the text (verify reads every keyword row with it)."""
+    runs: list[list[int]] = []
+    for c in sorted(codes):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "[" + "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in runs) + "]"
 
 
 @functools.cache

@@ -16,6 +16,8 @@ SAMPLE_S, the table the median of --repeat such figures:
 - the parse alone (the query side's own work, which the rule adds to; SQLite's search left out), the same queries;
 - the text an index run writes for a file (keywords.spaced and keywords.coded_chunks of catalog.keyword_text), over
   every file's text;
+- verify's scan of the keyword rows (keywords.holds_format of each file's text as a writer stores it: names the rows
+  an older writer left holding such characters; its pattern cached, made in the untimed first call);
 - narrow's table, made once a process on its first use (keywords._narrowing, uncached).
 """
 
@@ -116,6 +118,14 @@ def main() -> None:
 
         lines.append(row(f"write side: spaced + coded_chunks of {len(texts)} files' text",
                          timed(write_side, args.repeat, modules), 1e6 / len(texts), "µs a file"))
+        print(lines[-1], flush=True)
+        bodies = [keywords.spaced(x) for x in texts]  # the rows as a writer stores them, which verify reads
+
+        def verify_scan(kw):
+            return [kw.holds_format(b) for b in bodies]
+
+        lines.append(row(f"verify's scan: holds_format of {len(bodies)} keyword rows",
+                         timed(verify_scan, args.repeat, modules), 1e6 / len(bodies), "µs a row"))
         print(lines[-1], flush=True)
         lines.append(row("narrow's table, made on first use", timed(lambda kw: len(kw._narrowing.__wrapped__()) > 0,
                                                                      args.repeat, modules), 1000, "ms once a process"))

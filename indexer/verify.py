@@ -57,7 +57,7 @@ class Report:
     misspelled_names: int = 0  # rows whose kept name bytes are not their lossless key's: --repair writes them again
     linked_vectors: list[str] = field(default_factory=list)  # vector files that are symlinks: --repair copies them
     leftover_rows: int = 0  # tags, hashes, photo fields, keywords of files no longer in the catalog: --repair drops them
-    split_keywords: list[int] = field(default_factory=list)  # keyword rows cut at a zero-width character: rewritten
+    split_keywords: list[int] = field(default_factory=list)  # keyword rows cut at an invisible character: rewritten
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     off_digest: list[int] = field(default_factory=list)  # files whose shown fields fail their digest: read again
@@ -149,9 +149,10 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 return r
             r.split_keywords = [] if r.keywords_damaged else catalog.format_split_keywords(conn)
             if r.split_keywords:  # searches answer, but miss these words: a note, as an older writer's rows are
-                r.notes.append(f"the keyword rows of {len(r.split_keywords)} files hold zero-width characters (written "
-                               "before keyword search dropped them), which cut their words: a caption `sun<U+200B>set` "
-                               "is not found by `sunset`; `alignsearch verify --repair` writes them again")
+                r.notes.append(f"the keyword rows of {len(r.split_keywords)} files hold zero-width or other "
+                               "invisible characters (written before keyword search dropped them), which cut their "
+                               "words: a caption `sun<U+200B>set` is not found by `sunset`; `alignsearch verify "
+                               "--repair` writes them again")
             malformed, names = catalog.malformed_values(conn), catalog.misspelled_names(conn)
             mendable = catalog.mendable_names(conn) if names and not malformed else None  # a read only then
             if malformed or names:  # numbers or name bytes no writer stores, and every check below trips on them:
@@ -400,7 +401,7 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 with db.begin() as conn:  # found again under the lock: a writer since the check wrote its rows right
                     split = catalog.format_split_keywords(conn)
                     catalog.refresh_keywords(conn, split)
-                done.append(f"wrote the keyword rows of {len(split)} files again without zero-width characters")
+                done.append(f"wrote the keyword rows of {len(split)} files again without zero-width or other invisible characters")
             if report.dangling_fill_failures or report.unknown_step_fill_failures:
                 with db.begin() as conn:
                     dropped = catalog.forget_dangling_fill_failures(conn)

@@ -445,6 +445,26 @@ def test_a_schema_11_keyword_index_finds_lao_words_once_its_next_writer_upgrades
     assert _found(db_path, ids, "ໄກ່", readonly=True) == ["chicken.jpg"]
 
 
+def _sunset_library(db, marks, code_mark, others):
+    """A catalog of the captions `a sun<mark>set over the bay` (mark0.jpg, ...: one for each of marks), the plain one,
+    `the sun set early` (apart.jpg), `invoice INV<code_mark>4711` (code.jpg) and others: its files, ids, and the
+    names `sunset` is to find."""
+    files = {f"mark{n}.jpg": f"a sun{m}set over the bay" for n, m in enumerate(marks)}
+    files.update({"plain.jpg": "a sunset over the bay", "apart.jpg": "the sun set early",
+                  "code.jpg": f"invoice INV{code_mark}4711", **others})
+    return files, _library(db, files), sorted([n for n in files if n.startswith("mark")] + ["plain.jpg"])
+
+
+def _joined_both_ways(db, ids, marks, partial_last, sunsets):
+    """`sunset` finds the files `sunsets` (captions `a sun<mark>set over the bay` and the plain one), and so does the
+    word typed with each mark inside it, around it, or in a phrase; `"sun set"` is still two words (apart.jpg)."""
+    assert _found(db, ids, "sunset", partial_last) == sunsets
+    for m in marks:
+        for text in (f"sun{m}set", f'"a sun{m}set"', f"{m}sunset{m}"):
+            assert _found(db, ids, text, partial_last) == sunsets, (ascii(m), ascii(text))
+    assert _found(db, ids, '"sun set"', partial_last) == ["apart.jpg"]
+
+
 # Zero width space, zero width non-joiner and joiner, word joiner, BOM, soft hyphen: invisible inside a word
 ZERO_WIDTH = ("\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad")
 
@@ -455,22 +475,15 @@ def test_a_zero_width_character_inside_a_word_cuts_it_neither_in_the_text_nor_in
     and missed the plain caption. Both sides drop them now (keywords.narrow): each finds the other, the default
     mode's match check agrees, and a code cut so is found whole (the trigram index's text too)."""
     db = tmp_path / "catalog.db"
-    files = {f"zw{n}.jpg": f"a sun{zw}set over the bay" for n, zw in enumerate(ZERO_WIDTH)}
-    files.update({"plain.jpg": "a sunset over the bay", "apart.jpg": "the sun set early", "code.jpg": "invoice INV\u200b4711",
-                  "persian.jpg": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # a ZWNJ inside a Persian word
-                  "books.jpg": "\u06a9\u062a\u0627\u0628\u200c\u0647\u0627 \u0631\u0648\u06cc \u0645\u06cc\u0632",
-                  "german.jpg": "die Auf\u200clage"})  # a ZWNJ that only breaks a ligature
-    ids = _library(db, files)
-    sunsets = sorted([n for n in files if n.startswith("zw")] + ["plain.jpg"])
+    files, ids, sunsets = _sunset_library(db, ZERO_WIDTH, "\u200b", {
+        "persian.jpg": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # a ZWNJ inside a Persian word
+        "books.jpg": "\u06a9\u062a\u0627\u0628\u200c\u0647\u0627 \u0631\u0648\u06cc \u0645\u06cc\u0632",
+        "german.jpg": "die Auf\u200clage"})  # a ZWNJ that only breaks a ligature
     for partial_last in (False, True):
         def kw(text):
             return _found(db, ids, text, partial_last)
 
-        assert kw("sunset") == sunsets, kw("sunset")
-        for zw in ZERO_WIDTH:
-            assert kw(f"sun{zw}set") == sunsets and kw(f'"a sun{zw}set"') == sunsets, repr(zw)
-            assert kw(f"{zw}sunset{zw}") == sunsets, repr(zw)
-        assert kw('"sun set"') == ["apart.jpg"]  # two words are still two words
+        _joined_both_ways(db, ids, ZERO_WIDTH, partial_last, sunsets)
         assert kw("INV4711") == kw("INV\u20604711") == kw("4711") == ["code.jpg"]
         # a ZWNJ between Arabic-script letters parts a Persian stem from its affixes, as unicode61 and Lucene's
         # Persian analyzer part them: the stem finds the word (کتاب, book: کتاب‌ها, books), and the word typed with
@@ -522,3 +535,66 @@ def test_keyword_rows_an_older_writer_cut_at_a_zero_width_character_are_found_by
     assert found("sunset") == found("sun\u200bset") == [relpath]
     report = json.loads(run("verify", "--index", ix, "--json", "--skip-model").stdout)
     assert report["ok"] and not any("zero-width" in n for n in report["notes"]), report
+
+
+# Invisible characters of Unicode's Default_Ignorable_Code_Point that are no format character (Cf): variation
+# selectors (VS1, VS16, VS17: Mn), the combining grapheme joiner (Mn), a Mongolian free variation selector (Mn), the
+# Hangul fillers (Lo)
+IGNORABLE = ("\ufe00", "\ufe0f", "\U000e0100", "\u034f", "\u180b", "\u115f", "\u1160", "\u3164", "\uffa0")
+
+
+def test_an_invisible_mark_or_filler_inside_a_word_cuts_it_neither_in_the_text_nor_in_the_query(tmp_path):
+    """unicode61 took a variation selector or the grapheme joiner (Mn) for a separator and a Hangul filler (Lo) for a
+    letter: a caption `sun<U+FE0F>set` was `sun` `set`, `sun<U+3164>set` one word no plain query found, and each typed
+    so missed the plain caption. Both sides drop them as format characters (keywords.narrow, _DEFAULT_IGNORABLE);
+    visible marks (Devanagari and Thai vowel signs, Arabic harakat, accents, Hangul) and emoji stay as they were."""
+    db = tmp_path / "catalog.db"
+    _, ids, sunsets = _sunset_library(db, IGNORABLE, "\ufe0f", {
+        "korean.jpg": "\uc11c\uc6b8\u3164\uc5d0\uc11c", "heart.jpg": "I \u2764\ufe0f Paris",
+        "hindi.jpg": "\u0939\u093f\u0928\u094d\u0926\u0940 \u092d\u093e\u0937\u093e",  # हिन्दी भाषा
+        "thai.jpg": "\u0e02\u0e49\u0e32\u0e27", "arabic.jpg": "\u0643\u064e\u062a\u064e\u0628\u064e"})
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        _joined_both_ways(db, ids, IGNORABLE, partial_last, sunsets)
+        assert kw("INV4711") == kw("INV\ufe0f4711") == kw("4711") == ["code.jpg"]
+        assert kw("\uc11c\uc6b8\uc5d0\uc11c") == kw("\uc11c\uc6b8") == ["korean.jpg"]  # 서울에서, 서울
+        assert kw("Paris") == kw("\u2764\ufe0fParis") == ["heart.jpg"]
+        assert kw("\u0939\u093f\u0928\u094d\u0926\u0940") == ["hindi.jpg"]
+        assert kw("\u0e02\u0e49\u0e32\u0e27") == ["thai.jpg"] and kw("\u0e02\u0e48\u0e32\u0e27") == []  # ข้าว, ข่าว
+        assert kw("\u0643\u064e\u062a\u064e\u0628\u064e") == ["arabic.jpg"]  # harakat as before: typed as written
+    assert keywords.evidence(keywords.parse("sunset", partial_last=True), "sun\u3164set")
+    assert keywords.evidence(keywords.parse("sun\ufe0fset"), "sunset")
+    # visible marks and the emoji's own character are kept; only the invisible ones go
+    for text in ("\u0939\u093f\u0928\u094d\u0926\u0940", "\u0e02\u0e49\u0e32\u0e27", "\u0643\u064e\u062a\u064e\u0628\u064e",
+                 "Cafe\u0301", "\uc11c\uc6b8", "\u1100\u1161", "\u2800"):
+        assert keywords.narrow(text) == text, repr(text)
+    assert keywords.narrow("\u2764\ufe0f") == "\u2764" and keywords.narrow("\u845b\U000e0100") == "\u845b"
+    # verify names an older writer's rows where such a character sits in or beside a word, not an emoji's selector
+    assert keywords.holds_format("sun\ufe0fset") and keywords.holds_format("\uc11c\uc6b8\u3164")
+    assert not keywords.holds_format("I \u2764\ufe0f Paris") and not keywords.holds_format("\u3164 \u3164\u3164")
+
+
+def test_keyword_rows_an_older_writer_wrote_with_an_invisible_mark_are_named_and_written_again(tmp_path):
+    """An older writer's row keeps `sun<U+FE0F>set` (`sun` `set`) and `서울<U+3164>` (a word no query finds): no
+    schema step, as for format characters: catalog.format_split_keywords names them (verify's note) and
+    refresh_keywords (verify --repair) writes them right; a row whose emoji carries VS16 reads the same, not named."""
+    db_path = tmp_path / "catalog.db"
+    files = {"vs.jpg": "a sun\ufe0fset", "filler.jpg": "\uc11c\uc6b8\u3164", "heart.jpg": "I \u2764\ufe0f Paris"}
+    ids = _library(db_path, files)
+    db = catalog.connect(db_path)
+    with db.begin() as conn:  # the rows as the previous writer wrote them: the characters kept
+        for name, caption in files.items():
+            conn.exec_driver_sql(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?",
+                                 (catalog.keyword_text(name, caption), ids[name]))
+    db.dispose()
+    assert _found(db_path, ids, "sunset") == [] and _found(db_path, ids, '"\uc11c\uc6b8"') == []
+    db = catalog.connect(db_path)
+    with db.begin() as conn:
+        split = catalog.format_split_keywords(conn)
+        assert sorted(split) == sorted([ids["vs.jpg"], ids["filler.jpg"]])
+        catalog.refresh_keywords(conn, split)
+        assert catalog.format_split_keywords(conn) == []
+    db.dispose()
+    assert _found(db_path, ids, "sunset") == ["vs.jpg"] and _found(db_path, ids, '"\uc11c\uc6b8"') == ["filler.jpg"]

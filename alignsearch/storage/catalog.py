@@ -1509,7 +1509,7 @@ def forget_leftover_rows(conn: Connection, *, keywords: bool = True) -> int:
 
 
 def format_split_keywords(conn: Connection) -> list[int]:
-    """Ids of the files whose keyword row holds a zero-width or other format character (keywords.holds_format):
+    """Ids of the files whose keyword row holds a zero-width or other invisible character (keywords.holds_format):
     written before both sides dropped them, its words are cut there (`sun<U+200B>set` is `sun` `set`), so neither
     `sunset` nor the same text typed finds it. Derived data, a read of every row's text (verify): refresh_keywords
     writes them again. No schema step: a writer's rows are right, only these few are rewritten."""

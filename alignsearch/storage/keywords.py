@@ -161,6 +161,21 @@ _WIDTH[0x3000] = " "
 # tag characters (U+E0000-U+E0FFF: a flag emoji's tags) lie all of them.
 _FORMAT_PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE1000))
 
+# Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt, unchanged from Unicode 14 to 16: what a
+# renderer draws nothing for where it cannot show it), beside the Cf characters above: variation selectors (FE00-FE0F
+# and E0100-E01EF, Mn: `❤️` is U+2764 U+FE0F, a Japanese name's ideograph an ideograph and a selector), the combining
+# grapheme joiner (034F, Mn), the Mongolian free variation selectors (180B-180D, 180F, Mn), the Khmer inherent vowels
+# (17B4-17B5, Mn, deprecated), the Hangul fillers (115F, 1160, 3164, FFA0, Lo: the `ㅤ` of an "empty" name) and code
+# points reserved as ignorable (Cn). unicode61 took an Mn one for a separator (`sun<U+FE0F>set` the words `sun` `set`)
+# and an Lo one for a letter (`sun<U+3164>set` a word no query typed without it finds): dropped as the Cf ones are.
+# The property's ranges (adjacent lines of the file merged; its Cf ones, already dropped, kept so the list reads as the file
+# does); visible marks (accents, Indic vowel signs, Arabic harakat, Thai tone marks) have no part in it.
+_DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+    (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+
 
 @functools.cache
 def _narrowing() -> dict[int, str | None]:
@@ -177,6 +192,8 @@ def _narrowing() -> dict[int, str | None]:
                 table[c] = None
             elif c not in table and category == "Nd":
                 table[c] = str(unicodedata.decimal(chr(c)))
+    for first, last in _DEFAULT_IGNORABLE:
+        table.update(dict.fromkeys(range(first, last + 1)))
     return table
 
 
@@ -197,8 +214,9 @@ def _zwnj_apart(text: str) -> str:
 def narrow(text: str) -> str:
     """text with full-width ASCII as ASCII, the ideographic space a space, half-width katakana full-width (_WIDTH),
     every script's decimal digits ASCII digits, and no format character (zero-width spaces and joiners, the BOM, the
-    soft hyphen: _narrowing) but a ZWNJ between Arabic-script letters, which is a space (_zwnj_apart). What the keyword index is written from (spaced, coded_chunks) and a query read by
-    (_atom, the match check's _fold): one rule both ways."""
+    soft hyphen: _narrowing) nor other invisible one (variation selectors, the Hangul fillers: _DEFAULT_IGNORABLE) but
+    a ZWNJ between Arabic-script letters, which is a space (_zwnj_apart). What the keyword index is written from
+    (spaced, coded_chunks) and a query read by (_atom, the match check's _fold): one rule both ways."""
     return _zwnj_apart(text).translate(_narrowing())
 
 
@@ -213,14 +231,33 @@ def _format_only() -> dict[int, None]:
     return {c: None for c, to in _narrowing().items() if to is None}
 
 
+def _class(codes) -> str:
+    """A regex class of code points, runs of consecutive ones as ranges: the 5,000 of _format_only one by one made a
+    class re scans in turn for every character of the text (verify reads every keyword row with it)."""
+    runs: list[list[int]] = []
+    for c in sorted(codes):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "[" + "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in runs) + "]"
+
+
 @functools.cache
 def _any_format() -> re.Pattern:
-    return re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(_format_only())) + "]")
+    """A format character (Cf) anywhere; or another invisible one (_DEFAULT_IGNORABLE) next to a word's character:
+    only there did an older writer's row read otherwise (a variation selector after an emoji, `❤️`, sat between two
+    separators, and such rows, every caption with an emoji, were no cause to name or write again)."""
+    cf = [c for c in _format_only() if unicodedata.category(chr(c)) == "Cf"]
+    rest = _class(set(_format_only()) - set(cf))
+    word = f"(?:(?!{rest})[\\w{MARKS}])"  # a Hangul filler is \w (Lo): two of them alone are no word
+    return re.compile(f"{_class(cf)}|(?<={word}){rest}|{rest}(?={word})")
 
 
 def holds_format(body: str) -> bool:
-    """Whether a keyword row's text holds a format character: written before narrow dropped them (a writer now never
-    writes one), its words are cut where they sit (catalog.format_split_keywords; `verify --repair` writes it again)."""
+    """Whether a keyword row's text holds a format character or an invisible mark or filler inside or beside a word:
+    written before narrow dropped them (a writer now never writes one), its words are cut (or, for a Hangul filler,
+    lengthened) where they sit (catalog.format_split_keywords; `verify --repair` writes it again)."""
     return _any_format().search(_zwnj_apart(body)) is not None  # a Persian ZWNJ cut there as it still does
 
 

@@ -720,14 +720,16 @@ def count_by_root(conn: Connection) -> dict[str, dict[str, int]]:
 
 def delete_root(conn: Connection, root: str) -> int:
     """Delete every row of one root (and their tags, photo fields, keyword text and perceptual hashes: nothing of
-    a forgotten root stays in the catalog); returns how many files it held."""
+    a forgotten root stays in the catalog); returns how many files it held, a video once (its first moment), as
+    `roots` and `info` count them: the deleted rows counted each moment, so `forget` named more files than `roots`."""
     files, tags = catalog.files, catalog.tags
+    held = conn.execute(select(func.count()).select_from(files).where(files.c.root == root, files.c.moment == 0)).scalar()
     conn.execute(delete(tags).where(tags.c.file_id.in_(select(files.c.id).where(files.c.root == root).scalar_subquery())))
     catalog.forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(files.c.root == root))])
-    removed = conn.execute(delete(files).where(files.c.root == root)).rowcount
+    conn.execute(delete(files).where(files.c.root == root))
     if catalog.has_phashes(conn):
         catalog.forget_stale_phashes(conn)
-    return removed
+    return int(held or 0)
 
 
 def move_file(conn: Connection, file_id: int, root: str, relpath: str, relpath_raw: bytes | None) -> None:

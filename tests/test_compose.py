@@ -223,6 +223,26 @@ def captioned(prebuilt, tiny_model):
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "auto"])
+def test_explain_names_the_ranking_the_hits_were_scored_by(captioned, mode):
+    """`query beach --format png --explain` said `ranking=hybrid (RRF), score=1/(60 + similarity rank) + ...`
+    while every hit printed its cosine: the filter left out the only caption match, so the search ranked by
+    similarity. The plan must name the ranking the hits carry: the keyword matches among the filter's images."""
+    from alignsearch.search.request import build as build_request
+
+    ix, cat = captioned
+    engine = alignsearch.open(ix)
+    fused = build_request(text="zanzibar sunset", k=5, mode=mode, explain=True)
+    assert engine.explain(fused)["ranking"] == "hybrid (RRF)"
+    assert engine.run(fused)[0].parts["keyword_rank"] == 1
+    others = build_request(text="zanzibar sunset", k=5, mode=mode, explain=True, where=f'not path glob "{cat}"')
+    hits = engine.run(others)
+    assert hits and all(h.parts is None and h.score == h.similarity for h in hits)  # ranked by similarity
+    plan = engine.explain(others)
+    assert plan["ranking"] == "vector" and plan["score"] == "similarity"
+    engine.close()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "auto"])
 def test_hybrid_prints_the_fused_score_best_first(captioned, mode):
     ix, cat = captioned
     engine = alignsearch.open(ix)

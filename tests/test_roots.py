@@ -671,3 +671,22 @@ def test_a_file_two_roots_name_is_one_hit_and_forgetting_either_root_keeps_it(tm
     index_json(ix, lib)
     run("forget", favourites, "--index", ix)
     assert sorted(_ranked(ix, "-k", "100")) == [str(p) for p in photos]
+
+
+@pytest.mark.slow
+def test_forget_counts_a_video_once_as_roots_does(tmp_path, tiny_model):
+    """`alignsearch forget photos2` said "14 files removed" of a folder of 12 files that `roots` listed as "11
+    indexed, 1 failed": each moment of a video was counted as a file. A video is one file, as roots counts it."""
+    from helpers import make_video
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    make_images(root, 2)
+    make_video(root / "clip.mp4", [(1, 2), (2, 2), (3, 2)])
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    s = index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    assert (s["added"], s["failed"]) == (3, 1), s
+    (listed,) = json.loads(run("roots", "--json", "--index", ix).stdout)
+    assert (listed["indexed"], listed["failed"]) == (3, 1)
+    moments = run("query", "x", "--media", "video", "-k", "10", "--json", "--index", ix).stdout
+    assert len(json.loads(moments)["results"]) >= 2  # the video holds several moments: several rows
+    assert f"forgot {root}: 4 files removed from the index" in run("forget", root, "--index", ix).output

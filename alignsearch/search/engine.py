@@ -490,14 +490,22 @@ class Engine:
                                "words": opts.words.words, "compose": method}
         if method is not None:
             out["compose_rule"] = COMPOSE_RULES[method] + (" (auto)" if compose == "auto" else "")
+        mask = allowed = None
+        if opts.node is not None:
+            cols = snap.columns(self.db)
+            mask = filters.evaluate(opts.node, cols.column, cols.tagged)
+            allowed = cols.ids[mask]
         if opts.words and mode != "vector":
             with self.db.connect() as conn:
-                matched = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
-            out["keyword_matches"] = matched
+                out["keyword_matches"] = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
             if mode == "auto":
-                out["caption_or_tag_matches"] = matched = len(self._keyword_ids(opts, None))
+                out["caption_or_tag_matches"] = len(self._keyword_ids(opts, None))
+            # The ranking _search uses: fused only where keyword matches pass the filter (auto: captions, text in
+            # images, tags); else the hits are ranked and scored by similarity, as hybrid with no match is. It
+            # said "hybrid (RRF)" when a filter left out every match, or for hybrid with none, beside cosines.
+            fused = mode != "keyword" and (allowed is None or len(allowed) > 0) and self._keyword_ids(opts, allowed)
             # auto fuses as hybrid does (AUTO_FUSION, no option sets it); bench_auto.py's other fusions are not explained
-            out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if matched or mode == "hybrid" else "vector"
+            out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if fused else "vector"
         out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
                         "keyword rank)"}.get(out.get("ranking"), "similarity")
         out["min_score_applies_to"] = "similarity"
@@ -509,8 +517,7 @@ class Engine:
                                f"ANN for the image and for the text ({self._late_want(snap, k)} candidates each), "
                                "union re-scored exactly")
             return _with_pending(out, pending)
-        cols = snap.columns(self.db)
-        m = int(filters.evaluate(opts.node, cols.column, cols.tagged).sum())
+        m = int(mask.sum())
         out.update(filter=repr(opts.node), matching=m, selectivity=round(m / max(n, 1), 6))
         if m <= EXACT_BELOW or snap.plan.kind == "flat":
             out["path"] = "exact: every matching vector scored"

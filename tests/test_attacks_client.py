@@ -223,3 +223,26 @@ def test_proc_net_tcp_addresses_are_read_in_this_machines_byte_order():
             assert client._proc_address(address) == ipaddress.ip_address(host)
             assert client._holds_port(os.getpid(), port, host) is True
             assert client._holds_port(os.getpid(), port, "127.0.0.2" if table == "tcp" else "127.0.0.1") is False
+
+
+def test_a_dead_server_its_parent_has_not_reaped_is_gone():
+    """`serve &` killed with -9 in a shell that has not waited for it is a zombie: kill(pid, 0) answers as for a live
+    process, and its record was kept, each query saying "did not answer (Connection refused)" until it was reaped."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from alignsearch.surfaces import client
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(500):  # exited, not reaped: no poll() or wait() until the check
+            if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert client._signalled(proc.pid) == client.GONE
+    finally:
+        proc.wait()
+    assert client._signalled(os.getpid()) == client.RUNNING

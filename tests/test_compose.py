@@ -322,3 +322,15 @@ def test_a_weight_the_method_cannot_use_is_bad_usage_before_encoding(flat, tmp_p
     out = run("query", "x", "--image", image, "--text-weight", "0", "--compose", method, "--index", flat,
               code=2).output
     assert "positive" in out and "Traceback" not in out
+
+
+def test_explain_text_leaves_out_a_part_a_hit_has_none_of(capsys):
+    """`query --explain` printed `keyword_rank None` under a hit no keyword matched (Python's None; --json: null)."""
+    from alignsearch.surfaces.cli import _print_hits
+
+    hits = [{"path": "/p/a.jpg", "score": 0.03, "similarity": 0.31, "parts": {"vector_rank": 1, "keyword_rank": None}},
+            {"path": "/p/b.jpg", "score": 0.02, "similarity": 0.12, "parts": {"vector_rank": 2, "keyword_rank": 1}}]
+    _print_hits({"text": "red"}, hits, as_json=False, explain=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["similarity", "0.31,", "vector_rank", "1"]
+    assert lines[3].split() == ["similarity", "0.12,", "vector_rank", "2,", "keyword_rank", "1"]

@@ -516,7 +516,9 @@ def _print_hits(query: dict, hits: list[dict], as_json: bool, paths: str | None 
         click.echo(f"{rank:>3}. {h['score']:.4f}  {shown}{folded}")
         if explain:  # what the score is made of
             made_of = {"similarity": round(h["similarity"], 4)} if h.get("similarity") is not None else {}
-            click.echo("       " + ", ".join(f"{key} {value}" for key, value in {**made_of, **(h.get("parts") or {})}.items()))
+            parts = {**made_of, **(h.get("parts") or {})}  # a part a hit has none of (no keyword match): left out,
+            # as Python's `None` it read `keyword_rank None` (--json gives null)
+            click.echo("       " + ", ".join(f"{key} {value}" for key, value in parts.items() if value is not None))
 
 
 _REQUEST_OPTIONS = [

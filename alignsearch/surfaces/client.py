@@ -91,14 +91,26 @@ STALE = (GONE, OTHERS)  # the server that wrote the record is gone: the record m
 
 
 def _signalled(pid: int) -> str:
-    """What kill(pid, 0) says of pid: RUNNING (a process this user may signal), GONE, or OTHERS (EPERM)."""
+    """What kill(pid, 0) says of pid: RUNNING (a process this user may signal), GONE, or OTHERS (EPERM). A zombie
+    (dead, not yet reaped by its parent: a `serve &` killed in a shell that has not waited for it) answers kill as
+    a live process does; /proc says it is dead, and it was taken as a server that refused connections, its record
+    kept, every query saying "did not answer" until the shell reaped it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return GONE
     except PermissionError:
         return OTHERS
-    return RUNNING
+    return GONE if _state(pid) in ("Z", "X") else RUNNING
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc/PID/stat (R, S, T, Z...); "" where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2 :][:1]  # the state follows the name, which may hold spaces
 
 
 def not_serving(signalled: str, stopped: bool, holds_port: bool | None) -> str | None:
@@ -130,11 +142,7 @@ def _stopped(pid: int) -> bool:
     """A process held stopped (SIGSTOP, Ctrl-Z, a debugger): its socket still accepts connections in the
     kernel, so a query sent there would wait out the whole search timeout for an answer that never comes.
     Linux's /proc says so at once; elsewhere (no /proc) it is taken as running."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :][:1] in ("T", "t")  # the state follows the name, which may hold spaces
+    return _state(pid) in ("T", "t")
 
 
 def _listening_inodes(pid: int, port: int, host: str | None = None) -> set[str] | None:

@@ -208,3 +208,14 @@ def test_shard_rows_without_clip_retrieval_is_bad_usage(indexed, tmp_path):
     assert "--shard-rows is for --format clip-retrieval" in out.output
     assert not (tmp_path / "lib.parquet").exists()
     run("export", tmp_path / "lib.parquet", "--index", ix)  # the default, not given: still a plain export
+
+
+def test_the_summary_counts_video_moments_apart_from_images(tmp_path):
+    """A video's moments are a row each: `export` said "15 images exported" of 11 photos and two videos' 4 moments,
+    where `info` says 13 images."""
+    from helpers import video_moments_index
+
+    ix = video_moments_index(tmp_path / "ix", videos=2, moments=3)
+    out = run("export", tmp_path / "lib.parquet", "--index", ix).output
+    assert out.startswith("6 video moments exported to "), out
+    assert json.loads(run("export", tmp_path / "lib2.parquet", "--index", ix, "--json").output)["moments"] == 6

@@ -94,7 +94,8 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
     """(catalog rows, their fp16 vectors, {id: {"taken", "caption", "tags"}}) of the indexed files the
     filters admit, in id order, at most `batch` at a time. A file several admitted rows name (two roots, a
     file:// URL, a symlink beside its target) is one row, the one search shows (onefile.py): an export wrote it
-    once per name. tally["same_file"]: how many admitted rows were left out so.
+    once per name. tally["same_file"]: how many admitted rows were left out so; tally["moments"]: how many rows
+    yielded are video moments (the rest are images).
 
     Memory stays bounded: the catalog is read in pages of `batch` rows by id, and the vectors with plain
     reads (vectors.read_into) into one buffer that each page overwrites, so the caller must use (or copy)
@@ -145,6 +146,8 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
             if r.id in shared_ids and not extra[r.id]["caption"]:
                 extra[r.id]["caption"] = lent.get(onefile.named(r, reals)[0])
         if rows:
+            if tally is not None:  # a video's moments are rows of their own: said apart from images
+                tally["moments"] = tally.get("moments", 0) + sum(r.t is not None for r in rows)
             yield rows, vectors.read_into(store, addresses, buffer), extra
 
 
@@ -222,7 +225,7 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
             log.info("exported %d rows", n)
         groups.flush()
     return {"format": "parquet", "rows": n, "path": str(out), "row_groups": groups.written,
-            "same_file": tally.get("same_file", 0)}
+            "same_file": tally.get("same_file", 0), "moments": tally.get("moments", 0)}
 
 
 NOT_TAKEN = object()  # export_clip_retrieval's `seen` when its caller took no fingerprint of OUT
@@ -333,7 +336,7 @@ def _write_clip_retrieval(engine, out: Path, batch: int | None, shard_rows: int,
                 log.debug("closing the metadata writer after an error: %s", exc)
         raise
     return {"format": "clip-retrieval", "rows": n, "path": str(out), "shards": state["shard"] + 1,
-            "same_file": tally.get("same_file", 0)}
+            "same_file": tally.get("same_file", 0), "moments": tally.get("moments", 0)}
 
 
 def _npy_header(rows: int, dim: int) -> bytes:

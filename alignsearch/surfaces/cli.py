@@ -1220,7 +1220,11 @@ def export(out, fmt, where, path_glob, roots, shard_rows, as_json, index_dir):
     else:
         same = result.get("same_file", 0)  # said, not dropped silently: a row per name was what an export wrote
         also = f"; {_count(same, 'row')} naming a file another row names left out" if same else ""
-        click.echo(f"{_count(result['rows'], 'image')} exported to {result['path']} ({fmt}{also})")
+        moments = result.get("moments", 0)  # a row each: "15 images" of 11 photos and two videos' 4 moments misled
+        images = result["rows"] - moments
+        what = " and ".join([_count(images, "image")] * bool(images or not moments) +
+                            [_count(moments, "video moment")] * bool(moments))
+        click.echo(f"{what} exported to {result['path']} ({fmt}{also})")
 
 
 @main.command()

@@ -373,3 +373,26 @@ def test_a_file_reached_by_two_names_is_not_its_own_duplicate(tmp_path, tiny_mod
     for tier in ("exact", "near"):
         found = groups_of(ix, "--tier", tier)
         assert [names(g) for g in found] == [["photo0001.jpg", "same-bytes.jpg"]], (tier, found)
+
+
+def test_a_similar_group_holds_only_files_similar_to_the_one_kept():
+    """A component is connected through its pairs: a chain a~b~c put c, at cosine 0 to the kept a, among the files
+    besides the one to keep. It is split around each kept file (dupes.around_kept)."""
+    from alignsearch.search.dupes import around_kept
+
+    angle = np.radians([0, 45, 90, 100])  # a~b 0.71, b~c 0.71, c~d 0.98; a~c 0, a~d -0.17
+    vecs = {i: np.array([np.cos(t), np.sin(t)]) for i, t in zip("abcd", angle)}
+
+    def cosines(kept, others):
+        return np.array([vecs[kept] @ vecs[o] for o in others])
+
+    assert around_kept(list("dcba"), lambda i: i, cosines, 0.7) == [["a", "b"], ["c", "d"]]
+    assert around_kept(list("abcd"), lambda i: i, cosines, -1.0) == [["a", "b", "c", "d"]]
+    assert around_kept(list("abcd"), lambda i: i, cosines, 0.99) == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_every_similar_member_is_at_the_threshold_to_its_kept_file(library):
+    root, ix = library
+    for threshold in (0.2, 0.5, 0.8):
+        for group in groups_of(ix, "--tier", "similar", "--threshold", str(threshold)):
+            assert all(i["score"] >= threshold for i in group["items"]), (threshold, group)

@@ -16,7 +16,8 @@ resolution, then the oldest modification time, then the lowest id).
   bursts of copies at cosine 0.90-1.00, pair recall at nprobe 8 1.000 in the 1M index's lists, 0.999-1.000 in
   the 100k index's (nprobe 1: 0.88-0.95); precision 1 by construction (every pair is scored exactly).
 
-Groups are the connected components of the pairs found (union-find).
+Groups are the connected components of the pairs found (union-find); a similar-tier one is split around the files
+to keep, each member at the threshold or more to its kept file (around_kept).
 
 The hashes themselves are taken and compared in alignsearch/media/phash.py; older indexes are filled by
 indexer/phashfill.py.
@@ -323,6 +324,22 @@ def _one_per_file(ids: list[int], rows: dict) -> list[int]:
     return sorted(i for _, i in best.values())
 
 
+def around_kept(ids: list[int], order: Callable[[int], tuple], cosines: Callable[[int, list[int]], np.ndarray],
+                threshold: float) -> list[list[int]]:
+    """A similar-tier component split into groups each of a file to keep (the first by `order`, keep_order) and the
+    files at `threshold` or more to it (`cosines(kept, others)`), the rest split the same way. A component is
+    connected through its pairs: at `--threshold 0.5` a burst's chain put a file at cosine -0.8 to the kept one in
+    its group, among the "files besides the ones to keep", and at the default 0.95 two steps reach 0.8. Groups of
+    one are dropped by the caller."""
+    left, out = sorted(ids, key=order), []
+    while left:
+        kept, others = left[0], left[1:]
+        close = cosines(kept, others) >= threshold if others else np.zeros(0, dtype=bool)
+        out.append([kept, *(i for i, c in zip(others, close) if c)])
+        left = [i for i, c in zip(others, close) if not c]
+    return out
+
+
 def _describe(tier: str, ids: list[int], rows: dict, score: Callable[[int, int], float]) -> Group:
     members = sorted((rows[i] for i in ids if i in rows), key=keep_order)
     kept = members[0]
@@ -402,6 +419,14 @@ def find_groups(engine, tier: str = "near", threshold: float | None = None, npro
     with db.connect() as conn:
         rows = catalog.get_files(conn, [i for g in groups for i in g])
     groups = [_one_per_file(g, rows) for g in groups]
+    if tier == "similar":  # every member similar to the file kept, not only linked to it through others
+
+        def cosines(kept: int, others: list[int]) -> np.ndarray:
+            found = store.get(np.array([address_of[i] for i in [kept, *others]], dtype=np.int64))
+            found = found.astype(np.float32)
+            return _cosines(np.broadcast_to(found[:1], found[1:].shape), found[1:])
+
+        groups = [part for g in groups for part in around_kept(g, lambda i: keep_order(rows[i]), cosines, t)]
     out = _kept_everywhere([_describe(tier, g, rows, score) for g in groups if len(g) > 1])
     out.sort(key=lambda g: (-len(g.items), g.keep))
     return out

@@ -1,0 +1,135 @@
+"""Damage to the index is said as damage (exit 7), never as the user's mistake: the cases of the catalog flip
+sweep (benchmarks/sweep_catalog_flips.py) that blamed the user.
+
+- a flipped byte of the model record's fingerprint read as another model (exit 5, "built with another model");
+"""
+
+import json
+import sqlite3
+
+import pytest
+
+from conftest import run
+
+from alignsearch.errors import IndexDamagedError
+from alignsearch.storage import catalog, migrate
+
+
+def _meta(ix):
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        conn.close()
+
+
+def _set_meta(ix, **values):
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        for key, value in values.items():
+            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+    conn.close()
+
+
+def _flip_at(db, at: int) -> None:
+    data = bytearray(db.read_bytes())
+    data[at] ^= 0x01
+    db.write_bytes(data)
+
+
+def _one_line(result) -> str:
+    text = result.output.strip()
+    assert text.splitlines() == [text], text
+    return text
+
+
+def _flip_fingerprint(db) -> None:
+    data = db.read_bytes()
+    start = data.find(b'"fingerprint": "') + len(b'"fingerprint": "')
+    # a digit of it: its flip is another digit, so the record still reads as a well-formed record of another model
+    _flip_at(db, next(i for i in range(start, start + 32) if chr(data[i]).isdigit()))
+
+
+def test_a_flipped_fingerprint_is_damage_not_another_model(indexed_images):
+    _, ix = indexed_images(12)
+    _flip_fingerprint(ix / "catalog.db")
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))  # exit 5 before: "built with ... not ..."
+    assert "catalog.db is damaged: the value of 'model' in its meta table is not what alignsearch writes" in line
+    assert "checksum" in line and "restore the index from a backup" in line
+    assert _one_line(run("info", "--index", ix, code=7)) == line
+    assert _one_line(run("verify", "--skip-model", "--index", ix, code=7)) == line  # ok (exit 0) before
+
+
+def test_the_python_api_says_a_flipped_fingerprint_as_the_cli_does(indexed_images):
+    import alignsearch
+
+    _, ix = indexed_images(12)
+    _flip_fingerprint(ix / "catalog.db")
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))
+    with pytest.raises(IndexDamagedError) as raised:
+        alignsearch.open(ix, device="cpu")
+    assert f"error: {raised.value}" == line
+
+
+def test_a_model_record_without_its_digest_is_read_before_schema_15_and_refused_from_it(indexed_images):
+    """Step 15 seals the record as it stands; a reader of an older catalog (it cannot upgrade) reads it unsealed."""
+    from alignsearch.storage import metaseal
+
+    _, ix = indexed_images(12)
+    record = json.loads(_meta(ix)["model"])
+    assert record[metaseal.KEY] == metaseal.digest(record)  # every writer seals it
+    record.pop(metaseal.KEY)
+    _set_meta(ix, model=json.dumps(record), schema_version="14")
+    run("query", "red circle", "--index", ix)  # a schema-14 catalog: no digest asked
+    db = catalog.connect(ix / "catalog.db")  # a writer upgrades it
+    db.dispose()
+    meta = _meta(ix)
+    assert meta["schema_version"] == str(migrate.LATEST) and json.loads(meta["model"]) == metaseal.sealed(record)
+    run("query", "red circle", "--index", ix)
+    _set_meta(ix, model=json.dumps(record))  # at 15 every writer stored one: its lack is damage
+    assert "it lacks the checksum every writer stores" in _one_line(run("query", "red circle", "--index", ix, code=7))
+
+
+def test_the_seal_is_a_pure_function_of_the_record():
+    from alignsearch.storage import metaseal
+
+    record = {"model": "m", "fingerprint": "ab12", "dim": 32, "preprocessing": {"rescale_factor": 0.00784313725490196}}
+    sealed = json.loads(json.dumps(metaseal.sealed(record)))  # as stored and read back
+    assert metaseal.opened(sealed, required=True) == record
+    assert metaseal.opened(record, required=False) == record
+    with pytest.raises(ValueError):
+        metaseal.opened(record, required=True)
+    with pytest.raises(ValueError):
+        metaseal.opened({**sealed, "fingerprint": "ab13"}, required=False)
+
+
+@pytest.mark.parametrize("damage", ["fingerprint"])
+def test_a_server_says_the_damage_a_command_says(indexed_images, damage):
+    """A server open before the damage: its next search re-reads the meta table (a new generation) and answers the
+    line `query` prints, as its 500 (the index is damaged)."""
+    import alignsearch
+    from helpers import call
+
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _, ix = indexed_images(12)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0, no_token=True))
+    try:
+        assert call(server.url, "/api/search?q=red&k=3", token=None)[0] == 200
+        record = json.loads(_meta(ix)["model"])
+        conn = sqlite3.connect(ix / "catalog.db")
+        with conn:
+            if damage == "fingerprint":  # as a flipped byte reads: another fingerprint, the digest as written
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'model'",
+                             (json.dumps({**record, "fingerprint": "3" + record["fingerprint"][1:]}),))
+            else:
+                conn.execute("UPDATE meta SET key = 'mndel' WHERE key = 'model'")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', '1')")  # a fresh index: 0
+        conn.close()
+        status, _, body = call(server.url, "/api/search?q=red&k=3", token=None)
+    finally:
+        server.shutdown()
+        engine.close()
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))
+    assert status == 500 and line.replace("error: ", "the index is damaged: ", 1) in body.decode(), body

@@ -174,7 +174,9 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.problems.append(f"{r.malformed_phashes} perceptual hashes are not in the form alignsearch writes")
             st = state.read(conn)
             if st.model is None:
-                r.problems.append("no model recorded: the index was never built")
+                damage = state.unrecorded_model(st, catalog.counts(conn).get(catalog.INDEXED, 0),
+                                                layouts.pick(index_dir, st.ann).exists())
+                r.problems.append(damage or "no model recorded: the index was never built")
                 return r
             model = st.model.record
             store = vectors.load(conn, index_dir, st.model.dim)

@@ -1,7 +1,8 @@
-"""Damage to the index is said as damage (exit 7), never as the user's mistake: the cases of the catalog flip
+"""Damage to the index is said as damage (exit 7), never as the user's mistake: the three cases of the catalog flip
 sweep (benchmarks/sweep_catalog_flips.py) that blamed the user.
 
 - a flipped byte of the model record's fingerprint read as another model (exit 5, "built with another model");
+- a flipped byte of the meta key `model` read as a new index (exit 3, "holds no indexed images yet");
 """
 
 import json
@@ -12,7 +13,7 @@ import pytest
 from conftest import run
 
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage import catalog, migrate
+from alignsearch.storage import catalog, migrate, state
 
 
 def _meta(ix):
@@ -103,7 +104,41 @@ def test_the_seal_is_a_pure_function_of_the_record():
         metaseal.opened({**sealed, "fingerprint": "ab13"}, required=False)
 
 
-@pytest.mark.parametrize("damage", ["fingerprint"])
+def test_a_flipped_model_key_is_damage_not_a_new_index(indexed_images):
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    at = db.read_bytes().find(b'model{"model": ')  # the key's text in the meta row, just before its value
+    assert at > 0
+    _flip_at(db, at + 1)  # "mndel"
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))  # exit 3 before: "holds no indexed images yet"
+    assert line == ("error: catalog.db is damaged: its meta table records no model, yet the index holds 12 indexed "
+                    "images and 12 vector rows and an ANN index: restore the index from a backup, or index the "
+                    "folders again into a new index")
+    assert _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7)) == line
+    assert _one_line(run("info", "--index", ix, code=7)) == line
+    run("verify", "--skip-model", "--index", ix, code=7)  # SQLite's integrity check finds the meta key's index off
+
+
+def test_verify_names_a_missing_model_key_of_an_index_with_rows(indexed_images):
+    """The key gone with its index entry sound (SQLite's check passes): verify said "the index was never built"."""
+    _, ix = indexed_images(12)
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("UPDATE meta SET key = 'mndel' WHERE key = 'model'")
+    conn.close()
+    assert "its meta table records no model, yet the index holds 12 indexed images" in \
+        run("verify", "--skip-model", "--index", ix, code=7).output
+    run("query", "red circle", "--index", ix, code=7)
+
+
+def test_an_index_with_nothing_encoded_is_still_no_index():
+    """The decision: no model and nothing a run writes after recording it is a new index (exit 3 stays)."""
+    assert state.unrecorded_model(state.IndexState(), 0, False) is None
+    assert state.unrecorded_model(state.IndexState(), 3, False).endswith("holds 3 indexed images")
+    assert "an ANN index" in state.unrecorded_model(state.IndexState(), 0, True)
+
+
+@pytest.mark.parametrize("damage", ["fingerprint", "key"])
 def test_a_server_says_the_damage_a_command_says(indexed_images, damage):
     """A server open before the damage: its next search re-reads the meta table (a new generation) and answers the
     line `query` prints, as its 500 (the index is damaged)."""

@@ -294,6 +294,21 @@ def _listing_errors(value: Any) -> dict:
     return value
 
 
+def unrecorded_model(st: IndexState, indexed: int, ann_present: bool) -> str | None:
+    """Why an index whose meta table records no model is damaged, not new: it holds indexed rows, vector rows or an
+    ANN index, which no run writes before it records its model (indexer/job.py records it first). A flipped byte of
+    the key `model` read as no model, and every command said "holds no indexed images yet" (exit 3, the user's to
+    mend by indexing). None: nothing was encoded, so the index is really new."""
+    if st.model is not None:
+        return None
+    held = [f"{indexed} indexed images"] * (indexed > 0) + [f"{st.vectors.rows} vector rows"] * (st.vectors.rows > 0) \
+        + ["an ANN index"] * (ann_present or st.ann.digest is not None)
+    if not held:
+        return None
+    return f"catalog.db is damaged: its meta table records no model, yet the index holds {' and '.join(held)}"
+
+
+
 def runs_of(tagging: Mapping[str, Any] | None) -> list[dict]:
     """The remembered tagging runs ({labels, templates, threshold, top}); an index tagged before runs accumulated
     holds one run as the meta itself."""

@@ -3,6 +3,7 @@ sweep (benchmarks/sweep_catalog_flips.py) that blamed the user.
 
 - a flipped byte of the model record's fingerprint read as another model (exit 5, "built with another model");
 - a flipped byte of the meta key `model` read as a new index (exit 3, "holds no indexed images yet");
+- a flipped byte of a file's entry in the index of names made `similar FILE` say "is not an indexed image" (exit 6).
 """
 
 import json
@@ -11,6 +12,7 @@ import sqlite3
 import pytest
 
 from conftest import run
+from helpers import flip_in_table_page
 
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import catalog, migrate, state
@@ -136,6 +138,39 @@ def test_an_index_with_nothing_encoded_is_still_no_index():
     assert state.unrecorded_model(state.IndexState(), 0, False) is None
     assert state.unrecorded_model(state.IndexState(), 3, False).endswith("holds 3 indexed images")
     assert "an ANN index" in state.unrecorded_model(state.IndexState(), 0, True)
+
+
+def test_similar_of_a_file_whose_name_entry_is_flipped_is_damage(indexed_images):
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_files_1'").fetchone()[0]
+    conn.close()
+    data = db.read_bytes()
+    at = data.find(b"img001.jpg", (root - 1) * page, root * page)  # the entry of the unique index of names
+    assert at > 0
+    _flip_at(db, at + len(b"img00"))  # the entry now reads img000.jpg; the row itself is sound
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))  # exit 6 before
+    assert line == ("error: catalog.db is damaged: its index of names does not hold the row of img001.jpg: "
+                    "run `alignsearch verify`")
+    assert "sqlite_autoindex_files_1" in run("verify", "--skip-model", "--index", ix, code=7).output
+
+
+def test_similar_of_a_file_whose_rows_own_name_is_flipped_is_damage(indexed_images):
+    """The other copy: the row's name flipped, its index entry sound (the entry finds the row under another name)."""
+    photos, ix = indexed_images(12)
+    flip_in_table_page(ix / "catalog.db", "files", b"img001.jpg", len(b"img00"))  # the row reads img000.jpg
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))
+    assert line.startswith("error: catalog.db is damaged: the name in the row of file ")
+
+
+def test_similar_of_a_file_never_indexed_is_still_not_an_indexed_image(indexed_images):
+    from PIL import Image
+
+    photos, ix = indexed_images(12)
+    Image.new("RGB", (40, 40), "red").save(photos / "new.png")  # under the root, since the last run
+    assert "is not an indexed image" in _one_line(run("similar", photos / "new.png", "--index", ix, code=6))
 
 
 @pytest.mark.parametrize("damage", ["fingerprint", "key"])

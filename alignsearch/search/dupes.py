@@ -472,7 +472,7 @@ def find_indexed(engine, ref: str):
 
     from alignsearch.storage import catalog
     from alignsearch.media import sources
-    from alignsearch.errors import UsageError
+    from alignsearch.errors import IndexDamagedError, UsageError
     from alignsearch.search.querycheck import MAX_ID, check_id
 
     if re.fullmatch(r"[+-]?[0-9]+", ref) and not os.path.exists(ref):
@@ -492,7 +492,11 @@ def find_indexed(engine, ref: str):
             if not inside.startswith(os.pardir):
                 # by its catalog key, as the scan stored it: a name that is not UTF-8 (bytes as \xNN) failed to
                 # encode in SQLite's query (exit 1), one with a backslash (doubled in the key) was never found
-                row = catalog.file_at(conn, root, sources.catalog_key(inside)[0])
+                key = sources.catalog_key(inside)[0]
+                row = catalog.file_at(conn, root, key)
                 if row is not None:
                     return row
+                damage = catalog.name_problem(conn, root, key)
+                if damage:  # a flipped byte of its name is damage (exit 7), not "not an indexed image" (exit 6)
+                    raise IndexDamagedError(f"{damage}: run `alignsearch verify`")
     return None

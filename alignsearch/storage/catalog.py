@@ -1541,6 +1541,18 @@ def file_at(conn: Connection, root: str, relpath: str) -> FileRow | None:
     return found[0] if found else None
 
 
+def name_problem(conn: Connection, root: str, relpath: str) -> str | None:
+    """Why file_at found no row of (root, relpath) though the catalog's table holds one, or None. file_at finds a
+    row through the unique index of names, which holds each name's second copy: a flipped byte of that entry hid a
+    file from `similar FILE` ("is not an indexed image", exit 6, the user's mistake, while SQLite's integrity check
+    called the catalog damaged). So a name found in no entry is looked for in the table itself: a scan, asked only
+    on that miss (`similar` of a file never indexed, or new since the last run)."""
+    entries = {i for (i,) in conn.exec_driver_sql("SELECT id FROM files WHERE root = ? AND relpath = ?", (root, relpath))}
+    rows = {i for (i,) in conn.exec_driver_sql("SELECT id FROM files NOT INDEXED WHERE root = ? AND relpath = ?",
+                                               (root, relpath))}
+    return None if entries == rows else f"{DB_FILE} is damaged: its index of names does not hold the row of {relpath}"
+
+
 def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     """{file id: its photo fields} ({} for an index written before they existed)."""
     if not has_photos(conn):

@@ -165,6 +165,20 @@ def test_similar_of_a_file_whose_rows_own_name_is_flipped_is_damage(indexed_imag
     assert line.startswith("error: catalog.db is damaged: the name in the row of file ")
 
 
+def test_similar_of_a_file_whose_status_is_flipped_is_damage(indexed_images):
+    """file_at asks status = 'indexed': the file's own row read 'indexod' was "not an indexed image" (exit 6), though
+    a search refuses such a row (tests/test_catalog_flips.py)."""
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    data = db.read_bytes()
+    name = data.find(b"img001.jpg")
+    while b"indexed" not in data[name : name + 200]:  # the row's own cell (the index's entry holds no status)
+        name = data.find(b"img001.jpg", name + 1)
+    _flip_at(db, data.find(b"indexed", name) + len(b"index"))  # 'indexdd'
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))  # exit 6 before
+    assert line.startswith("error: catalog.db is damaged: 1 statuses are not 'indexed' or 'failed'")
+
+
 def test_similar_of_a_file_never_indexed_is_still_not_an_indexed_image(indexed_images):
     from PIL import Image
 

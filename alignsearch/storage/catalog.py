@@ -1546,8 +1546,13 @@ def name_problem(conn: Connection, root: str, relpath: str) -> str | None:
     row through the unique index of names, which holds each name's second copy: a flipped byte of that entry hid a
     file from `similar FILE` ("is not an indexed image", exit 6, the user's mistake, while SQLite's integrity check
     called the catalog damaged). So a name found in no entry is looked for in the table itself: a scan, asked only
-    on that miss (`similar` of a file never indexed, or new since the last run)."""
-    entries = {i for (i,) in conn.exec_driver_sql("SELECT id FROM files WHERE root = ? AND relpath = ?", (root, relpath))}
+    on that miss (`similar` of a file never indexed, or new since the last run). A row there whose status is no
+    status a writer stores (a flipped byte: 'indexod', or the text read as bytes) was the same "not an indexed
+    image": that is refuse_malformed's one line."""
+    found = conn.exec_driver_sql("SELECT id, status FROM files WHERE root = ? AND relpath = ?", (root, relpath)).all()
+    if not all(isinstance(status, str) and status in (INDEXED, FAILED) for _, status in found):
+        refuse_malformed(conn)
+    entries = {i for i, _ in found}
     rows = {i for (i,) in conn.exec_driver_sql("SELECT id FROM files NOT INDEXED WHERE root = ? AND relpath = ?",
                                                (root, relpath))}
     return None if entries == rows else f"{DB_FILE} is damaged: its index of names does not hold the row of {relpath}"

@@ -179,6 +179,24 @@ def test_similar_of_a_file_whose_status_is_flipped_is_damage(indexed_images):
     assert line.startswith("error: catalog.db is damaged: 1 statuses are not 'indexed' or 'failed'")
 
 
+@pytest.mark.parametrize("at", [1, -3])  # the key ("rnots"), a letter of the root's name ("photns")
+def test_similar_under_a_flipped_roots_record_is_damage(indexed_images, at):
+    """The meta table's list of roots flipped: no listed root held the file, so `similar FILE` said "not an indexed
+    image" (exit 6) and verify said ok."""
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    needle = b'roots["' + str(photos).encode() + b'"]'
+    start = db.read_bytes().find(needle)
+    assert start > 0
+    _flip_at(db, start + (at if at > 0 else len(needle) + at))
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))  # exit 6 before
+    assert line == (f"error: catalog.db is damaged: it holds files of {photos}, which its meta table does not list as "
+                     "roots: restore the index from a backup, or index the folders again into a new index")
+    said = run("verify", "--skip-model", "--index", ix, code=7).output  # ok (exit 0) before, of the root's name
+    # the key's flip leaves the meta table's own index off, which SQLite's check reports first
+    assert ("sqlite_autoindex_meta_1" if at > 0 else "which its meta table does not list as roots") in said
+
+
 def test_similar_of_a_file_never_indexed_is_still_not_an_indexed_image(indexed_images):
     from PIL import Image
 

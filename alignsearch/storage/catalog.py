@@ -1558,6 +1558,19 @@ def name_problem(conn: Connection, root: str, relpath: str) -> str | None:
     return None if entries == rows else f"{DB_FILE} is damaged: its index of names does not hold the row of {relpath}"
 
 
+def unlisted_roots(conn: Connection, listed: Iterable[str]) -> list[str]:
+    """The roots the files table names that are not among `listed` (the meta table's roots), sorted: a read of the
+    (root, relpath) index, for the error path and verify."""
+    listed = set(listed)
+    return [root for (root,) in conn.exec_driver_sql("SELECT DISTINCT root FROM files ORDER BY root") if root not in listed]
+
+
+def unlisted_problem(roots: list[str]) -> str:
+    """What rows of roots the meta table does not list mean (a run lists a root before it writes any row of it, and
+    `forget` drops both at once): damage of that list."""
+    return f"{DB_FILE} is damaged: it holds files of {', '.join(roots[:3])}, which its meta table does not list as roots"
+
+
 def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     """{file id: its photo fields} ({} for an index written before they existed)."""
     if not has_photos(conn):

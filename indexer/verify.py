@@ -175,9 +175,16 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                 r.problems.append(f"{r.malformed_phashes} perceptual hashes are not in the form alignsearch writes")
             st = state.read(conn)
             if st.model is None:
-                r.problems.append("no model recorded: the index was never built")
+                damage = state.unrecorded_model(st, catalog.counts(conn).get(catalog.INDEXED, 0),
+                                                layouts.pick(index_dir, st.ann).exists())
+                r.problems.append(damage or "no model recorded: the index was never built")
                 return r
             model = st.model.record
+            # a flipped byte of the meta table's roots: `similar FILE` refuses (exit 7), said here too; an unfinished
+            # run's rows are left unjudged, as its rows missing from the ANN index are a note
+            unlisted = [] if st.index_run is not None else catalog.unlisted_roots(conn, st.roots.roots)
+            if unlisted:
+                r.problems.append(catalog.unlisted_problem(unlisted))
             store = vectors.load(conn, index_dir, st.model.dim)
             live = catalog.live_pairs(conn)
             # images counts files, a video once whatever its moments, as `info` does (README: Video); live has

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from alignsearch.storage import catalog, migrate, state
+from alignsearch.storage import catalog, metaseal, migrate, state
 from conftest import index_json, make_images, run
 from helpers import (DEATHS_ENV, FIXTURES, KILLED_IN_PHASH_FILL, catalog_rows, deaths, killed_at, noting_deaths,
                      render_sign, seal, verify_problems, with_dying_fills, without_digests)
@@ -268,14 +268,18 @@ def test_a_version_3_catalog_is_read_as_it_stands_and_upgraded_once_by_a_writer(
     # version 7: migrate._thai_keywords; version 8: migrate._hangul_edge_keywords; version 9: migrate._width_keywords),
     # and files_sha256 on (sha256, moment) (version 10: migrate._content_index), and the links table, made empty
     # (version 13: migrate._links), and each files and photos row's digest (version 14: migrate._digests), compared
-    # with a copy that drops it
+    # with a copy that drops it, and the model record's digest (version 15: migrate._sealed_model)
     assert "CREATE INDEX files_sha256 ON files (sha256, moment);" in after
     assert any(x.startswith("CREATE TABLE links (") for x in after)
     assert catalog_rows(v3, "SELECT count(*) FROM files WHERE digest IS NULL") == [(0,)]
     assert catalog_rows(v3, "SELECT count(*) FROM photos WHERE digest IS NULL") == [(0,)]
+    model = json.loads(catalog_rows(v3, "SELECT value FROM meta WHERE key = 'model'")[0][0])
+    assert model == metaseal.sealed(model) and metaseal.KEY in model
     assert [x for x in without_digests(db, v3.parent / "copy") if not any(w in x for w in (
-        "fill_failures", "schema_version", "keys_lossless", "keywords", "INDEX files_sha256", "CREATE TABLE links ("))] \
-        == [x for x in before if not any(w in x for w in ("schema_version", "keywords", "INDEX files_sha256"))]
+        "fill_failures", "schema_version", "keys_lossless", "keywords", "INDEX files_sha256", "CREATE TABLE links (",
+        "VALUES('model'"))] \
+        == [x for x in before if not any(w in x for w in ("schema_version", "keywords", "INDEX files_sha256",
+                                                             "VALUES('model'"))]
     reader = catalog.connect(db, readonly=True)
     with reader.connect() as conn:
         assert state.read(conn).schema_version == migrate.LATEST and migrate.schema_of(conn) == migrate.CURRENT

@@ -15,7 +15,7 @@ from sqlalchemy import URL, create_engine
 
 from conftest import run
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage import catalog, migrate, state
+from alignsearch.storage import catalog, metaseal, migrate, state
 
 from helpers import FIXTURES, V3_EXPECTED as EXPECTED, answers_as_recorded, dump, hashes
 
@@ -71,9 +71,13 @@ def test_state_reads_every_key_590b6d4_wrote_and_writes_them_back_the_same(v3, t
         written = dict(conn.exec_driver_sql("SELECT key, value FROM meta").all())
         assert state.read(conn) == replace(read, schema_version=migrate.LATEST)  # the fresh catalog's own version
     fresh.dispose()
-    # the same JSON under the same keys (index_id too: written over the fresh catalog's own)
+    # the same JSON under the same keys (index_id too: written over the fresh catalog's own), the model record
+    # with its digest added (schema 15: metaseal)
     rows.pop("schema_version")
-    assert {k: json.loads(v) for k, v in written.items() if k in rows} == {k: json.loads(v) for k, v in rows.items()}
+    again = {k: json.loads(v) for k, v in written.items() if k in rows}
+    assert again["model"] == metaseal.sealed(json.loads(rows["model"])) and metaseal.KEY in again["model"]
+    again["model"].pop(metaseal.KEY)
+    assert again == {k: json.loads(v) for k, v in rows.items()}
 
 
 def test_state_fields_round_trip_and_unknown_names_are_refused(tmp_path):

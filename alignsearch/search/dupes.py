@@ -495,9 +495,9 @@ def find_indexed(engine, ref: str):
     import os
     import re
 
-    from alignsearch.storage import catalog
+    from alignsearch.storage import catalog, state
     from alignsearch.media import sources
-    from alignsearch.errors import UsageError
+    from alignsearch.errors import IndexDamagedError, UsageError
     from alignsearch.search.querycheck import MAX_ID, check_id
 
     if re.fullmatch(r"[+-]?[0-9]+", ref) and not os.path.exists(ref):
@@ -517,7 +517,20 @@ def find_indexed(engine, ref: str):
             if not inside.startswith(os.pardir):
                 # by its catalog key, as the scan stored it: a name that is not UTF-8 (bytes as \xNN) failed to
                 # encode in SQLite's query (exit 1), one with a backslash (doubled in the key) was never found
-                row = catalog.file_at(conn, root, sources.catalog_key(inside)[0])
+                key = sources.catalog_key(inside)[0]
+                row = catalog.file_at(conn, root, key)
                 if row is not None:
                     return row
+                damage = catalog.name_problem(conn, root, key)
+                if damage:  # a flipped byte of its name is damage (exit 7), not "not an indexed image" (exit 6)
+                    raise IndexDamagedError(f"{damage}: run `alignsearch verify`")
+        # not found under the roots the meta table lists: a flipped byte of that list (the key `roots`, or a root's
+        # name) hid every file from `similar FILE`; a run lists a root before it writes any row of it (job.py:
+        # roots.remember), and `forget` drops both at once, so rows of an unlisted root holding the file are damage;
+        # asked only on this miss (a read of the names' index)
+        for root in catalog.unlisted_roots(conn, engine.roots):
+            inside = os.path.relpath(path, root)
+            if sources.kind(root) == sources.FOLDER and not inside.startswith(os.pardir) and \
+                    catalog.file_at(conn, root, sources.catalog_key(inside)[0]) is not None:
+                raise IndexDamagedError(f"{catalog.unlisted_problem([root])}: {state.RESTORE}")
     return None

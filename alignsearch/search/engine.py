@@ -172,6 +172,10 @@ class Engine:
             conn.exec_driver_sql("BEGIN")
             st = state.read(conn)
             if st.model is None:
+                damage = state.unrecorded_model(st, catalog.counts(conn).get(catalog.INDEXED, 0),
+                                                layouts.pick(self.dir, st.ann).exists())
+                if damage:
+                    raise IndexDamagedError(f"{damage}: {state.RESTORE}")
                 raise IndexNotFoundError(f"{self.dir} holds no indexed images yet: run `alignsearch index FOLDER`")
             model_info, generation, roots, videos = st.model.record, st.generation, list(st.roots.roots), st.videos
             record = st.ann

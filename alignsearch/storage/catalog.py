@@ -1564,6 +1564,36 @@ def file_at(conn: Connection, root: str, relpath: str) -> FileRow | None:
     return found[0] if found else None
 
 
+def name_problem(conn: Connection, root: str, relpath: str) -> str | None:
+    """Why file_at found no row of (root, relpath) though the catalog's table holds one, or None. file_at finds a
+    row through the unique index of names, which holds each name's second copy: a flipped byte of that entry hid a
+    file from `similar FILE` ("is not an indexed image", exit 6, the user's mistake, while SQLite's integrity check
+    called the catalog damaged). So a name found in no entry is looked for in the table itself: a scan, asked only
+    on that miss (`similar` of a file never indexed, or new since the last run). A row there whose status is no
+    status a writer stores (a flipped byte: 'indexod', or the text read as bytes) was the same "not an indexed
+    image": that is refuse_malformed's one line."""
+    found = conn.exec_driver_sql("SELECT id, status FROM files WHERE root = ? AND relpath = ?", (root, relpath)).all()
+    if not all(isinstance(status, str) and status in (INDEXED, FAILED) for _, status in found):
+        refuse_malformed(conn)
+    entries = {i for i, _ in found}
+    rows = {i for (i,) in conn.exec_driver_sql("SELECT id FROM files NOT INDEXED WHERE root = ? AND relpath = ?",
+                                               (root, relpath))}
+    return None if entries == rows else f"{DB_FILE} is damaged: its index of names does not hold the row of {relpath}"
+
+
+def unlisted_roots(conn: Connection, listed: Iterable[str]) -> list[str]:
+    """The roots the files table names that are not among `listed` (the meta table's roots), sorted: a read of the
+    (root, relpath) index, for the error path and verify."""
+    listed = set(listed)
+    return [root for (root,) in conn.exec_driver_sql("SELECT DISTINCT root FROM files ORDER BY root") if root not in listed]
+
+
+def unlisted_problem(roots: list[str]) -> str:
+    """What rows of roots the meta table does not list mean (a run lists a root before it writes any row of it, and
+    `forget` drops both at once): damage of that list."""
+    return f"{DB_FILE} is damaged: it holds files of {', '.join(roots[:3])}, which its meta table does not list as roots"
+
+
 def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     """{file id: its photo fields} ({} for an index written before they existed)."""
     if not has_photos(conn):

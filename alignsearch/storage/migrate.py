@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage import state
+from alignsearch.storage import metaseal, state
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,18 @@ def digest_rows(dbapi_conn: sqlite3.Connection) -> None:
                                [(rowdigest.digest(fields, dict(zip(names, row[1:]))), row[0]) for row in rows])
 
 
+def _sealed_model(conn) -> None:
+    """The model record's digest (alignsearch/storage/metaseal.py), which readers check from now on: a flipped byte
+    of its fingerprint read as another model's (exit 5, "built with another model"), and verify said ok. Written from
+    the record as it stands (read at the old version, which asks no digest of it), so an upgraded index is trusted
+    as far as it was before; state.write seals every model record it stores."""
+    got = state.read(conn, "model", "reindex")
+    if got.model is not None:
+        state.write(conn, model=got.model)
+    if got.reindex is not None:
+        state.write(conn, reindex=got.reindex)
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "vector addresses are (segment, row)", _segments),
     Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
@@ -248,6 +260,7 @@ STEPS: tuple[Step, ...] = (
          _lao_keywords),
     Step(13, "the rows whose name is a symbolic link, with its target (links)", _links),
     Step(14, "a digest of each files and photos row's shown fields, which readers check", _digests),
+    Step(metaseal.SEALED, "a digest of the model record, which readers check", _sealed_model),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from alignsearch.errors import IndexDamagedError
+from alignsearch.storage import metaseal
 from alignsearch.storage.paths import LISTS_SUFFIX, own_entry, readonly_uri, same_entry, side_file_problems, untrusted_index
 
 
@@ -151,6 +152,10 @@ KEYS = {
 }
 
 
+# what to do about damage of the meta table: nothing else holds a second copy of it to mend it from
+RESTORE = "restore the index from a backup, or index the folders again into a new index"
+
+
 class MetaDamagedError(IndexDamagedError, ValueError):
     """A meta value no alignsearch wrote (not JSON, or not what its key holds): a damaged catalog, said in one
     line with exit 7, where it was an "unexpected ValueError" (or TypeError, OverflowError) of every command.
@@ -158,8 +163,7 @@ class MetaDamagedError(IndexDamagedError, ValueError):
 
     def __init__(self, key: str, exc: Exception):
         super().__init__(f"catalog.db is damaged: the value of {key!r} in its meta table is not what alignsearch writes "
-                         f"({type(exc).__name__}: {exc}); restore the index from a backup, or index the folders "
-                         "again into a new index")
+                         f"({type(exc).__name__}: {exc}); {RESTORE}")
 
 
 def decode(rows: Iterable[tuple[str, str]]) -> IndexState:
@@ -186,10 +190,18 @@ def _decode(raw: dict[str, Any]) -> IndexState:
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise MetaDamagedError(key, exc) from None
 
+    version = got("schema_version", None, int)
+    # from schema 15 every model record holds its digest (metaseal); None: no version read, which a catalog at
+    # LATEST never lacks (a flipped key there must not excuse a record from its check)
+    sealed = version is None or version >= metaseal.SEALED
+
+    def model(value: Any) -> ModelIdentity:
+        return ModelIdentity.from_record(metaseal.opened(value, sealed))
+
     return IndexState(
-        schema_version=got("schema_version", None, int),
+        schema_version=version,
         index_id=got("index_id"),
-        model=got("model", None, ModelIdentity.from_record),
+        model=got("model", None, model),
         generation=got("generation", 0, int),
         vectors=VectorState(rows=got("vector_rows", 0, int), segments=got("vector_segments", (), _segments)),
         ann=AnnState(digest=got("ann_digest"), files=got("ann_files", {}, _names_to_text),
@@ -204,7 +216,7 @@ def _decode(raw: dict[str, Any]) -> IndexState:
         encoder=got("encoder", None, _object),
         tagging=got("tagging", None, _tagging),
         index_run=got("index_run", None, _index_run),
-        reindex=got("reindex", None, _reindex),
+        reindex=got("reindex", None, lambda value: _reindex(value, model)),
     )
 
 
@@ -282,6 +294,21 @@ def _listing_errors(value: Any) -> dict:
     return value
 
 
+def unrecorded_model(st: IndexState, indexed: int, ann_present: bool) -> str | None:
+    """Why an index whose meta table records no model is damaged, not new: it holds indexed rows, vector rows or an
+    ANN index, which no run writes before it records its model (indexer/job.py records it first). A flipped byte of
+    the key `model` read as no model, and every command said "holds no indexed images yet" (exit 3, the user's to
+    mend by indexing). None: nothing was encoded, so the index is really new."""
+    if st.model is not None:
+        return None
+    held = [f"{indexed} indexed images"] * (indexed > 0) + [f"{st.vectors.rows} vector rows"] * (st.vectors.rows > 0) \
+        + ["an ANN index"] * (ann_present or st.ann.digest is not None)
+    if not held:
+        return None
+    return f"catalog.db is damaged: its meta table records no model, yet the index holds {' and '.join(held)}"
+
+
+
 def runs_of(tagging: Mapping[str, Any] | None) -> list[dict]:
     """The remembered tagging runs ({labels, templates, threshold, top}); an index tagged before runs accumulated
     holds one run as the meta itself."""
@@ -306,8 +333,8 @@ def _tagging(value: Any) -> dict:
     return value
 
 
-def _reindex(value: Any) -> Reindex:
-    return Reindex(model=ModelIdentity.from_record(value["model"]), segment=value["segment"], rows=int(value["rows"]),
+def _reindex(value: Any, model: Callable[[Any], ModelIdentity]) -> Reindex:
+    return Reindex(model=model(value["model"]), segment=value["segment"], rows=int(value["rows"]),
                    done=int(value["done"]))
 
 
@@ -316,7 +343,7 @@ def encode(name: str, value: Any) -> dict[str, Any]:
     if name not in KEYS:
         raise TypeError(f"IndexState has no field {name!r}")
     if name == "model":
-        return {"model": None if value is None else value.to_record()}
+        return {"model": None if value is None else metaseal.sealed(value.to_record())}
     if name == "vectors":
         return {"vector_rows": value.rows, "vector_segments": [list(s) for s in value.segments]}
     if name == "ann":
@@ -333,7 +360,8 @@ def encode(name: str, value: Any) -> dict[str, Any]:
         below = {} if value.pending_below is None else {"pending_below": value.pending_below}
         return {"index_run": {"started": value.started, "pid": value.pid, **below}}
     if name == "reindex":
-        return {"reindex": None if value is None else {"model": value.model.to_record(), "segment": value.segment,
+        return {"reindex": None if value is None else {"model": metaseal.sealed(value.model.to_record()),
+                                                       "segment": value.segment,
                                                        "rows": value.rows, "done": value.done}}
     return {KEYS[name][0]: value}
 
@@ -357,6 +385,8 @@ def read(conn, *fields: str) -> IndexState:
     if unknown:
         raise TypeError(f"IndexState has no field {unknown[0]!r}")
     keys = tuple(k for f in fields for k in KEYS[f])
+    if {"model", "reindex"} & set(fields) and "schema_version" not in fields:
+        keys += KEYS["schema_version"]  # whether a model record must hold its digest (metaseal.SEALED)
     return decode(run(SELECT + f" WHERE key IN ({', '.join('?' * len(keys))})", keys))
 
 

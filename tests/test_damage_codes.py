@@ -1,0 +1,237 @@
+"""Damage to the index is said as damage (exit 7), never as the user's mistake: the three cases of the catalog flip
+sweep (benchmarks/sweep_catalog_flips.py) that blamed the user.
+
+- a flipped byte of the model record's fingerprint read as another model (exit 5, "built with another model");
+- a flipped byte of the meta key `model` read as a new index (exit 3, "holds no indexed images yet");
+- a flipped byte of a file's entry in the index of names made `similar FILE` say "is not an indexed image" (exit 6).
+"""
+
+import json
+import sqlite3
+
+import pytest
+
+from conftest import run
+from helpers import flip_in_table_page
+
+from alignsearch.errors import IndexDamagedError
+from alignsearch.storage import catalog, migrate, state
+
+
+def _meta(ix):
+    conn = sqlite3.connect(ix / "catalog.db")
+    try:
+        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        conn.close()
+
+
+def _set_meta(ix, **values):
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        for key, value in values.items():
+            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+    conn.close()
+
+
+def _flip_at(db, at: int) -> None:
+    data = bytearray(db.read_bytes())
+    data[at] ^= 0x01
+    db.write_bytes(data)
+
+
+def _one_line(result) -> str:
+    text = result.output.strip()
+    assert text.splitlines() == [text], text
+    return text
+
+
+def _flip_fingerprint(db) -> None:
+    data = db.read_bytes()
+    start = data.find(b'"fingerprint": "') + len(b'"fingerprint": "')
+    # a digit of it: its flip is another digit, so the record still reads as a well-formed record of another model
+    _flip_at(db, next(i for i in range(start, start + 32) if chr(data[i]).isdigit()))
+
+
+def test_a_flipped_fingerprint_is_damage_not_another_model(indexed_images):
+    _, ix = indexed_images(12)
+    _flip_fingerprint(ix / "catalog.db")
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))  # exit 5 before: "built with ... not ..."
+    assert "catalog.db is damaged: the value of 'model' in its meta table is not what alignsearch writes" in line
+    assert "checksum" in line and "restore the index from a backup" in line
+    assert _one_line(run("info", "--index", ix, code=7)) == line
+    assert _one_line(run("verify", "--skip-model", "--index", ix, code=7)) == line  # ok (exit 0) before
+
+
+def test_the_python_api_says_a_flipped_fingerprint_as_the_cli_does(indexed_images):
+    import alignsearch
+
+    _, ix = indexed_images(12)
+    _flip_fingerprint(ix / "catalog.db")
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))
+    with pytest.raises(IndexDamagedError) as raised:
+        alignsearch.open(ix, device="cpu")
+    assert f"error: {raised.value}" == line
+
+
+def test_a_model_record_without_its_digest_is_read_before_schema_15_and_refused_from_it(indexed_images):
+    """Step 15 seals the record as it stands; a reader of an older catalog (it cannot upgrade) reads it unsealed."""
+    from alignsearch.storage import metaseal
+
+    _, ix = indexed_images(12)
+    record = json.loads(_meta(ix)["model"])
+    assert record[metaseal.KEY] == metaseal.digest(record)  # every writer seals it
+    record.pop(metaseal.KEY)
+    _set_meta(ix, model=json.dumps(record), schema_version="14")
+    run("query", "red circle", "--index", ix)  # a schema-14 catalog: no digest asked
+    db = catalog.connect(ix / "catalog.db")  # a writer upgrades it
+    db.dispose()
+    meta = _meta(ix)
+    assert meta["schema_version"] == str(migrate.LATEST) and json.loads(meta["model"]) == metaseal.sealed(record)
+    run("query", "red circle", "--index", ix)
+    _set_meta(ix, model=json.dumps(record))  # at 15 every writer stored one: its lack is damage
+    assert "it lacks the checksum every writer stores" in _one_line(run("query", "red circle", "--index", ix, code=7))
+
+
+def test_the_seal_is_a_pure_function_of_the_record():
+    from alignsearch.storage import metaseal
+
+    record = {"model": "m", "fingerprint": "ab12", "dim": 32, "preprocessing": {"rescale_factor": 0.00784313725490196}}
+    sealed = json.loads(json.dumps(metaseal.sealed(record)))  # as stored and read back
+    assert metaseal.opened(sealed, required=True) == record
+    assert metaseal.opened(record, required=False) == record
+    with pytest.raises(ValueError):
+        metaseal.opened(record, required=True)
+    with pytest.raises(ValueError):
+        metaseal.opened({**sealed, "fingerprint": "ab13"}, required=False)
+
+
+def test_a_flipped_model_key_is_damage_not_a_new_index(indexed_images):
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    at = db.read_bytes().find(b'model{"model": ')  # the key's text in the meta row, just before its value
+    assert at > 0
+    _flip_at(db, at + 1)  # "mndel"
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))  # exit 3 before: "holds no indexed images yet"
+    assert line == ("error: catalog.db is damaged: its meta table records no model, yet the index holds 12 indexed "
+                    "images and 12 vector rows and an ANN index: restore the index from a backup, or index the "
+                    "folders again into a new index")
+    assert _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7)) == line
+    assert _one_line(run("info", "--index", ix, code=7)) == line
+    run("verify", "--skip-model", "--index", ix, code=7)  # SQLite's integrity check finds the meta key's index off
+
+
+def test_verify_names_a_missing_model_key_of_an_index_with_rows(indexed_images):
+    """The key gone with its index entry sound (SQLite's check passes): verify said "the index was never built"."""
+    _, ix = indexed_images(12)
+    conn = sqlite3.connect(ix / "catalog.db")
+    with conn:
+        conn.execute("UPDATE meta SET key = 'mndel' WHERE key = 'model'")
+    conn.close()
+    assert "its meta table records no model, yet the index holds 12 indexed images" in \
+        run("verify", "--skip-model", "--index", ix, code=7).output
+    run("query", "red circle", "--index", ix, code=7)
+
+
+def test_an_index_with_nothing_encoded_is_still_no_index():
+    """The decision: no model and nothing a run writes after recording it is a new index (exit 3 stays)."""
+    assert state.unrecorded_model(state.IndexState(), 0, False) is None
+    assert state.unrecorded_model(state.IndexState(), 3, False).endswith("holds 3 indexed images")
+    assert "an ANN index" in state.unrecorded_model(state.IndexState(), 0, True)
+
+
+def test_similar_of_a_file_whose_name_entry_is_flipped_is_damage(indexed_images):
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_files_1'").fetchone()[0]
+    conn.close()
+    data = db.read_bytes()
+    at = data.find(b"img001.jpg", (root - 1) * page, root * page)  # the entry of the unique index of names
+    assert at > 0
+    _flip_at(db, at + len(b"img00"))  # the entry now reads img000.jpg; the row itself is sound
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))  # exit 6 before
+    assert line == ("error: catalog.db is damaged: its index of names does not hold the row of img001.jpg: "
+                    "run `alignsearch verify`")
+    assert "sqlite_autoindex_files_1" in run("verify", "--skip-model", "--index", ix, code=7).output
+
+
+def test_similar_of_a_file_whose_rows_own_name_is_flipped_is_damage(indexed_images):
+    """The other copy: the row's name flipped, its index entry sound (the entry finds the row under another name)."""
+    photos, ix = indexed_images(12)
+    flip_in_table_page(ix / "catalog.db", "files", b"img001.jpg", len(b"img00"))  # the row reads img000.jpg
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))
+    assert line.startswith("error: catalog.db is damaged: the name in the row of file ")
+
+
+def test_similar_of_a_file_whose_status_is_flipped_is_damage(indexed_images):
+    """file_at asks status = 'indexed': the file's own row read 'indexod' was "not an indexed image" (exit 6), though
+    a search refuses such a row (tests/test_catalog_flips.py)."""
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    data = db.read_bytes()
+    name = data.find(b"img001.jpg")
+    while b"indexed" not in data[name : name + 200]:  # the row's own cell (the index's entry holds no status)
+        name = data.find(b"img001.jpg", name + 1)
+    _flip_at(db, data.find(b"indexed", name) + len(b"index"))  # 'indexdd'
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))  # exit 6 before
+    assert line.startswith("error: catalog.db is damaged: 1 statuses are not 'indexed' or 'failed'")
+
+
+@pytest.mark.parametrize("at", [1, -3])  # the key ("rnots"), a letter of the root's name ("photns")
+def test_similar_under_a_flipped_roots_record_is_damage(indexed_images, at):
+    """The meta table's list of roots flipped: no listed root held the file, so `similar FILE` said "not an indexed
+    image" (exit 6) and verify said ok."""
+    photos, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    needle = b'roots["' + str(photos).encode() + b'"]'
+    start = db.read_bytes().find(needle)
+    assert start > 0
+    _flip_at(db, start + (at if at > 0 else len(needle) + at))
+    line = _one_line(run("similar", photos / "img001.jpg", "--index", ix, code=7))  # exit 6 before
+    assert line == (f"error: catalog.db is damaged: it holds files of {photos}, which its meta table does not list as "
+                     "roots: restore the index from a backup, or index the folders again into a new index")
+    said = run("verify", "--skip-model", "--index", ix, code=7).output  # ok (exit 0) before, of the root's name
+    # the key's flip leaves the meta table's own index off, which SQLite's check reports first
+    assert ("sqlite_autoindex_meta_1" if at > 0 else "which its meta table does not list as roots") in said
+
+
+def test_similar_of_a_file_never_indexed_is_still_not_an_indexed_image(indexed_images):
+    from PIL import Image
+
+    photos, ix = indexed_images(12)
+    Image.new("RGB", (40, 40), "red").save(photos / "new.png")  # under the root, since the last run
+    assert "is not an indexed image" in _one_line(run("similar", photos / "new.png", "--index", ix, code=6))
+
+
+@pytest.mark.parametrize("damage", ["fingerprint", "key"])
+def test_a_server_says_the_damage_a_command_says(indexed_images, damage):
+    """A server open before the damage: its next search re-reads the meta table (a new generation) and answers the
+    line `query` prints, as its 500 (the index is damaged)."""
+    import alignsearch
+    from helpers import call
+
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    _, ix = indexed_images(12)
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0, no_token=True))
+    try:
+        assert call(server.url, "/api/search?q=red&k=3", token=None)[0] == 200
+        record = json.loads(_meta(ix)["model"])
+        conn = sqlite3.connect(ix / "catalog.db")
+        with conn:
+            if damage == "fingerprint":  # as a flipped byte reads: another fingerprint, the digest as written
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'model'",
+                             (json.dumps({**record, "fingerprint": "3" + record["fingerprint"][1:]}),))
+            else:
+                conn.execute("UPDATE meta SET key = 'mndel' WHERE key = 'model'")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', '1')")  # a fresh index: 0
+        conn.close()
+        status, _, body = call(server.url, "/api/search?q=red&k=3", token=None)
+    finally:
+        server.shutdown()
+        engine.close()
+    line = _one_line(run("query", "red circle", "--index", ix, code=7))
+    assert status == 500 and line.replace("error: ", "the index is damaged: ", 1) in body.decode(), body

@@ -114,3 +114,20 @@ def test_rows_relisted_after_a_chmod_of_a_library_are_found_a_batch_at_a_time(tm
     assert {k: v for k, v in times.items() if v != 5.0 and not k[1].endswith(".mp4")} == want
     assert [times[("/a", "v.mp4", m)] for m in range(3)] == [77.0] * 3
     assert sum(v == 5.0 for v in times.values()) == n - len(want)
+
+
+def test_a_file_the_listing_refuses_is_not_hashed_when_its_status_changes():
+    """A row failed "file too large" (an image over 256 MB is never read) or "not a regular file": a chmod -R made it a
+    suspect, and scan.confirm read the whole file (gigabytes) to learn what the listing already said, only for the
+    pipeline to refuse it again. Its size and mtime unchanged, the listing's refusal stands: nothing to read."""
+    from types import SimpleNamespace
+
+    from alignsearch.media import sources
+    from indexer.scan import diff
+
+    too_large = sources.too_large(300 * 2**20)
+    f = Found("/r", "pano.jpg", 300 * 2**20, 100.0, too_large, ctime=500.0, listed_at=600.0)
+    row = SimpleNamespace(id=1, relpath="pano.jpg", size=f.size, mtime=f.mtime, status="failed", reason=too_large,
+                          indexed_at=400.0, sha256=None)
+    d = diff([f], {"pano.jpg": row})
+    assert (d.suspects, d.todo, d.unchanged) == ([], [], 1)

@@ -305,7 +305,10 @@ def _keep_private(db, out: Path, roots: list[str], list_column: str | None, list
     alone in a scoped one (index --watch: a million-line list read at every change seen)."""
     with db.connect() as conn:
         recorded = state.read(conn).roots
-    columns = {**recorded.list_columns, **{r: list_column for r in roots if sources.kind(r) == sources.LIST}}
+    # as the scan reads them (_index): a list's remembered column unless this run names another; None over it judged
+    # a list named again without --list-column by the default column (none in a list of two: its file alone)
+    columns = {**recorded.list_columns, **({r: list_column for r in roots if sources.kind(r) == sources.LIST}
+                                           if list_column else {})}
     every = list(dict.fromkeys([*roots, *recorded.roots]))
     return privacy.keep_private(out, every, columns, lists, judged=held, by_photos=roots if scope is not None else None)
 

@@ -409,7 +409,9 @@ def diff(found: list[Found], known: dict, unlisted: list[str] = (), links: dict 
                 _retry(row.reason) and (sources.is_url(f.path) or _readable_again(f))) or relinked_name(f, row, links):
             out.todo.append(f)
             out.changed_ids.append(row.id)
-        elif status_changed(f, row.indexed_at, now):
+        elif f.error is None and status_changed(f, row.indexed_at, now):  # one the listing refuses (too large, not
+            # a regular file) as its row records, its size and mtime the same, is not read: hashing it (gigabytes)
+            # learnt nothing the pipeline would not refuse again
             out.suspects.append((f, row))
         else:
             out.unchanged += 1

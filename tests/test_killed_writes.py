@@ -67,3 +67,23 @@ def test_the_next_writer_removes_only_the_index_own_leftovers(indexed_images):
     assert _temporaries(ix) == sorted([*users, young.name, held.name])
     assert os.listdir(ix / "vectors") == [] and os.listdir(ix / "thumbs") == []
     assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+
+
+def test_the_user_own_temporaries_in_folders_named_vectors_or_thumbs_are_kept(indexed_images):
+    """An index made in a folder of the user's (`--index ~/project`) whose own `vectors/` or `thumbs/` (an ML
+    project's embeddings, a gallery's thumbnails) holds `.NAME.XXXXXXXX.tmp` of another tool's: that folder was swept
+    whole, and the user's file deleted. Only the names the index writes there are its leftovers."""
+    photos, ix = indexed_images(3)
+    (ix / "vectors").mkdir(exist_ok=True)
+    (ix / "thumbs").mkdir(exist_ok=True)
+    users = ["vectors/.embeddings.npy.a1b2c3d4.tmp", "thumbs/.holiday.png.a1b2c3d4.tmp", "vectors/.notes.a1b2c3d4.new"]
+    for name in users[:2]:
+        _plant(ix / name, b"theirs")
+    (ix / users[2]).mkdir()
+    os.utime(ix / users[2], (HOURS_AGO, HOURS_AGO))
+    ours = ["vectors/.9.f16.a1b2_c3d.tmp", "vectors/..run.a1b2_c3d.tmp", "thumbs/.7-256.jpg.a1b2_c3d.tmp"]
+    for name in ours:
+        _plant(ix / name)
+    run("index", photos, "--index", ix)
+    assert sorted(str(p.relative_to(ix)) for p in [*(ix / "vectors").iterdir(), *(ix / "thumbs").iterdir()]
+                  if p.name.endswith((".tmp", ".new"))) == sorted(users)

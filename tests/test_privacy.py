@@ -377,3 +377,21 @@ def test_a_list_left_out_of_by_photos_is_judged_by_its_file_alone(public_dir):
         ix.chmod(0o755)
         keep_private(ix, [str(listed)], {str(listed): "shot"}, by_photos=by_photos)
         assert stat.S_IMODE(os.stat(ix).st_mode) == mode, by_photos
+
+
+@pytest.mark.slow
+def test_a_list_named_again_without_its_column_is_judged_by_the_column_remembered(tiny_model, public_dir):
+    """`alignsearch index list.csv` again without --list-column: the scan reads the column the index remembers for it,
+    but the judgement asked for the default one (None over the remembered), found none in a list of two columns,
+    and judged the list by its file alone: photos it names made private since left the index open to every user."""
+    photos, ix = public_dir / "photos", public_dir / "ix"
+    smooth_photos(photos, 1)
+    photos.chmod(0o755)
+    listed = public_dir / "list.csv"
+    listed.write_text(f"shot,note\n{next(photos.iterdir())},a walk\n")
+    listed.chmod(0o644)
+    run("index", "--index", ix, "--model", tiny_model, listed, "--list-column", "shot")
+    ix.chmod(0o755)
+    photos.chmod(0o700)
+    run("index", "--index", ix, listed)  # named, its column remembered
+    assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700

@@ -76,3 +76,58 @@ def test_a_status_change_counts_only_after_the_rows_listing_and_not_from_the_fut
     assert not status_changed(f, indexed_at=500.0, now=1000.0)  # the listing the row was made from saw it
     assert not status_changed(f, indexed_at=400.0, now=500.0 - CHANGED_SLACK_S - 1)  # a clock ahead of this one's
     assert not status_changed(Found("/r", "a.jpg", 10, 100.0), indexed_at=0.0, now=1000.0)  # a URL, a tar member
+
+
+def test_rows_relisted_after_a_chmod_of_a_library_are_found_a_batch_at_a_time(tmp_path):
+    """catalog.relisted after a `chmod -R` of a library: every row confirmed by its hash. It looked each (root,
+    relpath) up in a statement of its own (1M files: a million SELECTs, as long again as the hashing) and took the
+    rows of them all in memory at once (_change: about 2 KB a row). Each row moves to its own listing's time, its
+    digest with it, a video's moments alike."""
+    from sqlalchemy import event
+
+    from alignsearch.storage import catalog
+
+    ix = tmp_path / "ix"
+    ix.mkdir(mode=0o700)
+    db = catalog.connect(ix / "catalog.db")
+    n = 1200
+    with db.begin() as conn:
+        for root in ("/a", "/b"):
+            for i in range(n // 2):
+                catalog.insert_file(conn, {"root": root, "relpath": f"{i}.jpg", "size": 10, "mtime": 1.0,
+                                           "sha256": "ab" * 32, "status": "indexed", "vec_row": i, "indexed_at": 5.0})
+        for moment in range(3):
+            catalog.insert_file(conn, {"root": "/a", "relpath": "v.mp4", "size": 10, "mtime": 1.0, "sha256": "cd" * 32,
+                                       "status": "indexed", "vec_row": 9000 + moment, "moment": moment, "t": moment,
+                                       "indexed_at": 5.0})
+    confirmed = [(root, f"{i}.jpg", 100.0 + i) for root in ("/a", "/b") for i in range(n // 2) if i % 3 == 0]
+    confirmed += [("/a", "v.mp4", 77.0), ("/a", "gone.jpg", 1.0)]
+    statements = []
+    event.listen(db, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with db.begin() as conn:
+        catalog.relisted(conn, confirmed)
+    assert len(statements) < 30, len(statements)  # a batch of rows a statement, not a row
+    with db.connect() as conn:
+        times = {(r.root, r.relpath, r.moment): r.indexed_at for r in conn.execute(catalog.files.select())}
+        assert catalog.off_digest(conn) == []
+    want = {(root, rel, 0): when for root, rel, when in confirmed[:-2]}
+    assert {k: v for k, v in times.items() if v != 5.0 and not k[1].endswith(".mp4")} == want
+    assert [times[("/a", "v.mp4", m)] for m in range(3)] == [77.0] * 3
+    assert sum(v == 5.0 for v in times.values()) == n - len(want)
+
+
+def test_a_file_the_listing_refuses_is_not_hashed_when_its_status_changes():
+    """A row failed "file too large" (an image over 256 MB is never read) or "not a regular file": a chmod -R made it a
+    suspect, and scan.confirm read the whole file (gigabytes) to learn what the listing already said, only for the
+    pipeline to refuse it again. Its size and mtime unchanged, the listing's refusal stands: nothing to read."""
+    from types import SimpleNamespace
+
+    from alignsearch.media import sources
+    from indexer.scan import diff
+
+    too_large = sources.too_large(300 * 2**20)
+    f = Found("/r", "pano.jpg", 300 * 2**20, 100.0, too_large, ctime=500.0, listed_at=600.0)
+    row = SimpleNamespace(id=1, relpath="pano.jpg", size=f.size, mtime=f.mtime, status="failed", reason=too_large,
+                          indexed_at=400.0, sha256=None)
+    d = diff([f], {"pano.jpg": row})
+    assert (d.suspects, d.todo, d.unchanged) == ([], [], 1)

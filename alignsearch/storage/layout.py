@@ -220,18 +220,24 @@ def drop_lists(folder: Path, keep: Path | None = None) -> None:
 _WRITTEN = re.compile("|".join([
     rf"(?:{re.escape(ANN_FILE)}|{re.escape(shards.MANIFEST)})(?:{re.escape(ann.NEXT_SUFFIX)})?",
     re.escape(VECTORS_FILE), r"shard-\d+-\d+\.faiss", rf"lists-\d+{re.escape(LISTS_SUFFIX)}"]))
+# vectors/: the segments (vectors.py, `NAME.f16`) and the Ray pipeline's run token (indexer/ray_pipeline.py RUN_TOKEN);
+# thumbs/: the server's `ID-SIZE.jpg`
+_SEGMENT_WRITTEN, _THUMB_WRITTEN = re.compile(r"[^/]+\.f16|\.run"), re.compile(r"\d+-\d+\.jpg")
 
 
 def remove_killed_writes(index_dir: Path, names: tuple[str, ...] = ()) -> int:
     """Delete the temporaries that writes killed mid-way left in an index folder (atomic.remove_stale's rules: this
     user's, unchanged for a minute, not held by a write at work), and return how many: those of the files above and
-    of `names` (the lock files, whose fresh copies indexer/lock.py renames into place), and any in the folders only
-    alignsearch writes (vectors/ segments, the server's thumbnails). Only those names: an index folder may be made
+    of `names` (the lock files, whose fresh copies indexer/lock.py renames into place), and those of the vectors/
+    segments and the server's thumbnails in their folders. Only those names: an index folder may be made
     inside one of the user's folders, whose own `.notes.txt.a1b2c3d4.tmp` is no leftover of ours. A folder that is
     a link is not followed (the index never makes one)."""
     removed = atomic.remove_stale_of(index_dir, lambda name: name in names or _WRITTEN.fullmatch(name) is not None,
                                      writer="a writer of the index")
-    for sub in (SEGMENTS_DIR, THUMBS_DIR):
+    # there too only the names written: an index made in a folder of the user's may find their own `vectors/` or
+    # `thumbs/` there (an ML project's embeddings, a gallery's thumbnails), and the whole folder was swept
+    for sub, written in ((SEGMENTS_DIR, _SEGMENT_WRITTEN), (THUMBS_DIR, _THUMB_WRITTEN)):
         if os.path.isdir(index_dir / sub) and not os.path.islink(index_dir / sub):
-            removed += atomic.remove_stale_in(index_dir / sub)
+            removed += atomic.remove_stale_of(index_dir / sub, lambda name, w=written: w.fullmatch(name) is not None,
+                                              writer="a writer of the index")
     return removed

@@ -473,7 +473,7 @@ def scan_all(db, roots: list[str], known: list[str], options: dict, columns: dic
             d = scan.diff(found, rows, [e.folder for e in errors], recorded_links)
             same, differ = scan.confirm(d.suspects)
             d.todo += differ
-            d.unchanged += len(same)
+            d.unchanged += len(d.suspects) - len(differ)  # the same content, and those that cannot be read now
             out.confirmed += [(f.root, f.relpath, f.listed_at) for f in same]
             out.todo += d.todo
             out.removed += d.removed

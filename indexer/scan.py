@@ -434,13 +434,16 @@ def status_changed(f: Found, indexed_at: float, now: float) -> bool:
 
 def confirm(suspects: list[tuple[Found, object]], threads: int = 8) -> tuple[list[Found], list[Found]]:
     """(the suspects whose bytes hash to their row's SHA-256: unchanged, their rows' indexed_at to be moved to this
-    listing; the others: changed, read again) of diff's suspects. Only the hash is compared: a chmod of a library, a
-    backup restored, a folder renamed on some filesystems change every file's ctime, and re-encoding them, or taking
-    their rows' photo fields, OCR text and tags away with a new row, would cost hours for nothing."""
+    listing; those whose bytes hash otherwise, or whose row has no hash to compare: changed, read again) of diff's
+    suspects. Only the hash is compared: a chmod of a library, a backup restored, a folder renamed on some
+    filesystems change every file's ctime, and re-encoding them, or taking their rows' photo fields, OCR text and
+    tags away with a new row, would cost hours for nothing. A suspect that cannot be read now (`chmod 000`, a share
+    gone) is in neither: unchanged, as its size and mtime say, and hashed again by the next run; read as changed, its
+    good row was replaced by a failed one ("cannot read"), its vectors and photo fields gone until it was readable."""
     with ThreadPoolExecutor(threads) as pool:  # reads overlap: a disk queue, a network filesystem's round trips
         hashes = list(pool.map(lambda pair: content_sha256(pair[0]), suspects))
-    same = [f for (f, row), h in zip(suspects, hashes) if h is not None and h == row.sha256]
-    return same, [f for (f, row), h in zip(suspects, hashes) if h is None or h != row.sha256]
+    read = [(f, row, h) for (f, row), h in zip(suspects, hashes) if h is not None]
+    return [f for f, row, h in read if h == row.sha256], [f for f, row, h in read if h != row.sha256]
 
 
 def content_sha256(f: Found) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ctypes
 import errno
 import hashlib
@@ -343,6 +344,17 @@ def clustered(n, dim, seed=0, clusters=50):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def list_root(db, root: str = "/synthetic") -> None:
+    """Add root to the roots the index's meta table lists, as a run lists a root before it writes a row of it:
+    rows of a root it does not list are damage (catalog.unlisted_roots, verify)."""
+    from alignsearch.storage import state
+
+    with db.begin() as conn:
+        roots = state.read(conn, "roots").roots
+        if root not in roots.roots:
+            state.write(conn, roots=dataclasses.replace(roots, roots=(*roots.roots, root)))
+
+
 def add_synthetic(index_dir, n, dim, seed=0):
     """n catalog rows with clustered unit vectors, written by the real writer."""
     return write_vectors(index_dir, clustered(n, dim, seed=seed))
@@ -359,6 +371,7 @@ def write_vectors(index_dir, x, names=None):
 
     names = names or [f"{j}.jpg" for j in range(len(x))]
     db = catalog.connect(index_dir / "catalog.db")
+    list_root(db)
     engine = alignsearch.open(index_dir)
     store = engine.store
     write = catalog_writer(db, store)
@@ -393,6 +406,9 @@ def vector_index(folder, n, dim, seed=0, rows=None):
                 for i in range(start, min(n, start + 10_000))])
         seal(conn)  # synthetic rows with the digests a writer gives them
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
+        # as a run lists a root before it writes a row of it: rows of a root the meta table does not list are
+        # damage (catalog.unlisted_roots, verify)
+        state.write(conn, roots=state.RootsState(roots=("/synthetic",)))
         vectors.save(conn, store)
     db.dispose()
     ann.write_atomic(ann.create(ann.plan_index(0, dim), dim), folder / ANN_FILE)

@@ -72,7 +72,7 @@ def test_clip_retrieval_layout(indexed, tmp_path):
     out = tmp_path / "clip"
     summary = json.loads(run("export", out, "--format", "clip-retrieval", "--shard-rows", "4", "--index", ix,
                              "--json").stdout)
-    assert summary == {"format": "clip-retrieval", "rows": 9, "path": str(out), "shards": 3, "same_file": 0}
+    assert summary == {"format": "clip-retrieval", "rows": 9, "path": str(out), "shards": 3, "same_file": 0, "moments": 0}
     assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
     assert sorted(p.name for p in (out / "metadata").iterdir()) == [f"metadata_{i}.parquet" for i in range(3)]
     embs = [np.load(out / "img_emb" / f"img_emb_{i}.npy") for i in range(3)]

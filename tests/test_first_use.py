@@ -321,6 +321,7 @@ def test_an_exact_copy_scores_one_though_its_fp16_row_is_not_unit_length(tmp_pat
                  height=64, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i) for i in range(5)])
         seal(conn)
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
+        state.write(conn, roots=state.RootsState(roots=("/synthetic",)))
         vectors.save(conn, store)
     db.dispose()
     index = ann.create(ann.plan_index(0, dim), dim)

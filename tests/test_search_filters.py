@@ -12,6 +12,7 @@ import alignsearch
 from alignsearch.storage import catalog
 from alignsearch.search import engine as engine_module
 from conftest import index_json, make_images, run
+from helpers import list_root
 
 
 def photo(path, colour, when=None, offset=None, make=None, model=None, gps=None):
@@ -207,6 +208,7 @@ def test_filtered_search_never_starves_on_an_ivfpq_index(indexed_images, monkeyp
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     rare = rng.random(n) < 0.01
     db = catalog.connect(ix / "catalog.db")
+    list_root(db)
     write = catalog_writer(db, engine.store)
     for start in range(0, n, 2000):
         items = [Item(Found("/synthetic", f"{j}.jpg", 1, 0.0), crop=np.zeros(1), format="JPEG",
@@ -275,6 +277,7 @@ def _synthetic(ix, relpaths, seed=0):
     x = rng.normal(size=(len(relpaths), engine.store.dim))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     db = catalog.connect(ix / "catalog.db")
+    list_root(db)
     write = catalog_writer(db, engine.store)
     write([Item(Found("/synthetic", rel, 1, 0.0), crop=np.zeros(1), format="JPEG", photo={"taken": 1.0})
            for rel in relpaths], x)

@@ -131,3 +131,17 @@ def test_a_file_the_listing_refuses_is_not_hashed_when_its_status_changes():
                           indexed_at=400.0, sha256=None)
     d = diff([f], {"pano.jpg": row})
     assert (d.suspects, d.todo, d.unchanged) == ([], [], 1)
+
+
+def test_a_suspect_that_cannot_be_read_now_is_neither_same_nor_changed(tmp_path):
+    """A file made unreadable (chmod 000, a share gone) changes its ctime: read as changed, its good row was replaced
+    by a failed one ("cannot read"). It stays as it is, hashed again by the next run."""
+    from types import SimpleNamespace
+
+    from indexer.scan import confirm
+
+    (tmp_path / "here.jpg").write_bytes(b"same")
+    rows = SimpleNamespace(sha256=hashlib.sha256(b"same").hexdigest()), SimpleNamespace(sha256="0" * 64)
+    here, gone = Found(str(tmp_path), "here.jpg", 4, 1.0), Found(str(tmp_path), "gone.jpg", 4, 1.0)
+    assert confirm([(here, rows[0]), (gone, rows[1])]) == ([here], [])
+    assert confirm([(here, rows[1])]) == ([], [here])

@@ -518,6 +518,7 @@ def test_a_catalog_from_before_every_table_existed_is_not_called_damaged(tmp_pat
     assert catalog.integrity_problems(path) == [] and catalog.keyword_problems(path) == []
 
 
+@pytest.mark.slow
 def test_a_pairs_table_that_is_not_one_is_a_one_line_input_error(tmp_path, tiny_model):
     """`finetune PAIRS` with a .jsonl holding a line that is not JSON, a .csv that is not UTF-8, or a .parquet
     without the columns: "unexpected JSONDecodeError / UnicodeDecodeError / ArrowInvalid" and exit 1, as if
@@ -683,6 +684,7 @@ def test_links_another_user_planted_in_a_photo_folder_do_not_carry_this_users_fi
     assert "SECRETKEY" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a link owned by another user")
 def test_what_planted_links_brought_into_an_index_built_before_links_were_judged_leaves_it(tmp_path, tiny_model,
                                                                                              monkeypatch):

@@ -147,6 +147,7 @@ def _flip_keyword_data(db: Path) -> None:
         conn.close()
 
 
+@pytest.mark.slow
 def test_verify_finds_bytes_flipped_in_the_keyword_index(indexed_images):
     """Bytes flipped in the keyword index (FTS5's data rows): every keyword query answered nothing, or failed,
     and `verify` said the index was sound (PRAGMA integrity_check reads FTS5 tables only from SQLite 3.44). It
@@ -455,6 +456,7 @@ def test_finetune_out_through_a_link_to_the_users_folder_is_refused(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-out", "train"]  # nothing beside it either
 
 
+@pytest.mark.slow
 def test_finetune_out_that_is_a_model_in_use_is_refused(tmp_path, tiny_model, monkeypatch):
     """An earlier finetune output is a valid --out, and the save replaced the model in it: with --out the
     model training starts from, or the model of the index found here (ALIGNSEARCH_INDEX, or .alignsearch/ in

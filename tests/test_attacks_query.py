@@ -40,6 +40,7 @@ def library(prebuilt, tiny_model):
     return prebuilt.folder("attacks-query-library", build)[1]
 
 
+@pytest.mark.slow
 def test_collapse_with_a_sort_keeps_the_best_k_and_folds_into_the_best(library):
     """--collapse folded the 3k candidates in the order --sort asked for and cut that at k: `--sort -taken
     --collapse -k 2` listed the two newest pictures of the 6 best, not the 2 best pictures newest first (the best

@@ -112,6 +112,7 @@ def test_a_query_too_long_for_a_url_is_searched_locally_every_time(served):
     assert b"bytes long in a URL" in warm.stderr and b"did not answer" not in warm.stderr, warm.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [None, "--negative", "--tag"])
 def test_a_query_text_that_is_not_utf8_is_one_line_and_exit_6(served, option):
     """Bytes that are not UTF-8 (a Latin-1 terminal's é) reached the tokenizer: `unexpected TypeError`, exit 1,
@@ -259,6 +260,7 @@ def test_similar_to_an_id_that_cannot_be_one_is_not_an_indexed_image(served, ref
         assert out.exit_code == 6 and "is not an indexed image" in out.output, out.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fifo", "device", "latin-1"])
 def test_a_labels_file_that_is_no_text_file_is_refused_at_once(served, tmp_path, kind):
     """`tag --labels-file` read whatever it was given: a FIFO waited for a writer for ever, /dev/zero filled

@@ -206,6 +206,7 @@ def test_a_later_run_uses_the_cache_without_exporting(tiny_model, cache, monkeyp
     assert enc.plan.backend == "onnx"
 
 
+@pytest.mark.slow
 def test_a_failing_export_falls_back_to_torch_and_says_why(tiny_model, cache, monkeypatch):
     import torch
 
@@ -241,6 +242,7 @@ def test_without_onnxruntime_the_index_runs_on_what_is_left(tiny_model, tmp_path
     assert proc.returncode == BadInputError.exit_code and "pip install onnxruntime" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_a_damaged_cache_is_exported_again(tiny_model, exported_cache, damage):
     first = Encoder(str(tiny_model), device="cpu")
@@ -684,6 +686,7 @@ def test_the_torch_free_tokenizer_matches_transformers(tiny_model, exported_cach
     assert (light.encode_text(texts) * enc.encode_text(texts)).sum(axis=1).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_models_that_differ_where_the_fingerprint_does_not_look_never_share_exports(tiny_model, tmp_path, cache):
     """The fingerprint samples weights; the cache is keyed by every weight and the tokenizer too."""
     import shutil
@@ -724,6 +727,7 @@ def test_two_exporters_at_once_keep_both_towers_in_the_manifest(tiny_model, cach
     assert {"text", "image"} <= set(manifest["probes"])
 
 
+@pytest.mark.slow
 def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
     enc = Encoder(str(tiny_model), device="cpu")
     enc.encode_text(["a dog"])
@@ -737,6 +741,7 @@ def test_half_written_exports_of_killed_runs_are_cleaned_up(tiny_model, cache):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_an_export_at_work_in_another_process_is_not_swept_by_a_concurrent_one(tiny_model, cache):
     """A slow export's temporary (torch writes the file only at its end, so its time stays the start's) is
     held, by its lock, by the process writing it: a concurrent export's sweep of killed exports' leftovers
@@ -758,6 +763,7 @@ def test_an_export_at_work_in_another_process_is_not_swept_by_a_concurrent_one(t
         writer.wait()
 
 
+@pytest.mark.slow
 def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_its_model(tiny_model, tmp_path, exported_cache):
     import alignsearch
     from alignsearch.encoders import coldstart
@@ -878,6 +884,7 @@ def test_a_reexport_removes_the_exports_it_superseded_and_nothing_else(tiny_mode
     assert (not_named / "vision-fp32.onnx").exists()
 
 
+@pytest.mark.slow
 def test_an_export_version_bump_removes_the_towers_it_did_not_export_again(tiny_model, cache, monkeypatch):
     from alignsearch.encoders import onnxexport, records
     from alignsearch.encoders.onnxrun import read_manifest

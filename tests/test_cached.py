@@ -139,6 +139,7 @@ def test_damaged_compiled_graphs_are_cleared_and_compiled_again(model, cache, tm
     assert first["added"] == 3 and all(float(a[p] @ b[p]) >= 0.999 for p in a)
 
 
+@pytest.mark.slow
 def test_find_declines_what_it_cannot_run_without_the_checkpoint(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     assert cached.find(str(tiny_model), None, EncoderOptions(device="cpu")) is None  # nothing exported yet
@@ -156,6 +157,7 @@ def test_find_declines_what_it_cannot_run_without_the_checkpoint(tiny_model, mon
     assert cached.find(None, other, EncoderOptions(device="cpu", backend="openvino")) is None  # not the recorded model
 
 
+@pytest.mark.slow
 def test_the_cached_encoder_gives_the_full_encoders_vectors_and_description(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNSEARCH_CACHE", str(tmp_path / "cache"))
     full = Encoder(str(tiny_model), device="cpu", backend="openvino")
@@ -249,6 +251,7 @@ def test_other_weights_under_the_same_size_mtime_and_inode_are_not_taken_for_the
     assert min(float(got[p] @ ref.encode_images([corpus / p])[0]) for p in got) >= 0.999
 
 
+@pytest.mark.slow
 def test_a_damaged_manifest_anywhere_in_the_cache_is_passed_over(tiny_model, monkeypatch, tmp_path):
     from alignsearch.encoders import onnxrun
 
@@ -281,6 +284,7 @@ def test_a_cached_run_leaves_the_text_tower_for_the_next_query(model, cache, tmp
     assert out["added"] == 3 and out["loaded"] == ["torch", "transformers"] and text.exists()  # exported again
 
 
+@pytest.mark.slow
 def test_a_re_export_drops_the_graphs_compiled_from_the_file_it_replaces(tiny_model, monkeypatch, tmp_path):
     from alignsearch.encoders import onnxrun
 

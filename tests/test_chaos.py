@@ -467,6 +467,7 @@ def test_ctrl_c_while_a_connection_closes_prints_no_traceback(indexed_images):
     assert "Traceback" not in proc.stderr and "Exception closing connection" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_file_forgotten_while_a_search_reads_its_rows_is_left_out_not_a_crash(indexed_images, monkeypatch):
     """Found by the soak (the server answered 500 "internal error", KeyError): a search reads the candidates'
     addresses, then their rows, each read seeing what is committed then; a writer that removed a file in

@@ -28,6 +28,7 @@ def indexed(indexed_corpus, monkeypatch):
     return ix
 
 
+@pytest.mark.slow
 def test_index_summary_and_failures(tmp_path, tiny_model, monkeypatch):
     from conftest import fill_corpus
 
@@ -48,6 +49,7 @@ def test_index_summary_and_failures(tmp_path, tiny_model, monkeypatch):
     assert "broken.jpg" in run("info", "--failed").output
 
 
+@pytest.mark.slow
 def test_text_query_json_schema(indexed):
     out = json.loads(run("query", "red car on beach", "-k", "5", "--json").stdout)
     assert out["query"]["text"] == "red car on beach"
@@ -83,6 +85,7 @@ def test_k_beyond_the_collection_returns_all(indexed):
     assert len(out["results"]) == 18 and len({h["id"] for h in out["results"]}) == 18
 
 
+@pytest.mark.slow
 def test_rerun_is_incremental_and_tracks_changes(indexed, corpus, tmp_path):
     again = json.loads(run("index", "--json").stdout)  # roots remembered, model remembered
     assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, 19)

@@ -69,6 +69,7 @@ def test_classify_prints_names_and_labels_escaped_one_line_each(odd_names):
     assert lines[0].endswith("x\\x1b[31mred\\nline.png") and "a\\x1b[2J" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["{} and {}", "{label}", "a photo of {", "{!r}"])
 def test_a_template_str_format_cannot_fill_is_bad_usage(indexed_images, template, tmp_path):
     root, ix = indexed_images(6)
@@ -141,6 +142,7 @@ def test_an_unreadable_image_is_unusable_input_and_classify_goes_on(indexed_imag
         assert proc.returncode == 6 and proc.stderr == f"error: cannot use image {locked}: Permission denied\n", args
 
 
+@pytest.mark.slow
 @needs_permissions
 def test_export_into_a_folder_that_cannot_be_searched_names_out(indexed_images, tmp_path):
     root, ix = indexed_images(6)
@@ -167,6 +169,7 @@ def test_a_list_column_the_list_lacks_is_refused_for_a_known_list_too(tmp_path, 
     assert json.loads(run("index", "--index", ix, "--json").stdout)["listing_errors"] == []  # the column kept is right
 
 
+@pytest.mark.slow
 def test_dupes_and_info_failed_json_give_a_name_that_is_not_utf8_as_hits_do(odd_names):
     """dupes --json and info --failed --json carried \\udcff (refused by strict JSON readers, and no way for a script
     in another language to reach the file): now \\xNN text and the bytes in path_b64, as hits."""
@@ -322,6 +325,7 @@ def test_a_sidecar_caption_saved_with_a_byte_order_mark_is_read_without_it(tmp_p
     assert [h["caption"] for h in hits] == ["a tiger in the snow"]  # was "\ufeffa tiger in the snow"
 
 
+@pytest.mark.slow
 def test_a_caption_edited_or_added_after_indexing_is_read_by_the_next_run(tmp_path, tiny_model):
     """photo.txt edited (a typo fixed) or written after its photo was indexed changed neither the photo's size nor
     its time: every later `index` kept the old caption, or none, and keyword search never found the new words."""

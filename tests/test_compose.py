@@ -87,6 +87,7 @@ def test_slerp_is_the_great_circle_and_sum_is_unchanged():
         assert np.allclose(scorer(Parts(text=t), method).vector, t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["product", "weicom", "slerp", "sum"])
 def test_each_method_equals_brute_force_on_a_flat_index(flat, method):
     engine = alignsearch.open(flat)
@@ -178,6 +179,7 @@ def query_json(ix, *args):
     return json.loads(run("query", *args, "--index", ix, "--json").stdout)
 
 
+@pytest.mark.slow
 def test_auto_mode_lets_no_file_name_override_the_model(tmp_path, tiny_model):
     """`query "red car on beach"` must not put red_circle.png first because "red" is in its name: in auto mode
     only captions and tags are keyword evidence; the hits come in the order of the score they print."""
@@ -222,6 +224,7 @@ def captioned(prebuilt, tiny_model):
     return prebuilt.folder("compose-captioned", build)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hybrid", "auto"])
 def test_explain_names_the_ranking_the_hits_were_scored_by(captioned, mode):
     """`query beach --format png --explain` said `ranking=hybrid (RRF), score=1/(60 + similarity rank) + ...`

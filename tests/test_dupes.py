@@ -87,6 +87,7 @@ def test_dupes_rejects_bad_thresholds(library):
     run("dupes", "--index", ix, "--tier", "similar", "--threshold", "2", code=2)
 
 
+@pytest.mark.slow
 def test_an_index_from_before_phashes_is_filled_without_reencoding(library):
     root, ix = library
     db = sqlite3.connect(ix / "catalog.db")
@@ -214,6 +215,7 @@ def test_phash_survives_the_copies_it_should_and_separates_distinct_images(tmp_p
     assert min(dupes.hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > dupes.NEAR_THRESHOLD
 
 
+@pytest.mark.slow
 def test_noisy_generated_images_get_hashes_too(tmp_path, tiny_model):
     make_images(tmp_path / "imgs", 4)
     index_json(tmp_path / "ix", tmp_path / "imgs", "--model", tiny_model)

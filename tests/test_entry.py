@@ -162,6 +162,7 @@ def test_the_console_script_catches_it_too(site_dir, tmp_path):
     assert done.returncode == 0 and "version" in done.stdout, done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["atexit", "finalizing"])
 def test_a_ctrl_c_after_the_command_ended_keeps_its_exit_code(site_dir, tmp_path, moment):
     done = _python(site_dir, moment, "-m", "alignsearch", "info", "--index", str(tmp_path))

@@ -26,6 +26,7 @@ def indexed(prebuilt, tiny_model):
     return prebuilt.folder("export-indexed", build)[1]
 
 
+@pytest.mark.slow
 def test_parquet_round_trip_holds_every_image_and_its_embedding(indexed, tmp_path):
     root, ix = indexed
     out = tmp_path / "out.parquet"
@@ -136,6 +137,7 @@ def test_export_memory_does_not_grow_with_the_library(tmp_path):
     assert clip.dtype == np.float16 and np.array_equal(clip.astype(np.float32), stored)
 
 
+@pytest.mark.slow
 def test_a_name_that_is_not_utf8_exports_and_lists(tmp_path, tiny_model):
     """Issue 24 #18: a non-UTF-8 file name failed both export formats (leaving temp files) and made
     /api/recent answer 500. Its path is shown with \\xNN and comes whole in path_b64."""

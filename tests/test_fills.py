@@ -207,6 +207,7 @@ def test_an_undecodable_file_is_recorded_and_one_gone_is_not(indexed_images):
         db.dispose()
 
 
+@pytest.mark.slow
 def test_a_record_goes_with_its_files_row_and_verify_finds_one_left_behind(indexed_images):
     root, ix = indexed_images(3)
     db = catalog.connect(ix / "catalog.db")

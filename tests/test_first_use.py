@@ -368,6 +368,7 @@ def test_a_catalog_held_exclusively_is_said_at_once_not_blamed_on_damage(indexed
 # -- item 9: near duplicates agree in colour too ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_near_duplicates_and_collapse_tell_colours_of_equal_brightness_apart(tmp_path, tiny_model):
     import json
 

@@ -308,6 +308,7 @@ def test_truncated_vectors_are_found_refused_and_repaired(built):
     assert self_hits(ix, root)
 
 
+@pytest.mark.slow
 def test_zero_filled_vectors_are_found(built):
     root, ix = built
     path = ix / "vectors.f16"
@@ -447,6 +448,7 @@ def alter_catalog(ix, sql):
     ("UPDATE files SET format = CAST(format AS BLOB) WHERE id = 5", "image formats are not text"),
     ("UPDATE photos SET caption = CAST('a red cat' AS BLOB) WHERE file_id = 4", "captions are not text"),
 ])
+@pytest.mark.slow
 def test_numbers_no_writer_stores_are_one_line_of_damage(built, sql, said):
     """SQLite keeps whatever a record says: NULL or text where the catalog holds a number (a damaged record,
     another program) made queries, similar, export, dupes and verify itself die on TypeError or ValueError

@@ -218,6 +218,7 @@ def read_while_switching(folder, switches, served):
     return opens
 
 
+@pytest.mark.slow
 def test_an_index_republished_while_a_reader_opens_it_is_always_served(tmp_path):
     """index.faiss republished 40 times with a new checksum each time, while a reader opens it in a loop. A
     reader that read the record just before a publish looked for bytes no file has any more: before the

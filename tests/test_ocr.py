@@ -117,6 +117,7 @@ def test_an_existing_index_gains_text_without_re_encoding(signs, tmp_path, tiny_
     assert index_json(ix, "--device", "cpu")["ocr"]["read"] == 0  # nothing is read twice
 
 
+@pytest.mark.slow
 def test_a_missing_engine_is_one_line_naming_the_extra(signs, tmp_path, tiny_model):
     shim = tmp_path / "shim" / "rapidocr"
     shim.mkdir(parents=True)
@@ -149,6 +150,7 @@ def captioned(prebuilt, tiny_model):
     return prebuilt.folder("ocr-captioned", build)[1]
 
 
+@pytest.mark.slow
 def test_prefixes_codes_accents_and_operators(captioned):
     ix = captioned
 

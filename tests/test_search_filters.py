@@ -287,6 +287,7 @@ def _synthetic(ix, relpaths, seed=0):
     return x
 
 
+@pytest.mark.slow
 def test_keyword_search_with_a_filter_never_starves_and_honours_k(indexed_images):
     """150 files named for a word under A/ and 6 under B/: --path 'B/**' in keyword mode finds the 6 (the
     global top 100 was taken, then filtered: none); -k above 100 returns every match."""

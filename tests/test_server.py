@@ -109,6 +109,7 @@ def test_search_info_health_and_json_shape(served):
     assert call(served["url"], "/docs", token=None)[0] == 404  # swagger-ui would come from a CDN
 
 
+@pytest.mark.slow
 def test_image_and_compound_queries_by_upload(served):
     target = served["corpus"] / "img004.jpg"
     body, headers = multipart({"k": 3}, target.read_bytes())

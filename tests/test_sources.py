@@ -66,6 +66,7 @@ def test_missing_fsspec_package_says_what_to_install():
     assert str(caught.value).count("s3fs") == 2 and "Install s3fs to access" not in str(caught.value), caught.value
 
 
+@pytest.mark.slow
 def test_list_file_indexes_its_entries_and_follows_edits(tmp_path, corpus, tiny_model):
     folder_ix, list_ix = tmp_path / "folder-ix", tmp_path / "list-ix"
     index_json(folder_ix, corpus, "--model", tiny_model, "--device", "cpu", "--workers", "0")
@@ -110,6 +111,7 @@ def test_parquet_list_with_a_named_column(tmp_path, corpus, tiny_model):
     assert index_json(tmp_path / "ix")["unchanged"] == len(files)  # the column is remembered
 
 
+@pytest.mark.slow
 def test_webdataset_shards_index_like_the_folder(tmp_path, corpus, tiny_model):
     folder_ix, tar_ix = tmp_path / "folder-ix", tmp_path / "tar-ix"
     index_json(folder_ix, corpus, "--model", tiny_model, "--device", "cpu", "--workers", "0")
@@ -243,6 +245,7 @@ def test_server_serves_tar_members_over_a_socket(tmp_path, corpus, tiny_model, m
         engine.close()
 
 
+@pytest.mark.slow
 def test_catalog_keys_are_lossless_and_duplicate_members_reported_not_updated_forever(tmp_path, tiny_model):
     """Issue 24 #13: a name that is not UTF-8 and a file literally named like its \\xNN form shared one catalog
     key: one was never searchable. Keys are lossless now: both are indexed and found, each as itself. Two tar

@@ -97,6 +97,7 @@ def test_label_file_comments_blanks_and_decision_independent_of_other_labels(tmp
     assert _tagged(ix, "a dog") == alone  # the same decision with two more labels in the file
 
 
+@pytest.mark.slow
 def test_tag_runs_accumulate_clear_tags_listing_case_and_info(tmp_path, indexed_corpus):
     corpus, ix = indexed_corpus
     run("tag", "--labels-file", write_labels(tmp_path / "a.txt", ["A Dog", "a cat"]), "--threshold", "0", "--index", ix)
@@ -146,6 +147,7 @@ def test_index_prints_progress_lines_when_stderr_is_piped(tmp_path, corpus, tiny
 # -- item 7: finetune -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_small_validation_split_says_why_and_no_requires_grad_warning(tmp_path, recwarn):
     import warnings
 

@@ -387,6 +387,7 @@ def test_runs_of_one_watch_load_the_model_once_and_another_model_when_the_index_
     assert verify_problems(ix) == []
 
 
+@pytest.mark.slow
 def test_a_watch_started_with_model_goes_on_after_another_process_reindexes_to_another_model(tmp_path, tiny_model,
                                                                                             other_model):
     """`index ROOT --watch --model M1`, then `index --reindex --model M2` from another shell: the watch's later runs

@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from alignsearch import notices
+
 
 def bar(total: int | None = None, desc: str = "", enabled: bool = True):
     """An object with update(n) and close(): a tqdm bar when stderr is a TTY, else a LineProgress."""
@@ -70,7 +72,7 @@ class LineProgress:
             line += f", ETA {_clock(left)}"
         line += f", {_clock(elapsed)} elapsed"
         try:
-            print(line, file=self.stream, flush=True)
+            notices.write_line(self.stream, line)
         except (OSError, ValueError):  # stderr gone (closed pipe): progress is not worth failing for
             pass
 

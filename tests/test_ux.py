@@ -216,3 +216,72 @@ def test_a_progress_interval_that_is_no_number_of_seconds_is_a_note(monkeypatch,
         line = progress.LineProgress(3, "indexing", stream=io.StringIO())
     assert line.interval == progress.DEFAULT_SECONDS
     assert any("ALIGNSEARCH_PROGRESS_SECONDS" in r.getMessage() for r in caplog.records), caplog.text
+
+
+class _Writes:
+    """A stream that keeps each write() apart, as a signal between two of them would find them."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_each_stderr_line_is_one_write(monkeypatch):
+    """print() writes a line and its newline apart; a Ctrl-C between the two (CI: `index` stopped while it said
+    its progress) glued "error: interrupted" to the end of the progress line. The progress lines, the notices
+    and the client's lines are each written whole."""
+    import sys
+
+    from alignsearch import notices
+    from alignsearch.surfaces import client
+    from indexer import progress
+
+    stream = _Writes()
+    line = progress.LineProgress(2, "indexing", interval=0, stream=stream)
+    line.update(1)
+    line.close()
+    monkeypatch.setattr(sys, "__stderr__", stream)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setitem(notices._state, "on", True)
+    notices.say("note: compiling the towers once")
+    client._stderr("note: answered by the server")
+    assert len(stream.writes) == 4 and all(w.endswith("\n") and w.count("\n") == 1 for w in stream.writes), stream.writes
+
+
+INTERRUPTED_WHILE_SAYING = r"""
+import sys
+from indexer import progress
+
+line = progress.LineProgress(None, "indexing", interval=0)
+try:
+    print("ready", file=sys.stderr, flush=True)
+    while True:
+        line.update(1)
+except KeyboardInterrupt:
+    sys.stderr.write("error: interrupted\n")
+"""
+
+
+def test_a_ctrl_c_while_progress_is_said_leaves_whole_lines():
+    """The same with a real SIGINT: a loop of progress lines stopped by Ctrl-C, ten times; its last line is the
+    error alone every time (the old print() glued them in 198 of 200 such runs)."""
+    import signal
+    import time
+
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_WHILE_SAYING], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert proc.stderr.readline() == "ready\n"
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        lines = proc.stderr.read().splitlines()  # not communicate(): it reads the pipe itself, past what readline kept
+        assert proc.wait(timeout=30) == 0
+        assert lines[-1] == "error: interrupted", lines[-3:]
+        odd = [t for t in lines[:-1] if not re.fullmatch(r"indexing: \d+ files, [\d.]+ img/s, \d+:\d\d:\d\d elapsed", t)]
+        assert not odd, odd[:3]

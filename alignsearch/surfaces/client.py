@@ -40,7 +40,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlencode, urlsplit
 from urllib.request import ProxyHandler, Request, build_opener
 
-from alignsearch import safeopen
+from alignsearch import notices, safeopen
 from alignsearch.errors import BadImageError, BadInputError
 from alignsearch.media import sources
 from alignsearch.search import querycheck
@@ -72,7 +72,7 @@ _OPENER = build_opener(ProxyHandler({}))
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    notices.write_line(sys.stderr, message)
 
 
 def local_index_id(index_dir: Path) -> str | None:

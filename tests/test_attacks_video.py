@@ -131,7 +131,9 @@ def test_a_video_is_served_with_the_type_its_content_has_never_its_names(tmp_pat
     one frame, so it is indexed as one) was sent as video/mp4, a Matroska file named .mp4 as MP4, an MP4 named .mov
     as QuickTime. The type comes from the container's own signature; content that is no video container a browser
     plays is not served as a video at all (its moment's picture still is, at /api/image)."""
-    from helpers import call, scene_frame, start_serve, stop
+    import struct
+
+    from helpers import call, make_fragmented_mp4, scene_frame, start_serve, stop
 
     lib, ix = tmp_path / "lib", tmp_path / "ix"
     lib.mkdir()
@@ -139,14 +141,17 @@ def test_a_video_is_served_with_the_type_its_content_has_never_its_names(tmp_pat
     shutil.copy(make_video(tmp_path / "i.mp4", [(2, 2)]), lib / "mp4.mov")
     shutil.copy(make_video(tmp_path / "q.mov", [(3, 2)]), lib / "quicktime.webm")
     Image.fromarray(scene_frame(4)).save(lib / "photo.mp4", format="JPEG")
+    # an MP4 behind a 4 KiB uuid box (XMP): its ftyp lies past the first bytes read, and it was refused (404)
+    (lib / "xmp.mp4").write_bytes(struct.pack(">I", 4096) + b"uuid" + bytes(4088) +
+                                  make_fragmented_mp4(tmp_path / "frag.mp4").read_bytes())
     run("index", lib, "--index", ix, "--model", tiny_model, "--device", "cpu")
     with sqlite3.connect(ix / "catalog.db") as conn:
         ids = dict(conn.execute("SELECT relpath, id FROM files WHERE status = 'indexed' AND moment = 0"))
-    assert set(ids) == {"matroska.mp4", "mp4.mov", "quicktime.webm", "photo.mp4"}, ids  # each read by its content
+    assert set(ids) == {"matroska.mp4", "mp4.mov", "quicktime.webm", "photo.mp4", "xmp.mp4"}, ids  # each read by its content
     proc, url = start_serve(ix, "--token", "s3cret")
     try:
         for name, wanted in (("matroska.mp4", "video/x-matroska"), ("mp4.mov", "video/mp4"),
-                             ("quicktime.webm", "video/quicktime")):
+                             ("quicktime.webm", "video/quicktime"), ("xmp.mp4", "video/mp4")):
             status, headers, body = call(url, f"/api/video/{ids[name]}")
             assert (status, headers["Content-Type"]) == (200, wanted), (name, status, headers["Content-Type"])
             assert body == (lib / name).read_bytes() and headers["X-Content-Type-Options"] == "nosniff"

@@ -897,6 +897,35 @@ def test_a_file_without_ftyp_is_quicktime_and_a_leading_uuid_box_is_stepped_over
     assert container_type(uuid + b"\0\0\x10\x00moov\0\0\0\x6cmvhd") == "video/quicktime"
 
 
+def test_a_uuid_box_larger_than_the_first_bytes_is_stepped_over_in_the_file(tmp_path):
+    """A vendor's uuid box (XMP metadata, 4 KiB here; one with a 64-bit size too) before an MP4's ftyp: the first
+    SNIFF_BYTES reach 56 bytes past its header, so the box after it was never read and the video, which FFmpeg
+    plays, was refused (None: 404). sniff steps over it in the file; a box claiming more than the file holds leaves
+    nothing to judge."""
+    import struct
+
+    from alignsearch.media.video import SNIFF_BYTES, container_type, sniff
+    from helpers import decoded_frames, make_fragmented_mp4
+
+    frag = make_fragmented_mp4(tmp_path / "frag.mp4").read_bytes()
+    xmp = struct.pack(">I", 4096) + b"uuid" + bytes(range(16)) + b"<x:xmpmeta/>".ljust(4096 - 24, b" ")
+    large = struct.pack(">I", 1) + b"uuid" + struct.pack(">Q", 40) + bytes(24)  # largesize: 40 bytes in all
+    cases = {"xmp.mp4": xmp + frag, "large.mp4": large + frag, "free-then-xmp.mp4": b"\0\0\0\x08free" + xmp + frag,
+             "past-the-end.mp4": struct.pack(">I", 1 << 30) + b"uuid" + bytes(200)}
+    types = {}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        fd = os.open(tmp_path / name, os.O_RDONLY)
+        try:
+            types[name] = sniff(fd)
+        finally:
+            os.close(fd)
+    assert types == {"xmp.mp4": "video/mp4", "large.mp4": "video/mp4", "free-then-xmp.mp4": "video/mp4",
+                     "past-the-end.mp4": None}
+    assert [decoded_frames(tmp_path / n) for n in ("xmp.mp4", "large.mp4", "free-then-xmp.mp4")] == [3, 3, 3]
+    assert container_type((xmp + frag)[:SNIFF_BYTES]) is None  # what the first bytes alone said (the 404)
+
+
 def test_a_containers_type_is_read_from_its_signature():
     """container_type (what `serve` sends a video as): each container's own signature, whatever the bytes after it;
     a head too short to say, or of anything else (a JPEG, a PNG, text, an MP3), is no video."""

@@ -419,12 +419,14 @@ IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", 
                           b"msf1", b"avif", b"avis", b"crx "})
 
 
-def container_type(head: bytes) -> str | None:
+def container_type(head: bytes, past: bytes | None = None) -> str | None:
     """The media type of a video container from its first bytes (SNIFF_BYTES), None when they are no MP4,
     QuickTime, WebM, Matroska or AVI container. ISO/IEC 14496-12 `ftyp` box: brand `qt  ` is QuickTime, an image's
     (IMAGE_BRANDS: HEIC, AVIF...) none, any other (isom, mp41, mp42, avc1, M4V...) MP4; EBML (RFC 8794) with DocType `webm` or `matroska` (RFC 9559);
-    RIFF with form type `AVI `."""
-    typed = _past_padding(head)  # an MP4 (or HEIC) whose ftyp follows a free box: its brand decides, as FFmpeg reads it
+    RIFF with form type `AVI `. past: the bytes after the leading padding and uuid boxes where the caller read them
+    (sniff), else they are looked for within head."""
+    # an MP4 (or HEIC) whose ftyp follows a free box: its brand decides, as FFmpeg reads it
+    typed = _past_padding(head) if past is None else past
     if typed[4:8] == b"ftyp":
         if typed[8:12] in IMAGE_BRANDS or len(typed) < 12:
             return None
@@ -458,6 +460,29 @@ def _past_padding(head: bytes) -> bytes:
             return head
         at += size
     return head[at:]
+
+
+LEADING_BOXES = 16  # padding and uuid boxes stepped over before a file's type is judged; FFmpeg's probe has no limit
+
+
+def sniff(fd: int) -> str | None:
+    """container_type of an open file, its leading padding and uuid boxes stepped over by their sizes (a 64-bit
+    one too) wherever they end: the first SNIFF_BYTES reach only 56 bytes past a box's header, and a vendor's uuid
+    box (XMP metadata, a camera's own) is often larger, so a video opening with one was refused (404) though
+    FFmpeg plays it. A box that claims to run past the file's end leaves nothing after it to judge."""
+    head = os.pread(fd, SNIFF_BYTES, 0)
+    at = 0
+    for _ in range(LEADING_BOXES):
+        box = os.pread(fd, 16, at)
+        if len(box) < 8 or box[4:8] not in PADDING_ATOMS:
+            break
+        size = int.from_bytes(box[:4], "big")
+        if size == 1 and len(box) == 16:  # ISO/IEC 14496-12 4.2: the size is the 64-bit largesize after the type
+            size = int.from_bytes(box[8:16], "big")
+        if size < 8:  # 0: the box runs to the file's end; else no box
+            break
+        at += size
+    return container_type(head, os.pread(fd, SNIFF_BYTES, at) if at else None)
 
 
 def _ebml_doctype(head: bytes) -> bytes | None:

@@ -773,12 +773,12 @@ class Library:
         """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET. The type
         is the container's, read from the file opened (container_type), never its name's: content that is no video
         container a browser plays is not served (its moments' pictures are, at /api/image)."""
-        from alignsearch.media.video import SNIFF_BYTES, byte_range, container_type
+        from alignsearch.media.video import byte_range, sniff
 
         row = self.row(file_id)
         f = self.open_video(row)
         try:
-            ctype = container_type(os.pread(f.fileno(), SNIFF_BYTES, 0))
+            ctype = sniff(f.fileno())
             if ctype is None:
                 raise ApiError(404, "not a video a browser plays: its content is no MP4, QuickTime, WebM, Matroska or "
                                     f"AVI container, whatever its name says (its picture: /api/image/{file_id})")

@@ -48,6 +48,18 @@ class Changed(Refused):
     """The regular file found is not the one the catalog describes (another size or mtime)."""
 
 
+STATUS_SLACK_S = 60  # a file time a little before a listing started still counts: coarse clocks, a server's skew
+
+
+def status_changed(ctime: float, indexed_at: float, now: float) -> bool:
+    """Whether a file's status changed (st_ctime) after the listing its catalog row was made from began (indexed_at):
+    its content may differ though its size and mtime do not (`cp -p`, `rsync -a`, `exiftool -P`), so it is hashed
+    before it is trusted, by `index` (scan.confirm) and by the server alike. A ctime ahead of this machine's clock
+    (`now`, give or take STATUS_SLACK_S: a file server's clock, one set wrong when the file changed) says nothing: it
+    would be "changed" at every look until the clock caught up."""
+    return indexed_at < ctime <= now + STATUS_SLACK_S
+
+
 def file_kind(mode: int) -> str:
     """What a stat mode names, in words ("fifo", "character device"...), for reasons a person reads."""
     for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),

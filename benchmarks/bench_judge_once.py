@@ -14,14 +14,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_note, module_at, record, tiny_photos
+from common import load_note, module_at, per_request_ms, record, tiny_photos
 
 import alignsearch
 from alignsearch.search.request import build as build_request
@@ -42,13 +41,6 @@ def steps(library, request) -> None:
     snap = library.snapshot()
     parts = library.parts_of(request, snap)
     library.search(request, parts, snap)
-
-
-def per_request_ms(fn, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e3
 
 
 def get(url: str, token: str) -> None:

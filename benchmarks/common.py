@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -99,6 +100,14 @@ def base_worktree(rev: str):
             yield Path(tmp), old, short
         finally:
             remove_worktree(old)
+
+
+def per_request_ms(fn, n: int) -> float:
+    """The mean milliseconds of n calls of fn, one after another."""
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e3
 
 
 def load_note(at_start: float) -> str:

@@ -429,7 +429,7 @@ def status_changed(f: Found, indexed_at: float, now: float) -> bool:
     and hashed again, once, and keeps its vectors when its content is the same (pipeline: `known` hashes). A ctime
     ahead of this machine's clock (`now`, give or take CHANGED_SLACK_S: a file server's clock, one set wrong when
     the file changed) says nothing: it would be "changed" at every run until the clock caught up."""
-    return f.ctime is not None and indexed_at < f.ctime <= now + CHANGED_SLACK_S
+    return f.ctime is not None and safeopen.status_changed(f.ctime, indexed_at, now)
 
 
 def confirm(suspects: list[tuple[Found, object]], threads: int = 8) -> tuple[list[Found], list[Found]]:
@@ -473,7 +473,7 @@ def relinked_name(f: Found, row, links: dict | None) -> bool:
     return f.link is not None and links is not None and links.get(row.id, b"") != f.link
 
 
-CHANGED_SLACK_S = 60  # a file time a little before a listing started still counts: coarse clocks, a server's skew
+CHANGED_SLACK_S = safeopen.STATUS_SLACK_S
 
 
 def changed_since(path: str, since: float) -> bool:

@@ -1204,3 +1204,118 @@ def test_a_damaged_cached_thumbnail_is_drawn_again_and_replaced(indexed_images):
     finally:
         server.shutdown()
         engine.close()
+
+
+def swap_keeping_size_and_mtime(path: Path, content: bytes) -> None:
+    """Put content in place of path's, the same size, its mtime put back (as `cp -p`, `rsync -a` or `exiftool -P`
+    leave a replaced file): only its ctime tells."""
+    st = path.stat()
+    assert len(content) == st.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def another_picture_as_long_as(path: Path) -> bytes:
+    """A different picture (flat magenta) of exactly path's size: a small JPEG padded after its end marker."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (255, 0, 255)).save(buf, "JPEG")
+    size = path.stat().st_size
+    assert buf.tell() < size
+    return buf.getvalue() + b"\0" * (size - buf.tell())
+
+
+@pytest.mark.slow
+def test_a_file_replaced_keeping_its_size_and_mtime_is_not_served(prebuilt, tiny_model, monkeypatch):
+    """A photo or video replaced by other content of the same size, its mtime put back, was served (the new picture
+    for the old vectors) and its thumbnail drawn from it, until the next `index`. Its ctime, later than its row's
+    indexed_at, now has it hashed: other content answers 409, the same content (put back, a chmod) is served, its
+    cached thumbnail too, and a video's range requests read it for its hash once."""
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+    import alignsearch
+
+    ix = mixed_copy(prebuilt, tiny_model)
+    media = ix.parent / "media"
+    engine = alignsearch.open(ix, device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    get = lambda path, **headers: call(server.url, path, server.token, headers=headers)  # noqa: E731
+    try:
+        listed = json.loads(get("/api/recent")[2])["results"]
+        jpeg = next(r for r in listed if r["path"].endswith(".jpg"))
+        moment = next(r["id"] for r in listed if r.get("t") is not None)
+        photo, clip = media / Path(jpeg["path"]).name, media / "clip.mp4"
+        original, video = photo.read_bytes(), clip.read_bytes()
+        thumb = get(f"/api/image/{jpeg['id']}?size=64")[2]  # drawn from the original, and cached
+
+        swap_keeping_size_and_mtime(photo, another_picture_as_long_as(photo))
+        swap_keeping_size_and_mtime(clip, video[:4096] + bytes(255 - b for b in video[4096:]))  # still an MP4's head
+        for path, headers in ((f"/api/image/{jpeg['id']}", {}), (f"/api/image/{jpeg['id']}?size=64", {}),
+                              (f"/api/image/{jpeg['id']}?size=128", {}), (f"/api/video/{moment}", {"Range": "bytes=0-99"}),
+                              (f"/api/image/{moment}?size=64", {})):
+            status, _, body = get(path, **headers)
+            assert status == 409 and b"re-run alignsearch index" in body, (path, status, body[:200])
+        assert not (ix / "thumbs" / f"{jpeg['id']}-128.jpg").exists()  # nothing drawn from the other picture
+
+        swap_keeping_size_and_mtime(photo, original)  # the original back: its cached thumbnail is good again
+        swap_keeping_size_and_mtime(clip, video)
+        assert get(f"/api/image/{jpeg['id']}?size=64")[::2] == (200, thumb)
+        assert get(f"/api/image/{jpeg['id']}")[::2] == (200, original)
+
+        hashed = []
+        real_digest = server_module.file_sha256
+        monkeypatch.setattr(server_module, "file_sha256", lambda fd: hashed.append(fd) or real_digest(fd))
+        os.chmod(photo, 0o600)  # the status changed again, the content did not: served, the cached thumbnail too
+        os.chmod(clip, 0o600)
+        assert get(f"/api/image/{jpeg['id']}")[::2] == (200, original)
+        assert get(f"/api/image/{jpeg['id']}?size=64")[::2] == (200, thumb)
+        for start in (0, 100, 200):  # a player's range requests
+            status, headers, body = get(f"/api/video/{moment}", Range=f"bytes={start}-{start + 99}")
+            assert status == 206 and body == video[start:start + 100], (status, body[:200])
+        # read for its hash: the video once for its three range requests; never the photo, hashed from the bytes
+        # served, its cached thumbnail's check then taking that verdict
+        assert len(hashed) == 1, hashed
+    finally:
+        server.shutdown()
+        engine.close()
+
+
+def test_content_verdicts_are_kept_by_identity_bounded_and_only_for_suspects(tmp_path, monkeypatch):
+    """Contents.check: a file whose ctime is not later than its row's indexed_at is not hashed; a suspect is hashed
+    once per identity (a chmod moves its ctime: hashed again); a row with no hash keeps the size and mtime check
+    alone; the verdicts kept are bounded."""
+    import hashlib
+
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import ApiError, Contents
+
+    hashed = []
+    real_digest = server_module.file_sha256
+    monkeypatch.setattr(server_module, "file_sha256", lambda fd: hashed.append(fd) or real_digest(fd))
+    files = []
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(b"content %d" % i)
+        files.append(os.open(tmp_path / f"f{i}", os.O_RDONLY))
+    sha = [hashlib.sha256(b"content %d" % i).hexdigest() for i in range(3)]
+    contents = Contents(kept=2)
+    try:
+        contents.check(files[0], "0" * 64, indexed_at=time.time() + 30)  # not a suspect: not even hashed
+        contents.check(files[0], None, indexed_at=0.0)  # no hash recorded: today's size and mtime check alone
+        assert hashed == []
+        for _ in range(3):
+            contents.check(files[0], sha[0], indexed_at=0.0)
+        assert len(hashed) == 1
+        time.sleep(0.02)  # past the filesystem's clock tick: the chmod's ctime differs from the write's
+        os.chmod(tmp_path / "f0", 0o600)
+        contents.check(files[0], sha[0], indexed_at=0.0)  # a new ctime: another identity, hashed again
+        assert len(hashed) == 2
+        for _ in range(2):
+            with pytest.raises(ApiError) as refused:
+                contents.check(files[1], sha[0], indexed_at=0.0)  # other content: refused, hashed once
+            assert refused.value.status == 409
+        assert len(hashed) == 3
+        contents.check(files[1], sha[1], indexed_at=0.0, data=b"content 1")  # bytes given: hashed from them
+        contents.check(files[2], sha[2], indexed_at=0.0)
+        assert len(hashed) == 4 and len(contents._verdicts) == 2
+    finally:
+        for fd in files:
+            os.close(fd)

@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import dataclasses
 import errno
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -33,6 +34,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 import typing
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -440,14 +442,77 @@ def whole_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
 
 
-def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True) -> bytes | None:
-    """The bytes of the indexed file (open_indexed's checks); read=False checks only (a cached thumbnail)."""
+CONTENT_VERDICTS_KEPT = 1024  # files' verdicts kept: a page of thumbnails and the videos being played, many times over
+
+
+def file_sha256(fd: int) -> str:
+    """The SHA-256 of an open file's bytes, read with pread in 1 MiB chunks: its offset is left where it was."""
+    digest, at = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 20, at):
+        digest.update(chunk)
+        at += len(chunk)
+    return digest.hexdigest()
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What a file's content is known by between two looks: any write, and any utime putting an mtime back, moves its
+    ctime, which no user can set; a file replaced by another (a rename over it) is another inode."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class Contents:
+    """Whether a suspect file (its ctime later than its row's indexed_at: safeopen.status_changed) still holds the
+    content its row was indexed from. Its size and mtime cannot tell: `cp -p`, `rsync -a`, `exiftool -P` keep both, and
+    the new picture was served for the old vectors (a hit showing another photo) until the next `index`. Such a file is
+    hashed and compared with the row's SHA-256, as `index` does (scan.confirm); the verdict is kept by the file's
+    identity (dev, inode, size, mtime, ctime) and the hash expected, in a bounded LRU, so a video's many range requests,
+    a thumbnail's cache check and a page's reloads hash it once, not each time (a video of gigabytes read at every
+    seek). A chmod, a hard link, a `touch -m` back leave a suspect whose content is the same: hashed once, then served
+    as before. A row with no hash (nullable: older catalogs) keeps the size and mtime check alone."""
+
+    def __init__(self, kept: int = CONTENT_VERDICTS_KEPT):
+        self.kept = kept
+        self._verdicts: OrderedDict[tuple, bool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, fd: int, sha256: str | None, indexed_at: float, data: bytes | None = None) -> None:
+        """Nothing when the open file fd may be served for its row (sha256, indexed_at), else the 409 a client reads.
+        data: the file's bytes, already read (hashed from them); else the file is read for its hash (pread)."""
+        st = os.fstat(fd)
+        if not sha256 or not safeopen.status_changed(st.st_ctime, indexed_at, time.time()):
+            return
+        key = (*identity(st), sha256)
+        with self._lock:
+            same = self._verdicts.get(key)
+            if same is not None:
+                self._verdicts.move_to_end(key)
+        if same is None:
+            try:
+                same = (hashlib.sha256(data).hexdigest() if data is not None else file_sha256(fd)) == sha256
+            except OSError as exc:  # a disk error, a share gone mid-read: as a file that cannot be opened
+                raise ApiError(404, f"cannot read the file: {exc.strerror or exc}") from None
+            # kept only when nothing wrote to it while it was read: a verdict on bytes half old, half new is the
+            # bytes' (data: served as hashed), not the file's
+            if identity(os.fstat(fd)) == key[:-1]:
+                with self._lock:
+                    self._verdicts[key] = same
+                    while len(self._verdicts) > self.kept:
+                        self._verdicts.popitem(last=False)
+        if not same:
+            raise ApiError(409, "the file is no longer the one indexed (other content, its size and modification time "
+                                "the same): re-run alignsearch index")
+
+
+def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True,
+                 content: Contents | None = None, sha256: str | None = None, indexed_at: float = 0.0) -> bytes | None:
+    """The bytes of the indexed file (open_indexed's checks, and, given content, its content's: Contents.check);
+    read=False checks only (a cached thumbnail). A suspect read whole is hashed from the bytes read, never read twice."""
     with os.fdopen(open_indexed(root, relpath, size, mtime), "rb") as f:
-        if not read:
-            return None
-        data = f.read(size + 1)
-    if len(data) != size:  # written to since the fstat
-        raise _changed("changed")
+        data = f.read(size + 1) if read else None
+        if data is not None and len(data) != size:  # written to since the fstat
+            raise _changed("changed")
+        if content is not None:
+            content.check(f.fileno(), sha256, indexed_at, data)
     return data
 
 
@@ -534,6 +599,7 @@ class Library:
         self._tar_members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self._members_lock = threading.Lock()
         self._same: tuple = ((), frozenset())  # (catalog signature, ids the recent listing leaves out: onefile.py)
+        self.contents = Contents()  # suspects' verdicts: a file replaced keeping its size and mtime is refused
 
     @property
     def engine(self) -> Engine:
@@ -651,7 +717,8 @@ class Library:
         TAR_SHARDS_KEPT shards (the catalog stores names, not offsets)."""
         local = sources.local_file(row.root, row.relpath, row.relpath_raw)
         if local is not None:
-            return read_regular(*local, row.size, row.mtime, read=not check_only)
+            return read_regular(*local, row.size, row.mtime, read=not check_only, content=self.contents,
+                                sha256=row.sha256, indexed_at=row.indexed_at)
         if sources.kind(row.root) != sources.TAR:
             return None if check_only else row.read()
         if not sources.is_url(row.root):
@@ -763,11 +830,19 @@ class Library:
 
     def open_video(self, row: catalog.FileRow):
         """A video's file, opened with the checks read_regular makes (no symlink, no FIFO, a regular file of the
-        catalog's size and mtime), for ranged reads; only local files are served."""
+        catalog's size and mtime, its content the row's when its ctime is later: Contents), for ranged reads; only
+        local files are served."""
         local = None if row.t is None else sources.local_file(row.root, row.relpath, row.relpath_raw)
         if local is None:
             raise ApiError(404, "not a local video: only the moments of a video on this machine are played")
-        return os.fdopen(open_indexed(*local, row.size, row.mtime), "rb")
+        f = os.fdopen(open_indexed(*local, row.size, row.mtime), "rb")
+        try:
+            # a suspect video hashed whole once (its first range request waits for it), then known by its identity
+            self.contents.check(f.fileno(), row.sha256, row.indexed_at)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def video(self, file_id: int, range_header: str | None):
         """(open file, start, length, total size, media type, partial) of a moment's video for a ranged GET. The type

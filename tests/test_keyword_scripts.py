@@ -663,7 +663,7 @@ def test_a_schema_15_keyword_index_finds_words_with_marks_once_its_next_writer_u
     separators); a reader reads it as it stands (a word typed as written still found), and the next writer makes the
     keyword index again (step 16): then `كتب` finds `كَتَبَ` and `दिल` no longer finds `दाल`."""
     db_path = tmp_path / "catalog.db"
-    ids = _older_library(db_path, MARKED, 15, keywords.MARKS)  # Thai and Lao marks only, the points kept
+    ids = _older_library(db_path, MARKED, 15, keywords.THAI_MARKS + keywords.LAO_MARKS)  # Thai and Lao marks only, the points kept
     assert _version(db_path) == 15
     # as it stands: typed as written, each still finds its caption (its letters apart, as the old index holds them)
     for typed, name in ((KATABA, "kataba.jpg"), (SHALOM_POINTED, "shalom.jpg"), (HINDI, "hindi.jpg")):
@@ -675,3 +675,30 @@ def test_a_schema_15_keyword_index_finds_words_with_marks_once_its_next_writer_u
     assert _found(db_path, ids, SHALOM, readonly=True) == ["shalom.jpg"]
     assert _found(db_path, ids, DIL, readonly=True) == ["heart.jpg"]
     assert _found(db_path, ids, "\u0928\u094d\u0926\u0940", readonly=True) == []
+
+
+def test_a_khmer_or_myanmar_word_is_found_inside_the_longer_run_it_is_written_in_and_its_marks_tell_words_apart(
+        tmp_path):
+    """Khmer and Myanmar are written without spaces between words, with marks after their letters: unicode61 cut a run
+    at every mark, so `ទឹក` (water) typed was the phrase `ទ` `ក`, which `ទឹកស្អាត` (held as `ទ` `កស` ...) did not hold,
+    and `ទូក` (boat) the same phrase; `ကား` (car) was `က`, a lone letter no query keeps: each found nothing. With marks
+    part of a word, a run would be one token found only whole (`ភ្នំពេញ`, Phnom Penh, in `រាជធានីភ្នំពេញ`, the capital
+    Phnom Penh, was found before, as a phrase of bare letters); a letter with its marks is a token, as in Thai."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"capital.jpg": "\u179a\u17b6\u1787\u1792\u17b6\u1793\u17b8\u1797\u17d2\u1793\u17c6\u1796\u17c1\u1789",
+                        "water.jpg": "\u1791\u17b9\u1780\u179f\u17d2\u17a2\u17b6\u178f",  # ទឹកស្អាត, clean water
+                        "boat.jpg": "\u1791\u17bc\u1780\u178f\u17bc\u1785",  # ទូកតូច, a small boat
+                        "car.jpg": "\u1000\u102c\u1038\u1021\u101e\u1005\u103a",  # ကားအသစ်, a new car
+                        "nine.jpg": "\u1000\u102d\u102f\u1038\u1014\u102c\u101b\u102e",  # ကိုးနာရီ, nine o'clock
+                        "yangon.jpg": "\u101b\u1014\u103a\u1000\u102f\u1014\u103a\u1019\u103c\u102d\u102f\u1037"})
+    water = "\u1791\u17b9\u1780"
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("\u1797\u17d2\u1793\u17c6\u1796\u17c1\u1789") == ["capital.jpg"]  # ភ្នំពេញ
+        assert kw(water) == ["water.jpg"] and kw("\u1791\u17bc\u1780") == ["boat.jpg"]  # each was []
+        assert kw("\u1000\u102c\u1038") == ["car.jpg"]  # ကား: was []
+        assert kw("\u101b\u1014\u103a\u1000\u102f\u1014\u103a") == ["yangon.jpg"]  # ရန်ကုန်, Yangon
+    assert keywords.evidence(keywords.parse(water), "\u1791\u17b9\u1780\u179f\u17d2\u17a2\u17b6\u178f")
+    assert not keywords.evidence(keywords.parse(water), "\u1791\u17bc\u1780\u178f\u17bc\u1785")

@@ -31,6 +31,7 @@ What a query text means (`parse`):
   dropped.
 - Lao is indexed as Thai is (LAO_MARKS: `ຫຼວງພະບາງ` finds `ຕະຫຼາດຫຼວງພະບາງ`, schema 12); `ໝ` and `ໜ` are the two
   letters they stand for (`ຫມ`, `ຫນ`, typed either way).
+- Khmer and Myanmar are indexed as Thai is (_SEA_MARKS, schema 16): `ភ្នំពេញ` finds `រាជធានីភ្នំពេញ`.
 - Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
   Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
   Hangul written onto a Latin or digit word is parted from it (_HANGUL_EDGE): `BTS` finds `BTS의 공연`.
@@ -81,7 +82,14 @@ THAI_MARKS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.catego
 # letters, and was cut at every mark as Thai was: `ຫຼວງພະບາງ` (Luang Prabang) found nothing, its ຼ a separator that
 # left `ຫ` and `ວງພະບາງ`, and not inside a longer run; the tone marks dropped (ໄກ່ chicken, ໄກ far, one word).
 LAO_MARKS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) == "Mn")
-MARKS = THAI_MARKS + LAO_MARKS  # the marks a Thai or Lao cluster holds (_SPACELESS), kept by the match check (_fold)
+# Khmer (U+1780-U+17FF) and Myanmar (U+1000-U+109F, extensions A and B) are written without spaces between words too,
+# with vowel signs, medials and the marks that stack a consonant under another (Khmer coeng U+17D2, Myanmar virama
+# U+1039; Mn, Mc) after their letters. unicode61 cut their runs at every mark, which left `ភ្នំពេញ` (Phnom Penh) a phrase
+# of bare letters found inside `រាជធានីភ្នំពេញ`; with the marks part of a word (TOKEN_CATEGORIES) a run was one token,
+# found only whole. So a letter with its marks is a token, as a Thai one is (schema 16).
+_SEA_BLOCKS = (range(0x1780, 0x1800), range(0x1000, 0x10A0), range(0xAA60, 0xAA80), range(0xA9E0, 0xAA00))
+_SEA_MARKS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Mn", "Mc"))
+MARKS = THAI_MARKS + LAO_MARKS + _SEA_MARKS  # the marks a cluster holds (_SPACELESS), kept by the match check (_fold)
 # The keyword index's token characters (catalog.create_keywords): unicode61's default (L* N* Co) and the combining marks
 # (Mn, Mc) of every script, which it took for separators as it took Thai's (schema 7) and Lao's (schema 12): a Hindi
 # word was cut at its vowel signs and virama (`हिन्दी` the tokens `ह` `न` `द`, so `न्दी` found it and `हिन्दी` was a
@@ -113,8 +121,9 @@ MAX_PHRASE = 64
 # (_HANGUL).
 _THAI_LETTERS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _LAO_LETTERS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
+_SEA_LETTERS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]"
-                        f"|[{_THAI_LETTERS}{_LAO_LETTERS}][{MARKS}]*)")
+                        f"|[{_THAI_LETTERS}{_LAO_LETTERS}{_SEA_LETTERS}][{MARKS}]*)")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges

@@ -621,6 +621,7 @@ MARKED = {"kataba.jpg": "\u0643\u064e\u062a\u064e\u0628\u064e \u0627\u0644\u062f
 KATABA, KUTUB, DARS, MAKTABA = ("\u0643\u064e\u062a\u064e\u0628\u064e", "\u0643\u062a\u0628", "\u0627\u0644\u062f\u0631\u0633",
                                 "\u0645\u0643\u062a\u0628\u0629")
 SHALOM, SHALOM_POINTED = "\u05e9\u05dc\u05d5\u05dd", "\u05e9\u05c1\u05b8\u05dc\u05d5\u05b9\u05dd"
+CHAKMA = "\U0001110c\U0001110b\U00011134\U0001111f\U00011133\U00011126"  # 𑄌𑄋𑄴𑄟𑄳𑄦, Changma (Chakma)
 HINDI, DIL, DAL = "\u0939\u093f\u0928\u094d\u0926\u0940", "\u0926\u093f\u0932", "\u0926\u093e\u0932"
 
 
@@ -630,7 +631,8 @@ def test_a_word_with_combining_marks_is_one_word_and_arabic_and_hebrew_are_found
     apart, found by no bare `كتب`. Now a mark is part of its word, and Arabic harakat, Hebrew points and the tatweel are
     dropped on both sides, as accents are (`كتب` finds `كَتَبَ` and the other way round)."""
     db = tmp_path / "catalog.db"
-    files = {**MARKED, "braille.jpg": "a sun\u2800set", "stray.jpg": "red \u0301 kite", "plain.jpg": "a white wall"}
+    files = {**MARKED, "braille.jpg": "a sun\u2800set", "stray.jpg": "red \u0301 kite", "plain.jpg": "a white wall",
+             "chakma.jpg": CHAKMA}  # marks above U+FFFF (keywords._words_in)
     ids = _library(db, files)
     for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
         def kw(text):
@@ -642,6 +644,7 @@ def test_a_word_with_combining_marks_is_one_word_and_arabic_and_hebrew_are_found
         assert kw(HINDI) == kw(f'"{HINDI} \u092d\u093e\u0937\u093e"') == ["hindi.jpg"]
         assert kw("\u0928\u094d\u0926\u0940") == []  # न्दी, the half of हिन्दी after its virama: was hindi.jpg
         assert kw(DIL) == ["heart.jpg"] and kw(DAL) == ["lentils.jpg"]  # each was both
+        assert kw(CHAKMA) == ["chakma.jpg"] and kw(CHAKMA[-3:]) == []  # its end after a virama: was chakma.jpg
         # The braille blank (U+2800) is a blank: it parts words, as a space does, and is not dropped as the invisible
         # characters are (it is no Default_Ignorable_Code_Point: it is drawn, an empty cell as wide as a letter)
         assert kw("sun") == kw('"sun set"') == ["braille.jpg"] and kw("sunset") == []

@@ -59,8 +59,9 @@ from alignsearch.errors import IndexDamagedError
 
 
 def words(text: str | None) -> list[str]:
-    """The words of a query text for the keyword index (letters and digits, lower-cased, 2+ characters)."""
-    found = _word().findall((text or "").lower())
+    """The words of a query text for the keyword index (letters and digits with their marks, lower-cased, 2+
+    characters)."""
+    found = _words_in((text or "").lower())
     return list(dict.fromkeys(w for w in found if len(w) > 1 and w not in STOPWORDS))
 
 
@@ -95,8 +96,8 @@ MARKS = THAI_MARKS + LAO_MARKS + _SEA_MARKS  # the marks a cluster holds (_SPACE
 # word was cut at its vowel signs and virama (`हिन्दी` the tokens `ह` `न` `द`, so `न्दी` found it and `हिन्दी` was a
 # phrase of bare consonants), a vocalised Arabic word (`كَتَبَ`) or a pointed Hebrew one (`שָׁלוֹם`) fell into letters.
 # Enclosing marks (Me) stay separators, as before: a keycap (U+20E3, `5️⃣`) or circle draws a symbol around what it
-# follows, no letter of a word. A query's words keep the marks too (_word). The categories option, not tokenchars: it names them all by their Unicode category (SQLite
-# 3.25+; remove_diacritics 2 already asks 3.27).
+# follows, no letter of a word. A query's words keep the marks too (_words_in). The categories option, not tokenchars:
+# it names them all by their Unicode category (SQLite 3.25+; remove_diacritics 2 already asks 3.27).
 TOKEN_CATEGORIES = "L* N* Co Mn Mc"
 # The operators as typed full-width too (a Japanese or Chinese keyboard's `－`, `＂`, `ＡＮＤ`; `＊` in _atom): only where
 # they are operators, so a code's `ＡＢ－１２` keeps its form as typed (Atom.typed_code). Read as words, `－cat`
@@ -222,7 +223,7 @@ def _narrowing() -> dict[int, str | None]:
 
 @functools.cache
 def _scanned() -> tuple[dict[int, str | None], tuple[int, ...]]:
-    """narrow's table (_narrowing) and the combining marks (Mn, Mc) a word holds (_word), but the invisible ones it
+    """narrow's table (_narrowing) and the combining marks (Mn, Mc) a word holds (_words_in), but the invisible ones it
     drops (variation selectors): one scan of every character below U+20000 (bench_keyword_format times it), made on
     first use, which a process never searching words is spared."""
     table: dict[int, str | None] = dict(_WIDTH)
@@ -241,18 +242,24 @@ def _scanned() -> tuple[dict[int, str | None], tuple[int, ...]]:
     return table, tuple(c for c in marks if c not in table)
 
 
-@functools.cache
-def _word() -> re.Pattern:
-    """A word of text as the keyword index takes it (TOKEN_CATEGORIES): letters, digits (\\w, with `_`, which the
-    index parts on: _fold) and the combining marks written in them. Python's \\w holds no mark (`हिन्दी` was `ह`
-    `न` `द` to it), nor has re a class of a category: the marks are listed (_scanned)."""
-    return re.compile(f"[\\w{_marks()}]+")
+def _words_in(text: str) -> list[str]:
+    """The words of text as the keyword index takes them (TOKEN_CATEGORIES): letters, digits (\\w, with `_`, which
+    the index parts on: _fold) and the combining marks written in them. Python's \\w holds no mark (`हिन्दी` was `ह`
+    `न` `द` to it), nor has re a class of a category: the marks are listed (_scanned). Those above U+FFFF (Brahmi,
+    Chakma, Adlam, ...) only for a text that holds such a character: re tests a class with them range by range (below
+    U+10000 it is one table), at every separator, and a findall of plain ASCII text took 2.7 times as long."""
+    return _word(not text.isascii() and max(text) > "\uffff").findall(text)  # isascii: a flag; max: a scan
 
 
 @functools.cache
-def _marks() -> str:
-    """The marks a word holds (_scanned), as the inside of a regex class."""
-    return _class(_scanned()[1])[1:-1]
+def _word(astral: bool) -> re.Pattern:
+    return re.compile(f"[\\w{_marks(astral)}]+")
+
+
+@functools.cache
+def _marks(astral: bool = True) -> str:
+    """The marks a word holds (_scanned), as the inside of a regex class; only those below U+10000 unless astral."""
+    return _class(c for c in _scanned()[1] if astral or c < 0x10000)[1:-1]
 
 
 # A Latin combining accent (U+0300-U+036F) written with no letter before it (` \u0301 `, a stray key in a caption):
@@ -406,11 +413,11 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     # `ＡＢ１２３＊` was no word start, its code `AB123*` found only a literal `*`, where `AB123*` finds `AB1234`
     prefix = not quoted and raw.endswith(("*", "\uff0a"))
     raw = raw.rstrip("*\uff0a") if prefix else raw
-    tokens = tuple(w.lower() for w in _word().findall(spaced(raw)))
-    whole = tuple(w.lower() for w in _word().findall(raw))[:MAX_PHRASE]
+    tokens = tuple(w.lower() for w in _words_in(spaced(raw)))
+    whole = tuple(w.lower() for w in _words_in(raw))[:MAX_PHRASE]
     # a schema 5-8 index (until its next writer: a reader never upgrades) holds `２０２４年` as `２０２４ 年`: found
     # by this, not by the narrowed tokens nor by the run as typed (how an index before schema 5 holds it)
-    wide = tuple(w.lower() for w in _word().findall(_spaced_wide(raw)))[:MAX_PHRASE] if narrow(raw) != raw else None
+    wide = tuple(w.lower() for w in _words_in(_spaced_wide(raw)))[:MAX_PHRASE] if narrow(raw) != raw else None
     cut = len(tokens) > MAX_PHRASE
     tokens = tokens[:MAX_PHRASE]
     if not tokens:
@@ -635,7 +642,7 @@ def _fold(text: str) -> list[str]:
     bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in MARKS))
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found
-    return _word().findall(bare.replace("_", " "))
+    return _words_in(bare.replace("_", " "))
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

@@ -192,8 +192,8 @@ def test_an_underscore_parts_words_in_the_default_modes_check_as_it_does_in_the_
 
 
 def test_a_kana_voiced_mark_after_a_latin_letter_parts_words_in_the_default_modes_check_as_in_the_index(tmp_path):
-    """A half-width voiced mark (ﾞ, U+FF9E) composes with no Latin letter: spaced leaves it a token of its own, which
-    unicode61 drops, so the keyword index holds `aﾞbc` as `a bc`. The default mode's check dropped the mark with the
+    """A half-width voiced mark (ﾞ, U+FF9E) composes with no Latin letter: spaced makes it a space (unicode61 took it
+    for one), so the keyword index holds `aﾞbc` as `a bc`. The default mode's check dropped the mark with the
     accents and read `abc`: the keyword index found the file for `aﾞbc` (and `bc`) and the check refused it."""
     ids = keyword_library(tmp_path / "catalog.db", {"mark.jpg": "label xﾞbc zz", "kana.jpg": "ｶﾞｲﾄﾞ",
                                                     "plain.jpg": "a grey wall"})

@@ -3,7 +3,9 @@
 Thai is written without spaces between words, and unicode61 took its vowel and tone marks (combining, Mn) for
 separators: a Thai run was cut at every mark, so `กรุงเทพ` (Bangkok) found nothing inside `ตลาดกรุงเทพมหานคร`,
 and the marks were dropped, so `ข้าว` (rice) found `ข่าว` (news). Korean is written with spaces, but a particle joins
-the noun it follows: `서울` (Seoul) found neither `서울에서` (in Seoul) nor `서울의` (Seoul's)."""
+the noun it follows: `서울` (Seoul) found neither `서울에서` (in Seoul) nor `서울의` (Seoul's). The combining marks of every
+other script were separators too (a Hindi word cut at its vowel signs), and Arabic harakat and Hebrew points kept a
+vocalised word from its bare spelling."""
 
 from __future__ import annotations
 
@@ -426,21 +428,28 @@ def test_a_lao_word_is_found_inside_the_longer_lao_run_it_is_written_in(tmp_path
     assert not keywords.evidence(keywords.parse("ໄກ"), "ປີ້ງໄກ່")
 
 
+def _older_library(db_path, files, version, marks):
+    """_library's catalog as schema `version` made and wrote its keyword index: a tokenizer with `marks` alone for token
+    characters, each file's text as it is (composed); its ids."""
+    ids = _library(db_path, files)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"DROP TABLE {catalog.KEYWORDS}")
+        conn.execute(f"CREATE VIRTUAL TABLE {catalog.KEYWORDS} USING "
+                     f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{marks}'\")")
+        for name, caption in files.items():
+            conn.execute(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)",
+                         (ids[name], unicodedata.normalize("NFC", catalog.keyword_text(name, caption))))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    conn.close()
+    return ids
+
+
 def test_a_schema_11_keyword_index_finds_lao_words_once_its_next_writer_upgrades_it(tmp_path):
     """A schema-11 index holds Lao runs cut at their marks (its tokenizer took them for separators); a reader reads it
     as it stands (the whole run still found), and the next writer makes the keyword index again (step 12)."""
     db_path = tmp_path / "catalog.db"
     files = {"ຕະຫຼາດຫຼວງພະບາງ.jpg": None, "chicken.jpg": "ປີ້ງໄກ່"}
-    ids = _library(db_path, files)
-    with sqlite3.connect(db_path) as conn:  # as schema 11 made and wrote it: Thai marks only, a Lao run as it is
-        conn.execute(f"DROP TABLE {catalog.KEYWORDS}")
-        conn.execute(f"CREATE VIRTUAL TABLE {catalog.KEYWORDS} USING "
-                     f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 tokenchars '{keywords.THAI_MARKS}'\")")
-        for name, caption in files.items():
-            conn.execute(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)",
-                         (ids[name], unicodedata.normalize("NFC", catalog.keyword_text(name, caption))))
-        conn.execute("UPDATE meta SET value = '11' WHERE key = 'schema_version'")
-    conn.close()
+    ids = _older_library(db_path, files, 11, keywords.THAI_MARKS)  # Thai marks only, a Lao run as it is
     _found_inside_once_upgraded(db_path, ids, "ຫຼວງພະບາງ", "ຕະຫຼາດຫຼວງພະບາງ")
     assert _found(db_path, ids, "ໄກ່", readonly=True) == ["chicken.jpg"]
 
@@ -563,7 +572,7 @@ def test_an_invisible_mark_or_filler_inside_a_word_cuts_it_neither_in_the_text_n
         assert kw("Paris") == kw("\u2764\ufe0fParis") == ["heart.jpg"]
         assert kw("\u0939\u093f\u0928\u094d\u0926\u0940") == ["hindi.jpg"]
         assert kw("\u0e02\u0e49\u0e32\u0e27") == ["thai.jpg"] and kw("\u0e02\u0e48\u0e32\u0e27") == []  # ข้าว, ข่าว
-        assert kw("\u0643\u064e\u062a\u064e\u0628\u064e") == ["arabic.jpg"]  # harakat as before: typed as written
+        assert kw("\u0643\u064e\u062a\u064e\u0628\u064e") == ["arabic.jpg"]  # harakat typed as written
     assert keywords.evidence(keywords.parse("sunset", partial_last=True), "sun\u3164set")
     assert keywords.evidence(keywords.parse("sun\ufe0fset"), "sunset")
     # visible marks and the emoji's own character are kept; only the invisible ones go
@@ -598,3 +607,101 @@ def test_keyword_rows_an_older_writer_wrote_with_an_invisible_mark_are_named_and
         assert catalog.format_split_keywords(conn) == []
     db.dispose()
     assert _found(db_path, ids, "sunset") == ["vs.jpg"] and _found(db_path, ids, '"\uc11c\uc6b8"') == ["filler.jpg"]
+
+
+# Captions with combining marks: Arabic with harakat (kataba: he wrote the lesson), without (kutub: old books) and with
+# the tatweel (maktaba: library); Hebrew pointed (shalom aleichem); Hindi with a conjunct (हिन्दी भाषा, the Hindi
+# language); दिल (heart) and दाल (lentils), two words of the same letters and other vowel signs.
+MARKED = {"kataba.jpg": "\u0643\u064e\u062a\u064e\u0628\u064e \u0627\u0644\u062f\u0651\u064e\u0631\u0652\u0633\u064e",
+          "kutub.jpg": "\u0643\u062a\u0628 \u0642\u062f\u064a\u0645\u0629",
+          "maktaba.jpg": "\u0645\u0640\u0643\u0640\u062a\u0640\u0628\u0640\u0629",
+          "shalom.jpg": "\u05e9\u05c1\u05b8\u05dc\u05d5\u05b9\u05dd \u05e2\u05b2\u05dc\u05b5\u05d9\u05db\u05b6\u05dd",
+          "hindi.jpg": "\u0939\u093f\u0928\u094d\u0926\u0940 \u092d\u093e\u0937\u093e",
+          "heart.jpg": "\u0926\u093f\u0932", "lentils.jpg": "\u0926\u093e\u0932"}
+KATABA, KUTUB, DARS, MAKTABA = ("\u0643\u064e\u062a\u064e\u0628\u064e", "\u0643\u062a\u0628", "\u0627\u0644\u062f\u0631\u0633",
+                                "\u0645\u0643\u062a\u0628\u0629")
+SHALOM, SHALOM_POINTED = "\u05e9\u05dc\u05d5\u05dd", "\u05e9\u05c1\u05b8\u05dc\u05d5\u05b9\u05dd"
+CHAKMA = "\U0001110c\U0001110b\U00011134\U0001111f\U00011133\U00011126"  # 𑄌𑄋𑄴𑄟𑄳𑄦, Changma (Chakma)
+HINDI, DIL, DAL = "\u0939\u093f\u0928\u094d\u0926\u0940", "\u0926\u093f\u0932", "\u0926\u093e\u0932"
+
+
+def test_a_word_with_combining_marks_is_one_word_and_arabic_and_hebrew_are_found_without_their_points(tmp_path):
+    """unicode61 took every combining mark (Mn, Mc) but Thai's and Lao's for a separator: `हिन्दी` was `ह` `न` `द`, so
+    the fragment `न्दी` found it and `दिल` (heart) found `दाल` (lentils), and a vocalised Arabic word was its letters
+    apart, found by no bare `كتب`. Now a mark is part of its word, and Arabic harakat, Hebrew points and the tatweel are
+    dropped on both sides, as accents are (`كتب` finds `كَتَبَ` and the other way round)."""
+    db = tmp_path / "catalog.db"
+    files = {**MARKED, "braille.jpg": "a sun\u2800set", "stray.jpg": "red \u0301 kite", "plain.jpg": "a white wall",
+             "chakma.jpg": CHAKMA}  # marks above U+FFFF (keywords._words_in)
+    ids = _library(db, files)
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw(KUTUB) == kw(KATABA) == ["kataba.jpg", "kutub.jpg"]  # was kutub.jpg, and kataba.jpg
+        assert kw(DARS) == ["kataba.jpg"] and kw(MAKTABA) == ["maktaba.jpg"]  # shadda and sukun; the tatweel
+        assert kw(SHALOM) == kw(SHALOM_POINTED) == ["shalom.jpg"]  # was [], and shalom.jpg
+        assert kw(HINDI) == kw(f'"{HINDI} \u092d\u093e\u0937\u093e"') == ["hindi.jpg"]
+        assert kw("\u0928\u094d\u0926\u0940") == []  # न्दी, the half of हिन्दी after its virama: was hindi.jpg
+        assert kw(DIL) == ["heart.jpg"] and kw(DAL) == ["lentils.jpg"]  # each was both
+        assert kw(CHAKMA) == ["chakma.jpg"] and kw(CHAKMA[-3:]) == []  # its end after a virama: was chakma.jpg
+        # The braille blank (U+2800) is a blank: it parts words, as a space does, and is not dropped as the invisible
+        # characters are (it is no Default_Ignorable_Code_Point: it is drawn, an empty cell as wide as a letter)
+        assert kw("sun") == kw('"sun set"') == ["braille.jpg"] and kw("sunset") == []
+        # an accent with no letter before it is no word (as a separator, before): the phrase holds across it
+        assert kw('"red kite"') == ["stray.jpg"]
+    reader = catalog.connect(db, readonly=True)
+    with reader.connect() as conn:  # the default mode's keyword list: the caption's evidence, as the index found it
+        for typed, names in ((KUTUB, ["kataba.jpg", "kutub.jpg"]), (SHALOM, ["shalom.jpg"]), (DIL, ["heart.jpg"]),
+                             (HINDI, ["hindi.jpg"]), (MAKTABA, ["maktaba.jpg"])):
+            auto = keywords.search(conn, keywords.parse(typed, partial_last=True), 10, evidence_only=True)
+            assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == names, typed
+    reader.dispose()
+    assert keywords.spaced(MARKED["kataba.jpg"]) == f"{KUTUB} {DARS}" and keywords.spaced(SHALOM_POINTED) == SHALOM
+    assert [a.tokens for a in keywords.parse(f"{HINDI} {DIL}").positive()] == [(HINDI,), (DIL,)]
+
+
+def test_a_schema_15_keyword_index_finds_words_with_marks_once_its_next_writer_upgrades_it(tmp_path):
+    """A schema-15 index holds words cut at their marks, the harakat and points kept (its tokenizer took the marks for
+    separators); a reader reads it as it stands (a word typed as written still found), and the next writer makes the
+    keyword index again (step 16): then `كتب` finds `كَتَبَ` and `दिल` no longer finds `दाल`."""
+    db_path = tmp_path / "catalog.db"
+    ids = _older_library(db_path, MARKED, 15, keywords.THAI_MARKS + keywords.LAO_MARKS)  # Thai and Lao marks only, the points kept
+    assert _version(db_path) == 15
+    # as it stands: typed as written, each still finds its caption (its letters apart, as the old index holds them)
+    for typed, name in ((KATABA, "kataba.jpg"), (SHALOM_POINTED, "shalom.jpg"), (HINDI, "hindi.jpg")):
+        assert name in _found(db_path, ids, typed, readonly=True), typed
+    assert _found(db_path, ids, KUTUB, readonly=True) == ["kutub.jpg"]
+    catalog.connect(db_path).dispose()  # a writer: upgraded
+    assert _version(db_path) == migrate.LATEST
+    assert _found(db_path, ids, KUTUB, readonly=True) == ["kataba.jpg", "kutub.jpg"]
+    assert _found(db_path, ids, SHALOM, readonly=True) == ["shalom.jpg"]
+    assert _found(db_path, ids, DIL, readonly=True) == ["heart.jpg"]
+    assert _found(db_path, ids, "\u0928\u094d\u0926\u0940", readonly=True) == []
+
+
+def test_a_khmer_or_myanmar_word_is_found_inside_the_longer_run_it_is_written_in_and_its_marks_tell_words_apart(
+        tmp_path):
+    """Khmer and Myanmar are written without spaces between words, with marks after their letters: unicode61 cut a run
+    at every mark, so `ទឹក` (water) typed was the phrase `ទ` `ក`, which `ទឹកស្អាត` (held as `ទ` `កស` ...) did not hold,
+    and `ទូក` (boat) the same phrase; `ကား` (car) was `က`, a lone letter no query keeps: each found nothing. With marks
+    part of a word, a run would be one token found only whole (`ភ្នំពេញ`, Phnom Penh, in `រាជធានីភ្នំពេញ`, the capital
+    Phnom Penh, was found before, as a phrase of bare letters); a letter with its marks is a token, as in Thai."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"capital.jpg": "\u179a\u17b6\u1787\u1792\u17b6\u1793\u17b8\u1797\u17d2\u1793\u17c6\u1796\u17c1\u1789",
+                        "water.jpg": "\u1791\u17b9\u1780\u179f\u17d2\u17a2\u17b6\u178f",  # ទឹកស្អាត, clean water
+                        "boat.jpg": "\u1791\u17bc\u1780\u178f\u17bc\u1785",  # ទូកតូច, a small boat
+                        "car.jpg": "\u1000\u102c\u1038\u1021\u101e\u1005\u103a",  # ကားအသစ်, a new car
+                        "nine.jpg": "\u1000\u102d\u102f\u1038\u1014\u102c\u101b\u102e",  # ကိုးနာရီ, nine o'clock
+                        "yangon.jpg": "\u101b\u1014\u103a\u1000\u102f\u1014\u103a\u1019\u103c\u102d\u102f\u1037"})
+    water = "\u1791\u17b9\u1780"
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("\u1797\u17d2\u1793\u17c6\u1796\u17c1\u1789") == ["capital.jpg"]  # ភ្នំពេញ
+        assert kw(water) == ["water.jpg"] and kw("\u1791\u17bc\u1780") == ["boat.jpg"]  # each was []
+        assert kw("\u1000\u102c\u1038") == ["car.jpg"]  # ကား: was []
+        assert kw("\u101b\u1014\u103a\u1000\u102f\u1014\u103a") == ["yangon.jpg"]  # ရန်ကုန်, Yangon
+    assert keywords.evidence(keywords.parse(water), "\u1791\u17b9\u1780\u179f\u17d2\u17a2\u17b6\u178f")
+    assert not keywords.evidence(keywords.parse(water), "\u1791\u17bc\u1780\u178f\u17bc\u1785")

@@ -31,10 +31,15 @@ What a query text means (`parse`):
   dropped.
 - Lao is indexed as Thai is (LAO_MARKS: `ຫຼວງພະບາງ` finds `ຕະຫຼາດຫຼວງພະບາງ`, schema 12); `ໝ` and `ໜ` are the two
   letters they stand for (`ຫມ`, `ຫນ`, typed either way).
+- Khmer and Myanmar are indexed as Thai is (_SEA_MARKS, schema 16): `ភ្នំពេញ` finds `រាជធានីភ្នំពេញ`.
 - Korean (Hangul) is written with spaces, but a particle joins the noun it follows (`서울에서`, in Seoul): a bare
   Hangul word of 2+ syllables is a word start (`서울` finds `서울에서` and `서울의`); quoted it is the word alone.
   Hangul written onto a Latin or digit word is parted from it (_HANGUL_EDGE): `BTS` finds `BTS의 공연`.
   For a word start it counts with that word (_typed_length): `BTS에*` finds `BTS에서`.
+- Combining marks (Mn, Mc) of every script are part of their word (schema 16): a Hindi word is one token with its vowel
+  signs and virama (`हिन्दी`, not `ह` `न` `द`). Arabic harakat and Hebrew points are dropped (_POINTING), as accents
+  are: `كتب` finds `كَتَبَ` and `שלום` finds `שָׁלוֹם`, and each typed pointed finds the bare word; so is the tatweel
+  (`كـتـب` is `كتب`).
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -54,8 +59,9 @@ from alignsearch.errors import IndexDamagedError
 
 
 def words(text: str | None) -> list[str]:
-    """The words of a query text for the keyword index (letters and digits, lower-cased, 2+ characters)."""
-    found = _WORD.findall((text or "").lower())
+    """The words of a query text for the keyword index (letters and digits with their marks, lower-cased, 2+
+    characters)."""
+    found = _words_in((text or "").lower())
     return list(dict.fromkeys(w for w in found if len(w) > 1 and w not in STOPWORDS))
 
 
@@ -77,13 +83,27 @@ THAI_MARKS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.catego
 # letters, and was cut at every mark as Thai was: `ຫຼວງພະບາງ` (Luang Prabang) found nothing, its ຼ a separator that
 # left `ຫ` and `ວງພະບາງ`, and not inside a longer run; the tone marks dropped (ໄກ່ chicken, ໄກ far, one word).
 LAO_MARKS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) == "Mn")
-MARKS = THAI_MARKS + LAO_MARKS  # the token characters of the keyword index beside unicode61's (create_keywords)
+# Khmer (U+1780-U+17FF) and Myanmar (U+1000-U+109F, extensions A and B) are written without spaces between words too,
+# with vowel signs, medials and the marks that stack a consonant under another (Khmer coeng U+17D2, Myanmar virama
+# U+1039; Mn, Mc) after their letters. unicode61 cut their runs at every mark, which left `ភ្នំពេញ` (Phnom Penh) a phrase
+# of bare letters found inside `រាជធានីភ្នំពេញ`; with the marks part of a word (TOKEN_CATEGORIES) a run was one token,
+# found only whole. So a letter with its marks is a token, as a Thai one is (schema 16).
+_SEA_BLOCKS = (range(0x1780, 0x1800), range(0x1000, 0x10A0), range(0xAA60, 0xAA80), range(0xA9E0, 0xAA00))
+_SEA_MARKS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Mn", "Mc"))
+MARKS = THAI_MARKS + LAO_MARKS + _SEA_MARKS  # the marks a cluster holds (_SPACELESS), kept by the match check (_fold)
+# The keyword index's token characters (catalog.create_keywords): unicode61's default (L* N* Co) and the combining marks
+# (Mn, Mc) of every script, which it took for separators as it took Thai's (schema 7) and Lao's (schema 12): a Hindi
+# word was cut at its vowel signs and virama (`हिन्दी` the tokens `ह` `न` `द`, so `न्दी` found it and `हिन्दी` was a
+# phrase of bare consonants), a vocalised Arabic word (`كَتَبَ`) or a pointed Hebrew one (`שָׁלוֹם`) fell into letters.
+# Enclosing marks (Me) stay separators, as before: a keycap (U+20E3, `5️⃣`) or circle draws a symbol around what it
+# follows, no letter of a word. A query's words keep the marks too (_words_in). The categories option, not tokenchars:
+# it names them all by their Unicode category (SQLite 3.25+; remove_diacritics 2 already asks 3.27).
+TOKEN_CATEGORIES = "L* N* Co Mn Mc"
 # The operators as typed full-width too (a Japanese or Chinese keyboard's `－`, `＂`, `ＡＮＤ`; `＊` in _atom): only where
 # they are operators, so a code's `ＡＢ－１２` keeps its form as typed (Atom.typed_code). Read as words, `－cat`
 # found what it was to leave out, `＂new york＂` was two words, and `ＡＮＤ` a stop word (an OR).
 _TOKEN = re.compile(r'([-\uff0d]?)["\uff02]([^"\uff02]*)["\uff02]?|(\S+)')
 _NEGATE = ("-", "\uff0d")
-_WORD = re.compile(f"[\\w{MARKS}]+")
 MIN_PREFIX = 2  # shorter starts (`a*`) would match most of the library
 MIN_PARTIAL = 3  # the default mode's partial last word: `ca` is no start of anything meant yet
 MIN_CODE = 3  # the trigram index finds substrings of 3+ characters
@@ -102,8 +122,9 @@ MAX_PHRASE = 64
 # (_HANGUL).
 _THAI_LETTERS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _LAO_LETTERS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
+_SEA_LETTERS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]"
-                        f"|[{_THAI_LETTERS}{_LAO_LETTERS}][{MARKS}]*)")
+                        f"|[{_THAI_LETTERS}{_LAO_LETTERS}{_SEA_LETTERS}][{MARKS}]*)")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges
@@ -138,7 +159,21 @@ _GREEK_BARE[ord("ς")] = "σ"
 # _SPACELESS makes them when typed so: the match check's NFKD writes them apart, so the index holds them apart
 # (ໝາກ, fruit, found typed either way). After _SPACELESS, in the one table: a cluster ໜ with its marks (ໜຶ່) is then
 # ຫ and ນຶ່, as ຫນຶ່ typed is.
-_BARE = {**_GREEK_BARE, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1"}
+# Arabic harakat and the other Arabic-script marks (Mn: tanwin, shadda, sukun, the dagger alef U+0670, Quranic marks)
+# and Hebrew points and cantillation (Mn), dropped as remove_diacritics drops Latin accents: text is written without
+# them as often as with, and a word means the same either way, so `كتب` finds `كَتَبَ` and `שלום` finds `שָׁלוֹם`
+# (and the other way round). After NFC (spaced): a hamza or madda a letter takes (أ, آ) is that letter, not dropped;
+# a Hebrew presentation form with its point (שּׁ, U+FB2C) is its letter and points (a composition exclusion). With them
+# the tatweel (U+0640, Lm: a letter to unicode61), which only draws a word longer (`كـتـب` is `كتب`), as Lucene's
+# Arabic normaliser drops it. Marks other scripts need to tell words apart (Indic vowel signs and virama, Thai and
+# Lao tone marks, Thaana's vowels) are kept: part of the word (TOKEN_CATEGORIES).
+_POINTING = {c: None for block in (range(0x0591, 0x05C8), range(0xFB1E, 0xFB1F), range(0x0600, 0x0700),
+                                   range(0x0750, 0x0780), range(0x0870, 0x0900), range(0xFB50, 0xFE00))
+             for c in block if unicodedata.category(chr(c)) == "Mn"}
+_POINTING[0x0640] = None
+# A kana voiced mark no letter took (NFC composed the others): a separator, as it was when unicode61 took every mark
+# for one (`xﾞbc` is `x` and `bc`; the match check, _fold, parts them so too), not a token of its own.
+_BARE = {**_GREEK_BARE, **_POINTING, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1", 0x3099: " ", 0x309A: " "}
 
 
 # Full-width Latin letters, digits and punctuation (U+FF01-U+FF5E: `ＢＴＳ`, `２０２４年`, as Chinese and Japanese text
@@ -182,19 +217,62 @@ def _narrowing() -> dict[int, str | None]:
     """_WIDTH, the decimal digits of every script as ASCII ones (`๒๕๖๗`, Thai; `٢٠٢٤`, Arabic-Indic; `२०२४`,
     Devanagari): a year or a number is typed in either, and neither unicode61 nor NFKD (the match check's fold) folds
     them, so `2567` found no `ปี๒๕๖๗` nor `๒๕๖๗` typed `2567`; and the format characters (Cf: _FORMAT_PLANES)
-    deleted. One character for one or for none. Made on first use: a scan of every character below U+20000
-    (bench_keyword_format times it) that a process never searching words is spared."""
+    deleted. One character for one or for none (made by _scanned)."""
+    return _scanned()[0]
+
+
+@functools.cache
+def _scanned() -> tuple[dict[int, str | None], tuple[int, ...]]:
+    """narrow's table (_narrowing) and the combining marks (Mn, Mc) a word holds (_words_in), but the invisible ones it
+    drops (variation selectors): one scan of every character below U+20000 (bench_keyword_format times it), made on
+    first use, which a process never searching words is spared."""
     table: dict[int, str | None] = dict(_WIDTH)
+    marks = []
     for plane in _FORMAT_PLANES:
         for c in plane:
             category = unicodedata.category(chr(c))
             if category == "Cf":
                 table[c] = None
+            elif category in ("Mn", "Mc"):
+                marks.append(c)
             elif c not in table and category == "Nd":
                 table[c] = str(unicodedata.decimal(chr(c)))
     for first, last in _DEFAULT_IGNORABLE:
         table.update(dict.fromkeys(range(first, last + 1)))
-    return table
+    return table, tuple(c for c in marks if c not in table)
+
+
+def _words_in(text: str) -> list[str]:
+    """The words of text as the keyword index takes them (TOKEN_CATEGORIES): letters, digits (\\w, with `_`, which
+    the index parts on: _fold) and the combining marks written in them. Python's \\w holds no mark (`हिन्दी` was `ह`
+    `न` `द` to it), nor has re a class of a category: the marks are listed (_scanned). Those above U+FFFF (Brahmi,
+    Chakma, Adlam, ...) only for a text that holds such a character: re tests a class with them range by range (below
+    U+10000 it is one table), at every separator, and a findall of plain ASCII text took 2.7 times as long."""
+    return _word(not text.isascii() and max(text) > "\uffff").findall(text)  # isascii: a flag; max: a scan
+
+
+@functools.cache
+def _word(astral: bool) -> re.Pattern:
+    return re.compile(f"[\\w{_marks(astral)}]+")
+
+
+@functools.cache
+def _marks(astral: bool = True) -> str:
+    """The marks a word holds (_scanned), as the inside of a regex class; only those below U+10000 unless astral."""
+    return _class(c for c in _scanned()[1] if astral or c < 0x10000)[1:-1]
+
+
+# A Latin combining accent (U+0300-U+036F) written with no letter before it (` \u0301 `, a stray key in a caption):
+# unicode61, which takes marks as token characters (TOKEN_CATEGORIES) and drops an accent from its token
+# (remove_diacritics), would make it an empty token between two words, and the phrase of those words would no longer
+# hold there. Dropped: what it came to when marks were separators. Found by a check for any such accent first: NFC
+# leaves few, and the lookbehind's class (every mark) would be tried at each character of every text.
+_ACCENT = re.compile("[\u0300-\u036f]")
+
+
+@functools.cache
+def _stray_accents() -> re.Pattern:
+    return re.compile(f"(?<![\\w{_marks()}])[\u0300-\u036f]+")
 
 
 # A ZWNJ (U+200C) between two letters of the Arabic script is Persian's mark between a word's stem and its affixes
@@ -276,6 +354,8 @@ def spaced(text: str) -> str:
 def _spaced_wide(text: str) -> str:
     """spaced without narrow: how schema 5-8 wrote the keyword index (Atom.wide)."""
     composed = _HANGUL_EDGE.sub(" ", _SARA_AM.sub(_sara_am, unicodedata.normalize("NFC", text)))
+    if _ACCENT.search(composed):
+        composed = _stray_accents().sub("", composed)
     return _SPACELESS.sub(r" \1 ", composed).translate(_BARE)
 
 
@@ -333,11 +413,11 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     # `ＡＢ１２３＊` was no word start, its code `AB123*` found only a literal `*`, where `AB123*` finds `AB1234`
     prefix = not quoted and raw.endswith(("*", "\uff0a"))
     raw = raw.rstrip("*\uff0a") if prefix else raw
-    tokens = tuple(w.lower() for w in _WORD.findall(spaced(raw)))
-    whole = tuple(w.lower() for w in _WORD.findall(raw))[:MAX_PHRASE]
+    tokens = tuple(w.lower() for w in _words_in(spaced(raw)))
+    whole = tuple(w.lower() for w in _words_in(raw))[:MAX_PHRASE]
     # a schema 5-8 index (until its next writer: a reader never upgrades) holds `２０２４年` as `２０２４ 年`: found
     # by this, not by the narrowed tokens nor by the run as typed (how an index before schema 5 holds it)
-    wide = tuple(w.lower() for w in _WORD.findall(_spaced_wide(raw)))[:MAX_PHRASE] if narrow(raw) != raw else None
+    wide = tuple(w.lower() for w in _words_in(_spaced_wide(raw)))[:MAX_PHRASE] if narrow(raw) != raw else None
     cut = len(tokens) > MAX_PHRASE
     tokens = tokens[:MAX_PHRASE]
     if not tokens:
@@ -562,7 +642,7 @@ def _fold(text: str) -> list[str]:
     bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in MARKS))
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found
-    return _WORD.findall(bare.replace("_", " "))
+    return _words_in(bare.replace("_", " "))
 
 
 @functools.lru_cache(maxsize=256)  # evidence() runs for each row a query finds: its words are folded once

@@ -76,7 +76,7 @@ _DEFERRED = "alignsearch.migrate.keywords_again"  # conn.info: inside upgrade(),
 
 def _keywords_again(conn) -> None:
     """The keyword index and its trigram twin built again from what the catalog holds (nothing is read from the
-    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11 and 12 each ask for it, and a
+    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11, 12 and 16 each ask for it, and a
     catalog from schema 1 was rebuilt five times in one transaction (~2.5 s each at 20,000 files); no step between
     reads the keyword tables."""
     if _DEFERRED in conn.info:
@@ -150,6 +150,15 @@ def _lao_keywords(conn) -> None:
     a token (keywords.LAO_MARKS), as step 7 made Thai: an index written before cut a Lao run at every mark and dropped
     the marks, so `ຫຼວງພະບາງ` found nothing (its ຼ parted `ຫ` from the rest) and no Lao word was found inside a
     longer run. The tokenizer is part of the table, so it is dropped and made again (_keywords_again)."""
+    _keywords_again(conn)
+
+
+def _mark_keywords(conn) -> None:
+    """The keyword index made again with every script's combining marks (Mn, Mc) as token characters
+    (keywords.TOKEN_CATEGORIES) and written without Arabic harakat, Hebrew points and the tatweel (keywords._POINTING):
+    an index written before cut a Hindi word at its vowel signs and virama (`हिन्दी`: `ह` `न` `द`) and a vocalised
+    Arabic or pointed Hebrew word into letters, so `كتب` found no `كَتَبَ` and `שלום` no `שָׁלוֹם`. The tokenizer is
+    part of the table, so it is dropped and made again (_keywords_again)."""
     _keywords_again(conn)
 
 
@@ -261,6 +270,8 @@ STEPS: tuple[Step, ...] = (
     Step(13, "the rows whose name is a symbolic link, with its target (links)", _links),
     Step(14, "a digest of each files and photos row's shown fields, which readers check", _digests),
     Step(metaseal.SEALED, "a digest of the model record, which readers check", _sealed_model),
+    Step(16, "keyword index: every script's combining marks are part of their word; Arabic harakat and Hebrew points "
+                 "dropped (كَتَبَ: كتب)", _mark_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

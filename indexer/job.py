@@ -214,6 +214,7 @@ def index_folders(
     except UnicodeEncodeError:
         raise UsageError(f"the index folder {out} has a name that is not UTF-8, which faiss cannot write its "
                          "ANN index to: give another --index") from None
+    index_roots.refuse_names_not_utf8(roots)
     index_roots.refuse_index_folder(roots, out)
     if not roots and not (out / DB_FILE).exists():  # said before the model loads, and no empty index made
         raise BadInputError("no folder to index: give one, e.g. `alignsearch index ./photos`")

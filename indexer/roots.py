@@ -614,6 +614,20 @@ def report(db) -> list[dict]:
     return out
 
 
+def refuse_names_not_utf8(roots: list[str]) -> None:
+    """A root whose path (as given, or the absolute path it stands for) is not UTF-8 is refused (exit 6), nothing
+    written: the catalog records a root as text, and such a root failed at its first read of the catalog with
+    "unexpected UnicodeEncodeError" (the names of files and folders below a root may be any bytes: path_b64)."""
+    for root in roots:
+        for name in (root,) if sources.is_url(root) else (root, os.path.abspath(root)):
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+                raise BadInputError(f"cannot index {shown}: its path is not UTF-8, which a root's must be (the names "
+                                    "below it may be any bytes): rename the folder, or index a folder above it") from None
+
+
 def refuse_index_folder(roots: list[str], index_dir: Path) -> None:
     """A root that is the index folder or inside it would index the index's own files (the server's thumbnail
     cache as photos): refused (exit 6)."""

@@ -1907,3 +1907,15 @@ def same_size_other_content(path, like) -> None:
     part.write_bytes(bytes(data))
     os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.replace(part, like)
+
+
+def alignsearch_fsize(limit: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m alignsearch ARGS` whose files cannot grow past limit bytes (RLIMIT_FSIZE, `ulimit -f`): a write
+    past it fails with EFBIG (Python ignores SIGXFSZ), as on a full disk, without mounting one."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "alignsearch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=limited)

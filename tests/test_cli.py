@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignsearch.surfaces.cli import main
-from conftest import make_images, run
+from conftest import index_json, make_images, run
 
 
 @pytest.fixture
@@ -259,3 +259,14 @@ def test_paths_lists_each_file_once_a_videos_moments_too(tmp_path, tiny_model):
     for end, args in (("\n", ()), ("\0", ("-0",))):
         listed = run("query", "a picture", "--paths", *args, "--index", ix).stdout_bytes
         assert listed == "".join(path + end for path in dict.fromkeys(ranked)).encode(), listed
+
+
+@pytest.mark.slow
+def test_forget_says_a_root_with_a_newline_in_one_line(tmp_path, tiny_model):
+    """`roots` shows a root named "odd\\nroot" as odd\\nroot; `forget` printed the newline itself, so its one
+    line of output became two ("forgot /x/odd" and "root: 2 files removed")."""
+    root = tmp_path / "odd\nroot"
+    make_images(root, 2)
+    index_json(tmp_path / "ix", root, "--model", tiny_model, "--device", "cpu")
+    out = run("forget", root, "--index", tmp_path / "ix").output
+    assert out.splitlines() == [f"forgot {tmp_path}/odd\\nroot: 2 files removed from the index"], out

@@ -149,3 +149,20 @@ def test_substring_and_equality_match_either_unicode_normalisation():
         assert where(f"path ~ '{typed}'") == [True, True, False], ascii(typed)
     assert where("caption = 'cr\u00e8me'") == [True, True, False]
     assert where(f"caption != '{unicodedata.normalize('NFD', 'crème')}'") == [False, False, False]
+
+
+def test_a_filter_typed_with_bytes_that_are_not_utf8_matches_the_name_as_stored():
+    """A name that is not UTF-8 is stored and shown as \\xNN (bad\\xff.jpg); the same bytes typed in a shell
+    ($'bad\\xff*') arrive as lone surrogates and matched nothing: `--path`, `glob`, `~` and `=` alike."""
+    column = np.array(["odd/bad\\xff\\xfeutf.jpg", "odd/good.jpg", None], dtype=object)
+
+    def hits(expr=None, **flags):
+        node = filters.build(filters.FilterOptions(where=expr, **flags))
+        return filters.evaluate(node, {"path": column}.__getitem__, lambda label: np.zeros(3, bool)).tolist()
+
+    typed = b"odd/bad\xff".decode("utf-8", "surrogateescape")  # what sys.argv holds for those bytes
+    assert hits(path=typed + "*") == [True, False, False]
+    assert hits(f"path ~ '{typed[4:]}'") == [True, False, False]
+    assert hits(f"path = '{typed}\udcfeutf.jpg'") == [True, False, False]
+    assert hits(path="odd/*") == [True, True, False]
+    assert filters.as_stored("caf\u00e9") == "caf\u00e9"  # UTF-8 text is left as it is

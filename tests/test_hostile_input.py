@@ -5,6 +5,7 @@ import io
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +103,24 @@ def test_a_16_bit_image_converts_in_bounded_memory():
     assert out.mode == "RGB" and np.array_equal(np.asarray(out)[:, :, 0], expected)
     small = (rng.random((30, 40)) * 200).astype(np.int32)  # a 32-bit image within 8 bits is not rescaled
     assert np.array_equal(np.asarray(images.to_rgb(Image.fromarray(small, "I")))[:, :, 1], small.astype(np.uint8))
+
+
+@pytest.mark.slow
+def test_a_root_whose_path_is_not_utf8_is_refused_in_one_line(tmp_path, indexed_images):
+    """A folder named b'fotos\\xff' given as a root failed at the catalog's first read of it, "error: unexpected
+    UnicodeEncodeError" (the catalog records roots as text): refused before anything is written (exit 6); the files
+    of the index stay as they were, and a folder above it (names below a root may be any bytes) is indexed."""
+    from indexer.roots import refuse_names_not_utf8
+
+    root, ix = indexed_images(3)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/fotos\xff")
+    os.mkdir(odd)
+    make_images(Path(odd), 2)
+    before = run("roots", "--json", "--index", ix).stdout
+    out = run("index", odd, "--index", ix, code=6)
+    assert out.output.startswith("error: cannot index ") and "fotos\\xff" in out.output and "not UTF-8" in out.output
+    assert "unexpected" not in out.output and len(out.output.strip().splitlines()) == 1
+    assert run("roots", "--json", "--index", ix).stdout == before
+    refuse_names_not_utf8([str(root), "https://example.com/a\u00e9"])  # UTF-8 paths and URLs pass
+    with pytest.raises(Exception, match="not UTF-8"):
+        refuse_names_not_utf8([str(root), odd])

@@ -1098,6 +1098,26 @@ def test_twenty_threads_read_through_one_engine(indexed_images):
 
 
 @pytest.mark.slow
+def test_a_shm_file_the_disk_has_no_room_for_is_a_full_disk_not_damage(indexed_images):
+    """A clean exit removes catalog.db-shm and every open makes it anew (32 KiB): on a full disk that fails with
+    SQLite's IOERR_SHMSIZE, and `query`, `index`, `verify` called the index damaged (exit 7); `verify --repair` said
+    "damaged beyond repair: move it aside and rebuild". Now the full disk's one line (exit 1), and the index is
+    whole once there is room."""
+    from helpers import alignsearch_fsize, verify_problems
+
+    root, ix = indexed_images(4)
+    assert not (ix / "catalog.db-shm").exists()  # as a clean exit leaves it: the first open makes it
+    for args in (["query", "a photo"], ["verify"], ["verify", "--repair"], ["index", root]):
+        proc = alignsearch_fsize(16 * 1024, *args, "--index", ix)
+        assert proc.returncode == 1, (args, proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "disk holding the index is full" in line and "not damaged" in line, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "beyond repair" not in proc.stdout + proc.stderr
+    assert verify_problems(ix) == []
+    assert as_child("query", "a photo", "--index", ix, "-k", "2").returncode == 0
+
+
+@pytest.mark.slow
 def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(indexed_images, monkeypatch):
     """Issue 24 #22: SQLite's "database or disk is full" and "database is locked" (past the 30 s wait) were
     reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""

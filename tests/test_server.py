@@ -206,6 +206,35 @@ def test_ids_out_of_range_or_not_ascii_digits_are_422(served, path):
     assert "error" in json.loads(body)
 
 
+@pytest.mark.parametrize("path", ["/api/search?q=%FF%FE&k=2", "/api/search?q=x&path=%FF*", "/api/search?q=x&negative=a%C3",
+                                  "/api/search?q=x&where=%FF=1"])
+def test_url_parameters_that_are_not_utf8_are_refused_as_the_cli_refuses_them(served, path):
+    """q=%FF%FE was searched as two replacement characters (and a path glob matched nothing, silently), where
+    `alignsearch query $'\\xff\\xfe'` refuses the text (exit 6): a 400 of that kind, never a search."""
+    status, headers, body = call(served["url"], path)
+    assert status == 400, body
+    assert json.loads(body)["kind"] == "BadInputError" and "not valid UTF-8" in json.loads(body)["error"]
+    # a raw byte that is not UTF-8 (no %-escape) in the request line is refused alike
+    response = raw(served["url"], b"GET /api/search?q=caf\xe9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  b"Authorization: Bearer s3cret\r\nConnection: close\r\n\r\n")
+    assert statuses(response)[0] == 400, response[:300]
+    # UTF-8 escapes, and a POST's URL, as the rule says
+    assert call(served["url"], "/api/search?q=caf%C3%A9+au+lait&k=2")[0] == 200
+    body, headers = multipart({"k": 2}, None)
+    status, _, answer = call(served["url"], "/api/search?q=%FF", data=body, headers=headers)
+    assert status == 400 and json.loads(answer)["kind"] == "BadInputError", answer
+
+
+def test_not_utf8_names_the_parameter():
+    from alignsearch.surfaces.server import not_utf8
+
+    assert not_utf8(b"q=caf%C3%A9&k=3&path=a+b") is None
+    assert not_utf8(b"") is None and not_utf8(b"q") is None
+    assert not_utf8(b"k=3&q=%FF") == "q"
+    assert not_utf8(b"q=\xe9") == "q"  # a raw byte, not escaped
+    assert not_utf8(b"%FFx=1") == "\\xffx"
+
+
 @pytest.mark.slow
 def test_bad_uploads(served):
     body, headers = multipart({"k": 3}, b"not an image at all")

@@ -394,6 +394,13 @@ class TextColumn:
         return cls(codes, list(index))
 
 
+def as_stored(value: str) -> str:
+    """A filter's text as the catalog shows names: bytes that are not UTF-8 (typed in a shell as $'bad\\xff*',
+    they arrive as lone surrogates) as \\xNN. `--path 'bad\\xff*'` matched nothing though `bad\\xff.jpg` was
+    indexed and shown by that name."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _text_mask(values, op: str, value: str) -> np.ndarray:
     import numpy as np
 
@@ -403,6 +410,7 @@ def _text_mask(values, op: str, value: str) -> np.ndarray:
     # plain ASCII that normalising leaves alone. Each distinct value is normalised once.
     distinct = ["\x00" if d is None else unicodedata.normalize("NFC", d) for d in column.distinct]
     inverse = column.codes
+    value = as_stored(value)
     needle = unicodedata.normalize("NFC", value).lower()
     if op == "glob":
         regex = glob_regex(unicodedata.normalize("NFC", value))

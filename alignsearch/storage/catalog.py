@@ -479,6 +479,7 @@ def damaged(db_path, exc: Exception) -> AlignSearchError:
 
 # SQLite's primary result codes (the low byte of an extended code)
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 10, 13, 14
+SQLITE_IOERR_SHMSIZE = SQLITE_IOERR | (19 << 8)  # the -shm file could not be grown to its 32 KiB
 
 
 def not_damage(exc: BaseException) -> AlignSearchError | None:
@@ -496,6 +497,13 @@ def not_damage(exc: BaseException) -> AlignSearchError | None:
     if primary == SQLITE_FULL or (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
         return DiskFullError(f"the disk holding the index is full ({text}): free some space and run the command "
                              "again; the index is not damaged (what was committed before stays)")
+    if code == SQLITE_IOERR_SHMSIZE:
+        # every open of a catalog whose -shm is gone (a clean exit removes it) makes it anew: on a full disk (or
+        # past `ulimit -f`) that fails, and every command, verify too, called the index damaged; --repair said
+        # "damaged beyond repair: move it aside and rebuild". The catalog itself is not touched.
+        return DiskFullError(f"the index's {DB_FILE}-shm cannot be made ({text}): the disk holding the index is full "
+                             "(or a file size limit, `ulimit -f`, is in the way): free some space and run the "
+                             "command again; the index is not damaged")
     if primary in (SQLITE_BUSY, SQLITE_LOCKED):
         return CatalogBusyError(f"the index catalog stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s "
                                 f"({text}): try again when that process (an `alignsearch index` run?) is done; "
@@ -877,6 +885,8 @@ def integrity_problems(db_path: Path) -> list[str]:
                 lacking = [t.name for t in metadata.sorted_tables if t.name not in have and migrate.holds(version, t.name)]
                 found = [f"it lacks the table{'s' * (len(lacking) > 1)} {', '.join(lacking)}"] if lacking else found
     except DBAPIError as exc:
+        if (trouble := not_damage(exc)) is not None:  # a full disk is no damage: said as such (verify's one line)
+            raise trouble from None
         found = [str(exc.orig).splitlines()[0]]
     finally:
         db.dispose()

@@ -1131,7 +1131,7 @@ def forget(root, index_dir):
     from indexer.roots import forget_root
 
     done = forget_root(resolve_index_dir(index_dir), root)
-    click.echo(f"forgot {done['root']}: {done['files']} files removed from the index")
+    click.echo(f"forgot {_shown(done['root'])}: {done['files']} files removed from the index")
     _say_compacted(done["compacted"])
 
 

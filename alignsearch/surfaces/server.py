@@ -42,7 +42,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -978,6 +978,28 @@ def given_once(items, where: str) -> None:
                          f"{where}: each takes one value")
 
 
+def not_utf8(query_string: bytes) -> str | None:
+    """The first parameter name of a raw URL query string whose name or value, %-escapes decoded, is not UTF-8
+    (None when all are). The framework decodes such bytes with replacement characters, so ?q=%FF%FE searched
+    for "\ufffd\ufffd" where the CLI refuses a text that is not UTF-8 (exit 6): the same query, two answers."""
+    for pair in query_string.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        raw_name, raw_value = (unquote_to_bytes(part.replace(b"+", b" ")) for part in (name, value))
+        try:
+            raw_name.decode("utf-8")
+            raw_value.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw_name.decode("utf-8", "backslashreplace")[:40]
+    return None
+
+
+def utf8_only(request: Request) -> None:
+    """Refuse (400, BadInputError: the CLI's exit 6 for a text that is not UTF-8) a URL parameter not UTF-8."""
+    name = not_utf8(request.scope.get("query_string", b""))
+    if name is not None:
+        raise BadInputError(f"{name!r} in the URL is not valid UTF-8: %-escape the UTF-8 bytes of the text")
+
+
 def known_only(items, known, where: str) -> None:
     """Refuse a parameter /api/search does not take (400), as the CLI refuses an unknown option: the framework
     ignored it, so a typo (?q=dog&min-score=0.3, a form's negativ=leash) searched without what it asked for and
@@ -1207,6 +1229,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     async def search_get(request: Request, params: Annotated[SearchParams, Query()], response: Response):
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
+        utf8_only(request)
         known_only(request.query_params.multi_items(), SearchParams.model_fields, "URL")
         given_once(request.query_params.multi_items(), "URL")
         response.headers[INDEX_HEADER] = library.index_id or ""  # the CLI checks the answer is of its index
@@ -1219,6 +1242,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         taken as a form field or in the URL (once: a value given in both that differs is refused)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
+        utf8_only(request)
         known_only(request.query_params.multi_items(), SearchParams.model_fields, "URL")
         known_only((await request.form()).multi_items(), SearchForm.model_fields, "form")
         given_once(request.query_params.multi_items(), "URL")

@@ -238,7 +238,7 @@ def test_a_server_says_the_damage_a_command_says(indexed_images, damage):
 
 
 @pytest.mark.slow
-def test_a_flipped_cell_pointer_of_a_photos_page_is_damage_not_a_missing_date(indexed_images):
+def test_a_flipped_cell_pointer_of_a_photos_page_is_damage_not_a_missing_date(indexed_images, monkeypatch):
     """The flip sweep's photos cases: the lowest bit of a photos page's cell pointer flipped, the cell read one byte
     off, so a photo's row (and a neighbour's, the b-tree's order broken) is absent to a seek: `query` showed those
     photos' dates as none, exit 0 (the digest is of a row read; none was read). Each pointer of the page in turn:
@@ -246,7 +246,11 @@ def test_a_flipped_cell_pointer_of_a_photos_page_is_damage_not_a_missing_date(in
     root, ix = indexed_images(12)
     db = ix / "catalog.db"
     args = ["query", "red circle", "--index", ix, "--json", "-k", 12]
+    checks = []
+    real_check = catalog.integrity_problems
+    monkeypatch.setattr(catalog, "integrity_problems", lambda path: checks.append(path) or real_check(path))
     intact = run(*args).output
+    assert checks == []  # the intact catalog's query runs no integrity check: every hit has its photo row
     original = db.read_bytes()
     (start, head, pointers_end, _, _), = catalog_pages(db)["photos"]
     outcomes = []

@@ -1817,6 +1817,104 @@ def swept_outcome(command: str, code: int, output: str, intact: str) -> str:
     return CRASH if code == 1 or "Traceback" in output else OTHER
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """SQLite's varint at `at`: (value, the offset past it)."""
+    value = 0
+    for i in range(9):
+        byte = data[at + i]
+        if i == 8:
+            return (value << 8) | byte, at + 9
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, at + i + 1
+    raise AssertionError("unreachable")
+
+
+def _serial_size(kind: int) -> int:
+    return (0, 1, 2, 3, 4, 6, 8, 8, 0, 0, 0, 0)[kind] if kind < 12 else (kind - 12) // 2
+
+
+def flipped_field(data: bytes, page_size: int, at: int, columns: list[str]) -> str:
+    """Which part of a b-tree page the byte at `at` of a database file's bytes is (pure): the page header, a cell
+    pointer, a cell's payload length, rowid or record header (a column's serial type), a column's value (columns:
+    the table's or index's column names in record order), or free space. Overflow pages are not followed."""
+    start = at - at % page_size
+    head = start + (100 if start == 0 else 0)
+    if at < head:
+        return "file header"
+    kind = data[head]
+    size = 12 if kind in (2, 5) else 8
+    cells = struct.unpack(">H", data[head + 3 : head + 5])[0]
+    if at < head + size:
+        return "page header"
+    if at < head + size + 2 * cells:
+        return f"cell pointer {(at - head - size) // 2}"
+    for i in range(cells):
+        cell = start + struct.unpack(">H", data[head + size + 2 * i : head + size + 2 * i + 2])[0]
+        where = cell + (4 if kind in (2, 5) else 0)
+        if kind == 5:  # an interior table cell: a child page and a rowid
+            end = _varint(data, where)[1]
+            if cell <= at < end:
+                return f"cell {i}: child pointer or key"
+            continue
+        payload, where = _varint(data, where)
+        rowid_at = where
+        if kind == 13:
+            _, where = _varint(data, where)
+        end = where + payload
+        if not cell <= at < end:
+            continue
+        if at < rowid_at:
+            return f"cell {i}: payload length"
+        if at < where:
+            return f"cell {i}: rowid"
+        header, body = _varint(data, where)
+        offset, types, position = where + header, [], body
+        while position < where + header:
+            serial, following = _varint(data, position)
+            if position <= at < following:
+                name = columns[len(types)] if len(types) < len(columns) else f"column {len(types)}"
+                return f"cell {i}: serial type of {name}"
+            types.append(serial)
+            position = following
+        if at < body:
+            return f"cell {i}: record header size"
+        for n, serial in enumerate(types):
+            if offset <= at < offset + _serial_size(serial):
+                return f"cell {i}: value of {columns[n] if n < len(columns) else f'column {n}'}"
+            offset += _serial_size(serial)
+        return f"cell {i}: past its record"
+    return "free space"
+
+
+def record_columns(db: Path, name: str) -> list[str]:
+    """The column names of a table's or index's records, in record order (an index's: its columns, then rowid)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        table = [r[1] for r in conn.execute(f'PRAGMA table_info("{name}")')]
+        return table or [r[2] or "rowid" for r in conn.execute(f'PRAGMA index_info("{name}")')] + ["rowid"]
+    finally:
+        conn.close()
+
+
+def result_difference(output: str, intact: str) -> str:
+    """What differs between a search's JSON answer and the intact one (pure): each rank whose fields differ, with
+    those fields' names and, for the path, both values; "" when no results differ (or the output is not JSON)."""
+    try:
+        got, want = json.loads(output)["results"], json.loads(intact)["results"]
+    except (ValueError, KeyError):
+        return ""
+    parts = []
+    for rank, (a, b) in enumerate(zip(want, got)):
+        fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if fields:
+            moved = f" {a.get('relpath')} -> {b.get('relpath')}" if "relpath" in fields else f" ({a.get('relpath')})"
+            parts.append(f"#{rank}{moved}: {','.join(fields)}")
+    if len(got) != len(want):
+        parts.append(f"{len(want)} -> {len(got)} results")
+    return "; ".join(parts)
+
+
 def flip_sweep(photos: Path, ix: Path, offsets, commands=SWEPT) -> list[dict]:
     """Each flip of offsets ((table, byte)) in turn, the commands run in-process on it, the catalog restored after:
     [{table, at, command: (kind, exit code, first line of its output, or the last of a traceback)}]."""
@@ -1833,16 +1931,20 @@ def flip_sweep(photos: Path, ix: Path, offsets, commands=SWEPT) -> list[dict]:
     db = ix / "catalog.db"
     intact = {c: invoke(c)[1] for c in commands}
     original = db.read_bytes()
+    page_size = sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("PRAGMA page_size").fetchone()[0]
+    columns = {table: record_columns(db, table) for table in {t for t, _ in offsets}}
     out = []
     try:
         for table, at in offsets:
             data = bytearray(original)
             data[at] ^= 0x01
             db.write_bytes(data)
-            row = {"table": table, "at": at}
+            row = {"table": table, "at": at, "field": flipped_field(original, page_size, at, columns[table])}
             for command in commands:
                 code, output = invoke(command)
-                row[command] = (swept_outcome(command, code, output, intact[command]), code,
+                kind = swept_outcome(command, code, output, intact[command])
+                # another answer with exit 0: what differs (its first line is the JSON's "{")
+                row[command] = (kind, code, result_difference(output, intact[command])[:300] if kind == WRONG else
                                 (output.strip().splitlines() or [""])[-1 if code == 1 else 0][:200])
             out.append(row)
     finally:

@@ -792,7 +792,14 @@ class Engine:
             # The ranked row's are read too: where the shown row has no caption, the file's caption is the one of
             # its name that placed it (a list's caption a hybrid search matched), not none
             ranked = [i for i in ids[order].tolist() if i in rows]
-            photos = catalog.photos_of(conn, {*ranked, *(rows[i].id for i in ranked)})
+            shown = {*ranked, *(rows[i].id for i in ranked)}
+            photos = catalog.photos_of(conn, shown)
+            if len(photos) < len(shown) and catalog.has_photos(conn):
+                # A hit without its photo row: not yet filled (a run in progress, or killed), or a damaged page hides
+                # the row (a flipped bit of a photos page's cell pointer: `query` showed the photo's date as none,
+                # exit 0, for the row is absent, not altered, and no digest is read). SQLite's check tells which,
+                # once per snapshot, as for hidden files rows; only when a hit lacks its row.
+                self._check_catalog(snap)
             labels = catalog.labels_of(conn, [rows[i].id for i in ranked])
         hits = []
         for i in order:

@@ -159,7 +159,7 @@ class Engine:
         self._text_soon = text_soon
         self._encoder_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
-        self._catalog_checked: set[int] = set()
+        self._catalog_checked: set[tuple[int, str | None]] = set()  # (snapshot, table or None: all)
         self._calibration = None  # (snapshot, sample of its stored vectors): compose weicom's reference
         self._nulls = None  # (snapshot, best cosines of the null queries): the gate's scale (query.null_z)
         self.snap = self._open_snapshot()
@@ -797,9 +797,11 @@ class Engine:
             if len(photos) < len(shown) and catalog.has_photos(conn):
                 # A hit without its photo row: not yet filled (a run in progress, or killed), or a damaged page hides
                 # the row (a flipped bit of a photos page's cell pointer: `query` showed the photo's date as none,
-                # exit 0, for the row is absent, not altered, and no digest is read). SQLite's check tells which,
-                # once per snapshot, as for hidden files rows; only when a hit lacks its row.
-                self._check_catalog(snap)
+                # exit 0, for the row is absent, not altered, and no digest is read). SQLite's check of the photos
+                # table tells which, once per snapshot, only when a hit lacks its row: of that table alone, as a
+                # photo unreadable at its fill lacks its row for good, and the CLI pays the check at each query
+                # while it is a hit (bench_photos_check: the whole catalog's check costs several times as much).
+                self._check_catalog(snap, table="photos")
             labels = catalog.labels_of(conn, [rows[i].id for i in ranked])
         hits = []
         for i in order:
@@ -918,16 +920,16 @@ class Engine:
             if state.read(conn, "generation").generation != snap.generation:
                 raise _Stale()
 
-    def _check_catalog(self, snap: Snapshot) -> None:
+    def _check_catalog(self, snap: Snapshot, table: str | None = None) -> None:
         """The ANN index named files the catalog lacks: a writer removed them and has not yet synced the
         index (a run in progress, or killed), or a damaged page hides rows. SQLite's check tells which,
         once per snapshot; damage is reported, never answered around."""
-        if snap.stamp in self._catalog_checked:
+        if (snap.stamp, table) in self._catalog_checked or (snap.stamp, None) in self._catalog_checked:
             return
-        problems = catalog.integrity_problems(self.dir / DB_FILE)
+        problems = catalog.integrity_problems(self.dir / DB_FILE, table)
         if problems:
             raise IndexDamagedError(f"{problems[0]}: run `alignsearch verify`")
-        self._catalog_checked.add(snap.stamp)
+        self._catalog_checked.add((snap.stamp, table))
 
     def _stored(self, snap: Snapshot, addresses: np.ndarray) -> np.ndarray:
         if not snap.store.holds(addresses):

@@ -77,16 +77,22 @@ def statuses(response: bytes) -> list[int]:
     return [int(line.split()[1]) for line in response.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
-def multipart(fields: dict, image: bytes | None):
+def multipart(fields: dict, image: bytes | None, charset: str | None = None):
+    """A multipart/form-data body and its Content-Type: a field's name or value given as bytes is sent as is, and
+    a value given as (bytes, content type) is sent with that Content-Type header; charset: the form's own."""
     boundary = uuid.uuid4().hex
     body = b""
     for k, v in fields.items():
-        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        name = k if isinstance(k, bytes) else str(k).encode()
+        value, ctype = v if isinstance(v, tuple) else (v, None)
+        body += (f"--{boundary}\r\n".encode() + b'Content-Disposition: form-data; name="' + name + b'"\r\n'
+                 + (f"Content-Type: {ctype}\r\n".encode() if ctype else b"") + b"\r\n"
+                 + (value if isinstance(value, bytes) else str(value).encode()) + b"\r\n")
     if image is not None:
         body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
                  "Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}" + (f"; charset={charset}" if charset else "")}
 
 
 @pytest.mark.slow
@@ -225,6 +231,45 @@ def test_url_parameters_that_are_not_utf8_are_refused_as_the_cli_refuses_them(se
     assert status == 400 and json.loads(answer)["kind"] == "BadInputError", answer
 
 
+@pytest.mark.parametrize("fields", [{"q": b"x\xff\xfey"}, {"q": "x", "path": b"\xff*"}, {"q": "x", "negative": b"a\xc3"},
+                                    {b"q\xff": "x"}])
+def test_form_fields_that_are_not_utf8_are_refused_as_the_url_ones(served, fields):
+    """A form's q of bytes x FF FE y was searched for "x\xff\xfey" (the framework decodes a field that is not UTF-8 as
+    Latin-1) where the URL's ?q=%FF%FE and the CLI refuse it: a 400 BadInputError naming the field, never a search."""
+    image = (served["corpus"] / "img004.jpg").read_bytes()
+    body, headers = multipart({"k": 1, **fields}, image)
+    status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+    assert status == 400, answer
+    said = json.loads(answer)
+    name = next(k for k, v in fields.items() if isinstance(k, bytes) or isinstance(v, bytes))
+    shown = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name
+    assert said["kind"] == "BadInputError" and said["error"].startswith(f"{shown!r} in the form is not valid UTF-8"), said
+
+
+def test_form_fields_declared_in_another_charset_are_refused(served):
+    """A text part, or the whole form, that says its charset is not UTF-8 is refused, even when its bytes happen to
+    be ASCII: the server reads UTF-8 only, as the CLI, and the framework ignored a part's charset (Latin-1 bytes
+    searched as Latin-1 by chance, UTF-16 ones as garbage)."""
+    for fields, charset in [({"q": (b"caf\xe9", "text/plain; charset=iso-8859-1")}, None),
+                            ({"q": ("dog".encode("utf-16"), "text/plain; charset=utf-16")}, None),
+                            ({"q": (b"dog", "text/plain; charset=latin1")}, None), ({"q": b"dog"}, "iso-8859-1")]:
+        body, headers = multipart({"k": 1, **fields}, None, charset=charset)
+        status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+        assert status == 400 and json.loads(answer)["kind"] == "BadInputError", (fields, charset, answer)
+        assert "UTF-8" in json.loads(answer)["error"] and "charset" in json.loads(answer)["error"], answer
+
+
+def test_form_fields_in_utf8_are_searched_as_sent(served):
+    """Accents and CJK in UTF-8, said so or not, and an image's bytes (never UTF-8) next to them: searched."""
+    image = (served["corpus"] / "img004.jpg").read_bytes()
+    for q in ["café 東京 ñ", ("ÿþ déjà vu".encode(), "text/plain; charset=UTF-8"), ("dog", "text/plain; charset=us-ascii")]:
+        body, headers = multipart({"k": 1, "q": q, "path": "*"}, image, charset="utf-8" if isinstance(q, tuple) else None)
+        status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+        assert status == 200, answer
+        text = q if isinstance(q, str) else q[0] if isinstance(q[0], str) else q[0].decode()
+        assert json.loads(answer)["query"]["text"] == text and json.loads(answer)["query"]["image"] is True
+
+
 def test_not_utf8_names_the_parameter():
     from alignsearch.surfaces.server import not_utf8
 
@@ -233,6 +278,23 @@ def test_not_utf8_names_the_parameter():
     assert not_utf8(b"k=3&q=%FF") == "q"
     assert not_utf8(b"q=\xe9") == "q"  # a raw byte, not escaped
     assert not_utf8(b"%FFx=1") == "\\xffx"
+
+
+def test_part_refusal_judges_a_parts_name_charset_and_bytes():
+    from alignsearch.surfaces.utf8form import charset_refusal, part_refusal
+
+    assert part_refusal(b"q", None, "café 東京".encode()) is None and part_refusal(b"q", None, b"") is None
+    assert part_refusal(b"q", b"text/plain; charset=UTF-8", "é".encode()) is None
+    assert part_refusal(b"q", b'text/plain; charset="us-ascii"', b"dog") is None
+    assert part_refusal(b"q", None, b"x\xff\xfey").startswith("'q' in the form is not valid UTF-8")
+    assert part_refusal(b"q", b"text/plain; charset=latin1", b"dog").startswith("'q' in the form is declared charset='latin1'")
+    assert "charset='nope'" in part_refusal(b"q", b"text/plain; charset=nope", b"dog")  # unknown: not UTF-8 either
+    assert part_refusal(b"q\xff", None, b"x").startswith(repr("q\\xff") + " in the form is not valid UTF-8")  # as the URL's
+    # a file part: its bytes (and type) are not text; only its name is judged
+    assert part_refusal(b"image", b"image/jpeg", None) is None and part_refusal(b"im\xe9", None, None) is not None
+    assert charset_refusal("the form", "multipart/form-data; boundary=x") is None
+    assert charset_refusal("the form", "multipart/form-data; boundary=x; charset=utf8") is None
+    assert charset_refusal("the form", "multipart/form-data; boundary=x; charset=cp1252").startswith("the form is declared")
 
 
 @pytest.mark.slow

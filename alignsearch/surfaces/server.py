@@ -68,6 +68,7 @@ from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, I
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE, THUMBS_DIR
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
+from alignsearch.surfaces.utf8form import RefusedForm, Utf8FormRoute
 
 log = logging.getLogger(__name__)
 
@@ -1103,6 +1104,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         max_body_size=config.max_upload_bytes,
         form_limits={"max_fields": FORM_FIELDS, "max_files": 1, "max_part_size": FORM_FIELD_BYTES},
     )
+    # a form's text that is not UTF-8 is refused as the URL's is (utf8_only), not read as Latin-1 (utf8form.py)
+    app.router.route_class = Utf8FormRoute
 
     def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
         # an error names the index too (not to a caller without the token), so the CLI, whose first word
@@ -1128,6 +1131,10 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
     @app.exception_handler(AlignSearchError)
     async def _library_error(request, exc: AlignSearchError):
         return library_answer(request, exc)
+
+    @app.exception_handler(RefusedForm)
+    async def _refused_form(request, exc: RefusedForm):
+        return library_answer(request, exc.error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):

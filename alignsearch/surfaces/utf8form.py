@@ -1,0 +1,146 @@
+"""Multipart forms whose text is UTF-8, or refused: the server reads text as the CLI does.
+
+The framework (Starlette's MultiPartParser) decodes a form field's bytes with the form's declared charset and,
+where they are not of it, as Latin-1, and ignores a part's own charset: POST /api/search with a q of the bytes
+x FF FE y searched for "x\\xff\\xfey", where the URL's ?q=%FF%FE and `alignsearch query` refuse such a text
+(BadInputError, exit 6). The raw bytes are gone once the form is parsed, so the check runs while it is parsed:
+the framework's parser, subclassed to look at each text part's name, declared charset and bytes as it ends
+(its data is already capped at the form's max_part_size, and the body at the app's max_body_size, as before); a
+file part's bytes are not text and stay untouched. Installed by a route class (`app.router.route_class`,
+FastAPI's documented way to give endpoints another Request class).
+
+This leans on Starlette's internals (Request._get_form, the parser's current part): tests/test_server.py's
+form tests fail if a Starlette release stops calling them."""
+
+from __future__ import annotations
+
+import codecs
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from python_multipart.multipart import parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from alignsearch.errors import AlignSearchError, BadInputError
+
+UTF8 = frozenset({"utf-8", "ascii"})  # the charsets (codecs' names) whose text is UTF-8: ASCII is a subset
+
+
+def shown(name: bytes) -> str:
+    """A field name as an error shows it (not_utf8's way: UTF-8, other bytes as \\xNN; 40 characters)."""
+    return name.decode("utf-8", "backslashreplace")[:40]
+
+
+def charset_refusal(where: str, content_type: bytes | str | None) -> str | None:
+    """Why a part (or the whole form) whose Content-Type is this cannot be read as UTF-8 (None when it can: no
+    charset, or UTF-8's). A declared charset is refused even where the bytes happen to be ASCII: the sender
+    means another encoding, and its first accented letter would be refused, or misread, with no warning now."""
+    _, params = parse_options_header(content_type)
+    declared = params.get(b"charset")
+    if declared is None:
+        return None
+    label = declared.decode("latin-1")
+    try:
+        name = codecs.lookup(label).name
+    except LookupError:
+        name = None
+    if name in UTF8:
+        return None
+    return f"{where} is declared charset={label[:40]!r}: send its text as UTF-8 (charset=utf-8, or none)"
+
+
+def part_refusal(name: bytes, content_type: bytes | None, value: bytes | None) -> str | None:
+    """Why a form part cannot be taken (None when it can): its name not UTF-8, a charset other than UTF-8
+    declared, or (a text part: value not None) bytes that are not UTF-8. A file part's content is not looked at."""
+    if not is_utf8(name):
+        return f"{shown(name)!r} in the form is not valid UTF-8: send a field's name as UTF-8"
+    if value is None:
+        return None
+    declared = charset_refusal(f"{shown(name)!r} in the form", content_type)
+    if declared is not None:
+        return declared
+    if not is_utf8(value):
+        return f"{shown(name)!r} in the form is not valid UTF-8: send the UTF-8 bytes of the text"
+    return None
+
+
+def is_utf8(data: bytes | bytearray) -> bool:
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class Utf8MultiPartParser(MultiPartParser):
+    """Starlette's parser, refusing (BadInputError) a part part_refusal refuses, or a form with a charset other
+    than UTF-8, before the endpoint runs; what it takes it decodes as before (UTF-8, the bytes being UTF-8)."""
+
+    async def parse(self):
+        refusal = charset_refusal("the form", self.headers.get("Content-Type"))
+        if refusal is not None:  # before any of the body is read
+            raise BadInputError(refusal)
+        return await super().parse()
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        part = self._current_part
+        # a file part's name only; a text part is judged whole as it ends
+        if part.file is not None:
+            self._refuse(part, None)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            self._refuse(part, part.data)
+        super().on_part_end()
+
+    @staticmethod
+    def _refuse(part, value) -> None:
+        _, options = parse_options_header(part.content_disposition)
+        content_type = next((v for k, v in part.item_headers if k == b"content-type"), None)
+        refusal = part_refusal(options.get(b"name", b""), content_type, value)
+        if refusal is not None:
+            raise BadInputError(refusal)
+
+
+class RefusedForm(StarletteHTTPException):
+    """A library error met while the framework reads a form: FastAPI passes an HTTPException on as it is (any
+    other it answers "There was an error parsing the body"), and the app's handler answers the error carried."""
+
+    def __init__(self, error: AlignSearchError):
+        super().__init__(error.http_status, str(error))
+        self.error = error
+
+
+class Utf8FormRequest(Request):
+    """A Request whose multipart form is parsed by Utf8MultiPartParser (Starlette's _get_form, its parser swapped)."""
+
+    async def _get_form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,
+                        max_part_size: int = 1024 * 1024):
+        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
+        if self._form is None and content_type == b"multipart/form-data":
+            try:
+                async with aclosing(self.stream()) as stream:
+                    parser = Utf8MultiPartParser(self.headers, stream, max_files=max_files, max_fields=max_fields,
+                                                 max_part_size=max_part_size)
+                    self._form = await parser.parse()
+            except MultiPartException as exc:  # as Starlette answers it
+                raise StarletteHTTPException(status_code=400, detail=exc.message) from None
+            except AlignSearchError as exc:
+                raise RefusedForm(exc) from None
+        return await super()._get_form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+
+
+class Utf8FormRoute(APIRoute):
+    """The route class whose endpoints read forms with Utf8FormRequest."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def with_utf8_forms(request: Request):
+            return await handler(Utf8FormRequest(request.scope, request.receive))
+
+        return with_utf8_forms

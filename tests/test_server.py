@@ -1348,3 +1348,40 @@ def test_content_verdicts_are_kept_by_identity_bounded_and_only_for_suspects(tmp
     finally:
         for fd in files:
             os.close(fd)
+
+
+def test_a_verdict_on_bytes_read_before_a_write_is_not_kept_for_the_file_after_it(tmp_path, monkeypatch):
+    """read_regular reads a suspect's bytes, then Contents.check hashes them: the identity (ctime...) the verdict
+    was kept under was taken in check, after the read. A `cp -p` landing between the two had the old bytes' "same"
+    kept for the new file's identity, and every later look at the new content (a video's range requests, a
+    thumbnail's check) served it without a hash, until the next `index`."""
+    import hashlib
+
+    from alignsearch.surfaces.server import ApiError, Contents, read_regular
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"the indexed picture")
+    time.sleep(0.02)  # the write's ctime past indexed_at, by the filesystem's clock tick
+    os.chmod(path, 0o600)  # a suspect (its ctime later than indexed_at), its content the one indexed
+    st, sha = path.stat(), hashlib.sha256(b"the indexed picture").hexdigest()
+    indexed_at = st.st_ctime - 1
+
+    real_check = Contents.check
+
+    def replaced_meanwhile(self, fd, *args, **kwargs):  # the write lands between the read and the check
+        time.sleep(0.02)
+        swap_keeping_size_and_mtime(path, b"another picture!!!!")
+        monkeypatch.setattr(Contents, "check", real_check)
+        return real_check(self, fd, *args, **kwargs)
+
+    contents = Contents()
+    monkeypatch.setattr(Contents, "check", replaced_meanwhile)
+    assert read_regular(str(tmp_path), "photo.jpg", st.st_size, st.st_mtime, content=contents, sha256=sha,
+                        indexed_at=indexed_at) == b"the indexed picture"  # the bytes read are the indexed ones
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ApiError) as refused:  # the file now is not: hashed, refused
+            contents.check(fd, sha, indexed_at)
+        assert refused.value.status == 409
+    finally:
+        os.close(fd)

@@ -475,10 +475,14 @@ class Contents:
         self._verdicts: OrderedDict[tuple, bool] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, fd: int, sha256: str | None, indexed_at: float, data: bytes | None = None) -> None:
+    def check(self, fd: int, sha256: str | None, indexed_at: float, data: bytes | None = None,
+              before: os.stat_result | None = None) -> None:
         """Nothing when the open file fd may be served for its row (sha256, indexed_at), else the 409 a client reads.
-        data: the file's bytes, already read (hashed from them); else the file is read for its hash (pread)."""
-        st = os.fstat(fd)
+        data: the file's bytes, already read (hashed from them), with before, fd's status taken before they were
+        read; else the file is read for its hash (pread)."""
+        # the identity a verdict is kept by is the one the bytes hashed were read under: taken after a read of data,
+        # a write between the read and here (`cp -p`) had the old bytes' "same" kept for the new content's identity
+        st = os.fstat(fd) if before is None else before
         if not sha256 or not safeopen.status_changed(st.st_ctime, indexed_at, time.time()):
             return
         key = (*identity(st), sha256)
@@ -508,11 +512,12 @@ def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read:
     """The bytes of the indexed file (open_indexed's checks, and, given content, its content's: Contents.check);
     read=False checks only (a cached thumbnail). A suspect read whole is hashed from the bytes read, never read twice."""
     with os.fdopen(open_indexed(root, relpath, size, mtime), "rb") as f:
+        before = os.fstat(f.fileno())  # the status the bytes are read under (Contents.check)
         data = f.read(size + 1) if read else None
         if data is not None and len(data) != size:  # written to since the fstat
             raise _changed("changed")
         if content is not None:
-            content.check(f.fileno(), sha256, indexed_at, data)
+            content.check(f.fileno(), sha256, indexed_at, data, before)
     return data
 
 

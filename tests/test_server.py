@@ -1385,3 +1385,56 @@ def test_a_verdict_on_bytes_read_before_a_write_is_not_kept_for_the_file_after_i
         assert refused.value.status == 409
     finally:
         os.close(fd)
+
+
+def test_a_suspect_read_for_its_hash_by_one_request_is_not_read_again_by_those_arriving_meanwhile(tmp_path, monkeypatch):
+    """A suspect video is read whole for its hash on its first request (README: "read whole once"). Requests
+    arriving while it was read (a player's next range requests, a results page's thumbnails of that video's
+    moments) each read it whole again, every decode slot hashing the same gigabytes; they now wait for that read's
+    verdict."""
+    import hashlib
+
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import Contents
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"the indexed video")
+    sha = hashlib.sha256(b"the indexed video").hexdigest()
+    hashed, started, release = [], threading.Event(), threading.Event()
+    real_digest = server_module.file_sha256
+
+    def slow_digest(fd):
+        hashed.append(fd)
+        started.set()
+        release.wait(10)
+        return real_digest(fd)
+
+    monkeypatch.setattr(server_module, "file_sha256", slow_digest)
+    contents = Contents()
+    fds = [os.open(path, os.O_RDONLY) for _ in range(3)]
+    errors = []
+
+    def look(fd):
+        try:
+            contents.check(fd, sha, indexed_at=0.0)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    try:
+        first = threading.Thread(target=look, args=(fds[0],))
+        first.start()
+        assert started.wait(10)
+        others = [threading.Thread(target=look, args=(fd,)) for fd in fds[1:]]
+        for t in others:
+            t.start()
+        end = time.monotonic() + 0.5  # time for them to reach the read, as the old code did (no assertion on it)
+        while len(hashed) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+        release.set()
+        for t in (first, *others):
+            t.join(10)
+        assert errors == [] and len(hashed) == 1, (errors, hashed)
+    finally:
+        release.set()
+        for fd in fds:
+            os.close(fd)

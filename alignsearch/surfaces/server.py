@@ -474,6 +474,10 @@ class Contents:
         self.kept = kept
         self._verdicts: OrderedDict[tuple, bool] = OrderedDict()
         self._lock = threading.Lock()
+        # keys being read for their hash (pread), each with the event set when its verdict is known: requests arriving
+        # meanwhile (a player's next range requests, a page's thumbnails of one video's moments) wait for it rather
+        # than each read the same gigabytes in a decode slot of its own
+        self._reading: dict[tuple, threading.Event] = {}
 
     def check(self, fd: int, sha256: str | None, indexed_at: float, data: bytes | None = None,
               before: os.stat_result | None = None) -> None:
@@ -486,25 +490,46 @@ class Contents:
         if not sha256 or not safeopen.status_changed(st.st_ctime, indexed_at, time.time()):
             return
         key = (*identity(st), sha256)
-        with self._lock:
-            same = self._verdicts.get(key)
-            if same is not None:
-                self._verdicts.move_to_end(key)
+        same, mine = self._known(key, reading=data is None)
         if same is None:
             try:
                 same = (hashlib.sha256(data).hexdigest() if data is not None else file_sha256(fd)) == sha256
+                # kept only when nothing wrote to it while it was read: a verdict on bytes half old, half new is the
+                # bytes' (data: served as hashed), not the file's
+                if identity(os.fstat(fd)) == key[:-1]:
+                    with self._lock:
+                        self._verdicts[key] = same
+                        while len(self._verdicts) > self.kept:
+                            self._verdicts.popitem(last=False)
             except OSError as exc:  # a disk error, a share gone mid-read: as a file that cannot be opened
                 raise ApiError(404, f"cannot read the file: {exc.strerror or exc}") from None
-            # kept only when nothing wrote to it while it was read: a verdict on bytes half old, half new is the
-            # bytes' (data: served as hashed), not the file's
-            if identity(os.fstat(fd)) == key[:-1]:
-                with self._lock:
-                    self._verdicts[key] = same
-                    while len(self._verdicts) > self.kept:
-                        self._verdicts.popitem(last=False)
+            finally:
+                if mine is not None:  # those waiting look again: the verdict, or none kept (they read it themselves)
+                    with self._lock:
+                        del self._reading[key]
+                    mine.set()
         if not same:
             raise ApiError(409, "the file is no longer the one indexed (other content, its size and modification time "
                                 "the same): re-run alignsearch index")
+
+
+    def _known(self, key: tuple, reading: bool) -> tuple[bool | None, threading.Event | None]:
+        """(key's verdict kept, else None; the event to set once this caller, now its reader, knows it, else None).
+        reading: the caller would read the file for its hash; while another request reads it, its verdict is
+        waited for."""
+        while True:
+            with self._lock:
+                same = self._verdicts.get(key)
+                if same is not None:
+                    self._verdicts.move_to_end(key)
+                    return same, None
+                if not reading:
+                    return None, None
+                busy = self._reading.get(key)
+                if busy is None:
+                    mine = self._reading[key] = threading.Event()
+                    return None, mine
+            busy.wait()
 
 
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True,

@@ -166,3 +166,20 @@ def test_a_filter_typed_with_bytes_that_are_not_utf8_matches_the_name_as_stored(
     assert hits(f"path = '{typed}\udcfeutf.jpg'") == [True, False, False]
     assert hits(path="odd/*") == [True, True, False]
     assert filters.as_stored("caf\u00e9") == "caf\u00e9"  # UTF-8 text is left as it is
+
+
+def test_a_filter_holding_a_surrogate_no_byte_stands_for_matches_nothing_rather_than_failing():
+    """as_stored took only os.fsdecode's surrogates (U+DC80-U+DCFF): any other lone surrogate in a filter given to
+    the Python API (engine.search(path="\\ud800*")) ended the search in a UnicodeEncodeError where it matched
+    nothing before. No stored name holds one (names are UTF-8 or \\xNN): it matches nothing; the escaped bytes beside
+    it are still taken as \\xNN."""
+    column = np.array(["odd/bad\\xff.jpg", "odd/good.jpg", None], dtype=object)
+
+    def hits(expr=None, **flags):
+        node = filters.build(filters.FilterOptions(where=expr, **flags))
+        return filters.evaluate(node, {"path": column}.__getitem__, lambda label: np.zeros(3, bool)).tolist()
+
+    assert hits(path="\ud800*") == [False, False, False]
+    assert hits("path ~ 'bad\ud800'") == [False, False, False]
+    assert hits("path ~ 'odd'") == [True, True, False]
+    assert filters.as_stored("bad\udcff\ud800") == "bad\\xff\ud800"

@@ -1410,3 +1410,93 @@ def test_content_verdicts_are_kept_by_identity_bounded_and_only_for_suspects(tmp
     finally:
         for fd in files:
             os.close(fd)
+
+
+def test_a_verdict_on_bytes_read_before_a_write_is_not_kept_for_the_file_after_it(tmp_path, monkeypatch):
+    """read_regular reads a suspect's bytes, then Contents.check hashes them: the identity (ctime...) the verdict
+    was kept under was taken in check, after the read. A `cp -p` landing between the two had the old bytes' "same"
+    kept for the new file's identity, and every later look at the new content (a video's range requests, a
+    thumbnail's check) served it without a hash, until the next `index`."""
+    import hashlib
+
+    from alignsearch.surfaces.server import ApiError, Contents, read_regular
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"the indexed picture")
+    time.sleep(0.02)  # the write's ctime past indexed_at, by the filesystem's clock tick
+    os.chmod(path, 0o600)  # a suspect (its ctime later than indexed_at), its content the one indexed
+    st, sha = path.stat(), hashlib.sha256(b"the indexed picture").hexdigest()
+    indexed_at = st.st_ctime - 1
+
+    real_check = Contents.check
+
+    def replaced_meanwhile(self, fd, *args, **kwargs):  # the write lands between the read and the check
+        time.sleep(0.02)
+        swap_keeping_size_and_mtime(path, b"another picture!!!!")
+        monkeypatch.setattr(Contents, "check", real_check)
+        return real_check(self, fd, *args, **kwargs)
+
+    contents = Contents()
+    monkeypatch.setattr(Contents, "check", replaced_meanwhile)
+    assert read_regular(str(tmp_path), "photo.jpg", st.st_size, st.st_mtime, content=contents, sha256=sha,
+                        indexed_at=indexed_at) == b"the indexed picture"  # the bytes read are the indexed ones
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ApiError) as refused:  # the file now is not: hashed, refused
+            contents.check(fd, sha, indexed_at)
+        assert refused.value.status == 409
+    finally:
+        os.close(fd)
+
+
+def test_a_suspect_read_for_its_hash_by_one_request_is_not_read_again_by_those_arriving_meanwhile(tmp_path, monkeypatch):
+    """A suspect video is read whole for its hash on its first request (README: "read whole once"). Requests
+    arriving while it was read (a player's next range requests, a results page's thumbnails of that video's
+    moments) each read it whole again, every decode slot hashing the same gigabytes; they now wait for that read's
+    verdict."""
+    import hashlib
+
+    from alignsearch.surfaces import server as server_module
+    from alignsearch.surfaces.server import Contents
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"the indexed video")
+    sha = hashlib.sha256(b"the indexed video").hexdigest()
+    hashed, started, release = [], threading.Event(), threading.Event()
+    real_digest = server_module.file_sha256
+
+    def slow_digest(fd):
+        hashed.append(fd)
+        started.set()
+        release.wait(10)
+        return real_digest(fd)
+
+    monkeypatch.setattr(server_module, "file_sha256", slow_digest)
+    contents = Contents()
+    fds = [os.open(path, os.O_RDONLY) for _ in range(3)]
+    errors = []
+
+    def look(fd):
+        try:
+            contents.check(fd, sha, indexed_at=0.0)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    try:
+        first = threading.Thread(target=look, args=(fds[0],))
+        first.start()
+        assert started.wait(10)
+        others = [threading.Thread(target=look, args=(fd,)) for fd in fds[1:]]
+        for t in others:
+            t.start()
+        end = time.monotonic() + 0.5  # time for them to reach the read, as the old code did (no assertion on it)
+        while len(hashed) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+        release.set()
+        for t in (first, *others):
+            t.join(10)
+        assert errors == [] and len(hashed) == 1, (errors, hashed)
+    finally:
+        release.set()
+        for fd in fds:
+            os.close(fd)

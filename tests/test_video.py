@@ -967,3 +967,23 @@ def test_an_mp4s_type_is_its_brands_behind_a_leading_free_box(tmp_path):
     assert container_type(b"\0\0\0\x08wide\0\0\x10\0mdat") == "video/quicktime"  # QuickTime of before ftyp
     assert container_type(b"\0\0\x10\x00free" + b"\0" * 40) == "video/quicktime"  # the next box unread: as before
     assert container_type(b"\0\0\0\x01free" + b"\0" * 40) == "video/quicktime"  # a 64-bit size: not stepped over
+
+
+def test_a_leading_box_whose_64_bit_size_runs_past_any_offset_is_no_video(tmp_path):
+    """sniff added each leading box's size to where the next one starts: a uuid box whose largesize is 2^63 or more
+    put that past what pread takes, and the OverflowError reached the server as a 500 with a
+    traceback. A box that runs past the file's end leaves nothing after it to judge (None: 404)."""
+    import struct
+
+    from alignsearch.media.video import sniff
+
+    huge = struct.pack(">I", 1) + b"uuid" + struct.pack(">Q", 1 << 63) + bytes(100)
+    twice = (struct.pack(">I", 1) + b"uuid" + struct.pack(">Q", 1 << 62)) * 2 + bytes(100)
+    widest = struct.pack(">I", 1) + b"uuid" + struct.pack(">Q", (1 << 64) - 1) + bytes(100)
+    for name, data in (("huge.mp4", huge), ("twice.mp4", twice), ("widest.mp4", widest)):
+        (tmp_path / name).write_bytes(data)
+        fd = os.open(tmp_path / name, os.O_RDONLY)
+        try:
+            assert sniff(fd) is None, name
+        finally:
+            os.close(fd)

@@ -471,7 +471,7 @@ def sniff(fd: int) -> str | None:
     box (XMP metadata, a camera's own) is often larger, so a video opening with one was refused (404) though
     FFmpeg plays it. A box that claims to run past the file's end leaves nothing after it to judge."""
     head = os.pread(fd, SNIFF_BYTES, 0)
-    at = 0
+    at, end = 0, os.fstat(fd).st_size
     for _ in range(LEADING_BOXES):
         box = os.pread(fd, 16, at)
         if len(box) < 8 or box[4:8] not in PADDING_ATOMS:
@@ -481,7 +481,9 @@ def sniff(fd: int) -> str | None:
             size = int.from_bytes(box[8:16], "big")
         if size < 8:  # 0: the box runs to the file's end; else no box
             break
-        at += size
+        # no further than the end: a 64-bit size of 2^63 or more put the next pread past what an offset holds
+        # (OverflowError, a 500); read at the end, nothing is left to judge
+        at = min(at + size, end)
     return container_type(head, os.pread(fd, SNIFF_BYTES, at) if at else None)
 
 

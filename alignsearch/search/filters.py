@@ -398,7 +398,14 @@ def as_stored(value: str) -> str:
     """A filter's text as the catalog shows names: bytes that are not UTF-8 (typed in a shell as $'bad\\xff*',
     they arrive as lone surrogates) as \\xNN. `--path 'bad\\xff*'` matched nothing though `bad\\xff.jpg` was
     indexed and shown by that name."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    # run by run of os.fsdecode's surrogates (U+DC80-U+DCFF): another lone surrogate (the Python API takes any str)
+    # stands for no byte, and the whole text's encode failed (UnicodeEncodeError); no name holds it: left as it is, it
+    # matches nothing, as before. Runs apart decode as the whole would: escaped bytes never form a character with a real one's bytes.
+    return _ESCAPED_BYTES.sub(lambda m: m.group().encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                              value)
+
+
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
 
 
 def _text_mask(values, op: str, value: str) -> np.ndarray:

@@ -475,33 +475,62 @@ class Contents:
         self.kept = kept
         self._verdicts: OrderedDict[tuple, bool] = OrderedDict()
         self._lock = threading.Lock()
+        # keys being read for their hash (pread), each with the event set when its verdict is known: requests arriving
+        # meanwhile (a player's next range requests, a page's thumbnails of one video's moments) wait for it rather
+        # than each read the same gigabytes in a decode slot of its own
+        self._reading: dict[tuple, threading.Event] = {}
 
-    def check(self, fd: int, sha256: str | None, indexed_at: float, data: bytes | None = None) -> None:
+    def check(self, fd: int, sha256: str | None, indexed_at: float, data: bytes | None = None,
+              before: os.stat_result | None = None) -> None:
         """Nothing when the open file fd may be served for its row (sha256, indexed_at), else the 409 a client reads.
-        data: the file's bytes, already read (hashed from them); else the file is read for its hash (pread)."""
-        st = os.fstat(fd)
+        data: the file's bytes, already read (hashed from them), with before, fd's status taken before they were
+        read; else the file is read for its hash (pread)."""
+        # the identity a verdict is kept by is the one the bytes hashed were read under: taken after a read of data,
+        # a write between the read and here (`cp -p`) had the old bytes' "same" kept for the new content's identity
+        st = os.fstat(fd) if before is None else before
         if not sha256 or not safeopen.status_changed(st.st_ctime, indexed_at, time.time()):
             return
         key = (*identity(st), sha256)
-        with self._lock:
-            same = self._verdicts.get(key)
-            if same is not None:
-                self._verdicts.move_to_end(key)
+        same, mine = self._known(key, reading=data is None)
         if same is None:
             try:
                 same = (hashlib.sha256(data).hexdigest() if data is not None else file_sha256(fd)) == sha256
+                # kept only when nothing wrote to it while it was read: a verdict on bytes half old, half new is the
+                # bytes' (data: served as hashed), not the file's
+                if identity(os.fstat(fd)) == key[:-1]:
+                    with self._lock:
+                        self._verdicts[key] = same
+                        while len(self._verdicts) > self.kept:
+                            self._verdicts.popitem(last=False)
             except OSError as exc:  # a disk error, a share gone mid-read: as a file that cannot be opened
                 raise ApiError(404, f"cannot read the file: {exc.strerror or exc}") from None
-            # kept only when nothing wrote to it while it was read: a verdict on bytes half old, half new is the
-            # bytes' (data: served as hashed), not the file's
-            if identity(os.fstat(fd)) == key[:-1]:
-                with self._lock:
-                    self._verdicts[key] = same
-                    while len(self._verdicts) > self.kept:
-                        self._verdicts.popitem(last=False)
+            finally:
+                if mine is not None:  # those waiting look again: the verdict, or none kept (they read it themselves)
+                    with self._lock:
+                        del self._reading[key]
+                    mine.set()
         if not same:
             raise ApiError(409, "the file is no longer the one indexed (other content, its size and modification time "
                                 "the same): re-run alignsearch index")
+
+
+    def _known(self, key: tuple, reading: bool) -> tuple[bool | None, threading.Event | None]:
+        """(key's verdict kept, else None; the event to set once this caller, now its reader, knows it, else None).
+        reading: the caller would read the file for its hash; while another request reads it, its verdict is
+        waited for."""
+        while True:
+            with self._lock:
+                same = self._verdicts.get(key)
+                if same is not None:
+                    self._verdicts.move_to_end(key)
+                    return same, None
+                if not reading:
+                    return None, None
+                busy = self._reading.get(key)
+                if busy is None:
+                    mine = self._reading[key] = threading.Event()
+                    return None, mine
+            busy.wait()
 
 
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True,
@@ -509,11 +538,12 @@ def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read:
     """The bytes of the indexed file (open_indexed's checks, and, given content, its content's: Contents.check);
     read=False checks only (a cached thumbnail). A suspect read whole is hashed from the bytes read, never read twice."""
     with os.fdopen(open_indexed(root, relpath, size, mtime), "rb") as f:
+        before = os.fstat(f.fileno())  # the status the bytes are read under (Contents.check)
         data = f.read(size + 1) if read else None
         if data is not None and len(data) != size:  # written to since the fstat
             raise _changed("changed")
         if content is not None:
-            content.check(f.fileno(), sha256, indexed_at, data)
+            content.check(f.fileno(), sha256, indexed_at, data, before)
     return data
 
 

@@ -503,6 +503,17 @@ class Contents:
                                 "the same): re-run alignsearch index")
 
 
+def member_replaced(data: bytes, sha256: str | None, shard_ctime: float, indexed_at: float) -> bool:
+    """Whether a tar member's bytes are not the ones its row was indexed from. Its name and size alone were compared:
+    a shard renamed over by another (a shared dataset folder another user may write) whose member has the same name
+    and size had its picture served for the indexed one's vectors. A shard whose status changed since the listing
+    (safeopen.status_changed, as a folder's file is judged: Contents) has the member's bytes hashed and compared with
+    the row's SHA-256; one left alone is not hashed. A row with no hash (older catalogs) keeps the size check alone."""
+    if not sha256 or not safeopen.status_changed(shard_ctime, indexed_at, time.time()):
+        return False
+    return hashlib.sha256(data).hexdigest() != sha256
+
+
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True,
                  content: Contents | None = None, sha256: str | None = None, indexed_at: float = 0.0) -> bytes | None:
     """The bytes of the indexed file (open_indexed's checks, and, given content, its content's: Contents.check);
@@ -721,9 +732,14 @@ class Library:
                                 sha256=row.sha256, indexed_at=row.indexed_at)
         if sources.kind(row.root) != sources.TAR:
             return None if check_only else row.read()
+        shard_ctime = None
         if not sources.is_url(row.root):
             try:
-                os.close(safeopen.open_regular(row.root))  # never a FIFO's blocking read
+                fd = safeopen.open_regular(row.root)  # never a FIFO's blocking read
+                try:
+                    shard_ctime = os.fstat(fd).st_ctime
+                finally:
+                    os.close(fd)
             except FileNotFoundError:
                 raise ApiError(404, "the shard is gone: re-run alignsearch index") from None
             except safeopen.Refused:
@@ -742,7 +758,11 @@ class Library:
         if check_only:
             return None
         offset, size = members[name]
-        return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
+        data = sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
+        if shard_ctime is not None and member_replaced(data, row.sha256, shard_ctime, row.indexed_at):
+            raise ApiError(409, "the file is no longer the one indexed (its shard was rewritten, the member's "
+                                "name and size the same): re-run alignsearch index")
+        return data
 
     def original(self, file_id: int) -> tuple[bytes | ThumbPlan, str]:
         """The image's bytes and type; for one a browser cannot show, its largest thumbnail: cached, else the plan of

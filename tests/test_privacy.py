@@ -415,3 +415,6 @@ def test_an_export_of_a_private_index_is_as_private(tiny_model, public_dir):
         run("index", "--index", ix, "--model", tiny_model, photos)
         run("export", "--index", ix, out)
         assert stat.S_IMODE(os.stat(out).st_mode) == mode, photos.name
+        clip = public_dir / f"{photos.name}-clip"  # the clip-retrieval folder was 0755 (the umask's) for either
+        run("export", "--index", ix, "--format", "clip-retrieval", clip)
+        assert stat.S_IMODE(os.stat(clip).st_mode) == {0o600: 0o700, 0o644: 0o755}[mode], photos.name

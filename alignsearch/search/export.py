@@ -253,7 +253,8 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
     if seen is NOT_TAKEN:
         seen = _fingerprint(Path(out))
         check_out(Path(out), "clip-retrieval")
-    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER]) as tmp:
+    allowed = 0o700 | (0o055 & os.stat(engine.dir).st_mode)  # as private as the index folder: export_mode
+    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER], allowed=allowed) as tmp:
         result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
         _write_marker(tmp)
         # the swap deletes what OUT's img_emb/ and metadata/ hold: anything put there since the check (an

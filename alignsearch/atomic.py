@@ -191,7 +191,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 @contextmanager
 def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable[str]] = lambda old: (),
-                  durable: bool = True) -> Iterator[Path]:
+                  durable: bool = True, allowed: int = 0o777) -> Iterator[Path]:
     """Yields a fresh empty folder (mkdtemp) beside `path` to fill; when the block ends without an error it
     takes `path`'s place in one rename, with the mode of the folder it replaces (else the umask's).
 
@@ -199,7 +199,8 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     the previous write made: stale shards, model files of another layout) are deleted; every other entry (the
     user's own files, a checkpoint folder written by another call) is moved into the new folder. On an error
     the new folder is removed and `path` is untouched. A symlink at `path` is followed (its target is
-    replaced), so the link stays as the user made it."""
+    replaced), so the link stays as the user made it. allowed: the group's and others' bits it may have at most
+    (an export of a private index: 0700), whatever the folder replaced or the umask would give."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".new", dir=path.parent))
@@ -211,6 +212,7 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
             mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
             mode = 0o777 & ~_umask()  # mkdtemp's 0700 otherwise
+        mode &= allowed | ~0o077
         if durable:
             _fsync_tree(new)
         old = _swap(new, path)

@@ -395,3 +395,26 @@ def test_a_list_named_again_without_its_column_is_judged_by_the_column_remembere
     photos.chmod(0o700)
     run("index", "--index", ix, listed)  # named, its column remembered
     assert stat.S_IMODE(os.stat(ix).st_mode) == 0o700
+
+
+@pytest.mark.slow
+def test_an_export_of_a_private_index_is_as_private(tiny_model, public_dir):
+    """`export` of an index that `index` made 0700 (its photos in a 0700 folder) into a folder every user reads: the
+    parquet file held their paths and captions 0644, read by every user; it gets the index folder's read bits now.
+    An export of an index of public photos stays 0644."""
+    from alignsearch.search.export import export_mode
+
+    assert export_mode(0o40700) == 0o600 and export_mode(0o40755) == 0o644 and export_mode(0o40750) == 0o640
+    hidden, open_photos = public_dir / "hidden", public_dir / "open"
+    smooth_photos(hidden, 2)
+    smooth_photos(open_photos, 2)
+    hidden.chmod(0o700)
+    open_photos.chmod(0o755)
+    for photos, mode in ((hidden, 0o600), (open_photos, 0o644)):
+        ix, out = public_dir / f"{photos.name}-ix", public_dir / f"{photos.name}.parquet"
+        run("index", "--index", ix, "--model", tiny_model, photos)
+        run("export", "--index", ix, out)
+        assert stat.S_IMODE(os.stat(out).st_mode) == mode, photos.name
+        clip = public_dir / f"{photos.name}-clip"  # the clip-retrieval folder was 0755 (the umask's) for either
+        run("export", "--index", ix, "--format", "clip-retrieval", clip)
+        assert stat.S_IMODE(os.stat(clip).st_mode) == {0o600: 0o700, 0o644: 0o755}[mode], photos.name

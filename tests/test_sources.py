@@ -347,3 +347,79 @@ def test_a_refused_run_is_not_taken_for_an_interrupted_one(tmp_path, tiny_model)
     assert "no folder to index" in run("index", "--index", fresh, "--model", tiny_model, code=6).output
     assert not fresh.exists()  # nothing to take for interrupted: a refused first run leaves no index at all
     run("info", "--index", fresh, code=3)
+
+
+def same_names_other_bytes(shard: Path, planted: Path) -> Path:
+    """planted: a copy of shard whose .png members have the same names and sizes but other bytes."""
+    with tarfile.open(shard) as old, tarfile.open(planted, "w") as new:
+        for member in old.getmembers():
+            data = old.extractfile(member).read()
+            if member.name.endswith(".png"):
+                data = data[:64] + bytes(255 - b for b in data[64:-16]) + data[-16:]
+            new.addfile(member, io.BytesIO(data))
+    return planted
+
+
+def test_a_tar_member_replaced_by_other_bytes_of_its_size_is_not_served(tmp_path, corpus, tiny_model):
+    """A shard in a folder another user may write (a shared dataset folder), renamed over by their own shard whose
+    member has the indexed one's name and size but other bytes: the server served their picture for the indexed one's
+    vectors (only the member's name and size were compared, never its content as a folder's file's is: scan.confirm,
+    Contents). Now a shard changed since the index read it has the member's bytes hashed against the catalog's."""
+    import urllib.error
+    import urllib.request
+
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    files = sorted(p for p in corpus.rglob("*.png"))[:2]
+    shard = tmp_path / "s.tar"
+    write_shard(shard, files, corpus)
+    index_json(tmp_path / "ix", shard, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    planted = same_names_other_bytes(shard, tmp_path / "planted.tar")
+    planted.replace(shard)
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    auth = {"Authorization": f"Bearer {server.token}"}
+    try:
+        for f in files:
+            (row_id,) = [h.id for h in engine.search(image=f, k=5) if h.relpath.endswith(f.name)][:1]
+            request = urllib.request.Request(f"{server.url}/api/image/{row_id}", headers=auth)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30).read()
+            assert refused.value.code == 409, refused.value.read()
+    finally:
+        server.shutdown()
+        engine.close()
+
+
+def test_a_shard_renamed_over_between_its_check_and_its_read_is_not_read(tmp_path, corpus, tiny_model, monkeypatch):
+    """The shard judged (its ctime: unchanged, so its member not hashed) is the shard read: it was opened by name
+    again to read the member, and another shard renamed over it in between (another user who may write its folder)
+    had its member of the same name and size served. The swap is made while the server lists the shard's members."""
+    import urllib.request
+
+    from alignsearch.surfaces.server import ServerConfig, start_in_thread
+
+    files = sorted(p for p in corpus.rglob("*.png"))[:1]
+    shard = tmp_path / "s.tar"
+    write_shard(shard, files, corpus)
+    planted = same_names_other_bytes(shard, tmp_path / "planted.tar")
+    index_json(tmp_path / "ix", shard, "--model", tiny_model, "--device", "cpu", "--workers", "0")
+    members = sources.tar_members
+
+    def swapped(root):
+        listed = members(root)
+        planted.replace(shard)
+        return listed
+
+    monkeypatch.setattr(sources, "tar_members", swapped)
+    engine = alignsearch.open(tmp_path / "ix", device="cpu")
+    server = start_in_thread(engine, ServerConfig(port=0))
+    try:
+        row_id = engine.search(image=files[0], k=1)[0].id
+        request = urllib.request.Request(f"{server.url}/api/image/{row_id}",
+                                         headers={"Authorization": f"Bearer {server.token}"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.read() == files[0].read_bytes()  # the shard judged, read through its descriptor
+    finally:
+        server.shutdown()
+        engine.close()

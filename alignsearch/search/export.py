@@ -198,6 +198,14 @@ class _Groups:
         self.pending, self.filled = [], 0
 
 
+def export_mode(index_mode: int) -> int:
+    """The mode of an export file of an index whose folder has index_mode: 0644 less the read bits the index folder
+    denies. An export holds what the index does (paths, captions, OCR text, places); `index` narrows the folder of an
+    index of photos others cannot open (privacy: 0700), but its export was written 0644 (less the umask), so
+    `export /tmp/lib.parquet` of the index of a 0700 folder of photos was read by every user."""
+    return 0o600 | (0o044 & index_mode)
+
+
 def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> dict:
     """Write one parquet file in row groups of `batch` rows; returns {"rows", "path", "row_groups"}.
 
@@ -213,7 +221,8 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
     # column's pages (and a hash table) until it gave up, ~80 MB more per row group at 640-d
     plain = [f.name for f in schema if f.name != "embedding"]
     # written through the descriptor of a fresh temporary file beside `out`, renamed over it when complete
-    with atomic.writing(out) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=plain) as writer:
+    mode = export_mode(os.stat(engine.dir).st_mode)
+    with atomic.writing(out, mode=mode) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=plain) as writer:
         groups = _Groups(writer, schema, batch)
         for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters, tally=tally):
             while rows:
@@ -244,7 +253,8 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
     if seen is NOT_TAKEN:
         seen = _fingerprint(Path(out))
         check_out(Path(out), "clip-retrieval")
-    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER]) as tmp:
+    allowed = 0o700 | (0o055 & os.stat(engine.dir).st_mode)  # as private as the index folder: export_mode
+    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER], allowed=allowed) as tmp:
         result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
         _write_marker(tmp)
         # the swap deletes what OUT's img_emb/ and metadata/ hold: anything put there since the check (an

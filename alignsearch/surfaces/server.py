@@ -513,7 +513,6 @@ class Contents:
             raise ApiError(409, "the file is no longer the one indexed (other content, its size and modification time "
                                 "the same): re-run alignsearch index")
 
-
     def _known(self, key: tuple, reading: bool) -> tuple[bool | None, threading.Event | None]:
         """(key's verdict kept, else None; the event to set once this caller, now its reader, knows it, else None).
         reading: the caller would read the file for its hash; while another request reads it, its verdict is
@@ -531,6 +530,26 @@ class Contents:
                     mine = self._reading[key] = threading.Event()
                     return None, mine
             busy.wait()
+
+
+def pread_exactly(fd: int, size: int, offset: int) -> bytes:
+    """size bytes of fd from offset (fewer where the file ends first: a shard cut short since its listing)."""
+    chunks, got = [], 0
+    while got < size and (chunk := os.pread(fd, min(size - got, 1 << 20), offset + got)):
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def member_replaced(data: bytes, sha256: str | None, shard_ctime: float, indexed_at: float) -> bool:
+    """Whether a tar member's bytes are not the ones its row was indexed from. Its name and size alone were compared:
+    a shard renamed over by another (a shared dataset folder another user may write) whose member has the same name
+    and size had its picture served for the indexed one's vectors. A shard whose status changed since the listing
+    (safeopen.status_changed, as a folder's file is judged: Contents) has the member's bytes hashed and compared with
+    the row's SHA-256; one left alone is not hashed. A row with no hash (older catalogs) keeps the size check alone."""
+    if not sha256 or not safeopen.status_changed(shard_ctime, indexed_at, time.time()):
+        return False
+    return hashlib.sha256(data).hexdigest() != sha256
 
 
 def read_regular(root: str, relpath: str | bytes, size: int, mtime: float, read: bool = True,
@@ -752,28 +771,41 @@ class Library:
                                 sha256=row.sha256, indexed_at=row.indexed_at)
         if sources.kind(row.root) != sources.TAR:
             return None if check_only else row.read()
+        # a local shard is opened once: its member is read from the file whose ctime is judged (member_replaced), not
+        # through its name again, which another user who may write its folder can rename another shard to meanwhile
+        shard = None
         if not sources.is_url(row.root):
             try:
-                os.close(safeopen.open_regular(row.root))  # never a FIFO's blocking read
+                shard = safeopen.open_regular(row.root)  # never a FIFO's blocking read
             except FileNotFoundError:
                 raise ApiError(404, "the shard is gone: re-run alignsearch index") from None
             except safeopen.Refused:
                 raise _changed("shard is no longer a regular file") from None
-        name = os.fsdecode(row.relpath_raw) if row.relpath_raw else row.relpath
-        with self._members_lock:
-            members = self._tar_members.pop(row.root, None)
-        if members is None or members.get(name, (0, -1))[1] != row.size:  # unknown, or the shard changed
-            members = sources.tar_members(row.root)
-        with self._members_lock:
-            self._tar_members[row.root] = members
-            while len(self._tar_members) > TAR_SHARDS_KEPT:
-                self._tar_members.popitem(last=False)
-        if members.get(name, (0, -1))[1] != row.size:
-            raise ApiError(404, f"no member {name} of {row.size} bytes in {row.root}: re-run alignsearch index")
-        if check_only:
-            return None
-        offset, size = members[name]
-        return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
+        try:
+            name = os.fsdecode(row.relpath_raw) if row.relpath_raw else row.relpath
+            with self._members_lock:
+                members = self._tar_members.pop(row.root, None)
+            if members is None or members.get(name, (0, -1))[1] != row.size:  # unknown, or the shard changed
+                members = sources.tar_members(row.root)
+            with self._members_lock:
+                self._tar_members[row.root] = members
+                while len(self._tar_members) > TAR_SHARDS_KEPT:
+                    self._tar_members.popitem(last=False)
+            if members.get(name, (0, -1))[1] != row.size:
+                raise ApiError(404, f"no member {name} of {row.size} bytes in {row.root}: re-run alignsearch index")
+            if check_only:
+                return None
+            offset, size = members[name]
+            if shard is None:
+                return sources.read_bytes(row.root, row.relpath, row.relpath_raw, offset, size)
+            data = pread_exactly(shard, size, offset)
+            if member_replaced(data, row.sha256, os.fstat(shard).st_ctime, row.indexed_at):
+                raise ApiError(409, "the file is no longer the one indexed (its shard was rewritten, the member's "
+                                    "name and size the same): re-run alignsearch index")
+            return data
+        finally:
+            if shard is not None:
+                os.close(shard)
 
     def original(self, file_id: int) -> tuple[bytes | ThumbPlan, str]:
         """The image's bytes and type; for one a browser cannot show, its largest thumbnail: cached, else the plan of

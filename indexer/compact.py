@@ -162,11 +162,11 @@ def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[
                              list(zip(live.tolist(), range(base, base + len(live)))))
         # rows no indexed file uses leave with the old segments: a file of another state keeps no address
         # each seal moves by its address's shift (rowdigest.shifted_seal_sql), in the same statement: a damaged
-        # address is not sealed anew where it names another file's row
-        moved_to = "(SELECT new FROM compact_map WHERE old = files.vec_row)"
-        conn.execute(text(f"UPDATE files SET vec_row = {moved_to}, "
-                          f"vec_seal = {rowdigest.shifted_seal_sql('vec_seal', f'{moved_to} - vec_row')} "
-                          "WHERE vec_row IS NOT NULL"))
+        # address is not sealed anew where it names another file's row. One lookup of the map sets both (a row
+        # value): a second subquery for the seal cost ~10% more compaction (bench_compact.py, RESULTS.md)
+        seal = rowdigest.shifted_seal_sql("files.vec_seal", "new - files.vec_row")
+        conn.execute(text(f"UPDATE files SET (vec_row, vec_seal) = (SELECT new, {seal} FROM compact_map "
+                          "WHERE old = files.vec_row) WHERE vec_row IS NOT NULL"))
         conn.execute(text("DROP TABLE compact_map"))
         for key in old_keys:
             vectors.forget_chunks(conn, key)

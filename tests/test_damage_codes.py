@@ -215,6 +215,24 @@ def test_a_flipped_vector_address_is_damage_not_another_files_score(indexed_imag
     assert run("similar", photos / "img009.png", "--index", ix).output == intact
 
 
+def test_readdress_moves_seals_and_keeps_a_damaged_address_found(indexed_images):
+    """catalog.readdress (a compaction's shift of a range) moves each seal with its address in SQL: the sound rows
+    stay sealed, and a flipped address is not sealed anew from what it reads."""
+    from alignsearch.storage import rowdigest
+
+    _, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    flip_vector_address(db, "img009.png")
+    engine = catalog.connect(db)
+    try:
+        with engine.begin() as conn:
+            catalog.readdress(conn, 0, 2**40, 7)
+            rows = conn.exec_driver_sql("SELECT relpath, vec_row, vec_seal FROM files").all()
+    finally:
+        engine.dispose()
+    assert {name for name, address, seal in rows if rowdigest.seal(address) != seal} == {"img009.png"}
+
+
 def test_the_vector_address_seal_moves_with_its_address_and_tells_a_flipped_byte():
     """readdress shifts seals by seal_shift in SQL: the seal of an address moved is the seal of the new address, and
     no single flipped byte of an address keeps its seal (the prime divides no k * 256**j, 0 < |k| < 256)."""

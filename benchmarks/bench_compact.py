@@ -7,6 +7,11 @@ re-hashed), over the same store, before and after. Medians of --repeat runs, eac
 
     python benchmarks/bench_compact.py [--rows 400000] [--repeat 3]
     python benchmarks/bench_compact.py --fold 8 [--rows 400000] [--repeat 3]
+    python benchmarks/bench_compact.py --base main [--rows 400000] [--repeat 3]
+
+--base REV also runs REV's own bench_compact.py, from a temporary worktree, in the same run (after this tree's), and
+records its compaction line beside this tree's: the cost of what a change added to compaction (schema 17: each vector
+address's seal moved with it in the switching UPDATE).
 
 --fold S measures instead the fold at the end of a Ray run (writer.fold_small_segments): --rows rows in S
 segments (one per encoder actor) moved into vectors.f16, each segment first read against its checksums; the
@@ -29,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import record
+from common import base_worktree, record
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
@@ -147,6 +152,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--base", default=None, help="also run this commit's bench_compact.py, as the baseline")
     parser.add_argument("--fold", type=int, default=0, metavar="S",
                         help="measure the fold of S segments instead of a compaction")
     args = parser.parse_args()
@@ -170,13 +176,27 @@ def main() -> None:
             runs.append((took, check_before, check_seconds(ix), store_bytes(ix)))
             shutil.rmtree(ix)
     took, check_before, check_after, after_bytes = (statistics.median(r[k] for r in runs) for k in range(4))
-    record(f"compaction of the vector store (bench_compact.py, {args.rows:,} rows of {DIM}-d, half dead)", [
+    base = [] if args.base is None else [f"- baseline {args.base} ({line}" for line in base_compaction(args)]
+    record(f"compaction of the vector store (bench_compact.py, {args.rows:,} rows of {DIM}-d, half dead)", base + [
         f"- compaction (copy {args.rows // 2:,} live rows, each chunk checked; one switching transaction): "
         f"{took:.2f} s median of {args.repeat} ({args.rows // 2 / took:,.0f} live rows/s)",
         f"- vector files: {before_bytes / 2**20:.0f} MiB before, {after_bytes / 2**20:.0f} MiB after",
         f"- baseline, the integrity pass every `index` run makes before appending (vectors.check): "
         f"{check_before:.2f} s before, {check_after:.2f} s after",
     ], save=not args.no_save)
+
+
+def base_compaction(args) -> list[str]:
+    """The baseline commit's compaction line ("<short hash>: - compaction ..."), its own script run from its own
+    tree with the same --rows and --repeat, nothing recorded."""
+    import os
+    import subprocess
+
+    with base_worktree(args.base) as (_, old, short):
+        out = subprocess.run([sys.executable, str(old / "benchmarks" / "bench_compact.py"), "--rows", str(args.rows),
+                              "--repeat", str(args.repeat), "--no-save"], cwd=old, capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONPATH": str(old)}).stdout
+    return [f"{short}) {line[2:]}" for line in out.splitlines() if line.startswith("- compaction")]
 
 
 if __name__ == "__main__":

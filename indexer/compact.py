@@ -34,7 +34,7 @@ from sqlalchemy import text
 
 from alignsearch.atomic import fsync_dir, make_folders
 from alignsearch.errors import IndexDamagedError
-from alignsearch.storage import state, vectors
+from alignsearch.storage import rowdigest, state, vectors
 from alignsearch.storage.paths import VECTORS_FILE
 from alignsearch.storage.vectors import VectorStore
 from indexer import reindex
@@ -161,8 +161,12 @@ def _switch(db, new: VectorStore, number: int, live: np.ndarray, old_keys: list[
         conn.exec_driver_sql("INSERT INTO compact_map (old, new) VALUES (?, ?)",
                              list(zip(live.tolist(), range(base, base + len(live)))))
         # rows no indexed file uses leave with the old segments: a file of another state keeps no address
-        conn.execute(text("UPDATE files SET vec_row = (SELECT new FROM compact_map WHERE old = files.vec_row) "
-                          "WHERE vec_row IS NOT NULL"))
+        # each seal moves by its address's shift (rowdigest.shifted_seal_sql), in the same statement: a damaged
+        # address is not sealed anew where it names another file's row. One lookup of the map sets both (a row
+        # value): a second subquery for the seal cost ~10% more compaction (bench_compact.py, RESULTS.md)
+        seal = rowdigest.shifted_seal_sql("files.vec_seal", "new - files.vec_row")
+        conn.execute(text(f"UPDATE files SET (vec_row, vec_seal) = (SELECT new, {seal} FROM compact_map "
+                          "WHERE old = files.vec_row) WHERE vec_row IS NOT NULL"))
         conn.execute(text("DROP TABLE compact_map"))
         for key in old_keys:
             vectors.forget_chunks(conn, key)

@@ -26,7 +26,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from alignsearch import atomic
 from alignsearch.media import sources
-from alignsearch.storage import catalog, state, vectors
+from alignsearch.storage import catalog, rowdigest, state, vectors
 from alignsearch.storage.state import ModelIdentity, Reindex
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
 from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE
@@ -222,7 +222,9 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
     def commit(conn) -> None:
         f, p = catalog.files.c, catalog.pending_vectors.c
         new_row = select(p.vec_row + vectors.address(number, 0)).where(p.file_id == f.id).scalar_subquery()
-        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED).values(vec_row=new_row))
+        # a new address of a vector encoded anew: sealed as a writer seals one it stores (rowdigest.seal)
+        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED)
+                     .values(vec_row=new_row, vec_seal=rowdigest.seal_of(new_row)))
         unread = [i for (i,) in conn.execute(select(f.id).where(f.status == catalog.INDEXED, f.vec_row.is_(None)))]
         catalog.mark_failed(conn, unread, "cannot read: the file could not be read again to re-encode it")
         conn.execute(delete(catalog.pending_vectors))

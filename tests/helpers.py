@@ -2021,3 +2021,40 @@ def alignsearch_fsize(limit: int, *args, timeout: float = 300) -> subprocess.Com
 
     return subprocess.run([sys.executable, "-m", "alignsearch", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=limited)
+
+
+def flip_vector_address(db: Path, relpath: str) -> tuple[int, int]:
+    """Flip the lowest bit of the last byte of one files row's vec_row, where its own cell holds it: (the address
+    written, the address read after). Each value byte of a vec_row (flipped_field) is flipped in turn until the
+    row named `relpath` reads another address; the others are put back. An address of 0 or 1 has no value byte
+    (serial types 8, 9): the row must hold another."""
+    def address() -> int:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT vec_row FROM files WHERE relpath = ?", (relpath,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    before = address()
+    assert before > 1, f"{relpath} has address {before}: no value byte to flip"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    columns = record_columns(db, "files")
+    data = bytearray(Path(db).read_bytes())
+    for _, _, _, first, end in catalog_pages(db)["files"]:  # each page's cell content area
+        for at in range(first, end):
+            if not flipped_field(bytes(data), page_size, at, columns).endswith("value of vec_row"):
+                continue
+            nxt = at + 1  # the value's last byte: the flip moves the address by one
+            if nxt < end and flipped_field(bytes(data), page_size, nxt, columns).endswith("value of vec_row"):
+                continue
+            data[at] ^= 0x01
+            Path(db).write_bytes(data)
+            if address() != before:
+                return before, address()
+            data[at] ^= 0x01
+            Path(db).write_bytes(data)
+    raise AssertionError(f"no value byte of {relpath}'s vec_row found")

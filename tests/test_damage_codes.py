@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from conftest import run
-from helpers import catalog_pages, flip_in_table_page
+from helpers import catalog_pages, flip_in_table_page, flip_vector_address
 
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import catalog, migrate, state
@@ -195,6 +195,58 @@ def test_similar_under_a_flipped_roots_record_is_damage(indexed_images, at):
     said = run("verify", "--skip-model", "--index", ix, code=7).output  # ok (exit 0) before, of the root's name
     # the key's flip leaves the meta table's own index off, which SQLite's check reports first
     assert ("sqlite_autoindex_meta_1" if at > 0 else "which its meta table does not list as roots") in said
+
+
+@pytest.mark.slow
+def test_a_flipped_vector_address_is_damage_not_another_files_score(indexed_images):
+    """The catalog flip sweep: a flipped byte of img009's vec_row (outside the row digest, which compaction would
+    rewrite per row) made `similar` rank img009 #7 by another file's vector and `query` show another similarity,
+    exit 0; only verify noticed. Its seal (files.vec_seal) no longer matches: each command says damage, one line."""
+    photos, ix = indexed_images(12)
+    intact = run("similar", photos / "img009.png", "--index", ix).output
+    written, read = flip_vector_address(ix / "catalog.db", "img009.png")
+    assert read == written ^ 1
+    for args in (("similar", photos / "img009.png"), ("query", "a photo")):
+        line = _one_line(run(*args, "--index", ix, code=7))  # exit 0 before, another file's vector scored
+        assert line.startswith("error: catalog.db is damaged"), line
+    # verify names the row (catalog.off_digest) and --repair reads the file again: the answer is the intact one
+    assert "the rows of 1 files are not as written" in run("verify", "--skip-model", "--index", ix, code=7).output
+    run("verify", "--repair", "--index", ix)
+    assert run("similar", photos / "img009.png", "--index", ix).output == intact
+
+
+def test_readdress_moves_seals_and_keeps_a_damaged_address_found(indexed_images):
+    """catalog.readdress (a compaction's shift of a range) moves each seal with its address in SQL: the sound rows
+    stay sealed, and a flipped address is not sealed anew from what it reads."""
+    from alignsearch.storage import rowdigest
+
+    _, ix = indexed_images(12)
+    db = ix / "catalog.db"
+    flip_vector_address(db, "img009.png")
+    engine = catalog.connect(db)
+    try:
+        with engine.begin() as conn:
+            catalog.readdress(conn, 0, 2**40, 7)
+            rows = conn.exec_driver_sql("SELECT relpath, vec_row, vec_seal FROM files").all()
+    finally:
+        engine.dispose()
+    assert {name for name, address, seal in rows if rowdigest.seal(address) != seal} == {"img009.png"}
+
+
+def test_the_vector_address_seal_moves_with_its_address_and_tells_a_flipped_byte():
+    """readdress shifts seals by seal_shift in SQL: the seal of an address moved is the seal of the new address, and
+    no single flipped byte of an address keeps its seal (the prime divides no k * 256**j, 0 < |k| < 256)."""
+    from alignsearch.storage import rowdigest
+
+    for address in (2, 300, 5 << 32 | 77, 2**62 + 12345):
+        for shift in (-2, 1, -(1 << 32), 10**12):
+            if address + shift >= 0:
+                moved = (rowdigest.seal(address) + rowdigest.seal_shift(shift)) % rowdigest.SEAL_PRIME
+                assert moved == rowdigest.seal(address + shift)
+        for byte in range(8):
+            for bit in range(8):
+                assert rowdigest.seal(address ^ (1 << (8 * byte + bit))) != rowdigest.seal(address)
+    assert rowdigest.seal(None) is None
 
 
 def test_similar_of_a_file_never_indexed_is_still_not_an_indexed_image(indexed_images):

@@ -37,7 +37,8 @@ def test_an_index_written_by_590b6d4_is_read_as_it_is_and_answers_the_same(v3):
     db = catalog.connect(v3 / ".alignsearch" / "catalog.db", readonly=True)
     with db.connect() as conn:
         assert state.read(conn).schema_version == 3 and migrate.schema_of(conn) == migrate.Schema(3, fill_failures=False,
-                                                                                                 digests=False)
+                                                                                                 digests=False,
+                                                                                                 vec_seals=False)
     db.dispose()
 
 
@@ -195,8 +196,10 @@ def test_step_3_adds_moments_text_and_every_table_keeping_ids(tmp_path):
     assert [r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")] == [1, 2]
     assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'files'").fetchone()[0] == 3
     assert "ocr" in [r[1] for r in conn.execute("PRAGMA table_info(photos)")]
-    # then the digest, which step 14 fills (migrate._digests): step 3 makes the table with catalog.files' columns
-    assert [r[1] for r in conn.execute("PRAGMA table_info(files)")][-4:] == ["moment", "t", "t_end", "digest"]
+    # then the digest and the address's seal, which steps 14 and 17 fill (migrate._digests, _vec_seals): step 3 makes
+    # the table with catalog.files' columns
+    assert [r[1] for r in conn.execute("PRAGMA table_info(files)")][-5:] == ["moment", "t", "t_end", "digest",
+                                                                             "vec_seal"]
     conn.close()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import select
 
 from alignsearch.media import sources
-from alignsearch.storage import catalog
+from alignsearch.storage import catalog, migrate, rowdigest
 from alignsearch.search.filters import TextColumn
 
 MOMENT = ("t", "t_end")  # loaded on first use: most indexes hold no video
@@ -32,8 +32,9 @@ class Columns:
         f, p = catalog.files.c, catalog.photos.c
         with db.connect() as conn:
             photos = catalog.has_photos(conn)
+            sealed = migrate.schema_of(conn).vec_seals
             cols = [f.id, f.vec_row, p.taken if photos else f.mtime, p.lat if photos else None,
-                    p.lon if photos else None, f.width, f.height, f.size, f.mtime]
+                    p.lon if photos else None, f.width, f.height, f.size, f.mtime, f.vec_seal if sealed else None]
             query = select(*[c for c in cols if c is not None]).where(f.status == catalog.INDEXED).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
@@ -42,8 +43,13 @@ class Columns:
                 data = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
                 self.ids = np.array([r[0] for r in rows], dtype=np.int64)
                 self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
+                seals = np.array([r[-1] for r in rows], dtype=np.int64) if sealed else None
             except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7
                 catalog.refuse_malformed(conn)
+        # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
+        # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)
+        if sealed and not rowdigest.sealed(self.vec_rows, seals):
+            catalog.refuse_off_digest()
         self.photos = photos
         names = ["taken", "lat", "lon"] if photos else ["taken"]
         names += ["width", "height", "size", "mtime"]

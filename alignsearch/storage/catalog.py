@@ -90,6 +90,8 @@ files = Table(
     Column("t_end", Float),
     # rowdigest.digest of the shown fields (rowdigest.FILE_FIELDS), written in the statement that writes them (schema 14)
     Column("digest", String(16)),
+    # rowdigest.seal of vec_row, which compaction moves outside the digest; readers that score by it check it (schema 17)
+    Column("vec_seal", Integer),
     UniqueConstraint("root", "relpath", "moment"),
     # (sha256, moment): a search reads the other rows holding each hit's content (onefile.py); on sha256 alone a hit
     # of a video walked every moment of that video in the index to find its own (migrate step 10)
@@ -208,6 +210,7 @@ class FileRow:
     t_end: float | None = None
     # rowdigest.digest of the shown fields as written (None from a catalog older than schema 14); check_rows compares
     digest: str | None = field(default=None, compare=False, repr=False)
+    vec_seal: int | None = field(default=None, compare=False, repr=False)  # rowdigest.seal(vec_row) from schema 17
 
     @property
     def path(self) -> str:
@@ -372,13 +375,13 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
 
     @event.listens_for(engine, "checkout")
     def _still_current(dbapi_conn, record, _proxy):
-        # A connection prepared for a catalog older than version 14 shows it through temporary objects that shadow
-        # its tables (reader_schema: a files view with NULL digests; before version 3 without moments either); once a
+        # A connection prepared for a catalog older than version 17 shows it through temporary objects that shadow
+        # its tables (reader_schema: a files view with NULL seals, and digests before 14; before version 3 without moments either); once a
         # writer upgraded the catalog in place they hid what it wrote (its tags, checksums, relpath_raw, moments,
-        # digests) from a reader open for long (`serve`): such a connection is made anew. One query per checkout,
+        # digests, seals) from a reader open for long (`serve`): such a connection is made anew. One query per checkout,
         # of such connections only.
         schema = record.info.get("schema")
-        if schema is not None and not schema.digests and migrate.upgraded(dbapi_conn, schema):
+        if schema is not None and not schema.vec_seals and migrate.upgraded(dbapi_conn, schema):
             raise DisconnectionError("the catalog was upgraded since this connection opened")
 
     @event.listens_for(engine, "handle_error")
@@ -624,9 +627,11 @@ def check_rows(conn: Connection, rows):
     listed = list(rows.values() if isinstance(rows, dict) else rows)
     if not all(map(_sound, listed)):
         refuse_malformed(conn)
-    if migrate.schema_of(conn).digests and not all(rowdigest.holds_shown(FILE_DIGESTED, _shown(r), r.digest)
-                                                   for r in listed):
+    schema = migrate.schema_of(conn)
+    if schema.digests and not all(rowdigest.holds_shown(FILE_DIGESTED, _shown(r), r.digest) for r in listed):
         refuse_off_digest()
+    if schema.vec_seals and not all(rowdigest.seal(r.vec_row) == r.vec_seal for r in listed if r.status == INDEXED):
+        refuse_off_digest()  # a flipped byte of the vector address scored another file's vector, exit 0
     return rows
 
 
@@ -719,10 +724,12 @@ def vectors_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
     hashes = list(set(hashes))
     out: dict[str, int] = {}
     for start in range(0, len(hashes), 500):
-        query = select(files.c.sha256, files.c.vec_row).where(
+        query = select(files.c.sha256, files.c.vec_row, files.c.vec_seal).where(
             files.c.sha256.in_(hashes[start : start + 500]), files.c.status == INDEXED
         )
-        out.update({sha: row for sha, row in conn.execute(query)})
+        # an address off its seal is not reused: a new row would seal the damaged address anew (its content is encoded
+        # again instead; verify names the damaged row)
+        out.update({sha: row for sha, row, seal in conn.execute(query) if rowdigest.seal(row) == seal})
     return out
 
 
@@ -757,6 +764,7 @@ def insert_file(conn: Connection, values: dict[str, Any]) -> int:
     values = {"indexed_at": time.time(), "moment": 0, **values}  # moment: the column's default, digested as read
     values.update(rowdigest.stored(FILE_DIGESTED, values))  # stored as read back, so the digest is of what is read
     values["digest"] = rowdigest.digest(FILE_DIGESTED, values)
+    values["vec_seal"] = rowdigest.seal(values.get("vec_row"))
     return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
 
 
@@ -859,8 +867,12 @@ def moments_by_hash(conn: Connection, sha256: str) -> list[FileRow]:
 
 
 def readdress(conn: Connection, low: int, high: int, shift: int) -> None:
-    """Add `shift` to every vector address in [low, high): a segment's rows moved elsewhere."""
-    conn.execute(update(files).where(files.c.vec_row >= low, files.c.vec_row < high).values(vec_row=files.c.vec_row + shift))
+    """Add `shift` to every vector address in [low, high): a segment's rows moved elsewhere. Each seal moves with its
+    address in the same statement (rowdigest.seal_shift), not sealed anew from the address read: a damaged one stays
+    found."""
+    moved = (files.c.vec_seal + rowdigest.seal_shift(shift)) % rowdigest.SEAL_PRIME
+    conn.execute(update(files).where(files.c.vec_row >= low, files.c.vec_row < high)
+                 .values(vec_row=files.c.vec_row + shift, vec_seal=moved))
 
 
 def indexed_files(conn: Connection) -> list[FileRow]:
@@ -1108,7 +1120,8 @@ def misspelled_names(conn: Connection) -> list[str]:
 def off_digest(conn: Connection) -> list[int]:
     """The ids of the files whose row, or photo fields, are not those their digest was written for (rowdigest.py),
     in id order: what readers refuse row by row (check_rows, photos_of), for `verify` (SQLite's integrity check
-    cannot see a flipped byte in a value no index copies). One read of each table; [] before schema 14."""
+    cannot see a flipped byte in a value no index copies), and those whose vector address is off its seal (schema 17).
+    One read of each table; [] before schema 14."""
     if not migrate.schema_of(conn).digests:
         return []
     found = set()
@@ -1118,6 +1131,9 @@ def off_digest(conn: Connection) -> list[int]:
         columns = [table.c[name] for name, _ in fields]
         rows = conn.execute(select(key, table.c.digest, *columns).where(*where)).all()
         found.update(r[0] for r in rows if not rowdigest.holds_shown(fields, r[2:], r[1]))  # fields' order: columns'
+    if migrate.schema_of(conn).vec_seals:  # vector addresses off their seals (schema 17), computed in SQL
+        found.update(i for (i,) in conn.execute(
+            select(files.c.id).where(files.c.vec_seal.is_distinct_from(rowdigest.seal_of(files.c.vec_row)))))
     return sorted(int(i) for i in found)
 
 
@@ -1651,17 +1667,23 @@ def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
     Plain SQL with bound integers: on the query path SQLAlchemy's compilation of an IN list costs more
     than the query itself."""
     ids, out = [int(i) for i in ids], {}
+    sealed = migrate.schema_of(conn).vec_seals
+    seal = "vec_seal" if sealed else "NULL"
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         # every status read, not only 'indexed': a flipped bit of a row's status ('indexed' read as 'hndexed', or
         # as bytes) left the row out as a file removed since, and the search answered one hit short with exit 0
         # (the ANN index still named the id, and SQLite's integrity check, which Engine._check_catalog runs when
         # rows are missing, sees no fault: status is in no index). A failed file is no hit, as before.
-        sql = f"SELECT id, vec_row, status FROM files WHERE id IN ({','.join('?' * len(chunk))})"
+        sql = f"SELECT id, vec_row, status, {seal} FROM files WHERE id IN ({','.join('?' * len(chunk))})"
         rows = conn.exec_driver_sql(sql, tuple(chunk)).all()
-        if not all(map(status_known, (status for _, _, status in rows))):
+        if not all(map(status_known, (status for _, _, status, _ in rows))):
             refuse_malformed(conn)
-        out.update((i, vec_row) for i, vec_row, status in rows if status == INDEXED)
+        # the address scored is the one sealed (a flipped byte scored another file's vector under this name, exit 0);
+        # a failed file's is never scored
+        if sealed and not all(rowdigest.seal(vec_row) == got for _, vec_row, status, got in rows if status == INDEXED):
+            refuse_off_digest()
+        out.update((i, vec_row) for i, vec_row, status, _ in rows if status == INDEXED)
     # an indexed file always has one: NULL or text there is damage (NULL was left out and the file silently
     # missing from results; text raised ValueError, exit 1)
     if not all(type(v) is int for v in out.values()):

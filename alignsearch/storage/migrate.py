@@ -248,6 +248,18 @@ def _sealed_model(conn) -> None:
         state.write(conn, reindex=got.reindex)
 
 
+def _vec_seals(conn) -> None:
+    """A seal of each files row's vector address (rowdigest.seal), which readers that score by it check: a flipped
+    byte of one scored another file's vector under its name (`similar` ranked the file itself #7), exit 0, and only
+    verify noticed. Computed in SQL from the addresses as they stand, so an upgraded catalog is trusted as far as
+    it was before. The column may be there already: step 3 creates the tables with catalog.metadata's columns."""
+    from alignsearch.storage import rowdigest
+
+    if "vec_seal" not in _columns(conn.connection.dbapi_connection, "files"):
+        conn.exec_driver_sql("ALTER TABLE files ADD COLUMN vec_seal INTEGER")
+    conn.exec_driver_sql(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "vector addresses are (segment, row)", _segments),
     Step(3, "video moments, photos.ocr, accent-folded and trigram keyword indexes; every table present",
@@ -272,12 +284,14 @@ STEPS: tuple[Step, ...] = (
     Step(metaseal.SEALED, "a digest of the model record, which readers check", _sealed_model),
     Step(16, "keyword index: every script's combining marks are part of their word; Arabic harakat and Hebrew points "
                  "dropped (كَتَبَ: كتب)", _mark_keywords),
+    Step(17, "a seal of each files row's vector address, which readers that score by it check", _vec_seals),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
 EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers rely on it
 ADDED = {"fill_failures": 4, "links": 13}  # tables that came after EVERY_TABLE: the version that brought each
 DIGESTS = 14  # from this version on every files and photos row has a digest (rowdigest.py)
+VEC_SEALS = 17  # from this version on every files row has files.vec_seal (rowdigest.seal)
 
 
 def every_table(version: int | None) -> bool:
@@ -363,6 +377,7 @@ class Schema:
     trigram: bool = True  # the keyword index's trigram twin
     fill_failures: bool = True  # from version 4
     digests: bool = True  # files.digest and photos.digest, from version 14 (else the connection shows them NULL)
+    vec_seals: bool = True  # files.vec_seal, from version 17 (else the connection shows it NULL)
 
 
 CURRENT = Schema()
@@ -380,9 +395,11 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     except (sqlite3.DatabaseError, ValueError):
         return CURRENT
     if version is not None and version >= 3:
-        if version < DIGESTS:  # a temp view with the column, NULL (unchecked): select(files) names it
-            dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest FROM main.files")
-        return Schema(version, fill_failures=holds(version, "fill_failures"), digests=version >= DIGESTS)
+        if version < VEC_SEALS:  # a temp view with the columns, NULL (unchecked): select(files) names them
+            digest = "NULL AS digest, " if version < DIGESTS else ""
+            dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, {digest}NULL AS vec_seal FROM main.files")
+        return Schema(version, fill_failures=holds(version, "fill_failures"), digests=version >= DIGESTS,
+                      vec_seals=version >= VEC_SEALS)
     from sqlalchemy.dialects import sqlite as sqlite_dialect
     from sqlalchemy.schema import CreateTable
 
@@ -393,13 +410,14 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
                    photo_ocr="ocr" in _columns(dbapi_conn, catalog.photos.name), phashes=catalog.phashes.name in have,
                    keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
-                   fill_failures=catalog.fill_failures.name in have, digests=False)
+                   fill_failures=catalog.fill_failures.name in have, digests=False, vec_seals=False)
     if not found.moments:
         columns = ", ".join(c if c in files else f"NULL AS {c}" for c in V2_COLUMNS)
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {columns}, 0 AS moment, "
-                           "NULL AS t, NULL AS t_end, NULL AS digest FROM main.files")
+                           "NULL AS t, NULL AS t_end, NULL AS digest, NULL AS vec_seal FROM main.files")
     elif files:
-        dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest FROM main.files")
+        dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest, NULL AS vec_seal "
+                           "FROM main.files")
     covered = {catalog.files.name, catalog.photos.name, catalog.phashes.name, catalog.fill_failures.name}
     for table in catalog.metadata.sorted_tables:
         if table.name not in have and table.name not in covered:

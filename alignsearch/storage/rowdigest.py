@@ -8,7 +8,8 @@ the fields they read (catalog.check_rows, catalog.photos_of). Pure functions: no
 
 The name (root, relpath, relpath_raw) is left out: the unique index on the key holds its second copy
 (catalog.check_names), and writers rename rows in place (upgrade_keys_lossless, roots.move_file). So is the vector
-address: it is not shown, and compaction and `--reindex` move it (verify compares it with the vectors).
+address: compaction moves ranges of it in one UPDATE, which cannot compute BLAKE2; it has a seal of its own that SQL
+can shift (seal, below; files.vec_seal from schema 17).
 """
 
 from __future__ import annotations
@@ -139,3 +140,46 @@ def next_digest(fields: tuple, before: Mapping[str, Any], written: Any, after: M
 def mismatched(fields: tuple, rows: Iterable[tuple[int, Mapping[str, Any], Any]]) -> list[int]:
     """The ids of the (id, fields as read, digest) rows whose digest does not hold."""
     return [i for i, values, written in rows if not holds(fields, values, written)]
+
+
+# The vector address's seal (files.vec_seal, schema 17). The address is outside the digest because compaction moves
+# whole ranges of rows in one UPDATE (catalog.readdress), and SQL has no BLAKE2: re-digesting each moved row in Python
+# turned that statement into a read and a write per row. The seal is arithmetic SQL can do: an affine map of the
+# address modulo a prime. A shift of the address shifts the seal by a constant (seal_shift), so readdress moves both in
+# its one statement without reading the address it trusts: a damaged one stays damaged, never sealed anew. A flipped
+# byte changes the address by k * 256**j (0 < |k| < 256), never a multiple of the prime, so its seal never matches;
+# the offset keeps an address and seal both zeroed from passing. Products stay below 2**62: no SQLite overflow to REAL.
+SEAL_PRIME, SEAL_FACTOR, SEAL_OFFSET = 2147483647, 1103515245, 12345  # 2**31 - 1 (prime); factor, offset below it
+
+
+def seal(address: int | None) -> int | None:
+    """The seal written beside a vector address (None for none: a failed file's)."""
+    return None if address is None else seal_of(address)
+
+
+def seal_of(address):
+    """The seal of an address, of a numpy array of them, or of an SQL expression (SQLAlchemy's operators): one
+    formula wherever seals are computed, so they agree."""
+    return (address % SEAL_PRIME * SEAL_FACTOR + SEAL_OFFSET) % SEAL_PRIME
+
+
+def seal_shift(shift: int) -> int:
+    """What adding `shift` to an address adds to its seal, modulo SEAL_PRIME (non-negative, so SQLite's %, signed
+    like its dividend, never sees a negative sum)."""
+    return shift % SEAL_PRIME * SEAL_FACTOR % SEAL_PRIME
+
+
+def sealed(addresses, seals) -> bool:
+    """Whether every address (numpy int64 array, as engine columns load them) holds the seal beside it."""
+    return bool((seal_of(addresses) == seals).all())
+
+
+def seal_sql(address: str) -> str:
+    """SQL for the seal of the address an SQL expression gives (NULL for NULL): what seal computes."""
+    return f"(({address}) % {SEAL_PRIME} * {SEAL_FACTOR} + {SEAL_OFFSET}) % {SEAL_PRIME}"
+
+
+def shifted_seal_sql(seal_column: str, shift: str) -> str:
+    """SQL for a seal moved with its address by the shift an SQL expression gives (seal_shift; NULL for a NULL
+    shift): the seal read is moved, never computed anew from the address read, so a damaged address stays found."""
+    return f"(({seal_column}) + ((({shift}) % {SEAL_PRIME} + {SEAL_PRIME}) % {SEAL_PRIME}) * {SEAL_FACTOR}) % {SEAL_PRIME}"

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_note, module_at, record
+from common import load_note, module_at, record, seal_rows
 
 import alignsearch
 from alignsearch.storage import catalog, migrate, rowdigest, state, vectors
@@ -69,8 +69,7 @@ def build(index_dir: Path, n: int, dim: int) -> None:
                                                    for i in range(start, stop)])
             for chunk in range(start, stop, 65_536):
                 vectors.record_chunk(conn, store, 0, chunk, min(65_536, stop - chunk))
-        if "digest" in catalog.files.c:  # rows written by hand carry the digests a writer gives them
-            migrate.digest_rows(conn.connection.dbapi_connection)
+        seal_rows(conn)  # digested and sealed as a writer writes rows (schemas 14, 17)
         vectors.save(conn, store)
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=dim))
         state.write(conn, roots=state.RootsState(roots=("/synthetic/photos",)))

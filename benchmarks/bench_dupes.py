@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_ann import DIM, structured
-from common import CACHE, record
+from common import CACHE, record, seal_rows
 
 from alignsearch.storage import ann, catalog, state, vectors
 from alignsearch.search import dupes
@@ -70,6 +70,7 @@ def synthetic_index(folder: Path, n: int) -> np.ndarray:
                          width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
                     for i in range(start, min(n, start + 50_000))]
             conn.execute(catalog.insert(catalog.files), rows)
+        seal_rows(conn)  # digested and sealed as a writer writes rows (schemas 14, 17)
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=DIM))
         vectors.save(conn, store)
     db.dispose()

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_ann import structured
-from common import CACHE, record
+from common import CACHE, record, seal_rows
 
 import alignsearch
 from alignsearch.storage import ann, catalog, state, vectors
@@ -53,6 +53,7 @@ def build(index_dir: Path, x: np.ndarray, taken: np.ndarray, leica: np.ndarray) 
                  "camera": "Leica M6" if leica[i] else "Canon EOS 5D"} for i in range(start, stop)])
             for chunk in range(start, stop, 65_536):
                 vectors.record_chunk(conn, store, 0, chunk, min(65_536, stop - chunk))
+        seal_rows(conn)  # digested and sealed as a writer writes rows (schemas 14, 17)
         vectors.save(conn, store)
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=int(x.shape[1])))
         state.write(conn, roots=state.RootsState(roots=("/synthetic",)))

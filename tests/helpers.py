@@ -1724,8 +1724,9 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
 # -- per-row digests (alignsearch/storage/rowdigest.py, schema 14) ----------------------------------------------------
 
 def without_digests(db: Path, copy: Path) -> list[str]:
-    """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped: what an
-    upgrade to schema 14 left of the catalog as it was (SQLite's DROP COLUMN takes the column's text back out)."""
+    """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped, and the
+    files' vector address seals (schema 17): what an upgrade to schema 14 and on left of the catalog as it was
+    (SQLite's DROP COLUMN takes the column's text back out)."""
     copy.mkdir(parents=True, exist_ok=True)
     target = copy / "catalog.db"
     source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -1734,6 +1735,8 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.backup(conn)
         for table in ("files", "photos"):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
+        if any(row[1] == "vec_seal" for row in conn.execute("PRAGMA table_info(files)")):
+            conn.execute("ALTER TABLE files DROP COLUMN vec_seal")
         conn.commit()
         return list(conn.iterdump())
     finally:
@@ -1742,12 +1745,17 @@ def without_digests(db: Path, copy: Path) -> list[str]:
 
 
 def seal(conn) -> None:
-    """Digest every files and photos row as it stands (migrate.digest_rows): for a test that writes rows by hand what
+    """Digest every files and photos row as it stands (migrate.digest_rows), and seal its vector address
+    (rowdigest.seal, schema 17): for a test that writes rows by hand what
     a writer would have written (synthetic rows, a text not read yet), never for damage a test means readers to find.
     conn: a sqlite3 connection, or a SQLAlchemy one."""
-    from alignsearch.storage import migrate
+    from alignsearch.storage import migrate, rowdigest
 
-    migrate.digest_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)
+    raw = getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn
+    migrate.digest_rows(raw)
+    if any(row[1] == "vec_seal" for row in raw.execute("PRAGMA table_info(files)")):  # schema 17: the address's seal
+        raw.execute(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+
 
 # The catalog flip sweep (a7af884's, extended): the lowest bit of each used byte of a catalog page flipped in turn,
 # the commands run on each, their outcomes sorted into kinds. SQLite pages carry no checksum, so each flip is read

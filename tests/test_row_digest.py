@@ -350,7 +350,8 @@ def _flips(value) -> list:
 
 def _sealed_file(values: dict) -> catalog.FileRow:
     row = catalog.FileRow(id=1, root="/photos", relpath="a.jpg", relpath_raw=None, vec_row=0, **values)
-    return catalog.FileRow(**{**vars(row), "digest": rowdigest.digest(rowdigest.FILE_FIELDS, values)})
+    return catalog.FileRow(**{**vars(row), "digest": rowdigest.digest(rowdigest.FILE_FIELDS, values),
+                              "vec_seal": rowdigest.seal(row.vec_row)})  # as insert_file writes it (schema 17)
 
 
 @pytest.mark.parametrize("name", [name for name, _ in rowdigest.FILE_FIELDS])

@@ -152,11 +152,42 @@ def replacing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) 
         os.close(fd)  # kept open until here: its lock says the write is at work
 
 
+class FolderChanged(OSError):
+    """The folder a write goes to is not the one its caller checked (writing's `folder`)."""
+
+
 @contextmanager
-def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
+def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True,
+            folder: tuple[int, int] | None = None) -> Iterator[BinaryIO]:
     """As replacing, but yields the temporary file open for writing (the descriptor mkstemp created: the
-    name is never opened again, so nothing planted under it can be written through)."""
-    path = Path(path)
+    name is never opened again, so nothing planted under it can be written through). folder: the (st_dev, st_ino)
+    of path's folder when the caller checked it (export: not inside an index folder); the folder is opened once
+    and must be that one (else FolderChanged, nothing written), and the temporary is made and renamed within the
+    folder opened, never through its name again: a user who may write the folder's parent swapped it for a link to
+    the index folder between the check and the rename, and `export DIR/catalog.db` replaced the index's catalog."""
+    with _opened_folder(Path(path), folder) as path:
+        yield from _writing(path, mode, durable)
+
+
+@contextmanager
+def _opened_folder(path: Path, folder: tuple[int, int] | None) -> Iterator[Path]:
+    """path, or (folder given) path's name within its folder opened once and checked: /proc/self/fd/N/NAME, which
+    the kernel resolves through the open descriptor, not by the folder's name."""
+    if folder is None:
+        yield path
+        return
+    held = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(held)
+        if (st.st_dev, st.st_ino) != tuple(folder):
+            raise FolderChanged(errno.ESTALE, "its folder was replaced since it was checked", str(path.parent))
+        through = Path(f"/proc/self/fd/{held}")
+        yield through / path.name if through.is_dir() else path  # no /proc: the check alone
+    finally:
+        os.close(held)
+
+
+def _writing(path: Path, mode: int, durable: bool) -> Iterator[BinaryIO]:
     fd, tmp, final = _temp_file(path, mode)
     try:
         # closefd=False: closing f closed fd, and its lock with it, before the rename; a remove_stale in between

@@ -221,3 +221,35 @@ def test_the_summary_counts_video_moments_apart_from_images(tmp_path):
     out = run("export", tmp_path / "lib.parquet", "--index", ix).output
     assert out.startswith("6 video moments exported to "), out
     assert json.loads(run("export", tmp_path / "lib2.parquet", "--index", ix, "--json").output)["moments"] == 6
+
+
+def test_an_export_s_folder_swapped_for_a_link_to_the_index_is_not_written_through(indexed, tmp_path, monkeypatch):
+    """`export shared/catalog.db`: shared/ is checked (not inside an index folder), then a user who may write its
+    parent swaps shared/ for a link to the index folder before the export writes: the rename replaced the index's
+    own catalog.db with the parquet file (data loss). The folder checked is the one written: opened once, its
+    identity compared, the temporary made and renamed within it; a swap is one line (exit 2) and nothing is written
+    through the link."""
+    import shutil
+
+    from alignsearch import atomic
+
+    ix = tmp_path / "ix"
+    shutil.copytree(indexed[1], ix)
+    def held():  # what the index folder holds (SQLite's -wal and -shm come and go with a reader)
+        return {p.name: p.read_bytes() for p in ix.iterdir() if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+    before = held()
+    shared = tmp_path / "base" / "shared"
+    shared.mkdir(parents=True)
+    remove_stale = atomic.remove_stale
+
+    def swapped(*args, **kwargs):  # export runs it right after its check of OUT: the swap lands in that window
+        shared.rename(tmp_path / "base" / "moved")
+        shared.symlink_to(ix)
+        return remove_stale(*args, **kwargs)
+
+    monkeypatch.setattr(atomic, "remove_stale", swapped)
+    out = run("export", shared / "catalog.db", "--index", ix, code=2).output
+    assert out.startswith("error:") and "replaced" in out and len(out.strip().splitlines()) == 1, out
+    assert held() == before  # the index as it was: its catalog not replaced, nothing left there
+    assert list((tmp_path / "base" / "moved").iterdir()) == []

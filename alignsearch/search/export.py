@@ -206,8 +206,10 @@ def export_mode(index_mode: int) -> int:
     return 0o600 | (0o044 & index_mode)
 
 
-def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> dict:
-    """Write one parquet file in row groups of `batch` rows; returns {"rows", "path", "row_groups"}.
+def export_parquet(engine, out: Path, batch: int | None = None, folder: tuple[int, int] | None = None,
+                   **filters) -> dict:
+    """Write one parquet file in row groups of `batch` rows; returns {"rows", "path", "row_groups"}. folder: OUT's
+    folder as check_out found it, the one written (atomic.writing's folder).
 
     Holds at most one row group's float32 embeddings (one buffer, reused), one catalog page and its fp16
     vectors, and what the parquet writer needs to encode one record batch."""
@@ -222,7 +224,7 @@ def export_parquet(engine, out: Path, batch: int | None = None, **filters) -> di
     plain = [f.name for f in schema if f.name != "embedding"]
     # written through the descriptor of a fresh temporary file beside `out`, renamed over it when complete
     mode = export_mode(os.stat(engine.dir).st_mode)
-    with atomic.writing(out, mode=mode) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=plain) as writer:
+    with atomic.writing(out, mode=mode, folder=folder) as f, pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=plain) as writer:
         groups = _Groups(writer, schema, batch)
         for rows, vecs, tags in batches(engine, min(PAGE, batch), **filters, tally=tally):
             while rows:
@@ -383,25 +385,34 @@ def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = No
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     seen = _fingerprint(Path(out)) if fmt == "clip-retrieval" else None  # taken first: a change after is seen
-    check_out(Path(out), fmt)
+    folder = check_out(Path(out), fmt)
     atomic.remove_stale(out, writer="an export")  # an earlier export of OUT killed mid-way left its copy beside it
     chosen = {"roots": roots or None, "where": where, "path": path}
     try:
         if fmt == "parquet":
-            return export_parquet(engine, out, batch, **chosen)
+            return export_parquet(engine, out, batch, folder, **chosen)
         return export_clip_retrieval(engine, out, batch, shard_rows, seen, **chosen)
+    except atomic.FolderChanged:
+        raise UsageError(f"the folder of {out} was replaced (by a link?) during the export: nothing was written "
+                         "there; export again") from None
     except OSError as exc:  # a full disk: name OUT, not the temporary file already deleted (or no file at all)
         if exc.strerror and (exc.filename is None or atomic.temp_prefix(Path(out)) in str(exc.filename)):
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
         raise
 
 
-def check_out(out: Path, fmt: str) -> None:
+def check_out(out: Path, fmt: str) -> tuple[int, int] | None:
     """Refuse (UsageError) an OUT that export would write over something it did not make: a place inside an
     index folder (`export .alignsearch/catalog.db` replaced the catalog), a folder or a link where a file
     goes, an existing file that is not an earlier parquet export, a folder holding anything besides an
-    earlier clip-retrieval export (clip_refusal)."""
+    earlier clip-retrieval export (clip_refusal). Returns the (st_dev, st_ino) of OUT's folder as checked (None:
+    none yet), which the parquet export writes in and nowhere else."""
     where = Path(os.path.realpath(out.parent)) / out.name
+    try:
+        st = os.stat(where.parent)
+        checked = (st.st_dev, st.st_ino)
+    except OSError:
+        checked = None
     for folder in (where, *where.parents):
         # os.path.exists: a folder that cannot be searched (chmod 000) holds no catalog export could reach; Path.exists
         # raised there, and the command ended in "Permission denied: OUT/catalog.db", a path nobody named
@@ -416,7 +427,7 @@ def check_out(out: Path, fmt: str) -> None:
     try:
         st = os.lstat(out)
     except FileNotFoundError:
-        return
+        return checked
     if stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{out} is a symbolic link: export replaces only what it wrote; give the path it points to")
     if fmt == "parquet":
@@ -424,12 +435,13 @@ def check_out(out: Path, fmt: str) -> None:
             raise UsageError(f"{out} is a folder: the parquet export is one file (--format clip-retrieval writes a folder)")
         if not stat.S_ISREG(st.st_mode) or (st.st_size and not _is_parquet_export(out)):
             raise UsageError(f"{out} exists and is not an earlier parquet export: choose a new name")
-        return
+        return checked
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{out} is a file: the clip-retrieval export is a folder")
     refusal = clip_refusal(out)
     if refusal:
         raise UsageError(f"{out} {refusal}")
+    return checked
 
 
 def clip_refusal(out: Path) -> str | None:

@@ -1724,8 +1724,9 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
 # -- per-row digests (alignsearch/storage/rowdigest.py, schema 14) ----------------------------------------------------
 
 def without_digests(db: Path, copy: Path) -> list[str]:
-    """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped: what an
-    upgrade to schema 14 left of the catalog as it was (SQLite's DROP COLUMN takes the column's text back out)."""
+    """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped, and the
+    address seal: what upgrades to schemas 14 and 17 left of the catalog as it was (SQLite's DROP COLUMN takes the
+    column's text back out)."""
     copy.mkdir(parents=True, exist_ok=True)
     target = copy / "catalog.db"
     source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -1734,6 +1735,8 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.backup(conn)
         for table in ("files", "photos"):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
+        if "vec_seal" in [r[1] for r in conn.execute("PRAGMA table_info(files)")]:  # and schema 17's (migrate._vec_seals)
+            conn.execute("ALTER TABLE files DROP COLUMN vec_seal")
         conn.commit()
         return list(conn.iterdump())
     finally:
@@ -1745,9 +1748,14 @@ def seal(conn) -> None:
     """Digest every files and photos row as it stands (migrate.digest_rows): for a test that writes rows by hand what
     a writer would have written (synthetic rows, a text not read yet), never for damage a test means readers to find.
     conn: a sqlite3 connection, or a SQLAlchemy one."""
-    from alignsearch.storage import migrate
+    from alignsearch.storage import migrate, rowdigest
 
-    migrate.digest_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)
+    dbapi = getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn
+    migrate.digest_rows(dbapi)
+    # and each vector address's seal (schema 17), as catalog.insert_file writes it: without it every synthetic index
+    # was refused as damaged (exit 7) by the readers that check seals
+    if "vec_seal" in [r[1] for r in dbapi.execute("PRAGMA table_info(files)")]:
+        dbapi.execute(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
 
 # The catalog flip sweep (a7af884's, extended): the lowest bit of each used byte of a catalog page flipped in turn,
 # the commands run on each, their outcomes sorted into kinds. SQLite pages carry no checksum, so each flip is read

@@ -231,7 +231,7 @@ def _move_rows(ix: Path, segment: str | None) -> None:
     """Every file's vector written again, the same bytes, to new rows, and the files pointed at them (as files
     changed and re-encoded to the same vectors): every row they left is dead, and every answer is as before.
     segment: into a segment file of that name, as an encoder actor (Ray) writes one; None: into vectors.f16."""
-    from alignsearch.storage import catalog, vectors
+    from alignsearch.storage import catalog, rowdigest, vectors
     from alignsearch.storage.paths import DB_FILE
     from indexer.lock import writer_lock
 
@@ -252,8 +252,10 @@ def _move_rows(ix: Path, segment: str | None) -> None:
                     os.fsync(f.fileno())
                 number, first = store.commit(segment, len(rows)), 0
             with db.begin() as conn:
-                conn.exec_driver_sql("UPDATE files SET vec_row = ? WHERE id = ?", [
-                    (vectors.address(number, first + i), int(file_id)) for i, file_id in enumerate(pairs[:, 0])])
+                # each address sealed as a writer seals it (schema 17): a bare one reads as damage
+                conn.exec_driver_sql("UPDATE files SET vec_row = ?, vec_seal = ? WHERE id = ?", [
+                    (vectors.address(number, first + i), rowdigest.seal(vectors.address(number, first + i)), int(file_id))
+                    for i, file_id in enumerate(pairs[:, 0])])
                 vectors.record_chunk(conn, store, number, first, len(rows))
                 vectors.save(conn, store)
     finally:

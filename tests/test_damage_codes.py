@@ -215,6 +215,24 @@ def test_a_flipped_vector_address_is_damage_not_another_files_score(indexed_imag
     assert run("similar", photos / "img009.png", "--index", ix).output == intact
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seal", ["1e300", "'x'", "NULL"])
+def test_a_seal_no_writer_stores_is_off_its_address_for_every_reader(indexed_images, seal):
+    """A vector address's seal that is no integer: a REAL past int64 made a filtered query (search/columns.py loads
+    every seal into numpy) die on OverflowError, exit 1, and text there said 'restore the index from a backup' where
+    an unfiltered query said verify --repair. Every reader now says the row is off its checksum, and --repair mends it."""
+    photos, ix = indexed_images(12)
+    conn = sqlite3.connect(ix / "catalog.db")
+    conn.execute(f"UPDATE files SET vec_seal = {seal} WHERE relpath = 'img005.jpg'")
+    conn.commit()
+    conn.close()
+    for args in (("query", "a photo", "--where", "width > 1"), ("query", "a photo")):
+        line = _one_line(run(*args, "--index", ix, code=7))
+        assert line.startswith("error: catalog.db is damaged") and "verify --repair" in line, (args, line)
+    run("verify", "--repair", "--index", ix)
+    run("query", "a photo", "--where", "width > 1", "--index", ix)
+
+
 def test_readdress_moves_seals_and_keeps_a_damaged_address_found(indexed_images):
     """catalog.readdress (a compaction's shift of a range) moves each seal with its address in SQL: the sound rows
     stay sealed, and a flipped address is not sealed anew from what it reads."""

@@ -39,11 +39,16 @@ class Columns:
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
+            # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
+            # is an address off its seal, as addresses_of and verify find it (-1: no seal is negative), not a value to
+            # restore from a backup: verify --repair seals it anew
+            if sealed:
+                seals = np.array([r[-1] if type(r[-1]) is int else -1 for r in rows], dtype=np.int64)
+                rows = [r[:-1] for r in rows]
             try:
                 data = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
                 self.ids = np.array([r[0] for r in rows], dtype=np.int64)
                 self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
-                seals = np.array([r[-1] for r in rows], dtype=np.int64) if sealed else None
             except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7
                 catalog.refuse_malformed(conn)
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another

@@ -1679,15 +1679,16 @@ def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
         rows = conn.exec_driver_sql(sql, tuple(chunk)).all()
         if not all(map(status_known, (status for _, _, status, _ in rows))):
             refuse_malformed(conn)
-        # the address scored is the one sealed (a flipped byte scored another file's vector under this name, exit 0);
-        # a failed file's is never scored
-        if sealed and not all(rowdigest.seal(vec_row) == got for _, vec_row, status, got in rows if status == INDEXED):
+        indexed = [(i, vec_row, got) for i, vec_row, status, got in rows if status == INDEXED]  # a failed file: no hit
+        # an indexed file always has one: NULL or text there is damage (NULL was left out and the file silently
+        # missing from results; text raised ValueError, exit 1). Checked before the seal, whose arithmetic on text
+        # raised TypeError (exit 1) and called a NULL one off its checksum rather than not a vector address
+        if not all(type(vec_row) is int for _, vec_row, _ in indexed):
+            refuse_malformed(conn)
+        # the address scored is the one sealed (a flipped byte scored another file's vector under this name, exit 0)
+        if sealed and not all(rowdigest.seal(vec_row) == got for _, vec_row, got in indexed):
             refuse_off_digest()
-        out.update((i, vec_row) for i, vec_row, status, _ in rows if status == INDEXED)
-    # an indexed file always has one: NULL or text there is damage (NULL was left out and the file silently
-    # missing from results; text raised ValueError, exit 1)
-    if not all(type(v) is int for v in out.values()):
-        refuse_malformed(conn)
+        out.update((i, vec_row) for i, vec_row, _ in indexed)
     return out
 
 

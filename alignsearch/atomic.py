@@ -222,7 +222,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 @contextmanager
 def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable[str]] = lambda old: (),
-                  durable: bool = True, allowed: int = 0o777) -> Iterator[Path]:
+                  durable: bool = True, allowed: int = 0o777, folder: tuple[int, int] | None = None) -> Iterator[Path]:
     """Yields a fresh empty folder (mkdtemp) beside `path` to fill; when the block ends without an error it
     takes `path`'s place in one rename, with the mode of the folder it replaces (else the umask's).
 
@@ -231,9 +231,17 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     user's own files, a checkpoint folder written by another call) is moved into the new folder. On an error
     the new folder is removed and `path` is untouched. A symlink at `path` is followed (its target is
     replaced), so the link stays as the user made it. allowed: the group's and others' bits it may have at most
-    (an export of a private index: 0700), whatever the folder replaced or the umask would give."""
+    (an export of a private index: 0700), whatever the folder replaced or the umask would give. folder: as
+    writing's, the (st_dev, st_ino) of path's folder (the link followed) when the caller checked it: the clip-retrieval
+    export's folder swapped for a link to the index folder after its check wrote its layout into the index folder."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _opened_folder(path, folder) as path:
+        yield from _replacing_dir(path, superseded, durable, allowed)
+
+
+def _replacing_dir(path: Path, superseded: Callable[[Path], Iterable[str]], durable: bool,
+                   allowed: int) -> Iterator[Path]:
     new = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".new", dir=path.parent))
     held = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_EX)  # this write is at work (remove_stale), until the swap is done

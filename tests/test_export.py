@@ -223,6 +223,21 @@ def test_the_summary_counts_video_moments_apart_from_images(tmp_path):
     assert json.loads(run("export", tmp_path / "lib2.parquet", "--index", ix, "--json").output)["moments"] == 6
 
 
+def _swap_parent_at_check(monkeypatch, shared, aside, target):
+    """Swap `shared` for a link to `target` right after export's check of OUT (export runs atomic.remove_stale
+    next), the moment a user who may write shared/'s parent would race for."""
+    from alignsearch import atomic
+
+    remove_stale = atomic.remove_stale
+
+    def swapped(*args, **kwargs):
+        shared.rename(aside)
+        shared.symlink_to(target)
+        return remove_stale(*args, **kwargs)
+
+    monkeypatch.setattr(atomic, "remove_stale", swapped)
+
+
 def test_an_export_s_folder_swapped_for_a_link_to_the_index_is_not_written_through(indexed, tmp_path, monkeypatch):
     """`export shared/catalog.db`: shared/ is checked (not inside an index folder), then a user who may write its
     parent swaps shared/ for a link to the index folder before the export writes: the rename replaced the index's
@@ -230,8 +245,6 @@ def test_an_export_s_folder_swapped_for_a_link_to_the_index_is_not_written_throu
     identity compared, the temporary made and renamed within it; a swap is one line (exit 2) and nothing is written
     through the link."""
     import shutil
-
-    from alignsearch import atomic
 
     ix = tmp_path / "ix"
     shutil.copytree(indexed[1], ix)
@@ -241,15 +254,35 @@ def test_an_export_s_folder_swapped_for_a_link_to_the_index_is_not_written_throu
     before = held()
     shared = tmp_path / "base" / "shared"
     shared.mkdir(parents=True)
-    remove_stale = atomic.remove_stale
-
-    def swapped(*args, **kwargs):  # export runs it right after its check of OUT: the swap lands in that window
-        shared.rename(tmp_path / "base" / "moved")
-        shared.symlink_to(ix)
-        return remove_stale(*args, **kwargs)
-
-    monkeypatch.setattr(atomic, "remove_stale", swapped)
+    _swap_parent_at_check(monkeypatch, shared, tmp_path / "base" / "moved", ix)
     out = run("export", shared / "catalog.db", "--index", ix, code=2).output
     assert out.startswith("error:") and "replaced" in out and len(out.strip().splitlines()) == 1, out
     assert held() == before  # the index as it was: its catalog not replaced, nothing left there
+    assert list((tmp_path / "base" / "moved").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["emb", "catalog.db"])
+def test_a_clip_retrieval_export_s_folder_swapped_for_a_link_to_the_index_is_not_written_through(
+        indexed, tmp_path, monkeypatch, name):
+    """The clip-retrieval layout's form of the parquet attack above: `export shared/NAME --format clip-retrieval`,
+    shared/ checked, then swapped for a link to the index folder before the export writes. The folder was
+    resolved again by its name when written: the new layout went into the index folder itself (exit 0), which
+    export refuses to write in; OUT named as an index file ended in an OSError. Now one line, exit 2, and the
+    index folder holds what it held."""
+    import shutil
+
+    ix = tmp_path / "ix"
+    shutil.copytree(indexed[1], ix)
+
+    def held():  # names and bytes of everything under the index folder (SQLite's -wal and -shm come and go)
+        return {str(p.relative_to(ix)): p.read_bytes() if p.is_file() else None for p in ix.rglob("*")
+                if not p.name.endswith(("-wal", "-shm"))}
+
+    before = held()
+    shared = tmp_path / "base" / "shared"
+    shared.mkdir(parents=True)
+    _swap_parent_at_check(monkeypatch, shared, tmp_path / "base" / "moved", ix)
+    out = run("export", shared / name, "--format", "clip-retrieval", "--index", ix, code=2).output
+    assert out.startswith("error:") and "replaced" in out and len(out.strip().splitlines()) == 1, out
+    assert held() == before
     assert list((tmp_path / "base" / "moved").iterdir()) == []

@@ -243,7 +243,8 @@ NOT_TAKEN = object()  # export_clip_retrieval's `seen` when its caller took no f
 
 
 def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_rows: int = SHARD_ROWS,
-                          seen: dict | None | object = NOT_TAKEN, **filters) -> dict:
+                          seen: dict | None | object = NOT_TAKEN, folder: tuple[int, int] | None = None,
+                          **filters) -> dict:
     """Write OUT/img_emb/img_emb_{i}.npy and OUT/metadata/metadata_{i}.parquet; returns {"rows", "shards"}.
 
     The vectors go to disk as each page is read (fp16, as stored); metadata row groups hold `batch` rows.
@@ -251,12 +252,14 @@ def export_clip_retrieval(engine, out: Path, batch: int | None = None, shard_row
     shards beyond the new count go with it, and a failed export leaves OUT as it was. `seen`: OUT's
     _fingerprint when check_out accepted it (export takes it before the check; None: there was no OUT); OUT
     must still be so at the swap. Not given (a direct call, not export's), it is taken here and OUT checked as
-    export checks it: the default None refused every OUT that existed ("changed during the export")."""
+    export checks it: the default None refused every OUT that existed ("changed during the export"). folder: OUT's
+    folder as check_out found it, the one written (atomic.replacing_dir's folder)."""
     if seen is NOT_TAKEN:
         seen = _fingerprint(Path(out))
-        check_out(Path(out), "clip-retrieval")
+        folder = check_out(Path(out), "clip-retrieval")
     allowed = 0o700 | (0o055 & os.stat(engine.dir).st_mode)  # as private as the index folder: export_mode
-    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER], allowed=allowed) as tmp:
+    with atomic.replacing_dir(out, superseded=lambda old: [*CLIP_FOLDERS, MARKER], allowed=allowed,
+                              folder=folder) as tmp:
         result = _write_clip_retrieval(engine, tmp, batch, shard_rows, **filters)
         _write_marker(tmp)
         # the swap deletes what OUT's img_emb/ and metadata/ hold: anything put there since the check (an
@@ -391,7 +394,7 @@ def export(engine, out: Path, fmt: str = "parquet", roots: list[str] | None = No
     try:
         if fmt == "parquet":
             return export_parquet(engine, out, batch, folder, **chosen)
-        return export_clip_retrieval(engine, out, batch, shard_rows, seen, **chosen)
+        return export_clip_retrieval(engine, out, batch, shard_rows, seen, folder, **chosen)
     except atomic.FolderChanged:
         raise UsageError(f"the folder of {out} was replaced (by a link?) during the export: nothing was written "
                          "there; export again") from None
@@ -406,7 +409,7 @@ def check_out(out: Path, fmt: str) -> tuple[int, int] | None:
     index folder (`export .alignsearch/catalog.db` replaced the catalog), a folder or a link where a file
     goes, an existing file that is not an earlier parquet export, a folder holding anything besides an
     earlier clip-retrieval export (clip_refusal). Returns the (st_dev, st_ino) of OUT's folder as checked (None:
-    none yet), which the parquet export writes in and nowhere else."""
+    none yet), which the export writes in and nowhere else (both layouts)."""
     where = Path(os.path.realpath(out.parent)) / out.name
     try:
         st = os.stat(where.parent)

@@ -165,29 +165,50 @@ def writing(path: str | os.PathLike, mode: int = 0o644, durable: bool = True,
     and must be that one (else FolderChanged, nothing written), and the temporary is made and renamed within the
     folder opened, never through its name again: a user who may write the folder's parent swapped it for a link to
     the index folder between the check and the rename, and `export DIR/catalog.db` replaced the index's catalog."""
-    with _opened_folder(Path(path), folder) as path:
-        yield from _writing(path, mode, durable)
+    with _opened_folder(Path(path), folder) as (path, still):
+        yield from _writing(path, mode, durable, still)
+
+
+FD_FOLDER = "/proc/self/fd"  # where Linux shows this process's open descriptors as links (absent: no /proc mounted)
+
+
+def _unchecked() -> None:
+    """A write with no folder to check (writing's folder None)."""
 
 
 @contextmanager
-def _opened_folder(path: Path, folder: tuple[int, int] | None) -> Iterator[Path]:
-    """path, or (folder given) path's name within its folder opened once and checked: /proc/self/fd/N/NAME, which
-    the kernel resolves through the open descriptor, not by the folder's name."""
+def _opened_folder(path: Path, folder: tuple[int, int] | None) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """(the path to write, what to call just before the rename). folder None: path, nothing. Else path's name
+    within its folder opened once and checked: FD_FOLDER/N/NAME, which the kernel resolves through the open
+    descriptor, not by the folder's name. Without /proc the name is all there is: the folder is looked up by it
+    again just before the rename, FolderChanged if it is another by then (a swap in that last instant is not seen)."""
     if folder is None:
-        yield path
+        yield path, _unchecked
         return
     held = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         st = os.fstat(held)
         if (st.st_dev, st.st_ino) != tuple(folder):
             raise FolderChanged(errno.ESTALE, "its folder was replaced since it was checked", str(path.parent))
-        through = Path(f"/proc/self/fd/{held}")
-        yield through / path.name if through.is_dir() else path  # no /proc: the check alone
+        through = Path(FD_FOLDER) / str(held)
+        if through.is_dir():
+            yield through / path.name, _unchecked
+        else:
+            # checked only once, no /proc: a swap just after the check, as the temporary was made, had it made and
+            # renamed by name in the folder the link named (over its file); a later swap failed the rename with a
+            # FileNotFoundError naming the temporary
+            yield path, lambda: _still_folder(path.parent, folder)
     finally:
         os.close(held)
 
 
-def _writing(path: Path, mode: int, durable: bool) -> Iterator[BinaryIO]:
+def _still_folder(parent: Path, folder: tuple[int, int]) -> None:
+    st = os.stat(parent)
+    if (st.st_dev, st.st_ino) != tuple(folder):
+        raise FolderChanged(errno.ESTALE, "its folder was replaced during the write", str(parent))
+
+
+def _writing(path: Path, mode: int, durable: bool, still: Callable[[], None] = _unchecked) -> Iterator[BinaryIO]:
     fd, tmp, final = _temp_file(path, mode)
     try:
         # closefd=False: closing f closed fd, and its lock with it, before the rename; a remove_stale in between
@@ -198,6 +219,7 @@ def _writing(path: Path, mode: int, durable: bool) -> Iterator[BinaryIO]:
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        still()
         _commit(tmp, path, durable, final, fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -236,12 +258,12 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     export's folder swapped for a link to the index folder after its check wrote its layout into the index folder."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _opened_folder(path, folder) as path:
-        yield from _replacing_dir(path, superseded, durable, allowed)
+    with _opened_folder(path, folder) as (path, still):
+        yield from _replacing_dir(path, superseded, durable, allowed, still)
 
 
 def _replacing_dir(path: Path, superseded: Callable[[Path], Iterable[str]], durable: bool,
-                   allowed: int) -> Iterator[Path]:
+                   allowed: int, still: Callable[[], None]) -> Iterator[Path]:
     new = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".new", dir=path.parent))
     held = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_EX)  # this write is at work (remove_stale), until the swap is done
@@ -254,6 +276,7 @@ def _replacing_dir(path: Path, superseded: Callable[[Path], Iterable[str]], dura
         mode &= allowed | ~0o077
         if durable:
             _fsync_tree(new)
+        still()
         old = _swap(new, path)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)

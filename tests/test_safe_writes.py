@@ -877,3 +877,86 @@ def test_a_link_put_at_the_temporary_is_never_chmod_ed_through(tmp_path, how):
         pass  # replacing: the link at the name is refused, the write fails
     assert _mode(secret) == 0o600
     assert secret.read_text() == "private\n"
+
+
+def _write_in(target: Path, checked: tuple[int, int], layout: str, data: bytes, during=lambda: None) -> None:
+    """Write `data` at target with atomic.writing (layout "file") or a folder holding it as `f` with
+    atomic.replacing_dir ("folder"), its folder checked as `checked`; `during` runs once the write has begun."""
+    if layout == "file":
+        with atomic.writing(target, folder=checked) as f:
+            f.write(data)
+            during()
+    else:
+        with atomic.replacing_dir(target, folder=checked) as new:
+            (new / "f").write_bytes(data)
+            during()
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+@pytest.mark.parametrize("when", ["before", "start", "during"])
+def test_without_proc_a_write_refuses_a_folder_swapped_for_a_link(tmp_path, monkeypatch, layout, when):
+    """atomic.writing / replacing_dir with `folder` where /proc/self/fd is not there (a container or chroot with no
+    /proc mounted): the write goes through the folder's name, checked once as it is opened. A swap of the folder for
+    a link (to the index folder) right after that check, as the temporary is made, was written through: the
+    temporary made in the folder the link named and renamed over its file (folder); a swap during the write ended
+    in a FileNotFoundError naming a temporary. Now the folder is looked up again just before the rename: a swap
+    before, at the start of or during the write is refused (FolderChanged) and the other folder holds what it held;
+    unswapped, the write is still written beside the target and renamed over it (the old content until then)."""
+    monkeypatch.setattr(atomic, "FD_FOLDER", str(tmp_path / "no-proc"))  # as where /proc is not mounted
+    shared, other = tmp_path / "base" / "shared", tmp_path / "other"
+    shared.mkdir(parents=True)
+    other.mkdir()
+    _write_in(other / "out", None, layout, b"precious")
+    before = tree(other)
+    st = os.stat(shared)
+    checked = (st.st_dev, st.st_ino)
+
+    def held() -> bytes:  # what the write's target in shared/ holds
+        return (shared / "out").read_bytes() if layout == "file" else (shared / "out" / "f").read_bytes()
+
+    _write_in(shared / "out", checked, layout, b"old")  # unswapped: written
+    seen = []
+    _write_in(shared / "out", checked, layout, b"new", during=lambda: seen.append(held()))
+    assert seen == [b"old"] and held() == b"new"  # the old one until the rename
+    assert sorted(os.listdir(shared)) == ["out"]  # nothing left beside it
+
+    def swap():
+        shared.rename(tmp_path / "base" / "moved")
+        shared.symlink_to(other)
+
+    if when == "before":
+        swap()
+    elif when == "start":  # as the temporary is made, after the folder's check
+        owner, name = (atomic, "_temp_file") if layout == "file" else (atomic.tempfile, "mkdtemp")
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: swap() or monkeypatch.setattr(owner, name, real) or real(*a, **k))
+    with pytest.raises(atomic.FolderChanged):
+        _write_in(shared / "out", checked, layout, b"attack", during=swap if when == "during" else lambda: None)
+    assert tree(other) == before  # nothing written through the link
+
+
+def test_without_proc_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
+    """The write of the test above killed -9 mid-way in a child (no /proc for it either): the old file is whole
+    and as it was, the part written lies only in a temporary beside it, which the next write's sweep removes."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    target = folder / "catalog.db"
+    target.write_bytes(b"old" * 1000)
+    code = ("import os, sys, time\nfrom alignsearch import atomic\natomic.FD_FOLDER = sys.argv[2]\n"
+            "st = os.stat(os.path.dirname(sys.argv[1]))\n"
+            "with atomic.writing(sys.argv[1], folder=(st.st_dev, st.st_ino)) as f:\n"
+            "    f.write(b'new' * 100000)\n    f.flush()\n    print('writing', flush=True)\n    time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(target), str(tmp_path / "no-proc")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+        os.kill(child.pid, 9)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -9
+    assert target.read_bytes() == b"old" * 1000
+    left = [p for p in folder.iterdir() if p != target]
+    assert len(left) == 1 and left[0].read_bytes() == b"new" * 100000, left
+    assert atomic.remove_stale(target, min_age=0) == 1
+    assert list(folder.iterdir()) == [target]

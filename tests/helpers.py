@@ -213,10 +213,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(ix, *args, port=None):
-    """A real `alignsearch serve` process on a free port; (process, base URL) once it answers."""
+def start_serve(ix, *args, port=None, prelude: str = ""):
+    """A real `alignsearch serve` process on a free port; (process, base URL) once it answers. prelude: Python run
+    in that process before the CLI (a hook: KILLED_MID_HASH)."""
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "alignsearch", "serve", "--index", str(ix), "--port", str(port),
+    program = ["-c", prelude + "\nfrom alignsearch.__main__ import run\nrun()\n"] if prelude else ["-m", "alignsearch"]
+    proc = subprocess.Popen([sys.executable, *program, "serve", "--index", str(ix), "--port", str(port),
                              "--device", "cpu", *args], stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -237,6 +239,27 @@ def start_serve(ix, *args, port=None):
             break
         time.sleep(0.1)
     return proc, url
+
+
+# for start_serve: the server kill -9s itself part way through hashing a suspect file (Contents.check), at the
+# read of its second MiB (file_sha256 reads 1 MiB a pread): a file over 1 MiB is killed with its hash half taken
+KILLED_MID_HASH = r"""
+import os, signal
+from alignsearch.surfaces import server
+
+real_pread, real_hash = os.pread, server.file_sha256
+
+def pread(fd, n, at):
+    if at >= 1 << 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_pread(fd, n, at)
+
+def file_sha256(fd):
+    os.pread = pread
+    return real_hash(fd)
+
+server.file_sha256 = file_sha256
+"""
 
 
 def stop(proc, sig=signal.SIGTERM):

@@ -1500,3 +1500,53 @@ def test_a_suspect_read_for_its_hash_by_one_request_is_not_read_again_by_those_a
         release.set()
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_hash_of_a_suspect_file_serves_it_right_after_a_restart(tmp_path, tiny_model):
+    """A real `serve` kill -9ed part way through hashing a suspect video (its ctime later than its row's indexed_at:
+    a chmod; Contents.check reads it whole before its first range request is answered). Nothing of the verdict is
+    kept on disk, so nothing half-taken can be: the index folder is as it was and `verify` passes; the server
+    started again hashes the file afresh and serves its bytes, and other content put in its place (size and mtime
+    kept) is refused, not served by a verdict remembered."""
+    from conftest import index_json
+    from helpers import KILLED_MID_HASH, alignsearch, make_video
+
+    from alignsearch.surfaces.client import RECORD_LOCK
+
+    root, ix = tmp_path / "media", tmp_path / "ix"
+    clip = make_video(root / "clip.mp4", [(71, 3), (72, 3)])
+    with open(clip, "ab") as f:  # past the 1 MiB a read: its hash takes several (the hook kills at the second)
+        f.write(os.urandom(3 << 20))
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    video = clip.read_bytes()
+    os.chmod(clip, 0o600)  # its status changed after it was indexed, its content not: a suspect, hashed first
+
+    def held():  # the index folder's files (SQLite's -wal and -shm, the server's record and its lock come and go)
+        return {str(p.relative_to(ix)): p.read_bytes() for p in ix.rglob("*") if p.is_file()
+                and not p.name.endswith(("-wal", "-shm")) and p.name not in (SERVER_FILE, RECORD_LOCK)}
+
+    before = held()
+    proc, url = start_serve(ix, "--token", "s3cret", prelude=KILLED_MID_HASH)
+    try:
+        moment = next(r["id"] for r in json.loads(call(url, "/api/recent")[2])["results"] if r.get("t") is not None)
+        with pytest.raises(OSError):  # the connection dropped: the server died mid-hash
+            call(url, f"/api/video/{moment}", headers={"Range": "bytes=0-99"})
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        stop(proc)
+    assert held() == before
+    checked = alignsearch("verify", "--skip-model", "--index", ix)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        for start in (0, len(video) - 100):
+            status, _, body = call(url, f"/api/video/{moment}", headers={"Range": f"bytes={start}-{start + 99}"})
+            assert (status, body) == (206, video[start:start + 100]), (status, body[:200])
+        swap_keeping_size_and_mtime(clip, video[:4096] + bytes(255 - b for b in video[4096:]))
+        status, _, body = call(url, f"/api/video/{moment}", headers={"Range": "bytes=0-99"})
+        assert status == 409 and b"re-run alignsearch index" in body, (status, body[:200])
+    finally:
+        stop(proc)
+    assert held() == before

@@ -935,18 +935,40 @@ def test_without_proc_a_write_refuses_a_folder_swapped_for_a_link(tmp_path, monk
     assert tree(other) == before  # nothing written through the link
 
 
-def test_without_proc_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
-    """The write of the test above killed -9 mid-way in a child (no /proc for it either): the old file is whole
-    and as it was, the part written lies only in a temporary beside it, which the next write's sweep removes."""
+KILLED_MID_WRITE = """
+import os, sys, time
+from pathlib import Path
+from alignsearch import atomic
+atomic.FD_FOLDER = sys.argv[2]  # as where /proc is not mounted
+target = Path(sys.argv[1])
+st = os.stat(target.parent)
+if sys.argv[3] == "file":
+    with atomic.writing(target, folder=(st.st_dev, st.st_ino)) as f:
+        f.write(b"new" * 100000)
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+else:
+    with atomic.replacing_dir(target, folder=(st.st_dev, st.st_ino)) as new:
+        (new / "f").write_bytes(b"new" * 100000)
+        print("writing", flush=True)
+        time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_without_proc_a_writer_killed_mid_write_leaves_the_old_file(tmp_path, layout):
+    """The writes of the test above killed -9 mid-way in a child (no /proc for it either): the old file (folder) is
+    whole and as it was, the part written lies only in a temporary beside it, which the next write's sweep removes."""
     folder = tmp_path / "shared"
     folder.mkdir()
     target = folder / "catalog.db"
-    target.write_bytes(b"old" * 1000)
-    code = ("import os, sys, time\nfrom alignsearch import atomic\natomic.FD_FOLDER = sys.argv[2]\n"
-            "st = os.stat(os.path.dirname(sys.argv[1]))\n"
-            "with atomic.writing(sys.argv[1], folder=(st.st_dev, st.st_ino)) as f:\n"
-            "    f.write(b'new' * 100000)\n    f.flush()\n    print('writing', flush=True)\n    time.sleep(60)\n")
-    child = subprocess.Popen([sys.executable, "-c", code, str(target), str(tmp_path / "no-proc")],
+    _write_in(target, None, layout, b"old" * 1000)
+
+    def content(p: Path) -> bytes:
+        return p.read_bytes() if layout == "file" else (p / "f").read_bytes()
+
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(target), str(tmp_path / "no-proc"), layout],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "writing\n"
@@ -955,8 +977,8 @@ def test_without_proc_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
         child.kill()
         child.wait()
     assert child.returncode == -9
-    assert target.read_bytes() == b"old" * 1000
+    assert content(target) == b"old" * 1000
     left = [p for p in folder.iterdir() if p != target]
-    assert len(left) == 1 and left[0].read_bytes() == b"new" * 100000, left
+    assert len(left) == 1 and content(left[0]) == b"new" * 100000, left
     assert atomic.remove_stale(target, min_age=0) == 1
     assert list(folder.iterdir()) == [target]

@@ -258,12 +258,14 @@ def replacing_dir(path: str | os.PathLike, superseded: Callable[[Path], Iterable
     export's folder swapped for a link to the index folder after its check wrote its layout into the index folder."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _opened_folder(path, folder) as (path, still):
-        yield from _replacing_dir(path, superseded, durable, allowed, still)
+    with _opened_folder(path, folder) as (through, still):
+        yield from _replacing_dir(through, superseded, durable, allowed, still, named=path)
 
 
 def _replacing_dir(path: Path, superseded: Callable[[Path], Iterable[str]], durable: bool,
-                   allowed: int, still: Callable[[], None]) -> Iterator[Path]:
+                   allowed: int, still: Callable[[], None], named: Path) -> Iterator[Path]:
+    """replacing_dir's work on path (FD_FOLDER/N/NAME where its folder is held open); named: path by its name, for
+    what an error says (a /proc/self/fd path means nothing once this process has exited)."""
     new = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".new", dir=path.parent))
     held = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_EX)  # this write is at work (remove_stale), until the swap is done
@@ -290,7 +292,7 @@ def _replacing_dir(path: Path, superseded: Callable[[Path], Iterable[str]], dura
     finally:
         os.close(held)
     if old is not None:
-        _carry_over(old, path, set(superseded(old)))
+        _carry_over(old, path, set(superseded(old)), named)
     if durable:
         fsync_dir(path.parent)
 
@@ -560,7 +562,7 @@ def _swap(new: Path, path: Path) -> Path | None:
     return old
 
 
-def _carry_over(old: Path, path: Path, superseded: set[str]) -> None:
+def _carry_over(old: Path, path: Path, superseded: set[str], named: Path | None = None) -> None:
     """Move the entries of the replaced folder `old` that the new one neither has nor supersedes into it,
     then delete `old` (now only what was replaced). If a move fails, `old` is kept and named in the error."""
     try:
@@ -568,6 +570,10 @@ def _carry_over(old: Path, path: Path, superseded: set[str]) -> None:
             if entry not in superseded and not os.path.lexists(path / entry):
                 os.rename(old / entry, path / entry)
     except OSError as exc:
-        raise OSError(exc.errno, f"{exc.strerror}; what {path} held besides the files replaced is kept in {old}",
-                      exc.filename) from exc
+        named = named or path
+        kept = named.parent / old.name
+        # the entry that failed, named through the folder's name too (exc.filename may be a /proc/self/fd path)
+        failed = kept / Path(exc.filename).name if exc.filename is not None else None
+        raise OSError(exc.errno, f"{exc.strerror}; what {named} held besides the files replaced is kept in {kept}",
+                      None if failed is None else str(failed)) from exc
     shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@ and swapped in (alignsearch/atomic.py); `export` and `finetune` refuse targets t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -982,3 +983,27 @@ def test_without_proc_a_writer_killed_mid_write_leaves_the_old_file(tmp_path, la
     assert len(left) == 1 and content(left[0]) == b"new" * 100000, left
     assert atomic.remove_stale(target, min_age=0) == 1
     assert list(folder.iterdir()) == [target]
+
+
+def test_a_checked_folder_write_whose_carry_over_fails_names_the_folder_not_its_descriptor(tmp_path, monkeypatch):
+    """replacing_dir with folder= works through /proc/self/fd/N; when moving the user's other files into the new
+    folder fails, the error names where they are kept by the folder's own name: a /proc/self/fd path means nothing
+    once the process has exited."""
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "NOTES.md").write_text("the user's notes")
+    st = os.stat(tmp_path)
+    real_rename = os.rename
+
+    def refuse_notes(src, dst, *a, **k):
+        if Path(src).name == "NOTES.md":
+            raise OSError(errno.EACCES, "Permission denied", str(src))
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", refuse_notes)
+    with pytest.raises(OSError) as raised, atomic.replacing_dir(out, folder=(st.st_dev, st.st_ino)) as new:
+        (new / "embeddings.npy").write_bytes(b"v1")
+    said = str(raised.value)
+    assert "/proc" not in said and f"what {out} held" in said
+    kept = Path(said.rsplit(" is kept in ", 1)[1].split(": '")[0])
+    assert kept.parent == tmp_path and (kept / "NOTES.md").read_text() == "the user's notes"

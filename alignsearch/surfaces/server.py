@@ -68,7 +68,7 @@ from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, I
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE, THUMBS_DIR
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
-from alignsearch.surfaces.utf8form import RefusedForm, Utf8FormRoute
+from alignsearch.surfaces.utf8form import RefusedForm, utf8_form_route
 
 log = logging.getLogger(__name__)
 
@@ -1031,6 +1031,11 @@ class SearchForm(SearchParams):
     image: UploadFile | None = File(None, description="query image (20 MB at most)")
 
 
+# the form's file fields: parsed as files even when a client sends one without a filename (utf8form.as_file_part)
+FORM_FILE_FIELDS = frozenset(name for name, field in SearchForm.model_fields.items()
+                             if UploadFile in typing.get_args(field.annotation))
+
+
 def given_once(items, where: str) -> None:
     """Refuse a search parameter given twice (400), as the CLI refuses an option given twice: the framework kept
     the last silently, so ?q=dog&q=cat searched for cat and a form's k=2, k=50 for 50."""
@@ -1167,7 +1172,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         form_limits={"max_fields": FORM_FIELDS, "max_files": 1, "max_part_size": FORM_FIELD_BYTES},
     )
     # a form's text that is not UTF-8 is refused as the URL's is (utf8_only), not read as Latin-1 (utf8form.py)
-    app.router.route_class = Utf8FormRoute
+    app.router.route_class = utf8_form_route(file_fields=FORM_FILE_FIELDS)
 
     def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
         # an error names the index too (not to a caller without the token), so the CLI, whose first word

@@ -6,9 +6,10 @@ x FF FE y searched for "x\\xff\\xfey", where the URL's ?q=%FF%FE and `alignsearc
 (BadInputError, exit 6). The raw bytes are gone once the form is parsed, so the check runs while it is parsed:
 the framework's parser, subclassed to look at each text part's name, declared charset and bytes as it ends
 (its data is already capped at the form's max_part_size, and the body at the app's max_body_size, as before); a
-file part's bytes are not text and stay untouched. The HTML5 _charset_ field is honoured in the same way: UTF-8 taken, any other
-charset refused (Starlette ignores it); a file field sent without a filename is parsed as a file (as_file_part). Installed by a route class (`app.router.route_class`,
-FastAPI's documented way to give endpoints another Request class).
+file part's bytes are not text and stay untouched. The HTML5 _charset_ field is honoured in the same way: UTF-8
+taken, any other charset refused (Starlette ignores it); a file field sent without a filename is parsed as a file
+(as_file_part). Installed by a route class (`app.router.route_class`, FastAPI's documented way to give endpoints
+another Request class).
 
 This leans on Starlette's internals (Request._get_form, the parser's current part): tests/test_server.py's
 form tests fail if a Starlette release stops calling them."""

@@ -1118,6 +1118,24 @@ def test_a_shm_file_the_disk_has_no_room_for_is_a_full_disk_not_damage(indexed_i
 
 
 @pytest.mark.slow
+def test_a_shm_file_that_cannot_be_mapped_is_not_damage(indexed_images, tmp_path):
+    """Every open of a WAL catalog maps its -shm; where mmap fails (a filesystem without shared maps, a process out of
+    address space) SQLite says IOERR_SHMMAP, and `query`, `index`, `verify` called the index damaged (exit 7). Now
+    that line (exit 1), and the index is whole where the -shm can be mapped."""
+    from helpers import alignsearch_without_shm_maps, verify_problems
+
+    root, ix = indexed_images(4)
+    for args in (["query", "a photo"], ["verify"], ["verify", "--repair"], ["index", root]):
+        proc = alignsearch_without_shm_maps(tmp_path, *args, "--index", ix)
+        assert proc.returncode == 1, (args, proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "-shm cannot be mapped into memory" in line and "not damaged" in line, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "beyond repair" not in proc.stdout + proc.stderr
+    assert verify_problems(ix) == []
+    assert as_child("query", "a photo", "--index", ix, "-k", "2").returncode == 0
+
+
+@pytest.mark.slow
 def test_a_full_disk_and_a_long_lock_are_not_reported_as_damage(indexed_images, monkeypatch):
     """Issue 24 #22: SQLite's "database or disk is full" and "database is locked" (past the 30 s wait) were
     reported as a damaged index ("restore it from a backup", exit 7); a re-run recovers fully."""

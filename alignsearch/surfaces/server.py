@@ -447,11 +447,11 @@ CONTENT_VERDICTS_KEPT = 1024  # files' verdicts kept: a page of thumbnails and t
 
 
 def file_sha256(fd: int) -> str:
-    """The SHA-256 of an open file's bytes, read with pread in 1 MiB chunks: its offset is left where it was."""
-    digest, at = hashlib.sha256(), 0
-    while chunk := os.pread(fd, 1 << 20, at):
+    """The SHA-256 of an open file's bytes, read with pread (safeopen.pread_chunks): its offset is left where it was.
+    Not hashlib.file_digest, which reads from the offset and moves it (and is Python 3.11's)."""
+    digest = hashlib.sha256()
+    for chunk in safeopen.pread_chunks(fd):
         digest.update(chunk)
-        at += len(chunk)
     return digest.hexdigest()
 
 
@@ -534,11 +534,7 @@ class Contents:
 
 def pread_exactly(fd: int, size: int, offset: int) -> bytes:
     """size bytes of fd from offset (fewer where the file ends first: a shard cut short since its listing)."""
-    chunks, got = [], 0
-    while got < size and (chunk := os.pread(fd, min(size - got, 1 << 20), offset + got)):
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    return b"".join(safeopen.pread_chunks(fd, offset=offset, size=size))
 
 
 def member_replaced(data: bytes, sha256: str | None, shard_ctime: float, indexed_at: float) -> bool:

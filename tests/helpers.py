@@ -1749,12 +1749,9 @@ def seal(conn) -> None:
     (rowdigest.seal, schema 17): for a test that writes rows by hand what
     a writer would have written (synthetic rows, a text not read yet), never for damage a test means readers to find.
     conn: a sqlite3 connection, or a SQLAlchemy one."""
-    from alignsearch.storage import migrate, rowdigest
+    from alignsearch.storage import migrate
 
-    raw = getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn
-    migrate.digest_rows(raw)
-    if any(row[1] == "vec_seal" for row in raw.execute("PRAGMA table_info(files)")):  # schema 17: the address's seal
-        raw.execute(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+    migrate.seal_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)
 
 
 # The catalog flip sweep (a7af884's, extended): the lowest bit of each used byte of a catalog page flipped in turn,

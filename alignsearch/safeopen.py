@@ -413,6 +413,22 @@ def _judge(link: os.stat_result, path: list[int], starts: Starts | None = None) 
         raise Refused(f"a symbolic link made by another user (uid {link.st_uid}) {where}")
 
 
+PREAD_CHUNK = 1 << 20
+
+
+def pread_chunks(fd: int, *, offset: int = 0, size: int | None = None):
+    """An open file's bytes from offset (size of them at most; None: to its end) in chunks of PREAD_CHUNK, read
+    with pread: the descriptor's offset is left where it was (one shared by threads, or by a caller reading on).
+    Fewer where the file ends first (a file cut short since its listing)."""
+    got = 0
+    while size is None or got < size:
+        chunk = os.pread(fd, PREAD_CHUNK if size is None else min(size - got, PREAD_CHUNK), offset + got)
+        if not chunk:
+            return
+        yield chunk
+        got += len(chunk)
+
+
 def read_fd(fd: int, max_bytes: int) -> bytes:
     """At most max_bytes + 1 bytes of an open file (the caller tells "too large" from the length), read
     with plain reads; closes fd."""

@@ -394,9 +394,6 @@ def seal_rows(conn) -> None:
     """Digest every files and photos row written by hand (schema 14: migrate.digest_rows) and seal its vector address
     (schema 17: rowdigest.seal), as a writer digests and seals what it writes: readers refuse a row off its digest or
     seal (exit 7). conn: a SQLAlchemy connection."""
-    from alignsearch.storage import catalog, migrate, rowdigest
+    from alignsearch.storage import migrate
 
-    if "digest" in catalog.files.c:
-        migrate.digest_rows(conn.connection.dbapi_connection)
-    if "vec_seal" in catalog.files.c:
-        conn.exec_driver_sql(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+    migrate.seal_rows(conn.connection.dbapi_connection)

@@ -1772,12 +1772,9 @@ def seal(conn) -> None:
     (rowdigest.seal, schema 17): for a test that writes rows by hand what
     a writer would have written (synthetic rows, a text not read yet), never for damage a test means readers to find.
     conn: a sqlite3 connection, or a SQLAlchemy one."""
-    from alignsearch.storage import migrate, rowdigest
+    from alignsearch.storage import migrate
 
-    raw = getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn
-    migrate.digest_rows(raw)
-    if any(row[1] == "vec_seal" for row in raw.execute("PRAGMA table_info(files)")):  # schema 17: the address's seal
-        raw.execute(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+    migrate.seal_rows(getattr(getattr(conn, "connection", None), "dbapi_connection", None) or conn)
 
 
 # The catalog flip sweep (a7af884's, extended): the lowest bit of each used byte of a catalog page flipped in turn,
@@ -2052,6 +2049,62 @@ def alignsearch_fsize(limit: int, *args, timeout: float = 300) -> subprocess.Com
 
     return subprocess.run([sys.executable, "-m", "alignsearch", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=limited)
+
+
+NO_SHM_MAPS_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static int shm_file(int fd) {  /* a file whose name ends in -shm: SQLite's WAL index */
+    char link[64], path[4096];
+    if (fd < 0) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n < 4) return 0;
+    path[n] = 0;
+    return strcmp(path + n - 4, "-shm") == 0;
+}
+
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
+    static void *(*real)(void *, size_t, int, int, int, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "mmap");
+    if ((flags & MAP_SHARED) && shm_file(fd)) { errno = ENODEV; return MAP_FAILED; }
+    return real(addr, len, prot, flags, fd, off);
+}
+
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
+    return mmap(addr, len, prot, flags, fd, off);
+}
+"""
+
+
+def alignsearch_without_shm_maps(build: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m alignsearch ARGS` in which a -shm file cannot be mapped: mmap fails with ENODEV, as on a filesystem
+    without shared maps, so SQLite meets IOERR_SHMMAP, without mounting one. An LD_PRELOAD library, built in
+    `build` with the C compiler (the test is skipped without one, or where SQLite does not call the libc's mmap)."""
+    import shutil
+
+    source, library = build / "no_shm_maps.c", build / "no_shm_maps.so"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": str(library)}
+    if not library.exists():  # built, and seen to work, once per folder
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            pytest.skip("no C compiler to build the LD_PRELOAD library that fails -shm maps")
+        source.write_text(NO_SHM_MAPS_C)
+        subprocess.run([compiler, "-shared", "-fPIC", "-o", library, source, "-ldl"], check=True, capture_output=True)
+        probe = subprocess.run([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                                "c.execute('PRAGMA journal_mode=wal'); c.execute('CREATE TABLE t(x)')", build / "probe.db"],
+                               capture_output=True, text=True, env=env)
+        if "disk I/O error" not in probe.stderr:
+            library.unlink()
+            pytest.skip(f"SQLite here maps its -shm files without the libc's mmap: {probe.stderr[-300:]!r}")
+    return subprocess.run([sys.executable, "-m", "alignsearch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def flip_vector_address(db: Path, relpath: str) -> tuple[int, int]:

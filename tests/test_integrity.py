@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -1098,20 +1099,24 @@ def test_twenty_threads_read_through_one_engine(indexed_images):
 
 
 @pytest.mark.slow
-def test_a_shm_file_the_disk_has_no_room_for_is_a_full_disk_not_damage(indexed_images):
-    """A clean exit removes catalog.db-shm and every open makes it anew (32 KiB): on a full disk that fails with
-    SQLite's IOERR_SHMSIZE, and `query`, `index`, `verify` called the index damaged (exit 7); `verify --repair` said
-    "damaged beyond repair: move it aside and rebuild". Now the full disk's one line (exit 1), and the index is
-    whole once there is room."""
-    from helpers import alignsearch_fsize, verify_problems
+@pytest.mark.parametrize("trouble", ["no room", "no map"])
+def test_a_shm_file_that_cannot_be_made_or_mapped_is_not_damage(indexed_images, tmp_path, trouble):
+    """A clean exit removes catalog.db-shm and every open makes it anew (32 KiB) and maps it. No room: on a full disk
+    making it fails with SQLite's IOERR_SHMSIZE; no map: where mmap fails (a filesystem without shared maps, a
+    process out of address space) with IOERR_SHMMAP. Either way `query`, `index`, `verify` called the index damaged
+    (exit 7); `verify --repair` said "damaged beyond repair: move it aside and rebuild". Now the trouble's one line
+    (exit 1), and the index is whole once there is room, or a map."""
+    from helpers import alignsearch_fsize, alignsearch_without_shm_maps, verify_problems
 
+    run_in, said = {"no room": (partial(alignsearch_fsize, 16 * 1024), "disk holding the index is full"),
+                    "no map": (partial(alignsearch_without_shm_maps, tmp_path), "-shm cannot be mapped into memory")}[trouble]
     root, ix = indexed_images(4)
     assert not (ix / "catalog.db-shm").exists()  # as a clean exit leaves it: the first open makes it
     for args in (["query", "a photo"], ["verify"], ["verify", "--repair"], ["index", root]):
-        proc = alignsearch_fsize(16 * 1024, *args, "--index", ix)
+        proc = run_in(*args, "--index", ix)
         assert proc.returncode == 1, (args, proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
         line = proc.stderr.strip().splitlines()[-1]
-        assert "disk holding the index is full" in line and "not damaged" in line, (args, proc.stderr[-2000:])
+        assert said in line and "not damaged" in line, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "beyond repair" not in proc.stdout + proc.stderr
     assert verify_problems(ix) == []
     assert as_child("query", "a photo", "--index", ix, "-k", "2").returncode == 0

@@ -420,3 +420,22 @@ def test_a_planted_link_swapped_in_while_a_file_is_opened_is_never_followed(tmp_
         swapper.wait()
     assert seen["secret"] == 0, seen
     assert seen["harmless"] and seen["refused"], seen  # the swap did race the opens
+
+
+def test_pread_chunks_reads_from_an_offset_and_leaves_the_descriptors_own(tmp_path):
+    """The one pread loop (the server's file_sha256 and pread_exactly): a size caps it, the file's end stops it,
+    and the descriptor's offset stays where it was."""
+    path = tmp_path / "f.bin"
+    data = os.urandom(safeopen.PREAD_CHUNK * 2 + 5)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 3, os.SEEK_SET)
+        assert b"".join(safeopen.pread_chunks(fd)) == data
+        chunks = list(safeopen.pread_chunks(fd, offset=7, size=safeopen.PREAD_CHUNK + 1))
+        assert [len(c) for c in chunks] == [safeopen.PREAD_CHUNK, 1] and b"".join(chunks) == data[7:safeopen.PREAD_CHUNK + 8]
+        assert b"".join(safeopen.pread_chunks(fd, offset=len(data) - 2, size=10)) == data[-2:]  # cut short
+        assert list(safeopen.pread_chunks(fd, offset=len(data), size=10)) == [] == list(safeopen.pread_chunks(fd, size=0))
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 3
+    finally:
+        os.close(fd)

@@ -270,6 +270,51 @@ def test_form_fields_in_utf8_are_searched_as_sent(served):
         assert json.loads(answer)["query"]["text"] == text and json.loads(answer)["query"]["image"] is True
 
 
+def test_an_image_field_sent_without_a_filename_is_the_image(served):
+    """A file part with no filename in its Content-Disposition (some clients send one so, and hand-built bodies)
+    was parsed as a text field, and its bytes refused as "not valid UTF-8": it is the query image, as with one."""
+    target = served["corpus"] / "img004.jpg"
+    for fields in [{"k": 1, "image": (target.read_bytes(), "image/jpeg")},
+                   {"image": target.read_bytes(), "q": "café", "k": 1}]:  # no Content-Type either, before q
+        body, headers = multipart(fields, None)
+        status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+        assert status == 200, answer
+        said = json.loads(answer)
+        assert said["query"]["image"] is True, said
+        assert "q" in fields or said["results"][0]["path"] == str(target), said  # the image alone finds itself
+    # a text field's bytes are still judged as text
+    body, headers = multipart({"k": 1, "q": b"\xff\xd8\xff"}, target.read_bytes())
+    assert call(served["url"], "/api/search", data=body, headers=headers)[0] == 400
+
+
+def test_the_charset_field_is_honoured(served):
+    """HTML5's _charset_ field (a browser sends the form's encoding in it) was refused as an unknown parameter
+    even when it said UTF-8, and a form it said was in another charset was read as UTF-8 regardless: UTF-8 is
+    taken (the field is no parameter), any other charset is refused as a Content-Type's charset is."""
+    for charset in ["UTF-8", "utf8", "us-ascii"]:
+        body, headers = multipart({"_charset_": charset, "q": "café", "k": 1}, None)
+        status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+        assert status == 200 and json.loads(answer)["query"]["text"] == "café", (charset, answer)
+    for fields in [{"_charset_": "windows-1252", "q": "dog", "k": 1}, {"q": "dog", "k": 1, "_charset_": "Shift_JIS"},
+                   {"q": "dog", "_charset_": "no-such-charset"}]:
+        body, headers = multipart(fields, None)
+        status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+        said = json.loads(answer)
+        assert status == 400 and said["kind"] == "BadInputError", (fields, answer)
+        assert said["error"].startswith("the form (its _charset_ field) is declared charset=") and "UTF-8" in said["error"]
+
+
+def test_as_file_part_gives_a_file_field_an_empty_filename():
+    from alignsearch.surfaces.utf8form import as_file_part
+
+    image = frozenset({b"image"})
+    assert as_file_part(b'form-data; name="image"', image) == b'form-data; name="image"; filename=""'
+    assert as_file_part(b"form-data; name=image", image).endswith(b'filename=""')
+    for kept in [b'form-data; name="q"', b'form-data; name="image"; filename="a.jpg"', b'form-data; name="image"; filename=""',
+                 b"form-data"]:
+        assert as_file_part(kept, image) == kept
+
+
 def test_not_utf8_names_the_parameter():
     from alignsearch.surfaces.server import not_utf8
 

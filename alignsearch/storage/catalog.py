@@ -483,6 +483,7 @@ def damaged(db_path, exc: Exception) -> AlignSearchError:
 # SQLite's primary result codes (the low byte of an extended code)
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 10, 13, 14
 SQLITE_IOERR_SHMSIZE = SQLITE_IOERR | (19 << 8)  # the -shm file could not be grown to its 32 KiB
+SQLITE_IOERR_SHMMAP = SQLITE_IOERR | (21 << 8)  # the -shm file could not be mapped into memory (mmap failed)
 
 
 def not_damage(exc: BaseException) -> AlignSearchError | None:
@@ -507,6 +508,15 @@ def not_damage(exc: BaseException) -> AlignSearchError | None:
         return DiskFullError(f"the index's {DB_FILE}-shm cannot be made ({text}): the disk holding the index is full "
                              "(or a file size limit, `ulimit -f`, is in the way): free some space and run the "
                              "command again; the index is not damaged")
+    if code == SQLITE_IOERR_SHMMAP:
+        # every reader and writer of a WAL catalog maps its -shm (the WAL's index): where mmap fails (a filesystem
+        # that cannot map a shared file, some network ones; a process out of address space, `ulimit -v`) nothing
+        # can be read, and every command, verify too, called the index damaged. The catalog itself is not touched.
+        return AlignSearchError(f"the index's {DB_FILE}-shm cannot be mapped into memory ({text}): the filesystem "
+                                "holding the index does not support shared memory maps (some network filesystems "
+                                "do not), or the process is out of address space (a `ulimit -v` limit): move the "
+                                "index to a local disk, or raise the limit, and run the command again; the index "
+                                "is not damaged")
     if primary in (SQLITE_BUSY, SQLITE_LOCKED):
         return CatalogBusyError(f"the index catalog stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s "
                                 f"({text}): try again when that process (an `alignsearch index` run?) is done; "

@@ -253,11 +253,27 @@ def _vec_seals(conn) -> None:
     byte of one scored another file's vector under its name (`similar` ranked the file itself #7), exit 0, and only
     verify noticed. Computed in SQL from the addresses as they stand, so an upgraded catalog is trusted as far as
     it was before. The column may be there already: step 3 creates the tables with catalog.metadata's columns."""
+    dbapi = conn.connection.dbapi_connection
+    if "vec_seal" not in _columns(dbapi, "files"):
+        conn.exec_driver_sql("ALTER TABLE files ADD COLUMN vec_seal INTEGER")
+    seal_addresses(dbapi)
+
+
+def seal_addresses(dbapi_conn: sqlite3.Connection) -> None:
+    """Seal every files row's vector address as it stands (rowdigest.seal, computed in SQL), in the caller's
+    transaction. Only the upgrade to schema 17 does (its rows had none); a writer seals what it writes."""
     from alignsearch.storage import rowdigest
 
-    if "vec_seal" not in _columns(conn.connection.dbapi_connection, "files"):
-        conn.exec_driver_sql("ALTER TABLE files ADD COLUMN vec_seal INTEGER")
-    conn.exec_driver_sql(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+    dbapi_conn.execute(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+
+
+def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
+    """Digest every files and photos row (digest_rows) and, where the catalog has files.vec_seal (schema 17), seal
+    its vector address (seal_addresses), as they stand, in the caller's transaction: what a writer would have
+    written, for rows a test or a benchmark writes by hand (never for damage a reader is meant to find)."""
+    digest_rows(dbapi_conn)
+    if "vec_seal" in _columns(dbapi_conn, "files"):
+        seal_addresses(dbapi_conn)
 
 
 STEPS: tuple[Step, ...] = (

@@ -68,7 +68,7 @@ from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, I
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE, THUMBS_DIR
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
-from alignsearch.surfaces.utf8form import RefusedForm, Utf8FormRoute
+from alignsearch.surfaces.utf8form import RefusedForm, utf8_form_route
 
 log = logging.getLogger(__name__)
 
@@ -447,11 +447,11 @@ CONTENT_VERDICTS_KEPT = 1024  # files' verdicts kept: a page of thumbnails and t
 
 
 def file_sha256(fd: int) -> str:
-    """The SHA-256 of an open file's bytes, read with pread in 1 MiB chunks: its offset is left where it was."""
-    digest, at = hashlib.sha256(), 0
-    while chunk := os.pread(fd, 1 << 20, at):
+    """The SHA-256 of an open file's bytes, read with pread (safeopen.pread_chunks): its offset is left where it was.
+    Not hashlib.file_digest, which reads from the offset and moves it (and is Python 3.11's)."""
+    digest = hashlib.sha256()
+    for chunk in safeopen.pread_chunks(fd):
         digest.update(chunk)
-        at += len(chunk)
     return digest.hexdigest()
 
 
@@ -534,11 +534,7 @@ class Contents:
 
 def pread_exactly(fd: int, size: int, offset: int) -> bytes:
     """size bytes of fd from offset (fewer where the file ends first: a shard cut short since its listing)."""
-    chunks, got = [], 0
-    while got < size and (chunk := os.pread(fd, min(size - got, 1 << 20), offset + got)):
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    return b"".join(safeopen.pread_chunks(fd, offset=offset, size=size))
 
 
 def member_replaced(data: bytes, sha256: str | None, shard_ctime: float, indexed_at: float) -> bool:
@@ -1031,6 +1027,11 @@ class SearchForm(SearchParams):
     image: UploadFile | None = File(None, description="query image (20 MB at most)")
 
 
+# the form's file fields: parsed as files even when a client sends one without a filename (utf8form.as_file_part)
+FORM_FILE_FIELDS = frozenset(name for name, field in SearchForm.model_fields.items()
+                             if UploadFile in typing.get_args(field.annotation))
+
+
 def given_once(items, where: str) -> None:
     """Refuse a search parameter given twice (400), as the CLI refuses an option given twice: the framework kept
     the last silently, so ?q=dog&q=cat searched for cat and a form's k=2, k=50 for 50."""
@@ -1167,7 +1168,7 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         form_limits={"max_fields": FORM_FIELDS, "max_files": 1, "max_part_size": FORM_FIELD_BYTES},
     )
     # a form's text that is not UTF-8 is refused as the URL's is (utf8_only), not read as Latin-1 (utf8form.py)
-    app.router.route_class = Utf8FormRoute
+    app.router.route_class = utf8_form_route(file_fields=FORM_FILE_FIELDS)
 
     def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
         # an error names the index too (not to a caller without the token), so the CLI, whose first word

@@ -6,8 +6,10 @@ x FF FE y searched for "x\\xff\\xfey", where the URL's ?q=%FF%FE and `alignsearc
 (BadInputError, exit 6). The raw bytes are gone once the form is parsed, so the check runs while it is parsed:
 the framework's parser, subclassed to look at each text part's name, declared charset and bytes as it ends
 (its data is already capped at the form's max_part_size, and the body at the app's max_body_size, as before); a
-file part's bytes are not text and stay untouched. Installed by a route class (`app.router.route_class`,
-FastAPI's documented way to give endpoints another Request class).
+file part's bytes are not text and stay untouched. The HTML5 _charset_ field is honoured in the same way: UTF-8
+taken, any other charset refused (Starlette ignores it); a file field sent without a filename is parsed as a file
+(as_file_part). Installed by a route class (`app.router.route_class`, FastAPI's documented way to give endpoints
+another Request class).
 
 This leans on Starlette's internals (Request._get_form, the parser's current part): tests/test_server.py's
 form tests fail if a Starlette release stops calling them."""
@@ -15,6 +17,7 @@ form tests fail if a Starlette release stops calling them."""
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 from contextlib import aclosing
 
 from fastapi import Request
@@ -26,6 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from alignsearch.errors import AlignSearchError, BadInputError
 
 UTF8 = frozenset({"utf-8", "ascii"})  # the charsets (codecs' names) whose text is UTF-8: ASCII is a subset
+CHARSET_FIELD = "_charset_"  # HTML5: a browser sends the form's encoding as this field's value
 
 
 def shown(name: bytes) -> str:
@@ -41,6 +45,12 @@ def charset_refusal(where: str, content_type: bytes | str | None) -> str | None:
     declared = params.get(b"charset")
     if declared is None:
         return None
+    return label_refusal(where, declared)
+
+
+def label_refusal(where: str, declared: bytes) -> str | None:
+    """Why text in this declared charset (a label, as a Content-Type's charset= or a _charset_ field gives it)
+    cannot be read as UTF-8; None when it is UTF-8's (or ASCII's) name."""
     label = declared.decode("latin-1")
     try:
         name = codecs.lookup(label).name
@@ -74,9 +84,31 @@ def is_utf8(data: bytes | bytearray) -> bool:
     return True
 
 
+def as_file_part(content_disposition: bytes, file_fields: frozenset[bytes]) -> bytes:
+    """The Content-Disposition a part is parsed by: a file field's part sent without a filename (some clients,
+    hand-built bodies) is given an empty one, so that it is parsed as a file, as a browser's file input with no
+    name is (filename=""), and not as a text field, whose bytes (an image's: never UTF-8) would be refused, and
+    capped at a text field's size. Any other part's is left as it is."""
+    _, options = parse_options_header(content_disposition)
+    if b"filename" in options or options.get(b"name") not in file_fields:
+        return content_disposition
+    return content_disposition + b'; filename=""'
+
+
 class Utf8MultiPartParser(MultiPartParser):
     """Starlette's parser, refusing (BadInputError) a part part_refusal refuses, or a form with a charset other
-    than UTF-8, before the endpoint runs; what it takes it decodes as before (UTF-8, the bytes being UTF-8)."""
+    than UTF-8 (in its Content-Type, or in the HTML5 _charset_ field a browser fills with the form's encoding),
+    before the endpoint runs; what it takes it decodes as before (UTF-8, the bytes being UTF-8). file_fields:
+    the names of the form's file fields, parsed as files even when sent without a filename (as_file_part).
+
+    Starlette ignores _charset_ (it decodes with the Content-Type's charset, else UTF-8, else Latin-1); here a
+    _charset_ naming UTF-8 (or ASCII) is taken, and dropped from the form, as it says how the form is written,
+    not what to search; one naming any other charset refuses the whole form, as a Content-Type's charset does,
+    rather than reading its text in that charset: the server reads UTF-8 only, as the CLI does."""
+
+    def __init__(self, *args, file_fields: frozenset[str] = frozenset(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file_fields = frozenset(name.encode() for name in file_fields)
 
     async def parse(self):
         refusal = charset_refusal("the form", self.headers.get("Content-Type"))
@@ -85,8 +117,9 @@ class Utf8MultiPartParser(MultiPartParser):
         return await super().parse()
 
     def on_headers_finished(self) -> None:
-        super().on_headers_finished()
         part = self._current_part
+        part.content_disposition = as_file_part(part.content_disposition, self.file_fields)
+        super().on_headers_finished()
         # a file part's name only; a text part is judged whole as it ends
         if part.file is not None:
             self._refuse(part, None)
@@ -95,6 +128,11 @@ class Utf8MultiPartParser(MultiPartParser):
         part = self._current_part
         if part.file is None:
             self._refuse(part, part.data)
+            if part.field_name == CHARSET_FIELD:
+                refusal = label_refusal(f"the form (its {CHARSET_FIELD} field)", bytes(part.data).strip())
+                if refusal is not None:
+                    raise BadInputError(refusal)
+                return  # UTF-8, as is every form taken: no parameter to pass on
         super().on_part_end()
 
     @staticmethod
@@ -116,7 +154,10 @@ class RefusedForm(StarletteHTTPException):
 
 
 class Utf8FormRequest(Request):
-    """A Request whose multipart form is parsed by Utf8MultiPartParser (Starlette's _get_form, its parser swapped)."""
+    """A Request whose multipart form is parsed by Utf8MultiPartParser (Starlette's _get_form, its parser swapped);
+    file_fields: the form's file fields (Utf8MultiPartParser)."""
+
+    file_fields: frozenset[str] = frozenset()
 
     async def _get_form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,
                         max_part_size: int = 1024 * 1024):
@@ -125,7 +166,7 @@ class Utf8FormRequest(Request):
             try:
                 async with aclosing(self.stream()) as stream:
                     parser = Utf8MultiPartParser(self.headers, stream, max_files=max_files, max_fields=max_fields,
-                                                 max_part_size=max_part_size)
+                                                 max_part_size=max_part_size, file_fields=self.file_fields)
                     self._form = await parser.parse()
             except MultiPartException as exc:  # as Starlette answers it
                 raise StarletteHTTPException(status_code=400, detail=exc.message) from None
@@ -135,12 +176,23 @@ class Utf8FormRequest(Request):
 
 
 class Utf8FormRoute(APIRoute):
-    """The route class whose endpoints read forms with Utf8FormRequest."""
+    """The route class whose endpoints read forms with Utf8FormRequest; file_fields: the forms' file fields
+    (utf8_form_route sets them)."""
+
+    file_fields: frozenset[str] = frozenset()
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        file_fields = self.file_fields
 
         async def with_utf8_forms(request: Request):
-            return await handler(Utf8FormRequest(request.scope, request.receive))
+            utf8_request = Utf8FormRequest(request.scope, request.receive)
+            utf8_request.file_fields = file_fields
+            return await handler(utf8_request)
 
         return with_utf8_forms
+
+
+def utf8_form_route(*, file_fields: Iterable[str]) -> type[Utf8FormRoute]:
+    """A Utf8FormRoute class whose forms have these file fields (an app's router.route_class is a class)."""
+    return type("Utf8FormRoute", (Utf8FormRoute,), {"file_fields": frozenset(file_fields)})

@@ -14,6 +14,9 @@ process per round:
 - addresses_of: catalog.addresses_of(conn, ids) for --hits random indexed ids, what every query runs on its hits
   (the new code reads vec_seal and checks each hit's seal); median of --calls per process.
 
+In this tree the seal check's own steps (the seals' array from the rows read, rowdigest.sealed) are also timed alone,
+on the same rows: the load as a whole also differs by other changes (at ae003b9 Columns slices each row, r[:-1],
+which makes SQLAlchemy Rows plain tuples: numpy's np.array over Row objects probed each for array attributes).
 Figures are medians over the rounds' per-process medians. A whole query on an in-process engine is
 bench_inproc.py (run it with --base for the same comparison); its tiny index makes these two steps a small part.
 """
@@ -58,6 +61,7 @@ import json, random, statistics, sys, time
 from pathlib import Path
 from alignsearch.storage import catalog
 from alignsearch.search.columns import Columns
+from sqlalchemy import select
 
 path, n, loads, calls, hits = Path(sys.argv[1]), *map(int, sys.argv[2:6])
 db = catalog.connect(path, readonly=True)
@@ -73,7 +77,21 @@ with db.connect() as conn:
         chosen = rng.sample(ids, hits)
         start = time.perf_counter(); got = catalog.addresses_of(conn, chosen); per.append(time.perf_counter() - start)
         assert len(got) == hits
-print(json.dumps({"load_ms": statistics.median(load) * 1e3, "addresses_us": statistics.median(per) * 1e6}))
+out = {"load_ms": statistics.median(load) * 1e3, "addresses_us": statistics.median(per) * 1e6}
+if "vec_seal" in catalog.files.c:  # the seal check's own steps in Columns, apart from the rest of the load
+    import numpy as np
+    from alignsearch.storage import rowdigest
+    f = catalog.files.c
+    with db.connect() as conn:
+        rows = conn.execute(select(f.id, f.vec_row, f.vec_seal).where(f.status == catalog.INDEXED).order_by(f.id)).all()
+    parts = []
+    for _ in range(loads):
+        start = time.perf_counter()
+        seals = np.array([r[-1] if type(r[-1]) is int else -1 for r in rows], dtype=np.int64)
+        assert rowdigest.sealed(cols.vec_rows, seals)
+        parts.append(time.perf_counter() - start)
+    out["check_ms"] = statistics.median(parts) * 1e3
+print(json.dumps(out))
 """
 
 
@@ -125,8 +143,10 @@ def main() -> None:
             got = figures[(label, n)]
             load = statistics.median(g["load_ms"] for g in got)
             addr = statistics.median(g["addresses_us"] for g in got)
+            check = (f"; of the load, the seal check's own steps (seals array + rowdigest.sealed) "
+                     f"{statistics.median(g['check_ms'] for g in got):.1f} ms" if "check_ms" in got[0] else "")
             lines.append(f"- {n:,} rows, {name}: snapshot load (Columns) {load:.1f} ms, addresses_of "
-                         f"({args.hits} hits) {addr:.0f} us")
+                         f"({args.hits} hits) {addr:.0f} us{check}")
     lines.append(f"- medians of {args.rounds} processes per tree (each: median of {args.loads} loads, "
                  f"{args.calls} addresses_of calls), trees alternating; run under `nice -n 10`")
     lines.append(load_note(at_start))

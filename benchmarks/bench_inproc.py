@@ -11,7 +11,11 @@ second thread drives an OpenMP team (the server's worker threads), libgomp has m
 the spinning: the HTTP column did not pay it. Each process here starts without OMP_WAIT_POLICY (a caller's own
 setting stands in this tree, so the bench clears it).
 
-    python benchmarks/bench_inproc.py [--base main] [--rounds 3] [--calls 200] [--cli 3] [--busy 0,2] [--no-save]
+    python benchmarks/bench_inproc.py [--base main] [--rounds 3] [--calls 200] [--cli 3] [--busy 0,2] [--own-index]
+                                      [--no-save]
+
+--own-index: each tree indexes the photos itself (indexer.job.index_folders in a process with PYTHONPATH at the
+tree) and searches its own index: a base of an older catalog schema refuses an index this tree wrote.
 """
 
 from __future__ import annotations
@@ -95,6 +99,16 @@ def child(tree: Path, ix: Path, calls: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def index_in(tree: Path, corpus: Path, ix: Path, model: Path) -> None:
+    """The photos indexed by the code of `tree` (its own catalog schema), in a process of its own."""
+    code = ("import sys; from indexer.job import index_folders; "
+            "index_folders([sys.argv[1]], sys.argv[2], model=sys.argv[3], device='cpu', workers=0)")
+    proc = subprocess.run([sys.executable, "-c", code, str(corpus), str(ix), str(model)], capture_output=True,
+                          text=True, env=env_for(tree), cwd=tree, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"indexing failed in {tree}:\n{proc.stderr[-2000:]}")
+
+
 def cli_query(tree: Path, ix: Path) -> float:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "alignsearch", "query", "red", "-k", "5", "--index", str(ix)],
@@ -113,6 +127,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="searches a process times (HTTP: a third of them)")
     ap.add_argument("--cli", type=int, default=3, help="`alignsearch query` runs a round")
     ap.add_argument("--busy", default="0,2", help="spinning processes beside the runs, one setting a row")
+    ap.add_argument("--own-index", action="store_true", help="each tree searches an index it wrote itself")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     load_at_start = os.getloadavg()[0]
@@ -125,8 +140,14 @@ def main() -> None:
             from indexer.job import index_folders
 
             model = tiny_photos(tmp / "corpus", args.images)
-            index_folders([tmp / "corpus"], tmp / "ix", model=str(model), device="cpu", workers=0)
             trees = {f"base {base_sha}": base_tree, "this tree": REPO}
+            if args.own_index:
+                ixs = {name: tmp / f"ix{n}" for n, name in enumerate(trees)}
+                for name, tree in trees.items():
+                    index_in(tree, tmp / "corpus", ixs[name], model)
+            else:
+                index_folders([tmp / "corpus"], tmp / "ix", model=str(model), device="cpu", workers=0)
+                ixs = {name: tmp / "ix" for name in trees}
             runs = {(busy, name): [] for busy in busy_levels for name in trees}
             cli = {(busy, name): [] for busy in busy_levels for name in trees}
             for _ in range(args.rounds):
@@ -137,8 +158,8 @@ def main() -> None:
                         p.start()
                     try:
                         for name, tree in trees.items():  # alternating: both share the machine's load
-                            runs[busy, name].append(child(tree, tmp / "ix", args.calls))
-                            cli[busy, name] += [cli_query(tree, tmp / "ix") for _ in range(args.cli)]
+                            runs[busy, name].append(child(tree, ixs[name], args.calls))
+                            cli[busy, name] += [cli_query(tree, ixs[name]) for _ in range(args.cli)]
                     finally:
                         stop.set()
                         for p in spinners:
@@ -155,7 +176,7 @@ def main() -> None:
              f"(server.start_in_thread); the table: the median over {args.rounds} processes a row, alternating base "
              f"and this tree; CLI: `alignsearch query red -k 5 --index IX` end to end (a process, no server), median "
              f"of {args.rounds * args.cli} runs; busy: processes spinning beside the runs; OMP_WAIT_POLICY cleared "
-             "for every process", "",
+             "for every process" + ("; each tree searched an index it wrote (--own-index)" if args.own_index else ""), "",
              "| busy | tree | OMP_WAIT_POLICY seen | Engine.search ms | steps in-process ms | HTTP ms | CLI query ms |",
              "|---|---|---|---|---|---|---|"]
     for busy in busy_levels:

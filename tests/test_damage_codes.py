@@ -333,3 +333,28 @@ def test_a_flipped_cell_pointer_of_a_photos_page_is_damage_not_a_missing_date(in
                         f"exit {result.exit_code}: {result.output[:80]}")
     assert set(outcomes) <= {"same", "refused"}, outcomes
     assert "refused" in outcomes  # the sweep's cases are among them
+
+
+def test_a_stopped_runs_pending_vectors_are_scored_at_sealed_addresses_only(tmp_path):
+    """The files a stopped run committed and the ANN index lacks are scored exactly at the addresses live_pairs reads
+    (engine Snapshot.pending), on a path that loads no snapshot columns: a flipped address, its seal kept, scored
+    another file's vector under this name and the file that matched best was left out, exit 0."""
+    import os
+
+    import numpy as np
+
+    import alignsearch
+    from helpers import vector_index
+    from alignsearch.storage import catalog
+
+    store = vector_index(tmp_path, 64, 16)
+    mine = store.get(np.array([7]))[0].astype(np.float32)
+    far = int(np.argmin(store.get(np.arange(64)).astype(np.float32) @ mine))  # the vector least like its own
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE files SET vec_row = ? WHERE vec_row = 7", (far,))  # no writer's seal
+        # a run that stopped before its ANN index: this process began after it did, so it is not the run
+        state.write(conn, index_run=state.IndexRun(started=0.0, pid=os.getpid()))
+    db.dispose()
+    with pytest.raises(IndexDamagedError, match="checksum"):
+        alignsearch.open(tmp_path).search_vector(mine, k=1)  # another file answered, exit 0

@@ -358,3 +358,35 @@ def test_a_stopped_runs_pending_vectors_are_scored_at_sealed_addresses_only(tmp_
     db.dispose()
     with pytest.raises(IndexDamagedError, match="checksum"):
         alignsearch.open(tmp_path).search_vector(mine, k=1)  # another file answered, exit 0
+
+
+
+@pytest.fixture
+def hidden_photo(tmp_path):
+    """An engine over an index where a flipped cell pointer of the photos page hides one file's photo row."""
+    from helpers import hide_a_photo_row, vector_index
+    from alignsearch.search.engine import open as open_index
+
+    vector_index(tmp_path, 24, 8)
+    hide_a_photo_row(tmp_path)
+    engine = open_index(tmp_path)
+    yield engine
+    engine.close()
+
+
+def test_export_calls_a_photo_row_a_damaged_page_hides_damage(hidden_photo):
+    """Export reads photo fields as a search's hits do (Engine.photos_of): a row a flipped cell pointer hides was
+    exported as a photo with no date or caption, exit 0 (the query path ran SQLite's check of the photos table)."""
+    from alignsearch.search.export import batches
+
+    with pytest.raises(IndexDamagedError, match="catalog.db is damaged"):
+        list(batches(hidden_photo))
+
+
+@pytest.mark.slow
+def test_the_landing_page_calls_a_photo_row_a_damaged_page_hides_damage(hidden_photo):
+    """The server's landing page (recent) too: the file was listed with no date or caption."""
+    from alignsearch.surfaces.server import Library, ServerConfig
+
+    with pytest.raises(IndexDamagedError, match="catalog.db is damaged"):
+        Library(hidden_photo, ServerConfig()).recent(0, 100)

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import base_worktree, record
+from common import base_worktree, record, seal_rows
 
 from alignsearch.storage import catalog, state, vectors
 from alignsearch.storage.paths import DB_FILE, VECTORS_FILE
@@ -60,6 +60,7 @@ def build(folder: Path, rows: int, seed: int = 0) -> None:
                 dict(root="/synthetic", relpath=f"{i:08d}.jpg", size=1000 + i, mtime=1.6e9 + i, sha256=f"{i:064x}",
                      width=640, height=480, format="JPEG", status=catalog.INDEXED, indexed_at=0.0, vec_row=i)
                 for i in range(start, start + n)])
+        seal_rows(conn)  # digested and sealed as a writer writes rows (schemas 14, 17): vectors.check reads the seals
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=DIM))
         vectors.save(conn, store)
         conn.execute(catalog.files.delete().where(catalog.files.c.id % 2 == 0))  # half the library deleted
@@ -88,6 +89,7 @@ def build_segments(folder: Path, rows: int, segments: int, seed: int = 0) -> Non
                 dict(root="/synthetic", relpath=f"{s}-{i:08d}.jpg", size=1000 + i, mtime=1.6e9 + i,
                      sha256=f"{s:08x}{i:056x}", width=640, height=480, format="JPEG", status=catalog.INDEXED,
                      indexed_at=0.0, vec_row=vectors.address(n, i)) for i in range(each)])
+        seal_rows(conn)  # digested and sealed as a writer writes rows (schemas 14, 17): vectors.check reads the seals
         state.write(conn, model=state.ModelIdentity(name="synthetic", fingerprint="synthetic", dim=DIM))
         vectors.save(conn, store)
     db.dispose()

@@ -1,6 +1,6 @@
 """The live (file id, vector row) pairs of a large catalog, less the files gone in a run: catalog.live_pairs.
 
-    python benchmarks/bench_live_pairs.py [--n 500000] [--gone 0.01] [--runs 7] [--save]
+    python benchmarks/bench_live_pairs.py [--n 500000] [--gone 0.01] [--runs 7] [--seals-only] [--save]
 
 A synthetic catalog of N rows written through the catalog module into a real SQLite file: photos in two
 roots, and one row in a hundred a moment of a 4-moment video. A fraction `gone` of the photos and videos
@@ -11,13 +11,18 @@ turn each round), same file:
   iterated in Python and filtered against a set), reproduced here verbatim but for the name of the iterator;
 - after: catalog.live_pairs(conn, without_ids=...), the filter in SQL (ids as one JSON array);
 - the unfiltered pairs, as seven call sites built them before (np.array(list(live_vectors))) and now;
-- the pairs outside one root, as `forget` built them before (np.array over SQLAlchemy's Row objects) and now.
-Both answers are checked equal before anything is timed.
+- the pairs outside one root, as `forget` built them before (np.array over SQLAlchemy's Row objects) and now;
+- each of the three calls with main 414cdc3's live_pairs (catalog.py loaded from git beside the current one): the
+  cost of reading each address's seal beside it and checking it in numpy (schema 17; rows sealed as writers do);
+  --seals-only times these six alone (more runs in the time the slow baselines above take).
+All answers are checked equal before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import record
+from common import load_note, module_at, record, seal_rows
 from sqlalchemy import select
 
 from alignsearch.storage import catalog
@@ -50,6 +55,7 @@ def build(db, n: int) -> None:
         for start in range(0, len(rows), 50_000):
             conn.execute(catalog.files.insert(), [{"size": 1, "mtime": 0.0, "status": catalog.INDEXED, "indexed_at": 0.0,
                                                    **r} for r in rows[start : start + 50_000]])
+        seal_rows(conn)  # digested and sealed as a writer writes rows (schemas 14, 17): live_pairs checks the seals
 
 
 def gone_ids(db, fraction: float, seed: int = 0) -> list[int]:
@@ -111,9 +117,28 @@ def all_before(db):
         return np.array(list(_live_vectors(conn)), dtype=np.int64).reshape(-1, 2)
 
 
+def live_pairs_now(db, **filters):
+    with db.connect() as conn:
+        return catalog.live_pairs(conn, **filters)
+
+
 def all_after(db):
     with db.connect() as conn:
         return catalog.live_pairs(conn)
+
+
+UNSEALED = "414cdc3"  # main before live_pairs checked seals: the baseline
+
+
+@functools.cache
+def _unsealed_catalog():
+    """catalog.py at UNSEALED, loaded once (not inside a timing)."""
+    return module_at(UNSEALED, "alignsearch/storage/catalog.py", "catalog_unsealed")
+
+
+def unsealed(db, **filters):
+    with db.connect() as conn:
+        return _unsealed_catalog().live_pairs(conn, **filters)
 
 
 def median_seconds(fns: dict, runs: int) -> dict:
@@ -132,8 +157,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500_000)
     ap.add_argument("--gone", type=float, default=0.01)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--seals-only", action="store_true", help="time only live_pairs now against UNSEALED's")
     ap.add_argument("--save", action="store_true", help="append the figures to RESULTS.md")
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         db = catalog.connect(Path(tmp) / "catalog.db")
         build(db, args.n)
@@ -142,17 +169,28 @@ def main() -> None:
         assert np.array_equal(before, after), "the two answers differ"
         assert np.array_equal(all_before(db), all_after(db))
         assert np.array_equal(outside_before(db, "/v"), outside_after(db, "/v"))
+        for filters in ({}, {"without_ids": gone}, {"without_root": "/v"}):
+            assert np.array_equal(unsealed(db, **filters), live_pairs_now(db, **filters))
         left_out = args.n - len(after)
-        figures = median_seconds({
+        timed = {
             "without gone ids, before (Python filter)": lambda: live_without_before(db, gone),
             "without gone ids, after (live_pairs, SQL)": lambda: live_without_after(db, gone),
             "all pairs, before (np.array(list(live_vectors)))": lambda: all_before(db),
             "all pairs, after (live_pairs)": lambda: all_after(db),
             "without a root, before (forget's np.array over Rows)": lambda: outside_before(db, "/v"),
             "without a root, after (live_pairs)": lambda: outside_after(db, "/v"),
-        }, args.runs)
+            f"all pairs, live_pairs at {UNSEALED} (no seal read)": lambda: unsealed(db),
+            "all pairs, live_pairs now (seals read and checked)": lambda: live_pairs_now(db),
+            f"without gone ids, live_pairs at {UNSEALED} (no seal read)": lambda: unsealed(db, without_ids=gone),
+            "without gone ids, live_pairs now (seals checked)": lambda: live_pairs_now(db, without_ids=gone),
+            f"without a root, live_pairs at {UNSEALED} (no seal read)": lambda: unsealed(db, without_root="/v"),
+            "without a root, live_pairs now (seals checked)": lambda: live_pairs_now(db, without_root="/v"),
+        }
+        if args.seals_only:
+            timed = {what: fn for what, fn in timed.items() if "live_pairs at" in what or "live_pairs now" in what}
+        figures = median_seconds(timed, args.runs)
         db.dispose()
-    lines = [f"- catalog: {args.n:,} rows (1 in 100 a moment of a {MOMENTS}-moment video), {len(gone):,} gone ids "
+    lines = [load_note(load), f"- catalog: {args.n:,} rows (1 in 100 a moment of a {MOMENTS}-moment video), {len(gone):,} gone ids "
              f"({left_out:,} rows left out with their videos' moments); median of {args.runs} runs each, taken in turn", "",
              "| pairs | median |", "|---|---|"]
     lines += [f"| {what} | {seconds * 1000:.0f} ms |" for what, seconds in figures.items()]

@@ -186,7 +186,7 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if unlisted:
                 r.problems.append(catalog.unlisted_problem(unlisted))
             store = vectors.load(conn, index_dir, st.model.dim)
-            live = catalog.live_pairs(conn)
+            live = catalog.live_pairs(conn, check_seals=False)  # off_digest above judged the seals: a problem, not a refusal
             # images counts files, a video once whatever its moments, as `info` does (README: Video); live has
             # a row per vector (a video's moments each), which verify printed as images (6 for 3 photos and a
             # video of 3 moments, where info said 4)
@@ -441,7 +441,8 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             store = _held(store)
             store.truncate_uncommitted()
             with db.begin() as conn:
-                found = vectors.check(conn, store)
+                # addresses off their seals are forgotten below (off_digest), not refused by live_pairs
+                found = vectors.check(conn, store, catalog.live_pairs(conn, check_seals=False))
                 # a row failing its digest (found again under the lock): forgotten and read again from its file,
                 # never its digest written anew over what a flipped byte left
                 off = catalog.off_digest(conn)

@@ -2142,3 +2142,39 @@ def flip_vector_address(db: Path, relpath: str) -> tuple[int, int]:
             data[at] ^= 0x01
             Path(db).write_bytes(data)
     raise AssertionError(f"no value byte of {relpath}'s vec_row found")
+
+
+def hide_a_photo_row(folder: Path) -> int:
+    """Give each indexed file of the index at folder its photo row (a date and a caption, as a writer writes them),
+    then flip the low byte of one cell pointer of the photos page so that a seek misses a row (the cell read one byte
+    off): the catalog flip sweep's damage that readers saw as a photo with no date, exit 0 (the row is absent, not
+    altered: no digest is read). Returns the id whose row the seek misses; SQLite's check of the photos table names
+    the damage."""
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(folder / "catalog.db")
+    with db.begin() as conn:
+        for (i,) in conn.exec_driver_sql("SELECT id FROM files WHERE status = 'indexed'").all():
+            catalog.set_photo(conn, i, f"{i}.jpg", {"taken": 1.6e9 + i, "caption": f"photo {i}"})
+    db.dispose()
+    path = folder / "catalog.db"
+    original = path.read_bytes()
+    (_, head, pointers_end, _, _), = catalog_pages(path)["photos"]
+    for at in range(head + 9, pointers_end, 2):  # each pointer's low byte (the page header is 8 bytes: a leaf)
+        data = bytearray(original)
+        data[at] ^= 0x01
+        path.write_bytes(data)
+        conn = sqlite3.connect(path)
+        try:
+            held = {i: conn.execute("SELECT 1 FROM photos WHERE file_id = ?", (i,)).fetchone()
+                    for (i,) in conn.execute("SELECT id FROM files").fetchall()}
+            sound = conn.execute("PRAGMA integrity_check(photos)").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError:
+            continue
+        finally:
+            conn.close()
+        missing = [i for i, row in held.items() if row is None]
+        if missing and not sound:
+            return missing[0]
+    path.write_bytes(original)
+    raise AssertionError("no flip of a photos cell pointer hides a row")

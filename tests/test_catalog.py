@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sqlalchemy import event
 
+from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import catalog
 
 
@@ -128,3 +129,53 @@ def test_a_file_a_list_names_by_any_spelling_is_the_file_a_folder_root_names():
     for entry in ("//tmp/a.jpg", "///tmp/a.jpg", "/tmp/./b/../a.jpg", "file:///tmp/a.jpg", "file:////tmp/a.jpg"):
         assert row("/nowhere/list.csv", entry).file == folder, entry
     assert row("/nowhere/list.csv", "https://example.com/tmp/a.jpg").file != folder
+
+
+def _damage(db, sql: str, *params) -> None:
+    """A flipped byte, written by hand: the column changed, nothing else (no writer's seal)."""
+    with db.begin() as conn:
+        conn.exec_driver_sql(sql, params)
+
+
+@pytest.mark.parametrize("filters", [{}, {"without_ids": [999]}, {"without_root": "/b"}, {"below": 10**6}])
+def test_live_pairs_refuse_an_address_off_its_seal(db, filters):
+    # rebuild, compact, forget and an index run put in the ANN index the vector each address names: a flipped byte of
+    # one filed another file's vector under this id, exit 0
+    ids = fill(db, [row("/a", f"{i}.jpg", i) for i in range(5)])
+    _damage(db, "UPDATE files SET vec_row = 3 WHERE id = ?", ids[1])  # 1 -> 3: a bit flipped, its seal kept
+    with pytest.raises(IndexDamagedError, match="checksum"), db.connect() as conn:
+        catalog.live_pairs(conn, **filters)
+
+
+@pytest.mark.parametrize("seal", [None, "x", 1e30, -1])
+def test_live_pairs_refuse_a_seal_no_writer_stores(db, seal):
+    # NULL, text, a REAL past int64 (OverflowError, exit 1, where it was read as an integer) or a wrong number: the
+    # address is off its seal, as verify and a snapshot's columns call it
+    ids = fill(db, [row("/a", f"{i}.jpg", i) for i in range(3)])
+    _damage(db, "UPDATE files SET vec_seal = ? WHERE id = ?", seal, ids[2])
+    with pytest.raises(IndexDamagedError, match="checksum"), db.connect() as conn:
+        catalog.live_pairs(conn)
+
+
+def test_live_pairs_call_an_address_past_int64_malformed_not_exit_1(db):
+    ids = fill(db, [row("/a", f"{i}.jpg", i) for i in range(3)])
+    _damage(db, "UPDATE files SET vec_row = 1e30 WHERE id = ?", ids[0])  # OverflowError escaped: exit 1
+    with pytest.raises(IndexDamagedError, match="restore the index"), db.connect() as conn:
+        catalog.live_pairs(conn)
+
+
+def test_live_pairs_leave_seals_to_verify_when_told(db):
+    # verify finds addresses off their seals itself (off_digest) and reports or forgets them: no refusal there
+    ids = fill(db, [row("/a", f"{i}.jpg", i) for i in range(3)])
+    _damage(db, "UPDATE files SET vec_row = 7 WHERE id = ?", ids[0])
+    with db.connect() as conn:
+        assert catalog.live_pairs(conn, check_seals=False).tolist() == [[ids[0], 7], [ids[1], 1], [ids[2], 2]]
+        assert catalog.off_digest(conn) == [ids[0]]
+
+
+def test_sealed_live_pairs_are_contiguous_pairs(db):
+    # callers slice columns and hand them to FAISS: the (n, 2) array, not a view of the three columns read
+    fill(db, [row("/a", f"{i}.jpg", i * 5) for i in range(4)])
+    with db.connect() as conn:
+        live = catalog.live_pairs(conn)
+    assert live.shape == (4, 2) and live.flags.c_contiguous and live[:, 1].tolist() == [0, 5, 10, 15]

@@ -333,3 +333,60 @@ def test_a_flipped_cell_pointer_of_a_photos_page_is_damage_not_a_missing_date(in
                         f"exit {result.exit_code}: {result.output[:80]}")
     assert set(outcomes) <= {"same", "refused"}, outcomes
     assert "refused" in outcomes  # the sweep's cases are among them
+
+
+def test_a_stopped_runs_pending_vectors_are_scored_at_sealed_addresses_only(tmp_path):
+    """The files a stopped run committed and the ANN index lacks are scored exactly at the addresses live_pairs reads
+    (engine Snapshot.pending), on a path that loads no snapshot columns: a flipped address, its seal kept, scored
+    another file's vector under this name and the file that matched best was left out, exit 0."""
+    import os
+
+    import numpy as np
+
+    import alignsearch
+    from helpers import vector_index
+    from alignsearch.storage import catalog
+
+    store = vector_index(tmp_path, 64, 16)
+    mine = store.get(np.array([7]))[0].astype(np.float32)
+    far = int(np.argmin(store.get(np.arange(64)).astype(np.float32) @ mine))  # the vector least like its own
+    db = catalog.connect(tmp_path / "catalog.db")
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE files SET vec_row = ? WHERE vec_row = 7", (far,))  # no writer's seal
+        # a run that stopped before its ANN index: this process began after it did, so it is not the run
+        state.write(conn, index_run=state.IndexRun(started=0.0, pid=os.getpid()))
+    db.dispose()
+    with pytest.raises(IndexDamagedError, match="checksum"):
+        alignsearch.open(tmp_path).search_vector(mine, k=1)  # another file answered, exit 0
+
+
+
+@pytest.fixture
+def hidden_photo(tmp_path):
+    """An engine over an index where a flipped cell pointer of the photos page hides one file's photo row."""
+    from helpers import hide_a_photo_row, vector_index
+    from alignsearch.search.engine import open as open_index
+
+    vector_index(tmp_path, 24, 8)
+    hide_a_photo_row(tmp_path)
+    engine = open_index(tmp_path)
+    yield engine
+    engine.close()
+
+
+def test_export_calls_a_photo_row_a_damaged_page_hides_damage(hidden_photo):
+    """Export reads photo fields as a search's hits do (Engine.photos_of): a row a flipped cell pointer hides was
+    exported as a photo with no date or caption, exit 0 (the query path ran SQLite's check of the photos table)."""
+    from alignsearch.search.export import batches
+
+    with pytest.raises(IndexDamagedError, match="catalog.db is damaged"):
+        list(batches(hidden_photo))
+
+
+@pytest.mark.slow
+def test_the_landing_page_calls_a_photo_row_a_damaged_page_hides_damage(hidden_photo):
+    """The server's landing page (recent) too: the file was listed with no date or caption."""
+    from alignsearch.surfaces.server import Library, ServerConfig
+
+    with pytest.raises(IndexDamagedError, match="catalog.db is damaged"):
+        Library(hidden_photo, ServerConfig()).recent(0, 100)

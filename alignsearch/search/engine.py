@@ -10,7 +10,7 @@ import threading
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -793,15 +793,7 @@ class Engine:
             # its name that placed it (a list's caption a hybrid search matched), not none
             ranked = [i for i in ids[order].tolist() if i in rows]
             shown = {*ranked, *(rows[i].id for i in ranked)}
-            photos = catalog.photos_of(conn, shown)
-            if len(photos) < len(shown) and catalog.has_photos(conn):
-                # A hit without its photo row: not yet filled (a run in progress, or killed), or a damaged page hides
-                # the row (a flipped bit of a photos page's cell pointer: `query` showed the photo's date as none,
-                # exit 0, for the row is absent, not altered, and no digest is read). SQLite's check of the photos
-                # table tells which, once per snapshot, only when a hit lacks its row: of that table alone, as a
-                # photo unreadable at its fill lacks its row for good, and the CLI pays the check at each query
-                # while it is a hit (bench_photos_check: the whole catalog's check costs several times as much).
-                self._check_catalog(snap, table="photos")
+            photos = self.photos_of(conn, shown, snap)
             labels = catalog.labels_of(conn, [rows[i].id for i in ranked])
         hits = []
         for i in order:
@@ -919,6 +911,21 @@ class Engine:
         with self.db.connect() as conn:
             if state.read(conn, "generation").generation != snap.generation:
                 raise _Stale()
+
+    def photos_of(self, conn, ids: Iterable[int], snap: Snapshot | None = None) -> dict[int, dict]:
+        """catalog.photos_of, checked as every reader that shows photo fields needs it (a search's hits, the
+        server's landing page, export). A file without its photo row: not yet filled (a run in progress, or killed),
+        or a damaged page hides the row (a flipped bit of a photos page's cell pointer: `query` showed the photo's
+        date as none, exit 0, for the row is absent, not altered, and no digest is read). SQLite's check of the
+        photos table tells which, once per snapshot (snap: the caller's; else the engine's), only when a file lacks
+        its row: of that table alone, as a photo unreadable at its fill lacks its row for good, and the CLI pays the
+        check at each query while it is a hit (bench_photos_check: the whole catalog's check costs several times as
+        much)."""
+        ids = set(ids)
+        photos = catalog.photos_of(conn, ids)
+        if len(photos) < len(ids) and catalog.has_photos(conn):
+            self._check_catalog(self.snap if snap is None else snap, table="photos")
+        return photos
 
     def _check_catalog(self, snap: Snapshot, table: str | None = None) -> None:
         """The ANN index named files the catalog lacks: a writer removed them and has not yet synced the

@@ -127,7 +127,8 @@ def batches(engine, batch: int = PAGE, roots: list[str] | None = None, where: st
             if same:
                 rows = [r for r in rows if r.id not in same]
             ids = [r.id for r in rows]
-            photo, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
+            # checked as a search's hits are: a row a damaged page hides was written with no date or caption, exit 0
+            photo, labels = engine.photos_of(conn, ids, snap), catalog.labels_of(conn, ids)
             # read after the rows: rows holding a new generation's addresses (a re-encode's or a compaction's
             # switch) are never read from this snapshot's files
             moved = state.read(conn, "generation").generation != snap.generation

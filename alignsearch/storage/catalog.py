@@ -682,25 +682,49 @@ def failed_files(conn: Connection) -> list[FileRow]:
     return check_rows(conn, _rows(conn.execute(query)))
 
 
-def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (),
-               without_root: str | Iterable[str] | None = None, below: int | None = None) -> np.ndarray:
+def live_pairs(conn: Connection, *, without_ids: Iterable[int] = (), without_root: str | Iterable[str] | None = None,
+               below: int | None = None, check_seals: bool = True) -> np.ndarray:
     """(file id, vector row) of every indexed file, in id order, as an (n, 2) int64 array: what the ANN index
     holds. without_ids: less these files and their videos' other moments (files whose deletion commits with the
     ANN index); without_root: less that root's files, or those roots' (roots being forgotten); below: only ids
-    below it (those committed before next_id said it)."""
+    below it (those committed before next_id said it). Each address is checked against its seal (schema 17; else the
+    one-line error of refuse_off_digest); check_seals=False only for `verify`, which finds addresses off their seals
+    itself (off_digest) to report and forget them rather than refuse."""
     import numpy as np
 
-    query = select(files.c.id, files.c.vec_row).where(files.c.status == INDEXED, *_leaving_out(without_ids))
+    # the address's seal read beside it (schema 17): rebuild, compact, verify and forget put into the ANN index the
+    # vector each address names, so a flipped byte of one filed another file's vector under this id, exit 0
+    sealed = check_seals and migrate.schema_of(conn).vec_seals
+    columns = (files.c.id, files.c.vec_row, files.c.vec_seal) if sealed else (files.c.id, files.c.vec_row)
+    query = select(*columns).where(files.c.status == INDEXED, *_leaving_out(without_ids))
     if below is not None:
         query = query.where(files.c.id < below)
     if without_root is not None:
         query = query.where(files.c.root.not_in([without_root] if isinstance(without_root, str) else list(without_root)))
+    query = query.order_by(files.c.id)
     # flattened straight into the array: np.array over a list of Row objects took 25-45 us a row (13 s at 480k)
-    flat = itertools.chain.from_iterable(conn.execute(query.order_by(files.c.id)))
+    flat = itertools.chain.from_iterable(conn.execute(query))
     try:
-        return np.fromiter(flat, dtype=np.int64).reshape(-1, 2)
-    except (TypeError, ValueError):  # a vector address that is NULL or text: damage, said in one line
+        read = np.fromiter(flat, dtype=np.int64).reshape(-1, len(columns))
+    except (TypeError, ValueError, OverflowError):  # NULL, text or a REAL past int64 where a writer stores integers
+        _refuse_unread_pairs(conn, query)
+    if not sealed:
+        return read
+    # the same numpy check as a snapshot's columns (search/columns.py): one pass of arithmetic, no row in Python
+    if not rowdigest.sealed(read[:, 1], read[:, 2]):
+        refuse_off_digest()
+    return np.ascontiguousarray(read[:, :2])
+
+
+def _refuse_unread_pairs(conn: Connection, query) -> None:
+    """The one-line error for live pairs that could not be read as integers (damage only: read again, row by row):
+    an address that is not an integer is not a vector address (refuse_malformed, as addresses_of says it); a seal
+    that is not one (NULL, text, a REAL past int64) is an address off its seal, as search/columns.py and verify
+    find it (verify --repair seals it anew)."""
+    rows = conn.execute(query).all()
+    if not all(type(row[1]) is int for row in rows):
         refuse_malformed(conn)
+    refuse_off_digest()
 
 
 def _gone(ids: Iterable[int]) -> CompoundSelect:

@@ -717,8 +717,8 @@ class Library:
         A folder root and a list naming one of its photos, or a link beside its target, listed it twice."""
         from sqlalchemy import func, select
 
-        files = catalog.files
-        with self.engine.db.connect() as conn:
+        files, engine = catalog.files, self.engine  # judged once for the request
+        with engine.db.connect() as conn:
             indexed = files.c.status == catalog.INDEXED
             count, last = conn.execute(select(func.count(), func.max(files.c.id)).where(indexed)).one()
             same = self._same_file(conn, (count, last))
@@ -736,7 +736,8 @@ class Library:
                     break
             found = catalog.get_files(conn, ids)  # checked: a time stored as text answered "internal error" (500)
             rows = [found[i] for i in ids if i in found]
-            photos, labels = catalog.photos_of(conn, ids), catalog.labels_of(conn, ids)
+            # checked as a search's hits are: a row a damaged page hides was listed with no date or caption
+            photos, labels = engine.photos_of(conn, ids), catalog.labels_of(conn, ids)
             # a file with no caption of its own shows the caption another name of it holds, as a search's hit does
             # and export writes: the landing page showed a list's captioned photo without it
             for file_id, caption in onefile.lent_captions(conn, rows, photos).items():

@@ -958,3 +958,25 @@ def test_info_names_the_encoder_of_a_reindex_with_ray_that_found_nothing_new(tin
     assert again["reencoded"] == 3 and again["encoder"]["backend"] == "onnx" and "Ray" not in json.dumps(again["encoder"])
     info = json.loads(run("info", "--index", tmp_path / "ix", "--json").stdout)["encoder"]["last_index_run"]
     assert info == again["encoder"], info
+
+
+def test_int8_weights_are_7_bit_only_where_the_cpus_int8_products_saturate(tmp_path):
+    """x86 with AVX2 or AVX512BW and no VNNI runs ONNX Runtime's u8s8 products through VPMADDUBSW, whose pair sums
+    clip: there the int8 text tower is quantized with reduce_range (it measured cosine 0.9876 to torch on an
+    AVX2-only EPYC, under the 0.99 floor). VNNI, AMX and ARM keep 8-bit weights, as before."""
+    from alignsearch.encoders import onnxrun
+
+    def cpu(flags: str) -> str:
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\n")
+        return str(path)
+
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n\n")
+    assert onnxrun.int8_saturates(cpu("fpu sse4_2 avx avx2 fma"))
+    assert onnxrun.int8_saturates(cpu("avx2 avx512f avx512bw"))
+    assert not onnxrun.int8_saturates(cpu("avx2 avx512f avx512bw avx512_vnni"))
+    assert not onnxrun.int8_saturates(cpu("avx2 avx_vnni"))
+    assert not onnxrun.int8_saturates(cpu("fpu sse4_2"))  # no AVX2: ONNX Runtime's SSE kernels do not clip
+    assert not onnxrun.int8_saturates(str(arm))
+    assert not onnxrun.int8_saturates(str(tmp_path / "none"))  # no /proc/cpuinfo (macOS): the platform's own

@@ -107,6 +107,15 @@ def numerics(cpuinfo: str = CPUINFO) -> str:
     return f"{model} [{' '.join(sorted(flags & NUMERIC_FLAGS))}]"
 
 
+def int8_saturates(cpuinfo: str = CPUINFO) -> bool:
+    """Whether ONNX Runtime's int8 matrix products saturate on this CPU: x86 with AVX2 (or AVX512BW) but no VNNI runs
+    u8s8 products through VPMADDUBSW, whose 16-bit pair sums clip (ONNX Runtime's quantization guide: "reduce_range"
+    for such machines). On an AVX2-only EPYC the tiny test model's text tower quantized at cosine 0.9876 to torch
+    (refused, floor 0.99) and at >= 0.99 with 7-bit weights. VNNI sums in 32 bits; ARM's int8 dot products too."""
+    flags = _cpuinfo(cpuinfo)[1]
+    return bool(flags & {"avx2", "avx512bw"}) and not flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"}
+
+
 ENGINE_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 

@@ -3,6 +3,10 @@ other than Thai and Lao ones were separators, no pointing dropped, Khmer and Mya
 tree, each tree writing and searching its own catalog in its own process (PYTHONPATH at its tree).
 
     python benchmarks/bench_keyword_scripts.py [--base e20fef2 | --base-tree PATH] [--docs 40] [--seed 0] [--no-save]
+        [--held-out]
+
+The nukta change (schema 18) was measured with --base 60d5458 (main at schema 17) --held-out: the set below, where
+its loss was found, and HELD_OUT, nukta words written after the change and run as a section of their own.
 
 The data is CONSTRUCTED, not collected (no network here): per script a vocabulary of everyday nouns written out
 below by hand (VOCAB: each lemma's written form, with its diacritics or pointing, and the form people type without
@@ -95,35 +99,75 @@ VOCAB: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         ("zh-flower", "桜", "桜"), ("zh-photo", "写真", "写真"), ("zh-sea", "海", "海")]),
 }
 
-# a nukta letter written as one code point (U+0958-U+095F, NFC keeps them apart: composition exclusions)
-_PRECOMPOSED = {unicodedata.normalize("NFD", chr(c)): chr(c) for c in range(0x0958, 0x0960)}
+# HELD OUT from the nukta change (schema 18): written after it was made, from none of its words (बाज़ार and ज़मीन, of
+# VOCAB, are where the loss was found), and run as a section of its own (--held-out). Nukta words of Devanagari,
+# Bengali and Gurmukhi, with the form typed without the nukta as bare: loans with a nukta consonant (ग़ज़ल, फ़िल्म,
+# ख़बर), the retroflex flaps ड़ ढ़ (सड़क, पढ़ाई; Bengali বাড়ি, আষাঢ়), Bengali য় (সময়, মেয়ে, আয়না) and Gurmukhi ਜ਼ ਸ਼
+# ਖ਼ ਫ਼. Pairs the nukta alone tells apart are in on purpose, as homographs (the bare spelling is both words): राज
+# (rule) / राज़ (secret), सजा (decorated) / सज़ा (punishment), ਸੇਰ (a seer, a weight) / ਸ਼ੇਰ (lion); so is a word
+# whose bare form is another word's, where dropping the nukta can only lose. Words without a nukta are controls.
+# The full forms are written here letter and nukta; the corpus writes half of them precomposed (_PRECOMPOSED).
+NUKTA_SIGN = {"Devanagari": "\u093c", "Bengali": "\u09bc", "Gurmukhi": "\u0a3c"}
+HELD_OUT: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "Devanagari": (" ", [
+        ("hi-ghazal", "ग\u093cज\u093cल", "गजल"), ("hi-film", "फ\u093cिल्म", "फिल्म"),
+        ("hi-life", "ज\u093cिंदगी", "जिंदगी"), ("hi-news", "ख\u093cबर", "खबर"), ("hi-road", "सड\u093cक", "सडक"),
+        ("hi-boy", "लड\u093cका", "लडका"), ("hi-tree", "पेड\u093c", "पेड"), ("hi-read", "पढ\u093cाई", "पढाई"),
+        ("hi-secret", "राज\u093c", "राज"), ("hi-rule", "राज", "राज"), ("hi-punish", "सज\u093cा", "सजा"),
+        ("hi-adorned", "सजा", "सजा"), ("hi-water", "पानी", "पानी"), ("hi-city", "शहर", "शहर"),
+        ("hi-child", "बच्चा", "बच्चा")]),
+    "Bengali": (" ", [
+        ("bn-time", "সময\u09bc", "সময"), ("bn-girl", "মেয\u09bcে", "মেযে"), ("bn-mirror", "আয\u09bcনা", "আযনা"),
+        ("bn-house", "বাড\u09bcি", "বাডি"), ("bn-hill", "পাহাড\u09bc", "পাহাড"), ("bn-month", "আষাঢ\u09bc", "আষাঢ"),
+        ("bn-river", "নদী", "নদী"), ("bn-book", "বই", "বই"), ("bn-fish", "মাছ", "মাছ")]),
+    "Gurmukhi": (" ", [
+        ("pa-life", "ਜ\u0a3cਿੰਦਗੀ", "ਜਿੰਦਗੀ"), ("pa-surely", "ਜ\u0a3cਰੂਰ", "ਜਰੂਰ"), ("pa-news", "ਖ\u0a3cਬਰ", "ਖਬਰ"),
+        ("pa-film", "ਫ\u0a3cਿਲਮ", "ਫਿਲਮ"), ("pa-city", "ਸ\u0a3cਹਿਰ", "ਸਹਿਰ"), ("pa-lion", "ਸ\u0a3cੇਰ", "ਸੇਰ"),
+        ("pa-seer", "ਸੇਰ", "ਸੇਰ"), ("pa-water", "ਪਾਣੀ", "ਪਾਣੀ"), ("pa-house", "ਘਰ", "ਘਰ"),
+        ("pa-river", "ਦਰਿਆ", "ਦਰਿਆ")]),
+}
+
+# a nukta letter written as one code point (Devanagari U+0958-U+095F, Bengali ড় ঢ় য়, Gurmukhi ਲ਼ ਸ਼ ਖ਼ ਗ਼ ਜ਼ ਫ਼: NFC keeps
+# them apart, composition exclusions)
+_PRECOMPOSED = {unicodedata.normalize("NFD", chr(c)): chr(c)
+                for c in (*range(0x0958, 0x0960), 0x09DC, 0x09DD, 0x09DF, 0x0A33, 0x0A36, *range(0x0A59, 0x0A5C), 0x0A5E)}
 
 
-def corpus(docs: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(documents: {caption, script, lemmas}, queries: {text, script, form, relevant: [document index]})."""
+def corpus(docs: int, seed: int, vocabulary: dict = VOCAB, precomposed_queries: bool = False
+           ) -> tuple[list[dict], list[dict]]:
+    """(documents: {caption, script, lemmas}, queries: {text, script, form, relevant: [document index]}); with
+    precomposed_queries, a full form with a nukta letter is also typed precomposed (form `precomposed`)."""
     rng = random.Random(seed)
     documents: list[dict] = []
-    for script, (joiner, vocab) in VOCAB.items():
+    for script, (joiner, vocab) in vocabulary.items():
         for _ in range(docs):
             chosen = rng.sample(vocab, rng.choice((2, 3)))
             written = []
             for _, full, bare in chosen:
                 form = full if rng.random() < 0.5 else bare
-                if form != bare and script == "Devanagari" and rng.random() < 0.5:
-                    for decomposed, one in _PRECOMPOSED.items():
-                        form = form.replace(decomposed, one)
+                if form != bare and script in NUKTA_SIGN and rng.random() < 0.5:
+                    form = _precomposed(form)
                 written.append(form)
             documents.append({"caption": joiner.join(written), "script": script, "lemmas": [c[0] for c in chosen]})
     queries = []
-    for script, (_, vocab) in VOCAB.items():
+    for script, (_, vocab) in vocabulary.items():
         for lemma, full, bare in vocab:
             homographs = {other for other, _, b in vocab if b == bare}
-            for form, text, meant in (("bare", bare, homographs), ("full", full, {lemma})):
-                if form == "full" and full == bare:
+            typed = [("bare", bare, homographs), ("full", full, {lemma})]
+            if precomposed_queries:
+                typed.append(("precomposed", _precomposed(full), {lemma}))
+            for form, text, meant in typed:
+                if (form == "full" and full == bare) or (form == "precomposed" and text == full):
                     continue
                 relevant = [i for i, d in enumerate(documents) if meant & set(d["lemmas"])]
                 queries.append({"text": text, "script": script, "form": form, "relevant": relevant})
     return documents, queries
+
+
+def _precomposed(text: str) -> str:
+    for decomposed, one in _PRECOMPOSED.items():
+        text = text.replace(decomposed, one)
+    return text
 
 
 # In the tree under test (PYTHONPATH): write the catalog, run every query in both modes, print the ranked documents.
@@ -208,34 +252,46 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--held-out", action="store_true", help="also the held-out nukta set (HELD_OUT), its own section")
     args = ap.parse_args()
     at_start = os.getloadavg()[0]
-    documents, queries = corpus(args.docs, args.seed)
+    sets = [("the set", VOCAB, False)] + ([("held-out nukta set", HELD_OUT, True)] if args.held_out else [])
+    lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "corpus.json"
-        data.write_text(json.dumps({"documents": documents, "queries": queries}, ensure_ascii=False))
         if args.base_tree:
             short = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=args.base_tree, check=True).stdout.strip()
-            old = ranked(args.base_tree, data, Path(tmp) / "old")
+            for n, (name, vocabulary, precomposed) in enumerate(sets):
+                lines += _section(name, vocabulary, precomposed, args, args.base_tree, short, Path(tmp) / str(n))
         else:
             with base_worktree(args.base) as (_, tree, short):
-                old = ranked(tree, data, Path(tmp) / "old")
-        new = ranked(HERE.parent, data, Path(tmp) / "new")
-    lines = [f"- constructed set (see the script's docstring: hand-written vocabulary, random captions, seed "
-             f"{args.seed}): {len(documents)} captions in {len(VOCAB)} scripts ({args.docs} each), {len(queries)} "
-             f"queries; old = the keyword index at {short} (before schema 16), new = this tree; nothing tuned on it", ""]
+                for n, (name, vocabulary, precomposed) in enumerate(sets):
+                    lines += _section(name, vocabulary, precomposed, args, tree, short, Path(tmp) / str(n))
+    lines.append(load_note(at_start))
+    record(f"Keyword relevance across scripts, {short} vs this tree (bench_keyword_scripts.py)", lines,
+           save=not args.no_save)
+
+
+def _section(name: str, vocabulary: dict, precomposed: bool, args, base: Path, short: str, tmp: Path) -> list[str]:
+    """One set's results: its corpus ranked by the base tree (old) and this one (new), each its own catalog."""
+    tmp.mkdir()
+    documents, queries = corpus(args.docs, args.seed, vocabulary, precomposed)
+    data = tmp / "corpus.json"
+    data.write_text(json.dumps({"documents": documents, "queries": queries}, ensure_ascii=False))
+    old, new = ranked(base, data, tmp / "old"), ranked(HERE.parent, data, tmp / "new")
+    lines = [f"### {name}", "", f"- constructed set (see the script's docstring: hand-written vocabulary, random "
+             f"captions, seed {args.seed}): {len(documents)} captions in {len(vocabulary)} scripts ({args.docs} each), "
+             f"{len(queries)} queries; old = the keyword index at {short} (--base), new = this tree; nothing tuned "
+             "on it", ""]
     for mode in ("keyword", "auto"):
-        lines += [f"### {'keyword mode' if mode == 'keyword' else 'auto mode keyword list (evidence only)'}", ""]
+        lines += [f"#### {'keyword mode' if mode == 'keyword' else 'auto mode keyword list (evidence only)'}", ""]
         lines += table(queries, old[mode], new[mode]) + [""]
         worse = losses(queries, old[mode], new[mode], documents)
         lines += [f"- queries answered worse by the new index: {len(worse)}"] + worse
         neither = [f"`{q['text']}`" for n, q in enumerate(queries)
                    if not scores(old[mode][n], q["relevant"])[0] and not scores(new[mode][n], q["relevant"])[0]]
         lines += [f"- queries neither index finds a relevant document for: {', '.join(neither) or 'none'}", ""]
-    lines.append(load_note(at_start))
-    record("Keyword relevance across scripts, schema 16's tokenizer vs before (bench_keyword_scripts.py)", lines,
-           save=not args.no_save)
+    return lines
 
 
 if __name__ == "__main__":

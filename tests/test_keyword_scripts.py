@@ -705,3 +705,69 @@ def test_a_khmer_or_myanmar_word_is_found_inside_the_longer_run_it_is_written_in
         assert kw("\u101b\u1014\u103a\u1000\u102f\u1014\u103a") == ["yangon.jpg"]  # ရန်ကုန်, Yangon
     assert keywords.evidence(keywords.parse(water), "\u1791\u17b9\u1780\u179f\u17d2\u17a2\u17b6\u178f")
     assert not keywords.evidence(keywords.parse(water), "\u1791\u17bc\u1780\u178f\u17bc\u1785")
+
+
+# Hindi words with and without the nukta: बाज़ार (market) as written, बाजार as mostly typed; क़लम (pen) with the
+# precomposed क़ (U+0958, a composition exclusion: NFC writes it क and the nukta); ग़ज़ल (ghazal) bare; Bengali ড়াকা
+# written ড় U+09DC; Gurmukhi ਜ਼ਮੀਨ (land) with ਜ਼ U+0A5B.
+BAZAAR, BAZAAR_BARE = "\u092c\u093e\u091c\u093c\u093e\u0930", "\u092c\u093e\u091c\u093e\u0930"
+QALAM, QALAM_BARE = "\u0958\u0932\u092e", "\u0915\u0932\u092e"
+GHAZAL, GHAZAL_BARE = "\u0917\u093c\u091c\u093c\u0932", "\u0917\u091c\u0932"
+ZAMEEN, ZAMEEN_BARE = "\u0a5b\u0a2e\u0a40\u0a28", "\u0a1c\u0a2e\u0a40\u0a28"
+NUKTA = {"bazaar.jpg": f"{BAZAAR} \u092e\u0947\u0902", "pen.jpg": QALAM, "ghazal.jpg": GHAZAL_BARE,
+         "land.jpg": ZAMEEN, "other.jpg": "\u0915\u092e\u0932"}  # कमल (lotus): the letters of कलम in another order
+
+
+def test_the_indic_nukta_is_dropped_from_the_text_and_the_query_alike():
+    """The nukta (Devanagari to Kannada) is dropped as the harakat are, precomposed letters with it too (NFC writes
+    them apart): it was kept, so `बाजार` was another word than `बाज़ार`."""
+    assert keywords.spaced(BAZAAR) == BAZAAR_BARE and keywords.spaced(QALAM) == QALAM_BARE
+    assert keywords.spaced("\u0915\u093c\u0932\u092e") == QALAM_BARE  # क़ written as क and the nukta
+    assert keywords.spaced(ZAMEEN) == ZAMEEN_BARE and keywords.spaced("\u09dc") == "\u09a1"  # ড় U+09DC: ড
+    for sign in ("\u093c", "\u09bc", "\u0a3c", "\u0abc", "\u0b3c", "\u0c3c", "\u0cbc"):
+        assert keywords.spaced("\u0915" + sign) == "\u0915", hex(ord(sign))
+    assert keywords.spaced("\u0a9c\u0afd") == "\u0a9c\u0afd"  # Gujarati's three-dot nukta tells a letter apart: kept
+    assert [a.tokens for a in keywords.parse(f"{BAZAAR} {QALAM}").positive()] == [(BAZAAR_BARE,), (QALAM_BARE,)]
+
+
+def test_a_hindi_word_is_found_typed_with_or_without_its_nukta(tmp_path):
+    """`बाजार` typed without the nukta, as Hindi mostly is, found no `बाज़ार`, nor `बाज़ार` a `बाजार`; the precomposed `क़`
+    (U+0958) and `क` with the nukta typed apart find each other and the bare word."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, NUKTA)
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw(BAZAAR) == kw(BAZAAR_BARE) == ["bazaar.jpg"]  # was bazaar.jpg, and []
+        assert kw(QALAM) == kw(QALAM_BARE) == kw("\u0915\u093c\u0932\u092e") == ["pen.jpg"]  # was [], [] and pen.jpg
+        assert kw(GHAZAL) == kw(GHAZAL_BARE) == ["ghazal.jpg"]  # was [], and ghazal.jpg
+        assert kw(ZAMEEN_BARE) == kw(ZAMEEN) == ["land.jpg"]
+        assert kw(f'"{BAZAAR_BARE} \u092e\u0947\u0902"') == ["bazaar.jpg"]
+    reader = catalog.connect(db, readonly=True)
+    with reader.connect() as conn:  # the default mode's keyword list: the caption's evidence, as the index found it
+        for typed, names in ((BAZAAR_BARE, ["bazaar.jpg"]), (QALAM_BARE, ["pen.jpg"]), (GHAZAL, ["ghazal.jpg"])):
+            auto = keywords.search(conn, keywords.parse(typed, partial_last=True), 10, evidence_only=True)
+            assert sorted(n for n, i in ids.items() if i in {f for f, _ in auto}) == names, typed
+    reader.dispose()
+
+
+def test_a_schema_17_keyword_index_finds_a_word_without_its_nukta_once_its_next_writer_upgrades_it(tmp_path):
+    """A schema-17 index holds `बाज़ार` with its nukta; a reader reads it as it stands (typed as written, with the nukta,
+    still found: the query also looks for the word as typed), and the next writer writes the keyword index again
+    (step 18): then `बाजार` finds it."""
+    db_path = tmp_path / "catalog.db"
+    ids = _library(db_path, NUKTA)
+    with sqlite3.connect(db_path) as conn:  # each row as schema 17 wrote it: composed, the nukta kept
+        for name, caption in NUKTA.items():
+            conn.execute(f"UPDATE {catalog.KEYWORDS} SET body = ? WHERE rowid = ?",
+                         (unicodedata.normalize("NFC", catalog.keyword_text(name, caption)), ids[name]))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", ("17",))
+    conn.close()
+    assert _version(db_path) == 17
+    assert _found(db_path, ids, BAZAAR, readonly=True) == ["bazaar.jpg"]  # as typed, as written
+    assert _found(db_path, ids, BAZAAR_BARE, readonly=True) == []  # as it stands: a reader writes nothing
+    catalog.connect(db_path).dispose()  # a writer: upgraded
+    assert _version(db_path) == migrate.LATEST == 18
+    assert _found(db_path, ids, BAZAAR_BARE, readonly=True) == _found(db_path, ids, BAZAAR, readonly=True) == ["bazaar.jpg"]
+    assert _found(db_path, ids, QALAM_BARE, readonly=True) == ["pen.jpg"]

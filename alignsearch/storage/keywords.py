@@ -39,7 +39,7 @@ What a query text means (`parse`):
 - Combining marks (Mn, Mc) of every script are part of their word (schema 16): a Hindi word is one token with its vowel
   signs and virama (`हिन्दी`, not `ह` `न` `द`). Arabic harakat and Hebrew points are dropped (_POINTING), as accents
   are: `كتب` finds `كَتَبَ` and `שלום` finds `שָׁלוֹם`, and each typed pointed finds the bare word; so is the tatweel
-  (`كـتـب` is `كتب`).
+  (`كـتـب` is `كتب`). So is the Indic nukta (schema 18; Devanagari to Kannada): `बाजार` finds `बाज़ार`, and `क़` is `क`.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -171,6 +171,15 @@ _POINTING = {c: None for block in (range(0x0591, 0x05C8), range(0xFB1E, 0xFB1F),
                                    range(0x0750, 0x0780), range(0x0870, 0x0900), range(0xFB50, 0xFE00))
              for c in block if unicodedata.category(chr(c)) == "Mn"}
 _POINTING[0x0640] = None
+# The nukta of the Indic scripts (Devanagari, Bengali, Gurmukhi, Gujarati, Oriya, Telugu, Kannada: U+0900-U+0CFF), the dot
+# under a letter for a sound borrowed from Persian, Arabic or English (ज़ za, फ़ fa) or a flap (ड़, ঢ়): dropped as the
+# harakat are (schema 18). Hindi is very often typed without it, so `बाजार` found no `बाज़ार` (recall@10 1.0 to 0.6 in
+# bench_keyword_scripts), as Lucene's HindiNormalizer drops it for. ड़ and ड (a flap, a stop) sound apart but are typed
+# for each other; no word is told from another by a nukta alone often enough to be worth the misses. A precomposed
+# nukta letter (क़ U+0958, ड़ U+095C, য় U+09DF, ਜ਼ U+0A5B) is a composition exclusion: NFC (spaced) writes it as its
+# letter and the nukta, which is then dropped. The other nuktas (Gujarati's three-dot ones above, Adlam's, historic
+# scripts') tell letters apart and stay.
+_POINTING.update((c, None) for c in range(0x0900, 0x0D00) if unicodedata.name(chr(c), "").endswith(" SIGN NUKTA"))
 # A kana voiced mark no letter took (NFC composed the others): a separator, as it was when unicode61 took every mark
 # for one (`xﾞbc` is `x` and `bc`; the match check, _fold, parts them so too), not a token of its own.
 _BARE = {**_GREEK_BARE, **_POINTING, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1", 0x3099: " ", 0x309A: " "}

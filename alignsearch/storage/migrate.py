@@ -76,7 +76,7 @@ _DEFERRED = "alignsearch.migrate.keywords_again"  # conn.info: inside upgrade(),
 
 def _keywords_again(conn) -> None:
     """The keyword index and its trigram twin built again from what the catalog holds (nothing is read from the
-    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11, 12 and 16 each ask for it, and a
+    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11, 12, 16 and 18 each ask for it, and a
     catalog from schema 1 was rebuilt five times in one transaction (~2.5 s each at 20,000 files); no step between
     reads the keyword tables."""
     if _DEFERRED in conn.info:
@@ -159,6 +159,13 @@ def _mark_keywords(conn) -> None:
     an index written before cut a Hindi word at its vowel signs and virama (`हिन्दी`: `ह` `न` `द`) and a vocalised
     Arabic or pointed Hebrew word into letters, so `كتب` found no `كَتَبَ` and `שלום` no `שָׁלוֹם`. The tokenizer is
     part of the table, so it is dropped and made again (_keywords_again)."""
+    _keywords_again(conn)
+
+
+def _nukta_keywords(conn) -> None:
+    """The keyword index written again without the Indic nukta (keywords._POINTING: `बाज़ार` held as `बाजार`): an index
+    written before kept it, so `बाजार`, as Hindi is mostly typed, found no `बाज़ार`, and `बाज़ार` no `बाजार`. The
+    tokenizer is unchanged; made again as step 16 did (_keywords_again)."""
     _keywords_again(conn)
 
 
@@ -301,6 +308,7 @@ STEPS: tuple[Step, ...] = (
     Step(16, "keyword index: every script's combining marks are part of their word; Arabic harakat and Hebrew points "
                  "dropped (كَتَبَ: كتب)", _mark_keywords),
     Step(17, "a seal of each files row's vector address, which readers that score by it check", _vec_seals),
+    Step(18, "keyword index: the Indic nukta dropped (बाज़ार: बाजार)", _nukta_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

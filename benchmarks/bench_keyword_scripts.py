@@ -224,7 +224,8 @@ def main() -> None:
         new = ranked(HERE.parent, data, Path(tmp) / "new")
     lines = [f"- constructed set (see the script's docstring: hand-written vocabulary, random captions, seed "
              f"{args.seed}): {len(documents)} captions in {len(VOCAB)} scripts ({args.docs} each), {len(queries)} "
-             f"queries; old = the keyword index at {short} (before schema 16), new = this tree; nothing tuned on it", ""]
+             f"queries; old = the keyword index at {short}{' (before schema 16)' if args.base == BASE and not args.base_tree else ''}, "
+             f"new = this tree; nothing tuned on it", ""]
     for mode in ("keyword", "auto"):
         lines += [f"### {'keyword mode' if mode == 'keyword' else 'auto mode keyword list (evidence only)'}", ""]
         lines += table(queries, old[mode], new[mode]) + [""]

@@ -272,6 +272,27 @@ def test_keyword_mode_prints_its_rank_score(captioned):
 
 
 @pytest.mark.slow
+def test_one_ideograph_typed_finds_the_caption_holding_it_in_keyword_and_auto_mode(prebuilt, tiny_model):
+    """A Japanese user typing `海` (sea) got no keyword hit: the query parser dropped a lone ideograph as it drops a
+    lone Latin letter. Through the engine and the CLI, as indexed from a sidecar caption."""
+
+    def build(base):
+        root, ix = base / "photos", base / "ix"
+        images = make_images(root, 3)
+        images[1].with_suffix(".txt").write_text("青い海と白い砂浜\n")
+        images[2].with_suffix(".txt").write_text("東京駅の桜\n")
+        index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+        return ix, images[1].name, images[2].name
+
+    ix, sea, station = prebuilt.folder("compose-ideograph", build)[1]
+    engine = alignsearch.open(ix)
+    assert [h.relpath for h in engine.search(text="海", k=5, mode="keyword")] == [sea]
+    assert [h.relpath for h in engine.search(text="駅", k=5, mode="keyword")] == [station]
+    assert sea in [h.relpath for h in engine.search(text="海", k=3, mode="auto") if h.parts["keyword_rank"] is not None]
+    assert [h["relpath"] for h in query_json(ix, "桜", "--mode", "keyword")["results"]] == [station]
+
+
+@pytest.mark.slow
 def test_compose_on_the_cli_with_explain(flat, tmp_path):
     image = make_images(tmp_path / "q", 1, seed=9)[0]
     for method in ("product", "slerp", "sum", "weicom"):

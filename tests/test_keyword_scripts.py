@@ -195,6 +195,28 @@ def test_a_korean_word_of_one_syllable_is_a_word(tmp_path):
     assert keywords.evidence(keywords.parse("밤"), "서울의 밤 풍경")
 
 
+def test_a_chinese_or_japanese_word_of_one_or_two_ideographs_is_found_in_the_text_holding_it(tmp_path):
+    """A lone Han ideograph is a word (海 sea, 駅 station, 桜 cherry blossom), but it was dropped as a lone letter
+    is: `海` searched for nothing and `海 AND 青` was `青` alone. It is kept; a lone kana (mostly a particle, の は)
+    stays no query unless quoted."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"sea.jpg": "青い海と空", "station.jpg": "東京駅前の桜", "mountain.jpg": "富士山",
+                        "cat.jpg": "ねこ と 犬", "sea2.jpg": "海"})
+    for partial_last in (False, True):
+        assert _found(db, ids, "海", partial_last) == ["sea.jpg", "sea2.jpg"]
+        assert _found(db, ids, "駅", partial_last) == ["station.jpg"]
+        assert _found(db, ids, "桜", partial_last) == ["station.jpg"]
+        assert _found(db, ids, "海 AND 青", partial_last) == ["sea.jpg"]
+        assert _found(db, ids, "東京", partial_last) == ["station.jpg"]
+        assert _found(db, ids, "士山", partial_last) == ["mountain.jpg"]
+        assert _found(db, ids, "ね", partial_last) == []  # a lone kana: no query
+    assert _found(db, ids, '"ね"') == ["cat.jpg"]  # quoted, it is looked for
+    with catalog.connect(db).connect() as conn:  # the caption that is the word alone ranks first (bm25)
+        assert keywords.search(conn, keywords.parse("海"), 10)[0][0] == ids["sea2.jpg"]
+    assert keywords.evidence(keywords.parse("海", partial_last=True), "青い海と空")  # the default mode keeps it
+    assert keywords.parse("ね").positive() == [] and keywords.parse("a").positive() == []
+
+
 def test_a_latin_or_digit_word_with_a_korean_particle_written_onto_it_is_found_by_the_word(tmp_path):
     """Korean writes a particle onto the word before it, a Latin or digit one too (`BTS의 공연`, BTS's concert;
     `2024년`, the year 2024): unicode61 kept `bts의` one token, so `BTS` found neither file in keyword mode (and in

@@ -322,7 +322,7 @@ def test_chinese_and_japanese_words_are_found_inside_the_text_they_are_written_i
 
     assert kw("東京") == ["station.jpg", "tower.jpg"]
     assert kw("タワー") == ["tower.jpg"] and kw("中央口") == ["station.jpg"] and kw("東京駅") == ["station.jpg"]
-    assert kw("駅") == []  # one character, as one Latin letter, is no query
+    assert kw("駅") == ["kyoto.jpg", "station.jpg"]  # one ideograph is a word (one Latin letter is no query)
     assert kw("京駅") == ["station.jpg"]  # characters next to each other: 京都駅 (Kyoto station) holds no 京駅
     assert kw("東京 -タワー") == ["station.jpg"] and kw("東京 AND 中央") == ["station.jpg"]
     assert kw("大阪城公園") == ["old.jpg"]  # an older index's text, found as it was

@@ -22,6 +22,8 @@ What a query text means (`parse`):
 - Chinese and Japanese, written without spaces, are indexed a character a token (`spaced`), so `東京` is the
   phrase `東 京` and finds `東京駅` (the unicode61 tokenizer made `東京駅前` one token, found only whole).
   `東京*` is the same phrase (a character is a word start of its own; an older index's whole runs found by it).
+  One ideograph is a word (`海` finds `青い海`, and `上海` too: no dictionary tells the words of a run apart); a
+  lone kana, like a lone Latin letter, is no query unless quoted (`"ね"`).
   Greek loses its accents there too (`αθηνα` finds `Αθήνα`): unicode61 folds the accents of Latin letters only.
   Final sigma is sigma (`οδοσ` finds `ΟΔΟΣ`), as unicode61 folds it.
 - Thai, also written without spaces, is indexed a grapheme cluster a token (a letter with the vowel and tone marks
@@ -125,6 +127,10 @@ _LAO_LETTERS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.cate
 _SEA_LETTERS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]"
                         f"|[{_THAI_LETTERS}{_LAO_LETTERS}{_SEA_LETTERS}][{MARKS}]*)")
+# A Han ideograph: a word of its own (海 sea, 山 mountain, 猫 cat, 駅 station), typed alone as often as any word, so
+# a query of one is kept where a lone letter is dropped (_atom). Kana is not: a lone hiragana is mostly a particle
+# (の, は, を: a stop word) and a lone katakana a fragment of a loanword, each in most Japanese captions.
+_IDEOGRAPH = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges
@@ -434,8 +440,9 @@ def _atom(chunk: str, quoted: bool) -> Atom | None:
     # a lone letter is dropped (`a`, a typo's stray key), but a Hangul syllable is a word (밤 night, 꽃 flower):
     # dropped, `밤` searched for nothing and `서울 AND 밤` was `서울` alone. It stays whole (no word start, as a
     # longer Hangul word is below): one syllable starts too many words (산 mountain: 산책 walk, 산업 industry).
-    if (not quoted and len(tokens) == 1 and not prefix
-            and (tokens[0] in STOPWORDS or (len(tokens[0]) < 2 and not _HANGUL.fullmatch(tokens[0])))):
+    # A Han ideograph alone is a word too (_IDEOGRAPH): dropped, `海` (sea) or `駅` (station) found nothing.
+    if (not quoted and len(tokens) == 1 and not prefix and (tokens[0] in STOPWORDS or (
+            len(tokens[0]) < 2 and not _HANGUL.fullmatch(tokens[0]) and not _IDEOGRAPH.fullmatch(tokens[0])))):
         return None
     # A character of a script written without spaces is a word start of its own (`東京*`: 東京 followed by anything,
     # which the phrase of its characters already is); kept, the `*` also finds an older index's whole runs (東京駅前)

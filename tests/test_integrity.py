@@ -490,9 +490,12 @@ def test_a_damaged_perceptual_hash_is_refused_found_and_taken_again(built):
 
 
 def test_a_vector_address_past_the_store_is_damage_for_similar_dupes_too(built):
-    """dupes --tier similar read a catalog address past the stored vectors: IndexError, exit 1."""
+    """dupes --tier similar read a catalog address past the stored vectors: IndexError, exit 1. Sealed as a writer
+    would seal it (a writer's fault, not a flipped byte, which the seal check refuses first: live_pairs)."""
+    from alignsearch.storage import rowdigest
+
     root, ix = built
-    alter_catalog(ix, "UPDATE files SET vec_row = 500 WHERE id = 5")
+    alter_catalog(ix, f"UPDATE files SET vec_row = 500, vec_seal = {rowdigest.seal(500)} WHERE id = 5")
     out = run("dupes", "--tier", "similar", "--index", ix, code=7).output
     assert "past the stored vectors" in out
 

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, text
 
 from alignsearch import atomic
 from alignsearch.media import sources
 from alignsearch.storage import catalog, rowdigest, state, vectors
 from alignsearch.storage.state import ModelIdentity, Reindex
 from alignsearch.encoders.backend import CPU_MICRO_BATCH, EncoderOptions
-from alignsearch.storage.paths import ANN_FILE, VECTORS_FILE
+from alignsearch.errors import IndexDamagedError
+from alignsearch.storage.paths import ANN_FILE, DB_FILE, VECTORS_FILE
 from alignsearch.storage.vectors import VectorStore
 from indexer import build, pipeline, scan, videos, writer
 from indexer.workers import workers_for
@@ -126,8 +127,8 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
         with db.begin() as conn:
             if good:
                 conn.execute(insert(catalog.pending_vectors), [
-                    {"file_id": ids[(it.found.root, it.found.relpath)],
-                     "vec_row": rows[n] if n in rows else shared[it.sha256]} for n, it in enumerate(good)])
+                    _pending_row(ids[(it.found.root, it.found.relpath)], rows[n] if n in rows else shared[it.sha256])
+                    for n, it in enumerate(good)])
             vectors.record_chunk(conn, pending, 0, start, len(fresh), key=progress.segment)
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
             state.write(conn, reindex=replace(progress, rows=pending.rows, done=count))
@@ -138,8 +139,7 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     def write_moments(moment_rows, new_vectors) -> None:
         start = pending.append(new_vectors)
         with db.begin() as conn:
-            conn.execute(insert(catalog.pending_vectors), [
-                {"file_id": r.id, "vec_row": start + n} for n, r in enumerate(moment_rows)])
+            conn.execute(insert(catalog.pending_vectors), [_pending_row(r.id, start + n) for n, r in enumerate(moment_rows)])
             vectors.record_chunk(conn, pending, 0, start, len(moment_rows), key=progress.segment)
             count = conn.execute(select(func.count()).select_from(catalog.pending_vectors)).scalar()
             state.write(conn, reindex=replace(progress, rows=pending.rows, done=count))
@@ -150,20 +150,32 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
     return len(todo) + clips
 
 
+def _pending_row(file_id: int, vec_row: int) -> dict:
+    """A pending_vectors row: the address sealed as it is written (rowdigest.seal, schema 19), checked at the switch."""
+    return {"file_id": file_id, "vec_row": int(vec_row), "vec_seal": rowdigest.seal(int(vec_row))}
+
+
 def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
     """Forget the pending vectors of a resumed re-encode that lie in committed batches whose bytes no longer match
     their checksum: their files are encoded again by this run. Nothing reads the pending rows before the switch,
     which makes them live, and the fold that follows writes a fresh checksum over what it copies: a byte flipped
-    in vectors/next/ while the re-encode was stopped went live unnoticed, and verify said ok."""
+    in vectors/next/ while the re-encode was stopped went live unnoticed, and verify said ok.
+    Also those whose address is off its seal (schema 19): the switch refuses them (exit 7), and this run, the way out
+    it names, encodes their files again rather than trust an address that may name another file's vector."""
     with db.begin() as conn:
         damaged = vectors.changed_chunks(conn, pending, 0, key=progress.segment)
         p = catalog.pending_vectors.c
         for start, rows in damaged:
             conn.execute(delete(catalog.pending_vectors).where(p.vec_row >= start, p.vec_row < start + rows))
             vectors.forget_chunks(conn, progress.segment, start, start + 1)
+        unsealed = conn.execute(delete(catalog.pending_vectors)
+                                .where(p.vec_seal.is_distinct_from(rowdigest.seal_of(p.vec_row)))).rowcount
     if damaged:
         log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
                     "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))
+    if unsealed:
+        log.warning("%d vector addresses of the re-encode in progress are not those written (their seal differs): "
+                    "their files are encoded again", unsealed)
 
 
 def _progress(db, encoder: Encoder, store: VectorStore) -> Reindex:
@@ -208,23 +220,28 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
     with db.connect() as conn:
         recorded = state.read(conn)
         progress = recorded.reindex
-        pending = np.array(conn.execute(select(catalog.pending_vectors.c.file_id, catalog.pending_vectors.c.vec_row)
-                                        .join(catalog.files, catalog.files.c.id == catalog.pending_vectors.c.file_id)
-                                        .where(catalog.files.c.status == catalog.INDEXED)
-                                        .order_by(catalog.pending_vectors.c.file_id)).all(),
-                           dtype=np.int64).reshape(-1, 2)
+        p = catalog.pending_vectors.c
+        read = conn.execute(select(p.file_id, p.vec_row, p.vec_seal)
+                            .join(catalog.files, catalog.files.c.id == p.file_id)
+                            .where(catalog.files.c.status == catalog.INDEXED).order_by(p.file_id)).all()
         generation = recorded.generation
+    refuse_unsealed(read)
+    pending = np.array([(file_id, row) for file_id, row, _ in read], dtype=np.int64).reshape(-1, 2)
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
     new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (progress.segment, progress.rows)})
     live = np.stack([pending[:, 0], vectors.address(number, 0) + pending[:, 1]], axis=1) if len(pending) else pending
     old_keys = [vectors.segment_key(store, s) for s in store.numbers()]
 
     def commit(conn) -> None:
-        f, p = catalog.files.c, catalog.pending_vectors.c
-        new_row = select(p.vec_row + vectors.address(number, 0)).where(p.file_id == f.id).scalar_subquery()
-        # a new address of a vector encoded anew: sealed as a writer seals one it stores (rowdigest.seal)
-        conn.execute(update(catalog.files).where(f.status == catalog.INDEXED)
-                     .values(vec_row=new_row, vec_seal=rowdigest.seal_of(new_row)))
+        f = catalog.files.c
+        base = vectors.address(number, 0)
+        # each address moves into the new segment with its seal (rowdigest.shifted_seal_sql), both in one lookup (a
+        # row value, as compaction moves them): the seal written with the address, never one computed anew from the
+        # address read, so one damaged since the check above stays found (verify, readers) rather than goes live sealed
+        seal = rowdigest.shifted_seal_sql("pending_vectors.vec_seal", str(base))
+        conn.execute(text(f"UPDATE files SET (vec_row, vec_seal) = (SELECT pending_vectors.vec_row + {base}, {seal} "
+                          "FROM pending_vectors WHERE pending_vectors.file_id = files.id) WHERE status = :indexed"),
+                     {"indexed": catalog.INDEXED})
         unread = [i for (i,) in conn.execute(select(f.id).where(f.status == catalog.INDEXED, f.vec_row.is_(None)))]
         catalog.mark_failed(conn, unread, "cannot read: the file could not be read again to re-encode it")
         conn.execute(delete(catalog.pending_vectors))
@@ -238,6 +255,16 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
     # the new store lists none of them, and no reader of the new generation maps them
     vectors.drop_generation(store, f"every file is re-encoded into {new.segment_path(number).relative_to(out)}")
     return built
+
+
+def refuse_unsealed(read) -> None:
+    """Refuse a switch whose pending addresses ((file id, address, seal) rows) are not all those written (their seal,
+    schema 19): made live, a flipped byte of one scored another file's vector under this name, exit 0. An address
+    that is not an integer (a flipped type byte) is one off its seal too."""
+    if not all(type(row) is int and rowdigest.seal(row) == written for _, row, written in read):
+        raise IndexDamagedError(f"{DB_FILE} is damaged: an address of the re-encode in progress is not the one written "
+                                "(its seal differs): run `alignsearch index --reindex` again, which encodes those "
+                                "files anew")
 
 
 def fold(db, store: VectorStore) -> None:

@@ -790,6 +790,6 @@ def test_a_schema_17_keyword_index_finds_a_word_without_its_nukta_once_its_next_
     assert _found(db_path, ids, BAZAAR, readonly=True) == ["bazaar.jpg"]  # as typed, as written
     assert _found(db_path, ids, BAZAAR_BARE, readonly=True) == []  # as it stands: a reader writes nothing
     catalog.connect(db_path).dispose()  # a writer: upgraded
-    assert _version(db_path) == migrate.LATEST == 18
+    assert _version(db_path) == migrate.LATEST >= 18
     assert _found(db_path, ids, BAZAAR_BARE, readonly=True) == _found(db_path, ids, BAZAAR, readonly=True) == ["bazaar.jpg"]
     assert _found(db_path, ids, QALAM_BARE, readonly=True) == ["pen.jpg"]

@@ -122,11 +122,14 @@ vector_chunks = Table(
 
 # The re-encode in progress (`index --reindex`): the new generation's vector address of each file,
 # committed batch by batch beside the live one, made live in one transaction when every file has one.
+# vec_seal: rowdigest.seal(vec_row), written with it (schema 19) and checked at the switch, which moves it with the
+# address into files.vec_seal: sealed there anew, a flipped byte went live already sealed (another file's vector).
 pending_vectors = Table(
     "pending_vectors",
     metadata,
     Column("file_id", Integer, primary_key=True),
     Column("vec_row", Integer, nullable=False),
+    Column("vec_seal", Integer),
 )
 
 # A perceptual hash (imagehash.phash, 64 bits as 16 hex digits, then "-" and a colour grid: dupes.py) per indexed file, for `alignsearch dupes

@@ -266,21 +266,36 @@ def _vec_seals(conn) -> None:
     seal_addresses(dbapi)
 
 
-def seal_addresses(dbapi_conn: sqlite3.Connection) -> None:
-    """Seal every files row's vector address as it stands (rowdigest.seal, computed in SQL), in the caller's
-    transaction. Only the upgrade to schema 17 does (its rows had none); a writer seals what it writes."""
+def _pending_seals(conn) -> None:
+    """A seal of each address of a re-encode in progress (pending_vectors.vec_seal, rowdigest.seal), which its switch
+    checks and moves with the address into files.vec_seal: it sealed each address anew as it read it, so a flipped
+    byte in one went live already sealed (another file's vector under this name, exit 0). Computed in SQL from the
+    addresses as they stand, as step 17 sealed the files' (a re-encode stopped at schema 18 resumes trusted as far
+    as it was before). The column may be there already: step 3 creates the tables with catalog.metadata's columns."""
+    dbapi = conn.connection.dbapi_connection
+    if "vec_seal" not in _columns(dbapi, "pending_vectors"):
+        conn.exec_driver_sql("ALTER TABLE pending_vectors ADD COLUMN vec_seal INTEGER")
+    seal_addresses(dbapi, table="pending_vectors")
+
+
+def seal_addresses(dbapi_conn: sqlite3.Connection, *, table: str = "files") -> None:
+    """Seal every vector address of `table` (files, or pending_vectors) as it stands (rowdigest.seal, computed in
+    SQL), in the caller's transaction. Only the upgrades to schema 17 (files) and 19 (pending_vectors) do (their rows
+    had none); a writer seals what it writes."""
     from alignsearch.storage import rowdigest
 
-    dbapi_conn.execute(f"UPDATE files SET vec_seal = {rowdigest.seal_sql('vec_row')}")
+    dbapi_conn.execute(f"UPDATE {table} SET vec_seal = {rowdigest.seal_sql('vec_row')}")
 
 
 def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
-    """Digest every files and photos row (digest_rows) and, where the catalog has files.vec_seal (schema 17), seal
-    its vector address (seal_addresses), as they stand, in the caller's transaction: what a writer would have
-    written, for rows a test or a benchmark writes by hand (never for damage a reader is meant to find)."""
+    """Digest every files and photos row (digest_rows) and, where the catalog has files.vec_seal (schema 17) and
+    pending_vectors.vec_seal (schema 19), seal each vector address (seal_addresses), as they stand, in the caller's
+    transaction: what a writer would have written, for rows a test or a benchmark writes by hand (never for damage a
+    reader is meant to find)."""
     digest_rows(dbapi_conn)
-    if "vec_seal" in _columns(dbapi_conn, "files"):
-        seal_addresses(dbapi_conn)
+    for table in ("files", "pending_vectors"):
+        if "vec_seal" in _columns(dbapi_conn, table):
+            seal_addresses(dbapi_conn, table=table)
 
 
 STEPS: tuple[Step, ...] = (
@@ -309,6 +324,7 @@ STEPS: tuple[Step, ...] = (
                  "dropped (كَتَبَ: كتب)", _mark_keywords),
     Step(17, "a seal of each files row's vector address, which readers that score by it check", _vec_seals),
     Step(18, "keyword index: the Indic nukta dropped (बाज़ार: बाजार)", _nukta_keywords),
+    Step(19, "a seal of each address of a re-encode in progress, which its switch checks", _pending_seals),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

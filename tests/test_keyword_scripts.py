@@ -217,6 +217,20 @@ def test_a_chinese_or_japanese_word_of_one_or_two_ideographs_is_found_in_the_tex
     assert keywords.parse("ね").positive() == [] and keywords.parse("a").positive() == []
 
 
+def test_a_lone_ideograph_beyond_the_bmp_is_a_word_too(tmp_path):
+    """An ideograph of Extension B on (𩸽 hokke, 𠮷 of 𠮷野家) typed alone was dropped as a lone letter is, though
+    quoted, or with a `*`, it was found: the lone-ideograph rule knew the BMP's blocks only."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {"hokke.jpg": "\U00029e3d\u5b9a\u98df", "yoshi.jpg": "\U00020bb7\u91ce\u5bb6\u306e\u725b\u4e3c"})
+    for partial_last in (False, True):
+        assert _found(db, ids, "\U00029e3d", partial_last) == _found(db, ids, '"\U00029e3d"') == ["hokke.jpg"]
+        assert _found(db, ids, "\U00020bb7", partial_last) == ["yoshi.jpg"]
+    assert keywords.parse("\U00020bb7").positive() != []
+    # the default mode's evidence check (the caption holds the word) agrees with the index
+    assert keywords.evidence(keywords.parse("\U00029e3d", partial_last=True), "\U00029e3d\u5b9a\u98df")
+    assert not keywords.evidence(keywords.parse("\U00029e3d", partial_last=True), "\u9bad\u5b9a\u98df")
+
+
 def test_a_latin_or_digit_word_with_a_korean_particle_written_onto_it_is_found_by_the_word(tmp_path):
     """Korean writes a particle onto the word before it, a Latin or digit one too (`BTS의 공연`, BTS's concert;
     `2024년`, the year 2024): unicode61 kept `bts의` one token, so `BTS` found neither file in keyword mode (and in

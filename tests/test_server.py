@@ -304,6 +304,16 @@ def test_the_charset_field_is_honoured(served):
         assert said["error"].startswith("the form (its _charset_ field) is declared charset=") and "UTF-8" in said["error"]
 
 
+def test_a_charset_label_with_a_nul_is_refused_as_another_charset(served):
+    """A _charset_ of "utf-8" and a NUL byte made codecs.lookup raise ValueError (not LookupError): the framework's
+    "There was an error parsing the body" (a UsageError naming nothing), not the form's charset refused."""
+    body, headers = multipart({"_charset_": b"utf-8\x00", "q": "dog", "k": 1}, None)
+    status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+    said = json.loads(answer)
+    assert status == 400 and said["kind"] == "BadInputError", answer
+    assert said["error"].startswith("the form (its _charset_ field) is declared charset=") and "UTF-8" in said["error"]
+
+
 def test_as_file_part_gives_a_file_field_an_empty_filename():
     from alignsearch.surfaces.utf8form import as_file_part
 

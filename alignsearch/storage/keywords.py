@@ -130,7 +130,9 @@ _SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff
 # A Han ideograph: a word of its own (海 sea, 山 mountain, 猫 cat, 駅 station), typed alone as often as any word, so
 # a query of one is kept where a lone letter is dropped (_atom). Kana is not: a lone hiragana is mostly a particle
 # (の, は, を: a stop word) and a lone katakana a fragment of a loanword, each in most Japanese captions.
-_IDEOGRAPH = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# The supplementary planes' ideographs (Extension B on: 𠮷 of 𠮷野家, 𩸽 hokke) are words alone as well: a lone one was
+# dropped where it was quoted found (an index's run splits it off its BMP neighbours, which _SPACELESS spaces).
+_IDEOGRAPH = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges

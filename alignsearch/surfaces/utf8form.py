@@ -54,7 +54,7 @@ def label_refusal(where: str, declared: bytes) -> str | None:
     label = declared.decode("latin-1")
     try:
         name = codecs.lookup(label).name
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a label with a NUL in it (codecs' names are C strings)
         name = None
     if name in UTF8:
         return None

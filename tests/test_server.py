@@ -304,6 +304,20 @@ def test_the_charset_field_is_honoured(served):
         assert said["error"].startswith("the form (its _charset_ field) is declared charset=") and "UTF-8" in said["error"]
 
 
+def test_a_charset_field_holding_a_nul_is_refused_as_another_charset(served):
+    """A _charset_ value with a NUL in it (`utf-8\\0`) made codecs.lookup raise ValueError ("embedded null character"),
+    which the form parser did not catch: the framework's "There was an error parsing the body" (a UsageError) where
+    any other charset named is said so (BadInputError)."""
+    from alignsearch.surfaces.utf8form import label_refusal
+
+    assert label_refusal("the form", b"utf-8\x00").startswith("the form is declared charset=")
+    body, headers = multipart({"_charset_": "utf-8\x00", "q": "dog", "k": 1}, None)
+    status, _, answer = call(served["url"], "/api/search", data=body, headers=headers)
+    said = json.loads(answer)
+    assert status == 400 and said["kind"] == "BadInputError", answer
+    assert said["error"].startswith("the form (its _charset_ field) is declared charset="), said
+
+
 def test_as_file_part_gives_a_file_field_an_empty_filename():
     from alignsearch.surfaces.utf8form import as_file_part
 

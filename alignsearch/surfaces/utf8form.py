@@ -54,7 +54,7 @@ def label_refusal(where: str, declared: bytes) -> str | None:
     label = declared.decode("latin-1")
     try:
         name = codecs.lookup(label).name
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the label (a _charset_ field's value can hold one)
         name = None
     if name in UTF8:
         return None

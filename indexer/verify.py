@@ -446,8 +446,9 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 # a row failing its digest (found again under the lock): forgotten and read again from its file,
                 # never its digest written anew over what a flipped byte left
                 off = catalog.off_digest(conn)
-                lost = (found.damaged_ids.tolist() + found.unchecked_ids.tolist() + report.misplaced
-                        + report.incomplete_videos + off)
+                # each file once: a flipped address is off its seal and misplaced too (told twice, as two files)
+                lost = sorted({int(i) for i in (found.damaged_ids.tolist() + found.unchecked_ids.tolist()
+                                                 + report.misplaced + report.incomplete_videos + off)})
                 catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
                 for key, start, rows in found.bad:
                     vectors.forget_chunks(conn, key, start, start + 1)
@@ -456,7 +457,7 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                         raise IndexDamagedError(f"{store.segment_path(segment).name} holds damaged vectors written "
                                                 "before checksums existed: re-encode with `alignsearch index --reindex`")
                 vectors.save(conn, store)
-            if len(lost) > len(off):
+            if len(lost) > len(off):  # off is in lost: the files forgotten for their vectors alone
                 done.append(f"forgot {len(lost) - len(off)} files whose vectors were lost")
             if off:
                 done.append(f"forgot {len(off)} files whose rows failed their checksum, to be read again")

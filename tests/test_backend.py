@@ -980,3 +980,20 @@ def test_int8_weights_are_7_bit_only_where_the_cpus_int8_products_saturate(tmp_p
     assert not onnxrun.int8_saturates(cpu("fpu sse4_2"))  # no AVX2: ONNX Runtime's SSE kernels do not clip
     assert not onnxrun.int8_saturates(str(arm))
     assert not onnxrun.int8_saturates(str(tmp_path / "none"))  # no /proc/cpuinfo (macOS): the platform's own
+
+
+def test_an_8_bit_int8_refusal_made_before_is_measured_again_where_int8_weights_are_now_7_bit(monkeypatch):
+    """e83cf74 quantizes the int8 text tower with 7-bit weights where int8 products saturate; a cache where the
+    8-bit file was refused on this very CPU and ONNX Runtime kept that refusal (rejected: same machine, same
+    version), so the 7-bit file was never made: int8 stayed refused there after the upgrade. The refusal says
+    how the int8 weights were made, and one of the 8-bit file is measured again."""
+    from alignsearch.encoders import onnxrun
+
+    monkeypatch.setattr(onnxrun, "int8_saturates", lambda *a: False)
+    before = onnxrun.measured_on("onnx")  # what a refusal recorded before 7-bit weights holds
+    manifest = {"refusals": {"text-int8": [{"why": "cosine 0.9876 (needs 0.99)", "on": before}]}}
+    assert onnxrun.rejected(manifest, "int8", "onnx") == "cosine 0.9876 (needs 0.99)"  # where 8-bit it still holds
+    monkeypatch.setattr(onnxrun, "int8_saturates", lambda *a: True)
+    assert onnxrun.rejected(manifest, "int8", "onnx") is None  # measured again: the file made now is 7-bit
+    again = {"refusals": {"text-int8": [{"why": "drift", "on": onnxrun.measured_on("onnx")}]}}
+    assert onnxrun.rejected(again, "int8", "onnx") == "drift"  # the 7-bit file's own refusal holds

@@ -215,6 +215,18 @@ def test_a_flipped_vector_address_is_damage_not_another_files_score(indexed_imag
     assert run("similar", photos / "img009.png", "--index", ix).output == intact
 
 
+
+@pytest.mark.slow
+def test_verify_repair_counts_a_file_with_a_flipped_address_once(indexed_images):
+    """A flipped vector address is off its seal (off_digest) and misplaced (another vector than the ANN index holds):
+    --repair told it twice, "forgot 1 files whose vectors were lost" and "forgot 1 files whose rows failed their
+    checksum" (a re-encode that failed: "the 2 forgotten files"), for the one file it forgot and encoded again."""
+    photos, ix = indexed_images(12)
+    flip_vector_address(ix / "catalog.db", "img009.png")
+    said = run("verify", "--repair", "--index", ix).output
+    assert "forgot 1 files whose rows failed their checksum" in said and "re-encoded 1 files" in said, said
+    assert "whose vectors were lost" not in said, said
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seal", ["1e300", "'x'", "NULL"])
 def test_a_seal_no_writer_stores_is_off_its_address_for_every_reader(indexed_images, seal):

@@ -131,14 +131,19 @@ def measured_on(engine: str) -> dict:
     and the records' export identity already key): this CPU's model and instruction sets (numerics: bf16 is AMX
     or AVX512-BF16 arithmetic) and the engine's version. A refusal measured under other ones is measured again,
     and kept beside theirs (one record per place: records.Writer.rejected), so machines that share a cache (an
-    NFS home) each reuse their own."""
+    NFS home) each reuse their own. Where ONNX Runtime's int8 products saturate, its int8 file is made with 7-bit
+    weights (int8_saturates), and that is said too: a refusal of the 8-bit file made there before (cosine 0.9876 on
+    an AVX2-only EPYC) held the same CPU and version, so the 7-bit one was never made nor measured."""
     from importlib import metadata
 
     try:
         version = metadata.version(ENGINE_PACKAGES[engine])
     except metadata.PackageNotFoundError:
         version = None
-    return {"machine": numerics(), "engine": engine, "version": version}
+    here = {"machine": numerics(), "engine": engine, "version": version}
+    if engine == "onnx" and int8_saturates():
+        here["int8_weights"] = "7-bit"
+    return here
 
 
 def rejected(manifest: dict, precision: str, engine: str, tower: str = "text") -> str | None:

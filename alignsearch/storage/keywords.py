@@ -187,7 +187,11 @@ _POINTING[0x0640] = None
 # nukta letter (क़ U+0958, ड़ U+095C, য় U+09DF, ਜ਼ U+0A5B) is a composition exclusion: NFC (spaced) writes it as its
 # letter and the nukta, which is then dropped. The other nuktas (Gujarati's three-dot ones above, Adlam's, historic
 # scripts') tell letters apart and stay.
-_POINTING.update((c, None) for c in range(0x0900, 0x0D00) if unicodedata.name(chr(c), "").endswith(" SIGN NUKTA"))
+# Listed, not looked up by name: U+0C3C (Telugu) came in Unicode 14, which Python 3.10's unicodedata (13.0) lacks,
+# and an index written under 3.10 kept it where 3.11's dropped it (the characters in U+0900-U+0CFF named "... SIGN
+# NUKTA" under Unicode 14 and 15).
+INDIC_NUKTAS = (0x093C, 0x09BC, 0x0A3C, 0x0ABC, 0x0B3C, 0x0C3C, 0x0CBC)
+_POINTING.update((c, None) for c in INDIC_NUKTAS)
 # A kana voiced mark no letter took (NFC composed the others): a separator, as it was when unicode61 took every mark
 # for one (`xﾞbc` is `x` and `bc`; the match check, _fold, parts them so too), not a token of its own.
 _BARE = {**_GREEK_BARE, **_POINTING, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1", 0x3099: " ", 0x309A: " "}

@@ -1748,7 +1748,8 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
 
 def without_digests(db: Path, copy: Path) -> list[str]:
     """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped, and the
-    files' vector address seals (schema 17): what an upgrade to schema 14 and on left of the catalog as it was
+    files' vector address seals (schema 17) and a re-encode's (19): what an upgrade to schema 14 and on left of the
+    catalog as it was
     (SQLite's DROP COLUMN takes the column's text back out)."""
     copy.mkdir(parents=True, exist_ok=True)
     target = copy / "catalog.db"
@@ -1758,8 +1759,9 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.backup(conn)
         for table in ("files", "photos"):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
-        if any(row[1] == "vec_seal" for row in conn.execute("PRAGMA table_info(files)")):
-            conn.execute("ALTER TABLE files DROP COLUMN vec_seal")
+        for table in ("files", "pending_vectors"):  # schema 17, and 19 for a re-encode's addresses
+            if any(row[1] == "vec_seal" for row in conn.execute(f"PRAGMA table_info({table})")):
+                conn.execute(f"ALTER TABLE {table} DROP COLUMN vec_seal")
         conn.commit()
         return list(conn.iterdump())
     finally:

@@ -734,6 +734,7 @@ def test_what_planted_links_brought_into_an_index_built_before_links_were_judged
 # -- 11. what leaves the index leaves its files -------------------------------------------------------------------
 
 @pytest.mark.parametrize("built_in", [0, 1], ids=["sqlite-built-without-secure-delete", "debian-sqlite"])
+@pytest.mark.slow
 def test_a_forgotten_folders_captions_leave_the_catalogs_files_whatever_sqlite_was_built_with(tmp_path, tiny_model,
                                                                                                monkeypatch, built_in):
     """`forget` removes a folder's rows, but SQLite leaves a deleted row's bytes in the freed pages unless

@@ -87,6 +87,7 @@ def _keyword_hits(ix: Path, text: str) -> list[str]:
 
 # -- 1. `forget ROOT` leaves nothing of the root behind ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_forget_drops_the_roots_captions_text_and_keyword_rows(tmp_path, tiny_model):
     """`alignsearch forget ROOT` deleted the root's files and tags but left their photo fields (caption, text read
     in the image, GPS position), their keyword text and their perceptual hashes in catalog.db for good: what the

@@ -419,6 +419,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_a_disk_full_in_the_copy_leaves_the_index_as_it_was(tmp_path, small_disk):
     """The copy of the live rows does not fit on the disk: the compaction fails with the disk's error, its
     partial copy is gone, and the index is as before (the same rows, files and generation; verify clean)."""
@@ -551,6 +552,7 @@ def test_photos_in_a_folder_that_could_be_listed_but_not_entered_are_read_once_i
         assert engine.info()["images"] == 4
 
 
+@pytest.mark.slow
 def test_similar_duplicates_of_an_engine_opened_before_a_compaction(indexed_images):
     """`dupes --tier similar` reads the live (file, address) pairs from the catalog and the vectors through
     the engine's snapshot: opened before a compaction (a library user's engine, or a compaction committed
@@ -569,6 +571,7 @@ def test_similar_duplicates_of_an_engine_opened_before_a_compaction(indexed_imag
     assert got == want
 
 
+@pytest.mark.slow
 def test_more_like_this_from_an_engine_opened_before_a_compaction_reads_the_right_vector(indexed_images):
     """Engine.vector_of(file id) (`query --like`, a library user's engine) reads the file's address from the
     catalog and its vector through the engine's snapshot. Opened (and its vectors.f16 mapped) before a

@@ -315,6 +315,7 @@ def _plant_in_records(records: Path, name: str, kind: str, elsewhere: Path) -> N
 
 @pytest.mark.parametrize("name", ["model.json", "file-text-fp32.json"])
 @pytest.mark.parametrize("kind", ["fifo", "folder", "link", "of-nobody", "fifo-of-nobody"])
+@pytest.mark.slow
 def test_a_record_that_is_not_this_users_regular_file_is_never_trusted_nor_hangs(tiny_model, exported_cache, tmp_path,
                                                                                 monkeypatch, name, kind):
     """records/ holds only this user's regular files, each read without following a link and without
@@ -405,6 +406,7 @@ def test_int8_text_tower_on_a_model_that_quantizes(tmp_path, cache):
     assert (small.encode_crops(c) * exact.encode_crops(c)).sum(axis=1).min() >= 0.9999  # images stay fp32
 
 
+@pytest.mark.slow
 def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_model, exported_cache, monkeypatch):
     """The unit-test model's huge random weights (init 1.0) quantize badly: int8 is refused with the measured
     cosine, text runs at fp32 on ONNX, and the refusal is remembered (no quantizing on every start)."""
@@ -430,6 +432,7 @@ def test_int8_that_drifts_too_far_is_refused_once_and_text_stays_exact(tiny_mode
 
 
 @pytest.mark.parametrize("quantizes", [False, True])
+@pytest.mark.slow
 def test_an_int8_refusal_recorded_before_records_said_where_is_measured_again_once(tiny_model, tmp_path, cache,
                                                                                   monkeypatch, quantizes):
     """A rejected-text-int8.json without "on" (written before refusals said where they were measured) held on
@@ -715,6 +718,7 @@ def test_models_that_differ_where_the_fingerprint_does_not_look_never_share_expo
     assert len(list(cache.glob("onnx/*/records/model.json"))) == 2
 
 
+@pytest.mark.slow
 def test_two_exporters_at_once_keep_both_towers_in_the_manifest(tiny_model, cache):
     from alignsearch.encoders import onnxexport
 
@@ -790,6 +794,7 @@ def test_coldstart_loads_the_text_tower_early_and_the_engine_takes_it_only_for_i
     assert coldstart.text_encoder_soon(tmp_path / "nowhere", EncoderOptions()) is None
 
 
+@pytest.mark.slow
 def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(tiny_model, tmp_path, exported_cache, monkeypatch):
     import importlib
     from concurrent.futures import Future
@@ -816,6 +821,7 @@ def test_a_failing_early_load_or_a_damaged_manifest_leaves_the_query_answering(t
     assert not backend.onnxruntime_installed()
 
 
+@pytest.mark.slow
 def test_an_index_folder_whose_path_looks_like_a_url_query_holds_its_own_catalog(tiny_model, tmp_path):
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)

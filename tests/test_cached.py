@@ -170,6 +170,7 @@ def test_the_cached_encoder_gives_the_full_encoders_vectors_and_description(tiny
     assert enc.classify(images[:2], ["cat", "dog"])[0][0]["label"] == "cat"
 
 
+@pytest.mark.slow
 def test_a_tower_that_fails_its_check_on_openvino_is_compiled_again_without_the_cache(tiny_model, monkeypatch, tmp_path):
     from alignsearch.encoders import onnxrun
 

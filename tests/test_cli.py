@@ -218,6 +218,7 @@ def test_index_says_it_read_captions_again_not_that_nothing_changed(indexed_imag
     assert "nothing changed (6 unchanged)" in run("index", "--index", ix).stdout  # read, nothing new: as before
 
 
+@pytest.mark.slow
 def test_serve_on_a_port_another_program_holds_is_exit_6_not_an_unexpected_error(indexed_images):
     """`serve --port P` with P taken said so in one line but exited 1, which README's table keeps for unexpected
     errors; a port held by another process is refused as an index another process writes is: exit 6."""

@@ -82,6 +82,7 @@ def test_a_template_str_format_cannot_fill_is_bad_usage(indexed_images, template
     assert json.loads(run("tags", "--json", "--index", ix).stdout) != []  # refused before --clear removed anything
 
 
+@pytest.mark.slow
 def test_the_label_goes_where_a_valid_template_says(indexed_images):
     root, ix = indexed_images(6)
     image = sorted(root.iterdir())[0]
@@ -153,6 +154,7 @@ def test_export_into_a_folder_that_cannot_be_searched_names_out(indexed_images, 
     assert proc.returncode == 1 and proc.stderr == f"error: Permission denied: {locked / 'x.parquet'}\n", proc.stderr
 
 
+@pytest.mark.slow
 def test_a_list_column_the_list_lacks_is_refused_for_a_known_list_too(tmp_path, tiny_model):
     """The column typed wrong on a later run: it was a listing error, exit 0, and remembered, so every later plain
     `index` failed to list the root (its files kept, nothing new indexed) until the right column was given again."""
@@ -285,6 +287,7 @@ def test_a_shard_range_a_digit_too_long_is_refused_at_once(tmp_path):
     assert len(sources.expand("part-{000..099}.tar")) == 100
 
 
+@pytest.mark.slow
 def test_forget_takes_the_shard_pattern_index_was_given(tmp_path, tiny_model):
     """`index 'part-{000..001}.tar'` remembers each shard as a root; `forget` with the same pattern said it was no
     root (exit 6), so a hundred shards took a hundred commands. Now every shard it names goes in one commit, and a
@@ -317,6 +320,7 @@ def test_a_labels_file_saved_with_a_byte_order_mark_tags_its_first_label_by_name
     assert hits and all("a cat" in h["tags"] for h in hits)
 
 
+@pytest.mark.slow
 def test_a_sidecar_caption_saved_with_a_byte_order_mark_is_read_without_it(tmp_path, tiny_model):
     photo = make_images(tmp_path / "photos", 2)[0]
     photo.with_suffix(".txt").write_bytes("\ufeffa tiger in the snow".encode())

@@ -304,6 +304,7 @@ def test_a_refusal_at_a_writers_start_leaves_even_a_killed_compactions_copy(inde
     assert copy.exists()
 
 
+@pytest.mark.slow
 def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monkeypatch):
     from conftest import make_images
     from indexer.roots import forget_root
@@ -322,6 +323,7 @@ def test_forget_compacts_when_most_rows_are_dead(indexed_images, tmp_path, monke
     assert index_state(ix).index_run is None  # the mark its switch recorded is cleared once the old files are gone
 
 
+@pytest.mark.slow
 def test_an_export_across_a_compaction_stops_with_one_line_not_damage(indexed_images):
     """An export reads its rows' addresses page by page: a page read after the switch holds the new
     generation's addresses, which its snapshot's files do not have. It stops saying so (run it again), not
@@ -341,6 +343,7 @@ def test_an_export_across_a_compaction_stops_with_one_line_not_damage(indexed_im
             next(pages)
 
 
+@pytest.mark.slow
 def test_a_query_that_meets_the_switch_mid_read_searches_the_new_generation(indexed_images, monkeypatch):
     """The race the generation check cannot close: the switch commits and empties vectors.f16 after a query
     checked the generation and before its first read of the vectors (a fresh snapshot maps vectors.f16
@@ -353,6 +356,7 @@ def test_a_query_that_meets_the_switch_mid_read_searches_the_new_generation(inde
     assert fixed_answers(ix) == want and switched
 
 
+@pytest.mark.slow
 def test_dupes_that_meet_the_switch_mid_scan_scan_the_new_generation(indexed_images, tmp_path, monkeypatch):
     """`dupes --tier similar` reads every live vector: a switch landing during its scan (a store not yet mapped
     meets the emptied vectors.f16) is a new generation to scan, not "damaged"."""

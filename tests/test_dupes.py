@@ -294,6 +294,7 @@ def test_similar_pairs_keep_k_partners_per_list_at_a_low_threshold(planted):
     assert len(dupes.components(found.tolist())) >= 1
 
 
+@pytest.mark.slow
 def test_similar_while_an_index_run_commits_rows_reads_them_too(indexed_images, monkeypatch):
     """An `index` run commits rows after dupes took its snapshot and before it read the live pairs (the same
     generation): they are read from the store as now, not past the end of the snapshot's."""

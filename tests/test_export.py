@@ -181,6 +181,7 @@ def test_a_name_that_is_not_utf8_exports_and_lists(tmp_path, tiny_model):
     assert "path_b64" not in listed["photo0000.jpg"]
 
 
+@pytest.mark.slow
 def test_an_export_while_an_index_run_adds_files_exports_them_too(indexed_images):
     """Rows an `index` run commits while an export pages through the catalog (the same generation) lie past
     the export's snapshot of the store: they are read from the store as now, not called damage."""

@@ -319,6 +319,7 @@ def test_the_alignsearch_before_version_4_refuses_a_version_4_catalog_in_one_lin
     assert _dump(v3 / "catalog.db") == before
 
 
+@pytest.mark.slow
 def test_malformed_fill_failure_rows_are_left_out_said_by_verify_and_repaired(indexed_images):
     """Rows no alignsearch writes (a damaged catalog, another tool): a step no alignsearch has was counted and
     listed as one (a new key in `index --json`'s fill_failures), and a reason held as bytes ended `info --failed

@@ -121,6 +121,7 @@ def test_the_index_folder_is_refused_as_a_root_and_never_listed(tmp_path, tiny_m
 # -- item 4: export --root resolves roots as forget does ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_root_is_resolved_like_forget_and_an_unknown_one_refused(tmp_path, tiny_model, monkeypatch):
     import json
 

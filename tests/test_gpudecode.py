@@ -212,6 +212,7 @@ def test_device_crops_match_the_cpu_path_and_orientation_is_honoured(tmp_path, c
         assert bits <= 4 and item.phash[17:] == want.phash[17:], (f.relpath, item.phash, want.phash)
 
 
+@pytest.mark.slow
 def test_files_the_gpu_does_not_take_go_to_the_cpu_workers_in_the_same_run(tmp_path):
     """A PNG, a CMYK JPEG, a cut-off JPEG, a JPEG the decoder rejects and a PNG named .jpg, among good JPEGs in
     the same batches: each ends as the CPU path ends it (decoded, or failed with its reason); one worker process

@@ -51,6 +51,7 @@ def test_fifos_and_devices_met_while_scanning_are_recorded_without_blocking(tmp_
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+@pytest.mark.slow
 def test_query_image_that_is_not_a_regular_file_fails_fast_with_exit_6(tmp_path, tiny_model, kind):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 2)
@@ -81,6 +82,7 @@ def test_a_108_megapixel_photo_is_accepted(tmp_path):
     assert np.abs(out.crop.astype(int) - (40, 120, 200)).max() <= 3
 
 
+@pytest.mark.slow
 def test_a_16_bit_image_converts_in_bounded_memory():
     """Issue 24 #17: a 16-bit greyscale image was scaled as a whole float64 array and its temporaries (1.2 GB
     for a 49 MP PNG of 95 KB); now in float32 bands: about 3 bytes per pixel, the same 8-bit values."""

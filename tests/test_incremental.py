@@ -254,6 +254,7 @@ def test_one_writer_at_a_time_and_verify_tells_in_flight_writes_from_damage(inde
     assert (ix / "vectors.f16").stat().st_size == 3 * alignsearch.open(ix).store.row_bytes
 
 
+@pytest.mark.slow
 def test_a_reader_finds_vectors_committed_after_it_loaded_the_store(indexed_images):
     root, ix = indexed_images(3)
     engine = alignsearch.open(ix)
@@ -267,6 +268,7 @@ def test_a_reader_finds_vectors_committed_after_it_loaded_the_store(indexed_imag
         assert np.allclose(engine.vector_of(file_id), fresh.vector_of(file_id))
 
 
+@pytest.mark.slow
 def test_a_version_1_catalog_is_upgraded_and_a_newer_one_refused(indexed_images):
     root, ix = indexed_images(2)
 
@@ -321,6 +323,7 @@ def test_one_runner_times_a_local_and_a_pre_encoded_reader_alike():
     assert local.encode >= 0.01 and ray.encode >= 0.5  # the actors' own encode seconds count as the stage's
 
 
+@pytest.mark.slow
 def test_the_writer_logs_what_it_cuts_from_a_killed_run(indexed_images, caplog):
     """Diagnostics of the write path go to logging (a logger per module), not print: here the bytes a
     killed run appended without committing, and a segment file no commit knows."""

@@ -142,6 +142,7 @@ def test_a_file_of_the_index_gone_while_it_is_judged_is_not_an_error(tmp_path, m
 
 
 @pytest.mark.parametrize("put", ["link", "folder"])
+@pytest.mark.slow
 def test_verify_names_what_every_watch_refuses_at_the_watch_lock(tmp_path, put):
     """A symbolic link or a folder at watch.lock makes every `index --watch` stop (exit 7), but verify said the index
     was ok: it named such trouble at write.lock only. It names both now; --repair removes neither (another process

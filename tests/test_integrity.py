@@ -49,6 +49,7 @@ def test_reindex_without_model_keeps_the_recorded_model(indexed_images):
     assert len(top_paths(ix)) == 5
 
 
+@pytest.mark.slow
 def test_reindex_with_a_model_that_cannot_load_touches_nothing(indexed_images, tmp_path, tiny_model):
     root, ix = indexed_images(5)
     before = top_paths(ix)
@@ -733,6 +734,7 @@ def test_the_servers_landing_list_says_a_number_stored_as_text_is_damage(built):
     "DROP TABLE keywords",
     "DELETE FROM keywords_data WHERE id > 10",  # the segments' pages: the structure record names them still
 ])
+@pytest.mark.slow
 def test_a_damaged_keyword_index_says_verify_repair_mends_it(built, sql):
     """A keyword index SQLite cannot read made queries (and, for a dropped table, `index` and `tag`) say "restore
     it from a backup or index into a new --index DIR", a rebuild that loses the tag labels, while verify --repair

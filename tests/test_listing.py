@@ -28,6 +28,7 @@ def _relpaths(ix):
 
 @pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
                                    OSError(errno.EIO, "Input/output error")], ids=["permission", "io"])
+@pytest.mark.slow
 def test_a_subfolder_that_cannot_be_listed_keeps_its_rows(tmp_path, tiny_model, monkeypatch, error):
     root, ix = tmp_path / "photos", tmp_path / "ix"
     make_images(root, 3)

@@ -216,6 +216,7 @@ def test_a_version_2_catalog_is_upgraded_in_place(captioned):
     conn.close()
 
 
+@pytest.mark.slow
 def test_any_text_is_a_valid_keyword_query(tmp_path):
     """Whatever people type (quotes, stars, dashes, FTS5 operators, control and non-Latin characters) is a
     query, never an FTS5 syntax error."""

@@ -94,6 +94,7 @@ def test_info_and_verify_read_an_aa1526b_index_as_it_stands_and_write_nothing(v1
     assert set(after) - set(before) <= {"catalog.db-wal", "catalog.db-shm"}
 
 
+@pytest.mark.slow
 def test_queries_on_an_aa1526b_index_answer_what_it_answered(v1):
     known_model(v1)
     before = hashes(v1 / ".alignsearch")

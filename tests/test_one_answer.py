@@ -250,6 +250,7 @@ def test_an_empty_query_image_is_said_alike_with_or_without_a_server(served, tmp
         alignsearch.open(served["alone"], device="cpu").search(image=str(empty))
 
 
+@pytest.mark.slow
 def test_info_shows_an_index_and_model_folder_named_with_any_bytes_escaped(indexed_images, tmp_path, tiny_model):
     """`info` printed the index's and the model's folder as they were: a name that is not UTF-8 went out as raw
     bytes, a newline or ESC in one reached the terminal. Escaped as the roots already were."""

@@ -376,6 +376,7 @@ def test_the_records_lock_is_never_taken_through_a_symbolic_link(tmp_path):
 
 
 # -- with a model ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_export_that_fails_its_parity_check_runs_on_torch_with_one_line(tiny_model, tmp_path, monkeypatch, caplog):
     from alignsearch.encoders import onnxrun
     from alignsearch.encoders.model import Encoder
@@ -393,6 +394,7 @@ def test_an_export_that_fails_its_parity_check_runs_on_torch_with_one_line(tiny_
     assert len(said) == 1 and said[0].startswith("running the model on torch: the text-fp32 tower on onnx")
 
 
+@pytest.mark.slow
 def test_a_cache_with_an_older_manifest_is_used_without_exporting_again(tiny_model, tmp_path, monkeypatch):
     import shutil
 
@@ -441,6 +443,7 @@ def test_the_engine_keeps_one_encoder_and_a_text_only_one_gives_way(tiny_model, 
 
 
 
+@pytest.mark.slow
 def test_a_text_query_reports_what_its_tower_ran_on(tiny_model, tmp_path, exported_cache):
     """int8 asked, and refused for this model when it was measured: a cold text query runs the cached text
     tower at fp32, and its plan says why, as the full encoder's does (it said only "text only")."""

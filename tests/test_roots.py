@@ -85,6 +85,7 @@ def test_a_hidden_takeover_refused_for_one_folder_writes_nothing_for_the_others_
     assert json.loads(run("info", "--json", "--index", ix).stdout)["roots"] == before == [str(a_inner), str(b_inner)]
 
 
+@pytest.mark.slow
 def test_roots_lists_counts_and_state_and_forget_removes_a_root(tmp_path, tiny_model):
     a, b, ix = tmp_path / "a", tmp_path / "b", tmp_path / "ix"
     make_images(a, 3)
@@ -271,6 +272,7 @@ def test_an_unplugged_drive_keeps_its_files_until_it_is_back(tmp_path, tiny_mode
     assert json.loads(run("roots", "--json", "--index", ix).stdout) == [] and _recorded_device(ix, root) is None
 
 
+@pytest.mark.slow
 def test_a_root_emptied_on_its_own_device_loses_its_files(tmp_path, tiny_model):
     """Emptied by the user (the same device as recorded): the run removes its files, as it always did."""
     root, ix = tmp_path / "photos", tmp_path / "ix"

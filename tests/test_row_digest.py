@@ -112,6 +112,7 @@ def index_json_query(ix: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("field", sorted(FLIPS))
+@pytest.mark.slow
 def test_a_flipped_byte_in_a_shown_field_is_damage_not_a_value(digested, field):
     photos, ix = digested
     _flip(ix, field)

@@ -77,6 +77,7 @@ def test_exif_fields_and_captions_are_stored_and_returned(library):
     assert results["plain.jpg"]["camera"] is None and results["plain.jpg"]["taken"] is not None
 
 
+@pytest.mark.slow
 def test_each_filter(library):
     root, ix = library
     assert names(query_json(ix, "x", "--after", "2019-07-15", "--before", "2020-12-31")) == ["opera.jpg", "river.jpg"]
@@ -169,6 +170,7 @@ def test_existing_indexes_are_filled_without_re_encoding(library):
     assert query_json(ix, "zanzibar", "--mode", "keyword")[0]["path"].endswith("cat.jpg")
 
 
+@pytest.mark.slow
 def test_captions_from_a_list_and_from_webdataset_members(tmp_path, tiny_model):
     images = make_images(tmp_path / "imgs", 3)
     (tmp_path / "list.csv").write_text("path,caption\n" + "".join(f"{p},caption number {i} kilimanjaro{i}\n"

@@ -678,6 +678,7 @@ def test_files_are_served_only_while_they_match_the_catalog(prebuilt, tiny_model
         stop(proc)
 
 
+@pytest.mark.slow
 def test_server_picks_up_a_rebuilt_index(served, tiny_model):
     from conftest import make_images
 
@@ -1030,6 +1031,7 @@ def test_a_search_request_judges_the_index_folder_once(tmp_path, tiny_model):
         engine.close()
 
 
+@pytest.mark.slow
 def test_a_thumbnail_planned_before_the_folder_turned_untrusted_is_not_drawn(tmp_path, tiny_model):
     """A thumbnail's plan is made (row looked up, folder judged) before it waits up to THUMB_WAIT_SECONDS for a decode
     slot. A folder made writable by every user during that wait refused every new request, but the plan was still

@@ -98,6 +98,7 @@ def test_list_file_indexes_its_entries_and_follows_edits(tmp_path, corpus, tiny_
     assert shrunk["removed"] == 16 and (info["images"], info["failed"]) == (3, 1)  # broken.jpg sorts first
 
 
+@pytest.mark.slow
 def test_parquet_list_with_a_named_column(tmp_path, corpus, tiny_model):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -295,6 +296,7 @@ def test_catalog_keys_are_lossless_and_duplicate_members_reported_not_updated_fo
     assert "slash" in only and "caf" not in only, only
 
 
+@pytest.mark.slow
 def test_keys_written_before_they_were_lossless_are_upgraded_in_place(tmp_path, tiny_model):
     """An index written when a backslash in a name was kept as it is: its rows get the lossless key the
     next time a writer opens it (catalog.upgrade_keys_lossless), ids and vectors kept, nothing re-encoded."""
@@ -330,6 +332,7 @@ def test_keys_written_before_they_were_lossless_are_upgraded_in_place(tmp_path, 
                                                       (pics[2].name, None)], key=str), after
 
 
+@pytest.mark.slow
 def test_a_refused_run_is_not_taken_for_an_interrupted_one(tmp_path, tiny_model):
     """A run refused before it writes anything (a new root that cannot be listed, no folder to index) left the
     index marked as a run under way: `info` then said the last run was interrupted and told the user to run index

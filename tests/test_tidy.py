@@ -152,6 +152,7 @@ def test_rows_present_drops_the_ids_the_columns_lack():
     assert cols.rows_present(np.array([], dtype=np.int64)).tolist() == []
 
 
+@pytest.mark.slow
 def test_the_null_calibration_skips_ann_ids_whose_files_left_the_index(tmp_path, tiny_model):
     """_null_best (auto mode's gate fusion) read each null query's ANN candidates' rows by searchsorted: an id the
     snapshot's columns lack (its file failed or left after the ANN index was built) read a neighbour's vector, or,

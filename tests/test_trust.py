@@ -289,6 +289,7 @@ alignsearch.surfaces.cli.main(sys.argv[1:], prog_name="alignsearch")
 """
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_still_ends_quietly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", MANY_TAGS, "tags"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline()

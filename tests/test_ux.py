@@ -268,6 +268,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_while_progress_is_said_leaves_whole_lines():
     """The same with a real SIGINT: a loop of progress lines stopped by Ctrl-C, ten times; its last line is the
     error alone every time (the old print() glued them in 198 of 200 such runs)."""

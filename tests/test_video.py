@@ -46,6 +46,7 @@ def starts(found):
     return [m.t for m in found]
 
 
+@pytest.mark.slow
 def test_moments_at_cuts_and_every_interval(tmp_path):
     video = make_video(tmp_path / "a.mp4", SCENES)
     info = VideoInfo()

@@ -411,6 +411,7 @@ def test_a_run_killed_while_it_decodes_leaves_no_file_of_its_pools_turn(tmp_path
     assert not [p.name for p in private.iterdir() if p.name.startswith("alignsearch-decode-")]
 
 
+@pytest.mark.slow
 def test_the_pixels_a_decode_holds_are_known_from_the_header():
     """A JPEG decodes at its DCT scale (a 12000x8400 one holds 1500x1050: 1/8), another format whole."""
     import io

@@ -125,14 +125,15 @@ MAX_PHRASE = 64
 _THAI_LETTERS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _LAO_LETTERS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _SEA_LETTERS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Lo", "Lm"))
-_SPACELESS = re.compile(f"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]"
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # the BMP's Han ideographs (Extension A, unified, compatibility)
+_SPACELESS = re.compile(f"([\u3040-\u30ff{_HAN}\uff66-\uff9f]"
                         f"|[{_THAI_LETTERS}{_LAO_LETTERS}{_SEA_LETTERS}][{MARKS}]*)")
 # A Han ideograph: a word of its own (海 sea, 山 mountain, 猫 cat, 駅 station), typed alone as often as any word, so
 # a query of one is kept where a lone letter is dropped (_atom). Kana is not: a lone hiragana is mostly a particle
 # (の, は, を: a stop word) and a lone katakana a fragment of a loanword, each in most Japanese captions.
 # The supplementary planes' ideographs (Extension B on: 𠮷 of 𠮷野家, 𩸽 hokke) are words alone as well: a lone one was
 # dropped where it was quoted found (an index's run splits it off its BMP neighbours, which _SPACELESS spaces).
-_IDEOGRAPH = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_IDEOGRAPH = re.compile(f"[{_HAN}\U00020000-\U0003134f]")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges

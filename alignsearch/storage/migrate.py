@@ -260,10 +260,7 @@ def _vec_seals(conn) -> None:
     byte of one scored another file's vector under its name (`similar` ranked the file itself #7), exit 0, and only
     verify noticed. Computed in SQL from the addresses as they stand, so an upgraded catalog is trusted as far as
     it was before. The column may be there already: step 3 creates the tables with catalog.metadata's columns."""
-    dbapi = conn.connection.dbapi_connection
-    if "vec_seal" not in _columns(dbapi, "files"):
-        conn.exec_driver_sql("ALTER TABLE files ADD COLUMN vec_seal INTEGER")
-    seal_addresses(dbapi)
+    _add_seals(conn, "files")
 
 
 def _pending_seals(conn) -> None:
@@ -272,10 +269,15 @@ def _pending_seals(conn) -> None:
     byte in one went live already sealed (another file's vector under this name, exit 0). Computed in SQL from the
     addresses as they stand, as step 17 sealed the files' (a re-encode stopped at schema 18 resumes trusted as far
     as it was before). The column may be there already: step 3 creates the tables with catalog.metadata's columns."""
+    _add_seals(conn, "pending_vectors")
+
+
+def _add_seals(conn, table: str) -> None:
+    """table's vec_seal column (added where step 3's create_all did not make it) filled from its addresses."""
     dbapi = conn.connection.dbapi_connection
-    if "vec_seal" not in _columns(dbapi, "pending_vectors"):
-        conn.exec_driver_sql("ALTER TABLE pending_vectors ADD COLUMN vec_seal INTEGER")
-    seal_addresses(dbapi, table="pending_vectors")
+    if "vec_seal" not in _columns(dbapi, table):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN vec_seal INTEGER")
+    seal_addresses(dbapi, table=table)
 
 
 def seal_addresses(dbapi_conn: sqlite3.Connection, *, table: str = "files") -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlencode
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -302,6 +303,28 @@ def test_the_charset_field_is_honoured(served):
         said = json.loads(answer)
         assert status == 400 and said["kind"] == "BadInputError", (fields, answer)
         assert said["error"].startswith("the form (its _charset_ field) is declared charset=") and "UTF-8" in said["error"]
+
+
+def test_the_charset_field_is_honoured_in_the_url(served):
+    """A GET form with HTML5's hidden _charset_ field sends it in the URL: it was refused as a parameter
+    /api/search does not take even when it said UTF-8. UTF-8 is taken (no parameter), another charset refused."""
+    for charset in ["UTF-8", "utf8", "us-ascii"]:
+        status, _, answer = call(served["url"], "/api/search?" + urlencode({"_charset_": charset, "q": "café", "k": 1}))
+        assert status == 200 and json.loads(answer)["query"]["text"] == "café", (charset, answer)
+    status, _, answer = call(served["url"], "/api/search?q=dog&k=1&_charset_=UTF-8&_charset_=utf-8")
+    assert status == 200, answer
+    for query in ["_charset_=windows-1252&q=dog&k=1", "q=dog&_charset_=Shift_JIS", "q=dog&_charset_=utf-8%00",
+                  "q=dog&_charset_=UTF-8&_charset_=latin-1"]:
+        status, _, answer = call(served["url"], "/api/search?" + query)
+        said = json.loads(answer)
+        assert status == 400 and said["kind"] == "BadInputError", (query, answer)
+        assert said["error"].startswith("the URL (its _charset_ field) is declared charset=") and "UTF-8" in said["error"]
+    # a POST's URL is read the same way
+    body, headers = multipart({"q": "dog", "k": 1}, None)
+    status, _, answer = call(served["url"], "/api/search?_charset_=utf-8", data=body, headers=headers)
+    assert status == 200, answer
+    status, _, answer = call(served["url"], "/api/search?_charset_=koi8-r", data=body, headers=headers)
+    assert status == 400 and "the URL (its _charset_ field)" in json.loads(answer)["error"], answer
 
 
 def test_a_charset_label_with_a_nul_is_refused_as_another_charset(served):

@@ -68,7 +68,7 @@ from alignsearch.errors import AlignSearchError, BadImageError, BadInputError, I
 from alignsearch.media.images import DEFAULT_MAX_PIXELS, ImageSpec, decode, open_rgb
 from alignsearch.storage.paths import SERVER_FILE, THUMBS_DIR
 from alignsearch.surfaces.boundary import INTERNAL_STATUS, answer_of, kind_of_status, library_error
-from alignsearch.surfaces.utf8form import RefusedForm, utf8_form_route
+from alignsearch.surfaces.utf8form import CHARSET_FIELD, RefusedForm, label_refusal, utf8_form_route
 
 log = logging.getLogger(__name__)
 
@@ -1065,6 +1065,20 @@ def utf8_only(request: Request) -> None:
         raise BadInputError(f"{name!r} in the URL is not valid UTF-8: %-escape the UTF-8 bytes of the text")
 
 
+def url_params(request: Request) -> list[tuple[str, str]]:
+    """The URL's parameters less HTML5's _charset_ field, which a browser fills in a GET form that has one (as it
+    does in a POST form: utf8form): one naming UTF-8 (or ASCII) is taken and dropped, as it says how the URL is
+    written, not what to search; one naming another charset is refused, as in a form, for the server reads UTF-8
+    only. It was refused as a parameter /api/search does not take even when it said UTF-8."""
+    items = request.query_params.multi_items()
+    for name, value in items:
+        if name == CHARSET_FIELD:
+            refusal = label_refusal(f"the URL (its {CHARSET_FIELD} field)", value.encode("utf-8"))
+            if refusal is not None:
+                raise BadInputError(refusal)
+    return [(name, value) for name, value in items if name != CHARSET_FIELD]
+
+
 def known_only(items, known, where: str) -> None:
     """Refuse a parameter /api/search does not take (400), as the CLI refuses an unknown option: the framework
     ignored it, so a typo (?q=dog&min-score=0.3, a form's negativ=leash) searched without what it asked for and
@@ -1301,8 +1315,8 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         """Search by text (q), by an indexed image (similar), with an optional negative text and tag, metadata
         filters, a cutoff, a sort and a mode (the names of `alignsearch query`'s options)."""
         utf8_only(request)
-        known_only(request.query_params.multi_items(), SearchParams.model_fields, "URL")
-        given_once(request.query_params.multi_items(), "URL")
+        known_only(url_params(request), SearchParams.model_fields, "URL")
+        given_once(url_params(request), "URL")
         response.headers[INDEX_HEADER] = library.index_id or ""  # the CLI checks the answer is of its index
         return await answer(request_of(params, text=params.q), posted=False)
 
@@ -1314,9 +1328,9 @@ def create_app(engine: Engine, config: ServerConfig, token: str | None, lifespan
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "POST multipart/form-data with an 'image' file field (and q, k... fields)")
         utf8_only(request)
-        known_only(request.query_params.multi_items(), SearchParams.model_fields, "URL")
+        known_only(url_params(request), SearchParams.model_fields, "URL")
         known_only((await request.form()).multi_items(), SearchForm.model_fields, "form")
-        given_once(request.query_params.multi_items(), "URL")
+        given_once(url_params(request), "URL")
         given_once((await request.form()).multi_items(), "form")  # the form the framework read, kept by the request
         params = merged(in_url, form)
         response.headers[INDEX_HEADER] = library.index_id or ""

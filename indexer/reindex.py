@@ -14,6 +14,8 @@ deleted, a previous switch's under vectors/next/ too. Killed before that, the ne
 
 from __future__ import annotations
 
+import collections
+
 import logging
 import os
 import uuid
@@ -170,9 +172,18 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
             vectors.forget_chunks(conn, progress.segment, start, start + 1)
         unsealed = conn.execute(delete(catalog.pending_vectors)
                                 .where(p.vec_seal.is_distinct_from(rowdigest.seal_of(p.vec_row)))).rowcount
+        # a file id read twice: a flipped key byte (outside the seal) made one row another's; which row SQLite's seek
+        # meets is down to the page's order, so neither is trusted, nor is any other key on such a page: all are
+        # dropped (DELETE without WHERE frees the pages whole, not seeking the keys it cannot trust)
+        twice = doubled(conn.execute(select(p.file_id)).scalars().all())
+        if twice:
+            conn.execute(delete(catalog.pending_vectors))
     if damaged:
         log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
                     "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))
+    if twice:
+        log.warning("the re-encode in progress has two addresses for file %s (a damaged key): all its files are "
+                    "encoded again", ", ".join(map(str, twice[:5])))
     if unsealed:
         log.warning("%d vector addresses of the re-encode in progress are not those written (their seal differs): "
                     "their files are encoded again", unsealed)
@@ -224,8 +235,10 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         read = conn.execute(select(p.file_id, p.vec_row, p.vec_seal)
                             .join(catalog.files, catalog.files.c.id == p.file_id)
                             .where(catalog.files.c.status == catalog.INDEXED).order_by(p.file_id)).all()
+        scanned = conn.execute(select(p.file_id)).scalars().all()  # every row, not what a join's seek meets
         generation = recorded.generation
     refuse_unsealed(read)
+    refuse_doubled(scanned)
     pending = np.array([(file_id, row) for file_id, row, _ in read], dtype=np.int64).reshape(-1, 2)
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
     new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (progress.segment, progress.rows)})
@@ -265,6 +278,24 @@ def refuse_unsealed(read) -> None:
         raise IndexDamagedError(f"{DB_FILE} is damaged: an address of the re-encode in progress is not the one written "
                                 "(its seal differs): run `alignsearch index --reindex` again, which encodes those "
                                 "files anew")
+
+
+def doubled(ids) -> list[int]:
+    """The file ids that pending rows read more than once, in order (pure). file_id is the table's key, which SQLite
+    keeps unique as it writes; read twice, a byte of one row's key was flipped since (the key is outside the seal)."""
+    counts = collections.Counter(ids)
+    return sorted(i for i, n in counts.items() if n > 1)
+
+
+def refuse_doubled(ids) -> None:
+    """Refuse a switch where one file has two pending addresses: the switch's lookup took whichever its seek met,
+    maybe the other file's vector (seen: scored under this name, exit 0, verify ok after), and that file, with none,
+    was marked failed (then indexed as new)."""
+    twice = doubled(ids)
+    if twice:
+        raise IndexDamagedError(f"{DB_FILE} is damaged: the re-encode in progress has two addresses for file "
+                                f"{twice[0]} (a damaged key): run `alignsearch index --reindex` again, which encodes "
+                                "its files anew")
 
 
 def fold(db, store: VectorStore) -> None:

@@ -8,7 +8,8 @@ import sqlite3
 
 import pytest
 from conftest import index_json, run
-from helpers import catalog_rows, fixed_answers, index_generation, killed_at, vector_index, verify_problems
+from helpers import (catalog_pages, catalog_rows, fixed_answers, flipped_field, index_generation, killed_at,
+                     record_columns, vector_index, verify_problems)
 
 from alignsearch.storage import catalog, migrate, rowdigest
 
@@ -103,3 +104,67 @@ def test_an_address_flipped_after_the_switchs_check_goes_live_off_its_seal(index
     assert "checksum" in run("index", "--index", ix, *REINDEX, code=7).output  # the run's own next read refuses it
     with pytest.raises(IndexDamagedError, match="checksum"):
         fixed_answers(ix)
+
+
+
+def _flip_a_pending_file_id(ix) -> tuple[int, int]:
+    """The lowest bit of one pending row's rowid (its file_id) flipped where its cell holds it, as a damaged byte
+    flips it: (the id written, the id it reads as), that id another pending row's too. SQLite takes the cell as
+    read: a rowid table has no second copy of its key, and a page carries no checksum. The WAL is checkpointed
+    into the file first, so that the page flipped is the one read."""
+    db = ix / "catalog.db"
+    columns = record_columns(db, "pending_vectors")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        ids = {i for (i,) in conn.execute("SELECT file_id FROM pending_vectors")}
+    conn.close()
+    data = bytearray(db.read_bytes())
+    for _, _, _, first, end in catalog_pages(db)["pending_vectors"]:
+        for at in range(first, end):
+            if flipped_field(bytes(data), page_size, at, columns).endswith(": rowid") and data[at] < 0x80:
+                written = data[at]
+                if written in ids and written ^ 1 in ids and written ^ 1 > 0:
+                    data[at] ^= 0x01
+                    db.write_bytes(data)
+                    return written, written ^ 1
+    raise AssertionError("no pending row whose flipped id is another's")
+
+
+@pytest.mark.slow
+def test_a_pending_row_whose_file_id_reads_as_anothers_is_never_made_live(indexed_images, monkeypatch):
+    """A pending row's file_id (its rowid) is outside its seal: flipped to another pending row's id between the
+    re-encode and its switch, two rows read for one file and none for the other, and the switch gave the one file
+    whichever address SQLite's seek met (seen: the other's vector, wrong answers after, verify ok), exit 0. Two
+    addresses for one file are damage: refused in one line (exit 7), nothing made live; the way out it names (a
+    resumed re-encode, which drops such a table's rows and encodes its files again) then answers as before."""
+    import indexer.reindex
+
+    _, ix = indexed_images(6)
+    generation, want = index_generation(ix), fixed_answers(ix)
+    reencode = indexer.reindex.reencode
+    flipped = []
+
+    def reencode_then_flip(*args, **kwargs):
+        done = reencode(*args, **kwargs)
+        flipped.append(_flip_a_pending_file_id(ix))
+        return done
+
+    monkeypatch.setattr(indexer.reindex, "reencode", reencode_then_flip)
+    result = run("index", "--index", ix, *REINDEX, code=7)
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "two addresses for file" in error[0] and "--reindex" in error[0], result.output
+    (written, read), = flipped
+    assert sorted(i for (i,) in catalog_rows(ix, "SELECT file_id FROM pending_vectors")).count(read) == 2
+    assert index_generation(ix) == generation and fixed_answers(ix) == want  # the old generation still answers
+    monkeypatch.setattr(indexer.reindex, "reencode", reencode)
+    assert index_json(ix, *REINDEX)["reencoded"] == 6  # every file, the damaged table's rows all dropped
+    assert _addresses_apart(ix) and fixed_answers(ix) == want and verify_problems(ix) == []
+    assert catalog_rows(ix, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_doubled_names_the_ids_read_more_than_once():
+    from indexer.reindex import doubled
+
+    assert doubled([]) == [] and doubled([3, 1, 2]) == []
+    assert doubled([1, 2, 4, 4, 6]) == [4] and doubled([9, 1, 9, 1, 2]) == [1, 9]

@@ -8,9 +8,11 @@ one line, fewer rows than the intact answer with exit 0 (what must never happen)
 exit 1 / a traceback, another exit; for verify, damage found or not. Counted by page group, for this tree and for
 --base (run from a temporary worktree of it, the sweep's code from this tree), in parallel child processes.
 
-    python benchmarks/sweep_catalog_flips.py [--every 1] [--base main] [--no-save]
+    python benchmarks/sweep_catalog_flips.py [--every 1] [--base main] [--pages files ...] [--no-save]
 
 --every N flips every N-th used byte (a quicker look); the counts recorded are of every byte unless it says.
+--pages GROUP sweeps only that group's pages (repeatable; the groups of the results tables): every byte of a few
+groups where every byte of all is too long.
 Each tree builds its own index with its own code (a catalog this tree writes may be of a schema the base refuses),
 so the two columns' flips are of like catalogs, not of the same bytes.
 
@@ -53,13 +55,26 @@ def group(table: str) -> str:
     return "other"
 
 
-def child(work: Path, model: Path, every: int, out: Path) -> None:
+def tables_of(groups: list[str] | None, present) -> list[str] | None:
+    """The tables and indexes of the named page groups (GROUPS' names, or "other") among those present (pure);
+    None (every page) when no group is named."""
+    if not groups:
+        return None
+    unknown = set(groups) - {g for g, _ in GROUPS} - {"other"}
+    if unknown:
+        raise SystemExit(f"--pages: no group {sorted(unknown)}; the groups: {[g for g, _ in GROUPS] + ['other']}")
+    return [t for t in present if group(t) in groups]
+
+
+def child(work: Path, model: Path, every: int, out: Path, groups: list[str] | None = None) -> None:
     """Run in a child whose alignsearch is the tree under test: build the index with that tree's code (a catalog
     another tree wrote may be one this tree refuses: a schema newer than its own), sweep it, write the outcomes."""
     import helpers
 
     photos, index_dir = helpers.flip_sweep_index(work, model)
-    rows = helpers.flip_sweep(photos, index_dir, helpers.flip_offsets(index_dir / "catalog.db", every=every))
+    db = index_dir / "catalog.db"
+    names = tables_of(groups, helpers.catalog_pages(db))
+    rows = helpers.flip_sweep(photos, index_dir, helpers.flip_offsets(db, names, every=every))
     out.write_text(json.dumps(rows))
 
 
@@ -68,12 +83,14 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--base", default="main")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--pages", action="append", help="sweep only this page group (repeatable): " +
+                    ", ".join(g for g, _ in GROUPS) + ", other")
     ap.add_argument("--keep", type=Path, help="write each flip's outcomes ({tree: [...]}) to this JSON file")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
     if args.child:
-        return child(Path(args.child[0]), Path(args.child[1]), args.every, Path(args.child[2]))
+        return child(Path(args.child[0]), Path(args.child[1]), args.every, Path(args.child[2]), args.pages)
     load_at_start = time.time(), os.getloadavg()[0]
     from tiny_align import build_tiny_align
 
@@ -94,8 +111,9 @@ def main() -> None:
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(HERE.parent / "tests")]),
                        "ALIGNSEARCH_CACHE": str(work / "cache")}
                 out = tmp / f"out-{len(children)}.json"
-                children[name] = (out, subprocess.Popen([sys.executable, __file__, "--every", str(args.every), "--child",
-                                                         str(work), str(model), str(out)], env=env, cwd=tree))
+                pages = [a for g in args.pages or [] for a in ("--pages", g)]
+                children[name] = (out, subprocess.Popen([sys.executable, __file__, "--every", str(args.every), *pages,
+                                                         "--child", str(work), str(model), str(out)], env=env, cwd=tree))
             for name, (_, proc) in children.items():
                 if proc.wait():
                     raise SystemExit(f"the sweep of {name} failed (exit {proc.returncode})")
@@ -105,7 +123,7 @@ def main() -> None:
         finally:
             remove_worktree(tmp / "base-tree")
     lines = [f"- a 12-photo index of the tiny test model; the lowest bit of {'each' if args.every == 1 else f'every {args.every}-th'} "
-             f"used byte of each catalog.db page holding cells flipped in turn ({len(next(iter(results.values())))} flips), "
+             f"used byte of each catalog.db page holding cells{' of ' + ', '.join(args.pages) if args.pages else ''} flipped in turn ({len(next(iter(results.values())))} flips), "
              "then `query \"red circle\" --json -k 12`, `similar img001.jpg --json -k 12`, `verify --skip-model`; "
              f"wall time {time.time() - load_at_start[0]:.0f} s", load_note(load_at_start[1]), ""]
     kinds = sorted({kind for rows in results.values() for row in rows for c in ("query", "similar") for kind in [row[c][0]]})

@@ -14,8 +14,6 @@ deleted, a previous switch's under vectors/next/ too. Killed before that, the ne
 
 from __future__ import annotations
 
-import collections
-
 import logging
 import os
 import uuid
@@ -165,6 +163,11 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
     Also those whose address is off its seal (schema 19): the switch refuses them (exit 7), and this run, the way out
     it names, encodes their files again rather than trust an address that may name another file's vector."""
     with db.begin() as conn:
+        # a file id out of the table's key order (read twice among them): a flipped key byte (outside the seal) made
+        # one row another file's; which row SQLite's seek meets is down to the page's order, so no key of such a
+        # table is trusted: all are dropped (DELETE without WHERE frees the pages whole, not seeking the keys it
+        # cannot trust). Looked at first, before any delete seeks in it.
+        misread = key_problems(conn)
         damaged = vectors.changed_chunks(conn, pending, 0, key=progress.segment)
         p = catalog.pending_vectors.c
         for start, rows in damaged:
@@ -172,18 +175,14 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
             vectors.forget_chunks(conn, progress.segment, start, start + 1)
         unsealed = conn.execute(delete(catalog.pending_vectors)
                                 .where(p.vec_seal.is_distinct_from(rowdigest.seal_of(p.vec_row)))).rowcount
-        # a file id read twice: a flipped key byte (outside the seal) made one row another's; which row SQLite's seek
-        # meets is down to the page's order, so neither is trusted, nor is any other key on such a page: all are
-        # dropped (DELETE without WHERE frees the pages whole, not seeking the keys it cannot trust)
-        twice = doubled(conn.execute(select(p.file_id)).scalars().all())
-        if twice:
+        if misread:
             conn.execute(delete(catalog.pending_vectors))
     if damaged:
         log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
                     "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))
-    if twice:
-        log.warning("the re-encode in progress has two addresses for file %s (a damaged key): all its files are "
-                    "encoded again", ", ".join(map(str, twice[:5])))
+    if misread:
+        log.warning("the re-encode in progress has a file id out of its order (%s: a damaged key): all its files are "
+                    "encoded again", misread[0])
     if unsealed:
         log.warning("%d vector addresses of the re-encode in progress are not those written (their seal differs): "
                     "their files are encoded again", unsealed)
@@ -235,10 +234,10 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         read = conn.execute(select(p.file_id, p.vec_row, p.vec_seal)
                             .join(catalog.files, catalog.files.c.id == p.file_id)
                             .where(catalog.files.c.status == catalog.INDEXED).order_by(p.file_id)).all()
-        scanned = conn.execute(select(p.file_id)).scalars().all()  # every row, not what a join's seek meets
+        misread = key_problems(conn)  # every row's key, not what a join's seek meets
         generation = recorded.generation
     refuse_unsealed(read)
-    refuse_doubled(scanned)
+    refuse_misread(misread)
     pending = np.array([(file_id, row) for file_id, row, _ in read], dtype=np.int64).reshape(-1, 2)
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
     new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (progress.segment, progress.rows)})
@@ -280,22 +279,25 @@ def refuse_unsealed(read) -> None:
                                 "files anew")
 
 
-def doubled(ids) -> list[int]:
-    """The file ids that pending rows read more than once, in order (pure). file_id is the table's key, which SQLite
-    keeps unique as it writes; read twice, a byte of one row's key was flipped since (the key is outside the seal)."""
-    counts = collections.Counter(ids)
-    return sorted(i for i, n in counts.items() if n > 1)
+def key_problems(conn) -> list[str]:
+    """What SQLite's own check of pending_vectors' b-tree finds wrong in it (PRAGMA integrity_check of the table,
+    every row read: a C loop, not every key pulled into Python); [] when sound. file_id is the table's key (its
+    rowid), outside the address's seal: a byte of it flipped since it was written reads one row as another file's,
+    which the check sees as a key out of order (one read twice is too). A flip that keeps the order (into a gap of
+    the ids, e.g. the highest id onto a file not re-encoded yet) it cannot see: nothing records the key twice."""
+    found = [row[0] for row in conn.exec_driver_sql(f"PRAGMA integrity_check({catalog.pending_vectors.name})")]
+    # its first line ("*** in database main ***") names no row
+    return [] if found == ["ok"] else [problem.splitlines()[-1] for problem in found]
 
 
-def refuse_doubled(ids) -> None:
-    """Refuse a switch where one file has two pending addresses: the switch's lookup took whichever its seek met,
-    maybe the other file's vector (seen: scored under this name, exit 0, verify ok after), and that file, with none,
-    was marked failed (then indexed as new)."""
-    twice = doubled(ids)
-    if twice:
-        raise IndexDamagedError(f"{DB_FILE} is damaged: the re-encode in progress has two addresses for file "
-                                f"{twice[0]} (a damaged key): run `alignsearch index --reindex` again, which encodes "
-                                "its files anew")
+def refuse_misread(problems: list[str]) -> None:
+    """Refuse a switch whose pending keys are not in order (key_problems): one file with two pending addresses, or
+    one that reads as another's: the switch's lookup took whichever its seek met, maybe the other file's vector
+    (seen: scored under this name, exit 0, verify ok after), and a file with none was marked failed."""
+    if problems:
+        raise IndexDamagedError(f"{DB_FILE} is damaged: a file id of the re-encode in progress is out of its order "
+                                f"({problems[0]}: a damaged key): run `alignsearch index --reindex` again, which "
+                                "encodes its files anew")
 
 
 def fold(db, store: VectorStore) -> None:

@@ -327,6 +327,14 @@ def test_the_charset_field_is_honoured_in_the_url(served):
     assert status == 400 and "the URL (its _charset_ field)" in json.loads(answer)["error"], answer
 
 
+def test_a_charset_label_in_the_url_is_shown_as_sent(served):
+    """The URL's _charset_ is UTF-8 text (utf8_only checked it): a refused label that is not ASCII was shown as its
+    UTF-8 bytes read as Latin-1 (charset='Ã¼tf-8' for a sent 'ütf-8')."""
+    status, _, answer = call(served["url"], "/api/search?" + urlencode({"q": "dog", "_charset_": "ütf-8"}))
+    said = json.loads(answer)
+    assert status == 400 and "charset='ütf-8'" in said["error"], answer
+
+
 def test_a_charset_label_with_a_nul_is_refused_as_another_charset(served):
     """A _charset_ of "utf-8" and a NUL byte made codecs.lookup raise ValueError (not LookupError): the framework's
     "There was an error parsing the body" (a UsageError naming nothing), not the form's charset refused."""

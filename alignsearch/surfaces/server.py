@@ -1073,7 +1073,7 @@ def url_params(request: Request) -> list[tuple[str, str]]:
     items = request.query_params.multi_items()
     for name, value in items:
         if name == CHARSET_FIELD:
-            refusal = label_refusal(f"the URL (its {CHARSET_FIELD} field)", value.encode("utf-8"))
+            refusal = label_refusal(f"the URL (its {CHARSET_FIELD} field)", value)
             if refusal is not None:
                 raise BadInputError(refusal)
     return [(name, value) for name, value in items if name != CHARSET_FIELD]

@@ -48,10 +48,11 @@ def charset_refusal(where: str, content_type: bytes | str | None) -> str | None:
     return label_refusal(where, declared)
 
 
-def label_refusal(where: str, declared: bytes) -> str | None:
+def label_refusal(where: str, declared: bytes | str) -> str | None:
     """Why text in this declared charset (a label, as a Content-Type's charset= or a _charset_ field gives it)
-    cannot be read as UTF-8; None when it is UTF-8's (or ASCII's) name."""
-    label = declared.decode("latin-1")
+    cannot be read as UTF-8; None when it is UTF-8's (or ASCII's) name. Bytes (a header's, a form part's: of no
+    known charset) are read as Latin-1; a str (a URL's, already read as UTF-8) is shown as it was sent."""
+    label = declared if isinstance(declared, str) else declared.decode("latin-1")
     try:
         name = codecs.lookup(label).name
     except (LookupError, ValueError):  # ValueError: a label with a NUL in it (codecs' names are C strings)

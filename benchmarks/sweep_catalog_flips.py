@@ -83,8 +83,10 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--base", default="main")
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--pages", action="append", help="sweep only this page group (repeatable): " +
-                    ", ".join(g for g, _ in GROUPS) + ", other")
+    # choices: a group's name is refused here, before the model, the base's worktree and both index builds (it was
+    # refused only in the sweep's children, minutes on, as "the sweep of ... failed (exit 1)")
+    ap.add_argument("--pages", action="append", choices=[g for g, _ in GROUPS] + ["other"], metavar="GROUP",
+                    help="sweep only this page group (repeatable): " + ", ".join(g for g, _ in GROUPS) + ", other")
     ap.add_argument("--keep", type=Path, help="write each flip's outcomes ({tree: [...]}) to this JSON file")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -102,3 +102,16 @@ def test_a_flipped_column_name_of_the_keyword_index_is_found_and_repaired(indexe
     assert "its keyword index keywords cannot be searched" in run("verify", "--skip-model", "--index", ix, code=7).output
     run("verify", "--repair", "--skip-model", "--index", ix)
     assert len(json.loads(run("query", "red circle", "--index", ix, "--json", "-k", 12).stdout)["results"]) == 12
+
+
+def test_the_sweeps_page_groups_are_checked_before_any_work():
+    """benchmarks/sweep_catalog_flips.py --pages with no such group: refused by its argument parser (exit 2), before
+    the model, the base's worktree and the index builds (a base that is no commit: the old code got as far as it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sweep_catalog_flips.py"
+    proc = subprocess.run([sys.executable, script, "--pages", "file", "--base", "no-such-commit-xyz", "--no-save"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'file'" in proc.stderr, proc.stderr[-2000:]

@@ -181,7 +181,7 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
         log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
                     "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))
     if misread:
-        log.warning("the re-encode in progress has a file id out of its order (%s: a damaged key): all its files are "
+        log.warning("the file ids of the re-encode in progress are not as written (SQLite: %s): all its files are "
                     "encoded again", misread[0])
     if unsealed:
         log.warning("%d vector addresses of the re-encode in progress are not those written (their seal differs): "
@@ -283,21 +283,22 @@ def key_problems(conn) -> list[str]:
     """What SQLite's own check of pending_vectors' b-tree finds wrong in it (PRAGMA integrity_check of the table,
     every row read: a C loop, not every key pulled into Python); [] when sound. file_id is the table's key (its
     rowid), outside the address's seal: a byte of it flipped since it was written reads one row as another file's,
-    which the check sees as a key out of order (one read twice is too). A flip that keeps the order (into a gap of
-    the ids, e.g. the highest id onto a file not re-encoded yet) it cannot see: nothing records the key twice."""
+    which the check sees as a key out of order (one read twice is too); other damage of the table's pages (a cell
+    pointer) leaves no key trusted either. A flip that keeps the order (into a gap of the ids, e.g. the highest id
+    onto a file not re-encoded yet) it cannot see: nothing records the key twice."""
     found = [row[0] for row in conn.exec_driver_sql(f"PRAGMA integrity_check({catalog.pending_vectors.name})")]
     # its first line ("*** in database main ***") names no row
     return [] if found == ["ok"] else [problem.splitlines()[-1] for problem in found]
 
 
 def refuse_misread(problems: list[str]) -> None:
-    """Refuse a switch whose pending keys are not in order (key_problems): one file with two pending addresses, or
+    """Refuse a switch whose pending keys are not as written (key_problems): one file with two pending addresses, or
     one that reads as another's: the switch's lookup took whichever its seek met, maybe the other file's vector
     (seen: scored under this name, exit 0, verify ok after), and a file with none was marked failed."""
     if problems:
-        raise IndexDamagedError(f"{DB_FILE} is damaged: a file id of the re-encode in progress is out of its order "
-                                f"({problems[0]}: a damaged key): run `alignsearch index --reindex` again, which "
-                                "encodes its files anew")
+        raise IndexDamagedError(f"{DB_FILE} is damaged: the file ids of the re-encode in progress are not as written "
+                                f"(SQLite: {problems[0]}): run `alignsearch index --reindex` again, which encodes its "
+                                "files anew")
 
 
 def fold(db, store: VectorStore) -> None:

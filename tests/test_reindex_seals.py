@@ -152,7 +152,8 @@ def test_a_pending_row_whose_file_id_reads_as_anothers_is_never_made_live(indexe
     monkeypatch.setattr(indexer.reindex, "reencode", reencode_then_flip)
     result = run("index", "--index", ix, *REINDEX, code=7)
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "out of its order" in error[0] and "--reindex" in error[0], result.output
+    assert len(error) == 1 and "not as written (SQLite: " in error[0] and "out of order" in error[0], result.output
+    assert "--reindex" in error[0], result.output
     (written, read), = flipped
     assert sorted(i for (i,) in catalog_rows(ix, "SELECT file_id FROM pending_vectors")).count(read) == 2
     assert index_generation(ix) == generation and fixed_answers(ix) == want  # the old generation still answers

@@ -166,8 +166,10 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
         # a file id out of the table's key order (read twice among them): a flipped key byte (outside the seal) made
         # one row another file's; which row SQLite's seek meets is down to the page's order, so no key of such a
         # table is trusted: all are dropped (DELETE without WHERE frees the pages whole, not seeking the keys it
-        # cannot trust). Looked at first, before any delete seeks in it.
+        # cannot trust). First, before any other delete seeks in it.
         misread = key_problems(conn)
+        if misread:
+            conn.execute(delete(catalog.pending_vectors))
         damaged = vectors.changed_chunks(conn, pending, 0, key=progress.segment)
         p = catalog.pending_vectors.c
         for start, rows in damaged:
@@ -175,8 +177,6 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
             vectors.forget_chunks(conn, progress.segment, start, start + 1)
         unsealed = conn.execute(delete(catalog.pending_vectors)
                                 .where(p.vec_seal.is_distinct_from(rowdigest.seal_of(p.vec_row)))).rowcount
-        if misread:
-            conn.execute(delete(catalog.pending_vectors))
     if damaged:
         log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
                     "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))

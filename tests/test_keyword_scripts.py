@@ -848,9 +848,10 @@ def test_an_arabic_or_persian_word_is_found_typed_with_or_without_its_letter_var
             assert _found(db, ids, TYPED[name], partial_last) == _found(db, ids, VARIANTS[name], partial_last) == [name]
     reader = catalog.connect(db, readonly=True)
     with reader.connect() as conn:  # the default mode's keyword list: the caption's evidence, as the index found it
-        for name in ("lion.jpg", "book.jpg", "car.jpg"):
-            auto = keywords.search(conn, keywords.parse(TYPED[name], partial_last=True), 10, evidence_only=True)
-            assert [n for n, i in ids.items() if i in {f for f, _ in auto}] == [name]
+        for name in VARIANTS:  # house.jpg: NFKD writes ۀ as ە (U+06D5) and a hamza, no ه, where NFC makes it ۀ: ه
+            for typed in (TYPED[name], VARIANTS[name]):
+                auto = keywords.search(conn, keywords.parse(typed, partial_last=True), 10, evidence_only=True)
+                assert [n for n, i in ids.items() if i in {f for f, _ in auto}] == [name], typed
     reader.dispose()
     assert keywords.evidence(keywords.parse(TYPED["ruins.jpg"]), VARIANTS["ruins.jpg"])
 

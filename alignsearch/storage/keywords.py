@@ -42,6 +42,10 @@ What a query text means (`parse`):
   signs and virama (`हिन्दी`, not `ह` `न` `द`). Arabic harakat and Hebrew points are dropped (_POINTING), as accents
   are: `كتب` finds `كَتَبَ` and `שלום` finds `שָׁלוֹם`, and each typed pointed finds the bare word; so is the tatweel
   (`كـتـب` is `كتب`). So is the Indic nukta (schema 18; Devanagari to Kannada): `बाजार` finds `बाज़ार`, and `क़` is `क`.
+- Arabic and Persian letter variants are one letter (_ARABIC_VARIANTS, schema 20, as Lucene's normalizers): `اسد` finds
+  `أسد` (a hamza, madda or wasla on the alef), `مستشفي` finds `مستشفى`, `سياره` finds `سيارة`, `كتاب` finds Persian `کتاب`.
+- 〇 and a CJK radical alone are words as an ideograph is (a Kangxi radical, `⼭`, is the ideograph `山`), and ideographs
+  beyond the BMP (`𩸽𠮷`) a character a token as the BMP's are (schema 20): `𩸽` finds `𩸽𠮷`.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -210,14 +214,15 @@ _POINTING.update((c, None) for c in INDIC_NUKTAS)
 # Arabic and Persian letter variants as one letter, as Lucene's ArabicNormalizer and PersianNormalizer make them (schema
 # 20): the alef with a hamza or madda (أ إ آ) and the wasla (ٱ, which Lucene leaves) as the bare alef ا, the alef maqsura
 # ى as yeh ي, teh marbuta ة as heh ه; Persian (and Urdu) yeh ی and yeh barree ے as Arabic yeh ي, keheh ک as kaf ك, heh
-# with yeh ۀ and heh goal ہ as heh ه (the hamza above, U+0654, is dropped with the harakat: _POINTING). Each is typed
-# for the other (a hamza left off, an Arabic keyboard's ي ك for Persian, ه and ي for ة and ى at a word's end), so
-# `اسد` found no `أسد` and `كتاب` no Persian `کتاب`. After NFC (spaced), which composes ا and a hamza typed apart.
+# with yeh ۀ and heh goal ہ as heh ه (the hamza above, U+0654, is dropped with the harakat: _POINTING; so ۂ and ۓ,
+# which NFC composes of it, are ه and ي). Each is typed for the other (a hamza left off, an Arabic keyboard's ي ك for
+# Persian, ه and ي for ة and ى at a word's end), so `اسد` found no `أسد` and `كتاب` no Persian `کتاب`. After NFC
+# (spaced), which composes ا and a hamza typed apart.
 # What it loses (bench_keyword_scripts --variants): words these letters alone tell apart are one, as in Lucene: على
 # (on) and علي (Ali), إله (god) and آلة (machine) both اله, Urdu کی and کے (of).
 _ARABIC_VARIANTS = {0x0622: "\u0627", 0x0623: "\u0627", 0x0625: "\u0627", 0x0671: "\u0627", 0x0649: "\u064a",
                     0x0629: "\u0647", 0x06CC: "\u064a", 0x06D2: "\u064a", 0x06A9: "\u0643", 0x06C0: "\u0647",
-                    0x06C1: "\u0647"}
+                    0x06C1: "\u0647", 0x06C2: "\u0647", 0x06D3: "\u064a"}  # ۂ ۓ: heh goal, yeh barree with a hamza
 _BARE = {**_GREEK_BARE, **_POINTING, **_ARABIC_VARIANTS, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1",
          0x3099: " ", 0x309A: " "}
 
@@ -691,7 +696,10 @@ def _fold(text: str) -> list[str]:
         # refused what the keyword index found for `aﾞb` (the phrase `a b`)
         text = _VOICED.sub(" ", unicodedata.normalize("NFC", narrow(text)))
     # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
-    decomposed = unicodedata.normalize("NFKD", text.lower())
+    # the Arabic letter variants first (_ARABIC_VARIANTS): NFKD writes ۀ (heh with yeh) as ە (U+06D5, Kurdish ae) and a
+    # hamza, which no composition after makes ۀ again, so `خانه` found no `خانۀ` here where the keyword index (NFC, then
+    # the variants: ه) did; ە itself stays (Sorani Kurdish tells it from ه)
+    decomposed = unicodedata.normalize("NFKD", text.lower().translate(_ARABIC_VARIANTS))
     bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in MARKS))
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found

@@ -411,13 +411,15 @@ def readonly_url(path: Path) -> URL:
 
 
 def create_keywords(conn: Connection) -> None:
-    from alignsearch.storage.keywords import TOKEN_CATEGORIES
+    from alignsearch.storage.keywords import RADICALS, TOKEN_CATEGORIES
 
     # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). categories: every script's
     # combining marks are part of their word (schema 16), not the separators unicode61 takes them for (Mn, Mc); Thai
-    # (schema 7) and Lao (schema 12) marks were token characters before, named one by one (tokenchars).
+    # (schema 7) and Lao (schema 12) marks were token characters before, named one by one (tokenchars). tokenchars: the
+    # CJK radicals with no ideograph (So, keywords.RADICALS), a word each (schema 20).
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
-                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 categories '{TOKEN_CATEGORIES}'\")")
+                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 categories '{TOKEN_CATEGORIES}' "
+                         f"tokenchars '{RADICALS}'\")")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
 
 

@@ -221,3 +221,21 @@ def test_kill_9_during_the_upgrade_from_17_or_18_leaves_the_old_catalog_then_a_w
     sealed = catalog_rows(ix, "SELECT vec_row, vec_seal FROM pending_vectors")
     assert len(sealed) == 4 and all(rowdigest.seal(row) == seal for row, seal in sealed), sealed
     assert _query(ix) == answers
+
+
+def test_the_switch_refuses_an_address_or_seal_no_writer_stores_as_the_check_per_row_did():
+    """refuse_unsealed checks the seals in numpy: every address that is not an int (a REAL, text, bytes, NULL, a
+    bool) and every seal that is not the address's (NULL, text, a REAL, another int) refused, as the check per row
+    in Python refused them; sealed rows, and none, pass."""
+    from indexer.reindex import refuse_unsealed
+
+    from alignsearch.errors import IndexDamagedError
+
+    sound = [(1, 7, rowdigest.seal(7)), (2, 2**40, rowdigest.seal(2**40)), (3, 0, rowdigest.seal(0))]
+    refuse_unsealed(sound)
+    refuse_unsealed([])
+    for address, seal in [(3.5, rowdigest.seal(3)), (5.0, rowdigest.seal(5)), ("5", rowdigest.seal(5)),
+                          (b"5", rowdigest.seal(5)), (None, None), (True, rowdigest.seal(1)), (1e300, 0),
+                          (5, None), (5, "x"), (5, str(rowdigest.seal(5))), (5, rowdigest.seal(4)), (5, 2**70)]:
+        with pytest.raises(IndexDamagedError, match="re-encode in progress"):
+            refuse_unsealed([*sound, (4, address, seal)])

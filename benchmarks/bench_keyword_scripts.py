@@ -3,7 +3,7 @@ other than Thai and Lao ones were separators, no pointing dropped, Khmer and Mya
 tree, each tree writing and searching its own catalog in its own process (PYTHONPATH at its tree).
 
     python benchmarks/bench_keyword_scripts.py [--base e20fef2 | --base-tree PATH] [--docs 40] [--seed 0] [--no-save]
-        [--held-out]
+        [--held-out] [--variants]
 
 The nukta change (schema 18) was measured with --base 60d5458 (main at schema 17) --held-out: the set below, where
 its loss was found, and HELD_OUT, nukta words written after the change and run as a section of their own.
@@ -125,6 +125,37 @@ HELD_OUT: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         ("pa-film", "ਫ\u0a3cਿਲਮ", "ਫਿਲਮ"), ("pa-city", "ਸ\u0a3cਹਿਰ", "ਸਹਿਰ"), ("pa-lion", "ਸ\u0a3cੇਰ", "ਸੇਰ"),
         ("pa-seer", "ਸੇਰ", "ਸੇਰ"), ("pa-water", "ਪਾਣੀ", "ਪਾਣੀ"), ("pa-house", "ਘਰ", "ਘਰ"),
         ("pa-river", "ਦਰਿਆ", "ਦਰਿਆ")]),
+}
+
+# HELD OUT from the schema-20 change (letter variants and lone CJK characters): written before that change was made and
+# not changed after any run (--variants, a section of its own). Arabic words written with a hamza or madda on the
+# alef (أسد, إبريق, آثار), a wasla (ٱبن), a final alef maqsura (مستشفى) or teh marbuta (سيارة), typed without them as
+# people mostly do (اسد, مستشفي, سياره); Persian words written with Persian yeh and keheh (کتاب, ایران) typed on an
+# Arabic keyboard (كتاب, ايران), and with heh-yeh (خانۀ) typed as heh. Homographs the unification merges are in on
+# purpose: إله (god) and آلة (machine) are both typed اله; على (on) is typed علي, which is also the name Ali. Words
+# with no variant are controls. CJK: lone characters as captions write them next to others: 〇 (U+3007), Kangxi
+# radicals (⼭ U+2F2D, as a PDF's text layer writes 山) typed as the ideograph, radicals with no ideograph (⺮, ⻌),
+# Extension B and C ideographs next to each other (𩸽𠮷), each typed alone, and BMP ideographs as controls.
+VARIANTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "Arabic": (" ", [
+        ("ar-lion", "أسد", "اسد"), ("ar-rabbit", "أرنب", "ارنب"), ("ar-earth", "أرض", "ارض"),
+        ("ar-jug", "إبريق", "ابريق"), ("ar-ruins", "آثار", "اثار"), ("ar-son", "ٱبن", "ابن"),
+        ("ar-hospital", "مستشفى", "مستشفي"), ("ar-cafe", "مقهى", "مقهي"), ("ar-car", "سيارة", "سياره"),
+        ("ar-island", "جزيرة", "جزيره"), ("ar-tree", "شجرة", "شجره"), ("ar-god", "إله", "اله"),
+        ("ar-machine", "آلة", "اله"), ("ar-on", "على", "علي"), ("ar-ali", "علي", "علي"),
+        ("ar-bread", "خبز", "خبز"), ("ar-desert", "صحراء", "صحراء")]),
+    "Persian": (" ", [
+        ("fa-book", "کتاب", "كتاب"), ("fa-iran", "ایران", "ايران"), ("fa-child", "کودک", "كودك"),
+        ("fa-mountain", "کوه", "كوه"), ("fa-alley", "کوچه", "كوچه"), ("fa-tea", "چای", "چاي"),
+        ("fa-sea", "دریا", "دريا"), ("fa-small", "کوچک", "كوچك"), ("fa-houseof", "خانۀ", "خانه"),
+        ("fa-city", "شهر", "شهر"), ("fa-flower", "گل", "گل"), ("fa-tree", "درخت", "درخت")]),
+    "CJK lone": ("", [
+        ("cj-zero", "\u3007", "\u3007"), ("cj-mountain", "\u2f2d", "\u5c71"), ("cj-person", "\u2f08", "\u4eba"),
+        ("cj-water", "\u2f54", "\u6c34"), ("cj-sun", "\u2f47", "\u65e5"), ("cj-mother", "\u2e9f", "\u6bcd"),
+        ("cj-bamboo-rad", "\u2eae", "\u2eae"), ("cj-walk-rad", "\u2ecc", "\u2ecc"),
+        ("cj-hokke", "\U00029e3d", "\U00029e3d"), ("cj-yoshi", "\U00020bb7", "\U00020bb7"),
+        ("cj-2000b", "\U0002000b", "\U0002000b"), ("cj-2123d", "\U0002123d", "\U0002123d"),
+        ("cj-2a708", "\U0002a708", "\U0002a708"), ("cj-sea", "\u6d77", "\u6d77"), ("cj-cat", "\u732b", "\u732b")]),
 }
 
 # a nukta letter written as one code point (Devanagari U+0958-U+095F, Bengali ড় ঢ় য়, Gurmukhi ਲ਼ ਸ਼ ਖ਼ ਗ਼ ਜ਼ ਫ਼: NFC keeps
@@ -253,9 +284,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--held-out", action="store_true", help="also the held-out nukta set (HELD_OUT), its own section")
+    ap.add_argument("--variants", action="store_true",
+                    help="also the held-out letter variant and lone CJK character set (VARIANTS), its own section")
     args = ap.parse_args()
     at_start = os.getloadavg()[0]
     sets = [("the set", VOCAB, False)] + ([("held-out nukta set", HELD_OUT, True)] if args.held_out else [])
+    sets += [("held-out letter variant and lone CJK character set", VARIANTS, False)] if args.variants else []
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.base_tree:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import select
+
 from alignsearch.storage import ann, catalog, layouts, state, vectors
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError, IndexNotFoundError
@@ -449,6 +451,8 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 # each file once: a flipped address is off its seal and misplaced too (told twice, as two files)
                 lost = sorted({int(i) for i in (found.damaged_ids.tolist() + found.unchecked_ids.tolist()
                                                  + report.misplaced + report.incomplete_videos + off)})
+                # their names, read before the rows go: the run below finds again only those still on disk
+                forgotten = _keys(conn, lost)
                 catalog.delete_files(conn, lost)  # forgotten: encoded again below, and only they
                 for key, start, rows in found.bad:
                     vectors.forget_chunks(conn, key, start, start + 1)
@@ -470,19 +474,42 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
         finally:
             db.dispose()
     if lost:
-        done.append(_reencode(index_dir, len(lost)))
+        done.append(_reencode(index_dir, len(lost), forgotten))
     return done
 
 
-def _reencode(index_dir: Path, lost: int) -> str:
-    """Encode the forgotten files again: an ordinary run finds them as new (nothing else is encoded)."""
+def _keys(conn, ids: list[int]) -> set[tuple[str, str]]:
+    """The (root, relpath) names of these files (a video's moments: one name). Read plainly, not through the row
+    checks (get_files), which refuse the very rows forgotten here for failing their checksum."""
+    f = catalog.files.c
+    return {(root, relpath) for root, relpath in conn.execute(select(f.root, f.relpath).where(f.id.in_(ids)))}
+
+
+def _reencode(index_dir: Path, lost: int, forgotten: set[tuple[str, str]]) -> str:
+    """Encode the forgotten files again: an ordinary run finds them as new (nothing else is encoded). A forgotten
+    file the run found no more (deleted since it was indexed) has no row now: said, as a row dropped, for "re-encoded
+    0 files" alone told nothing of the row --repair had removed."""
     from indexer.job import index_folders
 
     try:
         summary = index_folders([], index_dir=index_dir, device="auto")
     except AlignSearchError as exc:
         return f"could not re-encode the {lost} forgotten files ({str(exc).splitlines()[0]}): run `alignsearch index`"
-    return f"re-encoded {summary.added} files"
+    gone = len(forgotten) - _still_named(index_dir, forgotten)
+    return f"re-encoded {summary.added} files" + (f"; dropped the rows of {gone} files gone from disk" if gone else "")
+
+
+def _still_named(index_dir: Path, names: set[tuple[str, str]]) -> int:
+    """How many of these (root, relpath) names the catalog holds a row of (indexed or failed): a lookup each in the
+    unique index of names, as few as the files forgotten."""
+    f = catalog.files.c
+    db = catalog.connect(index_dir / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            return sum(conn.execute(select(f.id).where(f.root == root, f.relpath == relpath).limit(1)).first()
+                       is not None for root, relpath in names)
+    finally:
+        db.dispose()
 
 
 def repair_advice(index_dir: Path) -> str:

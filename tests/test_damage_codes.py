@@ -402,3 +402,34 @@ def test_the_landing_page_calls_a_photo_row_a_damaged_page_hides_damage(hidden_p
 
     with pytest.raises(IndexDamagedError, match="catalog.db is damaged"):
         Library(hidden_photo, ServerConfig()).recent(0, 100)
+
+
+@pytest.mark.slow
+def test_verify_repair_names_the_rows_of_a_flipped_file_gone_from_disk(indexed_images):
+    """A flipped vector address whose file was also deleted: --repair forgot the row and the run after found nothing to
+    encode, and its report said "re-encoded 0 files" without naming the row it dropped."""
+    photos, ix = indexed_images(12)
+    flip_vector_address(ix / "catalog.db", "img009.png")
+    (photos / "img009.png").unlink()
+    said = run("verify", "--repair", "--index", ix).output
+    assert "repaired: re-encoded 0 files; dropped the rows of 1 files gone from disk" in said.splitlines(), said
+    assert "img009.png" not in run("query", "a photo", "--index", ix, "-k", "20").output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_json", [False, True])
+def test_info_says_a_flipped_vector_address_beside_its_figures(indexed_images, as_json):
+    """`info` on a catalog with a flipped vector address printed its figures (a row fewer in use: the flipped address
+    named another file's row) and exited 0, where every reader of the addresses says damage, exit 7. It shows its
+    figures still (a status display) and says the damage in one line, exit 7, naming `verify --repair`."""
+    _, ix = indexed_images(12)
+    flip_vector_address(ix / "catalog.db", "img009.png")
+    result = run("info", "--index", ix, *(["--json"] if as_json else []), code=7)  # exit 0 before, the damage unsaid
+    assert result.stderr.strip() == ("error: catalog.db is damaged: 1 vector addresses are not those written (their "
+                                     "seal differs), so the counts above may be off: run `alignsearch verify --repair`")
+    if as_json:
+        assert json.loads(result.stdout)["damaged_addresses"] == 1
+    else:
+        assert "images:  12 indexed, 0 failed" in result.stdout.splitlines(), result.stdout
+    run("verify", "--repair", "--index", ix)
+    assert json.loads(run("info", "--json", "--index", ix).stdout)["damaged_addresses"] == 0

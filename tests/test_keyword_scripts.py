@@ -811,3 +811,117 @@ def test_a_schema_17_keyword_index_finds_a_word_without_its_nukta_once_its_next_
     assert _version(db_path) == migrate.LATEST >= 18
     assert _found(db_path, ids, BAZAAR_BARE, readonly=True) == _found(db_path, ids, BAZAAR, readonly=True) == ["bazaar.jpg"]
     assert _found(db_path, ids, QALAM_BARE, readonly=True) == ["pen.jpg"]
+
+
+# Arabic and Persian words written with a letter variant, and as typed without it (schema 20): أسد (lion) with the hamza,
+# اسد typed; آثار (ruins) with the madda; ٱبن (son) with the wasla; مستشفى (hospital) with alef maqsura, typed with yeh;
+# سيارة (car) with teh marbuta, typed with heh; Persian کتاب (book) and ایران with Persian keheh and yeh, typed on an
+# Arabic keyboard; خانۀ (house of) with heh-yeh; بحر (sea) has no variant.
+VARIANTS = {"lion.jpg": "\u0623\u0633\u062f", "ruins.jpg": "\u0622\u062b\u0627\u0631", "son.jpg": "\u0671\u0628\u0646",
+            "hospital.jpg": "\u0645\u0633\u062a\u0634\u0641\u0649", "car.jpg": "\u0633\u064a\u0627\u0631\u0629",
+            "book.jpg": "\u06a9\u062a\u0627\u0628", "iran.jpg": "\u0627\u06cc\u0631\u0627\u0646",
+            "house.jpg": "\u062e\u0627\u0646\u06c0", "sea.jpg": "\u0628\u062d\u0631"}
+TYPED = {"lion.jpg": "\u0627\u0633\u062f", "ruins.jpg": "\u0627\u062b\u0627\u0631", "son.jpg": "\u0627\u0628\u0646",
+         "hospital.jpg": "\u0645\u0633\u062a\u0634\u0641\u064a", "car.jpg": "\u0633\u064a\u0627\u0631\u0647",
+         "book.jpg": "\u0643\u062a\u0627\u0628", "iran.jpg": "\u0627\u064a\u0631\u0627\u0646",
+         "house.jpg": "\u062e\u0627\u0646\u0647", "sea.jpg": "\u0628\u062d\u0631"}
+
+
+def test_arabic_and_persian_letter_variants_are_one_letter_in_the_text_and_the_query_alike():
+    """The alef with a hamza, madda or wasla is the alef; alef maqsura is yeh, teh marbuta heh; Persian yeh, yeh barree,
+    keheh, heh-yeh and heh goal the Arabic letters (as Lucene's Arabic and Persian normalizers make them): they were
+    kept, so `اسد` was another word than `أسد`."""
+    for name, written in VARIANTS.items():
+        assert keywords.spaced(written) == TYPED[name], name
+    assert keywords.spaced("\u0625\u0628\u0631\u064a\u0642") == "\u0627\u0628\u0631\u064a\u0642"  # إبريق: hamza below
+    assert keywords.spaced("\u0627\u0654") == "\u0627"  # ا and a hamza typed apart: NFC makes أ, then ا
+    assert keywords.spaced("\u06d2\u06c1") == "\u064a\u0647"  # Urdu yeh barree and heh goal
+    assert [a.tokens for a in keywords.parse(VARIANTS["lion.jpg"]).positive()] == [(TYPED["lion.jpg"],)]
+
+
+def test_an_arabic_or_persian_word_is_found_typed_with_or_without_its_letter_variant(tmp_path):
+    """`اسد` typed without the hamza found no `أسد`, nor `أسد` an `اسد`; `كتاب` on an Arabic keyboard no Persian `کتاب`."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, VARIANTS)
+    for partial_last in (False, True):  # keyword mode, and the default mode's keyword half
+        for name in VARIANTS:
+            assert _found(db, ids, TYPED[name], partial_last) == _found(db, ids, VARIANTS[name], partial_last) == [name]
+    reader = catalog.connect(db, readonly=True)
+    with reader.connect() as conn:  # the default mode's keyword list: the caption's evidence, as the index found it
+        for name in VARIANTS:  # house.jpg: NFKD writes ۀ as ە (U+06D5) and a hamza, no ه, where NFC makes it ۀ: ه
+            for typed in (TYPED[name], VARIANTS[name]):
+                auto = keywords.search(conn, keywords.parse(typed, partial_last=True), 10, evidence_only=True)
+                assert [n for n, i in ids.items() if i in {f for f, _ in auto}] == [name], typed
+    reader.dispose()
+    assert keywords.evidence(keywords.parse(TYPED["ruins.jpg"]), VARIANTS["ruins.jpg"])
+
+
+# Lone CJK characters (schema 20): 〇 (U+3007) in a year; ⼭ (Kangxi radical U+2F2D, as a PDF's text layer writes 山);
+# ⺮ (the bamboo radical U+2EAE, no ideograph NFKC makes it); Extension B ideographs next to each other (𩸽 hokke, 𠮷).
+LONE = {"year.jpg": "\u4e8c\u3007\u4e8c\u56db\u5e74", "zeros.jpg": "\u3007\u3007", "mountain.jpg": "\u2f2d",
+        "bamboo.jpg": "\u2eae", "fish.jpg": "\U00029e3d\U00020bb7", "sea.jpg": "\u6d77"}
+
+
+def test_a_lone_ideographic_zero_or_radical_is_a_word():
+    """〇 and a radical were dropped as lone letters (a radical, So, was no word at all); a Kangxi radical is the
+    ideograph NFKC makes it."""
+    assert [a.tokens for a in keywords.parse("\u3007 \u2eae").positive()] == [("\u3007",), ("\u2eae",)]
+    assert [a.tokens for a in keywords.parse("\u2f2d").positive()] == [("\u5c71",)]  # ⼭ is 山
+    assert keywords.spaced("\u3007\u3007").split() == ["\u3007", "\u3007"]
+
+
+def test_a_lone_ideographic_zero_or_radical_is_found_in_a_caption(tmp_path):
+    db = tmp_path / "catalog.db"
+    ids = _library(db, LONE)
+    for partial_last in (False, True):
+        def kw(text):
+            return _found(db, ids, text, partial_last)
+
+        assert kw("\u3007") == ["year.jpg", "zeros.jpg"]  # was []: dropped
+        assert kw("\u5c71") == kw("\u2f2d") == ["mountain.jpg"]  # was [], []
+        assert kw("\u2eae") == ["bamboo.jpg"]  # was []
+        assert kw("\u6d77") == ["sea.jpg"]
+    assert keywords.evidence(keywords.parse("\u5c71"), LONE["mountain.jpg"])
+
+
+def test_an_astral_ideograph_is_found_alone_inside_a_run_of_them(tmp_path):
+    """Extension B ideographs next to each other were one token (`𩸽𠮷`), so `𩸽` alone found nothing there; spaced as
+    the BMP's Han is, each is a token and the run a phrase of them."""
+    db = tmp_path / "catalog.db"
+    ids = _library(db, {n: LONE[n] for n in ("fish.jpg", "sea.jpg")} | {"yoshinoya.jpg": "\U00020bb7\u91ce\u5bb6"})
+    for partial_last in (False, True):
+        assert _found(db, ids, "\U00029e3d", partial_last) == ["fish.jpg"]  # was []
+        assert _found(db, ids, "\U00020bb7", partial_last) == ["fish.jpg", "yoshinoya.jpg"]  # was yoshinoya.jpg
+        assert _found(db, ids, "\U00029e3d\U00020bb7", partial_last) == ["fish.jpg"]
+    assert keywords.evidence(keywords.parse("\U00029e3d"), LONE["fish.jpg"])
+
+
+def test_a_schema_19_keyword_index_finds_letter_variants_and_lone_cjk_characters_once_its_next_writer_upgrades_it(
+        tmp_path):
+    """A schema-19 index holds `أسد` with its hamza, `𩸽𠮷` one token and no radical (its tokenizer took them for
+    separators); a reader reads it as it stands (typed as written, still found), and the next writer makes the keyword
+    index again (step 20): then `اسد`, `𩸽` and `⺮` find theirs."""
+    db_path = tmp_path / "catalog.db"
+    files = {**VARIANTS, **{n: c for n, c in LONE.items() if n in ("fish.jpg", "bamboo.jpg", "mountain.jpg")}}
+    ids = _library(db_path, files)
+    with sqlite3.connect(db_path) as conn:  # as schema 19 made and wrote it: its tokenizer, each text composed
+        conn.execute(f"DROP TABLE {catalog.KEYWORDS}")
+        conn.execute(f"CREATE VIRTUAL TABLE {catalog.KEYWORDS} USING "
+                     "fts5(body, tokenize = \"unicode61 remove_diacritics 2 categories 'L* N* Co Mn Mc'\")")
+        for name, caption in files.items():
+            conn.execute(f"INSERT INTO {catalog.KEYWORDS}(rowid, body) VALUES (?, ?)",
+                         (ids[name], unicodedata.normalize("NFC", catalog.keyword_text(name, caption))))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", ("19",))
+    conn.close()
+    assert _version(db_path) == 19
+    assert _found(db_path, ids, VARIANTS["lion.jpg"], readonly=True) == ["lion.jpg"]  # as typed, as written
+    assert _found(db_path, ids, "\U00029e3d\U00020bb7", readonly=True) == ["fish.jpg"]
+    for typed in (TYPED["lion.jpg"], TYPED["book.jpg"], "\U00029e3d", "\u2eae", "\u5c71"):  # a reader writes nothing
+        assert _found(db_path, ids, typed, readonly=True) == [], typed
+    catalog.connect(db_path).dispose()  # a writer: upgraded
+    assert _version(db_path) == migrate.LATEST >= 20
+    for name in VARIANTS:
+        assert _found(db_path, ids, TYPED[name], readonly=True) == [name]
+    assert _found(db_path, ids, "\U00029e3d", readonly=True) == ["fish.jpg"]
+    assert _found(db_path, ids, "\u2eae", readonly=True) == ["bamboo.jpg"]
+    assert _found(db_path, ids, "\u5c71", readonly=True) == ["mountain.jpg"]

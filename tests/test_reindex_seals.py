@@ -244,3 +244,74 @@ def test_key_problems_names_a_pending_key_out_of_order(tmp_path):
         engine.dispose()
         assert found == [] if read is None else (len(found) == 1 and f"Rowid {read} out of order" in found[0]
                                                  and "\n" not in found[0]), found
+
+
+def _as_version(ix, version: int) -> None:
+    """The index's catalog as schema `version` (17 or 18) left it, with a re-encode's pending addresses (one a file)
+    and no seal column for them (step 19 adds it): what the upgrade from it is to seal."""
+    with sqlite3.connect(ix / "catalog.db") as conn:
+        conn.execute("ALTER TABLE pending_vectors DROP COLUMN vec_seal")
+        conn.execute("INSERT INTO pending_vectors (file_id, vec_row) SELECT id, 300 + id FROM files "
+                     "WHERE status = 'indexed'")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    conn.close()
+
+
+def _dump(ix) -> list[str]:
+    conn = sqlite3.connect(f"file:{ix / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def _query(ix) -> list[dict]:
+    import json
+
+    return json.loads(run("query", "a photo", "--index", ix, "-k", 12, "--json").stdout)["results"]
+
+
+@pytest.mark.slow  # a child process per kill, and the upgrade after (~10 s)
+@pytest.mark.parametrize("version, kills", [
+    (17, [("alignsearch.storage.migrate:seal_addresses", "after"),  # step 18 applied, 19's seals written
+          ("alignsearch.storage.migrate:_build_keywords", "after")]),  # the keyword index written again (step 18's)
+    (18, [("alignsearch.storage.migrate:seal_addresses", "after")])])  # step 19's column added and filled
+def test_kill_9_during_the_upgrade_from_17_or_18_leaves_the_old_catalog_then_a_writer_upgrades(indexed_images,
+                                                                                                 version, kills):
+    """Every step of an upgrade runs in one transaction: a writer killed -9 in the middle of the steps after 17 and 18
+    (each kill point is reached only inside the upgrade: exit -9 says the kill landed there) leaves the catalog byte
+    for byte as it was, at its old version, a reader answers as before, and the next writer upgrades it whole: FTS5's
+    check of the keyword index passes and the pending addresses are sealed."""
+    photos, ix = indexed_images(4)
+    _as_version(ix, version)
+    before, answers = _dump(ix), _query(ix)
+    for where, when in kills:
+        killed = killed_at(where, when, "index", photos, "--index", ix, "--device", "cpu")
+        assert killed.returncode == -9, (where, killed.returncode, killed.stderr[-3000:])
+        assert _dump(ix) == before, where  # nothing of the steps applied before the kill was committed
+        assert catalog_rows(ix, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(version),)]
+        assert _query(ix) == answers, where
+    catalog.connect(ix / "catalog.db").dispose()  # a writer
+    assert catalog_rows(ix, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
+    assert catalog.keyword_problems(ix / "catalog.db") == []
+    sealed = catalog_rows(ix, "SELECT vec_row, vec_seal FROM pending_vectors")
+    assert len(sealed) == 4 and all(rowdigest.seal(row) == seal for row, seal in sealed), sealed
+    assert _query(ix) == answers
+
+
+def test_the_switch_refuses_an_address_or_seal_no_writer_stores_as_the_check_per_row_did():
+    """refuse_unsealed checks the seals in numpy: every address that is not an int (a REAL, text, bytes, NULL, a
+    bool) and every seal that is not the address's (NULL, text, a REAL, another int) refused, as the check per row
+    in Python refused them; sealed rows, and none, pass."""
+    from indexer.reindex import refuse_unsealed
+
+    from alignsearch.errors import IndexDamagedError
+
+    sound = [(1, 7, rowdigest.seal(7)), (2, 2**40, rowdigest.seal(2**40)), (3, 0, rowdigest.seal(0))]
+    refuse_unsealed(sound)
+    refuse_unsealed([])
+    for address, seal in [(3.5, rowdigest.seal(3)), (5.0, rowdigest.seal(5)), ("5", rowdigest.seal(5)),
+                          (b"5", rowdigest.seal(5)), (None, None), (True, rowdigest.seal(1)), (1e300, 0),
+                          (5, None), (5, "x"), (5, str(rowdigest.seal(5))), (5, rowdigest.seal(4)), (5, 2**70)]:
+        with pytest.raises(IndexDamagedError, match="re-encode in progress"):
+            refuse_unsealed([*sound, (4, address, seal)])

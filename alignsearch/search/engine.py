@@ -825,6 +825,7 @@ class Engine:
             # the store as committed now, as the counts beside it are (the snapshot's predates later runs)
             stored = vectors.usage(conn, vectors.load(conn, self.dir, snap.store.dim, st.vectors))
             labels = catalog.label_counts(conn, st.tagging)
+            off_seals = catalog.count_off_seals(conn)
         return {
             "index_dir": str(self.dir.resolve()),
             "last_run": self._last_run(unfinished),
@@ -852,6 +853,9 @@ class Engine:
             },
             # rows in the vector files, rows files use; the rest is what `index --compact` frees
             "vector_store": stored,
+            # vector addresses off their seals: live_rows counts what they name, another file's vector maybe; the CLI
+            # says the damage beside the figures (exit 7), as every reader of those addresses refuses them
+            "damaged_addresses": off_seals,
             "encoder": {"last_index_run": indexed_with, "queries": self.encoder_plan(),
                         "onnx_cache": onnx_cache_status(snap.model_info)},
             # here, not added by the CLI: GET /api/info is documented as what `info --json` says, and lacked both

@@ -411,13 +411,15 @@ def readonly_url(path: Path) -> URL:
 
 
 def create_keywords(conn: Connection) -> None:
-    from alignsearch.storage.keywords import TOKEN_CATEGORIES
+    from alignsearch.storage.keywords import RADICALS, TOKEN_CATEGORIES
 
     # remove_diacritics 2: "cafe" finds "Café" and the other way round (SQLite 3.27+). categories: every script's
     # combining marks are part of their word (schema 16), not the separators unicode61 takes them for (Mn, Mc); Thai
-    # (schema 7) and Lao (schema 12) marks were token characters before, named one by one (tokenchars).
+    # (schema 7) and Lao (schema 12) marks were token characters before, named one by one (tokenchars). tokenchars: the
+    # CJK radicals with no ideograph (So, keywords.RADICALS), a word each (schema 20).
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS} USING "
-                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 categories '{TOKEN_CATEGORIES}'\")")
+                         f"fts5(body, tokenize = \"unicode61 remove_diacritics 2 categories '{TOKEN_CATEGORIES}' "
+                         f"tokenchars '{RADICALS}'\")")
     conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORDS_TRIGRAM} USING fts5(body, tokenize = 'trigram')")
 
 
@@ -1169,9 +1171,23 @@ def off_digest(conn: Connection) -> list[int]:
         rows = conn.execute(select(key, table.c.digest, *columns).where(*where)).all()
         found.update(r[0] for r in rows if not rowdigest.holds_shown(fields, r[2:], r[1]))  # fields' order: columns'
     if migrate.schema_of(conn).vec_seals:  # vector addresses off their seals (schema 17), computed in SQL
-        found.update(i for (i,) in conn.execute(
-            select(files.c.id).where(files.c.vec_seal.is_distinct_from(rowdigest.seal_of(files.c.vec_row)))))
+        found.update(i for (i,) in conn.execute(select(files.c.id).where(_off_seal())))
     return sorted(int(i) for i in found)
+
+
+def _off_seal():
+    """SQL: a files row whose vector address is off its seal (schema 17; a seal no writer stores too). NULL beside NULL
+    (a failed file's) is sealed."""
+    return files.c.vec_seal.is_distinct_from(rowdigest.seal_of(files.c.vec_row))
+
+
+def count_off_seals(conn: Connection) -> int:
+    """How many indexed files' vector addresses are off their seals (0 before schema 17): for `info`, which shows
+    counts rather than reading each address (live_pairs refuses them), so says the damage beside them."""
+    if not migrate.schema_of(conn).vec_seals:
+        return 0
+    return int(conn.execute(select(func.count()).select_from(files).where(files.c.status == INDEXED, _off_seal()))
+               .scalar())
 
 
 def mendable_names(conn: Connection) -> dict[int, bytes | None] | None:

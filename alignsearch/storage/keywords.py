@@ -42,6 +42,10 @@ What a query text means (`parse`):
   signs and virama (`हिन्दी`, not `ह` `न` `द`). Arabic harakat and Hebrew points are dropped (_POINTING), as accents
   are: `كتب` finds `كَتَبَ` and `שלום` finds `שָׁלוֹם`, and each typed pointed finds the bare word; so is the tatweel
   (`كـتـب` is `كتب`). So is the Indic nukta (schema 18; Devanagari to Kannada): `बाजार` finds `बाज़ार`, and `क़` is `क`.
+- Arabic and Persian letter variants are one letter (_ARABIC_VARIANTS, schema 20, as Lucene's normalizers): `اسد` finds
+  `أسد` (a hamza, madda or wasla on the alef), `مستشفي` finds `مستشفى`, `سياره` finds `سيارة`, `كتاب` finds Persian `کتاب`.
+- 〇 and a CJK radical alone are words as an ideograph is (a Kangxi radical, `⼭`, is the ideograph `山`), and ideographs
+  beyond the BMP (`𩸽𠮷`) a character a token as the BMP's are (schema 20): `𩸽` finds `𩸽𠮷`.
 
 User text never reaches FTS5 as syntax: every word is quoted.
 """
@@ -126,14 +130,26 @@ _THAI_LETTERS = "".join(chr(c) for c in range(0x0E00, 0x0E80) if unicodedata.cat
 _LAO_LETTERS = "".join(chr(c) for c in range(0x0E80, 0x0F00) if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _SEA_LETTERS = "".join(chr(c) for b in _SEA_BLOCKS for c in b if unicodedata.category(chr(c)) in ("Lo", "Lm"))
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # the BMP's Han ideographs (Extension A, unified, compatibility)
-_SPACELESS = re.compile(f"([\u3040-\u30ff{_HAN}\uff66-\uff9f]"
+# The CJK radicals supplement (U+2E80-U+2EFF) written as a radical, not an ideograph (⺮ bamboo, ⻌ walk: So, which
+# unicode61 took for a separator and \w holds not, so a caption's ⺮ was no word at all): token characters of the
+# keyword index (catalog.create_keywords: tokenchars) and of a query (_word), each a word of its own as an ideograph
+# is (schema 20). The Kangxi radicals (U+2F00-U+2FD5) and the two supplement ones NFKC maps (⺟ U+2E9F, ⻳ U+2EF3) are
+# the ideograph they stand for instead (_RADICALS, in narrow).
+RADICALS = "".join(chr(c) for c in range(0x2E80, 0x2F00)
+                   if unicodedata.category(chr(c)) == "So" and unicodedata.normalize("NFKC", chr(c)) == chr(c))
+# Han written a character a token: the BMP's, 〇 (U+3007, IDEOGRAPHIC NUMBER ZERO, Nl: `二〇二四`; outside the blocks
+# above, a lone 〇 was dropped as a lone letter and 〇〇 one token), the unmapped radicals, and the supplementary planes'
+# ideographs (Extension B to H and the compatibility supplement, U+20000-U+3134F: 𩸽 hokke, 𠮷 of 𠮷野家), which unicode61
+# kept in runs, so `𩸽` found no `𩸽𠮷` (schema 20).
+_HAN_ALL = f"{_HAN}\u3007{RADICALS}\U00020000-\U0003134f"
+_SPACELESS = re.compile(f"([\u3040-\u30ff{_HAN_ALL}\uff66-\uff9f]"
                         f"|[{_THAI_LETTERS}{_LAO_LETTERS}{_SEA_LETTERS}][{MARKS}]*)")
 # A Han ideograph: a word of its own (海 sea, 山 mountain, 猫 cat, 駅 station), typed alone as often as any word, so
 # a query of one is kept where a lone letter is dropped (_atom). Kana is not: a lone hiragana is mostly a particle
 # (の, は, を: a stop word) and a lone katakana a fragment of a loanword, each in most Japanese captions.
 # The supplementary planes' ideographs (Extension B on: 𠮷 of 𠮷野家, 𩸽 hokke) are words alone as well: a lone one was
-# dropped where it was quoted found (an index's run splits it off its BMP neighbours, which _SPACELESS spaces).
-_IDEOGRAPH = re.compile(f"[{_HAN}\U00020000-\U0003134f]")
+# dropped where it was quoted found. So are 〇 and a radical (schema 20: dropped as lone letters before).
+_IDEOGRAPH = re.compile(f"[{_HAN_ALL}]")
 # Hangul syllables and jamo: Korean writes a particle onto the noun before it (서울에서, 서울의), so a bare Hangul
 # word is a word start (_atom); Latin words are not, `cat` finding `catalog` would be noise there.
 _HANGUL_LETTERS = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"  # a class's ranges
@@ -195,7 +211,21 @@ INDIC_NUKTAS = (0x093C, 0x09BC, 0x0A3C, 0x0ABC, 0x0B3C, 0x0C3C, 0x0CBC)
 _POINTING.update((c, None) for c in INDIC_NUKTAS)
 # A kana voiced mark no letter took (NFC composed the others): a separator, as it was when unicode61 took every mark
 # for one (`xﾞbc` is `x` and `bc`; the match check, _fold, parts them so too), not a token of its own.
-_BARE = {**_GREEK_BARE, **_POINTING, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1", 0x3099: " ", 0x309A: " "}
+# Arabic and Persian letter variants as one letter, as Lucene's ArabicNormalizer and PersianNormalizer make them (schema
+# 20): the alef with a hamza or madda (أ إ آ) and the wasla (ٱ, which Lucene leaves) as the bare alef ا, the alef maqsura
+# ى as yeh ي, teh marbuta ة as heh ه; Persian (and Urdu) yeh ی and yeh barree ے as Arabic yeh ي, keheh ک as kaf ك, heh
+# with yeh ۀ and heh goal ہ as heh ه (the hamza above, U+0654, is dropped with the harakat: _POINTING; so ۂ and ۓ,
+# which NFC composes of it, are ه and ي). Each is typed for the other (a hamza left off, an Arabic keyboard's ي ك for
+# Persian, ه and ي for ة and ى at a word's end), so `اسد` found no `أسد` and `كتاب` no Persian `کتاب`. After NFC
+# (spaced), which composes ا and a hamza typed apart.
+# What it loses (bench_keyword_scripts --variants, RESULTS.md 2026-12-07: Arabic typed in full P@10 1.000 -> 0.900,
+# MRR 1.000 -> 0.964, while R@10 0.504 -> 0.982): words these letters alone tell apart are one, as in Lucene: على
+# (on) and علي (Ali), إله (god) and آلة (machine) both اله; untested, Urdu کی and کے (of) too.
+_ARABIC_VARIANTS = {0x0622: "\u0627", 0x0623: "\u0627", 0x0625: "\u0627", 0x0671: "\u0627", 0x0649: "\u064a",
+                    0x0629: "\u0647", 0x06CC: "\u064a", 0x06D2: "\u064a", 0x06A9: "\u0643", 0x06C0: "\u0647",
+                    0x06C1: "\u0647", 0x06C2: "\u0647", 0x06D3: "\u064a"}  # ۂ ۓ: heh goal, yeh barree with a hamza
+_BARE = {**_GREEK_BARE, **_POINTING, **_ARABIC_VARIANTS, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u0ea1",
+         0x3099: " ", 0x309A: " "}
 
 
 # Full-width Latin letters, digits and punctuation (U+FF01-U+FF5E: `ＢＴＳ`, `２０２４年`, as Chinese and Japanese text
@@ -207,6 +237,12 @@ _BARE = {**_GREEK_BARE, **_POINTING, 0x0EDC: "\u0eab \u0e99", 0x0EDD: "\u0eab \u
 # spaced's NFC then composes with the kana before it (ｶﾞ: ガ), as it composes a kana written with its mark apart.
 _WIDTH = {c: unicodedata.normalize("NFKC", chr(c)) for c in (*range(0xFF01, 0xFF5F), *range(0xFF61, 0xFFA0))}
 _WIDTH[0x3000] = " "
+# Kangxi radicals (U+2F00-U+2FD5: ⼭ U+2F2D) and the two CJK radicals supplement characters NFKC maps (⺟, ⻳) as the
+# ideograph NFKC makes them (⼭: 山): a PDF's or OCR's text writes them for the ideograph, which they look like; So to
+# unicode61, a separator, so a caption's ⼭ was no word and `山` did not find it (schema 20). Only the match check (_fold:
+# NFKD) mapped them.
+_RADICALS = {c: unicodedata.normalize("NFKC", chr(c)) for c in range(0x2E80, 0x2FE0)
+             if unicodedata.normalize("NFKC", chr(c)) != chr(c)}
 
 
 # Format characters (Unicode category Cf): invisible, no letter of any word. ZERO WIDTH SPACE (U+200B), the joiners
@@ -248,7 +284,7 @@ def _scanned() -> tuple[dict[int, str | None], tuple[int, ...]]:
     """narrow's table (_narrowing) and the combining marks (Mn, Mc) a word holds (_words_in), but the invisible ones it
     drops (variation selectors): one scan of every character below U+20000 (bench_keyword_format times it), made on
     first use, which a process never searching words is spared."""
-    table: dict[int, str | None] = dict(_WIDTH)
+    table: dict[int, str | None] = {**_WIDTH, **_RADICALS}
     marks = []
     for plane in _FORMAT_PLANES:
         for c in plane:
@@ -275,7 +311,7 @@ def _words_in(text: str) -> list[str]:
 
 @functools.cache
 def _word(astral: bool) -> re.Pattern:
-    return re.compile(f"[\\w{_marks(astral)}]+")
+    return re.compile(f"[\\w{RADICALS}{_marks(astral)}]+")  # a radical (So) is a word too, as the index's tokenchars
 
 
 @functools.cache
@@ -661,7 +697,10 @@ def _fold(text: str) -> list[str]:
         # refused what the keyword index found for `aﾞb` (the phrase `a b`)
         text = _VOICED.sub(" ", unicodedata.normalize("NFC", narrow(text)))
     # NFKD writes ำ (SARA AM) as a mark and a letter: spaced makes it whole again (_SARA_AM), as the index holds it
-    decomposed = unicodedata.normalize("NFKD", text.lower())
+    # the Arabic letter variants first (_ARABIC_VARIANTS): NFKD writes ۀ (heh with yeh) as ە (U+06D5, Kurdish ae) and a
+    # hamza, which no composition after makes ۀ again, so `خانه` found no `خانۀ` here where the keyword index (NFC, then
+    # the variants: ه) did; ە itself stays (Sorani Kurdish tells it from ه)
+    decomposed = unicodedata.normalize("NFKD", text.lower().translate(_ARABIC_VARIANTS))
     bare = spaced("".join(c for c in decomposed if not unicodedata.combining(c) or c in MARKS))
     # `_` parts words, as unicode61 parts them (punctuation to it, a word character to \w): kept, a tag
     # `golden_retriever` held no `retriever` here, and the default mode dropped what the keyword index found

@@ -76,7 +76,7 @@ _DEFERRED = "alignsearch.migrate.keywords_again"  # conn.info: inside upgrade(),
 
 def _keywords_again(conn) -> None:
     """The keyword index and its trigram twin built again from what the catalog holds (nothing is read from the
-    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11, 12, 16 and 18 each ask for it, and a
+    images). Inside upgrade() it is built once, after its last step: steps 3, 5-9, 11, 12, 16, 18 and 20 each ask for it, and a
     catalog from schema 1 was rebuilt five times in one transaction (~2.5 s each at 20,000 files); no step between
     reads the keyword tables."""
     if _DEFERRED in conn.info:
@@ -166,6 +166,16 @@ def _nukta_keywords(conn) -> None:
     """The keyword index written again without the Indic nukta (keywords._POINTING: `बाज़ार` held as `बाजार`): an index
     written before kept it, so `बाजार`, as Hindi is mostly typed, found no `बाज़ार`, and `बाज़ार` no `बाजार`. The
     tokenizer is unchanged; made again as step 16 did (_keywords_again)."""
+    _keywords_again(conn)
+
+
+def _variant_keywords(conn) -> None:
+    """The keyword index made again with Arabic and Persian letter variants as one letter (keywords._ARABIC_VARIANTS:
+    `أسد` held as `اسد`, Persian `کتاب` as `كتاب`), Kangxi radicals as their ideographs (keywords._RADICALS), and 〇, the
+    other CJK radicals (token characters now: keywords.RADICALS) and the supplementary planes' ideographs a character a
+    token: an index written before held them as written, dropped a radical, and kept `𩸽𠮷` one token, so `اسد` found
+    no `أسد`, `山` no `⼭` and `𩸽` no `𩸽𠮷`. The tokenizer is part of the table, so it is dropped and made again
+    (_keywords_again)."""
     _keywords_again(conn)
 
 
@@ -327,6 +337,8 @@ STEPS: tuple[Step, ...] = (
     Step(17, "a seal of each files row's vector address, which readers that score by it check", _vec_seals),
     Step(18, "keyword index: the Indic nukta dropped (बाज़ार: बाजार)", _nukta_keywords),
     Step(19, "a seal of each address of a re-encode in progress, which its switch checks", _pending_seals),
+    Step(20, "keyword index: Arabic and Persian letter variants one letter (أ: ا, ی: ي), Kangxi radicals their "
+                 "ideographs; 〇, a radical and a supplementary-plane ideograph a token each (𩸽𠮷: 𩸽 𠮷)", _variant_keywords),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version

@@ -891,7 +891,20 @@ def info(failed, as_json, index_dir):
         data["fill_failed_files"] = _fill_failed_files(engine.db)
     if as_json:
         click.echo(json.dumps(data, indent=2))
-        return
+    else:
+        _show_info(data, failed=failed)
+    if data["damaged_addresses"]:  # the figures are shown, for info is a status display; the damage is said beside
+        # them with the code every other reader of those addresses exits with, not a silently short count, exit 0
+        from alignsearch.errors import IndexDamagedError
+        from alignsearch.storage.paths import DB_FILE
+
+        raise IndexDamagedError(f"{DB_FILE} is damaged: {data['damaged_addresses']} vector addresses are not those "
+                                "written (their seal differs), so the counts above may be off: run `alignsearch "
+                                "verify --repair`")
+
+
+def _show_info(data: dict, *, failed: bool) -> None:
+    """`info`'s lines, from engine.info's dict (failed: --failed, whose lists replace the counts' lines)."""
     ix = data["index"]
     click.echo(f"index:   {_shown(data['index_dir'])}")  # escaped as the roots are: a folder's name may hold any byte
     click.echo(f"model:   {_shown(data['model'])} (dim {data['dim']})")

@@ -152,8 +152,9 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
 
 
 def _pending_row(file_id: int, vec_row: int) -> dict:
-    """A pending_vectors row: the address sealed as it is written (rowdigest.seal, schema 19), checked at the switch."""
-    return {"file_id": file_id, "vec_row": int(vec_row), "vec_seal": rowdigest.seal(int(vec_row))}
+    """A pending_vectors row: the address sealed with its file id as it is written (rowdigest.pending_seal, schemas
+    19 and 21), checked at the switch."""
+    return {"file_id": file_id, "vec_row": int(vec_row), "vec_seal": rowdigest.pending_seal(file_id, int(vec_row))}
 
 
 def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
@@ -161,7 +162,7 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
     their checksum: their files are encoded again by this run. Nothing reads the pending rows before the switch,
     which makes them live, and the fold that follows writes a fresh checksum over what it copies: a byte flipped
     in vectors/next/ while the re-encode was stopped went live unnoticed, and verify said ok.
-    Also those whose address is off its seal (schema 19): the switch refuses them (exit 7), and this run, the way out
+    Also those whose address, or file id, is off its seal (schemas 19, 21): the switch refuses them (exit 7), and this run, the way out
     it names, encodes their files again rather than trust an address that may name another file's vector."""
     with db.begin() as conn:
         # a file id out of the table's key order (read twice among them): a flipped key byte (outside the seal) made
@@ -177,7 +178,7 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
             conn.execute(delete(catalog.pending_vectors).where(p.vec_row >= start, p.vec_row < start + rows))
             vectors.forget_chunks(conn, progress.segment, start, start + 1)
         unsealed = conn.execute(delete(catalog.pending_vectors)
-                                .where(p.vec_seal.is_distinct_from(rowdigest.seal_of(p.vec_row)))).rowcount
+                                .where(p.vec_seal.is_distinct_from(rowdigest.pending_seal_of(p.file_id, p.vec_row)))).rowcount
     if damaged:
         log.warning("%s: %d rows of the re-encode in progress changed since they were written (checksum): their "
                     "files are encoded again", pending.path.name, sum(rows for _, rows in damaged))
@@ -237,8 +238,8 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
                             .where(catalog.files.c.status == catalog.INDEXED).order_by(p.file_id)).all()
         misread = key_problems(conn)  # every row's key, not what a join's seek meets
         generation = recorded.generation
+    refuse_misread(misread)  # first: a table whose keys are out of order has no row to trust, sealed or not
     refuse_unsealed(read)
-    refuse_misread(misread)
     pending = np.array([(file_id, row) for file_id, row, _ in read], dtype=np.int64).reshape(-1, 2)
     number = max(store.numbers()) + 1  # a number no reader of the old generation knows
     new = VectorStore(out / VECTORS_FILE, encoder.dim, 0, {number: (progress.segment, progress.rows)})
@@ -251,7 +252,10 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
         # each address moves into the new segment with its seal (rowdigest.shifted_seal_sql), both in one lookup (a
         # row value, as compaction moves them): the seal written with the address, never one computed anew from the
         # address read, so one damaged since the check above stays found (verify, readers) rather than goes live sealed
-        seal = rowdigest.shifted_seal_sql("pending_vectors.vec_seal", str(base))
+        # the file id's term taken off (rowdigest.key_term): files.vec_seal seals the address alone
+        moved = rowdigest.shifted_seal_sql("pending_vectors.vec_seal", str(base))
+        key = rowdigest.key_term_sql("pending_vectors.file_id")
+        seal = f"(({moved}) - {key} + {rowdigest.SEAL_PRIME}) % {rowdigest.SEAL_PRIME}"
         conn.execute(text(f"UPDATE files SET (vec_row, vec_seal) = (SELECT pending_vectors.vec_row + {base}, {seal} "
                           "FROM pending_vectors WHERE pending_vectors.file_id = files.id) WHERE status = :indexed"),
                      {"indexed": catalog.INDEXED})
@@ -272,14 +276,15 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
 
 def refuse_unsealed(read) -> None:
     """Refuse a switch whose pending addresses ((file id, address, seal) rows) are not all those written (their seal,
-    schema 19): made live, a flipped byte of one scored another file's vector under this name, exit 0. An address
+    schema 19, over the file id too from 21): made live, a flipped byte of one scored another file's vector under
+    this name, exit 0 (of its id: the highest id flipped onto a file not re-encoded yet). An address
     that is not an integer (a flipped type byte) is one off its seal too. The seals are checked in numpy
     (rowdigest.sealed), as live_pairs and a snapshot's columns check the files', each column taken out of the rows
     by C-level map (zip(*read) over 480k SQLAlchemy Rows was slower than the check per row in Python it replaced):
     benchmarks/bench_refuse_unsealed.py."""
-    rows, written = list(map(itemgetter(1), read)), list(map(itemgetter(2), read))
-    if set(map(type, rows)) - {int} or not rowdigest.sealed(_column(rows), _column(written)):
-        raise IndexDamagedError(f"{DB_FILE} is damaged: an address of the re-encode in progress is not the one written "
+    ids, rows, written = (list(map(itemgetter(n), read)) for n in range(3))
+    if set(map(type, rows)) - {int} or not rowdigest.pending_sealed(_column(ids), _column(rows), _column(written)):
+        raise IndexDamagedError(f"{DB_FILE} is damaged: an address of the re-encode in progress, or its file id, is not the one written "
                                 "(its seal differs): run `alignsearch index --reindex` again, which encodes those "
                                 "files anew")
 
@@ -298,10 +303,10 @@ def _column(values: list) -> np.ndarray:
 def key_problems(conn) -> list[str]:
     """What SQLite's own check of pending_vectors' b-tree finds wrong in it (PRAGMA integrity_check of the table,
     every row read: a C loop, not every key pulled into Python); [] when sound. file_id is the table's key (its
-    rowid), outside the address's seal: a byte of it flipped since it was written reads one row as another file's,
-    which the check sees as a key out of order (one read twice is too); other damage of the table's pages (a cell
-    pointer) leaves no key trusted either. A flip that keeps the order (into a gap of the ids, e.g. the highest id
-    onto a file not re-encoded yet) it cannot see: nothing records the key twice."""
+    rowid): a byte of it flipped since it was written reads one row as another file's, which the check sees as a key
+    out of order (one read twice is too); other damage of the table's pages (a cell pointer) leaves no key trusted
+    either. A flip that keeps the order (into a gap of the ids, e.g. the highest id onto a file not re-encoded yet)
+    it cannot see: the row's seal does, from schema 21 (rowdigest.key_term), as it sees the others too."""
     found = [row[0] for row in conn.exec_driver_sql(f"PRAGMA integrity_check({catalog.pending_vectors.name})")]
     # its first line ("*** in database main ***") names no row
     return [] if found == ["ok"] else [problem.splitlines()[-1] for problem in found]

@@ -282,6 +282,23 @@ def _pending_seals(conn) -> None:
     _add_seals(conn, "pending_vectors")
 
 
+def _pending_key_seals(conn) -> None:
+    """Each pending address's seal made to cover its file id too (rowdigest.key_term, added to the seal as it stands):
+    a re-encode's file id flipped into a gap of the ids, keys kept in order, was read as another file's and that
+    file's old vector went live under it, exit 0. A seal off its address before stays off (the term is added, not
+    the seal computed anew); a NULL stays NULL. A re-encode stopped at schema 20 resumes trusted as far as it was."""
+    key_pending_seals(conn.connection.dbapi_connection)
+
+
+def key_pending_seals(dbapi_conn: sqlite3.Connection) -> None:
+    """Add each pending row's key term to its seal (schema 21), in the caller's transaction: the upgrade's step, and
+    seal_rows' for pending rows a test writes by hand."""
+    from alignsearch.storage import rowdigest
+
+    dbapi_conn.execute(f"UPDATE pending_vectors SET vec_seal = (vec_seal + {rowdigest.key_term_sql('file_id')}) "
+                       f"% {rowdigest.SEAL_PRIME}")
+
+
 def _add_seals(conn, table: str) -> None:
     """table's vec_seal column (added where step 3's create_all did not make it) filled from its addresses."""
     dbapi = conn.connection.dbapi_connection
@@ -308,6 +325,13 @@ def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
     for table in ("files", "pending_vectors"):
         if "vec_seal" in _columns(dbapi_conn, table):
             seal_addresses(dbapi_conn, table=table)
+            if table == "pending_vectors" and _stored_version(dbapi_conn) >= PENDING_KEYS:
+                key_pending_seals(dbapi_conn)  # and their file ids (schema 21)
+
+
+def _stored_version(dbapi_conn: sqlite3.Connection) -> int:
+    (version,) = dbapi_conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() or (0,)
+    return int(version)
 
 
 STEPS: tuple[Step, ...] = (
@@ -339,6 +363,7 @@ STEPS: tuple[Step, ...] = (
     Step(19, "a seal of each address of a re-encode in progress, which its switch checks", _pending_seals),
     Step(20, "keyword index: Arabic and Persian letter variants one letter (أ: ا, ی: ي), Kangxi radicals their "
                  "ideographs; 〇, a radical and a supplementary-plane ideograph a token each (𩸽𠮷: 𩸽 𠮷)", _variant_keywords),
+    Step(21, "a re-encode's pending address sealed with its file id too, which its switch checks", _pending_key_seals),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
@@ -346,6 +371,7 @@ EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers
 ADDED = {"fill_failures": 4, "links": 13}  # tables that came after EVERY_TABLE: the version that brought each
 DIGESTS = 14  # from this version on every files and photos row has a digest (rowdigest.py)
 VEC_SEALS = 17  # from this version on every files row has files.vec_seal (rowdigest.seal)
+PENDING_KEYS = 21  # from this version on a pending address's seal covers its file id (rowdigest.pending_seal)
 
 
 def every_table(version: int | None) -> bool:

@@ -174,6 +174,42 @@ def sealed(addresses, seals) -> bool:
     return bool((seal_of(addresses) == seals).all())
 
 
+# A re-encode's pending address is sealed with its file id too (pending_vectors.vec_seal, schema 21): the id is that
+# table's key, outside the address, and a flipped byte of it that keeps the keys in order (the highest id onto a file
+# not re-encoded yet) no check of SQLite's sees: a resumed re-encode took that file for done and its switch gave it
+# the other file's vector, exit 0, verify ok. The id's own term, added to the address's seal, makes such a row off its
+# seal; the switch takes the term off again as it moves the seal into files.vec_seal (the address's alone there: a
+# file's id never changes, and readers look rows up by it). The factor (7**5) is below the prime, so a flip, which
+# moves the id by k * 256**j (0 < |k| < 256), moves the term by a non-multiple of it: never the same seal.
+SEAL_KEY_FACTOR = 16807
+
+
+def key_term(file_id):
+    """What a file id adds to its pending address's seal, modulo SEAL_PRIME: of an int, a numpy array of them, or
+    an SQL expression (SQLAlchemy's operators), as seal_of."""
+    return file_id % SEAL_PRIME * SEAL_KEY_FACTOR % SEAL_PRIME
+
+
+def pending_seal(file_id: int, address: int | None) -> int | None:
+    """The seal written beside a re-encode's pending address (None for none)."""
+    return None if address is None else pending_seal_of(file_id, address)
+
+
+def pending_seal_of(file_id, address):
+    """The pending seal of (file id, address): ints, numpy arrays or SQL expressions, one formula (seal_of)."""
+    return (seal_of(address) + key_term(file_id)) % SEAL_PRIME
+
+
+def pending_sealed(file_ids, addresses, seals) -> bool:
+    """Whether every pending (file id, address) (numpy arrays) holds the seal beside it."""
+    return bool((pending_seal_of(file_ids, addresses) == seals).all())
+
+
+def key_term_sql(file_id: str) -> str:
+    """SQL for key_term of the file id an SQL expression gives."""
+    return f"(({file_id}) % {SEAL_PRIME} * {SEAL_KEY_FACTOR} % {SEAL_PRIME})"
+
+
 def seal_sql(address: str) -> str:
     """SQL for the seal of the address an SQL expression gives (NULL for NULL): what seal computes."""
     return f"(({address}) % {SEAL_PRIME} * {SEAL_FACTOR} + {SEAL_OFFSET}) % {SEAL_PRIME}"

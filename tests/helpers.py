@@ -1982,6 +1982,39 @@ def flip_sweep(photos: Path, ix: Path, offsets, commands=SWEPT) -> list[dict]:
     return out
 
 
+def flip_a_photo_key(db: Path) -> tuple[int, int]:
+    """The lowest bit of one photos row's rowid (its file_id) flipped where its cell holds it, to an id no files row
+    has, keeping the page's keys in order (SQLite's check of the table passes): the catalog flip sweep's damage that
+    readers saw as a photo with no date, exit 0 ((the id written, the id it reads as)). The WAL is checkpointed into
+    the file first, so that the page flipped is the one read."""
+    columns = record_columns(db, "photos")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        files = {i for (i,) in conn.execute("SELECT id FROM files")}
+    conn.close()
+    original = db.read_bytes()
+    for _, _, _, first, end in catalog_pages(db)["photos"]:
+        for at in range(first, end):
+            written = original[at]
+            if not (flipped_field(original, page_size, at, columns).endswith(": rowid") and written < 0x80
+                    and written in files and written ^ 1 not in files):
+                continue
+            data = bytearray(original)
+            data[at] ^= 0x01
+            db.write_bytes(data)
+            conn = sqlite3.connect(db)
+            try:
+                sound = conn.execute("PRAGMA integrity_check(photos)").fetchone()[0] == "ok"
+                moved = conn.execute("SELECT 1 FROM photos WHERE file_id = ?", (written ^ 1,)).fetchone()
+            finally:
+                conn.close()
+            if sound and moved:
+                return written, written ^ 1
+    db.write_bytes(original)
+    raise AssertionError("no photos row whose key flips to an id no file has, the table's check passing")
+
+
 def flip_sweep_index(base: Path, model) -> tuple[Path, Path]:
     """(photos, index) of the sweep: 12 pictures (conftest.make_images) indexed by the tiny model, as a7af884's."""
     from conftest import index_json, make_images

@@ -21,7 +21,9 @@ again (only them), rebuilds the ANN index from the stored vectors, writes a dama
 from what it is made of, drops fill failure records that name no indexed file or no fill step, and writes
 a row's kept name bytes (a name that is not UTF-8) again from its key where they no longer spell it and the key is
 lossless (sources.key_name). A file whose row or photo fields fail their digest (catalog.off_digest: a flipped
-byte in a caption, a camera, a width) is forgotten and indexed again from the file. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
+byte in a caption, a camera, a width) is forgotten and indexed again from the file. A photos row of no file whose digest fails
+with its own key (catalog.photo_keys_off: a flipped bit of its key, schema 21) is dropped, and the next `index` run
+reads its file's photo fields again. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
 from its folders.
 """
 

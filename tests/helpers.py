@@ -1769,6 +1769,34 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.close()
 
 
+def leftover_photo_row(conn, file_id: int, **fields) -> None:
+    """Insert a photos row of a file no longer in the catalog as a writer wrote it (its digest with its key,
+    rowdigest.PHOTO_KEYED_FIELDS, as set_photo and migrate step 21 write it): an old version's leftover, which verify
+    notes and --repair drops. conn: a sqlite3 connection."""
+    from alignsearch.storage import rowdigest
+
+    values = rowdigest.stored(rowdigest.PHOTO_KEYED_FIELDS, {"file_id": int(file_id), **fields})
+    values["digest"] = rowdigest.digest(rowdigest.PHOTO_KEYED_FIELDS, values)
+    conn.execute(f"INSERT INTO photos ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                 tuple(values.values()))
+
+
+def as_schema(conn, version: int) -> None:
+    """Record the catalog behind a sqlite3 connection at an older schema `version` (its readers check rows as that
+    version wrote them): from 14 to 20 each photos row whose digest holds with its key digested again without it
+    (rowdigest.PHOTO_FIELDS: the key is digested from schema 21); a row off its digest stays off. In the caller's
+    transaction."""
+    from alignsearch.storage import migrate, rowdigest
+
+    if migrate.DIGESTS <= version < migrate.PHOTO_KEYS:
+        keyed, fields = rowdigest.PHOTO_KEYED_FIELDS, rowdigest.PHOTO_FIELDS
+        rows = conn.execute(f"SELECT digest, {', '.join(name for name, _ in keyed)} FROM photos").fetchall()
+        conn.executemany("UPDATE photos SET digest = ? WHERE file_id = ?",
+                         [(rowdigest.digest_of(fields, row[2:]), row[1]) for row in rows
+                          if rowdigest.holds_shown(keyed, row[1:], row[0])])
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+
+
 def seal(conn) -> None:
     """Digest every files and photos row as it stands (migrate.digest_rows), and seal its vector address
     (rowdigest.seal, schema 17): for a test that writes rows by hand what

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import index_json, run
-from helpers import catalog_rows, flip_a_photo_key
+from helpers import as_schema, catalog_rows, flip_a_photo_key
 from alignsearch.storage import catalog, migrate, rowdigest
 from alignsearch.storage.paths import DB_FILE
 
@@ -106,14 +106,9 @@ def test_a_leftover_photo_row_of_no_file_is_still_a_note(indexed_images):
 
 def _as_version_20(ix: Path) -> None:
     """The catalog as alignsearch wrote it at schema 20: each photos row digested without its key."""
-    conn = sqlite3.connect(ix / DB_FILE)
-    try:
-        conn.execute("BEGIN")
-        migrate.digest_rows(conn, keyed=False)
-        conn.execute("UPDATE meta SET value = '20' WHERE key = 'schema_version'")
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    with sqlite3.connect(ix / DB_FILE) as conn:
+        as_schema(conn, 20)
+    conn.close()
 
 
 @pytest.mark.slow  # an upgrade, a flip and a query on a copy of an index

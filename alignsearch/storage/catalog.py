@@ -151,7 +151,8 @@ photos = Table(
     Column("lon", Float),
     Column("caption", Text),
     Column("ocr", Text),  # the text read in the image (alignsearch/media/ocr.py): NULL not read, "" none found
-    Column("digest", String(16)),  # rowdigest.digest of the fields above (rowdigest.PHOTO_FIELDS), from schema 14
+    # rowdigest.digest of the fields above (rowdigest.PHOTO_FIELDS), from schema 14; with file_id from 21
+    Column("digest", String(16)),
 )
 # The indexed files a fill step (indexer/ocrfill.py, indexer/phashfill.py) could not read: its worker died
 # twice over the file, or the file's pixels or text could not be made out. With the size and mtime the file had:

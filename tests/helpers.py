@@ -2010,17 +2010,24 @@ def flip_sweep(photos: Path, ix: Path, offsets, commands=SWEPT) -> list[dict]:
     return out
 
 
+def checkpointed_ids(db: Path, sql: str) -> tuple[int, set[int]]:
+    """The WAL of the catalog `db` checkpointed into the file (so that a page flipped there is the one read), then
+    (its page size, the ids `sql` selects)."""
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        ids = {i for (i,) in conn.execute(sql)}
+    conn.close()
+    return page_size, ids
+
+
 def flip_a_photo_key(db: Path) -> tuple[int, int]:
     """The lowest bit of one photos row's rowid (its file_id) flipped where its cell holds it, to an id no files row
     has, keeping the page's keys in order (SQLite's check of the table passes): the catalog flip sweep's damage that
     readers saw as a photo with no date, exit 0 ((the id written, the id it reads as)). The WAL is checkpointed into
     the file first, so that the page flipped is the one read."""
     columns = record_columns(db, "photos")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        files = {i for (i,) in conn.execute("SELECT id FROM files")}
-    conn.close()
+    page_size, files = checkpointed_ids(db, "SELECT id FROM files")
     original = db.read_bytes()
     for _, _, _, first, end in catalog_pages(db)["photos"]:
         for at in range(first, end):

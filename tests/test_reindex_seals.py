@@ -8,8 +8,8 @@ import sqlite3
 
 import pytest
 from conftest import index_json, run
-from helpers import (catalog_pages, catalog_rows, fixed_answers, flipped_field, index_generation, killed_at,
-                     killed_at_call, record_columns, vector_index, verify_problems)
+from helpers import (catalog_pages, catalog_rows, checkpointed_ids, fixed_answers, flipped_field, index_generation,
+                     killed_at, killed_at_call, record_columns, vector_index, verify_problems)
 
 from alignsearch.storage import catalog, migrate, rowdigest
 
@@ -113,11 +113,7 @@ def _flip_a_pending_file_id(ix) -> tuple[int, int]:
     into the file first, so that the page flipped is the one read."""
     db = ix / "catalog.db"
     columns = record_columns(db, "pending_vectors")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        ids = {i for (i,) in conn.execute("SELECT file_id FROM pending_vectors")}
-    conn.close()
+    page_size, ids = checkpointed_ids(db, "SELECT file_id FROM pending_vectors")
     data = bytearray(db.read_bytes())
     for _, _, _, first, end in catalog_pages(db)["pending_vectors"]:
         for at in range(first, end):

@@ -7,7 +7,7 @@ rowdigest.seal), in a real SQLite file, read as the switch reads them (SQLAlchem
 in file id order; the join with files left out: it is the same for both). Timed on the same rows, median of --runs
 each, taken in turn each round:
 - before: refuse_unsealed at BASE (a Python generator over the rows, rowdigest.seal per row), loaded from git;
-- after: refuse_unsealed now (the columns apart, their types checked, in numpy; from schema 21 each seal covers
+- after: refuse_unsealed now (the columns apart, their types checked, in numpy; from schema 22 each seal covers
   the file id too: rowdigest.pending_sealed, so its rows are sealed so, the same addresses in the same order).
 Both are checked to accept their rows and to refuse them with one address flipped, before anything is timed.
 """

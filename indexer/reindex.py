@@ -162,7 +162,7 @@ def _forget_damaged(db, pending: VectorStore, progress: Reindex) -> None:
     their checksum: their files are encoded again by this run. Nothing reads the pending rows before the switch,
     which makes them live, and the fold that follows writes a fresh checksum over what it copies: a byte flipped
     in vectors/next/ while the re-encode was stopped went live unnoticed, and verify said ok.
-    Also those whose address, or file id, is off its seal (schemas 19, 21): the switch refuses them (exit 7), and this run, the way out
+    Also those whose address, or file id, is off its seal (schemas 19, 22): the switch refuses them (exit 7), and this run, the way out
     it names, encodes their files again rather than trust an address that may name another file's vector."""
     with db.begin() as conn:
         # a file id out of the table's key order (read twice among them): a flipped key byte (outside the seal) made
@@ -276,7 +276,7 @@ def switch(db, out: Path, encoder: Encoder, store: VectorStore, rebuild_options:
 
 def refuse_unsealed(read) -> None:
     """Refuse a switch whose pending addresses ((file id, address, seal) rows) are not all those written (their seal,
-    schema 19, over the file id too from 21): made live, a flipped byte of one scored another file's vector under
+    schema 19, over the file id too from 22): made live, a flipped byte of one scored another file's vector under
     this name, exit 0 (of its id: the highest id flipped onto a file not re-encoded yet). An address
     that is not an integer (a flipped type byte) is one off its seal too. The seals are checked in numpy
     (rowdigest.sealed), as live_pairs and a snapshot's columns check the files', each column taken out of the rows
@@ -306,7 +306,7 @@ def key_problems(conn) -> list[str]:
     rowid): a byte of it flipped since it was written reads one row as another file's, which the check sees as a key
     out of order (one read twice is too); other damage of the table's pages (a cell pointer) leaves no key trusted
     either. A flip that keeps the order (into a gap of the ids, e.g. the highest id onto a file not re-encoded yet)
-    it cannot see: the row's seal does, from schema 21 (rowdigest.key_term), as it sees the others too."""
+    it cannot see: the row's seal does, from schema 22 (rowdigest.key_term), as it sees the others too."""
     found = [row[0] for row in conn.exec_driver_sql(f"PRAGMA integrity_check({catalog.pending_vectors.name})")]
     # its first line ("*** in database main ***") names no row
     return [] if found == ["ok"] else [problem.splitlines()[-1] for problem in found]

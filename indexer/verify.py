@@ -21,7 +21,9 @@ again (only them), rebuilds the ANN index from the stored vectors, writes a dama
 from what it is made of, drops fill failure records that name no indexed file or no fill step, and writes
 a row's kept name bytes (a name that is not UTF-8) again from its key where they no longer spell it and the key is
 lossless (sources.key_name). A file whose row or photo fields fail their digest (catalog.off_digest: a flipped
-byte in a caption, a camera, a width) is forgotten and indexed again from the file. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
+byte in a caption, a camera, a width) is forgotten and indexed again from the file. A photos row of no file whose digest fails
+with its own key (catalog.photo_keys_off: a flipped bit of its key, schema 21) is dropped, and the next `index` run
+reads its file's photo fields again. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
 from its folders.
 """
 
@@ -63,6 +65,7 @@ class Report:
     misplaced: list[int] = field(default_factory=list)  # files whose vector address names another file's vector
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     off_digest: list[int] = field(default_factory=list)  # files whose shown fields fail their digest: read again
+    photo_keys_off: list[int] = field(default_factory=list)  # photos rows of no file off their digest: dropped
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -139,12 +142,22 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
                                   f"no fill step ({', '.join(catalog.FILL_STEPS)})")
             leftover = catalog.leftover_rows(conn, keywords=not r.keywords_damaged)
             r.leftover_rows = sum(leftover.values())
+            unreadable = catalog.unreadable_tables(conn)
+            # a photos row of no file that fails its digest is not an old version's leftover: a flipped bit of its
+            # key moved it off its file (rowdigest.PHOTO_KEY), whose photo fields readers then missed
+            r.photo_keys_off = catalog.photo_keys_off(conn) if leftover.get("photos") and not unreadable else []
+            if r.photo_keys_off:
+                r.problems.append(f"{len(r.photo_keys_off)} photo rows name no file, their key not the one written "
+                                  "(it fails their checksum): `alignsearch verify --repair` drops them, and the next "
+                                  "`alignsearch index` reads their files' photo fields again")
+                leftover = {table: n - (len(r.photo_keys_off) if table == "photos" else 0)
+                            for table, n in leftover.items()}
+                leftover = {table: n for table, n in leftover.items() if n}
             if leftover:  # harmless (every reader joins files), so a note, not damage: alignsearch before d819991
                 # left a removed file's hashes behind and an upgraded index failed verify for it; --repair drops them
-                r.notes.append(f"{r.leftover_rows} rows name no file of the catalog ("
+                r.notes.append(f"{sum(leftover.values())} rows name no file of the catalog ("
                                + ", ".join(f"{table}: {n}" for table, n in leftover.items())
                                + "): no answer shows them; `alignsearch verify --repair` drops them")
-            unreadable = catalog.unreadable_tables(conn)
             if unreadable:  # every reader refuses such a catalog, and every read below would fail on it
                 r.problems += unreadable
                 r.catalog_damaged = True
@@ -422,8 +435,13 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             if report.leftover_rows:
                 with db.begin() as conn:
                     dropped = catalog.forget_leftover_rows(conn, keywords=not report.keywords_damaged)
-                done.append(f"dropped {dropped} rows of tags, hashes, photo fields or keywords of files no longer "
-                            "in the catalog")
+                keys_off = len(report.photo_keys_off)  # among them: their files' fields wait for the next run's fill
+                if keys_off:
+                    done.append(f"dropped {keys_off} photo rows whose key was not the one written: the next "
+                                "`alignsearch index` reads their files' photo fields again")
+                if dropped > keys_off:
+                    done.append(f"dropped {dropped - keys_off} rows of tags, hashes, photo fields or keywords of "
+                                "files no longer in the catalog")
             if report.malformed_phashes:
                 with db.begin() as conn:
                     catalog.forget_phashes(conn, catalog.malformed_phashes(conn))

@@ -1769,6 +1769,34 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.close()
 
 
+def leftover_photo_row(conn, file_id: int, **fields) -> None:
+    """Insert a photos row of a file no longer in the catalog as a writer wrote it (its digest with its key,
+    rowdigest.PHOTO_KEYED_FIELDS, as set_photo and migrate step 21 write it): an old version's leftover, which verify
+    notes and --repair drops. conn: a sqlite3 connection."""
+    from alignsearch.storage import rowdigest
+
+    values = rowdigest.stored(rowdigest.PHOTO_KEYED_FIELDS, {"file_id": int(file_id), **fields})
+    values["digest"] = rowdigest.digest(rowdigest.PHOTO_KEYED_FIELDS, values)
+    conn.execute(f"INSERT INTO photos ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                 tuple(values.values()))
+
+
+def as_schema(conn, version: int) -> None:
+    """Record the catalog behind a sqlite3 connection at an older schema `version` (its readers check rows as that
+    version wrote them): from 14 to 20 each photos row whose digest holds with its key digested again without it
+    (rowdigest.PHOTO_FIELDS: the key is digested from schema 21); a row off its digest stays off. In the caller's
+    transaction."""
+    from alignsearch.storage import migrate, rowdigest
+
+    if migrate.DIGESTS <= version < migrate.PHOTO_KEYS:
+        keyed, fields = rowdigest.PHOTO_KEYED_FIELDS, rowdigest.PHOTO_FIELDS
+        rows = conn.execute(f"SELECT digest, {', '.join(name for name, _ in keyed)} FROM photos").fetchall()
+        conn.executemany("UPDATE photos SET digest = ? WHERE file_id = ?",
+                         [(rowdigest.digest_of(fields, row[2:]), row[1]) for row in rows
+                          if rowdigest.holds_shown(keyed, row[1:], row[0])])
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+
+
 def seal(conn) -> None:
     """Digest every files and photos row as it stands (migrate.digest_rows), and seal its vector address
     (rowdigest.seal, schema 17): for a test that writes rows by hand what
@@ -1980,6 +2008,46 @@ def flip_sweep(photos: Path, ix: Path, offsets, commands=SWEPT) -> list[dict]:
     finally:
         db.write_bytes(original)
     return out
+
+
+def checkpointed_ids(db: Path, sql: str) -> tuple[int, set[int]]:
+    """The WAL of the catalog `db` checkpointed into the file (so that a page flipped there is the one read), then
+    (its page size, the ids `sql` selects)."""
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        ids = {i for (i,) in conn.execute(sql)}
+    conn.close()
+    return page_size, ids
+
+
+def flip_a_photo_key(db: Path) -> tuple[int, int]:
+    """The lowest bit of one photos row's rowid (its file_id) flipped where its cell holds it, to an id no files row
+    has, keeping the page's keys in order (SQLite's check of the table passes): the catalog flip sweep's damage that
+    readers saw as a photo with no date, exit 0 ((the id written, the id it reads as)). The WAL is checkpointed into
+    the file first, so that the page flipped is the one read."""
+    columns = record_columns(db, "photos")
+    page_size, files = checkpointed_ids(db, "SELECT id FROM files")
+    original = db.read_bytes()
+    for _, _, _, first, end in catalog_pages(db)["photos"]:
+        for at in range(first, end):
+            written = original[at]
+            if not (flipped_field(original, page_size, at, columns).endswith(": rowid") and written < 0x80
+                    and written in files and written ^ 1 not in files):
+                continue
+            data = bytearray(original)
+            data[at] ^= 0x01
+            db.write_bytes(data)
+            conn = sqlite3.connect(db)
+            try:
+                sound = conn.execute("PRAGMA integrity_check(photos)").fetchone()[0] == "ok"
+                moved = conn.execute("SELECT 1 FROM photos WHERE file_id = ?", (written ^ 1,)).fetchone()
+            finally:
+                conn.close()
+            if sound and moved:
+                return written, written ^ 1
+    db.write_bytes(original)
+    raise AssertionError("no photos row whose key flips to an id no file has, the table's check passing")
 
 
 def flip_sweep_index(base: Path, model) -> tuple[Path, Path]:

@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 from conftest import index_json, run
-from helpers import (catalog_pages, catalog_rows, fixed_answers, flipped_field, index_generation, killed_at,
-                     killed_at_call, record_columns, vector_index, verify_problems)
+from helpers import (as_schema, catalog_pages, catalog_rows, checkpointed_ids, fixed_answers, flipped_field, index_generation,
+                     killed_at, killed_at_call, record_columns, vector_index, verify_problems)
 
 from alignsearch.storage import catalog, migrate, rowdigest
 
@@ -84,7 +84,7 @@ def test_an_upgrade_from_schema_18_seals_a_re_encodes_pending_addresses_as_they_
     assert catalog_rows(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
     assert catalog_rows(tmp_path, "SELECT file_id, vec_row, vec_seal FROM pending_vectors ORDER BY file_id") == [
         (1, 5, rowdigest.pending_seal(1, 5)), (2, 300, rowdigest.pending_seal(2, 300)),
-        (3, 0, rowdigest.pending_seal(3, 0))]  # and, at schema 21, with their file ids
+        (3, 0, rowdigest.pending_seal(3, 0))]  # and, at schema 22, with their file ids
 
 
 @pytest.mark.slow
@@ -115,11 +115,7 @@ def _flip_a_pending_file_id(ix) -> tuple[int, int]:
     into the file first, so that the page flipped is the one read."""
     db = ix / "catalog.db"
     columns = record_columns(db, "pending_vectors")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy: all copied back
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        ids = {i for (i,) in conn.execute("SELECT file_id FROM pending_vectors")}
-    conn.close()
+    page_size, ids = checkpointed_ids(db, "SELECT file_id FROM pending_vectors")
     data = bytearray(db.read_bytes())
     for _, _, _, first, end in catalog_pages(db)["pending_vectors"]:
         for at in range(first, end):
@@ -214,7 +210,7 @@ def test_a_resumed_re_encode_drops_a_pending_file_id_read_as_a_file_not_yet_enco
 def test_a_resumed_re_encode_drops_a_pending_file_id_flipped_in_order(indexed_images):
     """As above, the highest pending id flipped onto a file not encoded yet, which keeps the keys in order (SQLite's
     check passes): the resumed run skipped that file, which went live with the other's old vector (exit 0, verify
-    ok). From schema 21 the seal covers the file id: the row is off it, dropped, and its file encoded again."""
+    ok). From schema 22 the seal covers the file id: the row is off it, dropped, and its file encoded again."""
     _, ix = indexed_images(6)
     want = fixed_answers(ix)
     _, second = _killed_after_two_files(ix)
@@ -223,16 +219,16 @@ def test_a_resumed_re_encode_drops_a_pending_file_id_flipped_in_order(indexed_im
     assert fixed_answers(ix) == want and verify_problems(ix) == []
 
 
-def test_an_upgrade_from_schema_20_seals_each_pending_address_with_its_file_id_and_keeps_one_off_its_seal_off(tmp_path):
-    """Step 21 adds each pending row's file id term to its seal as it stands: a sealed address is sealed with its id
+def test_an_upgrade_from_schema_21_seals_each_pending_address_with_its_file_id_and_keeps_one_off_its_seal_off(tmp_path):
+    """Step 22 adds each pending row's file id term to its seal as it stands: a sealed address is sealed with its id
     (the resumed re-encode's switch accepts it), one off its seal stays off (never sealed anew), a NULL stays NULL."""
     vector_index(tmp_path, 8, 4)
     db_path = tmp_path / "catalog.db"
-    with sqlite3.connect(db_path) as conn:  # rows as schema 20 wrote them: the address's seal alone
+    with sqlite3.connect(db_path) as conn:  # rows as schema 21 wrote them: the address's seal alone
         conn.executemany("INSERT INTO pending_vectors (file_id, vec_row, vec_seal) VALUES (?, ?, ?)",
                          [(1, 5, rowdigest.seal(5)), (2, 300, rowdigest.seal(300)), (3, 7, rowdigest.seal(8)),
                           (4, 9, None)])
-        conn.execute("UPDATE meta SET value = '20' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = '21' WHERE key = 'schema_version'")
     conn.close()
     catalog.connect(db_path).dispose()  # a writer: upgraded
     assert catalog_rows(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
@@ -290,7 +286,7 @@ def _as_version(ix, version: int) -> None:
         conn.execute("ALTER TABLE pending_vectors DROP COLUMN vec_seal")
         conn.execute("INSERT INTO pending_vectors (file_id, vec_row) SELECT id, 300 + id FROM files "
                      "WHERE status = 'indexed'")
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+        as_schema(conn, version)  # its photo rows digested as that version wrote them (no key: schema 21)
     conn.close()
 
 

@@ -924,11 +924,18 @@ class Engine:
         photos table tells which, once per snapshot (snap: the caller's; else the engine's), only when a file lacks
         its row: of that table alone, as a photo unreadable at its fill lacks its row for good, and the CLI pays the
         check at each query while it is a hit (bench_photos_check: the whole catalog's check costs several times as
-        much)."""
+        much). That check passes where a flipped bit of a row's key (its rowid) moved the row to an id no file has:
+        the rows of no file are read too (catalog.photo_keys_off, once per snapshot), and one off its digest is
+        damage; one that holds it is an old version's leftover, ignored as verify notes it."""
         ids = set(ids)
         photos = catalog.photos_of(conn, ids)
         if len(photos) < len(ids) and catalog.has_photos(conn):
-            self._check_catalog(self.snap if snap is None else snap, table="photos")
+            snap = self.snap if snap is None else snap
+            self._check_catalog(snap, table="photos")
+            if (snap.stamp, PHOTO_KEYS) not in self._catalog_checked:
+                if catalog.photo_keys_off(conn):
+                    catalog.refuse_photo_keys_off()
+                self._catalog_checked.add((snap.stamp, PHOTO_KEYS))
         return photos
 
     def _check_catalog(self, snap: Snapshot, table: str | None = None) -> None:
@@ -1019,6 +1026,7 @@ def run_at_work(run) -> bool:
 # Seconds a process may seem to have begun after its run recorded `started` (the run writes it after the model
 # loads, so the true start is earlier): /proc/stat's boot time is whole seconds, a tick is 1/100 s
 RUN_START_SLACK = 5.0
+PHOTO_KEYS = "photo keys"  # _catalog_checked's mark of a snapshot whose photos rows of no file were read (photos_of)
 
 
 @functools.lru_cache(maxsize=1)

@@ -151,7 +151,8 @@ photos = Table(
     Column("lon", Float),
     Column("caption", Text),
     Column("ocr", Text),  # the text read in the image (alignsearch/media/ocr.py): NULL not read, "" none found
-    Column("digest", String(16)),  # rowdigest.digest of the fields above (rowdigest.PHOTO_FIELDS), from schema 14
+    # rowdigest.digest of the fields above (rowdigest.PHOTO_FIELDS), from schema 14; with file_id from 21
+    Column("digest", String(16)),
 )
 # The indexed files a fill step (indexer/ocrfill.py, indexer/phashfill.py) could not read: its worker died
 # twice over the file, or the file's pixels or text could not be made out. With the size and mtime the file had:
@@ -650,7 +651,9 @@ def check_rows(conn: Connection, rows):
     return rows
 
 
-FILE_DIGESTED, PHOTO_DIGESTED = rowdigest.FILE_FIELDS, rowdigest.PHOTO_FIELDS
+# what writers digest: a photos row's key with its fields (schema 21); a reader of an older catalog checks its photos
+# rows as they were written (rowdigest.photo_fields(schema.photo_keys))
+FILE_DIGESTED, PHOTO_DIGESTED = rowdigest.FILE_FIELDS, rowdigest.PHOTO_KEYED_FIELDS
 # a FileRow's digested fields as a tuple in their digest's order, read in one call (rowdigest.holds_shown): the check
 # of each row a search shows looked each field up in vars(r) (benchmarks/bench_catalog_names.py: check_rows)
 _shown = operator.attrgetter(*(name for name, _ in FILE_DIGESTED))
@@ -660,6 +663,12 @@ def refuse_off_digest() -> None:
     """The one-line error for a row whose shown fields are not those its digest was written for (a flipped byte)."""
     raise IndexDamagedError(f"{DB_FILE} is damaged: a row's shown fields are not those written (their checksum "
                             "differs): run `alignsearch verify --repair`")
+
+
+def refuse_photo_keys_off() -> None:
+    """The one-line error for a photos row whose key fails its digest (photo_keys_off: moved off its file)."""
+    raise IndexDamagedError(f"{DB_FILE} is damaged: a photo row's key is not the one written (its checksum differs), "
+                            "so its file shows no photo fields: run `alignsearch verify --repair`")
 
 
 def _sound(row: FileRow) -> bool:
@@ -1161,16 +1170,18 @@ def off_digest(conn: Connection) -> list[int]:
     in id order: what readers refuse row by row (check_rows, photos_of), for `verify` (SQLite's integrity check
     cannot see a flipped byte in a value no index copies), and those whose vector address is off its seal (schema 17).
     One read of each table; [] before schema 14."""
-    if not migrate.schema_of(conn).digests:
+    schema = migrate.schema_of(conn)
+    if not schema.digests:
         return []
     found = set()
-    # photo fields of no file are leftover_rows' (a note, dropped by --repair), not a row shown
+    # photo fields of no file are leftover_rows' (a note, dropped by --repair) or photo_keys_off's, not a row shown
+    photo_fields = rowdigest.photo_fields(schema.photo_keys)
     for table, fields, key, where in ((files, FILE_DIGESTED, files.c.id, ()),
-                                      (photos, PHOTO_DIGESTED, photos.c.file_id, (photos.c.file_id.in_(select(files.c.id)),))):
+                                      (photos, photo_fields, photos.c.file_id, (photos.c.file_id.in_(select(files.c.id)),))):
         columns = [table.c[name] for name, _ in fields]
         rows = conn.execute(select(key, table.c.digest, *columns).where(*where)).all()
         found.update(r[0] for r in rows if not rowdigest.holds_shown(fields, r[2:], r[1]))  # fields' order: columns'
-    if migrate.schema_of(conn).vec_seals:  # vector addresses off their seals (schema 17), computed in SQL
+    if schema.vec_seals:  # vector addresses off their seals (schema 17), computed in SQL
         found.update(i for (i,) in conn.execute(select(files.c.id).where(_off_seal())))
     return sorted(int(i) for i in found)
 
@@ -1188,6 +1199,21 @@ def count_off_seals(conn: Connection) -> int:
         return 0
     return int(conn.execute(select(func.count()).select_from(files).where(files.c.status == INDEXED, _off_seal()))
                .scalar())
+
+
+def photo_keys_off(conn: Connection) -> list[int]:
+    """The keys (file_id) of the photos rows that name no file and fail their digest, in order: a flipped bit of a
+    row's key (its rowid, which no index copies) moved it there, off its file, so readers missed the photo's fields
+    (its date shown as none, exit 0). A row of no file that holds its digest is an old version's leftover
+    (leftover_rows: a note). One read of the rows of no file; [] before schema 21 (their digests leave the key out:
+    such a row cannot be told from a leftover)."""
+    schema = migrate.schema_of(conn)
+    if not (schema.digests and schema.photo_keys and has_photos(conn)):
+        return []
+    fields = rowdigest.PHOTO_KEYED_FIELDS
+    query = select(photos.c.digest, *(photos.c[name] for name, _ in fields)).where(
+        photos.c.file_id.not_in(select(files.c.id))).order_by(photos.c.file_id)
+    return [int(r[1]) for r in conn.execute(query) if not rowdigest.holds_shown(fields, r[1:], r[0])]
 
 
 def mendable_names(conn: Connection) -> dict[int, bytes | None] | None:
@@ -1360,8 +1386,8 @@ def set_photo(conn: Connection, file_id: int, relpath: str, fields: dict, labels
     """Store a file's photo fields (with `ocr`, the text in it, when read) and its keyword text (one
     transaction with the caller's)."""
     conn.execute(delete(photos).where(photos.c.file_id == file_id))
-    values = rowdigest.stored(PHOTO_DIGESTED, {k: fields.get(k) for k in PHOTO_FIELDS})
-    conn.execute(insert(photos).values(file_id=file_id, digest=rowdigest.digest(PHOTO_DIGESTED, values), **values))
+    values = rowdigest.stored(PHOTO_DIGESTED, {"file_id": int(file_id), **{k: fields.get(k) for k in PHOTO_FIELDS}})
+    conn.execute(insert(photos).values(digest=rowdigest.digest(PHOTO_DIGESTED, values), **values))
     _put_keywords(conn, file_id, keyword_text(relpath, fields.get("caption"), labels, fields.get("ocr")))
 
 
@@ -1699,7 +1725,8 @@ def photos_of(conn: Connection, ids: Iterable[int]) -> dict[int, dict]:
     if not all(isinstance(p.get(k), (str, type(None))) for p in out.values() for _, k in _PHOTO_TEXT):
         refuse_malformed(conn)  # shown as text: bytes there (a flipped bit of the record's header) failed in JSON
     written = {i: p.pop("digest", None) for i, p in out.items()}  # checked here, never shown
-    if schema.digests and not all(rowdigest.holds(PHOTO_DIGESTED, p, written[i]) for i, p in out.items()):
+    fields = rowdigest.photo_fields(schema.photo_keys)  # with the key from schema 21: p holds file_id
+    if schema.digests and not all(rowdigest.holds(fields, p, written[i]) for i, p in out.items()):
         refuse_off_digest()  # a flipped byte in a caption, a camera, the text read in it
     return out
 

@@ -237,20 +237,44 @@ def _digests(conn) -> None:
     for table in ("files", "photos"):
         if "digest" not in _columns(dbapi, table):
             conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN digest VARCHAR(16)")
-    digest_rows(dbapi)
+    digest_rows(dbapi, keyed=False)  # as schema 14 wrote them: step 21 digests each photos row's key with them
 
 
-def digest_rows(dbapi_conn: sqlite3.Connection) -> None:
-    """Write every files and photos row's digest from its values as they stand, in the caller's transaction. Only
-    the upgrade to schema 14 does (its rows had none); a writer digests what it writes (catalog.insert_file,
-    set_photo), and verify --repair reads a file again rather than digest a damaged row anew."""
+def digest_rows(dbapi_conn: sqlite3.Connection, *, keyed: bool = True) -> None:
+    """Write every files and photos row's digest from its values as they stand, in the caller's transaction, each
+    photos row's with its key (rowdigest.photo_fields; keyed=False: as schemas 14 to 20 wrote them). Only the upgrade
+    to schema 14 does (its rows had none); a writer digests what it writes (catalog.insert_file, set_photo), and
+    verify --repair reads a file again rather than digest a damaged row anew."""
     from alignsearch.storage import rowdigest
 
-    for table, fields, key in (("files", rowdigest.FILE_FIELDS, "id"), ("photos", rowdigest.PHOTO_FIELDS, "file_id")):
+    for table, fields, key in (("files", rowdigest.FILE_FIELDS, "id"),
+                               ("photos", rowdigest.photo_fields(keyed), "file_id")):
         names = [name for name, _ in fields]
         rows = dbapi_conn.execute(f"SELECT {key}, {', '.join(names)} FROM {table}").fetchall()
         dbapi_conn.executemany(f"UPDATE {table} SET digest = ? WHERE {key} = ?",
                                [(rowdigest.digest(fields, dict(zip(names, row[1:]))), row[0]) for row in rows])
+
+
+def _photo_keys(conn) -> None:
+    """Each photos row's digest written again with its key (file_id, its rowid: rowdigest.PHOTO_KEYED_FIELDS): a
+    flipped bit of the key moved the row to an id no file has, where every reader missed it (the photo's date shown
+    as none, exit 0) and verify called it a harmless leftover. Only the rows whose digest holds as schema 14 wrote
+    it: a row already off its digest stays off (readers and verify keep finding it), never blessed here."""
+    rekey_photo_digests(conn.connection.dbapi_connection)
+
+
+def rekey_photo_digests(dbapi_conn: sqlite3.Connection) -> int:
+    """Step 21's work, in the caller's transaction: every photos row whose digest holds without its key digested
+    again with it; how many were. One read of the table and one UPDATE per row re-digested."""
+    from alignsearch.storage import rowdigest
+
+    fields, keyed = rowdigest.PHOTO_FIELDS, rowdigest.PHOTO_KEYED_FIELDS
+    names = ", ".join(name for name, _ in fields)
+    rows = dbapi_conn.execute(f"SELECT file_id, digest, {names} FROM photos").fetchall()
+    params = [(rowdigest.digest_of(keyed, row[:1] + row[2:]), row[0]) for row in rows
+              if rowdigest.holds_shown(fields, row[2:], row[1])]
+    dbapi_conn.executemany("UPDATE photos SET digest = ? WHERE file_id = ?", params)
+    return len(params)
 
 
 def _sealed_model(conn) -> None:
@@ -286,12 +310,12 @@ def _pending_key_seals(conn) -> None:
     """Each pending address's seal made to cover its file id too (rowdigest.key_term, added to the seal as it stands):
     a re-encode's file id flipped into a gap of the ids, keys kept in order, was read as another file's and that
     file's old vector went live under it, exit 0. A seal off its address before stays off (the term is added, not
-    the seal computed anew); a NULL stays NULL. A re-encode stopped at schema 20 resumes trusted as far as it was."""
+    the seal computed anew); a NULL stays NULL. A re-encode stopped at schema 21 resumes trusted as far as it was."""
     key_pending_seals(conn.connection.dbapi_connection)
 
 
 def key_pending_seals(dbapi_conn: sqlite3.Connection) -> None:
-    """Add each pending row's key term to its seal (schema 21), in the caller's transaction: the upgrade's step, and
+    """Add each pending row's key term to its seal (schema 22), in the caller's transaction: the upgrade's step, and
     seal_rows' for pending rows a test writes by hand."""
     from alignsearch.storage import rowdigest
 
@@ -326,7 +350,7 @@ def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
         if "vec_seal" in _columns(dbapi_conn, table):
             seal_addresses(dbapi_conn, table=table)
             if table == "pending_vectors" and _stored_version(dbapi_conn) >= PENDING_KEYS:
-                key_pending_seals(dbapi_conn)  # and their file ids (schema 21)
+                key_pending_seals(dbapi_conn)  # and their file ids (schema 22)
 
 
 def _stored_version(dbapi_conn: sqlite3.Connection) -> int:
@@ -363,7 +387,8 @@ STEPS: tuple[Step, ...] = (
     Step(19, "a seal of each address of a re-encode in progress, which its switch checks", _pending_seals),
     Step(20, "keyword index: Arabic and Persian letter variants one letter (أ: ا, ی: ي), Kangxi radicals their "
                  "ideographs; 〇, a radical and a supplementary-plane ideograph a token each (𩸽𠮷: 𩸽 𠮷)", _variant_keywords),
-    Step(21, "a re-encode's pending address sealed with its file id too, which its switch checks", _pending_key_seals),
+    Step(21, "a photos row's key digested with its fields, which readers check", _photo_keys),
+    Step(22, "a re-encode's pending address sealed with its file id too, which its switch checks", _pending_key_seals),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
@@ -371,7 +396,8 @@ EVERY_TABLE = 3  # from this version on a catalog holds every table, and readers
 ADDED = {"fill_failures": 4, "links": 13}  # tables that came after EVERY_TABLE: the version that brought each
 DIGESTS = 14  # from this version on every files and photos row has a digest (rowdigest.py)
 VEC_SEALS = 17  # from this version on every files row has files.vec_seal (rowdigest.seal)
-PENDING_KEYS = 21  # from this version on a pending address's seal covers its file id (rowdigest.pending_seal)
+PHOTO_KEYS = 21  # from this version on every photos row's digest covers its key (rowdigest.PHOTO_KEYED_FIELDS)
+PENDING_KEYS = 22  # from this version on a pending address's seal covers its file id (rowdigest.pending_seal)
 
 
 def every_table(version: int | None) -> bool:
@@ -458,6 +484,7 @@ class Schema:
     fill_failures: bool = True  # from version 4
     digests: bool = True  # files.digest and photos.digest, from version 14 (else the connection shows them NULL)
     vec_seals: bool = True  # files.vec_seal, from version 17 (else the connection shows it NULL)
+    photo_keys: bool = True  # photos.digest covers the row's key (file_id), from version 21
 
 
 CURRENT = Schema()
@@ -479,7 +506,7 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
             digest = "NULL AS digest, " if version < DIGESTS else ""
             dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, {digest}NULL AS vec_seal FROM main.files")
         return Schema(version, fill_failures=holds(version, "fill_failures"), digests=version >= DIGESTS,
-                      vec_seals=version >= VEC_SEALS)
+                      vec_seals=version >= VEC_SEALS, photo_keys=version >= PHOTO_KEYS)
     from sqlalchemy.dialects import sqlite as sqlite_dialect
     from sqlalchemy.schema import CreateTable
 
@@ -490,7 +517,7 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
                    photo_ocr="ocr" in _columns(dbapi_conn, catalog.photos.name), phashes=catalog.phashes.name in have,
                    keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
-                   fill_failures=catalog.fill_failures.name in have, digests=False, vec_seals=False)
+                   fill_failures=catalog.fill_failures.name in have, digests=False, vec_seals=False, photo_keys=False)
     if not found.moments:
         columns = ", ".join(c if c in files else f"NULL AS {c}" for c in V2_COLUMNS)
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {columns}, 0 AS moment, "

@@ -9,7 +9,8 @@ the fields they read (catalog.check_rows, catalog.photos_of). Pure functions: no
 The name (root, relpath, relpath_raw) is left out: the unique index on the key holds its second copy
 (catalog.check_names), and writers rename rows in place (upgrade_keys_lossless, roots.move_file). So is the vector
 address: compaction moves ranges of it in one UPDATE, which cannot compute BLAKE2; it has a seal of its own that SQL
-can shift (seal, below; files.vec_seal from schema 17).
+can shift (seal, below; files.vec_seal from schema 17). A photos row's key (file_id) is digested with its fields
+from schema 21 (PHOTO_KEYED_FIELDS).
 """
 
 from __future__ import annotations
@@ -27,7 +28,20 @@ FILE_FIELDS = (("size", INT), ("mtime", REAL), ("sha256", TEXT), ("width", INT),
                ("t_end", REAL))
 PHOTO_FIELDS = (("taken", REAL), ("taken_source", TEXT), ("camera", TEXT), ("lens", TEXT), ("lat", REAL),
                 ("lon", REAL), ("caption", TEXT), ("ocr", TEXT))
+# The photos row's key (file_id, its rowid) digested with its fields from schema 21 (migrate step 21): a rowid table has
+# no second copy of its key, so a flipped bit of one moved the row to another id, that of no file, where every reader
+# missed it (the photo's date shown as none, exit 0) and verify called it a harmless leftover. The key first, so a row
+# digested without it (schema 14 to 20) never holds with it. No writer changes a photos row's key in place (set_photo
+# deletes and inserts; a file taken again gets a new id: catalog.upsert_file), so none need digest a row anew for it.
+PHOTO_KEY = (("file_id", INT),)
+PHOTO_KEYED_FIELDS = PHOTO_KEY + PHOTO_FIELDS
 SIZE = 8  # bytes of digest (16 hex digits): a random change passes unseen once in 2**64
+
+
+def photo_fields(keyed: bool) -> tuple:
+    """The photos row's digested fields: with its key (PHOTO_KEYED_FIELDS: every writer, and readers of a catalog at
+    schema 21 on), or without it (PHOTO_FIELDS: what schemas 14 to 20 wrote, as their readers check it)."""
+    return PHOTO_KEYED_FIELDS if keyed else PHOTO_FIELDS
 
 
 def stored(fields: tuple, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,7 +188,7 @@ def sealed(addresses, seals) -> bool:
     return bool((seal_of(addresses) == seals).all())
 
 
-# A re-encode's pending address is sealed with its file id too (pending_vectors.vec_seal, schema 21): the id is that
+# A re-encode's pending address is sealed with its file id too (pending_vectors.vec_seal, schema 22): the id is that
 # table's key, outside the address, and a flipped byte of it that keeps the keys in order (the highest id onto a file
 # not re-encoded yet) no check of SQLite's sees: a resumed re-encode took that file for done and its switch gave it
 # the other file's vector, exit 0, verify ok. The id's own term, added to the address's seal, makes such a row off its

@@ -1,0 +1,93 @@
+"""What digesting a photos row's key costs (schema 21, rowdigest.PHOTO_KEYED_FIELDS): the upgrade's step 21
+(migrate.rekey_photo_digests: each row read, its keyless digest checked, digested again with its key), and the
+reader's look at the photos rows of no file (catalog.photo_keys_off) that Engine.photos_of adds to its rare path
+(a hit without its photos row) after SQLite's check of the photos table, the old rare path alone, alternating in
+one run on one catalog.
+
+    python benchmarks/bench_photo_keys.py [--n 100000] [--rounds 5] [--leftovers 10] [--no-save]
+
+The catalog: common.keyword_catalog (catalog.upsert_file and set_photo, the code an index run uses), two thirds of
+its files captioned, with --leftovers photos rows of no file (an old version's leftovers, their digests holding).
+Step 21 runs on the catalog's photos rows digested without their keys (as schema 20 left them), in a transaction
+rolled back after each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import keyword_catalog, load_note, record
+
+from alignsearch.storage import catalog, migrate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="the cost of step 21 and of the reader's photo key check")
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--leftovers", type=int, default=10)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        db_path = Path(tmp) / "catalog.db"
+        keyword_catalog(db_path, args.n, 50, random.Random(0))
+        db = catalog.connect(db_path)
+        with db.begin() as conn:
+            for i in range(args.leftovers):
+                catalog.set_photo(conn, 10 * args.n + i, f"gone{i}.jpg", {"taken": 1.6e9, "caption": "left"})
+        db.dispose()
+        size_mb = db_path.stat().st_size / 1e6
+        seconds: dict[str, list[float]] = {"rare path before (photos table check)": [],
+                                           "rare path now (check + photo_keys_off)": [], "photo_keys_off alone": []}
+        reader = catalog.connect(db_path, readonly=True)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            assert catalog.integrity_problems(db_path, "photos") == []
+            seconds["rare path before (photos table check)"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert catalog.integrity_problems(db_path, "photos") == []
+            with reader.connect() as conn:
+                middle = time.perf_counter()
+                assert catalog.photo_keys_off(conn) == []
+                end = time.perf_counter()
+            seconds["rare path now (check + photo_keys_off)"].append(end - start)
+            seconds["photo_keys_off alone"].append(end - middle)
+        reader.dispose()
+        step = []
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        conn.execute("BEGIN")
+        migrate.digest_rows(conn, keyed=False)  # the photos rows as schema 20 left them
+        conn.execute("COMMIT")
+        for _ in range(args.rounds):
+            conn.execute("BEGIN")
+            start = time.perf_counter()
+            done = migrate.rekey_photo_digests(conn)
+            step.append(time.perf_counter() - start)
+            conn.execute("ROLLBACK")
+            assert done == args.n + args.leftovers, done
+        conn.close()
+    lines = [f"- a catalog of {args.n:,} files ({size_mb:.1f} MB: files, photos, keyword and trigram indexes; "
+             f"common.keyword_catalog) and {args.leftovers} photos rows of no file, median of {args.rounds}",
+             load_note(load_at_start), "",
+             "| what | ms (median) | min | max |", "|---|---|---|---|"]
+    for name, runs in {**seconds, f"step 21: {args.n + args.leftovers:,} photos rows digested with their key "
+                                  "(rekey_photo_digests, rolled back)": step}.items():
+        lines.append(f"| {name} | {statistics.median(runs) * 1e3:.0f} | {min(runs) * 1e3:.0f} | {max(runs) * 1e3:.0f} |")
+    record("A photos row's key digested (schema 21): step 21's cost and the reader's look at photos rows of no file",
+           lines, save=not args.no_save)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""A photos row's key (file_id, its rowid) is digested with its fields (rowdigest.PHOTO_KEYED_FIELDS, schema 21).
+
+A rowid table has no second copy of its key and a page no checksum: the lowest bit of a photos row's key flipped
+(12 -> 13, or 1 -> 0, the page's keys still in order, so SQLite's check passes) moved the row to an id no file has.
+`query` and `similar` then showed the photo's date as none, exit 0, and `verify` said ok with a note of one leftover
+row. A row of no file whose digest fails with its own key is that damage (exit 7); one whose digest holds is an old
+version's leftover, as before (a note).
+"""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import index_json, run
+from helpers import as_schema, catalog_rows, flip_a_photo_key
+from alignsearch.storage import catalog, migrate, rowdigest
+from alignsearch.storage.paths import DB_FILE
+
+ROW = {"taken": 1.5e9, "taken_source": "exif:DateTime", "camera": "X", "lens": None, "lat": 1.25, "lon": -2.5,
+       "caption": "a cat", "ocr": ""}
+
+
+def _one_line_damage(result) -> None:
+    out = result.output.strip()
+    assert out.splitlines() == [out], out  # one line, no traceback
+    assert "catalog.db is damaged" in out and "alignsearch verify --repair" in out, out
+
+
+def _taken(ix: Path) -> dict[str, float | None]:
+    """{file name: the date a search shows}: every file a hit."""
+    hits = json.loads(run("query", "red circle", "--index", ix, "-k", 12, "--json").stdout)["results"]
+    return {h["path"].rsplit("/", 1)[-1]: h["taken"] for h in hits}
+
+
+# -- the digest itself (pure) -----------------------------------------------------------------------------------
+
+def test_the_photo_digest_covers_its_key():
+    keyed = rowdigest.PHOTO_KEYED_FIELDS
+    d = rowdigest.digest(keyed, {"file_id": 12, **ROW})
+    assert rowdigest.holds(keyed, {"file_id": 12, **ROW}, d)
+    for other in (13, 0, 12 + 256, None, "12"):  # a flipped bit, another byte, no key, the key as text
+        assert not rowdigest.holds(keyed, {"file_id": other, **ROW}, d), other
+    # a row digested without its key (schemas 14 to 20) never holds with it: step 21 digests it anew
+    assert not rowdigest.holds(keyed, {"file_id": 12, **ROW}, rowdigest.digest(rowdigest.PHOTO_FIELDS, ROW))
+    assert rowdigest.photo_fields(True) is keyed and rowdigest.photo_fields(False) is rowdigest.PHOTO_FIELDS
+    # the key's field first, then the fields in their order: the reader's tuple (holds_shown) gives the same digest
+    assert rowdigest.digest_of(keyed, [12, *(ROW[n] for n, _ in rowdigest.PHOTO_FIELDS)]) == d
+
+
+def test_the_keyed_photo_digest_is_pinned():
+    """The bytes of a keyed digest: the key encoded as an integer field before the others (catalogs at schema 21
+    hold these; a change here makes every photo row damage)."""
+    assert rowdigest.digest(rowdigest.PHOTO_KEYED_FIELDS, {"file_id": 12}) == "99f3c166e228692d"
+    assert rowdigest.stored(rowdigest.PHOTO_KEYED_FIELDS, {"file_id": 12.0, "taken": 7}) == {"file_id": 12, "taken": 7.0}
+
+
+# -- readers and verify -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # three commands on a copy of an index
+def test_a_photo_row_whose_key_flipped_to_no_file_is_damage(indexed_images):
+    photos, ix = indexed_images(12)
+    written, read = flip_a_photo_key(ix / DB_FILE)
+    assert catalog_rows(ix, f"SELECT count(*) FROM photos WHERE file_id = {read}") == [(1,)]
+    # before: exit 0, the file's "taken" none; verify ok with a note of 1 leftover row
+    _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", code=7))
+    _one_line_damage(run("similar", photos / "img001.jpg", "--index", ix, "-k", 12, "--json", code=7))
+    out = run("verify", "--skip-model", "--index", ix, code=7).output
+    assert "1 photo rows name no file, their key not the one written" in out, out
+    assert "rows name no file of the catalog" not in out, out  # damage, not a leftover's note
+
+
+@pytest.mark.slow  # a repair and an index run
+def test_verify_repair_drops_the_row_and_the_next_run_reads_the_fields_again(indexed_images, tiny_model):
+    photos, ix = indexed_images(12)
+    want = _taken(ix)
+    written, _ = flip_a_photo_key(ix / DB_FILE)
+    out = run("verify", "--repair", "--skip-model", "--index", ix).output
+    assert "dropped 1 photo rows whose key was not the one written" in out, out
+    assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+    index_json(ix, photos, "--model", tiny_model, "--device", "cpu")  # its photo fields filled (indexer/photos.py)
+    assert catalog_rows(ix, f"SELECT count(*) FROM photos WHERE file_id = {written}") == [(1,)]
+    assert _taken(ix) == want and None not in want.values()
+
+
+@pytest.mark.slow  # three commands on a copy of an index
+def test_a_leftover_photo_row_of_no_file_is_still_a_note(indexed_images):
+    """A photos row an old version left behind a file it removed holds its digest, its key included: searches
+    answer (exit 0) though a hit lacks its photo row, and verify notes the leftover, as before."""
+    photos, ix = indexed_images(12)
+    db = catalog.connect(ix / DB_FILE)
+    with db.begin() as conn:
+        catalog.set_photo(conn, 999, "gone.jpg", ROW)  # as a writer wrote it, then its file removed without it
+        hidden = conn.exec_driver_sql("SELECT max(file_id) FROM photos WHERE file_id < 999").scalar()
+        conn.exec_driver_sql("DELETE FROM photos WHERE file_id = ?", (hidden,))  # a hit with no row: the rare path
+        assert catalog.photo_keys_off(conn) == []
+    db.dispose()
+    assert None in _taken(ix).values()  # exit 0: not yet filled, as a run killed before its fill leaves it
+    run("similar", photos / "img001.jpg", "--index", ix, "-k", 12, "--json")
+    out = run("verify", "--skip-model", "--index", ix).output
+    assert "\nok: " in out and "rows name no file of the catalog (photos: 1," in out, out  # exit 0, a note
+
+
+# -- the upgrade from schema 20 ---------------------------------------------------------------------------------
+
+def _as_version_20(ix: Path) -> None:
+    """The catalog as alignsearch wrote it at schema 20: each photos row digested without its key."""
+    with sqlite3.connect(ix / DB_FILE) as conn:
+        as_schema(conn, 20)
+    conn.close()
+
+
+@pytest.mark.slow  # an upgrade, a flip and a query on a copy of an index
+def test_the_upgrade_to_21_digests_each_photo_row_with_its_key(indexed_images):
+    photos, ix = indexed_images(12)
+    _as_version_20(ix)
+    with sqlite3.connect(ix / DB_FILE) as conn:  # one row already off its digest (a flipped byte of its caption)
+        off = conn.execute("SELECT min(file_id) FROM photos").fetchone()[0]
+        conn.execute("UPDATE photos SET caption = 'x' || coalesce(caption, '') WHERE file_id = ?", (off,))
+    conn.close()
+    run("query", "red circle", "--index", ix, "-k", 12, "--json", code=7)  # read at 20: the keyless digest, off
+    db = catalog.connect(ix / DB_FILE)  # a writer upgrades it
+    db.dispose()
+    assert catalog_rows(ix, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
+    names = [name for name, _ in rowdigest.PHOTO_KEYED_FIELDS]
+    for row in catalog_rows(ix, f"SELECT digest, {', '.join(names)} FROM photos"):
+        keyed = rowdigest.holds_shown(rowdigest.PHOTO_KEYED_FIELDS, row[1:], row[0])
+        assert keyed == (row[1] != off), row  # each re-digested with its key; the damaged row never blessed
+    assert "the rows of 1 files are not as written" in run("verify", "--skip-model", "--index", ix, code=7).output
+    with sqlite3.connect(ix / DB_FILE) as conn:  # the damaged row put right as a writer writes it
+        conn.execute("DELETE FROM photos WHERE file_id = ?", (off,))
+    conn.close()
+    assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+    flip_a_photo_key(ix / DB_FILE)  # and from then on a flipped key is caught
+    _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", code=7))

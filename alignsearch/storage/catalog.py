@@ -122,8 +122,9 @@ vector_chunks = Table(
 
 # The re-encode in progress (`index --reindex`): the new generation's vector address of each file,
 # committed batch by batch beside the live one, made live in one transaction when every file has one.
-# vec_seal: rowdigest.seal(vec_row), written with it (schema 19) and checked at the switch, which moves it with the
-# address into files.vec_seal: sealed there anew, a flipped byte went live already sealed (another file's vector).
+# vec_seal: rowdigest.seal(vec_row), written with it (schema 19), over file_id too from schema 22
+# (rowdigest.pending_seal), and checked at the switch, which moves it with the address into files.vec_seal, the file
+# id's term taken off: sealed there anew, a flipped byte went live already sealed (another file's vector).
 pending_vectors = Table(
     "pending_vectors",
     metadata,

@@ -165,10 +165,7 @@ def _rewrite_a_pending_file_id(db, written: int, read: int) -> None:
     """One pending row's rowid (its file_id) rewritten where its cell holds it (both ids under 128: one byte), as a
     damaged byte rewrites it; the WAL is checkpointed into the file first (_flip_a_pending_file_id). db: a catalog."""
     columns = record_columns(db, "pending_vectors")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    conn.close()
+    page_size, _ = checkpointed_ids(db, "SELECT file_id FROM pending_vectors")
     data = bytearray(db.read_bytes())
     for _, _, _, first, end in catalog_pages(db)["pending_vectors"]:
         for at in range(first, end):

@@ -153,7 +153,7 @@ def reencode(db, out: Path, encoder: Encoder, store: VectorStore, workers: int, 
 
 def _pending_row(file_id: int, vec_row: int) -> dict:
     """A pending_vectors row: the address sealed with its file id as it is written (rowdigest.pending_seal, schemas
-    19 and 21), checked at the switch."""
+    19 and 22), checked at the switch."""
     return {"file_id": file_id, "vec_row": int(vec_row), "vec_seal": rowdigest.pending_seal(file_id, int(vec_row))}
 
 

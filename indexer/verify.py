@@ -499,8 +499,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
 def _keys(conn, ids: list[int]) -> set[tuple[str, str]]:
     """The (root, relpath) names of these files (a video's moments: one name). Read plainly, not through the row
     checks (get_files), which refuse the very rows forgotten here for failing their checksum."""
-    f = catalog.files.c
-    return {(root, relpath) for root, relpath in conn.execute(select(f.root, f.relpath).where(f.id.in_(ids)))}
+    f, out = catalog.files.c, set()
+    for start in range(0, len(ids), 500):  # as every lookup by ids: SQLite limits the variables of a statement
+        out.update((root, relpath) for root, relpath in conn.execute(
+            select(f.root, f.relpath).where(f.id.in_(ids[start : start + 500]))))
+    return out
 
 
 def _reencode(index_dir: Path, lost: int, forgotten: set[tuple[str, str]]) -> str:

@@ -1784,9 +1784,15 @@ def leftover_photo_row(conn, file_id: int, **fields) -> None:
 def as_schema(conn, version: int) -> None:
     """Record the catalog behind a sqlite3 connection at an older schema `version` (its readers check rows as that
     version wrote them): from 14 to 20 each photos row whose digest holds with its key digested again without it
-    (rowdigest.PHOTO_FIELDS: the key is digested from schema 21); a row off its digest stays off. In the caller's
-    transaction."""
+    (rowdigest.PHOTO_FIELDS: the key is digested from schema 21); a row off its digest stays off. From 19 to 21 each
+    pending address's seal less its file id's term (rowdigest.key_term, added by step 22): else the upgrade from
+    there added it twice. In the caller's transaction."""
     from alignsearch.storage import migrate, rowdigest
+
+    if 19 <= version < migrate.PENDING_KEYS and any(row[1] == "vec_seal" for row in
+                                                    conn.execute("PRAGMA table_info(pending_vectors)")):
+        conn.execute(f"UPDATE pending_vectors SET vec_seal = (vec_seal - {rowdigest.key_term_sql('file_id')} + "
+                     f"{rowdigest.SEAL_PRIME}) % {rowdigest.SEAL_PRIME}")
 
     if migrate.DIGESTS <= version < migrate.PHOTO_KEYS:
         keyed, fields = rowdigest.PHOTO_KEYED_FIELDS, rowdigest.PHOTO_FIELDS

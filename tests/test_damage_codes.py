@@ -436,3 +436,21 @@ def test_info_says_a_flipped_vector_address_beside_its_figures(indexed_images, a
         assert "images:  12 indexed, 0 failed" in result.stdout.splitlines(), result.stdout
     run("verify", "--repair", "--index", ix)
     assert json.loads(run("info", "--json", "--index", ix).stdout)["damaged_addresses"] == 0
+
+
+def test_verify_repair_reads_the_names_of_any_number_of_forgotten_files(tmp_path):
+    """--repair reads the names of the files it forgets (verify._keys) in one IN list: past SQLite's limit on bound
+    variables (32766 in most builds: a damaged vector file's worth of files) the repair failed, nothing mended. Read
+    in chunks, as every other lookup by ids is (the limit lowered here to stand for it)."""
+    from helpers import vector_index
+
+    from indexer import verify
+
+    vector_index(tmp_path, 1200, 4)
+    db = catalog.connect(tmp_path / "catalog.db")
+    try:
+        with db.connect() as conn:
+            conn.connection.dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 500)
+            assert verify._keys(conn, list(range(1, 1201))) == {("/synthetic", f"{i:07d}.jpg") for i in range(1200)}
+    finally:
+        db.dispose()

@@ -134,3 +134,36 @@ def test_the_upgrade_to_21_digests_each_photo_row_with_its_key(indexed_images):
     assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
     flip_a_photo_key(ix / DB_FILE)  # and from then on a flipped key is caught
     _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", code=7))
+
+
+def test_a_reader_open_across_the_upgrade_to_21_checks_photo_rows_as_the_writer_digested_them(tmp_path):
+    """A reader's connection learns the catalog's schema when it opens (migrate.reader_schema) and checks photos rows
+    as that version digested them (no key before 21). A reader open for long (`serve`) across a writer's upgrade from
+    20 read every photos row, now digested with its key, against the keyless digest: each photo refused as damaged
+    (exit 7, a 500) until it restarted. A connection prepared for an older version is made anew once upgraded."""
+    from sqlalchemy import select
+
+    from helpers import vector_index
+
+    vector_index(tmp_path, 3, 4)
+    db_path = tmp_path / DB_FILE
+    db = catalog.connect(db_path)
+    with db.begin() as conn:
+        ids = [i for (i,) in conn.execute(select(catalog.files.c.id))]
+        for i in ids:
+            catalog.set_photo(conn, i, f"{i}.jpg", ROW)
+    db.dispose()
+    with sqlite3.connect(db_path) as conn:
+        as_schema(conn, 20)
+    conn.close()
+    reader = catalog.connect(db_path, readonly=True)
+    try:
+        with reader.connect() as conn:
+            assert not migrate.schema_of(conn).photo_keys
+            assert set(catalog.photos_of(conn, ids)) == set(ids)
+        catalog.connect(db_path).dispose()  # a writer: upgraded, each photos row digested with its key
+        with reader.connect() as conn:
+            assert set(catalog.photos_of(conn, ids)) == set(ids) and catalog.off_digest(conn) == []
+            assert migrate.schema_of(conn).photo_keys
+    finally:
+        reader.dispose()

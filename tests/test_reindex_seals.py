@@ -165,10 +165,7 @@ def _rewrite_a_pending_file_id(db, written: int, read: int) -> None:
     """One pending row's rowid (its file_id) rewritten where its cell holds it (both ids under 128: one byte), as a
     damaged byte rewrites it; the WAL is checkpointed into the file first (_flip_a_pending_file_id). db: a catalog."""
     columns = record_columns(db, "pending_vectors")
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    conn.close()
+    page_size, _ = checkpointed_ids(db, "SELECT file_id FROM pending_vectors")
     data = bytearray(db.read_bytes())
     for _, _, _, first, end in catalog_pages(db)["pending_vectors"]:
         for at in range(first, end):
@@ -350,3 +347,22 @@ def test_the_switch_refuses_an_address_or_seal_no_writer_stores_as_the_check_per
                           (5, 2**70), (5, rowdigest.seal(5)), (5, rowdigest.pending_seal(5, 5))]:
         with pytest.raises(IndexDamagedError, match="re-encode in progress"):
             refuse_unsealed([*sound, (4, address, seal)])
+
+
+def test_a_catalog_relabelled_at_19_to_21_upgrades_its_pending_seals_to_those_a_writer_writes(tmp_path):
+    """helpers.as_schema at 19 to 21 leaves each pending seal as that version wrote it (the address's alone): the
+    upgrade's step 22 then adds the file id's term once, as a re-encode at 22 writes it (it left the term on, and
+    the upgrade added it twice: every pending address off its seal)."""
+    from indexer.reindex import _pending_row
+
+    for version in (19, 21):
+        folder = tmp_path / str(version)
+        vector_index(folder, 4, 4)
+        with sqlite3.connect(folder / "catalog.db") as conn:
+            conn.executemany("INSERT INTO pending_vectors (file_id, vec_row, vec_seal) VALUES (:file_id, :vec_row, "
+                             ":vec_seal)", [_pending_row(i, 10 + i) for i in (1, 2, 3)])
+            as_schema(conn, version)
+        conn.close()
+        catalog.connect(folder / "catalog.db").dispose()  # a writer: upgraded
+        assert catalog_rows(folder, "SELECT file_id, vec_row, vec_seal FROM pending_vectors ORDER BY file_id") == [
+            (i, 10 + i, rowdigest.pending_seal(i, 10 + i)) for i in (1, 2, 3)]

@@ -122,8 +122,9 @@ vector_chunks = Table(
 
 # The re-encode in progress (`index --reindex`): the new generation's vector address of each file,
 # committed batch by batch beside the live one, made live in one transaction when every file has one.
-# vec_seal: rowdigest.seal(vec_row), written with it (schema 19) and checked at the switch, which moves it with the
-# address into files.vec_seal: sealed there anew, a flipped byte went live already sealed (another file's vector).
+# vec_seal: rowdigest.seal(vec_row), written with it (schema 19), over file_id too from schema 22
+# (rowdigest.pending_seal), and checked at the switch, which moves it with the address into files.vec_seal, the file
+# id's term taken off: sealed there anew, a flipped byte went live already sealed (another file's vector).
 pending_vectors = Table(
     "pending_vectors",
     metadata,
@@ -382,10 +383,11 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
         # A connection prepared for a catalog older than version 17 shows it through temporary objects that shadow
         # its tables (reader_schema: a files view with NULL seals, and digests before 14; before version 3 without moments either); once a
         # writer upgraded the catalog in place they hid what it wrote (its tags, checksums, relpath_raw, moments,
-        # digests, seals) from a reader open for long (`serve`): such a connection is made anew. One query per checkout,
-        # of such connections only.
+        # digests, seals) from a reader open for long (`serve`): such a connection is made anew. So is one prepared
+        # for a catalog older than 21, which checks photos rows without their key: after the upgrade every photo read
+        # as damaged (exit 7). One query per checkout, of such connections only.
         schema = record.info.get("schema")
-        if schema is not None and not schema.vec_seals and migrate.upgraded(dbapi_conn, schema):
+        if schema is not None and not schema.photo_keys and migrate.upgraded(dbapi_conn, schema):
             raise DisconnectionError("the catalog was upgraded since this connection opened")
 
     @event.listens_for(engine, "handle_error")

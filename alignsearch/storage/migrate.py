@@ -342,7 +342,8 @@ def seal_addresses(dbapi_conn: sqlite3.Connection, *, table: str = "files") -> N
 
 def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
     """Digest every files and photos row (digest_rows) and, where the catalog has files.vec_seal (schema 17) and
-    pending_vectors.vec_seal (schema 19), seal each vector address (seal_addresses), as they stand, in the caller's
+    pending_vectors.vec_seal (schema 19; with its file id once the catalog is recorded at 22: key_pending_seals),
+    seal each vector address (seal_addresses), as they stand, in the caller's
     transaction: what a writer would have written, for rows a test or a benchmark writes by hand (never for damage a
     reader is meant to find)."""
     digest_rows(dbapi_conn)

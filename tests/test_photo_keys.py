@@ -149,3 +149,18 @@ def test_a_date_filter_over_a_photo_row_whose_key_flipped_is_damage(indexed_imag
     flip_a_photo_key(ix / DB_FILE)
     # before: 11 hits, exit 0 (the file whose row moved left out)
     _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", *args, code=7))
+
+
+@pytest.mark.slow  # an update and two queries on a copy of an index
+@pytest.mark.xfail(strict=True, reason="the snapshot's filter columns (search/columns.py) read photo fields unchecked "
+                   "against their digests: a flipped date leaves its file out of --after, exit 0 (verify finds it)")
+def test_a_date_filter_over_a_photo_row_off_its_digest_is_damage(indexed_images):
+    """A photos row's date damaged in place (its digest no longer holds): a hit's row is checked (photos_of), but
+    a date filter reads every file's date from the snapshot's columns unchecked, so the file is left out: 11 hits
+    of 12, exit 0, where a search that shows it exits 7."""
+    photos, ix = indexed_images(12)
+    args = ["--after", "1970-01-02"]  # every file's date
+    with sqlite3.connect(ix / DB_FILE) as conn:  # as a flipped byte of the REAL makes it: the digest left as written
+        conn.execute("UPDATE photos SET taken = 1.0 WHERE file_id = (SELECT min(file_id) FROM photos)")
+    conn.close()
+    _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", *args, code=7))

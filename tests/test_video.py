@@ -569,6 +569,43 @@ def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model
 
 
 @pytest.mark.slow
+def test_a_renamed_video_whose_photo_row_key_flipped_is_refused_not_dated_by_its_mtime(tmp_path, tiny_model):
+    """The renamed video takes its date from the photos row of its first moment (catalog.photos_of): that row's key
+    flipped to an id of no file (schema 21: off its digest), the run found no row, dated the video by its mtime and
+    wrote that date with a sound digest, exit 0 (verify --repair then dropped the moved row: the date lost for good).
+    The rows of no file are read then, and one off its digest is damage: exit 7, nothing written."""
+    import av
+
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 1)
+    with av.open(str(lib / "trip.mp4"), "w") as out:
+        out.metadata["creation_time"] = "2019-05-01T10:00:00Z"
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 90, "yuv420p"
+        for i in range(30):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(scene_frame(3 + i // 15), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    db = catalog.connect(ix / "catalog.db")
+    with db.connect() as conn:
+        (sha,), = conn.exec_driver_sql("SELECT DISTINCT sha256 FROM files WHERE relpath = 'trip.mp4'").all()
+        first = catalog.moments_by_hash(conn, sha)[0].id
+        gone = conn.exec_driver_sql("SELECT max(id) + 1000 FROM files").scalar()
+    db.dispose()
+    with sqlite3.connect(ix / "catalog.db") as conn:  # the row's key moved as a flipped byte moves it: digest as written
+        conn.execute("UPDATE photos SET file_id = ? WHERE file_id = ?", (gone, first))
+    conn.close()
+    (lib / "trip.mp4").rename(lib / "trip2.mp4")
+    out = run("index", "--index", ix, "--json", code=7).output  # before: exit 0, trip2.mp4 dated by its mtime
+    assert "photo row's key is not the one written" in out, out
+    with sqlite3.connect(ix / "catalog.db") as conn:  # the run moved nothing: the rename is taken once repaired
+        assert {r for (r,) in conn.execute("SELECT DISTINCT relpath FROM files WHERE t IS NOT NULL")} == {"trip.mp4"}
+    conn.close()
+
+
+@pytest.mark.slow
 def test_an_image_of_a_scene_finds_its_video_at_that_second(tmp_path, tiny_model):
     lib, ix = tmp_path / "lib", tmp_path / "ix"
     make_video(lib / "trip.mp4", [(11, 6), (12, 5), (13, 8), (14, 4)])  # scene 13 from 11 s to 19 s

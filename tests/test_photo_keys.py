@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import index_json, run
+from conftest import index_json, make_images, run
 from helpers import as_schema, catalog_rows, flip_a_photo_key
 from alignsearch.storage import catalog, migrate, rowdigest
 from alignsearch.storage.paths import DB_FILE
@@ -100,6 +100,27 @@ def test_a_leftover_photo_row_of_no_file_is_still_a_note(indexed_images):
     run("similar", photos / "img001.jpg", "--index", ix, "-k", 12, "--json")
     out = run("verify", "--skip-model", "--index", ix).output
     assert "\nok: " in out and "rows name no file of the catalog (photos: 1," in out, out  # exit 0, a note
+
+
+@pytest.mark.slow  # an index run and two commands
+def test_a_photo_row_whose_key_flipped_onto_a_failed_files_id_is_damage(tmp_path, tiny_model):
+    """A failed file (not an image) has a files row and no photos row: a key flipped onto its id names a file, so
+    the look at the rows of no file (photo_keys_off) missed it, and a search showed the photo's date as none, exit 0
+    (verify found it, a row off its digest). Readers show indexed files only: the rows of the others are read too."""
+    lib, ix = tmp_path / "lib", tmp_path / "ix"
+    make_images(lib, 6)
+    (lib / "img000b.jpg").write_bytes(b"this is not an image")  # listed between img000 and img001: an id between
+    index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    (failed,), = catalog_rows(ix, "SELECT id FROM files WHERE status = 'failed'")
+    (victim,), = catalog_rows(ix, f"SELECT min(file_id) FROM photos WHERE file_id > {failed}")
+    assert catalog_rows(ix, f"SELECT count(*) FROM photos WHERE file_id = {failed}") == [(0,)]
+    with sqlite3.connect(ix / DB_FILE) as conn:  # as a flipped key byte moves it: the keys stay in order
+        conn.execute("UPDATE photos SET file_id = ? WHERE file_id = ?", (failed, victim))
+        assert conn.execute("PRAGMA integrity_check(photos)").fetchone()[0] == "ok"
+    conn.close()
+    # before: exit 0, the victim's "taken" none
+    _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", code=7))
+    run("verify", "--skip-model", "--index", ix, code=7)
 
 
 # -- the upgrade from schema 20 ---------------------------------------------------------------------------------

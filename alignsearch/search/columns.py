@@ -54,7 +54,7 @@ class Columns:
             # the photo fields filter and sort every file by, not only a hit's: a row whose key flipped to an id of no
             # file left its file without a date here (dropped by --after, sorted last, exit 0), and no hit then lacks
             # its row, so photos_of's look at the rows of no file never ran (schema 21: one read of those rows)
-            if photos and catalog.photo_keys_off(conn):
+            if photos and catalog.photo_keys_off(conn, unindexed=True):
                 catalog.refuse_photo_keys_off()
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
         # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)

@@ -96,7 +96,12 @@ def _one(db, store: VectorStore, encoder, found: Found, interval: float, batch_s
         if known:
             with db.connect() as conn:
                 old = catalog.phashes_of(conn, [r.id for r in known])
-                fields = catalog.photos_of(conn, [known[0].id]).get(known[0].id) or {}
+                fields = catalog.photos_of(conn, [known[0].id]).get(known[0].id)
+                # no row: a flipped bit of its key may have moved it to an id of no file (schema 21), where the date
+                # would be lost for good, the mtime written in its place with a sound digest
+                if fields is None and catalog.photo_keys_off(conn, unindexed=True):
+                    catalog.refuse_photo_keys_off()
+                fields = fields or {}
             # the container's creation_time goes with the content, as its vectors do: a renamed video was dated
             # by its mtime instead (the day it was renamed), and `--after`/`--before` lost it
             created = fields.get("taken") if fields.get("taken_source") == "video:creation_time" else None

@@ -537,10 +537,8 @@ def test_dupes_never_lists_a_video_as_a_copy_of_itself(tmp_path, tiny_model):
     assert "2 groups, 2 files besides the ones to keep" in text, text
 
 
-@pytest.mark.slow
-def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model):
-    """A renamed (or copied) video keeps its vectors, found by its SHA-256, and now its date too: it was dated by
-    its mtime (the day of the rename) instead of its container's creation_time, and `--after` lost it."""
+def _dated_video_indexed(tmp_path, tiny_model):
+    """(library, index) of an image and trip.mp4, whose container says it was recorded on 2019-05-01, indexed."""
     import av
 
     lib, ix = tmp_path / "lib", tmp_path / "ix"
@@ -555,6 +553,14 @@ def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model
         for packet in stream.encode():
             out.mux(packet)
     index_json(ix, lib, "--model", tiny_model, "--device", "cpu")
+    return lib, ix
+
+
+@pytest.mark.slow
+def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model):
+    """A renamed (or copied) video keeps its vectors, found by its SHA-256, and now its date too: it was dated by
+    its mtime (the day of the rename) instead of its container's creation_time, and `--after` lost it."""
+    lib, ix = _dated_video_indexed(tmp_path, tiny_model)
 
     def in_2019():
         out = run("query", "x", "--json", "--after", "2019-01-01", "--before", "2019-12-31", "--index", ix).stdout
@@ -566,6 +572,30 @@ def test_a_renamed_video_keeps_the_date_its_container_gives(tmp_path, tiny_model
     s = index_json(ix)
     assert (s["moved"], s["added"]) == (1, 1), s  # the copy: found by its hash too
     assert [h[0] for h in in_2019()] == ["copy.mp4", "copy.mp4", "trip2.mp4", "trip2.mp4"]
+
+
+@pytest.mark.slow
+def test_a_renamed_video_whose_photo_row_key_flipped_is_refused_not_dated_by_its_mtime(tmp_path, tiny_model):
+    """The renamed video takes its date from the photos row of its first moment (catalog.photos_of): that row's key
+    flipped to an id of no file (schema 21: off its digest), the run found no row, dated the video by its mtime and
+    wrote that date with a sound digest, exit 0 (verify --repair then dropped the moved row: the date lost for good).
+    The rows of no file are read then, and one off its digest is damage: exit 7, nothing written."""
+    lib, ix = _dated_video_indexed(tmp_path, tiny_model)
+    db = catalog.connect(ix / "catalog.db")
+    with db.connect() as conn:
+        (sha,), = conn.exec_driver_sql("SELECT DISTINCT sha256 FROM files WHERE relpath = 'trip.mp4'").all()
+        first = catalog.moments_by_hash(conn, sha)[0].id
+        gone = conn.exec_driver_sql("SELECT max(id) + 1000 FROM files").scalar()
+    db.dispose()
+    with sqlite3.connect(ix / "catalog.db") as conn:  # the row's key moved as a flipped byte moves it: digest as written
+        conn.execute("UPDATE photos SET file_id = ? WHERE file_id = ?", (gone, first))
+    conn.close()
+    (lib / "trip.mp4").rename(lib / "trip2.mp4")
+    out = run("index", "--index", ix, "--json", code=7).output  # before: exit 0, trip2.mp4 dated by its mtime
+    assert "photo row's key is not the one written" in out, out
+    with sqlite3.connect(ix / "catalog.db") as conn:  # the run moved nothing: the rename is taken once repaired
+        assert {r for (r,) in conn.execute("SELECT DISTINCT relpath FROM files WHERE t IS NOT NULL")} == {"trip.mp4"}
+    conn.close()
 
 
 @pytest.mark.slow

@@ -51,6 +51,11 @@ class Columns:
                 self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
             except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7
                 catalog.refuse_malformed(conn)
+            # the photo fields filter and sort every file by, not only a hit's: a row whose key flipped to an id of no
+            # file left its file without a date here (dropped by --after, sorted last, exit 0), and no hit then lacks
+            # its row, so photos_of's look at the rows of no file never ran (schema 21: one read of those rows)
+            if photos and catalog.photo_keys_off(conn, unindexed=True):
+                catalog.refuse_photo_keys_off()
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
         # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)
         if sealed and not rowdigest.sealed(self.vec_rows, seals):

@@ -933,7 +933,7 @@ class Engine:
             snap = self.snap if snap is None else snap
             self._check_catalog(snap, table="photos")
             if (snap.stamp, PHOTO_KEYS) not in self._catalog_checked:
-                if catalog.photo_keys_off(conn):
+                if catalog.photo_keys_off(conn, unindexed=True):
                     catalog.refuse_photo_keys_off()
                 self._catalog_checked.add((snap.stamp, PHOTO_KEYS))
         return photos

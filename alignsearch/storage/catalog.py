@@ -1203,18 +1203,21 @@ def count_off_seals(conn: Connection) -> int:
                .scalar())
 
 
-def photo_keys_off(conn: Connection) -> list[int]:
+def photo_keys_off(conn: Connection, *, unindexed: bool = False) -> list[int]:
     """The keys (file_id) of the photos rows that name no file and fail their digest, in order: a flipped bit of a
     row's key (its rowid, which no index copies) moved it there, off its file, so readers missed the photo's fields
     (its date shown as none, exit 0). A row of no file that holds its digest is an old version's leftover
     (leftover_rows: a note). One read of the rows of no file; [] before schema 21 (their digests leave the key out:
-    such a row cannot be told from a leftover)."""
+    such a row cannot be told from a leftover). unindexed: the rows of files not indexed too (a failed file's id,
+    which has no photo row of its own: readers, which show indexed files only, missed a row moved there as well;
+    verify finds it as a row off its digest, off_digest)."""
     schema = migrate.schema_of(conn)
     if not (schema.digests and schema.photo_keys and has_photos(conn)):
         return []
     fields = rowdigest.PHOTO_KEYED_FIELDS
+    named = select(files.c.id).where(files.c.status == INDEXED) if unindexed else select(files.c.id)
     query = select(photos.c.digest, *(photos.c[name] for name, _ in fields)).where(
-        photos.c.file_id.not_in(select(files.c.id))).order_by(photos.c.file_id)
+        photos.c.file_id.not_in(named)).order_by(photos.c.file_id)
     return [int(r[1]) for r in conn.execute(query) if not rowdigest.holds_shown(fields, r[1:], r[0])]
 
 

@@ -2,7 +2,8 @@
 (migrate.rekey_photo_digests: each row read, its keyless digest checked, digested again with its key), and the
 reader's look at the photos rows of no file (catalog.photo_keys_off) that Engine.photos_of adds to its rare path
 (a hit without its photos row) after SQLite's check of the photos table, the old rare path alone, alternating in
-one run on one catalog.
+one run on one catalog; and the snapshot's filter columns load (search/columns.py), with the share of it its own
+look at the photos rows of no indexed file takes (photo_keys_off(unindexed=True)).
 
     python benchmarks/bench_photo_keys.py [--n 100000] [--rounds 5] [--leftovers 10] [--no-save]
 
@@ -29,7 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import keyword_catalog, load_note, record
 
+from alignsearch.search.columns import Columns
 from alignsearch.storage import catalog, migrate
+
+# the snapshot's filter columns load every query of the CLI pays (search/columns.py), which reads the photos rows of
+# no indexed file once (photo_keys_off(unindexed=True)) since the attacker's fix of a key flipped out of a date filter
+COLUMNS = "filter columns load (Columns, with its photo_keys_off(unindexed=True))"
+UNINDEXED = "photo_keys_off(unindexed=True) alone (the columns' share)"
 
 
 def main() -> None:
@@ -48,9 +55,14 @@ def main() -> None:
             for i in range(args.leftovers):
                 catalog.set_photo(conn, 10 * args.n + i, f"gone{i}.jpg", {"taken": 1.6e9, "caption": "left"})
         db.dispose()
+        with sqlite3.connect(db_path) as conn:  # addresses, sealed, as an index run writes them (the columns read them)
+            conn.execute("UPDATE files SET vec_row = id - 1")
+            migrate.seal_rows(conn)
+        conn.close()
         size_mb = db_path.stat().st_size / 1e6
         seconds: dict[str, list[float]] = {"rare path before (photos table check)": [],
-                                           "rare path now (check + photo_keys_off)": [], "photo_keys_off alone": []}
+                                           "rare path now (check + photo_keys_off)": [], "photo_keys_off alone": [],
+                                           COLUMNS: [], UNINDEXED: []}
         reader = catalog.connect(db_path, readonly=True)
         for _ in range(args.rounds):
             start = time.perf_counter()
@@ -64,6 +76,13 @@ def main() -> None:
                 end = time.perf_counter()
             seconds["rare path now (check + photo_keys_off)"].append(end - start)
             seconds["photo_keys_off alone"].append(end - middle)
+            start = time.perf_counter()
+            Columns(reader)
+            seconds[COLUMNS].append(time.perf_counter() - start)
+            with reader.connect() as conn:
+                start = time.perf_counter()
+                assert catalog.photo_keys_off(conn, unindexed=True) == []
+                seconds[UNINDEXED].append(time.perf_counter() - start)
         reader.dispose()
         step = []
         conn = sqlite3.connect(db_path, isolation_level=None)

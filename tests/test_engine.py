@@ -228,3 +228,23 @@ def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work(monkeypatc
     monkeypatch.setattr(os, "kill", kill)
     assert run_at_work(IndexRun(started=time.time(), pid=os.getpid()))  # the run, another user's
     assert not run_at_work(IndexRun(started=1.0, pid=os.getpid()))  # its number, another user's process's since
+
+
+def test_copies_tied_in_score_are_listed_by_path_whatever_the_order_of_their_ids(tmp_path, corpus, tiny_model):
+    """Two copies of one photo score exactly alike; they were listed in the order of their ids (the ANN's), which is
+    the order they were indexed in: a Ray run and a local run of one folder listed them in opposite orders. Here the
+    copy named last alphabetically is indexed first, so it holds the lower id."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "zebra.jpg").write_bytes((corpus / "img002.jpg").read_bytes())
+    (folder / "other.jpg").write_bytes((corpus / "img007.jpg").read_bytes())
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    (folder / "apple.jpg").write_bytes((corpus / "img002.jpg").read_bytes())
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    with alignsearch.open(ix) as engine:
+        ids = {h.relpath: h.id for h in engine.search(text="red", k=10)}
+        assert ids["zebra.jpg"] < ids["apple.jpg"]
+        for query in ({"text": "red"}, {"image": corpus / "img002.jpg"}, {"text": "red", "compose": "weicom", "image": corpus / "img005.jpg"}):
+            names = [h.relpath for h in engine.search(**query, k=10) if h.relpath != "other.jpg"]
+            assert names == ["apple.jpg", "zebra.jpg"], query

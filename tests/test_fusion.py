@@ -11,7 +11,7 @@ import alignsearch
 from alignsearch.search.request import build as build_request
 from alignsearch.search import engine as engine_module
 from alignsearch.search.query import GATE_Z, KEYWORD_SHARE, NULL_SD_FLOOR, RRF_K, belief, fuse_hits, gate, \
-    gated_fusion, keyword_fusion, null_prompts, null_z
+    gated_fusion, keyword_fusion, null_prompts, null_z, settle_ties
 from alignsearch.storage import catalog
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import vector_index
@@ -240,8 +240,9 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     """The engine's auto mode and fuse_hits on the same candidates (every stored vector, k = all of them): the
     same order and scores for each fusion, the gate on both sides of GATE_Z and with no null scale (rrf), with
     equal similarities (copies of one vector) and, in belief, equal scores among them; hybrid keeps rrf whatever
-    AUTO_FUSION says. Equal similarities keep the engine's candidate order (this exact index's: the higher id first),
-    which its similarity ranks show: fuse_hits is given the candidates in that order."""
+    AUTO_FUSION says. Equal similarities keep the engine's candidate order (this exact index's: the higher id first)
+    in their similarity ranks: fuse_hits is given the candidates in that order; hits equal in score and similarity
+    too are then listed by name (settle_ties)."""
     query, ids = _tied_index(tmp_path)
     monkeypatch.setattr(engine_module, "AUTO_FUSION", fusion)
     engine = alignsearch.open(tmp_path)
@@ -257,8 +258,22 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     if nulls in ("far below", "level"):
         assert gate(z) == ("belief" if nulls == "far below" else "rrf") and abs(z - GATE_Z) > 0.5
     expected = fuse_hits(sims, keyword, method=fusion if mode == "auto" else "rrf", z=z)
+    paths = {h.id: h.path for h in hits}  # candidates equal in score and similarity come by name
+    keys = (np.array([s for _, s in expected]), np.array([sims[i] for i, _ in expected]))
+    expected = [expected[n] for n in settle_ties(range(len(expected)), keys, lambda n: paths[expected[n][0]])]
     assert [h.id for h in hits] == [i for i, _ in expected]
     assert [h.score for h in hits] == pytest.approx([s for _, s in expected], rel=1e-12, abs=0)
     tied = [(a.id, b.id) for a, b in zip(hits, hits[1:]) if (a.score, a.similarity) == (b.score, b.similarity)]
     assert bool(tied) == ("belief" in hits[0].parts)  # belief: copies with no keyword match tie on both
     engine.close()
+
+
+def test_settle_ties_orders_only_runs_equal_in_every_key_by_name():
+    """Candidates 1 and 3 tie in score, similarity and tiebreak: by name. 0 and 2 tie in score alone (a product's
+    zeros, told apart by the tiebreak): as ranked, as are 4 and 5 (equal score, similarity apart)."""
+    scores = np.array([0.0, 0.5, 0.0, 0.5, 0.2, 0.2], np.float32)
+    similarity = np.array([0.1, 0.5, 0.1, 0.5, 0.3, 0.2], np.float32)
+    tiebreak = np.array([0.4, 0.5, 0.1, 0.5, 0.3, 0.2], np.float32)
+    names = {0: "a", 1: "z", 2: "b", 3: "m", 4: "y", 5: "c"}
+    assert settle_ties([1, 3, 4, 5, 0, 2], (scores, similarity, tiebreak), names.get) == [3, 1, 4, 5, 0, 2]
+    assert settle_ties([], (scores,), names.get) == []

@@ -23,7 +23,7 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SHARE_METHODS, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
-from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z
+from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z, settle_ties
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, judged_key, own_entry, resolve_index_dir
 
@@ -759,7 +759,7 @@ class Engine:
                 raise IndexDamagedError(f"{damaged} stored vectors are damaged (not unit length): run `alignsearch "
                                         "verify --repair`")
             stored = stored / np.maximum(norms, 1e-12)[:, None]  # fp16 rows are unit length only to ~1e-4
-            parts = query.parts(stored)
+            parts = query.parts(stored, exact=True)  # equal vectors, equal scores: their order is settle_ties
             similarity = query.fused(parts).astype(np.float32)
             tiebreak = query.tiebreak(parts)
             scores, ranks, beliefs, model_z, order = similarity, None, None, None, None
@@ -787,18 +787,18 @@ class Engine:
             order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude),
                                     _admits(ids[order] if opts.mode == "keyword" else allowed, opts.exclude))
             capped = len(order) < min(passed, opts.k) and passed == len(ids)
+            order = settle_ties([i for i in order.tolist() if int(ids[i]) in rows], (scores, similarity, tiebreak),
+                                lambda i: rows[int(ids[i])].path)
             # each hit's metadata is its shown row's, read by that row's id: by the ranked id, a file's folder row
             # was shown with a list's caption of the same bytes where the photo's own sidecar caption says otherwise.
             # The ranked row's are read too: where the shown row has no caption, the file's caption is the one of
             # its name that placed it (a list's caption a hybrid search matched), not none
-            ranked = [i for i in ids[order].tolist() if i in rows]
+            ranked = ids[order].tolist()
             shown = {*ranked, *(rows[i].id for i in ranked)}
             photos = self.photos_of(conn, shown, snap)
             labels = catalog.labels_of(conn, [rows[i].id for i in ranked])
         hits = []
-        for i in order:
-            if int(ids[i]) not in rows:  # a writer removed it since its address was read: gone, as on the next search
-                continue
+        for i in order:  # (an id a writer removed since its address was read is gone, as on the next search)
             made_of = None
             if query.late:
                 made_of = {"image": round(float(parts[i, 0]), 6), "text": round(float(parts[i, 1]), 6)}

@@ -4,7 +4,9 @@ no model, no index."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 
@@ -160,6 +162,17 @@ def best_first(scores: np.ndarray, similarity: np.ndarray, tiebreak: np.ndarray)
     return np.lexsort((-tiebreak, -similarity, -scores))
 
 
+def settle_ties(order: Sequence[int], keys: Sequence[np.ndarray], name: Callable[[int], str]) -> list[int]:
+    """The ranking with each run of candidates equal in every key (score, similarity, tiebreak: the same vector
+    under two names, a copy) ordered by name. Before, such a run kept the ANN's order, which is the order ids were
+    given: a Ray run, whose workers finish in any order, and a local run listed the same two copies in opposite
+    orders. order: candidate indices best first (best_first); name(i): what candidate i is shown as."""
+    settled: list[int] = []
+    for _, run in groupby(order, key=lambda i: tuple(float(k[i]) for k in keys)):
+        settled.extend(sorted(run, key=name))
+    return settled
+
+
 def fuse_candidates(similarity: np.ndarray, keyword_rank: np.ndarray, method: str = AUTO_FUSION,
                     z: float | None = None, tiebreak: np.ndarray | None = None) -> Fused:
     """How the engine ranks the candidates of a fused search (auto, and hybrid with rrf): the similarity rank
@@ -263,11 +276,15 @@ class Scorer:
         sims = np.clip(sample.astype(np.float32) @ np.stack(self.probes, axis=1), -1, 1)
         self.stats = np.stack([sims.mean(axis=0), np.maximum(sims.std(axis=0), 1e-6)])
 
-    def parts(self, stored: np.ndarray) -> np.ndarray:
-        """Cosines of each stored vector to each probe: (n, probes)."""
+    def parts(self, stored: np.ndarray, exact: bool = False) -> np.ndarray:
+        """Cosines of each stored vector to each probe: (n, probes). exact: summed in float64 (then float32), so
+        equal stored vectors (a copy's, or one shared) score exactly alike; a float32 product gave two equal rows
+        cosines a last bit apart by where they stood in the matrix, and the copies' order was that bit's."""
         if len(stored) == 0:
             return np.zeros((0, len(self.probes)), np.float32)
-        return np.clip(stored.astype(np.float32) @ np.stack(self.probes, axis=1), -1.0, 1.0)
+        dtype = np.float64 if exact else np.float32
+        cosines = stored.astype(dtype) @ np.stack(self.probes, axis=1).astype(dtype)
+        return np.clip(cosines, -1.0, 1.0).astype(np.float32)
 
     def fused(self, parts: np.ndarray) -> np.ndarray:
         """The score from the cosines: the cosine itself, or the late fusion of image (column 0) and text (1)."""

@@ -3,7 +3,8 @@
 reader's look at the photos rows of no file (catalog.photo_keys_off) that Engine.photos_of adds to its rare path
 (a hit without its photos row) after SQLite's check of the photos table, the old rare path alone, alternating in
 one run on one catalog; and the snapshot's filter columns load (search/columns.py), with the share of it its own
-look at the photos rows of no indexed file takes (photo_keys_off(unindexed=True)).
+look at the photos rows of no indexed file takes (photo_keys_off(unindexed=True)); then, the leftovers deleted,
+that load as it was (always looking) and as it is (columns.all_joined: no look where no row lies off a file).
 
     python benchmarks/bench_photo_keys.py [--n 100000] [--rounds 5] [--leftovers 10] [--no-save]
 
@@ -24,12 +25,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import keyword_catalog, load_note, record
 
+from alignsearch.search import columns
 from alignsearch.search.columns import Columns
 from alignsearch.storage import catalog, migrate
 
@@ -37,6 +40,10 @@ from alignsearch.storage import catalog, migrate
 # no indexed file once (photo_keys_off(unindexed=True)) since the attacker's fix of a key flipped out of a date filter
 COLUMNS = "filter columns load (Columns, with its photo_keys_off(unindexed=True))"
 UNINDEXED = "photo_keys_off(unindexed=True) alone (the columns' share)"
+# the same load on the catalog with its leftover rows deleted (every photos row an indexed file's), before and after
+# columns.all_joined let it skip the look when counting the photos rows shows none lie off an indexed file
+HEALTHY_OLD = "filter columns load, no photos row off an indexed file: always looking (before)"
+HEALTHY_NEW = "filter columns load, no photos row off an indexed file: counted, not looked at (now)"
 
 
 def main() -> None:
@@ -96,7 +103,19 @@ def main() -> None:
             step.append(time.perf_counter() - start)
             conn.execute("ROLLBACK")
             assert done == args.n + args.leftovers, done
+        conn.execute("DELETE FROM photos WHERE file_id NOT IN (SELECT id FROM files)")  # no leftovers: a healthy catalog
         conn.close()
+        seconds.update({HEALTHY_OLD: [], HEALTHY_NEW: []})
+        reader = catalog.connect(db_path, readonly=True)
+        for _ in range(args.rounds):  # alternating: the load as before this change, then as now
+            with mock.patch.object(columns.catalog, "count_photos", lambda conn: -1):  # never all joined: it looks
+                start = time.perf_counter()
+                Columns(reader)
+                seconds[HEALTHY_OLD].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            Columns(reader)
+            seconds[HEALTHY_NEW].append(time.perf_counter() - start)
+        reader.dispose()
     lines = [f"- a catalog of {args.n:,} files ({size_mb:.1f} MB: files, photos, keyword and trigram indexes; "
              f"common.keyword_catalog) and {args.leftovers} photos rows of no file, median of {args.rounds}",
              load_note(load_at_start), "",

@@ -1194,6 +1194,11 @@ def _off_seal():
     return files.c.vec_seal.is_distinct_from(rowdigest.seal_of(files.c.vec_row))
 
 
+def count_photos(conn: Connection) -> int:
+    """The photos rows, every one (a file's, or a row of no file)."""
+    return int(conn.execute(select(func.count()).select_from(photos)).scalar_one())
+
+
 def count_off_seals(conn: Connection) -> int:
     """How many indexed files' vector addresses are off their seals (0 before schema 17): for `info`, which shows
     counts rather than reading each address (live_pairs refuses them), so says the damage beside them."""

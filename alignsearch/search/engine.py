@@ -932,10 +932,10 @@ class Engine:
         if len(photos) < len(ids) and catalog.has_photos(conn):
             snap = self.snap if snap is None else snap
             self._check_catalog(snap, table="photos")
-            if (snap.stamp, PHOTO_KEYS) not in self._catalog_checked:
+            if (snap.stamp, PHOTO_KEYS_READ) not in self._catalog_checked:
                 if catalog.photo_keys_off(conn, unindexed=True):
                     catalog.refuse_photo_keys_off()
-                self._catalog_checked.add((snap.stamp, PHOTO_KEYS))
+                self._catalog_checked.add((snap.stamp, PHOTO_KEYS_READ))
         return photos
 
     def _check_catalog(self, snap: Snapshot, table: str | None = None) -> None:
@@ -1026,7 +1026,7 @@ def run_at_work(run) -> bool:
 # Seconds a process may seem to have begun after its run recorded `started` (the run writes it after the model
 # loads, so the true start is earlier): /proc/stat's boot time is whole seconds, a tick is 1/100 s
 RUN_START_SLACK = 5.0
-PHOTO_KEYS = "photo keys"  # _catalog_checked's mark of a snapshot whose photos rows of no file were read (photos_of)
+PHOTO_KEYS_READ = "photo keys"  # _catalog_checked's mark of a snapshot whose photos rows of no file were read (photos_of)
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,6 +39,9 @@ class Columns:
         self._text: dict[str, np.ndarray] = {}
         f, p = catalog.files.c, catalog.photos.c
         with db.connect() as conn:
+            # one read transaction: all_joined compares the join's rows with a count read after it, and a writer
+            # forgetting a file between the two made them equal beside a row of no file, which was then not read
+            conn.exec_driver_sql("BEGIN")
             photos = catalog.has_photos(conn)
             sealed = migrate.schema_of(conn).vec_seals
             cols = [f.id, f.vec_row, p.taken if photos else f.mtime, p.lat if photos else None,

@@ -228,6 +228,23 @@ def test_the_columns_read_the_rows_of_no_indexed_file_only_where_some_lie(indexe
         db.dispose()
 
 
+@pytest.mark.slow  # a load of a copy of an index
+def test_the_columns_of_a_catalog_with_no_indexed_file_are_empty_not_damage(indexed_images):
+    """Every file failed (or none indexed yet): no rows to load. numpy cannot shape no rows to a width of -1, and the
+    ValueError was read as a malformed value: "catalog.db is damaged", exit 7."""
+    from alignsearch.search.columns import Columns
+
+    _, ix = indexed_images(12)
+    with sqlite3.connect(ix / DB_FILE) as conn:
+        conn.execute("UPDATE files SET status = 'failed'")
+    db = catalog.connect(ix / DB_FILE)
+    try:
+        cols = Columns(db)
+        assert len(cols) == 0 and len(cols.column("taken")) == 0 and len(cols.column("lat")) == 0
+    finally:
+        db.dispose()
+
+
 @pytest.mark.slow  # a flip and a load on a copy of an index
 def test_the_columns_count_the_photos_rows_in_the_read_that_joined_them(indexed_images, monkeypatch):
     """The load compares the photos rows joined to indexed files with the count of all rows (all_joined), two

@@ -47,7 +47,8 @@ class Columns:
             cols = [f.id, f.vec_row, p.taken if photos else f.mtime, p.lat if photos else None,
                     p.lon if photos else None, f.width, f.height, f.size, f.mtime, p.file_id if photos else None,
                     f.vec_seal if sealed else None]
-            query = select(*[c for c in cols if c is not None]).where(f.status == catalog.INDEXED).order_by(f.id)
+            cols = [c for c in cols if c is not None]
+            query = select(*cols).where(f.status == catalog.INDEXED).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
@@ -58,7 +59,8 @@ class Columns:
                 seals = np.array([r[-1] if type(r[-1]) is int else -1 for r in rows], dtype=np.int64)
                 rows = [r[:-1] for r in rows]
             try:
-                data = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+                # as wide as the columns read (no rows: -1 cannot tell, and was read as a malformed value)
+                data = np.array(rows, dtype=np.float64).reshape(len(rows), len(cols) - int(sealed))
                 self.ids = np.array([r[0] for r in rows], dtype=np.int64)
                 self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
             except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7

@@ -11,7 +11,7 @@ import alignsearch
 from alignsearch.search.request import build as build_request
 from alignsearch.search import engine as engine_module
 from alignsearch.search.query import GATE_Z, KEYWORD_SHARE, NULL_SD_FLOOR, RRF_K, belief, fuse_hits, gate, \
-    gated_fusion, keyword_fusion, null_prompts, null_z, settle_ties
+    gated_fusion, keyword_fusion, equal_neighbours, null_prompts, null_z, settle_ties, Scorer
 from alignsearch.storage import catalog
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import vector_index
@@ -277,3 +277,32 @@ def test_settle_ties_orders_only_runs_equal_in_every_key_by_name():
     names = {0: "a", 1: "z", 2: "b", 3: "m", 4: "y", 5: "c"}
     assert settle_ties([1, 3, 4, 5, 0, 2], (scores, similarity, tiebreak), names.get) == [3, 1, 4, 5, 0, 2]
     assert settle_ties([], (scores,), names.get) == []
+
+
+def test_equal_stored_vectors_score_exactly_alike_wherever_they_stand():
+    """A float32 product gave a row and its copy at the end of a small matrix cosines a last bit apart (in about half
+    of such matrices): the copies' order was that bit's. parts(exact=True) sums the near-equal ones in float64, for
+    each probe of a late fusion too; a row merely near another keeps its own cosine."""
+    rng = np.random.default_rng(0)
+    unequal = 0
+    for n in range(2, 12):
+        stored = rng.standard_normal((n, 640)).astype(np.float16).astype(np.float32)
+        stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+        stored[-1] = stored[0]
+        probes = [p / np.linalg.norm(p) for p in rng.standard_normal((2, 640)).astype(np.float32)]
+        for scorer in (Scorer(probes[:1]), Scorer(probes, method="product")):
+            fast, exact = scorer.parts(stored), scorer.parts(stored, exact=True)
+            unequal += int((fast[0] != fast[-1]).any())
+            assert (exact[0] == exact[-1]).all() and exact.dtype == np.float32
+            assert np.abs(exact - fast).max() < 1e-6
+    assert unequal > 0  # the float32 product does differ here: the test can fail
+
+
+def test_equal_neighbours_are_the_equal_rows_whose_values_lie_within_near():
+    """Rows 0 and 2 are equal, their values a float32 step apart: both, though row 3 lies between them (its value row
+    0's, its row another: not it). Rows 1 and 4 are equal but their values 1e-6 apart (not the product's last bits):
+    neither."""
+    rows = np.array([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [7, 8]], np.float32)
+    values = np.array([0.5, 0.1, 0.5 + 5e-8, 0.5, 0.1 + 1e-6, np.nan], np.float32)
+    assert equal_neighbours(values, rows).tolist() == [0, 2]
+    assert equal_neighbours(values[:1], rows[:1]).tolist() == [] and equal_neighbours(values[:0], rows[:0]).tolist() == []

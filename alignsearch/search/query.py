@@ -157,6 +157,46 @@ class Fused:
     beliefs: np.ndarray | None  # with belief: the model's belief part of each score (the rest is the keyword share)
 
 
+# Equal vectors' cosines summed in float32 differ by where the rows stand in the matrix, by about 1e-8 (seen: 1e-9 to
+# 1.3e-8, a few float32 steps: 640 roundings of 6e-8 x partial sums of ~0.1, mostly cancelling). Rows whose cosines
+# lie within NEAR of a neighbour's in the sorted cosines and that are that row's equal are summed again in float64,
+# where equal rows give equal sums (then rounded alike to float32). Only those: float64 for every candidate cost 2-3x the product, and a
+# float64 copy of the candidates 8 bytes a number (3 GB for collapse's deepest look); every row within NEAR of another,
+# equal or not, was most of 100,000 candidates, and comparing the rows of every pair within 1e-6 took as long as the
+# product (benchmarks/bench_exact_ties.py). Copies further apart than NEAR, or with two rows of other values between
+# them in the sorted cosines, keep the ANN's order (not seen).
+NEAR = 1e-7
+GAPS = (1, 2)  # a copy compared with the next row in the sorted cosines and the one after: one other row between
+CHUNK = 8192  # rows compared, or summed in float64, at a time: bounded memory however many are near
+
+
+def equal_neighbours(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Indices of the rows equal to the next row or the one after it in the order of their values, those values within
+    NEAR (pure)."""
+    if len(values) < 2:
+        return np.zeros(0, np.int64)
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    found = []
+    for gap in GAPS:
+        close = np.flatnonzero(ranked[gap:] - ranked[:-gap] <= NEAR)
+        for start in range(0, len(close), CHUNK):
+            at = close[start : start + CHUNK]
+            a, b = order[at], order[at + gap]
+            same = (rows[a] == rows[b]).all(axis=1)
+            found += [a[same], b[same]]
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+def cosines_f64(rows: np.ndarray, probe: np.ndarray) -> np.ndarray:
+    """rows @ probe summed in float64, as float32, CHUNK rows at a time."""
+    out = np.empty(len(rows), np.float32)
+    probe = probe.astype(np.float64)
+    for start in range(0, len(rows), CHUNK):
+        out[start : start + CHUNK] = rows[start : start + CHUNK].astype(np.float64) @ probe
+    return out
+
+
 def best_first(scores: np.ndarray, similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     """Candidate indices best first: by score, ties by similarity, then by tiebreak, then in the candidates' order."""
     return np.lexsort((-tiebreak, -similarity, -scores))
@@ -277,14 +317,19 @@ class Scorer:
         self.stats = np.stack([sims.mean(axis=0), np.maximum(sims.std(axis=0), 1e-6)])
 
     def parts(self, stored: np.ndarray, exact: bool = False) -> np.ndarray:
-        """Cosines of each stored vector to each probe: (n, probes). exact: summed in float64 (then float32), so
-        equal stored vectors (a copy's, or one shared) score exactly alike; a float32 product gave two equal rows
+        """Cosines of each stored vector to each probe: (n, probes). exact: equal stored vectors (a copy's, or one
+        shared) score exactly alike (settle_ties then lists them by name): a float32 product gave two equal rows
         cosines a last bit apart by where they stood in the matrix, and the copies' order was that bit's."""
         if len(stored) == 0:
             return np.zeros((0, len(self.probes)), np.float32)
-        dtype = np.float64 if exact else np.float32
-        cosines = stored.astype(dtype) @ np.stack(self.probes, axis=1).astype(dtype)
-        return np.clip(cosines, -1.0, 1.0).astype(np.float32)
+        probes = np.stack(self.probes, axis=1)
+        cosines = stored.astype(np.float32) @ probes
+        if exact:
+            for j in range(probes.shape[1]):
+                copies = equal_neighbours(cosines[:, j], stored)
+                if len(copies):
+                    cosines[copies, j] = cosines_f64(stored[copies], probes[:, j])
+        return np.clip(cosines, -1.0, 1.0)
 
     def fused(self, parts: np.ndarray) -> np.ndarray:
         """The score from the cosines: the cosine itself, or the late fusion of image (column 0) and text (1)."""

@@ -238,6 +238,9 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             size = _size(path)
             if size > rows * store.row_bytes:
                 leftover.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
+            elif size < rows * store.row_bytes:  # readers map the committed rows and refuse a shorter file
+                r.problems.append(f"{path.name} is shorter than its committed rows ({rows} committed, "
+                                  f"{size // store.row_bytes} in the file)")
         unknown = store.unknown_files()
         if unknown:
             leftover.append(f"{len(unknown)} vector segment files the catalog does not know (left by a run killed "
@@ -454,7 +457,9 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
             with db.connect() as conn:
                 store = vectors.load(conn, index_dir, model.dim)
             cut = [store.segment_path(s).name for s in store.numbers()
-                   if _size(store.segment_path(s)) != store.committed(s) * store.row_bytes]
+                   if _size(store.segment_path(s)) > store.committed(s) * store.row_bytes]
+            short = [store.segment_path(s).name for s in store.numbers()
+                     if _size(store.segment_path(s)) < store.committed(s) * store.row_bytes]
             copied = store.own_linked()  # before any write: writers never write through a link
             if copied:
                 done.append(f"copied the files {', '.join(copied)} linked to into their places")
@@ -487,6 +492,8 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 done.append(f"recorded checksums for {len(found.legacy_segments)} vector files written before them")
             if cut:
                 done.append(f"cut {', '.join(cut)} to the committed rows")
+            if short:  # _held: the rows a file holds are the committed ones (a live address past them was lost above)
+                done.append(f"recorded the rows {', '.join(short)} holds as its committed rows")
             built = sync_index(db, store, index_dir / ANN_FILE, rebuild=report.ann_damaged or _has_duplicates(index_dir))
             done.append(f"ANN index {built['action']}, {built['vectors']} vectors")
         finally:

@@ -160,10 +160,10 @@ class Fused:
 # Equal vectors' cosines summed in float32 differ by where the rows stand in the matrix, by about 1e-8 (seen: 1e-9 to
 # 1.3e-8, a few float32 steps: 640 roundings of 6e-8 x partial sums of ~0.1, mostly cancelling). Rows whose cosines
 # lie within NEAR of a neighbour's in the sorted cosines and that are that row's equal are summed again in float64,
-# where equal rows give equal sums (then rounded alike to float32). Only those: float64 for every candidate cost 2-3x the product, and a
-# float64 copy of the candidates 8 bytes a number (3 GB for collapse's deepest look); every row within NEAR of another,
-# equal or not, was most of 100,000 candidates, and comparing the rows of every pair within 1e-6 took as long as the
-# product (benchmarks/bench_exact_ties.py). Copies further apart than NEAR, or with two rows of other values between
+# where equal rows give equal sums (then rounded alike to float32). Only those: float64 for every candidate cost 2-3x
+# the product, and a float64 copy of the candidates 8 bytes a number (3 GB for collapse's deepest look); with a NEAR
+# of 1e-6, comparing the rows of every pair that close (most of 100,000 candidates) took as long as the product
+# (benchmarks/bench_exact_ties.py). Copies further apart than NEAR, or with two rows of other values between
 # them in the sorted cosines, keep the ANN's order (not seen).
 NEAR = 1e-7
 GAPS = (1, 2)  # a copy compared with the next row in the sorted cosines and the one after: one other row between

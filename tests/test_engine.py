@@ -230,21 +230,26 @@ def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work(monkeypatc
     assert not run_at_work(IndexRun(started=1.0, pid=os.getpid()))  # its number, another user's process's since
 
 
-def test_copies_tied_in_score_are_listed_by_path_whatever_the_order_of_their_ids(tmp_path, corpus, tiny_model):
+@pytest.mark.parametrize("first,later", [("zebra.jpg", "apple.jpg"), ("apple.jpg", "zebra.jpg")])
+def test_copies_tied_in_score_are_listed_by_path_whatever_the_order_of_their_ids(tmp_path, corpus, tiny_model, first,
+                                                                                 later):
     """Two copies of one photo score exactly alike; they were listed in the order of their ids (the ANN's), which is
     the order they were indexed in: a Ray run and a local run of one folder listed them in opposite orders. Here the
-    copy named last alphabetically is indexed first, so it holds the lower id."""
+    copy indexed first holds the lower id, named last alphabetically or first. Hybrid fuses a keyword ranking (the
+    third photo's caption) with similarity ranks, which the copies took one after the other: now one, shared."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    (folder / "zebra.jpg").write_bytes((corpus / "img002.jpg").read_bytes())
+    (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
     (folder / "other.jpg").write_bytes((corpus / "img007.jpg").read_bytes())
+    (folder / "other.txt").write_text("a red kite")  # a keyword match, so hybrid fuses two rankings
     ix = tmp_path / "ix"
     index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
-    (folder / "apple.jpg").write_bytes((corpus / "img002.jpg").read_bytes())
+    (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
     index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
     with alignsearch.open(ix) as engine:
         ids = {h.relpath: h.id for h in engine.search(text="red", k=10)}
-        assert ids["zebra.jpg"] < ids["apple.jpg"]
-        for query in ({"text": "red"}, {"image": corpus / "img002.jpg"}, {"text": "red", "compose": "weicom", "image": corpus / "img005.jpg"}):
+        assert ids[first] < ids[later]
+        for query in ({"text": "red"}, {"image": corpus / "img002.jpg"}, {"text": "red", "mode": "hybrid"},
+                      {"text": "red", "compose": "weicom", "image": corpus / "img005.jpg"}):
             names = [h.relpath for h in engine.search(**query, k=10) if h.relpath != "other.jpg"]
             assert names == ["apple.jpg", "zebra.jpg"], query

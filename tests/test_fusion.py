@@ -11,7 +11,7 @@ import alignsearch
 from alignsearch.search.request import build as build_request
 from alignsearch.search import engine as engine_module
 from alignsearch.search.query import GATE_Z, KEYWORD_SHARE, NULL_SD_FLOOR, RRF_K, belief, fuse_hits, gate, \
-    gated_fusion, keyword_fusion, equal_neighbours, null_prompts, null_z, settle_ties, Scorer
+    gated_fusion, keyword_fusion, equal_neighbours, null_prompts, null_z, settle_ties, shared_ranks, Scorer
 from alignsearch.storage import catalog
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import vector_index
@@ -240,9 +240,8 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     """The engine's auto mode and fuse_hits on the same candidates (every stored vector, k = all of them): the
     same order and scores for each fusion, the gate on both sides of GATE_Z and with no null scale (rrf), with
     equal similarities (copies of one vector) and, in belief, equal scores among them; hybrid keeps rrf whatever
-    AUTO_FUSION says. Equal similarities keep the engine's candidate order (this exact index's: the higher id first)
-    in their similarity ranks: fuse_hits is given the candidates in that order; hits equal in score and similarity
-    too are then listed by name (settle_ties)."""
+    AUTO_FUSION says. Equal similarities share one similarity rank (shared_ranks; they took ranks in the engine's
+    candidate order, the higher id first), and hits equal in score and similarity are listed by name (settle_ties)."""
     query, ids = _tied_index(tmp_path)
     monkeypatch.setattr(engine_module, "AUTO_FUSION", fusion)
     engine = alignsearch.open(tmp_path)
@@ -264,7 +263,11 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     assert [h.id for h in hits] == [i for i, _ in expected]
     assert [h.score for h in hits] == pytest.approx([s for _, s in expected], rel=1e-12, abs=0)
     tied = [(a.id, b.id) for a, b in zip(hits, hits[1:]) if (a.score, a.similarity) == (b.score, b.similarity)]
-    assert bool(tied) == ("belief" in hits[0].parts)  # belief: copies with no keyword match tie on both
+    row_of = {i: row for row, i in ids.items()}  # rows 3m, 3m+1, 3m+2 hold one vector
+    # copies with no keyword match tie on both, in every fusion: they share one similarity rank (shared_ranks)
+    assert tied and all(row_of[a] // 3 == row_of[b] // 3 for a, b in tied)
+    assert len(tied) == sum(1 for h in hits if not h.parts["keyword_rank"]) - len({row_of[h.id] // 3 for h in hits
+                                                                                  if not h.parts["keyword_rank"]})
     engine.close()
 
 
@@ -306,3 +309,15 @@ def test_equal_neighbours_are_the_equal_rows_whose_values_lie_within_near():
     values = np.array([0.5, 0.1, 0.5 + 5e-8, 0.5, 0.1 + 1e-6, np.nan], np.float32)
     assert equal_neighbours(values, rows).tolist() == [0, 2]
     assert equal_neighbours(values[:1], rows[:1]).tolist() == [] and equal_neighbours(values[:0], rows[:0]).tolist() == []
+
+
+def test_shared_ranks_give_candidates_equal_in_both_keys_one_rank():
+    """Candidates 1 and 3 are equal in similarity and tiebreak: one rank (2, the best of their run), the next 4.
+    0 and 4 are equal in similarity alone: the tiebreak ranks them. Before, 1 and 3 took 2 and 3 in the candidates'
+    order, so a copy's fused score depended on which copy the ANN listed first."""
+    similarity = np.array([0.5, 0.7, 0.9, 0.7, 0.5], np.float32)
+    tiebreak = np.array([0.1, 0.7, 0.9, 0.7, 0.2], np.float32)
+    assert shared_ranks(similarity, tiebreak).tolist() == [5, 2, 1, 2, 4]
+    assert shared_ranks(np.zeros(0), np.zeros(0)).tolist() == []
+    fused = fuse_hits({10: 0.7, 11: 0.9, 12: 0.7}, keyword=[], method="rrf")
+    assert fused[0] == (11, 1 / 61) and fused[1][1] == fused[2][1] == 1 / 62

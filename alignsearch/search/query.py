@@ -213,12 +213,27 @@ def settle_ties(order: Sequence[int], keys: Sequence[np.ndarray], name: Callable
     return settled
 
 
+def shared_ranks(similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Each candidate's rank by similarity, then tiebreak (from 1, best first); candidates equal in both share the
+    best rank of their run (1, 2, 2, 4). Ranked one after the other, as they were, two copies of a photo took ranks in
+    the candidates' order (the ANN's, the order their ids were given), so their fused scores differed by that order
+    and settle_ties never saw them as equal."""
+    order = np.lexsort((-tiebreak, -similarity))
+    s, t = similarity[order], tiebreak[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.maximum.accumulate(np.where(starts, np.arange(1, len(order) + 1), 0)) if len(order) else []
+    return ranks
+
+
 def fuse_candidates(similarity: np.ndarray, keyword_rank: np.ndarray, method: str = AUTO_FUSION,
                     z: float | None = None, tiebreak: np.ndarray | None = None) -> Fused:
     """How the engine ranks the candidates of a fused search (auto, and hybrid with rrf): the similarity rank
-    (ties by tiebreak, then the candidates' order), the fused score (keyword_fusion), the order (best_first).
+    (ties by tiebreak; equal in both: one rank, shared_ranks), the fused score (keyword_fusion), the order
+    (best_first).
     similarity: each candidate's vector score, in the order the candidates are held (the engine: its ANN
-    results best first, then keyword-only matches), which settles equal similarities; keyword_rank: the rank among
+    results best first, then keyword-only matches), which settles equal fused scores; keyword_rank: the rank among
     the keyword matches (from 1), 0 for none; method: rrf, belief, or gate: gate(z), rrf where z is None (no null
     scale: keyword evidence leads); tiebreak: what orders equal similarities first (late fusion's mean cosine;
     None: nothing)."""
@@ -226,8 +241,7 @@ def fuse_candidates(similarity: np.ndarray, keyword_rank: np.ndarray, method: st
     tiebreak = similarity if tiebreak is None else np.asarray(tiebreak)
     if method == "gate":
         method = "rrf" if z is None else gate(z)
-    vector_rank = np.empty(len(similarity), np.int64)
-    vector_rank[np.lexsort((-tiebreak, -similarity))] = np.arange(1, len(similarity) + 1)
+    vector_rank = shared_ranks(similarity, tiebreak)
     scores = keyword_fusion(similarity, vector_rank, keyword_rank, method)
     return Fused(order=best_first(scores, similarity, tiebreak), scores=scores, vector_rank=vector_rank,
                  beliefs=belief(similarity) if method == "belief" else None)

@@ -321,3 +321,13 @@ def test_shared_ranks_give_candidates_equal_in_both_keys_one_rank():
     assert shared_ranks(np.zeros(0), np.zeros(0)).tolist() == []
     fused = fuse_hits({10: 0.7, 11: 0.9, 12: 0.7}, keyword=[], method="rrf")
     assert fused[0] == (11, 1 / 61) and fused[1][1] == fused[2][1] == 1 / 62
+
+
+def test_tied_runs_are_the_runs_equal_in_every_key():
+    from alignsearch.search.query import tied_runs
+
+    scores = np.array([0.5, 0.9, 0.5, 0.5, 0.1], np.float32)
+    similarity = np.array([0.3, 0.9, 0.3, 0.4, 0.1], np.float32)
+    order = np.array([1, 3, 0, 2, 4])
+    assert tied_runs(order, (scores, similarity)) == [(2, 4)]  # 0 and 2; 3 differs in similarity
+    assert tied_runs(order[:1], (scores,)) == [] and tied_runs(order, (scores,)) == [(1, 4)]

@@ -23,7 +23,7 @@ from alignsearch.media.photometa import iso
 # DEFAULT_PER_VIDEO, MODES, SORTS: the request's rules, still named here for callers of the engine module
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SHARE_METHODS, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
-from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z, settle_ties
+from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z, settle_ties, tied_runs
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, judged_key, own_entry, resolve_index_dir
 
@@ -783,6 +783,9 @@ class Engine:
             if opts.min_score is not None:
                 order = order[similarity[order] >= opts.min_score]
             passed = len(order)
+            # ties settled before the cut at k too: it kept the copy first in the ANN's order (the order the copies
+            # were indexed in), so k=1 showed a Ray run's and a local run's copies of one photo by different names
+            order = _settled(conn, ids, order, (scores, similarity, tiebreak))
             cap = opts.per_video if snap.videos else None
             order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude),
                                     _admits(ids[order] if opts.mode == "keyword" else allowed, opts.exclude))
@@ -1181,6 +1184,20 @@ def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarr
         ok = np.ones(len(some), dtype=bool) if among is None else np.isin(np.asarray(some, dtype=np.int64), among)
         return ok & ~np.isin(np.asarray(some, dtype=np.int64), np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
     return admits
+
+
+def _settled(conn, ids: np.ndarray, order: np.ndarray, keys: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The ranking with each run of candidates equal in every key ordered by their rows' names (settle_ties); only
+    the tied candidates' rows are read."""
+    runs = tied_runs(order, keys)
+    if not runs:
+        return order
+    tied = np.concatenate([order[s:e] for s, e in runs])
+    names = {i: row.path for i, row in catalog.get_files(conn, ids[tied].tolist()).items()}
+    order = order.copy()
+    for s, e in runs:  # a row a writer removed since has no name: it keeps its place, dropped by _distinct
+        order[s:e] = settle_ties(order[s:e].tolist(), keys, lambda i: names.get(int(ids[i]), ""))
+    return order
 
 
 def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None, seen: set[onefile.Key],

@@ -213,6 +213,20 @@ def settle_ties(order: Sequence[int], keys: Sequence[np.ndarray], name: Callable
     return settled
 
 
+def tied_runs(order: np.ndarray, keys: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """The [start, end) positions in `order` of each run of two or more candidates equal in every key (pure): the
+    runs settle_ties orders by name, found without a look at the others, so that the cut at k can be settled first."""
+    if len(order) < 2:
+        return []
+    differs = np.zeros(len(order) - 1, bool)
+    for key in keys:
+        ranked = np.asarray(key)[order]
+        differs |= ranked[1:] != ranked[:-1]
+    starts = np.flatnonzero(np.concatenate([[True], differs]))
+    ends = np.append(starts[1:], len(order))
+    return [(int(s), int(e)) for s, e in zip(starts, ends) if e - s > 1]
+
+
 def shared_ranks(similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     """Each candidate's rank by similarity, then tiebreak (from 1, best first); candidates equal in both share the
     best rank of their run (1, 2, 2, 4). Ranked one after the other, as they were, two copies of a photo took ranks in

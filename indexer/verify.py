@@ -238,7 +238,9 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             size = _size(path)
             if size > rows * store.row_bytes:
                 leftover.append(f"{path.name} has {size - rows * store.row_bytes} uncommitted bytes past row {rows}")
-            elif size < rows * store.row_bytes:  # readers map the committed rows and refuse a shorter file
+            elif size < rows * store.row_bytes and not cut_reported(found, store, segment, size // store.row_bytes):
+                # readers map the committed rows and refuse a shorter file: said here where no checksum names the
+                # missing rows (a flipped count); where one does, vectors.check said it ("is truncated")
                 r.problems.append(f"{path.name} is shorter than its committed rows ({rows} committed, "
                                   f"{size // store.row_bytes} in the file)")
         unknown = store.unknown_files()
@@ -564,6 +566,13 @@ def _has_duplicates(index_dir: Path) -> bool:
     except (RuntimeError, IndexDamagedError):
         return True
     return len(ids) != len(np.unique(ids))
+
+
+def cut_reported(found: vectors.ChunkCheck, store: VectorStore, segment: int, held: int) -> bool:
+    """Whether vectors.check reported the segment's rows past `held` missing (pure): a segment without checksums
+    ("holds N rows"), or a chunk of it that reaches past them ("is truncated")."""
+    key = vectors.segment_key(store, segment)
+    return segment in found.legacy_segments or any(k == key and start + n > held for k, start, n in found.bad)
 
 
 def _size(path: Path) -> int:

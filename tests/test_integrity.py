@@ -1228,3 +1228,15 @@ def test_a_vector_file_shorter_than_its_committed_rows_is_a_problem_verify_repor
     assert "recorded the rows vectors.f16 holds as its committed rows" in repaired and "cut vectors.f16" not in repaired
     assert run("verify", "--skip-model", "--index", ix).output.startswith("ok")
     assert len(json.loads(run("query", "red", "--index", ix, "-k", 12, "--json").stdout)["results"]) == 12
+
+
+@pytest.mark.slow
+def test_a_cut_vector_file_is_one_problem_not_two(built):
+    """A vector file cut short whose missing rows checksums cover is reported by the checksum check ("is
+    truncated"); the check of the committed count said it again ("is shorter than its committed rows"), one damage
+    counted twice. That line is for missing rows no checksum names (a flipped count)."""
+    _, ix = built
+    path = ix / "vectors.f16"
+    os.truncate(path, path.stat().st_size // 2)
+    problems = [p for p in verify_json(ix, code=7)["problems"] if p.startswith("vectors.f16")]
+    assert len(problems) == 1 and "truncated" in problems[0], problems

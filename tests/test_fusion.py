@@ -11,7 +11,7 @@ import alignsearch
 from alignsearch.search.request import build as build_request
 from alignsearch.search import engine as engine_module
 from alignsearch.search.query import GATE_Z, KEYWORD_SHARE, NULL_SD_FLOOR, RRF_K, belief, fuse_hits, gate, \
-    gated_fusion, keyword_fusion, equal_neighbours, null_prompts, null_z, settle_ties, shared_ranks, Scorer
+    gated_fusion, keyword_fusion, near_equal, null_prompts, null_z, settle_ties, shared_ranks, Scorer
 from alignsearch.storage import catalog
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from helpers import vector_index
@@ -301,14 +301,12 @@ def test_equal_stored_vectors_score_exactly_alike_wherever_they_stand():
     assert unequal > 0  # the float32 product does differ here: the test can fail
 
 
-def test_equal_neighbours_are_the_equal_rows_whose_values_lie_within_near():
-    """Rows 0 and 2 are equal, their values a float32 step apart: both, though row 3 lies between them (its value row
-    0's, its row another: not it). Rows 1 and 4 are equal but their values 1e-6 apart (not the product's last bits):
-    neither."""
-    rows = np.array([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [7, 8]], np.float32)
+def test_near_equal_marks_the_values_within_near_of_another():
+    """0 and 2 a float32 step apart, 3 equal to 0: all three. 1 and 4 1e-6 apart (not a product's last bits):
+    neither. NaN: never."""
     values = np.array([0.5, 0.1, 0.5 + 5e-8, 0.5, 0.1 + 1e-6, np.nan], np.float32)
-    assert equal_neighbours(values, rows).tolist() == [0, 2]
-    assert equal_neighbours(values[:1], rows[:1]).tolist() == [] and equal_neighbours(values[:0], rows[:0]).tolist() == []
+    assert near_equal(values).tolist() == [True, False, True, True, False, False]
+    assert near_equal(values[:1]).tolist() == [False] and near_equal(values[:0]).tolist() == []
 
 
 def test_shared_ranks_give_candidates_equal_in_both_keys_one_rank():

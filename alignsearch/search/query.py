@@ -158,34 +158,28 @@ class Fused:
 
 
 # Equal vectors' cosines summed in float32 differ by where the rows stand in the matrix, by about 1e-8 (seen: 1e-9 to
-# 1.3e-8, a few float32 steps: 640 roundings of 6e-8 x partial sums of ~0.1, mostly cancelling). Rows whose cosines
-# lie within NEAR of a neighbour's in the sorted cosines and that are that row's equal are summed again in float64,
-# where equal rows give equal sums (then rounded alike to float32). Only those: float64 for every candidate cost 2-3x
-# the product, and a float64 copy of the candidates 8 bytes a number (3 GB for collapse's deepest look); with a NEAR
-# of 1e-6, comparing the rows of every pair that close (most of 100,000 candidates) took as long as the product
-# (benchmarks/bench_exact_ties.py). Copies further apart than NEAR, or with two rows of other values between
-# them in the sorted cosines, keep the ANN's order (not seen).
+# 1.3e-8, a few float32 steps: 640 roundings of 6e-8 x partial sums of ~0.1, mostly cancelling). The cosines within
+# NEAR of a neighbour's in the sorted cosines are summed again in float64, where equal rows give equal sums (then
+# rounded alike to float32); the others, further than any product's error from every other, keep their float32
+# order. Only those: float64 for every candidate cost about 5x the product, and a float64 copy of the candidates 8 bytes a
+# number (3 GB for collapse's deepest look). Cost: benchmarks/bench_exact_ties.py (1.2-1.5x the product on random
+# candidates, 2-3x on 50,000 equal rows, a library's black video frames). Wider NEARs (1e-5, 1e-6) swept in many more
+# random candidates, and comparing the rows of each near pair to re-sum only equal ones was 12-17x the product on
+# equal rows (unrecorded runs of this session). Copies further apart than NEAR keep the ANN's order (not seen).
 NEAR = 1e-7
-GAPS = (1, 2)  # a copy compared with the next row in the sorted cosines and the one after: one other row between
-CHUNK = 8192  # rows compared, or summed in float64, at a time: bounded memory however many are near
+CHUNK = 8192  # rows summed in float64 at a time: bounded memory however many are near
 
 
-def equal_neighbours(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Indices of the rows equal to the next row or the one after it in the order of their values, those values within
-    NEAR (pure)."""
+def near_equal(values: np.ndarray) -> np.ndarray:
+    """Which values lie within NEAR of another (a boolean mask; pure)."""
+    near = np.zeros(len(values), bool)
     if len(values) < 2:
-        return np.zeros(0, np.int64)
+        return near
     order = np.argsort(values, kind="stable")
-    ranked = values[order]
-    found = []
-    for gap in GAPS:
-        close = np.flatnonzero(ranked[gap:] - ranked[:-gap] <= NEAR)
-        for start in range(0, len(close), CHUNK):
-            at = close[start : start + CHUNK]
-            a, b = order[at], order[at + gap]
-            same = (rows[a] == rows[b]).all(axis=1)
-            found += [a[same], b[same]]
-    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    close = np.diff(values[order]) <= NEAR
+    near[order[1:][close]] = True
+    near[order[:-1][close]] = True
+    return near
 
 
 def cosines_f64(rows: np.ndarray, probe: np.ndarray) -> np.ndarray:
@@ -354,9 +348,9 @@ class Scorer:
         cosines = stored.astype(np.float32) @ probes
         if exact:
             for j in range(probes.shape[1]):
-                copies = equal_neighbours(cosines[:, j], stored)
-                if len(copies):
-                    cosines[copies, j] = cosines_f64(stored[copies], probes[:, j])
+                near = near_equal(cosines[:, j])
+                if near.any():
+                    cosines[near, j] = cosines_f64(stored[near], probes[:, j])
         return np.clip(cosines, -1.0, 1.0)
 
     def fused(self, parts: np.ndarray) -> np.ndarray:

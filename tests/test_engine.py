@@ -230,6 +230,7 @@ def test_a_recorded_run_whose_pid_another_process_took_is_not_at_work(monkeypatc
     assert not run_at_work(IndexRun(started=1.0, pid=os.getpid()))  # its number, another user's process's since
 
 
+@pytest.mark.slow  # two index runs
 @pytest.mark.parametrize("first,later", [("zebra.jpg", "apple.jpg"), ("apple.jpg", "zebra.jpg")])
 def test_copies_tied_in_score_are_listed_by_path_whatever_the_order_of_their_ids(tmp_path, corpus, tiny_model, first,
                                                                                  later):

@@ -205,6 +205,7 @@ def test_a_date_filter_over_a_photo_row_whose_key_flipped_is_damage(indexed_imag
     _one_line_damage(run("query", "red circle", "--index", ix, "-k", 12, "--json", *args, code=7))
 
 
+@pytest.mark.slow  # a copy of an index, two loads and a write
 def test_the_columns_read_the_rows_of_no_indexed_file_only_where_some_lie(indexed_images, monkeypatch):
     """The filter columns load looked at the photos rows of no indexed file on every load (44 of 399 ms at 100k
     files): where every photos row is an indexed file's (the count of rows equals the count joined), none are there

@@ -288,12 +288,17 @@ def test_equal_stored_vectors_score_exactly_alike_wherever_they_stand():
     each probe of a late fusion too; a row merely near another keeps its own cosine."""
     rng = np.random.default_rng(0)
     unequal = 0
-    for n in range(2, 12):
+    for n in list(range(2, 12)) * 8:
         stored = rng.standard_normal((n, 640)).astype(np.float16).astype(np.float32)
         stored /= np.linalg.norm(stored, axis=1, keepdims=True)
         stored[-1] = stored[0]
         probes = [p / np.linalg.norm(p) for p in rng.standard_normal((2, 640)).astype(np.float32)]
-        for scorer in (Scorer(probes[:1]), Scorer(probes, method="product")):
+        # and probes close to the copied row (cosines ~0.9 and ~0.99, an image query's copies), where the float32
+        # steps are larger: copies 4 steps apart were past an absolute NEAR alone
+        close = [stored[0] + s * p for s in (0.5, 0.15) for p in probes[:1]]
+        probes += [(c / np.linalg.norm(c)).astype(np.float32) for c in close]
+        for scorer in (Scorer(probes[:1]), Scorer(probes[:2], method="product"), Scorer(probes[2:3]),
+                       Scorer(probes[3:4]), Scorer(probes[2:], method="product")):
             fast, exact = scorer.parts(stored), scorer.parts(stored, exact=True)
             unequal += int((fast[0] != fast[-1]).any())
             assert (exact[0] == exact[-1]).all() and exact.dtype == np.float32
@@ -306,6 +311,8 @@ def test_near_equal_marks_the_values_within_near_of_another():
     neither. NaN: never."""
     values = np.array([0.5, 0.1, 0.5 + 5e-8, 0.5, 0.1 + 1e-6, np.nan], np.float32)
     assert near_equal(values).tolist() == [True, False, True, True, False, False]
+    high = np.array([0.9, 0.9 + 2.4e-7, 0.8, 0.8 + 2e-6], np.float32)  # 4 float32 steps apart near 0.9: near
+    assert near_equal(high).tolist() == [True, True, False, False]
     assert near_equal(values[:1]).tolist() == [False] and near_equal(values[:0]).tolist() == []
 
 

@@ -785,7 +785,7 @@ class Engine:
             passed = len(order)
             # ties settled before the cut at k too: it kept the copy first in the ANN's order (the order the copies
             # were indexed in), so k=1 showed a Ray run's and a local run's copies of one photo by different names
-            order = _settled(conn, ids, order, (scores, similarity, tiebreak))
+            order = _settled(conn, ids, order, (scores, similarity, tiebreak), reach=opts.k + len(opts.exclude))
             cap = opts.per_video if snap.videos else None
             order, rows = _distinct(conn, ids, order, opts.k, cap, _files_of(conn, opts.exclude),
                                     _admits(ids[order] if opts.mode == "keyword" else allowed, opts.exclude))
@@ -1186,10 +1186,17 @@ def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarr
     return admits
 
 
-def _settled(conn, ids: np.ndarray, order: np.ndarray, keys: tuple[np.ndarray, ...]) -> np.ndarray:
+SETTLE_REACH = 4
+SETTLE_MAX = 1024
+
+
+def _settled(conn, ids: np.ndarray, order: np.ndarray, keys: tuple[np.ndarray, ...], reach: int) -> np.ndarray:
     """The ranking with each run of candidates equal in every key ordered by their rows' names (settle_ties); only
-    the tied candidates' rows are read."""
-    runs = tied_runs(order, keys)
+    the tied candidates' rows are read, of the runs the cut at k may reach: those starting in the first
+    SETTLE_REACH x reach places (reach: k and the ids left out; _distinct goes deeper only past another name of a
+    file or a video's capped moments), of at most SETTLE_MAX candidates (50,000 equal black frames were 100 reads of
+    500 rows a search: such a run keeps the ANN's order before the cut, and is settled by name after it)."""
+    runs = [(s, e) for s, e in tied_runs(order, keys) if s < SETTLE_REACH * reach and e - s <= SETTLE_MAX]
     if not runs:
         return order
     tied = np.concatenate([order[s:e] for s, e in runs])

@@ -165,18 +165,25 @@ class Fused:
 # number (3 GB for collapse's deepest look). Cost: benchmarks/bench_exact_ties.py (1.2-1.5x the product on random
 # candidates, 2-3x on 50,000 equal rows, a library's black video frames). Wider NEARs (1e-5, 1e-6) swept in many more
 # random candidates, and comparing the rows of each near pair to re-sum only equal ones was 12-17x the product on
-# equal rows (unrecorded runs of this session). Copies further apart than NEAR keep the ANN's order (not seen).
+# equal rows (unrecorded runs of this session). The gap allowed grows with the cosine: a float32 step is 6e-8 from
+# 0.5 to 1, and copies with cosines near 0.9 (an image query's own copies) were seen 2.4e-7 apart (4 steps), past
+# NEAR alone (a reviewer's sweep: 19 of 200 copies unequal); NEAR_STEPS steps of the cosine's own magnitude then.
+# Copies further apart than that keep the ANN's order (not seen).
 NEAR = 1e-7
+NEAR_STEPS = 16
 CHUNK = 8192  # rows summed in float64 at a time: bounded memory however many are near
 
 
 def near_equal(values: np.ndarray) -> np.ndarray:
-    """Which values lie within NEAR of another (a boolean mask; pure)."""
+    """Which values lie within NEAR, or NEAR_STEPS float32 steps of their magnitude, of another (a boolean mask;
+    pure)."""
     near = np.zeros(len(values), bool)
     if len(values) < 2:
         return near
     order = np.argsort(values, kind="stable")
-    close = np.diff(values[order]) <= NEAR
+    ranked = values[order]
+    gap = np.maximum(NEAR, NEAR_STEPS * np.spacing(np.abs(ranked[1:]).astype(np.float32)))
+    close = np.diff(ranked) <= gap
     near[order[1:][close]] = True
     near[order[:-1][close]] = True
     return near

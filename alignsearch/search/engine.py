@@ -24,6 +24,7 @@ from alignsearch.media.photometa import iso
 from alignsearch.search.request import DEFAULT_PER_VIDEO, MODES, SHARE_METHODS, SORTS, SearchRequest, build as build_request  # noqa: F401
 from alignsearch.search.query import CALIBRATION_SAMPLE, LATE_FUSION, RRF_K, Parts, Scorer, resolve_compose, scorer
 from alignsearch.search.query import AUTO_FUSION, best_first, fuse_candidates, null_prompts, null_z, settle_ties, tied_runs
+from alignsearch.search.query import by_name
 from alignsearch.errors import BadInputError, IndexDamagedError, IndexNotFoundError, ModelLoadError, UsageError
 from alignsearch.storage.paths import ANN_FILE, DB_FILE, INDEX_DIRNAME, SERVER_FILE, VECTORS_FILE, find_index_dir, judged_key, own_entry, resolve_index_dir
 
@@ -1201,10 +1202,8 @@ def _settled(conn, ids: np.ndarray, order: np.ndarray, keys: tuple[np.ndarray, .
         return order
     tied = np.concatenate([order[s:e] for s, e in runs])
     names = {i: row.path for i, row in catalog.get_files(conn, ids[tied].tolist()).items()}
-    order = order.copy()
-    for s, e in runs:  # a row a writer removed since has no name: it keeps its place, dropped by _distinct
-        order[s:e] = settle_ties(order[s:e].tolist(), keys, lambda i: names.get(int(ids[i]), ""))
-    return order
+    # a row a writer removed since has no name: first of its run, dropped by _distinct
+    return by_name(order, runs, lambda i: names.get(int(ids[i]), ""))
 
 
 def _distinct(conn, ids: np.ndarray, order: np.ndarray, k: int, cap: int | None, seen: set[onefile.Key],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import groupby
 
 import numpy as np
 
@@ -161,9 +160,9 @@ class Fused:
 # 1.3e-8, a few float32 steps: 640 roundings of 6e-8 x partial sums of ~0.1, mostly cancelling). The cosines within
 # NEAR of a neighbour's in the sorted cosines are summed again in float64, where equal rows give equal sums (then
 # rounded alike to float32); the others, further than any product's error from every other, keep their float32
-# order. Only those: float64 for every candidate cost about 5x the product, and a float64 copy of the candidates 8 bytes a
-# number (3 GB for collapse's deepest look). Cost: benchmarks/bench_exact_ties.py (1.2-1.5x the product on random
-# candidates, 2-3x on 50,000 equal rows, a library's black video frames). Wider NEARs (1e-5, 1e-6) swept in many more
+# order. Only those: float64 for every candidate cost about 5x the product, and a float64 copy of the candidates 8
+# bytes a number (3 GB for collapse's deepest look). Cost: benchmarks/bench_exact_ties.py (1.3-1.6x the product on random
+# candidates, 2.4-3.3x on 50,000 equal rows, a library's black video frames). Wider NEARs (1e-5, 1e-6) swept in many more
 # random candidates, and comparing the rows of each near pair to re-sum only equal ones was 12-17x the product on
 # equal rows (unrecorded runs of this session). The gap allowed grows with the cosine: a float32 step is 6e-8 from
 # 0.5 to 1, and copies with cosines near 0.9 (an image query's own copies) were seen 2.4e-7 apart (4 steps), past
@@ -208,10 +207,26 @@ def settle_ties(order: Sequence[int], keys: Sequence[np.ndarray], name: Callable
     under two names, a copy) ordered by name. Before, such a run kept the ANN's order, which is the order ids were
     given: a Ray run, whose workers finish in any order, and a local run listed the same two copies in opposite
     orders. order: candidate indices best first (best_first); name(i): what candidate i is shown as."""
-    settled: list[int] = []
-    for _, run in groupby(order, key=lambda i: tuple(float(k[i]) for k in keys)):
-        settled.extend(sorted(run, key=name))
-    return settled
+    order = np.asarray(order, dtype=np.int64)
+    return by_name(order, tied_runs(order, keys), name).tolist()
+
+
+def by_name(order: np.ndarray, runs: Sequence[tuple[int, int]], name: Callable[[int], str]) -> np.ndarray:
+    """A copy of order with each [start, end) run of it sorted by name (pure)."""
+    order = order.copy()
+    for s, e in runs:
+        order[s:e] = sorted(order[s:e].tolist(), key=name)
+    return order
+
+
+def _run_starts(order: np.ndarray, keys: Sequence[np.ndarray]) -> np.ndarray:
+    """Whether each place of order starts a run: its candidate differs from the one before in some key."""
+    starts = np.zeros(len(order), bool)
+    starts[:1] = True
+    for key in keys:
+        ranked = np.asarray(key)[order]
+        starts[1:] |= ranked[1:] != ranked[:-1]
+    return starts
 
 
 def tied_runs(order: np.ndarray, keys: Sequence[np.ndarray]) -> list[tuple[int, int]]:
@@ -219,11 +234,7 @@ def tied_runs(order: np.ndarray, keys: Sequence[np.ndarray]) -> list[tuple[int, 
     runs settle_ties orders by name, found without a look at the others, so that the cut at k can be settled first."""
     if len(order) < 2:
         return []
-    differs = np.zeros(len(order) - 1, bool)
-    for key in keys:
-        ranked = np.asarray(key)[order]
-        differs |= ranked[1:] != ranked[:-1]
-    starts = np.flatnonzero(np.concatenate([[True], differs]))
+    starts = np.flatnonzero(_run_starts(order, keys))
     ends = np.append(starts[1:], len(order))
     return [(int(s), int(e)) for s, e in zip(starts, ends) if e - s > 1]
 
@@ -234,11 +245,9 @@ def shared_ranks(similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     the candidates' order (the ANN's, the order their ids were given), so their fused scores differed by that order
     and settle_ties never saw them as equal."""
     order = np.lexsort((-tiebreak, -similarity))
-    s, t = similarity[order], tiebreak[order]
-    starts = np.ones(len(order), bool)
-    starts[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
+    places = np.arange(1, len(order) + 1)
     ranks = np.empty(len(order), np.int64)
-    ranks[order] = np.maximum.accumulate(np.where(starts, np.arange(1, len(order) + 1), 0)) if len(order) else []
+    ranks[order] = np.maximum.accumulate(np.where(_run_starts(order, (similarity, tiebreak)), places, 0))
     return ranks
 
 

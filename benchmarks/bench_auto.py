@@ -6,7 +6,10 @@ baseline) and keyword alone, in the same run, through `alignsearch finetune`, `i
 (alignsearch.open(...).search).
 
     python benchmarks/bench_auto.py [--seeds 0,1,2,3,4,5] [--tuning-seeds 0,1,2] [--epochs 30] [--no-ocr]
-        [--no-record] [--gate-z Z] [--dump results.json]
+        [--no-record] [--gate-z Z] [--dump results.json] [--kinds places,none,true,wrong,ocr,copies]
+
+auto-sequential: auto-rrf with the ranks ties took before shared ranks (sequential_ranks, the old code quoted), the
+baseline of that change, measured on every variant and above all on `copies` (below), where ties exist.
 
 The belief fusion's constants (query.BELIEF_TEMPERATURE, BELIEF_NONE, KEYWORD_SHARE) and the gate's GATE_Z were
 chosen on seeds 0,1,2 only (--tuning-seeds; --dump keeps every query's result and z for that): the figures that
@@ -25,6 +28,9 @@ nothing); four indexes of it differ only in their sidecar captions (`img0001.txt
 - wrong: one image per subject carries a caption naming another subject (a mug photo captioned "cat mug").
 - ocr: no captions; half the images have a place name painted on a light band across their foot (32 px
   type on a 240 px picture), indexed with `index --ocr` (RapidOCR): the answer is only in the pixels' text.
+- copies: as places, plus byte copies (with their caption files) of 24 images, half named to sort before their
+  originals, half after: two names of one vector, each pair tied in similarity; a copy is relevant where its
+  original is.
 
 Queries: a place's name on `places` and `ocr` (the answer is only in text: 1 relevant image each), and each subject's
 word on every index (4 relevant images each; on `places`, `none` and `ocr` no caption
@@ -56,11 +62,22 @@ from tiny_align import build_tiny_align
 PLACES = ("zanzibar", "reykjavik", "lisbon", "kyoto", "oaxaca", "tbilisi", "valparaiso", "marrakesh", "tromso",
           "hobart", "cusco", "samarkand", "dubrovnik", "galway", "hanoi", "bergen", "quebec", "mombasa", "tallinn",
           "ushuaia", "palermo", "lhasa", "granada", "nairobi")
-MODES = ("vector", "auto-rrf", "auto-belief", "auto", "keyword")
+MODES = ("vector", "auto-rrf", "auto-belief", "auto", "keyword", "auto-sequential")
+KINDS = ("places", "none", "true", "wrong", "ocr", "copies")
 # auto with each of its fusions (engine.AUTO_FUSION): auto-rrf what `--mode auto` does (the default, the baseline),
 # auto-belief the model's belief plus a keyword share, and the column named auto the gate (belief or rrf by the
 # query's best cosine against null queries), the candidate measured against the default
-FUSIONS = {"auto-rrf": "rrf", "auto-belief": "belief", "auto": "gate"}
+FUSIONS = {"auto-rrf": "rrf", "auto-belief": "belief", "auto": "gate", "auto-sequential": "rrf"}
+
+
+def sequential_ranks(similarity, tiebreak):
+    """The similarity ranks fused rankings took before query.shared_ranks (92e8183), quoted: one after the other,
+    ties in the candidates' order (the ANN's), so copies took two ranks. auto-sequential = auto-rrf with these."""
+    import numpy as np
+
+    ranks = np.empty(len(similarity), np.int64)
+    ranks[np.lexsort((-tiebreak, -similarity))] = np.arange(1, len(similarity) + 1)
+    return ranks
 PER_SUBJECT = 4
 
 
@@ -98,12 +115,28 @@ def painted(image, word: str):
     return big
 
 
+def copies(corpus: Path, subjects: list) -> dict:
+    """Byte copies, with their caption files, of the corpus images at places 0 and 1 of every 4 (one captioned, one
+    not, per photo: 24), named to sort before their originals for half of them ("a" + name) and after for the other
+    half ("z" + name): two names of one vector, what shared ranks change. Returns original -> copy."""
+    import shutil
+
+    out = {}
+    for i, (f, _, _) in enumerate(subjects):
+        if i % 4 < 2:
+            out[f] = ("a" if i % 8 < 4 else "z") + f
+            shutil.copyfile(corpus / f, corpus / out[f])
+            if (corpus / f).with_suffix(".txt").exists():
+                shutil.copyfile((corpus / f).with_suffix(".txt"), (corpus / out[f]).with_suffix(".txt"))
+    return out
+
+
 def captions(kind: str, subjects: list) -> dict:
-    """file -> caption for one index's variant."""
+    """file -> caption for one index's variant (copies: as places; copies() adds the copies' own)."""
     words = list(PHOTOS.values())
     if kind in ("none", "ocr"):
         return {}
-    if kind == "places":  # every other image: a place name the model never saw
+    if kind in ("places", "copies"):  # every other image: a place name the model never saw
         return {f: f"holiday in {PLACES[i // 2]}, {2001 + i // 2}" for i, (f, _, _) in enumerate(subjects) if i % 2 == 0}
     out = {}
     for s, word in enumerate(words):
@@ -119,25 +152,29 @@ def captions(kind: str, subjects: list) -> dict:
 def search(engine, text: str, mode: str) -> list:
     """The top 10 in a mode; auto-rrf, auto-belief and auto: auto with that fusion (FUSIONS)."""
     from alignsearch.search import engine as engine_module
+    from alignsearch.search import query as query_module
 
     if mode not in FUSIONS:
         return engine.search(text, k=10, mode=mode)
     kept, engine_module.AUTO_FUSION = engine_module.AUTO_FUSION, FUSIONS[mode]
+    shared = query_module.shared_ranks
+    if mode == "auto-sequential":
+        query_module.shared_ranks = sequential_ranks
     try:
         return engine.search(text, k=10, mode="auto")
     finally:
-        engine_module.AUTO_FUSION = kept
+        engine_module.AUTO_FUSION, query_module.shared_ranks = kept, shared
 
 
 def score(engine, queries: list, mode: str) -> dict:
     r1 = r10 = rr = 0.0
-    per_query = []  # (R@1, R@10, RR, the gate's z or None): for choosing GATE_Z on the tuning seeds
+    per_query = []  # (R@1, R@10, RR, the gate's z or None, the top 10's names): for choosing GATE_Z on the tuning seeds
     for text, relevant in queries:
         hits = search(engine, text, mode)
         names = [Path(h.path).name for h in hits]
         z = next((h.parts["model_z"] for h in hits if h.parts and "model_z" in h.parts), None)
         q = (float(bool(names) and names[0] in relevant), len(set(names) & relevant) / min(len(relevant), 10),
-             next((1 / (i + 1) for i, n in enumerate(names) if n in relevant), 0.0), z)
+             next((1 / (i + 1) for i, n in enumerate(names) if n in relevant), 0.0), z, names)
         per_query.append(q)
         r1, r10, rr = r1 + q[0], r10 + q[1], rr + q[2]
     n = len(queries)
@@ -167,7 +204,7 @@ def one_seed(tmp: Path, seed: int, args) -> tuple[dict, float]:
         by_word.setdefault(word, set()).add(f)
     subject_queries = list(by_word.items())
     results = {}
-    for kind in ("places", "none", "true", "wrong") + (("ocr",) if args.ocr else ()):
+    for kind in [k for k in args.kinds.split(",") if k != "ocr" or args.ocr]:
         corpus = tmp / f"corpus-{kind}"
         corpus.mkdir()
         signs = {}
@@ -179,13 +216,16 @@ def one_seed(tmp: Path, seed: int, args) -> tuple[dict, float]:
         caps = captions(kind, subjects)
         for f, text in caps.items():
             (corpus / f).with_suffix(".txt").write_text(text)
+        copied = copies(corpus, subjects) if kind == "copies" else {}
         ix = tmp / f"ix-{kind}"
         subprocess.run(cli + ["index", str(corpus), "--index", str(ix), "--model", str(tmp / "tuned"), "--device", "cpu"]
                        + (["--ocr"] if kind == "ocr" else []), check=True, capture_output=True)
         engine = alignsearch.open(ix)
-        sets = {"subject words": subject_queries}
-        if kind == "places":
-            sets["place names (answer only in a caption)"] = [(text.split(",")[0].split()[-1], {f}) for f, text in caps.items()]
+        sets = {"subject words": [(word, relevant | {copied[f] for f in relevant if f in copied})
+                                  for word, relevant in subject_queries]}
+        if kind in ("places", "copies"):
+            sets["place names (answer only in a caption)"] = [(text.split(",")[0].split()[-1], {f} | ({copied[f]} if f in copied else set()))
+                                                              for f, text in caps.items()]
         if kind == "ocr":
             sets["place names (answer only painted in the image)"] = [(word, {f}) for f, word in signs.items()]
         for label, queries in sets.items():
@@ -207,6 +247,7 @@ def main() -> None:
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--gate-z", type=float, default=None, help="the gate's threshold (default query.GATE_Z)")
     ap.add_argument("--dump", default=None, help="write every seed's results, per query, to this JSON file")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="the index variants to run (default: all)")
     args = ap.parse_args()
     if args.gate_z is not None:
         query_module.GATE_Z = args.gate_z
@@ -228,13 +269,16 @@ def main() -> None:
              f"- corpus per seed: {len(PHOTOS) * PER_SUBJECT} fresh renderings (4 per photo), indexed once per variant "
              "(places: 24 of 48 captioned with a place name; none: no captions; true: 12 captioned with their subject; "
              "wrong: 12 captioned with another subject's word" + ("; ocr: 24 of 48 with a place name painted in, "
-             "`index --ocr`" if args.ocr else "") + ")",
+             "`index --ocr`" if args.ocr else "") + "; copies: as places, with byte copies of 24 images and their caption files, "
+             "12 named to sort before their originals and 12 after, relevant with them); variants run: " + args.kinds,
              "- through alignsearch.open(ix).search(text, k=10, mode=...); vector = the baseline (pure similarity); "
              "auto-rrf = auto with its default fusion (reciprocal rank fusion, RRF_K 60); auto-belief = the belief fusion "
              f"(BELIEF_TEMPERATURE {BELIEF_TEMPERATURE}, BELIEF_NONE {BELIEF_NONE}, KEYWORD_SHARE {KEYWORD_SHARE}); auto = "
              f"the gate: belief where the query's best cosine stands GATE_Z {query_module.GATE_Z} or more null sds above "
              f"{query_module.NULL_PROMPTS} null queries' (sd floor {query_module.NULL_SD_FLOOR}), else rrf; constants chosen "
-             f"on seeds {args.tuning_seeds} only; FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3 not tuned here",
+             f"on seeds {args.tuning_seeds} only; FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3 not tuned here; "
+             "auto-sequential = auto-rrf with the similarity ranks fused rankings took before query.shared_ranks (one "
+             "after the other, ties in the ANN's order: sequential_ranks)",
              "- figures: means over the seeds of each group; R@1 = top hit relevant, R@10 = share of the relevant in "
              "the top 10, MRR = 1/rank of the first relevant (0 beyond 10)"]
     for title, group in groups:
@@ -247,9 +291,14 @@ def main() -> None:
     lines += ["", "- MRR per seed, vector / auto-rrf / auto-belief / auto: " + "; ".join(
         f"{label}: " + ", ".join("/".join(f"{runs[s][label][m]['MRR']:.2f}" for m in MODES[:4]) for s in seeds)
         for label in runs[seeds[0]])]
+    differ = {label: sum(a[4] != b[4] for s in seeds for a, b in zip(runs[s][label]["auto-rrf"]["per_query"],
+                                                                   runs[s][label]["auto-sequential"]["per_query"]))
+              for label in runs[seeds[0]]}
+    lines += ["- top-10 lists (names in order) of auto-rrf differing from auto-sequential's, all seeds: " + "; ".join(
+        f"{label}: {n} of {runs[seeds[0]][label]['vector']['queries'] * len(seeds)}" for label, n in differ.items())]
     if args.dump:
         Path(args.dump).write_text(json.dumps(runs))
-    record("Default query mode (auto): gated fusion vs belief vs the default RRF vs vector: bench_auto.py", lines,
+    record("Default query mode (auto): fusions, shared vs sequential ranks of ties, vs vector: bench_auto.py", lines,
            save=args.record)
 
 

@@ -294,8 +294,13 @@ def main() -> None:
     differ = {label: sum(a[4] != b[4] for s in seeds for a, b in zip(runs[s][label]["auto-rrf"]["per_query"],
                                                                    runs[s][label]["auto-sequential"]["per_query"]))
               for label in runs[seeds[0]]}
-    lines += ["- top-10 lists (names in order) of auto-rrf differing from auto-sequential's, all seeds: " + "; ".join(
-        f"{label}: {n} of {runs[seeds[0]][label]['vector']['queries'] * len(seeds)}" for label, n in differ.items())]
+    members = {label: sum(set(a[4]) != set(b[4]) for s in seeds for a, b in zip(runs[s][label]["auto-rrf"]["per_query"],
+                                                                             runs[s][label]["auto-sequential"]["per_query"]))
+               for label in runs[seeds[0]]}
+    lines += ["- top-10 lists (names in order) of auto-rrf differing from auto-sequential's, all seeds (of those, lists "
+              "whose names differ, not only their order): " + "; ".join(
+                  f"{label}: {n} of {runs[seeds[0]][label]['vector']['queries'] * len(seeds)} ({members[label]})"
+                  for label, n in differ.items())]
     if args.dump:
         Path(args.dump).write_text(json.dumps(runs))
     record("Default query mode (auto): fusions, shared vs sequential ranks of ties, vs vector: bench_auto.py", lines,

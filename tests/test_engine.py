@@ -262,21 +262,24 @@ def test_the_copy_a_cut_at_k_keeps_of_tied_copies_is_the_one_listed_first_by_pat
                                                                                    later):
     """Copies tied in every key are listed by path (settle_ties), but the cut at k came before: the copy
     kept was the first in the ANN's order (the order they were indexed in), so a Ray run and a local run of one
-    folder answered with different files. Now the cut keeps the copy that path order lists first."""
+    folder answered with different files. Now the cut keeps the copy that path order lists first. Fused rankings look
+    FUSION_DEPTH deep; a vector search on a flat index asked FAISS for k alone, which cut between the copies before
+    the engine saw them (the one indexed first kept): it asks for a margin past k now (ann.TIE_MARGIN)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
-    (folder / "other.jpg").write_bytes((corpus / "img007.jpg").read_bytes())
-    (folder / "other.txt").write_text("a red kite")
+    for other in ("img007", "img005", "img011"):
+        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
+    (folder / "img007.txt").write_text("a red kite")
     ix = tmp_path / "ix"
     index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
     (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
     index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
     with alignsearch.open(ix) as engine:
-        # fused rankings, which look FUSION_DEPTH deep: both copies are candidates (a flat index's vector search looks
-        # k deep, where FAISS already cut between them: not settled here)
-        for query in ({"text": "red", "mode": "hybrid"}, {"text": "kite"}):
+        assert engine.info()["index"]["type"] == "flat"
+        for query in ({"text": "red", "mode": "hybrid"}, {"text": "kite"}, {"text": "red", "mode": "vector"},
+                      {"image": corpus / "img002.jpg"}, {"text": "blue sky"}):
             every = [h.relpath for h in engine.search(**query, k=10)]
-            copies = [n for n in every if n != "other.jpg"]
+            copies = [n for n in every if n in ("apple.jpg", "zebra.jpg")]
             k = every.index(copies[0]) + 1  # the cut falls between the two copies
             assert [h.relpath for h in engine.search(**query, k=k)][-1] == "apple.jpg", query

@@ -1,7 +1,8 @@
 """What the flat index's tie margin costs a search (ann.TIE_MARGIN: a flat index is asked for k + 40 candidates, so
-that copies tied at place k are both re-ranked and settled by name): Engine.search_vector (no encoding: FAISS flat
-search, exact re-rank from the stored vectors, catalog rows) with the margin at 0 (before: k candidates) and at its
-value (now), alternating in one run, median of --rounds of the mean per search over --queries queries.
+that copies tied at place k are both re-ranked and settled by name; of those past k only the ones within
+query.tied_at_cut's gap of the k-th are re-ranked): Engine.search_vector (no encoding: FAISS flat search, exact
+re-rank from the stored vectors, catalog rows) with the margin at 0 (before: k candidates) and at its value (now),
+alternating in one run, median of --rounds of the mean per search over --queries queries.
 
     python benchmarks/bench_tie_margin.py [--n 1000,5000,9999] [--k 1,10,100] [--rounds 7] [--queries 50] [--no-save]
 

@@ -368,3 +368,14 @@ def test_the_keyword_list_is_cut_after_the_matches_tied_with_the_last_one_kept()
     assert through_ties([-3.0, -2.0, -2.0, -2.0, -1.0], 2) == 4
     assert through_ties([-3.0, -2.0, -1.0], 2) == 2 and through_ties([-3.0, -2.0], 5) == 2
     assert through_ties([], 3) == 0 and through_ties([-1.0, -1.0], 0) == 0
+
+
+def test_a_cut_keeps_the_scores_that_may_tie_with_the_last_one_kept():
+    """A flat index's candidates past k (ann.TIE_MARGIN): those within near_equal's gap of the k-th (a copy, a few
+    float32 steps off at most) are kept for the re-rank, the others are not."""
+    from alignsearch.search.query import tied_at_cut
+
+    step = float(np.spacing(np.float32(0.8)))
+    scores = np.array([0.9, 0.8, 0.8 - 3 * step, 0.8 - 3 * step, 0.7, 0.6], np.float32)
+    assert tied_at_cut(scores, 2) == 4 and tied_at_cut(scores, 1) == 1 and tied_at_cut(scores, 5) == 5
+    assert tied_at_cut(scores, 9) == 6 and tied_at_cut(scores, 0) == 0 and tied_at_cut(np.zeros(0), 3) == 0

@@ -188,6 +188,18 @@ def near_equal(values: np.ndarray) -> np.ndarray:
     return near
 
 
+def tied_at_cut(scores: np.ndarray, depth: int) -> int:
+    """How many of the scores (best first) a cut at depth keeps: the first depth, and those after within near_equal's
+    gap of the last of them (pure): a flat index's candidates past k (ann.TIE_MARGIN) that may tie with the k-th (a
+    copy), and none of the others, whose re-rank cost 3-17% a search (RESULTS.md, bench_tie_margin)."""
+    scores = np.asarray(scores, np.float32)
+    if len(scores) <= depth or depth <= 0:
+        return max(0, min(depth, len(scores)))
+    last = float(scores[depth - 1])
+    gap = max(NEAR, NEAR_STEPS * float(np.spacing(np.float32(abs(last)))))
+    return depth + int(np.count_nonzero(scores[depth:] >= last - gap))
+
+
 def cosines_f64(rows: np.ndarray, probe: np.ndarray) -> np.ndarray:
     """rows @ probe summed in float64, as float32, CHUNK rows at a time."""
     out = np.empty(len(rows), np.float32)

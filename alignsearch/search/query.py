@@ -191,7 +191,8 @@ def near_equal(values: np.ndarray) -> np.ndarray:
 def tied_at_cut(scores: np.ndarray, depth: int) -> int:
     """How many of the scores (best first) a cut at depth keeps: the first depth, and those after within near_equal's
     gap of the last of them (pure): a flat index's candidates past k (ann.TIE_MARGIN) that may tie with the k-th (a
-    copy), and none of the others, whose re-rank cost 3-17% a search (RESULTS.md, bench_tie_margin; trimmed so: within 0.98-1.07 of k alone)."""
+    copy), and none of the others, whose re-rank cost 3-17% a search (RESULTS.md, bench_tie_margin; trimmed so,
+    0.98-1.07x the search of k alone)."""
     scores = np.asarray(scores, np.float32)
     if len(scores) <= depth or depth <= 0:
         return max(0, min(depth, len(scores)))

@@ -33,7 +33,7 @@ A third catalog has a plain word in BREAK's place (word_join): where its top 10 
 ranking only by the length it adds to a file's text (bm25 normalises by length). Medians are per query, the joins
 taking turns query by query; the words queries are timed again after FTS5's `optimize` of both keyword tables.
 
-Modes: `keyword` (keywords.search as engine._keyword_ids calls it), and the keyword list the default `auto` mode
+Modes: `keyword` (keywords.search as engine._keyword_matches calls it), and the keyword list the default `auto` mode
 fuses (parse with partial_last, evidence_only: caption, text in the image and tags only). auto's other half, the
 similarity ranking, is not measured: it does not read the keyword text, and a meaningful one needs a trained ALIGN
 (bench_auto.py fine-tunes one for minutes), so the fused rank is not reported here.

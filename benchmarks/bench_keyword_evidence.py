@@ -1,4 +1,4 @@
-"""The default mode's keyword list (keywords.search with evidence_only, as engine._keyword_ids calls it in auto) on
+"""The default mode's keyword list (keywords.search with evidence_only, as engine._keyword_matches calls it in auto) on
 many matching files: the evidence check (caption, text in the image, tags hold the query) run by SQLite on every
 match before the limit (the baseline, --base) against the check in rank order until the limit is filled (now), in
 the same run, on the same catalog and queries.
@@ -8,7 +8,7 @@ the same run, on the same catalog and queries.
 The catalog is built in code (catalog.upsert_file, catalog.set_photo: the code an index run uses): every file's name
 holds two of 64 query words (`trip/<w1>_<w2>_<n>.jpg`); each file has a caption of plain words that none of the
 query's words is in, except every `--every`th file, whose caption holds one; a third of the files have no caption.
-Queries (the text as typed in the default mode, limit KEYWORD_DEPTH 100 as engine._keyword_ids asks):
+Queries (the text as typed in the default mode, limit KEYWORD_DEPTH 100 as engine._keyword_matches asks):
 - 64 words: all 64 query words (every file matches; the captioned ones that hold a word are the evidence, fewer
   than the limit: every captioned match is checked, now as before);
 - 63 words and a caption word: `street`, in most captions, for the first (every file matches, most captioned ones

@@ -25,7 +25,7 @@ scripts' documents (catalog.upsert_file + catalog.set_photo, the code an index r
 Queries: every lemma, typed bare and (where it differs) typed in full. Relevant: the documents holding the lemma in
 either form; a bare query of a homograph (علم, ספר) also has the other lemma's documents relevant (the bare
 spelling is both words), a full-form query only its own. Search: keywords.search(conn, keywords.parse(q), 10) as the
-keyword mode (engine._keyword_ids) runs it, and auto's keyword list (parse partial_last, evidence_only).
+keyword mode (engine._keyword_matches) runs it, and auto's keyword list (parse partial_last, evidence_only).
 R@10 = relevant documents in the top 10 / min(10, relevant documents); MRR = 1 / rank of the first relevant one in
 the top 10 (0 if none); P@10 = relevant / returned in the top 10 (1 when none returned). Means per query.
 """

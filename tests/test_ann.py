@@ -31,7 +31,8 @@ def test_nprobe_and_candidates_are_explicit():
     assert 1 <= ann.default_nprobe(plan) <= plan.nlist
     assert ann.default_nprobe(ann.IndexPlan("flat")) == 0
     assert ann.candidate_count(10, plan) >= 100
-    assert ann.candidate_count(10, ann.IndexPlan("flat")) == 10
+    # a flat index: k and a margin, so that copies tied at place k both reach the engine's settling by name
+    assert ann.candidate_count(10, ann.IndexPlan("flat")) == 10 + ann.TIE_MARGIN
 
 
 def test_needs_rebuild():

@@ -1,11 +1,14 @@
 """The Python API, and the IVF-PQ path end to end (fed synthetic vectors to cross the exact threshold)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import alignsearch
 from alignsearch.storage import catalog
+from alignsearch.search import engine as engine_module
 from alignsearch.search.engine import ANN_FILE
 from alignsearch.errors import BadInputError, IndexNotFoundError, ModelMismatchError, UsageError
 from indexer import build
@@ -262,21 +265,59 @@ def test_the_copy_a_cut_at_k_keeps_of_tied_copies_is_the_one_listed_first_by_pat
                                                                                    later):
     """Copies tied in every key are listed by path (settle_ties), but the cut at k came before: the copy
     kept was the first in the ANN's order (the order they were indexed in), so a Ray run and a local run of one
-    folder answered with different files. Now the cut keeps the copy that path order lists first."""
+    folder answered with different files. Now the cut keeps the copy that path order lists first. Fused rankings look
+    FUSION_DEPTH deep; a vector search on a flat index asked FAISS for k alone, which cut between the copies before
+    the engine saw them (the one indexed first kept): it asks for a margin past k now (ann.TIE_MARGIN)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
-    (folder / "other.jpg").write_bytes((corpus / "img007.jpg").read_bytes())
-    (folder / "other.txt").write_text("a red kite")
+    for other in ("img007", "img005", "img011"):
+        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
+    (folder / "img007.txt").write_text("a red kite")
     ix = tmp_path / "ix"
     index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
     (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
     index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
     with alignsearch.open(ix) as engine:
-        # fused rankings, which look FUSION_DEPTH deep: both copies are candidates (a flat index's vector search looks
-        # k deep, where FAISS already cut between them: not settled here)
-        for query in ({"text": "red", "mode": "hybrid"}, {"text": "kite"}):
+        assert engine.info()["index"]["type"] == "flat"
+        for query in ({"text": "red", "mode": "hybrid"}, {"text": "kite"}, {"text": "red", "mode": "vector"},
+                      {"image": corpus / "img002.jpg"}, {"text": "blue sky"}):
             every = [h.relpath for h in engine.search(**query, k=10)]
-            copies = [n for n in every if n != "other.jpg"]
+            copies = [n for n in every if n in ("apple.jpg", "zebra.jpg")]
             k = every.index(copies[0]) + 1  # the cut falls between the two copies
             assert [h.relpath for h in engine.search(**query, k=k)][-1] == "apple.jpg", query
+
+
+@pytest.mark.slow  # two index runs
+@pytest.mark.parametrize("first,later", [("zebra.jpg", "apple.jpg"), ("apple.jpg", "zebra.jpg")])
+def test_copies_with_one_caption_share_a_keyword_rank_and_are_listed_by_path(tmp_path, corpus, tiny_model, first,
+                                                                              later, monkeypatch):
+    """Two copies of one photo with the same caption are equal in bm25, but took keyword ranks 1 and 2 in the keyword
+    index's order (their ids', the order they were indexed in): their fused scores differed by it, and the copy
+    indexed first came first. Now matches equal in bm25 share the best rank of their run (query.keyword_ranks). And
+    the keyword list's limit (KEYWORD_DEPTH) cut between them in that order: matches tied with the last one are kept
+    (query.through_ties)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in (first, "img007.jpg"):
+        (folder / name).write_bytes((corpus / ("img002.jpg" if name == first else name)).read_bytes())
+    (folder / Path(first).with_suffix(".txt")).write_text("a red kite")
+    (folder / "img007.txt").write_text("a kite over the red sea shore")  # another match, ranked below by bm25
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
+    (folder / Path(later).with_suffix(".txt")).write_text("a red kite")
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    with alignsearch.open(ix) as engine:
+        for query in ({"text": "kite"}, {"text": "red kite", "mode": "hybrid"}, {"text": "kite", "mode": "keyword"}):
+            hits = engine.search(**query, k=10)
+            copies = [h for h in hits if h.relpath in ("apple.jpg", "zebra.jpg")]
+            assert [h.relpath for h in copies] == ["apple.jpg", "zebra.jpg"], query
+            assert copies[0].parts["keyword_rank"] == copies[1].parts["keyword_rank"] == 1, query
+            assert copies[0].score == copies[1].score, query
+            other = next(h for h in hits if h.relpath == "img007.jpg")
+            assert other.parts["keyword_rank"] == 3, query  # 1, 1, 3: the next match keeps its place
+        monkeypatch.setattr(engine_module, "KEYWORD_DEPTH", 1)  # the limit falls between the copies at k=1
+        for query in ({"text": "kite", "mode": "keyword"}, {"text": "kite"}):
+            hits = engine.search(**query, k=1)
+            assert [(h.relpath, h.parts["keyword_rank"]) for h in hits] == [("apple.jpg", 1)], query

@@ -4,6 +4,8 @@ fuse_hits, gate): pure functions, tested without a model; and through the engine
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -256,7 +258,9 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     z = None if null_best is None else null_z(max(sims.values()), null_best)
     if nulls in ("far below", "level"):
         assert gate(z) == ("belief" if nulls == "far below" else "rrf") and abs(z - GATE_Z) > 0.5
-    expected = fuse_hits(sims, keyword, method=fusion if mode == "auto" else "rrf", z=z)
+    # the keyword ranks the engine gave (equal bm25: one rank, query.keyword_ranks), as fuse_hits takes bm25 scores
+    bm25 = [next(h.parts["keyword_rank"] for h in hits if h.id == i) for i in keyword]
+    expected = fuse_hits(sims, keyword, method=fusion if mode == "auto" else "rrf", z=z, bm25=bm25)
     paths = {h.id: h.path for h in hits}  # candidates equal in score and similarity come by name
     keys = (np.array([s for _, s in expected]), np.array([sims[i] for i, _ in expected]))
     expected = [expected[n] for n in settle_ties(range(len(expected)), keys, lambda n: paths[expected[n][0]])]
@@ -264,10 +268,12 @@ def test_the_engine_orders_fused_candidates_as_fuse_hits_does_ties_included(tmp_
     assert [h.score for h in hits] == pytest.approx([s for _, s in expected], rel=1e-12, abs=0)
     tied = [(a.id, b.id) for a, b in zip(hits, hits[1:]) if (a.score, a.similarity) == (b.score, b.similarity)]
     row_of = {i: row for row, i in ids.items()}  # rows 3m, 3m+1, 3m+2 hold one vector
-    # copies with no keyword match tie on both, in every fusion: they share one similarity rank (shared_ranks)
+    # copies with no keyword match tie on both, in every fusion: they share one similarity rank (shared_ranks); so do
+    # copies with one caption (rows 4 and 5, "cat": equal in bm25, one keyword rank, query.keyword_ranks)
     assert tied and all(row_of[a] // 3 == row_of[b] // 3 for a, b in tied)
-    assert len(tied) == sum(1 for h in hits if not h.parts["keyword_rank"]) - len({row_of[h.id] // 3 for h in hits
-                                                                                  if not h.parts["keyword_rank"]})
+    groups = Counter((row_of[h.id] // 3, h.parts["keyword_rank"]) for h in hits)
+    cat = next(h.parts["keyword_rank"] for h in hits if row_of[h.id] == 4)
+    assert groups[(1, cat)] == 2 and len(tied) == sum(n - 1 for n in groups.values())
     engine.close()
 
 
@@ -336,3 +342,40 @@ def test_tied_runs_are_the_runs_equal_in_every_key():
     order = np.array([1, 3, 0, 2, 4])
     assert tied_runs(order, (scores, similarity)) == [(2, 4)]  # 0 and 2; 3 differs in similarity
     assert tied_runs(order[:1], (scores,)) == [] and tied_runs(order, (scores,)) == [(1, 4)]
+
+
+def test_keyword_matches_equal_in_bm25_share_the_best_rank_of_their_run():
+    """Matches best first by bm25 (lower is better): equal scores (copies with one caption) share one rank (2, then
+    the next 4). Before, they took 2 and 3 in the keyword index's order (their ids'), so the copy indexed first
+    fused higher. The list's order is kept: only ranks are given."""
+    from alignsearch.search.query import keyword_ranks
+
+    assert keyword_ranks([-3.5, -2.0, -2.0, -1.0, 0.0, 0.0]).tolist() == [1, 2, 2, 4, 5, 5]
+    assert keyword_ranks([-1.0, -1.0, -1.0]).tolist() == [1, 1, 1]
+    assert keyword_ranks([]).tolist() == [] and keyword_ranks([-2.0]).tolist() == [1]
+    # fuse_hits with bm25: the two copies (equal similarity, equal bm25) fuse to one score
+    fused = dict(fuse_hits({1: 0.5, 2: 0.5, 3: 0.9}, [2, 1], method="rrf", bm25=[-2.0, -2.0]))
+    assert fused[1] == fused[2]
+    apart = dict(fuse_hits({1: 0.5, 2: 0.5, 3: 0.9}, [2, 1], method="rrf"))  # no bm25: a rank each, in list order
+    assert apart[2] == fused[2] > apart[1]
+
+
+def test_the_keyword_list_is_cut_after_the_matches_tied_with_the_last_one_kept():
+    """The first `limit` matches, and those after equal in bm25 to the last of them (copies with one caption): the
+    keyword index cut them in the order of their ids."""
+    from alignsearch.search.query import through_ties
+
+    assert through_ties([-3.0, -2.0, -2.0, -2.0, -1.0], 2) == 4
+    assert through_ties([-3.0, -2.0, -1.0], 2) == 2 and through_ties([-3.0, -2.0], 5) == 2
+    assert through_ties([], 3) == 0 and through_ties([-1.0, -1.0], 0) == 0
+
+
+def test_a_cut_keeps_the_scores_that_may_tie_with_the_last_one_kept():
+    """A flat index's candidates past k (ann.TIE_MARGIN): those within near_equal's gap of the k-th (a copy, a few
+    float32 steps off at most) are kept for the re-rank, the others are not."""
+    from alignsearch.search.query import tied_at_cut
+
+    step = float(np.spacing(np.float32(0.8)))
+    scores = np.array([0.9, 0.8, 0.8 - 3 * step, 0.8 - 3 * step, 0.7, 0.6], np.float32)
+    assert tied_at_cut(scores, 2) == 4 and tied_at_cut(scores, 1) == 1 and tied_at_cut(scores, 5) == 5
+    assert tied_at_cut(scores, 9) == 6 and tied_at_cut(scores, 0) == 0 and tied_at_cut(np.zeros(0), 3) == 0

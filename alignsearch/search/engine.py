@@ -16,6 +16,8 @@ import numpy as np
 
 from alignsearch.storage import ann, catalog, keywords, layouts, state, vectors
 from alignsearch.search import filters, onefile, querycheck
+# keyword_ranks is called through the module (a benchmark puts the sequential ranks in its place)
+from alignsearch.search import query as query_module
 from alignsearch.encoders.backend import encoder_options
 from alignsearch.encoders.classify import DEFAULT_TEMPLATES
 from alignsearch.search.columns import Columns
@@ -504,11 +506,11 @@ class Engine:
             with self.db.connect() as conn:
                 out["keyword_matches"] = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
             if mode == "auto":
-                out["caption_or_tag_matches"] = len(self._keyword_ids(opts, None))
+                out["caption_or_tag_matches"] = len(self._keyword_matches(opts, None))
             # The ranking _search uses: fused only where keyword matches pass the filter (auto: captions, text in
             # images, tags); else the hits are ranked and scored by similarity, as hybrid with no match is. It
             # said "hybrid (RRF)" when a filter left out every match, or for hybrid with none, beside cosines.
-            fused = mode != "keyword" and (allowed is None or len(allowed) > 0) and self._keyword_ids(opts, allowed)
+            fused = mode != "keyword" and (allowed is None or len(allowed) > 0) and self._keyword_matches(opts, allowed)
             # auto fuses as hybrid does (AUTO_FUSION, no option sets it); bench_auto.py's other fusions are not explained
             out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if fused else "vector"
         out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
@@ -556,14 +558,15 @@ class Engine:
             query.calibrate(self._calibration_sample(snap))
         looked = 0
         while True:
-            keyword = self._keyword_ids(opts, allowed) if opts.words else []
+            matches = self._keyword_matches(opts, allowed) if opts.words else []
+            keyword = [i for i, _ in matches]
             ranked = opts.mode == "keyword" or (keyword and opts.mode in ("hybrid", "auto"))
             vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed, fusing=bool(ranked))
             # Keyword matches are scored from their stored vectors too: they take their place in the similarity
             # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
             ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
             nulls = self._null_best(snap) if keyword and opts.mode == "auto" and _fusion(opts.mode) == "gate" else None
-            hits, capped = self._hits(snap, query, ids, opts, keyword if ranked else None, nulls, allowed)
+            hits, capped = self._hits(snap, query, ids, opts, matches if ranked else None, nulls, allowed)
             # The per-video cap left fewer than k: the candidates were one video's moments mostly (a long shot holds
             # alike moments), or rows of files two roots name, one hit each. Look deeper while that finds more
             # candidates, so neither starves the results.
@@ -682,7 +685,7 @@ class Engine:
         nprobe = opts.nprobe or snap.nprobe
         if allowed is not None:
             nprobe = ann.filtered_nprobe(nprobe, snap.plan, want, n, len(allowed))
-        ids = self._ann_ids(snap, query, want, nprobe, allowed)
+        ids = self._ann_ids(snap, query, want, nprobe, allowed, depth if snap.plan.kind == "flat" else None)
         if allowed is not None and len(ids) < min(depth, len(allowed)):
             return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
         if allowed is None and len(ids) < min(depth, n) and nprobe < snap.plan.nlist:
@@ -692,9 +695,15 @@ class Engine:
         return ids
 
     @staticmethod
-    def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None) -> list[int]:
-        """The ANN index's candidates for the query's probes, best first, each id once."""
-        _, ids = ann.search(snap.index, np.stack(query.probes), want, nprobe, allowed)
+    def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None,
+                 depth: int | None = None) -> list[int]:
+        """The ANN index's candidates for the query's probes, best first, each id once. depth (a flat index's search
+        for one probe, asked for a margin past it): the first depth, and those after that may tie with the last of
+        them (query.tied_at_cut), all re-ranked and settled by name; the others are not re-ranked."""
+        scores, ids = ann.search(snap.index, np.stack(query.probes), want, nprobe, allowed)
+        if depth is not None and len(ids) == 1:
+            found = ids[0] >= 0
+            ids = ids[0][found][: query_module.tied_at_cut(scores[0][found], depth)]
         ids = ids.ravel()
         return list(dict.fromkeys(ids[ids >= 0].tolist()))
 
@@ -724,8 +733,8 @@ class Engine:
                 best_ids, best_scores = best_ids[keep], best_scores[keep]
         return best_ids[np.argsort(-best_scores, kind="stable")].tolist()
 
-    def _keyword_ids(self, opts: "_Options", allowed: np.ndarray | None) -> list[int]:
-        """Keyword matches among the allowed ids, best first, as many as k asks for: the filter goes into the SQL,
+    def _keyword_matches(self, opts: "_Options", allowed: np.ndarray | None) -> list[tuple[int, float]]:
+        """Keyword matches (id, bm25) among the allowed ids, best first, as many as k asks for: the filter goes into the SQL,
         before the limit (filtering the global top list starved a narrow filter). In auto mode only words in a
         caption, the text read in the image or a tag count: a word of a file or folder name alone
         ("red_circle.png" for "red car on beach") must not override the model."""
@@ -733,14 +742,18 @@ class Engine:
             among = None if allowed is None else allowed.tolist()
             if not opts.words or not catalog.has_keywords(conn):
                 return []
-            return [i for i, _ in keywords.search(conn, opts.words, max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool),
-                                                  among, evidence_only=opts.mode == "auto")]
+            limit = max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool)
+            # a margin past the limit: matches tied with the last one at it are kept too (query.through_ties)
+            found = keywords.search(conn, opts.words, limit + KEYWORD_TIE_MARGIN, among,
+                                    evidence_only=opts.mode == "auto")
+            return found[:query_module.through_ties([s for _, s in found], limit)]
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
-              keyword: list[int] | None = None, nulls: np.ndarray | None = None,
+              keyword: list[tuple[int, float]] | None = None, nulls: np.ndarray | None = None,
               allowed: np.ndarray | None = None) -> tuple[list[Hit], bool]:
         """Catalog rows for candidate ids, scored exactly from the stored vectors, best first; cut to k, cutoff,
-        sort. keyword: the keyword ranking to fuse with the similarity ranking (in keyword mode, alone). nulls:
+        sort. keyword: the keyword ranking, (id, bm25) best first, to fuse with the similarity ranking (in keyword
+        mode, alone); matches equal in bm25 share a rank (query.keyword_ranks). nulls:
         the null queries' best cosines, for auto's gate (query.null_z). Also whether the per-video cap, or each file
         once (_distinct), left fewer than k of candidates that all passed the cutoff (deeper candidates could fill
         the list). allowed: the ids the filters admit (None: all), of which a file's row to show is chosen."""
@@ -765,7 +778,7 @@ class Engine:
             tiebreak = query.tiebreak(parts)
             scores, ranks, beliefs, model_z, order = similarity, None, None, None, None
             if keyword is not None:  # the similarity ranking fused with the keyword ranking (query.fuse_candidates)
-                at = {i: r for r, i in enumerate(keyword, start=1)}
+                at = dict(zip((i for i, _ in keyword), query_module.keyword_ranks([s for _, s in keyword]).tolist()))
                 keyword_rank = np.array([at.get(i, 0) for i in ids.tolist()], dtype=np.int64)
                 if opts.mode != "keyword":
                     fusion = _fusion(opts.mode)
@@ -1128,6 +1141,10 @@ COLLAPSE_MAX_DEPTH = 65_536  # ... up to this many candidates (the first look is
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
+# Keyword matches asked for past the limit, so that those equal in bm25 to the last one kept (copies of a photo with
+# one caption) are all kept, not cut in the order of their ids: a few rows more of a sorted query. A run of more
+# equal matches than this straddling the limit is still cut there.
+KEYWORD_TIE_MARGIN = 40
 # How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
 # rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
 # measure them against it and found neither better over every case (RESULTS.md).

@@ -188,6 +188,19 @@ def near_equal(values: np.ndarray) -> np.ndarray:
     return near
 
 
+def tied_at_cut(scores: np.ndarray, depth: int) -> int:
+    """How many of the scores (best first) a cut at depth keeps: the first depth, and those after within near_equal's
+    gap of the last of them (pure): a flat index's candidates past k (ann.TIE_MARGIN) that may tie with the k-th (a
+    copy), and none of the others, whose re-rank cost 3-17% a search (RESULTS.md, bench_tie_margin; trimmed so,
+    0.98-1.07x the search of k alone)."""
+    scores = np.asarray(scores, np.float32)
+    if len(scores) <= depth or depth <= 0:
+        return max(0, min(depth, len(scores)))
+    last = float(scores[depth - 1])
+    gap = max(NEAR, NEAR_STEPS * float(np.spacing(np.float32(abs(last)))))
+    return depth + int(np.count_nonzero(scores[depth:] >= last - gap))
+
+
 def cosines_f64(rows: np.ndarray, probe: np.ndarray) -> np.ndarray:
     """rows @ probe summed in float64, as float32, CHUNK rows at a time."""
     out = np.empty(len(rows), np.float32)
@@ -251,6 +264,28 @@ def shared_ranks(similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def keyword_ranks(bm25: Sequence[float]) -> np.ndarray:
+    """The rank (from 1) of each keyword match, given best first with its bm25 score (the keyword index's order,
+    keywords.search; lower is better): matches equal in bm25 share the best rank of their run (1, 2, 2, 4), as
+    shared_ranks gives equal similarities one. Ranked one after the other, two copies of a photo with one caption
+    took ranks in the keyword index's order (their ids', the order they were indexed in), so their fused scores
+    differed by that order. The engine calls it through this module (query.keyword_ranks), so that a benchmark can
+    put the sequential ranks in its place."""
+    bm25 = np.asarray(bm25, np.float64)
+    order = np.arange(len(bm25))
+    return np.maximum.accumulate(np.where(_run_starts(order, (bm25,)), order + 1, 0)).astype(np.int64)
+
+
+def through_ties(bm25: Sequence[float], limit: int) -> int:
+    """How many of the keyword matches (best first, with their bm25 scores) to keep for `limit`: the first `limit`,
+    and those after them equal in bm25 to the last kept (pure). The keyword index cut its list at the limit in the
+    order of the ids, so of two copies with one caption at the limit one was a match and the other none."""
+    n = min(limit, len(bm25))
+    while 0 < n < len(bm25) and bm25[n] == bm25[n - 1]:
+        n += 1
+    return n
+
+
 def fuse_candidates(similarity: np.ndarray, keyword_rank: np.ndarray, method: str = AUTO_FUSION,
                     z: float | None = None, tiebreak: np.ndarray | None = None) -> Fused:
     """How the engine ranks the candidates of a fused search (auto, and hybrid with rrf): the similarity rank
@@ -272,12 +307,14 @@ def fuse_candidates(similarity: np.ndarray, keyword_rank: np.ndarray, method: st
 
 
 def fuse_hits(similarity: dict[int, float], keyword: list[int], method: str = AUTO_FUSION,
-              z: float | None = None) -> list[tuple[int, float]]:
+              z: float | None = None, bm25: Sequence[float] | None = None) -> list[tuple[int, float]]:
     """(id, fused score) of the candidates, best first: fuse_candidates, the engine's auto ranking, without the
     engine. similarity: every candidate's vector score (keyword matches included), in the candidates' order,
-    which settles equal similarities (a dict in id order: by id); keyword: the keyword matches, best first."""
+    which settles equal similarities (a dict in id order: by id); keyword: the keyword matches, best first; bm25:
+    their scores (equal ones share a rank: keyword_ranks), None: a rank each."""
     ids = list(similarity)
-    at = {i: r for r, i in enumerate(keyword, start=1)}
+    ranks = range(1, len(keyword) + 1) if bm25 is None else keyword_ranks(bm25).tolist()
+    at = dict(zip(keyword, ranks))
     fused = fuse_candidates(np.array([similarity[i] for i in ids], np.float64),
                             np.array([at.get(i, 0) for i in ids], np.int64), method=method, z=z)
     return [(ids[i], float(fused.scores[i])) for i in fused.order]

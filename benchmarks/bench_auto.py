@@ -8,8 +8,8 @@ baseline) and keyword alone, in the same run, through `alignsearch finetune`, `i
     python benchmarks/bench_auto.py [--seeds 0,1,2,3,4,5] [--tuning-seeds 0,1,2] [--epochs 30] [--no-ocr]
         [--no-record] [--gate-z Z] [--dump results.json] [--kinds places,none,true,wrong,ocr,copies]
 
-auto-sequential: auto-rrf with the ranks ties took before shared ranks (sequential_ranks, the old code quoted), the
-baseline of that change, measured on every variant and above all on `copies` (below), where ties exist.
+auto-sequential, keyword-sequential: auto-rrf and keyword with the ranks ties took before shared ranks
+(sequential_ranks, sequential_keyword_ranks: the old code quoted), the baseline of that change, measured on every variant and above all on `copies` (below), where ties exist.
 
 The belief fusion's constants (query.BELIEF_TEMPERATURE, BELIEF_NONE, KEYWORD_SHARE) and the gate's GATE_Z were
 chosen on seeds 0,1,2 only (--tuning-seeds; --dump keeps every query's result and z for that): the figures that
@@ -62,7 +62,7 @@ from tiny_align import build_tiny_align
 PLACES = ("zanzibar", "reykjavik", "lisbon", "kyoto", "oaxaca", "tbilisi", "valparaiso", "marrakesh", "tromso",
           "hobart", "cusco", "samarkand", "dubrovnik", "galway", "hanoi", "bergen", "quebec", "mombasa", "tallinn",
           "ushuaia", "palermo", "lhasa", "granada", "nairobi")
-MODES = ("vector", "auto-rrf", "auto-belief", "auto", "keyword", "auto-sequential")
+MODES = ("vector", "auto-rrf", "auto-belief", "auto", "keyword", "auto-sequential", "keyword-sequential")
 KINDS = ("places", "none", "true", "wrong", "ocr", "copies")
 # auto with each of its fusions (engine.AUTO_FUSION): auto-rrf what `--mode auto` does (the default, the baseline),
 # auto-belief the model's belief plus a keyword share, and the column named auto the gate (belief or rrf by the
@@ -78,6 +78,14 @@ def sequential_ranks(similarity, tiebreak):
     ranks = np.empty(len(similarity), np.int64)
     ranks[np.lexsort((-tiebreak, -similarity))] = np.arange(1, len(similarity) + 1)
     return ranks
+
+
+def sequential_keyword_ranks(bm25):
+    """The keyword ranks before query.keyword_ranks (ae92f6a), quoted: one per match in the keyword list's order
+    (SQLite's order among equal bm25)."""
+    import numpy as np
+
+    return np.arange(1, len(bm25) + 1)
 PER_SUBJECT = 4
 
 
@@ -150,20 +158,19 @@ def captions(kind: str, subjects: list) -> dict:
 
 
 def search(engine, text: str, mode: str) -> list:
-    """The top 10 in a mode; auto-rrf, auto-belief and auto: auto with that fusion (FUSIONS)."""
+    """The top 10 in a mode; auto-rrf, auto-belief and auto: auto with that fusion (FUSIONS); auto-sequential and
+    keyword-sequential: auto-rrf and keyword with the ranks ties took before shared ranks (similarity and keyword)."""
     from alignsearch.search import engine as engine_module
     from alignsearch.search import query as query_module
 
-    if mode not in FUSIONS:
-        return engine.search(text, k=10, mode=mode)
-    kept, engine_module.AUTO_FUSION = engine_module.AUTO_FUSION, FUSIONS[mode]
-    shared = query_module.shared_ranks
-    if mode == "auto-sequential":
-        query_module.shared_ranks = sequential_ranks
+    kept = engine_module.AUTO_FUSION, query_module.shared_ranks, query_module.keyword_ranks
+    if mode.endswith("-sequential"):
+        query_module.shared_ranks, query_module.keyword_ranks = sequential_ranks, sequential_keyword_ranks
+    engine_module.AUTO_FUSION = FUSIONS.get(mode, kept[0])
     try:
-        return engine.search(text, k=10, mode="auto")
+        return engine.search(text, k=10, mode="auto" if mode in FUSIONS else mode.removesuffix("-sequential"))
     finally:
-        engine_module.AUTO_FUSION, query_module.shared_ranks = kept, shared
+        engine_module.AUTO_FUSION, query_module.shared_ranks, query_module.keyword_ranks = kept
 
 
 def score(engine, queries: list, mode: str) -> dict:
@@ -277,8 +284,10 @@ def main() -> None:
              f"the gate: belief where the query's best cosine stands GATE_Z {query_module.GATE_Z} or more null sds above "
              f"{query_module.NULL_PROMPTS} null queries' (sd floor {query_module.NULL_SD_FLOOR}), else rrf; constants chosen "
              f"on seeds {args.tuning_seeds} only; FUSION_DEPTH/KEYWORD_DEPTH 100, stop words, MIN_PARTIAL 3 not tuned here; "
-             "auto-sequential = auto-rrf with the similarity ranks fused rankings took before query.shared_ranks (one "
-             "after the other, ties in the ANN's order: sequential_ranks)",
+             "auto-sequential / keyword-sequential = auto-rrf / keyword with the ranks ties took before shared ranks: "
+             "similarity ranks one after the other in the ANN's order (before query.shared_ranks, 92e8183), keyword ranks "
+             "one after the other in SQLite's order (before query.keyword_ranks, ae92f6a); fewer files than "
+             "KEYWORD_DEPTH, so the keyword list's cut (query.through_ties) is never reached",
              "- figures: means over the seeds of each group; R@1 = top hit relevant, R@10 = share of the relevant in "
              "the top 10, MRR = 1/rank of the first relevant (0 beyond 10)"]
     for title, group in groups:
@@ -291,16 +300,14 @@ def main() -> None:
     lines += ["", "- MRR per seed, vector / auto-rrf / auto-belief / auto: " + "; ".join(
         f"{label}: " + ", ".join("/".join(f"{runs[s][label][m]['MRR']:.2f}" for m in MODES[:4]) for s in seeds)
         for label in runs[seeds[0]])]
-    differ = {label: sum(a[4] != b[4] for s in seeds for a, b in zip(runs[s][label]["auto-rrf"]["per_query"],
-                                                                   runs[s][label]["auto-sequential"]["per_query"]))
-              for label in runs[seeds[0]]}
-    members = {label: sum(set(a[4]) != set(b[4]) for s in seeds for a, b in zip(runs[s][label]["auto-rrf"]["per_query"],
-                                                                             runs[s][label]["auto-sequential"]["per_query"]))
-               for label in runs[seeds[0]]}
-    lines += ["- top-10 lists (names in order) of auto-rrf differing from auto-sequential's, all seeds (of those, lists "
-              "whose names differ, not only their order): " + "; ".join(
-                  f"{label}: {n} of {runs[seeds[0]][label]['vector']['queries'] * len(seeds)} ({members[label]})"
-                  for label, n in differ.items())]
+    for new, old in (("auto-rrf", "auto-sequential"), ("keyword", "keyword-sequential")):
+        pairs = {label: [(a[4], b[4]) for s in seeds for a, b in zip(runs[s][label][new]["per_query"],
+                                                                      runs[s][label][old]["per_query"])]
+                 for label in runs[seeds[0]]}
+        lines += [f"- top-10 lists (names in order) of {new} differing from {old}'s, all seeds (of those, lists whose "
+                  "names differ, not only their order): " + "; ".join(
+                      f"{label}: {sum(a != b for a, b in got)} of {len(got)} ({sum(set(a) != set(b) for a, b in got)})"
+                      for label, got in pairs.items())]
     if args.dump:
         Path(args.dump).write_text(json.dumps(runs))
     record("Default query mode (auto): fusions, shared vs sequential ranks of ties, vs vector: bench_auto.py", lines,

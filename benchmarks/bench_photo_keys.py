@@ -7,11 +7,11 @@ look at the photos rows of no indexed file takes (photo_keys_off(unindexed=True)
 that load as it was (always looking) and as it is (columns.all_joined: no look where no row lies off a file).
 
     python benchmarks/bench_photo_keys.py [--n 100000] [--rounds 5] [--leftovers 10] [--no-save]
-    python benchmarks/bench_photo_keys.py --seals [--n 100000] [--rounds 9] [--no-save]
+    python benchmarks/bench_photo_keys.py --seals [--base main] [--n 100000] [--rounds 9] [--no-save]
 
 --seals measures the photos rows' field seals instead (schema 23, rowdigest.field_seal): the filter columns load
-with its check of every row's seal and as it was before (the same load with the catalog's schema told it has none,
-migrate.Schema.field_seals, so neither the column nor the check is read), alternating; the check alone
+with its check of every row's seal and --base's (main's search/columns.py, loaded beside it: no seal read or checked)
+on the same catalog, alternating; the check alone
 (rowdigest.fields_sealed over the load's arrays); verify's photo_seals_off; and step 23 (migrate.seal_photo_fields,
 every row's digest checked then sealed, rolled back).
 
@@ -24,7 +24,6 @@ rolled back after each round.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import sqlite3
@@ -38,7 +37,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import keyword_catalog, load_note, record
+from common import keyword_catalog, load_note, module_at, record
 
 from alignsearch.search import columns
 from alignsearch.search.columns import Columns
@@ -61,6 +60,7 @@ def main() -> None:
     ap.add_argument("--leftovers", type=int, default=10)
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--seals", action="store_true", help="the field seals' cost (schema 23) instead")
+    ap.add_argument("--base", default="main", help="--seals: the commit whose filter columns load is the baseline")
     args = ap.parse_args()
     if args.seals:
         return seals(args)
@@ -138,16 +138,15 @@ def main() -> None:
            lines, save=not args.no_save)
 
 
-SEALED, UNSEALED = "filter columns load, every row's field seal checked (now)", "filter columns load, unsealed (before)"
-
-
 def seals(args) -> None:
-    """The field seals' cost: the columns load with and without their check, alternating, and what else reads them."""
+    """The field seals' cost: the columns load with their check and --base's, alternating, and what else reads them."""
     load_at_start = os.getloadavg()[0]
-    seconds: dict[str, list[float]] = {UNSEALED: [], SEALED: [], "the check alone (rowdigest.fields_sealed)": [],
+    old = module_at(args.base, "alignsearch/search/columns.py", "columns_base")
+    unsealed = f"filter columns load, {args.base}'s (no seal read or checked)"
+    sealed = "filter columns load, every row's field seal checked (now)"
+    seconds: dict[str, list[float]] = {unsealed: [], sealed: [], "the check alone (rowdigest.fields_sealed)": [],
                                        "verify: catalog.photo_seals_off": [],
                                        f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)": []}
-    real = migrate.schema_of
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "catalog.db"
         keyword_catalog(db_path, args.n, 50, random.Random(0))
@@ -160,14 +159,12 @@ def seals(args) -> None:
         size_mb = db_path.stat().st_size / 1e6
         reader = catalog.connect(db_path, readonly=True)
         for _ in range(args.rounds):
-            with mock.patch.object(columns.migrate, "schema_of",
-                                   lambda conn: dataclasses.replace(real(conn), field_seals=False)):
-                start = time.perf_counter()
-                Columns(reader)
-                seconds[UNSEALED].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            old.Columns(reader)
+            seconds[unsealed].append(time.perf_counter() - start)
             start = time.perf_counter()
             cols = Columns(reader)
-            seconds[SEALED].append(time.perf_counter() - start)
+            seconds[sealed].append(time.perf_counter() - start)
             placed = [cols.column(name) for name in rowdigest.PHOTO_SEALED]
             stored = rowdigest.field_seals(cols.ids, *placed)  # as read: the check's inputs, made apart from it
             start = time.perf_counter()

@@ -53,17 +53,19 @@ class Columns:
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
+            # by column, in one transposition (zip, in C): the rows sliced apart from their seals and each id and
+            # address picked in Python were a quarter of this load at 100k files (benchmarks/bench_photo_keys.py)
+            by_column = list(zip(*rows)) or [()] * (len(cols) + len(seal_cols))
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
             # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:
             # verify --repair seals it anew
-            read_seals = {c.name: catalog.seal_column([r[len(cols) + i] for r in rows])
-                          for i, c in enumerate(seal_cols)}
-            rows = [r[:len(cols)] for r in rows] if seal_cols else rows
+            read_seals = {c.name: catalog.seal_column(by_column[len(cols) + i]) for i, c in enumerate(seal_cols)}
             try:
-                # as wide as the columns read (no rows: -1 cannot tell, and was read as a malformed value)
-                data = np.array(rows, dtype=np.float64).reshape(len(rows), len(cols))
-                self.ids = np.array([r[0] for r in rows], dtype=np.int64)
-                self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
+                # (rows, columns), each column contiguous; as wide as the columns read where there are no rows (a
+                # reshape to -1 could not tell, and was read as a malformed value)
+                data = np.array(by_column[:len(cols)], dtype=np.float64).T
+                self.ids = np.array(by_column[0], dtype=np.int64)
+                self.vec_rows = np.array(by_column[1], dtype=np.int64)  # integers: addresses pass 2**53
             except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7
                 catalog.refuse_malformed(conn)
             # the photo fields filter and sort every file by, not only a hit's: a row whose key flipped to an id of no

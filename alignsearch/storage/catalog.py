@@ -1208,17 +1208,25 @@ def photo_seals_off(conn: Connection) -> list[int]:
                         .where(p.file_id.in_(select(files.c.id))).order_by(p.file_id)).all()
     if not rows:
         return []
-    keys = np.array([r[0] for r in rows], dtype=np.int64)
-    seals, sealed = seal_column([r[1] for r in rows])
-    columns = np.array([r[2:] for r in rows], dtype=np.float64).T
+    by_column = list(zip(*rows))
+    keys = np.array(by_column[0], dtype=np.int64)
+    seals, sealed = seal_column(by_column[1])
+    columns = np.array(by_column[2:], dtype=np.float64)
     held = sealed & rowdigest.fields_sealed(keys, columns, seals)
     return keys[~held].tolist()
 
 
-def seal_column(read: list) -> tuple[np.ndarray, np.ndarray]:
-    """Seals as read (numpy int64) and which were ones a writer stores (an int: NULL, text or a REAL is none)."""
+def seal_column(read) -> tuple[np.ndarray, np.ndarray]:
+    """Seals as read (a sequence: numpy int64, 0 for none) and which were ones a writer stores (an int: NULL, text or
+    a REAL is none). In numpy where every value is an int or NULL (a file without a photos row), as writers leave
+    them: a test of each value in Python was a tenth of the filter columns' load at 100k files."""
     import numpy as np
 
+    if set(map(type, read)) <= {int, type(None)}:
+        values = np.array(read, dtype=object)
+        sealed = ~np.equal(values, None)
+        values[~sealed] = 0
+        return values.astype(np.int64), sealed.astype(bool)
     sealed = np.array([type(s) is int for s in read], dtype=bool)
     return np.array([s if type(s) is int else 0 for s in read], dtype=np.int64), sealed
 

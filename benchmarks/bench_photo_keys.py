@@ -7,6 +7,13 @@ look at the photos rows of no indexed file takes (photo_keys_off(unindexed=True)
 that load as it was (always looking) and as it is (columns.all_joined: no look where no row lies off a file).
 
     python benchmarks/bench_photo_keys.py [--n 100000] [--rounds 5] [--leftovers 10] [--no-save]
+    python benchmarks/bench_photo_keys.py --seals [--base main] [--n 100000] [--rounds 9] [--no-save]
+
+--seals measures the photos rows' field seals instead (schema 23, rowdigest.field_seal): the filter columns load
+with its check of every row's seal and --base's (main's search/columns.py, loaded beside it: no seal read or checked)
+on the same catalog, alternating; the check alone
+(rowdigest.fields_sealed over the load's arrays); verify's photo_seals_off; and step 23 (migrate.seal_photo_fields,
+every row's digest checked then sealed, rolled back).
 
 The catalog: common.keyword_catalog (catalog.upsert_file and set_photo, the code an index run uses), two thirds of
 its files captioned, with --leftovers photos rows of no file (an old version's leftovers, their digests holding).
@@ -30,11 +37,11 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import keyword_catalog, load_note, record
+from common import keyword_catalog, load_note, module_at, record
 
 from alignsearch.search import columns
 from alignsearch.search.columns import Columns
-from alignsearch.storage import catalog, migrate
+from alignsearch.storage import catalog, migrate, rowdigest
 
 # the snapshot's filter columns load every query of the CLI pays (search/columns.py), which reads the photos rows of
 # no indexed file once (photo_keys_off(unindexed=True)) since the attacker's fix of a key flipped out of a date filter
@@ -52,7 +59,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--leftovers", type=int, default=10)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--seals", action="store_true", help="the field seals' cost (schema 23) instead")
+    ap.add_argument("--base", default="main", help="--seals: the commit whose filter columns load is the baseline")
     args = ap.parse_args()
+    if args.seals:
+        return seals(args)
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "catalog.db"
@@ -125,6 +136,64 @@ def main() -> None:
         lines.append(f"| {name} | {statistics.median(runs) * 1e3:.0f} | {min(runs) * 1e3:.0f} | {max(runs) * 1e3:.0f} |")
     record("A photos row's key digested (schema 21): step 21's cost and the reader's look at photos rows of no file",
            lines, save=not args.no_save)
+
+
+def seals(args) -> None:
+    """The field seals' cost: the columns load with their check and --base's, alternating, and what else reads them."""
+    load_at_start = os.getloadavg()[0]
+    old = module_at(args.base, "alignsearch/search/columns.py", "columns_base")
+    unsealed = f"filter columns load, {args.base}'s (no seal read or checked)"
+    sealed = "filter columns load, every row's field seal checked (now)"
+    seconds: dict[str, list[float]] = {unsealed: [], sealed: [], "the check alone (rowdigest.fields_sealed)": [],
+                                       "verify: catalog.photo_seals_off": [],
+                                       f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        db_path = Path(tmp) / "catalog.db"
+        keyword_catalog(db_path, args.n, 50, random.Random(0))
+        with sqlite3.connect(db_path) as conn:  # addresses, and a date and place a photo, sealed as a writer does
+            conn.execute("UPDATE files SET vec_row = id - 1")
+            conn.execute("UPDATE photos SET taken = 1.5e9 + file_id * 37.5, lat = file_id % 180 - 89.5, "
+                         "lon = file_id % 360 - 179.25")
+            migrate.seal_rows(conn)
+        conn.close()
+        size_mb = db_path.stat().st_size / 1e6
+        reader = catalog.connect(db_path, readonly=True)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            old.Columns(reader)
+            seconds[unsealed].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            cols = Columns(reader)
+            seconds[sealed].append(time.perf_counter() - start)
+            placed = [cols.column(name) for name in rowdigest.PHOTO_SEALED]
+            stored = rowdigest.field_seals(cols.ids, *placed)  # as read: the check's inputs, made apart from it
+            start = time.perf_counter()
+            assert rowdigest.fields_sealed(cols.ids, placed, stored).all()
+            seconds["the check alone (rowdigest.fields_sealed)"].append(time.perf_counter() - start)
+            with reader.connect() as conn:
+                start = time.perf_counter()
+                assert catalog.photo_seals_off(conn) == []
+                seconds["verify: catalog.photo_seals_off"].append(time.perf_counter() - start)
+        reader.dispose()
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        for _ in range(args.rounds):
+            conn.execute("BEGIN")
+            conn.execute("UPDATE photos SET field_seal = NULL")  # as step 23 finds them (the column just added)
+            start = time.perf_counter()
+            done = migrate.seal_photo_fields(conn)
+            seconds[f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)"].append(
+                time.perf_counter() - start)
+            conn.execute("ROLLBACK")
+            assert done == args.n, done
+        conn.close()
+    lines = [f"- a catalog of {args.n:,} files, each with a photos row ({size_mb:.1f} MB: files, photos, keyword and "
+             f"trigram indexes; common.keyword_catalog), median of {args.rounds}; before and after alternate in one run",
+             load_note(load_at_start), "",
+             "| what | ms (median) | min | max |", "|---|---|---|---|"]
+    for name, runs in seconds.items():
+        lines.append(f"| {name} | {statistics.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {max(runs) * 1e3:.1f} |")
+    record("The photos rows' field seals (schema 23): the filter columns load with every row's seal checked, against "
+           "the load before", lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

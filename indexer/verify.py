@@ -23,7 +23,8 @@ a row's kept name bytes (a name that is not UTF-8) again from its key where they
 lossless (sources.key_name). A file whose row or photo fields fail their digest (catalog.off_digest: a flipped
 byte in a caption, a camera, a width) is forgotten and indexed again from the file. A photos row of no file whose digest fails
 with its own key (catalog.photo_keys_off: a flipped bit of its key, schema 21) is dropped, and the next `index` run
-reads its file's photo fields again. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
+reads its file's photo fields again. A photos row off the seal the filter columns check (catalog.photo_seals_off, schema
+23) whose fields hold their digest is sealed again. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
 from its folders.
 """
 
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from alignsearch.storage import ann, catalog, layouts, state, vectors
+from alignsearch.storage import ann, catalog, layouts, migrate, state, vectors
 from alignsearch.storage.paths import ANN_FILE, DB_FILE
 from alignsearch.errors import AlignSearchError, IndexDamagedError, IndexNotFoundError
 from alignsearch.storage.vectors import VectorStore
@@ -66,6 +67,7 @@ class Report:
     incomplete_videos: list[int] = field(default_factory=list)  # moments of videos that lost one: encoded again
     off_digest: list[int] = field(default_factory=list)  # files whose shown fields fail their digest: read again
     photo_keys_off: list[int] = field(default_factory=list)  # photos rows of no file off their digest: dropped
+    seals_off: list[int] = field(default_factory=list)  # photos rows off their field seal, digest held: sealed again
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -181,6 +183,12 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if r.off_digest:  # a flipped byte in a caption, camera, width...: readers refuse them (rowdigest.py)
                 r.problems.append(f"the rows of {len(r.off_digest)} files are not as written (their fields fail their "
                                   "checksum): `alignsearch verify --repair` reads those files again")
+            # a photos row off the seal the filter columns check (schema 23) whose fields hold their digest: the seal
+            # alone is damaged (a row off its digest is read again, above)
+            r.seals_off = sorted(set(catalog.photo_seals_off(conn)) - set(r.off_digest))
+            if r.seals_off:
+                r.problems.append(f"the photo rows of {len(r.seals_off)} files are off the seal filters check (their "
+                                  "fields hold their checksum): `alignsearch verify --repair` seals them again")
             r.incomplete_videos = catalog.incomplete_videos(conn)
             if r.incomplete_videos:  # moments are committed whole per video: a gap is a row lost to damage
                 videos = len(set(catalog.video_keys(conn, r.incomplete_videos).values()))
@@ -447,6 +455,11 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                 if dropped > keys_off:
                     done.append(f"dropped {dropped - keys_off} rows of tags, hashes, photo fields or keywords of "
                                 "files no longer in the catalog")
+            if report.seals_off:
+                with db.begin() as conn:  # found again under the lock: only rows whose digest holds are sealed
+                    resealed = migrate.seal_photo_fields(conn.connection.dbapi_connection)
+                if resealed:
+                    done.append(f"sealed the photo rows of {resealed} files again (their fields held their checksum)")
             if report.malformed_phashes:
                 with db.begin() as conn:
                     catalog.forget_phashes(conn, catalog.malformed_phashes(conn))

@@ -1763,7 +1763,7 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
 
 def without_digests(db: Path, copy: Path) -> list[str]:
     """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped, and the
-    files' vector address seals (schema 17) and a re-encode's (19): what an upgrade to schema 14 and on left of the
+    files' vector address seals (schema 17), a re-encode's (19) and the photos rows' field seals (23): what an upgrade to schema 14 and on left of the
     catalog as it was
     (SQLite's DROP COLUMN takes the column's text back out)."""
     copy.mkdir(parents=True, exist_ok=True)
@@ -1774,9 +1774,10 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.backup(conn)
         for table in ("files", "photos"):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
-        for table in ("files", "pending_vectors"):  # schema 17, and 19 for a re-encode's addresses
-            if any(row[1] == "vec_seal" for row in conn.execute(f"PRAGMA table_info({table})")):
-                conn.execute(f"ALTER TABLE {table} DROP COLUMN vec_seal")
+        for table, column in (("files", "vec_seal"), ("pending_vectors", "vec_seal"), ("photos", "field_seal")):
+            # schema 17, 19 for a re-encode's addresses, 23 for the photos rows' dates and places
+            if any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})")):
+                conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.commit()
         return list(conn.iterdump())
     finally:
@@ -1801,8 +1802,12 @@ def as_schema(conn, version: int) -> None:
     version wrote them): from 14 to 20 each photos row whose digest holds with its key digested again without it
     (rowdigest.PHOTO_FIELDS: the key is digested from schema 21); a row off its digest stays off. From 19 to 21 each
     pending address's seal less its file id's term (rowdigest.key_term, added by step 22): else the upgrade from
-    there added it twice. In the caller's transaction."""
+    there added it twice. Below 23 without photos.field_seal (step 23 adds it). In the caller's transaction."""
     from alignsearch.storage import migrate, rowdigest
+
+    if version < migrate.FIELD_SEALS and any(row[1] == "field_seal" for row in
+                                             conn.execute("PRAGMA table_info(photos)")):
+        conn.execute("ALTER TABLE photos DROP COLUMN field_seal")
 
     if 19 <= version < migrate.PENDING_KEYS and any(row[1] == "vec_seal" for row in
                                                     conn.execute("PRAGMA table_info(pending_vectors)")):

@@ -74,21 +74,23 @@ FLIPS = {
     "lens": ("photos", lambda ix: LENS.encode(), 3),
     "ocr": ("photos", lambda ix: OCR.encode(), 8),
     "taken_source": ("photos", lambda ix: b"exif:DateTimeOriginal", 6),
-    "taken": ("photos", lambda ix: _real(ix, _photo_of("img002.jpg").format("taken")), -1),
+    # its own last byte: the byte before it is the record header's last serial type, photos.field_seal's from schema
+    # 23 (a seal read as a REAL: no value shown changes; the filter columns and verify refuse it)
+    "taken": ("photos", lambda ix: _real(ix, _photo_of("img002.jpg").format("taken")), None),
     "lat": ("photos", lambda ix: _real(ix, _photo_of("img002.jpg").format("lat")), -1),
     "format": ("files", lambda ix: b"JPEG", 1),
     # width and height follow the content hash in the record (catalog.files' column order), a byte each under 128
     "width": ("files", lambda ix: _value(ix, _files_of("img002.jpg").format("sha256")).encode(), 64),
     "height": ("files", lambda ix: _value(ix, _files_of("img002.jpg").format("sha256")).encode(), 65),
     "size": ("files", lambda ix: _real(ix, _files_of("img002.jpg").format("mtime")), -1),  # the byte before mtime
-    "mtime": ("files", lambda ix: _real(ix, _files_of("img002.jpg").format("mtime")), -1),
-}
+    "mtime": ("files", lambda ix: _real(ix, _files_of("img002.jpg").format("mtime")), None),
+}  # None: the value's own last byte
 
 
 def _flip(ix: Path, field: str) -> None:
     table, needle, at = FLIPS[field]
     found = needle(ix)
-    flip_in_table_page(ix / DB_FILE, table, found, at if field != "mtime" else len(found) - 1)
+    flip_in_table_page(ix / DB_FILE, table, found, len(found) - 1 if at is None else at)
 
 
 def _one_line_damage(result) -> None:

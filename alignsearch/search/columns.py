@@ -43,26 +43,29 @@ class Columns:
             # forgetting a file between the two made them equal beside a row of no file, which was then not read
             conn.exec_driver_sql("BEGIN")
             photos = catalog.has_photos(conn)
-            sealed = migrate.schema_of(conn).vec_seals
+            schema = migrate.schema_of(conn)
+            sealed, fields_sealed = schema.vec_seals, photos and schema.field_seals
             cols = [f.id, f.vec_row, p.taken if photos else f.mtime, p.lat if photos else None,
-                    p.lon if photos else None, f.width, f.height, f.size, f.mtime, p.file_id if photos else None,
-                    f.vec_seal if sealed else None]
+                    p.lon if photos else None, f.width, f.height, f.size, f.mtime, p.file_id if photos else None]
             cols = [c for c in cols if c is not None]
-            query = select(*cols).where(f.status == catalog.INDEXED).order_by(f.id)
+            seal_cols = [c for c, wanted in ((f.vec_seal, sealed), (p.field_seal, fields_sealed)) if wanted]
+            query = select(*cols, *seal_cols).where(f.status == catalog.INDEXED).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
+            # by column, in one transposition (zip, in C): the rows sliced apart from their seals and each id and
+            # address picked in Python were a quarter of this load at 100k files (benchmarks/bench_photo_keys.py)
+            by_column = list(zip(*rows)) or [()] * (len(cols) + len(seal_cols))
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
-            # is an address off its seal, as addresses_of and verify find it (-1: no seal is negative), not a value to
-            # restore from a backup: verify --repair seals it anew
-            if sealed:
-                seals = np.array([r[-1] if type(r[-1]) is int else -1 for r in rows], dtype=np.int64)
-                rows = [r[:-1] for r in rows]
+            # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:
+            # verify --repair seals it anew
+            read_seals = {c.name: catalog.seal_column(by_column[len(cols) + i]) for i, c in enumerate(seal_cols)}
             try:
-                # as wide as the columns read (no rows: -1 cannot tell, and was read as a malformed value)
-                data = np.array(rows, dtype=np.float64).reshape(len(rows), len(cols) - int(sealed))
-                self.ids = np.array([r[0] for r in rows], dtype=np.int64)
-                self.vec_rows = np.array([r[1] for r in rows], dtype=np.int64)  # integers: addresses pass 2**53
+                # (rows, columns), each column contiguous; as wide as the columns read where there are no rows (a
+                # reshape to -1 could not tell, and was read as a malformed value)
+                data = np.array(by_column[:len(cols)], dtype=np.float64).T
+                self.ids = np.array(by_column[0], dtype=np.int64)
+                self.vec_rows = np.array(by_column[1], dtype=np.int64)  # integers: addresses pass 2**53
             except (TypeError, ValueError):  # text or NULL where a writer stores numbers: one line, exit 7
                 catalog.refuse_malformed(conn)
             # the photo fields filter and sort every file by, not only a hit's: a row whose key flipped to an id of no
@@ -75,7 +78,11 @@ class Columns:
                 catalog.refuse_photo_keys_off()
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
         # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)
-        if sealed and not rowdigest.sealed(self.vec_rows, seals):
+        if sealed and not (read_seals["vec_seal"][1].all() and rowdigest.sealed(self.vec_rows, read_seals["vec_seal"][0])):
+            catalog.refuse_off_digest()
+        # and every date and place filtered on (schema 23): a byte flipped in one left its file out of --after or
+        # --near, exit 0, where a hit's row is refused (photos_of); a BLAKE2 digest a row was too slow here
+        if fields_sealed and not self._photos_sealed(data, *read_seals["field_seal"]):
             catalog.refuse_off_digest()
         self.photos = photos
         names = ["taken", "lat", "lon"] if photos else ["taken"]  # (then the photos row's key, when photos)
@@ -85,6 +92,12 @@ class Columns:
                          for i, name in enumerate(names)}
         for name in ("lat", "lon"):
             self._numeric.setdefault(name, np.full(len(rows), np.nan))
+
+    def _photos_sealed(self, data: np.ndarray, seals: np.ndarray, stored: np.ndarray) -> bool:
+        """Whether every indexed file's photos row (its key read beside its fields: the last column) holds the seal
+        beside it, of its file's id and its date and place (the columns after the id and the address)."""
+        row = ~np.isnan(data[:, -1])  # the files with a photos row
+        return bool(stored[row].all() and rowdigest.fields_sealed(self.ids[row], data[row, 2:5].T, seals[row]).all())
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -323,6 +323,35 @@ def key_pending_seals(dbapi_conn: sqlite3.Connection) -> None:
                        f"% {rowdigest.SEAL_PRIME}")
 
 
+def _field_seals(conn) -> None:
+    """A seal of each photos row's date and place with its key (photos.field_seal, rowdigest.field_seal), which the
+    snapshot's filter columns check for every file in numpy: they read those fields unchecked (a digest a row was too
+    slow there), so a byte flipped in a date left its file out of --after, exit 0. Only the rows whose digest holds
+    are sealed: a row already off its digest stays off, and now off its seal too (readers and verify keep finding it).
+    The column may be there already: step 3 creates the tables with catalog.metadata's columns."""
+    dbapi = conn.connection.dbapi_connection
+    if "field_seal" not in _columns(dbapi, "photos"):
+        conn.exec_driver_sql("ALTER TABLE photos ADD COLUMN field_seal INTEGER")
+    seal_photo_fields(dbapi)
+
+
+def seal_photo_fields(dbapi_conn: sqlite3.Connection) -> int:
+    """Step 23's work, and verify --repair's, in the caller's transaction: each photos row whose digest (with its key)
+    holds and whose field seal does not sealed from its fields as they stand; how many were. One read of the table
+    (a BLAKE2 digest a row: ~3 s per 100k rows) and one UPDATE per row sealed."""
+    from alignsearch.storage import rowdigest
+
+    fields = rowdigest.PHOTO_KEYED_FIELDS
+    names = [name for name, _ in fields]
+    at = [2 + names.index(name) for name in rowdigest.PHOTO_SEALED]
+    rows = dbapi_conn.execute(f"SELECT digest, field_seal, {', '.join(names)} FROM photos").fetchall()
+    held = [row for row in rows if rowdigest.holds_shown(fields, row[2:], row[0])]
+    seals = rowdigest.field_seals([row[2] for row in held], *([row[i] for row in held] for i in at)).tolist()
+    params = [(seal, row[2]) for seal, row in zip(seals, held) if seal != row[1]]
+    dbapi_conn.executemany("UPDATE photos SET field_seal = ? WHERE file_id = ?", params)
+    return len(params)
+
+
 def _add_seals(conn, table: str) -> None:
     """table's vec_seal column (added where step 3's create_all did not make it) filled from its addresses."""
     dbapi = conn.connection.dbapi_connection
@@ -343,10 +372,13 @@ def seal_addresses(dbapi_conn: sqlite3.Connection, *, table: str = "files") -> N
 def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
     """Digest every files and photos row (digest_rows) and, where the catalog has files.vec_seal (schema 17) and
     pending_vectors.vec_seal (schema 19; with its file id once the catalog is recorded at 22: key_pending_seals),
-    seal each vector address (seal_addresses), as they stand, in the caller's
+    seal each vector address (seal_addresses), and where it has photos.field_seal (schema 23) each photos row's date
+    and place (seal_photo_fields), as they stand, in the caller's
     transaction: what a writer would have written, for rows a test or a benchmark writes by hand (never for damage a
     reader is meant to find)."""
     digest_rows(dbapi_conn)
+    if "field_seal" in _columns(dbapi_conn, "photos"):  # schema 23: each photos row's date and place
+        seal_photo_fields(dbapi_conn)
     for table in ("files", "pending_vectors"):
         if "vec_seal" in _columns(dbapi_conn, table):
             seal_addresses(dbapi_conn, table=table)
@@ -390,6 +422,7 @@ STEPS: tuple[Step, ...] = (
                  "ideographs; 〇, a radical and a supplementary-plane ideograph a token each (𩸽𠮷: 𩸽 𠮷)", _variant_keywords),
     Step(21, "a photos row's key digested with its fields, which readers check", _photo_keys),
     Step(22, "a re-encode's pending address sealed with its file id too, which its switch checks", _pending_key_seals),
+    Step(23, "a seal of each photos row's date and place, which the filter columns check", _field_seals),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
@@ -399,6 +432,7 @@ DIGESTS = 14  # from this version on every files and photos row has a digest (ro
 VEC_SEALS = 17  # from this version on every files row has files.vec_seal (rowdigest.seal)
 PHOTO_KEYS = 21  # from this version on every photos row's digest covers its key (rowdigest.PHOTO_KEYED_FIELDS)
 PENDING_KEYS = 22  # from this version on a pending address's seal covers its file id (rowdigest.pending_seal)
+FIELD_SEALS = 23  # from this version on every photos row has photos.field_seal (rowdigest.field_seal)
 
 
 def every_table(version: int | None) -> bool:
@@ -486,6 +520,7 @@ class Schema:
     digests: bool = True  # files.digest and photos.digest, from version 14 (else the connection shows them NULL)
     vec_seals: bool = True  # files.vec_seal, from version 17 (else the connection shows it NULL)
     photo_keys: bool = True  # photos.digest covers the row's key (file_id), from version 21
+    field_seals: bool = True  # photos.field_seal, from version 23 (else readers do without it)
 
 
 CURRENT = Schema()
@@ -507,7 +542,8 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
             digest = "NULL AS digest, " if version < DIGESTS else ""
             dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, {digest}NULL AS vec_seal FROM main.files")
         return Schema(version, fill_failures=holds(version, "fill_failures"), digests=version >= DIGESTS,
-                      vec_seals=version >= VEC_SEALS, photo_keys=version >= PHOTO_KEYS)
+                      vec_seals=version >= VEC_SEALS, photo_keys=version >= PHOTO_KEYS,
+                      field_seals=version >= FIELD_SEALS)
     from sqlalchemy.dialects import sqlite as sqlite_dialect
     from sqlalchemy.schema import CreateTable
 
@@ -518,7 +554,8 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     found = Schema(version, moments=not files or "moment" in files, photos=catalog.photos.name in have,
                    photo_ocr="ocr" in _columns(dbapi_conn, catalog.photos.name), phashes=catalog.phashes.name in have,
                    keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
-                   fill_failures=catalog.fill_failures.name in have, digests=False, vec_seals=False, photo_keys=False)
+                   fill_failures=catalog.fill_failures.name in have, digests=False, vec_seals=False, photo_keys=False,
+                   field_seals=False)
     if not found.moments:
         columns = ", ".join(c if c in files else f"NULL AS {c}" for c in V2_COLUMNS)
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {columns}, 0 AS moment, "

@@ -233,3 +233,49 @@ def shifted_seal_sql(seal_column: str, shift: str) -> str:
     """SQL for a seal moved with its address by the shift an SQL expression gives (seal_shift; NULL for a NULL
     shift): the seal read is moved, never computed anew from the address read, so a damaged address stays found."""
     return f"(({seal_column}) + ((({shift}) % {SEAL_PRIME} + {SEAL_PRIME}) % {SEAL_PRIME}) * {SEAL_FACTOR}) % {SEAL_PRIME}"
+
+
+# The photo fields' seal (photos.field_seal, schema 23). The snapshot's filter columns (search/columns.py) read every
+# indexed file's date and place, not only a hit's row, and a BLAKE2 digest a row was too slow to check there (~3 s per
+# 100k rows, against a load of ~0.4 s): a byte flipped in a date left its file out of --after, exit 0. This seal is
+# arithmetic numpy does for every row at once: a wrap-around uint64 mix (splitmix64's finaliser, a bijection) over
+# the row's key and each field's float64 bits, as a reader reads them back (-0.0 as 0.0, NULL and NaN as one NaN).
+# A change of one value changes the seal always (each round is a bijection of the state); of several, but once in 2**64.
+# The key is sealed too: a row moved onto another indexed file's id (a flipped bit of its rowid) joins that file.
+PHOTO_SEALED = ("taken", "lat", "lon")  # after the key, file_id: the numeric photo fields filters read
+_PHOTO_SEED = 0x61732D70686F746F  # "as-photo": a files seal, if one comes, takes another
+_MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finaliser
+_NAN_BITS = 0x7FF8000000000000  # every NULL and NaN sealed as this one pattern
+
+
+def _mixed(state):
+    """splitmix64's finaliser over a uint64 array (wrapping; a bijection)."""
+    import numpy as np
+
+    state = (state ^ (state >> np.uint64(30))) * np.uint64(_MIX[0])
+    state = (state ^ (state >> np.uint64(27))) * np.uint64(_MIX[1])
+    return state ^ (state >> np.uint64(31))
+
+
+def field_seals(keys, *columns):
+    """The seals (numpy int64, SQLite's INTEGER) of rows given as a key array (integers) and one array a field (floats,
+    NaN for NULL), in PHOTO_SEALED's order: what writers store (field_seal, one row) and readers check, in one pass."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        state = _mixed(np.full(len(keys), _PHOTO_SEED, dtype=np.uint64) ^ np.asarray(keys, np.int64).view(np.uint64))
+        for column in columns:
+            values = np.asarray(column, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0: SQLite reads -0.0 back as 0.0
+            bits = np.where(np.isnan(values), np.uint64(_NAN_BITS), values.view(np.uint64))
+            state = _mixed(state ^ bits)
+    return state.view(np.int64)
+
+
+def field_seal(key: int, values: Mapping[str, Any]) -> int:
+    """The seal of one photos row (its key and the PHOTO_SEALED values as stored: None for NULL): field_seals of it."""
+    return int(field_seals([key], *([values.get(name)] for name in PHOTO_SEALED))[0])
+
+
+def fields_sealed(keys, columns, seals):
+    """Which rows (numpy arrays: keys, the PHOTO_SEALED columns as float64, the seals read) hold their seal."""
+    return field_seals(keys, *columns) == seals

@@ -39,7 +39,8 @@ def test_an_index_written_by_590b6d4_is_read_as_it_is_and_answers_the_same(v3):
         assert state.read(conn).schema_version == 3 and migrate.schema_of(conn) == migrate.Schema(3, fill_failures=False,
                                                                                                  digests=False,
                                                                                                  vec_seals=False,
-                                                                                                 photo_keys=False)
+                                                                                                 photo_keys=False,
+                                                                                                 field_seals=False)
     db.dispose()
 
 

@@ -2,6 +2,8 @@
 bm25 sharing a rank (query.keyword_ranks, query.through_ties): the same query over the same files answers the same
 whatever order the files were indexed in."""
 
+from pathlib import Path
+
 import pytest
 
 import alignsearch
@@ -52,3 +54,33 @@ def test_a_filtered_or_compound_search_on_a_flat_index_keeps_the_copy_listed_fir
             assert copies == ["apple.jpg", "zebra.jpg"], n
             k = every.index(copies[0]) + 1  # the cut falls between the two copies
             assert [h.relpath for h in search(k)][-1] == "apple.jpg", n
+
+
+@pytest.mark.slow  # two index runs
+@pytest.mark.parametrize("first,later", [(("zebra.jpg", "mango.jpg"), ("apple.jpg",)),
+                                         (("apple.jpg",), ("zebra.jpg", "mango.jpg"))])
+def test_three_copies_at_k_and_collapsed_copies_are_listed_by_path(tmp_path, corpus, tiny_model, first, later):
+    """Three copies tied at k (filtered or not): the cut keeps the ones path order lists first; collapsed, the copy
+    shown is the one listed first by path."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for other in ("img007", "img005", "img011"):
+        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
+    ix = tmp_path / "ix"
+    for names in (first, later):
+        for name in names:
+            (folder / name).write_bytes((corpus / "img002.jpg").read_bytes())
+        index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    names = ["apple.jpg", "mango.jpg", "zebra.jpg"]
+    with alignsearch.open(ix) as engine:
+        for query in ({"text": "blue sky"}, {"text": "blue sky", "path": "*.jpg"}, {"image": corpus / "img002.jpg"},
+                      {"text": "red", "mode": "hybrid"}):
+            every = [h.relpath for h in engine.search(**query, k=10)]
+            assert [n for n in every if n in names] == names, query
+            at = every.index("apple.jpg")
+            for k in (at + 1, at + 2):
+                got = [h.relpath for h in engine.search(**query, k=k)]
+                assert [n for n in got if n in names] == names[: k - at], (query, k)
+            shown = [h for h in engine.search(**query, k=10, collapse=True) if h.relpath in names]
+            assert [h.relpath for h in shown] == ["apple.jpg"], query
+            assert [Path(engine.file(i).path).name for i in shown[0].duplicates] == names[1:], query

@@ -84,3 +84,41 @@ def test_three_copies_at_k_and_collapsed_copies_are_listed_by_path(tmp_path, cor
             shown = [h for h in engine.search(**query, k=10, collapse=True) if h.relpath in names]
             assert [h.relpath for h in shown] == ["apple.jpg"], query
             assert [Path(engine.file(i).path).name for i in shown[0].duplicates] == names[1:], query
+
+
+@pytest.mark.slow  # two index runs
+@pytest.mark.parametrize("first,later", [("zebra.jpg", "apple.jpg"), ("apple.jpg", "zebra.jpg")])
+def test_copies_with_one_caption_filtered_and_through_the_cli_share_a_keyword_rank(tmp_path, corpus, tiny_model,
+                                                                                  first, later, monkeypatch):
+    """Copies with one caption, in every mode that ranks keyword matches, filtered or not, and as the CLI's JSON
+    lists them: one keyword rank, the copy listed first by path first, the limit cut after both."""
+    import json
+
+    from conftest import run
+
+    from alignsearch.search import engine as engine_module
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
+    (folder / Path(first).with_suffix(".txt")).write_text("a red kite")
+    (folder / "img007.jpg").write_bytes((corpus / "img007.jpg").read_bytes())
+    (folder / "img007.txt").write_text("a kite over the red sea shore")
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
+    (folder / Path(later).with_suffix(".txt")).write_text("a red kite")
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    queries = [{"text": "kite", "mode": m, "path": p} for m in ("keyword", "hybrid", "auto") for p in (None, "*.jpg")]
+    with alignsearch.open(ix) as engine:
+        for query in queries:
+            hits = engine.search(**query, k=10)
+            copies = [(h.relpath, h.parts["keyword_rank"]) for h in hits if h.relpath != "img007.jpg"]
+            assert copies == [("apple.jpg", 1), ("zebra.jpg", 1)], query
+            options = [f"--{key}={value}" for key, value in query.items() if key != "text" and value is not None]
+            out = json.loads(run("query", "kite", "--index", ix, "-k", "10", *options, "--json").output)["results"]
+            assert [(h["id"], h["parts"].get("keyword_rank")) for h in out] == [(h.id, h.parts["keyword_rank"]) for h in hits], query
+        monkeypatch.setattr(engine_module, "KEYWORD_DEPTH", 1)  # the limit falls between the copies at k=1
+        for query in queries:
+            assert [(h.relpath, h.parts["keyword_rank"]) for h in engine.search(**query, k=1)] == [("apple.jpg", 1)], \
+                query

@@ -4,6 +4,7 @@ whatever order the files were indexed in."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import alignsearch
@@ -122,3 +123,42 @@ def test_copies_with_one_caption_filtered_and_through_the_cli_share_a_keyword_ra
         for query in queries:
             assert [(h.relpath, h.parts["keyword_rank"]) for h in engine.search(**query, k=1)] == [("apple.jpg", 1)], \
                 query
+
+
+@pytest.mark.slow  # an index copied, its ANN index rebuilt
+@pytest.mark.parametrize("order", [("c", "a", "b"), ("b", "c", "a"), ("a", "b", "c")])
+def test_three_synthetic_copies_tied_at_k_on_a_flat_index_are_listed_by_path(indexed_corpus, order):
+    """Three copies written in any order into a flat index, searched by vector, filtered or not: the cut at k keeps
+    the copies path order lists first."""
+    from alignsearch.search.engine import ANN_FILE
+    from helpers import write_vectors
+    from indexer import build
+
+    index_dir = indexed_corpus[1]
+    with alignsearch.open(index_dir) as engine:
+        dim = engine.info()["dim"]
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(dim)
+    q /= np.linalg.norm(q)
+    noise = rng.standard_normal((3, dim))
+    closer = [q + 0.1 * noise[0], q + 0.2 * noise[1]]  # two above the copies
+    copy = q + 0.5 * noise[2]
+    rows = np.array([v / np.linalg.norm(v) for v in closer + [copy] * 3], np.float32)
+    names = ["near1.jpg", "near2.jpg"] + [f"{n}_copy.jpg" for n in order]
+    db, store = write_vectors(index_dir, rows, names)
+
+    def check():
+        with alignsearch.open(index_dir) as engine:
+            for path in (None, "*.jpg", "*copy*"):
+                full = [h.relpath for h in engine.search_vector(q.astype(np.float32), k=10, path=path)]
+                copies = [n for n in full if n.endswith("_copy.jpg")]
+                assert copies == ["a_copy.jpg", "b_copy.jpg", "c_copy.jpg"], (path, full)
+                at = full.index("a_copy.jpg")
+                for k in (at + 1, at + 2):
+                    got = [h.relpath for h in engine.search_vector(q.astype(np.float32), k=k, path=path)]
+                    assert [n for n in got if n.endswith("_copy.jpg")] == copies[: k - at], (path, k)
+
+    build.sync_index(db, store, index_dir / ANN_FILE)
+    with alignsearch.open(index_dir) as engine:
+        assert engine.searched_exactly() == 0 and engine.info()["index"]["type"] == "flat"
+    check()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import alignsearch
+from helpers import copies_index
 from indexer.job import index_folders
 
 
@@ -16,28 +17,13 @@ def corpus(indexed_corpus):
     return indexed_corpus[0]
 
 
-def _copies_index(tmp_path, corpus, tiny_model, first, later):
-    """A flat index of four photos and two copies of img002 (`first` indexed in the first run, `later` in a second)."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
-    for other in ("img007", "img005", "img011"):
-        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
-    (folder / "img007.txt").write_text("a red kite")
-    ix = tmp_path / "ix"
-    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
-    (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
-    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
-    return ix
-
-
 @pytest.mark.slow  # two index runs
 @pytest.mark.parametrize("first,later", [("zebra.jpg", "apple.jpg"), ("apple.jpg", "zebra.jpg")])
 def test_a_filtered_or_compound_search_on_a_flat_index_keeps_the_copy_listed_first_by_path(tmp_path, corpus,
                                                                                             tiny_model, first, later):
     """Filters on a flat index score every allowed vector (_exact) and cut at k there: copies tied at place k were
     cut in the order of the allowed ids (the order they were indexed in), not by path."""
-    ix = _copies_index(tmp_path, corpus, tiny_model, first, later)
+    ix = copies_index(tmp_path, corpus, tiny_model, first, later)
     with alignsearch.open(ix) as engine:
         assert engine.info()["index"]["type"] == "flat"
         other = next(h.id for h in engine.search(image=corpus / "img005.jpg", k=1))

@@ -151,3 +151,33 @@ def test_three_synthetic_copies_tied_at_k_on_a_flat_index_are_listed_by_path(ind
     check()
     monkeypatch.setattr(engine_module, "EXACT_CHUNK", 2)  # the best kept chunk by chunk: ties kept across chunks
     check()
+
+
+@pytest.mark.slow  # two index runs of videos
+@pytest.mark.parametrize("first,later", [("zebra.mp4", "apple.mp4"), ("apple.mp4", "zebra.mp4")])
+def test_copies_of_a_video_tied_at_k_keep_the_moments_of_the_copy_listed_first_by_path(tmp_path, corpus, tiny_model,
+                                                                                     first, later):
+    """Two copies of a video (each moment of one equal to the other's): a cut at k between them keeps the moment of
+    the copy path order lists first, filtered or not."""
+    from helpers import make_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    clip = make_video(tmp_path / "clip.mp4", [(1, 3), (2, 3)])
+    for other in ("img007", "img005"):
+        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
+    (folder / first).write_bytes(clip.read_bytes())
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    (folder / later).write_bytes(clip.read_bytes())
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    with alignsearch.open(ix) as engine:
+        assert engine.info()["index"]["type"] == "flat"
+        for query in ({"text": "blue sky"}, {"text": "blue sky", "media": "video"}, {"text": "red", "path": "*.mp4"}):
+            every = [(h.relpath, h.t) for h in engine.search(**query, k=10)]
+            videos = [n for n, _ in every if n.endswith(".mp4")]
+            assert videos.count("apple.mp4") == videos.count("zebra.mp4") >= 2, (query, every)
+            at = [n for n, _ in every].index("zebra.mp4") - 1  # the first moment of apple and its copy in zebra follow one another
+            assert every[at][0] == "apple.mp4" and every[at][1] == every[at + 1][1], (query, every)
+            got = [(h.relpath, h.t) for h in engine.search(**query, k=at + 1)]
+            assert got == every[: at + 1], (query, got, every)

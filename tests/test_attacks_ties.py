@@ -84,6 +84,7 @@ def test_copies_with_one_caption_filtered_and_through_the_cli_share_a_keyword_ra
     from conftest import run
 
     from alignsearch.search import engine as engine_module
+    from alignsearch.search.request import build as build_request
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -109,6 +110,10 @@ def test_copies_with_one_caption_filtered_and_through_the_cli_share_a_keyword_ra
         for query in queries:
             assert [(h.relpath, h.parts["keyword_rank"]) for h in engine.search(**query, k=1)] == [("apple.jpg", 1)], \
                 query
+        # explain counts the matches as the search keeps them: the two copies at the limit, and never more caption
+        # matches (auto's evidence, a part of the keyword matches) than keyword matches
+        plan = engine.explain(build_request(text="kite", k=1, mode="auto"))
+        assert plan["caption_or_tag_matches"] == plan["keyword_matches"] == 2, plan
 
 
 @pytest.mark.slow  # an index copied, its ANN index rebuilt

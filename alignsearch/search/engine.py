@@ -504,7 +504,10 @@ class Engine:
             allowed = cols.ids[mask]
         if opts.words and mode != "vector":
             with self.db.connect() as conn:
-                out["keyword_matches"] = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
+                # those tied with the last one at the limit too, as the search keeps them (_keyword_matches): else
+                # caption_or_tag_matches, a part of these, counted more than these where copies straddled it
+                found = catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH + KEYWORD_TIE_MARGIN)
+                out["keyword_matches"] = query_module.through_ties([s for _, s in found], KEYWORD_DEPTH)
             if mode == "auto":
                 out["caption_or_tag_matches"] = len(self._keyword_matches(opts, None))
             # The ranking _search uses: fused only where keyword matches pass the filter (auto: captions, text in

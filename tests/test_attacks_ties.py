@@ -186,3 +186,33 @@ def test_copies_of_a_video_tied_at_k_keep_the_moments_of_the_copy_listed_first_b
             assert every[at][0] == "apple.mp4" and every[at][1] == every[at + 1][1], (query, every)
             got = [(h.relpath, h.t) for h in engine.search(**query, k=at + 1)]
             assert got == every[: at + 1], (query, got, every)
+
+
+@pytest.mark.slow  # two index runs and a server
+def test_the_server_answers_copies_tied_at_k_as_the_python_api_does(tmp_path, corpus, tiny_model):
+    """`alignsearch serve` cuts copies tied at k as the engine does: the copy path order lists first, filtered or not
+    (zebra.jpg indexed first, the order a cut in the index's order would keep)."""
+    import json
+    from urllib.parse import urlencode
+
+    from helpers import call, start_serve, stop
+
+    ix = copies_index(tmp_path, corpus, tiny_model, "zebra.jpg", "apple.jpg")
+    queries = [{"q": "blue sky"}, {"q": "blue sky", "path": "*.jpg"}, {"q": "red", "mode": "hybrid", "path": "*.jpg"},
+               {"q": "kite", "mode": "keyword"}]
+    with alignsearch.open(ix) as engine:
+        expected = {}
+        for query in queries:
+            args = {("text" if key == "q" else key): value for key, value in query.items()}
+            every = [h.relpath for h in engine.search(**args, k=10)]
+            k = every.index("apple.jpg") + 1 if "apple.jpg" in every else 1
+            expected[json.dumps(query)] = (k, [h.id for h in engine.search(**args, k=k)])
+    proc, url = start_serve(ix, "--token", "s3cret")
+    try:
+        for query in queries:
+            k, ids = expected[json.dumps(query)]
+            status, _, body = call(url, "/api/search?" + urlencode({**query, "k": k}))
+            assert status == 200, body
+            assert [h["id"] for h in json.loads(body)["results"]] == ids, query
+    finally:
+        stop(proc)

@@ -5,6 +5,10 @@ re-rank from the stored vectors, catalog rows) with the margin at 0 (before: k c
 alternating in one run, median of --rounds of the mean per search over --queries queries.
 
     python benchmarks/bench_tie_margin.py [--n 1000,5000,9999] [--k 1,10,100] [--rounds 7] [--queries 50] [--no-save]
+        [--path GLOB]
+
+--path: searches filtered by that glob (every allowed vector scored exactly, Engine._exact/_best_of, which keeps
+those within the gap of the k-th past it, up to TIE_MARGIN more); "*.jpg" admits every synthetic row.
 
 The index is bench_dupes.py's synthetic one (structured 640-d vectors, written directly; below ann.FLAT_BELOW
 vectors: a flat index); the queries are stored vectors with noise.
@@ -38,12 +42,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--path", default=None, help="filter the searches by this glob (the exact path)")
     args = ap.parse_args()
     load_at_start = os.getloadavg()[0]
     margin = ann.TIE_MARGIN
     lines = [f"- Engine.search_vector on a flat index of synthetic 640-d vectors (bench_dupes.synthetic_index), "
              f"{args.queries} queries (stored vectors with noise); mean ms a search, median of {args.rounds} rounds, "
-             f"before (TIE_MARGIN 0: k candidates) and now (TIE_MARGIN {margin}) alternating", load_note(load_at_start),
+             f"before (TIE_MARGIN 0: k candidates) and now (TIE_MARGIN {margin}) alternating"
+             + (f"; filtered by path {args.path!r} (every allowed vector scored exactly)" if args.path else ""),
+             load_note(load_at_start),
              "", "| vectors | k | before: k candidates (ms) | now: k + margin (ms) | ratio |", "|---|---|---|---|---|"]
     rng = np.random.default_rng(1)
     try:
@@ -61,7 +68,7 @@ def main() -> None:
                             for m in samples:
                                 ann.TIE_MARGIN = m
                                 at = iter(queries)
-                                samples[m].append(per_request_ms(lambda: engine.search_vector(next(at), k=k),
+                                samples[m].append(per_request_ms(lambda: engine.search_vector(next(at), k=k, path=args.path),
                                                                  len(queries)))
                         b, a = statistics.median(samples[0]), statistics.median(samples[margin])
                         lines.append(f"| {n:,} | {k} | {b:.2f} | {a:.2f} | {a / b:.2f} |")

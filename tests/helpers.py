@@ -641,6 +641,24 @@ def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
     assert info["images"] == expected["info"]["tags"]["beach"] - moments_beyond_first  # every file has each label
 
 
+def copies_index(tmp_path: Path, corpus: Path, tiny_model, first: str, later: str) -> Path:
+    """A flat index (tmp_path/ix) of tmp_path/photos: three photos of the corpus (img007 captioned "a red kite") and
+    two copies of img002, `first` indexed in a first run and `later` in a second (so `first` has the lower id)."""
+    from indexer.job import index_folders
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
+    for other in ("img007", "img005", "img011"):
+        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
+    (folder / "img007.txt").write_text("a red kite")
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    return ix
+
+
 def sequential_keyword_ranks(bm25) -> np.ndarray:
     """Keyword ranks one after the other (1, 2, 3, 4), equal bm25 or not: query.keyword_ranks before equal ones
     shared a rank."""

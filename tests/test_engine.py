@@ -15,6 +15,7 @@ from indexer import build
 from indexer.job import index_folders
 from helpers import clustered
 from helpers import add_synthetic
+from helpers import copies_index
 
 
 @pytest.fixture
@@ -268,16 +269,7 @@ def test_the_copy_a_cut_at_k_keeps_of_tied_copies_is_the_one_listed_first_by_pat
     folder answered with different files. Now the cut keeps the copy that path order lists first. Fused rankings look
     FUSION_DEPTH deep; a vector search on a flat index asked FAISS for k alone, which cut between the copies before
     the engine saw them (the one indexed first kept): it asks for a margin past k now (ann.TIE_MARGIN)."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / first).write_bytes((corpus / "img002.jpg").read_bytes())
-    for other in ("img007", "img005", "img011"):
-        (folder / f"{other}.jpg").write_bytes((corpus / f"{other}.jpg").read_bytes())
-    (folder / "img007.txt").write_text("a red kite")
-    ix = tmp_path / "ix"
-    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
-    (folder / later).write_bytes((corpus / "img002.jpg").read_bytes())
-    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    ix = copies_index(tmp_path, corpus, tiny_model, first, later)
     with alignsearch.open(ix) as engine:
         assert engine.info()["index"]["type"] == "flat"
         for query in ({"text": "red", "mode": "hybrid"}, {"text": "kite"}, {"text": "red", "mode": "vector"},

@@ -504,7 +504,10 @@ class Engine:
             allowed = cols.ids[mask]
         if opts.words and mode != "vector":
             with self.db.connect() as conn:
-                out["keyword_matches"] = len(catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH))
+                # those tied with the last one at the limit too, as the search keeps them (_keyword_matches): else
+                # caption_or_tag_matches, a part of these, counted more than these where copies straddled it
+                found = catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH + KEYWORD_TIE_MARGIN)
+                out["keyword_matches"] = query_module.through_ties([s for _, s in found], KEYWORD_DEPTH)
             if mode == "auto":
                 out["caption_or_tag_matches"] = len(self._keyword_matches(opts, None))
             # The ranking _search uses: fused only where keyword matches pass the filter (auto: captions, text in
@@ -723,15 +726,19 @@ class Engine:
                 keep = query.order(best_parts)[:depth]
                 best_ids, best_parts = best_ids[keep], best_parts[keep]
             return best_ids.tolist()
+        # Kept past depth: those that may tie with the depth-th (copies, query.tied_at_cut), so that _hits settles
+        # them by name; cut at depth, one was kept in the order of the ids (the order they were indexed in).
+        margin = depth + ann.TIE_MARGIN
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(ids), EXACT_CHUNK):  # bounded memory however many match
             chunk = ids[start : start + EXACT_CHUNK]
             scores = query.score(_unit(self._stored(snap, addresses[start : start + EXACT_CHUNK])))
             best_ids, best_scores = np.concatenate([best_ids, chunk]), np.concatenate([best_scores, scores])
-            if len(best_ids) > depth:
-                keep = np.argpartition(-best_scores, depth)[:depth]
+            if len(best_ids) > margin:
+                keep = np.argpartition(-best_scores, margin)[:margin]
                 best_ids, best_scores = best_ids[keep], best_scores[keep]
-        return best_ids[np.argsort(-best_scores, kind="stable")].tolist()
+        order = np.argsort(-best_scores, kind="stable")
+        return best_ids[order][: query_module.tied_at_cut(best_scores[order], depth)].tolist()
 
     def _keyword_matches(self, opts: "_Options", allowed: np.ndarray | None) -> list[tuple[int, float]]:
         """Keyword matches (id, bm25) among the allowed ids, best first, as many as k asks for: the filter goes into the SQL,

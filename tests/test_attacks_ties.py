@@ -114,6 +114,9 @@ def test_copies_with_one_caption_filtered_and_through_the_cli_share_a_keyword_ra
         # matches (auto's evidence, a part of the keyword matches) than keyword matches
         plan = engine.explain(build_request(text="kite", k=1, mode="auto"))
         assert plan["caption_or_tag_matches"] == plan["keyword_matches"] == 2, plan
+        # k past KEYWORD_DEPTH: the search keeps k matches (the copies and img007's), and explain counts them all
+        plan = engine.explain(build_request(text="kite", k=3, mode="auto"))
+        assert plan["caption_or_tag_matches"] == plan["keyword_matches"] == 3, plan
 
 
 @pytest.mark.slow  # an index copied, its ANN index rebuilt

@@ -503,11 +503,10 @@ class Engine:
             mask = filters.evaluate(opts.node, cols.column, cols.tagged)
             allowed = cols.ids[mask]
         if opts.words and mode != "vector":
-            with self.db.connect() as conn:
-                # those tied with the last one at the limit too, as the search keeps them (_keyword_matches): else
-                # caption_or_tag_matches, a part of these, counted more than these where copies straddled it
-                found = catalog.keyword_search(conn, opts.words, KEYWORD_DEPTH + KEYWORD_TIE_MARGIN)
-                out["keyword_matches"] = query_module.through_ties([s for _, s in found], KEYWORD_DEPTH)
+            # as the search keeps them (_keyword_matches: its limit, and those tied with the last one at it): else
+            # caption_or_tag_matches, a part of these, counted more than these where copies straddled KEYWORD_DEPTH
+            # or k passed it
+            out["keyword_matches"] = len(self._keyword_matches(opts, None, evidence_only=False))
             if mode == "auto":
                 out["caption_or_tag_matches"] = len(self._keyword_matches(opts, None))
             # The ranking _search uses: fused only where keyword matches pass the filter (auto: captions, text in
@@ -711,12 +710,14 @@ class Engine:
         return list(dict.fromkeys(ids[ids >= 0].tolist()))
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
-        """Exact scores of every allowed vector (from the snapshot's columns), best `depth` ids first."""
+        """Exact scores of every allowed vector (from the snapshot's columns), best first: _best_of's `depth` and
+        those tied with the depth-th."""
         cols = snap.columns(self.db)
         return self._best_of(snap, query, allowed, cols.vec_rows[cols.rows_of(allowed)], depth)
 
     def _best_of(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int) -> list[int]:
-        """Exact scores of the vectors at these addresses (ids[i]'s at addresses[i]), best `depth` ids first."""
+        """Exact scores of the vectors at these addresses (ids[i]'s at addresses[i]), best first: `depth` ids, and
+        (but for a late-fused query) up to ann.TIE_MARGIN more that may tie with the depth-th (query.tied_at_cut)."""
         if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
             best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
             for start in range(0, len(ids), EXACT_CHUNK):
@@ -740,11 +741,15 @@ class Engine:
         order = np.argsort(-best_scores, kind="stable")
         return best_ids[order][: query_module.tied_at_cut(best_scores[order], depth)].tolist()
 
-    def _keyword_matches(self, opts: "_Options", allowed: np.ndarray | None) -> list[tuple[int, float]]:
+    def _keyword_matches(self, opts: "_Options", allowed: np.ndarray | None, *,
+                         evidence_only: bool | None = None) -> list[tuple[int, float]]:
         """Keyword matches (id, bm25) among the allowed ids, best first, as many as k asks for: the filter goes into the SQL,
         before the limit (filtering the global top list starved a narrow filter). In auto mode only words in a
         caption, the text read in the image or a tag count: a word of a file or folder name alone
-        ("red_circle.png" for "red car on beach") must not override the model."""
+        ("red_circle.png" for "red car on beach") must not override the model. evidence_only: None, as the mode
+        says (explain counts every match with False)."""
+        if evidence_only is None:
+            evidence_only = opts.mode == "auto"
         with self.db.connect() as conn:
             among = None if allowed is None else allowed.tolist()
             if not opts.words or not catalog.has_keywords(conn):
@@ -752,7 +757,7 @@ class Engine:
             limit = max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool)
             # a margin past the limit: matches tied with the last one at it are kept too (query.through_ties)
             found = keywords.search(conn, opts.words, limit + KEYWORD_TIE_MARGIN, among,
-                                    evidence_only=opts.mode == "auto")
+                                    evidence_only=evidence_only)
             return found[:query_module.through_ties([s for _, s in found], limit)]
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",

@@ -338,7 +338,7 @@ def _field_seals(conn) -> None:
 def seal_photo_fields(dbapi_conn: sqlite3.Connection) -> int:
     """Step 23's work, and verify --repair's, in the caller's transaction: each photos row whose digest (with its key)
     holds and whose field seal does not sealed from its fields as they stand; how many were. One read of the table
-    (a BLAKE2 digest a row: ~3 s per 100k rows) and one UPDATE per row sealed."""
+    (a BLAKE2 digest a row checked: 1.1 s in all at 100k rows, RESULTS.md) and one UPDATE per row sealed."""
     from alignsearch.storage import rowdigest
 
     fields = rowdigest.PHOTO_KEYED_FIELDS

@@ -236,8 +236,9 @@ def shifted_seal_sql(seal_column: str, shift: str) -> str:
 
 
 # The photo fields' seal (photos.field_seal, schema 23). The snapshot's filter columns (search/columns.py) read every
-# indexed file's date and place, not only a hit's row, and a BLAKE2 digest a row was too slow to check there (~3 s per
-# 100k rows, against a load of ~0.4 s): a byte flipped in a date left its file out of --after, exit 0. This seal is
+# indexed file's date and place, not only a hit's row, and a BLAKE2 digest a row was too slow to check there (step 23,
+# which checks each photos row's, took 1.1 s at 100k rows, against a load of 0.5 s: RESULTS.md, bench_photo_keys
+# --seals): a byte flipped in a date left its file out of --after, exit 0. This seal is
 # arithmetic numpy does for every row at once: a wrap-around uint64 mix (splitmix64's finaliser, a bijection) over
 # the row's key and each field's float64 bits, as a reader reads them back (-0.0 as 0.0, NULL and NaN as one NaN).
 # A change of one value changes the seal always (each round is a bijection of the state); of several, but once in 2**64.

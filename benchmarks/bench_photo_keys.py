@@ -7,10 +7,11 @@ look at the photos rows of no indexed file takes (photo_keys_off(unindexed=True)
 that load as it was (always looking) and as it is (columns.all_joined: no look where no row lies off a file).
 
     python benchmarks/bench_photo_keys.py [--n 100000] [--rounds 5] [--leftovers 10] [--no-save]
-    python benchmarks/bench_photo_keys.py --seals [--base main] [--n 100000] [--rounds 9] [--no-save]
+    python benchmarks/bench_photo_keys.py --seals [--base 7d28022^1] [--n 100000] [--rounds 9] [--no-save]
 
 --seals measures the photos rows' field seals instead (schema 23, rowdigest.field_seal): the filter columns load
-with its check of every row's seal and --base's (main's search/columns.py, loaded beside it: no seal read or checked)
+with its check of every row's seal and --base's (search/columns.py before the seals' merge, loaded beside it: no seal
+read or checked)
 on the same catalog, alternating; the check alone
 (rowdigest.fields_sealed over the load's arrays); verify's photo_seals_off; and step 23 (migrate.seal_photo_fields,
 every row's digest checked then sealed, rolled back).
@@ -60,7 +61,9 @@ def main() -> None:
     ap.add_argument("--leftovers", type=int, default=10)
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--seals", action="store_true", help="the field seals' cost (schema 23) instead")
-    ap.add_argument("--base", default="main", help="--seals: the commit whose filter columns load is the baseline")
+    # main's columns.py checks the seals itself since their merge (7d28022): the baseline is main before it
+    ap.add_argument("--base", default="7d28022^1",
+                    help="--seals: the commit whose filter columns load is the baseline (no field seal)")
     args = ap.parse_args()
     if args.seals:
         return seals(args)

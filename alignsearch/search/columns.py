@@ -54,7 +54,8 @@ class Columns:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
             # by column, in one transposition (zip, in C): the rows sliced apart from their seals and each id and
-            # address picked in Python were a quarter of this load at 100k files (benchmarks/bench_photo_keys.py)
+            # address picked in Python were a large part of this load at 100k files (bench_photo_keys.py --seals; the
+            # share was not recorded in RESULTS.md)
             by_column = list(zip(*rows)) or [()] * (len(cols) + len(seal_cols))
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
             # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:

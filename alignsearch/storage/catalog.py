@@ -1219,7 +1219,8 @@ def photo_seals_off(conn: Connection) -> list[int]:
 def seal_column(read) -> tuple[np.ndarray, np.ndarray]:
     """Seals as read (a sequence: numpy int64, 0 for none) and which were ones a writer stores (an int: NULL, text or
     a REAL is none). In numpy where every value is an int or NULL (a file without a photos row), as writers leave
-    them: a test of each value in Python was a tenth of the filter columns' load at 100k files."""
+    them: a test of each value in Python weighed on the filter columns' load at 100k files (not recorded in
+    RESULTS.md)."""
     import numpy as np
 
     if set(map(type, read)) <= {int, type(None)}:

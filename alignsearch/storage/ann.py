@@ -72,14 +72,14 @@ def train_size(n: int, plan: IndexPlan) -> int:
 # Candidates past k a flat index is asked for: FAISS cut its exact top k with no regard to names, so of two copies of
 # a photo (equal vectors) tied at place k it kept the one indexed first, before the engine could list them by name
 # (query.settle_ties): a Ray run and a local run showed different files. A flat search scores every vector whatever
-# k is (k only sizes its heap), and at k=10 the re-rank then reads 50 rows, IVF-PQ's floor below. Ties of more
-# copies than this straddling k are still cut in the index's order.
+# k is (k only sizes its heap); of the candidates past k the engine re-ranks only those that may tie with the k-th
+# (query.tied_at_cut, engine._ann_ids). Ties of more copies than this straddling k are still cut in the index's order.
 TIE_MARGIN = 40
 
 
 def candidate_count(k: int, plan: IndexPlan, rerank_factor: int = 10) -> int:
-    """How many ANN candidates to re-rank exactly for a top-k query: at least 50 on IVF-PQ, k + TIE_MARGIN on a flat
-    index."""
+    """How many ANN candidates to ask for a top-k query: on IVF-PQ at least 50, all re-ranked exactly; on a flat index
+    k + TIE_MARGIN, of which the engine re-ranks k and those that may tie with the k-th (query.tied_at_cut)."""
     return k + TIE_MARGIN if plan.kind == "flat" else max(k * rerank_factor, 50)
 
 

@@ -230,3 +230,27 @@ def test_the_upgrade_to_23_seals_healthy_rows_and_never_a_damaged_one(indexed_im
         else:
             assert _hits(ix, *after) == 12
             assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+
+
+def test_the_upgrade_to_23_leaves_a_date_no_writer_stores_unsealed(tmp_path):
+    """A text date whose digest holds (damaged before step 14, which digested the rows as they stood): step 23 could
+    not read it as a number, and the upgrade raised ValueError (exit 1) in every command that opens the catalog to
+    write. It is left unsealed, and the catalog says what is malformed."""
+    ids = _photo_index(tmp_path)
+    with sqlite3.connect(tmp_path / DB_FILE) as conn:
+        as_schema(conn, 22)
+        conn.execute("UPDATE photos SET taken = 'about noon' WHERE file_id = ?", (ids[2],))
+        migrate.digest_rows(conn)
+    conn.close()
+    catalog.connect(tmp_path / DB_FILE).dispose()  # a writer upgrades it
+    assert catalog_rows(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
+    assert catalog_rows(tmp_path, "SELECT file_id FROM photos WHERE field_seal IS NULL") == [(ids[2],)]
+    db = catalog.connect(tmp_path / DB_FILE)
+    try:
+        with db.begin() as conn:
+            assert catalog.malformed_values(conn) == [f"{DB_FILE} is damaged: 1 photo dates are not numbers as "
+                                                      "alignsearch writes them"]
+    finally:
+        db.dispose()
+    with pytest.raises(IndexDamagedError, match="photo dates are not numbers"):
+        _columns(tmp_path / DB_FILE)

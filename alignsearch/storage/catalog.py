@@ -1239,9 +1239,11 @@ def count_photos(conn: Connection) -> int:
 def count_indexed_photos_scanned(conn: Connection) -> int:
     """The photos rows whose key is an indexed file's id, counted in a scan of the table (+file_id: no look-up by
     rowid). A row whose key flipped to the id of another file with a row of its own puts two rows of one key out of
-    the page's order: a look-up (the filter columns' join) of the row's own id misses it, a scan still counts it."""
-    return int(conn.exec_driver_sql(f"SELECT count(*) FROM {photos.name} WHERE +file_id IN "
-                                    f"(SELECT id FROM {files.name} WHERE status = ?)", (INDEXED,)).scalar_one())
+    the page's order: a look-up (the filter columns' join) of the row's own id misses it, a scan still counts it.
+    CROSS JOIN keeps photos the scanned side, each row's file looked up by its id (a third of the time an IN list of
+    the indexed ids took at 1M files: its ephemeral index was built first)."""
+    return int(conn.exec_driver_sql(f"SELECT count(*) FROM {photos.name} p CROSS JOIN {files.name} f "
+                                    "ON f.id = +p.file_id WHERE f.status = ?", (INDEXED,)).scalar_one())
 
 
 def count_off_seals(conn: Connection) -> int:

@@ -2065,11 +2065,13 @@ def checkpointed_ids(db: Path, sql: str) -> tuple[int, set[int]]:
     return page_size, ids
 
 
-def flip_a_photo_key(db: Path) -> tuple[int, int]:
+def flip_a_photo_key(db: Path, *, onto_a_file: bool = False) -> tuple[int, int]:
     """The lowest bit of one photos row's rowid (its file_id) flipped where its cell holds it, to an id no files row
     has, keeping the page's keys in order (SQLite's check of the table passes): the catalog flip sweep's damage that
     readers saw as a photo with no date, exit 0 ((the id written, the id it reads as)). The WAL is checkpointed into
-    the file first, so that the page flipped is the one read."""
+    the file first, so that the page flipped is the one read. onto_a_file: to the id of another file that has a row of
+    its own instead (two rows of one key, out of the page's order: SQLite's check of the table fails, and a look-up of
+    the row's own id misses it)."""
     columns = record_columns(db, "photos")
     page_size, files = checkpointed_ids(db, "SELECT id FROM files")
     original = db.read_bytes()
@@ -2077,7 +2079,7 @@ def flip_a_photo_key(db: Path) -> tuple[int, int]:
         for at in range(first, end):
             written = original[at]
             if not (flipped_field(original, page_size, at, columns).endswith(": rowid") and written < 0x80
-                    and written in files and written ^ 1 not in files):
+                    and written in files and (written ^ 1 in files) == onto_a_file):
                 continue
             data = bytearray(original)
             data[at] ^= 0x01
@@ -2086,12 +2088,15 @@ def flip_a_photo_key(db: Path) -> tuple[int, int]:
             try:
                 sound = conn.execute("PRAGMA integrity_check(photos)").fetchone()[0] == "ok"
                 moved = conn.execute("SELECT 1 FROM photos WHERE file_id = ?", (written ^ 1,)).fetchone()
+                if onto_a_file:
+                    sound, moved = True, moved and not conn.execute("SELECT 1 FROM photos WHERE file_id = ?",
+                                                                    (written,)).fetchone()
             finally:
                 conn.close()
             if sound and moved:
                 return written, written ^ 1
     db.write_bytes(original)
-    raise AssertionError("no photos row whose key flips to an id no file has, the table's check passing")
+    raise AssertionError("no photos row whose key flips to an id as asked, the flip read as written")
 
 
 def flip_sweep_index(base: Path, model) -> tuple[Path, Path]:

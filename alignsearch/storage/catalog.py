@@ -1237,6 +1237,16 @@ def count_photos(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(photos)).scalar_one())
 
 
+def count_indexed_photos_scanned(conn: Connection) -> int:
+    """The photos rows whose key is an indexed file's id, counted in a scan of the table (+file_id: no look-up by
+    rowid). A row whose key flipped to the id of another file with a row of its own puts two rows of one key out of
+    the page's order: a look-up (the filter columns' join) of the row's own id misses it, a scan still counts it.
+    CROSS JOIN keeps photos the scanned side, each row's file looked up by its id (a third of the time an IN list of
+    the indexed ids took at 1M files: its ephemeral index was built first)."""
+    return int(conn.exec_driver_sql(f"SELECT count(*) FROM {photos.name} p CROSS JOIN {files.name} f "
+                                    "ON f.id = +p.file_id WHERE f.status = ?", (INDEXED,)).scalar_one())
+
+
 def count_off_seals(conn: Connection) -> int:
     """How many indexed files' vector addresses are off their seals (0 before schema 17): for `info`, which shows
     counts rather than reading each address (live_pairs refuses them), so says the damage beside them."""

@@ -335,6 +335,9 @@ def _field_seals(conn) -> None:
     seal_photo_fields(dbapi)
 
 
+_SEALABLE = (int, float, type(None))  # what SQLite reads back from a REAL column a writer filled
+
+
 def seal_photo_fields(dbapi_conn: sqlite3.Connection) -> int:
     """Step 23's work, and verify --repair's, in the caller's transaction: each photos row whose digest (with its key)
     holds and whose field seal does not sealed from its fields as they stand; how many were. One read of the table
@@ -345,7 +348,11 @@ def seal_photo_fields(dbapi_conn: sqlite3.Connection) -> int:
     names = [name for name, _ in fields]
     at = [2 + names.index(name) for name in rowdigest.PHOTO_SEALED]
     rows = dbapi_conn.execute(f"SELECT digest, field_seal, {', '.join(names)} FROM photos").fetchall()
-    held = [row for row in rows if rowdigest.holds_shown(fields, row[2:], row[0])]
+    # a date or place no writer stores (text, bytes: a value damaged before step 14 digested it as it stood) is left
+    # unsealed, which malformed_values reports (exit 7, one line): numpy could not read it as a float, and the upgrade
+    # failed on it (ValueError, exit 1) for every command that opens the catalog to write
+    held = [row for row in rows if all(type(row[i]) in _SEALABLE for i in at)
+            and rowdigest.holds_shown(fields, row[2:], row[0])]
     seals = rowdigest.field_seals([row[2] for row in held], *([row[i] for row in held] for i in at)).tolist()
     params = [(seal, row[2]) for seal, row in zip(seals, held) if seal != row[1]]
     dbapi_conn.executemany("UPDATE photos SET field_seal = ? WHERE file_id = ?", params)

@@ -191,6 +191,7 @@ def test_the_gate_keeps_the_similarity_order_without_keyword_matches(z):
     assert [i for i, _ in fuse_hits(sims, [], method="gate", z=z)] == sorted(sims, key=lambda i: (-sims[i], i))
 
 
+@pytest.mark.slow  # 3.5 s: an index built and null queries encoded
 def test_the_engine_with_the_gate_fusion_gates_on_the_query_best_cosine_against_the_null_queries(tmp_path, monkeypatch):
     """The engine's wiring of the gate (AUTO_FUSION set to it, as bench_auto.py does): z is the best candidate's similarity against the null queries' best cosines
     (set here, as a model would give them), and picks the fusion. A wrong caption on the vector least like the

@@ -60,7 +60,7 @@ class Columns:
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
             # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:
             # verify --repair seals it anew
-            read_seals = {c.name: catalog.seal_column(by_column[len(cols) + i]) for i, c in enumerate(seal_cols)}
+            read_seals = {c.name: by_column[len(cols) + i] for i, c in enumerate(seal_cols)}  # as read (seal_column)
             try:
                 # (rows, columns), each column contiguous; as wide as the columns read where there are no rows (a
                 # reshape to -1 could not tell, and was read as a malformed value)
@@ -83,11 +83,13 @@ class Columns:
                 catalog.refuse_photo_keys_off()
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
         # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)
-        if sealed and not (read_seals["vec_seal"][1].all() and rowdigest.sealed(self.vec_rows, read_seals["vec_seal"][0])):
-            catalog.refuse_off_digest()
+        if sealed:
+            seals, stored = catalog.seal_column(read_seals["vec_seal"])
+            if not (stored.all() and rowdigest.sealed(self.vec_rows, seals)):
+                catalog.refuse_off_digest()
         # and every date and place filtered on (schema 23): a byte flipped in one left its file out of --after or
         # --near, exit 0, where a hit's row is refused (photos_of); a BLAKE2 digest a row was too slow here
-        if fields_sealed and not self._photos_sealed(data, *read_seals["field_seal"]):
+        if fields_sealed and not self._photos_sealed(data, read_seals["field_seal"]):
             catalog.refuse_off_digest()
         self.photos = photos
         names = ["taken", "lat", "lon"] if photos else ["taken"]  # (then the photos row's key, when photos)
@@ -98,11 +100,12 @@ class Columns:
         for name in ("lat", "lon"):
             self._numeric.setdefault(name, np.full(len(rows), np.nan))
 
-    def _photos_sealed(self, data: np.ndarray, seals: np.ndarray, stored: np.ndarray) -> bool:
+    def _photos_sealed(self, data: np.ndarray, read) -> bool:
         """Whether every indexed file's photos row (its key read beside its fields: the last column) holds the seal
-        beside it, of its file's id and its date and place (the columns after the id and the address)."""
+        read beside it (catalog.photo_rows_sealed), of its file's id and its date and place (the columns after the id
+        and the address); a file with no photos row has none to hold."""
         row = ~np.isnan(data[:, -1])  # the files with a photos row
-        return bool(stored[row].all() and rowdigest.fields_sealed(self.ids[row], data[row, 2:5].T, seals[row]).all())
+        return bool((catalog.photo_rows_sealed(self.ids, data[:, 2:5].T, read) | ~row).all())
 
     def __len__(self) -> int:
         return len(self.ids)

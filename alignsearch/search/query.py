@@ -258,10 +258,14 @@ def shared_ranks(similarity: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     the candidates' order (the ANN's, the order their ids were given), so their fused scores differed by that order
     and settle_ties never saw them as equal."""
     order = np.lexsort((-tiebreak, -similarity))
-    places = np.arange(1, len(order) + 1)
     ranks = np.empty(len(order), np.int64)
-    ranks[order] = np.maximum.accumulate(np.where(_run_starts(order, (similarity, tiebreak)), places, 0))
+    ranks[order] = _run_ranks(order, (similarity, tiebreak))
     return ranks
+
+
+def _run_ranks(order: np.ndarray, keys: Sequence[np.ndarray]) -> np.ndarray:
+    """Each place of order's rank (from 1): the place where its run of candidates equal in every key starts."""
+    return np.maximum.accumulate(np.where(_run_starts(order, keys), np.arange(1, len(order) + 1), 0)).astype(np.int64)
 
 
 def keyword_ranks(bm25: Sequence[float]) -> np.ndarray:
@@ -272,8 +276,7 @@ def keyword_ranks(bm25: Sequence[float]) -> np.ndarray:
     differed by that order. The engine calls it through this module (query.keyword_ranks), so that a benchmark can
     put the sequential ranks in its place."""
     bm25 = np.asarray(bm25, np.float64)
-    order = np.arange(len(bm25))
-    return np.maximum.accumulate(np.where(_run_starts(order, (bm25,)), order + 1, 0)).astype(np.int64)
+    return _run_ranks(np.arange(len(bm25)), (bm25,))
 
 
 def through_ties(bm25: Sequence[float], limit: int) -> int:

@@ -1210,10 +1210,15 @@ def photo_seals_off(conn: Connection) -> list[int]:
         return []
     by_column = list(zip(*rows))
     keys = np.array(by_column[0], dtype=np.int64)
-    seals, sealed = seal_column(by_column[1])
-    columns = np.array(by_column[2:], dtype=np.float64)
-    held = sealed & rowdigest.fields_sealed(keys, columns, seals)
-    return keys[~held].tolist()
+    return keys[~photo_rows_sealed(keys, np.array(by_column[2:], dtype=np.float64), by_column[1])].tolist()
+
+
+def photo_rows_sealed(keys, fields, read) -> np.ndarray:
+    """Which photos rows hold their field seal (pure): keys, their PHOTO_SEALED fields as float64 columns (NaN for
+    NULL), the seals as read (seal_column: one a writer stores, equal to rowdigest.field_seals of the key and fields).
+    What verify (photo_seals_off) and the filter columns (search/columns.py) both check."""
+    seals, stored = seal_column(read)
+    return stored & rowdigest.fields_sealed(keys, fields, seals)
 
 
 def seal_column(read) -> tuple[np.ndarray, np.ndarray]:

@@ -147,3 +147,11 @@ def indexed_corpus(prebuilt, tiny_model) -> tuple[Path, Path]:
 
     base, _ = prebuilt.folder("indexed-corpus", build)
     return base / "corpus", base / ".alignsearch"
+
+
+@pytest.fixture
+def ivfpq(prebuilt, tiny_model):
+    """3 images and 12,000 clustered synthetic vectors, an IVF-PQ index: built once a session, a copy per test."""
+    from helpers import with_synthetic
+
+    return prebuilt.folder("compose-ivfpq", lambda base: with_synthetic(base, tiny_model, 3, 12_000, 5, "ivfpq"))[1]

@@ -2297,3 +2297,19 @@ def hide_a_photo_row(folder: Path) -> int:
             return missing[0]
     path.write_bytes(original)
     raise AssertionError("no flip of a photos cell pointer hides a row")
+
+
+def with_synthetic(base, tiny_model, images: int, vectors: int, seed: int, kind: str):
+    """base/photos (make_images) indexed, then clustered synthetic vectors (catalog rows and stored vectors)
+    added: an ANN index of `kind`. Returns the index folder."""
+    import alignsearch
+    from conftest import index_json, make_images
+    from indexer.build import sync_index
+
+    root, ix = base / "photos", base / "ix"
+    make_images(root, images)
+    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
+    db, store = add_synthetic(ix, vectors, alignsearch.open(ix).store.dim, seed=seed)
+    assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == kind
+    db.dispose()
+    return ix

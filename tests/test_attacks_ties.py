@@ -219,3 +219,41 @@ def test_the_server_answers_copies_tied_at_k_as_the_python_api_does(tmp_path, co
             assert [h["id"] for h in json.loads(body)["results"]] == ids, query
     finally:
         stop(proc)
+
+
+@pytest.mark.slow  # an IVF-PQ index copied, copies added to it
+def test_copies_straddling_the_ivfpq_candidate_cut_are_all_re_ranked(ivfpq):
+    """On IVF-PQ the engine re-ranks the first candidate_count ANN candidates by approximate score (50 for k=5): copies
+    (equal vectors: equal codes in one list, one approximate score) straddling that cut were cut in the order FAISS met
+    them (the one indexed first kept), so which copy could reach the answer hung on the order files were indexed in.
+    Now FAISS is asked for ann.TIE_MARGIN more and each copy tied with the last candidate is re-ranked too."""
+    from alignsearch.search.engine import Engine
+    from alignsearch.search.query import Scorer, unit
+    from alignsearch.storage import ann
+    from helpers import write_vectors
+    from indexer.build import sync_index
+
+    rng = np.random.default_rng(3)
+    with alignsearch.open(ivfpq) as engine:
+        snap = engine.snap
+        assert snap.plan.kind == "ivfpq"
+        q = unit(rng.standard_normal(engine.store.dim)).astype(np.float32)
+        want = ann.candidate_count(5, snap.plan)
+        scores, ids = ann.search(snap.index, q[None, :], want + 20, snap.nprobe)
+        at = want - 1  # the last candidate re-ranked, with a score no other candidate shares (so it is the cut)
+        while np.isclose(scores[0][at], scores[0][at - 1]) or np.isclose(scores[0][at], scores[0][at + 1]):
+            at -= 1
+        assert at >= want - 10
+        last = int(ids[0][at])
+        copy = engine.vector_of(last)
+    db, store = write_vectors(ivfpq, np.stack([copy, copy]), ["copy1.jpg", "copy2.jpg"])
+    sync_index(db, store, ivfpq / "index.faiss")
+    db.dispose()
+    with alignsearch.open(ivfpq) as engine:
+        snap = engine.snap
+        assert snap.plan.kind == "ivfpq"
+        copies = {last, *(h.id for h in engine.search_vector(copy, k=3) if h.relpath.startswith("copy"))}
+        assert len(copies) == 3
+        found = Engine._ann_ids(snap, Scorer([q]), at + 1, snap.nprobe, None)
+        assert copies <= set(found), (copies, found[at - 2:])
+        assert len(found) <= at + 1 + 2 + 3  # past the cut: the copies (and a chance tie), not the margin's 40

@@ -11,27 +11,13 @@ from alignsearch.errors import UsageError
 from alignsearch.search import engine as engine_module
 from alignsearch.search.query import DEFAULT_COMPOSE, Parts, compose, scorer, slerp, unit
 from conftest import index_json, make_images, run
+from helpers import with_synthetic
 
 METHODS = ("sum", "slerp", "product", "weicom")
 
 
 def unit_rows(x):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def with_synthetic(base, tiny_model, images: int, vectors: int, seed: int, kind: str):
-    """base/photos (make_images) indexed, then clustered synthetic vectors (catalog rows and stored vectors)
-    added: an ANN index of `kind`. Returns the index folder."""
-    from helpers import add_synthetic
-    from indexer.build import sync_index
-
-    root, ix = base / "photos", base / "ix"
-    make_images(root, images)
-    index_json(ix, root, "--model", tiny_model, "--device", "cpu")
-    db, store = add_synthetic(ix, vectors, alignsearch.open(ix).store.dim, seed=seed)
-    assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == kind
-    db.dispose()
-    return ix
 
 
 @pytest.fixture
@@ -131,12 +117,6 @@ def test_filters_cutoff_sort_collapse_and_negatives_hold_for_every_method(flat, 
     # the negative counts (brute_force above scored it too)
     plain = Parts(text=parts.text, image=parts.image)
     assert [h.id for h in engine.search_vector(plain, k=10, compose=method)] != [h.id for h in everything[:10]]
-
-
-@pytest.fixture
-def ivfpq(prebuilt, tiny_model):
-    """3 images and 12,000 clustered synthetic vectors, an IVF-PQ index: built once a session, a copy per test."""
-    return prebuilt.folder("compose-ivfpq", lambda base: with_synthetic(base, tiny_model, 3, 12_000, 5, "ivfpq"))[1]
 
 
 @pytest.mark.slow

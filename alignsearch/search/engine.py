@@ -687,7 +687,7 @@ class Engine:
         nprobe = opts.nprobe or snap.nprobe
         if allowed is not None:
             nprobe = ann.filtered_nprobe(nprobe, snap.plan, want, n, len(allowed))
-        ids = self._ann_ids(snap, query, want, nprobe, allowed, depth if snap.plan.kind == "flat" else None)
+        ids = self._ann_ids(snap, query, want, nprobe, allowed)
         if allowed is not None and len(ids) < min(depth, len(allowed)):
             return self._exact(snap, query, allowed, depth)  # the lists visited held too few: score them all
         if allowed is None and len(ids) < min(depth, n) and nprobe < snap.plan.nlist:
@@ -697,17 +697,15 @@ class Engine:
         return ids
 
     @staticmethod
-    def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None,
-                 depth: int | None = None) -> list[int]:
-        """The ANN index's candidates for the query's probes, best first, each id once. depth (a flat index's search
-        for one probe, asked for a margin past it): the first depth, and those after that may tie with the last of
-        them (query.tied_at_cut), all re-ranked and settled by name; the others are not re-ranked."""
-        scores, ids = ann.search(snap.index, np.stack(query.probes), want, nprobe, allowed)
-        if depth is not None and len(ids) == 1:
-            found = ids[0] >= 0
-            ids = ids[0][found][: query_module.tied_at_cut(scores[0][found], depth)]
-        ids = ids.ravel()
-        return list(dict.fromkeys(ids[ids >= 0].tolist()))
+    def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None) -> list[int]:
+        """The ANN index's candidates for the query's probes, best first, each id once: each probe's first `want`, and
+        those after that may tie with the last of them (query.tied_at_cut; FAISS asked for ann.TIE_MARGIN more), all
+        re-ranked and settled by name; the others are not re-ranked. A tie is exact on a flat index and between copies
+        on IVF-PQ (equal vectors: equal codes in one list, equal approximate scores)."""
+        scores, ids = ann.search(snap.index, np.stack(query.probes), want + ann.TIE_MARGIN, nprobe, allowed)
+        kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
+                for row_scores, row_ids in zip(scores, ids)]
+        return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe, as ranked
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best first: _best_of's `depth` and

@@ -1,4 +1,4 @@
-"""What the tie margin costs a search (ann.TIE_MARGIN: FAISS is asked for 40 candidates past those re-ranked, k on a
+"""What the tie margin costs a search (query.TIE_MARGIN: FAISS is asked for 40 candidates past those re-ranked, k on a
 flat index, candidate_count's k x rerank_factor (at least 50) on IVF-PQ, so that copies tied at the cut are all
 re-ranked and settled by name; of those past the cut only the ones within query.tied_at_cut's gap of the last are
 re-ranked): Engine.search_vector (no encoding: FAISS search, exact re-rank from the stored vectors, catalog rows) with
@@ -33,7 +33,7 @@ from bench_dupes import synthetic_index
 from common import load_note, per_request_ms, record
 
 import alignsearch
-from alignsearch.storage import ann
+from alignsearch.search import query
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--path", default=None, help="filter the searches by this glob (the exact path)")
     args = ap.parse_args()
     load_at_start = os.getloadavg()[0]
-    margin = ann.TIE_MARGIN
+    margin = query.TIE_MARGIN
     lines = [f"- Engine.search_vector on an index of synthetic 640-d vectors (bench_dupes.synthetic_index), "
              f"{args.queries} queries (stored vectors with noise); mean ms a search, median of {args.rounds} rounds, "
              f"before (TIE_MARGIN 0: the candidates re-ranked alone) and now (TIE_MARGIN {margin}) alternating"
@@ -67,14 +67,14 @@ def main() -> None:
                         samples = {0: [], margin: []}
                         for _ in range(args.rounds):
                             for m in samples:
-                                ann.TIE_MARGIN = m
+                                query.TIE_MARGIN = m
                                 at = iter(queries)
                                 samples[m].append(per_request_ms(lambda: engine.search_vector(next(at), k=k, path=args.path),
                                                                  len(queries)))
                         b, a = statistics.median(samples[0]), statistics.median(samples[margin])
                         lines.append(f"| {n:,} | {kind} | {k} | {b:.2f} | {a:.2f} | {a / b:.2f} |")
     finally:
-        ann.TIE_MARGIN = margin
+        query.TIE_MARGIN = margin
     record("The tie margin: TIE_MARGIN candidates past the cut, against none", lines, save=not args.no_save)
 
 

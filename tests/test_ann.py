@@ -31,7 +31,7 @@ def test_nprobe_and_candidates_are_explicit():
     assert 1 <= ann.default_nprobe(plan) <= plan.nlist
     assert ann.default_nprobe(ann.IndexPlan("flat")) == 0
     assert ann.candidate_count(10, plan) >= 100
-    # a flat index re-ranks k (exact scores); the engine asks ann.TIE_MARGIN more of any index, for the copies tied
+    # a flat index re-ranks k (exact scores); the engine asks query.TIE_MARGIN more of any index, for the copies tied
     # at the cut (tests/test_attacks_ties.py)
     assert ann.candidate_count(10, ann.IndexPlan("flat")) == 10
 

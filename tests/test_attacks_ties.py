@@ -1,4 +1,4 @@
-"""Attacks on settling copies tied at k by name (ann.TIE_MARGIN, query.tied_at_cut) and on keyword matches equal in
+"""Attacks on settling copies tied at k by name (query.TIE_MARGIN, query.tied_at_cut) and on keyword matches equal in
 bm25 sharing a rank (query.keyword_ranks, query.through_ties): the same query over the same files answers the same
 whatever order the files were indexed in."""
 
@@ -226,7 +226,7 @@ def test_copies_straddling_the_ivfpq_candidate_cut_are_all_re_ranked(ivfpq):
     """On IVF-PQ the engine re-ranks the first candidate_count ANN candidates by approximate score (50 for k=5): copies
     (equal vectors: equal codes in one list, one approximate score) straddling that cut were cut in the order FAISS met
     them (the one indexed first kept), so which copy could reach the answer hung on the order files were indexed in.
-    Now FAISS is asked for ann.TIE_MARGIN more and each copy tied with the last candidate is re-ranked too."""
+    Now FAISS is asked for query.TIE_MARGIN more and each copy tied with the last candidate is re-ranked too."""
     from alignsearch.search.engine import Engine
     from alignsearch.search.query import Scorer, unit
     from alignsearch.storage import ann

@@ -268,7 +268,7 @@ def test_the_copy_a_cut_at_k_keeps_of_tied_copies_is_the_one_listed_first_by_pat
     kept was the first in the ANN's order (the order they were indexed in), so a Ray run and a local run of one
     folder answered with different files. Now the cut keeps the copy that path order lists first. Fused rankings look
     FUSION_DEPTH deep; a vector search on a flat index asked FAISS for k alone, which cut between the copies before
-    the engine saw them (the one indexed first kept): it asks for a margin past k now (ann.TIE_MARGIN)."""
+    the engine saw them (the one indexed first kept): it asks for a margin past k now (query.TIE_MARGIN)."""
     ix = copies_index(tmp_path, corpus, tiny_model, first, later)
     with alignsearch.open(ix) as engine:
         assert engine.info()["index"]["type"] == "flat"

@@ -372,7 +372,7 @@ def test_the_keyword_list_is_cut_after_the_matches_tied_with_the_last_one_kept()
 
 
 def test_a_cut_keeps_the_scores_that_may_tie_with_the_last_one_kept():
-    """A flat index's candidates past k (ann.TIE_MARGIN): those within near_equal's gap of the k-th (a copy, a few
+    """A flat index's candidates past k (query.TIE_MARGIN): those within near_equal's gap of the k-th (a copy, a few
     float32 steps off at most) are kept for the re-rank, the others are not."""
     from alignsearch.search.query import tied_at_cut
 

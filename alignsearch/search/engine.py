@@ -699,10 +699,10 @@ class Engine:
     @staticmethod
     def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None) -> list[int]:
         """The ANN index's candidates for the query's probes, best first, each id once: each probe's first `want`, and
-        those after that may tie with the last of them (query.tied_at_cut; FAISS asked for ann.TIE_MARGIN more), all
+        those after that may tie with the last of them (query.tied_at_cut; FAISS asked for query.TIE_MARGIN more), all
         re-ranked and settled by name; the others are not re-ranked. A tie is exact on a flat index and between copies
         on IVF-PQ (equal vectors: equal codes in one list, equal approximate scores)."""
-        scores, ids = ann.search(snap.index, np.stack(query.probes), want + ann.TIE_MARGIN, nprobe, allowed)
+        scores, ids = ann.search(snap.index, np.stack(query.probes), want + query_module.TIE_MARGIN, nprobe, allowed)
         kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
                 for row_scores, row_ids in zip(scores, ids)]
         return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe, as ranked
@@ -715,7 +715,7 @@ class Engine:
 
     def _best_of(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int) -> list[int]:
         """Exact scores of the vectors at these addresses (ids[i]'s at addresses[i]), best first: `depth` ids, and
-        (but for a late-fused query) up to ann.TIE_MARGIN more that may tie with the depth-th (query.tied_at_cut)."""
+        (but for a late-fused query) up to query.TIE_MARGIN more that may tie with the depth-th (query.tied_at_cut)."""
         if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
             best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
             for start in range(0, len(ids), EXACT_CHUNK):
@@ -727,7 +727,7 @@ class Engine:
             return best_ids.tolist()
         # Kept past depth: those that may tie with the depth-th (copies, query.tied_at_cut), so that _hits settles
         # them by name; cut at depth, one was kept in the order of the ids (the order they were indexed in).
-        margin = depth + ann.TIE_MARGIN
+        margin = depth + query_module.TIE_MARGIN
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(ids), EXACT_CHUNK):  # bounded memory however many match
             chunk = ids[start : start + EXACT_CHUNK]
@@ -754,7 +754,7 @@ class Engine:
                 return []
             limit = max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool)
             # a margin past the limit: matches tied with the last one at it are kept too (query.through_ties)
-            found = keywords.search(conn, opts.words, limit + KEYWORD_TIE_MARGIN, among,
+            found = keywords.search(conn, opts.words, limit + query_module.TIE_MARGIN, among,
                                     evidence_only=evidence_only)
             return found[:query_module.through_ties([s for _, s in found], limit)]
 
@@ -1151,10 +1151,6 @@ COLLAPSE_MAX_DEPTH = 65_536  # ... up to this many candidates (the first look is
 FUSION_DEPTH = 100  # each list's depth when vector and keyword rankings are fused
 LATE_DEPTH = 100  # a late-fused query's depth per half (x rerank_factor ANN candidates on IVF-PQ)
 KEYWORD_DEPTH = 100
-# Keyword matches asked for past the limit, so that those equal in bm25 to the last one kept (copies of a photo with
-# one caption) are all kept, not cut in the order of their ids: a few rows more of a sorted query. A run of more
-# equal matches than this straddling the limit is still cut there.
-KEYWORD_TIE_MARGIN = 40
 # How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
 # rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
 # measure them against it and found neither better over every case (RESULTS.md).

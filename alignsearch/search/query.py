@@ -188,9 +188,18 @@ def near_equal(values: np.ndarray) -> np.ndarray:
     return near
 
 
+# How far past a cut the engine looks for those tied with the last one kept: FAISS cut its top list, the exact path its
+# best, the keyword index its limit with no regard to names, so of two copies of a photo (equal vectors, on IVF-PQ
+# equal codes in one list and so equal approximate scores; or one caption, equal bm25) tied at the cut it kept the
+# one indexed first, before the engine could list them by name (settle_ties): a Ray run and a local run showed
+# different files. Of those past the cut only the ones that may tie with the last are kept (tied_at_cut,
+# through_ties). A run of more copies than this straddling a cut is still cut in the index's order.
+TIE_MARGIN = 40
+
+
 def tied_at_cut(scores: np.ndarray, depth: int) -> int:
     """How many of the scores (best first) a cut at depth keeps: the first depth, and those after within near_equal's
-    gap of the last of them (pure): a flat index's candidates past k (ann.TIE_MARGIN) that may tie with the k-th (a
+    gap of the last of them (pure): the candidates past a cut (TIE_MARGIN) that may tie with the k-th (a
     copy), and none of the others, whose re-rank cost 3-17% a search (RESULTS.md, bench_tie_margin; trimmed so,
     0.98-1.07x the search of k alone)."""
     scores = np.asarray(scores, np.float32)

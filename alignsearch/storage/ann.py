@@ -69,18 +69,9 @@ def train_size(n: int, plan: IndexPlan) -> int:
     return min(n, max(40 * plan.nlist, 256 * 64))
 
 
-# Candidates asked for past those a query re-ranks (candidate_count): FAISS cut its top list with no regard to names,
-# so of two copies of a photo (equal vectors, on IVF-PQ equal codes in one list: equal approximate scores) tied at the
-# cut it kept the one indexed first, before the engine could list them by name (query.settle_ties): a Ray run and a
-# local run showed different files. Of the candidates past the cut the engine re-ranks only those that may tie with the
-# last one kept (query.tied_at_cut, engine._ann_ids). Ties of more copies than this straddling a cut are still cut in
-# the index's order.
-TIE_MARGIN = 40
-
-
 def candidate_count(k: int, plan: IndexPlan, rerank_factor: int = 10) -> int:
     """How many ANN candidates a top-k query re-ranks exactly: on IVF-PQ at least 50, on a flat index (exact scores)
-    k. The engine asks for TIE_MARGIN more and keeps of those only the ones that may tie with the last (query.tied_at_cut)."""
+    k. The engine asks for query.TIE_MARGIN more and keeps of those only the ones that may tie with the last."""
     return k if plan.kind == "flat" else max(k * rerank_factor, 50)
 
 

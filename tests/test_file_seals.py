@@ -59,6 +59,20 @@ def test_a_files_seal_is_not_a_photos_seal_of_the_same_key_and_values():
     assert rowdigest.FILE_SEED != rowdigest.PHOTO_SEED
 
 
+def test_a_writers_seal_of_one_row_is_the_readers_seal_of_it_in_numpy():
+    """field_seal (Python integers, a writer's row) and field_seals (numpy, every row a reader loads) agree, on the
+    values a reader reads back: NULL and NaN one, -0.0 as 0.0, an int as its float, negative and large keys."""
+    rows = [(12, ROW), (1, {}), (-5, {"width": None, "height": -0.0, "size": 2**53 + 1, "mtime": float("nan")}),
+            (2**62, {"width": -64, "height": 0, "size": 0, "mtime": -1.5e-300}), (7, {"mtime": 0.0})]
+    for names, seed in ((rowdigest.FILE_SEALED, rowdigest.FILE_SEED), (rowdigest.PHOTO_SEALED, rowdigest.PHOTO_SEED)):
+        keyed = [(k, {n: r.get(n) for n in names} if names is rowdigest.FILE_SEALED else
+                  {p: r.get(n) for p, n in zip(names, rowdigest.FILE_SEALED)}) for k, r in rows]
+        batch = rowdigest.field_seals([k for k, _ in keyed], *([r.get(n) for _, r in keyed] for n in names), seed=seed)
+        assert batch.tolist() == [rowdigest.field_seal(k, r, names=names, seed=seed) for k, r in keyed]
+    assert rowdigest.field_seal(7, {"mtime": 0.0}, **FILE_SEAL) == rowdigest.field_seal(7, {"mtime": -0.0}, **FILE_SEAL)
+    assert rowdigest.field_seal(7, {"width": 3}, **FILE_SEAL) == rowdigest.field_seal(7, {"width": 3.0}, **FILE_SEAL)
+
+
 def test_every_one_bit_change_of_a_sealed_field_or_the_id_changes_the_seal():
     written = rowdigest.field_seal(12, ROW, **FILE_SEAL)
     for name in rowdigest.FILE_SEALED:

@@ -279,9 +279,27 @@ def field_seals(keys, *columns, seed: int = PHOTO_SEED):
 
 
 def field_seal(key: int, values: Mapping[str, Any], *, names: tuple = PHOTO_SEALED, seed: int = PHOTO_SEED) -> int:
-    """The seal of one row (its key and the values of `names` as stored: None for NULL): field_seals of it. A photos
-    row's by default; a files row's with names=FILE_SEALED, seed=FILE_SEED."""
-    return int(field_seals([key], *([values.get(name)] for name in names), seed=seed)[0])
+    """The seal of one row (its key and the values of `names` as stored: None for NULL): what field_seals gives it,
+    in Python integers. A photos row's by default; a files row's with names=FILE_SEALED, seed=FILE_SEED. A writer
+    seals each row it writes: numpy's arrays of one row cost more than the INSERT itself (insert_file at a third of
+    its rate: bench_photo_keys.py --file-seals)."""
+    state = _mixed_int(seed ^ (int(key) & _MASK))
+    for name in names:
+        value = values.get(name)
+        value = math.nan if value is None else float(value) + 0.0  # as field_seals reads it (-0.0 as 0.0)
+        bits = _NAN_BITS if math.isnan(value) else struct.unpack("<Q", struct.pack("<d", value))[0]
+        state = _mixed_int(state ^ bits)
+    return state - (1 << 64) if state >> 63 else state  # as int64, SQLite's INTEGER
+
+
+_MASK = (1 << 64) - 1
+
+
+def _mixed_int(state: int) -> int:
+    """_mixed of one uint64 as a Python integer."""
+    state = ((state ^ (state >> 30)) * _MIX[0]) & _MASK
+    state = ((state ^ (state >> 27)) * _MIX[1]) & _MASK
+    return state ^ (state >> 31)
 
 
 def fields_sealed(keys, columns, seals, *, seed: int = PHOTO_SEED):

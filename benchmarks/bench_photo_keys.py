@@ -164,49 +164,14 @@ def seals(args) -> None:
                                        f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)": []}
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "catalog.db"
-        keyword_catalog(db_path, args.n, 50, random.Random(0))
-        with sqlite3.connect(db_path) as conn:  # addresses, and a date and place a photo, sealed as a writer does
-            conn.execute("UPDATE files SET vec_row = id - 1")
-            conn.execute("UPDATE photos SET taken = 1.5e9 + file_id * 37.5, lat = file_id % 180 - 89.5, "
-                         "lon = file_id % 360 - 179.25")
-            migrate.seal_rows(conn)
-        conn.close()
-        size_mb = db_path.stat().st_size / 1e6
+        size_mb = _sealed_catalog(db_path, args.n)
         reader = catalog.connect(db_path, readonly=True)
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            old.Columns(reader)
-            seconds[unsealed].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            cols = Columns(reader)
-            seconds[sealed].append(time.perf_counter() - start)
-            placed = [cols.column(name) for name in rowdigest.PHOTO_SEALED]
-            stored = rowdigest.field_seals(cols.ids, *placed)  # as read: the check's inputs, made apart from it
-            start = time.perf_counter()
-            assert rowdigest.fields_sealed(cols.ids, placed, stored).all()
-            seconds["the check alone (rowdigest.fields_sealed)"].append(time.perf_counter() - start)
-            with reader.connect() as conn:
-                start = time.perf_counter()
-                assert catalog.photo_seals_off(conn) == []
-                seconds["verify: catalog.photo_seals_off"].append(time.perf_counter() - start)
+        _loads(args, reader, old, seconds, rowdigest.PHOTO_SEALED, rowdigest.PHOTO_SEED, catalog.photo_seals_off,
+               names=(unsealed, sealed, "the check alone (rowdigest.fields_sealed)", "verify: catalog.photo_seals_off"))
         reader.dispose()
-        conn = sqlite3.connect(db_path, isolation_level=None)
-        for _ in range(args.rounds):
-            conn.execute("BEGIN")
-            conn.execute("UPDATE photos SET field_seal = NULL")  # as step 23 finds them (the column just added)
-            start = time.perf_counter()
-            done = migrate.seal_photo_fields(conn)
-            seconds[f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)"].append(
-                time.perf_counter() - start)
-            conn.execute("ROLLBACK")
-            assert done == args.n, done
-        conn.close()
-    lines = [f"- a catalog of {args.n:,} files, each with a photos row ({size_mb:.1f} MB: files, photos, keyword and "
-             f"trigram indexes; common.keyword_catalog), median of {args.rounds}; before and after alternate in one run",
-             load_note(load_at_start), "",
-             "| what | ms (median) | min | max |", "|---|---|---|---|"]
-    for name, runs in seconds.items():
-        lines.append(f"| {name} | {statistics.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {max(runs) * 1e3:.1f} |")
+        _steps(args, db_path, seconds[f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)"],
+               "photos", migrate.seal_photo_fields)
+    lines = _load_table(args, size_mb, load_at_start, seconds)
     record("The photos rows' field seals (schema 23): the filter columns load with every row's seal checked, against "
            "the load before", lines, save=not args.no_save)
 
@@ -229,47 +194,18 @@ def file_seals(args) -> None:
     rates: dict[str, list[float]] = {name: [] for name in inserts}
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "catalog.db"
-        keyword_catalog(db_path, args.n, 50, random.Random(0))
-        with sqlite3.connect(db_path) as conn:  # addresses, and a date, place and size, sealed as a writer does
-            conn.execute("UPDATE files SET vec_row = id - 1, width = 640 + id % 7, height = 480, size = 1000 + id")
-            conn.execute("UPDATE photos SET taken = 1.5e9 + file_id * 37.5, lat = file_id % 180 - 89.5, "
-                         "lon = file_id % 360 - 179.25")
-            migrate.seal_rows(conn)
-        conn.close()
-        size_mb = db_path.stat().st_size / 1e6
+        size_mb = _sealed_catalog(db_path, args.n,
+                                  files="width = 640 + id % 7, height = 480, size = 1000 + id, mtime = 1.6e9 + id")
         reader = catalog.connect(db_path, readonly=True)
         # main's load names the photos rows' check by its name there (now catalog.rows_sealed, generalised)
         with mock.patch.object(catalog, "photo_rows_sealed", catalog.rows_sealed, create=True):
-            for _ in range(args.rounds):
-                start = time.perf_counter()
-                old.Columns(reader)
-                seconds[unsealed].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                cols = Columns(reader)
-                seconds[sealed].append(time.perf_counter() - start)
-                fields = [cols.column(name) for name in rowdigest.FILE_SEALED]
-                stored = rowdigest.field_seals(cols.ids, *fields, seed=rowdigest.FILE_SEED)
-                start = time.perf_counter()
-                assert rowdigest.fields_sealed(cols.ids, fields, stored, seed=rowdigest.FILE_SEED).all()
-                seconds[check].append(time.perf_counter() - start)
-                with reader.connect() as conn:
-                    start = time.perf_counter()
-                    assert catalog.file_seals_off(conn) == []
-                    seconds[verify].append(time.perf_counter() - start)
+            _loads(args, reader, old, seconds, rowdigest.FILE_SEALED, rowdigest.FILE_SEED, catalog.file_seals_off,
+                   names=(unsealed, sealed, check, verify))
         reader.dispose()
-        raw = sqlite3.connect(db_path, isolation_level=None)
-        for _ in range(args.rounds):
-            raw.execute("BEGIN")
-            raw.execute("UPDATE files SET field_seal = NULL")  # as step 24 finds them (the column just added)
-            start = time.perf_counter()
-            done = migrate.seal_file_fields(raw)
-            seconds[step].append(time.perf_counter() - start)
-            raw.execute("ROLLBACK")
-            assert done == args.n, done
-        raw.close()
+        _steps(args, db_path, seconds[step], "files", migrate.seal_file_fields)
         writer = catalog.connect(db_path)
         for r in range(args.rounds):
-            for name, insert_file in inserts.items():
+            for name, insert_file in list(inserts.items())[:: 1 if r % 2 == 0 else -1]:
                 with writer.connect() as conn:
                     tx = conn.begin()
                     start = time.perf_counter()
@@ -280,18 +216,72 @@ def file_seals(args) -> None:
                     rates[name].append(args.inserts / (time.perf_counter() - start))
                     tx.rollback()
         writer.dispose()
-    lines = [f"- a catalog of {args.n:,} files, each with a photos row ({size_mb:.1f} MB: files, photos, keyword and "
-             f"trigram indexes; common.keyword_catalog), median of {args.rounds}; before and after alternate in one run",
-             load_note(load_at_start), "",
-             "| what | ms (median) | min | max |", "|---|---|---|---|"]
-    for name, runs in seconds.items():
-        lines.append(f"| {name} | {statistics.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {max(runs) * 1e3:.1f} |")
+    lines = _load_table(args, size_mb, load_at_start, seconds)
     lines += ["", f"insert_file, {args.inserts:,} rows a round into that catalog (one transaction, rolled back):", "",
               "| what | rows/s (median) | min | max |", "|---|---|---|---|"]
     for name, runs in rates.items():
         lines.append(f"| {name} | {statistics.median(runs):,.0f} | {min(runs):,.0f} | {max(runs):,.0f} |")
     record("The files rows' field seals (schema 24): the filter columns load with every files row's seal checked, "
            "and insert_file with its seal's UPDATE, against main's", lines, save=not args.no_save)
+
+
+def _sealed_catalog(db_path: Path, n: int, *, files: str | None = None) -> float:
+    """common.keyword_catalog's n files with addresses, a date and place each photo (and `files`' values, SQL), sealed
+    as a writer seals them; its size in MB."""
+    keyword_catalog(db_path, n, 50, random.Random(0))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE files SET vec_row = id - 1" + (f", {files}" if files else ""))
+        conn.execute("UPDATE photos SET taken = 1.5e9 + file_id * 37.5, lat = file_id % 180 - 89.5, "
+                     "lon = file_id % 360 - 179.25")
+        migrate.seal_rows(conn)
+    conn.close()
+    return db_path.stat().st_size / 1e6
+
+
+def _loads(args, reader, old, seconds: dict, sealed_names: tuple, seed: int, seals_off, *, names: tuple) -> None:
+    """args.rounds of: the base's columns load and this one's (first in turn), the seal check alone over the loaded
+    arrays, and verify's seals_off; each time under its name in `names`, in that order."""
+    base, now, check, verify = names
+    for r in range(args.rounds):
+        for name, load in ((base, old.Columns), (now, Columns))[:: 1 if r % 2 == 0 else -1]:
+            start = time.perf_counter()
+            cols = load(reader)
+            seconds[name].append(time.perf_counter() - start)
+        cols = Columns(reader)
+        fields = [cols.column(name) for name in sealed_names]
+        stored = rowdigest.field_seals(cols.ids, *fields, seed=seed)  # as read: the check's inputs, made apart from it
+        start = time.perf_counter()
+        assert rowdigest.fields_sealed(cols.ids, fields, stored, seed=seed).all()
+        seconds[check].append(time.perf_counter() - start)
+        with reader.connect() as conn:
+            start = time.perf_counter()
+            assert seals_off(conn) == []
+            seconds[verify].append(time.perf_counter() - start)
+
+
+def _steps(args, db_path: Path, seconds: list, table: str, seal) -> None:
+    """args.rounds of the upgrade step's sealing of `table` (its rows found unsealed, as the step finds them once it
+    added the column), each in a transaction rolled back."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for _ in range(args.rounds):
+        conn.execute("BEGIN")
+        conn.execute(f"UPDATE {table} SET field_seal = NULL")
+        start = time.perf_counter()
+        done = seal(conn)
+        seconds.append(time.perf_counter() - start)
+        conn.execute("ROLLBACK")
+        assert done == args.n, done
+    conn.close()
+
+
+def _load_table(args, size_mb: float, load_at_start: float, seconds: dict) -> list[str]:
+    lines = [f"- a catalog of {args.n:,} files, each with a photos row ({size_mb:.1f} MB: files, photos, keyword and "
+             f"trigram indexes; common.keyword_catalog), median of {args.rounds}; before and after alternate in one run",
+             load_note(load_at_start), "",
+             "| what | ms (median) | min | max |", "|---|---|---|---|"]
+    for name, runs in seconds.items():
+        lines.append(f"| {name} | {statistics.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {max(runs) * 1e3:.1f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -391,8 +391,9 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
         # writer upgraded the catalog in place they hid what it wrote (its tags, checksums, relpath_raw, moments,
         # digests, seals) from a reader open for long (`serve`): such a connection is made anew. So is one prepared
         # for a catalog older than 21, which checks photos rows without their key: after the upgrade every photo read
-        # as damaged (exit 7). And one prepared for a catalog older than 24, whose files view adds a NULL field_seal:
-        # over the upgraded table it named that column twice. One query per checkout, of such connections only.
+        # as damaged (exit 7). And one prepared for a catalog older than 24 (a files view adding a NULL field_seal,
+        # which over the upgraded table names the column twice, the table's first): it checked no files row's seal
+        # the upgrade wrote. One query per checkout, of such connections only.
         schema = record.info.get("schema")
         if schema is not None and not schema.file_seals and migrate.upgraded(dbapi_conn, schema):
             raise DisconnectionError("the catalog was upgraded since this connection opened")
@@ -824,8 +825,9 @@ def insert_file(conn: Connection, values: dict[str, Any]) -> int:
     values["vec_seal"] = rowdigest.seal(values.get("vec_row"))
     file_id = int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
     # the field seal covers the id, which SQLite picks at the INSERT: written by primary key in the same transaction,
-    # so no reader sees the row unsealed. In the driver's SQL: an update() construct a row took insert_file from 1,170
-    # to 640 rows/s where this leaves about 900 (a micro-benchmark beside bench_photo_keys.py --file-seals, loaded)
+    # so no reader sees the row unsealed. In the driver's SQL: an update() construct a row cost insert_file more than
+    # this in a throwaway measure (not recorded); with it insert_file writes 2,869 rows/s against 3,155 without the
+    # UPDATE (RESULTS.md, bench_photo_keys --file-seals, medians of 7)
     conn.exec_driver_sql("UPDATE files SET field_seal = ? WHERE id = ?", (file_seal(file_id, values), file_id))
     return file_id
 

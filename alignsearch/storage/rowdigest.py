@@ -281,8 +281,8 @@ def field_seals(keys, *columns, seed: int = PHOTO_SEED):
 def field_seal(key: int, values: Mapping[str, Any], *, names: tuple = PHOTO_SEALED, seed: int = PHOTO_SEED) -> int:
     """The seal of one row (its key and the values of `names` as stored: None for NULL): what field_seals gives it,
     in Python integers. A photos row's by default; a files row's with names=FILE_SEALED, seed=FILE_SEED. A writer
-    seals each row it writes: numpy's arrays of one row cost more than the INSERT itself (insert_file at a third of
-    its rate: bench_photo_keys.py --file-seals)."""
+    seals each row it writes, and numpy's arrays of one row cost about what the INSERT does (a throwaway measure,
+    not recorded); test_file_seals checks the two agree."""
     state = _mixed_int(seed ^ (int(key) & _MASK))
     for name in names:
         value = values.get(name)

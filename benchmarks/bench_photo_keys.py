@@ -16,6 +16,14 @@ on the same catalog, alternating; the check alone
 (rowdigest.fields_sealed over the load's arrays); verify's photo_seals_off; and step 23 (migrate.seal_photo_fields,
 every row's digest checked then sealed, rolled back).
 
+    python benchmarks/bench_photo_keys.py --file-seals [--base main] [--n 100000] [--rounds 9] [--inserts 20000]
+
+--file-seals measures the files rows' field seals (schema 24, rowdigest.FILE_SEALED): the filter columns load with its
+check of every files row's seal and --base's (the load before them, loaded beside it: no files seal read or checked),
+alternating on one catalog; the check alone; verify's file_seals_off; step 24 (migrate.seal_file_fields, rolled back);
+and catalog.insert_file's rate with its field seal's UPDATE against --base's insert_file (no UPDATE), alternating,
+--inserts rows a round in a transaction rolled back.
+
 The catalog: common.keyword_catalog (catalog.upsert_file and set_photo, the code an index run uses), two thirds of
 its files captioned, with --leftovers photos rows of no file (an old version's leftovers, their digests holding).
 Step 21 runs on the catalog's photos rows digested without their keys (as schema 20 left them), in a transaction
@@ -61,10 +69,14 @@ def main() -> None:
     ap.add_argument("--leftovers", type=int, default=10)
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--seals", action="store_true", help="the field seals' cost (schema 23) instead")
+    ap.add_argument("--file-seals", action="store_true", help="the files rows' field seals' cost (schema 24) instead")
+    ap.add_argument("--inserts", type=int, default=20_000, help="--file-seals: rows insert_file writes a round")
     # main's columns.py checks the seals itself since their merge (7d28022): the baseline is main before it
     ap.add_argument("--base", default="7d28022^1",
                     help="--seals: the commit whose filter columns load is the baseline (no field seal)")
     args = ap.parse_args()
+    if args.file_seals:
+        return file_seals(args)
     if args.seals:
         return seals(args)
     load_at_start = os.getloadavg()[0]
@@ -152,51 +164,124 @@ def seals(args) -> None:
                                        f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)": []}
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "catalog.db"
-        keyword_catalog(db_path, args.n, 50, random.Random(0))
-        with sqlite3.connect(db_path) as conn:  # addresses, and a date and place a photo, sealed as a writer does
-            conn.execute("UPDATE files SET vec_row = id - 1")
-            conn.execute("UPDATE photos SET taken = 1.5e9 + file_id * 37.5, lat = file_id % 180 - 89.5, "
-                         "lon = file_id % 360 - 179.25")
-            migrate.seal_rows(conn)
-        conn.close()
-        size_mb = db_path.stat().st_size / 1e6
+        size_mb = _sealed_catalog(db_path, args.n)
         reader = catalog.connect(db_path, readonly=True)
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            old.Columns(reader)
-            seconds[unsealed].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            cols = Columns(reader)
-            seconds[sealed].append(time.perf_counter() - start)
-            placed = [cols.column(name) for name in rowdigest.PHOTO_SEALED]
-            stored = rowdigest.field_seals(cols.ids, *placed)  # as read: the check's inputs, made apart from it
-            start = time.perf_counter()
-            assert rowdigest.fields_sealed(cols.ids, placed, stored).all()
-            seconds["the check alone (rowdigest.fields_sealed)"].append(time.perf_counter() - start)
-            with reader.connect() as conn:
-                start = time.perf_counter()
-                assert catalog.photo_seals_off(conn) == []
-                seconds["verify: catalog.photo_seals_off"].append(time.perf_counter() - start)
+        _loads(args, reader, old, seconds, rowdigest.PHOTO_SEALED, rowdigest.PHOTO_SEED, catalog.photo_seals_off,
+               names=(unsealed, sealed, "the check alone (rowdigest.fields_sealed)", "verify: catalog.photo_seals_off"))
         reader.dispose()
-        conn = sqlite3.connect(db_path, isolation_level=None)
-        for _ in range(args.rounds):
-            conn.execute("BEGIN")
-            conn.execute("UPDATE photos SET field_seal = NULL")  # as step 23 finds them (the column just added)
+        _steps(args, db_path, seconds[f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)"],
+               "photos", migrate.seal_photo_fields)
+    lines = _load_table(args, size_mb, load_at_start, seconds)
+    record("The photos rows' field seals (schema 23): the filter columns load with every row's seal checked, against "
+           "the load before", lines, save=not args.no_save)
+
+
+def file_seals(args) -> None:
+    """The files rows' field seals' cost: the columns load with their check and --base's, alternating; insert_file with
+    its UPDATE and --base's, alternating; and what else reads or writes them."""
+    base = "main" if args.base == "7d28022^1" else args.base  # --seals' default: before the photos seals
+    load_at_start = os.getloadavg()[0]
+    old = module_at(base, "alignsearch/search/columns.py", "columns_base")
+    old_catalog = module_at(base, "alignsearch/storage/catalog.py", "catalog_base")
+    unsealed = f"filter columns load, {base}'s (photos seals checked, no files seal read or checked)"
+    sealed = "filter columns load, every files row's field seal checked too (now)"
+    check = "the files check alone (rowdigest.fields_sealed, FILE_SEED)"
+    verify = "verify: catalog.file_seals_off"
+    step = f"step 24: {args.n:,} files rows sealed (seal_file_fields, rolled back)"
+    seconds: dict[str, list[float]] = {unsealed: [], sealed: [], check: [], verify: [], step: []}
+    inserts = {f"insert_file, {base}'s (no UPDATE)": old_catalog.insert_file,
+               "insert_file with its field seal's UPDATE (now)": catalog.insert_file}
+    rates: dict[str, list[float]] = {name: [] for name in inserts}
+    with tempfile.TemporaryDirectory() as tmp:
+        db_path = Path(tmp) / "catalog.db"
+        size_mb = _sealed_catalog(db_path, args.n,
+                                  files="width = 640 + id % 7, height = 480, size = 1000 + id, mtime = 1.6e9 + id")
+        reader = catalog.connect(db_path, readonly=True)
+        # main's load names the photos rows' check by its name there (now catalog.rows_sealed, generalised)
+        with mock.patch.object(catalog, "photo_rows_sealed", catalog.rows_sealed, create=True):
+            _loads(args, reader, old, seconds, rowdigest.FILE_SEALED, rowdigest.FILE_SEED, catalog.file_seals_off,
+                   names=(unsealed, sealed, check, verify))
+        reader.dispose()
+        _steps(args, db_path, seconds[step], "files", migrate.seal_file_fields)
+        writer = catalog.connect(db_path)
+        for r in range(args.rounds):
+            for name, insert_file in list(inserts.items())[:: 1 if r % 2 == 0 else -1]:
+                with writer.connect() as conn:
+                    tx = conn.begin()
+                    start = time.perf_counter()
+                    for i in range(args.inserts):
+                        insert_file(conn, {"root": "/bench", "relpath": f"{r}/{i}.jpg", "size": 1000 + i,
+                                           "mtime": 1.6e9 + i, "width": 640, "height": 480, "format": "JPEG",
+                                           "status": catalog.INDEXED, "vec_row": args.n + i})
+                    rates[name].append(args.inserts / (time.perf_counter() - start))
+                    tx.rollback()
+        writer.dispose()
+    lines = _load_table(args, size_mb, load_at_start, seconds)
+    lines += ["", f"insert_file, {args.inserts:,} rows a round into that catalog (one transaction, rolled back):", "",
+              "| what | rows/s (median) | min | max |", "|---|---|---|---|"]
+    for name, runs in rates.items():
+        lines.append(f"| {name} | {statistics.median(runs):,.0f} | {min(runs):,.0f} | {max(runs):,.0f} |")
+    record("The files rows' field seals (schema 24): the filter columns load with every files row's seal checked, "
+           "and insert_file with its seal's UPDATE, against main's", lines, save=not args.no_save)
+
+
+def _sealed_catalog(db_path: Path, n: int, *, files: str | None = None) -> float:
+    """common.keyword_catalog's n files with addresses, a date and place each photo (and `files`' values, SQL), sealed
+    as a writer seals them; its size in MB."""
+    keyword_catalog(db_path, n, 50, random.Random(0))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE files SET vec_row = id - 1" + (f", {files}" if files else ""))
+        conn.execute("UPDATE photos SET taken = 1.5e9 + file_id * 37.5, lat = file_id % 180 - 89.5, "
+                     "lon = file_id % 360 - 179.25")
+        migrate.seal_rows(conn)
+    conn.close()
+    return db_path.stat().st_size / 1e6
+
+
+def _loads(args, reader, old, seconds: dict, sealed_names: tuple, seed: int, seals_off, *, names: tuple) -> None:
+    """args.rounds of: the base's columns load and this one's (first in turn), the seal check alone over the loaded
+    arrays, and verify's seals_off; each time under its name in `names`, in that order."""
+    base, now, check, verify = names
+    for r in range(args.rounds):
+        for name, load in ((base, old.Columns), (now, Columns))[:: 1 if r % 2 == 0 else -1]:
             start = time.perf_counter()
-            done = migrate.seal_photo_fields(conn)
-            seconds[f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)"].append(
-                time.perf_counter() - start)
-            conn.execute("ROLLBACK")
-            assert done == args.n, done
-        conn.close()
+            cols = load(reader)
+            seconds[name].append(time.perf_counter() - start)
+        cols = Columns(reader)
+        fields = [cols.column(name) for name in sealed_names]
+        stored = rowdigest.field_seals(cols.ids, *fields, seed=seed)  # as read: the check's inputs, made apart from it
+        start = time.perf_counter()
+        assert rowdigest.fields_sealed(cols.ids, fields, stored, seed=seed).all()
+        seconds[check].append(time.perf_counter() - start)
+        with reader.connect() as conn:
+            start = time.perf_counter()
+            assert seals_off(conn) == []
+            seconds[verify].append(time.perf_counter() - start)
+
+
+def _steps(args, db_path: Path, seconds: list, table: str, seal) -> None:
+    """args.rounds of the upgrade step's sealing of `table` (its rows found unsealed, as the step finds them once it
+    added the column), each in a transaction rolled back."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for _ in range(args.rounds):
+        conn.execute("BEGIN")
+        conn.execute(f"UPDATE {table} SET field_seal = NULL")
+        start = time.perf_counter()
+        done = seal(conn)
+        seconds.append(time.perf_counter() - start)
+        conn.execute("ROLLBACK")
+        assert done == args.n, done
+    conn.close()
+
+
+def _load_table(args, size_mb: float, load_at_start: float, seconds: dict) -> list[str]:
     lines = [f"- a catalog of {args.n:,} files, each with a photos row ({size_mb:.1f} MB: files, photos, keyword and "
              f"trigram indexes; common.keyword_catalog), median of {args.rounds}; before and after alternate in one run",
              load_note(load_at_start), "",
              "| what | ms (median) | min | max |", "|---|---|---|---|"]
     for name, runs in seconds.items():
         lines.append(f"| {name} | {statistics.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {max(runs) * 1e3:.1f} |")
-    record("The photos rows' field seals (schema 23): the filter columns load with every row's seal checked, against "
-           "the load before", lines, save=not args.no_save)
+    return lines
 
 
 if __name__ == "__main__":

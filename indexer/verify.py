@@ -24,7 +24,8 @@ lossless (sources.key_name). A file whose row or photo fields fail their digest 
 byte in a caption, a camera, a width) is forgotten and indexed again from the file. A photos row of no file whose digest fails
 with its own key (catalog.photo_keys_off: a flipped bit of its key, schema 21) is dropped, and the next `index` run
 reads its file's photo fields again. A photos row off the seal the filter columns check (catalog.photo_seals_off, schema
-23) whose fields hold their digest is sealed again. A damaged catalog cannot be mended from what is left: it says how to rebuild the index
+23) whose fields hold their digest is sealed again, as is a files row off the seal of its width, height, size and
+mtime (catalog.file_seals_off, schema 24). A damaged catalog cannot be mended from what is left: it says how to rebuild the index
 from its folders.
 """
 
@@ -68,6 +69,7 @@ class Report:
     off_digest: list[int] = field(default_factory=list)  # files whose shown fields fail their digest: read again
     photo_keys_off: list[int] = field(default_factory=list)  # photos rows of no file off their digest: dropped
     seals_off: list[int] = field(default_factory=list)  # photos rows off their field seal, digest held: sealed again
+    file_seals_off: list[int] = field(default_factory=list)  # files rows off their field seal, digest held: the same
     read: tuple | None = None  # what the catalog said of the vectors and the ANN index when it was read (_written)
 
     @property
@@ -189,6 +191,11 @@ def _check_once(index_dir: Path, check_model: bool) -> Report:
             if r.seals_off:
                 r.problems.append(f"the photo rows of {len(r.seals_off)} files are off the seal filters check (their "
                                   "fields hold their checksum): `alignsearch verify --repair` seals them again")
+            r.file_seals_off = sorted(set(catalog.file_seals_off(conn)) - set(r.off_digest))  # the same, schema 24
+            if r.file_seals_off:
+                r.problems.append(f"the rows of {len(r.file_seals_off)} files are off the seal filters check of their "
+                                  "width, height, size and mtime (their fields hold their checksum): `alignsearch "
+                                  "verify --repair` seals them again")
             r.incomplete_videos = catalog.incomplete_videos(conn)
             if r.incomplete_videos:  # moments are committed whole per video: a gap is a row lost to damage
                 videos = len(set(catalog.video_keys(conn, r.incomplete_videos).values()))
@@ -460,6 +467,12 @@ def _repair(index_dir: Path, report: Report) -> list[str]:
                     resealed = migrate.seal_photo_fields(conn.connection.dbapi_connection)
                 if resealed:
                     done.append(f"sealed the photo rows of {resealed} files again (their fields held their checksum)")
+            if report.file_seals_off:
+                with db.begin() as conn:  # found again under the lock: only rows whose digest holds are sealed
+                    resealed = migrate.seal_file_fields(conn.connection.dbapi_connection)
+                if resealed:
+                    done.append(f"sealed the rows of {resealed} files again (their width, height, size and mtime held "
+                                "their checksum)")
             if report.malformed_phashes:
                 with db.begin() as conn:
                     catalog.forget_phashes(conn, catalog.malformed_phashes(conn))

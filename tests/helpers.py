@@ -1781,7 +1781,7 @@ def index_with_a_name_not_utf8(tmp_path: Path, tiny_model) -> tuple[Path, Path, 
 
 def without_digests(db: Path, copy: Path) -> list[str]:
     """The dump (iterdump) of a copy of the catalog `db` with the files and photos digest columns dropped, and the
-    files' vector address seals (schema 17), a re-encode's (19) and the photos rows' field seals (23): what an upgrade to schema 14 and on left of the
+    files' vector address seals (schema 17), a re-encode's (19) and the photos and files rows' field seals (23, 24): what an upgrade to schema 14 and on left of the
     catalog as it was
     (SQLite's DROP COLUMN takes the column's text back out)."""
     copy.mkdir(parents=True, exist_ok=True)
@@ -1792,8 +1792,10 @@ def without_digests(db: Path, copy: Path) -> list[str]:
         source.backup(conn)
         for table in ("files", "photos"):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN digest")
-        for table, column in (("files", "vec_seal"), ("pending_vectors", "vec_seal"), ("photos", "field_seal")):
-            # schema 17, 19 for a re-encode's addresses, 23 for the photos rows' dates and places
+        for table, column in (("files", "vec_seal"), ("pending_vectors", "vec_seal"), ("photos", "field_seal"),
+                              ("files", "field_seal")):
+            # schema 17, 19 for a re-encode's addresses, 23 for the photos rows' dates and places, 24 for the files
+            # rows' widths, heights, sizes and mtimes
             if any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})")):
                 conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.commit()
@@ -1820,12 +1822,13 @@ def as_schema(conn, version: int) -> None:
     version wrote them): from 14 to 20 each photos row whose digest holds with its key digested again without it
     (rowdigest.PHOTO_FIELDS: the key is digested from schema 21); a row off its digest stays off. From 19 to 21 each
     pending address's seal less its file id's term (rowdigest.key_term, added by step 22): else the upgrade from
-    there added it twice. Below 23 without photos.field_seal (step 23 adds it). In the caller's transaction."""
+    there added it twice. Below 23 without photos.field_seal (step 23 adds it), below 24 without files.field_seal
+    (step 24 adds it). In the caller's transaction."""
     from alignsearch.storage import migrate, rowdigest
 
-    if version < migrate.FIELD_SEALS and any(row[1] == "field_seal" for row in
-                                             conn.execute("PRAGMA table_info(photos)")):
-        conn.execute("ALTER TABLE photos DROP COLUMN field_seal")
+    for table, since in (("photos", migrate.FIELD_SEALS), ("files", migrate.FILE_SEALS)):
+        if version < since and any(row[1] == "field_seal" for row in conn.execute(f"PRAGMA table_info({table})")):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN field_seal")
 
     if 19 <= version < migrate.PENDING_KEYS and any(row[1] == "vec_seal" for row in
                                                     conn.execute("PRAGMA table_info(pending_vectors)")):
@@ -2313,3 +2316,47 @@ def with_synthetic(base, tiny_model, images: int, vectors: int, seed: int, kind:
     assert sync_index(db, store, ix / "index.faiss")["plan"]["kind"] == kind
     db.dispose()
     return ix
+
+
+# -- field seals (schema 23: photos rows, 24: files rows; tests/test_field_seals.py, test_file_seals.py) ------------
+
+def one_line_damage(result) -> None:
+    """The command said the catalog is damaged in one line (no traceback), naming verify --repair."""
+    out = result.output.strip()
+    assert out.splitlines() == [out], out
+    assert "catalog.db is damaged" in out and "alignsearch verify --repair" in out, out
+
+
+def query_hits(ix: Path, *args, code: int = 0):
+    """How many hits `query "red circle" -k 12` gives with ARGS (the result itself where code is not 0)."""
+    from conftest import run
+
+    result = run("query", "red circle", "--index", ix, "-k", 12, "--json", *args, code=code)
+    return len(json.loads(result.stdout)["results"]) if code == 0 else result
+
+
+def seal_found_and_resealed(ix: Path, args: list, *, found: str, resealed: str) -> None:
+    """With a field seal alone damaged (its fields and their digest as written): a query filtered by ARGS refuses in
+    one line, verify reports `found` (not a row to read again), --repair says `resealed`, and all is as before."""
+    from conftest import run
+
+    one_line_damage(query_hits(ix, *args, code=7))
+    out = run("verify", "--skip-model", "--index", ix, code=7).output
+    assert found in out, out
+    assert "are not as written" not in out, out
+    out = run("verify", "--repair", "--skip-model", "--index", ix).output
+    assert resealed in out and "forgot" not in out, out
+    assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
+    assert query_hits(ix, *args) == 12
+
+
+def filter_columns(db_path: Path, *, readonly: bool = False):
+    """The snapshot's filter columns (search/columns.Columns) loaded from a catalog by a writer's or a reader's engine."""
+    from alignsearch.search.columns import Columns
+    from alignsearch.storage import catalog
+
+    db = catalog.connect(db_path, readonly=readonly)
+    try:
+        return Columns(db)
+    finally:
+        db.dispose()

@@ -6,7 +6,6 @@ place in a date or a latitude left its file out of --after or --near, exit 0. Th
 checks for every row; verify reports a row off it, and --repair seals again a row whose fields hold their digest.
 """
 
-import json
 import math
 import sqlite3
 import struct
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import run
-from helpers import as_schema, catalog_rows, flip_a_photo_key
+from helpers import as_schema, catalog_rows, filter_columns, flip_a_photo_key, one_line_damage, query_hits, seal_found_and_resealed
 from alignsearch.errors import IndexDamagedError
 from alignsearch.storage import catalog, migrate, rowdigest
 from alignsearch.storage.paths import DB_FILE
@@ -30,17 +29,6 @@ def _flipped(value: float, byte: int = 7) -> float:
     data = bytearray(struct.pack("<d", value))
     data[byte] ^= 1
     return struct.unpack("<d", bytes(data))[0]
-
-
-def _one_line_damage(result) -> None:
-    out = result.output.strip()
-    assert out.splitlines() == [out], out  # one line, no traceback
-    assert "catalog.db is damaged" in out and "alignsearch verify --repair" in out, out
-
-
-def _hits(ix: Path, *args, code: int = 0):
-    result = run("query", "red circle", "--index", ix, "-k", 12, "--json", *args, code=code)
-    return len(json.loads(result.stdout)["results"]) if code == 0 else result
 
 
 # -- the seal itself (pure) -------------------------------------------------------------------------------------
@@ -99,27 +87,17 @@ def _photo_index(tmp_path: Path) -> list[int]:
     return ids
 
 
-def _columns(db_path: Path, *, readonly: bool = False):
-    from alignsearch.search.columns import Columns
-
-    db = catalog.connect(db_path, readonly=readonly)
-    try:
-        return Columns(db)
-    finally:
-        db.dispose()
-
-
 @pytest.mark.parametrize("name", ["lat", "lon", "taken"])
 def test_the_columns_refuse_a_flipped_place_or_date(tmp_path, name):
     """Before: the file's latitude read as it stood (--near left it out, exit 0)."""
     ids = _photo_index(tmp_path)
-    assert _columns(tmp_path / DB_FILE).column("lat").tolist() == [1.25] * 6
+    assert filter_columns(tmp_path / DB_FILE).column("lat").tolist() == [1.25] * 6
     with sqlite3.connect(tmp_path / DB_FILE) as conn:  # digest and seal left as written
         conn.execute(f"UPDATE photos SET {name} = ? WHERE file_id = ?", (_flipped(ROW[name]), ids[2]))
     conn.close()
     for readonly in (False, True):
         with pytest.raises(IndexDamagedError, match="damaged"):
-            _columns(tmp_path / DB_FILE, readonly=readonly)
+            filter_columns(tmp_path / DB_FILE, readonly=readonly)
 
 
 def test_the_columns_refuse_a_photo_row_moved_onto_another_indexed_files_id(tmp_path):
@@ -131,7 +109,7 @@ def test_the_columns_refuse_a_photo_row_moved_onto_another_indexed_files_id(tmp_
         conn.execute("UPDATE photos SET file_id = ? WHERE file_id = ?", (ids[3], ids[2]))
     conn.close()
     with pytest.raises(IndexDamagedError, match="damaged"):
-        _columns(tmp_path / DB_FILE)
+        filter_columns(tmp_path / DB_FILE)
 
 
 def test_a_reader_of_schema_22_loads_the_columns_unsealed(tmp_path):
@@ -140,7 +118,7 @@ def test_a_reader_of_schema_22_loads_the_columns_unsealed(tmp_path):
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
         as_schema(conn, 22)
     conn.close()
-    cols = _columns(tmp_path / DB_FILE, readonly=True)
+    cols = filter_columns(tmp_path / DB_FILE, readonly=True)
     assert cols.column("taken").tolist() == [1.5e9] * 6
 
 
@@ -178,31 +156,25 @@ def test_a_near_filter_over_a_flipped_latitude_is_damage(indexed_images):
     _, ix = indexed_images(12)
     ids = _placed(ix)
     near = ["--near", "1.25,-2.5,10"]
-    assert _hits(ix, *near) == 12
+    assert query_hits(ix, *near) == 12
     with sqlite3.connect(ix / DB_FILE) as conn:
         # 1.25 read as 1.9e-05 (a bit of the exponent flipped): 139 km off, out of the filter (a flip that kept
         # it near left the file a hit, whose row photos_of checks)
         conn.execute("UPDATE photos SET lat = ? WHERE file_id = ?", (_flipped(1.25), ids[4]))
     conn.close()
-    _one_line_damage(_hits(ix, *near, code=7))
+    one_line_damage(query_hits(ix, *near, code=7))
 
 
 @pytest.mark.slow  # two verifies, a repair and queries on a copy of an index
 def test_verify_reports_a_seal_flipped_alone_and_repair_seals_it_again(indexed_images):
     _, ix = indexed_images(12)
     after = ["--after", "1970-01-02"]
-    assert _hits(ix, *after) == 12
+    assert query_hits(ix, *after) == 12
     with sqlite3.connect(ix / DB_FILE) as conn:  # the fields and their digest as written: the seal alone damaged
         conn.execute("UPDATE photos SET field_seal = (field_seal | 1) - (field_seal & 1) WHERE file_id = (SELECT min(file_id) FROM photos)")
     conn.close()
-    _one_line_damage(_hits(ix, *after, code=7))
-    out = run("verify", "--skip-model", "--index", ix, code=7).output
-    assert "the photo rows of 1 files are off the seal filters check" in out, out
-    assert "are not as written" not in out, out  # not a row to read again
-    out = run("verify", "--repair", "--skip-model", "--index", ix).output
-    assert "sealed the photo rows of 1 files again" in out and "forgot" not in out, out
-    assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
-    assert _hits(ix, *after) == 12
+    seal_found_and_resealed(ix, after, found="the photo rows of 1 files are off the seal filters check",
+                            resealed="sealed the photo rows of 1 files again")
 
 
 @pytest.mark.slow  # a write, a flip and queries on a copy of an index
@@ -214,9 +186,9 @@ def test_a_date_filter_over_a_photo_key_flipped_onto_another_files_is_damage(ind
     _, ix = indexed_images(12)
     _placed(ix)
     args = ["--after", "1970-01-02", "--near", "1.25,-2.5,10"]
-    assert _hits(ix, *args) == 12
+    assert query_hits(ix, *args) == 12
     flip_a_photo_key(ix / DB_FILE, onto_a_file=True)
-    _one_line_damage(_hits(ix, *args, code=7))
+    one_line_damage(query_hits(ix, *args, code=7))
     assert "is damaged" in run("verify", "--skip-model", "--index", ix, code=7).output
 
 
@@ -233,17 +205,17 @@ def test_the_upgrade_to_23_seals_healthy_rows_and_never_a_damaged_one(indexed_im
                 conn.execute("UPDATE photos SET taken = 1.0 WHERE file_id = (SELECT min(file_id) FROM photos)")
         conn.close()
         if not damaged:
-            assert _hits(ix, *after) == 12  # read at 22: no seal to check
+            assert query_hits(ix, *after) == 12  # read at 22: no seal to check
         catalog.connect(ix / DB_FILE).dispose()  # a writer upgrades it
         assert catalog_rows(ix, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(migrate.LATEST),)]
         unsealed = catalog_rows(ix, "SELECT count(*) FROM photos WHERE field_seal IS NULL")
         assert unsealed == [(int(damaged),)]
         if damaged:
-            _one_line_damage(_hits(ix, *after, code=7))  # before: 11 hits, exit 0
+            one_line_damage(query_hits(ix, *after, code=7))  # before: 11 hits, exit 0
             out = run("verify", "--skip-model", "--index", ix, code=7).output
             assert "the rows of 1 files are not as written" in out and "off the seal" not in out, out
         else:
-            assert _hits(ix, *after) == 12
+            assert query_hits(ix, *after) == 12
             assert run("verify", "--skip-model", "--index", ix).output.startswith("ok: ")
 
 
@@ -268,4 +240,4 @@ def test_the_upgrade_to_23_leaves_a_date_no_writer_stores_unsealed(tmp_path):
     finally:
         db.dispose()
     with pytest.raises(IndexDamagedError, match="photo dates are not numbers"):
-        _columns(tmp_path / DB_FILE)
+        filter_columns(tmp_path / DB_FILE)

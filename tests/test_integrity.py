@@ -877,7 +877,7 @@ conn.execute("PRAGMA wal_autocheckpoint=0")
 conn.execute("BEGIN")
 conn.execute("UPDATE files SET mtime = 12345 WHERE relpath = 'img004.jpg'")
 from alignsearch.storage import migrate
-migrate.digest_rows(conn)  # the row's digest with it, as a writer writes it (schema 14)
+migrate.seal_rows(conn)  # the row's digest and seals with it, as a writer writes them (schema 14, 24)
 conn.execute("COMMIT")
 os._exit(0)  # no checkpoint: the commit stays in catalog.db-wal
 """

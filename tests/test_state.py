@@ -40,7 +40,8 @@ def test_an_index_written_by_590b6d4_is_read_as_it_is_and_answers_the_same(v3):
                                                                                                  digests=False,
                                                                                                  vec_seals=False,
                                                                                                  photo_keys=False,
-                                                                                                 field_seals=False)
+                                                                                                 field_seals=False,
+                                                                                                 file_seals=False)
     db.dispose()
 
 
@@ -198,10 +199,10 @@ def test_step_3_adds_moments_text_and_every_table_keeping_ids(tmp_path):
     assert [r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")] == [1, 2]
     assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'files'").fetchone()[0] == 3
     assert "ocr" in [r[1] for r in conn.execute("PRAGMA table_info(photos)")]
-    # then the digest and the address's seal, which steps 14 and 17 fill (migrate._digests, _vec_seals): step 3 makes
-    # the table with catalog.files' columns
-    assert [r[1] for r in conn.execute("PRAGMA table_info(files)")][-5:] == ["moment", "t", "t_end", "digest",
-                                                                             "vec_seal"]
+    # then the digest, the address's seal and the field seal, which steps 14, 17 and 24 fill (migrate._digests,
+    # _vec_seals, _file_seals): step 3 makes the table with catalog.files' columns
+    assert [r[1] for r in conn.execute("PRAGMA table_info(files)")][-6:] == ["moment", "t", "t_end", "digest",
+                                                                             "vec_seal", "field_seal"]
     conn.close()
 
 

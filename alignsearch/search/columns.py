@@ -44,11 +44,12 @@ class Columns:
             conn.exec_driver_sql("BEGIN")
             photos = catalog.has_photos(conn)
             schema = migrate.schema_of(conn)
-            sealed, fields_sealed = schema.vec_seals, photos and schema.field_seals
+            sealed, fields_sealed, files_sealed = schema.vec_seals, photos and schema.field_seals, schema.file_seals
             cols = [f.id, f.vec_row, p.taken if photos else f.mtime, p.lat if photos else None,
                     p.lon if photos else None, f.width, f.height, f.size, f.mtime, p.file_id if photos else None]
             cols = [c for c in cols if c is not None]
-            seal_cols = [c for c, wanted in ((f.vec_seal, sealed), (p.field_seal, fields_sealed)) if wanted]
+            seal_cols = [c for c, wanted in ((f.vec_seal, sealed), (p.field_seal, fields_sealed),
+                                             (f.field_seal, files_sealed)) if wanted]
             query = select(*cols, *seal_cols).where(f.status == catalog.INDEXED).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
@@ -60,7 +61,8 @@ class Columns:
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
             # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:
             # verify --repair seals it anew
-            read_seals = {c.name: by_column[len(cols) + i] for i, c in enumerate(seal_cols)}  # as read (seal_column)
+            # as read (seal_column), by table and name: photos and files both have a field_seal
+            read_seals = {(c.table.name, c.name): by_column[len(cols) + i] for i, c in enumerate(seal_cols)}
             try:
                 # (rows, columns), each column contiguous; as wide as the columns read where there are no rows (a
                 # reshape to -1 could not tell, and was read as a malformed value)
@@ -84,12 +86,18 @@ class Columns:
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
         # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)
         if sealed:
-            seals, stored = catalog.seal_column(read_seals["vec_seal"])
+            seals, stored = catalog.seal_column(read_seals["files", "vec_seal"])
             if not (stored.all() and rowdigest.sealed(self.vec_rows, seals)):
                 catalog.refuse_off_digest()
         # and every date and place filtered on (schema 23): a byte flipped in one left its file out of --after or
         # --near, exit 0, where a hit's row is refused (photos_of); a BLAKE2 digest a row was too slow here
-        if fields_sealed and not self._photos_sealed(data, read_seals["field_seal"]):
+        if fields_sealed and not self._photos_sealed(data, read_seals["photos", "field_seal"]):
+            catalog.refuse_off_digest()
+        # and every width, height, size and mtime (schema 24): a byte flipped in one left its file out of
+        # `--where "width >= 640"`, exit 0, where a hit's row is refused (check_rows); a digest a row was too slow here
+        at = 5 if photos else 3  # after the id, the address, and the date (and place) read first
+        if files_sealed and not catalog.rows_sealed(self.ids, data[:, at:at + len(rowdigest.FILE_SEALED)].T,
+                                                    read_seals["files", "field_seal"], seed=rowdigest.FILE_SEED).all():
             catalog.refuse_off_digest()
         self.photos = photos
         names = ["taken", "lat", "lon"] if photos else ["taken"]  # (then the photos row's key, when photos)
@@ -102,10 +110,10 @@ class Columns:
 
     def _photos_sealed(self, data: np.ndarray, read) -> bool:
         """Whether every indexed file's photos row (its key read beside its fields: the last column) holds the seal
-        read beside it (catalog.photo_rows_sealed), of its file's id and its date and place (the columns after the id
+        read beside it (catalog.rows_sealed), of its file's id and its date and place (the columns after the id
         and the address); a file with no photos row has none to hold."""
         row = ~np.isnan(data[:, -1])  # the files with a photos row
-        return bool((catalog.photo_rows_sealed(self.ids, data[:, 2:5].T, read) | ~row).all())
+        return bool((catalog.rows_sealed(self.ids, data[:, 2:5].T, read) | ~row).all())
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -92,6 +92,9 @@ files = Table(
     Column("digest", String(16)),
     # rowdigest.seal of vec_row, which compaction moves outside the digest; readers that score by it check it (schema 17)
     Column("vec_seal", Integer),
+    # rowdigest.field_seal of id, width, height, size, mtime (FILE_SEALED, under FILE_SEED; schema 24): the filter
+    # columns read those of every indexed file, and check every row's in numpy (a digest a row was too slow there)
+    Column("field_seal", Integer),
     UniqueConstraint("root", "relpath", "moment"),
     # (sha256, moment): a search reads the other rows holding each hit's content (onefile.py); on sha256 alone a hit
     # of a video walked every moment of that video in the index to find its own (migrate step 10)
@@ -218,6 +221,7 @@ class FileRow:
     # rowdigest.digest of the shown fields as written (None from a catalog older than schema 14); check_rows compares
     digest: str | None = field(default=None, compare=False, repr=False)
     vec_seal: int | None = field(default=None, compare=False, repr=False)  # rowdigest.seal(vec_row) from schema 17
+    field_seal: int | None = field(default=None, compare=False, repr=False)  # of FILE_SEALED, from schema 24
 
     @property
     def path(self) -> str:
@@ -387,9 +391,11 @@ def open_readonly(db_path: Path, *, busy_ms: int = BUSY_TIMEOUT_MS, prepare: boo
         # writer upgraded the catalog in place they hid what it wrote (its tags, checksums, relpath_raw, moments,
         # digests, seals) from a reader open for long (`serve`): such a connection is made anew. So is one prepared
         # for a catalog older than 21, which checks photos rows without their key: after the upgrade every photo read
-        # as damaged (exit 7). One query per checkout, of such connections only.
+        # as damaged (exit 7). And one prepared for a catalog older than 24 (a files view adding a NULL field_seal,
+        # which over the upgraded table names the column twice, the table's first): it checked no files row's seal
+        # the upgrade wrote. One query per checkout, of such connections only.
         schema = record.info.get("schema")
-        if schema is not None and not schema.photo_keys and migrate.upgraded(dbapi_conn, schema):
+        if schema is not None and not schema.file_seals and migrate.upgraded(dbapi_conn, schema):
             raise DisconnectionError("the catalog was upgraded since this connection opened")
 
     @event.listens_for(engine, "handle_error")
@@ -817,7 +823,18 @@ def insert_file(conn: Connection, values: dict[str, Any]) -> int:
     values.update(rowdigest.stored(FILE_DIGESTED, values))  # stored as read back, so the digest is of what is read
     values["digest"] = rowdigest.digest(FILE_DIGESTED, values)
     values["vec_seal"] = rowdigest.seal(values.get("vec_row"))
-    return int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+    file_id = int(conn.execute(insert(files).values(**values)).inserted_primary_key[0])
+    # the field seal covers the id, which SQLite picks at the INSERT: written by primary key in the same transaction,
+    # so no reader sees the row unsealed. In the driver's SQL: an update() construct a row cost insert_file more than
+    # this in a throwaway measure (not recorded); with it insert_file writes 2,869 rows/s against 3,155 without the
+    # UPDATE (RESULTS.md, bench_photo_keys --file-seals, medians of 7)
+    conn.exec_driver_sql("UPDATE files SET field_seal = ? WHERE id = ?", (file_seal(file_id, values), file_id))
+    return file_id
+
+
+def file_seal(file_id: int, values: dict[str, Any]) -> int:
+    """The field seal of a files row (rowdigest.field_seal of its id and FILE_SEALED values as stored)."""
+    return rowdigest.field_seal(file_id, values, names=rowdigest.FILE_SEALED, seed=rowdigest.FILE_SEED)
 
 
 def set_link(conn: Connection, file_id: int, target: bytes | None) -> None:
@@ -1199,26 +1216,42 @@ def _off_seal():
 def photo_seals_off(conn: Connection) -> list[int]:
     """The ids of the files whose photos row is off its field seal (rowdigest.field_seal: a date or place the filter
     columns refuse), in order; [] before schema 23. One read of the rows of files, checked in numpy."""
-    import numpy as np
-
     if not (migrate.schema_of(conn).field_seals and has_photos(conn)):
         return []
     p = photos.c
     rows = conn.execute(select(p.file_id, p.field_seal, *(p[name] for name in rowdigest.PHOTO_SEALED))
                         .where(p.file_id.in_(select(files.c.id))).order_by(p.file_id)).all()
+    return _seals_off(rows, seed=rowdigest.PHOTO_SEED)
+
+
+def file_seals_off(conn: Connection) -> list[int]:
+    """The ids of the files whose row is off its field seal (rowdigest.FILE_SEALED: a width, height, size or mtime the
+    filter columns refuse), in order; [] before schema 24. One read of files, checked in numpy."""
+    if not migrate.schema_of(conn).file_seals:
+        return []
+    f = files.c
+    rows = conn.execute(select(f.id, f.field_seal, *(f[name] for name in rowdigest.FILE_SEALED)).order_by(f.id)).all()
+    return _seals_off(rows, seed=rowdigest.FILE_SEED)
+
+
+def _seals_off(rows, *, seed: int) -> list[int]:
+    """The keys of the rows (key, field seal, the sealed fields) off their field seal."""
+    import numpy as np
+
     if not rows:
         return []
     by_column = list(zip(*rows))
     keys = np.array(by_column[0], dtype=np.int64)
-    return keys[~photo_rows_sealed(keys, np.array(by_column[2:], dtype=np.float64), by_column[1])].tolist()
+    return keys[~rows_sealed(keys, np.array(by_column[2:], dtype=np.float64), by_column[1], seed=seed)].tolist()
 
 
-def photo_rows_sealed(keys, fields, read) -> np.ndarray:
-    """Which photos rows hold their field seal (pure): keys, their PHOTO_SEALED fields as float64 columns (NaN for
-    NULL), the seals as read (seal_column: one a writer stores, equal to rowdigest.field_seals of the key and fields).
-    What verify (photo_seals_off) and the filter columns (search/columns.py) both check."""
+def rows_sealed(keys, fields, read, *, seed: int = rowdigest.PHOTO_SEED) -> np.ndarray:
+    """Which rows hold their field seal (pure): keys, their sealed fields as float64 columns (NaN for NULL), the seals
+    as read (seal_column: one a writer stores, equal to rowdigest.field_seals of the key and fields under `seed`):
+    photos rows' (PHOTO_SEALED, PHOTO_SEED) or files rows' (FILE_SEALED, FILE_SEED). What verify (photo_seals_off,
+    file_seals_off) and the filter columns (search/columns.py) both check."""
     seals, stored = seal_column(read)
-    return stored & rowdigest.fields_sealed(keys, fields, seals)
+    return stored & rowdigest.fields_sealed(keys, fields, seals, seed=seed)
 
 
 def seal_column(read) -> tuple[np.ndarray, np.ndarray]:
@@ -1511,6 +1544,9 @@ def _change(conn: Connection, table: Table, changes: list[tuple[int, dict]]) -> 
     fields, key = (FILE_DIGESTED, files.c.id) if table is files else (PHOTO_DIGESTED, photos.c.file_id)
     if table is photos and any(name in rowdigest.PHOTO_SEALED for _, change in changes for name in change):
         raise ValueError("a photo's date or place is written with its seal: set_photo")  # no caller changes them here
+    if table is files and any(name in rowdigest.FILE_SEALED for _, change in changes for name in change):
+        # no caller changes them here: a file changed on disk is indexed again (upsert_file: a new row, a new id)
+        raise ValueError("a file's width, height, size or mtime is written with its seal: insert_file")
     ids = [int(i) for i, _ in changes]
     before: dict[int, dict] = {}
     for start in range(0, len(ids), 500):

@@ -335,6 +335,18 @@ def _field_seals(conn) -> None:
     seal_photo_fields(dbapi)
 
 
+def _file_seals(conn) -> None:
+    """A seal of each files row's width, height, size and mtime with its id (files.field_seal, rowdigest.FILE_SEALED),
+    which the snapshot's filter columns check for every indexed file in numpy: they read those fields unchecked, so a
+    byte flipped in a width left its file out of `--where "width >= 640"`, exit 0. Only the rows whose digest holds
+    are sealed, as step 23 sealed the photos rows. The column may be there already: step 3 creates the tables with
+    catalog.metadata's columns."""
+    dbapi = conn.connection.dbapi_connection
+    if "field_seal" not in _columns(dbapi, "files"):
+        conn.exec_driver_sql("ALTER TABLE files ADD COLUMN field_seal INTEGER")
+    seal_file_fields(dbapi)
+
+
 _SEALABLE = (int, float, type(None))  # what SQLite reads back from a REAL column a writer filled
 
 
@@ -344,18 +356,40 @@ def seal_photo_fields(dbapi_conn: sqlite3.Connection) -> int:
     (a BLAKE2 digest a row checked: 1.1 s in all at 100k rows, RESULTS.md) and one UPDATE per row sealed."""
     from alignsearch.storage import rowdigest
 
-    fields = rowdigest.PHOTO_KEYED_FIELDS
-    names = [name for name, _ in fields]
-    at = [2 + names.index(name) for name in rowdigest.PHOTO_SEALED]
-    rows = dbapi_conn.execute(f"SELECT digest, field_seal, {', '.join(names)} FROM photos").fetchall()
     # a date or place no writer stores (text, bytes: a value damaged before step 14 digested it as it stood) is left
     # unsealed, which malformed_values reports (exit 7, one line): numpy could not read it as a float, and the upgrade
     # failed on it (ValueError, exit 1) for every command that opens the catalog to write
+    return _seal_fields(dbapi_conn, table="photos", key="file_id", fields=rowdigest.PHOTO_KEYED_FIELDS,
+                        sealed=rowdigest.PHOTO_SEALED, seed=rowdigest.PHOTO_SEED)
+
+
+def seal_file_fields(dbapi_conn: sqlite3.Connection) -> int:
+    """Step 24's work, and verify --repair's, in the caller's transaction: each files row whose digest holds and whose
+    field seal does not sealed from its id and FILE_SEALED fields as they stand; how many were. A row whose digest
+    fails (verify --repair indexes its file again) or that holds a value no writer stores (malformed_values reports
+    it) is left unsealed: never blessed. The files digest does not cover the id; the unique index of each row's name
+    does (catalog.check_names)."""
+    from alignsearch.storage import rowdigest
+
+    return _seal_fields(dbapi_conn, table="files", key="id", fields=rowdigest.FILE_FIELDS,
+                        sealed=rowdigest.FILE_SEALED, seed=rowdigest.FILE_SEED)
+
+
+def _seal_fields(dbapi_conn: sqlite3.Connection, *, table: str, key: str, fields: tuple, sealed: tuple,
+                 seed: int) -> int:
+    """Each row of `table` whose digest (of `fields`) holds, whose `sealed` fields are numbers or NULL, and whose
+    field_seal is not theirs (with its key, under `seed`) sealed; how many were. One read of the table and one UPDATE
+    per row sealed."""
+    from alignsearch.storage import rowdigest
+
+    names = [name for name, _ in fields]
+    at = [3 + names.index(name) for name in sealed]
+    rows = dbapi_conn.execute(f"SELECT {key}, digest, field_seal, {', '.join(names)} FROM {table}").fetchall()
     held = [row for row in rows if all(type(row[i]) in _SEALABLE for i in at)
-            and rowdigest.holds_shown(fields, row[2:], row[0])]
-    seals = rowdigest.field_seals([row[2] for row in held], *([row[i] for row in held] for i in at)).tolist()
-    params = [(seal, row[2]) for seal, row in zip(seals, held) if seal != row[1]]
-    dbapi_conn.executemany("UPDATE photos SET field_seal = ? WHERE file_id = ?", params)
+            and rowdigest.holds_shown(fields, row[3:], row[1])]
+    seals = rowdigest.field_seals([row[0] for row in held], *([row[i] for row in held] for i in at), seed=seed).tolist()
+    params = [(seal, row[0]) for seal, row in zip(seals, held) if seal != row[2]]
+    dbapi_conn.executemany(f"UPDATE {table} SET field_seal = ? WHERE {key} = ?", params)
     return len(params)
 
 
@@ -380,10 +414,13 @@ def seal_rows(dbapi_conn: sqlite3.Connection) -> None:
     """Digest every files and photos row (digest_rows) and, where the catalog has files.vec_seal (schema 17) and
     pending_vectors.vec_seal (schema 19; with its file id once the catalog is recorded at 22: key_pending_seals),
     seal each vector address (seal_addresses), and where it has photos.field_seal (schema 23) each photos row's date
-    and place (seal_photo_fields), as they stand, in the caller's
+    and place (seal_photo_fields), and where it has files.field_seal (schema 24) each files row's width, height, size
+    and mtime (seal_file_fields), as they stand, in the caller's
     transaction: what a writer would have written, for rows a test or a benchmark writes by hand (never for damage a
     reader is meant to find)."""
     digest_rows(dbapi_conn)
+    if "field_seal" in _columns(dbapi_conn, "files"):  # schema 24: each files row's width, height, size and mtime
+        seal_file_fields(dbapi_conn)
     if "field_seal" in _columns(dbapi_conn, "photos"):  # schema 23: each photos row's date and place
         seal_photo_fields(dbapi_conn)
     for table in ("files", "pending_vectors"):
@@ -430,6 +467,7 @@ STEPS: tuple[Step, ...] = (
     Step(21, "a photos row's key digested with its fields, which readers check", _photo_keys),
     Step(22, "a re-encode's pending address sealed with its file id too, which its switch checks", _pending_key_seals),
     Step(23, "a seal of each photos row's date and place, which the filter columns check", _field_seals),
+    Step(24, "a seal of each files row's width, height, size and mtime, which the filter columns check", _file_seals),
 )
 OLDEST = 1
 LATEST = STEPS[-1].version
@@ -440,6 +478,7 @@ VEC_SEALS = 17  # from this version on every files row has files.vec_seal (rowdi
 PHOTO_KEYS = 21  # from this version on every photos row's digest covers its key (rowdigest.PHOTO_KEYED_FIELDS)
 PENDING_KEYS = 22  # from this version on a pending address's seal covers its file id (rowdigest.pending_seal)
 FIELD_SEALS = 23  # from this version on every photos row has photos.field_seal (rowdigest.field_seal)
+FILE_SEALS = 24  # from this version on every files row has files.field_seal (rowdigest.FILE_SEALED)
 
 
 def every_table(version: int | None) -> bool:
@@ -528,6 +567,7 @@ class Schema:
     vec_seals: bool = True  # files.vec_seal, from version 17 (else the connection shows it NULL)
     photo_keys: bool = True  # photos.digest covers the row's key (file_id), from version 21
     field_seals: bool = True  # photos.field_seal, from version 23 (else readers do without it)
+    file_seals: bool = True  # files.field_seal, from version 24 (else the connection shows it NULL)
 
 
 CURRENT = Schema()
@@ -545,12 +585,14 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
     except (sqlite3.DatabaseError, ValueError):
         return CURRENT
     if version is not None and version >= 3:
-        if version < VEC_SEALS:  # a temp view with the columns, NULL (unchecked): select(files) names them
+        if version < FILE_SEALS:  # a temp view with the columns, NULL (unchecked): select(files) names them
             digest = "NULL AS digest, " if version < DIGESTS else ""
-            dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, {digest}NULL AS vec_seal FROM main.files")
+            vec_seal = "NULL AS vec_seal, " if version < VEC_SEALS else ""
+            dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, {digest}{vec_seal}NULL AS field_seal "
+                               "FROM main.files")
         return Schema(version, fill_failures=holds(version, "fill_failures"), digests=version >= DIGESTS,
                       vec_seals=version >= VEC_SEALS, photo_keys=version >= PHOTO_KEYS,
-                      field_seals=version >= FIELD_SEALS)
+                      field_seals=version >= FIELD_SEALS, file_seals=version >= FILE_SEALS)
     from sqlalchemy.dialects import sqlite as sqlite_dialect
     from sqlalchemy.schema import CreateTable
 
@@ -562,14 +604,14 @@ def reader_schema(dbapi_conn: sqlite3.Connection) -> Schema:
                    photo_ocr="ocr" in _columns(dbapi_conn, catalog.photos.name), phashes=catalog.phashes.name in have,
                    keywords=catalog.KEYWORDS in have, trigram=catalog.KEYWORDS_TRIGRAM in have,
                    fill_failures=catalog.fill_failures.name in have, digests=False, vec_seals=False, photo_keys=False,
-                   field_seals=False)
+                   field_seals=False, file_seals=False)
     if not found.moments:
         columns = ", ".join(c if c in files else f"NULL AS {c}" for c in V2_COLUMNS)
         dbapi_conn.execute(f"CREATE TEMP VIEW IF NOT EXISTS files AS SELECT {columns}, 0 AS moment, "
-                           "NULL AS t, NULL AS t_end, NULL AS digest, NULL AS vec_seal FROM main.files")
+                           "NULL AS t, NULL AS t_end, NULL AS digest, NULL AS vec_seal, NULL AS field_seal FROM main.files")
     elif files:
-        dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest, NULL AS vec_seal "
-                           "FROM main.files")
+        dbapi_conn.execute("CREATE TEMP VIEW IF NOT EXISTS files AS SELECT *, NULL AS digest, NULL AS vec_seal, "
+                           "NULL AS field_seal FROM main.files")
     covered = {catalog.files.name, catalog.photos.name, catalog.phashes.name, catalog.fill_failures.name}
     for table in catalog.metadata.sorted_tables:
         if table.name not in have and table.name not in covered:

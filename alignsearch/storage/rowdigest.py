@@ -244,7 +244,12 @@ def shifted_seal_sql(seal_column: str, shift: str) -> str:
 # A change of one value changes the seal always (each round is a bijection of the state); of several, but once in 2**64.
 # The key is sealed too: a row moved onto another indexed file's id (a flipped bit of its rowid) joins that file.
 PHOTO_SEALED = ("taken", "lat", "lon")  # after the key, file_id: the numeric photo fields filters read
-_PHOTO_SEED = 0x61732D70686F746F  # "as-photo": a files seal, if one comes, takes another
+PHOTO_SEED = 0x61732D70686F746F  # "as-photo"
+# The files row's numbers the filter columns read for every indexed file (files.field_seal, schema 24): a byte flipped
+# in a width left its file out of --min-width, exit 0. Sealed with the row's id as the photos rows are, under another
+# seed: a photos row's seal never holds as a files row's of the same id and values, nor the other way round.
+FILE_SEALED = ("width", "height", "size", "mtime")
+FILE_SEED = 0x61732D66696C6573  # "as-files"
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finaliser
 _NAN_BITS = 0x7FF8000000000000  # every NULL and NaN sealed as this one pattern
 
@@ -258,13 +263,14 @@ def _mixed(state):
     return state ^ (state >> np.uint64(31))
 
 
-def field_seals(keys, *columns):
+def field_seals(keys, *columns, seed: int = PHOTO_SEED):
     """The seals (numpy int64, SQLite's INTEGER) of rows given as a key array (integers) and one array a field (floats,
-    NaN for NULL), in PHOTO_SEALED's order: what writers store (field_seal, one row) and readers check, in one pass."""
+    NaN for NULL), in the sealed fields' order (PHOTO_SEALED under PHOTO_SEED, FILE_SEALED under FILE_SEED): what
+    writers store (field_seal, one row) and readers check, in one pass."""
     import numpy as np
 
     with np.errstate(over="ignore"):
-        state = _mixed(np.full(len(keys), _PHOTO_SEED, dtype=np.uint64) ^ np.asarray(keys, np.int64).view(np.uint64))
+        state = _mixed(np.full(len(keys), seed, dtype=np.uint64) ^ np.asarray(keys, np.int64).view(np.uint64))
         for column in columns:
             values = np.asarray(column, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0: SQLite reads -0.0 back as 0.0
             bits = np.where(np.isnan(values), np.uint64(_NAN_BITS), values.view(np.uint64))
@@ -272,11 +278,30 @@ def field_seals(keys, *columns):
     return state.view(np.int64)
 
 
-def field_seal(key: int, values: Mapping[str, Any]) -> int:
-    """The seal of one photos row (its key and the PHOTO_SEALED values as stored: None for NULL): field_seals of it."""
-    return int(field_seals([key], *([values.get(name)] for name in PHOTO_SEALED))[0])
+def field_seal(key: int, values: Mapping[str, Any], *, names: tuple = PHOTO_SEALED, seed: int = PHOTO_SEED) -> int:
+    """The seal of one row (its key and the values of `names` as stored: None for NULL): what field_seals gives it,
+    in Python integers. A photos row's by default; a files row's with names=FILE_SEALED, seed=FILE_SEED. A writer
+    seals each row it writes, and numpy's arrays of one row cost about what the INSERT does (a throwaway measure,
+    not recorded); test_file_seals checks the two agree."""
+    state = _mixed_int(seed ^ (int(key) & _MASK))
+    for name in names:
+        value = values.get(name)
+        value = math.nan if value is None else float(value) + 0.0  # as field_seals reads it (-0.0 as 0.0)
+        bits = _NAN_BITS if math.isnan(value) else struct.unpack("<Q", struct.pack("<d", value))[0]
+        state = _mixed_int(state ^ bits)
+    return state - (1 << 64) if state >> 63 else state  # as int64, SQLite's INTEGER
 
 
-def fields_sealed(keys, columns, seals):
-    """Which rows (numpy arrays: keys, the PHOTO_SEALED columns as float64, the seals read) hold their seal."""
-    return field_seals(keys, *columns) == seals
+_MASK = (1 << 64) - 1
+
+
+def _mixed_int(state: int) -> int:
+    """_mixed of one uint64 as a Python integer."""
+    state = ((state ^ (state >> 30)) * _MIX[0]) & _MASK
+    state = ((state ^ (state >> 27)) * _MIX[1]) & _MASK
+    return state ^ (state >> 31)
+
+
+def fields_sealed(keys, columns, seals, *, seed: int = PHOTO_SEED):
+    """Which rows (numpy arrays: keys, the sealed columns as float64, the seals read) hold their seal."""
+    return field_seals(keys, *columns, seed=seed) == seals

@@ -11,6 +11,10 @@ over --queries queries.
 --path: searches filtered by that glob (every allowed vector scored exactly, Engine._exact/_best_of, which keeps
 those within the gap of the k-th past it, up to TIE_MARGIN more); "*.jpg" admits every synthetic row.
 
+A late-fused query on a flat index asked each half for 100 + TIE_MARGIN candidates until dbb9f03 (the margin is asked
+of the ANN index past candidate_count since, not within it): this script's --late measured that, 140 against 100 a half,
+no cost above the noise (RESULTS.md); with the margin out of the count it had nothing left to measure, and went.
+
 The index is bench_dupes.py's synthetic one (structured 640-d vectors, written directly; below ann.FLAT_BELOW
 vectors a flat index, from it IVF-PQ); the queries are stored vectors with noise.
 """

@@ -220,7 +220,7 @@ def test_the_columns_read_the_rows_of_no_indexed_file_only_where_some_lie(indexe
     db = catalog.connect(ix / DB_FILE)
     try:
         with db.connect() as conn:
-            assert catalog.count_photos(conn) > 0
+            assert catalog.count_photos_scanned(conn)[0] > 0
         assert len(Columns(db)) == 12 and calls == []
         with db.begin() as conn:  # a row of no file, digested as a writer digests it: a leftover
             catalog.set_photo(conn, 10_000, "gone.jpg", ROW)
@@ -257,7 +257,7 @@ def test_the_columns_count_the_photos_rows_in_the_read_that_joined_them(indexed_
 
     _, ix = indexed_images(12)
     written, _ = flip_a_photo_key(ix / DB_FILE)
-    real = catalog.count_photos
+    real = catalog.count_photos_scanned
 
     def count_after_a_writer(conn):
         other = sqlite3.connect(ix / DB_FILE)  # a writer forgets another file, photos row and all
@@ -271,11 +271,37 @@ def test_the_columns_count_the_photos_rows_in_the_read_that_joined_them(indexed_
             other.close()
         return real(conn)
 
-    monkeypatch.setattr(catalog, "count_photos", count_after_a_writer)
+    monkeypatch.setattr(catalog, "count_photos_scanned", count_after_a_writer)
     db = catalog.connect(ix / DB_FILE)
     try:
         with pytest.raises(IndexDamagedError, match="damaged"):
             Columns(db)
+    finally:
+        db.dispose()
+
+
+@pytest.mark.slow  # a copy of an index, a load and three counts
+def test_the_columns_count_the_photos_table_in_one_scan(indexed_images):
+    """The load counted the photos rows twice, each a pass over the table: every row (all_joined), then the rows of
+    indexed files in a scan (a key flipped onto another indexed file's id). One statement gives both: every row, a
+    leftover of no file and a failed file's row too, and of them the rows of indexed files."""
+    from sqlalchemy import event
+
+    from alignsearch.search.columns import Columns
+
+    _, ix = indexed_images(12)
+    db = catalog.connect(ix / DB_FILE)
+    counts = []
+    event.listen(db, "before_cursor_execute",
+                 lambda conn, cursor, statement, *args: counts.append(statement) if "count(" in statement else None)
+    try:
+        assert len(Columns(db)) == 12 and len(counts) == 1, counts
+        with db.begin() as conn:
+            catalog.set_photo(conn, 10_000, "gone.jpg", ROW)  # a leftover: a row of no file
+            assert catalog.count_photos_scanned(conn) == (13, 12)
+            failed = conn.exec_driver_sql("SELECT min(file_id) FROM photos").scalar_one()
+            conn.exec_driver_sql("UPDATE files SET status = 'failed' WHERE id = ?", (failed,))
+            assert catalog.count_photos_scanned(conn) == (13, 11)
     finally:
         db.dispose()
 

@@ -77,11 +77,13 @@ class Columns:
             # where there are such rows: every photos row joined to an indexed file leaves none to read (44 of 399 ms
             # of this load at 100k files, benchmarks/bench_photo_keys.py)
             joined = int(np.count_nonzero(~np.isnan(data[:, -1]))) if photos else 0
-            if photos and not all_joined(joined, catalog.count_photos(conn)) and catalog.photo_keys_off(conn, unindexed=True):
+            # both counts in one scan of photos (two passes before: bench_photo_counts.py)
+            photo_rows, scanned = catalog.count_photos_scanned(conn) if photos else (0, 0)
+            if photos and not all_joined(joined, photo_rows) and catalog.photo_keys_off(conn, unindexed=True):
                 catalog.refuse_photo_keys_off()
             # and a row whose key flipped to another indexed file's id, which has a row of its own: the join's look-up
             # of its own file missed it (read without a date or place: left out of --after and --near, exit 0)
-            if photos and joined != catalog.count_indexed_photos_scanned(conn):
+            if joined != scanned:
                 catalog.refuse_photo_keys_off()
         # every address scored is checked here, once per snapshot, in numpy: a flipped byte of one scored another
         # file's vector under its name, exit 0 (a hit's row alone would miss a file pushed out of the results)

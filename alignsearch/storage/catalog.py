@@ -1270,19 +1270,18 @@ def seal_column(read) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s if type(s) is int else 0 for s in read], dtype=np.int64), sealed
 
 
-def count_photos(conn: Connection) -> int:
-    """The photos rows, every one (a file's, or a row of no file)."""
-    return int(conn.execute(select(func.count()).select_from(photos)).scalar_one())
-
-
-def count_indexed_photos_scanned(conn: Connection) -> int:
-    """The photos rows whose key is an indexed file's id, counted in a scan of the table (+file_id: no look-up by
-    rowid). A row whose key flipped to the id of another file with a row of its own puts two rows of one key out of
-    the page's order: a look-up (the filter columns' join) of the row's own id misses it, a scan still counts it.
-    CROSS JOIN keeps photos the scanned side, each row's file looked up by its id (a third of the time an IN list of
-    the indexed ids took at 1M files: its ephemeral index was built first)."""
-    return int(conn.exec_driver_sql(f"SELECT count(*) FROM {photos.name} p CROSS JOIN {files.name} f "
-                                    "ON f.id = +p.file_id WHERE f.status = ?", (INDEXED,)).scalar_one())
+def count_photos_scanned(conn: Connection) -> tuple[int, int]:
+    """The photos rows, every one (a file's, or a row of no file), and of them those whose key is an indexed file's id,
+    counted in one scan of the table (+file_id: no look-up by rowid). A row whose key flipped to the id of another file
+    with a row of its own puts two rows of one key out of the page's order: a look-up (the filter columns' join) of the
+    row's own id misses it, a scan still counts it. The LEFT JOIN keeps photos the scanned side, each row's file looked
+    up by its id, the plan of the CROSS JOIN before it (an IN list of the indexed ids took three times as long at 1M
+    files: its ephemeral index was built first). One scan for both counts: a count of every row and then a scanned
+    count read a table of 2 KB captions twice (170 against 114 ms at 100k rows; 23 against 27 ms with short ones:
+    benchmarks/bench_photo_counts.py)."""
+    total, indexed = conn.exec_driver_sql(f"SELECT count(*), count(f.id) FROM {photos.name} p LEFT JOIN {files.name} f "
+                                          "ON f.id = +p.file_id AND f.status = ?", (INDEXED,)).one()
+    return int(total), int(indexed)
 
 
 def count_off_seals(conn: Connection) -> int:

@@ -246,8 +246,9 @@ def shifted_seal_sql(seal_column: str, shift: str) -> str:
 PHOTO_SEALED = ("taken", "lat", "lon")  # after the key, file_id: the numeric photo fields filters read
 PHOTO_SEED = 0x61732D70686F746F  # "as-photo"
 # The files row's numbers the filter columns read for every indexed file (files.field_seal, schema 24): a byte flipped
-# in a width left its file out of --min-width, exit 0. Sealed with the row's id as the photos rows are, under another
-# seed: a photos row's seal never holds as a files row's of the same id and values, nor the other way round.
+# in a width left its file out of `--where "width >= 640"`, exit 0. Sealed with the row's id as the photos rows are,
+# under another seed: a photos row's seal never holds as a files row's of the same id and values, nor the other way
+# round.
 FILE_SEALED = ("width", "height", "size", "mtime")
 FILE_SEED = 0x61732D66696C6573  # "as-files"
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finaliser

@@ -33,6 +33,7 @@ rolled back after each round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sqlite3
@@ -158,6 +159,7 @@ def seals(args) -> None:
     """The field seals' cost: the columns load with their check and --base's, alternating, and what else reads them."""
     load_at_start = os.getloadavg()[0]
     old = module_at(args.base, "alignsearch/search/columns.py", "columns_base")
+    old_catalog = module_at(args.base, "alignsearch/storage/catalog.py", "catalog_base")
     unsealed = f"filter columns load, {args.base}'s (no seal read or checked)"
     sealed = "filter columns load, every row's field seal checked (now)"
     seconds: dict[str, list[float]] = {unsealed: [], sealed: [], "the check alone (rowdigest.fields_sealed)": [],
@@ -167,8 +169,10 @@ def seals(args) -> None:
         db_path = Path(tmp) / "catalog.db"
         size_mb = _sealed_catalog(db_path, args.n)
         reader = catalog.connect(db_path, readonly=True)
-        _loads(args, reader, old, seconds, rowdigest.PHOTO_SEALED, rowdigest.PHOTO_SEED, catalog.photo_seals_off,
-               names=(unsealed, sealed, "the check alone (rowdigest.fields_sealed)", "verify: catalog.photo_seals_off"))
+        with _base_functions(old_catalog):
+            _loads(args, reader, old, seconds, rowdigest.PHOTO_SEALED, rowdigest.PHOTO_SEED, catalog.photo_seals_off,
+                   names=(unsealed, sealed, "the check alone (rowdigest.fields_sealed)",
+                          "verify: catalog.photo_seals_off"))
         reader.dispose()
         _steps(args, db_path, seconds[f"step 23: {args.n:,} photos rows sealed (seal_photo_fields, rolled back)"],
                "photos", migrate.seal_photo_fields)
@@ -180,7 +184,9 @@ def seals(args) -> None:
 def file_seals(args) -> None:
     """The files rows' field seals' cost: the columns load with their check and --base's, alternating; insert_file with
     its UPDATE and --base's, alternating; and what else reads or writes them."""
-    base = "main" if args.base == "7d28022^1" else args.base  # --seals' default: before the photos seals
+    # --seals' default is before the photos seals; this one's is main before the files seals merged (cedc39a): main
+    # itself checks them since, and its load against this one's measured the check against itself
+    base = "cedc39a^1" if args.base == "7d28022^1" else args.base
     load_at_start = os.getloadavg()[0]
     old = module_at(base, "alignsearch/search/columns.py", "columns_base")
     old_catalog = module_at(base, "alignsearch/storage/catalog.py", "catalog_base")
@@ -198,8 +204,7 @@ def file_seals(args) -> None:
         size_mb = _sealed_catalog(db_path, args.n,
                                   files="width = 640 + id % 7, height = 480, size = 1000 + id, mtime = 1.6e9 + id")
         reader = catalog.connect(db_path, readonly=True)
-        # main's load names the photos rows' check by its name there (now catalog.rows_sealed, generalised)
-        with mock.patch.object(catalog, "photo_rows_sealed", catalog.rows_sealed, create=True):
+        with _base_functions(old_catalog):
             _loads(args, reader, old, seconds, rowdigest.FILE_SEALED, rowdigest.FILE_SEED, catalog.file_seals_off,
                    names=(unsealed, sealed, check, verify))
         reader.dispose()
@@ -237,6 +242,18 @@ def _sealed_catalog(db_path: Path, n: int, *, files: str | None = None) -> float
         migrate.seal_rows(conn)
     conn.close()
     return db_path.stat().st_size / 1e6
+
+
+def _base_functions(old_catalog) -> contextlib.ExitStack:
+    """The catalog functions the base's columns.py calls that this tree's catalog has merged or renamed since
+    (count_photos and count_indexed_photos_scanned: count_photos_scanned; photo_rows_sealed: rows_sealed), lent from
+    the base's own catalog.py while the loads run: else its load raised AttributeError, and a stand-in of today's
+    would time today's counts as the base's."""
+    stack = contextlib.ExitStack()
+    for name in ("count_photos", "count_indexed_photos_scanned", "photo_rows_sealed"):
+        if hasattr(old_catalog, name) and not hasattr(catalog, name):
+            stack.enter_context(mock.patch.object(catalog, name, getattr(old_catalog, name), create=True))
+    return stack
 
 
 def _loads(args, reader, old, seconds: dict, sealed_names: tuple, seed: int, seals_off, *, names: tuple) -> None:

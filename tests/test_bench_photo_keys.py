@@ -1,0 +1,46 @@
+"""benchmarks/bench_photo_keys.py's --seals and --file-seals time this tree's filter columns load against a base
+commit's (module_at): the base's columns.py calls catalog functions this tree merged since (count_photos and
+count_indexed_photos_scanned into count_photos_scanned, 7dcb35a), and --file-seals' base was main, which checks the
+files seals itself since their merge (cedc39a)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_photo_keys.py"), "--n", "40",
+                             "--rounds", "1", "--no-save", *args], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _has(rev: str) -> bool:
+    return subprocess.run(["git", "cat-file", "-e", f"{rev}:alignsearch/search/columns.py"], cwd=ROOT,
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow  # two catalogs built and loaded by a benchmark in a subprocess
+def test_the_seals_baseline_loads_with_the_catalog_functions_it_calls():
+    """Before: AttributeError (catalog.count_photos), exit 1."""
+    if not _has("7d28022^1"):
+        pytest.skip("no git history (a shallow clone): the baseline is a commit's columns.py")
+    assert "filter columns load, 7d28022^1's (no seal read or checked)" in _bench("--seals")
+
+
+@pytest.mark.slow  # a catalog built and loaded by a benchmark in a subprocess
+def test_the_file_seals_baseline_checks_no_files_seal():
+    """Before: main's load, which checks the files seals since cedc39a, timed against itself as the one without."""
+    if not _has("cedc39a^1"):
+        pytest.skip("no git history (a shallow clone): the baseline is a commit's columns.py")
+    out = _bench("--file-seals", "--inserts", "20")
+    (base,) = re.findall(r"filter columns load, (\S+)'s \(photos seals checked, no files seal", out)
+    source = subprocess.run(["git", "show", f"{base}:alignsearch/search/columns.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert "file_seals" not in source and "FILE_SEED" not in source, base

@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--caption", default="0,2000", help="caption lengths (characters per photos row), comma-separated")
     ap.add_argument("--ocr", type=int, default=0, help="OCR text length per photos row")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--base", default="main", help="the commit whose columns.py and catalog.py are the baseline")
+    # main before the one scan merged (6b56b1f): main's catalog.py has no count_photos since (AttributeError, exit 1)
+    ap.add_argument("--base", default="6b56b1f^1", help="the commit whose columns.py and catalog.py are the baseline")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     load_at_start = os.getloadavg()[0]

@@ -1,4 +1,6 @@
-"""benchmarks/bench_photo_keys.py's --seals and --file-seals time this tree's filter columns load against a base
+"""The benchmarks that time this tree against a base commit's module (common.module_at) run with their default base.
+
+benchmarks/bench_photo_keys.py's --seals and --file-seals time this tree's filter columns load against a base
 commit's (module_at): the base's columns.py calls catalog functions this tree merged since (count_photos and
 count_indexed_photos_scanned into count_photos_scanned, 7dcb35a), and --file-seals' base was main, which checks the
 files seals itself since their merge (cedc39a)."""
@@ -44,3 +46,16 @@ def test_the_file_seals_baseline_checks_no_files_seal():
     source = subprocess.run(["git", "show", f"{base}:alignsearch/search/columns.py"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout
     assert "file_seals" not in source and "FILE_SEED" not in source, base
+
+
+@pytest.mark.slow  # a catalog built, counted and loaded by a benchmark in a subprocess
+def test_the_photo_counts_baseline_has_the_two_counts():
+    """bench_photo_counts.py times --base's two counts (count_photos, count_indexed_photos_scanned) against the one
+    scan; its default base was main, which has neither since the one scan merged (6b56b1f): AttributeError, exit 1."""
+    if not _has("6b56b1f^1"):
+        pytest.skip("no git history (a shallow clone): the baseline is a commit's catalog.py")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_photo_counts.py"), "--n", "40",
+                             "--rounds", "1", "--caption", "0", "--no-save"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "one scan: count_photos_scanned" in result.stdout

@@ -12,6 +12,7 @@ whether that blows the load's memory up at a million files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sqlite3
@@ -27,20 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
-from common import load_note, module_at, record
+from common import base_functions, load_note, module_at, record
 
 from alignsearch.storage import catalog, migrate, rowdigest
 
 
 def build(db_path: Path, n: int) -> None:
-    """n indexed files with their addresses sealed, each with a photos row whose date and place are sealed."""
+    """n indexed files with their addresses and their width, height, size and mtime sealed (schema 24: else the load
+    refused every row, exit 7), each with a photos row whose date and place are sealed."""
     catalog.connect(db_path).dispose()
     conn = sqlite3.connect(db_path)
     ids = np.arange(1, n + 1)
+    mtimes = 1.6e9 + ids
+    file_seals = rowdigest.field_seals(ids, np.full(n, 640), np.full(n, 480), np.full(n, 1000), mtimes,
+                                       seed=rowdigest.FILE_SEED).tolist()
     conn.executemany(
         "INSERT INTO files (id, root, relpath, size, mtime, sha256, width, height, format, status, indexed_at, vec_row, "
-        "moment) VALUES (?, '/r', ?, 1000, ?, ?, 640, 480, 'JPEG', ?, 0.0, ?, 0)",
-        ((int(i), f"{i:08d}.jpg", 1.6e9 + int(i), f"{i:064x}", catalog.INDEXED, int(i) - 1) for i in ids))
+        "moment, field_seal) VALUES (?, '/r', ?, 1000, ?, ?, 640, 480, 'JPEG', ?, 0.0, ?, 0, ?)",
+        ((int(i), f"{i:08d}.jpg", float(m), f"{i:064x}", catalog.INDEXED, int(i) - 1, seal)
+         for i, m, seal in zip(ids, mtimes, file_seals)))
     taken, lat, lon = 1.5e9 + ids * 37.5, ids % 180 - 89.5, ids % 360 - 179.25
     conn.executemany("INSERT INTO photos (file_id, taken, lat, lon, field_seal) VALUES (?, ?, ?, ?, ?)",
                      zip(ids.tolist(), taken.tolist(), lat.tolist(), lon.tolist(),
@@ -52,8 +58,10 @@ def build(db_path: Path, n: int) -> None:
 
 def child(db_path: Path, base: str | None) -> None:
     """One load, in this process: prints the peak memory's growth (MB) and the seconds."""
+    lent = contextlib.ExitStack()
     if base:
         columns = module_at(base, "alignsearch/search/columns.py", "columns_base")
+        lent = base_functions(module_at(base, "alignsearch/storage/catalog.py", "catalog_base"))
     else:
         from alignsearch.search import columns
     db = catalog.connect(db_path, readonly=True)
@@ -61,7 +69,8 @@ def child(db_path: Path, base: str | None) -> None:
         conn.exec_driver_sql("SELECT count(*) FROM files").all()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loaded = columns.Columns(db)
+    with lent:
+        loaded = columns.Columns(db)
     seconds = time.perf_counter() - start
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
     print(f"{grown:.1f} {seconds:.3f} {len(loaded)}")

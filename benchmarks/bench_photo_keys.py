@@ -33,7 +33,6 @@ rolled back after each round.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import sqlite3
@@ -47,7 +46,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import keyword_catalog, load_note, module_at, record
+from common import base_functions, keyword_catalog, load_note, module_at, record
 
 from alignsearch.search import columns
 from alignsearch.search.columns import Columns
@@ -169,7 +168,7 @@ def seals(args) -> None:
         db_path = Path(tmp) / "catalog.db"
         size_mb = _sealed_catalog(db_path, args.n)
         reader = catalog.connect(db_path, readonly=True)
-        with _base_functions(old_catalog):
+        with base_functions(old_catalog):
             _loads(args, reader, old, seconds, rowdigest.PHOTO_SEALED, rowdigest.PHOTO_SEED, catalog.photo_seals_off,
                    names=(unsealed, sealed, "the check alone (rowdigest.fields_sealed)",
                           "verify: catalog.photo_seals_off"))
@@ -204,7 +203,7 @@ def file_seals(args) -> None:
         size_mb = _sealed_catalog(db_path, args.n,
                                   files="width = 640 + id % 7, height = 480, size = 1000 + id, mtime = 1.6e9 + id")
         reader = catalog.connect(db_path, readonly=True)
-        with _base_functions(old_catalog):
+        with base_functions(old_catalog):
             _loads(args, reader, old, seconds, rowdigest.FILE_SEALED, rowdigest.FILE_SEED, catalog.file_seals_off,
                    names=(unsealed, sealed, check, verify))
         reader.dispose()
@@ -242,18 +241,6 @@ def _sealed_catalog(db_path: Path, n: int, *, files: str | None = None) -> float
         migrate.seal_rows(conn)
     conn.close()
     return db_path.stat().st_size / 1e6
-
-
-def _base_functions(old_catalog) -> contextlib.ExitStack:
-    """The catalog functions the base's columns.py calls that this tree's catalog has merged or renamed since
-    (count_photos and count_indexed_photos_scanned: count_photos_scanned; photo_rows_sealed: rows_sealed), lent from
-    the base's own catalog.py while the loads run: else its load raised AttributeError, and a stand-in of today's
-    would time today's counts as the base's."""
-    stack = contextlib.ExitStack()
-    for name in ("count_photos", "count_indexed_photos_scanned", "photo_rows_sealed"):
-        if hasattr(old_catalog, name) and not hasattr(catalog, name):
-            stack.enter_context(mock.patch.object(catalog, name, getattr(old_catalog, name), create=True))
-    return stack
 
 
 def _loads(args, reader, old, seconds: dict, sealed_names: tuple, seed: int, seals_off, *, names: tuple) -> None:

@@ -68,6 +68,22 @@ def module_at(rev: str, path: str, name: str):
     return module
 
 
+
+def base_functions(old_catalog) -> contextlib.ExitStack:
+    """The catalog functions a base commit's columns.py calls that this tree's catalog has merged or renamed since
+    (count_photos and count_indexed_photos_scanned: count_photos_scanned; photo_rows_sealed: rows_sealed), lent from
+    the base's own catalog.py (module_at) while its load runs: else that load raised AttributeError, and a stand-in of
+    today's would time today's counts as the base's."""
+    from unittest import mock
+
+    from alignsearch.storage import catalog
+
+    stack = contextlib.ExitStack()
+    for name in ("count_photos", "count_indexed_photos_scanned", "photo_rows_sealed"):
+        if hasattr(old_catalog, name) and not hasattr(catalog, name):
+            stack.enter_context(mock.patch.object(catalog, name, getattr(old_catalog, name), create=True))
+    return stack
+
 def add_worktree(rev: str, folder: Path) -> str:
     """A detached git worktree of `rev` at folder (a baseline run from its own tree); returns rev's short hash.
     remove_worktree takes it away."""

@@ -3,7 +3,7 @@
 benchmarks/bench_photo_keys.py's --seals and --file-seals time this tree's filter columns load against a base
 commit's (module_at): the base's columns.py calls catalog functions this tree merged since (count_photos and
 count_indexed_photos_scanned into count_photos_scanned, 7dcb35a), and --file-seals' base was main, which checks the
-files seals itself since their merge (cedc39a)."""
+files seals itself since their merge (cedc39a). bench_photo_counts.py and bench_columns_memory.py alike."""
 
 import re
 import subprocess
@@ -59,3 +59,14 @@ def test_the_photo_counts_baseline_has_the_two_counts():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "one scan: count_photos_scanned" in result.stdout
+
+
+@pytest.mark.slow  # a catalog built and loaded by a benchmark in two subprocesses
+def test_the_columns_memory_catalog_loads():
+    """bench_columns_memory.py builds its catalog in SQL: its files rows had no field seal (schema 24), and the load
+    refused them all (IndexDamagedError in the child, CalledProcessError, exit 1)."""
+    if not _has("2ca070c"):
+        pytest.skip("no git history (a shallow clone): the baseline is a commit's columns.py")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_columns_memory.py"), "--n", "40",
+                             "--rounds", "1", "--no-save"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -274,3 +274,25 @@ def test_verify_reads_a_flipped_width_again_and_does_not_seal_it(indexed_images)
     _flip_in_place(ix / DB_FILE, "width")
     out = run("verify", "--skip-model", "--index", ix, code=7).output
     assert "the rows of 1 files are not as written" in out and "off the seal" not in out, out
+
+
+@pytest.mark.slow  # a video indexed, a flip and two searches
+def test_a_filter_over_a_flipped_moment_time_is_damage(tmp_path, tiny_model):
+    """A video moment's t and t_end are read for every moment by the filter columns (`--media video` is `t >= 0`),
+    and were checked by neither a seal nor their digest: a moment whose t flipped sign left `--media video`, exit 0."""
+    import alignsearch
+    from helpers import make_video
+    from indexer.job import index_folders
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", [(1, 3), (2, 3)])
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    with alignsearch.open(ix) as engine:
+        moments = len(engine.search(text="blue sky", media="video", k=10))
+    assert moments >= 2
+    (file_id,) = catalog_rows(ix, "SELECT max(id) FROM files WHERE t > 0")[0]
+    _flip_in_place(ix / DB_FILE, "t", file_id)
+    with alignsearch.open(ix) as engine, pytest.raises(IndexDamagedError, match="damaged"):
+        engine.search(text="blue sky", media="video", k=10)

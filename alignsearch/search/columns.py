@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from alignsearch.media import sources
 from alignsearch.storage import catalog, migrate, rowdigest
@@ -135,11 +135,23 @@ class Columns:
             return self._text[name]
 
     def _load_moment(self, name: str) -> np.ndarray:
-        """A video moment's t or t_end by row (NaN for photos), read when a filter first asks."""
-        col = catalog.files.c[name]
-        query = select(catalog.files.c.id, col).where(catalog.files.c.status == catalog.INDEXED, col.is_not(None))
+        """A video moment's t or t_end by row (NaN for photos), read when a filter first asks; every moment's row
+        checked against its digest (a one-line refusal, exit 7), as a hit's row is."""
+        f = catalog.files.c
+        col = f[name]
+        # every row of a moment, its t or t_end or its number set: a single flipped byte that made one of them NULL
+        # (or a photo's t a time) leaves another to select the row by. The rows are the videos' moments alone: no
+        # seal needed to keep this quick (a t flipped in sign left its moment out of `--media video`, exit 0)
+        query = select(f.id, col, f.digest, *(f[field] for field, _ in catalog.FILE_DIGESTED)).where(
+            f.status == catalog.INDEXED, or_(f.t.is_not(None), f.t_end.is_not(None), f.moment != 0))
         with self._db.connect() as conn:
-            values = dict(conn.execute(query).all())
+            rows = conn.execute(query).all()
+            if not all(type(row[1]) in (int, float, type(None)) for row in rows):  # a time stored as text: said so
+                catalog.refuse_malformed(conn)
+            if migrate.schema_of(conn).digests and not all(
+                    rowdigest.holds_shown(catalog.FILE_DIGESTED, row[3:], row[2]) for row in rows):
+                catalog.refuse_off_digest()
+            values = {row[0]: row[1] for row in rows if row[1] is not None}
             out = np.full(len(self), np.nan)
             if values:
                 found = np.isin(self.ids, np.fromiter(values, dtype=np.int64, count=len(values)))

@@ -257,3 +257,32 @@ def test_copies_straddling_the_ivfpq_candidate_cut_are_all_re_ranked(ivfpq):
         found = Engine._ann_ids(snap, Scorer([q]), at + 1, snap.nprobe, None)
         assert copies <= set(found), (copies, found[at - 2:])
         assert len(found) <= at + 1 + 2 + 3  # past the cut: the copies (and a chance tie), not the margin's 40
+
+
+@pytest.mark.slow  # 302 vectors written, an ANN index rebuilt, three searches
+@pytest.mark.parametrize("order", [("a", "z"), ("z", "a")])
+def test_copies_tied_at_k_past_the_late_fused_depth_on_a_flat_index_are_listed_by_path(indexed_corpus, order):
+    """A late-fused query (compose="product") on a flat index scores every vector exactly and cut them at
+    max(k, LATE_DEPTH) with no margin: two copies straddling a k of 100 or more kept the one indexed first."""
+    from alignsearch.search.engine import ANN_FILE
+    from helpers import write_vectors
+    from indexer import build
+
+    corpus, index_dir = indexed_corpus
+    with alignsearch.open(index_dir) as engine:
+        dim = engine.info()["dim"]
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((300, dim))
+    copy = rng.standard_normal(dim)
+    rows = np.vstack([rows, copy, copy])  # the copies: one vector twice
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    db, store = write_vectors(index_dir, rows, [f"r{j:03d}.jpg" for j in range(300)] + [f"{n}_copy.jpg" for n in order])
+    build.sync_index(db, store, index_dir / ANN_FILE)
+    db.dispose()
+    query = {"text": "blue sky", "image": corpus / "img005.jpg", "compose": "product"}
+    with alignsearch.open(index_dir) as engine:
+        assert engine.info()["index"]["type"] == "flat"
+        full = [h.relpath for h in engine.search(**query, k=400)]
+        at = full.index("a_copy.jpg")
+        assert full[at + 1] == "z_copy.jpg" and at + 1 >= 100, at  # the cut falls between them, past LATE_DEPTH
+        assert [h.relpath for h in engine.search(**query, k=at + 1)][-1] == "a_copy.jpg"

@@ -274,3 +274,49 @@ def test_verify_reads_a_flipped_width_again_and_does_not_seal_it(indexed_images)
     _flip_in_place(ix / DB_FILE, "width")
     out = run("verify", "--skip-model", "--index", ix, code=7).output
     assert "the rows of 1 files are not as written" in out and "off the seal" not in out, out
+
+
+@pytest.mark.slow  # a video indexed, a flip and two searches
+def test_a_filter_over_a_flipped_moment_time_is_damage(tmp_path, tiny_model):
+    """A video moment's t and t_end are read for every moment by the filter columns (`--media video` is `t >= 0`),
+    and were checked by neither a seal nor their digest: a moment whose t flipped sign left `--media video`, exit 0."""
+    import alignsearch
+    from helpers import make_video
+    from indexer.job import index_folders
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", [(1, 3), (2, 3)])
+    ix = tmp_path / "ix"
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    with alignsearch.open(ix) as engine:
+        moments = len(engine.search(text="blue sky", media="video", k=10))
+    assert moments >= 2
+    (file_id,) = catalog_rows(ix, "SELECT max(id) FROM files WHERE t > 0")[0]
+    _flip_in_place(ix / DB_FILE, "t", file_id)
+    with alignsearch.open(ix) as engine, pytest.raises(IndexDamagedError, match="damaged"):
+        engine.search(text="blue sky", media="video", k=10)
+
+
+@pytest.mark.slow  # a flip and two queries on a copy of an index
+def test_a_filter_over_a_files_row_whose_status_flipped_is_damage(indexed_images):
+    """A byte flipped in the status of a files row ('indexed' read as 'indexee', in the file itself): the filter
+    columns read only the rows whose status is 'indexed', so the file left every filtered answer, exit 0 with 11 hits
+    of 12 (a search with no filter refused it at the hit's row)."""
+    import re
+
+    from helpers import catalog_pages, checkpointed_ids
+
+    _, ix = indexed_images(12)
+    where = ["--where", MATCH_ALL["width"]]
+    assert query_hits(ix, *where) == 12
+    db = ix / DB_FILE
+    checkpointed_ids(db, "SELECT id FROM files")  # the WAL copied back: the page flipped is the one read
+    data = bytearray(db.read_bytes())
+    _, _, _, first, end = catalog_pages(db)["files"][0]
+    at = re.compile(rb"indexed(?!-)").search(bytes(data), first, end).start()  # a status, not the folder's name
+    data[at + 6] ^= 0x01
+    db.write_bytes(bytes(data))
+    assert len(catalog_rows(ix, "SELECT id FROM files WHERE status = 'indexee'")) == 1
+    result = query_hits(ix, *where, code=7)
+    assert result.output.strip().splitlines() == [result.output.strip()] and "damaged" in result.output, result.output

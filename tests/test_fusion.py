@@ -380,3 +380,14 @@ def test_a_cut_keeps_the_scores_that_may_tie_with_the_last_one_kept():
     scores = np.array([0.9, 0.8, 0.8 - 3 * step, 0.8 - 3 * step, 0.7, 0.6], np.float32)
     assert tied_at_cut(scores, 2) == 4 and tied_at_cut(scores, 1) == 1 and tied_at_cut(scores, 5) == 5
     assert tied_at_cut(scores, 9) == 6 and tied_at_cut(scores, 0) == 0 and tied_at_cut(np.zeros(0), 3) == 0
+
+
+def test_a_cut_by_score_and_tiebreak_keeps_a_copy_and_not_a_products_other_zeros():
+    """A late-fused query's cut (engine._best_of): past the k-th, a product's zeros tie in the score alone and are
+    cut; a copy ties in the tie-break too and is kept."""
+    from alignsearch.search.query import tied_at_cut
+
+    scores = np.array([0.5, 0.0, 0.0, 0.0, 0.0], np.float32)
+    tiebreak = np.array([0.7, 0.2, 0.2, 0.1, 0.2], np.float32)
+    assert tied_at_cut(scores, 2, tiebreak) == 3  # the copy at 3, not the zeros after it (nor the one past them)
+    assert tied_at_cut(scores, 2) == 5

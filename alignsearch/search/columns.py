@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from alignsearch.media import sources
 from alignsearch.storage import catalog, migrate, rowdigest
@@ -50,14 +50,19 @@ class Columns:
             cols = [c for c in cols if c is not None]
             seal_cols = [c for c, wanted in ((f.vec_seal, sealed), (p.field_seal, fields_sealed),
                                              (f.field_seal, files_sealed)) if wanted]
-            query = select(*cols, *seal_cols).where(f.status == catalog.INDEXED).order_by(f.id)
+            # every row but a failed file's, its status read last: one whose status byte flipped ('indexee', or NULL)
+            # was left out of the indexed ones here, so out of every filtered answer, exit 0 (an unfiltered search
+            # refused it at the hit's row); status_known refuses it below
+            query = select(*cols, *seal_cols, f.status).where(f.status.is_distinct_from(catalog.FAILED)).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
             rows = conn.execute(query).all()
             # by column, in one transposition (zip, in C): the rows sliced apart from their seals and each id and
             # address picked in Python were a large part of this load at 100k files (bench_photo_keys.py --seals; the
             # share was not recorded in RESULTS.md)
-            by_column = list(zip(*rows)) or [()] * (len(cols) + len(seal_cols))
+            by_column = list(zip(*rows)) or [()] * (len(cols) + len(seal_cols) + 1)
+            if not all(map(catalog.status_known, by_column.pop())):  # none failed here: each is INDEXED, or damage
+                catalog.refuse_malformed(conn)
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
             # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:
             # verify --repair seals it anew
@@ -135,11 +140,23 @@ class Columns:
             return self._text[name]
 
     def _load_moment(self, name: str) -> np.ndarray:
-        """A video moment's t or t_end by row (NaN for photos), read when a filter first asks."""
-        col = catalog.files.c[name]
-        query = select(catalog.files.c.id, col).where(catalog.files.c.status == catalog.INDEXED, col.is_not(None))
+        """A video moment's t or t_end by row (NaN for photos), read when a filter first asks; every moment's row
+        checked against its digest (a one-line refusal, exit 7), as a hit's row is."""
+        f = catalog.files.c
+        col = f[name]
+        # every row of a moment, its t or t_end or its number set: a single flipped byte that made one of them NULL
+        # (or a photo's t a time) leaves another to select the row by. The rows are the videos' moments alone: no
+        # seal needed to keep this quick (a t flipped in sign left its moment out of `--media video`, exit 0)
+        query = select(f.id, col, f.digest, *(f[field] for field, _ in catalog.FILE_DIGESTED)).where(
+            f.status == catalog.INDEXED, or_(f.t.is_not(None), f.t_end.is_not(None), f.moment != 0))
         with self._db.connect() as conn:
-            values = dict(conn.execute(query).all())
+            rows = conn.execute(query).all()
+            if not all(type(row[1]) in (int, float, type(None)) for row in rows):  # a time stored as text: said so
+                catalog.refuse_malformed(conn)
+            if migrate.schema_of(conn).digests and not all(
+                    rowdigest.holds_shown(catalog.FILE_DIGESTED, row[3:], row[2]) for row in rows):
+                catalog.refuse_off_digest()
+            values = {row[0]: row[1] for row in rows if row[1] is not None}
             out = np.full(len(self), np.nan)
             if values:
                 found = np.isin(self.ids, np.fromiter(values, dtype=np.int64, count=len(values)))

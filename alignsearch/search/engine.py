@@ -715,19 +715,21 @@ class Engine:
 
     def _best_of(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int) -> list[int]:
         """Exact scores of the vectors at these addresses (ids[i]'s at addresses[i]), best first: `depth` ids, and
-        (but for a late-fused query) up to query.TIE_MARGIN more that may tie with the depth-th (query.tied_at_cut)."""
+        up to query.TIE_MARGIN more that may tie with the depth-th (query.tied_at_cut)."""
+        # Kept past depth: those that may tie with the depth-th (copies, query.tied_at_cut), so that _hits settles
+        # them by name; cut at depth, one was kept in the order of the ids (the order they were indexed in).
+        margin = depth + query_module.TIE_MARGIN
         if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
             best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
             for start in range(0, len(ids), EXACT_CHUNK):
                 chunk = ids[start : start + EXACT_CHUNK]
                 parts = query.parts(self._stored(snap, addresses[start : start + EXACT_CHUNK]))
                 best_ids, best_parts = np.concatenate([best_ids, chunk]), np.concatenate([best_parts, parts])
-                keep = query.order(best_parts)[:depth]
+                keep = query.order(best_parts)[:margin]
                 best_ids, best_parts = best_ids[keep], best_parts[keep]
-            return best_ids.tolist()
-        # Kept past depth: those that may tie with the depth-th (copies, query.tied_at_cut), so that _hits settles
-        # them by name; cut at depth, one was kept in the order of the ids (the order they were indexed in).
-        margin = depth + query_module.TIE_MARGIN
+            # a copy ties in the score and in the tie-break (a product's zeros in the score alone: not kept)
+            kept = query_module.tied_at_cut(query.fused(best_parts), depth, query.tiebreak(best_parts))
+            return best_ids[:kept].tolist()
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for start in range(0, len(ids), EXACT_CHUNK):  # bounded memory however many match
             chunk = ids[start : start + EXACT_CHUNK]

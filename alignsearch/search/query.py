@@ -197,17 +197,22 @@ def near_equal(values: np.ndarray) -> np.ndarray:
 TIE_MARGIN = 40
 
 
-def tied_at_cut(scores: np.ndarray, depth: int) -> int:
+def tied_at_cut(scores: np.ndarray, depth: int, *also: np.ndarray) -> int:
     """How many of the scores (best first) a cut at depth keeps: the first depth, and those after within near_equal's
     gap of the last of them (pure): the candidates past a cut (TIE_MARGIN) that may tie with the k-th (a
     copy), and none of the others, whose re-rank cost 3-17% a search (RESULTS.md, bench_tie_margin; trimmed so,
-    0.98-1.07x the search of k alone)."""
+    0.98-1.07x the search of k alone). also: further keys the order ranked by after the scores (a late-fused query's
+    tiebreak), each within its gap of the k-th's too: a product's many zeros are not ties, a copy's are."""
     scores = np.asarray(scores, np.float32)
     if len(scores) <= depth or depth <= 0:
         return max(0, min(depth, len(scores)))
-    last = float(scores[depth - 1])
-    gap = max(NEAR, NEAR_STEPS * float(np.spacing(np.float32(abs(last)))))
-    return depth + int(np.count_nonzero(scores[depth:] >= last - gap))
+    tied = np.ones(len(scores) - depth, bool)
+    for key in (scores, *also):
+        key = np.asarray(key, np.float32)
+        last = float(key[depth - 1])
+        gap = max(NEAR, NEAR_STEPS * float(np.spacing(np.float32(abs(last)))))
+        tied &= np.abs(key[depth:] - last) <= gap
+    return depth + int(np.cumprod(tied).sum())  # the run right after the cut (ranked by the keys: where ties stand)
 
 
 def cosines_f64(rows: np.ndarray, probe: np.ndarray) -> np.ndarray:

@@ -367,8 +367,8 @@ def seal_file_fields(dbapi_conn: sqlite3.Connection) -> int:
     """Step 24's work, and verify --repair's, in the caller's transaction: each files row whose digest holds and whose
     field seal does not sealed from its id and FILE_SEALED fields as they stand; how many were. A row whose digest
     fails (verify --repair indexes its file again) or that holds a value no writer stores (malformed_values reports
-    it) is left unsealed: never blessed. The files digest does not cover the id; the unique index of each row's name
-    does (catalog.check_names)."""
+    it) is left unsealed: never blessed. The files digest does not cover the id: a row moved to another id is sealed
+    there; a rowid flipped in the file is found by SQLite's integrity check (verify), not by the filter columns."""
     from alignsearch.storage import rowdigest
 
     return _seal_fields(dbapi_conn, table="files", key="id", fields=rowdigest.FILE_FIELDS,

@@ -30,6 +30,7 @@ import alignsearch
 from alignsearch.storage import ann, catalog, state, vectors
 from alignsearch.search.engine import ANN_FILE, DB_FILE
 from alignsearch.search.filters import parse_date
+from alignsearch.search.query import TIE_MARGIN, tied_at_cut
 from alignsearch.storage.ann import rerank
 from indexer.build import sync_index
 
@@ -120,8 +121,10 @@ def main() -> None:
         bare = []
         for q in queries:
             def plain(q=q):
-                _, ids = ann.search(snap.index, q[None, :], ann.candidate_count(10, snap.plan), snap.nprobe)
-                ids = ids[0][ids[0] >= 0]
+                # as engine._ann_ids asks FAISS (the tie margin too) and trims (tied_at_cut), so the gap is the rest
+                want = ann.candidate_count(10, snap.plan)
+                scores, ids = ann.search(snap.index, q[None, :], want + TIE_MARGIN, snap.nprobe)
+                ids = ids[0][ids[0] >= 0][: tied_at_cut(scores[0][ids[0] >= 0], want)]
                 with engine.db.connect() as conn:
                     rows = catalog.get_files(conn, ids.tolist())
                 return rerank(q, ids, snap.store.get(np.array([rows[i].vec_row for i in ids.tolist()])), 10)

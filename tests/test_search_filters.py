@@ -100,6 +100,28 @@ def test_explain_names_the_plan(library):
     assert len(out["results"]) == 2
 
 
+@pytest.mark.slow  # an IVF-PQ index of 12,000 vectors copied, four searches
+@pytest.mark.parametrize("where", [None, 'path glob "*"'])
+def test_explain_says_the_candidates_faiss_is_asked_for(ivfpq, monkeypatch, where):
+    """`--explain` said candidates=want on the filtered ANN path (nothing on the unfiltered one) while FAISS is asked
+    for want + query.TIE_MARGIN, those past want re-ranked where they tie with the want-th: it now says both, as the
+    search asks (ann.search recorded)."""
+    from alignsearch.search.engine import EXACT_BELOW, build_request
+    from alignsearch.search.query import TIE_MARGIN
+    from alignsearch.storage import ann
+
+    asked, search = [], ann.search
+    monkeypatch.setattr(ann, "search", lambda index, q, k, *a, **kw: asked.append(k) or search(index, q, k, *a, **kw))
+    with alignsearch.open(ivfpq) as engine:
+        assert engine.snap.plan.kind == "ivfpq"
+        request = build_request(text="red circle", k=5, mode="vector", where=where)
+        plan = engine.explain(request)
+        assert plan.get("matching", EXACT_BELOW + 1) > EXACT_BELOW and plan["path"] != "exact", plan
+        engine.run(request)
+    assert asked == [plan["candidates_asked"]] == [plan["candidates"] + TIE_MARGIN], (asked, plan)
+    assert plan["candidates"] == ann.candidate_count(5, engine.snap.plan)
+
+
 def test_malformed_filters_are_usage_errors(library):
     root, ix = library
     for args in (("--where", "camera <"), ("--where", "colour = red"), ("--after", "last week"),

@@ -521,6 +521,10 @@ class Engine:
         late = method in LATE_FUSION
         if opts.node is None:
             out.update(filter=None, path="ANN" if snap.plan.kind != "flat" else "exact (flat index)", nprobe=snap.nprobe)
+            if snap.plan.kind != "flat":
+                # as _indexed_ids asks: k's candidates (a keyword fusion's deeper), and the tie margin past them
+                out.update(_candidates_plan(self._late_want(snap, k) if late else
+                                            ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))))
             if late:
                 out["path"] = ("exact: every vector scored (flat index)" if snap.plan.kind == "flat" else
                                f"ANN for the image and for the text ({self._late_want(snap, k)} candidates each), "
@@ -534,7 +538,7 @@ class Engine:
             want = self._late_want(snap, k) if late else ann.candidate_count(k, snap.plan,
                                                                               snap.tuning.get("rerank_factor", 10))
             out.update(path="ANN restricted to matching ids (bitmap selector), exact re-rank; exact if it finds fewer "
-                       "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), candidates=want)
+                       "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), **_candidates_plan(want))
             if late:
                 out["path"] = "for the image and for the text: " + out["path"]
         return _with_pending(out, pending)
@@ -1156,6 +1160,14 @@ KEYWORD_DEPTH = 100
 # How auto fuses keyword evidence: AUTO_FUSION (query.AUTO_FUSION, imported; query.keyword_fusion's methods, or gate).
 # rrf, as hybrid: the others (belief, gate) are there for bench_auto.py, which sets this module's AUTO_FUSION to
 # measure them against it and found neither better over every case (RESULTS.md).
+
+
+def _candidates_plan(want: int) -> dict:
+    """An explained ANN path's candidates: `want` re-ranked exactly, and what FAISS is asked for (_ann_ids: want and
+    query.TIE_MARGIN more, of which those past want are re-ranked only where they tie with the want-th). It said
+    candidates=want alone, so a reader could not tell copies at the cut were looked past."""
+    return {"candidates": want, "candidates_asked": want + query_module.TIE_MARGIN,
+            "candidates_past_want": "re-ranked only where tied with the last of want"}
 
 
 def _with_pending(plan: dict, pending: int) -> dict:

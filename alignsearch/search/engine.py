@@ -703,13 +703,19 @@ class Engine:
     @staticmethod
     def _ann_ids(snap: Snapshot, query: Scorer, want: int, nprobe: int, allowed: np.ndarray | None) -> list[int]:
         """The ANN index's candidates for the query's probes, best first, each id once: each probe's first `want`, and
-        those after that may tie with the last of them (query.tied_at_cut; FAISS asked for query.TIE_MARGIN more), all
-        re-ranked and settled by name; the others are not re-ranked. A tie is exact on a flat index and between copies
-        on IVF-PQ (equal vectors: equal codes in one list, equal approximate scores)."""
-        scores, ids = ann.search(snap.index, np.stack(query.probes), want + query_module.TIE_MARGIN, nprobe, allowed)
-        kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
-                for row_scores, row_ids in zip(scores, ids)]
-        return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe, as ranked
+        those after that may tie with the last of them (query.tied_at_cut; FAISS asked for query.TIE_MARGIN more, and
+        again wider while every one of those tied: query.margin_spent), all re-ranked and settled by name; the others
+        are not re-ranked. A tie is exact on a flat index and between copies on IVF-PQ (equal vectors: equal codes in
+        one list, equal approximate scores)."""
+        margin, there = query_module.TIE_MARGIN, int(snap.index.ntotal) if allowed is None else len(allowed)
+        while True:
+            asked = want + margin
+            scores, ids = ann.search(snap.index, np.stack(query.probes), asked, nprobe, allowed)
+            kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
+                    for row_scores, row_ids in zip(scores, ids)]
+            if not any(query_module.margin_spent(len(row), asked, asked < there) for row in kept):
+                return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe
+            margin *= query_module.WIDER_MARGIN  # a run of copies longer than the margin straddles the cut
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best first: _best_of's `depth` and
@@ -719,10 +725,20 @@ class Engine:
 
     def _best_of(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int) -> list[int]:
         """Exact scores of the vectors at these addresses (ids[i]'s at addresses[i]), best first: `depth` ids, and
-        up to query.TIE_MARGIN more that may tie with the depth-th (query.tied_at_cut)."""
+        those after that may tie with the depth-th (query.tied_at_cut), looked for within query.TIE_MARGIN past it,
+        wider while the margin is spent (query.margin_spent)."""
         # Kept past depth: those that may tie with the depth-th (copies, query.tied_at_cut), so that _hits settles
         # them by name; cut at depth, one was kept in the order of the ids (the order they were indexed in).
-        margin = depth + query_module.TIE_MARGIN
+        margin = query_module.TIE_MARGIN
+        while True:
+            best = self._best_within(snap, query, ids, addresses, depth, depth + margin)
+            if not query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin):
+                return best
+            margin *= query_module.WIDER_MARGIN  # a run of copies longer than the margin straddles the cut
+
+    def _best_within(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int,
+                     margin: int) -> list[int]:
+        """_best_of's scores with one margin: of the best `margin`, the first depth and those tied with the depth-th."""
         if query.late:  # many equal scores (a product's zeros): ordered by the tie-break, as _hits orders them
             best_ids, best_parts = np.zeros(0, np.int64), np.zeros((0, 2), np.float32)
             for start in range(0, len(ids), EXACT_CHUNK):
@@ -759,10 +775,15 @@ class Engine:
             if not opts.words or not catalog.has_keywords(conn):
                 return []
             limit = max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool)
-            # a margin past the limit: matches tied with the last one at it are kept too (query.through_ties)
-            found = keywords.search(conn, opts.words, limit + query_module.TIE_MARGIN, among,
-                                    evidence_only=evidence_only)
-            return found[:query_module.through_ties([s for _, s in found], limit)]
+            # a margin past the limit: matches tied with the last one at it are kept too (query.through_ties), wider
+            # while the margin is spent (query.margin_spent)
+            margin = query_module.TIE_MARGIN
+            while True:
+                found = keywords.search(conn, opts.words, limit + margin, among, evidence_only=evidence_only)
+                kept = query_module.through_ties([s for _, s in found], limit)
+                if not query_module.margin_spent(kept, limit + margin, len(found) >= limit + margin):
+                    return found[:kept]
+                margin *= query_module.WIDER_MARGIN
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
               keyword: list[tuple[int, float]] | None = None, nulls: np.ndarray | None = None,
@@ -1167,7 +1188,7 @@ def _candidates_plan(want: int) -> dict:
     query.TIE_MARGIN more, of which those past want are re-ranked only where they tie with the want-th). It said
     candidates=want alone, so a reader could not tell copies at the cut were looked past."""
     return {"candidates": want, "candidates_asked": want + query_module.TIE_MARGIN,
-            "candidates_past_want": "re-ranked only where tied with the last of want"}
+            "candidates_past_want": "re-ranked only where tied with the last of want (asked again wider while all are)"}
 
 
 def _with_pending(plan: dict, pending: int) -> dict:

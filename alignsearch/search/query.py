@@ -193,8 +193,17 @@ def near_equal(values: np.ndarray) -> np.ndarray:
 # equal codes in one list and so equal approximate scores; or one caption, equal bm25) tied at the cut it kept the
 # one indexed first, before the engine could list them by name (settle_ties): a Ray run and a local run showed
 # different files. Of those past the cut only the ones that may tie with the last are kept (tied_at_cut,
-# through_ties). A run of more copies than this straddling a cut is still cut in the index's order.
+# through_ties). A run of more copies than this straddling a cut spends the margin (margin_spent): the engine asks
+# again with WIDER_MARGIN times the margin, until the run ends or nothing is left past it.
 TIE_MARGIN = 40
+WIDER_MARGIN = 4
+
+
+def margin_spent(kept: int, asked: int, more: bool) -> bool:
+    """Whether a cut with a tie margin must be asked again wider (pure): it kept every candidate asked for (each one
+    past the cut tied with the last before it) and more may lie past them (more). A run of 41 copies straddling the
+    cut was cut in the index's order (the one indexed last left out, whatever its name)."""
+    return kept >= asked and more
 
 
 def tied_at_cut(scores: np.ndarray, depth: int, *also: np.ndarray) -> int:

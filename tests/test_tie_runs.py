@@ -1,0 +1,64 @@
+"""A run of copies longer than query.TIE_MARGIN straddling a cut (the ANN index's, the exact path's, the keyword
+index's limit): each cut kept the margin's copies in the order they were indexed, so the copy listed first by path
+was left out where it was indexed last. The engine now asks again wider while the margin is spent
+(query.margin_spent)."""
+
+import numpy as np
+import pytest
+
+import alignsearch
+from alignsearch.search import query
+
+
+def test_a_cut_is_asked_again_only_where_every_candidate_asked_for_tied_and_more_may_lie_past():
+    assert query.margin_spent(41, 41, True)
+    assert not query.margin_spent(41, 41, False)  # nothing past what was asked: the run ends there
+    assert not query.margin_spent(40, 41, True)  # the last asked for did not tie: the run ended before it
+
+
+@pytest.mark.slow  # 170 vectors written, the ANN index rebuilt, eight searches
+@pytest.mark.parametrize("backwards", [False, True])
+def test_a_run_of_copies_longer_than_the_margin_keeps_the_copies_first_by_path(indexed_corpus, backwards):
+    """170 copies (past TIE_MARGIN and its first widening), written in path order or backwards: the first k by path
+    are the answer, by the ANN (flat) path and by the exact one (a filter), whatever id each copy was given."""
+    from alignsearch.search.engine import ANN_FILE
+    from helpers import write_vectors
+    from indexer import build
+
+    index_dir = indexed_corpus[1]
+    with alignsearch.open(index_dir) as engine:
+        dim = engine.info()["dim"]
+    copy = query.unit(np.random.default_rng(4).standard_normal(dim)).astype(np.float32)
+    names = [f"c{j:03d}.jpg" for j in range(1 + query.TIE_MARGIN * (1 + query.WIDER_MARGIN) + 9)]
+    db, store = write_vectors(index_dir, np.stack([copy] * len(names)), names[::-1] if backwards else names)
+    build.sync_index(db, store, index_dir / ANN_FILE)
+    db.dispose()
+    with alignsearch.open(index_dir) as engine:
+        assert engine.info()["index"]["type"] == "flat" and engine.searched_exactly() == 0
+        for path in (None, "*.jpg"):  # the flat index's search, and the exact path (_best_of)
+            for k in (1, 3):
+                assert [h.relpath for h in engine.search_vector(copy, k=k, path=path)] == names[:k], (path, k)
+
+
+@pytest.mark.slow  # two index runs of 45 photos
+def test_a_run_of_copies_with_one_caption_longer_than_the_margin_keeps_the_copy_first_by_path(tmp_path, corpus,
+                                                                                              tiny_model, monkeypatch):
+    """45 copies with one caption (one bm25), the one first by path indexed last: the keyword index's limit (1 here)
+    with its margin of 40 kept the 41 indexed first, so c000 was no match at all."""
+    from alignsearch.search import engine as engine_module
+    from indexer.job import index_folders
+
+    folder, ix = tmp_path / "photos", tmp_path / "ix"
+    folder.mkdir()
+    names = [f"c{j:03d}" for j in range(query.TIE_MARGIN + 5)]
+    photo = (corpus / "img002.jpg").read_bytes()
+    for name in names[1:] + names[:1]:  # c000 in the second run: the highest id
+        (folder / f"{name}.jpg").write_bytes(photo)
+        (folder / f"{name}.txt").write_text("a red kite")
+        if name == names[-1]:
+            index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    index_folders([folder], ix, model=str(tiny_model), device="cpu", workers=0)
+    monkeypatch.setattr(engine_module, "KEYWORD_DEPTH", 1)  # the limit falls in the run at k=1
+    with alignsearch.open(ix) as engine:
+        for path in (None, "*.jpg"):
+            assert [h.relpath for h in engine.search(text="kite", mode="keyword", k=1, path=path)] == ["c000.jpg"], path

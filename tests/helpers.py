@@ -709,6 +709,44 @@ def killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+KILLED_UPGRADING = KILL_HOOK + """
+from alignsearch.storage import catalog
+catalog.connect(sys.argv[3]).dispose()  # a writer's connection: it upgrades an older catalog
+"""
+
+# kill -9 at the n-th UPDATE of step 24's sealing (sqlite3's trace callback sees each row of its executemany), with a
+# page cache of one page: the transaction's dirty pages spill into the WAL before the commit that never comes
+KILLED_SEALING = r"""
+import os, signal, sys
+from alignsearch.storage import catalog, migrate
+
+nth, real, seen = int(sys.argv[2]), migrate.seal_file_fields, [0]
+
+def count(sql):
+    if sql.startswith("UPDATE files SET field_seal"):
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def traced(dbapi_conn):
+    dbapi_conn.execute("PRAGMA cache_size = 1")
+    dbapi_conn.set_trace_callback(count)
+    return real(dbapi_conn)
+
+migrate.seal_file_fields = traced
+catalog.connect(sys.argv[1]).dispose()
+"""
+
+
+def killed_upgrading(db_path: Path, where: str, when: str = "after", *, nth: int = 0) -> subprocess.CompletedProcess:
+    """A writer's catalog.connect(db_path), which upgrades an older catalog, in a child that kill -9s itself when it
+    reaches `where` (module:attribute, before or after its call), or where is "sealing": at step 24's nth row sealed."""
+    argv = [KILLED_SEALING, str(db_path), str(nth)] if where == "sealing" else \
+        [KILLED_UPGRADING, where, when, str(db_path)]
+    return subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 # -- kill -9 at the n-th return of a function: inside its caller's transaction, before its commit -----------
 
 KILLED_AT_CALL = r"""

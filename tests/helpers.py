@@ -641,6 +641,22 @@ def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
     assert info["images"] == expected["info"]["tags"]["beach"] - moments_beyond_first  # every file has each label
 
 
+def unique_cut(snap, query: np.ndarray, want: int, nprobe: int, allowed: np.ndarray | None = None) -> tuple[int, int]:
+    """(at, id): a place at or before want - 1 among the ANN index's candidates for the unit vector `query` (as the
+    engine asks for them: nprobe lists, the filter's allowed ids) whose approximate score no neighbour shares within
+    query.tied_at_cut's gap, and the id there: a cut at at + 1 falls after it and before the next."""
+    from alignsearch.search.query import tied_at_cut
+    from alignsearch.storage import ann
+
+    scores, ids = ann.search(snap.index, query[None, :], want + 20, nprobe, allowed)
+    scores = scores[0][ids[0] >= 0]
+    at = want - 1
+    while tied_at_cut(scores, at) != at or tied_at_cut(scores, at + 1) != at + 1:
+        at -= 1
+    assert at >= want - 10, scores[: want + 1]
+    return at, int(ids[0][at])
+
+
 def copies_index(tmp_path: Path, corpus: Path, tiny_model, first: str, later: str) -> Path:
     """A flat index (tmp_path/ix) of tmp_path/photos: three photos of the corpus (img007 captioned "a red kite") and
     two copies of img002, `first` indexed in a first run and `later` in a second (so `first` has the lower id)."""

@@ -641,6 +641,22 @@ def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
     assert info["images"] == expected["info"]["tags"]["beach"] - moments_beyond_first  # every file has each label
 
 
+def unique_cut(snap, query: np.ndarray, want: int, nprobe: int, allowed: np.ndarray | None = None) -> tuple[int, int]:
+    """(at, id): a place at or before want - 1 among the ANN index's candidates for the unit vector `query` (as the
+    engine asks for them: nprobe lists, the filter's allowed ids) whose approximate score no neighbour shares within
+    query.tied_at_cut's gap, and the id there: a cut at at + 1 falls after it and before the next."""
+    from alignsearch.search.query import tied_at_cut
+    from alignsearch.storage import ann
+
+    scores, ids = ann.search(snap.index, query[None, :], want + 20, nprobe, allowed)
+    scores = scores[0][ids[0] >= 0]
+    at = want - 1
+    while tied_at_cut(scores, at) != at or tied_at_cut(scores, at + 1) != at + 1:
+        at -= 1
+    assert at >= want - 10, scores[: want + 1]
+    return at, int(ids[0][at])
+
+
 def copies_index(tmp_path: Path, corpus: Path, tiny_model, first: str, later: str) -> Path:
     """A flat index (tmp_path/ix) of tmp_path/photos: three photos of the corpus (img007 captioned "a red kite") and
     two copies of img002, `first` indexed in a first run and `later` in a second (so `first` has the lower id)."""
@@ -707,6 +723,44 @@ def killed_at(where: str, when: str, *args) -> subprocess.CompletedProcess:
     """`alignsearch ARGS` in a child that kill -9s itself when the run reaches `where` (before or after it)."""
     return subprocess.run([sys.executable, "-c", KILLED_AT, where, when, *map(str, args)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+KILLED_UPGRADING = KILL_HOOK + """
+from alignsearch.storage import catalog
+catalog.connect(sys.argv[3]).dispose()  # a writer's connection: it upgrades an older catalog
+"""
+
+# kill -9 at the n-th UPDATE of step 24's sealing (sqlite3's trace callback sees each row of its executemany), with a
+# page cache of one page: the transaction's dirty pages spill into the WAL before the commit that never comes
+KILLED_SEALING = r"""
+import os, signal, sys
+from alignsearch.storage import catalog, migrate
+
+nth, real, seen = int(sys.argv[2]), migrate.seal_file_fields, [0]
+
+def count(sql):
+    if sql.startswith("UPDATE files SET field_seal"):
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def traced(dbapi_conn):
+    dbapi_conn.execute("PRAGMA cache_size = 1")
+    dbapi_conn.set_trace_callback(count)
+    return real(dbapi_conn)
+
+migrate.seal_file_fields = traced
+catalog.connect(sys.argv[1]).dispose()
+"""
+
+
+def killed_upgrading(db_path: Path, where: str, when: str = "after", *, nth: int = 0) -> subprocess.CompletedProcess:
+    """A writer's catalog.connect(db_path), which upgrades an older catalog, in a child that kill -9s itself when it
+    reaches `where` (module:attribute, before or after its call), or where is "sealing": at step 24's nth row sealed."""
+    argv = [KILLED_SEALING, str(db_path), str(nth)] if where == "sealing" else \
+        [KILLED_UPGRADING, where, when, str(db_path)]
+    return subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 # -- kill -9 at the n-th return of a function: inside its caller's transaction, before its commit -----------

@@ -286,3 +286,127 @@ def test_copies_tied_at_k_past_the_late_fused_depth_on_a_flat_index_are_listed_b
         at = full.index("a_copy.jpg")
         assert full[at + 1] == "z_copy.jpg" and at + 1 >= 100, at  # the cut falls between them, past LATE_DEPTH
         assert [h.relpath for h in engine.search(**query, k=at + 1)][-1] == "a_copy.jpg"
+
+
+def _with_copies(ix, copy: np.ndarray, n: int, **layout) -> list[int]:
+    """n copies of the vector written as copy{j}.jpg and the ANN index brought up to date (in its layout); their ids."""
+    from helpers import write_vectors
+    from indexer.build import sync_index
+
+    db, store = write_vectors(ix, np.stack([copy] * n), [f"copy{j:02d}.jpg" for j in range(n)])
+    sync_index(db, store, ix / "index.faiss", **layout)
+    with db.connect() as conn:
+        ids = [int(i) for (i,) in conn.exec_driver_sql("SELECT id FROM files WHERE relpath LIKE 'copy%' ORDER BY id")]
+    db.dispose()
+    assert len(ids) == n
+    return ids
+
+
+@pytest.mark.slow  # an IVF-PQ index copied, copies added to it
+@pytest.mark.parametrize("past", ["margin", "margin+1"])
+def test_copies_filling_the_tie_margin_past_the_ivfpq_cut_are_all_re_ranked_and_one_more_is_cut_the_same_way(ivfpq,
+                                                                                                           past):
+    """The vector at the cut and TIE_MARGIN copies of it (one approximate score): FAISS is asked for exactly
+    TIE_MARGIN more, so every one is re-ranked. One copy more than the margin is the known limit: FAISS returns
+    want + TIE_MARGIN candidates, the tied run is cut in the order FAISS meets them (the index's, not by name: here
+    the one cut was the vector at the cut itself, indexed first, whose name path order lists first), so TIE_MARGIN + 1
+    of the TIE_MARGIN + 2 are kept; the answer is the same list every time, and never longer."""
+    from alignsearch.search.engine import Engine
+    from alignsearch.search.query import TIE_MARGIN, Scorer, unit
+    from alignsearch.storage import ann
+    from helpers import unique_cut
+
+    n = TIE_MARGIN if past == "margin" else TIE_MARGIN + 1
+    with alignsearch.open(ivfpq) as engine:
+        snap = engine.snap
+        assert snap.plan.kind == "ivfpq"
+        q = unit(np.random.default_rng(3).standard_normal(engine.store.dim)).astype(np.float32)
+        at, last = unique_cut(snap, q, ann.candidate_count(5, snap.plan), snap.nprobe)
+        copy = engine.vector_of(last)
+    copies = {last, *_with_copies(ivfpq, copy, n)}
+    answers = []
+    for _ in range(2):  # opened anew: the same candidates
+        with alignsearch.open(ivfpq) as engine:
+            snap = engine.snap
+            found = Engine._ann_ids(snap, Scorer([q]), at + 1, snap.nprobe, None)
+            answers += [found, Engine._ann_ids(snap, Scorer([q]), at + 1, snap.nprobe, None)]
+    assert all(a == answers[0] for a in answers)
+    found = answers[0]
+    assert len(found) == at + 1 + TIE_MARGIN  # the candidates before the cut, the tied run past it, nothing else
+    assert len(copies & set(found)) == min(len(copies), 1 + TIE_MARGIN), (len(copies), found[at - 2:])
+    assert set(found) - copies == set(found[:at])  # what was before the cut is still there
+
+
+@pytest.mark.slow  # an IVF-PQ index copied, copies added to it, filtered searches
+def test_copies_straddling_the_filtered_ivfpq_candidate_cut_are_all_re_ranked(ivfpq, monkeypatch):
+    """A filter admitting more than EXACT_BELOW vectors on IVF-PQ searches the ANN index with the filter's ids as a
+    FAISS selector (ann.search's allowed, more lists visited: ann.filtered_nprobe): copies straddling its cut are
+    all re-ranked as unfiltered ones are."""
+    from alignsearch.search.engine import EXACT_BELOW, Engine
+    from alignsearch.search.query import Scorer, unit
+    from helpers import unique_cut
+
+    calls = []
+    real = Engine._ann_ids
+
+    def spied(snap, query, want, nprobe, allowed):
+        calls.append((want, nprobe, allowed))
+        return real(snap, query, want, nprobe, allowed)
+
+    monkeypatch.setattr(Engine, "_ann_ids", staticmethod(spied))
+
+    def filtered_call(engine, q):
+        calls.clear()
+        engine.search_vector(q, k=5, path="*.jpg")
+        ((want, nprobe, allowed),) = calls
+        assert allowed is not None and len(allowed) > EXACT_BELOW and engine.snap.plan.kind == "ivfpq"
+        assert nprobe > engine.snap.nprobe  # the selector path visits more lists than an unfiltered search
+        return want, nprobe, allowed
+
+    with alignsearch.open(ivfpq) as engine:
+        q = unit(np.random.default_rng(5).standard_normal(engine.store.dim)).astype(np.float32)
+        want, nprobe, allowed = filtered_call(engine, q)
+        assert len(allowed) < int(engine.snap.index.ntotal)  # the filter leaves some out (the .png photos)
+        at, last = unique_cut(engine.snap, q, want, nprobe, allowed)
+        copy = engine.vector_of(last)
+    copies = {last, *_with_copies(ivfpq, copy, 3)}
+    with alignsearch.open(ivfpq) as engine:
+        _, nprobe, allowed = filtered_call(engine, q)
+        assert copies <= set(allowed.tolist())
+        found = real(engine.snap, Scorer([q]), at + 1, nprobe, allowed)
+        assert copies <= set(found), (copies, found[at - 2:])
+        assert len(found) <= at + 1 + 3 + 2  # past the cut: the copies (and a chance tie), not the margin's 40
+
+
+@pytest.mark.slow  # an IVF-PQ index copied, made two shards, copies added to it
+def test_copies_in_different_shards_straddling_the_ivfpq_candidate_cut_are_all_re_ranked(ivfpq):
+    """A sharded index (id i in shard i % 2, faiss.IndexShards merging the shards' lists): copies straddling the cut
+    in both shards are all re-ranked, and the same candidates come back every time."""
+    import faiss
+
+    from alignsearch.search.engine import Engine
+    from alignsearch.search.query import Scorer, unit
+    from alignsearch.storage import ann, catalog
+    from helpers import unique_cut
+    from indexer.build import sync_index
+
+    db = catalog.connect(ivfpq / "catalog.db")
+    with alignsearch.open(ivfpq) as engine:
+        store = engine.store
+    sync_index(db, store, ivfpq / "index.faiss", index_shards=2)
+    db.dispose()
+    with alignsearch.open(ivfpq) as engine:
+        snap = engine.snap
+        assert isinstance(snap.index, faiss.IndexShards) and snap.plan.kind == "ivfpq"
+        q = unit(np.random.default_rng(3).standard_normal(engine.store.dim)).astype(np.float32)
+        at, last = unique_cut(snap, q, ann.candidate_count(5, snap.plan), snap.nprobe)
+        copy = engine.vector_of(last)
+    copies = {last, *_with_copies(ivfpq, copy, 3, index_shards=2)}
+    assert {i % 2 for i in copies} == {0, 1}  # in both shards
+    with alignsearch.open(ivfpq) as engine:
+        snap = engine.snap
+        assert isinstance(snap.index, faiss.IndexShards)
+        found = Engine._ann_ids(snap, Scorer([q]), at + 1, snap.nprobe, None)
+        assert copies <= set(found), (copies, found[at - 2:])
+        assert len(found) <= at + 1 + 3 + 2
+        assert Engine._ann_ids(snap, Scorer([q]), at + 1, snap.nprobe, None) == found

@@ -484,7 +484,7 @@ class Engine:
         nprobe, and for a text and an image how they combine. snapshot: the one a search ran on (the server's
         request), else the current one."""
         opts = self._options(request)
-        k, mode, compose, compound = request.k, request.mode, request.compose, request.compound
+        mode, compose, compound = request.mode, request.compose, request.compound
         weights = (request.text_weight, request.image_weight)
         snap = self.snap if snapshot is None else snapshot
         n = int(snap.index.ntotal)
@@ -519,24 +519,24 @@ class Engine:
                         "keyword rank)"}.get(out.get("ranking"), "similarity")
         out["min_score_applies_to"] = "similarity"
         late = method in LATE_FUSION
+        # as _indexed_ids asks FAISS: the depth the search needs (a fused ranking's FUSION_DEPTH, the per-video cap's
+        # room), not k's: a fused text was said to ask candidate_count(k) while the search asked FUSION_DEPTH's
+        depth = _depth(opts, out.get("ranking") == "hybrid (RRF)", snap.videos, n)
+        want = self._late_want(snap, depth) if late else ann.candidate_count(depth, snap.plan,
+                                                                              snap.tuning.get("rerank_factor", 10))
         if opts.node is None:
             out.update(filter=None, path="ANN" if snap.plan.kind != "flat" else "exact (flat index)", nprobe=snap.nprobe)
             if snap.plan.kind != "flat":
-                # as _indexed_ids asks: k's candidates (a keyword fusion's deeper), and the tie margin past them
-                out.update(_candidates_plan(self._late_want(snap, k) if late else
-                                            ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))))
+                out.update(_candidates_plan(want))  # and the tie margin past them
             if late:
                 out["path"] = ("exact: every vector scored (flat index)" if snap.plan.kind == "flat" else
-                               f"ANN for the image and for the text ({self._late_want(snap, k)} candidates each), "
-                               "union re-scored exactly")
+                               f"ANN for the image and for the text ({want} candidates each), union re-scored exactly")
             return _with_pending(out, pending)
         m = int(mask.sum())
         out.update(filter=repr(opts.node), matching=m, selectivity=round(m / max(n, 1), 6))
         if m <= EXACT_BELOW or snap.plan.kind == "flat":
             out["path"] = "exact: every matching vector scored"
         else:
-            want = self._late_want(snap, k) if late else ann.candidate_count(k, snap.plan,
-                                                                              snap.tuning.get("rerank_factor", 10))
             out.update(path="ANN restricted to matching ids (bitmap selector), exact re-rank; exact if it finds fewer "
                        "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), **_candidates_plan(want))
             if late:

@@ -713,9 +713,10 @@ class Engine:
             scores, ids = ann.search(snap.index, np.stack(query.probes), asked, nprobe, allowed)
             kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
                     for row_scores, row_ids in zip(scores, ids)]
-            if not any(query_module.margin_spent(len(row), asked, asked < there) for row in kept):
+            if not any(query_module.margin_spent(len(row), asked, asked < there) for row in kept) or \
+                    _wider(margin) is None:
                 return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe
-            margin *= query_module.WIDER_MARGIN  # a run of copies longer than the margin straddles the cut
+            margin = _wider(margin)  # a run of copies longer than the margin straddles the cut
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best first: _best_of's `depth` and
@@ -732,9 +733,10 @@ class Engine:
         margin = query_module.TIE_MARGIN
         while True:
             best = self._best_within(snap, query, ids, addresses, depth, depth + margin)
-            if not query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin):
+            if not query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin) or \
+                    _wider(margin) is None:
                 return best
-            margin *= query_module.WIDER_MARGIN  # a run of copies longer than the margin straddles the cut
+            margin = _wider(margin)  # a run of copies longer than the margin straddles the cut
 
     def _best_within(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int,
                      margin: int) -> list[int]:
@@ -783,7 +785,7 @@ class Engine:
                 kept = query_module.through_ties([s for _, s in found], limit)
                 if not query_module.margin_spent(kept, limit + margin, len(found) >= limit + margin):
                     return found[:kept]
-                margin *= query_module.WIDER_MARGIN
+                margin *= query_module.WIDER_MARGIN  # not _wider's bound: matches equal in bm25 alone are no copies
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
               keyword: list[tuple[int, float]] | None = None, nulls: np.ndarray | None = None,
@@ -1247,6 +1249,13 @@ def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarr
 
 SETTLE_REACH = 4
 SETTLE_MAX = 1024
+
+
+def _wider(margin: int) -> int | None:
+    """The tie margin to ask again with where `margin` was spent (query.WIDER_MARGIN times it), at most SETTLE_MAX + 1;
+    None once it passed SETTLE_MAX: a run of more copies than that is not settled by name (_settled), so asking for
+    it whole bought nothing and cost a search all of it (100k copies: every one fetched, read and re-ranked)."""
+    return None if margin > SETTLE_MAX else min(margin * query_module.WIDER_MARGIN, SETTLE_MAX + 1)
 
 
 def _settled(conn, ids: np.ndarray, order: np.ndarray, keys: tuple[np.ndarray, ...], reach: int) -> np.ndarray:

@@ -1190,7 +1190,8 @@ def _candidates_plan(want: int) -> dict:
     query.TIE_MARGIN more, of which those past want are re-ranked only where they tie with the want-th). It said
     candidates=want alone, so a reader could not tell copies at the cut were looked past."""
     return {"candidates": want, "candidates_asked": want + query_module.TIE_MARGIN,
-            "candidates_past_want": "re-ranked only where tied with the last of want (asked again wider while all are)"}
+            "candidates_past_want": "re-ranked only where tied with the last of want (asked again wider while all are, "
+                                    f"up to {SETTLE_MAX + 1} past want)"}
 
 
 def _with_pending(plan: dict, pending: int) -> dict:

@@ -354,3 +354,24 @@ def test_path_glob_matches_either_unicode_normalisation(indexed_images):
         assert status == 200 and names(json.loads(body)["results"]) == both
     finally:
         stop(proc)
+
+
+@pytest.mark.slow  # an IVF-PQ index of 12,000 vectors copied, four searches
+@pytest.mark.parametrize("where", [None, 'path glob "*"'])
+def test_explain_says_the_candidates_of_a_fused_search(ivfpq, monkeypatch, where):
+    """A text whose words match a keyword (here a file name, hybrid mode) is fused: the search asks FAISS for
+    FUSION_DEPTH's candidates, while `--explain` said k's (candidate_count(5) and the margin): its figures were not
+    what the search asked for."""
+    from alignsearch.search.engine import EXACT_BELOW, FUSION_DEPTH, build_request
+    from alignsearch.storage import ann
+
+    asked, search = [], ann.search
+    monkeypatch.setattr(ann, "search", lambda index, q, k, *a, **kw: asked.append(k) or search(index, q, k, *a, **kw))
+    with alignsearch.open(ivfpq) as engine:
+        request = build_request(text="img000", k=5, mode="hybrid", where=where)
+        plan = engine.explain(request)
+        assert plan["ranking"] == "hybrid (RRF)" and plan.get("matching", EXACT_BELOW + 1) > EXACT_BELOW, plan
+        engine.run(request)
+    assert asked == [plan["candidates_asked"]], (asked, plan)
+    assert plan["candidates"] == ann.candidate_count(FUSION_DEPTH, engine.snap.plan,
+                                                     engine.snap.tuning.get("rerank_factor", 10))

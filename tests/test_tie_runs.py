@@ -62,3 +62,36 @@ def test_a_run_of_copies_with_one_caption_longer_than_the_margin_keeps_the_copy_
     with alignsearch.open(ix) as engine:
         for path in (None, "*.jpg"):
             assert [h.relpath for h in engine.search(text="kite", mode="keyword", k=1, path=path)] == ["c000.jpg"], path
+
+
+@pytest.mark.slow  # 170 vectors written, the ANN index rebuilt, two searches
+def test_a_run_of_copies_longer_than_settle_max_is_not_fetched_whole(indexed_corpus, monkeypatch):
+    """A run of more copies than engine.SETTLE_MAX is not settled by name (_settled keeps its ANN order), yet the
+    widening asked for the whole of it (50,000 equal black frames: every one fetched, read and re-ranked, each
+    search), and the flat index's larger top list put the copies indexed last first. The margin now grows to
+    SETTLE_MAX + 1 at most (SETTLE_MAX set to 60 here, the run 170 copies long)."""
+    from alignsearch.search import engine as engine_module
+    from alignsearch.search.engine import ANN_FILE
+    from alignsearch.storage import ann
+    from helpers import write_vectors
+    from indexer import build
+
+    index_dir = indexed_corpus[1]
+    with alignsearch.open(index_dir) as engine:
+        dim = engine.info()["dim"]
+    copy = query.unit(np.random.default_rng(4).standard_normal(dim)).astype(np.float32)
+    names = [f"c{j:03d}.jpg" for j in range(170)]
+    db, store = write_vectors(index_dir, np.stack([copy] * len(names)), names)
+    build.sync_index(db, store, index_dir / ANN_FILE)
+    db.dispose()
+    monkeypatch.setattr(engine_module, "SETTLE_MAX", 60)
+    asked, search = [], ann.search
+    monkeypatch.setattr(ann, "search", lambda index, q, k, *a, **kw: asked.append(k) or search(index, q, k, *a, **kw))
+    margins, within = [], engine_module.Engine._best_within
+    monkeypatch.setattr(engine_module.Engine, "_best_within",
+                        lambda self, snap, q, ids, addresses, depth, margin: margins.append(margin - depth) or
+                        within(self, snap, q, ids, addresses, depth, margin))
+    with alignsearch.open(index_dir) as engine:
+        for path in (None, "*.jpg"):  # the flat index's search, and the exact path (_best_of)
+            assert len(engine.search_vector(copy, k=3, path=path)) == 3
+    assert asked and max(asked) <= 3 + 61 and margins == [query.TIE_MARGIN, 61], (asked, margins)

@@ -484,7 +484,7 @@ class Engine:
         nprobe, and for a text and an image how they combine. snapshot: the one a search ran on (the server's
         request), else the current one."""
         opts = self._options(request)
-        k, mode, compose, compound = request.k, request.mode, request.compose, request.compound
+        mode, compose, compound = request.mode, request.compose, request.compound
         weights = (request.text_weight, request.image_weight)
         snap = self.snap if snapshot is None else snapshot
         n = int(snap.index.ntotal)
@@ -519,24 +519,24 @@ class Engine:
                         "keyword rank)"}.get(out.get("ranking"), "similarity")
         out["min_score_applies_to"] = "similarity"
         late = method in LATE_FUSION
+        # as _indexed_ids asks FAISS: the depth the search needs (a fused ranking's FUSION_DEPTH, the per-video cap's
+        # room), not k's: a fused text was said to ask candidate_count(k) while the search asked FUSION_DEPTH's
+        depth = _depth(opts, out.get("ranking") == "hybrid (RRF)", snap.videos, n)
+        want = self._late_want(snap, depth) if late else ann.candidate_count(depth, snap.plan,
+                                                                              snap.tuning.get("rerank_factor", 10))
         if opts.node is None:
             out.update(filter=None, path="ANN" if snap.plan.kind != "flat" else "exact (flat index)", nprobe=snap.nprobe)
             if snap.plan.kind != "flat":
-                # as _indexed_ids asks: k's candidates (a keyword fusion's deeper), and the tie margin past them
-                out.update(_candidates_plan(self._late_want(snap, k) if late else
-                                            ann.candidate_count(k, snap.plan, snap.tuning.get("rerank_factor", 10))))
+                out.update(_candidates_plan(want))  # and the tie margin past them
             if late:
                 out["path"] = ("exact: every vector scored (flat index)" if snap.plan.kind == "flat" else
-                               f"ANN for the image and for the text ({self._late_want(snap, k)} candidates each), "
-                               "union re-scored exactly")
+                               f"ANN for the image and for the text ({want} candidates each), union re-scored exactly")
             return _with_pending(out, pending)
         m = int(mask.sum())
         out.update(filter=repr(opts.node), matching=m, selectivity=round(m / max(n, 1), 6))
         if m <= EXACT_BELOW or snap.plan.kind == "flat":
             out["path"] = "exact: every matching vector scored"
         else:
-            want = self._late_want(snap, k) if late else ann.candidate_count(k, snap.plan,
-                                                                              snap.tuning.get("rerank_factor", 10))
             out.update(path="ANN restricted to matching ids (bitmap selector), exact re-rank; exact if it finds fewer "
                        "than k", nprobe=ann.filtered_nprobe(snap.nprobe, snap.plan, want, n, m), **_candidates_plan(want))
             if late:
@@ -713,9 +713,10 @@ class Engine:
             scores, ids = ann.search(snap.index, np.stack(query.probes), asked, nprobe, allowed)
             kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
                     for row_scores, row_ids in zip(scores, ids)]
-            if not any(query_module.margin_spent(len(row), asked, asked < there) for row in kept):
+            if not any(query_module.margin_spent(len(row), asked, asked < there) for row in kept) or \
+                    _wider(margin) is None:
                 return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe
-            margin *= query_module.WIDER_MARGIN  # a run of copies longer than the margin straddles the cut
+            margin = _wider(margin)  # a run of copies longer than the margin straddles the cut
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best first: _best_of's `depth` and
@@ -732,9 +733,10 @@ class Engine:
         margin = query_module.TIE_MARGIN
         while True:
             best = self._best_within(snap, query, ids, addresses, depth, depth + margin)
-            if not query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin):
+            if not query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin) or \
+                    _wider(margin) is None:
                 return best
-            margin *= query_module.WIDER_MARGIN  # a run of copies longer than the margin straddles the cut
+            margin = _wider(margin)  # a run of copies longer than the margin straddles the cut
 
     def _best_within(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int,
                      margin: int) -> list[int]:
@@ -783,7 +785,7 @@ class Engine:
                 kept = query_module.through_ties([s for _, s in found], limit)
                 if not query_module.margin_spent(kept, limit + margin, len(found) >= limit + margin):
                     return found[:kept]
-                margin *= query_module.WIDER_MARGIN
+                margin *= query_module.WIDER_MARGIN  # not _wider's bound: matches equal in bm25 alone are no copies
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
               keyword: list[tuple[int, float]] | None = None, nulls: np.ndarray | None = None,
@@ -1188,7 +1190,8 @@ def _candidates_plan(want: int) -> dict:
     query.TIE_MARGIN more, of which those past want are re-ranked only where they tie with the want-th). It said
     candidates=want alone, so a reader could not tell copies at the cut were looked past."""
     return {"candidates": want, "candidates_asked": want + query_module.TIE_MARGIN,
-            "candidates_past_want": "re-ranked only where tied with the last of want (asked again wider while all are)"}
+            "candidates_past_want": "re-ranked only where tied with the last of want (asked again wider while all are, "
+                                    f"up to {SETTLE_MAX + 1} past want)"}
 
 
 def _with_pending(plan: dict, pending: int) -> dict:
@@ -1247,6 +1250,13 @@ def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarr
 
 SETTLE_REACH = 4
 SETTLE_MAX = 1024
+
+
+def _wider(margin: int) -> int | None:
+    """The tie margin to ask again with where `margin` was spent (query.WIDER_MARGIN times it), at most SETTLE_MAX + 1;
+    None once it passed SETTLE_MAX: a run of more copies than that is not settled by name (_settled), so asking for
+    it whole bought nothing and cost a search all of it (100k copies: every one fetched, read and re-ranked)."""
+    return None if margin > SETTLE_MAX else min(margin * query_module.WIDER_MARGIN, SETTLE_MAX + 1)
 
 
 def _settled(conn, ids: np.ndarray, order: np.ndarray, keys: tuple[np.ndarray, ...], reach: int) -> np.ndarray:

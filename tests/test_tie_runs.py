@@ -95,3 +95,33 @@ def test_a_run_of_copies_longer_than_settle_max_is_not_fetched_whole(indexed_cor
         for path in (None, "*.jpg"):  # the flat index's search, and the exact path (_best_of)
             assert len(engine.search_vector(copy, k=3, path=path)) == 3
     assert asked and max(asked) <= 3 + 61 and margins == [query.TIE_MARGIN, 61], (asked, margins)
+
+
+@pytest.mark.slow  # an index run of 45 photos
+def test_matches_tied_in_bm25_past_settle_max_are_not_fetched_whole(tmp_path, corpus, tiny_model, monkeypatch):
+    """A word of a folder matches each of its files with one bm25 where their names are alike: the keyword limit's
+    margin widened until it had every match (10,000 photos of a folder, each scored exactly at each search). It grows
+    to engine.SETTLE_MAX + 1 at most, as the ANN and exact paths' (SETTLE_MAX set to 20 here, 45 matches)."""
+    from alignsearch.search import engine as engine_module
+    from alignsearch.storage import keywords
+    from indexer.job import index_folders
+
+    root, ix = tmp_path / "photos", tmp_path / "ix"
+    (root / "kites").mkdir(parents=True)
+    photo = (corpus / "img002.jpg").read_bytes()
+    for j in range(query.TIE_MARGIN + 5):
+        (root / "kites" / f"c{j:03d}.jpg").write_bytes(photo)
+    index_folders([root], ix, model=str(tiny_model), device="cpu", workers=0)
+    monkeypatch.setattr(engine_module, "KEYWORD_DEPTH", 1)
+    monkeypatch.setattr(engine_module, "SETTLE_MAX", 20)
+    asked, search = [], keywords.search
+    monkeypatch.setattr(keywords, "search", lambda conn, words, limit, *a, **kw: asked.append(limit) or
+                        search(conn, words, limit, *a, **kw))
+    with alignsearch.open(ix) as engine:
+        hits = engine.search(text="kites", mode="keyword", k=1)
+    assert len(hits) == 1 and asked == [1 + query.TIE_MARGIN], asked  # 40 > SETTLE_MAX: not asked again
+    monkeypatch.setattr(engine_module, "SETTLE_MAX", 100)
+    asked.clear()
+    with alignsearch.open(ix) as engine:
+        assert len(engine.search(text="kites", mode="keyword", k=1)) == 1
+    assert asked == [1 + query.TIE_MARGIN, 1 + 101], asked  # widened once, to SETTLE_MAX + 1, which held the run

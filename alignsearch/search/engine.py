@@ -783,9 +783,12 @@ class Engine:
             while True:
                 found = keywords.search(conn, opts.words, limit + margin, among, evidence_only=evidence_only)
                 kept = query_module.through_ties([s for _, s in found], limit)
-                if not query_module.margin_spent(kept, limit + margin, len(found) >= limit + margin):
+                if not query_module.margin_spent(kept, limit + margin, len(found) >= limit + margin) or \
+                        _wider(margin) is None:
                     return found[:kept]
-                margin *= query_module.WIDER_MARGIN  # not _wider's bound: matches equal in bm25 alone are no copies
+                # _wider's bound here too: a folder's word matches each of its files with one bm25 where their names
+                # are alike (IMG_0001.jpg...), 10,000 photos each a candidate scored exactly at each search unbounded
+                margin = _wider(margin)
 
     def _hits(self, snap: Snapshot, query: Scorer, ids: np.ndarray, opts: "_Options",
               keyword: list[tuple[int, float]] | None = None, nulls: np.ndarray | None = None,

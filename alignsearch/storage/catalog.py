@@ -694,6 +694,17 @@ def _sound(row: FileRow) -> bool:
             and isinstance(row.format, text) and isinstance(row.reason, text))
 
 
+def driver_rows(conn: Connection, query) -> list[tuple]:
+    """A select's rows as the driver's tuples, read on the connection's own DBAPI connection (so in its transaction),
+    no SQLAlchemy Row made for each: none of these tables' column types converts a value SQLite gives (Integer, Float,
+    String and Text have no result processor on SQLite), so each value is the one conn.execute(query).all() reads.
+    For a load of every files row (search/columns.py); an error of SQLite's comes as the driver raises it
+    (sqlite3.DatabaseError), which the CLI's boundary says as it says SQLAlchemy's."""
+    compiled = query.compile(dialect=conn.dialect)
+    params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+    return conn.connection.dbapi_connection.execute(str(compiled), params).fetchall()
+
+
 def status_known(status) -> bool:
     """Whether a row's status is one a writer stores (INDEXED or FAILED): any other is damage, not a state."""
     return status == INDEXED or status == FAILED

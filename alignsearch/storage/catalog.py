@@ -841,7 +841,9 @@ def insert_file(conn: Connection, values: dict[str, Any], *, seals: list | None 
     # the field seal covers the id, which SQLite picks at the INSERT: written by primary key in the same transaction,
     # so no reader sees the row unsealed. In the driver's SQL: an update() construct a row cost insert_file more than
     # this in a throwaway measure (not recorded); with it insert_file writes 2,869 rows/s against 3,155 without the
-    # UPDATE (RESULTS.md, bench_photo_keys --file-seals, medians of 7)
+    # UPDATE (RESULTS.md, bench_photo_keys --file-seals, medians of 7). A writer's batch (indexer/writer.py) collects
+    # them for one executemany: 2,736, 2,318 and 3,395 rows/s against 2,554, 2,218 and 3,209 with an UPDATE a row,
+    # batches of 32 (three runs, --base main; RESULTS.md, reading "perf24")
     if seals is None:
         seal_files(conn, [(file_seal(file_id, values), file_id)])
     else:

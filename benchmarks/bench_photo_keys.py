@@ -16,13 +16,14 @@ on the same catalog, alternating; the check alone
 (rowdigest.fields_sealed over the load's arrays); verify's photo_seals_off; and step 23 (migrate.seal_photo_fields,
 every row's digest checked then sealed, rolled back).
 
-    python benchmarks/bench_photo_keys.py --file-seals [--base main] [--n 100000] [--rounds 9] [--inserts 20000]
+    python benchmarks/bench_photo_keys.py --file-seals [--base main] [--n 100000] [--rounds 9] [--inserts 20000] [--batch 32]
 
 --file-seals measures the files rows' field seals (schema 24, rowdigest.FILE_SEALED): the filter columns load with its
 check of every files row's seal and --base's (the load before them, loaded beside it: no files seal read or checked),
 alternating on one catalog; the check alone; verify's file_seals_off; step 24 (migrate.seal_file_fields, rolled back);
 and catalog.insert_file's rate with its field seal's UPDATE against --base's insert_file (no UPDATE), alternating,
---inserts rows a round in a transaction rolled back.
+--inserts rows a round in a transaction rolled back; and insert_file with its seal collected and written by one
+catalog.seal_files (executemany) every --batch rows, as indexer/writer.py writes a batch.
 
 The catalog: common.keyword_catalog (catalog.upsert_file and set_photo, the code an index run uses), two thirds of
 its files captioned, with --leftovers photos rows of no file (an old version's leftovers, their digests holding).
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--seals", action="store_true", help="the field seals' cost (schema 23) instead")
     ap.add_argument("--file-seals", action="store_true", help="the files rows' field seals' cost (schema 24) instead")
     ap.add_argument("--inserts", type=int, default=20_000, help="--file-seals: rows insert_file writes a round")
+    ap.add_argument("--batch", type=int, default=32, help="--file-seals: a writer's batch (the CPU default, 32)")
     # main's columns.py checks the seals itself since their merge (7d28022): the baseline is main before it
     ap.add_argument("--base", default="7d28022^1",
                     help="--seals: the commit whose filter columns load is the baseline (no field seal)")
@@ -189,14 +191,18 @@ def file_seals(args) -> None:
     load_at_start = os.getloadavg()[0]
     old = module_at(base, "alignsearch/search/columns.py", "columns_base")
     old_catalog = module_at(base, "alignsearch/storage/catalog.py", "catalog_base")
-    unsealed = f"filter columns load, {base}'s (photos seals checked, no files seal read or checked)"
+    # the default base reads no files seal; another (main, say) is labelled by its commit alone
+    before = " (photos seals checked, no files seal read or checked)" if base == "cedc39a^1" else ""
+    unsealed = f"filter columns load, {base}'s{before}"
     sealed = "filter columns load, every files row's field seal checked too (now)"
     check = "the files check alone (rowdigest.fields_sealed, FILE_SEED)"
     verify = "verify: catalog.file_seals_off"
     step = f"step 24: {args.n:,} files rows sealed (seal_file_fields, rolled back)"
     seconds: dict[str, list[float]] = {unsealed: [], sealed: [], check: [], verify: [], step: []}
-    inserts = {f"insert_file, {base}'s (no UPDATE)": old_catalog.insert_file,
-               "insert_file with its field seal's UPDATE (now)": catalog.insert_file}
+    inserts = {f"insert_file, {base}'s" + (" (no UPDATE)" if before else ""): _each(old_catalog.insert_file),
+               "insert_file with its field seal's UPDATE (now)": _each(catalog.insert_file),
+               f"insert_file, its seal written by one seal_files a batch of {args.batch} (writer.py, now)":
+                   _batched(args.batch)}
     rates: dict[str, list[float]] = {name: [] for name in inserts}
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "catalog.db"
@@ -210,14 +216,15 @@ def file_seals(args) -> None:
         _steps(args, db_path, seconds[step], "files", migrate.seal_file_fields)
         writer = catalog.connect(db_path)
         for r in range(args.rounds):
-            for name, insert_file in list(inserts.items())[:: 1 if r % 2 == 0 else -1]:
+            order = list(inserts.items())
+            for name, insert_file in order[r % len(order):] + order[:r % len(order)]:  # each first in turn
+                rows = [{"root": "/bench", "relpath": f"{r}/{i}.jpg", "size": 1000 + i, "mtime": 1.6e9 + i,
+                         "width": 640, "height": 480, "format": "JPEG", "status": catalog.INDEXED,
+                         "vec_row": args.n + i} for i in range(args.inserts)]
                 with writer.connect() as conn:
                     tx = conn.begin()
                     start = time.perf_counter()
-                    for i in range(args.inserts):
-                        insert_file(conn, {"root": "/bench", "relpath": f"{r}/{i}.jpg", "size": 1000 + i,
-                                           "mtime": 1.6e9 + i, "width": 640, "height": 480, "format": "JPEG",
-                                           "status": catalog.INDEXED, "vec_row": args.n + i})
+                    insert_file(conn, rows)
                     rates[name].append(args.inserts / (time.perf_counter() - start))
                     tx.rollback()
         writer.dispose()
@@ -228,6 +235,26 @@ def file_seals(args) -> None:
         lines.append(f"| {name} | {statistics.median(runs):,.0f} | {min(runs):,.0f} | {max(runs):,.0f} |")
     record("The files rows' field seals (schema 24): the filter columns load with every files row's seal checked, "
            "and insert_file with its seal's UPDATE, against main's", lines, save=not args.no_save)
+
+
+def _each(insert_file):
+    """A writer of a list of rows by `insert_file`, one call a row (its seal's UPDATE in it)."""
+    def write(conn, rows: list) -> None:
+        for values in rows:
+            insert_file(conn, values)
+    return write
+
+
+def _batched(size: int):
+    """A writer of a list of rows as indexer/writer.py writes a batch: insert_file collecting each row's seal, then one
+    catalog.seal_files (executemany) every `size` rows, in the same transaction."""
+    def write(conn, rows: list) -> None:
+        for start in range(0, len(rows), size):
+            seals: list = []
+            for values in rows[start:start + size]:
+                catalog.insert_file(conn, values, seals=seals)
+            catalog.seal_files(conn, seals)
+    return write
 
 
 def _sealed_catalog(db_path: Path, n: int, *, files: str | None = None) -> float:

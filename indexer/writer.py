@@ -34,13 +34,15 @@ def catalog_writer(db: Engine, store: VectorStore) -> Callable[..., None]:
         start = store.append(new_vectors) if encoded else store.rows
         row_of = {id(it): start + at[slot[it.sha256 or id(it)]] for it in encoded}
         with db.begin() as conn:
+            seals: list = []  # the rows' field seals, written in one executemany before the batch commits
             for it in batch:
                 file_id = catalog.upsert_file(conn, file_values(it, it.vec_row if it.vec_row is not None or it.crop is None
-                                                                else row_of[id(it)]))
+                                                                else row_of[id(it)]), seals=seals)
                 if it.phash and it.crop is not None:
                     catalog.set_phashes(conn, [(file_id, it.phash)])
                 if it.photo is not None and it.crop is not None:
                     catalog.set_photo(conn, file_id, it.found.relpath, {**it.photo, "ocr": it.ocr})
+            catalog.seal_files(conn, seals)
             vectors.record_chunk(conn, store, 0, start, len(kept))
             record_runs(conn, store, actor_rows)
             vectors.save(conn, store)

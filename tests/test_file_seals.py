@@ -108,6 +108,27 @@ def test_insert_file_seals_the_row_it_writes(tmp_path):
         db.dispose()
 
 
+def test_a_batchs_seals_are_written_together_before_it_commits(tmp_path):
+    """The indexer's writer collects its batch's seals (insert_file's seals=) and writes them in one executemany
+    (seal_files) in the same transaction: each row then holds its own seal, as one written alone does."""
+    db = catalog.connect(tmp_path / DB_FILE)
+    try:
+        with db.begin() as conn:
+            seals: list = []
+            ids = [catalog.upsert_file(conn, {"root": "/r", "relpath": f"{i}.jpg", "size": 10 + i, "mtime": 1.5 * i,
+                                              "width": 3 + i, "height": None, "format": "JPEG",
+                                              "status": catalog.INDEXED, "vec_row": i}, seals=seals)
+                   for i in range(3)]
+            assert [file_id for _, file_id in seals] == ids
+            assert conn.execute(select(catalog.files.c.field_seal)).scalars().all() == [None] * 3  # not yet written
+            catalog.seal_files(conn, seals)
+            assert catalog.file_seals_off(conn) == []
+        with db.connect() as conn:
+            assert sorted(conn.execute(select(catalog.files.c.field_seal, catalog.files.c.id)).all()) == sorted(seals)
+    finally:
+        db.dispose()
+
+
 def test_no_writer_changes_a_sealed_files_field_without_its_seal(tmp_path):
     vector_index(tmp_path, 3, 4)
     db = catalog.connect(tmp_path / DB_FILE)

@@ -694,6 +694,17 @@ def _sound(row: FileRow) -> bool:
             and isinstance(row.format, text) and isinstance(row.reason, text))
 
 
+def driver_rows(conn: Connection, query) -> list[tuple]:
+    """A select's rows as the driver's tuples, read on the connection's own DBAPI connection (so in its transaction),
+    no SQLAlchemy Row made for each: none of these tables' column types converts a value SQLite gives (Integer, Float,
+    String and Text have no result processor on SQLite), so each value is the one conn.execute(query).all() reads.
+    For a load of every files row (search/columns.py); an error of SQLite's comes as the driver raises it
+    (sqlite3.DatabaseError), which the CLI's boundary says as it says SQLAlchemy's."""
+    compiled = query.compile(dialect=conn.dialect)
+    params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+    return conn.connection.dbapi_connection.execute(str(compiled), params).fetchall()
+
+
 def status_known(status) -> bool:
     """Whether a row's status is one a writer stores (INDEXED or FAILED): any other is damage, not a state."""
     return status == INDEXED or status == FAILED
@@ -803,22 +814,25 @@ def counts(conn: Connection) -> dict[str, int]:
     return {INDEXED: found.get(INDEXED, 0), FAILED: found.get(FAILED, 0)}
 
 
-def upsert_file(conn: Connection, values: dict[str, Any]) -> int:
+def upsert_file(conn: Connection, values: dict[str, Any], *, seals: list | None = None) -> int:
     """Insert or replace the row of (root, relpath). A replaced file gets a new id, so the ANN
     index never confuses its old vector with its new one. values["link"] (scan.Found.link): the name's link
-    target to record (b"" or None: none; a list's entry or a tar member is never looked at)."""
+    target to record (b"" or None: none; a list's entry or a tar member is never looked at). seals: as
+    insert_file's."""
     values = dict(values)
     link = values.pop("link", None)
     where = (files.c.root == values["root"], files.c.relpath == values["relpath"])
     forget_extras(conn, [i for (i,) in conn.execute(select(files.c.id).where(*where))])
     conn.execute(delete(files).where(*where))
-    file_id = insert_file(conn, values)
+    file_id = insert_file(conn, values, seals=seals)
     set_link(conn, file_id, link)
     return file_id
 
 
-def insert_file(conn: Connection, values: dict[str, Any]) -> int:
-    """Insert a row of files (no link: upsert_file records it) with its digest in the same statement; its id."""
+def insert_file(conn: Connection, values: dict[str, Any], *, seals: list | None = None) -> int:
+    """Insert a row of files (no link: upsert_file records it) with its digest in the same statement; its id.
+    seals: a list to append the row's (field seal, id) to, for seal_files to write with the other rows of a writer's
+    batch, in the same transaction, before it commits; None: written here."""
     values = {"indexed_at": time.time(), "moment": 0, **values}  # moment: the column's default, digested as read
     values.update(rowdigest.stored(FILE_DIGESTED, values))  # stored as read back, so the digest is of what is read
     values["digest"] = rowdigest.digest(FILE_DIGESTED, values)
@@ -827,9 +841,21 @@ def insert_file(conn: Connection, values: dict[str, Any]) -> int:
     # the field seal covers the id, which SQLite picks at the INSERT: written by primary key in the same transaction,
     # so no reader sees the row unsealed. In the driver's SQL: an update() construct a row cost insert_file more than
     # this in a throwaway measure (not recorded); with it insert_file writes 2,869 rows/s against 3,155 without the
-    # UPDATE (RESULTS.md, bench_photo_keys --file-seals, medians of 7)
-    conn.exec_driver_sql("UPDATE files SET field_seal = ? WHERE id = ?", (file_seal(file_id, values), file_id))
+    # UPDATE (RESULTS.md, bench_photo_keys --file-seals, medians of 7). A writer's batch (indexer/writer.py) collects
+    # them for one executemany: 2,736, 2,318 and 3,395 rows/s against 2,554, 2,218 and 3,209 with an UPDATE a row,
+    # batches of 32 (three runs, --base main; RESULTS.md, reading "perf24")
+    if seals is None:
+        seal_files(conn, [(file_seal(file_id, values), file_id)])
+    else:
+        seals.append((file_seal(file_id, values), file_id))
     return file_id
+
+
+def seal_files(conn: Connection, seals: list[tuple[int, int]]) -> None:
+    """Write the rows' field seals ((seal, id) pairs, insert_file's), in one statement run for each (executemany): a
+    writer's batch calls it in the transaction that inserted them, so no reader sees a row unsealed."""
+    if seals:  # one row's as one statement (executemany's set-up is not paid for insert_file's own UPDATE)
+        conn.exec_driver_sql("UPDATE files SET field_seal = ? WHERE id = ?", seals if len(seals) > 1 else seals[0])
 
 
 def file_seal(file_id: int, values: dict[str, Any]) -> int:

@@ -179,3 +179,25 @@ def test_sealed_live_pairs_are_contiguous_pairs(db):
     with db.connect() as conn:
         live = catalog.live_pairs(conn)
     assert live.shape == (4, 2) and live.flags.c_contiguous and live[:, 1].tolist() == [0, 5, 10, 15]
+
+
+def test_driver_rows_reads_as_sqlalchemy_does_and_fails_as_it_does(tmp_path):
+    """catalog.driver_rows (the filter columns' load: the driver's tuples, no Row a row) gives the values
+    conn.execute(query).all() gives, and an error of SQLite's comes through SQLAlchemy (connect's handle_error, which
+    says a link at -wal or -shm as such): it came as the driver's sqlite3.OperationalError, past that hook."""
+    from sqlalchemy import literal_column, select
+    from sqlalchemy.exc import OperationalError
+
+    engine = catalog.connect(tmp_path / "catalog.db")
+    try:
+        with engine.begin() as conn:
+            catalog.insert_file(conn, {"root": "/r", "relpath": "a.jpg", "status": catalog.INDEXED, "size": 3,
+                                       "mtime": 1.5, "width": 2, "height": 1})
+        f = catalog.files.c
+        query = select(f.id, f.relpath, f.size, f.mtime, f.width, f.field_seal).order_by(f.id)
+        with engine.connect() as conn:
+            assert catalog.driver_rows(conn, query) == [tuple(row) for row in conn.execute(query).all()] != []
+            with pytest.raises(OperationalError, match="no such column"):
+                catalog.driver_rows(conn, select(literal_column("no_such_column")).select_from(catalog.files))
+    finally:
+        engine.dispose()

@@ -698,11 +698,17 @@ def driver_rows(conn: Connection, query) -> list[tuple]:
     """A select's rows as the driver's tuples, read on the connection's own DBAPI connection (so in its transaction),
     no SQLAlchemy Row made for each: none of these tables' column types converts a value SQLite gives (Integer, Float,
     String and Text have no result processor on SQLite), so each value is the one conn.execute(query).all() reads.
-    For a load of every files row (search/columns.py); an error of SQLite's comes as the driver raises it
-    (sqlite3.DatabaseError), which the CLI's boundary says as it says SQLAlchemy's."""
+    For a load of every files row (search/columns.py). An error of SQLite's is read again through SQLAlchemy, so
+    that it comes as every other query's does (connect's handle_error: a link at -wal or -shm said as such, not as a
+    damaged catalog)."""
+    import sqlite3
+
     compiled = query.compile(dialect=conn.dialect)
     params = tuple(compiled.params[name] for name in compiled.positiontup or ())
-    return conn.connection.dbapi_connection.execute(str(compiled), params).fetchall()
+    try:
+        return conn.connection.dbapi_connection.execute(str(compiled), params).fetchall()
+    except sqlite3.Error:
+        return [tuple(row) for row in conn.execute(query).all()]
 
 
 def status_known(status) -> bool:

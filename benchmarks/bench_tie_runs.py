@@ -8,11 +8,13 @@ exactly: Engine._exact/_best_of), widening (now: up to engine.SETTLE_MAX + 1, en
 and against widening with no bound (_wider without its SETTLE_MAX bound: as merged), alternating in one run, median of
 --rounds of the mean per search over --queries searches.
 
-The keyword path widens the same way (engine._keyword_matches): a folder's word matches every file of the folder with
-one bm25 where the files are named alike (photos/beach/IMG_00001.jpg...), so every match past the keyword limit
-(KEYWORD_DEPTH) ties with the last one and the limit's margin is spent at each ask. --keyword times
-Engine.search_vector(vector, k, text=word, mode="keyword" / "hybrid") over such an index in the same three variants (the
-vector side from a query vector: no model is loaded, the keyword and re-rank path is Engine.search's).
+The keyword path widened the same way until b9ba349 (the figures at b9ba349 in RESULTS.md): a folder's word matches
+every file of the folder with one bm25 where the files are named alike (photos/beach/IMG_00001.jpg...), so every match
+past the keyword limit (KEYWORD_DEPTH) tied with the last one and the margin was spent at each ask. It no longer
+widens: matches equal in bm25 are cut in name order in SQL (keywords.TIE_ORDER). --keyword times
+Engine.search_vector(vector, k, text=word, mode="keyword" / "hybrid") over such an index with that order by id (as
+before) and by name (now), alternating (the vector side from a query vector: no model is loaded, the keyword and
+re-rank path is Engine.search's).
 
     python benchmarks/bench_tie_runs.py [--sizes 20000:20000,100000:20000] [--keyword 20000:10000] [--k 10]
         [--rounds 3] [--queries 3] [--no-save]
@@ -45,6 +47,7 @@ from common import load_note, per_request_ms, record, seal_rows
 import alignsearch
 from alignsearch.search import engine as engine_module
 from alignsearch.search import query
+from alignsearch.storage import keywords
 from alignsearch.storage import catalog
 from alignsearch.storage.paths import DB_FILE
 
@@ -128,18 +131,18 @@ def copies_part(args, spent, wider) -> list[str]:
     return lines
 
 
-def keyword_part(args, spent, wider) -> list[str]:
+def keyword_part(args) -> list[str]:
     lines = [f"- Engine.search_vector(vector, k={args.k}, text=\"{FOLDER_WORD}\", mode=keyword / hybrid) on "
              "bench_dupes.synthetic_index's 640-d vectors, the first `files` files renamed photos/beach/IMG_<n>.jpg "
              "(one bm25 each for the folder's word), the others other/<n>.jpg, keyword text by "
              "catalog.refresh_keywords; the query vector none of the stored ones (no model loaded); mean ms a search "
-             f"over {args.queries}, median of {args.rounds} rounds; before: no widening (the keyword limit's margin, "
-             "TIE_MARGIN, asked once), unbounded: widened until the tie ends, now: widened up to SETTLE_MAX + 1, "
-             "alternating; first: the results' first path (in brackets: the keyword matches the search kept, each "
-             "re-ranked exactly)",
-             "", "| vectors | files with the word | index | mode | before: no widening (ms) | unbounded (ms) | "
-             "now: bounded (ms) | now / before | first before | first unbounded | first now |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"over {args.queries}, median of {args.rounds} rounds; by id: matches equal in bm25 ordered by id in SQL "
+             "(keywords.TIE_ORDER \"h.id\", as before), by name: by root and relpath (now); the limit's margin asked "
+             "once in both (the widening measured above at b9ba349 was taken out), alternating; first: the results' "
+             "first path (in brackets: the keyword matches the search kept, each re-ranked exactly)",
+             "", "| vectors | files with the word | index | mode | by id (ms) | by name (ms) | by name / by id | "
+             "first by id | first by name |", "|---|---|---|---|---|---|---|---|---|"]
+    order = keywords.TIE_ORDER
     for size in filter(None, args.keyword.split(",")):
         n, files = (int(v) for v in size.split(":"))
         with tempfile.TemporaryDirectory() as tmp:
@@ -154,11 +157,21 @@ def keyword_part(args, spent, wider) -> list[str]:
 
                 engine._keyword_matches = counted
                 for mode in ("keyword", "hybrid"):
-                    (b, u, a), first = alternated(
-                        lambda: engine.search_vector(vector, k=args.k, text=FOLDER_WORD, mode=mode),
-                        args.rounds, args.queries, spent, wider, note=lambda hits: f"{hits[0].relpath} ({kept[-1]:,})")
-                    lines.append(f"| {n:,} | {files:,} | {kind} | {mode} | {b:.1f} | {u:.1f} | {a:.1f} | "
-                                 f"{a / b:.2f} | {first['before']} | {first['unbounded']} | {first['now']} |")
+                    samples, first = {"h.id": [], order: []}, {}
+                    try:
+                        for _ in range(args.rounds):
+                            for variant in samples:
+                                keywords.TIE_ORDER = variant
+                                hits = engine.search_vector(vector, k=args.k, text=FOLDER_WORD, mode=mode)
+                                first[variant] = f"{hits[0].relpath} ({kept[-1]:,})"
+                                samples[variant].append(per_request_ms(
+                                    lambda: engine.search_vector(vector, k=args.k, text=FOLDER_WORD, mode=mode),
+                                    args.queries))
+                    finally:
+                        keywords.TIE_ORDER = order
+                    b, a = statistics.median(samples["h.id"]), statistics.median(samples[order])
+                    lines.append(f"| {n:,} | {files:,} | {kind} | {mode} | {b:.1f} | {a:.1f} | {a / b:.2f} | "
+                                 f"{first['h.id']} | {first[order]} |")
     return lines
 
 
@@ -180,8 +193,8 @@ def main() -> None:
                    lines[:1] + [load_note(load_at_start)] + lines[1:], save=not args.no_save)
             load_at_start = os.getloadavg()[0]
         if args.keyword:
-            lines = keyword_part(args, spent, wider)
-            record("Widening the keyword limit's tie margin over a folder's word, against no widening",
+            lines = keyword_part(args)
+            record("The keyword limit's cut over a folder's word: matches equal in bm25 by name, against by id",
                    lines[:1] + [load_note(load_at_start)] + lines[1:], save=not args.no_save)
     finally:
         query.margin_spent, engine_module._wider = spent, wider

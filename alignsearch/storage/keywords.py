@@ -585,6 +585,14 @@ def coded_chunks(text: str) -> str:
     return " ".join(dict.fromkeys(c for c in chunks if len(c) >= MIN_CODE and any(ch.isdigit() for ch in c)))
 
 
+# The order of matches equal in bm25 at the limit: by name (root, then relpath), then id, so the ones cut there are
+# the same whatever order the files were indexed in. By id, a word of a folder (every file of it one bm25 where their
+# names are alike) or a caption on 45 copies kept those indexed first; asking again wider until the run ended cost a
+# search over 10,000 such files 94-137 ms against 26-65 (RESULTS.md, bench_tie_runs --keyword) and still cut in id
+# order past its bound.
+TIE_ORDER = "f.root, f.relpath, h.id"
+
+
 def search(conn, query: Query, limit: int, among=None, evidence_only: bool = False) -> list[tuple[int, float]]:
     """(file id, bm25 score: lower is better) of the indexed files matching `query`, best first, at most
     `limit`; among: only these ids (a filter's matches), applied before the limit so a filter never starves.
@@ -629,7 +637,7 @@ def search(conn, query: Query, limit: int, among=None, evidence_only: bool = Fal
     params.append(-1 if evidence_only else int(limit))
     sql = (f"SELECT h.id, r.score FROM ({hits}) h JOIN files f ON f.id = h.id AND f.status = 'indexed' "
            f"LEFT JOIN (SELECT rowid, bm25({KEYWORDS}) AS score FROM {KEYWORDS} WHERE {KEYWORDS} MATCH ?) r "
-           f"ON r.rowid = h.id{restrict} ORDER BY r.score IS NULL, r.score, h.id LIMIT ?")
+           f"ON r.rowid = h.id{restrict} ORDER BY r.score IS NULL, r.score, {TIE_ORDER} LIMIT ?")
     try:
         rows = [(int(i), float(s) if s is not None else 0.0) for i, s in conn.exec_driver_sql(sql, tuple(params))]
         return _with_evidence(conn, query, rows, limit) if evidence_only else rows

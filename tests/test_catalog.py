@@ -201,3 +201,33 @@ def test_driver_rows_reads_as_sqlalchemy_does_and_fails_as_it_does(tmp_path):
                 catalog.driver_rows(conn, select(literal_column("no_such_column")).select_from(catalog.files))
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_driver_rows_reads_in_the_connections_transaction(tmp_path, readonly):
+    """The filter columns' load (Columns: BEGIN, then its statements) reads with catalog.driver_rows on the
+    connection's own DBAPI connection: a writer committing between the load's first read and it is not seen, as
+    conn.execute does not see it, on a writer's engine and on a reader's pooled one (open_readonly, `serve`'s)."""
+    from sqlalchemy import func, select
+
+    writer = catalog.connect(tmp_path / "catalog.db")
+    reader = catalog.connect(tmp_path / "catalog.db", readonly=True) if readonly else writer
+    f = catalog.files.c
+    query = select(f.id, f.relpath_raw, f.mtime, f.field_seal, f.status).where(
+        f.status.is_distinct_from(catalog.FAILED)).order_by(f.id)
+    try:
+        for i in range(2):  # the second on a pooled connection used before
+            with writer.begin() as conn:
+                catalog.insert_file(conn, {"root": "/r", "relpath": f"{i}.jpg", "relpath_raw": b"\xff%d" % i,
+                                           "status": catalog.INDEXED, "size": 3, "mtime": 1.5, "width": 2, "height": 1})
+            with reader.connect() as conn:
+                conn.exec_driver_sql("BEGIN")
+                seen = conn.execute(select(func.count()).select_from(catalog.files)).scalar()
+                with writer.begin() as other:
+                    catalog.insert_file(other, {"root": "/r", "relpath": f"late{i}.jpg", "status": catalog.INDEXED,
+                                                "size": 3, "mtime": 1.5, "width": 2, "height": 1})
+                rows = catalog.driver_rows(conn, query)
+                assert len(rows) == seen and rows == [tuple(row) for row in conn.execute(query).all()]
+    finally:
+        reader.dispose()
+        writer.dispose()

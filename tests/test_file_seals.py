@@ -341,3 +341,45 @@ def test_a_filter_over_a_files_row_whose_status_flipped_is_damage(indexed_images
     assert len(catalog_rows(ix, "SELECT id FROM files WHERE status = 'indexee'")) == 1
     result = query_hits(ix, *where, code=7)
     assert result.output.strip().splitlines() == [result.output.strip()] and "damaged" in result.output, result.output
+
+
+def test_a_file_indexed_twice_in_one_batch_keeps_the_later_rows_seal(tmp_path):
+    """Two items of one writer batch at one (root, relpath): upsert_file deletes the first row before seal_files
+    runs, so its (seal, id) pair updates no row (ids are never reused: sqlite_autoincrement); the row kept is the
+    second's, sealed with its own values."""
+    db = catalog.connect(tmp_path / DB_FILE)
+    try:
+        with db.begin() as conn:
+            seals: list = []
+            first, second = (catalog.upsert_file(conn, {"root": "/r", "relpath": "a.jpg", "size": size, "mtime": 1.5,
+                                                        "width": 3, "height": 4, "status": catalog.INDEXED}, seals=seals)
+                             for size in (10, 11))
+            catalog.seal_files(conn, seals)
+        with db.connect() as conn:
+            kept = conn.execute(select(catalog.files.c.id, catalog.files.c.field_seal)).all()
+            assert first != second and kept == [(second, seals[1][0])] and catalog.file_seals_off(conn) == []
+    finally:
+        db.dispose()
+
+
+@pytest.mark.slow  # two index runs of 6 photos, one killed
+@pytest.mark.parametrize("nth", [1, 2])
+def test_kill_9_after_a_batchs_seals_leaves_no_row_unsealed(tmp_path, tiny_model, nth):
+    """kill -9 once the nth batch's seal_files returned, before that batch commits: the batches before it are there
+    sealed, its rows are not there at all (no row committed without its seal), and the next run finishes the job."""
+    from conftest import index_json, make_images
+    from helpers import killed_at_call, verify_problems
+
+    root, ix = make_images(tmp_path / "photos", 6)[0].parent, tmp_path / "ix"
+    proc = killed_at_call("alignsearch.storage.catalog:seal_files", nth, {}, "index", root, "--index", ix,
+                          "--model", tiny_model, "--device", "cpu", "--workers", "0", "--batch-size", "2")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    db = catalog.connect(ix / DB_FILE, readonly=True)
+    try:
+        with db.connect() as conn:
+            rows = conn.execute(select(catalog.files.c.field_seal)).scalars().all()
+            assert len(rows) == 2 * (nth - 1) and None not in rows and catalog.file_seals_off(conn) == []
+    finally:
+        db.dispose()
+    assert verify_problems(ix) == []
+    assert index_json(ix, "--device", "cpu")["index"]["vectors"] == 6 and verify_problems(ix) == []

@@ -56,8 +56,9 @@ class Columns:
             query = select(*cols, *seal_cols, f.status).where(f.status.is_distinct_from(catalog.FAILED)).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
-            # the driver's tuples, no SQLAlchemy Row a row (catalog.driver_rows: the values are the same): 777, 509 and
-            # 648 ms against 759, 568 and 782 at 100k files, three runs (RESULTS.md, reading "perf24")
+            # the driver's tuples, no SQLAlchemy Row a row (catalog.driver_rows: the values are the same): medians 777,
+            # 509 and 648 ms against 759, 568 and 782 at 100k files, three runs at load 2-4 on 2 cores, the first one
+            # slower, the least lower in each (RESULTS.md, reading "perf24")
             rows = catalog.driver_rows(conn, query)
             # by column, in one transposition (zip, in C): the rows sliced apart from their seals and each id and
             # address picked in Python were a large part of this load at 100k files (bench_photo_keys.py --seals; the
@@ -152,9 +153,7 @@ class Columns:
         query = select(f.id, col, f.digest, *(f[field] for field, _ in catalog.FILE_DIGESTED)).where(
             f.status == catalog.INDEXED, or_(f.t.is_not(None), f.t_end.is_not(None), f.moment != 0))
         with self._db.connect() as conn:
-            # the driver's tuples, no SQLAlchemy Row a row (catalog.driver_rows: the values are the same): 777, 509 and
-            # 648 ms against 759, 568 and 782 at 100k files, three runs (RESULTS.md, reading "perf24")
-            rows = catalog.driver_rows(conn, query)
+            rows = catalog.driver_rows(conn, query)  # the driver's tuples, as the files load above reads them
             if not all(type(row[1]) in (int, float, type(None)) for row in rows):  # a time stored as text: said so
                 catalog.refuse_malformed(conn)
             if migrate.schema_of(conn).digests and not all(
@@ -180,9 +179,7 @@ class Columns:
         if name == "path":  # matched as shown, not as the key (which doubles backslashes: sources.catalog_key)
             query = query.add_columns(catalog.files.c.relpath_raw)
         with self._db.connect() as conn:
-            # the driver's tuples, no SQLAlchemy Row a row (catalog.driver_rows: the values are the same): 777, 509 and
-            # 648 ms against 759, 568 and 782 at 100k files, three runs (RESULTS.md, reading "perf24")
-            rows = catalog.driver_rows(conn, query)
+            rows = catalog.driver_rows(conn, query)  # the driver's tuples, as the files load above reads them
         values = {r[0]: sources.shown_name(r[1], r[2]) for r in rows} if name == "path" else dict(rows)
         return TextColumn.of([None if (v := values.get(int(i))) is None else str(v).lower() for i in self.ids.tolist()])
 

@@ -779,7 +779,7 @@ class Engine:
             limit = max(opts.k + len(opts.exclude), KEYWORD_DEPTH, opts.pool)
             # a margin past the limit: matches tied with the last one at it are kept too (query.through_ties); a longer
             # run is cut in name order (keywords.TIE_ORDER), not asked again wider as the ANN and exact paths are:
-            # a folder's word ties every file of it, and widening cost such a search 2-3.6x (keywords.TIE_ORDER)
+            # a folder's word ties every file of it, and widening cost such a search 2-3.6x (RESULTS.md, bench_tie_runs)
             found = keywords.search(conn, opts.words, limit + query_module.TIE_MARGIN, among,
                                     evidence_only=evidence_only)
             return found[:query_module.through_ties([s for _, s in found], limit)]

@@ -195,7 +195,8 @@ def near_equal(values: np.ndarray) -> np.ndarray:
 # different files. Of those past the cut only the ones that may tie with the last are kept (tied_at_cut,
 # through_ties). A run of more copies than this straddling a cut spends the margin (margin_spent): the engine asks
 # again with WIDER_MARGIN times the margin, until the run ends or nothing is left past it (the ANN and exact paths: up
-# to engine.SETTLE_MAX + 1 past the cut, a longer run of copies being left in its ANN order, engine._wider).
+# to engine.SETTLE_MAX + 1 past the cut, a longer run of copies being left in its ANN order, engine._wider); the
+# keyword limit is not asked again: matches equal in bm25 are cut there in name order (keywords.TIE_ORDER).
 TIE_MARGIN = 40
 WIDER_MARGIN = 4
 

@@ -586,7 +586,7 @@ def coded_chunks(text: str) -> str:
     return " ".join(dict.fromkeys(c for c in chunks if len(c) >= MIN_CODE and any(ch.isdigit() for ch in c)))
 
 
-# The order of matches equal in bm25 at the limit: by name (root, then relpath), then id, so the ones cut there are
+# The order of matches equal in bm25 at the limit: by name (the shown path), then id, so the ones cut there are
 # the same whatever order the files were indexed in. By id, a word of a folder (every file of it one bm25 where their
 # names are alike) or a caption on 45 copies kept those indexed first; asking again wider until the run ended cost a
 # search over 10,000 such files 94-137 ms against 26-65 (RESULTS.md, bench_tie_runs --keyword) and still cut in id

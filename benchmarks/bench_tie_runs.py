@@ -137,7 +137,7 @@ def keyword_part(args) -> list[str]:
              "(one bm25 each for the folder's word), the others other/<n>.jpg, keyword text by "
              "catalog.refresh_keywords; the query vector none of the stored ones (no model loaded); mean ms a search "
              f"over {args.queries}, median of {args.rounds} rounds; by id: matches equal in bm25 ordered by id in SQL "
-             "(keywords.TIE_ORDER \"h.id\", as before), by name: by root and relpath (now); the limit's margin asked "
+             "(keywords.TIE_ORDER \"h.id\", as before), by name: by the shown path (now; by root and relpath at 3ca4411); the limit's margin asked "
              "once in both (the widening measured above at b9ba349 was taken out), alternating; first: the results' "
              "first path (in brackets: the keyword matches the search kept, each re-ranked exactly)",
              "", "| vectors | files with the word | index | mode | by id (ms) | by name (ms) | by name / by id | "

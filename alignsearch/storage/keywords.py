@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import DBAPIError
 
 from alignsearch.errors import IndexDamagedError
+from alignsearch.media import sources
 
 
 def words(text: str | None) -> list[str]:
@@ -585,12 +586,16 @@ def coded_chunks(text: str) -> str:
     return " ".join(dict.fromkeys(c for c in chunks if len(c) >= MIN_CODE and any(ch.isdigit() for ch in c)))
 
 
-# The order of matches equal in bm25 at the limit: by name (root, then relpath), then id, so the ones cut there are
+# The order of matches equal in bm25 at the limit: by name (the shown path), then id, so the ones cut there are
 # the same whatever order the files were indexed in. By id, a word of a folder (every file of it one bm25 where their
 # names are alike) or a caption on 45 copies kept those indexed first; asking again wider until the run ended cost a
 # search over 10,000 such files 94-137 ms against 26-65 (RESULTS.md, bench_tie_runs --keyword) and still cut in id
-# order past its bound.
-TIE_ORDER = "f.root, f.relpath, h.id"
+# order past its bound. The name is the one the engine lists such ties by (settle_ties: FileRow.path, i.e.
+# sources.location), written in SQL: a list's entry alone, else the root and the relpath joined by one slash. By
+# root, then relpath, the cut kept "p/x" where "p q/x" is listed first (' ' sorts before '/'), and a list's rows by
+# the list's name, which their shown path does not hold.
+_LISTED = " OR ".join(f"rtrim(lower(f.root), '/') LIKE '%{s}'" for s in sources.LIST_SUFFIXES)
+TIE_ORDER = f"CASE WHEN {_LISTED} THEN f.relpath ELSE rtrim(f.root, '/') || '/' || f.relpath END, h.id"
 
 
 def search(conn, query: Query, limit: int, among=None, evidence_only: bool = False) -> list[tuple[int, float]]:

@@ -609,13 +609,16 @@ def answers_as_recorded(copy: Path, model_moved: bool = False) -> None:
     from conftest import run
 
     from alignsearch.search import query
+    from alignsearch.storage import keywords
 
     expected = V3_EXPECTED
     build_photos = Path(expected["build_root"]) / "photos"
     # 590b6d4 ranked keyword matches one after the other, where matches equal in bm25 now share a rank
-    # (query.keyword_ranks; "red circle" matches every file by "circle", four and two of them equal in bm25): the answers are
-    # checked as that ranking gives them, so that what is compared is the index as read, not that rule
-    with mock.patch.object(query, "keyword_ranks", sequential_keyword_ranks):
+    # (query.keyword_ranks; "red circle" matches every file by "circle", four and two of them equal in bm25), in the
+    # order of their ids, where equal ones are now ordered by the path they are listed by (keywords.TIE_ORDER): the
+    # answers are checked as those rules give them, so that what is compared is the index as read, not the rules
+    with mock.patch.object(query, "keyword_ranks", sequential_keyword_ranks), \
+            mock.patch.object(keywords, "TIE_ORDER", "h.id"):
         for recorded in expected["answers"]:
             args = [str(copy / "photos" / Path(a).relative_to(build_photos)) if a.startswith(str(build_photos))
                     else a for a in recorded["args"]]

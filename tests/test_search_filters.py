@@ -92,6 +92,15 @@ def test_each_filter(library):
     assert query_json(ix, "x", "--camera", "leica") == []
 
 
+def test_the_ranking_by_mode_and_keyword_match():
+    """engine._ranking, shared by _search and explain: fused only in hybrid and auto with a keyword match left."""
+    from alignsearch.search.engine import FUSED, _ranking
+
+    assert [_ranking(m, True) for m in ("keyword", "hybrid", "auto", "vector")] == ["keyword", FUSED, FUSED, "vector"]
+    assert [_ranking(m, False) for m in ("keyword", "hybrid", "auto", "vector")] == ["keyword", "vector", "vector",
+                                                                                    "vector"]
+
+
 def test_explain_names_the_plan(library):
     root, ix = library
     out = json.loads(run("query", "zanzibar", "--camera", "canon", "--explain", "--json", "--index", ix).stdout)

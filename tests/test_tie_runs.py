@@ -16,6 +16,26 @@ def test_a_cut_is_asked_again_only_where_every_candidate_asked_for_tied_and_more
     assert not query.margin_spent(40, 41, True)  # the last asked for did not tie: the run ended before it
 
 
+def test_the_margin_widens_while_spent_and_stops_past_settle_max():
+    """engine._until_settled, the one loop of the ANN and exact paths: asked with TIE_MARGIN, then WIDER_MARGIN times
+    wider while `within` says the margin was spent, at most SETTLE_MAX + 1; the answer is the last one asked."""
+    from alignsearch.search import engine
+
+    asked = []
+
+    def always_spent(margin):
+        asked.append(margin)
+        return [margin], True
+
+    assert engine._until_settled(always_spent) == [asked[-1]]
+    assert asked[0] == query.TIE_MARGIN and asked[-1] == engine.SETTLE_MAX + 1
+    assert all(b == min(a * query.WIDER_MARGIN, engine.SETTLE_MAX + 1) for a, b in zip(asked, asked[1:]))
+    asked.clear()
+    assert engine._until_settled(lambda m: (asked.append(m) or [m], m < 4 * query.TIE_MARGIN)) == [
+        query.TIE_MARGIN * query.WIDER_MARGIN]  # spent once, then not: asked twice
+    assert asked == [query.TIE_MARGIN, query.TIE_MARGIN * query.WIDER_MARGIN]
+
+
 @pytest.mark.slow  # 170 vectors written, the ANN index rebuilt, eight searches
 @pytest.mark.parametrize("backwards", [False, True])
 def test_a_run_of_copies_longer_than_the_margin_keeps_the_copies_first_by_path(indexed_corpus, backwards):

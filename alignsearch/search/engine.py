@@ -509,19 +509,18 @@ class Engine:
             out["keyword_matches"] = len(self._keyword_matches(opts, None, evidence_only=False))
             if mode == "auto":
                 out["caption_or_tag_matches"] = len(self._keyword_matches(opts, None))
-            # The ranking _search uses: fused only where keyword matches pass the filter (auto: captions, text in
-            # images, tags); else the hits are ranked and scored by similarity, as hybrid with no match is. It
-            # said "hybrid (RRF)" when a filter left out every match, or for hybrid with none, beside cosines.
-            fused = mode != "keyword" and (allowed is None or len(allowed) > 0) and self._keyword_matches(opts, allowed)
+            # The ranking _search uses (_ranking): fused only where keyword matches pass the filter
+            matched = mode != "keyword" and (allowed is None or len(allowed) > 0) and \
+                bool(self._keyword_matches(opts, allowed))
             # auto fuses as hybrid does (AUTO_FUSION, no option sets it); bench_auto.py's other fusions are not explained
-            out["ranking"] = "keyword" if mode == "keyword" else "hybrid (RRF)" if fused else "vector"
-        out["score"] = {"keyword": "1/(60 + keyword rank)", "hybrid (RRF)": "1/(60 + similarity rank) + 1/(60 + "
+            out["ranking"] = _ranking(mode, matched)
+        out["score"] = {"keyword": "1/(60 + keyword rank)", FUSED: "1/(60 + similarity rank) + 1/(60 + "
                         "keyword rank)"}.get(out.get("ranking"), "similarity")
         out["min_score_applies_to"] = "similarity"
         late = method in LATE_FUSION
         # as _indexed_ids asks FAISS: the depth the search needs (a fused ranking's FUSION_DEPTH, the per-video cap's
         # room), not k's: a fused text was said to ask candidate_count(k) while the search asked FUSION_DEPTH's
-        depth = _depth(opts, out.get("ranking") == "hybrid (RRF)", snap.videos, n)
+        depth = _depth(opts, out.get("ranking") == FUSED, snap.videos, n)
         want = self._late_want(snap, depth) if late else ann.candidate_count(depth, snap.plan,
                                                                               snap.tuning.get("rerank_factor", 10))
         if opts.node is None:
@@ -566,8 +565,10 @@ class Engine:
         while True:
             matches = self._keyword_matches(opts, allowed) if opts.words else []
             keyword = [i for i, _ in matches]
-            ranked = opts.mode == "keyword" or (keyword and opts.mode in ("hybrid", "auto"))
-            vector = [] if opts.mode == "keyword" else self._vector_ids(snap, query, opts, allowed, fusing=bool(ranked))
+            ranking = _ranking(opts.mode, bool(keyword))
+            ranked = ranking != "vector"
+            vector = [] if ranking == "keyword" else self._vector_ids(snap, query, opts, allowed,
+                                                                       fusing=ranking == FUSED)
             # Keyword matches are scored from their stored vectors too: they take their place in the similarity
             # ranking, so a match in both lists outranks one in the similarity list alone at the same rank.
             ids = np.array(list(dict.fromkeys(vector + keyword)), dtype=np.int64)
@@ -707,16 +708,16 @@ class Engine:
         again wider while every one of those tied: query.margin_spent), all re-ranked and settled by name; the others
         are not re-ranked. A tie is exact on a flat index and between copies on IVF-PQ (equal vectors: equal codes in
         one list, equal approximate scores)."""
-        margin, there = query_module.TIE_MARGIN, int(snap.index.ntotal) if allowed is None else len(allowed)
-        while True:
+        there = int(snap.index.ntotal) if allowed is None else len(allowed)
+        def within(margin: int) -> tuple[list[int], bool]:
             asked = want + margin
             scores, ids = ann.search(snap.index, np.stack(query.probes), asked, nprobe, allowed)
             kept = [row_ids[row_ids >= 0][: query_module.tied_at_cut(row_scores[row_ids >= 0], want)]
                     for row_scores, row_ids in zip(scores, ids)]
-            if not any(query_module.margin_spent(len(row), asked, asked < there) for row in kept) or \
-                    _wider(margin) is None:
-                return list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe
-            margin = _wider(margin)  # a run of copies longer than the margin straddles the cut
+            best = list(dict.fromkeys(np.concatenate(kept).tolist())) if kept else []  # probe after probe
+            return best, any(query_module.margin_spent(len(row), asked, asked < there) for row in kept)
+
+        return _until_settled(within)
 
     def _exact(self, snap: Snapshot, query: Scorer, allowed: np.ndarray, depth: int) -> list[int]:
         """Exact scores of every allowed vector (from the snapshot's columns), best first: _best_of's `depth` and
@@ -730,13 +731,11 @@ class Engine:
         wider while the margin is spent (query.margin_spent)."""
         # Kept past depth: those that may tie with the depth-th (copies, query.tied_at_cut), so that _hits settles
         # them by name; cut at depth, one was kept in the order of the ids (the order they were indexed in).
-        margin = query_module.TIE_MARGIN
-        while True:
+        def within(margin: int) -> tuple[list[int], bool]:
             best = self._best_within(snap, query, ids, addresses, depth, depth + margin)
-            if not query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin) or \
-                    _wider(margin) is None:
-                return best
-            margin = _wider(margin)  # a run of copies longer than the margin straddles the cut
+            return best, query_module.margin_spent(len(best), depth + margin, len(ids) > depth + margin)
+
+        return _until_settled(within)
 
     def _best_within(self, snap: Snapshot, query: Scorer, ids: np.ndarray, addresses: np.ndarray, depth: int,
                      margin: int) -> list[int]:
@@ -1212,6 +1211,19 @@ def _depth(opts: "_Options", fusing: bool, videos: bool, n: int) -> int:
     return max(depth, opts.pool)  # looking deeper: the cap or a file two roots name left fewer than k
 
 
+FUSED = "hybrid (RRF)"  # the ranking's name in explain where the similarity and keyword rankings are fused
+
+
+def _ranking(mode: str, matched: bool) -> str:
+    """The ranking a search in this mode uses, given whether keyword matches passed its filter: keyword mode's by
+    keyword rank; fused (FUSED) in hybrid and auto where some matched (auto: in a caption, the text in an image, a
+    tag); else by similarity, as hybrid with no match is. _search ranks by it, explain names it: explain once said
+    "hybrid (RRF)" where a filter left out every match, or for hybrid with none, beside cosines."""
+    if mode == "keyword":
+        return "keyword"
+    return FUSED if matched and mode in ("hybrid", "auto") else "vector"
+
+
 def _fusion(mode: str) -> str:
     """The fusion a mode's ranking uses: auto's AUTO_FUSION; hybrid keeps reciprocal rank fusion."""
     return AUTO_FUSION if mode == "auto" else "rrf"
@@ -1247,6 +1259,19 @@ def _admits(among: np.ndarray | None, exclude) -> Callable[[list[int]], np.ndarr
 
 SETTLE_REACH = 4
 SETTLE_MAX = 1024
+
+
+def _until_settled(within: Callable[[int], tuple[list[int], bool]]) -> list[int]:
+    """The candidates `within` finds with the tie margin query.TIE_MARGIN, asked again with a wider margin (_wider)
+    while it says the margin was spent (query.margin_spent: a run of copies longer than the margin straddles the
+    cut): the one loop of _ann_ids (FAISS) and _best_of (exact scores)."""
+    margin = query_module.TIE_MARGIN
+    while True:
+        best, spent = within(margin)
+        wider = _wider(margin) if spent else None
+        if wider is None:
+            return best
+        margin = wider
 
 
 def _wider(margin: int) -> int | None:

@@ -231,3 +231,13 @@ def test_driver_rows_reads_in_the_connections_transaction(tmp_path, readonly):
     finally:
         reader.dispose()
         writer.dispose()
+
+
+@pytest.mark.parametrize("statuses", [
+    [], ["indexed"], ["indexed", "failed"], ["indexed", "indexee"], ["indexed", None], ["indexed", b"indexed"],
+    ["INDEXED"], ["indexed", 1], ["indexed", 0.0], ["failed", "failed "], ["indexed"] * 1000 + ["hndexed"],
+])
+def test_statuses_known_is_status_known_of_every_one(statuses):
+    """catalog.statuses_known (the columns load's and addresses_of's check, one set test) says what status_known says
+    of each value: a flipped byte, NULL, the bytes or another type of a status is damage."""
+    assert catalog.statuses_known(iter(statuses)) == all(map(catalog.status_known, statuses))

@@ -52,7 +52,7 @@ class Columns:
                                              (f.field_seal, files_sealed)) if wanted]
             # every row but a failed file's, its status read last: one whose status byte flipped ('indexee', or NULL)
             # was left out of the indexed ones here, so out of every filtered answer, exit 0 (an unfiltered search
-            # refused it at the hit's row); status_known refuses it below
+            # refused it at the hit's row); statuses_known refuses it below
             query = select(*cols, *seal_cols, f.status).where(f.status.is_distinct_from(catalog.FAILED)).order_by(f.id)
             if photos:
                 query = query.outerjoin(catalog.photos, p.file_id == f.id)
@@ -64,7 +64,7 @@ class Columns:
             # address picked in Python were a large part of this load at 100k files (bench_photo_keys.py --seals; the
             # share was not recorded in RESULTS.md)
             by_column = list(zip(*rows)) or [()] * (len(cols) + len(seal_cols) + 1)
-            if not all(map(catalog.status_known, by_column.pop())):  # none failed here: each is INDEXED, or damage
+            if not catalog.statuses_known(by_column.pop()):  # none failed here: each is INDEXED, or damage
                 catalog.refuse_malformed(conn)
             # the seals apart: one no writer stores (NULL, text, a REAL past int64, which raised OverflowError, exit 1)
             # is a value off its seal, as addresses_of and verify find it, not a value to restore from a backup:

@@ -716,6 +716,16 @@ def status_known(status) -> bool:
     return status == INDEXED or status == FAILED
 
 
+_KNOWN = frozenset((INDEXED, FAILED))
+
+
+def statuses_known(statuses: Iterable) -> bool:
+    """Whether every status is one a writer stores (status_known), as one set test: a Python call a row was a share of
+    the filter columns load at 100k files (RESULTS.md, bench_photo_keys --statuses). Equal to status_known's: each
+    value is what SQLite gives (str, bytes, int, float, None: hashable), equal to INDEXED or FAILED only as that str."""
+    return set(statuses) <= _KNOWN
+
+
 def failed_files(conn: Connection) -> list[FileRow]:
     """The failed files' rows, in path order, each checked (check_rows): `info --failed` shows their reasons, a
     digested field (a flipped byte of one was shown as it stood, exit 0)."""
@@ -1891,7 +1901,7 @@ def addresses_of(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
         # rows are missing, sees no fault: status is in no index). A failed file is no hit, as before.
         sql = f"SELECT id, vec_row, status, {seal} FROM files WHERE id IN ({','.join('?' * len(chunk))})"
         rows = conn.exec_driver_sql(sql, tuple(chunk)).all()
-        if not all(map(status_known, (status for _, _, status, _ in rows))):
+        if not statuses_known(status for _, _, status, _ in rows):
             refuse_malformed(conn)
         indexed = [(i, vec_row, got) for i, vec_row, status, got in rows if status == INDEXED]  # a failed file: no hit
         # an indexed file always has one: NULL or text there is damage (NULL was left out and the file silently

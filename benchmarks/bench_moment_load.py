@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import load_note, record, seal_rows
 
-from alignsearch.search.columns import Columns
+from alignsearch.search.columns import Columns, moment_query
 from alignsearch.storage import catalog, rowdigest
 
 
@@ -45,14 +45,9 @@ def build(db, photos: int, videos: int, moments: int) -> None:
 
 
 def moment_rows(db) -> list[tuple]:
-    """The rows _load_moment reads (id, t, digest, the digested fields), as it reads them."""
-    f = catalog.files.c
-    from sqlalchemy import or_, select
-
-    query = select(f.id, f.t, f.digest, *(f[field] for field, _ in catalog.FILE_DIGESTED)).where(
-        f.status == catalog.INDEXED, or_(f.t.is_not(None), f.t_end.is_not(None), f.moment != 0))
+    """The rows _load_moment reads (columns.moment_query: id, t, digest, the digested fields), as it reads them."""
     with db.connect() as conn:
-        return catalog.driver_rows(conn, query)
+        return catalog.driver_rows(conn, moment_query("t"))
 
 
 def main() -> None:

@@ -30,6 +30,18 @@ def all_joined(joined: int, photo_rows: int) -> bool:
     return joined == photo_rows
 
 
+def moment_query(name: str):
+    """The rows Columns._load_moment reads for the moment column `name` (t or t_end): id, that column, the digest and
+    the digested fields of every indexed moment's row."""
+    f = catalog.files.c
+    # every row of a moment, its t or t_end or its number set: a single flipped byte that made one of them NULL (or a
+    # photo's t a time) leaves another to select the row by. Each row's digest is checked, not a seal (a t flipped in
+    # sign left its moment out of `--media video`, exit 0): about half of this load, 236 of 491 ms at 100,000 moments
+    # (RESULTS.md, bench_moment_load.py), once a snapshot; a seal checked in numpy would need a schema step
+    return select(f.id, f[name], f.digest, *(f[field] for field, _ in catalog.FILE_DIGESTED)).where(
+        f.status == catalog.INDEXED, or_(f.t.is_not(None), f.t_end.is_not(None), f.moment != 0))
+
+
 class Columns:
     """ids (sorted) and vector addresses of the snapshot's indexed files, with their filterable fields."""
 
@@ -145,13 +157,7 @@ class Columns:
     def _load_moment(self, name: str) -> np.ndarray:
         """A video moment's t or t_end by row (NaN for photos), read when a filter first asks; every moment's row
         checked against its digest (a one-line refusal, exit 7), as a hit's row is."""
-        f = catalog.files.c
-        col = f[name]
-        # every row of a moment, its t or t_end or its number set: a single flipped byte that made one of them NULL
-        # (or a photo's t a time) leaves another to select the row by. The rows are the videos' moments alone: no
-        # seal needed to keep this quick (a t flipped in sign left its moment out of `--media video`, exit 0)
-        query = select(f.id, col, f.digest, *(f[field] for field, _ in catalog.FILE_DIGESTED)).where(
-            f.status == catalog.INDEXED, or_(f.t.is_not(None), f.t_end.is_not(None), f.moment != 0))
+        query = moment_query(name)
         with self._db.connect() as conn:
             rows = catalog.driver_rows(conn, query)  # the driver's tuples, as the files load above reads them
             if not all(type(row[1]) in (int, float, type(None)) for row in rows):  # a time stored as text: said so
